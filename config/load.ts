@@ -1,0 +1,201 @@
+// Loads the configuration: YAML file, then environment, then flags; defaults from the schema;
+// every problem collected with its path, value and what is allowed; the result deep-frozen.
+import { readFileSync, existsSync } from 'node:fs'
+import { Value } from '@sinclair/typebox/value'
+import { Kind, type TSchema } from '@sinclair/typebox'
+import { parseDocument } from 'yaml'
+import { KeygateError } from '../core/errors.ts'
+import { describeAllowed, dotted, problemLine, problems as validationProblems, showValue as show } from '../core/validate.ts'
+import { ConfigSchema, type Config } from './schema.ts'
+
+export interface LoadOptions {
+  /** Explicit file (`--config`); otherwise KEYGATE_CONFIG, else ./keygate.yaml when present. */
+  file?: string | undefined
+  env?: Readonly<Record<string, string | undefined>>
+  /** Flag name (without dashes) → value, for the leaves that declare a `flag`. */
+  flags?: Readonly<Record<string, string | undefined>>
+  /** Ignore KEYGATE_CONFIG and ./keygate.yaml (used by `config check FILE`). */
+  onlyFile?: boolean
+}
+
+export interface Leaf {
+  path: string[]
+  schema: TSchema
+  env?: string
+  flag?: string
+  secret: boolean
+}
+
+/** Every leaf of the schema with its path; objects are walked, arrays and scalars are leaves. */
+export function schemaLeaves(schema: TSchema = ConfigSchema, path: string[] = []): Leaf[] {
+  if (schema[Kind] === 'Object') {
+    return Object.entries(schema.properties as Record<string, TSchema>).flatMap(([k, s]) => schemaLeaves(s, [...path, k]))
+  }
+  return [{ path, schema, env: schema.env, flag: schema.flag, secret: schema.secret === true }]
+}
+
+const LEAVES = schemaLeaves()
+export const ENV_NAMES: readonly string[] = LEAVES.flatMap((l) => (l.env ? [l.env] : []))
+export const FLAG_NAMES: readonly string[] = LEAVES.flatMap((l) => (l.flag ? [l.flag] : []))
+
+function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown } | { ok: false } {
+  switch (schema[Kind]) {
+    case 'Integer':
+      return /^-?\d+$/.test(raw.trim()) ? { ok: true, value: Number(raw.trim()) } : { ok: false }
+    case 'Boolean': {
+      const v = raw.trim().toLowerCase()
+      if (['true', '1', 'yes', 'on'].includes(v)) return { ok: true, value: true }
+      if (['false', '0', 'no', 'off'].includes(v)) return { ok: true, value: false }
+      return { ok: false }
+    }
+    case 'Array':
+      return { ok: true, value: raw.split(',').map((s) => s.trim()).filter((s) => s !== '') }
+    default:
+      return { ok: true, value: raw }
+  }
+}
+
+function setPath(target: Record<string, unknown>, path: string[], value: unknown): void {
+  let node = target
+  for (const k of path.slice(0, -1)) {
+    if (typeof node[k] !== 'object' || node[k] === null || Array.isArray(node[k])) node[k] = {}
+    node = node[k] as Record<string, unknown>
+  }
+  node[path[path.length - 1] as string] = value
+}
+
+function leafAt(path: string[]): Leaf | undefined {
+  return LEAVES.find((l) => l.path.length <= path.length && l.path.every((p, i) => p === path[i]))
+}
+
+export function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
+    Object.freeze(value)
+    for (const v of Object.values(value)) deepFreeze(v)
+  }
+  return value
+}
+
+function readYaml(file: string, problems: string[]): Record<string, unknown> {
+  let text: string
+  try {
+    text = readFileSync(file, 'utf8')
+  } catch (err) {
+    problems.push(`${file}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+    return {}
+  }
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false })
+  if (doc.errors.length > 0) {
+    for (const e of doc.errors) {
+      const pos = e.linePos?.[0]
+      problems.push(`${file}${pos ? `:${pos.line}:${pos.col}` : ''}: ${e.message.split('\n')[0]}`)
+    }
+    return {}
+  }
+  const data: unknown = doc.toJS()
+  if (data === null || data === undefined) return {}
+  if (typeof data !== 'object' || Array.isArray(data)) {
+    problems.push(`${file}: the top level must be a mapping of keys, not ${Array.isArray(data) ? 'a list' : typeof data}`)
+    return {}
+  }
+  return data as Record<string, unknown>
+}
+
+/** Validates a plain object (already merged) against the schema and keygate's own rules. */
+function check(input: Record<string, unknown>, problems: string[], origins: Map<string, string>): Config {
+  const value = Value.Default(ConfigSchema, Value.Clone(input)) as Record<string, unknown>
+  for (const p of validationProblems(ConfigSchema, value)) {
+    const key = dotted(p.path)
+    const origin = origins.get(key)
+    problems.push(problemLine(p, origin ? `${origin} (${key})` : key, leafAt(p.path)?.secret ?? false))
+  }
+  const names = new Set<string>()
+  const routes: unknown = value.routes
+  if (Array.isArray(routes)) {
+    routes.forEach((r: { name?: unknown }, i) => {
+      if (typeof r?.name !== 'string') return
+      if (names.has(r.name)) problems.push(`routes[${i}].name: ${JSON.stringify(r.name)} is not allowed; expected a name no other route uses`)
+      names.add(r.name)
+    })
+  }
+  if (problems.length > 0) return value as Config
+  const config = value as Config
+  if (config.upstream !== undefined) {
+    if (config.routes.some((r) => r.path === '/' && r.host === undefined)) {
+      problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route for / in routes when the upstream shortcut is set`)
+    } else if (names.has('default')) {
+      problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)
+    } else {
+      config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false })
+    }
+  }
+  for (const side of ['gateway', 'admin'] as const) {
+    const tls = config[side].tls
+    if (!tls) continue
+    for (const part of ['cert', 'key'] as const) {
+      if (!existsSync(tls[part])) problems.push(`${side}.tls.${part}: ${show(tls[part], false)} is not allowed; expected a readable file`)
+    }
+  }
+  return config
+}
+
+/** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem. */
+export function loadConfig(options: LoadOptions = {}): Config {
+  const env = options.env ?? process.env
+  const problems: string[] = []
+  const origins = new Map<string, string>()
+  let file = options.file
+  if (file === undefined && !options.onlyFile) {
+    file = env.KEYGATE_CONFIG || (existsSync('keygate.yaml') ? 'keygate.yaml' : undefined)
+  }
+  const merged: Record<string, unknown> = file !== undefined ? readYaml(file, problems) : {}
+
+  for (const leaf of LEAVES) {
+    const sources: Array<[string, string | undefined]> = []
+    if (leaf.env && !options.onlyFile) sources.push([leaf.env, env[leaf.env]])
+    if (leaf.flag && options.flags) sources.push([`--${leaf.flag}`, options.flags[leaf.flag]])
+    for (const [name, raw] of sources) {
+      if (raw === undefined || raw === '') continue
+      const parsed = parseScalar(raw, leaf.schema)
+      const key = dotted(leaf.path)
+      if (!parsed.ok) {
+        problems.push(`${name} (${key}): ${show(raw, leaf.secret)} is not allowed; expected ${describeAllowed(leaf.schema)}`)
+        continue
+      }
+      setPath(merged, leaf.path, parsed.value)
+      origins.set(key, name)
+      if (leaf.schema[Kind] === 'Array') {
+        ;(parsed.value as unknown[]).forEach((_, i) => origins.set(`${key}[${i}]`, name))
+      }
+    }
+  }
+  const config = check(merged, problems, origins)
+  if (problems.length > 0) {
+    throw new KeygateError('config_invalid', `invalid configuration:\n  ${problems.join('\n  ')}`, { problems, file })
+  }
+  return deepFreeze(config)
+}
+
+/** Text of docs/configuration.md, generated from the schema (a test keeps the file current). */
+export function renderConfigDocs(): string {
+  const rows = LEAVES.map((l) => {
+    const def = l.schema.default !== undefined ? `\`${JSON.stringify(l.schema.default)}\`` : ''
+    const envFlag = [l.env ? `\`${l.env}\`` : '', l.flag ? `\`--${l.flag}\`` : ''].filter(Boolean).join(' / ')
+    const desc = `${l.schema.description ?? ''} Allowed: ${describeAllowed(l.schema)}.`.trim()
+    return `| \`${dotted(l.path)}\` | ${def} | ${envFlag} | ${desc.replace(/\|/g, '\\|')} |`
+  })
+  return [
+    '# Configuration',
+    '',
+    'Generated from `config/schema.ts` (`node bin/keygate.ts config docs`); do not edit by hand.',
+    '',
+    'Sources, each overriding the one before: the YAML file (`--config FILE`, else `KEYGATE_CONFIG`,',
+    'else `./keygate.yaml` when present), environment variables, command-line flags. Unknown keys are',
+    'errors; every problem is reported at once with its path, the value and what is allowed.',
+    '',
+    '| key | default | environment / flag | meaning |',
+    '| --- | --- | --- | --- |',
+    ...rows,
+    '',
+  ].join('\n')
+}

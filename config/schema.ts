@@ -1,0 +1,223 @@
+// The configuration schema. This one tree is the TypeScript type (`Config`), the validator,
+// the defaults, the environment mapping (`env`), the command-line flags (`flag`) and the
+// documentation (`description`; docs/configuration.md is generated from it).
+import { Type, type Static } from '@sinclair/typebox'
+import '../core/formats.ts'
+import { KEY_TYPES } from '../core/keys/types.ts'
+
+export { KEY_TYPES }
+export const KEY_SOURCES = ['authorization', 'x-api-key', 'query'] as const
+
+interface Meta {
+  description: string
+  env?: string
+  flag?: string
+  secret?: boolean
+}
+
+const int = (def: number, min: number, max: number, meta: Meta) =>
+  Type.Integer({ default: def, minimum: min, maximum: max, ...meta })
+const optStr = (format: string, meta: Meta) => Type.Optional(Type.String({ format, ...meta }))
+
+const Tls = Type.Optional(
+  Type.Object(
+    {
+      cert: Type.String({ minLength: 1, description: 'Path of the PEM certificate chain (reloaded on SIGHUP).' }),
+      key: Type.String({ minLength: 1, description: 'Path of the PEM private key (reloaded on SIGHUP).' }),
+    },
+    { additionalProperties: false, description: 'Terminate TLS on this listener.' },
+  ),
+)
+
+const Limit = (limit: number, window: number, description: string) =>
+  Type.Object(
+    {
+      limit: int(limit, 1, 1_000_000_000, { description: 'Requests allowed per window.' }),
+      window_s: int(window, 1, 86_400, { description: 'Window length in seconds.' }),
+    },
+    { additionalProperties: false, description, default: { limit, window_s: window } },
+  )
+const OptionalLimit = (description: string) =>
+  Type.Optional(
+    Type.Object(
+      {
+        limit: Type.Integer({ minimum: 1, maximum: 1_000_000_000, description: 'Requests allowed per window.' }),
+        window_s: Type.Integer({ minimum: 1, maximum: 86_400, description: 'Window length in seconds.' }),
+      },
+      { additionalProperties: false, description },
+    ),
+  )
+
+const Route = Type.Object(
+  {
+    name: Type.String({ pattern: '^[a-z0-9][a-z0-9_-]{0,62}$', description: 'Route name, used as the metrics label.' }),
+    path: Type.String({ format: 'path-prefix', description: 'Path prefix this route matches.' }),
+    host: Type.Optional(Type.String({ minLength: 1, description: 'Only requests for this Host match.' })),
+    upstream: Type.String({ format: 'http-url', description: 'Upstream base URL.' }),
+    timeout_ms: int(30_000, 1, 3_600_000, { description: 'Upstream response timeout in milliseconds.' }),
+    scopes: Type.Array(Type.String({ minLength: 1 }), {
+      default: [],
+      description: 'Scopes a key needs (any one of them) for this route; empty means any valid key.',
+    }),
+    strip_prefix: Type.Boolean({ default: false, description: 'Remove the path prefix before forwarding.' }),
+  },
+  { additionalProperties: false },
+)
+
+export const ConfigSchema = Type.Object(
+  {
+    gateway: Type.Object(
+      {
+        listen: Type.String({ format: 'listen', default: '0.0.0.0:8080', description: 'Gateway listen address.', env: 'KEYGATE_LISTEN', flag: 'listen' }),
+        trusted_proxies: Type.Array(Type.String({ format: 'cidr' }), {
+          default: [],
+          description: 'Peers whose X-Forwarded-For is believed (CIDRs).',
+          env: 'KEYGATE_TRUSTED_PROXIES',
+        }),
+        key_sources: Type.Array(Type.Union(KEY_SOURCES.map((s) => Type.Literal(s))), {
+          default: ['authorization', 'x-api-key'],
+          minItems: 1,
+          uniqueItems: true,
+          description: 'Where keys are read from, in order.',
+        }),
+        query_param: Type.String({ default: 'api_key', pattern: '^[A-Za-z0-9_.-]{1,64}$', description: 'Query parameter name when the query source is enabled.' }),
+        strip_credential: Type.Boolean({ default: true, description: 'Remove the credential before forwarding.' }),
+        reveal_key_status: Type.Boolean({
+          default: false,
+          description: 'Answer key_expired/key_revoked instead of key_invalid for known bad keys (off: a response never tells which).',
+        }),
+        max_header_bytes: int(16_384, 1024, 1_048_576, { description: 'Largest request header block accepted (431 above).' }),
+        headers_timeout_ms: int(10_000, 100, 600_000, { description: 'Time a client has to send its request headers.' }),
+        shutdown_timeout_ms: int(10_000, 0, 600_000, { description: 'How long in-flight requests may take to finish on SIGTERM.' }),
+        tls: Tls,
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    admin: Type.Object(
+      {
+        listen: Type.String({ format: 'listen', default: '127.0.0.1:8081', description: 'Admin listen address.', env: 'KEYGATE_ADMIN_LISTEN', flag: 'admin-listen' }),
+        token: Type.Optional(Type.String({ minLength: 16, description: 'Bootstrap admin token.', env: 'KEYGATE_ADMIN_TOKEN', secret: true })),
+        url: optStr('http-url', { description: 'Admin API address the CLI uses instead of opening the store.', env: 'KEYGATE_ADMIN_URL', flag: 'admin-url' }),
+        max_body_bytes: int(1_048_576, 1024, 67_108_864, { description: 'Largest admin request body accepted (413 above).' }),
+        tls: Tls,
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    routes: Type.Array(Route, { default: [], description: 'Path-prefix routes to upstreams; the longest matching prefix wins.' }),
+    upstream: optStr('http-url', { description: 'Shortcut: one route / to this upstream.', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
+    deny_list: Type.Array(Type.String({ format: 'cidr' }), { default: [], description: 'Addresses and CIDR ranges always refused.' }),
+    rate_limits: Type.Object(
+      {
+        per_address: Limit(1000, 1, 'Limit per client address.'),
+        per_key: Type.Object(
+          {
+            default: Limit(100, 1, 'Limit per key for types without their own.'),
+            system: OptionalLimit('Limit per system key.'),
+            user: OptionalLimit('Limit per user key.'),
+            service: Type.Optional(Limit(1000, 1, 'Limit per service key.')),
+            integration: OptionalLimit('Limit per integration key.'),
+            emergency: OptionalLimit('Limit per emergency key.'),
+          },
+          { additionalProperties: false, default: { service: { limit: 1000, window_s: 1 } } },
+        ),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    lockout: Type.Object(
+      {
+        max_attempts: int(5, 1, 1_000_000, { description: 'Failed key attempts from one address before it is locked out.', env: 'RATE_LIMIT_MAX_ATTEMPTS' }),
+        window_s: int(900, 1, 604_800, { description: 'Counting window and lockout duration in seconds.', env: 'RATE_LIMIT_WINDOW_SECONDS' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    cache: Type.Object(
+      {
+        ttl_s: int(300, 1, 86_400, { description: 'How long a validated key is cached.', env: 'CACHE_TTL_SECONDS' }),
+        max_capacity: int(10_000, 1, 10_000_000, { description: 'Most keys held in the validation cache.', env: 'CACHE_MAX_CAPACITY' }),
+        negative_ttl_s: int(5, 0, 3600, { description: 'How long an unknown key is remembered as unknown.' }),
+        negative_max: int(10_000, 0, 10_000_000, { description: 'Most unknown keys remembered.' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    keys: Type.Object(
+      {
+        prefix: Type.String({ format: 'key-prefix', default: 'kg_', description: 'Prefix of generated keys.' }),
+        accept_legacy: Type.Boolean({ default: true, description: 'Accept imported legacy UUID v4 keys.' }),
+        grace_hours: Type.Object(
+          {
+            system: int(72, 0, 8760, { description: 'Grace period of a rotated system key (hours).' }),
+            user: int(24, 0, 8760, { description: 'Grace period of a rotated user key (hours).' }),
+            service: int(48, 0, 8760, { description: 'Grace period of a rotated service key (hours).' }),
+            integration: int(24, 0, 8760, { description: 'Grace period of a rotated integration key (hours).' }),
+            emergency: int(0, 0, 8760, { description: 'Grace period of a rotated emergency key (hours).' }),
+          },
+          { additionalProperties: false, default: {} },
+        ),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    store: Type.Object(
+      {
+        database_url: optStr('postgres-url', { description: 'PostgreSQL; without it the embedded store is used.', env: 'DATABASE_URL', flag: 'database-url', secret: true }),
+        data_dir: Type.String({ minLength: 1, default: './.keygate', description: 'Folder of the embedded store.', env: 'KEYGATE_DATA_DIR', flag: 'data-dir' }),
+        pool_max: int(10, 1, 1000, { description: 'PostgreSQL connections per process.' }),
+        auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`.', env: 'KEYGATE_AUTO_MIGRATE' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    redis: Type.Object(
+      {
+        url: optStr('redis-url', { description: 'Redis for shared limits, invalidation and alerts.', env: 'REDIS_URL', secret: true }),
+        anomaly_channel: Type.String({ minLength: 1, default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts.' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    audit: Type.Object(
+      {
+        encryption_key: optStr('base64-32', { description: 'AES-256-GCM key of audit details.', env: 'KEYGATE_ENCRYPTION_KEY', secret: true }),
+        previous_encryption_keys: Type.Array(Type.String({ format: 'base64-32' }), {
+          default: [],
+          description: 'Earlier keys, still used to read older rows.',
+          env: 'KEYGATE_PREVIOUS_ENCRYPTION_KEYS',
+          secret: true,
+        }),
+        retention_days: int(365, 1, 36_500, { description: 'Audit rows older than this are pruned.' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    log: Type.Object(
+      {
+        level: Type.Union(['debug', 'info', 'warn', 'error'].map((l) => Type.Literal(l)), { default: 'info', description: 'Lowest level logged.', env: 'LOG_LEVEL' }),
+        access_log: Type.Boolean({ default: false, description: 'One log line per gateway request.', env: 'KEYGATE_ACCESS_LOG' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    integrations: Type.Object(
+      {
+        gitea: Type.Object(
+          {
+            url: optStr('http-url', { description: 'Gitea base URL.', env: 'GITEA_URL' }),
+            username: Type.Optional(Type.String({ minLength: 1, description: 'Gitea user.', env: 'GITEA_USERNAME' })),
+            password: Type.Optional(Type.String({ minLength: 1, description: 'Gitea password.', env: 'GITEA_PASSWORD', secret: true })),
+            timeout_ms: int(10_000, 100, 600_000, { description: 'Gitea request timeout.' }),
+          },
+          { additionalProperties: false, default: {} },
+        ),
+        n8n: Type.Object(
+          {
+            url: optStr('http-url', { description: 'n8n base URL.', env: 'N8N_URL' }),
+            email: Type.Optional(Type.String({ minLength: 3, description: 'n8n login email.', env: 'N8N_EMAIL' })),
+            password: Type.Optional(Type.String({ minLength: 1, description: 'n8n password.', env: 'N8N_PASSWORD', secret: true })),
+            timeout_ms: int(10_000, 100, 600_000, { description: 'n8n request timeout.' }),
+          },
+          { additionalProperties: false, default: {} },
+        ),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+  },
+  { additionalProperties: false },
+)
+
+export type Config = Static<typeof ConfigSchema>
+export type RouteConfig = Static<typeof Route>

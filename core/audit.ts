@@ -1,0 +1,172 @@
+// The audit log: who did what to which key, from where. Details are sealed with AES-256-GCM:
+// a random 96-bit nonce per row, the row's id, key id and action bound in as associated data
+// (so details moved to another row fail to open), and the id of the encryption key stored
+// beside them (so rows sealed before a key rotation still open with the previous key).
+import { createCipheriv, createDecipheriv, randomBytes, randomUUID, hash } from 'node:crypto'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
+import { join, resolve } from 'node:path'
+import type { Db, Queryable } from './db.ts'
+import { KeygateError } from './errors.ts'
+import type { Logger } from './log.ts'
+
+export interface Actor {
+  /** Admin key id, `token` for the bootstrap token, `cli:<user>`, or `system`. */
+  actor: string
+  address?: string | null | undefined
+}
+
+export interface AuditEntry {
+  keyId?: string | null
+  action: string
+  details?: Record<string, unknown>
+}
+
+export interface AuditRecord {
+  id: string
+  keyId: string | null
+  action: string
+  actor: string
+  address: string | null
+  details: Record<string, unknown>
+  createdAt: Date
+}
+
+export function encryptionKeyId(key: Buffer): string {
+  return hash('sha256', Buffer.concat([Buffer.from('keygate-audit-key:'), key]), 'hex').slice(0, 16)
+}
+
+function aad(rowId: string, keyId: string | null, action: string): Buffer {
+  return Buffer.from(`${rowId}\n${keyId ?? ''}\n${action}`)
+}
+
+export class AuditCipher {
+  readonly #current: { id: string; key: Buffer }
+  readonly #keys: Map<string, Buffer>
+
+  /** `current` seals new rows; `previous` only opens older ones. Each is 32 bytes. */
+  constructor(current: Buffer, previous: readonly Buffer[] = []) {
+    for (const k of [current, ...previous]) {
+      if (k.length !== 32) throw new KeygateError('config_invalid', 'an audit encryption key must be 32 bytes')
+    }
+    this.#current = { id: encryptionKeyId(current), key: current }
+    this.#keys = new Map([...previous, current].map((k) => [encryptionKeyId(k), k]))
+  }
+
+  get currentKeyId(): string {
+    return this.#current.id
+  }
+
+  seal(rowId: string, keyId: string | null, action: string, details: Record<string, unknown>): { encKeyId: string; nonce: Buffer; details: Buffer } {
+    const nonce = randomBytes(12)
+    const cipher = createCipheriv('aes-256-gcm', this.#current.key, nonce)
+    cipher.setAAD(aad(rowId, keyId, action))
+    const body = Buffer.concat([cipher.update(JSON.stringify(details), 'utf8'), cipher.final(), cipher.getAuthTag()])
+    return { encKeyId: this.#current.id, nonce, details: body }
+  }
+
+  open(rowId: string, keyId: string | null, action: string, encKeyId: string, nonce: Uint8Array, sealed: Uint8Array): Record<string, unknown> {
+    const key = this.#keys.get(encKeyId)
+    if (!key) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} was sealed with encryption key ${encKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`)
+    const body = Buffer.from(sealed)
+    if (body.length < 16 || nonce.length !== 12) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} is damaged`)
+    try {
+      const decipher = createDecipheriv('aes-256-gcm', key, Buffer.from(nonce))
+      decipher.setAAD(aad(rowId, keyId, action))
+      decipher.setAuthTag(body.subarray(body.length - 16))
+      const plain = Buffer.concat([decipher.update(body.subarray(0, body.length - 16)), decipher.final()])
+      return JSON.parse(plain.toString('utf8')) as Record<string, unknown>
+    } catch {
+      throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} failed authentication: it was altered or does not belong here`)
+    }
+  }
+}
+
+/**
+ * The audit cipher from configuration. With the embedded store and no key configured, one is
+ * generated into the data folder (mode 0600) with a warning; with PostgreSQL a key is required,
+ * since several instances must share it.
+ */
+export function loadAuditCipher(options: {
+  encryptionKey?: string | undefined
+  previousKeys?: readonly string[]
+  storeKind: 'postgres' | 'embedded'
+  dataDir?: string
+  log?: Logger
+}): AuditCipher {
+  const previous = (options.previousKeys ?? []).map((k) => Buffer.from(k, 'base64'))
+  if (options.encryptionKey) return new AuditCipher(Buffer.from(options.encryptionKey, 'base64'), previous)
+  if (options.storeKind === 'postgres') {
+    throw new KeygateError(
+      'encryption_key_missing',
+      'KEYGATE_ENCRYPTION_KEY is required with DATABASE_URL (every instance must share it): set it to the output of `openssl rand -base64 32`',
+    )
+  }
+  const file = join(resolve(options.dataDir ?? './.keygate'), 'encryption.key')
+  if (!existsSync(file)) {
+    writeFileSync(file, randomBytes(32).toString('base64') + '\n', { mode: 0o600, flag: 'wx' })
+    options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
+  }
+  const text = readFileSync(file, 'utf8').trim()
+  const key = Buffer.from(text, 'base64')
+  if (key.length !== 32) throw new KeygateError('config_invalid', `${file} does not hold 32 bytes in base64`)
+  return new AuditCipher(key, previous)
+}
+
+export class AuditLog {
+  readonly #cipher: AuditCipher
+
+  constructor(cipher: AuditCipher) {
+    this.#cipher = cipher
+  }
+
+  /** Writes one row in the caller's transaction, so the change and its record commit together. */
+  async write(tx: Queryable, actor: Actor, entry: AuditEntry): Promise<string> {
+    const id = randomUUID()
+    const keyId = entry.keyId ?? null
+    const sealed = this.#cipher.seal(id, keyId, entry.action, entry.details ?? {})
+    await tx.query(
+      'INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)',
+      [id, keyId, entry.action, actor.actor, actor.address ?? null, sealed.encKeyId, sealed.nonce, sealed.details],
+    )
+    return id
+  }
+
+  /** Newest first; `before` is the created_at/id cursor of the last row of the previous page. */
+  async list(db: Db, filter: { keyId?: string; limit?: number; before?: { createdAt: Date; id: string } } = {}): Promise<AuditRecord[]> {
+    const where: string[] = []
+    const params: unknown[] = []
+    if (filter.keyId !== undefined) {
+      params.push(filter.keyId)
+      where.push(`key_id = $${params.length}`)
+    }
+    if (filter.before) {
+      params.push(filter.before.createdAt, filter.before.id)
+      where.push(`(created_at, id) < ($${params.length - 1}, $${params.length})`)
+    }
+    params.push(Math.min(Math.max(filter.limit ?? 100, 1), 1000))
+    const rows = await db.query<{
+      id: string
+      key_id: string | null
+      action: string
+      actor: string
+      address: string | null
+      enc_key_id: string
+      nonce: Uint8Array
+      details: Uint8Array
+      created_at: Date
+    }>(
+      `SELECT id, key_id, action, actor, address, enc_key_id, nonce, details, created_at FROM api_key_audit_log
+       ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
+      params,
+    )
+    return rows.map((r) => ({
+      id: r.id,
+      keyId: r.key_id,
+      action: r.action,
+      actor: r.actor,
+      address: r.address,
+      details: this.#cipher.open(r.id, r.key_id, r.action, r.enc_key_id, r.nonce, r.details),
+      createdAt: r.created_at,
+    }))
+  }
+}

@@ -1,0 +1,76 @@
+// The one error catalogue of keygate: every code the gateway, the admin API and the CLI can
+// answer with, its HTTP status and its default message. README.md lists the same table and
+// test/errors.test.ts keeps the two in step.
+
+export const ERRORS = {
+  // Gateway request contract (SPEC §3)
+  key_missing: { status: 401, message: 'An API key is required.' },
+  key_invalid: { status: 401, message: 'The API key is not valid.' },
+  key_expired: { status: 401, message: 'The API key has expired.' },
+  key_revoked: { status: 401, message: 'The API key has been revoked.' },
+  ip_blocked: { status: 403, message: 'Requests from this address are not allowed.' },
+  scope_denied: { status: 403, message: 'The API key does not grant access to this route.' },
+  route_not_found: { status: 404, message: 'No route matches this request.' },
+  rate_limited: { status: 429, message: 'Too many requests.' },
+  ip_locked_out: { status: 429, message: 'Too many failed attempts from this address; try again later.' },
+  upstream_unavailable: { status: 502, message: 'The upstream service could not be reached.' },
+  upstream_timeout: { status: 504, message: 'The upstream service did not answer in time.' },
+  store_unavailable: { status: 503, message: 'The key store is not available.' },
+  bad_request: { status: 400, message: 'The request is malformed.' },
+  headers_too_large: { status: 431, message: 'The request headers are too large.' },
+
+  // Admin API and CLI
+  unauthorized: { status: 401, message: 'An admin credential is required.' },
+  forbidden: { status: 403, message: 'This credential may not use the admin API.' },
+  not_found: { status: 404, message: 'Not found.' },
+  key_not_found: { status: 404, message: 'No key has this id.' },
+  method_not_allowed: { status: 405, message: 'This method is not allowed here.' },
+  conflict: { status: 409, message: 'The request conflicts with the current state.' },
+  key_not_active: { status: 409, message: 'The key is not active.' },
+  payload_too_large: { status: 413, message: 'The request body is too large.' },
+  unsupported_media_type: { status: 415, message: 'The request body must be JSON.' },
+  validation_failed: { status: 400, message: 'The request body is not valid.' },
+  internal_error: { status: 500, message: 'Internal error.' },
+
+  // Start-up, configuration, storage
+  config_invalid: { status: 500, message: 'The configuration is not valid.' },
+  usage_error: { status: 400, message: 'The command line is not valid.' },
+  migration_modified: { status: 500, message: 'An applied migration file has been changed.' },
+  store_locked: { status: 503, message: 'The embedded store is in use by another process.' },
+  encryption_key_missing: { status: 500, message: 'KEYGATE_ENCRYPTION_KEY is required with DATABASE_URL.' },
+  audit_decrypt_failed: { status: 500, message: 'An audit record could not be decrypted.' },
+  import_invalid: { status: 400, message: 'The import file is not valid.' },
+} as const satisfies Record<string, { status: number; message: string }>
+
+export type ErrorCode = keyof typeof ERRORS
+
+export const errorCodes = Object.keys(ERRORS) as ErrorCode[]
+
+/**
+ * An expected failure with a catalogued code. Infrastructure faults (a dropped connection, a
+ * bug) stay ordinary errors and are answered as `internal_error` or `store_unavailable`.
+ */
+export class KeygateError extends Error {
+  readonly code: ErrorCode
+  readonly status: number
+  readonly details: Readonly<Record<string, unknown>> | undefined
+
+  constructor(code: ErrorCode, message?: string, details?: Record<string, unknown>, options?: ErrorOptions) {
+    super(message ?? ERRORS[code].message, options)
+    this.name = 'KeygateError'
+    this.code = code
+    this.status = ERRORS[code].status
+    this.details = details
+  }
+}
+
+export function isKeygateError(err: unknown, code?: ErrorCode): err is KeygateError {
+  return err instanceof KeygateError && (code === undefined || err.code === code)
+}
+
+/** The JSON body of every error answer: `{"error":{"code","message","request_id"}}`. */
+export function errorBody(code: ErrorCode, requestId: string, message?: string, details?: Record<string, unknown>): string {
+  const error: Record<string, unknown> = { code, message: message ?? ERRORS[code].message, request_id: requestId }
+  if (details !== undefined) error.details = details
+  return JSON.stringify({ error })
+}

@@ -1,0 +1,51 @@
+// String formats shared by the config schema and the API schemas, registered with TypeBox once,
+// each with the words that tell a user what it allows.
+import { FormatRegistry } from '@sinclair/typebox'
+import ipaddr from 'ipaddr.js'
+
+export function isCidrOrAddress(value: string): boolean {
+  try {
+    if (value.includes('/')) ipaddr.parseCIDR(value)
+    else ipaddr.parse(value)
+    return ipaddr.isValid(value.split('/')[0] ?? '')
+  } catch {
+    return false
+  }
+}
+
+export function parseListen(value: string): { host: string; port: number } | undefined {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(value)
+  if (!m) return undefined
+  const port = Number(m[3])
+  if (port > 65535) return undefined
+  const host = m[1] ?? m[2] ?? ''
+  if (m[1] !== undefined && !ipaddr.IPv6.isValid(host)) return undefined
+  return { host, port }
+}
+
+function isHttpUrl(value: string): boolean {
+  try {
+    const u = new URL(value)
+    return (u.protocol === 'http:' || u.protocol === 'https:') && u.hostname !== ''
+  } catch {
+    return false
+  }
+}
+
+const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = {
+  cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'],
+  listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
+  'http-url': [isHttpUrl, 'an http:// or https:// URL'],
+  'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
+  'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
+  'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v), 'a path starting with / without ?, # or dot segments'],
+  'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints)'],
+  'key-prefix': [(v) => /^[a-z][a-z0-9]{0,15}_$/.test(v), 'lowercase letters and digits ending in _, such as kg_'],
+  'date-time': [(v) => /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})$/.test(v) && !Number.isNaN(Date.parse(v)), 'an RFC 3339 date-time such as 2027-01-31T12:00:00Z'],
+}
+
+export const FORMAT_WORDS: Record<string, string> = {}
+for (const [name, [check, words]] of Object.entries(FORMATS)) {
+  FormatRegistry.Set(name, check)
+  FORMAT_WORDS[name] = words
+}

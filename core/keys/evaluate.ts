@@ -1,0 +1,66 @@
+// Whether a stored key may be used now, from this address. Pure: the gateway calls it on every
+// request with a cached record, the CLI and admin API with a fresh one.
+import ipaddr from 'ipaddr.js'
+import type { ErrorCode } from '../errors.ts'
+import type { KeyRecord } from './types.ts'
+
+export type Verdict = { ok: true } | { ok: false; code: ErrorCode; reason: string }
+
+const OK: Verdict = Object.freeze({ ok: true })
+
+type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
+
+/** Parses an address, turning IPv4-mapped IPv6 (::ffff:192.0.2.1) into IPv4. */
+export function parseAddress(address: string): ipaddr.IPv4 | ipaddr.IPv6 | undefined {
+  try {
+    const a = ipaddr.parse(address)
+    return a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() ? (a as ipaddr.IPv6).toIPv4Address() : a
+  } catch {
+    return undefined
+  }
+}
+
+export function parseRange(cidr: string): Range | undefined {
+  try {
+    if (cidr.includes('/')) {
+      const [addr, bits] = ipaddr.parseCIDR(cidr)
+      if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress() && bits >= 96) return [(addr as ipaddr.IPv6).toIPv4Address(), bits - 96]
+      return [addr, bits]
+    }
+    const a = parseAddress(cidr)
+    return a ? [a, a.kind() === 'ipv4' ? 32 : 128] : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** A matcher for a list of CIDRs, parsed once. */
+export function rangeMatcher(cidrs: readonly string[]): (address: string) => boolean {
+  const ranges = cidrs.map(parseRange).filter((r): r is Range => r !== undefined)
+  return (address) => {
+    const a = parseAddress(address)
+    if (!a) return false
+    for (const [net, bits] of ranges) if (a.kind() === net.kind() && a.match(net, bits)) return true
+    return false
+  }
+}
+
+export function evaluateKey(key: KeyRecord, now: Date, address?: string, allowedFrom?: (address: string) => boolean): Verdict {
+  switch (key.status) {
+    case 'revoked':
+      return { ok: false, code: 'key_revoked', reason: 'revoked' }
+    case 'expired':
+      return { ok: false, code: 'key_expired', reason: 'expired' }
+    case 'rotating':
+      if (!key.graceUntil || key.graceUntil <= now) return { ok: false, code: 'key_expired', reason: 'grace_ended' }
+      break
+    case 'active':
+      break
+  }
+  if (key.expiresAt && key.expiresAt <= now) return { ok: false, code: 'key_expired', reason: 'expired' }
+  if (address !== undefined && key.allowedCidrs.length > 0) {
+    const match = allowedFrom ?? rangeMatcher(key.allowedCidrs)
+    if (!match(address)) return { ok: false, code: 'ip_blocked', reason: 'address_not_bound' }
+  }
+  return OK
+}

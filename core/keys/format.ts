@@ -1,0 +1,96 @@
+// Key format: `<prefix><id>_<secret><check>`, e.g. kg_3hF9aK2LmQxZ_<22 secret chars><6 check chars>.
+// - id: 12 base62 characters, public (it names the key in the API, logs and audit trail)
+// - secret: 22 base62 characters from the OS CSPRNG, 130.9 bits
+// - check: CRC32 of everything before it, 6 base62 characters, so a mistyped or random string
+//   is refused before any cache or store look-up, and secret scanners can recognise keys.
+// Keys of the replaced system were UUID v4 strings; they are recognised as `legacy`.
+import { randomBytes, hash, timingSafeEqual } from 'node:crypto'
+import { crc32 } from 'node:zlib'
+
+const ALPHABET = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+export const ID_LENGTH = 12
+const SECRET_LENGTH = 22
+const CHECK_LENGTH = 6
+const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/i
+const ID_SHAPE = /^[0-9A-Za-z]{12}$/
+
+/** Uniform base62 characters from the CSPRNG (rejection sampling: bytes ≥ 248 are dropped). */
+export function randomBase62(length: number): string {
+  let out = ''
+  while (out.length < length) {
+    for (const b of randomBytes(length * 2)) {
+      if (b < 248) out += ALPHABET[b % 62]
+      if (out.length === length) break
+    }
+  }
+  return out
+}
+
+function checksum(body: string): string {
+  let n = crc32(body)
+  let s = ''
+  for (let i = 0; i < CHECK_LENGTH; i++) {
+    s = ALPHABET[n % 62] + s
+    n = Math.floor(n / 62)
+  }
+  return s
+}
+
+export function newKeyId(): string {
+  return randomBase62(ID_LENGTH)
+}
+
+export function isKeyId(value: string): boolean {
+  return ID_SHAPE.test(value)
+}
+
+/** A new key for `id`: the plaintext is returned to the caller once and never stored. */
+export function generateKey(prefix: string, id: string = newKeyId()): { id: string; key: string; hash: string } {
+  const body = `${prefix}${id}_${randomBase62(SECRET_LENGTH)}`
+  const key = body + checksum(body)
+  return { id, key, hash: hashKey(key) }
+}
+
+/** SHA-256 hex of the whole presented key, the only form in which a key is stored. */
+export function hashKey(key: string): string {
+  return hash('sha256', key, 'hex')
+}
+
+export type ParsedKey =
+  | { kind: 'keygate'; id: string; hash: string }
+  | { kind: 'legacy'; hash: string }
+
+/**
+ * Recognises a presented key without any look-up; `undefined` for anything malformed.
+ * The expected length is fixed, so this costs a length check for most garbage.
+ */
+export function parseKey(presented: string, prefix: string, acceptLegacy = true): ParsedKey | undefined {
+  const expected = prefix.length + ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH
+  if (presented.length === expected && presented.startsWith(prefix)) {
+    const idEnd = prefix.length + ID_LENGTH
+    if (presented.charCodeAt(idEnd) !== 95 /* _ */) return undefined
+    const body = presented.slice(0, expected - CHECK_LENGTH)
+    if (checksum(body) !== presented.slice(expected - CHECK_LENGTH)) return undefined
+    const id = presented.slice(prefix.length, idEnd)
+    if (!ID_SHAPE.test(id) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
+    return { kind: 'keygate', id, hash: hashKey(presented) }
+  }
+  if (acceptLegacy && presented.length === 36 && UUID_V4.test(presented)) {
+    return { kind: 'legacy', hash: hashKey(presented.toLowerCase()) }
+  }
+  return undefined
+}
+
+/** Constant-time equality of two SHA-256 hex digests. */
+export function hashesEqual(a: string, b: string): boolean {
+  const x = Buffer.from(a, 'hex')
+  const y = Buffer.from(b, 'hex')
+  return x.length === 32 && y.length === 32 && timingSafeEqual(x, y)
+}
+
+export const SHA256_HEX = /^[0-9a-f]{64}$/
+
+/** A pattern that finds keygate keys in free text (log scrubbing, leak scanning). */
+export function keyPattern(prefix: string): RegExp {
+  return new RegExp(`${prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}[0-9A-Za-z]{${ID_LENGTH}}_[0-9A-Za-z]{${SECRET_LENGTH + CHECK_LENGTH}}`, 'g')
+}

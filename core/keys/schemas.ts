@@ -1,0 +1,92 @@
+// Input schemas of key operations, shared by the CLI and the admin API (whose OpenAPI document
+// is generated from them).
+import { Type, type Static } from '@sinclair/typebox'
+import '../formats.ts'
+import { KEY_STATUSES, KEY_TYPES } from './types.ts'
+
+export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
+export const KeyTypeSchema = Type.Union(KEY_TYPES.map((t) => Type.Literal(t)), { description: 'Key type; sets the grace period and default rate limit.' })
+export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)))
+
+const Name = Type.String({ minLength: 1, maxLength: 200, description: 'Human name of the key.' })
+const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
+const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200 }), Type.Null()], { description: 'Who the key belongs to.' })
+const Metadata = Type.Record(Type.String({ maxLength: 100 }), Type.Unknown(), { description: 'Free-form JSON attached to the key (at most 8 KiB).' })
+const Cidrs = Type.Array(Type.String({ format: 'cidr' }), { maxItems: 100, description: 'The key is only accepted from these addresses (empty: from anywhere).' })
+const RateLimitSchema = Type.Union(
+  [
+    Type.Object(
+      {
+        limit: Type.Integer({ minimum: 1, maximum: 1_000_000_000 }),
+        window_s: Type.Integer({ minimum: 1, maximum: 86_400 }),
+      },
+      { additionalProperties: false },
+    ),
+    Type.Null(),
+  ],
+  { description: "Overrides the key type's rate limit; null restores the default." },
+)
+const Expires = Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'When the key stops working (RFC 3339); null for never.' })
+const RotationInterval = Type.Union([Type.Integer({ minimum: 3600, maximum: 5 * 365 * 86_400 }), Type.Null()], {
+  description: 'Scheduled rotation: the key is due this many seconds after it was created.',
+})
+
+export const CreateKeyBody = Type.Object(
+  {
+    name: Name,
+    type: KeyTypeSchema,
+    scopes: Type.Optional(Scopes),
+    owner: Type.Optional(Owner),
+    metadata: Type.Optional(Metadata),
+    allowed_cidrs: Type.Optional(Cidrs),
+    rate_limit: Type.Optional(RateLimitSchema),
+    expires_at: Type.Optional(Expires),
+    rotation_interval_s: Type.Optional(RotationInterval),
+  },
+  { additionalProperties: false },
+)
+export type CreateKeyInput = Static<typeof CreateKeyBody>
+
+export const UpdateKeyBody = Type.Object(
+  {
+    name: Type.Optional(Name),
+    scopes: Type.Optional(Scopes),
+    owner: Type.Optional(Owner),
+    metadata: Type.Optional(Metadata),
+    allowed_cidrs: Type.Optional(Cidrs),
+    rate_limit: Type.Optional(RateLimitSchema),
+    expires_at: Type.Optional(Expires),
+    rotation_interval_s: Type.Optional(RotationInterval),
+  },
+  { additionalProperties: false, minProperties: 1 },
+)
+export type UpdateKeyInput = Static<typeof UpdateKeyBody>
+
+export const ImportRow = Type.Object(
+  {
+    key_hash: Type.String({ pattern: '^[0-9a-f]{64}$', description: 'SHA-256 hex of the legacy UUID v4 key.' }),
+    name: Name,
+    type: Type.Optional(KeyTypeSchema),
+    scopes: Type.Optional(Scopes),
+    owner: Type.Optional(Owner),
+    metadata: Type.Optional(Metadata),
+    created_at: Type.Optional(Type.String({ format: 'date-time' })),
+    expires_at: Type.Optional(Expires),
+  },
+  { additionalProperties: false },
+)
+export type ImportRowInput = Static<typeof ImportRow>
+
+export const ListKeysQuery = Type.Object(
+  {
+    type: Type.Optional(KeyTypeSchema),
+    status: Type.Optional(KeyStatusSchema),
+    owner: Type.Optional(Type.String({ minLength: 1, maxLength: 200 })),
+    scope: Type.Optional(Scope),
+    name: Type.Optional(Type.String({ minLength: 1, maxLength: 200, description: 'Names containing this text (case-insensitive).' })),
+    limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, default: 50 })),
+    cursor: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9_-]{1,200}$', description: 'next_cursor of the previous page.' })),
+  },
+  { additionalProperties: false },
+)
+export type ListKeysInput = Static<typeof ListKeysQuery>

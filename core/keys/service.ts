@@ -1,0 +1,454 @@
+// Key lifecycle: create, list, get, update, revoke, rotate, import, validate, stats. Every change
+// is one transaction that locks the key row and writes its audit record, so a change and its
+// record commit together or not at all.
+import type { Db, Queryable } from '../db.ts'
+import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
+import type { Actor, AuditLog } from '../audit.ts'
+import { KeygateError, type ErrorCode } from '../errors.ts'
+import { assertValid } from '../validate.ts'
+import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
+import { evaluateKey } from './evaluate.ts'
+import { CreateKeyBody, ImportRow, ListKeysQuery, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type UpdateKeyInput } from './schemas.ts'
+import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
+
+export interface KeyServiceOptions {
+  db: Db
+  audit: AuditLog
+  prefix: string
+  acceptLegacy?: boolean
+  graceHours: Readonly<Record<KeyType, number>>
+  /** The clock; tests pass a controllable one. */
+  now?: () => Date
+}
+
+export type KeyChange = { action: 'created' | 'updated' | 'revoked' | 'rotated' | 'imported'; key: KeyRecord; previous?: KeyRecord }
+
+export type Validation =
+  | { valid: true; key: KeyRecord }
+  | { valid: false; code: ErrorCode; reason: 'malformed' | 'unknown' | 'wrong_secret' | string; keyId?: string }
+
+export interface Page<T> {
+  items: T[]
+  nextCursor: string | null
+}
+
+const METADATA_MAX_BYTES = 8192
+
+interface KeyRow {
+  id: string
+  key_hash: string
+  name: string
+  type: KeyType
+  status: KeyStatus
+  scopes: string[]
+  owner: string | null
+  metadata: Record<string, unknown>
+  allowed_cidrs: string[]
+  rate_limit: number | null
+  rate_limit_window_s: number | null
+  rotation_interval_s: number | null
+  rotated_from: string | null
+  replaced_by: string | null
+  grace_until: Date | null
+  legacy: boolean
+  created_at: Date
+  updated_at: Date
+  expires_at: Date | null
+  last_used_at: Date | null
+  revoked_at: Date | null
+  revoked_reason: string | null
+}
+
+function toRecord(r: KeyRow): KeyRecord {
+  return {
+    id: r.id,
+    keyHash: r.key_hash,
+    name: r.name,
+    type: r.type,
+    status: r.status,
+    scopes: r.scopes,
+    owner: r.owner,
+    metadata: r.metadata,
+    allowedCidrs: r.allowed_cidrs,
+    rateLimit: r.rate_limit !== null && r.rate_limit_window_s !== null ? { limit: r.rate_limit, windowS: r.rate_limit_window_s } : null,
+    rotationIntervalS: r.rotation_interval_s,
+    rotatedFrom: r.rotated_from,
+    replacedBy: r.replaced_by,
+    graceUntil: r.grace_until,
+    legacy: r.legacy,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+    expiresAt: r.expires_at,
+    lastUsedAt: r.last_used_at,
+    revokedAt: r.revoked_at,
+    revokedReason: r.revoked_reason,
+  }
+}
+
+const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
+  rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
+
+function encodeCursor(k: KeyRecord): string {
+  return Buffer.from(JSON.stringify([k.createdAt.toISOString(), k.id])).toString('base64url')
+}
+
+function decodeCursor(cursor: string): [Date, string] {
+  try {
+    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown]
+    const date = new Date(String(at))
+    if (typeof id === 'string' && !Number.isNaN(date.getTime())) return [date, id]
+  } catch {}
+  throw new KeygateError('validation_failed', 'cursor: is not a cursor this server returned', { fields: [{ field: 'cursor', message: 'is not a cursor this server returned' }] })
+}
+
+function checkMetadata(metadata: unknown): void {
+  if (metadata !== undefined && Buffer.byteLength(JSON.stringify(metadata)) > METADATA_MAX_BYTES) {
+    throw new KeygateError('validation_failed', `metadata: is larger than ${METADATA_MAX_BYTES} bytes`, { fields: [{ field: 'metadata', message: `is larger than ${METADATA_MAX_BYTES} bytes` }] })
+  }
+}
+
+function futureDate(value: string | null | undefined, now: Date, field: string): Date | null | undefined {
+  if (value === undefined || value === null) return value
+  const d = new Date(value)
+  if (d <= now) throw new KeygateError('validation_failed', `${field}: ${value} is in the past`, { fields: [{ field, message: `${value} is in the past` }] })
+  return d
+}
+
+export class KeyService {
+  readonly #db: Db
+  readonly #audit: AuditLog
+  readonly #prefix: string
+  readonly #acceptLegacy: boolean
+  readonly #graceHours: Readonly<Record<KeyType, number>>
+  readonly #now: () => Date
+  readonly #listeners = new Set<(change: KeyChange) => void>()
+
+  constructor(options: KeyServiceOptions) {
+    this.#db = options.db
+    this.#audit = options.audit
+    this.#prefix = options.prefix
+    this.#acceptLegacy = options.acceptLegacy ?? true
+    this.#graceHours = options.graceHours
+    this.#now = options.now ?? (() => new Date())
+  }
+
+  get prefix(): string {
+    return this.#prefix
+  }
+
+  /** Called after each committed change (cache invalidation, webhooks, pub/sub). */
+  onChange(listener: (change: KeyChange) => void): () => void {
+    this.#listeners.add(listener)
+    return () => this.#listeners.delete(listener)
+  }
+
+  #emit(change: KeyChange): void {
+    for (const l of this.#listeners) l(change)
+  }
+
+  async #lock(tx: Queryable, id: string): Promise<KeyRecord> {
+    const rows = await tx.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE`, [id])
+    if (!rows[0]) throw new KeygateError('key_not_found', `no key has the id ${JSON.stringify(id)}`)
+    return toRecord(rows[0])
+  }
+
+  async #insert(tx: Queryable, k: Omit<KeyRecord, 'updatedAt' | 'lastUsedAt' | 'revokedAt' | 'revokedReason' | 'replacedBy'>): Promise<KeyRecord> {
+    const rows = await tx.query<KeyRow>(
+      `INSERT INTO api_keys (id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
+         rotation_interval_s, rotated_from, grace_until, legacy, created_at, updated_at, expires_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $17) RETURNING ${COLUMNS}`,
+      [
+        k.id, k.keyHash, k.name, k.type, k.status, k.scopes, k.owner, JSON.stringify(k.metadata), k.allowedCidrs,
+        k.rateLimit?.limit ?? null, k.rateLimit?.windowS ?? null, k.rotationIntervalS, k.rotatedFrom, k.graceUntil, k.legacy, k.createdAt, k.expiresAt,
+      ],
+    )
+    return toRecord(rows[0] as KeyRow)
+  }
+
+  /** Creates a key; the plaintext is in the result and nowhere else. */
+  async create(input: unknown, actor: Actor): Promise<{ key: string; record: KeyRecord }> {
+    const body = assertValid<CreateKeyInput>(CreateKeyBody, input)
+    checkMetadata(body.metadata)
+    const now = this.#now()
+    const expiresAt = futureDate(body.expires_at, now, 'expires_at') ?? null
+    const generated = generateKey(this.#prefix)
+    const record = await this.#db.transaction(async (tx) => {
+      const k = await this.#insert(tx, {
+        id: generated.id,
+        keyHash: generated.hash,
+        name: body.name,
+        type: body.type,
+        status: 'active',
+        scopes: body.scopes ?? [],
+        owner: body.owner ?? null,
+        metadata: body.metadata ?? {},
+        allowedCidrs: body.allowed_cidrs ?? [],
+        rateLimit: body.rate_limit ? { limit: body.rate_limit.limit, windowS: body.rate_limit.window_s } : null,
+        rotationIntervalS: body.rotation_interval_s ?? null,
+        rotatedFrom: null,
+        graceUntil: null,
+        legacy: false,
+        createdAt: now,
+        expiresAt,
+      })
+      await this.#audit.write(tx, actor, {
+        keyId: k.id,
+        action: 'key.created',
+        details: { name: k.name, type: k.type, scopes: k.scopes, owner: k.owner, expires_at: expiresAt?.toISOString() ?? null },
+      })
+      return k
+    })
+    this.#emit({ action: 'created', key: record })
+    return { key: generated.key, record }
+  }
+
+  async get(id: string): Promise<KeyRecord> {
+    const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1`, [id])
+    if (!rows[0]) throw new KeygateError('key_not_found', `no key has the id ${JSON.stringify(id)}`)
+    return toRecord(rows[0])
+  }
+
+  /** Newest first, filtered, one page at a time. */
+  async list(query: unknown = {}): Promise<Page<KeyRecord>> {
+    const q = assertValid<ListKeysInput>(ListKeysQuery, query, 'query')
+    const where: string[] = []
+    const params: unknown[] = []
+    const add = (sql: string, ...values: unknown[]) => {
+      params.push(...values)
+      where.push(sql.replace(/\$(\d)/g, (_, n: string) => `$${params.length - values.length + Number(n)}`))
+    }
+    if (q.type) add('type = $1', q.type)
+    if (q.status) add('status = $1', q.status)
+    if (q.owner) add('owner = $1', q.owner)
+    if (q.scope) add('$1 = ANY(scopes)', q.scope)
+    if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
+    if (q.cursor) add('(created_at, id) < ($1, $2)', ...decodeCursor(q.cursor))
+    const limit = q.limit ?? 50
+    params.push(limit + 1)
+    const rows = await this.#db.query<KeyRow>(
+      `SELECT ${COLUMNS} FROM api_keys ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
+      params,
+    )
+    const items = rows.slice(0, limit).map(toRecord)
+    return { items, nextCursor: rows.length > limit && items.length > 0 ? encodeCursor(items[items.length - 1] as KeyRecord) : null }
+  }
+
+  async update(id: string, input: unknown, actor: Actor): Promise<KeyRecord> {
+    const body = assertValid<UpdateKeyInput>(UpdateKeyBody, input)
+    checkMetadata(body.metadata)
+    const now = this.#now()
+    const expiresAt = futureDate(body.expires_at, now, 'expires_at')
+    const record = await this.#db.transaction(async (tx) => {
+      const old = await this.#lock(tx, id)
+      if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
+      const sets: string[] = []
+      const params: unknown[] = [id]
+      const set = (column: string, value: unknown) => {
+        params.push(value)
+        sets.push(`${column} = $${params.length}`)
+      }
+      if (body.name !== undefined) set('name', body.name)
+      if (body.scopes !== undefined) set('scopes', body.scopes)
+      if (body.owner !== undefined) set('owner', body.owner)
+      if (body.metadata !== undefined) set('metadata', JSON.stringify(body.metadata))
+      if (body.allowed_cidrs !== undefined) set('allowed_cidrs', body.allowed_cidrs)
+      if (body.rate_limit !== undefined) {
+        set('rate_limit', body.rate_limit?.limit ?? null)
+        set('rate_limit_window_s', body.rate_limit?.window_s ?? null)
+      }
+      if (expiresAt !== undefined) set('expires_at', expiresAt)
+      if (body.rotation_interval_s !== undefined) set('rotation_interval_s', body.rotation_interval_s)
+      set('updated_at', now)
+      const rows = await tx.query<KeyRow>(`UPDATE api_keys SET ${sets.join(', ')} WHERE id = $1 RETURNING ${COLUMNS}`, params)
+      const changed = Object.keys(body)
+      await this.#audit.write(tx, actor, { keyId: id, action: 'key.updated', details: { changed, ...body } })
+      return toRecord(rows[0] as KeyRow)
+    })
+    this.#emit({ action: 'updated', key: record })
+    return record
+  }
+
+  async revoke(id: string, reason: string | undefined, actor: Actor): Promise<KeyRecord> {
+    if (reason !== undefined && (typeof reason !== 'string' || reason.length > 500)) {
+      throw new KeygateError('validation_failed', 'reason: must be a string of at most 500 characters', { fields: [{ field: 'reason', message: 'must be a string of at most 500 characters' }] })
+    }
+    const now = this.#now()
+    const record = await this.#db.transaction(async (tx) => {
+      const old = await this.#lock(tx, id)
+      if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
+      const rows = await tx.query<KeyRow>(
+        `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
+        [id, now, reason ?? null],
+      )
+      await this.#audit.write(tx, actor, { keyId: id, action: 'key.revoked', details: { reason: reason ?? null, previous_status: old.status } })
+      return toRecord(rows[0] as KeyRow)
+    })
+    this.#emit({ action: 'revoked', key: record })
+    return record
+  }
+
+  /**
+   * Replaces a key with a new one. The old key stays valid until its type's grace deadline, or
+   * dies now when `force` is set or the grace period is zero. One transaction: a failure at any
+   * point leaves the old key as it was and no new row; the row lock serialises concurrent
+   * rotations, so the second one finds the key already rotating and is refused.
+   */
+  async rotate(id: string, options: { force?: boolean }, actor: Actor): Promise<{ key: string; record: KeyRecord; previous: KeyRecord }> {
+    const now = this.#now()
+    const generated = generateKey(this.#prefix)
+    const result = await this.#db.transaction(async (tx) => {
+      const old = await this.#lock(tx, id)
+      if (old.status !== 'active') {
+        const hint = old.replacedBy ? `; it was replaced by ${old.replacedBy}, rotate that key instead` : ''
+        throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${hint}`)
+      }
+      if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and cannot be rotated`)
+      const fresh = await this.#insert(tx, {
+        ...old,
+        id: generated.id,
+        keyHash: generated.hash,
+        status: 'active',
+        rotatedFrom: old.id,
+        graceUntil: null,
+        legacy: false,
+        createdAt: now,
+      })
+      const graceMs = this.#graceHours[old.type] * 3_600_000
+      const ends = options.force === true || graceMs === 0
+      const rows = ends
+        ? await tx.query<KeyRow>(
+            `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, replaced_by = $4, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
+            [id, now, options.force ? 'rotated (forced)' : 'rotated', fresh.id],
+          )
+        : await tx.query<KeyRow>(
+            `UPDATE api_keys SET status = 'rotating', grace_until = $3, replaced_by = $4, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
+            [id, now, new Date(now.getTime() + graceMs), fresh.id],
+          )
+      const previous = toRecord(rows[0] as KeyRow)
+      await this.#audit.write(tx, actor, {
+        keyId: id,
+        action: 'key.rotated',
+        details: { replaced_by: fresh.id, force: options.force === true, grace_until: previous.graceUntil?.toISOString() ?? null },
+      })
+      await this.#audit.write(tx, actor, { keyId: fresh.id, action: 'key.created', details: { rotated_from: id, name: fresh.name, type: fresh.type } })
+      return { record: fresh, previous }
+    })
+    this.#emit({ action: 'rotated', key: result.record, previous: result.previous })
+    return { key: generated.key, ...result }
+  }
+
+  /**
+   * Imports keys of the replaced system (UUID v4 strings stored as SHA-256 hex). All rows are
+   * checked first and every problem reported; then all are written in one transaction or none.
+   */
+  async importLegacy(input: unknown, actor: Actor, defaults: { type?: KeyType } = {}): Promise<KeyRecord[]> {
+    if (!Array.isArray(input) || input.length === 0) throw new KeygateError('import_invalid', 'the import holds no rows; expected a JSON array or JSON lines of objects')
+    const problems: string[] = []
+    const rows: ImportRowInput[] = []
+    const seen = new Map<string, number>()
+    input.forEach((raw, i) => {
+      try {
+        const row = assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`)
+        const first = seen.get(row.key_hash)
+        if (first !== undefined) problems.push(`row ${i + 1}: key_hash repeats row ${first}`)
+        seen.set(row.key_hash, i + 1)
+        checkMetadata(row.metadata)
+        rows.push(row)
+      } catch (err) {
+        if (!(err instanceof KeygateError)) throw err
+        problems.push(`row ${i + 1}: ${err.message}`)
+      }
+    })
+    if (problems.length === 0) {
+      const existing = await this.#db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE key_hash = ANY($1)', [rows.map((r) => r.key_hash)])
+      for (const e of existing) problems.push(`row ${seen.get(e.key_hash)}: key_hash is already in the store`)
+    }
+    if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
+    const now = this.#now()
+    let records: KeyRecord[]
+    try {
+      records = await this.#db.transaction(async (tx) => {
+        const out: KeyRecord[] = []
+        for (const row of rows) {
+          const k = await this.#insert(tx, {
+            id: newKeyId(),
+            keyHash: row.key_hash,
+            name: row.name,
+            type: row.type ?? defaults.type ?? 'service',
+            status: 'active',
+            scopes: row.scopes ?? [],
+            owner: row.owner ?? null,
+            metadata: row.metadata ?? {},
+            allowedCidrs: [],
+            rateLimit: null,
+            rotationIntervalS: null,
+            rotatedFrom: null,
+            graceUntil: null,
+            legacy: true,
+            createdAt: row.created_at ? new Date(row.created_at) : now,
+            expiresAt: row.expires_at ? new Date(row.expires_at) : null,
+          })
+          await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.imported', details: { name: k.name, type: k.type } })
+          out.push(k)
+        }
+        return out
+      })
+    } catch (err) {
+      if (sqlState(err) === UNIQUE_VIOLATION) throw new KeygateError('import_invalid', 'nothing imported: a key_hash was added to the store meanwhile', undefined, { cause: err })
+      throw err
+    }
+    for (const k of records) this.#emit({ action: 'imported', key: k })
+    return records
+  }
+
+  /** Finds the stored key a presented one names, comparing hashes in constant time. */
+  async lookup(presented: string): Promise<{ key: KeyRecord } | { key?: undefined; reason: 'malformed' | 'unknown' | 'wrong_secret'; keyId?: string }> {
+    const parsed = parseKey(presented, this.#prefix, this.#acceptLegacy)
+    if (!parsed) return { reason: 'malformed' }
+    if (parsed.kind === 'legacy') {
+      const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE key_hash = $1 AND legacy`, [parsed.hash])
+      return rows[0] ? { key: toRecord(rows[0]) } : { reason: 'unknown' }
+    }
+    const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1`, [parsed.id])
+    if (!rows[0]) return { reason: 'unknown', keyId: parsed.id }
+    if (!hashesEqual(rows[0].key_hash, parsed.hash)) return { reason: 'wrong_secret', keyId: parsed.id }
+    return { key: toRecord(rows[0]) }
+  }
+
+  /** Whether a presented key may be used now (from `address`, when given). */
+  async validate(presented: string, options: { address?: string } = {}): Promise<Validation> {
+    const found = await this.lookup(presented)
+    if (!found.key) return { valid: false, code: 'key_invalid', reason: found.reason, ...(found.keyId ? { keyId: found.keyId } : {}) }
+    const verdict = evaluateKey(found.key, this.#now(), options.address)
+    return verdict.ok ? { valid: true, key: found.key } : { valid: false, code: verdict.code, reason: verdict.reason, keyId: found.key.id }
+  }
+
+  async stats(withinDays = 7): Promise<{
+    total: number
+    byType: Record<KeyType, number>
+    byStatus: Record<KeyStatus, number>
+    legacy: number
+    expiringSoon: number
+  }> {
+    const now = this.#now()
+    const rows = await this.#db.query<{ type: KeyType; status: KeyStatus; n: number; legacy: number; expiring: number }>(
+      `SELECT type, status, count(*)::int AS n, count(*) FILTER (WHERE legacy)::int AS legacy,
+         count(*) FILTER (WHERE status = 'active' AND expires_at > $1 AND expires_at <= $2)::int AS expiring
+       FROM api_keys GROUP BY type, status`,
+      [now, new Date(now.getTime() + withinDays * 86_400_000)],
+    )
+    const byType = Object.fromEntries(KEY_TYPES.map((t) => [t, 0])) as Record<KeyType, number>
+    const byStatus: Record<KeyStatus, number> = { active: 0, rotating: 0, revoked: 0, expired: 0 }
+    let total = 0
+    let legacy = 0
+    let expiringSoon = 0
+    for (const r of rows) {
+      byType[r.type] += r.n
+      byStatus[r.status] += r.n
+      total += r.n
+      legacy += r.legacy
+      expiringSoon += r.expiring
+    }
+    return { total, byType, byStatus, legacy, expiringSoon }
+  }
+}

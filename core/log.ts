@@ -1,0 +1,48 @@
+// One JSON object per line: level, time, msg and fields. Anything shaped like a key is replaced
+// before it is written, as a second line of defence behind code that never logs keys.
+export type Level = 'debug' | 'info' | 'warn' | 'error'
+const RANK: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 }
+
+export interface Logger {
+  debug(msg: string, fields?: Record<string, unknown>): void
+  info(msg: string, fields?: Record<string, unknown>): void
+  warn(msg: string, fields?: Record<string, unknown>): void
+  error(msg: string, fields?: Record<string, unknown>): void
+  child(fields: Record<string, unknown>): Logger
+  enabled(level: Level): boolean
+}
+
+// Any prefix of lowercase letters and digits ending in _, then the id and secret shape; and UUIDs.
+const KEYISH = /\b[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}\b|\b[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\b/gi
+
+export function scrub(text: string): string {
+  return text.replace(KEYISH, '[redacted]')
+}
+
+function errorFields(err: Error): Record<string, unknown> {
+  const code = (err as { code?: unknown }).code
+  return { name: err.name, message: err.message, ...(code !== undefined ? { code } : {}) }
+}
+
+export function createLogger(options: { level?: Level; write?: (line: string) => void; fields?: Record<string, unknown> } = {}): Logger {
+  const min = RANK[options.level ?? 'info']
+  const write = options.write ?? ((line: string) => process.stdout.write(line))
+  const base = options.fields ?? {}
+  const emit = (level: Level, msg: string, fields?: Record<string, unknown>) => {
+    if (RANK[level] < min) return
+    const record: Record<string, unknown> = { level, time: new Date().toISOString(), msg, ...base }
+    if (fields) for (const [k, v] of Object.entries(fields)) record[k] = v instanceof Error ? errorFields(v) : v
+    write(scrub(JSON.stringify(record)) + '\n')
+  }
+  return {
+    debug: (m, f) => emit('debug', m, f),
+    info: (m, f) => emit('info', m, f),
+    warn: (m, f) => emit('warn', m, f),
+    error: (m, f) => emit('error', m, f),
+    child: (fields) => createLogger({ ...options, fields: { ...base, ...fields } }),
+    enabled: (level) => RANK[level] >= min,
+  }
+}
+
+/** A logger that drops everything (tests and library use). */
+export const silentLogger: Logger = createLogger({ write: () => {} })

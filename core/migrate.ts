@@ -1,0 +1,85 @@
+// Applies the numbered SQL files of migrations/ in order, each once, recording what it applied.
+// One transaction holds an advisory lock for the whole run, so instances starting together
+// apply each file exactly once; PostgreSQL DDL is transactional, so a failing file leaves
+// nothing half-applied.
+import { readdirSync, readFileSync } from 'node:fs'
+import { fileURLToPath } from 'node:url'
+import { join } from 'node:path'
+import { hash } from 'node:crypto'
+import type { Db, Queryable } from './db.ts'
+import { KeygateError } from './errors.ts'
+
+export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations/', import.meta.url))
+const FILE = /^(\d{4})_[a-z0-9_]+\.sql$/
+const LOCK_ID = 0x6b67_6d67 // "kgmg"
+
+export interface Migration {
+  version: number
+  name: string
+  checksum: string
+  sql: string
+}
+
+export function readMigrations(dir: string = MIGRATIONS_DIR): Migration[] {
+  const files = readdirSync(dir).filter((f) => f.endsWith('.sql')).sort()
+  const out: Migration[] = []
+  for (const name of files) {
+    const m = FILE.exec(name)
+    if (!m) throw new KeygateError('migration_modified', `migration file ${name} is not named NNNN_words.sql`)
+    const version = Number(m[1])
+    if (out.some((x) => x.version === version)) throw new KeygateError('migration_modified', `two migration files are numbered ${m[1]}`)
+    const sql = readFileSync(join(dir, name), 'utf8')
+    out.push({ version, name, sql, checksum: hash('sha256', sql, 'hex') })
+  }
+  return out
+}
+
+async function ensureTable(tx: Queryable): Promise<void> {
+  await tx.exec(`CREATE TABLE IF NOT EXISTS keygate_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+  )`)
+}
+
+async function applied(tx: Queryable): Promise<Array<{ version: number; name: string; checksum: string }>> {
+  return tx.query('SELECT version, name, checksum FROM keygate_migrations ORDER BY version')
+}
+
+function compare(files: Migration[], done: Array<{ version: number; name: string; checksum: string }>): Migration[] {
+  for (const row of done) {
+    const file = files.find((f) => f.version === row.version)
+    if (!file) {
+      throw new KeygateError('migration_modified', `migration ${row.name} is applied but its file is missing: this keygate is older than the database`, { migration: row.name })
+    }
+    if (file.checksum !== row.checksum) {
+      throw new KeygateError('migration_modified', `migration ${row.name} was changed after it was applied; restore it and put the change in a new numbered file`, { migration: row.name })
+    }
+  }
+  const doneVersions = new Set(done.map((r) => r.version))
+  return files.filter((f) => !doneVersions.has(f.version))
+}
+
+/** Applies pending migrations; returns the names applied by this call. */
+export async function migrate(db: Db, dir?: string): Promise<string[]> {
+  const files = readMigrations(dir)
+  return db.transaction(async (tx) => {
+    await tx.query('SELECT pg_advisory_xact_lock($1)', [LOCK_ID])
+    await ensureTable(tx)
+    const pending = compare(files, await applied(tx))
+    for (const m of pending) {
+      await tx.exec(m.sql)
+      await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
+    }
+    return pending.map((m) => m.name)
+  })
+}
+
+/** Names of migrations not yet applied (for /readyz); throws when an applied file was changed. */
+export async function pendingMigrations(db: Db, dir?: string): Promise<string[]> {
+  const files = readMigrations(dir)
+  const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
+  if (!exists[0]?.t) return files.map((f) => f.name)
+  return compare(files, await applied(db)).map((m) => m.name)
+}

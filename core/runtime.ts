@@ -1,0 +1,47 @@
+// Opens what every command needs from the configuration: the store (migrated), the audit log
+// and the key service.
+import type { Config } from '../config/schema.ts'
+import { AuditLog, loadAuditCipher } from './audit.ts'
+import { openDb, type Db } from './db.ts'
+import { KeygateError } from './errors.ts'
+import { KeyService } from './keys/service.ts'
+import type { Logger } from './log.ts'
+import { migrate, pendingMigrations } from './migrate.ts'
+
+export interface Runtime {
+  config: Config
+  db: Db
+  audit: AuditLog
+  keys: KeyService
+  close(): Promise<void>
+}
+
+export function keyServiceOptions(config: Config) {
+  return { prefix: config.keys.prefix, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
+}
+
+export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date } = {}): Promise<Runtime> {
+  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: config.store.pool_max })
+  try {
+    const cipher = loadAuditCipher({
+      encryptionKey: config.audit.encryption_key,
+      previousKeys: config.audit.previous_encryption_keys,
+      storeKind: db.kind,
+      dataDir: config.store.data_dir,
+      log,
+    })
+    if (config.store.auto_migrate || db.kind === 'embedded') {
+      const applied = await migrate(db)
+      if (applied.length > 0) log.info('applied migrations', { migrations: applied })
+    } else {
+      const pending = await pendingMigrations(db)
+      if (pending.length > 0) throw new KeygateError('store_unavailable', `the database lacks migrations ${pending.join(', ')}: run \`keygate migrate\``)
+    }
+    const audit = new AuditLog(cipher)
+    const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
+    return { config, db, audit, keys, close: () => db.close() }
+  } catch (err) {
+    await db.close().catch(() => {})
+    throw err
+  }
+}

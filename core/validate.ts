@@ -1,0 +1,122 @@
+// Turns TypeBox validation into keygate's messages: each problem with its path, the value and
+// what is allowed. Used for the config file, API bodies and CLI input alike.
+import { Kind, type TSchema } from '@sinclair/typebox'
+import { Value } from '@sinclair/typebox/value'
+import { FORMAT_WORDS } from './formats.ts'
+import { KeygateError } from './errors.ts'
+
+/** The words for what a schema node allows. */
+export function describeAllowed(schema: TSchema): string {
+  switch (schema[Kind]) {
+    case 'Integer':
+    case 'Number': {
+      const noun = schema[Kind] === 'Integer' ? 'an integer' : 'a number'
+      if (schema.minimum !== undefined && schema.maximum !== undefined) return `${noun} from ${schema.minimum} to ${schema.maximum}`
+      if (schema.minimum !== undefined) return `${noun} ≥ ${schema.minimum}`
+      return noun
+    }
+    case 'Boolean':
+      return 'true or false'
+    case 'Null':
+      return 'null'
+    case 'String':
+      if (schema.format && FORMAT_WORDS[schema.format]) return FORMAT_WORDS[schema.format] as string
+      if (schema.pattern) return `a string matching ${schema.pattern}`
+      if (schema.minLength && schema.maxLength) return `a string of ${schema.minLength} to ${schema.maxLength} characters`
+      if (schema.minLength) return `a string of at least ${schema.minLength} characters`
+      return 'a string'
+    case 'Literal':
+      return JSON.stringify(schema.const)
+    case 'Union': {
+      const parts = (schema.anyOf as TSchema[]).map((s) => (s[Kind] === 'Literal' ? String(s.const) : describeAllowed(s)))
+      return (schema.anyOf as TSchema[]).every((s) => s[Kind] === 'Literal') ? `one of ${parts.join(', ')}` : parts.join(' or ')
+    }
+    case 'Array': {
+      const item = describeAllowed(schema.items as TSchema).replace(/^(an?|one of) /, '')
+      const bound = schema.maxItems !== undefined ? ` (at most ${schema.maxItems})` : ''
+      return `a list of ${item}${schema.uniqueItems ? ' without repeats' : ''}${bound}`
+    }
+    case 'Object':
+      return schema.properties && Object.keys(schema.properties).length > 0
+        ? `a mapping with the keys ${Object.keys(schema.properties as object).join(', ')}`
+        : 'a JSON object'
+    case 'Record':
+      return 'a JSON object'
+    default:
+      return 'a valid value'
+  }
+}
+
+/** The schema node at a path, following object properties and array items. */
+export function schemaAt(root: TSchema, path: readonly string[]): TSchema | undefined {
+  let s: TSchema | undefined = root
+  for (const p of path) {
+    if (!s) return undefined
+    if (s[Kind] === 'Union') s = (s.anyOf as TSchema[]).find((x) => x[Kind] === 'Object' || x[Kind] === 'Array')
+    if (!s) return undefined
+    if (s[Kind] === 'Object') s = (s.properties as Record<string, TSchema>)[p]
+    else if (s[Kind] === 'Array') s = s.items as TSchema
+    else return undefined
+  }
+  return s
+}
+
+/** `a.b[0].c` from ['a','b','0','c']. */
+export function dotted(path: readonly string[]): string {
+  return path.map((p, i) => (/^\d+$/.test(p) ? `[${p}]` : i === 0 ? p : `.${p}`)).join('')
+}
+
+export interface Problem {
+  path: string[]
+  kind: 'unknown' | 'required' | 'invalid'
+  value: unknown
+  /** What is allowed (for `unknown`: the keys allowed at that level). */
+  allowed: string
+}
+
+/** Every problem of `value` against `schema`, one per path, in document order. */
+export function problems(schema: TSchema, value: unknown): Problem[] {
+  const out: Problem[] = []
+  const seen = new Set<string>()
+  for (const e of Value.Errors(schema, value)) {
+    const path = e.path.split('/').slice(1).map((p) => p.replace(/~1/g, '/').replace(/~0/g, '~'))
+    const key = path.join('/')
+    if (seen.has(key)) continue
+    seen.add(key)
+    const own = schemaAt(schema, path)
+    const parent = schemaAt(schema, path.slice(0, -1))
+    if (own === undefined && parent?.[Kind] === 'Object') {
+      out.push({ path, kind: 'unknown', value: e.value, allowed: Object.keys(parent.properties as object).join(', ') })
+    } else if (e.value === undefined) {
+      out.push({ path, kind: 'required', value: undefined, allowed: describeAllowed(own ?? e.schema) })
+    } else {
+      out.push({ path, kind: 'invalid', value: e.value, allowed: describeAllowed(own ?? e.schema) })
+    }
+  }
+  return out
+}
+
+export function showValue(value: unknown, secret = false): string {
+  if (secret && value !== undefined) return '<hidden>'
+  if (value === undefined) return 'nothing'
+  const s = JSON.stringify(value) ?? String(value)
+  return s.length > 80 ? s.slice(0, 77) + '...' : s
+}
+
+/** One line per problem: `where: <value> is not allowed; expected <allowed>`. */
+export function problemLine(p: Problem, where: string, secret = false): string {
+  if (p.kind === 'unknown') return `${where}: unknown key; allowed here: ${p.allowed}`
+  if (p.kind === 'required') return `${where}: is required; expected ${p.allowed}`
+  return `${where}: ${showValue(p.value, secret)} is not allowed; expected ${p.allowed}`
+}
+
+/**
+ * Checks `value` against `schema` and throws `validation_failed` naming every bad field
+ * (`details.fields`), or returns it typed.
+ */
+export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): T {
+  const found = problems(schema, value)
+  if (found.length === 0) return value as T
+  const fields = found.map((p) => ({ field: dotted(p.path) || what, message: problemLine(p, dotted(p.path) || what).replace(/^[^:]*: /, '') }))
+  throw new KeygateError('validation_failed', fields.map((f) => `${f.field}: ${f.message}`).join('; '), { fields })
+}
