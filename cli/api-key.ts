@@ -1,0 +1,313 @@
+// keygate api-key create|list|get|update|validate|revoke|rotate|stats|import
+import { readFileSync } from 'node:fs'
+import type { ParseArgsOptionsConfig } from 'node:util'
+import { KeygateError } from '../core/errors.ts'
+import type { KeyRecord } from '../core/keys/types.ts'
+import { KEY_TYPES, keyJson } from '../core/keys/types.ts'
+import type { KeyOperations } from './key-operations.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, parseDuration, parseIntFlag, parseList, printJson, table, type Io, type Parsed } from './io.ts'
+
+export interface ApiKeyContext {
+  io: Io
+  json: boolean
+  ops: KeyOperations
+}
+
+interface Sub {
+  usage: string
+  summary: string
+  options: ParseArgsOptionsConfig
+  positionals: { min: number; max: number }
+  /** Checks the command line (usage errors before any store is opened) and returns the action. */
+  prepare(p: Parsed): (ctx: ApiKeyContext) => Promise<number>
+}
+
+const str = (p: Parsed, name: string) => p.values[name] as string | undefined
+
+function parseRateLimit(value: string | undefined): { limit: number; window_s: number } | null | undefined {
+  if (value === undefined) return undefined
+  if (value === 'default') return null
+  const m = /^(\d{1,10})\/(.+)$/.exec(value)
+  if (!m) throw new UsageError(`--rate-limit: ${JSON.stringify(value)} is not allowed; expected requests/window such as 100/1s or 5000/1m, or "default"`)
+  return { limit: Number(m[1]), window_s: parseDuration('rate-limit', m[2] as string) }
+}
+
+function parseMetadata(value: string | undefined): Record<string, unknown> | undefined {
+  if (value === undefined) return undefined
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(value)
+  } catch {
+    throw new UsageError('--metadata: is not JSON; expected a JSON object such as \'{"team":"billing"}\'')
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new UsageError('--metadata: expected a JSON object')
+  return parsed as Record<string, unknown>
+}
+
+function expiry(p: Parsed): string | null | undefined {
+  const inFlag = str(p, 'expires-in')
+  const atFlag = str(p, 'expires-at')
+  if (inFlag !== undefined && atFlag !== undefined) throw new UsageError('--expires-in and --expires-at exclude each other')
+  if (inFlag !== undefined) return inFlag === 'never' ? null : new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000).toISOString()
+  if (atFlag !== undefined) return atFlag === 'never' ? null : atFlag
+  return undefined
+}
+
+const KEY_FIELDS = {
+  name: { type: 'string' },
+  scopes: { type: 'string' },
+  owner: { type: 'string' },
+  metadata: { type: 'string' },
+  cidrs: { type: 'string' },
+  'rate-limit': { type: 'string' },
+  'expires-in': { type: 'string' },
+  'expires-at': { type: 'string' },
+  'rotate-every': { type: 'string' },
+} as const satisfies ParseArgsOptionsConfig
+
+/** The key fields given on the command line, as an API body (only those present). */
+function keyBody(p: Parsed): Record<string, unknown> {
+  const body: Record<string, unknown> = {}
+  const put = (k: string, v: unknown) => {
+    if (v !== undefined) body[k] = v
+  }
+  put('name', str(p, 'name'))
+  put('type', str(p, 'type'))
+  put('scopes', parseList(str(p, 'scopes')))
+  const owner = str(p, 'owner')
+  put('owner', owner === '' ? null : owner)
+  put('metadata', parseMetadata(str(p, 'metadata')))
+  put('allowed_cidrs', parseList(str(p, 'cidrs')))
+  put('rate_limit', parseRateLimit(str(p, 'rate-limit')))
+  put('expires_at', expiry(p))
+  const every = str(p, 'rotate-every')
+  put('rotation_interval_s', every === undefined ? undefined : every === 'never' ? null : parseDuration('rotate-every', every))
+  return body
+}
+
+const date = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, 'Z') : null)
+
+function keyRows(keys: KeyRecord[]): string {
+  return table(
+    ['id', 'name', 'type', 'status', 'scopes', 'owner', 'expires', 'last used'],
+    keys.map((k) => [k.id, k.name, k.type, k.status, k.scopes.join(','), k.owner, date(k.expiresAt ?? (k.status === 'rotating' ? k.graceUntil : null)), date(k.lastUsedAt)]),
+  )
+}
+
+function keyDetail(k: KeyRecord): string {
+  const j = keyJson(k)
+  return Object.entries(j)
+    .map(([name, v]) => `${name.padEnd(20)} ${v === null ? '-' : typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
+    .join('\n') + '\n'
+}
+
+async function readInput(io: Io, source: string): Promise<string> {
+  if (source === '-') return io.readStdin()
+  try {
+    return readFileSync(source, 'utf8')
+  } catch (err) {
+    throw new KeygateError('import_invalid', `${source}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+  }
+}
+
+/** A JSON array, or JSON lines (one object per line). */
+export function parseImport(text: string): unknown[] {
+  const trimmed = text.trim()
+  if (trimmed === '') throw new KeygateError('import_invalid', 'the import file is empty; expected a JSON array or JSON lines of objects')
+  if (trimmed.startsWith('[')) {
+    try {
+      return JSON.parse(trimmed) as unknown[]
+    } catch (err) {
+      throw new KeygateError('import_invalid', `the import file is not valid JSON: ${(err as Error).message}`)
+    }
+  }
+  const rows: unknown[] = []
+  const problems: string[] = []
+  text.split('\n').forEach((line, i) => {
+    if (line.trim() === '') return
+    try {
+      rows.push(JSON.parse(line))
+    } catch {
+      problems.push(`line ${i + 1}: is not a JSON object`)
+    }
+  })
+  if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
+  return rows
+}
+
+export const API_KEY_COMMANDS: Record<string, Sub> = {
+  create: {
+    summary: 'create a key and print it once',
+    usage: 'keygate api-key create --name NAME --type system|user|service|integration|emergency [--scopes a,b] [--owner O] [--metadata JSON] [--cidrs CIDR,...] [--rate-limit N/1s] [--expires-in 30d | --expires-at TIME] [--rotate-every 90d] [--json]',
+    options: { ...KEY_FIELDS, type: { type: 'string' } },
+    positionals: { min: 0, max: 0 },
+    prepare(p) {
+      if (str(p, 'name') === undefined) throw new UsageError('--name is required')
+      if (str(p, 'type') === undefined) throw new UsageError('--type is required (system, user, service, integration or emergency)')
+      const body = keyBody(p)
+      return async (ctx) => {
+        const { key, record } = await ctx.ops.create(body)
+        if (ctx.json) printJson(ctx.io, { ...keyJson(record), key })
+        else ctx.io.out(`Created ${record.type} key ${record.id} (${record.name}). The key is shown once; store it now:\n${key}\n`)
+        return EXIT_OK
+      }
+    },
+  },
+  list: {
+    summary: 'list keys, newest first',
+    usage: 'keygate api-key list [--type T] [--status S] [--owner O] [--scope S] [--name TEXT] [--limit N] [--cursor C | --all] [--json]',
+    options: {
+      type: { type: 'string' },
+      status: { type: 'string' },
+      owner: { type: 'string' },
+      scope: { type: 'string' },
+      name: { type: 'string' },
+      limit: { type: 'string' },
+      cursor: { type: 'string' },
+      all: { type: 'boolean' },
+    },
+    positionals: { min: 0, max: 0 },
+    prepare(p) {
+      const query: Record<string, unknown> = {}
+      for (const f of ['type', 'status', 'owner', 'scope', 'name', 'cursor']) if (str(p, f) !== undefined) query[f] = str(p, f)
+      const limit = parseIntFlag('limit', str(p, 'limit'), 1, 500)
+      if (limit !== undefined) query.limit = limit
+      if (p.values.all && query.cursor !== undefined) throw new UsageError('--all and --cursor exclude each other')
+      return async (ctx) => {
+        const items: KeyRecord[] = []
+        let next: string | null = null
+        do {
+          const page = await ctx.ops.list(next ? { ...query, cursor: next } : query)
+          items.push(...page.items)
+          next = page.nextCursor
+        } while (p.values.all && next)
+        if (ctx.json) printJson(ctx.io, { items: items.map(keyJson), next_cursor: next })
+        else {
+          ctx.io.out(keyRows(items))
+          if (next) ctx.io.out(`more: --cursor ${next}\n`)
+        }
+        return EXIT_OK
+      }
+    },
+  },
+  get: {
+    summary: 'show one key',
+    usage: 'keygate api-key get ID [--json]',
+    options: {},
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      return async (ctx) => {
+        const k = await ctx.ops.get(p.positionals[0] as string)
+        if (ctx.json) printJson(ctx.io, keyJson(k))
+        else ctx.io.out(keyDetail(k))
+        return EXIT_OK
+      }
+    },
+  },
+  update: {
+    summary: 'change fields of a key',
+    usage: 'keygate api-key update ID [--name N] [--scopes a,b] [--owner O] [--metadata JSON] [--cidrs CIDR,...] [--rate-limit N/1s|default] [--expires-in 30d | --expires-at TIME|never] [--rotate-every 90d|never] [--json]',
+    options: KEY_FIELDS,
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      const body = keyBody(p)
+      if (Object.keys(body).length === 0) throw new UsageError('nothing to change: give at least one of --name, --scopes, --owner, --metadata, --cidrs, --rate-limit, --expires-in, --expires-at, --rotate-every')
+      return async (ctx) => {
+        const k = await ctx.ops.update(p.positionals[0] as string, body)
+        if (ctx.json) printJson(ctx.io, keyJson(k))
+        else ctx.io.out(keyDetail(k))
+        return EXIT_OK
+      }
+    },
+  },
+  validate: {
+    summary: 'check a key (exit 0 valid, 1 refused); give - to read it from stdin',
+    usage: 'keygate api-key validate KEY|- [--address IP] [--json]',
+    options: { address: { type: 'string' } },
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      return async (ctx) => {
+        let presented = p.positionals[0] as string
+        if (presented === '-') presented = (await ctx.io.readStdin()).split('\n')[0]?.trim() ?? ''
+        const result = await ctx.ops.validate(presented, str(p, 'address'))
+        if (result.valid) {
+          if (ctx.json) printJson(ctx.io, { valid: true, key: keyJson(result.key) })
+          else ctx.io.out(`valid: ${result.key.id} (${result.key.name}, ${result.key.type}, ${result.key.status})\n`)
+          return EXIT_OK
+        }
+        const why = result.keyId ? `${result.code} (${result.reason}, key ${result.keyId})` : `${result.code} (${result.reason})`
+        ctx.io.err(`keygate: key refused: ${why}\n`)
+        if (ctx.json) printJson(ctx.io, { valid: false, code: result.code, reason: result.reason, key_id: result.keyId ?? null })
+        return EXIT_REFUSED
+      }
+    },
+  },
+  revoke: {
+    summary: 'revoke a key now',
+    usage: 'keygate api-key revoke ID [--reason TEXT] [--json]',
+    options: { reason: { type: 'string' } },
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      return async (ctx) => {
+        const k = await ctx.ops.revoke(p.positionals[0] as string, str(p, 'reason'))
+        if (ctx.json) printJson(ctx.io, keyJson(k))
+        else ctx.io.out(`Revoked ${k.id} (${k.name}).\n`)
+        return EXIT_OK
+      }
+    },
+  },
+  rotate: {
+    summary: "replace a key; the old one stays valid for its type's grace period unless --force",
+    usage: 'keygate api-key rotate ID [--force] [--json]',
+    options: { force: { type: 'boolean' } },
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      return async (ctx) => {
+        const { key, record, previous } = await ctx.ops.rotate(p.positionals[0] as string, p.values.force === true)
+        if (ctx.json) printJson(ctx.io, { ...keyJson(record), key, previous: keyJson(previous) })
+        else {
+          const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(previous.graceUntil)}` : `${previous.id} no longer works`
+          ctx.io.out(`Rotated: new key ${record.id}; ${old}. The new key is shown once; store it now:\n${key}\n`)
+        }
+        return EXIT_OK
+      }
+    },
+  },
+  stats: {
+    summary: 'counts of keys by type and status',
+    usage: 'keygate api-key stats [--json]',
+    options: {},
+    positionals: { min: 0, max: 0 },
+    prepare(p) {
+      return async (ctx) => {
+        const s = await ctx.ops.stats()
+        if (ctx.json) printJson(ctx.io, { total: s.total, by_type: s.byType, by_status: s.byStatus, legacy: s.legacy, expiring_within_7d: s.expiringSoon })
+        else {
+          ctx.io.out(table(['type', 'keys'], Object.entries(s.byType)))
+          ctx.io.out('\n' + table(['status', 'keys'], Object.entries(s.byStatus)))
+          ctx.io.out(`\ntotal ${s.total}, legacy ${s.legacy}, active keys expiring within 7 days ${s.expiringSoon}\n`)
+        }
+        return EXIT_OK
+      }
+    },
+  },
+  import: {
+    summary: 'import legacy keys (SHA-256 hex of UUID v4 strings) from a JSON array or JSON lines file',
+    usage: 'keygate api-key import FILE|- [--type T] [--json]',
+    options: { type: { type: 'string' } },
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      const type = str(p, 'type')
+      if (type !== undefined && !(KEY_TYPES as readonly string[]).includes(type)) {
+        throw new UsageError(`--type: ${JSON.stringify(type)} is not allowed; expected one of ${KEY_TYPES.join(', ')}`)
+      }
+      return async (ctx) => {
+        const rows = parseImport(await readInput(ctx.io, p.positionals[0] as string))
+        const imported = await ctx.ops.importLegacy(rows, type)
+        if (ctx.json) printJson(ctx.io, { imported: imported.length, items: imported.map(keyJson) })
+        else ctx.io.out(`Imported ${imported.length} legacy key${imported.length === 1 ? '' : 's'}.\n` + keyRows(imported))
+        return EXIT_OK
+      }
+    },
+  },
+}

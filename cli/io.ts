@@ -1,0 +1,100 @@
+// What every command shares: parsed flags, output in tables or JSON, and the failure paths
+// (exit 1 for a refused operation, 2 for a usage error, the reason on stderr).
+import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
+import { KeygateError, type ErrorCode } from '../core/errors.ts'
+
+export const EXIT_OK = 0
+export const EXIT_REFUSED = 1
+export const EXIT_USAGE = 2
+
+export interface Io {
+  out(text: string): void
+  err(text: string): void
+  readStdin(): Promise<string>
+  env: Readonly<Record<string, string | undefined>>
+}
+
+export const processIo: Io = {
+  out: (t) => process.stdout.write(t),
+  err: (t) => process.stderr.write(t),
+  readStdin: async () => {
+    const chunks: Buffer[] = []
+    for await (const c of process.stdin) chunks.push(c as Buffer)
+    return Buffer.concat(chunks).toString('utf8')
+  },
+  env: process.env,
+}
+
+export class UsageError extends KeygateError {
+  constructor(message: string) {
+    super('usage_error', message)
+  }
+}
+
+/** Global flags every command takes. */
+export const GLOBAL_OPTIONS = {
+  config: { type: 'string' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+  'data-dir': { type: 'string' },
+  'database-url': { type: 'string' },
+} as const satisfies ParseArgsOptionsConfig
+
+export interface Parsed {
+  values: Record<string, string | boolean | string[] | undefined>
+  positionals: string[]
+}
+
+export function parse(argv: string[], options: ParseArgsOptionsConfig, positionals: { min: number; max: number }, usage: string): Parsed {
+  let parsed: Parsed
+  try {
+    parsed = parseArgs({ args: argv, options: { ...GLOBAL_OPTIONS, ...options }, strict: true, allowPositionals: true }) as Parsed
+  } catch (err) {
+    throw new UsageError(`${(err as Error).message.split('\n')[0]?.replace(/\. To specify a positional.*$/, '')}\nusage: ${usage}`)
+  }
+  if (parsed.values.help) return parsed
+  const n = parsed.positionals.length
+  if (n < positionals.min) throw new UsageError(`missing argument\nusage: ${usage}`)
+  if (n > positionals.max) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.positionals[positionals.max])}\nusage: ${usage}`)
+  return parsed
+}
+
+/** A fixed-width table; `null`/`undefined` cells print as `-`. */
+export function table(headers: string[], rows: Array<Array<string | number | null | undefined>>): string {
+  const cells = rows.map((r) => r.map((c) => (c === null || c === undefined || c === '' ? '-' : String(c))))
+  const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => (r[i] ?? '').length)))
+  const line = (r: string[]) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd()
+  return [line(headers.map((h) => h.toUpperCase())), ...cells.map(line)].join('\n') + '\n'
+}
+
+export function printJson(io: Io, value: unknown): void {
+  io.out(JSON.stringify(value, null, 2) + '\n')
+}
+
+/** Reports a failure: the reason on stderr, and with --json the error object on stdout too. */
+export function fail(io: Io, json: boolean, code: ErrorCode, message: string, details?: Readonly<Record<string, unknown>>): number {
+  io.err(`keygate: ${message}\n`)
+  if (json) printJson(io, { error: { code, message, ...(details ? { details } : {}) } })
+  return code === 'usage_error' ? EXIT_USAGE : EXIT_REFUSED
+}
+
+const UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 }
+
+/** `90d`, `12h`, `30m`, `45s`, `2w` → seconds. */
+export function parseDuration(flag: string, value: string): number {
+  const m = /^(\d{1,9})([smhdw])$/.exec(value.trim())
+  if (!m) throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not a duration; expected a number with s, m, h, d or w, such as 90d`)
+  return Number(m[1]) * (UNITS[m[2] as string] as number)
+}
+
+export function parseList(value: string | undefined): string[] | undefined {
+  return value === undefined ? undefined : value.split(',').map((s) => s.trim()).filter((s) => s !== '')
+}
+
+export function parseIntFlag(flag: string, value: string | undefined, min: number, max: number): number | undefined {
+  if (value === undefined) return undefined
+  if (!/^\d+$/.test(value) || Number(value) < min || Number(value) > max) {
+    throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not allowed; expected an integer from ${min} to ${max}`)
+  }
+  return Number(value)
+}
