@@ -124,8 +124,11 @@ export class AuditLog {
     const id = randomUUID()
     const keyId = entry.keyId ?? null
     const sealed = this.#cipher.seal(id, keyId, entry.action, entry.details ?? {})
+    // created_at is cut to milliseconds, the precision of a JS Date: the `before` cursor of list()
+    // must compare equal to the stored value, or rows sharing a millisecond are skipped.
     await tx.query(
-      'INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)',
+      `INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, date_trunc('milliseconds', now()))`,
       [id, keyId, entry.action, actor.actor, actor.address ?? null, sealed.encKeyId, sealed.nonce, sealed.details],
     )
     return id

@@ -423,6 +423,48 @@ export class KeyService {
     return verdict.ok ? { valid: true, key: found.key } : { valid: false, code: verdict.code, reason: verdict.reason, keyId: found.key.id }
   }
 
+  /**
+   * The first start's admin key: created only when no usable key holds the `admin` scope. The
+   * advisory lock makes instances that start together create one key, not one each. Returns
+   * the plaintext once, or undefined when an admin key already exists.
+   */
+  async ensureAdminKey(actor: Actor): Promise<{ key: string; record: KeyRecord } | undefined> {
+    const now = this.#now()
+    const generated = generateKey(this.#prefix)
+    const record = await this.#db.transaction(async (tx) => {
+      await tx.query('SELECT pg_advisory_xact_lock($1)', [0x6b67_6164 /* "kgad" */])
+      const existing = await tx.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM api_keys WHERE 'admin' = ANY(scopes)
+           AND (status = 'active' OR (status = 'rotating' AND grace_until > $1)) AND (expires_at IS NULL OR expires_at > $1)`,
+        [now],
+      )
+      if ((existing[0]?.n ?? 0) > 0) return undefined
+      const k = await this.#insert(tx, {
+        id: generated.id,
+        keyHash: generated.hash,
+        name: 'bootstrap admin',
+        type: 'system',
+        status: 'active',
+        scopes: ['admin'],
+        owner: null,
+        metadata: { created_by: 'first start' },
+        allowedCidrs: [],
+        rateLimit: null,
+        rotationIntervalS: null,
+        rotatedFrom: null,
+        graceUntil: null,
+        legacy: false,
+        createdAt: now,
+        expiresAt: null,
+      })
+      await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.created', details: { name: k.name, type: k.type, scopes: k.scopes, reason: 'no admin credential configured' } })
+      return k
+    })
+    if (!record) return undefined
+    this.#emit({ action: 'created', key: record })
+    return { key: generated.key, record }
+  }
+
   async stats(withinDays = 7): Promise<{
     total: number
     byType: Record<KeyType, number>
