@@ -3,9 +3,9 @@
 import { readFileSync, existsSync } from 'node:fs'
 import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
-import { parseDocument } from 'yaml'
+import { LineCounter, parseDocument } from 'yaml'
 import { KeygateError } from '../core/errors.ts'
-import { describeAllowed, dotted, problemLine, problems as validationProblems, showValue as show } from '../core/validate.ts'
+import { describeAllowed, dotted, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -84,10 +84,13 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     problems.push(`${file}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
     return {}
   }
-  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false })
+  // Positions come from the line counter: without prettyErrors (whose messages quote the
+  // source, secrets included) the parser leaves linePos unset.
+  const lines = new LineCounter()
+  const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false, lineCounter: lines })
   if (doc.errors.length > 0) {
     for (const e of doc.errors) {
-      const pos = e.linePos?.[0]
+      const pos = e.linePos?.[0] ?? lines.linePos(e.pos[0])
       problems.push(`${file}${pos ? `:${pos.line}:${pos.col}` : ''}: ${e.message.split('\n')[0]}`)
     }
     return {}
@@ -101,10 +104,38 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   return data as Record<string, unknown>
 }
 
+/**
+ * Finds a mapping where the schema wants a list, or a list where it wants a mapping, and
+ * removes it (reporting each): TypeBox's Value.Default would merge it into the default (`[]` or
+ * `{}`), so `routes: {...}` would pass as no routes at all. Items of lists are left to the
+ * validator, which reports them as they are.
+ */
+function misshapen(schema: TSchema, value: unknown, path: string[], found: Problem[], removable = true): boolean {
+  if (value === null || typeof value !== 'object') return false
+  const kind = schema[Kind]
+  const list = Array.isArray(value)
+  if (removable && ((kind === 'Array' && !list) || (kind === 'Object' && list))) {
+    found.push({ path, kind: 'invalid', value, allowed: describeAllowed(schema) })
+    return true
+  }
+  if (kind === 'Array' && list) {
+    value.forEach((item, i) => misshapen(schema.items as TSchema, item, [...path, String(i)], found, false))
+  } else if (kind === 'Object' && !list) {
+    const node = value as Record<string, unknown>
+    for (const [k, s] of Object.entries(schema.properties as Record<string, TSchema>)) {
+      if (misshapen(s, node[k], [...path, k], found)) delete node[k]
+    }
+  }
+  return false
+}
+
 /** Validates a plain object (already merged) against the schema and keygate's own rules. */
 function check(input: Record<string, unknown>, problems: string[], origins: Map<string, string>): Config {
-  const value = Value.Default(ConfigSchema, Value.Clone(input)) as Record<string, unknown>
-  for (const p of validationProblems(ConfigSchema, value)) {
+  const found: Problem[] = []
+  const cleaned = Value.Clone(input)
+  misshapen(ConfigSchema, cleaned, [], found)
+  const value = Value.Default(ConfigSchema, cleaned) as Record<string, unknown>
+  for (const p of [...found, ...validationProblems(ConfigSchema, value)]) {
     const key = dotted(p.path)
     const origin = origins.get(key)
     problems.push(problemLine(p, origin ? `${origin} (${key})` : key, leafAt(p.path)?.secret ?? false))

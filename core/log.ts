@@ -13,7 +13,8 @@ export interface Logger {
 }
 
 // Any prefix of lowercase letters and digits ending in _, then the id and secret shape; and UUIDs.
-const KEYISH = /\b[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}\b|\b[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\b/gi
+// No \b anchors: a key glued to other word characters (`Bearer%20kg_...`, `%3D<uuid>`) must go too.
+const KEYISH = /[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}/gi
 
 export function scrub(text: string): string {
   return text.replace(KEYISH, '[redacted]')

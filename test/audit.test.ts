@@ -1,0 +1,242 @@
+// The audit log: AES-256-GCM sealing of details, tamper detection, encryption key rotation, and
+// where the key comes from.
+import t from 'tap'
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { randomBytes, randomUUID } from 'node:crypto'
+import type { Test } from 'tap'
+import { AuditCipher, AuditLog, encryptionKeyId, loadAuditCipher, type AuditRecord } from '../core/audit.ts'
+import type { Db } from '../core/db.ts'
+import { createLogger } from '../core/log.ts'
+import { forEachStore, rejection, TEST_ENCRYPTION_KEY } from './helpers/stores.ts'
+
+const who = { actor: 'token', address: '2001:db8::7' }
+
+function tempDir(t: Test): string {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-audit-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+async function writeRows(db: Db, log: AuditLog, n: number, keyId: string, action = 'key.updated'): Promise<string[]> {
+  const rowIds: string[] = []
+  for (let i = 0; i < n; i++) rowIds.push(await db.transaction((tx) => log.write(tx, who, { keyId, action, details: { i, note: `row ${i}` } })))
+  return rowIds
+}
+
+t.test('AuditCipher', async (t) => {
+  const cipher = new AuditCipher(TEST_ENCRYPTION_KEY)
+  const details = { name: 'k', nested: { list: [1, 'two', null] }, unicode: 'Grüße ✓' }
+
+  t.test('round trip', async (t) => {
+    const sealed = cipher.seal('row-1', 'KEYID0000001', 'key.created', details)
+    t.equal(sealed.nonce.length, 12, '96-bit nonce')
+    t.equal(sealed.encKeyId, encryptionKeyId(TEST_ENCRYPTION_KEY))
+    t.equal(sealed.encKeyId, cipher.currentKeyId)
+    t.notOk(sealed.details.toString('latin1').includes('Grüße'), 'details are not readable at rest')
+    t.same(cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details), details)
+    const again = cipher.seal('row-1', 'KEYID0000001', 'key.created', details)
+    t.notSame(again.nonce, sealed.nonce, 'a fresh nonce per row')
+    t.notSame(again.details, sealed.details)
+    const noKey = cipher.seal('row-2', null, 'admin.login', {})
+    t.same(cipher.open('row-2', null, 'admin.login', noKey.encKeyId, noKey.nonce, noKey.details), {})
+  })
+
+  t.test('any change fails authentication', async (t) => {
+    const sealed = cipher.seal('row-1', 'KEYID0000001', 'key.created', details)
+    const fails = (what: string, open: () => unknown) => {
+      let code: string | undefined
+      try {
+        open()
+      } catch (err) {
+        code = (err as { code?: string }).code
+      }
+      t.equal(code, 'audit_decrypt_failed', what)
+    }
+    for (let byte = 0; byte < sealed.details.length; byte++) {
+      const body = Buffer.from(sealed.details)
+      body[byte] = (body[byte] as number) ^ 0x01
+      let code: string | undefined
+      try {
+        cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, body)
+      } catch (err) {
+        code = (err as { code?: string }).code
+      }
+      if (code !== 'audit_decrypt_failed') t.fail(`a flipped bit in byte ${byte} of details went unnoticed`)
+    }
+    for (let byte = 0; byte < 12; byte++) {
+      const nonce = Buffer.from(sealed.nonce)
+      nonce[byte] = (nonce[byte] as number) ^ 0x80
+      fails(`nonce byte ${byte} flipped`, () => cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, nonce, sealed.details))
+    }
+    fails('another row id', () => cipher.open('row-2', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('another key id', () => cipher.open('row-1', 'KEYID0000002', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('no key id', () => cipher.open('row-1', null, 'key.created', sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('another action', () => cipher.open('row-1', 'KEYID0000001', 'key.revoked', sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('truncated', () => cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details.subarray(0, 10)))
+    fails('short nonce', () => cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce.subarray(0, 8), sealed.details))
+    fails('unknown encryption key', () => cipher.open('row-1', 'KEYID0000001', 'key.created', '0000000000000000', sealed.nonce, sealed.details))
+  })
+
+  t.test('keys must be 32 bytes', async (t) => {
+    t.throws(() => new AuditCipher(randomBytes(16)), { code: 'config_invalid' })
+    t.throws(() => new AuditCipher(randomBytes(32), [randomBytes(31)]), { code: 'config_invalid' })
+  })
+})
+
+await forEachStore(t, async (t, store) => {
+  const { db } = store
+  const log = new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY))
+
+  t.test('written rows list back decrypted, newest first', async (t) => {
+    const keyId = randomUUID().slice(0, 12)
+    const rowIds = await writeRows(db, log, 3, keyId)
+    const rows = await log.list(db, { keyId })
+    t.equal(rows.length, 3)
+    t.same(new Set(rows.map((r) => r.id)), new Set(rowIds))
+    for (const r of rows) {
+      t.match(r, { keyId, action: 'key.updated', actor: 'token', address: '2001:db8::7' })
+      t.ok(r.createdAt instanceof Date)
+    }
+    t.same(rows.map((r) => r.details.i).sort(), [0, 1, 2])
+    for (let i = 1; i < rows.length; i++) t.ok((rows[i - 1] as AuditRecord).createdAt >= (rows[i] as AuditRecord).createdAt, 'newest first')
+    const stored = await db.query<{ enc_key_id: string; nonce: Uint8Array }>('SELECT enc_key_id, nonce FROM api_key_audit_log WHERE key_id = $1', [keyId])
+    t.ok(stored.every((r) => r.enc_key_id === encryptionKeyId(TEST_ENCRYPTION_KEY) && r.nonce.length === 12), 'each row names its encryption key')
+  })
+
+  t.test('a rolled-back transaction leaves no audit row', async (t) => {
+    const keyId = randomUUID().slice(0, 12)
+    await rejection(
+      db.transaction(async (tx) => {
+        await log.write(tx, who, { keyId, action: 'key.updated' })
+        throw new Error('abort')
+      }),
+    )
+    t.same(await log.list(db, { keyId }), [])
+  })
+
+  t.test('list pages with the before cursor: every row once', async (t) => {
+    const keyId = randomUUID().slice(0, 12)
+    // Rows written in one transaction share created_at (now() is the transaction's start).
+    await db.transaction(async (tx) => {
+      for (let i = 0; i < 7; i++) await log.write(tx, who, { keyId, action: 'key.updated', details: { i } })
+    })
+    await writeRows(db, log, 4, keyId)
+    const all = await log.list(db, { keyId })
+    t.equal(all.length, 11)
+    const seen: string[] = []
+    let before: { createdAt: Date; id: string } | undefined
+    for (let page = 0; page < 20; page++) {
+      const rows: AuditRecord[] = await log.list(db, { keyId, limit: 3, ...(before ? { before } : {}) })
+      seen.push(...rows.map((r) => r.id))
+      const last = rows[rows.length - 1]
+      if (!last || rows.length < 3) break
+      before = { createdAt: last.createdAt, id: last.id }
+    }
+    t.same(seen, all.map((r) => r.id), 'the pages together are the whole list, in order')
+  })
+
+  t.test('a flipped bit in stored details or nonce fails with audit_decrypt_failed', async (t) => {
+    for (const column of ['details', 'nonce']) {
+      const keyId = randomUUID().slice(0, 12)
+      const [rowId] = await writeRows(db, log, 1, keyId)
+      t.equal((await log.list(db, { keyId })).length, 1)
+      await db.query(`UPDATE api_key_audit_log SET ${column} = set_byte(${column}, 3, get_byte(${column}, 3) # 4) WHERE id = $1`, [rowId])
+      const err = await rejection(log.list(db, { keyId }))
+      t.equal(err.code, 'audit_decrypt_failed', column)
+      t.match(err.message, rowId as string, 'the message names the row')
+    }
+  })
+
+  t.test("a row's details copied onto another row fail to open", async (t) => {
+    const keyId = randomUUID().slice(0, 12)
+    const [a, b] = await writeRows(db, log, 2, keyId)
+    await db.query(
+      `UPDATE api_key_audit_log SET nonce = src.nonce, details = src.details FROM api_key_audit_log src WHERE api_key_audit_log.id = $1 AND src.id = $2`,
+      [b, a],
+    )
+    const err = await rejection(log.list(db, { keyId }))
+    t.equal(err.code, 'audit_decrypt_failed')
+    t.match(err.message, b as string)
+
+    const other = randomUUID().slice(0, 12)
+    const [c] = await writeRows(db, log, 1, other)
+    await db.query('UPDATE api_key_audit_log SET action = $2 WHERE id = $1', [c, 'key.revoked'])
+    t.equal((await rejection(log.list(db, { keyId: other }))).code, 'audit_decrypt_failed', 'a changed action is noticed')
+  })
+
+  t.test('encryption key rotation: old rows open when the old key is passed as previous', async (t) => {
+    const oldKey = randomBytes(32)
+    const newKey = randomBytes(32)
+    const keyId = randomUUID().slice(0, 12)
+    await writeRows(db, new AuditLog(new AuditCipher(oldKey)), 2, keyId, 'key.created')
+    const rotated = new AuditLog(new AuditCipher(newKey, [oldKey]))
+    await writeRows(db, rotated, 2, keyId, 'key.updated')
+    const rows = await rotated.list(db, { keyId })
+    t.equal(rows.length, 4)
+    t.same(rows.map((r) => r.action).sort(), ['key.created', 'key.created', 'key.updated', 'key.updated'])
+    const sealedWith = await db.query<{ action: string; enc_key_id: string }>('SELECT action, enc_key_id FROM api_key_audit_log WHERE key_id = $1', [keyId])
+    for (const r of sealedWith) {
+      t.equal(r.enc_key_id, encryptionKeyId(r.action === 'key.created' ? oldKey : newKey), 'new rows are sealed with the new key')
+    }
+
+    const forgetful = new AuditLog(new AuditCipher(newKey))
+    const err = await rejection(forgetful.list(db, { keyId }))
+    t.equal(err.code, 'audit_decrypt_failed')
+    t.match(err.message, encryptionKeyId(oldKey), 'names the missing encryption key')
+    t.match(err.message, 'KEYGATE_PREVIOUS_ENCRYPTION_KEYS', 'says where to add it')
+    t.equal((await rejection(new AuditLog(new AuditCipher(oldKey)).list(db, { keyId }))).code, 'audit_decrypt_failed', 'the old key alone cannot read new rows')
+  })
+})
+
+t.test('loadAuditCipher', async (t) => {
+  const configured = randomBytes(32)
+
+  t.test('uses KEYGATE_ENCRYPTION_KEY and the previous keys', async (t) => {
+    const old = randomBytes(32)
+    const c = loadAuditCipher({ encryptionKey: configured.toString('base64'), previousKeys: [old.toString('base64')], storeKind: 'postgres' })
+    t.equal(c.currentKeyId, encryptionKeyId(configured))
+    const sealed = new AuditCipher(old).seal('r', null, 'a', { x: 1 })
+    t.same(c.open('r', null, 'a', sealed.encKeyId, sealed.nonce, sealed.details), { x: 1 })
+    t.throws(() => loadAuditCipher({ encryptionKey: randomBytes(16).toString('base64'), storeKind: 'postgres' }), { code: 'config_invalid' })
+  })
+
+  t.test('PostgreSQL without a key is refused', async (t) => {
+    const dir = tempDir(t)
+    t.throws(() => loadAuditCipher({ storeKind: 'postgres', dataDir: dir }), { code: 'encryption_key_missing', message: /KEYGATE_ENCRYPTION_KEY.*openssl rand -base64 32/ })
+    t.throws(() => loadAuditCipher({ storeKind: 'postgres', encryptionKey: '', dataDir: dir }), { code: 'encryption_key_missing' })
+    t.same(readdirSync(dir), [], 'no key file is generated for PostgreSQL')
+  })
+
+  t.test('the embedded store generates a key file once, with a warning, and reuses it', async (t) => {
+    const dir = tempDir(t)
+    const lines: string[] = []
+    const log = createLogger({ level: 'debug', write: (l) => lines.push(l) })
+    const first = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, log })
+    const file = join(dir, 'encryption.key')
+    t.equal(statSync(file).mode & 0o777, 0o600, 'the key file is mode 0600')
+    const key = Buffer.from(readFileSync(file, 'utf8').trim(), 'base64')
+    t.equal(key.length, 32)
+    t.equal(first.currentKeyId, encryptionKeyId(key))
+    t.equal(lines.length, 1)
+    const warning = JSON.parse(lines[0] as string) as Record<string, unknown>
+    t.match(warning, { level: 'warn', msg: /generated an audit encryption key/, file })
+    t.notOk((lines[0] as string).includes(key.toString('base64')), 'the key itself is not logged')
+
+    const second = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, log })
+    t.equal(second.currentKeyId, first.currentKeyId, 'the same key next time')
+    t.equal(lines.length, 1, 'no second warning')
+    const sealed = first.seal('r', 'k', 'a', { same: true })
+    t.same(second.open('r', 'k', 'a', sealed.encKeyId, sealed.nonce, sealed.details), { same: true })
+
+    const explicit = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, encryptionKey: configured.toString('base64') })
+    t.equal(explicit.currentKeyId, encryptionKeyId(configured), 'a configured key wins over the file')
+  })
+
+  t.test('a damaged key file is refused', async (t) => {
+    const dir = tempDir(t)
+    writeFileSync(join(dir, 'encryption.key'), 'c2hvcnQ=\n', { mode: 0o600 })
+    t.throws(() => loadAuditCipher({ storeKind: 'embedded', dataDir: dir }), { code: 'config_invalid', message: /encryption\.key/ })
+  })
+})

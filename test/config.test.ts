@@ -1,0 +1,406 @@
+// loadConfig: defaults, sources and their precedence, strictness, one specific message per
+// problem (all of them at once, secrets hidden), and the generated configuration docs.
+import t from 'tap'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Kind, type TSchema } from '@sinclair/typebox'
+import { Value } from '@sinclair/typebox/value'
+import { stringify } from 'yaml'
+import type { Test } from 'tap'
+import { ENV_NAMES, FLAG_NAMES, loadConfig, renderConfigDocs, schemaLeaves, type LoadOptions } from '../config/load.ts'
+import { ConfigSchema, type Config } from '../config/schema.ts'
+import { describeAllowed, dotted, showValue } from '../core/validate.ts'
+
+const LEAVES = schemaLeaves()
+const VALID_KEY = Buffer.alloc(32, 1).toString('base64')
+
+function tempDir(t: Test): string {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-config-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+function yamlFile(t: Test, content: unknown, name = 'keygate.yaml'): string {
+  const file = join(tempDir(t), name)
+  writeFileSync(file, typeof content === 'string' ? content : stringify(content))
+  return file
+}
+
+/** A document with `value` at `path`; a path step '0' is the first item of a list. */
+function build(path: readonly string[], value: unknown): unknown {
+  const [head, ...rest] = path
+  if (head === undefined) return value
+  return head === '0' ? [build(rest, value)] : { [head]: build(rest, value) }
+}
+
+/** The problems loadConfig reports, or [] when it accepts. */
+function problemsOf(options: LoadOptions): { problems: string[]; message: string; details: string } {
+  try {
+    loadConfig(options)
+    return { problems: [], message: '', details: '' }
+  } catch (err) {
+    const e = err as { code?: string; message: string; details?: { problems?: string[] } }
+    if (e.code !== 'config_invalid') throw err
+    return { problems: e.details?.problems ?? [], message: e.message, details: JSON.stringify(e.details) }
+  }
+}
+
+const noFile = { env: {}, onlyFile: true } satisfies LoadOptions
+
+t.test('defaults', async (t) => {
+  const c = loadConfig(noFile)
+  t.equal(c.gateway.listen, '0.0.0.0:8080')
+  t.equal(c.admin.listen, '127.0.0.1:8081')
+  t.equal(c.cache.ttl_s, 300, 'CACHE_TTL_SECONDS=300')
+  t.equal(c.cache.max_capacity, 10_000, 'CACHE_MAX_CAPACITY=10000')
+  t.equal(c.lockout.max_attempts, 5, 'RATE_LIMIT_MAX_ATTEMPTS=5')
+  t.equal(c.lockout.window_s, 900, 'RATE_LIMIT_WINDOW_SECONDS=900')
+  t.same(c.gateway.key_sources, ['authorization', 'x-api-key'])
+  t.same(c.gateway.trusted_proxies, [])
+  t.same(c.keys.grace_hours, { system: 72, user: 24, service: 48, integration: 24, emergency: 0 }, 'SPEC §2 grace periods')
+  t.equal(c.keys.prefix, 'kg_')
+  t.same(c.rate_limits.per_address, { limit: 1000, window_s: 1 })
+  t.same(c.rate_limits.per_key.default, { limit: 100, window_s: 1 })
+  t.same(c.rate_limits.per_key.service, { limit: 1000, window_s: 1 })
+  t.equal(c.redis.anomaly_channel, 'keygate:anomaly:alerts')
+  t.equal(c.store.database_url, undefined, 'embedded store unless DATABASE_URL')
+  t.equal(c.store.data_dir, './.keygate')
+  t.equal(c.log.level, 'info')
+  t.same(c.routes, [])
+  t.ok(Value.Check(ConfigSchema, c), 'the defaults satisfy the schema')
+  t.same(loadConfig({ file: yamlFile(t, ''), env: {} }), c, 'an empty file means defaults')
+})
+
+t.test('the carried-over environment names', async (t) => {
+  const c = loadConfig({ env: { CACHE_TTL_SECONDS: '60', CACHE_MAX_CAPACITY: '500', RATE_LIMIT_MAX_ATTEMPTS: '3', RATE_LIMIT_WINDOW_SECONDS: '120' } })
+  t.match(c, { cache: { ttl_s: 60, max_capacity: 500 }, lockout: { max_attempts: 3, window_s: 120 } })
+})
+
+t.test('precedence: file, then environment, then flags', async (t) => {
+  const file = yamlFile(t, { gateway: { listen: '0.0.0.0:1111' }, admin: { listen: '127.0.0.1:1112' }, cache: { ttl_s: 11 }, log: { level: 'warn' } })
+  const env = { KEYGATE_LISTEN: '0.0.0.0:2221', CACHE_TTL_SECONDS: '22' }
+  const flags = { listen: '0.0.0.0:3331' }
+  t.match(loadConfig({ file, env: {} }), { gateway: { listen: '0.0.0.0:1111' }, admin: { listen: '127.0.0.1:1112' }, cache: { ttl_s: 11 }, log: { level: 'warn' } })
+  t.match(loadConfig({ file, env }), { gateway: { listen: '0.0.0.0:2221' }, admin: { listen: '127.0.0.1:1112' }, cache: { ttl_s: 22 } }, 'env over file')
+  t.match(loadConfig({ file, env, flags }), { gateway: { listen: '0.0.0.0:3331' }, cache: { ttl_s: 22 } }, 'flags over env')
+  t.match(loadConfig({ file, env: { KEYGATE_LISTEN: '' }, flags: { listen: undefined } }), { gateway: { listen: '0.0.0.0:1111' } }, 'empty values do not override')
+  t.match(loadConfig({ file, env, onlyFile: true }), { gateway: { listen: '0.0.0.0:1111' }, cache: { ttl_s: 11 } }, 'onlyFile ignores the environment')
+
+  const other = yamlFile(t, { cache: { ttl_s: 33 } })
+  t.equal(loadConfig({ env: { KEYGATE_CONFIG: other } }).cache.ttl_s, 33, 'KEYGATE_CONFIG names the file')
+  t.equal(loadConfig({ file, env: { KEYGATE_CONFIG: other } }).cache.ttl_s, 11, 'an explicit file wins over KEYGATE_CONFIG')
+  t.equal(loadConfig({ env: { KEYGATE_CONFIG: other }, onlyFile: true }).cache.ttl_s, 300, 'onlyFile ignores KEYGATE_CONFIG')
+
+  const cwd = process.cwd()
+  const dir = tempDir(t)
+  writeFileSync(join(dir, 'keygate.yaml'), 'cache: { ttl_s: 44 }\n')
+  process.chdir(dir)
+  t.teardown(() => process.chdir(cwd))
+  t.equal(loadConfig({ env: {} }).cache.ttl_s, 44, './keygate.yaml when present')
+  t.equal(loadConfig({ env: { KEYGATE_CONFIG: other } }).cache.ttl_s, 33, 'KEYGATE_CONFIG before ./keygate.yaml')
+})
+
+t.test('every flag sets its leaf', async (t) => {
+  const values: Record<string, string> = {
+    listen: '0.0.0.0:9000',
+    'admin-listen': '127.0.0.1:9001',
+    'admin-url': 'http://127.0.0.1:9001',
+    upstream: 'http://127.0.0.1:3000',
+    'database-url': 'postgres://u@db/keygate',
+    'data-dir': '/var/lib/keygate',
+  }
+  t.same([...FLAG_NAMES].sort(), Object.keys(values).sort(), 'the flags tested are the flags declared')
+  const c = loadConfig({ env: {}, flags: values })
+  for (const leaf of LEAVES.filter((l) => l.flag)) {
+    t.equal(leaf.path.reduce<unknown>((node, k) => (node as Record<string, unknown>)[k], c), values[leaf.flag as string], `--${leaf.flag}`)
+  }
+})
+
+t.test('the result is deep-frozen', async (t) => {
+  const c = loadConfig({ env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000', KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8' } })
+  const unfrozen: string[] = []
+  const walk = (v: unknown, path: string) => {
+    if (v === null || typeof v !== 'object') return
+    if (!Object.isFrozen(v)) unfrozen.push(path)
+    for (const [k, x] of Object.entries(v)) walk(x, `${path}.${k}`)
+  }
+  walk(c, 'config')
+  t.same(unfrozen, [])
+  t.throws(() => {
+    ;(c.gateway as { listen: string }).listen = 'x'
+  }, TypeError)
+  t.throws(() => (c.routes as Config['routes']).push(c.routes[0] as Config['routes'][number]), TypeError)
+  t.throws(() => {
+    ;(c.gateway.trusted_proxies as string[])[0] = '0.0.0.0/0'
+  }, TypeError)
+})
+
+/** Every object in the schema, with a path to put an unknown key in. */
+function objectPaths(schema: TSchema, path: string[] = []): string[][] {
+  if (schema[Kind] === 'Object') {
+    return [path, ...Object.entries(schema.properties as Record<string, TSchema>).flatMap(([k, s]) => objectPaths(s, [...path, k]))]
+  }
+  if (schema[Kind] === 'Array' && (schema.items as TSchema)[Kind] === 'Object') return objectPaths(schema.items as TSchema, [...path, '0'])
+  return []
+}
+
+t.test('unknown keys are errors at every level', async (t) => {
+  const paths = objectPaths(ConfigSchema)
+  t.ok(paths.length >= 20, `${paths.length} objects`)
+  for (const path of paths) {
+    const doc = build([...path, 'colour'], 'red')
+    const where = dotted([...path, 'colour'])
+    const { problems } = problemsOf({ file: yamlFile(t, doc), env: {} })
+    const line = problems.find((p) => p.startsWith(`${where}:`))
+    t.ok(line, `${where} is refused`)
+    t.match(line, /unknown key; allowed here: \w/, `${where}: names the keys allowed`)
+  }
+})
+
+t.test('a list where a mapping belongs, or a mapping where a list belongs, is refused', async (t) => {
+  // Regression: defaults were merged into such values, so `routes: {api: ...}` loaded as no routes.
+  for (const path of objectPaths(ConfigSchema).filter((p) => p.length > 0 && !p.includes('0'))) {
+    for (const value of [[], ['x'], [{ a: 1 }]]) {
+      const where = dotted(path)
+      const { problems } = problemsOf({ file: yamlFile(t, build(path, value)), env: {} })
+      t.same(problems, [`${where}: ${JSON.stringify(value)} is not allowed; expected a mapping with the keys ${Object.keys((schemaAtPath(path) as TSchema).properties as object).join(', ')}`], `${where} = ${JSON.stringify(value)}`)
+    }
+  }
+  t.same(problemsOf({ file: yamlFile(t, 'routes:\n  api: { path: /api, upstream: "http://127.0.0.1:1" }\n'), env: {} }).problems, [
+    'routes: {"api":{"path":"/api","upstream":"http://127.0.0.1:1"}} is not allowed; expected a list of mapping with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix',
+  ])
+  t.same(problemsOf({ file: yamlFile(t, { routes: [{ name: 'a', path: '/', upstream: 'http://127.0.0.1:1', scopes: { admin: true } }] }), env: {} }).problems, [
+    'routes[0].scopes: {"admin":true} is not allowed; expected a list of string of at least 1 characters',
+  ])
+  t.same(problemsOf({ file: yamlFile(t, { routes: [['a']] }), env: {} }).problems, [
+    'routes[0]: ["a"] is not allowed; expected a mapping with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix',
+  ])
+})
+
+function schemaAtPath(path: readonly string[]): TSchema | undefined {
+  return path.reduce<TSchema | undefined>((s, k) => (s ? ((s.properties as Record<string, TSchema> | undefined)?.[k] ?? undefined) : undefined), ConfigSchema)
+}
+
+/** Wrong-typed values for a leaf, by what it is; for strings with a format, also a malformed string. */
+function wrongValues(schema: TSchema): unknown[] {
+  switch (schema[Kind]) {
+    case 'Integer':
+      return ['many', 1.5, (schema.maximum as number) + 1, (schema.minimum as number) - 1]
+    case 'Boolean':
+      return ['maybe', 1]
+    case 'String':
+      return [12345, ...(schema.format || schema.pattern ? ['not valid!'] : []), ...(schema.minLength ? [''] : [])]
+    case 'Array':
+      return ['not-a-list', { a: 1 }]
+    case 'Union':
+      return ['verbose', 3]
+    default:
+      throw new Error(`no wrong values for a ${String(schema[Kind])} leaf`)
+  }
+}
+
+t.test('every leaf: a wrong value in the file names the path, the value and what is allowed', async (t) => {
+  let checked = 0
+  for (const leaf of LEAVES) {
+    const key = dotted(leaf.path)
+    const allowed = describeAllowed(leaf.schema)
+    t.not(allowed, 'a valid value', `${key}: what is allowed is described`)
+    for (const value of wrongValues(leaf.schema)) {
+      const { problems } = problemsOf({ file: yamlFile(t, build(leaf.path, value)), env: {} })
+      const line = problems.find((p) => p.startsWith(`${key}: `))
+      if (!line) {
+        t.fail(`${key} = ${JSON.stringify(value)} was not refused`, { problems })
+        continue
+      }
+      t.ok(line.includes(`expected ${allowed}`), `${key} = ${JSON.stringify(value)}: says what is allowed`, { line })
+      if (leaf.secret) {
+        t.ok(line.includes('<hidden>'), `${key}: the value is hidden`, { line })
+        if (typeof value === 'string' && value.length > 3) t.notOk(line.includes(value), `${key}: secret not shown`)
+      } else {
+        t.ok(line.includes(`${showValue(value)} is not allowed`), `${key} = ${JSON.stringify(value)}: names the value`, { line })
+      }
+      checked++
+    }
+  }
+  t.ok(checked > 150, `${checked} wrong values checked`)
+  // A few messages spelled out, so the words themselves are checked too.
+  const spelled = (doc: unknown) => problemsOf({ file: yamlFile(t, doc), env: {} }).problems
+  t.same(spelled({ cache: { ttl_s: 'soon' } }), ['cache.ttl_s: "soon" is not allowed; expected an integer from 1 to 86400'])
+  t.same(spelled({ gateway: { listen: 'localhost' } }), ['gateway.listen: "localhost" is not allowed; expected host:port, such as 0.0.0.0:8080 or [::1]:8080'])
+  t.same(spelled({ log: { level: 'verbose' } }), ['log.level: "verbose" is not allowed; expected one of debug, info, warn, error'])
+  t.same(spelled({ keys: { accept_legacy: 'yes' } }), ['keys.accept_legacy: "yes" is not allowed; expected true or false'])
+  t.same(spelled({ deny_list: ['192.0.2.0/24', '300.1.1.1'] }), ['deny_list[1]: "300.1.1.1" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'])
+  t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL'])
+  t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
+})
+
+/** Leaves set from the environment that accept any non-empty string, so no env value is wrong. */
+const ANY_STRING_ENV = ['GITEA_PASSWORD', 'GITEA_USERNAME', 'KEYGATE_DATA_DIR', 'N8N_PASSWORD']
+
+t.test('every environment variable: a bad value names the variable, the value and what is allowed', async (t) => {
+  const file = yamlFile(t, '')
+  const candidates = ['not valid ☃', 'ab', '-5', '99999999999']
+  const noBadValue: string[] = []
+  for (const leaf of LEAVES.filter((l) => l.env)) {
+    const name = leaf.env as string
+    const key = dotted(leaf.path)
+    const bad = candidates.map((value) => ({ value, ...problemsOf({ file, env: { [name]: value } }) })).find((r) => r.problems.length > 0)
+    if (!bad) {
+      noBadValue.push(name)
+      continue
+    }
+    t.equal(bad.problems.length, 1, `${name}: one problem`, { problems: bad.problems })
+    const line = bad.problems[0] as string
+    t.match(line, new RegExp(`^${name} \\(${key.replace(/[.[\]]/g, '\\$&')}(\\[\\d+\\])?\\): `), `${name}: names the variable and the key`, { line })
+    t.match(line, /is not allowed; expected \S/, `${name}: says what is allowed`, { line })
+    if (leaf.secret) {
+      t.ok(line.includes('<hidden>') && !line.includes(bad.value), `${name}: the value is hidden`, { line })
+    } else {
+      t.ok(line.includes(JSON.stringify(bad.value)) || line.includes(JSON.stringify(bad.value.split(',')[0])), `${name}: names the value`, { line })
+    }
+  }
+  t.same(noBadValue.sort(), ANY_STRING_ENV, 'only plain-text leaves accept every value')
+  t.same(
+    problemsOf({ file, env: { CACHE_TTL_SECONDS: '5m' } }).problems,
+    ['CACHE_TTL_SECONDS (cache.ttl_s): "5m" is not allowed; expected an integer from 1 to 86400'],
+  )
+  t.same(problemsOf({ file, env: { KEYGATE_ACCESS_LOG: 'sometimes' } }).problems, ['KEYGATE_ACCESS_LOG (log.access_log): "sometimes" is not allowed; expected true or false'])
+  t.same(problemsOf({ file, env: { LOG_LEVEL: 'trace' } }).problems, ['LOG_LEVEL (log.level): "trace" is not allowed; expected one of debug, info, warn, error'])
+  t.same(problemsOf({ file, env: {}, flags: { listen: '8080' } }).problems, ['--listen (gateway.listen): "8080" is not allowed; expected host:port, such as 0.0.0.0:8080 or [::1]:8080'])
+  for (const [raw, value] of [['true', true], ['1', true], ['yes', true], ['ON', true], ['false', false], ['0', false], ['no', false], ['off', false]] as const) {
+    t.equal(loadConfig({ env: { KEYGATE_ACCESS_LOG: raw } }).log.access_log, value, `KEYGATE_ACCESS_LOG=${raw}`)
+  }
+})
+
+t.test('every problem is reported at once', async (t) => {
+  const file = yamlFile(t, { gateway: { listen: 'nowhere', colour: 'red' }, cache: { ttl_s: 0 }, routes: [{ name: 'Bad Name', path: 'api', upstream: 'http://x' }] })
+  const { problems, message } = problemsOf({ file, env: { RATE_LIMIT_MAX_ATTEMPTS: 'lots', LOG_LEVEL: 'loud' }, flags: { 'admin-listen': 'x' } })
+  const keys = problems.map((p) => p.split(': ')[0]).sort()
+  t.same(keys, [
+    '--admin-listen (admin.listen)',
+    'LOG_LEVEL (log.level)',
+    'RATE_LIMIT_MAX_ATTEMPTS (lockout.max_attempts)',
+    'cache.ttl_s',
+    'gateway.colour',
+    'gateway.listen',
+    'routes[0].name',
+    'routes[0].path',
+  ])
+  t.match(message, /^invalid configuration:\n {2}/)
+  for (const p of problems) t.ok(message.includes(`\n  ${p}`), 'one line per problem in the message')
+})
+
+t.test('secret values never appear in messages', async (t) => {
+  const secrets = {
+    KEYGATE_ADMIN_TOKEN: 'tok-hunter2',
+    DATABASE_URL: 'mysql://keygate:hunter2pass@db.internal/keygate',
+    REDIS_URL: 'memcache://:redispass77@cache',
+    KEYGATE_ENCRYPTION_KEY: 'c2VjcmV0LWtleS1ub3QtMzItYnl0ZXM=',
+    KEYGATE_PREVIOUS_ENCRYPTION_KEYS: `${VALID_KEY},prevsecret999`,
+  }
+  const { problems, message, details } = problemsOf({ env: secrets })
+  t.equal(problems.length, 5, 'each bad secret is reported', { problems })
+  for (const value of [...Object.values(secrets), 'hunter2', 'redispass77', 'prevsecret999', VALID_KEY]) {
+    t.notOk(message.includes(value), `message hides ${value.slice(0, 6)}…`)
+    t.notOk(details.includes(value), `details hide ${value.slice(0, 6)}…`)
+  }
+  t.ok(problems.every((p) => p.includes('<hidden>')))
+
+  const inFile = problemsOf({
+    file: yamlFile(t, { admin: { token: 'short-hunter2' }, store: { database_url: 'mysql://u:filepass1@h/db' }, audit: { previous_encryption_keys: ['filesecret2'] }, integrations: { gitea: { password: 5150 } } }),
+    env: {},
+  })
+  t.equal(inFile.problems.length, 4)
+  for (const value of ['short-hunter2', 'filepass1', 'filesecret2', '5150']) t.notOk(inFile.message.includes(value), `file value ${value} hidden`)
+
+  // Valid secrets alongside another problem are not echoed either.
+  const valid = problemsOf({
+    env: { KEYGATE_ADMIN_TOKEN: 'a-valid-admin-token-1234', DATABASE_URL: 'postgres://u:validpass9@db/k', KEYGATE_ENCRYPTION_KEY: VALID_KEY, CACHE_TTL_SECONDS: 'x' },
+  })
+  t.equal(valid.problems.length, 1)
+  for (const value of ['a-valid-admin-token-1234', 'validpass9', VALID_KEY]) t.notOk(valid.message.includes(value) || valid.details.includes(value))
+
+  // A YAML syntax error on a line holding a secret does not quote the line.
+  const broken = problemsOf({ file: yamlFile(t, 'admin:\n  token: "syntaxsecret42\nstore: [\n'), env: {} })
+  t.ok(broken.problems.length > 0)
+  t.notOk(broken.message.includes('syntaxsecret42'))
+})
+
+t.test('YAML syntax errors and duplicate keys report file:line', async (t) => {
+  const dup = yamlFile(t, 'gateway:\n  listen: "0.0.0.0:1"\n  listen: "0.0.0.0:2"\n', 'dup.yaml')
+  t.same(problemsOf({ file: dup, env: {} }).problems, [`${dup}:3:3: Map keys must be unique`])
+  const bad = yamlFile(t, 'cache:\n  ttl_s: 5\n  max_capacity: a: b\n', 'bad.yaml')
+  t.same(problemsOf({ file: bad, env: {} }).problems, [`${bad}:3:17: Nested mappings are not allowed in compact mappings`])
+  const worse = yamlFile(t, 'cache:\n  ttl_s: 5\n   max_capacity: [1, 2\nlog: "x\n', 'worse.yaml')
+  const problems = problemsOf({ file: worse, env: {} }).problems
+  t.ok(problems.length > 1, 'every syntax error is reported')
+  for (const p of problems) t.match(p, new RegExp(`^${worse.replace(/[.]/g, '\\.')}:\\d+:\\d+: \\S`), 'file:line:column: message')
+
+  t.same(problemsOf({ file: yamlFile(t, '- a\n- b\n'), env: {} }).problems.map((p) => p.replace(/^.*: /, '')), ['the top level must be a mapping of keys, not a list'])
+  t.match(problemsOf({ file: '/nonexistent/keygate.yaml', env: {} }).problems, ['/nonexistent/keygate.yaml: cannot be read (ENOENT)'])
+})
+
+t.test('KEYGATE_UPSTREAM creates a route for /', async (t) => {
+  const c = loadConfig({ env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } })
+  t.same(c.routes, [{ name: 'default', path: '/', upstream: 'http://127.0.0.1:3000', timeout_ms: 30_000, scopes: [], strip_prefix: false }])
+
+  const file = yamlFile(t, { routes: [{ name: 'api', path: '/api', upstream: 'http://127.0.0.1:4000' }] })
+  const both = loadConfig({ file, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } })
+  t.same(both.routes.map((r) => [r.name, r.path]), [['api', '/api'], ['default', '/']], 'added beside the configured routes')
+  t.same(loadConfig({ file, env: {}, flags: { upstream: 'https://up.example' } }).routes[1]?.upstream, 'https://up.example', 'also as --upstream')
+
+  const rootTaken = yamlFile(t, { routes: [{ name: 'root', path: '/', upstream: 'http://127.0.0.1:4000' }] })
+  t.match(problemsOf({ file: rootTaken, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^upstream: .*no route for \/ in routes/])
+  const nameTaken = yamlFile(t, { routes: [{ name: 'default', path: '/x', upstream: 'http://127.0.0.1:4000' }] })
+  t.match(problemsOf({ file: nameTaken, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^upstream: .*no route named "default"/])
+  t.match(problemsOf({ env: { KEYGATE_UPSTREAM: 'localhost:3000' } }).problems, [/^KEYGATE_UPSTREAM \(upstream\): "localhost:3000" is not allowed; expected an http/])
+})
+
+t.test('route names must be unique', async (t) => {
+  const file = yamlFile(t, {
+    routes: [
+      { name: 'api', path: '/a', upstream: 'http://127.0.0.1:1' },
+      { name: 'web', path: '/w', upstream: 'http://127.0.0.1:2' },
+      { name: 'api', path: '/b', upstream: 'http://127.0.0.1:3' },
+    ],
+  })
+  t.same(problemsOf({ file, env: {} }).problems, ['routes[2].name: "api" is not allowed; expected a name no other route uses'])
+  const ok = loadConfig({ file: yamlFile(t, { routes: [{ name: 'api', path: '/a', upstream: 'http://127.0.0.1:1' }] }), env: {} })
+  t.same(ok.routes[0], { name: 'api', path: '/a', upstream: 'http://127.0.0.1:1', timeout_ms: 30_000, scopes: [], strip_prefix: false }, 'route defaults')
+})
+
+t.test('KEYGATE_TRUSTED_PROXIES is a comma-separated list', async (t) => {
+  const c = loadConfig({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8, 192.168.1.1 ,2001:db8::/32,' } })
+  t.same(c.gateway.trusted_proxies, ['10.0.0.0/8', '192.168.1.1', '2001:db8::/32'])
+  const file = yamlFile(t, { gateway: { trusted_proxies: ['172.16.0.0/12'] } })
+  t.same(loadConfig({ file, env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8' } }).gateway.trusted_proxies, ['10.0.0.0/8'], 'the variable replaces the file list')
+  t.same(problemsOf({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8,not-a-cidr' } }).problems, [
+    'KEYGATE_TRUSTED_PROXIES (gateway.trusted_proxies[1]): "not-a-cidr" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32',
+  ])
+})
+
+t.test('TLS files must exist', async (t) => {
+  const dir = tempDir(t)
+  writeFileSync(join(dir, 'cert.pem'), 'x')
+  const file = yamlFile(t, { gateway: { tls: { cert: join(dir, 'cert.pem'), key: join(dir, 'missing.pem') } } })
+  t.same(problemsOf({ file, env: {} }).problems, [`gateway.tls.key: ${JSON.stringify(join(dir, 'missing.pem'))} is not allowed; expected a readable file`])
+})
+
+t.test('the names of environment variables', async (t) => {
+  t.equal(new Set(ENV_NAMES).size, ENV_NAMES.length, 'each variable sets one leaf')
+  for (const name of ['KEYGATE_UPSTREAM', 'KEYGATE_LISTEN', 'KEYGATE_ADMIN_LISTEN', 'KEYGATE_TRUSTED_PROXIES', 'DATABASE_URL', 'KEYGATE_DATA_DIR', 'REDIS_URL', 'CACHE_TTL_SECONDS', 'CACHE_MAX_CAPACITY', 'RATE_LIMIT_MAX_ATTEMPTS', 'RATE_LIMIT_WINDOW_SECONDS', 'GITEA_URL', 'N8N_URL', 'LOG_LEVEL', 'KEYGATE_ADMIN_TOKEN', 'KEYGATE_ENCRYPTION_KEY', 'GITEA_USERNAME', 'GITEA_PASSWORD', 'N8N_EMAIL', 'N8N_PASSWORD']) {
+    t.ok(ENV_NAMES.includes(name), `${name} (SPEC) is read`)
+  }
+  for (const name of ['KEYGATE_ADMIN_TOKEN', 'DATABASE_URL', 'REDIS_URL', 'KEYGATE_ENCRYPTION_KEY', 'KEYGATE_PREVIOUS_ENCRYPTION_KEYS', 'GITEA_PASSWORD', 'N8N_PASSWORD']) {
+    t.ok(LEAVES.find((l) => l.env === name)?.secret, `${name} is secret`)
+  }
+})
+
+t.test('docs/configuration.md is generated from the schema', async (t) => {
+  const docs = renderConfigDocs()
+  const committed = readFileSync(new URL('../docs/configuration.md', import.meta.url), 'utf8')
+  t.equal(committed, docs, 'regenerate docs/configuration.md from renderConfigDocs()')
+  for (const leaf of LEAVES) t.ok(docs.includes(`| \`${dotted(leaf.path)}\` |`), `${dotted(leaf.path)} documented`)
+  for (const name of ENV_NAMES) t.ok(docs.includes(`\`${name}\``), `${name} documented`)
+})

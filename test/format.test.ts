@@ -1,0 +1,171 @@
+// The key format: shape, entropy, checksum, legacy keys, hashing, finding keys in text, and log
+// scrubbing.
+import t from 'tap'
+import { createHash, randomUUID } from 'node:crypto'
+import { generateKey, hashKey, hashesEqual, isKeyId, keyPattern, newKeyId, parseKey, randomBase62, ID_LENGTH, SHA256_HEX } from '../core/keys/format.ts'
+import { createLogger, scrub } from '../core/log.ts'
+
+const BASE62 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+const SHAPE = /^kg_([0-9A-Za-z]{12})_([0-9A-Za-z]{22})([0-9A-Za-z]{6})$/
+
+t.test('shape: prefix, id, secret, checksum', async (t) => {
+  const g = generateKey('kg_')
+  t.equal(g.key.length, 3 + 12 + 1 + 22 + 6, '44 characters')
+  const m = SHAPE.exec(g.key)
+  t.ok(m, 'kg_<12 base62>_<22 base62 secret><6 base62 check>')
+  t.equal(m?.[1], g.id, 'the id is the public part')
+  t.equal(g.hash, createHash('sha256').update(g.key).digest('hex'), 'hash is SHA-256 hex of the whole key')
+  t.ok(isKeyId(g.id))
+  t.notOk(isKeyId('short'))
+  t.notOk(isKeyId('abcdefghijk_'))
+  t.same(parseKey(g.key, 'kg_'), { kind: 'keygate', id: g.id, hash: g.hash })
+
+  const fixed = generateKey('kg_', 'AAAAbbbb1234')
+  t.equal(fixed.id, 'AAAAbbbb1234')
+  t.ok(fixed.key.startsWith('kg_AAAAbbbb1234_'))
+
+  const custom = generateKey('acme9_')
+  t.match(custom.key, /^acme9_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}$/)
+  t.same(parseKey(custom.key, 'acme9_'), { kind: 'keygate', id: custom.id, hash: custom.hash })
+  t.equal(newKeyId().length, ID_LENGTH)
+  t.match(randomBase62(100), /^[0-9A-Za-z]{100}$/)
+})
+
+t.test('10k keys: all distinct, base62, evenly spread, ≥128-bit secrets', async (t) => {
+  const keys = new Set<string>()
+  const ids = new Set<string>()
+  const counts = new Map<string, number>()
+  let secretChars = 0
+  let malformed = 0
+  for (let i = 0; i < 10_000; i++) {
+    const g = generateKey('kg_')
+    keys.add(g.key)
+    ids.add(g.id)
+    const m = SHAPE.exec(g.key)
+    if (!m || parseKey(g.key, 'kg_')?.kind !== 'keygate') malformed++
+    for (const c of m?.[2] ?? '') {
+      counts.set(c, (counts.get(c) ?? 0) + 1)
+      secretChars++
+    }
+  }
+  t.equal(malformed, 0, 'every key has the shape and parses')
+  t.equal(keys.size, 10_000, 'no repeated key')
+  t.equal(ids.size, 10_000, 'no repeated id')
+  t.ok(22 * Math.log2(62) >= 128, `a 22-character base62 secret holds ${(22 * Math.log2(62)).toFixed(1)} bits`)
+  t.equal(counts.size, 62, 'every base62 character occurs')
+  // Chi-square over 62 characters (61 degrees of freedom): a biased generator (e.g. byte % 62)
+  // lands far above 140, which a uniform one passes except with probability below 1e-7.
+  const expected = secretChars / 62
+  const chi = [...BASE62].reduce((sum, c) => sum + ((counts.get(c) ?? 0) - expected) ** 2 / expected, 0)
+  t.ok(chi < 140, `secret characters are uniform (chi-square ${chi.toFixed(1)})`)
+})
+
+t.test('the checksum refuses any single changed character, at every position', async (t) => {
+  const { key } = generateKey('kg_')
+  const alphabet = BASE62 + '_-+/=. '
+  let accepted = 0
+  let tried = 0
+  for (let i = 0; i < key.length; i++) {
+    for (const c of alphabet) {
+      if (c === key[i]) continue
+      const changed = key.slice(0, i) + c + key.slice(i + 1)
+      tried++
+      if (parseKey(changed, 'kg_') !== undefined) {
+        accepted++
+        t.fail(`position ${i} changed to ${JSON.stringify(c)} was accepted`)
+      }
+    }
+  }
+  t.equal(accepted, 0, `${tried} one-character changes, none accepted`)
+
+  let swapped = 0
+  for (let i = 0; i < key.length - 1; i++) {
+    if (key[i] === key[i + 1]) continue
+    const s = key.slice(0, i) + key[i + 1] + key[i] + key.slice(i + 2)
+    if (parseKey(s, 'kg_') !== undefined) swapped++
+  }
+  t.equal(swapped, 0, 'adjacent transpositions are refused too')
+  t.equal(parseKey(key + 'A', 'kg_'), undefined, 'one character more')
+  t.equal(parseKey(key.slice(0, -1), 'kg_'), undefined, 'one character less')
+  t.equal(parseKey('', 'kg_'), undefined)
+})
+
+t.test('a wrong prefix is refused', async (t) => {
+  const { key } = generateKey('kg_')
+  t.equal(parseKey(key, 'kx_'), undefined)
+  t.equal(parseKey(key, 'k_'), undefined)
+  t.equal(parseKey(key, 'kgg_'), undefined)
+  t.equal(parseKey('KG_' + key.slice(3), 'kg_'), undefined)
+  const other = generateKey('ab_')
+  t.equal(parseKey(other.key, 'kg_'), undefined, "another deployment's keys")
+})
+
+t.test('legacy UUID v4 keys, only when accepted', async (t) => {
+  const uuid = randomUUID()
+  const hash = createHash('sha256').update(uuid).digest('hex')
+  t.same(parseKey(uuid, 'kg_'), { kind: 'legacy', hash }, 'accepted by default, hashed as the replaced system did')
+  t.same(parseKey(uuid, 'kg_', true), { kind: 'legacy', hash })
+  t.same(parseKey(uuid.toUpperCase(), 'kg_'), { kind: 'legacy', hash }, 'upper case is the same key')
+  t.equal(parseKey(uuid, 'kg_', false), undefined, 'refused when legacy keys are off')
+  t.equal(parseKey('6ba7b810-9dad-11d1-80b4-00c04fd430c8', 'kg_'), undefined, 'a UUID v1 is not a legacy key')
+  t.equal(parseKey('6ba7b810-9dad-41d1-c0b4-00c04fd430c8', 'kg_'), undefined, 'a wrong variant is not either')
+  t.equal(parseKey(uuid.replace(/-/g, ''), 'kg_'), undefined, 'nor a UUID without dashes')
+  t.equal(parseKey(`{${uuid}}`, 'kg_'), undefined)
+  t.equal(parseKey(uuid.slice(0, -1) + 'g', 'kg_'), undefined)
+})
+
+t.test('hashesEqual', async (t) => {
+  const a = hashKey('a')
+  const b = hashKey('b')
+  t.ok(SHA256_HEX.test(a))
+  t.equal(hashesEqual(a, a), true)
+  t.equal(hashesEqual(a, String(a)), true)
+  t.equal(hashesEqual(a, b), false)
+  t.equal(hashesEqual(a, a.slice(0, -2)), false, 'a shorter digest')
+  t.equal(hashesEqual(a, a + '00'), false, 'a longer digest')
+  t.equal(hashesEqual(a, 'not hex at all'), false, 'garbage does not throw')
+  t.equal(hashesEqual('', ''), false, 'empty digests are not equal hashes')
+  t.equal(hashesEqual(a.toUpperCase(), a), true, 'hex case does not matter')
+})
+
+t.test('keyPattern finds keys in free text', async (t) => {
+  const k1 = generateKey('kg_').key
+  const k2 = generateKey('kg_').key
+  const text = `Authorization: Bearer ${k1}\nX-API-Key:${k2}; not a key: kg_short_thing`
+  t.same(text.match(keyPattern('kg_')), [k1, k2])
+  const re = keyPattern('kg_')
+  t.equal(re.flags.includes('g'), true, 'global, for scanning')
+  t.same(`${k1}${k1}`.match(keyPattern('kg_')), [k1, k1])
+  t.same(`x ${k1} y`.match(keyPattern('ab_')), null, 'only keys with this prefix')
+  const dotted = generateKey('a.b_')
+  t.same(`${dotted.key} ${'aXb_' + dotted.key.slice(4)}`.match(keyPattern('a.b_')), [dotted.key], 'the prefix is matched literally')
+})
+
+t.test('scrub redacts keys in log text', async (t) => {
+  const k = generateKey('kg_').key
+  const custom = generateKey('acme_').key
+  const uuid = randomUUID()
+  t.equal(scrub(`presented ${k} from 10.0.0.1`), 'presented [redacted] from 10.0.0.1')
+  t.equal(scrub(`"key":"${k}"`), '"key":"[redacted]"')
+  t.equal(scrub(`?api_key=${k}&x=1`), '?api_key=[redacted]&x=1')
+  t.equal(scrub(`Bearer ${custom}`), 'Bearer [redacted]', 'any configured prefix')
+  t.equal(scrub(`legacy ${uuid} and ${uuid.toUpperCase()}`), 'legacy [redacted] and [redacted]')
+  t.equal(scrub(`${k},${k}`), '[redacted],[redacted]')
+  // Keys glued to other word characters, as in URL-encoded text, are found too.
+  // (a letter just before the prefix may go with it: redacting too much is the safe side).
+  for (const glued of [`Bearer%20${k}`, `api_key%3D${k}&x=1`, `token_${k}`, `${k}xyz`, `id%3D${uuid}`, `0${uuid}0`]) {
+    const out = scrub(glued)
+    t.ok(out.includes('[redacted]') && !out.includes(k.slice(3)) && !out.includes(uuid), `${glued.slice(0, 12)}… is redacted`, { out })
+  }
+  t.equal(scrub(`Bearer%20${k}`), 'Bearer%20[redacted]')
+  const plain = 'key kg_3hF9aK2LmQxZ rotated by cli:alice, request 5b1f, 2001:db8::1'
+  t.equal(scrub(plain), plain, 'ids and ordinary text are kept')
+
+  const lines: string[] = []
+  const log = createLogger({ write: (l) => lines.push(l) })
+  log.info(`validated ${k}`, { key: k, nested: { legacy: uuid }, err: new Error(`bad key ${k}`) })
+  t.equal(lines.length, 1)
+  t.notOk(lines[0]?.includes(k), 'the logger writes no key')
+  t.notOk(lines[0]?.includes(uuid))
+  t.match(JSON.parse(lines[0] as string), { level: 'info', msg: 'validated [redacted]', key: '[redacted]', nested: { legacy: '[redacted]' }, err: { message: 'bad key [redacted]' } })
+})

@@ -1,0 +1,165 @@
+// Real stores for tests: the embedded store (PGlite in memory) and a fresh database on the real
+// PostgreSQL server, so a suite written once runs on both. PostgreSQL being unreachable fails
+// the test with a message saying what to do; it is never skipped.
+import { randomBytes } from 'node:crypto'
+import pg from 'pg'
+import type { Test } from 'tap'
+import { AuditCipher, AuditLog } from '../../core/audit.ts'
+import { openDb, type Db } from '../../core/db.ts'
+import { KeyService } from '../../core/keys/service.ts'
+import { migrate } from '../../core/migrate.ts'
+import { keyServiceOptions } from '../../core/runtime.ts'
+import { loadConfig } from '../../config/load.ts'
+
+export type StoreKind = 'embedded' | 'postgres'
+export const STORE_KINDS: readonly StoreKind[] = ['embedded', 'postgres']
+
+export interface Store {
+  kind: StoreKind
+  db: Db
+  /** The PostgreSQL URL of the fresh database (postgres only). */
+  url?: string
+}
+
+export const BASE_DATABASE_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
+
+async function adminClient(): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString: BASE_DATABASE_URL, connectionTimeoutMillis: 5000 })
+  client.on('error', () => {})
+  try {
+    await client.connect()
+  } catch (err) {
+    await client.end().catch(() => {})
+    const where = new URL(BASE_DATABASE_URL)
+    throw new Error(
+      `PostgreSQL is not reachable at ${where.hostname}:${where.port || 5432} (${(err as Error).message}); ` +
+        'the store tests need it: start PostgreSQL, or set DATABASE_URL to a server where this user may CREATE DATABASE',
+      { cause: err },
+    )
+  }
+  return client
+}
+
+/**
+ * Creates an empty database on the PostgreSQL server and returns its URL; it is dropped (with
+ * any connections still open to it) when `t` ends.
+ */
+export async function freshDatabase(t: Test): Promise<string> {
+  const name = `kg_t_${randomBytes(6).toString('hex')}`
+  const client = await adminClient()
+  try {
+    await client.query(`CREATE DATABASE ${name}`)
+  } finally {
+    await client.end()
+  }
+  t.teardown(async () => {
+    const c = await adminClient()
+    try {
+      await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`)
+    } finally {
+      await c.end()
+    }
+  })
+  const url = new URL(BASE_DATABASE_URL)
+  url.pathname = `/${name}`
+  return url.toString()
+}
+
+/** One store of `kind`, fresh, migrated unless `migrated: false`, closed (and dropped) when `t` ends. */
+export async function openStore(t: Test, kind: StoreKind, options: { migrated?: boolean } = {}): Promise<Store> {
+  let store: Store
+  if (kind === 'embedded') {
+    store = { kind, db: await openDb({ memory: true }) }
+  } else {
+    const url = await freshDatabase(t)
+    store = { kind, db: await openDb({ databaseUrl: url, poolMax: 10 }), url }
+  }
+  // Teardowns run last-registered first: the pool closes before its database is dropped.
+  t.teardown(() => store.db.close())
+  if (options.migrated !== false) await migrate(store.db)
+  return store
+}
+
+/**
+ * Runs `fn` once per store kind, each in its own subtest with its own fresh store; tests inside
+ * `fn` share that store, so they should look only at rows they made.
+ */
+export async function forEachStore(
+  t: Test,
+  fn: (t: Test, store: Store) => Promise<void>,
+  options: { kinds?: readonly StoreKind[]; migrated?: boolean } = {},
+): Promise<void> {
+  for (const kind of options.kinds ?? STORE_KINDS) {
+    await t.test(kind, async (t) => {
+      const store = await openStore(t, kind, options)
+      await fn(t, store)
+    })
+  }
+}
+
+/** A fixed audit encryption key, so rows written by one test service open in another. */
+export const TEST_ENCRYPTION_KEY = Buffer.alloc(32, 0x4b)
+
+export const T0 = new Date('2030-01-01T00:00:00.000Z')
+
+export interface Clock {
+  now(): Date
+  set(at: Date): void
+  advance(ms: number): Date
+}
+
+export function testClock(start: Date = T0): Clock {
+  let now = new Date(start)
+  return {
+    now: () => now,
+    set: (at) => {
+      now = new Date(at)
+    },
+    advance: (ms) => {
+      now = new Date(now.getTime() + ms)
+      return now
+    },
+  }
+}
+
+/** Configuration defaults (what `serve` runs with when nothing is set). */
+export const DEFAULT_CONFIG = loadConfig({ env: {}, onlyFile: true })
+
+export interface Services {
+  keys: KeyService
+  audit: AuditLog
+  cipher: AuditCipher
+  clock: Clock
+}
+
+/**
+ * A KeyService and its AuditLog over `db`, built like the runtime builds them (default key
+ * options), with the fixed test encryption key and a controllable clock.
+ */
+export function testServices(
+  db: Db,
+  options: { clock?: Clock; audit?: AuditLog; acceptLegacy?: boolean; prefix?: string } = {},
+): Services {
+  const cipher = new AuditCipher(TEST_ENCRYPTION_KEY)
+  const audit = options.audit ?? new AuditLog(cipher)
+  const clock = options.clock ?? testClock()
+  const keys = new KeyService({
+    db,
+    audit,
+    ...keyServiceOptions(DEFAULT_CONFIG),
+    ...(options.acceptLegacy !== undefined ? { acceptLegacy: options.acceptLegacy } : {}),
+    ...(options.prefix !== undefined ? { prefix: options.prefix } : {}),
+    now: clock.now,
+  })
+  return { keys, audit, cipher, clock }
+}
+
+/** Resolves to the error `promise` rejects with; fails when it resolves. */
+export async function rejection(promise: Promise<unknown>): Promise<Error & { code?: string; status?: number; details?: Record<string, unknown> }> {
+  try {
+    await promise
+  } catch (err) {
+    return err as Error
+  }
+  throw new Error('expected a rejection, but the promise resolved')
+}

@@ -1,0 +1,723 @@
+// The key service on both stores: create, read, list, update, revoke, validate, rotate, import,
+// stats, and the audit rows each change writes.
+import t from 'tap'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
+import type { Test } from 'tap'
+import { AuditLog, type Actor, type AuditEntry } from '../core/audit.ts'
+import type { Db, Queryable } from '../core/db.ts'
+import { generateKey, randomBase62 } from '../core/keys/format.ts'
+import { KEY_TYPES, keyJson, type KeyRecord } from '../core/keys/types.ts'
+import type { KeyService } from '../core/keys/service.ts'
+import { forEachStore, rejection, testServices, TEST_ENCRYPTION_KEY, T0, type Services } from './helpers/stores.ts'
+import { AuditCipher } from '../core/audit.ts'
+
+const actor: Actor = { actor: 'cli:tester', address: '192.0.2.10' }
+const HOUR = 3_600_000
+const sha256 = (s: string) => createHash('sha256').update(s).digest('hex')
+const tag = () => `t${randomBytes(4).toString('hex')}`
+
+async function rowJson(db: Db, id: string): Promise<string> {
+  const rows = await db.query<{ j: string }>('SELECT row_to_json(k)::text AS j FROM api_keys k WHERE id = $1', [id])
+  return rows[0]?.j ?? ''
+}
+
+async function count(db: Db, sql: string, params: unknown[] = []): Promise<number> {
+  const rows = await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${sql}`, params)
+  return rows[0]?.n ?? -1
+}
+
+async function listAll(keys: KeyService, query: Record<string, unknown>): Promise<KeyRecord[]> {
+  const out: KeyRecord[] = []
+  let cursor: string | null = null
+  do {
+    const page: { items: KeyRecord[]; nextCursor: string | null } = await keys.list({ ...query, limit: 500, ...(cursor ? { cursor } : {}) })
+    out.push(...page.items)
+    cursor = page.nextCursor
+  } while (cursor)
+  return out
+}
+
+const ids = (records: readonly KeyRecord[]) => records.map((r) => r.id).sort()
+
+/** The audit rows of `keyId`, decrypted, as a sorted list of actions (rows of one transaction share a timestamp). */
+async function auditActions(s: Services, db: Db, keyId: string): Promise<string[]> {
+  return (await s.audit.list(db, { keyId })).map((r) => r.action).sort()
+}
+
+/** A pass-through Db that counts the statements it runs. */
+function countingDb(db: Db): { db: Db; statements: () => number } {
+  let n = 0
+  const wrapped: Db = {
+    kind: db.kind,
+    query: (text, params) => {
+      n++
+      return db.query(text, params)
+    },
+    exec: (script) => {
+      n++
+      return db.exec(script)
+    },
+    transaction: (fn) => {
+      n++
+      return db.transaction(fn)
+    },
+    close: () => db.close(),
+  }
+  return { db: wrapped, statements: () => n }
+}
+
+/** The one deliberate fake: an audit log whose write fails for one action, inside the caller's transaction. */
+class FailingAuditLog extends AuditLog {
+  readonly failOn: string
+
+  constructor(failOn: string) {
+    super(new AuditCipher(TEST_ENCRYPTION_KEY))
+    this.failOn = failOn
+  }
+
+  override async write(tx: Queryable, who: Actor, entry: AuditEntry): Promise<string> {
+    if (entry.action === this.failOn) throw new Error(`audit write of ${entry.action} failed (test)`)
+    return super.write(tx, who, entry)
+  }
+}
+
+await forEachStore(t, async (t: Test, store) => {
+  const { db } = store
+
+  // First, while the store holds no key with the admin scope.
+  t.test('ensureAdminKey: one bootstrap admin key, even when instances start together', async (t) => {
+    const s = testServices(db)
+    const results = await Promise.all(Array.from({ length: 4 }, () => s.keys.ensureAdminKey(actor)))
+    const made = results.filter((r) => r !== undefined)
+    t.equal(made.length, 1, 'one key is created')
+    const first = made[0] as { key: string; record: KeyRecord }
+    t.match(first.record, { scopes: ['admin'], type: 'system', status: 'active' })
+    t.match(await s.keys.validate(first.key), { valid: true, key: { id: first.record.id } })
+    t.equal(await count(db, `api_keys WHERE 'admin' = ANY(scopes)`), 1)
+    t.equal(await s.keys.ensureAdminKey(actor), undefined, 'none while an admin key is usable')
+    t.same(await auditActions(s, db, first.record.id), ['key.created'])
+
+    await s.keys.revoke(first.record.id, 'test', actor)
+    const again = await s.keys.ensureAdminKey(actor)
+    t.ok(again, 'a new one once the last admin key is revoked')
+    await s.keys.revoke(again?.record.id as string, 'test', actor)
+  })
+
+  t.test('create returns the plaintext once and stores only its SHA-256 hash', async (t) => {
+    const s = testServices(db)
+    const { key, record } = await s.keys.create(
+      { name: 'orders reader', type: 'service', scopes: ['orders:read'], owner: 'team-a', metadata: { ticket: 42 }, rate_limit: { limit: 5, window_s: 60 } },
+      actor,
+    )
+    t.match(key, /^kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}$/)
+    t.equal(record.id, key.slice(3, 15), 'the public id is part of the key')
+    t.equal(record.status, 'active')
+    t.same(record.scopes, ['orders:read'])
+    t.equal(record.owner, 'team-a')
+    t.same(record.metadata, { ticket: 42 })
+    t.same(record.rateLimit, { limit: 5, windowS: 60 })
+    t.equal(record.createdAt.getTime(), T0.getTime(), 'timestamps come from the service clock')
+    t.equal(record.legacy, false)
+
+    const rows = await db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE id = $1', [record.id])
+    t.equal(rows[0]?.key_hash, sha256(key), 'key_hash is the SHA-256 hex of the whole key')
+    const secret = key.slice(16)
+    const stored = await rowJson(db, record.id)
+    t.notOk(stored.includes(key), 'no column holds the plaintext')
+    t.notOk(stored.includes(secret), 'no column holds the secret part')
+    const auditRows = await db.query<{ j: string }>('SELECT row_to_json(a)::text AS j FROM api_key_audit_log a WHERE key_id = $1', [record.id])
+    t.equal(auditRows.length, 1)
+    t.notOk(auditRows.some((r) => r.j.includes(secret)), 'no audit column holds the secret')
+    const details = await s.audit.list(db, { keyId: record.id })
+    t.notOk(JSON.stringify(details).includes(secret), 'no decrypted audit detail holds the secret')
+
+    const again = await s.keys.get(record.id)
+    t.notOk(JSON.stringify(again).includes(secret), 'reading the key back never yields the plaintext')
+    t.notOk('key_hash' in keyJson(again), 'the public form carries no hash')
+    t.same(again, record)
+  })
+
+  t.test('create writes one key.created audit row with actor and address', async (t) => {
+    const s = testServices(db)
+    const { record } = await s.keys.create({ name: 'audited', type: 'user', owner: 'o' }, actor)
+    const rows = await s.audit.list(db, { keyId: record.id })
+    t.equal(rows.length, 1)
+    t.match(rows[0], {
+      keyId: record.id,
+      action: 'key.created',
+      actor: 'cli:tester',
+      address: '192.0.2.10',
+      details: { name: 'audited', type: 'user', scopes: [], owner: 'o', expires_at: null },
+    })
+  })
+
+  t.test('create refuses bad input, naming every bad field, and stores nothing', async (t) => {
+    const s = testServices(db)
+    const before = await count(db, 'api_keys')
+    const err = await rejection(s.keys.create({ name: '', type: 'root', allowed_cidrs: ['10.0.0.0/8', 'nope'], scopes: ['Bad Scope'] }, actor))
+    t.equal(err.code, 'validation_failed')
+    t.equal(err.status, 400)
+    const fields = (err.details?.fields as Array<{ field: string }>).map((f) => f.field).sort()
+    t.same(fields, ['allowed_cidrs[1]', 'name', 'scopes[0]', 'type'])
+    const past = await rejection(s.keys.create({ name: 'x', type: 'user', expires_at: '2029-12-31T23:00:00Z' }, actor))
+    t.equal(past.code, 'validation_failed')
+    t.match(past.message, /expires_at: .* is in the past/)
+    const big = await rejection(s.keys.create({ name: 'x', type: 'user', metadata: { blob: 'x'.repeat(9000) } }, actor))
+    t.equal(big.code, 'validation_failed')
+    t.match(big.message, /metadata/)
+    t.equal(await count(db, 'api_keys'), before)
+  })
+
+  t.test('get', async (t) => {
+    const s = testServices(db)
+    const { record } = await s.keys.create({ name: 'get me', type: 'integration' }, actor)
+    t.same(await s.keys.get(record.id), record)
+    const err = await rejection(s.keys.get('AAAAAAAAAAAA'))
+    t.equal(err.code, 'key_not_found')
+    t.equal(err.status, 404)
+  })
+
+  t.test('list filters by type, status, owner, scope and name', async (t) => {
+    const s = testServices(db)
+    const g = tag()
+    const make = async (name: string, type: string, owner: string | null, scopes: string[]) =>
+      (await s.keys.create({ name: `${g} ${name}`, type, owner, scopes }, actor)).record
+    const a = await make('alpha', 'user', `${g}-o1`, ['orders:read'])
+    const b = await make('100% beta', 'service', `${g}-o2`, ['orders:write', 'admin'])
+    const c = await make('1000 gamma', 'service', `${g}-o1`, [])
+    const d = await make('a_b', 'system', null, ['orders:read'])
+    const e = await make('axb', 'user', `${g}-o2`, [])
+    const f = await make('back\\slash', 'integration', null, [])
+    const h = await make('backXslash', 'integration', null, [])
+    await s.keys.revoke(e.id, 'test', actor)
+
+    t.same(ids(await listAll(s.keys, { name: g })), ids([a, b, c, d, e, f, h]), 'name contains')
+    t.same(ids(await listAll(s.keys, { name: g.toUpperCase() })), ids([a, b, c, d, e, f, h]), 'name is case-insensitive')
+    t.same(ids(await listAll(s.keys, { name: `${g} 100%` })), ids([b]), '% is a literal')
+    t.same(ids(await listAll(s.keys, { name: `${g} a_b` })), ids([d]), '_ is a literal')
+    t.same(ids(await listAll(s.keys, { name: 'back\\slash' })).filter((id) => [f.id, h.id].includes(id)), [f.id], '\\ is a literal')
+
+    const services = await listAll(s.keys, { type: 'service' })
+    t.ok(services.every((k) => k.type === 'service'), 'type filter returns only that type')
+    t.same(ids(services.filter((k) => k.name.startsWith(g))), ids([b, c]))
+    t.same(ids(await listAll(s.keys, { type: 'user', name: g })), ids([a, e]))
+
+    const revoked = await listAll(s.keys, { status: 'revoked' })
+    t.ok(revoked.every((k) => k.status === 'revoked'))
+    t.same(ids(revoked.filter((k) => k.name.startsWith(g))), ids([e]))
+    t.same(ids(await listAll(s.keys, { status: 'active', name: g })), ids([a, b, c, d, f, h]))
+
+    t.same(ids(await listAll(s.keys, { owner: `${g}-o1` })), ids([a, c]))
+    t.same(ids(await listAll(s.keys, { owner: `${g}-o2` })), ids([b, e]))
+    t.same(ids(await listAll(s.keys, { owner: `${g}-O1` })), [], 'owner is matched exactly')
+
+    const readers = await listAll(s.keys, { scope: 'orders:read' })
+    t.ok(readers.every((k) => k.scopes.includes('orders:read')))
+    t.same(ids(readers.filter((k) => k.name.startsWith(g))), ids([a, d]))
+    t.same(ids(await listAll(s.keys, { scope: 'admin', name: g })), ids([b]))
+    t.same(ids(await listAll(s.keys, { scope: 'orders', name: g })), [], 'a scope is matched whole')
+
+    t.same(ids(await listAll(s.keys, { type: 'service', owner: `${g}-o2`, scope: 'admin', status: 'active', name: 'beta' })), ids([b]), 'filters combine')
+
+    for (const bad of [{ type: 'root' }, { status: 'gone' }, { limit: 0 }, { limit: 501 }, { cursor: '!!' }, { cursor: 'abc' }, { colour: 'red' }, { name: '' }]) {
+      const err = await rejection(s.keys.list(bad))
+      t.equal(err.code, 'validation_failed', `refused: ${JSON.stringify(bad)}`)
+    }
+  })
+
+  t.test('list pages with a cursor: newest first, no duplicates, nothing missing', async (t) => {
+    const s = testServices(db)
+    const owner = `${tag()}-pages`
+    const made: KeyRecord[] = []
+    for (let i = 0; i < 23; i++) {
+      if (i % 4 === 0) s.clock.advance(1000) // several keys share a created_at, so ties are broken by id
+      made.push((await s.keys.create({ name: `page ${i}`, type: 'user', owner }, actor)).record)
+    }
+    // The store's own order of the whole set (ties on created_at follow the database collation).
+    const whole = (await s.keys.list({ owner, limit: 500 })).items
+    const expected = whole.map((k) => k.id)
+    t.same([...expected].sort(), ids(made), 'one page holds them all')
+    t.ok(whole.every((k, i) => i === 0 || (whole[i - 1] as KeyRecord).createdAt >= k.createdAt), 'newest first')
+
+    for (const limit of [1, 4, 5, 22, 23, 50]) {
+      const seen: string[] = []
+      let cursor: string | null = null
+      let pages = 0
+      do {
+        const page: { items: KeyRecord[]; nextCursor: string | null } = await s.keys.list({ owner, limit, ...(cursor ? { cursor } : {}) })
+        t.ok(page.items.length <= limit)
+        seen.push(...page.items.map((k) => k.id))
+        cursor = page.nextCursor
+        pages++
+      } while (cursor && pages < 100)
+      t.equal(pages, Math.ceil(23 / limit), `limit ${limit}: no empty trailing page`)
+      t.same(seen, expected, `limit ${limit}: every key once, newest first`)
+    }
+
+    // A key created between pages does not disturb the pages still to come.
+    const first = await s.keys.list({ owner, limit: 10 })
+    s.clock.advance(1000)
+    await s.keys.create({ name: 'late', type: 'user', owner }, actor)
+    const rest = await listAll(s.keys, { owner, cursor: first.nextCursor })
+    t.same([...first.items, ...rest].map((k) => k.id), expected)
+  })
+
+  t.test('update changes the given fields and records them', async (t) => {
+    const s = testServices(db)
+    const { key, record } = await s.keys.create({ name: 'before', type: 'service', scopes: ['a'], owner: 'o' }, actor)
+    s.clock.advance(HOUR)
+    const expires = new Date(T0.getTime() + 30 * 24 * HOUR).toISOString()
+    const updated = await s.keys.update(
+      record.id,
+      {
+        name: 'after',
+        scopes: ['b', 'c'],
+        owner: null,
+        metadata: { env: 'prod' },
+        allowed_cidrs: ['10.0.0.0/8'],
+        rate_limit: { limit: 7, window_s: 10 },
+        expires_at: expires,
+        rotation_interval_s: 86_400,
+      },
+      actor,
+    )
+    t.match(updated, { id: record.id, name: 'after', scopes: ['b', 'c'], owner: null, metadata: { env: 'prod' }, allowedCidrs: ['10.0.0.0/8'] })
+    t.same(updated.rateLimit, { limit: 7, windowS: 10 })
+    t.equal(updated.expiresAt?.toISOString(), expires)
+    t.equal(updated.rotationIntervalS, 86_400)
+    t.equal(updated.updatedAt.getTime(), s.clock.now().getTime())
+    t.equal(updated.createdAt.getTime(), record.createdAt.getTime())
+    t.equal(updated.keyHash, record.keyHash, 'the key itself is unchanged')
+    t.same(await s.keys.get(record.id), updated)
+    t.equal((await s.keys.validate(key, { address: '10.1.1.1' })).valid, true)
+
+    const cleared = await s.keys.update(record.id, { rate_limit: null, expires_at: null, rotation_interval_s: null }, actor)
+    t.equal(cleared.rateLimit, null)
+    t.equal(cleared.expiresAt, null)
+    t.equal(cleared.rotationIntervalS, null)
+    t.equal(cleared.name, 'after', 'fields not given are kept')
+
+    const rows = await s.audit.list(db, { keyId: record.id })
+    t.same(rows.map((r) => r.action).sort(), ['key.created', 'key.updated', 'key.updated'])
+    const changes = rows.filter((r) => r.action === 'key.updated').map((r) => (r.details.changed as string[]).sort())
+    t.same(changes.sort((x, y) => x.length - y.length), [
+      ['expires_at', 'rate_limit', 'rotation_interval_s'],
+      ['allowed_cidrs', 'expires_at', 'metadata', 'name', 'owner', 'rate_limit', 'rotation_interval_s', 'scopes'],
+    ])
+  })
+
+  t.test('update refuses bad input, unknown ids and keys no longer active', async (t) => {
+    const s = testServices(db)
+    const { record } = await s.keys.create({ name: 'upd', type: 'user' }, actor)
+    t.equal((await rejection(s.keys.update(record.id, {}, actor))).code, 'validation_failed', 'an empty change')
+    t.equal((await rejection(s.keys.update(record.id, { type: 'system' }, actor))).code, 'validation_failed', 'the type cannot change')
+    t.equal((await rejection(s.keys.update(record.id, { expires_at: '2029-01-01T00:00:00Z' }, actor))).code, 'validation_failed', 'a past expiry')
+    t.equal((await rejection(s.keys.update('AAAAAAAAAAAA', { name: 'x' }, actor))).code, 'key_not_found')
+    await s.keys.revoke(record.id, undefined, actor)
+    const snapshot = await rowJson(db, record.id)
+    const err = await rejection(s.keys.update(record.id, { name: 'zombie' }, actor))
+    t.equal(err.code, 'key_not_active')
+    t.equal(err.status, 409)
+    t.equal(await rowJson(db, record.id), snapshot, 'the revoked key is untouched')
+    t.same(await auditActions(s, db, record.id), ['key.created', 'key.revoked'])
+  })
+
+  t.test('revoke, then revoke again', async (t) => {
+    const s = testServices(db)
+    const { key, record } = await s.keys.create({ name: 'doomed', type: 'user' }, actor)
+    s.clock.advance(5 * 60_000)
+    const revoked = await s.keys.revoke(record.id, 'leaked in a log', actor)
+    t.equal(revoked.status, 'revoked')
+    t.equal(revoked.revokedReason, 'leaked in a log')
+    t.equal(revoked.revokedAt?.getTime(), s.clock.now().getTime())
+    t.match(await s.keys.validate(key), { valid: false, code: 'key_revoked', reason: 'revoked', keyId: record.id })
+    const err = await rejection(s.keys.revoke(record.id, undefined, actor))
+    t.equal(err.code, 'key_not_active')
+    t.equal(err.status, 409)
+    t.equal((await rejection(s.keys.revoke('AAAAAAAAAAAA', undefined, actor))).code, 'key_not_found')
+    t.equal((await rejection(s.keys.revoke(record.id, 'x'.repeat(501), actor))).code, 'validation_failed')
+    const rows = await s.audit.list(db, { keyId: record.id })
+    t.same(rows.map((r) => r.action).sort(), ['key.created', 'key.revoked'], 'one revoke row, none for the refused second revoke')
+    t.same(rows.find((r) => r.action === 'key.revoked')?.details, { reason: 'leaked in a log', previous_status: 'active' })
+  })
+
+  t.test('validate', async (t) => {
+    const counted = countingDb(db)
+    const s = testServices(counted.db)
+    const { key, record } = await s.keys.create({ name: 'v', type: 'service' }, actor)
+
+    t.match(await s.keys.validate(key), { valid: true, key: { id: record.id, name: 'v' } })
+    t.match(await s.keys.validate(key, { address: '203.0.113.9' }), { valid: true }, 'no CIDR binding: any address')
+
+    const start = counted.statements()
+    for (const bad of ['', 'hello', key + 'x', key.slice(0, -1), 'zz' + key.slice(2), `Bearer ${key}`, key.toLowerCase(), key.replace('_', '-'), ' ' + key.slice(1)]) {
+      t.same(await s.keys.validate(bad), { valid: false, code: 'key_invalid', reason: 'malformed' }, `malformed: ${JSON.stringify(bad.slice(0, 20))}`)
+    }
+    let garbageAccepted = 0
+    for (let i = 0; i < 2000; i++) {
+      const v = await s.keys.validate(`kg_${randomBase62(12)}_${randomBase62(28)}`)
+      if (v.valid || v.reason !== 'malformed') garbageAccepted++
+    }
+    t.equal(garbageAccepted, 0, 'random well-formed-looking strings fail the checksum')
+    t.equal(counted.statements(), start, 'malformed keys never reach the store')
+
+    const stranger = generateKey('kg_')
+    t.same(await s.keys.validate(stranger.key), { valid: false, code: 'key_invalid', reason: 'unknown', keyId: stranger.id })
+    const forged = generateKey('kg_', record.id)
+    t.same(await s.keys.validate(forged.key), { valid: false, code: 'key_invalid', reason: 'wrong_secret', keyId: record.id }, 'right id, wrong secret')
+  })
+
+  t.test('validate: revoked and expired keys', async (t) => {
+    const s = testServices(db)
+    const revoked = await s.keys.create({ name: 'r', type: 'user' }, actor)
+    await s.keys.revoke(revoked.record.id, undefined, actor)
+    t.same(await s.keys.validate(revoked.key), { valid: false, code: 'key_revoked', reason: 'revoked', keyId: revoked.record.id })
+
+    const expiring = await s.keys.create({ name: 'e', type: 'user', expires_at: new Date(T0.getTime() + HOUR).toISOString() }, actor)
+    s.clock.set(new Date(T0.getTime() + HOUR - 1))
+    t.equal((await s.keys.validate(expiring.key)).valid, true, 'valid until the last millisecond')
+    s.clock.set(new Date(T0.getTime() + HOUR))
+    t.same(await s.keys.validate(expiring.key), { valid: false, code: 'key_expired', reason: 'expired', keyId: expiring.record.id })
+    t.equal((await rejection(s.keys.rotate(expiring.record.id, {}, actor))).code, 'key_not_active', 'an expired key cannot be rotated')
+  })
+
+  t.test('validate: CIDR binding', async (t) => {
+    const s = testServices(db)
+    const { key } = await s.keys.create({ name: 'bound', type: 'service', allowed_cidrs: ['10.1.0.0/16', '2001:db8::/32', '198.51.100.7'] }, actor)
+    const cases: Array<[string, boolean]> = [
+      ['10.1.2.3', true],
+      ['10.1.255.255', true],
+      ['::ffff:10.1.2.3', true],
+      ['::ffff:a01:203', true],
+      ['198.51.100.7', true],
+      ['2001:db8::1', true],
+      ['2001:db8:ffff::1', true],
+      ['10.2.0.1', false],
+      ['192.0.2.1', false],
+      ['::ffff:192.0.2.1', false],
+      ['198.51.100.8', false],
+      ['2001:db9::1', false],
+      ['::1', false],
+      ['not an address', false],
+    ]
+    for (const [address, ok] of cases) {
+      const v = await s.keys.validate(key, { address })
+      if (ok) t.equal(v.valid, true, `${address} is inside`)
+      else t.match(v, { valid: false, code: 'ip_blocked', reason: 'address_not_bound' }, `${address} is outside`)
+    }
+    t.equal((await s.keys.validate(key)).valid, true, 'without an address (CLI validate) the binding is not checked')
+
+    const mapped = await s.keys.create({ name: 'mapped', type: 'service', allowed_cidrs: ['::ffff:10.9.0.0/112'] }, actor)
+    t.equal((await s.keys.validate(mapped.key, { address: '10.9.3.4' })).valid, true, 'an IPv4-mapped range matches IPv4 clients')
+    t.equal((await s.keys.validate(mapped.key, { address: '::ffff:10.9.3.4' })).valid, true)
+    t.equal((await s.keys.validate(mapped.key, { address: '10.8.3.4' })).valid, false)
+  })
+
+  t.test('rotate: the old key stays valid until its grace deadline', async (t) => {
+    const s = testServices(db)
+    const old = await s.keys.create(
+      { name: 'rot', type: 'service', scopes: ['orders:read'], owner: 'team', metadata: { a: 1 }, allowed_cidrs: ['10.0.0.0/8'], rate_limit: { limit: 9, window_s: 9 } },
+      actor,
+    )
+    s.clock.advance(60_000)
+    const rotatedAt = s.clock.now()
+    const r = await s.keys.rotate(old.record.id, {}, actor)
+    const deadline = new Date(rotatedAt.getTime() + 48 * HOUR)
+
+    t.not(r.key, old.key)
+    t.not(r.record.id, old.record.id)
+    t.match(r.key, /^kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}$/)
+    t.match(r.previous, { id: old.record.id, status: 'rotating', replacedBy: r.record.id })
+    t.equal(r.previous.graceUntil?.getTime(), deadline.getTime(), 'service keys have 48 h of grace')
+    t.match(r.record, { status: 'active', rotatedFrom: old.record.id, replacedBy: null, graceUntil: null, legacy: false })
+    t.match(r.record, { name: 'rot', type: 'service', scopes: ['orders:read'], owner: 'team', metadata: { a: 1 }, allowedCidrs: ['10.0.0.0/8'] })
+    t.same(r.record.rateLimit, { limit: 9, windowS: 9 })
+    t.equal(r.record.createdAt.getTime(), rotatedAt.getTime())
+    t.same(await s.keys.get(old.record.id), r.previous)
+    t.same(await s.keys.get(r.record.id), r.record)
+    t.equal((await db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE id = $1', [r.record.id]))[0]?.key_hash, sha256(r.key))
+
+    t.equal((await s.keys.validate(old.key)).valid, true, 'old key valid during grace')
+    t.equal((await s.keys.validate(r.key)).valid, true, 'new key valid')
+    s.clock.set(new Date(deadline.getTime() - 1))
+    t.equal((await s.keys.validate(old.key)).valid, true, 'old key valid just before the deadline')
+    s.clock.set(deadline)
+    t.same(await s.keys.validate(old.key), { valid: false, code: 'key_expired', reason: 'grace_ended', keyId: old.record.id })
+    t.equal((await s.keys.validate(r.key)).valid, true, 'new key still valid')
+
+    const again = await rejection(s.keys.rotate(old.record.id, {}, actor))
+    t.equal(again.code, 'key_not_active')
+    t.match(again.message, r.record.id, 'the refusal names the key that replaced it')
+
+    t.same(await auditActions(s, db, old.record.id), ['key.created', 'key.rotated'])
+    t.same(await auditActions(s, db, r.record.id), ['key.created'])
+    const rotatedRow = (await s.audit.list(db, { keyId: old.record.id })).find((x) => x.action === 'key.rotated')
+    t.same(rotatedRow?.details, { replaced_by: r.record.id, force: false, grace_until: deadline.toISOString() })
+    const createdRow = (await s.audit.list(db, { keyId: r.record.id }))[0]
+    t.match(createdRow?.details, { rotated_from: old.record.id })
+  })
+
+  t.test('rotate: grace period by type', async (t) => {
+    const s = testServices(db)
+    const hours = { system: 72, user: 24, service: 48, integration: 24, emergency: 0 }
+    for (const type of KEY_TYPES) {
+      const old = await s.keys.create({ name: `grace ${type}`, type }, actor)
+      const r = await s.keys.rotate(old.record.id, {}, actor)
+      if (hours[type] > 0) {
+        t.equal(r.previous.status, 'rotating', type)
+        t.equal(r.previous.graceUntil?.getTime(), s.clock.now().getTime() + hours[type] * HOUR, `${type}: ${hours[type]} h`)
+        t.equal((await s.keys.validate(old.key)).valid, true)
+      } else {
+        t.match(r.previous, { status: 'revoked', graceUntil: null, revokedReason: 'rotated', replacedBy: r.record.id }, 'emergency keys die at once')
+        t.equal(r.previous.revokedAt?.getTime(), s.clock.now().getTime())
+        t.match(await s.keys.validate(old.key), { valid: false, code: 'key_revoked' })
+      }
+      t.equal((await s.keys.validate(r.key)).valid, true)
+    }
+  })
+
+  t.test('rotate --force: the old key dies now', async (t) => {
+    const s = testServices(db)
+    const old = await s.keys.create({ name: 'forced', type: 'system' }, actor)
+    const r = await s.keys.rotate(old.record.id, { force: true }, actor)
+    t.match(r.previous, { status: 'revoked', revokedReason: 'rotated (forced)', replacedBy: r.record.id, graceUntil: null })
+    t.equal(r.previous.revokedAt?.getTime(), s.clock.now().getTime())
+    t.match(await s.keys.validate(old.key), { valid: false, code: 'key_revoked' })
+    t.equal((await s.keys.validate(r.key)).valid, true)
+    const rotatedRow = (await s.audit.list(db, { keyId: old.record.id })).find((x) => x.action === 'key.rotated')
+    t.same(rotatedRow?.details, { replaced_by: r.record.id, force: true, grace_until: null })
+    t.equal((await rejection(s.keys.rotate(old.record.id, {}, actor))).code, 'key_not_active', 'a revoked key cannot be rotated')
+    t.equal((await rejection(s.keys.rotate('AAAAAAAAAAAA', {}, actor))).code, 'key_not_found')
+  })
+
+  for (const failOn of ['key.rotated', 'key.created']) {
+    t.test(`rotate is atomic: a failing ${failOn} audit write leaves everything as it was`, async (t) => {
+      const s = testServices(db)
+      const old = await s.keys.create({ name: `atomic ${failOn}`, type: 'service' }, actor)
+      const failing = testServices(db, { clock: s.clock, audit: new FailingAuditLog(failOn) })
+      const snapshot = await rowJson(db, old.record.id)
+      const keysBefore = await count(db, 'api_keys')
+      const auditBefore = await count(db, 'api_key_audit_log')
+
+      const err = await rejection(failing.keys.rotate(old.record.id, {}, actor))
+      t.match(err.message, `audit write of ${failOn} failed`)
+      t.equal(await rowJson(db, old.record.id), snapshot, 'the old key row is exactly as before')
+      t.equal(await count(db, 'api_keys WHERE rotated_from = $1', [old.record.id]), 0, 'no new key row')
+      t.equal(await count(db, 'api_keys'), keysBefore)
+      t.equal(await count(db, 'api_key_audit_log'), auditBefore, 'no audit row either')
+      t.equal((await s.keys.validate(old.key)).valid, true, 'the old key still works')
+
+      const r = await s.keys.rotate(old.record.id, {}, actor)
+      t.equal(r.previous.status, 'rotating', 'the row lock was released: a later rotation succeeds')
+    })
+  }
+
+  t.test('create is atomic: a failing audit write stores no key', async (t) => {
+    const failing = testServices(db, { audit: new FailingAuditLog('key.created') })
+    const before = await count(db, 'api_keys')
+    await rejection(failing.keys.create({ name: 'never', type: 'user' }, actor))
+    t.equal(await count(db, 'api_keys'), before)
+  })
+
+  t.test('concurrent rotations of one key: exactly one wins', async (t) => {
+    const s = testServices(db)
+    const old = await s.keys.create({ name: 'contended', type: 'user' }, actor)
+    const results = await Promise.allSettled(Array.from({ length: 5 }, () => s.keys.rotate(old.record.id, {}, actor)))
+    const won = results.filter((r) => r.status === 'fulfilled')
+    const lost = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected')
+    t.equal(won.length, 1, 'one rotation succeeds')
+    t.equal(lost.length, 4)
+    t.same(lost.map((r) => (r.reason as { code?: string }).code), ['key_not_active', 'key_not_active', 'key_not_active', 'key_not_active'])
+    t.equal(await count(db, 'api_keys WHERE id = $1 OR rotated_from = $1', [old.record.id]), 2, 'the old key and one new key')
+    t.same(await auditActions(s, db, old.record.id), ['key.created', 'key.rotated'])
+  })
+
+  if (store.kind === 'postgres') {
+    t.test('concurrent rotations of one key, all in flight at once: exactly one wins', async (t) => {
+      // Another transaction holds the row while five rotations start, so all five are
+      // demonstrably inside their transactions, waiting, before any of them can go on.
+      const s = testServices(db)
+      const old = await s.keys.create({ name: 'contended hard', type: 'user' }, actor)
+      let release = () => {}
+      const held = new Promise<void>((resolve) => (release = resolve))
+      let locked = () => {}
+      const isLocked = new Promise<void>((resolve) => (locked = resolve))
+      const blocker = db.transaction(async (tx) => {
+        await tx.query('SELECT id FROM api_keys WHERE id = $1 FOR UPDATE', [old.record.id])
+        locked()
+        await held
+      })
+      await isLocked
+      const rotations = Promise.allSettled(Array.from({ length: 5 }, () => s.keys.rotate(old.record.id, {}, actor)))
+      let waiting = 0
+      for (let i = 0; i < 500 && waiting < 5; i++) {
+        await new Promise((r) => setTimeout(r, 10))
+        const rows = await db.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()`,
+        )
+        waiting = rows[0]?.n ?? 0
+      }
+      t.equal(waiting, 5, 'all five rotations wait on the row at once')
+      release()
+      await blocker
+      const results = await rotations
+      t.equal(results.filter((r) => r.status === 'fulfilled').length, 1, 'one rotation succeeds')
+      t.same(
+        results.flatMap((r) => (r.status === 'rejected' ? [(r.reason as { code?: string }).code] : [])),
+        ['key_not_active', 'key_not_active', 'key_not_active', 'key_not_active'],
+      )
+      t.equal(await count(db, 'api_keys WHERE id = $1 OR rotated_from = $1', [old.record.id]), 2, 'the old key and one new key')
+      t.same(await auditActions(s, db, old.record.id), ['key.created', 'key.rotated'])
+    })
+  }
+
+  t.test('import legacy keys: they keep working', async (t) => {
+    const s = testServices(db)
+    const g = tag()
+    const uuids = [randomUUID(), randomUUID(), randomUUID()]
+    const expires = new Date(T0.getTime() + 90 * 24 * HOUR).toISOString()
+    const records = await s.keys.importLegacy(
+      [
+        { key_hash: sha256(uuids[0] as string), name: `${g} legacy 0`, scopes: ['orders:read'], owner: 'legacy-team', metadata: { from: 'old' } },
+        { key_hash: sha256(uuids[1] as string), name: `${g} legacy 1`, type: 'user' },
+        { key_hash: sha256(uuids[2] as string), name: `${g} legacy 2`, created_at: '2020-05-01T10:00:00Z', expires_at: expires },
+      ],
+      actor,
+    )
+    t.equal(records.length, 3)
+    t.match(records[0], { name: `${g} legacy 0`, type: 'service', status: 'active', legacy: true, scopes: ['orders:read'], owner: 'legacy-team', metadata: { from: 'old' } })
+    t.equal(records[1]?.type, 'user')
+    t.equal(records[2]?.createdAt.toISOString(), '2020-05-01T10:00:00.000Z')
+    t.equal(records[2]?.expiresAt?.toISOString(), expires)
+    for (const [i, uuid] of uuids.entries()) {
+      t.match(await s.keys.validate(uuid), { valid: true, key: { id: records[i]?.id, legacy: true } }, `legacy key ${i} validates`)
+    }
+    t.equal((await s.keys.validate((uuids[0] as string).toUpperCase())).valid, true, 'a UUID is case-insensitive')
+    t.match(await s.keys.validate(randomUUID()), { valid: false, code: 'key_invalid', reason: 'unknown' })
+    const strict = testServices(db, { acceptLegacy: false })
+    t.match(await strict.keys.validate(uuids[0] as string), { valid: false, reason: 'malformed' }, 'refused when legacy keys are not accepted')
+    for (const r of records) t.same(await auditActions(s, db, r.id), ['key.imported'])
+
+    // A legacy key is rotated like any other: the UUID works through the grace period.
+    const rotated = await s.keys.rotate(records[0]?.id as string, {}, actor)
+    t.match(rotated.key, /^kg_/)
+    t.equal((await s.keys.validate(uuids[0] as string)).valid, true)
+    s.clock.advance(48 * HOUR)
+    t.match(await s.keys.validate(uuids[0] as string), { valid: false, code: 'key_expired', reason: 'grace_ended' })
+  })
+
+  t.test('import refuses bad rows, listing every one, and imports nothing', async (t) => {
+    const s = testServices(db)
+    const before = await count(db, 'api_keys')
+    const h = () => sha256(randomUUID())
+    const err = await rejection(
+      s.keys.importLegacy(
+        [
+          { key_hash: h(), name: 'fine' },
+          { key_hash: 'not-a-hash', name: 'x' },
+          { key_hash: h(), name: '' },
+          { name: 'no hash' },
+          { key_hash: h(), name: 'x', colour: 'red' },
+          'not an object',
+          { key_hash: h(), name: 'x', type: 'root' },
+          { key_hash: h(), name: 'x', metadata: { blob: 'x'.repeat(9000) } },
+          { key_hash: h(), name: 'fine too' },
+        ],
+        actor,
+      ),
+    )
+    t.equal(err.code, 'import_invalid')
+    t.equal(err.status, 400)
+    const problems = err.details?.problems as string[]
+    t.same(problems.map((p) => p.match(/^row (\d+):/)?.[1]), ['2', '3', '4', '5', '6', '7', '8'], 'every bad row, and only those')
+    for (const p of problems) t.ok(err.message.includes(p), 'the message lists each problem')
+    t.match(err.message, /^nothing imported/)
+    t.equal(await count(db, 'api_keys'), before, 'nothing imported')
+
+    t.equal((await rejection(s.keys.importLegacy([], actor))).code, 'import_invalid')
+    t.equal((await rejection(s.keys.importLegacy({ key_hash: h(), name: 'x' }, actor))).code, 'import_invalid')
+  })
+
+  t.test('import refuses duplicate hashes, in the file and against the store', async (t) => {
+    const s = testServices(db)
+    const [h1, h2, h3] = [sha256(randomUUID()), sha256(randomUUID()), sha256(randomUUID())]
+    const before = await count(db, 'api_keys')
+    const inFile = await rejection(
+      s.keys.importLegacy(
+        [
+          { key_hash: h1, name: 'one' },
+          { key_hash: h2, name: 'two' },
+          { key_hash: h1, name: 'one again' },
+        ],
+        actor,
+      ),
+    )
+    t.equal(inFile.code, 'import_invalid')
+    t.same(inFile.details?.problems, ['row 3: key_hash repeats row 1'])
+    t.equal(await count(db, 'api_keys'), before)
+
+    await s.keys.importLegacy([{ key_hash: h1, name: 'one' }], actor)
+    const created = await s.keys.create({ name: 'native', type: 'user' }, actor)
+    const inStore = await rejection(
+      s.keys.importLegacy(
+        [
+          { key_hash: h2, name: 'two' },
+          { key_hash: h1, name: 'one again' },
+          { key_hash: h3, name: 'three' },
+          { key_hash: created.record.keyHash, name: 'a native key hash' },
+        ],
+        actor,
+      ),
+    )
+    t.equal(inStore.code, 'import_invalid')
+    t.same((inStore.details?.problems as string[]).sort(), ['row 2: key_hash is already in the store', 'row 4: key_hash is already in the store'])
+    t.equal(await count(db, 'api_keys'), before + 2, 'all or nothing: rows 1 and 3 were not imported either')
+    t.equal(await count(db, 'api_keys WHERE key_hash = ANY($1)', [[h2, h3]]), 0)
+  })
+
+  t.test('stats counts by type and status', async (t) => {
+    const s = testServices(db)
+    const before = await s.keys.stats()
+    const inDays = (d: number) => new Date(T0.getTime() + d * 24 * HOUR).toISOString()
+    await s.keys.create({ name: 'sa', type: 'user' }, actor)
+    const b = await s.keys.create({ name: 'sb', type: 'user' }, actor)
+    const c = await s.keys.create({ name: 'sc', type: 'service', expires_at: inDays(3) }, actor)
+    await s.keys.create({ name: 'sd', type: 'integration', expires_at: inDays(30) }, actor)
+    await s.keys.revoke(b.record.id, undefined, actor)
+    await s.keys.rotate(c.record.id, {}, actor) // c rotating; its successor active, expiring in 3 days
+    await s.keys.importLegacy([{ key_hash: sha256(randomUUID()), name: 'se' }], actor)
+    const after = await s.keys.stats()
+    const delta = (x: Record<string, number>, y: Record<string, number>) => Object.fromEntries(Object.keys(y).map((k) => [k, (y[k] ?? 0) - (x[k] ?? 0)]))
+    t.equal(after.total - before.total, 6)
+    t.same(delta(before.byType, after.byType), { system: 0, user: 2, service: 3, integration: 1, emergency: 0 })
+    t.same(delta(before.byStatus, after.byStatus), { active: 4, rotating: 1, revoked: 1, expired: 0 })
+    t.equal(after.legacy - before.legacy, 1)
+    t.equal(after.expiringSoon - before.expiringSoon, 1, 'only active keys expiring within 7 days')
+    const total = await count(db, 'api_keys')
+    t.equal(after.total, total)
+    t.equal(Object.values(after.byType).reduce((x, y) => x + y, 0), total)
+    t.equal(Object.values(after.byStatus).reduce((x, y) => x + y, 0), total)
+    const narrow = await s.keys.stats(1)
+    t.equal(narrow.expiringSoon, after.expiringSoon - 1, 'a narrower window')
+  })
+
+  t.test('change listeners hear committed changes only', async (t) => {
+    const s = testServices(db)
+    const heard: string[] = []
+    s.keys.onChange((c) => heard.push(c.action))
+    const { record } = await s.keys.create({ name: 'heard', type: 'user' }, actor)
+    await s.keys.update(record.id, { name: 'heard 2' }, actor)
+    await s.keys.rotate(record.id, {}, actor)
+    await s.keys.revoke(record.id, undefined, actor)
+    await rejection(s.keys.revoke(record.id, undefined, actor))
+    t.same(heard, ['created', 'updated', 'rotated', 'revoked'])
+  })
+
+  t.test('every audit row of this store opens with the test key', async (t) => {
+    const s = testServices(db)
+    const n = await count(db, 'api_key_audit_log')
+    const rows = await s.audit.list(db, { limit: 1000 })
+    t.equal(rows.length, n)
+    t.ok(rows.every((r) => r.actor === 'cli:tester' && r.address === '192.0.2.10'))
+  })
+})

@@ -1,0 +1,142 @@
+// Migrations on both stores: applied in order, each once, recorded; changed or missing applied
+// files refused; a failing file leaves nothing behind; several instances migrating at once.
+import t from 'tap'
+import { cpSync, mkdtempSync, readdirSync, rmSync, unlinkSync, writeFileSync, appendFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Test } from 'tap'
+import { openDb, type Db } from '../core/db.ts'
+import { MIGRATIONS_DIR, migrate, pendingMigrations, readMigrations } from '../core/migrate.ts'
+import { forEachStore, freshDatabase, rejection } from './helpers/stores.ts'
+
+const FILES = readdirSync(MIGRATIONS_DIR).filter((f) => f.endsWith('.sql')).sort()
+
+/** A copy of migrations/ that a test may change. */
+function migrationsCopy(t: Test): string {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-migrations-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  cpSync(MIGRATIONS_DIR, dir, { recursive: true })
+  return dir
+}
+
+async function tableExists(db: Db, name: string): Promise<boolean> {
+  const rows = await db.query<{ t: string | null }>('SELECT to_regclass($1)::text AS t', [name])
+  return rows[0]?.t != null
+}
+
+async function recorded(db: Db): Promise<Array<{ version: number; name: string; checksum: string }>> {
+  return db.query('SELECT version, name, checksum FROM keygate_migrations ORDER BY version')
+}
+
+t.test('readMigrations', async (t) => {
+  t.ok(FILES.length >= 1)
+  const migrations = readMigrations()
+  t.same(migrations.map((m) => m.name), FILES, 'every .sql file, in order')
+  t.same(migrations.map((m) => m.version), FILES.map((f) => Number(f.slice(0, 4))))
+  t.ok(migrations.every((m) => /^[0-9a-f]{64}$/.test(m.checksum)))
+
+  for (const bad of ['2_extra.sql', '0002-extra.sql', '0002_Extra.sql', '00002_extra.sql', '0002_.sql']) {
+    const dir = migrationsCopy(t)
+    writeFileSync(join(dir, bad), 'SELECT 1;')
+    t.throws(() => readMigrations(dir), { code: 'migration_modified', message: new RegExp(bad.replace('.', '\\.')) }, `bad file name ${bad}`)
+  }
+  const dup = migrationsCopy(t)
+  writeFileSync(join(dup, '0001_again.sql'), 'SELECT 1;')
+  t.throws(() => readMigrations(dup), { message: /two migration files are numbered 0001/ })
+  const notes = migrationsCopy(t)
+  writeFileSync(join(notes, 'README.md'), '# notes')
+  t.same(readMigrations(notes).map((m) => m.name), FILES, 'files other than .sql are ignored')
+})
+
+await forEachStore(
+  t,
+  async (t, store) => {
+    const { db } = store
+
+    t.test('applies every file once and records it', async (t) => {
+      t.same(await pendingMigrations(db), FILES, 'all pending on an empty store')
+      t.same(await migrate(db), FILES, 'applies all files')
+      for (const table of ['api_keys', 'api_key_audit_log', 'deny_list']) t.ok(await tableExists(db, table), `${table} exists`)
+      t.same(
+        await recorded(db),
+        readMigrations().map((m) => ({ version: m.version, name: m.name, checksum: m.checksum })),
+      )
+      t.same(await migrate(db), [], 'a second run applies nothing')
+      t.same(await pendingMigrations(db), [])
+      t.equal((await recorded(db)).length, FILES.length, 'recorded once')
+    })
+
+    t.test('an applied file that was changed is refused', async (t) => {
+      const dir = migrationsCopy(t)
+      t.same(await migrate(db, dir), [], 'an identical copy matches what was applied')
+      const first = join(dir, FILES[0] as string)
+      appendFileSync(first, '\n-- a harmless-looking comment\n')
+      for (const run of [() => migrate(db, dir), () => pendingMigrations(db, dir)]) {
+        const err = await rejection(run())
+        t.equal(err.code, 'migration_modified')
+        t.match(err.message, `${FILES[0]} was changed after it was applied`)
+      }
+      t.equal((await recorded(db)).length, FILES.length, 'nothing recorded')
+    })
+
+    t.test('a new file is applied; an applied file that disappears is refused', async (t) => {
+      const dir = migrationsCopy(t)
+      writeFileSync(join(dir, '0900_extra.sql'), 'CREATE TABLE kg_extra (id integer PRIMARY KEY);\nINSERT INTO kg_extra VALUES (1);\n')
+      t.same(await pendingMigrations(db, dir), ['0900_extra.sql'])
+      t.same(await migrate(db, dir), ['0900_extra.sql'], 'only the new file')
+      t.ok(await tableExists(db, 'kg_extra'))
+      t.same(await migrate(db, dir), [])
+
+      unlinkSync(join(dir, '0900_extra.sql'))
+      for (const run of [() => migrate(db, dir), () => pendingMigrations(db, dir), () => migrate(db)]) {
+        const err = await rejection(run())
+        t.equal(err.code, 'migration_modified')
+        t.match(err.message, '0900_extra.sql is applied but its file is missing')
+      }
+      // Put the store back as the real migrations/ folder expects it.
+      await db.exec('DROP TABLE kg_extra; DELETE FROM keygate_migrations WHERE version = 900;')
+      t.same(await migrate(db), [])
+    })
+
+    t.test('a failing file leaves nothing behind', async (t) => {
+      const dir = migrationsCopy(t)
+      writeFileSync(join(dir, '0901_good.sql'), 'CREATE TABLE kg_good (id integer);\n')
+      writeFileSync(join(dir, '0902_broken.sql'), 'CREATE TABLE kg_broken (id integer);\nSELEC 1;\n')
+      const err = await rejection(migrate(db, dir))
+      t.match(err.message, /syntax error/)
+      t.notOk(await tableExists(db, 'kg_broken'), 'no table from the failing file')
+      t.notOk(await tableExists(db, 'kg_good'), 'nor from the file applied before it in the same run')
+      t.same((await recorded(db)).map((r) => r.version), readMigrations().map((m) => m.version), 'no record of either')
+      t.same(await pendingMigrations(db, dir), ['0901_good.sql', '0902_broken.sql'])
+
+      unlinkSync(join(dir, '0902_broken.sql'))
+      t.same(await migrate(db, dir), ['0901_good.sql'], 'the store is usable afterwards')
+      await db.exec('DROP TABLE kg_good; DELETE FROM keygate_migrations WHERE version = 901;')
+    })
+  },
+  { migrated: false },
+)
+
+t.test('postgres: six instances migrating one fresh database at once', async (t) => {
+  const url = await freshDatabase(t)
+  const dbs: Db[] = []
+  t.teardown(async () => {
+    for (const db of dbs) await db.close()
+  })
+  for (let i = 0; i < 6; i++) dbs.push(await openDb({ databaseUrl: url, poolMax: 2 }))
+  const results = await Promise.allSettled(dbs.map((db) => migrate(db)))
+  t.same(results.map((r) => r.status), Array(6).fill('fulfilled'), 'every instance succeeds')
+  const applied = results.map((r) => (r.status === 'fulfilled' ? r.value : null))
+  t.equal(applied.filter((a) => a !== null && a.length === FILES.length).length, 1, 'one instance applies the files')
+  t.equal(applied.filter((a) => a !== null && a.length === 0).length, 5, 'the others find nothing to do')
+  const rows = await (dbs[0] as Db).query<{ version: number; n: number }>('SELECT version, count(*)::int AS n FROM keygate_migrations GROUP BY version ORDER BY version')
+  t.same(rows, readMigrations().map((m) => ({ version: m.version, n: 1 })), 'each migration recorded once')
+  for (const db of dbs) t.same(await pendingMigrations(db), [])
+})
+
+t.test('openDb: an unreachable PostgreSQL is store_unavailable, and the password stays out of the message', async (t) => {
+  const err = await rejection(openDb({ databaseUrl: 'postgres://keygate:s3cretpw@127.0.0.1:1/keygate' }))
+  t.equal((err as { code?: string }).code, 'store_unavailable')
+  t.match(err.message, 'cannot reach PostgreSQL at 127.0.0.1:1')
+  t.notOk(err.message.includes('s3cretpw'))
+})
