@@ -22,7 +22,9 @@ export function describeAllowed(schema: TSchema): string {
     case 'String':
       if (schema.format && FORMAT_WORDS[schema.format]) return FORMAT_WORDS[schema.format] as string
       if (schema.pattern) return `a string matching ${schema.pattern}`
+      if (schema.minLength === 1 && schema.maxLength) return `a non-empty string of at most ${schema.maxLength} characters`
       if (schema.minLength && schema.maxLength) return `a string of ${schema.minLength} to ${schema.maxLength} characters`
+      if (schema.minLength === 1) return 'a non-empty string'
       if (schema.minLength) return `a string of at least ${schema.minLength} characters`
       return 'a string'
     case 'Literal':
@@ -32,9 +34,16 @@ export function describeAllowed(schema: TSchema): string {
       return (schema.anyOf as TSchema[]).every((s) => s[Kind] === 'Literal') ? `one of ${parts.join(', ')}` : parts.join(' or ')
     }
     case 'Array': {
-      const item = describeAllowed(schema.items as TSchema).replace(/^(an?|one of) /, '')
-      const bound = schema.maxItems !== undefined ? ` (at most ${schema.maxItems})` : ''
-      return `a list of ${item}${schema.uniqueItems ? ' without repeats' : ''}${bound}`
+      const items = schema.items as TSchema
+      const item =
+        items[Kind] === 'Object'
+          ? `mappings, each ${describeAllowed(items).replace(/^a mapping /, '')}`
+          : describeAllowed(items)
+              .replace(/^one of /, 'values from ')
+              .replace(/^an? /, '')
+              .replace(/^(non-empty )?(string|integer|number)\b/, '$1$2s')
+      const bounds = [schema.minItems ? `at least ${schema.minItems}` : '', schema.maxItems !== undefined ? `at most ${schema.maxItems}` : ''].filter(Boolean)
+      return `a list of ${item}${schema.uniqueItems ? ' without repeats' : ''}${bounds.length ? ` (${bounds.join(', ')})` : ''}`
     }
     case 'Object':
       return schema.properties && Object.keys(schema.properties).length > 0

@@ -168,10 +168,10 @@ t.test('a list where a mapping belongs, or a mapping where a list belongs, is re
     }
   }
   t.same(problemsOf({ file: yamlFile(t, 'routes:\n  api: { path: /api, upstream: "http://127.0.0.1:1" }\n'), env: {} }).problems, [
-    'routes: {"api":{"path":"/api","upstream":"http://127.0.0.1:1"}} is not allowed; expected a list of mapping with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix',
+    'routes: {"api":{"path":"/api","upstream":"http://127.0.0.1:1"}} is not allowed; expected a list of mappings, each with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix',
   ])
   t.same(problemsOf({ file: yamlFile(t, { routes: [{ name: 'a', path: '/', upstream: 'http://127.0.0.1:1', scopes: { admin: true } }] }), env: {} }).problems, [
-    'routes[0].scopes: {"admin":true} is not allowed; expected a list of string of at least 1 characters',
+    'routes[0].scopes: {"admin":true} is not allowed; expected a list of non-empty strings',
   ])
   t.same(problemsOf({ file: yamlFile(t, { routes: [['a']] }), env: {} }).problems, [
     'routes[0]: ["a"] is not allowed; expected a mapping with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix',

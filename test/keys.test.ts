@@ -322,6 +322,24 @@ await forEachStore(t, async (t: Test, store) => {
     t.same(await auditActions(s, db, record.id), ['key.created', 'key.revoked'])
   })
 
+  t.test('update refuses a rotating key (its successor is the one to change) and an expired one', async (t) => {
+    const s = testServices(db)
+    const old = await s.keys.create({ name: 'rot-upd', type: 'service' }, actor)
+    const next = await s.keys.rotate(old.record.id, {}, actor)
+    const err = await rejection(s.keys.update(old.record.id, { name: 'renamed' }, actor))
+    t.equal(err.code, 'key_not_active')
+    t.match(err.message, `change its successor ${next.record.id} instead`)
+    t.equal((await s.keys.update(next.record.id, { name: 'renamed' }, actor)).name, 'renamed', 'the successor can be changed')
+
+    const expiring = await s.keys.create({ name: 'exp-upd', type: 'user', expires_at: new Date(s.clock.now().getTime() + HOUR).toISOString() }, actor)
+    s.clock.advance(2 * HOUR)
+    const snapshot = await rowJson(db, expiring.record.id)
+    const revive = await rejection(s.keys.update(expiring.record.id, { expires_at: new Date(s.clock.now().getTime() + 24 * HOUR).toISOString() }, actor))
+    t.equal(revive.code, 'key_not_active', 'an expired key cannot be brought back by moving its expiry')
+    t.equal(await rowJson(db, expiring.record.id), snapshot)
+    t.match(await s.keys.validate(expiring.key), { valid: false, code: 'key_expired' })
+  })
+
   t.test('revoke, then revoke again', async (t) => {
     const s = testServices(db)
     const { key, record } = await s.keys.create({ name: 'doomed', type: 'user' }, actor)
@@ -604,6 +622,23 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await s.keys.validate(uuids[0] as string)).valid, true)
     s.clock.advance(48 * HOUR)
     t.match(await s.keys.validate(uuids[0] as string), { valid: false, code: 'key_expired', reason: 'grace_ended' })
+  })
+
+  t.test('import takes upper-case hex and marks rows already past their expiry as expired', async (t) => {
+    const s = testServices(db)
+    const g = tag()
+    const [live, dead] = [randomUUID(), randomUUID()]
+    const records = await s.keys.importLegacy(
+      [
+        { key_hash: sha256(live).toUpperCase(), name: `${g} upper` },
+        { key_hash: sha256(dead), name: `${g} dead`, expires_at: '2020-01-01T00:00:00Z' },
+      ],
+      actor,
+    )
+    t.equal(records[0]?.keyHash, sha256(live), 'stored in lower case')
+    t.equal((await s.keys.validate(live)).valid, true)
+    t.equal(records[1]?.status, 'expired')
+    t.match(await s.keys.validate(dead), { valid: false, code: 'key_expired' })
   })
 
   t.test('import refuses bad rows, listing every one, and imports nothing', async (t) => {

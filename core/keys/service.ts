@@ -241,6 +241,8 @@ export class KeyService {
     const record = await this.#db.transaction(async (tx) => {
       const old = await this.#lock(tx, id)
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
+      if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated; change its successor ${old.replacedBy} instead`)
+      if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and can no longer be changed`)
       const sets: string[] = []
       const params: unknown[] = [id]
       const set = (column: string, value: unknown) => {
@@ -347,6 +349,10 @@ export class KeyService {
     const rows: ImportRowInput[] = []
     const seen = new Map<string, number>()
     input.forEach((raw, i) => {
+      if (raw && typeof raw === 'object' && typeof (raw as { key_hash?: unknown }).key_hash === 'string') {
+        // Hex is case-blind; the replaced system may have stored upper case.
+        raw = { ...raw, key_hash: (raw as { key_hash: string }).key_hash.toLowerCase() }
+      }
       try {
         const row = assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`)
         const first = seen.get(row.key_hash)
@@ -375,7 +381,7 @@ export class KeyService {
             keyHash: row.key_hash,
             name: row.name,
             type: row.type ?? defaults.type ?? 'service',
-            status: 'active',
+            status: row.expires_at && new Date(row.expires_at) <= now ? 'expired' : 'active',
             scopes: row.scopes ?? [],
             owner: row.owner ?? null,
             metadata: row.metadata ?? {},
