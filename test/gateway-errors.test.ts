@@ -1,21 +1,18 @@
 // Every status and code of SPEC §3 as the gateway answers it, and the rule that a response
 // never tells which kind of bad key it was.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import http from 'node:http'
 import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { bearer, listen, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
 
-function isError(t: Tap.Test, a: Answer, code: keyof typeof ERRORS) {
+function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
   t.equal(a.status, ERRORS[code].status, `${code}: status`)
   t.equal(a.json?.error?.code, code, `${code}: code`)
   t.type(a.json?.error?.message, 'string')
   t.match(a.json?.error?.request_id, /^[A-Za-z0-9.:-]+$/)
   t.equal(a.headers['x-request-id'], a.json?.error?.request_id, 'request id header matches the body')
   t.match(a.headers['content-type'], /^application\/json/)
-}
-declare namespace Tap {
-  type Test = typeof t
 }
 
 t.test('key_missing and every bad key answer alike', async (t) => {
