@@ -154,6 +154,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // Node checks the header timeout on this interval; a slow-header client is cut within about a quarter of the timeout.
     connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(g.headers_timeout_ms / 4))),
     joinDuplicateHeaders: true,
+    // request-check.ts answers a missing Host with the JSON error instead of Node's bare 400.
+    requireHostHeader: false,
   })
   // One more than allowed, so "too many" can be seen (Node silently drops header lines past this count).
   server.maxHeadersCount = g.max_headers + 1

@@ -1,5 +1,5 @@
 // Requests the HTTP parser accepts but a gateway must not forward: too many header lines, an
-// absolute-form target naming another host than Host, a Host repeated, dot segments that
+// absolute-form target naming another host than Host, a Host missing (HTTP/1.1) or repeated, dot segments that
 // could walk out of a route's prefix, and methods that are never proxied. Framing attacks
 // (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
 // chunking) are refused earlier by Node's strict parser; see index.ts for `clientError`.
@@ -19,6 +19,10 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       return 'method_not_allowed'
     }
     const host = req.headers.host
+    if (host === undefined && req.httpVersionMinor === 1) {
+      s.message = 'Host is required.'
+      return 'bad_request'
+    }
     if (host !== undefined && host.includes(',')) {
       s.message = 'Host is repeated.'
       return 'bad_request'
