@@ -41,7 +41,15 @@ export async function subscribeInvalidations(redis: Redis, handler: (message: st
   sub.on('message', (channel: string, message: string) => {
     if (channel === INVALIDATION_CHANNEL) handler(message)
   })
-  await sub.subscribe(INVALIDATION_CHANNEL)
+  // Redis being down must not stop a gateway from starting: subscribe when it is back
+  // (ioredis resubscribes by itself after a subscription once succeeded).
+  const trySubscribe = (): void => {
+    sub.subscribe(INVALIDATION_CHANNEL).catch((err: unknown) => {
+      log?.warn('could not subscribe to invalidations; retrying when Redis is ready', { err: err as Error })
+      sub.once('ready', trySubscribe)
+    })
+  }
+  trySubscribe()
   return async () => {
     sub.disconnect()
   }
