@@ -62,6 +62,12 @@ export interface GatewayMetrics {
   readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
 }
 
+// A series exists (at 0) from start-up, so rates and alerts work before the first event.
+function zeroed(child: CounterChild): CounterChild {
+  child.inc(0)
+  return child
+}
+
 /** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()
@@ -102,22 +108,24 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const byRoute = new Map<string, RouteMetrics>()
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
     const children = {} as Record<GatewayOutcome, CounterChild>
-    for (const outcome of GATEWAY_OUTCOMES) children[outcome] = requests.labels(name, outcome)
+    for (const outcome of GATEWAY_OUTCOMES) children[outcome] = zeroed(requests.labels(name, outcome))
+    duration.zero({ route: name })
+    upstream.zero({ route: name })
     byRoute.set(name, { requests: Object.freeze(children), duration: duration.labels(name), upstream: upstream.labels(name) })
   }
   const none = byRoute.get(NO_ROUTE) as RouteMetrics
   const bad = {} as Record<BadKeyReason, CounterChild>
-  for (const reason of BAD_KEY_REASONS) bad[reason] = badKeys.labels(reason)
+  for (const reason of BAD_KEY_REASONS) bad[reason] = zeroed(badKeys.labels(reason))
 
   return {
     registry,
     route: (name) => byRoute.get(name) ?? none,
-    cache: { hit: cache.labels('hit'), miss: cache.labels('miss'), negativeHit: cache.labels('negative_hit') },
-    rateLimited: { address: limited.labels('address'), key: limited.labels('key') },
+    cache: { hit: zeroed(cache.labels('hit')), miss: zeroed(cache.labels('miss')), negativeHit: zeroed(cache.labels('negative_hit')) },
+    rateLimited: { address: zeroed(limited.labels('address')), key: zeroed(limited.labels('key')) },
     lockedOutRequests,
     lockouts,
     badKeys: Object.freeze(bad),
     denyListEntries,
-    storeErrors: { lookup: storeErrors.labels('key_lookup'), denyList: storeErrors.labels('deny_list') },
+    storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },
   }
 }
