@@ -28,6 +28,11 @@ function listValues(value: string): string | string[] | undefined {
   return value.split(',').map((v) => v.trim()).filter((v) => v !== '')
 }
 
+function twoKeys(s: RequestState): 'bad_request' {
+  s.message = 'The request carries more than one API key.'
+  return 'bad_request'
+}
+
 export function createKeyExtractStage(options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string }): Stage {
   const order = options.sources.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
   const param = options.queryParam
@@ -52,13 +57,15 @@ export function createKeyExtractStage(options: { sources: readonly ('authorizati
       const source = order[i] as number
       const found = valuesOf(s, source)
       if (found === undefined) continue
-      const list = typeof found === 'string' ? [found] : found
-      for (const v of list) {
-        if (key === undefined) key = v
-        else if (key !== v) {
-          s.message = 'The request carries more than one API key.'
-          return 'bad_request'
-        }
+      if (typeof found === 'string') {
+        if (key !== undefined && key !== found) return twoKeys(s)
+        key = found
+        bits |= source
+        continue
+      }
+      for (const v of found) {
+        if (key !== undefined && key !== v) return twoKeys(s)
+        key = v
         bits |= source
       }
     }

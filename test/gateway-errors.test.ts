@@ -16,7 +16,7 @@ function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
 }
 
 t.test('key_missing and every bad key answer alike', async (t) => {
-  const h = await startGateway(t, { config: { lockout: { max_attempts: 1000, window_s: 60 } } })
+  const h = await startGateway(t, { sharedStore: true, config: { lockout: { max_attempts: 1000, window_s: 60 } } })
   const good = await h.key()
   const revoked = await h.key()
   await h.keys.revoke(revoked.id, 'test', ACTOR)
@@ -63,7 +63,7 @@ t.test('key_missing and every bad key answer alike', async (t) => {
 })
 
 t.test('reveal_key_status answers key_revoked and key_expired', async (t) => {
-  const h = await startGateway(t, { config: { gateway: { reveal_key_status: true } } })
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { reveal_key_status: true } } })
   const revoked = await h.key()
   await h.keys.revoke(revoked.id, undefined, ACTOR)
   isError(t, await h.get('/', bearer(revoked.key)), 'key_revoked')
@@ -108,14 +108,14 @@ t.test('ip_blocked, scope_denied, route_not_found, bad_request', async (t) => {
 })
 
 t.test('rate_limited and ip_locked_out', async (t) => {
-  const h = await startGateway(t, { config: { rate_limits: { per_address: { limit: 3, window_s: 60 } }, lockout: { max_attempts: 2, window_s: 60 } } })
+  const h = await startGateway(t, { sharedStore: true, config: { rate_limits: { per_address: { limit: 3, window_s: 60 } }, lockout: { max_attempts: 2, window_s: 60 } } })
   const k = await h.key()
   for (let i = 0; i < 3; i++) t.equal((await h.get('/', bearer(k.key))).status, 200)
   const limited = await h.get('/', bearer(k.key))
   isError(t, limited, 'rate_limited')
   t.ok(Number(limited.headers['retry-after']) >= 1)
 
-  const h2 = await startGateway(t, { config: { lockout: { max_attempts: 2, window_s: 60 } } })
+  const h2 = await startGateway(t, { sharedStore: true, config: { lockout: { max_attempts: 2, window_s: 60 } } })
   isError(t, await h2.get('/', bearer('nope')), 'key_invalid')
   isError(t, await h2.get('/', bearer('nope')), 'key_invalid')
   const locked = await h2.get('/', bearer((await h2.key()).key))

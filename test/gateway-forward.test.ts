@@ -20,7 +20,7 @@ export function rawExchange(port: number, text: string): Promise<string> {
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
 t.test('identity headers set once; credential, spoofed and hop-by-hop headers gone', async (t) => {
-  const h = await startGateway(t, { upstream: undefined })
+  const h = await startGateway(t, { sharedStore: true, upstream: undefined })
   const k = await h.key({ name: 'Zoë’s key', type: 'service', scopes: ['a', 'b:read'] })
   const a = await h.get('/some/path?x=1', {
     ...bearer(k.key),
@@ -67,7 +67,7 @@ t.test('identity headers set once; credential, spoofed and hop-by-hop headers go
 })
 
 t.test('X-API-Key and query sources; strip and keep the credential', async (t) => {
-  const h = await startGateway(t, { config: { gateway: { key_sources: ['x-api-key', 'query'] } } })
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['x-api-key', 'query'] } } })
   const k = await h.key()
   const viaHeader = await h.get('/p', { 'x-api-key': k.key, authorization: 'Basic dXNlcjpwdw==' })
   t.equal(viaHeader.status, 200)
@@ -78,13 +78,13 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
   t.equal((viaQuery.json as Received).url, '/p?a=1&b=2')
   t.equal((await h.get('/p', bearer(k.key))).status, 401, 'authorization is not a source here')
 
-  const keep = await startGateway(t, { config: { gateway: { strip_credential: false } } })
+  const keep = await startGateway(t, { sharedStore: true, config: { gateway: { strip_credential: false } } })
   const k2 = await keep.key()
   t.equal(((await keep.get('/', bearer(k2.key))).json as Received).headers.authorization, `Bearer ${k2.key}`)
 })
 
 t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
-  const h = await startGateway(t, {
+  const h = await startGateway(t, { sharedStore: true,
     config: { gateway: { trusted_proxies: ['127.0.0.1', '10.0.0.0/8'] }, deny_list: ['203.0.113.9'] },
   })
   const k = await h.key()
@@ -97,7 +97,7 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '203.0.113.9, 198.51.100.1' })).status, 200, 'a spoofed left entry is not the client')
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '::ffff:203.0.113.9' })).status, 403, 'IPv4-mapped IPv6 normalised')
 
-  const untrusted = await startGateway(t, { config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
+  const untrusted = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
   const k2 = await untrusted.key()
   const b = await untrusted.get('/', { ...bearer(k2.key), 'x-forwarded-for': '203.0.113.9', 'x-forwarded-proto': 'https' })
   t.equal(b.status, 200, 'X-Forwarded-For from an untrusted peer is ignored')
@@ -106,7 +106,7 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
 })
 
 t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', async (t) => {
-  const h = await startGateway(t, {
+  const h = await startGateway(t, { sharedStore: true,
     routes: [
       { name: 'root', path: '/', upstream: '{upstream}/root' },
       { name: 'api', path: '/api', upstream: '{upstream}/v2/', strip_prefix: true },
@@ -126,7 +126,7 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
 })
 
 t.test('response hop-by-hop headers dropped, others kept', async (t) => {
-  const h = await startGateway(t, {
+  const h = await startGateway(t, { sharedStore: true,
     upstream: (_req, res) => {
       res.setHeader('connection', 'x-private')
       res.setHeader('x-private', 'hop')
@@ -144,7 +144,7 @@ t.test('response hop-by-hop headers dropped, others kept', async (t) => {
 })
 
 t.test('headers named in Connection are dropped; Expect: 100-continue waits for the checks', async (t) => {
-  const h = await startGateway(t)
+  const h = await startGateway(t, { sharedStore: true })
   const k = await h.key()
   const out = await rawExchange(
     h.port,

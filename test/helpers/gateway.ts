@@ -93,6 +93,12 @@ export async function openStore(t: Tap, config: Config): Promise<Store> {
   return { db, audit, keys, denyList }
 }
 
+let shared: Promise<Store> | undefined
+function sharedStore(config: Config): Promise<Store> {
+  shared ??= openStore({ teardown: () => {} }, config)
+  return shared
+}
+
 export interface Harness extends Store {
   config: Config
   gateway: Gateway
@@ -125,6 +131,8 @@ export interface HarnessOptions {
   now?: () => Date
   /** Share the store's DenyListService with the gateway (as `serve` does). */
   shareDenyList?: boolean
+  /** Use one store for the whole test file (opening PGlite is the slow part); not for tests that change the deny list or close the store. */
+  sharedStore?: boolean
 }
 
 export async function startGateway(t: Tap, options: HarnessOptions = {}): Promise<Harness> {
@@ -134,7 +142,7 @@ export async function startGateway(t: Tap, options: HarnessOptions = {}): Promis
     upstream: String(r.upstream).replace('{upstream}', upstream.url),
   }))
   const config = makeConfig({ ...(options.config ?? {}), routes })
-  const store = options.store ?? (await openStore(t, config))
+  const store = options.store ?? (options.sharedStore ? await sharedStore(config) : await openStore(t, config))
   const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), config.routes.map((r) => r.name))
   const gateway = await createGateway({
     config,
