@@ -3,7 +3,7 @@
 // matching at its expiry: the list is recompiled when the earliest expiry passes.
 import QuickLRU from 'quick-lru'
 import type ipaddr from 'ipaddr.js'
-import type { DenyEntry } from '../core/deny-list.ts'
+import type { DenyChange, DenyEntry } from '../core/deny-list.ts'
 import { parseAddress, parseRange } from '../core/keys/evaluate.ts'
 import type { RequestState, Stage } from './state.ts'
 
@@ -13,7 +13,7 @@ const MEMO_SIZE = 4096
 
 export class DenyMatcher {
   readonly #fixed: Range[]
-  #stored: Array<{ range: Range; expiresAt: number }> = []
+  #stored: Array<{ id: string; range: Range; expiresAt: number }> = []
   #active: Range[] = []
   #nextExpiry = Infinity
   // quick-lru holds up to twice maxSize.
@@ -34,7 +34,17 @@ export class DenyMatcher {
     this.#stored = []
     for (const e of entries) {
       const range = parseRange(e.cidr)
-      if (range) this.#stored.push({ range, expiresAt: e.expiresAt ? e.expiresAt.getTime() : Infinity })
+      if (range) this.#stored.push({ id: e.id, range, expiresAt: e.expiresAt ? e.expiresAt.getTime() : Infinity })
+    }
+    this.#compile(nowMs)
+  }
+
+  /** Applies one change made in this process at once, before the reload that follows it. */
+  apply(change: DenyChange, nowMs: number): void {
+    this.#stored = this.#stored.filter((e) => e.id !== change.entry.id)
+    if (change.action === 'added') {
+      const range = parseRange(change.entry.cidr)
+      if (range) this.#stored.push({ id: change.entry.id, range, expiresAt: change.entry.expiresAt ? change.entry.expiresAt.getTime() : Infinity })
     }
     this.#compile(nowMs)
   }

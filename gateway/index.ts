@@ -210,7 +210,13 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     cache.invalidateKey(change.key.id)
     if (change.previous) cache.invalidateKey(change.previous.id)
   })
-  const offDeny = denyService.onChange(() => void refreshDenyList())
+  const offDeny = denyService.onChange((change) => {
+    const before = deny.size > 0
+    deny.apply(change, now())
+    metrics.denyListEntries.set(deny.size)
+    if (before !== deny.size > 0) stages = build()
+    void refreshDenyList()
+  })
   const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
   timer.unref()
 
