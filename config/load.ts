@@ -157,7 +157,7 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     } else if (names.has('default')) {
       problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)
     } else {
-      config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false })
+      config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false })
     }
   }
   for (const side of ['gateway', 'admin'] as const) {

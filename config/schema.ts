@@ -60,6 +60,7 @@ const Route = Type.Object(
       description: 'Scopes a key needs (any one of them) for this route; empty means any valid key.',
     }),
     strip_prefix: Type.Boolean({ default: false, description: 'Remove the path prefix before forwarding.' }),
+    preserve_host: Type.Boolean({ default: false, description: "Send the client's Host upstream instead of the upstream's own (X-Forwarded-Host carries it either way)." }),
   },
   { additionalProperties: false },
 )
@@ -87,6 +88,12 @@ export const ConfigSchema = Type.Object(
           description: 'Answer key_expired/key_revoked instead of key_invalid for known bad keys (off: a response never tells which).',
         }),
         max_header_bytes: int(16_384, 1024, 1_048_576, { description: 'Largest request header block accepted (431 above).' }),
+        max_headers: int(100, 8, 1000, { description: 'Most request header lines accepted (431 above).' }),
+        accept_request_id: Type.Boolean({
+          default: true,
+          description: 'Keep a client-sent X-Request-Id when it is 8-128 characters of A-Z a-z 0-9 . : - (and not shaped like a UUID v4); otherwise one is generated.',
+        }),
+        deny_list_refresh_s: int(5, 1, 3600, { description: 'How often the stored deny list is re-read (changes made by other processes).' }),
         headers_timeout_ms: int(10_000, 100, 600_000, { description: 'Time a client has to send its request headers.' }),
         shutdown_timeout_ms: int(10_000, 0, 600_000, { description: 'How long in-flight requests may take to finish on SIGTERM.' }),
         tls: Tls,
@@ -109,6 +116,7 @@ export const ConfigSchema = Type.Object(
     rate_limits: Type.Object(
       {
         per_address: Limit(1000, 1, 'Limit per client address.'),
+        ipv6_prefix_bits: int(64, 32, 128, { description: 'IPv6 clients are counted per network of this size for rate limits and lockouts (128: per address).' }),
         per_key: Type.Object(
           {
             default: Limit(100, 1, 'Limit per key for types without their own.'),

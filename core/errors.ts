@@ -18,11 +18,13 @@ export const ERRORS = {
   store_unavailable: { status: 503, message: 'The key store is not available.' },
   bad_request: { status: 400, message: 'The request is malformed.' },
   headers_too_large: { status: 431, message: 'The request headers are too large.' },
+  request_timeout: { status: 408, message: 'The request headers were not received in time.' },
 
   // Admin API and CLI
   unauthorized: { status: 401, message: 'An admin credential is required.' },
   forbidden: { status: 403, message: 'This credential may not use the admin API.' },
   not_found: { status: 404, message: 'Not found.' },
+  deny_entry_not_found: { status: 404, message: 'No deny list entry has this id.' },
   key_not_found: { status: 404, message: 'No key has this id.' },
   method_not_allowed: { status: 405, message: 'This method is not allowed here.' },
   conflict: { status: 409, message: 'The request conflicts with the current state.' },

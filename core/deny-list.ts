@@ -1,0 +1,139 @@
+// The stored IP deny list (the admin API's /v1/deny-list and the gateway read it). Addresses are
+// stored normalised — IPv4-mapped IPv6 as IPv4, a range as its network address — so one range
+// has one spelling and the UNIQUE constraint means what it says. Each change writes its audit
+// row in the same transaction.
+import ipaddr from 'ipaddr.js'
+import type { Db } from './db.ts'
+import { sqlState, UNIQUE_VIOLATION } from './db.ts'
+import type { Actor, AuditLog } from './audit.ts'
+import { KeygateError } from './errors.ts'
+import { randomBase62 } from './keys/format.ts'
+import { parseRange } from './keys/evaluate.ts'
+
+export interface DenyEntry {
+  id: string
+  cidr: string
+  reason: string | null
+  createdBy: string
+  createdAt: Date
+  expiresAt: Date | null
+}
+
+export type DenyChange = { action: 'added' | 'removed'; entry: DenyEntry }
+
+export interface DenyInput {
+  cidr: string
+  reason?: string | null
+  expiresAt?: Date | string | null
+}
+
+interface DenyRow {
+  id: string
+  cidr: string
+  reason: string | null
+  created_by: string
+  created_at: Date
+  expires_at: Date | null
+}
+
+const toEntry = (r: DenyRow): DenyEntry => ({ id: r.id, cidr: r.cidr, reason: r.reason, createdBy: r.created_by, createdAt: r.created_at, expiresAt: r.expires_at })
+
+/** The one spelling of an address or range: `192.0.2.0/24`, `2001:db8::/32`, `192.0.2.7`; undefined when invalid. */
+export function normaliseCidr(input: string): string | undefined {
+  const range = parseRange(input.trim())
+  if (!range) return undefined
+  const [addr, bits] = range
+  const full = addr.kind() === 'ipv4' ? 32 : 128
+  if (bits === full) return addr.toString()
+  const network = addr.kind() === 'ipv4' ? ipaddr.IPv4.networkAddressFromCIDR(`${addr.toString()}/${bits}`) : ipaddr.IPv6.networkAddressFromCIDR(`${addr.toString()}/${bits}`)
+  return `${network.toString()}/${bits}`
+}
+
+function invalid(field: string, message: string): KeygateError {
+  return new KeygateError('validation_failed', `${field}: ${message}`, { fields: [{ field, message }] })
+}
+
+export class DenyListService {
+  readonly #db: Db
+  readonly #audit: AuditLog | undefined
+  readonly #now: () => Date
+  readonly #listeners = new Set<(change: DenyChange) => void>()
+
+  /** Without `audit` the service can only read (the gateway's own instance). */
+  constructor(options: { db: Db; audit?: AuditLog; now?: () => Date }) {
+    this.#db = options.db
+    this.#audit = options.audit
+    this.#now = options.now ?? (() => new Date())
+  }
+
+  /** Called after each committed change. */
+  onChange(listener: (change: DenyChange) => void): () => void {
+    this.#listeners.add(listener)
+    return () => this.#listeners.delete(listener)
+  }
+
+  #emit(change: DenyChange): void {
+    for (const l of this.#listeners) l(change)
+  }
+
+  /** Entries in force (or all, with `includeExpired`), oldest first. */
+  async list(options: { includeExpired?: boolean } = {}): Promise<DenyEntry[]> {
+    const rows = options.includeExpired
+      ? await this.#db.query<DenyRow>('SELECT id, cidr, reason, created_by, created_at, expires_at FROM deny_list ORDER BY created_at, id')
+      : await this.#db.query<DenyRow>(
+          'SELECT id, cidr, reason, created_by, created_at, expires_at FROM deny_list WHERE expires_at IS NULL OR expires_at > $1 ORDER BY created_at, id',
+          [this.#now()],
+        )
+    return rows.map(toEntry)
+  }
+
+  async add(input: DenyInput, actor: Actor): Promise<DenyEntry> {
+    const audit = this.#requireAudit()
+    const cidr = typeof input.cidr === 'string' ? normaliseCidr(input.cidr) : undefined
+    if (!cidr) throw invalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
+    if (input.reason != null && (typeof input.reason !== 'string' || input.reason.length > 500)) throw invalid('reason', 'expected a string of at most 500 characters')
+    const now = this.#now()
+    let expiresAt: Date | null = null
+    if (input.expiresAt != null) {
+      expiresAt = input.expiresAt instanceof Date ? input.expiresAt : new Date(input.expiresAt)
+      if (Number.isNaN(expiresAt.getTime())) throw invalid('expires_at', 'expected an RFC 3339 date-time')
+      if (expiresAt <= now) throw invalid('expires_at', 'is in the past')
+    }
+    const id = randomBase62(16)
+    let entry: DenyEntry
+    try {
+      entry = await this.#db.transaction(async (tx) => {
+        // An expired entry for the same range is history, not a conflict.
+        await tx.query('DELETE FROM deny_list WHERE cidr = $1 AND expires_at IS NOT NULL AND expires_at <= $2', [cidr, now])
+        const rows = await tx.query<DenyRow>(
+          'INSERT INTO deny_list (id, cidr, reason, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, cidr, reason, created_by, created_at, expires_at',
+          [id, cidr, input.reason ?? null, actor.actor, now, expiresAt],
+        )
+        await audit.write(tx, actor, { action: 'deny_list.added', details: { id, cidr, reason: input.reason ?? null, expires_at: expiresAt?.toISOString() ?? null } })
+        return toEntry(rows[0] as DenyRow)
+      })
+    } catch (err) {
+      if (sqlState(err) === UNIQUE_VIOLATION) throw new KeygateError('conflict', `${cidr} is already on the deny list`, { cidr }, { cause: err })
+      throw err
+    }
+    this.#emit({ action: 'added', entry })
+    return entry
+  }
+
+  async remove(id: string, actor: Actor): Promise<DenyEntry> {
+    const audit = this.#requireAudit()
+    const entry = await this.#db.transaction(async (tx) => {
+      const rows = await tx.query<DenyRow>('DELETE FROM deny_list WHERE id = $1 RETURNING id, cidr, reason, created_by, created_at, expires_at', [id])
+      if (!rows[0]) throw new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(id)}`)
+      await audit.write(tx, actor, { action: 'deny_list.removed', details: { id, cidr: rows[0].cidr } })
+      return toEntry(rows[0])
+    })
+    this.#emit({ action: 'removed', entry })
+    return entry
+  }
+
+  #requireAudit(): AuditLog {
+    if (!this.#audit) throw new Error('this DenyListService was created without an audit log and can only read')
+    return this.#audit
+  }
+}

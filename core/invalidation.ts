@@ -1,0 +1,56 @@
+// Cross-instance invalidation over Redis pub/sub: whoever changes a key or the deny list
+// publishes, every gateway listening drops what it cached (SPEC §3: a revoked key stops
+// working on every instance within 1 s with Redis). Messages: `key:<id>`, `hash:<sha256>`,
+// `deny`, `all`.
+import type { Redis } from 'ioredis'
+import type { DenyListService } from './deny-list.ts'
+import type { KeyService } from './keys/service.ts'
+import type { Logger } from './log.ts'
+
+export const INVALIDATION_CHANNEL = 'keygate:invalidate'
+
+export type InvalidationMessage = `key:${string}` | `hash:${string}` | 'deny' | 'all'
+
+export function publishInvalidation(redis: Redis, message: InvalidationMessage, log?: Logger): void {
+  redis.publish(INVALIDATION_CHANNEL, message).catch((err: unknown) => log?.warn('could not publish an invalidation', { err: err as Error, message }))
+}
+
+/** Publishes every committed change of `keys` (and `denyList`); returns the unsubscriber. */
+export function bindInvalidationPublisher(options: { redis: Redis; keys?: KeyService; denyList?: DenyListService; log?: Logger }): () => void {
+  const { redis, log } = options
+  const offs: Array<() => void> = []
+  if (options.keys) {
+    offs.push(
+      options.keys.onChange((change) => {
+        publishInvalidation(redis, `key:${change.key.id}`, log)
+        publishInvalidation(redis, `hash:${change.key.keyHash}`, log)
+        if (change.previous) publishInvalidation(redis, `key:${change.previous.id}`, log)
+      }),
+    )
+  }
+  if (options.denyList) offs.push(options.denyList.onChange(() => publishInvalidation(redis, 'deny', log)))
+  return () => {
+    for (const off of offs) off()
+  }
+}
+
+/** Listens on a dedicated connection (a subscribed Redis connection can do nothing else). */
+export async function subscribeInvalidations(redis: Redis, handler: (message: string) => void, log?: Logger): Promise<() => Promise<void>> {
+  const sub = redis.duplicate()
+  sub.on('error', (err: Error) => log?.warn('invalidation subscriber error', { err }))
+  sub.on('message', (channel: string, message: string) => {
+    if (channel === INVALIDATION_CHANNEL) handler(message)
+  })
+  // Redis being down must not stop a gateway from starting: subscribe when it is back
+  // (ioredis resubscribes by itself after a subscription once succeeded).
+  const trySubscribe = (): void => {
+    sub.subscribe(INVALIDATION_CHANNEL).catch((err: unknown) => {
+      log?.warn('could not subscribe to invalidations; retrying when Redis is ready', { err: err as Error })
+      sub.once('ready', trySubscribe)
+    })
+  }
+  trySubscribe()
+  return async () => {
+    sub.disconnect()
+  }
+}

@@ -1,0 +1,131 @@
+// Prometheus metrics. Every metric and every label child the gateway touches is created here at
+// start-up, so the request path only calls inc()/observe() on objects it already holds, and the
+// label values are a closed set (route names from the config, outcome and reason words): no key
+// material, no addresses, nothing a client can make grow.
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+
+/** What became of a gateway request: forwarded, or the error code it was answered with. */
+export const GATEWAY_OUTCOMES = [
+  'forwarded',
+  'key_missing',
+  'key_invalid',
+  'key_expired',
+  'key_revoked',
+  'ip_blocked',
+  'scope_denied',
+  'route_not_found',
+  'rate_limited',
+  'ip_locked_out',
+  'upstream_unavailable',
+  'upstream_timeout',
+  'store_unavailable',
+  'bad_request',
+  'headers_too_large',
+  'method_not_allowed',
+  'request_timeout',
+  'internal_error',
+] as const
+export type GatewayOutcome = (typeof GATEWAY_OUTCOMES)[number]
+
+/** Why a presented key was refused (for metrics and logs only; never in a response by default). */
+export const BAD_KEY_REASONS = ['malformed', 'unknown', 'wrong_secret', 'revoked', 'expired', 'grace_ended', 'address_not_bound'] as const
+export type BadKeyReason = (typeof BAD_KEY_REASONS)[number]
+
+/** Label value for requests that never reached a route. */
+export const NO_ROUTE = 'none'
+
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+
+type CounterChild = Counter.Internal
+type HistogramChild = Histogram.Internal<string>
+
+export interface RouteMetrics {
+  requests: Readonly<Record<GatewayOutcome, CounterChild>>
+  /** Request arrival to response head written. */
+  duration: HistogramChild
+  /** Upstream dispatch to upstream response head. */
+  upstream: HistogramChild
+}
+
+export interface GatewayMetrics {
+  readonly registry: Registry
+  /** Pre-created children of a route (or NO_ROUTE); unknown names get the NO_ROUTE children. */
+  route(name: string): RouteMetrics
+  readonly cache: { hit: CounterChild; miss: CounterChild; negativeHit: CounterChild }
+  readonly rateLimited: { address: CounterChild; key: CounterChild }
+  /** Requests answered ip_locked_out. */
+  readonly lockedOutRequests: Counter
+  /** Addresses that reached the failed-attempt limit. */
+  readonly lockouts: Counter
+  readonly badKeys: Readonly<Record<BadKeyReason, CounterChild>>
+  readonly denyListEntries: Gauge
+  readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
+}
+
+// A series exists (at 0) from start-up, so rates and alerts work before the first event.
+function zeroed(child: CounterChild): CounterChild {
+  child.inc(0)
+  return child
+}
+
+/** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
+export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
+  const registry = new Registry()
+  if (options.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'keygate_' })
+  return registry
+}
+
+export function createGatewayMetrics(registry: Registry, routeNames: readonly string[]): GatewayMetrics {
+  const registers = [registry]
+  const requests = new Counter({
+    name: 'keygate_gateway_requests_total',
+    help: 'Gateway requests by route and outcome (forwarded, or the error code answered).',
+    labelNames: ['route', 'outcome'],
+    registers,
+  })
+  const duration = new Histogram({
+    name: 'keygate_gateway_request_duration_seconds',
+    help: 'Time from request arrival to the response head being written, by route.',
+    labelNames: ['route'],
+    buckets: LATENCY_BUCKETS,
+    registers,
+  })
+  const upstream = new Histogram({
+    name: 'keygate_upstream_duration_seconds',
+    help: 'Time from dispatch to the upstream response head, by route.',
+    labelNames: ['route'],
+    buckets: LATENCY_BUCKETS,
+    registers,
+  })
+  const cache = new Counter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
+  const limited = new Counter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
+  const lockedOutRequests = new Counter({ name: 'keygate_locked_out_requests_total', help: 'Requests answered ip_locked_out.', registers })
+  const lockouts = new Counter({ name: 'keygate_lockouts_total', help: 'Addresses locked out after too many failed key attempts.', registers })
+  const badKeys = new Counter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
+  const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers })
+  const storeErrors = new Counter({ name: 'keygate_store_errors_total', help: 'Store failures seen by the gateway, by operation.', labelNames: ['operation'], registers })
+
+  const byRoute = new Map<string, RouteMetrics>()
+  for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
+    const children = {} as Record<GatewayOutcome, CounterChild>
+    for (const outcome of GATEWAY_OUTCOMES) children[outcome] = zeroed(requests.labels(name, outcome))
+    duration.zero({ route: name })
+    upstream.zero({ route: name })
+    byRoute.set(name, { requests: Object.freeze(children), duration: duration.labels(name), upstream: upstream.labels(name) })
+  }
+  const none = byRoute.get(NO_ROUTE) as RouteMetrics
+  const bad = {} as Record<BadKeyReason, CounterChild>
+  for (const reason of BAD_KEY_REASONS) bad[reason] = zeroed(badKeys.labels(reason))
+
+  return {
+    registry,
+    route: (name) => byRoute.get(name) ?? none,
+    cache: { hit: zeroed(cache.labels('hit')), miss: zeroed(cache.labels('miss')), negativeHit: zeroed(cache.labels('negative_hit')) },
+    rateLimited: { address: zeroed(limited.labels('address')), key: zeroed(limited.labels('key')) },
+    lockedOutRequests,
+    lockouts,
+    badKeys: Object.freeze(bad),
+    denyListEntries,
+    storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },
+  }
+}

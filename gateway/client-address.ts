@@ -1,0 +1,94 @@
+// The client address (SPEC §3): the socket peer, or — when the peer is a trusted proxy — the
+// right-most address in X-Forwarded-For that is not itself a trusted proxy. Addresses are
+// normalised (IPv4-mapped IPv6 becomes IPv4); IPv6 clients are counted per network
+// (`rate_limits.ipv6_prefix_bits`) for limits and lockouts, since one host holds a whole /64.
+import type { Socket } from 'node:net'
+import ipaddr from 'ipaddr.js'
+import { parseAddress, rangeMatcher } from '../core/keys/evaluate.ts'
+import type { RequestState, Stage } from './state.ts'
+
+interface Peer {
+  address: string
+  key: string
+  trusted: boolean
+}
+
+const kPeer = Symbol('keygate.peer')
+type PeerSocket = Socket & { [kPeer]?: Peer }
+
+export interface AddressOptions {
+  trustedProxies: readonly string[]
+  ipv6PrefixBits: number
+}
+
+/** `address` → the string limits and lockouts count it under. */
+export function addressKeyer(ipv6PrefixBits: number): (address: string) => string {
+  if (ipv6PrefixBits >= 128) return (a) => a
+  return (a) => {
+    if (!a.includes(':')) return a
+    const parsed = parseAddress(a)
+    if (!parsed || parsed.kind() !== 'ipv6') return a
+    return `${ipaddr.IPv6.networkAddressFromCIDR(`${a}/${ipv6PrefixBits}`).toString()}/${ipv6PrefixBits}`
+  }
+}
+
+function normalise(raw: string | undefined): string | undefined {
+  if (raw === undefined) return undefined
+  // The common case, a plain IPv4 address, needs no parsing.
+  if (!raw.includes(':')) return raw
+  return parseAddress(raw)?.toString()
+}
+
+export function createClientAddressStage(options: AddressOptions): Stage {
+  const keyOf = addressKeyer(options.ipv6PrefixBits)
+  const trusted = options.trustedProxies.length > 0 ? rangeMatcher(options.trustedProxies) : undefined
+
+  // The peer of a keep-alive connection does not change: worked out once per connection.
+  const peerOf = (socket: PeerSocket): Peer | undefined => {
+    let peer = socket[kPeer]
+    if (peer === undefined) {
+      const address = normalise(socket.remoteAddress)
+      if (address === undefined) return undefined
+      peer = { address, key: keyOf(address), trusted: trusted !== undefined && trusted(address) }
+      socket[kPeer] = peer
+    }
+    return peer
+  }
+
+  if (trusted === undefined) {
+    return (s: RequestState) => {
+      const peer = peerOf(s.req.socket as PeerSocket)
+      if (peer === undefined) return 'bad_request'
+      s.peer = peer.address
+      s.address = peer.address
+      s.addressKey = peer.key
+      return undefined
+    }
+  }
+
+  return (s: RequestState) => {
+    const peer = peerOf(s.req.socket as PeerSocket)
+    if (peer === undefined) return 'bad_request'
+    s.peer = peer.address
+    s.peerTrusted = peer.trusted
+    const xff = peer.trusted ? s.req.headers['x-forwarded-for'] : undefined
+    if (xff === undefined) {
+      s.address = peer.address
+      s.addressKey = peer.key
+      return undefined
+    }
+    // Walk from the right past trusted hops; a malformed entry ends the walk (what is left of
+    // it was written by the untrusted side).
+    let client = peer.address
+    const hops = (typeof xff === 'string' ? xff : xff.join(',')).split(',')
+    for (let i = hops.length - 1; i >= 0; i--) {
+      const hop = parseAddress((hops[i] as string).trim())?.toString()
+      if (hop === undefined) break
+      client = hop
+      if (!trusted(hop)) break
+    }
+    s.address = client
+    s.addressKey = client === peer.address ? peer.key : keyOf(client)
+    return undefined
+  }
+}

@@ -1,0 +1,258 @@
+// Forwarding with undici: one Pool per upstream origin (keep-alive), request and response
+// bodies streamed with back-pressure (the request body is the IncomingMessage itself, the
+// response is written by undici straight into the ServerResponse). Nothing is ever retried.
+// Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
+// X-Keygate-* header is dropped, then X-Forwarded-*, the identity headers and X-Request-Id set.
+import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http'
+import type { Duplex } from 'node:stream'
+import type { TLSSocket } from 'node:tls'
+import { Pool, type Dispatcher } from 'undici'
+import type { RouteMetrics } from '../core/metrics.ts'
+import { SOURCE_AUTHORIZATION, SOURCE_QUERY, SOURCE_X_API_KEY } from './key-extract.ts'
+import { record, sendError } from './respond.ts'
+import type { CompiledRoute, Router } from './route.ts'
+import type { GatewayContext, RequestState, Verdict } from './state.ts'
+
+/** Never forwarded: hop-by-hop (RFC 9110 §7.6.1 and the usual non-standard ones), and headers the gateway sets itself. */
+const REQUEST_DROP = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding', 'upgrade',
+  'http2-settings', 'expect', 'host', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'forwarded', 'x-real-ip', 'x-request-id',
+])
+const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings'])
+const KEEP_ON_UPGRADE = new Set(['connection', 'upgrade'])
+
+/** Names listed in a Connection header (other than the connection options themselves). */
+function connectionNamed(value: string | string[] | undefined): string[] | undefined {
+  if (value === undefined) return undefined
+  const v = (typeof value === 'string' ? value : value.join(',')).toLowerCase()
+  if (v === 'keep-alive' || v === 'close') return undefined
+  const out: string[] = []
+  for (const part of v.split(',')) {
+    const name = part.trim()
+    if (name !== '' && name !== 'close' && name !== 'keep-alive') out.push(name)
+  }
+  return out.length > 0 ? out : undefined
+}
+
+interface ForwardOptions {
+  ctx: GatewayContext
+  router: Router
+  stripCredential: boolean
+  queryParam: string
+}
+
+export interface Forwarder {
+  forward(s: RequestState): void
+  upgrade(s: RequestState): void
+  /** Sockets of upgraded (WebSocket) connections still open. */
+  readonly tunnels: Set<Duplex>
+  close(): Promise<void>
+  destroy(): Promise<void>
+}
+
+function timeoutCode(err: unknown): Verdict {
+  const code = (err as { code?: unknown }).code
+  return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT' ? 'upstream_timeout' : 'upstream_unavailable'
+}
+
+export function createForwarder(o: ForwardOptions): Forwarder {
+  const { ctx, router, stripCredential, queryParam } = o
+  const pools = new Map<string, Pool>()
+  const routePool: Pool[] = []
+  const routeMetrics: RouteMetrics[] = []
+  for (const r of router.routes) {
+    let pool = pools.get(r.origin)
+    if (!pool) {
+      const connectTimeout = Math.min(10_000, ...router.routes.filter((x) => x.origin === r.origin).map((x) => x.timeoutMs))
+      pool = new Pool(r.origin, { connect: { timeout: connectTimeout }, keepAliveTimeout: 4_000 })
+      pools.set(r.origin, pool)
+    }
+    routePool[r.index] = pool
+    routeMetrics[r.index] = ctx.metrics.route(r.name)
+  }
+  const tunnels = new Set<Duplex>()
+
+  // For upgrades undici writes Connection and Upgrade itself (from `protocol`).
+  const upstreamHeaders = (s: RequestState, route: CompiledRoute): Record<string, string> => {
+    const h = s.req.headers
+    const out: Record<string, string> = {}
+    for (const name in h) {
+      if (REQUEST_DROP.has(name)) continue
+      if (name.charCodeAt(0) === 120 /* x */ && name.startsWith('x-keygate-')) continue
+      const v = h[name]
+      if (v !== undefined) out[name] = typeof v === 'string' ? v : v.join(', ')
+    }
+    const named = connectionNamed(h.connection)
+    if (named !== undefined) for (const n of named) delete out[n]
+    if (stripCredential) {
+      if (s.keySources & SOURCE_AUTHORIZATION) delete out.authorization
+      if (s.keySources & SOURCE_X_API_KEY) delete out['x-api-key']
+    }
+    if (route.preserveHost && h.host !== undefined) out.host = h.host
+    const trusted = s.peerTrusted
+    const xff = h['x-forwarded-for']
+    out['x-forwarded-for'] = trusted && xff !== undefined ? `${xff}, ${s.peer}` : s.address
+    const xfp = h['x-forwarded-proto']
+    out['x-forwarded-proto'] = trusted && typeof xfp === 'string' ? xfp : (s.req.socket as TLSSocket).encrypted ? 'https' : 'http'
+    const xfh = h['x-forwarded-host']
+    const host = trusted && typeof xfh === 'string' ? xfh : h.host
+    if (host !== undefined) out['x-forwarded-host'] = host
+    const k = s.key
+    if (k !== undefined) {
+      out['x-keygate-key-id'] = k.record.id
+      out['x-keygate-key-name'] = k.name
+      out['x-keygate-key-type'] = k.record.type
+      out['x-keygate-scopes'] = k.scopes
+    }
+    out['x-request-id'] = s.id
+    return out
+  }
+
+  const targetFor = (s: RequestState, route: CompiledRoute): string => {
+    let target = s.target
+    if (stripCredential && s.keySources & SOURCE_QUERY) {
+      const q = target.indexOf('?')
+      const params = new URLSearchParams(target.slice(q + 1))
+      params.delete(queryParam)
+      const rest = params.toString()
+      target = target.slice(0, q) + (rest === '' ? '' : '?' + rest)
+    }
+    return router.upstreamPath(route, target)
+  }
+
+  const onResponse = ({ statusCode, headers, opaque }: Dispatcher.StreamFactoryData<RequestState>) => {
+    const s = opaque
+    const res = s.res as NonNullable<RequestState['res']>
+    const route = s.route as CompiledRoute
+    ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
+    const out: OutgoingHttpHeaders = {}
+    for (const name in headers) {
+      if (RESPONSE_DROP.has(name)) continue
+      out[name] = headers[name]
+    }
+    const named = connectionNamed(headers.connection)
+    if (named !== undefined) for (const n of named) delete out[n]
+    if (out['x-request-id'] === undefined) out['x-request-id'] = s.id
+    if (s.rlLimit >= 0) {
+      out['ratelimit-limit'] = s.rlLimit
+      out['ratelimit-remaining'] = s.rlRemaining
+      out['ratelimit-reset'] = s.rlResetS
+    }
+    if (ctx.closing) out.connection = 'close'
+    if (!res.destroyed) {
+      res.writeHead(statusCode, out)
+      record(ctx, s, 'forwarded', statusCode)
+    }
+    return res
+  }
+
+  const onDone = (err: Error | null, data: { opaque: RequestState }) => {
+    if (err === null) return
+    const s = data.opaque
+    const res = s.res
+    if (res === undefined || res.destroyed || s.req.destroyed) return
+    if (res.headersSent) {
+      res.destroy()
+      return
+    }
+    const code = (err as { code?: string }).code
+    if (code === 'UND_ERR_REQ_CONTENT_LENGTH_MISMATCH') {
+      s.message = 'The request body does not match its Content-Length.'
+      sendError(ctx, s, 'bad_request')
+      return
+    }
+    ctx.log.warn('upstream request failed', { request_id: s.id, route: s.route?.name, err })
+    sendError(ctx, s, timeoutCode(err))
+  }
+
+  return {
+    tunnels,
+    forward(s) {
+      const route = s.route as CompiledRoute
+      const req = s.req
+      const h = req.headers
+      const hasBody = (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
+      if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
+      s.upstreamStart = performance.now()
+      try {
+        ;(routePool[route.index] as Pool).stream<RequestState>(
+          {
+            path: targetFor(s, route),
+            method: req.method as Dispatcher.HttpMethod,
+            headers: upstreamHeaders(s, route),
+            body: hasBody ? req : null,
+            headersTimeout: route.timeoutMs,
+            bodyTimeout: route.timeoutMs,
+            opaque: s,
+          },
+          onResponse,
+          onDone,
+        )
+      } catch (err) {
+        onDone(err as Error, { opaque: s })
+      }
+    },
+
+    upgrade(s) {
+      const route = s.route as CompiledRoute
+      const client = s.socket as Duplex
+      const headers = upstreamHeaders(s, route)
+      s.upstreamStart = performance.now()
+      ;(routePool[route.index] as Pool).upgrade(
+        {
+          path: targetFor(s, route),
+          method: s.req.method ?? 'GET',
+          headers,
+          protocol: s.req.headers.upgrade ?? 'websocket',
+          // headersTimeout is honoured by the dispatcher although the upgrade typings omit it.
+          ...({ headersTimeout: route.timeoutMs } as object),
+        },
+        (err: Error | null, data: { headers: IncomingHttpHeaders; socket: Duplex } | undefined) => {
+          if (err || !data) {
+            ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
+            if (client.destroyed) return
+            sendError(ctx, s, err ? timeoutCode(err) : 'upstream_unavailable')
+            return
+          }
+          const upstream = data.socket
+          ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
+          if (client.destroyed || !client.writable) {
+            upstream.destroy()
+            return
+          }
+          let head = 'HTTP/1.1 101 Switching Protocols\r\n'
+          const named = connectionNamed(data.headers.connection)
+          for (const name in data.headers) {
+            if (RESPONSE_DROP.has(name) && !KEEP_ON_UPGRADE.has(name)) continue
+            if (named?.includes(name) && !KEEP_ON_UPGRADE.has(name)) continue
+            const v = data.headers[name]
+            for (const one of Array.isArray(v) ? v : [v]) head += `${name}: ${one}\r\n`
+          }
+          if (data.headers['x-request-id'] === undefined) head += `x-request-id: ${s.id}\r\n`
+          client.write(head + '\r\n')
+          record(ctx, s, 'forwarded', 101)
+          if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
+          tunnels.add(client)
+          const end = () => {
+            tunnels.delete(client)
+            client.destroy()
+            upstream.destroy()
+          }
+          client.on('error', end).on('close', end)
+          upstream.on('error', end).on('close', end)
+          upstream.pipe(client)
+          client.pipe(upstream)
+        },
+      )
+    },
+
+    async close() {
+      await Promise.all([...pools.values()].map((p) => p.close()))
+    },
+
+    async destroy() {
+      for (const t of tunnels) t.destroy()
+      await Promise.all([...pools.values()].map((p) => p.destroy()))
+    },
+  }
+}

@@ -1,0 +1,271 @@
+// The gateway: an http.Server whose request path is a list of stages built once from the
+// frozen config (a disabled feature is absent from the list, not an `if` per request):
+//   request id → request check → client address → deny list → lockout → rate limit per
+//   address → key extraction → validation → rate limit per key → route and scope → forward.
+// The runner walks the list by index, awaits only real promises, and the first verdict (an
+// error code returned, never thrown) ends the request.
+import http from 'node:http'
+import type { Duplex } from 'node:stream'
+import type { Redis } from 'ioredis'
+import type { Config } from '../config/schema.ts'
+import type { Db } from '../core/db.ts'
+import { DenyListService } from '../core/deny-list.ts'
+import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
+import type { KeyService } from '../core/keys/service.ts'
+import type { Logger } from '../core/log.ts'
+import { NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
+import { createClientAddressStage } from './client-address.ts'
+import { createDenyListStage, DenyMatcher } from './deny-list.ts'
+import { createForwarder } from './forward.ts'
+import { KeyCache, toCachedKey } from './key-cache.ts'
+import { createKeyExtractStage } from './key-extract.ts'
+import { createLockout } from './lockout.ts'
+import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage } from './rate-limit.ts'
+import { createRequestCheckStage } from './request-check.ts'
+import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
+import { rawError, sendError } from './respond.ts'
+import { createRouteStage, Router } from './route.ts'
+import { RequestState, type GatewayContext, type Stage } from './state.ts'
+import { createValidateStage } from './validate.ts'
+
+export interface GatewayDeps {
+  config: Config
+  keys: KeyService
+  db: Db
+  log: Logger
+  metrics: GatewayMetrics
+  /** ioredis client: shared rate limits and lockouts, cross-instance invalidation. */
+  redis?: Redis
+  /** The clock (tests). */
+  now?: () => Date
+  /** The deny list service the admin API writes through, so its changes apply at once; else a read-only one on `db`. */
+  denyList?: DenyListService
+}
+
+export interface Gateway {
+  /** Not yet listening: the caller listens. */
+  server: http.Server
+  /** Stops accepting, lets in-flight requests finish within `timeoutMs`, closes idle keep-alive connections, then force-closes the rest. */
+  shutdown(timeoutMs: number): Promise<void>
+  invalidateKey(id: string): void
+  invalidateAll(): void
+  refreshDenyList(): Promise<void>
+}
+
+const HEALTH_OK = JSON.stringify({ status: 'ok' })
+const HEALTH_STOPPING = JSON.stringify({ status: 'stopping' })
+
+export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
+  const { config, keys, log, metrics, redis } = deps
+  const g = config.gateway
+  const clock = deps.now
+  const now: () => number = clock ? () => clock().getTime() : Date.now
+  const router = new Router(config.routes)
+  const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, now, closing: false }
+  const nextId = createRequestIdGenerator()
+
+  const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, metrics })
+  const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis)
+  const cache = new KeyCache({
+    keys,
+    ttlS: config.cache.ttl_s,
+    capacity: config.cache.max_capacity,
+    negativeTtlS: config.cache.negative_ttl_s,
+    negativeMax: config.cache.negative_max,
+    metrics,
+    build: (record) => toCachedKey(record, limiterFor(record), router.routes.length),
+  })
+
+  const denyService = deps.denyList ?? new DenyListService({ db: deps.db, ...(clock ? { now: clock } : {}) })
+  const deny = new DenyMatcher(config.deny_list)
+
+  const fixedHead: Stage[] = [
+    createRequestIdStage({ accept: g.accept_request_id, next: nextId }),
+    createRequestCheckStage({ maxHeaders: g.max_headers }),
+    createClientAddressStage({ trustedProxies: g.trusted_proxies, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits }),
+  ]
+  const denyStage = createDenyListStage(deny, now)
+  const fixedTail: Stage[] = [
+    lockout.stage,
+    createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, metrics }),
+    createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param }),
+    createValidateStage({
+      cache,
+      prefix: config.keys.prefix,
+      acceptLegacy: config.keys.accept_legacy,
+      revealKeyStatus: g.reveal_key_status,
+      lockout,
+      metrics,
+      log,
+      now,
+    }),
+    createKeyRateLimitStage({ metrics }),
+    createRouteStage(router),
+  ]
+  // The deny list stage exists only while the list has entries; reloads rebuild the list.
+  const build = (): readonly Stage[] => Object.freeze(deny.size > 0 ? [...fixedHead, denyStage, ...fixedTail] : [...fixedHead, ...fixedTail])
+  let stages = build()
+
+  let refreshing: Promise<void> | undefined
+  const refreshDenyList = (): Promise<void> => {
+    refreshing ??= (async () => {
+      try {
+        const before = deny.size > 0
+        deny.setStored(await denyService.list(), now())
+        metrics.denyListEntries.set(deny.size)
+        if (before !== deny.size > 0) stages = build()
+      } catch (err) {
+        metrics.storeErrors.denyList.inc()
+        log.warn('could not reload the deny list; keeping the previous one', { err: err as Error })
+      } finally {
+        refreshing = undefined
+      }
+    })()
+    return refreshing
+  }
+  await refreshDenyList()
+
+  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, queryParam: g.query_param })
+
+  const run = async (s: RequestState, last: (s: RequestState) => void): Promise<void> => {
+    const list = stages
+    try {
+      for (let i = 0; i < list.length; i++) {
+        let verdict = (list[i] as Stage)(s)
+        if (verdict !== undefined && typeof verdict !== 'string') verdict = await verdict
+        if (verdict !== undefined) {
+          sendError(ctx, s, verdict)
+          return
+        }
+      }
+    } catch (err) {
+      log.error('gateway stage failed', { request_id: s.id, err: err as Error })
+      if (s.id === '') s.id = nextId()
+      sendError(ctx, s, 'internal_error')
+      return
+    }
+    last(s)
+  }
+
+  const server = http.createServer({
+    maxHeaderSize: g.max_header_bytes,
+    headersTimeout: g.headers_timeout_ms,
+    requestTimeout: Math.max(300_000, g.headers_timeout_ms),
+    // Node checks the header timeout on this interval; a slow-header client is cut within about a quarter of the timeout.
+    connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(g.headers_timeout_ms / 4))),
+    joinDuplicateHeaders: true,
+    // request-check.ts answers a missing Host with the JSON error instead of Node's bare 400.
+    requireHostHeader: false,
+  })
+  // One more than allowed, so "too many" can be seen (Node silently drops header lines past this count).
+  server.maxHeadersCount = g.max_headers + 1
+
+  const forward = forwarder.forward
+  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    if (req.url === '/healthz') {
+      const body = ctx.closing ? HEALTH_STOPPING : HEALTH_OK
+      res.writeHead(ctx.closing ? 503 : 200, { 'content-type': 'application/json', 'content-length': body.length, 'cache-control': 'no-store', ...(ctx.closing ? { connection: 'close' } : {}) })
+      res.end(body)
+      return
+    }
+    void run(new RequestState(req, res, undefined, undefined, performance.now()), forward)
+  }
+  server.on('request', onRequest)
+  // Expect: 100-continue is answered only once the request has passed every check.
+  server.on('checkContinue', onRequest)
+
+  const upgrade = forwarder.upgrade
+  server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+    socket.on('error', () => socket.destroy())
+    const s = new RequestState(req, undefined, socket, head, performance.now())
+    if (req.headers.upgrade?.toLowerCase() !== 'websocket' || ctx.closing) {
+      s.id = nextId()
+      s.message = ctx.closing ? 'The gateway is shutting down.' : 'Only WebSocket upgrades are proxied.'
+      sendError(ctx, s, 'bad_request')
+      return
+    }
+    void run(s, upgrade)
+  })
+
+  server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
+    metrics.route(NO_ROUTE).requests.method_not_allowed.inc()
+    rawError(socket, 'method_not_allowed', nextId())
+  })
+
+  server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    if (err.code === 'ECONNRESET' || !socket.writable) {
+      socket.destroy()
+      return
+    }
+    const code = err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
+    metrics.route(NO_ROUTE).requests[code].inc()
+    log.debug('refused a malformed request', { code: err.code ?? null })
+    rawError(socket, code, nextId())
+  })
+
+  const invalidateKey = (id: string) => cache.invalidateKey(id)
+  const invalidateAll = () => cache.invalidateAll()
+  const offKeys = keys.onChange((change) => {
+    cache.invalidateHash(change.key.keyHash)
+    cache.invalidateKey(change.key.id)
+    if (change.previous) cache.invalidateKey(change.previous.id)
+  })
+  const offDeny = denyService.onChange((change) => {
+    const before = deny.size > 0
+    deny.apply(change, now())
+    metrics.denyListEntries.set(deny.size)
+    if (before !== deny.size > 0) stages = build()
+    void refreshDenyList()
+  })
+  const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
+  timer.unref()
+
+  let stopSubscription: (() => Promise<void>) | undefined
+  let stopPublishing: (() => void) | undefined
+  if (redis) {
+    stopPublishing = bindInvalidationPublisher({ redis, keys, denyList: denyService, log })
+    stopSubscription = await subscribeInvalidations(
+      redis,
+      (message) => {
+        if (message === 'all') invalidateAll()
+        else if (message === 'deny') void refreshDenyList()
+        else if (message.startsWith('key:')) invalidateKey(message.slice(4))
+        else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
+      },
+      log,
+    )
+  }
+
+  let stopping: Promise<void> | undefined
+  const shutdown = (timeoutMs: number): Promise<void> => {
+    stopping ??= (async () => {
+      ctx.closing = true
+      clearInterval(timer)
+      offKeys()
+      offDeny()
+      stopPublishing?.()
+      await stopSubscription?.()
+      const closed = new Promise<boolean>((resolve) => server.close(() => resolve(true)))
+      server.closeIdleConnections()
+      // Connections become idle as their last response ends; close them as they do.
+      const sweep = setInterval(() => server.closeIdleConnections(), 25)
+      let deadline: NodeJS.Timeout | undefined
+      const timedOut = new Promise<boolean>((resolve) => {
+        deadline = setTimeout(() => resolve(false), timeoutMs)
+      })
+      const clean = await Promise.race([closed, timedOut])
+      clearInterval(sweep)
+      clearTimeout(deadline)
+      if (clean) {
+        await forwarder.close()
+      } else {
+        log.warn('shutdown deadline passed; closing the remaining connections', { timeout_ms: timeoutMs })
+        server.closeAllConnections()
+        await forwarder.destroy()
+      }
+    })()
+    return stopping
+  }
+
+  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList }
+}

@@ -1,0 +1,77 @@
+// Key extraction from the configured sources, in order: `Authorization: Bearer <key>`,
+// `X-API-Key: <key>`, the query parameter when enabled. Repeated headers arrive joined with
+// ", " (the server runs with joinDuplicateHeaders), so a second key cannot hide in a duplicate
+// line. The same key twice is fine; two different keys are a 400.
+import type { RequestState, Stage } from './state.ts'
+
+export const SOURCE_AUTHORIZATION = 1
+export const SOURCE_X_API_KEY = 2
+export const SOURCE_QUERY = 4
+
+const BEARER = /^\s*bearer\s+(\S+)\s*$/i
+
+function bearerTokens(value: string): string | string[] | undefined {
+  if (!value.includes(',')) return BEARER.exec(value)?.[1]
+  const out: string[] = []
+  for (const part of value.split(',')) {
+    const t = BEARER.exec(part)?.[1]
+    if (t !== undefined) out.push(t)
+  }
+  return out
+}
+
+function listValues(value: string): string | string[] | undefined {
+  if (!value.includes(',')) {
+    const v = value.trim()
+    return v === '' ? undefined : v
+  }
+  return value.split(',').map((v) => v.trim()).filter((v) => v !== '')
+}
+
+function twoKeys(s: RequestState): 'bad_request' {
+  s.message = 'The request carries more than one API key.'
+  return 'bad_request'
+}
+
+export function createKeyExtractStage(options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string }): Stage {
+  const order = options.sources.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
+  const param = options.queryParam
+
+  const valuesOf = (s: RequestState, source: number): string | string[] | undefined => {
+    const h = s.req.headers
+    if (source === SOURCE_AUTHORIZATION) return h.authorization === undefined ? undefined : bearerTokens(h.authorization)
+    if (source === SOURCE_X_API_KEY) {
+      const v = h['x-api-key']
+      return v === undefined ? undefined : listValues(typeof v === 'string' ? v : v.join(','))
+    }
+    const q = s.target.indexOf('?')
+    if (q === -1) return undefined
+    const all = new URLSearchParams(s.target.slice(q + 1)).getAll(param).filter((v) => v !== '')
+    return all.length === 0 ? undefined : all
+  }
+
+  return (s: RequestState) => {
+    let key: string | undefined
+    let bits = 0
+    for (let i = 0; i < order.length; i++) {
+      const source = order[i] as number
+      const found = valuesOf(s, source)
+      if (found === undefined) continue
+      if (typeof found === 'string') {
+        if (key !== undefined && key !== found) return twoKeys(s)
+        key = found
+        bits |= source
+        continue
+      }
+      for (const v of found) {
+        if (key !== undefined && key !== v) return twoKeys(s)
+        key = v
+        bits |= source
+      }
+    }
+    if (key === undefined) return 'key_missing'
+    s.presented = key
+    s.keySources = bits
+    return undefined
+  }
+}

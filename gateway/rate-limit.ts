@@ -1,0 +1,73 @@
+// Rate limits per address (before the key is looked at) and per key (type default, or the
+// key's own override). Answers carry RateLimit-Limit/-Remaining/-Reset of the limit nearest to
+// exhaustion, and Retry-After on 429.
+import type { GatewayMetrics } from '../core/metrics.ts'
+import type { KeyRecord, KeyType } from '../core/keys/types.ts'
+import { KEY_TYPES } from '../core/keys/types.ts'
+import type { Config } from '../config/schema.ts'
+import type { Redis } from 'ioredis'
+import { createLimiter, RateLimiterRes, secondsFrom, type Limiter } from './limiters.ts'
+import type { RequestState, Stage, StageResult } from './state.ts'
+
+export interface SizedLimiter {
+  limiter: Limiter
+  points: number
+}
+
+function note(s: RequestState, points: number, r: RateLimiterRes): void {
+  if (s.rlLimit < 0 || r.remainingPoints < s.rlRemaining) {
+    s.rlLimit = points
+    s.rlRemaining = r.remainingPoints
+    s.rlResetS = secondsFrom(r.msBeforeNext)
+  }
+}
+
+async function consume(s: RequestState, l: SizedLimiter, key: string, counter: { inc(): void }): Promise<StageResult> {
+  try {
+    note(s, l.points, await l.limiter.consume(key))
+    return undefined
+  } catch (err) {
+    if (!(err instanceof RateLimiterRes)) throw err
+    s.rlLimit = l.points
+    s.rlRemaining = 0
+    s.rlResetS = secondsFrom(err.msBeforeNext)
+    s.retryAfterS = s.rlResetS
+    counter.inc()
+    return 'rate_limited'
+  }
+}
+
+export function createAddressRateLimitStage(options: { limit: number; windowS: number; redis?: Redis | undefined; metrics: GatewayMetrics }): Stage {
+  const l: SizedLimiter = { points: options.limit, limiter: createLimiter({ points: options.limit, durationS: options.windowS, keyPrefix: 'keygate:rl:addr', redis: options.redis }) }
+  const counter = options.metrics.rateLimited.address
+  return (s: RequestState) => consume(s, l, s.addressKey, counter)
+}
+
+/** Picks the limiter of a key: its own override, else its type's, else the default. One limiter per distinct limit. */
+export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redis: Redis | undefined): (record: KeyRecord) => SizedLimiter {
+  const byShape = new Map<string, SizedLimiter>()
+  const of = (limit: number, windowS: number): SizedLimiter => {
+    const shape = `${limit}:${windowS}`
+    let l = byShape.get(shape)
+    if (!l) {
+      l = { points: limit, limiter: createLimiter({ points: limit, durationS: windowS, keyPrefix: `keygate:rl:key:${shape}`, redis }) }
+      byShape.set(shape, l)
+    }
+    return l
+  }
+  const byType = {} as Record<KeyType, SizedLimiter>
+  for (const t of KEY_TYPES) {
+    const c = perKey[t] ?? perKey.default
+    byType[t] = of(c.limit, c.window_s)
+  }
+  return (record) => (record.rateLimit ? of(record.rateLimit.limit, record.rateLimit.windowS) : byType[record.type])
+}
+
+export function createKeyRateLimitStage(options: { metrics: GatewayMetrics }): Stage {
+  const counter = options.metrics.rateLimited.key
+  return (s: RequestState) => {
+    const k = s.key
+    if (k === undefined) return undefined
+    return consume(s, k.limit, k.record.id, counter)
+  }
+}

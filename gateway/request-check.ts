@@ -1,0 +1,57 @@
+// Requests the HTTP parser accepts but a gateway must not forward: too many header lines, an
+// absolute-form target naming another host than Host, a Host missing (HTTP/1.1) or repeated, dot segments that
+// could walk out of a route's prefix, and methods that are never proxied. Framing attacks
+// (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
+// chunking) are refused earlier by Node's strict parser; see index.ts for `clientError`.
+import type { RequestState, Stage } from './state.ts'
+
+// `.` or `..` as a whole segment, also percent-encoded, and backslashes some upstreams read as `/`.
+const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#)/i
+
+export function createRequestCheckStage(options: { maxHeaders: number }): Stage {
+  const maxRaw = options.maxHeaders * 2
+  return (s: RequestState) => {
+    const req = s.req
+    if (req.rawHeaders.length > maxRaw) return 'headers_too_large'
+    const method = req.method
+    if (method === 'CONNECT' || method === 'TRACE') {
+      s.message = `${method} is not supported by this gateway.`
+      return 'method_not_allowed'
+    }
+    const host = req.headers.host
+    if (host === undefined && req.httpVersionMinor === 1) {
+      s.message = 'Host is required.'
+      return 'bad_request'
+    }
+    if (host !== undefined && host.includes(',')) {
+      s.message = 'Host is repeated.'
+      return 'bad_request'
+    }
+    let target = s.target
+    if (target.charCodeAt(0) !== 47 /* / */) {
+      let url: URL
+      try {
+        url = new URL(target)
+      } catch {
+        s.message = 'The request target is not valid.'
+        return 'bad_request'
+      }
+      if ((url.protocol !== 'http:' && url.protocol !== 'https:') || host === undefined || url.host.toLowerCase() !== host.toLowerCase()) {
+        s.message = 'An absolute request target must name the same host as Host.'
+        return 'bad_request'
+      }
+      target = url.pathname + url.search
+      s.target = target
+    }
+    if ((target.includes('.') || target.includes('%') || target.includes('\\')) && DOT_SEGMENT.test(pathOf(target))) {
+      s.message = 'The request path has dot segments.'
+      return 'bad_request'
+    }
+    return undefined
+  }
+}
+
+function pathOf(target: string): string {
+  const q = target.indexOf('?')
+  return q === -1 ? target : target.slice(0, q)
+}

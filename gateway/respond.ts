@@ -1,0 +1,103 @@
+// Every answer the gateway itself gives: the JSON error of SPEC §3 (on a response, or written
+// raw on a socket for upgrades and parser errors), metrics and the access log line.
+import { STATUS_CODES, type OutgoingHttpHeaders } from 'node:http'
+import type { Duplex } from 'node:stream'
+import { ERRORS, errorBody } from '../core/errors.ts'
+import type { GatewayOutcome } from '../core/metrics.ts'
+import { NO_ROUTE } from '../core/metrics.ts'
+import type { GatewayContext, RequestState, Verdict } from './state.ts'
+
+// Identical for every kind of bad key, so the headers never tell which one it was.
+const CHALLENGE_MISSING = 'Bearer realm="keygate"'
+const CHALLENGE_INVALID = 'Bearer realm="keygate", error="invalid_token"'
+
+export function routeLabel(ctx: GatewayContext, s: RequestState): string {
+  if (s.route) return s.route.name
+  // Denied before routing: label it with the route it would have gone to.
+  return ctx.router.match(s.req.headers.host, s.target)?.name ?? NO_ROUTE
+}
+
+/** Counts the request and observes its latency; call once, when the response head is written. */
+export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOutcome, status: number): void {
+  const label = routeLabel(ctx, s)
+  const m = ctx.metrics.route(label)
+  m.requests[outcome].inc()
+  const ms = performance.now() - s.start
+  m.duration.observe(ms / 1000)
+  if (ctx.accessLog) {
+    const q = s.target.indexOf('?')
+    ctx.log.info('request', {
+      request_id: s.id,
+      method: s.req.method,
+      path: q === -1 ? s.target : s.target.slice(0, q),
+      status,
+      outcome,
+      route: label,
+      address: s.address,
+      key_id: s.key?.record.id ?? null,
+      duration_ms: Math.round(ms * 1000) / 1000,
+    })
+  }
+}
+
+function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, status: number, length: number): OutgoingHttpHeaders {
+  const headers: OutgoingHttpHeaders = {
+    'content-type': 'application/json; charset=utf-8',
+    'content-length': length,
+    'cache-control': 'no-store',
+    'x-request-id': s.id,
+  }
+  if (status === 401) headers['www-authenticate'] = code === 'key_missing' ? CHALLENGE_MISSING : CHALLENGE_INVALID
+  if (s.rlLimit >= 0) {
+    headers['ratelimit-limit'] = s.rlLimit
+    headers['ratelimit-remaining'] = s.rlRemaining
+    headers['ratelimit-reset'] = s.rlResetS
+  }
+  if (status === 429) headers['retry-after'] = String(s.retryAfterS)
+  // An unread request body is not drained for a refused request: the connection closes instead.
+  if (ctx.closing || !s.req.complete) headers.connection = 'close'
+  return headers
+}
+
+/** Answers a request with the JSON error for `code`. */
+export function sendError(ctx: GatewayContext, s: RequestState, code: Verdict): void {
+  const status = ERRORS[code].status
+  const body = errorBody(code, s.id, s.message)
+  const headers = errorHeaders(ctx, s, code, status, Buffer.byteLength(body))
+  record(ctx, s, code, status)
+  const res = s.res
+  if (res) {
+    if (res.headersSent) {
+      res.destroy()
+      return
+    }
+    res.writeHead(status, headers)
+    res.end(body)
+  } else if (s.socket) {
+    headers.connection = 'close'
+    writeRaw(s.socket, status, headers, body)
+  }
+}
+
+/** Writes a whole HTTP/1.1 response on a socket and ends it (upgrades, parser errors). */
+export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHeaders, body: string): void {
+  if (!socket.writable) {
+    socket.destroy()
+    return
+  }
+  let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\n`
+  for (const name in headers) head += `${name}: ${String(headers[name])}\r\n`
+  socket.end(head + '\r\n' + body)
+}
+
+/** The JSON error for a connection the HTTP parser gave up on; no request state exists. */
+export function rawError(socket: Duplex, code: Verdict, requestId: string): void {
+  const status = ERRORS[code].status
+  const body = errorBody(code, requestId)
+  writeRaw(
+    socket,
+    status,
+    { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', 'x-request-id': requestId, connection: 'close' },
+    body,
+  )
+}

@@ -1,0 +1,83 @@
+// Per-request state (one object, all fields set in the constructor so every request has the
+// same shape), the stage signature and what all stages share.
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { Duplex } from 'node:stream'
+import type { ErrorCode } from '../core/errors.ts'
+import type { Logger } from '../core/log.ts'
+import type { GatewayMetrics, GatewayOutcome } from '../core/metrics.ts'
+import type { CachedKey } from './key-cache.ts'
+import type { CompiledRoute, Router } from './route.ts'
+
+/** A stage's verdict: the error code to answer with. `undefined` lets the request go on. */
+export type Verdict = ErrorCode & GatewayOutcome
+export type StageResult = Verdict | undefined
+export type Stage = (s: RequestState) => StageResult | Promise<StageResult>
+
+export class RequestState {
+  readonly req: IncomingMessage
+  /** Set for ordinary requests. */
+  readonly res: ServerResponse | undefined
+  /** Set for upgrade (WebSocket) requests instead of `res`. */
+  readonly socket: Duplex | undefined
+  readonly head: Buffer | undefined
+  readonly start: number
+  id: string
+  /** Origin-form request target (path and query). */
+  target: string
+  /** Client address (normalised) and the bucket it is counted in for limits and lockouts. */
+  address: string
+  addressKey: string
+  /** The socket peer (normalised); differs from `address` behind a trusted proxy. */
+  peer: string
+  /** The peer is a trusted proxy: its X-Forwarded-* are passed on (extended). */
+  peerTrusted: boolean
+  presented: string | undefined
+  /** Bit set of the key sources that carried the presented key (see key-extract.ts). */
+  keySources: number
+  key: CachedKey | undefined
+  route: CompiledRoute | undefined
+  /** RateLimit-* to answer with; limit < 0: none. */
+  rlLimit: number
+  rlRemaining: number
+  rlResetS: number
+  retryAfterS: number
+  /** Message for the error answer instead of the catalogue's. */
+  message: string | undefined
+  upstreamStart: number
+
+  constructor(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex | undefined, head: Buffer | undefined, start: number) {
+    this.req = req
+    this.res = res
+    this.socket = socket
+    this.head = head
+    this.start = start
+    this.id = ''
+    this.target = req.url ?? '/'
+    this.address = ''
+    this.addressKey = ''
+    this.peer = ''
+    this.peerTrusted = false
+    this.presented = undefined
+    this.keySources = 0
+    this.key = undefined
+    this.route = undefined
+    this.rlLimit = -1
+    this.rlRemaining = 0
+    this.rlResetS = 0
+    this.retryAfterS = 0
+    this.message = undefined
+    this.upstreamStart = 0
+  }
+}
+
+/** What the stages and the responder share, built once per gateway. */
+export interface GatewayContext {
+  readonly metrics: GatewayMetrics
+  readonly log: Logger
+  readonly router: Router
+  readonly accessLog: boolean
+  /** Milliseconds since the epoch (the injectable clock). */
+  readonly now: () => number
+  /** Set by shutdown: answers carry `Connection: close`. */
+  closing: boolean
+}

@@ -1,0 +1,153 @@
+// Every status and code of SPEC §3 as the gateway answers it, and the rule that a response
+// never tells which kind of bad key it was.
+import t, { type Test } from 'tap'
+import http from 'node:http'
+import { ERRORS } from '../core/errors.ts'
+import { generateKey } from '../core/keys/format.ts'
+import { bearer, listen, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+
+function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
+  t.equal(a.status, ERRORS[code].status, `${code}: status`)
+  t.equal(a.json?.error?.code, code, `${code}: code`)
+  t.type(a.json?.error?.message, 'string')
+  t.match(a.json?.error?.request_id, /^[A-Za-z0-9.:-]+$/)
+  t.equal(a.headers['x-request-id'], a.json?.error?.request_id, 'request id header matches the body')
+  t.match(a.headers['content-type'], /^application\/json/)
+}
+
+t.test('key_missing and every bad key answer alike', async (t) => {
+  const h = await startGateway(t, { sharedStore: true, config: { lockout: { max_attempts: 1000, window_s: 60 } } })
+  const good = await h.key()
+  const revoked = await h.key()
+  await h.keys.revoke(revoked.id, 'test', ACTOR)
+  const expiring = await h.key({ expires_at: new Date(Date.now() + 1500).toISOString() })
+  const wrongSecret = generateKey('kg_', good.id).key
+
+  const missing = await h.get('/x')
+  isError(t, missing, 'key_missing')
+  t.equal(missing.headers['www-authenticate'], 'Bearer realm="keygate"')
+
+  t.equal((await h.get('/x', bearer(good.key))).status, 200)
+  await sleep(1600)
+  const answers = {
+    unknown: await h.get('/x', bearer(generateKey('kg_').key)),
+    wrongSecret: await h.get('/x', bearer(wrongSecret)),
+    revoked: await h.get('/x', bearer(revoked.key)),
+    malformed: await h.get('/x', bearer('not-a-key')),
+    expired: await h.get('/x', bearer(expiring.key)),
+    legacyUnknown: await h.get('/x', { 'x-api-key': '3b241101-e2bb-4255-8caf-4136c566a962' }),
+  }
+  const shape = (a: Answer) => ({
+    status: a.status,
+    code: a.json?.error?.code,
+    message: a.json?.error?.message,
+    keys: Object.keys(a.json?.error ?? {}).sort(),
+    headerNames: Object.keys(a.headers).filter((n) => n !== 'date').sort(),
+    auth: a.headers['www-authenticate'],
+    length: a.text.length - String(a.json?.error?.request_id).length,
+  })
+  const first = shape(answers.unknown)
+  t.equal(first.code, 'key_invalid')
+  t.equal(first.auth, 'Bearer realm="keygate", error="invalid_token"')
+  for (const [kind, a] of Object.entries(answers)) {
+    isError(t, a, 'key_invalid')
+    t.same(shape(a), first, `${kind} is indistinguishable`)
+  }
+  const text = await h.metrics.registry.metrics()
+  t.match(text, /keygate_bad_key_attempts_total\{reason="unknown"\} 2/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="expired"\} 1/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="revoked"\} 1/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="malformed"\} 1/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="wrong_secret"\} 1/)
+  t.notMatch(text, /kg_/)
+})
+
+t.test('reveal_key_status answers key_revoked and key_expired', async (t) => {
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { reveal_key_status: true } } })
+  const revoked = await h.key()
+  await h.keys.revoke(revoked.id, undefined, ACTOR)
+  isError(t, await h.get('/', bearer(revoked.key)), 'key_revoked')
+  const rotated = await h.key({ type: 'emergency' })
+  await h.keys.rotate(rotated.id, {}, ACTOR)
+  isError(t, await h.get('/', bearer(rotated.key)), 'key_revoked')
+  const soon = await h.key({ expires_at: new Date(Date.now() + 800).toISOString() })
+  t.equal((await h.get('/', bearer(soon.key))).status, 200)
+  await sleep(900)
+  isError(t, await h.get('/', bearer(soon.key)), 'key_expired')
+  isError(t, await h.get('/', bearer('garbage')), 'key_invalid')
+})
+
+t.test('ip_blocked, scope_denied, route_not_found, bad_request', async (t) => {
+  const h = await startGateway(t, {
+    config: { deny_list: ['10.9.0.0/16'] },
+    routes: [
+      { name: 'orders', path: '/orders', upstream: '{upstream}', scopes: ['orders:read'] },
+      { name: 'open', path: '/open', upstream: '{upstream}' },
+    ],
+  })
+  const k = await h.key({ scopes: ['billing'] })
+  isError(t, await h.get('/orders/1', bearer(k.key)), 'scope_denied')
+  isError(t, await h.get('/nowhere', bearer(k.key)), 'route_not_found')
+  t.equal((await h.get('/open/x', bearer(k.key))).status, 200)
+  const wild = await h.key({ scopes: ['orders:*'] })
+  t.equal((await h.get('/orders/1', bearer(wild.key))).status, 200)
+
+  const other = await h.key()
+  const two = await h.get('/open', { ...bearer(k.key), 'x-api-key': other.key })
+  isError(t, two, 'bad_request')
+  t.match(two.json.error.message, /more than one/)
+  t.equal((await h.get('/open', { ...bearer(k.key), 'x-api-key': k.key })).status, 200, 'the same key twice is fine')
+
+  const bound = await h.key({ allowed_cidrs: ['192.0.2.0/24'] })
+  isError(t, await h.get('/open', bearer(bound.key)), 'ip_blocked')
+  const boundHere = await h.key({ allowed_cidrs: ['127.0.0.0/8'] })
+  t.equal((await h.get('/open', bearer(boundHere.key))).status, 200)
+
+  await h.denyList.add({ cidr: '127.0.0.1' }, ACTOR)
+  isError(t, await h.get('/open', bearer(k.key)), 'ip_blocked')
+})
+
+t.test('rate_limited and ip_locked_out', async (t) => {
+  const h = await startGateway(t, { sharedStore: true, config: { rate_limits: { per_address: { limit: 3, window_s: 60 } }, lockout: { max_attempts: 2, window_s: 60 } } })
+  const k = await h.key()
+  for (let i = 0; i < 3; i++) t.equal((await h.get('/', bearer(k.key))).status, 200)
+  const limited = await h.get('/', bearer(k.key))
+  isError(t, limited, 'rate_limited')
+  t.ok(Number(limited.headers['retry-after']) >= 1)
+
+  const h2 = await startGateway(t, { sharedStore: true, config: { lockout: { max_attempts: 2, window_s: 60 } } })
+  isError(t, await h2.get('/', bearer('nope')), 'key_invalid')
+  isError(t, await h2.get('/', bearer('nope')), 'key_invalid')
+  const locked = await h2.get('/', bearer((await h2.key()).key))
+  isError(t, locked, 'ip_locked_out')
+  t.ok(Number(locked.headers['retry-after']) > 50)
+})
+
+t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) => {
+  const closed = http.createServer()
+  const deadPort = await listen(closed)
+  await new Promise((r) => closed.close(r))
+  const h = await startGateway(t, {
+    upstream: (req, res) => {
+      if (req.url === '/slow') setTimeout(() => res.end('late'), 1500).unref()
+      else if (req.url === '/reset') req.socket.destroy()
+      else res.end('ok')
+    },
+    routes: [
+      { name: 'dead', path: '/dead', upstream: `http://127.0.0.1:${deadPort}` },
+      { name: 'live', path: '/', upstream: '{upstream}', timeout_ms: 300 },
+    ],
+  })
+  const k = await h.key()
+  isError(t, await h.get('/dead', bearer(k.key)), 'upstream_unavailable')
+  isError(t, await h.get('/reset', bearer(k.key)), 'upstream_unavailable')
+  const started = Date.now()
+  isError(t, await h.get('/slow', bearer(k.key)), 'upstream_timeout')
+  t.ok(Date.now() - started < 1400, 'answered at the route timeout')
+  t.equal((await h.get('/fine', bearer(k.key))).status, 200, 'the gateway still works')
+
+  const uncached = await h.key()
+  await h.db.close()
+  isError(t, await h.get('/fine', bearer(uncached.key)), 'store_unavailable')
+  t.equal((await h.get('/fine', bearer(k.key))).status, 200, 'a cached key keeps working while the store is down')
+})

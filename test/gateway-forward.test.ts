@@ -1,0 +1,164 @@
+// What the upstream actually receives, and what the client gets back.
+import t from 'tap'
+import net from 'node:net'
+import { bearer, startGateway, type Received } from './helpers/gateway.ts'
+
+/** One raw HTTP/1.1 exchange (the client libraries refuse some of the headers sent here). */
+export function rawExchange(port: number, text: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    // Written, not ended: Node's server drops a request whose client half-closes before the answer.
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
+    socket.setTimeout(5000, () => socket.destroy())
+    let out = ''
+    socket.setEncoding('latin1')
+    socket.on('data', (d: string) => (out += d))
+    socket.on('close', () => resolve(out))
+    socket.on('error', reject)
+  })
+}
+
+const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
+
+t.test('identity headers set once; credential, spoofed and hop-by-hop headers gone', async (t) => {
+  const h = await startGateway(t, { sharedStore: true, upstream: undefined })
+  const k = await h.key({ name: 'Zoë’s key', type: 'service', scopes: ['a', 'b:read'] })
+  const a = await h.get('/some/path?x=1', {
+    ...bearer(k.key),
+    'X-Keygate-Key-Id': 'forged',
+    'x-keygate-scopes': ['admin', 'root'],
+    'X-KEYGATE-Anything': 'forged',
+    'x-forwarded-for': '6.6.6.6',
+    'x-forwarded-host': 'evil.example',
+    'x-forwarded-proto': 'https',
+    forwarded: 'for=6.6.6.6',
+    'proxy-authorization': 'Basic Zm9vOmJhcg==',
+    te: 'trailers',
+    'x-kept': 'yes',
+    'x-request-id': 'client-req-0001',
+  })
+  t.equal(a.status, 200)
+  const r = a.json as Received
+  t.equal(r.url, '/some/path?x=1')
+  t.equal(r.headers['x-keygate-key-id'], k.id)
+  t.equal(r.headers['x-keygate-key-name'], encodeURIComponent('Zoë’s key'))
+  t.equal(r.headers['x-keygate-key-type'], 'service')
+  t.equal(r.headers['x-keygate-scopes'], 'a,b:read')
+  for (const name of ['x-keygate-key-id', 'x-keygate-key-name', 'x-keygate-key-type', 'x-keygate-scopes', 'x-request-id', 'x-forwarded-for', 'x-forwarded-host', 'x-forwarded-proto']) {
+    t.equal(count(r.rawHeaders, name), 1, `${name} sent once`)
+  }
+  t.notOk(r.headers['x-keygate-anything'], 'unknown X-Keygate-* removed')
+  t.notOk(r.headers.authorization, 'credential removed')
+  t.notOk(r.headers['proxy-authorization'])
+  t.notOk(r.headers.te)
+  t.notOk(r.headers.forwarded)
+  t.equal(r.headers['x-kept'], 'yes')
+  t.equal(r.headers['x-forwarded-for'], '127.0.0.1', 'untrusted peer: spoofed X-Forwarded-For replaced')
+  t.equal(r.headers['x-forwarded-host'], `127.0.0.1:${h.port}`)
+  t.equal(r.headers['x-forwarded-proto'], 'http')
+  t.equal(r.headers.host, `127.0.0.1:${h.upstream.port}`, "the upstream's own Host by default")
+  t.equal(r.headers['x-request-id'], 'client-req-0001', 'a sane client request id is kept')
+  t.equal(a.headers['x-request-id'], 'client-req-0001', 'the request id is answered too')
+  t.ok(a.headers['ratelimit-limit'], 'rate limit headers on forwarded answers')
+
+  const uuid = await h.get('/', { ...bearer(k.key), 'x-request-id': '3b241101-e2bb-4255-8caf-4136c566a962' })
+  t.not((uuid.json as Received).headers['x-request-id'], '3b241101-e2bb-4255-8caf-4136c566a962', 'a UUID v4 request id is replaced')
+  const keyish = await h.get('/', { ...bearer(k.key), 'x-request-id': k.key })
+  t.not((keyish.json as Received).headers['x-request-id'], k.key)
+})
+
+t.test('X-API-Key and query sources; strip and keep the credential', async (t) => {
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['x-api-key', 'query'] } } })
+  const k = await h.key()
+  const viaHeader = await h.get('/p', { 'x-api-key': k.key, authorization: 'Basic dXNlcjpwdw==' })
+  t.equal(viaHeader.status, 200)
+  t.notOk((viaHeader.json as Received).headers['x-api-key'])
+  t.equal((viaHeader.json as Received).headers.authorization, 'Basic dXNlcjpwdw==', 'a non-key Authorization is left alone')
+  const viaQuery = await h.get(`/p?a=1&api_key=${k.key}&b=2`)
+  t.equal(viaQuery.status, 200)
+  t.equal((viaQuery.json as Received).url, '/p?a=1&b=2')
+  t.equal((await h.get('/p', bearer(k.key))).status, 401, 'authorization is not a source here')
+
+  const keep = await startGateway(t, { sharedStore: true, config: { gateway: { strip_credential: false } } })
+  const k2 = await keep.key()
+  t.equal(((await keep.get('/', bearer(k2.key))).json as Received).headers.authorization, `Bearer ${k2.key}`)
+})
+
+t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    config: { gateway: { trusted_proxies: ['127.0.0.1', '10.0.0.0/8'] }, deny_list: ['203.0.113.9'] },
+  })
+  const k = await h.key()
+  const a = await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '1.1.1.1, 198.51.100.7, 10.1.2.3', 'x-forwarded-proto': 'https', 'x-forwarded-host': 'api.example' })
+  const r = a.json as Received
+  t.equal(r.headers['x-forwarded-for'], '1.1.1.1, 198.51.100.7, 10.1.2.3, 127.0.0.1', 'chain extended')
+  t.equal(r.headers['x-forwarded-proto'], 'https')
+  t.equal(r.headers['x-forwarded-host'], 'api.example')
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '203.0.113.9, 10.0.0.1' })).status, 403, 'the client behind the proxy is denied')
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '203.0.113.9, 198.51.100.1' })).status, 200, 'a spoofed left entry is not the client')
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '::ffff:203.0.113.9' })).status, 403, 'IPv4-mapped IPv6 normalised')
+
+  const untrusted = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
+  const k2 = await untrusted.key()
+  const b = await untrusted.get('/', { ...bearer(k2.key), 'x-forwarded-for': '203.0.113.9', 'x-forwarded-proto': 'https' })
+  t.equal(b.status, 200, 'X-Forwarded-For from an untrusted peer is ignored')
+  t.equal((b.json as Received).headers['x-forwarded-for'], '127.0.0.1')
+  t.equal((b.json as Received).headers['x-forwarded-proto'], 'http')
+})
+
+t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'root', path: '/', upstream: '{upstream}/root' },
+      { name: 'api', path: '/api', upstream: '{upstream}/v2/', strip_prefix: true },
+      { name: 'hosted', path: '/api', host: 'special.example', upstream: '{upstream}', preserve_host: true },
+    ],
+  })
+  const k = await h.key()
+  t.equal(((await h.get('/api/items?q=1', bearer(k.key))).json as Received).url, '/v2/items?q=1')
+  t.equal(((await h.get('/api', bearer(k.key))).json as Received).url, '/v2/')
+  t.equal(((await h.get('/apix', bearer(k.key))).json as Received).url, '/root/apix')
+  const hosted = (await h.get('/api/x', { ...bearer(k.key), host: 'Special.Example' })).json as Received
+  t.equal(hosted.url, '/api/x')
+  t.equal(hosted.headers.host, 'Special.Example')
+  const text = await h.metrics.registry.metrics()
+  t.match(text, /keygate_gateway_requests_total\{route="api",outcome="forwarded"\} 2/)
+  t.match(text, /keygate_upstream_duration_seconds_count\{route="hosted"\} 1/)
+})
+
+t.test('response hop-by-hop headers dropped, others kept', async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    upstream: (_req, res) => {
+      res.setHeader('connection', 'x-private')
+      res.setHeader('x-private', 'hop')
+      res.setHeader('set-cookie', ['a=1', 'b=2'])
+      res.setHeader('x-request-id', 'upstream-id-1')
+      res.end('body')
+    },
+  })
+  const k = await h.key()
+  const a = await h.get('/', bearer(k.key))
+  t.equal(a.text, 'body')
+  t.notOk(a.headers['x-private'])
+  t.same(a.headers['set-cookie'], ['a=1', 'b=2'])
+  t.equal(a.headers['x-request-id'], 'upstream-id-1')
+})
+
+t.test('headers named in Connection are dropped; Expect: 100-continue waits for the checks', async (t) => {
+  const h = await startGateway(t, { sharedStore: true })
+  const k = await h.key()
+  const out = await rawExchange(
+    h.port,
+    `GET /c HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: x-secret-hop, close\r\nX-Secret-Hop: 1\r\nX-Other: 2\r\n\r\n`,
+  )
+  t.match(out, /^HTTP\/1.1 200/)
+  const r = JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4).replace(/^[0-9a-f]+\r\n/, '')) as Received
+  t.notOk(r.headers['x-secret-hop'])
+  t.equal(r.headers['x-other'], '2')
+
+  const refused = await rawExchange(h.port, `POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`)
+  t.notMatch(refused, /100 Continue/, 'no 100 Continue for a request without a key')
+  t.match(refused, /^HTTP\/1.1 401/)
+  const ok = await rawExchange(h.port, `POST /c HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\nhello`)
+  t.match(ok, /^HTTP\/1.1 100 Continue\r\n\r\nHTTP\/1.1 200/)
+  t.match(ok, /"bodyBytes":5/)
+})

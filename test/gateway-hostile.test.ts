@@ -1,0 +1,58 @@
+// Hostile input over raw sockets: each is answered with a 4xx (or the connection closed),
+// nothing reaches the upstream, and the gateway keeps serving.
+import t from 'tap'
+import net from 'node:net'
+import { bearer, startGateway } from './helpers/gateway.ts'
+
+function send(port: number, text: string | Buffer, options: { waitMs?: number } = {}): Promise<string> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
+    let out = ''
+    socket.setEncoding('latin1')
+    socket.on('data', (d: string) => (out += d))
+    const done = () => resolve(out)
+    socket.on('close', done)
+    socket.on('error', () => {})
+    socket.setTimeout(options.waitMs ?? 3000, () => socket.destroy())
+  })
+}
+
+t.test('hostile requests', async (t) => {
+  const h = await startGateway(t, { config: { gateway: { max_header_bytes: 4096, max_headers: 20, headers_timeout_ms: 400 } } })
+  const k = await h.key()
+  const auth = `Authorization: Bearer ${k.key}\r\n`
+  const cases: Array<[string, string, RegExp]> = [
+    ['Content-Length and Transfer-Encoding', `POST / HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`, /^HTTP\/1.1 400/],
+    ['two different Content-Length', `POST / HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!`, /^HTTP\/1.1 400/],
+    ['two equal Content-Length', `POST / HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello`, /^HTTP\/1.1 400/],
+    ['malformed Content-Length', `POST / HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: 5x\r\n\r\nhello`, /^HTTP\/1.1 400/],
+    ['negative Content-Length', `POST / HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: -1\r\n\r\n`, /^HTTP\/1.1 400/],
+    ['bad chunk size', `POST / HTTP/1.1\r\nHost: a\r\n${auth}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n`, /^HTTP\/1.1 400/],
+    ['oversized headers', `GET / HTTP/1.1\r\nHost: a\r\n${auth}X-Big: ${'a'.repeat(8000)}\r\n\r\n`, /^HTTP\/1.1 431/],
+    ['too many headers', `GET / HTTP/1.1\r\nHost: a\r\n${auth}${Array.from({ length: 30 }, (_, i) => `X-H${i}: v\r\n`).join('')}\r\n`, /^HTTP\/1.1 431/],
+    ['absolute-form for another host', `GET http://evil.example/ HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['two Host headers', `GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['no Host', `GET / HTTP/1.1\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['CONNECT', `CONNECT upstream.example:443 HTTP/1.1\r\nHost: upstream.example:443\r\n${auth}\r\n`, /^HTTP\/1.1 405/],
+    ['TRACE', `TRACE / HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 405/],
+    ['dot segments', `GET /api/../admin HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['encoded dot segments', `GET /api/%2e%2E/admin HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['garbage request line', `HELLO THERE\r\n\r\n`, /^HTTP\/1.1 400/],
+    ['bare LF in a header', `GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\nX-B: 2\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['NUL in a header', `GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\u0000\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['non-WebSocket upgrade', `GET / HTTP/1.1\r\nHost: a\r\n${auth}Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n`, /^HTTP\/1.1 400/],
+  ]
+  for (const [name, text, expected] of cases) {
+    const out = await send(h.port, text)
+    t.match(out, expected, name)
+    if (out !== '' && !out.startsWith('HTTP/1.1 408')) t.match(out, /"error":\{"code":"[a-z_]+"/, `${name}: JSON error`)
+  }
+  const slow = await send(h.port, 'GET / HTTP/1.1\r\nHost: a\r\n', { waitMs: 5000 })
+  t.match(slow, /^HTTP\/1.1 408/, 'slow headers are cut off')
+  t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
+
+  const same = await send(h.port, `GET http://a/ok HTTP/1.1\r\nHost: a\r\n${auth}Connection: close\r\n\r\n`)
+  t.match(same, /^HTTP\/1.1 200/, 'an absolute-form target naming Host itself is served')
+  t.equal(h.upstream.received[0]?.url, '/ok')
+  t.equal((await h.get('/still', bearer(k.key))).status, 200, 'the gateway still serves')
+})

@@ -1,0 +1,89 @@
+// Rate limits and lockout: headers, per-key overrides, expiry, and the Redis store (shared
+// across instances, and still limiting when Redis is gone).
+import t from 'tap'
+import { randomInt } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { bearer, openStore, makeConfig, sleep, startGateway } from './helpers/gateway.ts'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+// A fresh client address per run, so counters left in Redis by an earlier run do not matter.
+const randomAddress = () => `198.18.${randomInt(256)}.${randomInt(1, 255)}`
+
+t.test('RateLimit headers, Retry-After, per-key override and type default', async (t) => {
+  const h = await startGateway(t, {
+    config: { rate_limits: { per_address: { limit: 100, window_s: 60 }, per_key: { default: { limit: 3, window_s: 60 }, service: { limit: 5, window_s: 60 } } } },
+  })
+  const user = await h.key({ type: 'user' })
+  const a = await h.get('/', bearer(user.key))
+  t.equal(a.headers['ratelimit-limit'], '3', 'the limit nearest to exhaustion is shown')
+  t.equal(a.headers['ratelimit-remaining'], '2')
+  t.ok(Number(a.headers['ratelimit-reset']) > 0 && Number(a.headers['ratelimit-reset']) <= 60)
+  await h.get('/', bearer(user.key))
+  await h.get('/', bearer(user.key))
+  const limited = await h.get('/', bearer(user.key))
+  t.equal(limited.status, 429)
+  t.equal(limited.json.error.code, 'rate_limited')
+  t.equal(limited.headers['ratelimit-remaining'], '0')
+  t.ok(Number(limited.headers['retry-after']) >= 1)
+
+  const service = await h.key({ type: 'service' })
+  for (let i = 0; i < 5; i++) t.equal((await h.get('/', bearer(service.key))).status, 200)
+  t.equal((await h.get('/', bearer(service.key))).status, 429, 'service type default')
+
+  const own = await h.key({ type: 'user', rate_limit: { limit: 1, window_s: 60 } })
+  t.equal((await h.get('/', bearer(own.key))).status, 200)
+  t.equal((await h.get('/', bearer(own.key))).status, 429, 'per-key override')
+  const missing = await h.get('/')
+  t.equal(missing.headers['ratelimit-limit'], '100', 'the per-address limit shows on answers without a key')
+  t.match(await h.metrics.registry.metrics(), /keygate_rate_limited_total\{limit="key"\} 3/)
+})
+
+t.test('lockout after failed attempts, not after missing keys, and its expiry', async (t) => {
+  const h = await startGateway(t, { config: { lockout: { max_attempts: 3, window_s: 1 } } })
+  const k = await h.key()
+  for (let i = 0; i < 5; i++) t.equal((await h.get('/')).status, 401, 'missing keys do not count')
+  t.equal((await h.get('/', bearer(k.key))).status, 200)
+  for (let i = 0; i < 3; i++) t.equal((await h.get('/', bearer('kg_nonsense'))).status, 401)
+  const locked = await h.get('/', bearer(k.key))
+  t.equal(locked.status, 429)
+  t.equal(locked.json.error.code, 'ip_locked_out')
+  t.equal(locked.headers['retry-after'], '1')
+  await sleep(1100)
+  t.equal((await h.get('/', bearer(k.key))).status, 200, 'the lockout ends after the window')
+  const text = await h.metrics.registry.metrics()
+  t.match(text, /keygate_lockouts_total 1/)
+  t.match(text, /keygate_locked_out_requests_total 1/)
+})
+
+t.test('Redis: limits and lockouts shared across instances', async (t) => {
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
+  t.teardown(() => redis.quit())
+  t.equal(await redis.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
+  const config = { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { per_address: { limit: 3, window_s: 60 } }, lockout: { max_attempts: 2, window_s: 60 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const a = await startGateway(t, { config, store, redis })
+  const b = await startGateway(t, { config, store, redis })
+  const k = await a.key()
+  const from = { 'x-forwarded-for': randomAddress() }
+  t.equal((await a.get('/', { ...bearer(k.key), ...from })).status, 200)
+  t.equal((await b.get('/', { ...bearer(k.key), ...from })).status, 200)
+  t.equal((await a.get('/', { ...bearer(k.key), ...from })).status, 200)
+  t.equal((await b.get('/', { ...bearer(k.key), ...from })).status, 429, 'the fourth request on either instance is limited')
+
+  const bad = { 'x-forwarded-for': randomAddress() }
+  t.equal((await a.get('/', { ...bearer('kg_bad'), ...bad })).status, 401)
+  t.equal((await b.get('/', { ...bearer('kg_bad'), ...bad })).status, 401)
+  const locked = await a.get('/', { ...bearer(k.key), ...bad })
+  t.equal(locked.json?.error?.code, 'ip_locked_out', 'failures on two instances add up')
+})
+
+t.test('Redis down: the insurance limiter still limits', async (t) => {
+  const dead = new Redis('redis://127.0.0.1:1', { lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, retryStrategy: () => null })
+  dead.on('error', () => {})
+  t.teardown(() => dead.disconnect())
+  const h = await startGateway(t, { config: { rate_limits: { per_address: { limit: 2, window_s: 60 } }, lockout: { max_attempts: 50, window_s: 60 } }, redis: dead })
+  const k = await h.key()
+  t.equal((await h.get('/', bearer(k.key))).status, 200)
+  t.equal((await h.get('/', bearer(k.key))).status, 200)
+  t.equal((await h.get('/', bearer(k.key))).status, 429, 'never unlimited when Redis fails')
+})

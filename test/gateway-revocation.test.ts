@@ -1,0 +1,137 @@
+// Changes through the store reach the request path: a revoked key is refused at once on the
+// same instance, within the cache TTL elsewhere, within a second with Redis; deny list
+// entries from the store apply without restart and stop at their expiry; random keys cannot
+// grow the caches.
+import t from 'tap'
+import { randomInt } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { generateKey } from '../core/keys/format.ts'
+import { ACTOR, bearer, makeConfig, openStore, sleep, startGateway } from './helpers/gateway.ts'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+
+t.test('revocation: at once here, within the TTL on another instance', async (t) => {
+  const config = { cache: { ttl_s: 1 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const here = await startGateway(t, { config, store })
+  // Another process: its own KeyService over the same store, so no change events reach it.
+  const { KeyService } = await import('../core/keys/service.ts')
+  const { keyServiceOptions } = await import('../core/runtime.ts')
+  const elsewhereKeys = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(here.config) })
+  const elsewhere = await startGateway(t, { config, store: { ...store, keys: elsewhereKeys } })
+
+  const k = await here.key()
+  t.equal((await here.get('/', bearer(k.key))).status, 200)
+  t.equal((await elsewhere.get('/', bearer(k.key))).status, 200, 'now cached elsewhere')
+  await here.keys.revoke(k.id, 'leaked', ACTOR)
+  t.equal((await here.get('/', bearer(k.key))).status, 401, 'refused at once on the instance that revoked it')
+  t.equal((await elsewhere.get('/', bearer(k.key))).status, 200, 'still cached elsewhere')
+  await sleep(1100)
+  t.equal((await elsewhere.get('/', bearer(k.key))).status, 401, 'refused elsewhere once the TTL passed')
+
+  const r = await here.key({ type: 'service' })
+  t.equal((await here.get('/', bearer(r.key))).status, 200)
+  const rotated = await here.keys.rotate(r.id, { force: true }, ACTOR)
+  t.equal((await here.get('/', bearer(r.key))).status, 401, 'a forced rotation kills the old key at once')
+  t.equal((await here.get('/', bearer(rotated.key))).status, 200)
+
+  const u = await here.key({ scopes: ['a'] })
+  t.equal((await here.get('/', bearer(u.key))).json.headers['x-keygate-scopes'], 'a')
+  await here.keys.update(u.id, { scopes: ['a', 'b'] }, ACTOR)
+  t.equal((await here.get('/', bearer(u.key))).json.headers['x-keygate-scopes'], 'a,b', 'an update applies to the next request')
+})
+
+t.test('revocation with Redis: within a second on every instance', async (t) => {
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
+  t.teardown(() => redis.quit())
+  t.equal(await redis.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
+  // Counters in Redis outlive the test: a fresh client address per run keeps earlier runs' failed attempts out.
+  const config = { cache: { ttl_s: 300 }, gateway: { trusted_proxies: ['127.0.0.1'] } }
+  const from = { 'x-forwarded-for': `198.18.${randomInt(256)}.${randomInt(1, 255)}` }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const here = await startGateway(t, { config, store, redis })
+  const { KeyService } = await import('../core/keys/service.ts')
+  const { keyServiceOptions } = await import('../core/runtime.ts')
+  const elsewhere = await startGateway(t, { config, store: { ...store, keys: new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(here.config) }) }, redis })
+  await sleep(200)
+  const k = await here.key()
+  t.equal((await elsewhere.get('/', { ...bearer(k.key), ...from })).status, 200)
+  await here.keys.revoke(k.id, undefined, ACTOR)
+  await sleep(300)
+  t.equal((await elsewhere.get('/', { ...bearer(k.key), ...from })).status, 401, 'refused elsewhere well within the TTL')
+})
+
+t.test('deny list from the store: added, removed, expiring, reloaded by other instances', async (t) => {
+  const config = { gateway: { deny_list_refresh_s: 1 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const h = await startGateway(t, { config, store })
+  const other = await startGateway(t, { config, store, shareDenyList: false })
+  const k = await h.key()
+  t.equal((await h.get('/', bearer(k.key))).status, 200)
+  const entry = await h.denyList.add({ cidr: '::ffff:127.0.0.1', reason: 'test' }, ACTOR)
+  t.equal(entry.cidr, '127.0.0.1', 'stored normalised')
+  const denied = await h.get('/', bearer(k.key))
+  t.equal(denied.status, 403, 'applies at once in the process that added it')
+  t.equal(denied.json.error.code, 'ip_blocked')
+  await sleep(1300)
+  t.equal((await other.get('/', bearer(k.key))).status, 403, 'another instance picks it up on its next reload')
+  await h.denyList.remove(entry.id, ACTOR)
+  t.equal((await h.get('/', bearer(k.key))).status, 200, 'removal applies at once')
+
+  await h.denyList.add({ cidr: '127.0.0.0/8', expiresAt: new Date(Date.now() + 700) }, ACTOR)
+  t.equal((await h.get('/', bearer(k.key))).status, 403)
+  await sleep(800)
+  t.equal((await h.get('/', bearer(k.key))).status, 200, 'an expired entry stops matching at its expiry')
+  await t.rejects(h.denyList.add({ cidr: 'nonsense' }, ACTOR), { code: 'validation_failed' })
+  await h.denyList.add({ cidr: '192.0.2.77/24' }, ACTOR)
+  await t.rejects(h.denyList.add({ cidr: '192.0.2.0/24' }, ACTOR), { code: 'conflict' }, 'one range, one spelling')
+})
+
+t.test('random keys do not grow the caches; a burst of one unknown key costs one look-up', async (t) => {
+  const h = await startGateway(t, { config: { cache: { max_capacity: 10, negative_max: 20 }, lockout: { max_attempts: 100000, window_s: 60 } } })
+  for (let i = 0; i < 60; i++) t.equal((await h.get('/', bearer(generateKey('kg_').key))).status, 401)
+  for (let i = 0; i < 30; i++) await h.get('/', bearer((await h.key()).key))
+  const text = await h.metrics.registry.metrics()
+  t.match(text, /keygate_key_cache_total\{result="miss"\} 90/)
+  const { KeyCache } = await import('../gateway/key-cache.ts')
+  const { createGatewayMetrics, createMetricsRegistry } = await import('../core/metrics.ts')
+  let lookups = 0
+  const cache = new KeyCache({
+    keys: { lookup: async () => (lookups++, { reason: 'unknown' as const }) } as never,
+    ttlS: 60,
+    capacity: 10,
+    negativeTtlS: 5,
+    negativeMax: 20,
+    metrics: createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), []),
+    build: () => {
+      throw new Error('unused')
+    },
+  })
+  for (let i = 0; i < 1000; i++) {
+    const g = generateKey('kg_')
+    await cache.lookup(g.hash, g.key)
+  }
+  t.ok(cache.size.negative <= 20, `negative cache holds ${cache.size.negative} ≤ 20`)
+  lookups = 0
+  const one = generateKey('kg_')
+  await Promise.all(Array.from({ length: 50 }, () => cache.lookup(one.hash, one.key)))
+  await cache.lookup(one.hash, one.key)
+  t.equal(lookups, 1, 'concurrent and repeated look-ups of one unknown key share one store query')
+})
+
+t.test('metrics carry no key material, addresses or unbounded labels', async (t) => {
+  const h = await startGateway(t, { routes: [{ name: 'api', path: '/api', upstream: '{upstream}' }] })
+  const k = await h.key()
+  await h.get('/api/x', bearer(k.key))
+  await h.get(`/random-${Date.now()}`, bearer(k.key))
+  await h.get('/api/x', bearer('kg_' + 'x'.repeat(41)))
+  const text = await h.metrics.registry.metrics()
+  t.notMatch(text, /kg_/)
+  t.notMatch(text, new RegExp(k.id))
+  t.notMatch(text, /127\.0\.0\.1/)
+  t.notMatch(text, /random-/)
+  const routes = new Set([...text.matchAll(/route="([^"]*)"/g)].map((m) => m[1]))
+  t.same([...routes].sort(), ['api', 'none'])
+  t.match(text, /keygate_gateway_requests_total\{route="none",outcome="route_not_found"\} 1/)
+  t.match(text, /keygate_gateway_requests_total\{route="api",outcome="scope_denied"\} 0/, 'children exist from start-up')
+})

@@ -1,0 +1,93 @@
+// Bodies stream both ways with back-pressure: a large upload and download pass through the
+// gateway while memory stays flat. KEYGATE_TEST_BIG_BODY_MB sets the size (default 200; the
+// 1 GB check is KEYGATE_TEST_BIG_BODY_MB=1024). Client, gateway and upstream share this process;
+// RSS settles near 100 MB whatever the size (allocator and GC lag), while buffering a body
+// would grow it by the body size.
+import t from 'tap'
+import { Readable } from 'node:stream'
+import { request } from 'undici'
+import { bearer, startGateway } from './helpers/gateway.ts'
+
+const MB = Number(process.env.KEYGATE_TEST_BIG_BODY_MB ?? 200)
+const TOTAL = MB * 1024 * 1024
+const CHUNK = Buffer.alloc(64 * 1024, 0x61)
+
+function generate(total: number): Readable {
+  let sent = 0
+  return new Readable({
+    read() {
+      if (sent >= total) return void this.push(null)
+      const n = Math.min(CHUNK.length, total - sent)
+      sent += n
+      this.push(n === CHUNK.length ? CHUNK : CHUNK.subarray(0, n))
+    },
+  })
+}
+
+function watchMemory() {
+  globalThis.gc?.()
+  const base = process.memoryUsage()
+  let peakRss = base.rss
+  let peakHeap = base.heapUsed
+  const timer = setInterval(() => {
+    const m = process.memoryUsage()
+    peakRss = Math.max(peakRss, m.rss)
+    peakHeap = Math.max(peakHeap, m.heapUsed)
+  }, 20)
+  return () => {
+    clearInterval(timer)
+    return { rss: (peakRss - base.rss) / 1048576, heap: (peakHeap - base.heapUsed) / 1048576 }
+  }
+}
+
+t.test(`${MB} MB up and ${MB} MB down with flat memory`, async (t) => {
+  const h = await startGateway(t, {
+    upstream: (req, res) => {
+      if (req.method === 'POST') {
+        let n = 0
+        req.on('data', (c: Buffer) => (n += c.length))
+        req.on('end', () => res.end(JSON.stringify({ received: n })))
+        return
+      }
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': TOTAL })
+      generate(TOTAL).pipe(res)
+    },
+  })
+  const k = await h.key()
+
+  let stop = watchMemory()
+  const up = await request(`${h.url}/upload`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: generate(TOTAL), dispatcher: h.agent })
+  t.equal(up.statusCode, 200)
+  t.same(await up.body.json(), { received: TOTAL }, 'every byte reached the upstream (chunked upload)')
+  let grown = stop()
+  t.ok(grown.rss < 160, `upload: RSS grew ${grown.rss.toFixed(1)} MB`)
+  t.ok(grown.heap < 64, `upload: heap grew ${grown.heap.toFixed(1)} MB`)
+
+  stop = watchMemory()
+  const down = await request(`${h.url}/download`, { headers: bearer(k.key), dispatcher: h.agent })
+  t.equal(down.statusCode, 200)
+  t.equal(down.headers['content-length'], String(TOTAL))
+  let n = 0
+  for await (const chunk of down.body) n += (chunk as Buffer).length
+  t.equal(n, TOTAL, 'every byte reached the client')
+  grown = stop()
+  t.ok(grown.rss < 160, `download: RSS grew ${grown.rss.toFixed(1)} MB`)
+  t.ok(grown.heap < 64, `download: heap grew ${grown.heap.toFixed(1)} MB`)
+})
+
+t.test('a slow reader holds the upstream back (back-pressure)', async (t) => {
+  let written = 0
+  const h = await startGateway(t, {
+    upstream: (_req, res) => {
+      res.writeHead(200)
+      const src = generate(64 * 1024 * 1024)
+      src.on('data', (c: Buffer) => (written += c.length))
+      src.pipe(res)
+    },
+  })
+  const k = await h.key()
+  const res = await request(`${h.url}/`, { headers: bearer(k.key), dispatcher: h.agent })
+  await new Promise((r) => setTimeout(r, 500))
+  t.ok(written < 16 * 1024 * 1024, `the upstream wrote only ${(written / 1048576).toFixed(1)} MB while nobody read`)
+  res.body.destroy()
+})

@@ -1,0 +1,192 @@
+// Test harness for the gateway: a real echo upstream on port 0, a real PGlite store, the real
+// key service, and a gateway listening on port 0. Everything is torn down with the test.
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { Value } from '@sinclair/typebox/value'
+import { Agent, request } from 'undici'
+import { ConfigSchema, type Config } from '../../config/schema.ts'
+import { deepFreeze } from '../../config/load.ts'
+import { AuditCipher, AuditLog } from '../../core/audit.ts'
+import { openDb, type Db } from '../../core/db.ts'
+import { DenyListService } from '../../core/deny-list.ts'
+import { KeyService } from '../../core/keys/service.ts'
+import { silentLogger, type Logger } from '../../core/log.ts'
+import { createGatewayMetrics, createMetricsRegistry, type GatewayMetrics } from '../../core/metrics.ts'
+import { migrate } from '../../core/migrate.ts'
+import { keyServiceOptions } from '../../core/runtime.ts'
+import { createGateway, type Gateway } from '../../gateway/index.ts'
+
+export interface Tap {
+  teardown(fn: () => unknown): void
+}
+
+export interface Received {
+  method: string
+  url: string
+  headers: http.IncomingHttpHeaders
+  rawHeaders: string[]
+  bodyBytes: number
+}
+
+export interface Upstream {
+  url: string
+  port: number
+  server: http.Server
+  received: Received[]
+}
+
+export type UpstreamHandler = (req: http.IncomingMessage, res: http.ServerResponse, received: Received[]) => void
+
+/** Echoes what it received as JSON (the body is counted, not kept). */
+export const echo: UpstreamHandler = (req, res, received) => {
+  let bodyBytes = 0
+  req.on('data', (c: Buffer) => (bodyBytes += c.length))
+  req.on('end', () => {
+    const r: Received = { method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, bodyBytes }
+    received.push(r)
+    const body = JSON.stringify(r)
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) })
+    res.end(body)
+  })
+}
+
+export async function listen(server: http.Server, host = '127.0.0.1'): Promise<number> {
+  await new Promise<void>((resolve) => server.listen(0, host, resolve))
+  return (server.address() as AddressInfo).port
+}
+
+export async function startUpstream(t: Tap, handler: UpstreamHandler = echo): Promise<Upstream> {
+  const received: Received[] = []
+  const server = http.createServer((req, res) => handler(req, res, received))
+  const port = await listen(server)
+  t.teardown(() => {
+    server.closeAllConnections()
+    return new Promise((r) => server.close(r))
+  })
+  return { url: `http://127.0.0.1:${port}`, port, server, received }
+}
+
+/** A frozen Config from a partial one, with the schema's defaults (as loadConfig would). */
+export function makeConfig(partial: Record<string, unknown>): Config {
+  const value = Value.Default(ConfigSchema, Value.Clone(partial)) as Config
+  const errors = [...Value.Errors(ConfigSchema, value)]
+  if (errors.length > 0) throw new Error(`test config invalid: ${errors.map((e) => `${e.path} ${e.message}`).join('; ')}`)
+  return deepFreeze(value)
+}
+
+export const ACTOR = { actor: 'test' }
+
+export interface Store {
+  db: Db
+  audit: AuditLog
+  keys: KeyService
+  denyList: DenyListService
+}
+
+export async function openStore(t: Tap, config: Config): Promise<Store> {
+  const db = await openDb({ memory: true })
+  await migrate(db)
+  const audit = new AuditLog(new AuditCipher(Buffer.alloc(32, 7)))
+  const keys = new KeyService({ db, audit, ...keyServiceOptions(config) })
+  const denyList = new DenyListService({ db, audit })
+  t.teardown(() => db.close().catch(() => {}))
+  return { db, audit, keys, denyList }
+}
+
+let shared: Promise<Store> | undefined
+function sharedStore(config: Config): Promise<Store> {
+  shared ??= openStore({ teardown: () => {} }, config)
+  return shared
+}
+
+export interface Harness extends Store {
+  config: Config
+  gateway: Gateway
+  metrics: GatewayMetrics
+  url: string
+  port: number
+  upstream: Upstream
+  agent: Agent
+  /** Creates a key through the key service and returns its plaintext. */
+  key(input?: Record<string, unknown>): Promise<{ key: string; id: string }>
+  get(path: string, headers?: Record<string, string | string[]>, method?: string): Promise<Answer>
+}
+
+export interface Answer {
+  status: number
+  headers: Record<string, string | string[] | undefined>
+  text: string
+  json: any
+}
+
+export interface HarnessOptions {
+  config?: Record<string, unknown>
+  upstream?: UpstreamHandler
+  /** Routes; `{upstream}` in an upstream value is replaced with the echo upstream's URL. */
+  routes?: Array<Record<string, unknown>>
+  store?: Store
+  redis?: any
+  log?: Logger
+  host?: string
+  now?: () => Date
+  /** Share the store's DenyListService with the gateway (as `serve` does). */
+  shareDenyList?: boolean
+  /** Use one store for the whole test file (opening PGlite is the slow part); not for tests that change the deny list or close the store. */
+  sharedStore?: boolean
+}
+
+export async function startGateway(t: Tap, options: HarnessOptions = {}): Promise<Harness> {
+  const upstream = await startUpstream(t, options.upstream)
+  const routes = (options.routes ?? [{ name: 'api', path: '/' , upstream: '{upstream}' }]).map((r) => ({
+    ...r,
+    upstream: String(r.upstream).replace('{upstream}', upstream.url),
+  }))
+  const config = makeConfig({ ...(options.config ?? {}), routes })
+  const store = options.store ?? (options.sharedStore ? await sharedStore(config) : await openStore(t, config))
+  const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), config.routes.map((r) => r.name))
+  const gateway = await createGateway({
+    config,
+    keys: store.keys,
+    db: store.db,
+    log: options.log ?? silentLogger,
+    metrics,
+    ...(options.redis ? { redis: options.redis } : {}),
+    ...(options.now ? { now: options.now } : {}),
+    ...(options.shareDenyList !== false ? { denyList: store.denyList } : {}),
+  })
+  const port = await listen(gateway.server, options.host)
+  const agent = new Agent({ keepAliveTimeout: 1000 })
+  t.teardown(async () => {
+    await agent.close()
+    await gateway.shutdown(1000)
+  })
+  const host = options.host?.includes(':') ? `[${options.host}]` : (options.host ?? '127.0.0.1')
+  const url = `http://${host}:${port}`
+  return {
+    ...store,
+    config,
+    gateway,
+    metrics,
+    url,
+    port,
+    upstream,
+    agent,
+    async key(input = {}) {
+      const { key, record } = await store.keys.create({ name: 'test key', type: 'user', ...input }, ACTOR)
+      return { key, id: record.id }
+    },
+    async get(path, headers = {}, method = 'GET') {
+      const res = await request(url + path, { method: method as 'GET', headers, dispatcher: agent })
+      const text = await res.body.text()
+      let json: unknown
+      try {
+        json = JSON.parse(text)
+      } catch {}
+      return { status: res.statusCode, headers: res.headers as Answer['headers'], text, json }
+    },
+  }
+}
+
+export const bearer = (key: string) => ({ authorization: `Bearer ${key}` })
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
