@@ -1,6 +1,233 @@
-import type { Io } from './io.ts'
-import { UsageError } from './io.ts'
+// keygate serve: the gateway and admin listeners, in one process or, with --workers N, as N
+// gateway processes sharing one port (node:cluster) beside a primary that owns the admin
+// listener. SIGTERM/SIGINT: readiness fails, listeners stop accepting, in-flight requests finish
+// within the deadline, idle keep-alive connections close, pending writes flush, exit 0.
+import cluster from 'node:cluster'
+import http from 'node:http'
+import https from 'node:https'
+import { readFileSync } from 'node:fs'
+import type { AddressInfo } from 'node:net'
+import { AggregatorRegistry } from 'prom-client'
+import { loadConfig } from '../config/load.ts'
+import type { Config } from '../config/schema.ts'
+import { parseListen } from '../core/formats.ts'
+import { KeygateError } from '../core/errors.ts'
+import { createLogger, type Level, type Logger } from '../core/log.ts'
+import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
+import { bindInvalidationPublisher } from '../core/invalidation.ts'
+import { pendingMigrations } from '../core/migrate.ts'
+import { connectRedis, redisReady } from '../core/redis.ts'
+import { openRuntime, type Runtime } from '../core/runtime.ts'
+import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
+import { createGateway, type Gateway } from '../gateway/index.ts'
+import { EXIT_OK, UsageError, parse, parseIntFlag, type Io } from './io.ts'
 
-export async function runServe(_argv: string[], _io: Io): Promise<number> {
-  throw new UsageError('serve is not wired yet')
+const USAGE = 'keygate serve [--only gateway|admin] [--workers N] [--listen HOST:PORT] [--admin-listen HOST:PORT] [--upstream URL] [--config FILE]'
+
+const OPTIONS = {
+  only: { type: 'string' },
+  workers: { type: 'string' },
+  listen: { type: 'string' },
+  'admin-listen': { type: 'string' },
+  upstream: { type: 'string' },
+} as const
+
+type Role = { gateway: boolean; admin: boolean }
+
+export async function runServe(argv: string[], io: Io): Promise<number> {
+  const p = parse(argv, OPTIONS, { min: 0, max: 0 }, USAGE)
+  if (p.values.help) {
+    io.out(`start the gateway and admin listeners\nusage: ${USAGE}\n`)
+    return EXIT_OK
+  }
+  const only = p.values.only as string | undefined
+  if (only !== undefined && only !== 'gateway' && only !== 'admin') throw new UsageError(`--only: ${JSON.stringify(only)} is not allowed; expected gateway or admin\nusage: ${USAGE}`)
+  const workers = parseIntFlag('workers', p.values.workers as string | undefined, 1, 256) ?? 1
+  if (workers > 1 && only === 'admin') throw new UsageError('--workers runs several gateway processes; it does not go with --only admin')
+  const config = loadConfig({
+    file: p.values.config as string | undefined,
+    env: io.env,
+    flags: {
+      listen: p.values.listen as string | undefined,
+      'admin-listen': p.values['admin-listen'] as string | undefined,
+      upstream: p.values.upstream as string | undefined,
+      'data-dir': p.values['data-dir'] as string | undefined,
+      'database-url': p.values['database-url'] as string | undefined,
+    },
+  })
+  if (workers > 1 && !config.store.database_url) {
+    throw new KeygateError('config_invalid', '--workers above 1 needs DATABASE_URL: the embedded store belongs to one process')
+  }
+  const log = createLogger({ level: config.log.level as Level, fields: cluster.isWorker ? { worker: cluster.worker?.id } : {} })
+  const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
+  if (cluster.isWorker) return serveInstance(config, log, io, { gateway: true, admin: false }, { worker: true })
+  if (workers > 1) return servePrimary(config, log, io, role, workers)
+  return serveInstance(config, log, io, role, { worker: false })
+}
+
+function createServer(tls: Config['gateway']['tls'], options: http.ServerOptions, log: Logger): http.Server {
+  if (!tls) return http.createServer(options)
+  const load = () => ({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
+  const server = https.createServer({ ...options, ...load() })
+  process.on('SIGHUP', () => {
+    try {
+      server.setSecureContext(load())
+      log.info('reloaded TLS certificate', { cert: tls.cert })
+    } catch (err) {
+      log.error('could not reload TLS certificate; keeping the old one', { cert: tls.cert, err: err as Error })
+    }
+  })
+  return server as unknown as http.Server
+}
+
+function listen(server: http.Server, address: string): Promise<AddressInfo> {
+  const where = parseListen(address)
+  if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address}`)
+  return new Promise((resolve, reject) => {
+    server.once('error', reject)
+    server.listen(where.port, where.host, () => {
+      server.off('error', reject)
+      resolve(server.address() as AddressInfo)
+    })
+  })
+}
+
+function shown(a: AddressInfo): string {
+  return a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`
+}
+
+/** Resolves with the signal name on the first SIGTERM/SIGINT. */
+function stopSignal(log: Logger): Promise<string> {
+  return new Promise((resolve) => {
+    let seen = false
+    const on = (signal: string) => {
+      if (seen) {
+        log.warn('second signal: exiting without waiting', { signal })
+        process.exit(1)
+      }
+      seen = true
+      resolve(signal)
+    }
+    process.on('SIGTERM', () => on('SIGTERM'))
+    process.on('SIGINT', () => on('SIGINT'))
+  })
+}
+
+async function readiness(runtime: Runtime): Promise<string | undefined> {
+  try {
+    const pending = await pendingMigrations(runtime.db)
+    return pending.length > 0 ? `migrations not applied: ${pending.join(', ')}` : undefined
+  } catch (err) {
+    return `store unreachable: ${(err as Error).message}`
+  }
+}
+
+async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Logger): Promise<void> {
+  if (config.admin.token) return
+  const created = await runtime.keys.ensureAdminKey({ actor: 'system' })
+  if (!created) return
+  log.warn('no admin credential was configured: created the first admin key and printed it on stderr once', { key_id: created.record.id })
+  io.err(`\nkeygate: created the first admin key (id ${created.record.id}). It is shown once; store it now:\n${created.key}\n\n`)
+}
+
+async function closeServer(server: http.Server | undefined): Promise<void> {
+  if (!server?.listening) return
+  await new Promise<void>((resolve) => {
+    server.close(() => resolve())
+    server.closeIdleConnections()
+  })
+}
+
+async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean }): Promise<number> {
+  const stopping = stopSignal(log)
+  const runtime = await openRuntime(config, log)
+  let shuttingDown = false
+  let gateway: Gateway | undefined
+  let admin: http.Server | undefined
+  const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  // Without a gateway in this process, key changes made here still reach the other instances.
+  const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, log }) : undefined
+  try {
+    if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
+    if (role.admin) await bootstrapAdmin(runtime, config, io, log)
+    const registry = createMetricsRegistry()
+    if (mode.worker) AggregatorRegistry.setRegistries([registry])
+    if (role.gateway) {
+      const metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
+      gateway = await createGateway({
+        config,
+        keys: runtime.keys,
+        db: runtime.db,
+        log,
+        metrics,
+        ...(redis ? { redis } : {}),
+        createServer: (options) => createServer(config.gateway.tls, options, log),
+      })
+      const at = await listen(gateway.server, config.gateway.listen)
+      log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
+      if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
+    }
+    if (!mode.worker) {
+      const routes: AdminRoute[] = healthRoutes({
+        ready: () => readiness(runtime),
+        metrics: async () => ({ contentType: registry.contentType, body: await registry.metrics() }),
+        isShuttingDown: () => shuttingDown,
+      })
+      admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
+      const at = await listen(admin, config.admin.listen)
+      log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
+    }
+    if (mode.worker) process.send?.({ keygate: 'ready' })
+    const signal = await stopping
+    shuttingDown = true
+    log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
+    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin)])
+    log.info('stopped')
+    return EXIT_OK
+  } finally {
+    stopPublishing?.()
+    redis?.disconnect()
+    await runtime.close()
+  }
+}
+
+async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
+  const stopping = stopSignal(log)
+  const runtime = await openRuntime(config, log)
+  let shuttingDown = false
+  try {
+    if (role.admin) await bootstrapAdmin(runtime, config, io, log)
+    const aggregator = new AggregatorRegistry()
+    cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
+    const live = new Set<import('node:cluster').Worker>()
+    const fork = () => {
+      const w = cluster.fork()
+      live.add(w)
+      w.on('exit', (code, signal) => {
+        live.delete(w)
+        if (shuttingDown) return
+        log.error('gateway worker died; starting another', { worker: w.id, code, signal })
+        setTimeout(fork, 1000).unref()
+      })
+    }
+    for (let i = 0; i < workers; i++) fork()
+    const routes = healthRoutes({
+      ready: async () => (live.size < workers ? `${live.size} of ${workers} gateway workers running` : readiness(runtime)),
+      metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
+      isShuttingDown: () => shuttingDown,
+    })
+    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
+    const at = await listen(admin, config.admin.listen)
+    log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
+    const signal = await stopping
+    shuttingDown = true
+    log.info('shutting down workers', { signal })
+    const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
+    for (const w of live) w.process.kill('SIGTERM')
+    await Promise.all([...exited, closeServer(admin)])
+    log.info('stopped')
+    return EXIT_OK
+  } finally {
+    await runtime.close()
+  }
 }

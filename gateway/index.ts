@@ -40,6 +40,8 @@ export interface GatewayDeps {
   now?: () => Date
   /** The deny list service the admin API writes through, so its changes apply at once; else a read-only one on `db`. */
   denyList?: DenyListService
+  /** Makes the server (an https one for TLS); `http.createServer` otherwise. */
+  createServer?: (options: http.ServerOptions) => http.Server
 }
 
 export interface Gateway {
@@ -147,7 +149,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     last(s)
   }
 
-  const server = http.createServer({
+  const server = (deps.createServer ?? http.createServer)({
     maxHeaderSize: g.max_header_bytes,
     headersTimeout: g.headers_timeout_ms,
     requestTimeout: Math.max(300_000, g.headers_timeout_ms),
