@@ -99,10 +99,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     if (host !== undefined) out['x-forwarded-host'] = host
     const k = s.key
     if (k !== undefined) {
-      out['x-keygate-key-id'] = k.record.id
+      out['x-keygate-key-id'] = k.id
       out['x-keygate-key-name'] = k.name
-      out['x-keygate-key-type'] = k.record.type
-      out['x-keygate-scopes'] = k.scopes
+      out['x-keygate-key-type'] = k.type
+      out['x-keygate-scopes'] = k.scopes.header
     }
     out['x-request-id'] = s.id
     return out

@@ -17,7 +17,7 @@ import { NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
 import { createClientAddressStage } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
-import { KeyCache, toCachedKey } from './key-cache.ts'
+import { CachedKey, KeyCache, scopeSets } from './key-cache.ts'
 import { createKeyExtractStage } from './key-extract.ts'
 import { createLockout } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage } from './rate-limit.ts'
@@ -68,6 +68,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, metrics })
   const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis)
+  const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({
     keys,
     ttlS: config.cache.ttl_s,
@@ -75,7 +76,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     negativeTtlS: config.cache.negative_ttl_s,
     negativeMax: config.cache.negative_max,
     metrics,
-    build: (record) => toCachedKey(record, limiterFor(record), router.routes.length),
+    build: (record) => new CachedKey(record, scopeSetOf(record.scopes), limiterFor(record)),
   })
 
   const denyService = deps.denyList ?? new DenyListService({ db: deps.db, ...(clock ? { now: clock } : {}) })

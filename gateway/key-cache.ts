@@ -1,53 +1,105 @@
-// The validation cache. Keyed by the SHA-256 hex of the presented key (never the key), bounded:
+// The validation cache. Keyed by the SHA-256 of the presented key (never the key) as a 32-character
+// binary string (`digestKey`, half the memory of hex), bounded:
 // quick-lru keeps up to twice its maxSize, so maxSize is half the configured capacity. Unknown
 // keys and wrong secrets go to a separate small cache with a short TTL, so random keys cannot
 // grow memory and a burst of one bad key costs one store query. Concurrent misses for one key
 // share one store query. A generation counter keeps a query that was in flight during an
 // invalidation from putting the stale answer back.
 import QuickLRU from 'quick-lru'
+import { digestFromHex } from '../core/keys/format.ts'
 import type { KeyService } from '../core/keys/service.ts'
-import type { KeyRecord } from '../core/keys/types.ts'
+import { KEY_TYPES, type KeyRecord, type KeyType } from '../core/keys/types.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
 import { rangeMatcher } from '../core/keys/evaluate.ts'
 import type { SizedLimiter } from './rate-limit.ts'
 
 export type Miss = 'unknown' | 'wrong_secret'
 
-export interface CachedKey {
-  readonly record: KeyRecord
-  /** Refused whatever the time: the status when it was loaded. */
-  readonly refused: 'revoked' | 'expired' | undefined
-  /** Epoch ms from which it is refused (expiry, or the end of a rotation grace). */
-  readonly validUntil: number
-  readonly allowedFrom: ((address: string) => boolean) | undefined
-  /** One-entry memo of the CIDR binding check: keep-alive clients repeat their address. */
+/**
+ * A set of scopes shared by every cached key that holds it: the header value, and per route
+ * whether it grants that route (0 not yet known, 1 granted, 2 denied). Keys with the same scopes
+ * share one of these, so a key's own entry holds only a pointer.
+ */
+export class ScopeSet {
+  readonly list: readonly string[]
+  readonly header: string
+  readonly routeGrant: Uint8Array
+
+  constructor(list: readonly string[], routeCount: number) {
+    this.list = list
+    this.header = list.join(',')
+    this.routeGrant = new Uint8Array(routeCount)
+  }
+}
+
+/** A CIDR binding and the one-entry memo of its last answer (keep-alive clients repeat their address). */
+export interface Binding {
+  readonly allowedFrom: (address: string) => boolean
   lastAddress: string
   lastAllowed: boolean
-  readonly limit: SizedLimiter
-  /** Identity header values, computed once. */
+}
+
+const STATE_ACTIVE = 0
+const STATE_ROTATING = 1
+const STATE_REVOKED = 2
+const STATE_EXPIRED = 3
+const STATES = { active: STATE_ACTIVE, rotating: STATE_ROTATING, revoked: STATE_REVOKED, expired: STATE_EXPIRED } as const
+
+/**
+ * What the request path needs of a key, and nothing more: the stored record is not kept, so a
+ * cached key costs a few hundred bytes (bench/cache-heap.ts measures it).
+ */
+export class CachedKey {
+  readonly id: string
+  /** The name as a header value (visible ASCII, else percent-encoded). */
   readonly name: string
-  readonly scopes: string
-  /** Per route index: 0 not yet known, 1 granted, 2 denied. */
-  readonly routeGrant: Uint8Array
+  readonly type: KeyType
+  readonly scopes: ScopeSet
+  /** Epoch ms from which it is refused (expiry, or the end of a rotation grace). */
+  readonly validUntil: number
+  readonly state: number
+  readonly binding: Binding | undefined
+  readonly limit: SizedLimiter
+
+  constructor(record: KeyRecord, scopes: ScopeSet, limit: SizedLimiter) {
+    let validUntil = record.expiresAt ? record.expiresAt.getTime() : Infinity
+    if (record.status === 'rotating') validUntil = Math.min(validUntil, record.graceUntil ? record.graceUntil.getTime() : 0)
+    this.id = record.id
+    this.name = PLAIN.test(record.name) ? record.name : encodeURIComponent(record.name)
+    this.type = KEY_TYPES[KEY_TYPES.indexOf(record.type)] as KeyType
+    this.scopes = scopes
+    this.validUntil = validUntil
+    this.state = STATES[record.status]
+    this.binding = record.allowedCidrs.length > 0 ? { allowedFrom: rangeMatcher(record.allowedCidrs), lastAddress: '', lastAllowed: false } : undefined
+    this.limit = limit
+  }
+
+  /** Refused whatever the time: the status when it was loaded. */
+  get refused(): 'revoked' | 'expired' | undefined {
+    return this.state === STATE_REVOKED ? 'revoked' : this.state === STATE_EXPIRED ? 'expired' : undefined
+  }
+
+  get rotating(): boolean {
+    return this.state === STATE_ROTATING
+  }
 }
 
 // Header values must be visible ASCII; other names are sent percent-encoded.
 const PLAIN = /^[\x20-\x7e]*$/
 
-export function toCachedKey(record: KeyRecord, limit: SizedLimiter, routeCount: number): CachedKey {
-  let validUntil = record.expiresAt ? record.expiresAt.getTime() : Infinity
-  if (record.status === 'rotating') validUntil = Math.min(validUntil, record.graceUntil ? record.graceUntil.getTime() : 0)
-  return {
-    record,
-    refused: record.status === 'revoked' || record.status === 'expired' ? record.status : undefined,
-    validUntil,
-    allowedFrom: record.allowedCidrs.length > 0 ? rangeMatcher(record.allowedCidrs) : undefined,
-    lastAddress: '',
-    lastAllowed: false,
-    limit,
-    name: PLAIN.test(record.name) ? record.name : encodeURIComponent(record.name),
-    scopes: record.scopes.join(','),
-    routeGrant: new Uint8Array(routeCount),
+/** Most distinct scope sets shared; past this, keys get their own (memory stays bounded by the cache). */
+const MAX_SHARED_SCOPE_SETS = 4096
+
+export function scopeSets(routeCount: number): (scopes: readonly string[]) => ScopeSet {
+  const shared = new Map<string, ScopeSet>()
+  return (scopes) => {
+    const id = scopes.join('\n')
+    let set = shared.get(id)
+    if (set === undefined) {
+      set = new ScopeSet(Object.freeze([...scopes]), routeCount)
+      if (shared.size < MAX_SHARED_SCOPE_SETS) shared.set(id, set)
+    }
+    return set
   }
 }
 
@@ -125,12 +177,13 @@ export class KeyCache {
     this.#generation++
     this.#inflight.clear()
     const stale: string[] = []
-    for (const [hash, entry] of this.#positive) if (entry.record.id === id) stale.push(hash)
+    for (const [hash, entry] of this.#positive) if (entry.id === id) stale.push(hash)
     for (const hash of stale) this.#positive.delete(hash)
   }
 
-  /** Forgets one presented key's answers (a newly created or imported key may have been cached as unknown). */
-  invalidateHash(hash: string): void {
+  /** Forgets one presented key's answers (a newly created or imported key may have been cached as unknown); `hex` is the stored SHA-256. */
+  invalidateHash(hex: string): void {
+    const hash = digestFromHex(hex)
     this.#generation++
     this.#inflight.delete(hash)
     this.#positive.delete(hash)

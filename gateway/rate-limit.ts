@@ -68,6 +68,6 @@ export function createKeyRateLimitStage(options: { metrics: GatewayMetrics }): S
   return (s: RequestState) => {
     const k = s.key
     if (k === undefined) return undefined
-    return consume(s, k.limit, k.record.id, counter)
+    return consume(s, k.limit, k.id, counter)
   }
 }

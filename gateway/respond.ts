@@ -34,7 +34,7 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
       outcome,
       route: label,
       address: s.address,
-      key_id: s.key?.record.id ?? null,
+      key_id: s.key?.id ?? null,
       duration_ms: Math.round(ms * 1000) / 1000,
     })
   }

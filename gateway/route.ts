@@ -95,10 +95,11 @@ export function createRouteStage(router: Router): Stage {
     s.route = r
     if (r.scopes.length === 0) return undefined
     const k = s.key as CachedKey
-    let grant = k.routeGrant[r.index]
+    const set = k.scopes
+    let grant = set.routeGrant[r.index]
     if (grant === 0) {
-      grant = grants(k.record.scopes, r.scopes) ? 1 : 2
-      k.routeGrant[r.index] = grant
+      grant = grants(set.list, r.scopes) ? 1 : 2
+      set.routeGrant[r.index] = grant
     }
     return grant === 1 ? undefined : 'scope_denied'
   }

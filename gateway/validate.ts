@@ -3,7 +3,7 @@
 // attempt for the lockout. With `gateway.reveal_key_status` off every bad key is answered
 // `key_invalid`, so the answer never tells unknown, wrong secret, revoked, expired or malformed
 // apart; the metrics and the debug log do.
-import { parseKey } from '../core/keys/format.ts'
+import { digestKey, keyShape } from '../core/keys/format.ts'
 import type { Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
@@ -48,15 +48,16 @@ export function createValidateStage(o: ValidateOptions): Stage {
 
   const settle = (s: RequestState, found: CachedKey | Miss): StageResult | Promise<StageResult> => {
     if (typeof found === 'string') return refuse(s, found, undefined)
-    if (found.refused !== undefined) return refuse(s, found.refused, found.record.id)
-    if (now() >= found.validUntil) return refuse(s, found.record.status === 'rotating' ? 'grace_ended' : 'expired', found.record.id)
-    const allowedFrom = found.allowedFrom
-    if (allowedFrom !== undefined) {
-      if (found.lastAddress !== s.address) {
-        found.lastAllowed = allowedFrom(s.address)
-        found.lastAddress = s.address
+    const refused = found.refused
+    if (refused !== undefined) return refuse(s, refused, found.id)
+    if (now() >= found.validUntil) return refuse(s, found.rotating ? 'grace_ended' : 'expired', found.id)
+    const binding = found.binding
+    if (binding !== undefined) {
+      if (binding.lastAddress !== s.address) {
+        binding.lastAllowed = binding.allowedFrom(s.address)
+        binding.lastAddress = s.address
       }
-      if (!found.lastAllowed) return refuse(s, 'address_not_bound', found.record.id)
+      if (!binding.lastAllowed) return refuse(s, 'address_not_bound', found.id)
     }
     s.key = found
     return undefined
@@ -69,11 +70,11 @@ export function createValidateStage(o: ValidateOptions): Stage {
   }
 
   return (s: RequestState) => {
-    const parsed = parseKey(s.presented as string, prefix, acceptLegacy)
-    if (parsed === undefined) return refuse(s, 'malformed', undefined)
+    const shape = keyShape(s.presented as string, prefix, acceptLegacy)
+    if (shape === undefined) return refuse(s, 'malformed', undefined)
     let found: ReturnType<KeyCache['lookup']>
     try {
-      found = cache.lookup(parsed.hash, s.presented as string)
+      found = cache.lookup(digestKey(s.presented as string, shape), s.presented as string)
     } catch (err) {
       return storeDown(s, err)
     }

@@ -169,3 +169,18 @@ t.test('scrub redacts keys in log text', async (t) => {
   t.notOk(lines[0]?.includes(uuid))
   t.match(JSON.parse(lines[0] as string), { level: 'info', msg: 'validated [redacted]', key: '[redacted]', nested: { legacy: '[redacted]' }, err: { message: 'bad key [redacted]' } })
 })
+
+t.test('digestKey is the stored SHA-256 in compact form; keyShape agrees with parseKey', async (t) => {
+  const { digestKey, digestFromHex, keyShape } = await import('../core/keys/format.ts')
+  const g = generateKey('kg_')
+  t.equal(digestKey(g.key, 'keygate'), digestFromHex(g.hash))
+  t.equal(digestKey(g.key, 'keygate').length, 32)
+  t.equal(Buffer.from(digestKey(g.key, 'keygate'), 'binary').toString('hex'), g.hash)
+  const uuid = randomUUID()
+  t.equal(digestKey(uuid.toUpperCase(), 'legacy'), digestFromHex(hashKey(uuid)), 'legacy keys are case-blind')
+  for (const s of [g.key, uuid, g.key.slice(1), `${g.key}x`, 'kg_', '', uuid.replace(/-/g, '')]) {
+    const parsed = parseKey(s, 'kg_')
+    t.equal(keyShape(s, 'kg_'), parsed?.kind, `same verdict for ${JSON.stringify(s.slice(0, 8))}`)
+  }
+  t.equal(keyShape(uuid, 'kg_', false), undefined)
+})

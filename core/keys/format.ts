@@ -61,24 +61,42 @@ export type ParsedKey =
   | { kind: 'legacy'; hash: string }
 
 /**
- * Recognises a presented key without any look-up; `undefined` for anything malformed.
- * The expected length is fixed, so this costs a length check for most garbage.
+ * The shape of a presented key, checked without hashing or any look-up: `keygate` (prefix,
+ * length, id, checksum all right), `legacy` (a UUID v4, when accepted), or undefined. The
+ * expected length is fixed, so most garbage costs a length check.
  */
-export function parseKey(presented: string, prefix: string, acceptLegacy = true): ParsedKey | undefined {
+export function keyShape(presented: string, prefix: string, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
   const expected = prefix.length + ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH
   if (presented.length === expected && presented.startsWith(prefix)) {
     const idEnd = prefix.length + ID_LENGTH
     if (presented.charCodeAt(idEnd) !== 95 /* _ */) return undefined
-    const body = presented.slice(0, expected - CHECK_LENGTH)
-    if (checksum(body) !== presented.slice(expected - CHECK_LENGTH)) return undefined
-    const id = presented.slice(prefix.length, idEnd)
-    if (!ID_SHAPE.test(id) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
-    return { kind: 'keygate', id, hash: hashKey(presented) }
+    if (checksum(presented.slice(0, expected - CHECK_LENGTH)) !== presented.slice(expected - CHECK_LENGTH)) return undefined
+    if (!ID_SHAPE.test(presented.slice(prefix.length, idEnd)) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
+    return 'keygate'
   }
-  if (acceptLegacy && presented.length === 36 && UUID_V4.test(presented)) {
-    return { kind: 'legacy', hash: hashKey(presented.toLowerCase()) }
-  }
+  if (acceptLegacy && presented.length === 36 && UUID_V4.test(presented)) return 'legacy'
   return undefined
+}
+
+/** Recognises a presented key without any look-up; `undefined` for anything malformed. */
+export function parseKey(presented: string, prefix: string, acceptLegacy = true): ParsedKey | undefined {
+  const shape = keyShape(presented, prefix, acceptLegacy)
+  if (shape === 'keygate') return { kind: 'keygate', id: presented.slice(prefix.length, prefix.length + ID_LENGTH), hash: hashKey(presented) }
+  if (shape === 'legacy') return { kind: 'legacy', hash: hashKey(presented.toLowerCase()) }
+  return undefined
+}
+
+/**
+ * The SHA-256 of a presented key of a known shape as a 32-character binary string: the same
+ * digest as `hashKey`, in the most compact string form, for in-memory cache keys.
+ */
+export function digestKey(presented: string, shape: 'keygate' | 'legacy'): string {
+  return hash('sha256', shape === 'legacy' ? presented.toLowerCase() : presented, 'binary')
+}
+
+/** `digestKey`'s form of a stored SHA-256 hex. */
+export function digestFromHex(hex: string): string {
+  return Buffer.from(hex, 'hex').toString('binary')
 }
 
 /** Constant-time equality of two SHA-256 hex digests. */

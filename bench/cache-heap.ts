@@ -1,0 +1,69 @@
+// Heap held by N cached keys: N real keys are written to an embedded store, then looked up
+// through the gateway's own KeyCache (each lookup a real store query), with forced garbage
+// collections before and after. Run with --expose-gc; prints one JSON line.
+import { AuditCipher, AuditLog } from '../core/audit.ts'
+import { openDb } from '../core/db.ts'
+import { digestKey, generateKey } from '../core/keys/format.ts'
+import { KeyService } from '../core/keys/service.ts'
+import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
+import { migrate } from '../core/migrate.ts'
+import { loadConfig } from '../config/load.ts'
+import { CachedKey, KeyCache, scopeSets } from '../gateway/key-cache.ts'
+import { createKeyLimiters } from '../gateway/rate-limit.ts'
+
+const count = Number(process.argv[2] ?? 100_000)
+const gc = (globalThis as { gc?: () => void }).gc
+if (!gc) throw new Error('run with node --expose-gc')
+
+const config = loadConfig({ env: {}, onlyFile: true })
+const db = await openDb({ memory: true })
+await migrate(db)
+const keys = new KeyService({ db, audit: new AuditLog(new AuditCipher(Buffer.alloc(32, 1))), prefix: 'kg_', graceHours: config.keys.grace_hours })
+
+const plaintexts: string[] = []
+for (let start = 0; start < count; start += 5000) {
+  const ids: string[] = []
+  const hs: string[] = []
+  const names: string[] = []
+  for (let i = start; i < Math.min(count, start + 5000); i++) {
+    const g = generateKey('kg_')
+    plaintexts.push(g.key)
+    ids.push(g.id)
+    hs.push(g.hash)
+    names.push(`service key ${i}`)
+  }
+  await db.query(
+    `INSERT INTO api_keys (id, key_hash, name, type, scopes) SELECT i, h, n, 'service', ARRAY['orders:read'] FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, h, n)`,
+    [ids, hs, names],
+  )
+}
+
+const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), ['api'])
+const limiterFor = createKeyLimiters(config.rate_limits.per_key, undefined)
+const scopeSetOf = scopeSets(1)
+const cache = new KeyCache({
+  keys,
+  ttlS: 3600,
+  capacity: count * 2,
+  negativeTtlS: config.cache.negative_ttl_s,
+  negativeMax: config.cache.negative_max,
+  metrics,
+  build: (record) => new CachedKey(record, scopeSetOf(record.scopes), limiterFor(record)),
+})
+
+gc()
+gc()
+const before = process.memoryUsage().heapUsed
+for (let i = 0; i < count; i++) {
+  // As in the gateway: the cache key is the hash computed from the presented key, a new string.
+  const presented = plaintexts[i] as string
+  const r = await cache.lookup(digestKey(presented, 'keygate'), presented)
+  if (typeof r === 'string') throw new Error(`key ${i} was not found: ${r}`)
+}
+gc()
+gc()
+const after = process.memoryUsage().heapUsed
+if (cache.size.positive !== count) throw new Error(`the cache holds ${cache.size.positive} keys, expected ${count}`)
+const mib = (after - before) / 1024 / 1024
+process.stdout.write(JSON.stringify({ keys: count, heapMiB: Number(mib.toFixed(2)), bytesPerKey: Math.round((after - before) / count) }) + '\n')
+await db.close()
