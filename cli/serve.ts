@@ -60,7 +60,14 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   }
   const log = createLogger({ level: config.log.level as Level, fields: cluster.isWorker ? { worker: cluster.worker?.id } : {} })
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
-  if (cluster.isWorker) return serveInstance(config, log, io, { gateway: true, admin: false }, { worker: true })
+  if (cluster.isWorker) {
+    try {
+      return await serveInstance(config, log, io, { gateway: true, admin: false }, { worker: true })
+    } finally {
+      // The IPC channel (held open by the metrics listener) would keep the worker alive.
+      cluster.worker?.disconnect()
+    }
+  }
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })
 }
@@ -151,7 +158,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
-    if (mode.worker) AggregatorRegistry.setRegistries([registry])
+    if (mode.worker) {
+      // prom-client answers the primary's metric requests only once an AggregatorRegistry exists.
+      new AggregatorRegistry()
+      AggregatorRegistry.setRegistries([registry])
+    }
     if (role.gateway) {
       const metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
       gateway = await createGateway({

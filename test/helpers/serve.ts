@@ -1,0 +1,115 @@
+// Runs `keygate serve` as a real child process on port 0 and reads the listening addresses from
+// its JSON log lines (stdout). Every process is killed with the test if it is still running.
+import { spawn, type ChildProcess } from 'node:child_process'
+import { KEYGATE_BIN, capturedStderr } from './cli.ts'
+import type { Tap } from './gateway.ts'
+
+export interface LogLine {
+  level: string
+  msg: string
+  [field: string]: unknown
+}
+
+export interface Served {
+  child: ChildProcess
+  /** http://host:port of the gateway, when the process runs one. */
+  gateway?: string
+  /** http://host:port of the admin (or health and metrics) listener. */
+  admin?: string
+  logs: LogLine[]
+  stdout(): string
+  stderr(): string
+  /** Resolves with the exit code (or signal name) once the process has ended. */
+  exited: Promise<number | string>
+  stop(signal?: NodeJS.Signals): Promise<number | string>
+  /** Waits until a log line matches. */
+  waitForLog(match: (line: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>
+}
+
+export interface ServeOptions {
+  args?: string[]
+  env?: Record<string, string | undefined>
+  /** Which listeners to wait for; by default both. */
+  waitFor?: { gateway?: boolean; admin?: boolean }
+  timeoutMs?: number
+}
+
+export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served> {
+  const env: Record<string, string> = {}
+  const merged = { ...process.env, KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env }
+  for (const [k, v] of Object.entries(merged)) if (v !== undefined && !k.startsWith('TAP')) env[k] = v
+  const child = spawn(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let out = ''
+  let err = ''
+  let partial = ''
+  const logs: LogLine[] = []
+  const waiters = new Set<() => void>()
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+    out += d
+    partial += d
+    const lines = partial.split('\n')
+    partial = lines.pop() ?? ''
+    for (const line of lines) {
+      try {
+        logs.push(JSON.parse(line) as LogLine)
+      } catch {
+        logs.push({ level: 'raw', msg: line })
+      }
+    }
+    for (const w of waiters) w()
+  })
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d))
+  const exited = new Promise<number | string>((resolve) => {
+    child.on('exit', (code, signal) => {
+      capturedStderr.push(err)
+      resolve(code ?? signal ?? -1)
+      for (const w of waiters) w()
+    })
+  })
+  let done = false
+  void exited.then(() => (done = true))
+  t.teardown(async () => {
+    if (!done) {
+      child.kill('SIGKILL')
+      await exited
+    }
+  })
+  const waitForLog = (match: (line: LogLine) => boolean, timeoutMs = options.timeoutMs ?? 30_000) =>
+    new Promise<LogLine>((resolve, reject) => {
+      const check = () => {
+        const hit = logs.find(match)
+        if (hit) {
+          waiters.delete(check)
+          clearTimeout(timer)
+          resolve(hit)
+        } else if (done) {
+          waiters.delete(check)
+          clearTimeout(timer)
+          reject(new Error(`keygate serve exited before the expected log line\nstdout:\n${out}\nstderr:\n${err}`))
+        }
+      }
+      const timer = setTimeout(() => {
+        waiters.delete(check)
+        reject(new Error(`no expected log line within ${timeoutMs} ms\nstdout:\n${out}\nstderr:\n${err}`))
+      }, timeoutMs)
+      waiters.add(check)
+      check()
+    })
+  const served: Served = {
+    child,
+    logs,
+    stdout: () => out,
+    stderr: () => err,
+    exited,
+    waitForLog,
+    stop: async (signal = 'SIGTERM') => {
+      if (!done) child.kill(signal)
+      return exited
+    },
+  }
+  const wantGateway = options.waitFor?.gateway ?? true
+  const wantAdmin = options.waitFor?.admin ?? true
+  if (wantGateway) served.gateway = `http://${(await waitForLog((l) => l.msg === 'gateway listening')).address as string}`
+  if (wantAdmin) served.admin = `http://${(await waitForLog((l) => l.msg === 'admin listening' || l.msg === 'health and metrics listening')).address as string}`
+  return served
+}

@@ -1,0 +1,208 @@
+// `keygate serve` as a real process: the first admin key, a request through the gateway to a
+// loopback upstream, health, readiness and metrics, graceful shutdown with a request in flight,
+// --workers on PostgreSQL, --only, and usage errors.
+import t from 'tap'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { request } from 'undici'
+import { runCli, capturedStderr } from './helpers/cli.ts'
+import { serve } from './helpers/serve.ts'
+import { startUpstream, echo, type Received } from './helpers/gateway.ts'
+import { freshDatabase } from './helpers/stores.ts'
+
+const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
+const KEY_PATTERN = /kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/
+const KEYS = new RegExp(KEY_PATTERN.source, 'g')
+
+function isolated(extra: Record<string, string | undefined>): Record<string, string | undefined> {
+  return { DATABASE_URL: undefined, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_TOKEN: undefined, KEYGATE_UPSTREAM: undefined, ...extra }
+}
+
+function dataDir(): string {
+  return join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'store')
+}
+
+async function get(url: string, headers: Record<string, string> = {}) {
+  const r = await request(url, { headers })
+  const text = await r.body.text()
+  return { status: r.statusCode, headers: r.headers, text, json: () => JSON.parse(text) }
+}
+
+t.test('usage errors exit 2 and start nothing', async (t) => {
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir() })
+  const cases: Array<[string[], RegExp, number]> = [
+    [['serve', '--only', 'proxy'], /--only: "proxy" is not allowed; expected gateway or admin/, 2],
+    [['serve', '--workers', '0'], /--workers/, 2],
+    [['serve', '--workers', 'many'], /--workers/, 2],
+    [['serve', '--workers', '2', '--only', 'admin'], /does not go with --only admin/, 2],
+    [['serve', 'extra'], /usage: keygate serve/, 2],
+    [['serve', '--listen', 'nowhere'], /config_invalid|listen/, 1],
+  ]
+  for (const [args, message, code] of cases) {
+    const r = await runCli(args, { env })
+    t.equal(r.code, code, `${args.join(' ')} exits ${code}`)
+    t.match(r.stderr, message, `${args.join(' ')} says why`)
+    t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+  }
+  const workersEmbedded = await runCli(['serve', '--workers', '2'], { env })
+  t.not(workersEmbedded.code, 0, '--workers on the embedded store is refused')
+  t.match(workersEmbedded.stderr, /--workers above 1 needs DATABASE_URL/)
+})
+
+t.test('embedded store: first admin key printed once, requests forwarded, health, metrics, graceful stop', async (t) => {
+  // /slow reaches the upstream, which answers only after the test has sent SIGTERM.
+  let arrived!: () => void
+  const slowArrived = new Promise<void>((r) => (arrived = r))
+  let release!: () => void
+  const released = new Promise<void>((r) => (release = r))
+  const upstream = await startUpstream(t, (req, res, received) => {
+    if (req.url === '/slow') {
+      arrived()
+      void released.then(() => echo(req, res, received))
+      return
+    }
+    echo(req, res, received)
+  })
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
+
+  const first = await serve(t, { env })
+  await first.waitForLog((l) => l.msg.startsWith('no admin credential was configured'))
+  const printed = first.stderr().match(KEYS) ?? []
+  t.equal(printed.length, 1, 'the first admin key is printed once, on stderr')
+  t.notMatch(first.stdout(), KEY_PATTERN, 'the log does not carry it')
+  const adminKey = printed[0] as string
+
+  // Health, readiness and metrics need no credential.
+  t.same((await get(`${first.admin}/healthz`)).json(), { status: 'ok' })
+  t.same((await get(`${first.admin}/readyz`)).json(), { status: 'ready' })
+
+  // The printed key holds the admin scope; the store is owned by serve, so the CLI says so.
+  const locked = await runCli(['api-key', 'list'], { env })
+  t.equal(locked.code, 1, 'the CLI cannot open the store serve owns')
+  t.match(locked.stderr, /store_locked|in use/)
+
+  const noKey = await get(`${first.gateway}/orders`)
+  t.equal(noKey.status, 401)
+  t.equal(noKey.json().error.code, 'key_missing')
+  t.match(noKey.headers['www-authenticate'], /Bearer/)
+  t.equal(upstream.received.length, 0, 'nothing forwarded without a key')
+
+  const ok = await get(`${first.gateway}/orders?x=1`, { authorization: `Bearer ${adminKey}` })
+  t.equal(ok.status, 200)
+  const seen = ok.json() as Received
+  t.equal(seen.url, '/orders?x=1')
+  t.notOk(seen.headers.authorization, 'the credential is removed')
+  t.ok(seen.headers['x-keygate-key-id'], 'identity headers are set')
+  t.match(seen.headers['x-keygate-scopes'], /admin/)
+  t.equal(seen.headers['x-forwarded-for'], '127.0.0.1')
+
+  const wrong = await get(`${first.gateway}/orders`, { authorization: `Bearer ${adminKey.slice(0, -1)}${adminKey.endsWith('A') ? 'B' : 'A'}` })
+  t.equal(wrong.status, 401, 'a damaged key is refused')
+
+  const metrics = await get(`${first.admin}/metrics`)
+  t.equal(metrics.status, 200)
+  t.match(metrics.headers['content-type'], /text\/plain/)
+  t.match(metrics.text, /keygate_gateway_requests_total\{[^}]*outcome="forwarded"[^}]*\} 1/)
+  t.notMatch(metrics.text, KEY_PATTERN, 'no key material in metrics')
+  t.notMatch(metrics.text, /127\.0\.0\.1/, 'no addresses in metrics labels')
+
+  // SIGTERM with a request in flight: it completes, readiness fails meanwhile, exit 0.
+  const slow = get(`${first.gateway}/slow`, { authorization: `Bearer ${adminKey}` })
+  await slowArrived
+  first.child.kill('SIGTERM')
+  await first.waitForLog((l) => l.msg === 'shutting down')
+  await new Promise((r) => setTimeout(r, 300))
+  const refused = await get(`${first.gateway}/orders`, { authorization: `Bearer ${adminKey}` }).then(
+    (r) => r.status,
+    (err: NodeJS.ErrnoException) => err.code,
+  )
+  t.equal(refused, 'ECONNREFUSED', 'no new connections once shutting down')
+  release()
+  const finished = await slow
+  t.equal(finished.status, 200, 'the in-flight request finishes')
+  t.equal(await first.exited, 0, 'exit 0 after SIGTERM')
+  t.ok(first.logs.some((l) => l.msg === 'stopped'))
+
+  // The printed key is an admin key in the store; the second start prints none.
+  const valid = await runCli(['api-key', 'validate', adminKey, '--json'], { env })
+  t.equal(valid.code, 0, valid.stderr)
+  t.ok(valid.json().key.scopes.includes('admin'))
+  const second = await serve(t, { env })
+  t.notMatch(second.stderr(), KEY_PATTERN, 'no key is printed on the second start')
+  t.notOk(second.logs.some((l) => l.msg.startsWith('no admin credential')))
+  t.equal(await second.stop('SIGINT'), 0, 'SIGINT stops it too')
+  t.notMatch(capturedStderr.join('\n').replace(adminKey, ''), KEY_PATTERN, 'no other key was printed')
+})
+
+t.test('a configured admin token: no key is created or printed', async (t) => {
+  const upstream = await startUpstream(t)
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
+  const s = await serve(t, { env })
+  t.notMatch(s.stderr(), KEY_PATTERN)
+  t.equal((await get(`${s.gateway}/`)).status, 401)
+  t.equal(await s.stop(), 0)
+})
+
+t.test('--only gateway serves health and metrics but no admin API; --only admin runs no gateway', async (t) => {
+  const upstream = await startUpstream(t)
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
+  const g = await serve(t, { env, args: ['--only', 'gateway'] })
+  t.ok(g.logs.some((l) => l.msg === 'health and metrics listening'))
+  t.notMatch(g.stderr(), KEY_PATTERN, '--only gateway does not create an admin key')
+  t.equal((await get(`${g.admin}/healthz`)).status, 200)
+  t.equal((await get(`${g.admin}/v1/keys`)).status, 404, 'no admin API on a gateway-only process')
+  t.equal((await get(`${g.gateway}/`)).status, 401)
+  t.equal(await g.stop(), 0)
+
+  const a = await serve(t, { env, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  t.notOk(a.logs.some((l) => l.msg === 'gateway listening'), 'no gateway listener')
+  t.ok(a.logs.some((l) => l.msg === 'admin listening'))
+  t.match(a.stderr(), KEY_PATTERN, 'the admin process creates the first admin key')
+  t.equal((await get(`${a.admin}/readyz`)).status, 200)
+  t.equal(await a.stop(), 0)
+})
+
+t.test('--workers 2 on PostgreSQL: one port, both workers answer, metrics aggregated, clean stop', async (t) => {
+  const url = await freshDatabase(t)
+  const upstream = await startUpstream(t)
+  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_UPSTREAM: upstream.url })
+  const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'workers', '--scopes', 'orders:read', '--json'], { env })
+  t.equal(created.code, 0, created.stderr)
+  const key = created.json().key as string
+
+  const s = await serve(t, { env, args: ['--workers', '2'], waitFor: { gateway: false } })
+  await s.waitForLog((l) => l.msg === 'gateway listening' && l.worker !== undefined)
+  const listening = () => s.logs.filter((l) => l.msg === 'gateway listening')
+  while (listening().length < 2) await s.waitForLog(() => listening().length >= 2)
+  const ports = new Set(listening().map((l) => l.address))
+  t.equal(ports.size, 1, 'both workers share one address')
+  const gateway = `http://${[...ports][0] as string}`
+  t.match(s.stderr(), KEY_PATTERN, 'the primary creates the first admin key')
+
+  // Readiness turns ready once both workers run.
+  let ready = await get(`${s.admin}/readyz`)
+  for (let i = 0; i < 50 && ready.status !== 200; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    ready = await get(`${s.admin}/readyz`)
+  }
+  t.equal(ready.status, 200, ready.text)
+
+  // New connections per request spread over both workers.
+  const workersSeen = new Set<string>()
+  for (let i = 0; i < 40; i++) {
+    const r = await request(`${gateway}/orders`, { headers: { authorization: `Bearer ${key}`, connection: 'close' } })
+    t.equal(r.statusCode, 200)
+    await r.body.text()
+  }
+  for (const l of s.logs) if (l.msg === 'gateway listening') workersSeen.add(String(l.worker))
+  t.equal(workersSeen.size, 2, 'two workers')
+  t.equal(upstream.received.length, 40)
+
+  const metrics = await get(`${s.admin}/metrics`)
+  t.equal(metrics.status, 200, s.stdout())
+  t.match(metrics.text, /keygate_gateway_requests_total\{[^}]*outcome="forwarded"[^}]*\} 40/, 'the primary sums the workers')
+
+  t.equal(await s.stop(), 0, 'exit 0')
+  t.ok(s.logs.some((l) => l.msg === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
+})
