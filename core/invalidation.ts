@@ -1,7 +1,7 @@
 // Cross-instance invalidation over Redis pub/sub: whoever changes a key or the deny list
 // publishes, every gateway listening drops what it cached (SPEC §3: a revoked key stops
 // working on every instance within 1 s with Redis). Messages: `key:<id>`, `hash:<sha256>`,
-// `deny`, `all`.
+// `deny`, `all`, and `lock:<ms>:<address>` (an address locked out for <ms> by a gateway).
 import type { Redis } from 'ioredis'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyService } from './keys/service.ts'
@@ -9,10 +9,11 @@ import type { Logger } from './log.ts'
 
 export const INVALIDATION_CHANNEL = 'keygate:invalidate'
 
-export type InvalidationMessage = `key:${string}` | `hash:${string}` | 'deny' | 'all'
+export type InvalidationMessage = `key:${string}` | `hash:${string}` | `lock:${number}:${string}` | 'deny' | 'all'
 
-export function publishInvalidation(redis: Redis, message: InvalidationMessage, log?: Logger): void {
-  redis.publish(INVALIDATION_CHANNEL, message).catch((err: unknown) => log?.warn('could not publish an invalidation', { err: err as Error, message }))
+/** Resolves once Redis has taken the message (or the failure is logged); never rejects. */
+export async function publishInvalidation(redis: Redis, message: InvalidationMessage, log?: Logger): Promise<void> {
+  await redis.publish(INVALIDATION_CHANNEL, message).catch((err: unknown) => log?.warn('could not publish an invalidation', { err: err as Error, message }))
 }
 
 /** Publishes every committed change of `keys` (and `denyList`); returns the unsubscriber. */
@@ -22,13 +23,13 @@ export function bindInvalidationPublisher(options: { redis: Redis; keys?: KeySer
   if (options.keys) {
     offs.push(
       options.keys.onChange((change) => {
-        publishInvalidation(redis, `key:${change.key.id}`, log)
-        publishInvalidation(redis, `hash:${change.key.keyHash}`, log)
-        if (change.previous) publishInvalidation(redis, `key:${change.previous.id}`, log)
+        void publishInvalidation(redis, `key:${change.key.id}`, log)
+        void publishInvalidation(redis, `hash:${change.key.keyHash}`, log)
+        if (change.previous) void publishInvalidation(redis, `key:${change.previous.id}`, log)
       }),
     )
   }
-  if (options.denyList) offs.push(options.denyList.onChange(() => publishInvalidation(redis, 'deny', log)))
+  if (options.denyList) offs.push(options.denyList.onChange(() => void publishInvalidation(redis, 'deny', log)))
   return () => {
     for (const off of offs) off()
   }

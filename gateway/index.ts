@@ -66,7 +66,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, now, closing: false }
   const nextId = createRequestIdGenerator()
 
-  const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, metrics })
+  const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, metrics, log })
   const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis)
   const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({
@@ -234,9 +234,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         else if (message === 'deny') void refreshDenyList()
         else if (message.startsWith('key:')) invalidateKey(message.slice(4))
         else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
+        else if (message.startsWith('lock:')) lockout.applyMessage(message)
       },
       log,
     )
+    await lockout.load()
   }
 
   let stopping: Promise<void> | undefined

@@ -26,7 +26,9 @@ export function createLimiter(options: LimiterOptions): Limiter {
   const base = { points: options.points, duration: options.durationS, keyPrefix: options.keyPrefix }
   const memory = new RateLimiterMemory(base)
   if (!options.redis) return memory as unknown as Limiter
-  const redis = new RateLimiterRedis({ ...base, storeClient: options.redis, rejectIfRedisNotReady: true, insuranceLimiter: memory })
+  // inMemoryBlockOnConsumed: once a key is over its limit it is refused from memory until its
+  // window ends, so a client hammering past its limit costs no Redis round trips.
+  const redis = new RateLimiterRedis({ ...base, storeClient: options.redis, rejectIfRedisNotReady: true, insuranceLimiter: memory, inMemoryBlockOnConsumed: options.points + 1 })
   return new RLWrapperTimeouts({ limiter: redis, timeoutMs: options.redisTimeoutMs ?? 200, insuranceLimiter: memory }) as unknown as Limiter
 }
 

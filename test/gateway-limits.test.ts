@@ -73,8 +73,20 @@ t.test('Redis: limits and lockouts shared across instances', async (t) => {
   const bad = { 'x-forwarded-for': randomAddress() }
   t.equal((await a.get('/', { ...bearer('kg_bad'), ...bad })).status, 401)
   t.equal((await b.get('/', { ...bearer('kg_bad'), ...bad })).status, 401)
-  const locked = await a.get('/', { ...bearer(k.key), ...bad })
+  // The instance that locks the address out publishes it; the other applies it on arrival.
+  let locked = await a.get('/', { ...bearer(k.key), ...bad })
+  for (let i = 0; i < 20 && locked.status !== 429; i++) {
+    await sleep(50)
+    locked = await a.get('/', { ...bearer(k.key), ...bad })
+  }
   t.equal(locked.json?.error?.code, 'ip_locked_out', 'failures on two instances add up')
+  t.equal((await b.get('/', { ...bearer(k.key), ...bad })).json?.error?.code, 'ip_locked_out', 'on both instances')
+
+  // An instance started later reads the lockouts in force from Redis.
+  const c = await startGateway(t, { config, store, redis })
+  const late = await c.get('/', { ...bearer(k.key), ...bad })
+  t.equal(late.json?.error?.code, 'ip_locked_out', 'a new instance knows the lockout')
+  t.ok(Number(late.headers['retry-after']) > 50, 'with the time left')
 })
 
 t.test('Redis down: the insurance limiter still limits', async (t) => {
