@@ -404,3 +404,22 @@ t.test('docs/configuration.md is generated from the schema', async (t) => {
   for (const leaf of LEAVES) t.ok(docs.includes(`| \`${dotted(leaf.path)}\` |`), `${dotted(leaf.path)} documented`)
   for (const name of ENV_NAMES) t.ok(docs.includes(`\`${name}\``), `${name} documented`)
 })
+
+t.test('the shipped deployment examples are valid configurations', async (t) => {
+  const example = new URL('../deploy/keygate.example.yaml', import.meta.url).pathname
+  const config = loadConfig({ file: example, env: {} })
+  t.ok(config.routes.length > 0, 'deploy/keygate.example.yaml loads with its routes')
+  // The Kubernetes example's environment (secrets stand in with valid values).
+  const env = {
+    KEYGATE_UPSTREAM: 'http://127.0.0.1:3000',
+    KEYGATE_ADMIN_LISTEN: '0.0.0.0:8081',
+    KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8',
+    DATABASE_URL: 'postgres://keygate@db:5432/keygate',
+    REDIS_URL: 'redis://redis:6379',
+    KEYGATE_ENCRYPTION_KEY: VALID_KEY,
+    KEYGATE_ADMIN_TOKEN: 'a-long-bootstrap-token-0123456789',
+  }
+  const k8s = readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')
+  for (const name of Object.keys(env)) t.ok(k8s.includes(`name: ${name}`), `the Kubernetes example sets ${name}`)
+  t.equal(loadConfig({ env }).admin.listen, '0.0.0.0:8081')
+})
