@@ -14,12 +14,14 @@ import { bindInvalidationPublisher, subscribeInvalidations } from '../core/inval
 import type { KeyService } from '../core/keys/service.ts'
 import type { Logger } from '../core/log.ts'
 import { NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
+import { NO_USAGE, type UsageSink } from '../core/usage.ts'
 import { createClientAddressStage } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
 import { CachedKey, KeyCache, scopeSets } from './key-cache.ts'
 import { createKeyExtractStage } from './key-extract.ts'
-import { createLockout } from './lockout.ts'
+import { createLockout, type Lockout } from '../core/lockout.ts'
+import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
@@ -40,6 +42,10 @@ export interface GatewayDeps {
   now?: () => Date
   /** The deny list service the admin API writes through, so its changes apply at once; else a read-only one on `db`. */
   denyList?: DenyListService
+  /** The lockout shared with the admin API (`serve` passes one); else the gateway makes its own. */
+  lockout?: Lockout
+  /** Per-key request counts and rejections for the admin API's reports. */
+  usage?: UsageSink
   /** Makes the server (an https one for TLS); `http.createServer` otherwise. */
   createServer?: (options: http.ServerOptions) => http.Server
 }
@@ -63,10 +69,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const clock = deps.now
   const now: () => number = clock ? () => clock().getTime() : Date.now
   const router = new Router(config.routes)
-  const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, now, closing: false }
+  const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, usage: deps.usage ?? NO_USAGE, now, closing: false }
   const nextId = createRequestIdGenerator()
 
-  const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, metrics })
+  const lockout = deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, onLockout: () => metrics.lockouts.inc() })
   const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis)
   const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({
@@ -89,7 +95,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   ]
   const denyStage = createDenyListStage(deny, now)
   const fixedTail: Stage[] = [
-    lockout.stage,
+    createLockoutStage(lockout, metrics),
     createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, metrics }),
     createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param }),
     createValidateStage({
