@@ -58,6 +58,8 @@ export interface Gateway {
   invalidateKey(id: string): void
   invalidateAll(): void
   refreshDenyList(): Promise<void>
+  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`) from another process. */
+  applyInvalidation(message: string): void
 }
 
 const HEALTH_OK = JSON.stringify({ status: 'ok' })
@@ -229,20 +231,18 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
   timer.unref()
 
+  const applyInvalidation = (message: string): void => {
+    if (message === 'all') invalidateAll()
+    else if (message === 'deny') void refreshDenyList()
+    else if (message.startsWith('key:')) invalidateKey(message.slice(4))
+    else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
+  }
+
   let stopSubscription: (() => Promise<void>) | undefined
   let stopPublishing: (() => void) | undefined
   if (redis) {
     stopPublishing = bindInvalidationPublisher({ redis, keys, denyList: denyService, log })
-    stopSubscription = await subscribeInvalidations(
-      redis,
-      (message) => {
-        if (message === 'all') invalidateAll()
-        else if (message === 'deny') void refreshDenyList()
-        else if (message.startsWith('key:')) invalidateKey(message.slice(4))
-        else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
-      },
-      log,
-    )
+    stopSubscription = await subscribeInvalidations(redis, applyInvalidation, log)
   }
 
   let stopping: Promise<void> | undefined
@@ -276,5 +276,5 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     return stopping
   }
 
-  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList }
+  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation }
 }
