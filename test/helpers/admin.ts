@@ -16,7 +16,7 @@ import { createGatewayMetrics, createMetricsRegistry } from '../../core/metrics.
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { UsageRecorder } from '../../core/usage.ts'
 import { createGateway, type Gateway } from '../../gateway/index.ts'
-import { listen, makeConfig, startUpstream, type Answer, type Upstream } from './gateway.ts'
+import { answerOf, listen, makeConfig, startUpstream, type Answer, type Upstream } from './gateway.ts'
 import { TEST_ENCRYPTION_KEY } from './stores.ts'
 
 export const BOOTSTRAP_TOKEN = 'test-bootstrap-token-0123456789'
@@ -56,15 +56,6 @@ export interface AdminHarnessOptions {
   gateway?: boolean
   /** Config overrides (lockout, gateway, ...). */
   config?: Record<string, unknown>
-}
-
-async function answer(res: Awaited<ReturnType<typeof request>>): Promise<Answer> {
-  const text = await res.body.text()
-  let json: unknown
-  try {
-    json = JSON.parse(text)
-  } catch {}
-  return { status: res.statusCode, headers: res.headers as Answer['headers'], text, json }
 }
 
 export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions = {}): Promise<AdminHarness> {
@@ -132,11 +123,11 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
         body = JSON.stringify(o.body)
         headers['content-type'] ??= 'application/json'
       } else if (o.raw !== undefined) body = o.raw
-      return answer(await request(url + path, { method: method as 'GET', headers, ...(body !== undefined ? { body } : {}), dispatcher: agent }))
+      return answerOf(await request(url + path, { method: method as 'GET', headers, ...(body !== undefined ? { body } : {}), dispatcher: agent }))
     },
     async through(path, headers = {}) {
       if (!gw) throw new Error('startAdmin without gateway: true')
-      return answer(await request(gw.url + path, { headers, dispatcher: agent }))
+      return answerOf(await request(gw.url + path, { headers, dispatcher: agent }))
     },
     async auditRows() {
       const rows = await db.query<{ n: number }>('SELECT count(*)::int AS n FROM api_key_audit_log')
