@@ -15,7 +15,7 @@ import { KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
-import { DenyListService } from '../core/deny-list.ts'
+import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { UsageRecorder } from '../core/usage.ts'
 import { pendingMigrations } from '../core/migrate.ts'
@@ -177,6 +177,10 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
   const lockout = processLockout(config, redis, () => metrics?.lockouts.inc())
+  const onPrimaryMessage = (m: WorkerMessage) => {
+    if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
+    else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
+  }
   try {
     if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
@@ -200,12 +204,8 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
     }
-    if (mode.worker) {
-      // The primary's admin API tells this worker what changed (Redis does it across machines).
-      process.on('message', (m: { keygate?: string; message?: string }) => {
-        if (m?.keygate === 'invalidate' && typeof m.message === 'string') gateway?.applyInvalidation(m.message)
-      })
-    }
+    // The primary's admin API tells this worker what changed (Redis does it across machines).
+    if (mode.worker) process.on('message', onPrimaryMessage)
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
         ready: () => readiness(runtime),
@@ -226,10 +226,26 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     log.info('stopped')
     return EXIT_OK
   } finally {
+    // The IPC channel to the primary would keep a worker alive after its listeners closed.
+    process.off('message', onPrimaryMessage)
+    if (mode.worker) process.disconnect?.()
     stopPublishing?.()
     redis?.disconnect()
     await runtime.close()
   }
+}
+
+/** What the primary sends its gateway workers when its admin API changes something. */
+type WorkerMessage =
+  | { keygate: 'invalidate'; message: string }
+  | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
+
+function denyChangeFrom(m: Extract<WorkerMessage, { keygate: 'deny' }>): DenyChange {
+  return { action: m.action, entry: { ...m.entry, createdAt: new Date(m.entry.createdAt), expiresAt: m.entry.expiresAt === null ? null : new Date(m.entry.expiresAt) } }
+}
+
+function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: WorkerMessage): void {
+  for (const w of workers) if (w.isConnected()) w.send(message)
 }
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
@@ -255,14 +271,12 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       })
     }
     for (let i = 0; i < workers; i++) fork()
-    // Changes made through this admin API reach the workers at once over cluster IPC.
-    const stopTelling = bindInvalidations({
-      keys: runtime.keys,
-      denyList,
-      publish: (message) => {
-        for (const w of live) if (w.isConnected()) w.send({ keygate: 'invalidate', message })
-      },
-    })
+    // Changes made through this admin API reach the workers at once over cluster IPC: key
+    // changes as invalidations, deny list changes whole, so no worker waits for a reload.
+    const stopTelling = bindInvalidations({ keys: runtime.keys, publish: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
+    const stopDeny = denyList.onChange(({ action, entry }) =>
+      tellWorkers(live, { keygate: 'deny', action, entry: { ...entry, createdAt: entry.createdAt.toISOString(), expiresAt: entry.expiresAt?.toISOString() ?? null } }),
+    )
     const routes = healthRoutes({
       ready: async () => (live.size < workers ? `${live.size} of ${workers} gateway workers running` : readiness(runtime)),
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
@@ -279,6 +293,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     for (const w of live) w.process.kill('SIGTERM')
     await Promise.all([...exited, closeServer(admin)])
     stopTelling()
+    stopDeny()
     log.info('stopped')
     return EXIT_OK
   } finally {

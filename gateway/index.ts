@@ -9,7 +9,7 @@ import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import type { Db } from '../core/db.ts'
-import { DenyListService } from '../core/deny-list.ts'
+import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { Logger } from '../core/log.ts'
@@ -58,6 +58,8 @@ export interface Gateway {
   invalidateKey(id: string): void
   invalidateAll(): void
   refreshDenyList(): Promise<void>
+  /** Applies a deny list change made by another process at once (before the reload it starts). */
+  applyDenyChange(change: DenyChange): void
   /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`) from another process. */
   applyInvalidation(message: string): void
 }
@@ -221,13 +223,14 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     cache.invalidateKey(change.key.id)
     if (change.previous) cache.invalidateKey(change.previous.id)
   })
-  const offDeny = denyService.onChange((change) => {
+  const applyDenyChange = (change: DenyChange): void => {
     const before = deny.size > 0
     deny.apply(change, now())
     metrics.denyListEntries.set(deny.size)
     if (before !== deny.size > 0) stages = build()
     void refreshDenyList()
-  })
+  }
+  const offDeny = denyService.onChange(applyDenyChange)
   const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
   timer.unref()
 
@@ -276,5 +279,5 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     return stopping
   }
 
-  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation }
+  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
 }
