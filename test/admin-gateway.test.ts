@@ -51,8 +51,15 @@ await forEachStore(t, async (t, store) => {
     t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['cidr', 'colour', 'expires_at'])
     const past = await h.call('POST', '/v1/deny-list', { body: { cidr: '192.0.2.0/24', expires_at: '2001-01-01T00:00:00Z' } })
     t.equal(past.json.error.details.fields[0].field, 'expires_at')
+    const beforeRemove = await h.auditRows()
     const removed = await h.call('DELETE', `/v1/deny-list/${added.json.id}`)
     t.equal(removed.status, 200)
+    t.equal((await h.auditRows()) - beforeRemove, 1, 'one audit row')
+    const rows = await store.db.query<{ action: string; actor: string; address: string }>(`SELECT action, actor, address FROM api_key_audit_log WHERE action LIKE 'deny_list.%' ORDER BY created_at DESC LIMIT 2`)
+    t.same(rows, [
+      { action: 'deny_list.removed', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
+      { action: 'deny_list.added', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
+    ], 'the admin key and its address are the actor')
     t.equal((await h.through('/x', bearer(k.key))).status, 200, 'accepted again from the next request on')
     const gone = await h.call('DELETE', `/v1/deny-list/${added.json.id}`)
     t.equal(gone.status, 404)
