@@ -3,8 +3,18 @@
 // API routes (their own files) are added to the same table.
 import http from 'node:http'
 import { randomBytes } from 'node:crypto'
-import { ERRORS, errorBody, isKeygateError, type ErrorCode } from '../core/errors.ts'
+import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
 import type { Logger } from '../core/log.ts'
+
+/** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
+export class AdminError extends KeygateError {
+  readonly headers: http.OutgoingHttpHeaders
+
+  constructor(code: ErrorCode, message?: string, headers: http.OutgoingHttpHeaders = {}, details?: Record<string, unknown>) {
+    super(code, message, details)
+    this.headers = headers
+  }
+}
 
 export interface AdminRequest {
   req: http.IncomingMessage
@@ -111,7 +121,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
         .then(() => c.route.handle({ req, res, requestId, params, url }))
         .catch((err: unknown) => {
           if (isKeygateError(err)) {
-            sendError(res, err.code, requestId, err.message, err.details as Record<string, unknown> | undefined)
+            sendError(res, err.code, requestId, err.message, err.details as Record<string, unknown> | undefined, err instanceof AdminError ? err.headers : {})
             return
           }
           log.error('admin request failed', { request_id: requestId, method: req.method, path: url.pathname, err: err as Error })

@@ -38,6 +38,7 @@ export const GLOBAL_OPTIONS = {
   help: { type: 'boolean', short: 'h' },
   'data-dir': { type: 'string' },
   'database-url': { type: 'string' },
+  'admin-url': { type: 'string' },
 } as const satisfies ParseArgsOptionsConfig
 
 export interface Parsed {

@@ -4,13 +4,14 @@ import { userInfo } from 'node:os'
 import { readFileSync } from 'node:fs'
 import { loadConfig, renderConfigDocs } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
-import { isKeygateError } from '../core/errors.ts'
+import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { openRuntime } from '../core/runtime.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { localOperations } from './key-operations.ts'
+import { remoteOperations } from './remote-operations.ts'
 import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Io, type Parsed } from './io.ts'
 
 const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
@@ -30,6 +31,8 @@ options every command takes:
   --config FILE               configuration file (else KEYGATE_CONFIG, else ./keygate.yaml)
   --data-dir DIR              embedded store folder (KEYGATE_DATA_DIR, default ./.keygate)
   --database-url URL          PostgreSQL instead of the embedded store (DATABASE_URL)
+  --admin-url URL             api-key commands go through this server's admin API
+                              (KEYGATE_ADMIN_URL; needs KEYGATE_ADMIN_TOKEN)
   --json                      machine-readable output
   -h, --help                  help for a command
 
@@ -47,7 +50,11 @@ function configFrom(p: Parsed, io: Io, onlyFile = false): Config {
     file: p.values.config as string | undefined,
     env: io.env,
     onlyFile,
-    flags: { 'data-dir': p.values['data-dir'] as string | undefined, 'database-url': p.values['database-url'] as string | undefined },
+    flags: {
+      'data-dir': p.values['data-dir'] as string | undefined,
+      'database-url': p.values['database-url'] as string | undefined,
+      'admin-url': p.values['admin-url'] as string | undefined,
+    },
   })
 }
 
@@ -81,10 +88,16 @@ async function runApiKey(argv: string[], io: Io): Promise<number> {
   }
   const action = sub.prepare(p)
   const config = configFrom(p, io)
+  const json = p.values.json === true
+  if (config.admin.url) {
+    // A running server owns the store: go through its admin API instead of opening it.
+    if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
+    return action({ io, json, ops: remoteOperations(config.admin.url, config.admin.token) })
+  }
   const log = cliLogger(io, config)
   const runtime = await openRuntime(config, log)
   try {
-    return await action({ io, json: p.values.json === true, ops: localOperations(runtime.keys, { actor: actorName() }) })
+    return await action({ io, json, ops: localOperations(runtime.keys, { actor: actorName() }) })
   } finally {
     await runtime.close()
   }

@@ -14,11 +14,16 @@ import { parseListen } from '../core/formats.ts'
 import { KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
-import { bindInvalidationPublisher } from '../core/invalidation.ts'
+import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
+import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
+import { createLockout, type Lockout } from '../core/lockout.ts'
+import { UsageRecorder } from '../core/usage.ts'
 import { pendingMigrations } from '../core/migrate.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
+import { createAdminApi } from '../admin/index.ts'
+import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
 import { EXIT_OK, UsageError, parse, parseIntFlag, type Io } from './io.ts'
 
@@ -60,14 +65,7 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   }
   const log = createLogger({ level: config.log.level as Level, fields: cluster.isWorker ? { worker: cluster.worker?.id } : {} })
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
-  if (cluster.isWorker) {
-    try {
-      return await serveInstance(config, log, io, { gateway: true, admin: false }, { worker: true })
-    } finally {
-      // The IPC channel (held open by the metrics listener) would keep the worker alive.
-      cluster.worker?.disconnect()
-    }
-  }
+  if (cluster.isWorker) return serveInstance(config, log, io, { gateway: true, admin: false }, { worker: true })
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })
 }
@@ -137,6 +135,26 @@ async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Log
   io.err(`\nkeygate: created the first admin key (id ${created.record.id}). It is shown once; store it now:\n${created.key}\n\n`)
 }
 
+function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, usage?: UsageRecorder): AdminRoute[] {
+  return createAdminApi({
+    db: runtime.db,
+    keys: runtime.keys,
+    audit: runtime.audit,
+    denyList,
+    lockout,
+    log,
+    token: config.admin.token,
+    maxBodyBytes: config.admin.max_body_bytes,
+    ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
+    ...(usage ? { flushUsage: () => usage.flush() } : {}),
+  })
+}
+
+/** One lockout per process, shared by the gateway and the admin API (and across processes with Redis). */
+function processLockout(config: Config, redis: Redis | undefined, log: Logger, onLockout?: () => void): Lockout {
+  return createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, log, ...(onLockout ? { onLockout } : {}) })
+}
+
 async function closeServer(server: http.Server | undefined): Promise<void> {
   if (!server?.listening) return
   await new Promise<void>((resolve) => {
@@ -152,8 +170,17 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
   const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  // The admin API writes through this one; the gateway reads it, so a change applies to the next request.
+  const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   // Without a gateway in this process, key changes made here still reach the other instances.
-  const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, log }) : undefined
+  const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
+  const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
+  let metrics: ReturnType<typeof createGatewayMetrics> | undefined
+  const lockout = processLockout(config, redis, log, () => metrics?.lockouts.inc())
+  const onPrimaryMessage = (m: WorkerMessage) => {
+    if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
+    else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
+  }
   try {
     if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
@@ -164,13 +191,16 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       AggregatorRegistry.setRegistries([registry])
     }
     if (role.gateway) {
-      const metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
+      metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
       gateway = await createGateway({
         config,
         keys: runtime.keys,
         db: runtime.db,
         log,
         metrics,
+        denyList,
+        lockout,
+        ...(usage ? { usage } : {}),
         ...(redis ? { redis } : {}),
         createServer: (options) => createServer(config.gateway.tls, options, log),
       })
@@ -178,12 +208,15 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
     }
+    // The primary's admin API tells this worker what changed (Redis does it across machines).
+    if (mode.worker) process.on('message', onPrimaryMessage)
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
         ready: () => readiness(runtime),
         metrics: async () => ({ contentType: registry.contentType, body: await registry.metrics() }),
         isShuttingDown: () => shuttingDown,
       })
+      if (role.admin) routes.push(...adminApi(config, runtime, denyList, lockout, log, usage))
       admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
       const at = await listen(admin, config.admin.listen)
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
@@ -193,19 +226,39 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin)])
+    await usage?.close()
     log.info('stopped')
     return EXIT_OK
   } finally {
+    // The IPC channel to the primary would keep a worker alive after its listeners closed.
+    process.off('message', onPrimaryMessage)
+    if (mode.worker) process.disconnect?.()
     stopPublishing?.()
     redis?.disconnect()
     await runtime.close()
   }
 }
 
+/** What the primary sends its gateway workers when its admin API changes something. */
+type WorkerMessage =
+  | { keygate: 'invalidate'; message: string }
+  | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
+
+function denyChangeFrom(m: Extract<WorkerMessage, { keygate: 'deny' }>): DenyChange {
+  return { action: m.action, entry: { ...m.entry, createdAt: new Date(m.entry.createdAt), expiresAt: m.entry.expiresAt === null ? null : new Date(m.entry.expiresAt) } }
+}
+
+function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: WorkerMessage): void {
+  for (const w of workers) if (w.isConnected()) w.send(message)
+}
+
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
   const stopping = stopSignal(log)
   const runtime = await openRuntime(config, log)
   let shuttingDown = false
+  const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
+  const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   try {
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const aggregator = new AggregatorRegistry()
@@ -222,11 +275,18 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       })
     }
     for (let i = 0; i < workers; i++) fork()
+    // Changes made through this admin API reach the workers at once over cluster IPC: key
+    // changes as invalidations, deny list changes whole, so no worker waits for a reload.
+    const stopTelling = bindInvalidations({ keys: runtime.keys, publish: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
+    const stopDeny = denyList.onChange(({ action, entry }) =>
+      tellWorkers(live, { keygate: 'deny', action, entry: { ...entry, createdAt: entry.createdAt.toISOString(), expiresAt: entry.expiresAt?.toISOString() ?? null } }),
+    )
     const routes = healthRoutes({
       ready: async () => (live.size < workers ? `${live.size} of ${workers} gateway workers running` : readiness(runtime)),
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
       isShuttingDown: () => shuttingDown,
     })
+    if (role.admin) routes.push(...adminApi(config, runtime, denyList, processLockout(config, redis, log), log))
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
     const at = await listen(admin, config.admin.listen)
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
@@ -236,9 +296,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
     await Promise.all([...exited, closeServer(admin)])
+    stopTelling()
+    stopDeny()
     log.info('stopped')
     return EXIT_OK
   } finally {
+    stopPublishing?.()
+    redis?.disconnect()
     await runtime.close()
   }
 }

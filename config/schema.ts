@@ -193,6 +193,12 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    usage: Type.Object(
+      {
+        flush_interval_s: int(10, 1, 3600, { description: 'How often each gateway process adds its per-key request counts and rejections to the store (for the admin reports).' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     log: Type.Object(
       {
         level: Type.Union(['debug', 'info', 'warn', 'error'].map((l) => Type.Literal(l)), { default: 'info', description: 'Lowest level logged.', env: 'LOG_LEVEL' }),

@@ -33,6 +33,7 @@ export const ERRORS = {
   unsupported_media_type: { status: 415, message: 'The request body must be JSON.' },
   validation_failed: { status: 400, message: 'The request body is not valid.' },
   internal_error: { status: 500, message: 'Internal error.' },
+  admin_unavailable: { status: 503, message: 'The admin API could not be reached.' },
 
   // Start-up, configuration, storage
   config_invalid: { status: 500, message: 'The configuration is not valid.' },

@@ -16,23 +16,36 @@ export async function publishInvalidation(redis: Redis, message: InvalidationMes
   await redis.publish(INVALIDATION_CHANNEL, message).catch((err: unknown) => log?.warn('could not publish an invalidation', { err: err as Error, message }))
 }
 
-/** Publishes every committed change of `keys` (and `denyList`); returns the unsubscriber. */
-export function bindInvalidationPublisher(options: { redis: Redis; keys?: KeyService; denyList?: DenyListService; log?: Logger }): () => void {
-  const { redis, log } = options
+/**
+ * Calls `publish` with the invalidation messages of every committed change of `keys` (and
+ * `denyList`); returns the unsubscriber. Redis pub/sub is one carrier, cluster IPC another.
+ */
+export function bindInvalidations(options: { keys?: KeyService; denyList?: DenyListService; publish: (message: InvalidationMessage) => void }): () => void {
+  const { publish } = options
   const offs: Array<() => void> = []
   if (options.keys) {
     offs.push(
       options.keys.onChange((change) => {
-        void publishInvalidation(redis, `key:${change.key.id}`, log)
-        void publishInvalidation(redis, `hash:${change.key.keyHash}`, log)
-        if (change.previous) void publishInvalidation(redis, `key:${change.previous.id}`, log)
+        publish(`key:${change.key.id}`)
+        publish(`hash:${change.key.keyHash}`)
+        if (change.previous) publish(`key:${change.previous.id}`)
       }),
     )
   }
-  if (options.denyList) offs.push(options.denyList.onChange(() => void publishInvalidation(redis, 'deny', log)))
+  if (options.denyList) offs.push(options.denyList.onChange(() => publish('deny')))
   return () => {
     for (const off of offs) off()
   }
+}
+
+/** Publishes every committed change of `keys` (and `denyList`) on Redis; returns the unsubscriber. */
+export function bindInvalidationPublisher(options: { redis: Redis; keys?: KeyService; denyList?: DenyListService; log?: Logger }): () => void {
+  const { redis, log } = options
+  return bindInvalidations({
+    ...(options.keys ? { keys: options.keys } : {}),
+    ...(options.denyList ? { denyList: options.denyList } : {}),
+    publish: (message) => void publishInvalidation(redis, message, log),
+  })
 }
 
 /** Listens on a dedicated connection (a subscribed Redis connection can do nothing else). */

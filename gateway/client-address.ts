@@ -3,8 +3,8 @@
 // normalised (IPv4-mapped IPv6 becomes IPv4); IPv6 clients are counted per network
 // (`rate_limits.ipv6_prefix_bits`) for limits and lockouts, since one host holds a whole /64.
 import type { Socket } from 'node:net'
-import ipaddr from 'ipaddr.js'
 import { parseAddress, rangeMatcher } from '../core/keys/evaluate.ts'
+import { addressKeyer } from '../core/lockout.ts'
 import type { RequestState, Stage } from './state.ts'
 
 interface Peer {
@@ -19,17 +19,6 @@ type PeerSocket = Socket & { [kPeer]?: Peer }
 export interface AddressOptions {
   trustedProxies: readonly string[]
   ipv6PrefixBits: number
-}
-
-/** `address` → the string limits and lockouts count it under. */
-export function addressKeyer(ipv6PrefixBits: number): (address: string) => string {
-  if (ipv6PrefixBits >= 128) return (a) => a
-  return (a) => {
-    if (!a.includes(':')) return a
-    const parsed = parseAddress(a)
-    if (!parsed || parsed.kind() !== 'ipv6') return a
-    return `${ipaddr.IPv6.networkAddressFromCIDR(`${a}/${ipv6PrefixBits}`).toString()}/${ipv6PrefixBits}`
-  }
 }
 
 function normalise(raw: string | undefined): string | undefined {

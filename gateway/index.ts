@@ -9,17 +9,19 @@ import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import type { Db } from '../core/db.ts'
-import { DenyListService } from '../core/deny-list.ts'
+import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { Logger } from '../core/log.ts'
 import { NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
+import { NO_USAGE, type UsageSink } from '../core/usage.ts'
 import { createClientAddressStage } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
 import { CachedKey, KeyCache, scopeSets } from './key-cache.ts'
 import { createKeyExtractStage } from './key-extract.ts'
-import { createLockout } from './lockout.ts'
+import { createLockout, type Lockout } from '../core/lockout.ts'
+import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
@@ -40,6 +42,10 @@ export interface GatewayDeps {
   now?: () => Date
   /** The deny list service the admin API writes through, so its changes apply at once; else a read-only one on `db`. */
   denyList?: DenyListService
+  /** The lockout shared with the admin API (`serve` passes one); else the gateway makes its own. */
+  lockout?: Lockout
+  /** Per-key request counts and rejections for the admin API's reports. */
+  usage?: UsageSink
   /** Makes the server (an https one for TLS); `http.createServer` otherwise. */
   createServer?: (options: http.ServerOptions) => http.Server
 }
@@ -52,6 +58,10 @@ export interface Gateway {
   invalidateKey(id: string): void
   invalidateAll(): void
   refreshDenyList(): Promise<void>
+  /** Applies a deny list change made by another process at once (before the reload it starts). */
+  applyDenyChange(change: DenyChange): void
+  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`) from another process. */
+  applyInvalidation(message: string): void
 }
 
 const HEALTH_OK = JSON.stringify({ status: 'ok' })
@@ -63,10 +73,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const clock = deps.now
   const now: () => number = clock ? () => clock().getTime() : Date.now
   const router = new Router(config.routes)
-  const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, now, closing: false }
+  const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, usage: deps.usage ?? NO_USAGE, now, closing: false }
   const nextId = createRequestIdGenerator()
 
-  const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, metrics, log })
+  const lockout = deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, log, onLockout: () => metrics.lockouts.inc() })
   const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis)
   const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({
@@ -89,7 +99,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   ]
   const denyStage = createDenyListStage(deny, now)
   const fixedTail: Stage[] = [
-    lockout.stage,
+    createLockoutStage(lockout, metrics),
     createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, metrics }),
     createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param }),
     createValidateStage({
@@ -213,31 +223,30 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     cache.invalidateKey(change.key.id)
     if (change.previous) cache.invalidateKey(change.previous.id)
   })
-  const offDeny = denyService.onChange((change) => {
+  const applyDenyChange = (change: DenyChange): void => {
     const before = deny.size > 0
     deny.apply(change, now())
     metrics.denyListEntries.set(deny.size)
     if (before !== deny.size > 0) stages = build()
     void refreshDenyList()
-  })
+  }
+  const offDeny = denyService.onChange(applyDenyChange)
   const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
   timer.unref()
+
+  const applyInvalidation = (message: string): void => {
+    if (message === 'all') invalidateAll()
+    else if (message === 'deny') void refreshDenyList()
+    else if (message.startsWith('key:')) invalidateKey(message.slice(4))
+    else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
+    else if (message.startsWith('lock:')) lockout.applyMessage(message)
+  }
 
   let stopSubscription: (() => Promise<void>) | undefined
   let stopPublishing: (() => void) | undefined
   if (redis) {
     stopPublishing = bindInvalidationPublisher({ redis, keys, denyList: denyService, log })
-    stopSubscription = await subscribeInvalidations(
-      redis,
-      (message) => {
-        if (message === 'all') invalidateAll()
-        else if (message === 'deny') void refreshDenyList()
-        else if (message.startsWith('key:')) invalidateKey(message.slice(4))
-        else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
-        else if (message.startsWith('lock:')) lockout.applyMessage(message)
-      },
-      log,
-    )
+    stopSubscription = await subscribeInvalidations(redis, applyInvalidation, log)
     await lockout.load()
   }
 
@@ -272,5 +281,5 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     return stopping
   }
 
-  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList }
+  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
 }

@@ -6,7 +6,7 @@ import type { KeyRecord, KeyType } from '../core/keys/types.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
 import type { Config } from '../config/schema.ts'
 import type { Redis } from 'ioredis'
-import { createLimiter, RateLimiterRes, secondsFrom, type Limiter } from './limiters.ts'
+import { createLimiter, RateLimiterRes, secondsFrom, type Limiter } from '../core/limiters.ts'
 import type { RequestState, Stage, StageResult } from './state.ts'
 
 export interface SizedLimiter {

@@ -5,6 +5,7 @@ import type { Duplex } from 'node:stream'
 import type { ErrorCode } from '../core/errors.ts'
 import type { Logger } from '../core/log.ts'
 import type { GatewayMetrics, GatewayOutcome } from '../core/metrics.ts'
+import type { UsageSink } from '../core/usage.ts'
 import type { CachedKey } from './key-cache.ts'
 import type { CompiledRoute, Router } from './route.ts'
 
@@ -76,6 +77,8 @@ export interface GatewayContext {
   readonly log: Logger
   readonly router: Router
   readonly accessLog: boolean
+  /** Per-key usage and rejections for the admin reports (NO_USAGE when not recorded). */
+  readonly usage: UsageSink
   /** Milliseconds since the epoch (the injectable clock). */
   readonly now: () => number
   /** Set by shutdown: answers carry `Connection: close`. */

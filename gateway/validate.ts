@@ -7,7 +7,7 @@ import { digestKey, keyShape } from '../core/keys/format.ts'
 import type { Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
-import type { Lockout } from './lockout.ts'
+import type { Lockout } from '../core/lockout.ts'
 import type { RequestState, Stage, StageResult, Verdict } from './state.ts'
 
 export interface ValidateOptions {

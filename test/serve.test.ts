@@ -171,10 +171,8 @@ t.test('--workers 2 on PostgreSQL: one port, both workers answer, metrics aggreg
   t.equal(created.code, 0, created.stderr)
   const key = created.json().key as string
 
-  const s = await serve(t, { env, args: ['--workers', '2'], waitFor: { gateway: false } })
-  await s.waitForLog((l) => l.msg === 'gateway listening' && l.worker !== undefined)
+  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
   const listening = () => s.logs.filter((l) => l.msg === 'gateway listening')
-  while (listening().length < 2) await s.waitForLog(() => listening().length >= 2)
   const ports = new Set(listening().map((l) => l.address))
   t.equal(ports.size, 1, 'both workers share one address')
   const gateway = `http://${[...ports][0] as string}`

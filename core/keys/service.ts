@@ -471,6 +471,23 @@ export class KeyService {
     return { key: generated.key, record }
   }
 
+  /**
+   * Keys that stop working within `withinMs`: active keys whose expiry falls in the window and
+   * rotating keys whose grace ends in it, soonest first.
+   */
+  async expiring(withinMs: number, limit = 100): Promise<Array<{ key: KeyRecord; endsAt: Date }>> {
+    const now = this.#now()
+    const until = new Date(now.getTime() + withinMs)
+    const rows = await this.#db.query<KeyRow & { ends_at: Date }>(
+      `SELECT ${COLUMNS}, ends_at FROM (
+         SELECT *, CASE WHEN status = 'rotating' THEN LEAST(grace_until, coalesce(expires_at, grace_until)) ELSE expires_at END AS ends_at
+         FROM api_keys WHERE status IN ('active', 'rotating')) k
+       WHERE ends_at > $1 AND ends_at <= $2 ORDER BY ends_at, id LIMIT $3`,
+      [now, until, limit],
+    )
+    return rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at) }))
+  }
+
   async stats(withinDays = 7): Promise<{
     total: number
     byType: Record<KeyType, number>

@@ -176,15 +176,19 @@ export async function startGateway(t: Tap, options: HarnessOptions = {}): Promis
       return { key, id: record.id }
     },
     async get(path, headers = {}, method = 'GET') {
-      const res = await request(url + path, { method: method as 'GET', headers, dispatcher: agent })
-      const text = await res.body.text()
-      let json: unknown
-      try {
-        json = JSON.parse(text)
-      } catch {}
-      return { status: res.statusCode, headers: res.headers as Answer['headers'], text, json }
+      return answerOf(await request(url + path, { method: method as 'GET', headers, dispatcher: agent }))
     },
   }
+}
+
+/** Reads an undici response whole; `json` when it parses. */
+export async function answerOf(res: Awaited<ReturnType<typeof request>>): Promise<Answer> {
+  const text = await res.body.text()
+  let json: unknown
+  try {
+    json = JSON.parse(text)
+  } catch {}
+  return { status: res.statusCode, headers: res.headers as Answer['headers'], text, json }
 }
 
 export const bearer = (key: string) => ({ authorization: `Bearer ${key}` })

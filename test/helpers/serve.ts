@@ -12,10 +12,10 @@ export interface LogLine {
 
 export interface Served {
   child: ChildProcess
-  /** http://host:port of the gateway, when the process runs one. */
-  gateway?: string
-  /** http://host:port of the admin (or health and metrics) listener. */
-  admin?: string
+  /** http://host:port of the gateway ('' when not waited for). */
+  gateway: string
+  /** http://host:port of the admin (or health and metrics) listener ('' when not waited for). */
+  admin: string
   logs: LogLine[]
   stdout(): string
   stderr(): string
@@ -29,8 +29,11 @@ export interface Served {
 export interface ServeOptions {
   args?: string[]
   env?: Record<string, string | undefined>
+  cwd?: string
   /** Which listeners to wait for; by default both. */
   waitFor?: { gateway?: boolean; admin?: boolean }
+  /** How many gateway listeners to wait for (--workers N reports N). */
+  gateways?: number
   timeoutMs?: number
 }
 
@@ -38,7 +41,7 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
   const env: Record<string, string> = {}
   const merged = { ...process.env, KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env }
   for (const [k, v] of Object.entries(merged)) if (v !== undefined && !k.startsWith('TAP')) env[k] = v
-  const child = spawn(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   let err = ''
   let partial = ''
@@ -97,6 +100,8 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
     })
   const served: Served = {
     child,
+    gateway: '',
+    admin: '',
     logs,
     stdout: () => out,
     stderr: () => err,
@@ -109,7 +114,12 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
   }
   const wantGateway = options.waitFor?.gateway ?? true
   const wantAdmin = options.waitFor?.admin ?? true
-  if (wantGateway) served.gateway = `http://${(await waitForLog((l) => l.msg === 'gateway listening')).address as string}`
+  if (wantGateway) {
+    const listening = (l: LogLine) => l.msg === 'gateway listening'
+    served.gateway = `http://${(await waitForLog(listening)).address as string}`
+    const count = options.gateways ?? 1
+    await waitForLog(() => logs.filter(listening).length >= count)
+  }
   if (wantAdmin) served.admin = `http://${(await waitForLog((l) => l.msg === 'admin listening' || l.msg === 'health and metrics listening')).address as string}`
   return served
 }

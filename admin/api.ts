@@ -1,0 +1,86 @@
+// Turns the operation table into admin routes. Per request, in this order: lockout check and
+// credential (admin/auth.ts), request body (JSON only, size-limited, parsed), query and body
+// validated against the operation's schemas (every bad field named), then the handler; its
+// result is answered with the operation's status. A refusal before the body is read answers
+// with `Connection: close` instead of draining the body.
+import type http from 'node:http'
+import type { TObject } from '@sinclair/typebox'
+import { Value } from '@sinclair/typebox/value'
+import { assertValid } from '../core/validate.ts'
+import type { Authenticate } from './auth.ts'
+import type { AdminServices, Operation } from './operation.ts'
+import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
+
+export interface AdminApiOptions {
+  operations: readonly Operation[]
+  services: AdminServices
+  authenticate: Authenticate
+  maxBodyBytes: number
+}
+
+const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i
+
+function hasBody(req: http.IncomingMessage): boolean {
+  const length = req.headers['content-length']
+  return (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined
+}
+
+/** Reads the body up to `max` bytes; undefined when there is none. */
+async function readJson(req: http.IncomingMessage, max: number): Promise<unknown> {
+  if (!hasBody(req)) return undefined
+  if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
+    throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
+  }
+  const tooLarge = () => new AdminError('payload_too_large', `the body is larger than ${max} bytes`, { connection: 'close' })
+  if (Number(req.headers['content-length'] ?? 0) > max) throw tooLarge()
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length
+    if (size > max) throw tooLarge()
+    chunks.push(chunk as Buffer)
+  }
+  const text = Buffer.concat(chunks).toString('utf8')
+  if (text.trim() === '') return undefined
+  try {
+    return JSON.parse(text)
+  } catch (err) {
+    throw new AdminError('bad_request', `the body is not valid JSON: ${(err as Error).message}`)
+  }
+}
+
+/** Query parameters as the schema's types (strings to numbers and booleans), each given once. */
+function readQuery(url: URL, schema: TObject | undefined): unknown {
+  const raw: Record<string, string> = {}
+  for (const name of new Set(url.searchParams.keys())) {
+    const all = url.searchParams.getAll(name)
+    if (all.length > 1) throw new AdminError('validation_failed', `${name}: is given more than once`, {}, { fields: [{ field: name, message: 'is given more than once' }] })
+    raw[name] = all[0] as string
+  }
+  if (!schema) {
+    const names = Object.keys(raw)
+    if (names.length > 0) throw new AdminError('validation_failed', `${names[0]}: unknown query parameter; this operation takes none`, {}, { fields: names.map((n) => ({ field: n, message: 'unknown query parameter' })) })
+    return {}
+  }
+  return assertValid(schema, Value.Convert(schema, raw), 'query')
+}
+
+export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
+  const { services, authenticate, maxBodyBytes } = options
+  return options.operations.map((op) => ({
+    method: op.method,
+    path: op.path,
+    async handle(ctx: AdminRequest) {
+      const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress)
+      const parsed = await readJson(ctx.req, maxBodyBytes)
+      if (parsed !== undefined && !op.body) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body`)
+      if (parsed === undefined && op.body && op.bodyRequired !== false) {
+        throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required' }] })
+      }
+      const body = op.body ? assertValid(op.body, parsed ?? {}) : undefined
+      const query = readQuery(ctx.url, op.query)
+      const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, services })
+      sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
+    },
+  }))
+}

@@ -1,0 +1,56 @@
+// Admin credentials: `Authorization: Bearer <credential>`, where the credential is a key holding
+// the `admin` scope or the bootstrap token (`admin.token`, KEYGATE_ADMIN_TOKEN). The token is
+// compared as SHA-256 digests with timingSafeEqual, so neither its length nor its content leaks
+// through timing. Every presented credential that fails counts toward the address lockout the
+// gateway uses; a request without one does not (as at the gateway).
+import { createHash, timingSafeEqual } from 'node:crypto'
+import type { Actor } from '../core/audit.ts'
+import { parseAddress } from '../core/keys/evaluate.ts'
+import type { KeyService } from '../core/keys/service.ts'
+import type { Lockout } from '../core/lockout.ts'
+import type { Logger } from '../core/log.ts'
+import { AdminError } from './server.ts'
+
+export const ADMIN_SCOPE = 'admin'
+
+export interface AdminAuthOptions {
+  keys: KeyService
+  lockout: Lockout
+  /** The string the lockout counts an address under (IPv6 per network). */
+  addressKey: (address: string) => string
+  token?: string | undefined
+  log: Logger
+}
+
+export type Authenticate = (authorization: string | undefined, remoteAddress: string | undefined) => Promise<Actor>
+
+const digest = (s: string) => createHash('sha256').update(s).digest()
+
+const CHALLENGE = 'Bearer realm="keygate-admin"'
+
+export function createAuthenticator(options: AdminAuthOptions): Authenticate {
+  const { keys, lockout, addressKey, log } = options
+  const token = options.token ? digest(options.token) : undefined
+  return async (authorization, remoteAddress) => {
+    const address = parseAddress(remoteAddress ?? '')?.toString() ?? remoteAddress ?? 'unknown'
+    const counted = addressKey(address)
+    const retryAfterS = await lockout.lockedFor(counted)
+    if (retryAfterS !== undefined) throw new AdminError('ip_locked_out', undefined, { 'retry-after': String(retryAfterS) })
+    const m = /^Bearer +(\S+) *$/i.exec(authorization ?? '')
+    if (!m) throw new AdminError('unauthorized', 'send an admin key or the bootstrap token as Authorization: Bearer <credential>', { 'www-authenticate': CHALLENGE })
+    const presented = m[1] as string
+    if (token && timingSafeEqual(digest(presented), token)) return { actor: 'token', address }
+    const result = await keys.validate(presented, { address })
+    const fail = async (err: AdminError): Promise<never> => {
+      try {
+        await lockout.recordFailure(counted)
+      } catch (e) {
+        log.warn('could not record a failed admin attempt', { err: e as Error })
+      }
+      throw err
+    }
+    if (!result.valid) return fail(new AdminError('unauthorized', 'the admin credential is not valid', { 'www-authenticate': `${CHALLENGE}, error="invalid_token"` }))
+    if (!result.key.scopes.includes(ADMIN_SCOPE)) return fail(new AdminError('forbidden', `key ${result.key.id} does not hold the admin scope`))
+    return { actor: `key:${result.key.id}`, address }
+  }
+}

@@ -1,0 +1,60 @@
+// The admin API as routes for createAdminServer: the operations (credential required), the
+// OpenAPI document and the interactive docs (public: they hold no data).
+import { readFileSync } from 'node:fs'
+import type { AuditLog } from '../core/audit.ts'
+import type { Db } from '../core/db.ts'
+import type { DenyListService } from '../core/deny-list.ts'
+import type { KeyService } from '../core/keys/service.ts'
+import { addressKeyer, type Lockout } from '../core/lockout.ts'
+import type { Logger } from '../core/log.ts'
+import { UsageReports } from '../core/usage.ts'
+import { adminApiRoutes } from './api.ts'
+import { createAuthenticator } from './auth.ts'
+import { docsRoutes } from './docs.ts'
+import { openApiDocument } from './openapi.ts'
+import { OPERATIONS } from './routes/index.ts'
+import type { AdminRoute } from './server.ts'
+
+const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
+
+export interface AdminApiDeps {
+  db: Db
+  keys: KeyService
+  audit: AuditLog
+  denyList: DenyListService
+  lockout: Lockout
+  log: Logger
+  /** The bootstrap token (KEYGATE_ADMIN_TOKEN). */
+  token?: string | undefined
+  maxBodyBytes: number
+  ipv6PrefixBits: number
+  /** Writes this process's pending usage counts before a report (the recorder's flush). */
+  flushUsage?: () => Promise<void>
+  now?: () => Date
+}
+
+export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
+  const document = JSON.stringify(openApiDocument(OPERATIONS, { version: VERSION }))
+  const authenticate = createAuthenticator({ keys: deps.keys, lockout: deps.lockout, addressKey: addressKeyer(deps.ipv6PrefixBits), token: deps.token, log: deps.log })
+  const services = {
+    db: deps.db,
+    keys: deps.keys,
+    audit: deps.audit,
+    denyList: deps.denyList,
+    usage: new UsageReports(deps.db),
+    flushUsage: deps.flushUsage ?? (async () => {}),
+    now: deps.now ?? (() => new Date()),
+  }
+  return [
+    ...adminApiRoutes({ operations: OPERATIONS, services, authenticate, maxBodyBytes: deps.maxBodyBytes }),
+    {
+      method: 'GET',
+      path: '/openapi.json',
+      handle: ({ res }) => {
+        res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(document), 'cache-control': 'no-cache' })
+        res.end(document)
+      },
+    },
+    ...docsRoutes(),
+  ]
+}

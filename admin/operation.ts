@@ -1,0 +1,71 @@
+// One admin API operation: its method and path, the schemas of its input and answer, the errors
+// it can answer with, and its handler. The route table, request validation and the OpenAPI
+// document are all made from the same list of these, so the documentation cannot drift.
+import type http from 'node:http'
+import type { Static, TObject, TSchema } from '@sinclair/typebox'
+import type { Actor, AuditLog } from '../core/audit.ts'
+import type { Db } from '../core/db.ts'
+import type { DenyListService } from '../core/deny-list.ts'
+import type { ErrorCode } from '../core/errors.ts'
+import type { KeyService } from '../core/keys/service.ts'
+import type { UsageReports } from '../core/usage.ts'
+
+/** What the handlers work with. */
+export interface AdminServices {
+  db: Db
+  keys: KeyService
+  audit: AuditLog
+  denyList: DenyListService
+  usage: UsageReports
+  /** Writes this process's pending usage counts, so reports include the latest requests. */
+  flushUsage(): Promise<void>
+  now(): Date
+}
+
+export interface OperationInput<Q, B> {
+  params: Record<string, string>
+  query: Q
+  body: B
+  actor: Actor
+  requestId: string
+  req: http.IncomingMessage
+  services: AdminServices
+}
+
+export interface Operation {
+  /** The OpenAPI operationId. */
+  id: string
+  method: 'GET' | 'POST' | 'PATCH' | 'DELETE'
+  /** `/v1/keys/{id}` style; each `{name}` is one path segment. */
+  path: string
+  tag: string
+  summary: string
+  description?: string
+  query?: TObject
+  body?: TSchema
+  /** Whether a request without a body is refused (the body schema then sees `{}`). */
+  bodyRequired?: boolean
+  response: { status: 200 | 201; description: string; schema: TSchema }
+  /** The errors of this operation beyond those every operation can answer (COMMON_ERRORS). */
+  errors: readonly ErrorCode[]
+  handle(input: OperationInput<any, any>): Promise<unknown>
+}
+
+/** Every admin operation can answer these: credentials, lockout, request framing, faults. */
+export const COMMON_ERRORS: readonly ErrorCode[] = [
+  'bad_request',
+  'unauthorized',
+  'forbidden',
+  'payload_too_large',
+  'unsupported_media_type',
+  'ip_locked_out',
+  'internal_error',
+  'store_unavailable',
+]
+
+/** Types the handler from the schemas. */
+export function defineOperation<Q extends TObject = TObject, B extends TSchema = TSchema>(
+  op: Omit<Operation, 'handle' | 'query' | 'body'> & { query?: Q; body?: B; handle(input: OperationInput<Static<Q>, Static<B>>): Promise<unknown> },
+): Operation {
+  return op as Operation
+}

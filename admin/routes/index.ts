@@ -1,0 +1,41 @@
+// The operation table of the admin API: routes, request validation and the OpenAPI document
+// are all made from this one list. Literal paths come before parameterised ones that could
+// match them (`/v1/keys/validate` before `/v1/keys/{id}`).
+import type { Operation } from '../operation.ts'
+import addDenyEntry from './deny-list-add.ts'
+import listDenyList from './deny-list-list.ts'
+import removeDenyEntry from './deny-list-remove.ts'
+import getKeyAudit from './keys-audit.ts'
+import createKey from './keys-create.ts'
+import getKey from './keys-get.ts'
+import importKeys from './keys-import.ts'
+import listKeys from './keys-list.ts'
+import revokeKey from './keys-revoke.ts'
+import rotateKey from './keys-rotate.ts'
+import updateKey from './keys-update.ts'
+import validateKey from './keys-validate.ts'
+import reportExpiring from './reports-expiring.ts'
+import reportRejections from './reports-rejections.ts'
+import reportTopKeys from './reports-top-keys.ts'
+import reportUsage from './reports-usage.ts'
+import getStats from './stats.ts'
+
+export const OPERATIONS: readonly Operation[] = Object.freeze([
+  createKey,
+  listKeys,
+  validateKey,
+  importKeys,
+  getKey,
+  updateKey,
+  revokeKey,
+  rotateKey,
+  getKeyAudit,
+  getStats,
+  reportUsage,
+  reportTopKeys,
+  reportRejections,
+  reportExpiring,
+  listDenyList,
+  addDenyEntry,
+  removeDenyEntry,
+])

@@ -1,0 +1,44 @@
+// GET /v1/keys/{id}/audit: the key's audit trail, newest first, details decrypted.
+import { Type } from '@sinclair/typebox'
+import { KeygateError } from '../../core/errors.ts'
+import { defineOperation } from '../operation.ts'
+import { AuditSchema, auditJson, Cursor, NextCursor } from '../schemas.ts'
+
+function encode(createdAt: Date, id: string): string {
+  return Buffer.from(JSON.stringify([createdAt.toISOString(), id])).toString('base64url')
+}
+
+function decode(cursor: string): { createdAt: Date; id: string } {
+  try {
+    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown]
+    const createdAt = new Date(String(at))
+    if (typeof id === 'string' && !Number.isNaN(createdAt.getTime())) return { createdAt, id }
+  } catch {}
+  throw new KeygateError('validation_failed', 'cursor: is not a cursor this server returned', { fields: [{ field: 'cursor', message: 'is not a cursor this server returned' }] })
+}
+
+export default defineOperation({
+  id: 'getKeyAudit',
+  method: 'GET',
+  path: '/v1/keys/{id}/audit',
+  tag: 'keys',
+  summary: "A key's audit trail",
+  description: 'Every change of the key: who (actor), from where (address), what (details), newest first.',
+  query: Type.Object(
+    {
+      limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, default: 100 })),
+      cursor: Type.Optional(Cursor),
+    },
+    { additionalProperties: false },
+  ),
+  response: { status: 200, description: 'One page of audit records.', schema: Type.Object({ items: Type.Array(AuditSchema), next_cursor: NextCursor }) },
+  errors: ['validation_failed', 'key_not_found', 'audit_decrypt_failed'],
+  async handle({ params, query, services }) {
+    const key = await services.keys.get(params.id as string)
+    const limit = query.limit ?? 100
+    const rows = await services.audit.list(services.db, { keyId: key.id, limit: limit + 1, ...(query.cursor ? { before: decode(query.cursor) } : {}) })
+    const items = rows.slice(0, limit)
+    const last = items[items.length - 1]
+    return { items: items.map(auditJson), next_cursor: rows.length > limit && last ? encode(last.createdAt, last.id) : null }
+  },
+})

@@ -1,0 +1,17 @@
+// GET /v1/keys/{id}: one key.
+import { keyJson } from '../../core/keys/types.ts'
+import { defineOperation } from '../operation.ts'
+import { KeySchema } from '../schemas.ts'
+
+export default defineOperation({
+  id: 'getKey',
+  method: 'GET',
+  path: '/v1/keys/{id}',
+  tag: 'keys',
+  summary: 'Get a key',
+  response: { status: 200, description: 'The key.', schema: KeySchema },
+  errors: ['key_not_found'],
+  async handle({ params, services }) {
+    return keyJson(await services.keys.get(params.id as string))
+  },
+})

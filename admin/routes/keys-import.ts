@@ -1,0 +1,29 @@
+// POST /v1/keys/import: legacy keys (SHA-256 hex of UUID v4 strings), all rows or none.
+import { Type } from '@sinclair/typebox'
+import { KeyTypeSchema } from '../../core/keys/schemas.ts'
+import { keyJson } from '../../core/keys/types.ts'
+import { defineOperation } from '../operation.ts'
+import { KeySchema } from '../schemas.ts'
+
+export default defineOperation({
+  id: 'importKeys',
+  method: 'POST',
+  path: '/v1/keys/import',
+  tag: 'keys',
+  summary: 'Import legacy keys',
+  description:
+    'Each row: `{"key_hash", "name", "type"?, "scopes"?, "owner"?, "metadata"?, "created_at"?, "expires_at"?}`. Every row is checked first and every problem reported (`import_invalid`); then all are written in one transaction.',
+  body: Type.Object(
+    {
+      rows: Type.Array(Type.Unknown(), { minItems: 1, maxItems: 10_000, description: 'The keys to import.' }),
+      type: Type.Optional(KeyTypeSchema),
+    },
+    { additionalProperties: false },
+  ),
+  response: { status: 201, description: 'The keys imported.', schema: Type.Object({ imported: Type.Integer(), items: Type.Array(KeySchema) }) },
+  errors: ['validation_failed', 'import_invalid'],
+  async handle({ body, actor, services }) {
+    const records = await services.keys.importLegacy(body.rows, actor, body.type === undefined ? {} : { type: body.type })
+    return { imported: records.length, items: records.map(keyJson) }
+  },
+})

@@ -1,0 +1,21 @@
+// POST /v1/keys/{id}/revoke: the key stops working at once (in this process for the next request).
+import { Type } from '@sinclair/typebox'
+import { keyJson } from '../../core/keys/types.ts'
+import { defineOperation } from '../operation.ts'
+import { KeySchema } from '../schemas.ts'
+
+export default defineOperation({
+  id: 'revokeKey',
+  method: 'POST',
+  path: '/v1/keys/{id}/revoke',
+  tag: 'keys',
+  summary: 'Revoke a key',
+  description: 'Works on any key not already revoked, a rotating one included (its grace period ends). The body is optional.',
+  body: Type.Object({ reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, description: 'Why; kept with the key and in the audit log.' })) }, { additionalProperties: false }),
+  bodyRequired: false,
+  response: { status: 200, description: 'The revoked key.', schema: KeySchema },
+  errors: ['validation_failed', 'key_not_found', 'key_not_active'],
+  async handle({ params, body, actor, services }) {
+    return keyJson(await services.keys.revoke(params.id as string, body.reason, actor))
+  },
+})

@@ -1,0 +1,37 @@
+// POST /v1/keys/validate: whether a key would be accepted now (the CLI's `api-key validate` against a server).
+import { Type } from '@sinclair/typebox'
+import { keyJson } from '../../core/keys/types.ts'
+import { defineOperation } from '../operation.ts'
+import { KeySchema } from '../schemas.ts'
+
+export default defineOperation({
+  id: 'validateKey',
+  method: 'POST',
+  path: '/v1/keys/validate',
+  tag: 'keys',
+  summary: 'Check a key',
+  description: 'Answers 200 either way; `valid` says whether the gateway would accept the key (from `address`, when given). Does not count toward any lockout.',
+  body: Type.Object(
+    {
+      key: Type.String({ minLength: 1, maxLength: 200, description: 'The key to check.' }),
+      address: Type.Optional(Type.String({ format: 'cidr', description: 'Check it as used from this address (CIDR bindings).' })),
+    },
+    { additionalProperties: false },
+  ),
+  response: {
+    status: 200,
+    description: 'The verdict.',
+    schema: Type.Object({
+      valid: Type.Boolean(),
+      key: Type.Optional(KeySchema),
+      code: Type.Optional(Type.String({ description: 'Why it is refused: the error code the gateway would answer.' })),
+      reason: Type.Optional(Type.String()),
+      key_id: Type.Optional(Type.Union([Type.String(), Type.Null()])),
+    }),
+  },
+  errors: ['validation_failed'],
+  async handle({ body, services }) {
+    const r = await services.keys.validate(body.key, body.address === undefined ? {} : { address: body.address })
+    return r.valid ? { valid: true, key: keyJson(r.key) } : { valid: false, code: r.code, reason: r.reason, key_id: r.keyId ?? null }
+  },
+})

@@ -1,0 +1,95 @@
+// Answer schemas shared by the admin operations (request schemas of keys live in
+// core/keys/schemas.ts, shared with the CLI), and the JSON forms they describe.
+import { Type, type TSchema } from '@sinclair/typebox'
+import type { AuditRecord } from '../core/audit.ts'
+import type { DenyEntry } from '../core/deny-list.ts'
+import { KeygateError } from '../core/errors.ts'
+import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
+
+const Nullable = <T extends TSchema>(s: T, description?: string) => Type.Union([s, Type.Null()], description ? { description } : {})
+const DateTime = (description?: string) => Type.String({ format: 'date-time', ...(description ? { description } : {}) })
+
+export const KeyIdParam = Type.String({ minLength: 1, maxLength: 64, description: 'The public key id.' })
+
+export const KeySchema = Type.Object(
+  {
+    id: Type.String({ description: 'Public key id (the 12 characters after the prefix).' }),
+    name: Type.String(),
+    type: KeyTypeSchema,
+    status: KeyStatusSchema,
+    scopes: Type.Array(Type.String()),
+    owner: Nullable(Type.String()),
+    metadata: Type.Record(Type.String(), Type.Unknown()),
+    allowed_cidrs: Type.Array(Type.String()),
+    rate_limit: Nullable(Type.Object({ limit: Type.Integer(), window_s: Type.Integer() })),
+    rotation_interval_s: Nullable(Type.Integer()),
+    rotated_from: Nullable(Type.String()),
+    replaced_by: Nullable(Type.String()),
+    grace_until: Nullable(DateTime(), 'A rotating key is valid until then.'),
+    legacy: Type.Boolean({ description: 'Imported from the replaced system (a UUID v4 key).' }),
+    created_at: DateTime(),
+    updated_at: DateTime(),
+    expires_at: Nullable(DateTime()),
+    last_used_at: Nullable(DateTime(), 'Last request through the gateway (as of the last usage flush).'),
+    revoked_at: Nullable(DateTime()),
+    revoked_reason: Nullable(Type.String()),
+  },
+  { description: 'A key, without its secret.' },
+)
+
+export const Plaintext = Type.String({ description: 'The key itself. Shown in this answer only: store it now.' })
+
+export const KeyWithSecret = Type.Composite([KeySchema, Type.Object({ key: Plaintext })], { description: 'A new key and its plaintext, shown once.' })
+
+export const AuditSchema = Type.Object({
+  id: Type.String(),
+  key_id: Nullable(Type.String()),
+  action: Type.String({ description: 'key.created, key.updated, key.rotated, key.revoked, key.imported, deny_list.added, deny_list.removed' }),
+  actor: Type.String({ description: '`key:<id>` for an admin key, `token` for the bootstrap token, `cli:<user>`, or `system`.' }),
+  address: Nullable(Type.String()),
+  details: Type.Record(Type.String(), Type.Unknown()),
+  created_at: DateTime(),
+})
+
+export function auditJson(r: AuditRecord) {
+  return { id: r.id, key_id: r.keyId, action: r.action, actor: r.actor, address: r.address, details: r.details, created_at: r.createdAt.toISOString() }
+}
+
+export const DenyEntrySchema = Type.Object({
+  id: Type.String(),
+  cidr: Type.String({ description: 'Normalised address or CIDR range.' }),
+  reason: Nullable(Type.String()),
+  created_by: Type.String({ description: 'The actor who added it.' }),
+  created_at: DateTime(),
+  expires_at: Nullable(DateTime(), 'It stops applying then; null for never.'),
+})
+
+export function denyJson(e: DenyEntry) {
+  return { id: e.id, cidr: e.cidr, reason: e.reason, created_by: e.createdBy, created_at: e.createdAt.toISOString(), expires_at: e.expiresAt?.toISOString() ?? null }
+}
+
+export const Cursor = Type.String({ pattern: '^[A-Za-z0-9_-]{1,200}$', description: 'next_cursor of the previous page.' })
+export const NextCursor = Nullable(Type.String(), 'Pass as `cursor` for the next page; null on the last page.')
+
+/** Time-range query parameters of the reports. */
+export const RangeQuery = {
+  from: Type.Optional(DateTime('Start of the range (default: 24 hours before `to`). Counts are hourly: the hour holding `from` is included.')),
+  to: Type.Optional(DateTime('End of the range, exclusive (default: now).')),
+}
+
+const MAX_RANGE_MS = 366 * 86_400_000
+
+/** The report range from `from`/`to` (default: the last 24 hours), checked. */
+export function resolveRange(query: { from?: string; to?: string }, now: Date): { from: Date; to: Date } {
+  const to = query.to ? new Date(query.to) : now
+  const from = query.from ? new Date(query.from) : new Date(to.getTime() - 86_400_000)
+  const bad = (message: string) => new KeygateError('validation_failed', `from: ${message}`, { fields: [{ field: 'from', message }] })
+  if (from >= to) throw bad('must be before to')
+  if (to.getTime() - from.getTime() > MAX_RANGE_MS) throw bad('the range may span at most 366 days')
+  return { from, to }
+}
+
+export const RangeSchema = {
+  from: DateTime('Start of the range.'),
+  to: DateTime('End of the range (exclusive).'),
+}

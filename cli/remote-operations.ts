@@ -1,0 +1,100 @@
+// The api-key commands against a running server's admin API (KEYGATE_ADMIN_URL with
+// KEYGATE_ADMIN_TOKEN): the same operations as on a store opened here, so the embedded store,
+// which one process owns, can be managed while the server runs. The server's error codes come
+// back as the same KeygateErrors, so exit codes and messages match the local commands.
+import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
+import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
+import type { KeyOperations } from './key-operations.ts'
+
+const date = (s: string | null) => (s === null ? null : new Date(s))
+
+/** A key as the API answers it; the hash is never sent, so it is empty here. */
+export function keyFromJson(j: KeyJson): KeyRecord {
+  return {
+    id: j.id,
+    keyHash: '',
+    name: j.name,
+    type: j.type,
+    status: j.status,
+    scopes: j.scopes,
+    owner: j.owner,
+    metadata: j.metadata,
+    allowedCidrs: j.allowed_cidrs,
+    rateLimit: j.rate_limit ? { limit: j.rate_limit.limit, windowS: j.rate_limit.window_s } : null,
+    rotationIntervalS: j.rotation_interval_s,
+    rotatedFrom: j.rotated_from,
+    replacedBy: j.replaced_by,
+    graceUntil: date(j.grace_until),
+    legacy: j.legacy,
+    createdAt: new Date(j.created_at),
+    updatedAt: new Date(j.updated_at),
+    expiresAt: date(j.expires_at),
+    lastUsedAt: date(j.last_used_at),
+    revokedAt: date(j.revoked_at),
+    revokedReason: j.revoked_reason,
+  }
+}
+
+export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
+  const base = baseUrl.replace(/\/+$/, '')
+  const call = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
+    let res: Response
+    try {
+      res = await fetch(base + path, {
+        method,
+        headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+        signal: AbortSignal.timeout(options.timeoutMs ?? 30_000),
+      })
+    } catch (err) {
+      const cause = (err as { cause?: { code?: string; message?: string } }).cause
+      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${base} (KEYGATE_ADMIN_URL): ${cause?.code ?? cause?.message ?? (err as Error).message}`)
+    }
+    const text = await res.text()
+    let json: unknown
+    try {
+      json = JSON.parse(text)
+    } catch {
+      throw new KeygateError('admin_unavailable', `the admin API at ${base} answered ${res.status} without JSON; is KEYGATE_ADMIN_URL the admin listener?`)
+    }
+    if (res.ok) return json as T
+    const error = (json as { error?: { code?: string; message?: string; details?: Record<string, unknown> } }).error
+    const code = (error?.code && error.code in ERRORS ? error.code : 'internal_error') as ErrorCode
+    throw new KeygateError(code, `${error?.message ?? `HTTP ${res.status}`} (admin API at ${base})`, error?.details)
+  }
+  const id = (value: string) => encodeURIComponent(value)
+  return {
+    async create(body) {
+      const r = await call<KeyJson & { key: string }>('POST', '/v1/keys', body)
+      return { key: r.key, record: keyFromJson(r) }
+    },
+    async list(query) {
+      const q = new URLSearchParams(Object.entries(query).map(([k, v]): [string, string] => [k, String(v)]))
+      const r = await call<{ items: KeyJson[]; next_cursor: string | null }>('GET', `/v1/keys${q.size ? `?${q}` : ''}`)
+      return { items: r.items.map(keyFromJson), nextCursor: r.next_cursor }
+    },
+    get: async (keyId) => keyFromJson(await call<KeyJson>('GET', `/v1/keys/${id(keyId)}`)),
+    update: async (keyId, body) => keyFromJson(await call<KeyJson>('PATCH', `/v1/keys/${id(keyId)}`, body)),
+    async validate(key, address) {
+      const r = await call<{ valid: boolean; key?: KeyJson; code?: ErrorCode; reason?: string; key_id?: string | null }>('POST', '/v1/keys/validate', {
+        key,
+        ...(address !== undefined ? { address } : {}),
+      })
+      if (r.valid && r.key) return { valid: true, key: keyFromJson(r.key) }
+      return { valid: false, code: r.code ?? 'key_invalid', reason: r.reason ?? 'unknown', ...(r.key_id ? { keyId: r.key_id } : {}) }
+    },
+    revoke: async (keyId, reason) => keyFromJson(await call<KeyJson>('POST', `/v1/keys/${id(keyId)}/revoke`, reason === undefined ? {} : { reason })),
+    async rotate(keyId, force) {
+      const r = await call<KeyJson & { key: string; previous: KeyJson }>('POST', `/v1/keys/${id(keyId)}/rotate`, { force })
+      return { key: r.key, record: keyFromJson(r), previous: keyFromJson(r.previous) }
+    },
+    async stats() {
+      const s = await call<{ total: number; by_type: Record<string, number>; by_status: Record<string, number>; legacy: number; expiring_soon: number }>('GET', '/v1/stats')
+      return { total: s.total, byType: s.by_type, byStatus: s.by_status, legacy: s.legacy, expiringSoon: s.expiring_soon } as Awaited<ReturnType<KeyOperations['stats']>>
+    },
+    async importLegacy(rows, type) {
+      const r = await call<{ items: KeyJson[] }>('POST', '/v1/keys/import', { rows, ...(type !== undefined ? { type } : {}) })
+      return r.items.map(keyFromJson)
+    },
+  }
+}

@@ -1,0 +1,115 @@
+// Lockout (SPEC §3): `lockout.max_attempts` failed attempts from one address (its IPv6 network)
+// within `lockout.window_s` lock that address out for `lockout.window_s`. One instance per
+// process is shared by the gateway (failed key attempts) and the admin API (failed admin
+// credentials), so both kinds of failure count toward the same lockout; with Redis the counts
+// are shared across instances too.
+//
+// Attempts are counted in the limiter (Redis when configured). The lockouts in force are
+// mirrored in memory, so the per-request check is a map look-up and never a Redis round trip:
+// the instance that locks an address out publishes `lock:<ms>:<address>` on the invalidation
+// channel, every instance applies it, and an instance reads the lockouts in force from Redis
+// when it starts and whenever Redis comes back.
+import QuickLRU from 'quick-lru'
+import type { Redis } from 'ioredis'
+import ipaddr from 'ipaddr.js'
+import { publishInvalidation } from './invalidation.ts'
+import { parseAddress } from './keys/evaluate.ts'
+import { createLimiter, secondsFrom, type Limiter } from './limiters.ts'
+import type { Logger } from './log.ts'
+
+export const LOCKOUT_KEY_PREFIX = 'keygate:lockout'
+/** Locked-out addresses held in memory; each took `max_attempts` failures to get there. */
+const MIRROR_MAX = 100_000
+
+export interface Lockout {
+  /** Seconds until the address may try again, or undefined when it is not locked out. A memory look-up. */
+  lockedFor(addressKey: string): number | undefined
+  recordFailure(addressKey: string): Promise<void>
+  /** Applies a lockout decided by another instance (the invalidation message `lock:<ms>:<address>`). */
+  applyMessage(message: string): void
+  /** Reads the lockouts in force from Redis; runs at start and whenever Redis reconnects. */
+  load(): Promise<void>
+}
+
+export interface LockoutOptions {
+  maxAttempts: number
+  windowS: number
+  redis?: Redis | undefined
+  log?: Logger
+  /** Counts addresses that reach the limit. */
+  onLockout?: () => void
+}
+
+export function createLockout(options: LockoutOptions): Lockout {
+  const { maxAttempts, windowS, redis, log } = options
+  const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis })
+  const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
+  const lock = (addressKey: string, ms: number) => {
+    if (ms > 0) locked.set(addressKey, Date.now() + ms, { maxAge: ms })
+  }
+
+  const load = async (): Promise<void> => {
+    if (!redis || redis.status !== 'ready') return
+    try {
+      let cursor = '0'
+      do {
+        const [next, keys] = await redis.scan(cursor, 'MATCH', `${LOCKOUT_KEY_PREFIX}:*`, 'COUNT', 1000)
+        cursor = next
+        if (keys.length === 0) continue
+        const pipeline = redis.pipeline()
+        for (const k of keys) pipeline.get(k).pttl(k)
+        const replies = (await pipeline.exec()) ?? []
+        keys.forEach((k, i) => {
+          const count = Number(replies[2 * i]?.[1])
+          const ttl = Number(replies[2 * i + 1]?.[1])
+          if (count >= maxAttempts && ttl > 0) lock(k.slice(LOCKOUT_KEY_PREFIX.length + 1), ttl)
+        })
+      } while (cursor !== '0')
+    } catch (err) {
+      log?.warn('could not read the lockouts in force from Redis', { err: err as Error })
+    }
+  }
+  if (redis) {
+    redis.on('ready', () => void load())
+    if (redis.status === 'ready') void load()
+  }
+
+  return {
+    lockedFor(addressKey) {
+      const until = locked.get(addressKey)
+      if (until === undefined) return undefined
+      const left = until - Date.now()
+      return left > 0 ? secondsFrom(left) : undefined
+    },
+    async recordFailure(addressKey) {
+      const r = await limiter.penalty(addressKey, 1)
+      if (r.consumedPoints < maxAttempts) return
+      if (r.consumedPoints === maxAttempts) {
+        // The attempt that reaches the limit starts a full window of lockout from now.
+        await limiter.block(addressKey, windowS)
+        options.onLockout?.()
+        lock(addressKey, windowS * 1000)
+        if (redis) await publishInvalidation(redis, `lock:${windowS * 1000}:${addressKey}`, log)
+        return
+      }
+      // Past the limit: locked out already (by another instance whose message is late, or before a restart).
+      lock(addressKey, r.msBeforeNext)
+    },
+    applyMessage(message) {
+      const m = /^lock:(\d+):(.+)$/.exec(message)
+      if (m) lock(m[2] as string, Math.min(Number(m[1]), windowS * 1000))
+    },
+    load,
+  }
+}
+
+/** `address` → the string limits and lockouts count it under (IPv6 per network of `ipv6PrefixBits`). */
+export function addressKeyer(ipv6PrefixBits: number): (address: string) => string {
+  if (ipv6PrefixBits >= 128) return (a) => a
+  return (a) => {
+    if (!a.includes(':')) return a
+    const parsed = parseAddress(a)
+    if (!parsed || parsed.kind() !== 'ipv6') return a
+    return `${ipaddr.IPv6.networkAddressFromCIDR(`${a}/${ipv6PrefixBits}`).toString()}/${ipv6PrefixBits}`
+  }
+}

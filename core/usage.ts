@@ -1,0 +1,208 @@
+// Per-key request counts and rejections by reason, for the admin API's reports. The gateway
+// counts in memory on the request path (two Map updates, no I/O); the recorder adds the counts
+// to hourly rows every `usage.flush_interval_s` and on shutdown. A failed flush keeps its counts
+// for the next one. Memory is bounded by the keys that authenticated within one flush interval
+// (reasons are a closed set of error codes).
+import type { Db } from './db.ts'
+import type { Logger } from './log.ts'
+
+export const BUCKET_MS = 3_600_000
+
+/** What the gateway calls once per answered request. */
+export interface UsageSink {
+  /** `keyId` when the request authenticated; `outcome` is `forwarded` or the error code answered. */
+  count(keyId: string | undefined, outcome: string, nowMs: number): void
+}
+
+export const NO_USAGE: UsageSink = { count: () => {} }
+
+interface KeyCounts {
+  requests: number
+  rejected: number
+  lastMs: number
+}
+
+const bucketOf = (ms: number) => ms - (ms % BUCKET_MS)
+
+export class UsageRecorder implements UsageSink {
+  readonly #db: Db
+  readonly #log: Logger | undefined
+  #keys = new Map<string, KeyCounts>()
+  #reasons = new Map<string, number>()
+  #timer: NodeJS.Timeout | undefined
+  #flushing: Promise<void> | undefined
+
+  constructor(options: { db: Db; log?: Logger; flushIntervalS?: number }) {
+    this.#db = options.db
+    this.#log = options.log
+    if (options.flushIntervalS && options.flushIntervalS > 0) {
+      this.#timer = setInterval(() => void this.flush(), options.flushIntervalS * 1000)
+      this.#timer.unref()
+    }
+  }
+
+  count(keyId: string | undefined, outcome: string, nowMs: number): void {
+    const bucket = bucketOf(nowMs)
+    const rejected = outcome !== 'forwarded'
+    if (keyId !== undefined) {
+      const id = `${bucket}|${keyId}`
+      let c = this.#keys.get(id)
+      if (c === undefined) {
+        c = { requests: 0, rejected: 0, lastMs: nowMs }
+        this.#keys.set(id, c)
+      }
+      c.requests++
+      if (rejected) c.rejected++
+      if (nowMs > c.lastMs) c.lastMs = nowMs
+    }
+    if (rejected) {
+      const id = `${bucket}|${outcome}`
+      this.#reasons.set(id, (this.#reasons.get(id) ?? 0) + 1)
+    }
+  }
+
+  /** Adds what was counted since the last flush to the store; concurrent calls share one flush. */
+  flush(): Promise<void> {
+    this.#flushing ??= this.#write().finally(() => {
+      this.#flushing = undefined
+    })
+    return this.#flushing
+  }
+
+  async #write(): Promise<void> {
+    const keys = this.#keys
+    const reasons = this.#reasons
+    if (keys.size === 0 && reasons.size === 0) return
+    this.#keys = new Map()
+    this.#reasons = new Map()
+    const k = { ids: [] as string[], buckets: [] as string[], requests: [] as number[], rejected: [] as number[] }
+    const last = new Map<string, number>()
+    for (const [id, c] of keys) {
+      const [bucket, keyId] = split(id)
+      k.ids.push(keyId)
+      k.buckets.push(new Date(bucket).toISOString())
+      k.requests.push(c.requests)
+      k.rejected.push(c.rejected)
+      if ((last.get(keyId) ?? 0) < c.lastMs) last.set(keyId, c.lastMs)
+    }
+    const r = { buckets: [] as string[], reasons: [] as string[], counts: [] as number[] }
+    for (const [id, n] of reasons) {
+      const [bucket, reason] = split(id)
+      r.buckets.push(new Date(bucket).toISOString())
+      r.reasons.push(reason)
+      r.counts.push(n)
+    }
+    try {
+      await this.#db.transaction(async (tx) => {
+        if (k.ids.length > 0) {
+          await tx.query(
+            `INSERT INTO api_key_usage (key_id, bucket, requests, rejected)
+             SELECT u.key_id, u.bucket::timestamptz, u.requests, u.rejected FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(key_id, bucket, requests, rejected)
+             ON CONFLICT (key_id, bucket) DO UPDATE SET requests = api_key_usage.requests + EXCLUDED.requests, rejected = api_key_usage.rejected + EXCLUDED.rejected`,
+            [k.ids, k.buckets, k.requests, k.rejected],
+          )
+          await tx.query(
+            `UPDATE api_keys SET last_used_at = GREATEST(coalesce(api_keys.last_used_at, u.at::timestamptz), u.at::timestamptz)
+             FROM unnest($1::text[], $2::text[]) AS u(id, at) WHERE api_keys.id = u.id`,
+            [[...last.keys()], [...last.values()].map((ms) => new Date(ms).toISOString())],
+          )
+        }
+        if (r.reasons.length > 0) {
+          await tx.query(
+            `INSERT INTO api_key_rejections (bucket, reason, count)
+             SELECT u.bucket::timestamptz, u.reason, u.count FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(bucket, reason, count)
+             ON CONFLICT (bucket, reason) DO UPDATE SET count = api_key_rejections.count + EXCLUDED.count`,
+            [r.buckets, r.reasons, r.counts],
+          )
+        }
+      })
+    } catch (err) {
+      // Keep the counts for the next flush.
+      for (const [id, c] of keys) {
+        const now = this.#keys.get(id)
+        if (now) {
+          now.requests += c.requests
+          now.rejected += c.rejected
+          now.lastMs = Math.max(now.lastMs, c.lastMs)
+        } else this.#keys.set(id, c)
+      }
+      for (const [id, n] of reasons) this.#reasons.set(id, (this.#reasons.get(id) ?? 0) + n)
+      this.#log?.warn('could not write usage counts; keeping them for the next flush', { err: err as Error })
+    }
+  }
+
+  /** Stops the timer and writes what is pending. */
+  async close(): Promise<void> {
+    clearInterval(this.#timer)
+    await this.flush()
+  }
+}
+
+function split(id: string): [number, string] {
+  const bar = id.indexOf('|')
+  return [Number(id.slice(0, bar)), id.slice(bar + 1)]
+}
+
+export interface Range {
+  from: Date
+  to: Date
+}
+
+export interface KeyUsage {
+  keyId: string
+  name: string | null
+  type: string | null
+  requests: number
+  rejected: number
+}
+
+/** The hourly buckets a range touches: from the hour holding `from` to before `to`. */
+function bounds(range: Range): [Date, Date] {
+  return [new Date(bucketOf(range.from.getTime())), range.to]
+}
+
+/** The reports read what the recorders wrote, by the hourly buckets a range touches. */
+export class UsageReports {
+  readonly #db: Db
+
+  constructor(db: Db) {
+    this.#db = db
+  }
+
+  /** Requests per key in the range, most used first (`keyId`: that key only). */
+  async byKey(range: Range, options: { keyId?: string; limit?: number } = {}): Promise<KeyUsage[]> {
+    const params: unknown[] = [...bounds(range), options.limit ?? 100]
+    let only = ''
+    if (options.keyId !== undefined) {
+      params.push(options.keyId)
+      only = 'AND u.key_id = $4'
+    }
+    const rows = await this.#db.query<{ key_id: string; name: string | null; type: string | null; requests: number; rejected: number }>(
+      `SELECT u.key_id, k.name, k.type, sum(u.requests)::float8 AS requests, sum(u.rejected)::float8 AS rejected
+       FROM api_key_usage u LEFT JOIN api_keys k ON k.id = u.key_id
+       WHERE u.bucket >= $1 AND u.bucket < $2 ${only}
+       GROUP BY u.key_id, k.name, k.type ORDER BY requests DESC, u.key_id LIMIT $3`,
+      params,
+    )
+    return rows.map((r) => ({ keyId: r.key_id, name: r.name, type: r.type, requests: r.requests, rejected: r.rejected }))
+  }
+
+  /** One key's hourly counts in the range, oldest first. */
+  async buckets(keyId: string, range: Range): Promise<Array<{ start: Date; requests: number; rejected: number }>> {
+    const rows = await this.#db.query<{ bucket: Date; requests: number; rejected: number }>(
+      `SELECT bucket, requests::float8 AS requests, rejected::float8 AS rejected FROM api_key_usage
+       WHERE key_id = $1 AND bucket >= $2 AND bucket < $3 ORDER BY bucket`,
+      [keyId, ...bounds(range)],
+    )
+    return rows.map((r) => ({ start: new Date(r.bucket), requests: r.requests, rejected: r.rejected }))
+  }
+
+  /** Rejected gateway requests by the error code answered, most frequent first. */
+  async rejections(range: Range): Promise<Array<{ reason: string; count: number }>> {
+    return this.#db.query<{ reason: string; count: number }>(
+      `SELECT reason, sum(count)::float8 AS count FROM api_key_rejections WHERE bucket >= $1 AND bucket < $2
+       GROUP BY reason ORDER BY count DESC, reason`,
+      bounds(range),
+    )
+  }
+}

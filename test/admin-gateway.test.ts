@@ -1,0 +1,144 @@
+// The admin API beside a gateway in the same process, sharing the key service, deny list,
+// lockout and usage recorder as `keygate serve` does, on both stores: changes apply to the next
+// gateway request; the deny list operations; the reports count what went through the gateway;
+// failed admin credentials lock the address out of the gateway too.
+import t from 'tap'
+import { bearer, sleep } from './helpers/gateway.ts'
+import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
+import { forEachStore } from './helpers/stores.ts'
+
+const HOUR = 3_600_000
+
+await forEachStore(t, async (t, store) => {
+  const h = await startAdmin(t, store.db, { gateway: true })
+  const create = async (body: Record<string, unknown>) => (await h.call('POST', '/v1/keys', { body: { type: 'user', ...body } })).json
+
+  await t.test('revocation, rotation and updates apply to the next gateway request', async (t) => {
+    const k = await create({ name: 'live', scopes: ['a'] })
+    t.equal((await h.through('/x', bearer(k.key))).status, 200, 'the new key works at once')
+    t.equal((await h.through('/x', bearer(k.key))).status, 200, 'and is now cached')
+    await h.call('PATCH', `/v1/keys/${k.id}`, { body: { scopes: ['a', 'b'] } })
+    t.equal((await h.through('/x', bearer(k.key))).json.headers['x-keygate-scopes'], 'a,b', 'an update applies to the next request')
+    t.equal((await h.call('POST', `/v1/keys/${k.id}/revoke`)).status, 200)
+    const after = await h.through('/x', bearer(k.key))
+    t.equal(after.status, 401, 'revoked: refused on the next request')
+    t.equal(after.json.error.code, 'key_invalid')
+
+    const s = await create({ name: 'rotated', type: 'service' })
+    t.equal((await h.through('/x', bearer(s.key))).status, 200)
+    const r = (await h.call('POST', `/v1/keys/${s.id}/rotate`, { body: { force: true } })).json
+    t.equal((await h.through('/x', bearer(s.key))).status, 401, 'a forced rotation ends the old key on the next request')
+    t.equal((await h.through('/x', bearer(r.key))).status, 200, 'the new key works')
+  })
+
+  await t.test('deny list: add, list, conflict, expiry, remove', async (t) => {
+    const k = await create({ name: 'from loopback' })
+    t.equal((await h.through('/x', bearer(k.key))).status, 200)
+    const before = await h.auditRows()
+    const added = await h.call('POST', '/v1/deny-list', { body: { cidr: '::ffff:127.0.0.1', reason: 'test' } })
+    t.equal(added.status, 201)
+    t.match(added.json, { cidr: '127.0.0.1', reason: 'test', created_by: `key:${h.adminKeyId}`, expires_at: null }, 'stored normalised, with its author')
+    t.equal((await h.auditRows()) - before, 1, 'one audit row')
+    const blocked = await h.through('/x', bearer(k.key))
+    t.equal(blocked.status, 403, 'refused from the next request on')
+    t.equal(blocked.json.error.code, 'ip_blocked')
+    t.ok((await h.call('GET', '/v1/deny-list')).json.items.some((e: { id: string }) => e.id === added.json.id))
+    const dup = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1/32' } })
+    t.equal(dup.status, 409)
+    t.equal(dup.json.error.code, 'conflict')
+    const bad = await h.call('POST', '/v1/deny-list', { body: { cidr: '300.1.1.1', expires_at: 'tomorrow', colour: 1 } })
+    t.equal(bad.status, 400)
+    t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['cidr', 'colour', 'expires_at'])
+    const past = await h.call('POST', '/v1/deny-list', { body: { cidr: '192.0.2.0/24', expires_at: '2001-01-01T00:00:00Z' } })
+    t.equal(past.json.error.details.fields[0].field, 'expires_at')
+    const beforeRemove = await h.auditRows()
+    const removed = await h.call('DELETE', `/v1/deny-list/${added.json.id}`)
+    t.equal(removed.status, 200)
+    t.equal((await h.auditRows()) - beforeRemove, 1, 'one audit row')
+    const rows = await store.db.query<{ action: string; actor: string; address: string }>(`SELECT action, actor, address FROM api_key_audit_log WHERE action LIKE 'deny_list.%' ORDER BY created_at DESC LIMIT 2`)
+    t.same(rows, [
+      { action: 'deny_list.removed', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
+      { action: 'deny_list.added', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
+    ], 'the admin key and its address are the actor')
+    t.equal((await h.through('/x', bearer(k.key))).status, 200, 'accepted again from the next request on')
+    const gone = await h.call('DELETE', `/v1/deny-list/${added.json.id}`)
+    t.equal(gone.status, 404)
+    t.equal(gone.json.error.code, 'deny_entry_not_found')
+
+    const brief = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.0/8', expires_at: new Date(Date.now() + 1200).toISOString() } })
+    t.equal(brief.status, 201)
+    t.equal((await h.through('/x', bearer(k.key))).status, 403, 'a range applies')
+    await sleep(1400)
+    t.equal((await h.through('/x', bearer(k.key))).status, 200, 'an entry stops applying at its expiry')
+    t.notOk((await h.call('GET', '/v1/deny-list')).json.items.some((e: { id: string }) => e.id === brief.json.id), 'expired entries are not listed')
+    t.ok((await h.call('GET', '/v1/deny-list?include_expired=true')).json.items.some((e: { id: string }) => e.id === brief.json.id), 'unless asked for')
+    t.equal((await h.call('GET', '/v1/deny-list?include_expired=maybe')).status, 400)
+  })
+
+  await t.test('stats and reports', async (t) => {
+    const a = await create({ name: 'busy' })
+    const b = await create({ name: 'quiet', scopes: ['nothing'] })
+    for (let i = 0; i < 5; i++) t.equal((await h.through('/r', bearer(a.key))).status, 200)
+    t.equal((await h.through('/r', bearer(b.key))).status, 200)
+    for (let i = 0; i < 3; i++) t.equal((await h.through('/r', bearer('kg_wrong'))).status, 401)
+    t.equal((await h.through('/r')).status, 401)
+
+    const usage = await h.call('GET', '/v1/reports/usage')
+    t.equal(usage.status, 200)
+    const byId = new Map(usage.json.items.map((i: { key_id: string }) => [i.key_id, i]))
+    t.match(byId.get(a.id), { name: 'busy', type: 'user', requests: 5, rejected: 0 }, 'requests per key, flushed before the report')
+    t.match(byId.get(b.id), { requests: 1 })
+    const one = await h.call('GET', `/v1/reports/usage?key_id=${a.id}&from=${new Date(Date.now() - HOUR).toISOString()}`)
+    t.equal(one.json.items.length, 1)
+    t.equal(one.json.items[0].buckets.reduce((n: number, x: { requests: number }) => n + x.requests, 0), 5, 'hourly buckets of one key')
+    const later = await h.call('GET', `/v1/reports/usage?from=${new Date(Date.now() + 2 * HOUR).toISOString()}&to=${new Date(Date.now() + 3 * HOUR).toISOString()}`)
+    t.same(later.json.items, [], 'nothing outside the range')
+    t.ok((await h.call('GET', `/v1/keys/${a.id}`)).json.last_used_at, 'the flush records when the key was last used')
+
+    const top = await h.call('GET', '/v1/reports/top-keys?limit=50')
+    const ranked = top.json.items.map((i: { key_id: string }) => i.key_id)
+    t.ok(ranked.indexOf(a.id) < ranked.indexOf(b.id), 'the busier key ranks higher')
+    t.ok(top.json.items.every((i: { share: number }) => i.share > 0 && i.share <= 1))
+
+    const rej = await h.call('GET', '/v1/reports/rejections')
+    const reasons = Object.fromEntries(rej.json.items.map((i: { reason: string; count: number }) => [i.reason, i.count]))
+    t.ok(reasons.key_invalid >= 3, 'bad keys counted by reason')
+    t.ok(reasons.key_missing >= 1, 'missing keys counted')
+    t.equal(rej.json.total, rej.json.items.reduce((n: number, i: { count: number }) => n + i.count, 0))
+
+    const bad = await h.call('GET', `/v1/reports/usage?from=${new Date().toISOString()}&to=${new Date(Date.now() - HOUR).toISOString()}`)
+    t.equal(bad.status, 400)
+    t.equal(bad.json.error.details.fields[0].field, 'from')
+    t.equal((await h.call('GET', '/v1/reports/rejections?from=yesterday')).json.error.details.fields[0].field, 'from')
+
+    const soon = await create({ name: 'soon', expires_at: new Date(Date.now() + 2 * 86_400_000).toISOString() })
+    const svc = await create({ name: 'grace', type: 'service' })
+    await h.call('POST', `/v1/keys/${svc.id}/rotate`)
+    const exp3 = await h.call('GET', '/v1/reports/expiring?within_days=3')
+    const ids = exp3.json.items.map((i: { id: string }) => i.id)
+    t.ok(ids.includes(soon.id), 'an active key expiring within the window')
+    t.ok(ids.includes(svc.id), 'a rotating key whose grace ends within the window')
+    t.notOk((await h.call('GET', '/v1/reports/expiring?within_days=1')).json.items.some((i: { id: string }) => i.id === soon.id))
+
+    const stats = await h.call('GET', '/v1/stats?expiring_within_days=3')
+    const direct = await h.keys.stats(3)
+    t.same(stats.json, { total: direct.total, by_type: direct.byType, by_status: direct.byStatus, legacy: direct.legacy, expiring_soon: direct.expiringSoon, expiring_within_days: 3 })
+    t.ok(stats.json.by_status.revoked >= 1 && stats.json.by_status.rotating >= 1)
+    t.equal((await h.call('GET', '/v1/stats?expiring_within_days=0')).status, 400)
+  })
+
+  await t.test('failed admin credentials lock the address out of the admin API and the gateway', async (t) => {
+    const locked = await startAdmin(t, store.db, { gateway: true, config: { lockout: { max_attempts: 3, window_s: 60 } } })
+    const k = (await locked.call('POST', '/v1/keys', { body: { name: 'innocent', type: 'user' } })).json
+    t.equal((await locked.through('/x', bearer(k.key))).status, 200)
+    t.equal((await locked.call('GET', '/v1/stats', { auth: null })).status, 401, 'no credential: not a failed attempt')
+    for (let i = 0; i < 3; i++) t.equal((await locked.call('GET', '/v1/stats', { auth: `${BOOTSTRAP_TOKEN}-${i}` })).status, 401)
+    const admin = await locked.call('GET', '/v1/stats')
+    t.equal(admin.status, 429, 'even a valid admin key is refused from a locked-out address')
+    t.equal(admin.json.error.code, 'ip_locked_out')
+    t.ok(Number(admin.headers['retry-after']) > 0, 'Retry-After')
+    const through = await locked.through('/x', bearer(k.key))
+    t.equal(through.status, 429, 'the gateway shares the lockout')
+    t.equal(through.json.error.code, 'ip_locked_out')
+  })
+})

@@ -1,0 +1,186 @@
+// The key operations of the admin API on both stores: what each answers, what it refuses, and
+// the one audit row (or, for a rotation, one per key) each change writes, naming the admin key
+// or the bootstrap token as the actor and the caller's address.
+import t from 'tap'
+import type { Test } from 'tap'
+import { createHash, randomUUID } from 'node:crypto'
+import { BOOTSTRAP_TOKEN, startAdmin, type AdminHarness } from './helpers/admin.ts'
+import { forEachStore } from './helpers/stores.ts'
+
+const sha256 = (s: string) => createHash('sha256').update(s).digest('hex')
+
+async function auditOf(h: AdminHarness, keyId: string) {
+  return (await h.call('GET', `/v1/keys/${keyId}/audit`)).json.items as Array<{ action: string; actor: string; address: string; details: Record<string, unknown> }>
+}
+
+/** Runs `fn` and checks it wrote exactly `n` audit rows. */
+async function writes<T>(t: Test, h: AdminHarness, n: number, what: string, fn: () => Promise<T>): Promise<T> {
+  const before = await h.auditRows()
+  const out = await fn()
+  t.equal((await h.auditRows()) - before, n, `${what}: ${n} audit row${n === 1 ? '' : 's'}`)
+  return out
+}
+
+await forEachStore(t, async (t, store) => {
+  const h = await startAdmin(t, store.db)
+  const actor = `key:${h.adminKeyId}`
+
+  await t.test('create', async (t) => {
+    const a = await writes(t, h, 1, 'create', () =>
+      h.call('POST', '/v1/keys', { body: { name: 'billing', type: 'service', scopes: ['orders:read'], owner: 'team-a', metadata: { ticket: 7 }, allowed_cidrs: ['10.0.0.0/8'], rate_limit: { limit: 5, window_s: 1 } } }),
+    )
+    t.equal(a.status, 201)
+    t.match(a.json, { name: 'billing', type: 'service', status: 'active', scopes: ['orders:read'], owner: 'team-a', metadata: { ticket: 7 }, allowed_cidrs: ['10.0.0.0/8'], rate_limit: { limit: 5, window_s: 1 } })
+    t.match(a.json.key, new RegExp(`^kg_${a.json.id}_`), 'the plaintext key, once')
+    t.notOk('key_hash' in a.json, 'no hash in the answer')
+    const v = await h.keys.validate(a.json.key, { address: '10.1.2.3' })
+    t.ok(v.valid, 'the returned key works')
+    const rows = await auditOf(h, a.json.id)
+    t.match(rows, [{ action: 'key.created', actor, address: '127.0.0.1' }], 'audit: the admin key is the actor')
+    t.notOk(JSON.stringify(rows).includes(a.json.key), 'the plaintext is not in the audit trail')
+    const again = await h.call('GET', `/v1/keys/${a.json.id}`)
+    t.notOk('key' in again.json, 'the plaintext is never shown again')
+
+    const tokenMade = await h.call('POST', '/v1/keys', { auth: BOOTSTRAP_TOKEN, body: { name: 'by token', type: 'user' } })
+    t.equal(tokenMade.status, 201)
+    t.match(await auditOf(h, tokenMade.json.id), [{ action: 'key.created', actor: 'token' }], 'audit: the bootstrap token is the actor')
+
+    const bad = await writes(t, h, 0, 'refused create', () => h.call('POST', '/v1/keys', { body: { name: '', type: 'robot', scopes: 'x', extra: 1, allowed_cidrs: ['nope'] } }))
+    t.equal(bad.status, 400)
+    t.equal(bad.json.error.code, 'validation_failed')
+    const fields = bad.json.error.details.fields.map((f: { field: string }) => f.field).sort()
+    t.same(fields, ['allowed_cidrs[0]', 'extra', 'name', 'scopes', 'type'], 'every bad field is named')
+    const missing = await h.call('POST', '/v1/keys', { body: {} })
+    t.same(missing.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['name', 'type'])
+    const none = await h.call('POST', '/v1/keys')
+    t.equal(none.status, 400, 'a body is required')
+    t.equal(none.json.error.code, 'validation_failed')
+    const past = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: '2001-01-01T00:00:00Z' } })
+    t.equal(past.json.error.details.fields[0].field, 'expires_at')
+    const array = await h.call('POST', '/v1/keys', { body: [1, 2] })
+    t.equal(array.status, 400)
+  })
+
+  await t.test('list: filters and cursor pagination', async (t) => {
+    const owner = `owner-${randomUUID().slice(0, 8)}`
+    const made: string[] = []
+    for (let i = 0; i < 5; i++) made.push((await h.call('POST', '/v1/keys', { body: { name: `page ${i}`, type: i % 2 ? 'user' : 'integration', owner, scopes: i === 0 ? ['special'] : [] } })).json.id)
+    const seen: string[] = []
+    let cursor: string | null = null
+    do {
+      const a = await writes(t, h, 0, 'list', () => h.call('GET', `/v1/keys?owner=${owner}&limit=2${cursor ? `&cursor=${cursor}` : ''}`))
+      t.equal(a.status, 200)
+      t.ok(a.json.items.length <= 2)
+      seen.push(...a.json.items.map((k: { id: string }) => k.id))
+      cursor = a.json.next_cursor
+    } while (cursor)
+    t.same(seen, [...made].reverse(), 'every key once, newest first')
+    t.same((await h.call('GET', `/v1/keys?owner=${owner}&type=user`)).json.items.map((k: { id: string }) => k.id), [made[3], made[1]])
+    t.same((await h.call('GET', `/v1/keys?owner=${owner}&scope=special`)).json.items.map((k: { id: string }) => k.id), [made[0]])
+    t.equal((await h.call('GET', `/v1/keys?owner=${owner}&name=PAGE%203`)).json.items[0].id, made[3])
+    const bad = await h.call('GET', '/v1/keys?limit=0&type=robot&colour=red')
+    t.equal(bad.status, 400)
+    t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['colour', 'limit', 'type'])
+    const twice = await h.call('GET', '/v1/keys?limit=1&limit=2')
+    t.equal(twice.json.error.details.fields[0].field, 'limit')
+    const cur = await h.call('GET', '/v1/keys?cursor=bm90LWEtY3Vyc29y')
+    t.equal(cur.json.error.code, 'validation_failed')
+  })
+
+  await t.test('get, update', async (t) => {
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'edit me', type: 'user' } })).json
+    t.equal((await h.call('GET', `/v1/keys/${k.id}`)).json.name, 'edit me')
+    const missing = await h.call('GET', '/v1/keys/nosuchkey123')
+    t.equal(missing.status, 404)
+    t.equal(missing.json.error.code, 'key_not_found')
+    const u = await writes(t, h, 1, 'update', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: 'edited', scopes: ['a', 'b'], rate_limit: null } }))
+    t.equal(u.status, 200)
+    t.match(u.json, { name: 'edited', scopes: ['a', 'b'] })
+    t.match(await auditOf(h, k.id), [{ action: 'key.updated', actor, details: { changed: ['name', 'scopes', 'rate_limit'] } }, { action: 'key.created' }])
+    t.equal((await h.call('PATCH', `/v1/keys/${k.id}`, { body: {} })).json.error.code, 'validation_failed', 'an empty change is refused')
+    t.equal((await h.call('PATCH', `/v1/keys/${k.id}`, { body: { type: 'system' } })).json.error.details.fields[0].field, 'type', 'the type cannot change')
+    t.equal((await h.call('PATCH', '/v1/keys/nosuchkey123', { body: { name: 'x' } })).status, 404)
+  })
+
+  await t.test('revoke', async (t) => {
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'revoke me', type: 'user' } })).json
+    const r = await writes(t, h, 1, 'revoke', () => h.call('POST', `/v1/keys/${k.id}/revoke`, { body: { reason: 'leaked' } }))
+    t.equal(r.status, 200)
+    t.match(r.json, { status: 'revoked', revoked_reason: 'leaked' })
+    t.match(await auditOf(h, k.id), [{ action: 'key.revoked', actor, details: { reason: 'leaked' } }, { action: 'key.created' }])
+    const again = await writes(t, h, 0, 'revoke again', () => h.call('POST', `/v1/keys/${k.id}/revoke`))
+    t.equal(again.status, 409)
+    t.equal(again.json.error.code, 'key_not_active')
+    const noBody = (await h.call('POST', '/v1/keys', { body: { name: 'no body', type: 'user' } })).json
+    t.equal((await h.call('POST', `/v1/keys/${noBody.id}/revoke`)).status, 200, 'the body is optional')
+    t.equal((await h.call('POST', '/v1/keys/nosuchkey123/revoke')).status, 404)
+    t.equal((await h.call('POST', `/v1/keys/${k.id}/revoke`, { body: { reason: 7 } })).json.error.details.fields[0].field, 'reason')
+  })
+
+  await t.test('rotate, with and without force', async (t) => {
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'rotate me', type: 'service' } })).json
+    const r = await writes(t, h, 2, 'rotate (one row per key)', () => h.call('POST', `/v1/keys/${k.id}/rotate`))
+    t.equal(r.status, 200)
+    t.not(r.json.id, k.id)
+    t.match(r.json.key, new RegExp(`^kg_${r.json.id}_`))
+    t.match(r.json.previous, { id: k.id, status: 'rotating', replaced_by: r.json.id })
+    t.ok((await h.keys.validate(k.key)).valid, 'the old key lives through its grace period')
+    t.match(await auditOf(h, k.id), [{ action: 'key.rotated', actor, details: { replaced_by: r.json.id, force: false } }, { action: 'key.created' }])
+    t.match(await auditOf(h, r.json.id), [{ action: 'key.created', actor, details: { rotated_from: k.id } }])
+    const again = await h.call('POST', `/v1/keys/${k.id}/rotate`)
+    t.equal(again.status, 409, 'a rotating key cannot be rotated again')
+    t.match(again.json.error.message, r.json.id, 'the refusal names the successor')
+
+    const f = await h.call('POST', `/v1/keys/${r.json.id}/rotate`, { body: { force: true } })
+    t.equal(f.status, 200)
+    t.equal(f.json.previous.status, 'revoked')
+    t.notOk((await h.keys.validate(r.json.key)).valid, 'a forced rotation ends the old key now')
+    t.ok((await h.keys.validate(f.json.key)).valid)
+    t.equal((await h.call('POST', `/v1/keys/${f.json.id}/rotate`, { body: { force: 'yes' } })).json.error.details.fields[0].field, 'force')
+    t.equal((await h.call('POST', '/v1/keys/nosuchkey123/rotate')).status, 404)
+  })
+
+  await t.test('audit trail pages', async (t) => {
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'busy', type: 'user' } })).json
+    for (let i = 0; i < 4; i++) await h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: `busy ${i}` } })
+    const first = await h.call('GET', `/v1/keys/${k.id}/audit?limit=3`)
+    t.equal(first.json.items.length, 3)
+    const second = await h.call('GET', `/v1/keys/${k.id}/audit?limit=3&cursor=${first.json.next_cursor}`)
+    t.equal(second.json.items.length, 2)
+    t.equal(second.json.next_cursor, null)
+    t.equal(second.json.items[1].action, 'key.created')
+    t.equal((await h.call('GET', '/v1/keys/nosuchkey123/audit')).status, 404)
+    t.equal((await h.call('GET', `/v1/keys/${k.id}/audit?limit=9999`)).status, 400)
+  })
+
+  await t.test('validate and import (the CLI through the API)', async (t) => {
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'check me', type: 'user', allowed_cidrs: ['192.0.2.0/24'] } })).json
+    const ok = await writes(t, h, 0, 'validate', () => h.call('POST', '/v1/keys/validate', { body: { key: k.key, address: '192.0.2.9' } }))
+    t.match(ok.json, { valid: true, key: { id: k.id } })
+    t.match((await h.call('POST', '/v1/keys/validate', { body: { key: k.key, address: '203.0.113.1' } })).json, { valid: false, code: 'ip_blocked', key_id: k.id })
+    t.match((await h.call('POST', '/v1/keys/validate', { body: { key: 'kg_nonsense' } })).json, { valid: false, code: 'key_invalid', reason: 'malformed' })
+    t.equal((await h.call('POST', '/v1/keys/validate', { body: {} })).json.error.details.fields[0].field, 'key')
+
+    const legacy = [randomUUID(), randomUUID()]
+    const rows = legacy.map((u, i) => ({ key_hash: sha256(u), name: `legacy ${i}` }))
+    const imp = await writes(t, h, 2, 'import (one row per key)', () => h.call('POST', '/v1/keys/import', { body: { rows, type: 'integration' } }))
+    t.equal(imp.status, 201)
+    t.equal(imp.json.imported, 2)
+    t.match(imp.json.items, [{ legacy: true, type: 'integration' }, { legacy: true }])
+    t.ok((await h.keys.validate(legacy[0] as string)).valid, 'an imported key works')
+    const dup = await writes(t, h, 0, 'refused import', () => h.call('POST', '/v1/keys/import', { body: { rows } }))
+    t.equal(dup.status, 400)
+    t.equal(dup.json.error.code, 'import_invalid')
+    t.match(dup.json.error.message, /row 1: key_hash is already in the store/)
+    t.equal((await h.call('POST', '/v1/keys/import', { body: { rows: [] } })).json.error.code, 'validation_failed')
+  })
+
+  await t.test('unknown paths and methods', async (t) => {
+    const a = await h.call('GET', '/v1/nothing')
+    t.equal(a.status, 404)
+    t.equal(a.json.error.code, 'not_found')
+    const m = await h.call('PUT', '/v1/keys')
+    t.equal(m.status, 405)
+    t.match(m.headers.allow, /GET/)
+  })
+})

@@ -1,0 +1,116 @@
+// The OpenAPI document is valid OpenAPI 3.1 and describes every operation of the table with
+// every error it can answer; real answers match the documented schemas; /docs serves Swagger UI
+// and its assets from the installed package.
+import t from 'tap'
+import { readFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { dirname, join } from 'node:path'
+import { createHash, randomUUID } from 'node:crypto'
+import { Validator } from '@seriousme/openapi-schema-validator'
+import { Value } from '@sinclair/typebox/value'
+import { operationErrors } from '../admin/openapi.ts'
+import { OPERATIONS } from '../admin/routes/index.ts'
+import { ERRORS } from '../core/errors.ts'
+import { startAdmin } from './helpers/admin.ts'
+import { openStore } from './helpers/stores.ts'
+
+const DIST = dirname(createRequire(import.meta.url).resolve('swagger-ui-dist/package.json'))
+
+t.test('the OpenAPI document', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const res = await h.call('GET', '/openapi.json', { auth: null })
+  t.equal(res.status, 200, 'served without a credential')
+  t.match(res.headers['content-type'], /^application\/json/)
+  const doc = res.json
+  const validator = new Validator()
+  const result = await validator.validate(doc)
+  t.same(result.errors, undefined, 'no validation errors')
+  t.ok(result.valid, 'valid against the OpenAPI schema')
+  t.equal(validator.version, '3.1', 'OpenAPI 3.1')
+  t.match(doc.components.securitySchemes.bearer, { type: 'http', scheme: 'bearer' })
+
+  const documented = new Set<string>()
+  for (const [path, methods] of Object.entries(doc.paths as Record<string, Record<string, any>>)) {
+    for (const method of Object.keys(methods)) documented.add(`${method.toUpperCase()} ${path}`)
+  }
+  t.same([...documented].sort(), OPERATIONS.map((op) => `${op.method} ${op.path}`).sort(), 'every operation, and nothing else')
+  for (const op of OPERATIONS) {
+    const o = doc.paths[op.path][op.method.toLowerCase()]
+    t.equal(o.operationId, op.id, `${op.id}: operationId`)
+    t.ok(o.responses[op.response.status], `${op.id}: its ${op.response.status} answer`)
+    for (const code of operationErrors(op)) {
+      const r = o.responses[ERRORS[code].status]
+      t.ok(r?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `${op.id}: ${ERRORS[code].status} ${code}`)
+      t.match(r.description, code)
+    }
+    if (op.body) t.same(o.requestBody.content['application/json'].schema, JSON.parse(JSON.stringify(op.body)), `${op.id}: the request body is the validating schema`)
+    for (const m of op.path.matchAll(/\{(\w+)\}/g)) t.ok(o.parameters.some((p: any) => p.in === 'path' && p.name === m[1]), `${op.id}: path parameter ${m[1]}`)
+    for (const name of Object.keys(op.query?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'query' && p.name === name), `${op.id}: query parameter ${name}`)
+  }
+})
+
+t.test('real answers match the documented schemas', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const key = (await h.call('POST', '/v1/keys', { body: { name: 'sample', type: 'service', expires_at: new Date(Date.now() + 86_400_000).toISOString() } })).json
+  const other = (await h.call('POST', '/v1/keys', { body: { name: 'other', type: 'user' } })).json
+  const deny = (await h.call('POST', '/v1/deny-list', { body: { cidr: '192.0.2.0/24' } })).json
+  h.usage.count(key.id, 'forwarded', Date.now())
+  h.usage.count(undefined, 'key_invalid', Date.now())
+  const samples: Record<string, () => ReturnType<typeof h.call>> = {
+    createKey: () => h.call('POST', '/v1/keys', { body: { name: 'made', type: 'user', scopes: ['a'], rate_limit: { limit: 1, window_s: 1 } } }),
+    listKeys: () => h.call('GET', '/v1/keys?limit=2'),
+    validateKey: () => h.call('POST', '/v1/keys/validate', { body: { key: key.key } }),
+    importKeys: () => h.call('POST', '/v1/keys/import', { body: { rows: [{ key_hash: createHash('sha256').update(randomUUID()).digest('hex'), name: 'old' }] } }),
+    getKey: () => h.call('GET', `/v1/keys/${key.id}`),
+    updateKey: () => h.call('PATCH', `/v1/keys/${key.id}`, { body: { owner: 'me' } }),
+    revokeKey: () => h.call('POST', `/v1/keys/${other.id}/revoke`),
+    rotateKey: () => h.call('POST', `/v1/keys/${key.id}/rotate`),
+    getKeyAudit: () => h.call('GET', `/v1/keys/${key.id}/audit`),
+    getStats: () => h.call('GET', '/v1/stats'),
+    reportUsage: () => h.call('GET', `/v1/reports/usage?key_id=${key.id}`),
+    reportTopKeys: () => h.call('GET', '/v1/reports/top-keys'),
+    reportRejections: () => h.call('GET', '/v1/reports/rejections'),
+    reportExpiring: () => h.call('GET', '/v1/reports/expiring'),
+    listDenyList: () => h.call('GET', '/v1/deny-list'),
+    addDenyEntry: () => h.call('POST', '/v1/deny-list', { body: { cidr: '2001:db8::/32', reason: 'doc', expires_at: new Date(Date.now() + 60_000).toISOString() } }),
+    removeDenyEntry: () => h.call('DELETE', `/v1/deny-list/${deny.id}`),
+  }
+  for (const op of OPERATIONS) {
+    const sample = samples[op.id]
+    t.ok(sample, `${op.id} has a sample request`)
+    if (!sample) continue
+    const a = await sample()
+    t.equal(a.status, op.response.status, `${op.id}: ${op.response.status}`)
+    const errors = [...Value.Errors(op.response.schema, a.json)].map((e) => `${e.path} ${e.message}`)
+    t.same(errors, [], `${op.id}: the answer matches its documented schema`)
+    if (op.id === 'reportUsage') t.ok(a.json.items[0]?.requests >= 1, 'the sample has data')
+  }
+})
+
+t.test('/docs: Swagger UI from the package, no CDN', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const page = await h.call('GET', '/docs', { auth: null })
+  t.equal(page.status, 200)
+  t.match(page.headers['content-type'], /^text\/html/)
+  t.match(page.headers['content-security-policy'], /script-src 'self'/)
+  t.match(page.text, /<div id="swagger-ui">/)
+  t.notMatch(page.text, /https?:\/\//, 'nothing is loaded from elsewhere')
+  t.notMatch(page.text, /<script>/, 'no inline script (the CSP forbids it)')
+  const assets = [...page.text.matchAll(/(?:src|href)="([^"]+)"/g)].map((m) => m[1] as string)
+  t.ok(assets.length >= 4, 'the page names its assets')
+  for (const asset of assets) {
+    const a = await h.call('GET', asset, { auth: null })
+    t.equal(a.status, 200, `${asset} is served`)
+    const file = asset.replace(/^\/docs\//, '')
+    if (file !== 'init.js') t.equal(a.text, readFileSync(join(DIST, file), 'utf8').toString(), `${asset} is the package's own file`)
+  }
+  const init = await h.call('GET', '/docs/init.js', { auth: null })
+  t.match(init.text, /url: '\/openapi\.json'/)
+  t.match(init.text, /persistAuthorization: true/, 'the token typed into Authorize survives a reload')
+  t.equal((await h.call('GET', '/docs/package.json', { auth: null })).status, 404, 'only the listed assets')
+  t.equal((await h.call('GET', '/docs/..%2fpackage.json', { auth: null })).status, 404)
+  t.equal((await h.call('HEAD', '/docs', { auth: null })).status, 200)
+})

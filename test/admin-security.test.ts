@@ -1,0 +1,81 @@
+// The shared security suite: every operation of the table, on both stores, refuses a missing,
+// wrong, non-admin and revoked credential, malformed JSON, an oversized body and a body that is
+// not JSON; each refusal is the JSON error of the catalogue, documented for that operation in
+// the OpenAPI document, and writes no audit row.
+import t from 'tap'
+import type { Test } from 'tap'
+import { openApiDocument, operationErrors } from '../admin/openapi.ts'
+import { OPERATIONS } from '../admin/routes/index.ts'
+import { ERRORS } from '../core/errors.ts'
+import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
+import type { Answer } from './helpers/gateway.ts'
+import { forEachStore } from './helpers/stores.ts'
+
+const DOC = openApiDocument(OPERATIONS, { version: 'test' })
+
+function documented(t: Test, op: (typeof OPERATIONS)[number], a: Answer, what: string): void {
+  const code = a.json?.error?.code as keyof typeof ERRORS
+  t.ok(operationErrors(op).includes(code), `${what}: ${code} is one of ${op.id}'s errors`)
+  const response = (DOC.paths[op.path] as any)[op.method.toLowerCase()].responses[String(a.status)]
+  t.ok(response?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `${what}: ${a.status} ${code} is in the OpenAPI document`)
+}
+
+function refused(t: Test, a: Answer, status: number, code: string, what: string): void {
+  t.equal(a.status, status, `${what}: status`)
+  t.equal(a.json?.error?.code, code, `${what}: code`)
+  t.match(a.headers['content-type'], /^application\/json/, `${what}: JSON`)
+  t.equal(a.json?.error?.request_id, a.headers['x-request-id'], `${what}: request id in body and header`)
+  t.notMatch(a.text, /\n\s+at |node:internal|\.ts:\d+/, `${what}: no stack trace`)
+}
+
+async function pathFor(h: AdminHarness, path: string): Promise<string> {
+  if (!path.includes('{id}')) return path
+  if (path.startsWith('/v1/deny-list')) {
+    const e = await h.denyList.add({ cidr: `198.51.100.${Math.floor(Math.random() * 250)}/32` }, { actor: 'test' }).catch(async () => (await h.denyList.list())[0]!)
+    return path.replace('{id}', e.id)
+  }
+  const k = await h.keys.create({ name: 'target', type: 'user' }, { actor: 'test' })
+  return path.replace('{id}', k.record.id)
+}
+
+await forEachStore(t, async (t, store) => {
+  const h = await startAdmin(t, store.db)
+  const user = await h.keys.create({ name: 'not admin', type: 'user', scopes: ['orders:read', 'orders:*', 'admin:read', 'admins'] }, { actor: 'test' })
+  const revoked = await h.keys.create({ name: 'old admin', type: 'system', scopes: ['admin'] }, { actor: 'test' })
+  await h.keys.revoke(revoked.record.id, 'left', { actor: 'test' })
+  const before = await h.auditRows()
+
+  for (const op of OPERATIONS) {
+    await t.test(`${op.method} ${op.path}`, async (t) => {
+      const path = await pathFor(h, op.path)
+      const rowsBefore = await h.auditRows()
+      const body = op.body ? { probe: true } : undefined
+      const cases: Array<[string, Promise<Answer>, number, string]> = [
+        ['no credential', h.call(op.method, path, { auth: null, ...(body ? { body } : {}) }), 401, 'unauthorized'],
+        ['wrong token', h.call(op.method, path, { auth: BOOTSTRAP_TOKEN + 'x' }), 401, 'unauthorized'],
+        ['malformed credential', h.call(op.method, path, { auth: 'kg_not-a-key' }), 401, 'unauthorized'],
+        ['non-admin key', h.call(op.method, path, { auth: user.key }), 403, 'forbidden'],
+        ['revoked admin key', h.call(op.method, path, { auth: revoked.key }), 401, 'unauthorized'],
+        ['malformed JSON', h.call(op.method, path, { raw: '{"name": ', headers: { 'content-type': 'application/json' } }), 400, 'bad_request'],
+        ['oversized body', h.call(op.method, path, { raw: JSON.stringify('a'.repeat(MAX_BODY_BYTES)), headers: { 'content-type': 'application/json' } }), 413, 'payload_too_large'],
+        ['wrong content type', h.call(op.method, path, { raw: 'name=x', headers: { 'content-type': 'application/x-www-form-urlencoded' } }), 415, 'unsupported_media_type'],
+      ]
+      for (const [what, pending, status, code] of cases) {
+        const a = await pending
+        refused(t, a, status, code, what)
+        documented(t, op, a, what)
+        if (status === 401) t.match(a.headers['www-authenticate'], /^Bearer realm="keygate-admin"/, `${what}: WWW-Authenticate`)
+      }
+      const basic = await h.call(op.method, path, { headers: { authorization: `Basic ${Buffer.from('admin:admin').toString('base64')}` }, auth: null })
+      refused(t, basic, 401, 'unauthorized', 'Basic credentials')
+      t.equal(await h.auditRows(), rowsBefore, 'no refusal wrote an audit row')
+      if (op.method === 'GET') {
+        const ok = await h.call(op.method, path, { auth: BOOTSTRAP_TOKEN })
+        t.equal(ok.status, op.response.status, 'the bootstrap token is accepted')
+        const asKey = await h.call(op.method, path)
+        t.equal(asKey.status, op.response.status, 'an admin key is accepted')
+      }
+    })
+  }
+  t.ok((await h.auditRows()) >= before, 'audit rows only from the set-up of each case')
+})

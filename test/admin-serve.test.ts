@@ -1,0 +1,161 @@
+// `keygate serve` as a real process. The README walk-through on the embedded store: take the
+// printed admin key, open /docs, create a key through the API, use it through the gateway,
+// revoke it through the API, and the next gateway request gets a 401 JSON error. CLI parity:
+// every api-key command against the running server through its admin API (the store itself is
+// locked), and the reasons when that cannot work. Then --workers on PostgreSQL: a revocation
+// through the primary's admin API reaches every gateway worker at once.
+import t from 'tap'
+import { createHash, randomUUID } from 'node:crypto'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { request } from 'undici'
+import { runCli } from './helpers/cli.ts'
+import { serve as startKeygate } from './helpers/serve.ts'
+import { answerOf, startUpstream } from './helpers/gateway.ts'
+import { freshDatabase } from './helpers/stores.ts'
+
+const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
+
+function isolated(extra: Record<string, string | undefined>): Record<string, string | undefined> {
+  return { DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_TOKEN: undefined, KEYGATE_ADMIN_URL: undefined, REDIS_URL: undefined, ...extra }
+}
+
+async function call(url: string, options: { method?: string; token?: string; body?: unknown; headers?: Record<string, string> } = {}) {
+  const headers: Record<string, string> = { ...(options.headers ?? {}) }
+  if (options.token) headers.authorization = `Bearer ${options.token}`
+  if (options.body !== undefined) headers['content-type'] = 'application/json'
+  return answerOf(await request(url, { method: (options.method ?? 'GET') as 'GET', headers, ...(options.body !== undefined ? { body: JSON.stringify(options.body) } : {}), reset: true }))
+}
+
+t.test('the README walk-through and the CLI against a running server (embedded store)', async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-serve-'))
+  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd })
+  const printed = /created the first admin key \(id (\w+)\)[^\n]*\n(kg_\S+)/.exec(serve.stderr())
+  t.ok(printed, 'the first admin key is printed once on stderr')
+  const [, adminId, adminKey] = printed as unknown as [string, string, string]
+
+  const docs = await call(`${serve.admin}/docs`)
+  t.equal(docs.status, 200, '/docs answers')
+  t.match(docs.text, /swagger-ui-bundle\.js/)
+  t.equal((await call(`${serve.admin}/docs/swagger-ui-bundle.js`)).status, 200, 'with its assets')
+  t.equal((await call(`${serve.admin}/openapi.json`)).json.openapi, '3.1.0')
+
+  const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: adminKey, body: { name: 'walk-through', type: 'service', scopes: ['demo'] } })
+  t.equal(created.status, 201, 'a key is created with the printed admin key')
+  const key = created.json.key as string
+  const through = await call(`${serve.gateway}/hello`, { headers: { authorization: `Bearer ${key}` } })
+  t.equal(through.status, 200, 'the key works through the gateway')
+  t.equal(through.json.url, '/hello')
+  t.equal(through.json.headers['x-keygate-key-id'], created.json.id, 'the upstream learns whose key it was')
+  t.notOk(through.json.headers.authorization, 'the credential is not passed upstream')
+  const revoked = await call(`${serve.admin}/v1/keys/${created.json.id}/revoke`, { method: 'POST', token: adminKey, body: { reason: 'walk-through' } })
+  t.equal(revoked.status, 200, 'revoked through the API')
+  const refused = await call(`${serve.gateway}/hello`, { headers: { authorization: `Bearer ${key}` } })
+  t.equal(refused.status, 401, 'the next gateway request is refused')
+  t.match(refused.headers['content-type'], /^application\/json/)
+  t.equal(refused.json.error.code, 'key_invalid')
+  t.ok(refused.json.error.request_id)
+
+  // The CLI beside the server: the store is locked, and the message says what to do.
+  const locked = await runCli(['api-key', 'list', '--json'], { env, cwd })
+  t.equal(locked.code, 1)
+  t.equal(locked.json().error.code, 'store_locked')
+  t.match(locked.stderr, /KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN/)
+
+  const remote = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store'), KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: adminKey })
+  const cli = (args: string[], input?: string) => runCli(['api-key', ...args], { env: remote, cwd, ...(input !== undefined ? { input } : {}) })
+  const made = await cli(['create', '--name', 'from the cli', '--type', 'user', '--scopes', 'demo', '--owner', 'ops', '--json'])
+  t.equal(made.code, 0, made.stderr)
+  const m = made.json()
+  t.match(m, { name: 'from the cli', type: 'user', scopes: ['demo'], owner: 'ops' })
+  t.match(m.key, /^kg_/)
+  t.equal((await call(`${serve.gateway}/x`, { headers: { authorization: `Bearer ${m.key}` } })).status, 200, 'a key made by the remote CLI works at the gateway')
+  const human = await cli(['create', '--name', 'human', '--type', 'integration'])
+  t.equal(human.code, 0)
+  t.match(human.stdout, /Created integration key \w+ \(human\)\. The key is shown once; store it now:\nkg_/)
+  const list = await cli(['list', '--owner', 'ops', '--json'])
+  t.equal(list.code, 0)
+  t.same(list.json().items.map((k: { id: string }) => k.id), [m.id])
+  const table = await cli(['list', '--limit', '1'])
+  t.match(table.stdout, /^ID\s+NAME\s+TYPE/)
+  t.match(table.stdout, /more: --cursor \S+/)
+  t.equal((await cli(['list', '--all', '--json'])).json().items.length, 4, 'every key, page after page')
+  t.equal((await cli(['get', m.id, '--json'])).json().id, m.id)
+  const updated = await cli(['update', m.id, '--name', 'renamed', '--rate-limit', '10/1s', '--json'])
+  t.match(updated.json(), { name: 'renamed', rate_limit: { limit: 10, window_s: 1 } })
+  const valid = await cli(['validate', '-', '--json'], `${m.key}\n`)
+  t.equal(valid.code, 0)
+  t.equal(valid.json().key.id, m.id)
+  const stats = await cli(['stats', '--json'])
+  t.match(stats.json(), { total: 4, by_status: { active: 3, revoked: 1 } })
+  const legacy = randomUUID()
+  const file = join(cwd, 'legacy.json')
+  writeFileSync(file, JSON.stringify([{ key_hash: createHash('sha256').update(legacy).digest('hex'), name: 'old one' }]))
+  const imported = await cli(['import', file, '--type', 'service', '--json'])
+  t.equal(imported.code, 0, imported.stderr)
+  t.equal(imported.json().imported, 1)
+  t.equal((await call(`${serve.gateway}/x`, { headers: { 'x-api-key': legacy } })).status, 200, 'an imported legacy key works at the gateway')
+  const rotated = await cli(['rotate', m.id, '--force', '--json'])
+  t.equal(rotated.code, 0)
+  t.equal(rotated.json().previous.status, 'revoked')
+  t.equal((await call(`${serve.gateway}/x`, { headers: { authorization: `Bearer ${m.key}` } })).status, 401, 'the rotated-out key stops at the gateway at once')
+  const revokedByCli = await cli(['revoke', rotated.json().id, '--reason', 'done'])
+  t.equal(revokedByCli.code, 0)
+  t.match(revokedByCli.stdout, /^Revoked /)
+  t.equal((await call(`${serve.gateway}/x`, { headers: { authorization: `Bearer ${rotated.json().key}` } })).status, 401, 'revoked by the remote CLI: refused at once')
+  const invalid = await cli(['validate', m.key])
+  t.equal(invalid.code, 1, 'a refused key exits 1')
+  t.match(invalid.stderr, /key refused: key_revoked/)
+  const missing = await cli(['get', 'nosuchkey123', '--json'])
+  t.equal(missing.code, 1)
+  t.equal(missing.json().error.code, 'key_not_found')
+  const refusedUpdate = await cli(['update', m.id, '--name', 'x'])
+  t.equal(refusedUpdate.code, 1)
+  t.match(refusedUpdate.stderr, /key_not_active|is revoked/)
+  const audit = await call(`${serve.admin}/v1/keys/${m.id}/audit`, { token: adminKey })
+  t.ok(audit.json.items.every((r: { actor: string }) => r.actor === `key:${adminId}`), 'the remote CLI acts as the admin key it was given')
+
+  const noToken = await runCli(['api-key', 'list'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: undefined }, cwd })
+  t.equal(noToken.code, 1)
+  t.match(noToken.stderr, /KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not/)
+  const wrong = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: 'not-the-admin-token' }, cwd })
+  t.equal(wrong.code, 1)
+  t.equal(wrong.json().error.code, 'unauthorized')
+  const down = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1' }, cwd })
+  t.equal(down.code, 1)
+  t.equal(down.json().error.code, 'admin_unavailable')
+  t.match(down.stderr, /cannot reach the admin API at http:\/\/127\.0\.0\.1:1/)
+  const notAdmin = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: serve.gateway }, cwd })
+  t.equal(notAdmin.code, 1, 'the gateway port is not the admin API')
+
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+  const logs = serve.stdout() + serve.stderr()
+  for (const plaintext of [key, m.key, rotated.json().key, legacy]) t.notOk(logs.includes(plaintext), 'no plaintext key in the server output')
+  t.equal(serve.stderr().split(adminKey).length - 1, 1, 'the admin key is printed exactly once')
+})
+
+t.test('--workers on PostgreSQL: the primary owns the admin API; changes reach every worker at once', async (t) => {
+  const url = await freshDatabase(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
+  const token = `bootstrap-${randomUUID()}`
+  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  t.notMatch(serve.stderr(), /created the first admin key/, 'with a bootstrap token no admin key is made')
+  const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token, body: { name: 'worker key', type: 'user' } })
+  t.equal(created.status, 201)
+  const auth = { authorization: `Bearer ${created.json.key}` }
+  // New connections go round-robin over the workers; each caches the key.
+  for (let i = 0; i < 8; i++) t.equal((await call(`${serve.gateway}/w${i}`, { headers: auth })).status, 200)
+  const workers = new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0]))
+  t.equal(workers.size, 2, 'both workers served the key (request ids carry a per-process prefix)')
+  t.equal((await call(`${serve.admin}/v1/keys/${created.json.id}/revoke`, { method: 'POST', token })).status, 200)
+  for (let i = 0; i < 8; i++) t.equal((await call(`${serve.gateway}/after${i}`, { headers: auth })).status, 401, 'refused by every worker on the next request')
+  const deny = await call(`${serve.admin}/v1/deny-list`, { method: 'POST', token, body: { cidr: '127.0.0.0/8' } })
+  t.equal(deny.status, 201)
+  for (let i = 0; i < 4; i++) t.equal((await call(`${serve.gateway}/d${i}`)).status, 403, 'a deny entry applies on every worker at once')
+  t.equal(await serve.stop(), 0)
+})

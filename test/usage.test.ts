@@ -1,0 +1,62 @@
+// The usage recorder on both stores: counts per key and hour, rejections by code, flushes that
+// add up across recorders, last_used_at, and a failed flush keeping its counts for the next one.
+import t from 'tap'
+import { UsageRecorder, UsageReports, BUCKET_MS } from '../core/usage.ts'
+import { forEachStore, testServices, T0 } from './helpers/stores.ts'
+
+await forEachStore(t, async (t, store) => {
+  const { keys } = testServices(store.db)
+  const a = await keys.create({ name: 'a', type: 'user' }, { actor: 'test' })
+  const b = await keys.create({ name: 'b', type: 'service' }, { actor: 'test' })
+  const reports = new UsageReports(store.db)
+  const at = T0.getTime() + 10 * BUCKET_MS
+  const range = { from: new Date(at), to: new Date(at + 3 * BUCKET_MS) }
+
+  await t.test('counts, flushes, adds up', async (t) => {
+    const one = new UsageRecorder({ db: store.db })
+    const two = new UsageRecorder({ db: store.db })
+    for (let i = 0; i < 3; i++) one.count(a.record.id, 'forwarded', at + 1000 + i)
+    one.count(a.record.id, 'rate_limited', at + 2000)
+    one.count(a.record.id, 'forwarded', at + BUCKET_MS + 5)
+    one.count(undefined, 'key_invalid', at + 10)
+    two.count(b.record.id, 'forwarded', at + 50)
+    two.count(undefined, 'key_invalid', at + BUCKET_MS)
+    two.count(undefined, 'key_missing', at + BUCKET_MS)
+    await Promise.all([one.flush(), two.flush()])
+    await one.flush()
+    t.same(await reports.byKey(range), [
+      { keyId: a.record.id, name: 'a', type: 'user', requests: 5, rejected: 1 },
+      { keyId: b.record.id, name: 'b', type: 'service', requests: 1, rejected: 0 },
+    ])
+    t.same((await reports.buckets(a.record.id, range)).map((x) => [x.start.getTime(), x.requests, x.rejected]), [
+      [at, 4, 1],
+      [at + BUCKET_MS, 1, 0],
+    ], 'hourly buckets')
+    t.same(await reports.rejections(range), [
+      { reason: 'key_invalid', count: 2 },
+      { reason: 'key_missing', count: 1 },
+      { reason: 'rate_limited', count: 1 },
+    ], 'by count, then by code')
+    t.equal((await keys.get(a.record.id)).lastUsedAt?.getTime(), at + BUCKET_MS + 5, 'last_used_at is the latest request flushed')
+    one.count(a.record.id, 'forwarded', at + 7)
+    await one.close()
+    t.equal((await reports.byKey(range, { keyId: a.record.id }))[0]?.requests, 6, 'close flushes; counts add to the same rows')
+    t.same(await reports.byKey({ from: new Date(at + 2 * BUCKET_MS), to: new Date(at + 3 * BUCKET_MS) }), [], 'nothing outside the range')
+    t.equal((await reports.byKey({ from: new Date(at + BUCKET_MS - 1), to: new Date(at + BUCKET_MS + 1) }))[0]?.requests, 6, 'every hour the range touches counts, the one holding from included')
+    t.equal((await reports.byKey({ from: new Date(at + 1), to: new Date(at + BUCKET_MS) }))[0]?.requests, 5, 'the hour starting at to is not')
+  })
+
+  await t.test('a failed flush keeps its counts', async (t) => {
+    const r = new UsageRecorder({ db: store.db })
+    const later = at + 20 * BUCKET_MS
+    const window = { from: new Date(later), to: new Date(later + BUCKET_MS) }
+    r.count(b.record.id, 'forwarded', later)
+    await store.db.exec('ALTER TABLE api_key_usage RENAME TO api_key_usage_away')
+    await r.flush()
+    r.count(b.record.id, 'forwarded', later + 1)
+    await store.db.exec('ALTER TABLE api_key_usage_away RENAME TO api_key_usage')
+    t.same(await reports.byKey(window), [], 'nothing was written')
+    await r.flush()
+    t.equal((await reports.byKey(window))[0]?.requests, 2, 'the next flush writes both counts')
+  })
+})
