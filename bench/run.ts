@@ -26,11 +26,16 @@ process.on('exit', () => {
   for (const c of children) c.kill('SIGKILL')
 })
 
-function forkServer(file: string, args: string[] = []): Promise<number> {
+interface Server {
+  port: number
+  pid: number
+}
+
+function forkServer(file: string, args: string[] = []): Promise<Server> {
   const child = fork(here(file), args, { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] })
   children.push(child)
   return new Promise((resolve, reject) => {
-    child.once('message', (m: { port: number }) => resolve(m.port))
+    child.once('message', (m: { port: number }) => resolve({ port: m.port, pid: child.pid as number }))
     child.once('exit', (code) => reject(new Error(`${file} exited with ${code}`)))
   })
 }
@@ -40,7 +45,7 @@ function cli(args: string[], env: Record<string, string>): string {
 }
 
 /** Starts `keygate serve` and resolves with its gateway port once it listens. */
-function startKeygate(env: Record<string, string>): Promise<number> {
+function startKeygate(env: Record<string, string>): Promise<Server> {
   const child = spawn(process.execPath, [KEYGATE, 'serve'], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] })
   children.push(child)
   return new Promise((resolve, reject) => {
@@ -48,7 +53,7 @@ function startKeygate(env: Record<string, string>): Promise<number> {
     child.stdout.setEncoding('utf8').on('data', (d: string) => {
       buffer += d
       const m = /"msg":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
-      if (m) resolve(Number(m[1]))
+      if (m) resolve({ port: Number(m[1]), pid: child.pid as number })
     })
     child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))
   })
@@ -72,6 +77,14 @@ function load(url: string, headers: Record<string, string>, seconds: number, rat
     child.once('exit', (code) => (code === 0 ? resolve(JSON.parse(out) as Load) : reject(new Error(`load exited with ${code}`))))
   })
 }
+
+/** CPU seconds (user + system) a process has used so far, from /proc (Linux). */
+function cpuSeconds(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')
+  // After the command: state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS
+}
+const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
 
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b)
@@ -105,8 +118,10 @@ function createKey(env: Record<string, string>): string {
 const work = mkdtempSync(join(tmpdir(), 'keygate-bench-'))
 process.on('exit', () => rmSync(work, { recursive: true, force: true }))
 
-const upstream = await forkServer('./upstream.ts')
-const baseline = await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`])
+const upstreamServer = await forkServer('./upstream.ts')
+const upstream = upstreamServer.port
+const baselineServer = await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`])
+const baseline = baselineServer.port
 
 const memDir = join(work, 'memory')
 const redisDir = join(work, 'redis')
@@ -120,8 +135,10 @@ const unknownKey = (() => {
   const made = createKey(keygateEnv(mkdirp(join(work, 'other')), upstream))
   return made
 })()
-const keygate = await startKeygate(memEnv)
-const keygateRedis = await startKeygate(redisEnv)
+const keygateServer = await startKeygate(memEnv)
+const keygateRedisServer = await startKeygate(redisEnv)
+const keygate = keygateServer.port
+const keygateRedis = keygateRedisServer.port
 
 function mkdirp(dir: string): string {
   execFileSync('mkdir', ['-p', dir])
@@ -130,11 +147,11 @@ function mkdirp(dir: string): string {
 
 const xff = { 'x-forwarded-for': '203.0.113.9' }
 const scenarios = [
-  { name: 'direct (upstream alone)', url: `http://127.0.0.1:${upstream}/`, headers: {} },
-  { name: 'baseline (bare undici proxy)', url: `http://127.0.0.1:${baseline}/`, headers: {} },
-  { name: 'keygate, valid cached key', url: `http://127.0.0.1:${keygate}/`, headers: { ...xff, authorization: `Bearer ${memKey}` } },
-  { name: 'keygate, rejecting bad keys', url: `http://127.0.0.1:${keygate}/`, headers: { ...xff, authorization: `Bearer ${unknownKey}` } },
-  { name: 'keygate, Redis limiter', url: `http://127.0.0.1:${keygateRedis}/`, headers: { ...xff, authorization: `Bearer ${redisKey}` } },
+  { name: 'direct (upstream alone)', url: `http://127.0.0.1:${upstream}/`, headers: {}, pid: upstreamServer.pid },
+  { name: 'baseline (bare undici proxy)', url: `http://127.0.0.1:${baseline}/`, headers: {}, pid: baselineServer.pid },
+  { name: 'keygate, valid cached key', url: `http://127.0.0.1:${keygate}/`, headers: { ...xff, authorization: `Bearer ${memKey}` }, pid: keygateServer.pid },
+  { name: 'keygate, rejecting bad keys', url: `http://127.0.0.1:${keygate}/`, headers: { ...xff, authorization: `Bearer ${unknownKey}` }, pid: keygateServer.pid },
+  { name: 'keygate, Redis limiter', url: `http://127.0.0.1:${keygateRedis}/`, headers: { ...xff, authorization: `Bearer ${redisKey}` }, pid: keygateRedisServer.pid },
 ] as const
 
 // Warm-up: JIT, connection pools, the key caches.
@@ -145,11 +162,14 @@ const fixedRate = Math.max(500, Math.round((capacity.rps * 0.5) / 100) * 100)
 const rps: Record<string, number[]> = {}
 const p50: Record<string, number[]> = {}
 const p99: Record<string, number[]> = {}
+const cpu: Record<string, number[]> = {}
 const statuses: Record<string, Record<string, number>> = {}
 for (let round = 0; round < ROUNDS; round++) {
   for (const s of scenarios) {
     const max = await load(s.url, s.headers, SECONDS)
+    const cpuBefore = cpuSeconds(s.pid)
     const paced = await load(s.url, s.headers, SECONDS, fixedRate)
+    ;(cpu[s.name] ??= []).push(((cpuSeconds(s.pid) - cpuBefore) * 1e6) / Math.max(1, paced.total))
     ;(rps[s.name] ??= []).push(max.rps)
     ;(p50[s.name] ??= []).push(paced.p50)
     ;(p99[s.name] ??= []).push(paced.p99)
@@ -168,7 +188,8 @@ const row = (name: string) => {
   const r = median(rps[name] as number[])
   const ratio = r / median(rps[base] as number[])
   const d99 = median(p99[name] as number[]) - median(p99[base] as number[])
-  return `| ${name} | ${Math.round(r)} | ${median(p50[name] as number[]).toFixed(2)} | ${median(p99[name] as number[]).toFixed(2)} | ${name === base ? '1.00' : ratio.toFixed(2)} | ${name === base ? '' : (d99 >= 0 ? '+' : '') + d99.toFixed(2)} | ${Object.entries(statuses[name] ?? {}).map(([c, n]) => `${c}×${n}`).join(' ')} |`
+  const c = median(cpu[name] as number[])
+  return `| ${name} | ${Math.round(r)} | ${median(p50[name] as number[]).toFixed(2)} | ${median(p99[name] as number[]).toFixed(2)} | ${c.toFixed(1)} | ${name === base ? '1.00' : ratio.toFixed(2)} | ${name === base ? '' : (d99 >= 0 ? '+' : '') + d99.toFixed(2)} | ${name === base ? '1.00' : (c / median(cpu[base] as number[])).toFixed(2)} | ${Object.entries(statuses[name] ?? {}).map(([c, n]) => `${c}×${n}`).join(' ')} |`
 }
 const ratio = (name: string) => median(rps[name] as number[]) / median(rps[base] as number[])
 const p99Delta = (name: string) => median(p99[name] as number[]) - median(p99[base] as number[])
@@ -184,9 +205,10 @@ const checks = [
 const report = [
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${ROUNDS} rounds, medians; ${CONNECTIONS} connections.`,
   `req/s: as fast as each answers for ${SECONDS} s; p50/p99 (ms): a fixed ${fixedRate} req/s (half the baseline's capacity), so they show the cost per request, not queueing.`,
+  `CPU µs/req: user + system CPU of the measured server process (not the upstream, not Redis) per request during the fixed-rate run; it depends far less on what else the machine is doing than req/s does.`,
   '',
-  '| scenario | req/s | p50 ms | p99 ms | req/s vs baseline | p99 vs baseline (ms) | statuses |',
-  '| --- | --- | --- | --- | --- | --- | --- |',
+  '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs baseline | p99 vs baseline (ms) | CPU vs baseline | statuses |',
+  '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ...scenarios.map((s) => row(s.name)),
   '',
   '| target | met | measured |',
