@@ -3,11 +3,10 @@
 // secret in the store, the audit details or the logs. Every answer of the fake is checked against
 // Gitea's swagger excerpt at the end.
 import t, { type Test } from 'tap'
-import net from 'node:net'
 import { GiteaTokenService, GITEA_SCOPES } from '../core/integrations/gitea.ts'
 import { FakeGitea, type RecordedResponse } from './helpers/fake-gitea.ts'
 import { answerKinds, checkAgainstSwagger } from './helpers/gitea-swagger.ts'
-import { capturedLogs, dumpStore, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { capturedLogs, dumpStore, failingTransactions, freePort, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { forEachStore, rejection } from './helpers/stores.ts'
 
 const PASSWORD = 'alice-Secret-pw-1'
@@ -33,20 +32,12 @@ function env(url: string, extra: Record<string, string> = {}): Record<string, st
   return { GITEA_URL: url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: PASSWORD, ...extra }
 }
 
-async function closedPort(): Promise<number> {
-  const s = net.createServer()
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r))
-  const port = (s.address() as net.AddressInfo).port
-  await new Promise((r) => s.close(r))
-  return port
-}
-
 t.test('scope names are the ones Gitea accepts', async (t) => {
   t.equal(GITEA_SCOPES.length, 20)
   for (const s of ['all', 'public-only', 'read:repository', 'write:user', 'read:misc', 'write:activitypub']) t.ok(GITEA_SCOPES.includes(s), s)
 })
 
-forEachStore(t, async (t, store) => {
+await forEachStore(t, async (t, store) => {
   const fake = await fakeGitea(t)
   const deps = integrationDeps(store.db, env(fake.url))
   const gitea = new GiteaTokenService(deps)
@@ -173,7 +164,7 @@ forEachStore(t, async (t, store) => {
   })
 
   await t.test('unreachable, timeout', async (t) => {
-    const port = await closedPort()
+    const port = await freePort()
     const down = new GiteaTokenService(integrationDeps(store.db, env(`http://127.0.0.1:${port}`)))
     t.teardown(() => down.close())
     t.match(await rejection(down.list()), { code: 'gitea_unreachable', status: 502, message: new RegExp(`Gitea at http://127.0.0.1:${port} could not be reached \\(ECONNREFUSED\\)`) })

@@ -211,17 +211,7 @@ export class N8nKeyService {
     if ((await this.#remoteKeys()).some((k) => k.label === input.label)) {
       throw new KeygateError('n8n_key_exists', `n8n at ${http.baseUrl} already has an API key labelled ${JSON.stringify(input.label)}; labels name keys for delete, so they are kept unique`)
     }
-    const expiresAt = expires ? Math.floor(expires.getTime() / 1000) : null
-    const res = await this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } })
-    if (res.status === 400 && /scope/i.test(http.messageOf(res))) {
-      throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })
-    }
-    if (res.status !== 200) throw http.failure(`create the API key ${JSON.stringify(input.label)}`, res)
-    const data = (res.body as { data?: Record<string, unknown> } | null)?.data
-    const created = remoteKey(data)
-    const key = data?.rawApiKey
-    if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
-    http.secret(key)
+    const { created, key } = await this.#createDistinct(input, expires, allowed)
     const row: Row = {
       id: recordId('nk'),
       base_url: http.baseUrl,
@@ -256,6 +246,43 @@ export class N8nKeyService {
     })
     this.#deps.log.info('created an n8n API key', { record: row.id, remote_id: created.id, label: row.label, actor: actor.actor })
     return { ...toJson(row), key }
+  }
+
+  /**
+   * Creates the key in n8n, making sure it is not the twin of another. n8n signs a key as a JWT of
+   * the user, the issuer, the audience and the second it was made (and the expiry), so two keys of
+   * one user made in the same second are the same string: n8n refuses the second one ("There is
+   * already an entry with this name", 500), and a key deleted earlier in that second would be
+   * issued again and work again. Both are detected (the second by the hash keygate kept of the
+   * deleted key) and the creation is repeated in the next second.
+   */
+  async #createDistinct(input: CreateN8nKeyInput, expires: Date | null, allowed: string[]): Promise<{ created: N8nRemoteKey; key: string }> {
+    const { http } = this.#client(true)
+    const expiresAt = expires ? Math.floor(expires.getTime() / 1000) : null
+    for (let attempt = 1; ; attempt++) {
+      const again = async (why: string) => {
+        if (attempt === 3) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} issued a key identical to an earlier one three times (${why})`)
+        this.#deps.log.info('n8n issued a key identical to an earlier one made in the same second; creating it again', { why })
+        await new Promise((r) => setTimeout(r, 1100))
+      }
+      const res = await this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } })
+      if (res.status === 400 && /scope/i.test(http.messageOf(res))) {
+        throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })
+      }
+      if (res.status === 500 && /already an entry/i.test(http.messageOf(res))) {
+        await again('refused as a duplicate')
+        continue
+      }
+      if (res.status !== 200) throw http.failure(`create the API key ${JSON.stringify(input.label)}`, res)
+      const data = (res.body as { data?: Record<string, unknown> } | null)?.data
+      const created = remoteKey(data)
+      const key = data?.rawApiKey
+      if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
+      http.secret(key)
+      if ((await this.#rows('key_hash = $1', [secretHash(key)])).length === 0) return { created, key }
+      await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
+      await again('the same as a key keygate recorded before')
+    }
   }
 
   /** n8n's keys of the N8N_EMAIL user beside keygate's records for this instance. */

@@ -2,6 +2,7 @@
 // are kept for the no-secret checks, the services built over a test store, and a look at every
 // row of every table (the "dump" the no-secret checks search).
 import { execFileSync } from 'node:child_process'
+import net from 'node:net'
 import type { Test } from 'tap'
 import { loadConfig } from '../../config/load.ts'
 import type { Db } from '../../core/db.ts'
@@ -51,4 +52,13 @@ export function noSecrets(t: Test, text: string, secrets: readonly string[], whe
   t.ok(secrets.length > 0, `${where}: there are secrets to look for`)
   const found = secrets.filter((s) => s !== '' && text.includes(s))
   t.same(found.length, 0, `${where}: holds none of ${secrets.length} secrets`)
+}
+
+/** A loopback port nothing listens on (it was free a moment ago). */
+export async function freePort(): Promise<number> {
+  const s = net.createServer()
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r))
+  const port = (s.address() as net.AddressInfo).port
+  await new Promise((r) => s.close(r))
+  return port
 }
