@@ -24,7 +24,7 @@ export interface RunningN8n {
 }
 
 /** /healthz answers before the REST routes are mounted; /rest/settings answers once they are. */
-async function ready(url: string): Promise<boolean> {
+async function answers(url: string): Promise<boolean> {
   try {
     const res = await fetch(`${url}/rest/settings`, { signal: AbortSignal.timeout(2000) })
     await res.arrayBuffer()
@@ -66,12 +66,26 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
       clearTimeout(killer)
     }
   }
+  // Should the suite die before its teardown runs, n8n must not outlive it.
+  const orphanGuard = () => child.kill('SIGKILL')
+  process.once('exit', orphanGuard)
   t.teardown(async () => {
     await stop()
+    process.removeListener('exit', orphanGuard)
     rmSync(folder, { recursive: true, force: true })
   })
-  const deadline = Date.now() + (options.startTimeoutMs ?? 120_000)
-  while (!(await ready(url))) {
+  try {
+    return { url, ...(await ready(url, child, log, options.startTimeoutMs ?? 120_000)), stop, log }
+  } catch (err) {
+    await stop()
+    throw err
+  }
+}
+
+/** Waits until n8n answers, then sets up its owner with a fresh password. */
+async function ready(url: string, child: ChildProcess, log: () => string, timeoutMs: number): Promise<{ email: string; password: string }> {
+  const deadline = Date.now() + timeoutMs
+  while (!(await answers(url))) {
     if (child.exitCode !== null) throw new Error(`n8n exited during start-up (code ${child.exitCode}):\n${log().slice(-3000)}`)
     if (Date.now() > deadline) throw new Error(`n8n did not answer ${url}/rest/settings in time:\n${log().slice(-3000)}`)
     await new Promise((r) => setTimeout(r, 250))
@@ -84,7 +98,7 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
     body: JSON.stringify({ email, firstName: 'Keygate', lastName: 'Test', password }),
   })
   if (setup.status !== 200) throw new Error(`n8n owner setup answered ${setup.status}: ${(await setup.text()).slice(0, 300)}`)
-  return { url, email, password, stop, log }
+  return { email, password }
 }
 
 /** The n8n internal REST API as the owner (for the drift cases: changes behind keygate's back). */
