@@ -8,8 +8,11 @@
 #                                 user folder (empty, or a copy of the migrated template)
 #   .ci/n8n.sh template           prints a user folder whose SQLite migrations are already done,
 #                                 making it on first use (copy it; never run n8n in it)
-#   .ci/n8n.sh start              start n8n on a free loopback port in the background, wait until
-#                                 it answers; prints N8N_URL, N8N_PID and N8N_USER_FOLDER lines
+#   .ci/n8n.sh start              start n8n on a free loopback port in the background from a copy of
+#                                 the template, wait until it answers, and set up its owner when
+#                                 N8N_EMAIL and N8N_PASSWORD are set (upper case, digit, 8+
+#                                 characters); prints N8N_URL, N8N_PID and N8N_USER_FOLDER lines
+#                                 (stop it with kill N8N_PID)
 #
 # n8n 2.x does not install from the registry here, and 1.123.0 only with xlsx overridden
 # (its default source is a CDN that cannot be reached): see shared/integrations/N8N.md.
@@ -77,7 +80,7 @@ start_background() { # user folder; prints the port and pid lines
   local folder=$1 port pid
   port=$(free_port)
   mkdir -p "$folder"
-  "$0" run "$port" "$folder" >"$folder/n8n.log" 2>&1 &
+  bash "$0" run "$port" "$folder" >"$folder/n8n.log" 2>&1 &
   pid=$!
   for _ in $(seq 180); do
     if healthy "$port" >/dev/null 2>&1; then
@@ -126,7 +129,18 @@ case "${1:-}" in
     folder=$(mktemp -d "${TMPDIR:-/tmp}/keygate-n8n.XXXXXX")
     cp -a "$tpl/." "$folder/"
     rm -f "$folder/.ready"
-    start_background "$folder"
+    out=$(start_background "$folder")
+    echo "$out"
+    if [ -n "${N8N_EMAIL:-}" ] && [ -n "${N8N_PASSWORD:-}" ]; then
+      url=$(sed -n 's/^N8N_URL=//p' <<<"$out")
+      node -e '
+        const [url, email, password] = process.argv.slice(1)
+        fetch(`${url}/rest/owner/setup`, { method: "POST", headers: { "content-type": "application/json" },
+          body: JSON.stringify({ email, firstName: "keygate", lastName: "owner", password }) })
+          .then(async (r) => { if (r.status !== 200) { console.error(`n8n.sh: owner setup answered ${r.status}`); process.exit(1) } })
+      ' "$url" "$N8N_EMAIL" "$N8N_PASSWORD"
+      echo "n8n.sh: owner $N8N_EMAIL set up" >&2
+    fi
     ;;
   *) echo "usage: .ci/n8n.sh install | run PORT USER_FOLDER | template | start" >&2; exit 2 ;;
 esac
