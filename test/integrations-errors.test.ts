@@ -81,6 +81,9 @@ t.test('the shared client', async (t) => {
   client.secret('hunter2-secret')
   t.equal(client.redact('the password hunter2-secret was\nwrong'), 'the password [redacted] was wrong')
   t.equal(client.redact('x'.repeat(400)).length, 300)
+  for (let i = 0; i < 40; i++) client.secret(`verified-token-${i}`, { transient: true })
+  t.equal(client.redact('verified-token-39 hunter2-secret'), '[redacted] [redacted]', 'the latest passing secrets and the own credentials are cut')
+  t.equal(client.redact('verified-token-0'), 'verified-token-0', 'passing secrets are not kept without bound')
 })
 
 t.test('n8n: refused, rate-limited and odd logins', async (t) => {

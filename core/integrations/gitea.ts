@@ -183,7 +183,7 @@ export class GiteaTokenService {
     if (!created || typeof token !== 'string' || token === '') {
       throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token creation without a token id and secret`)
     }
-    http.secret(token)
+    http.secret(token, { transient: true })
     const row: Row = {
       id: recordId('gt'),
       base_url: http.baseUrl,
@@ -305,7 +305,7 @@ export class GiteaTokenService {
     const [row] = await this.#rows('token_hash = $1', [secretHash(secret)])
     const record = row ? toJson(row) : null
     if (!TOKEN_SHAPE.test(secret)) return { valid: false, reason: 'malformed', record }
-    http.secret(secret)
+    http.secret(secret, { transient: true })
     const res = await http.call('GET', '/api/v1/user', { headers: { authorization: `token ${secret}` } })
     if (res.status === 401) return { valid: false, reason: 'refused', record }
     if (res.status === 403) {

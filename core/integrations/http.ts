@@ -11,6 +11,7 @@ export const SERVICE_LABEL: Record<ServiceName, string> = { gitea: 'Gitea', n8n:
 
 const MAX_BODY_BYTES = 4 * 1024 * 1024
 const MAX_MESSAGE = 300
+const MAX_TRANSIENT = 16
 
 export interface HttpResponse {
   status: number
@@ -38,7 +39,10 @@ export class IntegrationHttp {
   readonly timeoutMs: number
   readonly #base: URL
   readonly #agent: Agent
+  /** Credentials of the client itself (password, Basic header, session cookie): kept for its life. */
   readonly #secrets = new Set<string>()
+  /** Secrets passing through (tokens created or verified): only the latest few, so the set stays small. */
+  #transient: string[] = []
 
   constructor(options: { service: ServiceName; url: string; timeoutMs: number }) {
     this.service = options.service
@@ -51,15 +55,21 @@ export class IntegrationHttp {
     this.#agent = new Agent({ connect: { timeout: options.timeoutMs }, keepAliveTimeout: 4_000 })
   }
 
-  /** Remembers a secret, so that `redact` cuts it from any text passed on. */
-  secret(value: string | undefined): void {
-    if (value && value.length >= 4) this.#secrets.add(value)
+  /**
+   * Remembers a secret, so that `redact` cuts it from any text passed on. A `transient` one (a
+   * token on its way to the caller) is kept only among the latest few: a long-running admin
+   * process verifying many tokens must not grow this list without bound.
+   */
+  secret(value: string | undefined, options: { transient?: boolean } = {}): void {
+    if (!value || value.length < 4) return
+    if (!options.transient) this.#secrets.add(value)
+    else if (!this.#transient.includes(value)) this.#transient = [value, ...this.#transient].slice(0, MAX_TRANSIENT)
   }
 
   /** `text` without any secret this client knows, shortened to one readable line. */
   redact(text: string): string {
     let out = text
-    for (const s of this.#secrets) out = out.split(s).join('[redacted]')
+    for (const s of [...this.#secrets, ...this.#transient]) out = out.split(s).join('[redacted]')
     out = out.replace(/\s+/g, ' ').trim()
     return out.length > MAX_MESSAGE ? out.slice(0, MAX_MESSAGE - 3) + '...' : out
   }

@@ -278,7 +278,7 @@ export class N8nKeyService {
       const created = remoteKey(data)
       const key = data?.rawApiKey
       if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
-      http.secret(key)
+      http.secret(key, { transient: true })
       if ((await this.#rows('key_hash = $1', [secretHash(key)])).length === 0) return { created, key }
       await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
       await again('the same as a key keygate recorded before')
@@ -333,7 +333,7 @@ export class N8nKeyService {
     const [row] = await this.#rows('key_hash = $1', [secretHash(secret)])
     const record = row ? toJson(row) : null
     if (!KEY_SHAPE.test(secret)) return { valid: false, reason: 'malformed', record }
-    http.secret(secret)
+    http.secret(secret, { transient: true })
     const res = await http.call('GET', '/api/v1/workflows', { headers: { 'x-n8n-api-key': secret }, query: { limit: 1 } })
     if (res.status === 401) return { valid: false, reason: 'refused', record }
     if (res.status === 403) return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
