@@ -30,7 +30,7 @@ export async function dumpStore(store: Store): Promise<string> {
     const rows = await store.db.query(`SELECT * FROM ${table_name}`)
     parts.push(`${table_name}: ${JSON.stringify(rows, (_k, v: unknown) => (v instanceof Uint8Array ? Buffer.from(v).toString('latin1') : v))}`)
   }
-  if (store.url) parts.push(execFileSync('pg_dump', ['--data-only', store.url], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 }))
+  if (store.url) parts.push(execFileSync('pg_dump', ['--data-only', store.url], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024, stdio: ['ignore', 'pipe', 'ignore'] }))
   return parts.join('\n')
 }
 
