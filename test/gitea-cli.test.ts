@@ -2,7 +2,7 @@
 // PostgreSQL: the create, verify, list, delete cycle, usage errors (exit 2), refusals (exit 1),
 // and afterwards no token or password in the store files, the dump or any captured output.
 import t from 'tap'
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -23,6 +23,7 @@ const isolated = (extra: Record<string, string | undefined>) => ({ DATABASE_URL:
 
 t.test('usage errors exit 2 before anything is opened', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-usage-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const requests = fake.requests.length
   for (const [args, pattern] of [
     [['gitea'], /usage: keygate gitea <command>/],
@@ -46,6 +47,7 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
 
 t.test('the cycle on each store', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-cli-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const url = await freshDatabase(t)
   const dataDir = join(cwd, 'store')
   for (const [kind, storeEnv] of [

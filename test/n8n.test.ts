@@ -3,7 +3,7 @@
 // through the real CLI, drift, refused requests, a key created but not recorded, wrong
 // credentials, n8n stopped, and no secret in the store, the audit details or the logs.
 import t, { type Test } from 'tap'
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb } from '../core/db.ts'
@@ -142,6 +142,7 @@ await forEachStore(t, async (t, store) => {
 
 t.test('keygate n8n create, verify, list, delete as a real process', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-cli-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const url = await freshDatabase(t)
   for (const [kind, storeEnv] of [
     ['embedded', { KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined }],
@@ -219,6 +220,7 @@ t.test('n8n stopped: unreachable, from the service and the CLI', async (t) => {
   t.match(await rejection(keys.list()), { code: 'n8n_unreachable', status: 502, message: new RegExp(`n8n at ${n8n.url} could not be reached \\(ECONNREFUSED\\)`) })
   t.match(await rejection(keys.verify('abcdef')), { code: 'n8n_unreachable' })
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-down-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const r = await runCli(['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--json'], { cwd, env: { ...env(), KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined } })
   t.equal(r.code, 1)
   t.equal(r.json().error.code, 'n8n_unreachable')
