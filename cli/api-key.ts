@@ -5,7 +5,7 @@ import { KeygateError } from '../core/errors.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, parseDuration, parseIntFlag, parseList, printJson, table, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -13,16 +13,6 @@ export interface ApiKeyContext {
   ops: KeyOperations
 }
 
-interface Sub {
-  usage: string
-  summary: string
-  options: ParseArgsOptionsConfig
-  positionals: { min: number; max: number }
-  /** Checks the command line (usage errors before any store is opened) and returns the action. */
-  prepare(p: Parsed): (ctx: ApiKeyContext) => Promise<number>
-}
-
-const str = (p: Parsed, name: string) => p.values[name] as string | undefined
 
 function parseRateLimit(value: string | undefined): { limit: number; window_s: number } | null | undefined {
   if (value === undefined) return undefined
@@ -42,15 +32,6 @@ function parseMetadata(value: string | undefined): Record<string, unknown> | und
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new UsageError('--metadata: expected a JSON object')
   return parsed as Record<string, unknown>
-}
-
-function expiry(p: Parsed): string | null | undefined {
-  const inFlag = str(p, 'expires-in')
-  const atFlag = str(p, 'expires-at')
-  if (inFlag !== undefined && atFlag !== undefined) throw new UsageError('--expires-in and --expires-at exclude each other')
-  if (inFlag !== undefined) return inFlag === 'never' ? null : new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000).toISOString()
-  if (atFlag !== undefined) return atFlag === 'never' ? null : atFlag
-  return undefined
 }
 
 const KEY_FIELDS = {
@@ -79,7 +60,7 @@ function keyBody(p: Parsed): Record<string, unknown> {
   put('metadata', parseMetadata(str(p, 'metadata')))
   put('allowed_cidrs', parseList(str(p, 'cidrs')))
   put('rate_limit', parseRateLimit(str(p, 'rate-limit')))
-  put('expires_at', expiry(p))
+  put('expires_at', expiryFlags(p))
   const every = str(p, 'rotate-every')
   put('rotation_interval_s', every === undefined ? undefined : every === 'never' ? null : parseDuration('rotate-every', every))
   return body
@@ -135,7 +116,7 @@ export function parseImport(text: string): unknown[] {
   return rows
 }
 
-export const API_KEY_COMMANDS: Record<string, Sub> = {
+export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   create: {
     summary: 'create a key and print it once',
     usage: 'keygate api-key create --name NAME --type system|user|service|integration|emergency [--scopes a,b] [--owner O] [--metadata JSON] [--cidrs CIDR,...] [--rate-limit N/1s] [--expires-in 30d | --expires-at TIME] [--rotate-every 90d] [--json]',
@@ -227,8 +208,7 @@ export const API_KEY_COMMANDS: Record<string, Sub> = {
     positionals: { min: 1, max: 1 },
     prepare(p) {
       return async (ctx) => {
-        let presented = p.positionals[0] as string
-        if (presented === '-') presented = (await ctx.io.readStdin()).split('\n')[0]?.trim() ?? ''
+        const presented = await argOrStdin(ctx.io, p.positionals[0] as string)
         const result = await ctx.ops.validate(presented, str(p, 'address'))
         if (result.valid) {
           if (ctx.json) printJson(ctx.io, { valid: true, key: keyJson(result.key) })

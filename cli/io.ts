@@ -46,6 +46,23 @@ export interface Parsed {
   positionals: string[]
 }
 
+/** One subcommand of a group (`api-key create`, `gitea list`, ...). */
+export interface Command<C> {
+  usage: string
+  summary: string
+  options: ParseArgsOptionsConfig
+  positionals: { min: number; max: number }
+  /** Checks the command line (usage errors before any store is opened) and returns the action. */
+  prepare(p: Parsed): (ctx: C) => Promise<number>
+}
+
+export const str = (p: Parsed, name: string) => p.values[name] as string | undefined
+
+/** A secret given as an argument, or `-` to read it from the first line of stdin (out of the process list). */
+export async function argOrStdin(io: Io, value: string): Promise<string> {
+  return value === '-' ? ((await io.readStdin()).split('\n')[0]?.trim() ?? '') : value
+}
+
 export function parse(argv: string[], options: ParseArgsOptionsConfig, positionals: { min: number; max: number }, usage: string): Parsed {
   let parsed: Parsed
   try {
@@ -86,6 +103,16 @@ export function parseDuration(flag: string, value: string): number {
   const m = /^(\d{1,9})([smhdw])$/.exec(value.trim())
   if (!m) throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not a duration; expected a number with s, m, h, d or w, such as 90d`)
   return Number(m[1]) * (UNITS[m[2] as string] as number)
+}
+
+/** `--expires-in 30d` or `--expires-at TIME` (`never` for none) as an RFC 3339 time, null or absent. */
+export function expiryFlags(p: Parsed): string | null | undefined {
+  const inFlag = str(p, 'expires-in')
+  const atFlag = str(p, 'expires-at')
+  if (inFlag !== undefined && atFlag !== undefined) throw new UsageError('--expires-in and --expires-at exclude each other')
+  if (inFlag !== undefined) return inFlag === 'never' ? null : new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000).toISOString()
+  if (atFlag !== undefined) return atFlag === 'never' ? null : atFlag
+  return undefined
 }
 
 export function parseList(value: string | undefined): string[] | undefined {

@@ -2,17 +2,20 @@
 // codes (0 done, 1 refused, 2 usage) with the reason on stderr.
 import { userInfo } from 'node:os'
 import { readFileSync } from 'node:fs'
-import { loadConfig, renderConfigDocs } from '../config/load.ts'
+import { FLAG_NAMES, loadConfig, renderConfigDocs } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
-import { createLogger, type Level } from '../core/log.ts'
+import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
-import { openRuntime } from '../core/runtime.ts'
+import { openRuntime, type Runtime } from '../core/runtime.ts'
+import { GiteaTokenService } from '../core/integrations/gitea.ts'
+import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
+import { GITEA_COMMANDS, N8N_COMMANDS } from './integrations.ts'
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
-import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
 
 const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
 
@@ -26,6 +29,8 @@ commands:
   config check [FILE]         validate a configuration file without starting anything
   config docs                 print the configuration reference (Markdown)
   api-key <command>           manage keys: ${Object.keys(API_KEY_COMMANDS).join(', ')}
+  gitea <command>             Gitea personal access tokens: ${Object.keys(GITEA_COMMANDS).join(', ')}
+  n8n <command>               n8n API keys: ${Object.keys(N8N_COMMANDS).join(', ')}
 
 options every command takes:
   --config FILE               configuration file (else KEYGATE_CONFIG, else ./keygate.yaml)
@@ -39,32 +44,26 @@ options every command takes:
 exit codes: 0 done, 1 refused (e.g. an invalid key), 2 usage error; the reason is on stderr.
 `
 
-function apiKeyHelp(): string {
-  return `usage: keygate api-key <command> [options]\n\n${Object.entries(API_KEY_COMMANDS)
+function groupHelp<C>(group: string, commands: Record<string, Command<C>>): string {
+  return `usage: keygate ${group} <command> [options]\n\n${Object.entries(commands)
     .map(([name, c]) => `  ${name.padEnd(10)} ${c.summary}\n             ${c.usage}`)
     .join('\n')}\n`
 }
 
-function configFrom(p: Parsed, io: Io, onlyFile = false): Config {
-  return loadConfig({
-    file: p.values.config as string | undefined,
-    env: io.env,
-    onlyFile,
-    flags: {
-      'data-dir': p.values['data-dir'] as string | undefined,
-      'database-url': p.values['database-url'] as string | undefined,
-      'admin-url': p.values['admin-url'] as string | undefined,
-    },
-  })
+/** The configuration from the file, the environment and every config flag the command declared. */
+export function configFrom(p: Parsed, io: Io, onlyFile = false): Config {
+  const flags: Record<string, string | undefined> = {}
+  for (const name of FLAG_NAMES) if (typeof p.values[name] === 'string') flags[name] = p.values[name] as string
+  return loadConfig({ file: p.values.config as string | undefined, env: io.env, onlyFile, flags })
 }
 
 /** Commands other than serve log to stderr, at warn unless LOG_LEVEL says otherwise. */
-function cliLogger(io: Io, config: Config) {
+export function cliLogger(io: Io, config: Config) {
   const level = (io.env.LOG_LEVEL ? config.log.level : 'warn') as Level
   return createLogger({ level, write: (line) => io.err(line), fields: { component: 'cli' } })
 }
 
-function actorName(): string {
+export function actorName(): string {
   try {
     return `cli:${userInfo().username}`
   } catch {
@@ -72,15 +71,28 @@ function actorName(): string {
   }
 }
 
-async function runApiKey(argv: string[], io: Io): Promise<number> {
+/**
+ * Runs one subcommand of a group: help, usage checks (before anything is opened), then the
+ * action with the context `open` builds from the store runtime; both are closed after. A group
+ * that can work through a running server's admin API gives `remote`, used instead of opening
+ * the store when KEYGATE_ADMIN_URL (or --admin-url) is set.
+ */
+export async function runGroup<C>(
+  group: string,
+  commands: Record<string, Command<C>>,
+  argv: string[],
+  io: Io,
+  open: (runtime: Runtime, log: Logger, json: boolean) => { ctx: C; close?: () => Promise<void> },
+  remote?: (adminUrl: string, token: string, json: boolean) => C,
+): Promise<number> {
   const [name, ...rest] = argv
-  if (name === undefined) throw new UsageError(apiKeyHelp().trimEnd())
+  if (name === undefined) throw new UsageError(groupHelp(group, commands).trimEnd())
   if (name === '--help' || name === '-h' || name === 'help') {
-    io.out(apiKeyHelp())
+    io.out(groupHelp(group, commands))
     return EXIT_OK
   }
-  const sub = API_KEY_COMMANDS[name]
-  if (!sub) throw new UsageError(`unknown api-key command ${JSON.stringify(name)}\n${apiKeyHelp()}`)
+  const sub = Object.hasOwn(commands, name) ? commands[name] : undefined
+  if (!sub) throw new UsageError(`unknown ${group} command ${JSON.stringify(name)}\n${groupHelp(group, commands)}`)
   const p = parse(rest, sub.options, sub.positionals, sub.usage)
   if (p.values.help) {
     io.out(`${sub.summary}\nusage: ${sub.usage}\n`)
@@ -88,19 +100,24 @@ async function runApiKey(argv: string[], io: Io): Promise<number> {
   }
   const action = sub.prepare(p)
   const config = configFrom(p, io)
-  const json = p.values.json === true
-  if (config.admin.url) {
+  if (remote && config.admin.url) {
     // A running server owns the store: go through its admin API instead of opening it.
     if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
-    return action({ io, json, ops: remoteOperations(config.admin.url, config.admin.token) })
+    return action(remote(config.admin.url, config.admin.token, p.values.json === true))
   }
   const log = cliLogger(io, config)
   const runtime = await openRuntime(config, log)
+  const opened = open(runtime, log, p.values.json === true)
   try {
-    return await action({ io, json, ops: localOperations(runtime.keys, { actor: actorName() }) })
+    return await action(opened.ctx)
   } finally {
+    await opened.close?.()
     await runtime.close()
   }
+}
+
+function integrationDeps(runtime: Runtime, log: Logger) {
+  return { db: runtime.db, audit: runtime.audit, log, config: runtime.config }
 }
 
 async function runConfig(argv: string[], io: Io): Promise<number> {
@@ -156,7 +173,24 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
         io.out(`${VERSION}\n`)
         return EXIT_OK
       case 'api-key':
-        return await runApiKey(rest, io)
+        return await runGroup(
+          'api-key',
+          API_KEY_COMMANDS,
+          rest,
+          io,
+          (runtime, _log, json) => ({ ctx: { io, json, ops: localOperations(runtime.keys, { actor: actorName() }) } }),
+          (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
+        )
+      case 'gitea':
+        return await runGroup('gitea', GITEA_COMMANDS, rest, io, (runtime, log, json) => {
+          const service = new GiteaTokenService(integrationDeps(runtime, log))
+          return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
+        })
+      case 'n8n':
+        return await runGroup('n8n', N8N_COMMANDS, rest, io, (runtime, log, json) => {
+          const service = new N8nKeyService(integrationDeps(runtime, log))
+          return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
+        })
       case 'config':
         return await runConfig(rest, io)
       case 'migrate':

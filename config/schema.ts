@@ -210,19 +210,19 @@ export const ConfigSchema = Type.Object(
       {
         gitea: Type.Object(
           {
-            url: optStr('http-url', { description: 'Gitea base URL.', env: 'GITEA_URL' }),
-            username: Type.Optional(Type.String({ minLength: 1, description: 'Gitea user.', env: 'GITEA_USERNAME' })),
-            password: Type.Optional(Type.String({ minLength: 1, description: 'Gitea password.', env: 'GITEA_PASSWORD', secret: true })),
-            timeout_ms: int(10_000, 100, 600_000, { description: 'Gitea request timeout.' }),
+            url: optStr('http-url', { description: 'Gitea base URL (a path prefix is kept).', env: 'GITEA_URL', flag: 'gitea-url' }),
+            username: Type.Optional(Type.String({ minLength: 1, description: 'Gitea user whose basic credentials manage tokens.', env: 'GITEA_USERNAME', flag: 'gitea-username' })),
+            password: Type.Optional(Type.String({ minLength: 1, description: 'Password of the Gitea user (a flag is visible in the process list; prefer the variable).', env: 'GITEA_PASSWORD', flag: 'gitea-password', secret: true })),
+            timeout_ms: int(10_000, 100, 600_000, { description: 'Timeout of each Gitea request (connect, headers, body) in milliseconds.' }),
           },
           { additionalProperties: false, default: {} },
         ),
         n8n: Type.Object(
           {
-            url: optStr('http-url', { description: 'n8n base URL.', env: 'N8N_URL' }),
-            email: Type.Optional(Type.String({ minLength: 3, description: 'n8n login email.', env: 'N8N_EMAIL' })),
-            password: Type.Optional(Type.String({ minLength: 1, description: 'n8n password.', env: 'N8N_PASSWORD', secret: true })),
-            timeout_ms: int(10_000, 100, 600_000, { description: 'n8n request timeout.' }),
+            url: optStr('http-url', { description: 'n8n base URL.', env: 'N8N_URL', flag: 'n8n-url' }),
+            email: Type.Optional(Type.String({ minLength: 3, description: 'Email of the n8n user whose session manages API keys.', env: 'N8N_EMAIL', flag: 'n8n-email' })),
+            password: Type.Optional(Type.String({ minLength: 1, description: 'Password of the n8n user (a flag is visible in the process list; prefer the variable).', env: 'N8N_PASSWORD', flag: 'n8n-password', secret: true })),
+            timeout_ms: int(10_000, 100, 600_000, { description: 'Timeout of each n8n request (connect, headers, body) in milliseconds.' }),
           },
           { additionalProperties: false, default: {} },
         ),

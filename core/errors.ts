@@ -35,6 +35,24 @@ export const ERRORS = {
   internal_error: { status: 500, message: 'Internal error.' },
   admin_unavailable: { status: 503, message: 'The admin API could not be reached.' },
 
+  // Integrations (SPEC §6): Gitea personal access tokens and n8n API keys
+  gitea_not_configured: { status: 503, message: 'Gitea is not configured (GITEA_URL, GITEA_USERNAME, GITEA_PASSWORD).' },
+  gitea_unreachable: { status: 502, message: 'Gitea could not be reached.' },
+  gitea_timeout: { status: 504, message: 'Gitea did not answer in time.' },
+  gitea_auth_failed: { status: 502, message: "Gitea refused keygate's credentials." },
+  gitea_error: { status: 502, message: 'Gitea answered with an error.' },
+  gitea_token_exists: { status: 409, message: 'The Gitea user already has a token with this name.' },
+  gitea_scope_unknown: { status: 400, message: 'A scope is not one Gitea knows.' },
+  gitea_token_not_found: { status: 404, message: 'No Gitea token has this id or name.' },
+  n8n_not_configured: { status: 503, message: 'n8n is not configured (N8N_URL, N8N_EMAIL, N8N_PASSWORD).' },
+  n8n_unreachable: { status: 502, message: 'n8n could not be reached.' },
+  n8n_timeout: { status: 504, message: 'n8n did not answer in time.' },
+  n8n_auth_failed: { status: 502, message: "n8n refused keygate's credentials." },
+  n8n_error: { status: 502, message: 'n8n answered with an error.' },
+  n8n_key_exists: { status: 409, message: 'An n8n API key with this label already exists.' },
+  n8n_scope_unknown: { status: 400, message: 'A scope is not one this n8n instance allows.' },
+  n8n_key_not_found: { status: 404, message: 'No n8n API key has this id or label.' },
+
   // Start-up, configuration, storage
   config_invalid: { status: 500, message: 'The configuration is not valid.' },
   usage_error: { status: 400, message: 'The command line is not valid.' },

@@ -14,7 +14,10 @@ export interface Logger {
 
 // Any prefix of lowercase letters and digits ending in _, then the id and secret shape; and UUIDs.
 // No \b anchors: a key glued to other word characters (`Bearer%20kg_...`, `%3D<uuid>`) must go too.
-const KEYISH = /[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}/gi
+// Also the secrets of the integrations: JWTs (n8n API keys and session cookies) and Gitea tokens
+// (40 hex characters, not part of a longer hex run such as a SHA-256).
+const KEYISH =
+  /[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\.[0-9A-Za-z_-]+\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])/gi
 
 export function scrub(text: string): string {
   return text.replace(KEYISH, '[redacted]')

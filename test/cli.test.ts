@@ -1,12 +1,12 @@
 // The `keygate` command as a real process: usage errors, the key lifecycle on the embedded store
 // and on PostgreSQL, and afterwards no plaintext key in the database or in any captured log.
 import t, { type Test } from 'tap'
-import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync, existsSync } from 'node:fs'
+import { mkdtempSync, statSync, writeFileSync, existsSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomUUID, hash } from 'node:crypto'
-import { runCli, capturedStderr } from './helpers/cli.ts'
+import { runCli, capturedStderr, folderBytes } from './helpers/cli.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { openDb } from '../core/db.ts'
 
@@ -220,15 +220,7 @@ t.test('key lifecycle on the embedded store', async (t) => {
   t.equal(statSync(join(dataDir, 'encryption.key')).mode & 0o077, 0, 'readable by its owner only')
   t.notOk(existsSync(join(dataDir, 'keygate.lock')), 'the store lock is released on exit')
 
-  const files: string[] = []
-  const walk = (d: string) => {
-    for (const e of readdirSync(d, { withFileTypes: true })) {
-      if (e.isDirectory()) walk(join(d, e.name))
-      else files.push(join(d, e.name))
-    }
-  }
-  walk(dataDir)
-  const everything = Buffer.concat(files.map((f) => readFileSync(f)))
+  const everything = folderBytes(dataDir)
   t.ok(everything.includes(Buffer.from('demo-renamed')), 'the data files hold the stored text (the scan below can see strings)')
   for (const p of plaintexts) t.notOk(everything.includes(Buffer.from(p)), 'no plaintext key in the embedded store files')
 })

@@ -109,6 +109,12 @@ t.test('every flag sets its leaf', async (t) => {
     upstream: 'http://127.0.0.1:3000',
     'database-url': 'postgres://u@db/keygate',
     'data-dir': '/var/lib/keygate',
+    'gitea-url': 'https://git.example/gitea',
+    'gitea-username': 'ci-bot',
+    'gitea-password': 'flag-password',
+    'n8n-url': 'http://127.0.0.1:5678',
+    'n8n-email': 'ops@example.test',
+    'n8n-password': 'flag-password-2',
   }
   t.same([...FLAG_NAMES].sort(), Object.keys(values).sort(), 'the flags tested are the flags declared')
   const c = loadConfig({ env: {}, flags: values })

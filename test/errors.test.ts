@@ -7,7 +7,7 @@ import { ERRORS, errorBody, KeygateError } from '../core/errors.ts'
 const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
 const section = /<!-- errors:start -->([\s\S]*?)<!-- errors:end -->/.exec(readme)?.[1] ?? ''
 const documented = new Map<string, { status: number; message: string }>()
-for (const m of section.matchAll(/^\| `([a-z_]+)` \| (\d{3}) \| (.+?) \|$/gm)) {
+for (const m of section.matchAll(/^\| `([a-z0-9_]+)` \| (\d{3}) \| (.+?) \|$/gm)) {
   documented.set(m[1] as string, { status: Number(m[2]), message: m[3] as string })
 }
 

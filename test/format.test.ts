@@ -1,7 +1,7 @@
 // The key format: shape, entropy, checksum, legacy keys, hashing, finding keys in text, and log
 // scrubbing.
 import t from 'tap'
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import { generateKey, hashKey, hashesEqual, isKeyId, keyPattern, newKeyId, parseKey, randomBase62, ID_LENGTH, SHA256_HEX } from '../core/keys/format.ts'
 import { createLogger, scrub } from '../core/log.ts'
 
@@ -168,6 +168,18 @@ t.test('scrub redacts keys in log text', async (t) => {
   t.notOk(lines[0]?.includes(k), 'the logger writes no key')
   t.notOk(lines[0]?.includes(uuid))
   t.match(JSON.parse(lines[0] as string), { level: 'info', msg: 'validated [redacted]', key: '[redacted]', nested: { legacy: '[redacted]' }, err: { message: 'bad key [redacted]' } })
+})
+
+t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n keys, session cookies)', async (t) => {
+  const gitea = randomBytes(20).toString('hex')
+  const jwt = 'eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1MSIsImF1ZCI6InB1YmxpYy1hcGkifQ.r5GDSJ8eGnQLK4g6fPlUGN5boIEfxVOeFX4LnTwOIqs'
+  t.equal(scrub(`token ${gitea} for alice`), 'token [redacted] for alice')
+  t.equal(scrub(`Authorization: token ${gitea.toUpperCase()}`), 'Authorization: token [redacted]')
+  t.equal(scrub(`X-N8N-API-KEY: ${jwt}`), 'X-N8N-API-KEY: [redacted]')
+  t.equal(scrub(`cookie n8n-auth=${jwt}; Path=/`), 'cookie n8n-auth=[redacted]; Path=/')
+  const sha256 = hashKey('x')
+  t.equal(scrub(`hash ${sha256}`), `hash ${sha256}`, 'a SHA-256 (64 hex) is not a Gitea token')
+  t.equal(scrub('record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d'), 'record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d', 'record ids and last eight are kept')
 })
 
 t.test('digestKey is the stored SHA-256 in compact form; keyShape agrees with parseKey', async (t) => {

@@ -1,5 +1,7 @@
 // Runs the real `keygate` command as a child process.
 import { spawn } from 'node:child_process'
+import { readdirSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 export const KEYGATE_BIN = fileURLToPath(new URL('../../bin/keygate.ts', import.meta.url))
@@ -43,4 +45,17 @@ export function runCli(args: string[], options: { env?: Record<string, string | 
     })
     child.stdin.end(options.input ?? '')
   })
+}
+
+/** The bytes of every file below `dir` (an embedded store's data folder), for the no-plaintext checks. */
+export function folderBytes(dir: string): Buffer {
+  const files: string[] = []
+  const walk = (d: string) => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      if (e.isDirectory()) walk(join(d, e.name))
+      else files.push(join(d, e.name))
+    }
+  }
+  walk(dir)
+  return Buffer.concat(files.map((f) => readFileSync(f)))
 }

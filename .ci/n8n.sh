@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# A real n8n 1.123.0 for the end-to-end suite (test/n8n-e2e.test.ts), kept outside the
+# repository in a cache folder that later runs reuse (KEYGATE_CACHE_DIR, default
+# ~/.cache/keygate). The install is about 1.6 GB and takes minutes, so it happens once.
+#
+#   .ci/n8n.sh install            install when missing; prints the install folder
+#   .ci/n8n.sh run PORT FOLDER    run n8n in the foreground on 127.0.0.1:PORT with FOLDER as its
+#                                 user folder (empty, or a copy of the migrated template)
+#   .ci/n8n.sh template           prints a user folder whose SQLite migrations are already done,
+#                                 making it on first use (copy it; never run n8n in it)
+#   .ci/n8n.sh start              start n8n on a free loopback port in the background from a copy of
+#                                 the template, wait until it answers, and set up its owner when
+#                                 N8N_EMAIL and N8N_PASSWORD are set (upper case, digit, 8+
+#                                 characters); prints N8N_URL, N8N_PID and N8N_USER_FOLDER lines
+#                                 (stop it with kill N8N_PID)
+#
+# n8n 2.x does not install from the registry here, and 1.123.0 only with xlsx overridden
+# (its default source is a CDN that cannot be reached): see shared/integrations/N8N.md.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=node.sh
+. "$root/.ci/node.sh"
+ensure_node
+
+version=1.123.0
+cache="${KEYGATE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keygate}"
+dir="$cache/n8n-$version"
+bin="$dir/node_modules/n8n/bin/n8n"
+
+free_port() {
+  node -e 'const s = require("node:net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })'
+}
+
+# /healthz answers before the REST routes are mounted; /rest/settings answers once they are.
+healthy() { # port
+  node -e 'fetch(`http://127.0.0.1:${process.argv[1]}/rest/settings`).then((r) => process.exit(r.status === 200 ? 0 : 1), () => process.exit(1))' "$1"
+}
+
+install() {
+  [ -f "$dir/.installed" ] && return 0
+  mkdir -p "$cache"
+  # Two suites may ask at once: one installs, the other waits for it.
+  exec 9>"$cache/n8n-$version.lock"
+  flock 9
+  if [ ! -f "$dir/.installed" ]; then
+    echo "n8n.sh: installing n8n@$version into $dir (about 1.6 GB, a few minutes)" >&2
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cat >"$dir/package.json" <<JSON
+{
+  "name": "keygate-n8n-$version",
+  "private": true,
+  "dependencies": { "n8n": "$version" },
+  "overrides": { "xlsx": "0.18.5" }
+}
+JSON
+    (cd "$dir" && npm install --no-audit --no-fund --loglevel=error >&2) || {
+      echo "n8n.sh: npm install of n8n@$version failed; $dir is left for inspection and is retried next run" >&2
+      exit 1
+    }
+    [ -x "$bin" ] || { echo "n8n.sh: $bin is missing after the install" >&2; exit 1; }
+    touch "$dir/.installed"
+  fi
+  exec 9>&-
+}
+
+run() { # port, user folder
+  install
+  # n8n rate-limits logins only when NODE_ENV=production; keygate's CLI logs in once per process.
+  unset NODE_ENV
+  N8N_USER_FOLDER="$2" N8N_PORT="$1" N8N_LISTEN_ADDRESS=127.0.0.1 N8N_HOST=127.0.0.1 \
+    N8N_DIAGNOSTICS_ENABLED=false N8N_PERSONALIZATION_ENABLED=false N8N_SECURE_COOKIE=false \
+    N8N_VERSION_NOTIFICATIONS_ENABLED=false N8N_TEMPLATES_ENABLED=false \
+    N8N_RUNNERS_ENABLED=false N8N_ENFORCE_SETTINGS_FILE_PERMISSIONS=false \
+    DB_SQLITE_POOL_SIZE=0 N8N_BLOCK_ENV_ACCESS_IN_NODE=false \
+    exec node "$bin" start
+}
+
+start_background() { # user folder; prints the port and pid lines
+  local folder=$1 port pid
+  port=$(free_port)
+  mkdir -p "$folder"
+  bash "$0" run "$port" "$folder" >"$folder/n8n.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 180); do
+    if healthy "$port" >/dev/null 2>&1; then
+      echo "N8N_URL=http://127.0.0.1:$port"
+      echo "N8N_PID=$pid"
+      echo "N8N_USER_FOLDER=$folder"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || { echo "n8n.sh: n8n exited during start-up; its log:" >&2; tail -n 40 "$folder/n8n.log" >&2; return 1; }
+    sleep 1
+  done
+  echo "n8n.sh: n8n did not answer /rest/settings within 180 s; its log:" >&2
+  tail -n 40 "$folder/n8n.log" >&2
+  kill "$pid" 2>/dev/null || true
+  return 1
+}
+
+template() {
+  install
+  local tpl="$dir/template-user-folder"
+  if [ ! -f "$tpl/.ready" ]; then
+    exec 8>"$cache/n8n-$version.template.lock"
+    flock 8
+    if [ ! -f "$tpl/.ready" ]; then
+      echo "n8n.sh: first start of n8n to run its migrations into $tpl (about a minute)" >&2
+      rm -rf "$tpl"
+      local out pid
+      out=$(start_background "$tpl")
+      pid=$(sed -n 's/^N8N_PID=//p' <<<"$out")
+      kill "$pid"
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+      rm -f "$tpl/n8n.log"
+      touch "$tpl/.ready"
+    fi
+    exec 8>&-
+  fi
+  echo "$tpl"
+}
+
+case "${1:-}" in
+  install) install; echo "$dir" ;;
+  run) [ $# -eq 3 ] || { echo "usage: .ci/n8n.sh run PORT USER_FOLDER" >&2; exit 2; }; run "$2" "$3" ;;
+  template) template ;;
+  start)
+    tpl=$(template)
+    folder=$(mktemp -d "${TMPDIR:-/tmp}/keygate-n8n.XXXXXX")
+    cp -a "$tpl/." "$folder/"
+    rm -f "$folder/.ready"
+    out=$(start_background "$folder")
+    echo "$out"
+    if [ -n "${N8N_EMAIL:-}" ] && [ -n "${N8N_PASSWORD:-}" ]; then
+      url=$(sed -n 's/^N8N_URL=//p' <<<"$out")
+      node -e '
+        const [url, email, password] = process.argv.slice(1)
+        fetch(`${url}/rest/owner/setup`, { method: "POST", headers: { "content-type": "application/json" },
+          body: JSON.stringify({ email, firstName: "keygate", lastName: "owner", password }) })
+          .then(async (r) => { if (r.status !== 200) { console.error(`n8n.sh: owner setup answered ${r.status}`); process.exit(1) } })
+      ' "$url" "$N8N_EMAIL" "$N8N_PASSWORD"
+      echo "n8n.sh: owner $N8N_EMAIL set up" >&2
+    fi
+    ;;
+  *) echo "usage: .ci/n8n.sh install | run PORT USER_FOLDER | template | start" >&2; exit 2 ;;
+esac

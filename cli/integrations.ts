@@ -1,0 +1,215 @@
+// keygate gitea create|list|delete|verify and keygate n8n create|list|delete|verify: the token or
+// key is printed once, on create; verify exits 0 when the service accepts it and 1 when not.
+import type { ParseArgsOptionsConfig } from 'node:util'
+import type { Actor } from '../core/audit.ts'
+import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaTokenService, GiteaVerification } from '../core/integrations/gitea.ts'
+import type { N8nKeyCreated, N8nKeyDeleted, N8nKeyService, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
+import type { TrackState } from '../core/integrations/track.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, expiryFlags, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
+
+export interface IntegrationContext<S> {
+  io: Io
+  json: boolean
+  service: S
+  actor: Actor
+}
+
+const GITEA_FLAGS = {
+  'gitea-url': { type: 'string' },
+  'gitea-username': { type: 'string' },
+  'gitea-password': { type: 'string' },
+} as const satisfies ParseArgsOptionsConfig
+
+const N8N_FLAGS = {
+  'n8n-url': { type: 'string' },
+  'n8n-email': { type: 'string' },
+  'n8n-password': { type: 'string' },
+} as const satisfies ParseArgsOptionsConfig
+
+const STATE_WORDS: Record<TrackState, string> = { in_sync: 'in sync', deleted_remotely: 'deleted remotely', not_recorded: 'not recorded' }
+
+function summaryLine(noun: string, summary: Record<TrackState, number>): string {
+  const total = summary.in_sync + summary.deleted_remotely + summary.not_recorded
+  return `${total} ${noun}${total === 1 ? '' : 's'}: ${summary.in_sync} in sync, ${summary.deleted_remotely} deleted remotely (record kept), ${summary.not_recorded} not recorded by keygate\n`
+}
+
+function required(p: Parsed, flag: string, what: string): string {
+  const v = str(p, flag)
+  if (v === undefined || v === '') throw new UsageError(`--${flag} is required (${what})`)
+  return v
+}
+
+function scopesFlag(p: Parsed, example: string): string[] {
+  const scopes = parseList(required(p, 'scopes', `comma-separated, such as ${example}`)) ?? []
+  if (scopes.length === 0) throw new UsageError(`--scopes: give at least one scope, such as ${example}`)
+  return scopes
+}
+
+type Cells = Array<string | number | null | undefined>
+type Verification = GiteaVerification | N8nVerification
+
+/** The parts every command has, from a factory's options. */
+function command<C>(o: { summary: string; usage: string; options: ParseArgsOptionsConfig }, positionals: Command<C>['positionals'], prepare: Command<C>['prepare']): Command<C> {
+  return { summary: o.summary, usage: o.usage, options: o.options, positionals, prepare }
+}
+
+/** `create`: the credential is printed once, after what was made. */
+function createCommand<R>(o: {
+  summary: string
+  usage: string
+  options: ParseArgsOptionsConfig
+  body: (p: Parsed) => Record<string, unknown>
+  describe: (created: R) => string
+  secret: (created: R) => string
+  noun: string
+}): Command<IntegrationContext<{ create(body: unknown, actor: Actor): Promise<R> }>> {
+  return command(o, { min: 0, max: 0 }, (p) => {
+    const body = o.body(p)
+    return async (ctx) => {
+      const created = await ctx.service.create(body, ctx.actor)
+      if (ctx.json) printJson(ctx.io, created)
+      else ctx.io.out(`Created ${o.describe(created)}.\nThe ${o.noun} is shown once; store it now:\n${o.secret(created)}\n`)
+      return EXIT_OK
+    }
+  })
+}
+
+/** `list`: the remote credentials beside keygate's records, a table and a drift summary. */
+function listCommand<I extends { state: TrackState; local: { id: string; created_by: string } | null }>(o: {
+  summary: string
+  usage: string
+  options: ParseArgsOptionsConfig
+  noun: string
+  headers: string[]
+  row: (item: I) => Cells
+}): Command<IntegrationContext<{ list(): Promise<{ items: I[]; summary: Record<TrackState, number> }> }>> {
+  return command(o, { min: 0, max: 0 }, (_p) => {
+    return async (ctx) => {
+      const list = await ctx.service.list()
+      if (ctx.json) printJson(ctx.io, list)
+      else ctx.io.out(table([...o.headers, 'state', 'record', 'created by'], list.items.map((i) => [...o.row(i), STATE_WORDS[i.state], i.local?.id, i.local?.created_by])) + summaryLine(o.noun, list.summary))
+      return EXIT_OK
+    }
+  })
+}
+
+/** `delete ID|NAME`: what was deleted, or that only the record was closed. */
+function deleteCommand<D extends { remote_missing: boolean }>(o: {
+  summary: string
+  usage: string
+  options: ParseArgsOptionsConfig
+  what: (d: D) => string
+  service: string
+  extra?: (p: Parsed) => { user?: string | undefined }
+}): Command<IntegrationContext<{ delete(ref: string, actor: Actor, options?: { user?: string | undefined }): Promise<D> }>> {
+  return command(o, { min: 1, max: 1 }, (p) => {
+    return async (ctx) => {
+      const d = await ctx.service.delete(p.positionals[0] as string, ctx.actor, o.extra?.(p))
+      if (ctx.json) printJson(ctx.io, d)
+      else ctx.io.out(d.remote_missing ? `${o.what(d)} was already gone from ${o.service}; its record is closed.\n` : `Deleted ${o.what(d)}.\n`)
+      return EXIT_OK
+    }
+  })
+}
+
+/** `verify SECRET|-`: exit 0 and the owner when accepted; exit 1 and the reason on stderr when not. */
+function verifyCommand<V extends Verification>(o: {
+  summary: string
+  usage: string
+  options: ParseArgsOptionsConfig
+  noun: string
+  accepted: (v: V & { valid: true }) => string
+}): Command<IntegrationContext<{ verify(secret: string): Promise<V> }>> {
+  return command(o, { min: 1, max: 1 }, (p) => {
+    return async (ctx) => {
+      const result = await ctx.service.verify(await argOrStdin(ctx.io, p.positionals[0] as string))
+      if (ctx.json) printJson(ctx.io, result)
+      if (result.valid) {
+        if (!ctx.json) ctx.io.out(`${o.accepted(result as V & { valid: true })}${result.note ? ` (${result.note})` : ''}\n`)
+        return EXIT_OK
+      }
+      const record = result.record ? ` (keygate record ${result.record.id}${result.record.deleted_at ? `, deleted ${result.record.deleted_at}` : ''})` : ''
+      ctx.io.err(`keygate: ${o.noun} refused: ${result.reason}${record}\n`)
+      return EXIT_REFUSED
+    }
+  })
+}
+
+type GiteaCommand = Command<IntegrationContext<GiteaTokenService>>
+type N8nCommand = Command<IntegrationContext<N8nKeyService>>
+
+export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
+  create: createCommand<GiteaTokenCreated>({
+    summary: 'create a personal access token in Gitea and print it once',
+    usage: 'keygate gitea create --name NAME --scopes read:repository,... [--user USER] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
+    options: { ...GITEA_FLAGS, name: { type: 'string' }, scopes: { type: 'string' }, user: { type: 'string' } },
+    body: (p) => ({
+      name: required(p, 'name', 'the token name'),
+      scopes: scopesFlag(p, 'read:repository,write:issue'),
+      ...(str(p, 'user') !== undefined ? { user: str(p, 'user') } : {}),
+    }),
+    describe: (c) => `Gitea token ${c.remote_id} (${c.name}) for ${c.user} with ${c.scopes.join(', ')}; keygate record ${c.id}`,
+    secret: (c) => c.token,
+    noun: 'token',
+  }),
+  list: listCommand<GiteaListItem>({
+    summary: "Gitea's tokens beside keygate's records, with drift marked",
+    usage: 'keygate gitea list [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
+    options: GITEA_FLAGS,
+    noun: 'token',
+    headers: ['id', 'name', 'user', 'scopes', 'last eight'],
+    row: (i) => [i.remote_id, i.name, i.user, (i.remote ?? i.local)?.scopes.join(','), (i.remote ?? i.local)?.token_last_eight],
+  }),
+  delete: deleteCommand<GiteaTokenDeleted>({
+    summary: 'delete a token in Gitea by id or name and close its record',
+    usage: 'keygate gitea delete ID|NAME [--user USER] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
+    options: { ...GITEA_FLAGS, user: { type: 'string' } },
+    what: (d) => `Gitea token ${d.remote_id} (${d.name}) of ${d.user}`,
+    service: 'Gitea',
+    extra: (p) => ({ user: str(p, 'user') }),
+  }),
+  verify: verifyCommand<GiteaVerification>({
+    summary: 'ask Gitea whether it accepts a token and whose it is (exit 0 yes, 1 no); give - to read it from stdin',
+    usage: 'keygate gitea verify TOKEN|- [--gitea-url URL] [--json]',
+    options: GITEA_FLAGS,
+    noun: 'token',
+    accepted: (v) => `valid: ${v.user ? `Gitea user ${v.user.login} (id ${v.user.id})` : 'Gitea accepts it'}${v.record ? `; keygate record ${v.record.id} (${v.record.name})` : ''}`,
+  }),
+}
+
+export const N8N_COMMANDS: Record<string, N8nCommand> = {
+  create: createCommand<N8nKeyCreated>({
+    summary: 'create an n8n API key and print it once',
+    usage: 'keygate n8n create --label LABEL --scopes workflow:list,... [--expires-in 30d | --expires-at TIME] [--n8n-url URL --n8n-email E --n8n-password P] [--json]',
+    options: { ...N8N_FLAGS, label: { type: 'string' }, scopes: { type: 'string' }, 'expires-in': { type: 'string' }, 'expires-at': { type: 'string' } },
+    body: (p) => {
+      const expires = expiryFlags(p)
+      return { label: required(p, 'label', 'the key label'), scopes: scopesFlag(p, 'workflow:list,workflow:read'), ...(expires !== undefined ? { expires_at: expires } : {}) }
+    },
+    describe: (c) => `n8n API key ${c.remote_id} (${c.label}) with ${c.scopes.join(', ')}${c.expires_at ? `, expires ${c.expires_at}` : ''}; keygate record ${c.id}`,
+    secret: (c) => c.key,
+    noun: 'key',
+  }),
+  list: listCommand<N8nListItem>({
+    summary: "n8n's API keys beside keygate's records, with drift marked",
+    usage: 'keygate n8n list [--n8n-url URL --n8n-email E --n8n-password P] [--json]',
+    options: N8N_FLAGS,
+    noun: 'key',
+    headers: ['id', 'label', 'scopes', 'expires'],
+    row: (i) => [i.remote_id, i.label, (i.remote ?? i.local)?.scopes.join(','), (i.remote ?? i.local)?.expires_at],
+  }),
+  delete: deleteCommand<N8nKeyDeleted>({
+    summary: 'delete an n8n API key by id or label and close its record',
+    usage: 'keygate n8n delete ID|LABEL [--n8n-url URL --n8n-email E --n8n-password P] [--json]',
+    options: N8N_FLAGS,
+    what: (d) => `n8n API key ${d.remote_id} (${d.label})`,
+    service: 'n8n',
+  }),
+  verify: verifyCommand<N8nVerification>({
+    summary: "ask n8n's public API whether it accepts a key (exit 0 yes, 1 no); give - to read it from stdin",
+    usage: 'keygate n8n verify KEY|- [--n8n-url URL] [--json]',
+    options: N8N_FLAGS,
+    noun: 'key',
+    accepted: (v) => `valid${v.record ? `: keygate record ${v.record.id} (${v.record.label}, created by ${v.record.created_by})` : ''}`,
+  }),
+}

@@ -1,0 +1,327 @@
+// Gitea personal access tokens (SPEC §6): create for a user with a name and scopes, list every
+// page, delete by id or name, verify a token and say whose it is. The token routes take only
+// HTTP Basic credentials (GITEA_USERNAME/GITEA_PASSWORD); verification uses the token itself.
+// Facts about the API: shared/integrations/GITEA.md and the swagger excerpt beside it.
+import type { Actor } from '../audit.ts'
+import { KeygateError } from '../errors.ts'
+import { assertValid } from '../validate.ts'
+import { IntegrationHttp, type HttpResponse } from './http.ts'
+import { CreateGiteaTokenBody, type CreateGiteaTokenInput } from './schemas.ts'
+import { configuredClient, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
+
+const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
+/** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
+export const GITEA_SCOPES: readonly string[] = ['all', 'public-only', ...CATEGORIES.flatMap((c) => [`read:${c}`, `write:${c}`])]
+
+/** Gitea caps `limit` at MAX_RESPONSE_ITEMS (50 by default). */
+const PAGE_SIZE = 50
+const MAX_PAGES = 1000
+
+export interface GiteaToken {
+  id: string
+  remote_id: number
+  name: string
+  user: string
+  scopes: string[]
+  token_last_eight: string
+  base_url: string
+  created_at: string
+  created_by: string
+  deleted_at: string | null
+  deleted_by: string | null
+}
+
+export type GiteaTokenCreated = GiteaToken & { token: string }
+
+export interface GiteaRemoteToken {
+  id: number
+  name: string
+  scopes: string[]
+  token_last_eight: string
+}
+
+export interface GiteaListItem {
+  remote_id: number
+  name: string
+  user: string
+  state: TrackState
+  remote: GiteaRemoteToken | null
+  local: GiteaToken | null
+}
+
+export interface GiteaTokenList {
+  base_url: string
+  users: string[]
+  items: GiteaListItem[]
+  summary: Record<TrackState, number>
+}
+
+export interface GiteaTokenDeleted {
+  deleted: true
+  remote_id: number
+  name: string
+  user: string
+  /** The token was already gone from Gitea (deleted there by hand); only the record was closed. */
+  remote_missing: boolean
+  record: GiteaToken | null
+}
+
+export interface GiteaUser {
+  id: number
+  login: string
+  email: string | null
+  is_admin: boolean
+}
+
+export type GiteaVerification =
+  | { valid: true; user: GiteaUser | null; note?: string; record: GiteaToken | null }
+  | { valid: false; reason: 'malformed' | 'refused'; record: GiteaToken | null }
+
+interface Row {
+  id: string
+  base_url: string
+  remote_id: string | number
+  name: string
+  username: string
+  scopes: string[]
+  token_last_eight: string
+  created_at: Date
+  created_by: string
+  deleted_at: Date | null
+  deleted_by: string | null
+}
+
+const COLUMNS = 'id, base_url, remote_id, name, username, scopes, token_last_eight, created_at, created_by, deleted_at, deleted_by'
+
+function toJson(r: Row): GiteaToken {
+  return {
+    id: r.id,
+    remote_id: Number(r.remote_id),
+    name: r.name,
+    user: r.username,
+    scopes: r.scopes,
+    token_last_eight: r.token_last_eight,
+    base_url: r.base_url,
+    created_at: r.created_at.toISOString(),
+    created_by: r.created_by,
+    deleted_at: iso(r.deleted_at),
+    deleted_by: r.deleted_by,
+  }
+}
+
+function remoteToken(value: unknown): GiteaRemoteToken | null {
+  const v = value as Partial<Record<keyof GiteaRemoteToken | 'sha1', unknown>> | null
+  if (!v || typeof v !== 'object' || !Number.isSafeInteger(v.id) || typeof v.name !== 'string') return null
+  return {
+    id: v.id as number,
+    name: v.name,
+    scopes: Array.isArray(v.scopes) ? v.scopes.filter((s): s is string => typeof s === 'string') : [],
+    token_last_eight: typeof v.token_last_eight === 'string' ? v.token_last_eight : '',
+  }
+}
+
+/** A token can only travel in a header as visible ASCII; anything else is not a Gitea token. */
+const TOKEN_SHAPE = /^[\x21-\x7e]{1,512}$/
+
+export class GiteaTokenService {
+  readonly #deps: IntegrationDeps
+  #http: IntegrationHttp | undefined
+
+  constructor(deps: IntegrationDeps) {
+    this.#deps = deps
+  }
+
+  /** The client; `credentials` also requires GITEA_USERNAME and GITEA_PASSWORD. */
+  #client(credentials: boolean): { http: IntegrationHttp; username: string; authorization: string } {
+    const c = this.#deps.config.integrations.gitea
+    const needed = [[c.url, 'GITEA_URL'], ...(credentials ? [[c.username, 'GITEA_USERNAME'], [c.password, 'GITEA_PASSWORD']] as const : [])] as const
+    this.#http = configuredClient('gitea', this.#http, c, needed)
+    const username = c.username ?? ''
+    const authorization = credentials ? `Basic ${Buffer.from(`${username}:${c.password}`).toString('base64')}` : ''
+    this.#http.secret(authorization.slice(6))
+    return { http: this.#http, username, authorization }
+  }
+
+  /** The error of a failed call on the token routes, by status and Gitea's message. */
+  #tokenRouteError(http: IntegrationHttp, res: HttpResponse, username: string, user: string, what: string): KeygateError {
+    const message = http.messageOf(res)
+    if (res.status === 401) {
+      return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refused the credentials of ${JSON.stringify(username)} (GITEA_USERNAME/GITEA_PASSWORD): 401 ${message}`)
+    }
+    if (res.status === 403) {
+      return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} does not let ${JSON.stringify(username)} manage the tokens of ${JSON.stringify(user)} (only the user or a site admin may): 403 ${message}`)
+    }
+    if (res.status === 400 && /name has been used already/i.test(message)) {
+      return new KeygateError('gitea_token_exists', `Gitea user ${JSON.stringify(user)} already has a token named so: ${message}`)
+    }
+    if (res.status === 400 && /scope/i.test(message)) {
+      return new KeygateError('gitea_scope_unknown', `Gitea at ${http.baseUrl} refused the scopes: ${message}`, { allowed: GITEA_SCOPES })
+    }
+    return http.failure(what, res)
+  }
+
+  async #rows(where: string, params: unknown[]): Promise<Row[]> {
+    return this.#deps.db.query<Row>(`SELECT ${COLUMNS} FROM gitea_tokens WHERE ${where} ORDER BY created_at, id`, params)
+  }
+
+  async create(body: unknown, actor: Actor): Promise<GiteaTokenCreated> {
+    const input = assertValid<CreateGiteaTokenInput>(CreateGiteaTokenBody, body)
+    const unknown = input.scopes.filter((s) => !GITEA_SCOPES.includes(s))
+    if (unknown.length > 0) {
+      throw new KeygateError('gitea_scope_unknown', `scopes: ${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is not a Gitea scope' : 'are not Gitea scopes'}; expected ${GITEA_SCOPES.join(', ')}`, {
+        unknown,
+        allowed: GITEA_SCOPES,
+      })
+    }
+    const { http, username, authorization } = this.#client(true)
+    const user = input.user ?? username
+    const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
+    const res = await http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } })
+    if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)
+    const created = remoteToken(res.body)
+    const token = (res.body as { sha1?: unknown }).sha1
+    if (!created || typeof token !== 'string' || token === '') {
+      throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token creation without a token id and secret`)
+    }
+    http.secret(token, { transient: true })
+    const row: Row = {
+      id: recordId('gt'),
+      base_url: http.baseUrl,
+      remote_id: created.id,
+      name: created.name,
+      username: user,
+      // An older Gitea answers `scopes: null`; it stored what was asked for.
+      scopes: Array.isArray((res.body as { scopes?: unknown }).scopes) ? created.scopes : input.scopes,
+      token_last_eight: created.token_last_eight.length === 8 ? created.token_last_eight : lastEight(token),
+      created_at: new Date(),
+      created_by: actor.actor,
+      deleted_at: null,
+      deleted_by: null,
+    }
+    const details = { remote_id: created.id, name: row.name, user, scopes: row.scopes, token_last_eight: row.token_last_eight, base_url: row.base_url }
+    await recordRemoteCreate({
+      service: 'gitea',
+      deps: this.#deps,
+      what: `token ${created.id} (${JSON.stringify(row.name)} of ${JSON.stringify(user)})`,
+      write: async (tx) => {
+        const [stored] = await tx.query<{ created_at: Date }>(
+          `INSERT INTO gitea_tokens (id, base_url, remote_id, name, username, scopes, token_last_eight, token_hash, created_by)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at`,
+          [row.id, row.base_url, created.id, row.name, user, row.scopes, row.token_last_eight, secretHash(token), actor.actor],
+        )
+        if (stored) row.created_at = stored.created_at
+        await this.#deps.audit.write(tx, actor, { keyId: row.id, action: 'gitea.token.created', details })
+      },
+      undo: async () => {
+        const undo = await http.call('DELETE', `${path}/${created.id}`, { headers: { authorization } })
+        if (undo.status !== 204 && undo.status !== 404) throw this.#tokenRouteError(http, undo, username, user, `delete token ${created.id}`)
+      },
+    })
+    this.#deps.log.info('created a Gitea token', { record: row.id, remote_id: created.id, name: row.name, user, actor: actor.actor })
+    return { ...toJson(row), token }
+  }
+
+  /** Every token of `user` in Gitea, all pages. */
+  async #remoteTokens(user: string): Promise<GiteaRemoteToken[]> {
+    const { http, username, authorization } = this.#client(true)
+    const out: GiteaRemoteToken[] = []
+    for (let page = 1; page <= MAX_PAGES; page++) {
+      const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
+      if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
+      if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
+      for (const item of res.body) {
+        const t = remoteToken(item)
+        if (t) out.push(t)
+      }
+      const total = Number(res.headers['x-total-count'])
+      // A short page is the last; X-Total-Count, when sent, ends the walk as soon as it is reached.
+      if (res.body.length === 0 || (Number.isFinite(total) ? out.length >= total : res.body.length < PAGE_SIZE)) break
+    }
+    return out
+  }
+
+  /**
+   * Gitea's tokens beside keygate's records, for the configured user and every user keygate holds
+   * live records for on this server; `state` marks drift either way.
+   */
+  async list(): Promise<GiteaTokenList> {
+    const { http, username } = this.#client(true)
+    const live = await this.#rows('base_url = $1 AND deleted_at IS NULL', [http.baseUrl])
+    const users = [...new Set([username, ...live.map((r) => r.username)])]
+    const items: GiteaListItem[] = []
+    for (const user of users) {
+      const remote = await this.#remoteTokens(user)
+      const local = live.filter((r) => r.username === user)
+      for (const t of remote) {
+        const mine = local.find((r) => Number(r.remote_id) === t.id)
+        items.push({ remote_id: t.id, name: t.name, user, state: trackState(t, mine), remote: t, local: mine ? toJson(mine) : null })
+      }
+      for (const r of local) {
+        if (remote.some((t) => t.id === Number(r.remote_id))) continue
+        items.push({ remote_id: Number(r.remote_id), name: r.name, user, state: 'deleted_remotely', remote: null, local: toJson(r) })
+      }
+    }
+    return { base_url: http.baseUrl, users, items, summary: driftSummary(items) }
+  }
+
+  /** Deletes by Gitea token id or, failing that, by name (Gitea's own order), and closes the record. */
+  async delete(ref: string, actor: Actor, options: { user?: string | undefined } = {}): Promise<GiteaTokenDeleted> {
+    const { http, username, authorization } = this.#client(true)
+    const user = options.user ?? username
+    const byId = /^\d{1,18}$/.test(ref) && Number(ref) > 0 ? Number(ref) : null
+    const remote = await this.#remoteTokens(user)
+    const target = remote.find((t) => t.id === byId) ?? remote.find((t) => t.name === ref)
+    const live = await this.#rows('base_url = $1 AND username = $2 AND deleted_at IS NULL', [http.baseUrl, user])
+    const local = target
+      ? live.find((r) => Number(r.remote_id) === target.id)
+      : live.find((r) => Number(r.remote_id) === byId) ?? live.find((r) => r.name === ref)
+    if (!target && !local) {
+      throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token with the id or name ${JSON.stringify(ref)}`)
+    }
+    const remoteId = target ? target.id : Number((local as Row).remote_id)
+    const name = target ? target.name : (local as Row).name
+    let remoteMissing = !target
+    if (target) {
+      const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${target.id}`, { headers: { authorization } })
+      if (res.status === 404) remoteMissing = true
+      else if (res.status !== 204) throw this.#tokenRouteError(http, res, username, user, `delete token ${target.id}`)
+    }
+    await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local?.id ?? null, 'gitea.token.deleted', {
+      remote_id: remoteId,
+      name,
+      user,
+      remote_missing: remoteMissing,
+      recorded: local !== undefined,
+      base_url: http.baseUrl,
+    })
+    this.#deps.log.info('deleted a Gitea token', { record: local?.id ?? null, remote_id: remoteId, name, user, remote_missing: remoteMissing, actor: actor.actor })
+    const [after] = local ? await this.#rows('id = $1', [local.id]) : []
+    return { deleted: true, remote_id: remoteId, name, user, remote_missing: remoteMissing, record: after ? toJson(after) : null }
+  }
+
+  /** Asks Gitea whose token this is (`GET /user`); a refused token is a result, not an error. */
+  async verify(secret: string): Promise<GiteaVerification> {
+    const { http } = this.#client(false)
+    const [row] = await this.#rows('token_hash = $1', [secretHash(secret)])
+    const record = row ? toJson(row) : null
+    if (!TOKEN_SHAPE.test(secret)) return { valid: false, reason: 'malformed', record }
+    http.secret(secret, { transient: true })
+    const res = await http.call('GET', '/api/v1/user', { headers: { authorization: `token ${secret}` } })
+    if (res.status === 401) return { valid: false, reason: 'refused', record }
+    if (res.status === 403) {
+      return { valid: true, user: null, note: 'Gitea accepted the token but it lacks the read:user scope, so Gitea does not say whose it is', record }
+    }
+    if (res.status !== 200) throw http.failure('check the token', res)
+    const u = res.body as { id?: unknown; login?: unknown; email?: unknown; is_admin?: unknown }
+    if (typeof u?.login !== 'string') throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered GET /user without a login`)
+    return {
+      valid: true,
+      user: { id: Number(u.id), login: u.login, email: typeof u.email === 'string' && u.email !== '' ? u.email : null, is_admin: u.is_admin === true },
+      record,
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.#http?.close()
+  }
+}

@@ -1,0 +1,153 @@
+// The HTTP client of the integrations: undici with a connect timeout, a header and body timeout
+// and an overall deadline per request. Transport failures become the service's own catalogue
+// codes (`<service>_unreachable`, `<service>_timeout`); answers are bounded in size; every text
+// passed on (transport errors, the service's own messages) has the secrets the client knows
+// cut out first, so no password, cookie or token can reach a log line or an error message.
+import { Agent, request } from 'undici'
+import { KeygateError } from '../errors.ts'
+
+export type ServiceName = 'gitea' | 'n8n'
+export const SERVICE_LABEL: Record<ServiceName, string> = { gitea: 'Gitea', n8n: 'n8n' }
+
+const MAX_BODY_BYTES = 4 * 1024 * 1024
+const MAX_MESSAGE = 300
+const MAX_TRANSIENT = 16
+
+export interface HttpResponse {
+  status: number
+  headers: Record<string, string | string[] | undefined>
+  /** Parsed JSON when the answer is JSON, else the text (empty for no body). */
+  body: unknown
+}
+
+export interface CallOptions {
+  headers?: Record<string, string>
+  json?: unknown
+  query?: Record<string, string | number>
+}
+
+const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
+
+/** `http://host:port/path` without credentials, query or trailing slash: how a URL is shown. */
+export function displayUrl(url: URL): string {
+  return `${url.protocol}//${url.host}${url.pathname.replace(/\/+$/, '')}`
+}
+
+export class IntegrationHttp {
+  readonly service: ServiceName
+  readonly baseUrl: string
+  readonly timeoutMs: number
+  readonly #base: URL
+  readonly #agent: Agent
+  /** Credentials of the client itself (password, Basic header, session cookie): kept for its life. */
+  readonly #secrets = new Set<string>()
+  /** Secrets passing through (tokens created or verified): only the latest few, so the set stays small. */
+  #transient: string[] = []
+
+  constructor(options: { service: ServiceName; url: string; timeoutMs: number }) {
+    this.service = options.service
+    this.timeoutMs = options.timeoutMs
+    this.#base = new URL(options.url)
+    if (this.#base.username || this.#base.password) {
+      throw new KeygateError(`${options.service}_not_configured`, `the ${SERVICE_LABEL[options.service]} URL must not carry credentials; give them in their own settings`)
+    }
+    this.baseUrl = displayUrl(this.#base)
+    this.#agent = new Agent({ connect: { timeout: options.timeoutMs }, keepAliveTimeout: 4_000 })
+  }
+
+  /**
+   * Remembers a secret, so that `redact` cuts it from any text passed on. A `transient` one (a
+   * token on its way to the caller) is kept only among the latest few: a long-running admin
+   * process verifying many tokens must not grow this list without bound.
+   */
+  secret(value: string | undefined, options: { transient?: boolean } = {}): void {
+    if (!value || value.length < 4) return
+    if (!options.transient) this.#secrets.add(value)
+    else if (!this.#transient.includes(value)) this.#transient = [value, ...this.#transient].slice(0, MAX_TRANSIENT)
+  }
+
+  /** `text` without any secret this client knows, shortened to one readable line. */
+  redact(text: string): string {
+    let out = text
+    for (const s of [...this.#secrets, ...this.#transient]) out = out.split(s).join('[redacted]')
+    out = out.replace(/\s+/g, ' ').trim()
+    return out.length > MAX_MESSAGE ? out.slice(0, MAX_MESSAGE - 3) + '...' : out
+  }
+
+  /** The service's own message in an error answer (`message`, or `error`), redacted. */
+  messageOf(res: HttpResponse): string {
+    const b = res.body
+    if (b && typeof b === 'object') {
+      const m = (b as { message?: unknown }).message ?? (b as { error?: unknown }).error
+      if (typeof m === 'string' && m !== '') return this.redact(m)
+    }
+    return typeof b === 'string' && b !== '' && !/^\s*</.test(b) ? this.redact(b) : 'no message'
+  }
+
+  /** A `<service>_error` saying what was attempted, the status and the service's message. */
+  failure(what: string, res: HttpResponse): KeygateError {
+    return new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} refused to ${what}: ${res.status} ${this.messageOf(res)}`, {
+      status: res.status,
+    })
+  }
+
+  async call(method: 'GET' | 'POST' | 'DELETE', path: string, options: CallOptions = {}): Promise<HttpResponse> {
+    const url = new URL(this.#base.pathname.replace(/\/+$/, '') + path, this.#base)
+    for (const [k, v] of Object.entries(options.query ?? {})) url.searchParams.set(k, String(v))
+    const headers: Record<string, string> = { accept: 'application/json', ...options.headers }
+    let body: string | undefined
+    if (options.json !== undefined) {
+      body = JSON.stringify(options.json)
+      headers['content-type'] = 'application/json'
+    }
+    try {
+      const res = await request(url, {
+        dispatcher: this.#agent,
+        method,
+        headers,
+        body,
+        headersTimeout: this.timeoutMs,
+        bodyTimeout: this.timeoutMs,
+        signal: AbortSignal.timeout(this.timeoutMs),
+      })
+      const chunks: Buffer[] = []
+      let size = 0
+      for await (const chunk of res.body) {
+        size += (chunk as Buffer).length
+        if (size > MAX_BODY_BYTES) {
+          res.body.destroy()
+          throw new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${method} ${path} with more than ${MAX_BODY_BYTES} bytes`)
+        }
+        chunks.push(chunk as Buffer)
+      }
+      const text = Buffer.concat(chunks).toString('utf8')
+      const type = String(res.headers['content-type'] ?? '')
+      let parsed: unknown = text
+      if (text !== '' && (type.includes('json') || /^\s*[[{]/.test(text))) {
+        try {
+          parsed = JSON.parse(text)
+        } catch {
+          if (type.includes('json')) throw new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${method} ${path} with invalid JSON`)
+        }
+      }
+      return { status: res.statusCode, headers: res.headers, body: parsed }
+    } catch (err) {
+      if (err instanceof KeygateError) throw err
+      throw this.#transportError(err as Error & { code?: string })
+    }
+  }
+
+  #transportError(err: Error & { code?: string; cause?: unknown }): KeygateError {
+    const label = SERVICE_LABEL[this.service]
+    const code = err.code ?? (err.cause as { code?: string } | undefined)?.code
+    if (err.name === 'TimeoutError' || err.name === 'AbortError' || (code !== undefined && TIMEOUT_CODES.has(code))) {
+      return new KeygateError(`${this.service}_timeout`, `${label} at ${this.baseUrl} did not answer within ${this.timeoutMs} ms`)
+    }
+    const why = this.redact(code ?? err.message)
+    return new KeygateError(`${this.service}_unreachable`, `${label} at ${this.baseUrl} could not be reached (${why})`)
+  }
+
+  async close(): Promise<void> {
+    await this.#agent.close()
+  }
+}

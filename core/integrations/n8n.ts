@@ -1,0 +1,348 @@
+// n8n API keys (SPEC §6): n8n manages them only through a logged-in session, so the service logs
+// in with N8N_EMAIL/N8N_PASSWORD, keeps the session cookie in memory for its own lifetime (never
+// written anywhere), and logs in again once when the session is refused. Verification uses the
+// public API with the key itself. Facts about the API: shared/integrations/N8N.md.
+import type { Actor } from '../audit.ts'
+import { KeygateError } from '../errors.ts'
+import { assertValid } from '../validate.ts'
+import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
+import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
+import { configuredClient, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
+
+export interface N8nKey {
+  id: string
+  remote_id: string
+  label: string
+  owner_email: string
+  scopes: string[]
+  key_last_eight: string
+  expires_at: string | null
+  base_url: string
+  created_at: string
+  created_by: string
+  deleted_at: string | null
+  deleted_by: string | null
+}
+
+export type N8nKeyCreated = N8nKey & { key: string }
+
+export interface N8nRemoteKey {
+  id: string
+  label: string
+  scopes: string[]
+  /** n8n's masked form: asterisks and the last four characters. */
+  masked: string
+  expires_at: string | null
+  created_at: string | null
+}
+
+export interface N8nListItem {
+  remote_id: string
+  label: string
+  state: TrackState
+  remote: N8nRemoteKey | null
+  local: N8nKey | null
+}
+
+export interface N8nKeyList {
+  base_url: string
+  items: N8nListItem[]
+  summary: Record<TrackState, number>
+}
+
+export interface N8nKeyDeleted {
+  deleted: true
+  remote_id: string
+  label: string
+  /** The key was already gone from n8n; only the record was closed. */
+  remote_missing: boolean
+  record: N8nKey | null
+}
+
+export type N8nVerification =
+  | { valid: true; note?: string; record: N8nKey | null }
+  | { valid: false; reason: 'malformed' | 'refused'; record: N8nKey | null }
+
+interface Row {
+  id: string
+  base_url: string
+  remote_id: string
+  label: string
+  owner_email: string
+  scopes: string[]
+  key_last_eight: string
+  expires_at: Date | null
+  created_at: Date
+  created_by: string
+  deleted_at: Date | null
+  deleted_by: string | null
+}
+
+const COLUMNS = 'id, base_url, remote_id, label, owner_email, scopes, key_last_eight, expires_at, created_at, created_by, deleted_at, deleted_by'
+
+function toJson(r: Row): N8nKey {
+  return {
+    id: r.id,
+    remote_id: r.remote_id,
+    label: r.label,
+    owner_email: r.owner_email,
+    scopes: r.scopes,
+    key_last_eight: r.key_last_eight,
+    expires_at: iso(r.expires_at),
+    base_url: r.base_url,
+    created_at: r.created_at.toISOString(),
+    created_by: r.created_by,
+    deleted_at: iso(r.deleted_at),
+    deleted_by: r.deleted_by,
+  }
+}
+
+/** n8n gives expiry as Unix seconds (or null); createdAt as an ISO string. */
+function secondsToIso(v: unknown): string | null {
+  return typeof v === 'number' && Number.isFinite(v) ? new Date(v * 1000).toISOString() : null
+}
+
+function remoteKey(value: unknown): N8nRemoteKey | null {
+  const v = value as Record<string, unknown> | null
+  if (!v || typeof v !== 'object' || typeof v.id !== 'string' || typeof v.label !== 'string') return null
+  return {
+    id: v.id,
+    label: v.label,
+    scopes: Array.isArray(v.scopes) ? v.scopes.filter((s): s is string => typeof s === 'string') : [],
+    masked: typeof v.apiKey === 'string' ? v.apiKey : '',
+    expires_at: secondsToIso(v.expiresAt),
+    created_at: typeof v.createdAt === 'string' ? v.createdAt : null,
+  }
+}
+
+const KEY_SHAPE = /^[\x21-\x7e]{1,4096}$/
+const SESSION_COOKIE = 'n8n-auth'
+
+export class N8nKeyService {
+  readonly #deps: IntegrationDeps
+  #http: IntegrationHttp | undefined
+  #cookie: string | undefined
+
+  constructor(deps: IntegrationDeps) {
+    this.#deps = deps
+  }
+
+  #client(credentials: boolean): { http: IntegrationHttp; email: string; password: string } {
+    const c = this.#deps.config.integrations.n8n
+    const needed = [[c.url, 'N8N_URL'], ...(credentials ? [[c.email, 'N8N_EMAIL'], [c.password, 'N8N_PASSWORD']] as const : [])] as const
+    this.#http = configuredClient('n8n', this.#http, c, needed)
+    return { http: this.#http, email: c.email ?? '', password: c.password ?? '' }
+  }
+
+  async #login(): Promise<string> {
+    const { http, email, password } = this.#client(true)
+    const res = await http.call('POST', '/rest/login', { json: { emailOrLdapLoginId: email, password } })
+    if (res.status === 401 || res.status === 403) {
+      throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the login of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD): ${res.status} ${http.messageOf(res)}`)
+    }
+    if (res.status === 429) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} refused the login for now: too many attempts (429); try again later`, { status: 429 })
+    if (res.status !== 200) throw http.failure(`log in ${JSON.stringify(email)}`, res)
+    const header = res.headers['set-cookie']
+    const cookies = Array.isArray(header) ? header : header ? [header] : []
+    const session = cookies.map((c) => c.split(';')[0] ?? '').find((c) => c.startsWith(`${SESSION_COOKIE}=`))
+    if (!session) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} accepted the login but set no ${SESSION_COOKIE} session cookie`)
+    http.secret(session.slice(SESSION_COOKIE.length + 1))
+    this.#cookie = session
+    return session
+  }
+
+  /** A call on the internal REST API with the session, logging in first or again when refused. */
+  async #rest(method: 'GET' | 'POST' | 'DELETE', path: string, options: CallOptions = {}): Promise<HttpResponse> {
+    const { http } = this.#client(true)
+    const call = async (cookie: string) => http.call(method, path, { ...options, headers: { ...options.headers, cookie } })
+    let res = await call(this.#cookie ?? (await this.#login()))
+    if (res.status === 401) res = await call(await this.#login())
+    if (res.status === 401) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the session of a fresh login: ${http.messageOf(res)}`)
+    if (res.status === 403) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} does not let the N8N_EMAIL user manage API keys: 403 ${http.messageOf(res)}`)
+    if (res.status === 404 && path.startsWith('/rest/api-keys')) {
+      throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no API key routes: its public API is disabled (N8N_PUBLIC_API_DISABLED)`, { status: 404 })
+    }
+    return res
+  }
+
+  /** The `data` of a 200 answer, or the n8n error. */
+  async #data(method: 'GET' | 'POST' | 'DELETE', path: string, what: string, options: CallOptions = {}): Promise<unknown> {
+    const res = await this.#rest(method, path, options)
+    if (res.status !== 200) throw (this.#http as IntegrationHttp).failure(what, res)
+    const body = res.body as { data?: unknown } | null
+    if (!body || typeof body !== 'object' || !('data' in body)) {
+      throw new KeygateError('n8n_error', `n8n at ${(this.#http as IntegrationHttp).baseUrl} answered ${method} ${path} without data`)
+    }
+    return body.data
+  }
+
+  /** The scopes this instance lets the logged-in user put on an API key. */
+  async allowedScopes(): Promise<string[]> {
+    const data = await this.#data('GET', '/rest/api-keys/scopes', 'list the allowed API key scopes')
+    if (!Array.isArray(data)) throw new KeygateError('n8n_error', 'n8n answered the scope list with something other than a list')
+    return data.filter((s): s is string => typeof s === 'string')
+  }
+
+  async #remoteKeys(): Promise<N8nRemoteKey[]> {
+    const data = await this.#data('GET', '/rest/api-keys', 'list the API keys')
+    if (!Array.isArray(data)) throw new KeygateError('n8n_error', 'n8n answered the API key list with something other than a list')
+    return data.map(remoteKey).filter((k): k is N8nRemoteKey => k !== null)
+  }
+
+  async #rows(where: string, params: unknown[]): Promise<Row[]> {
+    return this.#deps.db.query<Row>(`SELECT ${COLUMNS} FROM n8n_api_keys WHERE ${where} ORDER BY created_at, id`, params)
+  }
+
+  async create(body: unknown, actor: Actor): Promise<N8nKeyCreated> {
+    const input = assertValid<CreateN8nKeyInput>(CreateN8nKeyBody, body)
+    const expires = input.expires_at ? new Date(input.expires_at) : null
+    if (expires && expires.getTime() <= Date.now()) {
+      throw new KeygateError('validation_failed', `expires_at: ${input.expires_at} is in the past`, { fields: [{ field: 'expires_at', message: `${input.expires_at} is in the past` }] })
+    }
+    const { http, email } = this.#client(true)
+    const allowed = await this.allowedScopes()
+    const unknown = input.scopes.filter((s) => !allowed.includes(s))
+    if (unknown.length > 0) {
+      throw new KeygateError('n8n_scope_unknown', `scopes: ${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is' : 'are'} not allowed by n8n at ${http.baseUrl}; it allows ${allowed.join(', ')}`, {
+        unknown,
+        allowed,
+      })
+    }
+    if ((await this.#remoteKeys()).some((k) => k.label === input.label)) {
+      throw new KeygateError('n8n_key_exists', `n8n at ${http.baseUrl} already has an API key labelled ${JSON.stringify(input.label)}; labels name keys for delete, so they are kept unique`)
+    }
+    const { created, key } = await this.#createDistinct(input, expires, allowed)
+    const row: Row = {
+      id: recordId('nk'),
+      base_url: http.baseUrl,
+      remote_id: created.id,
+      label: created.label,
+      owner_email: email,
+      scopes: created.scopes.length > 0 ? created.scopes : input.scopes,
+      key_last_eight: lastEight(key),
+      expires_at: expires,
+      created_at: new Date(),
+      created_by: actor.actor,
+      deleted_at: null,
+      deleted_by: null,
+    }
+    const details = { remote_id: created.id, label: row.label, owner_email: email, scopes: row.scopes, key_last_eight: row.key_last_eight, expires_at: iso(expires), base_url: row.base_url }
+    await recordRemoteCreate({
+      service: 'n8n',
+      deps: this.#deps,
+      what: `API key ${created.id} (${JSON.stringify(row.label)})`,
+      write: async (tx) => {
+        const [stored] = await tx.query<{ created_at: Date }>(
+          `INSERT INTO n8n_api_keys (id, base_url, remote_id, label, owner_email, scopes, key_last_eight, key_hash, expires_at, created_by)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING created_at`,
+          [row.id, row.base_url, row.remote_id, row.label, email, row.scopes, row.key_last_eight, secretHash(key), expires, actor.actor],
+        )
+        if (stored) row.created_at = stored.created_at
+        await this.#deps.audit.write(tx, actor, { keyId: row.id, action: 'n8n.key.created', details })
+      },
+      undo: async () => {
+        await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
+      },
+    })
+    this.#deps.log.info('created an n8n API key', { record: row.id, remote_id: created.id, label: row.label, actor: actor.actor })
+    return { ...toJson(row), key }
+  }
+
+  /**
+   * Creates the key in n8n, making sure it is not the twin of another. n8n signs a key as a JWT of
+   * the user, the issuer, the audience and the second it was made (and the expiry), so two keys of
+   * one user made in the same second are the same string: n8n refuses the second one ("There is
+   * already an entry with this name", 500), and a key deleted earlier in that second would be
+   * issued again and work again. Both are detected (the second by the hash keygate kept of the
+   * deleted key) and the creation is repeated in the next second.
+   */
+  async #createDistinct(input: CreateN8nKeyInput, expires: Date | null, allowed: string[]): Promise<{ created: N8nRemoteKey; key: string }> {
+    const { http } = this.#client(true)
+    const expiresAt = expires ? Math.floor(expires.getTime() / 1000) : null
+    for (let attempt = 1; ; attempt++) {
+      const again = async (why: string) => {
+        if (attempt === 3) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} issued a key identical to an earlier one three times (${why})`)
+        this.#deps.log.info('n8n issued a key identical to an earlier one made in the same second; creating it again', { why })
+        await new Promise((r) => setTimeout(r, 1100))
+      }
+      const res = await this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } })
+      if (res.status === 400 && /scope/i.test(http.messageOf(res))) {
+        throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })
+      }
+      if (res.status === 500 && /already an entry/i.test(http.messageOf(res))) {
+        await again('refused as a duplicate')
+        continue
+      }
+      if (res.status !== 200) throw http.failure(`create the API key ${JSON.stringify(input.label)}`, res)
+      const data = (res.body as { data?: Record<string, unknown> } | null)?.data
+      const created = remoteKey(data)
+      const key = data?.rawApiKey
+      if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
+      http.secret(key, { transient: true })
+      if ((await this.#rows('key_hash = $1', [secretHash(key)])).length === 0) return { created, key }
+      await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
+      await again('the same as a key keygate recorded before')
+    }
+  }
+
+  /** n8n's keys of the N8N_EMAIL user beside keygate's records for this instance. */
+  async list(): Promise<N8nKeyList> {
+    const { http } = this.#client(true)
+    const remote = await this.#remoteKeys()
+    const live = await this.#rows('base_url = $1 AND deleted_at IS NULL', [http.baseUrl])
+    const items: N8nListItem[] = remote.map((k) => {
+      const mine = live.find((r) => r.remote_id === k.id)
+      return { remote_id: k.id, label: k.label, state: trackState(k, mine), remote: k, local: mine ? toJson(mine) : null }
+    })
+    for (const r of live) {
+      if (!remote.some((k) => k.id === r.remote_id)) items.push({ remote_id: r.remote_id, label: r.label, state: 'deleted_remotely', remote: null, local: toJson(r) })
+    }
+    return { base_url: http.baseUrl, items, summary: driftSummary(items) }
+  }
+
+  /** Deletes by n8n key id or by label, and closes the record. */
+  async delete(ref: string, actor: Actor): Promise<N8nKeyDeleted> {
+    const { http } = this.#client(true)
+    const remote = await this.#remoteKeys()
+    const byLabel = remote.filter((k) => k.label === ref)
+    const target = remote.find((k) => k.id === ref) ?? (byLabel.length === 1 ? byLabel[0] : undefined)
+    if (!target && byLabel.length > 1) {
+      throw new KeygateError('conflict', `n8n at ${http.baseUrl} has ${byLabel.length} API keys labelled ${JSON.stringify(ref)}; delete by id: ${byLabel.map((k) => k.id).join(', ')}`)
+    }
+    const live = await this.#rows('base_url = $1 AND deleted_at IS NULL', [http.baseUrl])
+    const local = target ? live.find((r) => r.remote_id === target.id) : live.find((r) => r.remote_id === ref) ?? live.find((r) => r.label === ref)
+    if (!target && !local) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key with the id or label ${JSON.stringify(ref)}`)
+    const remoteId = target ? target.id : (local as Row).remote_id
+    const label = target ? target.label : (local as Row).label
+    if (target) await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(target.id)}`, `delete the API key ${target.id}`)
+    await recordDelete(this.#deps.db, this.#deps.audit, actor, 'n8n_api_keys', local?.id ?? null, 'n8n.key.deleted', {
+      remote_id: remoteId,
+      label,
+      remote_missing: !target,
+      recorded: local !== undefined,
+      base_url: http.baseUrl,
+    })
+    this.#deps.log.info('deleted an n8n API key', { record: local?.id ?? null, remote_id: remoteId, label, remote_missing: !target, actor: actor.actor })
+    const [after] = local ? await this.#rows('id = $1', [local.id]) : []
+    return { deleted: true, remote_id: remoteId, label, remote_missing: !target, record: after ? toJson(after) : null }
+  }
+
+  /** Asks n8n's public API whether it takes the key; a refused key is a result, not an error. */
+  async verify(secret: string): Promise<N8nVerification> {
+    const { http } = this.#client(false)
+    const [row] = await this.#rows('key_hash = $1', [secretHash(secret)])
+    const record = row ? toJson(row) : null
+    if (!KEY_SHAPE.test(secret)) return { valid: false, reason: 'malformed', record }
+    http.secret(secret, { transient: true })
+    const res = await http.call('GET', '/api/v1/workflows', { headers: { 'x-n8n-api-key': secret }, query: { limit: 1 } })
+    if (res.status === 401) return { valid: false, reason: 'refused', record }
+    if (res.status === 403) return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
+    if (res.status === 404) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no public API (N8N_PUBLIC_API_DISABLED)`, { status: 404 })
+    if (res.status !== 200) throw http.failure('check the API key', res)
+    return { valid: true, record }
+  }
+
+  async close(): Promise<void> {
+    await this.#http?.close()
+  }
+}

@@ -1,0 +1,121 @@
+// What the Gitea and n8n services share about their local records: ids, the stored form of a
+// secret (SHA-256 and last eight characters), the one transaction that writes a record with its
+// audit row, and never losing track of a credential created remotely when that write fails.
+import { hash } from 'node:crypto'
+import type { Config } from '../../config/schema.ts'
+import type { Actor, AuditLog } from '../audit.ts'
+import type { Db, Queryable } from '../db.ts'
+import { KeygateError } from '../errors.ts'
+import { newKeyId } from '../keys/format.ts'
+import type { Logger } from '../log.ts'
+import { IntegrationHttp, SERVICE_LABEL, type ServiceName } from './http.ts'
+
+/** What both services are built from; the admin API and the CLI pass their runtime's. */
+export interface IntegrationDeps {
+  db: Db
+  audit: AuditLog
+  log: Logger
+  config: Config
+}
+
+/**
+ * The client of a service once its settings are complete, else `<service>_not_configured` naming
+ * each missing variable (`needed`: value and variable name) and its flag.
+ */
+export function configuredClient(
+  service: ServiceName,
+  current: IntegrationHttp | undefined,
+  settings: { url?: string | undefined; password?: string | undefined; timeout_ms: number },
+  needed: ReadonlyArray<readonly [unknown, string]>,
+): IntegrationHttp {
+  const missing = needed.filter(([value]) => !value).map(([, name]) => name)
+  if (missing.length > 0 || !settings.url) {
+    const flags = missing.map((n) => `--${n.toLowerCase().replace(/_/g, '-')}`)
+    throw new KeygateError(`${service}_not_configured`, `${SERVICE_LABEL[service]} is not configured: set ${missing.join(', ')} (or integrations.${service} in the configuration file, or ${flags.join(', ')})`)
+  }
+  if (current) return current
+  const http = new IntegrationHttp({ service, url: settings.url, timeoutMs: settings.timeout_ms })
+  http.secret(settings.password)
+  return http
+}
+
+export function recordId(prefix: 'gt' | 'nk'): string {
+  return `${prefix}_${newKeyId()}`
+}
+
+export function secretHash(secret: string): string {
+  return hash('sha256', secret, 'hex')
+}
+
+export function lastEight(secret: string): string {
+  return secret.slice(-8)
+}
+
+export const iso = (d: Date | null | undefined): string | null => (d ? d.toISOString() : null)
+
+/** Drift of one credential: both sides agree, or one of them is missing. */
+export type TrackState = 'in_sync' | 'deleted_remotely' | 'not_recorded'
+
+export function trackState(remote: unknown, local: unknown): TrackState {
+  if (remote && local) return 'in_sync'
+  return remote ? 'not_recorded' : 'deleted_remotely'
+}
+
+export function driftSummary(items: ReadonlyArray<{ state: TrackState }>): Record<TrackState, number> {
+  const out: Record<TrackState, number> = { in_sync: 0, deleted_remotely: 0, not_recorded: 0 }
+  for (const i of items) out[i.state]++
+  return out
+}
+
+/**
+ * Writes the local record (and its audit row) of a credential just created remotely. When that
+ * fails, the remote credential is deleted again; when that fails too, the error names it so an
+ * operator can remove it, and `list` shows it as not recorded meanwhile.
+ */
+export async function recordRemoteCreate(options: {
+  service: ServiceName
+  deps: IntegrationDeps
+  what: string
+  write: (tx: Queryable) => Promise<void>
+  undo: () => Promise<void>
+}): Promise<void> {
+  const { deps, what } = options
+  const label = SERVICE_LABEL[options.service]
+  try {
+    await deps.db.transaction(options.write)
+  } catch (err) {
+    deps.log.error(`could not record the ${label} credential just created; deleting it again`, { credential: what, err: err as Error })
+    try {
+      await options.undo()
+    } catch (undoErr) {
+      deps.log.error(`could not delete the unrecorded ${label} credential; delete it by hand`, { credential: what, err: undoErr as Error })
+      throw new KeygateError(
+        'store_unavailable',
+        `${what} was created in ${label} but could not be recorded (${(err as Error).message}), and deleting it again failed (${(undoErr as Error).message}): delete it in ${label} by hand`,
+        undefined,
+        { cause: err },
+      )
+    }
+    throw new KeygateError('store_unavailable', `${what} was created in ${label} but could not be recorded (${(err as Error).message}); it was deleted from ${label} again`, undefined, {
+      cause: err,
+    })
+  }
+}
+
+/** Marks a live record deleted and writes the audit row, in one transaction. */
+export async function recordDelete(
+  db: Db,
+  audit: AuditLog,
+  actor: Actor,
+  table: 'gitea_tokens' | 'n8n_api_keys',
+  localId: string | null,
+  action: string,
+  details: Record<string, unknown>,
+): Promise<void> {
+  await db.transaction(async (tx) => {
+    if (localId !== null) {
+      await tx.query(`UPDATE ${table} SET deleted_at = now(), deleted_by = $2 WHERE id = $1 AND deleted_at IS NULL`, [localId, actor.actor])
+    }
+    await audit.write(tx, actor, { keyId: localId, action, details })
+  })
+}

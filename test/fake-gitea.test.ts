@@ -1,0 +1,83 @@
+// The fake Gitea itself, driven directly over HTTP: the behaviours GITEA.md describes that
+// keygate's own calls never provoke (a missing name, several tokens sharing a name, a token
+// header on the token routes, paging limits), and every answer checked against the excerpt.
+import t from 'tap'
+import { FakeGitea } from './helpers/fake-gitea.ts'
+import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
+
+const fake = new FakeGitea()
+await fake.start()
+t.teardown(() => fake.stop())
+fake.addUser('alice', 'alice-pw')
+fake.addUser('bob', 'bob-pw')
+const basic = (user: string, password: string) => `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`
+const alice = basic('alice', 'alice-pw')
+
+async function call(method: string, path: string, authorization?: string, body?: unknown) {
+  const res = await fetch(`${fake.url}/api/v1${path}`, {
+    method,
+    headers: { ...(authorization ? { authorization } : {}), ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+    ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+  })
+  const text = await res.text()
+  return { status: res.status, headers: res.headers, body: text ? JSON.parse(text) : undefined }
+}
+
+t.test('version and the current user', async (t) => {
+  t.match(await call('GET', '/version'), { status: 200, body: { version: /^\d+\.\d+\.\d+$/ } })
+  t.match(await call('GET', '/user', alice), { status: 200, body: { login: 'alice', is_admin: false } })
+  t.match(await call('GET', '/user'), { status: 401 })
+  t.match(await call('GET', '/user', 'token 0000000000000000000000000000000000000000'), { status: 401 })
+})
+
+t.test('token routes: Basic auth only, the user itself', async (t) => {
+  const made = await call('POST', '/users/alice/tokens', alice, { name: 'first', scopes: ['write:user'] })
+  t.equal(made.status, 201)
+  t.same(made.body.scopes, ['write:user'])
+  t.match(await call('GET', '/users/alice/tokens', `token ${made.body.sha1}`), { status: 401, body: { message: 'auth required' } }, 'a token header alone is not enough')
+  t.match(await call('GET', '/users/alice/tokens', basic('alice', made.body.sha1)), { status: 200 }, 'a token as the Basic password, with a user scope')
+  const narrow = await call('POST', '/users/alice/tokens', alice, { name: 'narrow', scopes: ['read:repository'] })
+  t.match(await call('GET', '/users/alice/tokens', basic('alice', narrow.body.sha1)), { status: 403 }, "then checked against that token's scopes")
+  t.match(await call('GET', '/users/alice/tokens', basic('alice', 'wrong')), { status: 401 })
+  t.match(await call('GET', '/users/bob/tokens', alice), { status: 403 }, "another user's tokens")
+  t.match(await call('GET', '/users/nobody/tokens', alice), { status: 404 })
+})
+
+t.test('create: 422 without a name, 400 on a duplicate, an unknown or no scope; normalised scopes', async (t) => {
+  t.match(await call('POST', '/users/alice/tokens', alice, { scopes: ['read:user'] }), { status: 422, body: { message: '[Name]: Required' } })
+  t.match(await call('POST', '/users/alice/tokens', alice, { name: 'first', scopes: ['read:user'] }), { status: 400, body: { message: 'access token name has been used already' } })
+  t.match(await call('POST', '/users/alice/tokens', alice, { name: 'x', scopes: ['read:everything'] }), { status: 400, body: { message: 'invalid access token scope provided: invalid access token scope: read:everything' } })
+  t.match(await call('POST', '/users/alice/tokens', alice, { name: 'x', scopes: [] }), { status: 400, body: { message: 'access token must have a scope' } })
+  const norm = await call('POST', '/users/alice/tokens', alice, { name: 'norm', scopes: ['read:issue', 'write:issue', 'read:issue'] })
+  t.same(norm.body.scopes, ['write:issue'], 'write implies read; duplicates dropped')
+  const every = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'].map((c) => `write:${c}`)
+  t.same((await call('POST', '/users/alice/tokens', alice, { name: 'every', scopes: every })).body.scopes, ['all'], 'every write:* is all')
+})
+
+t.test('list: limit capped at 50, X-Total-Count, no secret', async (t) => {
+  for (let i = 0; i < 60; i++) fake.addToken('bob', `bulk-${i}`, ['read:user'])
+  const bob = basic('bob', 'bob-pw')
+  const first = await call('GET', '/users/bob/tokens?limit=100', bob)
+  t.equal(first.body.length, 50, 'limit is capped at 50')
+  t.equal(first.headers.get('x-total-count'), '60')
+  t.match(first.headers.get('access-control-expose-headers'), /X-Total-Count/)
+  t.equal((await call('GET', '/users/bob/tokens', bob)).body.length, 30, 'default page size 30')
+  t.equal((await call('GET', '/users/bob/tokens?page=2&limit=50', bob)).body.length, 10)
+  t.ok(first.body.every((x: { sha1: string }) => x.sha1 === ''), 'sha1 is empty in lists')
+})
+
+t.test('delete: by id, then by name; 404 and 422 as Gitea answers', async (t) => {
+  const one = fake.addToken('alice', 'twin', ['read:user'])
+  fake.addToken('alice', 'twin', ['read:user'])
+  t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 422, body: { message: "multiple matches for token name 'twin'" } })
+  t.match(await call('DELETE', `/users/alice/tokens/${one.id}`, alice), { status: 204, body: undefined })
+  t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 204 }, 'one match left: deleted by name')
+  t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 404 })
+  t.match(await call('DELETE', '/users/alice/tokens/999999', alice), { status: 404 })
+  const bobs = fake.tokens.find((x) => x.owner === 'bob') as { id: number }
+  t.match(await call('DELETE', `/users/alice/tokens/${bobs.id}`, alice), { status: 404 }, "another user's token id")
+})
+
+t.test('every answer matches the swagger excerpt', async (t) => {
+  checkAgainstSwagger(t, fake.responses)
+})

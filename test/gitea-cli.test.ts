@@ -1,0 +1,144 @@
+// `keygate gitea` as a real process against the fake Gitea, on the embedded store and on
+// PostgreSQL: the create, verify, list, delete cycle, usage errors (exit 2), refusals (exit 1),
+// and afterwards no token or password in the store files, the dump or any captured output.
+import t from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { capturedStderr, folderBytes, runCli } from './helpers/cli.ts'
+import { FakeGitea } from './helpers/fake-gitea.ts'
+import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
+import { freePort, noSecrets } from './helpers/integrations.ts'
+import { freshDatabase } from './helpers/stores.ts'
+
+const PASSWORD = 'ci-Bot-password-77'
+const fake = new FakeGitea()
+await fake.start()
+fake.addUser('ci-bot', PASSWORD)
+t.teardown(() => fake.stop())
+const secrets: string[] = [PASSWORD, Buffer.from(`ci-bot:${PASSWORD}`).toString('base64')]
+const gitea = { GITEA_URL: fake.url, GITEA_USERNAME: 'ci-bot', GITEA_PASSWORD: PASSWORD }
+const isolated = (extra: Record<string, string | undefined>) => ({ DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, LOG_LEVEL: 'debug', ...extra })
+
+t.test('usage errors exit 2 before anything is opened', async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-usage-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const requests = fake.requests.length
+  for (const [args, pattern] of [
+    [['gitea'], /usage: keygate gitea <command>/],
+    [['gitea', 'rotate'], /unknown gitea command "rotate"/],
+    [['gitea', 'create', '--scopes', 'read:user'], /--name is required/],
+    [['gitea', 'create', '--name', 'x'], /--scopes is required/],
+    [['gitea', 'create', '--name', 'x', '--scopes', 'read:user', 'extra'], /unexpected argument "extra"/],
+    [['gitea', 'delete'], /missing argument\nusage: keygate gitea delete/],
+    [['gitea', 'verify'], /missing argument/],
+    [['gitea', 'list', '--colour'], /Unknown option '--colour'/],
+  ] as const) {
+    const r = await runCli([...args], { cwd, env: isolated({ ...gitea, KEYGATE_DATA_DIR: join(cwd, 'store') }) })
+    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+    t.match(r.stderr, pattern)
+  }
+  t.equal(fake.requests.length, requests, 'no call reached Gitea')
+  const help = await runCli(['gitea', '--help'])
+  t.match(help.stdout, /create +create a personal access token/)
+  t.match((await runCli(['--help'])).stdout, /gitea <command> +Gitea personal access tokens: create, list, delete, verify/)
+})
+
+t.test('the cycle on each store', async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-cli-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const url = await freshDatabase(t)
+  const dataDir = join(cwd, 'store')
+  for (const [kind, storeEnv] of [
+    ['embedded', { KEYGATE_DATA_DIR: dataDir }],
+    ['postgres', { DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 5).toString('base64') }],
+  ] as const) {
+    await t.test(kind, async (t) => {
+      const run = (args: string[], options: { env?: Record<string, string | undefined>; input?: string } = {}) =>
+        runCli(['gitea', ...args], { cwd, env: isolated({ ...gitea, ...storeEnv, ...options.env }), ...(options.input !== undefined ? { input: options.input } : {}) })
+      const created = await run(['create', '--name', `ci-${kind}`, '--scopes', 'read:repository,read:user', '--json'])
+      t.equal(created.code, 0, created.stderr)
+      const c = created.json()
+      secrets.push(c.token)
+      t.match(c, { name: `ci-${kind}`, user: 'ci-bot', scopes: ['read:repository', 'read:user'], token: /^[0-9a-f]{40}$/ })
+
+      const verified = await run(['verify', c.token])
+      t.equal(verified.code, 0, verified.stderr)
+      t.match(verified.stdout, `valid: Gitea user ci-bot (id 1); keygate record ${c.id} (ci-${kind})`)
+      t.equal((await run(['verify', '-', '--json'], { input: `${c.token}\n` })).json().user.login, 'ci-bot', 'verify reads the token from stdin')
+
+      const table = await run(['list'])
+      t.equal(table.code, 0, table.stderr)
+      t.match(table.stdout, /^ID\s+NAME\s+USER\s+SCOPES\s+LAST EIGHT\s+STATE\s+RECORD\s+CREATED BY/)
+      t.match(table.stdout, new RegExp(`${c.remote_id}\\s+ci-${kind}\\s+ci-bot\\s+read:repository,read:user\\s+${c.token_last_eight}\\s+in sync\\s+${c.id}`))
+      t.match(table.stdout, /tokens?: \d+ in sync, 0 deleted remotely \(record kept\), 0 not recorded by keygate/)
+
+      const deleted = await run(['delete', `ci-${kind}`, '--json'])
+      t.equal(deleted.code, 0, deleted.stderr)
+      t.match(deleted.json(), { deleted: true, remote_id: c.remote_id, remote_missing: false, record: { id: c.id } })
+      const refused = await run(['verify', c.token, '--json'])
+      t.equal(refused.code, 1, 'after delete, verify fails')
+      t.match(refused.json(), { valid: false, reason: 'refused', record: { id: c.id } })
+      t.match(refused.stderr, /token refused: refused \(keygate record gt_\w+, deleted /)
+      t.notOk((await run(['list', '--json'])).json().items.some((i: { remote_id: number }) => i.remote_id === c.remote_id))
+
+      // What does not depend on the store runs once, on PostgreSQL (each embedded-store process
+      // opens PGlite from disk, the slow part of these runs).
+      if (kind === 'embedded') return
+
+      const human = await run(['create', '--name', `human-${kind}`, '--scopes', 'write:issue'])
+      t.equal(human.code, 0, human.stderr)
+      t.match(human.stdout, /^Created Gitea token \d+ \(human-\w+\) for ci-bot with write:issue; keygate record gt_\w+\.\nThe token is shown once; store it now:\n[0-9a-f]{40}\n$/)
+      secrets.push((/\n([0-9a-f]{40})\n$/.exec(human.stdout) as RegExpExecArray)[1] as string)
+      const dup = await run(['create', '--name', `human-${kind}`, '--scopes', 'write:issue', '--json'])
+      t.equal(dup.code, 1, 'a duplicate name is refused')
+      t.equal(dup.json().error.code, 'gitea_token_exists')
+      const scope = await run(['create', '--name', 'x', '--scopes', 'read:everything'])
+      t.equal(scope.code, 1)
+      t.match(scope.stderr, /"read:everything" is not a Gitea scope; expected all, public-only, read:activitypub/)
+      t.equal((await run(['delete', `human-${kind}`])).code, 0)
+
+      const missing = await run(['delete', `ci-${kind}`])
+      t.equal(missing.code, 1)
+      t.match(missing.stderr, /has no token with the id or name "ci-\w+"/)
+
+      const drift = fake.addToken('ci-bot', `by-hand-${kind}`, ['read:user'])
+      secrets.push(drift.sha1)
+      const gone = (await run(['create', '--name', `gone-${kind}`, '--scopes', 'read:user', '--json'])).json()
+      secrets.push(gone.token)
+      fake.removeToken(gone.remote_id)
+      const listed = await run(['list'])
+      t.match(listed.stdout, new RegExp(`${drift.id}\\s+by-hand-${kind}\\s+ci-bot\\s+read:user\\s+\\w{8}\\s+not recorded`))
+      t.match(listed.stdout, new RegExp(`${gone.remote_id}\\s+gone-${kind}\\s+ci-bot\\s+read:user\\s+\\w{8}\\s+deleted remotely\\s+${gone.id}`))
+      t.match((await run(['delete', `gone-${kind}`])).stdout, /was already gone from Gitea; its record is closed/)
+      t.equal((await run(['delete', String(drift.id)])).code, 0)
+
+      const wrong = await run(['list', '--json'], { env: { GITEA_PASSWORD: 'Wrong-password-0' } })
+      t.equal(wrong.code, 1)
+      t.equal(wrong.json().error.code, 'gitea_auth_failed')
+      t.notMatch(wrong.stdout + wrong.stderr, /Wrong-password-0/, 'the password is not repeated')
+      const byFlags = await run(['list', '--json', '--gitea-url', fake.url, '--gitea-username', 'ci-bot', '--gitea-password', PASSWORD], { env: { GITEA_URL: undefined, GITEA_USERNAME: undefined, GITEA_PASSWORD: undefined } })
+      t.equal(byFlags.code, 0, 'credentials as flags')
+      const none = await run(['list'], { env: { GITEA_URL: undefined } })
+      t.equal(none.code, 1)
+      t.match(none.stderr, /Gitea is not configured: set GITEA_URL/)
+      const down = await run(['list', '--json'], { env: { GITEA_URL: `http://127.0.0.1:${await freePort()}` } })
+      t.equal(down.code, 1)
+      t.equal(down.json().error.code, 'gitea_unreachable')
+    })
+  }
+
+  const stored = folderBytes(dataDir).toString('latin1')
+  t.ok(stored.includes('ci-embedded'), 'the store files hold the records')
+  noSecrets(t, stored, secrets, 'embedded store files')
+  const dump = execFileSync('pg_dump', ['--data-only', url], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024, stdio: ['ignore', 'pipe', 'ignore'] })
+  t.match(dump, /ci-postgres/)
+  noSecrets(t, dump, secrets, 'PostgreSQL dump')
+})
+
+t.test('no secret in captured output; every answer matches the swagger excerpt', async (t) => {
+  t.ok(capturedStderr.some((s) => s.includes('created a Gitea token')), 'CLI logs captured at debug level')
+  noSecrets(t, capturedStderr.join('\n'), secrets, 'captured stderr')
+  checkAgainstSwagger(t, fake.responses)
+})

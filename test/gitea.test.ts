@@ -1,0 +1,229 @@
+// GiteaTokenService against the fake Gitea, on the embedded store and on PostgreSQL: the token
+// lifecycle, drift, paging, every error path, never losing a token created remotely, and no
+// secret in the store, the audit details or the logs. Every answer of the fake is checked against
+// Gitea's swagger excerpt at the end.
+import t, { type Test } from 'tap'
+import { GiteaTokenService, GITEA_SCOPES } from '../core/integrations/gitea.ts'
+import { FakeGitea, type RecordedResponse } from './helpers/fake-gitea.ts'
+import { answerKinds, checkAgainstSwagger } from './helpers/gitea-swagger.ts'
+import { capturedLogs, dumpStore, failingTransactions, freePort, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { forEachStore, rejection } from './helpers/stores.ts'
+
+const PASSWORD = 'alice-Secret-pw-1'
+const ADMIN_PASSWORD = 'root-Secret-pw-2'
+const actor = { actor: 'cli:tester' }
+const responses: RecordedResponse[] = []
+const secrets = [PASSWORD, ADMIN_PASSWORD, Buffer.from(`alice:${PASSWORD}`).toString('base64'), Buffer.from(`root:${ADMIN_PASSWORD}`).toString('base64')]
+
+async function fakeGitea(t: Test): Promise<FakeGitea> {
+  const fake = new FakeGitea()
+  await fake.start()
+  fake.addUser('alice', PASSWORD)
+  fake.addUser('bob', 'bob-Secret-pw-3')
+  fake.addUser('root', ADMIN_PASSWORD, { is_admin: true })
+  t.teardown(async () => {
+    responses.push(...fake.responses)
+    await fake.stop()
+  })
+  return fake
+}
+
+function env(url: string, extra: Record<string, string> = {}): Record<string, string> {
+  return { GITEA_URL: url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: PASSWORD, ...extra }
+}
+
+t.test('scope names are the ones Gitea accepts', async (t) => {
+  t.equal(GITEA_SCOPES.length, 20)
+  for (const s of ['all', 'public-only', 'read:repository', 'write:user', 'read:misc', 'write:activitypub']) t.ok(GITEA_SCOPES.includes(s), s)
+})
+
+await forEachStore(t, async (t, store) => {
+  const fake = await fakeGitea(t)
+  const deps = integrationDeps(store.db, env(fake.url))
+  const gitea = new GiteaTokenService(deps)
+  t.teardown(() => gitea.close())
+
+  await t.test('create, verify, list, delete', async (t) => {
+    const created = await gitea.create({ name: 'ci', scopes: ['read:repository', 'write:issue', 'read:user'] }, actor)
+    secrets.push(created.token)
+    t.match(created, { name: 'ci', user: 'alice', scopes: ['read:repository', 'read:user', 'write:issue'], created_by: 'cli:tester', deleted_at: null })
+    t.match(created.id, /^gt_[0-9A-Za-z]{12}$/)
+    t.equal(created.token_last_eight, created.token.slice(-8))
+    t.equal(created.base_url, fake.url)
+    t.ok(fake.tokens.some((x) => x.id === created.remote_id && x.sha1 === created.token), 'the token exists in Gitea')
+    t.match(fake.requests.at(-1), { method: 'POST', path: '/api/v1/users/alice/tokens', authorization: /^Basic / })
+
+    const verified = await gitea.verify(created.token)
+    t.match(verified, { valid: true, user: { login: 'alice', id: 1, email: 'alice@example.test', is_admin: false }, record: { id: created.id, name: 'ci' } })
+    t.match(fake.requests.at(-1), { method: 'GET', path: '/api/v1/user', authorization: `token ${created.token}` })
+
+    const list = await gitea.list()
+    const item = list.items.find((i) => i.remote_id === created.remote_id)
+    t.match(item, { state: 'in_sync', name: 'ci', user: 'alice', remote: { id: created.remote_id, token_last_eight: created.token_last_eight }, local: { id: created.id } })
+    t.equal(JSON.stringify(list).includes(created.token), false, 'the list never holds the token')
+
+    const deleted = await gitea.delete('ci', actor)
+    t.match(deleted, { deleted: true, remote_id: created.remote_id, name: 'ci', user: 'alice', remote_missing: false, record: { id: created.id, deleted_by: 'cli:tester' } })
+    t.ok(deleted.record?.deleted_at, 'the record is closed')
+    t.notOk(fake.tokens.some((x) => x.id === created.remote_id), 'gone from Gitea')
+    t.match(await gitea.verify(created.token), { valid: false, reason: 'refused', record: { id: created.id } })
+    t.notOk((await gitea.list()).items.some((i) => i.remote_id === created.remote_id), 'a deleted token is no longer listed')
+
+    const audit = await deps.audit.list(store.db, { keyId: created.id })
+    t.same(audit.map((a) => a.action), ['gitea.token.deleted', 'gitea.token.created'], 'create and delete each left an audit row')
+    t.match(audit[1]?.details, { remote_id: created.remote_id, name: 'ci', user: 'alice', token_last_eight: created.token_last_eight })
+    t.equal(audit[0]?.actor, 'cli:tester')
+  })
+
+  await t.test('delete by id; a token shown only by its token scope still verifies', async (t) => {
+    const narrow = await gitea.create({ name: 'narrow', scopes: ['read:repository'] }, actor)
+    secrets.push(narrow.token)
+    t.match(await gitea.verify(narrow.token), { valid: true, user: null, note: /read:user/, record: { id: narrow.id } }, 'a 403 from the scope check still means Gitea knows the token')
+    const d = await gitea.delete(String(narrow.remote_id), actor)
+    t.equal(d.name, 'narrow')
+    t.match(await gitea.verify(narrow.token), { valid: false, reason: 'refused' })
+    t.match(await gitea.verify('not a token\n'), { valid: false, reason: 'malformed', record: null }, 'a value that cannot be a header is refused without a call')
+  })
+
+  await t.test('drift: deleted in Gitea by hand, made in Gitea by hand', async (t) => {
+    const gone = await gitea.create({ name: 'gone-by-hand', scopes: ['read:user'] }, actor)
+    secrets.push(gone.token)
+    fake.removeToken(gone.remote_id)
+    const manual = fake.addToken('alice', 'made-by-hand', ['write:repository'])
+    secrets.push(manual.sha1)
+    const list = await gitea.list()
+    t.match(list.items.find((i) => i.remote_id === gone.remote_id), { state: 'deleted_remotely', remote: null, local: { id: gone.id } })
+    t.match(list.items.find((i) => i.remote_id === manual.id), { state: 'not_recorded', remote: { name: 'made-by-hand', scopes: ['write:repository'] }, local: null })
+    t.ok(list.summary.deleted_remotely >= 1 && list.summary.not_recorded >= 1)
+
+    const closed = await gitea.delete('gone-by-hand', actor)
+    t.match(closed, { remote_missing: true, record: { id: gone.id } }, 'deleting a token gone from Gitea closes its record')
+    const unrecorded = await gitea.delete('made-by-hand', actor)
+    t.match(unrecorded, { remote_missing: false, record: null }, 'a token keygate did not record can still be deleted')
+    const audit = await deps.audit.list(store.db, { limit: 5 })
+    t.match(audit[0], { action: 'gitea.token.deleted', keyId: null, details: { name: 'made-by-hand', recorded: false } })
+    const missing = await rejection(gitea.delete('no-such-token', actor))
+    t.match(missing, { code: 'gitea_token_not_found', status: 404, message: /alice.*no token.*"no-such-token"/ })
+  })
+
+  await t.test('refused requests', async (t) => {
+    const before = fake.requests.length
+    const bad = await rejection(gitea.create({ name: 'x', scopes: ['read:repository', 'read:everything'] }, actor))
+    t.match(bad, { code: 'gitea_scope_unknown', status: 400, message: /"read:everything" is not a Gitea scope/, details: { unknown: ['read:everything'] } })
+    t.equal(fake.requests.length, before, 'unknown scopes are refused before any call')
+    t.match(await rejection(gitea.create({ scopes: ['read:user'] }, actor)), { code: 'validation_failed', message: /name: is required/ })
+    t.match(await rejection(gitea.create({ name: 'x', scopes: [] }, actor)), { code: 'validation_failed', message: /scopes/ })
+    t.match(await rejection(gitea.create({ name: 'x', scopes: ['read:user'], colour: 'red' }, actor)), { code: 'validation_failed', message: /colour: unknown key/ })
+
+    const first = await gitea.create({ name: 'twice', scopes: ['read:user'] }, actor)
+    secrets.push(first.token)
+    const dup = await rejection(gitea.create({ name: 'twice', scopes: ['read:user'] }, actor))
+    t.match(dup, { code: 'gitea_token_exists', status: 409, message: /"alice" already has a token named so: access token name has been used already/ })
+
+    fake.faults.push({ method: 'POST', status: 400, message: 'invalid access token scope provided: invalid access token scope: read:misc' })
+    t.match(await rejection(gitea.create({ name: 'older-gitea', scopes: ['read:misc'] }, actor)), { code: 'gitea_scope_unknown', message: /refused the scopes: invalid access token scope provided/ }, "Gitea's own scope refusal keeps its message")
+
+    fake.faults.push({ method: 'POST', status: 500, message: 'database is locked' })
+    t.match(await rejection(gitea.create({ name: 'five-hundred', scopes: ['read:user'] }, actor)), { code: 'gitea_error', status: 502, message: /refused to create a token for "alice": 500 database is locked/ })
+  })
+
+  await t.test('credentials: wrong password, another user, a site admin', async (t) => {
+    const wrong = new GiteaTokenService(integrationDeps(store.db, env(fake.url, { GITEA_PASSWORD: 'not-the-Password-9' })))
+    t.teardown(() => wrong.close())
+    secrets.push('not-the-Password-9')
+    const refused = await rejection(wrong.list())
+    t.match(refused, { code: 'gitea_auth_failed', status: 502, message: /refused the credentials of "alice" \(GITEA_USERNAME\/GITEA_PASSWORD\): 401/ })
+
+    const other = await rejection(gitea.create({ name: 'for-bob', scopes: ['read:user'], user: 'bob' }, actor))
+    t.match(other, { code: 'gitea_auth_failed', message: /does not let "alice" manage the tokens of "bob"/ })
+
+    const admin = new GiteaTokenService(integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })))
+    t.teardown(() => admin.close())
+    const forBob = await admin.create({ name: 'for-bob', scopes: ['read:user'], user: 'bob' }, actor)
+    secrets.push(forBob.token)
+    t.match(await admin.verify(forBob.token), { valid: true, user: { login: 'bob' } })
+    const listed = await admin.list()
+    t.ok(listed.users.includes('bob'), 'list covers every user keygate holds tokens for')
+    t.match(listed.items.find((i) => i.remote_id === forBob.remote_id), { state: 'in_sync', user: 'bob' })
+    t.match(await admin.delete('for-bob', actor, { user: 'bob' }), { user: 'bob', remote_missing: false })
+
+    const unconfigured = new GiteaTokenService(integrationDeps(store.db, { GITEA_URL: fake.url }))
+    t.match(await rejection(unconfigured.list()), { code: 'gitea_not_configured', status: 503, message: /set GITEA_USERNAME, GITEA_PASSWORD/ })
+    t.match(await rejection(new GiteaTokenService(integrationDeps(store.db, {})).verify('abc')), { code: 'gitea_not_configured', message: /set GITEA_URL/ })
+  })
+
+  await t.test('paging: every page is read, at most 50 a page', async (t) => {
+    const made = Array.from({ length: 123 }, (_, i) => fake.addToken('alice', `bulk-${i}`, ['read:user']))
+    for (const m of made) secrets.push(m.sha1)
+    const requestsBefore = fake.requests.length
+    const list = await gitea.list()
+    for (const m of made) t.ok(list.items.some((i) => i.remote_id === m.id), `bulk token ${m.id} listed`)
+    const pages = fake.requests.slice(requestsBefore).filter((r) => r.path === '/api/v1/users/alice/tokens')
+    t.equal(pages.length, 3, 'three pages of 50')
+    for (const m of made) fake.removeToken(m.id)
+  })
+
+  await t.test('unreachable, timeout', async (t) => {
+    const port = await freePort()
+    const down = new GiteaTokenService(integrationDeps(store.db, env(`http://127.0.0.1:${port}`)))
+    t.teardown(() => down.close())
+    t.match(await rejection(down.list()), { code: 'gitea_unreachable', status: 502, message: new RegExp(`Gitea at http://127.0.0.1:${port} could not be reached \\(ECONNREFUSED\\)`) })
+    t.match(await rejection(down.verify('abcdef')), { code: 'gitea_unreachable' })
+
+    fake.delayMs = 1500
+    t.teardown(() => {
+      fake.delayMs = 0
+    })
+    const quick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url)), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, timeout_ms: 300 } } } })
+    t.teardown(() => quick.close())
+    const started = Date.now()
+    t.match(await rejection(quick.list()), { code: 'gitea_timeout', status: 504, message: /did not answer within 300 ms/ })
+    t.ok(Date.now() - started < 1400, 'the timeout ends the wait')
+    fake.delayMs = 0
+  })
+
+  await t.test('a token created but not recorded is deleted again', async (t) => {
+    const broken = new GiteaTokenService(integrationDeps(failingTransactions(store.db), env(fake.url)))
+    t.teardown(() => broken.close())
+    const count = fake.tokens.length
+    const err = await rejection(broken.create({ name: 'unrecorded', scopes: ['read:user'] }, actor))
+    t.match(err, { code: 'store_unavailable', message: /token \d+ \("unrecorded" of "alice"\) was created in Gitea but could not be recorded \(the store went away\); it was deleted from Gitea again/ })
+    t.equal(fake.tokens.length, count, 'the remote token is gone again')
+
+    fake.faults.push({ method: 'DELETE', status: 500, message: 'internal error' })
+    const stuck = await rejection(broken.create({ name: 'stuck', scopes: ['read:user'] }, actor))
+    t.match(stuck, { code: 'store_unavailable', message: /and deleting it again failed .*delete it in Gitea by hand/ })
+    const list = await gitea.list()
+    t.match(list.items.find((i) => i.name === 'stuck'), { state: 'not_recorded', local: null }, 'list shows the token keygate could not record')
+    await gitea.delete('stuck', actor)
+  })
+
+  await t.test('no secret in the store, the audit details or the logs', async (t) => {
+    const all = await deps.audit.list(store.db, { limit: 1000 })
+    t.ok(all.length >= 8, 'audit rows were written')
+    noSecrets(t, JSON.stringify(all), secrets, 'decrypted audit details')
+    const dump = await dumpStore(store)
+    t.match(dump, /gitea_tokens/, 'the dump holds the token table')
+    noSecrets(t, dump, secrets, `${store.kind} dump`)
+  })
+})
+
+t.test('every answer of the fake matches the swagger excerpt', async (t) => {
+  t.ok(capturedLogs.some((l) => l.includes('created a Gitea token')), 'logs were captured')
+  noSecrets(t, capturedLogs.join('\n'), secrets, 'captured logs')
+  const kinds = answerKinds(responses)
+  for (const k of [
+    'GET /user 200',
+    'GET /user 401',
+    'GET /user 403',
+    'GET /users/{username}/tokens 200',
+    'GET /users/{username}/tokens 401',
+    'POST /users/{username}/tokens 201',
+    'POST /users/{username}/tokens 400',
+    'POST /users/{username}/tokens 403',
+    'DELETE /users/{username}/tokens/{token} 204',
+  ]) {
+    t.ok(kinds.includes(k), `answers include ${k}`)
+  }
+  checkAgainstSwagger(t, responses)
+})

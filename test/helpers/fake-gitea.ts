@@ -1,0 +1,261 @@
+// A fake Gitea for the tests: the token, user and version operations of the swagger excerpt in
+// test/fixtures/gitea-tokens.swagger.json, behaving as shared/integrations/GITEA.md describes
+// (HTTP Basic only on the token routes, 400 on a duplicate name or unknown scope, 422 on a
+// missing name, `limit` capped at 50 with X-Total-Count, delete by id then by name). Every
+// answer is recorded, so the tests can validate each one against the excerpt's schemas.
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { randomBytes } from 'node:crypto'
+
+export interface FakeUser {
+  id: number
+  login: string
+  password: string
+  email: string
+  is_admin: boolean
+}
+
+interface StoredToken {
+  id: number
+  owner: string
+  name: string
+  sha1: string
+  scopes: string[]
+}
+
+export interface RecordedResponse {
+  method: string
+  /** The swagger path the request matched (`/users/{username}/tokens`), or the raw path. */
+  operation: string
+  status: number
+  body: unknown
+  headers: http.OutgoingHttpHeaders
+}
+
+const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user']
+const KNOWN = new Set(['all', 'public-only', ...CATEGORIES.flatMap((c) => [`read:${c}`, `write:${c}`])])
+const DEFAULT_PAGING = 30
+const MAX_RESPONSE_ITEMS = 50
+
+/** Gitea's normalisation: duplicates dropped, write implies read, every write:* together is `all`. */
+function normalise(scopes: string[]): string[] {
+  const set = new Set(scopes)
+  if (set.has('all') || CATEGORIES.every((c) => set.has(`write:${c}`))) return set.has('public-only') ? ['all', 'public-only'] : ['all']
+  for (const c of CATEGORIES) if (set.has(`write:${c}`)) set.delete(`read:${c}`)
+  return [...set].sort()
+}
+
+/** Whether `scopes` grant `need` (`read:user` is granted by `write:user` and `all`). */
+function grants(scopes: string[], need: string): boolean {
+  const [level, cat] = need.split(':')
+  return scopes.includes('all') || scopes.includes(`write:${cat}`) || (level === 'read' && scopes.includes(`read:${cat}`))
+}
+
+export interface FakeGiteaOptions {
+  version?: string
+}
+
+export class FakeGitea {
+  readonly users = new Map<string, FakeUser>()
+  readonly tokens: StoredToken[] = []
+  readonly responses: RecordedResponse[] = []
+  /** Requests seen, method and path (for tests of what the client sends). */
+  readonly requests: Array<{ method: string; path: string; authorization: string | undefined }> = []
+  url = ''
+  /** Hold every answer this long (timeout tests). */
+  delayMs = 0
+  /** Answer the next requests matching a method with this status and message instead. */
+  readonly faults: Array<{ method: string; status: number; message: string }> = []
+  readonly #server: http.Server
+  readonly #options: FakeGiteaOptions
+  #nextId = 1
+
+  constructor(options: FakeGiteaOptions = {}) {
+    this.#options = options
+    this.#server = http.createServer((req, res) => void this.#handle(req, res))
+  }
+
+  async start(): Promise<string> {
+    await new Promise<void>((resolve) => this.#server.listen(0, '127.0.0.1', resolve))
+    this.url = `http://127.0.0.1:${(this.#server.address() as AddressInfo).port}`
+    return this.url
+  }
+
+  async stop(): Promise<void> {
+    this.#server.closeAllConnections()
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()))
+  }
+
+  addUser(login: string, password: string, options: { is_admin?: boolean } = {}): FakeUser {
+    const user = { id: this.users.size + 1, login, password, email: `${login}@example.test`, is_admin: options.is_admin === true }
+    this.users.set(login, user)
+    return user
+  }
+
+  /** A token made as if through Gitea's own UI (not by keygate); returns its secret. */
+  addToken(owner: string, name: string, scopes: string[]): { id: number; sha1: string } {
+    const t = { id: this.#nextId++, owner, name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes) }
+    this.tokens.push(t)
+    return { id: t.id, sha1: t.sha1 }
+  }
+
+  /** Removes a token as a Gitea user would by hand, behind keygate's back. */
+  removeToken(id: number): void {
+    const i = this.tokens.findIndex((t) => t.id === id)
+    if (i >= 0) this.tokens.splice(i, 1)
+  }
+
+  #send(req: http.IncomingMessage, res: http.ServerResponse, operation: string, status: number, body?: unknown, headers: http.OutgoingHttpHeaders = {}): void {
+    this.responses.push({ method: req.method ?? '', operation, status, body, headers })
+    const text = body === undefined ? '' : JSON.stringify(body)
+    res.writeHead(status, { ...(body === undefined ? {} : { 'content-type': 'application/json;charset=utf-8' }), 'content-length': Buffer.byteLength(text), ...headers })
+    res.end(text)
+  }
+
+  #error(req: http.IncomingMessage, res: http.ServerResponse, operation: string, status: number, message: string): void {
+    const body: Record<string, unknown> = { message, url: `${this.url}/api/swagger` }
+    if (status === 404) body.errors = null
+    this.#send(req, res, operation, status, body)
+  }
+
+  /** The user a Basic header names when its password (or one of the user's tokens) matches. */
+  #basic(header: string | undefined): { user: FakeUser; token?: StoredToken } | 'none' | 'bad' {
+    const m = /^Basic\s+(\S+)$/i.exec(header ?? '')
+    if (!m) return 'none'
+    const text = Buffer.from(m[1] as string, 'base64').toString('utf8')
+    const colon = text.indexOf(':')
+    const user = this.users.get(text.slice(0, colon))
+    const secret = text.slice(colon + 1)
+    if (!user || colon < 0) return 'bad'
+    if (secret === user.password) return { user }
+    const token = this.tokens.find((t) => t.owner === user.login && t.sha1 === secret)
+    return token ? { user, token } : 'bad'
+  }
+
+  async #handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const chunks: Buffer[] = []
+    for await (const c of req) chunks.push(c as Buffer)
+    const raw = Buffer.concat(chunks).toString('utf8')
+    const url = new URL(req.url ?? '/', 'http://fake')
+    const method = req.method ?? 'GET'
+    this.requests.push({ method, path: url.pathname, authorization: req.headers.authorization })
+    if (this.delayMs > 0) await new Promise((r) => setTimeout(r, this.delayMs))
+    if (res.destroyed) return
+    const path = url.pathname.replace(/^\/api\/v1/, '')
+    const m = /^\/users\/([^/]+)\/tokens(?:\/([^/]+))?$/.exec(path)
+    const operation = m ? (m[2] === undefined ? '/users/{username}/tokens' : '/users/{username}/tokens/{token}') : path
+    const fault = this.faults.findIndex((f) => f.method === method)
+    if (fault >= 0 && url.pathname.startsWith('/api/v1/')) {
+      const f = this.faults.splice(fault, 1)[0] as { status: number; message: string }
+      return this.#error(req, res, operation, f.status, f.message)
+    }
+    if (!url.pathname.startsWith('/api/v1/')) return this.#error(req, res, url.pathname, 404, 'Not Found')
+
+    if (path === '/version' && method === 'GET') return this.#send(req, res, '/version', 200, { version: this.#options.version ?? '1.22.6' })
+    if (path === '/user' && method === 'GET') return this.#currentUser(req, res)
+    if (!m) return this.#error(req, res, path, 404, 'Not Found')
+    const allowed = m[2] === undefined ? ['GET', 'POST'] : ['DELETE']
+    if (!allowed.includes(method)) return this.#error(req, res, operation, 405, 'Method Not Allowed')
+
+    // Basic (or reverse-proxy) auth is required on the whole group; a token header alone is not enough.
+    const auth = this.#basic(req.headers.authorization)
+    if (auth === 'none') return this.#error(req, res, operation, 401, 'auth required')
+    if (auth === 'bad') return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
+    const need = method === 'GET' ? 'read:user' : 'write:user'
+    if (auth.token && !grants(auth.token.scopes, need)) {
+      return this.#error(req, res, operation, 403, `token does not have at least one of required scope(s), required=[${need}], token scope=${auth.token.scopes.join(',')}`)
+    }
+    const target = this.users.get(decodeURIComponent(m[1] as string))
+    if (!target) return this.#error(req, res, operation, 404, 'user does not exist')
+    if (auth.user.login !== target.login && !auth.user.is_admin) return this.#error(req, res, operation, 403, 'only the user or a site admin may manage its access tokens')
+
+    if (method === 'GET') return this.#list(req, res, operation, target, url)
+    if (method === 'POST') return this.#create(req, res, operation, target, raw)
+    return this.#delete(req, res, operation, target, decodeURIComponent(m[2] as string))
+  }
+
+  #currentUser(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const header = req.headers.authorization ?? ''
+    const m = /^(?:token|bearer)\s+(\S+)$/i.exec(header)
+    let user: FakeUser | undefined
+    if (m) {
+      const token = this.tokens.find((t) => t.sha1 === m[1])
+      if (!token) return this.#error(req, res, '/user', 401, 'user does not exist')
+      if (!grants(token.scopes, 'read:user')) {
+        return this.#error(req, res, '/user', 403, `token does not have at least one of required scope(s), required=[read:user], token scope=${token.scopes.join(',')}`)
+      }
+      user = this.users.get(token.owner)
+    } else {
+      const auth = this.#basic(header)
+      if (typeof auth === 'string') return this.#error(req, res, '/user', 401, 'token is required')
+      user = auth.user
+    }
+    if (!user) return this.#error(req, res, '/user', 401, 'user does not exist')
+    this.#send(req, res, '/user', 200, {
+      id: user.id,
+      login: user.login,
+      login_name: '',
+      source_id: 0,
+      full_name: '',
+      email: user.email,
+      avatar_url: `${this.url}/avatars/${user.id}`,
+      language: 'en-US',
+      is_admin: user.is_admin,
+      last_login: '2026-01-01T00:00:00Z',
+      created: '2025-01-01T00:00:00Z',
+      restricted: false,
+      active: true,
+      prohibit_login: false,
+      location: '',
+      website: '',
+      description: '',
+      visibility: 'public',
+      followers_count: 0,
+      following_count: 0,
+      starred_repos_count: 0,
+    })
+  }
+
+  #list(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, url: URL): void {
+    const page = Math.max(1, Number.parseInt(url.searchParams.get('page') ?? '1', 10) || 1)
+    let limit = Number.parseInt(url.searchParams.get('limit') ?? '', 10)
+    if (!(limit > 0)) limit = DEFAULT_PAGING
+    limit = Math.min(limit, MAX_RESPONSE_ITEMS)
+    const own = this.tokens.filter((t) => t.owner === user.login)
+    const items = own.slice((page - 1) * limit, page * limit).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
+    this.#send(req, res, operation, 200, items, { 'x-total-count': String(own.length), 'access-control-expose-headers': 'X-Total-Count' })
+  }
+
+  #create(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, raw: string): void {
+    let body: { name?: unknown; scopes?: unknown }
+    try {
+      body = raw === '' ? {} : (JSON.parse(raw) as typeof body)
+    } catch {
+      return this.#error(req, res, operation, 422, '[]: Deserialization error')
+    }
+    if (typeof body.name !== 'string' || body.name === '') return this.#error(req, res, operation, 422, '[Name]: Required')
+    if (this.tokens.some((t) => t.owner === user.login && t.name === body.name)) return this.#error(req, res, operation, 400, 'access token name has been used already')
+    const scopes = Array.isArray(body.scopes) ? body.scopes.map(String).flatMap((s) => s.split(',')).map((s) => s.trim()).filter(Boolean) : []
+    const unknown = scopes.find((s) => !KNOWN.has(s))
+    if (unknown !== undefined) return this.#error(req, res, operation, 400, `invalid access token scope provided: invalid access token scope: ${unknown}`)
+    if (scopes.length === 0) return this.#error(req, res, operation, 400, 'access token must have a scope')
+    const t = { id: this.#nextId++, owner: user.login, name: body.name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes) }
+    this.tokens.push(t)
+    this.#send(req, res, operation, 201, { id: t.id, name: t.name, sha1: t.sha1, token_last_eight: t.sha1.slice(-8), scopes: t.scopes })
+  }
+
+  #delete(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, ref: string): void {
+    const id = /^\d+$/.test(ref) ? Number(ref) : 0
+    let matches: StoredToken[]
+    if (id > 0) {
+      matches = this.tokens.filter((t) => t.id === id && t.owner === user.login)
+    } else {
+      matches = this.tokens.filter((t) => t.owner === user.login && t.name === ref)
+      if (matches.length > 1) return this.#error(req, res, operation, 422, `multiple matches for token name '${ref}'`)
+    }
+    const found = matches[0]
+    if (!found) return this.#error(req, res, operation, 404, 'access token does not exist')
+    this.removeToken(found.id)
+    this.#send(req, res, operation, 204)
+  }
+}

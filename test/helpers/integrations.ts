@@ -1,0 +1,64 @@
+// What the integration suites share: a configuration pointing at a service, a logger whose lines
+// are kept for the no-secret checks, the services built over a test store, and a look at every
+// row of every table (the "dump" the no-secret checks search).
+import { execFileSync } from 'node:child_process'
+import net from 'node:net'
+import type { Test } from 'tap'
+import { loadConfig } from '../../config/load.ts'
+import type { Db } from '../../core/db.ts'
+import { createLogger, type Logger } from '../../core/log.ts'
+import { AuditCipher, AuditLog } from '../../core/audit.ts'
+import type { IntegrationDeps } from '../../core/integrations/track.ts'
+import { TEST_ENCRYPTION_KEY, type Store } from './stores.ts'
+
+/** Every log line the integration services wrote in this process. */
+export const capturedLogs: string[] = []
+
+export function captureLogger(): Logger {
+  return createLogger({ level: 'debug', write: (line) => capturedLogs.push(line) })
+}
+
+export function integrationDeps(db: Db, env: Record<string, string>): IntegrationDeps & { audit: AuditLog } {
+  return { db, audit: new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY)), log: captureLogger(), config: loadConfig({ env }) }
+}
+
+/** Every row of every table of the store as text, plus pg_dump's output on PostgreSQL. */
+export async function dumpStore(store: Store): Promise<string> {
+  const tables = await store.db.query<{ table_name: string }>(`SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1`)
+  const parts: string[] = []
+  for (const { table_name } of tables) {
+    const rows = await store.db.query(`SELECT * FROM ${table_name}`)
+    parts.push(`${table_name}: ${JSON.stringify(rows, (_k, v: unknown) => (v instanceof Uint8Array ? Buffer.from(v).toString('latin1') : v))}`)
+  }
+  if (store.url) parts.push(execFileSync('pg_dump', ['--data-only', store.url], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024, stdio: ['ignore', 'pipe', 'ignore'] }))
+  return parts.join('\n')
+}
+
+/** A store whose transactions fail, as when the database goes away right after a remote create. */
+export function failingTransactions(db: Db): Db {
+  return {
+    kind: db.kind,
+    query: (text, params) => db.query(text, params),
+    exec: (script) => db.exec(script),
+    transaction: async () => {
+      throw new Error('the store went away')
+    },
+    close: async () => {},
+  }
+}
+
+/** Asserts that none of `secrets` occurs in `text`, naming what was searched. */
+export function noSecrets(t: Test, text: string, secrets: readonly string[], where: string): void {
+  t.ok(secrets.length > 0, `${where}: there are secrets to look for`)
+  const found = secrets.filter((s) => s !== '' && text.includes(s))
+  t.same(found.length, 0, `${where}: holds none of ${secrets.length} secrets`)
+}
+
+/** A loopback port nothing listens on (it was free a moment ago). */
+export async function freePort(): Promise<number> {
+  const s = net.createServer()
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r))
+  const port = (s.address() as net.AddressInfo).port
+  await new Promise((r) => s.close(r))
+  return port
+}

@@ -1,0 +1,122 @@
+// A real n8n 1.123.0 for the end-to-end suite, from .ci/n8n.sh: installed into the cache folder
+// when missing (minutes, once per machine), started on a free loopback port from a copy of the
+// migrated template user folder, its owner set up with a fresh password, stopped at teardown.
+// n8n being absent is never a reason to skip: the install runs, or the suite fails saying why.
+import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { cpSync, mkdtempSync, rmSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { randomBytes } from 'node:crypto'
+import { fileURLToPath } from 'node:url'
+import { promisify } from 'node:util'
+import type { Test } from 'tap'
+import { freePort } from './integrations.ts'
+
+const SCRIPT = fileURLToPath(new URL('../../.ci/n8n.sh', import.meta.url))
+
+export interface RunningN8n {
+  url: string
+  email: string
+  password: string
+  /** Stops the process (the suite's "n8n stopped" cases); teardown does it otherwise. */
+  stop(): Promise<void>
+  log(): string
+}
+
+/** /healthz answers before the REST routes are mounted; /rest/settings answers once they are. */
+async function answers(url: string): Promise<boolean> {
+  try {
+    const res = await fetch(`${url}/rest/settings`, { signal: AbortSignal.timeout(2000) })
+    await res.arrayBuffer()
+    return res.status === 200
+  } catch {
+    return false
+  }
+}
+
+function exited(child: ChildProcess): Promise<void> {
+  return child.exitCode !== null || child.signalCode !== null ? Promise.resolve() : new Promise((r) => child.once('exit', () => r()))
+}
+
+export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {}): Promise<RunningN8n> {
+  // The template is made (and n8n installed) on first use; both are reused afterwards.
+  const { stdout } = await promisify(execFile)('bash', [SCRIPT, 'template'], { maxBuffer: 16 * 1024 * 1024, timeout: 280_000 }).catch((err: Error & { stderr?: string }) => {
+    throw new Error(`.ci/n8n.sh could not install or prepare n8n 1.123.0: ${err.stderr ?? err.message}`)
+  })
+  const template = stdout.trim().split('\n').at(-1) as string
+  const folder = mkdtempSync(join(tmpdir(), 'keygate-n8n-'))
+  cpSync(template, folder, { recursive: true })
+  rmSync(join(folder, '.ready'), { force: true })
+  const port = await freePort()
+  const url = `http://127.0.0.1:${port}`
+  const logFile = join(folder, 'n8n.log')
+  const child = spawn('bash', ['-c', `exec bash "$0" run "$1" "$2" >"$3" 2>&1`, SCRIPT, String(port), folder, logFile], { stdio: 'ignore' })
+  const log = () => {
+    try {
+      return readFileSync(logFile, 'utf8')
+    } catch {
+      return ''
+    }
+  }
+  const stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM')
+      const killer = setTimeout(() => child.kill('SIGKILL'), 10_000)
+      await exited(child)
+      clearTimeout(killer)
+    }
+  }
+  // Should the suite die before its teardown runs, n8n must not outlive it.
+  const orphanGuard = () => child.kill('SIGKILL')
+  process.once('exit', orphanGuard)
+  t.teardown(async () => {
+    await stop()
+    process.removeListener('exit', orphanGuard)
+    rmSync(folder, { recursive: true, force: true })
+  })
+  try {
+    return { url, ...(await ready(url, child, log, options.startTimeoutMs ?? 120_000)), stop, log }
+  } catch (err) {
+    await stop()
+    throw err
+  }
+}
+
+/** Waits until n8n answers, then sets up its owner with a fresh password. */
+async function ready(url: string, child: ChildProcess, log: () => string, timeoutMs: number): Promise<{ email: string; password: string }> {
+  const deadline = Date.now() + timeoutMs
+  while (!(await answers(url))) {
+    if (child.exitCode !== null) throw new Error(`n8n exited during start-up (code ${child.exitCode}):\n${log().slice(-3000)}`)
+    if (Date.now() > deadline) throw new Error(`n8n did not answer ${url}/rest/settings in time:\n${log().slice(-3000)}`)
+    await new Promise((r) => setTimeout(r, 250))
+  }
+  const email = 'owner@keygate.test'
+  const password = `Kg${randomBytes(12).toString('base64url')}9z`
+  const setup = await fetch(`${url}/rest/owner/setup`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ email, firstName: 'Keygate', lastName: 'Test', password }),
+  })
+  if (setup.status !== 200) throw new Error(`n8n owner setup answered ${setup.status}: ${(await setup.text()).slice(0, 300)}`)
+  return { email, password }
+}
+
+/** The n8n internal REST API as the owner (for the drift cases: changes behind keygate's back). */
+export async function ownerSession(n8n: RunningN8n): Promise<(method: string, path: string, body?: unknown) => Promise<{ status: number; body: any }>> {
+  const login = await fetch(`${n8n.url}/rest/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ emailOrLdapLoginId: n8n.email, password: n8n.password }),
+  })
+  const cookie = (login.headers.getSetCookie().find((c) => c.startsWith('n8n-auth=')) ?? '').split(';')[0] as string
+  if (login.status !== 200 || !cookie) throw new Error(`owner login answered ${login.status}`)
+  return async (method, path, body) => {
+    const res = await fetch(`${n8n.url}${path}`, {
+      method,
+      headers: { cookie, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+      ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+    })
+    const text = await res.text()
+    return { status: res.status, body: text ? JSON.parse(text) : null }
+  }
+}

@@ -1,0 +1,152 @@
+// Fast error paths of the integrations, against small scripted HTTP servers: the shared client's
+// timeouts, size bound and redaction, and the n8n session handling (refused, rate-limited, no
+// cookie, expired session, public API disabled) without starting n8n.
+import t, { type Test } from 'tap'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { openDb } from '../core/db.ts'
+import { IntegrationHttp } from '../core/integrations/http.ts'
+import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { migrate } from '../core/migrate.ts'
+import { capturedLogs, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { rejection } from './helpers/stores.ts'
+
+type Handler = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => void
+
+async function scripted(t: Test, handler: Handler): Promise<string> {
+  const server = http.createServer(async (req, res) => {
+    let body = ''
+    for await (const c of req) body += c
+    handler(req, res, body)
+  })
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
+  t.teardown(() => {
+    server.closeAllConnections()
+    return new Promise<void>((r) => server.close(() => r()))
+  })
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+}
+
+function json(res: http.ServerResponse, status: number, body: unknown, headers: http.OutgoingHttpHeaders = {}): void {
+  res.writeHead(status, { 'content-type': 'application/json', ...headers })
+  res.end(JSON.stringify(body))
+}
+
+const db = await openDb({ memory: true })
+t.teardown(() => db.close())
+await migrate(db)
+const PASSWORD = 'n8n-Owner-pass-1'
+const COOKIE = 'eyJhbGciOiJIUzI1NiJ9.session-cookie-value.signature'
+
+function n8nAt(t: Test, url: string, extra: Record<string, string> = {}): N8nKeyService {
+  const service = new N8nKeyService(integrationDeps(db, { N8N_URL: url, N8N_EMAIL: 'owner@example.test', N8N_PASSWORD: PASSWORD, ...extra }))
+  t.teardown(() => service.close())
+  return service
+}
+
+t.test('the shared client', async (t) => {
+  t.throws(() => new IntegrationHttp({ service: 'gitea', url: 'http://user:pw@127.0.0.1:1', timeoutMs: 100 }), { code: 'gitea_not_configured', message: /must not carry credentials/ })
+
+  let stall: 'headers' | 'body' | 'big' | 'badjson' = 'headers'
+  const url = await scripted(t, (_req, res) => {
+    if (stall === 'headers') return // never answers
+    if (stall === 'body') {
+      res.writeHead(200, { 'content-type': 'application/json' })
+      res.write('[')
+      return
+    }
+    if (stall === 'big') {
+      res.writeHead(200, { 'content-type': 'text/plain' })
+      res.end(Buffer.alloc(5 * 1024 * 1024, 0x61))
+      return
+    }
+    res.writeHead(200, { 'content-type': 'application/json' })
+    res.end('{not json')
+  })
+  const client = new IntegrationHttp({ service: 'n8n', url: `${url}/base/`, timeoutMs: 300 })
+  t.teardown(() => client.close())
+  t.equal(client.baseUrl, `${url}/base`, 'shown without the trailing slash')
+  let started = Date.now()
+  t.match(await rejection(client.call('GET', '/x')), { code: 'n8n_timeout', status: 504, message: /did not answer within 300 ms/ }, 'no headers in time')
+  t.ok(Date.now() - started < 2000)
+  stall = 'body'
+  started = Date.now()
+  t.match(await rejection(client.call('GET', '/x')), { code: 'n8n_timeout' }, 'a body that stops')
+  t.ok(Date.now() - started < 2000)
+  stall = 'big'
+  t.match(await rejection(client.call('GET', '/x')), { code: 'n8n_error', message: /more than 4194304 bytes/ })
+  stall = 'badjson'
+  t.match(await rejection(client.call('GET', '/x')), { code: 'n8n_error', message: /invalid JSON/ })
+
+  client.secret('hunter2-secret')
+  t.equal(client.redact('the password hunter2-secret was\nwrong'), 'the password [redacted] was wrong')
+  t.equal(client.redact('x'.repeat(400)).length, 300)
+  for (let i = 0; i < 40; i++) client.secret(`verified-token-${i}`, { transient: true })
+  t.equal(client.redact('verified-token-39 hunter2-secret'), '[redacted] [redacted]', 'the latest passing secrets and the own credentials are cut')
+  t.equal(client.redact('verified-token-0'), 'verified-token-0', 'passing secrets are not kept without bound')
+})
+
+t.test('n8n: refused, rate-limited and odd logins', async (t) => {
+  let answer: (res: http.ServerResponse) => void = (res) => json(res, 401, { code: 401, message: 'Wrong username or password. Do you have caps lock on?' })
+  const url = await scripted(t, (req, res, body) => {
+    if (req.url === '/rest/login') {
+      t.same(JSON.parse(body), { emailOrLdapLoginId: 'owner@example.test', password: PASSWORD }, 'the login body')
+      return answer(res)
+    }
+    json(res, 404, { message: 'not found' })
+  })
+  const keys = n8nAt(t, url)
+  t.match(await rejection(keys.list()), { code: 'n8n_auth_failed', status: 502, message: /refused the login of "owner@example\.test" \(N8N_EMAIL\/N8N_PASSWORD\): 401 Wrong username or password/ })
+  answer = (res) => json(res, 429, { message: 'Too many requests' })
+  t.match(await rejection(keys.list()), { code: 'n8n_error', message: /too many attempts \(429\)/ })
+  answer = (res) => json(res, 200, { data: { id: 'u1' } })
+  t.match(await rejection(keys.list()), { code: 'n8n_error', message: /set no n8n-auth session cookie/ })
+  answer = (res) => json(res, 500, { message: `database said ${PASSWORD} is odd` })
+  const odd = await rejection(keys.list())
+  t.match(odd, { code: 'n8n_error', message: /refused to log in "owner@example\.test": 500 database said \[redacted\] is odd/ })
+  t.notMatch(odd.message, PASSWORD, "a password echoed in the service's message is cut out")
+  t.match(await rejection(n8nAt(t, url, { N8N_PASSWORD: '' }).list()), { code: 'n8n_not_configured', message: /set N8N_PASSWORD/ })
+})
+
+t.test('n8n: an expired session logs in again once; a disabled public API is named', async (t) => {
+  let logins = 0
+  let sessionValid = true
+  let publicApi = true
+  const url = await scripted(t, (req, res) => {
+    if (req.url === '/rest/login') {
+      logins++
+      sessionValid = true
+      return json(res, 200, { data: {} }, { 'set-cookie': `n8n-auth=${COOKIE}; Path=/; HttpOnly; SameSite=Lax` })
+    }
+    if (req.url?.startsWith('/rest/')) {
+      if (req.headers.cookie !== `n8n-auth=${COOKIE}` || !sessionValid) return json(res, 401, { status: 'error', message: 'Unauthorized' })
+      if (!publicApi) return res.writeHead(404).end()
+      return json(res, 200, { data: [] })
+    }
+    if (req.url?.startsWith('/api/v1/workflows')) {
+      const key = req.headers['x-n8n-api-key']
+      if (key === 'scope-less-key') return json(res, 403, { message: 'Forbidden' })
+      if (!publicApi) return res.writeHead(404).end()
+      return json(res, key === 'good-key' ? 200 : 401, key === 'good-key' ? { data: [] } : { message: 'unauthorized' })
+    }
+  })
+  const keys = n8nAt(t, url)
+  t.match(await keys.list(), { items: [] })
+  t.equal(logins, 1)
+  t.match(await keys.list(), { items: [] })
+  t.equal(logins, 1, 'the session is reused')
+  sessionValid = false
+  t.match(await keys.list(), { items: [] })
+  t.equal(logins, 2, 'a refused session means one fresh login')
+
+  t.match(await keys.verify('good-key'), { valid: true })
+  t.match(await keys.verify('bad-key'), { valid: false, reason: 'refused' })
+  t.match(await keys.verify('scope-less-key'), { valid: true, note: /lacks the workflow:list scope/ })
+  publicApi = false
+  t.match(await rejection(keys.list()), { code: 'n8n_error', message: /public API is disabled/ })
+  t.match(await rejection(keys.verify('good-key')), { code: 'n8n_error', message: /no public API/ })
+})
+
+t.test('no password or cookie in the logs', async (t) => {
+  noSecrets(t, capturedLogs.join('\n'), [PASSWORD, COOKIE], 'captured logs')
+})

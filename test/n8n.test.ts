@@ -1,0 +1,236 @@
+// N8nKeyService and `keygate n8n` end to end against a real n8n 1.123.0 (started once for the
+// file by .ci/n8n.sh), on the embedded store and on PostgreSQL: the issue's "done when" cycle
+// through the real CLI, drift, refused requests, a key created but not recorded, wrong
+// credentials, n8n stopped, and no secret in the store, the audit details or the logs.
+import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { openDb } from '../core/db.ts'
+import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { migrate } from '../core/migrate.ts'
+import { capturedStderr, runCli } from './helpers/cli.ts'
+import { capturedLogs, dumpStore, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { ownerSession, startN8n } from './helpers/n8n.ts'
+import { forEachStore, freshDatabase, rejection } from './helpers/stores.ts'
+
+const actor = { actor: 'cli:tester' }
+const n8n = await startN8n(t)
+const secrets: string[] = [n8n.password]
+const env = (extra: Record<string, string> = {}) => ({ N8N_URL: n8n.url, N8N_EMAIL: n8n.email, N8N_PASSWORD: n8n.password, ...extra })
+const rest = await ownerSession(n8n)
+
+/** Anything shaped like a JWT (n8n's keys and its session cookie are JWTs). */
+const JWT = /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}/
+
+/** A migrated embedded store in memory, closed when `t` ends. */
+async function memoryStore(t: Test) {
+  const db = await openDb({ memory: true })
+  t.teardown(() => db.close())
+  await migrate(db)
+  return db
+}
+
+t.test('the scopes the instance allows', async (t) => {
+  const keys = new N8nKeyService(integrationDeps(await memoryStore(t), env()))
+  t.teardown(() => keys.close())
+  const scopes = await keys.allowedScopes()
+  t.ok(scopes.includes('workflow:list'))
+  t.same(scopes, (await rest('GET', '/rest/api-keys/scopes')).body.data, "the instance's own list")
+})
+
+await forEachStore(t, async (t, store) => {
+  const deps = integrationDeps(store.db, env())
+  const keys = new N8nKeyService(deps)
+  t.teardown(() => keys.close())
+
+  await t.test('create, verify, list, delete', async (t) => {
+    const created = await keys.create({ label: `svc-${store.kind}`, scopes: ['workflow:list', 'workflow:read'] }, actor)
+    secrets.push(created.key)
+    t.match(created, { label: `svc-${store.kind}`, scopes: ['workflow:list', 'workflow:read'], owner_email: n8n.email, expires_at: null, created_by: 'cli:tester', base_url: n8n.url })
+    t.match(created.id, /^nk_[0-9A-Za-z]{12}$/)
+    t.equal(created.key_last_eight, created.key.slice(-8))
+    t.match(await keys.verify(created.key), { valid: true, record: { id: created.id } })
+
+    const list = await keys.list()
+    const item = list.items.find((i) => i.remote_id === created.remote_id)
+    t.match(item, { state: 'in_sync', label: created.label, remote: { masked: new RegExp(`${created.key.slice(-4)}$`) }, local: { id: created.id } })
+    t.notOk(JSON.stringify(list).includes(created.key), 'the list never holds the key')
+
+    const deleted = await keys.delete(created.label, actor)
+    t.match(deleted, { deleted: true, remote_id: created.remote_id, remote_missing: false, record: { id: created.id, deleted_by: 'cli:tester' } })
+    t.match(await keys.verify(created.key), { valid: false, reason: 'refused', record: { id: created.id } })
+    const audit = await deps.audit.list(store.db, { keyId: created.id })
+    t.same(audit.map((a) => a.action), ['n8n.key.deleted', 'n8n.key.created'], 'create and delete each left an audit row')
+    t.match(audit[1]?.details, { remote_id: created.remote_id, label: created.label, key_last_eight: created.key_last_eight })
+  })
+
+  await t.test('an expiry, delete by id', async (t) => {
+    const at = new Date(Date.now() + 3 * 86_400_000)
+    const created = await keys.create({ label: `expiring-${store.kind}`, scopes: ['workflow:list'], expires_at: at.toISOString() }, actor)
+    secrets.push(created.key)
+    t.equal(created.expires_at, at.toISOString())
+    const listed = (await keys.list()).items.find((i) => i.remote_id === created.remote_id)
+    t.equal(listed?.remote?.expires_at, new Date(Math.floor(at.getTime() / 1000) * 1000).toISOString(), 'n8n holds the expiry')
+    t.match(await keys.delete(created.remote_id, actor), { label: created.label })
+    t.match(await rejection(keys.create({ label: 'past', scopes: ['workflow:list'], expires_at: '2020-01-01T00:00:00Z' }, actor)), { code: 'validation_failed', message: /in the past/ })
+  })
+
+  await t.test('keys made in the same second are distinct (n8n would issue the same JWT twice)', async (t) => {
+    const a = await keys.create({ label: `same-second-a-${store.kind}`, scopes: ['workflow:list'] }, actor)
+    const b = await keys.create({ label: `same-second-b-${store.kind}`, scopes: ['workflow:list'] }, actor)
+    secrets.push(a.key, b.key)
+    t.not(a.key, b.key)
+    await keys.delete(a.remote_id, actor)
+    t.match(await keys.verify(a.key), { valid: false }, 'the deleted key stops working')
+    const c = await keys.create({ label: `same-second-c-${store.kind}`, scopes: ['workflow:list'] }, actor)
+    secrets.push(c.key)
+    t.not(c.key, a.key, 'a new key never revives a deleted one')
+    t.match(await keys.verify(a.key), { valid: false })
+    t.match(await keys.verify(b.key), { valid: true })
+    await keys.delete(b.remote_id, actor)
+    await keys.delete(c.remote_id, actor)
+  })
+
+  await t.test('refused requests', async (t) => {
+    const unknown = await rejection(keys.create({ label: 'x', scopes: ['workflow:list', 'workflow:teleport'] }, actor))
+    t.match(unknown, { code: 'n8n_scope_unknown', status: 400, message: /"workflow:teleport" is not allowed by n8n at .*; it allows .*workflow:list/, details: { unknown: ['workflow:teleport'] } })
+    t.match(await rejection(keys.create({ scopes: ['workflow:list'] }, actor)), { code: 'validation_failed', message: /label: is required/ })
+    t.match(await rejection(keys.create({ label: 'x'.repeat(51), scopes: ['workflow:list'] }, actor)), { code: 'validation_failed' })
+    const first = await keys.create({ label: `twice-${store.kind}`, scopes: ['workflow:list'] }, actor)
+    secrets.push(first.key)
+    t.match(await rejection(keys.create({ label: `twice-${store.kind}`, scopes: ['workflow:list'] }, actor)), { code: 'n8n_key_exists', status: 409 })
+    await keys.delete(first.remote_id, actor)
+    t.match(await rejection(keys.delete('no-such-key', actor)), { code: 'n8n_key_not_found', status: 404 })
+    t.match(await keys.verify('not a key'), { valid: false, reason: 'malformed' })
+    t.match(await keys.verify('garbage'), { valid: false, reason: 'refused', record: null })
+  })
+
+  await t.test('drift: deleted in n8n by hand, made in n8n by hand', async (t) => {
+    const gone = await keys.create({ label: `gone-${store.kind}`, scopes: ['workflow:list'] }, actor)
+    secrets.push(gone.key)
+    t.equal((await rest('DELETE', `/rest/api-keys/${gone.remote_id}`)).status, 200)
+    const manual = await rest('POST', '/rest/api-keys', { label: `manual-${store.kind}`, scopes: ['workflow:list'], expiresAt: null })
+    secrets.push(manual.body.data.rawApiKey)
+    const list = await keys.list()
+    t.match(list.items.find((i) => i.remote_id === gone.remote_id), { state: 'deleted_remotely', remote: null, local: { id: gone.id } })
+    t.match(list.items.find((i) => i.remote_id === manual.body.data.id), { state: 'not_recorded', local: null })
+    t.match(await keys.delete(`gone-${store.kind}`, actor), { remote_missing: true, record: { id: gone.id } })
+    t.match(await keys.delete(`manual-${store.kind}`, actor), { remote_missing: false, record: null })
+  })
+
+  await t.test('a key created but not recorded is deleted again', async (t) => {
+    const broken = new N8nKeyService(integrationDeps(failingTransactions(store.db), env()))
+    t.teardown(() => broken.close())
+    const err = await rejection(broken.create({ label: `unrecorded-${store.kind}`, scopes: ['workflow:list'] }, actor))
+    t.match(err, { code: 'store_unavailable', message: /API key \S+ \("unrecorded-.*"\) was created in n8n but could not be recorded \(the store went away\); it was deleted from n8n again/ })
+    t.notOk((await keys.list()).items.some((i) => i.label === `unrecorded-${store.kind}`), 'n8n no longer has it')
+  })
+
+  await t.test('no secret in the store or the audit details', async (t) => {
+    const all = await deps.audit.list(store.db, { limit: 1000 })
+    t.ok(all.length >= 8)
+    const audit = JSON.stringify(all)
+    noSecrets(t, audit, secrets, 'decrypted audit details')
+    t.notMatch(audit, JWT, 'no JWT (key or session cookie) in the audit details')
+    const dump = await dumpStore(store)
+    t.match(dump, /n8n_api_keys/)
+    noSecrets(t, dump, secrets, `${store.kind} dump`)
+    t.notMatch(dump, JWT, 'no JWT in the dump')
+  })
+})
+
+t.test('keygate n8n create, verify, list, delete as a real process', async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-cli-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const url = await freshDatabase(t)
+  for (const [kind, storeEnv] of [
+    ['embedded', { KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined }],
+    ['postgres', { DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 9).toString('base64') }],
+  ] as const) {
+    await t.test(kind, async (t) => {
+      const run = (args: string[], input?: string) =>
+        runCli(['n8n', ...args], { cwd, env: { ...env(), ...storeEnv, KEYGATE_CONFIG: undefined, LOG_LEVEL: 'debug' }, ...(input !== undefined ? { input } : {}) })
+      const created = await run(['create', '--label', 'ci', '--scopes', 'workflow:list', '--json'])
+      t.equal(created.code, 0, created.stderr)
+      const c = created.json()
+      secrets.push(c.key)
+      t.match(c, { label: 'ci', scopes: ['workflow:list'], key: JWT })
+
+      const verified = await run(['verify', c.key, '--json'])
+      t.equal(verified.code, 0, 'verify succeeds for the new key')
+      t.match(verified.json(), { valid: true, record: { id: c.id } })
+      t.equal((await run(['verify', '-'], `${c.key}\n`)).code, 0, 'verify reads the key from stdin')
+
+      const listed = await run(['list', '--json'])
+      t.equal(listed.code, 0, listed.stderr)
+      t.match(listed.json().items.find((i: { remote_id: string }) => i.remote_id === c.remote_id), { state: 'in_sync', label: 'ci' })
+      const table = await run(['list'])
+      t.match(table.stdout, /^ID\s+LABEL\s+SCOPES\s+EXPIRES\s+STATE/)
+      t.match(table.stdout, new RegExp(`${c.remote_id}\\s+ci\\s+workflow:list\\s+-\\s+in sync\\s+${c.id}`))
+
+      const deleted = await run(['delete', 'ci', '--json'])
+      t.equal(deleted.code, 0, deleted.stderr)
+      t.match(deleted.json(), { deleted: true, remote_id: c.remote_id, remote_missing: false })
+      const refused = await run(['verify', c.key, '--json'])
+      t.equal(refused.code, 1, 'after delete, verify fails')
+      t.match(refused.json(), { valid: false, reason: 'refused' })
+      t.match(refused.stderr, /key refused: refused \(keygate record nk_\w+, deleted /)
+      t.notOk((await run(['list', '--json'])).json().items.some((i: { remote_id: string }) => i.remote_id === c.remote_id), 'no longer listed')
+
+      // What does not depend on the store runs once, on PostgreSQL (each embedded-store process
+      // opens PGlite from disk, the slow part of these runs).
+      if (kind === 'embedded') return
+
+      const human = await run(['create', '--label', 'human', '--scopes', 'workflow:list', '--expires-in', '7d'])
+      t.equal(human.code, 0, human.stderr)
+      t.match(human.stdout, /Created n8n API key \S+ \(human\) with workflow:list, expires .*\nThe key is shown once; store it now:\n(eyJ\S+)\n$/)
+      secrets.push(/\n(eyJ\S+)\n$/.exec(human.stdout)?.[1] as string)
+      t.equal((await run(['create', '--label', 'human', '--scopes', 'workflow:list'])).code, 1, 'a duplicate label is refused')
+      t.equal((await run(['delete', 'human'])).code, 0)
+
+      const wrong = await runCli(['n8n', 'list', '--json'], { cwd, env: { ...env(), ...storeEnv, N8N_PASSWORD: 'Wrong-password-1' } })
+      t.equal(wrong.code, 1, 'a wrong password is refused with exit 1')
+      t.match(wrong.json().error, { code: 'n8n_auth_failed', message: /refused the login of "owner@keygate\.test" \(N8N_EMAIL\/N8N_PASSWORD\): 401 Wrong username or password/ })
+      t.notMatch(wrong.stdout + wrong.stderr, /Wrong-password-1/)
+    })
+  }
+})
+
+t.test('usage errors exit 2', async (t) => {
+  for (const [args, pattern] of [
+    [['n8n'], /usage: keygate n8n <command>/],
+    [['n8n', 'create', '--scopes', 'workflow:list'], /--label is required/],
+    [['n8n', 'create', '--label', 'x'], /--scopes is required/],
+    [['n8n', 'create', '--label', 'x', '--scopes', ','], /--scopes: give at least one scope/],
+    [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-in', 'soon'], /--expires-in: "soon" is not a duration/],
+    [['n8n', 'delete'], /missing argument/],
+    [['n8n', 'verify', 'a', 'b'], /unexpected argument "b"/],
+  ] as const) {
+    const r = await runCli([...args])
+    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+    t.match(r.stderr, pattern)
+  }
+})
+
+t.test('n8n stopped: unreachable, from the service and the CLI', async (t) => {
+  const keys = new N8nKeyService(integrationDeps(await memoryStore(t), env()))
+  t.teardown(() => keys.close())
+  await n8n.stop()
+  t.match(await rejection(keys.list()), { code: 'n8n_unreachable', status: 502, message: new RegExp(`n8n at ${n8n.url} could not be reached \\(ECONNREFUSED\\)`) })
+  t.match(await rejection(keys.verify('abcdef')), { code: 'n8n_unreachable' })
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-down-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const r = await runCli(['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--json'], { cwd, env: { ...env(), KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined } })
+  t.equal(r.code, 1)
+  t.equal(r.json().error.code, 'n8n_unreachable')
+})
+
+t.test('no secret in any captured log or CLI output', async (t) => {
+  t.ok(capturedLogs.some((l) => l.includes('created an n8n API key')), 'service logs were captured')
+  t.ok(capturedStderr.some((s) => s.includes('"level":"debug"') || s.includes('"level":"info"')), 'CLI logs were captured at debug level')
+  const logs = capturedLogs.join('\n') + capturedStderr.join('\n')
+  noSecrets(t, logs, secrets, 'captured logs')
+  t.notMatch(logs, JWT, 'no JWT in the logs')
+  t.notMatch(logs, /n8n-auth=/, 'no session cookie in the logs')
+})
