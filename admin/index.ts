@@ -4,6 +4,8 @@ import { readFileSync } from 'node:fs'
 import type { AuditLog } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import type { DenyListService } from '../core/deny-list.ts'
+import type { GiteaTokenService } from '../core/integrations/gitea.ts'
+import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { addressKeyer, type Lockout } from '../core/lockout.ts'
 import type { Logger } from '../core/log.ts'
@@ -31,6 +33,9 @@ export interface AdminApiDeps {
   /** Writes this process's pending usage counts before a report (the recorder's flush). */
   flushUsage?: () => Promise<void>
   now?: () => Date
+  /** The Gitea and n8n services of the integration operations. */
+  gitea?: GiteaTokenService
+  n8n?: N8nKeyService
 }
 
 export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
@@ -44,6 +49,8 @@ export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
     usage: new UsageReports(deps.db),
     flushUsage: deps.flushUsage ?? (async () => {}),
     now: deps.now ?? (() => new Date()),
+    gitea: deps.gitea,
+    n8n: deps.n8n,
   }
   return [
     ...adminApiRoutes({ operations: OPERATIONS, services, authenticate, maxBodyBytes: deps.maxBodyBytes }),

@@ -7,6 +7,8 @@ import type { Actor, AuditLog } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import type { DenyListService } from '../core/deny-list.ts'
 import type { ErrorCode } from '../core/errors.ts'
+import type { GiteaTokenService } from '../core/integrations/gitea.ts'
+import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { UsageReports } from '../core/usage.ts'
 
@@ -20,6 +22,9 @@ export interface AdminServices {
   /** Writes this process's pending usage counts, so reports include the latest requests. */
   flushUsage(): Promise<void>
   now(): Date
+  /** Absent: the integration operations answer `<service>_not_configured`. */
+  gitea?: GiteaTokenService | undefined
+  n8n?: N8nKeyService | undefined
 }
 
 export interface OperationInput<Q, B> {

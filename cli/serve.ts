@@ -23,6 +23,8 @@ import { connectRedis, redisReady } from '../core/redis.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
 import { createAdminApi } from '../admin/index.ts'
+import { GiteaTokenService } from '../core/integrations/gitea.ts'
+import { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
 import { EXIT_OK, UsageError, parse, parseIntFlag, type Io } from './io.ts'
@@ -135,8 +137,12 @@ async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Log
   io.err(`\nkeygate: created the first admin key (id ${created.record.id}). It is shown once; store it now:\n${created.key}\n\n`)
 }
 
-function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, usage?: UsageRecorder): AdminRoute[] {
-  return createAdminApi({
+/** The admin API's routes, and the closer of the Gitea and n8n clients behind them. */
+function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, usage?: UsageRecorder): { routes: AdminRoute[]; close(): Promise<void> } {
+  const integrationDeps = { db: runtime.db, audit: runtime.audit, log, config }
+  const gitea = new GiteaTokenService(integrationDeps)
+  const n8n = new N8nKeyService(integrationDeps)
+  const routes = createAdminApi({
     db: runtime.db,
     keys: runtime.keys,
     audit: runtime.audit,
@@ -146,8 +152,11 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
     token: config.admin.token,
     maxBodyBytes: config.admin.max_body_bytes,
     ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
+    gitea,
+    n8n,
     ...(usage ? { flushUsage: () => usage.flush() } : {}),
   })
+  return { routes, close: async () => void (await Promise.all([gitea.close(), n8n.close()])) }
 }
 
 /** One lockout per process, shared by the gateway and the admin API (and across processes with Redis). */
@@ -169,6 +178,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   let shuttingDown = false
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
+  let api: ReturnType<typeof adminApi> | undefined
   const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
   // The admin API writes through this one; the gateway reads it, so a change applies to the next request.
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
@@ -216,7 +226,10 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         metrics: async () => ({ contentType: registry.contentType, body: await registry.metrics() }),
         isShuttingDown: () => shuttingDown,
       })
-      if (role.admin) routes.push(...adminApi(config, runtime, denyList, lockout, log, usage))
+      if (role.admin) {
+        api = adminApi(config, runtime, denyList, lockout, log, usage)
+        routes.push(...api.routes)
+      }
       admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
       const at = await listen(admin, config.admin.listen)
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
@@ -226,6 +239,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin)])
+    await api?.close()
     await usage?.close()
     log.info('stopped')
     return EXIT_OK
@@ -286,7 +300,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
       isShuttingDown: () => shuttingDown,
     })
-    if (role.admin) routes.push(...adminApi(config, runtime, denyList, processLockout(config, redis, log), log))
+    const api = role.admin ? adminApi(config, runtime, denyList, processLockout(config, redis, log), log) : undefined
+    if (api) routes.push(...api.routes)
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
     const at = await listen(admin, config.admin.listen)
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
@@ -296,6 +311,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
     await Promise.all([...exited, closeServer(admin)])
+    await api?.close()
     stopTelling()
     stopDeny()
     log.info('stopped')

@@ -9,6 +9,7 @@ import { join } from 'node:path'
 import { openDb } from '../core/db.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { migrate } from '../core/migrate.ts'
+import { documented, startAdmin } from './helpers/admin.ts'
 import { capturedStderr, runCli } from './helpers/cli.ts'
 import { capturedLogs, dumpStore, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { ownerSession, startN8n } from './helpers/n8n.ts'
@@ -195,6 +196,46 @@ t.test('keygate n8n create, verify, list, delete as a real process', async (t) =
       t.notMatch(wrong.stdout + wrong.stderr, /Wrong-password-1/)
     })
   }
+})
+
+t.test('the admin API: /v1/n8n/keys against the real n8n', async (t) => {
+  const store = await memoryStore(t)
+  const service = new N8nKeyService(integrationDeps(store, env()))
+  t.teardown(() => service.close())
+  const h = await startAdmin(t, store, { n8n: service })
+  const before = await h.auditRows()
+  const created = await h.call('POST', '/v1/n8n/keys', { body: { label: 'via-api', scopes: ['workflow:list'] } })
+  documented(t, 'createN8nKey', created)
+  secrets.push(created.json.key)
+  t.match(created.json, { label: 'via-api', scopes: ['workflow:list'], key: JWT, created_by: `key:${h.adminKeyId}` })
+  t.equal(await h.auditRows(), before + 1, 'one audit row for the create')
+
+  const verified = await h.call('POST', '/v1/n8n/keys/verify', { body: { secret: created.json.key } })
+  documented(t, 'verifyN8nKey', verified)
+  t.match(verified.json, { valid: true, record: { id: created.json.id } })
+
+  const listed = await h.call('GET', '/v1/n8n/keys')
+  documented(t, 'listN8nKeys', listed)
+  t.match(listed.json.items.find((i: { remote_id: string }) => i.remote_id === created.json.remote_id), { state: 'in_sync', label: 'via-api' })
+  t.notMatch(listed.text, created.json.key, 'the list never shows the key')
+
+  const unknown = await h.call('POST', '/v1/n8n/keys', { body: { label: 'x', scopes: ['workflow:fly'] } })
+  t.equal(unknown.status, 400)
+  t.equal(unknown.json.error.code, 'n8n_scope_unknown')
+  const twice = await h.call('POST', '/v1/n8n/keys', { body: { label: 'via-api', scopes: ['workflow:list'] } })
+  t.equal(twice.status, 409)
+  t.equal(twice.json.error.code, 'n8n_key_exists')
+
+  const deleted = await h.call('DELETE', '/v1/n8n/keys/via-api')
+  documented(t, 'deleteN8nKey', deleted)
+  t.match(deleted.json, { deleted: true, remote_id: created.json.remote_id, remote_missing: false })
+  t.equal(await h.auditRows(), before + 2, 'one audit row for the delete')
+  const refused = await h.call('POST', '/v1/n8n/keys/verify', { body: { secret: created.json.key } })
+  documented(t, 'verifyN8nKey', refused)
+  t.match(refused.json, { valid: false, reason: 'refused' })
+  const missing = await h.call('DELETE', '/v1/n8n/keys/via-api')
+  t.equal(missing.status, 404)
+  t.equal(missing.json.error.code, 'n8n_key_not_found')
 })
 
 t.test('usage errors exit 2', async (t) => {

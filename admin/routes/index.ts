@@ -5,6 +5,10 @@ import type { Operation } from '../operation.ts'
 import addDenyEntry from './deny-list-add.ts'
 import listDenyList from './deny-list-list.ts'
 import removeDenyEntry from './deny-list-remove.ts'
+import createGiteaToken from './gitea-tokens-create.ts'
+import deleteGiteaToken from './gitea-tokens-delete.ts'
+import listGiteaTokens from './gitea-tokens-list.ts'
+import verifyGiteaToken from './gitea-tokens-verify.ts'
 import getKeyAudit from './keys-audit.ts'
 import createKey from './keys-create.ts'
 import getKey from './keys-get.ts'
@@ -14,6 +18,10 @@ import revokeKey from './keys-revoke.ts'
 import rotateKey from './keys-rotate.ts'
 import updateKey from './keys-update.ts'
 import validateKey from './keys-validate.ts'
+import createN8nKey from './n8n-keys-create.ts'
+import deleteN8nKey from './n8n-keys-delete.ts'
+import listN8nKeys from './n8n-keys-list.ts'
+import verifyN8nKey from './n8n-keys-verify.ts'
 import reportExpiring from './reports-expiring.ts'
 import reportRejections from './reports-rejections.ts'
 import reportTopKeys from './reports-top-keys.ts'
@@ -38,4 +46,12 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   listDenyList,
   addDenyEntry,
   removeDenyEntry,
+  createGiteaToken,
+  listGiteaTokens,
+  verifyGiteaToken,
+  deleteGiteaToken,
+  createN8nKey,
+  listN8nKeys,
+  verifyN8nKey,
+  deleteN8nKey,
 ])

@@ -1,7 +1,7 @@
 // Request bodies of the integration operations, shared by the CLI and the admin API (whose
 // OpenAPI document is generated from them). Scope names are checked by the services against
 // what Gitea knows and what the n8n instance allows, so an unknown scope gets its own error code.
-import { Type, type Static } from '@sinclair/typebox'
+import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
 
 const ScopeName = Type.String({ minLength: 1, maxLength: 100, pattern: '^[a-z0-9][a-z0-9:._-]*$' })
@@ -43,3 +43,107 @@ export const VerifySecretBody = Type.Object(
   { additionalProperties: false },
 )
 export type VerifySecretInput = Static<typeof VerifySecretBody>
+
+// Answers of the admin API's integration operations (the OpenAPI document is generated from
+// these; test/admin-integrations.test.ts checks real answers against them).
+const Nullable = <T extends TSchema>(s: T) => Type.Union([s, Type.Null()])
+const DateTime = Type.String({ format: 'date-time' })
+const TRACK_STATES = ['in_sync', 'deleted_remotely', 'not_recorded'] as const
+const TrackStateSchema = Type.Union(TRACK_STATES.map((s) => Type.Literal(s)), { description: 'in_sync: in both; deleted_remotely: only the local record (deleted in the service by hand); not_recorded: only in the service.' })
+const DriftSummary = Type.Object(Object.fromEntries(TRACK_STATES.map((s) => [s, Type.Integer({ minimum: 0 })])))
+
+export const GiteaTokenSchema = Type.Object({
+  id: Type.String({ description: "keygate's record id." }),
+  remote_id: Type.Integer({ description: "Gitea's token id." }),
+  name: Type.String(),
+  user: Type.String(),
+  scopes: Type.Array(Type.String()),
+  token_last_eight: Type.String(),
+  base_url: Type.String(),
+  created_at: DateTime,
+  created_by: Type.String(),
+  deleted_at: Nullable(DateTime),
+  deleted_by: Nullable(Type.String()),
+})
+export const GiteaTokenCreatedSchema = Type.Composite([GiteaTokenSchema, Type.Object({ token: Type.String({ description: 'The token, in this answer only.' }) })])
+export const GiteaTokenListSchema = Type.Object({
+  base_url: Type.String(),
+  users: Type.Array(Type.String()),
+  items: Type.Array(
+    Type.Object({
+      remote_id: Type.Integer(),
+      name: Type.String(),
+      user: Type.String(),
+      state: TrackStateSchema,
+      remote: Nullable(Type.Object({ id: Type.Integer(), name: Type.String(), scopes: Type.Array(Type.String()), token_last_eight: Type.String() })),
+      local: Nullable(GiteaTokenSchema),
+    }),
+  ),
+  summary: DriftSummary,
+})
+export const GiteaTokenDeletedSchema = Type.Object({
+  deleted: Type.Literal(true),
+  remote_id: Type.Integer(),
+  name: Type.String(),
+  user: Type.String(),
+  remote_missing: Type.Boolean({ description: 'The token was already gone from Gitea; only the record was closed.' }),
+  record: Nullable(GiteaTokenSchema),
+})
+export const GiteaVerificationSchema = Type.Object({
+  valid: Type.Boolean(),
+  user: Type.Optional(Nullable(Type.Object({ id: Type.Integer(), login: Type.String(), email: Nullable(Type.String()), is_admin: Type.Boolean() }))),
+  note: Type.Optional(Type.String()),
+  reason: Type.Optional(Type.Union([Type.Literal('malformed'), Type.Literal('refused')])),
+  record: Nullable(GiteaTokenSchema),
+})
+
+export const N8nKeySchema = Type.Object({
+  id: Type.String({ description: "keygate's record id." }),
+  remote_id: Type.String({ description: "n8n's key id." }),
+  label: Type.String(),
+  owner_email: Type.String(),
+  scopes: Type.Array(Type.String()),
+  key_last_eight: Type.String(),
+  expires_at: Nullable(DateTime),
+  base_url: Type.String(),
+  created_at: DateTime,
+  created_by: Type.String(),
+  deleted_at: Nullable(DateTime),
+  deleted_by: Nullable(Type.String()),
+})
+export const N8nKeyCreatedSchema = Type.Composite([N8nKeySchema, Type.Object({ key: Type.String({ description: 'The API key, in this answer only.' }) })])
+export const N8nKeyListSchema = Type.Object({
+  base_url: Type.String(),
+  items: Type.Array(
+    Type.Object({
+      remote_id: Type.String(),
+      label: Type.String(),
+      state: TrackStateSchema,
+      remote: Nullable(
+        Type.Object({
+          id: Type.String(),
+          label: Type.String(),
+          scopes: Type.Array(Type.String()),
+          masked: Type.String({ description: "n8n's masked form of the key." }),
+          expires_at: Nullable(Type.String()),
+          created_at: Nullable(Type.String({ description: "n8n's own creation time." })),
+        }),
+      ),
+      local: Nullable(N8nKeySchema),
+    }),
+  ),
+  summary: DriftSummary,
+})
+export const N8nKeyDeletedSchema = Type.Object({
+  deleted: Type.Literal(true),
+  remote_id: Type.String(),
+  label: Type.String(),
+  remote_missing: Type.Boolean({ description: 'The key was already gone from n8n; only the record was closed.' }),
+  record: Nullable(N8nKeySchema),
+})
+export const N8nVerificationSchema = Type.Object({
+  valid: Type.Boolean(),
+  note: Type.Optional(Type.String()),
+  reason: Type.Optional(Type.Union([Type.Literal('malformed'), Type.Literal('refused')])),
+  record: Nullable(N8nKeySchema),
+})

@@ -4,11 +4,15 @@
 import type http from 'node:http'
 import type { Test } from 'tap'
 import { Agent, request } from 'undici'
+import { Value } from '@sinclair/typebox/value'
 import { createAdminApi } from '../../admin/index.ts'
+import { OPERATIONS } from '../../admin/routes/index.ts'
 import { createAdminServer } from '../../admin/server.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
 import type { Db } from '../../core/db.ts'
 import { DenyListService } from '../../core/deny-list.ts'
+import type { GiteaTokenService } from '../../core/integrations/gitea.ts'
+import type { N8nKeyService } from '../../core/integrations/n8n.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { createLockout, type Lockout } from '../../core/lockout.ts'
 import { silentLogger } from '../../core/log.ts'
@@ -56,6 +60,9 @@ export interface AdminHarnessOptions {
   gateway?: boolean
   /** Config overrides (lockout, gateway, ...). */
   config?: Record<string, unknown>
+  /** The integration services behind /v1/gitea and /v1/n8n (absent: not configured). */
+  gitea?: GiteaTokenService
+  n8n?: N8nKeyService
 }
 
 export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions = {}): Promise<AdminHarness> {
@@ -81,6 +88,8 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       maxBodyBytes: config.admin.max_body_bytes,
       ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
       flushUsage: () => usage.flush(),
+      ...(options.gitea ? { gitea: options.gitea } : {}),
+      ...(options.n8n ? { n8n: options.n8n } : {}),
     }),
   })
   const requests: string[] = []
@@ -134,4 +143,12 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       return rows[0]?.n ?? -1
     },
   }
+}
+
+/** Asserts an answer has its operation's status and matches the operation's documented schema. */
+export function documented(t: Test, operationId: string, a: Answer): void {
+  const op = OPERATIONS.find((o) => o.id === operationId)
+  if (!op) throw new Error(`no operation ${operationId}`)
+  t.equal(a.status, op.response.status, `${operationId}: ${op.response.status}`)
+  t.same([...Value.Errors(op.response.schema, a.json)].map((e) => `${e.path} ${e.message}`), [], `${operationId}: the answer matches its documented schema`)
 }

@@ -9,6 +9,8 @@ import type { Db } from '../../core/db.ts'
 import { createLogger, type Logger } from '../../core/log.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
 import type { IntegrationDeps } from '../../core/integrations/track.ts'
+import { GiteaTokenService } from '../../core/integrations/gitea.ts'
+import { FakeGitea } from './fake-gitea.ts'
 import { TEST_ENCRYPTION_KEY, type Store } from './stores.ts'
 
 /** Every log line the integration services wrote in this process. */
@@ -61,4 +63,16 @@ export async function freePort(): Promise<number> {
   const port = (s.address() as net.AddressInfo).port
   await new Promise((r) => s.close(r))
   return port
+}
+
+/** A running fake Gitea with user alice, and a GiteaTokenService on `db` configured for it; both stop with `t`. */
+export async function giteaOnFake(t: Test, db: Db): Promise<{ fake: FakeGitea; gitea: GiteaTokenService; password: string }> {
+  const password = 'alice-Secret-pw-1'
+  const fake = new FakeGitea()
+  await fake.start()
+  fake.addUser('alice', password)
+  t.teardown(() => fake.stop())
+  const gitea = new GiteaTokenService(integrationDeps(db, { GITEA_URL: fake.url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: password }))
+  t.teardown(() => gitea.close())
+  return { fake, gitea, password }
 }

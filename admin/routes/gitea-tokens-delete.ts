@@ -1,0 +1,19 @@
+// DELETE /v1/gitea/tokens/{ref}: deletes a token in Gitea (by Gitea's id or by name) and closes its record.
+import { DeleteGiteaTokenQuery, GiteaTokenDeletedSchema } from '../../core/integrations/schemas.ts'
+import { GITEA_CALL_ERRORS, giteaOf } from '../integrations.ts'
+import { defineOperation } from '../operation.ts'
+
+export default defineOperation({
+  id: 'deleteGiteaToken',
+  method: 'DELETE',
+  path: '/v1/gitea/tokens/{ref}',
+  tag: 'gitea',
+  summary: 'Delete a Gitea token',
+  description: '`ref` is Gitea\'s token id or the token\'s name. A token already gone from Gitea only has its record closed (`remote_missing`).',
+  query: DeleteGiteaTokenQuery,
+  response: { status: 200, description: 'The token was deleted.', schema: GiteaTokenDeletedSchema },
+  errors: ['validation_failed', 'gitea_token_not_found', ...GITEA_CALL_ERRORS],
+  async handle({ params, query, actor, services }) {
+    return giteaOf(services).delete(params.ref as string, actor, query.user === undefined ? {} : { user: query.user })
+  },
+})

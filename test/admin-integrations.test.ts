@@ -1,0 +1,95 @@
+// The admin API's Gitea operations against the fake Gitea, on the embedded store and on
+// PostgreSQL: the create/verify/list/delete cycle with its audit rows and admin actor, drift,
+// the service's errors as their catalogue codes, and every answer against the operation's
+// documented schema. Without the services configured, every integration operation says so.
+// (The n8n operations run against the real n8n in test/n8n.test.ts.)
+import t from 'tap'
+import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { documented, startAdmin } from './helpers/admin.ts'
+import { freePort, giteaOnFake, integrationDeps } from './helpers/integrations.ts'
+import { forEachStore, openStore } from './helpers/stores.ts'
+
+
+await forEachStore(t, async (t, store) => {
+  const { fake, gitea } = await giteaOnFake(t, store.db)
+  const h = await startAdmin(t, store.db, { gitea })
+
+  await t.test('create, verify, list, delete through the admin API', async (t) => {
+    const before = await h.auditRows()
+    const created = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'deploy', scopes: ['read:repository', 'read:user'] } })
+    documented(t, 'createGiteaToken', created)
+    t.match(created.json, { name: 'deploy', user: 'alice', scopes: ['read:repository', 'read:user'], created_by: `key:${h.adminKeyId}` })
+    t.ok(fake.tokens.some((x) => x.sha1 === created.json.token), 'the token exists in Gitea')
+    t.equal(await h.auditRows(), before + 1, 'one audit row for the create')
+
+    const verified = await h.call('POST', '/v1/gitea/tokens/verify', { body: { secret: created.json.token } })
+    documented(t, 'verifyGiteaToken', verified)
+    t.match(verified.json, { valid: true, user: { login: 'alice' }, record: { id: created.json.id } })
+
+    const list = await h.call('GET', '/v1/gitea/tokens')
+    documented(t, 'listGiteaTokens', list)
+    t.match(list.json.items, [{ name: 'deploy', state: 'in_sync' }])
+    t.notMatch(list.text, created.json.token, 'the list never shows the token')
+
+    const deleted = await h.call('DELETE', '/v1/gitea/tokens/deploy')
+    documented(t, 'deleteGiteaToken', deleted)
+    t.match(deleted.json, { deleted: true, name: 'deploy', remote_missing: false, record: { deleted_by: `key:${h.adminKeyId}` } })
+    t.equal(await h.auditRows(), before + 2, 'one audit row for the delete')
+
+    const after = await h.call('POST', '/v1/gitea/tokens/verify', { body: { secret: created.json.token } })
+    documented(t, 'verifyGiteaToken', after)
+    t.match(after.json, { valid: false, reason: 'refused' })
+  })
+
+  await t.test('errors of the service keep their codes', async (t) => {
+    const before = await h.auditRows()
+    const unknown = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'x', scopes: ['read:everything'] } })
+    t.equal(unknown.status, 400)
+    t.equal(unknown.json.error.code, 'gitea_scope_unknown')
+    t.equal((await h.call('POST', '/v1/gitea/tokens', { body: { name: 'twice', scopes: ['read:user'] } })).status, 201)
+    const twice = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'twice', scopes: ['read:user'] } })
+    t.equal(twice.status, 409)
+    t.equal(twice.json.error.code, 'gitea_token_exists')
+    const missing = await h.call('DELETE', '/v1/gitea/tokens/nothing-like-it')
+    t.equal(missing.status, 404)
+    t.equal(missing.json.error.code, 'gitea_token_not_found')
+    const bad = await h.call('POST', '/v1/gitea/tokens', { body: { scopes: [] } })
+    t.equal(bad.status, 400)
+    t.equal(bad.json.error.code, 'validation_failed')
+    t.match(bad.text, /name/)
+    t.equal(await h.auditRows(), before + 1, 'only the one create that succeeded left an audit row')
+  })
+
+  await t.test('drift: a token deleted in Gitea by hand', async (t) => {
+    const made = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'by-hand', scopes: ['read:user'] } })
+    fake.tokens.splice(fake.tokens.findIndex((x) => x.id === made.json.remote_id), 1)
+    const list = await h.call('GET', '/v1/gitea/tokens')
+    documented(t, 'listGiteaTokens', list)
+    t.match(list.json.items.find((i: { name: string }) => i.name === 'by-hand'), { state: 'deleted_remotely', remote: null, local: { id: made.json.id } })
+  })
+})
+
+t.test('not configured, or unreachable: specific codes, nothing written', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const bare = await startAdmin(t, store.db)
+  for (const [method, path, body, code] of [
+    ['POST', '/v1/gitea/tokens', { name: 'a', scopes: ['read:user'] }, 'gitea_not_configured'],
+    ['GET', '/v1/gitea/tokens', undefined, 'gitea_not_configured'],
+    ['POST', '/v1/n8n/keys', { label: 'a', scopes: ['workflow:list'] }, 'n8n_not_configured'],
+    ['DELETE', '/v1/n8n/keys/a', undefined, 'n8n_not_configured'],
+  ] as const) {
+    const a = await bare.call(method, path, body === undefined ? {} : { body })
+    t.equal(a.status, 503, `${method} ${path}`)
+    t.equal(a.json.error.code, code)
+  }
+  const port = await freePort()
+  const n8n = new N8nKeyService(integrationDeps(store.db, { N8N_URL: `http://127.0.0.1:${port}`, N8N_EMAIL: 'owner@example.test', N8N_PASSWORD: 'Owner-pw-1' }))
+  t.teardown(() => n8n.close())
+  const down = await startAdmin(t, store.db, { n8n })
+  const before = await down.auditRows()
+  const a = await down.call('POST', '/v1/n8n/keys', { body: { label: 'a', scopes: ['workflow:list'] } })
+  t.equal(a.status, 502)
+  t.equal(a.json.error.code, 'n8n_unreachable')
+  t.notMatch(a.text, /Owner-pw-1/, 'no password in the answer')
+  t.equal(await down.auditRows(), before, 'no audit row')
+})
