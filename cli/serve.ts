@@ -20,6 +20,7 @@ import { createLockout, type Lockout } from '../core/lockout.ts'
 import { UsageRecorder } from '../core/usage.ts'
 import { pendingMigrations } from '../core/migrate.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
+import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
 import { createAdminApi } from '../admin/index.ts'
@@ -150,9 +151,24 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
   })
 }
 
-/** One lockout per process, shared by the gateway and the admin API (and across processes with Redis). */
-function processLockout(config: Config, redis: Redis | undefined, log: Logger, onLockout?: () => void): Lockout {
-  return createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, log, ...(onLockout ? { onLockout } : {}) })
+/**
+ * One lockout per process, shared by the gateway and the admin API (and across processes with
+ * Redis). A worker counts in the primary's memory and tells the primary of each lockout, which
+ * tells the other workers (so one machine locks an address out once, Redis or not).
+ */
+function processLockout(config: Config, redis: Redis | undefined, log: Logger, options: { onLockout?: () => void; worker?: boolean } = {}): Lockout {
+  return createLockout({
+    maxAttempts: config.lockout.max_attempts,
+    windowS: config.lockout.window_s,
+    redis,
+    log,
+    ...(options.onLockout ? { onLockout: options.onLockout } : {}),
+    ...(options.worker ? { cluster: true, announce: (message: string) => process.send?.({ keygate: 'lock', message } satisfies FromWorker) } : {}),
+  })
+}
+
+function redisOf(config: Config, log: Logger): Redis | undefined {
+  return config.redis.url ? connectRedis(config.redis.url, log, { commandTimeoutMs: config.redis.command_timeout_ms }) : undefined
 }
 
 async function closeServer(server: http.Server | undefined): Promise<void> {
@@ -169,14 +185,14 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   let shuttingDown = false
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
-  const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  const redis = redisOf(config, log)
   // The admin API writes through this one; the gateway reads it, so a change applies to the next request.
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   // Without a gateway in this process, key changes made here still reach the other instances.
   const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
-  const lockout = processLockout(config, redis, log, () => metrics?.lockouts.inc())
+  const lockout = processLockout(config, redis, log, { onLockout: () => metrics?.lockouts.inc(), worker: mode.worker })
   const onPrimaryMessage = (m: WorkerMessage) => {
     if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
@@ -200,6 +216,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         metrics,
         denyList,
         lockout,
+        clusterLimits: mode.worker,
         ...(usage ? { usage } : {}),
         ...(redis ? { redis } : {}),
         createServer: (options) => createServer(config.gateway.tls, options, log),
@@ -239,6 +256,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   }
 }
 
+/** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
+type FromWorker = { keygate: 'ready' } | { keygate: 'lock'; message: string }
+
 /** What the primary sends its gateway workers when its admin API changes something. */
 type WorkerMessage =
   | { keygate: 'invalidate'; message: string }
@@ -256,12 +276,15 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const stopping = stopSignal(log)
   const runtime = await openRuntime(config, log)
   let shuttingDown = false
-  const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  const redis = redisOf(config, log)
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   try {
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const aggregator = new AggregatorRegistry()
+    // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
+    clusterLimitsPrimary()
+    const lockout = processLockout(config, redis, log)
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     const live = new Set<import('node:cluster').Worker>()
     const fork = () => {
@@ -278,6 +301,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // Changes made through this admin API reach the workers at once over cluster IPC: key
     // changes as invalidations, deny list changes whole, so no worker waits for a reload.
     const stopTelling = bindInvalidations({ keys: runtime.keys, publish: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
+    // A worker's lockout reaches its siblings (and this admin API) at once.
+    const onWorkerMessage = (from: import('node:cluster').Worker, m: FromWorker) => {
+      if (m?.keygate !== 'lock') return
+      lockout.applyMessage(m.message)
+      tellWorkers([...live].filter((w) => w !== from), { keygate: 'invalidate', message: m.message })
+    }
+    cluster.on('message', onWorkerMessage)
     const stopDeny = denyList.onChange(({ action, entry }) =>
       tellWorkers(live, { keygate: 'deny', action, entry: { ...entry, createdAt: entry.createdAt.toISOString(), expiresAt: entry.expiresAt?.toISOString() ?? null } }),
     )
@@ -286,7 +316,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
       isShuttingDown: () => shuttingDown,
     })
-    if (role.admin) routes.push(...adminApi(config, runtime, denyList, processLockout(config, redis, log), log))
+    if (role.admin) routes.push(...adminApi(config, runtime, denyList, lockout, log))
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
     const at = await listen(admin, config.admin.listen)
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
@@ -298,6 +328,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     await Promise.all([...exited, closeServer(admin)])
     stopTelling()
     stopDeny()
+    cluster.off('message', onWorkerMessage)
     log.info('stopped')
     return EXIT_OK
   } finally {
