@@ -13,7 +13,7 @@ import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis } from '../core/redis.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
-import { ACTOR, bearer, makeConfig, openStore, sleep, startGateway, type Harness } from './helpers/gateway.ts'
+import { ACTOR, bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
 import { startRedisServer, type RedisServer } from './helpers/redis-server.ts'
 import type { LogLine } from './helpers/serve.ts'
 
@@ -25,18 +25,6 @@ async function metric(registry: Registry, name: string, labels: Record<string, s
   return v?.value ?? NaN
 }
 
-/** Polls until `check` holds; fails the test after `ms` (a hang, not a latency bound). */
-async function until(t: Test, what: string, check: () => Promise<boolean> | boolean, ms = 15_000): Promise<void> {
-  const end = Date.now() + ms
-  while (Date.now() < end) {
-    if (await check()) {
-      t.pass(what)
-      return
-    }
-    await sleep(20)
-  }
-  t.fail(`${what}: not within ${ms} ms`)
-}
 
 
 interface Setup {
