@@ -21,6 +21,7 @@ import { UsageRecorder } from '../core/usage.ts'
 import { pendingMigrations } from '../core/migrate.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
 import { clusterLimitsPrimary } from '../core/limiters.ts'
+import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
 import { createAdminApi } from '../admin/index.ts'
@@ -171,6 +172,24 @@ function redisOf(config: Config, log: Logger): Redis | undefined {
   return config.redis.url ? connectRedis(config.redis.url, log, { commandTimeoutMs: config.redis.command_timeout_ms }) : undefined
 }
 
+/** The rotation scheduler and cleanup jobs, in a process that serves the admin API (one instance at a time does the work). */
+function startScheduler(config: Config, runtime: Runtime, log: Logger): Scheduler | undefined {
+  if (!config.scheduler.enabled) return undefined
+  const s = config.scheduler
+  const scheduler = new Scheduler({
+    db: runtime.db,
+    keys: runtime.keys,
+    audit: runtime.audit,
+    events: runtime.events,
+    log,
+    intervalS: s.interval_s,
+    noticeMs: s.rotation_notice_hours * 3_600_000,
+    pruneRules: defaultPruneRules({ auditDays: config.audit.retention_days, anomalyDays: s.anomaly_retention_days, webhookDeliveryDays: s.webhook_delivery_retention_days }),
+  })
+  scheduler.start()
+  return scheduler
+}
+
 async function closeServer(server: http.Server | undefined): Promise<void> {
   if (!server?.listening) return
   await new Promise<void>((resolve) => {
@@ -185,6 +204,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   let shuttingDown = false
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
+  let scheduler: Scheduler | undefined
   const redis = redisOf(config, log)
   // The admin API writes through this one; the gateway reads it, so a change applies to the next request.
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
@@ -233,7 +253,10 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         metrics: async () => ({ contentType: registry.contentType, body: await registry.metrics() }),
         isShuttingDown: () => shuttingDown,
       })
-      if (role.admin) routes.push(...adminApi(config, runtime, denyList, lockout, log, usage))
+      if (role.admin) {
+        routes.push(...adminApi(config, runtime, denyList, lockout, log, usage))
+        scheduler = startScheduler(config, runtime, log)
+      }
       admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
       const at = await listen(admin, config.admin.listen)
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
@@ -242,7 +265,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     const signal = await stopping
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
-    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin)])
+    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin), scheduler?.stop()])
     await usage?.close()
     log.info('stopped')
     return EXIT_OK
@@ -317,6 +340,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       isShuttingDown: () => shuttingDown,
     })
     if (role.admin) routes.push(...adminApi(config, runtime, denyList, lockout, log))
+    const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
     const at = await listen(admin, config.admin.listen)
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
@@ -325,7 +349,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
-    await Promise.all([...exited, closeServer(admin)])
+    await Promise.all([...exited, closeServer(admin), scheduler?.stop()])
     stopTelling()
     stopDeny()
     cluster.off('message', onWorkerMessage)

@@ -199,6 +199,18 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    scheduler: Type.Object(
+      {
+        enabled: Type.Boolean({ default: true, description: 'Run the rotation scheduler and cleanup jobs in the admin process (one instance at a time holds the job lock).', env: 'KEYGATE_SCHEDULER' }),
+        interval_s: int(60, 1, 86_400, { description: 'How often the jobs run.' }),
+        rotation_notice_hours: int(168, 0, 8760, {
+          description: 'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row).',
+        }),
+        anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists).' }),
+        webhook_delivery_retention_days: int(30, 1, 36_500, { description: 'Webhook delivery log rows older than this are pruned (when the table exists).' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     usage: Type.Object(
       {
         flush_interval_s: int(10, 1, 3600, { description: 'How often each gateway process adds its per-key request counts and rejections to the store (for the admin reports).' }),
