@@ -7,6 +7,9 @@
 // limit and one lockout for the machine, not one per worker.
 import t, { type Test } from 'tap'
 import { randomInt } from 'node:crypto'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { Redis } from 'ioredis'
 import { request } from 'undici'
 import { runCli } from './helpers/cli.ts'
@@ -54,7 +57,19 @@ async function statuses(d: Deployment, key: string, perGateway: number): Promise
 const count = (list: number[], status: number) => list.filter((s) => s === status).length
 
 t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) => {
-  const d = await startDeployment(t, { gateways: 2 })
+  // The scheduler every second, so its work shows within the test.
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
+  writeFileSync(join(dir, 'keygate.yaml'), 'scheduler:\n  interval_s: 1\n')
+  const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
+
+  await t.test('the admin process runs the scheduler, the gateways do not', async (t) => {
+    const k = await createKey(d, { expires_at: new Date(Date.now() + 1500).toISOString() })
+    await until(t, 'the expired key is marked', async () => (await d.call('GET', `/v1/keys/${k.id}`)).json.status === 'expired')
+    const audit = await d.call('GET', `/v1/keys/${k.id}/audit`)
+    t.ok(audit.json.items.some((r: { action: string }) => r.action === 'key.expired'), 'with an audit row')
+    t.ok(d.admin.logs.some((l) => l.msg === 'scheduler run'), 'by the admin process')
+    for (const g of d.gateways) t.notOk(g.logs.some((l) => l.msg === 'scheduler run'), 'not by a gateway')
+  })
 
   await t.test('a key revoked through the admin API is refused by both gateways', async (t) => {
     const k = await createKey(d)
