@@ -157,7 +157,12 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
  * Redis). A worker counts in the primary's memory and tells the primary of each lockout, which
  * tells the other workers (so one machine locks an address out once, Redis or not).
  */
-function processLockout(config: Config, redis: Redis | undefined, log: Logger, options: { onLockout?: () => void; worker?: boolean } = {}): Lockout {
+function processLockout(
+  config: Config,
+  redis: Redis | undefined,
+  log: Logger,
+  options: { onLockout?: () => void; worker?: boolean; tell?: (message: string) => void } = {},
+): Lockout {
   return createLockout({
     maxAttempts: config.lockout.max_attempts,
     windowS: config.lockout.window_s,
@@ -165,6 +170,7 @@ function processLockout(config: Config, redis: Redis | undefined, log: Logger, o
     log,
     ...(options.onLockout ? { onLockout: options.onLockout } : {}),
     ...(options.worker ? { cluster: true, announce: (message: string) => process.send?.({ keygate: 'lock', message } satisfies FromWorker) } : {}),
+    ...(options.tell ? { announce: options.tell } : {}),
   })
 }
 
@@ -307,9 +313,10 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const aggregator = new AggregatorRegistry()
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
-    const lockout = processLockout(config, redis, log)
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     const live = new Set<import('node:cluster').Worker>()
+    // Failed admin credentials lock the address out of the workers' gateways too.
+    const lockout = processLockout(config, redis, log, { tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
     const fork = () => {
       const w = cluster.fork()
       live.add(w)
