@@ -3,10 +3,14 @@
 // `keygate serve --only gateway` on one PostgreSQL (a fresh database on DATABASE_URL) and one
 // Redis (a redis-server of its own). Each round creates a key, has both gateways cache it, then
 // revokes it through the admin API while each gateway is asked with it again and again; the
-// latency of a gateway is from the revoke request being sent to the first refusal it answers.
+// latency of a gateway is from the revoke request being sent to the first refusal it answers;
+// also from the moment the invalidation reached a subscriber of the benchmark's own (the publish,
+// within a fraction of a millisecond), which leaves out the admin's own database transaction.
 // Prints a markdown table of percentiles over all rounds and both gateways.
 import { randomInt } from 'node:crypto'
+import { Redis } from 'ioredis'
 import { Agent, request } from 'undici'
+import { INVALIDATION_CHANNEL } from '../core/invalidation.ts'
 import { startDeployment } from '../test/helpers/deployment.ts'
 
 const arg = process.argv.indexOf('--rounds')
@@ -31,6 +35,18 @@ async function main(): Promise<void> {
     await r.body.dump()
     return r.statusCode
   }
+  // When the revocation's `key:<id>` message was published, as seen by a subscriber here (the
+  // key's creation published one too, long before: only a message after the revoke counts).
+  let awaited: string | undefined
+  let publishedAt: number | undefined
+  const sub = new Redis(d.redis.url)
+  teardowns.push(() => sub.disconnect())
+  sub.on('message', (_channel: string, message: string) => {
+    const m = /^\d+\|key:(.+)$/.exec(message)
+    if (m && m[1] === awaited && publishedAt === undefined) publishedAt = performance.now()
+  })
+  await sub.subscribe(INVALIDATION_CHANNEL)
+  const fromPublish: number[] = []
   const fromSent: number[] = []
   const fromAnswer: number[] = []
   const revokeAnswer: number[] = []
@@ -40,6 +56,8 @@ async function main(): Promise<void> {
     const { id, key } = created.json as { id: string; key: string }
     for (const g of d.gateways) if ((await ask(g.gateway, key)) !== 200) throw new Error('a fresh key was refused')
     let answeredAt = 0
+    awaited = id
+    publishedAt = undefined
     const sent = performance.now()
     const pollers = d.gateways.map(async (g) => {
       for (;;) {
@@ -53,12 +71,19 @@ async function main(): Promise<void> {
     answeredAt = performance.now()
     if (revoked.status !== 200) throw new Error(`revoke: ${revoked.status}`)
     revokeAnswer.push(answeredAt - sent)
-    for (const at of await Promise.all(pollers)) {
+    const refusedAt = await Promise.all(pollers)
+    // A gateway may refuse before this process's own subscriber has the message.
+    for (let i = 0; i < 1000 && publishedAt === undefined; i++) await new Promise((r) => setTimeout(r, 1))
+    const at0 = publishedAt
+    for (const at of refusedAt) {
+      if (at0 !== undefined) fromPublish.push(Math.max(0, at - at0))
       fromSent.push(at - sent)
       fromAnswer.push(Math.max(0, at - answeredAt))
     }
   }
+  if (fromPublish.length !== fromSent.length) throw new Error('a revocation was never published on Redis')
   const rows: Array<[string, number[]]> = [
+    ['refused by a gateway, from the invalidation being published', fromPublish],
     ['refused by a gateway, from the revoke request being sent', fromSent],
     ['refused by a gateway, after the admin API answered the revoke', fromAnswer],
     ['the admin API answering the revoke', revokeAnswer],
