@@ -5,10 +5,13 @@ import { readFileSync } from 'node:fs'
 import { loadConfig, renderConfigDocs } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
-import { createLogger, type Level } from '../core/log.ts'
+import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
-import { openRuntime } from '../core/runtime.ts'
+import { openRuntime, type Runtime } from '../core/runtime.ts'
+import { Redis } from 'ioredis'
+import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
+import { redisReady } from '../core/redis.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
@@ -96,10 +99,40 @@ async function runApiKey(argv: string[], io: Io): Promise<number> {
   }
   const log = cliLogger(io, config)
   const runtime = await openRuntime(config, log)
+  const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   try {
     return await action({ io, json, ops: localOperations(runtime.keys, { actor: actorName() }) })
   } finally {
+    await published?.()
     await runtime.close()
+  }
+}
+
+/**
+ * With Redis configured, a change the CLI makes in the store is published like the admin API's,
+ * so every gateway drops the key at once. Returns what waits for the publishes before exit; a
+ * Redis that cannot be reached leaves the gateways to their cache TTL, with a warning.
+ */
+async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
+  // Connected on the first change only: commands that change nothing never touch Redis.
+  let redis: Redis | undefined
+  let ready: Promise<boolean> | undefined
+  const sent: Array<Promise<unknown>> = []
+  const send = async (message: string): Promise<unknown> => {
+    if (!redis) {
+      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, retryStrategy: () => null })
+      redis.on('error', () => {})
+      ready = redisReady(redis, 2000)
+    }
+    if (!(await ready)) throw new Error('Redis did not answer')
+    return sendInvalidation(redis, message)
+  }
+  const off = bindInvalidations({ keys: runtime.keys, publish: (message) => sent.push(send(message)) })
+  return async () => {
+    off()
+    const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
+    if (failed) log.warn('could not tell the gateways through Redis; they drop the key within cache.ttl_s', { err: (failed as PromiseRejectedResult).reason as Error })
+    redis?.disconnect()
   }
 }
 

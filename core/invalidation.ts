@@ -54,7 +54,7 @@ class Publisher {
   }
 
   #send(message: string): Promise<unknown> {
-    return this.#redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message)
+    return sendInvalidation(this.#redis, message)
   }
 
   #keep(message: string): void {
@@ -72,6 +72,11 @@ class Publisher {
       this.#pending.shift()
     }
   }
+}
+
+/** One versioned publish; rejects when Redis does not take it (nothing is kept for later). */
+export function sendInvalidation(redis: Redis, message: string): Promise<unknown> {
+  return redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message)
 }
 
 const publishers = new WeakMap<Redis, Publisher>()

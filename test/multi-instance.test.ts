@@ -1,7 +1,7 @@
 // Several instances as real processes: two `serve --only gateway` and one `serve --only admin`
 // on one PostgreSQL and one Redis (the test's own redis-server). A key revoked through the admin
 // API is refused by both gateways (the cache TTL is an hour, so only Redis can have told them);
-// a per-key limit holds across both gateways; a dropped subscriber connection flushes the cache;
+// so does a key revoked by the CLI on the store; a per-key limit holds across both gateways; a dropped subscriber connection flushes the cache;
 // Redis stopped mid-traffic leaves every gateway answering and limiting, and once restarted the
 // gateways catch up with what changed meanwhile. Then `serve --workers 2` without Redis: one
 // limit and one lockout for the machine, not one per worker.
@@ -75,6 +75,14 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     const k = await createKey(d)
     for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
     t.equal((await d.call('POST', `/v1/keys/${k.id}/revoke`, {})).status, 200)
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
+  })
+
+  await t.test('a key revoked by the CLI on the store, with REDIS_URL set, is refused by both gateways', async (t) => {
+    const k = await createKey(d)
+    for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
+    const revoked = await runCli(['api-key', 'revoke', k.id], { env: d.env })
+    t.equal(revoked.code, 0, revoked.stderr)
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
   })
 
