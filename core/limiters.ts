@@ -30,7 +30,7 @@ export interface LimiterOptions {
 }
 
 /** How long a worker waits for the primary's answer before counting in its own memory. */
-const CLUSTER_TIMEOUT_MS = 100
+const CLUSTER_TIMEOUT_MS = 500
 
 /** Whether the first limiter is used, and what to do when it fails. */
 interface Gate {

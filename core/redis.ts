@@ -54,6 +54,8 @@ export class RedisHealth {
     redis.on('error', () => this.down('unreachable'))
     redis.on('close', () => this.down('unreachable'))
     redis.on('ready', () => void this.#check())
+    // Closed for good (shutdown, or no more retries): nothing left to probe.
+    redis.on('end', () => this.close())
   }
 
   set log(log: Logger | undefined) {

@@ -114,7 +114,7 @@ t.test('an invalidation published while Redis is down goes out once it is back',
 })
 
 t.test('a frozen Redis hands the limits to the insurance limiter, with a metric and a log line, and takes them back', async (t) => {
-  const s = await setup(t, { rate_limits: { per_address: { limit: 3, window_s: 3600 } }, redis: { invalidation_check_ms: 0 } }, 50)
+  const s = await setup(t, { rate_limits: { per_address: { limit: 3, window_s: 3600 } }, redis: { invalidation_check_ms: 0 } }, 200)
   const registry = s.gateway.metrics.registry
   t.equal(await metric(registry, 'keygate_redis_up'), 1)
   t.equal((await s.gateway.get('/')).status, 401, 'counted in Redis: 1 of 3')
