@@ -11,6 +11,9 @@ import { migrate } from '../core/migrate.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { Redis } from 'ioredis'
+import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
+import { redisReady } from '../core/redis.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, N8N_COMMANDS } from './integrations.ts'
 import { localOperations } from './key-operations.ts'
@@ -108,9 +111,11 @@ export async function runGroup<C>(
   const log = cliLogger(io, config)
   const runtime = await openRuntime(config, log)
   const opened = open(runtime, log, p.values.json === true)
+  const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   try {
     return await action(opened.ctx)
   } finally {
+    await published?.()
     await opened.close?.()
     await runtime.close()
   }
@@ -118,6 +123,34 @@ export async function runGroup<C>(
 
 function integrationDeps(runtime: Runtime, log: Logger) {
   return { db: runtime.db, audit: runtime.audit, log, config: runtime.config }
+}
+
+/**
+ * With Redis configured, a change the CLI makes in the store is published like the admin API's,
+ * so every gateway drops the key at once. Returns what waits for the publishes before exit; a
+ * Redis that cannot be reached leaves the gateways to their cache TTL, with a warning.
+ */
+async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
+  // Connected on the first change only: commands that change nothing never touch Redis.
+  let redis: Redis | undefined
+  let ready: Promise<boolean> | undefined
+  const sent: Array<Promise<unknown>> = []
+  const send = async (message: string): Promise<unknown> => {
+    if (!redis) {
+      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, retryStrategy: () => null })
+      redis.on('error', () => {})
+      ready = redisReady(redis, 2000)
+    }
+    if (!(await ready)) throw new Error('Redis did not answer')
+    return sendInvalidation(redis, message)
+  }
+  const off = bindInvalidations({ keys: runtime.keys, publish: (message) => sent.push(send(message)) })
+  return async () => {
+    off()
+    const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
+    if (failed) log.warn('could not tell the gateways through Redis; they drop the key within cache.ttl_s', { err: (failed as PromiseRejectedResult).reason as Error })
+    redis?.disconnect()
+  }
 }
 
 async function runConfig(argv: string[], io: Io): Promise<number> {

@@ -20,6 +20,8 @@ import { createLockout, type Lockout } from '../core/lockout.ts'
 import { UsageRecorder } from '../core/usage.ts'
 import { pendingMigrations } from '../core/migrate.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
+import { clusterLimitsPrimary } from '../core/limiters.ts'
+import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
 import { createAdminApi } from '../admin/index.ts'
@@ -159,9 +161,48 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
   return { routes, close: async () => void (await Promise.all([gitea.close(), n8n.close()])) }
 }
 
-/** One lockout per process, shared by the gateway and the admin API (and across processes with Redis). */
-function processLockout(config: Config, redis: Redis | undefined, log: Logger, onLockout?: () => void): Lockout {
-  return createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, log, ...(onLockout ? { onLockout } : {}) })
+/**
+ * One lockout per process, shared by the gateway and the admin API (and across processes with
+ * Redis). A worker counts in the primary's memory and tells the primary of each lockout, which
+ * tells the other workers (so one machine locks an address out once, Redis or not).
+ */
+function processLockout(
+  config: Config,
+  redis: Redis | undefined,
+  log: Logger,
+  options: { onLockout?: () => void; worker?: boolean; tell?: (message: string) => void } = {},
+): Lockout {
+  return createLockout({
+    maxAttempts: config.lockout.max_attempts,
+    windowS: config.lockout.window_s,
+    redis,
+    log,
+    ...(options.onLockout ? { onLockout: options.onLockout } : {}),
+    ...(options.worker ? { cluster: true, announce: (message: string) => process.send?.({ keygate: 'lock', message } satisfies FromWorker) } : {}),
+    ...(options.tell ? { announce: options.tell } : {}),
+  })
+}
+
+function redisOf(config: Config, log: Logger): Redis | undefined {
+  return config.redis.url ? connectRedis(config.redis.url, log, { commandTimeoutMs: config.redis.command_timeout_ms }) : undefined
+}
+
+/** The rotation scheduler and cleanup jobs, in a process that serves the admin API (one instance at a time does the work). */
+function startScheduler(config: Config, runtime: Runtime, log: Logger): Scheduler | undefined {
+  if (!config.scheduler.enabled) return undefined
+  const s = config.scheduler
+  const scheduler = new Scheduler({
+    db: runtime.db,
+    keys: runtime.keys,
+    audit: runtime.audit,
+    events: runtime.events,
+    log,
+    intervalS: s.interval_s,
+    noticeMs: s.rotation_notice_hours * 3_600_000,
+    pruneRules: defaultPruneRules({ auditDays: config.audit.retention_days, anomalyDays: s.anomaly_retention_days, webhookDeliveryDays: s.webhook_delivery_retention_days }),
+  })
+  scheduler.start()
+  return scheduler
 }
 
 async function closeServer(server: http.Server | undefined): Promise<void> {
@@ -179,14 +220,15 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
   let api: ReturnType<typeof adminApi> | undefined
-  const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  let scheduler: Scheduler | undefined
+  const redis = redisOf(config, log)
   // The admin API writes through this one; the gateway reads it, so a change applies to the next request.
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   // Without a gateway in this process, key changes made here still reach the other instances.
   const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
-  const lockout = processLockout(config, redis, log, () => metrics?.lockouts.inc())
+  const lockout = processLockout(config, redis, log, { onLockout: () => metrics?.lockouts.inc(), worker: mode.worker })
   const onPrimaryMessage = (m: WorkerMessage) => {
     if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
@@ -210,6 +252,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         metrics,
         denyList,
         lockout,
+        clusterLimits: mode.worker,
         ...(usage ? { usage } : {}),
         ...(redis ? { redis } : {}),
         createServer: (options) => createServer(config.gateway.tls, options, log),
@@ -229,6 +272,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       if (role.admin) {
         api = adminApi(config, runtime, denyList, lockout, log, usage)
         routes.push(...api.routes)
+        scheduler = startScheduler(config, runtime, log)
       }
       admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
       const at = await listen(admin, config.admin.listen)
@@ -238,7 +282,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     const signal = await stopping
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
-    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin)])
+    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin), scheduler?.stop()])
     await api?.close()
     await usage?.close()
     log.info('stopped')
@@ -252,6 +296,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     await runtime.close()
   }
 }
+
+/** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
+type FromWorker = { keygate: 'ready' } | { keygate: 'lock'; message: string }
 
 /** What the primary sends its gateway workers when its admin API changes something. */
 type WorkerMessage =
@@ -270,14 +317,18 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const stopping = stopSignal(log)
   const runtime = await openRuntime(config, log)
   let shuttingDown = false
-  const redis = config.redis.url ? connectRedis(config.redis.url, log) : undefined
+  const redis = redisOf(config, log)
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   try {
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const aggregator = new AggregatorRegistry()
+    // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
+    clusterLimitsPrimary()
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     const live = new Set<import('node:cluster').Worker>()
+    // Failed admin credentials lock the address out of the workers' gateways too.
+    const lockout = processLockout(config, redis, log, { tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
     const fork = () => {
       const w = cluster.fork()
       live.add(w)
@@ -292,6 +343,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // Changes made through this admin API reach the workers at once over cluster IPC: key
     // changes as invalidations, deny list changes whole, so no worker waits for a reload.
     const stopTelling = bindInvalidations({ keys: runtime.keys, publish: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
+    // A worker's lockout reaches its siblings (and this admin API) at once.
+    const onWorkerMessage = (from: import('node:cluster').Worker, m: FromWorker) => {
+      if (m?.keygate !== 'lock') return
+      lockout.applyMessage(m.message)
+      tellWorkers([...live].filter((w) => w !== from), { keygate: 'invalidate', message: m.message })
+    }
+    cluster.on('message', onWorkerMessage)
     const stopDeny = denyList.onChange(({ action, entry }) =>
       tellWorkers(live, { keygate: 'deny', action, entry: { ...entry, createdAt: entry.createdAt.toISOString(), expiresAt: entry.expiresAt?.toISOString() ?? null } }),
     )
@@ -300,8 +358,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
       isShuttingDown: () => shuttingDown,
     })
-    const api = role.admin ? adminApi(config, runtime, denyList, processLockout(config, redis, log), log) : undefined
+    const api = role.admin ? adminApi(config, runtime, denyList, lockout, log) : undefined
     if (api) routes.push(...api.routes)
+    const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
     const at = await listen(admin, config.admin.listen)
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
@@ -310,10 +369,11 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
-    await Promise.all([...exited, closeServer(admin)])
+    await Promise.all([...exited, closeServer(admin), scheduler?.stop()])
     await api?.close()
     stopTelling()
     stopDeny()
+    cluster.off('message', onWorkerMessage)
     log.info('stopped')
     return EXIT_OK
   } finally {

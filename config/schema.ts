@@ -177,6 +177,12 @@ export const ConfigSchema = Type.Object(
       {
         url: optStr('redis-url', { description: 'Redis for shared limits, invalidation and alerts.', env: 'REDIS_URL', secret: true }),
         anomaly_channel: Type.String({ minLength: 1, default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts.' }),
+        command_timeout_ms: int(100, 5, 10_000, {
+          description: 'A rate limit or lockout call to Redis slower than this is answered by the in-memory insurance limiter, which keeps answering until a PING is answered in time again.',
+        }),
+        invalidation_check_ms: int(1000, 0, 600_000, {
+          description: 'How often a gateway compares the invalidation version counter in Redis with the last message it received, and flushes its key cache when messages were missed (0: never; the cache TTL still bounds staleness).',
+        }),
       },
       { additionalProperties: false, default: {} },
     ),
@@ -190,6 +196,18 @@ export const ConfigSchema = Type.Object(
           secret: true,
         }),
         retention_days: int(365, 1, 36_500, { description: 'Audit rows older than this are pruned.' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    scheduler: Type.Object(
+      {
+        enabled: Type.Boolean({ default: true, description: 'Run the rotation scheduler and cleanup jobs in the admin process (one instance at a time holds the job lock).', env: 'KEYGATE_SCHEDULER' }),
+        interval_s: int(60, 1, 86_400, { description: 'How often the jobs run.' }),
+        rotation_notice_hours: int(168, 0, 8760, {
+          description: 'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row).',
+        }),
+        anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists).' }),
+        webhook_delivery_retention_days: int(30, 1, 36_500, { description: 'Webhook delivery log rows older than this are pruned (when the table exists).' }),
       },
       { additionalProperties: false, default: {} },
     ),

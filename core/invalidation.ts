@@ -2,18 +2,98 @@
 // publishes, every gateway listening drops what it cached (SPEC §3: a revoked key stops
 // working on every instance within 1 s with Redis). Messages: `key:<id>`, `hash:<sha256>`,
 // `deny`, `all`, and `lock:<ms>:<address>` (an address locked out for <ms> by a gateway).
+//
+// Pub/sub is at-most-once, so a subscriber must notice what it missed:
+// - each publish INCRs a counter and carries its value (`<version>|<message>`, one Lua script,
+//   so the order of versions is the order of delivery); a version that skips ahead is a gap;
+// - every `checkIntervalMs` the subscriber reads the counter, then PINGs its own connection:
+//   the PONG comes after every message published before the read, so a counter above the last
+//   version seen means messages were lost;
+// - every (re)subscription may have missed messages while the connection was down.
+// Each of these flushes the whole cache (`onFlush`), and the cache TTL stays the hard bound.
+// A publish that fails is kept and sent again once the connection is back.
 import type { Redis } from 'ioredis'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
 
 export const INVALIDATION_CHANNEL = 'keygate:invalidate'
+export const INVALIDATION_VERSION_KEY = 'keygate:invalidate:version'
 
 export type InvalidationMessage = `key:${string}` | `hash:${string}` | `lock:${number}:${string}` | 'deny' | 'all'
 
-/** Resolves once Redis has taken the message (or the failure is logged); never rejects. */
-export async function publishInvalidation(redis: Redis, message: InvalidationMessage, log?: Logger): Promise<void> {
-  await redis.publish(INVALIDATION_CHANNEL, message).catch((err: unknown) => log?.warn('could not publish an invalidation', { err: err as Error, message }))
+/** Why a subscriber flushed everything it cached. */
+export type FlushReason = 'reconnect' | 'gap' | 'missed'
+
+const PUBLISH_SCRIPT = "local v = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', ARGV[1], v .. '|' .. ARGV[2]) return v"
+/** Failed publishes kept for the reconnection; past this many, one `all` replaces them. */
+const PENDING_MAX = 1000
+
+class Publisher {
+  readonly #redis: Redis
+  #pending: string[] = []
+  log: Logger | undefined
+
+  constructor(redis: Redis) {
+    this.#redis = redis
+    redis.on('ready', () => void this.#resend())
+  }
+
+  async publish(message: string): Promise<void> {
+    // Keep the order: while earlier messages wait, later ones wait behind them.
+    if (this.#pending.length > 0) {
+      this.#keep(message)
+      return
+    }
+    try {
+      await this.#send(message)
+    } catch (err) {
+      this.log?.warn('could not publish an invalidation; it is sent again when Redis is back', { err: err as Error })
+      this.#keep(message)
+    }
+  }
+
+  #send(message: string): Promise<unknown> {
+    return sendInvalidation(this.#redis, message)
+  }
+
+  #keep(message: string): void {
+    if (this.#pending.length >= PENDING_MAX) this.#pending = ['all']
+    else this.#pending.push(message)
+  }
+
+  async #resend(): Promise<void> {
+    while (this.#pending.length > 0) {
+      try {
+        await this.#send(this.#pending[0] as string)
+      } catch {
+        return
+      }
+      this.#pending.shift()
+    }
+  }
+}
+
+/** One versioned publish; rejects when Redis does not take it (nothing is kept for later). */
+export function sendInvalidation(redis: Redis, message: string): Promise<unknown> {
+  return redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message)
+}
+
+const publishers = new WeakMap<Redis, Publisher>()
+
+function publisherOf(redis: Redis, log?: Logger): Publisher {
+  let p = publishers.get(redis)
+  if (!p) {
+    p = new Publisher(redis)
+    publishers.set(redis, p)
+  }
+  p.log ??= log
+  return p
+}
+
+/** Resolves once Redis has taken the message or it is queued for the reconnection; never rejects. */
+export function publishInvalidation(redis: Redis, message: InvalidationMessage, log?: Logger): Promise<void> {
+  return publisherOf(redis, log).publish(message)
 }
 
 /**
@@ -48,23 +128,83 @@ export function bindInvalidationPublisher(options: { redis: Redis; keys?: KeySer
   })
 }
 
-/** Listens on a dedicated connection (a subscribed Redis connection can do nothing else). */
-export async function subscribeInvalidations(redis: Redis, handler: (message: string) => void, log?: Logger): Promise<() => Promise<void>> {
+export interface SubscribeOptions {
+  /** Called with each message (without its version). */
+  handler: (message: string) => void
+  /** Called when messages may have been missed: drop everything cached. */
+  onFlush: (reason: FlushReason) => void
+  /** How often the version counter is compared with the last version seen (0: never). */
+  checkIntervalMs?: number
+  log?: Logger
+}
+
+/** Listens on a dedicated connection (a subscribed Redis connection can do nothing else); resolves with the closer. */
+export async function subscribeInvalidations(redis: Redis, options: SubscribeOptions): Promise<() => Promise<void>> {
+  const { handler, onFlush, log } = options
   const sub = redis.duplicate()
-  sub.on('error', (err: Error) => log?.warn('invalidation subscriber error', { err }))
-  sub.on('message', (channel: string, message: string) => {
-    if (channel === INVALIDATION_CHANNEL) handler(message)
-  })
-  // Redis being down must not stop a gateway from starting: subscribe when it is back
-  // (ioredis resubscribes by itself after a subscription once succeeded).
-  const trySubscribe = (): void => {
-    sub.subscribe(INVALIDATION_CHANNEL).catch((err: unknown) => {
-      log?.warn('could not subscribe to invalidations; retrying when Redis is ready', { err: err as Error })
-      sub.once('ready', trySubscribe)
-    })
+  const readVersion = async () => Number((await redis.get(INVALIDATION_VERSION_KEY)) ?? 0)
+  let last: number | undefined
+  let subscribedOnce = false
+  let closed = false
+  const flush = (reason: FlushReason) => {
+    log?.info('flushed the key cache: invalidations may have been missed', { reason })
+    onFlush(reason)
   }
-  trySubscribe()
+  sub.on('error', (err: Error) => log?.debug('invalidation subscriber error', { err }))
+  sub.on('message', (channel: string, raw: string) => {
+    if (channel !== INVALIDATION_CHANNEL) return
+    const bar = raw.indexOf('|')
+    const version = bar > 0 ? Number(raw.slice(0, bar)) : NaN
+    if (!Number.isSafeInteger(version)) {
+      handler(raw)
+      return
+    }
+    if (last !== undefined && version > last + 1) flush('gap')
+    // Versions only grow (a reset comes with a restart, hence a reconnection and a flush).
+    if (last === undefined || version > last) last = version
+    handler(raw.slice(bar + 1))
+  })
+  // ioredis resubscribes by itself after a reconnection, but says so only by 'ready'; subscribing
+  // again is harmless and tells when messages flow again. Whatever was published before that is
+  // covered by the flush, which comes after it. Redis being down must not stop a gateway from
+  // starting: the first subscription happens whenever Redis is there.
+  const subscribe = (): void => {
+    if (closed) return
+    sub.subscribe(INVALIDATION_CHANNEL).then(
+      async () => {
+        last = undefined
+        if (subscribedOnce) flush('reconnect')
+        subscribedOnce = true
+        // From here on a counter above the last version seen means a lost message.
+        const version = await readVersion().catch(() => undefined)
+        if (version !== undefined && (last === undefined || version > last)) last = version
+      },
+      (err: unknown) => log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error }),
+    )
+  }
+  sub.on('ready', subscribe)
+
+  let checking = false
+  const check = async (): Promise<void> => {
+    if (checking || closed || sub.status !== 'ready' || redis.status !== 'ready' || !subscribedOnce) return
+    checking = true
+    try {
+      const version = await readVersion()
+      await sub.ping()
+      if (last !== undefined && version > last) flush('missed')
+      if (last === undefined || version > last) last = version
+    } catch {
+      // Redis is failing: the reconnection flushes.
+    } finally {
+      checking = false
+    }
+  }
+  const interval = options.checkIntervalMs ?? 1000
+  const timer = interval > 0 ? setInterval(() => void check(), interval) : undefined
+  timer?.unref()
   return async () => {
+    closed = true
+    clearInterval(timer)
     sub.disconnect()
   }
 }

@@ -36,13 +36,17 @@ export interface LockoutOptions {
   windowS: number
   redis?: Redis | undefined
   log?: Logger
+  /** A `serve --workers` worker: counts in the cluster primary's memory when Redis is not there. */
+  cluster?: boolean
+  /** Tells the other processes of a lockout when Redis cannot (a worker tells its primary, which tells the others). */
+  announce?: (message: `lock:${number}:${string}`) => void
   /** Counts addresses that reach the limit. */
   onLockout?: () => void
 }
 
 export function createLockout(options: LockoutOptions): Lockout {
   const { maxAttempts, windowS, redis, log } = options
-  const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis })
+  const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis, cluster: options.cluster === true })
   const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
   const lock = (addressKey: string, ms: number) => {
     if (ms > 0) locked.set(addressKey, Date.now() + ms, { maxAge: ms })
@@ -89,7 +93,9 @@ export function createLockout(options: LockoutOptions): Lockout {
         await limiter.block(addressKey, windowS)
         options.onLockout?.()
         lock(addressKey, windowS * 1000)
-        if (redis) await publishInvalidation(redis, `lock:${windowS * 1000}:${addressKey}`, log)
+        const message = `lock:${windowS * 1000}:${addressKey}` as const
+        options.announce?.(message)
+        if (redis) await publishInvalidation(redis, message, log)
         return
       }
       // Past the limit: locked out already (by another instance whose message is late, or before a restart).

@@ -68,6 +68,30 @@ function zeroed(child: CounterChild): CounterChild {
   return child
 }
 
+export interface RedisMetrics {
+  /** 1 while rate limits and lockouts are shared through Redis, 0 while the insurance limiter answers. */
+  readonly up: Gauge
+  /** Switches to the insurance limiter. */
+  readonly fallbacks: Counter
+  /** Whole-cache flushes because invalidations may have been missed, by reason. */
+  readonly flushes: Readonly<Record<'reconnect' | 'gap' | 'missed', CounterChild>>
+}
+
+/** The Redis metrics of a process that has Redis configured. */
+export function createRedisMetrics(registry: Registry): RedisMetrics {
+  const registers = [registry]
+  const up = new Gauge({ name: 'keygate_redis_up', help: '1 while rate limits and lockouts are shared through Redis, 0 while this process counts them itself.', registers })
+  const fallbacks = new Counter({ name: 'keygate_redis_fallback_total', help: 'Switches from Redis to the in-memory insurance limiter.', registers })
+  fallbacks.inc(0)
+  const flushes = new Counter({
+    name: 'keygate_invalidation_flushes_total',
+    help: 'Validation cache flushes because invalidation messages may have been missed (subscriber reconnected, version gap, counter ahead).',
+    labelNames: ['reason'],
+    registers,
+  })
+  return { up, fallbacks, flushes: { reconnect: zeroed(flushes.labels('reconnect')), gap: zeroed(flushes.labels('gap')), missed: zeroed(flushes.labels('missed')) } }
+}
+
 /** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()

@@ -1,10 +1,16 @@
 // The Redis connection of a keygate process. Commands fail at once while it is down (no offline
 // queue), so the rate limiters' in-memory insurance takes over instead of requests waiting;
 // reconnection goes on in the background with a capped backoff.
+//
+// RedisHealth says whether the shared limits are in use. It turns `down` on the first sign of
+// trouble (the connection drops, or a limiter call fails or is slower than the command
+// timeout); from then on limiter calls go straight to the insurance limiter without trying Redis
+// (so a paused Redis costs one timeout, not one per request), and a PING every `probeMs` brings
+// the shared limits back once Redis answers in time. Each switch is logged once.
 import { Redis } from 'ioredis'
 import type { Logger } from './log.ts'
 
-export function connectRedis(url: string, log: Logger): Redis {
+export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number } = {}): Redis {
   const redis = new Redis(url, {
     enableOfflineQueue: false,
     // Commands issued in the same tick (the limits of concurrent requests) go out as one pipeline.
@@ -13,16 +19,112 @@ export function connectRedis(url: string, log: Logger): Redis {
     connectTimeout: 2000,
     retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 2000),
   })
-  let down = false
-  redis.on('error', (err: Error) => {
-    if (!down) log.warn('Redis is unreachable; limits fall back to this process until it returns', { err })
-    down = true
-  })
-  redis.on('ready', () => {
-    if (down) log.info('Redis is back')
-    down = false
-  })
+  redisHealth(redis, { log, ...(options.commandTimeoutMs ? { timeoutMs: options.commandTimeoutMs } : {}) })
   return redis
+}
+
+export type DownReason = 'unreachable' | 'timeout' | 'error'
+
+export interface RedisHealthOptions {
+  log?: Logger
+  /** A limiter call slower than this is answered by the insurance limiter. */
+  timeoutMs?: number
+  /** How often a PING checks whether Redis is back, while it is down. */
+  probeMs?: number
+}
+
+export class RedisHealth {
+  readonly #redis: Redis
+  readonly timeoutMs: number
+  readonly #probeMs: number
+  #log: Logger | undefined
+  #up: boolean
+  #probe: NodeJS.Timeout | undefined
+  #probing = false
+  #warned = false
+  readonly #listeners = new Set<(up: boolean, reason?: DownReason) => void>()
+
+  constructor(redis: Redis, options: RedisHealthOptions = {}) {
+    this.#redis = redis
+    this.#log = options.log
+    this.timeoutMs = options.timeoutMs ?? 200
+    this.#probeMs = options.probeMs ?? 250
+    this.#up = redis.status === 'ready'
+    if (!this.#up) this.#startProbe()
+    redis.on('error', () => this.down('unreachable'))
+    redis.on('close', () => this.down('unreachable'))
+    redis.on('ready', () => void this.#check())
+    // Closed for good (shutdown, or no more retries): nothing left to probe.
+    redis.on('end', () => this.close())
+  }
+
+  set log(log: Logger | undefined) {
+    this.#log ??= log
+  }
+
+  /** Whether limiter calls go to Redis. */
+  get up(): boolean {
+    return this.#up
+  }
+
+  /** Called with each switch: `false` to the insurance limiter, `true` back to Redis. */
+  onChange(listener: (up: boolean, reason?: DownReason) => void): () => void {
+    this.#listeners.add(listener)
+    return () => this.#listeners.delete(listener)
+  }
+
+  down(reason: DownReason, err?: Error): void {
+    // 'end': closed on purpose (shutdown).
+    if (!this.#up || this.#redis.status === 'end') return
+    this.#up = false
+    this.#warned = true
+    this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason, ...(err ? { err } : {}) })
+    for (const l of this.#listeners) l(false, reason)
+    this.#startProbe()
+  }
+
+  #startProbe(): void {
+    if (this.#probe) return
+    this.#probe = setInterval(() => void this.#check(), this.#probeMs)
+    this.#probe.unref()
+  }
+
+  async #check(): Promise<void> {
+    if (this.#up || this.#probing || this.#redis.status !== 'ready') return
+    this.#probing = true
+    try {
+      let timer: NodeJS.Timeout | undefined
+      const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), this.timeoutMs)))
+      const answer = await Promise.race([this.#redis.ping(), late]).finally(() => clearTimeout(timer))
+      if (answer === 'late' || this.#up) return
+      this.#up = true
+      clearInterval(this.#probe)
+      this.#probe = undefined
+      if (this.#warned) this.#log?.info('Redis answers again: rate limits and lockouts are shared across instances again')
+      for (const l of this.#listeners) l(true)
+    } catch {
+      // Still down.
+    } finally {
+      this.#probing = false
+    }
+  }
+
+  close(): void {
+    clearInterval(this.#probe)
+    this.#probe = undefined
+  }
+}
+
+const healths = new WeakMap<Redis, RedisHealth>()
+
+/** The one RedisHealth of a connection (made on first use). */
+export function redisHealth(redis: Redis, options: RedisHealthOptions = {}): RedisHealth {
+  let h = healths.get(redis)
+  if (!h) {
+    h = new RedisHealth(redis, options)
+    healths.set(redis, h)
+  } else h.log = options.log
+  return h
 }
 
 /** Waits up to `ms` for the first connection; start-up goes on without Redis if it does not come. */

@@ -4,6 +4,7 @@ import type { Config } from '../config/schema.ts'
 import { AuditLog, loadAuditCipher } from './audit.ts'
 import { openDb, type Db } from './db.ts'
 import { KeygateError } from './errors.ts'
+import { EventBus } from './events.ts'
 import { KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
 import { migrate, pendingMigrations } from './migrate.ts'
@@ -13,6 +14,8 @@ export interface Runtime {
   db: Db
   audit: AuditLog
   keys: KeyService
+  /** The process's event bus (SPEC §5 events): the scheduler emits on it, webhooks and streams listen. */
+  events: EventBus
   close(): Promise<void>
 }
 
@@ -39,7 +42,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     }
     const audit = new AuditLog(cipher)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
-    return { config, db, audit, keys, close: () => db.close() }
+    return { config, db, audit, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }
   } catch (err) {
     await db.close().catch(() => {})
     throw err

@@ -13,7 +13,8 @@ import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { Logger } from '../core/log.ts'
-import { NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
+import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
+import { redisHealth } from '../core/redis.ts'
 import { NO_USAGE, type UsageSink } from '../core/usage.ts'
 import { createClientAddressStage } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
@@ -38,6 +39,10 @@ export interface GatewayDeps {
   metrics: GatewayMetrics
   /** ioredis client: shared rate limits and lockouts, cross-instance invalidation. */
   redis?: Redis
+  /** A `serve --workers` worker: limits and lockout counts live in the cluster primary's memory when Redis is not there. */
+  clusterLimits?: boolean
+  /** How often the invalidation version counter in Redis is checked for missed messages (ms, 0: never). */
+  invalidationCheckMs?: number
   /** The clock (tests). */
   now?: () => Date
   /** The deny list service the admin API writes through, so its changes apply at once; else a read-only one on `db`. */
@@ -60,7 +65,7 @@ export interface Gateway {
   refreshDenyList(): Promise<void>
   /** Applies a deny list change made by another process at once (before the reload it starts). */
   applyDenyChange(change: DenyChange): void
-  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`) from another process. */
+  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`, `lock:<ms>:<address>`) from another process. */
   applyInvalidation(message: string): void
 }
 
@@ -76,8 +81,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, usage: deps.usage ?? NO_USAGE, now, closing: false }
   const nextId = createRequestIdGenerator()
 
-  const lockout = deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, log, onLockout: () => metrics.lockouts.inc() })
-  const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis)
+  const cluster = deps.clusterLimits === true
+  const lockout =
+    deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, cluster, log, onLockout: () => metrics.lockouts.inc() })
+  const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis, cluster)
   const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({
     keys,
@@ -100,7 +107,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const denyStage = createDenyListStage(deny, now)
   const fixedTail: Stage[] = [
     createLockoutStage(lockout, metrics),
-    createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, metrics }),
+    createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, cluster, metrics }),
     createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param }),
     createValidateStage({
       cache,
@@ -234,8 +241,14 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
   timer.unref()
 
+  // Messages may have been missed: drop every cached key, re-read the deny list and the lockouts.
+  const flushAll = (): void => {
+    invalidateAll()
+    void refreshDenyList()
+    void lockout.load()
+  }
   const applyInvalidation = (message: string): void => {
-    if (message === 'all') invalidateAll()
+    if (message === 'all') flushAll()
     else if (message === 'deny') void refreshDenyList()
     else if (message.startsWith('key:')) invalidateKey(message.slice(4))
     else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
@@ -244,9 +257,25 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   let stopSubscription: (() => Promise<void>) | undefined
   let stopPublishing: (() => void) | undefined
+  let stopWatching: (() => void) | undefined
   if (redis) {
+    const redisMetrics = createRedisMetrics(metrics.registry)
+    const health = redisHealth(redis)
+    redisMetrics.up.set(health.up ? 1 : 0)
+    stopWatching = health.onChange((up) => {
+      redisMetrics.up.set(up ? 1 : 0)
+      if (!up) redisMetrics.fallbacks.inc()
+    })
     stopPublishing = bindInvalidationPublisher({ redis, keys, denyList: denyService, log })
-    stopSubscription = await subscribeInvalidations(redis, applyInvalidation, log)
+    stopSubscription = await subscribeInvalidations(redis, {
+      handler: applyInvalidation,
+      onFlush: (reason) => {
+        redisMetrics.flushes[reason].inc()
+        flushAll()
+      },
+      checkIntervalMs: deps.invalidationCheckMs ?? config.redis.invalidation_check_ms,
+      log,
+    })
     await lockout.load()
   }
 
@@ -258,6 +287,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       offKeys()
       offDeny()
       stopPublishing?.()
+      stopWatching?.()
       await stopSubscription?.()
       const closed = new Promise<boolean>((resolve) => server.close(() => resolve(true)))
       server.closeIdleConnections()

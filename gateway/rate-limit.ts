@@ -37,20 +37,23 @@ async function consume(s: RequestState, l: SizedLimiter, key: string, counter: {
   }
 }
 
-export function createAddressRateLimitStage(options: { limit: number; windowS: number; redis?: Redis | undefined; metrics: GatewayMetrics }): Stage {
-  const l: SizedLimiter = { points: options.limit, limiter: createLimiter({ points: options.limit, durationS: options.windowS, keyPrefix: 'keygate:rl:addr', redis: options.redis }) }
+export function createAddressRateLimitStage(options: { limit: number; windowS: number; redis?: Redis | undefined; cluster?: boolean; metrics: GatewayMetrics }): Stage {
+  const l: SizedLimiter = {
+    points: options.limit,
+    limiter: createLimiter({ points: options.limit, durationS: options.windowS, keyPrefix: 'keygate:rl:addr', redis: options.redis, cluster: options.cluster === true }),
+  }
   const counter = options.metrics.rateLimited.address
   return (s: RequestState) => consume(s, l, s.addressKey, counter)
 }
 
 /** Picks the limiter of a key: its own override, else its type's, else the default. One limiter per distinct limit. */
-export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redis: Redis | undefined): (record: KeyRecord) => SizedLimiter {
+export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redis: Redis | undefined, cluster = false): (record: KeyRecord) => SizedLimiter {
   const byShape = new Map<string, SizedLimiter>()
   const of = (limit: number, windowS: number): SizedLimiter => {
     const shape = `${limit}:${windowS}`
     let l = byShape.get(shape)
     if (!l) {
-      l = { points: limit, limiter: createLimiter({ points: limit, durationS: windowS, keyPrefix: `keygate:rl:key:${shape}`, redis }) }
+      l = { points: limit, limiter: createLimiter({ points: limit, durationS: windowS, keyPrefix: `keygate:rl:key:${shape}`, redis, cluster }) }
       byShape.set(shape, l)
     }
     return l

@@ -141,7 +141,8 @@ t.test('--workers on PostgreSQL: the primary owns the admin API; changes reach e
   const url = await freshDatabase(t)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
   const token = `bootstrap-${randomUUID()}`
-  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token })
+  // The workers share one lockout (the primary's memory): the eight refused requests below would lock 127.0.0.1 out after five.
+  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   t.notMatch(serve.stderr(), /created the first admin key/, 'with a bootstrap token no admin key is made')

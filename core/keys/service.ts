@@ -21,7 +21,7 @@ export interface KeyServiceOptions {
   now?: () => Date
 }
 
-export type KeyChange = { action: 'created' | 'updated' | 'revoked' | 'rotated' | 'imported'; key: KeyRecord; previous?: KeyRecord }
+export type KeyChange = { action: 'created' | 'updated' | 'revoked' | 'rotated' | 'imported' | 'expired'; key: KeyRecord; previous?: KeyRecord }
 
 export type Validation =
   | { valid: true; key: KeyRecord }
@@ -34,7 +34,7 @@ export interface Page<T> {
 
 const METADATA_MAX_BYTES = 8192
 
-interface KeyRow {
+export interface KeyRow {
   id: string
   key_hash: string
   name: string
@@ -59,7 +59,7 @@ interface KeyRow {
   revoked_reason: string | null
 }
 
-function toRecord(r: KeyRow): KeyRecord {
+export function toRecord(r: KeyRow): KeyRecord {
   return {
     id: r.id,
     keyHash: r.key_hash,
@@ -85,7 +85,7 @@ function toRecord(r: KeyRow): KeyRecord {
   }
 }
 
-const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
+export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
 function encodeCursor(k: KeyRecord): string {
@@ -140,6 +140,11 @@ export class KeyService {
   onChange(listener: (change: KeyChange) => void): () => void {
     this.#listeners.add(listener)
     return () => this.#listeners.delete(listener)
+  }
+
+  /** Tells the listeners of a change committed outside this service (the scheduler's). */
+  notify(change: KeyChange): void {
+    this.#emit(change)
   }
 
   #emit(change: KeyChange): void {

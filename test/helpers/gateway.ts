@@ -194,3 +194,19 @@ export async function answerOf(res: Awaited<ReturnType<typeof request>>): Promis
 export const bearer = (key: string) => ({ authorization: `Bearer ${key}` })
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/**
+ * Polls until `check` holds, then passes `what`; fails it after `ms`. For changes that travel
+ * between processes: a hang guard, not a latency bound (bench/ measures latencies).
+ */
+export async function until(t: { pass(m: string): void; fail(m: string): void }, what: string, check: () => Promise<boolean> | boolean, ms = 20_000): Promise<void> {
+  const end = Date.now() + ms
+  while (Date.now() < end) {
+    if (await check()) {
+      t.pass(what)
+      return
+    }
+    await sleep(20)
+  }
+  t.fail(`${what}: not within ${ms} ms`)
+}

@@ -44,7 +44,7 @@ async function adminClient(): Promise<pg.Client> {
  * Creates an empty database on the PostgreSQL server and returns its URL; it is dropped (with
  * any connections still open to it) when `t` ends.
  */
-export async function freshDatabase(t: Test): Promise<string> {
+export async function freshDatabase(t: Pick<Test, 'teardown'>): Promise<string> {
   const name = `kg_t_${randomBytes(6).toString('hex')}`
   const client = await adminClient()
   try {

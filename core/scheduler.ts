@@ -1,0 +1,220 @@
+// The scheduler (SPEC §2 scheduled rotation, §5 cleanup): every `scheduler.interval_s`, in one
+// transaction that first takes a PostgreSQL advisory lock (so one instance does the work however
+// many run it; the others skip that round), with the clock given to it (tests pass their own):
+//
+// 1. Grace ends: a `rotating` key whose grace_until has passed becomes `expired`.
+// 2. Expiry: an `active` or `rotating` key whose expires_at has passed becomes `expired`.
+// 3. Scheduled rotation, announced: an active key with a rotation interval whose deadline
+//    (created_at + rotation_interval_s; a rotation's successor starts anew) is within
+//    `rotation_notice_hours` is announced once: `key.expiring` on the event bus and a
+//    `key.expiring` audit row. A deadline already past when it is first seen (an interval
+//    shorter than the key's age was just set, or no scheduler ran for a while) is moved to the
+//    notice period from now, so no key is cut off unannounced. Keys whose expires_at comes within the notice period are announced the same
+//    way (again if expires_at is moved).
+// 4. Scheduled rotation, enforced: at the announced deadline a key not rotated yet becomes
+//    `expired`. It is not rotated for its owner: a new secret would be shown to no one (SPEC §2:
+//    the plaintext is shown once, to whoever rotates), so the owner rotates before the deadline
+//    and the successor carries the policy on.
+// 5. Pruning: rows older than their retention are deleted from each table of `pruneRules` that
+//    exists (tables of other features join the list; a missing table is skipped).
+//
+// Every status change writes a `key.expired` audit row (actor `system`) and, once committed, is
+// told to the key service's listeners, so caches and other instances drop the key.
+import type { AuditLog } from './audit.ts'
+import type { Db, Queryable } from './db.ts'
+import type { EventBus } from './events.ts'
+import { COLUMNS, toRecord, type KeyRow, type KeyService } from './keys/service.ts'
+import { keyJson, type KeyRecord } from './keys/types.ts'
+import type { Logger } from './log.ts'
+
+/** pg_try_advisory_xact_lock id of the scheduler ("kgsc"). */
+export const SCHEDULER_LOCK = 0x6b67_7363
+
+const SYSTEM = { actor: 'system' }
+const DAY_MS = 86_400_000
+
+export interface PruneRule {
+  table: string
+  /** The timestamp column compared with the retention. */
+  column: string
+  retentionDays: number
+}
+
+export interface SchedulerOptions {
+  db: Db
+  keys: KeyService
+  audit: AuditLog
+  events?: EventBus
+  log: Logger
+  now?: () => Date
+  intervalS: number
+  noticeMs: number
+  pruneRules: readonly PruneRule[]
+}
+
+export interface SchedulerRun {
+  graceEnded: string[]
+  expired: string[]
+  rotationOverdue: string[]
+  announced: Array<{ keyId: string; kind: 'rotation' | 'expiry'; deadline: Date }>
+  /** Rows deleted per table. */
+  pruned: Record<string, number>
+}
+
+/** The retention rules of keygate's own tables and of the features that keep logs (skipped until their table exists). */
+export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; webhookDeliveryDays: number }): PruneRule[] {
+  return [
+    { table: 'api_key_audit_log', column: 'created_at', retentionDays: r.auditDays },
+    { table: 'api_key_notices', column: 'deadline', retentionDays: r.auditDays },
+    { table: 'api_key_anomalies', column: 'created_at', retentionDays: r.anomalyDays },
+    { table: 'webhook_deliveries', column: 'created_at', retentionDays: r.webhookDeliveryDays },
+  ]
+}
+
+type Ended = { key: KeyRecord; reason: 'grace_ended' | 'expires_at' | 'rotation_overdue'; deadline: Date }
+
+export class Scheduler {
+  readonly #o: SchedulerOptions
+  readonly #now: () => Date
+  #timer: NodeJS.Timeout | undefined
+  #running: Promise<SchedulerRun | null> | undefined
+
+  constructor(options: SchedulerOptions) {
+    this.#o = options
+    this.#now = options.now ?? (() => new Date())
+  }
+
+  /** Runs every job once; null when another instance holds the lock. Concurrent calls share one run. */
+  runOnce(): Promise<SchedulerRun | null> {
+    this.#running ??= this.#run().finally(() => {
+      this.#running = undefined
+    })
+    return this.#running
+  }
+
+  start(): void {
+    const tick = () =>
+      void this.runOnce().catch((err: unknown) => this.#o.log.warn('scheduler run failed; trying again next interval', { err: err as Error }))
+    this.#timer = setInterval(tick, this.#o.intervalS * 1000)
+    this.#timer.unref()
+    tick()
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.#timer)
+    await this.#running?.catch(() => {})
+  }
+
+  async #run(): Promise<SchedulerRun | null> {
+    const now = this.#now()
+    const ended: Ended[] = []
+    const announced: Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }> = []
+    const pruned: Record<string, number> = {}
+    const ran = await this.#o.db.transaction(async (tx) => {
+      const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
+      if (!lock?.ok) return false
+      ended.push(...(await this.#endKeys(tx, now)))
+      announced.push(...(await this.#announce(tx, now)))
+      for (const e of ended) {
+        await this.#o.audit.write(tx, SYSTEM, { keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })
+      }
+      for (const a of announced) {
+        await this.#o.audit.write(tx, SYSTEM, { keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })
+      }
+      for (const rule of this.#o.pruneRules) {
+        const n = await prune(tx, rule, now)
+        if (n !== undefined) pruned[rule.table] = n
+      }
+      return true
+    })
+    if (!ran) return null
+    for (const e of ended) this.#o.keys.notify({ action: 'expired', key: e.key })
+    for (const a of announced) {
+      this.#o.events?.emit('key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
+    }
+    const run: SchedulerRun = {
+      graceEnded: ended.filter((e) => e.reason === 'grace_ended').map((e) => e.key.id),
+      expired: ended.filter((e) => e.reason === 'expires_at').map((e) => e.key.id),
+      rotationOverdue: ended.filter((e) => e.reason === 'rotation_overdue').map((e) => e.key.id),
+      announced: announced.map((a) => ({ keyId: a.key.id, kind: a.kind, deadline: a.deadline })),
+      pruned,
+    }
+    if (ended.length > 0 || announced.length > 0 || Object.values(pruned).some((n) => n > 0)) {
+      this.#o.log.info('scheduler run', {
+        grace_ended: run.graceEnded.length,
+        expired: run.expired.length,
+        rotation_overdue: run.rotationOverdue.length,
+        announced: announced.length,
+        pruned,
+      })
+    }
+    return run
+  }
+
+  /** Marks expired every key past its grace, its expiry, or its announced rotation deadline. */
+  async #endKeys(tx: Queryable, now: Date): Promise<Ended[]> {
+    const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
+      `WITH due AS (
+         SELECT k.id,
+           CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN 'grace_ended'
+                WHEN k.expires_at <= $1 THEN 'expires_at'
+                ELSE 'rotation_overdue' END AS reason,
+           CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN k.grace_until
+                WHEN k.expires_at <= $1 THEN k.expires_at
+                ELSE n.deadline END AS deadline
+         FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
+         WHERE (k.status = 'rotating' AND k.grace_until <= $1)
+            OR (k.status IN ('active', 'rotating') AND k.expires_at <= $1)
+            OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1)
+         FOR UPDATE OF k)
+       UPDATE api_keys SET status = 'expired', updated_at = $1 FROM due WHERE api_keys.id = due.id
+       RETURNING ${COLUMNS.split(',').map((c) => `api_keys.${c.trim()}`).join(', ')}, due.reason, due.deadline`,
+      [now],
+    )
+    return rows.map((r) => ({ key: toRecord(r), reason: r.reason, deadline: new Date(r.deadline) }))
+  }
+
+  /** Records and returns the notices due now that were not sent before. */
+  async #announce(tx: Queryable, now: Date): Promise<Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }>> {
+    const notice = new Date(now.getTime() + this.#o.noticeMs)
+    const rows = await tx.query<KeyRow & { kind: 'rotation' | 'expiry'; deadline: Date }>(
+      `WITH rotation AS (
+         INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
+         SELECT id, 'rotation', CASE WHEN created_at + rotation_interval_s * interval '1 second' > $1 THEN created_at + rotation_interval_s * interval '1 second' ELSE $2 END, $1
+         FROM api_keys
+         WHERE status = 'active' AND rotation_interval_s IS NOT NULL AND created_at + rotation_interval_s * interval '1 second' <= $2
+         ON CONFLICT (key_id, kind) DO NOTHING
+         RETURNING key_id, kind, deadline),
+       expiry AS (
+         INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
+         SELECT id, 'expiry', expires_at, $1 FROM api_keys
+         WHERE status = 'active' AND expires_at > $1 AND expires_at <= $2
+         ON CONFLICT (key_id, kind) DO UPDATE SET deadline = EXCLUDED.deadline, notified_at = EXCLUDED.notified_at
+           WHERE api_key_notices.deadline <> EXCLUDED.deadline
+         RETURNING key_id, kind, deadline)
+       SELECT ${COLUMNS.split(',').map((c) => `k.${c.trim()}`).join(', ')}, n.kind, n.deadline
+       FROM (SELECT * FROM rotation UNION ALL SELECT * FROM expiry) n JOIN api_keys k ON k.id = n.key_id
+       ORDER BY n.deadline, k.id`,
+      [now, notice],
+    )
+    return rows.map((r) => ({ key: toRecord(r), kind: r.kind, deadline: new Date(r.deadline) }))
+  }
+}
+
+/** Deletes the rows of `rule` older than its retention; undefined when the table or column does not exist. */
+async function prune(tx: Queryable, rule: PruneRule, now: Date): Promise<number | undefined> {
+  const [found] = await tx.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2`,
+    [rule.table, rule.column],
+  )
+  if (!found?.n) return undefined
+  const rows = await tx.query<{ n: number }>(
+    `WITH gone AS (DELETE FROM ${quoteIdent(rule.table)} WHERE ${quoteIdent(rule.column)} < $1 RETURNING 1) SELECT count(*)::int AS n FROM gone`,
+    [new Date(now.getTime() - rule.retentionDays * DAY_MS)],
+  )
+  return rows[0]?.n ?? 0
+}
+
+function quoteIdent(name: string): string {
+  return `"${name.replace(/"/g, '""')}"`
+}

@@ -1,0 +1,134 @@
+// Invalidation over Redis is at-most-once; these tests lose messages on purpose and watch the
+// gateway notice: a version that skips ahead, a counter ahead of the last message, a subscriber
+// connection killed (CLIENT KILL TYPE pubsub). Each time a key revoked behind the gateway's back
+// (a KeyService that tells no one, with a cache TTL of an hour) stops working. Also: a publish
+// made while Redis is down goes out when it is back, and a frozen Redis (SIGSTOP) hands the
+// limits to the insurance limiter with a metric and a log line, and takes them back. Each test
+// runs its own redis-server.
+import t, { type Test } from 'tap'
+import { Redis } from 'ioredis'
+import type { Registry } from 'prom-client'
+import { INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
+import { KeyService } from '../core/keys/service.ts'
+import { createLogger } from '../core/log.ts'
+import { connectRedis } from '../core/redis.ts'
+import { keyServiceOptions } from '../core/runtime.ts'
+import { ACTOR, bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
+import { startRedisServer, type RedisServer } from './helpers/redis-server.ts'
+import type { LogLine } from './helpers/serve.ts'
+
+async function metric(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const m = registry.getSingleMetric(name)
+  if (!m) throw new Error(`no metric ${name}`)
+  const { values } = await m.get()
+  const v = values.find((x) => Object.entries(labels).every(([k, l]) => x.labels[k] === l))
+  return v?.value ?? NaN
+}
+
+
+
+interface Setup {
+  server: RedisServer
+  redis: Redis
+  /** A separate client for the test's own commands. */
+  other: Redis
+  gateway: Harness
+  /** Changes the store without telling anyone. */
+  silent: KeyService
+  logs: LogLine[]
+}
+
+async function setup(t: Test, config: Record<string, unknown>, commandTimeoutMs?: number): Promise<Setup> {
+  const server = await startRedisServer(t)
+  const logs: LogLine[] = []
+  const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
+  const redis = connectRedis(server.url, log, commandTimeoutMs ? { commandTimeoutMs } : {})
+  const other = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => {
+    redis.disconnect()
+    other.disconnect()
+  })
+  const full = { cache: { ttl_s: 3600 }, ...config }
+  const store = await openStore(t, makeConfig({ ...full, routes: [] }))
+  const gateway = await startGateway(t, { config: full, store, redis, log })
+  const silent = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(gateway.config) })
+  await until(t, 'the gateway subscribed', async () => Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
+  return { server, redis, other, gateway, silent, logs }
+}
+
+/** A key cached by the gateway, then revoked where the gateway cannot hear it. */
+async function staleKey(t: Test, s: Setup): Promise<string> {
+  const { key, record } = await s.silent.create({ name: 'stale', type: 'user' }, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(key))).status, 200, 'the key works and is cached')
+  await s.silent.revoke(record.id, undefined, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(key))).status, 200, 'revoked silently: still served from the cache')
+  return key
+}
+
+t.test('a version that skips ahead flushes the cache', async (t) => {
+  const s = await setup(t, { redis: { invalidation_check_ms: 0 } })
+  const key = await staleKey(t, s)
+  await publishInvalidation(s.other, 'key:nothing00001')
+  await s.other.incr(INVALIDATION_VERSION_KEY) // a publish whose message never arrived
+  await publishInvalidation(s.other, 'key:nothing00002')
+  await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
+  t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'gap' }), 1)
+  t.ok(s.logs.some((l) => l.msg.startsWith('flushed the key cache') && l.reason === 'gap'), 'logged with its reason')
+})
+
+t.test('a counter ahead of the last message seen flushes the cache', async (t) => {
+  const s = await setup(t, { redis: { invalidation_check_ms: 100 } })
+  const key = await staleKey(t, s)
+  await s.other.incr(INVALIDATION_VERSION_KEY) // the last publish was lost: no later message shows the gap
+  await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
+  t.ok((await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1)
+})
+
+t.test('a killed subscriber connection flushes the cache when it is back', async (t) => {
+  const s = await setup(t, { redis: { invalidation_check_ms: 0 } })
+  const key = await staleKey(t, s)
+  await s.other.call('CLIENT', 'KILL', 'TYPE', 'pubsub')
+  await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
+  t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 1)
+  // Messages flow again on the new subscription.
+  const { key: k2, record } = await s.gateway.keys.create({ name: 'after', type: 'user' }, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(k2))).status, 200)
+  await s.silent.revoke(record.id, undefined, ACTOR)
+  await publishInvalidation(s.other, `key:${record.id}`)
+  await until(t, 'a message after the reconnection is applied', async () => (await s.gateway.get('/', bearer(k2))).status === 401)
+})
+
+t.test('an invalidation published while Redis is down goes out once it is back', async (t) => {
+  const server = await startRedisServer(t)
+  const publisher = connectRedis(server.url, createLogger({ write: () => {} }))
+  t.teardown(() => publisher.disconnect())
+  await until(t, 'connected', () => publisher.status === 'ready')
+  await server.stop()
+  await until(t, 'the client saw it go', () => publisher.status !== 'ready')
+  await publishInvalidation(publisher, 'key:waiting00001')
+  t.pass('publishing while Redis is down neither throws nor waits')
+  await server.start()
+  const check = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => check.disconnect())
+  await until(t, 'the kept message was published (the empty server counted it)', async () => (await check.get(INVALIDATION_VERSION_KEY)) === '1')
+})
+
+t.test('a frozen Redis hands the limits to the insurance limiter, with a metric and a log line, and takes them back', async (t) => {
+  const s = await setup(t, { rate_limits: { per_address: { limit: 3, window_s: 3600 } }, redis: { invalidation_check_ms: 0 } }, 200)
+  const registry = s.gateway.metrics.registry
+  t.equal(await metric(registry, 'keygate_redis_up'), 1)
+  t.equal((await s.gateway.get('/')).status, 401, 'counted in Redis: 1 of 3')
+  s.server.pause()
+  t.teardown(() => s.server.resume())
+  const statuses: number[] = []
+  for (let i = 0; i < 5; i++) statuses.push((await s.gateway.get('/')).status)
+  t.same(statuses, [401, 401, 401, 429, 429], 'every request is answered, and the insurance limiter enforces the limit')
+  t.equal(await metric(registry, 'keygate_redis_up'), 0)
+  t.equal(await metric(registry, 'keygate_redis_fallback_total'), 1, 'one switch, however many requests')
+  t.equal(s.logs.filter((l) => l.msg.startsWith('Redis is not answering')).length, 1, 'logged once')
+  s.server.resume()
+  await until(t, 'Redis is used again', async () => (await metric(registry, 'keygate_redis_up')) === 1)
+  t.equal(s.logs.filter((l) => l.msg.startsWith('Redis answers again')).length, 1, 'the return is logged once')
+  const after = await s.gateway.get('/')
+  t.equal(after.status, 401, 'counted in Redis again: 2 of 3')
+})

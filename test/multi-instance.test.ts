@@ -1,0 +1,202 @@
+// Several instances as real processes: two `serve --only gateway` and one `serve --only admin`
+// on one PostgreSQL and one Redis (the test's own redis-server). A key revoked through the admin
+// API is refused by both gateways (the cache TTL is an hour, so only Redis can have told them);
+// so does a key revoked by the CLI on the store; a per-key limit holds across both gateways; a dropped subscriber connection flushes the cache;
+// Redis stopped mid-traffic leaves every gateway answering and limiting, and once restarted the
+// gateways catch up with what changed meanwhile. Then `serve --workers 2` without Redis: one
+// limit and one lockout for the machine, not one per worker.
+import t, { type Test } from 'tap'
+import { randomInt } from 'node:crypto'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Redis } from 'ioredis'
+import { request } from 'undici'
+import { runCli } from './helpers/cli.ts'
+import { startDeployment, type Deployment } from './helpers/deployment.ts'
+import { startUpstream, until } from './helpers/gateway.ts'
+import { serve, type Served } from './helpers/serve.ts'
+import { freshDatabase } from './helpers/stores.ts'
+
+/** A client address of its own for each use, so lockouts from failed attempts stay apart. */
+const address = () => `198.18.${randomInt(256)}.${randomInt(1, 255)}`
+
+
+async function metric(s: Served, name: string, label = ''): Promise<number> {
+  const text = await (await request(`${s.admin}/metrics`)).body.text()
+  const m = new RegExp(`^${name}(?:\\{[^}]*${label}[^}]*\\})? (\\S+)$`, 'm').exec(text)
+  return m ? Number(m[1]) : NaN
+}
+
+/**
+ * Makes sure gateway `g` holds `key` in its cache: a look-up racing the invalidations of the
+ * key's own creation is rightly not cached, so ask until a request is a cache hit.
+ */
+async function cached(t: Test, d: Deployment, g: number, key: string): Promise<void> {
+  const hits = () => metric(d.gateways[g]!, 'keygate_key_cache_total', 'result="hit"')
+  for (let i = 0; i < 50; i++) {
+    const before = await hits()
+    t.equal((await d.through(g, key, address())).status, 200, `gateway ${g} accepts it`)
+    if ((await hits()) > before) return
+  }
+  t.fail(`gateway ${g} never served the key from its cache`)
+}
+
+async function createKey(d: Deployment, body: Record<string, unknown> = {}): Promise<{ id: string; key: string }> {
+  const r = await d.call('POST', '/v1/keys', { name: 'multi', type: 'service', ...body })
+  if (r.status !== 201) throw new Error(`create: ${r.status} ${r.text}`)
+  return { id: r.json.id as string, key: r.json.key as string }
+}
+
+async function statuses(d: Deployment, key: string, perGateway: number): Promise<number[][]> {
+  const out: number[][] = d.gateways.map(() => [])
+  for (let i = 0; i < perGateway; i++) for (let g = 0; g < d.gateways.length; g++) out[g]!.push((await d.through(g, key, address())).status)
+  return out
+}
+
+const count = (list: number[], status: number) => list.filter((s) => s === status).length
+
+t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) => {
+  // The scheduler every second, so its work shows within the test.
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
+  writeFileSync(join(dir, 'keygate.yaml'), 'scheduler:\n  interval_s: 1\n')
+  const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
+
+  await t.test('the admin process runs the scheduler, the gateways do not', async (t) => {
+    const k = await createKey(d, { expires_at: new Date(Date.now() + 1500).toISOString() })
+    await until(t, 'the expired key is marked', async () => (await d.call('GET', `/v1/keys/${k.id}`)).json.status === 'expired')
+    const audit = await d.call('GET', `/v1/keys/${k.id}/audit`)
+    t.ok(audit.json.items.some((r: { action: string }) => r.action === 'key.expired'), 'with an audit row')
+    t.ok(d.admin.logs.some((l) => l.msg === 'scheduler run'), 'by the admin process')
+    for (const g of d.gateways) t.notOk(g.logs.some((l) => l.msg === 'scheduler run'), 'not by a gateway')
+  })
+
+  await t.test('a key revoked through the admin API is refused by both gateways', async (t) => {
+    const k = await createKey(d)
+    for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
+    t.equal((await d.call('POST', `/v1/keys/${k.id}/revoke`, {})).status, 200)
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
+  })
+
+  await t.test('a key revoked by the CLI on the store, with REDIS_URL set, is refused by both gateways', async (t) => {
+    const k = await createKey(d)
+    for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
+    const revoked = await runCli(['api-key', 'revoke', k.id], { env: d.env })
+    t.equal(revoked.code, 0, revoked.stderr)
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
+  })
+
+  await t.test('a per-key limit holds across both gateways', async (t) => {
+    const k = await createKey(d, { rate_limit: { limit: 10, window_s: 3600 } })
+    const [a, b] = (await statuses(d, k.key, 8)) as [number[], number[]]
+    t.equal(count(a, 200) + count(b, 200), 10, 'ten requests in all were forwarded')
+    t.equal(count(a, 429) + count(b, 429), 6, 'the rest were refused')
+    t.ok(count(a, 200) > 0 && count(b, 200) > 0, 'both gateways forwarded some')
+  })
+
+  await t.test('a failed-attempt lockout holds across both gateways', async (t) => {
+    const from = address()
+    const bad = `kg_${'A'.repeat(12)}_${'B'.repeat(28)}`
+    const seen: number[] = []
+    for (let i = 0; i < 5; i++) seen.push((await d.through(i % 2, bad, from)).status)
+    t.same(seen, [401, 401, 401, 401, 401], 'five failed attempts from one address, on either gateway')
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} locks the address out`, async () => (await d.through(g, bad, from)).status === 429)
+  })
+
+  await t.test('a dropped subscriber connection flushes the key caches', async (t) => {
+    const k = await createKey(d)
+    for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
+    // The CLI on the store itself, without Redis: a change no gateway hears about.
+    const revoked = await runCli(['api-key', 'revoke', k.id], { env: { ...d.env, REDIS_URL: undefined } })
+    t.equal(revoked.code, 0, revoked.stderr)
+    for (let g = 0; g < 2; g++) t.equal((await d.through(g, k.key, address())).status, 200, `gateway ${g} still serves it from its cache`)
+    const redis = new Redis(d.redis.url, { maxRetriesPerRequest: 1 })
+    t.teardown(() => redis.disconnect())
+    t.ok(Number(await redis.call('CLIENT', 'KILL', 'TYPE', 'pubsub')) >= 2, 'both subscribers dropped')
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} flushed and refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
+    for (const g of d.gateways) t.ok(g.logs.some((l) => l.msg.startsWith('flushed the key cache') && l.reason === 'reconnect'), 'the flush is logged')
+  })
+
+  await t.test('Redis stopped mid-traffic, then restarted', async (t) => {
+    const busy = await createKey(d, { rate_limit: { limit: 1_000_000, window_s: 3600 } })
+    const limited = await createKey(d, { rate_limit: { limit: 5, window_s: 3600 } })
+    const doomed = await createKey(d)
+    for (let g = 0; g < 2; g++) await cached(t, d, g, doomed.key)
+    // Traffic on both gateways while Redis goes away.
+    let running = true
+    const answered: number[] = []
+    const traffic = Promise.all(
+      [0, 1].map(async (g) => {
+        while (running) answered.push((await d.through(g, busy.key, address())).status)
+      }),
+    )
+    await until(t, 'traffic flows', () => answered.length > 20)
+    await d.redis.stop()
+    for (const g of d.gateways) await until(t, 'each gateway notices', () => g.logs.some((l) => l.msg.startsWith('Redis is not answering')))
+    const before = answered.length
+    await until(t, 'traffic goes on without Redis', () => answered.length > before + 20)
+    running = false
+    await traffic
+    t.same([...new Set(answered)], [200], 'every request was answered and forwarded, before, during and after the stop')
+    for (const g of d.gateways) {
+      t.equal(await metric(g, 'keygate_redis_up'), 0, 'keygate_redis_up is 0')
+      t.ok((await metric(g, 'keygate_redis_fallback_total')) >= 1, 'the switch is counted')
+    }
+    const [a, b] = (await statuses(d, limited.key, 8)) as [number[], number[]]
+    for (const s of [a, b]) {
+      t.equal(count(s, 200), 5, 'each gateway still enforces the limit on its own')
+      t.equal(count(s, 429), 3)
+    }
+
+    // A revocation while Redis is down: the admin keeps the message, the gateways cannot hear it yet.
+    t.equal((await d.call('POST', `/v1/keys/${doomed.id}/revoke`, {})).status, 200, 'the admin API works without Redis')
+    for (let g = 0; g < 2; g++) t.equal((await d.through(g, doomed.key, address())).status, 200, `gateway ${g} still has it cached`)
+    await d.redis.start()
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it once Redis is back`, async () => (await d.through(g, doomed.key, address())).status === 401)
+    for (const g of d.gateways) {
+      await until(t, 'the return is logged', () => g.logs.some((l) => l.msg.startsWith('Redis answers again')))
+      t.equal(await metric(g, 'keygate_redis_up'), 1, 'keygate_redis_up is 1 again')
+    }
+  })
+
+  for (const s of [d.admin, ...d.gateways]) t.equal(await s.stop(), 0, 'exit 0')
+})
+
+t.test('--workers 2 without Redis: one limit and one lockout for the machine', async (t) => {
+  const upstream = await startUpstream(t)
+  const env = {
+    DATABASE_URL: await freshDatabase(t),
+    REDIS_URL: undefined,
+    KEYGATE_CONFIG: undefined,
+    KEYGATE_ADMIN_URL: undefined,
+    KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 6).toString('base64'),
+    KEYGATE_ADMIN_TOKEN: 'workers-admin-token-0123456789',
+    KEYGATE_UPSTREAM: upstream.url,
+    KEYGATE_ACCESS_LOG: 'true',
+    RATE_LIMIT_MAX_ATTEMPTS: '3',
+  }
+  const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'machine', '--rate-limit', '10/1h', '--json'], { env })
+  t.equal(created.code, 0, created.stderr)
+  const key = created.json().key as string
+  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const gateway = `http://${s.logs.find((l) => l.msg === 'gateway listening')!.address as string}`
+  // A new connection per request spreads them over both workers.
+  const get = async (k: string) => (await request(`${gateway}/orders`, { headers: { authorization: `Bearer ${k}`, connection: 'close' } })).statusCode
+  const answers: number[] = []
+  for (let i = 0; i < 16; i++) answers.push(await get(key))
+  t.equal(count(answers, 200), 10, 'ten forwarded in all, not ten per worker')
+  t.equal(count(answers, 429), 6)
+  const workers = new Set(s.logs.filter((l) => l.status === 200 || l.status === 429).map((l) => l.worker))
+  t.equal(workers.size, 2, 'both workers answered')
+
+  const bad = `kg_${'C'.repeat(12)}_${'D'.repeat(28)}`
+  const failed: number[] = []
+  for (let i = 0; i < 3; i++) failed.push(await get(bad))
+  t.same(failed, [401, 401, 401], 'three failed attempts, over both workers')
+  // The worker that saw the third tells the primary, which tells the other: at most one request may pass meanwhile.
+  const after: number[] = []
+  for (let i = 0; i < 8; i++) after.push(await get(bad))
+  t.ok(count(after, 401) <= 1, `the address is locked out on the machine (${after.join(' ')})`)
+  t.same(after.slice(-6), [429, 429, 429, 429, 429, 429], 'by every worker')
+  t.equal(await s.stop(), 0)
+})

@@ -1,0 +1,136 @@
+// The rotation scheduler and cleanup on both stores, driven by a controllable clock: scheduled
+// rotations announced once ahead of their deadline (event and audit row) and enforced at it,
+// never sooner than announced; a rotation before the deadline starting the successor's own;
+// grace periods and expiries ending on time; retention pruning of the tables that exist; and
+// on PostgreSQL, one instance at a time (advisory lock).
+import t from 'tap'
+import { openDb } from '../core/db.ts'
+import { EventBus, type KeygateEvent } from '../core/events.ts'
+import { silentLogger } from '../core/log.ts'
+import { defaultPruneRules, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
+import type { KeyChange } from '../core/keys/service.ts'
+import { forEachStore, testClock, testServices } from './helpers/stores.ts'
+
+const HOUR = 3_600_000
+const DAY = 24 * HOUR
+const ACTOR = { actor: 'test' }
+// The clock starts at the real time: audit rows carry the database's own time, and pruning must
+// see them as recent.
+const T0 = new Date(Math.floor(Date.now() / 1000) * 1000)
+
+forEachStore(t, async (t, store) => {
+  const clock = testClock(T0)
+  const s = testServices(store.db, { clock })
+  const events: KeygateEvent[] = []
+  const bus = new EventBus({ now: clock.now })
+  bus.on((e) => events.push(e))
+  const changes: KeyChange[] = []
+  s.keys.onChange((c) => changes.push(c))
+  const rules: PruneRule[] = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30 })
+  const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, events: bus, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 3 * DAY, pruneRules: rules })
+  const auditOf = async (id: string) => (await s.audit.list(store.db, { keyId: id })).map((r) => [r.action, r.details])
+
+  await t.test('a scheduled rotation is announced once, ahead of its deadline, and enforced at it', async (t) => {
+    const { record } = await s.keys.create({ name: 'rotating', type: 'service', rotation_interval_s: 10 * 86_400 }, ACTOR)
+    clock.set(new Date(T0.getTime() + 6 * DAY))
+    t.same((await scheduler.runOnce())?.announced, [], 'not yet: the deadline is four days away')
+    clock.set(new Date(T0.getTime() + 7 * DAY + 1000))
+    const run = await scheduler.runOnce()
+    const deadline = new Date(T0.getTime() + 10 * DAY)
+    t.same(run?.announced, [{ keyId: record.id, kind: 'rotation', deadline }], 'announced three days ahead')
+    const expiring = events.filter((e) => e.type === 'key.expiring')
+    t.equal(expiring.length, 1)
+    t.match(expiring[0]?.data, { kind: 'rotation', deadline: deadline.toISOString(), key: { id: record.id, status: 'active' } })
+    t.notOk(JSON.stringify(expiring[0]?.data).includes(record.keyHash), 'no hash in the event')
+    t.same((await auditOf(record.id))[0], ['key.expiring', { kind: 'rotation', deadline: deadline.toISOString() }], 'and an audit row')
+    t.same((await scheduler.runOnce())?.announced, [], 'announced once')
+    clock.set(new Date(deadline.getTime() - 1))
+    t.same((await scheduler.runOnce())?.rotationOverdue, [], 'still valid just before its deadline')
+    t.equal((await s.keys.get(record.id)).status, 'active')
+    clock.set(deadline)
+    t.same((await scheduler.runOnce())?.rotationOverdue, [record.id], 'expired at its deadline')
+    t.equal((await s.keys.get(record.id)).status, 'expired')
+    t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }])
+    t.match(changes.at(-1), { action: 'expired', key: { id: record.id, status: 'expired' } }, 'caches are told')
+  })
+
+  await t.test('a key rotated before its deadline: the successor has its own, the old key ends with its grace', async (t) => {
+    clock.set(T0)
+    const { record } = await s.keys.create({ name: 'kept up', type: 'service', rotation_interval_s: 10 * 86_400 }, ACTOR)
+    clock.set(new Date(T0.getTime() + 8 * DAY))
+    await scheduler.runOnce()
+    const rotated = await s.keys.rotate(record.id, {}, ACTOR)
+    const graceEnd = new Date(T0.getTime() + 8 * DAY + 48 * HOUR)
+    t.same(rotated.previous.graceUntil, graceEnd, 'a service key keeps 48 h of grace')
+    clock.set(new Date(T0.getTime() + 10 * DAY))
+    const run = await scheduler.runOnce()
+    t.same([run?.rotationOverdue, run?.graceEnded], [[], [record.id]], 'the old key ends with its grace, not as overdue')
+    t.equal((await s.keys.get(record.id)).status, 'expired')
+    t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'grace_ended', deadline: graceEnd.toISOString() }])
+    t.equal((await s.keys.get(rotated.record.id)).status, 'active', 'the successor runs to its own deadline')
+    clock.set(new Date(T0.getTime() + 15 * DAY + 1000))
+    t.same((await scheduler.runOnce())?.announced.map((a) => a.keyId), [rotated.record.id], 'which is announced in its turn')
+  })
+
+  await t.test('an interval shorter than the key is old: announced now, enforced no sooner than the notice period', async (t) => {
+    clock.set(T0)
+    const { record } = await s.keys.create({ name: 'old', type: 'user' }, ACTOR)
+    clock.set(new Date(T0.getTime() + 100 * DAY))
+    await s.keys.update(record.id, { rotation_interval_s: 30 * 86_400 }, ACTOR)
+    const run = await scheduler.runOnce()
+    const deadline = new Date(clock.now().getTime() + 3 * DAY)
+    t.same(run?.announced, [{ keyId: record.id, kind: 'rotation', deadline }])
+    t.notOk(run?.rotationOverdue.includes(record.id), 'not cut off unannounced')
+    t.equal((await s.keys.get(record.id)).status, 'active')
+    clock.set(deadline)
+    t.ok((await scheduler.runOnce())?.rotationOverdue.includes(record.id), 'enforced at the announced deadline')
+  })
+
+  await t.test('expiry: announced ahead, marked at expires_at', async (t) => {
+    clock.set(T0)
+    const expiresAt = new Date(T0.getTime() + 5 * DAY)
+    const { record } = await s.keys.create({ name: 'expiring', type: 'user', expires_at: expiresAt.toISOString() }, ACTOR)
+    clock.set(new Date(T0.getTime() + 2 * DAY + 1))
+    t.same((await scheduler.runOnce())?.announced, [{ keyId: record.id, kind: 'expiry', deadline: expiresAt }])
+    const later = new Date(T0.getTime() + 6 * DAY)
+    await s.keys.update(record.id, { expires_at: later.toISOString() }, ACTOR)
+    t.same((await scheduler.runOnce())?.announced, [], 'a later expiry outside the notice period: nothing yet')
+    clock.set(new Date(T0.getTime() + 4 * DAY))
+    t.same((await scheduler.runOnce())?.announced, [{ keyId: record.id, kind: 'expiry', deadline: later }], 'the moved expiry is announced again')
+    clock.set(later)
+    t.same((await scheduler.runOnce())?.expired, [record.id])
+    t.equal((await s.keys.get(record.id)).status, 'expired')
+  })
+
+  await t.test('retention: old audit rows go, recent ones stay, absent tables are skipped', async (t) => {
+    const { record } = await s.keys.create({ name: 'audited', type: 'user' }, ACTOR)
+    const rows = await s.audit.list(store.db, { keyId: record.id })
+    t.equal(rows.length, 1)
+    const now = clock.now().getTime()
+    await store.db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE id = $1', [rows[0]!.id, new Date(now - 366 * DAY)])
+    const { record: recent } = await s.keys.create({ name: 'recent', type: 'user' }, ACTOR)
+    await store.db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE key_id = $1', [recent.id, new Date(now - 364 * DAY)])
+    const run = await scheduler.runOnce()
+    t.ok((run?.pruned.api_key_audit_log ?? 0) >= 1, 'old rows pruned')
+    t.same(await auditOf(record.id), [], 'the 366-day-old row is gone')
+    t.equal((await auditOf(recent.id)).length, 1, 'the 364-day-old row stays')
+    const present = await store.db.query<{ t: string }>(`SELECT table_name AS t FROM information_schema.tables WHERE table_name = ANY($1)`, [rules.map((r) => r.table)])
+    t.same(Object.keys(run?.pruned ?? {}).sort(), present.map((p) => p.t).sort(), 'only tables that exist are pruned')
+  })
+
+  if (store.kind === 'postgres') {
+    await t.test('one instance at a time: a run finding the lock held skips', async (t) => {
+      const other = await openDb({ databaseUrl: store.url, poolMax: 2 })
+      t.teardown(() => other.close())
+      const elsewhere = new Scheduler({ db: other, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: DAY, pruneRules: rules })
+      const skipped = await store.db.transaction(async (tx) => {
+        await tx.query('SELECT pg_advisory_xact_lock($1)', [SCHEDULER_LOCK])
+        return elsewhere.runOnce()
+      })
+      t.equal(skipped, null, 'another instance holds the lock')
+      t.not(await elsewhere.runOnce(), null, 'runs once the lock is free')
+      const both = await Promise.all([scheduler.runOnce(), elsewhere.runOnce()])
+      t.ok(both.some((r) => r !== null), 'of two at once, at least one ran and none failed')
+    })
+  }
+})
