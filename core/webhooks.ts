@@ -429,6 +429,7 @@ export class WebhookService {
 
   /** Stops polling and waits for the round in flight; what is left is sent after the next start. */
   async close(): Promise<void> {
+    if (this.#closed) return
     this.#closed = true
     clearInterval(this.#timer)
     await this.idle()
