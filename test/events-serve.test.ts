@@ -1,0 +1,88 @@
+// `keygate serve` as a real process wires anomalies and webhooks: a key created through its
+// admin API and an address burst through its gateway reach a webhook receiver and the SSE
+// stream; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
+// is sent by the next process started on the same store.
+import t from 'tap'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Agent, request } from 'undici'
+import { openSse } from './helpers/admin.ts'
+import { sleep, startUpstream } from './helpers/gateway.ts'
+import { serve } from './helpers/serve.ts'
+import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
+
+const TOKEN = 'events-serve-token-0123456789'
+
+t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const config = join(dir, 'keygate.yaml')
+  writeFileSync(
+    config,
+    [
+      'gateway: { trusted_proxies: ["127.0.0.1/32"] }',
+      'anomalies: { check_interval_ms: 100, distinct_addresses_per_hour: 3 }',
+      'webhooks: { allow_private: ["127.0.0.1/32"], poll_interval_ms: 100, retry_base_ms: 100 }',
+      '',
+    ].join('\n'),
+  )
+  const upstream = await startUpstream(t)
+  let failing = true
+  const receiver = await startReceiver(t, (hk, res) => res.writeHead(failing && hk.json?.type === 'key.revoked' ? 500 : 204).end())
+  const env = {
+    DATABASE_URL: undefined,
+    REDIS_URL: undefined,
+    KEYGATE_ENCRYPTION_KEY: undefined,
+    KEYGATE_CONFIG: config,
+    KEYGATE_DATA_DIR: join(dir, 'store'),
+    KEYGATE_ADMIN_TOKEN: TOKEN,
+    KEYGATE_UPSTREAM: upstream.url,
+  }
+  const agent = new Agent({ keepAliveTimeout: 1000 })
+  t.teardown(() => agent.close())
+  const auth = { authorization: `Bearer ${TOKEN}` }
+  const call = async (base: string, method: string, path: string, body?: unknown) => {
+    const r = await request(base + path, { method: method as 'GET', dispatcher: agent, headers: { ...auth, ...(body ? { 'content-type': 'application/json' } : {}) }, ...(body ? { body: JSON.stringify(body) } : {}) })
+    const text = await r.body.text()
+    return { status: r.statusCode, json: JSON.parse(text) }
+  }
+
+  const first = await serve(t, { env })
+  const hook = await call(first.admin, 'POST', '/v1/webhooks', { url: `${receiver.url}/events`, events: ['key.created', 'key.revoked', 'anomaly.detected'] })
+  t.equal(hook.status, 201)
+  const secret = hook.json.secret as string
+  const stream = await openSse(`${first.admin}/v1/anomalies/stream`, auth, agent)
+  t.equal(stream.status, 200)
+
+  const key = await call(first.admin, 'POST', '/v1/keys', { name: 'served', type: 'user' })
+  const created = await receiver.waitFor((hk) => hk.json?.type === 'key.created' && hk.json.data.key.id === key.json.id)
+  t.same(verifiedBy(created, [secret]), [secret], 'key.created, signed')
+  t.notOk(created.body.includes(key.json.key), 'without the key')
+
+  for (let i = 1; i <= 5; i++) {
+    const r = await request(`${first.gateway}/x`, { dispatcher: agent, headers: { authorization: `Bearer ${key.json.key}`, 'x-forwarded-for': `203.0.113.${i}` } })
+    await r.body.dump()
+    t.equal(r.statusCode, 200)
+  }
+  const event = await stream.next()
+  const anomaly = JSON.parse(event.data)
+  t.match(anomaly, { key_id: key.json.id, type: 'distinct_addresses' }, 'the anomaly on the SSE stream')
+  const sent = await receiver.waitFor((hk) => hk.json?.type === 'anomaly.detected')
+  t.same(sent.json.data, anomaly, 'and at the webhook')
+
+  // The receiver refuses key.revoked: the delivery stays queued in the store.
+  await call(first.admin, 'POST', `/v1/keys/${key.json.id}/revoke`)
+  await receiver.waitFor((hk) => hk.json?.type === 'key.revoked')
+  t.equal(await first.stop('SIGTERM'), 0, 'SIGTERM with a stream open: exit 0')
+  await t.rejects(stream.next(), 'the stream ended')
+
+  failing = false
+  const from = receiver.received.length
+  const second = await serve(t, { env })
+  const revoked = await receiver.waitFor((hk) => hk.json?.type === 'key.revoked' && receiver.received.indexOf(hk) >= from)
+  t.ok(receiver.received.slice(0, from).some((hk) => hk.id === revoked.id), 'the same delivery the first process tried')
+  const delivered = async () => (await call(second.admin, 'GET', `/v1/webhooks/${hook.json.id}/deliveries?status=delivered`)).json.items.find((d: any) => d.id === revoked.id)
+  while (!(await delivered())) await sleep(20)
+  t.ok((await delivered()).attempts >= 2, 'delivered after the restart, its earlier attempts counted')
+  t.equal(await second.stop('SIGTERM'), 0)
+})
