@@ -8,7 +8,9 @@ import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
+import { EventBus } from '../core/events.ts'
 import { openRuntime } from '../core/runtime.ts'
+import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
@@ -96,9 +98,19 @@ async function runApiKey(argv: string[], io: Io): Promise<number> {
   }
   const log = cliLogger(io, config)
   const runtime = await openRuntime(config, log)
+  // Key events of changes made here are queued in the store; the running servers deliver them.
+  const webhooks = new WebhookService({ db: runtime.db, config: config.webhooks, log, deliver: false })
+  const events = new EventBus()
+  const queued: Array<Promise<unknown>> = []
+  const offQueue = events.on((e) => queued.push(webhooks.enqueue(e).catch((err: unknown) => log.warn('could not queue webhook deliveries', { event: e.type, err: err as Error }))))
+  const offKeys = bindKeyEvents(runtime.keys, events)
   try {
     return await action({ io, json, ops: localOperations(runtime.keys, { actor: actorName() }) })
   } finally {
+    offKeys()
+    offQueue()
+    await Promise.all(queued)
+    await webhooks.close()
     await runtime.close()
   }
 }

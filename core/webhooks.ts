@@ -176,6 +176,8 @@ export interface WebhookServiceOptions {
   config: Config['webhooks']
   log: Logger
   now?: () => Date
+  /** false: only queue (a CLI process); the running servers deliver. */
+  deliver?: boolean
 }
 
 export class WebhookService {
@@ -197,6 +199,7 @@ export class WebhookService {
     this.#c = options.config
     this.#log = options.log
     this.#now = options.now ?? (() => new Date())
+    this.#closed = options.deliver === false
     this.#allowed = allowList(options.config.allow_private)
     this.#agent = pinnedAgent(this.#allowed, options.config.timeout_ms)
   }
@@ -429,11 +432,10 @@ export class WebhookService {
 
   /** Stops polling and waits for the round in flight; what is left is sent after the next start. */
   async close(): Promise<void> {
-    if (this.#closed) return
     this.#closed = true
     clearInterval(this.#timer)
     await this.idle()
-    await this.#agent.close()
+    if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
   }
 }
 

@@ -11,7 +11,9 @@ import { silentLogger } from '../core/log.ts'
 import { WebhookService } from '../core/webhooks.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, openStore, testClock } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
+import { runCli } from './helpers/cli.ts'
+import { openDb } from '../core/db.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 const ACTOR = { actor: 'test' }
@@ -166,8 +168,8 @@ await forEachStore(t, async (t, store) => {
   const clock = testClock()
   const nowS = () => Math.floor(clock.now().getTime() / 1000)
   const config = (over: Record<string, unknown> = {}) => ({ ...DEFAULTS, allow_private: ['127.0.0.1/32', '::1/128'], retry_base_ms: 1000, max_attempts: 3, ...over })
-  const service = (over: Record<string, unknown> = {}) => {
-    const s = new WebhookService({ db: store.db, config: config(over), log: silentLogger, now: clock.now })
+  const service = (over: Record<string, unknown> = {}, deliver = true) => {
+    const s = new WebhookService({ db: store.db, config: config(over), log: silentLogger, now: clock.now, deliver })
     t.teardown(() => s.close())
     return s
   }
@@ -224,11 +226,10 @@ await forEachStore(t, async (t, store) => {
 
   await t.test('queued deliveries survive a restart and are sent once by several services at once', async (t) => {
     const receiver = await startReceiver(t)
-    const before = service()
+    const before = service({}, false)
     const { webhook, secret } = await before.create({ url: `${receiver.url}/queued`, events: ['key.created'] }, ACTOR)
-    await before.close()
     for (let i = 0; i < 30; i++) t.equal(await before.enqueue(event('key.created', { key: { id: `q${i}` } })), 1, 'queued in the store')
-    t.equal(receiver.received.length, 0, 'nothing sent by a stopped service')
+    t.equal(receiver.received.length, 0, 'nothing sent by a service that only queues')
     const instances = [service(), service(), service()]
     for (const s of instances) s.start()
     await until(() => receiver.received.length >= 30)
@@ -242,9 +243,8 @@ await forEachStore(t, async (t, store) => {
 
   await t.test('SSRF at delivery: an IP literal and a name resolving to loopback, with no allow-list', async (t) => {
     const receiver = await startReceiver(t)
-    const lenient = service()
+    const lenient = service({}, false)
     const strict = service({ allow_private: [] })
-    await lenient.close()
     const byIp = await lenient.create({ url: `http://127.0.0.1:${receiver.port}/ip`, events: ['key.rotated'] }, ACTOR)
     const byName = await lenient.create({ url: `http://localhost:${receiver.port}/name`, events: ['key.rotated'] }, ACTOR)
     await lenient.enqueue(event('key.rotated', { key: { id: 'ssrf' } }))
@@ -267,4 +267,29 @@ await forEachStore(t, async (t, store) => {
     t.match(d, { status: 'pending', last_status: 307, last_error: /redirects are not followed/ })
     t.equal(elsewhere.received.length, 0, 'the redirect target got nothing')
   })
+})
+
+t.test('a key changed by the CLI on the store queues its event for the servers to deliver', async (t) => {
+  const url = await freshDatabase(t)
+  const env = { DATABASE_URL: url, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ADMIN_URL: undefined, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 3).toString('base64') }
+  const migrated = await runCli(['migrate'], { env })
+  t.equal(migrated.code, 0, migrated.stderr)
+  const db = await openDb({ databaseUrl: url, poolMax: 2 })
+  t.teardown(() => db.close())
+  const receiver = await startReceiver(t)
+  const config = { ...DEFAULTS, allow_private: ['127.0.0.1/32'] }
+  const queueOnly = new WebhookService({ db, config, log: silentLogger, deliver: false })
+  const { webhook, secret } = await queueOnly.create({ url: `${receiver.url}/cli`, events: ['key.created', 'key.revoked'] }, ACTOR)
+  const made = await runCli(['api-key', 'create', '--name', 'from-cli', '--type', 'user', '--json'], { env })
+  t.equal(made.code, 0, made.stderr)
+  const id = made.json().id as string
+  const queued = await db.query<{ event_type: string; status: string; payload: string }>('SELECT event_type, status, payload FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])
+  t.match(queued, [{ event_type: 'key.created', status: 'pending' }], 'queued by the CLI, not sent by it')
+  t.notOk(queued[0]?.payload.includes(made.json().key), 'without the key')
+  t.equal(receiver.received.length, 0)
+  const server = new WebhookService({ db, config, log: silentLogger })
+  t.teardown(() => server.close())
+  server.start()
+  const hook = await receiver.waitFor((hk) => hk.json?.data?.key?.id === id)
+  t.same(verifiedBy(hook, [secret]), [secret], 'a server delivered it, signed')
 })
