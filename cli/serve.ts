@@ -18,7 +18,7 @@ import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidati
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { teeUsage, UsageRecorder } from '../core/usage.ts'
-import { AnomalyDetector, AnomalyFeed, type AnomalyJson } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, type AnomalyJson, type AnomalyType } from '../core/anomalies.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { pendingMigrations } from '../core/migrate.ts'
@@ -151,7 +151,7 @@ interface ProcessEvents {
   close(): Promise<void>
 }
 
-function processEvents(config: Config, runtime: Runtime, redis: Redis | undefined, log: Logger, role: Role): ProcessEvents {
+function processEvents(config: Config, runtime: Runtime, redis: Redis | undefined, log: Logger, role: Role, onAnomaly?: (type: AnomalyType) => void): ProcessEvents {
   const events = new EventBus()
   const webhooks = new WebhookService({ db: runtime.db, audit: runtime.audit, config: config.webhooks, log })
   const offs = [webhooks.bind(events)]
@@ -160,7 +160,7 @@ function processEvents(config: Config, runtime: Runtime, redis: Redis | undefine
   const a = config.anomalies
   const detector =
     role.gateway && a.enabled
-      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms })
+      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ...(onAnomaly ? { onAnomaly } : {}) })
       : undefined
   const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log }) : undefined
   return {
@@ -221,7 +221,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
   const lockout = processLockout(config, redis, log, () => metrics?.lockouts.inc())
-  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker })
+  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc())
   // Without Redis, a worker's anomalies reach the primary's SSE stream over cluster IPC.
   const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data })) : undefined
   const onPrimaryMessage = (m: WorkerMessage) => {

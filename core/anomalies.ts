@@ -261,6 +261,8 @@ export interface DetectorOptions {
   log: Logger
   /** 0: no timer (tests call check()). */
   checkIntervalMs: number
+  /** Called for each anomaly this process recorded (the metric). */
+  onAnomaly?: (type: AnomalyType) => void
 }
 
 /** A finding judged from the totals, before it is stored. */
@@ -277,6 +279,7 @@ export class AnomalyDetector implements UsageSink {
   readonly #redis: Redis | undefined
   readonly #channel: string
   readonly #events: EventBus | undefined
+  readonly #onAnomaly: ((type: AnomalyType) => void) | undefined
   readonly #log: Logger
   readonly #anomalies: AnomalyLog
   readonly #memory = new MemoryWindows()
@@ -295,6 +298,7 @@ export class AnomalyDetector implements UsageSink {
     this.#redis = options.redis
     this.#channel = options.channel
     this.#events = options.events
+    this.#onAnomaly = options.onAnomaly
     this.#log = options.log
     this.#anomalies = new AnomalyLog(options.db)
     this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : this.#memory
@@ -424,6 +428,7 @@ export class AnomalyDetector implements UsageSink {
     if (!row) return
     const json = anomalyJson(row)
     this.#log.warn('anomaly detected', { anomaly_id: row.id, key_id: row.keyId, type: row.type })
+    this.#onAnomaly?.(row.type)
     if (this.#redis) {
       await this.#redis.publish(this.#channel, JSON.stringify(json)).catch((err: unknown) => this.#log.warn('could not publish an anomaly alert', { err: err as Error }))
     }

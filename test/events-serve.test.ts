@@ -69,6 +69,9 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   t.match(anomaly, { key_id: key.json.id, type: 'distinct_addresses' }, 'the anomaly on the SSE stream')
   const sent = await receiver.waitFor((hk) => hk.json?.type === 'anomaly.detected')
   t.same(sent.json.data, anomaly, 'and at the webhook')
+  const metrics = await (await request(`${first.admin}/metrics`, { dispatcher: agent })).body.text()
+  t.match(metrics, /keygate_anomalies_total\{type="distinct_addresses"\} 1\n/, 'counted by type')
+  t.match(metrics, /keygate_anomalies_total\{type="request_rate"\} 0\n/)
 
   // The receiver refuses key.revoked: the delivery stays queued in the store.
   await call(first.admin, 'POST', `/v1/keys/${key.json.id}/revoke`)
