@@ -178,10 +178,15 @@ const MAX_ADDRESSES = 1000
 export class MemoryWindows implements SharedWindows {
   readonly #counts = new Map<string, { n: number; until: number }>()
   readonly #sets = new Map<string, { s: Set<string>; until: number }>()
+  readonly #errWindowMs: number
   #lastSweep = 0
 
+  constructor(errWindowS: number) {
+    this.#errWindowMs = errWindowS * 1000
+  }
+
   async add(tallies: readonly Tally[]): Promise<Totals[]> {
-    const now = Math.max(...tallies.map((t) => t.lastMs))
+    const now = tallies.reduce((m, t) => Math.max(m, t.lastMs), 0)
     if (now - this.#lastSweep > MINUTE_MS) {
       this.#lastSweep = now
       for (const [k, v] of this.#counts) if (v.until < now) this.#counts.delete(k)
@@ -197,11 +202,11 @@ export class MemoryWindows implements SharedWindows {
       const set = this.#sets.get(`a:${t.keyId}:${t.hour}`) ?? { s: new Set<string>(), until: t.hour + 2 * BUCKET_MS }
       this.#sets.set(`a:${t.keyId}:${t.hour}`, set)
       for (const a of t.addresses) if (set.s.size < MAX_ADDRESSES) set.s.add(a)
-      const errUntil = t.errWindow + 2 * (t.errWindow - t.minute + MINUTE_MS)
+      const errUntil = t.errWindow + 2 * this.#errWindowMs
       return {
         perMinute: incr(`r:${t.keyId}:${t.minute}`, t.requests, t.minute + 2 * MINUTE_MS),
-        errWindowRequests: incr(`q:${t.keyId}:${t.errWindow}`, t.requests, errUntil + BUCKET_MS),
-        errWindowErrors: incr(`e:${t.keyId}:${t.errWindow}`, t.errors, errUntil + BUCKET_MS),
+        errWindowRequests: incr(`q:${t.keyId}:${t.errWindow}`, t.requests, errUntil),
+        errWindowErrors: incr(`e:${t.keyId}:${t.errWindow}`, t.errors, errUntil),
         distinctAddresses: set.s.size,
       }
     })
@@ -282,7 +287,7 @@ export class AnomalyDetector implements UsageSink {
   readonly #onAnomaly: ((type: AnomalyType) => void) | undefined
   readonly #log: Logger
   readonly #anomalies: AnomalyLog
-  readonly #memory = new MemoryWindows()
+  readonly #memory: MemoryWindows
   readonly #shared: SharedWindows
   #pending = new Map<string, Tally>()
   /** `key|type|window` already stored (by anyone): not tried again. */
@@ -301,6 +306,7 @@ export class AnomalyDetector implements UsageSink {
     this.#onAnomaly = options.onAnomaly
     this.#log = options.log
     this.#anomalies = new AnomalyLog(options.db)
+    this.#memory = new MemoryWindows(options.thresholds.error_rate_window_s)
     this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : this.#memory
     if (options.checkIntervalMs > 0) {
       this.#timer = setInterval(() => void this.check(), options.checkIntervalMs)
