@@ -1,7 +1,8 @@
 // `keygate serve` as a real process wires anomalies and webhooks: a key created through its
 // admin API and an address burst through its gateway reach a webhook receiver and the SSE
 // stream; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
-// is sent by the next process started on the same store.
+// is sent by the next process started on the same store. With --workers and no Redis, a
+// worker's anomaly reaches the primary's SSE stream over cluster IPC.
 import t from 'tap'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -10,6 +11,7 @@ import { Agent, request } from 'undici'
 import { openSse } from './helpers/admin.ts'
 import { sleep, startUpstream } from './helpers/gateway.ts'
 import { serve } from './helpers/serve.ts'
+import { freshDatabase } from './helpers/stores.ts'
 import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
 
 const TOKEN = 'events-serve-token-0123456789'
@@ -88,4 +90,45 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   while (!(await delivered())) await sleep(20)
   t.ok((await delivered()).attempts >= 2, 'delivered after the restart, its earlier attempts counted')
   t.equal(await second.stop('SIGTERM'), 0)
+})
+
+t.test('serve --workers 2 without Redis: a worker\'s anomaly reaches the primary\'s stream and webhooks once', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const config = join(dir, 'keygate.yaml')
+  writeFileSync(config, 'gateway: { trusted_proxies: ["127.0.0.1/32"] }\nanomalies: { check_interval_ms: 100, distinct_addresses_per_hour: 3 }\nwebhooks: { allow_private: ["127.0.0.1/32"], poll_interval_ms: 100 }\n')
+  const upstream = await startUpstream(t)
+  const receiver = await startReceiver(t)
+  const env = {
+    DATABASE_URL: await freshDatabase(t),
+    REDIS_URL: undefined,
+    KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 5).toString('base64'),
+    KEYGATE_CONFIG: config,
+    KEYGATE_ADMIN_TOKEN: TOKEN,
+    KEYGATE_UPSTREAM: upstream.url,
+  }
+  const agent = new Agent({ keepAliveTimeout: 1000 })
+  t.teardown(() => agent.close())
+  const auth = { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }
+  const served = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const post = async (path: string, body: unknown) => {
+    const r = await request(served.admin + path, { method: 'POST', dispatcher: agent, headers: auth, body: JSON.stringify(body) })
+    return JSON.parse(await r.body.text())
+  }
+  await post('/v1/webhooks', { url: `${receiver.url}/w`, events: ['anomaly.detected'] })
+  const stream = await openSse(`${served.admin}/v1/anomalies/stream`, { authorization: `Bearer ${TOKEN}` }, agent)
+  const key = await post('/v1/keys', { name: 'workers', type: 'user' })
+  // Without Redis each worker counts its own share: twelve addresses over two workers put more
+  // than three on at least one of them; both may find it, the table keeps one.
+  for (let i = 1; i <= 12; i++) {
+    const r = await request(`${served.gateway}/x`, { headers: { authorization: `Bearer ${key.key}`, 'x-forwarded-for': `192.0.2.${i}`, connection: 'close' } })
+    await r.body.dump()
+    t.equal(r.statusCode, 200)
+  }
+  const anomaly = JSON.parse((await stream.next()).data)
+  t.match(anomaly, { key_id: key.id, type: 'distinct_addresses' }, 'on the primary\'s stream')
+  const hook = await receiver.waitFor((hk) => hk.json?.data?.id === anomaly.id)
+  t.same(hook.json.data, anomaly)
+  t.equal(await served.stop('SIGTERM'), 0)
+  t.equal(receiver.received.filter((hk) => hk.json?.data?.key_id === key.id).length, 1, 'one webhook')
+  t.same(stream.buffered(), [], 'one SSE event')
 })
