@@ -79,8 +79,8 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
       }
       const body = op.body ? assertValid(op.body, parsed ?? {}) : undefined
       const query = readQuery(ctx.url, op.query)
-      const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, services })
-      sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
+      const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
+      if (!op.stream) sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
     },
   }))
 }

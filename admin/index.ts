@@ -1,6 +1,7 @@
 // The admin API as routes for createAdminServer: the operations (credential required), the
 // OpenAPI document and the interactive docs (public: they hold no data).
 import { readFileSync } from 'node:fs'
+import { AnomalyFeed, AnomalyLog } from '../core/anomalies.ts'
 import type { AuditLog } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import type { DenyListService } from '../core/deny-list.ts'
@@ -9,7 +10,9 @@ import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { addressKeyer, type Lockout } from '../core/lockout.ts'
 import type { Logger } from '../core/log.ts'
+import { EventBus } from '../core/events.ts'
 import { UsageReports } from '../core/usage.ts'
+import type { WebhookService } from '../core/webhooks.ts'
 import { adminApiRoutes } from './api.ts'
 import { createAuthenticator } from './auth.ts'
 import { docsRoutes } from './docs.ts'
@@ -36,6 +39,9 @@ export interface AdminApiDeps {
   /** The Gitea and n8n services of the integration operations. */
   gitea?: GiteaTokenService
   n8n?: N8nKeyService
+  /** Anomalies recorded by any instance (the SSE stream); closing it ends the open streams. */
+  anomalyFeed?: AnomalyFeed
+  webhooks: WebhookService
 }
 
 export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
@@ -47,6 +53,9 @@ export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
     audit: deps.audit,
     denyList: deps.denyList,
     usage: new UsageReports(deps.db),
+    anomalies: new AnomalyLog(deps.db),
+    anomalyFeed: deps.anomalyFeed ?? new AnomalyFeed({ events: new EventBus(), channel: '', log: deps.log }),
+    webhooks: deps.webhooks,
     flushUsage: deps.flushUsage ?? (async () => {}),
     now: deps.now ?? (() => new Date()),
     gitea: deps.gitea,

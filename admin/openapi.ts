@@ -60,7 +60,12 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
   const paths: Record<string, Record<string, unknown>> = {}
   for (const op of operations) {
     const responses: Record<string, unknown> = {
-      [op.response.status]: { description: op.response.description, content: { 'application/json': { schema: plain(op.response.schema) } } },
+      [op.response.status]: {
+        description: op.response.description,
+        content: op.stream
+          ? { 'text/event-stream': { schema: { type: 'string', description: 'Server-Sent Events; the data of each event is JSON described by x-event-data.' }, 'x-event-data': plain(op.response.schema) } }
+          : { 'application/json': { schema: plain(op.response.schema) } },
+      },
     }
     const byStatus = new Map<number, ErrorCode[]>()
     for (const code of operationErrors(op)) byStatus.set(ERRORS[code].status, [...(byStatus.get(ERRORS[code].status) ?? []), code])
@@ -94,6 +99,8 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       { name: 'keys', description: 'Key lifecycle.' },
       { name: 'reports', description: 'Counts, usage and rejections.' },
       { name: 'deny list', description: 'Addresses and ranges the gateway refuses.' },
+      { name: 'anomalies', description: 'Unusual key traffic found by the gateways: list, acknowledge, follow live.' },
+      { name: 'webhooks', description: 'Signed event deliveries to receivers.' },
     ],
     paths,
   }

@@ -3,6 +3,7 @@
 // document are all made from the same list of these, so the documentation cannot drift.
 import type http from 'node:http'
 import type { Static, TObject, TSchema } from '@sinclair/typebox'
+import type { AnomalyFeed, AnomalyLog } from '../core/anomalies.ts'
 import type { Actor, AuditLog } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import type { DenyListService } from '../core/deny-list.ts'
@@ -11,6 +12,7 @@ import type { GiteaTokenService } from '../core/integrations/gitea.ts'
 import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { UsageReports } from '../core/usage.ts'
+import type { WebhookService } from '../core/webhooks.ts'
 
 /** What the handlers work with. */
 export interface AdminServices {
@@ -19,6 +21,10 @@ export interface AdminServices {
   audit: AuditLog
   denyList: DenyListService
   usage: UsageReports
+  anomalies: AnomalyLog
+  /** Every anomaly as it is recorded, by any instance (the SSE stream). */
+  anomalyFeed: AnomalyFeed
+  webhooks: WebhookService
   /** Writes this process's pending usage counts, so reports include the latest requests. */
   flushUsage(): Promise<void>
   now(): Date
@@ -34,6 +40,8 @@ export interface OperationInput<Q, B> {
   actor: Actor
   requestId: string
   req: http.IncomingMessage
+  /** For a streaming operation, which writes its answer itself. */
+  res: http.ServerResponse
   services: AdminServices
 }
 
@@ -51,6 +59,11 @@ export interface Operation {
   /** Whether a request without a body is refused (the body schema then sees `{}`). */
   bodyRequired?: boolean
   response: { status: 200 | 201; description: string; schema: TSchema }
+  /**
+   * A Server-Sent Events stream: the handler answers on `res` itself, after the same credential
+   * and request checks as every operation; `response.schema` is then the data of each event.
+   */
+  stream?: true
   /** The errors of this operation beyond those every operation can answer (COMMON_ERRORS). */
   errors: readonly ErrorCode[]
   handle(input: OperationInput<any, any>): Promise<unknown>

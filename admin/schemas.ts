@@ -1,6 +1,7 @@
 // Answer schemas shared by the admin operations (request schemas of keys live in
 // core/keys/schemas.ts, shared with the CLI), and the JSON forms they describe.
 import { Type, type TSchema } from '@sinclair/typebox'
+import { ANOMALY_TYPES } from '../core/anomalies.ts'
 import type { AuditRecord } from '../core/audit.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
 import { KeygateError } from '../core/errors.ts'
@@ -93,3 +94,43 @@ export const RangeSchema = {
   from: DateTime('Start of the range.'),
   to: DateTime('End of the range (exclusive).'),
 }
+
+export const AnomalySchema = Type.Object({
+  id: Type.String({ description: 'Increasing number; the SSE event id.' }),
+  key_id: Type.String(),
+  type: Type.Union(ANOMALY_TYPES.map((t) => Type.Literal(t))),
+  details: Type.Record(Type.String(), Type.Unknown(), { description: 'What was measured against which threshold.' }),
+  window_start: DateTime('Start of the dedupe window: one anomaly per key and type within it.'),
+  detected_at: DateTime(),
+  acknowledged_at: Nullable(DateTime()),
+  acknowledged_by: Nullable(Type.String()),
+})
+
+export const WebhookSchema = Type.Object({
+  id: Type.String(),
+  url: Type.String(),
+  events: Type.Array(Type.String()),
+  description: Nullable(Type.String()),
+  enabled: Type.Boolean(),
+  created_by: Type.String(),
+  created_at: DateTime(),
+  updated_at: DateTime(),
+  previous_secret_until: Nullable(DateTime(), 'After a secret rotation: until then the previous secret signs too (a second signature).'),
+})
+
+export const WebhookWithSecret = Type.Composite([WebhookSchema, Type.Object({ secret: Type.String({ description: 'whsec_<base64>: verify deliveries with it. Shown in this answer only.' }) })])
+
+export const DeliverySchema = Type.Object({
+  id: Type.String({ description: 'The webhook-id header; the same on every attempt.' }),
+  webhook_id: Type.String(),
+  event_type: Type.String(),
+  status: Type.Union([Type.Literal('pending'), Type.Literal('delivered'), Type.Literal('failed')]),
+  attempts: Type.Integer(),
+  next_attempt_at: Nullable(DateTime(), 'When pending: the next attempt.'),
+  last_status: Nullable(Type.Integer(), 'HTTP status of the last attempt.'),
+  last_error: Nullable(Type.String()),
+  created_at: DateTime(),
+  last_attempt_at: Nullable(DateTime()),
+  delivered_at: Nullable(DateTime()),
+  payload: Type.Unknown({ description: 'The body sent: {type, timestamp, data}.' }),
+})

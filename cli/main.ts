@@ -14,6 +14,8 @@ import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { Redis } from 'ioredis'
 import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
 import { redisReady } from '../core/redis.ts'
+import { EventBus } from '../core/events.ts'
+import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, N8N_COMMANDS } from './integrations.ts'
 import { localOperations } from './key-operations.ts'
@@ -112,9 +114,19 @@ export async function runGroup<C>(
   const runtime = await openRuntime(config, log)
   const opened = open(runtime, log, p.values.json === true)
   const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
+  // Key events of changes made here are queued in the store; the running servers deliver them.
+  const webhooks = new WebhookService({ db: runtime.db, config: config.webhooks, log, deliver: false })
+  const events = new EventBus()
+  const queued: Array<Promise<unknown>> = []
+  const offQueue = events.on((e) => queued.push(webhooks.enqueue(e).catch((err: unknown) => log.warn('could not queue webhook deliveries', { event: e.type, err: err as Error }))))
+  const offKeys = bindKeyEvents(runtime.keys, events)
   try {
     return await action(opened.ctx)
   } finally {
+    offKeys()
+    offQueue()
+    await Promise.all(queued)
+    await webhooks.close()
     await published?.()
     await opened.close?.()
     await runtime.close()

@@ -17,7 +17,10 @@ import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
-import { UsageRecorder } from '../core/usage.ts'
+import { teeUsage, UsageRecorder } from '../core/usage.ts'
+import { AnomalyDetector, AnomalyFeed, type AnomalyJson, type AnomalyType } from '../core/anomalies.ts'
+import { EventBus } from '../core/events.ts'
+import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { pendingMigrations } from '../core/migrate.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
 import { clusterLimitsPrimary } from '../core/limiters.ts'
@@ -139,12 +142,54 @@ async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Log
   io.err(`\nkeygate: created the first admin key (id ${created.record.id}). It is shown once; store it now:\n${created.key}\n\n`)
 }
 
+/**
+ * What a process does with domain events: its event bus; the webhook queue fed from it and the
+ * deliverer polling the store; key events when it runs the admin API; the anomaly detector
+ * beside a gateway; the live anomaly feed of the SSE stream beside the admin API.
+ */
+interface ProcessEvents {
+  events: EventBus
+  webhooks: WebhookService
+  detector: AnomalyDetector | undefined
+  feed: AnomalyFeed | undefined
+  close(): Promise<void>
+}
+
+function processEvents(config: Config, runtime: Runtime, redis: Redis | undefined, log: Logger, role: Role, onAnomaly?: (type: AnomalyType) => void): ProcessEvents {
+  // The runtime's bus: the scheduler's key.expiring reaches webhooks the same way.
+  const events = runtime.events
+  const webhooks = new WebhookService({ db: runtime.db, audit: runtime.audit, config: config.webhooks, log })
+  const offs = [webhooks.bind(events)]
+  if (role.admin) offs.push(bindKeyEvents(runtime.keys, events))
+  webhooks.start()
+  const a = config.anomalies
+  const detector =
+    role.gateway && a.enabled
+      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ...(onAnomaly ? { onAnomaly } : {}) })
+      : undefined
+  const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log }) : undefined
+  return {
+    events,
+    webhooks,
+    detector,
+    feed,
+    async close() {
+      feed?.close()
+      await detector?.close()
+      for (const off of offs) off()
+      await webhooks.close()
+    },
+  }
+}
+
 /** The admin API's routes, and the closer of the Gitea and n8n clients behind them. */
-function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, usage?: UsageRecorder): { routes: AdminRoute[]; close(): Promise<void> } {
+function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, ev: ProcessEvents, usage?: UsageRecorder): { routes: AdminRoute[]; close(): Promise<void> } {
   const integrationDeps = { db: runtime.db, audit: runtime.audit, log, config }
   const gitea = new GiteaTokenService(integrationDeps)
   const n8n = new N8nKeyService(integrationDeps)
   const routes = createAdminApi({
+    webhooks: ev.webhooks,
+    ...(ev.feed ? { anomalyFeed: ev.feed } : {}),
     db: runtime.db,
     keys: runtime.keys,
     audit: runtime.audit,
@@ -229,6 +274,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
   const lockout = processLockout(config, redis, log, { onLockout: () => metrics?.lockouts.inc(), worker: mode.worker })
+  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc())
+  // Without Redis, a worker's anomalies reach the primary's SSE stream over cluster IPC.
+  const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data })) : undefined
   const onPrimaryMessage = (m: WorkerMessage) => {
     if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
@@ -253,7 +301,8 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         denyList,
         lockout,
         clusterLimits: mode.worker,
-        ...(usage ? { usage } : {}),
+        usage: teeUsage(usage, ev.detector),
+        events: ev.events,
         ...(redis ? { redis } : {}),
         createServer: (options) => createServer(config.gateway.tls, options, log),
       })
@@ -270,7 +319,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         isShuttingDown: () => shuttingDown,
       })
       if (role.admin) {
-        api = adminApi(config, runtime, denyList, lockout, log, usage)
+        api = adminApi(config, runtime, denyList, lockout, log, ev, usage)
         routes.push(...api.routes)
         scheduler = startScheduler(config, runtime, log)
       }
@@ -282,6 +331,8 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     const signal = await stopping
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
+    // Open anomaly streams end first: the admin server closes only once its connections do.
+    ev.feed?.close()
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin), scheduler?.stop()])
     await api?.close()
     await usage?.close()
@@ -290,7 +341,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   } finally {
     // The IPC channel to the primary would keep a worker alive after its listeners closed.
     process.off('message', onPrimaryMessage)
+    offForward?.()
     if (mode.worker) process.disconnect?.()
+    await ev.close()
     stopPublishing?.()
     redis?.disconnect()
     await runtime.close()
@@ -303,6 +356,7 @@ type FromWorker = { keygate: 'ready' } | { keygate: 'lock'; message: string }
 /** What the primary sends its gateway workers when its admin API changes something. */
 type WorkerMessage =
   | { keygate: 'invalidate'; message: string }
+  | { keygate: 'anomaly'; anomaly: AnomalyJson }
   | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
 
 function denyChangeFrom(m: Extract<WorkerMessage, { keygate: 'deny' }>): DenyChange {
@@ -320,6 +374,11 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const redis = redisOf(config, log)
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
+  const ev = processEvents(config, runtime, redis, log, { gateway: false, admin: role.admin })
+  const onWorkerMessage = (_w: unknown, m: WorkerMessage) => {
+    if (m?.keygate === 'anomaly') ev.events.emit('anomaly.detected', m.anomaly)
+  }
+  if (!redis) cluster.on('message', onWorkerMessage)
   try {
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const aggregator = new AggregatorRegistry()
@@ -358,7 +417,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
       isShuttingDown: () => shuttingDown,
     })
-    const api = role.admin ? adminApi(config, runtime, denyList, lockout, log) : undefined
+    const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev) : undefined
     if (api) routes.push(...api.routes)
     const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
@@ -369,6 +428,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
+    ev.feed?.close()
     await Promise.all([...exited, closeServer(admin), scheduler?.stop()])
     await api?.close()
     stopTelling()
@@ -377,6 +437,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info('stopped')
     return EXIT_OK
   } finally {
+    cluster.off('message', onWorkerMessage)
+    await ev.close()
     stopPublishing?.()
     redis?.disconnect()
     await runtime.close()

@@ -217,6 +217,39 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
+    anomalies: Type.Object(
+      {
+        enabled: Type.Boolean({ default: true, description: 'Watch each key for the anomalies of SPEC §5 (gateway processes).', env: 'KEYGATE_ANOMALIES' }),
+        check_interval_ms: int(1000, 20, 600_000, { description: 'How often a gateway process adds what it counted to the shared windows (Redis, else memory) and checks the thresholds; never on the request path.' }),
+        dedupe_window_s: int(3600, 1, 604_800, { description: 'One anomaly per key and type within a window of this length (one row, one alert, one webhook).' }),
+        request_rate_per_min: int(1000, 1, 1_000_000_000, { description: 'More requests than this with one key within a minute is an anomaly.' }),
+        error_rate_percent: int(50, 1, 100, { description: 'More than this share of one key\'s requests answered with an error (status 400 or above) within error_rate_window_s is an anomaly.' }),
+        error_rate_min_requests: int(20, 1, 1_000_000, { description: 'The error rate is judged only once a key made at least this many requests in the window.' }),
+        error_rate_window_s: int(60, 10, 86_400, { description: 'Window of the error rate.' }),
+        distinct_addresses_per_hour: int(5, 1, 1_000_000, { description: 'More distinct client addresses than this using one key within an hour is an anomaly.' }),
+        unusual_hour_history_days: int(14, 1, 366, { description: "Days of a key's own hourly usage its usual hours are learnt from." }),
+        unusual_hour_min_requests: int(200, 1, 1_000_000_000, { description: 'Fewer requests than this in the history: too little to say what is unusual, no judgement.' }),
+        unusual_hour_max_percent: int(1, 0, 100, { description: 'Activity in an hour of the day (UTC) that held at most this share of the history is unusual (0: only hours never used before).' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
+    webhooks: Type.Object(
+      {
+        allow_private: Type.Array(Type.String({ format: 'cidr' }), {
+          default: [],
+          description: 'Addresses a webhook may reach although they are loopback, private, link-local or otherwise internal (for internal receivers). Empty: only public addresses.',
+          env: 'KEYGATE_WEBHOOK_ALLOW_PRIVATE',
+        }),
+        timeout_ms: int(10_000, 100, 120_000, { description: 'How long a receiver has to answer a delivery.' }),
+        max_attempts: int(8, 1, 100, { description: 'Attempts of one delivery before it is marked failed.' }),
+        retry_base_ms: int(5000, 10, 3_600_000, { description: 'Wait before the second attempt; it doubles after each failure.' }),
+        retry_max_ms: int(3_600_000, 10, 86_400_000, { description: 'Longest wait between two attempts.' }),
+        poll_interval_ms: int(1000, 20, 600_000, { description: 'How often each process looks for due deliveries in the store.' }),
+        rate_limit_debounce_s: int(60, 1, 86_400, { description: 'rate_limit.exceeded is sent at most once per key within this time.' }),
+        secret_grace_hours: int(24, 0, 8760, { description: 'After a secret rotation the previous secret also signs deliveries (a second signature) for this long.' }),
+      },
+      { additionalProperties: false, default: {} },
+    ),
     log: Type.Object(
       {
         level: Type.Union(['debug', 'info', 'warn', 'error'].map((l) => Type.Literal(l)), { default: 'info', description: 'Lowest level logged.', env: 'LOG_LEVEL' }),

@@ -3,6 +3,7 @@
 // label values are a closed set (route names from the config, outcome and reason words): no key
 // material, no addresses, nothing a client can make grow.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 
 /** What became of a gateway request: forwarded, or the error code it was answered with. */
 export const GATEWAY_OUTCOMES = [
@@ -60,6 +61,8 @@ export interface GatewayMetrics {
   readonly badKeys: Readonly<Record<BadKeyReason, CounterChild>>
   readonly denyListEntries: Gauge
   readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
+  /** Anomalies this process recorded (the instance whose insert made the row), by type. */
+  readonly anomalies: Readonly<Record<AnomalyType, CounterChild>>
 }
 
 // A series exists (at 0) from start-up, so rates and alerts work before the first event.
@@ -128,6 +131,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const badKeys = new Counter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
   const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers })
   const storeErrors = new Counter({ name: 'keygate_store_errors_total', help: 'Store failures seen by the gateway, by operation.', labelNames: ['operation'], registers })
+  const anomalyCounter = new Counter({ name: 'keygate_anomalies_total', help: 'Anomalies recorded by this process, by type.', labelNames: ['type'], registers })
 
   const byRoute = new Map<string, RouteMetrics>()
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
@@ -140,6 +144,8 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const none = byRoute.get(NO_ROUTE) as RouteMetrics
   const bad = {} as Record<BadKeyReason, CounterChild>
   for (const reason of BAD_KEY_REASONS) bad[reason] = zeroed(badKeys.labels(reason))
+  const anomalies = {} as Record<AnomalyType, CounterChild>
+  for (const type of ANOMALY_TYPES) anomalies[type] = zeroed(anomalyCounter.labels(type))
 
   return {
     registry,
@@ -151,5 +157,6 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     badKeys: Object.freeze(bad),
     denyListEntries,
     storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },
+    anomalies: Object.freeze(anomalies),
   }
 }

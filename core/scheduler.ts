@@ -66,7 +66,7 @@ export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; w
   return [
     { table: 'api_key_audit_log', column: 'created_at', retentionDays: r.auditDays },
     { table: 'api_key_notices', column: 'deadline', retentionDays: r.auditDays },
-    { table: 'api_key_anomalies', column: 'created_at', retentionDays: r.anomalyDays },
+    { table: 'api_key_anomalies', column: 'detected_at', retentionDays: r.anomalyDays },
     { table: 'webhook_deliveries', column: 'created_at', retentionDays: r.webhookDeliveryDays },
   ]
 }

@@ -10,11 +10,26 @@ export const BUCKET_MS = 3_600_000
 
 /** What the gateway calls once per answered request. */
 export interface UsageSink {
-  /** `keyId` when the request authenticated; `outcome` is `forwarded` or the error code answered. */
-  count(keyId: string | undefined, outcome: string, nowMs: number): void
+  /**
+   * `keyId` when the request authenticated; `outcome` is `forwarded` or the error code answered;
+   * `address` the client address and `status` the HTTP status answered (the anomaly detector).
+   */
+  count(keyId: string | undefined, outcome: string, nowMs: number, address?: string, status?: number): void
 }
 
 export const NO_USAGE: UsageSink = { count: () => {} }
+
+/** One sink that counts into several (the usage recorder and the anomaly detector). */
+export function teeUsage(...sinks: ReadonlyArray<UsageSink | undefined>): UsageSink {
+  const list = sinks.filter((s): s is UsageSink => s !== undefined)
+  if (list.length === 0) return NO_USAGE
+  if (list.length === 1) return list[0] as UsageSink
+  return {
+    count(keyId, outcome, nowMs, address, status) {
+      for (let i = 0; i < list.length; i++) (list[i] as UsageSink).count(keyId, outcome, nowMs, address, status)
+    },
+  }
+}
 
 interface KeyCounts {
   requests: number

@@ -9,6 +9,7 @@ import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import type { Db } from '../core/db.ts'
+import type { EventBus } from '../core/events.ts'
 import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
@@ -23,7 +24,7 @@ import { CachedKey, KeyCache, scopeSets } from './key-cache.ts'
 import { createKeyExtractStage } from './key-extract.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { createLockoutStage } from './lockout.ts'
-import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage } from './rate-limit.ts'
+import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { rawError, sendError } from './respond.ts'
@@ -51,6 +52,8 @@ export interface GatewayDeps {
   lockout?: Lockout
   /** Per-key request counts and rejections for the admin API's reports. */
   usage?: UsageSink
+  /** Domain events: `rate_limit.exceeded` (debounced per key) is emitted here. */
+  events?: EventBus
   /** Makes the server (an https one for TLS); `http.createServer` otherwise. */
   createServer?: (options: http.ServerOptions) => http.Server
 }
@@ -119,7 +122,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       log,
       now,
     }),
-    createKeyRateLimitStage({ metrics }),
+    createKeyRateLimitStage({ metrics, onExceeded: deps.events ? rateLimitNotifier(deps.events, config.webhooks.rate_limit_debounce_s * 1000, now) : undefined }),
     createRouteStage(router),
   ]
   // The deny list stage exists only while the list has entries; reloads rebuild the list.

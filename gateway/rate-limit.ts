@@ -1,6 +1,7 @@
 // Rate limits per address (before the key is looked at) and per key (type default, or the
 // key's own override). Answers carry RateLimit-Limit/-Remaining/-Reset of the limit nearest to
 // exhaustion, and Retry-After on 429.
+import type { EventBus } from '../core/events.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
 import type { KeyRecord, KeyType } from '../core/keys/types.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
@@ -66,11 +67,52 @@ export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redi
   return (record) => (record.rateLimit ? of(record.rateLimit.limit, record.rateLimit.windowS) : byType[record.type])
 }
 
-export function createKeyRateLimitStage(options: { metrics: GatewayMetrics }): Stage {
+export function createKeyRateLimitStage(options: { metrics: GatewayMetrics; onExceeded?: ((s: RequestState) => void) | undefined }): Stage {
   const counter = options.metrics.rateLimited.key
-  return (s: RequestState) => {
+  const onExceeded = options.onExceeded
+  if (!onExceeded) {
+    return (s: RequestState) => {
+      const k = s.key
+      if (k === undefined) return undefined
+      return consume(s, k.limit, k.id, counter)
+    }
+  }
+  return async (s: RequestState) => {
     const k = s.key
     if (k === undefined) return undefined
-    return consume(s, k.limit, k.id, counter)
+    const verdict = await consume(s, k.limit, k.id, counter)
+    if (verdict !== undefined) onExceeded(s)
+    return verdict
+  }
+}
+
+const MAX_DEBOUNCED = 10_000
+
+/**
+ * `rate_limit.exceeded` for a key at most once per `debounceMs` in this process: one Map look-up
+ * per refused request. The event names the window it falls in, so deliveries of several
+ * instances for the same window are one (the webhook queue's dedupe key).
+ */
+export function rateLimitNotifier(events: EventBus, debounceMs: number, now: () => number): (s: RequestState) => void {
+  const last = new Map<string, number>()
+  return (s) => {
+    const k = s.key
+    if (k === undefined) return
+    const t = now()
+    const window = t - (t % debounceMs)
+    if (last.get(k.id) === window) return
+    if (last.size >= MAX_DEBOUNCED) {
+      for (const [id, w] of last) if (w !== window) last.delete(id)
+      if (last.size >= MAX_DEBOUNCED) last.clear()
+    }
+    last.set(k.id, window)
+    events.emit('rate_limit.exceeded', {
+      key_id: k.id,
+      key_type: k.type,
+      limit: s.rlLimit,
+      retry_after_s: s.retryAfterS,
+      address: s.address,
+      window_start: new Date(window).toISOString(),
+    })
   }
 }

@@ -22,7 +22,7 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   const label = routeLabel(ctx, s)
   const m = ctx.metrics.route(label)
   m.requests[outcome].inc()
-  ctx.usage.count(s.key?.id, outcome, ctx.now())
+  ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
   if (ctx.accessLog) {

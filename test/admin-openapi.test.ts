@@ -10,9 +10,11 @@ import { Validator } from '@seriousme/openapi-schema-validator'
 import { Value } from '@sinclair/typebox/value'
 import { operationErrors } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
+import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
+import { startUpstream } from './helpers/gateway.ts'
 import { openStore } from './helpers/stores.ts'
 
 const DIST = dirname(createRequire(import.meta.url).resolve('swagger-ui-dist/package.json'))
@@ -58,11 +60,15 @@ const ANSWERED_ELSEWHERE = new Set(['createN8nKey', 'listN8nKeys', 'verifyN8nKey
 t.test('real answers match the documented schemas', async (t) => {
   const store = await openStore(t, 'embedded')
   const { gitea } = await giteaOnFake(t, store.db)
-  const h = await startAdmin(t, store.db, { gitea })
+  const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
   const token = (await h.call('POST', '/v1/gitea/tokens', { body: { name: 'sample', scopes: ['read:user'] } })).json
   const key = (await h.call('POST', '/v1/keys', { body: { name: 'sample', type: 'service', expires_at: new Date(Date.now() + 86_400_000).toISOString() } })).json
   const other = (await h.call('POST', '/v1/keys', { body: { name: 'other', type: 'user' } })).json
   const deny = (await h.call('POST', '/v1/deny-list', { body: { cidr: '192.0.2.0/24' } })).json
+  const receiver = await startUpstream(t)
+  const anomaly = (await new AnomalyLog(h.db).insert({ keyId: key.id, type: 'error_rate', windowStart: new Date(0), details: { errors: 30 }, detectedAt: new Date() }))!
+  const hook = (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/hook`, events: ['key.revoked'] } })).json
+  const doomed = (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/gone`, events: ['key.revoked'] } })).json
   h.usage.count(key.id, 'forwarded', Date.now())
   h.usage.count(undefined, 'key_invalid', Date.now())
   const samples: Record<string, () => ReturnType<typeof h.call>> = {
@@ -87,9 +93,27 @@ t.test('real answers match the documented schemas', async (t) => {
     listGiteaTokens: () => h.call('GET', '/v1/gitea/tokens'),
     verifyGiteaToken: () => h.call('POST', '/v1/gitea/tokens/verify', { body: { secret: token.token } }),
     deleteGiteaToken: () => h.call('DELETE', `/v1/gitea/tokens/${token.remote_id}`),
+    listAnomalies: () => h.call('GET', '/v1/anomalies'),
+    acknowledgeAnomaly: () => h.call('POST', `/v1/anomalies/${anomaly.id}/ack`),
+    createWebhook: () => h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/hook`, events: ['key.created'], description: 'doc' } }),
+    listWebhooks: () => h.call('GET', '/v1/webhooks'),
+    testWebhook: () => h.call('POST', `/v1/webhooks/${hook.id}/test`),
+    rotateWebhookSecret: () => h.call('POST', `/v1/webhooks/${hook.id}/rotate-secret`),
+    listWebhookDeliveries: () => h.call('GET', `/v1/webhooks/${hook.id}/deliveries`),
+    deleteWebhook: () => h.call('DELETE', `/v1/webhooks/${doomed.id}`),
   }
   for (const op of OPERATIONS) {
     if (ANSWERED_ELSEWHERE.has(op.id)) continue
+    if (op.stream) {
+      const s = await h.stream(`${op.path}?last_event_id=0`)
+      t.equal(s.status, op.response.status, `${op.id}: ${op.response.status}`)
+      const e = await s.next()
+      s.close()
+      t.equal(e.event, 'anomaly.detected', `${op.id}: an event`)
+      const errors = [...Value.Errors(op.response.schema, JSON.parse(e.data))].map((x) => `${x.path} ${x.message}`)
+      t.same(errors, [], `${op.id}: the data of an event matches its documented schema`)
+      continue
+    }
     const sample = samples[op.id]
     t.ok(sample, `${op.id} has a sample request`)
     if (!sample) continue

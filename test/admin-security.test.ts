@@ -6,6 +6,7 @@ import t from 'tap'
 import type { Test } from 'tap'
 import { openApiDocument, operationErrors } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
+import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import type { Answer } from './helpers/gateway.ts'
@@ -31,6 +32,14 @@ function refused(t: Test, a: Answer, status: number, code: string, what: string)
 
 async function pathFor(h: AdminHarness, path: string): Promise<string> {
   if (!path.includes('{id}')) return path
+  if (path.startsWith('/v1/webhooks')) {
+    const { webhook } = await h.webhooks.create({ url: 'http://127.0.0.1:9/never', events: ['key.expiring'] }, { actor: 'test' })
+    return path.replace('{id}', webhook.id)
+  }
+  if (path.startsWith('/v1/anomalies')) {
+    const a = await new AnomalyLog(h.db).insert({ keyId: 'k'.repeat(12), type: 'request_rate', windowStart: new Date(Math.floor(Math.random() * 1e12)), details: {}, detectedAt: new Date() })
+    return path.replace('{id}', a!.id)
+  }
   if (path.startsWith('/v1/deny-list')) {
     const e = await h.denyList.add({ cidr: `198.51.100.${Math.floor(Math.random() * 250)}/32` }, { actor: 'test' }).catch(async () => (await h.denyList.list())[0]!)
     return path.replace('{id}', e.id)
@@ -43,7 +52,7 @@ await forEachStore(t, async (t, store) => {
   // Gitea (the fake) is configured so that its list answers; n8n is not, so its operations show
   // an accepted credential by answering n8n_not_configured (test/n8n.test.ts runs them for real).
   const { gitea } = await giteaOnFake(t, store.db)
-  const h = await startAdmin(t, store.db, { gitea })
+  const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
   const user = await h.keys.create({ name: 'not admin', type: 'user', scopes: ['orders:read', 'orders:*', 'admin:read', 'admins'] }, { actor: 'test' })
   const revoked = await h.keys.create({ name: 'old admin', type: 'system', scopes: ['admin'] }, { actor: 'test' })
   await h.keys.revoke(revoked.record.id, 'left', { actor: 'test' })
@@ -73,7 +82,14 @@ await forEachStore(t, async (t, store) => {
       const basic = await h.call(op.method, path, { headers: { authorization: `Basic ${Buffer.from('admin:admin').toString('base64')}` }, auth: null })
       refused(t, basic, 401, 'unauthorized', 'Basic credentials')
       t.equal(await h.auditRows(), rowsBefore, 'no refusal wrote an audit row')
-      if (op.method === 'GET') {
+      if (op.method === 'GET' && op.stream) {
+        for (const [who, auth] of [['the bootstrap token', BOOTSTRAP_TOKEN], ['an admin key', h.adminKey]] as const) {
+          const s = await h.stream(path, { auth })
+          t.equal(s.status, op.response.status, `${who} is accepted`)
+          t.match(s.headers['content-type'], /^text\/event-stream/, `${who}: an event stream`)
+          s.close()
+        }
+      } else if (op.method === 'GET') {
         const expected = op.tag === 'n8n' ? 503 : op.response.status
         const ok = await h.call(op.method, path, { auth: BOOTSTRAP_TOKEN })
         t.equal(ok.status, expected, 'the bootstrap token is accepted')

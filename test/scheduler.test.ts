@@ -7,6 +7,8 @@ import t from 'tap'
 import { openDb } from '../core/db.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
+import { WebhookService } from '../core/webhooks.ts'
+import { loadConfig } from '../config/load.ts'
 import { defaultPruneRules, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
 import { forEachStore, testClock, testServices } from './helpers/stores.ts'
@@ -31,6 +33,12 @@ forEachStore(t, async (t, store) => {
   const auditOf = async (id: string) => (await s.audit.list(store.db, { keyId: id })).map((r) => [r.action, r.details])
 
   await t.test('a scheduled rotation is announced once, ahead of its deadline, and enforced at it', async (t) => {
+    // A webhook for key.expiring, queued from the same bus as in keygate serve (not sent here).
+    const webhooks = new WebhookService({ db: store.db, config: loadConfig({ env: { KEYGATE_WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32' } }).webhooks, log: silentLogger, deliver: false })
+    t.teardown(() => webhooks.close())
+    const off = webhooks.bind(bus)
+    t.teardown(off)
+    const { webhook } = await webhooks.create({ url: 'http://127.0.0.1:9/expiring', events: ['key.expiring'] }, ACTOR)
     const { record } = await s.keys.create({ name: 'rotating', type: 'service', rotation_interval_s: 10 * 86_400 }, ACTOR)
     clock.set(new Date(T0.getTime() + 6 * DAY))
     t.same((await scheduler.runOnce())?.announced, [], 'not yet: the deadline is four days away')
@@ -43,6 +51,13 @@ forEachStore(t, async (t, store) => {
     t.match(expiring[0]?.data, { kind: 'rotation', deadline: deadline.toISOString(), key: { id: record.id, status: 'active' } })
     t.notOk(JSON.stringify(expiring[0]?.data).includes(record.keyHash), 'no hash in the event')
     t.same((await auditOf(record.id))[0], ['key.expiring', { kind: 'rotation', deadline: deadline.toISOString() }], 'and an audit row')
+    let queued: Array<{ event_type: string; payload: string }> = []
+    for (let i = 0; i < 50 && queued.length === 0; i++) {
+      await new Promise((r) => setTimeout(r, 20))
+      queued = await store.db.query('SELECT event_type, payload FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])
+    }
+    t.match(queued, [{ event_type: 'key.expiring' }], 'a webhook delivery of key.expiring is queued')
+    t.match(JSON.parse(queued[0]?.payload ?? '{}'), { type: 'key.expiring', data: { kind: 'rotation', key: { id: record.id } } })
     t.same((await scheduler.runOnce())?.announced, [], 'announced once')
     clock.set(new Date(deadline.getTime() - 1))
     t.same((await scheduler.runOnce())?.rotationOverdue, [], 'still valid just before its deadline')
@@ -110,8 +125,14 @@ forEachStore(t, async (t, store) => {
     await store.db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE id = $1', [rows[0]!.id, new Date(now - 366 * DAY)])
     const { record: recent } = await s.keys.create({ name: 'recent', type: 'user' }, ACTOR)
     await store.db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE key_id = $1', [recent.id, new Date(now - 364 * DAY)])
+    const insertAnomaly = (window: number, detected: number) =>
+      store.db.query(`INSERT INTO api_key_anomalies (key_id, type, window_start, detected_at) VALUES ($1, 'error_rate', $2, $3)`, [record.id, new Date(window), new Date(detected)])
+    await insertAnomaly(0, now - 91 * DAY)
+    await insertAnomaly(1000, now - 89 * DAY)
     const run = await scheduler.runOnce()
     t.ok((run?.pruned.api_key_audit_log ?? 0) >= 1, 'old rows pruned')
+    t.equal(run?.pruned.api_key_anomalies, 1, 'the 91-day-old anomaly is pruned (90 days kept)')
+    t.equal((await store.db.query(`SELECT id FROM api_key_anomalies WHERE key_id = $1`, [record.id])).length, 1, 'the 89-day-old one stays')
     t.same(await auditOf(record.id), [], 'the 366-day-old row is gone')
     t.equal((await auditOf(recent.id)).length, 1, 'the 364-day-old row stays')
     const present = await store.db.query<{ t: string }>(`SELECT table_name AS t FROM information_schema.tables WHERE table_name = ANY($1)`, [rules.map((r) => r.table)])

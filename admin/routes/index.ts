@@ -2,6 +2,9 @@
 // are all made from this one list. Literal paths come before parameterised ones that could
 // match them (`/v1/keys/validate` before `/v1/keys/{id}`).
 import type { Operation } from '../operation.ts'
+import acknowledgeAnomaly from './anomalies-ack.ts'
+import listAnomalies from './anomalies-list.ts'
+import streamAnomalies from './anomalies-stream.ts'
 import addDenyEntry from './deny-list-add.ts'
 import listDenyList from './deny-list-list.ts'
 import removeDenyEntry from './deny-list-remove.ts'
@@ -27,6 +30,12 @@ import reportRejections from './reports-rejections.ts'
 import reportTopKeys from './reports-top-keys.ts'
 import reportUsage from './reports-usage.ts'
 import getStats from './stats.ts'
+import createWebhook from './webhooks-create.ts'
+import deleteWebhook from './webhooks-delete.ts'
+import listWebhookDeliveries from './webhooks-deliveries.ts'
+import listWebhooks from './webhooks-list.ts'
+import rotateWebhookSecret from './webhooks-rotate-secret.ts'
+import testWebhook from './webhooks-test.ts'
 
 export const OPERATIONS: readonly Operation[] = Object.freeze([
   createKey,
@@ -54,4 +63,13 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   listN8nKeys,
   verifyN8nKey,
   deleteN8nKey,
+  listAnomalies,
+  streamAnomalies,
+  acknowledgeAnomaly,
+  createWebhook,
+  listWebhooks,
+  deleteWebhook,
+  testWebhook,
+  rotateWebhookSecret,
+  listWebhookDeliveries,
 ])

@@ -8,7 +8,12 @@ import { Value } from '@sinclair/typebox/value'
 import { createAdminApi } from '../../admin/index.ts'
 import { OPERATIONS } from '../../admin/routes/index.ts'
 import { createAdminServer } from '../../admin/server.ts'
+import { AnomalyDetector, AnomalyFeed } from '../../core/anomalies.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
+import { EventBus } from '../../core/events.ts'
+import { bindKeyEvents, WebhookService } from '../../core/webhooks.ts'
+import type { Config } from '../../config/schema.ts'
+import type { Redis } from 'ioredis'
 import type { Db } from '../../core/db.ts'
 import { DenyListService } from '../../core/deny-list.ts'
 import type { GiteaTokenService } from '../../core/integrations/gitea.ts'
@@ -18,7 +23,7 @@ import { createLockout, type Lockout } from '../../core/lockout.ts'
 import { silentLogger } from '../../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../../core/metrics.ts'
 import { keyServiceOptions } from '../../core/runtime.ts'
-import { UsageRecorder } from '../../core/usage.ts'
+import { teeUsage, UsageRecorder } from '../../core/usage.ts'
 import { createGateway, type Gateway } from '../../gateway/index.ts'
 import { answerOf, listen, makeConfig, startUpstream, type Answer, type Upstream } from './gateway.ts'
 import { TEST_ENCRYPTION_KEY } from './stores.ts'
@@ -43,6 +48,12 @@ export interface AdminHarness {
   denyList: DenyListService
   lockout: Lockout
   usage: UsageRecorder
+  config: Config
+  events: EventBus
+  webhooks: WebhookService
+  anomalyFeed: AnomalyFeed
+  /** With `gateway: true` and anomalies enabled. */
+  detector?: AnomalyDetector
   url: string
   port: number
   /** Every request the admin server received (for the isolation test). */
@@ -51,6 +62,8 @@ export interface AdminHarness {
   adminKeyId: string
   gateway?: { gateway: Gateway; url: string; port: number; upstream: Upstream }
   call(method: string, path: string, options?: CallOptions): Promise<Answer>
+  /** Opens a Server-Sent Events stream (an error answer is read whole into `error`). */
+  stream(path: string, options?: { auth?: string | null; headers?: Record<string, string> }): Promise<SseStream>
   /** A request to the gateway (with `gateway: true`). */
   through(path: string, headers?: Record<string, string>): Promise<Answer>
   auditRows(): Promise<number>
@@ -63,18 +76,33 @@ export interface AdminHarnessOptions {
   /** The integration services behind /v1/gitea and /v1/n8n (absent: not configured). */
   gitea?: GiteaTokenService
   n8n?: N8nKeyService
+  /** Shared windows, alerts and the SSE feed over Redis (as `serve` with REDIS_URL). */
+  redis?: Redis
 }
 
 export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions = {}): Promise<AdminHarness> {
   const base = { lockout: { max_attempts: 1_000_000 }, admin: { max_body_bytes: MAX_BODY_BYTES }, ...(options.config ?? {}) }
   const upstream = options.gateway ? await startUpstream(t) : undefined
-  const config = makeConfig({ ...base, routes: upstream ? [{ name: 'api', path: '/', upstream: upstream.url }] : [] })
+  const config = makeConfig({ ...base, routes: upstream ? [{ name: 'api', path: '/', upstream: upstream.url }, ...((options.config?.routes as unknown[] | undefined) ?? [])] : [] })
   const audit = new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY))
   const keys = new KeyService({ db, audit, ...keyServiceOptions(config) })
   const denyList = new DenyListService({ db, audit })
   const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), config.routes.map((r) => r.name))
   const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, onLockout: () => metrics.lockouts.inc() })
   const usage = new UsageRecorder({ db, log: silentLogger })
+  const events = new EventBus()
+  const webhooks = new WebhookService({ db, audit, config: config.webhooks, log: silentLogger })
+  const offQueue = webhooks.bind(events)
+  const offKeys = bindKeyEvents(keys, events)
+  webhooks.start()
+  const redis = options.redis
+  const anomalyFeed = new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log: silentLogger })
+  t.teardown(async () => {
+    anomalyFeed.close()
+    offQueue()
+    offKeys()
+    await webhooks.close()
+  })
   const server = createAdminServer({
     log: silentLogger,
     routes: createAdminApi({
@@ -90,6 +118,8 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       flushUsage: () => usage.flush(),
       ...(options.gitea ? { gitea: options.gitea } : {}),
       ...(options.n8n ? { n8n: options.n8n } : {}),
+      webhooks,
+      anomalyFeed,
     }),
   })
   const requests: string[] = []
@@ -102,8 +132,15 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
     await new Promise((r) => server.close(r))
   })
   let gw: AdminHarness['gateway']
+  let detector: AnomalyDetector | undefined
   if (upstream) {
-    const gateway = await createGateway({ config, keys, db, log: silentLogger, metrics, denyList, lockout, usage })
+    const a = config.anomalies
+    if (a.enabled) {
+      const d = new AnomalyDetector({ db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log: silentLogger, checkIntervalMs: a.check_interval_ms })
+      t.teardown(() => d.close())
+      detector = d
+    }
+    const gateway = await createGateway({ config, keys, db, log: silentLogger, metrics, denyList, lockout, usage: teeUsage(usage, detector), events, ...(redis ? { redis } : {}) })
     const gport = await listen(gateway.server)
     t.teardown(() => gateway.shutdown(1000))
     gw = { gateway, url: `http://127.0.0.1:${gport}`, port: gport, upstream }
@@ -117,6 +154,11 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
     denyList,
     lockout,
     usage,
+    config,
+    events,
+    webhooks,
+    anomalyFeed,
+    ...(detector ? { detector } : {}),
     url,
     port,
     requests,
@@ -133,6 +175,12 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
         headers['content-type'] ??= 'application/json'
       } else if (o.raw !== undefined) body = o.raw
       return answerOf(await request(url + path, { method: method as 'GET', headers, ...(body !== undefined ? { body } : {}), dispatcher: agent }))
+    },
+    async stream(path, o = {}) {
+      const headers: Record<string, string> = { ...(o.headers ?? {}) }
+      const auth = o.auth === undefined ? admin.key : o.auth
+      if (auth !== null) headers.authorization = `Bearer ${auth}`
+      return openSse(url + path, headers, agent)
     },
     async through(path, headers = {}) {
       if (!gw) throw new Error('startAdmin without gateway: true')
@@ -151,4 +199,88 @@ export function documented(t: Test, operationId: string, a: Answer): void {
   if (!op) throw new Error(`no operation ${operationId}`)
   t.equal(a.status, op.response.status, `${operationId}: ${op.response.status}`)
   t.same([...Value.Errors(op.response.schema, a.json)].map((e) => `${e.path} ${e.message}`), [], `${operationId}: the answer matches its documented schema`)
+}
+
+export interface SseEvent {
+  id: string | undefined
+  event: string | undefined
+  data: string
+}
+
+export interface SseStream {
+  status: number
+  headers: Record<string, string | string[] | undefined>
+  /** The JSON error when the stream was refused. */
+  error: any
+  /** The next event (comments are skipped); rejects when the stream ends first. */
+  next(): Promise<SseEvent>
+  /** Events received so far and not yet taken by next(). */
+  buffered(): SseEvent[]
+  close(): void
+}
+
+/** A small SSE reader written for the tests (not the server's code): events split on blank lines. */
+export async function openSse(target: string, headers: Record<string, string>, dispatcher: Agent): Promise<SseStream> {
+  const controller = new AbortController()
+  const res = await request(target, { headers, dispatcher, signal: controller.signal })
+  const queue: SseEvent[] = []
+  const waiting: Array<{ resolve: (e: SseEvent) => void; reject: (err: Error) => void }> = []
+  let ended = false
+  if (res.statusCode !== 200 || !String(res.headers['content-type']).startsWith('text/event-stream')) {
+    const text = await res.body.text()
+    let error: unknown
+    try {
+      error = JSON.parse(text)
+    } catch {}
+    return { status: res.statusCode, headers: res.headers, error, next: () => Promise.reject(new Error('no stream')), buffered: () => [], close: () => {} }
+  }
+  let text = ''
+  const push = (e: SseEvent) => {
+    const w = waiting.shift()
+    if (w) w.resolve(e)
+    else queue.push(e)
+  }
+  res.body.setEncoding('utf8')
+  res.body.on('data', (chunk: string) => {
+    text += chunk
+    let end: number
+    while ((end = text.indexOf('\n\n')) !== -1) {
+      const block = text.slice(0, end)
+      text = text.slice(end + 2)
+      const e: SseEvent = { id: undefined, event: undefined, data: '' }
+      let any = false
+      for (const line of block.split('\n')) {
+        if (line.startsWith(':') || line === '') continue
+        const colon = line.indexOf(':')
+        const field = colon === -1 ? line : line.slice(0, colon)
+        const value = colon === -1 ? '' : line.slice(colon + 1).replace(/^ /, '')
+        if (field === 'id') e.id = value
+        else if (field === 'event') e.event = value
+        else if (field === 'data') e.data = e.data === '' ? value : `${e.data}\n${value}`
+        else continue
+        any = true
+      }
+      if (any && (e.data !== '' || e.event !== undefined)) push(e)
+    }
+  })
+  const finish = () => {
+    ended = true
+    for (const w of waiting.splice(0)) w.reject(new Error('the stream ended'))
+  }
+  res.body.on('end', finish)
+  res.body.on('error', finish)
+  res.body.on('close', finish)
+  return {
+    status: res.statusCode,
+    headers: res.headers,
+    error: undefined,
+    next: () => {
+      const e = queue.shift()
+      if (e) return Promise.resolve(e)
+      if (ended) return Promise.reject(new Error('the stream ended'))
+      return new Promise((resolve, reject) => waiting.push({ resolve, reject }))
+    },
+    buffered: () => queue.splice(0),
+    close: () => controller.abort(),
+  }
 }

@@ -9,6 +9,8 @@ import { deepFreeze } from '../../config/load.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
 import { openDb, type Db } from '../../core/db.ts'
 import { DenyListService } from '../../core/deny-list.ts'
+import type { EventBus } from '../../core/events.ts'
+import type { UsageSink } from '../../core/usage.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { silentLogger, type Logger } from '../../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry, type GatewayMetrics } from '../../core/metrics.ts'
@@ -131,6 +133,10 @@ export interface HarnessOptions {
   now?: () => Date
   /** Share the store's DenyListService with the gateway (as `serve` does). */
   shareDenyList?: boolean
+  /** The usage hook (a usage recorder, an anomaly detector, or both with teeUsage). */
+  usage?: UsageSink
+  /** The event bus (rate_limit.exceeded). */
+  events?: EventBus
   /** Use one store for the whole test file (opening PGlite is the slow part); not for tests that change the deny list or close the store. */
   sharedStore?: boolean
 }
@@ -153,6 +159,8 @@ export async function startGateway(t: Tap, options: HarnessOptions = {}): Promis
     ...(options.redis ? { redis: options.redis } : {}),
     ...(options.now ? { now: options.now } : {}),
     ...(options.shareDenyList !== false ? { denyList: store.denyList } : {}),
+    ...(options.usage ? { usage: options.usage } : {}),
+    ...(options.events ? { events: options.events } : {}),
   })
   const port = await listen(gateway.server, options.host)
   const agent = new Agent({ keepAliveTimeout: 1000 })

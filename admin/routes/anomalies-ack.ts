@@ -1,0 +1,24 @@
+// POST /v1/anomalies/{id}/ack: someone has looked at it. The first acknowledgement stands.
+import { anomalyJson } from '../../core/anomalies.ts'
+import { KeygateError } from '../../core/errors.ts'
+import { defineOperation } from '../operation.ts'
+import { AnomalySchema } from '../schemas.ts'
+
+export default defineOperation({
+  id: 'acknowledgeAnomaly',
+  method: 'POST',
+  path: '/v1/anomalies/{id}/ack',
+  tag: 'anomalies',
+  summary: 'Acknowledge an anomaly',
+  description: 'Records who acknowledged it and when (and an audit row); acknowledging it again changes nothing.',
+  response: { status: 200, description: 'The anomaly, acknowledged.', schema: AnomalySchema },
+  errors: ['anomaly_not_found'],
+  async handle({ params, actor, services }) {
+    const id = params.id as string
+    const notFound = new KeygateError('anomaly_not_found', `no anomaly has the id ${JSON.stringify(id)}`)
+    if (!/^[0-9]{1,19}$/.test(id)) throw notFound
+    const a = await services.anomalies.acknowledge(id, actor, services.now(), services.audit)
+    if (!a) throw notFound
+    return anomalyJson(a)
+  },
+})

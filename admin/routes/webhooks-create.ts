@@ -1,0 +1,31 @@
+// POST /v1/webhooks: register a receiver. Its URL must be a public http(s) address (or one in
+// webhooks.allow_private); the signing secret is in this answer only.
+import { Type } from '@sinclair/typebox'
+import { EVENT_TYPES } from '../../core/events.ts'
+import { webhookJson } from '../../core/webhooks.ts'
+import { defineOperation } from '../operation.ts'
+import { WebhookWithSecret } from '../schemas.ts'
+
+export default defineOperation({
+  id: 'createWebhook',
+  method: 'POST',
+  path: '/v1/webhooks',
+  tag: 'webhooks',
+  summary: 'Register a webhook',
+  description:
+    'Deliveries are POSTed as `{"type","timestamp","data"}` and signed per Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`). The URL is refused when it is, or resolves to, a loopback, private, link-local or otherwise internal address, unless that address is in `webhooks.allow_private`.',
+  body: Type.Object(
+    {
+      url: Type.String({ minLength: 1, maxLength: 2048, description: 'http or https URL of the receiver.' }),
+      events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, uniqueItems: true, description: 'The events it receives.' }),
+      description: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500 }), Type.Null()])),
+    },
+    { additionalProperties: false },
+  ),
+  response: { status: 201, description: 'The webhook and its secret, shown once.', schema: WebhookWithSecret },
+  errors: ['validation_failed', 'webhook_url_refused'],
+  async handle({ body, actor, services }) {
+    const { webhook, secret } = await services.webhooks.create({ url: body.url, events: body.events, description: body.description ?? null }, actor)
+    return { ...webhookJson(webhook), secret }
+  },
+})

@@ -1,0 +1,506 @@
+// Anomaly detection (SPEC §5). The gateway tells the detector about every answer it gives
+// (the usage hook: a few Map updates, no I/O); every `check_interval_ms` the detector adds what
+// it counted to shared windows (Redis when present, so every instance's traffic counts; this
+// process's memory otherwise) and judges each key that was active: requests per minute, error
+// rate, distinct addresses per hour, and hours unusual for the key (from its own hourly usage
+// rows). A finding is inserted into `api_key_anomalies`, one row per key, type and dedupe
+// window whichever instance sees it first; only the insert that made the row publishes it
+// (Redis channel, `anomaly.detected` on the event bus), so one anomaly is one alert everywhere.
+import type { Redis } from 'ioredis'
+import type { Config } from '../config/schema.ts'
+import type { Actor, AuditLog } from './audit.ts'
+import type { Db } from './db.ts'
+import type { EventBus } from './events.ts'
+import type { Logger } from './log.ts'
+import { BUCKET_MS, type UsageSink } from './usage.ts'
+
+export const ANOMALY_TYPES = ['request_rate', 'error_rate', 'distinct_addresses', 'unusual_hour'] as const
+export type AnomalyType = (typeof ANOMALY_TYPES)[number]
+
+export interface Anomaly {
+  id: string
+  keyId: string
+  type: AnomalyType
+  windowStart: Date
+  details: Record<string, unknown>
+  detectedAt: Date
+  acknowledgedAt: Date | null
+  acknowledgedBy: string | null
+}
+
+/** The JSON form of an anomaly: admin API answers, SSE events, Redis messages and webhook data. */
+export function anomalyJson(a: Anomaly) {
+  return {
+    id: a.id,
+    key_id: a.keyId,
+    type: a.type,
+    details: a.details,
+    window_start: a.windowStart.toISOString(),
+    detected_at: a.detectedAt.toISOString(),
+    acknowledged_at: a.acknowledgedAt?.toISOString() ?? null,
+    acknowledged_by: a.acknowledgedBy,
+  }
+}
+export type AnomalyJson = ReturnType<typeof anomalyJson>
+
+export function anomalyFromJson(j: AnomalyJson): Anomaly {
+  return {
+    id: j.id,
+    keyId: j.key_id,
+    type: j.type,
+    details: j.details,
+    windowStart: new Date(j.window_start),
+    detectedAt: new Date(j.detected_at),
+    acknowledgedAt: j.acknowledged_at === null ? null : new Date(j.acknowledged_at),
+    acknowledgedBy: j.acknowledged_by,
+  }
+}
+
+interface AnomalyRow {
+  id: string | number
+  key_id: string
+  type: AnomalyType
+  window_start: Date
+  details: Record<string, unknown>
+  detected_at: Date
+  acknowledged_at: Date | null
+  acknowledged_by: string | null
+}
+
+const COLUMNS = 'id::text AS id, key_id, type, window_start, details, detected_at, acknowledged_at, acknowledged_by'
+
+function toAnomaly(r: AnomalyRow): Anomaly {
+  return {
+    id: String(r.id),
+    keyId: r.key_id,
+    type: r.type,
+    windowStart: new Date(r.window_start),
+    details: r.details,
+    detectedAt: new Date(r.detected_at),
+    acknowledgedAt: r.acknowledged_at === null ? null : new Date(r.acknowledged_at),
+    acknowledgedBy: r.acknowledged_by,
+  }
+}
+
+/** The `api_key_anomalies` table. */
+export class AnomalyLog {
+  readonly #db: Db
+
+  constructor(db: Db) {
+    this.#db = db
+  }
+
+  /** Inserts a finding unless its key, type and window already have one; the new row, or undefined. */
+  async insert(a: { keyId: string; type: AnomalyType; windowStart: Date; details: Record<string, unknown>; detectedAt: Date }): Promise<Anomaly | undefined> {
+    const rows = await this.#db.query<AnomalyRow>(
+      `INSERT INTO api_key_anomalies (key_id, type, window_start, details, detected_at) VALUES ($1, $2, $3, $4, $5)
+       ON CONFLICT (key_id, type, window_start) DO NOTHING RETURNING ${COLUMNS}`,
+      [a.keyId, a.type, a.windowStart, JSON.stringify(a.details), a.detectedAt],
+    )
+    return rows[0] ? toAnomaly(rows[0]) : undefined
+  }
+
+  /** Newest first; `before`: ids below it (the next page). */
+  async list(options: { limit: number; before?: string; keyId?: string; type?: AnomalyType; acknowledged?: boolean }): Promise<Anomaly[]> {
+    const where: string[] = []
+    const params: unknown[] = []
+    const add = (sql: string, value: unknown) => {
+      params.push(value)
+      where.push(sql.replace('?', `$${params.length}`))
+    }
+    if (options.before !== undefined) add('id < ?::bigint', options.before)
+    if (options.keyId !== undefined) add('key_id = ?', options.keyId)
+    if (options.type !== undefined) add('type = ?', options.type)
+    if (options.acknowledged !== undefined) where.push(options.acknowledged ? 'acknowledged_at IS NOT NULL' : 'acknowledged_at IS NULL')
+    params.push(options.limit)
+    const rows = await this.#db.query<AnomalyRow>(
+      `SELECT ${COLUMNS} FROM api_key_anomalies ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY id DESC LIMIT $${params.length}`,
+      params,
+    )
+    return rows.map(toAnomaly)
+  }
+
+  /** Oldest first, ids above `after` (an SSE client resuming with Last-Event-ID). */
+  async after(after: string, limit: number): Promise<Anomaly[]> {
+    const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id > $1::bigint ORDER BY id LIMIT $2`, [after, limit])
+    return rows.map(toAnomaly)
+  }
+
+  async get(id: string): Promise<Anomaly | undefined> {
+    const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id = $1::bigint`, [id])
+    return rows[0] ? toAnomaly(rows[0]) : undefined
+  }
+
+  /** Marks it acknowledged (the first acknowledgement stands) with an audit row; undefined when there is no such row. */
+  async acknowledge(id: string, actor: Actor, at: Date, audit?: AuditLog): Promise<Anomaly | undefined> {
+    const rows = await this.#db.transaction(async (tx) => {
+      const r = await tx.query<AnomalyRow>(
+        `UPDATE api_key_anomalies SET acknowledged_at = $2, acknowledged_by = $3 WHERE id = $1::bigint AND acknowledged_at IS NULL RETURNING ${COLUMNS}`,
+        [id, at, actor.actor],
+      )
+      if (r[0] && audit) await audit.write(tx, actor, { keyId: r[0].key_id, action: 'anomaly.acknowledged', details: { anomaly_id: String(r[0].id), type: r[0].type } })
+      return r
+    })
+    return rows[0] ? toAnomaly(rows[0]) : this.get(id)
+  }
+}
+
+/** What one process counted for one key since the last check. */
+interface Tally {
+  keyId: string
+  /** Start of the minute, of the error-rate window and of the hour the requests fell in. */
+  minute: number
+  errWindow: number
+  hour: number
+  lastMs: number
+  requests: number
+  errors: number
+  addresses: Set<string>
+}
+
+/** The totals of the shared windows after a tally was added. */
+interface Totals {
+  perMinute: number
+  errWindowRequests: number
+  errWindowErrors: number
+  distinctAddresses: number
+}
+
+/** Windows shared by every instance (Redis) or held by this one (memory). */
+export interface SharedWindows {
+  add(tallies: readonly Tally[]): Promise<Totals[]>
+}
+
+const MINUTE_MS = 60_000
+/** A key's addresses kept between two checks; enough to cross any sane threshold. */
+const MAX_ADDRESSES = 1000
+
+export class MemoryWindows implements SharedWindows {
+  readonly #counts = new Map<string, { n: number; until: number }>()
+  readonly #sets = new Map<string, { s: Set<string>; until: number }>()
+  readonly #errWindowMs: number
+  #lastSweep = 0
+
+  constructor(errWindowS: number) {
+    this.#errWindowMs = errWindowS * 1000
+  }
+
+  async add(tallies: readonly Tally[]): Promise<Totals[]> {
+    const now = tallies.reduce((m, t) => Math.max(m, t.lastMs), 0)
+    if (now - this.#lastSweep > MINUTE_MS) {
+      this.#lastSweep = now
+      for (const [k, v] of this.#counts) if (v.until < now) this.#counts.delete(k)
+      for (const [k, v] of this.#sets) if (v.until < now) this.#sets.delete(k)
+    }
+    const incr = (k: string, n: number, until: number) => {
+      const c = this.#counts.get(k) ?? { n: 0, until }
+      c.n += n
+      this.#counts.set(k, c)
+      return c.n
+    }
+    return tallies.map((t) => {
+      const set = this.#sets.get(`a:${t.keyId}:${t.hour}`) ?? { s: new Set<string>(), until: t.hour + 2 * BUCKET_MS }
+      this.#sets.set(`a:${t.keyId}:${t.hour}`, set)
+      for (const a of t.addresses) if (set.s.size < MAX_ADDRESSES) set.s.add(a)
+      const errUntil = t.errWindow + 2 * this.#errWindowMs
+      return {
+        perMinute: incr(`r:${t.keyId}:${t.minute}`, t.requests, t.minute + 2 * MINUTE_MS),
+        errWindowRequests: incr(`q:${t.keyId}:${t.errWindow}`, t.requests, errUntil),
+        errWindowErrors: incr(`e:${t.keyId}:${t.errWindow}`, t.errors, errUntil),
+        distinctAddresses: set.s.size,
+      }
+    })
+  }
+}
+
+export class RedisWindows implements SharedWindows {
+  readonly #redis: Redis
+  readonly #prefix: string
+  readonly #errWindowS: number
+
+  constructor(redis: Redis, errWindowS: number, prefix = 'keygate:anomaly') {
+    this.#redis = redis
+    this.#prefix = prefix
+    this.#errWindowS = errWindowS
+  }
+
+  async add(tallies: readonly Tally[]): Promise<Totals[]> {
+    const m = this.#redis.multi()
+    const p = this.#prefix
+    for (const t of tallies) {
+      const k = `${p}:{${t.keyId}}`
+      m.incrby(`${k}:r:${t.minute}`, t.requests).expire(`${k}:r:${t.minute}`, 120)
+      m.incrby(`${k}:q:${t.errWindow}`, t.requests).expire(`${k}:q:${t.errWindow}`, 2 * this.#errWindowS)
+      m.incrby(`${k}:e:${t.errWindow}`, t.errors).expire(`${k}:e:${t.errWindow}`, 2 * this.#errWindowS)
+      if (t.addresses.size > 0) m.sadd(`${k}:a:${t.hour}`, ...t.addresses).expire(`${k}:a:${t.hour}`, 7200)
+      m.scard(`${k}:a:${t.hour}`)
+    }
+    const results = (await m.exec()) ?? []
+    const values = results.map(([err, v]) => {
+      if (err) throw err
+      return Number(v)
+    })
+    const out: Totals[] = []
+    let i = 0
+    for (const t of tallies) {
+      const perMinute = values[i] as number
+      const errWindowRequests = values[i + 2] as number
+      const errWindowErrors = values[i + 4] as number
+      i += 6 + (t.addresses.size > 0 ? 2 : 0)
+      out.push({ perMinute, errWindowRequests, errWindowErrors, distinctAddresses: values[i] as number })
+      i += 1
+    }
+    return out
+  }
+}
+
+export type Thresholds = Config['anomalies']
+
+export interface DetectorOptions {
+  db: Db
+  thresholds: Thresholds
+  /** Redis: shared windows and the alert channel. */
+  redis?: Redis | undefined
+  channel: string
+  events?: EventBus | undefined
+  log: Logger
+  /** 0: no timer (tests call check()). */
+  checkIntervalMs: number
+  /** Called for each anomaly this process recorded (the metric). */
+  onAnomaly?: (type: AnomalyType) => void
+}
+
+/** A finding judged from the totals, before it is stored. */
+interface Finding {
+  keyId: string
+  type: AnomalyType
+  atMs: number
+  details: Record<string, unknown>
+}
+
+export class AnomalyDetector implements UsageSink {
+  readonly #db: Db
+  readonly #t: Thresholds
+  readonly #redis: Redis | undefined
+  readonly #channel: string
+  readonly #events: EventBus | undefined
+  readonly #onAnomaly: ((type: AnomalyType) => void) | undefined
+  readonly #log: Logger
+  readonly #anomalies: AnomalyLog
+  readonly #memory: MemoryWindows
+  readonly #shared: SharedWindows
+  #pending = new Map<string, Tally>()
+  /** `key|type|window` already stored (by anyone): not tried again. */
+  readonly #reported = new Map<string, number>()
+  /** `key|hour` already judged for unusual activity. */
+  readonly #hourJudged = new Map<string, number>()
+  #timer: NodeJS.Timeout | undefined
+  #checking: Promise<void> | undefined
+
+  constructor(options: DetectorOptions) {
+    this.#db = options.db
+    this.#t = options.thresholds
+    this.#redis = options.redis
+    this.#channel = options.channel
+    this.#events = options.events
+    this.#onAnomaly = options.onAnomaly
+    this.#log = options.log
+    this.#anomalies = new AnomalyLog(options.db)
+    this.#memory = new MemoryWindows(options.thresholds.error_rate_window_s)
+    this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : this.#memory
+    if (options.checkIntervalMs > 0) {
+      this.#timer = setInterval(() => void this.check(), options.checkIntervalMs)
+      this.#timer.unref()
+    }
+  }
+
+  /** The request path: counts in memory only. */
+  count(keyId: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number): void {
+    if (keyId === undefined) return
+    const minute = nowMs - (nowMs % MINUTE_MS)
+    const id = `${keyId}|${minute}`
+    let t = this.#pending.get(id)
+    if (t === undefined) {
+      const errMs = this.#t.error_rate_window_s * 1000
+      t = { keyId, minute, errWindow: nowMs - (nowMs % errMs), hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set() }
+      this.#pending.set(id, t)
+    }
+    t.requests++
+    if (status !== undefined && status >= 400) t.errors++
+    if (address && t.addresses.size < MAX_ADDRESSES) t.addresses.add(address)
+    if (nowMs > t.lastMs) t.lastMs = nowMs
+  }
+
+  /** Adds what was counted to the shared windows and records what crosses a threshold; concurrent calls share one check. */
+  check(): Promise<void> {
+    this.#checking ??= this.#check()
+      .catch((err: unknown) => this.#log.warn('anomaly check failed', { err: err as Error }))
+      .finally(() => {
+        this.#checking = undefined
+      })
+    return this.#checking
+  }
+
+  async #check(): Promise<void> {
+    if (this.#pending.size === 0) return
+    const tallies = [...this.#pending.values()]
+    this.#pending = new Map()
+    let totals: Totals[]
+    try {
+      totals = await this.#shared.add(tallies)
+    } catch (err) {
+      this.#log.warn('Redis is unavailable for anomaly windows; judging this process alone until it returns', { err: err as Error })
+      totals = await this.#memory.add(tallies)
+    }
+    const findings: Finding[] = []
+    tallies.forEach((t, i) => findings.push(...this.#judge(t, totals[i] as Totals)))
+    for (const t of tallies) {
+      const f = await this.#unusualHour(t)
+      if (f) findings.push(f)
+    }
+    for (const f of findings) await this.#record(f)
+  }
+
+  #judge(t: Tally, x: Totals): Finding[] {
+    const out: Finding[] = []
+    const { keyId, lastMs: atMs } = t
+    if (x.perMinute > this.#t.request_rate_per_min) {
+      out.push({ keyId, atMs, type: 'request_rate', details: { requests: x.perMinute, per_minute_limit: this.#t.request_rate_per_min, minute: new Date(t.minute).toISOString() } })
+    }
+    if (x.errWindowRequests >= this.#t.error_rate_min_requests && x.errWindowErrors * 100 > this.#t.error_rate_percent * x.errWindowRequests) {
+      out.push({
+        keyId,
+        atMs,
+        type: 'error_rate',
+        details: {
+          requests: x.errWindowRequests,
+          errors: x.errWindowErrors,
+          error_percent: Math.round((x.errWindowErrors * 10_000) / x.errWindowRequests) / 100,
+          threshold_percent: this.#t.error_rate_percent,
+          window_s: this.#t.error_rate_window_s,
+        },
+      })
+    }
+    if (x.distinctAddresses > this.#t.distinct_addresses_per_hour) {
+      out.push({
+        keyId,
+        atMs,
+        type: 'distinct_addresses',
+        details: { addresses: x.distinctAddresses, per_hour_limit: this.#t.distinct_addresses_per_hour, hour: new Date(t.hour).toISOString(), seen_here: [...t.addresses].slice(0, 20) },
+      })
+    }
+    return out
+  }
+
+  /** Once per key and hour of activity: is this hour of the day one the key's own history rarely saw? */
+  async #unusualHour(t: Tally): Promise<Finding | undefined> {
+    const id = `${t.keyId}|${t.hour}`
+    if (this.#hourJudged.has(id)) return undefined
+    if (this.#hourJudged.size > 100_000) this.#hourJudged.clear()
+    this.#hourJudged.set(id, t.hour)
+    const from = new Date(t.hour - this.#t.unusual_hour_history_days * 86_400_000)
+    const rows = await this.#db.query<{ total: number; at_hour: number }>(
+      `SELECT coalesce(sum(requests), 0)::float8 AS total,
+              coalesce(sum(requests) FILTER (WHERE extract(hour FROM bucket AT TIME ZONE 'UTC') = $4), 0)::float8 AS at_hour
+       FROM api_key_usage WHERE key_id = $1 AND bucket >= $2 AND bucket < $3`,
+      [t.keyId, from, new Date(t.hour), new Date(t.hour).getUTCHours()],
+    )
+    const total = rows[0]?.total ?? 0
+    const atHour = rows[0]?.at_hour ?? 0
+    if (total < this.#t.unusual_hour_min_requests) return undefined
+    if (atHour * 100 > this.#t.unusual_hour_max_percent * total) return undefined
+    return {
+      keyId: t.keyId,
+      atMs: t.lastMs,
+      type: 'unusual_hour',
+      details: {
+        hour_utc: new Date(t.hour).getUTCHours(),
+        history_days: this.#t.unusual_hour_history_days,
+        history_requests: total,
+        history_requests_at_hour: atHour,
+        max_percent: this.#t.unusual_hour_max_percent,
+      },
+    }
+  }
+
+  async #record(f: Finding): Promise<void> {
+    const dedupeMs = this.#t.dedupe_window_s * 1000
+    const windowStart = f.atMs - (f.atMs % dedupeMs)
+    const id = `${f.keyId}|${f.type}|${windowStart}`
+    if (this.#reported.has(id)) return
+    if (this.#reported.size > 100_000) this.#reported.clear()
+    this.#reported.set(id, windowStart)
+    const row = await this.#anomalies.insert({ keyId: f.keyId, type: f.type, windowStart: new Date(windowStart), details: f.details, detectedAt: new Date(f.atMs) })
+    if (!row) return
+    const json = anomalyJson(row)
+    this.#log.warn('anomaly detected', { anomaly_id: row.id, key_id: row.keyId, type: row.type })
+    this.#onAnomaly?.(row.type)
+    if (this.#redis) {
+      await this.#redis.publish(this.#channel, JSON.stringify(json)).catch((err: unknown) => this.#log.warn('could not publish an anomaly alert', { err: err as Error }))
+    }
+    this.#events?.emit('anomaly.detected', json)
+  }
+
+  /** Stops the timer and judges what is pending. */
+  async close(): Promise<void> {
+    clearInterval(this.#timer)
+    await this.check()
+  }
+}
+
+export type AnomalyListener = (anomaly: AnomalyJson) => void
+
+/**
+ * Every anomaly found by any instance, as it is recorded: from the Redis channel when there is
+ * Redis (an instance's own finding comes back on it too), from this process's event bus
+ * otherwise. The admin SSE stream listens here.
+ */
+export class AnomalyFeed {
+  readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
+  readonly #stop: () => void
+
+  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger }) {
+    const deliver = (a: AnomalyJson) => {
+      for (const l of this.#listeners.keys()) {
+        try {
+          l(a)
+        } catch {}
+      }
+    }
+    if (options.redis) {
+      const sub = options.redis.duplicate()
+      const { log, channel } = options
+      sub.on('error', (err: Error) => log.warn('anomaly alert subscriber error', { err }))
+      sub.on('message', (ch: string, message: string) => {
+        if (ch !== channel) return
+        try {
+          deliver(JSON.parse(message) as AnomalyJson)
+        } catch (err) {
+          log.warn('ignored a malformed anomaly alert', { err: err as Error })
+        }
+      })
+      const trySubscribe = (): void => {
+        sub.subscribe(channel).catch(() => sub.once('ready', trySubscribe))
+      }
+      trySubscribe()
+      this.#stop = () => sub.disconnect()
+    } else {
+      this.#stop = options.events.on((e) => {
+        if (e.type === 'anomaly.detected') deliver(e.data as AnomalyJson)
+      })
+    }
+  }
+
+  /** `onClose` is called when the feed closes (shutdown: the stream ends). Returns the unsubscriber. */
+  on(listener: AnomalyListener, onClose?: () => void): () => void {
+    this.#listeners.set(listener, onClose)
+    return () => this.#listeners.delete(listener)
+  }
+
+  close(): void {
+    const closing = [...this.#listeners.values()]
+    this.#listeners.clear()
+    this.#stop()
+    for (const c of closing) c?.()
+  }
+}

@@ -1,0 +1,449 @@
+// Webhooks (SPEC §5): registered receivers of the domain events, signed per the Standard
+// Webhooks convention. An event becomes one row per matching webhook in `webhook_deliveries`
+// (so deliveries survive a restart); every process polls for due rows and claims them with
+// `FOR UPDATE SKIP LOCKED`, moving `next_attempt_at` forward by a lease as it claims, so several
+// instances never send one delivery twice and a process that dies mid-send leaves the row to be
+// retried once its lease ends. Failures are retried with exponential backoff up to
+// `max_attempts`; every delivery keeps its attempts, last status and error (the delivery log).
+//
+// Signature: `webhook-signature: v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`
+// with the key decoded from `whsec_<base64>`; after a secret rotation the previous secret signs
+// too (a second `v1,` entry) for `secret_grace_hours`, so receivers can switch without a gap.
+import { createHmac, randomBytes } from 'node:crypto'
+import { request, type Agent } from 'undici'
+import type { Config } from '../config/schema.ts'
+import type { Actor, AuditLog } from './audit.ts'
+import type { Db, Queryable } from './db.ts'
+import { KeygateError } from './errors.ts'
+import type { EventBus, KeygateEvent } from './events.ts'
+import type { KeyService } from './keys/service.ts'
+import { keyJson } from './keys/types.ts'
+import type { Logger } from './log.ts'
+import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, type AllowList } from './ssrf.ts'
+
+export const TEST_EVENT = 'webhook.test'
+
+export interface Webhook {
+  id: string
+  url: string
+  events: string[]
+  description: string | null
+  enabled: boolean
+  createdBy: string
+  createdAt: Date
+  updatedAt: Date
+  previousSecretUntil: Date | null
+}
+
+export interface Delivery {
+  id: string
+  webhookId: string
+  eventType: string
+  payload: string
+  status: 'pending' | 'delivered' | 'failed'
+  attempts: number
+  nextAttemptAt: Date
+  lastStatus: number | null
+  lastError: string | null
+  createdAt: Date
+  lastAttemptAt: Date | null
+  deliveredAt: Date | null
+}
+
+export function webhookJson(w: Webhook) {
+  return {
+    id: w.id,
+    url: w.url,
+    events: w.events,
+    description: w.description,
+    enabled: w.enabled,
+    created_by: w.createdBy,
+    created_at: w.createdAt.toISOString(),
+    updated_at: w.updatedAt.toISOString(),
+    previous_secret_until: w.previousSecretUntil?.toISOString() ?? null,
+  }
+}
+
+export function deliveryJson(d: Delivery) {
+  return {
+    id: d.id,
+    webhook_id: d.webhookId,
+    event_type: d.eventType,
+    status: d.status,
+    attempts: d.attempts,
+    next_attempt_at: d.status === 'pending' ? d.nextAttemptAt.toISOString() : null,
+    last_status: d.lastStatus,
+    last_error: d.lastError,
+    created_at: d.createdAt.toISOString(),
+    last_attempt_at: d.lastAttemptAt?.toISOString() ?? null,
+    delivered_at: d.deliveredAt?.toISOString() ?? null,
+    payload: JSON.parse(d.payload) as unknown,
+  }
+}
+
+/** A new signing secret: `whsec_` and 32 random bytes in base64. */
+export function newSecret(): string {
+  return `whsec_${randomBytes(32).toString('base64')}`
+}
+
+/** `v1,<signature>` of one message with one secret. */
+export function sign(secret: string, id: string, timestamp: number, body: string): string {
+  const key = Buffer.from(secret.slice('whsec_'.length), 'base64')
+  return `v1,${createHmac('sha256', key).update(`${id}.${timestamp}.${body}`).digest('base64')}`
+}
+
+interface WebhookRow {
+  id: string
+  url: string
+  events: string[]
+  description: string | null
+  enabled: boolean
+  created_by: string
+  created_at: Date
+  updated_at: Date
+  previous_secret_until: Date | null
+}
+
+const W_COLUMNS = 'id, url, events, description, enabled, created_by, created_at, updated_at, previous_secret_until'
+
+const toWebhook = (r: WebhookRow): Webhook => ({
+  id: r.id,
+  url: r.url,
+  events: r.events,
+  description: r.description,
+  enabled: r.enabled,
+  createdBy: r.created_by,
+  createdAt: new Date(r.created_at),
+  updatedAt: new Date(r.updated_at),
+  previousSecretUntil: r.previous_secret_until === null ? null : new Date(r.previous_secret_until),
+})
+
+interface DeliveryRow {
+  id: string
+  webhook_id: string
+  event_type: string
+  payload: string
+  status: Delivery['status']
+  attempts: number
+  next_attempt_at: Date
+  last_status: number | null
+  last_error: string | null
+  created_at: Date
+  last_attempt_at: Date | null
+  delivered_at: Date | null
+}
+
+const D_COLUMNS = 'id, webhook_id, event_type, payload, status, attempts, next_attempt_at, last_status, last_error, created_at, last_attempt_at, delivered_at'
+
+const toDelivery = (r: DeliveryRow): Delivery => ({
+  id: r.id,
+  webhookId: r.webhook_id,
+  eventType: r.event_type,
+  payload: r.payload,
+  status: r.status,
+  attempts: r.attempts,
+  nextAttemptAt: new Date(r.next_attempt_at),
+  lastStatus: r.last_status,
+  lastError: r.last_error,
+  createdAt: new Date(r.created_at),
+  lastAttemptAt: r.last_attempt_at === null ? null : new Date(r.last_attempt_at),
+  deliveredAt: r.delivered_at === null ? null : new Date(r.delivered_at),
+})
+
+/** A claimed delivery with what sending it needs. */
+interface Claimed extends DeliveryRow {
+  url: string
+  secret: string
+  previous_secret: string | null
+  previous_secret_until: Date | null
+}
+
+/** The same occurrence seen by several instances is one delivery per webhook. */
+function dedupeKey(e: KeygateEvent): string | null {
+  const d = e.data as Record<string, unknown>
+  if (e.type === 'anomaly.detected') return `anomaly:${String(d.id)}`
+  if (e.type === 'rate_limit.exceeded') return `rate_limit:${String(d.key_id)}:${String(d.window_start)}`
+  return null
+}
+
+const LEASE_MS = 60_000
+const BATCH = 20
+
+export interface WebhookServiceOptions {
+  db: Db
+  /** Registry changes write audit rows (the admin API's instance). */
+  audit?: AuditLog
+  config: Config['webhooks']
+  log: Logger
+  now?: () => Date
+  /** false: only queue (a CLI process); the running servers deliver. */
+  deliver?: boolean
+}
+
+export class WebhookService {
+  readonly #db: Db
+  readonly #audit: AuditLog | undefined
+  readonly #c: Config['webhooks']
+  readonly #log: Logger
+  readonly #now: () => Date
+  readonly #allowed: AllowList
+  readonly #agent: Agent
+  #timer: NodeJS.Timeout | undefined
+  #running: Promise<void> | undefined
+  #again = false
+  #closed = false
+
+  constructor(options: WebhookServiceOptions) {
+    this.#db = options.db
+    this.#audit = options.audit
+    this.#c = options.config
+    this.#log = options.log
+    this.#now = options.now ?? (() => new Date())
+    this.#closed = options.deliver === false
+    this.#allowed = allowList(options.config.allow_private)
+    this.#agent = pinnedAgent(this.#allowed, options.config.timeout_ms)
+  }
+
+  // Registry
+
+  /** Runs `fn` and writes its audit row in one transaction. */
+  async #audited<T extends WebhookRow | undefined>(actor: Actor, action: string, fn: (tx: Queryable) => Promise<T>, details: (row: WebhookRow) => Record<string, unknown>): Promise<Webhook> {
+    const row = await this.#db.transaction(async (tx) => {
+      const r = await fn(tx)
+      if (r && this.#audit) await this.#audit.write(tx, actor, { action, details: details(r) })
+      return r
+    })
+    if (!row) throw new KeygateError('webhook_not_found', 'no webhook has this id')
+    return toWebhook(row)
+  }
+
+  async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
+    const url = (await checkTarget(input.url, this.#allowed)).toString()
+    const secret = newSecret()
+    const id = `wh_${randomBytes(12).toString('base64url')}`
+    const now = this.#now()
+    const webhook = await this.#audited(
+      actor,
+      'webhook.created',
+      async (tx) =>
+        (
+          await tx.query<WebhookRow>(
+            `INSERT INTO webhooks (id, url, events, description, secret, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ${W_COLUMNS}`,
+            [id, url, [...new Set(input.events)], input.description ?? null, secret, actor.actor, now],
+          )
+        )[0],
+      (r) => ({ id: r.id, url: r.url, events: r.events }),
+    )
+    return { webhook, secret }
+  }
+
+  async list(): Promise<Webhook[]> {
+    return (await this.#db.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks ORDER BY created_at, id`)).map(toWebhook)
+  }
+
+  async get(id: string): Promise<Webhook> {
+    const rows = await this.#db.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks WHERE id = $1`, [id])
+    if (!rows[0]) throw new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
+    return toWebhook(rows[0])
+  }
+
+  /** Removes the webhook and its deliveries (pending ones are not sent). */
+  async remove(id: string, actor: Actor): Promise<Webhook> {
+    return this.#audited(actor, 'webhook.deleted', async (tx) => (await tx.query<WebhookRow>(`DELETE FROM webhooks WHERE id = $1 RETURNING ${W_COLUMNS}`, [id]))[0], (r) => ({ id: r.id, url: r.url }))
+  }
+
+  /** A new secret; the current one keeps signing (a second signature) for `secret_grace_hours`. */
+  async rotateSecret(id: string, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
+    const secret = newSecret()
+    const now = this.#now()
+    const until = new Date(now.getTime() + this.#c.secret_grace_hours * 3_600_000)
+    const webhook = await this.#audited(
+      actor,
+      'webhook.secret_rotated',
+      async (tx) =>
+        (
+          await tx.query<WebhookRow>(
+            `UPDATE webhooks SET previous_secret = secret, previous_secret_until = $3, secret = $2, updated_at = $4 WHERE id = $1 RETURNING ${W_COLUMNS}`,
+            [id, secret, until, now],
+          )
+        )[0],
+      (r) => ({ id: r.id, previous_secret_until: until.toISOString() }),
+    )
+    return { webhook, secret }
+  }
+
+  /** The delivery log of a webhook, newest first. */
+  async deliveries(id: string, options: { limit: number; status?: Delivery['status'] }): Promise<Delivery[]> {
+    await this.get(id)
+    const params: unknown[] = [id, options.limit]
+    if (options.status) params.push(options.status)
+    const rows = await this.#db.query<DeliveryRow>(
+      `SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE webhook_id = $1 ${options.status ? 'AND status = $3' : ''} ORDER BY created_at DESC, id DESC LIMIT $2`,
+      params,
+    )
+    return rows.map(toDelivery)
+  }
+
+  // Queue
+
+  /** One delivery per enabled webhook that takes `event.type`; sending starts at once. */
+  async enqueue(event: KeygateEvent): Promise<number> {
+    const body = JSON.stringify({ type: event.type, timestamp: event.at.toISOString(), data: event.data })
+    const rows = await this.#db.query<{ id: string }>(
+      `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
+       SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, $4, $4 FROM webhooks w
+       WHERE w.enabled AND $1 = ANY (w.events)
+       ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
+      [event.type, body, dedupeKey(event), this.#now()],
+    )
+    if (rows.length > 0) this.kick()
+    return rows.length
+  }
+
+  /** Queues every event of `events` (returns the unsubscriber). */
+  bind(events: EventBus): () => void {
+    return events.on((e) => {
+      this.enqueue(e).catch((err: unknown) => this.#log.error('could not queue webhook deliveries; the event is lost for webhooks', { event: e.type, err: err as Error }))
+    })
+  }
+
+  // Delivery
+
+  /** Polls for due deliveries every `poll_interval_ms`. */
+  start(): void {
+    if (this.#timer || this.#closed) return
+    this.#timer = setInterval(() => this.kick(), this.#c.poll_interval_ms)
+    this.#timer.unref()
+    this.kick()
+  }
+
+  /** Sends what is due now (again after the current round, when one is running). */
+  kick(): void {
+    if (this.#closed) return
+    if (this.#running) {
+      this.#again = true
+      return
+    }
+    this.#running = this.#drain()
+      .catch((err: unknown) => this.#log.warn('webhook delivery round failed', { err: err as Error }))
+      .finally(() => {
+        this.#running = undefined
+        if (this.#again) {
+          this.#again = false
+          this.kick()
+        }
+      })
+  }
+
+  /** Resolves once no round is running (tests, shutdown). */
+  async idle(): Promise<void> {
+    while (this.#running) await this.#running
+  }
+
+  async #drain(): Promise<void> {
+    for (;;) {
+      const claimed = await this.#claim()
+      if (claimed.length === 0) return
+      await Promise.all(claimed.map((c) => this.#attempt(c)))
+      if (this.#closed) return
+    }
+  }
+
+  async #claim(): Promise<Claimed[]> {
+    const now = this.#now()
+    return this.#db.query<Claimed>(
+      `WITH due AS (
+         SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1
+         ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED
+       ), claimed AS (
+         UPDATE webhook_deliveries d SET next_attempt_at = $2, attempts = d.attempts + 1, last_attempt_at = $1
+         FROM due WHERE d.id = due.id RETURNING d.*
+       )
+       SELECT c.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
+      [now, new Date(now.getTime() + LEASE_MS), BATCH],
+    )
+  }
+
+  /** One attempt; records its outcome and, on failure, when to try again. */
+  async #attempt(c: Claimed): Promise<Delivery> {
+    const now = this.#now()
+    const timestamp = Math.floor(now.getTime() / 1000)
+    const signatures = [sign(c.secret, c.id, timestamp, c.payload)]
+    if (c.previous_secret && c.previous_secret_until && new Date(c.previous_secret_until) > now) signatures.push(sign(c.previous_secret, c.id, timestamp, c.payload))
+    let status: number | null = null
+    let error: string | null = null
+    try {
+      checkDeliveryUrl(c.url, this.#allowed)
+      const res = await request(c.url, {
+        method: 'POST',
+        dispatcher: this.#agent,
+        headers: {
+          'content-type': 'application/json',
+          'user-agent': 'keygate-webhooks',
+          'webhook-id': c.id,
+          'webhook-timestamp': String(timestamp),
+          'webhook-signature': signatures.join(' '),
+        },
+        body: c.payload,
+        signal: AbortSignal.timeout(this.#c.timeout_ms),
+      })
+      status = res.statusCode
+      await res.body.dump()
+      if (status >= 300 && status < 400) error = `the receiver answered ${status}; redirects are not followed`
+      else if (status < 200 || status >= 300) error = `the receiver answered ${status}`
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException }
+      error = (e.cause?.message ?? e.message).slice(0, 500)
+    }
+    const done = this.#now()
+    let rows: DeliveryRow[]
+    if (error === null) {
+      rows = await this.#db.query<DeliveryRow>(
+        `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = $2, last_status = $3, last_error = NULL WHERE id = $1 RETURNING ${D_COLUMNS}`,
+        [c.id, done, status],
+      )
+    } else {
+      const failed = c.attempts >= this.#c.max_attempts
+      const wait = Math.min(this.#c.retry_base_ms * 2 ** (c.attempts - 1), this.#c.retry_max_ms)
+      rows = await this.#db.query<DeliveryRow>(
+        `UPDATE webhook_deliveries SET status = $2, next_attempt_at = $3, last_status = $4, last_error = $5 WHERE id = $1 RETURNING ${D_COLUMNS}`,
+        [c.id, failed ? 'failed' : 'pending', new Date(done.getTime() + wait), status, error],
+      )
+      this.#log.warn(failed ? 'webhook delivery failed for good' : 'webhook delivery failed; will retry', { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error })
+    }
+    return rows[0] ? toDelivery(rows[0]) : toDelivery({ ...c, status: 'failed', last_status: status, last_error: error })
+  }
+
+  /** Sends a `webhook.test` event to the webhook now (one attempt, in the delivery log; retried like any other when it fails). */
+  async testFire(id: string): Promise<Delivery> {
+    const webhook = await this.get(id)
+    const now = this.#now()
+    const body = JSON.stringify({ type: TEST_EVENT, timestamp: now.toISOString(), data: { webhook_id: webhook.id } })
+    const rows = await this.#db.query<Claimed>(
+      `WITH d AS (
+         INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)
+         VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
+       )
+       SELECT d.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM d JOIN webhooks w ON w.id = d.webhook_id`,
+      [webhook.id, TEST_EVENT, body, new Date(now.getTime() + LEASE_MS), now],
+    )
+    return this.#attempt(rows[0] as Claimed)
+  }
+
+  /** Stops polling and waits for the round in flight; what is left is sent after the next start. */
+  async close(): Promise<void> {
+    this.#closed = true
+    clearInterval(this.#timer)
+    await this.idle()
+    if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
+  }
+}
+
+/** Emits the key events of SPEC §5 for every committed change of `keys` (returns the unsubscriber). */
+export function bindKeyEvents(keys: KeyService, events: EventBus): () => void {
+  return keys.onChange((change) => {
+    if (change.action === 'created') events.emit('key.created', { key: keyJson(change.key) })
+    else if (change.action === 'revoked') events.emit('key.revoked', { key: keyJson(change.key) })
+    else if (change.action === 'rotated') events.emit('key.rotated', { key: keyJson(change.key), ...(change.previous ? { previous: keyJson(change.previous) } : {}) })
+  })
+}

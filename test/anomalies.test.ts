@@ -1,0 +1,189 @@
+// Anomaly detection end to end: real traffic through real gateways, each detector observed on
+// the admin SSE stream, in api_key_anomalies, on the Redis channel (with Redis) and at a real
+// webhook receiver whose signatures are checked by the test's own Standard Webhooks verifier.
+// Embedded store: one gateway, windows in memory, alerts over the event bus. PostgreSQL: two
+// gateways sharing Redis windows, so a burst split between them is still one anomaly.
+import t from 'tap'
+import { randomBytes } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { AnomalyDetector } from '../core/anomalies.ts'
+import { EventBus, type KeygateEvent } from '../core/events.ts'
+import { silentLogger } from '../core/log.ts'
+import { BUCKET_MS } from '../core/usage.ts'
+import { startAdmin } from './helpers/admin.ts'
+import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
+import { forEachStore } from './helpers/stores.ts'
+import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+
+/** Polls `check` until it holds (the tap timeout bounds the wait; nothing is asserted on time). */
+async function until(check: () => boolean | Promise<boolean>): Promise<void> {
+  while (!(await check())) await sleep(10)
+}
+
+const xff = (i: number) => ({ 'x-forwarded-for': `198.51.100.${i}` })
+
+await forEachStore(t, async (t, store) => {
+  const withRedis = store.kind === 'postgres'
+  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
+  const config = {
+    anomalies: { check_interval_ms: 50, request_rate_per_min: 20, error_rate_min_requests: 10, distinct_addresses_per_hour: 5, unusual_hour_min_requests: 50 },
+    gateway: { trusted_proxies: ['127.0.0.1/32'] },
+    webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 50, retry_base_ms: 50 },
+    redis: { anomaly_channel: channel },
+    routes: [{ name: 'secure', path: '/secure', upstream: 'http://127.0.0.1:9', scopes: ['secure:read'] }],
+  }
+  let redis: Redis | undefined
+  const messages: any[] = []
+  if (withRedis) {
+    const r = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
+    t.teardown(() => r.quit())
+    t.equal(await r.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
+    const sub = r.duplicate()
+    t.teardown(() => sub.disconnect())
+    await sub.subscribe(channel)
+    sub.on('message', (_c: string, m: string) => messages.push(JSON.parse(m)))
+    redis = r
+  }
+  const h = await startAdmin(t, store.db, { gateway: true, config, ...(redis ? { redis } : {}) })
+  const busEvents: KeygateEvent[] = []
+  h.events.on((e) => busEvents.push(e))
+
+  // The second instance: its own detector and event bus, the same store and Redis.
+  const gateways: Array<(path: string, headers: Record<string, string>) => Promise<Answer>> = [(p, hd) => h.through(p, hd)]
+  if (redis) {
+    const bus2 = new EventBus()
+    bus2.on((e) => busEvents.push(e))
+    t.teardown(h.webhooks.bind(bus2))
+    const d2 = new AnomalyDetector({ db: h.db, thresholds: h.config.anomalies, redis, channel, events: bus2, log: silentLogger, checkIntervalMs: 50 })
+    t.teardown(() => d2.close())
+    const g2 = await startGateway(t, { store: { db: h.db, audit: h.audit, keys: h.keys, denyList: h.denyList }, redis, usage: d2, events: bus2, config: { gateway: config.gateway, anomalies: config.anomalies } })
+    gateways.push((p, hd) => g2.get(p, hd))
+  }
+
+  const receiver = await startReceiver(t)
+  const created = await h.call('POST', '/v1/webhooks', { body: { url: `${receiver.url}/anomalies`, events: ['anomaly.detected'] } })
+  t.equal(created.status, 201, 'webhook registered')
+  const secret = created.json.secret as string
+
+  const stream = await h.stream('/v1/anomalies/stream')
+  t.teardown(() => stream.close())
+  t.equal(stream.status, 200)
+  const seen: any[] = []
+  const sse = async (match: (a: any) => boolean): Promise<any> => {
+    const already = seen.find(match)
+    if (already) return already
+    for (;;) {
+      const e = await stream.next()
+      t.equal(e.event, 'anomaly.detected')
+      const a = JSON.parse(e.data)
+      t.equal(e.id, a.id, 'the event id is the anomaly id')
+      seen.push(a)
+      if (match(a)) return a
+    }
+  }
+  const hookFor = (keyId: string, type: string) => (hk: Hook) => hk.json?.type === 'anomaly.detected' && hk.json.data.key_id === keyId && hk.json.data.type === type
+  const rows = async (keyId: string, type?: string) =>
+    (await h.db.query<{ n: number }>('SELECT count(*)::int AS n FROM api_key_anomalies WHERE key_id = $1 AND ($2::text IS NULL OR type = $2)', [keyId, type ?? null]))[0]?.n
+
+  const k1 = await h.keys.create({ name: 'burst', type: 'service' }, ACTOR)
+  const k2 = await h.keys.create({ name: 'erring', type: 'user' }, ACTOR)
+
+  await t.test('a burst with one key from many addresses: one row, one SSE event, one Redis message, one webhook', async (t) => {
+    for (let i = 1; i <= 20; i++) {
+      const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/burst', { authorization: `Bearer ${k1.key}`, ...xff(i) })
+      t.equal(a.status, 200)
+    }
+    const found = await sse((a) => a.key_id === k1.record.id && a.type === 'distinct_addresses')
+    t.ok(found.details.addresses > 5, 'more than 5 addresses counted')
+    t.equal(found.details.per_hour_limit, 5)
+    if (withRedis) t.ok(found.details.seen_here.length < found.details.addresses, 'each instance saw only part of the addresses; Redis counted them together')
+
+    // A later anomaly of another key is the barrier: everything about the first came before it.
+    for (let i = 0; i < 12; i++) t.equal((await h.through('/secure/x', { authorization: `Bearer ${k2.key}` })).status, 403)
+    const barrier = await sse((a) => a.key_id === k2.record.id && a.type === 'error_rate')
+    t.match(barrier.details, { threshold_percent: 50, error_percent: 100 }, 'every request refused')
+    t.ok(barrier.details.requests >= 10, 'judged once the minimum sample was reached')
+
+    t.equal(seen.filter((a) => a.key_id === k1.record.id).length, 1, 'one SSE event')
+    t.equal(await rows(k1.record.id), 1, 'one row')
+    t.equal(busEvents.filter((e) => e.type === 'anomaly.detected' && e.data.key_id === k1.record.id).length, 1, 'one anomaly.detected on the event buses')
+    if (withRedis) {
+      await until(() => messages.some((m) => m.id === barrier.id))
+      t.same(messages.filter((m) => m.key_id === k1.record.id), [found], 'one Redis message, the same anomaly')
+    }
+    const hook = await receiver.waitFor(hookFor(k1.record.id, 'distinct_addresses'))
+    await receiver.waitFor(hookFor(k2.record.id, 'error_rate'))
+    await h.webhooks.idle()
+    t.equal(receiver.received.filter(hookFor(k1.record.id, 'distinct_addresses')).length, 1, 'one webhook')
+    t.same(hook.json.data, found, 'the webhook carries the anomaly')
+    t.same(verifiedBy(hook, [secret]), [secret], 'signed with the webhook secret (Standard Webhooks)')
+    t.notOk(hook.body.includes(k1.key) || hook.body.includes(k1.record.keyHash), 'no key material in the payload')
+    const list = await h.call('GET', `/v1/anomalies?key_id=${k1.record.id}`)
+    t.same(list.json.items, [found], 'listed through the admin API')
+  })
+
+  await t.test('request rate above the threshold per minute', async (t) => {
+    const k3 = await h.keys.create({ name: 'busy', type: 'service' }, ACTOR)
+    for (let i = 0; i < 25; i++) t.equal((await (gateways[i % gateways.length] as (typeof gateways)[number])('/busy', { authorization: `Bearer ${k3.key}` })).status, 200)
+    const a = await sse((x) => x.key_id === k3.record.id && x.type === 'request_rate')
+    t.ok(a.details.requests > 20)
+    t.equal(a.details.per_minute_limit, 20)
+    const hook = await receiver.waitFor(hookFor(k3.record.id, 'request_rate'))
+    t.same(verifiedBy(hook, [secret]), [secret])
+    t.equal(await rows(k3.record.id, 'request_rate'), 1)
+  })
+
+  await t.test('activity at an hour the key never used before', async (t) => {
+    const k4 = await h.keys.create({ name: 'office hours', type: 'user' }, ACTOR)
+    const now = Date.now()
+    const hour = new Date(now).getUTCHours()
+    // Its history: a week of use at every hour of the day but this one and the next.
+    for (let back = 1; back <= 7 * 24; back++) {
+      const at = now - (now % BUCKET_MS) - back * BUCKET_MS
+      const h24 = new Date(at).getUTCHours()
+      if (h24 === hour || h24 === (hour + 1) % 24) continue
+      for (let n = 0; n < 2; n++) h.usage.count(k4.record.id, 'forwarded', at + 1000)
+    }
+    await h.usage.flush()
+    t.equal((await h.through('/late', { authorization: `Bearer ${k4.key}` })).status, 200)
+    const a = await sse((x) => x.key_id === k4.record.id && x.type === 'unusual_hour')
+    t.equal(a.details.history_requests_at_hour, 0, 'never used at this hour')
+    t.ok(a.details.history_requests >= 50)
+    await receiver.waitFor(hookFor(k4.record.id, 'unusual_hour'))
+    t.equal(await rows(k1.record.id, 'unusual_hour'), 0, 'a key without enough history is not judged')
+  })
+
+  await t.test('acknowledge, list open ones, resume the stream with Last-Event-ID', async (t) => {
+    const first = seen[0]
+    const ack = await h.call('POST', `/v1/anomalies/${first.id}/ack`)
+    t.equal(ack.status, 200)
+    t.equal(ack.json.acknowledged_by, `key:${h.adminKeyId}`)
+    t.ok(ack.json.acknowledged_at)
+    const again = await h.call('POST', `/v1/anomalies/${first.id}/ack`, { auth: 'test-bootstrap-token-0123456789' })
+    t.equal(again.json.acknowledged_by, `key:${h.adminKeyId}`, 'the first acknowledgement stands')
+    const open = await h.call('GET', '/v1/anomalies?acknowledged=false')
+    t.notOk(open.json.items.some((a: any) => a.id === first.id))
+    const audit = await h.call('GET', `/v1/keys/${first.key_id}/audit`)
+    t.ok(audit.json.items.some((r: any) => r.action === 'anomaly.acknowledged' && r.details.anomaly_id === first.id), 'audited')
+    t.equal((await h.call('POST', '/v1/anomalies/99999999/ack')).json.error.code, 'anomaly_not_found')
+    t.equal((await h.call('POST', '/v1/anomalies/abc/ack')).json.error.code, 'anomaly_not_found')
+    const page = await h.call('GET', '/v1/anomalies?limit=1')
+    t.equal(page.json.items.length, 1)
+    t.ok(page.json.next_cursor)
+    const next = await h.call('GET', `/v1/anomalies?limit=100&cursor=${page.json.next_cursor}`)
+    t.notOk(next.json.items.some((a: any) => a.id === page.json.items[0].id), 'the next page starts after')
+
+    const later = (await h.db.query<{ id: string }>('SELECT id::text AS id FROM api_key_anomalies WHERE id > $1::bigint ORDER BY id', [first.id])).map((r) => r.id)
+    t.ok(later.length >= 3)
+    const resumed = await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': first.id } })
+    t.teardown(() => resumed.close())
+    const ids: string[] = []
+    for (const _ of later) ids.push((await resumed.next()).id as string)
+    t.same(ids, later, 'what was missed, in order, then live')
+    const bad = await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': 'x' } })
+    t.equal(bad.status, 400)
+    t.equal(bad.error.error.code, 'validation_failed')
+  })
+})

@@ -1,0 +1,134 @@
+// `keygate serve` as a real process wires anomalies and webhooks: a key created through its
+// admin API and an address burst through its gateway reach a webhook receiver and the SSE
+// stream; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
+// is sent by the next process started on the same store. With --workers and no Redis, a
+// worker's anomaly reaches the primary's SSE stream over cluster IPC.
+import t from 'tap'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Agent, request } from 'undici'
+import { openSse } from './helpers/admin.ts'
+import { sleep, startUpstream } from './helpers/gateway.ts'
+import { serve } from './helpers/serve.ts'
+import { freshDatabase } from './helpers/stores.ts'
+import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
+
+const TOKEN = 'events-serve-token-0123456789'
+
+t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const config = join(dir, 'keygate.yaml')
+  writeFileSync(
+    config,
+    [
+      'gateway: { trusted_proxies: ["127.0.0.1/32"] }',
+      'anomalies: { check_interval_ms: 100, distinct_addresses_per_hour: 3 }',
+      'webhooks: { allow_private: ["127.0.0.1/32"], poll_interval_ms: 100, retry_base_ms: 100 }',
+      '',
+    ].join('\n'),
+  )
+  const upstream = await startUpstream(t)
+  let failing = true
+  const receiver = await startReceiver(t, (hk, res) => res.writeHead(failing && hk.json?.type === 'key.revoked' ? 500 : 204).end())
+  const env = {
+    DATABASE_URL: undefined,
+    REDIS_URL: undefined,
+    KEYGATE_ENCRYPTION_KEY: undefined,
+    KEYGATE_CONFIG: config,
+    KEYGATE_DATA_DIR: join(dir, 'store'),
+    KEYGATE_ADMIN_TOKEN: TOKEN,
+    KEYGATE_UPSTREAM: upstream.url,
+  }
+  const agent = new Agent({ keepAliveTimeout: 1000 })
+  t.teardown(() => agent.close())
+  const auth = { authorization: `Bearer ${TOKEN}` }
+  const call = async (base: string, method: string, path: string, body?: unknown) => {
+    const r = await request(base + path, { method: method as 'GET', dispatcher: agent, headers: { ...auth, ...(body ? { 'content-type': 'application/json' } : {}) }, ...(body ? { body: JSON.stringify(body) } : {}) })
+    const text = await r.body.text()
+    return { status: r.statusCode, json: JSON.parse(text) }
+  }
+
+  const first = await serve(t, { env })
+  const hook = await call(first.admin, 'POST', '/v1/webhooks', { url: `${receiver.url}/events`, events: ['key.created', 'key.revoked', 'anomaly.detected'] })
+  t.equal(hook.status, 201)
+  const secret = hook.json.secret as string
+  const stream = await openSse(`${first.admin}/v1/anomalies/stream`, auth, agent)
+  t.equal(stream.status, 200)
+
+  const key = await call(first.admin, 'POST', '/v1/keys', { name: 'served', type: 'user' })
+  const created = await receiver.waitFor((hk) => hk.json?.type === 'key.created' && hk.json.data.key.id === key.json.id)
+  t.same(verifiedBy(created, [secret]), [secret], 'key.created, signed')
+  t.notOk(created.body.includes(key.json.key), 'without the key')
+
+  for (let i = 1; i <= 5; i++) {
+    const r = await request(`${first.gateway}/x`, { dispatcher: agent, headers: { authorization: `Bearer ${key.json.key}`, 'x-forwarded-for': `203.0.113.${i}` } })
+    await r.body.dump()
+    t.equal(r.statusCode, 200)
+  }
+  const event = await stream.next()
+  const anomaly = JSON.parse(event.data)
+  t.match(anomaly, { key_id: key.json.id, type: 'distinct_addresses' }, 'the anomaly on the SSE stream')
+  const sent = await receiver.waitFor((hk) => hk.json?.type === 'anomaly.detected')
+  t.same(sent.json.data, anomaly, 'and at the webhook')
+  const metrics = await (await request(`${first.admin}/metrics`, { dispatcher: agent })).body.text()
+  t.match(metrics, /keygate_anomalies_total\{type="distinct_addresses"\} 1\n/, 'counted by type')
+  t.match(metrics, /keygate_anomalies_total\{type="request_rate"\} 0\n/)
+
+  // The receiver refuses key.revoked: the delivery stays queued in the store.
+  await call(first.admin, 'POST', `/v1/keys/${key.json.id}/revoke`)
+  await receiver.waitFor((hk) => hk.json?.type === 'key.revoked')
+  t.equal(await first.stop('SIGTERM'), 0, 'SIGTERM with a stream open: exit 0')
+  await t.rejects(stream.next(), 'the stream ended')
+
+  failing = false
+  const from = receiver.received.length
+  const second = await serve(t, { env })
+  const revoked = await receiver.waitFor((hk) => hk.json?.type === 'key.revoked' && receiver.received.indexOf(hk) >= from)
+  t.ok(receiver.received.slice(0, from).some((hk) => hk.id === revoked.id), 'the same delivery the first process tried')
+  const delivered = async () => (await call(second.admin, 'GET', `/v1/webhooks/${hook.json.id}/deliveries?status=delivered`)).json.items.find((d: any) => d.id === revoked.id)
+  while (!(await delivered())) await sleep(20)
+  t.ok((await delivered()).attempts >= 2, 'delivered after the restart, its earlier attempts counted')
+  t.equal(await second.stop('SIGTERM'), 0)
+})
+
+t.test('serve --workers 2 without Redis: a worker\'s anomaly reaches the primary\'s stream and webhooks once', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const config = join(dir, 'keygate.yaml')
+  writeFileSync(config, 'gateway: { trusted_proxies: ["127.0.0.1/32"] }\nanomalies: { check_interval_ms: 100, distinct_addresses_per_hour: 3 }\nwebhooks: { allow_private: ["127.0.0.1/32"], poll_interval_ms: 100 }\n')
+  const upstream = await startUpstream(t)
+  const receiver = await startReceiver(t)
+  const env = {
+    DATABASE_URL: await freshDatabase(t),
+    REDIS_URL: undefined,
+    KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 5).toString('base64'),
+    KEYGATE_CONFIG: config,
+    KEYGATE_ADMIN_TOKEN: TOKEN,
+    KEYGATE_UPSTREAM: upstream.url,
+  }
+  const agent = new Agent({ keepAliveTimeout: 1000 })
+  t.teardown(() => agent.close())
+  const auth = { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }
+  const served = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const post = async (path: string, body: unknown) => {
+    const r = await request(served.admin + path, { method: 'POST', dispatcher: agent, headers: auth, body: JSON.stringify(body) })
+    return JSON.parse(await r.body.text())
+  }
+  await post('/v1/webhooks', { url: `${receiver.url}/w`, events: ['anomaly.detected'] })
+  const stream = await openSse(`${served.admin}/v1/anomalies/stream`, { authorization: `Bearer ${TOKEN}` }, agent)
+  const key = await post('/v1/keys', { name: 'workers', type: 'user' })
+  // Without Redis each worker counts its own share: twelve addresses over two workers put more
+  // than three on at least one of them; both may find it, the table keeps one.
+  for (let i = 1; i <= 12; i++) {
+    const r = await request(`${served.gateway}/x`, { headers: { authorization: `Bearer ${key.key}`, 'x-forwarded-for': `192.0.2.${i}`, connection: 'close' } })
+    await r.body.dump()
+    t.equal(r.statusCode, 200)
+  }
+  const anomaly = JSON.parse((await stream.next()).data)
+  t.match(anomaly, { key_id: key.id, type: 'distinct_addresses' }, 'on the primary\'s stream')
+  const hook = await receiver.waitFor((hk) => hk.json?.data?.id === anomaly.id)
+  t.same(hook.json.data, anomaly)
+  t.equal(await served.stop('SIGTERM'), 0)
+  t.equal(receiver.received.filter((hk) => hk.json?.data?.key_id === key.id).length, 1, 'one webhook')
+  t.same(stream.buffered(), [], 'one SSE event')
+})

@@ -1,0 +1,295 @@
+// Webhooks end to end: registration, listing, deletion and test-fire through the admin API;
+// key events and a debounced rate_limit.exceeded from real traffic through a real gateway;
+// every delivery checked by the test's own Standard Webhooks verifier, two signatures after a
+// secret rotation; SSRF refusals at registration and at delivery (an IP literal and a DNS name
+// that resolves to loopback); redirects refused; retries with exponential backoff on a
+// controllable clock; deliveries queued in the store surviving a restart and claimed once by
+// several services at the same time, on both stores.
+import t from 'tap'
+import { EventBus, type EventType } from '../core/events.ts'
+import { silentLogger } from '../core/log.ts'
+import { WebhookService } from '../core/webhooks.ts'
+import { startAdmin } from './helpers/admin.ts'
+import { bearer, sleep } from './helpers/gateway.ts'
+import { DEFAULT_CONFIG, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
+import { runCli } from './helpers/cli.ts'
+import { openDb } from '../core/db.ts'
+import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
+
+const ACTOR = { actor: 'test' }
+const DEFAULTS = DEFAULT_CONFIG.webhooks
+
+async function until(check: () => boolean | Promise<boolean>): Promise<void> {
+  while (!(await check())) await sleep(10)
+}
+
+t.test('through the admin API and a gateway', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, {
+    gateway: true,
+    config: {
+      webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 50, retry_base_ms: 20 },
+      rate_limits: { per_key: { default: { limit: 2, window_s: 60 } } },
+    },
+  })
+  const receiver = await startReceiver(t)
+  const created = await h.call('POST', '/v1/webhooks', {
+    body: { url: `${receiver.url}/keys`, events: ['key.created', 'key.rotated', 'key.revoked', 'rate_limit.exceeded'], description: 'audit sink' },
+  })
+  t.equal(created.status, 201)
+  t.match(created.json, { url: `${receiver.url}/keys`, enabled: true, created_by: `key:${h.adminKeyId}`, description: 'audit sink' })
+  t.match(created.json.secret, /^whsec_[A-Za-z0-9+/]{43}=$/, 'a whsec_ secret of 32 bytes')
+  const hookId = created.json.id as string
+  let secret = created.json.secret as string
+  const listed = await h.call('GET', '/v1/webhooks')
+  t.same(listed.json.items.map((w: any) => w.id), [hookId])
+  t.notOk('secret' in listed.json.items[0], 'the secret is not listed')
+  t.notOk(listed.text.includes(secret.slice(6)), 'nor anywhere in the list')
+  const ofType = (type: string, match: (d: any) => boolean = () => true) => (hk: Hook) => hk.json?.type === type && match(hk.json.data)
+
+  await t.test('key events, signed, without key material', async (t) => {
+    const made = await h.call('POST', '/v1/keys', { body: { name: 'hooked', type: 'user' } })
+    const createdHook = await receiver.waitFor(ofType('key.created', (d) => d.key.id === made.json.id))
+    t.same(verifiedBy(createdHook, [secret]), [secret], 'signature verified')
+    t.notOk(createdHook.body.includes(made.json.key), 'no plaintext key')
+    t.notOk(/key_hash|keyHash/.test(createdHook.body), 'no key hash')
+    t.equal(createdHook.headers['content-type'], 'application/json')
+    t.match(createdHook.json, { type: 'key.created', timestamp: String, data: { key: { id: made.json.id, name: 'hooked', status: 'active' } } })
+    const rotated = await h.call('POST', `/v1/keys/${made.json.id}/rotate`)
+    const rotatedHook = await receiver.waitFor(ofType('key.rotated', (d) => d.previous?.id === made.json.id))
+    t.equal(rotatedHook.json.data.key.id, rotated.json.id, 'the new key and the one it replaced')
+    t.notOk(rotatedHook.body.includes(rotated.json.key), 'no plaintext key')
+    await h.call('POST', `/v1/keys/${rotated.json.id}/revoke`, { body: { reason: 'done' } })
+    const revokedHook = await receiver.waitFor(ofType('key.revoked', (d) => d.key.id === rotated.json.id))
+    t.equal(revokedHook.json.data.key.status, 'revoked')
+    t.same(verifiedBy(revokedHook, [secret]), [secret])
+  })
+
+  await t.test('rate_limit.exceeded once per key within the debounce window', async (t) => {
+    const k = await h.keys.create({ name: 'limited', type: 'user' }, ACTOR)
+    const statuses: number[] = []
+    for (let i = 0; i < 8; i++) statuses.push((await h.through('/x', bearer(k.key))).status)
+    t.same(statuses, [200, 200, 429, 429, 429, 429, 429, 429])
+    const hook = await receiver.waitFor(ofType('rate_limit.exceeded', (d) => d.key_id === k.record.id))
+    t.match(hook.json.data, { key_id: k.record.id, key_type: 'user', limit: 2, address: '127.0.0.1' })
+    t.same(verifiedBy(hook, [secret]), [secret])
+    await h.webhooks.idle()
+    const rows = await h.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM webhook_deliveries WHERE event_type = 'rate_limit.exceeded'`)
+    t.equal(rows[0]?.n, 1, 'six refusals, one delivery')
+    t.equal(receiver.received.filter(ofType('rate_limit.exceeded')).length, 1)
+  })
+
+  await t.test('test-fire, secret rotation with two signatures, the delivery log', async (t) => {
+    const fired = await h.call('POST', `/v1/webhooks/${hookId}/test`)
+    t.equal(fired.status, 200)
+    t.match(fired.json, { webhook_id: hookId, event_type: 'webhook.test', status: 'delivered', attempts: 1, last_status: 204, last_error: null })
+    const testHook = await receiver.waitFor((hk) => hk.id === fired.json.id)
+    t.same(verifiedBy(testHook, [secret]), [secret])
+    t.equal(testHook.signature.split(' ').length, 1, 'one signature before a rotation')
+
+    const old = secret
+    const rotated = await h.call('POST', `/v1/webhooks/${hookId}/rotate-secret`)
+    t.equal(rotated.status, 200)
+    secret = rotated.json.secret
+    t.not(secret, old)
+    t.ok(new Date(rotated.json.previous_secret_until).getTime() > Date.now(), 'the previous secret stays valid for a while')
+    const again = await h.call('POST', `/v1/webhooks/${hookId}/test`)
+    const twice = await receiver.waitFor((hk) => hk.id === again.json.id)
+    t.equal(twice.signature.split(' ').length, 2, 'two signatures')
+    t.same(verifiedBy(twice, [secret, old]), [secret, old], 'valid with the new secret and with the previous one')
+    t.same(verifiedBy(twice, ['whsec_' + Buffer.alloc(32, 1).toString('base64')]), [], 'not with another')
+
+    const log = await h.call('GET', `/v1/webhooks/${hookId}/deliveries`)
+    t.equal(log.status, 200)
+    t.equal(log.json.items[0].id, again.json.id, 'newest first')
+    t.ok(log.json.items.every((d: any) => d.status === 'delivered' && d.attempts === 1 && d.last_status === 204))
+    t.ok(log.json.items.some((d: any) => d.event_type === 'key.created'))
+    const failed = await h.call('GET', `/v1/webhooks/${hookId}/deliveries?status=failed`)
+    t.same(failed.json.items, [])
+    const audit = await h.db.query<{ action: string }>(`SELECT action FROM api_key_audit_log WHERE action LIKE 'webhook.%' ORDER BY created_at`)
+    t.same(audit.map((r) => r.action), ['webhook.created', 'webhook.secret_rotated'])
+  })
+
+  await t.test('SSRF: refused at registration', async (t) => {
+    const strict = await startAdmin(t, store.db)
+    const refused = [
+      'http://127.0.0.1/',
+      'http://127.0.0.1:8081/v1/keys',
+      'http://[::1]/',
+      'http://[::ffff:127.0.0.1]/',
+      'http://[::ffff:7f00:1]/',
+      'http://169.254.169.254/latest/meta-data/',
+      'http://[::ffff:169.254.169.254]/',
+      'http://2130706433/',
+      'http://0x7f000001/',
+      'http://0x7f.0.0.1/',
+      'http://0177.0.0.1/',
+      'http://127.1/',
+      'http://10.0.0.1/',
+      'http://172.16.5.4/',
+      'http://192.168.1.1/',
+      'http://100.64.0.1/',
+      'http://0.0.0.0/',
+      'http://[fe80::1]/',
+      'http://[fd00:ec2::254]/',
+      'http://[64:ff9b::7f00:1]/',
+      'http://224.0.0.1/',
+      'http://localhost/',
+      'http://localhost.:8080/',
+      'ftp://example.com/',
+      'file:///etc/passwd',
+      'http://user:pw@203.0.113.9/',
+      'not a url',
+    ]
+    for (const url of refused) {
+      const a = await strict.call('POST', '/v1/webhooks', { body: { url, events: ['key.created'] } })
+      t.equal(a.status, 400, url)
+      t.equal(a.json?.error?.code, 'webhook_url_refused', url)
+    }
+    const allowed = await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/allow-listed', events: ['key.expiring'] } })
+    t.equal(allowed.status, 201, 'an address in webhooks.allow_private is accepted')
+    const bad = await strict.call('POST', '/v1/webhooks', { body: { url: 'http://93.184.215.14/', events: ['key.deleted'] } })
+    t.equal(bad.json.error.code, 'validation_failed', 'unknown event type')
+  })
+
+  await t.test('delete', async (t) => {
+    const gone = await h.call('DELETE', `/v1/webhooks/${hookId}`)
+    t.equal(gone.status, 200)
+    t.equal(gone.json.id, hookId)
+    t.equal((await h.call('DELETE', `/v1/webhooks/${hookId}`)).json.error.code, 'webhook_not_found')
+    t.equal((await h.call('GET', `/v1/webhooks/${hookId}/deliveries`)).json.error.code, 'webhook_not_found')
+    t.equal((await h.call('POST', `/v1/webhooks/${hookId}/test`)).json.error.code, 'webhook_not_found')
+    const rows = await h.db.query<{ n: number }>('SELECT count(*)::int AS n FROM webhook_deliveries WHERE webhook_id = $1', [hookId])
+    t.equal(rows[0]?.n, 0, 'its deliveries went with it')
+  })
+})
+
+await forEachStore(t, async (t, store) => {
+  const clock = testClock()
+  const nowS = () => Math.floor(clock.now().getTime() / 1000)
+  const config = (over: Record<string, unknown> = {}) => ({ ...DEFAULTS, allow_private: ['127.0.0.1/32', '::1/128'], retry_base_ms: 1000, max_attempts: 3, ...over })
+  const service = (over: Record<string, unknown> = {}, deliver = true) => {
+    const s = new WebhookService({ db: store.db, config: config(over), log: silentLogger, now: clock.now, deliver })
+    t.teardown(() => s.close())
+    return s
+  }
+  const run = async (s: WebhookService) => {
+    s.kick()
+    await s.idle()
+  }
+  const bus = new EventBus({ now: clock.now })
+  // Each subtest listens for its own event type: the store is shared by them.
+  const event = (type: EventType, data: Record<string, unknown>) => {
+    let captured: any
+    const off = bus.on((e) => (captured = e))
+    bus.emit(type, data)
+    off()
+    return captured
+  }
+  const deliveriesOf = (webhookId: string) => store.db.query<any>('SELECT * FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY created_at, id', [webhookId])
+
+  await t.test('retries with exponential backoff, then delivered; failed after max_attempts', async (t) => {
+    let answers = [500, 503, 204]
+    const receiver = await startReceiver(t, (_h, res) => res.writeHead(answers.shift() ?? 500).end())
+    const s = service()
+    const { webhook, secret } = await s.create({ url: `${receiver.url}/retry`, events: ['key.revoked'] }, ACTOR)
+    await s.enqueue(event('key.revoked', { key: { id: 'k1' } }))
+    await s.idle()
+    let [d] = await deliveriesOf(webhook.id)
+    t.match(d, { status: 'pending', attempts: 1, last_status: 500 })
+    t.equal(new Date(d.next_attempt_at).getTime() - clock.now().getTime(), 1000, 'first wait: retry_base_ms')
+    await run(s)
+    t.equal((await deliveriesOf(webhook.id))[0].attempts, 1, 'not before it is due')
+    clock.advance(1000)
+    await run(s)
+    ;[d] = await deliveriesOf(webhook.id)
+    t.match(d, { status: 'pending', attempts: 2, last_status: 503 })
+    t.equal(new Date(d.next_attempt_at).getTime() - clock.now().getTime(), 2000, 'then twice as long')
+    clock.advance(2000)
+    await run(s)
+    ;[d] = await deliveriesOf(webhook.id)
+    t.match(d, { status: 'delivered', attempts: 3, last_status: 204, last_error: null })
+    t.equal(receiver.received.length, 3)
+    t.equal(new Set(receiver.received.map((r) => r.id)).size, 1, 'the same webhook-id on every attempt')
+    t.ok(receiver.received.every((r) => verifiedBy(r, [secret], 300, nowS()).length === 1))
+
+    answers = []
+    await s.enqueue(event('key.revoked', { key: { id: 'k2' } }))
+    await s.idle()
+    for (let i = 0; i < 3; i++) {
+      clock.advance(10_000)
+      await run(s)
+    }
+    const last = (await deliveriesOf(webhook.id))[1]
+    t.match(last, { status: 'failed', attempts: 3, last_status: 500, last_error: 'the receiver answered 500' })
+  })
+
+  await t.test('queued deliveries survive a restart and are sent once by several services at once', async (t) => {
+    const receiver = await startReceiver(t)
+    const before = service({}, false)
+    const { webhook, secret } = await before.create({ url: `${receiver.url}/queued`, events: ['key.created'] }, ACTOR)
+    for (let i = 0; i < 30; i++) t.equal(await before.enqueue(event('key.created', { key: { id: `q${i}` } })), 1, 'queued in the store')
+    t.equal(receiver.received.length, 0, 'nothing sent by a service that only queues')
+    const instances = [service(), service(), service()]
+    for (const s of instances) s.start()
+    await until(() => receiver.received.length >= 30)
+    await Promise.all(instances.map((s) => s.idle()))
+    t.equal(receiver.received.length, 30, 'each delivery sent once')
+    t.equal(new Set(receiver.received.map((r) => r.id)).size, 30)
+    t.ok(receiver.received.every((r) => verifiedBy(r, [secret], 300, nowS()).length === 1))
+    const rows = await deliveriesOf(webhook.id)
+    t.ok(rows.every((r) => r.status === 'delivered' && r.attempts === 1))
+  })
+
+  await t.test('SSRF at delivery: an IP literal and a name resolving to loopback, with no allow-list', async (t) => {
+    const receiver = await startReceiver(t)
+    const lenient = service({}, false)
+    const strict = service({ allow_private: [] })
+    const byIp = await lenient.create({ url: `http://127.0.0.1:${receiver.port}/ip`, events: ['key.rotated'] }, ACTOR)
+    const byName = await lenient.create({ url: `http://localhost:${receiver.port}/name`, events: ['key.rotated'] }, ACTOR)
+    await lenient.enqueue(event('key.rotated', { key: { id: 'ssrf' } }))
+    await run(strict)
+    t.equal(receiver.received.length, 0, 'nothing reached the receiver')
+    const [ip] = await deliveriesOf(byIp.webhook.id)
+    const [name] = await deliveriesOf(byName.webhook.id)
+    t.match(ip, { status: 'pending', attempts: 1, last_status: null, last_error: /127\.0\.0\.1 is a loopback address/ })
+    t.match(name, { status: 'pending', attempts: 1, last_status: null, last_error: /localhost resolves to .* is a loopback address/ })
+  })
+
+  await t.test('redirects are not followed', async (t) => {
+    const elsewhere = await startReceiver(t)
+    const receiver = await startReceiver(t, (_h, res) => res.writeHead(307, { location: `${elsewhere.url}/stolen` }).end())
+    const s = service()
+    const { webhook } = await s.create({ url: `${receiver.url}/moved`, events: ['key.expiring'] }, ACTOR)
+    await s.enqueue(event('key.expiring', { key: { id: 'r' } }))
+    await s.idle()
+    const [d] = await deliveriesOf(webhook.id)
+    t.match(d, { status: 'pending', last_status: 307, last_error: /redirects are not followed/ })
+    t.equal(elsewhere.received.length, 0, 'the redirect target got nothing')
+  })
+})
+
+t.test('a key changed by the CLI on the store queues its event for the servers to deliver', async (t) => {
+  const url = await freshDatabase(t)
+  const env = { DATABASE_URL: url, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ADMIN_URL: undefined, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 3).toString('base64') }
+  const migrated = await runCli(['migrate'], { env })
+  t.equal(migrated.code, 0, migrated.stderr)
+  const db = await openDb({ databaseUrl: url, poolMax: 2 })
+  t.teardown(() => db.close())
+  const receiver = await startReceiver(t)
+  const config = { ...DEFAULTS, allow_private: ['127.0.0.1/32'] }
+  const queueOnly = new WebhookService({ db, config, log: silentLogger, deliver: false })
+  const { webhook, secret } = await queueOnly.create({ url: `${receiver.url}/cli`, events: ['key.created', 'key.revoked'] }, ACTOR)
+  const made = await runCli(['api-key', 'create', '--name', 'from-cli', '--type', 'user', '--json'], { env })
+  t.equal(made.code, 0, made.stderr)
+  const id = made.json().id as string
+  const queued = await db.query<{ event_type: string; status: string; payload: string }>('SELECT event_type, status, payload FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])
+  t.match(queued, [{ event_type: 'key.created', status: 'pending' }], 'queued by the CLI, not sent by it')
+  t.notOk(queued[0]?.payload.includes(made.json().key), 'without the key')
+  t.equal(receiver.received.length, 0)
+  const server = new WebhookService({ db, config, log: silentLogger })
+  t.teardown(() => server.close())
+  server.start()
+  const hook = await receiver.waitFor((hk) => hk.json?.data?.key?.id === id)
+  t.same(verifiedBy(hook, [secret]), [secret], 'a server delivered it, signed')
+})
