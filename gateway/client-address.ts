@@ -3,7 +3,7 @@
 // normalised (IPv4-mapped IPv6 becomes IPv4); IPv6 clients are counted per network
 // (`rate_limits.ipv6_prefix_bits`) for limits and lockouts, since one host holds a whole /64.
 import type { Socket } from 'node:net'
-import { parseAddress, rangeMatcher } from '../core/keys/evaluate.ts'
+import { normalAddress, rangeMatcher } from '../core/keys/evaluate.ts'
 import { addressKeyer } from '../core/lockout.ts'
 import type { RequestState, Stage } from './state.ts'
 
@@ -25,7 +25,7 @@ function normalise(raw: string | undefined): string | undefined {
   if (raw === undefined) return undefined
   // The common case, a plain IPv4 address, needs no parsing.
   if (!raw.includes(':')) return raw
-  return parseAddress(raw)?.toString()
+  return normalAddress(raw)
 }
 
 export function createClientAddressStage(options: AddressOptions): Stage {
@@ -71,7 +71,7 @@ export function createClientAddressStage(options: AddressOptions): Stage {
     let client = peer.address
     const hops = (typeof xff === 'string' ? xff : xff.join(',')).split(',')
     for (let i = hops.length - 1; i >= 0; i--) {
-      const hop = parseAddress((hops[i] as string).trim())?.toString()
+      const hop = normalAddress((hops[i] as string).trim())
       if (hop === undefined) break
       client = hop
       if (!trusted(hop)) break

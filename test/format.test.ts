@@ -196,3 +196,16 @@ t.test('digestKey is the stored SHA-256 in compact form; keyShape agrees with pa
   }
   t.equal(keyShape(uuid, 'kg_', false), undefined)
 })
+
+t.test('addresses parse to their canonical form, the same on every call (memoised)', async (t) => {
+  const { normalAddress, parseAddress } = await import('../core/keys/evaluate.ts')
+  for (let round = 0; round < 2; round++) {
+    t.equal(normalAddress('192.0.2.1'), '192.0.2.1')
+    t.equal(normalAddress('::ffff:192.0.2.1'), '192.0.2.1', 'IPv4-mapped IPv6 is IPv4')
+    t.equal(normalAddress('2001:DB8:0:0:0:0:0:1'), '2001:db8::1', 'IPv6 compressed, lower case')
+    t.equal(normalAddress('not an address'), undefined)
+    t.equal(normalAddress('999.1.1.1'), undefined)
+    t.equal(parseAddress('::ffff:10.0.0.1')?.kind(), 'ipv4')
+    t.equal(parseAddress('nope'), undefined)
+  }
+})

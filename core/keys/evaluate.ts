@@ -1,6 +1,7 @@
 // Whether a stored key may be used now, from this address. Pure: the gateway calls it on every
 // request with a cached record, the CLI and admin API with a fresh one.
 import ipaddr from 'ipaddr.js'
+import QuickLRU from 'quick-lru'
 import type { ErrorCode } from '../errors.ts'
 import type { KeyRecord } from './types.ts'
 
@@ -10,14 +11,34 @@ const OK: Verdict = Object.freeze({ ok: true })
 
 type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
 
-/** Parses an address, turning IPv4-mapped IPv6 (::ffff:192.0.2.1) into IPv4. */
+// The gateway parses the client address (and X-Forwarded-For hops) of every request, mostly the
+// same few addresses again: parsed addresses are kept, boundedly (ipaddr.js parsing is several µs).
+const parsedAddresses = new QuickLRU<string, ipaddr.IPv4 | ipaddr.IPv6 | null>({ maxSize: 10_000 })
+
+/** Parses an address, turning IPv4-mapped IPv6 (::ffff:192.0.2.1) into IPv4. The result is shared: do not mutate it. */
 export function parseAddress(address: string): ipaddr.IPv4 | ipaddr.IPv6 | undefined {
+  const known = parsedAddresses.get(address)
+  if (known !== undefined) return known ?? undefined
+  let parsed: ipaddr.IPv4 | ipaddr.IPv6 | null
   try {
     const a = ipaddr.parse(address)
-    return a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() ? (a as ipaddr.IPv6).toIPv4Address() : a
+    parsed = a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() ? (a as ipaddr.IPv6).toIPv4Address() : a
   } catch {
-    return undefined
+    parsed = null
   }
+  if (address.length <= 64) parsedAddresses.set(address, parsed)
+  return parsed ?? undefined
+}
+
+const normalAddresses = new QuickLRU<string, string | null>({ maxSize: 10_000 })
+
+/** The address in its canonical text (IPv4-mapped IPv6 as IPv4, IPv6 compressed), or undefined when it is none; memoised like parseAddress. */
+export function normalAddress(address: string): string | undefined {
+  const known = normalAddresses.get(address)
+  if (known !== undefined) return known ?? undefined
+  const text = parseAddress(address)?.toString() ?? null
+  if (address.length <= 64) normalAddresses.set(address, text)
+  return text ?? undefined
 }
 
 export function parseRange(cidr: string): Range | undefined {
