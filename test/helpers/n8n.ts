@@ -92,11 +92,20 @@ async function ready(url: string, child: ChildProcess, log: () => string, timeou
   }
   const email = 'owner@keygate.test'
   const password = `Kg${randomBytes(12).toString('base64url')}9z`
-  const setup = await fetch(`${url}/rest/owner/setup`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ email, firstName: 'Keygate', lastName: 'Test', password }),
-  })
+  const setUp = () =>
+    fetch(`${url}/rest/owner/setup`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ email, firstName: 'Keygate', lastName: 'Test', password }),
+    })
+  // n8n answers /rest/settings a moment before it has registered every route: a 404 here
+  // (Express's "Cannot POST") means not yet, so ask again until the deadline.
+  let setup = await setUp()
+  while (setup.status === 404 && Date.now() < deadline) {
+    await setup.text()
+    await new Promise((r) => setTimeout(r, 250))
+    setup = await setUp()
+  }
   if (setup.status !== 200) throw new Error(`n8n owner setup answered ${setup.status}: ${(await setup.text()).slice(0, 300)}`)
   return { email, password }
 }
