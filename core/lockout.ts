@@ -27,8 +27,14 @@ export interface Lockout {
   recordFailure(addressKey: string): Promise<void>
   /** Applies a lockout decided by another instance (the invalidation message `lock:<ms>:<address>`). */
   applyMessage(message: string): void
-  /** Reads the lockouts in force from Redis; runs at start and whenever Redis reconnects. */
+  /**
+   * The lockouts in force, read from Redis once per connection: the lockout reads them itself
+   * whenever Redis becomes ready (start, reconnection), and a caller waiting for them at start
+   * shares that read.
+   */
   load(): Promise<void>
+  /** Reads them again now (invalidation messages may have been missed). */
+  reload(): Promise<void>
 }
 
 export interface LockoutOptions {
@@ -52,7 +58,7 @@ export function createLockout(options: LockoutOptions): Lockout {
     if (ms > 0) locked.set(addressKey, Date.now() + ms, { maxAge: ms })
   }
 
-  const load = async (): Promise<void> => {
+  const read = async (): Promise<void> => {
     if (!redis || redis.status !== 'ready') return
     try {
       let cursor = '0'
@@ -73,8 +79,12 @@ export function createLockout(options: LockoutOptions): Lockout {
       log?.warn('could not read the lockouts in force from Redis', { err: err as Error })
     }
   }
+  // The read of the current Redis connection; a new connection ('ready') needs its own.
+  let connectionRead: Promise<void> | undefined
+  const load = (): Promise<void> => (connectionRead ??= read())
+  const reload = (): Promise<void> => (connectionRead = read())
   if (redis) {
-    redis.on('ready', () => void load())
+    redis.on('ready', () => void reload())
     if (redis.status === 'ready') void load()
   }
 
@@ -106,6 +116,7 @@ export function createLockout(options: LockoutOptions): Lockout {
       if (m) lock(m[2] as string, Math.min(Number(m[1]), windowS * 1000))
     },
     load,
+    reload,
   }
 }
 

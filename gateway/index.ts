@@ -248,7 +248,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const flushAll = (): void => {
     invalidateAll()
     void refreshDenyList()
-    void lockout.load()
+    void lockout.reload()
   }
   const applyInvalidation = (message: string): void => {
     if (message === 'all') flushAll()
