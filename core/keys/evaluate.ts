@@ -12,33 +12,39 @@ const OK: Verdict = Object.freeze({ ok: true })
 type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
 
 // The gateway parses the client address (and X-Forwarded-For hops) of every request, mostly the
-// same few addresses again: parsed addresses are kept, boundedly (ipaddr.js parsing is several µs).
-const parsedAddresses = new QuickLRU<string, ipaddr.IPv4 | ipaddr.IPv6 | null>({ maxSize: 10_000 })
+// same few addresses again: parsed addresses, and their canonical text once asked for, are kept,
+// boundedly (ipaddr.js parsing and printing take several µs).
+interface Parsed {
+  ip: ipaddr.IPv4 | ipaddr.IPv6 | null
+  text?: string | null
+}
+const parsedAddresses = new QuickLRU<string, Parsed>({ maxSize: 10_000 })
+
+function parsed(address: string): Parsed {
+  let p = parsedAddresses.get(address)
+  if (p !== undefined) return p
+  let ip: Parsed['ip']
+  try {
+    const a = ipaddr.parse(address)
+    ip = a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() ? (a as ipaddr.IPv6).toIPv4Address() : a
+  } catch {
+    ip = null
+  }
+  p = { ip }
+  if (address.length <= 64) parsedAddresses.set(address, p)
+  return p
+}
 
 /** Parses an address, turning IPv4-mapped IPv6 (::ffff:192.0.2.1) into IPv4. The result is shared: do not mutate it. */
 export function parseAddress(address: string): ipaddr.IPv4 | ipaddr.IPv6 | undefined {
-  const known = parsedAddresses.get(address)
-  if (known !== undefined) return known ?? undefined
-  let parsed: ipaddr.IPv4 | ipaddr.IPv6 | null
-  try {
-    const a = ipaddr.parse(address)
-    parsed = a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() ? (a as ipaddr.IPv6).toIPv4Address() : a
-  } catch {
-    parsed = null
-  }
-  if (address.length <= 64) parsedAddresses.set(address, parsed)
-  return parsed ?? undefined
+  return parsed(address).ip ?? undefined
 }
 
-const normalAddresses = new QuickLRU<string, string | null>({ maxSize: 10_000 })
-
-/** The address in its canonical text (IPv4-mapped IPv6 as IPv4, IPv6 compressed), or undefined when it is none; memoised like parseAddress. */
+/** The address in its canonical text (IPv4-mapped IPv6 as IPv4, IPv6 compressed), or undefined when it is none. */
 export function normalAddress(address: string): string | undefined {
-  const known = normalAddresses.get(address)
-  if (known !== undefined) return known ?? undefined
-  const text = parseAddress(address)?.toString() ?? null
-  if (address.length <= 64) normalAddresses.set(address, text)
-  return text ?? undefined
+  const p = parsed(address)
+  if (p.text === undefined) p.text = p.ip?.toString() ?? null
+  return p.text ?? undefined
 }
 
 export function parseRange(cidr: string): Range | undefined {
