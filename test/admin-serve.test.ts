@@ -2,7 +2,7 @@
 // printed admin key, open /docs, create a key through the API, use it through the gateway,
 // revoke it through the API, and the next gateway request gets a 401 JSON error. CLI parity:
 // every api-key command against the running server through its admin API (the store itself is
-// locked), and the reasons when that cannot work. Then --workers on PostgreSQL: a revocation
+// locked), and the reasons when that cannot work. Then --workers on PostgreSQL: one port, metrics summed by the primary, a revocation
 // through the primary's admin API reaches every gateway worker at once.
 import t from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
@@ -137,15 +137,28 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   t.equal(serve.stderr().split(adminKey).length - 1, 1, 'the admin key is printed exactly once')
 })
 
-t.test('--workers on PostgreSQL: the primary owns the admin API; changes reach every worker at once', async (t) => {
+t.test('--workers on PostgreSQL: one port, the primary owns the admin API and sums the metrics; changes reach every worker at once', async (t) => {
   const url = await freshDatabase(t)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
-  const token = `bootstrap-${randomUUID()}`
   // The workers share one lockout (the primary's memory): the eight refused requests below would lock 127.0.0.1 out after five.
-  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token, RATE_LIMIT_MAX_ATTEMPTS: '100' })
+  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  t.notMatch(serve.stderr(), /created the first admin key/, 'with a bootstrap token no admin key is made')
+  const listening = serve.logs.filter((l) => l.msg === 'gateway listening')
+  t.equal(new Set(listening.map((l) => l.worker)).size, 2, 'two workers listen')
+  t.equal(new Set(listening.map((l) => l.address)).size, 1, 'on one address')
+  const printed = /created the first admin key \(id \w+\)[^\n]*\n(kg_\S+)/.exec(serve.stderr())
+  t.ok(printed, 'the primary creates the first admin key and prints it once')
+  const token = (printed as unknown as [string, string])[1]
+
+  // Readiness turns ready once both workers run.
+  let ready = await call(`${serve.admin}/readyz`)
+  for (let i = 0; i < 50 && ready.status !== 200; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    ready = await call(`${serve.admin}/readyz`)
+  }
+  t.equal(ready.status, 200, ready.text)
+
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token, body: { name: 'worker key', type: 'user' } })
   t.equal(created.status, 201)
   const auth = { authorization: `Bearer ${created.json.key}` }
@@ -153,10 +166,14 @@ t.test('--workers on PostgreSQL: the primary owns the admin API; changes reach e
   for (let i = 0; i < 8; i++) t.equal((await call(`${serve.gateway}/w${i}`, { headers: auth })).status, 200)
   const workers = new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0]))
   t.equal(workers.size, 2, 'both workers served the key (request ids carry a per-process prefix)')
+  const metrics = await call(`${serve.admin}/metrics`)
+  t.equal(metrics.status, 200, serve.stdout())
+  t.match(metrics.text, /keygate_gateway_requests_total\{[^}]*outcome="forwarded"[^}]*\} 8/, 'the primary sums the workers')
   t.equal((await call(`${serve.admin}/v1/keys/${created.json.id}/revoke`, { method: 'POST', token })).status, 200)
   for (let i = 0; i < 8; i++) t.equal((await call(`${serve.gateway}/after${i}`, { headers: auth })).status, 401, 'refused by every worker on the next request')
   const deny = await call(`${serve.admin}/v1/deny-list`, { method: 'POST', token, body: { cidr: '127.0.0.0/8' } })
   t.equal(deny.status, 201)
   for (let i = 0; i < 4; i++) t.equal((await call(`${serve.gateway}/d${i}`)).status, 403, 'a deny entry applies on every worker at once')
-  t.equal(await serve.stop(), 0)
+  t.equal(await serve.stop(), 0, 'exit 0')
+  t.ok(serve.logs.some((l) => l.msg === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
 })

@@ -1,6 +1,6 @@
 // `keygate serve` as a real process: the first admin key, a request through the gateway to a
 // loopback upstream, health, readiness and metrics, graceful shutdown with a request in flight,
-// --workers on PostgreSQL, --only, and usage errors.
+// --only, and usage errors. (--workers runs in test/admin-serve.test.ts.)
 import t from 'tap'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -9,9 +9,7 @@ import { request } from 'undici'
 import { runCli, capturedStderr } from './helpers/cli.ts'
 import { serve } from './helpers/serve.ts'
 import { startUpstream, echo, type Received } from './helpers/gateway.ts'
-import { freshDatabase } from './helpers/stores.ts'
 
-const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 const KEY_PATTERN = /kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/
 const KEYS = new RegExp(KEY_PATTERN.source, 'g')
 
@@ -161,46 +159,4 @@ t.test('--only gateway serves health and metrics but no admin API; --only admin 
   t.match(a.stderr(), KEY_PATTERN, 'the admin process creates the first admin key')
   t.equal((await get(`${a.admin}/readyz`)).status, 200)
   t.equal(await a.stop(), 0)
-})
-
-t.test('--workers 2 on PostgreSQL: one port, both workers answer, metrics aggregated, clean stop', async (t) => {
-  const url = await freshDatabase(t)
-  const upstream = await startUpstream(t)
-  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_UPSTREAM: upstream.url })
-  const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'workers', '--scopes', 'orders:read', '--json'], { env })
-  t.equal(created.code, 0, created.stderr)
-  const key = created.json().key as string
-
-  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
-  const listening = () => s.logs.filter((l) => l.msg === 'gateway listening')
-  const ports = new Set(listening().map((l) => l.address))
-  t.equal(ports.size, 1, 'both workers share one address')
-  const gateway = `http://${[...ports][0] as string}`
-  t.match(s.stderr(), KEY_PATTERN, 'the primary creates the first admin key')
-
-  // Readiness turns ready once both workers run.
-  let ready = await get(`${s.admin}/readyz`)
-  for (let i = 0; i < 50 && ready.status !== 200; i++) {
-    await new Promise((r) => setTimeout(r, 100))
-    ready = await get(`${s.admin}/readyz`)
-  }
-  t.equal(ready.status, 200, ready.text)
-
-  // New connections per request spread over both workers.
-  const workersSeen = new Set<string>()
-  for (let i = 0; i < 40; i++) {
-    const r = await request(`${gateway}/orders`, { headers: { authorization: `Bearer ${key}`, connection: 'close' } })
-    t.equal(r.statusCode, 200)
-    await r.body.text()
-  }
-  for (const l of s.logs) if (l.msg === 'gateway listening') workersSeen.add(String(l.worker))
-  t.equal(workersSeen.size, 2, 'two workers')
-  t.equal(upstream.received.length, 40)
-
-  const metrics = await get(`${s.admin}/metrics`)
-  t.equal(metrics.status, 200, s.stdout())
-  t.match(metrics.text, /keygate_gateway_requests_total\{[^}]*outcome="forwarded"[^}]*\} 40/, 'the primary sums the workers')
-
-  t.equal(await s.stop(), 0, 'exit 0')
-  t.ok(s.logs.some((l) => l.msg === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
 })
