@@ -11,15 +11,12 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { runCli } from './helpers/cli.ts'
-import { serve as startKeygate } from './helpers/serve.ts'
+import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, startUpstream } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 
-function isolated(extra: Record<string, string | undefined>): Record<string, string | undefined> {
-  return { DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_TOKEN: undefined, KEYGATE_ADMIN_URL: undefined, REDIS_URL: undefined, ...extra }
-}
 
 async function call(url: string, options: { method?: string; token?: string; body?: unknown; headers?: Record<string, string> } = {}) {
   const headers: Record<string, string> = { ...(options.headers ?? {}) }
@@ -30,7 +27,7 @@ async function call(url: string, options: { method?: string; token?: string; bod
 
 t.test('the README walk-through and the CLI against a running server (embedded store)', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-serve-'))
-  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store') })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd })
   const printed = /created the first admin key \(id (\w+)\)[^\n]*\n(kg_\S+)/.exec(serve.stderr())
@@ -65,7 +62,7 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   t.equal(locked.json().error.code, 'store_locked')
   t.match(locked.stderr, /KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN/)
 
-  const remote = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store'), KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: adminKey })
+  const remote = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store'), KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: adminKey })
   const cli = (args: string[], input?: string) => runCli(['api-key', ...args], { env: remote, cwd, ...(input !== undefined ? { input } : {}) })
   const made = await cli(['create', '--name', 'from the cli', '--type', 'user', '--scopes', 'demo', '--owner', 'ops', '--json'])
   t.equal(made.code, 0, made.stderr)
@@ -141,7 +138,7 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   const url = await freshDatabase(t)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
   // The workers share one lockout (the primary's memory): the eight refused requests below would lock 127.0.0.1 out after five.
-  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   const listening = serve.logs.filter((l) => l.msg === 'gateway listening')

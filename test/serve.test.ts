@@ -7,28 +7,21 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { runCli, capturedStderr } from './helpers/cli.ts'
-import { serve } from './helpers/serve.ts'
-import { startUpstream, echo, type Received } from './helpers/gateway.ts'
+import { isolatedEnv, serve } from './helpers/serve.ts'
+import { answerOf, startUpstream, echo, type Received } from './helpers/gateway.ts'
 
 const KEY_PATTERN = /kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/
 const KEYS = new RegExp(KEY_PATTERN.source, 'g')
 
-function isolated(extra: Record<string, string | undefined>): Record<string, string | undefined> {
-  return { DATABASE_URL: undefined, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_TOKEN: undefined, KEYGATE_UPSTREAM: undefined, ...extra }
-}
 
 function dataDir(): string {
   return join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'store')
 }
 
-async function get(url: string, headers: Record<string, string> = {}) {
-  const r = await request(url, { headers })
-  const text = await r.body.text()
-  return { status: r.statusCode, headers: r.headers, text, json: () => JSON.parse(text) }
-}
+const get = async (url: string, headers: Record<string, string> = {}) => answerOf(await request(url, { headers }))
 
 t.test('usage errors exit 2 and start nothing', async (t) => {
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir() })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir() })
   const cases: Array<[string[], RegExp, number]> = [
     [['serve', '--only', 'proxy'], /--only: "proxy" is not allowed; expected gateway or admin/, 2],
     [['serve', '--workers', '0'], /--workers/, 2],
@@ -62,7 +55,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
     }
     echo(req, res, received)
   })
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
 
   const first = await serve(t, { env })
   await first.waitForLog((l) => l.msg.startsWith('no admin credential was configured'))
@@ -72,8 +65,8 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   const adminKey = printed[0] as string
 
   // Health, readiness and metrics need no credential.
-  t.same((await get(`${first.admin}/healthz`)).json(), { status: 'ok' })
-  t.same((await get(`${first.admin}/readyz`)).json(), { status: 'ready' })
+  t.same((await get(`${first.admin}/healthz`)).json, { status: 'ok' })
+  t.same((await get(`${first.admin}/readyz`)).json, { status: 'ready' })
 
   // The printed key holds the admin scope; the store is owned by serve, so the CLI says so.
   const locked = await runCli(['api-key', 'list'], { env })
@@ -82,13 +75,13 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
 
   const noKey = await get(`${first.gateway}/orders`)
   t.equal(noKey.status, 401)
-  t.equal(noKey.json().error.code, 'key_missing')
+  t.equal(noKey.json.error.code, 'key_missing')
   t.match(noKey.headers['www-authenticate'], /Bearer/)
   t.equal(upstream.received.length, 0, 'nothing forwarded without a key')
 
   const ok = await get(`${first.gateway}/orders?x=1`, { authorization: `Bearer ${adminKey}` })
   t.equal(ok.status, 200)
-  const seen = ok.json() as Received
+  const seen = ok.json as Received
   t.equal(seen.url, '/orders?x=1')
   t.notOk(seen.headers.authorization, 'the credential is removed')
   t.ok(seen.headers['x-keygate-key-id'], 'identity headers are set')
@@ -135,7 +128,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
 
 t.test('a configured admin token: no key is created or printed', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
   const s = await serve(t, { env })
   t.notMatch(s.stderr(), KEY_PATTERN)
   t.equal((await get(`${s.gateway}/`)).status, 401)
@@ -144,7 +137,7 @@ t.test('a configured admin token: no key is created or printed', async (t) => {
 
 t.test('--only gateway serves health and metrics but no admin API; --only admin runs no gateway', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
   const g = await serve(t, { env, args: ['--only', 'gateway'] })
   t.ok(g.logs.some((l) => l.msg === 'health and metrics listening'))
   t.notMatch(g.stderr(), KEY_PATTERN, '--only gateway does not create an admin key')

@@ -26,6 +26,20 @@ export interface Served {
   waitForLog(match: (line: LogLine) => boolean, timeoutMs?: number): Promise<LogLine>
 }
 
+/** An environment for `keygate serve` free of the machine's own keygate settings, plus `extra`. */
+export function isolatedEnv(extra: Record<string, string | undefined>): Record<string, string | undefined> {
+  return {
+    DATABASE_URL: undefined,
+    REDIS_URL: undefined,
+    KEYGATE_CONFIG: undefined,
+    KEYGATE_ENCRYPTION_KEY: undefined,
+    KEYGATE_ADMIN_TOKEN: undefined,
+    KEYGATE_ADMIN_URL: undefined,
+    KEYGATE_UPSTREAM: undefined,
+    ...extra,
+  }
+}
+
 export interface ServeOptions {
   args?: string[]
   env?: Record<string, string | undefined>
