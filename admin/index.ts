@@ -37,8 +37,8 @@ export interface AdminApiDeps {
   flushUsage?: () => Promise<void>
   now?: () => Date
   /** The Gitea and n8n services of the integration operations. */
-  gitea?: GiteaTokenService
-  n8n?: N8nKeyService
+  gitea: GiteaTokenService
+  n8n: N8nKeyService
   /** Anomalies recorded by any instance (the SSE stream); closing it ends the open streams. */
   anomalyFeed?: AnomalyFeed
   webhooks: WebhookService

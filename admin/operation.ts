@@ -28,9 +28,8 @@ export interface AdminServices {
   /** Writes this process's pending usage counts, so reports include the latest requests. */
   flushUsage(): Promise<void>
   now(): Date
-  /** Absent: the integration operations answer `<service>_not_configured`. */
-  gitea?: GiteaTokenService | undefined
-  n8n?: N8nKeyService | undefined
+  gitea: GiteaTokenService
+  n8n: N8nKeyService
 }
 
 export interface OperationInput<Q, B> {

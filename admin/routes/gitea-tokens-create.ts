@@ -1,6 +1,6 @@
 // POST /v1/gitea/tokens: a personal access token made in Gitea for a user; the answer holds it, once.
 import { CreateGiteaTokenBody, GiteaTokenCreatedSchema } from '../../core/integrations/schemas.ts'
-import { GITEA_CALL_ERRORS, giteaOf } from '../integrations.ts'
+import { GITEA_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -14,6 +14,6 @@ export default defineOperation({
   response: { status: 201, description: 'The token was created.', schema: GiteaTokenCreatedSchema },
   errors: ['validation_failed', 'gitea_scope_unknown', 'gitea_token_exists', ...GITEA_CALL_ERRORS],
   async handle({ body, actor, services }) {
-    return giteaOf(services).create(body, actor)
+    return services.gitea.create(body, actor)
   },
 })

@@ -1,6 +1,6 @@
 // DELETE /v1/gitea/tokens/{ref}: deletes a token in Gitea (by Gitea's id or by name) and closes its record.
 import { DeleteGiteaTokenQuery, GiteaTokenDeletedSchema } from '../../core/integrations/schemas.ts'
-import { GITEA_CALL_ERRORS, giteaOf } from '../integrations.ts'
+import { GITEA_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -14,6 +14,6 @@ export default defineOperation({
   response: { status: 200, description: 'The token was deleted.', schema: GiteaTokenDeletedSchema },
   errors: ['validation_failed', 'gitea_token_not_found', ...GITEA_CALL_ERRORS],
   async handle({ params, query, actor, services }) {
-    return giteaOf(services).delete(params.ref as string, actor, query.user === undefined ? {} : { user: query.user })
+    return services.gitea.delete(params.ref as string, actor, query.user === undefined ? {} : { user: query.user })
   },
 })

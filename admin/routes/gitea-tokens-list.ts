@@ -1,6 +1,6 @@
 // GET /v1/gitea/tokens: Gitea's tokens and keygate's records side by side, drift marked.
 import { GiteaTokenListSchema } from '../../core/integrations/schemas.ts'
-import { GITEA_CALL_ERRORS, giteaOf } from '../integrations.ts'
+import { GITEA_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -13,6 +13,6 @@ export default defineOperation({
   response: { status: 200, description: 'Remote and local, side by side.', schema: GiteaTokenListSchema },
   errors: [...GITEA_CALL_ERRORS],
   async handle({ services }) {
-    return giteaOf(services).list()
+    return services.gitea.list()
   },
 })

@@ -1,6 +1,6 @@
 // POST /v1/gitea/tokens/verify: whether Gitea accepts a token, and whose it is.
 import { GiteaVerificationSchema, VerifySecretBody } from '../../core/integrations/schemas.ts'
-import { GITEA_CALL_ERRORS, giteaOf } from '../integrations.ts'
+import { GITEA_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -14,6 +14,6 @@ export default defineOperation({
   response: { status: 200, description: 'The verdict, with the local record when keygate made the token.', schema: GiteaVerificationSchema },
   errors: ['validation_failed', ...GITEA_CALL_ERRORS],
   async handle({ body, services }) {
-    return giteaOf(services).verify(body.secret)
+    return services.gitea.verify(body.secret)
   },
 })

@@ -1,6 +1,6 @@
 // POST /v1/n8n/keys: an API key made in n8n (label, scopes, optional expiry); the answer holds it, once.
 import { CreateN8nKeyBody, N8nKeyCreatedSchema } from '../../core/integrations/schemas.ts'
-import { N8N_CALL_ERRORS, n8nOf } from '../integrations.ts'
+import { N8N_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -14,6 +14,6 @@ export default defineOperation({
   response: { status: 201, description: 'The key was created.', schema: N8nKeyCreatedSchema },
   errors: ['validation_failed', 'n8n_scope_unknown', 'n8n_key_exists', ...N8N_CALL_ERRORS],
   async handle({ body, actor, services }) {
-    return n8nOf(services).create(body, actor)
+    return services.n8n.create(body, actor)
   },
 })

@@ -1,6 +1,6 @@
 // DELETE /v1/n8n/keys/{ref}: deletes an API key in n8n (by n8n's id or label) and closes its record.
 import { N8nKeyDeletedSchema } from '../../core/integrations/schemas.ts'
-import { N8N_CALL_ERRORS, n8nOf } from '../integrations.ts'
+import { N8N_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -13,6 +13,6 @@ export default defineOperation({
   response: { status: 200, description: 'The key was deleted.', schema: N8nKeyDeletedSchema },
   errors: ['n8n_key_not_found', 'conflict', ...N8N_CALL_ERRORS],
   async handle({ params, actor, services }) {
-    return n8nOf(services).delete(params.ref as string, actor)
+    return services.n8n.delete(params.ref as string, actor)
   },
 })

@@ -1,6 +1,6 @@
 // GET /v1/n8n/keys: n8n's API keys and keygate's records side by side, drift marked.
 import { N8nKeyListSchema } from '../../core/integrations/schemas.ts'
-import { N8N_CALL_ERRORS, n8nOf } from '../integrations.ts'
+import { N8N_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -13,6 +13,6 @@ export default defineOperation({
   response: { status: 200, description: 'Remote and local, side by side.', schema: N8nKeyListSchema },
   errors: [...N8N_CALL_ERRORS],
   async handle({ services }) {
-    return n8nOf(services).list()
+    return services.n8n.list()
   },
 })

@@ -1,6 +1,6 @@
 // POST /v1/n8n/keys/verify: whether n8n's public API accepts a key.
 import { N8nVerificationSchema, VerifySecretBody } from '../../core/integrations/schemas.ts'
-import { N8N_CALL_ERRORS, n8nOf } from '../integrations.ts'
+import { N8N_CALL_ERRORS } from '../integrations.ts'
 import { defineOperation } from '../operation.ts'
 
 export default defineOperation({
@@ -14,6 +14,6 @@ export default defineOperation({
   response: { status: 200, description: 'The verdict, with the local record when keygate made the key.', schema: N8nVerificationSchema },
   errors: ['validation_failed', ...N8N_CALL_ERRORS],
   async handle({ body, services }) {
-    return n8nOf(services).verify(body.secret)
+    return services.n8n.verify(body.secret)
   },
 })

@@ -16,8 +16,8 @@ import type { Config } from '../../config/schema.ts'
 import type { Redis } from 'ioredis'
 import type { Db } from '../../core/db.ts'
 import { DenyListService } from '../../core/deny-list.ts'
-import type { GiteaTokenService } from '../../core/integrations/gitea.ts'
-import type { N8nKeyService } from '../../core/integrations/n8n.ts'
+import { GiteaTokenService } from '../../core/integrations/gitea.ts'
+import { N8nKeyService } from '../../core/integrations/n8n.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { createLockout, type Lockout } from '../../core/lockout.ts'
 import { silentLogger } from '../../core/log.ts'
@@ -73,7 +73,7 @@ export interface AdminHarnessOptions {
   gateway?: boolean
   /** Config overrides (lockout, gateway, ...). */
   config?: Record<string, unknown>
-  /** The integration services behind /v1/gitea and /v1/n8n (absent: not configured). */
+  /** The integration services behind /v1/gitea and /v1/n8n (default: from the harness's config, which configures neither). */
   gitea?: GiteaTokenService
   n8n?: N8nKeyService
   /** Shared windows, alerts and the SSE feed over Redis (as `serve` with REDIS_URL). */
@@ -96,9 +96,14 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   const offKeys = bindKeyEvents(keys, events)
   webhooks.start()
   const redis = options.redis
+  const integrationDeps = { db, audit, log: silentLogger, config }
+  const gitea = options.gitea ?? new GiteaTokenService(integrationDeps)
+  const n8n = options.n8n ?? new N8nKeyService(integrationDeps)
   const anomalyFeed = new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log: silentLogger })
   t.teardown(async () => {
     anomalyFeed.close()
+    if (!options.gitea) await gitea.close()
+    if (!options.n8n) await n8n.close()
     offQueue()
     offKeys()
     await webhooks.close()
@@ -116,8 +121,8 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       maxBodyBytes: config.admin.max_body_bytes,
       ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
       flushUsage: () => usage.flush(),
-      ...(options.gitea ? { gitea: options.gitea } : {}),
-      ...(options.n8n ? { n8n: options.n8n } : {}),
+      gitea,
+      n8n,
       webhooks,
       anomalyFeed,
     }),
