@@ -156,6 +156,8 @@ interface Tally {
   requests: number
   errors: number
   addresses: Set<string>
+  /** The address added last (keep-alive clients repeat theirs): skips the Set for a repeat. */
+  lastAddress: string
 }
 
 /** The totals of the shared windows after a tally was added. */
@@ -290,6 +292,9 @@ export class AnomalyDetector implements UsageSink {
   readonly #memory: MemoryWindows
   readonly #shared: SharedWindows
   #pending = new Map<string, Tally>()
+  /** The tallies of `#pending` for `#minute` by key id: the request path's look-up, without building the `key|minute` string. */
+  #current = new Map<string, Tally>()
+  #minute = -1
   /** `key|type|window` already stored (by anyone): not tried again. */
   readonly #reported = new Map<string, number>()
   /** `key|hour` already judged for unusual activity. */
@@ -318,16 +323,27 @@ export class AnomalyDetector implements UsageSink {
   count(keyId: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number): void {
     if (keyId === undefined) return
     const minute = nowMs - (nowMs % MINUTE_MS)
-    const id = `${keyId}|${minute}`
-    let t = this.#pending.get(id)
+    if (minute !== this.#minute) {
+      this.#minute = minute
+      this.#current = new Map()
+    }
+    let t = this.#current.get(keyId)
     if (t === undefined) {
-      const errMs = this.#t.error_rate_window_s * 1000
-      t = { keyId, minute, errWindow: nowMs - (nowMs % errMs), hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set() }
-      this.#pending.set(id, t)
+      const id = `${keyId}|${minute}`
+      t = this.#pending.get(id)
+      if (t === undefined) {
+        const errMs = this.#t.error_rate_window_s * 1000
+        t = { keyId, minute, errWindow: nowMs - (nowMs % errMs), hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set(), lastAddress: '' }
+        this.#pending.set(id, t)
+      }
+      this.#current.set(keyId, t)
     }
     t.requests++
     if (status !== undefined && status >= 400) t.errors++
-    if (address && t.addresses.size < MAX_ADDRESSES) t.addresses.add(address)
+    if (address && address !== t.lastAddress && t.addresses.size < MAX_ADDRESSES) {
+      t.addresses.add(address)
+      t.lastAddress = address
+    }
     if (nowMs > t.lastMs) t.lastMs = nowMs
   }
 
@@ -345,6 +361,7 @@ export class AnomalyDetector implements UsageSink {
     if (this.#pending.size === 0) return
     const tallies = [...this.#pending.values()]
     this.#pending = new Map()
+    this.#current = new Map()
     let totals: Totals[]
     try {
       totals = await this.#shared.add(tallies)

@@ -40,8 +40,57 @@ const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 type CounterChild = Counter.Internal
 type HistogramChild = Histogram.Internal<string>
 
+/** What the request path increments. */
+export interface Increment {
+  inc(): void
+}
+
+/**
+ * A counter series the request path increments as a plain number; the count is added to its
+ * prom-client child when the metrics are collected (a scrape, or a worker's report to the
+ * primary), so a request pays a field increment instead of prom-client's label hashing.
+ */
+class Tally implements Increment {
+  n = 0
+  readonly #child: CounterChild
+
+  constructor(child: CounterChild) {
+    this.#child = child
+    child.inc(0)
+  }
+
+  inc(): void {
+    this.n++
+  }
+
+  flush(): void {
+    if (this.n === 0) return
+    this.#child.inc(this.n)
+    this.n = 0
+  }
+}
+
+/** A Counter whose series are Tallies, folded in by its collect hook. */
+function talliedCounter(options: { name: string; help: string; labelNames: string[]; registers: Registry[] }): { counter: Counter; tally: (...labels: string[]) => Tally } {
+  const tallies: Tally[] = []
+  const counter = new Counter({
+    ...options,
+    collect() {
+      for (const t of tallies) t.flush()
+    },
+  })
+  return {
+    counter,
+    tally: (...labels) => {
+      const t = new Tally(counter.labels(...labels))
+      tallies.push(t)
+      return t
+    },
+  }
+}
+
 export interface RouteMetrics {
-  requests: Readonly<Record<GatewayOutcome, CounterChild>>
+  requests: Readonly<Record<GatewayOutcome, Increment>>
   /** Request arrival to response head written. */
   duration: HistogramChild
   /** Upstream dispatch to upstream response head. */
@@ -52,13 +101,13 @@ export interface GatewayMetrics {
   readonly registry: Registry
   /** Pre-created children of a route (or NO_ROUTE); unknown names get the NO_ROUTE children. */
   route(name: string): RouteMetrics
-  readonly cache: { hit: CounterChild; miss: CounterChild; negativeHit: CounterChild }
-  readonly rateLimited: { address: CounterChild; key: CounterChild }
+  readonly cache: { hit: Increment; miss: Increment; negativeHit: Increment }
+  readonly rateLimited: { address: Increment; key: Increment }
   /** Requests answered ip_locked_out. */
   readonly lockedOutRequests: Counter
   /** Addresses that reached the failed-attempt limit. */
   readonly lockouts: Counter
-  readonly badKeys: Readonly<Record<BadKeyReason, CounterChild>>
+  readonly badKeys: Readonly<Record<BadKeyReason, Increment>>
   readonly denyListEntries: Gauge
   readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
   /** Anomalies this process recorded (the instance whose insert made the row), by type. */
@@ -104,7 +153,7 @@ export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}
 
 export function createGatewayMetrics(registry: Registry, routeNames: readonly string[]): GatewayMetrics {
   const registers = [registry]
-  const requests = new Counter({
+  const requests = talliedCounter({
     name: 'keygate_gateway_requests_total',
     help: 'Gateway requests by route and outcome (forwarded, or the error code answered).',
     labelNames: ['route', 'outcome'],
@@ -124,34 +173,34 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     buckets: LATENCY_BUCKETS,
     registers,
   })
-  const cache = new Counter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
-  const limited = new Counter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
+  const cache = talliedCounter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
+  const limited = talliedCounter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
   const lockedOutRequests = new Counter({ name: 'keygate_locked_out_requests_total', help: 'Requests answered ip_locked_out.', registers })
   const lockouts = new Counter({ name: 'keygate_lockouts_total', help: 'Addresses locked out after too many failed key attempts.', registers })
-  const badKeys = new Counter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
+  const badKeys = talliedCounter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
   const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers })
   const storeErrors = new Counter({ name: 'keygate_store_errors_total', help: 'Store failures seen by the gateway, by operation.', labelNames: ['operation'], registers })
   const anomalyCounter = new Counter({ name: 'keygate_anomalies_total', help: 'Anomalies recorded by this process, by type.', labelNames: ['type'], registers })
 
   const byRoute = new Map<string, RouteMetrics>()
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
-    const children = {} as Record<GatewayOutcome, CounterChild>
-    for (const outcome of GATEWAY_OUTCOMES) children[outcome] = zeroed(requests.labels(name, outcome))
+    const children = {} as Record<GatewayOutcome, Increment>
+    for (const outcome of GATEWAY_OUTCOMES) children[outcome] = requests.tally(name, outcome)
     duration.zero({ route: name })
     upstream.zero({ route: name })
     byRoute.set(name, { requests: Object.freeze(children), duration: duration.labels(name), upstream: upstream.labels(name) })
   }
   const none = byRoute.get(NO_ROUTE) as RouteMetrics
-  const bad = {} as Record<BadKeyReason, CounterChild>
-  for (const reason of BAD_KEY_REASONS) bad[reason] = zeroed(badKeys.labels(reason))
+  const bad = {} as Record<BadKeyReason, Increment>
+  for (const reason of BAD_KEY_REASONS) bad[reason] = badKeys.tally(reason)
   const anomalies = {} as Record<AnomalyType, CounterChild>
   for (const type of ANOMALY_TYPES) anomalies[type] = zeroed(anomalyCounter.labels(type))
 
   return {
     registry,
     route: (name) => byRoute.get(name) ?? none,
-    cache: { hit: zeroed(cache.labels('hit')), miss: zeroed(cache.labels('miss')), negativeHit: zeroed(cache.labels('negative_hit')) },
-    rateLimited: { address: zeroed(limited.labels('address')), key: zeroed(limited.labels('key')) },
+    cache: { hit: cache.tally('hit'), miss: cache.tally('miss'), negativeHit: cache.tally('negative_hit') },
+    rateLimited: { address: limited.tally('address'), key: limited.tally('key') },
     lockedOutRequests,
     lockouts,
     badKeys: Object.freeze(bad),

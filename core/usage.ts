@@ -43,6 +43,9 @@ export class UsageRecorder implements UsageSink {
   readonly #db: Db
   readonly #log: Logger | undefined
   #keys = new Map<string, KeyCounts>()
+  /** The entries of `#keys` for `#bucket` by key id: the request path's look-up, without building the `bucket|id` string. */
+  #current = new Map<string, KeyCounts>()
+  #bucket = -1
   #reasons = new Map<string, number>()
   #timer: NodeJS.Timeout | undefined
   #flushing: Promise<void> | undefined
@@ -60,11 +63,19 @@ export class UsageRecorder implements UsageSink {
     const bucket = bucketOf(nowMs)
     const rejected = outcome !== 'forwarded'
     if (keyId !== undefined) {
-      const id = `${bucket}|${keyId}`
-      let c = this.#keys.get(id)
+      if (bucket !== this.#bucket) {
+        this.#bucket = bucket
+        this.#current = new Map()
+      }
+      let c = this.#current.get(keyId)
       if (c === undefined) {
-        c = { requests: 0, rejected: 0, lastMs: nowMs }
-        this.#keys.set(id, c)
+        const id = `${bucket}|${keyId}`
+        c = this.#keys.get(id)
+        if (c === undefined) {
+          c = { requests: 0, rejected: 0, lastMs: nowMs }
+          this.#keys.set(id, c)
+        }
+        this.#current.set(keyId, c)
       }
       c.requests++
       if (rejected) c.rejected++
@@ -89,6 +100,7 @@ export class UsageRecorder implements UsageSink {
     const reasons = this.#reasons
     if (keys.size === 0 && reasons.size === 0) return
     this.#keys = new Map()
+    this.#current = new Map()
     this.#reasons = new Map()
     const k = { ids: [] as string[], buckets: [] as string[], requests: [] as number[], rejected: [] as number[] }
     const last = new Map<string, number>()

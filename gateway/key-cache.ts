@@ -138,11 +138,18 @@ export class KeyCache {
 
   /** The cached answer, or a promise of the store's; rejects when the store fails. */
   lookup(hash: string, presented: string): CachedKey | Miss | Promise<CachedKey | Miss> {
+    return this.hit(hash) ?? this.miss(hash, presented)
+  }
+
+  /** The cached key of a hash, if any (the request path's first look). */
+  hit(hash: string): CachedKey | undefined {
     const hit = this.#positive.get(hash)
-    if (hit !== undefined) {
-      this.#metrics.hit.inc()
-      return hit
-    }
+    if (hit !== undefined) this.#metrics.hit.inc()
+    return hit
+  }
+
+  /** After `hit` found nothing: the negative cache's answer, or a promise of the store's; rejects when the store fails. */
+  miss(hash: string, presented: string): Miss | Promise<CachedKey | Miss> {
     const miss = this.#negative?.get(hash)
     if (miss !== undefined) {
       this.#metrics.negativeHit.inc()

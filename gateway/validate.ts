@@ -1,9 +1,9 @@
-// Key validation: format check (a malformed key never reaches a cache or the store), cache or
-// store look-up, status, expiry, rotation grace and CIDR binding. Every refusal is a failed
+// Key validation: format check (a malformed key never reaches the store), cache or store
+// look-up, status, expiry, rotation grace and CIDR binding. Every refusal is a failed
 // attempt for the lockout. With `gateway.reveal_key_status` off every bad key is answered
 // `key_invalid`, so the answer never tells unknown, wrong secret, revoked, expired or malformed
 // apart; the metrics and the debug log do.
-import { digestKey, keyShape } from '../core/keys/format.ts'
+import { digestKey, keyKind, keyShape } from '../core/keys/format.ts'
 import type { Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
@@ -69,12 +69,19 @@ export function createValidateStage(o: ValidateOptions): Stage {
     return 'store_unavailable'
   }
 
+  // A hash found in the cache is a stored key's, so a hit needs only the cheap length and
+  // prefix check; the full format check (checksum included) runs before the store is asked.
   return (s: RequestState) => {
-    const shape = keyShape(s.presented as string, prefix, acceptLegacy)
-    if (shape === undefined) return refuse(s, 'malformed', undefined)
-    let found: ReturnType<KeyCache['lookup']>
+    const presented = s.presented as string
+    const kind = keyKind(presented, prefix, acceptLegacy)
+    if (kind === undefined) return refuse(s, 'malformed', undefined)
+    const digest = digestKey(presented, kind)
+    const hit = cache.hit(digest)
+    if (hit !== undefined) return settle(s, hit)
+    if (keyShape(presented, prefix, acceptLegacy) === undefined) return refuse(s, 'malformed', undefined)
+    let found: ReturnType<KeyCache['miss']>
     try {
-      found = cache.lookup(digestKey(s.presented as string, shape), s.presented as string)
+      found = cache.miss(digest, presented)
     } catch (err) {
       return storeDown(s, err)
     }

@@ -66,15 +66,28 @@ export type ParsedKey =
  * expected length is fixed, so most garbage costs a length check.
  */
 export function keyShape(presented: string, prefix: string, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
-  const expected = prefix.length + ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH
-  if (presented.length === expected && presented.startsWith(prefix)) {
+  const kind = keyKind(presented, prefix, acceptLegacy)
+  if (kind === 'keygate') {
+    const expected = presented.length
     const idEnd = prefix.length + ID_LENGTH
     if (presented.charCodeAt(idEnd) !== 95 /* _ */) return undefined
     if (checksum(presented.slice(0, expected - CHECK_LENGTH)) !== presented.slice(expected - CHECK_LENGTH)) return undefined
     if (!ID_SHAPE.test(presented.slice(prefix.length, idEnd)) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
     return 'keygate'
   }
-  if (acceptLegacy && presented.length === 36 && UUID_V4.test(presented)) return 'legacy'
+  if (kind === 'legacy' && UUID_V4.test(presented)) return 'legacy'
+  return undefined
+}
+
+/**
+ * What a presented key could be from its length and prefix alone: the first, cheapest half of
+ * `keyShape`. The gateway hashes a key of a possible kind and tries its cache first (a cached
+ * hash is a stored key's, so a hit needs no further check); only a miss gets the full check
+ * before the store is asked.
+ */
+export function keyKind(presented: string, prefix: string, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
+  if (presented.length === prefix.length + ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH && presented.startsWith(prefix)) return 'keygate'
+  if (acceptLegacy && presented.length === 36) return 'legacy'
   return undefined
 }
 
