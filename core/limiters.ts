@@ -8,16 +8,20 @@
 //   answer in time leaves the worker with its own memory for that call.
 import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, RateLimiterRedis, RateLimiterRes } from 'rate-limiter-flexible'
 import type { Redis } from 'ioredis'
+import QuickLRU from 'quick-lru'
 import { redisHealth, type DownReason } from './redis.ts'
 
 export { RateLimiterRes }
 
 export interface Limiter {
-  consume(key: string): Promise<RateLimiterRes>
+  consume(key: string, points?: number): Promise<RateLimiterRes>
   penalty(key: string, points?: number): Promise<RateLimiterRes>
+  reward(key: string, points?: number): Promise<RateLimiterRes>
   get(key: string): Promise<RateLimiterRes | null>
   block(key: string, secDuration: number): Promise<RateLimiterRes>
   delete(key: string): Promise<boolean>
+  /** Which store answers now, where that can change (Redis and its insurance); answers from another source are not kept. */
+  readonly source?: number
 }
 
 export interface LimiterOptions {
@@ -145,11 +149,19 @@ class Insured implements Limiter {
     })
   }
 
-  consume(key: string) {
-    return this.#run((l) => l.consume(key))
+  /** Which limiter answers: changes when the gate switches, so answers kept from the other one can be dropped. */
+  get source(): number {
+    return this.#gate.up ? 1 : 0
+  }
+
+  consume(key: string, points?: number) {
+    return this.#run((l) => l.consume(key, points))
   }
   penalty(key: string, points?: number) {
     return this.#run((l) => l.penalty(key, points))
+  }
+  reward(key: string, points?: number) {
+    return this.#run((l) => l.reward(key, points))
   }
   get(key: string) {
     return this.#run((l) => l.get(key))
@@ -169,10 +181,136 @@ export function createLimiter(options: LimiterOptions): Limiter {
   const memory = new RateLimiterMemory(base) as unknown as Limiter
   const local = options.cluster ? new Insured(new RateLimiterCluster({ ...base, timeoutMs: 1000 }) as unknown as Limiter, memory, CLUSTER_GATE) : memory
   if (!options.redis) return local
-  // inMemoryBlockOnConsumed: once a key is over its limit it is refused from memory until its
-  // window ends, so a client hammering past its limit costs no Redis round trips.
-  const shared = new RateLimiterRedis({ ...base, storeClient: options.redis, rejectIfRedisNotReady: true, inMemoryBlockOnConsumed: options.points + 1 }) as unknown as Limiter
+  const shared = new RateLimiterRedis({ ...base, storeClient: options.redis, rejectIfRedisNotReady: true }) as unknown as Limiter
   return new Insured(shared, local, redisHealth(options.redis))
+}
+
+/** A rate limit as the request path uses it (see LeasedLimit). */
+export interface RateLimit {
+  readonly points: number
+  /** An answer from this process's lease of the key's points, without a promise; undefined when the store must be asked. */
+  take(key: string): RateLimiterRes | undefined
+  /** Takes one point, asking the store when the lease is used up; rejects with a RateLimiterRes when the limit is reached. */
+  consume(key: string): Promise<RateLimiterRes>
+}
+
+interface Lease {
+  /** Points reserved in the store and not yet used by this process. */
+  left: number
+  /** Points the reservation took, and when (performance.now()): the next one is sized to the rate they were used at. */
+  size: number
+  at: number
+  /** The limiter's source when reserved. */
+  source: number | undefined
+  /** What the store had left for others after the reservation. */
+  remaining: number
+  /** Epoch ms when the store's window (and so the lease) ends. */
+  until: number
+  /** The store refused even one point: refuse until `until`. */
+  refused: boolean
+}
+
+/** Most points one reservation takes. */
+const MAX_LEASE = 64
+/** A reservation is sized to last about this long at the rate the last one was used. */
+const LEASE_TARGET_MS = 100
+/** A reservation takes at most this share of what the store has left, so a lease never holds much of a limit that is nearly used up. */
+const LEASE_SHARE = 8
+/** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
+const MAX_LEASES = 10_000
+
+/**
+ * Rate limits on the request path, without a store round trip per request: points are reserved
+ * from the limiter (memory, the cluster primary or Redis) a few at a time and used from memory.
+ * A reservation is an ordinary atomic consume of several points, so the store never allows more
+ * than the limit across every process sharing it; what a lease has not used when its window
+ * ends is counted but unused (a process can refuse slightly early, never admit more).
+ * - Size: one point for a key not seen lately; then what the last lease's rate uses in about
+ *   100 ms, at most 64 and 1/8 of what the store has left, so a slow key is counted one point at
+ *   a time, and near its limit every key is.
+ * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
+ * - Leases and refusals are dropped when the answering store changes (Redis down or back).
+ * - Concurrent requests for a key wait for one reservation.
+ * - RateLimit-Remaining is what the store had left at the last reservation plus this process's
+ *   unused lease: exact with one process.
+ */
+export class LeasedLimit implements RateLimit {
+  readonly points: number
+  readonly #limiter: Limiter
+  readonly #leases = new QuickLRU<string, Lease>({ maxSize: MAX_LEASES / 2 })
+  readonly #reserving = new Map<string, Promise<void>>()
+
+  constructor(limiter: Limiter, points: number) {
+    this.#limiter = limiter
+    this.points = points
+  }
+
+  take(key: string): RateLimiterRes | undefined {
+    const lease = this.#leases.get(key)
+    if (lease === undefined || lease.left === 0 || lease.source !== this.#limiter.source) return undefined
+    const ms = lease.until - Date.now()
+    if (ms <= 0) return undefined
+    lease.left--
+    return new RateLimiterRes(lease.remaining + lease.left, ms, this.points - lease.remaining - lease.left, false)
+  }
+
+  async consume(key: string): Promise<RateLimiterRes> {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const answer = this.take(key)
+      if (answer !== undefined) return answer
+      const lease = this.#leases.get(key)
+      if (lease !== undefined && lease.refused && lease.source === this.#limiter.source) {
+        const ms = lease.until - Date.now()
+        if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
+      }
+      let reserving = this.#reserving.get(key)
+      if (reserving === undefined) {
+        reserving = this.#reserve(key, lease).finally(() => this.#reserving.delete(key))
+        this.#reserving.set(key, reserving)
+      }
+      await reserving
+    }
+    // Other requests keep taking what each reservation brings: count this one on its own.
+    return this.take(key) ?? this.#limiter.consume(key, 1)
+  }
+
+  async #reserve(key: string, previous: Lease | undefined): Promise<void> {
+    const source = this.#limiter.source
+    const now = performance.now()
+    const current = previous !== undefined && previous.until > Date.now() && previous.source === source && !previous.refused
+    // One point for a key not seen lately; then as many as were used in LEASE_TARGET_MS at the
+    // last lease's rate, at most MAX_LEASE and 1/LEASE_SHARE of what the store has left.
+    const wanted = current ? Math.round((previous.size * LEASE_TARGET_MS) / Math.max(1, now - previous.at)) : 1
+    let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((current ? previous.remaining : this.points) / LEASE_SHARE)))
+    // Kept with the source that answered (read after the answer: a call that fell back to the insurance was answered by it).
+    const refuse = (err: RateLimiterRes) => this.#leases.set(key, { left: 0, size: 1, at: now, source: this.#limiter.source, remaining: 0, until: Date.now() + err.msBeforeNext, refused: true })
+    let got: RateLimiterRes
+    try {
+      got = await this.#limiter.consume(key, size)
+    } catch (err) {
+      if (!(err instanceof RateLimiterRes)) throw err
+      if (size === 1) {
+        refuse(err)
+        return
+      }
+      // Others used more than this process knew: give the points back and ask for one.
+      await this.#limiter.reward(key, size)
+      size = 1
+      try {
+        got = await this.#limiter.consume(key, 1)
+      } catch (again) {
+        if (!(again instanceof RateLimiterRes)) throw again
+        refuse(again)
+        return
+      }
+    }
+    this.#leases.set(key, { left: size, size, at: now, source: this.#limiter.source, remaining: got.remainingPoints, until: Date.now() + got.msBeforeNext, refused: false })
+  }
+}
+
+/** The request path's rate limit of `options`: a LeasedLimit over the limiter createLimiter makes. */
+export function createRateLimit(options: LimiterOptions): RateLimit {
+  return new LeasedLimit(createLimiter(options), options.points)
 }
 
 /** In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its memory. */

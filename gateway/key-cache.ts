@@ -11,7 +11,7 @@ import type { KeyService } from '../core/keys/service.ts'
 import { KEY_TYPES, type KeyRecord, type KeyType } from '../core/keys/types.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
 import { rangeMatcher } from '../core/keys/evaluate.ts'
-import type { SizedLimiter } from './rate-limit.ts'
+import type { RateLimit } from '../core/limiters.ts'
 
 export type Miss = 'unknown' | 'wrong_secret'
 
@@ -59,9 +59,9 @@ export class CachedKey {
   readonly validUntil: number
   readonly state: number
   readonly binding: Binding | undefined
-  readonly limit: SizedLimiter
+  readonly limit: RateLimit
 
-  constructor(record: KeyRecord, scopes: ScopeSet, limit: SizedLimiter) {
+  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit) {
     let validUntil = record.expiresAt ? record.expiresAt.getTime() : Infinity
     if (record.status === 'rotating') validUntil = Math.min(validUntil, record.graceUntil ? record.graceUntil.getTime() : 0)
     this.id = record.id

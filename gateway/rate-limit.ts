@@ -2,18 +2,13 @@
 // key's own override). Answers carry RateLimit-Limit/-Remaining/-Reset of the limit nearest to
 // exhaustion, and Retry-After on 429.
 import type { EventBus } from '../core/events.ts'
-import type { GatewayMetrics } from '../core/metrics.ts'
+import type { GatewayMetrics, Increment } from '../core/metrics.ts'
 import type { KeyRecord, KeyType } from '../core/keys/types.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
 import type { Config } from '../config/schema.ts'
 import type { Redis } from 'ioredis'
-import { createLimiter, RateLimiterRes, secondsFrom, type Limiter } from '../core/limiters.ts'
+import { createRateLimit, RateLimiterRes, secondsFrom, type RateLimit } from '../core/limiters.ts'
 import type { RequestState, Stage, StageResult } from './state.ts'
-
-export interface SizedLimiter {
-  limiter: Limiter
-  points: number
-}
 
 function note(s: RequestState, points: number, r: RateLimiterRes): void {
   if (s.rlLimit < 0 || r.remainingPoints < s.rlRemaining) {
@@ -23,43 +18,52 @@ function note(s: RequestState, points: number, r: RateLimiterRes): void {
   }
 }
 
-async function consume(s: RequestState, l: SizedLimiter, key: string, counter: { inc(): void }): Promise<StageResult> {
+function refused(s: RequestState, points: number, r: RateLimiterRes, counter: Increment): 'rate_limited' {
+  s.rlLimit = points
+  s.rlRemaining = 0
+  s.rlResetS = secondsFrom(r.msBeforeNext)
+  s.retryAfterS = s.rlResetS
+  counter.inc()
+  return 'rate_limited'
+}
+
+async function ask(s: RequestState, l: RateLimit, key: string, counter: Increment): Promise<StageResult> {
   try {
-    note(s, l.points, await l.limiter.consume(key))
+    note(s, l.points, await l.consume(key))
     return undefined
   } catch (err) {
     if (!(err instanceof RateLimiterRes)) throw err
-    s.rlLimit = l.points
-    s.rlRemaining = 0
-    s.rlResetS = secondsFrom(err.msBeforeNext)
-    s.retryAfterS = s.rlResetS
-    counter.inc()
-    return 'rate_limited'
+    return refused(s, l.points, err, counter)
   }
 }
 
+/** Takes a point for `key`: from this process's lease without a promise when it can (the common case), else from the store. */
+function consume(s: RequestState, l: RateLimit, key: string, counter: Increment): StageResult | Promise<StageResult> {
+  const r = l.take(key)
+  if (r === undefined) return ask(s, l, key, counter)
+  note(s, l.points, r)
+  return undefined
+}
+
 export function createAddressRateLimitStage(options: { limit: number; windowS: number; redis?: Redis | undefined; cluster?: boolean; metrics: GatewayMetrics }): Stage {
-  const l: SizedLimiter = {
-    points: options.limit,
-    limiter: createLimiter({ points: options.limit, durationS: options.windowS, keyPrefix: 'keygate:rl:addr', redis: options.redis, cluster: options.cluster === true }),
-  }
+  const l = createRateLimit({ points: options.limit, durationS: options.windowS, keyPrefix: 'keygate:rl:addr', redis: options.redis, cluster: options.cluster === true })
   const counter = options.metrics.rateLimited.address
   return (s: RequestState) => consume(s, l, s.addressKey, counter)
 }
 
-/** Picks the limiter of a key: its own override, else its type's, else the default. One limiter per distinct limit. */
-export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redis: Redis | undefined, cluster = false): (record: KeyRecord) => SizedLimiter {
-  const byShape = new Map<string, SizedLimiter>()
-  const of = (limit: number, windowS: number): SizedLimiter => {
+/** Picks the limit of a key: its own override, else its type's, else the default. One limit per distinct limit and window. */
+export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redis: Redis | undefined, cluster = false): (record: KeyRecord) => RateLimit {
+  const byShape = new Map<string, RateLimit>()
+  const of = (limit: number, windowS: number): RateLimit => {
     const shape = `${limit}:${windowS}`
     let l = byShape.get(shape)
     if (!l) {
-      l = { points: limit, limiter: createLimiter({ points: limit, durationS: windowS, keyPrefix: `keygate:rl:key:${shape}`, redis, cluster }) }
+      l = createRateLimit({ points: limit, durationS: windowS, keyPrefix: `keygate:rl:key:${shape}`, redis, cluster })
       byShape.set(shape, l)
     }
     return l
   }
-  const byType = {} as Record<KeyType, SizedLimiter>
+  const byType = {} as Record<KeyType, RateLimit>
   for (const t of KEY_TYPES) {
     const c = perKey[t] ?? perKey.default
     byType[t] = of(c.limit, c.window_s)
@@ -77,12 +81,16 @@ export function createKeyRateLimitStage(options: { metrics: GatewayMetrics; onEx
       return consume(s, k.limit, k.id, counter)
     }
   }
-  return async (s: RequestState) => {
-    const k = s.key
-    if (k === undefined) return undefined
-    const verdict = await consume(s, k.limit, k.id, counter)
+  const notify = (s: RequestState, verdict: StageResult): StageResult => {
     if (verdict !== undefined) onExceeded(s)
     return verdict
+  }
+  return (s: RequestState) => {
+    const k = s.key
+    if (k === undefined) return undefined
+    const verdict = consume(s, k.limit, k.id, counter)
+    // A verdict is only ever refused through the store's answer, a promise.
+    return verdict === undefined ? undefined : Promise.resolve(verdict).then((v) => notify(s, v))
   }
 }
 

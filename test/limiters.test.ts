@@ -1,0 +1,109 @@
+// The request path's rate limits (LeasedLimit): points reserved from the store a few at a time
+// and used from memory. A limit is never exceeded, in one process or across processes sharing a
+// Redis; near its limit a key is counted one point at a time, so RateLimit-Remaining stays exact
+// in one process; a lease ends with its window; concurrent requests share one reservation; with
+// a high limit the store is asked once per many requests, and a slow key one point at a time.
+import t, { type Test as Tap } from 'tap'
+import { randomUUID } from 'node:crypto'
+import { Redis } from 'ioredis'
+import { createLimiter, LeasedLimit, RateLimiterRes, type RateLimit } from '../core/limiters.ts'
+import { sleep } from './helpers/gateway.ts'
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
+
+/** A connected Redis client (before it connects the insurance limiter answers) and a fresh key prefix, both cleaned up. */
+async function redisFor(t: Tap): Promise<{ redis: Redis; prefix: string }> {
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
+  const prefix = `keygate:test:lease:${randomUUID()}`
+  t.teardown(async () => {
+    await redis.del(`${prefix}:k`)
+    redis.disconnect()
+  })
+  t.equal(await redis.ping(), 'PONG')
+  return { redis, prefix }
+}
+
+/** One point for `key`: the remaining points, or 'refused'. */
+async function one(l: RateLimit, key: string): Promise<number | 'refused'> {
+  const quick = l.take(key)
+  if (quick !== undefined) return quick.remainingPoints
+  try {
+    return (await l.consume(key)).remainingPoints
+  } catch (err) {
+    if (err instanceof RateLimiterRes) return 'refused'
+    throw err
+  }
+}
+
+t.test('in memory: exactly the limit, with exact remaining points', async (t) => {
+  const l = new LeasedLimit(createLimiter({ points: 100, durationS: 60, keyPrefix: 'test' }), 100)
+  const seen: Array<number | 'refused'> = []
+  for (let i = 0; i < 102; i++) seen.push(await one(l, 'a'))
+  t.same(seen.slice(0, 100), Array.from({ length: 100 }, (_, i) => 99 - i), 'remaining counts down by one')
+  t.same(seen.slice(100), ['refused', 'refused'], 'then refused')
+  t.equal(await one(l, 'b'), 99, 'another key has its own points')
+})
+
+t.test('a burst of concurrent requests for one key never exceeds the limit, and what it leaves leased is used next', async (t) => {
+  const l = new LeasedLimit(createLimiter({ points: 20, durationS: 60, keyPrefix: 'test' }), 20)
+  const burst = await Promise.all(Array.from({ length: 50 }, () => one(l, 'k')))
+  const allowed = burst.filter((a) => a !== 'refused').length
+  t.ok(allowed <= 20 && allowed >= 15, `${allowed} of 50 allowed in the burst`)
+  let after = 0
+  while ((await one(l, 'k')) !== 'refused') after++
+  t.equal(allowed + after, 20, 'exactly the limit in all')
+})
+
+t.test('a lease ends with its window', async (t) => {
+  const l = new LeasedLimit(createLimiter({ points: 16, durationS: 1, keyPrefix: 'test' }), 16)
+  for (let i = 0; i < 16; i++) t.not(await one(l, 'w'), 'refused')
+  t.equal(await one(l, 'w'), 'refused')
+  await sleep(1100)
+  t.equal(await one(l, 'w'), 15, 'a new window, a new lease')
+})
+
+t.test('Redis: two processes never exceed one shared limit, and use every point between them', async (t) => {
+  const { redis: ra, prefix } = await redisFor(t)
+  const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
+  t.teardown(() => rb.disconnect())
+  t.equal(await rb.ping(), 'PONG')
+  const a = new LeasedLimit(createLimiter({ points: 200, durationS: 60, keyPrefix: prefix, redis: ra }), 200)
+  const b = new LeasedLimit(createLimiter({ points: 200, durationS: 60, keyPrefix: prefix, redis: rb }), 200)
+  let allowed = 0
+  let aDone = false
+  let bDone = false
+  // Uneven traffic: three requests on a for one on b, until both are refused.
+  for (let i = 0; !(aDone && bDone) && i < 1000; i++) {
+    const on = i % 4 === 3 ? b : a
+    const answer = await one(on, 'k')
+    if (answer === 'refused') {
+      if (on === a) aDone = true
+      else bDone = true
+    } else allowed++
+  }
+  t.equal(allowed, 200, 'exactly the limit across both')
+  t.equal(Number(await ra.get(`${prefix}:k`)) >= 200, true, 'the store counted every point')
+})
+
+t.test('Redis: with a high limit the store is asked once per many requests', async (t) => {
+  const { redis, prefix } = await redisFor(t)
+  const l = new LeasedLimit(createLimiter({ points: 1_000_000, durationS: 60, keyPrefix: prefix, redis }), 1_000_000)
+  let fromMemory = 0
+  for (let i = 0; i < 1000; i++) {
+    if (l.take('k') !== undefined) fromMemory++
+    else await l.consume('k')
+  }
+  const counted = Number(await redis.get(`${prefix}:k`))
+  t.ok(counted >= 1000 && counted < 1000 + 64, `the store holds what was used plus at most one lease (${counted})`)
+  t.ok(fromMemory >= 1000 - 2 * Math.ceil(1000 / 64), `${fromMemory} of 1000 answered from the lease without a promise`)
+})
+
+t.test('Redis: a key used slowly is counted one point at a time', async (t) => {
+  const { redis, prefix } = await redisFor(t)
+  const l = new LeasedLimit(createLimiter({ points: 1000, durationS: 60, keyPrefix: prefix, redis }), 1000)
+  for (let i = 0; i < 5; i++) {
+    t.equal(await one(l, 'k'), 999 - i)
+    await sleep(150)
+  }
+  t.equal(Number(await redis.get(`${prefix}:k`)), 5, 'nothing reserved beyond what was used')
+})
