@@ -1,6 +1,6 @@
 // Forwarding with undici: one Pool per upstream origin (keep-alive), request and response
 // bodies streamed with back-pressure (the request body is the IncomingMessage itself, the
-// response is written by undici straight into the ServerResponse). Nothing is ever retried.
+// response is written by a dispatch handler straight into the ServerResponse). Nothing is ever retried.
 // Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
 // X-Keygate-* header is dropped, then X-Forwarded-*, the identity headers and X-Request-Id set.
 import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http'
@@ -53,6 +53,88 @@ export interface Forwarder {
 function timeoutCode(err: unknown): Verdict {
   const code = (err as { code?: unknown }).code
   return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT' ? 'upstream_timeout' : 'upstream_unavailable'
+}
+
+interface ExchangeHooks {
+  startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders): boolean
+  failed(s: RequestState, err: Error): void
+}
+
+const CLIENT_GONE = Object.assign(new Error('the client closed the connection'), { code: 'KEYGATE_CLIENT_GONE' })
+
+/**
+ * One forwarded request as an undici dispatch handler: the response head is written when the
+ * upstream's arrives, body chunks go straight into the ServerResponse (the upstream is paused
+ * while the client's socket is full and resumed on 'drain'), and a client that goes away aborts
+ * the upstream request. This is what undici's `stream()` does, without its per-request async
+ * resource, promise plumbing and four listeners on the response.
+ */
+class Exchange implements Dispatcher.DispatchHandler {
+  readonly #s: RequestState
+  readonly #hooks: ExchangeHooks
+  #controller: Dispatcher.DispatchController | undefined
+  #streaming = false
+  #done = false
+
+  constructor(s: RequestState, hooks: ExchangeHooks) {
+    this.#s = s
+    this.#hooks = hooks
+  }
+
+  onRequestStart(controller: Dispatcher.DispatchController): void {
+    this.#controller = controller
+    if (this.#done) controller.abort(CLIENT_GONE)
+  }
+
+  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+    // 1xx answers are interim (100-continue was answered by the gateway itself).
+    if (statusCode < 200 || this.#done) return
+    if (!this.#hooks.startResponse(this.#s, statusCode, headers)) {
+      this.#done = true
+      controller.abort(CLIENT_GONE)
+      return
+    }
+    this.#streaming = true
+  }
+
+  onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
+    if (!this.#streaming) return
+    const res = this.#s.res as NonNullable<RequestState['res']>
+    if (!res.write(chunk)) {
+      controller.pause()
+      res.once('drain', this.#resume)
+    }
+  }
+
+  onResponseEnd(): void {
+    if (!this.#streaming) return
+    this.#streaming = false
+    this.#done = true
+    ;(this.#s.res as NonNullable<RequestState['res']>).end()
+  }
+
+  onResponseError(_controller: Dispatcher.DispatchController | undefined, err: Error): void {
+    if (this.#done) return
+    this.#done = true
+    this.#streaming = false
+    this.#hooks.failed(this.#s, err)
+  }
+
+  readonly #resume = (): void => this.#controller?.resume()
+
+  /** The response closed: finished, or the client went away (then the upstream request is aborted). */
+  readonly clientClosed = (): void => {
+    if (this.#done) return
+    this.#done = true
+    this.#streaming = false
+    this.#controller?.abort(CLIENT_GONE)
+  }
+
+  /** The request body failed (the client's upload broke off). */
+  readonly bodyFailed = (err: Error): void => {
+    if (this.#done) return
+    this.#controller?.abort(err)
+  }
 }
 
 export function createForwarder(o: ForwardOptions): Forwarder {
@@ -120,8 +202,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     return router.upstreamPath(route, target)
   }
 
-  const onResponse = ({ statusCode, headers, opaque }: Dispatcher.StreamFactoryData<RequestState>) => {
-    const s = opaque
+  /** The response head: upstream latency, headers filtered and completed, written; false when the client is gone. */
+  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders): boolean => {
     const res = s.res as NonNullable<RequestState['res']>
     const route = s.route as CompiledRoute
     ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
@@ -139,16 +221,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       out['ratelimit-reset'] = s.rlResetS
     }
     if (ctx.closing) out.connection = 'close'
-    if (!res.destroyed) {
-      res.writeHead(statusCode, out)
-      record(ctx, s, 'forwarded', statusCode)
-    }
-    return res
+    if (res.destroyed) return false
+    res.writeHead(statusCode, out)
+    record(ctx, s, 'forwarded', statusCode)
+    return true
   }
 
-  const onDone = (err: Error | null, data: { opaque: RequestState }) => {
-    if (err === null) return
-    const s = data.opaque
+  const failed = (s: RequestState, err: Error): void => {
     const res = s.res
     if (res === undefined || res.destroyed || s.req.destroyed) return
     if (res.headersSent) {
@@ -165,6 +244,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     sendError(ctx, s, timeoutCode(err))
   }
 
+  const hooks: ExchangeHooks = { startResponse, failed }
   return {
     tunnels,
     forward(s) {
@@ -174,8 +254,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const hasBody = (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
       s.upstreamStart = performance.now()
+      const exchange = new Exchange(s, hooks)
+      ;(s.res as NonNullable<RequestState['res']>).once('close', exchange.clientClosed)
+      if (hasBody) req.once('error', exchange.bodyFailed)
       try {
-        ;(routePool[route.index] as Pool).stream<RequestState>(
+        ;(routePool[route.index] as Pool).dispatch(
           {
             path: targetFor(s, route),
             method: req.method as Dispatcher.HttpMethod,
@@ -183,13 +266,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             body: hasBody ? req : null,
             headersTimeout: route.timeoutMs,
             bodyTimeout: route.timeoutMs,
-            opaque: s,
           },
-          onResponse,
-          onDone,
+          exchange,
         )
       } catch (err) {
-        onDone(err as Error, { opaque: s })
+        exchange.onResponseError(undefined, err as Error)
       }
     },
 

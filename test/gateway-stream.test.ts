@@ -91,3 +91,35 @@ t.test('a slow reader holds the upstream back (back-pressure)', async (t) => {
   t.ok(written < 16 * 1024 * 1024, `the upstream wrote only ${(written / 1048576).toFixed(1)} MB while nobody read`)
   res.body.destroy()
 })
+
+t.test('a client that goes away mid-download or mid-upload ends the upstream exchange', async (t) => {
+  let downloadClosed: (finished: boolean) => void = () => {}
+  const download = new Promise<boolean>((resolve) => (downloadClosed = resolve))
+  let uploadClosed: (complete: boolean) => void = () => {}
+  const upload = new Promise<boolean>((resolve) => (uploadClosed = resolve))
+  const h = await startGateway(t, {
+    upstream: (req, res) => {
+      if (req.method === 'PUT') {
+        req.on('close', () => uploadClosed(req.complete))
+        req.resume()
+        return
+      }
+      res.writeHead(200)
+      res.on('close', () => downloadClosed(res.writableFinished))
+      generate(1024 * 1024 * 1024).pipe(res)
+    },
+  })
+  const k = await h.key()
+  const res = await request(`${h.url}/`, { headers: bearer(k.key), dispatcher: h.agent })
+  for await (const _ of res.body) break
+  t.equal(await download, false, 'the upstream response was cut off, not sent to the end')
+
+  const ac = new AbortController()
+  const body = new Readable({ read() {} })
+  body.push(CHUNK)
+  const put = request(`${h.url}/`, { method: 'PUT', headers: { ...bearer(k.key), 'content-length': String(TOTAL) }, body, dispatcher: h.agent, signal: ac.signal }).catch((err: Error) => err)
+  await new Promise((r) => setTimeout(r, 300))
+  ac.abort()
+  t.ok((await put) instanceof Error, 'the client gave up')
+  t.equal(await upload, false, 'the upstream saw the upload end incomplete')
+})
