@@ -13,8 +13,8 @@ import type { Logger } from './log.ts'
 export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number } = {}): Redis {
   const redis = new Redis(url, {
     enableOfflineQueue: false,
-    // Commands issued in the same tick (the limits of concurrent requests) go out as one pipeline.
-    enableAutoPipelining: true,
+    // No auto-pipelining: with rate-limit leases (core/limiters.ts) a request rarely issues a
+    // command, and wrapping each in a pipeline cost more than it saved.
     maxRetriesPerRequest: 1,
     connectTimeout: 2000,
     retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 2000),

@@ -3,7 +3,7 @@
 // response is written by a dispatch handler straight into the ServerResponse). Nothing is ever retried.
 // Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
 // X-Keygate-* header is dropped, then X-Forwarded-*, the identity headers and X-Request-Id set.
-import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http'
+import type { IncomingHttpHeaders } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, type Dispatcher } from 'undici'
@@ -155,38 +155,34 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const tunnels = new Set<Duplex>()
 
   // For upgrades undici writes Connection and Upgrade itself (from `protocol`).
-  const upstreamHeaders = (s: RequestState, route: CompiledRoute): Record<string, string> => {
+  // A flat [name, value, ...] list: undici takes it as it is, and unlike an object built name by
+  // name (and pruned with `delete`) it never changes shape per request.
+  const upstreamHeaders = (s: RequestState, route: CompiledRoute): string[] => {
     const h = s.req.headers
-    const out: Record<string, string> = {}
+    const out: string[] = []
+    const named = connectionNamed(h.connection)
+    const dropAuthorization = stripCredential && (s.keySources & SOURCE_AUTHORIZATION) !== 0
+    const dropApiKey = stripCredential && (s.keySources & SOURCE_X_API_KEY) !== 0
     for (const name in h) {
       if (REQUEST_DROP.has(name)) continue
-      if (name.charCodeAt(0) === 120 /* x */ && name.startsWith('x-keygate-')) continue
+      if (name.charCodeAt(0) === 120 /* x */ && (name.startsWith('x-keygate-') || (dropApiKey && name === 'x-api-key'))) continue
+      if (dropAuthorization && name === 'authorization') continue
+      if (named !== undefined && named.includes(name)) continue
       const v = h[name]
-      if (v !== undefined) out[name] = typeof v === 'string' ? v : v.join(', ')
+      if (v !== undefined) out.push(name, typeof v === 'string' ? v : v.join(', '))
     }
-    const named = connectionNamed(h.connection)
-    if (named !== undefined) for (const n of named) delete out[n]
-    if (stripCredential) {
-      if (s.keySources & SOURCE_AUTHORIZATION) delete out.authorization
-      if (s.keySources & SOURCE_X_API_KEY) delete out['x-api-key']
-    }
-    if (route.preserveHost && h.host !== undefined) out.host = h.host
+    if (route.preserveHost && h.host !== undefined) out.push('host', h.host)
     const trusted = s.peerTrusted
     const xff = h['x-forwarded-for']
-    out['x-forwarded-for'] = trusted && xff !== undefined ? `${xff}, ${s.peer}` : s.address
+    out.push('x-forwarded-for', trusted && xff !== undefined ? `${xff}, ${s.peer}` : s.address)
     const xfp = h['x-forwarded-proto']
-    out['x-forwarded-proto'] = trusted && typeof xfp === 'string' ? xfp : (s.req.socket as TLSSocket).encrypted ? 'https' : 'http'
+    out.push('x-forwarded-proto', trusted && typeof xfp === 'string' ? xfp : (s.req.socket as TLSSocket).encrypted ? 'https' : 'http')
     const xfh = h['x-forwarded-host']
     const host = trusted && typeof xfh === 'string' ? xfh : h.host
-    if (host !== undefined) out['x-forwarded-host'] = host
+    if (host !== undefined) out.push('x-forwarded-host', host)
     const k = s.key
-    if (k !== undefined) {
-      out['x-keygate-key-id'] = k.id
-      out['x-keygate-key-name'] = k.name
-      out['x-keygate-key-type'] = k.type
-      out['x-keygate-scopes'] = k.scopes.header
-    }
-    out['x-request-id'] = s.id
+    if (k !== undefined) out.push('x-keygate-key-id', k.id, 'x-keygate-key-name', k.name, 'x-keygate-key-type', k.type, 'x-keygate-scopes', k.scopes.header)
+    out.push('x-request-id', s.id)
     return out
   }
 
@@ -207,22 +203,24 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const res = s.res as NonNullable<RequestState['res']>
     const route = s.route as CompiledRoute
     ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
-    const out: OutgoingHttpHeaders = {}
+    if (res.destroyed) return false
+    // Flat [name, value, ...] again (Node's writeHead takes it; repeated values, such as Set-Cookie, stay separate lines).
+    const out: Array<string | string[] | number> = []
+    const named = connectionNamed(headers.connection)
+    let hasRequestId = false
     for (const name in headers) {
       if (RESPONSE_DROP.has(name)) continue
-      out[name] = headers[name]
+      if (named !== undefined && named.includes(name)) continue
+      const v = headers[name]
+      if (v === undefined) continue
+      if (name === 'x-request-id') hasRequestId = true
+      if (typeof v === 'string') out.push(name, v)
+      else for (const one of v) out.push(name, one)
     }
-    const named = connectionNamed(headers.connection)
-    if (named !== undefined) for (const n of named) delete out[n]
-    if (out['x-request-id'] === undefined) out['x-request-id'] = s.id
-    if (s.rlLimit >= 0) {
-      out['ratelimit-limit'] = s.rlLimit
-      out['ratelimit-remaining'] = s.rlRemaining
-      out['ratelimit-reset'] = s.rlResetS
-    }
-    if (ctx.closing) out.connection = 'close'
-    if (res.destroyed) return false
-    res.writeHead(statusCode, out)
+    if (!hasRequestId) out.push('x-request-id', s.id)
+    if (s.rlLimit >= 0) out.push('ratelimit-limit', s.rlLimit, 'ratelimit-remaining', s.rlRemaining, 'ratelimit-reset', s.rlResetS)
+    if (ctx.closing) out.push('connection', 'close')
+    res.writeHead(statusCode, out as string[])
     record(ctx, s, 'forwarded', statusCode)
     return true
   }
