@@ -11,6 +11,10 @@ interface Peer {
   address: string
   key: string
   trusted: boolean
+  /** The X-Forwarded-For last seen on this connection and the client it named (a proxy's keep-alive connection mostly repeats one). */
+  lastXff: string | undefined
+  lastClient: string
+  lastClientKey: string
 }
 
 const kPeer = Symbol('keygate.peer')
@@ -38,7 +42,7 @@ export function createClientAddressStage(options: AddressOptions): Stage {
     if (peer === undefined) {
       const address = normalise(socket.remoteAddress)
       if (address === undefined) return undefined
-      peer = { address, key: keyOf(address), trusted: trusted !== undefined && trusted(address) }
+      peer = { address, key: keyOf(address), trusted: trusted !== undefined && trusted(address), lastXff: undefined, lastClient: '', lastClientKey: '' }
       socket[kPeer] = peer
     }
     return peer
@@ -66,10 +70,16 @@ export function createClientAddressStage(options: AddressOptions): Stage {
       s.addressKey = peer.key
       return undefined
     }
+    const value = typeof xff === 'string' ? xff : xff.join(',')
+    if (value === peer.lastXff) {
+      s.address = peer.lastClient
+      s.addressKey = peer.lastClientKey
+      return undefined
+    }
     // Walk from the right past trusted hops; a malformed entry ends the walk (what is left of
     // it was written by the untrusted side).
     let client = peer.address
-    const hops = (typeof xff === 'string' ? xff : xff.join(',')).split(',')
+    const hops = value.split(',')
     for (let i = hops.length - 1; i >= 0; i--) {
       const hop = normalAddress((hops[i] as string).trim())
       if (hop === undefined) break
@@ -78,6 +88,9 @@ export function createClientAddressStage(options: AddressOptions): Stage {
     }
     s.address = client
     s.addressKey = client === peer.address ? peer.key : keyOf(client)
+    peer.lastXff = value
+    peer.lastClient = client
+    peer.lastClientKey = s.addressKey
     return undefined
   }
 }

@@ -96,6 +96,12 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '203.0.113.9, 10.0.0.1' })).status, 403, 'the client behind the proxy is denied')
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '203.0.113.9, 198.51.100.1' })).status, 200, 'a spoofed left entry is not the client')
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '::ffff:203.0.113.9' })).status, 403, 'IPv4-mapped IPv6 normalised')
+  // One keep-alive connection carrying several clients, each repeated: every request is judged by its own header.
+  const seen: number[] = []
+  for (const xff of ['198.51.100.1', '198.51.100.1', '203.0.113.9', '203.0.113.9', '198.51.100.1', '10.0.0.1', '203.0.113.9']) {
+    seen.push((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })).status)
+  }
+  t.same(seen, [200, 200, 403, 403, 200, 200, 403], 'alternating clients behind one proxy connection')
 
   const untrusted = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
   const k2 = await untrusted.key()
