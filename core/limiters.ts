@@ -188,8 +188,14 @@ export function createLimiter(options: LimiterOptions): Limiter {
 /** A rate limit as the request path uses it (see LeasedLimit). */
 export interface RateLimit {
   readonly points: number
-  /** An answer from this process's lease of the key's points, without a promise; undefined when the store must be asked. */
-  take(key: string): RateLimiterRes | undefined
+  /**
+   * Takes a point from this process's lease of the key's points, without a promise or an
+   * allocation: true, with `remaining` and `msBeforeNext` set for this answer (read them before
+   * the next call); false when the store must be asked (`consume`).
+   */
+  take(key: string): boolean
+  readonly remaining: number
+  readonly msBeforeNext: number
   /** Takes one point, asking the store when the lease is used up; rejects with a RateLimiterRes when the limit is reached. */
   consume(key: string): Promise<RateLimiterRes>
 }
@@ -245,18 +251,28 @@ export class LeasedLimit implements RateLimit {
     this.points = points
   }
 
-  take(key: string): RateLimiterRes | undefined {
+  remaining = 0
+  msBeforeNext = 0
+
+  take(key: string): boolean {
     const lease = this.#leases.get(key)
-    if (lease === undefined || lease.left === 0 || lease.source !== this.#limiter.source) return undefined
+    if (lease === undefined || lease.left === 0 || lease.source !== this.#limiter.source) return false
     const ms = lease.until - Date.now()
-    if (ms <= 0) return undefined
+    if (ms <= 0) return false
     lease.left--
-    return new RateLimiterRes(lease.remaining + lease.left, ms, this.points - lease.remaining - lease.left, false)
+    this.remaining = lease.remaining + lease.left
+    this.msBeforeNext = ms
+    return true
+  }
+
+  /** `take`'s answer as a RateLimiterRes (the promise path). */
+  #taken(key: string): RateLimiterRes | undefined {
+    return this.take(key) ? new RateLimiterRes(this.remaining, this.msBeforeNext, this.points - this.remaining, false) : undefined
   }
 
   async consume(key: string): Promise<RateLimiterRes> {
     for (let attempt = 0; attempt < 3; attempt++) {
-      const answer = this.take(key)
+      const answer = this.#taken(key)
       if (answer !== undefined) return answer
       const lease = this.#leases.get(key)
       if (lease !== undefined && lease.refused && lease.source === this.#limiter.source) {
@@ -271,7 +287,7 @@ export class LeasedLimit implements RateLimit {
       await reserving
     }
     // Other requests keep taking what each reservation brings: count this one on its own.
-    return this.take(key) ?? this.#limiter.consume(key, 1)
+    return this.#taken(key) ?? this.#limiter.consume(key, 1)
   }
 
   async #reserve(key: string, previous: Lease | undefined): Promise<void> {

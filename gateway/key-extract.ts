@@ -10,8 +10,18 @@ export const SOURCE_QUERY = 4
 
 const BEARER = /^\s*bearer\s+(\S+)\s*$/i
 
+/** `Bearer <token>` exactly (the common form): the token, read without a regular expression; else undefined. */
+function plainBearer(value: string): string | undefined {
+  if (value.length < 8 || value.charCodeAt(6) !== 32 /* space */) return undefined
+  const scheme = value.slice(0, 6)
+  if (scheme !== 'Bearer' && scheme.toLowerCase() !== 'bearer') return undefined
+  const token = value.slice(7)
+  // Anything else (more spaces, tabs, a space inside) goes through BEARER.
+  return /\s/.test(token) ? undefined : token
+}
+
 function bearerTokens(value: string): string | string[] | undefined {
-  if (!value.includes(',')) return BEARER.exec(value)?.[1]
+  if (!value.includes(',')) return plainBearer(value) ?? BEARER.exec(value)?.[1]
   const out: string[] = []
   for (const part of value.split(',')) {
     const t = BEARER.exec(part)?.[1]

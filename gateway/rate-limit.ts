@@ -10,11 +10,11 @@ import type { Redis } from 'ioredis'
 import { createRateLimit, RateLimiterRes, secondsFrom, type RateLimit } from '../core/limiters.ts'
 import type { RequestState, Stage, StageResult } from './state.ts'
 
-function note(s: RequestState, points: number, r: RateLimiterRes): void {
-  if (s.rlLimit < 0 || r.remainingPoints < s.rlRemaining) {
+function note(s: RequestState, points: number, remaining: number, msBeforeNext: number): void {
+  if (s.rlLimit < 0 || remaining < s.rlRemaining) {
     s.rlLimit = points
-    s.rlRemaining = r.remainingPoints
-    s.rlResetS = secondsFrom(r.msBeforeNext)
+    s.rlRemaining = remaining
+    s.rlResetS = secondsFrom(msBeforeNext)
   }
 }
 
@@ -29,7 +29,8 @@ function refused(s: RequestState, points: number, r: RateLimiterRes, counter: In
 
 async function ask(s: RequestState, l: RateLimit, key: string, counter: Increment): Promise<StageResult> {
   try {
-    note(s, l.points, await l.consume(key))
+    const r = await l.consume(key)
+    note(s, l.points, r.remainingPoints, r.msBeforeNext)
     return undefined
   } catch (err) {
     if (!(err instanceof RateLimiterRes)) throw err
@@ -39,9 +40,8 @@ async function ask(s: RequestState, l: RateLimit, key: string, counter: Incremen
 
 /** Takes a point for `key`: from this process's lease without a promise when it can (the common case), else from the store. */
 function consume(s: RequestState, l: RateLimit, key: string, counter: Increment): StageResult | Promise<StageResult> {
-  const r = l.take(key)
-  if (r === undefined) return ask(s, l, key, counter)
-  note(s, l.points, r)
+  if (!l.take(key)) return ask(s, l, key, counter)
+  note(s, l.points, l.remaining, l.msBeforeNext)
   return undefined
 }
 

@@ -168,3 +168,14 @@ t.test('headers named in Connection are dropped; Expect: 100-continue waits for 
   t.match(ok, /^HTTP\/1.1 100 Continue\r\n\r\nHTTP\/1.1 200/)
   t.match(ok, /"bodyBytes":5/)
 })
+
+t.test('the Bearer scheme is case-blind and spacing-tolerant; anything else after the key is not a key', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  for (const value of [`Bearer ${k.key}`, `bearer ${k.key}`, `BEARER ${k.key}`, `Bearer   ${k.key}`, `Bearer\t${k.key}`]) {
+    t.equal((await h.get('/', { authorization: value })).status, 200, JSON.stringify(value.replace(k.key, '<key>')))
+  }
+  for (const value of [`Bearer ${k.key} extra`, `Bearer${k.key}`, `Basic ${k.key}`, `Bearer`]) {
+    t.equal((await h.get('/', { authorization: value })).status, 401, JSON.stringify(value.replace(k.key, '<key>')))
+  }
+})
