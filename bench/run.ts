@@ -2,8 +2,8 @@
 // In one run: a fixed-response upstream, a bare undici proxy with no checks (the baseline), and
 // keygate with every stage on (trusted proxies, deny list, lockout, per-address and per-key
 // limits, key validation, route scopes), once with the in-memory limiter and once with Redis.
-// Each is driven with the same load from a separate process, in interleaved rounds; each
-// round's figures are compared with that round's baseline, and the medians reported. Then the heap held by
+// Each is driven with the same load from a separate process, in interleaved rounds (each in
+// another order); each round's figures are compared with that round's baseline, and the medians reported. Then the heap held by
 // 100,000 cached keys. --write records the results in bench/RESULTS.md.
 import { fork, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
@@ -165,7 +165,10 @@ const p99: Record<string, number[]> = {}
 const cpu: Record<string, number[]> = {}
 const statuses: Record<string, Record<string, number>> = {}
 for (let round = 0; round < ROUNDS; round++) {
-  for (const s of scenarios) {
+  // Each round starts one scenario later, so none is always measured first or last (where a
+  // drift of the machine's speed within a round would always count against it).
+  const order = scenarios.map((_, i) => scenarios[(i + round) % scenarios.length] as (typeof scenarios)[number])
+  for (const s of order) {
     const max = await load(s.url, s.headers, SECONDS)
     const cpuBefore = cpuSeconds(s.pid)
     const paced = await load(s.url, s.headers, SECONDS, fixedRate)
@@ -206,7 +209,7 @@ const checks = [
 ] as const
 
 const report = [
-  `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${ROUNDS} interleaved rounds; ${CONNECTIONS} connections. Absolute figures are medians over the rounds; ratios and differences to the baseline are the medians of each round's own.`,
+  `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${ROUNDS} interleaved rounds, each starting one scenario later; ${CONNECTIONS} connections. Absolute figures are medians over the rounds; ratios and differences to the baseline are the medians of each round's own.`,
   `req/s: as fast as each answers for ${SECONDS} s; p50/p99 (ms): a fixed ${fixedRate} req/s (half the baseline's capacity), so they show the cost per request, not queueing.`,
   `CPU µs/req: user + system CPU of the measured server process (not the upstream, not Redis) per request during the fixed-rate run; it depends far less on what else the machine is doing than req/s does.`,
   '',
