@@ -12,7 +12,7 @@ import type { Actor, AuditLog } from './audit.ts'
 import type { Db } from './db.ts'
 import type { EventBus } from './events.ts'
 import type { Logger } from './log.ts'
-import { BUCKET_MS, type UsageSink } from './usage.ts'
+import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 export const ANOMALY_TYPES = ['request_rate', 'error_rate', 'distinct_addresses', 'unusual_hour'] as const
 export type AnomalyType = (typeof ANOMALY_TYPES)[number]
@@ -291,10 +291,8 @@ export class AnomalyDetector implements UsageSink {
   readonly #anomalies: AnomalyLog
   readonly #memory: MemoryWindows
   readonly #shared: SharedWindows
-  #pending = new Map<string, Tally>()
-  /** The tallies of `#pending` for `#minute` by key id: the request path's look-up, without building the `key|minute` string. */
-  #current = new Map<string, Tally>()
-  #minute = -1
+  /** By minute and key id. */
+  readonly #pending = new ByWindow<Tally>()
   /** `key|type|window` already stored (by anyone): not tried again. */
   readonly #reported = new Map<string, number>()
   /** `key|hour` already judged for unusual activity. */
@@ -323,20 +321,12 @@ export class AnomalyDetector implements UsageSink {
   count(keyId: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number): void {
     if (keyId === undefined) return
     const minute = nowMs - (nowMs % MINUTE_MS)
-    if (minute !== this.#minute) {
-      this.#minute = minute
-      this.#current = new Map()
-    }
-    let t = this.#current.get(keyId)
+    const pending = this.#pending.of(minute)
+    let t = pending.get(keyId)
     if (t === undefined) {
-      const id = `${keyId}|${minute}`
-      t = this.#pending.get(id)
-      if (t === undefined) {
-        const errMs = this.#t.error_rate_window_s * 1000
-        t = { keyId, minute, errWindow: nowMs - (nowMs % errMs), hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set(), lastAddress: '' }
-        this.#pending.set(id, t)
-      }
-      this.#current.set(keyId, t)
+      const errMs = this.#t.error_rate_window_s * 1000
+      t = { keyId, minute, errWindow: nowMs - (nowMs % errMs), hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set(), lastAddress: '' }
+      pending.set(keyId, t)
     }
     t.requests++
     if (status !== undefined && status >= 400) t.errors++
@@ -358,10 +348,9 @@ export class AnomalyDetector implements UsageSink {
   }
 
   async #check(): Promise<void> {
-    if (this.#pending.size === 0) return
-    const tallies = [...this.#pending.values()]
-    this.#pending = new Map()
-    this.#current = new Map()
+    if (this.#pending.empty) return
+    const tallies: Tally[] = []
+    for (const byKey of this.#pending.take().values()) tallies.push(...byKey.values())
     let totals: Totals[]
     try {
       totals = await this.#shared.add(tallies)

@@ -1,5 +1,5 @@
 // Per-key request counts and rejections by reason, for the admin API's reports. The gateway
-// counts in memory on the request path (two Map updates, no I/O); the recorder adds the counts
+// counts in memory on the request path (a Map update or two, no I/O); the recorder adds the counts
 // to hourly rows every `usage.flush_interval_s` and on shutdown. A failed flush keeps its counts
 // for the next one. Memory is bounded by the keys that authenticated within one flush interval
 // (reasons are a closed set of error codes).
@@ -39,14 +39,52 @@ interface KeyCounts {
 
 const bucketOf = (ms: number) => ms - (ms % BUCKET_MS)
 
+/**
+ * Counts by time window (the window's start, epoch ms) and then by id, for what the request
+ * path tallies between two flushes. The map of the window asked for last is kept at hand, so a
+ * request costs one Map look-up by id and no composite key is ever built; `take` hands the
+ * whole lot to a flush and starts afresh.
+ */
+export class ByWindow<T> {
+  #windows = new Map<number, Map<string, T>>()
+  #window = -1
+  #current = new Map<string, T>()
+
+  /** The entries of `window` (made empty when it has none yet). */
+  of(window: number): Map<string, T> {
+    if (window !== this.#window) {
+      let m = this.#windows.get(window)
+      if (m === undefined) {
+        m = new Map()
+        this.#windows.set(window, m)
+      }
+      this.#window = window
+      this.#current = m
+    }
+    return this.#current
+  }
+
+  get empty(): boolean {
+    return this.#windows.size === 0
+  }
+
+  /** Everything counted so far, by window; this starts empty again. */
+  take(): Map<number, Map<string, T>> {
+    const all = this.#windows
+    this.#windows = new Map()
+    this.#window = -1
+    this.#current = new Map()
+    return all
+  }
+}
+
 export class UsageRecorder implements UsageSink {
   readonly #db: Db
   readonly #log: Logger | undefined
-  #keys = new Map<string, KeyCounts>()
-  /** The entries of `#keys` for `#bucket` by key id: the request path's look-up, without building the `bucket|id` string. */
-  #current = new Map<string, KeyCounts>()
-  #bucket = -1
-  #reasons = new Map<string, number>()
+  /** By hourly bucket and key id. */
+  readonly #keys = new ByWindow<KeyCounts>()
+  /** By hourly bucket and rejection reason. */
+  readonly #reasons = new ByWindow<number>()
   #timer: NodeJS.Timeout | undefined
   #flushing: Promise<void> | undefined
 
@@ -63,27 +101,19 @@ export class UsageRecorder implements UsageSink {
     const bucket = bucketOf(nowMs)
     const rejected = outcome !== 'forwarded'
     if (keyId !== undefined) {
-      if (bucket !== this.#bucket) {
-        this.#bucket = bucket
-        this.#current = new Map()
-      }
-      let c = this.#current.get(keyId)
+      const keys = this.#keys.of(bucket)
+      let c = keys.get(keyId)
       if (c === undefined) {
-        const id = `${bucket}|${keyId}`
-        c = this.#keys.get(id)
-        if (c === undefined) {
-          c = { requests: 0, rejected: 0, lastMs: nowMs }
-          this.#keys.set(id, c)
-        }
-        this.#current.set(keyId, c)
+        c = { requests: 0, rejected: 0, lastMs: nowMs }
+        keys.set(keyId, c)
       }
       c.requests++
       if (rejected) c.rejected++
       if (nowMs > c.lastMs) c.lastMs = nowMs
     }
     if (rejected) {
-      const id = `${bucket}|${outcome}`
-      this.#reasons.set(id, (this.#reasons.get(id) ?? 0) + 1)
+      const reasons = this.#reasons.of(bucket)
+      reasons.set(outcome, (reasons.get(outcome) ?? 0) + 1)
     }
   }
 
@@ -96,28 +126,27 @@ export class UsageRecorder implements UsageSink {
   }
 
   async #write(): Promise<void> {
-    const keys = this.#keys
-    const reasons = this.#reasons
-    if (keys.size === 0 && reasons.size === 0) return
-    this.#keys = new Map()
-    this.#current = new Map()
-    this.#reasons = new Map()
+    if (this.#keys.empty && this.#reasons.empty) return
+    const keys = this.#keys.take()
+    const reasons = this.#reasons.take()
     const k = { ids: [] as string[], buckets: [] as string[], requests: [] as number[], rejected: [] as number[] }
     const last = new Map<string, number>()
-    for (const [id, c] of keys) {
-      const [bucket, keyId] = split(id)
-      k.ids.push(keyId)
-      k.buckets.push(new Date(bucket).toISOString())
-      k.requests.push(c.requests)
-      k.rejected.push(c.rejected)
-      if ((last.get(keyId) ?? 0) < c.lastMs) last.set(keyId, c.lastMs)
+    for (const [bucket, counts] of keys) {
+      for (const [keyId, c] of counts) {
+        k.ids.push(keyId)
+        k.buckets.push(new Date(bucket).toISOString())
+        k.requests.push(c.requests)
+        k.rejected.push(c.rejected)
+        if ((last.get(keyId) ?? 0) < c.lastMs) last.set(keyId, c.lastMs)
+      }
     }
     const r = { buckets: [] as string[], reasons: [] as string[], counts: [] as number[] }
-    for (const [id, n] of reasons) {
-      const [bucket, reason] = split(id)
-      r.buckets.push(new Date(bucket).toISOString())
-      r.reasons.push(reason)
-      r.counts.push(n)
+    for (const [bucket, counts] of reasons) {
+      for (const [reason, n] of counts) {
+        r.buckets.push(new Date(bucket).toISOString())
+        r.reasons.push(reason)
+        r.counts.push(n)
+      }
     }
     try {
       await this.#db.transaction(async (tx) => {
@@ -145,15 +174,21 @@ export class UsageRecorder implements UsageSink {
       })
     } catch (err) {
       // Keep the counts for the next flush.
-      for (const [id, c] of keys) {
-        const now = this.#keys.get(id)
-        if (now) {
-          now.requests += c.requests
-          now.rejected += c.rejected
-          now.lastMs = Math.max(now.lastMs, c.lastMs)
-        } else this.#keys.set(id, c)
+      for (const [bucket, counts] of keys) {
+        const into = this.#keys.of(bucket)
+        for (const [keyId, c] of counts) {
+          const now = into.get(keyId)
+          if (now) {
+            now.requests += c.requests
+            now.rejected += c.rejected
+            now.lastMs = Math.max(now.lastMs, c.lastMs)
+          } else into.set(keyId, c)
+        }
       }
-      for (const [id, n] of reasons) this.#reasons.set(id, (this.#reasons.get(id) ?? 0) + n)
+      for (const [bucket, counts] of reasons) {
+        const into = this.#reasons.of(bucket)
+        for (const [reason, n] of counts) into.set(reason, (into.get(reason) ?? 0) + n)
+      }
       this.#log?.warn('could not write usage counts; keeping them for the next flush', { err: err as Error })
     }
   }
@@ -165,10 +200,6 @@ export class UsageRecorder implements UsageSink {
   }
 }
 
-function split(id: string): [number, string] {
-  const bar = id.indexOf('|')
-  return [Number(id.slice(0, bar)), id.slice(bar + 1)]
-}
 
 export interface Range {
   from: Date
