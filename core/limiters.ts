@@ -291,36 +291,35 @@ export class LeasedLimit implements RateLimit {
   }
 
   async #reserve(key: string, previous: Lease | undefined): Promise<void> {
-    const source = this.#limiter.source
     const now = performance.now()
-    const current = previous !== undefined && previous.until > Date.now() && previous.source === source && !previous.refused
+    const current = previous !== undefined && previous.until > Date.now() && previous.source === this.#limiter.source && !previous.refused
     // One point for a key not seen lately; then as many as were used in LEASE_TARGET_MS at the
     // last lease's rate, at most MAX_LEASE and 1/LEASE_SHARE of what the store has left.
     const wanted = current ? Math.round((previous.size * LEASE_TARGET_MS) / Math.max(1, now - previous.at)) : 1
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((current ? previous.remaining : this.points) / LEASE_SHARE)))
-    // Kept with the source that answered (read after the answer: a call that fell back to the insurance was answered by it).
-    const refuse = (err: RateLimiterRes) => this.#leases.set(key, { left: 0, size: 1, at: now, source: this.#limiter.source, remaining: 0, until: Date.now() + err.msBeforeNext, refused: true })
-    let got: RateLimiterRes
-    try {
-      got = await this.#limiter.consume(key, size)
-    } catch (err) {
-      if (!(err instanceof RateLimiterRes)) throw err
-      if (size === 1) {
-        refuse(err)
-        return
-      }
+    let answer = await this.#ask(key, size)
+    if (answer.refused && size > 1) {
       // Others used more than this process knew: give the points back and ask for one.
       await this.#limiter.reward(key, size)
       size = 1
-      try {
-        got = await this.#limiter.consume(key, 1)
-      } catch (again) {
-        if (!(again instanceof RateLimiterRes)) throw again
-        refuse(again)
-        return
-      }
+      answer = await this.#ask(key, 1)
     }
-    this.#leases.set(key, { left: size, size, at: now, source: this.#limiter.source, remaining: got.remainingPoints, until: Date.now() + got.msBeforeNext, refused: false })
+    const r = answer.res
+    // Kept with the source that answered (read after the answer: a call that fell back to the insurance was answered by it).
+    const source = this.#limiter.source
+    if (answer.refused) this.#leases.set(key, { left: 0, size: 1, at: now, source, remaining: 0, until: Date.now() + r.msBeforeNext, refused: true })
+    else this.#leases.set(key, { left: size, size, at: now, source, remaining: r.remainingPoints, until: Date.now() + r.msBeforeNext, refused: false })
+  }
+
+  /** `points` from the store: its answer, or its refusal (a RateLimiterRes too); other failures reject. */
+  #ask(key: string, points: number): Promise<{ res: RateLimiterRes; refused: boolean }> {
+    return this.#limiter.consume(key, points).then(
+      (res) => ({ res, refused: false }),
+      (err: unknown) => {
+        if (err instanceof RateLimiterRes) return { res: err, refused: true }
+        throw err
+      },
+    )
   }
 }
 
