@@ -55,8 +55,7 @@ class Tally implements Increment {
   readonly #child: CounterChild
 
   constructor(child: CounterChild) {
-    this.#child = child
-    child.inc(0)
+    this.#child = zeroed(child)
   }
 
   inc(): void {
@@ -71,7 +70,7 @@ class Tally implements Increment {
 }
 
 /** A Counter whose series are Tallies, folded in by its collect hook. */
-function talliedCounter(options: { name: string; help: string; labelNames: string[]; registers: Registry[] }): { counter: Counter; tally: (...labels: string[]) => Tally } {
+function talliedCounter(options: { name: string; help: string; labelNames: string[]; registers: Registry[] }): { tally: (...labels: string[]) => Tally } {
   const tallies: Tally[] = []
   const counter = new Counter({
     ...options,
@@ -80,7 +79,6 @@ function talliedCounter(options: { name: string; help: string; labelNames: strin
     },
   })
   return {
-    counter,
     tally: (...labels) => {
       const t = new Tally(counter.labels(...labels))
       tallies.push(t)

@@ -205,7 +205,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
     if (res.destroyed) return false
     // Flat [name, value, ...] again (Node's writeHead takes it; repeated values, such as Set-Cookie, stay separate lines).
-    const out: Array<string | string[] | number> = []
+    const out: Array<string | number> = []
     const named = connectionNamed(headers.connection)
     let hasRequestId = false
     for (const name in headers) {

@@ -18,15 +18,6 @@ function note(s: RequestState, points: number, remaining: number, msBeforeNext: 
   }
 }
 
-function refused(s: RequestState, points: number, r: RateLimiterRes, counter: Increment): 'rate_limited' {
-  s.rlLimit = points
-  s.rlRemaining = 0
-  s.rlResetS = secondsFrom(r.msBeforeNext)
-  s.retryAfterS = s.rlResetS
-  counter.inc()
-  return 'rate_limited'
-}
-
 async function ask(s: RequestState, l: RateLimit, key: string, counter: Increment): Promise<StageResult> {
   try {
     const r = await l.consume(key)
@@ -34,7 +25,12 @@ async function ask(s: RequestState, l: RateLimit, key: string, counter: Incremen
     return undefined
   } catch (err) {
     if (!(err instanceof RateLimiterRes)) throw err
-    return refused(s, l.points, err, counter)
+    s.rlLimit = l.points
+    s.rlRemaining = 0
+    s.rlResetS = secondsFrom(err.msBeforeNext)
+    s.retryAfterS = s.rlResetS
+    counter.inc()
+    return 'rate_limited'
   }
 }
 

@@ -68,10 +68,10 @@ export type ParsedKey =
 export function keyShape(presented: string, prefix: string, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
   const kind = keyKind(presented, prefix, acceptLegacy)
   if (kind === 'keygate') {
-    const expected = presented.length
+    const checkStart = presented.length - CHECK_LENGTH
     const idEnd = prefix.length + ID_LENGTH
     if (presented.charCodeAt(idEnd) !== 95 /* _ */) return undefined
-    if (checksum(presented.slice(0, expected - CHECK_LENGTH)) !== presented.slice(expected - CHECK_LENGTH)) return undefined
+    if (checksum(presented.slice(0, checkStart)) !== presented.slice(checkStart)) return undefined
     if (!ID_SHAPE.test(presented.slice(prefix.length, idEnd)) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
     return 'keygate'
   }
