@@ -1,0 +1,62 @@
+// The gateway's latency histograms count in typed arrays (core/metrics.ts) but must read exactly
+// like prom-client's own Histogram: same series, same cumulative buckets, same boundaries (a
+// value equal to a bound falls in that bound's bucket), and summed across workers by the
+// cluster aggregator like any histogram.
+import t from 'tap'
+import { AggregatorRegistry, Histogram, Registry } from 'prom-client'
+import { createGatewayMetrics } from '../core/metrics.ts'
+
+const NAME = 'keygate_gateway_request_duration_seconds'
+// Below the first bound, exactly on bounds, between bounds, above the last, zero.
+const VALUES = [0, 0.0001, 0.0005, 0.0007, 0.001, 0.003, 0.0999, 0.1, 0.25, 7, 30, 31, 1000]
+
+/** The lines of one metric family in an exposition. */
+const family = (text: string, name: string) =>
+  text
+    .split('\n')
+    .filter((l) => l.startsWith(name) || l.startsWith(`# HELP ${name} `) || l.startsWith(`# TYPE ${name} `))
+    .join('\n')
+
+t.test('a route histogram is exposed exactly as prom-client exposes the same observations', async (t) => {
+  const ours = new Registry()
+  const m = createGatewayMetrics(ours, ['api', 'other'])
+  for (const v of VALUES) m.route('api').duration.observe(v)
+  m.route('other').duration.observe(0.002)
+
+  const theirs = new Registry()
+  const reference = new Histogram({
+    name: NAME,
+    help: 'Time from request arrival to the response head being written, by route.',
+    labelNames: ['route'],
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    registers: [theirs],
+  })
+  for (const route of ['api', 'other', 'none']) reference.zero({ route })
+  for (const v of VALUES) reference.observe({ route: 'api' }, v)
+  reference.observe({ route: 'other' }, 0.002)
+
+  const got = family(await ours.metrics(), NAME)
+  t.equal(got, family(await theirs.metrics(), NAME))
+  t.match(got, /_bucket\{le="0\.0005",route="api"\} 3\n/, 'a value equal to a bound is counted in that bucket')
+  t.match(got, /_bucket\{le="\+Inf",route="api"\} 13\n/)
+  t.match(got, /_count\{route="none"\} 0/, 'every route has its series from the start')
+
+  ours.resetMetrics()
+  t.match(family(await ours.metrics(), NAME), /_count\{route="api"\} 0\n/, 'reset zeroes the series')
+})
+
+t.test('the cluster aggregator sums the histograms of two workers', async (t) => {
+  const a = new Registry()
+  const b = new Registry()
+  const ma = createGatewayMetrics(a, ['api'])
+  const mb = createGatewayMetrics(b, ['api'])
+  ma.route('api').upstream.observe(0.004)
+  mb.route('api').upstream.observe(0.004)
+  mb.route('api').upstream.observe(2)
+  const merged = AggregatorRegistry.aggregate([await a.getMetricsAsJSON(), await b.getMetricsAsJSON()])
+  const text = family(await merged.metrics(), 'keygate_upstream_duration_seconds')
+  t.match(text, /_bucket\{le="0\.005",route="api"\} 2\n/)
+  t.match(text, /_bucket\{le="2\.5",route="api"\} 3\n/)
+  t.match(text, /_sum\{route="api"\} 2\.008\n/)
+  t.match(text, /_count\{route="api"\} 3/)
+})
