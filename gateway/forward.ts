@@ -102,7 +102,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     const res = this.#s.res as NonNullable<RequestState['res']>
     if (!res.write(chunk)) {
       controller.pause()
-      res.once('drain', this.#resume)
+      res.once('drain', () => controller.resume())
     }
   }
 
@@ -120,8 +120,6 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.#hooks.failed(this.#s, err)
   }
 
-  readonly #resume = (): void => this.#controller?.resume()
-
   /** The response closed: finished, or the client went away (then the upstream request is aborted). */
   readonly clientClosed = (): void => {
     if (this.#done) return
@@ -131,7 +129,7 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   /** The request body failed (the client's upload broke off). */
-  readonly bodyFailed = (err: Error): void => {
+  bodyFailed(err: Error): void {
     if (this.#done) return
     this.#controller?.abort(err)
   }
@@ -253,8 +251,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
       s.upstreamStart = performance.now()
       const exchange = new Exchange(s, hooks)
-      ;(s.res as NonNullable<RequestState['res']>).once('close', exchange.clientClosed)
-      if (hasBody) req.once('error', exchange.bodyFailed)
+      // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.
+      ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
+      if (hasBody) req.once('error', (err: Error) => exchange.bodyFailed(err))
       try {
         ;(routePool[route.index] as Pool).dispatch(
           {

@@ -2,8 +2,8 @@
 // frozen config (a disabled feature is absent from the list, not an `if` per request):
 //   request id → request check → client address → deny list → lockout → rate limit per
 //   address → key extraction → validation → rate limit per key → route and scope → forward.
-// The runner walks the list by index, awaits only real promises, and the first verdict (an
-// error code returned, never thrown) ends the request.
+// The runner walks the list by index, synchronously until a stage returns a promise, and the
+// first verdict (an error code returned, never thrown) ends the request.
 import http from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
@@ -150,24 +150,33 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, queryParam: g.query_param })
 
-  const run = async (s: RequestState, last: (s: RequestState) => void): Promise<void> => {
-    const list = stages
+  const failed = (s: RequestState, err: unknown): void => {
+    log.error('gateway stage failed', { request_id: s.id, err: err as Error })
+    if (s.id === '') s.id = nextId()
+    sendError(ctx, s, 'internal_error')
+  }
+  // Synchronous while the stages answer synchronously (a cached key, in-memory or leased limits);
+  // a stage that has to wait returns a promise, and the walk goes on from the next stage of the
+  // same list once it settles (a reload may have built a new list meanwhile).
+  const run = (s: RequestState, last: (s: RequestState) => void, list: readonly Stage[] = stages, from = 0): void => {
     try {
-      for (let i = 0; i < list.length; i++) {
-        let verdict = (list[i] as Stage)(s)
-        if (verdict !== undefined && typeof verdict !== 'string') verdict = await verdict
-        if (verdict !== undefined) {
+      for (let i = from; i < list.length; i++) {
+        const verdict = (list[i] as Stage)(s)
+        if (verdict === undefined) continue
+        if (typeof verdict === 'string') {
           sendError(ctx, s, verdict)
           return
         }
+        verdict.then(
+          (v) => (v === undefined ? run(s, last, list, i + 1) : sendError(ctx, s, v)),
+          (err: unknown) => failed(s, err),
+        )
+        return
       }
+      last(s)
     } catch (err) {
-      log.error('gateway stage failed', { request_id: s.id, err: err as Error })
-      if (s.id === '') s.id = nextId()
-      sendError(ctx, s, 'internal_error')
-      return
+      failed(s, err)
     }
-    last(s)
   }
 
   const server = (deps.createServer ?? http.createServer)({
@@ -191,7 +200,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       res.end(body)
       return
     }
-    void run(new RequestState(req, res, undefined, undefined, performance.now()), forward)
+    run(new RequestState(req, res, undefined, undefined, performance.now()), forward)
   }
   server.on('request', onRequest)
   // Expect: 100-continue is answered only once the request has passed every check.
@@ -207,7 +216,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       sendError(ctx, s, 'bad_request')
       return
     }
-    void run(s, upgrade)
+    run(s, upgrade)
   })
 
   server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
