@@ -139,7 +139,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const { ctx, router, stripCredential, queryParam } = o
   const pools = new Map<string, Pool>()
   const routePool: Pool[] = []
-  const routeMetrics: RouteMetrics[] = []
+  const routeMetrics = ctx.routeMetrics
   for (const r of router.routes) {
     let pool = pools.get(r.origin)
     if (!pool) {
@@ -148,7 +148,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       pools.set(r.origin, pool)
     }
     routePool[r.index] = pool
-    routeMetrics[r.index] = ctx.metrics.route(r.name)
   }
   const tunnels = new Set<Duplex>()
 

@@ -81,7 +81,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const clock = deps.now
   const now: () => number = clock ? () => clock().getTime() : Date.now
   const router = new Router(config.routes)
-  const ctx: GatewayContext = { metrics, log, router, accessLog: config.log.access_log, usage: deps.usage ?? NO_USAGE, now, closing: false }
+  const routeMetrics = router.routes.map((r) => metrics.route(r.name))
+  const ctx: GatewayContext = { metrics, routeMetrics, log, router, accessLog: config.log.access_log, usage: deps.usage ?? NO_USAGE, now, closing: false }
   const nextId = createRequestIdGenerator()
 
   const cluster = deps.clusterLimits === true

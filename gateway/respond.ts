@@ -3,7 +3,7 @@
 import { STATUS_CODES, type OutgoingHttpHeaders } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody } from '../core/errors.ts'
-import type { GatewayOutcome } from '../core/metrics.ts'
+import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
 
@@ -19,8 +19,9 @@ export function routeLabel(ctx: GatewayContext, s: RequestState): string {
 
 /** Counts the request and observes its latency; call once, when the response head is written. */
 export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOutcome, status: number): void {
-  const label = routeLabel(ctx, s)
-  const m = ctx.metrics.route(label)
+  const route = s.route
+  const label = route !== undefined ? route.name : routeLabel(ctx, s)
+  const m = route !== undefined ? (ctx.routeMetrics[route.index] as RouteMetrics) : ctx.metrics.route(label)
   m.requests[outcome].inc()
   ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
   const ms = performance.now() - s.start

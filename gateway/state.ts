@@ -4,7 +4,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { ErrorCode } from '../core/errors.ts'
 import type { Logger } from '../core/log.ts'
-import type { GatewayMetrics, GatewayOutcome } from '../core/metrics.ts'
+import type { GatewayMetrics, GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import type { UsageSink } from '../core/usage.ts'
 import type { CachedKey } from './key-cache.ts'
 import type { CompiledRoute, Router } from './route.ts'
@@ -74,6 +74,8 @@ export class RequestState {
 /** What the stages and the responder share, built once per gateway. */
 export interface GatewayContext {
   readonly metrics: GatewayMetrics
+  /** The metric children of each route, by `CompiledRoute.index`. */
+  readonly routeMetrics: readonly RouteMetrics[]
   readonly log: Logger
   readonly router: Router
   readonly accessLog: boolean
