@@ -4,6 +4,7 @@ import t, { type Test } from 'tap'
 import http from 'node:http'
 import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
+import { createLockout, type Lockout } from '../core/lockout.ts'
 import { bearer, listen, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
 
 function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
@@ -150,4 +151,30 @@ t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) =>
   await h.db.close()
   isError(t, await h.get('/fine', bearer(uncached.key)), 'store_unavailable')
   t.equal((await h.get('/fine', bearer(k.key))).status, 200, 'a cached key keeps working while the store is down')
+})
+
+t.test('a stage that throws is answered 500 internal_error, without its detail, and the gateway goes on', async (t) => {
+  // A real lockout whose look-up breaks once.
+  const real = createLockout({ maxAttempts: 5, windowS: 60 })
+  let breakNext = true
+  const lockout: Lockout = {
+    lockedFor: (k) => {
+      if (breakNext) {
+        breakNext = false
+        throw new Error('lockout table broke')
+      }
+      return real.lockedFor(k)
+    },
+    recordFailure: (k) => real.recordFailure(k),
+    applyMessage: (m) => real.applyMessage(m),
+    load: () => real.load(),
+    reload: () => real.reload(),
+  }
+  const h = await startGateway(t, { lockout })
+  const k = await h.key()
+  const broken = await h.get('/x', bearer(k.key))
+  isError(t, broken, 'internal_error')
+  t.notMatch(broken.text, /lockout table broke|\n\s+at /, 'no error detail or stack to the client')
+  t.equal(h.upstream.received.length, 0, 'nothing forwarded')
+  t.equal((await h.get('/x', bearer(k.key))).status, 200, 'the next request is forwarded')
 })

@@ -11,6 +11,7 @@ import { openDb, type Db } from '../../core/db.ts'
 import { DenyListService } from '../../core/deny-list.ts'
 import type { EventBus } from '../../core/events.ts'
 import type { UsageSink } from '../../core/usage.ts'
+import type { Lockout } from '../../core/lockout.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { silentLogger, type Logger } from '../../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry, type GatewayMetrics } from '../../core/metrics.ts'
@@ -135,6 +136,8 @@ export interface HarnessOptions {
   shareDenyList?: boolean
   /** The usage hook (a usage recorder, an anomaly detector, or both with teeUsage). */
   usage?: UsageSink
+  /** The lockout the gateway consults (else it makes its own from the config). */
+  lockout?: Lockout
   /** The event bus (rate_limit.exceeded). */
   events?: EventBus
   /** Use one store for the whole test file (opening PGlite is the slow part); not for tests that change the deny list or close the store. */
@@ -160,6 +163,7 @@ export async function startGateway(t: Tap, options: HarnessOptions = {}): Promis
     ...(options.now ? { now: options.now } : {}),
     ...(options.shareDenyList !== false ? { denyList: store.denyList } : {}),
     ...(options.usage ? { usage: options.usage } : {}),
+    ...(options.lockout ? { lockout: options.lockout } : {}),
     ...(options.events ? { events: options.events } : {}),
   })
   const port = await listen(gateway.server, options.host)
