@@ -208,7 +208,19 @@ const checks = [
   ['heap per 100,000 cached keys ≤ 24 MiB', heap.heapMiB <= 24, `${heap.heapMiB} MiB (${heap.bytesPerKey} B/key)`],
 ] as const
 
+/** The commit measured, and whether the work tree differed from it (`git` missing: unknown). */
+const code = (() => {
+  try {
+    const rev = execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: here('..'), encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim()
+    const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no', '--', '.', ':!bench/RESULTS.md'], { cwd: here('..'), encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim() !== ''
+    return `Code: ${rev}${dirty ? ' with uncommitted changes' : ''}.`
+  } catch {
+    return 'Code: unknown (no git).'
+  }
+})()
+
 const report = [
+  code,
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${ROUNDS} interleaved rounds, each starting one scenario later; ${CONNECTIONS} connections. Absolute figures are medians over the rounds; ratios and differences to the baseline are the medians of each round's own.`,
   `req/s: as fast as each answers for ${SECONDS} s; p50/p99 (ms): a fixed ${fixedRate} req/s (half the baseline's capacity), so they show the cost per request, not queueing.`,
   `CPU µs/req: user + system CPU of the measured server process (not the upstream, not Redis) per request during the fixed-rate run; it depends far less on what else the machine is doing than req/s does.`,
