@@ -436,7 +436,15 @@ export class AnomalyDetector implements UsageSink {
     if (this.#reported.has(id)) return
     if (this.#reported.size > 100_000) this.#reported.clear()
     this.#reported.set(id, windowStart)
-    const row = await this.#anomalies.insert({ keyId: f.keyId, type: f.type, windowStart: new Date(windowStart), details: f.details, detectedAt: new Date(f.atMs) })
+    let row: Anomaly | undefined
+    try {
+      row = await this.#anomalies.insert({ keyId: f.keyId, type: f.type, windowStart: new Date(windowStart), details: f.details, detectedAt: new Date(f.atMs) })
+    } catch (err) {
+      // Not stored, so not reported: the next check that finds it tries again.
+      this.#reported.delete(id)
+      this.#log.warn('could not record an anomaly; it is tried again when next found', { key_id: f.keyId, type: f.type, err: err as Error })
+      return
+    }
     if (!row) return
     const json = anomalyJson(row)
     this.#log.warn('anomaly detected', { anomaly_id: row.id, key_id: row.keyId, type: row.type })

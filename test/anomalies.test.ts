@@ -142,6 +142,37 @@ await forEachStore(t, async (t, store) => {
     t.equal(await rows(k3.record.id, 'request_rate'), 1)
   })
 
+  await t.test('a finding the store refused is recorded when the key is next found', async (t) => {
+    const k5 = await h.keys.create({ name: 'refused once', type: 'service' }, ACTOR)
+    // A real trigger refuses this key's anomaly rows and counts its refusals in a sequence
+    // (sequences are not rolled back with the refused insert).
+    await h.db.query('CREATE SEQUENCE test_refusals')
+    await h.db.query(`CREATE FUNCTION test_refuse_anomaly() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF NEW.key_id::text = '${k5.record.id}' THEN PERFORM nextval('test_refusals'); RAISE EXCEPTION 'refused by the test'; END IF;
+        RETURN NEW;
+      END $$`)
+    await h.db.query('CREATE TRIGGER test_refuse BEFORE INSERT ON api_key_anomalies FOR EACH ROW EXECUTE FUNCTION test_refuse_anomaly()')
+    let dropped = false
+    const drop = async () => {
+      if (dropped) return
+      dropped = true
+      await h.db.query('DROP TRIGGER test_refuse ON api_key_anomalies')
+      await h.db.query('DROP FUNCTION test_refuse_anomaly()')
+      await h.db.query('DROP SEQUENCE test_refusals')
+    }
+    t.teardown(drop)
+    const busy = () => h.through('/refused', { authorization: `Bearer ${k5.key}` })
+    for (let i = 0; i < 25; i++) t.equal((await busy()).status, 200)
+    await until(async () => (await h.db.query<{ called: boolean }>('SELECT is_called AS called FROM test_refusals'))[0]?.called === true)
+    t.equal(await rows(k5.record.id, 'request_rate'), 0, 'the insert was refused')
+    await drop()
+    t.equal((await busy()).status, 200)
+    const a = await sse((x) => x.key_id === k5.record.id && x.type === 'request_rate')
+    t.ok(a.details.requests > 20)
+    t.equal(await rows(k5.record.id, 'request_rate'), 1, 'recorded once the store took it')
+  })
+
   await t.test('activity at an hour the key never used before', async (t) => {
     const k4 = await h.keys.create({ name: 'office hours', type: 'user' }, ACTOR)
     const now = Date.now()
