@@ -11,17 +11,12 @@ import type { GatewayContext, RequestState, Verdict } from './state.ts'
 const CHALLENGE_MISSING = 'Bearer realm="keygate"'
 const CHALLENGE_INVALID = 'Bearer realm="keygate", error="invalid_token"'
 
-export function routeLabel(ctx: GatewayContext, s: RequestState): string {
-  if (s.route) return s.route.name
-  // Denied before routing: label it with the route it would have gone to.
-  return ctx.router.match(s.req.headers.host, s.target)?.name ?? NO_ROUTE
-}
-
 /** Counts the request and observes its latency; call once, when the response head is written. */
 export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOutcome, status: number): void {
-  const route = s.route
-  const label = route !== undefined ? route.name : routeLabel(ctx, s)
-  const m = route !== undefined ? (ctx.routeMetrics[route.index] as RouteMetrics) : ctx.metrics.route(label)
+  // Denied before routing: counted under the route it would have gone to.
+  const route = s.route ?? ctx.router.match(s.req.headers.host, s.target)
+  const label = route !== undefined ? route.name : NO_ROUTE
+  const m = route !== undefined ? (ctx.routeMetrics[route.index] as RouteMetrics) : ctx.metrics.route(NO_ROUTE)
   m.requests[outcome].inc()
   ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
   const ms = performance.now() - s.start
