@@ -3,8 +3,9 @@
 // keygate with every stage on (trusted proxies, deny list, lockout, per-address and per-key
 // limits, key validation, route scopes), once with the in-memory limiter and once with Redis.
 // Each is driven with the same load from a separate process, in interleaved rounds (each in
-// another order); each round's figures are compared with that round's baseline, and the medians reported. Then the heap held by
-// 100,000 cached keys. --write records the results in bench/RESULTS.md.
+// another order); each round's figures are compared with that round's baseline, and the medians
+// are reported. Then the heap held by 100,000 cached keys. --write records the results in
+// bench/RESULTS.md.
 import { fork, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'

@@ -200,7 +200,6 @@ export class UsageRecorder implements UsageSink {
   }
 }
 
-
 export interface Range {
   from: Date
   to: Date
