@@ -3,7 +3,8 @@
 import { mkdirSync, openSync, closeSync, writeSync, readFileSync, unlinkSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import pg from 'pg'
-import { PGlite } from '@electric-sql/pglite'
+import { Worker } from 'node:worker_threads'
+import type { Ready, Reply, Request, WireError } from './embedded-worker.ts'
 import { KeygateError } from './errors.ts'
 
 export interface Queryable {
@@ -75,43 +76,107 @@ class PostgresDb implements Db {
   }
 }
 
+/** A PostgreSQL error from the store's thread, with its fields (code, detail, constraint…) as PGlite gave them. */
+function storeError(e: WireError): Error {
+  return Object.assign(new Error(e.message), e.fields)
+}
+
+/**
+ * The embedded store: PGlite on its own worker thread (core/embedded-worker.ts), so neither its
+ * WebAssembly heap nor the time its queries take lands on the thread that serves requests. The
+ * worker keeps the process alive only while a call is outstanding.
+ */
 class EmbeddedDb implements Db {
   readonly kind = 'embedded'
-  readonly #db: PGlite
+  readonly #worker: Worker
   readonly #release: () => void
+  readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
+  #nextId = 1
+  #gone: Error | undefined
 
-  constructor(db: PGlite, release: () => void) {
-    this.#db = db
+  private constructor(worker: Worker, release: () => void) {
+    this.#worker = worker
     this.#release = release
+    worker.unref()
+    worker.on('message', (r: Reply) => {
+      const p = this.#pending.get(r.id)
+      if (p === undefined) return
+      this.#pending.delete(r.id)
+      if (this.#pending.size === 0) worker.unref()
+      if (r.ok) p.resolve(r.value)
+      else p.reject(storeError(r.error))
+    })
+    const fail = (err: Error) => {
+      this.#gone ??= new KeygateError('store_unavailable', `the embedded store stopped: ${err.message}`, undefined, { cause: err })
+      for (const p of this.#pending.values()) p.reject(this.#gone)
+      this.#pending.clear()
+    }
+    worker.on('error', fail)
+    worker.on('exit', (code) => fail(new Error(`its thread exited (${code})`)))
   }
 
-  async query<R>(text: string, params?: readonly unknown[]): Promise<R[]> {
-    return (await this.#db.query<R>(text, params as unknown[])).rows
+  /** Starts the store's thread and resolves once PGlite is open there (in memory without `dataDir`). */
+  static async open(dataDir: string | undefined, release: () => void): Promise<EmbeddedDb> {
+    const worker = new Worker(new URL('./embedded-worker.ts', import.meta.url), { workerData: { dataDir } })
+    let onExit: ((code: number) => void) | undefined
+    let onError: ((err: Error) => void) | undefined
+    // Only these listeners come off afterwards: the Worker's own (which start its message port) must stay.
+    const ready = await new Promise<Ready>((resolve, reject) => {
+      onError = reject
+      onExit = (code) => reject(new Error(`the store's thread exited (${code})`))
+      worker.once('message', resolve).once('error', onError).once('exit', onExit)
+    }).finally(() => worker.off('error', onError as (err: Error) => void).off('exit', onExit as (code: number) => void))
+    if (!ready.ready) {
+      await worker.terminate()
+      throw storeError(ready.error)
+    }
+    return new EmbeddedDb(worker, release)
   }
 
-  async exec(script: string): Promise<void> {
-    await this.#db.exec(script)
+  #call<T>(request: DistributiveOmit<Request, 'id'>): Promise<T> {
+    if (this.#gone) return Promise.reject(this.#gone)
+    const id = this.#nextId++
+    return new Promise<T>((resolve, reject) => {
+      if (this.#pending.size === 0) this.#worker.ref()
+      this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject })
+      this.#worker.postMessage({ ...request, id })
+    })
+  }
+
+  query<R>(text: string, params?: readonly unknown[], tx?: number): Promise<R[]> {
+    return this.#call<R[]>({ op: 'query', sql: text, params, tx })
+  }
+
+  async exec(script: string, tx?: number): Promise<void> {
+    await this.#call({ op: 'exec', sql: script, tx })
   }
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
-    return this.#db.transaction(async (t) =>
-      fn({
-        query: async <R>(q: string, p?: readonly unknown[]) => (await t.query<R>(q, p as unknown[])).rows,
-        exec: async (script: string) => {
-          await t.exec(script)
-        },
-      }),
-    )
+    const id = await this.#call<number>({ op: 'begin' })
+    let result: T
+    try {
+      result = await fn({ query: (q, p) => this.query(q, p, id), exec: (script) => this.exec(script, id) })
+    } catch (err) {
+      await this.#call({ op: 'rollback', tx: id }).catch(() => {})
+      throw err
+    }
+    await this.#call({ op: 'commit', tx: id })
+    return result
   }
 
   async close(): Promise<void> {
     try {
-      await this.#db.close()
+      // PGlite closes (and writes its files) on its thread; then the thread is ended.
+      if (!this.#gone) await this.#call({ op: 'close' })
+      this.#worker.ref()
+      await this.#worker.terminate()
     } finally {
       this.#release()
     }
   }
 }
+
+type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never
 
 function processAlive(pid: number): boolean {
   try {
@@ -175,12 +240,12 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     }
     return db
   }
-  if (options.memory) return new EmbeddedDb(await PGlite.create(), () => {})
+  if (options.memory) return EmbeddedDb.open(undefined, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
   mkdirSync(dir, { recursive: true, mode: 0o700 })
   const release = lockDataDir(dir)
   try {
-    return new EmbeddedDb(await PGlite.create(join(dir, 'pgdata')), release)
+    return await EmbeddedDb.open(join(dir, 'pgdata'), release)
   } catch (err) {
     release()
     throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${(err as Error).message}`, undefined, { cause: err })

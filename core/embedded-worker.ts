@@ -1,0 +1,108 @@
+// The embedded store's own thread: PGlite (PostgreSQL compiled to WebAssembly) runs here, never
+// on the thread that serves requests. Measured on the bare proxy of the benchmark, PGlite merely
+// loaded on the serving thread made every proxied request cost 1.2–1.4× the CPU, and a query
+// there would stop the gateway for as long as it runs. core/db.ts (EmbeddedDb) is the other end:
+// one message per query, and a transaction as begin, its queries, then commit or rollback.
+import { parentPort, workerData } from 'node:worker_threads'
+import { PGlite, type Transaction } from '@electric-sql/pglite'
+
+export type Request =
+  | { id: number; op: 'query'; sql: string; params: readonly unknown[] | undefined; tx: number | undefined }
+  | { id: number; op: 'exec'; sql: string; tx: number | undefined }
+  | { id: number; op: 'begin' }
+  | { id: number; op: 'commit' | 'rollback'; tx: number }
+  | { id: number; op: 'close' }
+
+/** An error as it crosses the thread: its message and the fields of a PostgreSQL error (code, detail, constraint…). */
+export interface WireError {
+  message: string
+  fields: Record<string, string | number>
+}
+
+export type Reply = { id: number; ok: true; value?: unknown } | { id: number; ok: false; error: WireError }
+
+/** The first message: the store is open, or why it could not be opened. */
+export type Ready = { ready: true } | { ready: false; error: WireError }
+
+function wire(err: unknown): WireError {
+  const e = err instanceof Error ? err : new Error(String(err))
+  const fields: Record<string, string | number> = {}
+  for (const [k, v] of Object.entries(e)) if (typeof v === 'string' || typeof v === 'number') fields[k] = v
+  return { message: e.message, fields }
+}
+
+const ROLLBACK = Symbol('rollback')
+
+interface OpenTx {
+  t: Transaction
+  finish(commit: boolean): void
+  done: Promise<unknown>
+}
+
+async function serve(db: PGlite): Promise<void> {
+  const port = parentPort as NonNullable<typeof parentPort>
+  const txs = new Map<number, OpenTx>()
+  let nextTx = 1
+  const reply = (r: Reply) => port.postMessage(r)
+
+  const handle = async (m: Request): Promise<unknown> => {
+    switch (m.op) {
+      case 'query':
+        return (await (m.tx === undefined ? db : (txs.get(m.tx) as OpenTx).t).query(m.sql, m.params as unknown[])).rows
+      case 'exec':
+        await (m.tx === undefined ? db : (txs.get(m.tx) as OpenTx).t).exec(m.sql)
+        return undefined
+      case 'begin': {
+        // PGlite runs one transaction at a time (its own lock); this resolves once ours has begun.
+        const id = nextTx++
+        return new Promise<number>((begun, failed) => {
+          let finish!: (commit: boolean) => void
+          const held = new Promise<void>((resolve, reject) => {
+            finish = (commit) => (commit ? resolve() : reject(ROLLBACK))
+          })
+          const done = db.transaction(async (t) => {
+            txs.set(id, { t, finish, done })
+            begun(id)
+            await held
+          })
+          done.catch((err: unknown) => {
+            // Failed before it began (BEGIN itself); a later failure is the commit's or rollback's to report.
+            if (!txs.has(id)) failed(err)
+          })
+        })
+      }
+      case 'commit':
+      case 'rollback': {
+        const tx = txs.get(m.tx) as OpenTx
+        tx.finish(m.op === 'commit')
+        try {
+          await tx.done
+        } catch (err) {
+          if (err !== ROLLBACK) throw err
+        } finally {
+          txs.delete(m.tx)
+        }
+        return undefined
+      }
+      case 'close':
+        await db.close()
+        return undefined
+    }
+  }
+
+  port.on('message', (m: Request) => {
+    handle(m).then(
+      (value) => reply({ id: m.id, ok: true, value }),
+      (err: unknown) => reply({ id: m.id, ok: false, error: wire(err) }),
+    )
+  })
+}
+
+const { dataDir } = workerData as { dataDir: string | undefined }
+try {
+  const db = await PGlite.create(dataDir)
+  await serve(db)
+  parentPort?.postMessage({ ready: true } satisfies Ready)
+} catch (err) {
+  parentPort?.postMessage({ ready: false, error: wire(err) } satisfies Ready)
+}

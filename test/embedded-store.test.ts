@@ -1,0 +1,94 @@
+// The embedded store runs PGlite on its own thread (core/embedded-worker.ts): what crosses the
+// thread must arrive as it would from PGlite itself (rows, bytea, dates, a PostgreSQL error's
+// SQLSTATE and fields), transactions must still commit, roll back and run one at a time, a
+// query must not stop the calling thread, and a closed store must refuse, not hang.
+import t from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { openDb, sqlState, UNIQUE_VIOLATION } from '../core/db.ts'
+import { rejection } from './helpers/stores.ts'
+
+t.test('rows, values and errors cross the thread as PGlite gives them', async (t) => {
+  const db = await openDb({ memory: true })
+  t.teardown(() => db.close())
+  await db.exec('CREATE TABLE t (id int PRIMARY KEY, b bytea, at timestamptz, j jsonb)')
+  const at = new Date('2026-01-02T03:04:05.678Z')
+  await db.query('INSERT INTO t VALUES ($1, $2, $3, $4)', [1, Buffer.from([0, 1, 254, 255]), at, JSON.stringify({ a: [1, 'x'] })])
+  const [row] = await db.query<{ id: number; b: Uint8Array; at: Date; j: unknown }>('SELECT * FROM t')
+  t.equal(row?.id, 1)
+  t.ok(row?.b instanceof Uint8Array, 'bytea is bytes')
+  t.same([...(row?.b ?? [])], [0, 1, 254, 255])
+  t.ok(row?.at instanceof Date, 'timestamptz is a Date')
+  t.equal(row?.at.toISOString(), at.toISOString())
+  t.same(row?.j, { a: [1, 'x'] })
+
+  const err = await rejection(db.query('INSERT INTO t (id) VALUES (1)'))
+  t.equal(sqlState(err), UNIQUE_VIOLATION, 'the SQLSTATE is kept')
+  t.equal((err as { constraint?: string }).constraint, 't_pkey', "and the error's fields")
+  t.match(err.message, /duplicate key value violates unique constraint "t_pkey"/)
+
+  const syntax = await rejection(db.query('SELEC 1'))
+  t.equal(sqlState(syntax), '42601')
+  t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], 'the store goes on after errors')
+})
+
+t.test('transactions commit, roll back, and run one at a time', async (t) => {
+  const db = await openDb({ memory: true })
+  t.teardown(() => db.close())
+  await db.exec('CREATE TABLE c (n int NOT NULL); INSERT INTO c VALUES (0)')
+
+  t.equal(await db.transaction(async (tx) => (await tx.query<{ n: number }>('UPDATE c SET n = n + 1 RETURNING n'))[0]?.n), 1, 'the value fn returned')
+  const boom = await rejection(
+    db.transaction(async (tx) => {
+      await tx.query('UPDATE c SET n = n + 100')
+      throw new Error('boom')
+    }),
+  )
+  t.equal(boom.message, 'boom', "fn's own error comes back")
+  const failed = await rejection(
+    db.transaction(async (tx) => {
+      await tx.query('UPDATE c SET n = n + 100')
+      await tx.query('SELECT * FROM no_such_table')
+    }),
+  )
+  t.equal(sqlState(failed), '42P01')
+  t.same(await db.query('SELECT n FROM c'), [{ n: 1 }], 'neither rolled-back change is there')
+
+  // Read, wait, write: interleaved transactions would lose increments.
+  await Promise.all(
+    Array.from({ length: 10 }, () =>
+      db.transaction(async (tx) => {
+        const n = (await tx.query<{ n: number }>('SELECT n FROM c'))[0]?.n as number
+        await new Promise((r) => setTimeout(r, 2))
+        await tx.query('UPDATE c SET n = $1', [n + 1])
+      }),
+    ),
+  )
+  t.same(await db.query('SELECT n FROM c'), [{ n: 11 }], 'ten transactions, none lost')
+})
+
+t.test('a query does not stop the calling thread', async (t) => {
+  const db = await openDb({ memory: true })
+  t.teardown(() => db.close())
+  let ticks = 0
+  const timer = setInterval(() => ticks++, 10)
+  await db.query('SELECT pg_sleep(1)')
+  clearInterval(timer)
+  // On the calling thread the one-second query would have let no tick run at all.
+  t.ok(ticks >= 20, `the event loop ran during the query (${ticks} ticks of 10 ms)`)
+})
+
+t.test('a closed store refuses calls instead of leaving them waiting; the data directory is released', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-embedded-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const db = await openDb({ dataDir: dir })
+  await db.exec('CREATE TABLE kept (v text); INSERT INTO kept VALUES ($$written$$)')
+  await db.close()
+  const err = await rejection(db.query('SELECT 1'))
+  t.equal((err as { code?: string }).code, 'store_unavailable')
+  // The same directory opens again, with what was written.
+  const again = await openDb({ dataDir: dir })
+  t.teardown(() => again.close())
+  t.same(await again.query('SELECT v FROM kept'), [{ v: 'written' }])
+})
