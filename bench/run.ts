@@ -2,10 +2,11 @@
 // In one run: a fixed-response upstream, a bare undici proxy with no checks (the baseline), and
 // keygate with every stage on (trusted proxies, deny list, lockout, per-address and per-key
 // limits, key validation, route scopes), once with the in-memory limiter and once with Redis.
-// Each is driven with the same load from a separate process, in interleaved rounds (each in
-// another order); each round's figures are compared with that round's baseline, and the medians
-// are reported. Then the heap held by 100,000 cached keys. --write records the results in
-// bench/RESULTS.md.
+// Each is driven with the same requests from a separate process, in short slices: every keygate
+// scenario in blocks of baseline, keygate, keygate, baseline, compared within the block (the
+// speed of a shared machine changes within seconds, so a baseline measured a minute apart is no
+// yardstick), and the median over the blocks reported with the spread of the middle half. Then
+// the heap held by 100,000 cached keys. --write records the results in bench/RESULTS.md.
 import { fork, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
@@ -17,8 +18,11 @@ const here = (f: string) => fileURLToPath(new URL(f, import.meta.url))
 const KEYGATE = here('../bin/keygate.ts')
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')
-const ROUNDS = quick ? 3 : 5
-const SECONDS = quick ? 3 : 5
+const BLOCKS = quick ? 2 : 6
+/** Seconds of one slice as fast as the server answers, and of one at the fixed rate. */
+const SLICE_S = 2
+const PACED_S = 3
+const SECONDS = 3
 const CONNECTIONS = 32
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 const children: ChildProcess[] = []
@@ -146,66 +150,109 @@ function mkdirp(dir: string): string {
   return dir
 }
 
+// The same requests for every scenario ("the same load"): the baseline and the upstream alone
+// get the valid key's Authorization and the X-Forwarded-For too, and pass them on unread.
 const xff = { 'x-forwarded-for': '203.0.113.9' }
+const sameLoad = { ...xff, authorization: `Bearer ${memKey}` }
 const scenarios = [
-  { name: 'direct (upstream alone)', url: `http://127.0.0.1:${upstream}/`, headers: {}, pid: upstreamServer.pid },
-  { name: 'baseline (bare undici proxy)', url: `http://127.0.0.1:${baseline}/`, headers: {}, pid: baselineServer.pid },
-  { name: 'keygate, valid cached key', url: `http://127.0.0.1:${keygate}/`, headers: { ...xff, authorization: `Bearer ${memKey}` }, pid: keygateServer.pid },
+  { name: 'direct (upstream alone)', url: `http://127.0.0.1:${upstream}/`, headers: sameLoad, pid: upstreamServer.pid },
+  { name: 'baseline (bare undici proxy)', url: `http://127.0.0.1:${baseline}/`, headers: sameLoad, pid: baselineServer.pid },
+  { name: 'keygate, valid cached key', url: `http://127.0.0.1:${keygate}/`, headers: sameLoad, pid: keygateServer.pid },
   { name: 'keygate, rejecting bad keys', url: `http://127.0.0.1:${keygate}/`, headers: { ...xff, authorization: `Bearer ${unknownKey}` }, pid: keygateServer.pid },
   { name: 'keygate, Redis limiter', url: `http://127.0.0.1:${keygateRedis}/`, headers: { ...xff, authorization: `Bearer ${redisKey}` }, pid: keygateRedisServer.pid },
 ] as const
+type Scenario = (typeof scenarios)[number]
+const [direct, base, valid, bad, redis] = scenarios
 
 // Warm-up: JIT, connection pools, the key caches.
 for (const s of scenarios) await load(s.url, s.headers, 2)
-const capacity = await load(scenarios[1].url, scenarios[1].headers, SECONDS)
+const capacity = await load(base.url, base.headers, SECONDS)
 const fixedRate = Math.max(500, Math.round((capacity.rps * 0.5) / 100) * 100)
 
-const rps: Record<string, number[]> = {}
-const p50: Record<string, number[]> = {}
-const p99: Record<string, number[]> = {}
-const cpu: Record<string, number[]> = {}
-const statuses: Record<string, Record<string, number>> = {}
-for (let round = 0; round < ROUNDS; round++) {
-  // Each round starts one scenario later, so none is always measured first or last (where a
-  // drift of the machine's speed within a round would always count against it).
-  const order = scenarios.map((_, i) => scenarios[(i + round) % scenarios.length] as (typeof scenarios)[number])
+interface Slice {
+  rps: number
+  p50: number
+  p99: number
+  cpu: number
+}
+const slices = new Map<Scenario, Slice[]>(scenarios.map((s) => [s, []]))
+const statuses = new Map<Scenario, Record<string, number>>(scenarios.map((s) => [s, {}]))
+/** Per block, each compared scenario against the baseline slices around it. */
+const blocks = new Map<Scenario, Array<{ rps: number; p99: number; cpu: number }>>()
+
+/** One slice of a scenario: as fast as it answers for SLICE_S, then a fixed rate for PACED_S. */
+async function measure(s: Scenario, what: 'max' | 'paced'): Promise<Partial<Slice>> {
+  const cpuBefore = cpuSeconds(s.pid)
+  const l = what === 'max' ? await load(s.url, s.headers, SLICE_S) : await load(s.url, s.headers, PACED_S, fixedRate)
+  const seen = statuses.get(s) as Record<string, number>
+  for (const [code, count] of Object.entries(l.statuses)) seen[code] = (seen[code] ?? 0) + count
+  if (l.errors + l.timeouts > 0) console.error(`${s.name}: ${l.errors} errors, ${l.timeouts} timeouts`)
+  if (what === 'max') return { rps: l.rps }
+  return { p50: l.p50, p99: l.p99, cpu: ((cpuSeconds(s.pid) - cpuBefore) * 1e6) / Math.max(1, l.total) }
+}
+
+/**
+ * baseline, scenario, scenario, baseline: a drift of the machine's speed within the block
+ * (which on a shared machine changes within seconds) weighs on both sides alike.
+ */
+async function abba(s: Scenario, what: 'max' | 'paced'): Promise<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }> {
+  const b1 = await measure(base, what)
+  const x1 = await measure(s, what)
+  const x2 = await measure(s, what)
+  const b2 = await measure(base, what)
+  return { b: [b1, b2], x: [x1, x2] }
+}
+
+const mean2 = (a: Array<Partial<Slice>>, k: keyof Slice) => ((a[0]?.[k] as number) + (a[1]?.[k] as number)) / 2
+const compared = [valid, bad, redis] as const
+for (let block = 0; block < BLOCKS; block++) {
+  // Each block starts one scenario later, so none is always measured first or last.
+  const order = compared.map((_, i) => compared[(i + block) % compared.length] as Scenario)
   for (const s of order) {
-    const max = await load(s.url, s.headers, SECONDS)
-    const cpuBefore = cpuSeconds(s.pid)
-    const paced = await load(s.url, s.headers, SECONDS, fixedRate)
-    ;(cpu[s.name] ??= []).push(((cpuSeconds(s.pid) - cpuBefore) * 1e6) / Math.max(1, paced.total))
-    ;(rps[s.name] ??= []).push(max.rps)
-    ;(p50[s.name] ??= []).push(paced.p50)
-    ;(p99[s.name] ??= []).push(paced.p99)
-    const seen = (statuses[s.name] ??= {})
-    for (const [code, count] of Object.entries({ ...max.statuses, ...paced.statuses })) seen[code] = (seen[code] ?? 0) + count
-    if (max.errors + max.timeouts + paced.errors + paced.timeouts > 0) console.error(`${s.name}: ${max.errors + paced.errors} errors, ${max.timeouts + paced.timeouts} timeouts`)
+    const max = await abba(s, 'max')
+    const paced = await abba(s, 'paced')
+    for (const [who, m, p] of [[base, max.b, paced.b], [s, max.x, paced.x]] as const) {
+      for (let i = 0; i < 2; i++) (slices.get(who) as Slice[]).push({ ...(m[i] as Slice), ...(p[i] as Slice), rps: m[i]?.rps as number })
+    }
+    ;(blocks.get(s) ?? blocks.set(s, []).get(s))?.push({
+      rps: mean2(max.x, 'rps') / mean2(max.b, 'rps'),
+      p99: mean2(paced.x, 'p99') - mean2(paced.b, 'p99'),
+      cpu: mean2(paced.x, 'cpu') / mean2(paced.b, 'cpu'),
+    })
   }
-  console.error(`round ${round + 1} of ${ROUNDS} done`)
+  // The upstream alone, for scale (not compared block by block).
+  ;(slices.get(direct) as Slice[]).push({ ...((await measure(direct, 'max')) as Slice), ...((await measure(direct, 'paced')) as Slice) })
+  console.error(`block ${block + 1} of ${BLOCKS} done`)
 }
 
 for (const c of children) c.kill('SIGTERM')
 const heap = JSON.parse(execFileSync(process.execPath, ['--expose-gc', here('./cache-heap.ts'), '100000'], { encoding: 'utf8' })) as { heapMiB: number; bytesPerKey: number }
 
-const base = scenarios[1].name
-// Ratios and differences are taken within each round (keygate against the baseline measured
-// minutes, not a quarter of an hour, apart) and the median of those is reported: the speed of a
-// shared machine drifts between rounds more than within one.
-const perRound = (name: string, of: Record<string, number[]>, f: (x: number, b: number) => number) =>
-  median((of[name] as number[]).map((x, i) => f(x, (of[base] as number[])[i] as number)))
-const ratio = (name: string) => perRound(name, rps, (x, b) => x / b)
-const p99Delta = (name: string) => perRound(name, p99, (x, b) => x - b)
-const cpuRatio = (name: string) => perRound(name, cpu, (x, b) => x / b)
-const row = (name: string) => {
-  const d99 = p99Delta(name)
-  return `| ${name} | ${Math.round(median(rps[name] as number[]))} | ${median(p50[name] as number[]).toFixed(2)} | ${median(p99[name] as number[]).toFixed(2)} | ${median(cpu[name] as number[]).toFixed(1)} | ${name === base ? '1.00' : ratio(name).toFixed(2)} | ${name === base ? '' : (d99 >= 0 ? '+' : '') + d99.toFixed(2)} | ${name === base ? '1.00' : cpuRatio(name).toFixed(2)} | ${Object.entries(statuses[name] ?? {}).map(([c, n]) => `${c}×${n}`).join(' ')} |`
+const quantile = (xs: number[], q: number) => {
+  const s = [...xs].sort((a, b) => a - b)
+  const at = (s.length - 1) * q
+  const lo = Math.floor(at)
+  return (s[lo] as number) + ((s[Math.min(lo + 1, s.length - 1)] as number) - (s[lo] as number)) * (at - lo)
 }
-const valid = scenarios[2].name
-const redis = scenarios[4].name
+const of = (s: Scenario, k: keyof Slice) => (slices.get(s) as Slice[]).map((x) => x[k])
+const blockOf = (s: Scenario, k: 'rps' | 'p99' | 'cpu') => (blocks.get(s) ?? []).map((x) => x[k])
+// A block's figure, the median over the blocks, and the middle half of the blocks as the spread.
+const spread = (xs: number[], digits: number, sign = false) => {
+  const f = (x: number) => (sign && x >= 0 ? '+' : '') + x.toFixed(digits)
+  return `${f(median(xs))} (${f(quantile(xs, 0.25))} to ${f(quantile(xs, 0.75))})`
+}
+const row = (s: Scenario) => {
+  const vs = s === base || s === direct
+  return `| ${s.name} | ${Math.round(median(of(s, 'rps')))} | ${median(of(s, 'p50')).toFixed(2)} | ${median(of(s, 'p99')).toFixed(2)} | ${median(of(s, 'cpu')).toFixed(1)} | ${s === base ? '1.00' : vs ? (median(of(s, 'rps')) / median(of(base, 'rps'))).toFixed(2) : spread(blockOf(s, 'rps'), 2)} | ${vs ? '' : spread(blockOf(s, 'p99'), 2, true)} | ${s === base ? '1.00' : vs ? (median(of(s, 'cpu')) / median(of(base, 'cpu'))).toFixed(2) : spread(blockOf(s, 'cpu'), 2)} | ${Object.entries(statuses.get(s) ?? {}).map(([c, n]) => `${c}×${n}`).join(' ')} |`
+}
+const ratio = (s: Scenario) => median(blockOf(s, 'rps'))
+const p99Delta = (s: Scenario) => median(blockOf(s, 'p99'))
+const ms = (x: number) => `${x >= 0 ? '+' : ''}${x.toFixed(2)} ms`
 const checks = [
   [`keygate/baseline req/s with the memory limiter ≥ 0.90`, ratio(valid) >= 0.9, ratio(valid).toFixed(2)],
   [`keygate/baseline req/s with the Redis limiter ≥ 0.80`, ratio(redis) >= 0.8, ratio(redis).toFixed(2)],
-  [`keygate p99 ≤ baseline p99 + 1 ms (at ${fixedRate} req/s)`, p99Delta(valid) <= 1, `${p99Delta(valid) >= 0 ? '+' : ''}${p99Delta(valid).toFixed(2)} ms`],
+  [`keygate p99 ≤ baseline p99 + 1 ms, memory limiter (at ${fixedRate} req/s)`, p99Delta(valid) <= 1, ms(p99Delta(valid))],
+  [`keygate p99 ≤ baseline p99 + 1 ms, Redis limiter (at ${fixedRate} req/s)`, p99Delta(redis) <= 1, ms(p99Delta(redis))],
   ['heap per 100,000 cached keys ≤ 24 MiB', heap.heapMiB <= 24, `${heap.heapMiB} MiB (${heap.bytesPerKey} B/key)`],
 ] as const
 
@@ -222,13 +269,13 @@ const code = (() => {
 
 const report = [
   code,
-  `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${ROUNDS} interleaved rounds, each starting one scenario later; ${CONNECTIONS} connections. Absolute figures are medians over the rounds; ratios and differences to the baseline are the medians of each round's own.`,
-  `req/s: as fast as each answers for ${SECONDS} s; p50/p99 (ms): a fixed ${fixedRate} req/s (half the baseline's capacity), so they show the cost per request, not queueing.`,
-  `CPU µs/req: user + system CPU of the measured server process (not the upstream, not Redis) per request during the fixed-rate run; it depends far less on what else the machine is doing than req/s does.`,
+  `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
+  `Each keygate scenario was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at a fixed ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU), so latency shows the cost per request, not queueing. Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
+  `CPU µs/req: user + system CPU of the measured server process (not the upstream, not Redis) per request during the fixed-rate slices.`,
   '',
-  '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs baseline | p99 vs baseline (ms) | CPU vs baseline | statuses |',
+  '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | statuses |',
   '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
-  ...scenarios.map((s) => row(s.name)),
+  ...scenarios.map(row),
   '',
   '| target | met | measured |',
   '| --- | --- | --- |',
