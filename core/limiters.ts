@@ -222,6 +222,10 @@ const MAX_LEASE = 64
 const LEASE_TARGET_MS = 100
 /** A reservation takes at most this share of what the store has left, so a lease never holds much of a limit that is nearly used up. */
 const LEASE_SHARE = 8
+/** Leases of at least this many points are renewed ahead, when a quarter is left. */
+const AHEAD_FROM = 8
+/** Two window ends closer than this are the same window's. */
+const SAME_WINDOW_MS = 250
 /** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
 const MAX_LEASES = 10_000
 
@@ -236,6 +240,9 @@ const MAX_LEASES = 10_000
  *   a time, and near its limit every key is.
  * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
  * - Leases and refusals are dropped when the answering store changes (Redis down or back).
+ * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
+ *   what it still holds is carried into the next if both are of the same window (so a process
+ *   holds at most a lease and a quarter unused).
  * - Concurrent requests for a key wait for one reservation.
  * - RateLimit-Remaining is what the store had left at the last reservation plus this process's
  *   unused lease: exact with one process.
@@ -262,7 +269,17 @@ export class LeasedLimit implements RateLimit {
     lease.left--
     this.remaining = lease.remaining + lease.left
     this.msBeforeNext = ms
+    // A busy key's next reservation is asked for while a quarter of this one is left, so its
+    // requests do not wait for the store's answer when the lease runs out.
+    if (lease.size >= AHEAD_FROM && lease.left <= lease.size >> 2 && !this.#reserving.has(key)) this.#reserveAhead(key, lease)
     return true
+  }
+
+  #reserveAhead(key: string, lease: Lease): void {
+    const reserving = this.#reserve(key, lease)
+      .catch(() => {}) // a request that finds the lease used up asks again, and sees the failure
+      .finally(() => this.#reserving.delete(key))
+    this.#reserving.set(key, reserving)
   }
 
   /** `take`'s answer as a RateLimiterRes (the promise path). */
@@ -293,9 +310,9 @@ export class LeasedLimit implements RateLimit {
   async #reserve(key: string, previous: Lease | undefined): Promise<void> {
     const now = performance.now()
     const current = previous !== undefined && previous.until > Date.now() && previous.source === this.#limiter.source && !previous.refused
-    // One point for a key not seen lately; then as many as were used in LEASE_TARGET_MS at the
-    // last lease's rate, at most MAX_LEASE and 1/LEASE_SHARE of what the store has left.
-    const wanted = current ? Math.round((previous.size * LEASE_TARGET_MS) / Math.max(1, now - previous.at)) : 1
+    // One point for a key not seen lately; then as many as the last lease's rate uses in
+    // LEASE_TARGET_MS, at most MAX_LEASE and 1/LEASE_SHARE of what the store has left.
+    const wanted = current ? Math.round(((previous.size - previous.left) * LEASE_TARGET_MS) / Math.max(1, now - previous.at)) : 1
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((current ? previous.remaining : this.points) / LEASE_SHARE)))
     let answer = await this.#ask(key, size)
     if (answer.refused && size > 1) {
@@ -307,8 +324,13 @@ export class LeasedLimit implements RateLimit {
     const r = answer.res
     // Kept with the source that answered (read after the answer: a call that fell back to the insurance was answered by it).
     const source = this.#limiter.source
-    if (answer.refused) this.#leases.set(key, { left: 0, size: 1, at: now, source, remaining: 0, until: Date.now() + r.msBeforeNext, refused: true })
-    else this.#leases.set(key, { left: size, size, at: now, source, remaining: r.remainingPoints, until: Date.now() + r.msBeforeNext, refused: false })
+    const until = Date.now() + r.msBeforeNext
+    // Asked ahead: what the lease still holds stays usable if it belongs to the same window
+    // (windows are at least a second long; the same window's end differs only by clock jitter).
+    const carried = current && previous.source === source && Math.abs(until - previous.until) < SAME_WINDOW_MS ? previous.left : 0
+    if (answer.refused) {
+      if (carried === 0) this.#leases.set(key, { left: 0, size: 1, at: now, source, remaining: 0, until, refused: true })
+    } else this.#leases.set(key, { left: carried + size, size: carried + size, at: now, source, remaining: r.remainingPoints, until, refused: false })
   }
 
   /** `points` from the store: its answer, or its refusal (a RateLimiterRes too); other failures reject. */
