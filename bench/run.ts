@@ -72,6 +72,8 @@ interface Load {
   errors: number
   timeouts: number
   statuses: Record<string, number>
+  /** CPU seconds the load generator itself used. */
+  cpu: number
 }
 
 function load(url: string, headers: Record<string, string>, seconds: number, rate = 0): Promise<Load> {
@@ -174,21 +176,26 @@ interface Slice {
   p50: number
   p99: number
   cpu: number
+  /** CPU of the load generator, the upstream and the server together (not Redis), µs per request. */
+  all: number
 }
 const slices = new Map<Scenario, Slice[]>(scenarios.map((s) => [s, []]))
 const statuses = new Map<Scenario, Record<string, number>>(scenarios.map((s) => [s, {}]))
 /** Per block, each compared scenario against the baseline slices around it. */
-const blocks = new Map<Scenario, Array<{ rps: number; p99: number; cpu: number }>>()
+const blocks = new Map<Scenario, Array<{ rps: number; p99: number; cpu: number; all: number }>>()
 
 /** One slice of a scenario: as fast as it answers for SLICE_S, then a fixed rate for PACED_S. */
 async function measure(s: Scenario, what: 'max' | 'paced'): Promise<Partial<Slice>> {
   const cpuBefore = cpuSeconds(s.pid)
+  const upstreamBefore = cpuSeconds(upstreamServer.pid)
   const l = what === 'max' ? await load(s.url, s.headers, SLICE_S) : await load(s.url, s.headers, PACED_S, fixedRate)
   const seen = statuses.get(s) as Record<string, number>
   for (const [code, count] of Object.entries(l.statuses)) seen[code] = (seen[code] ?? 0) + count
   if (l.errors + l.timeouts > 0) console.error(`${s.name}: ${l.errors} errors, ${l.timeouts} timeouts`)
   if (what === 'max') return { rps: l.rps }
-  return { p50: l.p50, p99: l.p99, cpu: ((cpuSeconds(s.pid) - cpuBefore) * 1e6) / Math.max(1, l.total) }
+  const server = cpuSeconds(s.pid) - cpuBefore
+  const all = l.cpu + server + (s === direct ? 0 : cpuSeconds(upstreamServer.pid) - upstreamBefore)
+  return { p50: l.p50, p99: l.p99, cpu: (server * 1e6) / Math.max(1, l.total), all: (all * 1e6) / Math.max(1, l.total) }
 }
 
 /**
@@ -218,6 +225,7 @@ for (let block = 0; block < BLOCKS; block++) {
       rps: mean2(max.x, 'rps') / mean2(max.b, 'rps'),
       p99: mean2(paced.x, 'p99') - mean2(paced.b, 'p99'),
       cpu: mean2(paced.x, 'cpu') / mean2(paced.b, 'cpu'),
+      all: mean2(paced.x, 'all') / mean2(paced.b, 'all'),
     })
   }
   // The upstream alone, for scale (not compared block by block).
@@ -235,7 +243,7 @@ const quantile = (xs: number[], q: number) => {
   return (s[lo] as number) + ((s[Math.min(lo + 1, s.length - 1)] as number) - (s[lo] as number)) * (at - lo)
 }
 const of = (s: Scenario, k: keyof Slice) => (slices.get(s) as Slice[]).map((x) => x[k])
-const blockOf = (s: Scenario, k: 'rps' | 'p99' | 'cpu') => (blocks.get(s) ?? []).map((x) => x[k])
+const blockOf = (s: Scenario, k: 'rps' | 'p99' | 'cpu' | 'all') => (blocks.get(s) ?? []).map((x) => x[k])
 // A block's figure, the median over the blocks, and the middle half of the blocks as the spread.
 const spread = (xs: number[], digits: number, sign = false) => {
   const f = (x: number) => (sign && x >= 0 ? '+' : '') + x.toFixed(digits)
@@ -243,7 +251,24 @@ const spread = (xs: number[], digits: number, sign = false) => {
 }
 const row = (s: Scenario) => {
   const vs = s === base || s === direct
-  return `| ${s.name} | ${Math.round(median(of(s, 'rps')))} | ${median(of(s, 'p50')).toFixed(2)} | ${median(of(s, 'p99')).toFixed(2)} | ${median(of(s, 'cpu')).toFixed(1)} | ${s === base ? '1.00' : vs ? (median(of(s, 'rps')) / median(of(base, 'rps'))).toFixed(2) : spread(blockOf(s, 'rps'), 2)} | ${vs ? '' : spread(blockOf(s, 'p99'), 2, true)} | ${s === base ? '1.00' : vs ? (median(of(s, 'cpu')) / median(of(base, 'cpu'))).toFixed(2) : spread(blockOf(s, 'cpu'), 2)} | ${Object.entries(statuses.get(s) ?? {}).map(([c, n]) => `${c}×${n}`).join(' ')} |`
+  /** Against the baseline: 1.00 for itself, the ratio of medians for the upstream alone, else the blocks' median and middle half. */
+  const against = (k: 'rps' | 'cpu' | 'all') => (s === base ? '1.00' : vs ? (median(of(s, k)) / median(of(base, k))).toFixed(2) : spread(blockOf(s, k), 2))
+  const cells = [
+    s.name,
+    Math.round(median(of(s, 'rps'))),
+    median(of(s, 'p50')).toFixed(2),
+    median(of(s, 'p99')).toFixed(2),
+    median(of(s, 'cpu')).toFixed(1),
+    median(of(s, 'all')).toFixed(1),
+    against('rps'),
+    vs ? '' : spread(blockOf(s, 'p99'), 2, true),
+    against('cpu'),
+    against('all'),
+    Object.entries(statuses.get(s) ?? {})
+      .map(([c, n]) => `${c}×${n}`)
+      .join(' '),
+  ]
+  return `| ${cells.join(' | ')} |`
 }
 const ratio = (s: Scenario) => median(blockOf(s, 'rps'))
 const p99Delta = (s: Scenario) => median(blockOf(s, 'p99'))
@@ -271,10 +296,10 @@ const report = [
   code,
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
   `Each keygate scenario was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at a fixed ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU), so latency shows the cost per request, not queueing. Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
-  `CPU µs/req: user + system CPU of the measured server process (not the upstream, not Redis) per request during the fixed-rate slices.`,
+  `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
   '',
-  '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | statuses |',
-  '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+  '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU µs/req, all | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | CPU, all, vs baseline (middle half) | statuses |',
+  '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ...scenarios.map(row),
   '',
   '| target | met | measured |',
