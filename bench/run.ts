@@ -5,7 +5,8 @@
 // Each is driven with the same requests from a separate process, in short slices: every keygate
 // scenario in blocks of baseline, keygate, keygate, baseline, compared within the block (the
 // speed of a shared machine changes within seconds, so a baseline measured a minute apart is no
-// yardstick), and the median over the blocks reported with the spread of the middle half. Then
+// yardstick), and the median over the blocks reported with the spread of the middle half; then
+// the CPU per request of keygate and the baseline loaded side by side, at the same time. Then
 // the heap held by 100,000 cached keys. --write records the results in bench/RESULTS.md.
 import { fork, spawn, type ChildProcess } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
@@ -19,6 +20,7 @@ const KEYGATE = here('../bin/keygate.ts')
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')
 const BLOCKS = quick ? 2 : 6
+const SIDE_SLICES = quick ? 3 : 8
 /** Seconds of one slice as fast as the server answers, and of one at the fixed rate. */
 const SLICE_S = 2
 const PACED_S = 3
@@ -233,6 +235,20 @@ for (let block = 0; block < BLOCKS; block++) {
   console.error(`block ${block + 1} of ${BLOCKS} done`)
 }
 
+// Side by side: the baseline and a keygate scenario loaded at the same time, each at half the
+// fixed rate from its own load generator, and the CPU per request of the two servers taken over
+// the same seconds. Whatever the machine does meanwhile, it does to both: the steadiest
+// comparison of what a request costs each (it is not a target of the issue; req/s is).
+const sideBySide = new Map<Scenario, number[]>()
+for (let slice = 0; slice < SIDE_SLICES; slice++) {
+  for (const s of [valid, redis]) {
+    const before = [cpuSeconds(base.pid), cpuSeconds(s.pid)]
+    const [lb, lk] = await Promise.all([load(base.url, base.headers, PACED_S, fixedRate / 2), load(s.url, s.headers, PACED_S, fixedRate / 2)])
+    const perRequest = (pid: number, from: number, l: Load) => (cpuSeconds(pid) - from) / Math.max(1, l.total)
+    ;(sideBySide.get(s) ?? sideBySide.set(s, []).get(s))?.push(perRequest(s.pid, before[1] as number, lk) / perRequest(base.pid, before[0] as number, lb))
+  }
+}
+
 for (const c of children) c.kill('SIGTERM')
 const heap = JSON.parse(execFileSync(process.execPath, ['--expose-gc', here('./cache-heap.ts'), '100000'], { encoding: 'utf8' })) as { heapMiB: number; bytesPerKey: number }
 
@@ -301,6 +317,8 @@ const report = [
   '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU µs/req, all | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | CPU, all, vs baseline (middle half) | statuses |',
   '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ...scenarios.map(row),
+  '',
+  `Side by side (${SIDE_SLICES} slices of ${PACED_S} s, the baseline and keygate each at ${fixedRate / 2} req/s at the same time): keygate's CPU per request against the baseline's, with the memory limiter ${spread(sideBySide.get(valid) ?? [], 2)}, with the Redis limiter ${spread(sideBySide.get(redis) ?? [], 2)} (median, and the middle half of the slices).`,
   '',
   '| target | met | measured |',
   '| --- | --- | --- |',
