@@ -139,7 +139,14 @@ class EmbeddedDb implements Db {
     return new Promise<T>((resolve, reject) => {
       if (this.#pending.size === 0) this.#worker.ref()
       this.#pending.set(id, { resolve: resolve as (v: unknown) => void, reject })
-      this.#worker.postMessage({ ...request, id })
+      try {
+        this.#worker.postMessage({ ...request, id })
+      } catch (err) {
+        // A parameter that cannot cross the thread (a function, say): refused here, nothing left waiting.
+        this.#pending.delete(id)
+        if (this.#pending.size === 0) this.#worker.unref()
+        reject(err as Error)
+      }
     })
   }
 

@@ -28,6 +28,9 @@ t.test('rows, values and errors cross the thread as PGlite gives them', async (t
   t.equal((err as { constraint?: string }).constraint, 't_pkey', "and the error's fields")
   t.match(err.message, /duplicate key value violates unique constraint "t_pkey"/)
 
+  const uncloneable = await rejection(db.query('SELECT $1::text AS v', [() => 'x']))
+  t.equal(uncloneable.name, 'DataCloneError', 'a parameter that cannot cross the thread is refused at once')
+
   const syntax = await rejection(db.query('SELEC 1'))
   t.equal(sqlState(syntax), '42601')
   t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], 'the store goes on after errors')
