@@ -271,15 +271,16 @@ export class LeasedLimit implements RateLimit {
     this.msBeforeNext = ms
     // A busy key's next reservation is asked for while a quarter of this one is left, so its
     // requests do not wait for the store's answer when the lease runs out.
-    if (lease.size >= AHEAD_FROM && lease.left <= lease.size >> 2 && !this.#reserving.has(key)) this.#reserveAhead(key, lease)
+    // A failure here is left for the request that finds the lease used up: it asks again, and sees it.
+    if (lease.size >= AHEAD_FROM && lease.left <= lease.size >> 2 && !this.#reserving.has(key)) this.#track(key, this.#reserve(key, lease).catch(() => {}))
     return true
   }
 
-  #reserveAhead(key: string, lease: Lease): void {
-    const reserving = this.#reserve(key, lease)
-      .catch(() => {}) // a request that finds the lease used up asks again, and sees the failure
-      .finally(() => this.#reserving.delete(key))
+  /** The key's reservation in flight: concurrent requests wait for it instead of starting their own. */
+  #track(key: string, reservation: Promise<void>): Promise<void> {
+    const reserving = reservation.finally(() => this.#reserving.delete(key))
     this.#reserving.set(key, reserving)
+    return reserving
   }
 
   /** `take`'s answer as a RateLimiterRes (the promise path). */
@@ -296,12 +297,7 @@ export class LeasedLimit implements RateLimit {
         const ms = lease.until - Date.now()
         if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
       }
-      let reserving = this.#reserving.get(key)
-      if (reserving === undefined) {
-        reserving = this.#reserve(key, lease).finally(() => this.#reserving.delete(key))
-        this.#reserving.set(key, reserving)
-      }
-      await reserving
+      await (this.#reserving.get(key) ?? this.#track(key, this.#reserve(key, lease)))
     }
     // Other requests keep taking what each reservation brings: count this one on its own.
     return this.#taken(key) ?? this.#limiter.consume(key, 1)
