@@ -167,6 +167,7 @@ const scenarios = [
 ] as const
 type Scenario = (typeof scenarios)[number]
 const [direct, base, valid, bad, redis] = scenarios
+const compared = [valid, bad, redis] as const
 
 // Warm-up: JIT, connection pools, the key caches.
 for (const s of scenarios) await load(s.url, s.headers, 2)
@@ -183,8 +184,9 @@ interface Slice {
 }
 const slices = new Map<Scenario, Slice[]>(scenarios.map((s) => [s, []]))
 const statuses = new Map<Scenario, Record<string, number>>(scenarios.map((s) => [s, {}]))
-/** Per block, each compared scenario against the baseline slices around it. */
-const blocks = new Map<Scenario, Array<{ rps: number; p99: number; cpu: number; all: number }>>()
+/** One block's figures of a compared scenario against the baseline slices around it. */
+type BlockFigures = { rps: number; p99: number; cpu: number; all: number }
+const blocks = new Map<Scenario, BlockFigures[]>(compared.map((s) => [s, []]))
 
 /** One slice of a scenario: as fast as it answers for SLICE_S, then a fixed rate for PACED_S. */
 async function measure(s: Scenario, what: 'max' | 'paced'): Promise<Partial<Slice>> {
@@ -213,7 +215,6 @@ async function abba(s: Scenario, what: 'max' | 'paced'): Promise<{ b: Array<Part
 }
 
 const mean2 = (a: Array<Partial<Slice>>, k: keyof Slice) => ((a[0]?.[k] as number) + (a[1]?.[k] as number)) / 2
-const compared = [valid, bad, redis] as const
 for (let block = 0; block < BLOCKS; block++) {
   // Each block starts one scenario later, so none is always measured first or last.
   const order = compared.map((_, i) => compared[(i + block) % compared.length] as Scenario)
@@ -223,7 +224,7 @@ for (let block = 0; block < BLOCKS; block++) {
     for (const [who, m, p] of [[base, max.b, paced.b], [s, max.x, paced.x]] as const) {
       for (let i = 0; i < 2; i++) (slices.get(who) as Slice[]).push({ ...(m[i] as Slice), ...(p[i] as Slice), rps: m[i]?.rps as number })
     }
-    ;(blocks.get(s) ?? blocks.set(s, []).get(s))?.push({
+    ;(blocks.get(s) as BlockFigures[]).push({
       rps: mean2(max.x, 'rps') / mean2(max.b, 'rps'),
       p99: mean2(paced.x, 'p99') - mean2(paced.b, 'p99'),
       cpu: mean2(paced.x, 'cpu') / mean2(paced.b, 'cpu'),
@@ -239,13 +240,13 @@ for (let block = 0; block < BLOCKS; block++) {
 // fixed rate from its own load generator, and the CPU per request of the two servers taken over
 // the same seconds. Whatever the machine does meanwhile, it does to both: the steadiest
 // comparison of what a request costs each (it is not a target of the issue; req/s is).
-const sideBySide = new Map<Scenario, number[]>()
+const sideBySide = new Map<Scenario, number[]>([valid, redis].map((s) => [s, []]))
 for (let slice = 0; slice < SIDE_SLICES; slice++) {
-  for (const s of [valid, redis]) {
-    const before = [cpuSeconds(base.pid), cpuSeconds(s.pid)]
+  for (const [s, ratios] of sideBySide) {
+    const baseBefore = cpuSeconds(base.pid)
+    const before = cpuSeconds(s.pid)
     const [lb, lk] = await Promise.all([load(base.url, base.headers, PACED_S, fixedRate / 2), load(s.url, s.headers, PACED_S, fixedRate / 2)])
-    const perRequest = (pid: number, from: number, l: Load) => (cpuSeconds(pid) - from) / Math.max(1, l.total)
-    ;(sideBySide.get(s) ?? sideBySide.set(s, []).get(s))?.push(perRequest(s.pid, before[1] as number, lk) / perRequest(base.pid, before[0] as number, lb))
+    ratios.push((cpuSeconds(s.pid) - before) / Math.max(1, lk.total) / ((cpuSeconds(base.pid) - baseBefore) / Math.max(1, lb.total)))
   }
 }
 
@@ -259,7 +260,7 @@ const quantile = (xs: number[], q: number) => {
   return (s[lo] as number) + ((s[Math.min(lo + 1, s.length - 1)] as number) - (s[lo] as number)) * (at - lo)
 }
 const of = (s: Scenario, k: keyof Slice) => (slices.get(s) as Slice[]).map((x) => x[k])
-const blockOf = (s: Scenario, k: 'rps' | 'p99' | 'cpu' | 'all') => (blocks.get(s) ?? []).map((x) => x[k])
+const blockOf = (s: Scenario, k: keyof BlockFigures) => (blocks.get(s) as BlockFigures[]).map((x) => x[k])
 // A block's figure, the median over the blocks, and the middle half of the blocks as the spread.
 const spread = (xs: number[], digits: number, sign = false) => {
   const f = (x: number) => (sign && x >= 0 ? '+' : '') + x.toFixed(digits)
@@ -318,7 +319,7 @@ const report = [
   '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ...scenarios.map(row),
   '',
-  `Side by side (${SIDE_SLICES} slices of ${PACED_S} s, the baseline and keygate each at ${fixedRate / 2} req/s at the same time): keygate's CPU per request against the baseline's, with the memory limiter ${spread(sideBySide.get(valid) ?? [], 2)}, with the Redis limiter ${spread(sideBySide.get(redis) ?? [], 2)} (median, and the middle half of the slices).`,
+  `Side by side (${SIDE_SLICES} slices of ${PACED_S} s, the baseline and keygate each at ${fixedRate / 2} req/s at the same time): keygate's CPU per request against the baseline's, with the memory limiter ${spread(sideBySide.get(valid) as number[], 2)}, with the Redis limiter ${spread(sideBySide.get(redis) as number[], 2)} (median, and the middle half of the slices).`,
   '',
   '| target | met | measured |',
   '| --- | --- | --- |',

@@ -1,7 +1,7 @@
 // The embedded store's own thread: PGlite (PostgreSQL compiled to WebAssembly) runs here, never
-// on the thread that serves requests. Measured on the bare proxy of the benchmark, PGlite merely
-// loaded on the serving thread made every proxied request cost 1.2–1.4× the CPU, and a query
-// there would stop the gateway for as long as it runs. core/db.ts (EmbeddedDb) is the other end:
+// on the thread that serves requests, where a query would stop the gateway for as long as it
+// runs (and, measured side by side on the benchmark's bare proxy, PGlite merely loaded on the
+// serving thread made each proxied request cost about 1.07× the CPU). core/db.ts (EmbeddedDb) is the other end:
 // one message per query, and a transaction as begin, its queries, then commit or rollback.
 import { parentPort, workerData } from 'node:worker_threads'
 import { PGlite, type Transaction } from '@electric-sql/pglite'
