@@ -206,6 +206,8 @@ interface Lease {
   /** Points the reservation took, and when (performance.now()): the next one is sized to the rate they were used at. */
   size: number
   at: number
+  /** The key's rate (points per ms) this lease was sized by. */
+  rate: number
   /** The limiter's source when reserved. */
   source: number | undefined
   /** What the store had left for others after the reservation. */
@@ -216,8 +218,14 @@ interface Lease {
   refused: boolean
 }
 
-/** Most points one reservation takes. */
-const MAX_LEASE = 64
+/**
+ * Most points one reservation takes. Leases are sized by time (LEASE_TARGET_MS) and by what the
+ * store has left (LEASE_SHARE); this only bounds a very busy key's: at 10,000 requests a second
+ * a lease of 1000 points lasts 100 ms, and the renewal asked at its last quarter has 25 ms to come
+ * back, time enough for a Redis round trip on a loaded machine (at 64 points it had 1.6 ms, and
+ * at full load the requests queued behind it).
+ */
+export const MAX_LEASE = 1024
 /** A reservation is sized to last about this long at the rate the last one was used. */
 const LEASE_TARGET_MS = 100
 /** A reservation takes at most this share of what the store has left, so a lease never holds much of a limit that is nearly used up. */
@@ -235,9 +243,11 @@ const MAX_LEASES = 10_000
  * A reservation is an ordinary atomic consume of several points, so the store never allows more
  * than the limit across every process sharing it; what a lease has not used when its window
  * ends is counted but unused (a process can refuse slightly early, never admit more).
- * - Size: one point for a key not seen lately; then what the last lease's rate uses in about
- *   100 ms, at most 64 and 1/8 of what the store has left, so a slow key is counted one point at
- *   a time, and near its limit every key is.
+ * - Size: what the key's last lease was used at, over about 100 ms, at most MAX_LEASE and 1/8
+ *   of what the store has left (one point for a key not seen by this process), so a slow key is
+ *   counted one point at a time, and near its limit every key is. The first lease of a new
+ *   window is sized by the last window's rate too: a busy key waits for one reservation when its
+ *   window ends, not for a one-point lease and then another.
  * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
  * - Leases and refusals are dropped when the answering store changes (Redis down or back).
  * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
@@ -305,11 +315,23 @@ export class LeasedLimit implements RateLimit {
 
   async #reserve(key: string, previous: Lease | undefined): Promise<void> {
     const now = performance.now()
-    const current = previous !== undefined && previous.until > Date.now() && previous.source === this.#limiter.source && !previous.refused
-    // One point for a key not seen lately; then as many as the last lease's rate uses in
-    // LEASE_TARGET_MS, at most MAX_LEASE and 1/LEASE_SHARE of what the store has left.
-    const wanted = current ? Math.round(((previous.size - previous.left) * LEASE_TARGET_MS) / Math.max(1, now - previous.at)) : 1
-    let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((current ? previous.remaining : this.points) / LEASE_SHARE)))
+    // The last lease from the same store tells the key's rate, whether or not its window has
+    // ended (a key idle since has a low rate: its points used over all the time since); a
+    // refusal or a lease from the other store does not.
+    const known = previous !== undefined && previous.source === this.#limiter.source && !previous.refused
+    const sameWindow = known && previous.until > Date.now()
+    let rate = 0
+    if (known) {
+      const elapsed = now - previous.at
+      rate = (previous.size - previous.left) / Math.max(1, elapsed)
+      // A lease too young to tell (one whose window ended a moment after it was granted) passes
+      // on the rate it was sized by.
+      if (elapsed < LEASE_TARGET_MS / 4 && previous.rate > rate) rate = previous.rate
+    }
+    // As many as that rate uses in LEASE_TARGET_MS (one point for a key not known), at most
+    // MAX_LEASE and 1/LEASE_SHARE of what the store has left (all of it in a new window).
+    const wanted = known ? Math.round(rate * LEASE_TARGET_MS) : 1
+    let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
     let answer = await this.#ask(key, size)
     if (answer.refused && size > 1) {
       // Others used more than this process knew: give the points back and ask for one.
@@ -323,10 +345,10 @@ export class LeasedLimit implements RateLimit {
     const until = Date.now() + r.msBeforeNext
     // Asked ahead: what the lease still holds stays usable if it belongs to the same window
     // (windows are at least a second long; the same window's end differs only by clock jitter).
-    const carried = current && previous.source === source && Math.abs(until - previous.until) < SAME_WINDOW_MS ? previous.left : 0
+    const carried = sameWindow && previous.source === source && Math.abs(until - previous.until) < SAME_WINDOW_MS ? previous.left : 0
     if (answer.refused) {
-      if (carried === 0) this.#leases.set(key, { left: 0, size: 1, at: now, source, remaining: 0, until, refused: true })
-    } else this.#leases.set(key, { left: carried + size, size: carried + size, at: now, source, remaining: r.remainingPoints, until, refused: false })
+      if (carried === 0) this.#leases.set(key, { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, until, refused: true })
+    } else this.#leases.set(key, { left: carried + size, size: carried + size, at: now, rate, source, remaining: r.remainingPoints, until, refused: false })
   }
 
   /** `points` from the store: its answer, or its refusal (a RateLimiterRes too); other failures reject. */

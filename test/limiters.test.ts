@@ -7,7 +7,7 @@
 import t, { type Test as Tap } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { createLimiter, LeasedLimit, RateLimiterRes, type RateLimit } from '../core/limiters.ts'
+import { createLimiter, LeasedLimit, MAX_LEASE, RateLimiterRes, type RateLimit } from '../core/limiters.ts'
 import { sleep } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -95,16 +95,17 @@ t.test('Redis: with a high limit the store is asked once per many requests', asy
   }
   const counted = Number(await redis.get(`${prefix}:k`))
   // What was used, plus at most a lease and the quarter of the previous one it was asked beside.
-  t.ok(counted >= 1000 && counted <= 1000 + 64 + 16, `the store holds what was used plus at most one lease and a quarter (${counted})`)
-  t.ok(fromMemory >= 1000 - 2 * Math.ceil(1000 / 64), `${fromMemory} of 1000 answered from the lease without a promise`)
+  t.ok(counted >= 1000 && counted <= 1000 + MAX_LEASE + MAX_LEASE / 4, `the store holds what was used plus at most one lease and a quarter (${counted})`)
+  t.ok(fromMemory >= 990, `${fromMemory} of 1000 answered from the lease without a promise`)
 })
 
 t.test('Redis: a busy key renews its lease ahead, so its requests do not wait for the store', async (t) => {
   const { redis, prefix } = await redisFor(t)
   const l = new LeasedLimit(createLimiter({ points: 1_000_000, durationS: 60, keyPrefix: prefix, redis }), 1_000_000)
   let waited = 0
-  // About a thousand requests a second: a lease of 64 points lasts ~64 ms, and its last quarter
-  // (~16 ms) is far longer than a round trip to Redis on loopback.
+  // At most a thousand requests a second (a request, then at least 1 ms): a lease of about 100
+  // ms holds at most 100 points, and its last quarter (~25 ms) is far longer than a round trip
+  // to Redis on loopback.
   for (let i = 0; i < 500; i++) {
     if (!l.take('k')) {
       waited++
@@ -116,7 +117,34 @@ t.test('Redis: a busy key renews its lease ahead, so its requests do not wait fo
   // a lease sized to the rate); without renewing ahead every later lease would add one more (~8).
   t.ok(waited <= 3, `${waited} of 500 requests waited for the store`)
   const counted = Number(await redis.get(`${prefix}:k`))
-  t.ok(counted >= 500 && counted <= 500 + 64 + 16, `the store holds what was used plus at most one lease and a quarter (${counted})`)
+  t.ok(counted >= 500 && counted <= 500 + 100 + 25, `the store holds what was used plus at most one lease and a quarter (${counted})`)
+})
+
+t.test('Redis: when its window ends, a busy key waits for one reservation sized by its rate', async (t) => {
+  const { redis, prefix } = await redisFor(t)
+  const l = new LeasedLimit(createLimiter({ points: 1_000_000, durationS: 1, keyPrefix: prefix, redis }), 1_000_000)
+  let waited = 0
+  let windowEnds = 0
+  let firstOfWindow = 0
+  let lastReset = Infinity
+  // About a thousand requests a second across the end of the 1 s window.
+  for (let i = 0; i < 1400; i++) {
+    let reset: number
+    if (!l.take('k')) {
+      waited++
+      reset = (await l.consume('k')).msBeforeNext
+      // The first lease of a new window: the store has counted nothing else of it yet.
+      if (reset > lastReset + 100 && windowEnds === 0) firstOfWindow = Number(await redis.get(`${prefix}:k`))
+    } else reset = l.msBeforeNext
+    if (reset > lastReset + 100) windowEnds++
+    lastReset = reset
+    await sleep(1)
+  }
+  t.ok(windowEnds >= 1, `the requests went on across ${windowEnds} window end(s)`)
+  t.ok(firstOfWindow > 8, `the new window's first lease was sized by the key's rate (${firstOfWindow} points), not one point`)
+  // Two at the start (one point for a key not seen, then a lease sized to the rate), then one
+  // per window end; a one-point first lease in each new window would add another per window end.
+  t.ok(waited <= 2 + windowEnds, `${waited} of 1400 requests waited for the store, over ${windowEnds} window end(s)`)
 })
 
 t.test('Redis: a key used slowly is counted one point at a time', async (t) => {
