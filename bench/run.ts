@@ -188,7 +188,10 @@ const statuses = new Map<Scenario, Record<string, number>>(scenarios.map((s) => 
 type BlockFigures = { rps: number; p99: number; cpu: number; all: number }
 const blocks = new Map<Scenario, BlockFigures[]>(compared.map((s) => [s, []]))
 
-/** One slice of a scenario: as fast as it answers for SLICE_S, then a fixed rate for PACED_S. */
+/**
+ * One slice of a scenario: as fast as it answers for SLICE_S, then at fixedRate for PACED_S
+ * (autocannon's rate: each second's requests sent in a burst at the start of the second).
+ */
 async function measure(s: Scenario, what: 'max' | 'paced'): Promise<Partial<Slice>> {
   const cpuBefore = cpuSeconds(s.pid)
   const upstreamBefore = cpuSeconds(upstreamServer.pid)
@@ -312,7 +315,7 @@ const code = (() => {
 const report = [
   code,
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
-  `Each keygate scenario was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at a fixed ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU), so latency shows the cost per request, not queueing. Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
+  `Each keygate scenario was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
   `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
   '',
   '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU µs/req, all | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | CPU, all, vs baseline (middle half) | statuses |',
