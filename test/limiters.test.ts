@@ -129,14 +129,14 @@ t.test('Redis: when its window ends, a busy key waits for one reservation sized 
   let lastReset = Infinity
   // About a thousand requests a second across the end of the 1 s window.
   for (let i = 0; i < 1400; i++) {
-    let reset: number
-    if (!l.take('k')) {
-      waited++
-      reset = (await l.consume('k')).msBeforeNext
-      // The first lease of a new window: the store has counted nothing else of it yet.
-      if (reset > lastReset + 100 && windowEnds === 0) firstOfWindow = Number(await redis.get(`${prefix}:k`))
-    } else reset = l.msBeforeNext
-    if (reset > lastReset + 100) windowEnds++
+    const fromLease = l.take('k')
+    if (!fromLease) waited++
+    const reset = fromLease ? l.msBeforeNext : (await l.consume('k')).msBeforeNext
+    if (reset > lastReset + 100) {
+      // The first lease of a new window, waited for: the store has counted nothing else of it yet.
+      if (windowEnds === 0 && !fromLease) firstOfWindow = Number(await redis.get(`${prefix}:k`))
+      windowEnds++
+    }
     lastReset = reset
     await sleep(1)
   }
