@@ -23,7 +23,8 @@ const KEEP_ON_UPGRADE = new Set(['connection', 'upgrade'])
 
 /** Names listed in a Connection header (other than the connection options themselves). */
 function connectionNamed(value: string | string[] | undefined): string[] | undefined {
-  if (value === undefined) return undefined
+  // The usual values, already lower case: no copy made.
+  if (value === undefined || value === 'keep-alive' || value === 'close') return undefined
   const v = (typeof value === 'string' ? value : value.join(',')).toLowerCase()
   if (v === 'keep-alive' || v === 'close') return undefined
   const out: string[] = []
@@ -155,7 +156,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   // A flat [name, value, ...] list: undici takes it as it is, and unlike an object built name by
   // name (and pruned with `delete`) it never changes shape per request.
   const upstreamHeaders = (s: RequestState, route: CompiledRoute): string[] => {
-    const h = s.req.headers
+    const h = s.headers
     const out: string[] = []
     const named = connectionNamed(h.connection)
     const dropAuthorization = stripCredential && (s.keySources & SOURCE_AUTHORIZATION) !== 0
@@ -202,7 +203,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
     if (res.destroyed) return false
     // Flat [name, value, ...] again (Node's writeHead takes it; repeated values, such as Set-Cookie, stay separate lines).
-    const out: Array<string | number> = []
+    const out: string[] = []
     const named = connectionNamed(headers.connection)
     let hasRequestId = false
     for (const name in headers) {
@@ -215,9 +216,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       else for (const one of v) out.push(name, one)
     }
     if (!hasRequestId) out.push('x-request-id', s.id)
-    if (s.rlLimit >= 0) out.push('ratelimit-limit', s.rlLimit, 'ratelimit-remaining', s.rlRemaining, 'ratelimit-reset', s.rlResetS)
+    // Strings, not numbers: Node's header checks take a number down a slower, generic path.
+    if (s.rlLimit >= 0) out.push('ratelimit-limit', String(s.rlLimit), 'ratelimit-remaining', String(s.rlRemaining), 'ratelimit-reset', String(s.rlResetS))
     if (ctx.closing) out.push('connection', 'close')
-    res.writeHead(statusCode, out as string[])
+    res.writeHead(statusCode, out)
     record(ctx, s, 'forwarded', statusCode)
     return true
   }
@@ -245,7 +247,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     forward(s) {
       const route = s.route as CompiledRoute
       const req = s.req
-      const h = req.headers
+      const h = s.headers
       const hasBody = (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
       s.upstreamStart = performance.now()
@@ -280,7 +282,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           path: targetFor(s, route),
           method: s.req.method ?? 'GET',
           headers,
-          protocol: s.req.headers.upgrade ?? 'websocket',
+          protocol: s.headers.upgrade ?? 'websocket',
           // headersTimeout is honoured by the dispatcher although the upgrade typings omit it.
           ...({ headersTimeout: route.timeoutMs } as object),
         },

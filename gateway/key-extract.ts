@@ -48,7 +48,7 @@ export function createKeyExtractStage(options: { sources: readonly ('authorizati
   const param = options.queryParam
 
   const valuesOf = (s: RequestState, source: number): string | string[] | undefined => {
-    const h = s.req.headers
+    const h = s.headers
     if (source === SOURCE_AUTHORIZATION) return h.authorization === undefined ? undefined : bearerTokens(h.authorization)
     if (source === SOURCE_X_API_KEY) {
       const v = h['x-api-key']

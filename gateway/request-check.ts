@@ -18,7 +18,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       s.message = `${method} is not supported by this gateway.`
       return 'method_not_allowed'
     }
-    const host = req.headers.host
+    const host = s.headers.host
     if (host === undefined && req.httpVersionMinor === 1) {
       s.message = 'Host is required.'
       return 'bad_request'

@@ -27,7 +27,7 @@ export function createRequestIdStage(options: { accept: boolean; next: () => str
     }
   }
   return (s: RequestState) => {
-    const given = s.req.headers['x-request-id']
+    const given = s.headers['x-request-id']
     s.id = typeof given === 'string' && isAcceptableRequestId(given) ? given : next()
     return undefined
   }

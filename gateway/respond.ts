@@ -14,7 +14,7 @@ const CHALLENGE_INVALID = 'Bearer realm="keygate", error="invalid_token"'
 /** Counts the request and observes its latency; call once, when the response head is written. */
 export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOutcome, status: number): void {
   // Denied before routing: counted under the route it would have gone to.
-  const route = s.route ?? ctx.router.match(s.req.headers.host, s.target)
+  const route = s.route ?? ctx.router.match(s.headers.host, s.target)
   const label = route !== undefined ? route.name : NO_ROUTE
   const m = route !== undefined ? (ctx.routeMetrics[route.index] as RouteMetrics) : ctx.metrics.route(NO_ROUTE)
   m.requests[outcome].inc()
@@ -46,9 +46,9 @@ function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, statu
   }
   if (status === 401) headers['www-authenticate'] = code === 'key_missing' ? CHALLENGE_MISSING : CHALLENGE_INVALID
   if (s.rlLimit >= 0) {
-    headers['ratelimit-limit'] = s.rlLimit
-    headers['ratelimit-remaining'] = s.rlRemaining
-    headers['ratelimit-reset'] = s.rlResetS
+    headers['ratelimit-limit'] = String(s.rlLimit)
+    headers['ratelimit-remaining'] = String(s.rlRemaining)
+    headers['ratelimit-reset'] = String(s.rlResetS)
   }
   if (status === 429) headers['retry-after'] = String(s.retryAfterS)
   // An unread request body is not drained for a refused request: the connection closes instead.

@@ -30,6 +30,8 @@ function hostName(host: string): string {
 export class Router {
   readonly routes: readonly CompiledRoute[]
   readonly #ordered: readonly CompiledRoute[]
+  /** Some route matches on the host: only then is Host lower-cased per request. */
+  readonly #byHost: boolean
 
   constructor(routes: readonly RouteConfig[]) {
     this.routes = routes.map((r, index) => {
@@ -49,11 +51,12 @@ export class Router {
         preserveHost: r.preserve_host,
       }
     })
+    this.#byHost = this.routes.some((r) => r.host !== undefined)
     this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || (a.host ? 0 : 1) - (b.host ? 0 : 1))
   }
 
   match(host: string | undefined, target: string): CompiledRoute | undefined {
-    const lower = host?.toLowerCase()
+    const lower = this.#byHost ? host?.toLowerCase() : undefined
     for (const r of this.#ordered) {
       const p = r.prefix
       if (!target.startsWith(p)) continue
@@ -90,7 +93,7 @@ export function grants(keyScopes: readonly string[], routeScopes: readonly strin
 
 export function createRouteStage(router: Router): Stage {
   return (s: RequestState) => {
-    const r = router.match(s.req.headers.host, s.target)
+    const r = router.match(s.headers.host, s.target)
     if (r === undefined) return 'route_not_found'
     s.route = r
     if (r.scopes.length === 0) return undefined

@@ -1,6 +1,6 @@
 // Per-request state (one object, all fields set in the constructor so every request has the
 // same shape), the stage signature and what all stages share.
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { ErrorCode } from '../core/errors.ts'
 import type { Logger } from '../core/log.ts'
@@ -16,6 +16,8 @@ export type Stage = (s: RequestState) => StageResult | Promise<StageResult>
 
 export class RequestState {
   readonly req: IncomingMessage
+  /** `req.headers`, read once: Node builds it behind a getter, and every stage reads it. */
+  readonly headers: IncomingHttpHeaders
   /** Set for ordinary requests. */
   readonly res: ServerResponse | undefined
   /** Set for upgrade (WebSocket) requests instead of `res`. */
@@ -48,6 +50,7 @@ export class RequestState {
 
   constructor(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex | undefined, head: Buffer | undefined, start: number) {
     this.req = req
+    this.headers = req.headers
     this.res = res
     this.socket = socket
     this.head = head
