@@ -212,10 +212,13 @@ interface Lease {
   source: number | undefined
   /** What the store had left for others after the reservation. */
   remaining: number
-  /** Epoch ms when the store's window (and so the lease) ends. */
+  /** The window the points were reserved in (see LeasedLimit), and when it ends (epoch ms). */
+  window: number
   until: number
   /** The store refused even one point: refuse until `until`. */
   refused: boolean
+  /** The next window's lease, reserved during this window's last LEASE_TARGET_MS. */
+  next: Lease | undefined
 }
 
 /**
@@ -232,10 +235,19 @@ const LEASE_TARGET_MS = 100
 const LEASE_SHARE = 8
 /** Leases of at least this many points are renewed ahead, when a quarter is left. */
 const AHEAD_FROM = 8
-/** Two window ends closer than this are the same window's. */
-const SAME_WINDOW_MS = 250
 /** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
 const MAX_LEASES = 10_000
+
+/**
+ * Where a key's windows start: an offset from the epoch, under `windowMs`, that depends on the key
+ * alone (FNV-1a), so every process agrees on a key's windows without asking the store, and keys
+ * do not all start new windows at the same moment.
+ */
+export function windowPhase(key: string, windowMs: number): number {
+  let h = 0x811c9dc5
+  for (let i = 0; i < key.length; i++) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193)
+  return (h >>> 0) % windowMs
+}
 
 /**
  * Rate limits on the request path, without a store round trip per request: points are reserved
@@ -243,11 +255,16 @@ const MAX_LEASES = 10_000
  * A reservation is an ordinary atomic consume of several points, so the store never allows more
  * than the limit across every process sharing it; what a lease has not used when its window
  * ends is counted but unused (a process can refuse slightly early, never admit more).
+ * - Windows: a key's windows follow one another back to back, at an offset from the epoch that
+ *   depends on the key (`windowPhase`), and each window is its own counter in the store (the key
+ *   with the window's number). Every process therefore knows when a key's next window starts, and
+ *   a busy key's first lease of it is reserved during the last LEASE_TARGET_MS of the window
+ *   before: its requests do not wait for the store when a window ends. (The store's own windows,
+ *   which start at a key's first consume, could not be reserved before they exist.)
  * - Size: what the key's last lease was used at, over about 100 ms, at most MAX_LEASE and 1/8
  *   of what the store has left (one point for a key not seen by this process), so a slow key is
  *   counted one point at a time, and near its limit every key is. The first lease of a new
- *   window is sized by the last window's rate too: a busy key waits for one reservation when its
- *   window ends, not for a one-point lease and then another.
+ *   window is sized by the last window's rate too.
  * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
  * - Leases and refusals are dropped when the answering store changes (Redis down or back).
  * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
@@ -260,29 +277,50 @@ const MAX_LEASES = 10_000
 export class LeasedLimit implements RateLimit {
   readonly points: number
   readonly #limiter: Limiter
+  readonly #windowMs: number
+  readonly #now: () => number
   readonly #leases = new QuickLRU<string, Lease>({ maxSize: MAX_LEASES / 2 })
   readonly #reserving = new Map<string, Promise<void>>()
 
-  constructor(limiter: Limiter, points: number) {
+  /**
+   * `limiter` counts each window under its own store key, so its own duration only bounds how
+   * long the store keeps a count: at least two windows (createRateLimit), since a window's first
+   * lease may be reserved before the window starts. `now` is the clock of the windows (tests).
+   */
+  constructor(limiter: Limiter, points: number, windowMs: number, now: () => number = Date.now) {
     this.#limiter = limiter
     this.points = points
+    this.#windowMs = windowMs
+    this.#now = now
   }
 
   remaining = 0
   msBeforeNext = 0
 
   take(key: string): boolean {
-    const lease = this.#leases.get(key)
-    if (lease === undefined || lease.left === 0 || lease.source !== this.#limiter.source) return false
-    const ms = lease.until - Date.now()
-    if (ms <= 0) return false
+    let lease = this.#leases.get(key)
+    if (lease === undefined) return false
+    const now = this.#now()
+    if (now >= lease.until) {
+      // The window has ended: the next window's lease, if it was reserved ahead, takes over.
+      const next = lease.next
+      if (next === undefined || now >= next.until) return false
+      this.#leases.set(key, next)
+      lease = next
+    }
+    if (lease.left === 0 || lease.source !== this.#limiter.source) return false
+    const ms = lease.until - now
     lease.left--
     this.remaining = lease.remaining + lease.left
     this.msBeforeNext = ms
-    // A busy key's next reservation is asked for while a quarter of this one is left, so its
-    // requests do not wait for the store's answer when the lease runs out.
+    // A busy key's next reservation is asked for while a quarter of this lease is left, and its
+    // next window's first one during this window's last LEASE_TARGET_MS, so its requests do not
+    // wait for the store's answer when the lease runs out or the window ends.
     // A failure here is left for the request that finds the lease used up: it asks again, and sees it.
-    if (lease.size >= AHEAD_FROM && lease.left <= lease.size >> 2 && !this.#reserving.has(key)) this.#track(key, this.#reserve(key, lease).catch(() => {}))
+    if (lease.size >= AHEAD_FROM && !this.#reserving.has(key)) {
+      if (lease.left <= lease.size >> 2) this.#track(key, this.#reserve(key, lease, false).catch(() => {}))
+      else if (ms <= LEASE_TARGET_MS && lease.next === undefined) this.#track(key, this.#reserve(key, lease, true).catch(() => {}))
+    }
     return true
   }
 
@@ -304,22 +342,41 @@ export class LeasedLimit implements RateLimit {
       if (answer !== undefined) return answer
       const lease = this.#leases.get(key)
       if (lease !== undefined && lease.refused && lease.source === this.#limiter.source) {
-        const ms = lease.until - Date.now()
+        const ms = lease.until - this.#now()
         if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
       }
-      await (this.#reserving.get(key) ?? this.#track(key, this.#reserve(key, lease)))
+      await (this.#reserving.get(key) ?? this.#track(key, this.#reserve(key, lease, false)))
     }
     // Other requests keep taking what each reservation brings: count this one on its own.
-    return this.#taken(key) ?? this.#limiter.consume(key, 1)
+    return this.#taken(key) ?? this.#one(key)
   }
 
-  async #reserve(key: string, previous: Lease | undefined): Promise<void> {
+  /** One point of the current window straight from the store, with the window's own reset. */
+  async #one(key: string): Promise<RateLimiterRes> {
+    const now = this.#now()
+    const { window, until } = this.#window(key, now, false)
+    const { res, refused } = await this.#ask(`${key}:${window}`, 1)
+    if (refused) throw new RateLimiterRes(0, until - now, res.consumedPoints, false)
+    return new RateLimiterRes(res.remainingPoints, until - now, res.consumedPoints, false)
+  }
+
+  /** The key's window at `now` (or the one after it), and when that ends. */
+  #window(key: string, now: number, next: boolean): { window: number; until: number } {
+    const w = this.#windowMs
+    const phase = windowPhase(key, w)
+    const window = Math.floor((now - phase) / w) + (next ? 1 : 0)
+    return { window, until: (window + 1) * w + phase }
+  }
+
+  /** Reserves points of the key's current window, or with `ahead` of the next one (kept as the current lease's `next`). */
+  async #reserve(key: string, previous: Lease | undefined, ahead: boolean): Promise<void> {
     const now = performance.now()
+    const { window, until } = this.#window(key, this.#now(), ahead)
     // The last lease from the same store tells the key's rate, whether or not its window has
     // ended (a key idle since has a low rate: its points used over all the time since); a
     // refusal or a lease from the other store does not.
     const known = previous !== undefined && previous.source === this.#limiter.source && !previous.refused
-    const sameWindow = known && previous.until > Date.now()
+    const sameWindow = known && previous.window === window
     let rate = 0
     if (known) {
       const elapsed = now - previous.at
@@ -332,23 +389,34 @@ export class LeasedLimit implements RateLimit {
     // MAX_LEASE and 1/LEASE_SHARE of what the store has left (all of it in a new window).
     const wanted = known ? Math.round(rate * LEASE_TARGET_MS) : 1
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
-    let answer = await this.#ask(key, size)
+    const storeKey = `${key}:${window}`
+    let answer = await this.#ask(storeKey, size)
     if (answer.refused && size > 1) {
       // Others used more than this process knew: give the points back and ask for one.
-      await this.#limiter.reward(key, size)
+      await this.#limiter.reward(storeKey, size)
       size = 1
-      answer = await this.#ask(key, 1)
+      answer = await this.#ask(storeKey, 1)
     }
-    const r = answer.res
     // Kept with the source that answered (read after the answer: a call that fell back to the insurance was answered by it).
     const source = this.#limiter.source
-    const until = Date.now() + r.msBeforeNext
-    // Asked ahead: what the lease still holds stays usable if it belongs to the same window
-    // (windows are at least a second long; the same window's end differs only by clock jitter).
-    const carried = sameWindow && previous.source === source && Math.abs(until - previous.until) < SAME_WINDOW_MS ? previous.left : 0
-    if (answer.refused) {
-      if (carried === 0) this.#leases.set(key, { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, until, refused: true })
-    } else this.#leases.set(key, { left: carried + size, size: carried + size, at: now, rate, source, remaining: r.remainingPoints, until, refused: false })
+    const lease: Lease = answer.refused
+      ? { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, window, until, refused: true, next: undefined }
+      : { left: size, size, at: now, rate, source, remaining: answer.res.remainingPoints, window, until, refused: false, next: undefined }
+    const current = this.#leases.get(key)
+    if (ahead) {
+      // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.
+      if (current !== undefined && current.window === window - 1) current.next = lease
+      return
+    }
+    // A renewal: what the lease it replaces still holds in the same window stays usable, and a
+    // next window's lease reserved meanwhile is kept.
+    if (current !== undefined && current.window === window && current.source === source && !current.refused && current.left > 0) {
+      if (lease.refused) return
+      lease.left += current.left
+      lease.size += current.left
+    }
+    if (current !== undefined && current.next !== undefined && current.next.window === window + 1) lease.next = current.next
+    this.#leases.set(key, lease)
   }
 
   /** `points` from the store: its answer, or its refusal (a RateLimiterRes too); other failures reject. */
@@ -365,7 +433,9 @@ export class LeasedLimit implements RateLimit {
 
 /** The request path's rate limit of `options`: a LeasedLimit over the limiter createLimiter makes. */
 export function createRateLimit(options: LimiterOptions): RateLimit {
-  return new LeasedLimit(createLimiter(options), options.points)
+  // Each window is counted under its own store key; the store keeps a count two windows, long
+  // enough for a window whose first lease was reserved just before it started.
+  return new LeasedLimit(createLimiter({ ...options, durationS: options.durationS * 2 }), options.points, options.durationS * 1000)
 }
 
 /** In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its memory. */

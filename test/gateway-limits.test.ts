@@ -11,13 +11,13 @@ const randomAddress = () => `198.18.${randomInt(256)}.${randomInt(1, 255)}`
 
 t.test('RateLimit headers, Retry-After, per-key override and type default', async (t) => {
   const h = await startGateway(t, {
-    config: { rate_limits: { per_address: { limit: 100, window_s: 60 }, per_key: { default: { limit: 3, window_s: 60 }, service: { limit: 5, window_s: 60 } } } },
+    config: { rate_limits: { per_address: { limit: 100, window_s: 3600 }, per_key: { default: { limit: 3, window_s: 3600 }, service: { limit: 5, window_s: 3600 } } } },
   })
   const user = await h.key({ type: 'user' })
   const a = await h.get('/', bearer(user.key))
   t.equal(a.headers['ratelimit-limit'], '3', 'the limit nearest to exhaustion is shown')
   t.equal(a.headers['ratelimit-remaining'], '2')
-  t.ok(Number(a.headers['ratelimit-reset']) > 0 && Number(a.headers['ratelimit-reset']) <= 60)
+  t.ok(Number(a.headers['ratelimit-reset']) > 0 && Number(a.headers['ratelimit-reset']) <= 3600)
   await h.get('/', bearer(user.key))
   await h.get('/', bearer(user.key))
   const limited = await h.get('/', bearer(user.key))
@@ -30,7 +30,7 @@ t.test('RateLimit headers, Retry-After, per-key override and type default', asyn
   for (let i = 0; i < 5; i++) t.equal((await h.get('/', bearer(service.key))).status, 200)
   t.equal((await h.get('/', bearer(service.key))).status, 429, 'service type default')
 
-  const own = await h.key({ type: 'user', rate_limit: { limit: 1, window_s: 60 } })
+  const own = await h.key({ type: 'user', rate_limit: { limit: 1, window_s: 3600 } })
   t.equal((await h.get('/', bearer(own.key))).status, 200)
   t.equal((await h.get('/', bearer(own.key))).status, 429, 'per-key override')
   const missing = await h.get('/')
@@ -59,7 +59,7 @@ t.test('Redis: limits and lockouts shared across instances', async (t) => {
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
   t.teardown(() => redis.quit())
   t.equal(await redis.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
-  const config = { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { per_address: { limit: 3, window_s: 60 } }, lockout: { max_attempts: 2, window_s: 60 } }
+  const config = { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { per_address: { limit: 3, window_s: 3600 } }, lockout: { max_attempts: 2, window_s: 60 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const a = await startGateway(t, { config, store, redis })
   const b = await startGateway(t, { config, store, redis })
@@ -93,7 +93,7 @@ t.test('Redis down: the insurance limiter still limits', async (t) => {
   const dead = new Redis('redis://127.0.0.1:1', { lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, retryStrategy: () => null })
   dead.on('error', () => {})
   t.teardown(() => dead.disconnect())
-  const h = await startGateway(t, { config: { rate_limits: { per_address: { limit: 2, window_s: 60 } }, lockout: { max_attempts: 50, window_s: 60 } }, redis: dead })
+  const h = await startGateway(t, { config: { rate_limits: { per_address: { limit: 2, window_s: 3600 } }, lockout: { max_attempts: 50, window_s: 60 } }, redis: dead })
   const k = await h.key()
   t.equal((await h.get('/', bearer(k.key))).status, 200)
   t.equal((await h.get('/', bearer(k.key))).status, 200)

@@ -3,11 +3,14 @@
 // Redis; near its limit a key is counted one point at a time, so RateLimit-Remaining stays exact
 // in one process; a lease ends with its window; concurrent requests share one reservation; with
 // a high limit the store is asked once per many requests, a busy key's next lease is asked for
-// before the last runs out, and a slow key is counted one point at a time.
+// before the last runs out (and its next window's before the window ends), and a slow key is
+// counted one point at a time. A key's windows follow one another at an offset of its own, each
+// counted under its own store key; tests that must stay within one window pin the clock to the
+// start of one.
 import t, { type Test as Tap } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { createLimiter, LeasedLimit, MAX_LEASE, RateLimiterRes, type RateLimit } from '../core/limiters.ts'
+import { createLimiter, LeasedLimit, MAX_LEASE, RateLimiterRes, windowPhase, type RateLimit } from '../core/limiters.ts'
 import { sleep } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -17,11 +20,33 @@ async function redisFor(t: Tap): Promise<{ redis: Redis; prefix: string }> {
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
   const prefix = `keygate:test:lease:${randomUUID()}`
   t.teardown(async () => {
-    await redis.del(`${prefix}:k`)
+    const keys = await redis.keys(`${prefix}:*`)
+    if (keys.length > 0) await redis.del(...keys)
     redis.disconnect()
   })
   t.equal(await redis.ping(), 'PONG')
   return { redis, prefix }
+}
+
+/** A LeasedLimit as createRateLimit makes it (the store keeps each window's count two windows), on the clock `now`. */
+function leased(points: number, durationS: number, keyPrefix: string, redis?: Redis, now?: () => number): LeasedLimit {
+  return new LeasedLimit(createLimiter({ points, durationS: durationS * 2, keyPrefix, redis }), points, durationS * 1000, now)
+}
+
+/** A clock standing 1 s after the start of one of `key`'s windows (a test on it never meets a window's end unless it moves the clock). */
+function pinned(key: string, durationS: number): { now: () => number; set(ms: number): void; windowStart: number; windowEnd: number } {
+  const w = durationS * 1000
+  const phase = windowPhase(key, w)
+  const windowStart = (Math.floor((Date.now() - phase) / w) + 1) * w + phase
+  let at = windowStart + 1000
+  return { now: () => at, set: (ms) => (at = ms), windowStart, windowEnd: windowStart + w }
+}
+
+/** What the store has counted for `key` over all its windows. */
+async function counted(redis: Redis, prefix: string, key: string): Promise<number> {
+  const keys = await redis.keys(`${prefix}:${key}:*`)
+  const values = keys.length === 0 ? [] : await redis.mget(...keys)
+  return values.reduce((sum, v) => sum + Number(v ?? 0), 0)
 }
 
 /** One point for `key`: the remaining points, or 'refused'. */
@@ -36,7 +61,8 @@ async function one(l: RateLimit, key: string): Promise<number | 'refused'> {
 }
 
 t.test('in memory: exactly the limit, with exact remaining points', async (t) => {
-  const l = new LeasedLimit(createLimiter({ points: 100, durationS: 60, keyPrefix: 'test' }), 100)
+  const clock = pinned('a', 60)
+  const l = leased(100, 60, 'test', undefined, clock.now)
   const seen: Array<number | 'refused'> = []
   for (let i = 0; i < 102; i++) seen.push(await one(l, 'a'))
   t.same(seen.slice(0, 100), Array.from({ length: 100 }, (_, i) => 99 - i), 'remaining counts down by one')
@@ -45,7 +71,7 @@ t.test('in memory: exactly the limit, with exact remaining points', async (t) =>
 })
 
 t.test('a burst of concurrent requests for one key never exceeds the limit, and what it leaves leased is used next', async (t) => {
-  const l = new LeasedLimit(createLimiter({ points: 20, durationS: 60, keyPrefix: 'test' }), 20)
+  const l = leased(20, 60, 'test', undefined, pinned('k', 60).now)
   const burst = await Promise.all(Array.from({ length: 50 }, () => one(l, 'k')))
   const allowed = burst.filter((a) => a !== 'refused').length
   t.ok(allowed <= 20 && allowed >= 15, `${allowed} of 50 allowed in the burst`)
@@ -55,11 +81,29 @@ t.test('a burst of concurrent requests for one key never exceeds the limit, and 
 })
 
 t.test('a lease ends with its window', async (t) => {
-  const l = new LeasedLimit(createLimiter({ points: 16, durationS: 1, keyPrefix: 'test' }), 16)
+  const clock = pinned('w', 60)
+  const l = leased(16, 60, 'test', undefined, clock.now)
   for (let i = 0; i < 16; i++) t.not(await one(l, 'w'), 'refused')
   t.equal(await one(l, 'w'), 'refused')
-  await sleep(1100)
+  clock.set(clock.windowEnd - 1)
+  t.equal(await one(l, 'w'), 'refused', 'refused until the last millisecond of the window')
+  clock.set(clock.windowEnd)
   t.equal(await one(l, 'w'), 15, 'a new window, a new lease')
+  t.ok(l.msBeforeNext === 60_000, `RateLimit-Reset counts from the window's start (${l.msBeforeNext} ms)`)
+})
+
+t.test("every process agrees on a key's windows, and keys' windows start at different moments", async (t) => {
+  const a = leased(1000, 60, 'test-a')
+  const b = leased(1000, 60, 'test-b')
+  await one(a, 'same')
+  await one(b, 'same')
+  t.ok(Math.abs(a.msBeforeNext - b.msBeforeNext) < 50, `one key, one window end (${a.msBeforeNext} and ${b.msBeforeNext} ms away)`)
+  const ends = new Set<number>()
+  for (let i = 0; i < 20; i++) {
+    await one(a, `key-${i}`)
+    ends.add(Math.round(a.msBeforeNext / 1000))
+  }
+  t.ok(ends.size >= 10, `20 keys' windows end at ${ends.size} different seconds of the minute`)
 })
 
 t.test('Redis: two processes never exceed one shared limit, and use every point between them', async (t) => {
@@ -67,8 +111,9 @@ t.test('Redis: two processes never exceed one shared limit, and use every point 
   const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
   t.teardown(() => rb.disconnect())
   t.equal(await rb.ping(), 'PONG')
-  const a = new LeasedLimit(createLimiter({ points: 200, durationS: 60, keyPrefix: prefix, redis: ra }), 200)
-  const b = new LeasedLimit(createLimiter({ points: 200, durationS: 60, keyPrefix: prefix, redis: rb }), 200)
+  const clock = pinned('k', 60)
+  const a = leased(200, 60, prefix, ra, clock.now)
+  const b = leased(200, 60, prefix, rb, clock.now)
   let allowed = 0
   let aDone = false
   let bDone = false
@@ -82,26 +127,56 @@ t.test('Redis: two processes never exceed one shared limit, and use every point 
     } else allowed++
   }
   t.equal(allowed, 200, 'exactly the limit across both')
-  t.equal(Number(await ra.get(`${prefix}:k`)) >= 200, true, 'the store counted every point')
+  t.equal((await counted(ra, prefix, 'k')) >= 200, true, 'the store counted every point')
+})
+
+t.test("Redis: a next window's leases reserved ahead by two processes never exceed its limit", async (t) => {
+  const { redis: ra, prefix } = await redisFor(t)
+  const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
+  t.teardown(() => rb.disconnect())
+  t.equal(await rb.ping(), 'PONG')
+  const clock = pinned('k', 60)
+  const a = leased(1000, 60, prefix, ra, clock.now)
+  const b = leased(1000, 60, prefix, rb, clock.now)
+  // Busy in this window (leases grow to several points), then in its last 100 ms, where each
+  // process reserves its first lease of the next window.
+  for (let i = 0; i < 300; i++) await one(i % 2 === 0 ? a : b, 'k')
+  clock.set(clock.windowEnd - 50)
+  for (let i = 0; i < 100; i++) await one(i % 2 === 0 ? a : b, 'k')
+  const ahead = await ra.get(`${prefix}:k:${Math.floor((clock.windowEnd - windowPhase('k', 60_000)) / 60_000)}`)
+  t.ok(Number(ahead) > 2, `the next window had ${ahead} points reserved before it began`)
+  clock.set(clock.windowEnd + 10)
+  let allowed = 0
+  let aDone = false
+  let bDone = false
+  for (let i = 0; !(aDone && bDone) && i < 5000; i++) {
+    const on = i % 3 === 2 ? b : a
+    const answer = await one(on, 'k')
+    if (answer === 'refused') {
+      if (on === a) aDone = true
+      else bDone = true
+    } else allowed++
+  }
+  t.equal(allowed, 1000, 'exactly the limit in the new window across both')
 })
 
 t.test('Redis: with a high limit the store is asked once per many requests', async (t) => {
   const { redis, prefix } = await redisFor(t)
-  const l = new LeasedLimit(createLimiter({ points: 1_000_000, durationS: 60, keyPrefix: prefix, redis }), 1_000_000)
+  const l = leased(1_000_000, 60, prefix, redis, pinned('k', 60).now)
   let fromMemory = 0
   for (let i = 0; i < 1000; i++) {
     if (l.take('k')) fromMemory++
     else await l.consume('k')
   }
-  const counted = Number(await redis.get(`${prefix}:k`))
+  const inStore = await counted(redis, prefix, 'k')
   // What was used, plus at most a lease and the quarter of the previous one it was asked beside.
-  t.ok(counted >= 1000 && counted <= 1000 + MAX_LEASE + MAX_LEASE / 4, `the store holds what was used plus at most one lease and a quarter (${counted})`)
+  t.ok(inStore >= 1000 && inStore <= 1000 + MAX_LEASE + MAX_LEASE / 4, `the store holds what was used plus at most one lease and a quarter (${inStore})`)
   t.ok(fromMemory >= 990, `${fromMemory} of 1000 answered from the lease without a promise`)
 })
 
 t.test('Redis: a busy key renews its lease ahead, so its requests do not wait for the store', async (t) => {
   const { redis, prefix } = await redisFor(t)
-  const l = new LeasedLimit(createLimiter({ points: 1_000_000, durationS: 60, keyPrefix: prefix, redis }), 1_000_000)
+  const l = leased(1_000_000, 60, prefix, redis, pinned('k', 60).now)
   let waited = 0
   // At most a thousand requests a second (a request, then at least 1 ms): a lease of about 100
   // ms holds at most 100 points, and its last quarter (~25 ms) is far longer than a round trip
@@ -116,43 +191,46 @@ t.test('Redis: a busy key renews its lease ahead, so its requests do not wait fo
   // The first two reservations are asked when needed (one point for a key not seen lately, then
   // a lease sized to the rate); without renewing ahead every later lease would add one more (~8).
   t.ok(waited <= 3, `${waited} of 500 requests waited for the store`)
-  const counted = Number(await redis.get(`${prefix}:k`))
-  t.ok(counted >= 500 && counted <= 500 + 100 + 25, `the store holds what was used plus at most one lease and a quarter (${counted})`)
+  const inStore = await counted(redis, prefix, 'k')
+  t.ok(inStore >= 500 && inStore <= 500 + 100 + 25, `the store holds what was used plus at most one lease and a quarter (${inStore})`)
 })
 
-t.test('Redis: when its window ends, a busy key waits for one reservation sized by its rate', async (t) => {
+t.test("Redis: a busy key's next window is reserved before it starts, so no request waits when a window ends", async (t) => {
   const { redis, prefix } = await redisFor(t)
-  const l = new LeasedLimit(createLimiter({ points: 1_000_000, durationS: 1, keyPrefix: prefix, redis }), 1_000_000)
+  const l = leased(1_000_000, 1, prefix, redis)
+  const phase = windowPhase('k', 1000)
   let waited = 0
   let windowEnds = 0
+  let endsWaited = 0
   let firstOfWindow = 0
   let lastReset = Infinity
-  // About a thousand requests a second across the end of the 1 s window.
+  // About a thousand requests a second across the ends of 1 s windows, on the real clock.
   for (let i = 0; i < 1400; i++) {
     const fromLease = l.take('k')
     if (!fromLease) waited++
     const reset = fromLease ? l.msBeforeNext : (await l.consume('k')).msBeforeNext
     if (reset > lastReset + 100) {
-      // The first lease of a new window, waited for: the store has counted nothing else of it yet.
-      if (windowEnds === 0 && !fromLease) firstOfWindow = Number(await redis.get(`${prefix}:k`))
+      // The first request of a new window.
+      if (!fromLease) endsWaited++
+      if (windowEnds === 0) firstOfWindow = Number(await redis.get(`${prefix}:k:${Math.floor((Date.now() - phase) / 1000)}`))
       windowEnds++
     }
     lastReset = reset
     await sleep(1)
   }
   t.ok(windowEnds >= 1, `the requests went on across ${windowEnds} window end(s)`)
+  t.equal(endsWaited, 0, 'the first request of every new window found its lease reserved')
   t.ok(firstOfWindow > 1, `the new window's first lease was sized by the key's rate (${firstOfWindow} points), not one point`)
-  // Two at the start (one point for a key not seen, then a lease sized to the rate), then one
-  // per window end; a one-point first lease in each new window would add another per window end.
-  t.ok(waited <= 2 + windowEnds, `${waited} of 1400 requests waited for the store, over ${windowEnds} window end(s)`)
+  // Two at the start (one point for a key not seen, then a lease sized to the rate), none after.
+  t.ok(waited <= 2, `${waited} of 1400 requests waited for the store, over ${windowEnds} window end(s)`)
 })
 
 t.test('Redis: a key used slowly is counted one point at a time', async (t) => {
   const { redis, prefix } = await redisFor(t)
-  const l = new LeasedLimit(createLimiter({ points: 1000, durationS: 60, keyPrefix: prefix, redis }), 1000)
+  const l = leased(1000, 60, prefix, redis, pinned('k', 60).now)
   for (let i = 0; i < 5; i++) {
     t.equal(await one(l, 'k'), 999 - i)
     await sleep(150)
   }
-  t.equal(Number(await redis.get(`${prefix}:k`)), 5, 'nothing reserved beyond what was used')
+  t.equal(await counted(redis, prefix, 'k'), 5, 'nothing reserved beyond what was used')
 })

@@ -29,7 +29,7 @@ t.test('through the admin API and a gateway', async (t) => {
     gateway: true,
     config: {
       webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 50, retry_base_ms: 20 },
-      rate_limits: { per_key: { default: { limit: 2, window_s: 60 } } },
+      rate_limits: { per_key: { default: { limit: 2, window_s: 3600 } } },
     },
   })
   const receiver = await startReceiver(t)
