@@ -42,6 +42,30 @@ function pinned(key: string, durationS: number): { now: () => number; set(ms: nu
   return { now: () => at, set: (ms) => (at = ms), windowStart, windowEnd: windowStart + w }
 }
 
+/** Requests for 'k' on `a`, and on `b` where `onB(i)`, until both refuse: how many were allowed. */
+async function allowedUntilBothRefused(a: RateLimit, b: RateLimit, onB: (i: number) => boolean, max: number): Promise<number> {
+  let allowed = 0
+  let aDone = false
+  let bDone = false
+  for (let i = 0; !(aDone && bDone) && i < max; i++) {
+    const on = onB(i) ? b : a
+    const answer = await one(on, 'k')
+    if (answer === 'refused') {
+      if (on === a) aDone = true
+      else bDone = true
+    } else allowed++
+  }
+  return allowed
+}
+
+/** A second Redis client (a second process's), closed at the end of the test. */
+async function secondClient(t: Tap): Promise<Redis> {
+  const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
+  t.teardown(() => rb.disconnect())
+  t.equal(await rb.ping(), 'PONG')
+  return rb
+}
+
 /** What the store has counted for `key` over all its windows. */
 async function counted(redis: Redis, prefix: string, key: string): Promise<number> {
   const keys = await redis.keys(`${prefix}:${key}:*`)
@@ -108,33 +132,18 @@ t.test("every process agrees on a key's windows, and keys' windows start at diff
 
 t.test('Redis: two processes never exceed one shared limit, and use every point between them', async (t) => {
   const { redis: ra, prefix } = await redisFor(t)
-  const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
-  t.teardown(() => rb.disconnect())
-  t.equal(await rb.ping(), 'PONG')
+  const rb = await secondClient(t)
   const clock = pinned('k', 60)
   const a = leased(200, 60, prefix, ra, clock.now)
   const b = leased(200, 60, prefix, rb, clock.now)
-  let allowed = 0
-  let aDone = false
-  let bDone = false
   // Uneven traffic: three requests on a for one on b, until both are refused.
-  for (let i = 0; !(aDone && bDone) && i < 1000; i++) {
-    const on = i % 4 === 3 ? b : a
-    const answer = await one(on, 'k')
-    if (answer === 'refused') {
-      if (on === a) aDone = true
-      else bDone = true
-    } else allowed++
-  }
-  t.equal(allowed, 200, 'exactly the limit across both')
+  t.equal(await allowedUntilBothRefused(a, b, (i) => i % 4 === 3, 1000), 200, 'exactly the limit across both')
   t.equal((await counted(ra, prefix, 'k')) >= 200, true, 'the store counted every point')
 })
 
 t.test("Redis: a next window's leases reserved ahead by two processes never exceed its limit", async (t) => {
   const { redis: ra, prefix } = await redisFor(t)
-  const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
-  t.teardown(() => rb.disconnect())
-  t.equal(await rb.ping(), 'PONG')
+  const rb = await secondClient(t)
   const clock = pinned('k', 60)
   const a = leased(1000, 60, prefix, ra, clock.now)
   const b = leased(1000, 60, prefix, rb, clock.now)
@@ -146,18 +155,7 @@ t.test("Redis: a next window's leases reserved ahead by two processes never exce
   const ahead = await ra.get(`${prefix}:k:${Math.floor((clock.windowEnd - windowPhase('k', 60_000)) / 60_000)}`)
   t.ok(Number(ahead) > 2, `the next window had ${ahead} points reserved before it began`)
   clock.set(clock.windowEnd + 10)
-  let allowed = 0
-  let aDone = false
-  let bDone = false
-  for (let i = 0; !(aDone && bDone) && i < 5000; i++) {
-    const on = i % 3 === 2 ? b : a
-    const answer = await one(on, 'k')
-    if (answer === 'refused') {
-      if (on === a) aDone = true
-      else bDone = true
-    } else allowed++
-  }
-  t.equal(allowed, 1000, 'exactly the limit in the new window across both')
+  t.equal(await allowedUntilBothRefused(a, b, (i) => i % 3 === 2, 5000), 1000, 'exactly the limit in the new window across both')
 })
 
 t.test('Redis: with a high limit the store is asked once per many requests', async (t) => {
