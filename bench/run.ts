@@ -1,22 +1,22 @@
 // npm run bench [-- --quick] [-- --write]
 // In one run: a fixed-response upstream, a bare undici proxy with no checks (the baseline), and
 // keygate with every stage on (trusted proxies, deny list, lockout, per-address and per-key
-// limits, key validation, route scopes), once with the in-memory limiter and once with Redis.
+// limits, key validation, route scopes): one process for valid keys and one for bad keys with the
+// in-memory limiter, and one with Redis; and the baseline setting the headers SPEC §3 has keygate
+// set (X-Forwarded-*, X-Keygate-*, X-Request-Id, RateLimit-*), to tell their cost from the checks'.
 // Each is driven with the same requests from a separate process, in short slices: every keygate
 // scenario in blocks of baseline, keygate, keygate, baseline, compared within the block (the
 // speed of a shared machine changes within seconds, so a baseline measured a minute apart is no
 // yardstick), and the median over the blocks reported with the spread of the middle half; then
 // the CPU per request of keygate and the baseline loaded side by side, at the same time. Then
 // the heap held by 100,000 cached keys. --write records the results in bench/RESULTS.md.
-import { fork, spawn, type ChildProcess } from 'node:child_process'
+// bench/instructions.ts compares the CPU per request without the machine's noise (callgrind).
+import { execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
-import { execFileSync } from 'node:child_process'
+import { createKey, forkServer, here, keygateEnv, median, startKeygate } from './servers.ts'
 
-const here = (f: string) => fileURLToPath(new URL(f, import.meta.url))
-const KEYGATE = here('../bin/keygate.ts')
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')
 const BLOCKS = quick ? 2 : 6
@@ -27,44 +27,6 @@ const PACED_S = 3
 const SECONDS = 3
 const CONNECTIONS = 32
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
-const children: ChildProcess[] = []
-
-process.on('exit', () => {
-  for (const c of children) c.kill('SIGKILL')
-})
-
-interface Server {
-  port: number
-  pid: number
-}
-
-function forkServer(file: string, args: string[] = []): Promise<Server> {
-  const child = fork(here(file), args, { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] })
-  children.push(child)
-  return new Promise((resolve, reject) => {
-    child.once('message', (m: { port: number }) => resolve({ port: m.port, pid: child.pid as number }))
-    child.once('exit', (code) => reject(new Error(`${file} exited with ${code}`)))
-  })
-}
-
-function cli(args: string[], env: Record<string, string>): string {
-  return execFileSync(process.execPath, [KEYGATE, ...args], { env: { ...process.env, ...env }, encoding: 'utf8' })
-}
-
-/** Starts `keygate serve` and resolves with its gateway port once it listens. */
-function startKeygate(env: Record<string, string>): Promise<Server> {
-  const child = spawn(process.execPath, [KEYGATE, 'serve'], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] })
-  children.push(child)
-  return new Promise((resolve, reject) => {
-    let buffer = ''
-    child.stdout.setEncoding('utf8').on('data', (d: string) => {
-      buffer += d
-      const m = /"msg":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
-      if (m) resolve({ port: Number(m[1]), pid: child.pid as number })
-    })
-    child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))
-  })
-}
 
 interface Load {
   rps: number
@@ -95,35 +57,6 @@ function cpuSeconds(pid: number): number {
 }
 const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length % 2 ? (s[(s.length - 1) / 2] as number) : ((s[s.length / 2 - 1] as number) + (s[s.length / 2] as number)) / 2
-}
-
-// Every stage on: keygate believes X-Forwarded-For from loopback, has deny entries, counts
-// failed attempts, limits per address and per key (high enough never to refuse here), checks
-// the route's scope.
-function keygateEnv(dataDir: string, upstream: number, extra: Record<string, string> = {}): Record<string, string> {
-  const config = join(dataDir, 'keygate.yaml')
-  writeFileSync(
-    config,
-    [
-      'gateway: { listen: "127.0.0.1:0", trusted_proxies: ["127.0.0.1/32"] }',
-      'admin: { listen: "127.0.0.1:0" }',
-      `routes: [ { name: api, path: /, upstream: "http://127.0.0.1:${upstream}", scopes: [bench] } ]`,
-      'deny_list: ["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"]',
-      'rate_limits: { per_address: { limit: 1000000000, window_s: 1 }, per_key: { default: { limit: 1000000000, window_s: 1 }, service: { limit: 1000000000, window_s: 1 } } }',
-      'lockout: { max_attempts: 1000000, window_s: 60 }',
-      '',
-    ].join('\n'),
-  )
-  return { KEYGATE_CONFIG: config, KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: 'bench-admin-token-0123456789', LOG_LEVEL: 'info', DATABASE_URL: '', REDIS_URL: '', ...extra }
-}
-
-function createKey(env: Record<string, string>): string {
-  return (JSON.parse(cli(['api-key', 'create', '--type', 'service', '--name', 'bench', '--scopes', 'bench', '--json'], env)) as { key: string }).key
-}
-
 const work = mkdtempSync(join(tmpdir(), 'keygate-bench-'))
 process.on('exit', () => rmSync(work, { recursive: true, force: true }))
 
@@ -131,32 +64,27 @@ const upstreamServer = await forkServer('./upstream.ts')
 const upstream = upstreamServer.port
 const baselineServer = await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`])
 const baseline = baselineServer.port
+// The baseline again, setting the headers SPEC §3 has keygate set: what they cost, apart from the checks.
+const contractServer = await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`, '--contract-headers'])
 
-const memDir = join(work, 'memory')
-const redisDir = join(work, 'redis')
-const memEnv = keygateEnv(mkdirp(memDir), upstream)
-const redisEnv = keygateEnv(mkdirp(redisDir), upstream, { REDIS_URL })
+const memEnv = keygateEnv(join(work, 'memory'), upstream)
+const redisEnv = keygateEnv(join(work, 'redis'), upstream, { REDIS_URL })
 const memKey = createKey(memEnv)
 const redisKey = createKey(redisEnv)
 const unknownKey = (() => {
   // Well-formed (right prefix, length and checksum) but never stored: the store is asked once,
   // then the negative cache answers.
-  const made = createKey(keygateEnv(mkdirp(join(work, 'other')), upstream))
+  const made = createKey(keygateEnv(join(work, 'other'), upstream))
   return made
 })()
 const keygateServer = await startKeygate(memEnv)
 // Bad keys go to a keygate of their own (on its own store, where the unknown key is unknown too):
 // a process that answers only refusals, like the one that answers only valid keys, is measured
 // with its code optimised for what it measures, not for the other scenario it ran a moment ago.
-const keygateBadServer = await startKeygate(keygateEnv(mkdirp(join(work, 'bad')), upstream))
+const keygateBadServer = await startKeygate(keygateEnv(join(work, 'bad'), upstream))
 const keygateRedisServer = await startKeygate(redisEnv)
 const keygate = keygateServer.port
 const keygateRedis = keygateRedisServer.port
-
-function mkdirp(dir: string): string {
-  execFileSync('mkdir', ['-p', dir])
-  return dir
-}
 
 // The same requests for every scenario ("the same load"): the baseline and the upstream alone
 // get the valid key's Authorization and the X-Forwarded-For too, and pass them on unread.
@@ -165,13 +93,14 @@ const sameLoad = { ...xff, authorization: `Bearer ${memKey}` }
 const scenarios = [
   { name: 'direct (upstream alone)', url: `http://127.0.0.1:${upstream}/`, headers: sameLoad, pid: upstreamServer.pid },
   { name: 'baseline (bare undici proxy)', url: `http://127.0.0.1:${baseline}/`, headers: sameLoad, pid: baselineServer.pid },
+  { name: 'baseline setting the headers of SPEC §3', url: `http://127.0.0.1:${contractServer.port}/`, headers: sameLoad, pid: contractServer.pid },
   { name: 'keygate, valid cached key', url: `http://127.0.0.1:${keygate}/`, headers: sameLoad, pid: keygateServer.pid },
   { name: 'keygate, rejecting bad keys', url: `http://127.0.0.1:${keygateBadServer.port}/`, headers: { ...xff, authorization: `Bearer ${unknownKey}` }, pid: keygateBadServer.pid },
   { name: 'keygate, Redis limiter', url: `http://127.0.0.1:${keygateRedis}/`, headers: { ...xff, authorization: `Bearer ${redisKey}` }, pid: keygateRedisServer.pid },
 ] as const
 type Scenario = (typeof scenarios)[number]
-const [direct, base, valid, bad, redis] = scenarios
-const compared = [valid, bad, redis] as const
+const [direct, base, contract, valid, bad, redis] = scenarios
+const compared = [contract, valid, bad, redis] as const
 
 // Warm-up: JIT, connection pools, the key caches.
 for (const s of scenarios) await load(s.url, s.headers, 2)
@@ -257,7 +186,7 @@ for (let slice = 0; slice < SIDE_SLICES; slice++) {
   }
 }
 
-for (const c of children) c.kill('SIGTERM')
+for (const s of [upstreamServer, baselineServer, contractServer, keygateServer, keygateBadServer, keygateRedisServer]) s.child.kill('SIGTERM')
 const heap = JSON.parse(execFileSync(process.execPath, ['--expose-gc', here('./cache-heap.ts'), '100000'], { encoding: 'utf8' })) as { heapMiB: number; bytesPerKey: number }
 
 const quantile = (xs: number[], q: number) => {
@@ -319,7 +248,7 @@ const code = (() => {
 const report = [
   code,
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
-  `Each keygate scenario was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
+  `Each keygate scenario (and the baseline setting the headers of SPEC §3) was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
   `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
   '',
   '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU µs/req, all | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | CPU, all, vs baseline (middle half) | statuses |',

@@ -1,0 +1,135 @@
+// node bench/instructions.ts [--requests 3000] [--reps 5] [--warm 40000]
+// CPU per request without the noise of a shared machine: the bare proxy and keygate (memory
+// limiter, every stage on) each run under valgrind's callgrind, which counts the instructions the
+// process executes (every thread) whatever else the machine does. Each is warmed up with
+// instrumentation off, then measured over `reps` runs of `requests` requests (32 keep-alive
+// connections, the same requests as npm run bench). V8's optimising compilers (TurboFan, Maglev)
+// still recompile now and then, which moves a run's total by up to 25%; their functions are
+// counted apart ("net" is the rest). Garbage collection also comes in bursts (a run with a full
+// collection counts up to ~15% more), and both only ever add: the comparison takes each server's
+// lowest net run, which repeats within a few percent.
+// A third server is the baseline setting the headers SPEC §3 has keygate set (baseline-proxy.ts
+// --contract-headers): what those cost in undici's and Node's header handling, apart from
+// keygate's checks. Needs valgrind (callgrind_control comes with it); about 2 minutes per server.
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { createKey, forkServer, here, keygateEnv, median, startKeygate, type Server } from './servers.ts'
+
+const arg = (name: string, fallback: number): number => {
+  const i = process.argv.indexOf(`--${name}`)
+  const v = i === -1 ? fallback : Number(process.argv[i + 1])
+  if (!Number.isInteger(v) || v <= 0) {
+    process.stderr.write(`--${name} takes a whole number above 0\n`)
+    process.exit(2)
+  }
+  return v
+}
+const REQUESTS = arg('requests', 3000)
+const REPS = arg('reps', 5)
+const WARM = arg('warm', 40_000)
+const CONNECTIONS = 32
+
+try {
+  execFileSync('valgrind', ['--version'], { stdio: 'ignore' })
+  execFileSync('callgrind_control', ['--version'], { stdio: 'ignore' })
+} catch {
+  process.stderr.write('bench/instructions.ts needs valgrind with callgrind (Debian: apt-get install valgrind)\n')
+  process.exit(2)
+}
+
+const work = mkdtempSync(join(tmpdir(), 'keygate-instructions-'))
+process.on('exit', () => rmSync(work, { recursive: true, force: true }))
+const wrapper = (name: string) => ['valgrind', '--tool=callgrind', '--instr-atstart=no', '-q', `--callgrind-out-file=${join(work, name)}.%p.out`]
+
+/** What V8's optimising compilers run: counted apart, since when they run is not per request. */
+const COMPILER = /compiler::|turboshaft|maglev|Maglev|::Zone|Zone::|Compiler|OptimizingCompile|RegisterAllocat|InstructionSelector|LiveRange|CodeGenerator|Assembler|Pipeline/
+
+/** A callgrind dump's instructions: all of them, and those in compiler functions. */
+function readDump(file: string): { total: number; compiler: number } {
+  const names = new Map<string, string>()
+  let fn = ''
+  let inCall = false
+  let total = 0
+  let compiler = 0
+  for (const line of readFileSync(file, 'utf8').split('\n')) {
+    if (line.startsWith('fn=')) {
+      const m = /^\((\d+)\)(?: (.*))?$/.exec(line.slice(3))
+      if (m?.[2] !== undefined) names.set(m[1] as string, m[2])
+      fn = m ? (names.get(m[1] as string) ?? '') : line.slice(3)
+    } else if (line.startsWith('calls=')) inCall = true
+    else if (/^[0-9+-]/.test(line)) {
+      // A cost line: after calls= it is the call's inclusive cost (counted in the callee), else the function's own.
+      if (inCall) inCall = false
+      else {
+        const cost = Number(line.trim().split(/\s+/)[1] ?? 0)
+        total += cost
+        if (COMPILER.test(fn)) compiler += cost
+      }
+    }
+  }
+  return { total, compiler }
+}
+
+function drive(port: number, headers: Record<string, string>, requests: number): void {
+  const out = JSON.parse(execFileSync(process.execPath, [here('./drive.ts'), `http://127.0.0.1:${port}/`, JSON.stringify(headers), String(requests), String(CONNECTIONS)], { encoding: 'utf8' })) as { done: number; other: number }
+  if (out.other > 0) throw new Error(`${out.other} of ${out.done} requests were not answered 200`)
+}
+
+interface Figures {
+  net: number[]
+  total: number[]
+}
+
+/** Warms `server` up, then measures REPS runs of REQUESTS requests: instructions per request. */
+function measure(name: string, server: Server, headers: Record<string, string>): Figures {
+  drive(server.port, headers, WARM)
+  const control = (...args: string[]) => execFileSync('callgrind_control', [...args, String(server.pid)], { stdio: 'ignore' })
+  control('-i', 'on')
+  const figures: Figures = { net: [], total: [] }
+  for (let rep = 1; rep <= REPS; rep++) {
+    control('-z')
+    drive(server.port, headers, REQUESTS)
+    control('-d')
+    const dump = join(work, `${name}.${server.pid}.out.${rep}`)
+    const { total, compiler } = readDump(dump)
+    figures.total.push(total / REQUESTS)
+    figures.net.push((total - compiler) / REQUESTS)
+    process.stderr.write(`${name}: run ${rep} of ${REPS}: ${Math.round(total / REQUESTS)} instructions per request, ${Math.round((total - compiler) / REQUESTS)} without the compilers\n`)
+  }
+  server.child.kill('SIGTERM')
+  return figures
+}
+
+const upstream = (await forkServer('./upstream.ts')).port
+// Under valgrind a second of the clock passes every few dozen requests, so work done per second
+// (the usage and anomaly counts written to the store) weighs far more per request than it does at
+// full speed; on the embedded store that work runs in this process (PGlite on a worker thread).
+// With DATABASE_URL it runs in PostgreSQL instead, and only the request path is counted.
+const database: Record<string, string> = process.env.DATABASE_URL ? { DATABASE_URL: process.env.DATABASE_URL, KEYGATE_ENCRYPTION_KEY: process.env.KEYGATE_ENCRYPTION_KEY ?? Buffer.alloc(32, 7).toString('base64') } : {}
+const env = keygateEnv(join(work, 'memory'), upstream, database)
+const key = createKey(env)
+const headers = { 'x-forwarded-for': '203.0.113.9', authorization: `Bearer ${key}` }
+const baseline = measure('baseline', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`], wrapper('baseline')), headers)
+const contract = measure('contract', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`, '--contract-headers'], wrapper('contract')), headers)
+const keygate = measure('keygate', await startKeygate(env, wrapper('keygate')), headers)
+
+const least = (xs: number[]) => Math.min(...xs)
+const row = (name: string, f: Figures) => `| ${name} | ${Math.round(least(f.net))} | ${f.net.map((x) => Math.round(x)).join(', ')} | ${Math.round(median(f.total))} |`
+process.stdout.write(
+  [
+    `Instructions per request under callgrind (${REPS} runs of ${REQUESTS} requests after ${WARM} to warm up, ${CONNECTIONS} connections, Node ${process.version}):`,
+    '',
+    '| server | net (lowest run) | net, each run | all, with the compilers (median) |',
+    '| --- | --- | --- | --- |',
+    row('baseline (bare undici proxy)', baseline),
+    row('baseline setting the headers of SPEC §3 (--contract-headers)', contract),
+    row('keygate, valid cached key (memory limiter)', keygate),
+    '',
+    `keygate's store: ${process.env.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : 'embedded (its work per second is counted too, and weighs more per request under valgrind than at full speed)'}.`,
+    `Net (lowest runs), against the baseline: the contract's headers alone ${(least(contract.net) / least(baseline.net)).toFixed(3)}, keygate ${(least(keygate.net) / least(baseline.net)).toFixed(3)}.`,
+    '',
+  ].join('\n'),
+)
+process.exit(0)

@@ -1,0 +1,87 @@
+// What the benchmarks share: the processes they start (the fixed-response upstream, the bare proxy
+// and keygate, `keygate serve` with every stage on), each optionally under a wrapper command
+// (valgrind for bench/instructions.ts), and the median. Every child is killed when the benchmark exits.
+import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+export const here = (f: string) => fileURLToPath(new URL(f, import.meta.url))
+const KEYGATE = here('../bin/keygate.ts')
+const children: ChildProcess[] = []
+
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL')
+})
+
+export interface Server {
+  port: number
+  pid: number
+  child: ChildProcess
+}
+
+/** A wrapper command and its arguments, run with the Node binary and the script after them. */
+export type Wrapper = readonly string[]
+
+/** Forks a bench server that reports its port over IPC (upstream.ts, baseline-proxy.ts). */
+export function forkServer(file: string, args: string[] = [], wrapper: Wrapper = []): Promise<Server> {
+  const [command, ...rest] = wrapper
+  const child = fork(here(file), args, { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], ...(command ? { execPath: command, execArgv: [...rest, process.execPath] } : {}) })
+  children.push(child)
+  return new Promise((resolve, reject) => {
+    child.once('message', (m: { port: number }) => resolve({ port: m.port, pid: child.pid as number, child }))
+    child.once('exit', (code) => reject(new Error(`${file} exited with ${code}`)))
+  })
+}
+
+/** Runs the keygate CLI with `env` added (its stdout). */
+export function cli(args: string[], env: Record<string, string>): string {
+  return execFileSync(process.execPath, [KEYGATE, ...args], { env: { ...process.env, ...env }, encoding: 'utf8' })
+}
+
+/** Starts `keygate serve` and resolves with its gateway port once it listens. */
+export function startKeygate(env: Record<string, string>, wrapper: Wrapper = []): Promise<Server> {
+  const [command, ...rest] = [...wrapper, process.execPath]
+  const child = spawn(command as string, [...rest, KEYGATE, 'serve'], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] })
+  children.push(child)
+  return new Promise((resolve, reject) => {
+    let buffer = ''
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      buffer += d
+      const m = /"msg":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
+      if (m) resolve({ port: Number(m[1]), pid: child.pid as number, child })
+    })
+    child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))
+  })
+}
+
+// Every stage on: keygate believes X-Forwarded-For from loopback, has deny entries, counts
+// failed attempts, limits per address and per key (high enough never to refuse here), checks
+// the route's scope.
+export function keygateEnv(dataDir: string, upstream: number, extra: Record<string, string> = {}): Record<string, string> {
+  execFileSync('mkdir', ['-p', dataDir])
+  const config = join(dataDir, 'keygate.yaml')
+  writeFileSync(
+    config,
+    [
+      'gateway: { listen: "127.0.0.1:0", trusted_proxies: ["127.0.0.1/32"] }',
+      'admin: { listen: "127.0.0.1:0" }',
+      `routes: [ { name: api, path: /, upstream: "http://127.0.0.1:${upstream}", scopes: [bench] } ]`,
+      'deny_list: ["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"]',
+      'rate_limits: { per_address: { limit: 1000000000, window_s: 1 }, per_key: { default: { limit: 1000000000, window_s: 1 }, service: { limit: 1000000000, window_s: 1 } } }',
+      'lockout: { max_attempts: 1000000, window_s: 60 }',
+      '',
+    ].join('\n'),
+  )
+  return { KEYGATE_CONFIG: config, KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: 'bench-admin-token-0123456789', LOG_LEVEL: 'info', DATABASE_URL: '', REDIS_URL: '', ...extra }
+}
+
+/** A service key with the route's scope, made with the CLI (which also sets the store up). */
+export function createKey(env: Record<string, string>): string {
+  return (JSON.parse(cli(['api-key', 'create', '--type', 'service', '--name', 'bench', '--scopes', 'bench', '--json'], env)) as { key: string }).key
+}
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b)
+  return s.length % 2 ? (s[(s.length - 1) / 2] as number) : ((s[s.length / 2 - 1] as number) + (s[s.length / 2] as number)) / 2
+}
