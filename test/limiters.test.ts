@@ -58,12 +58,14 @@ async function allowedUntilBothRefused(a: RateLimit, b: RateLimit, onB: (i: numb
   return allowed
 }
 
-/** A second Redis client (a second process's), closed at the end of the test. */
-async function secondClient(t: Tap): Promise<Redis> {
+/** Two processes' limits of `points` a minute on one Redis (a client each), on one clock pinned inside a window of 'k'. */
+async function twoProcesses(t: Tap, points: number): Promise<{ a: LeasedLimit; b: LeasedLimit; redis: Redis; prefix: string; clock: ReturnType<typeof pinned> }> {
+  const { redis, prefix } = await redisFor(t)
   const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
   t.teardown(() => rb.disconnect())
   t.equal(await rb.ping(), 'PONG')
-  return rb
+  const clock = pinned('k', 60)
+  return { a: leased(points, 60, prefix, redis, clock.now), b: leased(points, 60, prefix, rb, clock.now), redis, prefix, clock }
 }
 
 /** What the store has counted for `key` over all its windows. */
@@ -131,22 +133,14 @@ t.test("every process agrees on a key's windows, and keys' windows start at diff
 })
 
 t.test('Redis: two processes never exceed one shared limit, and use every point between them', async (t) => {
-  const { redis: ra, prefix } = await redisFor(t)
-  const rb = await secondClient(t)
-  const clock = pinned('k', 60)
-  const a = leased(200, 60, prefix, ra, clock.now)
-  const b = leased(200, 60, prefix, rb, clock.now)
+  const { a, b, redis: ra, prefix } = await twoProcesses(t, 200)
   // Uneven traffic: three requests on a for one on b, until both are refused.
   t.equal(await allowedUntilBothRefused(a, b, (i) => i % 4 === 3, 1000), 200, 'exactly the limit across both')
   t.equal((await counted(ra, prefix, 'k')) >= 200, true, 'the store counted every point')
 })
 
 t.test("Redis: a next window's leases reserved ahead by two processes never exceed its limit", async (t) => {
-  const { redis: ra, prefix } = await redisFor(t)
-  const rb = await secondClient(t)
-  const clock = pinned('k', 60)
-  const a = leased(1000, 60, prefix, ra, clock.now)
-  const b = leased(1000, 60, prefix, rb, clock.now)
+  const { a, b, redis: ra, prefix, clock } = await twoProcesses(t, 1000)
   // Busy in this window (leases grow to several points), then in its last 100 ms, where each
   // process reserves its first lease of the next window.
   for (let i = 0; i < 300; i++) await one(i % 2 === 0 ? a : b, 'k')
