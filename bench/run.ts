@@ -71,12 +71,9 @@ const memEnv = keygateEnv(join(work, 'memory'), upstream)
 const redisEnv = keygateEnv(join(work, 'redis'), upstream, { REDIS_URL })
 const memKey = createKey(memEnv)
 const redisKey = createKey(redisEnv)
-const unknownKey = (() => {
-  // Well-formed (right prefix, length and checksum) but never stored: the store is asked once,
-  // then the negative cache answers.
-  const made = createKey(keygateEnv(join(work, 'other'), upstream))
-  return made
-})()
+// Well-formed (right prefix, length and checksum) but stored only elsewhere: the store is asked
+// once, then the negative cache answers.
+const unknownKey = createKey(keygateEnv(join(work, 'other'), upstream))
 const keygateServer = await startKeygate(memEnv)
 // Bad keys go to a keygate of their own (on its own store, where the unknown key is unknown too):
 // a process that answers only refusals, like the one that answers only valid keys, is measured
