@@ -1,13 +1,10 @@
 // Rate limits and lockout: headers, per-key overrides, expiry, and the Redis store (shared
 // across instances, and still limiting when Redis is gone).
 import t from 'tap'
-import { randomInt } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { bearer, openStore, makeConfig, sleep, startGateway } from './helpers/gateway.ts'
+import { bearer, freshAddress, openStore, makeConfig, sleep, startGateway } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
-// A fresh client address per run, so counters left in Redis by an earlier run do not matter.
-const randomAddress = () => `198.18.${randomInt(256)}.${randomInt(1, 255)}`
 
 t.test('RateLimit headers, Retry-After, per-key override and type default', async (t) => {
   const h = await startGateway(t, {
@@ -64,13 +61,13 @@ t.test('Redis: limits and lockouts shared across instances', async (t) => {
   const a = await startGateway(t, { config, store, redis })
   const b = await startGateway(t, { config, store, redis })
   const k = await a.key()
-  const from = { 'x-forwarded-for': randomAddress() }
+  const from = { 'x-forwarded-for': freshAddress() }
   t.equal((await a.get('/', { ...bearer(k.key), ...from })).status, 200)
   t.equal((await b.get('/', { ...bearer(k.key), ...from })).status, 200)
   t.equal((await a.get('/', { ...bearer(k.key), ...from })).status, 200)
   t.equal((await b.get('/', { ...bearer(k.key), ...from })).status, 429, 'the fourth request on either instance is limited')
 
-  const bad = { 'x-forwarded-for': randomAddress() }
+  const bad = { 'x-forwarded-for': freshAddress() }
   t.equal((await a.get('/', { ...bearer('kg_bad'), ...bad })).status, 401)
   t.equal((await b.get('/', { ...bearer('kg_bad'), ...bad })).status, 401)
   // The instance that locks the address out publishes it; the other applies it on arrival.

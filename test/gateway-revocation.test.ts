@@ -3,10 +3,9 @@
 // entries from the store apply without restart and stop at their expiry; random keys cannot
 // grow the caches.
 import t from 'tap'
-import { randomInt } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { generateKey } from '../core/keys/format.ts'
-import { ACTOR, bearer, makeConfig, openStore, sleep, startGateway } from './helpers/gateway.ts'
+import { ACTOR, bearer, freshAddress, makeConfig, openStore, sleep, startGateway } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
@@ -45,9 +44,9 @@ t.test('revocation with Redis: within a second on every instance', async (t) => 
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
   t.teardown(() => redis.quit())
   t.equal(await redis.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
-  // Counters in Redis outlive the test: a fresh client address per run keeps earlier runs' failed attempts out.
+  // Counters in Redis outlive the test: an address this run has not used keeps earlier runs' failed attempts out.
   const config = { cache: { ttl_s: 300 }, gateway: { trusted_proxies: ['127.0.0.1'] } }
-  const from = { 'x-forwarded-for': `198.18.${randomInt(256)}.${randomInt(1, 255)}` }
+  const from = { 'x-forwarded-for': freshAddress() }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const here = await startGateway(t, { config, store, redis })
   const { KeyService } = await import('../core/keys/service.ts')

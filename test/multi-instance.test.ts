@@ -6,7 +6,6 @@
 // gateways catch up with what changed meanwhile. Then `serve --workers 2` without Redis: one
 // limit and one lockout for the machine, not one per worker.
 import t, { type Test } from 'tap'
-import { randomInt } from 'node:crypto'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -14,12 +13,12 @@ import { Redis } from 'ioredis'
 import { request } from 'undici'
 import { runCli } from './helpers/cli.ts'
 import { startDeployment, type Deployment } from './helpers/deployment.ts'
-import { startUpstream, until } from './helpers/gateway.ts'
+import { freshAddress, startUpstream, until } from './helpers/gateway.ts'
 import { serve, type Served } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
 
 /** A client address of its own for each use, so lockouts from failed attempts stay apart. */
-const address = () => `198.18.${randomInt(256)}.${randomInt(1, 255)}`
+const address = freshAddress
 
 
 async function metric(s: Served, name: string, label = ''): Promise<number> {

@@ -1,6 +1,7 @@
 // Test harness for the gateway: a real echo upstream on port 0, a real PGlite store, the real
 // key service, and a gateway listening on port 0. Everything is torn down with the test.
 import http from 'node:http'
+import { randomInt } from 'node:crypto'
 import type { AddressInfo } from 'node:net'
 import { Value } from '@sinclair/typebox/value'
 import { Agent, request } from 'undici'
@@ -204,6 +205,24 @@ export async function answerOf(res: Awaited<ReturnType<typeof request>>): Promis
 }
 
 export const bearer = (key: string) => ({ authorization: `Bearer ${key}` })
+
+/** 198.18.0.0/15, RFC 2544's range for benchmarks: 2^17 addresses. */
+const ADDRESSES = 1 << 17
+let nextAddress = randomInt(ADDRESSES)
+
+/**
+ * A client address (for X-Forwarded-For) that this test process has not used before: a random
+ * draw for each could meet an address an earlier test locked out or limited (a lockout lasts
+ * its window), so they are taken in turn from a random start in 198.18.0.0/15. The start also
+ * keeps counters left in a shared Redis by an earlier run, or by another test file, away.
+ */
+export function freshAddress(): string {
+  for (;;) {
+    const n = nextAddress++ % ADDRESSES
+    const last = n & 255
+    if (last !== 0 && last !== 255) return `198.${18 + (n >> 16)}.${(n >> 8) & 255}.${last}`
+  }
+}
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
