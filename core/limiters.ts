@@ -408,6 +408,9 @@ export class LeasedLimit implements RateLimit {
       if (current !== undefined && current.window === window - 1) current.next = lease
       return
     }
+    // A renewal that comes back after the window it was asked in has ended, and the next window's
+    // lease (reserved ahead) has taken over, is for an ended window: dropped (counted, unused).
+    if (current !== undefined && current.window > window) return
     // A renewal: what the lease it replaces still holds in the same window stays usable, and a
     // next window's lease reserved meanwhile is kept.
     if (current !== undefined && current.window === window && current.source === source && !current.refused && current.left > 0) {

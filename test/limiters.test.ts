@@ -118,6 +118,23 @@ t.test('a lease ends with its window', async (t) => {
   t.ok(l.msBeforeNext === 60_000, `RateLimit-Reset counts from the window's start (${l.msBeforeNext} ms)`)
 })
 
+t.test("a renewal that comes back after its window ended does not replace the next window's lease", async (t) => {
+  const clock = pinned('k', 60)
+  const l = leased(1_000_000, 60, 'test', undefined, clock.now)
+  // Two requests at once: the second lease is sized to a fast rate (about 100 points).
+  await one(l, 'k')
+  await one(l, 'k')
+  clock.set(clock.windowEnd - 50)
+  t.ok(l.take('k'), 'a request in the last 100 ms of the window')
+  await sleep(5)
+  // Used up at once: the renewal asked at a quarter left is still out when the window ends.
+  while (l.take('k'));
+  clock.set(clock.windowEnd + 10)
+  t.ok(l.take('k'), "the next window's lease, reserved ahead, answers")
+  await sleep(5)
+  t.ok(l.take('k'), 'and still does once the renewal for the ended window has come back')
+})
+
 t.test("every process agrees on a key's windows, and keys' windows start at different moments", async (t) => {
   const a = leased(1000, 60, 'test-a')
   const b = leased(1000, 60, 'test-b')
