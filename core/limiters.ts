@@ -264,7 +264,8 @@ export function windowPhase(key: string, windowMs: number): number {
  * - Size: what the key's last lease was used at, over about 100 ms, at most MAX_LEASE and 1/8
  *   of what the store has left (one point for a key not seen by this process), so a slow key is
  *   counted one point at a time, and near its limit every key is. The first lease of a new
- *   window is sized by the last window's rate too.
+ *   window is sized by the last window's rate too. Near a window's end a lease takes no more than
+ *   the rest of the window needs (what a lease holds when its window ends is lost).
  * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
  * - Leases and refusals are dropped when the answering store changes (Redis down or back).
  * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
@@ -317,8 +318,9 @@ export class LeasedLimit implements RateLimit {
     // next window's first one during this window's last LEASE_TARGET_MS, so its requests do not
     // wait for the store's answer when the lease runs out or the window ends.
     // A failure here is left for the request that finds the lease used up: it asks again, and sees it.
+    // Near the window's end a lease that holds what the rest of the window needs at its rate is not renewed.
     if (lease.size >= AHEAD_FROM && !this.#reserving.has(key)) {
-      if (lease.left <= lease.size >> 2) this.#track(key, this.#reserve(key, lease, false).catch(() => {}))
+      if (lease.left <= lease.size >> 2 && lease.left < lease.rate * ms) this.#track(key, this.#reserve(key, lease, false).catch(() => {}))
       else if (ms <= LEASE_TARGET_MS && lease.next === undefined) this.#track(key, this.#reserve(key, lease, true).catch(() => {}))
     }
     return true
@@ -371,7 +373,8 @@ export class LeasedLimit implements RateLimit {
   /** Reserves points of the key's current window, or with `ahead` of the next one (kept as the current lease's `next`). */
   async #reserve(key: string, previous: Lease | undefined, ahead: boolean): Promise<void> {
     const now = performance.now()
-    const { window, until } = this.#window(key, this.#now(), ahead)
+    const clock = this.#now()
+    const { window, until } = this.#window(key, clock, ahead)
     // The last lease from the same store tells the key's rate, whether or not its window has
     // ended (a key idle since has a low rate: its points used over all the time since); a
     // refusal or a lease from the other store does not.
@@ -385,9 +388,11 @@ export class LeasedLimit implements RateLimit {
       // on the rate it was sized by.
       if (elapsed < LEASE_TARGET_MS / 4 && previous.rate > rate) rate = previous.rate
     }
-    // As many as that rate uses in LEASE_TARGET_MS (one point for a key not known), at most
-    // MAX_LEASE and 1/LEASE_SHARE of what the store has left (all of it in a new window).
-    const wanted = known ? Math.round(rate * LEASE_TARGET_MS) : 1
+    // As many as that rate uses in LEASE_TARGET_MS (one point for a key not known), and never
+    // more than the rest of the window needs beyond what the lease still holds (carried into the
+    // new one): what a lease holds when its window ends is counted and lost. At most MAX_LEASE
+    // and 1/LEASE_SHARE of what the store has left (all of it in a new window).
+    const wanted = !known ? 1 : ahead ? Math.round(rate * LEASE_TARGET_MS) : Math.round(Math.min(rate * LEASE_TARGET_MS, rate * (until - clock) - (sameWindow ? previous.left : 0)))
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
     const storeKey = `${key}:${window}`
     let answer = await this.#ask(storeKey, size)

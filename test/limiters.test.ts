@@ -3,10 +3,10 @@
 // Redis; near its limit a key is counted one point at a time, so RateLimit-Remaining stays exact
 // in one process; a lease ends with its window; concurrent requests share one reservation; with
 // a high limit the store is asked once per many requests, a busy key's next lease is asked for
-// before the last runs out (and its next window's before the window ends), and a slow key is
-// counted one point at a time. A key's windows follow one another at an offset of its own, each
-// counted under its own store key; tests that must stay within one window pin the clock to the
-// start of one.
+// before the last runs out (and its next window's before the window ends), near a window's end a
+// lease holds no more than the rest of the window needs, and a slow key is counted one point at a
+// time. A key's windows follow one another at an offset of its own, each counted under its own
+// store key; tests that must stay within one window pin the clock to the start of one.
 import t, { type Test as Tap } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
@@ -242,4 +242,37 @@ t.test('Redis: a key used slowly is counted one point at a time', async (t) => {
     await sleep(150)
   }
   t.equal(await counted(redis, prefix, 'k'), 5, 'nothing reserved beyond what was used')
+})
+
+t.test("Redis: near a window's end a lease is sized to what the rest of the window needs, so little is lost when it ends", async (t) => {
+  const { redis, prefix } = await redisFor(t)
+  const clock = pinned('k', 60)
+  const l = leased(1_000_000, 60, prefix, redis, clock.now)
+  const windowKey = `${prefix}:k:${Math.floor((clock.windowStart - windowPhase('k', 60_000)) / 60_000)}`
+  let used = 0
+  let waited = 0
+  const request = async () => {
+    if (!l.take('k')) {
+      waited++
+      await l.consume('k')
+    }
+    used++
+    await sleep(1)
+  }
+  // Busy inside the window (leases of about 100 ms of its requests), then through its last 100 ms
+  // on a clock that moves with the real one.
+  for (let i = 0; i < 300; i++) await request()
+  const held = Number(await redis.get(windowKey)) - used
+  const waitedBefore = waited
+  const from = performance.now()
+  const start = clock.windowEnd - 100
+  for (let at = start; at < clock.windowEnd; at = start + performance.now() - from) {
+    clock.set(at)
+    await request()
+  }
+  clock.set(clock.windowEnd)
+  const lost = Number(await redis.get(windowKey)) - used
+  // Before, a renewal in the last 100 ms took 100 ms of points (plus the quarter it still held), nearly all lost.
+  t.ok(lost >= 0 && lost <= held / 4, `${lost} points counted in the window and never used, against a lease of ${held}`)
+  t.ok(waited - waitedBefore <= 2, `${waited - waitedBefore} of ${used - 300} requests in the window's last 100 ms waited for the store`)
 })
