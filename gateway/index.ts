@@ -126,18 +126,34 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     createKeyRateLimitStage({ metrics, onExceeded: deps.events ? rateLimitNotifier(deps.events, config.webhooks.rate_limit_debounce_s * 1000, now) : undefined }),
     createRouteStage(router),
   ]
-  // The deny list stage exists only while the list has entries; reloads rebuild the list.
-  const build = (): readonly Stage[] => Object.freeze(deny.size > 0 ? [...fixedHead, denyStage, ...fixedTail] : [...fixedHead, ...fixedTail])
+  // The deny list stage exists only while the list has entries; every change and reload checks
+  // the stages against the list as it is then (not as it was before an await).
+  let denyOn = false
+  const build = (): readonly Stage[] => {
+    denyOn = deny.size > 0
+    return Object.freeze(denyOn ? [...fixedHead, denyStage, ...fixedTail] : [...fixedHead, ...fixedTail])
+  }
   let stages = build()
+  const matchDeny = (): void => {
+    metrics.denyListEntries.set(deny.size)
+    if (denyOn !== deny.size > 0) stages = build()
+  }
 
+  // Changes applied here since a reload began make what it read stale: it reads again instead of
+  // putting the old list back (a few tries; the periodic reload catches up after that).
+  let denyChanges = 0
   let refreshing: Promise<void> | undefined
   const refreshDenyList = (): Promise<void> => {
     refreshing ??= (async () => {
       try {
-        const before = deny.size > 0
-        deny.setStored(await denyService.list(), now())
-        metrics.denyListEntries.set(deny.size)
-        if (before !== deny.size > 0) stages = build()
+        for (let attempt = 0; attempt < 3; attempt++) {
+          const seen = denyChanges
+          const list = await denyService.list()
+          if (seen !== denyChanges) continue
+          deny.setStored(list, now())
+          matchDeny()
+          return
+        }
       } catch (err) {
         metrics.storeErrors.denyList.inc()
         log.warn('could not reload the deny list; keeping the previous one', { err: err as Error })
@@ -244,10 +260,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     if (change.previous) cache.invalidateKey(change.previous.id)
   })
   const applyDenyChange = (change: DenyChange): void => {
-    const before = deny.size > 0
+    denyChanges++
     deny.apply(change, now())
-    metrics.denyListEntries.set(deny.size)
-    if (before !== deny.size > 0) stages = build()
+    matchDeny()
     void refreshDenyList()
   }
   const offDeny = denyService.onChange(applyDenyChange)

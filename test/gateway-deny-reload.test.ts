@@ -1,0 +1,59 @@
+// The deny list while a reload is slow (gateway/index.ts, refreshDenyList): a change applied on
+// this instance during a reload is not undone by the reload's older answer, and the deny stage
+// is in the request path whenever the list has entries, whatever order reloads and changes land in.
+import t from 'tap'
+import { DenyListService, type DenyEntry } from '../core/deny-list.ts'
+import { ACTOR, bearer, makeConfig, openStore, startGateway } from './helpers/gateway.ts'
+
+/** A DenyListService whose list() can be held (a slow SELECT: its snapshot is taken, the answer is late). */
+class SlowList extends DenyListService {
+  hold: Promise<void> | undefined
+  override async list(o?: { includeExpired?: boolean }): Promise<DenyEntry[]> {
+    const rows = await super.list(o)
+    if (this.hold) await this.hold
+    return rows
+  }
+}
+
+t.test('a reload in flight does not undo a deny entry added meanwhile', async (t) => {
+  const config = { gateway: { deny_list_refresh_s: 3600 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const slow = new SlowList({ db: store.db, audit: store.audit })
+  const h = await startGateway(t, { config, store: { ...store, denyList: slow } })
+  const k = await h.key()
+  t.equal((await h.get('/', bearer(k.key))).status, 200)
+  let release!: () => void
+  slow.hold = new Promise((r) => (release = r))
+  const refresh = h.gateway.refreshDenyList() // a periodic reload: reads the empty list, answers late
+  await new Promise((r) => setTimeout(r, 50))
+  await slow.add({ cidr: '127.0.0.1', reason: 'attack' }, ACTOR) // an admin adds a block through this instance
+  t.equal((await h.get('/', bearer(k.key))).status, 403, 'applies at once')
+  slow.hold = undefined
+  release()
+  await refresh
+  t.equal((await h.get('/', bearer(k.key))).status, 403, 'still blocked once the older reload has answered')
+})
+
+t.test('the deny check stays on while entries are in force, after a removal during a reload', async (t) => {
+  const config = { gateway: { deny_list_refresh_s: 3600 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const slow = new SlowList({ db: store.db, audit: store.audit })
+  const h = await startGateway(t, { config, store: { ...store, denyList: slow } })
+  // Another instance's admin API: same store, its changes are not emitted to this gateway.
+  const elsewhere = new DenyListService({ db: store.db, audit: store.audit })
+  const k = await h.key()
+  const e1 = await slow.add({ cidr: '192.0.2.1' }, ACTOR)
+  let release!: () => void
+  slow.hold = new Promise((r) => (release = r))
+  const refresh = h.gateway.refreshDenyList() // reads the list with e1
+  await new Promise((r) => setTimeout(r, 50))
+  await slow.remove(e1.id, ACTOR) // removed here: the list is empty, the deny stage leaves the path
+  slow.hold = undefined
+  release()
+  await refresh // the older answer (with e1) is not used
+  await elsewhere.add({ cidr: '127.0.0.1', reason: 'attack' }, ACTOR) // added through another instance
+  await h.gateway.refreshDenyList() 
+  await h.gateway.refreshDenyList()
+  t.match(await h.metrics.registry.metrics(), /keygate_deny_list_entries 1/, 'the matcher holds one entry in force')
+  t.equal((await h.get('/', bearer(k.key))).status, 403, '127.0.0.1 is on the deny list in the store and in the matcher')
+})
