@@ -28,10 +28,14 @@ export type FlushReason = 'reconnect' | 'gap' | 'missed'
 const PUBLISH_SCRIPT = "local v = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', ARGV[1], v .. '|' .. ARGV[2]) return v"
 /** Failed publishes kept for the reconnection; past this many, one `all` replaces them. */
 const PENDING_MAX = 1000
+/** Kept publishes are also tried again this often: Redis may refuse a write on a connection that stays up (OOM, MISCONF, READONLY), and then no 'ready' comes. */
+const RETRY_MS = 1000
 
 class Publisher {
   readonly #redis: Redis
   #pending: string[] = []
+  #resending = false
+  #retry: NodeJS.Timeout | undefined
   log: Logger | undefined
 
   constructor(redis: Redis) {
@@ -60,16 +64,36 @@ class Publisher {
   #keep(message: string): void {
     if (this.#pending.length >= PENDING_MAX) this.#pending = ['all']
     else this.#pending.push(message)
+    this.#retryLater()
   }
 
+  #retryLater(): void {
+    if (this.#retry !== undefined) return
+    this.#retry = setTimeout(() => {
+      this.#retry = undefined
+      void this.#resend()
+    }, RETRY_MS)
+    this.#retry.unref()
+  }
+
+  /** Sends the kept messages in order; one resend at a time (the timer and 'ready' may both call it). */
   async #resend(): Promise<void> {
-    while (this.#pending.length > 0) {
-      try {
-        await this.#send(this.#pending[0] as string)
-      } catch {
-        return
+    if (this.#resending) return
+    this.#resending = true
+    try {
+      while (this.#pending.length > 0) {
+        const queue = this.#pending
+        try {
+          await this.#send(queue[0] as string)
+        } catch {
+          this.#retryLater()
+          return
+        }
+        // Not when `all` replaced the queue meanwhile: that `all` is still to be sent.
+        if (this.#pending === queue) queue.shift()
       }
-      this.#pending.shift()
+    } finally {
+      this.#resending = false
     }
   }
 }
