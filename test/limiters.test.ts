@@ -68,6 +68,12 @@ async function twoProcesses(t: Tap, points: number): Promise<{ a: LeasedLimit; b
   return { a: leased(points, 60, prefix, redis, clock.now), b: leased(points, 60, prefix, rb, clock.now), redis, prefix, clock }
 }
 
+/** The store key of `key`'s window (of `durationS`) that holds the moment `at`. */
+function windowKey(prefix: string, key: string, durationS: number, at: number): string {
+  const w = durationS * 1000
+  return `${prefix}:${key}:${Math.floor((at - windowPhase(key, w)) / w)}`
+}
+
 /** What the store has counted for `key` over all its windows. */
 async function counted(redis: Redis, prefix: string, key: string): Promise<number> {
   const keys = await redis.keys(`${prefix}:${key}:*`)
@@ -163,7 +169,7 @@ t.test("Redis: a next window's leases reserved ahead by two processes never exce
   for (let i = 0; i < 300; i++) await one(i % 2 === 0 ? a : b, 'k')
   clock.set(clock.windowEnd - 50)
   for (let i = 0; i < 100; i++) await one(i % 2 === 0 ? a : b, 'k')
-  const ahead = await ra.get(`${prefix}:k:${Math.floor((clock.windowEnd - windowPhase('k', 60_000)) / 60_000)}`)
+  const ahead = await ra.get(windowKey(prefix, 'k', 60, clock.windowEnd))
   t.ok(Number(ahead) > 2, `the next window had ${ahead} points reserved before it began`)
   clock.set(clock.windowEnd + 10)
   t.equal(await allowedUntilBothRefused(a, b, (i) => i % 3 === 2, 5000), 1000, 'exactly the limit in the new window across both')
@@ -207,7 +213,6 @@ t.test('Redis: a busy key renews its lease ahead, so its requests do not wait fo
 t.test("Redis: a busy key's next window is reserved before it starts, so no request waits when a window ends", async (t) => {
   const { redis, prefix } = await redisFor(t)
   const l = leased(1_000_000, 1, prefix, redis)
-  const phase = windowPhase('k', 1000)
   let waited = 0
   let windowEnds = 0
   let endsWaited = 0
@@ -221,7 +226,7 @@ t.test("Redis: a busy key's next window is reserved before it starts, so no requ
     if (reset > lastReset + 100) {
       // The first request of a new window.
       if (!fromLease) endsWaited++
-      if (windowEnds === 0) firstOfWindow = Number(await redis.get(`${prefix}:k:${Math.floor((Date.now() - phase) / 1000)}`))
+      if (windowEnds === 0) firstOfWindow = Number(await redis.get(windowKey(prefix, 'k', 1, Date.now())))
       windowEnds++
     }
     lastReset = reset
@@ -248,7 +253,7 @@ t.test("Redis: near a window's end a lease is sized to what the rest of the wind
   const { redis, prefix } = await redisFor(t)
   const clock = pinned('k', 60)
   const l = leased(1_000_000, 60, prefix, redis, clock.now)
-  const windowKey = `${prefix}:k:${Math.floor((clock.windowStart - windowPhase('k', 60_000)) / 60_000)}`
+  const current = windowKey(prefix, 'k', 60, clock.windowStart)
   let used = 0
   let waited = 0
   const request = async () => {
@@ -262,7 +267,7 @@ t.test("Redis: near a window's end a lease is sized to what the rest of the wind
   // Busy inside the window (leases of about 100 ms of its requests), then through its last 100 ms
   // on a clock that moves with the real one.
   for (let i = 0; i < 300; i++) await request()
-  const held = Number(await redis.get(windowKey)) - used
+  const held = Number(await redis.get(current)) - used
   const waitedBefore = waited
   const from = performance.now()
   const start = clock.windowEnd - 100
@@ -271,7 +276,7 @@ t.test("Redis: near a window's end a lease is sized to what the rest of the wind
     await request()
   }
   clock.set(clock.windowEnd)
-  const lost = Number(await redis.get(windowKey)) - used
+  const lost = Number(await redis.get(current)) - used
   // Before, a renewal in the last 100 ms took 100 ms of points (plus the quarter it still held),
   // nearly all lost (67-98 of leases of 64-99). Now only what the rate estimate misses is lost:
   // 1-2 points on a quiet machine; the rate is measured on the real clock, so a machine whose
