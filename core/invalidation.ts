@@ -1,7 +1,7 @@
 // Cross-instance invalidation over Redis pub/sub: whoever changes a key or the deny list
 // publishes, every gateway listening drops what it cached (SPEC §3: a revoked key stops
 // working on every instance within 1 s with Redis). Messages: `key:<id>`, `hash:<sha256>`,
-// `deny`, `all`, and `lock:<ms>:<address>` (an address locked out for <ms> by a gateway).
+// `deny`, `all`, and `lock:<until>:<address>` (an address locked out by a gateway until <until>, epoch ms).
 //
 // Pub/sub is at-most-once, so a subscriber must notice what it missed:
 // - each publish INCRs a counter and carries its value (`<version>|<message>`, one Lua script,

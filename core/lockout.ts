@@ -6,9 +6,11 @@
 //
 // Attempts are counted in the limiter (Redis when configured). The lockouts in force are
 // mirrored in memory, so the per-request check is a map look-up and never a Redis round trip:
-// the instance that locks an address out publishes `lock:<ms>:<address>` on the invalidation
-// channel, every instance applies it, and an instance reads the lockouts in force from Redis
-// when it starts and whenever Redis comes back.
+// the instance that locks an address out publishes `lock:<until>:<address>` (the end of the
+// lockout, epoch ms) on the invalidation channel, every instance applies what is left of it,
+// and an instance reads the lockouts in force from Redis when it starts and whenever Redis comes
+// back. The message names the end, not a duration: one kept while Redis was down and sent when
+// it is back must not start a new lockout then (it is ignored if the lockout has ended).
 import QuickLRU from 'quick-lru'
 import type { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
@@ -25,7 +27,7 @@ export interface Lockout {
   /** Seconds until the address may try again, or undefined when it is not locked out. A memory look-up. */
   lockedFor(addressKey: string): number | undefined
   recordFailure(addressKey: string): Promise<void>
-  /** Applies a lockout decided by another instance (the invalidation message `lock:<ms>:<address>`). */
+  /** Applies a lockout decided by another instance (the invalidation message `lock:<until>:<address>`, until in epoch ms). */
   applyMessage(message: string): void
   /**
    * The lockouts in force, read from Redis once per connection: the lockout reads them itself
@@ -102,8 +104,9 @@ export function createLockout(options: LockoutOptions): Lockout {
         // The attempt that reaches the limit starts a full window of lockout from now.
         await limiter.block(addressKey, windowS)
         options.onLockout?.()
+        const until = Date.now() + windowS * 1000
         lock(addressKey, windowS * 1000)
-        const message = `lock:${windowS * 1000}:${addressKey}` as const
+        const message = `lock:${until}:${addressKey}` as const
         options.announce?.(message)
         if (redis) await publishInvalidation(redis, message, log)
         return
@@ -113,7 +116,8 @@ export function createLockout(options: LockoutOptions): Lockout {
     },
     applyMessage(message) {
       const m = /^lock:(\d+):(.+)$/.exec(message)
-      if (m) lock(m[2] as string, Math.min(Number(m[1]), windowS * 1000))
+      // What is left of it, never more than a window (a sender's clock ahead of ours).
+      if (m) lock(m[2] as string, Math.min(Number(m[1]) - Date.now(), windowS * 1000))
     },
     load,
     reload,

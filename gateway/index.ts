@@ -68,7 +68,7 @@ export interface Gateway {
   refreshDenyList(): Promise<void>
   /** Applies a deny list change made by another process at once (before the reload it starts). */
   applyDenyChange(change: DenyChange): void
-  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`, `lock:<ms>:<address>`) from another process. */
+  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`, `lock:<until>:<address>`) from another process. */
   applyInvalidation(message: string): void
 }
 

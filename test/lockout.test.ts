@@ -1,0 +1,86 @@
+// Lockouts across instances (core/lockout.ts): the instance whose failure reaches the limit
+// publishes the lockout's end, and the others lock the address for what is left of it. A lockout
+// decided while Redis was down is published when Redis is back; by then it may have ended, and it
+// must not lock the address out again for a new window.
+import t from 'tap'
+import { Redis } from 'ioredis'
+import { INVALIDATION_CHANNEL, subscribeInvalidations } from '../core/invalidation.ts'
+import { createLockout } from '../core/lockout.ts'
+import { createLogger } from '../core/log.ts'
+import { connectRedis, redisHealth } from '../core/redis.ts'
+import { freshAddress, sleep, until } from './helpers/gateway.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
+
+const quiet = createLogger({ write: () => {} })
+
+t.test('a lockout kept through a Redis outage locks the other instances only for what is left of it', async (t) => {
+  const server = await startRedisServer(t)
+  const a = connectRedis(server.url, quiet) // the instance that sees the failures
+  const b = connectRedis(server.url, quiet) // another instance
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1, lazyConnect: true })
+  t.teardown(() => {
+    a.disconnect()
+    b.disconnect()
+    admin.disconnect()
+  })
+  await until(t, 'connected', () => a.status === 'ready' && b.status === 'ready')
+  const options = { maxAttempts: 2, windowS: 1, log: quiet }
+  const la = createLockout({ ...options, redis: a })
+  const lb = createLockout({ ...options, redis: b })
+  const seen: string[] = []
+  const close = await subscribeInvalidations(b, {
+    handler: (m) => {
+      seen.push(m)
+      if (m.startsWith('lock:')) lb.applyMessage(m)
+    },
+    onFlush: () => void lb.reload(),
+    checkIntervalMs: 100,
+  })
+  t.teardown(close)
+  const subscribed = async () => {
+    await admin.connect().catch(() => {})
+    return Number(((await admin.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1
+  }
+  await until(t, 'subscribed', subscribed)
+
+  // With Redis up, a lockout reaches the other instance at once, for the whole window.
+  const live = freshAddress()
+  await la.recordFailure(live)
+  await la.recordFailure(live)
+  await until(t, 'the lockout reaches the other instance', () => lb.lockedFor(live) !== undefined)
+  t.equal(lb.lockedFor(live), 1, 'locked out there for the window')
+
+  // Redis goes down; the limit is reached on the insurance, the lockout's message is kept.
+  admin.disconnect()
+  await server.stop()
+  await until(t, 'down', () => !redisHealth(a).up)
+  const during = freshAddress()
+  await la.recordFailure(during)
+  await la.recordFailure(during)
+  t.equal(la.lockedFor(during), 1, 'locked out on the instance that saw the failures')
+  t.equal(lb.lockedFor(during), undefined, 'the other instance has not heard of it (Redis is down)')
+  // Hold the kept message back until the other instance listens again, so it is delivered.
+  a.disconnect()
+  await sleep(1100)
+  t.equal(la.lockedFor(during), undefined, 'the lockout has ended')
+  await server.start()
+  await until(t, 'the other instance listens again', subscribed)
+  const before = seen.length
+  a.connect().catch(() => {})
+  await until(t, 'the kept lockout message is delivered', () => seen.slice(before).some((m) => m.endsWith(`:${during}`)))
+  t.equal(lb.lockedFor(during), undefined, 'a lockout that ended during the outage does not start again when Redis is back')
+})
+
+t.test('a lockout message is applied for what is left of it, never for more than a window', async (t) => {
+  const lockout = createLockout({ maxAttempts: 5, windowS: 60 })
+  const now = Date.now()
+  const [ended, half, ahead, junk] = [freshAddress(), freshAddress(), freshAddress(), freshAddress()]
+  lockout.applyMessage(`lock:${now - 1}:${ended}`)
+  lockout.applyMessage(`lock:${now + 30_000}:${half}`)
+  lockout.applyMessage(`lock:${now + 3_600_000}:${ahead}`) // a sender whose clock runs an hour ahead
+  lockout.applyMessage(`lock:soon:${junk}`)
+  t.equal(lockout.lockedFor(ended), undefined, 'an ended lockout is ignored')
+  t.equal(lockout.lockedFor(half), 30, 'the rest of it')
+  t.equal(lockout.lockedFor(ahead), 60, 'at most the window')
+  t.equal(lockout.lockedFor(junk), undefined, 'a malformed message is ignored')
+})
