@@ -22,6 +22,11 @@ export interface Limiter {
   delete(key: string): Promise<boolean>
   /** Which store answers now, where that can change (Redis and its insurance); answers from another source are not kept. */
   readonly source?: number
+  /**
+   * The source that gave `res` (a `consume` answer or refusal): the gate may switch while a call
+   * is out, so `source` read after the answer can name the other store.
+   */
+  answeredBy?(res: RateLimiterRes): number | undefined
 }
 
 export interface LimiterOptions {
@@ -117,41 +122,71 @@ class Insured implements Limiter {
     this.#watch = new DeadlineWatch(gate.timeoutMs)
   }
 
-  #run<T>(op: (l: Limiter) => Promise<T>): Promise<T> {
-    if (!this.#gate.up) return op(this.#second)
+  /** Which source gave each answer or refusal (see `answeredBy`). */
+  readonly #answers = new WeakMap<RateLimiterRes, number>()
+
+  /**
+   * `op` on the first limiter while the gate is up, else on the second; with `fallBack` a failure
+   * or a late answer of the first is answered by the second (a give-back must not be: the second
+   * never counted what the first did).
+   */
+  #run<T>(op: (l: Limiter) => Promise<T>, fallBack = true): Promise<T> {
+    if (!this.#gate.up) return this.#from(op(this.#second), this.source)
     return new Promise<T>((resolve, reject) => {
-      const fallBack = (err: unknown) => {
+      const failed = (err: unknown) => {
         this.#gate.down(err === TIMED_OUT ? 'timeout' : 'error', err as Error)
-        op(this.#second).then(resolve, reject)
+        if (fallBack) this.#from(op(this.#second), this.source).then(resolve, reject)
+        else reject(err as Error)
       }
-      const pending = this.#watch.watch(() => fallBack(TIMED_OUT))
+      const pending = this.#watch.watch(() => failed(TIMED_OUT))
       let call: Promise<T>
       try {
         call = op(this.#first)
       } catch (err) {
         pending.late = undefined
-        fallBack(err)
+        failed(err)
         return
       }
       call.then(
         (value) => {
           if (pending.late === undefined) return
           pending.late = undefined
+          if (value instanceof RateLimiterRes) this.#answers.set(value, 1)
           resolve(value)
         },
         (err: unknown) => {
           if (pending.late === undefined) return
           pending.late = undefined
-          if (err instanceof RateLimiterRes) reject(err)
-          else fallBack(err)
+          if (err instanceof RateLimiterRes) {
+            this.#answers.set(err, 1)
+            reject(err)
+          } else failed(err)
         },
       )
     })
   }
 
+  /** `call` answered by the second limiter, known as `source`. */
+  #from<T>(call: Promise<T>, source: number): Promise<T> {
+    return call.then(
+      (value) => {
+        if (value instanceof RateLimiterRes) this.#answers.set(value, source)
+        return value
+      },
+      (err: unknown) => {
+        if (err instanceof RateLimiterRes) this.#answers.set(err, source)
+        throw err
+      },
+    )
+  }
+
   /** Which limiter answers: changes when the gate switches, so answers kept from the other one can be dropped. */
   get source(): number {
     return this.#gate.up ? 1 : 0
+  }
+
+  answeredBy(res: RateLimiterRes): number | undefined {
+    return this.#answers.get(res)
   }
 
   consume(key: string, points?: number) {
@@ -161,7 +196,7 @@ class Insured implements Limiter {
     return this.#run((l) => l.penalty(key, points))
   }
   reward(key: string, points?: number) {
-    return this.#run((l) => l.reward(key, points))
+    return this.#run((l) => l.reward(key, points), false)
   }
   get(key: string) {
     return this.#run((l) => l.get(key))
@@ -215,8 +250,9 @@ interface Lease {
   /** The window the points were reserved in (see LeasedLimit), and when it ends (epoch ms). */
   window: number
   until: number
-  /** The store refused even one point: refuse until `until`. */
+  /** The store refused even one point: refuse until `until`, asking again from `recheck` (performance.now()). */
   refused: boolean
+  recheck: number
   /** The next window's lease, reserved during this window's last LEASE_TARGET_MS. */
   next: Lease | undefined
 }
@@ -235,6 +271,8 @@ const LEASE_TARGET_MS = 100
 const LEASE_SHARE = 8
 /** Leases of at least this many points are renewed ahead, when a quarter is left. */
 const AHEAD_FROM = 8
+/** A refusal is asked about again after this long (see `#reserve`): a client past its limit costs at most one store call this often per process. */
+const REFUSAL_RECHECK_MS = 100
 /** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
 const MAX_LEASES = 10_000
 
@@ -266,7 +304,13 @@ export function windowPhase(key: string, windowMs: number): number {
  *   counted one point at a time, and near its limit every key is. The first lease of a new
  *   window is sized by the last window's rate too. Near a window's end a lease takes no more than
  *   the rest of the window needs (what a lease holds when its window ends is lost).
- * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
+ * - A refusal is kept until the window ends, and asked about again every REFUSAL_RECHECK_MS (a
+ *   client past its limit costs one store call per 100 ms per process): another process's
+ *   reservation that the store refused counts until it is given back, and a refusal met in
+ *   between would otherwise hold for the rest of the window (an hour, for an hourly limit).
+ * - A reservation the store refuses keeps what the store had left before it (known from the
+ *   count, which includes the ask) and gives back only the rest, so near the limit no point is
+ *   left unused and no second ask is needed.
  * - Leases and refusals are dropped when the answering store changes (Redis down or back).
  * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
  *   what it still holds is carried into the next if both are of the same window (so a process
@@ -320,8 +364,8 @@ export class LeasedLimit implements RateLimit {
     // A failure here is left for the request that finds the lease used up: it asks again, and sees it.
     // Near the window's end a lease that holds what the rest of the window needs at its rate is not renewed.
     if (lease.size >= AHEAD_FROM && !this.#reserving.has(key)) {
-      if (lease.left <= lease.size >> 2 && lease.left < lease.rate * ms) this.#track(key, this.#reserve(key, lease, false).catch(() => {}))
-      else if (ms <= LEASE_TARGET_MS && lease.next === undefined) this.#track(key, this.#reserve(key, lease, true).catch(() => {}))
+      if (lease.left <= lease.size >> 2 && lease.left < lease.rate * ms) this.#track(key, this.#reserve(key, lease, false, now).catch(() => {}))
+      else if (ms <= LEASE_TARGET_MS && lease.next === undefined) this.#track(key, this.#reserve(key, lease, true, now).catch(() => {}))
     }
     return true
   }
@@ -343,7 +387,7 @@ export class LeasedLimit implements RateLimit {
       const answer = this.#taken(key)
       if (answer !== undefined) return answer
       const lease = this.#leases.get(key)
-      if (lease !== undefined && lease.refused && lease.source === this.#limiter.source) {
+      if (lease !== undefined && lease.refused && lease.source === this.#limiter.source && performance.now() < lease.recheck) {
         const ms = lease.until - this.#now()
         if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
       }
@@ -370,10 +414,13 @@ export class LeasedLimit implements RateLimit {
     return { window, until: (window + 1) * w + phase }
   }
 
-  /** Reserves points of the key's current window, or with `ahead` of the next one (kept as the current lease's `next`). */
-  async #reserve(key: string, previous: Lease | undefined, ahead: boolean): Promise<void> {
+  /**
+   * Reserves points of the key's window at `clock`, or with `ahead` of the one after it (kept as
+   * the current lease's `next`). `take` passes the clock it decided by, so a window boundary
+   * passing meanwhile cannot make it reserve for a window it did not mean.
+   */
+  async #reserve(key: string, previous: Lease | undefined, ahead: boolean, clock = this.#now()): Promise<void> {
     const now = performance.now()
-    const clock = this.#now()
     const { window, until } = this.#window(key, clock, ahead)
     // The last lease from the same store tells the key's rate, whether or not its window has
     // ended (a key idle since has a low rate: its points used over all the time since); a
@@ -395,18 +442,28 @@ export class LeasedLimit implements RateLimit {
     const wanted = !known ? 1 : ahead ? Math.round(rate * LEASE_TARGET_MS) : Math.round(Math.min(rate * LEASE_TARGET_MS, rate * (until - clock) - (sameWindow ? previous.left : 0)))
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
     const storeKey = `${key}:${window}`
-    let answer = await this.#ask(storeKey, size)
-    if (answer.refused && size > 1) {
-      // Others used more than this process knew: give the points back and ask for one.
-      await this.#limiter.reward(storeKey, size)
-      size = 1
-      answer = await this.#ask(storeKey, 1)
+    const answer = await this.#ask(storeKey, size)
+    // Kept under the store that answered: the gate may have switched while the call was out.
+    const source = answer.source
+    let refused = answer.refused
+    let remaining = answer.res.remainingPoints
+    if (refused && size > 1) {
+      // Others used more than this process knew. The store had `points - before` left when this
+      // ask came (its count includes the ask): keep that much and give back the rest, to the
+      // store that counted it (none if the gate has switched since; those points stay counted).
+      const before = answer.res.consumedPoints - size
+      const keep = source === this.#limiter.source ? Math.max(0, Math.min(size, this.points - before)) : 0
+      if (source === this.#limiter.source && size > keep) await this.#limiter.reward(storeKey, size - keep).catch(() => {})
+      refused = keep === 0
+      size = Math.max(1, keep)
+      remaining = 0
     }
-    // Kept with the source that answered (read after the answer: a call that fell back to the insurance was answered by it).
-    const source = this.#limiter.source
-    const lease: Lease = answer.refused
-      ? { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, window, until, refused: true, next: undefined }
-      : { left: size, size, at: now, rate, source, remaining: answer.res.remainingPoints, window, until, refused: false, next: undefined }
+    // A refusal is kept until the window ends, but asked again after REFUSAL_RECHECK_MS: another
+    // process's ask that the store refused counts until it is given back, so a refusal may be
+    // one that a moment later would not be.
+    const lease: Lease = refused
+      ? { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, window, until, refused: true, recheck: now + REFUSAL_RECHECK_MS, next: undefined }
+      : { left: size, size, at: now, rate, source, remaining, window, until, refused: false, recheck: 0, next: undefined }
     const current = this.#leases.get(key)
     if (ahead) {
       // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.
@@ -427,12 +484,13 @@ export class LeasedLimit implements RateLimit {
     this.#leases.set(key, lease)
   }
 
-  /** `points` from the store: its answer, or its refusal (a RateLimiterRes too); other failures reject. */
-  #ask(key: string, points: number): Promise<{ res: RateLimiterRes; refused: boolean }> {
-    return this.#limiter.consume(key, points).then(
-      (res) => ({ res, refused: false }),
+  /** `points` from the store: its answer, or its refusal (a RateLimiterRes too), and which source gave it; other failures reject. */
+  #ask(key: string, points: number): Promise<{ res: RateLimiterRes; refused: boolean; source: number | undefined }> {
+    const limiter = this.#limiter
+    return limiter.consume(key, points).then(
+      (res) => ({ res, refused: false, source: limiter.answeredBy?.(res) ?? limiter.source }),
       (err: unknown) => {
-        if (err instanceof RateLimiterRes) return { res: err, refused: true }
+        if (err instanceof RateLimiterRes) return { res: err, refused: true, source: limiter.answeredBy?.(err) ?? limiter.source }
         throw err
       },
     )

@@ -5,12 +5,15 @@
 // a high limit the store is asked once per many requests, a busy key's next lease is asked for
 // before the last runs out (and its next window's before the window ends), near a window's end a
 // lease holds no more than the rest of the window needs, and a slow key is counted one point at a
-// time. A key's windows follow one another at an offset of its own, each counted under its own
+// time. A reservation the store refuses keeps what the store had left; a refusal is asked about
+// again after a moment; a Redis answer that comes after the switch to the insurance is not used
+// under it. A key's windows follow one another at an offset of its own, each counted under its own
 // store key; tests that must stay within one window pin the clock to the start of one.
 import t, { type Test as Tap } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { createLimiter, LeasedLimit, MAX_LEASE, RateLimiterRes, windowPhase, type RateLimit } from '../core/limiters.ts'
+import { redisHealth } from '../core/redis.ts'
 import { sleep } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -283,4 +286,76 @@ t.test("Redis: near a window's end a lease is sized to what the rest of the wind
   // load changes in those 100 ms misses more (38 of 90 once, in a full suite run beside others).
   t.ok(lost >= 0 && lost <= held / 2, `${lost} points counted in the window and never used, against a lease of ${held}`)
   t.ok(waited - waitedBefore <= 2, `${waited - waitedBefore} of ${used - 300} requests in the window's last 100 ms waited for the store`)
+})
+
+t.test("a next window's lease is reserved for the window after the one take() saw, even if the clock moves on meanwhile", async (t) => {
+  const clock = pinned('k', 60)
+  let jumpTo: number | undefined
+  // The clock as take() reads it; the read after it (a window boundary passing between the two) is later.
+  const now = () => {
+    const at = clock.now()
+    if (jumpTo !== undefined) {
+      clock.set(jumpTo)
+      jumpTo = undefined
+    }
+    return at
+  }
+  const l = leased(1_000_000, 60, 'test-clock', undefined, now)
+  await one(l, 'k')
+  await one(l, 'k') // a lease sized to a fast rate (about 100 points)
+  clock.set(clock.windowEnd - 50)
+  jumpTo = clock.windowEnd + 1
+  t.ok(l.take('k'), "a request in the window's last 100 ms, which reserves the next window's first lease")
+  await sleep(5)
+  t.ok(l.take('k'), "in the next window that lease answers, without waiting for the store")
+})
+
+t.test('Redis: a reservation answered by Redis after the gate switched to the insurance is not used under it', async (t) => {
+  const { redis, prefix } = await redisFor(t)
+  // The gate goes down by hand here, and stays down for the test (no probe brings it back).
+  const health = redisHealth(redis, { probeMs: 600_000 })
+  const l = leased(1000, 60, prefix, redis, pinned('k', 60).now)
+  t.not(await one(l, 'k'), 'refused', 'one point, from Redis')
+  const asked = one(l, 'k') // a lease sized to the rate (tens of points), asked of Redis
+  health.down('error') // e.g. another call timed out meanwhile
+  let allowed = (await asked) === 'refused' ? 0 : 1
+  while ((await one(l, 'k')) !== 'refused' && allowed < 5000) allowed++
+  t.equal(allowed, 1000, "after the switch the insurance's limit, and not a Redis lease on top of it")
+})
+
+t.test('Redis: a reservation the store refuses keeps what the store had left, and gives back only the rest', async (t) => {
+  const { a, b, redis, prefix, clock } = await twoProcesses(t, 1000)
+  const storeKey = windowKey(prefix, 'k', 60, clock.now())
+  t.not(await one(a, 'k'), 'refused')
+  t.not(await one(a, 'k'), 'refused') // a lease sized to the rate; a is told what the store has left after it
+  const held = Number(await redis.get(storeKey))
+  await redis.incrby(storeKey, 990 - held) // b's clients used all but 10 meanwhile (counted as b would)
+  let allowed = 2
+  let waited = 0
+  for (; allowed < 2000; allowed++) {
+    if (a.take('k')) continue
+    waited++
+    try {
+      await a.consume('k')
+    } catch (err) {
+      if (err instanceof RateLimiterRes) break
+      throw err
+    }
+  }
+  t.equal(allowed, held + 10, `a admits its lease and the 10 points left, and no more (${held} held at first)`)
+  // Before, the refused renewal was given back whole and a was counted one point at a time (one wait per point).
+  t.ok(waited <= 3, `${waited} requests waited for the store: the 10 points came with the refused renewal`)
+  t.equal(await one(b, 'k'), 'refused', 'the limit is used up for b too')
+})
+
+t.test("Redis: a refusal met while another process's refused reservation is still counted is asked again, not kept for the window", async (t) => {
+  const { b, redis, prefix, clock } = await twoProcesses(t, 100)
+  const storeKey = windowKey(prefix, 'k', 60, clock.now())
+  // 90 points used; another process asks for 16 more, which the store refuses and counts until that process gives them back.
+  await redis.set(storeKey, 106, 'PX', 120_000)
+  t.equal(await one(b, 'k'), 'refused', 'refused while the refused reservation is counted')
+  await redis.decrby(storeKey, 16) // given back
+  t.equal(await one(b, 'k'), 'refused', 'the refusal is kept for a moment (no store call per request)')
+  await sleep(150)
+  t.not(await one(b, 'k'), 'refused', 'and asked about again: the points are there')
 })
