@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import type { Test } from 'tap'
+import { childEnv } from './cli.ts'
 import { freePort } from './integrations.ts'
 
 const SCRIPT = fileURLToPath(new URL('../../.ci/n8n.sh', import.meta.url))
@@ -40,7 +41,7 @@ function exited(child: ChildProcess): Promise<void> {
 
 export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {}): Promise<RunningN8n> {
   // The template is made (and n8n installed) on first use; both are reused afterwards.
-  const { stdout } = await promisify(execFile)('bash', [SCRIPT, 'template'], { maxBuffer: 16 * 1024 * 1024, timeout: 280_000 }).catch((err: Error & { stderr?: string }) => {
+  const { stdout } = await promisify(execFile)('bash', [SCRIPT, 'template'], { env: childEnv(), maxBuffer: 16 * 1024 * 1024, timeout: 280_000 }).catch((err: Error & { stderr?: string }) => {
     throw new Error(`.ci/n8n.sh could not install or prepare n8n 1.123.0: ${err.stderr ?? err.message}`)
   })
   const template = stdout.trim().split('\n').at(-1) as string
@@ -50,7 +51,7 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
   const port = await freePort()
   const url = `http://127.0.0.1:${port}`
   const logFile = join(folder, 'n8n.log')
-  const child = spawn('bash', ['-c', `exec bash "$0" run "$1" "$2" >"$3" 2>&1`, SCRIPT, String(port), folder, logFile], { stdio: 'ignore' })
+  const child = spawn('bash', ['-c', `exec bash "$0" run "$1" "$2" >"$3" 2>&1`, SCRIPT, String(port), folder, logFile], { env: childEnv(), stdio: 'ignore' })
   const log = () => {
     try {
       return readFileSync(logFile, 'utf8')

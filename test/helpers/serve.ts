@@ -1,7 +1,7 @@
 // Runs `keygate serve` as a real child process on port 0 and reads the listening addresses from
 // its JSON log lines (stdout). Every process is killed with the test if it is still running.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { KEYGATE_BIN, capturedStderr } from './cli.ts'
+import { KEYGATE_BIN, capturedStderr, childEnv } from './cli.ts'
 import type { Tap } from './gateway.ts'
 
 export interface LogLine {
@@ -52,9 +52,7 @@ export interface ServeOptions {
 }
 
 export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served> {
-  const env: Record<string, string> = {}
-  const merged = { ...process.env, KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env }
-  for (const [k, v] of Object.entries(merged)) if (v !== undefined && !k.startsWith('TAP')) env[k] = v
+  const env = childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env })
   const child = spawn(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'] })
   let out = ''
   let err = ''
