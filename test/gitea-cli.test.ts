@@ -7,6 +7,7 @@ import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { capturedStderr, folderBytes, runCli } from './helpers/cli.ts'
+import { isolated } from './helpers/cli-lifecycle.ts'
 import { FakeGitea } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
 import { freePort, noSecrets } from './helpers/integrations.ts'
@@ -19,7 +20,6 @@ fake.addUser('ci-bot', PASSWORD)
 t.teardown(() => fake.stop())
 const secrets: string[] = [PASSWORD, Buffer.from(`ci-bot:${PASSWORD}`).toString('base64')]
 const gitea = { GITEA_URL: fake.url, GITEA_USERNAME: 'ci-bot', GITEA_PASSWORD: PASSWORD }
-const isolated = (extra: Record<string, string | undefined>) => ({ DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, LOG_LEVEL: 'debug', ...extra })
 
 t.test('usage errors exit 2 before anything is opened', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-usage-'))
