@@ -56,8 +56,13 @@ export function createLockout(options: LockoutOptions): Lockout {
   const { maxAttempts, windowS, redis, log } = options
   const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis, cluster: options.cluster === true })
   const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
+  // Never shortens a lockout in force: a message from another instance may name an earlier end
+  // (its lockout began first, or its clock is behind) than this instance's own.
   const lock = (addressKey: string, ms: number) => {
-    if (ms > 0) locked.set(addressKey, Date.now() + ms, { maxAge: ms })
+    if (ms <= 0) return
+    const until = Date.now() + ms
+    const held = locked.peek(addressKey)
+    if (held === undefined || held < until) locked.set(addressKey, until, { maxAge: ms })
   }
 
   const read = async (): Promise<void> => {
@@ -116,8 +121,12 @@ export function createLockout(options: LockoutOptions): Lockout {
     },
     applyMessage(message) {
       const m = /^lock:(\d+):(.+)$/.exec(message)
-      // What is left of it, never more than a window (a sender's clock ahead of ours).
-      if (m) lock(m[2] as string, Math.min(Number(m[1]) - Date.now(), windowS * 1000))
+      if (!m) return
+      // What is left of it, never more than a window (a sender's clock ahead of ours). A value
+      // below 10^12 (before 2001 as a time) is a length: the `lock:<ms>` of earlier builds, still
+      // sent during a rolling upgrade by instances not yet upgraded.
+      const n = Number(m[1])
+      lock(m[2] as string, Math.min(n < 1e12 ? n : n - Date.now(), windowS * 1000))
     },
     load,
     reload,

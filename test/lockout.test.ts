@@ -71,7 +71,7 @@ t.test('a lockout kept through a Redis outage locks the other instances only for
   t.equal(lb.lockedFor(during), undefined, 'a lockout that ended during the outage does not start again when Redis is back')
 })
 
-t.test('a lockout message is applied for what is left of it, never for more than a window', async (t) => {
+t.test('a lockout message is applied for what is left of it, never for more than a window, never to shorten one', async (t) => {
   const lockout = createLockout({ maxAttempts: 5, windowS: 60 })
   const now = Date.now()
   const [ended, half, ahead, junk] = [freshAddress(), freshAddress(), freshAddress(), freshAddress()]
@@ -83,4 +83,12 @@ t.test('a lockout message is applied for what is left of it, never for more than
   t.equal(lockout.lockedFor(half), 30, 'the rest of it')
   t.equal(lockout.lockedFor(ahead), 60, 'at most the window')
   t.equal(lockout.lockedFor(junk), undefined, 'a malformed message is ignored')
+
+  // Another instance's lockout that began earlier (or whose clock is behind) ends earlier: it does not cut this one short.
+  lockout.applyMessage(`lock:${now + 10_000}:${half}`)
+  t.equal(lockout.lockedFor(half), 30, 'a message naming an earlier end leaves a longer lockout as it is')
+  // During a rolling upgrade, instances of earlier builds still send the lockout's length.
+  const old = freshAddress()
+  lockout.applyMessage(`lock:45000:${old}`)
+  t.equal(lockout.lockedFor(old), 45, 'a length (the earlier message) locks for that long')
 })
