@@ -27,6 +27,8 @@ export interface Limiter {
    * is out, so `source` read after the answer can name the other store.
    */
   answeredBy?(res: RateLimiterRes): number | undefined
+  /** Gives `points` back to the limiter that gave `res` (which counted them), whichever answers now. */
+  giveBack?(res: RateLimiterRes, key: string, points: number): Promise<unknown>
 }
 
 export interface LimiterOptions {
@@ -122,8 +124,14 @@ class Insured implements Limiter {
     this.#watch = new DeadlineWatch(gate.timeoutMs)
   }
 
-  /** Which source gave each answer or refusal (see `answeredBy`). */
+  /** Which source gave each answer or refusal (see `answeredBy`), and which limiter (see `giveBack`). */
   readonly #answers = new WeakMap<RateLimiterRes, number>()
+  readonly #givers = new WeakMap<RateLimiterRes, Limiter>()
+
+  #tag(res: RateLimiterRes, by: Limiter, source: number): void {
+    this.#answers.set(res, source)
+    this.#givers.set(res, by)
+  }
 
   /**
    * `op` on the first limiter while the gate is up, else on the second; with `fallBack` a failure
@@ -151,14 +159,14 @@ class Insured implements Limiter {
         (value) => {
           if (pending.late === undefined) return
           pending.late = undefined
-          if (value instanceof RateLimiterRes) this.#answers.set(value, 1)
+          if (value instanceof RateLimiterRes) this.#tag(value, this.#first, 1)
           resolve(value)
         },
         (err: unknown) => {
           if (pending.late === undefined) return
           pending.late = undefined
           if (err instanceof RateLimiterRes) {
-            this.#answers.set(err, 1)
+            this.#tag(err, this.#first, 1)
             reject(err)
           } else failed(err)
         },
@@ -166,15 +174,15 @@ class Insured implements Limiter {
     })
   }
 
-  /** `call` answered by the second limiter, known as `source`. */
+  /** `call` answered by the second limiter, known as `source` (1 still, behind a gate that never goes down). */
   #from<T>(call: Promise<T>, source: number): Promise<T> {
     return call.then(
       (value) => {
-        if (value instanceof RateLimiterRes) this.#answers.set(value, source)
+        if (value instanceof RateLimiterRes) this.#tag(value, this.#second, source)
         return value
       },
       (err: unknown) => {
-        if (err instanceof RateLimiterRes) this.#answers.set(err, source)
+        if (err instanceof RateLimiterRes) this.#tag(err, this.#second, source)
         throw err
       },
     )
@@ -187,6 +195,12 @@ class Insured implements Limiter {
 
   answeredBy(res: RateLimiterRes): number | undefined {
     return this.#answers.get(res)
+  }
+
+  giveBack(res: RateLimiterRes, key: string, points: number): Promise<unknown> {
+    const by = this.#givers.get(res)
+    if (by === undefined) return this.reward(key, points)
+    return by.giveBack ? by.giveBack(res, key, points) : by.reward(key, points)
   }
 
   consume(key: string, points?: number) {
@@ -250,9 +264,8 @@ interface Lease {
   /** The window the points were reserved in (see LeasedLimit), and when it ends (epoch ms). */
   window: number
   until: number
-  /** The store refused even one point: refuse until `until`, asking again from `recheck` (performance.now()). */
+  /** The store refused even one point: refuse until `until`. */
   refused: boolean
-  recheck: number
   /** The next window's lease, reserved during this window's last LEASE_TARGET_MS. */
   next: Lease | undefined
 }
@@ -271,8 +284,6 @@ const LEASE_TARGET_MS = 100
 const LEASE_SHARE = 8
 /** Leases of at least this many points are renewed ahead, when a quarter is left. */
 const AHEAD_FROM = 8
-/** A refusal is asked about again after this long (see `#reserve`): a client past its limit costs at most one store call this often per process. */
-const REFUSAL_RECHECK_MS = 100
 /** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
 const MAX_LEASES = 10_000
 
@@ -304,13 +315,11 @@ export function windowPhase(key: string, windowMs: number): number {
  *   counted one point at a time, and near its limit every key is. The first lease of a new
  *   window is sized by the last window's rate too. Near a window's end a lease takes no more than
  *   the rest of the window needs (what a lease holds when its window ends is lost).
- * - A refusal is kept until the window ends, and asked about again every REFUSAL_RECHECK_MS (a
- *   client past its limit costs one store call per 100 ms per process): another process's
- *   reservation that the store refused counts until it is given back, and a refusal met in
- *   between would otherwise hold for the rest of the window (an hour, for an hourly limit).
+ * - A refusal is kept until the window ends (a client past its limit costs no store round trips).
  * - A reservation the store refuses keeps what the store had left before it (known from the
- *   count, which includes the ask) and gives back only the rest, so near the limit no point is
- *   left unused and no second ask is needed.
+ *   count, which includes the ask) and gives back only the rest, so the count is at the limit
+ *   once it is given back: a refusal another process met in between was right, and near the limit
+ *   no second ask is needed.
  * - Leases and refusals are dropped when the answering store changes (Redis down or back).
  * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
  *   what it still holds is carried into the next if both are of the same window (so a process
@@ -387,7 +396,7 @@ export class LeasedLimit implements RateLimit {
       const answer = this.#taken(key)
       if (answer !== undefined) return answer
       const lease = this.#leases.get(key)
-      if (lease !== undefined && lease.refused && lease.source === this.#limiter.source && performance.now() < lease.recheck) {
+      if (lease !== undefined && lease.refused && lease.source === this.#limiter.source) {
         const ms = lease.until - this.#now()
         if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
       }
@@ -443,27 +452,29 @@ export class LeasedLimit implements RateLimit {
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
     const storeKey = `${key}:${window}`
     const answer = await this.#ask(storeKey, size)
-    // Kept under the store that answered: the gate may have switched while the call was out.
     const source = answer.source
+    // Answered by the store the gate has switched away from while the call was out (Redis, just
+    // after the switch to the insurance): a lease from it would not be used, so what it counted
+    // goes back to it, and the next request asks the store in use.
+    if (source !== this.#limiter.source) {
+      this.#giveBack(answer.res, storeKey, size)
+      return
+    }
     let refused = answer.refused
     let remaining = answer.res.remainingPoints
     if (refused && size > 1) {
       // Others used more than this process knew. The store had `points - before` left when this
-      // ask came (its count includes the ask): keep that much and give back the rest, to the
-      // store that counted it (none if the gate has switched since; those points stay counted).
+      // ask came (its count includes the ask): keep that much and give back the rest.
       const before = answer.res.consumedPoints - size
-      const keep = source === this.#limiter.source ? Math.max(0, Math.min(size, this.points - before)) : 0
-      if (source === this.#limiter.source && size > keep) await this.#limiter.reward(storeKey, size - keep).catch(() => {})
+      const keep = Math.max(0, Math.min(size, this.points - before))
+      if (size > keep) this.#giveBack(answer.res, storeKey, size - keep)
       refused = keep === 0
       size = Math.max(1, keep)
       remaining = 0
     }
-    // A refusal is kept until the window ends, but asked again after REFUSAL_RECHECK_MS: another
-    // process's ask that the store refused counts until it is given back, so a refusal may be
-    // one that a moment later would not be.
     const lease: Lease = refused
-      ? { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, window, until, refused: true, recheck: now + REFUSAL_RECHECK_MS, next: undefined }
-      : { left: size, size, at: now, rate, source, remaining, window, until, refused: false, recheck: 0, next: undefined }
+      ? { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, window, until, refused: true, next: undefined }
+      : { left: size, size, at: now, rate, source, remaining, window, until, refused: false, next: undefined }
     const current = this.#leases.get(key)
     if (ahead) {
       // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.
@@ -482,6 +493,16 @@ export class LeasedLimit implements RateLimit {
     }
     if (current !== undefined && current.next !== undefined && current.next.window === window + 1) lease.next = current.next
     this.#leases.set(key, lease)
+  }
+
+  /**
+   * Points back to the limiter that counted them. Not waited for: a frozen Redis must not hold
+   * the requests waiting for a reservation, and a give-back that fails leaves the points counted
+   * (a process may refuse early, never admit more).
+   */
+  #giveBack(res: RateLimiterRes, storeKey: string, points: number): void {
+    const l = this.#limiter
+    ;(l.giveBack ? l.giveBack(res, storeKey, points) : l.reward(storeKey, points)).catch(() => {})
   }
 
   /** `points` from the store: its answer, or its refusal (a RateLimiterRes too), and which source gave it; other failures reject. */
