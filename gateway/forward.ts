@@ -2,7 +2,8 @@
 // bodies streamed with back-pressure (the request body is the IncomingMessage itself, the
 // response is written by a dispatch handler straight into the ServerResponse). Nothing is ever retried.
 // Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
-// X-Keygate-* header is dropped, then X-Forwarded-*, the identity headers and X-Request-Id set.
+// X-Keygate-* header is dropped (also spelt with `_`), and every X-Forwarded-* unless the peer is
+// a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
 import type { IncomingHttpHeaders } from 'node:http'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
@@ -33,6 +34,15 @@ function connectionNamed(value: string | string[] | undefined): string[] | undef
     if (name !== '' && name !== 'close' && name !== 'keep-alive') out.push(name)
   }
   return out.length > 0 ? out : undefined
+}
+
+/** The name of one `name=value` piece of a query, decoded as URLSearchParams (which found the key) decodes it. */
+function paramName(piece: string): string {
+  const eq = piece.indexOf('=')
+  const raw = eq === -1 ? piece : piece.slice(0, eq)
+  if (!raw.includes('%') && !raw.includes('+')) return raw
+  // '&' first, or a leading '?' would be dropped as the start of a query.
+  return new URLSearchParams('&' + raw).keys().next().value ?? ''
 }
 
 interface ForwardOptions {
@@ -161,16 +171,22 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const named = connectionNamed(h.connection)
     const dropAuthorization = stripCredential && (s.keySources & SOURCE_AUTHORIZATION) !== 0
     const dropApiKey = stripCredential && (s.keySources & SOURCE_X_API_KEY) !== 0
-    for (const name in h) {
+    const trusted = s.peerTrusted
+    for (const key in h) {
+      // CGI, WSGI and PHP read `_` as `-`: `X_Keygate_Scopes` must not pass as the real one.
+      const name = key.includes('_') ? key.replaceAll('_', '-') : key
       if (REQUEST_DROP.has(name)) continue
-      if (name.charCodeAt(0) === 120 /* x */ && (name.startsWith('x-keygate-') || (dropApiKey && name === 'x-api-key'))) continue
+      if (name.charCodeAt(0) === 120 /* x */) {
+        if (name.startsWith('x-keygate-') || (dropApiKey && name === 'x-api-key')) continue
+        // Only a trusted proxy says how the request reached it (X-Forwarded-Port, -Prefix, -Ssl...).
+        if (!trusted && name.startsWith('x-forwarded-')) continue
+      }
       if (dropAuthorization && name === 'authorization') continue
       if (named !== undefined && named.includes(name)) continue
-      const v = h[name]
-      if (v !== undefined) out.push(name, typeof v === 'string' ? v : v.join(', '))
+      const v = h[key]
+      if (v !== undefined) out.push(key, typeof v === 'string' ? v : v.join(', '))
     }
     if (route.preserveHost && h.host !== undefined) out.push('host', h.host)
-    const trusted = s.peerTrusted
     const xff = h['x-forwarded-for']
     out.push('x-forwarded-for', trusted && xff !== undefined ? `${xff}, ${s.peer}` : s.address)
     const xfp = h['x-forwarded-proto']
@@ -187,11 +203,17 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const targetFor = (s: RequestState, route: CompiledRoute): string => {
     let target = s.target
     if (stripCredential && s.keySources & SOURCE_QUERY) {
+      // Only the key's parameters go; the others stay byte for byte (re-encoding the query would
+      // break signed URLs, and turn `%20` into `+`, which only form decoding reads as a space).
+      // The query as key extraction parsed it: URLSearchParams drops one leading `?`.
       const q = target.indexOf('?')
-      const params = new URLSearchParams(target.slice(q + 1))
-      params.delete(queryParam)
-      const rest = params.toString()
-      target = target.slice(0, q) + (rest === '' ? '' : '?' + rest)
+      const lead = target.charCodeAt(q + 1) === 63 /* ? */ ? 1 : 0
+      const rest = target
+        .slice(q + 1 + lead)
+        .split('&')
+        .filter((piece) => paramName(piece) !== queryParam)
+        .join('&')
+      target = target.slice(0, q) + (rest === '' ? '' : (lead ? '??' : '?') + rest)
     }
     return router.upstreamPath(route, target)
   }

@@ -1,12 +1,14 @@
 // Requests the HTTP parser accepts but a gateway must not forward: too many header lines, an
-// absolute-form target naming another host than Host, a Host missing (HTTP/1.1) or repeated, dot segments that
-// could walk out of a route's prefix, and methods that are never proxied. Framing attacks
+// absolute-form target naming another host than Host, a Host missing (HTTP/1.1) or repeated, a
+// fragment, dot segments that could walk out of a route's prefix, and methods that are never
+// proxied. (Paths that lenient upstreams read as another route's: see route.ts.) Framing attacks
 // (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
 // chunking) are refused earlier by Node's strict parser; see index.ts for `clientError`.
 import type { RequestState, Stage } from './state.ts'
 
-// `.` or `..` as a whole segment, also percent-encoded, and backslashes some upstreams read as `/`.
-const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#)/i
+// `.` or `..` as a whole segment, also percent-encoded, and backslashes some upstreams read as
+// `/`; also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
+const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#|;|%3b)/i
 
 export function createRequestCheckStage(options: { maxHeaders: number }): Stage {
   const maxRaw = options.maxHeaders * 2
@@ -28,6 +30,12 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       return 'bad_request'
     }
     let target = s.target
+    // A fragment is the client's own (RFC 9110 §4.1): never sent, so a `#` is a trick. Upstreams
+    // that parse the target as a URL drop what follows it, which routing here would not.
+    if (target.includes('#')) {
+      s.message = 'The request target has a fragment (#).'
+      return 'bad_request'
+    }
     if (target.charCodeAt(0) !== 47 /* / */) {
       let url: URL
       try {

@@ -2,6 +2,14 @@
 // /api/x and /api?q, not /apix); at equal length a route naming the Host wins over one that
 // does not. Then the scope check: a route with scopes needs a key holding any one of them;
 // a key scope `*` grants every scope and `orders:*` every scope starting with `orders:`.
+//
+// Routes are matched on the path as sent, and the path is forwarded as sent. Upstreams read
+// some paths differently: they decode percent-escapes (`/api/%61dmin`, `/api/admin%2Fusers`),
+// drop `;` segment parameters (`/api/admin;x/users`, Tomcat and Spring), merge `//`, read `\`
+// as `/`, or ignore letter case. Where routes nest (one's prefix inside another's, or a `/`
+// route), a path that such a reading puts under another route than the one it matched is
+// refused (400 bad_request): otherwise a key with only the outer route's scope could reach the
+// inner route's resources. Other paths with those characters are forwarded unchanged.
 import type { RouteConfig } from '../config/schema.ts'
 import type { CachedKey } from './key-cache.ts'
 import type { RequestState, Stage } from './state.ts'
@@ -10,6 +18,8 @@ export interface CompiledRoute {
   readonly index: number
   readonly name: string
   readonly prefix: string
+  /** `prefix` in lower case, for matching a path as a lenient upstream reads it. */
+  readonly prefixLower: string
   /** Lowercase; compared with the port when it has one, else with the host name only. */
   readonly host: string | undefined
   readonly hostHasPort: boolean
@@ -37,10 +47,12 @@ export class Router {
     this.routes = routes.map((r, index) => {
       const url = new URL(r.upstream)
       const host = r.host?.toLowerCase()
+      const prefix = r.path.length > 1 && r.path.endsWith('/') ? r.path.slice(0, -1) : r.path
       return {
         index,
         name: r.name,
-        prefix: r.path.length > 1 && r.path.endsWith('/') ? r.path.slice(0, -1) : r.path,
+        prefix,
+        prefixLower: prefix.toLowerCase(),
         host,
         hostHasPort: host !== undefined && hostName(host) !== host,
         origin: url.origin,
@@ -53,12 +65,16 @@ export class Router {
     })
     this.#byHost = this.routes.some((r) => r.host !== undefined)
     this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || (a.host ? 0 : 1) - (b.host ? 0 : 1))
+    this.#nested = this.routes.some((a) => this.routes.some((b) => a !== b && (a.prefix === '/' || b.prefixLower === a.prefixLower || b.prefixLower.startsWith(a.prefixLower + '/'))))
   }
 
-  match(host: string | undefined, target: string): CompiledRoute | undefined {
+  /** Some route's prefix lies inside another's: only then can a lenient reading of a path change its route. */
+  readonly #nested: boolean
+
+  match(host: string | undefined, target: string, folded = false): CompiledRoute | undefined {
     const lower = this.#byHost ? host?.toLowerCase() : undefined
     for (const r of this.#ordered) {
-      const p = r.prefix
+      const p = folded ? r.prefixLower : r.prefix
       if (!target.startsWith(p)) continue
       if (p.length > 1 && target.length > p.length) {
         const next = target.charCodeAt(p.length)
@@ -70,6 +86,19 @@ export class Router {
     return undefined
   }
 
+  /**
+   * Whether `target`, matched to `r`, falls under another route as a lenient upstream reads its
+   * path (see the top of this file).
+   */
+  ambiguous(host: string | undefined, target: string, r: CompiledRoute): boolean {
+    if (!this.#nested) return false
+    const q = target.indexOf('?')
+    const path = q === -1 ? target : target.slice(0, q)
+    if (!LENIENT_CHANGES.test(path)) return false
+    const other = this.match(host, lenientReading(path), true)
+    return other !== undefined && (other.prefixLower !== r.prefixLower || other.host !== r.host)
+  }
+
   /** The path sent upstream for `target` on route `r`. */
   upstreamPath(r: CompiledRoute, target: string): string {
     let rest = target
@@ -79,6 +108,16 @@ export class Router {
     }
     return r.basePath === '' ? rest : r.basePath + rest
   }
+}
+
+/** Characters of a path that some upstream reads otherwise than as sent. */
+const LENIENT_CHANGES = /[%;\\A-Z]|\/\//
+
+/** `path` as the most lenient upstreams read it: percent-decoded, `\` as `/`, `;` parameters dropped, `//` merged, lower case. */
+function lenientReading(path: string): string {
+  let p = path
+  if (p.includes('%')) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
+  return p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/').toLowerCase()
 }
 
 export function grants(keyScopes: readonly string[], routeScopes: readonly string[]): boolean {
@@ -96,6 +135,10 @@ export function createRouteStage(router: Router): Stage {
     const r = router.match(s.headers.host, s.target)
     if (r === undefined) return 'route_not_found'
     s.route = r
+    if (router.ambiguous(s.headers.host, s.target, r)) {
+      s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\" or letter case); send it in its plain form.'
+      return 'bad_request'
+    }
     if (r.scopes.length === 0) return undefined
     const k = s.key as CachedKey
     const set = k.scopes

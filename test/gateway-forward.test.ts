@@ -179,3 +179,83 @@ t.test('the Bearer scheme is case-blind and spacing-tolerant; anything else afte
     t.equal((await h.get('/', { authorization: value })).status, 401, JSON.stringify(value.replace(k.key, '<key>')))
   }
 })
+
+/** The upstream's record of a request exchanged raw (its JSON body, chunked or not), or the status line when it was refused. */
+function receivedOf(out: string): Received | string {
+  if (!out.startsWith('HTTP/1.1 200')) return out.slice(0, out.indexOf('\r\n'))
+  return JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4).replace(/^[0-9a-f]+\r\n/, '').replace(/\r\n0\r\n\r\n$/, '')) as Received
+}
+
+t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwarded-* from a peer that is not a trusted proxy', async (t) => {
+  const h = await startGateway(t, { sharedStore: true })
+  const k = await h.key({ scopes: ['read'] })
+  const out = await rawExchange(
+    h.port,
+    `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX_Keygate_Key_Id: spoofed\r\nX_Keygate_Scopes: *\r\nx_forwarded_for: 6.6.6.6\r\n` +
+      `X-Forwarded-Prefix: /evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Ssl: on\r\nX_Request_Id: forged-id\r\nX-Kept_Too: yes\r\nConnection: close\r\n\r\n`,
+  )
+  const r = receivedOf(out)
+  if (typeof r === 'string') return t.fail(`refused: ${r}`)
+  const names = r.rawHeaders.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase().replaceAll('_', '-'))
+  for (const name of ['x-keygate-key-id', 'x-keygate-scopes', 'x-forwarded-for', 'x-request-id']) t.equal(names.filter((n) => n === name).length, 1, `${name} once, in any spelling: the gateway's`)
+  t.equal(r.headers['x-keygate-key-id'], k.id)
+  t.equal(r.headers['x-keygate-scopes'], 'read')
+  for (const name of ['x-forwarded-prefix', 'x-forwarded-port', 'x-forwarded-ssl']) t.notOk(r.headers[name], `${name} from an untrusted peer is dropped`)
+  t.equal(r.headers['x-kept_too'], 'yes', 'other headers with `_` pass')
+
+  const behind = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] } } })
+  const k2 = await behind.key()
+  const viaProxy = (await behind.get('/u', { ...bearer(k2.key), 'x-forwarded-prefix': '/app', 'x-forwarded-port': '443' })).json as Received
+  t.equal(viaProxy.headers['x-forwarded-prefix'], '/app', "a trusted proxy's X-Forwarded-Prefix passes")
+  t.equal(viaProxy.headers['x-forwarded-port'], '443')
+})
+
+t.test('a key in the query is removed and the rest of the query is forwarded byte for byte', async (t) => {
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['query'] } } })
+  const k = await h.key()
+  const cases: Array<[string, string]> = [
+    [`/x?api_key=${k.key}&q=a%20b&plus=1+1&flag&path=%2Fa~b*c&sig=AbC%3D`, '/x?q=a%20b&plus=1+1&flag&path=%2Fa~b*c&sig=AbC%3D'],
+    [`/x?a=1&api%5Fkey=${k.key}`, '/x?a=1'],
+    [`/x??api_key=${k.key}&b=2`, '/x??b=2'],
+    [`/x?api_key=${k.key}`, '/x'],
+  ]
+  for (const [sent, expected] of cases) {
+    const r = receivedOf(await rawExchange(h.port, `GET ${sent} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`))
+    t.equal(typeof r === 'string' ? r : r.url, expected, sent.replace(k.key, '<key>'))
+  }
+})
+
+t.test('a path that lenient upstreams read as another route is refused; plain paths pass unchanged', async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'api', path: '/api', upstream: '{upstream}', scopes: ['read'] },
+      { name: 'admin', path: '/api/admin', upstream: '{upstream}', scopes: ['admin'] },
+    ],
+  })
+  const reader = await h.key({ scopes: ['read'] })
+  const admin = await h.key({ scopes: ['admin'] })
+  const get = (path: string, key: string) => rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\nConnection: close\r\n\r\n`)
+  t.match(await get('/api/admin/users', reader.key), /^HTTP\/1.1 403/, 'the inner route needs its scope')
+  // Each of these is /api/admin/users to some upstream: Node's URL parsers drop the fragment,
+  // WSGI, Go and servlets decode the path, Tomcat and Spring drop `;` parameters, nginx and many
+  // frameworks merge `//`, some read `\` as `/`, IIS ignores case.
+  for (const path of ['/api/admin#', '/api/%61dmin/users', '/api/admin%2Fusers', '/api/admin;x/users', '/api//admin/users', '/api/admin\\users', '/api/ADMIN/users', '/api/x/..;/admin/users']) {
+    for (const key of [reader.key, admin.key]) {
+      const out = await get(path, key)
+      t.match(out, /^HTTP\/1.1 400/, `${path} is refused`)
+      t.match(out, /"code":"bad_request"/)
+    }
+  }
+  for (const path of ['/api/items%20list', '/api/Items', '/api/a;b', '/api/x%2Fy', '/api/admin/Users%2Fx']) {
+    const key = path.startsWith('/api/admin') ? admin.key : reader.key
+    const r = receivedOf(await get(path, key))
+    t.equal(typeof r === 'string' ? r : r.url, path, `${path} stays under its route and is forwarded as sent`)
+  }
+  t.equal(h.upstream.received.filter((r) => r.url.toLowerCase().includes('admin') && !r.url.startsWith('/api/admin/')).length, 0, 'no refused path reached the upstream')
+
+  // Routes that do not nest: nothing to confuse, every path is forwarded as sent.
+  const flat = await startGateway(t, { sharedStore: true, routes: [{ name: 'only', path: '/svc', upstream: '{upstream}' }] })
+  const k = await flat.key()
+  const r = receivedOf(await rawExchange(flat.port, `GET /svc/A%2Fb;c//d HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close\r\n\r\n`))
+  t.equal(typeof r === 'string' ? r : r.url, '/svc/A%2Fb;c//d')
+})
