@@ -6,6 +6,7 @@
 import type http from 'node:http'
 import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
+import { isKeygateError } from '../core/errors.ts'
 import { assertValid } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
@@ -42,12 +43,33 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
   }
   const text = Buffer.concat(chunks).toString('utf8')
   if (text.trim() === '') return undefined
+  let value: unknown
   try {
-    return JSON.parse(text)
+    value = JSON.parse(text)
   } catch (err) {
     throw new AdminError('bad_request', `the body is not valid JSON: ${(err as Error).message}`)
   }
+  const problem = jsonProblem(value, 0)
+  if (problem !== undefined) throw new AdminError('bad_request', `the body ${problem}`)
+  return value
 }
+
+/** Nesting this deep is no body any operation takes; deeper, printing the value for an error overflows the stack. */
+const MAX_JSON_DEPTH = 32
+
+/** What no operation can take in a parsed body: nesting past MAX_JSON_DEPTH, or a NUL character (PostgreSQL text cannot hold one). */
+function jsonProblem(value: unknown, depth: number): string | undefined {
+  if (typeof value === 'string') return value.includes('\u0000') ? 'holds a NUL character (\\u0000), which no field takes' : undefined
+  if (typeof value !== 'object' || value === null) return undefined
+  if (depth >= MAX_JSON_DEPTH) return `nests deeper than ${MAX_JSON_DEPTH} levels`
+  for (const [k, v] of Object.entries(value)) {
+    const p = k.includes('\u0000') ? 'holds a NUL character (\\u0000), which no field takes' : jsonProblem(v, depth + 1)
+    if (p !== undefined) return p
+  }
+  return undefined
+}
+
+const nulIn = (name: string) => new AdminError('validation_failed', `${name}: holds a NUL character`, {}, { fields: [{ field: name, message: 'holds a NUL character' }] })
 
 /** Query parameters as the schema's types (strings to numbers and booleans), each given once. */
 function readQuery(url: URL, schema: TObject | undefined): unknown {
@@ -55,7 +77,15 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
   for (const name of new Set(url.searchParams.keys())) {
     const all = url.searchParams.getAll(name)
     if (all.length > 1) throw new AdminError('validation_failed', `${name}: is given more than once`, {}, { fields: [{ field: name, message: 'is given more than once' }] })
-    raw[name] = all[0] as string
+    const value = all[0] as string
+    if (name.includes('\u0000') || value.includes('\u0000')) throw nulIn(name)
+    // Whole numbers only: conversion would read `1e2` as 1 and `2.9` as 2.
+    const type = (schema?.properties[name] as { type?: unknown } | undefined)?.type
+    if (type === 'integer' && !/^-?[0-9]+$/.test(value)) {
+      throw new AdminError('validation_failed', `${name}: ${JSON.stringify(value)} is not a whole number`, {}, { fields: [{ field: name, message: 'is not a whole number' }] })
+    }
+    // An own property even for `__proto__`, so that it is refused as unknown rather than ignored.
+    Object.defineProperty(raw, name, { value, enumerable: true, writable: true, configurable: true })
   }
   if (!schema) {
     const names = Object.keys(raw)
@@ -71,7 +101,11 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
     method: op.method,
     path: op.path,
     async handle(ctx: AdminRequest) {
-      const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress)
+      const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress).catch((err: unknown) => {
+        // Refused before the body is read: close instead of draining what may be a large body.
+        if (hasBody(ctx.req) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
+        throw err
+      })
       const parsed = await readJson(ctx.req, maxBodyBytes)
       if (parsed !== undefined && !op.body) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body`)
       if (parsed === undefined && op.body && op.bodyRequired !== false) {

@@ -117,6 +117,10 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
         sendError(res, 'bad_request', requestId, 'the path is not validly encoded')
         return
       }
+      if (Object.values(params).some((v) => v.includes('\u0000'))) {
+        sendError(res, 'bad_request', requestId, 'the path holds a NUL character')
+        return
+      }
       Promise.resolve()
         .then(() => c.route.handle({ req, res, requestId, params, url }))
         .catch((err: unknown) => {

@@ -14,6 +14,14 @@ import type { EventBus } from './events.ts'
 import type { Logger } from './log.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
+/**
+ * An anomaly id as the API takes it: digits that fit the table's bigint. 18 digits at most
+ * (bigint holds 19 digits, but not every 19-digit number): a larger id cannot exist, and
+ * PostgreSQL refuses to compare a bigint with it.
+ */
+export const ANOMALY_ID_PATTERN = '^[0-9]{1,18}$'
+export const isAnomalyId = (id: string): boolean => /^[0-9]{1,18}$/.test(id)
+
 export const ANOMALY_TYPES = ['request_rate', 'error_rate', 'distinct_addresses', 'unusual_hour'] as const
 export type AnomalyType = (typeof ANOMALY_TYPES)[number]
 

@@ -3,6 +3,23 @@
 import { FormatRegistry } from '@sinclair/typebox'
 import ipaddr from 'ipaddr.js'
 
+const DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(?:Z|[+-](\d{2}):(\d{2}))$/
+
+/**
+ * An RFC 3339 date-time naming a day that exists (Date.parse turns 2027-02-31 into March 3rd),
+ * from 1970 to 9999 (the embedded store reads years below 100 wrongly, and no key dates from
+ * before 1970).
+ */
+export function isDateTime(v: string): boolean {
+  const m = DATE_TIME.exec(v)
+  if (!m) return false
+  const [year, month, day, hour, minute] = [m[1], m[2], m[3], m[4], m[5]].map(Number) as [number, number, number, number, number]
+  const second = m[6] === undefined ? 0 : Number(m[6])
+  if (year < 1970 || month < 1 || month > 12 || hour > 23 || minute > 59 || second > 59) return false
+  if (m[7] !== undefined && (Number(m[7]) > 23 || Number(m[8]) > 59)) return false
+  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate()
+}
+
 export function isCidrOrAddress(value: string): boolean {
   try {
     if (value.includes('/')) ipaddr.parseCIDR(value)
@@ -41,7 +58,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v), 'a path starting with / without ?, # or dot segments'],
   'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints)'],
   'key-prefix': [(v) => /^[a-z][a-z0-9]{0,15}_$/.test(v), 'lowercase letters and digits ending in _, such as kg_'],
-  'date-time': [(v) => /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})$/.test(v) && !Number.isNaN(Date.parse(v)), 'an RFC 3339 date-time such as 2027-01-31T12:00:00Z'],
+  'date-time': [isDateTime, 'an RFC 3339 date-time from 1970 to 9999 such as 2027-01-31T12:00:00Z'],
 }
 
 export const FORMAT_WORDS: Record<string, string> = {}

@@ -108,7 +108,12 @@ export function problems(schema: TSchema, value: unknown): Problem[] {
 export function showValue(value: unknown, secret = false): string {
   if (secret && value !== undefined) return '<hidden>'
   if (value === undefined) return 'nothing'
-  const s = JSON.stringify(value) ?? String(value)
+  let s: string
+  try {
+    s = JSON.stringify(value) ?? String(value)
+  } catch {
+    return 'a value too deeply nested to show' // RangeError: the stack ran out
+  }
   return s.length > 80 ? s.slice(0, 77) + '...' : s
 }
 
@@ -119,6 +124,9 @@ export function problemLine(p: Problem, where: string, secret = false): string {
   return `${where}: ${showValue(p.value, secret)} is not allowed; expected ${p.allowed}`
 }
 
+/** Fields whose value is a credential: a bad one is named, never shown (the message goes back to the caller and may be logged by its client). */
+const SECRET_FIELD = /(?:^|\.)(?:key|token|secret|password)$/i
+
 /**
  * Checks `value` against `schema` and throws `validation_failed` naming every bad field
  * (`details.fields`), or returns it typed.
@@ -126,6 +134,9 @@ export function problemLine(p: Problem, where: string, secret = false): string {
 export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): T {
   const found = problems(schema, value)
   if (found.length === 0) return value as T
-  const fields = found.map((p) => ({ field: dotted(p.path) || what, message: problemLine(p, dotted(p.path) || what).replace(/^[^:]*: /, '') }))
+  const fields = found.map((p) => {
+    const field = dotted(p.path) || what
+    return { field, message: problemLine(p, field, SECRET_FIELD.test(field)).replace(/^[^:]*: /, '') }
+  })
   throw new KeygateError('validation_failed', fields.map((f) => `${f.field}: ${f.message}`).join('; '), { fields })
 }

@@ -1,5 +1,5 @@
 // POST /v1/anomalies/{id}/ack: someone has looked at it. The first acknowledgement stands.
-import { anomalyJson } from '../../core/anomalies.ts'
+import { anomalyJson, isAnomalyId } from '../../core/anomalies.ts'
 import { KeygateError } from '../../core/errors.ts'
 import { defineOperation } from '../operation.ts'
 import { AnomalySchema } from '../schemas.ts'
@@ -16,7 +16,7 @@ export default defineOperation({
   async handle({ params, actor, services }) {
     const id = params.id as string
     const notFound = new KeygateError('anomaly_not_found', `no anomaly has the id ${JSON.stringify(id)}`)
-    if (!/^[0-9]{1,19}$/.test(id)) throw notFound
+    if (!isAnomalyId(id)) throw notFound
     const a = await services.anomalies.acknowledge(id, actor, services.now(), services.audit)
     if (!a) throw notFound
     return anomalyJson(a)

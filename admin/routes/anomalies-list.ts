@@ -1,6 +1,6 @@
 // GET /v1/anomalies: recorded anomalies, newest first.
 import { Type } from '@sinclair/typebox'
-import { ANOMALY_TYPES, anomalyJson } from '../../core/anomalies.ts'
+import { ANOMALY_ID_PATTERN, ANOMALY_TYPES, anomalyJson } from '../../core/anomalies.ts'
 import { defineOperation } from '../operation.ts'
 import { AnomalySchema, NextCursor } from '../schemas.ts'
 
@@ -17,7 +17,7 @@ export default defineOperation({
       type: Type.Optional(Type.Union(ANOMALY_TYPES.map((t) => Type.Literal(t)))),
       acknowledged: Type.Optional(Type.Boolean({ description: 'true: only acknowledged ones; false: only open ones.' })),
       limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, default: 100 })),
-      cursor: Type.Optional(Type.String({ pattern: '^[0-9]{1,19}$', description: 'next_cursor of the previous page.' })),
+      cursor: Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'next_cursor of the previous page.' })),
     },
     { additionalProperties: false },
   ),

@@ -2,10 +2,13 @@
 // Events (`id` is the anomaly id, `event: anomaly.detected`, `data` its JSON). A client
 // reconnecting with `Last-Event-ID` (or `?last_event_id=`) first gets what it missed from the
 // table, then the live ones, none twice. A comment line every 15 s keeps proxies from closing
-// an idle stream.
+// an idle stream. A stream opened with an admin key ends when that key stops being an admin key.
 import { Type } from '@sinclair/typebox'
-import { anomalyJson, type AnomalyJson } from '../../core/anomalies.ts'
-import { KeygateError } from '../../core/errors.ts'
+import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, type AnomalyJson } from '../../core/anomalies.ts'
+import { isKeygateError, KeygateError } from '../../core/errors.ts'
+import { evaluateKey } from '../../core/keys/evaluate.ts'
+import type { KeyRecord } from '../../core/keys/types.ts'
+import { ADMIN_SCOPE } from '../auth.ts'
 import { defineOperation } from '../operation.ts'
 import { AnomalySchema } from '../schemas.ts'
 
@@ -24,15 +27,15 @@ export default defineOperation({
     'Each event: `id` (the anomaly id), `event: anomaly.detected`, `data` (the anomaly as JSON). Send `Last-Event-ID` (browsers do on reconnect) or `last_event_id` to receive the anomalies recorded after that one first.',
   stream: true,
   query: Type.Object(
-    { last_event_id: Type.Optional(Type.String({ pattern: '^[0-9]{1,19}$', description: 'Resume after this anomaly id (as the Last-Event-ID header).' })) },
+    { last_event_id: Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Resume after this anomaly id (as the Last-Event-ID header).' })) },
     { additionalProperties: false },
   ),
   response: { status: 200, description: 'The event stream; the data of each event is an anomaly.', schema: AnomalySchema },
   errors: ['validation_failed'],
-  async handle({ query, req, res, requestId, services }) {
+  async handle({ query, req, res, requestId, services, actor }) {
     const header = req.headers['last-event-id']
     const resume = query.last_event_id ?? (typeof header === 'string' && header !== '' ? header : undefined)
-    if (resume !== undefined && !/^[0-9]{1,19}$/.test(resume)) {
+    if (resume !== undefined && !isAnomalyId(resume)) {
       throw new KeygateError('validation_failed', 'Last-Event-ID: must be an anomaly id', { fields: [{ field: 'Last-Event-ID', message: 'must be an anomaly id' }] })
     }
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-request-id': requestId, 'x-accel-buffering': 'no' })
@@ -46,11 +49,35 @@ export default defineOperation({
       },
       () => res.end(),
     )
-    const heartbeat = setInterval(() => res.write(': ping\n\n'), HEARTBEAT_MS)
+    // A stream opened with an admin key ends once that key stops being one: at once when it is
+    // revoked, expires or loses the admin scope through this instance, else at the next heartbeat
+    // (a change made through another instance).
+    const keyId = actor.actor.startsWith('key:') ? actor.actor.slice(4) : undefined
+    const stillAdmin = (k: KeyRecord) => evaluateKey(k, services.now()).ok && k.scopes.includes(ADMIN_SCOPE)
+    const offKeys =
+      keyId === undefined
+        ? () => {}
+        : services.keys.onChange((c) => {
+            if ((c.key.id === keyId && !stillAdmin(c.key)) || (c.previous?.id === keyId && !stillAdmin(c.previous))) res.end()
+          })
+    const heartbeat = setInterval(() => {
+      res.write(': ping\n\n')
+      if (keyId !== undefined) {
+        services.keys.get(keyId).then(
+          (k) => {
+            if (!stillAdmin(k)) res.end()
+          },
+          (err: unknown) => {
+            if (isKeygateError(err) && err.code === 'key_not_found') res.end()
+          },
+        )
+      }
+    }, HEARTBEAT_MS)
     heartbeat.unref()
     const done = () => {
       clearInterval(heartbeat)
       off()
+      offKeys()
     }
     res.once('close', done)
     if (resume !== undefined) {

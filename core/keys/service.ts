@@ -102,7 +102,14 @@ function decodeCursor(cursor: string): [Date, string] {
 }
 
 function checkMetadata(metadata: unknown): void {
-  if (metadata !== undefined && Buffer.byteLength(JSON.stringify(metadata)) > METADATA_MAX_BYTES) {
+  if (metadata === undefined) return
+  let text: string
+  try {
+    text = JSON.stringify(metadata)
+  } catch {
+    throw new KeygateError('validation_failed', 'metadata: nests too deeply', { fields: [{ field: 'metadata', message: 'nests too deeply' }] })
+  }
+  if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
     throw new KeygateError('validation_failed', `metadata: is larger than ${METADATA_MAX_BYTES} bytes`, { fields: [{ field: 'metadata', message: `is larger than ${METADATA_MAX_BYTES} bytes` }] })
   }
 }

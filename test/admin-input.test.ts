@@ -1,0 +1,89 @@
+// Malformed input to the admin API gets its own 4xx, never 500 internal_error, on both stores:
+// ids past the anomaly table's bigint, NUL characters (which PostgreSQL text cannot hold),
+// JSON nested past any body an operation takes, days that do not exist, numbers that are not
+// whole, `__proto__` as a query parameter; a bad credential's value is not echoed back; a refusal
+// before the body is read closes the connection; an anomaly stream ends when its admin key is
+// revoked. None of it writes an audit row.
+import t from 'tap'
+import net from 'node:net'
+import { startAdmin } from './helpers/admin.ts'
+import { forEachStore } from './helpers/stores.ts'
+import type { Answer } from './helpers/gateway.ts'
+
+/** JSON text nested `levels` objects deep (JSON.stringify of such a value overflows the stack). */
+const deep = (levels: number): string => '{"a":'.repeat(levels) + '1' + '}'.repeat(levels)
+const json = { 'content-type': 'application/json' }
+
+await forEachStore(t, async (t, store) => {
+  const h = await startAdmin(t, store.db, { config: { admin: { max_body_bytes: 1_000_000 } } })
+  const before = await h.auditRows()
+  const refused = (a: Answer, status: number, code: string, what: string) => {
+    t.equal(a.status, status, `${what}: ${status}`)
+    t.equal(a.json?.error?.code, code, `${what}: ${code}`)
+  }
+
+  const huge = '9999999999999999999' // 19 digits, past bigint
+  refused(await h.call('POST', `/v1/anomalies/${huge}/ack`), 404, 'anomaly_not_found', 'an anomaly id past bigint')
+  refused(await h.call('GET', `/v1/anomalies?cursor=${huge}`), 400, 'validation_failed', 'a cursor past bigint')
+  for (const [what, s] of [
+    ['last_event_id past bigint', await h.stream(`/v1/anomalies/stream?last_event_id=${huge}`)],
+    ['Last-Event-ID past bigint', await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': huge } })],
+  ] as const) {
+    t.equal(s.status, 400, `${what}: refused before the stream starts`)
+    t.equal(s.error?.error?.code, 'validation_failed')
+  }
+
+  refused(await h.call('GET', '/v1/keys/%00'), 400, 'bad_request', 'NUL in a path parameter')
+  refused(await h.call('GET', '/v1/keys?owner=a%00'), 400, 'validation_failed', 'NUL in a query value')
+  refused(await h.call('POST', '/v1/keys', { body: { name: 'a\u0000', type: 'user' } }), 400, 'bad_request', 'NUL in a body string')
+  refused(await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.1', reason: '\u0000' } }), 400, 'bad_request', 'NUL in a deny-list reason')
+  refused(await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', metadata: { ['k\u0000']: 1 } } }), 400, 'bad_request', 'NUL in a key name of the body')
+
+  refused(await h.call('POST', '/v1/keys', { raw: `{"name":"deep","type":"user","metadata":${deep(5000)}}`, headers: json }), 400, 'bad_request', 'metadata nested 5000 levels')
+  refused(await h.call('POST', '/v1/keys', { raw: `{"name":${deep(5000)},"type":"user"}`, headers: json }), 400, 'bad_request', 'a wrong-typed field nested 5000 levels')
+  refused(await h.call('POST', '/v1/keys/validate', { raw: `{"key":${deep(5000)}}`, headers: json }), 400, 'bad_request', 'a key nested 5000 levels')
+  const shallow = await h.call('POST', '/v1/keys', { raw: `{"name":"shallow","type":"user","metadata":${deep(20)}}`, headers: json })
+  t.equal(shallow.status, 201, 'metadata nested 20 levels is fine')
+
+  refused(await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: '2027-02-31T00:00:00Z' } }), 400, 'validation_failed', 'a day that does not exist')
+  refused(await h.call('GET', '/v1/reports/usage?from=0001-01-01T00:00:00Z'), 400, 'validation_failed', 'a year before 1970')
+  for (const limit of ['1e2', '2.9', '0x10', ' 5']) refused(await h.call('GET', `/v1/keys?limit=${encodeURIComponent(limit)}`), 400, 'validation_failed', `limit=${limit}`)
+  refused(await h.call('GET', '/v1/keys?__proto__=x'), 400, 'validation_failed', '__proto__ as a query parameter')
+
+  const secret = 'gtp_' + 'S'.repeat(300)
+  const echoed = await h.call('POST', '/v1/keys/validate', { body: { key: secret } })
+  t.equal(echoed.status, 400)
+  t.notMatch(echoed.text, /SSSSSSSSSS/, 'a key that is not allowed is named, not shown')
+
+  t.equal(await h.auditRows(), before + 1, 'no refusal wrote an audit row (one key was created)')
+
+  // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
+  const port = Number(new URL(h.url).port)
+  const closed = await new Promise<{ head: string; destroyed: boolean }>((resolve) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(`POST /v1/keys HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{"name":`))
+    let head = ''
+    socket.setEncoding('latin1').on('data', (d: string) => (head += d))
+    socket.on('close', () => resolve({ head, destroyed: true }))
+    socket.on('error', () => {})
+    socket.setTimeout(5000, () => {
+      resolve({ head, destroyed: false })
+      socket.destroy()
+    })
+  })
+  t.match(closed.head, /^HTTP\/1.1 401/, 'refused without a credential')
+  t.match(closed.head, /\r\nconnection: close\r\n/i, 'with Connection: close')
+  t.ok(closed.destroyed, 'and the connection is closed instead of the body being read')
+
+  // An anomaly stream opened with an admin key ends when the key is revoked.
+  const admin = await h.keys.create({ name: 'watcher', type: 'system', scopes: ['admin'] }, { actor: 'test' })
+  const s = await h.stream('/v1/anomalies/stream', { auth: admin.key })
+  t.equal(s.status, 200)
+  const ended = s.next().then(
+    () => 'an event',
+    () => 'ended',
+  )
+  await h.keys.revoke(admin.record.id, 'left', { actor: 'test' })
+  const outcome = await Promise.race([ended, new Promise((r) => setTimeout(() => r('still open after 2 s'), 2000))])
+  s.close()
+  t.equal(outcome, 'ended', 'the stream of a revoked admin key ends')
+})
