@@ -31,7 +31,11 @@ export function addressRefusal(address: string, allowed: AllowList): string | un
   const normal = a.toString()
   if (allowed(normal)) return undefined
   const range = a.range()
-  return range === 'unicast' ? undefined : `${normal} is a ${range} address`
+  if (range !== 'unicast') return `${normal} is a ${range} address`
+  // ::/96 (IPv4-compatible, deprecated by RFC 4291; `[::127.0.0.1]` in a URL becomes ::7f00:1):
+  // some stacks reach the embedded IPv4 address, and ipaddr.js files the range under unicast.
+  if (a.kind() === 'ipv6' && (a as ipaddr.IPv6).parts.slice(0, 6).every((p) => p === 0)) return `${normal} is an IPv4-compatible IPv6 address`
+  return undefined
 }
 
 const refused = (message: string) => new KeygateError('webhook_url_refused', message, { fields: [{ field: 'url', message }] })

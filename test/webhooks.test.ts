@@ -133,6 +133,8 @@ t.test('through the admin API and a gateway', async (t) => {
       'http://[fe80::1]/',
       'http://[fd00:ec2::254]/',
       'http://[64:ff9b::7f00:1]/',
+      'http://[::127.0.0.1]/', // IPv4-compatible (::/96): the URL parser makes it ::7f00:1
+      'http://[::a9fe:a9fe]/',
       'http://224.0.0.1/',
       'http://localhost/',
       'http://localhost.:8080/',
