@@ -496,7 +496,10 @@ export class AnomalyFeed {
       sub.on('message', (ch: string, message: string) => {
         if (ch !== channel) return
         try {
-          deliver(JSON.parse(message) as AnomalyJson)
+          const a = JSON.parse(message) as AnomalyJson
+          // Its id becomes an SSE `id:` line: anything but digits could add lines to the stream.
+          if (typeof a !== 'object' || a === null || typeof a.id !== 'string' || !isAnomalyId(a.id)) throw new Error('the alert has no anomaly id')
+          deliver(a)
         } catch (err) {
           log.warn('ignored a malformed anomaly alert', { err: err as Error })
         }

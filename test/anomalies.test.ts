@@ -6,7 +6,7 @@
 import t from 'tap'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { AnomalyDetector } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, type AnomalyJson } from '../core/anomalies.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { BUCKET_MS } from '../core/usage.ts'
@@ -224,4 +224,26 @@ await forEachStore(t, async (t, store) => {
     t.equal(bad.status, 400)
     t.equal(bad.error.error.code, 'validation_failed')
   })
+})
+
+t.test('an alert on the Redis channel whose id is not an anomaly id is not relayed (its id becomes an SSE id line)', async (t) => {
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
+  t.teardown(() => redis.quit())
+  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
+  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: silentLogger })
+  t.teardown(() => feed.close())
+  const got: AnomalyJson[] = []
+  feed.on((a) => got.push(a))
+  const valid = { id: '42', key_id: 'k'.repeat(12), type: 'request_rate' }
+  // Subscribed once a message sent now arrives.
+  while (got.length === 0) {
+    await redis.publish(channel, JSON.stringify(valid))
+    await sleep(20)
+  }
+  got.length = 0
+  for (const id of ['1\nevent: key.revoked\ndata: {}', '', 7, null]) await redis.publish(channel, JSON.stringify({ ...valid, id }))
+  await redis.publish(channel, 'null')
+  await redis.publish(channel, JSON.stringify({ ...valid, id: '43' }))
+  while (!got.some((a) => a.id === '43')) await sleep(10)
+  t.same(got.map((a) => a.id), ['43'], 'only the alert with an anomaly id is relayed')
 })
