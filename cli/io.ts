@@ -110,7 +110,12 @@ export function expiryFlags(p: Parsed): string | null | undefined {
   const inFlag = str(p, 'expires-in')
   const atFlag = str(p, 'expires-at')
   if (inFlag !== undefined && atFlag !== undefined) throw new UsageError('--expires-in and --expires-at exclude each other')
-  if (inFlag !== undefined) return inFlag === 'never' ? null : new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000).toISOString()
+  if (inFlag !== undefined) {
+    if (inFlag === 'never') return null
+    const at = new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000)
+    if (!(at.getTime() < Date.UTC(10000, 0, 1))) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} ends after the year 9999`)
+    return at.toISOString()
+  }
   if (atFlag !== undefined) return atFlag === 'never' ? null : atFlag
   return undefined
 }

@@ -17,7 +17,8 @@ export function isDateTime(v: string): boolean {
   const second = m[6] === undefined ? 0 : Number(m[6])
   if (year < 1970 || month < 1 || month > 12 || hour > 23 || minute > 59 || second > 59) return false
   if (m[7] !== undefined && (Number(m[7]) > 23 || Number(m[8]) > 59)) return false
-  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate()
+  // 9999-12-31T23:59-23:59 is a year-10000 instant in UTC, which the embedded store cannot hold.
+  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && Date.parse(v) < Date.UTC(10000, 0, 1)
 }
 
 export function isCidrOrAddress(value: string): boolean {

@@ -31,6 +31,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name'], /argument missing|Option '--name <value>' argument missing/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', 'lots'], /--rate-limit: "lots" is not allowed/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', 'soon'], /--expires-in: "soon" is not a duration/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '999999999w'], /--expires-in: "999999999w" ends after the year 9999/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{nope'], /--metadata: is not JSON/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '[1]'], /--metadata: expected a JSON object/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '1d', '--expires-at', '2031-01-01T00:00:00Z'], /exclude each other/],

@@ -756,3 +756,31 @@ await forEachStore(t, async (t: Test, store) => {
     t.ok(rows.every((r) => r.actor === 'cli:tester' && r.address === '192.0.2.10'))
   })
 })
+
+await forEachStore(t, async (t: Test, store) => {
+  await t.test('input the store cannot hold, or a terminal would misread, is refused by field, not answered internal_error', async (t) => {
+    const s = testServices(store.db)
+    const before = await count(store.db, 'api_keys')
+    const cases: Array<[string, Record<string, unknown>, string]> = [
+      ['NUL in the name', { name: 'a\u0000b', type: 'user' }, 'name'],
+      ['an escape sequence in the name', { name: 'evil\u001b[2J\u001b[31mRED', type: 'user' }, 'name'],
+      ['a line break in the name (a forged table row)', { name: 'x\nFAKE-ID  admin  system  active', type: 'user' }, 'name'],
+      ['a C1 control in the owner', { name: 'x', type: 'user', owner: 'o\u009b' }, 'owner'],
+      ['NUL in a metadata value', { name: 'x', type: 'user', metadata: { a: '\u0000' } }, 'metadata'],
+      ['NUL in a metadata key', { name: 'x', type: 'user', metadata: { ['k\u0000']: 1 } }, 'metadata'],
+      ['an expiry in the year 10000 UTC', { name: 'x', type: 'user', expires_at: '9999-12-31T23:59:59-23:59' }, 'expires_at'],
+    ]
+    for (const [what, input, field] of cases) {
+      const err = await rejection(s.keys.create(input, actor))
+      t.equal(err.code, 'validation_failed', `${what}: validation_failed`)
+      t.match(JSON.stringify(err.details), field, `${what}: names ${field}`)
+    }
+    const legacy = await rejection(s.keys.importLegacy([{ key_hash: sha256(randomUUID()), name: 'fine', type: 'user' }, { key_hash: sha256(randomUUID()), name: 'imported\u0000', type: 'user' }], actor))
+    t.equal(legacy.code, 'import_invalid', 'an import with NUL in a name is refused whole')
+    t.match(legacy.message, /row 2.*name/, 'naming the row and the field')
+    t.equal(await count(store.db, 'api_keys'), before, 'nothing was written')
+    const forged = Buffer.from(JSON.stringify(['-010000-01-01T00:00:00Z', 'a'])).toString('base64url')
+    t.equal((await rejection(s.keys.list({ cursor: forged }))).code, 'validation_failed', 'a forged cursor with a year out of range')
+    t.ok((await s.keys.create({ name: 'Zoë’s key ✓', type: 'user', owner: 'équipe' }, actor)).record.id, 'letters of any script are fine')
+  })
+})

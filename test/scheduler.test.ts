@@ -101,6 +101,26 @@ forEachStore(t, async (t, store) => {
     t.ok((await scheduler.runOnce())?.rotationOverdue.includes(record.id), 'enforced at the announced deadline')
   })
 
+  await t.test('a rotation interval changed after its notice: the old deadline no longer applies, the new one is announced', async (t) => {
+    clock.set(T0)
+    const { record: longer } = await s.keys.create({ name: 'interval raised', type: 'service', rotation_interval_s: 4 * 86_400 }, ACTOR)
+    const { record: dropped } = await s.keys.create({ name: 'interval dropped, then set', type: 'service', rotation_interval_s: 2 * 86_400 }, ACTOR)
+    clock.set(new Date(T0.getTime() + 1.5 * DAY))
+    t.same((await scheduler.runOnce())?.announced.map((a) => a.keyId).sort(), [longer.id, dropped.id].sort(), 'both announced (deadlines on days 4 and 2)')
+    await s.keys.update(longer.id, { rotation_interval_s: 365 * 86_400 }, ACTOR)
+    await s.keys.update(dropped.id, { rotation_interval_s: null }, ACTOR)
+    clock.set(new Date(T0.getTime() + 10 * DAY))
+    t.same((await scheduler.runOnce())?.rotationOverdue, [], 'no key is cut off at a deadline its interval no longer sets')
+    t.equal((await s.keys.get(longer.id)).status, 'active')
+    clock.set(new Date(T0.getTime() + 100 * DAY))
+    await s.keys.update(dropped.id, { rotation_interval_s: 30 * 86_400 }, ACTOR)
+    const run = await scheduler.runOnce()
+    const deadline = new Date(clock.now().getTime() + 3 * DAY)
+    t.same(run?.rotationOverdue, [], 'an interval set again is not enforced unannounced')
+    t.same(run?.announced, [{ keyId: dropped.id, kind: 'rotation', deadline }], 'it is announced, with the notice period')
+    t.equal((await s.keys.get(dropped.id)).status, 'active')
+  })
+
   await t.test('expiry: announced ahead, marked at expires_at', async (t) => {
     clock.set(T0)
     const expiresAt = new Date(T0.getTime() + 5 * DAY)

@@ -8,9 +8,11 @@ export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', des
 export const KeyTypeSchema = Type.Union(KEY_TYPES.map((t) => Type.Literal(t)), { description: 'Key type; sets the grace period and default rate limit.' })
 export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)))
 
-const Name = Type.String({ minLength: 1, maxLength: 200, description: 'Human name of the key.' })
+/** No control characters (C0, DEL, C1): PostgreSQL text cannot hold NUL, and the others would rewrite a terminal showing `api-key list`. */
+const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'
+const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control characters).' })
 const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
-const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200 }), Type.Null()], { description: 'Who the key belongs to.' })
+const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE }), Type.Null()], { description: 'Who the key belongs to.' })
 const Metadata = Type.Record(Type.String({ maxLength: 100 }), Type.Unknown(), { description: 'Free-form JSON attached to the key (at most 8 KiB).' })
 const Cidrs = Type.Array(Type.String({ format: 'cidr' }), { maxItems: 100, description: 'The key is only accepted from these addresses (empty: from anywhere).' })
 const RateLimitSchema = Type.Union(

@@ -5,6 +5,7 @@ import type { Db, Queryable } from '../db.ts'
 import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import { KeygateError, type ErrorCode } from '../errors.ts'
+import { isDateTime } from '../formats.ts'
 import { assertValid } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
@@ -96,7 +97,7 @@ function decodeCursor(cursor: string): [Date, string] {
   try {
     const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown]
     const date = new Date(String(at))
-    if (typeof id === 'string' && !Number.isNaN(date.getTime())) return [date, id]
+    if (typeof id === 'string' && typeof at === 'string' && isDateTime(at)) return [date, id]
   } catch {}
   throw new KeygateError('validation_failed', 'cursor: is not a cursor this server returned', { fields: [{ field: 'cursor', message: 'is not a cursor this server returned' }] })
 }
@@ -108,6 +109,10 @@ function checkMetadata(metadata: unknown): void {
     text = JSON.stringify(metadata)
   } catch {
     throw new KeygateError('validation_failed', 'metadata: nests too deeply', { fields: [{ field: 'metadata', message: 'nests too deeply' }] })
+  }
+  // JSON.stringify escapes a NUL in a key or value as \u0000, which jsonb refuses.
+  if (text.includes('\\u0000')) {
+    throw new KeygateError('validation_failed', 'metadata: holds a NUL character', { fields: [{ field: 'metadata', message: 'holds a NUL character' }] })
   }
   if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
     throw new KeygateError('validation_failed', `metadata: is larger than ${METADATA_MAX_BYTES} bytes`, { fields: [{ field: 'metadata', message: `is larger than ${METADATA_MAX_BYTES} bytes` }] })
@@ -274,6 +279,11 @@ export class KeyService {
       if (body.rotation_interval_s !== undefined) set('rotation_interval_s', body.rotation_interval_s)
       set('updated_at', now)
       const rows = await tx.query<KeyRow>(`UPDATE api_keys SET ${sets.join(', ')} WHERE id = $1 RETURNING ${COLUMNS}`, params)
+      // A rotation deadline announced under the old interval no longer applies: the scheduler
+      // announces the new one (and enforces only an announced deadline).
+      if (body.rotation_interval_s !== undefined && body.rotation_interval_s !== old.rotationIntervalS) {
+        await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'rotation'`, [id])
+      }
       const changed = Object.keys(body)
       await this.#audit.write(tx, actor, { keyId: id, action: 'key.updated', details: { changed, ...body } })
       return toRecord(rows[0] as KeyRow)
