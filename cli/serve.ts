@@ -96,9 +96,13 @@ function listen(server: http.Server, address: string): Promise<AddressInfo> {
   const where = parseListen(address)
   if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address}`)
   return new Promise((resolve, reject) => {
-    server.once('error', reject)
+    const failed = (err: NodeJS.ErrnoException) => {
+      const why = err.code === 'EADDRINUSE' ? 'the address is in use' : err.code === 'EACCES' ? 'permission denied' : err.code === 'EADDRNOTAVAIL' ? 'no interface has that address' : err.message
+      reject(new KeygateError('config_invalid', `cannot listen on ${address}: ${why}`))
+    }
+    server.once('error', failed)
     server.listen(where.port, where.host, () => {
-      server.off('error', reject)
+      server.off('error', failed)
       resolve(server.address() as AddressInfo)
     })
   })
@@ -108,21 +112,28 @@ function shown(a: AddressInfo): string {
   return a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`
 }
 
-/** Resolves with the signal name on the first SIGTERM/SIGINT. */
-function stopSignal(log: Logger): Promise<string> {
-  return new Promise((resolve) => {
-    let seen = false
-    const on = (signal: string) => {
-      if (seen) {
-        log.warn('second signal: exiting without waiting', { signal })
-        process.exit(1)
-      }
-      seen = true
-      resolve(signal)
+/** `stopped` resolves with the signal name on the first SIGTERM/SIGINT; `dispose` removes the handlers (a start that failed must not swallow the signal that ends it). */
+function stopSignal(log: Logger): { stopped: Promise<string>; dispose(): void } {
+  let seen = false
+  let resolve!: (signal: string) => void
+  const stopped = new Promise<string>((r) => (resolve = r))
+  const on = (signal: NodeJS.Signals) => {
+    if (seen) {
+      log.warn('second signal: exiting without waiting', { signal })
+      process.exit(1)
     }
-    process.on('SIGTERM', () => on('SIGTERM'))
-    process.on('SIGINT', () => on('SIGINT'))
-  })
+    seen = true
+    resolve(signal)
+  }
+  process.on('SIGTERM', on)
+  process.on('SIGINT', on)
+  return {
+    stopped,
+    dispose() {
+      process.off('SIGTERM', on)
+      process.off('SIGINT', on)
+    },
+  }
 }
 
 async function readiness(runtime: Runtime): Promise<string | undefined> {
@@ -328,7 +339,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
     }
     if (mode.worker) process.send?.({ keygate: 'ready' })
-    const signal = await stopping
+    const signal = await stopping.stopped
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
     // Open anomaly streams end first: the admin server closes only once its connections do.
@@ -338,7 +349,13 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     await usage?.close()
     log.info('stopped')
     return EXIT_OK
+  } catch (err) {
+    // A start that failed part-way (the admin address in use, say) stops what it had started,
+    // so the process exits instead of serving without a store.
+    await Promise.allSettled([gateway?.shutdown(0), closeServer(admin), scheduler?.stop(), api?.close(), usage?.close()])
+    throw err
   } finally {
+    stopping.dispose()
     // The IPC channel to the primary would keep a worker alive after its listeners closed.
     process.off('message', onPrimaryMessage)
     offForward?.()
@@ -398,7 +415,6 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         setTimeout(fork, 1000).unref()
       })
     }
-    for (let i = 0; i < workers; i++) fork()
     // Changes made through this admin API reach the workers at once over cluster IPC: key
     // changes as invalidations, deny list changes whole, so no worker waits for a reload.
     const stopTelling = bindInvalidations({ keys: runtime.keys, publish: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
@@ -419,11 +435,20 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev) : undefined
     if (api) routes.push(...api.routes)
-    const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
-    const at = await listen(admin, config.admin.listen)
+    // Bound before any worker starts: a start that fails here (the address in use) leaves no
+    // gateway serving without its primary.
+    const at = await listen(admin, config.admin.listen).catch(async (err: unknown) => {
+      await api?.close()
+      stopTelling()
+      stopDeny()
+      cluster.off('message', onWorkerMessage)
+      throw err
+    })
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
-    const signal = await stopping
+    const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
+    for (let i = 0; i < workers; i++) fork()
+    const signal = await stopping.stopped
     shuttingDown = true
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
@@ -437,6 +462,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info('stopped')
     return EXIT_OK
   } finally {
+    stopping.dispose()
     cluster.off('message', onWorkerMessage)
     await ev.close()
     stopPublishing?.()

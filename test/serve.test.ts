@@ -2,6 +2,7 @@
 // loopback upstream, health, readiness and metrics, graceful shutdown with a request in flight,
 // --only, and usage errors. (--workers runs in test/admin-serve.test.ts.)
 import t from 'tap'
+import net from 'node:net'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -39,6 +40,29 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
   const workersEmbedded = await runCli(['serve', '--workers', '2'], { env })
   t.not(workersEmbedded.code, 0, '--workers on the embedded store is refused')
   t.match(workersEmbedded.stderr, /--workers above 1 needs DATABASE_URL/)
+})
+
+t.test('an address in use: exits 1 naming it, with nothing left serving', async (t) => {
+  const taken = net.createServer()
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => taken.close())
+  const port = (taken.address() as net.AddressInfo).port
+  // A configured admin token: no first admin key is printed (the suite checks every key printed).
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  for (const [which, args] of [
+    ['the admin address', ['--listen', '127.0.0.1:0', '--admin-listen', `127.0.0.1:${port}`]],
+    ['the gateway address', ['--listen', `127.0.0.1:${port}`, '--admin-listen', '127.0.0.1:0']],
+  ] as const) {
+    // Before, with the admin address taken, the process went on as a gateway over a closed store and ignored SIGTERM.
+    const r = await Promise.race([runCli(['serve', ...args], { env }), new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 60_000).unref())])
+    if (r === undefined) {
+      t.fail(`${which} in use: keygate serve did not exit within 60 s`)
+      continue
+    }
+    t.equal(r.code, 1, `${which} in use: exit 1`)
+    t.match(r.stderr, `cannot listen on 127.0.0.1:${port}: the address is in use`, `${which} in use: says which`)
+    t.notMatch(r.stderr, /unexpected error/)
+  }
 })
 
 t.test('embedded store: first admin key printed once, requests forwarded, health, metrics, graceful stop', async (t) => {
