@@ -1,6 +1,7 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { mkdirSync, openSync, closeSync, writeSync, readFileSync, unlinkSync } from 'node:fs'
+import { linkSync, mkdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
 import { join, resolve } from 'node:path'
 import pg from 'pg'
 import { Worker } from 'node:worker_threads'
@@ -198,22 +199,39 @@ function processAlive(pid: number): boolean {
  * The embedded store is one process's: a lock file holding the owner's pid keeps a second
  * process (a CLI beside a running server) from opening and corrupting it. A lock left by a
  * process that no longer runs is taken over.
+ *
+ * The lock appears with the pid already in it (written to a file of this process's own, then
+ * hard-linked into place; a link fails if the lock exists), so no process ever reads an empty
+ * lock and takes it for stale. A stale lock is moved aside under a name of this process's own
+ * before it is replaced, and checked to be the one judged stale: two processes taking over the
+ * same stale lock cannot both win. A process removes the lock only while it still holds its pid.
  */
 function lockDataDir(dir: string): () => void {
   const file = join(dir, 'keygate.lock')
-  for (let attempt = 0; attempt < 2; attempt++) {
+  const pid = String(process.pid)
+  const mine = `${file}.${pid}.${randomBytes(4).toString('hex')}`
+  writeFileSync(mine, pid, { mode: 0o600 })
+  const release = () => {
     try {
-      const fd = openSync(file, 'wx', 0o600)
-      writeSync(fd, String(process.pid))
-      closeSync(fd)
-      return () => {
-        try {
-          unlinkSync(file)
-        } catch {}
+      if (readFileSync(file, 'utf8').trim() === pid) unlinkSync(file)
+    } catch {}
+  }
+  try {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        linkSync(mine, file)
+        return release
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
       }
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-      const owner = Number(readFileSync(file, 'utf8').trim())
+      let held: string
+      try {
+        held = readFileSync(file, 'utf8').trim()
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue // released meanwhile
+        throw err
+      }
+      const owner = Number(held)
       if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
         throw new KeygateError(
           'store_locked',
@@ -221,10 +239,26 @@ function lockDataDir(dir: string): () => void {
           { pid: owner },
         )
       }
-      unlinkSync(file)
+      const aside = `${file}.stale.${pid}`
+      try {
+        renameSync(file, aside)
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue // another process moved it first
+        throw err
+      }
+      // Another process may have taken the stale lock over between the read and the move: then
+      // what was moved is its live lock, which goes back.
+      if (readFileSync(aside, 'utf8').trim() !== held) {
+        try {
+          linkSync(aside, file)
+        } catch {}
+      }
+      unlinkSync(aside)
     }
+    throw new KeygateError('store_locked', `could not lock the embedded store in ${dir}`)
+  } finally {
+    unlinkSync(mine)
   }
-  throw new KeygateError('store_locked', `could not lock the embedded store in ${dir}`)
 }
 
 export interface OpenDbOptions {
@@ -249,7 +283,13 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   if (options.memory) return EmbeddedDb.open(undefined, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
-  mkdirSync(dir, { recursive: true, mode: 0o700 })
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 })
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    const why = code === 'EEXIST' || code === 'ENOTDIR' ? 'a file is in the way' : code === 'EACCES' ? 'permission denied' : (err as Error).message
+    throw new KeygateError('store_unavailable', `cannot create the embedded store folder ${dir}: ${why}`, undefined, { cause: err })
+  }
   const release = lockDataDir(dir)
   try {
     return await EmbeddedDb.open(join(dir, 'pgdata'), release)

@@ -24,8 +24,19 @@ export type Reply = { id: number; ok: true; value?: unknown } | { id: number; ok
 /** The first message: the store is open, or why it could not be opened. */
 export type Ready = { ready: true } | { ready: false; error: WireError }
 
+/** A thrown value as an Error: PGlite's file system throws plain objects (`{errno}`), which print as [object Object]. */
+function asError(err: unknown): Error {
+  if (err instanceof Error) return err
+  if (typeof err === 'object' && err !== null) {
+    const o = err as { message?: unknown; code?: unknown; errno?: unknown }
+    if (typeof o.message === 'string' && o.message !== '') return new Error(o.message)
+    if (o.code !== undefined || o.errno !== undefined) return new Error(`file system error ${String(o.code ?? `errno ${String(o.errno)}`)} (is something in the data folder not what the store expects, such as a file where a folder should be?)`)
+  }
+  return new Error(String(err))
+}
+
 function wire(err: unknown): WireError {
-  const e = err instanceof Error ? err : new Error(String(err))
+  const e = asError(err)
   const fields: Record<string, string | number> = {}
   for (const [k, v] of Object.entries(e)) if (typeof v === 'string' || typeof v === 'number') fields[k] = v
   return { message: e.message, fields }
