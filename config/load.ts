@@ -95,13 +95,36 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     }
     return {}
   }
-  const data: unknown = doc.toJS()
+  let data: unknown
+  try {
+    // maxAliasCount bounds what aliases expand to (a "billion laughs" file).
+    data = doc.toJS({ maxAliasCount: 100 })
+  } catch (err) {
+    problems.push(`${file}: ${(err as Error).message.split('\n')[0]}`)
+    return {}
+  }
+  const proto = protoKeyPath(data)
+  if (proto !== undefined) {
+    problems.push(`${file}: ${proto || '(top level)'}: the key __proto__ is not allowed`)
+    return {}
+  }
   if (data === null || data === undefined) return {}
   if (typeof data !== 'object' || Array.isArray(data)) {
     problems.push(`${file}: the top level must be a mapping of keys, not ${Array.isArray(data) ? 'a list' : typeof data}`)
     return {}
   }
   return data as Record<string, unknown>
+}
+
+/** Where a `__proto__` key is (its parent's dotted path), if anywhere: copying the value would make it a prototype, unseen by validation. */
+function protoKeyPath(value: unknown, path: string[] = []): string | undefined {
+  if (value === null || typeof value !== 'object') return undefined
+  for (const k of Object.keys(value)) {
+    if (k === '__proto__') return path.join('.')
+    const found = protoKeyPath((value as Record<string, unknown>)[k], [...path, k])
+    if (found !== undefined) return found
+  }
+  return undefined
 }
 
 /**

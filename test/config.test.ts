@@ -347,6 +347,17 @@ t.test('YAML syntax errors and duplicate keys report file:line', async (t) => {
   t.match(problemsOf({ file: '/nonexistent/keygate.yaml', env: {} }).problems, ['/nonexistent/keygate.yaml: cannot be read (ENOENT)'])
 })
 
+t.test('an alias bomb and a __proto__ key are refused by name, not thrown or let through', async (t) => {
+  const bomb = ['a: &a [x, x, x, x, x, x, x, x, x]']
+  for (const n of 'bcdefgh') bomb.push(`${n}: &${n} [${Array(9).fill(`*${String.fromCharCode(n.charCodeAt(0) - 1)}`).join(', ')}]`)
+  const bombFile = yamlFile(t, bomb.join('\n') + '\n', 'bomb.yaml')
+  t.same(problemsOf({ file: bombFile, env: {} }).problems, [`${bombFile}: Excessive alias count indicates a resource exhaustion attack`])
+  const proto = yamlFile(t, 'gateway:\n  __proto__: { foo: 1 }\n', 'proto.yaml')
+  t.same(problemsOf({ file: proto, env: {} }).problems, [`${proto}: gateway: the key __proto__ is not allowed`], 'before, this file was valid: the key became a prototype')
+  const top = yamlFile(t, '__proto__: { log: { level: debug } }\n', 'top.yaml')
+  t.same(problemsOf({ file: top, env: {} }).problems, [`${top}: (top level): the key __proto__ is not allowed`])
+})
+
 t.test('KEYGATE_UPSTREAM creates a route for /', async (t) => {
   const c = loadConfig({ env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } })
   t.same(c.routes, [{ name: 'default', path: '/', upstream: 'http://127.0.0.1:3000', timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false }])
