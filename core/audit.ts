@@ -102,11 +102,18 @@ export function loadAuditCipher(options: {
     )
   }
   const file = join(resolve(options.dataDir ?? './.keygate'), 'encryption.key')
-  if (!existsSync(file)) {
-    writeFileSync(file, randomBytes(32).toString('base64') + '\n', { mode: 0o600, flag: 'wx' })
-    options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
+  let text: string
+  try {
+    if (!existsSync(file)) {
+      writeFileSync(file, randomBytes(32).toString('base64') + '\n', { mode: 0o600, flag: 'wx' })
+      options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
+    }
+    text = readFileSync(file, 'utf8').trim()
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    const why = code === 'EISDIR' ? 'it is a folder' : code === 'EACCES' ? 'permission denied' : (err as Error).message
+    throw new KeygateError('config_invalid', `${file} cannot be read or created: ${why}`, undefined, { cause: err })
   }
-  const text = readFileSync(file, 'utf8').trim()
   const key = Buffer.from(text, 'base64')
   if (key.length !== 32) throw new KeygateError('config_invalid', `${file} does not hold 32 bytes in base64`)
   return new AuditCipher(key, previous)

@@ -1,7 +1,7 @@
 // The audit log: AES-256-GCM sealing of details, tamper detection, encryption key rotation, and
 // where the key comes from.
 import t from 'tap'
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
@@ -238,5 +238,8 @@ t.test('loadAuditCipher', async (t) => {
     const dir = tempDir(t)
     writeFileSync(join(dir, 'encryption.key'), 'c2hvcnQ=\n', { mode: 0o600 })
     t.throws(() => loadAuditCipher({ storeKind: 'embedded', dataDir: dir }), { code: 'config_invalid', message: /encryption\.key/ })
+    const folder = tempDir(t)
+    mkdirSync(join(folder, 'encryption.key'))
+    t.throws(() => loadAuditCipher({ storeKind: 'embedded', dataDir: folder }), { code: 'config_invalid', message: /encryption\.key cannot be read or created: it is a folder/ }, 'a folder where the key file belongs is named, not EISDIR')
   })
 })
