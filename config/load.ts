@@ -55,13 +55,21 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
   }
 }
 
-function setPath(target: Record<string, unknown>, path: string[], value: unknown): void {
+/**
+ * Sets `value` at `path`; false, setting nothing, where the file put something other than a
+ * mapping on the way (`store: "/var/lib/keygate"`): replacing it would hide the file's mistake,
+ * which validation reports instead.
+ */
+function setPath(target: Record<string, unknown>, path: string[], value: unknown): boolean {
   let node = target
   for (const k of path.slice(0, -1)) {
-    if (typeof node[k] !== 'object' || node[k] === null || Array.isArray(node[k])) node[k] = {}
+    const next = node[k]
+    if (next === undefined || next === null) node[k] = {}
+    else if (typeof next !== 'object' || Array.isArray(next)) return false
     node = node[k] as Record<string, unknown>
   }
   node[path[path.length - 1] as string] = value
+  return true
 }
 
 function leafAt(path: string[]): Leaf | undefined {
@@ -216,7 +224,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
         problems.push(`${name} (${key}): ${show(raw, leaf.secret)} is not allowed; expected ${describeAllowed(leaf.schema)}`)
         continue
       }
-      setPath(merged, leaf.path, parsed.value)
+      if (!setPath(merged, leaf.path, parsed.value)) continue
       origins.set(key, name)
       if (leaf.schema[Kind] === 'Array') {
         ;(parsed.value as unknown[]).forEach((_, i) => origins.set(`${key}[${i}]`, name))

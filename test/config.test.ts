@@ -358,6 +358,12 @@ t.test('an alias bomb and a __proto__ key are refused by name, not thrown or let
   t.same(problemsOf({ file: top, env: {} }).problems, [`${top}: (top level): the key __proto__ is not allowed`])
 })
 
+t.test('an environment variable under a mapping the file got wrong does not hide the mistake', async (t) => {
+  const file = yamlFile(t, 'store: "/var/lib/keygate"\n')
+  const { problems } = problemsOf({ file, env: { KEYGATE_DATA_DIR: '/srv/keygate' } })
+  t.same(problems.map((p) => p.replace(/;.*$/, '')), ['store: "/var/lib/keygate" is not allowed'], 'before, KEYGATE_DATA_DIR replaced it and the file passed')
+})
+
 t.test('KEYGATE_UPSTREAM creates a route for /', async (t) => {
   const c = loadConfig({ env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } })
   t.same(c.routes, [{ name: 'default', path: '/', upstream: 'http://127.0.0.1:3000', timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false }])
