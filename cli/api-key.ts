@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs'
 import type { ParseArgsOptionsConfig } from 'node:util'
 import { KeygateError } from '../core/errors.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
+import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
@@ -207,9 +208,11 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     options: { address: { type: 'string' } },
     positionals: { min: 1, max: 1 },
     prepare(p) {
+      const address = str(p, 'address')
+      if (address !== undefined && parseAddress(address) === undefined) throw new UsageError(`--address: ${JSON.stringify(address)} is not an IP address`)
       return async (ctx) => {
         const presented = await argOrStdin(ctx.io, p.positionals[0] as string)
-        const result = await ctx.ops.validate(presented, str(p, 'address'))
+        const result = await ctx.ops.validate(presented, address)
         if (result.valid) {
           if (ctx.json) printJson(ctx.io, { valid: true, key: keyJson(result.key) })
           else ctx.io.out(`valid: ${result.key.id} (${result.key.name}, ${result.key.type}, ${result.key.status})\n`)

@@ -24,6 +24,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'revoke'], /missing argument\nusage: keygate api-key revoke/],
     [['api-key', 'rotate'], /missing argument/],
     [['api-key', 'validate'], /missing argument/],
+    [['api-key', 'validate', 'kg_x', '--address', 'not-an-ip'], /--address: "not-an-ip" is not an IP address/],
     [['api-key', 'import'], /missing argument/],
     [['api-key', 'update', 'abc'], /nothing to change/],
     [['api-key', 'create', '--type', 'service'], /--name is required/],
