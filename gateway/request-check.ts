@@ -4,7 +4,7 @@
 // proxied. (Paths that lenient upstreams read as another route's: see route.ts.) Framing attacks
 // (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
 // chunking) are refused earlier by Node's strict parser; see index.ts for `clientError`.
-import type { RequestState, Stage } from './state.ts'
+import { pathOf, type RequestState, type Stage } from './state.ts'
 
 // `.` or `..` as a whole segment, also percent-encoded, and backslashes some upstreams read as
 // `/`; also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
@@ -57,9 +57,4 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     }
     return undefined
   }
-}
-
-function pathOf(target: string): string {
-  const q = target.indexOf('?')
-  return q === -1 ? target : target.slice(0, q)
 }

@@ -5,7 +5,7 @@ import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody } from '../core/errors.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
-import type { GatewayContext, RequestState, Verdict } from './state.ts'
+import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
 
 // Identical for every kind of bad key, so the headers never tell which one it was.
 const CHALLENGE_MISSING = 'Bearer realm="keygate"'
@@ -22,11 +22,10 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
   if (ctx.accessLog) {
-    const q = s.target.indexOf('?')
     ctx.log.info('request', {
       request_id: s.id,
       method: s.req.method,
-      path: q === -1 ? s.target : s.target.slice(0, q),
+      path: pathOf(s.target),
       status,
       outcome,
       route: label,

@@ -12,7 +12,7 @@
 // inner route's resources. Other paths with those characters are forwarded unchanged.
 import type { RouteConfig } from '../config/schema.ts'
 import type { CachedKey } from './key-cache.ts'
-import type { RequestState, Stage } from './state.ts'
+import { pathOf, type RequestState, type Stage } from './state.ts'
 
 export interface CompiledRoute {
   readonly index: number
@@ -92,8 +92,7 @@ export class Router {
    */
   ambiguous(host: string | undefined, target: string, r: CompiledRoute): boolean {
     if (!this.#nested) return false
-    const q = target.indexOf('?')
-    const path = q === -1 ? target : target.slice(0, q)
+    const path = pathOf(target)
     if (!LENIENT_CHANGES.test(path)) return false
     const other = this.match(host, lenientReading(path), true)
     return other !== undefined && (other.prefixLower !== r.prefixLower || other.host !== r.host)

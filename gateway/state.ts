@@ -14,6 +14,12 @@ export type Verdict = ErrorCode & GatewayOutcome
 export type StageResult = Verdict | undefined
 export type Stage = (s: RequestState) => StageResult | Promise<StageResult>
 
+/** The path of a request target: up to its query. */
+export function pathOf(target: string): string {
+  const q = target.indexOf('?')
+  return q === -1 ? target : target.slice(0, q)
+}
+
 export class RequestState {
   readonly req: IncomingMessage
   /** `req.headers`, read once: Node builds it behind a getter, and every stage reads it. */
