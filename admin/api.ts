@@ -57,13 +57,15 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
 /** Nesting this deep is no body any operation takes; deeper, printing the value for an error overflows the stack. */
 const MAX_JSON_DEPTH = 32
 
+const HOLDS_NUL = 'holds a NUL character (\\u0000), which no field takes'
+
 /** What no operation can take in a parsed body: nesting past MAX_JSON_DEPTH, or a NUL character (PostgreSQL text cannot hold one). */
 function jsonProblem(value: unknown, depth: number): string | undefined {
-  if (typeof value === 'string') return value.includes('\u0000') ? 'holds a NUL character (\\u0000), which no field takes' : undefined
+  if (typeof value === 'string') return value.includes('\u0000') ? HOLDS_NUL : undefined
   if (typeof value !== 'object' || value === null) return undefined
   if (depth >= MAX_JSON_DEPTH) return `nests deeper than ${MAX_JSON_DEPTH} levels`
   for (const [k, v] of Object.entries(value)) {
-    const p = k.includes('\u0000') ? 'holds a NUL character (\\u0000), which no field takes' : jsonProblem(v, depth + 1)
+    const p = k.includes('\u0000') ? HOLDS_NUL : jsonProblem(v, depth + 1)
     if (p !== undefined) return p
   }
   return undefined
