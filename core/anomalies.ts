@@ -20,7 +20,8 @@ import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
  * PostgreSQL refuses to compare a bigint with it.
  */
 export const ANOMALY_ID_PATTERN = '^[0-9]{1,18}$'
-export const isAnomalyId = (id: string): boolean => /^[0-9]{1,18}$/.test(id)
+const ANOMALY_ID = new RegExp(ANOMALY_ID_PATTERN)
+export const isAnomalyId = (id: string): boolean => ANOMALY_ID.test(id)
 
 export const ANOMALY_TYPES = ['request_rate', 'error_rate', 'distinct_addresses', 'unusual_hour'] as const
 export type AnomalyType = (typeof ANOMALY_TYPES)[number]
