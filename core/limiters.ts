@@ -110,6 +110,11 @@ class DeadlineWatch {
   }
 }
 
+/** `points` back to `l`, to the limiter within it that gave `res` where it tells (Insured), else as a reward. */
+function giveBackTo(l: Limiter, res: RateLimiterRes, key: string, points: number): Promise<unknown> {
+  return l.giveBack ? l.giveBack(res, key, points) : l.reward(key, points)
+}
+
 /** `first`, unless its gate is down or it fails or is late; then `second`. A refusal (RateLimiterRes) is an answer, not a failure. */
 class Insured implements Limiter {
   readonly #first: Limiter
@@ -199,8 +204,7 @@ class Insured implements Limiter {
 
   giveBack(res: RateLimiterRes, key: string, points: number): Promise<unknown> {
     const by = this.#givers.get(res)
-    if (by === undefined) return this.reward(key, points)
-    return by.giveBack ? by.giveBack(res, key, points) : by.reward(key, points)
+    return by === undefined ? this.reward(key, points) : giveBackTo(by, res, key, points)
   }
 
   consume(key: string, points?: number) {
@@ -501,8 +505,7 @@ export class LeasedLimit implements RateLimit {
    * (a process may refuse early, never admit more).
    */
   #giveBack(res: RateLimiterRes, storeKey: string, points: number): void {
-    const l = this.#limiter
-    ;(l.giveBack ? l.giveBack(res, storeKey, points) : l.reward(storeKey, points)).catch(() => {})
+    giveBackTo(this.#limiter, res, storeKey, points).catch(() => {})
   }
 
   /** `points` from the store: its answer, or its refusal (a RateLimiterRes too), and which source gave it; other failures reject. */

@@ -58,12 +58,13 @@ export function createLockout(options: LockoutOptions): Lockout {
   const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
   // Never shortens a lockout in force: a message from another instance may name an earlier end
   // (its lockout began first, or its clock is behind) than this instance's own.
-  const lock = (addressKey: string, ms: number) => {
+  const lockUntil = (addressKey: string, until: number) => {
+    const ms = until - Date.now()
     if (ms <= 0) return
-    const until = Date.now() + ms
     const held = locked.peek(addressKey)
     if (held === undefined || held < until) locked.set(addressKey, until, { maxAge: ms })
   }
+  const lock = (addressKey: string, ms: number) => lockUntil(addressKey, Date.now() + ms)
 
   const read = async (): Promise<void> => {
     if (!redis || redis.status !== 'ready') return
@@ -110,7 +111,7 @@ export function createLockout(options: LockoutOptions): Lockout {
         await limiter.block(addressKey, windowS)
         options.onLockout?.()
         const until = Date.now() + windowS * 1000
-        lock(addressKey, windowS * 1000)
+        lockUntil(addressKey, until)
         const message = `lock:${until}:${addressKey}` as const
         options.announce?.(message)
         if (redis) await publishInvalidation(redis, message, log)
