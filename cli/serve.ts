@@ -11,7 +11,7 @@ import { AggregatorRegistry } from 'prom-client'
 import { loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
-import { KeygateError } from '../core/errors.ts'
+import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
@@ -96,10 +96,7 @@ function listen(server: http.Server, address: string): Promise<AddressInfo> {
   const where = parseListen(address)
   if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address}`)
   return new Promise((resolve, reject) => {
-    const failed = (err: NodeJS.ErrnoException) => {
-      const why = err.code === 'EADDRINUSE' ? 'the address is in use' : err.code === 'EACCES' ? 'permission denied' : err.code === 'EADDRNOTAVAIL' ? 'no interface has that address' : err.message
-      reject(new KeygateError('config_invalid', `cannot listen on ${address}: ${why}`))
-    }
+    const failed = (err: Error) => reject(new KeygateError('config_invalid', `cannot listen on ${address}: ${systemErrorWords(err)}`))
     server.once('error', failed)
     server.listen(where.port, where.host, () => {
       server.off('error', failed)

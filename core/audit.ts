@@ -6,7 +6,7 @@ import { createCipheriv, createDecipheriv, randomBytes, randomUUID, hash } from 
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
-import { KeygateError } from './errors.ts'
+import { KeygateError, systemErrorWords } from './errors.ts'
 import type { Logger } from './log.ts'
 
 export interface Actor {
@@ -110,9 +110,7 @@ export function loadAuditCipher(options: {
     }
     text = readFileSync(file, 'utf8').trim()
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code
-    const why = code === 'EISDIR' ? 'it is a folder' : code === 'EACCES' ? 'permission denied' : (err as Error).message
-    throw new KeygateError('config_invalid', `${file} cannot be read or created: ${why}`, undefined, { cause: err })
+    throw new KeygateError('config_invalid', `${file} cannot be read or created: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
   const key = Buffer.from(text, 'base64')
   if (key.length !== 32) throw new KeygateError('config_invalid', `${file} does not hold 32 bytes in base64`)

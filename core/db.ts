@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path'
 import pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError } from './embedded-worker.ts'
-import { KeygateError } from './errors.ts'
+import { KeygateError, systemErrorWords } from './errors.ts'
 
 export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<R[]>
@@ -286,9 +286,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 })
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code
-    const why = code === 'EEXIST' || code === 'ENOTDIR' ? 'a file is in the way' : code === 'EACCES' ? 'permission denied' : (err as Error).message
-    throw new KeygateError('store_unavailable', `cannot create the embedded store folder ${dir}: ${why}`, undefined, { cause: err })
+    throw new KeygateError('store_unavailable', `cannot create the embedded store folder ${dir}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
   const release = lockDataDir(dir)
   try {

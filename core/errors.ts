@@ -98,3 +98,18 @@ export function errorBody(code: ErrorCode, requestId: string, message?: string, 
   if (details !== undefined) error.details = details
   return JSON.stringify({ error })
 }
+
+/** What a system error means for whoever set the path or address up, in words; its message for any other code. */
+const SYSTEM_ERROR_WORDS: Record<string, string> = {
+  EACCES: 'permission denied',
+  EISDIR: 'it is a folder',
+  EEXIST: 'a file is in the way',
+  ENOTDIR: 'a file is in the way',
+  EADDRINUSE: 'the address is in use',
+  EADDRNOTAVAIL: 'no interface has that address',
+}
+
+export function systemErrorWords(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException).code
+  return (code !== undefined ? SYSTEM_ERROR_WORDS[code] : undefined) ?? (err as Error).message
+}
