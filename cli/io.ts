@@ -2,6 +2,7 @@
 // (exit 1 for a refused operation, 2 for a usage error, the reason on stderr).
 import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
 import { KeygateError, type ErrorCode } from '../core/errors.ts'
+import { YEAR_10000_MS } from '../core/formats.ts'
 
 export const EXIT_OK = 0
 export const EXIT_REFUSED = 1
@@ -113,7 +114,7 @@ export function expiryFlags(p: Parsed): string | null | undefined {
   if (inFlag !== undefined) {
     if (inFlag === 'never') return null
     const at = new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000)
-    if (!(at.getTime() < Date.UTC(10000, 0, 1))) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} ends after the year 9999`)
+    if (!(at.getTime() < YEAR_10000_MS)) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} ends after the year 9999`)
     return at.toISOString()
   }
   if (atFlag !== undefined) return atFlag === 'never' ? null : atFlag

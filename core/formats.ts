@@ -3,6 +3,9 @@
 import { FormatRegistry } from '@sinclair/typebox'
 import ipaddr from 'ipaddr.js'
 
+/** The first instant of the year 10000 (UTC): the embedded store holds no time from it on. */
+export const YEAR_10000_MS = Date.UTC(10000, 0, 1)
+
 const DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(?:Z|[+-](\d{2}):(\d{2}))$/
 
 /**
@@ -18,7 +21,7 @@ export function isDateTime(v: string): boolean {
   if (year < 1970 || month < 1 || month > 12 || hour > 23 || minute > 59 || second > 59) return false
   if (m[7] !== undefined && (Number(m[7]) > 23 || Number(m[8]) > 59)) return false
   // 9999-12-31T23:59-23:59 is a year-10000 instant in UTC, which the embedded store cannot hold.
-  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && Date.parse(v) < Date.UTC(10000, 0, 1)
+  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && Date.parse(v) < YEAR_10000_MS
 }
 
 export function isCidrOrAddress(value: string): boolean {
