@@ -10,8 +10,13 @@
 // yardstick), and the median over the blocks reported with the spread of the middle half; then
 // the CPU per request of keygate and the baseline loaded side by side, at the same time. Then
 // the heap held by 100,000 cached keys. --write records the results in bench/RESULTS.md.
+// req/s is measured with wrk when it is installed (Debian: apt-get install wrk): on two cores shared
+// by the load generator, the upstream and the proxy, autocannon spends about as much CPU per
+// request as the proxy it measures, so its req/s is as much the client's as the proxy's. The same
+// slices are also run with autocannon and reported beside; latency and CPU at a fixed rate are
+// autocannon's (wrk cannot pace).
 // bench/instructions.ts compares the CPU per request without the machine's noise (callgrind).
-import { execFileSync, spawn } from 'node:child_process'
+import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
@@ -49,11 +54,59 @@ function load(url: string, headers: Record<string, string>, seconds: number, rat
   })
 }
 
-/** CPU seconds (user + system) a process has used so far, from /proc (Linux). */
+/** The fields of /proc/<pid>/stat after the command (Linux): state is field 3, at index 0. */
+function statFields(pid: number | 'self'): string[] {
+  return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')
+}
+
+/** CPU seconds (user + system) a process has used so far. */
 function cpuSeconds(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')
-  // After the command: state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+  const fields = statFields(pid)
+  // utime (14) and stime (15).
   return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS
+}
+
+/** CPU seconds of this process's children that have exited and been waited for: cutime (16) and cstime (17). */
+function reapedCpuSeconds(): number {
+  const fields = statFields('self')
+  return (Number(fields[13]) + Number(fields[14])) / CLOCK_TICKS
+}
+
+/** wrk on PATH (`wrk --version` prints its version and exits 1; missing, spawning it fails). */
+const HAVE_WRK = spawnSync('wrk', ['--version'], { stdio: 'ignore' }).error === undefined
+
+interface Fast {
+  rps: number
+  total: number
+  /** Answers not 2xx or 3xx (wrk counts no more finely). */
+  non2xx: number
+  errors: number
+  /** CPU seconds wrk used. */
+  cpu: number
+}
+
+/** As fast as the server answers, with wrk: one thread, the same connections and headers. */
+function wrk(url: string, headers: Record<string, string>, seconds: number): Promise<Fast> {
+  const args = ['-t1', `-c${CONNECTIONS}`, `-d${seconds}s`, '--timeout', '5s', ...Object.entries(headers).flatMap(([k, v]) => ['-H', `${k}: ${v}`]), url]
+  return new Promise((resolve, reject) => {
+    const cpuBefore = reapedCpuSeconds()
+    const child = spawn('wrk', args, { stdio: ['ignore', 'pipe', 'inherit'] })
+    let out = ''
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d))
+    child.once('exit', (code) => {
+      const num = (re: RegExp) => Number(re.exec(out)?.[1] ?? NaN)
+      const rps = num(/Requests\/sec:\s+([\d.]+)/)
+      if (code !== 0 || !Number.isFinite(rps)) return reject(new Error(`wrk exited with ${code}:\n${out}`))
+      const socket = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out)
+      resolve({
+        rps,
+        total: num(/(\d+) requests in/),
+        non2xx: num(/Non-2xx or 3xx responses: (\d+)/) || 0,
+        errors: socket ? socket.slice(1).reduce((a, b) => a + Number(b), 0) : 0,
+        cpu: reapedCpuSeconds() - cpuBefore,
+      })
+    })
+  })
 }
 const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
 
@@ -105,7 +158,13 @@ const capacity = await load(base.url, base.headers, SECONDS)
 const fixedRate = Math.max(500, Math.round((capacity.rps * 0.5) / 100) * 100)
 
 interface Slice {
+  /** As fast as the server answers: with wrk when installed, else autocannon. */
   rps: number
+  /** As fast as the server answers, with autocannon (when wrk measured rps). */
+  rpsAc: number
+  /** CPU of the load generator per request at full speed, µs: wrk's (or autocannon's) and autocannon's. */
+  gen: number
+  genAc: number
   p50: number
   p99: number
   cpu: number
@@ -115,21 +174,34 @@ interface Slice {
 const slices = new Map<Scenario, Slice[]>(scenarios.map((s) => [s, []]))
 const statuses = new Map<Scenario, Record<string, number>>(scenarios.map((s) => [s, {}]))
 /** One block's figures of a compared scenario against the baseline slices around it. */
-type BlockFigures = { rps: number; p99: number; cpu: number; all: number }
+type BlockFigures = { rps: number; rpsAc: number; p99: number; cpu: number; all: number }
 const blocks = new Map<Scenario, BlockFigures[]>(compared.map((s) => [s, []]))
 
+/** What a slice measures: as fast as the server answers (with wrk if installed), the same with autocannon, or at the fixed rate. */
+type Kind = 'max' | 'max-ac' | 'paced'
+const KINDS: readonly Kind[] = HAVE_WRK ? ['max', 'max-ac', 'paced'] : ['max', 'paced']
+
 /**
- * One slice of a scenario: as fast as it answers for SLICE_S, then at fixedRate for PACED_S
+ * One slice of a scenario: as fast as it answers for SLICE_S, or at fixedRate for PACED_S
  * (autocannon's rate: each second's requests sent in a burst at the start of the second).
  */
-async function measure(s: Scenario, what: 'max' | 'paced'): Promise<Partial<Slice>> {
+async function measure(s: Scenario, what: Kind): Promise<Partial<Slice>> {
   const cpuBefore = cpuSeconds(s.pid)
   const upstreamBefore = cpuSeconds(upstreamServer.pid)
-  const l = what === 'max' ? await load(s.url, s.headers, SLICE_S) : await load(s.url, s.headers, PACED_S, fixedRate)
+  if (what === 'max' && HAVE_WRK) {
+    const f = await wrk(s.url, s.headers, SLICE_S)
+    const seen = statuses.get(s) as Record<string, number>
+    if (f.non2xx > 0) seen['non-2xx (wrk)'] = (seen['non-2xx (wrk)'] ?? 0) + f.non2xx
+    if (f.errors > 0) console.error(`${s.name}: ${f.errors} socket errors (wrk)`)
+    return { rps: f.rps, gen: (f.cpu * 1e6) / Math.max(1, f.total) }
+  }
+  const l = what === 'paced' ? await load(s.url, s.headers, PACED_S, fixedRate) : await load(s.url, s.headers, SLICE_S)
   const seen = statuses.get(s) as Record<string, number>
   for (const [code, count] of Object.entries(l.statuses)) seen[code] = (seen[code] ?? 0) + count
   if (l.errors + l.timeouts > 0) console.error(`${s.name}: ${l.errors} errors, ${l.timeouts} timeouts`)
-  if (what === 'max') return { rps: l.rps }
+  const gen = (l.cpu * 1e6) / Math.max(1, l.total)
+  if (what === 'max') return { rps: l.rps, gen }
+  if (what === 'max-ac') return { rpsAc: l.rps, genAc: gen }
   const server = cpuSeconds(s.pid) - cpuBefore
   const all = l.cpu + server + (s === direct ? 0 : cpuSeconds(upstreamServer.pid) - upstreamBefore)
   return { p50: l.p50, p99: l.p99, cpu: (server * 1e6) / Math.max(1, l.total), all: (all * 1e6) / Math.max(1, l.total) }
@@ -139,7 +211,7 @@ async function measure(s: Scenario, what: 'max' | 'paced'): Promise<Partial<Slic
  * baseline, scenario, scenario, baseline: a drift of the machine's speed within the block
  * (which on a shared machine changes within seconds) weighs on both sides alike.
  */
-async function abba(s: Scenario, what: 'max' | 'paced'): Promise<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }> {
+async function abba(s: Scenario, what: Kind): Promise<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }> {
   const b1 = await measure(base, what)
   const x1 = await measure(s, what)
   const x2 = await measure(s, what)
@@ -148,25 +220,33 @@ async function abba(s: Scenario, what: 'max' | 'paced'): Promise<{ b: Array<Part
 }
 
 const mean2 = (a: Array<Partial<Slice>>, k: keyof Slice) => ((a[0]?.[k] as number) + (a[1]?.[k] as number)) / 2
+/** Two slices' figures merged, kind by kind. */
+const merged = (runs: Array<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }>, side: 'b' | 'x', i: number): Slice =>
+  Object.assign({ rpsAc: NaN, genAc: NaN }, ...runs.map((r) => r[side][i])) as Slice
 for (let block = 0; block < BLOCKS; block++) {
   // Each block starts one scenario later, so none is always measured first or last.
   const order = compared.map((_, i) => compared[(i + block) % compared.length] as Scenario)
   for (const s of order) {
-    const max = await abba(s, 'max')
-    const paced = await abba(s, 'paced')
-    for (const [who, m, p] of [[base, max.b, paced.b], [s, max.x, paced.x]] as const) {
-      for (let i = 0; i < 2; i++) (slices.get(who) as Slice[]).push({ ...(m[i] as Slice), ...(p[i] as Slice), rps: m[i]?.rps as number })
-    }
+    const runs: Array<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }> = []
+    for (const kind of KINDS) runs.push(await abba(s, kind))
+    const b = [merged(runs, 'b', 0), merged(runs, 'b', 1)]
+    const x = [merged(runs, 'x', 0), merged(runs, 'x', 1)]
+    ;(slices.get(base) as Slice[]).push(...b)
+    ;(slices.get(s) as Slice[]).push(...x)
     ;(blocks.get(s) as BlockFigures[]).push({
-      rps: mean2(max.x, 'rps') / mean2(max.b, 'rps'),
-      p99: mean2(paced.x, 'p99') - mean2(paced.b, 'p99'),
-      cpu: mean2(paced.x, 'cpu') / mean2(paced.b, 'cpu'),
-      all: mean2(paced.x, 'all') / mean2(paced.b, 'all'),
+      rps: mean2(x, 'rps') / mean2(b, 'rps'),
+      rpsAc: mean2(x, 'rpsAc') / mean2(b, 'rpsAc'),
+      p99: mean2(x, 'p99') - mean2(b, 'p99'),
+      cpu: mean2(x, 'cpu') / mean2(b, 'cpu'),
+      all: mean2(x, 'all') / mean2(b, 'all'),
     })
   }
   // The upstream alone, for scale (not compared block by block).
-  ;(slices.get(direct) as Slice[]).push({ ...((await measure(direct, 'max')) as Slice), ...((await measure(direct, 'paced')) as Slice) })
-  console.error(`block ${block + 1} of ${BLOCKS} done`)
+  const alone: Array<Partial<Slice>> = []
+  for (const kind of KINDS) alone.push(await measure(direct, kind))
+  ;(slices.get(direct) as Slice[]).push(Object.assign({ rpsAc: NaN, genAc: NaN }, ...alone) as Slice)
+  const last = (s: Scenario) => (blocks.get(s) as BlockFigures[])[block] as BlockFigures
+  console.error(`block ${block + 1} of ${BLOCKS}: req/s vs baseline ${compared.map((s) => `${s.name} ${last(s).rps.toFixed(3)}${HAVE_WRK ? ` (autocannon ${last(s).rpsAc.toFixed(3)})` : ''}`).join(', ')}`)
 }
 
 // Side by side: the baseline and a keygate scenario loaded at the same time, each at half the
@@ -199,18 +279,22 @@ const spread = (xs: number[], digits: number, sign = false) => {
   const f = (x: number) => (sign && x >= 0 ? '+' : '') + x.toFixed(digits)
   return `${f(median(xs))} (${f(quantile(xs, 0.25))} to ${f(quantile(xs, 0.75))})`
 }
+/** What measured req/s at full speed. */
+const GEN = HAVE_WRK ? 'wrk' : 'autocannon'
 const row = (s: Scenario) => {
   const vs = s === base || s === direct
   /** Against the baseline: 1.00 for itself, the ratio of medians for the upstream alone, else the blocks' median and middle half. */
-  const against = (k: 'rps' | 'cpu' | 'all') => (s === base ? '1.00' : vs ? (median(of(s, k)) / median(of(base, k))).toFixed(2) : spread(blockOf(s, k), 2))
+  const against = (k: 'rps' | 'rpsAc' | 'cpu' | 'all') => (s === base ? '1.00' : vs ? (median(of(s, k)) / median(of(base, k))).toFixed(2) : spread(blockOf(s, k), 2))
   const cells = [
     s.name,
     Math.round(median(of(s, 'rps'))),
+    ...(HAVE_WRK ? [Math.round(median(of(s, 'rpsAc')))] : []),
     median(of(s, 'p50')).toFixed(2),
     median(of(s, 'p99')).toFixed(2),
     median(of(s, 'cpu')).toFixed(1),
     median(of(s, 'all')).toFixed(1),
     against('rps'),
+    ...(HAVE_WRK ? [against('rpsAc')] : []),
     vs ? '' : spread(blockOf(s, 'p99'), 2, true),
     against('cpu'),
     against('all'),
@@ -220,13 +304,32 @@ const row = (s: Scenario) => {
   ]
   return `| ${cells.join(' | ')} |`
 }
+const columns = [
+  'scenario',
+  `req/s (${GEN})`,
+  ...(HAVE_WRK ? ['req/s (autocannon)'] : []),
+  'p50 ms',
+  'p99 ms',
+  'CPU µs/req',
+  'CPU µs/req, all',
+  `req/s vs baseline, ${GEN} (middle half)`,
+  ...(HAVE_WRK ? ['req/s vs baseline, autocannon (middle half)'] : []),
+  'p99 vs baseline, ms (middle half)',
+  'CPU vs baseline (middle half)',
+  'CPU, all, vs baseline (middle half)',
+  'statuses',
+]
+/** The load generators' own CPU per request at full speed, on the baseline's slices. */
+const genCpu = HAVE_WRK
+  ? `At full speed against the baseline, wrk used ${median(of(base, 'gen')).toFixed(1)} µs of CPU per request and autocannon ${median(of(base, 'genAc')).toFixed(1)} µs; the baseline itself used ${median(of(base, 'cpu')).toFixed(1)} µs (at the fixed rate). req/s is wrk's: with autocannon, the client takes so large a share of the two cores that the proxy under test is no longer what limits req/s. The autocannon columns are the same slices with autocannon, for comparison with earlier runs.`
+  : `wrk is not installed (Debian: apt-get install wrk), so req/s is autocannon's, which at full speed used ${median(of(base, 'gen')).toFixed(1)} µs of CPU per request against the baseline, where the baseline itself used ${median(of(base, 'cpu')).toFixed(1)} µs (at the fixed rate): on a machine of few cores, such req/s is as much the client's as the proxy's.`
 const ratio = (s: Scenario) => median(blockOf(s, 'rps'))
 const p99Delta = (s: Scenario) => median(blockOf(s, 'p99'))
 const ms = (x: number) => `${x >= 0 ? '+' : ''}${x.toFixed(2)} ms`
 const checks = [
   // Three decimals: two would show a ratio just under its line as the line itself.
-  [`keygate/baseline req/s with the memory limiter ≥ 0.90`, ratio(valid) >= 0.9, ratio(valid).toFixed(3)],
-  [`keygate/baseline req/s with the Redis limiter ≥ 0.80`, ratio(redis) >= 0.8, ratio(redis).toFixed(3)],
+  [`keygate/baseline req/s with the memory limiter ≥ 0.90 (${GEN})`, ratio(valid) >= 0.9, ratio(valid).toFixed(3)],
+  [`keygate/baseline req/s with the Redis limiter ≥ 0.80 (${GEN})`, ratio(redis) >= 0.8, ratio(redis).toFixed(3)],
   [`keygate p99 ≤ baseline p99 + 1 ms, memory limiter (at ${fixedRate} req/s)`, p99Delta(valid) <= 1, ms(p99Delta(valid))],
   [`keygate p99 ≤ baseline p99 + 1 ms, Redis limiter (at ${fixedRate} req/s)`, p99Delta(redis) <= 1, ms(p99Delta(redis))],
   ['heap per 100,000 cached keys ≤ 24 MiB', heap.heapMiB <= 24, `${heap.heapMiB} MiB (${heap.bytesPerKey} B/key)`],
@@ -246,11 +349,13 @@ const code = (() => {
 const report = [
   code,
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
-  `Each keygate scenario (and the baseline setting the headers of SPEC §3) was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
-  `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
+  `Each keygate scenario (and the baseline setting the headers of SPEC §3) was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s, ${HAVE_WRK ? `with wrk, one thread, then the same with autocannon` : 'with autocannon'}), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
+  `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, autocannon's req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
   '',
-  '| scenario | req/s | p50 ms | p99 ms | CPU µs/req | CPU µs/req, all | req/s vs baseline (middle half) | p99 vs baseline, ms (middle half) | CPU vs baseline (middle half) | CPU, all, vs baseline (middle half) | statuses |',
-  '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+  genCpu,
+  '',
+  `| ${columns.join(' | ')} |`,
+  `| ${columns.map(() => '---').join(' | ')} |`,
   ...scenarios.map(row),
   '',
   `Side by side (${SIDE_SLICES} slices of ${PACED_S} s, the baseline and keygate each at ${fixedRate / 2} req/s at the same time): keygate's CPU per request against the baseline's, with the memory limiter ${spread(sideBySide.get(valid) as number[], 2)}, with the Redis limiter ${spread(sideBySide.get(redis) as number[], 2)} (median, and the middle half of the slices).`,
@@ -259,6 +364,9 @@ const report = [
   '| --- | --- | --- |',
   ...checks.map(([what, ok, value]) => `| ${what} | ${ok ? 'yes' : 'NO'} | ${value} |`),
   '',
+  ...(HAVE_WRK
+    ? [`With autocannon at full speed instead of wrk, keygate/baseline req/s was ${median(blockOf(valid, 'rpsAc')).toFixed(3)} with the memory limiter and ${median(blockOf(redis, 'rpsAc')).toFixed(3)} with the Redis limiter.`, '']
+    : []),
 ].join('\n')
 process.stdout.write(report)
 
