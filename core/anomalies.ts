@@ -77,6 +77,8 @@ interface AnomalyRow {
 }
 
 const COLUMNS = 'id::text AS id, key_id, type, window_start, details, detected_at, acknowledged_at, acknowledged_by'
+// `ORDER BY id` would sort by the text column above ('10' before '9'): order by the table's bigint.
+const BY_ID = 'api_key_anomalies.id'
 
 function toAnomaly(r: AnomalyRow): Anomaly {
   return {
@@ -123,15 +125,21 @@ export class AnomalyLog {
     if (options.acknowledged !== undefined) where.push(options.acknowledged ? 'acknowledged_at IS NOT NULL' : 'acknowledged_at IS NULL')
     params.push(options.limit)
     const rows = await this.#db.query<AnomalyRow>(
-      `SELECT ${COLUMNS} FROM api_key_anomalies ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY id DESC LIMIT $${params.length}`,
+      `SELECT ${COLUMNS} FROM api_key_anomalies ${where.length > 0 ? `WHERE ${where.join(' AND ')}` : ''} ORDER BY ${BY_ID} DESC LIMIT $${params.length}`,
       params,
     )
     return rows.map(toAnomaly)
   }
 
+  /** The newest anomaly's id, '0' when there is none. */
+  async lastId(): Promise<string> {
+    const rows = await this.#db.query<{ id: string | null }>('SELECT max(id)::text AS id FROM api_key_anomalies')
+    return rows[0]?.id ?? '0'
+  }
+
   /** Oldest first, ids above `after` (an SSE client resuming with Last-Event-ID). */
   async after(after: string, limit: number): Promise<Anomaly[]> {
-    const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id > $1::bigint ORDER BY id LIMIT $2`, [after, limit])
+    const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id > $1::bigint ORDER BY ${BY_ID} LIMIT $2`, [after, limit])
     return rows.map(toAnomaly)
   }
 

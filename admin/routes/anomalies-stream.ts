@@ -3,6 +3,11 @@
 // reconnecting with `Last-Event-ID` (or `?last_event_id=`) first gets what it missed from the
 // table, then the live ones, none twice. A comment line every 15 s keeps proxies from closing
 // an idle stream. A stream opened with an admin key ends when that key stops being an admin key.
+// A client that stops reading is cut off once 1 MiB waits for it (it resumes with Last-Event-ID,
+// as browsers do on their own); the catch-up is read in pages, each written as the client takes
+// it, so a resume from far back is neither cut short nor held in memory.
+import { once } from 'node:events'
+import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
 import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, type AnomalyJson } from '../../core/anomalies.ts'
 import { isKeygateError, KeygateError } from '../../core/errors.ts'
@@ -13,7 +18,10 @@ import { defineOperation } from '../operation.ts'
 import { AnomalySchema } from '../schemas.ts'
 
 const HEARTBEAT_MS = 15_000
-const RESUME_MAX = 10_000
+/** Anomalies read from the table per page of a catch-up. */
+export const RESUME_PAGE = 500
+/** What may wait for a client that does not read (live events, heartbeats) before the stream is cut. */
+export const MAX_UNSENT_BYTES = 1024 * 1024
 
 const frame = (a: AnomalyJson) => `id: ${a.id}\nevent: anomaly.detected\ndata: ${JSON.stringify(a)}\n\n`
 
@@ -42,10 +50,13 @@ export default defineOperation({
     res.write(': keygate anomaly stream\nretry: 2000\n\n')
     // Live ones are held back while the missed ones are read, so none comes twice or out of turn.
     let held: AnomalyJson[] | undefined = resume !== undefined ? [] : undefined
+    let heldBytes = 0
     const off = services.anomalyFeed.on(
       (a) => {
-        if (held) held.push(a)
-        else res.write(frame(a))
+        if (!held) return send(res, frame(a))
+        held.push(a)
+        heldBytes += frame(a).length
+        if (heldBytes > MAX_UNSENT_BYTES) res.destroy()
       },
       () => res.end(),
     )
@@ -61,7 +72,7 @@ export default defineOperation({
             if ((c.key.id === keyId && !stillAdmin(c.key)) || (c.previous?.id === keyId && !stillAdmin(c.previous))) res.end()
           })
     const heartbeat = setInterval(() => {
-      res.write(': ping\n\n')
+      send(res, ': ping\n\n')
       if (keyId !== undefined) {
         services.keys.get(keyId).then(
           (k) => {
@@ -82,13 +93,23 @@ export default defineOperation({
     res.once('close', done)
     if (resume !== undefined) {
       try {
-        const missed = await services.anomalies.after(resume, RESUME_MAX)
-        const sent = new Set<string>()
-        for (const a of missed) {
-          res.write(frame(anomalyJson(a)))
-          sent.add(a.id)
+        // Every anomaly up to the newest one now is in the table (and a live one among them, held
+        // meanwhile, is sent from there); of those recorded during the catch-up, the ids the pages
+        // sent are kept, to send the held ones the pages did not hold.
+        const newest = BigInt(await services.anomalies.lastId())
+        const sentLater = new Set<string>()
+        let last = resume
+        for (;;) {
+          const page = await services.anomalies.after(last, RESUME_PAGE)
+          for (const a of page) {
+            if (res.destroyed) return undefined
+            if (!res.write(frame(anomalyJson(a)))) await drained(res)
+            if (BigInt(a.id) > newest) sentLater.add(a.id)
+            last = a.id
+          }
+          if (page.length < RESUME_PAGE) break
         }
-        for (const a of held ?? []) if (!sent.has(a.id)) res.write(frame(a))
+        for (const a of held ?? []) if (BigInt(a.id) > newest && !sentLater.has(a.id)) send(res, frame(a))
       } finally {
         held = undefined
       }
@@ -96,3 +117,18 @@ export default defineOperation({
     return undefined
   },
 })
+
+/** Writes to the stream, or cuts it off when too much already waits for the client. */
+function send(res: ServerResponse, text: string): void {
+  if (res.destroyed) return
+  res.write(text)
+  if (res.writableLength > MAX_UNSENT_BYTES) res.destroy()
+}
+
+/** Until the client has taken what waits for it, or has gone. */
+async function drained(res: ServerResponse): Promise<void> {
+  if (res.destroyed) return
+  const ac = new AbortController()
+  await Promise.race([once(res, 'drain', { signal: ac.signal }), once(res, 'close', { signal: ac.signal })]).catch(() => {})
+  ac.abort()
+}
