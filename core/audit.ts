@@ -1,7 +1,10 @@
 // The audit log: who did what to which key, from where. Details are sealed with AES-256-GCM:
-// a random 96-bit nonce per row, the row's id, key id and action bound in as associated data
-// (so details moved to another row fail to open), and the id of the encryption key stored
+// a random 96-bit nonce per row, every other field of the row bound in as associated data (its
+// id, key id, action, actor, address and time: details moved to another row, or a row whose
+// actor, address or time was changed, fail to open), and the id of the encryption key stored
 // beside them (so rows sealed before a key rotation still open with the previous key).
+// Rows of format 1 (written before migration 0006) bound only the id, key id and action; they
+// open as before. A row's format is itself bound: marking a format 2 row as format 1 fails too.
 import { createCipheriv, createDecipheriv, randomBytes, randomUUID, hash } from 'node:crypto'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
@@ -35,8 +38,22 @@ export function encryptionKeyId(key: Buffer): string {
   return hash('sha256', Buffer.concat([Buffer.from('keygate-audit-key:'), key]), 'hex').slice(0, 16)
 }
 
-function aad(rowId: string, keyId: string | null, action: string): Buffer {
-  return Buffer.from(`${rowId}\n${keyId ?? ''}\n${action}`)
+/** The fields of an audit row that are bound to its sealed details. */
+export interface SealedRow {
+  id: string
+  keyId: string | null
+  action: string
+  actor: string
+  address: string | null
+  createdAt: Date
+}
+
+/** Format 2, written now: every field, as a JSON array (no separator a field could forge). */
+export const AUDIT_FORMAT = 2
+
+function aad(row: SealedRow, format: number): Buffer {
+  if (format === 1) return Buffer.from(`${row.id}\n${row.keyId ?? ''}\n${row.action}`)
+  return Buffer.from(JSON.stringify([format, row.id, row.keyId, row.action, row.actor, row.address, row.createdAt.getTime()]))
 }
 
 export class AuditCipher {
@@ -56,22 +73,23 @@ export class AuditCipher {
     return this.#current.id
   }
 
-  seal(rowId: string, keyId: string | null, action: string, details: Record<string, unknown>): { encKeyId: string; nonce: Buffer; details: Buffer } {
+  seal(row: SealedRow, details: Record<string, unknown>): { encKeyId: string; nonce: Buffer; details: Buffer } {
     const nonce = randomBytes(12)
     const cipher = createCipheriv('aes-256-gcm', this.#current.key, nonce)
-    cipher.setAAD(aad(rowId, keyId, action))
+    cipher.setAAD(aad(row, AUDIT_FORMAT))
     const body = Buffer.concat([cipher.update(JSON.stringify(details), 'utf8'), cipher.final(), cipher.getAuthTag()])
     return { encKeyId: this.#current.id, nonce, details: body }
   }
 
-  open(rowId: string, keyId: string | null, action: string, encKeyId: string, nonce: Uint8Array, sealed: Uint8Array): Record<string, unknown> {
+  open(row: SealedRow, format: number, encKeyId: string, nonce: Uint8Array, sealed: Uint8Array): Record<string, unknown> {
+    const rowId = row.id
     const key = this.#keys.get(encKeyId)
     if (!key) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} was sealed with encryption key ${encKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`)
     const body = Buffer.from(sealed)
     if (body.length < 16 || nonce.length !== 12) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} is damaged`)
     try {
       const decipher = createDecipheriv('aes-256-gcm', key, Buffer.from(nonce))
-      decipher.setAAD(aad(rowId, keyId, action))
+      decipher.setAAD(aad(row, format))
       decipher.setAuthTag(body.subarray(body.length - 16))
       const plain = Buffer.concat([decipher.update(body.subarray(0, body.length - 16)), decipher.final()])
       return JSON.parse(plain.toString('utf8')) as Record<string, unknown>
@@ -126,17 +144,14 @@ export class AuditLog {
 
   /** Writes one row in the caller's transaction, so the change and its record commit together. */
   async write(tx: Queryable, actor: Actor, entry: AuditEntry): Promise<string> {
-    const id = randomUUID()
-    const keyId = entry.keyId ?? null
-    const sealed = this.#cipher.seal(id, keyId, entry.action, entry.details ?? {})
-    // created_at is cut to milliseconds, the precision of a JS Date: the `before` cursor of list()
-    // must compare equal to the stored value, or rows sharing a millisecond are skipped.
+    const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt: await transactionTime(tx) }
+    const sealed = this.#cipher.seal(row, entry.details ?? {})
     await tx.query(
-      `INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, date_trunc('milliseconds', now()))`,
-      [id, keyId, entry.action, actor.actor, actor.address ?? null, sealed.encKeyId, sealed.nonce, sealed.details],
+      `INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
+      [row.id, row.keyId, row.action, row.actor, row.address, sealed.encKeyId, sealed.nonce, sealed.details, row.createdAt, AUDIT_FORMAT],
     )
-    return id
+    return row.id
   }
 
   /** Newest first; `before` is the created_at/id cursor of the last row of the previous page. */
@@ -162,19 +177,35 @@ export class AuditLog {
       nonce: Uint8Array
       details: Uint8Array
       created_at: Date
+      format: number
     }>(
-      `SELECT id, key_id, action, actor, address, enc_key_id, nonce, details, created_at FROM api_key_audit_log
+      `SELECT id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format FROM api_key_audit_log
        ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
-    return rows.map((r) => ({
-      id: r.id,
-      keyId: r.key_id,
-      action: r.action,
-      actor: r.actor,
-      address: r.address,
-      details: this.#cipher.open(r.id, r.key_id, r.action, r.enc_key_id, r.nonce, r.details),
-      createdAt: r.created_at,
-    }))
+    return rows.map((r) => {
+      const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
+      return { ...row, details: this.#cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details) }
+    })
   }
+}
+
+/** The times of transactions audit rows were written in, read once per transaction. */
+const transactionTimes = new WeakMap<Queryable, Date>()
+
+/**
+ * The database's time of the transaction, cut to milliseconds (a JS Date's precision: the
+ * `before` cursor of list() must compare equal to the stored value, or rows sharing a
+ * millisecond are skipped). The database's clock, not this instance's, orders the rows of
+ * every instance alike; it is read before the row is sealed, since the time is bound into it.
+ */
+async function transactionTime(tx: Queryable): Promise<Date> {
+  let at = transactionTimes.get(tx)
+  if (at === undefined) {
+    const rows = await tx.query<{ at: Date }>("SELECT date_trunc('milliseconds', now()) AS at")
+    at = (rows[0] as { at: Date }).at
+    // A whole store (not one transaction) has no one time to keep.
+    if (!('transaction' in tx)) transactionTimes.set(tx, at)
+  }
+  return at
 }

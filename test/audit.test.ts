@@ -6,12 +6,24 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
 import type { Test } from 'tap'
-import { AuditCipher, AuditLog, encryptionKeyId, loadAuditCipher, type AuditRecord } from '../core/audit.ts'
+import { createCipheriv } from 'node:crypto'
+import { AuditCipher, AuditLog, encryptionKeyId, loadAuditCipher, type AuditRecord, type SealedRow } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { forEachStore, rejection, TEST_ENCRYPTION_KEY } from './helpers/stores.ts'
 
 const who = { actor: 'token', address: '2001:db8::7' }
+
+/** The fields bound to a row's sealed details; `changes` replaces some. */
+const row = (id: string, keyId: string | null, action: string, changes: Partial<SealedRow> = {}): SealedRow => ({
+  id,
+  keyId,
+  action,
+  actor: 'key:ADMIN0000001',
+  address: '192.0.2.7',
+  createdAt: new Date('2026-12-01T10:00:00.123Z'),
+  ...changes,
+})
 
 function tempDir(t: Test): string {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-audit-'))
@@ -30,21 +42,21 @@ t.test('AuditCipher', async (t) => {
   const details = { name: 'k', nested: { list: [1, 'two', null] }, unicode: 'Grüße ✓' }
 
   t.test('round trip', async (t) => {
-    const sealed = cipher.seal('row-1', 'KEYID0000001', 'key.created', details)
+    const sealed = cipher.seal(row('row-1', 'KEYID0000001', 'key.created'), details)
     t.equal(sealed.nonce.length, 12, '96-bit nonce')
     t.equal(sealed.encKeyId, encryptionKeyId(TEST_ENCRYPTION_KEY))
     t.equal(sealed.encKeyId, cipher.currentKeyId)
     t.notOk(sealed.details.toString('latin1').includes('Grüße'), 'details are not readable at rest')
-    t.same(cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details), details)
-    const again = cipher.seal('row-1', 'KEYID0000001', 'key.created', details)
+    t.same(cipher.open(row('row-1', 'KEYID0000001', 'key.created'), 2, sealed.encKeyId, sealed.nonce, sealed.details), details)
+    const again = cipher.seal(row('row-1', 'KEYID0000001', 'key.created'), details)
     t.notSame(again.nonce, sealed.nonce, 'a fresh nonce per row')
     t.notSame(again.details, sealed.details)
-    const noKey = cipher.seal('row-2', null, 'admin.login', {})
-    t.same(cipher.open('row-2', null, 'admin.login', noKey.encKeyId, noKey.nonce, noKey.details), {})
+    const noKey = cipher.seal(row('row-2', null, 'admin.login'), {})
+    t.same(cipher.open(row('row-2', null, 'admin.login'), 2, noKey.encKeyId, noKey.nonce, noKey.details), {})
   })
 
   t.test('any change fails authentication', async (t) => {
-    const sealed = cipher.seal('row-1', 'KEYID0000001', 'key.created', details)
+    const sealed = cipher.seal(row('row-1', 'KEYID0000001', 'key.created'), details)
     const fails = (what: string, open: () => unknown) => {
       let code: string | undefined
       try {
@@ -59,7 +71,7 @@ t.test('AuditCipher', async (t) => {
       body[byte] = (body[byte] as number) ^ 0x01
       let code: string | undefined
       try {
-        cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, body)
+        cipher.open(row('row-1', 'KEYID0000001', 'key.created'), 2, sealed.encKeyId, sealed.nonce, body)
       } catch (err) {
         code = (err as { code?: string }).code
       }
@@ -68,15 +80,33 @@ t.test('AuditCipher', async (t) => {
     for (let byte = 0; byte < 12; byte++) {
       const nonce = Buffer.from(sealed.nonce)
       nonce[byte] = (nonce[byte] as number) ^ 0x80
-      fails(`nonce byte ${byte} flipped`, () => cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, nonce, sealed.details))
+      fails(`nonce byte ${byte} flipped`, () => cipher.open(row('row-1', 'KEYID0000001', 'key.created'), 2, sealed.encKeyId, nonce, sealed.details))
     }
-    fails('another row id', () => cipher.open('row-2', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details))
-    fails('another key id', () => cipher.open('row-1', 'KEYID0000002', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details))
-    fails('no key id', () => cipher.open('row-1', null, 'key.created', sealed.encKeyId, sealed.nonce, sealed.details))
-    fails('another action', () => cipher.open('row-1', 'KEYID0000001', 'key.revoked', sealed.encKeyId, sealed.nonce, sealed.details))
-    fails('truncated', () => cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce, sealed.details.subarray(0, 10)))
-    fails('short nonce', () => cipher.open('row-1', 'KEYID0000001', 'key.created', sealed.encKeyId, sealed.nonce.subarray(0, 8), sealed.details))
-    fails('unknown encryption key', () => cipher.open('row-1', 'KEYID0000001', 'key.created', '0000000000000000', sealed.nonce, sealed.details))
+    fails('another row id', () => cipher.open(row('row-2', 'KEYID0000001', 'key.created'), 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('another key id', () => cipher.open(row('row-1', 'KEYID0000002', 'key.created'), 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('no key id', () => cipher.open(row('row-1', null, 'key.created'), 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('another action', () => cipher.open(row('row-1', 'KEYID0000001', 'key.revoked'), 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('truncated', () => cipher.open(row('row-1', 'KEYID0000001', 'key.created'), 2, sealed.encKeyId, sealed.nonce, sealed.details.subarray(0, 10)))
+    fails('short nonce', () => cipher.open(row('row-1', 'KEYID0000001', 'key.created'), 2, sealed.encKeyId, sealed.nonce.subarray(0, 8), sealed.details))
+    fails('unknown encryption key', () => cipher.open(row('row-1', 'KEYID0000001', 'key.created'), 2, '0000000000000000', sealed.nonce, sealed.details))
+    const original = row('row-1', 'KEYID0000001', 'key.created')
+    fails('another actor', () => cipher.open({ ...original, actor: 'key:ADMIN0000002' }, 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('another address', () => cipher.open({ ...original, address: '198.51.100.1' }, 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('no address', () => cipher.open({ ...original, address: null }, 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('another time', () => cipher.open({ ...original, createdAt: new Date(original.createdAt.getTime() + 1) }, 2, sealed.encKeyId, sealed.nonce, sealed.details))
+    fails('read as format 1', () => cipher.open(original, 1, sealed.encKeyId, sealed.nonce, sealed.details))
+  })
+
+  t.test('a row sealed in format 1 (id, key id and action bound) still opens as format 1, and only so', async (t) => {
+    // Sealed as keygate sealed rows before format 2, independently of core/audit.ts.
+    const nonce = randomBytes(12)
+    const cipher1 = createCipheriv('aes-256-gcm', TEST_ENCRYPTION_KEY, nonce)
+    cipher1.setAAD(Buffer.from('row-1\nKEYID0000001\nkey.created'))
+    const body = Buffer.concat([cipher1.update(JSON.stringify(details), 'utf8'), cipher1.final(), cipher1.getAuthTag()])
+    const original = row('row-1', 'KEYID0000001', 'key.created')
+    t.same(cipher.open(original, 1, cipher.currentKeyId, nonce, body), details)
+    t.same(cipher.open({ ...original, actor: 'anyone', address: null }, 1, cipher.currentKeyId, nonce, body), details, 'format 1 did not bind the actor or address')
+    t.throws(() => cipher.open(original, 2, cipher.currentKeyId, nonce, body), { code: 'audit_decrypt_failed' }, 'nor is it read as format 2')
   })
 
   t.test('keys must be 32 bytes', async (t) => {
@@ -166,6 +196,39 @@ await forEachStore(t, async (t, store) => {
     t.equal((await rejection(log.list(db, { keyId: other }))).code, 'audit_decrypt_failed', 'a changed action is noticed')
   })
 
+  t.test("a row's actor, address, time or format changed in the store fails to open", async (t) => {
+    const changes: Array<[string, string, unknown[]]> = [
+      ['actor', 'actor = $2', ['key:SOMEONEELSE1']],
+      ['address', 'address = $2', ['198.51.100.9']],
+      ['address removed', 'address = NULL', []],
+      ['time', "created_at = created_at - interval '1 hour'", []],
+      ['format', 'format = 1', []],
+    ]
+    for (const [what, set, params] of changes) {
+      const keyId = randomUUID().slice(0, 12)
+      const [rowId] = await writeRows(db, log, 1, keyId)
+      t.equal((await log.list(db, { keyId })).length, 1, `${what}: opens before`)
+      await db.query(`UPDATE api_key_audit_log SET ${set} WHERE id = $1`, [rowId, ...params])
+      t.equal((await rejection(log.list(db, { keyId }))).code, 'audit_decrypt_failed', `${what}: noticed`)
+    }
+    const stored = await db.query<{ format: number }>('SELECT DISTINCT format FROM api_key_audit_log WHERE key_id IS NOT NULL AND action = $1', ['key.updated'])
+    t.ok(stored.some((r) => r.format === 2), 'rows are written in format 2')
+  })
+
+  t.test('rows of one transaction share its time; rows of another have their own', async (t) => {
+    const keyId = randomUUID().slice(0, 12)
+    await db.transaction(async (tx) => {
+      await log.write(tx, who, { keyId, action: 'key.updated' })
+      await new Promise((resolve) => setTimeout(resolve, 5))
+      await log.write(tx, who, { keyId, action: 'key.updated' })
+    })
+    await new Promise((resolve) => setTimeout(resolve, 5))
+    await writeRows(db, log, 1, keyId)
+    const times = (await log.list(db, { keyId })).map((r) => r.createdAt.getTime())
+    t.equal(times.length, 3)
+    t.equal(new Set(times).size, 2, 'two times: one per transaction')
+  })
+
   t.test('encryption key rotation: old rows open when the old key is passed as previous', async (t) => {
     const oldKey = randomBytes(32)
     const newKey = randomBytes(32)
@@ -197,8 +260,8 @@ t.test('loadAuditCipher', async (t) => {
     const old = randomBytes(32)
     const c = loadAuditCipher({ encryptionKey: configured.toString('base64'), previousKeys: [old.toString('base64')], storeKind: 'postgres' })
     t.equal(c.currentKeyId, encryptionKeyId(configured))
-    const sealed = new AuditCipher(old).seal('r', null, 'a', { x: 1 })
-    t.same(c.open('r', null, 'a', sealed.encKeyId, sealed.nonce, sealed.details), { x: 1 })
+    const sealed = new AuditCipher(old).seal(row('r', null, 'a'), { x: 1 })
+    t.same(c.open(row('r', null, 'a'), 2, sealed.encKeyId, sealed.nonce, sealed.details), { x: 1 })
     t.throws(() => loadAuditCipher({ encryptionKey: randomBytes(16).toString('base64'), storeKind: 'postgres' }), { code: 'config_invalid' })
   })
 
@@ -227,8 +290,8 @@ t.test('loadAuditCipher', async (t) => {
     const second = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, log })
     t.equal(second.currentKeyId, first.currentKeyId, 'the same key next time')
     t.equal(lines.length, 1, 'no second warning')
-    const sealed = first.seal('r', 'k', 'a', { same: true })
-    t.same(second.open('r', 'k', 'a', sealed.encKeyId, sealed.nonce, sealed.details), { same: true })
+    const sealed = first.seal(row('r', 'k', 'a'), { same: true })
+    t.same(second.open(row('r', 'k', 'a'), 2, sealed.encKeyId, sealed.nonce, sealed.details), { same: true })
 
     const explicit = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, encryptionKey: configured.toString('base64') })
     t.equal(explicit.currentKeyId, encryptionKeyId(configured), 'a configured key wins over the file')

@@ -11,7 +11,7 @@ import { WebhookService } from '../core/webhooks.ts'
 import { loadConfig } from '../config/load.ts'
 import { defaultPruneRules, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
-import { forEachStore, testClock, testServices } from './helpers/stores.ts'
+import { backdateAudit, forEachStore, testClock, testServices } from './helpers/stores.ts'
 
 const HOUR = 3_600_000
 const DAY = 24 * HOUR
@@ -142,9 +142,9 @@ forEachStore(t, async (t, store) => {
     const rows = await s.audit.list(store.db, { keyId: record.id })
     t.equal(rows.length, 1)
     const now = clock.now().getTime()
-    await store.db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE id = $1', [rows[0]!.id, new Date(now - 366 * DAY)])
+    await backdateAudit(store.db, s.cipher, record.id, new Date(now - 366 * DAY))
     const { record: recent } = await s.keys.create({ name: 'recent', type: 'user' }, ACTOR)
-    await store.db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE key_id = $1', [recent.id, new Date(now - 364 * DAY)])
+    await backdateAudit(store.db, s.cipher, recent.id, new Date(now - 364 * DAY))
     const insertAnomaly = (window: number, detected: number) =>
       store.db.query(`INSERT INTO api_key_anomalies (key_id, type, window_start, detected_at) VALUES ($1, 'error_rate', $2, $3)`, [record.id, new Date(window), new Date(detected)])
     await insertAnomaly(0, now - 91 * DAY)
