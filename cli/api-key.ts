@@ -4,9 +4,9 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import { KeygateError } from '../core/errors.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
-import { KEY_TYPES, keyJson } from '../core/keys/types.ts'
+import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -125,7 +125,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     positionals: { min: 0, max: 0 },
     prepare(p) {
       if (str(p, 'name') === undefined) throw new UsageError('--name is required')
-      if (str(p, 'type') === undefined) throw new UsageError('--type is required (system, user, service, integration or emergency)')
+      if (choiceFlag(p, 'type', KEY_TYPES) === undefined) throw new UsageError('--type is required (system, user, service, integration or emergency)')
       const body = keyBody(p)
       return async (ctx) => {
         const { key, record } = await ctx.ops.create(body)
@@ -151,6 +151,8 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     positionals: { min: 0, max: 0 },
     prepare(p) {
       const query: Record<string, unknown> = {}
+      choiceFlag(p, 'type', KEY_TYPES)
+      choiceFlag(p, 'status', KEY_STATUSES)
       for (const f of ['type', 'status', 'owner', 'scope', 'name', 'cursor']) if (str(p, f) !== undefined) query[f] = str(p, f)
       const limit = parseIntFlag('limit', str(p, 'limit'), 1, 500)
       if (limit !== undefined) query.limit = limit
@@ -280,10 +282,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     options: { type: { type: 'string' } },
     positionals: { min: 1, max: 1 },
     prepare(p) {
-      const type = str(p, 'type')
-      if (type !== undefined && !(KEY_TYPES as readonly string[]).includes(type)) {
-        throw new UsageError(`--type: ${JSON.stringify(type)} is not allowed; expected one of ${KEY_TYPES.join(', ')}`)
-      }
+      const type = choiceFlag(p, 'type', KEY_TYPES)
       return async (ctx) => {
         const rows = parseImport(await readInput(ctx.io, p.positionals[0] as string))
         const imported = await ctx.ops.importLegacy(rows, type)

@@ -42,6 +42,10 @@ export const GLOBAL_OPTIONS = {
   'admin-url': { type: 'string' },
 } as const satisfies ParseArgsOptionsConfig
 
+const GLOBAL_STRING_FLAGS = Object.entries(GLOBAL_OPTIONS)
+  .filter(([, o]) => o.type === 'string')
+  .map(([name]) => name)
+
 export interface Parsed {
   values: Record<string, string | boolean | string[] | undefined>
   positionals: string[]
@@ -59,6 +63,15 @@ export interface Command<C> {
 
 export const str = (p: Parsed, name: string) => p.values[name] as string | undefined
 
+/** A flag whose value must be one of `allowed`: anything else is a usage error, caught before a store is opened. */
+export function choiceFlag<T extends string>(p: Parsed, flag: string, allowed: readonly T[]): T | undefined {
+  const value = str(p, flag)
+  if (value !== undefined && !(allowed as readonly string[]).includes(value)) {
+    throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not allowed; expected one of ${allowed.join(', ')}`)
+  }
+  return value as T | undefined
+}
+
 /** A secret given as an argument, or `-` to read it from the first line of stdin (out of the process list). */
 export async function argOrStdin(io: Io, value: string): Promise<string> {
   return value === '-' ? ((await io.readStdin()).split('\n')[0]?.trim() ?? '') : value
@@ -72,6 +85,10 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
     throw new UsageError(`${(err as Error).message.split('\n')[0]?.replace(/\. To specify a positional.*$/, '')}\nusage: ${usage}`)
   }
   if (parsed.values.help) return parsed
+  // `--data-dir=$DIR` with DIR unset must not quietly mean the default folder (another store).
+  for (const name of GLOBAL_STRING_FLAGS) {
+    if (parsed.values[name] === '') throw new UsageError(`--${name}: an empty value is not allowed\nusage: ${usage}`)
+  }
   const n = parsed.positionals.length
   if (n < positionals.min) throw new UsageError(`missing argument\nusage: ${usage}`)
   if (n > positionals.max) throw new UsageError(`unexpected argument ${JSON.stringify(parsed.positionals[positionals.max])}\nusage: ${usage}`)

@@ -40,6 +40,15 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'list', '--limit', '0'], /--limit: "0" is not allowed; expected an integer from 1 to 500/],
     [['api-key', 'list', '--limit', 'ten'], /--limit: "ten" is not allowed/],
     [['api-key', 'list', '--all', '--cursor', 'abc'], /--all and --cursor exclude each other/],
+    // A flag with a fixed set of values is checked as a usage error by every command that takes it.
+    [['api-key', 'create', '--name', 'x', '--type', 'bogus'], /--type: "bogus" is not allowed; expected one of system, user, service, integration, emergency/],
+    [['api-key', 'list', '--type', 'bogus'], /--type: "bogus" is not allowed/],
+    [['api-key', 'list', '--status', 'gone'], /--status: "gone" is not allowed; expected one of active, rotating, revoked, expired/],
+    [['api-key', 'import', '-', '--type', 'bogus'], /--type: "bogus" is not allowed/],
+    // An empty flag value (`--data-dir=$DIR` with DIR unset) is a mistake, not "use the default".
+    [['api-key', 'list', '--data-dir='], /--data-dir: an empty value is not allowed/],
+    [['api-key', 'list', '--database-url', ''], /--database-url: an empty value is not allowed/],
+    [['api-key', 'list', '--config='], /--config: an empty value is not allowed/],
     [['api-key', 'rotate', 'abc', '--force=yes'], /--force/],
     [['config'], /usage: keygate config check/],
     [['config', 'check'], /give the file to check/],

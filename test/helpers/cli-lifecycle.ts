@@ -96,9 +96,12 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
   const garbage = await run(['api-key', 'validate', 'kg_not-a-key'])
   t.equal(garbage.code, 1)
   t.match(garbage.stderr, /key_invalid \(malformed\)/)
-  const invalid = await run(['api-key', 'create', '--type', 'root', '--name', 'x', '--json'])
+  const badType = await run(['api-key', 'create', '--type', 'root', '--name', 'x', '--json'])
+  t.equal(badType.code, 2, 'a value --type never takes is a usage error')
+  t.equal(badType.json().error.code, 'usage_error')
+  const invalid = await run(['api-key', 'create', '--type', 'user', '--name', 'x', '--scopes', 'no spaces allowed', '--json'])
   t.equal(invalid.code, 1, 'an invalid field is a refused operation')
-  t.equal(invalid.json().error.details.fields[0].field, 'type')
+  t.equal(invalid.json().error.details.fields[0].field, 'scopes[0]')
 
   const legacy = [randomUUID(), randomUUID()]
   plaintexts.push(...legacy)
