@@ -1,4 +1,4 @@
-// npm run bench [-- --quick] [-- --write]
+// npm run bench [-- --quick] [-- --write] [-- --dump FILE]
 // In one run: a fixed-response upstream, a bare undici proxy with no checks (the baseline), and
 // keygate with every stage on (trusted proxies, deny list, lockout, per-address and per-key
 // limits, key validation, route scopes): one process for valid keys and one for bad keys with the
@@ -11,10 +11,10 @@
 // the CPU per request of keygate and the baseline loaded side by side, at the same time. Then
 // the heap held by 100,000 cached keys. --write records the results in bench/RESULTS.md.
 // req/s is measured with wrk when it is installed (Debian: apt-get install wrk): on two cores shared
-// by the load generator, the upstream and the proxy, autocannon spends about as much CPU per
-// request as the proxy it measures, so its req/s is as much the client's as the proxy's. The same
-// slices are also run with autocannon and reported beside; latency and CPU at a fixed rate are
-// autocannon's (wrk cannot pace).
+// by the load generator, the upstream and the proxy, the less CPU the client takes, the more the
+// proxy under test is what limits req/s (autocannon spends about half the bare proxy's CPU per
+// request, wrk about a third). The same slices are also run with autocannon and reported beside;
+// latency and CPU at a fixed rate are autocannon's (wrk cannot pace).
 // bench/instructions.ts compares the CPU per request without the machine's noise (callgrind).
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
@@ -263,6 +263,13 @@ for (let slice = 0; slice < SIDE_SLICES; slice++) {
   }
 }
 
+// --dump FILE: every slice and block figure as JSON, to check the report's arithmetic.
+const dumpAt = process.argv.indexOf('--dump')
+if (dumpAt !== -1) {
+  const named = <T>(m: Map<Scenario, T>) => Object.fromEntries([...m].map(([s, v]) => [s.name, v]))
+  writeFileSync(process.argv[dumpAt + 1] as string, JSON.stringify({ slices: named(slices), blocks: named(blocks), sideBySide: named(sideBySide) }, null, 1))
+}
+
 for (const s of [upstreamServer, baselineServer, contractServer, keygateServer, keygateBadServer, keygateRedisServer]) s.child.kill('SIGTERM')
 const heap = JSON.parse(execFileSync(process.execPath, ['--expose-gc', here('./cache-heap.ts'), '100000'], { encoding: 'utf8' })) as { heapMiB: number; bytesPerKey: number }
 
@@ -321,7 +328,7 @@ const columns = [
 ]
 /** The load generators' own CPU per request at full speed, on the baseline's slices. */
 const genCpu = HAVE_WRK
-  ? `At full speed against the baseline, wrk used ${median(of(base, 'gen')).toFixed(1)} µs of CPU per request and autocannon ${median(of(base, 'genAc')).toFixed(1)} µs; the baseline itself used ${median(of(base, 'cpu')).toFixed(1)} µs (at the fixed rate). req/s is wrk's: with autocannon, the client takes so large a share of the two cores that the proxy under test is no longer what limits req/s. The autocannon columns are the same slices with autocannon, for comparison with earlier runs.`
+  ? `At full speed against the baseline, wrk used ${median(of(base, 'gen')).toFixed(1)} µs of CPU per request and autocannon ${median(of(base, 'genAc')).toFixed(1)} µs; the baseline itself used ${median(of(base, 'cpu')).toFixed(1)} µs (at the fixed rate). req/s is wrk's: the less of the two cores the client takes, the more the proxy under test is what limits req/s. The autocannon columns are the same blocks with autocannon, for comparison with earlier runs.`
   : `wrk is not installed (Debian: apt-get install wrk), so req/s is autocannon's, which at full speed used ${median(of(base, 'gen')).toFixed(1)} µs of CPU per request against the baseline, where the baseline itself used ${median(of(base, 'cpu')).toFixed(1)} µs (at the fixed rate): on a machine of few cores, such req/s is as much the client's as the proxy's.`
 const ratio = (s: Scenario) => median(blockOf(s, 'rps'))
 const p99Delta = (s: Scenario) => median(blockOf(s, 'p99'))
