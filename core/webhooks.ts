@@ -166,7 +166,12 @@ function dedupeKey(e: KeygateEvent): string | null {
   return null
 }
 
-const LEASE_MS = 60_000
+/**
+ * How long a claimed delivery is left to its claimer beyond the attempt's own timeout (a claimer
+ * that dies mid-attempt leaves it to another process after this). The lease always outlasts the
+ * attempt: before, a timeout above 60 s let a second process send the same delivery again.
+ */
+const LEASE_MARGIN_MS = 60_000
 const BATCH = 20
 
 export interface WebhookServiceOptions {
@@ -364,7 +369,7 @@ export class WebhookService {
          FROM due WHERE d.id = due.id RETURNING d.*
        )
        SELECT c.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
-      [now, new Date(now.getTime() + LEASE_MS), BATCH],
+      [now, new Date(now.getTime() + this.#c.timeout_ms + LEASE_MARGIN_MS), BATCH],
     )
   }
 
@@ -400,22 +405,29 @@ export class WebhookService {
       error = (e.cause?.message ?? e.message).slice(0, 500)
     }
     const done = this.#now()
+    // Only while this attempt is still the delivery's latest (its claim's attempt count, still
+    // pending): an outcome that arrives after another process took the delivery over (this
+    // process was frozen past the lease) must not undo that process's.
+    const mine = 'id = $1 AND attempts = $2 AND status = \'pending\''
     let rows: DeliveryRow[]
     if (error === null) {
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = $2, last_status = $3, last_error = NULL WHERE id = $1 RETURNING ${D_COLUMNS}`,
-        [c.id, done, status],
+        `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = $3, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
+        [c.id, c.attempts, done, status],
       )
     } else {
       const failed = c.attempts >= this.#c.max_attempts
       const wait = Math.min(this.#c.retry_base_ms * 2 ** (c.attempts - 1), this.#c.retry_max_ms)
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET status = $2, next_attempt_at = $3, last_status = $4, last_error = $5 WHERE id = $1 RETURNING ${D_COLUMNS}`,
-        [c.id, failed ? 'failed' : 'pending', new Date(done.getTime() + wait), status, error],
+        `UPDATE webhook_deliveries SET status = $3, next_attempt_at = $4, last_status = $5, last_error = $6 WHERE ${mine} RETURNING ${D_COLUMNS}`,
+        [c.id, c.attempts, failed ? 'failed' : 'pending', new Date(done.getTime() + wait), status, error],
       )
       this.#log.warn(failed ? 'webhook delivery failed for good' : 'webhook delivery failed; will retry', { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error })
     }
-    return rows[0] ? toDelivery(rows[0]) : toDelivery({ ...c, status: 'failed', last_status: status, last_error: error })
+    if (rows[0]) return toDelivery(rows[0])
+    // Taken over (or deleted with its webhook): what the delivery is now.
+    const current = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1`, [c.id])
+    return current[0] ? toDelivery(current[0]) : toDelivery({ ...c, status: 'failed', last_status: status, last_error: error })
   }
 
   /** Sends a `webhook.test` event to the webhook now (one attempt, in the delivery log; retried like any other when it fails). */
@@ -429,7 +441,7 @@ export class WebhookService {
          VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
        )
        SELECT d.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM d JOIN webhooks w ON w.id = d.webhook_id`,
-      [webhook.id, TEST_EVENT, body, new Date(now.getTime() + LEASE_MS), now],
+      [webhook.id, TEST_EVENT, body, new Date(now.getTime() + this.#c.timeout_ms + LEASE_MARGIN_MS), now],
     )
     return this.#attempt(rows[0] as Claimed)
   }

@@ -226,6 +226,35 @@ await forEachStore(t, async (t, store) => {
     t.match(last, { status: 'failed', attempts: 3, last_status: 500, last_error: 'the receiver answered 500' })
   })
 
+  await t.test('an attempt that outlives its lease does not undo the delivery another process made meanwhile', async (t) => {
+    let release: (() => void) | undefined
+    let answered = 0
+    const receiver = await startReceiver(t, (_h, res) => {
+      // The first attempt hangs until the test lets it fail; later ones succeed.
+      if (++answered === 1) release = () => res.writeHead(500).end()
+      else res.writeHead(204).end()
+    })
+    const a = service({ timeout_ms: 90_000 })
+    const b = service({ timeout_ms: 90_000 })
+    const { webhook } = await a.create({ url: `${receiver.url}/lease`, events: ['key.revoked'] }, ACTOR)
+    await a.enqueue(event('key.revoked', { key: { id: 'k-lease' } }))
+    a.kick()
+    await receiver.waitFor((h) => h.path === '/lease')
+    let [d] = await deliveriesOf(webhook.id)
+    t.ok(new Date(d.next_attempt_at).getTime() >= clock.now().getTime() + 90_000, "the claim's lease outlasts the attempt's timeout")
+    // The lease has run out (a process frozen past it): another process takes the delivery over.
+    await store.db.query('UPDATE webhook_deliveries SET next_attempt_at = $2 WHERE id = $1', [d.id, clock.now()])
+    await run(b)
+    ;[d] = await deliveriesOf(webhook.id)
+    t.equal(d.status, 'delivered', 'delivered by the other process')
+    ;(release as () => void)()
+    await a.idle()
+    ;[d] = await deliveriesOf(webhook.id)
+    t.equal(d.status, 'delivered', "the first attempt's late failure does not set it back to pending")
+    t.equal(d.attempts, 2, 'two attempts, no third')
+    t.equal(d.last_status, 204)
+  })
+
   await t.test('queued deliveries survive a restart and are sent once by several services at once', async (t) => {
     const receiver = await startReceiver(t)
     const before = service({}, false)
