@@ -147,6 +147,18 @@ await forEachStore(t, async (t, store) => {
     t.match(listed.items.find((i) => i.remote_id === forBob.remote_id), { state: 'in_sync', user: 'bob' })
     t.match(await admin.delete('for-bob', actor, { user: 'bob' }), { user: 'bob', remote_missing: false })
 
+    // A user deleted in Gitea (its tokens go with it; Gitea then answers 404 "user does not
+    // exist"): the list still answers, and the record can be closed.
+    fake.addUser('carol', 'carol-Secret-pw-4')
+    const forCarol = await admin.create({ name: 'for-carol', scopes: ['read:user'], user: 'carol' }, actor)
+    secrets.push(forCarol.token)
+    fake.users.delete('carol')
+    fake.tokens.splice(0, fake.tokens.length, ...fake.tokens.filter((tk) => tk.owner !== 'carol'))
+    const afterDeletion = await admin.list()
+    t.match(afterDeletion.items.find((i) => i.remote_id === forCarol.remote_id), { state: 'deleted_remotely', user: 'carol' }, "a deleted user's token is listed as deleted remotely")
+    t.match(await admin.delete('for-carol', actor, { user: 'carol' }), { user: 'carol', remote_missing: true, record: { deleted_at: /\d/ } }, 'and its record is closed')
+    t.match(await rejection(admin.delete('for-carol', actor, { user: 'carol' })), { code: 'gitea_token_not_found' })
+
     const unconfigured = new GiteaTokenService(integrationDeps(store.db, { GITEA_URL: fake.url }))
     t.match(await rejection(unconfigured.list()), { code: 'gitea_not_configured', status: 503, message: /set GITEA_USERNAME, GITEA_PASSWORD/ })
     t.match(await rejection(new GiteaTokenService(integrationDeps(store.db, {})).verify('abc')), { code: 'gitea_not_configured', message: /set GITEA_URL/ })

@@ -221,12 +221,17 @@ export class GiteaTokenService {
     return { ...toJson(row), token }
   }
 
-  /** Every token of `user` in Gitea, all pages. */
+  /**
+   * Every token of `user` in Gitea, all pages. A user other than the configured one that Gitea
+   * answers 404 for no longer exists there, and neither do its tokens (Gitea deletes them with
+   * the user): none. Before, such a user made every list fail, and its records could not be closed.
+   */
   async #remoteTokens(user: string): Promise<GiteaRemoteToken[]> {
     const { http, username, authorization } = this.#client(true)
     const out: GiteaRemoteToken[] = []
     for (let page = 1; page <= MAX_PAGES; page++) {
       const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
+      if (res.status === 404 && page === 1 && user !== username) return out
       if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
       for (const item of res.body) {
