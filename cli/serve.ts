@@ -18,7 +18,7 @@ import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidati
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { teeUsage, UsageRecorder } from '../core/usage.ts'
-import { AnomalyDetector, AnomalyFeed, type AnomalyJson, type AnomalyType } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { pendingMigrations } from '../core/migrate.ts'
@@ -163,7 +163,15 @@ interface ProcessEvents {
   close(): Promise<void>
 }
 
-function processEvents(config: Config, runtime: Runtime, redis: Redis | undefined, log: Logger, role: Role, onAnomaly?: (type: AnomalyType) => void): ProcessEvents {
+function processEvents(
+  config: Config,
+  runtime: Runtime,
+  redis: Redis | undefined,
+  log: Logger,
+  role: Role,
+  onAnomaly?: (type: AnomalyType) => void,
+  windows?: SharedWindows,
+): ProcessEvents {
   // The runtime's bus: the scheduler's key.expiring reaches webhooks the same way.
   const events = runtime.events
   const webhooks = new WebhookService({ db: runtime.db, audit: runtime.audit, config: config.webhooks, log })
@@ -173,7 +181,7 @@ function processEvents(config: Config, runtime: Runtime, redis: Redis | undefine
   const a = config.anomalies
   const detector =
     role.gateway && a.enabled
-      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ...(onAnomaly ? { onAnomaly } : {}) })
+      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, windows, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ...(onAnomaly ? { onAnomaly } : {}) })
       : undefined
   const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log }) : undefined
   return {
@@ -282,12 +290,15 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
   const lockout = processLockout(config, redis, log, { onLockout: () => metrics?.lockouts.inc(), worker: mode.worker })
-  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc())
+  // Without Redis, a worker's counts are judged in the primary's windows, with its siblings'.
+  const windows = mode.worker && !redis ? new ClusterWindows((m) => process.send?.(m satisfies FromWorker)) : undefined
+  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc(), windows)
   // Without Redis, a worker's anomalies reach the primary's SSE stream over cluster IPC.
-  const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data })) : undefined
+  const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data as AnomalyJson } satisfies FromWorker)) : undefined
   const onPrimaryMessage = (m: WorkerMessage) => {
     if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
+    else if (m?.keygate === 'windows-totals') windows?.receive(m)
   }
   try {
     if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
@@ -365,13 +376,13 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
 }
 
 /** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
-type FromWorker = { keygate: 'ready' } | { keygate: 'lock'; message: string }
+type FromWorker = { keygate: 'ready' } | { keygate: 'lock'; message: string } | { keygate: 'anomaly'; anomaly: AnomalyJson } | WindowsRequest
 
-/** What the primary sends its gateway workers when its admin API changes something. */
+/** What the primary sends its gateway workers: what its admin API changed, and the anomaly windows' totals. */
 type WorkerMessage =
   | { keygate: 'invalidate'; message: string }
-  | { keygate: 'anomaly'; anomaly: AnomalyJson }
   | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
+  | WindowsAnswer
 
 function denyChangeFrom(m: Extract<WorkerMessage, { keygate: 'deny' }>): DenyChange {
   return { action: m.action, entry: { ...m.entry, createdAt: new Date(m.entry.createdAt), expiresAt: m.entry.expiresAt === null ? null : new Date(m.entry.expiresAt) } }
@@ -389,8 +400,16 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   const ev = processEvents(config, runtime, redis, log, { gateway: false, admin: role.admin })
-  const onWorkerMessage = (_w: unknown, m: WorkerMessage) => {
+  // Without Redis: the workers' anomalies reach this admin API's stream, and their counts are
+  // pooled here for the anomaly thresholds.
+  const anomalyWindows = new MemoryWindows(config.anomalies.error_rate_window_s)
+  const onWorkerMessage = (w: import('node:cluster').Worker, m: FromWorker) => {
     if (m?.keygate === 'anomaly') ev.events.emit('anomaly.detected', m.anomaly)
+    else if (m?.keygate === 'windows') {
+      void answerWindows(anomalyWindows, m).then((answer) => {
+        if (w.isConnected()) w.send(answer satisfies WorkerMessage)
+      })
+    }
   }
   if (!redis) cluster.on('message', onWorkerMessage)
   try {

@@ -232,6 +232,58 @@ export class MemoryWindows implements SharedWindows {
   }
 }
 
+/** A tally as it crosses cluster IPC (a Set does not survive serialisation). */
+type WireTally = Omit<Tally, 'addresses'> & { addresses: string[] }
+
+/** What a gateway worker asks its primary, and what it answers (cli/serve.ts routes them). */
+export type WindowsRequest = { keygate: 'windows'; id: number; tallies: WireTally[] }
+export type WindowsAnswer = { keygate: 'windows-totals'; id: number; totals: Totals[] }
+
+/**
+ * The windows of a `--workers` gateway without Redis: each worker's counts are added in the
+ * primary's memory, so a key's traffic spread over the workers is judged as one (as the rate
+ * limits and the lockout are). Without an answer in time the detector judges its own counts.
+ */
+export class ClusterWindows implements SharedWindows {
+  readonly #send: (m: WindowsRequest) => void
+  readonly #waiting = new Map<number, { resolve: (t: Totals[]) => void; timer: NodeJS.Timeout }>()
+  readonly #timeoutMs: number
+  #next = 0
+
+  constructor(send: (m: WindowsRequest) => void, timeoutMs = 2000) {
+    this.#send = send
+    this.#timeoutMs = timeoutMs
+  }
+
+  add(tallies: readonly Tally[]): Promise<Totals[]> {
+    const id = ++this.#next
+    return new Promise<Totals[]>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#waiting.delete(id)
+        reject(new Error('the primary did not answer with the anomaly windows'))
+      }, this.#timeoutMs)
+      timer.unref()
+      this.#waiting.set(id, { resolve, timer })
+      this.#send({ keygate: 'windows', id, tallies: tallies.map((t) => ({ ...t, addresses: [...t.addresses] })) })
+    })
+  }
+
+  /** The primary's answer (a message of another kind is ignored). */
+  receive(m: WindowsAnswer): void {
+    const w = this.#waiting.get(m.id)
+    if (!w) return
+    this.#waiting.delete(m.id)
+    clearTimeout(w.timer)
+    w.resolve(m.totals)
+  }
+}
+
+/** The primary's side of ClusterWindows: adds a worker's tallies to its own memory windows. */
+export async function answerWindows(windows: MemoryWindows, m: WindowsRequest): Promise<WindowsAnswer> {
+  const totals = await windows.add(m.tallies.map((t) => ({ ...t, addresses: new Set(t.addresses) })))
+  return { keygate: 'windows-totals', id: m.id, totals }
+}
+
 export class RedisWindows implements SharedWindows {
   readonly #redis: Redis
   readonly #prefix: string
@@ -287,6 +339,8 @@ export interface DetectorOptions {
   checkIntervalMs: number
   /** Called for each anomaly this process recorded (the metric). */
   onAnomaly?: (type: AnomalyType) => void
+  /** Where counts are pooled without Redis (a `--workers` primary); else this process's memory. */
+  windows?: SharedWindows | undefined
 }
 
 /** A finding judged from the totals, before it is stored. */
@@ -327,7 +381,7 @@ export class AnomalyDetector implements UsageSink {
     this.#log = options.log
     this.#anomalies = new AnomalyLog(options.db)
     this.#memory = new MemoryWindows(options.thresholds.error_rate_window_s)
-    this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : this.#memory
+    this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : (options.windows ?? this.#memory)
     if (options.checkIntervalMs > 0) {
       this.#timer = setInterval(() => void this.check(), options.checkIntervalMs)
       this.#timer.unref()
@@ -372,16 +426,24 @@ export class AnomalyDetector implements UsageSink {
     try {
       totals = await this.#shared.add(tallies)
     } catch (err) {
-      this.#log.warn('Redis is unavailable for anomaly windows; judging this process alone until it returns', { err: err as Error })
+      this.#log.warn(`${this.#redis ? 'Redis is' : 'the primary is'} unavailable for anomaly windows; judging this process alone until it returns`, { err: err as Error })
       totals = await this.#memory.add(tallies)
     }
     const findings: Finding[] = []
     tallies.forEach((t, i) => findings.push(...this.#judge(t, totals[i] as Totals)))
-    for (const t of tallies) {
-      const f = await this.#unusualHour(t)
-      if (f) findings.push(f)
-    }
+    // The counts' findings first: a failed history look-up below must not lose them (the counts
+    // are already in the windows and will not be judged again).
     for (const f of findings) await this.#record(f)
+    for (const t of tallies) {
+      let f: Finding | undefined
+      try {
+        f = await this.#unusualHour(t)
+      } catch (err) {
+        this.#log.warn('could not read the usage history for the unusual-hour check; the next request of the key in this hour tries again', { key_id: t.keyId, err: err as Error })
+        continue
+      }
+      if (f) await this.#record(f)
+    }
   }
 
   #judge(t: Tally, x: Totals): Finding[] {
@@ -420,7 +482,6 @@ export class AnomalyDetector implements UsageSink {
     const id = `${t.keyId}|${t.hour}`
     if (this.#hourJudged.has(id)) return undefined
     if (this.#hourJudged.size > 100_000) this.#hourJudged.clear()
-    this.#hourJudged.set(id, t.hour)
     const from = new Date(t.hour - this.#t.unusual_hour_history_days * 86_400_000)
     const rows = await this.#db.query<{ total: number; at_hour: number }>(
       `SELECT coalesce(sum(requests), 0)::float8 AS total,
@@ -428,6 +489,8 @@ export class AnomalyDetector implements UsageSink {
        FROM api_key_usage WHERE key_id = $1 AND bucket >= $2 AND bucket < $3`,
       [t.keyId, from, new Date(t.hour), new Date(t.hour).getUTCHours()],
     )
+    // Judged once the history was read: a failed look-up is tried again by the next check.
+    this.#hourJudged.set(id, t.hour)
     const total = rows[0]?.total ?? 0
     const atHour = rows[0]?.at_hour ?? 0
     if (total < this.#t.unusual_hour_min_requests) return undefined

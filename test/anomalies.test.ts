@@ -12,7 +12,7 @@ import { silentLogger } from '../core/log.ts'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { forEachStore } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -247,3 +247,46 @@ t.test('an alert on the Redis channel whose id is not an anomaly id is not relay
   while (!got.some((a) => a.id === '43')) await sleep(10)
   t.same(got.map((a) => a.id), ['43'], 'only the alert with an anomaly id is relayed')
 })
+
+await forEachStore(
+  t,
+  async (t, store) => {
+    await t.test("a failed usage-history look-up loses none of the counts' findings, and is tried again", async (t) => {
+      // The store fails the unusual-hour check's history query once (a moment of unavailability).
+      let historyQueries = 0
+      let failures = 1
+      const db = new Proxy(store.db, {
+        get(target, prop) {
+          if (prop === 'query') {
+            return (q: string, p?: readonly unknown[]) => {
+              if (q.includes('FROM api_key_usage')) {
+                historyQueries++
+                if (failures > 0) {
+                  failures--
+                  return Promise.reject(new Error('the store is briefly unavailable'))
+                }
+              }
+              return target.query(q, p)
+            }
+          }
+          const v = Reflect.get(target, prop) as unknown
+          return typeof v === 'function' ? v.bind(target) : v
+        },
+      })
+      const keyId = `HIST${randomBytes(4).toString('hex').toUpperCase()}`
+      const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 5 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      t.teardown(() => detector.close())
+      const now = Date.now()
+      for (let i = 0; i < 10; i++) detector.count(keyId, 'forwarded', now, '203.0.113.1', 200)
+      await detector.check()
+      t.equal(historyQueries, 1, 'the history was asked for, and failed')
+      const rows = await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])
+      t.same(rows.map((r) => r.type), ['request_rate'], 'the request-rate finding of the same check is recorded')
+
+      detector.count(keyId, 'forwarded', now + 1, '203.0.113.1', 200)
+      await detector.check()
+      t.equal(historyQueries, 2, 'the next request in the same hour has the hour judged again')
+    })
+  },
+  { kinds: ['embedded'] },
+)
