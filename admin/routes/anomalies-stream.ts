@@ -53,9 +53,10 @@ export default defineOperation({
     let heldBytes = 0
     const off = services.anomalyFeed.on(
       (a) => {
-        if (!held) return send(res, frame(a))
+        const text = frame(a)
+        if (!held) return send(res, text)
         held.push(a)
-        heldBytes += frame(a).length
+        heldBytes += text.length
         if (heldBytes > MAX_UNSENT_BYTES) res.destroy()
       },
       () => res.end(),
