@@ -195,38 +195,6 @@ function processAlive(pid: number): boolean {
   }
 }
 
-const BOOT_ID = (() => {
-  try {
-    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()
-  } catch {
-    return ''
-  }
-})()
-
-/**
- * What tells a process from a later one given the same pid: the boot and the process's start
- * time (Linux /proc), '' where they cannot be read.
- */
-export function processIdentity(pid: number): string {
-  if (BOOT_ID === '') return ''
-  try {
-    // After the command (which may hold spaces and parentheses): state is field 3, starttime field 22.
-    const start = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')[19]
-    return start === undefined ? '' : `${BOOT_ID}:${start}`
-  } catch {
-    return ''
-  }
-}
-
-/** Whether the process a lock names still runs: its pid is alive and, where the lock recorded one, has the same identity. */
-function lockOwnerRuns(pid: number, identity: string | undefined): boolean {
-  if (!processAlive(pid)) return false
-  if (identity === undefined || identity === '') return true
-  const now = processIdentity(pid)
-  // The pid was given to another process since the lock was written: its owner is gone.
-  return now === '' || now === identity
-}
-
 /**
  * The embedded store is one process's: a lock file holding the owner's pid keeps a second
  * process (a CLI beside a running server) from opening and corrupting it. A lock left by a
@@ -237,21 +205,15 @@ function lockOwnerRuns(pid: number, identity: string | undefined): boolean {
  * lock and takes it for stale. A stale lock is moved aside under a name of this process's own
  * before it is replaced, and checked to be the one judged stale: two processes taking over the
  * same stale lock cannot both win. A process removes the lock only while it still holds its pid.
- *
- * Beside the pid the lock holds the owner's identity (`processIdentity`), so that a lock whose pid
- * now belongs to another process (after a reboot, or in a container started again) counts as
- * stale. A lock with a pid alone (written by an older keygate) is judged by the pid alone.
  */
 function lockDataDir(dir: string): () => void {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
-  const identity = processIdentity(process.pid)
-  const content = identity === '' ? pid : `${pid} ${identity}`
   const mine = `${file}.${pid}.${randomBytes(4).toString('hex')}`
-  writeFileSync(mine, content, { mode: 0o600 })
+  writeFileSync(mine, pid, { mode: 0o600 })
   const release = () => {
     try {
-      if (readFileSync(file, 'utf8').trim() === content) unlinkSync(file)
+      if (readFileSync(file, 'utf8').trim() === pid) unlinkSync(file)
     } catch {}
   }
   try {
@@ -269,9 +231,8 @@ function lockDataDir(dir: string): () => void {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue // released meanwhile
         throw err
       }
-      const [ownerPid, ownerIdentity] = held.split(' ')
-      const owner = Number(ownerPid)
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && lockOwnerRuns(owner, ownerIdentity)) {
+      const owner = Number(held)
+      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
         throw new KeygateError(
           'store_locked',
           `the embedded store in ${dir} is in use by process ${owner}; stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN`,

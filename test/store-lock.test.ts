@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process'
 import { mkdtempSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { openDb, processIdentity } from '../core/db.ts'
+import { openDb } from '../core/db.ts'
 
 /** A process that runs until the test ends. */
 function liveProcess(t: { teardown(fn: () => void): void }): number {
@@ -26,8 +26,7 @@ t.test('a stale lock is taken over, a live one refuses, and a process removes on
   const lock = join(dir, 'keygate.lock')
   writeFileSync(lock, String(await deadPid()))
   const db = await openDb({ dataDir: dir })
-  t.equal(readFileSync(lock, 'utf8'), `${process.pid} ${processIdentity(process.pid)}`, "the lock of a process that is gone is taken over, with this process's pid and identity in it")
-  t.match(processIdentity(process.pid), /^[0-9a-f-]{36}:\d+$/, 'the identity is the boot and the start time (Linux)')
+  t.equal(readFileSync(lock, 'utf8'), String(process.pid), "the lock of a process that is gone is taken over, with this process's pid in it")
   t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), ['keygate.lock'], 'no file of the taking-over is left beside it')
 
   // Another process took the lock over meanwhile (say, one that judged this process gone): closing must not remove its lock.
@@ -46,27 +45,4 @@ t.test('a stale lock is taken over, a live one refuses, and a process removes on
   )
   t.equal(refused, 'store_locked', 'a lock whose process runs is refused')
   t.equal(readFileSync(lock, 'utf8'), String(other), 'and left as it is')
-})
-
-t.test('a lock whose pid now belongs to another process is stale; one naming the running owner is not', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-lock-'))
-  const lock = join(dir, 'keygate.lock')
-  const other = liveProcess(t)
-  const opened = async () =>
-    openDb({ dataDir: dir }).then(
-      async (d) => {
-        await d.close()
-        return 'opened'
-      },
-      (err: { code?: string }) => err.code,
-    )
-
-  // The pid is alive, but the process that wrote the lock started at another time: it is gone.
-  writeFileSync(lock, `${other} ${processIdentity(other).replace(/:\d+$/, ':1')}`)
-  t.equal(await opened(), 'opened', 'a lock naming a reused pid is taken over')
-  t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), [], 'and released on close')
-
-  writeFileSync(lock, `${other} ${processIdentity(other)}`)
-  t.equal(await opened(), 'store_locked', 'a lock naming the process that runs under that pid is refused')
-  t.equal(readFileSync(lock, 'utf8'), `${other} ${processIdentity(other)}`, 'and left as it is')
 })
