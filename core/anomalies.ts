@@ -131,12 +131,6 @@ export class AnomalyLog {
     return rows.map(toAnomaly)
   }
 
-  /** The newest anomaly's id, '0' when there is none. */
-  async lastId(): Promise<string> {
-    const rows = await this.#db.query<{ id: string | null }>('SELECT max(id)::text AS id FROM api_key_anomalies')
-    return rows[0]?.id ?? '0'
-  }
-
   /** Oldest first, ids above `after` (an SSE client resuming with Last-Event-ID). */
   async after(after: string, limit: number): Promise<Anomaly[]> {
     const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id > $1::bigint ORDER BY ${BY_ID} LIMIT $2`, [after, limit])

@@ -1,10 +1,12 @@
 // The anomaly stream's catch-up and its bound (admin/routes/anomalies-stream.ts), on both stores:
 // a client resuming from far back gets every anomaly it missed, in order, page after page (not
 // the first 10,000), then the live ones; a client that stops reading is cut off once its unsent
-// data passes the bound, instead of the server buffering without end.
+// data passes the bound, instead of the server buffering without end; a stream ended while its
+// client has unread data writes nothing more; on PostgreSQL, a live anomaly committed late with
+// an id the catch-up had passed is still sent, once.
 import t from 'tap'
 import net from 'node:net'
-import { MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
+import { HEARTBEAT_MS, MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { forEachStore } from './helpers/stores.ts'
 
@@ -65,4 +67,87 @@ await forEachStore(t, async (t, store) => {
     t.ok(closed, 'the server ended the stream')
     t.ok(received < events * pad.length, `the client got part of it (${received} bytes of ${events * pad.length}) and resumes with Last-Event-ID`)
   })
+})
+
+await forEachStore(t, async (t, store) => {
+  const h = await startAdmin(t, store.db)
+
+  await t.test('a stream ended while its client has not read everything writes nothing more (the process lives on)', async (t) => {
+    const watcher = await h.keys.create({ name: 'watcher', type: 'system', scopes: ['admin'] }, { actor: 'test' })
+    const { port } = new URL(h.url)
+    const socket = net.connect(Number(port), '127.0.0.1')
+    t.teardown(() => socket.destroy())
+    await new Promise((resolve) => socket.once('connect', resolve))
+    socket.on('error', () => {})
+    socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${watcher.key}\r\n\r\n`)
+    // A client slow for a moment: what it has not read waits in the kernel and in the process.
+    socket.pause()
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    // About 4 MB: most of it in the kernel's buffers, some in the process, under the cut-off.
+    const pad = 'x'.repeat(4096)
+    for (let i = 0; i < 1000; i++) {
+      h.events.emit('anomaly.detected', { id: String(1 + i), key_id: 'K', type: 'request_rate', details: { pad } })
+      if (i % 50 === 0) await new Promise((resolve) => setImmediate(resolve))
+    }
+    // The stream ends (its admin key is revoked) while data still waits; then a live anomaly
+    // arrives, and the 15 s heartbeat comes round (before, its ping was written after the end:
+    // an uncaught ERR_STREAM_WRITE_AFTER_END, the end of the process).
+    await h.keys.revoke(watcher.record.id, 'left', { actor: 'test' })
+    await new Promise((resolve) => setTimeout(resolve, 100))
+    h.events.emit('anomaly.detected', { id: '999999', key_id: 'K', type: 'request_rate', details: {} })
+    await new Promise((resolve) => setTimeout(resolve, HEARTBEAT_MS + 1000))
+    // Now it reads: the response ends (the last chunk) or the connection closes.
+    let closed = false
+    let tail = ''
+    socket.once('close', () => (closed = true))
+    socket.setEncoding('latin1').on('data', (d: string) => (tail = (tail + d).slice(-16)))
+    socket.resume()
+    const ended = () => closed || tail.endsWith('\r\n0\r\n\r\n')
+    const deadline = Date.now() + 5000
+    while (!ended() && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+    t.ok(ended(), 'the stream ended, and nothing was written after its end (an uncaught error would end the test process)')
+  })
+
+  if (store.kind === 'postgres') {
+    await t.test('a live anomaly committed late, with an id the catch-up had passed, is still sent', async (t) => {
+      const key = await h.keys.create({ name: 'late', type: 'service', scopes: [] }, { actor: 'test' })
+      const insert = (n: number, offset: number) =>
+        store.db.query<{ id: string }>(
+          `INSERT INTO api_key_anomalies (key_id, type, window_start, details)
+           SELECT $1, 'request_rate', to_timestamp(g * 60 + $3), jsonb_build_object('pad', repeat('x', 1000)) FROM generate_series(1, $2::int) AS g
+           RETURNING id::text AS id`,
+          [key.record.id, n, offset],
+        )
+      const [before] = await insert(1, 0)
+      // Another instance takes id X in a transaction it has not committed yet...
+      let commit: () => void = () => {}
+      const committed = new Promise<void>((resolve) => (commit = resolve))
+      let lateId = ''
+      const late = store.db.transaction(async (tx) => {
+        lateId = (await tx.query<{ id: string }>(`INSERT INTO api_key_anomalies (key_id, type, window_start) VALUES ($1, 'error_rate', now()) RETURNING id::text AS id`, [key.record.id]))[0]?.id as string
+        await committed
+      })
+      while (lateId === '') await new Promise((resolve) => setTimeout(resolve, 5))
+      // ...while 20,000 later ones are committed.
+      await insert(20_000, 1_000_000)
+      const { port } = new URL(h.url)
+      const socket = net.connect(Number(port), '127.0.0.1')
+      t.teardown(() => socket.destroy())
+      await new Promise((resolve) => socket.once('connect', resolve))
+      socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${h.adminKey}\r\nLast-Event-ID: ${before?.id}\r\n\r\n`)
+      socket.pause()
+      await new Promise((resolve) => setTimeout(resolve, 300))
+      // X commits and is published while the catch-up waits for the client.
+      commit()
+      await late
+      h.events.emit('anomaly.detected', { id: lateId, key_id: key.record.id, type: 'error_rate', details: {} })
+      let text = ''
+      socket.setEncoding('utf8').on('data', (d: string) => (text += d))
+      socket.resume()
+      const deadline = Date.now() + 10_000
+      while (!text.includes(`id: ${lateId}\n`) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+      t.ok(text.includes(`id: ${lateId}\n`), 'the late one arrives')
+      t.equal(text.split(`id: ${lateId}\n`).length - 1, 1, 'once')
+    })
+  }
 })

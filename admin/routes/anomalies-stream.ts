@@ -17,7 +17,7 @@ import { ADMIN_SCOPE } from '../auth.ts'
 import { defineOperation } from '../operation.ts'
 import { AnomalySchema } from '../schemas.ts'
 
-const HEARTBEAT_MS = 15_000
+export const HEARTBEAT_MS = 15_000
 /** Anomalies read from the table per page of a catch-up. */
 export const RESUME_PAGE = 500
 /** What may wait for a client that does not read (live events, heartbeats) before the stream is cut. */
@@ -59,7 +59,7 @@ export default defineOperation({
         heldBytes += text.length
         if (heldBytes > MAX_UNSENT_BYTES) res.destroy()
       },
-      () => res.end(),
+      () => finish(),
     )
     // A stream opened with an admin key ends once that key stops being one: at once when it is
     // revoked, expires or loses the admin scope through this instance, else at the next heartbeat
@@ -70,17 +70,17 @@ export default defineOperation({
       keyId === undefined
         ? () => {}
         : services.keys.onChange((c) => {
-            if ((c.key.id === keyId && !stillAdmin(c.key)) || (c.previous?.id === keyId && !stillAdmin(c.previous))) res.end()
+            if ((c.key.id === keyId && !stillAdmin(c.key)) || (c.previous?.id === keyId && !stillAdmin(c.previous))) finish()
           })
     const heartbeat = setInterval(() => {
       send(res, ': ping\n\n')
       if (keyId !== undefined) {
         services.keys.get(keyId).then(
           (k) => {
-            if (!stillAdmin(k)) res.end()
+            if (!stillAdmin(k)) finish()
           },
           (err: unknown) => {
-            if (isKeygateError(err) && err.code === 'key_not_found') res.end()
+            if (isKeygateError(err) && err.code === 'key_not_found') finish()
           },
         )
       }
@@ -91,26 +91,31 @@ export default defineOperation({
       off()
       offKeys()
     }
+    // Ended: nothing more is written (a client that has not read everything keeps the response
+    // open, and a write after its end would be an uncaught error, the process's end).
+    function finish(): void {
+      done()
+      res.end()
+    }
     res.once('close', done)
     if (resume !== undefined) {
       try {
-        // Every anomaly up to the newest one now is in the table (and a live one among them, held
-        // meanwhile, is sent from there); of those recorded during the catch-up, the ids the pages
-        // sent are kept, to send the held ones the pages did not hold.
-        const newest = BigInt(await services.anomalies.lastId())
-        const sentLater = new Set<string>()
+        // The ids the pages sent, as runs of consecutive ids (a gap only where an id was skipped,
+        // rolled back or not yet committed): a held live one is sent unless a page sent it, also
+        // one committed late with an id the pages had already passed.
+        const sent = new IdRuns()
         let last = resume
         for (;;) {
           const page = await services.anomalies.after(last, RESUME_PAGE)
           for (const a of page) {
-            if (res.destroyed) return undefined
+            if (!open(res)) return undefined
             if (!res.write(frame(anomalyJson(a)))) await drained(res)
-            if (BigInt(a.id) > newest) sentLater.add(a.id)
+            sent.add(BigInt(a.id))
             last = a.id
           }
           if (page.length < RESUME_PAGE) break
         }
-        for (const a of held ?? []) if (BigInt(a.id) > newest && !sentLater.has(a.id)) send(res, frame(a))
+        for (const a of held ?? []) if (!sent.has(BigInt(a.id))) send(res, frame(a))
       } finally {
         held = undefined
       }
@@ -119,16 +124,47 @@ export default defineOperation({
   },
 })
 
+/** Neither ended nor destroyed: it may still be written to. */
+const open = (res: ServerResponse) => !res.writableEnded && !res.destroyed
+
 /** Writes to the stream, or cuts it off when too much already waits for the client. */
 function send(res: ServerResponse, text: string): void {
-  if (res.destroyed) return
+  if (!open(res)) return
   res.write(text)
   if (res.writableLength > MAX_UNSENT_BYTES) res.destroy()
 }
 
+/** Ascending ids as runs of consecutive ones: memory grows with the gaps, not with the ids. */
+class IdRuns {
+  readonly #starts: bigint[] = []
+  readonly #ends: bigint[] = []
+
+  /** `id` above every id added before. */
+  add(id: bigint): void {
+    const n = this.#ends.length
+    if (n > 0 && this.#ends[n - 1] === id - 1n) this.#ends[n - 1] = id
+    else {
+      this.#starts.push(id)
+      this.#ends.push(id)
+    }
+  }
+
+  has(id: bigint): boolean {
+    let lo = 0
+    let hi = this.#starts.length - 1
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1
+      if (id < (this.#starts[mid] as bigint)) hi = mid - 1
+      else if (id > (this.#ends[mid] as bigint)) lo = mid + 1
+      else return true
+    }
+    return false
+  }
+}
+
 /** Until the client has taken what waits for it, or has gone. */
 async function drained(res: ServerResponse): Promise<void> {
-  if (res.destroyed) return
+  if (!open(res)) return
   const ac = new AbortController()
   await Promise.race([once(res, 'drain', { signal: ac.signal }), once(res, 'close', { signal: ac.signal })]).catch(() => {})
   ac.abort()
