@@ -6,7 +6,7 @@
 import type http from 'node:http'
 import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
-import { isKeygateError } from '../core/errors.ts'
+import { fieldInvalid, isKeygateError } from '../core/errors.ts'
 import { assertValid } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
@@ -71,16 +71,14 @@ function jsonProblem(value: unknown, depth: number): string | undefined {
   return undefined
 }
 
-const nulIn = (name: string) => new AdminError('validation_failed', `${name}: holds a NUL character`, {}, { fields: [{ field: name, message: 'holds a NUL character' }] })
-
 /** Query parameters as the schema's types (strings to numbers and booleans), each given once. */
 function readQuery(url: URL, schema: TObject | undefined): unknown {
   const raw: Record<string, string> = {}
   for (const name of new Set(url.searchParams.keys())) {
     const all = url.searchParams.getAll(name)
-    if (all.length > 1) throw new AdminError('validation_failed', `${name}: is given more than once`, {}, { fields: [{ field: name, message: 'is given more than once' }] })
+    if (all.length > 1) throw fieldInvalid(name, 'is given more than once')
     const value = all[0] as string
-    if (name.includes('\u0000') || value.includes('\u0000')) throw nulIn(name)
+    if (name.includes('\u0000') || value.includes('\u0000')) throw fieldInvalid(name, 'holds a NUL character')
     // Whole numbers only: conversion would read `1e2` as 1 and `2.9` as 2.
     const type = (schema?.properties[name] as { type?: unknown } | undefined)?.type
     if (type === 'integer' && !/^-?[0-9]+$/.test(value)) {

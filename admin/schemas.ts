@@ -4,7 +4,7 @@ import { Type, type TSchema } from '@sinclair/typebox'
 import { ANOMALY_TYPES } from '../core/anomalies.ts'
 import type { AuditRecord } from '../core/audit.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
-import { KeygateError } from '../core/errors.ts'
+import { fieldInvalid } from '../core/errors.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 
 const Nullable = <T extends TSchema>(s: T, description?: string) => Type.Union([s, Type.Null()], description ? { description } : {})
@@ -84,7 +84,7 @@ const MAX_RANGE_MS = 366 * 86_400_000
 export function resolveRange(query: { from?: string; to?: string }, now: Date): { from: Date; to: Date } {
   const to = query.to ? new Date(query.to) : now
   const from = query.from ? new Date(query.from) : new Date(to.getTime() - 86_400_000)
-  const bad = (message: string) => new KeygateError('validation_failed', `from: ${message}`, { fields: [{ field: 'from', message }] })
+  const bad = (message: string) => fieldInvalid('from', message)
   if (from >= to) throw bad('must be before to')
   if (to.getTime() - from.getTime() > MAX_RANGE_MS) throw bad('the range may span at most 366 days')
   return { from, to }

@@ -6,7 +6,7 @@ import ipaddr from 'ipaddr.js'
 import type { Db } from './db.ts'
 import { sqlState, UNIQUE_VIOLATION } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
-import { KeygateError } from './errors.ts'
+import { fieldInvalid, KeygateError } from './errors.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange } from './keys/evaluate.ts'
 
@@ -49,9 +49,6 @@ export function normaliseCidr(input: string): string | undefined {
   return `${network.toString()}/${bits}`
 }
 
-function invalid(field: string, message: string): KeygateError {
-  return new KeygateError('validation_failed', `${field}: ${message}`, { fields: [{ field, message }] })
-}
 
 export class DenyListService {
   readonly #db: Db
@@ -90,14 +87,14 @@ export class DenyListService {
   async add(input: DenyInput, actor: Actor): Promise<DenyEntry> {
     const audit = this.#requireAudit()
     const cidr = typeof input.cidr === 'string' ? normaliseCidr(input.cidr) : undefined
-    if (!cidr) throw invalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
-    if (input.reason != null && (typeof input.reason !== 'string' || input.reason.length > 500)) throw invalid('reason', 'expected a string of at most 500 characters')
+    if (!cidr) throw fieldInvalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
+    if (input.reason != null && (typeof input.reason !== 'string' || input.reason.length > 500)) throw fieldInvalid('reason', 'expected a string of at most 500 characters')
     const now = this.#now()
     let expiresAt: Date | null = null
     if (input.expiresAt != null) {
       expiresAt = input.expiresAt instanceof Date ? input.expiresAt : new Date(input.expiresAt)
-      if (Number.isNaN(expiresAt.getTime())) throw invalid('expires_at', 'expected an RFC 3339 date-time')
-      if (expiresAt <= now) throw invalid('expires_at', 'is in the past')
+      if (Number.isNaN(expiresAt.getTime())) throw fieldInvalid('expires_at', 'expected an RFC 3339 date-time')
+      if (expiresAt <= now) throw fieldInvalid('expires_at', 'is in the past')
     }
     const id = randomBase62(16)
     let entry: DenyEntry

@@ -99,6 +99,11 @@ export function errorBody(code: ErrorCode, requestId: string, message?: string, 
   return JSON.stringify({ error })
 }
 
+/** A `validation_failed` error naming one field, as every validation failure names its fields. */
+export function fieldInvalid(field: string, message: string): KeygateError {
+  return new KeygateError('validation_failed', `${field}: ${message}`, { fields: [{ field, message }] })
+}
+
 /** What a system error means for whoever set the path or address up, in words; its message for any other code. */
 const SYSTEM_ERROR_WORDS: Record<string, string> = {
   EACCES: 'permission denied',

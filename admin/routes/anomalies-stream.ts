@@ -10,7 +10,7 @@ import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
 import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, type AnomalyJson } from '../../core/anomalies.ts'
-import { isKeygateError, KeygateError } from '../../core/errors.ts'
+import { fieldInvalid, isKeygateError } from '../../core/errors.ts'
 import { evaluateKey } from '../../core/keys/evaluate.ts'
 import type { KeyRecord } from '../../core/keys/types.ts'
 import { ADMIN_SCOPE } from '../auth.ts'
@@ -44,7 +44,7 @@ export default defineOperation({
     const header = req.headers['last-event-id']
     const resume = query.last_event_id ?? (typeof header === 'string' && header !== '' ? header : undefined)
     if (resume !== undefined && !isAnomalyId(resume)) {
-      throw new KeygateError('validation_failed', 'Last-Event-ID: must be an anomaly id', { fields: [{ field: 'Last-Event-ID', message: 'must be an anomaly id' }] })
+      throw fieldInvalid('Last-Event-ID', 'must be an anomaly id')
     }
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-request-id': requestId, 'x-accel-buffering': 'no' })
     res.write(': keygate anomaly stream\nretry: 2000\n\n')

@@ -1,6 +1,6 @@
 // GET /v1/keys/{id}/audit: the key's audit trail, newest first, details decrypted.
 import { Type } from '@sinclair/typebox'
-import { KeygateError } from '../../core/errors.ts'
+import { fieldInvalid } from '../../core/errors.ts'
 import { defineOperation } from '../operation.ts'
 import { AuditSchema, auditJson, Cursor, NextCursor } from '../schemas.ts'
 
@@ -14,7 +14,7 @@ function decode(cursor: string): { createdAt: Date; id: string } {
     const createdAt = new Date(String(at))
     if (typeof id === 'string' && !Number.isNaN(createdAt.getTime())) return { createdAt, id }
   } catch {}
-  throw new KeygateError('validation_failed', 'cursor: is not a cursor this server returned', { fields: [{ field: 'cursor', message: 'is not a cursor this server returned' }] })
+  throw fieldInvalid('cursor', 'is not a cursor this server returned')
 }
 
 export default defineOperation({

@@ -3,7 +3,7 @@
 // written anywhere), and logs in again once when the session is refused. Verification uses the
 // public API with the key itself. Facts about the API: shared/integrations/N8N.md.
 import type { Actor } from '../audit.ts'
-import { KeygateError } from '../errors.ts'
+import { fieldInvalid, KeygateError } from '../errors.ts'
 import { assertValid } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
@@ -197,7 +197,7 @@ export class N8nKeyService {
     const input = assertValid<CreateN8nKeyInput>(CreateN8nKeyBody, body)
     const expires = input.expires_at ? new Date(input.expires_at) : null
     if (expires && expires.getTime() <= Date.now()) {
-      throw new KeygateError('validation_failed', `expires_at: ${input.expires_at} is in the past`, { fields: [{ field: 'expires_at', message: `${input.expires_at} is in the past` }] })
+      throw fieldInvalid('expires_at', `${input.expires_at} is in the past`)
     }
     const { http, email } = this.#client(true)
     const allowed = await this.allowedScopes()

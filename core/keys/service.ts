@@ -4,7 +4,7 @@
 import type { Db, Queryable } from '../db.ts'
 import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
-import { KeygateError, type ErrorCode } from '../errors.ts'
+import { fieldInvalid, KeygateError, type ErrorCode } from '../errors.ts'
 import { isDateTime } from '../formats.ts'
 import { assertValid } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
@@ -99,7 +99,7 @@ function decodeCursor(cursor: string): [Date, string] {
     const date = new Date(String(at))
     if (typeof id === 'string' && typeof at === 'string' && isDateTime(at)) return [date, id]
   } catch {}
-  throw new KeygateError('validation_failed', 'cursor: is not a cursor this server returned', { fields: [{ field: 'cursor', message: 'is not a cursor this server returned' }] })
+  throw fieldInvalid('cursor', 'is not a cursor this server returned')
 }
 
 function checkMetadata(metadata: unknown): void {
@@ -108,21 +108,21 @@ function checkMetadata(metadata: unknown): void {
   try {
     text = JSON.stringify(metadata)
   } catch {
-    throw new KeygateError('validation_failed', 'metadata: nests too deeply', { fields: [{ field: 'metadata', message: 'nests too deeply' }] })
+    throw fieldInvalid('metadata', 'nests too deeply')
   }
   // JSON.stringify escapes a NUL in a key or value as \u0000, which jsonb refuses.
   if (text.includes('\\u0000')) {
-    throw new KeygateError('validation_failed', 'metadata: holds a NUL character', { fields: [{ field: 'metadata', message: 'holds a NUL character' }] })
+    throw fieldInvalid('metadata', 'holds a NUL character')
   }
   if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
-    throw new KeygateError('validation_failed', `metadata: is larger than ${METADATA_MAX_BYTES} bytes`, { fields: [{ field: 'metadata', message: `is larger than ${METADATA_MAX_BYTES} bytes` }] })
+    throw fieldInvalid('metadata', `is larger than ${METADATA_MAX_BYTES} bytes`)
   }
 }
 
 function futureDate(value: string | null | undefined, now: Date, field: string): Date | null | undefined {
   if (value === undefined || value === null) return value
   const d = new Date(value)
-  if (d <= now) throw new KeygateError('validation_failed', `${field}: ${value} is in the past`, { fields: [{ field, message: `${value} is in the past` }] })
+  if (d <= now) throw fieldInvalid(field, `${value} is in the past`)
   return d
 }
 
@@ -294,7 +294,7 @@ export class KeyService {
 
   async revoke(id: string, reason: string | undefined, actor: Actor): Promise<KeyRecord> {
     if (reason !== undefined && (typeof reason !== 'string' || reason.length > 500)) {
-      throw new KeygateError('validation_failed', 'reason: must be a string of at most 500 characters', { fields: [{ field: 'reason', message: 'must be a string of at most 500 characters' }] })
+      throw fieldInvalid('reason', 'must be a string of at most 500 characters')
     }
     const now = this.#now()
     const record = await this.#db.transaction(async (tx) => {
