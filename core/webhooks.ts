@@ -369,8 +369,13 @@ export class WebhookService {
          FROM due WHERE d.id = due.id RETURNING d.*
        )
        SELECT c.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
-      [now, new Date(now.getTime() + this.#c.timeout_ms + LEASE_MARGIN_MS), BATCH],
+      [now, this.#leaseEnd(now), BATCH],
     )
+  }
+
+  /** Until when a delivery claimed at `now` is its claimer's: past the attempt's own timeout. */
+  #leaseEnd(now: Date): Date {
+    return new Date(now.getTime() + this.#c.timeout_ms + LEASE_MARGIN_MS)
   }
 
   /** One attempt; records its outcome and, on failure, when to try again. */
@@ -441,7 +446,7 @@ export class WebhookService {
          VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
        )
        SELECT d.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM d JOIN webhooks w ON w.id = d.webhook_id`,
-      [webhook.id, TEST_EVENT, body, new Date(now.getTime() + this.#c.timeout_ms + LEASE_MARGIN_MS), now],
+      [webhook.id, TEST_EVENT, body, this.#leaseEnd(now), now],
     )
     return this.#attempt(rows[0] as Claimed)
   }
