@@ -160,14 +160,9 @@ export function testServices(
  * row fail to open (test/audit.test.ts).
  */
 export async function backdateAudit(db: Db, cipher: AuditCipher, keyId: string, at: Date): Promise<void> {
-  const rows = await db.query<{ id: string; key_id: string | null; action: string; actor: string; address: string | null; enc_key_id: string; nonce: Uint8Array; details: Uint8Array; created_at: Date; format: number }>(
-    'SELECT id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format FROM api_key_audit_log WHERE key_id = $1',
-    [keyId],
-  )
-  for (const r of rows) {
-    const row = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
-    const sealed = cipher.seal({ ...row, createdAt: at }, cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details))
-    await db.query('UPDATE api_key_audit_log SET created_at = $2, enc_key_id = $3, nonce = $4, details = $5, format = $6 WHERE id = $1', [r.id, at, sealed.encKeyId, sealed.nonce, sealed.details, AUDIT_FORMAT])
+  for (const { details, ...row } of await new AuditLog(cipher).list(db, { keyId, limit: 1000 })) {
+    const sealed = cipher.seal({ ...row, createdAt: at }, details)
+    await db.query('UPDATE api_key_audit_log SET created_at = $2, enc_key_id = $3, nonce = $4, details = $5, format = $6 WHERE id = $1', [row.id, at, sealed.encKeyId, sealed.nonce, sealed.details, AUDIT_FORMAT])
   }
 }
 
