@@ -177,6 +177,9 @@ const statuses = new Map<Scenario, Record<string, number>>(scenarios.map((s) => 
 type BlockFigures = { rps: number; rpsAc: number; p99: number; cpu: number; all: number }
 const blocks = new Map<Scenario, BlockFigures[]>(compared.map((s) => [s, []]))
 
+/** One kind of slice in a block: the baseline's two and the scenario's two. */
+type Abba = { b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }
+
 /** What a slice measures: as fast as the server answers (with wrk if installed), the same with autocannon, or at the fixed rate. */
 type Kind = 'max' | 'max-ac' | 'paced'
 const KINDS: readonly Kind[] = HAVE_WRK ? ['max', 'max-ac', 'paced'] : ['max', 'paced']
@@ -211,7 +214,7 @@ async function measure(s: Scenario, what: Kind): Promise<Partial<Slice>> {
  * baseline, scenario, scenario, baseline: a drift of the machine's speed within the block
  * (which on a shared machine changes within seconds) weighs on both sides alike.
  */
-async function abba(s: Scenario, what: Kind): Promise<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }> {
+async function abba(s: Scenario, what: Kind): Promise<Abba> {
   const b1 = await measure(base, what)
   const x1 = await measure(s, what)
   const x2 = await measure(s, what)
@@ -220,14 +223,14 @@ async function abba(s: Scenario, what: Kind): Promise<{ b: Array<Partial<Slice>>
 }
 
 const mean2 = (a: Array<Partial<Slice>>, k: keyof Slice) => ((a[0]?.[k] as number) + (a[1]?.[k] as number)) / 2
-/** Two slices' figures merged, kind by kind. */
-const merged = (runs: Array<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }>, side: 'b' | 'x', i: number): Slice =>
-  Object.assign({ rpsAc: NaN, genAc: NaN }, ...runs.map((r) => r[side][i])) as Slice
+/** One slice's figures of every kind together (the autocannon ones absent without wrk). */
+const sliceOf = (parts: Array<Partial<Slice> | undefined>): Slice => Object.assign({ rpsAc: NaN, genAc: NaN }, ...parts) as Slice
+const merged = (runs: Abba[], side: 'b' | 'x', i: number): Slice => sliceOf(runs.map((r) => r[side][i]))
 for (let block = 0; block < BLOCKS; block++) {
   // Each block starts one scenario later, so none is always measured first or last.
   const order = compared.map((_, i) => compared[(i + block) % compared.length] as Scenario)
   for (const s of order) {
-    const runs: Array<{ b: Array<Partial<Slice>>; x: Array<Partial<Slice>> }> = []
+    const runs: Abba[] = []
     for (const kind of KINDS) runs.push(await abba(s, kind))
     const b = [merged(runs, 'b', 0), merged(runs, 'b', 1)]
     const x = [merged(runs, 'x', 0), merged(runs, 'x', 1)]
@@ -244,7 +247,7 @@ for (let block = 0; block < BLOCKS; block++) {
   // The upstream alone, for scale (not compared block by block).
   const alone: Array<Partial<Slice>> = []
   for (const kind of KINDS) alone.push(await measure(direct, kind))
-  ;(slices.get(direct) as Slice[]).push(Object.assign({ rpsAc: NaN, genAc: NaN }, ...alone) as Slice)
+  ;(slices.get(direct) as Slice[]).push(sliceOf(alone))
   const last = (s: Scenario) => (blocks.get(s) as BlockFigures[])[block] as BlockFigures
   console.error(`block ${block + 1} of ${BLOCKS}: req/s vs baseline ${compared.map((s) => `${s.name} ${last(s).rps.toFixed(3)}${HAVE_WRK ? ` (autocannon ${last(s).rpsAc.toFixed(3)})` : ''}`).join(', ')}`)
 }
