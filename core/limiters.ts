@@ -256,7 +256,7 @@ export interface RateLimit {
 interface Lease {
   /** Points reserved in the store and not yet used by this process. */
   left: number
-  /** Points the reservation took, and when (performance.now()): the next one is sized to the rate they were used at. */
+  /** Points the reservation took, and when (on the ticks clock, performance.now() outside tests): the next one is sized to the rate they were used at. */
   size: number
   at: number
   /** The key's rate (points per ms) this lease was sized by. */
@@ -337,19 +337,22 @@ export class LeasedLimit implements RateLimit {
   readonly #limiter: Limiter
   readonly #windowMs: number
   readonly #now: () => number
+  readonly #ticks: () => number
   readonly #leases = new QuickLRU<string, Lease>({ maxSize: MAX_LEASES / 2 })
   readonly #reserving = new Map<string, Promise<void>>()
 
   /**
    * `limiter` counts each window under its own store key, so its own duration only bounds how
    * long the store keeps a count: at least two windows (createRateLimit), since a window's first
-   * lease may be reserved before the window starts. `now` is the clock of the windows (tests).
+   * lease may be reserved before the window starts. `now` is the clock of the windows, and
+   * `ticks` the monotonic clock a key's rate is measured on (tests set both).
    */
-  constructor(limiter: Limiter, points: number, windowMs: number, now: () => number = Date.now) {
+  constructor(limiter: Limiter, points: number, windowMs: number, now: () => number = Date.now, ticks: () => number = () => performance.now()) {
     this.#limiter = limiter
     this.points = points
     this.#windowMs = windowMs
     this.#now = now
+    this.#ticks = ticks
   }
 
   remaining = 0
@@ -433,7 +436,7 @@ export class LeasedLimit implements RateLimit {
    * passing meanwhile cannot make it reserve for a window it did not mean.
    */
   async #reserve(key: string, previous: Lease | undefined, ahead: boolean, clock = this.#now()): Promise<void> {
-    const now = performance.now()
+    const now = this.#ticks()
     const { window, until } = this.#window(key, clock, ahead)
     // The last lease from the same store tells the key's rate, whether or not its window has
     // ended (a key idle since has a low rate: its points used over all the time since); a
