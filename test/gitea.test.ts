@@ -3,6 +3,8 @@
 // secret in the store, the audit details or the logs. Every answer of the fake is checked against
 // Gitea's swagger excerpt at the end.
 import t, { type Test } from 'tap'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { GiteaTokenService, GITEA_SCOPES } from '../core/integrations/gitea.ts'
 import { FakeGitea, type RecordedResponse } from './helpers/fake-gitea.ts'
 import { answerKinds, checkAgainstSwagger } from './helpers/gitea-swagger.ts'
@@ -156,6 +158,27 @@ await forEachStore(t, async (t, store) => {
     fake.tokens.splice(0, fake.tokens.length, ...fake.tokens.filter((tk) => tk.owner !== 'carol'))
     const afterDeletion = await admin.list()
     t.match(afterDeletion.items.find((i) => i.remote_id === forCarol.remote_id), { state: 'deleted_remotely', user: 'carol' }, "a deleted user's token is listed as deleted remotely")
+    // A server that answers 404 to everything at the configured address (not Gitea: a wrong
+    // path behind a proxy, a maintenance page) is not taken for Gitea saying the user is gone:
+    // the delete fails, and keygate's record of a token that may well exist stays open.
+    const asked: string[] = []
+    const notGitea = http.createServer((req, res) => {
+      asked.push(`${req.method} ${req.url?.replace(/\?.*/, '')}`)
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('404 page not found')
+    })
+    await new Promise<void>((resolve) => notGitea.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => new Promise((resolve) => notGitea.close(resolve)))
+    const notGiteaUrl = `http://127.0.0.1:${(notGitea.address() as AddressInfo).port}`
+    await store.db.query(
+      `INSERT INTO gitea_tokens (id, base_url, remote_id, name, username, scopes, token_last_eight, token_hash, created_by) VALUES ($1, $2, 7, 'for-dave', 'dave', $3, 'abcdef12', $4, 'cli:tester')`,
+      ['gt_notgitea0001', notGiteaUrl, ['read:user'], 'f'.repeat(64)],
+    )
+    const misdirected = new GiteaTokenService(integrationDeps(store.db, env(notGiteaUrl, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })))
+    t.teardown(() => misdirected.close())
+    t.match(await rejection(misdirected.delete('for-dave', actor, { user: 'dave' })), { code: 'gitea_error', status: 502, message: /404/ }, 'a 404 not confirmed by GET /user is an error')
+    t.same(asked, ['GET /api/v1/users/dave/tokens', 'GET /api/v1/user'], 'the token list, then GET /user to confirm, were asked')
+    const [dave] = await store.db.query<{ deleted_at: Date | null }>(`SELECT deleted_at FROM gitea_tokens WHERE id = 'gt_notgitea0001'`)
+    t.equal(dave?.deleted_at, null, 'the record is still open')
     t.match(await admin.delete('for-carol', actor, { user: 'carol' }), { user: 'carol', remote_missing: true, record: { deleted_at: /\d/ } }, 'and its record is closed')
     t.match(await rejection(admin.delete('for-carol', actor, { user: 'carol' })), { code: 'gitea_token_not_found' })
 

@@ -225,13 +225,16 @@ export class GiteaTokenService {
    * Every token of `user` in Gitea, all pages. A user other than the configured one that Gitea
    * answers 404 for no longer exists there, and neither do its tokens (Gitea deletes them with
    * the user): none. Before, such a user made every list fail, and its records could not be closed.
+   * The 404 is believed only once the same server has answered `GET /user` as the configured
+   * user: a server that answers 404 to everything (a wrong path behind a proxy, a maintenance
+   * page) must not make keygate close records of tokens that still exist.
    */
   async #remoteTokens(user: string): Promise<GiteaRemoteToken[]> {
     const { http, username, authorization } = this.#client(true)
     const out: GiteaRemoteToken[] = []
     for (let page = 1; page <= MAX_PAGES; page++) {
       const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
-      if (res.status === 404 && page === 1 && user !== username) return out
+      if (res.status === 404 && page === 1 && user !== username && (await this.#answersAsConfiguredUser())) return out
       if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
       for (const item of res.body) {
@@ -243,6 +246,14 @@ export class GiteaTokenService {
       if (res.body.length === 0 || (Number.isFinite(total) ? out.length >= total : res.body.length < PAGE_SIZE)) break
     }
     return out
+  }
+
+  /** Whether the server answers `GET /user` with the configured credential as the configured user (Gitea logins ignore case). */
+  async #answersAsConfiguredUser(): Promise<boolean> {
+    const { http, username, authorization } = this.#client(true)
+    const res = await http.call('GET', '/api/v1/user', { headers: { authorization } })
+    const login = (res.body as { login?: unknown } | null)?.login
+    return res.status === 200 && typeof login === 'string' && login.toLowerCase() === username.toLowerCase()
   }
 
   /**
