@@ -364,14 +364,20 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     throw err
   } finally {
     stopping.dispose()
-    // The IPC channel to the primary would keep a worker alive after its listeners closed.
-    process.off('message', onPrimaryMessage)
-    offForward?.()
-    if (mode.worker) process.disconnect?.()
-    await ev.close()
-    stopPublishing?.()
-    redis?.disconnect()
-    await runtime.close()
+    try {
+      // The detector's last check runs while the IPC channel is still open: without Redis it
+      // pools its counts in the primary and sends what it finds there.
+      await ev.close()
+      stopPublishing?.()
+      redis?.disconnect()
+      await runtime.close()
+    } finally {
+      process.off('message', onPrimaryMessage)
+      offForward?.()
+      // The IPC channel to the primary would keep a worker alive after its listeners closed. A
+      // worker exits as soon as it is disconnected, so this comes last.
+      if (mode.worker && process.connected) process.disconnect()
+    }
   }
 }
 

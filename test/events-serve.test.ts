@@ -2,12 +2,13 @@
 // admin API and an address burst through its gateway reach a webhook receiver and the SSE
 // stream; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
 // is sent by the next process started on the same store. With --workers and no Redis, the
-// workers' counts are pooled in the primary for the thresholds, and a worker's anomaly reaches
-// the primary's SSE stream over cluster IPC.
+// workers' counts are pooled in the primary for the thresholds, a worker's anomaly reaches
+// the primary's SSE stream over cluster IPC, and the workers' last check on SIGTERM still does both.
 import t from 'tap'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import pg from 'pg'
 import { Agent, request } from 'undici'
 import { openSse } from './helpers/admin.ts'
 import { sleep, startUpstream } from './helpers/gateway.ts'
@@ -135,4 +136,37 @@ t.test("serve --workers 2 without Redis: the workers' counts are judged together
   t.equal(await served.stop('SIGTERM'), 0)
   t.equal(receiver.received.filter((hk) => hk.json?.data?.key_id === key.id).length, 1, 'one webhook')
   t.same(stream.buffered(), [], 'one SSE event')
+})
+
+t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM still pools their counts in the primary and records what it finds", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const config = join(dir, 'keygate.yaml')
+  // No check before the one at shutdown: the interval is the longest the config allows.
+  writeFileSync(config, 'gateway: { trusted_proxies: ["127.0.0.1/32"] }\nanomalies: { check_interval_ms: 600000, distinct_addresses_per_hour: 3 }\n')
+  const upstream = await startUpstream(t)
+  const databaseUrl = await freshDatabase(t)
+  const env = {
+    DATABASE_URL: databaseUrl,
+    REDIS_URL: undefined,
+    KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 6).toString('base64'),
+    KEYGATE_CONFIG: config,
+    KEYGATE_ADMIN_TOKEN: TOKEN,
+    KEYGATE_UPSTREAM: upstream.url,
+  }
+  const served = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const created = await request(`${served.admin}/v1/keys`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'last-check', type: 'user' }) })
+  const key = JSON.parse(await created.body.text())
+  // Two addresses on each worker (one connection each, round-robin): under the threshold for either alone.
+  for (let i = 1; i <= 4; i++) {
+    const r = await request(`${served.gateway}/x`, { headers: { authorization: `Bearer ${key.key}`, 'x-forwarded-for': `192.0.2.${i}`, connection: 'close' } })
+    await r.body.dump()
+    t.equal(r.statusCode, 200)
+  }
+  t.equal(new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0])).size, 2, 'both workers served the key')
+  t.equal(await served.stop('SIGTERM'), 0)
+  const db = new pg.Client({ connectionString: databaseUrl })
+  await db.connect()
+  t.teardown(() => db.end())
+  const { rows } = await db.query<{ type: string; details: { addresses?: number } }>('SELECT type, details FROM api_key_anomalies WHERE key_id = $1', [key.id])
+  t.match(rows, [{ type: 'distinct_addresses', details: { addresses: 4 } }], "one anomaly, judged at shutdown over both workers' counts")
 })
