@@ -196,6 +196,11 @@ export const ConfigSchema = Type.Object(
           secret: true,
         }),
         retention_days: int(365, 1, 36_500, { description: 'Audit rows older than this are pruned.' }),
+        seal_format: int(2, 1, 2, {
+          description:
+            'Format new audit rows are sealed in: 2 binds every field of the row (actor, address and time too); 1 binds the id, key id and action only, as versions before migration 0006 did. Set 1 on upgraded instances while instances of an older version still serve the admin API (they cannot open format 2 rows), then 2 once every instance is upgraded.',
+          env: 'KEYGATE_AUDIT_SEAL_FORMAT',
+        }),
       },
       { additionalProperties: false, default: {} },
     ),

@@ -3,8 +3,9 @@
 // id, key id, action, actor, address and time: details moved to another row, or a row whose
 // actor, address or time was changed, fail to open), and the id of the encryption key stored
 // beside them (so rows sealed before a key rotation still open with the previous key).
-// Rows of format 1 (written before migration 0006) bound only the id, key id and action; they
-// open as before. A row's format is itself bound: marking a format 2 row as format 1 fails too.
+// Rows of format 1 (written before migration 0006, or with `audit.seal_format: 1` while older
+// instances must still read new rows) bind only the id, key id and action; they open as before.
+// A row's format is itself bound: marking a format 2 row as format 1 fails too.
 import { createCipheriv, createDecipheriv, randomBytes, randomUUID, hash } from 'node:crypto'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
@@ -48,8 +49,11 @@ export interface SealedRow {
   createdAt: Date
 }
 
-/** Format 2, written now: every field, as a JSON array (no separator a field could forge). */
+/** Format 2, written by default: every field, as a JSON array (no separator a field could forge). */
 export const AUDIT_FORMAT = 2
+
+/** The formats a row may be sealed in (`audit.seal_format`): 1 only while older versions must still read new rows. */
+export type SealFormat = 1 | 2
 
 function aad(row: SealedRow, format: number): Buffer {
   if (format === 1) return Buffer.from(`${row.id}\n${row.keyId ?? ''}\n${row.action}`)
@@ -73,10 +77,10 @@ export class AuditCipher {
     return this.#current.id
   }
 
-  seal(row: SealedRow, details: Record<string, unknown>): { encKeyId: string; nonce: Buffer; details: Buffer } {
+  seal(row: SealedRow, details: Record<string, unknown>, format: SealFormat = AUDIT_FORMAT): { encKeyId: string; nonce: Buffer; details: Buffer } {
     const nonce = randomBytes(12)
     const cipher = createCipheriv('aes-256-gcm', this.#current.key, nonce)
-    cipher.setAAD(aad(row, AUDIT_FORMAT))
+    cipher.setAAD(aad(row, format))
     const body = Buffer.concat([cipher.update(JSON.stringify(details), 'utf8'), cipher.final(), cipher.getAuthTag()])
     return { encKeyId: this.#current.id, nonce, details: body }
   }
@@ -137,19 +141,22 @@ export function loadAuditCipher(options: {
 
 export class AuditLog {
   readonly #cipher: AuditCipher
+  readonly #format: SealFormat
 
-  constructor(cipher: AuditCipher) {
+  /** `format`: what new rows are sealed in (`audit.seal_format`; 1 during a rolling upgrade from a version before migration 0006). */
+  constructor(cipher: AuditCipher, format: SealFormat = AUDIT_FORMAT) {
     this.#cipher = cipher
+    this.#format = format
   }
 
   /** Writes one row in the caller's transaction, so the change and its record commit together. */
   async write(tx: Queryable, actor: Actor, entry: AuditEntry): Promise<string> {
     const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt: await transactionTime(tx) }
-    const sealed = this.#cipher.seal(row, entry.details ?? {})
+    const sealed = this.#cipher.seal(row, entry.details ?? {}, this.#format)
     await tx.query(
       `INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format)
        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
-      [row.id, row.keyId, row.action, row.actor, row.address, sealed.encKeyId, sealed.nonce, sealed.details, row.createdAt, AUDIT_FORMAT],
+      [row.id, row.keyId, row.action, row.actor, row.address, sealed.encKeyId, sealed.nonce, sealed.details, row.createdAt, this.#format],
     )
     return row.id
   }

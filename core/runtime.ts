@@ -40,7 +40,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       const pending = await pendingMigrations(db)
       if (pending.length > 0) throw new KeygateError('store_unavailable', `the database lacks migrations ${pending.join(', ')}: run \`keygate migrate\``)
     }
-    const audit = new AuditLog(cipher)
+    const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
     return { config, db, audit, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }
   } catch (err) {

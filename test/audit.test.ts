@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
 import type { Test } from 'tap'
-import { createCipheriv } from 'node:crypto'
+import { createCipheriv, createDecipheriv } from 'node:crypto'
 import { AuditCipher, AuditLog, encryptionKeyId, loadAuditCipher, type AuditRecord, type SealedRow } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
@@ -213,6 +213,28 @@ await forEachStore(t, async (t, store) => {
     }
     const stored = await db.query<{ format: number }>('SELECT DISTINCT format FROM api_key_audit_log WHERE key_id IS NOT NULL AND action = $1', ['key.updated'])
     t.ok(stored.some((r) => r.format === 2), 'rows are written in format 2')
+  })
+
+  t.test('seal format 1 (a rolling upgrade from before migration 0006): rows a version of then can read', async (t) => {
+    // How a version before format 2 read a row, independently of core/audit.ts: id, key id and
+    // action as associated data, whatever the format column says.
+    const readAsBefore = async (rowId: string): Promise<unknown> => {
+      const [r] = await db.query<{ id: string; key_id: string | null; action: string; nonce: Uint8Array; details: Uint8Array }>('SELECT id, key_id, action, nonce, details FROM api_key_audit_log WHERE id = $1', [rowId])
+      const body = Buffer.from(r?.details as Uint8Array)
+      const decipher = createDecipheriv('aes-256-gcm', TEST_ENCRYPTION_KEY, Buffer.from(r?.nonce as Uint8Array))
+      decipher.setAAD(Buffer.from(`${r?.id}\n${r?.key_id ?? ''}\n${r?.action}`))
+      decipher.setAuthTag(body.subarray(body.length - 16))
+      return JSON.parse(Buffer.concat([decipher.update(body.subarray(0, body.length - 16)), decipher.final()]).toString('utf8'))
+    }
+    const keyId = randomUUID().slice(0, 12)
+    const compatible = new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY), 1)
+    const [old] = await writeRows(db, compatible, 1, keyId)
+    const [current] = await writeRows(db, log, 1, keyId)
+    const formats = await db.query<{ id: string; format: number }>('SELECT id, format FROM api_key_audit_log WHERE key_id = $1', [keyId])
+    t.same(Object.fromEntries(formats.map((r) => [r.id, r.format])), { [old as string]: 1, [current as string]: 2 }, 'each row records the format it was sealed in')
+    t.same(await readAsBefore(old as string), { i: 0, note: 'row 0' }, 'a version before migration 0006 reads a format 1 row')
+    await t.rejects(readAsBefore(current as string), 'but not a format 2 one (why the setting exists)')
+    t.same((await log.list(db, { keyId })).map((r) => r.details), [{ i: 0, note: 'row 0' }, { i: 0, note: 'row 0' }], 'this version reads both')
   })
 
   t.test('rows of one transaction share its time; rows of another have their own', async (t) => {

@@ -1,5 +1,6 @@
 // The key lifecycle of the `keygate` command on PostgreSQL as real processes: migrate, every
-// api-key command, no plaintext key in pg_dump's output or any captured log.
+// api-key command, no plaintext key in pg_dump's output or any captured log, and the audit
+// format the commands write as audit.seal_format says.
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
 import { runCli } from './helpers/cli.ts'
@@ -32,3 +33,23 @@ t.test('key lifecycle on PostgreSQL', async (t) => {
 
 // (On PostgreSQL, with migrations applied by `keygate migrate`, the commands log nothing at all.)
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: false }))
+
+t.test('audit.seal_format (KEYGATE_AUDIT_SEAL_FORMAT) decides the format of the rows the command writes', async (t) => {
+  const url = await freshDatabase(t)
+  const cwd = tempDir()
+  const env = (format?: string) => isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, ...(format ? { KEYGATE_AUDIT_SEAL_FORMAT: format } : {}) })
+  t.equal((await runCli(['migrate'], { cwd, env: env() })).code, 0)
+  const formatOf = async (format?: string): Promise<unknown> => {
+    const created = await runCli(['api-key', 'create', '--type', 'user', '--name', `f${format ?? 'default'}`, '--json'], { cwd, env: env(format) })
+    t.equal(created.code, 0, created.stderr)
+    const id = created.json().id as string
+    return execFileSync('psql', [url, '-At', '-c', `SELECT format FROM api_key_audit_log WHERE key_id = '${id}'`], { encoding: 'utf8' }).trim()
+  }
+  t.equal(await formatOf(), '2', 'format 2 by default')
+  t.equal(await formatOf('1'), '1', 'format 1 when set so')
+  const bad = await runCli(['api-key', 'list'], { cwd, env: env('3') })
+  t.equal(bad.code, 1, 'an invalid configuration exits 1')
+  t.match(bad.stderr, /KEYGATE_AUDIT_SEAL_FORMAT/)
+  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env: env() })
+  t.equal(listed.code, 0, 'rows of both formats are read')
+})
