@@ -9,7 +9,8 @@
 // - every `checkIntervalMs` the subscriber reads the counter, then PINGs its own connection:
 //   the PONG comes after every message published before the read, so a counter above the last
 //   version seen means messages were lost;
-// - every (re)subscription may have missed messages while the connection was down.
+// - every (re)subscription may have missed messages while the connection was down, and so may
+//   a first subscription made after the gateway began serving (Redis was down at its start).
 // Each of these flushes the whole cache (`onFlush`), and the cache TTL stays the hard bound.
 // A publish that fails is kept and sent again once the connection is back.
 import type { Redis } from 'ioredis'
@@ -28,6 +29,8 @@ export type FlushReason = 'reconnect' | 'gap' | 'missed'
 const PUBLISH_SCRIPT = "local v = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', ARGV[1], v .. '|' .. ARGV[2]) return v"
 /** Failed publishes kept for the reconnection; past this many, one `all` replaces them. */
 const PENDING_MAX = 1000
+/** How long a starting gateway waits for its first subscription while Redis is up or connecting. */
+const FIRST_SUBSCRIPTION_WAIT_MS = 2000
 /** Kept publishes are also tried again this often: Redis may refuse a write on a connection that stays up (OOM, MISCONF, READONLY), and then no 'ready' comes. */
 const RETRY_MS = 1000
 
@@ -169,7 +172,11 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   const readVersion = async () => Number((await redis.get(INVALIDATION_VERSION_KEY)) ?? 0)
   let last: number | undefined
   let subscribedOnce = false
+  // Set once this function has returned: the gateway serves, and caches, from then on.
+  let serving = false
   let closed = false
+  let firstSubscribed: () => void = () => {}
+  const first = new Promise<void>((resolve) => (firstSubscribed = resolve))
   const flush = (reason: FlushReason) => {
     log?.info('flushed the key cache: invalidations may have been missed', { reason })
     onFlush(reason)
@@ -191,17 +198,20 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // ioredis resubscribes by itself after a reconnection, but says so only by 'ready'; subscribing
   // again is harmless and tells when messages flow again. Whatever was published before that is
   // covered by the flush, which comes after it. Redis being down must not stop a gateway from
-  // starting: the first subscription happens whenever Redis is there.
+  // starting: the first subscription happens whenever Redis is there, and when that is after
+  // the gateway began serving it flushes too (what was cached meanwhile may have been revoked
+  // by a message this gateway never got).
   const subscribe = (): void => {
     if (closed) return
     sub.subscribe(INVALIDATION_CHANNEL).then(
       async () => {
         last = undefined
-        if (subscribedOnce) flush('reconnect')
+        if (subscribedOnce || serving) flush('reconnect')
         subscribedOnce = true
         // From here on a counter above the last version seen means a lost message.
         const version = await readVersion().catch(() => undefined)
         if (version !== undefined && (last === undefined || version > last)) last = version
+        firstSubscribed()
       },
       (err: unknown) => log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error }),
     )
@@ -226,6 +236,14 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   const interval = options.checkIntervalMs ?? 1000
   const timer = interval > 0 ? setInterval(() => void check(), interval) : undefined
   timer?.unref()
+  // While Redis is up (or still connecting), the first subscription is waited for, a moment at
+  // most, so that it comes before the first request; when Redis is known to be down, not at all.
+  if (redis.status === 'ready' || redis.status === 'connecting' || redis.status === 'connect') {
+    let bound: NodeJS.Timeout | undefined
+    await Promise.race([first, new Promise<void>((resolve) => (bound = setTimeout(resolve, FIRST_SUBSCRIPTION_WAIT_MS)))])
+    clearTimeout(bound)
+  }
+  serving = true
   return async () => {
     closed = true
     clearInterval(timer)

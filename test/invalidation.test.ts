@@ -2,13 +2,14 @@
 // gateway notice: a version that skips ahead, a counter ahead of the last message, a subscriber
 // connection killed (CLIENT KILL TYPE pubsub). Each time a key revoked behind the gateway's back
 // (a KeyService that tells no one, with a cache TTL of an hour) stops working. Also: a publish
-// made while Redis is down goes out when it is back, and a frozen Redis (SIGSTOP) hands the
+// made while Redis is down goes out when it is back, a gateway started while Redis is down flushes
+// at its first subscription, and a frozen Redis (SIGSTOP) hands the
 // limits to the insurance limiter with a metric and a log line, and takes them back. Each test
 // runs its own redis-server.
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import type { Registry } from 'prom-client'
-import { INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
+import { bindInvalidationPublisher, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis } from '../core/redis.ts'
@@ -82,6 +83,39 @@ t.test('a counter ahead of the last message seen flushes the cache', async (t) =
   await s.other.incr(INVALIDATION_VERSION_KEY) // the last publish was lost: no later message shows the gap
   await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
   t.ok((await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1)
+})
+
+t.test('a gateway started while Redis was down flushes the cache when its first subscription comes', async (t) => {
+  const server = await startRedisServer(t)
+  await server.stop()
+  const logs: LogLine[] = []
+  const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
+  const redis = connectRedis(server.url, log)
+  t.teardown(() => redis.disconnect())
+  const config = { cache: { ttl_s: 3600 }, redis: { invalidation_check_ms: 0 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const gateway = await startGateway(t, { config, store, redis, log })
+  // Another instance, which publishes its changes once Redis is there.
+  const elsewhere = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(gateway.config) })
+  const { key, record } = await elsewhere.create({ name: 'cached-while-down', type: 'user' }, ACTOR)
+  t.equal((await gateway.get('/', bearer(key))).status, 200, 'served (and cached) while Redis is down')
+  await server.start()
+  const other = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => other.disconnect())
+  const stopPublishing = bindInvalidationPublisher({ redis: other, keys: elsewhere })
+  t.teardown(stopPublishing)
+  // Revoked and published before the gateway's first subscription: it never gets the message.
+  t.equal(Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]), 0, 'the gateway has not subscribed yet')
+  await elsewhere.revoke(record.id, undefined, ACTOR)
+  await until(t, 'the gateway subscribed', async () => Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
+  await until(t, 'the revoked key is refused', async () => (await gateway.get('/', bearer(key))).status === 401)
+  t.equal(await metric(gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 1, 'one flush, at the first subscription')
+})
+
+t.test('a gateway started with Redis up subscribes before it serves, and does not flush for it', async (t) => {
+  const s = await setup(t, { redis: { invalidation_check_ms: 0 } })
+  t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 0)
+  t.notOk(s.logs.some((l) => l.msg.startsWith('flushed the key cache')), 'no flush logged')
 })
 
 t.test('a killed subscriber connection flushes the cache when it is back', async (t) => {
