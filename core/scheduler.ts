@@ -151,10 +151,16 @@ export class Scheduler {
     return run
   }
 
-  /** Marks expired every key past its grace, its expiry, or its announced rotation deadline. */
+  /**
+   * Marks expired every key past its grace, its expiry, or its announced rotation deadline. Two
+   * statements: the first locks the keys that look due; the second, with a snapshot taken once
+   * those locks are held, judges them again on what is committed then. A key row locked by a
+   * change that commits meanwhile (a raised rotation interval, which drops the announced
+   * deadline) is otherwise re-checked by PostgreSQL against the notice row as the first
+   * statement's snapshot saw it, so a deadline the committed change removed was still enforced.
+   */
   async #endKeys(tx: Queryable, now: Date): Promise<Ended[]> {
-    const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
-      `WITH due AS (
+    const due = (where: string) => `
          SELECT k.id,
            CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN 'grace_ended'
                 WHEN k.expires_at <= $1 THEN 'expires_at'
@@ -163,13 +169,16 @@ export class Scheduler {
                 WHEN k.expires_at <= $1 THEN k.expires_at
                 ELSE n.deadline END AS deadline
          FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
-         WHERE (k.status = 'rotating' AND k.grace_until <= $1)
+         WHERE ${where}((k.status = 'rotating' AND k.grace_until <= $1)
             OR (k.status IN ('active', 'rotating') AND k.expires_at <= $1)
-            OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1)
-         FOR UPDATE OF k)
+            OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1))`
+    const locked = await tx.query<{ id: string }>(`${due('')} ORDER BY k.id FOR UPDATE OF k`, [now])
+    if (locked.length === 0) return []
+    const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
+      `WITH due AS (${due('k.id = ANY($2) AND ')})
        UPDATE api_keys SET status = 'expired', updated_at = $1 FROM due WHERE api_keys.id = due.id
        RETURNING ${COLUMNS.split(',').map((c) => `api_keys.${c.trim()}`).join(', ')}, due.reason, due.deadline`,
-      [now],
+      [now, locked.map((r) => r.id)],
     )
     return rows.map((r) => ({ key: toRecord(r), reason: r.reason, deadline: new Date(r.deadline) }))
   }

@@ -2,8 +2,10 @@
 // rotations announced once ahead of their deadline (event and audit row) and enforced at it,
 // never sooner than announced; a rotation before the deadline starting the successor's own;
 // grace periods and expiries ending on time; retention pruning of the tables that exist; and
-// on PostgreSQL, one instance at a time (advisory lock).
+// on PostgreSQL, one instance at a time (advisory lock), and a rotation interval raised while the
+// scheduler enforces the old deadline is not overridden by it.
 import t from 'tap'
+import pg from 'pg'
 import { openDb } from '../core/db.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
@@ -172,6 +174,37 @@ forEachStore(t, async (t, store) => {
       t.not(await elsewhere.runOnce(), null, 'runs once the lock is free')
       const both = await Promise.all([scheduler.runOnce(), elsewhere.runOnce()])
       t.ok(both.some((r) => r !== null), 'of two at once, at least one ran and none failed')
+    })
+
+    await t.test('a rotation interval raised while the scheduler enforces the old deadline: the committed change wins', async (t) => {
+      const start = clock.now()
+      const { record } = await s.keys.create({ name: 'raised-at-deadline', type: 'service', rotation_interval_s: 4 * 86_400 }, ACTOR)
+      clock.set(new Date(start.getTime() + 1.5 * DAY))
+      t.ok((await scheduler.runOnce())?.announced.some((a) => a.keyId === record.id), 'the deadline was announced')
+      clock.set(new Date(start.getTime() + 4 * DAY + 1000))
+      // The update is held after it has changed the key and dropped the notice, before its audit
+      // row (as a slow commit would hold it): another connection holds a SHARE lock on the audit table.
+      const other = new pg.Client({ connectionString: store.url })
+      await other.connect()
+      t.teardown(() => other.end())
+      // A lock waited for, as pg_locks shows it (pg_stat_activity may still show the statement before).
+      const waitingFor = async (what: string, where: string) => {
+        for (let i = 0; i < 500; i++) {
+          if ((await other.query(`SELECT 1 FROM pg_locks WHERE NOT granted AND ${where}`)).rows.length > 0) return
+          await new Promise((resolve) => setTimeout(resolve, 10))
+        }
+        throw new Error(`nothing waited for ${what}`)
+      }
+      await other.query('BEGIN')
+      await other.query('LOCK TABLE api_key_audit_log IN SHARE MODE')
+      const update = s.keys.update(record.id, { rotation_interval_s: 365 * 86_400 }, ACTOR)
+      await waitingFor('the audit table', `relation = 'api_key_audit_log'::regclass`)
+      const run = scheduler.runOnce()
+      await waitingFor("the key row the update holds", `locktype IN ('transactionid', 'tuple')`)
+      await other.query('COMMIT')
+      t.match(await update, { status: 'active', rotationIntervalS: 365 * 86_400 }, 'the update committed, active')
+      t.notOk((await run)?.rotationOverdue.includes(record.id), 'the scheduler did not enforce the deadline the update dropped')
+      t.equal((await s.keys.get(record.id)).status, 'active', 'the key stays active')
     })
   }
 })
