@@ -69,10 +69,16 @@ function keyBody(p: Parsed): Record<string, unknown> {
 
 const date = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, 'Z') : null)
 
+/** When a key stops working: its expiry, or for a rotating key the end of its grace when that comes first. */
+function endOf(k: KeyRecord): Date | null {
+  if (k.status !== 'rotating' || k.graceUntil === null) return k.expiresAt
+  return k.expiresAt !== null && k.expiresAt < k.graceUntil ? k.expiresAt : k.graceUntil
+}
+
 function keyRows(keys: KeyRecord[]): string {
   return table(
     ['id', 'name', 'type', 'status', 'scopes', 'owner', 'expires', 'last used'],
-    keys.map((k) => [k.id, k.name, k.type, k.status, k.scopes.join(','), k.owner, date(k.expiresAt ?? (k.status === 'rotating' ? k.graceUntil : null)), date(k.lastUsedAt)]),
+    keys.map((k) => [k.id, k.name, k.type, k.status, k.scopes.join(','), k.owner, date(endOf(k)), date(k.lastUsedAt)]),
   )
 }
 

@@ -125,6 +125,18 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
   const stats = await run(['api-key', 'stats', '--json'])
   t.equal(stats.code, 0)
   t.match(stats.json(), { total: 6, legacy: 2, by_type: { service: 3, user: 1, integration: 2 }, by_status: { active: 4, revoked: 2 } })
+
+  // A rotating key stops working when its grace ends, even when its expiry comes later: the
+  // list's EXPIRES column shows the earlier of the two.
+  const boundRotated = await run(['api-key', 'rotate', bound.json().id, '--json'])
+  t.equal(boundRotated.code, 0, boundRotated.stderr)
+  plaintexts.push(boundRotated.json().key)
+  const previous = boundRotated.json().previous as { grace_until: string; expires_at: string }
+  t.ok(Date.parse(previous.grace_until) < Date.parse(previous.expires_at), 'the grace ends before the 30 days')
+  const rotating = await run(['api-key', 'list', '--status', 'rotating'])
+  const line = rotating.stdout.split('\n').find((l) => l.startsWith(bound.json().id)) ?? ''
+  t.match(line, previous.grace_until.replace(/\.\d{3}Z$/, 'Z'), 'the rotating key lists the end of its grace')
+  t.notMatch(line, previous.expires_at.replace(/\.\d{3}Z$/, 'Z'), 'not its later expiry')
 }
 
 /** No captured stderr of this process's CLI runs holds a plaintext key the lifecycle printed. */
