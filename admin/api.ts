@@ -7,7 +7,7 @@ import type http from 'node:http'
 import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
-import { assertValid } from '../core/validate.ts'
+import { assertValid, MAX_JSON_DEPTH } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
 import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
@@ -54,8 +54,6 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
   return value
 }
 
-/** Nesting this deep is no body any operation takes; deeper, printing the value for an error overflows the stack. */
-const MAX_JSON_DEPTH = 32
 
 const HOLDS_NUL = 'holds a NUL character (\\u0000), which no field takes'
 

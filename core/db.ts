@@ -114,6 +114,14 @@ class EmbeddedDb implements Db {
     }
     worker.on('error', fail)
     worker.on('exit', (code) => fail(new Error(`its thread exited (${code})`)))
+    // A reply that could not be read here is lost, and with it which call it answered: every call
+    // waiting fails (the store itself still works), rather than one waiting for ever.
+    worker.on('messageerror', (err: Error) => {
+      const lost = new Error(`a reply of the embedded store could not be read: ${err.message}`, { cause: err })
+      for (const p of this.#pending.values()) p.reject(lost)
+      this.#pending.clear()
+      worker.unref()
+    })
   }
 
   /** Starts the store's thread and resolves once PGlite is open there (in memory without `dataDir`). */

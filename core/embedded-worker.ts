@@ -44,6 +44,20 @@ function wire(err: unknown): WireError {
 
 const ROLLBACK = Symbol('rollback')
 
+/**
+ * Deeper than this a result does not cross to the other thread: V8 reads a message back
+ * recursively and runs out of stack a few thousand levels down, and the message is then lost
+ * (the query would never be answered). Such a result is answered as an error instead.
+ */
+const MAX_RESULT_DEPTH = 1000
+
+function nestsDeeper(value: unknown, levels: number): boolean {
+  if (typeof value !== 'object' || value === null || value instanceof Date || ArrayBuffer.isView(value)) return false
+  if (levels === 0) return true
+  for (const v of Array.isArray(value) ? value : Object.values(value)) if (nestsDeeper(v, levels - 1)) return true
+  return false
+}
+
 interface OpenTx {
   t: Transaction
   finish(commit: boolean): void
@@ -58,8 +72,12 @@ async function serve(db: PGlite): Promise<void> {
 
   const handle = async (m: Request): Promise<unknown> => {
     switch (m.op) {
-      case 'query':
-        return (await (m.tx === undefined ? db : (txs.get(m.tx) as OpenTx).t).query(m.sql, m.params as unknown[])).rows
+      case 'query': {
+        const { rows } = await (m.tx === undefined ? db : (txs.get(m.tx) as OpenTx).t).query(m.sql, m.params as unknown[])
+        // Rows, then their columns, then the value's own levels.
+        if (nestsDeeper(rows, MAX_RESULT_DEPTH + 2)) throw new Error(`a value in the result nests deeper than ${MAX_RESULT_DEPTH} levels, too deep to pass between threads`)
+        return rows
+      }
       case 'exec':
         await (m.tx === undefined ? db : (txs.get(m.tx) as OpenTx).t).exec(m.sql)
         return undefined

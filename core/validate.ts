@@ -124,8 +124,31 @@ export function problemLine(p: Problem, where: string, secret = false): string {
   return `${where}: ${showValue(p.value, secret)} is not allowed; expected ${p.allowed}`
 }
 
-/** Fields whose value is a credential: a bad one is named, never shown (the message goes back to the caller and may be logged by its client). */
-const SECRET_FIELD = /(?:^|\.)(?:key|token|secret|password)$/i
+/**
+ * Fields whose value is a credential: a bad one is named, never shown (the message goes back to
+ * the caller and may be logged by its client). `key_hash` too: the usual mistake there is the
+ * legacy key itself.
+ */
+const SECRET_FIELD = /(?:^|\.)(?:key|token|secret|password|key_hash)$/i
+
+/** No input keygate takes nests deeper than this (JSON bodies, metadata). */
+export const MAX_JSON_DEPTH = 32
+
+/**
+ * The path of the first string or object key in `value` that is not well-formed UTF-16: a lone
+ * surrogate (`"\ud800"` in JSON), which is no text PostgreSQL can store (jsonb refuses it; a text
+ * column would take it as U+FFFD, changing the input without a word).
+ */
+export function loneSurrogateAt(value: unknown, path: string[] = []): string[] | undefined {
+  if (typeof value === 'string') return value.isWellFormed() ? undefined : path
+  if (typeof value !== 'object' || value === null) return undefined
+  for (const [k, v] of Object.entries(value)) {
+    if (!k.isWellFormed()) return [...path, k.toWellFormed()]
+    const at = loneSurrogateAt(v, [...path, k])
+    if (at !== undefined) return at
+  }
+  return undefined
+}
 
 /**
  * Checks `value` against `schema` and throws `validation_failed` naming every bad field
@@ -133,7 +156,13 @@ const SECRET_FIELD = /(?:^|\.)(?:key|token|secret|password)$/i
  */
 export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): T {
   const found = problems(schema, value)
-  if (found.length === 0) return value as T
+  if (found.length === 0) {
+    const at = loneSurrogateAt(value)
+    if (at === undefined) return value as T
+    const field = dotted(at) || what
+    const message = 'holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), which is not text'
+    throw new KeygateError('validation_failed', `${field}: ${message}`, { fields: [{ field, message }] })
+  }
   const fields = found.map((p) => {
     const field = dotted(p.path) || what
     return { field, message: problemLine(p, field, SECRET_FIELD.test(field)).replace(/^[^:]*: /, '') }

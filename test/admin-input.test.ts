@@ -50,12 +50,40 @@ await forEachStore(t, async (t, store) => {
   for (const limit of ['1e2', '2.9', '0x10', ' 5']) refused(await h.call('GET', `/v1/keys?limit=${encodeURIComponent(limit)}`), 400, 'validation_failed', `limit=${limit}`)
   refused(await h.call('GET', '/v1/keys?__proto__=x'), 400, 'validation_failed', '__proto__ as a query parameter')
 
+  // Lone UTF-16 surrogates (no text a store can hold: jsonb refuses them, text columns would make
+  // them U+FFFD without a word), anywhere in a body: refused naming the field.
+  for (const [what, path, body, field] of [
+    ['in metadata', '/v1/keys', { name: 'x', type: 'user', metadata: { a: 'ok \ud800' } }, 'metadata.a'],
+    ['in a name', '/v1/keys', { name: 'k\udfff', type: 'user' }, 'name'],
+    ['in an owner', '/v1/keys', { name: 'x', type: 'user', owner: '\ud83d' }, 'owner'],
+    ['in a deny-list reason', '/v1/deny-list', { cidr: '198.51.100.2', reason: 'r\ud800' }, 'reason'],
+    ['in an import row', '/v1/keys/import', { type: 'user', rows: [{ key_hash: 'a'.repeat(64), name: 'n\ud800' }] }, 'rows[0].name'],
+  ] as const) {
+    const a = await h.call('POST', path, { body })
+    refused(a, 400, 'validation_failed', `a lone surrogate ${what}`)
+    t.equal(a.json?.error?.details?.fields?.[0]?.field, field, `named: ${field}`)
+  }
+  const pair = await h.call('POST', '/v1/keys', { body: { name: 'emoji \ud83d\ude00', type: 'user', metadata: { e: '\ud83d\ude00' } } })
+  t.equal(pair.status, 201, 'a surrogate pair (an emoji) is text, and taken')
+  t.equal(pair.json?.name, 'emoji \ud83d\ude00', 'and stored as sent')
+
+  // An audit cursor holds what the server wrote: a time of 1970 to 9999 and an id.
+  const cursor = (v: unknown) => Buffer.from(JSON.stringify(v)).toString('base64url')
+  for (const [what, c] of [
+    ['a time before the store can hold', cursor(['-004714-01-01T00:00:00Z', 'x'])],
+    ['a time after it', cursor(['+275760-09-13T00:00:00Z', 'x'])],
+    ['a number for the time', cursor([1, 'x'])],
+    ['not JSON', 'bm90LWEtY3Vyc29y'],
+  ] as const) {
+    refused(await h.call('GET', `/v1/keys/${pair.json?.id}/audit?cursor=${c}`), 400, 'validation_failed', `an audit cursor with ${what}`)
+  }
+
   const secret = 'gtp_' + 'S'.repeat(300)
   const echoed = await h.call('POST', '/v1/keys/validate', { body: { key: secret } })
   t.equal(echoed.status, 400)
   t.notMatch(echoed.text, /SSSSSSSSSS/, 'a key that is not allowed is named, not shown')
 
-  t.equal(await h.auditRows(), before + 1, 'no refusal wrote an audit row (one key was created)')
+  t.equal(await h.auditRows(), before + 2, 'no refusal wrote an audit row (two keys were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)

@@ -131,5 +131,26 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
 })
 
+t.test('input no store can hold is refused by name, on the embedded store, and nothing waits for ever', async (t) => {
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
+  // 3000 levels, under --metadata's 8 KiB: before, the store's thread never answered, and the command hung.
+  const deep = await runCli(['api-key', 'create', '--name', 'deep', '--type', 'user', '--metadata', `{"a":${'['.repeat(3000)}${']'.repeat(3000)}}`, '--json'], { cwd, env })
+  t.equal(deep.code, 1)
+  t.match(deep.json().error, { code: 'validation_failed', message: /metadata: nests deeper than 32 levels/ })
+  const lone = await runCli(['api-key', 'create', '--name', 'lone', '--type', 'user', '--metadata', '{"a":"\\ud800"}', '--json'], { cwd, env })
+  t.equal(lone.code, 1)
+  t.match(lone.json().error, { code: 'validation_failed', message: /metadata\.a: holds a lone UTF-16 surrogate/ })
+  // The usual mistake: the legacy key itself where its hash goes. Named, never shown.
+  const legacy = '3f2a1b4c-1234-4abc-8def-0123456789ab'
+  const file = join(cwd, 'mistake.jsonl')
+  writeFileSync(file, JSON.stringify({ key_hash: legacy, name: 'pasted' }) + '\n')
+  const pasted = await runCli(['api-key', 'import', file, '--type', 'integration'], { cwd, env })
+  t.equal(pasted.code, 1)
+  t.match(pasted.stderr, /row 1: key_hash/)
+  t.notOk(pasted.stderr.includes(legacy) || pasted.stdout.includes(legacy), 'the key pasted as key_hash is not echoed')
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
+})
+
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))

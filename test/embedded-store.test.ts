@@ -95,3 +95,15 @@ t.test('a closed store refuses calls instead of leaving them waiting; the data d
   t.teardown(() => again.close())
   t.same(await again.query('SELECT v FROM kept'), [{ v: 'written' }])
 })
+
+t.test('a result nested too deeply to cross the thread is an error, not a call left waiting', async (t) => {
+  const db = await openDb({ memory: true })
+  t.teardown(() => db.close())
+  const nested = (levels: number) => JSON.stringify({ a: JSON.parse('['.repeat(levels) + ']'.repeat(levels)) })
+  // 4000 levels: V8 reads the message back recursively and runs out of stack; the reply was lost.
+  const err = await rejection(db.query('SELECT $1::jsonb AS v', [nested(4000)]))
+  t.match(err.message, /nests deeper than 1000 levels/)
+  t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], 'the store goes on answering')
+  const [row] = await db.query<{ v: { a: unknown } }>('SELECT $1::jsonb AS v', [nested(900)])
+  t.ok(Array.isArray(row?.v.a), '900 levels cross')
+})

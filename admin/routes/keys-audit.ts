@@ -1,21 +1,8 @@
 // GET /v1/keys/{id}/audit: the key's audit trail, newest first, details decrypted.
 import { Type } from '@sinclair/typebox'
-import { fieldInvalid } from '../../core/errors.ts'
+import { decodeCursor, encodeCursor } from '../../core/cursor.ts'
 import { defineOperation } from '../operation.ts'
 import { AuditSchema, auditJson, Cursor, NextCursor } from '../schemas.ts'
-
-function encode(createdAt: Date, id: string): string {
-  return Buffer.from(JSON.stringify([createdAt.toISOString(), id])).toString('base64url')
-}
-
-function decode(cursor: string): { createdAt: Date; id: string } {
-  try {
-    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown]
-    const createdAt = new Date(String(at))
-    if (typeof id === 'string' && !Number.isNaN(createdAt.getTime())) return { createdAt, id }
-  } catch {}
-  throw fieldInvalid('cursor', 'is not a cursor this server returned')
-}
 
 export default defineOperation({
   id: 'getKeyAudit',
@@ -36,9 +23,9 @@ export default defineOperation({
   async handle({ params, query, services }) {
     const key = await services.keys.get(params.id as string)
     const limit = query.limit ?? 100
-    const rows = await services.audit.list(services.db, { keyId: key.id, limit: limit + 1, ...(query.cursor ? { before: decode(query.cursor) } : {}) })
+    const rows = await services.audit.list(services.db, { keyId: key.id, limit: limit + 1, ...(query.cursor ? { before: decodeCursor(query.cursor) } : {}) })
     const items = rows.slice(0, limit)
     const last = items[items.length - 1]
-    return { items: items.map(auditJson), next_cursor: rows.length > limit && last ? encode(last.createdAt, last.id) : null }
+    return { items: items.map(auditJson), next_cursor: rows.length > limit && last ? encodeCursor(last.createdAt, last.id) : null }
   },
 })

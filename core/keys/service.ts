@@ -4,9 +4,9 @@
 import type { Db, Queryable } from '../db.ts'
 import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
+import { decodeCursor, encodeCursor } from '../cursor.ts'
 import { fieldInvalid, KeygateError, type ErrorCode } from '../errors.ts'
-import { isDateTime } from '../formats.ts'
-import { assertValid } from '../validate.ts'
+import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, ImportRow, ListKeysQuery, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type UpdateKeyInput } from './schemas.ts'
@@ -89,27 +89,21 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
-function encodeCursor(k: KeyRecord): string {
-  return Buffer.from(JSON.stringify([k.createdAt.toISOString(), k.id])).toString('base64url')
-}
-
-function decodeCursor(cursor: string): [Date, string] {
-  try {
-    const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown]
-    const date = new Date(String(at))
-    if (typeof id === 'string' && typeof at === 'string' && isDateTime(at)) return [date, id]
-  } catch {}
-  throw fieldInvalid('cursor', 'is not a cursor this server returned')
+/** How deep `value` nests (a scalar 0), counted no further than `limit` + 1. */
+function depthOf(value: unknown, limit: number): number {
+  if (typeof value !== 'object' || value === null) return 0
+  if (limit < 0) return 1
+  let deepest = 0
+  for (const v of Object.values(value)) deepest = Math.max(deepest, depthOf(v, limit - 1))
+  return deepest + 1
 }
 
 function checkMetadata(metadata: unknown): void {
   if (metadata === undefined) return
-  let text: string
-  try {
-    text = JSON.stringify(metadata)
-  } catch {
-    throw fieldInvalid('metadata', 'nests too deeply')
-  }
+  // The admin API refuses deeper bodies before they get here; the CLI's --metadata and import
+  // files did not, and the embedded store's worker thread never answered a query that deep.
+  if (depthOf(metadata, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw fieldInvalid('metadata', `nests deeper than ${MAX_JSON_DEPTH} levels`)
+  const text = JSON.stringify(metadata)
   // JSON.stringify escapes a NUL in a key or value as \u0000, which jsonb refuses.
   if (text.includes('\\u0000')) {
     throw fieldInvalid('metadata', 'holds a NUL character')
@@ -239,7 +233,10 @@ export class KeyService {
     if (q.owner) add('owner = $1', q.owner)
     if (q.scope) add('$1 = ANY(scopes)', q.scope)
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
-    if (q.cursor) add('(created_at, id) < ($1, $2)', ...decodeCursor(q.cursor))
+    if (q.cursor) {
+      const { createdAt, id } = decodeCursor(q.cursor)
+      add('(created_at, id) < ($1, $2)', createdAt, id)
+    }
     const limit = q.limit ?? 50
     params.push(limit + 1)
     const rows = await this.#db.query<KeyRow>(
@@ -247,7 +244,8 @@ export class KeyService {
       params,
     )
     const items = rows.slice(0, limit).map(toRecord)
-    return { items, nextCursor: rows.length > limit && items.length > 0 ? encodeCursor(items[items.length - 1] as KeyRecord) : null }
+    const last = items[items.length - 1]
+    return { items, nextCursor: rows.length > limit && last !== undefined ? encodeCursor(last.createdAt, last.id) : null }
   }
 
   async update(id: string, input: unknown, actor: Actor): Promise<KeyRecord> {
