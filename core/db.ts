@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path'
 import pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError } from './embedded-worker.ts'
-import { KeygateError, systemErrorWords } from './errors.ts'
+import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 
 export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<R[]>
@@ -29,26 +29,64 @@ export function sqlState(err: unknown): string | undefined {
 
 export const UNIQUE_VIOLATION = '23505'
 
+/** Socket errors of a connection to PostgreSQL that failed or broke. */
+const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
+
+/**
+ * Whether `err` says PostgreSQL cannot be reached or used at all, rather than refusing one
+ * statement: a socket error, node-postgres's own words for a lost or timed-out connection, or
+ * SQLSTATE class 08 (connection exception), 28 (bad credentials), 57P01-57P03 (shutting down,
+ * crashed, not yet accepting), 53300 (too many connections) or 3D000 (no such database).
+ */
+function isUnreachable(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code
+  if (typeof code === 'string' && (SOCKET_ERRORS.has(code) || /^(?:08|28|57P0[123]$|53300$|3D000$)/.test(code))) return true
+  const message = err instanceof Error ? err.message : ''
+  return /^Connection terminated|timeout exceeded when trying to connect|is not queryable/.test(message)
+}
+
 class PostgresDb implements Db {
   readonly kind = 'postgres'
   readonly #pool: pg.Pool
+  readonly #where: string
 
   constructor(url: string, max: number) {
     this.#pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 5000, idleTimeoutMillis: 30_000 })
     // An idle client losing its connection must not crash the process; the next query reconnects.
     this.#pool.on('error', () => {})
+    const u = URL.canParse(url) ? new URL(url) : undefined
+    this.#where = u?.hostname ? `PostgreSQL at ${u.hostname}:${u.port || 5432}` : 'PostgreSQL'
+  }
+
+  /** `err` as store_unavailable when PostgreSQL could not be reached or used (the admin API answers 503, not 500). */
+  #unreachable(err: unknown): unknown {
+    if (!isUnreachable(err)) return err
+    return new KeygateError('store_unavailable', `the store (${this.#where}) cannot be reached: ${(err as Error).message}`, undefined, { cause: err })
   }
 
   async query<R>(text: string, params?: readonly unknown[]): Promise<R[]> {
-    return (await this.#pool.query(text, params as unknown[])).rows as R[]
+    try {
+      return (await this.#pool.query(text, params as unknown[])).rows as R[]
+    } catch (err) {
+      throw this.#unreachable(err)
+    }
   }
 
   async exec(script: string): Promise<void> {
-    await this.#pool.query(script)
+    try {
+      await this.#pool.query(script)
+    } catch (err) {
+      throw this.#unreachable(err)
+    }
   }
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
-    const client = await this.#pool.connect()
+    let client: pg.PoolClient
+    try {
+      client = await this.#pool.connect()
+    } catch (err) {
+      throw this.#unreachable(err)
+    }
     const tx: Queryable = {
       query: async <R>(t: string, p?: readonly unknown[]) => (await client.query(t, p as unknown[])).rows as R[],
       exec: async (script: string) => {
@@ -68,7 +106,7 @@ class PostgresDb implements Db {
       } catch {
         client.release(true)
       }
-      throw err
+      throw this.#unreachable(err)
     }
   }
 
@@ -285,7 +323,9 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     } catch (err) {
       await db.close().catch(() => {})
       const where = new URL(options.databaseUrl)
-      throw new KeygateError('store_unavailable', `cannot reach PostgreSQL at ${where.hostname}:${where.port || 5432}: ${(err as Error).message}`, undefined, { cause: err })
+      // The driver's own words, not those of the store_unavailable it was already wrapped in.
+      const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
+      throw new KeygateError('store_unavailable', `cannot reach PostgreSQL at ${where.hostname}:${where.port || 5432}: ${cause.message}`, undefined, { cause })
     }
     return db
   }

@@ -3,11 +3,12 @@
 // JSON nested past any body an operation takes, days that do not exist, numbers that are not
 // whole, `__proto__` as a query parameter; a bad credential's value is not echoed back; a refusal
 // before the body is read closes the connection; an anomaly stream ends when its admin key is
-// revoked. None of it writes an audit row.
+// revoked; PostgreSQL out of reach is 503 store_unavailable. None of it writes an audit row.
 import t from 'tap'
 import net from 'node:net'
 import { startAdmin } from './helpers/admin.ts'
-import { forEachStore } from './helpers/stores.ts'
+import { forEachStore, openStore } from './helpers/stores.ts'
+import { openDb } from '../core/db.ts'
 import type { Answer } from './helpers/gateway.ts'
 
 /** JSON text nested `levels` objects deep (JSON.stringify of such a value overflows the stack). */
@@ -114,4 +115,48 @@ await forEachStore(t, async (t, store) => {
   const outcome = await Promise.race([ended, new Promise((r) => setTimeout(() => r('still open after 2 s'), 2000))])
   s.close()
   t.equal(outcome, 'ended', 'the stream of a revoked admin key ends')
+})
+
+t.test('PostgreSQL out of reach: 503 store_unavailable, not 500, and the API answers again once it is back', async (t) => {
+  const { url } = await openStore(t, 'postgres')
+  const target = new URL(url as string)
+  // A TCP relay in front of PostgreSQL, to cut the store off from the admin API and back.
+  const open = new Set<net.Socket>()
+  let cut = false
+  const relay = net.createServer((client) => {
+    if (cut) return client.destroy()
+    const server = net.connect(Number(target.port || 5432), target.hostname)
+    for (const s of [client, server]) {
+      open.add(s)
+      s.on('close', () => open.delete(s)).on('error', () => {})
+    }
+    client.pipe(server).pipe(client)
+  })
+  await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise((resolve) => relay.close(resolve)))
+  const via = new URL(url as string)
+  via.host = `127.0.0.1:${(relay.address() as net.AddressInfo).port}`
+  const db = await openDb({ databaseUrl: via.toString(), poolMax: 2 })
+  t.teardown(() => db.close())
+  const h = await startAdmin(t, db)
+  t.equal((await h.call('POST', '/v1/keys', { body: { name: 'before', type: 'user' } })).status, 201)
+
+  cut = true
+  for (const s of open) s.destroy()
+  for (const [method, path, body] of [
+    ['GET', '/v1/stats', undefined],
+    ['GET', '/v1/keys', undefined],
+    ['POST', '/v1/keys', { name: 'during', type: 'user' }],
+  ] as const) {
+    const a = await h.call(method, path, body ? { body } : {})
+    t.equal(a.status, 503, `${method} ${path}: 503`)
+    t.equal(a.json?.error?.code, 'store_unavailable')
+    t.match(a.json?.error?.message, /cannot be reached/, 'says why')
+  }
+
+  cut = false
+  const after = await h.call('POST', '/v1/keys', { body: { name: 'after', type: 'user' } })
+  t.equal(after.status, 201, 'answers again once the store is back')
+  const names = (await h.call('GET', '/v1/keys?limit=10')).json.items.map((k: { name: string }) => k.name)
+  t.ok(names.includes('before') && names.includes('after') && !names.includes('during'), 'nothing half-written meanwhile')
 })
