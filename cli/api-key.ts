@@ -1,12 +1,15 @@
 // keygate api-key create|list|get|update|validate|revoke|rotate|stats|import
 import { readFileSync } from 'node:fs'
 import type { ParseArgsOptionsConfig } from 'node:util'
+import type { TSchema } from '@sinclair/typebox'
 import { KeygateError } from '../core/errors.ts'
+import { CreateKeyBody, ListKeysQuery, UpdateKeyBody } from '../core/keys/schemas.ts'
+import { dotted, problemLine, problems } from '../core/validate.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -47,6 +50,41 @@ const KEY_FIELDS = {
   'rotate-every': { type: 'string' },
 } as const satisfies ParseArgsOptionsConfig
 
+/** The flag each field of a key body comes from. */
+const FLAG_OF: Readonly<Record<string, string>> = {
+  name: '--name',
+  type: '--type',
+  scopes: '--scopes',
+  owner: '--owner',
+  metadata: '--metadata',
+  allowed_cidrs: '--cidrs',
+  rate_limit: '--rate-limit',
+  expires_at: '--expires-at',
+  rotation_interval_s: '--rotate-every',
+  scope: '--scope',
+  status: '--status',
+  cursor: '--cursor',
+}
+
+/**
+ * The API's own schema, checked before any store is opened: a value a flag never takes is a
+ * usage error (exit 2) naming the flag, whether the command then goes to the store or to the
+ * admin API. (What depends on the store, or on the time, is checked there and refused with exit 1.)
+ */
+function checkFlags(schema: TSchema, values: Record<string, unknown>): void {
+  const found = problems(schema, values)
+  if (found.length === 0) return
+  throw new UsageError(
+    found
+      .map((p) => {
+        const field = dotted(p.path)
+        const flag = FLAG_OF[p.path[0] ?? ''] ?? `--${p.path[0] ?? ''}`
+        return problemLine(p, p.path.length > 1 ? `${flag} (${field})` : flag)
+      })
+      .join('; '),
+  )
+}
+
 /** The key fields given on the command line, as an API body (only those present). */
 function keyBody(p: Parsed): Record<string, unknown> {
   const body: Record<string, unknown> = {}
@@ -85,7 +123,7 @@ function keyRows(keys: KeyRecord[]): string {
 function keyDetail(k: KeyRecord): string {
   const j = keyJson(k)
   return Object.entries(j)
-    .map(([name, v]) => `${name.padEnd(20)} ${v === null ? '-' : typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
+    .map(([name, v]) => `${name.padEnd(20)} ${v === null ? '-' : typeof v === 'object' ? JSON.stringify(v) : printable(String(v))}`)
     .join('\n') + '\n'
 }
 
@@ -133,10 +171,11 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       if (str(p, 'name') === undefined) throw new UsageError('--name is required')
       if (choiceFlag(p, 'type', KEY_TYPES) === undefined) throw new UsageError('--type is required (system, user, service, integration or emergency)')
       const body = keyBody(p)
+      checkFlags(CreateKeyBody, body)
       return async (ctx) => {
         const { key, record } = await ctx.ops.create(body)
         if (ctx.json) printJson(ctx.io, { ...keyJson(record), key })
-        else ctx.io.out(`Created ${record.type} key ${record.id} (${record.name}). The key is shown once; store it now:\n${key}\n`)
+        else ctx.io.out(`Created ${record.type} key ${record.id} (${printable(record.name)}). The key is shown once; store it now:\n${key}\n`)
         return EXIT_OK
       }
     },
@@ -163,6 +202,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       const limit = parseIntFlag('limit', str(p, 'limit'), 1, 500)
       if (limit !== undefined) query.limit = limit
       if (p.values.all && query.cursor !== undefined) throw new UsageError('--all and --cursor exclude each other')
+      checkFlags(ListKeysQuery, query)
       return async (ctx) => {
         const items: KeyRecord[] = []
         let next: string | null = null
@@ -202,6 +242,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       const body = keyBody(p)
       if (Object.keys(body).length === 0) throw new UsageError('nothing to change: give at least one of --name, --scopes, --owner, --metadata, --cidrs, --rate-limit, --expires-in, --expires-at, --rotate-every')
+      checkFlags(UpdateKeyBody, body)
       return async (ctx) => {
         const k = await ctx.ops.update(p.positionals[0] as string, body)
         if (ctx.json) printJson(ctx.io, keyJson(k))
@@ -223,7 +264,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         const result = await ctx.ops.validate(presented, address)
         if (result.valid) {
           if (ctx.json) printJson(ctx.io, { valid: true, key: keyJson(result.key) })
-          else ctx.io.out(`valid: ${result.key.id} (${result.key.name}, ${result.key.type}, ${result.key.status})\n`)
+          else ctx.io.out(`valid: ${result.key.id} (${printable(result.key.name)}, ${result.key.type}, ${result.key.status})\n`)
           return EXIT_OK
         }
         const why = result.keyId ? `${result.code} (${result.reason}, key ${result.keyId})` : `${result.code} (${result.reason})`
@@ -242,7 +283,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       return async (ctx) => {
         const k = await ctx.ops.revoke(p.positionals[0] as string, str(p, 'reason'))
         if (ctx.json) printJson(ctx.io, keyJson(k))
-        else ctx.io.out(`Revoked ${k.id} (${k.name}).\n`)
+        else ctx.io.out(`Revoked ${k.id} (${printable(k.name)}).\n`)
         return EXIT_OK
       }
     },

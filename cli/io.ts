@@ -96,8 +96,19 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
 }
 
 /** A fixed-width table; `null`/`undefined` cells print as `-`. */
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
+
+/**
+ * Text as a terminal should get it: with a control character (an escape sequence, a line break),
+ * quoted and escaped as JSON writes it, so a stored value can neither rewrite the terminal nor
+ * forge a row. Input refuses them now; rows written before may still hold them.
+ */
+export function printable(text: string): string {
+  return CONTROL.test(text) ? JSON.stringify(text) : text
+}
+
 export function table(headers: string[], rows: Array<Array<string | number | null | undefined>>): string {
-  const cells = rows.map((r) => r.map((c) => (c === null || c === undefined || c === '' ? '-' : String(c))))
+  const cells = rows.map((r) => r.map((c) => (c === null || c === undefined || c === '' ? '-' : printable(String(c)))))
   const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => (r[i] ?? '').length)))
   const line = (r: string[]) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd()
   return [line(headers.map((h) => h.toUpperCase())), ...cells.map(line)].join('\n') + '\n'

@@ -62,7 +62,12 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
     const code = (error?.code && error.code in ERRORS ? error.code : 'internal_error') as ErrorCode
     throw new KeygateError(code, `${error?.message ?? `HTTP ${res.status}`} (admin API at ${base})`, error?.details)
   }
-  const id = (value: string) => encodeURIComponent(value)
+  // '', '.' and '..' are no key's id, and no URL carries them as a path segment (fetch resolves
+  // dot segments, even escaped): answered as the store answers them, not as another route.
+  const id = (value: string) => {
+    if (value === '' || value === '.' || value === '..') throw new KeygateError('key_not_found', `no key has the id ${JSON.stringify(value)}`)
+    return encodeURIComponent(value)
+  }
   return {
     async create(body) {
       const r = await call<KeyJson & { key: string }>('POST', '/v1/keys', body)

@@ -55,6 +55,7 @@ function isHttpUrl(value: string): boolean {
 
 const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = {
   cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'],
+  ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7'],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
   'http-url': [isHttpUrl, 'an http:// or https:// URL'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],

@@ -81,8 +81,13 @@ await forEachStore(t, async (t, store) => {
 
   const secret = 'gtp_' + 'S'.repeat(300)
   const echoed = await h.call('POST', '/v1/keys/validate', { body: { key: secret } })
-  t.equal(echoed.status, 400)
-  t.notMatch(echoed.text, /SSSSSSSSSS/, 'a key that is not allowed is named, not shown')
+  t.equal(echoed.status, 200, 'a key too long to be one is a verdict, as the CLI on the store gives it')
+  t.match(echoed.json, { valid: false, code: 'key_invalid', reason: 'malformed' })
+  t.notMatch(echoed.text, /SSSSSSSSSS/, 'and not echoed')
+  const notText = await h.call('POST', '/v1/keys/validate', { body: { key: 987654321 } })
+  t.equal(notText.status, 400)
+  t.notMatch(notText.text, /987654321/, 'a key that is not allowed is named, not shown')
+  refused(await h.call('POST', '/v1/keys/validate', { body: { key: 'kg_x', address: '10.0.0.0/8' } }), 400, 'validation_failed', 'a range as the address to check from')
 
   t.equal(await h.auditRows(), before + 2, 'no refusal wrote an audit row (two keys were created)')
 

@@ -109,6 +109,19 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   const missing = await cli(['get', 'nosuchkey123', '--json'])
   t.equal(missing.code, 1)
   t.equal(missing.json().error.code, 'key_not_found')
+  // As on the store: ids no URL carries as a path segment, a key too long to be one, a reason with
+  // a control character (which `api-key get` would print).
+  for (const args of [['get', '..'], ['revoke', '.'], ['rotate', '..']]) {
+    const r = await cli([...args, '--json'])
+    t.equal(r.code, 1, `api-key ${args.join(' ')} exits 1`)
+    t.match(r.json().error, { code: 'key_not_found', message: /no key has the id/ }, `api-key ${args.join(' ')}: key_not_found, not another route's answer`)
+  }
+  const long = await cli(['validate', `kg_${'x'.repeat(300)}`, '--json'])
+  t.equal(long.code, 1)
+  t.match(long.json(), { valid: false, code: 'key_invalid', reason: 'malformed' }, 'a key too long to be one: the verdict, as on the store')
+  const forged = await cli(['revoke', m.id, '--reason', 'x\u001b[31m\nstatus  active', '--json'])
+  t.equal(forged.code, 1)
+  t.equal(forged.json().error.code, 'validation_failed', 'a reason with control characters is refused')
   const refusedUpdate = await cli(['update', m.id, '--name', 'x'])
   t.equal(refusedUpdate.code, 1)
   t.match(refusedUpdate.stderr, /key_not_active|is revoked/)

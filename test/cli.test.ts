@@ -37,6 +37,12 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '[1]'], /--metadata: expected a JSON object/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '1d', '--expires-at', '2031-01-01T00:00:00Z'], /exclude each other/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rotate-every', 'often'], /--rotate-every: "often" is not a duration/],
+    // Values the API's schema never takes, checked before a store is opened, naming the flag.
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed; expected an RFC 3339 date-time/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', 'bogus'], /--cidrs \(allowed_cidrs\[0\]\): "bogus" is not allowed/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '0/1s'], /--rate-limit: \{"limit":0,"window_s":1\} is not allowed/],
+    [['api-key', 'update', 'abc', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed/],
+    [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],
     [['api-key', 'list', '--limit', '0'], /--limit: "0" is not allowed; expected an integer from 1 to 500/],
     [['api-key', 'list', '--limit', 'ten'], /--limit: "ten" is not allowed/],
     [['api-key', 'list', '--all', '--cursor', 'abc'], /--all and --cursor exclude each other/],
@@ -150,6 +156,27 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.match(pasted.stderr, /row 1: key_hash/)
   t.notOk(pasted.stderr.includes(legacy) || pasted.stdout.includes(legacy), 'the key pasted as key_hash is not echoed')
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
+
+  // A reason is printable text, as through the API (an empty one is refused too).
+  const made = (await runCli(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { cwd, env })).json()
+  for (const reason of ['', 'x\u001b[31m\nstatus               active']) {
+    const r = await runCli(['api-key', 'revoke', made.id, '--reason', reason, '--json'], { cwd, env })
+    t.equal(r.code, 1, `reason ${JSON.stringify(reason)} refused`)
+    t.equal(r.json().error.code, 'validation_failed')
+  }
+  // A row written before names and reasons were held to printable text: printed escaped, so it
+  // can neither rewrite the terminal nor forge a line.
+  t.equal((await runCli(['api-key', 'revoke', made.id, '--reason', 'leaked'], { cwd, env })).code, 0)
+  const db = await openDb({ dataDir: join(cwd, 'store') })
+  await db.query("UPDATE api_keys SET name = $2, revoked_reason = $3 WHERE id = $1", [made.id, 'old\u001b[2Jname', 'x\nstatus               active'])
+  await db.close()
+  const shown = await runCli(['api-key', 'get', made.id], { cwd, env })
+  t.equal(shown.code, 0)
+  t.notOk(/[\u0000-\u001f]/.test(shown.stdout.replaceAll('\n', '')), 'no control character reaches the terminal')
+  t.match(shown.stdout, /revoked_reason\s+"x\\nstatus {15}active"\n/, 'the reason shown escaped, on its own line')
+  t.equal(shown.stdout.match(/^status /gm)?.length, 1, 'one status line')
+  const listed = await runCli(['api-key', 'list'], { cwd, env })
+  t.match(listed.stdout, /"old\\u001b\[2Jname"/, 'the list shows the name escaped')
 })
 
 

@@ -1,5 +1,5 @@
 // POST /v1/keys/{id}/revoke: the key stops working at once (in this process for the next request).
-import { Type } from '@sinclair/typebox'
+import { RevokeBody } from '../../core/keys/schemas.ts'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
 import { KeySchema } from '../schemas.ts'
@@ -11,7 +11,7 @@ export default defineOperation({
   tag: 'keys',
   summary: 'Revoke a key',
   description: 'Works on any key not already revoked, a rotating one included (its grace period ends). The body is optional.',
-  body: Type.Object({ reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, description: 'Why; kept with the key and in the audit log.' })) }, { additionalProperties: false }),
+  body: RevokeBody,
   bodyRequired: false,
   response: { status: 200, description: 'The revoked key.', schema: KeySchema },
   errors: ['validation_failed', 'key_not_found', 'key_not_active'],

@@ -13,6 +13,12 @@ const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'
 const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control characters).' })
 const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
 const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE }), Type.Null()], { description: 'Who the key belongs to.' })
+/** Why a key was revoked: shown by `api-key get`, so printable like a name. */
+export const RevokeBody = Type.Object(
+  { reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE, description: 'Why (no control characters); kept with the key and in the audit log.' })) },
+  { additionalProperties: false },
+)
+export type RevokeInput = Static<typeof RevokeBody>
 const Metadata = Type.Record(Type.String({ maxLength: 100 }), Type.Unknown(), { description: 'Free-form JSON attached to the key (at most 8 KiB).' })
 const Cidrs = Type.Array(Type.String({ format: 'cidr' }), { maxItems: 100, description: 'The key is only accepted from these addresses (empty: from anywhere).' })
 const RateLimitSchema = Type.Union(

@@ -9,7 +9,7 @@ import { fieldInvalid, KeygateError, type ErrorCode } from '../errors.ts'
 import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
-import { CreateKeyBody, ImportRow, ListKeysQuery, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type UpdateKeyInput } from './schemas.ts'
+import { CreateKeyBody, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 
 export interface KeyServiceOptions {
@@ -291,9 +291,8 @@ export class KeyService {
   }
 
   async revoke(id: string, reason: string | undefined, actor: Actor): Promise<KeyRecord> {
-    if (reason !== undefined && (typeof reason !== 'string' || reason.length > 500)) {
-      throw fieldInvalid('reason', 'must be a string of at most 500 characters')
-    }
+    // The API's schema: the CLI on the store refuses what the API refuses (an empty reason, control characters).
+    assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     const now = this.#now()
     const record = await this.#db.transaction(async (tx) => {
       const old = await this.#lock(tx, id)

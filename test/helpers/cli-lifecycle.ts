@@ -100,8 +100,11 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
   t.equal(badType.code, 2, 'a value --type never takes is a usage error')
   t.equal(badType.json().error.code, 'usage_error')
   const invalid = await run(['api-key', 'create', '--type', 'user', '--name', 'x', '--scopes', 'no spaces allowed', '--json'])
-  t.equal(invalid.code, 1, 'an invalid field is a refused operation')
-  t.equal(invalid.json().error.details.fields[0].field, 'scopes[0]')
+  t.equal(invalid.code, 2, 'a value the API never takes is a usage error')
+  t.match(invalid.json().error, { code: 'usage_error', message: /^--scopes \(scopes\[0\]\): "no spaces allowed" is not allowed/ })
+  const past = await run(['api-key', 'create', '--type', 'user', '--name', 'x', '--expires-at', '2020-01-01T00:00:00Z', '--json'])
+  t.equal(past.code, 1, 'a time already past is refused by the store, a refused operation')
+  t.equal(past.json().error.details.fields[0].field, 'expires_at')
 
   const legacy = [randomUUID(), randomUUID()]
   plaintexts.push(...legacy)
