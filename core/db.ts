@@ -35,12 +35,14 @@ const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTF
 /**
  * Whether `err` says PostgreSQL cannot be reached or used at all, rather than refusing one
  * statement: a socket error, node-postgres's own words for a lost or timed-out connection, or
- * SQLSTATE class 08 (connection exception), 28 (bad credentials), 57P01-57P03 (shutting down,
- * crashed, not yet accepting), 53300 (too many connections) or 3D000 (no such database).
+ * SQLSTATE class 08 (connection exception, but 08P01), 28 (bad credentials), 57P01-57P03
+ * (shutting down, crashed, not yet accepting), 53300 (too many connections) or 3D000 (no such
+ * database).
  */
 function isUnreachable(err: unknown): boolean {
   const code = (err as { code?: unknown }).code
-  if (typeof code === 'string' && (SOCKET_ERRORS.has(code) || /^(?:08|28|57P0[123]$|53300$|3D000$)/.test(code))) return true
+  // 08P01 (protocol violation) is also what a malformed statement gets (too many parameters): a bug to surface, not an outage.
+  if (typeof code === 'string' && code !== '08P01' && (SOCKET_ERRORS.has(code) || /^(?:08|28|57P0[123]$|53300$|3D000$)/.test(code))) return true
   const message = err instanceof Error ? err.message : ''
   return /^Connection terminated|timeout exceeded when trying to connect|is not queryable/.test(message)
 }
@@ -87,6 +89,11 @@ class PostgresDb implements Db {
     } catch (err) {
       throw this.#unreachable(err)
     }
+    // The pool listens for errors only on idle clients. A connection lost while it is checked out
+    // (PostgreSQL restarting, the network cut, an idle-in-transaction timeout) emits 'error' on
+    // the client, and unheard that ends the process; its statements fail on their own.
+    const onLost = (): void => {}
+    client.on('error', onLost)
     const tx: Queryable = {
       query: async <R>(t: string, p?: readonly unknown[]) => (await client.query(t, p as unknown[])).rows as R[],
       exec: async (script: string) => {
@@ -97,13 +104,16 @@ class PostgresDb implements Db {
       await client.query('BEGIN')
       const result = await fn(tx)
       await client.query('COMMIT')
+      client.off('error', onLost)
       client.release()
       return result
     } catch (err) {
       try {
         await client.query('ROLLBACK')
+        client.off('error', onLost)
         client.release()
       } catch {
+        // Destroyed, not returned to the pool; the listener stays, for the socket's last words.
         client.release(true)
       }
       throw this.#unreachable(err)

@@ -134,18 +134,41 @@ const SECRET_FIELD = /(?:^|\.)(?:key|token|secret|password|key_hash)$/i
 /** No input keygate takes nests deeper than this (JSON bodies, metadata). */
 export const MAX_JSON_DEPTH = 32
 
+/** One step of a path, linked to the one above it (paths are built only for what is reported). */
+interface Step {
+  key: string
+  up: Step | undefined
+}
+
+function pathTo(step: Step | undefined): string[] {
+  const path: string[] = []
+  for (let s = step; s !== undefined; s = s.up) path.push(s.key)
+  return path.reverse()
+}
+
 /**
  * The path of the first string or object key in `value` that is not well-formed UTF-16: a lone
  * surrogate (`"\ud800"` in JSON), which is no text PostgreSQL can store (jsonb refuses it; a text
- * column would take it as U+FFFD, changing the input without a word).
+ * column would take it as U+FFFD, changing the input without a word). Walked with a stack of its
+ * own, not by recursion: a value nested tens of thousands of levels deep (CLI metadata, an import
+ * file; the API refuses such bodies earlier) must reach the checks that name it, not overflow.
  */
-export function loneSurrogateAt(value: unknown, path: string[] = []): string[] | undefined {
-  if (typeof value === 'string') return value.isWellFormed() ? undefined : path
-  if (typeof value !== 'object' || value === null) return undefined
-  for (const [k, v] of Object.entries(value)) {
-    if (!k.isWellFormed()) return [...path, k.toWellFormed()]
-    const at = loneSurrogateAt(v, [...path, k])
-    if (at !== undefined) return at
+export function loneSurrogateAt(value: unknown): string[] | undefined {
+  const stack: Array<[unknown, Step | undefined]> = [[value, undefined]]
+  while (stack.length > 0) {
+    const [v, at] = stack.pop() as [unknown, Step | undefined]
+    if (typeof v === 'string') {
+      if (!v.isWellFormed()) return pathTo(at)
+      continue
+    }
+    if (typeof v !== 'object' || v === null) continue
+    const entries = Object.entries(v)
+    for (const [k] of entries) if (!k.isWellFormed()) return [...pathTo(at), k.toWellFormed()]
+    // Pushed last to first, so the first one is looked at first.
+    for (let i = entries.length - 1; i >= 0; i--) {
+      const [k, x] = entries[i] as [string, unknown]
+      stack.push([x, { key: k, up: at }])
+    }
   }
   return undefined
 }

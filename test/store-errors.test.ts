@@ -1,0 +1,73 @@
+// How the stores report failures: a PostgreSQL connection lost in the middle of a transaction
+// fails that transaction with store_unavailable and leaves the process and the pool working (an
+// unheard 'error' on the checked-out client used to end the process); a malformed statement is
+// its own error, not "cannot be reached"; a value nested tens of thousands of levels deep is a
+// validation error naming its depth, on both stores, not a stack overflow.
+import t from 'tap'
+import pg from 'pg'
+import { openDb } from '../core/db.ts'
+import { loneSurrogateAt } from '../core/validate.ts'
+import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
+
+t.test('PostgreSQL: a transaction whose connection is lost fails with store_unavailable, and the process goes on', async (t) => {
+  const url = await freshDatabase(t)
+  const db = await openDb({ databaseUrl: url, poolMax: 2 })
+  t.teardown(() => db.close())
+  const killer = new pg.Client({ connectionString: url })
+  await killer.connect()
+  t.teardown(() => killer.end())
+  for (const [what, lose] of [
+    // What a restart or fast shutdown does to every connection (57P01).
+    ['terminated by the server', async (pid: number) => void (await killer.query('SELECT pg_terminate_backend($1)', [pid]))],
+    // The server's own timeout for a transaction left idle (25P03).
+    ['timed out idle in its transaction', async () => new Promise<void>((resolve) => setTimeout(resolve, 300))],
+  ] as const) {
+    const err = await rejection(
+      db.transaction(async (tx) => {
+        await tx.query("SET LOCAL idle_in_transaction_session_timeout = '100ms'")
+        const [me] = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')
+        await lose(me?.pid as number)
+        await new Promise((resolve) => setTimeout(resolve, 200))
+        await tx.query('SELECT 1')
+      }),
+    )
+    t.equal((err as { code?: string }).code, 'store_unavailable', `${what}: store_unavailable`)
+    t.match(err.message, /PostgreSQL at .* cannot be reached/)
+    t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], `${what}: the process and the pool go on`)
+  }
+})
+
+t.test('PostgreSQL: a malformed statement (08P01, too many parameters) is its own error, not an unreachable store', async (t) => {
+  const url = await freshDatabase(t)
+  const db = await openDb({ databaseUrl: url, poolMax: 1 })
+  t.teardown(() => db.close())
+  const params = Array.from({ length: 70_000 }, (_, i) => i)
+  // 70,000 values sent with a statement: the count does not fit the protocol's 16 bits.
+  const err = await rejection(db.query('SELECT $1::int AS n', params))
+  t.not((err as { code?: string }).code, 'store_unavailable')
+  t.equal((err as { code?: string }).code, '08P01')
+})
+
+t.test('a lone surrogate is found however deep the value nests, without recursion', async (t) => {
+  const deep = (levels: number, leaf: unknown): unknown => {
+    let v = leaf
+    for (let i = 0; i < levels; i++) v = [v]
+    return v
+  }
+  t.equal(loneSurrogateAt({ a: deep(50_000, 'fine') }), undefined)
+  const at = loneSurrogateAt({ a: deep(50_000, 'x\ud800') })
+  t.equal(at?.length, 50_001, 'the path to it, 50,000 levels down')
+  t.same(loneSurrogateAt({ b: ['ok', { c: 'y\udc00' }] }), ['b', '1', 'c'])
+})
+
+await forEachStore(t, async (t, store) => {
+  t.test('metadata nested 20,000 levels deep (the CLI and import files; the API refuses such bodies earlier): named as too deep', async (t) => {
+    const { keys } = testServices(store.db)
+    let nested: unknown = 1
+    for (let i = 0; i < 20_000; i++) nested = [nested]
+    const created = await rejection(keys.create({ name: 'deep', type: 'user', metadata: { a: nested } }, { actor: 'test' }))
+    t.match(created, { code: 'validation_failed', message: /metadata: nests deeper than 32 levels/ })
+    const imported = await rejection(keys.importLegacy([{ key_hash: 'b'.repeat(64), name: 'deep', metadata: { a: nested } }], { actor: 'test' }, { type: 'user' }))
+    t.match(imported, { code: 'import_invalid', message: /row 1: metadata: nests deeper than 32 levels/ })
+  })
+})
