@@ -1,78 +1,13 @@
-// The `keygate` command as a real process: usage errors, help, config check, the key lifecycle
-// on the embedded store, and afterwards no plaintext key in the store files or any captured log.
-// (The lifecycle on PostgreSQL is test/cli-postgres.test.ts, so the two run side by side.)
+// The `keygate` command as a real process: help, config check, the key lifecycle on the embedded
+// store, and afterwards no plaintext key in the store files or any captured log. (The lifecycle
+// on PostgreSQL is test/cli-postgres.test.ts, and usage errors and input no store can hold are
+// test/cli-input.test.ts, so they run side by side.)
 import t from 'tap'
 import { statSync, existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli, folderBytes } from './helpers/cli.ts'
 import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { openDb } from '../core/db.ts'
-
-t.test('usage errors exit 2 with the reason on stderr and touch no store', async (t) => {
-  const dir = tempDir()
-  const dataDir = join(dir, 'store')
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir })
-  const cases: Array<[string[], RegExp]> = [
-    [[], /usage: keygate <command>/],
-    [['frobnicate'], /unknown command "frobnicate"/],
-    [['api-key'], /usage: keygate api-key <command>/],
-    [['api-key', 'frobnicate'], /unknown api-key command "frobnicate"/],
-    [['api-key', 'list', '--colour'], /Unknown option '--colour'/],
-    [['api-key', 'list', 'extra'], /unexpected argument "extra"/],
-    [['api-key', 'get'], /missing argument/],
-    [['api-key', 'get', 'a', 'b'], /unexpected argument "b"/],
-    [['api-key', 'revoke'], /missing argument\nusage: keygate api-key revoke/],
-    [['api-key', 'rotate'], /missing argument/],
-    [['api-key', 'validate'], /missing argument/],
-    [['api-key', 'validate', 'kg_x', '--address', 'not-an-ip'], /--address: "not-an-ip" is not an IP address/],
-    [['api-key', 'import'], /missing argument/],
-    [['api-key', 'update', 'abc'], /nothing to change/],
-    [['api-key', 'create', '--type', 'service'], /--name is required/],
-    [['api-key', 'create', '--name', 'x'], /--type is required/],
-    [['api-key', 'create', '--name'], /argument missing|Option '--name <value>' argument missing/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', 'lots'], /--rate-limit: "lots" is not allowed/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', 'soon'], /--expires-in: "soon" is not a duration/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '999999999w'], /--expires-in: "999999999w" ends after the year 9999/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{nope'], /--metadata: is not JSON/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '[1]'], /--metadata: expected a JSON object/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '1d', '--expires-at', '2031-01-01T00:00:00Z'], /exclude each other/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--rotate-every', 'often'], /--rotate-every: "often" is not a duration/],
-    // Values the API's schema never takes, checked before a store is opened, naming the flag.
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed; expected an RFC 3339 date-time/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', 'bogus'], /--cidrs \(allowed_cidrs\[0\]\): "bogus" is not allowed/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '0/1s'], /--rate-limit: \{"limit":0,"window_s":1\} is not allowed/],
-    [['api-key', 'update', 'abc', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed/],
-    [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],
-    [['api-key', 'list', '--limit', '0'], /--limit: "0" is not allowed; expected an integer from 1 to 500/],
-    [['api-key', 'list', '--limit', 'ten'], /--limit: "ten" is not allowed/],
-    [['api-key', 'list', '--all', '--cursor', 'abc'], /--all and --cursor exclude each other/],
-    // A flag with a fixed set of values is checked as a usage error by every command that takes it.
-    [['api-key', 'create', '--name', 'x', '--type', 'bogus'], /--type: "bogus" is not allowed; expected one of system, user, service, integration, emergency/],
-    [['api-key', 'list', '--type', 'bogus'], /--type: "bogus" is not allowed/],
-    [['api-key', 'list', '--status', 'gone'], /--status: "gone" is not allowed; expected one of active, rotating, revoked, expired/],
-    [['api-key', 'import', '-', '--type', 'bogus'], /--type: "bogus" is not allowed/],
-    // An empty flag value (`--data-dir=$DIR` with DIR unset) is a mistake, not "use the default".
-    [['api-key', 'list', '--data-dir='], /--data-dir: an empty value is not allowed/],
-    [['api-key', 'list', '--database-url', ''], /--database-url: an empty value is not allowed/],
-    [['api-key', 'list', '--config='], /--config: an empty value is not allowed/],
-    [['api-key', 'rotate', 'abc', '--force=yes'], /--force/],
-    [['config'], /usage: keygate config check/],
-    [['config', 'check'], /give the file to check/],
-    [['config', 'check', 'a.yaml', 'b.yaml'], /unexpected argument "b.yaml"/],
-    [['migrate', 'now'], /unexpected argument "now"/],
-  ]
-  for (const [args, pattern] of cases) {
-    const r = await runCli(args, { env, cwd: dir })
-    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
-    t.match(r.stderr, pattern, `keygate ${args.join(' ')} says why`)
-    t.notMatch(r.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace')
-  }
-  t.notOk(existsSync(dataDir), 'no store was created by a usage error')
-
-  const json = await runCli(['api-key', 'create', '--type', 'user', '--json'], { env, cwd: dir })
-  t.equal(json.code, 2)
-  t.same(json.json().error.code, 'usage_error', '--json puts the error object on stdout')
-})
 
 t.test('help and version', async (t) => {
   const help = await runCli(['--help'])
@@ -136,48 +71,5 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.match(r.stderr, new RegExp(`in use by process ${process.pid}`))
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
 })
-
-t.test('input no store can hold is refused by name, on the embedded store, and nothing waits for ever', async (t) => {
-  const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
-  // 3000 levels, under --metadata's 8 KiB: before, the store's thread never answered, and the command hung.
-  const deep = await runCli(['api-key', 'create', '--name', 'deep', '--type', 'user', '--metadata', `{"a":${'['.repeat(3000)}${']'.repeat(3000)}}`, '--json'], { cwd, env })
-  t.equal(deep.code, 1)
-  t.match(deep.json().error, { code: 'validation_failed', message: /metadata: nests deeper than 32 levels/ })
-  const lone = await runCli(['api-key', 'create', '--name', 'lone', '--type', 'user', '--metadata', '{"a":"\\ud800"}', '--json'], { cwd, env })
-  t.equal(lone.code, 1)
-  t.match(lone.json().error, { code: 'validation_failed', message: /metadata\.a: holds a lone UTF-16 surrogate/ })
-  // The usual mistake: the legacy key itself where its hash goes. Named, never shown.
-  const legacy = '3f2a1b4c-1234-4abc-8def-0123456789ab'
-  const file = join(cwd, 'mistake.jsonl')
-  writeFileSync(file, JSON.stringify({ key_hash: legacy, name: 'pasted' }) + '\n')
-  const pasted = await runCli(['api-key', 'import', file, '--type', 'integration'], { cwd, env })
-  t.equal(pasted.code, 1)
-  t.match(pasted.stderr, /row 1: key_hash/)
-  t.notOk(pasted.stderr.includes(legacy) || pasted.stdout.includes(legacy), 'the key pasted as key_hash is not echoed')
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
-
-  // A reason is printable text, as through the API (an empty one is refused too).
-  const made = (await runCli(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { cwd, env })).json()
-  for (const reason of ['', 'x\u001b[31m\nstatus               active']) {
-    const r = await runCli(['api-key', 'revoke', made.id, '--reason', reason, '--json'], { cwd, env })
-    t.equal(r.code, 1, `reason ${JSON.stringify(reason)} refused`)
-    t.equal(r.json().error.code, 'validation_failed')
-  }
-  // A row written before names and reasons were held to printable text: printed escaped, so it
-  // can neither rewrite the terminal nor forge a line.
-  t.equal((await runCli(['api-key', 'revoke', made.id, '--reason', 'leaked'], { cwd, env })).code, 0)
-  const db = await openDb({ dataDir: join(cwd, 'store') })
-  await db.query("UPDATE api_keys SET name = $2, revoked_reason = $3 WHERE id = $1", [made.id, 'old\u001b[2Jname', 'x\nstatus               active'])
-  await db.close()
-  const shown = await runCli(['api-key', 'get', made.id], { cwd, env })
-  t.equal(shown.code, 0)
-  t.notOk(/[\u0000-\u001f]/.test(shown.stdout.replaceAll('\n', '')), 'no control character reaches the terminal')
-  t.match(shown.stdout, /revoked_reason\s+"x\\nstatus {15}active"\n/, 'the reason shown escaped, on its own line')
-  t.equal(shown.stdout.match(/^status /gm)?.length, 1, 'one status line')
-  const listed = await runCli(['api-key', 'list'], { cwd, env })
-  t.match(listed.stdout, /"old\\u001b\[2Jname"/, 'the list shows the name escaped')
-})
-
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
