@@ -2,7 +2,7 @@
 // KEYGATE_ADMIN_TOKEN): the same operations as on a store opened here, so the embedded store,
 // which one process owns, can be managed while the server runs. The server's error codes come
 // back as the same KeygateErrors, so exit codes and messages match the local commands.
-import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
+import { ERRORS, KeygateError, keyNotFound, type ErrorCode } from '../core/errors.ts'
 import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
 
@@ -65,7 +65,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
   // '', '.' and '..' are no key's id, and no URL carries them as a path segment (fetch resolves
   // dot segments, even escaped): answered as the store answers them, not as another route.
   const id = (value: string) => {
-    if (value === '' || value === '.' || value === '..') throw new KeygateError('key_not_found', `no key has the id ${JSON.stringify(value)}`)
+    if (value === '' || value === '.' || value === '..') throw keyNotFound(value)
     return encodeURIComponent(value)
   }
   return {

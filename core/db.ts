@@ -47,6 +47,12 @@ function isUnreachable(err: unknown): boolean {
   return /^Connection terminated|timeout exceeded when trying to connect|is not queryable/.test(message)
 }
 
+/** `PostgreSQL at host:port`, as messages name the server (never with its credentials). */
+function postgresAt(url: string): string {
+  const u = URL.canParse(url) ? new URL(url) : undefined
+  return u?.hostname ? `PostgreSQL at ${u.hostname}:${u.port || 5432}` : 'PostgreSQL'
+}
+
 class PostgresDb implements Db {
   readonly kind = 'postgres'
   readonly #pool: pg.Pool
@@ -56,8 +62,7 @@ class PostgresDb implements Db {
     this.#pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 5000, idleTimeoutMillis: 30_000 })
     // An idle client losing its connection must not crash the process; the next query reconnects.
     this.#pool.on('error', () => {})
-    const u = URL.canParse(url) ? new URL(url) : undefined
-    this.#where = u?.hostname ? `PostgreSQL at ${u.hostname}:${u.port || 5432}` : 'PostgreSQL'
+    this.#where = postgresAt(url)
   }
 
   /** `err` as store_unavailable when PostgreSQL could not be reached or used (the admin API answers 503, not 500). */
@@ -332,10 +337,9 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
       await db.query('SELECT 1')
     } catch (err) {
       await db.close().catch(() => {})
-      const where = new URL(options.databaseUrl)
       // The driver's own words, not those of the store_unavailable it was already wrapped in.
       const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
-      throw new KeygateError('store_unavailable', `cannot reach PostgreSQL at ${where.hostname}:${where.port || 5432}: ${cause.message}`, undefined, { cause })
+      throw new KeygateError('store_unavailable', `cannot reach ${postgresAt(options.databaseUrl)}: ${cause.message}`, undefined, { cause })
     }
     return db
   }

@@ -5,6 +5,7 @@
 // one message per query, and a transaction as begin, its queries, then commit or rollback.
 import { parentPort, workerData } from 'node:worker_threads'
 import { PGlite, type Transaction } from '@electric-sql/pglite'
+import { nestsDeeper } from './depth.ts'
 
 export type Request =
   | { id: number; op: 'query'; sql: string; params: readonly unknown[] | undefined; tx: number | undefined }
@@ -50,13 +51,6 @@ const ROLLBACK = Symbol('rollback')
  * (the query would never be answered). Such a result is answered as an error instead.
  */
 const MAX_RESULT_DEPTH = 1000
-
-function nestsDeeper(value: unknown, levels: number): boolean {
-  if (typeof value !== 'object' || value === null || value instanceof Date || ArrayBuffer.isView(value)) return false
-  if (levels === 0) return true
-  for (const v of Array.isArray(value) ? value : Object.values(value)) if (nestsDeeper(v, levels - 1)) return true
-  return false
-}
 
 interface OpenTx {
   t: Transaction

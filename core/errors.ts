@@ -99,6 +99,11 @@ export function errorBody(code: ErrorCode, requestId: string, message?: string, 
   return JSON.stringify({ error })
 }
 
+/** No key has this id (the store's answer, and the CLI's for an id no URL can carry). */
+export function keyNotFound(id: string): KeygateError {
+  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(id)}`)
+}
+
 /** A `validation_failed` error naming one field, as every validation failure names its fields. */
 export function fieldInvalid(field: string, message: string): KeygateError {
   return new KeygateError('validation_failed', `${field}: ${message}`, { fields: [{ field, message }] })

@@ -3,7 +3,7 @@
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { FORMAT_WORDS } from './formats.ts'
-import { KeygateError } from './errors.ts'
+import { fieldInvalid, KeygateError } from './errors.ts'
 
 /** The words for what a schema node allows. */
 export function describeAllowed(schema: TSchema): string {
@@ -182,9 +182,7 @@ export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): 
   if (found.length === 0) {
     const at = loneSurrogateAt(value)
     if (at === undefined) return value as T
-    const field = dotted(at) || what
-    const message = 'holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), which is not text'
-    throw new KeygateError('validation_failed', `${field}: ${message}`, { fields: [{ field, message }] })
+    throw fieldInvalid(dotted(at) || what, 'holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), which is not text')
   }
   const fields = found.map((p) => {
     const field = dotted(p.path) || what

@@ -5,7 +5,8 @@ import type { Db, Queryable } from '../db.ts'
 import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, encodeCursor } from '../cursor.ts'
-import { fieldInvalid, KeygateError, type ErrorCode } from '../errors.ts'
+import { nestsDeeper } from '../depth.ts'
+import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
@@ -89,20 +90,11 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
-/** How deep `value` nests (a scalar 0), counted no further than `limit` + 1. */
-function depthOf(value: unknown, limit: number): number {
-  if (typeof value !== 'object' || value === null) return 0
-  if (limit < 0) return 1
-  let deepest = 0
-  for (const v of Object.values(value)) deepest = Math.max(deepest, depthOf(v, limit - 1))
-  return deepest + 1
-}
-
 function checkMetadata(metadata: unknown): void {
   if (metadata === undefined) return
   // The admin API refuses deeper bodies before they get here; the CLI's --metadata and import
   // files did not, and the embedded store's worker thread never answered a query that deep.
-  if (depthOf(metadata, MAX_JSON_DEPTH) > MAX_JSON_DEPTH) throw fieldInvalid('metadata', `nests deeper than ${MAX_JSON_DEPTH} levels`)
+  if (nestsDeeper(metadata, MAX_JSON_DEPTH)) throw fieldInvalid('metadata', `nests deeper than ${MAX_JSON_DEPTH} levels`)
   const text = JSON.stringify(metadata)
   // JSON.stringify escapes a NUL in a key or value as \u0000, which jsonb refuses.
   if (text.includes('\\u0000')) {
@@ -159,7 +151,7 @@ export class KeyService {
 
   async #lock(tx: Queryable, id: string): Promise<KeyRecord> {
     const rows = await tx.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE`, [id])
-    if (!rows[0]) throw new KeygateError('key_not_found', `no key has the id ${JSON.stringify(id)}`)
+    if (!rows[0]) throw keyNotFound(id)
     return toRecord(rows[0])
   }
 
@@ -215,7 +207,7 @@ export class KeyService {
 
   async get(id: string): Promise<KeyRecord> {
     const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1`, [id])
-    if (!rows[0]) throw new KeygateError('key_not_found', `no key has the id ${JSON.stringify(id)}`)
+    if (!rows[0]) throw keyNotFound(id)
     return toRecord(rows[0])
   }
 
