@@ -54,7 +54,6 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
   return value
 }
 
-
 const HOLDS_NUL = 'holds a NUL character (\\u0000), which no field takes'
 
 /** What no operation can take in a parsed body: nesting past MAX_JSON_DEPTH, or a NUL character (PostgreSQL text cannot hold one). */

@@ -95,7 +95,6 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
   return parsed
 }
 
-/** A fixed-width table; `null`/`undefined` cells print as `-`. */
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
 
 /**
@@ -107,6 +106,7 @@ export function printable(text: string): string {
   return CONTROL.test(text) ? JSON.stringify(text) : text
 }
 
+/** A fixed-width table; `null`/`undefined` cells print as `-`, control characters escaped. */
 export function table(headers: string[], rows: Array<Array<string | number | null | undefined>>): string {
   const cells = rows.map((r) => r.map((c) => (c === null || c === undefined || c === '' ? '-' : printable(String(c)))))
   const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => (r[i] ?? '').length)))

@@ -49,7 +49,6 @@ export function normaliseCidr(input: string): string | undefined {
   return `${network.toString()}/${bits}`
 }
 
-
 export class DenyListService {
   readonly #db: Db
   readonly #audit: AuditLog | undefined

@@ -175,8 +175,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // Set once this function has returned: the gateway serves, and caches, from then on.
   let serving = false
   let closed = false
-  let firstSubscribed: () => void = () => {}
-  const first = new Promise<void>((resolve) => (firstSubscribed = resolve))
+  const first = Promise.withResolvers<void>()
   const flush = (reason: FlushReason) => {
     log?.info('flushed the key cache: invalidations may have been missed', { reason })
     onFlush(reason)
@@ -211,7 +210,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
         // From here on a counter above the last version seen means a lost message.
         const version = await readVersion().catch(() => undefined)
         if (version !== undefined && (last === undefined || version > last)) last = version
-        firstSubscribed()
+        first.resolve()
       },
       (err: unknown) => log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error }),
     )
@@ -240,7 +239,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // most, so that it comes before the first request; when Redis is known to be down, not at all.
   if (redis.status === 'ready' || redis.status === 'connecting' || redis.status === 'connect') {
     let bound: NodeJS.Timeout | undefined
-    await Promise.race([first, new Promise<void>((resolve) => (bound = setTimeout(resolve, FIRST_SUBSCRIPTION_WAIT_MS)))])
+    await Promise.race([first.promise, new Promise<void>((resolve) => (bound = setTimeout(resolve, FIRST_SUBSCRIPTION_WAIT_MS)))])
     clearTimeout(bound)
   }
   serving = true
