@@ -2,6 +2,7 @@
 // each with the words that tell a user what it allows.
 import { FormatRegistry } from '@sinclair/typebox'
 import ipaddr from 'ipaddr.js'
+import { parseRange } from './keys/evaluate.ts'
 
 /** The first instant of the year 10000 (UTC): the embedded store holds no time from it on. */
 export const YEAR_10000_MS = Date.UTC(10000, 0, 1)
@@ -24,14 +25,9 @@ export function isDateTime(v: string): boolean {
   return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && Date.parse(v) < YEAR_10000_MS
 }
 
+/** An address or range as keygate reads one everywhere (four-part decimal IPv4, IPv6; see parseRange). */
 export function isCidrOrAddress(value: string): boolean {
-  try {
-    if (value.includes('/')) ipaddr.parseCIDR(value)
-    else ipaddr.parse(value)
-    return ipaddr.isValid(value.split('/')[0] ?? '')
-  } catch {
-    return false
-  }
+  return parseRange(value) !== undefined
 }
 
 export function parseListen(value: string): { host: string; port: number } | undefined {

@@ -32,6 +32,26 @@ function normalise(raw: string | undefined): string | undefined {
   return normalAddress(raw)
 }
 
+/** A port after an X-Forwarded-For entry's address. */
+const PORT = /^:\d{1,5}$/
+
+/**
+ * The address of one X-Forwarded-For entry, or undefined when it names none. Some proxies (Azure
+ * Application Gateway, IIS ARR) write the client's port too, as `192.0.2.7:4711` or
+ * `[2001:db8::7]:443`: the port is dropped.
+ */
+function hopAddress(hop: string): string | undefined {
+  const plain = normalAddress(hop)
+  if (plain !== undefined) return plain
+  if (hop.charCodeAt(0) === 91 /* [ */) {
+    const end = hop.indexOf(']')
+    if (end === -1 || (end + 1 < hop.length && !PORT.test(hop.slice(end + 1)))) return undefined
+    return normalAddress(hop.slice(1, end))
+  }
+  const colon = hop.indexOf(':')
+  return colon !== -1 && colon === hop.lastIndexOf(':') && PORT.test(hop.slice(colon)) ? normalAddress(hop.slice(0, colon)) : undefined
+}
+
 export function createClientAddressStage(options: AddressOptions): Stage {
   const keyOf = addressKeyer(options.ipv6PrefixBits)
   const trusted = options.trustedProxies.length > 0 ? rangeMatcher(options.trustedProxies) : undefined
@@ -76,13 +96,25 @@ export function createClientAddressStage(options: AddressOptions): Stage {
       s.addressKey = peer.lastClientKey
       return undefined
     }
-    // Walk from the right past trusted hops; a malformed entry ends the walk (what is left of
-    // it was written by the untrusted side).
+    if (value.trim() === '') {
+      s.address = peer.address
+      s.addressKey = peer.key
+      return undefined
+    }
+    // Walk from the right past trusted hops. Each entry was written by the trusted proxy to its
+    // right, so one that names no address is refused: taking the peer's address instead would put
+    // every client behind that proxy under one address (one deny-list entry, rate limit and lockout).
     let client = peer.address
     const hops = value.split(',')
     for (let i = hops.length - 1; i >= 0; i--) {
-      const hop = normalAddress((hops[i] as string).trim())
-      if (hop === undefined) break
+      const hop = hopAddress((hops[i] as string).trim())
+      if (hop === undefined) {
+        // Logged as the proxy's request: no client address was found.
+        s.address = peer.address
+        s.addressKey = peer.key
+        s.message = 'X-Forwarded-For from a trusted proxy names no client address.'
+        return 'bad_request'
+      }
       client = hop
       if (!trusted(hop)) break
     }

@@ -38,6 +38,10 @@ await forEachStore(t, async (t, store) => {
   refused(await h.call('GET', '/v1/keys?owner=a%00'), 400, 'validation_failed', 'NUL in a query value')
   refused(await h.call('POST', '/v1/keys', { body: { name: 'a\u0000', type: 'user' } }), 400, 'bad_request', 'NUL in a body string')
   refused(await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.1', reason: '\u0000' } }), 400, 'bad_request', 'NUL in a deny-list reason')
+  for (const cidr of ['127.0.17', '2130706450', '127.1/8']) {
+    refused(await h.call('POST', '/v1/deny-list', { body: { cidr } }), 400, 'validation_failed', `${cidr}: not an address as written (ipaddr.js alone reads it as another)`)
+  }
+  refused(await h.call('POST', '/v1/keys/validate', { body: { key: 'x', address: '2130706433' } }), 400, 'validation_failed', 'an integer is not an address to validate from')
   refused(await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', metadata: { ['k\u0000']: 1 } } }), 400, 'bad_request', 'NUL in a key name of the body')
 
   refused(await h.call('POST', '/v1/keys', { raw: `{"name":"deep","type":"user","metadata":${deep(5000)}}`, headers: json }), 400, 'bad_request', 'metadata nested 5000 levels')

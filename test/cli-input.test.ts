@@ -41,6 +41,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     // Values the API's schema never takes, checked before a store is opened, naming the flag.
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed; expected an RFC 3339 date-time/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', 'bogus'], /--cidrs \(allowed_cidrs\[0\]\): "bogus" is not allowed/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', '10.0.0.0/8,10.1'], /--cidrs \(allowed_cidrs\[1\]\): "10.1" is not allowed/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '0/1s'], /--rate-limit: \{"limit":0,"window_s":1\} is not allowed/],
     [['api-key', 'update', 'abc', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed/],
     [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],

@@ -102,6 +102,21 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
     seen.push((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })).status)
   }
   t.same(seen, [200, 200, 403, 403, 200, 200, 403], 'alternating clients behind one proxy connection')
+  // Proxies that add the client's port (Azure Application Gateway, IIS ARR): the port is dropped.
+  for (const xff of ['203.0.113.9:4711', '[::ffff:203.0.113.9]:443', '203.0.113.9, 10.0.0.1:8080', '[203.0.113.9]']) {
+    t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })).status, 403, `${xff}: the client is 203.0.113.9`)
+  }
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '198.51.100.1:4711' })).status, 200, 'another client with a port passes')
+  // An entry that names no address is refused, never replaced by the proxy's own address (which
+  // would put every client behind it under one deny entry, rate limit and lockout). The integer
+  // and classful IPv4 forms are not addresses here (3405803785 would be 203.0.113.9).
+  for (const xff of ['unknown', '203.0.113.9:port', '3405803785', '203.0.113', '203.0.113.9, garbage, 10.0.0.1', '[2001:db8::1']) {
+    const r = await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })
+    t.equal(r.status, 400, `${xff}: refused`)
+    t.match(r.json, { error: { code: 'bad_request', message: 'X-Forwarded-For from a trusted proxy names no client address.' } })
+  }
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': ' ' })).status, 200, 'an empty X-Forwarded-For is none: the client is the peer')
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': 'garbage, 203.0.113.9' })).status, 403, 'what lies left of the client does not matter')
 
   const untrusted = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
   const k2 = await untrusted.key()

@@ -7,6 +7,7 @@ import { AuditLog, type Actor, type AuditEntry } from '../core/audit.ts'
 import type { Db, Queryable } from '../core/db.ts'
 import { generateKey, randomBase62 } from '../core/keys/format.ts'
 import { KEY_TYPES, keyJson, type KeyRecord } from '../core/keys/types.ts'
+import { rangeMatcher } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { forEachStore, rejection, testServices, TEST_ENCRYPTION_KEY, T0, type Services } from './helpers/stores.ts'
 import { AuditCipher } from '../core/audit.ts'
@@ -417,6 +418,9 @@ await forEachStore(t, async (t: Test, store) => {
       ['2001:db9::1', false],
       ['::1', false],
       ['not an address', false],
+      // The integer and classful forms of 10.1.2.3 are not addresses.
+      ['167838211', false],
+      ['10.1.515', false],
     ]
     for (const [address, ok] of cases) {
       const v = await s.keys.validate(key, { address })
@@ -429,6 +433,10 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await s.keys.validate(mapped.key, { address: '10.9.3.4' })).valid, true, 'an IPv4-mapped range matches IPv4 clients')
     t.equal((await s.keys.validate(mapped.key, { address: '::ffff:10.9.3.4' })).valid, true)
     t.equal((await s.keys.validate(mapped.key, { address: '10.8.3.4' })).valid, false)
+    // A binding stored before short forms were refused ("10.1", which ipaddr.js reads as
+    // 10.0.0.1) matches no address: the key is refused everywhere rather than bound elsewhere.
+    t.equal(rangeMatcher(['10.1'])('10.0.0.1'), false)
+    t.equal(rangeMatcher(['10.1', '10.0.0.0/8'])('10.0.0.1'), true, 'the valid ranges beside it still match')
   })
 
   t.test('rotate: the old key stays valid until its grace deadline', async (t) => {

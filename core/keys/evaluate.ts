@@ -20,12 +20,25 @@ interface Parsed {
 }
 const parsedAddresses = new QuickLRU<string, Parsed>({ maxSize: 10_000 })
 
+/**
+ * An IP address as people and proxies write one: IPv4 in four decimal parts, or IPv6. ipaddr.js
+ * alone also reads the classful, integer, octal and hex IPv4 forms (`10.1` is 10.0.0.1,
+ * `2130706433` is 127.0.0.1, `010.0.0.1` is 8.0.0.1), which name another address than the one
+ * a reader of the config or the deny list would see; here they are not addresses. Throws when invalid.
+ */
+function parseIp(text: string): ipaddr.IPv4 | ipaddr.IPv6 {
+  return ipaddr.IPv4.isValidFourPartDecimal(text) ? ipaddr.IPv4.parse(text) : ipaddr.IPv6.parse(text)
+}
+
+/** Prefix lengths as written in a CIDR: decimal, no sign or leading zeros. */
+const PREFIX_BITS = /^(?:0|[1-9]\d?|1[01]\d|12[0-8])$/
+
 function parsed(address: string): Parsed {
   let p = parsedAddresses.get(address)
   if (p !== undefined) return p
   let ip: Parsed['ip']
   try {
-    const a = ipaddr.parse(address)
+    const a = parseIp(address)
     ip = a.kind() === 'ipv6' && (a as ipaddr.IPv6).isIPv4MappedAddress() ? (a as ipaddr.IPv6).toIPv4Address() : a
   } catch {
     ip = null
@@ -49,8 +62,13 @@ export function normalAddress(address: string): string | undefined {
 
 export function parseRange(cidr: string): Range | undefined {
   try {
-    if (cidr.includes('/')) {
-      const [addr, bits] = ipaddr.parseCIDR(cidr)
+    const slash = cidr.indexOf('/')
+    if (slash !== -1) {
+      const bitsText = cidr.slice(slash + 1)
+      if (!PREFIX_BITS.test(bitsText)) return undefined
+      const addr = parseIp(cidr.slice(0, slash))
+      const bits = Number(bitsText)
+      if (bits > (addr.kind() === 'ipv4' ? 32 : 128)) return undefined
       if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress() && bits >= 96) return [(addr as ipaddr.IPv6).toIPv4Address(), bits - 96]
       return [addr, bits]
     }
