@@ -9,7 +9,7 @@ import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, type Dispatcher } from 'undici'
 import type { RouteMetrics } from '../core/metrics.ts'
-import { SOURCE_AUTHORIZATION, SOURCE_QUERY, SOURCE_X_API_KEY } from './key-extract.ts'
+import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { record, sendError } from './respond.ts'
 import type { CompiledRoute, Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
@@ -18,6 +18,9 @@ import type { GatewayContext, RequestState, Verdict } from './state.ts'
 const REQUEST_DROP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding', 'upgrade',
   'http2-settings', 'expect', 'host', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'forwarded', 'x-real-ip', 'x-request-id',
+  // Other names for the client's address, and the request-URL overrides that IIS and older
+  // Symfony or Zend upstreams route by (past the route's scope check).
+  'true-client-ip', 'client-ip', 'x-original-url', 'x-rewrite-url',
 ])
 const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings'])
 const KEEP_ON_UPGRADE = new Set(['connection', 'upgrade'])
@@ -49,6 +52,8 @@ interface ForwardOptions {
   ctx: GatewayContext
   router: Router
   stripCredential: boolean
+  /** X-API-Key is one of the key sources: with stripCredential it is never forwarded, in any spelling. */
+  apiKeySource: boolean
   queryParam: string
 }
 
@@ -148,6 +153,9 @@ class Exchange implements Dispatcher.DispatchHandler {
 
 export function createForwarder(o: ForwardOptions): Forwarder {
   const { ctx, router, stripCredential, queryParam } = o
+  // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
+  // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
+  const dropApiKey = stripCredential && o.apiKeySource
   const pools = new Map<string, Pool>()
   const routePool: Pool[] = []
   const routeMetrics = ctx.routeMetrics
@@ -170,7 +178,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const out: string[] = []
     const named = connectionNamed(h.connection)
     const dropAuthorization = stripCredential && (s.keySources & SOURCE_AUTHORIZATION) !== 0
-    const dropApiKey = stripCredential && (s.keySources & SOURCE_X_API_KEY) !== 0
     const trusted = s.peerTrusted
     for (const key in h) {
       // CGI, WSGI and PHP read `_` as `-`: `X_Keygate_Scopes` must not pass as the real one.
@@ -330,6 +337,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             for (const one of Array.isArray(v) ? v : [v]) head += `${name}: ${one}\r\n`
           }
           if (data.headers['x-request-id'] === undefined) head += `x-request-id: ${s.id}\r\n`
+          if (s.rlLimit >= 0) head += `ratelimit-limit: ${s.rlLimit}\r\nratelimit-remaining: ${s.rlRemaining}\r\nratelimit-reset: ${s.rlResetS}\r\n`
           client.write(head + '\r\n')
           record(ctx, s, 'forwarded', 101)
           if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)

@@ -165,7 +165,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
   await refreshDenyList()
 
-  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, queryParam: g.query_param })
+  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), queryParam: g.query_param })
 
   const failed = (s: RequestState, err: unknown): void => {
     log.error('gateway stage failed', { request_id: s.id, err: err as Error })

@@ -218,6 +218,27 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   for (const name of ['x-forwarded-prefix', 'x-forwarded-port', 'x-forwarded-ssl']) t.notOk(r.headers[name], `${name} from an untrusted peer is dropped`)
   t.equal(r.headers['x-kept_too'], 'yes', 'other headers with `_` pass')
 
+  // A second key in another spelling of X-API-Key (PHP reads X_API_KEY as HTTP_X_API_KEY) never
+  // reaches the upstream, nor the request's own key in it; so do the URL overrides and the
+  // other names for the client address.
+  const k3 = await h.key()
+  for (const [what, extra] of [['another key', k3.key], ['the same key', k.key]] as const) {
+    const sent = receivedOf(
+      await rawExchange(
+        h.port,
+        `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX_API_KEY: ${extra}\r\nx-api_key: ${extra}\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n` +
+          `True-Client-IP: 6.6.6.6\r\nClient-IP: 6.6.6.6\r\nConnection: close\r\n\r\n`,
+      ),
+    )
+    if (typeof sent === 'string') return t.fail(`refused: ${sent}`)
+    t.notMatch(JSON.stringify(sent.rawHeaders), extra, `${what} in X_API_KEY is not forwarded`)
+    t.same(
+      sent.rawHeaders.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase()).filter((n) => ['x_api_key', 'x-api_key', 'x-original-url', 'x-rewrite-url', 'true-client-ip', 'client-ip'].includes(n)),
+      [],
+      'none of them reaches the upstream',
+    )
+  }
+
   const behind = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] } } })
   const k2 = await behind.key()
   const viaProxy = (await behind.get('/u', { ...bearer(k2.key), 'x-forwarded-prefix': '/app', 'x-forwarded-port': '443' })).json as Received

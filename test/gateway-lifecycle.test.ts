@@ -54,6 +54,25 @@ t.test('WebSocket with and without a key', async (t) => {
   t.notOk(seen[0]?.authorization, 'credential removed')
   t.equal(seen[0]?.upgrade, 'websocket')
 
+  // The 101 carries the rate-limit headers, as every forwarded answer does.
+  const head = await new Promise<string>((resolve, reject) => {
+    const s = net.connect(h.port, '127.0.0.1', () =>
+      s.write(`GET /socket HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`),
+    )
+    let out = ''
+    s.on('error', reject)
+    s.on('data', (d) => {
+      if (out.includes('\r\n\r\n')) return
+      out += d
+      // Then a close frame (masked, empty), which the echo answers and ends the tunnel with.
+      if (out.includes('\r\n\r\n')) s.write(Buffer.from([0x88, 0x80, 0, 0, 0, 0]))
+    })
+    s.on('close', () => resolve(out.slice(0, out.indexOf('\r\n\r\n'))))
+  })
+  t.match(head, /^HTTP\/1.1 101 /)
+  for (const name of ['ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset', 'x-request-id']) t.match(head, new RegExp(`\r\n${name}: \\S+`), `${name} on the 101`)
+  seen.length = 1
+
   const refused = new WebSocket(wsUrl)
   const failed = await new Promise<boolean>((resolve) => {
     refused.onopen = () => resolve(false)
