@@ -32,7 +32,7 @@ import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
-import { EXIT_OK, UsageError, parse, parseIntFlag, type Io } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, type Io } from './io.ts'
 
 const USAGE = 'keygate serve [--only gateway|admin] [--workers N] [--listen HOST:PORT] [--admin-listen HOST:PORT] [--upstream URL] [--config FILE]'
 
@@ -109,26 +109,40 @@ function shown(a: AddressInfo): string {
   return a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`
 }
 
-/** `stopped` resolves with the signal name on the first SIGTERM/SIGINT; `dispose` removes the handlers (a start that failed must not swallow the signal that ends it). */
-function stopSignal(log: Logger): { stopped: Promise<string>; dispose(): void } {
+/**
+ * `stopped` resolves with the signal name on the first SIGTERM/SIGINT; `dispose` removes the
+ * handlers (a start that failed must not swallow the signal that ends it). A second signal ends
+ * the process at once, except in a `--workers` worker: a signal to the process group (systemd's
+ * stop, Ctrl-C) reaches it beside the primary's own SIGTERM, and its drain must go on; the
+ * primary's second signal still ends everything. SIGHUP never ends the process (Node's default):
+ * it reloads TLS certificates where there are any (`systemctl reload`).
+ */
+function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => void } = { worker: false }): { stopped: Promise<string>; dispose(): void } {
   let seen = false
   let resolve!: (signal: string) => void
   const stopped = new Promise<string>((r) => (resolve = r))
   const on = (signal: NodeJS.Signals) => {
     if (seen) {
+      if (options.worker) return
       log.warn('second signal: exiting without waiting', { signal })
       process.exit(1)
     }
     seen = true
     resolve(signal)
   }
+  const hangup = () => {
+    log.info('SIGHUP: reloading TLS certificates, if any are configured')
+    options.onHangup?.()
+  }
   process.on('SIGTERM', on)
   process.on('SIGINT', on)
+  process.on('SIGHUP', hangup)
   return {
     stopped,
     dispose() {
       process.off('SIGTERM', on)
       process.off('SIGINT', on)
+      process.off('SIGHUP', hangup)
     },
   }
 }
@@ -275,7 +289,7 @@ async function closeServer(server: http.Server | undefined): Promise<void> {
 }
 
 async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean }): Promise<number> {
-  const stopping = stopSignal(log)
+  const stopping = stopSignal(log, { worker: mode.worker })
   const runtime = await openRuntime(config, log)
   let shuttingDown = false
   let gateway: Gateway | undefined
@@ -399,7 +413,9 @@ function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: 
 }
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
-  const stopping = stopSignal(log)
+  const live = new Set<import('node:cluster').Worker>()
+  // The workers hold the gateway's certificate: the primary passes SIGHUP on.
+  const stopping = stopSignal(log, { worker: false, onHangup: () => live.forEach((w) => w.process.kill('SIGHUP')) })
   const runtime = await openRuntime(config, log)
   let shuttingDown = false
   const redis = redisOf(config, log)
@@ -424,15 +440,25 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
-    const live = new Set<import('node:cluster').Worker>()
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, { tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
+    // A worker that ends before any has listened (its address in use, its store out of reach)
+    // ends the start, with exit 1, as a single process would: restarting it could only fail again.
+    let anyListened = false
+    let startFailed!: (why: string) => void
+    const failedStart = new Promise<string>((r) => (startFailed = r))
     const fork = () => {
       const w = cluster.fork()
       live.add(w)
+      w.once('listening', () => (anyListened = true))
       w.on('exit', (code, signal) => {
         live.delete(w)
         if (shuttingDown) return
+        if (!anyListened) {
+          log.error('a gateway worker ended before any listened; stopping', { worker: w.id, code, signal })
+          startFailed('start-up failed')
+          return
+        }
         log.error('gateway worker died; starting another', { worker: w.id, code, signal })
         setTimeout(fork, 1000).unref()
       })
@@ -470,7 +496,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
     const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
     for (let i = 0; i < workers; i++) fork()
-    const signal = await stopping.stopped
+    let failed = false
+    const signal = await Promise.race([stopping.stopped, failedStart.then((why) => ((failed = true), why))])
     shuttingDown = true
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
@@ -482,7 +509,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     stopDeny()
     cluster.off('message', onWorkerMessage)
     log.info('stopped')
-    return EXIT_OK
+    return failed ? EXIT_REFUSED : EXIT_OK
   } finally {
     stopping.dispose()
     cluster.off('message', onWorkerMessage)

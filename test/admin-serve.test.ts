@@ -8,6 +8,7 @@ import t from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
+import net from 'node:net'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { runCli } from './helpers/cli.ts'
@@ -186,4 +187,50 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   for (let i = 0; i < 4; i++) t.equal((await call(`${serve.gateway}/d${i}`)).status, 403, 'a deny entry applies on every worker at once')
   t.equal(await serve.stop(), 0, 'exit 0')
   t.ok(serve.logs.some((l) => l.msg === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
+})
+
+t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group drains, an address in use ends the start', async (t) => {
+  const url = await freshDatabase(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-signals-'))
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  let arrived!: () => void
+  const slowArrived = new Promise<void>((r) => (arrived = r))
+  const upstream = await startUpstream(t, (req, res) => {
+    if (req.url !== '/slow') return void res.end('ok')
+    arrived()
+    setTimeout(() => res.end('slow done'), 1500)
+  })
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2, detached: true })
+  const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
+  const auth = { authorization: `Bearer ${created.json.key}` }
+
+  // systemctl reload (the unit's ExecReload): before, SIGHUP ended a process without TLS, and the primary with its workers.
+  serve.child.kill('SIGHUP')
+  await serve.waitForLog((l) => l.msg.startsWith('SIGHUP') && l.worker !== undefined)
+  t.equal((await call(`${serve.gateway}/after-hup`, { headers: auth })).status, 200, 'still serving after SIGHUP')
+  t.equal((await call(`${serve.admin}/healthz`)).status, 200)
+
+  // systemd's stop (KillMode=control-group) and Ctrl-C signal every process of the group: each
+  // worker gets the signal and then the primary's SIGTERM, which used to end it at once.
+  const slow = call(`${serve.gateway}/slow`, { headers: auth })
+  await slowArrived
+  process.kill(-(serve.child.pid as number), 'SIGTERM')
+  const answer = await slow
+  t.equal(answer.status, 200, 'the request in flight is answered')
+  t.equal(answer.text, 'slow done')
+  t.equal(await serve.exited, 0, 'exit 0')
+  t.notOk(serve.logs.some((l) => l.msg.startsWith('second signal')), 'no worker gave up its drain')
+
+  // The gateway address in use: before, the primary restarted its workers every second for ever.
+  const taken = net.createServer()
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => taken.close())
+  const port = (taken.address() as net.AddressInfo).port
+  const r = await Promise.race([
+    runCli(['serve', '--workers', '2', '--listen', `127.0.0.1:${port}`, '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], { env, cwd }),
+    new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 60_000).unref()),
+  ])
+  if (r === undefined) return t.fail('keygate serve --workers 2 did not exit within 60 s')
+  t.equal(r.code, 1, 'exit 1')
+  t.match(r.stderr, `cannot listen on 127.0.0.1:${port}: the address is in use`, 'says why')
 })
