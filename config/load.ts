@@ -76,6 +76,12 @@ function leafAt(path: string[]): Leaf | undefined {
   return LEAVES.find((l) => l.path.length <= path.length && l.path.every((p, i) => p === path[i]))
 }
 
+/** Whether the value at `path` is or holds a secret (a section written as a string may be a password put one level too high). */
+function holdsSecret(path: string[]): boolean {
+  if (leafAt(path)?.secret) return true
+  return LEAVES.some((l) => l.secret && l.path.length > path.length && path.every((p, i) => p === l.path[i]))
+}
+
 export function deepFreeze<T>(value: T): T {
   if (value && typeof value === 'object' && !Object.isFrozen(value)) {
     Object.freeze(value)
@@ -169,7 +175,7 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   for (const p of [...found, ...validationProblems(ConfigSchema, value)]) {
     const key = dotted(p.path)
     const origin = origins.get(key)
-    problems.push(problemLine(p, origin ? `${origin} (${key})` : key, leafAt(p.path)?.secret ?? false))
+    problems.push(problemLine(p, origin ? `${origin} (${key})` : key, holdsSecret(p.path)))
   }
   const names = new Set<string>()
   const routes: unknown = value.routes

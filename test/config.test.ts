@@ -170,7 +170,9 @@ t.test('a list where a mapping belongs, or a mapping where a list belongs, is re
     for (const value of [[], ['x'], [{ a: 1 }]]) {
       const where = dotted(path)
       const { problems } = problemsOf({ file: yamlFile(t, build(path, value)), env: {} })
-      t.same(problems, [`${where}: ${JSON.stringify(value)} is not allowed; expected a mapping with the keys ${Object.keys((schemaAtPath(path) as TSchema).properties as object).join(', ')}`], `${where} = ${JSON.stringify(value)}`)
+      // A section that holds a secret does not show what was written in its place.
+      const holdsSecret = LEAVES.some((l) => l.secret && path.every((p, i) => p === l.path[i]))
+      t.same(problems, [`${where}: ${holdsSecret ? '<hidden>' : JSON.stringify(value)} is not allowed; expected a mapping with the keys ${Object.keys((schemaAtPath(path) as TSchema).properties as object).join(', ')}`], `${where} = ${JSON.stringify(value)}`)
     }
   }
   t.same(problemsOf({ file: yamlFile(t, 'routes:\n  api: { path: /api, upstream: "http://127.0.0.1:1" }\n'), env: {} }).problems, [
@@ -326,6 +328,20 @@ t.test('secret values never appear in messages', async (t) => {
   t.equal(inFile.problems.length, 4)
   for (const value of ['short-hunter2', 'filepass1', 'filesecret2', '5150']) t.notOk(inFile.message.includes(value), `file value ${value} hidden`)
 
+  // A section that holds a secret, written as a string or a list (the URL or password one level
+  // too high): the value is hidden too.
+  const misplaced = problemsOf({
+    file: yamlFile(t, { store: 'postgres://keygate:PgPassw0rd@db/keygate', redis: ['redis://:R3disPass@cache:6379'], integrations: { gitea: 'giteaPass1' }, audit: 'auditKey2', admin: 'adminTok3' }),
+    env: {},
+  })
+  t.equal(misplaced.problems.length, 5, 'each misplaced section is reported', { problems: misplaced.problems })
+  for (const value of ['PgPassw0rd', 'R3disPass', 'giteaPass1', 'auditKey2', 'adminTok3']) {
+    t.notOk(misplaced.message.includes(value) || misplaced.details.includes(value), `misplaced value ${value.slice(0, 4)}… hidden`)
+  }
+  t.ok(misplaced.problems.every((p) => p.includes('<hidden>')))
+  const notSecret = problemsOf({ file: yamlFile(t, { cache: 'big' }), env: {} })
+  t.match(notSecret.message, /"big"/, 'a section without secrets still shows its value')
+
   // Valid secrets alongside another problem are not echoed either.
   const valid = problemsOf({
     env: { KEYGATE_ADMIN_TOKEN: 'a-valid-admin-token-1234', DATABASE_URL: 'postgres://u:validpass9@db/k', KEYGATE_ENCRYPTION_KEY: VALID_KEY, CACHE_TTL_SECONDS: 'x' },
@@ -367,7 +383,7 @@ t.test('an alias bomb and a __proto__ key are refused by name, not thrown or let
 t.test('an environment variable under a mapping the file got wrong does not hide the mistake', async (t) => {
   const file = yamlFile(t, 'store: "/var/lib/keygate"\n')
   const { problems } = problemsOf({ file, env: { KEYGATE_DATA_DIR: '/srv/keygate' } })
-  t.same(problems.map((p) => p.replace(/;.*$/, '')), ['store: "/var/lib/keygate" is not allowed'], 'before, KEYGATE_DATA_DIR replaced it and the file passed')
+  t.same(problems.map((p) => p.replace(/;.*$/, '')), ['store: <hidden> is not allowed'], 'before, KEYGATE_DATA_DIR replaced it and the file passed (hidden: the store section holds database_url)')
 })
 
 t.test('KEYGATE_UPSTREAM creates a route for /', async (t) => {
