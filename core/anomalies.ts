@@ -582,6 +582,11 @@ export class AnomalyFeed {
     }
   }
 
+  /** How many listen now (the open streams). */
+  get listeners(): number {
+    return this.#listeners.size
+  }
+
   /** `onClose` is called when the feed closes (shutdown: the stream ends). Returns the unsubscriber. */
   on(listener: AnomalyListener, onClose?: () => void): () => void {
     this.#listeners.set(listener, onClose)

@@ -109,6 +109,41 @@ await forEachStore(t, async (t, store) => {
   })
 
   if (store.kind === 'postgres') {
+    await t.test('a client gone while it was authenticated leaves no stream behind', async (t) => {
+      const watcher = await h.keys.create({ name: 'leaver', type: 'system', scopes: ['admin'] }, { actor: 'test' })
+      const { port } = new URL(h.url)
+      const before = h.anomalyFeed.listeners
+      // The key's look-up waits (another session holds the table) while every client goes away.
+      let release: () => void = () => {}
+      let locked: () => void = () => {}
+      const held = new Promise<void>((resolve) => (locked = resolve))
+      const lock = store.db.transaction(async (tx) => {
+        await tx.query('LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE')
+        locked()
+        await new Promise<void>((resolve) => (release = resolve))
+      })
+      await held
+      await Promise.all(
+        Array.from(
+          { length: 5 },
+          () =>
+            new Promise<void>((resolve) => {
+              const socket = net.connect(Number(port), '127.0.0.1', () => {
+                socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${watcher.key}\r\n\r\n`)
+                setTimeout(() => socket.destroy(), 100)
+              })
+              socket.on('error', () => {})
+              socket.on('close', () => resolve())
+            }),
+        ),
+      )
+      release()
+      await lock
+      // The look-ups end now, for clients long gone: before, each began a stream that listened for ever.
+      await new Promise((resolve) => setTimeout(resolve, 500))
+      t.equal(h.anomalyFeed.listeners, before, 'no stream of a closed connection listens')
+    })
+
     await t.test('a live anomaly committed late, with an id the catch-up had passed, is still sent', async (t) => {
       const key = await h.keys.create({ name: 'late', type: 'service', scopes: [] }, { actor: 'test' })
       const insert = (n: number, offset: number) =>

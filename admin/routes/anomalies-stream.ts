@@ -46,6 +46,9 @@ export default defineOperation({
     if (resume !== undefined && !isAnomalyId(resume)) {
       throw fieldInvalid('Last-Event-ID', 'must be an anomaly id')
     }
+    // The client may have gone while it was authenticated: its 'close' came before there was
+    // anyone to hear it, and a stream begun now would hold its listeners and heartbeat for ever.
+    if (req.socket.destroyed || res.destroyed) return
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-request-id': requestId, 'x-accel-buffering': 'no' })
     res.write(': keygate anomaly stream\nretry: 2000\n\n')
     // Live ones are held back while the missed ones are read, so none comes twice or out of turn.
