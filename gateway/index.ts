@@ -269,15 +269,21 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const timer = setInterval(() => void refreshDenyList(), g.deny_list_refresh_s * 1000)
   timer.unref()
 
+  // Another instance changed the list: a reload already in flight may have read it before the
+  // change, so it is counted as a change (the reload reads again) rather than joined.
+  const denyChangedElsewhere = (): void => {
+    denyChanges++
+    void refreshDenyList()
+  }
   // Messages may have been missed: drop every cached key, re-read the deny list and the lockouts.
   const flushAll = (): void => {
     invalidateAll()
-    void refreshDenyList()
+    denyChangedElsewhere()
     void lockout.reload()
   }
   const applyInvalidation = (message: string): void => {
     if (message === 'all') flushAll()
-    else if (message === 'deny') void refreshDenyList()
+    else if (message === 'deny') denyChangedElsewhere()
     else if (message.startsWith('key:')) invalidateKey(message.slice(4))
     else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
     else if (message.startsWith('lock:')) lockout.applyMessage(message)

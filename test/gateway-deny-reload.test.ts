@@ -1,5 +1,5 @@
 // The deny list while a reload is slow (gateway/index.ts, refreshDenyList): a change applied on
-// this instance during a reload is not undone by the reload's older answer, and the deny stage
+// this instance (or announced by another) during a reload is not undone by the reload's older answer, and the deny stage
 // is in the request path whenever the list has entries, whatever order reloads and changes land in.
 import t from 'tap'
 import { DenyListService, type DenyEntry } from '../core/deny-list.ts'
@@ -32,6 +32,26 @@ t.test('a reload in flight does not undo a deny entry added meanwhile', async (t
   release()
   await refresh
   t.equal((await h.get('/', bearer(k.key))).status, 403, 'still blocked once the older reload has answered')
+})
+
+t.test("a change another instance announces during a reload in flight is read, not joined to that reload's older answer", async (t) => {
+  const config = { gateway: { deny_list_refresh_s: 3600 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  const slow = new SlowList({ db: store.db, audit: store.audit })
+  const h = await startGateway(t, { config, store: { ...store, denyList: slow } })
+  const elsewhere = new DenyListService({ db: store.db, audit: store.audit })
+  const k = await h.key()
+  let release!: () => void
+  slow.hold = new Promise((r) => (release = r))
+  const refresh = h.gateway.refreshDenyList() // a periodic reload: reads the empty list, answers late
+  await new Promise((r) => setTimeout(r, 50))
+  await elsewhere.add({ cidr: '127.0.0.1', reason: 'attack' }, ACTOR) // added through another instance...
+  h.gateway.applyInvalidation('deny') // ...which announces it over Redis
+  slow.hold = undefined
+  release()
+  await refresh
+  await new Promise((r) => setTimeout(r, 50))
+  t.equal((await h.get('/', bearer(k.key))).status, 403, 'applied once the reload has read again (before: only at the next periodic reload)')
 })
 
 t.test('the deny check stays on while entries are in force, after a removal during a reload', async (t) => {
