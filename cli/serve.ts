@@ -11,7 +11,7 @@ import { AggregatorRegistry } from 'prom-client'
 import { loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
-import { KeygateError, systemErrorWords } from '../core/errors.ts'
+import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
@@ -152,6 +152,8 @@ async function readiness(runtime: Runtime): Promise<string | undefined> {
     const pending = await pendingMigrations(runtime.db)
     return pending.length > 0 ? `migrations not applied: ${pending.join(', ')}` : undefined
   } catch (err) {
+    // A changed or missing migration file is not an outage.
+    if (isKeygateError(err) && err.code === 'migration_modified') return err.message
     return `store unreachable: ${(err as Error).message}`
   }
 }

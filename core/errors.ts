@@ -60,6 +60,7 @@ export const ERRORS = {
   config_invalid: { status: 500, message: 'The configuration is not valid.' },
   usage_error: { status: 400, message: 'The command line is not valid.' },
   migration_modified: { status: 500, message: 'An applied migration file has been changed.' },
+  migration_failed: { status: 500, message: 'A migration failed; nothing of the run was applied.' },
   store_locked: { status: 503, message: 'The embedded store is in use by another process.' },
   encryption_key_missing: { status: 500, message: 'KEYGATE_ENCRYPTION_KEY is required with DATABASE_URL.' },
   audit_decrypt_failed: { status: 500, message: 'An audit record could not be decrypted.' },

@@ -6,7 +6,7 @@ import { readdirSync, readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
 import { join } from 'node:path'
 import { hash } from 'node:crypto'
-import type { Db, Queryable } from './db.ts'
+import { sqlState, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 
 export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations/', import.meta.url))
@@ -47,18 +47,31 @@ async function applied(tx: Queryable): Promise<Array<{ version: number; name: st
   return tx.query('SELECT version, name, checksum FROM keygate_migrations ORDER BY version')
 }
 
-function compare(files: Migration[], done: Array<{ version: number; name: string; checksum: string }>): Migration[] {
+/**
+ * The files not applied yet, and the applied migrations newer than every file: a newer keygate
+ * has migrated the database during a rolling upgrade. This one keeps running on it, since each
+ * migration is written so that the release before it still runs (columns and tables are added,
+ * never renamed or dropped in the same release). A recorded file missing below the newest file,
+ * or changed, is an error.
+ */
+function compare(files: Migration[], done: Array<{ version: number; name: string; checksum: string }>): { pending: Migration[]; newer: string[] } {
+  const newest = Math.max(0, ...files.map((f) => f.version))
+  const newer: string[] = []
   for (const row of done) {
     const file = files.find((f) => f.version === row.version)
+    if (!file && row.version > newest) {
+      newer.push(row.name)
+      continue
+    }
     if (!file) {
-      throw new KeygateError('migration_modified', `migration ${row.name} is applied but its file is missing: this keygate is older than the database`, { migration: row.name })
+      throw new KeygateError('migration_modified', `migration ${row.name} is applied but its file is missing`, { migration: row.name })
     }
     if (file.checksum !== row.checksum) {
       throw new KeygateError('migration_modified', `migration ${row.name} was changed after it was applied; restore it and put the change in a new numbered file`, { migration: row.name })
     }
   }
   const doneVersions = new Set(done.map((r) => r.version))
-  return files.filter((f) => !doneVersions.has(f.version))
+  return { pending: files.filter((f) => !doneVersions.has(f.version)), newer }
 }
 
 /** Applies pending migrations; returns the names applied by this call. */
@@ -67,19 +80,31 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
   return db.transaction(async (tx) => {
     await tx.query('SELECT pg_advisory_xact_lock($1)', [LOCK_ID])
     await ensureTable(tx)
-    const pending = compare(files, await applied(tx))
+    const { pending } = compare(files, await applied(tx))
     for (const m of pending) {
-      await tx.exec(m.sql)
+      try {
+        await tx.exec(m.sql)
+      } catch (err) {
+        // Named, with PostgreSQL's reason; the transaction leaves nothing of the run behind.
+        const code = sqlState(err)
+        throw new KeygateError('migration_failed', `migration ${m.name} failed: ${(err as Error).message}${code ? ` (SQLSTATE ${code})` : ''}; nothing was applied`, { migration: m.name, ...(code ? { sqlstate: code } : {}) })
+      }
       await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
     }
     return pending.map((m) => m.name)
   })
 }
 
-/** Names of migrations not yet applied (for /readyz); throws when an applied file was changed. */
-export async function pendingMigrations(db: Db, dir?: string): Promise<string[]> {
+/** Names of migrations not yet applied, and of those applied by a newer keygate; throws when an applied file was changed or is missing. */
+export async function migrationState(db: Db, dir?: string): Promise<{ pending: string[]; newer: string[] }> {
   const files = readMigrations(dir)
   const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
-  if (!exists[0]?.t) return files.map((f) => f.name)
-  return compare(files, await applied(db)).map((m) => m.name)
+  if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [] }
+  const { pending, newer } = compare(files, await applied(db))
+  return { pending: pending.map((m) => m.name), newer }
+}
+
+/** Names of migrations not yet applied (for /readyz); throws when an applied file was changed. */
+export async function pendingMigrations(db: Db, dir?: string): Promise<string[]> {
+  return (await migrationState(db, dir)).pending
 }

@@ -7,6 +7,7 @@ import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
+import { openDb } from '../core/db.ts'
 import { runCli, capturedStderr } from './helpers/cli.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { answerOf, startUpstream, echo, type Received } from './helpers/gateway.ts'
@@ -156,6 +157,21 @@ t.test('a configured admin token: no key is created or printed', async (t) => {
   const s = await serve(t, { env })
   t.notMatch(s.stderr(), KEY_PATTERN)
   t.equal((await get(`${s.gateway}/`)).status, 401)
+  t.equal(await s.stop(), 0)
+})
+
+t.test('a database migrated by a newer keygate (a rolling upgrade): this one starts, warns and is ready', async (t) => {
+  const upstream = await startUpstream(t)
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
+  t.equal((await runCli(['migrate'], { env })).code, 0)
+  const db = await openDb({ dataDir: env.KEYGATE_DATA_DIR as string })
+  await db.exec(`CREATE TABLE kg_newer (id integer); INSERT INTO keygate_migrations (version, name, checksum) VALUES (9999, '9999_newer.sql', 'x')`)
+  await db.close()
+  // Before: /readyz answered 503 ("store unreachable: ... file is missing") and a restart exited 1.
+  const s = await serve(t, { env })
+  t.ok(s.logs.some((l) => l.level === 'warn' && /newer than this keygate/.test(l.msg) && JSON.stringify(l.migrations) === '["9999_newer.sql"]'), 'warns, naming them')
+  const ready = await get(`${s.admin}/readyz`)
+  t.equal(ready.status, 200, ready.text)
   t.equal(await s.stop(), 0)
 })
 
