@@ -2,7 +2,7 @@
 // codes (0 done, 1 refused, 2 usage) with the reason on stderr.
 import { userInfo } from 'node:os'
 import { readFileSync } from 'node:fs'
-import { FLAG_NAMES, loadConfig, renderConfigDocs } from '../config/load.ts'
+import { defaultConfigFile, FLAG_NAMES, loadConfig, renderConfigDocs } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
@@ -174,8 +174,9 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   }
   if (name !== 'check') throw new UsageError('usage: keygate config check [FILE] [--json] | keygate config docs')
   const p = parse(rest, {}, { min: 0, max: 1 }, 'keygate config check [FILE] [--json]')
-  const file = (p.positionals[0] ?? p.values.config) as string | undefined
-  if (file === undefined) throw new UsageError('give the file to check: keygate config check FILE')
+  // The file every other command would read when none is named (KEYGATE_CONFIG, else ./keygate.yaml).
+  const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
+  if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
   const config = loadConfig({ file, env: io.env, onlyFile: true })
   if (p.values.json) printJson(io, { valid: true, file, routes: config.routes.map((r) => r.name) })
   else io.out(`${file}: valid (${config.routes.length} route${config.routes.length === 1 ? '' : 's'})\n`)

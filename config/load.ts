@@ -207,6 +207,11 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   return config
 }
 
+/** The file read when none is named: KEYGATE_CONFIG, else ./keygate.yaml when present. */
+export function defaultConfigFile(env: Record<string, string | undefined>): string | undefined {
+  return env.KEYGATE_CONFIG || (existsSync('keygate.yaml') ? 'keygate.yaml' : undefined)
+}
+
 /** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem. */
 export function loadConfig(options: LoadOptions = {}): Config {
   const env = options.env ?? process.env
@@ -214,7 +219,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
   const origins = new Map<string, string>()
   let file = options.file
   if (file === undefined && !options.onlyFile) {
-    file = env.KEYGATE_CONFIG || (existsSync('keygate.yaml') ? 'keygate.yaml' : undefined)
+    file = defaultConfigFile(env)
   }
   const merged: Record<string, unknown> = file !== undefined ? readYaml(file, problems) : {}
 

@@ -38,6 +38,15 @@ t.test('config check', async (t) => {
   t.notMatch(r.stderr, /CACHE_TTL_SECONDS/, 'check looks at the file alone, not the environment')
   t.same(r.json().error.details.problems.length, 3, 'every problem at once')
 
+  // Without a file named: the one every other command would read (before: a usage error, although --help says [FILE]).
+  const fromEnv = await runCli(['config', 'check'], { env: { KEYGATE_CONFIG: good } })
+  t.equal(fromEnv.code, 0, 'KEYGATE_CONFIG is checked')
+  t.equal(fromEnv.stdout, `${good}: valid (1 route)\n`)
+  writeFileSync(join(dir, 'keygate.yaml'), 'cache: { ttl_s: 0 }\n')
+  const fromCwd = await runCli(['config', 'check'], { env: { KEYGATE_CONFIG: undefined }, cwd: dir })
+  t.equal(fromCwd.code, 1, './keygate.yaml is checked')
+  t.match(fromCwd.stderr, /cache\.ttl_s: 0 is not allowed/)
+
   const missing = await runCli(['config', 'check', join(dir, 'nope.yaml')])
   t.equal(missing.code, 1)
   t.match(missing.stderr, /nope\.yaml: cannot be read \(ENOENT\)/)
