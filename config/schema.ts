@@ -231,7 +231,7 @@ export const ConfigSchema = Type.Object(
         error_rate_percent: int(50, 1, 100, { description: 'More than this share of one key\'s requests answered with an error (status 400 or above) within error_rate_window_s is an anomaly.' }),
         error_rate_min_requests: int(20, 1, 1_000_000, { description: 'The error rate is judged only once a key made at least this many requests in the window.' }),
         error_rate_window_s: int(60, 10, 86_400, { description: 'Window of the error rate.' }),
-        distinct_addresses_per_hour: int(5, 1, 1_000_000, { description: 'More distinct client addresses than this using one key within an hour is an anomaly.' }),
+        distinct_addresses_per_hour: int(5, 1, 999, { description: "More distinct client addresses than this using one key within an hour is an anomaly (a key's addresses are counted up to 1000 an hour)." }),
         unusual_hour_history_days: int(14, 1, 366, { description: "Days of a key's own hourly usage its usual hours are learnt from." }),
         unusual_hour_min_requests: int(200, 1, 1_000_000_000, { description: 'Fewer requests than this in the history: too little to say what is unusual, no judgement.' }),
         unusual_hour_max_percent: int(1, 0, 100, { description: 'Activity in an hour of the day (UTC) that held at most this share of the history is unusual (0: only hours never used before).' }),

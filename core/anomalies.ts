@@ -278,6 +278,20 @@ export async function answerWindows(windows: MemoryWindows, m: WindowsRequest): 
   return { keygate: 'windows-totals', id: m.id, totals }
 }
 
+/**
+ * Adds addresses to a key's set for the hour while it holds fewer than ARGV[1] (the bound the
+ * in-memory windows keep too: one key seen from a whole IPv6 /64 would otherwise add a member
+ * per address), sets its expiry (ARGV[2] s) and answers its size.
+ */
+const ADD_CAPPED = `local n = redis.call('SCARD', KEYS[1])
+local max = tonumber(ARGV[1])
+for i = 3, #ARGV do
+  if n >= max then break end
+  n = n + redis.call('SADD', KEYS[1], ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return n`
+
 export class RedisWindows implements SharedWindows {
   readonly #redis: Redis
   readonly #prefix: string
@@ -297,8 +311,8 @@ export class RedisWindows implements SharedWindows {
       m.incrby(`${k}:r:${t.minute}`, t.requests).expire(`${k}:r:${t.minute}`, 120)
       m.incrby(`${k}:q:${t.errWindow}`, t.requests).expire(`${k}:q:${t.errWindow}`, 2 * this.#errWindowS)
       m.incrby(`${k}:e:${t.errWindow}`, t.errors).expire(`${k}:e:${t.errWindow}`, 2 * this.#errWindowS)
-      if (t.addresses.size > 0) m.sadd(`${k}:a:${t.hour}`, ...t.addresses).expire(`${k}:a:${t.hour}`, 7200)
-      m.scard(`${k}:a:${t.hour}`)
+      if (t.addresses.size > 0) m.eval(ADD_CAPPED, 1, `${k}:a:${t.hour}`, MAX_ADDRESSES, 7200, ...t.addresses)
+      else m.scard(`${k}:a:${t.hour}`)
     }
     const results = (await m.exec()) ?? []
     const values = results.map(([err, v]) => {
@@ -311,7 +325,7 @@ export class RedisWindows implements SharedWindows {
       const perMinute = values[i] as number
       const errWindowRequests = values[i + 2] as number
       const errWindowErrors = values[i + 4] as number
-      i += 6 + (t.addresses.size > 0 ? 2 : 0)
+      i += 6
       out.push({ perMinute, errWindowRequests, errWindowErrors, distinctAddresses: values[i] as number })
       i += 1
     }

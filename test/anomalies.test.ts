@@ -6,7 +6,7 @@
 import t from 'tap'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { AnomalyDetector, AnomalyFeed, type AnomalyJson } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, RedisWindows, type AnomalyJson } from '../core/anomalies.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { BUCKET_MS } from '../core/usage.ts'
@@ -224,6 +224,26 @@ await forEachStore(t, async (t, store) => {
     t.equal(bad.status, 400)
     t.equal(bad.error.error.code, 'validation_failed')
   })
+})
+
+t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-memory ones do", async (t) => {
+  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
+  t.teardown(() => redis.quit())
+  const prefix = `keygate:anomaly:test-${randomBytes(4).toString('hex')}`
+  const windows = new RedisWindows(redis, 60, prefix)
+  const hour = Date.now() - (Date.now() % BUCKET_MS)
+  const tally = (addresses: string[]) => ({ keyId: 'capkey', minute: hour, errWindow: hour, hour, lastMs: Date.now(), requests: 1, errors: 0, addresses: new Set(addresses), lastAddress: '' })
+  const v6 = (from: number, n: number) => Array.from({ length: n }, (_, i) => `2001:db8::${(from + i).toString(16)}`)
+  t.equal((await windows.add([tally(v6(0, 3))]))[0]?.distinctAddresses, 3)
+  t.equal((await windows.add([tally(v6(0, 3))]))[0]?.distinctAddresses, 3, 'the same addresses again count once')
+  t.equal((await windows.add([tally([])]))[0]?.distinctAddresses, 3, 'a check without addresses reads the count')
+  // One key seen from a whole IPv6 /64: before, every address became a member (72 bytes each, for two hours).
+  t.equal((await windows.add([tally(v6(3, 900))]))[0]?.distinctAddresses, 903)
+  t.equal((await windows.add([tally(v6(903, 900))]))[0]?.distinctAddresses, 1000, 'the count stops at the bound')
+  const key = `${prefix}:{capkey}:a:${hour}`
+  t.equal(await redis.scard(key), 1000, 'and so does the set')
+  t.ok((await redis.ttl(key)) > 7000, 'it expires with the hour')
+  await redis.del(key, `${prefix}:{capkey}:r:${hour}`, `${prefix}:{capkey}:q:${hour}`, `${prefix}:{capkey}:e:${hour}`)
 })
 
 t.test('an alert on the Redis channel whose id is not an anomaly id is not relayed (its id becomes an SSE id line)', async (t) => {
