@@ -435,20 +435,30 @@ export class WebhookService {
     return current[0] ? toDelivery(current[0]) : toDelivery({ ...c, status: 'failed', last_status: status, last_error: error })
   }
 
-  /** Sends a `webhook.test` event to the webhook now (one attempt, in the delivery log; retried like any other when it fails). */
-  async testFire(id: string): Promise<Delivery> {
+  /**
+   * Sends a `webhook.test` event to the webhook now (one attempt, in the delivery log; retried like
+   * any other when it fails). An admin action: audited as `webhook.tested`, with the delivery's id.
+   */
+  async testFire(id: string, actor: Actor): Promise<Delivery> {
     const webhook = await this.get(id)
     const now = this.#now()
     const body = JSON.stringify({ type: TEST_EVENT, timestamp: now.toISOString(), data: { webhook_id: webhook.id } })
-    const rows = await this.#db.query<Claimed>(
-      `WITH d AS (
-         INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)
-         VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
-       )
-       SELECT d.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM d JOIN webhooks w ON w.id = d.webhook_id`,
-      [webhook.id, TEST_EVENT, body, this.#leaseEnd(now), now],
-    )
-    return this.#attempt(rows[0] as Claimed)
+    const claimed = await this.#db.transaction(async (tx) => {
+      const rows = await tx.query<Claimed>(
+        `WITH d AS (
+           INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)
+           VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
+         )
+         SELECT d.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM d JOIN webhooks w ON w.id = d.webhook_id`,
+        [webhook.id, TEST_EVENT, body, this.#leaseEnd(now), now],
+      )
+      const d = rows[0]
+      // Deleted meanwhile: the join found no webhook, and the insert is rolled back with this.
+      if (!d) throw new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
+      if (this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.tested', details: { id: webhook.id, delivery_id: d.id } })
+      return d
+    })
+    return this.#attempt(claimed)
   }
 
   /** Stops polling and waits for the round in flight; what is left is sent after the next start. */

@@ -107,7 +107,8 @@ t.test('through the admin API and a gateway', async (t) => {
     const failed = await h.call('GET', `/v1/webhooks/${hookId}/deliveries?status=failed`)
     t.same(failed.json.items, [])
     const audit = await h.db.query<{ action: string }>(`SELECT action FROM api_key_audit_log WHERE action LIKE 'webhook.%' ORDER BY created_at`)
-    t.same(audit.map((r) => r.action), ['webhook.created', 'webhook.secret_rotated'])
+    // A test event is an admin action that makes keygate send a request: audited too.
+    t.same(audit.map((r) => r.action), ['webhook.created', 'webhook.tested', 'webhook.secret_rotated', 'webhook.tested'])
   })
 
   await t.test('SSRF: refused at registration', async (t) => {

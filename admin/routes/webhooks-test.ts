@@ -12,7 +12,7 @@ export default defineOperation({
   description: 'One attempt now, recorded in the delivery log; when it fails it is retried like any delivery. The answer is 200 either way: see `status`, `last_status` and `last_error`.',
   response: { status: 200, description: 'The delivery after its first attempt.', schema: DeliverySchema },
   errors: ['webhook_not_found'],
-  async handle({ params, services }) {
-    return deliveryJson(await services.webhooks.testFire(params.id as string))
+  async handle({ params, services, actor }) {
+    return deliveryJson(await services.webhooks.testFire(params.id as string, actor))
   },
 })
