@@ -18,7 +18,7 @@ import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidati
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { teeUsage, UsageRecorder } from '../core/usage.ts'
-import { AnomalyDetector, AnomalyFeed, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { pendingMigrations } from '../core/migrate.ts'
@@ -199,7 +199,7 @@ function processEvents(
     role.gateway && a.enabled
       ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, windows, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ...(onAnomaly ? { onAnomaly } : {}) })
       : undefined
-  const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log }) : undefined
+  const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log, history: anomalyHistory(new AnomalyLog(runtime.db)) }) : undefined
   return {
     events,
     webhooks,

@@ -7,6 +7,7 @@
 // window whichever instance sees it first; only the insert that made the row publishes it
 // (Redis channel, `anomaly.detected` on the event bus), so one anomaly is one alert everywhere.
 import type { Redis } from 'ioredis'
+import QuickLRU from 'quick-lru'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import type { Db } from './db.ts'
@@ -185,6 +186,8 @@ export interface SharedWindows {
 }
 
 const MINUTE_MS = 60_000
+/** Alerts kept for publishing again while Redis does not take them (the table has them all). */
+const MAX_UNPUBLISHED = 1000
 /** A key's addresses kept between two checks; enough to cross any sane threshold. */
 const MAX_ADDRESSES = 1000
 
@@ -364,6 +367,7 @@ export class AnomalyDetector implements UsageSink {
   readonly #t: Thresholds
   readonly #redis: Redis | undefined
   readonly #channel: string
+  readonly #unpublished: string[] = []
   readonly #events: EventBus | undefined
   readonly #onAnomaly: ((type: AnomalyType) => void) | undefined
   readonly #log: Logger
@@ -427,6 +431,7 @@ export class AnomalyDetector implements UsageSink {
   }
 
   async #check(): Promise<void> {
+    await this.#republish()
     if (this.#pending.empty) return
     const tallies: Tally[] = []
     for (const byKey of this.#pending.take().values()) tallies.push(...byKey.values())
@@ -538,9 +543,27 @@ export class AnomalyDetector implements UsageSink {
     this.#log.warn('anomaly detected', { anomaly_id: row.id, key_id: row.keyId, type: row.type })
     this.#onAnomaly?.(row.type)
     if (this.#redis) {
-      await this.#redis.publish(this.#channel, JSON.stringify(json)).catch((err: unknown) => this.#log.warn('could not publish an anomaly alert', { err: err as Error }))
+      const message = JSON.stringify(json)
+      await this.#redis.publish(this.#channel, message).catch((err: unknown) => {
+        // Stored, but no instance's stream has it: sent again at the next check (the streams'
+        // feeds also read what they missed from the table when their subscription comes back).
+        if (this.#unpublished.length < MAX_UNPUBLISHED) this.#unpublished.push(message)
+        this.#log.warn('could not publish an anomaly alert; it is published again at the next check', { anomaly_id: row.id, err: err as Error })
+      })
     }
     this.#events?.emit('anomaly.detected', json)
+  }
+
+  /** Alerts whose publication failed, in order, until one fails again. */
+  async #republish(): Promise<void> {
+    while (this.#redis && this.#unpublished.length > 0) {
+      try {
+        await this.#redis.publish(this.#channel, this.#unpublished[0] as string)
+      } catch {
+        return
+      }
+      this.#unpublished.shift()
+    }
   }
 
   /** Stops the timer and judges what is pending. */
@@ -552,6 +575,27 @@ export class AnomalyDetector implements UsageSink {
 
 export type AnomalyListener = (anomaly: AnomalyJson) => void
 
+/** The recorded anomalies, for a feed to read what it missed. */
+export interface AnomalyHistory {
+  /** The newest id recorded, or undefined when there is none. */
+  latestId(): Promise<string | undefined>
+  /** Anomalies with an id above `id`, oldest first. */
+  after(id: string, limit: number): Promise<AnomalyJson[]>
+}
+
+/** The table as a feed's history. */
+export function anomalyHistory(log: AnomalyLog): AnomalyHistory {
+  return {
+    latestId: async () => (await log.list({ limit: 1 }))[0]?.id,
+    after: async (id, limit) => (await log.after(id, limit)).map(anomalyJson),
+  }
+}
+
+/** Whether anomaly id `a` (bigint digits) comes after `b`. */
+function idAfter(a: string, b: string): boolean {
+  return a.length !== b.length ? a.length > b.length : a > b
+}
+
 /**
  * Every anomaly found by any instance, as it is recorded: from the Redis channel when there is
  * Redis (an instance's own finding comes back on it too), from this process's event bus
@@ -561,8 +605,19 @@ export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
   readonly #stop: () => void
 
-  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger }) {
+  /**
+   * `history` reads the table: with Redis, what was recorded while the subscription was down is
+   * read from it when the subscription comes back (an alert published meanwhile is lost to a
+   * subscriber that was not there), and delivered once (ids already delivered are skipped).
+   */
+  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory }) {
+    // Alerts can come twice (a replay and a late publication): each id is delivered once.
+    const delivered = new QuickLRU<string, true>({ maxSize: 10_000 })
+    let newest: string | undefined
     const deliver = (a: AnomalyJson) => {
+      if (delivered.has(a.id)) return
+      delivered.set(a.id, true)
+      if (newest === undefined || idAfter(a.id, newest)) newest = a.id
       for (const l of this.#listeners.keys()) {
         try {
           l(a)
@@ -571,7 +626,33 @@ export class AnomalyFeed {
     }
     if (options.redis) {
       const sub = options.redis.duplicate()
-      const { log, channel } = options
+      const { log, channel, history } = options
+      let subscribed = false
+      const replay = async (): Promise<void> => {
+        if (!history || newest === undefined) return
+        try {
+          for (let cursor = newest; ; ) {
+            const page = await history.after(cursor, 500)
+            page.forEach(deliver)
+            if (page.length < 500) break
+            cursor = (page.at(-1) as AnomalyJson).id
+          }
+        } catch (err) {
+          log.warn('could not read the anomalies recorded while the alert subscription was down', { err: err as Error })
+        }
+      }
+      sub.on('ready', () => {
+        // ioredis subscribes again by itself once it is back; what came meanwhile is in the table.
+        if (subscribed) void replay()
+      })
+      if (history) {
+        void history.latestId().then(
+          (id) => {
+            if (newest === undefined) newest = id ?? '0'
+          },
+          () => {},
+        )
+      }
       sub.on('error', (err: Error) => log.warn('anomaly alert subscriber error', { err }))
       sub.on('message', (ch: string, message: string) => {
         if (ch !== channel) return
@@ -585,7 +666,10 @@ export class AnomalyFeed {
         }
       })
       const trySubscribe = (): void => {
-        sub.subscribe(channel).catch(() => sub.once('ready', trySubscribe))
+        sub.subscribe(channel).then(
+          () => (subscribed = true),
+          () => sub.once('ready', trySubscribe),
+        )
       }
       trySubscribe()
       this.#stop = () => sub.disconnect()

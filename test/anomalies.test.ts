@@ -6,7 +6,10 @@
 import t from 'tap'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { AnomalyDetector, AnomalyFeed, RedisWindows, type AnomalyJson } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, RedisWindows, type AnomalyJson } from '../core/anomalies.ts'
+import { openDb } from '../core/db.ts'
+import { migrate } from '../core/migrate.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { BUCKET_MS } from '../core/usage.ts'
@@ -224,6 +227,49 @@ await forEachStore(t, async (t, store) => {
     t.equal(bad.status, 400)
     t.equal(bad.error.error.code, 'validation_failed')
   })
+})
+
+t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
+  const server = await startRedisServer(t)
+  const db = await openDb({ memory: true })
+  t.teardown(() => db.close())
+  await migrate(db)
+  const redis = new Redis(server.url, { maxRetriesPerRequest: 1, connectTimeout: 1000, retryStrategy: () => 100 })
+  t.teardown(() => redis.disconnect())
+  redis.on('error', () => {})
+  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
+  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: silentLogger, history: anomalyHistory(new AnomalyLog(db)) })
+  t.teardown(() => feed.close())
+  const got: AnomalyJson[] = []
+  feed.on((a) => got.push(a))
+  const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 3 }, redis, channel, events: new EventBus(), log: silentLogger, checkIntervalMs: 0 })
+  t.teardown(() => detector.close())
+  const burst = async (keyId: string) => {
+    for (let i = 0; i < 5; i++) detector.count(keyId, 'forwarded', Date.now(), '192.0.2.1', 200)
+    await detector.check()
+  }
+  const until = async (what: string, ok: () => boolean) => {
+    const deadline = Date.now() + 10_000
+    while (!ok() && Date.now() < deadline) await sleep(25)
+    t.ok(ok(), what)
+  }
+  // Subscribed: an anomaly found now arrives through Redis.
+  await until('subscribed', () => redis.status === 'ready')
+  await sleep(200)
+  await burst('k_before_down')
+  await until('the first anomaly arrives through Redis', () => got.some((a) => a.key_id === 'k_before_down'))
+
+  await server.stop()
+  await burst('k_while_down') // stored; its publication fails
+  t.equal((await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_anomalies WHERE key_id = 'k_while_down'`))[0]?.n, 1, 'recorded while Redis is down')
+  t.notOk(got.some((a) => a.key_id === 'k_while_down'), 'not streamed yet')
+  await server.start()
+  // Before: never streamed (the table had it, the channel never did).
+  await until('streamed once the subscription is back', () => got.some((a) => a.key_id === 'k_while_down'))
+  await detector.check() // the next check publishes it again: delivered once all the same
+  await sleep(300)
+  t.equal(got.filter((a) => a.key_id === 'k_while_down').length, 1, 'once')
+  t.equal(got.filter((a) => a.key_id === 'k_before_down').length, 1, 'and the earlier one was not sent again')
 })
 
 t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-memory ones do", async (t) => {
