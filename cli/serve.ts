@@ -13,7 +13,7 @@ import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
-import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
+import { answersWithin, createGatewayMetrics, createHealthMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
@@ -320,6 +320,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
+    createHealthMetrics(registry, {
+      store: () => answersWithin(() => runtime.db.query('SELECT 1'), 2000),
+      // A gateway's own keygate_redis_up says whether its limits are shared.
+      redis: redis && !role.gateway ? () => answersWithin(() => redis.ping(), 2000) : undefined,
+    })
     if (mode.worker) {
       // prom-client answers the primary's metric requests only once an AggregatorRegistry exists.
       new AggregatorRegistry()

@@ -225,6 +225,49 @@ export function createRedisMetrics(registry: Registry): RedisMetrics {
   return { up, fallbacks, flushes: { reconnect: zeroed(flushes.labels('reconnect')), gap: zeroed(flushes.labels('gap')), missed: zeroed(flushes.labels('missed')) } }
 }
 
+/** Whether `probe` answers within `ms` (a store or Redis asked at scrape time). */
+export async function answersWithin(probe: () => Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined
+  try {
+    return await Promise.race([probe().then(() => true), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), ms)))])
+  } catch {
+    return false
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+/**
+ * Health gauges read at each scrape: `keygate_store_up` in every process, and `keygate_redis_up`
+ * where no gateway keeps its own (an `--only admin` process, which publishes invalidations and
+ * reads anomaly alerts through Redis). Summed over `--workers` by their minimum: 0 when any
+ * worker's store does not answer.
+ */
+export function createHealthMetrics(registry: Registry, probes: { store: () => Promise<boolean>; redis?: (() => Promise<boolean>) | undefined }): void {
+  const registers = [registry]
+  new Gauge({
+    name: 'keygate_store_up',
+    help: '1 when the store answered a query at this scrape (within 2 s), 0 when it did not.',
+    registers,
+    aggregator: 'min',
+    async collect() {
+      this.set((await probes.store()) ? 1 : 0)
+    },
+  })
+  const redis = probes.redis
+  if (redis) {
+    new Gauge({
+      name: 'keygate_redis_up',
+      help: '1 when Redis answered a PING at this scrape (within 2 s), 0 when it did not.',
+      registers,
+      aggregator: 'min',
+      async collect() {
+        this.set((await redis()) ? 1 : 0)
+      },
+    })
+  }
+}
+
 /** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()

@@ -4,7 +4,7 @@
 // cluster aggregator like any histogram.
 import t from 'tap'
 import { AggregatorRegistry, Histogram, Registry } from 'prom-client'
-import { createGatewayMetrics } from '../core/metrics.ts'
+import { answersWithin, createGatewayMetrics, createHealthMetrics } from '../core/metrics.ts'
 
 const NAME = 'keygate_gateway_request_duration_seconds'
 // Below the first bound, exactly on bounds, between bounds, above the last, zero.
@@ -59,4 +59,27 @@ t.test('the cluster aggregator sums the histograms of two workers', async (t) =>
   t.match(text, /_bucket\{le="2\.5",route="api"\} 3\n/)
   t.match(text, /_sum\{route="api"\} 2\.008\n/)
   t.match(text, /_count\{route="api"\} 3/)
+})
+
+t.test('store and Redis health are asked at each scrape; one that does not answer in time is down', async (t) => {
+  const registry = new Registry()
+  let store: () => Promise<unknown> = async () => [{ '?column?': 1 }]
+  createHealthMetrics(registry, { store: () => answersWithin(() => store(), 100), redis: () => answersWithin(() => Promise.reject(new Error('ECONNREFUSED')), 100) })
+  t.match(await registry.metrics(), /^keygate_store_up 1$/m)
+  t.match(await registry.metrics(), /^keygate_redis_up 0$/m, 'a refusal is down')
+  store = () => new Promise(() => {}) // a store that holds the query: the scrape still answers
+  const started = Date.now()
+  t.match(await registry.metrics(), /^keygate_store_up 0$/m, 'no answer in time is down')
+  t.ok(Date.now() - started < 2000, 'the scrape waits for the probe no longer than its limit')
+  store = async () => {
+    throw new Error('connection terminated')
+  }
+  t.match(await registry.metrics(), /^keygate_store_up 0$/m)
+  // Over --workers, the primary shows the lowest: one worker without its store is a store down.
+  const up = new Registry()
+  createHealthMetrics(up, { store: async () => true })
+  const down = new Registry()
+  createHealthMetrics(down, { store: async () => false })
+  const summed = await AggregatorRegistry.aggregate([await up.getMetricsAsJSON(), await down.getMetricsAsJSON()]).metrics()
+  t.match(summed, /^keygate_store_up 0$/m)
 })

@@ -184,9 +184,18 @@ t.test('--only gateway serves health and metrics but no admin API; --only admin 
   t.equal((await get(`${g.admin}/healthz`)).status, 200)
   t.equal((await get(`${g.admin}/v1/keys`)).status, 404, 'no admin API on a gateway-only process')
   t.equal((await get(`${g.gateway}/`)).status, 401)
+  t.match((await get(`${g.admin}/metrics`)).text, /^keygate_store_up 1$/m, 'the store answers')
   t.equal(await g.stop(), 0)
 
-  const a = await serve(t, { env, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  // SPEC §5's store and Redis health, also where no gateway runs (before: no such metric there).
+  const closed = net.createServer()
+  await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve))
+  const deadRedis = `redis://127.0.0.1:${(closed.address() as net.AddressInfo).port}`
+  await new Promise((resolve) => closed.close(resolve))
+  const a = await serve(t, { env: { ...env, REDIS_URL: deadRedis }, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  const adminMetrics = (await get(`${a.admin}/metrics`)).text
+  t.match(adminMetrics, /^keygate_store_up 1$/m, 'store health on an admin-only process')
+  t.match(adminMetrics, /^keygate_redis_up 0$/m, 'Redis not answering')
   t.notOk(a.logs.some((l) => l.msg === 'gateway listening'), 'no gateway listener')
   t.ok(a.logs.some((l) => l.msg === 'admin listening'))
   t.match(a.stderr(), KEY_PATTERN, 'the admin process creates the first admin key')
