@@ -276,7 +276,7 @@ function startScheduler(config: Config, runtime: Runtime, log: Logger): Schedule
     log,
     intervalS: s.interval_s,
     noticeMs: s.rotation_notice_hours * 3_600_000,
-    pruneRules: defaultPruneRules({ auditDays: config.audit.retention_days, anomalyDays: s.anomaly_retention_days, webhookDeliveryDays: s.webhook_delivery_retention_days }),
+    pruneRules: defaultPruneRules({ auditDays: config.audit.retention_days, anomalyDays: s.anomaly_retention_days, webhookDeliveryDays: s.webhook_delivery_retention_days, usageDays: s.usage_retention_days }),
   })
   scheduler.start()
   return scheduler

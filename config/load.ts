@@ -197,6 +197,10 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
       config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false })
     }
   }
+  // The unusual-hours check learns from the usage rows: pruning them sooner would blind it.
+  if (config.scheduler.usage_retention_days < config.anomalies.unusual_hour_history_days) {
+    problems.push(`scheduler.usage_retention_days: ${config.scheduler.usage_retention_days} is not allowed; expected at least anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
+  }
   for (const side of ['gateway', 'admin'] as const) {
     const tls = config[side].tls
     if (!tls) continue

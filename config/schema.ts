@@ -213,6 +213,9 @@ export const ConfigSchema = Type.Object(
         }),
         anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists).' }),
         webhook_delivery_retention_days: int(30, 1, 36_500, { description: 'Webhook delivery log rows older than this are pruned (when the table exists).' }),
+        usage_retention_days: int(400, 1, 36_500, {
+          description: "Hourly usage and rejection counts (the admin reports, and each key's usual hours) older than this are pruned; at least anomalies.unusual_hour_history_days.",
+        }),
       },
       { additionalProperties: false, default: {} },
     ),

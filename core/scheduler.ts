@@ -62,12 +62,14 @@ export interface SchedulerRun {
 }
 
 /** The retention rules of keygate's own tables and of the features that keep logs (skipped until their table exists). */
-export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; webhookDeliveryDays: number }): PruneRule[] {
+export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; webhookDeliveryDays: number; usageDays: number }): PruneRule[] {
   return [
     { table: 'api_key_audit_log', column: 'created_at', retentionDays: r.auditDays },
     { table: 'api_key_notices', column: 'deadline', retentionDays: r.auditDays },
     { table: 'api_key_anomalies', column: 'detected_at', retentionDays: r.anomalyDays },
     { table: 'webhook_deliveries', column: 'created_at', retentionDays: r.webhookDeliveryDays },
+    { table: 'api_key_usage', column: 'bucket', retentionDays: r.usageDays },
+    { table: 'api_key_rejections', column: 'bucket', retentionDays: r.usageDays },
   ]
 }
 

@@ -245,6 +245,8 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
     t.same(spelled({ gateway: { trusted_proxies: [short] } }), [`gateway.trusted_proxies[0]: "${short}" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32`], `${short} is refused`)
   }
   t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0'] }), [], 'the usual forms pass')
+  t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
+  t.same(spelled({ scheduler: { usage_retention_days: 7 }, anomalies: { unusual_hour_history_days: 7 } }), [])
   t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL'])
   t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
 })

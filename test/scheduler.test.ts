@@ -30,7 +30,7 @@ forEachStore(t, async (t, store) => {
   bus.on((e) => events.push(e))
   const changes: KeyChange[] = []
   s.keys.onChange((c) => changes.push(c))
-  const rules: PruneRule[] = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30 })
+  const rules: PruneRule[] = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30, usageDays: 400 })
   const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, events: bus, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 3 * DAY, pruneRules: rules })
   const auditOf = async (id: string) => (await s.audit.list(store.db, { keyId: id })).map((r) => [r.action, r.details])
 
@@ -151,7 +151,17 @@ forEachStore(t, async (t, store) => {
       store.db.query(`INSERT INTO api_key_anomalies (key_id, type, window_start, detected_at) VALUES ($1, 'error_rate', $2, $3)`, [record.id, new Date(window), new Date(detected)])
     await insertAnomaly(0, now - 91 * DAY)
     await insertAnomaly(1000, now - 89 * DAY)
+    // Usage counts: before, never pruned (a row per active key and hour, for ever).
+    const hourOf = (ms: number) => new Date(ms - (ms % 3_600_000))
+    for (const [days, n] of [[401, 1], [399, 2]] as const) {
+      await store.db.query(`INSERT INTO api_key_usage (key_id, bucket, requests) VALUES ($1, $2, $3)`, [record.id, hourOf(now - days * DAY), n])
+      await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) VALUES ($1, 'retention_test', $2)`, [hourOf(now - days * DAY), n])
+    }
     const run = await scheduler.runOnce()
+    t.equal(run?.pruned.api_key_usage, 1, 'the 401-day-old usage row is pruned (400 days kept)')
+    t.same((await store.db.query<{ requests: string }>(`SELECT requests::text FROM api_key_usage WHERE key_id = $1`, [record.id])).map((r) => r.requests), ['2'], 'the 399-day-old one stays')
+    t.equal(run?.pruned.api_key_rejections, 1)
+    t.same((await store.db.query<{ count: string }>(`SELECT count::text FROM api_key_rejections WHERE reason = 'retention_test'`)).map((r) => r.count), ['2'])
     t.ok((run?.pruned.api_key_audit_log ?? 0) >= 1, 'old rows pruned')
     t.equal(run?.pruned.api_key_anomalies, 1, 'the 91-day-old anomaly is pruned (90 days kept)')
     t.equal((await store.db.query(`SELECT id FROM api_key_anomalies WHERE key_id = $1`, [record.id])).length, 1, 'the 89-day-old one stays')
