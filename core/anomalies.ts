@@ -611,12 +611,15 @@ export class AnomalyFeed {
    * subscriber that was not there), and delivered once (ids already delivered are skipped).
    */
   constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory }) {
-    // Alerts can come twice (a replay and a late publication): each id is delivered once.
-    const delivered = new QuickLRU<string, true>({ maxSize: 10_000 })
+    // With Redis an alert can come twice (read from the table on resubscribing, then published
+    // again by its instance): each id is delivered once.
+    const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: 10_000 }) : undefined
     let newest: string | undefined
     const deliver = (a: AnomalyJson) => {
-      if (delivered.has(a.id)) return
-      delivered.set(a.id, true)
+      if (delivered) {
+        if (delivered.has(a.id)) return
+        delivered.set(a.id, true)
+      }
       if (newest === undefined || idAfter(a.id, newest)) newest = a.id
       for (const l of this.#listeners.keys()) {
         try {
