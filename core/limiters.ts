@@ -358,6 +358,11 @@ export class LeasedLimit implements RateLimit {
   remaining = 0
   msBeforeNext = 0
 
+  /** Resolves once the leases being reserved now are in place (or failed). */
+  async reserved(): Promise<void> {
+    await Promise.allSettled(this.#reserving.values())
+  }
+
   take(key: string): boolean {
     let lease = this.#leases.get(key)
     if (lease === undefined) return false

@@ -128,18 +128,20 @@ t.test('a lease ends with its window', async (t) => {
 
 t.test("a renewal that comes back after its window ended does not replace the next window's lease", async (t) => {
   const clock = pinned('k', 60)
-  const l = leased(1_000_000, 60, 'test', undefined, clock.now)
-  // Two requests at once: the second lease is sized to a fast rate (about 100 points).
+  // Two requests at once, on a rate clock that stands still (on the real one a loaded machine
+  // could put milliseconds between them, and size the second lease too small to reserve ahead):
+  // the second lease is sized to a fast rate (about 100 points).
+  const l = leased(1_000_000, 60, 'test', undefined, clock.now, () => 0)
   await one(l, 'k')
   await one(l, 'k')
   clock.set(clock.windowEnd - 50)
   t.ok(l.take('k'), 'a request in the last 100 ms of the window')
-  await sleep(5)
+  await l.reserved()
   // Used up at once: the renewal asked at a quarter left is still out when the window ends.
   while (l.take('k'));
   clock.set(clock.windowEnd + 10)
   t.ok(l.take('k'), "the next window's lease, reserved ahead, answers")
-  await sleep(5)
+  await l.reserved()
   t.ok(l.take('k'), 'and still does once the renewal for the ended window has come back')
 })
 
@@ -315,13 +317,14 @@ t.test("a next window's lease is reserved for the window after the one take() sa
     }
     return at
   }
-  const l = leased(1_000_000, 60, 'test-clock', undefined, now)
+  // The rate clock stands still: two requests at once (see above).
+  const l = leased(1_000_000, 60, 'test-clock', undefined, now, () => 0)
   await one(l, 'k')
   await one(l, 'k') // a lease sized to a fast rate (about 100 points)
   clock.set(clock.windowEnd - 50)
   jumpTo = clock.windowEnd + 1
   t.ok(l.take('k'), "a request in the window's last 100 ms, which reserves the next window's first lease")
-  await sleep(5)
+  await l.reserved()
   t.ok(l.take('k'), "in the next window that lease answers, without waiting for the store")
 })
 
