@@ -136,13 +136,13 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   }
   process.on('SIGTERM', on)
   process.on('SIGINT', on)
+  // Kept to the end, through the last of a shutdown (dispose runs before the store closes).
   process.on('SIGHUP', hangup)
   return {
     stopped,
     dispose() {
       process.off('SIGTERM', on)
       process.off('SIGINT', on)
-      process.off('SIGHUP', hangup)
     },
   }
 }
@@ -421,8 +421,11 @@ function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: 
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
   const live = new Set<import('node:cluster').Worker>()
-  // The workers hold the gateway's certificate: the primary passes SIGHUP on.
-  const stopping = stopSignal(log, { worker: false, onHangup: () => live.forEach((w) => w.process.kill('SIGHUP')) })
+  // The workers hold the gateway's certificate: the primary passes SIGHUP on, to those that
+  // listen (one still starting has no handler yet, so SIGHUP would end it; it reads the
+  // certificate files as it starts anyway).
+  const listening = new Set<import('node:cluster').Worker>()
+  const stopping = stopSignal(log, { worker: false, onHangup: () => listening.forEach((w) => w.process.kill('SIGHUP')) })
   const runtime = await openRuntime(config, log)
   let shuttingDown = false
   const redis = redisOf(config, log)
@@ -457,9 +460,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const fork = () => {
       const w = cluster.fork()
       live.add(w)
-      w.once('listening', () => (anyListened = true))
+      w.once('listening', () => {
+        anyListened = true
+        listening.add(w)
+      })
       w.on('exit', (code, signal) => {
         live.delete(w)
+        listening.delete(w)
         if (shuttingDown) return
         if (!anyListened) {
           log.error('a gateway worker ended before any listened; stopping', { worker: w.id, code, signal })

@@ -200,7 +200,14 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
     arrived()
     setTimeout(() => res.end('slow done'), 1500)
   })
-  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2, detached: true })
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, waitFor: { gateway: false }, detached: true })
+  // A reload while the workers start (they have no handler yet): before, the primary passed it
+  // on, a worker ended on it, and the start failed with exit 1.
+  serve.child.kill('SIGHUP')
+  const listening = (l: { msg: string }) => l.msg === 'gateway listening'
+  await serve.waitForLog(() => serve.logs.filter(listening).length >= 2)
+  serve.gateway = `http://${serve.logs.find(listening)?.address as string}`
+  t.notOk(serve.logs.some((l) => /ended before any listened|worker died/.test(l.msg)), 'no worker ended on a SIGHUP during start-up')
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
   const auth = { authorization: `Bearer ${created.json.key}` }
 

@@ -241,10 +241,10 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ deny_list: ['192.0.2.0/24', '300.1.1.1'] }), ['deny_list[1]: "300.1.1.1" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'])
   // ipaddr.js alone reads these as other addresses (10.1 is 10.0.0.1, 3221225985 is 192.0.2.1,
   // 010.0.0.1 is 8.0.0.1): an operator who blocks "192.168.1" means a /24, not 192.168.0.1.
-  for (const short of ['192.168.1', '10.1', '3221225985', '010.0.0.1', '0x7f.0.0.1', '10.0.0.0/08', '10.0.0.0/+8', '10.0.0.0/33', '2001:db8::/129']) {
+  for (const short of ['192.168.1', '10.1', '3221225985', '010.0.0.1', '0x7f.0.0.1', '10.0.0.0/08', '10.0.0.0/+8', '10.0.0.0/33', '2001:db8::/129', '::ffff:0x0a.0.0.1', '::ffff:010.0.0.1', '::ffff:010.0.0.0/104']) {
     t.same(spelled({ gateway: { trusted_proxies: [short] } }), [`gateway.trusted_proxies[0]: "${short}" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32`], `${short} is refused`)
   }
-  t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0'] }), [], 'the usual forms pass')
+  t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0', '::ffff:10.0.0.1'] }), [], 'the usual forms pass')
   t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
   t.same(spelled({ scheduler: { usage_retention_days: 7 }, anomalies: { unusual_hour_history_days: 7 } }), [])
   t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL'])

@@ -110,7 +110,7 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
   // An entry that names no address is refused, never replaced by the proxy's own address (which
   // would put every client behind it under one deny entry, rate limit and lockout). The integer
   // and classful IPv4 forms are not addresses here (3405803785 would be 203.0.113.9).
-  for (const xff of ['unknown', '203.0.113.9:port', '3405803785', '203.0.113', '203.0.113.9, garbage, 10.0.0.1', '[2001:db8::1']) {
+  for (const xff of ['unknown', '203.0.113.9:port', '3405803785', '203.0.113', '203.0.113.9, garbage, 10.0.0.1', '[2001:db8::1', '::ffff:0313.0.113.9']) {
     const r = await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })
     t.equal(r.status, 400, `${xff}: refused`)
     t.match(r.json, { error: { code: 'bad_request', message: 'X-Forwarded-For from a trusted proxy names no client address.' } })

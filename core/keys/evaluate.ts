@@ -27,7 +27,12 @@ const parsedAddresses = new QuickLRU<string, Parsed>({ maxSize: 10_000 })
  * a reader of the config or the deny list would see; here they are not addresses. Throws when invalid.
  */
 function parseIp(text: string): ipaddr.IPv4 | ipaddr.IPv6 {
-  return ipaddr.IPv4.isValidFourPartDecimal(text) ? ipaddr.IPv4.parse(text) : ipaddr.IPv6.parse(text)
+  if (ipaddr.IPv4.isValidFourPartDecimal(text)) return ipaddr.IPv4.parse(text)
+  // IPv6 with an IPv4 tail (`::ffff:192.0.2.7`): the tail in four decimal parts too, since the
+  // IPv6 parser takes `::ffff:0x0a.0.0.1` and `::ffff:010.0.0.1`.
+  const address = text.split('%')[0] as string
+  if (address.includes('.') && !ipaddr.IPv4.isValidFourPartDecimal(address.slice(address.lastIndexOf(':') + 1))) throw new Error('not an address')
+  return ipaddr.IPv6.parse(text)
 }
 
 /** Prefix lengths as written in a CIDR: decimal, no sign or leading zeros. */
