@@ -225,18 +225,6 @@ export function createRedisMetrics(registry: Registry): RedisMetrics {
   return { up, fallbacks, flushes: { reconnect: zeroed(flushes.labels('reconnect')), gap: zeroed(flushes.labels('gap')), missed: zeroed(flushes.labels('missed')) } }
 }
 
-/** Whether `probe` answers within `ms` (a store or Redis asked at scrape time). */
-export async function answersWithin(probe: () => Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined
-  try {
-    return await Promise.race([probe().then(() => true), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), ms)))])
-  } catch {
-    return false
-  } finally {
-    clearTimeout(timer)
-  }
-}
-
 /**
  * Health gauges read at each scrape: `keygate_store_up` in every process, and `keygate_redis_up`
  * where no gateway keeps its own (an `--only admin` process, which publishes invalidations and

@@ -8,6 +8,7 @@
 // (so a paused Redis costs one timeout, not one per request), and a PING every `probeMs` brings
 // the shared limits back once Redis answers in time. Each switch is logged once.
 import { Redis } from 'ioredis'
+import { answersWithin } from './deadline.ts'
 import type { Logger } from './log.ts'
 
 export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number } = {}): Redis {
@@ -93,17 +94,14 @@ export class RedisHealth {
     if (this.#up || this.#probing || this.#redis.status !== 'ready') return
     this.#probing = true
     try {
-      let timer: NodeJS.Timeout | undefined
-      const late = new Promise<'late'>((resolve) => (timer = setTimeout(() => resolve('late'), this.timeoutMs)))
-      const answer = await Promise.race([this.#redis.ping(), late]).finally(() => clearTimeout(timer))
-      if (answer === 'late' || this.#up) return
+      if (!(await answersWithin(() => this.#redis.ping(), this.timeoutMs)) || this.#up) return
       this.#up = true
       clearInterval(this.#probe)
       this.#probe = undefined
       if (this.#warned) this.#log?.info('Redis answers again: rate limits and lockouts are shared across instances again')
       for (const l of this.#listeners) l(true)
     } catch {
-      // Still down.
+      // A listener failed; the switch back stands (answersWithin itself does not throw).
     } finally {
       this.#probing = false
     }

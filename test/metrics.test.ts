@@ -4,7 +4,8 @@
 // cluster aggregator like any histogram.
 import t from 'tap'
 import { AggregatorRegistry, Histogram, Registry } from 'prom-client'
-import { answersWithin, createGatewayMetrics, createHealthMetrics } from '../core/metrics.ts'
+import { answersWithin } from '../core/deadline.ts'
+import { createGatewayMetrics, createHealthMetrics } from '../core/metrics.ts'
 
 const NAME = 'keygate_gateway_request_duration_seconds'
 // Below the first bound, exactly on bounds, between bounds, above the last, zero.
