@@ -76,11 +76,16 @@ function compare(files: Migration[], done: Array<{ version: number; name: string
 
 /** Applies pending migrations; returns the names applied by this call. */
 export async function migrate(db: Db, dir?: string): Promise<string[]> {
+  return (await applyMigrations(db, dir)).applied
+}
+
+/** Applies pending migrations; returns the names applied by this call, and those a newer keygate recorded. */
+export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: string[]; newer: string[] }> {
   const files = readMigrations(dir)
   return db.transaction(async (tx) => {
     await tx.query('SELECT pg_advisory_xact_lock($1)', [LOCK_ID])
     await ensureTable(tx)
-    const { pending } = compare(files, await applied(tx))
+    const { pending, newer } = compare(files, await applied(tx))
     for (const m of pending) {
       try {
         await tx.exec(m.sql)
@@ -91,7 +96,7 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
       }
       await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
     }
-    return pending.map((m) => m.name)
+    return { applied: pending.map((m) => m.name), newer }
   })
 }
 

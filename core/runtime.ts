@@ -7,7 +7,7 @@ import { KeygateError } from './errors.ts'
 import { EventBus } from './events.ts'
 import { KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
-import { migrate, migrationState } from './migrate.ts'
+import { applyMigrations, migrationState } from './migrate.ts'
 
 export interface Runtime {
   config: Config
@@ -33,12 +33,16 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       dataDir: config.store.data_dir,
       log,
     })
+    let newer: string[]
     if (config.store.auto_migrate || db.kind === 'embedded') {
-      const applied = await migrate(db)
-      if (applied.length > 0) log.info('applied migrations', { migrations: applied })
+      const run = await applyMigrations(db)
+      if (run.applied.length > 0) log.info('applied migrations', { migrations: run.applied })
+      newer = run.newer
+    } else {
+      const state = await migrationState(db)
+      if (state.pending.length > 0) throw new KeygateError('store_unavailable', `the database lacks migrations ${state.pending.join(', ')}: run \`keygate migrate\``)
+      newer = state.newer
     }
-    const { pending, newer } = await migrationState(db)
-    if (pending.length > 0) throw new KeygateError('store_unavailable', `the database lacks migrations ${pending.join(', ')}: run \`keygate migrate\``)
     if (newer.length > 0) log.warn('the database has migrations newer than this keygate (a rolling upgrade?); running on them', { migrations: newer })
     const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
