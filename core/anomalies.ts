@@ -619,8 +619,9 @@ export class AnomalyFeed {
       if (delivered) {
         if (delivered.has(a.id)) return
         delivered.set(a.id, true)
+        // Where a replay starts reading.
+        if (newest === undefined || idAfter(a.id, newest)) newest = a.id
       }
-      if (newest === undefined || idAfter(a.id, newest)) newest = a.id
       for (const l of this.#listeners.keys()) {
         try {
           l(a)

@@ -85,17 +85,13 @@ export function createClientAddressStage(options: AddressOptions): Stage {
     s.peer = peer.address
     s.peerTrusted = peer.trusted
     const xff = peer.trusted ? s.req.headers['x-forwarded-for'] : undefined
-    if (xff === undefined) {
-      s.address = peer.address
-      s.addressKey = peer.key
-      return undefined
-    }
-    const value = typeof xff === 'string' ? xff : xff.join(',')
+    const value = xff === undefined ? '' : typeof xff === 'string' ? xff : xff.join(',')
     if (value === peer.lastXff) {
       s.address = peer.lastClient
       s.addressKey = peer.lastClientKey
       return undefined
     }
+    // No X-Forwarded-For, or an empty one: the client is the peer.
     if (value.trim() === '') {
       s.address = peer.address
       s.addressKey = peer.key
