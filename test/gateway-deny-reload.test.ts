@@ -3,51 +3,61 @@
 // is in the request path whenever the list has entries, whatever order reloads and changes land in.
 import t from 'tap'
 import { DenyListService, type DenyEntry } from '../core/deny-list.ts'
-import { ACTOR, bearer, makeConfig, openStore, startGateway } from './helpers/gateway.ts'
+import { ACTOR, bearer, makeConfig, openStore, startGateway, type Tap } from './helpers/gateway.ts'
 
 /** A DenyListService whose list() can be held (a slow SELECT: its snapshot is taken, the answer is late). */
 class SlowList extends DenyListService {
-  hold: Promise<void> | undefined
+  #hold: Promise<void> | undefined
   override async list(o?: { includeExpired?: boolean }): Promise<DenyEntry[]> {
     const rows = await super.list(o)
-    if (this.hold) await this.hold
+    if (this.#hold) await this.#hold
     return rows
+  }
+
+  /** Holds the answers of the reads from now on; the function returned lets them (and later ones) go. */
+  holdReads(): () => void {
+    let release!: () => void
+    this.#hold = new Promise((r) => (release = r))
+    return () => {
+      this.#hold = undefined
+      release()
+    }
   }
 }
 
-t.test('a reload in flight does not undo a deny entry added meanwhile', async (t) => {
+/**
+ * A gateway on a SlowList, with no periodic reload in the way, a key, and `elsewhere`: another
+ * instance's admin API on the same store, whose changes are not emitted to this gateway.
+ */
+async function slowGateway(t: Tap) {
   const config = { gateway: { deny_list_refresh_s: 3600 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const slow = new SlowList({ db: store.db, audit: store.audit })
   const h = await startGateway(t, { config, store: { ...store, denyList: slow } })
-  const k = await h.key()
+  const elsewhere = new DenyListService({ db: store.db, audit: store.audit })
+  return { slow, h, elsewhere, k: await h.key() }
+}
+
+t.test('a reload in flight does not undo a deny entry added meanwhile', async (t) => {
+  const { slow, h, k } = await slowGateway(t)
   t.equal((await h.get('/', bearer(k.key))).status, 200)
-  let release!: () => void
-  slow.hold = new Promise((r) => (release = r))
+  const release = slow.holdReads()
   const refresh = h.gateway.refreshDenyList() // a periodic reload: reads the empty list, answers late
   await new Promise((r) => setTimeout(r, 50))
   await slow.add({ cidr: '127.0.0.1', reason: 'attack' }, ACTOR) // an admin adds a block through this instance
   t.equal((await h.get('/', bearer(k.key))).status, 403, 'applies at once')
-  slow.hold = undefined
   release()
   await refresh
   t.equal((await h.get('/', bearer(k.key))).status, 403, 'still blocked once the older reload has answered')
 })
 
 t.test("a change another instance announces during a reload in flight is read, not joined to that reload's older answer", async (t) => {
-  const config = { gateway: { deny_list_refresh_s: 3600 } }
-  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
-  const slow = new SlowList({ db: store.db, audit: store.audit })
-  const h = await startGateway(t, { config, store: { ...store, denyList: slow } })
-  const elsewhere = new DenyListService({ db: store.db, audit: store.audit })
-  const k = await h.key()
-  let release!: () => void
-  slow.hold = new Promise((r) => (release = r))
+  const { slow, h, elsewhere, k } = await slowGateway(t)
+  const release = slow.holdReads()
   const refresh = h.gateway.refreshDenyList() // a periodic reload: reads the empty list, answers late
   await new Promise((r) => setTimeout(r, 50))
   await elsewhere.add({ cidr: '127.0.0.1', reason: 'attack' }, ACTOR) // added through another instance...
   h.gateway.applyInvalidation('deny') // ...which announces it over Redis
-  slow.hold = undefined
   release()
   await refresh
   await new Promise((r) => setTimeout(r, 50))
@@ -55,20 +65,12 @@ t.test("a change another instance announces during a reload in flight is read, n
 })
 
 t.test('the deny check stays on while entries are in force, after a removal during a reload', async (t) => {
-  const config = { gateway: { deny_list_refresh_s: 3600 } }
-  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
-  const slow = new SlowList({ db: store.db, audit: store.audit })
-  const h = await startGateway(t, { config, store: { ...store, denyList: slow } })
-  // Another instance's admin API: same store, its changes are not emitted to this gateway.
-  const elsewhere = new DenyListService({ db: store.db, audit: store.audit })
-  const k = await h.key()
+  const { slow, h, elsewhere, k } = await slowGateway(t)
   const e1 = await slow.add({ cidr: '192.0.2.1' }, ACTOR)
-  let release!: () => void
-  slow.hold = new Promise((r) => (release = r))
+  const release = slow.holdReads()
   const refresh = h.gateway.refreshDenyList() // reads the list with e1
   await new Promise((r) => setTimeout(r, 50))
   await slow.remove(e1.id, ACTOR) // removed here: the list is empty, the deny stage leaves the path
-  slow.hold = undefined
   release()
   await refresh // the older answer (with e1) is not used
   await elsewhere.add({ cidr: '127.0.0.1', reason: 'attack' }, ACTOR) // added through another instance
