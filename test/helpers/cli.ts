@@ -1,5 +1,5 @@
 // Runs the real `keygate` command as a child process.
-import { spawn } from 'node:child_process'
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -18,9 +18,8 @@ export const capturedStderr: string[] = []
 
 /**
  * The environment of a process a test starts: the test's own, without what tap set for its test
- * processes, and with `extra` (undefined removes). Tap's NODE_OPTIONS loads its process-info
- * hooks into every Node process below it, which made each keygate command start 0.15 s slower
- * (and n8n far more) for nothing: coverage is off.
+ * processes, and with `extra` (undefined removes). Start such a process with `spawnClean`, or tap
+ * puts its own back.
  */
 export function childEnv(extra: Record<string, string | undefined> = {}): Record<string, string> {
   const env: Record<string, string> = {}
@@ -35,14 +34,29 @@ export function childEnv(extra: Record<string, string | undefined> = {}): Record
   return env
 }
 
+/**
+ * Spawns `command` with `options.env` as it is. Tap's process-info hook (process-on-spawn, loaded
+ * into every test process) rewrites the environment of every spawn, whatever env is given: its
+ * loader goes back into NODE_OPTIONS and its _TAPJS_PROCESSINFO_* variables back in. keygate and
+ * n8n then ran with tap's module hooks on every file they loaded, and with its signal-exit
+ * handlers, which catch SIGHUP among others: a keygate that would have died of a signal lived
+ * under test. `env` runs after the hook and removes them again before it executes the command
+ * (in its place: same pid, signals reach the command).
+ */
+export function spawnClean(command: string, args: readonly string[], options: SpawnOptions & { env: Record<string, string> }): ChildProcess {
+  const hooked = ['NODE_OPTIONS', ...Object.keys(process.env).filter((k) => k.startsWith('_TAPJS_'))]
+  const own = options.env.NODE_OPTIONS === undefined ? [] : [`NODE_OPTIONS=${options.env.NODE_OPTIONS}`]
+  return spawn('env', [...hooked.flatMap((k) => ['-u', k]), ...own, command, ...args], options)
+}
+
 export function runCli(args: string[], options: { env?: Record<string, string | undefined>; input?: string; cwd?: string } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const env = childEnv(options.env)
-    const child = spawn(process.execPath, [KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
+    const child = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
     let stdout = ''
     let stderr = ''
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d))
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
     child.on('error', reject)
     child.on('close', (code) => {
       capturedStderr.push(stderr)
@@ -59,7 +73,7 @@ export function runCli(args: string[], options: { env?: Record<string, string | 
         },
       })
     })
-    child.stdin.end(options.input ?? '')
+    child.stdin!.end(options.input ?? '')
   })
 }
 

@@ -2,7 +2,7 @@
 // when missing (minutes, once per machine), started on a free loopback port from a copy of the
 // migrated template user folder, its owner set up with a fresh password, stopped at teardown.
 // n8n being absent is never a reason to skip: the install runs, or the suite fails saying why.
-import { execFile, spawn, type ChildProcess } from 'node:child_process'
+import { execFile, type ChildProcess } from 'node:child_process'
 import { cpSync, mkdtempSync, rmSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 import type { Test } from 'tap'
-import { childEnv } from './cli.ts'
+import { childEnv, spawnClean } from './cli.ts'
 import { freePort } from './integrations.ts'
 
 const SCRIPT = fileURLToPath(new URL('../../.ci/n8n.sh', import.meta.url))
@@ -51,7 +51,7 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
   const port = await freePort()
   const url = `http://127.0.0.1:${port}`
   const logFile = join(folder, 'n8n.log')
-  const child = spawn('bash', ['-c', `exec bash "$0" run "$1" "$2" >"$3" 2>&1`, SCRIPT, String(port), folder, logFile], { env: childEnv(), stdio: 'ignore' })
+  const child = spawnClean('bash', ['-c', `exec bash "$0" run "$1" "$2" >"$3" 2>&1`, SCRIPT, String(port), folder, logFile], { env: childEnv(), stdio: 'ignore' })
   const log = () => {
     try {
       return readFileSync(logFile, 'utf8')

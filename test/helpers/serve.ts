@@ -1,7 +1,7 @@
 // Runs `keygate serve` as a real child process on port 0 and reads the listening addresses from
 // its JSON log lines (stdout). Every process is killed with the test if it is still running.
-import { spawn, type ChildProcess } from 'node:child_process'
-import { KEYGATE_BIN, capturedStderr, childEnv } from './cli.ts'
+import type { ChildProcess } from 'node:child_process'
+import { KEYGATE_BIN, capturedStderr, childEnv, spawnClean } from './cli.ts'
 import type { Tap } from './gateway.ts'
 
 export interface LogLine {
@@ -55,7 +55,7 @@ export interface ServeOptions {
 
 export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served> {
   const env = childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env })
-  const child = spawn(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
+  const child = spawnClean(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
   let out = ''
   let err = ''
   let partial = ''
@@ -76,15 +76,16 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
     for (const w of waiters) w()
   })
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d))
+  // Set before the waiters look, so that one waiting for a line that will never come fails at once.
+  let done = false
   const exited = new Promise<number | string>((resolve) => {
     child.on('exit', (code, signal) => {
+      done = true
       capturedStderr.push(err)
       resolve(code ?? signal ?? -1)
       for (const w of waiters) w()
     })
   })
-  let done = false
-  void exited.then(() => (done = true))
   t.teardown(async () => {
     if (!done) {
       child.kill('SIGKILL')
