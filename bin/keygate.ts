@@ -13,5 +13,8 @@ try {
 } catch {
   // No cache: slower to start, nothing else.
 }
+// `serve` never ends on SIGHUP (the systemd unit's reload sends it). Its own handler comes once
+// its modules have loaded; until then this one keeps Node's default, which ends the process.
+if (process.argv[2] === 'serve') process.on('SIGHUP', () => {})
 const { main } = await import('../cli/main.ts')
 process.exitCode = await main(process.argv.slice(2))

@@ -151,6 +151,21 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   t.notMatch(capturedStderr.join('\n').replace(adminKey, ''), KEY_PATTERN, 'no other key was printed')
 })
 
+t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload right after start)', async (t) => {
+  const fixture = new URL('./fixtures/slow-cli-load.mjs', import.meta.url).href
+  const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
+  const loading = Date.now()
+  while (!served.stderr().includes('fixture: loading cli/main.ts')) {
+    if (Date.now() - loading > 30_000) return t.fail(`serve never reached cli/main.ts:\n${served.stderr()}`)
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  // Before, nothing handled SIGHUP until serve itself ran, so Node's default ended the process.
+  served.child.kill('SIGHUP')
+  const listening = await served.waitForLog((l) => l.msg === 'gateway listening')
+  t.ok(listening.address, 'it went on to listen')
+  t.equal(await served.stop(), 0, 'and stops cleanly')
+})
+
 t.test('a configured admin token: no key is created or printed', async (t) => {
   const upstream = await startUpstream(t)
   const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
