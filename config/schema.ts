@@ -96,6 +96,9 @@ export const ConfigSchema = Type.Object(
         deny_list_refresh_s: int(5, 1, 3600, { description: 'How often the stored deny list is re-read (changes made by other processes).' }),
         headers_timeout_ms: int(10_000, 100, 600_000, { description: 'Time a client has to send its request headers.' }),
         shutdown_timeout_ms: int(10_000, 0, 600_000, { description: 'How long in-flight requests may take to finish on SIGTERM.' }),
+        tunnel_idle_timeout_s: int(3600, 0, 604_800, {
+          description: 'A WebSocket tunnel that carries nothing either way for this long is closed (0: never).',
+        }),
         tls: Tls,
       },
       { additionalProperties: false, default: {} },

@@ -5,6 +5,7 @@
 // X-Keygate-* header is dropped (also spelt with `_`), and every X-Forwarded-* unless the peer is
 // a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
 import type { IncomingHttpHeaders } from 'node:http'
+import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, type Dispatcher } from 'undici'
@@ -13,6 +14,7 @@ import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { record, sendError } from './respond.ts'
 import type { CompiledRoute, Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
+import type { Tunnel, TunnelGuard } from './tunnels.ts'
 
 /** Never forwarded: hop-by-hop (RFC 9110 §7.6.1 and the usual non-standard ones), and headers the gateway sets itself. */
 const REQUEST_DROP = new Set([
@@ -55,6 +57,10 @@ interface ForwardOptions {
   /** X-API-Key is one of the key sources: with stripCredential it is never forwarded, in any spelling. */
   apiKeySource: boolean
   queryParam: string
+  /** A tunnel with no traffic either way for this long is closed (0: never). */
+  tunnelIdleMs: number
+  /** Ends tunnels whose key or address the checks no longer allow. */
+  guard?: TunnelGuard
 }
 
 export interface Forwarder {
@@ -152,7 +158,7 @@ class Exchange implements Dispatcher.DispatchHandler {
 }
 
 export function createForwarder(o: ForwardOptions): Forwarder {
-  const { ctx, router, stripCredential, queryParam } = o
+  const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs } = o
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
   const dropApiKey = stripCredential && o.apiKeySource
@@ -342,13 +348,22 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           record(ctx, s, 'forwarded', 101)
           if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
           tunnels.add(client)
+          const key = s.key
+          let tunnel: Tunnel | undefined
           const end = () => {
             tunnels.delete(client)
+            if (tunnel !== undefined) guard?.ended(tunnel)
             client.destroy()
             upstream.destroy()
           }
+          if (key !== undefined && guard !== undefined) {
+            tunnel = { keyId: key.id, address: s.address, route, requestId: s.id, close: end }
+            guard.opened(tunnel, key.validUntil)
+          }
           client.on('error', end).on('close', end)
           upstream.on('error', end).on('close', end)
+          // Every byte either way passes through the client's socket (read from it, or written to it).
+          if (tunnelIdleMs > 0) (client as Socket).setTimeout(tunnelIdleMs, end)
           upstream.pipe(client)
           client.pipe(upstream)
         },

@@ -30,6 +30,7 @@ import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage } from './state.ts'
+import { TunnelGuard } from './tunnels.ts'
 import { createValidateStage } from './validate.ts'
 
 export interface GatewayDeps {
@@ -134,9 +135,12 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     return Object.freeze(denyOn ? [...fixedHead, denyStage, ...fixedTail] : [...fixedHead, ...fixedTail])
   }
   let stages = build()
+  const guard = new TunnelGuard({ keys, now, log, recheckMs: config.cache.ttl_s * 1000 })
+  const deniedNow = (address: string): boolean => deny.denied(address, now())
   const matchDeny = (): void => {
     metrics.denyListEntries.set(deny.size)
     if (denyOn !== deny.size > 0) stages = build()
+    if (deny.size > 0) guard.denyChanged(deniedNow)
   }
 
   // Changes applied here since a reload began make what it read stale: it reads again instead of
@@ -165,7 +169,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
   await refreshDenyList()
 
-  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), queryParam: g.query_param })
+  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), queryParam: g.query_param, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, guard })
 
   const failed = (s: RequestState, err: unknown): void => {
     log.error('gateway stage failed', { request_id: s.id, err: err as Error })
@@ -252,12 +256,19 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     rawError(socket, code, nextId())
   })
 
-  const invalidateKey = (id: string) => cache.invalidateKey(id)
-  const invalidateAll = () => cache.invalidateAll()
+  // An open WebSocket tunnel's key is read again whenever the key changes.
+  const invalidateKey = (id: string) => {
+    cache.invalidateKey(id)
+    guard.keyChanged(id)
+  }
+  const invalidateAll = () => {
+    cache.invalidateAll()
+    guard.recheckAll()
+  }
   const offKeys = keys.onChange((change) => {
     cache.invalidateHash(change.key.keyHash)
-    cache.invalidateKey(change.key.id)
-    if (change.previous) cache.invalidateKey(change.previous.id)
+    invalidateKey(change.key.id)
+    if (change.previous) invalidateKey(change.previous.id)
   })
   const applyDenyChange = (change: DenyChange): void => {
     denyChanges++
@@ -318,6 +329,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     stopping ??= (async () => {
       ctx.closing = true
       clearInterval(timer)
+      guard.stop()
       offKeys()
       offDeny()
       stopPublishing?.()

@@ -62,13 +62,11 @@ export class CachedKey {
   readonly limit: RateLimit
 
   constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit) {
-    let validUntil = record.expiresAt ? record.expiresAt.getTime() : Infinity
-    if (record.status === 'rotating') validUntil = Math.min(validUntil, record.graceUntil ? record.graceUntil.getTime() : 0)
     this.id = record.id
     this.name = PLAIN.test(record.name) ? record.name : encodeURIComponent(record.name)
     this.type = KEY_TYPES[KEY_TYPES.indexOf(record.type)] as KeyType
     this.scopes = scopes
-    this.validUntil = validUntil
+    this.validUntil = validUntilOf(record)
     this.state = STATES[record.status]
     this.binding = record.allowedCidrs.length > 0 ? { allowedFrom: rangeMatcher(record.allowedCidrs), lastAddress: '', lastAllowed: false } : undefined
     this.limit = limit
@@ -82,6 +80,13 @@ export class CachedKey {
   get rotating(): boolean {
     return this.state === STATE_ROTATING
   }
+}
+
+/** Epoch ms from which a key is refused: its expiry, or the end of its rotation grace (Infinity for never). */
+export function validUntilOf(record: KeyRecord): number {
+  const expiry = record.expiresAt ? record.expiresAt.getTime() : Infinity
+  if (record.status !== 'rotating') return expiry
+  return Math.min(expiry, record.graceUntil ? record.graceUntil.getTime() : 0)
 }
 
 // Header values must be visible ASCII; other names are sent percent-encoded.

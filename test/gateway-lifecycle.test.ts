@@ -1,37 +1,11 @@
 // WebSocket upgrades after the same checks, /healthz, and graceful shutdown with requests in
 // flight.
 import t from 'tap'
-import { createHash } from 'node:crypto'
 import http from 'node:http'
 import net from 'node:net'
-import type { Duplex } from 'node:stream'
 import { Agent, request, WebSocket } from 'undici'
-import { bearer, listen, sleep, startGateway } from './helpers/gateway.ts'
-
-/** A WebSocket echo for small text frames: enough of RFC 6455 to test a proxy with. */
-function acceptWebSocket(req: http.IncomingMessage, socket: Duplex, seen: http.IncomingHttpHeaders[]): void {
-  seen.push(req.headers)
-  const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-  socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
-  let buf = Buffer.alloc(0)
-  socket.on('data', (d: Buffer) => {
-    buf = Buffer.concat([buf, d])
-    while (buf.length >= 6) {
-      const opcode = (buf[0] as number) & 0x0f
-      const len = (buf[1] as number) & 0x7f
-      if (len > 125 || buf.length < 6 + len) return
-      const mask = buf.subarray(2, 6)
-      const payload = Buffer.from(buf.subarray(6, 6 + len).map((b, i) => b ^ (mask[i % 4] as number)))
-      buf = buf.subarray(6 + len)
-      if (opcode === 0x8) {
-        socket.end(Buffer.from([0x88, 0]))
-        return
-      }
-      if (opcode === 0x1) socket.write(Buffer.concat([Buffer.from([0x81, payload.length]), payload]))
-    }
-  })
-  socket.on('error', () => {})
-}
+import { ACTOR, bearer, listen, sleep, startGateway, until } from './helpers/gateway.ts'
+import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
 
 t.test('WebSocket with and without a key', async (t) => {
   const seen: http.IncomingHttpHeaders[] = []
@@ -90,6 +64,85 @@ t.test('WebSocket with and without a key', async (t) => {
   t.match(raw, /^HTTP\/1.1 401 /)
   t.match(raw, /"code":"key_missing"/)
   t.equal(seen.length, 1, 'nothing reached the upstream')
+})
+
+t.test("an open WebSocket tunnel ends once its key or address would be refused; one still allowed stays", async (t) => {
+  const routes = [{ name: 'ws', path: '/', upstream: '{upstream}', scopes: ['ws'] }]
+  const h = await startGateway(t, { routes })
+  // Another gateway on the same store, with a cache TTL of 1 s (its keys are read again that often).
+  const short = await startGateway(t, { routes, store: h, config: { cache: { ttl_s: 1 } } })
+  for (const g of [h, short]) g.upstream.server.on('upgrade', (req, socket, _head) => acceptWebSocket(req, socket, []))
+  const open = (key: string, via = h) => openWebSocket(`ws://127.0.0.1:${via.port}/socket`, bearer(key))
+  const keyWith = (input: Record<string, unknown> = {}) => h.key({ scopes: ['ws'], ...input })
+
+  const [revoked, kept, narrowed, rotated, elsewhere, late] = await Promise.all([keyWith(), keyWith(), keyWith(), keyWith(), keyWith(), keyWith({ expires_at: new Date(Date.now() + 3000).toISOString() })])
+  const tunnels = {
+    revoked: await open(revoked.key),
+    kept: await open(kept.key),
+    narrowed: await open(narrowed.key),
+    rotated: await open(rotated.key),
+    elsewhere: await open(elsewhere.key, short),
+    late: await open(late.key),
+  }
+  for (const [name, tunnel] of Object.entries(tunnels)) t.equal(await tunnel.echo(`hello ${name}`), `hello ${name}`, `${name}: open and echoing`)
+
+  // Revoked through this process's key service: ended at once.
+  await h.keys.revoke(revoked.id, 'leaked', ACTOR)
+  await until(t, 'the revoked key\'s tunnel ends', () => tunnels.revoked.closed(), 5000)
+
+  // The route needs scope ws; the key no longer holds it.
+  await h.keys.update(narrowed.id, { scopes: ['other'] }, ACTOR)
+  await until(t, 'the tunnel of a key that lost the route\'s scope ends', () => tunnels.narrowed.closed(), 5000)
+
+  // A rotation keeps the old secret valid through its grace: that tunnel stays.
+  await h.keys.rotate(rotated.id, {}, ACTOR)
+  await sleep(300)
+  t.equal(await tunnels.rotated.echo('still here'), 'still here', 'a key in its rotation grace keeps its tunnel')
+
+  // Revoked by another process, which tells this one nothing (no Redis): ended within the cache TTL.
+  await h.db.query(`UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE id = $1`, [elsewhere.id])
+  await until(t, 'the tunnel of a key revoked elsewhere ends within the cache TTL', () => tunnels.elsewhere.closed(), 5000)
+
+  // Expiry passes with no event at all (and long before this gateway's cache TTL of 300 s).
+  await until(t, 'the tunnel of a key that expired ends', () => tunnels.late.closed(), 8000)
+
+  t.equal(await tunnels.kept.echo('unaffected'), 'unaffected', 'a tunnel whose key is still valid stays open')
+  t.equal(await tunnels.rotated.echo('still'), 'still', 'and so does the rotated one')
+
+  // Its address deny-listed: every tunnel from it ends.
+  await h.denyList.add({ cidr: '127.0.0.1/32' }, ACTOR)
+  await until(t, 'the tunnels of a deny-listed address end', () => tunnels.kept.closed() && tunnels.rotated.closed(), 5000)
+})
+
+t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; traffic either way keeps it open', async (t) => {
+  const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
+  let push: (() => void) | undefined
+  h.upstream.server.on('upgrade', (req, socket, _head) => {
+    acceptWebSocket(req, socket)
+    // The upstream speaks on its own: a text frame "tick" each time the test asks.
+    push = () => socket.write(Buffer.from([0x81, 4, ...Buffer.from('tick')]))
+  })
+  const k = await h.key()
+  const tunnel = await openWebSocket(`ws://127.0.0.1:${h.port}/socket`, bearer(k.key))
+  // 2.4 s of client messages every 0.4 s, then 2.4 s of upstream messages: never 1 s idle.
+  for (let i = 0; i < 6; i++) {
+    t.equal(await tunnel.echo(`m${i}`), `m${i}`)
+    await sleep(400)
+  }
+  const ticks: string[] = []
+  tunnel.ws.onmessage = (e) => void ticks.push(String(e.data))
+  let lastPush = 0
+  for (let i = 0; i < 6; i++) {
+    push?.()
+    lastPush = Date.now()
+    await sleep(400)
+  }
+  t.equal(ticks.length, 6, 'every upstream message arrived')
+  t.notOk(tunnel.closed(), 'open while traffic flows, in either direction')
+  let closedAt = 0
+  tunnel.ws.addEventListener('close', () => (closedAt = Date.now()))
+  await until(t, 'closed once idle', () => tunnel.closed(), 10_000)
+  t.ok(closedAt - lastPush >= 900, `not before the idle timeout (${closedAt - lastPush} ms after the last message)`)
 })
 
 t.test('graceful shutdown: in-flight requests finish, new ones are refused', async (t) => {

@@ -16,6 +16,7 @@ import { startDeployment, type Deployment } from './helpers/deployment.ts'
 import { freshAddress, startUpstream, until } from './helpers/gateway.ts'
 import { serve, type Served } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
+import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
 
 /** A client address of its own for each use, so lockouts from failed attempts stay apart. */
 const address = freshAddress
@@ -78,6 +79,20 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
     t.equal((await d.call('POST', `/v1/keys/${k.id}/revoke`, {})).status, 200)
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
+  })
+
+  await t.test('a key revoked through the admin API ends its open WebSocket tunnels on both gateways', async (t) => {
+    d.upstream.server.on('upgrade', (req, socket, _head) => acceptWebSocket(req, socket))
+    const [k, other] = await Promise.all([createKey(d), createKey(d)])
+    const ws = (g: number, key: string) => openWebSocket(`${d.gateways[g]!.gateway.replace(/^http/, 'ws')}/socket`, { authorization: `Bearer ${key}` })
+    const tunnels = [await ws(0, k.key), await ws(1, k.key)]
+    const kept = await ws(1, other.key)
+    for (const [g, tunnel] of tunnels.entries()) t.equal(await tunnel.echo(`via ${g}`), `via ${g}`, `gateway ${g}: the tunnel is open`)
+    t.equal((await d.call('POST', `/v1/keys/${k.id}/revoke`, {})).status, 200)
+    // Their caches hold keys for an hour: only Redis can have told them.
+    for (const [g, tunnel] of tunnels.entries()) await until(t, `gateway ${g} ends the revoked key's tunnel`, () => tunnel.closed(), 5000)
+    t.equal(await kept.echo('still'), 'still', "another key's tunnel stays open")
+    kept.ws.close()
   })
 
   await t.test('a key revoked by the CLI on the store, with REDIS_URL set, is refused by both gateways', async (t) => {

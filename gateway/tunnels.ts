@@ -1,0 +1,163 @@
+// Open WebSocket tunnels, and the end of one whose checks no longer pass. An upgrade is checked
+// once, like any request, but its tunnel can stay open for days: without this, a revoked key or a
+// deny-listed address would keep every socket it already had. A tunnel is closed (both sockets,
+// no WebSocket close frame: the gateway does not speak the protocol inside) when
+// - its key is revoked, expired, past its rotation grace or deleted, no longer bound to the
+//   tunnel's address, or no longer holds a scope the route needs: checked against the store when
+//   the key changes (in this process, or in another one with Redis), at the moment its expiry or
+//   grace ends, and every `cache.ttl_s` (how stale a cached answer may be without Redis);
+// - its address is deny-listed: checked whenever the deny list changes or is reloaded.
+// A store that cannot be read keeps the tunnel open (as a cached key keeps working); the next
+// check reads again.
+import { evaluateKey } from '../core/keys/evaluate.ts'
+import type { KeyService } from '../core/keys/service.ts'
+import type { KeyRecord } from '../core/keys/types.ts'
+import { isKeygateError } from '../core/errors.ts'
+import type { Logger } from '../core/log.ts'
+import { validUntilOf } from './key-cache.ts'
+import { grants, type CompiledRoute } from './route.ts'
+
+export interface Tunnel {
+  readonly keyId: string
+  readonly address: string
+  readonly route: CompiledRoute
+  readonly requestId: string
+  /** Ends the tunnel (both sockets). */
+  close(): void
+}
+
+interface Held {
+  tunnel: Tunnel
+  timer: NodeJS.Timeout | undefined
+}
+
+/** Node's timers hold at most 2^31-1 ms (about 24.8 days); a later end is re-armed on the way. */
+const LONGEST_TIMER_MS = 2 ** 31 - 1
+
+export interface TunnelGuardOptions {
+  keys: Pick<KeyService, 'get'>
+  now: () => number
+  log: Logger
+  /** How often every tunnel's key is read again (ms). */
+  recheckMs: number
+}
+
+export class TunnelGuard {
+  readonly #o: TunnelGuardOptions
+  readonly #byKey = new Map<string, Map<Tunnel, Held>>()
+  /** Key ids being read, and whether another check was asked for meanwhile. */
+  readonly #checking = new Map<string, boolean>()
+  readonly #sweep: NodeJS.Timeout
+
+  constructor(o: TunnelGuardOptions) {
+    this.#o = o
+    this.#sweep = setInterval(() => this.recheckAll(), Math.max(1000, o.recheckMs))
+    this.#sweep.unref()
+  }
+
+  /** Tunnels open. */
+  get size(): number {
+    let n = 0
+    for (const held of this.#byKey.values()) n += held.size
+    return n
+  }
+
+  /** A tunnel just opened with a key the checks passed; `validUntil` is when its expiry or grace ends (epoch ms, Infinity for never). */
+  opened(tunnel: Tunnel, validUntil: number): void {
+    let held = this.#byKey.get(tunnel.keyId)
+    if (held === undefined) this.#byKey.set(tunnel.keyId, (held = new Map()))
+    const h: Held = { tunnel, timer: undefined }
+    held.set(tunnel, h)
+    this.#arm(h, validUntil)
+  }
+
+  /** The tunnel ended (either side closed it, or this guard did). */
+  ended(tunnel: Tunnel): void {
+    const held = this.#byKey.get(tunnel.keyId)
+    const h = held?.get(tunnel)
+    if (held === undefined || h === undefined) return
+    clearTimeout(h.timer)
+    held.delete(tunnel)
+    if (held.size === 0) this.#byKey.delete(tunnel.keyId)
+  }
+
+  /** The key changed somewhere: read it again and end the tunnels it no longer allows. */
+  keyChanged(id: string): void {
+    if (!this.#byKey.has(id)) return
+    if (this.#checking.has(id)) {
+      this.#checking.set(id, true)
+      return
+    }
+    this.#checking.set(id, false)
+    void this.#check(id)
+  }
+
+  recheckAll(): void {
+    for (const id of [...this.#byKey.keys()]) this.keyChanged(id)
+  }
+
+  /** The deny list changed or was reloaded: end the tunnels of addresses it now denies. */
+  denyChanged(denied: (address: string) => boolean): void {
+    for (const held of [...this.#byKey.values()]) {
+      for (const h of [...held.values()]) {
+        if (denied(h.tunnel.address)) this.#end(h, 'address deny-listed')
+      }
+    }
+  }
+
+  /** Ends the checks (the tunnels themselves are closed by the forwarder). */
+  stop(): void {
+    clearInterval(this.#sweep)
+    for (const held of this.#byKey.values()) for (const h of held.values()) clearTimeout(h.timer)
+    this.#byKey.clear()
+  }
+
+  #arm(h: Held, validUntil: number): void {
+    clearTimeout(h.timer)
+    h.timer = undefined
+    if (validUntil === Infinity) return
+    const wait = Math.min(LONGEST_TIMER_MS, Math.max(0, validUntil - this.#o.now()))
+    h.timer = setTimeout(() => this.keyChanged(h.tunnel.keyId), wait)
+    h.timer.unref()
+  }
+
+  async #check(id: string): Promise<void> {
+    try {
+      let record: KeyRecord | undefined
+      try {
+        record = await this.#o.keys.get(id)
+      } catch (err) {
+        if (!isKeygateError(err) || err.code !== 'key_not_found') {
+          this.#o.log.warn('could not read the key of open WebSocket tunnels; they stay open until the next check', { key_id: id, err: err as Error })
+          return
+        }
+      }
+      const held = this.#byKey.get(id)
+      if (held === undefined) return
+      const now = this.#o.now()
+      const validUntil = record === undefined ? 0 : validUntilOf(record)
+      for (const h of [...held.values()]) {
+        const reason = record === undefined ? 'deleted' : refusal(record, h.tunnel, now)
+        if (reason !== undefined) this.#end(h, reason)
+        else this.#arm(h, validUntil)
+      }
+    } finally {
+      const again = this.#checking.get(id) === true
+      this.#checking.delete(id)
+      if (again) this.keyChanged(id)
+    }
+  }
+
+  #end(h: Held, reason: string): void {
+    this.ended(h.tunnel)
+    this.#o.log.info('closed a WebSocket tunnel: its checks no longer pass', { request_id: h.tunnel.requestId, key_id: h.tunnel.keyId, route: h.tunnel.route.name, reason })
+    h.tunnel.close()
+  }
+}
+
+function refusal(record: KeyRecord, tunnel: Tunnel, nowMs: number): string | undefined {
+  const verdict = evaluateKey(record, new Date(nowMs), tunnel.address)
+  if (!verdict.ok) return verdict.reason
+  if (tunnel.route.scopes.length > 0 && !grants(record.scopes, tunnel.route.scopes)) return 'scope_denied'
+  return undefined
+}
