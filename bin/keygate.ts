@@ -4,6 +4,7 @@
 // NODE_COMPILE_CACHE when set, else in the user's own cache folder (not a shared temporary one,
 // where another user could plant compiled code). NODE_DISABLE_COMPILE_CACHE=1 turns it off; a
 // folder that cannot be written leaves it off.
+import { spawn } from 'node:child_process'
 import { enableCompileCache } from 'node:module'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
@@ -13,8 +14,40 @@ try {
 } catch {
   // No cache: slower to start, nothing else.
 }
-// `serve` never ends on SIGHUP (the systemd unit's reload sends it). Its own handler comes once
-// its modules have loaded; until then this one keeps Node's default, which ends the process.
-if (process.argv[2] === 'serve') process.on('SIGHUP', () => {})
-const { main } = await import('../cli/main.ts')
-process.exitCode = await main(process.argv.slice(2))
+
+const command = process.argv[2]
+const LIFTOFF = '--liftoff-only'
+const STORE_COMMANDS = new Set(['api-key', 'gitea', 'n8n', 'migrate'])
+
+if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF) && process.env.KEYGATE_WASM_TIERING !== 'full') {
+  // A command that may open the embedded store is short, and for such a run V8's optimising
+  // compiler costs more than it saves: PGlite's WebAssembly starts with V8's baseline compiler
+  // (Liftoff), and the hot parts of its start-up are compiled again by TurboFan on the side,
+  // nearly as much CPU as all the rest of `keygate api-key list` (5.2 s of CPU in all, 2.9 s
+  // this way, second process included, here). V8 takes the flag only as it starts, so the
+  // command runs again, in a child process with it, sharing this one's standard streams.
+  // `serve`, which runs for days, keeps TurboFan; so does KEYGATE_WASM_TIERING=full.
+  const child = spawn(process.execPath, [LIFTOFF, ...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit' })
+  // A signal sent to this process alone (by a supervisor, or `timeout`) reaches the command too.
+  const pass = (signal: NodeJS.Signals) => () => child.kill(signal)
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, pass(signal))
+  child.on('error', (err) => {
+    process.stderr.write(`keygate: could not start ${process.execPath}: ${err.message}\n`)
+    process.exitCode = 1
+  })
+  child.on('exit', (code, signal) => {
+    if (signal === null) {
+      process.exitCode = code ?? 1
+      return
+    }
+    // Ended by a signal: end the same way, so that the caller sees what the command saw.
+    process.removeAllListeners(signal)
+    process.kill(process.pid, signal)
+  })
+} else {
+  // `serve` never ends on SIGHUP (the systemd unit's reload sends it). Its own handler comes once
+  // its modules have loaded; until then this one keeps Node's default, which ends the process.
+  if (command === 'serve') process.on('SIGHUP', () => {})
+  const { main } = await import('../cli/main.ts')
+  process.exitCode = await main(process.argv.slice(2))
+}

@@ -3,9 +3,10 @@
 // on PostgreSQL is test/cli-postgres.test.ts, and usage errors and input no store can hold are
 // test/cli-input.test.ts, so they run side by side.)
 import t from 'tap'
-import { statSync, existsSync, writeFileSync } from 'node:fs'
+import { statSync, existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { runCli, folderBytes } from './helpers/cli.ts'
+import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
+import { until } from './helpers/gateway.ts'
 import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { openDb } from '../core/db.ts'
 
@@ -79,6 +80,36 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.equal(r.json().error.code, 'store_locked')
   t.match(r.stderr, new RegExp(`in use by process ${process.pid}`))
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
+})
+
+t.test("a store command runs on V8's baseline compiler in a child process, which a signal to the command also ends", async (t) => {
+  const cwd = tempDir()
+  const dataDir = join(cwd, 'store')
+  const lock = join(dataDir, 'keygate.lock')
+  // Held open by stdin: `validate -` waits for the key, with the store open (and locked by its pid).
+  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'validate', '-'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['pipe', 'ignore', 'ignore'] })
+  const ended = new Promise<string | number | null>((resolve) => command.on('exit', (code, signal) => resolve(signal ?? code)))
+  let holder = 0
+  await until(t, 'the store is opened', () => {
+    holder = existsSync(lock) ? Number(readFileSync(lock, 'utf8')) : 0
+    return holder > 0
+  }, 60_000)
+  t.not(holder, command.pid, 'by another process than the command started')
+  t.ok(readFileSync(`/proc/${holder}/cmdline`, 'utf8').split('\0').includes('--liftoff-only'), 'which runs with --liftoff-only')
+  command.kill('SIGTERM')
+  const outcome = await Promise.race([ended, new Promise<string>((resolve) => setTimeout(() => resolve('still running after 20 s'), 20_000).unref())])
+  if (outcome !== 'SIGTERM') command.kill('SIGKILL')
+  t.equal(outcome, 'SIGTERM', 'the command ends by the signal it was sent')
+  await until(t, 'and so does the process that held the store', () => {
+    try {
+      process.kill(holder, 0)
+      return false
+    } catch {
+      return true
+    }
+  })
+  const full = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_WASM_TIERING: 'full' }) })
+  t.equal(full.code, 0, 'KEYGATE_WASM_TIERING=full runs the command in its own process (with TurboFan), on the store left behind')
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
