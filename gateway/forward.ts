@@ -65,7 +65,8 @@ interface ForwardOptions {
 
 export interface Forwarder {
   forward(s: RequestState): void
-  upgrade(s: RequestState): void
+  /** `changesBefore`: the tunnel guard's count of key changes when the upgrade arrived. */
+  upgrade(s: RequestState, changesBefore: number): void
   /** Sockets of upgraded (WebSocket) connections still open. */
   readonly tunnels: Set<Duplex>
   close(): Promise<void>
@@ -307,7 +308,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       }
     },
 
-    upgrade(s) {
+    upgrade(s, changesBefore) {
       const route = s.route as CompiledRoute
       const client = s.socket as Duplex
       const headers = upstreamHeaders(s, route)
@@ -358,7 +359,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           }
           if (key !== undefined && guard !== undefined) {
             tunnel = { keyId: key.id, address: s.address, route, requestId: s.id, close: end }
-            guard.opened(tunnel, key.validUntil)
+            guard.opened(tunnel, key.validUntil, changesBefore)
           }
           client.on('error', end).on('close', end)
           upstream.on('error', end).on('close', end)

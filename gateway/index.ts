@@ -135,12 +135,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     return Object.freeze(denyOn ? [...fixedHead, denyStage, ...fixedTail] : [...fixedHead, ...fixedTail])
   }
   let stages = build()
-  const guard = new TunnelGuard({ keys, now, log, recheckMs: config.cache.ttl_s * 1000 })
-  const deniedNow = (address: string): boolean => deny.denied(address, now())
+  const guard = new TunnelGuard({ keys, now, log, recheckMs: config.cache.ttl_s * 1000, denied: (address) => deny.size > 0 && deny.denied(address, now()) })
   const matchDeny = (): void => {
     metrics.denyListEntries.set(deny.size)
     if (denyOn !== deny.size > 0) stages = build()
-    if (deny.size > 0) guard.denyChanged(deniedNow)
+    if (deny.size > 0) guard.denyChanged()
   }
 
   // Changes applied here since a reload began make what it read stale: it reads again instead of
@@ -237,7 +236,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       sendError(ctx, s, 'bad_request')
       return
     }
-    run(s, upgrade)
+    // Key changes counted from here: one made while the upstream answers is checked as the tunnel opens.
+    const changes = guard.changes
+    run(s, (checked) => upgrade(checked, changes))
   })
 
   server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
@@ -329,7 +330,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     stopping ??= (async () => {
       ctx.closing = true
       clearInterval(timer)
-      guard.stop()
       offKeys()
       offDeny()
       stopPublishing?.()
@@ -346,6 +346,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       const clean = await Promise.race([closed, timedOut])
       clearInterval(sweep)
       clearTimeout(deadline)
+      // Tunnels are still held to their checks while the others drain.
+      guard.stop()
       if (clean) {
         await forwarder.close()
       } else {

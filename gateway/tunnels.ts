@@ -29,10 +29,14 @@ export interface Tunnel {
 interface Held {
   tunnel: Tunnel
   timer: NodeJS.Timeout | undefined
+  /** When the key's expiry or grace ends, as last read (epoch ms). */
+  validUntil: number
 }
 
 /** Node's timers hold at most 2^31-1 ms (about 24.8 days); a later end is re-armed on the way. */
 const LONGEST_TIMER_MS = 2 ** 31 - 1
+/** After a failed store read, the next try for that key (instead of waiting for the sweep). */
+const RETRY_MS = 5000
 
 export interface TunnelGuardOptions {
   keys: Pick<KeyService, 'get'>
@@ -40,6 +44,8 @@ export interface TunnelGuardOptions {
   log: Logger
   /** How often every tunnel's key is read again (ms). */
   recheckMs: number
+  /** Whether the deny list refuses an address now. */
+  denied: (address: string) => boolean
 }
 
 export class TunnelGuard {
@@ -48,6 +54,7 @@ export class TunnelGuard {
   /** Key ids being read, and whether another check was asked for meanwhile. */
   readonly #checking = new Map<string, boolean>()
   readonly #sweep: NodeJS.Timeout
+  #changes = 0
 
   constructor(o: TunnelGuardOptions) {
     this.#o = o
@@ -62,13 +69,26 @@ export class TunnelGuard {
     return n
   }
 
-  /** A tunnel just opened with a key the checks passed; `validUntil` is when its expiry or grace ends (epoch ms, Infinity for never). */
-  opened(tunnel: Tunnel, validUntil: number): void {
+  /** Counts the key changes seen: an upgrade takes it before it asks the upstream, and hands it to `opened`. */
+  get changes(): number {
+    return this.#changes
+  }
+
+  /**
+   * A tunnel just opened with a key the checks passed; `validUntil` is when its expiry or grace
+   * ends (epoch ms, Infinity for never), `changesBefore` the count of changes when the upgrade
+   * was checked. A key that changed while the upstream answered the upgrade is read again at
+   * once: its change found no tunnel to check then.
+   */
+  opened(tunnel: Tunnel, validUntil: number, changesBefore: number): void {
     let held = this.#byKey.get(tunnel.keyId)
     if (held === undefined) this.#byKey.set(tunnel.keyId, (held = new Map()))
-    const h: Held = { tunnel, timer: undefined }
+    const h: Held = { tunnel, timer: undefined, validUntil }
     held.set(tunnel, h)
     this.#arm(h, validUntil)
+    if (this.#changes !== changesBefore) this.keyChanged(tunnel.keyId)
+    // The same for a deny list change made meanwhile (its check found no tunnel either).
+    if (this.#o.denied(tunnel.address)) this.#end(h, 'address deny-listed')
   }
 
   /** The tunnel ended (either side closed it, or this guard did). */
@@ -83,6 +103,7 @@ export class TunnelGuard {
 
   /** The key changed somewhere: read it again and end the tunnels it no longer allows. */
   keyChanged(id: string): void {
+    this.#changes++
     if (!this.#byKey.has(id)) return
     if (this.#checking.has(id)) {
       this.#checking.set(id, true)
@@ -93,14 +114,15 @@ export class TunnelGuard {
   }
 
   recheckAll(): void {
+    this.#changes++
     for (const id of [...this.#byKey.keys()]) this.keyChanged(id)
   }
 
   /** The deny list changed or was reloaded: end the tunnels of addresses it now denies. */
-  denyChanged(denied: (address: string) => boolean): void {
+  denyChanged(): void {
     for (const held of [...this.#byKey.values()]) {
       for (const h of [...held.values()]) {
-        if (denied(h.tunnel.address)) this.#end(h, 'address deny-listed')
+        if (this.#o.denied(h.tunnel.address)) this.#end(h, 'address deny-listed')
       }
     }
   }
@@ -112,11 +134,12 @@ export class TunnelGuard {
     this.#byKey.clear()
   }
 
-  #arm(h: Held, validUntil: number): void {
+  #arm(h: Held, validUntil: number, retryMs = Infinity): void {
     clearTimeout(h.timer)
     h.timer = undefined
-    if (validUntil === Infinity) return
-    const wait = Math.min(LONGEST_TIMER_MS, Math.max(0, validUntil - this.#o.now()))
+    h.validUntil = validUntil
+    const wait = Math.min(LONGEST_TIMER_MS, retryMs, Math.max(0, validUntil - this.#o.now()))
+    if (wait === Infinity) return
     h.timer = setTimeout(() => this.keyChanged(h.tunnel.keyId), wait)
     h.timer.unref()
   }
@@ -128,7 +151,14 @@ export class TunnelGuard {
         record = await this.#o.keys.get(id)
       } catch (err) {
         if (!isKeygateError(err) || err.code !== 'key_not_found') {
-          this.#o.log.warn('could not read the key of open WebSocket tunnels; they stay open until the next check', { key_id: id, err: err as Error })
+          // What is known without the store still holds: an expiry or grace that has passed ends
+          // the tunnel (as it refuses a cached key). The others are read again soon.
+          this.#o.log.warn('could not read the key of open WebSocket tunnels; trying again', { key_id: id, err: err as Error })
+          const now = this.#o.now()
+          for (const h of [...(this.#byKey.get(id)?.values() ?? [])]) {
+            if (now >= h.validUntil) this.#end(h, 'expired')
+            else this.#arm(h, h.validUntil, RETRY_MS)
+          }
           return
         }
       }

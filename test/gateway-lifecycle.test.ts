@@ -114,6 +114,37 @@ t.test("an open WebSocket tunnel ends once its key or address would be refused; 
   await until(t, 'the tunnels of a deny-listed address end', () => tunnels.kept.closed() && tunnels.rotated.closed(), 5000)
 })
 
+t.test('a key revoked, or an address deny-listed, while the upstream answers the upgrade; a key expiring while the store is down', async (t) => {
+  // The deny list is re-read only hourly here: only the change itself can end a tunnel.
+  const h = await startGateway(t, { config: { gateway: { deny_list_refresh_s: 3600 } } })
+  // The upstream takes 800 ms to answer an upgrade: long enough for a change to land meanwhile.
+  h.upstream.server.on('upgrade', (req, socket, _head) => void setTimeout(() => acceptWebSocket(req, socket), 800))
+  const url = `ws://127.0.0.1:${h.port}/socket`
+
+  const revoked = await h.key()
+  const opening = openWebSocket(url, bearer(revoked.key))
+  await sleep(300)
+  await h.keys.revoke(revoked.id, 'leaked', ACTOR)
+  const tunnel = await opening
+  // Before, the revocation found no tunnel to check, and this one stayed open until the next sweep (300 s).
+  await until(t, 'the tunnel of a key revoked during its upgrade ends as it opens', () => tunnel.closed(), 5000)
+
+  const kept = await h.key()
+  const deniedOpening = openWebSocket(url, bearer(kept.key))
+  await sleep(300)
+  const entry = await h.denyList.add({ cidr: '127.0.0.1/32' }, ACTOR)
+  const denied = await deniedOpening
+  await until(t, 'the tunnel of an address deny-listed during its upgrade ends as it opens', () => denied.closed(), 5000)
+  await h.denyList.remove(entry.id, ACTOR)
+
+  const expiring = await h.key({ expires_at: new Date(Date.now() + 3000).toISOString() })
+  const late = await openWebSocket(url, bearer(expiring.key))
+  t.equal(await late.echo('open'), 'open')
+  // The store goes away for good: the expiry is still known, and ends the tunnel.
+  await h.db.close()
+  await until(t, 'the tunnel of a key that expired while the store could not be read ends', () => late.closed(), 10_000)
+})
+
 t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; traffic either way keeps it open', async (t) => {
   const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
   let push: (() => void) | undefined
