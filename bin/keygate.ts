@@ -19,7 +19,12 @@ const command = process.argv[2]
 const LIFTOFF = '--liftoff-only'
 const STORE_COMMANDS = new Set(['api-key', 'gitea', 'n8n', 'migrate'])
 
-if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF) && process.env.KEYGATE_WASM_TIERING !== 'full') {
+// A debugger attached to this process would find no command in it: such a run stays in one process.
+const debugging = process.execArgv.some((a) => a.startsWith('--inspect'))
+// Set in the child: it ends when the command that started it is gone, whatever ended that.
+const REEXEC = 'KEYGATE_REEXEC_CHILD'
+
+if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF) && !debugging && process.env.KEYGATE_WASM_TIERING !== 'full') {
   // A command that may open the embedded store is short, and for such a run V8's optimising
   // compiler costs more than it saves: PGlite's WebAssembly starts with V8's baseline compiler
   // (Liftoff), and the hot parts of its start-up are compiled again by TurboFan on the side,
@@ -27,7 +32,12 @@ if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF)
   // this way, second process included, here). V8 takes the flag only as it starts, so the
   // command runs again, in a child process with it, sharing this one's standard streams.
   // `serve`, which runs for days, keeps TurboFan; so does KEYGATE_WASM_TIERING=full.
-  const child = spawn(process.execPath, [LIFTOFF, ...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit' })
+  // An IPC channel beside the standard streams: it closes when this process ends, even by
+  // SIGKILL, which nothing here can pass on.
+  const child = spawn(process.execPath, [LIFTOFF, ...process.execArgv, ...process.argv.slice(1)], {
+    stdio: ['inherit', 'inherit', 'inherit', 'ipc'],
+    env: { ...process.env, [REEXEC]: '1' },
+  })
   // A signal sent to this process alone (by a supervisor, or `timeout`) reaches the command too.
   const pass = (signal: NodeJS.Signals) => () => child.kill(signal)
   for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, pass(signal))
@@ -45,6 +55,11 @@ if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF)
     process.kill(process.pid, signal)
   })
 } else {
+  if (process.env[REEXEC] === '1' && process.channel !== undefined) {
+    delete process.env[REEXEC]
+    process.channel.unref()
+    process.on('disconnect', () => process.kill(process.pid, 'SIGTERM'))
+  }
   // `serve` never ends on SIGHUP (the systemd unit's reload sends it). Its own handler comes once
   // its modules have loaded; until then this one keeps Node's default, which ends the process.
   if (command === 'serve') process.on('SIGHUP', () => {})

@@ -3,7 +3,8 @@
 // on PostgreSQL is test/cli-postgres.test.ts, and usage errors and input no store can hold are
 // test/cli-input.test.ts, so they run side by side.)
 import t from 'tap'
-import { statSync, existsSync, readFileSync, writeFileSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
+import { closeSync, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
@@ -82,32 +83,40 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
 })
 
-t.test("a store command runs on V8's baseline compiler in a child process, which a signal to the command also ends", async (t) => {
+t.test("a store command runs on V8's baseline compiler in a child process, which ends with the command, by any signal", async (t) => {
   const cwd = tempDir()
   const dataDir = join(cwd, 'store')
   const lock = join(dataDir, 'keygate.lock')
-  // Held open by stdin: `validate -` waits for the key, with the store open (and locked by its pid).
-  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'validate', '-'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['pipe', 'ignore', 'ignore'] })
-  const ended = new Promise<string | number | null>((resolve) => command.on('exit', (code, signal) => resolve(signal ?? code)))
-  let holder = 0
-  await until(t, 'the store is opened', () => {
-    holder = existsSync(lock) ? Number(readFileSync(lock, 'utf8')) : 0
-    return holder > 0
-  }, 60_000)
-  t.not(holder, command.pid, 'by another process than the command started')
-  t.ok(readFileSync(`/proc/${holder}/cmdline`, 'utf8').split('\0').includes('--liftoff-only'), 'which runs with --liftoff-only')
-  command.kill('SIGTERM')
-  const outcome = await Promise.race([ended, new Promise<string>((resolve) => setTimeout(() => resolve('still running after 20 s'), 20_000).unref())])
-  if (outcome !== 'SIGTERM') command.kill('SIGKILL')
-  t.equal(outcome, 'SIGTERM', 'the command ends by the signal it was sent')
-  await until(t, 'and so does the process that held the store', () => {
+  const gone = (pid: number) => {
     try {
-      process.kill(holder, 0)
+      process.kill(pid, 0)
       return false
     } catch {
       return true
     }
-  })
+  }
+  // stdin is a FIFO this test holds open (not a pipe of the command's, which closes as it ends):
+  // `validate -` waits on it for the key with the store open (and locked by its pid), so only the
+  // end of the command can end the process that holds the store.
+  const fifo = join(cwd, 'stdin')
+  execFileSync('mkfifo', [fifo])
+  const stdin = openSync(fifo, 'r+')
+  t.teardown(() => closeSync(stdin))
+  for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'validate', '-'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: [stdin, 'ignore', 'ignore'] })
+    const ended = new Promise<string | number | null>((resolve) => command.on('exit', (code, s) => resolve(s ?? code)))
+    let holder = 0
+    await until(t, `${signal}: the store is opened`, () => {
+      holder = existsSync(lock) ? Number(readFileSync(lock, 'utf8')) : 0
+      return holder > 0 && holder !== command.pid && !gone(holder)
+    }, 60_000)
+    t.ok(readFileSync(`/proc/${holder}/cmdline`, 'utf8').split('\0').includes('--liftoff-only'), 'by another process, which runs with --liftoff-only')
+    command.kill(signal)
+    const outcome = await Promise.race([ended, new Promise<string>((resolve) => setTimeout(() => resolve('still running after 20 s'), 20_000).unref())])
+    if (outcome !== signal) command.kill('SIGKILL')
+    t.equal(outcome, signal, `the command ends by the ${signal} it was sent`)
+    await until(t, `${signal}: and so does the process that held the store`, () => gone(holder))
+  }
   const full = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_WASM_TIERING: 'full' }) })
   t.equal(full.code, 0, 'KEYGATE_WASM_TIERING=full runs the command in its own process (with TurboFan), on the store left behind')
 })
