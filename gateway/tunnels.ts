@@ -12,7 +12,6 @@
 import { evaluateKey } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
-import { isKeygateError } from '../core/errors.ts'
 import type { Logger } from '../core/log.ts'
 import { validUntilOf } from './key-cache.ts'
 import { grants, type CompiledRoute } from './route.ts'
@@ -37,9 +36,11 @@ interface Held {
 const LONGEST_TIMER_MS = 2 ** 31 - 1
 /** After a failed store read, the next try for that key (instead of waiting for the sweep). */
 const RETRY_MS = 5000
+/** Keys read in one query by a sweep. */
+const BATCH = 500
 
 export interface TunnelGuardOptions {
-  keys: Pick<KeyService, 'get'>
+  keys: Pick<KeyService, 'getMany'>
   now: () => number
   log: Logger
   /** How often every tunnel's key is read again (ms). */
@@ -104,18 +105,25 @@ export class TunnelGuard {
   /** The key changed somewhere: read it again and end the tunnels it no longer allows. */
   keyChanged(id: string): void {
     this.#changes++
-    if (!this.#byKey.has(id)) return
-    if (this.#checking.has(id)) {
-      this.#checking.set(id, true)
-      return
-    }
-    this.#checking.set(id, false)
-    void this.#check(id)
+    if (this.#claim(id)) void this.#check([id])
   }
 
+  /** Every key with tunnels, read again in batches of one query each (the sweep, a flush). */
   recheckAll(): void {
     this.#changes++
-    for (const id of [...this.#byKey.keys()]) this.keyChanged(id)
+    const ids = [...this.#byKey.keys()].filter((id) => this.#claim(id))
+    for (let i = 0; i < ids.length; i += BATCH) void this.#check(ids.slice(i, i + BATCH))
+  }
+
+  /** Whether `id` is to be read now: it has tunnels and no read of it is in flight (one in flight reads again after). */
+  #claim(id: string): boolean {
+    if (!this.#byKey.has(id)) return false
+    if (this.#checking.has(id)) {
+      this.#checking.set(id, true)
+      return false
+    }
+    this.#checking.set(id, false)
+    return true
   }
 
   /** The deny list changed or was reloaded: end the tunnels of addresses it now denies. */
@@ -144,37 +152,42 @@ export class TunnelGuard {
     h.timer.unref()
   }
 
-  async #check(id: string): Promise<void> {
+  async #check(ids: readonly string[]): Promise<void> {
     try {
-      let record: KeyRecord | undefined
+      let records: Map<string, KeyRecord>
       try {
-        record = await this.#o.keys.get(id)
+        records = await this.#o.keys.getMany(ids)
       } catch (err) {
-        if (!isKeygateError(err) || err.code !== 'key_not_found') {
-          // What is known without the store still holds: an expiry or grace that has passed ends
-          // the tunnel (as it refuses a cached key). The others are read again soon.
-          this.#o.log.warn('could not read the key of open WebSocket tunnels; trying again', { key_id: id, err: err as Error })
-          const now = this.#o.now()
+        // What is known without the store still holds: an expiry or grace that has passed ends
+        // the tunnel (as it refuses a cached key). The others are read again soon.
+        this.#o.log.warn('could not read the keys of open WebSocket tunnels; trying again', { key_ids: ids.length, err: err as Error })
+        const now = this.#o.now()
+        for (const id of ids) {
           for (const h of [...(this.#byKey.get(id)?.values() ?? [])]) {
             if (now >= h.validUntil) this.#end(h, 'expired')
             else this.#arm(h, h.validUntil, RETRY_MS)
           }
-          return
+        }
+        return
+      }
+      const now = this.#o.now()
+      for (const id of ids) {
+        const held = this.#byKey.get(id)
+        if (held === undefined) continue
+        const record = records.get(id)
+        const validUntil = record === undefined ? 0 : validUntilOf(record)
+        for (const h of [...held.values()]) {
+          const reason = record === undefined ? 'deleted' : refusal(record, h.tunnel, now)
+          if (reason !== undefined) this.#end(h, reason)
+          else this.#arm(h, validUntil)
         }
       }
-      const held = this.#byKey.get(id)
-      if (held === undefined) return
-      const now = this.#o.now()
-      const validUntil = record === undefined ? 0 : validUntilOf(record)
-      for (const h of [...held.values()]) {
-        const reason = record === undefined ? 'deleted' : refusal(record, h.tunnel, now)
-        if (reason !== undefined) this.#end(h, reason)
-        else this.#arm(h, validUntil)
-      }
     } finally {
-      const again = this.#checking.get(id) === true
-      this.#checking.delete(id)
-      if (again) this.keyChanged(id)
+      for (const id of ids) {
+        const again = this.#checking.get(id) === true
+        this.#checking.delete(id)
+        if (again) this.keyChanged(id)
+      }
     }
   }
 

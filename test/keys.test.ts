@@ -104,6 +104,17 @@ await forEachStore(t, async (t: Test, store) => {
     await s.keys.revoke(again?.record.id as string, 'test', actor)
   })
 
+  t.test('getMany: the keys of the ids that exist, in one query', async (t) => {
+    const s = testServices(db)
+    const [a, b] = await Promise.all([s.keys.create({ name: 'many a', type: 'user' }, actor), s.keys.create({ name: 'many b', type: 'user' }, actor)])
+    await s.keys.revoke(b.record.id, 'test', actor)
+    const found = await s.keys.getMany([a.record.id, b.record.id, 'AAAAAAAAAAAA'])
+    t.same([...found.keys()].sort(), [a.record.id, b.record.id].sort(), 'an unknown id is left out')
+    t.same(found.get(a.record.id), await s.keys.get(a.record.id), 'the same record as get')
+    t.equal(found.get(b.record.id)?.status, 'revoked')
+    t.equal((await s.keys.getMany([])).size, 0)
+  })
+
   t.test('create returns the plaintext once and stores only its SHA-256 hash', async (t) => {
     const s = testServices(db)
     const { key, record } = await s.keys.create(

@@ -211,6 +211,13 @@ export class KeyService {
     return toRecord(rows[0])
   }
 
+  /** The keys of these ids that exist (one query), by id. */
+  async getMany(ids: readonly string[]): Promise<Map<string, KeyRecord>> {
+    if (ids.length === 0) return new Map()
+    const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = ANY($1)`, [ids])
+    return new Map(rows.map((r) => [r.id, toRecord(r)]))
+  }
+
   /** Newest first, filtered, one page at a time. */
   async list(query: unknown = {}): Promise<Page<KeyRecord>> {
     const q = assertValid<ListKeysInput>(ListKeysQuery, query, 'query')
