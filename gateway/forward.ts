@@ -60,7 +60,7 @@ interface ForwardOptions {
   /** A tunnel with no traffic either way for this long is closed (0: never). */
   tunnelIdleMs: number
   /** Ends tunnels whose key or address the checks no longer allow. */
-  guard?: TunnelGuard
+  guard: TunnelGuard
 }
 
 export interface Forwarder {
@@ -353,11 +353,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           let tunnel: Tunnel | undefined
           const end = () => {
             tunnels.delete(client)
-            if (tunnel !== undefined) guard?.ended(tunnel)
+            if (tunnel !== undefined) guard.ended(tunnel)
             client.destroy()
             upstream.destroy()
           }
-          if (key !== undefined && guard !== undefined) {
+          if (key !== undefined) {
             tunnel = { keyId: key.id, address: s.address, route, requestId: s.id, close: end }
             guard.opened(tunnel, key.validUntil, changesBefore)
           }

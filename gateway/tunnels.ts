@@ -7,8 +7,8 @@
 //   the key changes (in this process, or in another one with Redis), at the moment its expiry or
 //   grace ends, and every `cache.ttl_s` (how stale a cached answer may be without Redis);
 // - its address is deny-listed: checked whenever the deny list changes or is reloaded.
-// A store that cannot be read keeps the tunnel open (as a cached key keeps working); the next
-// check reads again.
+// A store that cannot be read keeps the tunnel open (as a cached key keeps working) and is asked
+// again 5 s later; an expiry or grace already known to have passed ends the tunnel without it.
 import { evaluateKey } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
@@ -61,13 +61,6 @@ export class TunnelGuard {
     this.#o = o
     this.#sweep = setInterval(() => this.recheckAll(), Math.max(1000, o.recheckMs))
     this.#sweep.unref()
-  }
-
-  /** Tunnels open. */
-  get size(): number {
-    let n = 0
-    for (const held of this.#byKey.values()) n += held.size
-    return n
   }
 
   /** Counts the key changes seen: an upgrade takes it before it asks the upstream, and hands it to `opened`. */
