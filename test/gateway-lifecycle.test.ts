@@ -177,9 +177,11 @@ t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; tra
 })
 
 t.test('graceful shutdown: in-flight requests finish, new ones are refused', async (t) => {
+  let held = 0
   const h = await startGateway(t, {
     upstream: (req, res) => {
       if (req.url === '/healthz') return void res.end('upstream')
+      if (req.url?.startsWith('/slow/')) held++
       setTimeout(() => res.end(`done ${req.url}`), 400)
     },
   })
@@ -190,9 +192,15 @@ t.test('graceful shutdown: in-flight requests finish, new ones are refused', asy
   await (await request(`${h.url}/warm`, { headers: bearer(k.key), dispatcher: idle })).body.text()
 
   const inflight = Array.from({ length: 8 }, (_, i) =>
-    request(`${h.url}/slow/${i}`, { headers: bearer(k.key), dispatcher: new Agent() }).then(async (r) => ({ status: r.statusCode, text: await r.body.text() })),
+    request(`${h.url}/slow/${i}`, { headers: bearer(k.key), dispatcher: new Agent() }).then(
+      async (r) => ({ status: r.statusCode, text: await r.body.text() }),
+      (err: Error) => ({ status: 0, text: String(err) }),
+    ),
   )
-  await sleep(100)
+  // In flight means the upstream holds them. A fixed pause was not always enough on a loaded
+  // machine: a connection still in the kernel's accept queue when the listener closes is reset
+  // (read ECONNRESET), and no server can answer a request it never accepted.
+  await until(t, 'all eight requests reached the upstream', () => held === 8, 10_000)
   const started = Date.now()
   const stopped = h.gateway.shutdown(5000)
   await sleep(50)
