@@ -14,10 +14,18 @@ export interface Queryable {
   exec(script: string): Promise<void>
 }
 
+export interface TransactionOptions {
+  /**
+   * Without the store's query timeout (PostgreSQL): for work that may rightly wait or run long,
+   * such as migrations (which wait for another instance's) and the scheduler's pruning.
+   */
+  untimed?: boolean
+}
+
 export interface Db extends Queryable {
   readonly kind: 'postgres' | 'embedded'
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
-  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>
+  transaction<T>(fn: (tx: Queryable) => Promise<T>, options?: TransactionOptions): Promise<T>
   close(): Promise<void>
 }
 
@@ -28,6 +36,16 @@ export function sqlState(err: unknown): string | undefined {
 }
 
 export const UNIQUE_VIOLATION = '23505'
+
+/** SQLSTATE of a statement PostgreSQL cancelled (here: its statement_timeout). */
+const QUERY_CANCELED = '57014'
+/** node-postgres's words when a statement's answer did not come within its query_timeout. */
+const READ_TIMEOUT = 'Query read timeout'
+
+/** A statement that took longer than the store's query timeout, on the server or on the wire. */
+function isTimeout(err: unknown): boolean {
+  return sqlState(err) === QUERY_CANCELED || (err instanceof Error && err.message === READ_TIMEOUT)
+}
 
 /** Socket errors of a connection to PostgreSQL that failed or broke. */
 const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
@@ -53,27 +71,58 @@ function postgresAt(url: string): string {
   return u?.hostname ? `PostgreSQL at ${u.hostname}:${u.port || 5432}` : 'PostgreSQL'
 }
 
+/**
+ * How long the client waits for an answer beyond the statement_timeout it gave the server: the
+ * server's cancellation (57014) normally comes first, and this catches a server or a network that
+ * says nothing at all (a connection dropped by a firewall, a host gone). The connection is then
+ * dropped, not reused.
+ */
+const WIRE_GRACE_MS = 1000
+
 class PostgresDb implements Db {
   readonly kind = 'postgres'
   readonly #pool: pg.Pool
   readonly #where: string
+  readonly #timeoutMs: number
+  /** The client-side read timeout of a timed statement; undefined without a timeout. */
+  readonly #readTimeout: number | undefined
 
-  constructor(url: string, max: number) {
-    this.#pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 5000, idleTimeoutMillis: 30_000 })
+  constructor(url: string, max: number, queryTimeoutMs: number) {
+    this.#timeoutMs = queryTimeoutMs
+    this.#readTimeout = queryTimeoutMs > 0 ? queryTimeoutMs + WIRE_GRACE_MS : undefined
+    this.#pool = new pg.Pool({
+      connectionString: url,
+      max,
+      connectionTimeoutMillis: 5000,
+      idleTimeoutMillis: 30_000,
+      // Sent as each connection starts; an untimed transaction lifts it with SET LOCAL.
+      ...(queryTimeoutMs > 0 ? { statement_timeout: queryTimeoutMs } : {}),
+    })
     // An idle client losing its connection must not crash the process; the next query reconnects.
     this.#pool.on('error', () => {})
     this.#where = postgresAt(url)
   }
 
-  /** `err` as store_unavailable when PostgreSQL could not be reached or used (the admin API answers 503, not 500). */
+  /**
+   * `err` as store_unavailable when PostgreSQL could not be reached or used, or did not answer in
+   * time (the admin API and the gateway answer 503, not 500).
+   */
   #unreachable(err: unknown): unknown {
+    if (isTimeout(err)) {
+      return new KeygateError('store_unavailable', `the store (${this.#where}) did not answer within store.query_timeout_ms (${this.#timeoutMs} ms): ${(err as Error).message}`, undefined, { cause: err })
+    }
     if (!isUnreachable(err)) return err
     return new KeygateError('store_unavailable', `the store (${this.#where}) cannot be reached: ${(err as Error).message}`, undefined, { cause: err })
   }
 
+  /** A statement for node-postgres, with the read timeout unless `untimed`. */
+  #statement(text: string, params: readonly unknown[] | undefined, untimed = false): pg.QueryConfig {
+    return { text, values: params as unknown[] | undefined, ...(untimed || this.#readTimeout === undefined ? {} : { query_timeout: this.#readTimeout }) } as pg.QueryConfig
+  }
+
   async query<R>(text: string, params?: readonly unknown[]): Promise<R[]> {
     try {
-      return (await this.#pool.query(text, params as unknown[])).rows as R[]
+      return (await this.#pool.query(this.#statement(text, params))).rows as R[]
     } catch (err) {
       throw this.#unreachable(err)
     }
@@ -81,13 +130,13 @@ class PostgresDb implements Db {
 
   async exec(script: string): Promise<void> {
     try {
-      await this.#pool.query(script)
+      await this.#pool.query(this.#statement(script, undefined))
     } catch (err) {
       throw this.#unreachable(err)
     }
   }
 
-  async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+  async transaction<T>(fn: (tx: Queryable) => Promise<T>, options: TransactionOptions = {}): Promise<T> {
     let client: pg.PoolClient
     try {
       client = await this.#pool.connect()
@@ -99,22 +148,28 @@ class PostgresDb implements Db {
     // the client, and unheard that ends the process; its statements fail on their own.
     const onLost = (): void => {}
     client.on('error', onLost)
+    const untimed = options.untimed === true
+    const run = (t: string, p?: readonly unknown[]) => client.query(this.#statement(t, p, untimed))
     const tx: Queryable = {
-      query: async <R>(t: string, p?: readonly unknown[]) => (await client.query(t, p as unknown[])).rows as R[],
+      query: async <R>(t: string, p?: readonly unknown[]) => (await run(t, p)).rows as R[],
       exec: async (script: string) => {
-        await client.query(script)
+        await run(script)
       },
     }
     try {
-      await client.query('BEGIN')
+      await run('BEGIN')
+      if (untimed && this.#readTimeout !== undefined) await run('SET LOCAL statement_timeout = 0')
       const result = await fn(tx)
-      await client.query('COMMIT')
+      await run('COMMIT')
       client.off('error', onLost)
       client.release()
       return result
     } catch (err) {
       try {
-        await client.query('ROLLBACK')
+        // A statement that got no answer still holds the connection: a ROLLBACK would only wait
+        // behind it. Dropping the connection rolls the transaction back on the server.
+        if (err instanceof Error && err.message === READ_TIMEOUT) throw err
+        await run('ROLLBACK')
         client.off('error', onLost)
         client.release()
       } catch {
@@ -220,7 +275,8 @@ class EmbeddedDb implements Db {
     await this.#call({ op: 'exec', sql: script, tx })
   }
 
-  async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+  /** PGlite runs in this process: no network to wait on, so no query timeout either. */
+  async transaction<T>(fn: (tx: Queryable) => Promise<T>, _options?: TransactionOptions): Promise<T> {
     const id = await this.#call<number>({ op: 'begin' })
     let result: T
     try {
@@ -326,13 +382,15 @@ export interface OpenDbOptions {
   databaseUrl?: string | undefined
   dataDir?: string | undefined
   poolMax?: number
+  /** PostgreSQL: a statement unanswered after this long fails (store_unavailable); 0 or absent for no limit (config: store.query_timeout_ms). */
+  queryTimeoutMs?: number
   /** An embedded store in memory only (tests). */
   memory?: boolean
 }
 
 export async function openDb(options: OpenDbOptions): Promise<Db> {
   if (options.databaseUrl) {
-    const db = new PostgresDb(options.databaseUrl, options.poolMax ?? 10)
+    const db = new PostgresDb(options.databaseUrl, options.poolMax ?? 10, options.queryTimeoutMs ?? 0)
     try {
       await db.query('SELECT 1')
     } catch (err) {

@@ -11,7 +11,8 @@ import { KeygateError } from './errors.ts'
 
 export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations/', import.meta.url))
 const FILE = /^(\d{4})_[a-z0-9_]+\.sql$/
-const LOCK_ID = 0x6b67_6d67 // "kgmg"
+/** pg_advisory_xact_lock id the migrations run under ("kgmg"): one instance migrates at a time. */
+export const MIGRATION_LOCK_ID = 0x6b67_6d67
 
 export interface Migration {
   version: number
@@ -82,8 +83,9 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
 /** Applies pending migrations; returns the names applied by this call, and those a newer keygate recorded. */
 export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: string[]; newer: string[] }> {
   const files = readMigrations(dir)
+  // Untimed: it waits for another instance's migrations to end, and a migration may take long.
   return db.transaction(async (tx) => {
-    await tx.query('SELECT pg_advisory_xact_lock($1)', [LOCK_ID])
+    await tx.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_ID])
     await ensureTable(tx)
     const { pending, newer } = compare(files, await applied(tx))
     for (const m of pending) {
@@ -97,7 +99,7 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
       await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
     }
     return { applied: pending.map((m) => m.name), newer }
-  })
+  }, { untimed: true })
 }
 
 /** Names of migrations not yet applied, and of those applied by a newer keygate; throws when an applied file was changed or is missing. */

@@ -24,7 +24,7 @@ export function keyServiceOptions(config: Config) {
 }
 
 export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date } = {}): Promise<Runtime> {
-  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: config.store.pool_max })
+  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: config.store.pool_max, queryTimeoutMs: config.store.query_timeout_ms })
   try {
     const cipher = loadAuditCipher({
       encryptionKey: config.audit.encryption_key,

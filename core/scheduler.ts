@@ -112,6 +112,8 @@ export class Scheduler {
     const ended: Ended[] = []
     const announced: Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }> = []
     const pruned: Record<string, number> = {}
+    // Untimed: a first prune of a large table, or a row lock an admin transaction holds, may
+    // rightly take longer than a request's statement may.
     const ran = await this.#o.db.transaction(async (tx) => {
       const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
       if (!lock?.ok) return false
@@ -128,7 +130,7 @@ export class Scheduler {
         if (n !== undefined) pruned[rule.table] = n
       }
       return true
-    })
+    }, { untimed: true })
     if (!ran) return null
     for (const e of ended) this.#o.keys.notify({ action: 'expired', key: e.key })
     for (const a of announced) {

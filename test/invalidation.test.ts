@@ -7,7 +7,6 @@
 // limits to the insurance limiter with a metric and a log line, and takes them back. Each test
 // runs its own redis-server.
 import t, { type Test } from 'tap'
-import net from 'node:net'
 import { Redis } from 'ioredis'
 import type { Registry } from 'prom-client'
 import { bindInvalidationPublisher, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
@@ -18,6 +17,7 @@ import { keyServiceOptions } from '../core/runtime.ts'
 import { ACTOR, bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
 import { startRedisServer, type RedisServer } from './helpers/redis-server.ts'
 import type { LogLine } from './helpers/serve.ts'
+import { tcpGate } from './helpers/tcp-gate.ts'
 
 async function metric(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
   const m = registry.getSingleMetric(name)
@@ -86,42 +86,15 @@ t.test('a counter ahead of the last message seen flushes the cache', async (t) =
   t.ok((await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1)
 })
 
-/**
- * A TCP gate in front of a Redis server: while shut it drops every connection at once, so to a
- * client that connects through it Redis is down, while others reach the server directly.
- */
-async function redisGate(t: Test, target: number): Promise<{ url: string; open(): void }> {
-  let open = false
-  const sockets = new Set<net.Socket>()
-  const server = net.createServer((client) => {
-    if (!open) return void client.destroy()
-    const upstream = net.connect(target, '127.0.0.1')
-    for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
-      sockets.add(a)
-      a.on('error', () => b.destroy()).on('close', () => {
-        sockets.delete(a)
-        b.destroy()
-      })
-    }
-    client.pipe(upstream).pipe(client)
-  })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => {
-    for (const socket of sockets) socket.destroy()
-    server.close()
-  })
-  return { url: `redis://127.0.0.1:${(server.address() as net.AddressInfo).port}`, open: () => (open = true) }
-}
-
 t.test('a gateway started while Redis was down flushes the cache when its first subscription comes', async (t) => {
   const server = await startRedisServer(t)
   // The gateway reaches Redis through a gate, shut until the revocation is published: before,
   // Redis itself was stopped and started again, and on a loaded machine the gateway's reconnection
   // could subscribe before the publication, leaving nothing to test.
-  const gate = await redisGate(t, server.port)
+  const gate = await tcpGate(t, server.port, 'shut')
   const logs: LogLine[] = []
   const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
-  const redis = connectRedis(gate.url, log)
+  const redis = connectRedis(`redis://127.0.0.1:${gate.port}`, log)
   t.teardown(() => redis.disconnect())
   const config = { cache: { ttl_s: 3600 }, redis: { invalidation_check_ms: 0 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
@@ -138,7 +111,7 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   t.equal(Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]), 0, 'the gateway has not subscribed yet')
   await elsewhere.revoke(record.id, undefined, ACTOR)
   await until(t, 'the revocation was published', async () => Number((await other.get(INVALIDATION_VERSION_KEY)) ?? 0) >= 1)
-  gate.open()
+  gate.set('open')
   await until(t, 'the gateway subscribed', async () => Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
   await until(t, 'the revoked key is refused', async () => (await gateway.get('/', bearer(key))).status === 401)
   t.equal(await metric(gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 1, 'one flush, at the first subscription')

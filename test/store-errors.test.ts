@@ -6,8 +6,10 @@
 import t from 'tap'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
+import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt } from '../core/validate.ts'
 import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
+import { tcpGate } from './helpers/tcp-gate.ts'
 
 t.test('PostgreSQL: a transaction whose connection is lost fails with store_unavailable, and the process goes on', async (t) => {
   const url = await freshDatabase(t)
@@ -46,6 +48,63 @@ t.test('PostgreSQL: a malformed statement (08P01, too many parameters) is its ow
   const err = await rejection(db.query('SELECT $1::int AS n', params))
   t.not((err as { code?: string }).code, 'store_unavailable')
   t.equal((err as { code?: string }).code, '08P01')
+})
+
+t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_unavailable, on the server and on a silent connection, and the pool goes on', async (t) => {
+  const url = await freshDatabase(t)
+  const gate = await tcpGate(t, Number(new URL(url).port || 5432))
+  const through = new URL(url)
+  through.port = String(gate.port)
+  const db = await openDb({ databaseUrl: through.href, poolMax: 2, queryTimeoutMs: 300 })
+  t.teardown(() => db.close())
+
+  // Slow on the server: PostgreSQL cancels it (57014). Without the timeout it would return after 3 s.
+  for (const [what, slow] of [
+    ['a query', () => db.query('SELECT pg_sleep(3)')],
+    ['a transaction', () => db.transaction((tx) => tx.query('SELECT pg_sleep(3)'))],
+  ] as const) {
+    const err = await rejection(slow())
+    t.equal(err.code, 'store_unavailable', `${what} cancelled by the server: store_unavailable`)
+    t.match(err.message, /did not answer within store\.query_timeout_ms \(300 ms\): canceling statement due to statement timeout/)
+    t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], `after ${what}, the pool goes on`)
+  }
+
+  // Silent: the server, or the network to it, says nothing at all. Before, this waited for ever.
+  // Both pooled connections are open first: a new one would fail on its connect timeout instead.
+  await Promise.all([db.query('SELECT pg_sleep(0.05)'), db.query('SELECT pg_sleep(0.05)')])
+  gate.set('silent')
+  for (const [what, hang] of [
+    ['a query', () => db.query('SELECT 1')],
+    ['a transaction', () => db.transaction((tx) => tx.query('SELECT 1'))],
+  ] as const) {
+    const err = await rejection(hang())
+    t.equal(err.code, 'store_unavailable', `${what} on a silent connection: store_unavailable`)
+    t.match(err.message, /did not answer within store\.query_timeout_ms \(300 ms\): Query read timeout/)
+  }
+  gate.set('open')
+  // The silent connections were dropped, not handed out again.
+  t.same(await db.query('SELECT 2 AS two'), [{ two: 2 }], 'the pool reconnects once the server answers')
+  t.same(await db.transaction((tx) => tx.query('SELECT 3 AS three')), [{ three: 3 }])
+})
+
+t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {
+  const url = await freshDatabase(t)
+  const db = await openDb({ databaseUrl: url, poolMax: 2, queryTimeoutMs: 200 })
+  t.teardown(() => db.close())
+  t.same(await db.transaction((tx) => tx.query('SELECT true AS slept FROM pg_sleep(0.6)'), { untimed: true }), [{ slept: true }], 'an untimed transaction runs past the timeout')
+  t.equal((await rejection(db.query('SELECT pg_sleep(0.6)'))).code, 'store_unavailable', 'and the next statement is timed again')
+
+  // Another instance migrating holds the migrations' lock for longer than the timeout: this one waits for it.
+  const other = new pg.Client({ connectionString: url })
+  await other.connect()
+  t.teardown(() => other.end())
+  await other.query('BEGIN')
+  await other.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_ID])
+  const migrating = applyMigrations(db)
+  await new Promise((resolve) => setTimeout(resolve, 600))
+  await other.query('COMMIT')
+  const { applied } = await migrating
+  t.ok(applied.length > 0, `migrations applied after waiting for the other instance (${applied.length})`)
 })
 
 t.test('a lone surrogate is found however deep the value nests, without recursion', async (t) => {

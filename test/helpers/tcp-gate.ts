@@ -1,0 +1,55 @@
+// A TCP gate in front of a real server (Redis, PostgreSQL), to make the server look down or
+// silent to the clients that connect through it while others reach it directly.
+import net from 'node:net'
+import type { Test } from 'tap'
+
+export type GateState =
+  /** Bytes pass both ways. */
+  | 'open'
+  /** A new connection is dropped at once: to a client, the server is down. */
+  | 'shut'
+  /**
+   * Nothing passes either way, and every connection open now or made now stays open and says
+   * nothing for good: a server or network that hangs (a host gone, a firewall dropping packets).
+   */
+  | 'silent'
+
+export interface TcpGate {
+  port: number
+  set(state: GateState): void
+}
+
+export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: GateState = 'open'): Promise<TcpGate> {
+  const sockets = new Set<net.Socket>()
+  // Connections that have once been silent stay so: their byte streams are broken.
+  const muted = new WeakSet<net.Socket>()
+  const server = net.createServer((client) => {
+    sockets.add(client)
+    client.on('error', () => {}).on('close', () => sockets.delete(client))
+    if (state === 'shut') return void client.destroy()
+    if (state === 'silent') return void muted.add(client)
+    const upstream = net.connect(target, '127.0.0.1')
+    sockets.add(upstream)
+    for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
+      a.on('data', (d: Buffer) => {
+        if (!muted.has(client)) b.write(d)
+      })
+      a.on('error', () => b.destroy()).on('close', () => {
+        sockets.delete(a)
+        b.destroy()
+      })
+    }
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const socket of sockets) socket.destroy()
+    server.close()
+  })
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    set(next) {
+      state = next
+      if (next === 'silent') for (const s of sockets) muted.add(s)
+    },
+  }
+}
