@@ -174,7 +174,7 @@ export const ConfigSchema = Type.Object(
         pool_max: int(10, 1, 1000, { description: 'PostgreSQL connections per process.' }),
         query_timeout_ms: int(5000, 0, 600_000, {
           description:
-            'A statement to PostgreSQL not answered within this fails with store_unavailable (503): PostgreSQL cancels it, and a connection that answers nothing at all is dropped a second later. 0: no limit. Migrations and the scheduler run without it.',
+            'A statement to PostgreSQL not answered within this fails with store_unavailable (503): PostgreSQL cancels it, and a connection that answers nothing at all is dropped a second later. 0: no limit. Migrations run without it.',
         }),
         auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`.', env: 'KEYGATE_AUTO_MIGRATE' }),
       },

@@ -17,7 +17,7 @@ export interface Queryable {
 export interface TransactionOptions {
   /**
    * Without the store's query timeout (PostgreSQL): for work that may rightly wait or run long,
-   * such as migrations (which wait for another instance's) and the scheduler's pruning.
+   * such as migrations (which wait for another instance's).
    */
   untimed?: boolean
 }

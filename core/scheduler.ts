@@ -16,7 +16,8 @@
 //    the plaintext is shown once, to whoever rotates), so the owner rotates before the deadline
 //    and the successor carries the policy on.
 // 5. Pruning: rows older than their retention are deleted from each table of `pruneRules` that
-//    exists (tables of other features join the list; a missing table is skipped).
+//    exists (tables of other features join the list; a missing table is skipped), 5,000 rows to
+//    a statement, so each one stays within store.query_timeout_ms.
 //
 // Every status change writes a `key.expired` audit row (actor `system`) and, once committed, is
 // told to the key service's listeners, so caches and other instances drop the key.
@@ -112,8 +113,6 @@ export class Scheduler {
     const ended: Ended[] = []
     const announced: Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }> = []
     const pruned: Record<string, number> = {}
-    // Untimed: a first prune of a large table, or a row lock an admin transaction holds, may
-    // rightly take longer than a request's statement may.
     const ran = await this.#o.db.transaction(async (tx) => {
       const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
       if (!lock?.ok) return false
@@ -130,7 +129,7 @@ export class Scheduler {
         if (n !== undefined) pruned[rule.table] = n
       }
       return true
-    }, { untimed: true })
+    })
     if (!ran) return null
     for (const e of ended) this.#o.keys.notify({ action: 'expired', key: e.key })
     for (const a of announced) {
@@ -221,12 +220,24 @@ async function prune(tx: Queryable, rule: PruneRule, now: Date): Promise<number 
     [rule.table, rule.column],
   )
   if (!found?.n) return undefined
-  const rows = await tx.query<{ n: number }>(
-    `WITH gone AS (DELETE FROM ${quoteIdent(rule.table)} WHERE ${quoteIdent(rule.column)} < $1 RETURNING 1) SELECT count(*)::int AS n FROM gone`,
-    [new Date(now.getTime() - rule.retentionDays * DAY_MS)],
-  )
-  return rows[0]?.n ?? 0
+  const table = quoteIdent(rule.table)
+  const before = new Date(now.getTime() - rule.retentionDays * DAY_MS)
+  // In batches, so that each statement stays well within store.query_timeout_ms however much a
+  // first run (a long retention just shortened, say) has to delete.
+  let total = 0
+  for (;;) {
+    const [gone] = await tx.query<{ n: number }>(
+      `WITH gone AS (DELETE FROM ${table} WHERE ctid IN (SELECT ctid FROM ${table} WHERE ${quoteIdent(rule.column)} < $1 LIMIT ${PRUNE_BATCH}) RETURNING 1) SELECT count(*)::int AS n FROM gone`,
+      [before],
+    )
+    const n = gone?.n ?? 0
+    total += n
+    if (n < PRUNE_BATCH) return total
+  }
 }
+
+/** Rows one prune statement deletes at most. */
+export const PRUNE_BATCH = 5000
 
 function quoteIdent(name: string): string {
   return `"${name.replace(/"/g, '""')}"`

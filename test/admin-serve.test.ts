@@ -3,7 +3,8 @@
 // revoke it through the API, and the next gateway request gets a 401 JSON error. CLI parity:
 // every api-key command against the running server through its admin API (the store itself is
 // locked), and the reasons when that cannot work. Then --workers on PostgreSQL: one port, metrics summed by the primary, a revocation
-// through the primary's admin API reaches every gateway worker at once.
+// through the primary's admin API reaches every gateway worker at once. Last, PostgreSQL going
+// silent under a running server: 503s bounded by store.query_timeout_ms, then recovery.
 import t from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import { mkdtempSync, writeFileSync } from 'node:fs'
@@ -15,6 +16,7 @@ import { runCli } from './helpers/cli.ts'
 import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, startUpstream } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
+import { tcpGate } from './helpers/tcp-gate.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 
@@ -240,4 +242,40 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   if (r === undefined) return t.fail('keygate serve --workers 2 did not exit within 60 s')
   t.equal(r.code, 1, 'exit 1')
   t.match(r.stderr, `cannot listen on 127.0.0.1:${port}: the address is in use`, 'says why')
+})
+
+t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
+  const url = await freshDatabase(t)
+  const gate = await tcpGate(t, Number(new URL(url).port || 5432))
+  const through = new URL(url)
+  through.port = String(gate.port)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-query-timeout-'))
+  // One connection: it is open when the gate goes silent, so it is reused after, and on it a
+  // statement without a timeout would wait for ever (and the pool with it).
+  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 300\n  pool_max: 1\n')
+  const token = 'an-admin-token-of-32-characters!'
+  const env = isolatedEnv({ DATABASE_URL: through.href, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token, body: { name: 'not yet cached', type: 'user' } })
+  t.equal(created.status, 201)
+  const auth = { authorization: `Bearer ${created.json.key}` }
+
+  // Every connection to PostgreSQL, open or new, goes silent. Before, the one pooled connection
+  // stayed held for good: every call needing the store failed, even after PostgreSQL answered again.
+  gate.set('silent')
+  const refused = await call(`${serve.gateway}/x`, { headers: auth })
+  t.equal(refused.status, 503, 'a key not in the cache: 503')
+  t.equal(refused.json.error.code, 'store_unavailable', refused.text)
+  const listed = await call(`${serve.admin}/v1/keys`, { token })
+  t.equal(listed.status, 503, 'an admin call: 503')
+  t.equal(listed.json.error.code, 'store_unavailable', listed.text)
+  // The statement timed out, or the pool's one connection was still held by one that had.
+  t.match(listed.json.error.message, /did not answer within store\.query_timeout_ms \(300 ms\)|timeout/)
+  t.equal(upstream.received.length, 0, 'nothing forwarded')
+
+  gate.set('open')
+  t.equal((await call(`${serve.gateway}/x`, { headers: auth })).status, 200, 'served once PostgreSQL answers again')
+  t.equal((await call(`${serve.admin}/v1/keys`, { token })).status, 200)
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
 })

@@ -11,7 +11,7 @@ import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { WebhookService } from '../core/webhooks.ts'
 import { loadConfig } from '../config/load.ts'
-import { defaultPruneRules, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
+import { defaultPruneRules, PRUNE_BATCH, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
 import { backdateAudit, forEachStore, testClock, testServices } from './helpers/stores.ts'
 
@@ -169,6 +169,17 @@ forEachStore(t, async (t, store) => {
     t.equal((await auditOf(recent.id)).length, 1, 'the 364-day-old row stays')
     const present = await store.db.query<{ t: string }>(`SELECT table_name AS t FROM information_schema.tables WHERE table_name = ANY($1)`, [rules.map((r) => r.table)])
     t.same(Object.keys(run?.pruned ?? {}).sort(), present.map((p) => p.t).sort(), 'only tables that exist are pruned')
+  })
+
+  await t.test('retention: more old rows than one batch are all pruned, a statement at a time', async (t) => {
+    const now = clock.now().getTime()
+    const hour = (ms: number) => new Date(ms - (ms % 3_600_000))
+    const old = 2 * PRUNE_BATCH + 1
+    await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) SELECT $1, 'batch_' || i, 1 FROM generate_series(1, $2::int) AS i`, [hour(now - 401 * DAY), old])
+    await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) VALUES ($1, 'batch_young', 1)`, [hour(now - 399 * DAY)])
+    const run = await scheduler.runOnce()
+    t.equal(run?.pruned.api_key_rejections, old, `${old} rows pruned, in three statements`)
+    t.same((await store.db.query<{ reason: string }>(`SELECT reason FROM api_key_rejections WHERE reason LIKE 'batch_%'`)).map((r) => r.reason), ['batch_young'], 'the young row stays')
   })
 
   if (store.kind === 'postgres') {
