@@ -73,7 +73,10 @@ function reapedCpuSeconds(): number {
 }
 
 /** wrk on PATH (`wrk --version` prints its version and exits 1; missing, spawning it fails). */
-const HAVE_WRK = spawnSync('wrk', ['--version'], { stdio: 'ignore' }).error === undefined
+const wrkProbe = spawnSync('wrk', ['--version'], { encoding: 'utf8' })
+const HAVE_WRK = wrkProbe.error === undefined
+/** `wrk 4.1.0`, as it names itself. */
+const WRK_VERSION = /^wrk \S+/.exec(`${wrkProbe.stdout ?? ''}${wrkProbe.stderr ?? ''}`)?.[0] ?? 'wrk'
 
 interface Fast {
   rps: number
@@ -356,8 +359,11 @@ const code = (() => {
   }
 })()
 
+/** The command that produced this run, as typed, and what it found on the machine. */
+const command = `Command: \`npm run bench --${process.argv.slice(2).map((a) => ` ${a}`).join('')}\`, with REDIS_URL ${process.env.REDIS_URL ? 'set' : `unset (the default, ${REDIS_URL})`}${HAVE_WRK ? ` and ${WRK_VERSION}` : ', without wrk'}.`
+
 const report = [
-  code,
+  `${code} ${command}`,
   `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
   `Each keygate scenario (and the baseline setting the headers of SPEC §3) was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s, ${HAVE_WRK ? `with wrk, one thread, then the same with autocannon` : 'with autocannon'}), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
   `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, autocannon's req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
