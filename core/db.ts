@@ -37,15 +37,10 @@ export function sqlState(err: unknown): string | undefined {
 
 export const UNIQUE_VIOLATION = '23505'
 
-/** SQLSTATE of a statement PostgreSQL cancelled (here: its statement_timeout). */
+/** SQLSTATE of a statement PostgreSQL cancelled: a statement_timeout, or pg_cancel_backend. */
 const QUERY_CANCELED = '57014'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
-
-/** A statement that took longer than the store's query timeout, on the server or on the wire. */
-function isTimeout(err: unknown): boolean {
-  return sqlState(err) === QUERY_CANCELED || (err instanceof Error && err.message === READ_TIMEOUT)
-}
 
 /** Socket errors of a connection to PostgreSQL that failed or broke. */
 const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
@@ -95,21 +90,33 @@ class PostgresDb implements Db {
       max,
       connectionTimeoutMillis: 5000,
       idleTimeoutMillis: 30_000,
-      // Sent as each connection starts; an untimed transaction lifts it with SET LOCAL.
-      ...(queryTimeoutMs > 0 ? { statement_timeout: queryTimeoutMs } : {}),
     })
     // An idle client losing its connection must not crash the process; the next query reconnects.
     this.#pool.on('error', () => {})
+    // The server's half of the limit, set as each connection opens: the first statement queued
+    // on it, so it runs before any other. Not a startup parameter, which PgBouncer refuses
+    // ("unsupported startup parameter") unless told to ignore it.
+    if (queryTimeoutMs > 0) {
+      this.#pool.on('connect', (client) => void client.query(`SET statement_timeout = ${queryTimeoutMs}`).catch(() => {}))
+    }
     this.#where = postgresAt(url)
   }
 
   /**
-   * `err` as store_unavailable when PostgreSQL could not be reached or used, or did not answer in
-   * time (the admin API and the gateway answer 503, not 500).
+   * `err` as store_unavailable when PostgreSQL could not be reached or used, or did not answer
+   * within the query timeout of a timed statement (the admin API and the gateway answer 503, not
+   * 500). Another cancellation (an operator's pg_cancel_backend, a timeout set on the role) keeps
+   * PostgreSQL's own words and code.
    */
-  #unreachable(err: unknown): unknown {
-    if (isTimeout(err)) {
-      return new KeygateError('store_unavailable', `the store (${this.#where}) did not answer within store.query_timeout_ms (${this.#timeoutMs} ms): ${(err as Error).message}`, undefined, { cause: err })
+  #unreachable(err: unknown, untimed = false): unknown {
+    if (this.#readTimeout !== undefined && !untimed) {
+      if (err instanceof Error && err.message === READ_TIMEOUT) {
+        return new KeygateError('store_unavailable', `the store (${this.#where}) did not answer within store.query_timeout_ms (${this.#timeoutMs} ms) and a second more: ${err.message}`, undefined, { cause: err })
+      }
+      // PostgreSQL's words say which cancellation it was (in the server's language).
+      if (sqlState(err) === QUERY_CANCELED) {
+        return new KeygateError('store_unavailable', `the store (${this.#where}) cancelled the statement (store.query_timeout_ms is ${this.#timeoutMs} ms): ${(err as Error).message}`, undefined, { cause: err })
+      }
     }
     if (!isUnreachable(err)) return err
     return new KeygateError('store_unavailable', `the store (${this.#where}) cannot be reached: ${(err as Error).message}`, undefined, { cause: err })
@@ -176,7 +183,7 @@ class PostgresDb implements Db {
         // Destroyed, not returned to the pool; the listener stays, for the socket's last words.
         client.release(true)
       }
-      throw this.#unreachable(err)
+      throw this.#unreachable(err, untimed)
     }
   }
 

@@ -16,8 +16,10 @@
 //    the plaintext is shown once, to whoever rotates), so the owner rotates before the deadline
 //    and the successor carries the policy on.
 // 5. Pruning: rows older than their retention are deleted from each table of `pruneRules` that
-//    exists (tables of other features join the list; a missing table is skipped), 5,000 rows to
-//    a statement, so each one stays within store.query_timeout_ms.
+//    exists (tables of other features join the list; a missing table is skipped), by the
+//    instance that did 1-4, once their transaction has committed, 5,000 rows to a statement
+//    (each its own transaction), so each stays within store.query_timeout_ms and none holds a
+//    key's lock.
 //
 // Every status change writes a `key.expired` audit row (actor `system`) and, once committed, is
 // told to the key service's listeners, so caches and other instances drop the key.
@@ -124,16 +126,19 @@ export class Scheduler {
       for (const a of announced) {
         await this.#o.audit.write(tx, SYSTEM, { keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })
       }
-      for (const rule of this.#o.pruneRules) {
-        const n = await prune(tx, rule, now)
-        if (n !== undefined) pruned[rule.table] = n
-      }
       return true
     })
     if (!ran) return null
     for (const e of ended) this.#o.keys.notify({ action: 'expired', key: e.key })
     for (const a of announced) {
       this.#o.events?.emit('key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
+    }
+    // After the keys' transaction, a statement at a time: a long prune holds no key's row lock
+    // (an admin call on a key being expired would wait out its own query timeout behind it), and
+    // a prune that fails takes no expiry with it.
+    for (const rule of this.#o.pruneRules) {
+      const n = await prune(this.#o.db, rule, now)
+      if (n !== undefined) pruned[rule.table] = n
     }
     const run: SchedulerRun = {
       graceEnded: ended.filter((e) => e.reason === 'grace_ended').map((e) => e.key.id),

@@ -1,12 +1,16 @@
 // Per-key request counts and rejections by reason, for the admin API's reports. The gateway
 // counts in memory on the request path (a Map update or two, no I/O); the recorder adds the counts
 // to hourly rows every `usage.flush_interval_s` and on shutdown. A failed flush keeps its counts
-// for the next one. Memory is bounded by the keys that authenticated within one flush interval
-// (reasons are a closed set of error codes).
+// for the next one. Memory is bounded by the keys that authenticated (per hour) since the last
+// flush that succeeded (reasons are a closed set of error codes); a flush writes FLUSH_BATCH rows
+// to a statement, so one after a long store outage still fits store.query_timeout_ms.
 import type { Db } from './db.ts'
 import type { Logger } from './log.ts'
 
 export const BUCKET_MS = 3_600_000
+
+/** Rows one statement of a flush writes at most. */
+export const FLUSH_BATCH = 10_000
 
 /** What the gateway calls once per answered request. */
 export interface UsageSink {
@@ -148,27 +152,36 @@ export class UsageRecorder implements UsageSink {
         r.counts.push(n)
       }
     }
+    const lastIds = [...last.keys()]
+    const lastAt = [...last.values()].map((ms) => new Date(ms).toISOString())
     try {
+      // One transaction (all or nothing: a failed flush keeps every count), in statements of at
+      // most FLUSH_BATCH rows: one statement for everything pending after a long store outage
+      // outgrew store.query_timeout_ms, failed, and grew again at every retry.
       await this.#db.transaction(async (tx) => {
-        if (k.ids.length > 0) {
+        for (let i = 0; i < k.ids.length; i += FLUSH_BATCH) {
+          const end = i + FLUSH_BATCH
           await tx.query(
             `INSERT INTO api_key_usage (key_id, bucket, requests, rejected)
              SELECT u.key_id, u.bucket::timestamptz, u.requests, u.rejected FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(key_id, bucket, requests, rejected)
              ON CONFLICT (key_id, bucket) DO UPDATE SET requests = api_key_usage.requests + EXCLUDED.requests, rejected = api_key_usage.rejected + EXCLUDED.rejected`,
-            [k.ids, k.buckets, k.requests, k.rejected],
+            [k.ids.slice(i, end), k.buckets.slice(i, end), k.requests.slice(i, end), k.rejected.slice(i, end)],
           )
+        }
+        for (let i = 0; i < lastIds.length; i += FLUSH_BATCH) {
           await tx.query(
             `UPDATE api_keys SET last_used_at = GREATEST(coalesce(api_keys.last_used_at, u.at::timestamptz), u.at::timestamptz)
              FROM unnest($1::text[], $2::text[]) AS u(id, at) WHERE api_keys.id = u.id`,
-            [[...last.keys()], [...last.values()].map((ms) => new Date(ms).toISOString())],
+            [lastIds.slice(i, i + FLUSH_BATCH), lastAt.slice(i, i + FLUSH_BATCH)],
           )
         }
-        if (r.reasons.length > 0) {
+        for (let i = 0; i < r.reasons.length; i += FLUSH_BATCH) {
+          const end = i + FLUSH_BATCH
           await tx.query(
             `INSERT INTO api_key_rejections (bucket, reason, count)
              SELECT u.bucket::timestamptz, u.reason, u.count FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(bucket, reason, count)
              ON CONFLICT (bucket, reason) DO UPDATE SET count = api_key_rejections.count + EXCLUDED.count`,
-            [r.buckets, r.reasons, r.counts],
+            [r.buckets.slice(i, end), r.reasons.slice(i, end), r.counts.slice(i, end)],
           )
         }
       })

@@ -178,8 +178,31 @@ forEachStore(t, async (t, store) => {
     await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) SELECT $1, 'batch_' || i, 1 FROM generate_series(1, $2::int) AS i`, [hour(now - 401 * DAY), old])
     await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) VALUES ($1, 'batch_young', 1)`, [hour(now - 399 * DAY)])
     const run = await scheduler.runOnce()
-    t.equal(run?.pruned.api_key_rejections, old, `${old} rows pruned, in three statements`)
+    t.equal(run?.pruned.api_key_rejections, old, `all ${old} rows pruned`)
     t.same((await store.db.query<{ reason: string }>(`SELECT reason FROM api_key_rejections WHERE reason LIKE 'batch_%'`)).map((r) => r.reason), ['batch_young'], 'the young row stays')
+  })
+
+  // A table to prune whose deletions the test controls: each one waits `sleepS`, or fails.
+  const pruneTable = async (name: string, body: string) => {
+    await store.db.exec(`CREATE TABLE ${name} (t timestamptz NOT NULL);
+      CREATE FUNCTION ${name}_on_delete() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN ${body} RETURN OLD; END $$;
+      CREATE TRIGGER ${name}_on_delete BEFORE DELETE ON ${name} FOR EACH ROW EXECUTE FUNCTION ${name}_on_delete();`)
+    await store.db.query(`INSERT INTO ${name} (t) VALUES ($1)`, [new Date(clock.now().getTime() - 2 * DAY)])
+    return new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: DAY, pruneRules: [{ table: name, column: 't', retentionDays: 1 }] })
+  }
+  const expiringKey = async (name: string) => {
+    const { record } = await s.keys.create({ name, type: 'user', expires_at: new Date(clock.now().getTime() + HOUR).toISOString() }, ACTOR)
+    clock.set(new Date(clock.now().getTime() + 2 * HOUR))
+    return record
+  }
+
+  await t.test('a prune that fails takes no expiry with it: the keys are committed and told first', async (t) => {
+    const failing = await pruneTable('prune_refused', `RAISE EXCEPTION 'this prune fails';`)
+    const record = await expiringKey('expires-before-a-failing-prune')
+    changes.length = 0
+    await t.rejects(failing.runOnce(), /this prune fails/)
+    t.equal((await s.keys.get(record.id)).status, 'expired', 'expired all the same')
+    t.ok(changes.some((c) => c.action === 'expired' && c.key.id === record.id), 'and told to the caches')
   })
 
   if (store.kind === 'postgres') {
@@ -195,6 +218,28 @@ forEachStore(t, async (t, store) => {
       t.not(await elsewhere.runOnce(), null, 'runs once the lock is free')
       const both = await Promise.all([scheduler.runOnce(), elsewhere.runOnce()])
       t.ok(both.some((r) => r !== null), 'of two at once, at least one ran and none failed')
+    })
+
+    await t.test('a long prune holds no lock on the keys the run expired', async (t) => {
+      const slow = await pruneTable('prune_slow', 'PERFORM pg_sleep(1.5);')
+      const record = await expiringKey('expires-before-a-slow-prune')
+      const run = slow.runOnce()
+      const other = new pg.Client({ connectionString: store.url })
+      await other.connect()
+      t.teardown(() => other.end())
+      let pruning = false
+      for (let i = 0; i < 500 && !pruning; i++) {
+        pruning = (await other.query(`SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%DELETE FROM "prune_slow"%' AND state = 'active' AND pid <> pg_backend_pid()`)).rows.length > 0
+        if (!pruning) await new Promise((resolve) => setTimeout(resolve, 10))
+      }
+      t.ok(pruning, 'the prune is running')
+      // Before, the prune ran in the keys' transaction: the row stayed locked (and still active to
+      // others) until it ended, and an admin call on the key waited out its query timeout.
+      await other.query('BEGIN')
+      const locked = await other.query<{ status: string }>('SELECT status FROM api_keys WHERE id = $1 FOR UPDATE NOWAIT', [record.id])
+      await other.query('ROLLBACK')
+      t.same(locked.rows, [{ status: 'expired' }], 'the key row is free, and expired, while the prune runs')
+      t.equal((await run)?.pruned.prune_slow, 1)
     })
 
     await t.test('a rotation interval raised while the scheduler enforces the old deadline: the committed change wins', async (t) => {

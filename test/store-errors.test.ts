@@ -58,6 +58,12 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
   const db = await openDb({ databaseUrl: through.href, poolMax: 2, queryTimeoutMs: 300 })
   t.teardown(() => db.close())
 
+  // The server's half is a SET on each new connection, not a startup parameter: PgBouncer refuses
+  // those it does not know ("unsupported startup parameter: statement_timeout"), and with it the start.
+  await db.query('SELECT 1')
+  t.notMatch(gate.sent(), /statement_timeout\0/, 'no statement_timeout among the startup parameters')
+  t.match(gate.sent(), /SET statement_timeout = 300\0/, 'set as the connection opens')
+
   // Slow on the server: PostgreSQL cancels it (57014). Without the timeout it would return after 3 s.
   for (const [what, slow] of [
     ['a query', () => db.query('SELECT pg_sleep(3)')],
@@ -65,7 +71,7 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
   ] as const) {
     const err = await rejection(slow())
     t.equal(err.code, 'store_unavailable', `${what} cancelled by the server: store_unavailable`)
-    t.match(err.message, /did not answer within store\.query_timeout_ms \(300 ms\): canceling statement due to statement timeout/)
+    t.match(err.message, /cancelled the statement \(store\.query_timeout_ms is 300 ms\): canceling statement due to statement timeout/)
     t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], `after ${what}, the pool goes on`)
   }
 
@@ -79,7 +85,7 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
   ] as const) {
     const err = await rejection(hang())
     t.equal(err.code, 'store_unavailable', `${what} on a silent connection: store_unavailable`)
-    t.match(err.message, /did not answer within store\.query_timeout_ms \(300 ms\): Query read timeout/)
+    t.match(err.message, /did not answer within store\.query_timeout_ms \(300 ms\) and a second more: Query read timeout/)
   }
   gate.set('open')
   // The silent connections were dropped, not handed out again.
@@ -105,6 +111,29 @@ t.test('PostgreSQL: migrations and other untimed transactions are not held to st
   await other.query('COMMIT')
   const { applied } = await migrating
   t.ok(applied.length > 0, `migrations applied after waiting for the other instance (${applied.length})`)
+
+  // A cancellation that is not the limit's keeps PostgreSQL's code and words where no limit was
+  // in force (an untimed transaction, query_timeout_ms 0); under the limit it is a 503 naming it.
+  const untimedDb = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
+  t.teardown(() => untimedDb.close())
+  const cancelled = async (what: Promise<unknown>) => {
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    await other.query(`SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(2.5)%' AND pid <> pg_backend_pid()`)
+    return rejection(what)
+  }
+  for (const [what, run] of [
+    ['query_timeout_ms 0', () => untimedDb.query('SELECT pg_sleep(2.5)')],
+    ['an untimed transaction', () => db.transaction((tx) => tx.query('SELECT pg_sleep(2.5)'), { untimed: true })],
+  ] as const) {
+    const err = await cancelled(run())
+    t.equal(err.code, '57014', `${what}, cancelled by an operator: PostgreSQL's own code`)
+    t.equal(err.message, 'canceling statement due to user request')
+  }
+  const longer = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 60_000 })
+  t.teardown(() => longer.close())
+  const err = await cancelled(longer.query('SELECT pg_sleep(2.5)'))
+  t.equal(err.code, 'store_unavailable', 'a timed statement cancelled by an operator: 503')
+  t.match(err.message, /cancelled the statement \(store\.query_timeout_ms is 60000 ms\): canceling statement due to user request/)
 })
 
 t.test('a lone surrogate is found however deep the value nests, without recursion', async (t) => {

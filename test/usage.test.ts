@@ -1,8 +1,12 @@
 // The usage recorder on both stores: counts per key and hour, rejections by code, flushes that
-// add up across recorders, last_used_at, and a failed flush keeping its counts for the next one.
+// add up across recorders, last_used_at, and a failed flush keeping its counts for the next one;
+// on PostgreSQL, a flush larger than one statement's batch.
 import t from 'tap'
-import { UsageRecorder, UsageReports, BUCKET_MS } from '../core/usage.ts'
-import { forEachStore, testServices, T0 } from './helpers/stores.ts'
+import { openDb } from '../core/db.ts'
+import { migrate } from '../core/migrate.ts'
+import { UsageRecorder, UsageReports, BUCKET_MS, FLUSH_BATCH } from '../core/usage.ts'
+import { forEachStore, freshDatabase, testServices, T0 } from './helpers/stores.ts'
+import { tcpGate } from './helpers/tcp-gate.ts'
 
 await forEachStore(t, async (t, store) => {
   const { keys } = testServices(store.db)
@@ -59,4 +63,24 @@ await forEachStore(t, async (t, store) => {
     await r.flush()
     t.equal((await reports.byKey(window))[0]?.requests, 2, 'the next flush writes both counts')
   })
+})
+
+t.test('PostgreSQL: a flush of more keys than one statement takes writes them all, FLUSH_BATCH rows to a statement', async (t) => {
+  const url = await freshDatabase(t)
+  const gate = await tcpGate(t, Number(new URL(url).port || 5432))
+  const through = new URL(url)
+  through.port = String(gate.port)
+  const db = await openDb({ databaseUrl: through.href, poolMax: 1, queryTimeoutMs: 5000 })
+  t.teardown(() => db.close())
+  await migrate(db)
+  // After a long store outage, say: before, all of it went in one statement, which outgrew the
+  // query timeout, failed, and grew again at every retry.
+  const keysPending = 2 * FLUSH_BATCH + 1
+  const recorder = new UsageRecorder({ db })
+  const at = T0.getTime()
+  for (let i = 0; i < keysPending; i++) recorder.count(`key${i}`, i % 2 ? 'forwarded' : 'rate_limited', at)
+  await recorder.flush()
+  const [stored] = await db.query<{ rows: number; requests: number; rejected: number }>(`SELECT count(*)::int AS rows, sum(requests)::int AS requests, sum(rejected)::int AS rejected FROM api_key_usage`)
+  t.same(stored, { rows: keysPending, requests: keysPending, rejected: FLUSH_BATCH + 1 }, 'every count written once')
+  t.equal(gate.sent().split('INSERT INTO api_key_usage').length - 1, 3, `${keysPending} rows in three statements`)
 })

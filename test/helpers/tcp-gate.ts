@@ -17,17 +17,21 @@ export type GateState =
 export interface TcpGate {
   port: number
   set(state: GateState): void
+  /** Every byte the clients sent through the gate so far, as latin1 text (to look for what went on the wire). */
+  sent(): string
 }
 
 export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: GateState = 'open'): Promise<TcpGate> {
   const sockets = new Set<net.Socket>()
   // Connections that have once been silent stay so: their byte streams are broken.
   const muted = new WeakSet<net.Socket>()
+  const fromClients: Buffer[] = []
   const server = net.createServer((client) => {
     sockets.add(client)
     client.on('error', () => {}).on('close', () => sockets.delete(client))
     if (state === 'shut') return void client.destroy()
     if (state === 'silent') return void muted.add(client)
+    client.on('data', (d: Buffer) => void fromClients.push(d))
     const upstream = net.connect(target, '127.0.0.1')
     sockets.add(upstream)
     for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
@@ -47,6 +51,7 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   })
   return {
     port: (server.address() as net.AddressInfo).port,
+    sent: () => Buffer.concat(fromClients).toString('latin1'),
     set(next) {
       state = next
       if (next === 'silent') for (const s of sockets) muted.add(s)
