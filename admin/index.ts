@@ -1,7 +1,7 @@
 // The admin API as routes for createAdminServer: the operations (credential required), the
 // OpenAPI document and the interactive docs (public: they hold no data).
-import { readFileSync } from 'node:fs'
 import { AnomalyFeed, AnomalyLog } from '../core/anomalies.ts'
+import { VERSION } from '../core/package.ts'
 import type { AuditLog } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import type { DenyListService } from '../core/deny-list.ts'
@@ -20,7 +20,6 @@ import { openApiDocument } from './openapi.ts'
 import { OPERATIONS } from './routes/index.ts'
 import type { AdminRoute } from './server.ts'
 
-const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
 
 export interface AdminApiDeps {
   db: Db

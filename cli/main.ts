@@ -1,13 +1,13 @@
 // The keygate command line: dispatch, configuration, and the one place failures become exit
 // codes (0 done, 1 refused, 2 usage) with the reason on stderr.
 import { userInfo } from 'node:os'
-import { readFileSync } from 'node:fs'
 import { defaultConfigFile, FLAG_NAMES, loadConfig, renderConfigDocs } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
+import { VERSION } from '../core/package.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
@@ -22,7 +22,6 @@ import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
 
-const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
 

@@ -2,7 +2,8 @@
 // migration and every query in keygate is written once and runs on both.
 import { linkSync, mkdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
-import { join, resolve } from 'node:path'
+import { extname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError } from './embedded-worker.ts'
@@ -241,7 +242,8 @@ class EmbeddedDb implements Db {
 
   /** Starts the store's thread and resolves once PGlite is open there (in memory without `dataDir`). */
   static async open(dataDir: string | undefined, release: () => void): Promise<EmbeddedDb> {
-    const worker = new Worker(new URL('./embedded-worker.ts', import.meta.url), { workerData: { dataDir } })
+    // .ts in a clone, .js compiled into an installed package's dist/.
+    const worker = new Worker(new URL(`./embedded-worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url), { workerData: { dataDir } })
     let onExit: ((code: number) => void) | undefined
     let onError: ((err: Error) => void) | undefined
     // Only these listeners come off afterwards: the Worker's own (which start its message port) must stay.

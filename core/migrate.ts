@@ -3,13 +3,13 @@
 // apply each file exactly once; PostgreSQL DDL is transactional, so a failing file leaves
 // nothing half-applied.
 import { readdirSync, readFileSync } from 'node:fs'
-import { fileURLToPath } from 'node:url'
 import { join } from 'node:path'
 import { hash } from 'node:crypto'
 import { sqlState, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
+import { PACKAGE_ROOT } from './package.ts'
 
-export const MIGRATIONS_DIR = fileURLToPath(new URL('../migrations/', import.meta.url))
+export const MIGRATIONS_DIR = join(PACKAGE_ROOT, 'migrations')
 const FILE = /^(\d{4})_[a-z0-9_]+\.sql$/
 /** pg_advisory_xact_lock id the migrations run under ("kgmg"): one instance migrates at a time. */
 export const MIGRATION_LOCK_ID = 0x6b67_6d67

@@ -49,10 +49,11 @@ export function spawnClean(command: string, args: readonly string[], options: Sp
   return spawn('env', [...hooked.flatMap((k) => ['-u', k]), ...own, command, ...args], options)
 }
 
-export function runCli(args: string[], options: { env?: Record<string, string | undefined>; input?: string; cwd?: string } = {}): Promise<CliResult> {
+/** Runs `keygate args`; `bin` is another keygate command to run (an installed package's). */
+export function runCli(args: string[], options: { env?: Record<string, string | undefined>; input?: string; cwd?: string; bin?: string } = {}): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const env = childEnv(options.env)
-    const child = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
+    const child = spawnClean(process.execPath, [options.bin ?? KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
     let stdout = ''
     let stderr = ''
     child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))

@@ -51,11 +51,13 @@ export interface ServeOptions {
   timeoutMs?: number
   /** In a process group of its own, as a service manager starts it (so the test can signal the group). */
   detached?: boolean
+  /** Another keygate command to run (an installed package's). */
+  bin?: string
 }
 
 export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served> {
   const env = childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env })
-  const child = spawnClean(process.execPath, [KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
+  const child = spawnClean(process.execPath, [options.bin ?? KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
   let out = ''
   let err = ''
   let partial = ''
