@@ -1,9 +1,8 @@
 #!/usr/bin/env node
-// The installed `keygate` command. Node strips TypeScript's types only outside node_modules, so
-// a package installed from npm runs the JavaScript that `npm pack` compiled into dist/; a clone
-// (or `npm link` to one) runs its TypeScript directly, with no build step and nothing stale.
-import { sep } from 'node:path'
-import { fileURLToPath } from 'node:url'
+// The `keygate` command, in a clone and in the npm package alike. A clone runs its TypeScript
+// directly (no build step, so never a stale one, even with a dist/ left by `npm run build`). The
+// package carries no TypeScript: it runs what `npm pack` compiled into dist/, since Node strips
+// no types under node_modules, wherever it was unpacked (node_modules, /opt, a container).
+import { existsSync } from 'node:fs'
 
-const installed = fileURLToPath(import.meta.url).split(sep).includes('node_modules')
-await import(installed ? '../dist/bin/keygate.js' : './keygate.ts')
+await import(existsSync(new URL('./keygate.ts', import.meta.url)) ? './keygate.ts' : '../dist/bin/keygate.js')
