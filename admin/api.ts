@@ -36,10 +36,17 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
   if (Number(req.headers['content-length'] ?? 0) > max) throw tooLarge()
   const chunks: Buffer[] = []
   let size = 0
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length
-    if (size > max) throw tooLarge()
-    chunks.push(chunk as Buffer)
+  try {
+    for await (const chunk of req) {
+      size += (chunk as Buffer).length
+      if (size > max) throw tooLarge()
+      chunks.push(chunk as Buffer)
+    }
+  } catch (err) {
+    if (isKeygateError(err)) throw err
+    // The client went away mid-body, or sent a chunked body that does not parse: its mistake,
+    // not a server failure (before, an error-level log line each, and a 500).
+    throw new AdminError('bad_request', `the body did not arrive whole: ${(err as Error).message}`, { connection: 'close' })
   }
   const text = Buffer.concat(chunks).toString('utf8')
   if (text.trim() === '') return undefined

@@ -11,7 +11,9 @@ export function encodeCursor(createdAt: Date, id: string): string {
 export function decodeCursor(cursor: string): { createdAt: Date; id: string } {
   try {
     const [at, id] = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8')) as [unknown, unknown]
-    if (typeof id === 'string' && typeof at === 'string' && isDateTime(at)) return { createdAt: new Date(at), id }
+    // An id as the store holds them: no NUL and no lone surrogate (text PostgreSQL cannot take; a
+    // made-up cursor with one got a 500), and no longer than any id keygate writes.
+    if (typeof id === 'string' && id.length <= 128 && !id.includes('\u0000') && id.isWellFormed() && typeof at === 'string' && isDateTime(at)) return { createdAt: new Date(at), id }
   } catch {}
   throw fieldInvalid('cursor', 'is not a cursor this server returned')
 }

@@ -4,6 +4,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
+import { scrub } from './log.ts'
 
 /** The words for what a schema node allows. */
 export function describeAllowed(schema: TSchema): string {
@@ -114,6 +115,9 @@ export function showValue(value: unknown, secret = false): string {
   } catch {
     return 'a value too deeply nested to show' // RangeError: the stack ran out
   }
+  // A secret where a value of another shape belongs (a key pasted as the whole body or import
+  // row) is not shown either: anything shaped like a key goes, as in the log.
+  s = scrub(s)
   return s.length > 80 ? s.slice(0, 77) + '...' : s
 }
 

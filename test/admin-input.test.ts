@@ -9,6 +9,7 @@ import net from 'node:net'
 import { startAdmin } from './helpers/admin.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { openDb } from '../core/db.ts'
+import { createLogger } from '../core/log.ts'
 import type { Answer } from './helpers/gateway.ts'
 
 /** JSON text nested `levels` objects deep (JSON.stringify of such a value overflows the stack). */
@@ -16,7 +17,10 @@ const deep = (levels: number): string => '{"a":'.repeat(levels) + '1' + '}'.repe
 const json = { 'content-type': 'application/json' }
 
 await forEachStore(t, async (t, store) => {
-  const h = await startAdmin(t, store.db, { config: { admin: { max_body_bytes: 1_000_000 } } })
+  const logged: Array<{ level: string; msg: string }> = []
+  const log = createLogger({ level: 'info', write: (line) => void logged.push(JSON.parse(line) as { level: string; msg: string }) })
+  const errorLines = () => logged.filter((l) => l.level === 'error').length
+  const h = await startAdmin(t, store.db, { config: { admin: { max_body_bytes: 1_000_000 } }, log })
   const before = await h.auditRows()
   const refused = (a: Answer, status: number, code: string, what: string) => {
     t.equal(a.status, status, `${what}: ${status}`)
@@ -79,9 +83,24 @@ await forEachStore(t, async (t, store) => {
     ['a time after it', cursor(['+275760-09-13T00:00:00Z', 'x'])],
     ['a number for the time', cursor([1, 'x'])],
     ['not JSON', 'bm90LWEtY3Vyc29y'],
+    // Before, these reached PostgreSQL, which cannot hold such text: 500 and an error log line.
+    ['a NUL in the id', cursor(['2026-01-01T00:00:00Z', 'a\u0000b'])],
+    ['a lone surrogate in the id', cursor(['2026-01-01T00:00:00Z', 'a\ud800'])],
   ] as const) {
     refused(await h.call('GET', `/v1/keys/${pair.json?.id}/audit?cursor=${c}`), 400, 'validation_failed', `an audit cursor with ${what}`)
+    refused(await h.call('GET', `/v1/keys?cursor=${c}`), 400, 'validation_failed', `a list cursor with ${what}`)
   }
+
+  // A key sent where another shape belongs (the whole body, an import row) is not shown back.
+  const pasted = pair.json?.key as string
+  const wrapped = await h.call('POST', '/v1/keys/validate', { body: [pasted] })
+  refused(wrapped, 400, 'validation_failed', 'a key as the whole body')
+  t.notOk(wrapped.text.includes(pasted), 'and not echoed')
+  const legacy = '0f8e2b9c-1d2a-4b3c-8d4e-5f6a7b8c9d0e'
+  const row = await h.call('POST', '/v1/keys/import', { body: { type: 'user', rows: [legacy] } })
+  refused(row, 400, 'import_invalid', 'a legacy key as a whole import row')
+  t.notOk(row.text.includes(legacy), 'and not echoed')
+  t.notMatch(row.text, /row 1: row 1/, 'the row named once')
 
   const secret = 'gtp_' + 'S'.repeat(300)
   const echoed = await h.call('POST', '/v1/keys/validate', { body: { key: secret } })
@@ -111,6 +130,21 @@ await forEachStore(t, async (t, store) => {
   t.match(closed.head, /^HTTP\/1.1 401/, 'refused without a credential')
   t.match(closed.head, /\r\nconnection: close\r\n/i, 'with Connection: close')
   t.ok(closed.destroyed, 'and the connection is closed instead of the body being read')
+
+  // A client that goes away mid-body, with a credential: its mistake, not a server failure.
+  const errorsBefore = errorLines()
+  for (const body of [`Content-Length: 1000\r\n\r\n{"name":`, `Transfer-Encoding: chunked\r\n\r\nzz\r\n`]) {
+    await new Promise<void>((resolve) => {
+      const socket = net.connect(port, '127.0.0.1', () => {
+        socket.write(`POST /v1/keys HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\n${body}`)
+        setTimeout(() => (socket.destroy(), resolve()), 200)
+      })
+      socket.on('error', () => {})
+    })
+  }
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.same(logged.slice(-5).filter((l) => l.level === 'error'), [], 'no error logged for a body cut short')
+  t.equal(errorLines(), errorsBefore)
 
   // An anomaly stream opened with an admin key ends when the key is revoked.
   const admin = await h.keys.create({ name: 'watcher', type: 'system', scopes: ['admin'] }, { actor: 'test' })

@@ -21,6 +21,12 @@ await forEachStore(t, async (t, store) => {
     t.match(created.json, { name: 'deploy', user: 'alice', scopes: ['read:repository', 'read:user'], created_by: `key:${h.adminKeyId}` })
     t.ok(fake.tokens.some((x) => x.sha1 === created.json.token), 'the token exists in Gitea')
     t.equal(await h.auditRows(), before + 1, 'one audit row for the create')
+    // `..` would leave /api/v1/users/ in the path Gitea is called on, with keygate's credentials.
+    for (const user of ['..', '.']) {
+      const dots = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'dots', scopes: ['read:user'], user } })
+      t.equal(dots.status, 400, `user ${user}: refused`)
+      t.equal(dots.json?.error?.code, 'validation_failed')
+    }
 
     const verified = await h.call('POST', '/v1/gitea/tokens/verify', { body: { secret: created.json.token } })
     documented(t, 'verifyGiteaToken', verified)

@@ -5,6 +5,12 @@ import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
 
 const ScopeName = Type.String({ minLength: 1, maxLength: 100, pattern: '^[a-z0-9][a-z0-9:._-]*$' })
+/**
+ * A Gitea user name as it goes into `/api/v1/users/{user}/tokens`: never `.` or `..`, which
+ * encodeURIComponent leaves as they are, so the path would resolve to another endpoint (called
+ * with keygate's own Basic credentials). Gitea itself takes no such name.
+ */
+const GITEA_USER = '^(?!\\.\\.?$)'
 
 export const CreateGiteaTokenBody = Type.Object(
   {
@@ -15,14 +21,14 @@ export const CreateGiteaTokenBody = Type.Object(
       uniqueItems: true,
       description: 'Gitea scopes such as `read:repository` or `write:issue` (`all`, `public-only`, `read:`/`write:` of each category).',
     }),
-    user: Type.Optional(Type.String({ minLength: 1, maxLength: 255, description: 'The Gitea user the token is for (default GITEA_USERNAME; another user needs a site admin).' })),
+    user: Type.Optional(Type.String({ minLength: 1, maxLength: 255, pattern: GITEA_USER, description: 'The Gitea user the token is for (default GITEA_USERNAME; another user needs a site admin).' })),
   },
   { additionalProperties: false },
 )
 export type CreateGiteaTokenInput = Static<typeof CreateGiteaTokenBody>
 
 export const DeleteGiteaTokenQuery = Type.Object(
-  { user: Type.Optional(Type.String({ minLength: 1, maxLength: 255, description: 'The Gitea user owning the token (default GITEA_USERNAME).' })) },
+  { user: Type.Optional(Type.String({ minLength: 1, maxLength: 255, pattern: GITEA_USER, description: 'The Gitea user owning the token (default GITEA_USERNAME).' })) },
   { additionalProperties: false },
 )
 export type DeleteGiteaTokenInput = Static<typeof DeleteGiteaTokenQuery>

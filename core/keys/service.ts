@@ -380,7 +380,8 @@ export class KeyService {
         rows.push(row)
       } catch (err) {
         if (!(err instanceof KeygateError)) throw err
-        problems.push(`row ${i + 1}: ${err.message}`)
+        // The message names the row already when the row itself is what is wrong (`row 3: …`).
+        problems.push(err.message.startsWith(`row ${i + 1}`) ? err.message : `row ${i + 1}: ${err.message}`)
       }
     })
     if (problems.length === 0) {

@@ -20,7 +20,7 @@ import { GiteaTokenService } from '../../core/integrations/gitea.ts'
 import { N8nKeyService } from '../../core/integrations/n8n.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { createLockout, type Lockout } from '../../core/lockout.ts'
-import { silentLogger } from '../../core/log.ts'
+import { silentLogger, type Logger } from '../../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../../core/metrics.ts'
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { teeUsage, UsageRecorder } from '../../core/usage.ts'
@@ -78,6 +78,8 @@ export interface AdminHarnessOptions {
   n8n?: N8nKeyService
   /** Shared windows, alerts and the SSE feed over Redis (as `serve` with REDIS_URL). */
   redis?: Redis
+  /** The admin server's log (default: none). */
+  log?: Logger
 }
 
 export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions = {}): Promise<AdminHarness> {
@@ -109,7 +111,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
     await webhooks.close()
   })
   const server = createAdminServer({
-    log: silentLogger,
+    log: options.log ?? silentLogger,
     routes: createAdminApi({
       db,
       keys,
