@@ -20,7 +20,6 @@ import { openApiDocument } from './openapi.ts'
 import { OPERATIONS } from './routes/index.ts'
 import type { AdminRoute } from './server.ts'
 
-
 export interface AdminApiDeps {
   db: Db
   keys: KeyService

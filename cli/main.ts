@@ -22,7 +22,6 @@ import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
 
-
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
 
 usage: keygate <command> [options]

@@ -43,6 +43,9 @@ const QUERY_CANCELED = '57014'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
 
+/** Whether a statement got no answer within its query_timeout (its connection is still held by it). */
+const isReadTimeout = (err: unknown): boolean => err instanceof Error && err.message === READ_TIMEOUT
+
 /** Socket errors of a connection to PostgreSQL that failed or broke. */
 const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
 
@@ -111,8 +114,8 @@ class PostgresDb implements Db {
    */
   #unreachable(err: unknown, untimed = false): unknown {
     if (this.#readTimeout !== undefined && !untimed) {
-      if (err instanceof Error && err.message === READ_TIMEOUT) {
-        return new KeygateError('store_unavailable', `the store (${this.#where}) did not answer within store.query_timeout_ms (${this.#timeoutMs} ms) and a second more: ${err.message}`, undefined, { cause: err })
+      if (isReadTimeout(err)) {
+        return new KeygateError('store_unavailable', `the store (${this.#where}) did not answer within store.query_timeout_ms (${this.#timeoutMs} ms) and a second more: ${READ_TIMEOUT}`, undefined, { cause: err })
       }
       // PostgreSQL's words say which cancellation it was (in the server's language).
       if (sqlState(err) === QUERY_CANCELED) {
@@ -176,7 +179,7 @@ class PostgresDb implements Db {
       try {
         // A statement that got no answer still holds the connection: a ROLLBACK would only wait
         // behind it. Dropping the connection rolls the transaction back on the server.
-        if (err instanceof Error && err.message === READ_TIMEOUT) throw err
+        if (isReadTimeout(err)) throw err
         await run('ROLLBACK')
         client.off('error', onLost)
         client.release()

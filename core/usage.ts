@@ -12,6 +12,12 @@ export const BUCKET_MS = 3_600_000
 /** Rows one statement of a flush writes at most. */
 export const FLUSH_BATCH = 10_000
 
+/** Parallel arrays (one per statement parameter, a row per index) cut into FLUSH_BATCH rows at a time. */
+function* batches(columns: ReadonlyArray<readonly unknown[]>): Generator<unknown[][]> {
+  const rows = columns[0]?.length ?? 0
+  for (let i = 0; i < rows; i += FLUSH_BATCH) yield columns.map((c) => c.slice(i, i + FLUSH_BATCH))
+}
+
 /** What the gateway calls once per answered request. */
 export interface UsageSink {
   /**
@@ -152,36 +158,32 @@ export class UsageRecorder implements UsageSink {
         r.counts.push(n)
       }
     }
-    const lastIds = [...last.keys()]
-    const lastAt = [...last.values()].map((ms) => new Date(ms).toISOString())
     try {
       // One transaction (all or nothing: a failed flush keeps every count), in statements of at
       // most FLUSH_BATCH rows: one statement for everything pending after a long store outage
       // outgrew store.query_timeout_ms, failed, and grew again at every retry.
       await this.#db.transaction(async (tx) => {
-        for (let i = 0; i < k.ids.length; i += FLUSH_BATCH) {
-          const end = i + FLUSH_BATCH
+        for (const params of batches([k.ids, k.buckets, k.requests, k.rejected])) {
           await tx.query(
             `INSERT INTO api_key_usage (key_id, bucket, requests, rejected)
              SELECT u.key_id, u.bucket::timestamptz, u.requests, u.rejected FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(key_id, bucket, requests, rejected)
              ON CONFLICT (key_id, bucket) DO UPDATE SET requests = api_key_usage.requests + EXCLUDED.requests, rejected = api_key_usage.rejected + EXCLUDED.rejected`,
-            [k.ids.slice(i, end), k.buckets.slice(i, end), k.requests.slice(i, end), k.rejected.slice(i, end)],
+            params,
           )
         }
-        for (let i = 0; i < lastIds.length; i += FLUSH_BATCH) {
+        for (const params of batches([[...last.keys()], [...last.values()].map((ms) => new Date(ms).toISOString())])) {
           await tx.query(
             `UPDATE api_keys SET last_used_at = GREATEST(coalesce(api_keys.last_used_at, u.at::timestamptz), u.at::timestamptz)
              FROM unnest($1::text[], $2::text[]) AS u(id, at) WHERE api_keys.id = u.id`,
-            [lastIds.slice(i, i + FLUSH_BATCH), lastAt.slice(i, i + FLUSH_BATCH)],
+            params,
           )
         }
-        for (let i = 0; i < r.reasons.length; i += FLUSH_BATCH) {
-          const end = i + FLUSH_BATCH
+        for (const params of batches([r.buckets, r.reasons, r.counts])) {
           await tx.query(
             `INSERT INTO api_key_rejections (bucket, reason, count)
              SELECT u.bucket::timestamptz, u.reason, u.count FROM unnest($1::text[], $2::text[], $3::int8[]) AS u(bucket, reason, count)
              ON CONFLICT (bucket, reason) DO UPDATE SET count = api_key_rejections.count + EXCLUDED.count`,
-            [r.buckets.slice(i, end), r.reasons.slice(i, end), r.counts.slice(i, end)],
+            params,
           )
         }
       })
