@@ -16,7 +16,7 @@ import { runCli } from './helpers/cli.ts'
 import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, startUpstream } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
-import { tcpGate } from './helpers/tcp-gate.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 
@@ -246,15 +246,13 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
 
 t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
   const url = await freshDatabase(t)
-  const gate = await tcpGate(t, Number(new URL(url).port || 5432))
-  const through = new URL(url)
-  through.port = String(gate.port)
+  const { gate, url: through } = await gateInFront(t, url)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-query-timeout-'))
   // One connection: it is open when the gate goes silent, so it is reused after, and on it a
   // statement without a timeout would wait for ever (and the pool with it).
   writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 300\n  pool_max: 1\n')
   const token = 'an-admin-token-of-32-characters!'
-  const env = isolatedEnv({ DATABASE_URL: through.href, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token, body: { name: 'not yet cached', type: 'user' } })

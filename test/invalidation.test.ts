@@ -17,7 +17,7 @@ import { keyServiceOptions } from '../core/runtime.ts'
 import { ACTOR, bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
 import { startRedisServer, type RedisServer } from './helpers/redis-server.ts'
 import type { LogLine } from './helpers/serve.ts'
-import { tcpGate } from './helpers/tcp-gate.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 async function metric(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
   const m = registry.getSingleMetric(name)
@@ -91,10 +91,10 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   // The gateway reaches Redis through a gate, shut until the revocation is published: before,
   // Redis itself was stopped and started again, and on a loaded machine the gateway's reconnection
   // could subscribe before the publication, leaving nothing to test.
-  const gate = await tcpGate(t, server.port, 'shut')
+  const { gate, url: gated } = await gateInFront(t, server.url, 'shut')
   const logs: LogLine[] = []
   const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
-  const redis = connectRedis(`redis://127.0.0.1:${gate.port}`, log)
+  const redis = connectRedis(gated, log)
   t.teardown(() => redis.disconnect())
   const config = { cache: { ttl_s: 3600 }, redis: { invalidation_check_ms: 0 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))

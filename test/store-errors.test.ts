@@ -9,7 +9,7 @@ import { openDb } from '../core/db.ts'
 import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt } from '../core/validate.ts'
 import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
-import { tcpGate } from './helpers/tcp-gate.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 t.test('PostgreSQL: a transaction whose connection is lost fails with store_unavailable, and the process goes on', async (t) => {
   const url = await freshDatabase(t)
@@ -52,10 +52,8 @@ t.test('PostgreSQL: a malformed statement (08P01, too many parameters) is its ow
 
 t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_unavailable, on the server and on a silent connection, and the pool goes on', async (t) => {
   const url = await freshDatabase(t)
-  const gate = await tcpGate(t, Number(new URL(url).port || 5432))
-  const through = new URL(url)
-  through.port = String(gate.port)
-  const db = await openDb({ databaseUrl: through.href, poolMax: 2, queryTimeoutMs: 300 })
+  const { gate, url: through } = await gateInFront(t, url)
+  const db = await openDb({ databaseUrl: through, poolMax: 2, queryTimeoutMs: 300 })
   t.teardown(() => db.close())
 
   // The server's half is a SET on each new connection, not a startup parameter: PgBouncer refuses

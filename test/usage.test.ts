@@ -6,7 +6,7 @@ import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { UsageRecorder, UsageReports, BUCKET_MS, FLUSH_BATCH } from '../core/usage.ts'
 import { forEachStore, freshDatabase, testServices, T0 } from './helpers/stores.ts'
-import { tcpGate } from './helpers/tcp-gate.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 await forEachStore(t, async (t, store) => {
   const { keys } = testServices(store.db)
@@ -67,10 +67,8 @@ await forEachStore(t, async (t, store) => {
 
 t.test('PostgreSQL: a flush of more keys than one statement takes writes them all, FLUSH_BATCH rows to a statement', async (t) => {
   const url = await freshDatabase(t)
-  const gate = await tcpGate(t, Number(new URL(url).port || 5432))
-  const through = new URL(url)
-  through.port = String(gate.port)
-  const db = await openDb({ databaseUrl: through.href, poolMax: 1, queryTimeoutMs: 5000 })
+  const { gate, url: through } = await gateInFront(t, url)
+  const db = await openDb({ databaseUrl: through, poolMax: 1, queryTimeoutMs: 5000 })
   t.teardown(() => db.close())
   await migrate(db)
   // After a long store outage, say: before, all of it went in one statement, which outgrew the

@@ -21,6 +21,16 @@ export interface TcpGate {
   sent(): string
 }
 
+const DEFAULT_PORTS: Record<string, number> = { 'postgres:': 5432, 'postgresql:': 5432, 'redis:': 6379 }
+
+/** A gate in front of the server of `url` (on 127.0.0.1), and `url` pointed at the gate. */
+export async function gateInFront(t: Pick<Test, 'teardown'>, url: string, state: GateState = 'open'): Promise<{ gate: TcpGate; url: string }> {
+  const through = new URL(url)
+  const gate = await tcpGate(t, Number(through.port || DEFAULT_PORTS[through.protocol]), state)
+  through.port = String(gate.port)
+  return { gate, url: through.href }
+}
+
 export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: GateState = 'open'): Promise<TcpGate> {
   const sockets = new Set<net.Socket>()
   // Connections that have once been silent stay so: their byte streams are broken.
