@@ -97,13 +97,55 @@ class PostgresDb implements Db {
     })
     // An idle client losing its connection must not crash the process; the next query reconnects.
     this.#pool.on('error', () => {})
-    // The server's half of the limit, set as each connection opens: the first statement queued
-    // on it, so it runs before any other. Not a startup parameter, which PgBouncer refuses
-    // ("unsupported startup parameter") unless told to ignore it.
-    if (queryTimeoutMs > 0) {
-      this.#pool.on('connect', (client) => void client.query(`SET statement_timeout = ${queryTimeoutMs}`).catch(() => {}))
-    }
     this.#where = postgresAt(url)
+  }
+
+  /** Connections that have been given the statement_timeout. */
+  readonly #prepared = new WeakSet<pg.PoolClient>()
+
+  /**
+   * A connection from the pool, for one statement or a transaction. A new one first gets the
+   * server's half of the limit (`SET statement_timeout`), awaited before any other statement: not
+   * a startup parameter, which PgBouncer refuses ("unsupported startup parameter") unless told to
+   * ignore it, and not a statement sent from the pool's 'connect' event, which would overlap the
+   * caller's (node-postgres warns of that on every new connection, and pg 9 refuses it).
+   */
+  async #acquire(): Promise<pg.PoolClient> {
+    const client = await this.#pool.connect()
+    if (this.#readTimeout === undefined || this.#prepared.has(client)) return client
+    try {
+      await client.query(this.#statement(`SET statement_timeout = ${this.#timeoutMs}`, undefined))
+    } catch (err) {
+      client.release(true)
+      throw err
+    }
+    this.#prepared.add(client)
+    return client
+  }
+
+  /**
+   * One statement on a pooled connection. After an error PostgreSQL answered (a constraint, a
+   * cancellation) the connection goes back to the pool; after any other (no answer in time, a
+   * broken or refused connection, a protocol error) it is dropped.
+   */
+  async #once(statement: pg.QueryConfig): Promise<pg.QueryResult> {
+    const client = await this.#acquire()
+    // The pool listens for errors only on idle clients (see transaction()).
+    const onLost = (): void => {}
+    client.on('error', onLost)
+    try {
+      const result = await client.query(statement)
+      client.off('error', onLost)
+      client.release()
+      return result
+    } catch (err) {
+      const state = sqlState(err)
+      const broken = state === undefined || state.startsWith('08') || isUnreachable(err)
+      // A dropped connection keeps the listener, for its socket's last words.
+      if (!broken) client.off('error', onLost)
+      client.release(broken)
+      throw err
+    }
   }
 
   /**
@@ -133,7 +175,7 @@ class PostgresDb implements Db {
 
   async query<R>(text: string, params?: readonly unknown[]): Promise<R[]> {
     try {
-      return (await this.#pool.query(this.#statement(text, params))).rows as R[]
+      return (await this.#once(this.#statement(text, params))).rows as R[]
     } catch (err) {
       throw this.#unreachable(err)
     }
@@ -141,7 +183,7 @@ class PostgresDb implements Db {
 
   async exec(script: string): Promise<void> {
     try {
-      await this.#pool.query(this.#statement(script, undefined))
+      await this.#once(this.#statement(script, undefined))
     } catch (err) {
       throw this.#unreachable(err)
     }
@@ -150,7 +192,7 @@ class PostgresDb implements Db {
   async transaction<T>(fn: (tx: Queryable) => Promise<T>, options: TransactionOptions = {}): Promise<T> {
     let client: pg.PoolClient
     try {
-      client = await this.#pool.connect()
+      client = await this.#acquire()
     } catch (err) {
       throw this.#unreachable(err)
     }

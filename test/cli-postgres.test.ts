@@ -22,6 +22,13 @@ t.test('key lifecycle on PostgreSQL', async (t) => {
 
   await lifecycle(t, { cwd, env: isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY }) })
 
+  // Nothing on stderr from a command that succeeded: before, every command on PostgreSQL printed
+  // node-postgres's DeprecationWarning (a statement sent on a new connection while the
+  // statement_timeout SET was still running; pg 9 refuses that).
+  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY }) })
+  t.equal(listed.code, 0)
+  t.equal(listed.stderr, '', 'a command that succeeds writes nothing to stderr')
+
   const dump = execFileSync('pg_dump', ['--data-only', url], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 })
   t.match(dump, /demo-renamed/, 'the dump holds the stored rows')
   for (const p of plaintexts) t.notOk(dump.includes(p), 'no plaintext key in the PostgreSQL dump')

@@ -62,6 +62,13 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
   t.notMatch(gate.sent(), /statement_timeout\0/, 'no statement_timeout among the startup parameters')
   t.match(gate.sent(), /SET statement_timeout = 300\0/, 'set as the connection opens')
 
+  // A statement PostgreSQL refused leaves its connection in the pool; one that got no answer does not (below).
+  const pid = (await db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid'))[0]?.pid
+  t.equal((await rejection(db.query("SELECT 'x'::int"))).code, '22P02', 'an error PostgreSQL answered keeps its code')
+  await Promise.all([db.query('SELECT 1'), db.query('SELECT 1')])
+  const pids = await Promise.all([0, 1].map(() => db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid, pg_sleep(0.05)')))
+  t.ok(pids.some(([r]) => r?.pid === pid), 'and its connection is used again')
+
   // Slow on the server: PostgreSQL cancels it (57014). Without the timeout it would return after 3 s.
   for (const [what, slow] of [
     ['a query', () => db.query('SELECT pg_sleep(3)')],
