@@ -113,7 +113,7 @@ export async function runGroup<C>(
   const opened = open(runtime, log, p.values.json === true)
   const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   // Key events of changes made here are queued in the store; the running servers deliver them.
-  const webhooks = new WebhookService({ db: runtime.db, config: config.webhooks, log, deliver: false })
+  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
   const events = new EventBus()
   const queued: Array<Promise<unknown>> = []
   const offQueue = events.on((e) => queued.push(webhooks.enqueue(e).catch((err: unknown) => log.warn('could not queue webhook deliveries', { event: e.type, err: err as Error }))))

@@ -191,7 +191,7 @@ function processEvents(
 ): ProcessEvents {
   // The runtime's bus: the scheduler's key.expiring reaches webhooks the same way.
   const events = runtime.events
-  const webhooks = new WebhookService({ db: runtime.db, audit: runtime.audit, config: config.webhooks, log })
+  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, audit: runtime.audit, config: config.webhooks, log })
   const offs = [webhooks.bind(events)]
   if (role.admin) offs.push(bindKeyEvents(runtime.keys, events))
   webhooks.start()
@@ -266,7 +266,7 @@ function redisOf(config: Config, log: Logger): Redis | undefined {
 }
 
 /** The rotation scheduler and cleanup jobs, in a process that serves the admin API (one instance at a time does the work). */
-function startScheduler(config: Config, runtime: Runtime, log: Logger): Scheduler | undefined {
+function startScheduler(config: Config, runtime: Runtime, log: Logger, webhooks: WebhookService): Scheduler | undefined {
   if (!config.scheduler.enabled) return undefined
   const s = config.scheduler
   const scheduler = new Scheduler({
@@ -278,6 +278,7 @@ function startScheduler(config: Config, runtime: Runtime, log: Logger): Schedule
     intervalS: s.interval_s,
     noticeMs: s.rotation_notice_hours * 3_600_000,
     pruneRules: defaultPruneRules({ auditDays: config.audit.retention_days, anomalyDays: s.anomaly_retention_days, webhookDeliveryDays: s.webhook_delivery_retention_days, usageDays: s.usage_retention_days }),
+    jobs: [{ name: 'webhook-secrets', run: (now) => webhooks.tidySecrets(now) }],
   })
   scheduler.start()
   return scheduler
@@ -362,7 +363,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       if (role.admin) {
         api = adminApi(config, runtime, denyList, lockout, log, ev, usage)
         routes.push(...api.routes)
-        scheduler = startScheduler(config, runtime, log)
+        scheduler = startScheduler(config, runtime, log, ev.webhooks)
       }
       admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log) })
       const at = await listen(admin, config.admin.listen)
@@ -509,7 +510,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       throw err
     })
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
-    const scheduler = role.admin ? startScheduler(config, runtime, log) : undefined
+    const scheduler = role.admin ? startScheduler(config, runtime, log, ev.webhooks) : undefined
     for (let i = 0; i < workers; i++) fork()
     let failed = false
     const signal = await Promise.race([stopping.stopped, failedStart.then((why) => ((failed = true), why))])

@@ -195,10 +195,10 @@ export const ConfigSchema = Type.Object(
     ),
     audit: Type.Object(
       {
-        encryption_key: optStr('base64-32', { description: 'AES-256-GCM key of audit details.', env: 'KEYGATE_ENCRYPTION_KEY', secret: true }),
+        encryption_key: optStr('base64-32', { description: 'AES-256-GCM key of audit details and stored webhook signing secrets.', env: 'KEYGATE_ENCRYPTION_KEY', secret: true }),
         previous_encryption_keys: Type.Array(Type.String({ format: 'base64-32' }), {
           default: [],
-          description: 'Earlier keys, still used to read older rows.',
+          description: 'Earlier keys, still used to open older audit rows and webhook secrets.',
           env: 'KEYGATE_PREVIOUS_ENCRYPTION_KEYS',
           secret: true,
         }),

@@ -6,7 +6,9 @@
 // Rows of format 1 (written before migration 0006, or with `audit.seal_format: 1` while older
 // instances must still read new rows) bind only the id, key id and action; they open as before.
 // A row's format is itself bound: marking a format 2 row as format 1 fails too.
-import { createCipheriv, createDecipheriv, randomBytes, randomUUID, hash } from 'node:crypto'
+// The same keys also seal the secrets keygate must read back (webhook signing secrets), with a
+// key derived from each (HKDF), bound to what each belongs to: `sealSecret` / `openSecret`.
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
@@ -60,9 +62,13 @@ function aad(row: SealedRow, format: number): Buffer {
   return Buffer.from(JSON.stringify([format, row.id, row.keyId, row.action, row.actor, row.address, row.createdAt.getTime()]))
 }
 
+/** HKDF info of the key that seals stored secrets (domain separation from audit details). */
+const SECRET_KEY_INFO = 'keygate stored secrets v1'
+
 export class AuditCipher {
   readonly #current: { id: string; key: Buffer }
   readonly #keys: Map<string, Buffer>
+  readonly #secretKeys = new Map<string, Buffer>()
 
   /** `current` seals new rows; `previous` only opens older ones. Each is 32 bytes. */
   constructor(current: Buffer, previous: readonly Buffer[] = []) {
@@ -75,6 +81,54 @@ export class AuditCipher {
 
   get currentKeyId(): string {
     return this.#current.id
+  }
+
+  /** Whether rows sealed with this key id can be opened (the current key or a previous one). */
+  knows(encKeyId: string): boolean {
+    return this.#keys.has(encKeyId)
+  }
+
+  /** The key that seals stored secrets: derived from an encryption key, so it never seals audit details too. */
+  #secretKey(encKeyId: string): Buffer | undefined {
+    let derived = this.#secretKeys.get(encKeyId)
+    if (derived === undefined) {
+      const key = this.#keys.get(encKeyId)
+      if (!key) return undefined
+      derived = Buffer.from(hkdfSync('sha256', key, Buffer.alloc(0), SECRET_KEY_INFO, 32))
+      this.#secretKeys.set(encKeyId, derived)
+    }
+    return derived
+  }
+
+  /**
+   * Seals a secret keygate must read back (a webhook's signing secret) under the current key,
+   * bound to `context` (what it belongs to: sealed text moved to another row fails to open):
+   * `<key id>.<base64url of nonce, ciphertext and tag>`.
+   */
+  sealSecret(context: string, secret: string): string {
+    const nonce = randomBytes(12)
+    const cipher = createCipheriv('aes-256-gcm', this.#secretKey(this.#current.id) as Buffer, nonce)
+    cipher.setAAD(Buffer.from(context))
+    const body = Buffer.concat([nonce, cipher.update(secret, 'utf8'), cipher.final(), cipher.getAuthTag()])
+    return `${this.#current.id}.${body.toString('base64url')}`
+  }
+
+  /** The secret `sealSecret(context, …)` sealed; `what` names it in errors. */
+  openSecret(context: string, sealed: string, what: string): string {
+    const dot = sealed.indexOf('.')
+    const encKeyId = sealed.slice(0, dot)
+    const key = dot > 0 ? this.#secretKey(encKeyId) : undefined
+    if (dot > 0 && !key) throw new KeygateError('secret_decrypt_failed', `${what} was sealed with encryption key ${encKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`)
+    const body = Buffer.from(sealed.slice(dot + 1), 'base64url')
+    if (!key || body.length < 12 + 16) throw new KeygateError('secret_decrypt_failed', `${what} is damaged`)
+    try {
+      const decipher = createDecipheriv('aes-256-gcm', key, body.subarray(0, 12))
+      decipher.setAAD(Buffer.from(context))
+      decipher.setAuthTag(body.subarray(body.length - 16))
+      return Buffer.concat([decipher.update(body.subarray(12, body.length - 16)), decipher.final()]).toString('utf8')
+    } catch {
+      throw new KeygateError('secret_decrypt_failed', `${what} failed authentication: it was altered or does not belong here`)
+    }
   }
 
   seal(row: SealedRow, details: Record<string, unknown>, format: SealFormat = AUDIT_FORMAT): { encKeyId: string; nonce: Buffer; details: Buffer } {

@@ -64,6 +64,7 @@ export const ERRORS = {
   store_locked: { status: 503, message: 'The embedded store is in use by another process.' },
   encryption_key_missing: { status: 500, message: 'KEYGATE_ENCRYPTION_KEY is required with DATABASE_URL.' },
   audit_decrypt_failed: { status: 500, message: 'An audit record could not be decrypted.' },
+  secret_decrypt_failed: { status: 500, message: 'A stored secret could not be decrypted.' },
   import_invalid: { status: 400, message: 'The import file is not valid.' },
 } as const satisfies Record<string, { status: number; message: string }>
 

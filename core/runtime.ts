@@ -1,7 +1,7 @@
 // Opens what every command needs from the configuration: the store (migrated), the audit log
 // and the key service.
 import type { Config } from '../config/schema.ts'
-import { AuditLog, loadAuditCipher } from './audit.ts'
+import { AuditLog, loadAuditCipher, type AuditCipher } from './audit.ts'
 import { openDb, type Db } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { EventBus } from './events.ts'
@@ -13,6 +13,8 @@ export interface Runtime {
   config: Config
   db: Db
   audit: AuditLog
+  /** The encryption keys: audit details and stored secrets (webhook signing secrets). */
+  cipher: AuditCipher
   keys: KeyService
   /** The process's event bus (SPEC §5 events): the scheduler emits on it, webhooks and streams listen. */
   events: EventBus
@@ -46,7 +48,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     if (newer.length > 0) log.warn('the database has migrations newer than this keygate (a rolling upgrade?); running on them', { migrations: newer })
     const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
-    return { config, db, audit, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }
+    return { config, db, audit, cipher, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }
   } catch (err) {
     await db.close().catch(() => {})
     throw err

@@ -20,6 +20,8 @@
 //    instance that did 1-4, once their transaction has committed, 5,000 rows to a statement
 //    (each its own transaction), so each stays within store.query_timeout_ms and none holds a
 //    key's lock.
+// 6. Other jobs (`jobs`: sealing and clearing webhook secrets), by the same instance, after the
+//    prunes, each on its own: one that fails is logged and the others still run.
 //
 // Every status change writes a `key.expired` audit row (actor `system`) and, once committed, is
 // told to the key service's listeners, so caches and other instances drop the key.
@@ -43,6 +45,13 @@ export interface PruneRule {
   retentionDays: number
 }
 
+/** Upkeep another feature asks the scheduler to run each round (by one instance at a time). */
+export interface SchedulerJob {
+  name: string
+  /** Returns how many rows it changed. */
+  run(now: Date): Promise<number>
+}
+
 export interface SchedulerOptions {
   db: Db
   keys: KeyService
@@ -53,6 +62,7 @@ export interface SchedulerOptions {
   intervalS: number
   noticeMs: number
   pruneRules: readonly PruneRule[]
+  jobs?: readonly SchedulerJob[]
 }
 
 export interface SchedulerRun {
@@ -62,6 +72,8 @@ export interface SchedulerRun {
   announced: Array<{ keyId: string; kind: 'rotation' | 'expiry'; deadline: Date }>
   /** Rows deleted per table. */
   pruned: Record<string, number>
+  /** Rows each job changed (a job that failed is absent). */
+  jobs: Record<string, number>
 }
 
 /** The retention rules of keygate's own tables and of the features that keep logs (skipped until their table exists). */
@@ -140,20 +152,30 @@ export class Scheduler {
       const n = await prune(this.#o.db, rule, now)
       if (n !== undefined) pruned[rule.table] = n
     }
+    const jobs: Record<string, number> = {}
+    for (const job of this.#o.jobs ?? []) {
+      try {
+        jobs[job.name] = await job.run(now)
+      } catch (err) {
+        this.#o.log.warn('scheduler job failed; trying again next interval', { job: job.name, err: err as Error })
+      }
+    }
     const run: SchedulerRun = {
       graceEnded: ended.filter((e) => e.reason === 'grace_ended').map((e) => e.key.id),
       expired: ended.filter((e) => e.reason === 'expires_at').map((e) => e.key.id),
       rotationOverdue: ended.filter((e) => e.reason === 'rotation_overdue').map((e) => e.key.id),
       announced: announced.map((a) => ({ keyId: a.key.id, kind: a.kind, deadline: a.deadline })),
       pruned,
+      jobs,
     }
-    if (ended.length > 0 || announced.length > 0 || Object.values(pruned).some((n) => n > 0)) {
+    if (ended.length > 0 || announced.length > 0 || [...Object.values(pruned), ...Object.values(jobs)].some((n) => n > 0)) {
       this.#o.log.info('scheduler run', {
         grace_ended: run.graceEnded.length,
         expired: run.expired.length,
         rotation_overdue: run.rotationOverdue.length,
         announced: announced.length,
         pruned,
+        jobs,
       })
     }
     return run

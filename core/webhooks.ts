@@ -9,10 +9,17 @@
 // Signature: `webhook-signature: v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`
 // with the key decoded from `whsec_<base64>`; after a secret rotation the previous secret signs
 // too (a second `v1,` entry) for `secret_grace_hours`, so receivers can switch without a gap.
+//
+// Secrets at rest: sealed with the store's encryption keys (AuditCipher.sealSecret), bound to
+// the webhook's id, in `sealed_secret` / `sealed_previous_secret`. A plaintext `secret` /
+// `previous_secret` (a row from before migration 0007, or written by an instance not yet
+// upgraded) is used while it is there; the scheduler's `webhook-secrets` job (tidySecrets) seals
+// it, re-seals a secret sealed with a previous encryption key under the current one, and drops a
+// previous secret once its grace has ended.
 import { createHmac, randomBytes } from 'node:crypto'
 import { request, type Agent } from 'undici'
 import type { Config } from '../config/schema.ts'
-import type { Actor, AuditLog } from './audit.ts'
+import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 import type { EventBus, KeygateEvent } from './events.ts'
@@ -151,12 +158,20 @@ const toDelivery = (r: DeliveryRow): Delivery => ({
 })
 
 /** A claimed delivery with what sending it needs. */
-interface Claimed extends DeliveryRow {
+interface Claimed extends DeliveryRow, SecretColumns {
   url: string
-  secret: string
+}
+
+/** A webhook's secrets as stored: plaintext (before migration 0007) or sealed. */
+interface SecretColumns {
+  secret: string | null
+  sealed_secret: string | null
   previous_secret: string | null
+  sealed_previous_secret: string | null
   previous_secret_until: Date | null
 }
+
+const SECRET_COLUMNS = 'w.secret, w.sealed_secret, w.previous_secret, w.sealed_previous_secret, w.previous_secret_until'
 
 /** The same occurrence seen by several instances is one delivery per webhook. */
 function dedupeKey(e: KeygateEvent): string | null {
@@ -176,6 +191,8 @@ const BATCH = 20
 
 export interface WebhookServiceOptions {
   db: Db
+  /** Seals and opens the signing secrets (the runtime's encryption keys). */
+  cipher: AuditCipher
   /** Registry changes write audit rows (the admin API's instance). */
   audit?: AuditLog
   config: Config['webhooks']
@@ -187,6 +204,7 @@ export interface WebhookServiceOptions {
 
 export class WebhookService {
   readonly #db: Db
+  readonly #cipher: AuditCipher
   readonly #audit: AuditLog | undefined
   readonly #c: Config['webhooks']
   readonly #log: Logger
@@ -200,6 +218,7 @@ export class WebhookService {
 
   constructor(options: WebhookServiceOptions) {
     this.#db = options.db
+    this.#cipher = options.cipher
     this.#audit = options.audit
     this.#c = options.config
     this.#log = options.log
@@ -233,8 +252,8 @@ export class WebhookService {
       async (tx) =>
         (
           await tx.query<WebhookRow>(
-            `INSERT INTO webhooks (id, url, events, description, secret, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ${W_COLUMNS}`,
-            [id, url, [...new Set(input.events)], input.description ?? null, secret, actor.actor, now],
+            `INSERT INTO webhooks (id, url, events, description, sealed_secret, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ${W_COLUMNS}`,
+            [id, url, [...new Set(input.events)], input.description ?? null, this.#seal(id, secret), actor.actor, now],
           )
         )[0],
       (r) => ({ id: r.id, url: r.url, events: r.events }),
@@ -268,13 +287,77 @@ export class WebhookService {
       async (tx) =>
         (
           await tx.query<WebhookRow>(
-            `UPDATE webhooks SET previous_secret = secret, previous_secret_until = $3, secret = $2, updated_at = $4 WHERE id = $1 RETURNING ${W_COLUMNS}`,
-            [id, secret, until, now],
+            `UPDATE webhooks SET previous_secret = secret, sealed_previous_secret = sealed_secret, previous_secret_until = $3,
+               secret = NULL, sealed_secret = $2, updated_at = $4 WHERE id = $1 RETURNING ${W_COLUMNS}`,
+            [id, this.#seal(id, secret), until, now],
           )
         )[0],
       (r) => ({ id: r.id, previous_secret_until: until.toISOString() }),
     )
     return { webhook, secret }
+  }
+
+  #seal(webhookId: string, secret: string): string {
+    return this.#cipher.sealSecret(secretContext(webhookId), secret)
+  }
+
+  #open(webhookId: string, sealed: string, which: 'secret' | 'previous secret'): string {
+    return this.#cipher.openSecret(secretContext(webhookId), sealed, `the ${which} of webhook ${webhookId}`)
+  }
+
+  /** The secrets that sign a delivery now: the current one, and the previous one within its grace. */
+  #signingSecrets(c: Claimed, now: Date): string[] {
+    const current = c.secret ?? this.#open(c.webhook_id, c.sealed_secret as string, 'secret')
+    const inGrace = c.previous_secret_until !== null && new Date(c.previous_secret_until) > now
+    if (!inGrace) return [current]
+    if (c.previous_secret !== null) return [current, c.previous_secret]
+    return c.sealed_previous_secret === null ? [current] : [current, this.#open(c.webhook_id, c.sealed_previous_secret, 'previous secret')]
+  }
+
+  /**
+   * Upkeep of the stored secrets (a scheduler job): drops each previous secret whose grace has
+   * ended, seals what is still plaintext, and re-seals what a previous encryption key sealed
+   * under the current one (so that key can be retired). Each row is written only if it has not
+   * changed since it was read (a rotation meanwhile wins). Returns the rows changed.
+   */
+  async tidySecrets(now: Date): Promise<number> {
+    const cleared = await this.#db.query<{ id: string }>(
+      `UPDATE webhooks SET previous_secret = NULL, sealed_previous_secret = NULL, previous_secret_until = NULL
+       WHERE previous_secret_until <= $1 RETURNING id`,
+      [now],
+    )
+    const current = this.#cipher.currentKeyId
+    const rows = await this.#db.query<SecretColumns & { id: string }>(
+      `SELECT w.id, ${SECRET_COLUMNS} FROM webhooks w
+       WHERE w.secret IS NOT NULL OR w.previous_secret IS NOT NULL
+          OR split_part(w.sealed_secret, '.', 1) <> $1 OR split_part(w.sealed_previous_secret, '.', 1) <> $1`,
+      [current],
+    )
+    let changed = cleared.length
+    const unreadable: string[] = []
+    for (const r of rows) {
+      const reseal = (plain: string | null, sealed: string | null, which: 'secret' | 'previous secret'): string | null => {
+        if (plain !== null) return this.#seal(r.id, plain)
+        if (sealed === null || sealed.startsWith(`${current}.`)) return sealed
+        return this.#seal(r.id, this.#open(r.id, sealed, which))
+      }
+      let next: [string | null, string | null]
+      try {
+        next = [reseal(r.secret, r.sealed_secret, 'secret'), reseal(r.previous_secret, r.sealed_previous_secret, 'previous secret')]
+      } catch (err) {
+        unreadable.push(`${r.id}: ${(err as Error).message}`)
+        continue
+      }
+      const updated = await this.#db.query(
+        `UPDATE webhooks SET secret = NULL, previous_secret = NULL, sealed_secret = $2, sealed_previous_secret = $3
+         WHERE id = $1 AND secret IS NOT DISTINCT FROM $4 AND previous_secret IS NOT DISTINCT FROM $5
+           AND sealed_secret IS NOT DISTINCT FROM $6 AND sealed_previous_secret IS NOT DISTINCT FROM $7 RETURNING 1`,
+        [r.id, ...next, r.secret, r.previous_secret, r.sealed_secret, r.sealed_previous_secret],
+      )
+      changed += updated.length
+    }
+    if (unreadable.length > 0) this.#log.warn('webhook secrets that cannot be opened stay as they are; their deliveries fail until the key is configured', { webhooks: unreadable })
+    return changed
   }
 
   /** The delivery log of a webhook, newest first. */
@@ -368,7 +451,7 @@ export class WebhookService {
          UPDATE webhook_deliveries d SET next_attempt_at = $2, attempts = d.attempts + 1, last_attempt_at = $1
          FROM due WHERE d.id = due.id RETURNING d.*
        )
-       SELECT c.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
+       SELECT c.*, w.url, ${SECRET_COLUMNS} FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
       [now, this.#leaseEnd(now), BATCH],
     )
   }
@@ -382,11 +465,10 @@ export class WebhookService {
   async #attempt(c: Claimed): Promise<Delivery> {
     const now = this.#now()
     const timestamp = Math.floor(now.getTime() / 1000)
-    const signatures = [sign(c.secret, c.id, timestamp, c.payload)]
-    if (c.previous_secret && c.previous_secret_until && new Date(c.previous_secret_until) > now) signatures.push(sign(c.previous_secret, c.id, timestamp, c.payload))
     let status: number | null = null
     let error: string | null = null
     try {
+      const signatures = this.#signingSecrets(c, now).map((secret) => sign(secret, c.id, timestamp, c.payload))
       checkDeliveryUrl(c.url, this.#allowed)
       const res = await request(c.url, {
         method: 'POST',
@@ -449,7 +531,7 @@ export class WebhookService {
            INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)
            VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
          )
-         SELECT d.*, w.url, w.secret, w.previous_secret, w.previous_secret_until FROM d JOIN webhooks w ON w.id = d.webhook_id`,
+         SELECT d.*, w.url, ${SECRET_COLUMNS} FROM d JOIN webhooks w ON w.id = d.webhook_id`,
         [webhook.id, TEST_EVENT, body, this.#leaseEnd(now), now],
       )
       const d = rows[0]
@@ -468,6 +550,11 @@ export class WebhookService {
     await this.idle()
     if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
   }
+}
+
+/** What a webhook's sealed secrets are bound to: its id (sealed text copied to another webhook fails to open). */
+function secretContext(webhookId: string): string {
+  return JSON.stringify(['webhook-secret', webhookId])
 }
 
 /** Emits the key events of SPEC §5 for every committed change of `keys` (returns the unsubscriber). */

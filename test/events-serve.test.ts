@@ -1,7 +1,8 @@
 // `keygate serve` as a real process wires anomalies and webhooks: a key created through its
 // admin API and an address burst through its gateway reach a webhook receiver and the SSE
 // stream; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
-// is sent by the next process started on the same store. With --workers and no Redis, the
+// is sent by the next process started on the same store, whose scheduler seals a webhook secret
+// left in plaintext (a row from before migration 0007). With --workers and no Redis, the
 // workers' counts are pooled in the primary for the thresholds, a worker's anomaly reaches
 // the primary's SSE stream over cluster IPC, and the workers' last check on SIGTERM still does both.
 import t from 'tap'
@@ -10,6 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
 import { Agent, request } from 'undici'
+import { openDb } from '../core/db.ts'
 import { openSse } from './helpers/admin.ts'
 import { sleep, startUpstream } from './helpers/gateway.ts'
 import { serve } from './helpers/serve.ts'
@@ -83,15 +85,29 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   t.equal(await first.stop('SIGTERM'), 0, 'SIGTERM with a stream open: exit 0')
   await t.rejects(stream.next(), 'the stream ended')
 
+  // The webhook's row as one written before migration 0007 holds it: the secret in plaintext.
+  const store = await openDb({ dataDir: env.KEYGATE_DATA_DIR })
+  const [sealed] = await store.query<{ sealed_secret: string }>('SELECT sealed_secret FROM webhooks WHERE id = $1', [hook.json.id])
+  t.match(sealed?.sealed_secret, /^[0-9a-f]{16}\./, 'stored sealed by serve')
+  await store.query('UPDATE webhooks SET secret = $2, sealed_secret = NULL WHERE id = $1', [hook.json.id, secret])
+  await store.close()
+
   failing = false
   const from = receiver.received.length
   const second = await serve(t, { env })
+  // The scheduler's first round, as the admin listener starts, seals it again.
+  const round = await second.waitForLog((l) => l.msg === 'scheduler run' && (l as any).jobs?.['webhook-secrets'] === 1)
+  t.ok(round, "the scheduler's webhook-secrets job sealed the plaintext secret")
   const revoked = await receiver.waitFor((hk) => hk.json?.type === 'key.revoked' && receiver.received.indexOf(hk) >= from)
   t.ok(receiver.received.slice(0, from).some((hk) => hk.id === revoked.id), 'the same delivery the first process tried')
   const delivered = async () => (await call(second.admin, 'GET', `/v1/webhooks/${hook.json.id}/deliveries?status=delivered`)).json.items.find((d: any) => d.id === revoked.id)
   while (!(await delivered())) await sleep(20)
   t.ok((await delivered()).attempts >= 2, 'delivered after the restart, its earlier attempts counted')
+  t.same(verifiedBy(revoked, [secret]), [secret], 'signed with the same secret')
   t.equal(await second.stop('SIGTERM'), 0)
+  const after = await openDb({ dataDir: env.KEYGATE_DATA_DIR })
+  t.match(await after.query('SELECT secret, sealed_secret FROM webhooks WHERE id = $1', [hook.json.id]), [{ secret: null, sealed_secret: /^[0-9a-f]{16}\./ }], 'no plaintext left')
+  await after.close()
 })
 
 t.test("serve --workers 2 without Redis: the workers' counts are judged together, and the anomaly reaches the primary's stream and webhooks once", async (t) => {

@@ -36,7 +36,7 @@ forEachStore(t, async (t, store) => {
 
   await t.test('a scheduled rotation is announced once, ahead of its deadline, and enforced at it', async (t) => {
     // A webhook for key.expiring, queued from the same bus as in keygate serve (not sent here).
-    const webhooks = new WebhookService({ db: store.db, config: loadConfig({ env: { KEYGATE_WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32' } }).webhooks, log: silentLogger, deliver: false })
+    const webhooks = new WebhookService({ db: store.db, cipher: s.cipher, config: loadConfig({ env: { KEYGATE_WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32' } }).webhooks, log: silentLogger, deliver: false })
     t.teardown(() => webhooks.close())
     const off = webhooks.bind(bus)
     t.teardown(off)
@@ -203,6 +203,29 @@ forEachStore(t, async (t, store) => {
     await t.rejects(failing.runOnce(), /this prune fails/)
     t.equal((await s.keys.get(record.id)).status, 'expired', 'expired all the same')
     t.ok(changes.some((c) => c.action === 'expired' && c.key.id === record.id), 'and told to the caches')
+  })
+
+  await t.test("other features' jobs run after the prunes, each on its own: one that fails leaves the others", async (t) => {
+    const ran: string[] = []
+    const warnings: unknown[] = []
+    const log = { ...silentLogger, warn: (msg: string, fields?: unknown) => void warnings.push([msg, fields]) }
+    const withJobs = new Scheduler({
+      db: store.db, keys: s.keys, audit: s.audit, log, now: clock.now, intervalS: 60, noticeMs: 3 * DAY, pruneRules: rules,
+      jobs: [
+        {
+          name: 'refused',
+          run: async () => {
+            ran.push('refused')
+            throw new Error('this job fails')
+          },
+        },
+        { name: 'counted', run: async (now) => (ran.push(`counted at ${now.toISOString()}`), 2) },
+      ],
+    })
+    const run = await withJobs.runOnce()
+    t.same(ran, ['refused', `counted at ${clock.now().toISOString()}`], 'both ran, in order, with the round\'s clock')
+    t.same(run?.jobs, { counted: 2 }, 'what each changed; the failed one is absent')
+    t.match(warnings, [['scheduler job failed; trying again next interval', { job: 'refused', err: { message: 'this job fails' } }]], 'the failure is logged')
   })
 
   if (store.kind === 'postgres') {

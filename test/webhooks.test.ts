@@ -6,17 +6,19 @@
 // controllable clock; deliveries queued in the store surviving a restart and claimed once by
 // several services at the same time, on both stores.
 import t from 'tap'
+import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { WebhookService } from '../core/webhooks.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { openDb } from '../core/db.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 const ACTOR = { actor: 'test' }
+const CIPHER = new AuditCipher(TEST_ENCRYPTION_KEY)
 const DEFAULTS = DEFAULT_CONFIG.webhooks
 
 async function until(check: () => boolean | Promise<boolean>): Promise<void> {
@@ -171,8 +173,8 @@ await forEachStore(t, async (t, store) => {
   const clock = testClock()
   const nowS = () => Math.floor(clock.now().getTime() / 1000)
   const config = (over: Record<string, unknown> = {}) => ({ ...DEFAULTS, allow_private: ['127.0.0.1/32', '::1/128'], retry_base_ms: 1000, max_attempts: 3, ...over })
-  const service = (over: Record<string, unknown> = {}, deliver = true) => {
-    const s = new WebhookService({ db: store.db, config: config(over), log: silentLogger, now: clock.now, deliver })
+  const service = (over: Record<string, unknown> = {}, deliver = true, cipher = CIPHER) => {
+    const s = new WebhookService({ db: store.db, cipher, config: config(over), log: silentLogger, now: clock.now, deliver })
     t.teardown(() => s.close())
     return s
   }
@@ -299,6 +301,104 @@ await forEachStore(t, async (t, store) => {
     t.match(d, { status: 'pending', last_status: 307, last_error: /redirects are not followed/ })
     t.equal(elsewhere.received.length, 0, 'the redirect target got nothing')
   })
+
+  // The secrets subtests start from an empty registry: events of other subtests' webhooks would
+  // queue deliveries to receivers that are gone.
+  const rowOf = async (id: string) => (await store.db.query<any>('SELECT * FROM webhooks WHERE id = $1', [id]))[0]
+  const SEALED = /^[0-9a-f]{16}\.[A-Za-z0-9_-]{60,}$/
+  const bytesOf = (secret: string) => secret.slice('whsec_'.length)
+
+  await t.test('secrets at rest: sealed, never in the row; the previous one dropped once its grace ends', async (t) => {
+    await store.db.query('DELETE FROM webhooks')
+    const receiver = await startReceiver(t)
+    const s = service()
+    const { webhook, secret } = await s.create({ url: `${receiver.url}/sealed`, events: ['key.created'] }, ACTOR)
+    let row = await rowOf(webhook.id)
+    t.match(row, { secret: null, previous_secret: null, sealed_previous_secret: null, sealed_secret: SEALED }, 'sealed, no plaintext column set')
+    t.ok(row.sealed_secret.startsWith(`${CIPHER.currentKeyId}.`), 'under the current encryption key, which it names')
+    t.notOk(JSON.stringify(row).includes(bytesOf(secret)), 'the secret is nowhere in its row')
+    await s.enqueue(event('key.created', { key: { id: 'sealed-1' } }))
+    await s.idle()
+    t.same(verifiedBy(receiver.received[0] as Hook, [secret], 300, nowS()), [secret], 'deliveries are signed with it')
+
+    const { secret: next } = await s.rotateSecret(webhook.id, ACTOR)
+    row = await rowOf(webhook.id)
+    t.match(row, { secret: null, previous_secret: null, sealed_secret: SEALED, sealed_previous_secret: SEALED }, 'after a rotation both are sealed')
+    t.notOk(JSON.stringify(row).includes(bytesOf(next)) || JSON.stringify(row).includes(bytesOf(secret)), 'neither secret is in the row')
+    await s.enqueue(event('key.created', { key: { id: 'sealed-2' } }))
+    await s.idle()
+    t.same(verifiedBy(receiver.received[1] as Hook, [next, secret], 300, nowS()), [next, secret], 'two signatures within the grace')
+
+    t.equal(await s.tidySecrets(clock.now()), 0, 'within the grace the job changes nothing')
+    clock.advance(DEFAULTS.secret_grace_hours * 3_600_000)
+    t.equal(await s.tidySecrets(clock.now()), 1, 'at its end the previous secret is dropped')
+    t.match(await rowOf(webhook.id), { previous_secret_until: null, sealed_previous_secret: null, previous_secret: null, sealed_secret: row.sealed_secret })
+    t.equal((await s.get(webhook.id)).previousSecretUntil, null, 'and the API no longer shows a grace')
+    await s.enqueue(event('key.created', { key: { id: 'sealed-3' } }))
+    await s.idle()
+    const last = receiver.received[2] as Hook
+    t.equal(last.signature.split(' ').length, 1, 'one signature again')
+    t.same(verifiedBy(last, [next], 300, nowS()), [next])
+  })
+
+  await t.test('a sealed secret copied onto another webhook does not open; a plaintext one from before migration 0007 signs, then is sealed', async (t) => {
+    await store.db.query('DELETE FROM webhooks')
+    const receiver = await startReceiver(t)
+    const s = service()
+    const a = await s.create({ url: `${receiver.url}/a`, events: ['key.created'] }, ACTOR)
+    const b = await s.create({ url: `${receiver.url}/b`, events: ['key.created'] }, ACTOR)
+    await store.db.query('UPDATE webhooks SET sealed_secret = (SELECT sealed_secret FROM webhooks WHERE id = $1) WHERE id = $2', [a.webhook.id, b.webhook.id])
+    await s.enqueue(event('key.created', { key: { id: 'copied' } }))
+    await s.idle()
+    t.same(receiver.received.map((h) => h.path), ['/a'], "b's delivery is not sent, signed with a's secret")
+    const [failed] = await deliveriesOf(b.webhook.id)
+    t.match(failed, { status: 'pending', attempts: 1, last_status: null, last_error: `the secret of webhook ${b.webhook.id} failed authentication: it was altered or does not belong here` })
+
+    // As a row written before migration 0007 (or by an instance not yet upgraded) holds it.
+    const legacy = `whsec_${Buffer.alloc(32, 9).toString('base64')}`
+    await store.db.query('UPDATE webhooks SET secret = $2, sealed_secret = NULL WHERE id = $1', [b.webhook.id, legacy])
+    clock.advance(1000)
+    await run(s)
+    t.match((await deliveriesOf(b.webhook.id))[0], { status: 'delivered', attempts: 2 })
+    t.same(verifiedBy(receiver.received[1] as Hook, [legacy], 300, nowS()), [legacy], 'the plaintext secret signs while it is there')
+    t.equal(await s.tidySecrets(clock.now()), 1, 'the job seals it')
+    const row = await rowOf(b.webhook.id)
+    t.match(row, { secret: null, sealed_secret: SEALED })
+    t.notOk(JSON.stringify(row).includes(bytesOf(legacy)), 'and the plaintext is gone')
+    t.equal(await s.tidySecrets(clock.now()), 0, 'once')
+    await s.enqueue(event('key.created', { key: { id: 'legacy' } }))
+    await s.idle()
+    const hook = receiver.received.find((h) => h.path === '/b' && h.json?.data?.key?.id === 'legacy') as Hook
+    t.same(verifiedBy(hook, [legacy], 300, nowS()), [legacy], 'the same secret, now sealed')
+  })
+
+  await t.test('a new encryption key: the previous one still opens secrets; the job re-seals them under the new one', async (t) => {
+    await store.db.query('DELETE FROM webhooks')
+    const receiver = await startReceiver(t)
+    const NEW_KEY = Buffer.alloc(32, 7)
+    const old = service()
+    const { webhook, secret } = await old.create({ url: `${receiver.url}/rekeyed`, events: ['key.created'] }, ACTOR)
+    const newOnly = new AuditCipher(NEW_KEY)
+    const withoutOld = service({}, true, newOnly)
+    await withoutOld.enqueue(event('key.created', { key: { id: 'rekey-1' } }))
+    await withoutOld.idle()
+    t.equal(receiver.received.length, 0, 'not sent by an instance without the key that sealed it')
+    t.match((await deliveriesOf(webhook.id))[0], {
+      status: 'pending',
+      last_error: `the secret of webhook ${webhook.id} was sealed with encryption key ${CIPHER.currentKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`,
+    })
+    t.equal(await withoutOld.tidySecrets(clock.now()), 0, 'nor re-sealed by it')
+
+    const rotated = service({}, true, new AuditCipher(NEW_KEY, [TEST_ENCRYPTION_KEY]))
+    clock.advance(1000)
+    await run(rotated)
+    t.same(verifiedBy(receiver.received[0] as Hook, [secret], 300, nowS()), [secret], 'an instance with it as a previous key delivers')
+    t.equal(await rotated.tidySecrets(clock.now()), 1, 'and re-seals it')
+    t.ok((await rowOf(webhook.id)).sealed_secret.startsWith(`${newOnly.currentKeyId}.`), 'under the new key')
+    await withoutOld.enqueue(event('key.created', { key: { id: 'rekey-2' } }))
+    await withoutOld.idle()
+    t.same(verifiedBy(receiver.received[1] as Hook, [secret], 300, nowS()), [secret], 'so the old key can be retired')
+  })
 })
 
 t.test('a key changed by the CLI on the store queues its event for the servers to deliver', async (t) => {
@@ -310,7 +410,7 @@ t.test('a key changed by the CLI on the store queues its event for the servers t
   t.teardown(() => db.close())
   const receiver = await startReceiver(t)
   const config = { ...DEFAULTS, allow_private: ['127.0.0.1/32'] }
-  const queueOnly = new WebhookService({ db, config, log: silentLogger, deliver: false })
+  const queueOnly = new WebhookService({ db, cipher: new AuditCipher(Buffer.alloc(32, 3)), config, log: silentLogger, deliver: false })
   const { webhook, secret } = await queueOnly.create({ url: `${receiver.url}/cli`, events: ['key.created', 'key.revoked'] }, ACTOR)
   const made = await runCli(['api-key', 'create', '--name', 'from-cli', '--type', 'user', '--json'], { env })
   t.equal(made.code, 0, made.stderr)
@@ -319,7 +419,7 @@ t.test('a key changed by the CLI on the store queues its event for the servers t
   t.match(queued, [{ event_type: 'key.created', status: 'pending' }], 'queued by the CLI, not sent by it')
   t.notOk(queued[0]?.payload.includes(made.json().key), 'without the key')
   t.equal(receiver.received.length, 0)
-  const server = new WebhookService({ db, config, log: silentLogger })
+  const server = new WebhookService({ db, cipher: new AuditCipher(Buffer.alloc(32, 3)), config, log: silentLogger })
   t.teardown(() => server.close())
   server.start()
   const hook = await receiver.waitFor((hk) => hk.json?.data?.key?.id === id)

@@ -86,14 +86,15 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   const base = { lockout: { max_attempts: 1_000_000 }, admin: { max_body_bytes: MAX_BODY_BYTES }, ...(options.config ?? {}) }
   const upstream = options.gateway ? await startUpstream(t) : undefined
   const config = makeConfig({ ...base, routes: upstream ? [{ name: 'api', path: '/', upstream: upstream.url }, ...((options.config?.routes as unknown[] | undefined) ?? [])] : [] })
-  const audit = new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY))
+  const cipher = new AuditCipher(TEST_ENCRYPTION_KEY)
+  const audit = new AuditLog(cipher)
   const keys = new KeyService({ db, audit, ...keyServiceOptions(config) })
   const denyList = new DenyListService({ db, audit })
   const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), config.routes.map((r) => r.name))
   const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, onLockout: () => metrics.lockouts.inc() })
   const usage = new UsageRecorder({ db, log: silentLogger })
   const events = new EventBus()
-  const webhooks = new WebhookService({ db, audit, config: config.webhooks, log: silentLogger })
+  const webhooks = new WebhookService({ db, cipher, audit, config: config.webhooks, log: silentLogger })
   const offQueue = webhooks.bind(events)
   const offKeys = bindKeyEvents(keys, events)
   webhooks.start()
