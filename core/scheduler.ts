@@ -213,28 +213,45 @@ export class Scheduler {
     return rows.map((r) => ({ key: toRecord(r), reason: r.reason, deadline: new Date(r.deadline) }))
   }
 
-  /** Records and returns the notices due now that were not sent before. */
+  /**
+   * Records and returns the notices due now that were not sent before. As in #endKeys, the keys
+   * that look due are locked first and judged again by a second statement, whose snapshot holds
+   * whatever committed while it waited for those locks. In one statement, a change committed
+   * meanwhile (a raised rotation interval, which deletes the key's notice) was judged on the
+   * snapshot from before it: the old deadline was announced again, recorded, and later enforced.
+   */
   async #announce(tx: Queryable, now: Date): Promise<Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }>> {
     const notice = new Date(now.getTime() + this.#o.noticeMs)
+    const rotationDue = `status = 'active' AND rotation_interval_s IS NOT NULL AND created_at + rotation_interval_s * interval '1 second' <= $2`
+    const expiryDue = `status = 'active' AND expires_at > $1 AND expires_at <= $2`
+    // Only keys with a notice to record: one already announced is not locked every round.
+    const unannounced = (kind: string, same = '') => `NOT EXISTS (SELECT 1 FROM api_key_notices n WHERE n.key_id = api_keys.id AND n.kind = '${kind}'${same})`
+    const locked = await tx.query<{ id: string }>(
+      `SELECT id FROM api_keys
+       WHERE (${rotationDue} AND ${unannounced('rotation')}) OR (${expiryDue} AND ${unannounced('expiry', ' AND n.deadline = api_keys.expires_at')})
+       ORDER BY id FOR UPDATE`,
+      [now, notice],
+    )
+    if (locked.length === 0) return []
     const rows = await tx.query<KeyRow & { kind: 'rotation' | 'expiry'; deadline: Date }>(
       `WITH rotation AS (
          INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
          SELECT id, 'rotation', CASE WHEN created_at + rotation_interval_s * interval '1 second' > $1 THEN created_at + rotation_interval_s * interval '1 second' ELSE $2 END, $1
          FROM api_keys
-         WHERE status = 'active' AND rotation_interval_s IS NOT NULL AND created_at + rotation_interval_s * interval '1 second' <= $2
+         WHERE id = ANY($3) AND ${rotationDue}
          ON CONFLICT (key_id, kind) DO NOTHING
          RETURNING key_id, kind, deadline),
        expiry AS (
          INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
          SELECT id, 'expiry', expires_at, $1 FROM api_keys
-         WHERE status = 'active' AND expires_at > $1 AND expires_at <= $2
+         WHERE id = ANY($3) AND ${expiryDue}
          ON CONFLICT (key_id, kind) DO UPDATE SET deadline = EXCLUDED.deadline, notified_at = EXCLUDED.notified_at
            WHERE api_key_notices.deadline <> EXCLUDED.deadline
          RETURNING key_id, kind, deadline)
        SELECT ${COLUMNS.split(',').map((c) => `k.${c.trim()}`).join(', ')}, n.kind, n.deadline
        FROM (SELECT * FROM rotation UNION ALL SELECT * FROM expiry) n JOIN api_keys k ON k.id = n.key_id
        ORDER BY n.deadline, k.id`,
-      [now, notice],
+      [now, notice, locked.map((r) => r.id)],
     )
     return rows.map((r) => ({ key: toRecord(r), kind: r.kind, deadline: new Date(r.deadline) }))
   }

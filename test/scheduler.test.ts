@@ -295,5 +295,43 @@ forEachStore(t, async (t, store) => {
       t.notOk((await run)?.rotationOverdue.includes(record.id), 'the scheduler did not enforce the deadline the update dropped')
       t.equal((await s.keys.get(record.id)).status, 'active', 'the key stays active')
     })
+
+    await t.test('a rotation interval raised while the scheduler announces the old deadline: nothing is recorded for it, and it is never enforced', async (t) => {
+      // Before, the announcement was one statement judged on a snapshot from before the update
+      // committed: it recorded the old deadline again (announced or not yet), and a later round
+      // expired the key at it.
+      const other = new pg.Client({ connectionString: store.url })
+      await other.connect()
+      t.teardown(() => other.end())
+      const waitingFor = async (what: string, where: string) => {
+        for (let i = 0; i < 500; i++) {
+          if ((await other.query(`SELECT 1 FROM pg_locks WHERE NOT granted AND ${where}`)).rows.length > 0) return
+          await new Promise((resolve) => setTimeout(resolve, 10))
+        }
+        throw new Error(`nothing waited for ${what}`)
+      }
+      for (const announcedBefore of [true, false]) {
+        const start = clock.now()
+        const { record } = await s.keys.create({ name: `raised-in-notice-${announcedBefore}`, type: 'service', rotation_interval_s: 4 * 86_400 }, ACTOR)
+        clock.set(new Date(start.getTime() + 1.5 * DAY))
+        if (announcedBefore) t.ok((await scheduler.runOnce())?.announced.some((a) => a.keyId === record.id), 'announced before the change')
+        await other.query('BEGIN')
+        await other.query('LOCK TABLE api_key_audit_log IN SHARE MODE')
+        const update = s.keys.update(record.id, { rotation_interval_s: 365 * 86_400 }, ACTOR)
+        await waitingFor('the audit table', `relation = 'api_key_audit_log'::regclass`)
+        const run = scheduler.runOnce()
+        // Not announced yet, the round waits for the key the update holds; announced, it leaves the key alone.
+        if (!announcedBefore) await waitingFor('the key row the update holds', `locktype IN ('transactionid', 'tuple')`)
+        else await new Promise((resolve) => setTimeout(resolve, 200))
+        await other.query('COMMIT')
+        t.match(await update, { status: 'active', rotationIntervalS: 365 * 86_400 })
+        const announced = (await run)?.announced.filter((a) => a.keyId === record.id)
+        t.same(announced, [], `${announcedBefore ? 'announced before' : 'not announced yet'}: the round announces no deadline for it`)
+        t.same(await store.db.query(`SELECT kind FROM api_key_notices WHERE key_id = $1`, [record.id]), [], 'and records none')
+        clock.set(new Date(start.getTime() + 4 * DAY + 1000))
+        t.notOk((await scheduler.runOnce())?.rotationOverdue.includes(record.id), 'the old deadline passes')
+        t.equal((await s.keys.get(record.id)).status, 'active', 'and the key stays active')
+      }
+    })
   }
 })
