@@ -13,6 +13,7 @@ import { WebhookService } from '../core/webhooks.ts'
 import { loadConfig } from '../config/load.ts'
 import { defaultPruneRules, PRUNE_BATCH, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
+import type { Tap } from './helpers/gateway.ts'
 import { backdateAudit, forEachStore, testClock, testServices } from './helpers/stores.ts'
 
 const HOUR = 3_600_000
@@ -265,6 +266,21 @@ forEachStore(t, async (t, store) => {
       t.equal((await run)?.pruned.prune_slow, 1)
     })
 
+    /** Another connection, and a wait for a lock someone waits for, as pg_locks shows it (pg_stat_activity may still show the statement before). */
+    const lockWatcher = async (t: Tap) => {
+      const other = new pg.Client({ connectionString: store.url })
+      await other.connect()
+      t.teardown(() => other.end())
+      const waitingFor = async (what: string, where: string) => {
+        for (let i = 0; i < 500; i++) {
+          if ((await other.query(`SELECT 1 FROM pg_locks WHERE NOT granted AND ${where}`)).rows.length > 0) return
+          await new Promise((resolve) => setTimeout(resolve, 10))
+        }
+        throw new Error(`nothing waited for ${what}`)
+      }
+      return { other, waitingFor }
+    }
+
     await t.test('a rotation interval raised while the scheduler enforces the old deadline: the committed change wins', async (t) => {
       const start = clock.now()
       const { record } = await s.keys.create({ name: 'raised-at-deadline', type: 'service', rotation_interval_s: 4 * 86_400 }, ACTOR)
@@ -273,17 +289,7 @@ forEachStore(t, async (t, store) => {
       clock.set(new Date(start.getTime() + 4 * DAY + 1000))
       // The update is held after it has changed the key and dropped the notice, before its audit
       // row (as a slow commit would hold it): another connection holds a SHARE lock on the audit table.
-      const other = new pg.Client({ connectionString: store.url })
-      await other.connect()
-      t.teardown(() => other.end())
-      // A lock waited for, as pg_locks shows it (pg_stat_activity may still show the statement before).
-      const waitingFor = async (what: string, where: string) => {
-        for (let i = 0; i < 500; i++) {
-          if ((await other.query(`SELECT 1 FROM pg_locks WHERE NOT granted AND ${where}`)).rows.length > 0) return
-          await new Promise((resolve) => setTimeout(resolve, 10))
-        }
-        throw new Error(`nothing waited for ${what}`)
-      }
+      const { other, waitingFor } = await lockWatcher(t)
       await other.query('BEGIN')
       await other.query('LOCK TABLE api_key_audit_log IN SHARE MODE')
       const update = s.keys.update(record.id, { rotation_interval_s: 365 * 86_400 }, ACTOR)
@@ -300,16 +306,7 @@ forEachStore(t, async (t, store) => {
       // Before, the announcement was one statement judged on a snapshot from before the update
       // committed: it recorded the old deadline again (announced or not yet), and a later round
       // expired the key at it.
-      const other = new pg.Client({ connectionString: store.url })
-      await other.connect()
-      t.teardown(() => other.end())
-      const waitingFor = async (what: string, where: string) => {
-        for (let i = 0; i < 500; i++) {
-          if ((await other.query(`SELECT 1 FROM pg_locks WHERE NOT granted AND ${where}`)).rows.length > 0) return
-          await new Promise((resolve) => setTimeout(resolve, 10))
-        }
-        throw new Error(`nothing waited for ${what}`)
-      }
+      const { other, waitingFor } = await lockWatcher(t)
       for (const announcedBefore of [true, false]) {
         const start = clock.now()
         const { record } = await s.keys.create({ name: `raised-in-notice-${announcedBefore}`, type: 'service', rotation_interval_s: 4 * 86_400 }, ACTOR)
