@@ -139,25 +139,27 @@ export class UsageRecorder implements UsageSink {
     if (this.#keys.empty && this.#reasons.empty) return
     const keys = this.#keys.take()
     const reasons = this.#reasons.take()
-    const k = { ids: [] as string[], buckets: [] as string[], requests: [] as number[], rejected: [] as number[] }
+    // Rows in one order on every instance (key, then hour), and key rows locked in id order as the
+    // scheduler locks them: in the order of first use, which differs per instance, two flushes
+    // at once deadlocked on each other's rows (and held the keys' rows a second, until PostgreSQL
+    // broke the deadlock).
+    const rows: Array<{ keyId: string; bucket: string; requests: number; rejected: number }> = []
     const last = new Map<string, number>()
     for (const [bucket, counts] of keys) {
       for (const [keyId, c] of counts) {
-        k.ids.push(keyId)
-        k.buckets.push(new Date(bucket).toISOString())
-        k.requests.push(c.requests)
-        k.rejected.push(c.rejected)
+        rows.push({ keyId, bucket: new Date(bucket).toISOString(), requests: c.requests, rejected: c.rejected })
         if ((last.get(keyId) ?? 0) < c.lastMs) last.set(keyId, c.lastMs)
       }
     }
-    const r = { buckets: [] as string[], reasons: [] as string[], counts: [] as number[] }
+    rows.sort((x, y) => byText(x.keyId, y.keyId) || byText(x.bucket, y.bucket))
+    const k = { ids: rows.map((x) => x.keyId), buckets: rows.map((x) => x.bucket), requests: rows.map((x) => x.requests), rejected: rows.map((x) => x.rejected) }
+    const lastIds = [...last.keys()].sort(byText)
+    const rejections: Array<{ bucket: string; reason: string; count: number }> = []
     for (const [bucket, counts] of reasons) {
-      for (const [reason, n] of counts) {
-        r.buckets.push(new Date(bucket).toISOString())
-        r.reasons.push(reason)
-        r.counts.push(n)
-      }
+      for (const [reason, count] of counts) rejections.push({ bucket: new Date(bucket).toISOString(), reason, count })
     }
+    rejections.sort((x, y) => byText(x.bucket, y.bucket) || byText(x.reason, y.reason))
+    const r = { buckets: rejections.map((x) => x.bucket), reasons: rejections.map((x) => x.reason), counts: rejections.map((x) => x.count) }
     try {
       // One transaction (all or nothing: a failed flush keeps every count), in statements of at
       // most FLUSH_BATCH rows: one statement for everything pending after a long store outage
@@ -171,7 +173,9 @@ export class UsageRecorder implements UsageSink {
             params,
           )
         }
-        for (const params of batches([[...last.keys()], [...last.values()].map((ms) => new Date(ms).toISOString())])) {
+        for (const params of batches([lastIds, lastIds.map((id) => new Date(last.get(id) as number).toISOString())])) {
+          // An UPDATE ... FROM locks in the order of its join, which is the planner's choice.
+          await tx.query('SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE', [params[0]])
           await tx.query(
             `UPDATE api_keys SET last_used_at = GREATEST(coalesce(api_keys.last_used_at, u.at::timestamptz), u.at::timestamptz)
              FROM unnest($1::text[], $2::text[]) AS u(id, at) WHERE api_keys.id = u.id`,
@@ -277,4 +281,9 @@ export class UsageReports {
       bounds(range),
     )
   }
+}
+
+/** Code-point order: the same on every instance, whatever the locale. */
+function byText(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0
 }

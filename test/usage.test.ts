@@ -3,6 +3,7 @@
 // on PostgreSQL, a flush larger than one statement's batch.
 import t from 'tap'
 import { openDb } from '../core/db.ts'
+import { silentLogger } from '../core/log.ts'
 import { migrate } from '../core/migrate.ts'
 import { UsageRecorder, UsageReports, BUCKET_MS, FLUSH_BATCH } from '../core/usage.ts'
 import { forEachStore, freshDatabase, testServices, T0 } from './helpers/stores.ts'
@@ -81,4 +82,32 @@ t.test('PostgreSQL: a flush of more keys than one statement takes writes them al
   const [stored] = await db.query<{ rows: number; requests: number; rejected: number }>(`SELECT count(*)::int AS rows, sum(requests)::int AS requests, sum(rejected)::int AS rejected FROM api_key_usage`)
   t.same(stored, { rows: keysPending, requests: keysPending, rejected: FLUSH_BATCH + 1 }, 'every count written once')
   t.equal(gate.sent().split('INSERT INTO api_key_usage').length - 1, 3, `${keysPending} rows in three statements`)
+})
+
+t.test('PostgreSQL: two instances flushing the same keys at once, counted in opposite orders, do not deadlock', async (t) => {
+  const url = await freshDatabase(t)
+  const [one, two] = [await openDb({ databaseUrl: url, poolMax: 1 }), await openDb({ databaseUrl: url, poolMax: 1 })] as const
+  t.teardown(() => Promise.all([one.close(), two.close()]))
+  await migrate(one)
+  const { keys } = testServices(one)
+  const real: string[] = []
+  for (let i = 0; i < 20; i++) real.push((await keys.create({ name: `used-${i}`, type: 'user' }, { actor: 'test' })).record.id)
+  const ids = [...real, ...Array.from({ length: 300 }, (_, i) => `gone-key-${String(i).padStart(4, '0')}`)]
+  const failures: string[] = []
+  const log = { ...silentLogger, warn: (msg: string) => void failures.push(msg) }
+  // Each instance counts the keys in the order its traffic used them: here, opposite orders.
+  const [a, b] = [new UsageRecorder({ db: one, log }), new UsageRecorder({ db: two, log })]
+  const rounds = 10
+  for (let round = 0; round < rounds; round++) {
+    const now = T0.getTime() + round * 1000
+    for (const id of ids) a.count(id, 'forwarded', now)
+    for (const id of [...ids].reverse()) b.count(id, 'rate_limited', now)
+    await Promise.all([a.flush(), b.flush()])
+  }
+  // Before, most rounds ended in "deadlock detected" (40P01) for one of the two.
+  t.same(failures, [], 'no flush failed')
+  const [stored] = await one.query<{ requests: number; rejected: number }>('SELECT sum(requests)::int AS requests, sum(rejected)::int AS rejected FROM api_key_usage')
+  t.same(stored, { requests: 2 * rounds * ids.length, rejected: rounds * ids.length }, 'every count written once')
+  const used = await one.query<{ n: number }>('SELECT count(*)::int AS n FROM api_keys WHERE last_used_at IS NOT NULL')
+  t.equal(used[0]?.n, real.length, 'last_used_at set on every real key')
 })
