@@ -5,7 +5,7 @@
 // gateway uses; a request without one does not (as at the gateway).
 import { createHash, timingSafeEqual } from 'node:crypto'
 import type { Actor } from '../core/audit.ts'
-import { parseAddress } from '../core/keys/evaluate.ts'
+import { normalAddress } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { Lockout } from '../core/lockout.ts'
 import type { Logger } from '../core/log.ts'
@@ -32,7 +32,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
   const { keys, lockout, addressKey, log } = options
   const token = options.token ? digest(options.token) : undefined
   return async (authorization, remoteAddress) => {
-    const address = parseAddress(remoteAddress ?? '')?.toString() ?? remoteAddress ?? 'unknown'
+    const address = normalAddress(remoteAddress ?? '') ?? remoteAddress ?? 'unknown'
     const counted = addressKey(address)
     const retryAfterS = await lockout.lockedFor(counted)
     if (retryAfterS !== undefined) throw new AdminError('ip_locked_out', undefined, { 'retry-after': String(retryAfterS) })

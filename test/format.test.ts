@@ -203,6 +203,7 @@ t.test('addresses parse to their canonical form, the same on every call (memoise
     t.equal(normalAddress('192.0.2.1'), '192.0.2.1')
     t.equal(normalAddress('::ffff:192.0.2.1'), '192.0.2.1', 'IPv4-mapped IPv6 is IPv4')
     t.equal(normalAddress('2001:DB8:0:0:0:0:0:1'), '2001:db8::1', 'IPv6 compressed, lower case')
+    for (const zoned of ['2001:db8::1%a', '2001:db8::1%eth0', '2001:DB8::1%1']) t.equal(normalAddress(zoned), '2001:db8::1', `${zoned}: without its zone id`)
     t.equal(normalAddress('not an address'), undefined)
     t.equal(normalAddress('999.1.1.1'), undefined)
     t.equal(parseAddress('::ffff:10.0.0.1')?.kind(), 'ipv4')

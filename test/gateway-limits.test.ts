@@ -52,6 +52,16 @@ t.test('lockout after failed attempts, not after missing keys, and its expiry', 
   t.match(text, /keygate_locked_out_requests_total 1/)
 })
 
+t.test('an IPv6 address with a zone id is the same address to the lockout, even per address (ipv6_prefix_bits 128)', async (t) => {
+  const h = await startGateway(t, { config: { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { ipv6_prefix_bits: 128 }, lockout: { max_attempts: 3, window_s: 60 } } })
+  const k = await h.key()
+  for (let i = 0; i < 3; i++) t.equal((await h.get('/', { ...bearer('kg_nonsense'), 'x-forwarded-for': '2001:db8:2::1' })).status, 401)
+  // Before, each zone spelling was an address of its own: 401s (and fresh attempts), then 200.
+  for (const spelled of ['2001:db8:2::1', '2001:db8:2::1%a', '2001:db8:2::1%1', '2001:DB8:2:0::1%eth0']) {
+    t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': spelled })).status, 429, `${spelled} is locked out`)
+  }
+})
+
 t.test('Redis: limits and lockouts shared across instances', async (t) => {
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
   t.teardown(() => redis.quit())

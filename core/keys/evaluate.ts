@@ -58,10 +58,18 @@ export function parseAddress(address: string): ipaddr.IPv4 | ipaddr.IPv6 | undef
   return parsed(address).ip ?? undefined
 }
 
-/** The address in its canonical text (IPv4-mapped IPv6 as IPv4, IPv6 compressed), or undefined when it is none. */
+/**
+ * The address in its canonical text (IPv4-mapped IPv6 as IPv4, IPv6 compressed, without a zone
+ * id), or undefined when it is none. The zone (`fe80::1%eth0`) names a link of the host that
+ * wrote it, not another client: kept, each spelling of one address (`%a`, `%b`, …) was an
+ * address of its own to the lockout and the rate limits.
+ */
 export function normalAddress(address: string): string | undefined {
   const p = parsed(address)
-  if (p.text === undefined) p.text = p.ip?.toString() ?? null
+  if (p.text === undefined) {
+    const text = p.ip?.toString()
+    p.text = text === undefined ? null : (text.split('%')[0] as string)
+  }
   return p.text ?? undefined
 }
 
