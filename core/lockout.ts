@@ -11,15 +11,34 @@
 // and an instance reads the lockouts in force from Redis when it starts and whenever Redis comes
 // back. The message names the end, not a duration: one kept while Redis was down and sent when
 // it is back must not start a new lockout then (it is ignored if the lockout has ended).
+//
+// A lockout decided while Redis was not answering was counted in this process alone. When Redis
+// answers again, the instance writes every lockout it holds into Redis (as the limiter's own
+// keys, so every instance's read finds them) and only then publishes the ones it decided: the
+// other instances may subscribe again after that message (pub/sub drops it), but the flush that
+// follows their resubscription reads Redis, and finds it there. The publish is never awaited on
+// the request path: a Redis that stops answering must not hold the failed attempt's answer.
 import QuickLRU from 'quick-lru'
 import type { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import { publishInvalidation } from './invalidation.ts'
+import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
 import { createLimiter, secondsFrom, type Limiter } from './limiters.ts'
 import type { Logger } from './log.ts'
 
 export const LOCKOUT_KEY_PREFIX = 'keygate:lockout'
+/**
+ * Writes a lockout into Redis as the limiter's key (`KEYS[1]`): at least `ARGV[1]` points, for at
+ * least `ARGV[2]` ms, never lowering what is there.
+ */
+const RESTORE_SCRIPT = `local n = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local ttl = redis.call('PTTL', KEYS[1])
+local want, left = tonumber(ARGV[1]), tonumber(ARGV[2])
+if n >= want and ttl >= left then return 0 end
+redis.call('SET', KEYS[1], math.max(n, want), 'PX', math.max(ttl, left))
+return 1`
+
 /** Locked-out addresses held in memory; each took `max_attempts` failures to get there. */
 const MIRROR_MAX = 100_000
 
@@ -91,8 +110,38 @@ export function createLockout(options: LockoutOptions): Lockout {
   let connectionRead: Promise<void> | undefined
   const load = (): Promise<void> => (connectionRead ??= read())
   const reload = (): Promise<void> => (connectionRead = read())
+
+  // Lockouts this instance decided while Redis was not answering, to publish once they are written there.
+  const unpublished = new Set<string>()
+  let restoring: Promise<void> | undefined
+  const restore = async (): Promise<void> => {
+    if (!redis || redis.status !== 'ready') return
+    const now = Date.now()
+    const held = [...locked.entries()].filter(([, until]) => until > now)
+    for (const address of unpublished) if (!((locked.peek(address) ?? 0) > now)) unpublished.delete(address)
+    if (held.length === 0) return
+    const pipeline = redis.pipeline()
+    // As the limiter's block writes it (one point past the limit), so a read counts it locked.
+    for (const [address, until] of held) pipeline.eval(RESTORE_SCRIPT, 1, `${LOCKOUT_KEY_PREFIX}:${address}`, maxAttempts + 1, until - now)
+    const replies = (await pipeline.exec()) ?? []
+    if (replies.some(([err]) => err)) throw replies.find(([err]) => err)?.[0]
+    for (const [address, until] of held) {
+      if (!unpublished.delete(address)) continue
+      void publishInvalidation(redis, `lock:${until}:${address}`, log)
+    }
+  }
+  const restoreNow = (): void => {
+    restoring ??= restore()
+      .catch((err: unknown) => log?.warn('could not write the lockouts in force to Redis; trying again when it is back', { err: err as Error }))
+      .finally(() => (restoring = undefined))
+  }
   if (redis) {
-    redis.on('ready', () => void reload())
+    // Written first (a pipeline sent at once, before a reconnection's other traffic), then read.
+    redis.on('ready', () => {
+      restoreNow()
+      void reload()
+    })
+    redisHealth(redis).onChange((up) => up && restoreNow())
     if (redis.status === 'ready') void load()
   }
 
@@ -114,7 +163,10 @@ export function createLockout(options: LockoutOptions): Lockout {
         lockUntil(addressKey, until)
         const message = `lock:${until}:${addressKey}` as const
         options.announce?.(message)
-        if (redis) await publishInvalidation(redis, message, log)
+        if (redis) {
+          if (redisHealth(redis).up) void publishInvalidation(redis, message, log)
+          else unpublished.add(addressKey)
+        }
         return
       }
       // Past the limit: locked out already (by another instance whose message is late, or before a restart).

@@ -1,11 +1,12 @@
 // Lockouts across instances (core/lockout.ts): the instance whose failure reaches the limit
 // publishes the lockout's end, and the others lock the address for what is left of it. A lockout
-// decided while Redis was down is published when Redis is back; by then it may have ended, and it
-// must not lock the address out again for a new window.
+// decided while Redis was down is written to Redis and published when Redis is back, and reaches
+// the others whichever reconnects first; one that ended meanwhile is neither, and does not lock
+// the address out again. A Redis that answers nothing never holds a failed attempt's answer.
 import t from 'tap'
 import { Redis } from 'ioredis'
-import { INVALIDATION_CHANNEL, subscribeInvalidations } from '../core/invalidation.ts'
-import { createLockout } from '../core/lockout.ts'
+import { INVALIDATION_CHANNEL, publishInvalidation, subscribeInvalidations } from '../core/invalidation.ts'
+import { createLockout, LOCKOUT_KEY_PREFIX } from '../core/lockout.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis, redisHealth } from '../core/redis.ts'
 import { freshAddress, sleep, until } from './helpers/gateway.ts'
@@ -59,16 +60,21 @@ t.test('a lockout kept through a Redis outage locks the other instances only for
   await la.recordFailure(during)
   t.equal(la.lockedFor(during), 1, 'locked out on the instance that saw the failures')
   t.equal(lb.lockedFor(during), undefined, 'the other instance has not heard of it (Redis is down)')
-  // Hold the kept message back until the other instance listens again, so it is delivered.
+  // The instance stays away until the lockout has ended and the other instance listens again.
   a.disconnect()
   await sleep(1100)
   t.equal(la.lockedFor(during), undefined, 'the lockout has ended')
   await server.start()
   await until(t, 'the other instance listens again', subscribed)
-  const before = seen.length
   a.connect().catch(() => {})
-  await until(t, 'the kept lockout message is delivered', () => seen.slice(before).some((m) => m.endsWith(`:${during}`)))
-  t.equal(lb.lockedFor(during), undefined, 'a lockout that ended during the outage does not start again when Redis is back')
+  await until(t, 'the instance is back on Redis', () => a.status === 'ready' && redisHealth(a).up)
+  // A marker published after the reconnection: whatever the lockout wrote or published at it came first.
+  await publishInvalidation(a, 'deny', quiet)
+  await until(t, 'the marker arrives', () => seen.includes('deny'))
+  t.notOk(seen.some((m) => m.endsWith(`:${during}`)), 'a lockout that ended during the outage is not published when Redis is back')
+  t.equal(await admin.exists(`${LOCKOUT_KEY_PREFIX}:${during}`), 0, 'nor written there')
+  await lb.reload()
+  t.equal(lb.lockedFor(during), undefined, 'and does not start again')
 })
 
 t.test('a lockout message is applied for what is left of it, never for more than a window, never to shorten one', async (t) => {
@@ -91,4 +97,57 @@ t.test('a lockout message is applied for what is left of it, never for more than
   const old = freshAddress()
   lockout.applyMessage(`lock:45000:${old}`)
   t.equal(lockout.lockedFor(old), 45, 'a length (the earlier message) locks for that long')
+})
+
+t.test('the failure that locks an address out is answered while Redis answers nothing (its publish is not waited for)', async (t) => {
+  const server = await startRedisServer(t)
+  const a = connectRedis(server.url, quiet)
+  t.teardown(() => a.disconnect())
+  await until(t, 'connected', () => a.status === 'ready')
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60, log: quiet, redis: a })
+  const address = freshAddress()
+  server.pause()
+  t.teardown(() => server.resume())
+  // The first attempt waits out redis.command_timeout_ms and is counted in memory (the insurance).
+  await lockout.recordFailure(address)
+  // Before, the attempt that reached the limit waited for its publish, which waited for Redis:
+  // a frozen Redis held that answer (at the gateway and the admin API) until it woke up.
+  const outcome = await Promise.race([lockout.recordFailure(address).then(() => 'answered'), sleep(15_000).then(() => 'still waiting')])
+  t.equal(outcome, 'answered', 'answered while Redis is still frozen')
+  t.equal(lockout.lockedFor(address), 60, 'and locked out here')
+  server.resume()
+})
+
+t.test('a lockout decided while Redis was down reaches the other instances when it is back, with no message held back', async (t) => {
+  const server = await startRedisServer(t)
+  const a = connectRedis(server.url, quiet)
+  const b = connectRedis(server.url, quiet)
+  t.teardown(() => {
+    a.disconnect()
+    b.disconnect()
+  })
+  await until(t, 'connected', () => a.status === 'ready' && b.status === 'ready')
+  const options = { maxAttempts: 2, windowS: 30, log: quiet }
+  const la = createLockout({ ...options, redis: a })
+  const lb = createLockout({ ...options, redis: b })
+  // The other instance as a gateway runs it: lockout messages applied, a flush reads the lockouts.
+  const close = await subscribeInvalidations(b, {
+    handler: (m) => m.startsWith('lock:') && lb.applyMessage(m),
+    onFlush: () => void lb.reload(),
+    checkIntervalMs: 100,
+  })
+  t.teardown(close)
+  await server.stop()
+  await until(t, 'down', () => !redisHealth(a).up)
+  const address = freshAddress()
+  await la.recordFailure(address)
+  await la.recordFailure(address)
+  t.equal(la.lockedFor(address), 30, 'locked out on the instance that saw the failures')
+  t.equal(lb.lockedFor(address), undefined, 'not yet on the other')
+  // Both reconnect as they will. Before, the lockout's message went out as soon as the first
+  // instance reconnected, before the other had subscribed again, and was lost; the read that
+  // follows a resubscription found nothing in Redis, since the count was kept in memory only.
+  await server.start()
+  await until(t, 'the lockout reaches the other instance', () => lb.lockedFor(address) !== undefined)
+  t.ok((lb.lockedFor(address) ?? 0) <= 30, 'for what is left of it')
 })
