@@ -465,6 +465,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       w.once('listening', () => {
         anyListened = true
         listening.add(w)
+        // A worker started after lockouts began (one that replaced a worker that died) holds none
+        // of them: without Redis, nothing else would tell it until the address failed there again.
+        for (const message of lockout.inForce()) w.send({ keygate: 'invalidate', message } satisfies WorkerMessage)
       })
       w.on('exit', (code, signal) => {
         live.delete(w)

@@ -56,6 +56,8 @@ export interface Lockout {
   load(): Promise<void>
   /** Reads them again now (invalidation messages may have been missed). */
   reload(): Promise<void>
+  /** The lockouts in force here, as the messages that apply them elsewhere (for a `--workers` worker that starts after they began). */
+  inForce(): Array<`lock:${number}:${string}`>
 }
 
 export interface LockoutOptions {
@@ -183,6 +185,10 @@ export function createLockout(options: LockoutOptions): Lockout {
     },
     load,
     reload,
+    inForce() {
+      const now = Date.now()
+      return [...locked.entries()].filter(([, until]) => until > now).map(([address, until]) => `lock:${until}:${address}` as const)
+    },
   }
 }
 

@@ -168,6 +168,7 @@ t.test('a stage that throws is answered 500 internal_error, without its detail, 
     recordFailure: (k) => real.recordFailure(k),
     applyMessage: (m) => real.applyMessage(m),
     load: () => real.load(),
+    inForce: () => real.inForce(),
     reload: () => real.reload(),
   }
   const h = await startGateway(t, { lockout })

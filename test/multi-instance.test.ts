@@ -6,6 +6,7 @@
 // gateways catch up with what changed meanwhile. Then `serve --workers 2` without Redis: one
 // limit and one lockout for the machine, not one per worker.
 import t, { type Test } from 'tap'
+import { execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -215,5 +216,16 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   for (let i = 0; i < 8; i++) after.push(await get(bad))
   t.ok(count(after, 401) <= 1, `the address is locked out on the machine (${after.join(' ')})`)
   t.same(after.slice(-6), [429, 429, 429, 429, 429, 429], 'by every worker')
+
+  // A worker dies and another takes its place: it is told the lockouts in force as it starts
+  // listening. Before, it held none, and let the address try again (401) until it failed there.
+  const workerPids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(workerPids[0] as number, 'SIGKILL')
+  await s.waitForLog((l) => l.msg === 'gateway worker died; starting another')
+  await until(t, 'the new worker listens', () => s.logs.filter((l) => l.msg === 'gateway listening').length === 3)
+  const replaced: number[] = []
+  for (let i = 0; i < 8; i++) replaced.push(await get(bad))
+  t.same(replaced, [429, 429, 429, 429, 429, 429, 429, 429], `still locked out by every worker, the new one too (${replaced.join(' ')})`)
+  t.equal(new Set(s.logs.filter((l) => l.status === 429).map((l) => l.worker)).size, 3, 'the new worker answered some of them')
   t.equal(await s.stop(), 0)
 })
