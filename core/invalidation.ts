@@ -11,6 +11,10 @@
 //   version seen means messages were lost;
 // - every (re)subscription may have missed messages while the connection was down, and so may
 //   a first subscription made after the gateway began serving (Redis was down at its start).
+// - the counter going back (deleted: FLUSHDB, eviction, an operator clearing `keygate:*`) is a
+//   reset: a delivered version at or below the last delivered one, or a read below the last
+//   read. Versions below the last one seen would otherwise hide every later gap and miss until
+//   the counter climbed back past it.
 // Each of these flushes the whole cache (`onFlush`), and the cache TTL stays the hard bound.
 // A publish that fails is kept and sent again once the connection is back.
 import type { Redis } from 'ioredis'
@@ -24,7 +28,7 @@ export const INVALIDATION_VERSION_KEY = 'keygate:invalidate:version'
 export type InvalidationMessage = `key:${string}` | `hash:${string}` | `lock:${number}:${string}` | 'deny' | 'all'
 
 /** Why a subscriber flushed everything it cached. */
-export type FlushReason = 'reconnect' | 'gap' | 'missed'
+export type FlushReason = 'reconnect' | 'gap' | 'missed' | 'reset'
 
 const PUBLISH_SCRIPT = "local v = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', ARGV[1], v .. '|' .. ARGV[2]) return v"
 /** Failed publishes kept for the reconnection; past this many, one `all` replaces them. */
@@ -171,6 +175,10 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   const sub = redis.duplicate()
   const readVersion = async () => Number((await redis.get(INVALIDATION_VERSION_KEY)) ?? 0)
   let last: number | undefined
+  // Delivered versions alone, and counter reads alone: each only grows, unless the counter is
+  // reset. (`last` mixes the two, and a read may run ahead of messages still in flight.)
+  let lastDelivered: number | undefined
+  let lastRead: number | undefined
   let subscribedOnce = false
   // Set once this function has returned: the gateway serves, and caches, from then on.
   let serving = false
@@ -189,8 +197,13 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
       handler(raw)
       return
     }
-    if (last !== undefined && version > last + 1) flush('gap')
-    // Versions only grow (a reset comes with a restart, hence a reconnection and a flush).
+    if (lastDelivered !== undefined && version <= lastDelivered) {
+      // The counter was reset: what was published around it may be lost, and `last` is stale.
+      flush('reset')
+      last = version
+      lastRead = undefined
+    } else if (last !== undefined && version > last + 1) flush('gap')
+    lastDelivered = version
     if (last === undefined || version > last) last = version
     handler(raw.slice(bar + 1))
   })
@@ -205,10 +218,12 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
     sub.subscribe(INVALIDATION_CHANNEL).then(
       async () => {
         last = undefined
+        lastDelivered = undefined
         if (subscribedOnce || serving) flush('reconnect')
         subscribedOnce = true
         // From here on a counter above the last version seen means a lost message.
         const version = await readVersion().catch(() => undefined)
+        if (version !== undefined) lastRead = version
         if (version !== undefined && (last === undefined || version > last)) last = version
         first.resolve()
       },
@@ -224,6 +239,14 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
     try {
       const version = await readVersion()
       await sub.ping()
+      if (lastRead !== undefined && version < lastRead) {
+        flush('reset')
+        last = version
+        lastRead = version
+        lastDelivered = undefined
+        return
+      }
+      lastRead = version
       if (last !== undefined && version > last) flush('missed')
       if (last === undefined || version > last) last = version
     } catch {

@@ -4,6 +4,7 @@
 // material, no addresses, nothing a client can make grow.
 import { Counter, Gauge, Registry, collectDefaultMetrics, type Metric } from 'prom-client'
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
+import type { FlushReason } from './invalidation.ts'
 
 /** What became of a gateway request: forwarded, or the error code it was answered with. */
 export const GATEWAY_OUTCOMES = [
@@ -207,7 +208,7 @@ export interface RedisMetrics {
   /** Switches to the insurance limiter. */
   readonly fallbacks: Counter
   /** Whole-cache flushes because invalidations may have been missed, by reason. */
-  readonly flushes: Readonly<Record<'reconnect' | 'gap' | 'missed', CounterChild>>
+  readonly flushes: Readonly<Record<FlushReason, CounterChild>>
 }
 
 /** The Redis metrics of a process that has Redis configured. */
@@ -218,11 +219,11 @@ export function createRedisMetrics(registry: Registry): RedisMetrics {
   fallbacks.inc(0)
   const flushes = new Counter({
     name: 'keygate_invalidation_flushes_total',
-    help: 'Validation cache flushes because invalidation messages may have been missed (subscriber reconnected, version gap, counter ahead).',
+    help: 'Validation cache flushes because invalidation messages may have been missed (subscriber reconnected, version gap, counter ahead, counter reset).',
     labelNames: ['reason'],
     registers,
   })
-  return { up, fallbacks, flushes: { reconnect: zeroed(flushes.labels('reconnect')), gap: zeroed(flushes.labels('gap')), missed: zeroed(flushes.labels('missed')) } }
+  return { up, fallbacks, flushes: { reconnect: zeroed(flushes.labels('reconnect')), gap: zeroed(flushes.labels('gap')), missed: zeroed(flushes.labels('missed')), reset: zeroed(flushes.labels('reset')) } }
 }
 
 /**

@@ -1,5 +1,6 @@
 // Invalidation over Redis is at-most-once; these tests lose messages on purpose and watch the
-// gateway notice: a version that skips ahead, a counter ahead of the last message, a subscriber
+// gateway notice: a version that skips ahead, a counter ahead of the last message, a counter
+// reset (deleted behind the gateways' backs), a subscriber
 // connection killed (CLIENT KILL TYPE pubsub). Each time a key revoked behind the gateway's back
 // (a KeyService that tells no one, with a cache TTL of an hour) stops working. Also: a publish
 // made while Redis is down goes out when it is back, a gateway started while Redis is down (to it:
@@ -84,6 +85,31 @@ t.test('a counter ahead of the last message seen flushes the cache', async (t) =
   await s.other.incr(INVALIDATION_VERSION_KEY) // the last publish was lost: no later message shows the gap
   await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
   t.ok((await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1)
+})
+
+t.test('a version counter reset (deleted: FLUSHDB, an eviction) flushes the cache, by the check or by the next message', async (t) => {
+  // Before, versions below the last one seen were taken as old news: no gap or miss was noticed
+  // until the counter climbed back past it.
+  await t.test('the check reads a counter below its last read', async (t) => {
+    const s = await setup(t, { redis: { invalidation_check_ms: 100 } })
+    await s.other.set(INVALIDATION_VERSION_KEY, 50)
+    await until(t, 'the check has read 50', async () => (await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1)
+    const key = await staleKey(t, s)
+    await s.other.del(INVALIDATION_VERSION_KEY)
+    await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
+    t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reset' }), 1)
+  })
+  await t.test('a message whose version is not above the last one delivered', async (t) => {
+    const s = await setup(t, { redis: { invalidation_check_ms: 0 } })
+    await publishInvalidation(s.other, 'key:nothing00001')
+    await publishInvalidation(s.other, 'key:nothing00002')
+    const key = await staleKey(t, s)
+    await s.other.del(INVALIDATION_VERSION_KEY)
+    await publishInvalidation(s.other, 'key:nothing00003') // version 1 again
+    await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
+    t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reset' }), 1)
+    t.ok(s.logs.some((l) => l.msg.startsWith('flushed the key cache') && l.reason === 'reset'), 'logged with its reason')
+  })
 })
 
 t.test('a gateway started while Redis was down flushes the cache when its first subscription comes', async (t) => {
