@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs'
 import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { KeygateError } from '../core/errors.ts'
-import { CreateKeyBody, ListKeysQuery, UpdateKeyBody } from '../core/keys/schemas.ts'
+import { CreateKeyBody, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import { dotted, problemLine, problems } from '../core/validate.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
@@ -136,29 +136,48 @@ async function readInput(io: Io, source: string): Promise<string> {
   }
 }
 
-/** A JSON array, or JSON lines (one object per line). */
-export function parseImport(text: string): unknown[] {
+/**
+ * A JSON array, or JSON lines (one object per line, blank lines skipped). `lines` gives the file
+ * line of each row of JSON lines, so that problems can name it (`row 2 (line 4)`). A leading
+ * byte order mark is dropped (editors on Windows write one).
+ */
+export function parseImport(text: string): { rows: unknown[]; lines?: number[] } {
+  if (text.startsWith('\uFEFF')) text = text.slice(1)
   const trimmed = text.trim()
   if (trimmed === '') throw new KeygateError('import_invalid', 'the import file is empty; expected a JSON array or JSON lines of objects')
   if (trimmed.startsWith('[')) {
     try {
-      return JSON.parse(trimmed) as unknown[]
+      return { rows: JSON.parse(trimmed) as unknown[] }
     } catch (err) {
       throw new KeygateError('import_invalid', `the import file is not valid JSON: ${(err as Error).message}`)
     }
   }
   const rows: unknown[] = []
+  const lines: number[] = []
   const problems: string[] = []
   text.split('\n').forEach((line, i) => {
     if (line.trim() === '') return
     try {
       rows.push(JSON.parse(line))
+      lines.push(i + 1)
     } catch {
       problems.push(`line ${i + 1}: is not a JSON object`)
     }
   })
   if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
-  return rows
+  return { rows, lines }
+}
+
+/** `err` with each `row N` of its message followed by the file line it came from, where blank lines make the two differ. */
+function withLines(err: unknown, lines: number[] | undefined): unknown {
+  if (!lines || !(err instanceof KeygateError) || err.code !== 'import_invalid') return err
+  const named = (text: string) =>
+    text.replace(/\brow (\d+)\b/g, (row, n: string) => {
+      const line = lines[Number(n) - 1]
+      return line === undefined || line === Number(n) ? row : `${row} (line ${line})`
+    })
+  const problems = Array.isArray(err.details?.problems) ? { problems: (err.details.problems as unknown[]).map((p) => (typeof p === 'string' ? named(p) : p)) } : err.details
+  return new KeygateError('import_invalid', named(err.message), problems, { cause: err })
 }
 
 export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
@@ -280,8 +299,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     options: { reason: { type: 'string' } },
     positionals: { min: 1, max: 1 },
     prepare(p) {
+      const reason = str(p, 'reason')
+      if (reason !== undefined) checkFlags(RevokeBody, { reason })
       return async (ctx) => {
-        const k = await ctx.ops.revoke(p.positionals[0] as string, str(p, 'reason'))
+        const k = await ctx.ops.revoke(p.positionals[0] as string, reason)
         if (ctx.json) printJson(ctx.io, keyJson(k))
         else ctx.io.out(`Revoked ${k.id} (${printable(k.name)}).\n`)
         return EXIT_OK
@@ -331,8 +352,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       const type = choiceFlag(p, 'type', KEY_TYPES)
       return async (ctx) => {
-        const rows = parseImport(await readInput(ctx.io, p.positionals[0] as string))
-        const imported = await ctx.ops.importLegacy(rows, type)
+        const { rows, lines } = parseImport(await readInput(ctx.io, p.positionals[0] as string))
+        const imported = await ctx.ops.importLegacy(rows, type).catch((err: unknown) => {
+          throw withLines(err, lines)
+        })
         if (ctx.json) printJson(ctx.io, { imported: imported.length, items: imported.map(keyJson) })
         else ctx.io.out(`Imported ${imported.length} legacy key${imported.length === 1 ? '' : 's'}.\n` + keyRows(imported))
         return EXIT_OK

@@ -7,6 +7,9 @@ import { fieldInvalid, KeygateError } from './errors.ts'
 import { scrub } from './log.ts'
 
 /** The words for what a schema node allows. */
+/** The pattern of text fields shown back to people (names, owners, reasons): no control characters. */
+export const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'
+
 export function describeAllowed(schema: TSchema): string {
   switch (schema[Kind]) {
     case 'Integer':
@@ -20,14 +23,25 @@ export function describeAllowed(schema: TSchema): string {
       return 'true or false'
     case 'Null':
       return 'null'
-    case 'String':
+    case 'String': {
       if (schema.format && FORMAT_WORDS[schema.format]) return FORMAT_WORDS[schema.format] as string
-      if (schema.pattern) return `a string matching ${schema.pattern}`
-      if (schema.minLength === 1 && schema.maxLength) return `a non-empty string of at most ${schema.maxLength} characters`
-      if (schema.minLength && schema.maxLength) return `a string of ${schema.minLength} to ${schema.maxLength} characters`
-      if (schema.minLength === 1) return 'a non-empty string'
-      if (schema.minLength) return `a string of at least ${schema.minLength} characters`
-      return 'a string'
+      // The length and the pattern both: "" against a printable, non-empty field was told only the
+      // pattern, which "" matches.
+      const length =
+        schema.minLength === 1 && schema.maxLength
+          ? `a non-empty string of at most ${schema.maxLength} characters`
+          : schema.minLength && schema.maxLength
+            ? `a string of ${schema.minLength} to ${schema.maxLength} characters`
+            : schema.minLength === 1
+              ? 'a non-empty string'
+              : schema.minLength
+                ? `a string of at least ${schema.minLength} characters`
+                : schema.maxLength
+                  ? `a string of at most ${schema.maxLength} characters`
+                  : 'a string'
+      if (!schema.pattern) return length
+      return schema.pattern === PRINTABLE ? `${length} without control characters` : `${length} matching ${schema.pattern}`
+    }
     case 'Literal':
       return JSON.stringify(schema.const)
     case 'Union': {

@@ -3,6 +3,7 @@
 // legacy key pasted as its hash, unprintable revoke reasons), refused by name; values stored
 // before those rules are printed escaped.
 import t from 'tap'
+import { createHash } from 'node:crypto'
 import { existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli } from './helpers/cli.ts'
@@ -98,11 +99,24 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
 
   // A reason is printable text, as through the API (an empty one is refused too).
   const made = (await runCli(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { cwd, env })).json()
+  // A usage error (exit 2) naming the flag, as for every other flag (it was exit 1, naming `reason`,
+  // and an empty one was told only the pattern, which "" matches).
   for (const reason of ['', 'x\u001b[31m\nstatus               active']) {
     const r = await runCli(['api-key', 'revoke', made.id, '--reason', reason, '--json'], { cwd, env })
-    t.equal(r.code, 1, `reason ${JSON.stringify(reason)} refused`)
-    t.equal(r.json().error.code, 'validation_failed')
+    t.equal(r.code, 2, `reason ${JSON.stringify(reason)} refused`)
+    t.match(r.stderr, /^keygate: --reason: .* is not allowed; expected a non-empty string of at most 500 characters without control characters\n/)
   }
+  t.equal((await runCli(['api-key', 'get', made.id, '--json'], { cwd, env })).json().status, 'active', 'and the key is not revoked')
+
+  // JSON lines with blank lines between rows, and a byte order mark: problems name the file's line too.
+  const hashOf = (n: number) => createHash('sha256').update(`3f2a1b4c-1234-4abc-8def-0123456789${String(n).padStart(2, '0')}`).digest('hex')
+  const spaced = join(cwd, 'spaced.jsonl')
+  writeFileSync(spaced, '\uFEFF' + [JSON.stringify({ key_hash: hashOf(1), name: 'one' }), '', '', JSON.stringify({ key_hash: 'zz', name: 'two' })].join('\n') + '\n')
+  const spacedRun = await runCli(['api-key', 'import', spaced], { cwd, env })
+  t.equal(spacedRun.code, 1)
+  t.match(spacedRun.stderr, /^keygate: nothing imported:\n {2}row 2 \(line 4\): key_hash: <hidden> is not allowed/, 'row 2 is on line 4 (a byte order mark does not make line 1 unreadable)')
+  writeFileSync(spaced, '\uFEFF' + [JSON.stringify({ key_hash: hashOf(1), name: 'one' }), '', JSON.stringify({ key_hash: hashOf(2), name: 'two' })].join('\n') + '\n')
+  t.equal((await runCli(['api-key', 'import', spaced], { cwd, env })).code, 0, 'imported once it is right')
   // A row written before names and reasons were held to printable text: printed escaped, so it
   // can neither rewrite the terminal nor forge a line.
   t.equal((await runCli(['api-key', 'revoke', made.id, '--reason', 'leaked'], { cwd, env })).code, 0)

@@ -2,6 +2,7 @@
 // is generated from them).
 import { Type, type Static } from '@sinclair/typebox'
 import '../formats.ts'
+import { PRINTABLE } from '../validate.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
 export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
@@ -9,7 +10,6 @@ export const KeyTypeSchema = Type.Union(KEY_TYPES.map((t) => Type.Literal(t)), {
 export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)))
 
 /** No control characters (C0, DEL, C1): PostgreSQL text cannot hold NUL, and the others would rewrite a terminal showing `api-key list`. */
-const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'
 const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control characters).' })
 const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
 const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE }), Type.Null()], { description: 'Who the key belongs to.' })
