@@ -14,6 +14,7 @@ import { EventBus } from '../core/events.ts'
 import { UsageReports } from '../core/usage.ts'
 import type { WebhookService } from '../core/webhooks.ts'
 import { adminApiRoutes } from './api.ts'
+import { StreamSlots } from './operation.ts'
 import { createAuthenticator } from './auth.ts'
 import { docsRoutes } from './docs.ts'
 import { openApiDocument } from './openapi.ts'
@@ -30,6 +31,8 @@ export interface AdminApiDeps {
   /** The bootstrap token (KEYGATE_ADMIN_TOKEN). */
   token?: string | undefined
   maxBodyBytes: number
+  /** Anomaly streams one credential may hold open at once (admin.max_streams_per_credential). */
+  maxStreamsPerCredential: number
   ipv6PrefixBits: number
   /** Writes this process's pending usage counts before a report (the recorder's flush). */
   flushUsage?: () => Promise<void>
@@ -58,6 +61,7 @@ export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
     now: deps.now ?? (() => new Date()),
     gitea: deps.gitea,
     n8n: deps.n8n,
+    streams: new StreamSlots(deps.maxStreamsPerCredential),
   }
   return [
     ...adminApiRoutes({ operations: OPERATIONS, services, authenticate, maxBodyBytes: deps.maxBodyBytes }),

@@ -30,6 +30,37 @@ export interface AdminServices {
   now(): Date
   gitea: GiteaTokenService
   n8n: N8nKeyService
+  /** The open event streams per credential. */
+  streams: StreamSlots
+}
+
+/**
+ * Open event streams per credential (the actor), at most `max` each. Each stream holds a socket,
+ * a feed listener and a heartbeat timer for as long as it is open: without a bound, one
+ * credential could open them until the process ran out of sockets or memory.
+ */
+export class StreamSlots {
+  readonly max: number
+  readonly #open = new Map<string, number>()
+
+  constructor(max: number) {
+    this.max = max
+  }
+
+  /** A slot for `actor`, with its release (idempotent), or undefined when all of its slots are taken. */
+  take(actor: string): (() => void) | undefined {
+    const n = this.#open.get(actor) ?? 0
+    if (n >= this.max) return undefined
+    this.#open.set(actor, n + 1)
+    let released = false
+    return () => {
+      if (released) return
+      released = true
+      const left = (this.#open.get(actor) ?? 1) - 1
+      if (left > 0) this.#open.set(actor, left)
+      else this.#open.delete(actor)
+    }
+  }
 }
 
 export interface OperationInput<Q, B> {

@@ -231,6 +231,7 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
     log,
     token: config.admin.token,
     maxBodyBytes: config.admin.max_body_bytes,
+    maxStreamsPerCredential: config.admin.max_streams_per_credential,
     ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
     gitea,
     n8n,

@@ -3,12 +3,14 @@
 // the first 10,000), then the live ones; a client that stops reading is cut off once its unsent
 // data passes the bound, instead of the server buffering without end; a stream ended while its
 // client has unread data writes nothing more; on PostgreSQL, a live anomaly committed late with
-// an id the catch-up had passed is still sent, once.
+// an id the catch-up had passed is still sent, once. One credential holds a bounded number of
+// streams open.
 import t from 'tap'
 import net from 'node:net'
 import { HEARTBEAT_MS, MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
-import { startAdmin } from './helpers/admin.ts'
-import { forEachStore } from './helpers/stores.ts'
+import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
+import { sleep } from './helpers/gateway.ts'
+import { forEachStore, openStore } from './helpers/stores.ts'
 
 await forEachStore(t, async (t, store) => {
   const h = await startAdmin(t, store.db)
@@ -185,4 +187,31 @@ await forEachStore(t, async (t, store) => {
       t.equal(text.split(`id: ${lateId}\n`).length - 1, 1, 'once')
     })
   }
+})
+
+t.test('one credential holds at most admin.max_streams_per_credential streams open; closing one frees its slot', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { admin: { max_streams_per_credential: 2 } } })
+  const open = async (auth?: string) => {
+    const s = await h.stream('/v1/anomalies/stream', auth === undefined ? {} : { auth })
+    t.teardown(() => s.close())
+    return s
+  }
+  const [first, second] = [await open(), await open()]
+  t.same([first.status, second.status], [200, 200], 'two streams with the admin key')
+  // Before, there was no bound: each stream holds a socket, a listener and a timer for as long as it is open.
+  const third = await open()
+  t.equal(third.status, 429)
+  t.match(third.error, { error: { code: 'too_many_streams', message: /already holds 2 open anomaly streams on this instance \(admin\.max_streams_per_credential\)/ } })
+  t.equal((await open(BOOTSTRAP_TOKEN)).status, 200, 'another credential has slots of its own')
+  first.close()
+  // The server frees the slot once it sees the stream's connection close.
+  let again = await open()
+  for (let i = 0; i < 100 && again.status !== 200; i++) {
+    await sleep(20)
+    again = await open()
+  }
+  t.equal(again.status, 200, 'a closed stream frees its slot')
+  t.equal((await open()).status, 429, 'and only that one')
+  t.equal((await h.call('GET', '/v1/anomalies')).status, 200, 'the rest of the admin API is not limited by it')
 })

@@ -5,12 +5,13 @@
 // an idle stream. A stream opened with an admin key ends when that key stops being an admin key.
 // A client that stops reading is cut off once 1 MiB waits for it (it resumes with Last-Event-ID,
 // as browsers do on their own); the catch-up is read in pages, each written as the client takes
-// it, so a resume from far back is neither cut short nor held in memory.
+// it, so a resume from far back is neither cut short nor held in memory. One credential holds at
+// most `admin.max_streams_per_credential` streams open on an instance (429 too_many_streams).
 import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
 import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, type AnomalyJson } from '../../core/anomalies.ts'
-import { fieldInvalid, isKeygateError } from '../../core/errors.ts'
+import { fieldInvalid, isKeygateError, KeygateError } from '../../core/errors.ts'
 import { evaluateKey } from '../../core/keys/evaluate.ts'
 import type { KeyRecord } from '../../core/keys/types.ts'
 import { ADMIN_SCOPE } from '../auth.ts'
@@ -39,7 +40,7 @@ export default defineOperation({
     { additionalProperties: false },
   ),
   response: { status: 200, description: 'The event stream; the data of each event is an anomaly.', schema: AnomalySchema },
-  errors: ['validation_failed'],
+  errors: ['validation_failed', 'too_many_streams'],
   async handle({ query, req, res, requestId, services, actor }) {
     const header = req.headers['last-event-id']
     const resume = query.last_event_id ?? (typeof header === 'string' && header !== '' ? header : undefined)
@@ -49,6 +50,10 @@ export default defineOperation({
     // The client may have gone while it was authenticated: its 'close' came before there was
     // anyone to hear it, and a stream begun now would hold its listeners and heartbeat for ever.
     if (req.socket.destroyed || res.destroyed) return
+    const release = services.streams.take(actor.actor)
+    if (!release) {
+      throw new KeygateError('too_many_streams', `this credential already holds ${services.streams.max} open anomaly streams on this instance (admin.max_streams_per_credential); close one first`)
+    }
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-request-id': requestId, 'x-accel-buffering': 'no' })
     res.write(': keygate anomaly stream\nretry: 2000\n\n')
     // Live ones are held back while the missed ones are read, so none comes twice or out of turn.
@@ -93,6 +98,7 @@ export default defineOperation({
       clearInterval(heartbeat)
       off()
       offKeys()
+      release()
     }
     // Ended: nothing more is written (a client that has not read everything keeps the response
     // open, and a write after its end would be an uncaught error, the process's end).

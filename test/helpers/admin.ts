@@ -122,6 +122,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       log: silentLogger,
       token: BOOTSTRAP_TOKEN,
       maxBodyBytes: config.admin.max_body_bytes,
+      maxStreamsPerCredential: config.admin.max_streams_per_credential,
       ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
       flushUsage: () => usage.flush(),
       gitea,
