@@ -90,6 +90,14 @@ export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; w
 
 type Ended = { key: KeyRecord; reason: 'grace_ended' | 'expires_at' | 'rotation_overdue'; deadline: Date }
 
+// The conditions of a round, on `api_keys k` ($1 now, $2 the end of the notice period). Ending
+// also reads the key's rotation notice as `n` (its announced deadline).
+const DUE_TO_END = `((k.status = 'rotating' AND k.grace_until <= $1)
+  OR (k.status IN ('active', 'rotating') AND k.expires_at <= $1)
+  OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1))`
+const ROTATION_NOTICE_DUE = `(k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND k.created_at + k.rotation_interval_s * interval '1 second' <= $2)`
+const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expires_at <= $2)`
+
 export class Scheduler {
   readonly #o: SchedulerOptions
   readonly #now: () => Date
@@ -130,8 +138,11 @@ export class Scheduler {
     const ran = await this.#o.db.transaction(async (tx) => {
       const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
       if (!lock?.ok) return false
-      ended.push(...(await this.#endKeys(tx, now)))
-      announced.push(...(await this.#announce(tx, now)))
+      const locked = await this.#lockDue(tx, now)
+      if (locked.length > 0) {
+        ended.push(...(await this.#endKeys(tx, now, locked)))
+        announced.push(...(await this.#announce(tx, now, locked)))
+      }
       for (const e of ended) {
         await this.#o.audit.write(tx, SYSTEM, { keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })
       }
@@ -182,15 +193,35 @@ export class Scheduler {
   }
 
   /**
-   * Marks expired every key past its grace, its expiry, or its announced rotation deadline. Two
-   * statements: the first locks the keys that look due; the second, with a snapshot taken once
-   * those locks are held, judges them again on what is committed then. A key row locked by a
-   * change that commits meanwhile (a raised rotation interval, which drops the announced
-   * deadline) is otherwise re-checked by PostgreSQL against the notice row as the first
-   * statement's snapshot saw it, so a deadline the committed change removed was still enforced.
+   * Locks every key this round may change, in one statement and in id order: the keys that look
+   * due to end (past their grace, their expiry or their announced rotation deadline) and those
+   * with a notice to record (not yet announced, or whose expiry moved). #endKeys and #announce
+   * then judge only these, again, each with a snapshot taken once the locks are held: a change
+   * committed meanwhile (a raised rotation interval, which drops the announced deadline) is seen,
+   * where a single statement re-checks a locked row against the rest of its first snapshot, and
+   * so enforced, or announced again, a deadline the committed change removed.
+   *
+   * One statement, because every other transaction that locks several keys (the usage flush)
+   * locks them in id order too: keys locked in two statements, each in order (A to end, then Z to
+   * announce, with Z < A), deadlocked with a flush that held Z and waited for A.
    */
-  async #endKeys(tx: Queryable, now: Date): Promise<Ended[]> {
-    const due = (where: string) => `
+  async #lockDue(tx: Queryable, now: Date): Promise<string[]> {
+    const notice = new Date(now.getTime() + this.#o.noticeMs)
+    const rows = await tx.query<{ id: string }>(
+      `SELECT k.id FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
+       WHERE ${DUE_TO_END}
+          OR (${ROTATION_NOTICE_DUE} AND n.key_id IS NULL)
+          OR (${EXPIRY_NOTICE_DUE} AND NOT EXISTS (SELECT 1 FROM api_key_notices e WHERE e.key_id = k.id AND e.kind = 'expiry' AND e.deadline = k.expires_at))
+       ORDER BY k.id FOR UPDATE OF k`,
+      [now, notice],
+    )
+    return rows.map((r) => r.id)
+  }
+
+  /** Marks expired every locked key that is past its grace, its expiry, or its announced rotation deadline. */
+  async #endKeys(tx: Queryable, now: Date, locked: string[]): Promise<Ended[]> {
+    const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
+      `WITH due AS (
          SELECT k.id,
            CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN 'grace_ended'
                 WHEN k.expires_at <= $1 THEN 'expires_at'
@@ -199,59 +230,36 @@ export class Scheduler {
                 WHEN k.expires_at <= $1 THEN k.expires_at
                 ELSE n.deadline END AS deadline
          FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
-         WHERE ${where}((k.status = 'rotating' AND k.grace_until <= $1)
-            OR (k.status IN ('active', 'rotating') AND k.expires_at <= $1)
-            OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1))`
-    const locked = await tx.query<{ id: string }>(`${due('')} ORDER BY k.id FOR UPDATE OF k`, [now])
-    if (locked.length === 0) return []
-    const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
-      `WITH due AS (${due('k.id = ANY($2) AND ')})
+         WHERE k.id = ANY($2) AND ${DUE_TO_END})
        UPDATE api_keys SET status = 'expired', updated_at = $1 FROM due WHERE api_keys.id = due.id
        RETURNING ${COLUMNS.split(',').map((c) => `api_keys.${c.trim()}`).join(', ')}, due.reason, due.deadline`,
-      [now, locked.map((r) => r.id)],
+      [now, locked],
     )
     return rows.map((r) => ({ key: toRecord(r), reason: r.reason, deadline: new Date(r.deadline) }))
   }
 
-  /**
-   * Records and returns the notices due now that were not sent before. As in #endKeys, the keys
-   * that look due are locked first and judged again by a second statement, whose snapshot holds
-   * whatever committed while it waited for those locks. In one statement, a change committed
-   * meanwhile (a raised rotation interval, which deletes the key's notice) was judged on the
-   * snapshot from before it: the old deadline was announced again, recorded, and later enforced.
-   */
-  async #announce(tx: Queryable, now: Date): Promise<Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }>> {
+  /** Records and returns the notices due now, for the locked keys, that were not sent before. */
+  async #announce(tx: Queryable, now: Date, locked: string[]): Promise<Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }>> {
     const notice = new Date(now.getTime() + this.#o.noticeMs)
-    const rotationDue = `status = 'active' AND rotation_interval_s IS NOT NULL AND created_at + rotation_interval_s * interval '1 second' <= $2`
-    const expiryDue = `status = 'active' AND expires_at > $1 AND expires_at <= $2`
-    // Only keys with a notice to record: one already announced is not locked every round.
-    const unannounced = (kind: string, same = '') => `NOT EXISTS (SELECT 1 FROM api_key_notices n WHERE n.key_id = api_keys.id AND n.kind = '${kind}'${same})`
-    const locked = await tx.query<{ id: string }>(
-      `SELECT id FROM api_keys
-       WHERE (${rotationDue} AND ${unannounced('rotation')}) OR (${expiryDue} AND ${unannounced('expiry', ' AND n.deadline = api_keys.expires_at')})
-       ORDER BY id FOR UPDATE`,
-      [now, notice],
-    )
-    if (locked.length === 0) return []
     const rows = await tx.query<KeyRow & { kind: 'rotation' | 'expiry'; deadline: Date }>(
       `WITH rotation AS (
          INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
          SELECT id, 'rotation', CASE WHEN created_at + rotation_interval_s * interval '1 second' > $1 THEN created_at + rotation_interval_s * interval '1 second' ELSE $2 END, $1
-         FROM api_keys
-         WHERE id = ANY($3) AND ${rotationDue}
+         FROM api_keys k
+         WHERE id = ANY($3) AND ${ROTATION_NOTICE_DUE}
          ON CONFLICT (key_id, kind) DO NOTHING
          RETURNING key_id, kind, deadline),
        expiry AS (
          INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
-         SELECT id, 'expiry', expires_at, $1 FROM api_keys
-         WHERE id = ANY($3) AND ${expiryDue}
+         SELECT id, 'expiry', expires_at, $1 FROM api_keys k
+         WHERE id = ANY($3) AND ${EXPIRY_NOTICE_DUE}
          ON CONFLICT (key_id, kind) DO UPDATE SET deadline = EXCLUDED.deadline, notified_at = EXCLUDED.notified_at
            WHERE api_key_notices.deadline <> EXCLUDED.deadline
          RETURNING key_id, kind, deadline)
        SELECT ${COLUMNS.split(',').map((c) => `k.${c.trim()}`).join(', ')}, n.kind, n.deadline
        FROM (SELECT * FROM rotation UNION ALL SELECT * FROM expiry) n JOIN api_keys k ON k.id = n.key_id
        ORDER BY n.deadline, k.id`,
-      [now, notice, locked.map((r) => r.id)],
+      [now, notice, locked],
     )
     return rows.map((r) => ({ key: toRecord(r), kind: r.kind, deadline: new Date(r.deadline) }))
   }

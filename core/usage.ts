@@ -174,8 +174,10 @@ export class UsageRecorder implements UsageSink {
           )
         }
         for (const params of batches([lastIds, lastIds.map((id) => new Date(last.get(id) as number).toISOString())])) {
-          // An UPDATE ... FROM locks in the order of its join, which is the planner's choice.
-          await tx.query('SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE', [params[0]])
+          // An UPDATE ... FROM locks in the order of its join, which is the planner's choice. The
+          // lock is the one the UPDATE takes (FOR NO KEY UPDATE): FOR UPDATE would also wait for,
+          // and hold up, the key-share locks of rows referring to the key (a notice, a rotation).
+          await tx.query('SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE', [params[0]])
           await tx.query(
             `UPDATE api_keys SET last_used_at = GREATEST(coalesce(api_keys.last_used_at, u.at::timestamptz), u.at::timestamptz)
              FROM unnest($1::text[], $2::text[]) AS u(id, at) WHERE api_keys.id = u.id`,

@@ -9,6 +9,7 @@ import pg from 'pg'
 import { openDb } from '../core/db.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
+import { UsageRecorder } from '../core/usage.ts'
 import { WebhookService } from '../core/webhooks.ts'
 import { loadConfig } from '../config/load.ts'
 import { defaultPruneRules, PRUNE_BATCH, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
@@ -329,6 +330,39 @@ forEachStore(t, async (t, store) => {
         t.notOk((await scheduler.runOnce())?.rotationOverdue.includes(record.id), 'the old deadline passes')
         t.equal((await s.keys.get(record.id)).status, 'active', 'and the key stays active')
       }
+    })
+
+    await t.test('a round that ends one key and announces another, beside a usage flush of both: no deadlock', async (t) => {
+      const [a, z] = [await s.keys.create({ name: 'lock-order-1', type: 'service' }, ACTOR), await s.keys.create({ name: 'lock-order-2', type: 'service' }, ACTOR)]
+      const ordered = (await store.db.query<{ id: string }>('SELECT id FROM api_keys WHERE id = ANY($1) ORDER BY id', [[a.record.id, z.record.id]])).map((r) => r.id)
+      const [low, high] = ordered as [string, string]
+      // The higher id is past its expiry (to end), the lower one has a rotation deadline within the notice (to announce).
+      await store.db.query('UPDATE api_keys SET expires_at = $2 WHERE id = $1', [high, new Date(clock.now().getTime() - 60_000)])
+      await store.db.query('UPDATE api_keys SET rotation_interval_s = $2 WHERE id = $1', [low, 2 * 86_400])
+      // Ending a key is made slow (a trigger), so the flush comes while the round is between its statements.
+      await store.db.exec(`
+        CREATE FUNCTION slow_end() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.status = 'expired' AND OLD.status <> 'expired' THEN PERFORM pg_sleep(0.6); END IF; RETURN NEW; END $$;
+        CREATE TRIGGER slow_end BEFORE UPDATE ON api_keys FOR EACH ROW EXECUTE FUNCTION slow_end();`)
+      t.teardown(() => store.db.exec('DROP TRIGGER IF EXISTS slow_end ON api_keys; DROP FUNCTION IF EXISTS slow_end()'))
+      const warnings: string[] = []
+      const usage = new UsageRecorder({ db: store.db, log: { ...silentLogger, warn: (msg: string) => void warnings.push(msg) } })
+      usage.count(low, 'forwarded', clock.now().getTime())
+      usage.count(high, 'forwarded', clock.now().getTime())
+      const round = scheduler.runOnce()
+      const watcher = await lockWatcher(t)
+      for (let i = 0; i < 500; i++) {
+        if ((await watcher.other.query(`SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'`)).rows.length > 0) break
+        await new Promise((resolve) => setTimeout(resolve, 10))
+      }
+      await usage.flush()
+      const run = await round
+      // Before, the round locked the key to end, then (in another statement) the key to announce;
+      // the flush, locking both in id order, held the one and waited for the other: deadlock.
+      t.same(warnings, [], 'the flush did not fail')
+      t.ok(run?.expired.includes(high), 'the round ended the one')
+      t.ok(run?.announced.some((x) => x.keyId === low), 'and announced the other')
+      const used = await store.db.query<{ id: string }>('SELECT id FROM api_keys WHERE id = ANY($1) AND last_used_at IS NOT NULL', [[low, high]])
+      t.equal(used.length, 2, 'and the flush wrote both')
     })
   }
 })
