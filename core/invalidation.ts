@@ -237,8 +237,11 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
     if (checking || closed || sub.status !== 'ready' || redis.status !== 'ready' || !subscribedOnce) return
     checking = true
     try {
+      const readFrom = lastRead
       const version = await readVersion()
       await sub.ping()
+      // A (re)subscription read the counter meanwhile: its reading is the newer one.
+      if (lastRead !== readFrom) return
       if (lastRead !== undefined && version < lastRead) {
         flush('reset')
         last = version

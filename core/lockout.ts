@@ -166,7 +166,8 @@ export function createLockout(options: LockoutOptions): Lockout {
         const message = `lock:${until}:${addressKey}` as const
         options.announce?.(message)
         if (redis) {
-          if (redisHealth(redis).up) void publishInvalidation(redis, message, log)
+          // Not connected, or not answering: written into Redis first when it is back, then published.
+          if (redisHealth(redis).up && redis.status === 'ready') void publishInvalidation(redis, message, log)
           else unpublished.add(addressKey)
         }
         return
