@@ -121,10 +121,16 @@ t.test('PostgreSQL: migrations and other untimed transactions are not held to st
   // in force (an untimed transaction, query_timeout_ms 0); under the limit it is a 503 naming it.
   const untimedDb = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
   t.teardown(() => untimedDb.close())
+  // Cancelled once it is running (not after a fixed pause, which a loaded machine outran), and
+  // listened to from the start: its rejection may come before the cancelling statement's answer.
   const cancelled = async (what: Promise<unknown>) => {
-    await new Promise((resolve) => setTimeout(resolve, 200))
-    await other.query(`SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(2.5)%' AND pid <> pg_backend_pid()`)
-    return rejection(what)
+    const settled = rejection(what)
+    for (let i = 0; i < 500; i++) {
+      const hit = await other.query(`SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' AND query LIKE '%pg_sleep(2.5)%' AND pid <> pg_backend_pid()`)
+      if (hit.rows.length > 0) break
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    return settled
   }
   for (const [what, run] of [
     ['query_timeout_ms 0', () => untimedDb.query('SELECT pg_sleep(2.5)')],
