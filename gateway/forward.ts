@@ -262,7 +262,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
 
   const failed = (s: RequestState, err: Error): void => {
     const res = s.res
-    if (res === undefined || res.destroyed || s.req.destroyed) return
+    // The client is gone when its response (or the response's socket) is. Not when the request
+    // is destroyed: Node destroys a request once its body has been read, so a request with a
+    // body whose upstream failed was never answered, and its client waited for ever.
+    if (res === undefined || res.destroyed || res.socket?.destroyed === true) return
     if (res.headersSent) {
       res.destroy()
       return

@@ -242,6 +242,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
 
   server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
+    // Node takes its own error listener off a socket it hands to 'connect': without one, a client
+    // that resets the connection was an uncaught error, the end of the process.
+    socket.on('error', () => socket.destroy())
     metrics.route(NO_ROUTE).requests.method_not_allowed.inc()
     rawError(socket, 'method_not_allowed', nextId())
   })

@@ -5,7 +5,8 @@ import http from 'node:http'
 import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
-import { bearer, listen, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+import { request } from 'undici'
+import { answerOf, bearer, listen, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
 
 function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
   t.equal(a.status, ERRORS[code].status, `${code}: status`)
@@ -145,6 +146,14 @@ t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) =>
   const started = Date.now()
   isError(t, await h.get('/slow', bearer(k.key)), 'upstream_timeout')
   t.ok(Date.now() - started < 1400, 'answered at the route timeout')
+  // With a body: Node has destroyed the request by the time the upstream fails (its body read),
+  // and the failure was taken for a client gone: no answer at all, for ever.
+  for (const [path, code] of [['/reset', 'upstream_unavailable'], ['/slow', 'upstream_timeout']] as const) {
+    for (const method of ['POST', 'PUT'] as const) {
+      const res = await request(`${h.url}${path}`, { method, body: 'x=1', headers: { ...bearer(k.key), 'content-type': 'application/x-www-form-urlencoded' }, dispatcher: h.agent, bodyTimeout: 10_000, headersTimeout: 10_000 })
+      isError(t, await answerOf(res), code)
+    }
+  }
   t.equal((await h.get('/fine', bearer(k.key))).status, 200, 'the gateway still works')
 
   const uncached = await h.key()

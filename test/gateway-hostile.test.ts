@@ -56,3 +56,18 @@ t.test('hostile requests', async (t) => {
   t.equal(h.upstream.received[0]?.url, '/ok')
   t.equal((await h.get('/still', bearer(k.key))).status, 200, 'the gateway still serves')
 })
+
+t.test('a CONNECT whose client resets the connection as the 405 arrives: the gateway lives on', async (t) => {
+  const h = await startGateway(t)
+  // Before, the reset was an 'error' on a socket Node had left without a listener: the process ended.
+  for (let i = 0; i < 3; i++) {
+    await new Promise<void>((resolve) => {
+      const socket = net.connect(h.port, '127.0.0.1', () => socket.write('CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: x\r\n\r\n'))
+      socket.on('data', () => socket.resetAndDestroy())
+      socket.on('error', () => {})
+      socket.on('close', () => resolve())
+    })
+  }
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  t.equal((await h.get('/', bearer((await h.key()).key))).status, 200, 'still serving')
+})
