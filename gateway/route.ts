@@ -37,6 +37,18 @@ function hostName(host: string): string {
   return colon > host.lastIndexOf(']') ? host.slice(0, colon) : host
 }
 
+/**
+ * Host as routes compare it: lower case, and without the one trailing dot of a fully qualified
+ * name (`admin.local.` is `admin.local`, with or without a port). Name-based virtual hosts
+ * (nginx, Apache) drop that dot; kept here, `Host: admin.local.` missed the admin.local route,
+ * and its scope, and was forwarded by a route for any host to the same upstream.
+ */
+function canonicalHost(host: string): string {
+  const lower = host.toLowerCase()
+  const name = hostName(lower)
+  return name.endsWith('.') ? name.slice(0, -1) + lower.slice(name.length) : lower
+}
+
 export class Router {
   readonly routes: readonly CompiledRoute[]
   readonly #ordered: readonly CompiledRoute[]
@@ -72,7 +84,7 @@ export class Router {
   readonly #nested: boolean
 
   match(host: string | undefined, target: string, folded = false): CompiledRoute | undefined {
-    const lower = this.#byHost ? host?.toLowerCase() : undefined
+    const lower = this.#byHost && host !== undefined ? canonicalHost(host) : undefined
     for (const r of this.#ordered) {
       const p = folded ? r.prefixLower : r.prefix
       if (!target.startsWith(p)) continue

@@ -141,9 +141,13 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
   const hosted = (await h.get('/api/x', { ...bearer(k.key), host: 'Special.Example' })).json as Received
   t.equal(hosted.url, '/api/x')
   t.equal(hosted.headers.host, 'Special.Example')
+  // A fully qualified name's trailing dot names the same host (as virtual hosts read it): it was another, and missed the route.
+  for (const spelled of ['special.example.', 'SPECIAL.Example.', 'special.example.:8080']) {
+    t.equal(((await h.get('/api/x', { ...bearer(k.key), host: spelled })).json as Received).url, '/api/x', `${spelled}: the hosted route`)
+  }
   const text = await h.metrics.registry.metrics()
   t.match(text, /keygate_gateway_requests_total\{route="api",outcome="forwarded"\} 2/)
-  t.match(text, /keygate_upstream_duration_seconds_count\{route="hosted"\} 1/)
+  t.match(text, /keygate_upstream_duration_seconds_count\{route="hosted"\} 4/)
 })
 
 t.test('response hop-by-hop headers dropped, others kept', async (t) => {
