@@ -35,7 +35,8 @@ function connectionNamed(value: string | string[] | undefined): string[] | undef
   if (v === 'keep-alive' || v === 'close') return undefined
   const out: string[] = []
   for (const part of v.split(',')) {
-    const name = part.trim()
+    // Compared with header names read as CGI reads them (`_` as `-`): `Connection: X_Hop` names `X_Hop`.
+    const name = part.trim().replaceAll('_', '-')
     if (name !== '' && name !== 'close' && name !== 'keep-alive') out.push(name)
   }
   return out.length > 0 ? out : undefined

@@ -179,6 +179,9 @@ t.test('headers named in Connection are dropped; Expect: 100-continue waits for 
   const r = receivedOf(out) as Received
   t.notOk(r.headers['x-secret-hop'])
   t.equal(r.headers['x-other'], '2')
+  // A name with `_`, in the header and in Connection: before, it was forwarded.
+  const under = receivedOf(await rawExchange(h.port, `GET /c HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close, X_Hop\r\nX_Hop: secret\r\n\r\n`)) as Received
+  t.notOk(under.headers['x_hop'], 'a header named in Connection with _ is dropped')
 
   const refused = await rawExchange(h.port, `POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`)
   t.notMatch(refused, /100 Continue/, 'no 100 Continue for a request without a key')
