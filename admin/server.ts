@@ -141,7 +141,12 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     sendError(res, 'not_found', requestId, `no admin route ${url.pathname}`)
   })
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-    if (!socket.writable) return
+    // A response under way on this connection (an event stream, with a pipelined request that
+    // does not parse): an answer written now would land inside it.
+    if (!socket.writable || (socket as typeof socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage?.headersSent === true) {
+      socket.destroy()
+      return
+    }
     const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400
     socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`)
   })

@@ -250,7 +250,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
 
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-    if (err.code === 'ECONNRESET' || !socket.writable) {
+    // A response already under way on this connection (a pipelined request that does not parse
+    // arrived meanwhile): an answer written now would land inside that response's body.
+    if (err.code === 'ECONNRESET' || !socket.writable || responseInFlight(socket)) {
       socket.destroy()
       return
     }
@@ -363,4 +365,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
 
   return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
+}
+
+/** Whether a response has begun on `socket`, its head sent (Node's own clientError handler checks the same). */
+function responseInFlight(socket: Duplex): boolean {
+  return (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage?.headersSent === true
 }

@@ -215,3 +215,27 @@ t.test('one credential holds at most admin.max_streams_per_credential streams op
   t.equal((await open()).status, 429, 'and only that one')
   t.equal((await h.call('GET', '/v1/anomalies')).status, 200, 'the rest of the admin API is not limited by it')
 })
+
+t.test('a pipelined request that does not parse, on the connection of an open stream: the connection is closed, nothing is written into the stream', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const { hostname, port } = new URL(h.url)
+  const out = await new Promise<string>((resolve) => {
+    let text = ''
+    let sent = false
+    const socket = net.connect(Number(port), hostname, () => socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`))
+    socket.setEncoding('latin1')
+    socket.on('data', (d: string) => {
+      text += d
+      if (!sent && text.includes('retry: 2000')) {
+        sent = true
+        socket.write('POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n')
+      }
+    })
+    socket.on('error', () => {})
+    socket.on('close', () => resolve(text))
+    socket.setTimeout(5000, () => socket.destroy())
+  })
+  t.match(out, /^HTTP\/1.1 200 [^]*text\/event-stream/, 'the stream began')
+  t.notMatch(out, /HTTP\/1.1 400/, 'and no 400 was written into it (before, one was)')
+})

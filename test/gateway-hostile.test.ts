@@ -71,3 +71,32 @@ t.test('a CONNECT whose client resets the connection as the 405 arrives: the gat
   await new Promise((resolve) => setTimeout(resolve, 100))
   t.equal((await h.get('/', bearer((await h.key()).key))).status, 200, 'still serving')
 })
+
+t.test('a pipelined request that does not parse, while a response is under way: the connection is closed, nothing is written into that response', async (t) => {
+  const h = await startGateway(t, {
+    upstream: (req, res) => {
+      // The head and 3 of 10 bytes, then nothing.
+      res.writeHead(200, { 'content-length': '10' })
+      res.write('abc')
+    },
+  })
+  const k = await h.key()
+  const out = await new Promise<string>((resolve) => {
+    let text = ''
+    const socket = net.connect(h.port, '127.0.0.1', () => socket.write(`GET /midbody HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`))
+    socket.setEncoding('latin1')
+    let sent = false
+    socket.on('data', (d: string) => {
+      text += d
+      if (!sent && text.endsWith('abc')) {
+        sent = true
+        socket.write('POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n')
+      }
+    })
+    socket.on('error', () => {})
+    socket.on('close', () => resolve(text))
+    socket.setTimeout(5000, () => socket.destroy())
+  })
+  t.match(out, /^HTTP\/1.1 200[^]*\r\n\r\nabc$/, 'the response as far as it got, and then the connection closed')
+  t.notMatch(out, /HTTP\/1.1 400/, 'no 400 written into its body')
+})
