@@ -11,7 +11,7 @@ import type { TLSSocket } from 'node:tls'
 import { Pool, type Dispatcher } from 'undici'
 import type { RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { record, sendError } from './respond.ts'
+import { hasBody, record, sendError } from './respond.ts'
 import type { CompiledRoute, Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
 import type { Tunnel, TunnelGuard } from './tunnels.ts'
@@ -288,20 +288,20 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const route = s.route as CompiledRoute
       const req = s.req
       const h = s.headers
-      const hasBody = (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
+      const withBody = hasBody(h)
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
       s.upstreamStart = performance.now()
       const exchange = new Exchange(s, hooks)
       // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.
       ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
-      if (hasBody) req.once('error', (err: Error) => exchange.bodyFailed(err))
+      if (withBody) req.once('error', (err: Error) => exchange.bodyFailed(err))
       try {
         ;(routePool[route.index] as Pool).dispatch(
           {
             path: targetFor(s, route),
             method: req.method as Dispatcher.HttpMethod,
             headers: upstreamHeaders(s, route),
-            body: hasBody ? req : null,
+            body: withBody ? req : null,
             headersTimeout: route.timeoutMs,
             bodyTimeout: route.timeoutMs,
           },

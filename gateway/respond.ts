@@ -1,6 +1,6 @@
 // Every answer the gateway itself gives: the JSON error of SPEC §3 (on a response, or written
 // raw on a socket for upgrades and parser errors), metrics and the access log line.
-import { STATUS_CODES, type OutgoingHttpHeaders } from 'node:http'
+import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody } from '../core/errors.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
@@ -51,7 +51,10 @@ function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, statu
   }
   if (status === 429) headers['retry-after'] = String(s.retryAfterS)
   // An unread request body is not drained for a refused request: the connection closes instead.
-  if (ctx.closing || !s.req.complete) headers.connection = 'close'
+  // Only a request that has a body: `complete` is false until the parser has seen the end of a
+  // request, even one without a body, so a verdict reached at once (a missing key, a scope) closed
+  // the connection at random, and the headers of two refusals differed.
+  if (ctx.closing || (!s.req.complete && hasBody(s.headers))) headers.connection = 'close'
   return headers
 }
 
@@ -96,4 +99,9 @@ export function rawError(socket: Duplex, code: Verdict, requestId: string): void
     { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', 'x-request-id': requestId, connection: 'close' },
     body,
   )
+}
+
+/** Whether the request announces a body (Content-Length other than 0, or Transfer-Encoding). */
+export function hasBody(h: IncomingHttpHeaders): boolean {
+  return (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
 }

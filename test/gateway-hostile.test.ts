@@ -100,3 +100,30 @@ t.test('a pipelined request that does not parse, while a response is under way: 
   t.match(out, /^HTTP\/1.1 200[^]*\r\n\r\nabc$/, 'the response as far as it got, and then the connection closed')
   t.notMatch(out, /HTTP\/1.1 400/, 'no 400 written into its body')
 })
+
+t.test('a refusal of a request without a body keeps the connection open, whenever the verdict comes', async (t) => {
+  const h = await startGateway(t, { config: { lockout: { max_attempts: 1000 } }, routes: [{ name: 'scoped', path: '/', upstream: '{upstream}', scopes: ['orders'] }] })
+  const unscoped = await h.key()
+  // Five requests on one connection: a missing key and a missing scope are decided at once, a bad
+  // key after a look-up. Before, the ones decided at once closed the connection at random.
+  const requests = ['', `Authorization: Bearer ${unscoped.key}\r\n`, 'Authorization: Bearer kg_nonsense\r\n', '', `Authorization: Bearer ${unscoped.key}\r\n`]
+  const out = await new Promise<string>((resolve) => {
+    let text = ''
+    let i = 0
+    const socket = net.connect(h.port, '127.0.0.1', () => socket.write(`GET /x HTTP/1.1\r\nHost: a\r\n${requests[i++]}\r\n`))
+    socket.setEncoding('latin1')
+    socket.on('data', (d: string) => {
+      text += d
+      const answered = text.split('HTTP/1.1 ').length - 1
+      if (answered === i && text.endsWith('}')) {
+        if (i < requests.length) socket.write(`GET /x HTTP/1.1\r\nHost: a\r\n${requests[i++]}\r\n`)
+        else socket.end()
+      }
+    })
+    socket.on('error', () => {})
+    socket.on('close', () => resolve(text))
+    socket.setTimeout(5000, () => socket.destroy())
+  })
+  t.same(out.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 401', 'HTTP/1.1 403', 'HTTP/1.1 401', 'HTTP/1.1 401', 'HTTP/1.1 403'], 'all five answered on one connection')
+  t.notMatch(out, /connection: close/i, 'none closed it')
+})
