@@ -44,7 +44,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
         s.message = 'The request target is not valid.'
         return 'bad_request'
       }
-      if ((url.protocol !== 'http:' && url.protocol !== 'https:') || host === undefined || url.host.toLowerCase() !== host.toLowerCase()) {
+      if ((url.protocol !== 'http:' && url.protocol !== 'https:') || host === undefined || url.host.toLowerCase() !== withoutDefaultPort(host.toLowerCase(), url.protocol)) {
         s.message = 'An absolute request target must name the same host as Host.'
         return 'bad_request'
       }
@@ -57,4 +57,10 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     }
     return undefined
   }
+}
+
+/** `host` without the scheme's default port, as a URL's `host` leaves it out (`a:80` for http is `a`). */
+function withoutDefaultPort(host: string, protocol: string): string {
+  const port = protocol === 'https:' ? ':443' : ':80'
+  return host.endsWith(port) ? host.slice(0, -port.length) : host
 }

@@ -54,6 +54,11 @@ t.test('hostile requests', async (t) => {
   const same = await send(h.port, `GET http://a/ok HTTP/1.1\r\nHost: a\r\n${auth}Connection: close\r\n\r\n`)
   t.match(same, /^HTTP\/1.1 200/, 'an absolute-form target naming Host itself is served')
   t.equal(h.upstream.received[0]?.url, '/ok')
+  // The scheme's default port, written or not, on either side: the same host (it was refused).
+  for (const [target, host] of [['http://a:80/ok80', 'a:80'], ['http://a/ok80', 'a:80'], ['http://a:80/ok80', 'a']]) {
+    t.match(await send(h.port, `GET ${target} HTTP/1.1\r\nHost: ${host}\r\n${auth}Connection: close\r\n\r\n`), /^HTTP\/1.1 200/, `${target} with Host: ${host} is served`)
+  }
+  t.match(await send(h.port, `GET http://a:8080/ok HTTP/1.1\r\nHost: a\r\n${auth}Connection: close\r\n\r\n`), /^HTTP\/1.1 400/, 'another port is another host')
   t.equal((await h.get('/still', bearer(k.key))).status, 200, 'the gateway still serves')
 })
 
