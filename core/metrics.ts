@@ -25,6 +25,7 @@ export const GATEWAY_OUTCOMES = [
   'headers_too_large',
   'method_not_allowed',
   'request_timeout',
+  'expectation_failed',
   'internal_error',
 ] as const
 export type GatewayOutcome = (typeof GATEWAY_OUTCOMES)[number]

@@ -9,6 +9,7 @@ import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import type { Db } from '../core/db.ts'
+import { ERRORS, errorBody } from '../core/errors.ts'
 import type { EventBus } from '../core/events.ts'
 import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
@@ -247,6 +248,22 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     socket.on('error', () => socket.destroy())
     metrics.route(NO_ROUTE).requests.method_not_allowed.inc()
     rawError(socket, 'method_not_allowed', nextId())
+  })
+
+  // An Expect other than 100-continue: the JSON error of SPEC §3, counted, where Node would send
+  // an empty 417 of its own. Nothing is read of the request or checked.
+  server.on('checkExpectation', (_req: http.IncomingMessage, res: http.ServerResponse) => {
+    metrics.route(NO_ROUTE).requests.expectation_failed.inc()
+    const id = nextId()
+    const body = errorBody('expectation_failed', id)
+    res.writeHead(ERRORS.expectation_failed.status, {
+      'content-type': 'application/json; charset=utf-8',
+      'content-length': Buffer.byteLength(body),
+      'cache-control': 'no-store',
+      'x-request-id': id,
+      connection: 'close',
+    })
+    res.end(body)
   })
 
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {

@@ -132,3 +132,15 @@ t.test('a refusal of a request without a body keeps the connection open, wheneve
   t.same(out.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 401', 'HTTP/1.1 403', 'HTTP/1.1 401', 'HTTP/1.1 401', 'HTTP/1.1 403'], 'all five answered on one connection')
   t.notMatch(out, /connection: close/i, 'none closed it')
 })
+
+t.test('an Expect other than 100-continue: 417 expectation_failed, as JSON, counted, nothing forwarded', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  const out = await send(h.port, `GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nExpect: something-else\r\n\r\n`)
+  // Before, Node's own 417: no body, no request id, no metric.
+  t.match(out, /^HTTP\/1.1 417 /)
+  t.match(out, /\r\nx-request-id: \S+\r\n/i)
+  t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'expectation_failed', request_id: String } })
+  t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
+  t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="none",outcome="expectation_failed"\} 1/)
+})
