@@ -83,11 +83,6 @@ export class AuditCipher {
     return this.#current.id
   }
 
-  /** Whether rows sealed with this key id can be opened (the current key or a previous one). */
-  knows(encKeyId: string): boolean {
-    return this.#keys.has(encKeyId)
-  }
-
   /** The key that seals stored secrets: derived from an encryption key, so it never seals audit details too. */
   #secretKey(encKeyId: string): Buffer | undefined {
     let derived = this.#secretKeys.get(encKeyId)

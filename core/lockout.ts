@@ -113,13 +113,16 @@ export function createLockout(options: LockoutOptions): Lockout {
   const load = (): Promise<void> => (connectionRead ??= read())
   const reload = (): Promise<void> => (connectionRead = read())
 
+  /** The lockouts in force at `now`: [address key, end (epoch ms)]. */
+  const inForce = (now: number): Array<[string, number]> => [...locked.entries()].filter(([, until]) => until > now)
+
   // Lockouts this instance decided while Redis was not answering, to publish once they are written there.
   const unpublished = new Set<string>()
   let restoring: Promise<void> | undefined
   const restore = async (): Promise<void> => {
     if (!redis || redis.status !== 'ready') return
     const now = Date.now()
-    const held = [...locked.entries()].filter(([, until]) => until > now)
+    const held = inForce(now)
     for (const address of unpublished) if (!((locked.peek(address) ?? 0) > now)) unpublished.delete(address)
     if (held.length === 0) return
     const pipeline = redis.pipeline()
@@ -187,8 +190,7 @@ export function createLockout(options: LockoutOptions): Lockout {
     load,
     reload,
     inForce() {
-      const now = Date.now()
-      return [...locked.entries()].filter(([, until]) => until > now).map(([address, until]) => `lock:${until}:${address}` as const)
+      return inForce(Date.now()).map(([address, until]) => `lock:${until}:${address}` as const)
     },
   }
 }

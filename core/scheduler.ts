@@ -138,10 +138,11 @@ export class Scheduler {
     const ran = await this.#o.db.transaction(async (tx) => {
       const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
       if (!lock?.ok) return false
-      const locked = await this.#lockDue(tx, now)
+      const notice = new Date(now.getTime() + this.#o.noticeMs)
+      const locked = await this.#lockDue(tx, now, notice)
       if (locked.length > 0) {
         ended.push(...(await this.#endKeys(tx, now, locked)))
-        announced.push(...(await this.#announce(tx, now, locked)))
+        announced.push(...(await this.#announce(tx, now, notice, locked)))
       }
       for (const e of ended) {
         await this.#o.audit.write(tx, SYSTEM, { keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })
@@ -205,8 +206,7 @@ export class Scheduler {
    * locks them in id order too: keys locked in two statements, each in order (A to end, then Z to
    * announce, with Z < A), deadlocked with a flush that held Z and waited for A.
    */
-  async #lockDue(tx: Queryable, now: Date): Promise<string[]> {
-    const notice = new Date(now.getTime() + this.#o.noticeMs)
+  async #lockDue(tx: Queryable, now: Date, notice: Date): Promise<string[]> {
     const rows = await tx.query<{ id: string }>(
       `SELECT k.id FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
        WHERE ${DUE_TO_END}
@@ -238,9 +238,8 @@ export class Scheduler {
     return rows.map((r) => ({ key: toRecord(r), reason: r.reason, deadline: new Date(r.deadline) }))
   }
 
-  /** Records and returns the notices due now, for the locked keys, that were not sent before. */
-  async #announce(tx: Queryable, now: Date, locked: string[]): Promise<Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }>> {
-    const notice = new Date(now.getTime() + this.#o.noticeMs)
+  /** Records and returns the notices due by `notice` (the end of the notice period), for the locked keys, that were not sent before. */
+  async #announce(tx: Queryable, now: Date, notice: Date, locked: string[]): Promise<Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }>> {
     const rows = await tx.query<KeyRow & { kind: 'rotation' | 'expiry'; deadline: Date }>(
       `WITH rotation AS (
          INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)

@@ -6,10 +6,18 @@ import { FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { scrub } from './log.ts'
 
-/** The words for what a schema node allows. */
 /** The pattern of text fields shown back to people (names, owners, reasons): no control characters. */
 export const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'
 
+/** A string of the given length bounds, in words. */
+function stringLength(min: number | undefined, max: number | undefined): string {
+  if (min === 1) return max ? `a non-empty string of at most ${max} characters` : 'a non-empty string'
+  if (min && max) return `a string of ${min} to ${max} characters`
+  if (min) return `a string of at least ${min} characters`
+  return max ? `a string of at most ${max} characters` : 'a string'
+}
+
+/** The words for what a schema node allows. */
 export function describeAllowed(schema: TSchema): string {
   switch (schema[Kind]) {
     case 'Integer':
@@ -27,18 +35,7 @@ export function describeAllowed(schema: TSchema): string {
       if (schema.format && FORMAT_WORDS[schema.format]) return FORMAT_WORDS[schema.format] as string
       // The length and the pattern both: "" against a printable, non-empty field was told only the
       // pattern, which "" matches.
-      const length =
-        schema.minLength === 1 && schema.maxLength
-          ? `a non-empty string of at most ${schema.maxLength} characters`
-          : schema.minLength && schema.maxLength
-            ? `a string of ${schema.minLength} to ${schema.maxLength} characters`
-            : schema.minLength === 1
-              ? 'a non-empty string'
-              : schema.minLength
-                ? `a string of at least ${schema.minLength} characters`
-                : schema.maxLength
-                  ? `a string of at most ${schema.maxLength} characters`
-                  : 'a string'
+      const length = stringLength(schema.minLength as number | undefined, schema.maxLength as number | undefined)
       if (!schema.pattern) return length
       return schema.pattern === PRINTABLE ? `${length} without control characters` : `${length} matching ${schema.pattern}`
     }

@@ -9,7 +9,6 @@ import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import type { Db } from '../core/db.ts'
-import { ERRORS, errorBody } from '../core/errors.ts'
 import type { EventBus } from '../core/events.ts'
 import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
@@ -28,7 +27,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { rawError, sendError } from './respond.ts'
+import { closingError, rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage } from './state.ts'
 import { TunnelGuard } from './tunnels.ts'
@@ -254,16 +253,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   // an empty 417 of its own. Nothing is read of the request or checked.
   server.on('checkExpectation', (_req: http.IncomingMessage, res: http.ServerResponse) => {
     metrics.route(NO_ROUTE).requests.expectation_failed.inc()
-    const id = nextId()
-    const body = errorBody('expectation_failed', id)
-    res.writeHead(ERRORS.expectation_failed.status, {
-      'content-type': 'application/json; charset=utf-8',
-      'content-length': Buffer.byteLength(body),
-      'cache-control': 'no-store',
-      'x-request-id': id,
-      connection: 'close',
-    })
-    res.end(body)
+    const e = closingError('expectation_failed', nextId())
+    res.writeHead(e.status, e.headers)
+    res.end(e.body)
   })
 
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {

@@ -89,16 +89,17 @@ export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHe
   socket.end(head + '\r\n' + body)
 }
 
-/** The JSON error for a connection the HTTP parser gave up on; no request state exists. */
-export function rawError(socket: Duplex, code: Verdict, requestId: string): void {
-  const status = ERRORS[code].status
+/** The JSON error of a request with no request state (the parser gave up, or Node answers before any stage), closing the connection. */
+export function closingError(code: Verdict, requestId: string): { status: number; headers: OutgoingHttpHeaders; body: string } {
   const body = errorBody(code, requestId)
-  writeRaw(
-    socket,
-    status,
-    { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', 'x-request-id': requestId, connection: 'close' },
-    body,
-  )
+  const headers = { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', 'x-request-id': requestId, connection: 'close' }
+  return { status: ERRORS[code].status, headers, body }
+}
+
+/** `closingError` written straight on a socket (a connection the HTTP parser gave up on). */
+export function rawError(socket: Duplex, code: Verdict, requestId: string): void {
+  const e = closingError(code, requestId)
+  writeRaw(socket, e.status, e.headers, e.body)
 }
 
 /** Whether the request announces a body (Content-Length other than 0, or Transfer-Encoding). */
