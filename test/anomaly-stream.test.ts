@@ -9,7 +9,7 @@ import t from 'tap'
 import net from 'node:net'
 import { HEARTBEAT_MS, MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
 import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
-import { sleep } from './helpers/gateway.ts'
+import { converse, sleep } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 
 await forEachStore(t, async (t, store) => {
@@ -220,22 +220,12 @@ t.test('a pipelined request that does not parse, on the connection of an open st
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db)
   const { hostname, port } = new URL(h.url)
-  const out = await new Promise<string>((resolve) => {
-    let text = ''
-    let sent = false
-    const socket = net.connect(Number(port), hostname, () => socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`))
-    socket.setEncoding('latin1')
-    socket.on('data', (d: string) => {
-      text += d
-      if (!sent && text.includes('retry: 2000')) {
-        sent = true
-        socket.write('POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n')
-      }
-    })
-    socket.on('error', () => {})
-    socket.on('close', () => resolve(text))
-    socket.setTimeout(5000, () => socket.destroy())
-  })
+  const out = await converse(
+    Number(port),
+    `GET /v1/anomalies/stream HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`,
+    [{ when: (text) => text.includes('retry: 2000'), send: 'POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n' }],
+    hostname,
+  )
   t.match(out, /^HTTP\/1.1 200 [^]*text\/event-stream/, 'the stream began')
   t.notMatch(out, /HTTP\/1.1 400/, 'and no 400 was written into it (before, one was)')
 })

@@ -2,7 +2,7 @@
 // nothing reaches the upstream, and the gateway keeps serving.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, startGateway } from './helpers/gateway.ts'
+import { bearer, converse, startGateway } from './helpers/gateway.ts'
 
 function send(port: number, text: string | Buffer, options: { waitMs?: number } = {}): Promise<string> {
   return new Promise((resolve) => {
@@ -86,22 +86,9 @@ t.test('a pipelined request that does not parse, while a response is under way: 
     },
   })
   const k = await h.key()
-  const out = await new Promise<string>((resolve) => {
-    let text = ''
-    const socket = net.connect(h.port, '127.0.0.1', () => socket.write(`GET /midbody HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`))
-    socket.setEncoding('latin1')
-    let sent = false
-    socket.on('data', (d: string) => {
-      text += d
-      if (!sent && text.endsWith('abc')) {
-        sent = true
-        socket.write('POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n')
-      }
-    })
-    socket.on('error', () => {})
-    socket.on('close', () => resolve(text))
-    socket.setTimeout(5000, () => socket.destroy())
-  })
+  const out = await converse(h.port, `GET /midbody HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`, [
+    { when: (text) => text.endsWith('abc'), send: 'POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n' },
+  ])
   t.match(out, /^HTTP\/1.1 200[^]*\r\n\r\nabc$/, 'the response as far as it got, and then the connection closed')
   t.notMatch(out, /HTTP\/1.1 400/, 'no 400 written into its body')
 })
@@ -112,23 +99,13 @@ t.test('a refusal of a request without a body keeps the connection open, wheneve
   // Five requests on one connection: a missing key and a missing scope are decided at once, a bad
   // key after a look-up. Before, the ones decided at once closed the connection at random.
   const requests = ['', `Authorization: Bearer ${unscoped.key}\r\n`, 'Authorization: Bearer kg_nonsense\r\n', '', `Authorization: Bearer ${unscoped.key}\r\n`]
-  const out = await new Promise<string>((resolve) => {
-    let text = ''
-    let i = 0
-    const socket = net.connect(h.port, '127.0.0.1', () => socket.write(`GET /x HTTP/1.1\r\nHost: a\r\n${requests[i++]}\r\n`))
-    socket.setEncoding('latin1')
-    socket.on('data', (d: string) => {
-      text += d
-      const answered = text.split('HTTP/1.1 ').length - 1
-      if (answered === i && text.endsWith('}')) {
-        if (i < requests.length) socket.write(`GET /x HTTP/1.1\r\nHost: a\r\n${requests[i++]}\r\n`)
-        else socket.end()
-      }
-    })
-    socket.on('error', () => {})
-    socket.on('close', () => resolve(text))
-    socket.setTimeout(5000, () => socket.destroy())
-  })
+  const request = (auth: string) => `GET /x HTTP/1.1\r\nHost: a\r\n${auth}\r\n`
+  // The next request once every one so far is answered whole; the end after the last.
+  const answeredWhole = (n: number) => (text: string) => text.split('HTTP/1.1 ').length - 1 === n && text.endsWith('}')
+  const out = await converse(h.port, request(requests[0] as string), [
+    ...requests.slice(1).map((auth, i) => ({ when: answeredWhole(i + 1), send: request(auth) })),
+    { when: answeredWhole(requests.length), send: null },
+  ])
   t.same(out.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 401', 'HTTP/1.1 403', 'HTTP/1.1 401', 'HTTP/1.1 401', 'HTTP/1.1 403'], 'all five answered on one connection')
   t.notMatch(out, /connection: close/i, 'none closed it')
 })

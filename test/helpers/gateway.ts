@@ -2,7 +2,7 @@
 // key service, and a gateway listening on port 0. Everything is torn down with the test.
 import http from 'node:http'
 import { randomInt } from 'node:crypto'
-import type { AddressInfo } from 'node:net'
+import net, { type AddressInfo } from 'node:net'
 import { Value } from '@sinclair/typebox/value'
 import { Agent, request } from 'undici'
 import { ConfigSchema, type Config } from '../../config/schema.ts'
@@ -240,4 +240,35 @@ export async function until(t: { pass(m: string): void; fail(m: string): void },
     await sleep(20)
   }
   t.fail(`${what}: not within ${ms} ms`)
+}
+
+/** One step of `converse`: once what was received satisfies `when`, `send` is written (null ends the connection). */
+export interface ConversationStep {
+  when: (received: string) => boolean
+  send: string | null
+}
+
+/**
+ * A raw HTTP/1.1 conversation on one connection: writes `first`, then each step in turn once its
+ * `when` holds for everything received so far. Resolves with all that was received (latin1) when
+ * the connection closes, or after 5 s without an end.
+ */
+export function converse(port: number, first: string, steps: readonly ConversationStep[] = [], host = '127.0.0.1'): Promise<string> {
+  return new Promise((resolve) => {
+    let received = ''
+    let next = 0
+    const socket = net.connect(port, host, () => socket.write(first))
+    socket.setEncoding('latin1')
+    socket.on('data', (d: string) => {
+      received += d
+      const step = steps[next]
+      if (step === undefined || !step.when(received)) return
+      next++
+      if (step.send === null) socket.end()
+      else socket.write(step.send)
+    })
+    socket.on('error', () => {})
+    socket.on('close', () => resolve(received))
+    socket.setTimeout(5000, () => socket.destroy())
+  })
 }
