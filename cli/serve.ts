@@ -148,14 +148,40 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   }
 }
 
-async function readiness(runtime: Runtime): Promise<string | undefined> {
-  try {
-    const pending = await pendingMigrations(runtime.db)
-    return pending.length > 0 ? `migrations not applied: ${pending.join(', ')}` : undefined
-  } catch (err) {
-    // A changed or missing migration file is not an outage.
-    if (isKeygateError(err) && err.code === 'migration_modified') return err.message
-    return `store unreachable: ${(err as Error).message}`
+/**
+ * `/readyz`'s reason when not ready. It answers without a credential, on a listener a load
+ * balancer or orchestrator reaches: a store that cannot be reached is named by its error code
+ * only (the driver's message names the database's host and port), and the whole error is logged,
+ * once per change.
+ */
+/** The innermost system or SQLSTATE code (ECONNREFUSED, 28P01) in an error's chain of causes. */
+function systemCode(err: unknown): string | undefined {
+  let found: string | undefined
+  for (let e = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code
+    if (typeof code === 'string' && /^[A-Z0-9_]{1,40}$/.test(code)) found = code
+  }
+  return found
+}
+
+function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefined> {
+  let lastLogged = ''
+  return async () => {
+    try {
+      const pending = await pendingMigrations(runtime.db)
+      lastLogged = ''
+      return pending.length > 0 ? `migrations not applied: ${pending.join(', ')}` : undefined
+    } catch (err) {
+      // A changed or missing migration file is not an outage.
+      if (isKeygateError(err) && err.code === 'migration_modified') return err.message
+      const message = (err as Error).message
+      if (message !== lastLogged) {
+        lastLogged = message
+        log.warn('not ready: the store cannot be reached', { err })
+      }
+      const code = systemCode(err)
+      return code === undefined ? 'store unreachable' : `store unreachable (${code})`
+    }
   }
 }
 
@@ -357,7 +383,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (mode.worker) process.on('message', onPrimaryMessage)
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
-        ready: () => readiness(runtime),
+        ready: readiness(runtime, log),
         metrics: async () => ({ contentType: registry.contentType, body: await registry.metrics() }),
         isShuttingDown: () => shuttingDown,
       })
@@ -496,8 +522,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const stopDeny = denyList.onChange(({ action, entry }) =>
       tellWorkers(live, { keygate: 'deny', action, entry: { ...entry, createdAt: entry.createdAt.toISOString(), expiresAt: entry.expiresAt?.toISOString() ?? null } }),
     )
+    const storeReady = readiness(runtime, log)
     const routes = healthRoutes({
-      ready: async () => (live.size < workers ? `${live.size} of ${workers} gateway workers running` : readiness(runtime)),
+      ready: async () => (live.size < workers ? `${live.size} of ${workers} gateway workers running` : storeReady()),
       metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
       isShuttingDown: () => shuttingDown,
     })

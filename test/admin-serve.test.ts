@@ -277,3 +277,31 @@ t.test('PostgreSQL that stops answering: requests that need it get 503 store_una
   t.equal((await call(`${serve.admin}/v1/keys`, { token })).status, 200)
   t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
 })
+
+t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host and port are in the log, not in the answer', async (t) => {
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env })
+  t.equal((await call(`${serve.admin}/readyz`)).status, 200)
+
+  gate.set('refused')
+  // The pooled connection's loss may be the first answer; a new connection is then refused.
+  let ready = await call(`${serve.admin}/readyz`)
+  for (let i = 0; i < 50 && ready.json?.reason !== 'store unreachable (ECONNREFUSED)'; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    ready = await call(`${serve.admin}/readyz`)
+  }
+  t.equal(ready.status, 503)
+  // Before: "store unreachable: connect ECONNREFUSED 127.0.0.1:<port>", to anyone who asked.
+  t.same(ready.json, { status: 'unavailable', reason: 'store unreachable (ECONNREFUSED)' })
+  t.notMatch(ready.text, String(gate.port))
+  const logged = serve.logs.filter((l) => l.msg === 'not ready: the store cannot be reached')
+  t.ok(logged.some((l) => JSON.stringify(l.err).includes(`127.0.0.1:${gate.port}`)), 'the whole error is logged')
+  const before = logged.length
+  await call(`${serve.admin}/readyz`)
+  await call(`${serve.admin}/readyz`)
+  t.equal(serve.logs.filter((l) => l.msg === 'not ready: the store cannot be reached').length, before, 'once per change, not per probe')
+  t.equal(await serve.stop(), 0)
+})

@@ -13,6 +13,8 @@ export type GateState =
    * nothing for good: a server or network that hangs (a host gone, a firewall dropping packets).
    */
   | 'silent'
+  /** The gate stops listening and drops every connection: a new one is refused (ECONNREFUSED), for good. */
+  | 'refused'
 
 export interface TcpGate {
   port: number
@@ -65,6 +67,10 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
     set(next) {
       state = next
       if (next === 'silent') for (const s of sockets) muted.add(s)
+      if (next === 'refused') {
+        server.close()
+        for (const s of sockets) s.destroy()
+      }
     },
   }
 }
