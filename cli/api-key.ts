@@ -4,12 +4,11 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { KeygateError } from '../core/errors.ts'
 import { CreateKeyBody, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
-import { dotted, problemLine, problems } from '../core/validate.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -66,24 +65,8 @@ const FLAG_OF: Readonly<Record<string, string>> = {
   cursor: '--cursor',
 }
 
-/**
- * The API's own schema, checked before any store is opened: a value a flag never takes is a
- * usage error (exit 2) naming the flag, whether the command then goes to the store or to the
- * admin API. (What depends on the store, or on the time, is checked there and refused with exit 1.)
- */
-function checkFlags(schema: TSchema, values: Record<string, unknown>): void {
-  const found = problems(schema, values)
-  if (found.length === 0) return
-  throw new UsageError(
-    found
-      .map((p) => {
-        const field = dotted(p.path)
-        const flag = FLAG_OF[p.path[0] ?? ''] ?? `--${p.path[0] ?? ''}`
-        return problemLine(p, p.path.length > 1 ? `${flag} (${field})` : flag)
-      })
-      .join('; '),
-  )
-}
+/** The API's own schema, checked before any store is opened (io.ts checkFlags), with the flags' names. */
+const checkFlags = (schema: TSchema, values: Record<string, unknown>): void => checkFlagsOf(schema, values, FLAG_OF)
 
 /** The key fields given on the command line, as an API body (only those present). */
 function keyBody(p: Parsed): Record<string, unknown> {

@@ -5,7 +5,8 @@ import type { Actor } from '../core/audit.ts'
 import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaTokenService, GiteaVerification } from '../core/integrations/gitea.ts'
 import type { N8nKeyCreated, N8nKeyDeleted, N8nKeyService, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
 import type { TrackState } from '../core/integrations/track.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, expiryFlags, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -138,6 +139,14 @@ function verifyCommand<V extends Verification>(o: {
 type GiteaCommand = Command<IntegrationContext<GiteaTokenService>>
 type N8nCommand = Command<IntegrationContext<N8nKeyService>>
 
+/** `--user`, checked as the admin API checks it (`.` and `..` would turn the URL into another Gitea endpoint). */
+function giteaUser(p: Parsed): { user?: string } {
+  const user = str(p, 'user')
+  if (user === undefined) return {}
+  checkFlags(DeleteGiteaTokenQuery, { user })
+  return { user }
+}
+
 export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
   create: createCommand<GiteaTokenCreated>({
     summary: 'create a personal access token in Gitea and print it once',
@@ -146,7 +155,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     body: (p) => ({
       name: required(p, 'name', 'the token name'),
       scopes: scopesFlag(p, 'read:repository,write:issue'),
-      ...(str(p, 'user') !== undefined ? { user: str(p, 'user') } : {}),
+      ...giteaUser(p),
     }),
     describe: (c) => `Gitea token ${c.remote_id} (${c.name}) for ${c.user} with ${c.scopes.join(', ')}; keygate record ${c.id}`,
     secret: (c) => c.token,
@@ -166,7 +175,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     options: { ...GITEA_FLAGS, user: { type: 'string' } },
     what: (d) => `Gitea token ${d.remote_id} (${d.name}) of ${d.user}`,
     service: 'Gitea',
-    extra: (p) => ({ user: str(p, 'user') }),
+    extra: giteaUser,
   }),
   verify: verifyCommand<GiteaVerification>({
     summary: 'ask Gitea whether it accepts a token and whose it is (exit 0 yes, 1 no); give - to read it from stdin',

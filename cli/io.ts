@@ -3,6 +3,8 @@
 import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
 import { KeygateError, type ErrorCode } from '../core/errors.ts'
 import { YEAR_10000_MS } from '../core/formats.ts'
+import type { TSchema } from '@sinclair/typebox'
+import { dotted, problemLine, problems } from '../core/validate.ts'
 
 export const EXIT_OK = 0
 export const EXIT_REFUSED = 1
@@ -70,6 +72,26 @@ export function choiceFlag<T extends string>(p: Parsed, flag: string, allowed: r
     throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not allowed; expected one of ${allowed.join(', ')}`)
   }
   return value as T | undefined
+}
+
+/**
+ * The API's own schema, checked before any store is opened: a value a flag never takes is a
+ * usage error (exit 2) naming the flag (`flagOf` maps a field to its flag; by default `--field`),
+ * whether the command then goes to the store or to the admin API. (What depends on the store, or
+ * on the time, is checked there and refused with exit 1.)
+ */
+export function checkFlags(schema: TSchema, values: Record<string, unknown>, flagOf: Readonly<Record<string, string>> = {}): void {
+  const found = problems(schema, values)
+  if (found.length === 0) return
+  throw new UsageError(
+    found
+      .map((p) => {
+        const field = dotted(p.path)
+        const flag = flagOf[p.path[0] ?? ''] ?? `--${p.path[0] ?? ''}`
+        return problemLine(p, p.path.length > 1 ? `${flag} (${field})` : flag)
+      })
+      .join('; '),
+  )
 }
 
 /** A secret given as an argument, or `-` to read it from the first line of stdin (out of the process list). */

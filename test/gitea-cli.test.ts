@@ -34,6 +34,10 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     [['gitea', 'delete'], /missing argument\nusage: keygate gitea delete/],
     [['gitea', 'verify'], /missing argument/],
     [['gitea', 'list', '--colour'], /Unknown option '--colour'/],
+    // Before: `--user ..` sent keygate's Basic credentials to GET /api/v1/tokens, then exited 1.
+    [['gitea', 'delete', '1', '--user', '..'], /--user: "\.\." is not allowed/],
+    [['gitea', 'delete', '1', '--user', '.'], /--user: "\." is not allowed/],
+    [['gitea', 'create', '--name', 'x', '--scopes', 'read:user', '--user', '..'], /--user: "\.\." is not allowed/],
   ] as const) {
     const r = await runCli([...args], { cwd, env: isolated({ ...gitea, KEYGATE_DATA_DIR: join(cwd, 'store') }) })
     t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)

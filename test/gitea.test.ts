@@ -198,6 +198,37 @@ await forEachStore(t, async (t, store) => {
     for (const m of made) fake.removeToken(m.id)
   })
 
+  await t.test('delete: a token the list walk missed (another admin deleted one on an earlier page) is deleted in Gitea all the same', async (t) => {
+    const existing = fake.tokens.filter((x) => x.owner === 'alice').length
+    t.ok(existing < 49, 'room on page 1')
+    const first = fake.addToken('alice', 'walk-0', ['read:user'])
+    const others = Array.from({ length: 49 - existing }, (_, i) => fake.addToken('alice', `walk-${i + 1}`, ['read:user']))
+    // Made and recorded by keygate: the first token of page 2 of the list.
+    const mine = await gitea.create({ name: 'walked-past', scopes: ['read:repository'] }, actor)
+    secrets.push(first.sha1, mine.token, ...others.map((o) => o.sha1))
+    let pages = 0
+    fake.beforeAnswer = (method, path) => {
+      // Between page 1 and page 2, a token of page 1 goes: `mine` moves to page 1, already read.
+      if (method === 'GET' && path === '/api/v1/users/alice/tokens' && ++pages === 2) fake.removeToken(first.id)
+    }
+    t.teardown(() => {
+      fake.beforeAnswer = undefined
+    })
+    const deleted = await gitea.delete(String(mine.remote_id), actor)
+    // Before: no DELETE was sent, the record was closed with remote_missing: true, the token still worked.
+    t.equal(pages, 2, 'the list walk read two pages')
+    t.match(deleted, { remote_id: mine.remote_id, remote_missing: false, record: { id: mine.id, deleted_by: 'cli:tester' } })
+    t.notOk(fake.tokens.some((x) => x.id === mine.remote_id), 'gone from Gitea')
+    t.match(await gitea.verify(mine.token), { valid: false })
+    for (const o of others) fake.removeToken(o.id)
+  })
+
+  await t.test('delete: a user name that would turn the URL into another endpoint is refused before any request', async (t) => {
+    const before = fake.requests.length
+    for (const user of ['.', '..']) t.match(await rejection(gitea.delete('1', actor, { user })), { code: 'validation_failed' }, JSON.stringify(user))
+    t.equal(fake.requests.length, before, 'nothing sent to Gitea')
+  })
+
   await t.test('unreachable, timeout', async (t) => {
     const port = await freePort()
     const down = new GiteaTokenService(integrationDeps(store.db, env(`http://127.0.0.1:${port}`)))

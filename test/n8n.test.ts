@@ -8,10 +8,11 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb } from '../core/db.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { recordId, secretHash } from '../core/integrations/track.ts'
 import { migrate } from '../core/migrate.ts'
 import { documented, startAdmin } from './helpers/admin.ts'
 import { capturedStderr, runCli } from './helpers/cli.ts'
-import { capturedLogs, dumpStore, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { ownerSession, startN8n } from './helpers/n8n.ts'
 import { forEachStore, freshDatabase, rejection } from './helpers/stores.ts'
 
@@ -126,6 +127,29 @@ await forEachStore(t, async (t, store) => {
     const err = await rejection(broken.create({ label: `unrecorded-${store.kind}`, scopes: ['workflow:list'] }, actor))
     t.match(err, { code: 'store_unavailable', message: /API key \S+ \("unrecorded-.*"\) was created in n8n but could not be recorded \(the store went away\); it was deleted from n8n again/ })
     t.notOk((await keys.list()).items.some((i) => i.label === `unrecorded-${store.kind}`), 'n8n no longer has it')
+  })
+
+  await t.test('a key created while the store fails before it is checked against earlier keys is deleted again', async (t) => {
+    // Before: the check's error came back raw (no code), and the key stayed in n8n, unrecorded.
+    const broken = new N8nKeyService(integrationDeps(failingQueries(store.db, /key_hash = \$1/), env()))
+    t.teardown(() => broken.close())
+    const err = await rejection(broken.create({ label: `unchecked-${store.kind}`, scopes: ['workflow:list'] }, actor))
+    t.match(err, { code: 'store_unavailable', message: /API key \S+ \("unchecked-.*"\) was created in n8n but could not be recorded \(the store went away\); it was deleted from n8n again/ })
+    t.notOk((await keys.list()).items.some((i) => i.label === `unchecked-${store.kind}`), 'n8n no longer has it')
+  })
+
+  await t.test("records of keys made as another n8n user (N8N_EMAIL changed) are neither listed as deleted nor closed", async (t) => {
+    // n8n lists the logged-in user's keys only: another user's key may well still work.
+    const label = `other-user-${store.kind}`
+    await store.db.query(
+      `INSERT INTO n8n_api_keys (id, base_url, remote_id, label, owner_email, scopes, key_last_eight, key_hash, expires_at, created_by)
+       VALUES ($1, $2, 'another-users-key', $3, 'someone-else@example.test', $4, 'abcdefgh', $5, NULL, 'cli:tester')`,
+      [recordId('nk'), n8n.url, label, ['workflow:list'], secretHash(`a key of another user, ${store.kind}`)],
+    )
+    t.notOk((await keys.list()).items.some((i) => i.remote_id === 'another-users-key'), 'not listed (before: deleted_remotely)')
+    t.match(await rejection(keys.delete(label, actor)), { code: 'n8n_key_not_found' }, 'before: its record was closed, remote_missing')
+    const [row] = await store.db.query<{ deleted_at: Date | null }>(`SELECT deleted_at FROM n8n_api_keys WHERE remote_id = 'another-users-key'`)
+    t.equal(row?.deleted_at, null, 'the record stays open')
   })
 
   await t.test('no secret in the store or the audit details', async (t) => {

@@ -6,7 +6,7 @@ import type { Actor } from '../audit.ts'
 import { KeygateError } from '../errors.ts'
 import { assertValid } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
-import { CreateGiteaTokenBody, type CreateGiteaTokenInput } from './schemas.ts'
+import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, type CreateGiteaTokenInput } from './schemas.ts'
 import { configuredClient, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
 
 const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
@@ -282,6 +282,7 @@ export class GiteaTokenService {
 
   /** Deletes by Gitea token id or, failing that, by name (Gitea's own order), and closes the record. */
   async delete(ref: string, actor: Actor, options: { user?: string | undefined } = {}): Promise<GiteaTokenDeleted> {
+    if (options.user !== undefined) assertValid(DeleteGiteaTokenQuery, { user: options.user })
     const { http, username, authorization } = this.#client(true)
     const user = options.user ?? username
     const byId = /^\d{1,18}$/.test(ref) && Number(ref) > 0 ? Number(ref) : null
@@ -296,12 +297,12 @@ export class GiteaTokenService {
     }
     const remoteId = target ? target.id : Number((local as Row).remote_id)
     const name = target ? target.name : (local as Row).name
-    let remoteMissing = !target
-    if (target) {
-      const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${target.id}`, { headers: { authorization } })
-      if (res.status === 404) remoteMissing = true
-      else if (res.status !== 204) throw this.#tokenRouteError(http, res, username, user, `delete token ${target.id}`)
-    }
+    // Also when only the record names it: a token the list walk missed (another admin deleting
+    // one on an earlier page shifts the later pages) must not keep working with its record closed.
+    // Gitea answers 404 for a token that is gone.
+    const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${remoteId}`, { headers: { authorization } })
+    if (res.status !== 204 && res.status !== 404) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
+    const remoteMissing = res.status === 404
     await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local?.id ?? null, 'gitea.token.deleted', {
       remote_id: remoteId,
       name,

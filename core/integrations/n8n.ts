@@ -7,7 +7,7 @@ import { fieldInvalid, KeygateError } from '../errors.ts'
 import { assertValid } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
-import { configuredClient, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
+import { configuredClient, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
 
 export interface N8nKey {
   id: string
@@ -279,17 +279,39 @@ export class N8nKeyService {
       const key = data?.rawApiKey
       if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
       http.secret(key, { transient: true })
-      if ((await this.#rows('key_hash = $1', [secretHash(key)])).length === 0) return { created, key }
+      let twins: Row[]
+      try {
+        twins = await this.#rows('key_hash = $1', [secretHash(key)])
+      } catch (err) {
+        // The key exists in n8n now: it must not be left there unrecorded.
+        return undoUnrecorded({
+          service: 'n8n',
+          deps: this.#deps,
+          what: `API key ${created.id} (${JSON.stringify(input.label)})`,
+          err,
+          undo: async () => void (await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)),
+        })
+      }
+      if (twins.length === 0) return { created, key }
       await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
       await again('the same as a key keygate recorded before')
     }
   }
 
+  /**
+   * The open records of keys made as the N8N_EMAIL user on this n8n. n8n lists a user's own keys
+   * only: a key made as another user (before N8N_EMAIL changed) is neither listed as deleted nor
+   * closed by a delete while it may still work.
+   */
+  #liveRows(baseUrl: string, email: string): Promise<Row[]> {
+    return this.#rows('base_url = $1 AND lower(owner_email) = lower($2) AND deleted_at IS NULL', [baseUrl, email])
+  }
+
   /** n8n's keys of the N8N_EMAIL user beside keygate's records for this instance. */
   async list(): Promise<N8nKeyList> {
-    const { http } = this.#client(true)
+    const { http, email } = this.#client(true)
     const remote = await this.#remoteKeys()
-    const live = await this.#rows('base_url = $1 AND deleted_at IS NULL', [http.baseUrl])
+    const live = await this.#liveRows(http.baseUrl, email)
     const items: N8nListItem[] = remote.map((k) => {
       const mine = live.find((r) => r.remote_id === k.id)
       return { remote_id: k.id, label: k.label, state: trackState(k, mine), remote: k, local: mine ? toJson(mine) : null }
@@ -302,14 +324,14 @@ export class N8nKeyService {
 
   /** Deletes by n8n key id or by label, and closes the record. */
   async delete(ref: string, actor: Actor): Promise<N8nKeyDeleted> {
-    const { http } = this.#client(true)
+    const { http, email } = this.#client(true)
     const remote = await this.#remoteKeys()
     const byLabel = remote.filter((k) => k.label === ref)
     const target = remote.find((k) => k.id === ref) ?? (byLabel.length === 1 ? byLabel[0] : undefined)
     if (!target && byLabel.length > 1) {
       throw new KeygateError('conflict', `n8n at ${http.baseUrl} has ${byLabel.length} API keys labelled ${JSON.stringify(ref)}; delete by id: ${byLabel.map((k) => k.id).join(', ')}`)
     }
-    const live = await this.#rows('base_url = $1 AND deleted_at IS NULL', [http.baseUrl])
+    const live = await this.#liveRows(http.baseUrl, email)
     const local = target ? live.find((r) => r.remote_id === target.id) : live.find((r) => r.remote_id === ref) ?? live.find((r) => r.label === ref)
     if (!target && !local) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key with the id or label ${JSON.stringify(ref)}`)
     const remoteId = target ? target.id : (local as Row).remote_id

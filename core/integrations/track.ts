@@ -79,27 +79,36 @@ export async function recordRemoteCreate(options: {
   write: (tx: Queryable) => Promise<void>
   undo: () => Promise<void>
 }): Promise<void> {
-  const { deps, what } = options
-  const label = SERVICE_LABEL[options.service]
   try {
-    await deps.db.transaction(options.write)
+    await options.deps.db.transaction(options.write)
   } catch (err) {
-    deps.log.error(`could not record the ${label} credential just created; deleting it again`, { credential: what, err: err as Error })
-    try {
-      await options.undo()
-    } catch (undoErr) {
-      deps.log.error(`could not delete the unrecorded ${label} credential; delete it by hand`, { credential: what, err: undoErr as Error })
-      throw new KeygateError(
-        'store_unavailable',
-        `${what} was created in ${label} but could not be recorded (${(err as Error).message}), and deleting it again failed (${(undoErr as Error).message}): delete it in ${label} by hand`,
-        undefined,
-        { cause: err },
-      )
-    }
-    throw new KeygateError('store_unavailable', `${what} was created in ${label} but could not be recorded (${(err as Error).message}); it was deleted from ${label} again`, undefined, {
-      cause: err,
-    })
+    return undoUnrecorded({ ...options, err })
   }
+}
+
+/**
+ * A credential was created remotely but cannot be recorded (`err`, from the store): it is
+ * deleted again, and the error says whether that worked, naming it so an operator can remove it
+ * by hand when it did not.
+ */
+export async function undoUnrecorded(options: { service: ServiceName; deps: IntegrationDeps; what: string; err: unknown; undo: () => Promise<void> }): Promise<never> {
+  const { deps, what, err } = options
+  const label = SERVICE_LABEL[options.service]
+  deps.log.error(`could not record the ${label} credential just created; deleting it again`, { credential: what, err: err as Error })
+  try {
+    await options.undo()
+  } catch (undoErr) {
+    deps.log.error(`could not delete the unrecorded ${label} credential; delete it by hand`, { credential: what, err: undoErr as Error })
+    throw new KeygateError(
+      'store_unavailable',
+      `${what} was created in ${label} but could not be recorded (${(err as Error).message}), and deleting it again failed (${(undoErr as Error).message}): delete it in ${label} by hand`,
+      undefined,
+      { cause: err },
+    )
+  }
+  throw new KeygateError('store_unavailable', `${what} was created in ${label} but could not be recorded (${(err as Error).message}); it was deleted from ${label} again`, undefined, {
+    cause: err,
+  })
 }
 
 /** Marks a live record deleted and writes the audit row, in one transaction. */

@@ -62,6 +62,8 @@ export class FakeGitea {
   /** Requests seen, method and path (for tests of what the client sends). */
   readonly requests: Array<{ method: string; path: string; authorization: string | undefined }> = []
   url = ''
+  /** Called with each request before it is answered (to change the fake's state between two of a client's requests). */
+  beforeAnswer: ((method: string, path: string) => void) | undefined
   /** Hold every answer this long (timeout tests). */
   delayMs = 0
   /** Answer the next requests matching a method with this status and message instead. */
@@ -139,6 +141,7 @@ export class FakeGitea {
     const url = new URL(req.url ?? '/', 'http://fake')
     const method = req.method ?? 'GET'
     this.requests.push({ method, path: url.pathname, authorization: req.headers.authorization })
+    this.beforeAnswer?.(method, url.pathname)
     if (this.delayMs > 0) await new Promise((r) => setTimeout(r, this.delayMs))
     if (res.destroyed) return
     const path = url.pathname.replace(/^\/api\/v1/, '')

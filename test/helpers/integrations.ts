@@ -49,6 +49,20 @@ export function failingTransactions(db: Db): Db {
   }
 }
 
+/** The store, but every statement whose text matches `failing` fails as a store gone away would. */
+export function failingQueries(db: Db, failing: RegExp): Db {
+  return {
+    kind: db.kind,
+    query: async (text, params) => {
+      if (failing.test(text)) throw new Error('the store went away')
+      return db.query(text, params)
+    },
+    exec: (script) => db.exec(script),
+    transaction: (fn) => db.transaction(fn),
+    close: async () => {},
+  }
+}
+
 /** Asserts that none of `secrets` occurs in `text`, naming what was searched. */
 export function noSecrets(t: Test, text: string, secrets: readonly string[], where: string): void {
   t.ok(secrets.length > 0, `${where}: there are secrets to look for`)
