@@ -166,12 +166,21 @@ async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Prom
 async function runConfig(argv: string[], io: Io): Promise<number> {
   const [name, ...rest] = argv
   if (name === 'docs') {
-    parse(rest, {}, { min: 0, max: 0 }, 'keygate config docs')
+    const usage = 'keygate config docs'
+    if (parse(rest, {}, { min: 0, max: 0 }, usage).values.help) {
+      io.out(`usage: ${usage}\nprints the configuration reference (docs/configuration.md) as Markdown\n`)
+      return EXIT_OK
+    }
     io.out(renderConfigDocs())
     return EXIT_OK
   }
   if (name !== 'check') throw new UsageError('usage: keygate config check [FILE] [--json] | keygate config docs')
-  const p = parse(rest, {}, { min: 0, max: 1 }, 'keygate config check [FILE] [--json]')
+  const usage = 'keygate config check [FILE] [--json]'
+  const p = parse(rest, {}, { min: 0, max: 1 }, usage)
+  if (p.values.help) {
+    io.out(`usage: ${usage}\nchecks FILE (else KEYGATE_CONFIG, else ./keygate.yaml) and lists every problem; exit 0 when valid, 1 when not\n`)
+    return EXIT_OK
+  }
   // The file every other command would read when none is named (KEYGATE_CONFIG, else ./keygate.yaml).
   const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')

@@ -1,6 +1,8 @@
 // Loads the configuration: YAML file, then environment, then flags; defaults from the schema;
 // every problem collected with its path, value and what is allowed; the result deep-frozen.
 import { readFileSync, existsSync } from 'node:fs'
+import { createPrivateKey, X509Certificate } from 'node:crypto'
+import { createSecureContext } from 'node:tls'
 import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { LineCounter, parseDocument } from 'yaml'
@@ -172,7 +174,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   const cleaned = Value.Clone(input)
   misshapen(ConfigSchema, cleaned, [], found)
   const value = Value.Default(ConfigSchema, cleaned) as Record<string, unknown>
-  for (const p of [...found, ...validationProblems(ConfigSchema, value)]) {
+  const all = [...found, ...validationProblems(ConfigSchema, value)]
+  for (const p of all) {
     const key = dotted(p.path)
     const origin = origins.get(key)
     problems.push(problemLine(p, origin ? `${origin} (${key})` : key, holdsSecret(p.path)))
@@ -186,29 +189,69 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
       names.add(r.name)
     })
   }
-  if (problems.length > 0) return value as Config
   const config = value as Config
-  if (config.upstream !== undefined) {
+  // Each check below runs unless a value it reads is already wrong, so that every problem is reported at once.
+  const within = (path: string, k: string) => path === k || path.startsWith(`${k}.`) || path.startsWith(`${k}[`)
+  const bad = (...keys: string[]) => all.some((p) => keys.some((k) => within(dotted(p.path), k)))
+  if (config.upstream !== undefined && !bad('upstream', 'routes')) {
     if (config.routes.some((r) => r.path === '/' && r.host === undefined)) {
       problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route for / in routes when the upstream shortcut is set`)
     } else if (names.has('default')) {
       problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)
-    } else {
+    } else if (problems.length === 0) {
       config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false })
     }
   }
   // The unusual-hours check learns from the usage rows: pruning them sooner would blind it.
-  if (config.scheduler.usage_retention_days < config.anomalies.unusual_hour_history_days) {
+  if (!bad('scheduler.usage_retention_days', 'anomalies.unusual_hour_history_days') && config.scheduler.usage_retention_days < config.anomalies.unusual_hour_history_days) {
     problems.push(`scheduler.usage_retention_days: ${config.scheduler.usage_retention_days} is not allowed; expected at least anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
   }
   for (const side of ['gateway', 'admin'] as const) {
-    const tls = config[side].tls
-    if (!tls) continue
-    for (const part of ['cert', 'key'] as const) {
-      if (!existsSync(tls[part])) problems.push(`${side}.tls.${part}: ${show(tls[part], false)} is not allowed; expected a readable file`)
-    }
+    if (bad(`${side}.tls`)) continue
+    const tls = config[side]?.tls
+    if (tls) problems.push(...tlsProblems(`${side}.tls`, tls))
   }
   return config
+}
+
+/**
+ * What `serve` would fail on when it builds the TLS context: a file that cannot be read (missing,
+ * a folder, unreadable), a certificate or key that is not PEM, a key that does not belong to the
+ * certificate. Checked here so that `config check` and a start name the setting.
+ */
+function tlsProblems(at: string, tls: { cert: string; key: string }): string[] {
+  const read: Partial<Record<'cert' | 'key', Buffer>> = {}
+  const out: string[] = []
+  for (const part of ['cert', 'key'] as const) {
+    try {
+      read[part] = readFileSync(tls[part])
+    } catch (err) {
+      out.push(`${at}.${part}: ${show(tls[part], false)} is not allowed; expected a readable file (${systemReason(err)})`)
+    }
+  }
+  if (read.cert === undefined || read.key === undefined) return out
+  try {
+    new X509Certificate(read.cert)
+  } catch {
+    return [`${at}.cert: ${show(tls.cert, false)} is not allowed; expected a PEM certificate`]
+  }
+  try {
+    createPrivateKey(read.key)
+  } catch {
+    return [`${at}.key: ${show(tls.key, false)} is not allowed; expected a PEM private key (not encrypted)`]
+  }
+  try {
+    createSecureContext({ cert: read.cert, key: read.key })
+  } catch (err) {
+    return [`${at}.key: ${show(tls.key, false)} is not allowed; expected the private key of ${at}.cert (${(err as Error).message})`]
+  }
+  return []
+}
+
+/** An fs error in words: "no such file", "is a folder", "permission denied". */
+function systemReason(err: unknown): string {
+  const code = (err as { code?: unknown }).code
+  return code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'it is a folder' : code === 'EACCES' ? 'permission denied' : String((err as Error).message)
 }
 
 /** The file read when none is named: KEYGATE_CONFIG, else ./keygate.yaml when present. */
@@ -232,9 +275,15 @@ export function loadConfig(options: LoadOptions = {}): Config {
     if (leaf.env && !options.onlyFile) sources.push([leaf.env, env[leaf.env]])
     if (leaf.flag && options.flags) sources.push([`--${leaf.flag}`, options.flags[leaf.flag]])
     for (const [name, raw] of sources) {
-      if (raw === undefined || raw === '') continue
-      const parsed = parseScalar(raw, leaf.schema)
       const key = dotted(leaf.path)
+      if (raw === undefined) continue
+      // An empty variable is an unset one; an empty flag is a mistake (`--listen=$ADDR` with
+      // ADDR unset must not quietly mean the file's or the default address).
+      if (raw === '') {
+        if (name.startsWith('--')) problems.push(`${name} (${key}): an empty value is not allowed; expected ${describeAllowed(leaf.schema)}`)
+        continue
+      }
+      const parsed = parseScalar(raw, leaf.schema)
       if (!parsed.ok) {
         problems.push(`${name} (${key}): ${show(raw, leaf.secret)} is not allowed; expected ${describeAllowed(leaf.schema)}`)
         continue
@@ -248,7 +297,10 @@ export function loadConfig(options: LoadOptions = {}): Config {
   }
   const config = check(merged, problems, origins)
   if (problems.length > 0) {
-    throw new KeygateError('config_invalid', `invalid configuration:\n  ${problems.join('\n  ')}`, { problems, file })
+    // A value a command-line flag never takes is a usage error (exit 2), as on every command; a
+    // problem's line starts with the flag that gave the value (no key of the file starts with `--`).
+    const code = problems.some((p) => p.startsWith('--')) ? 'usage_error' : 'config_invalid'
+    throw new KeygateError(code, `invalid configuration:\n  ${problems.join('\n  ')}`, { problems, file })
   }
   return deepFreeze(config)
 }

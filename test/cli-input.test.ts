@@ -63,6 +63,9 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['config', 'check'], /give the file to check/],
     [['config', 'check', 'a.yaml', 'b.yaml'], /unexpected argument "b.yaml"/],
     [['migrate', 'now'], /unexpected argument "now"/],
+    // Config flags too (before: `--listen=` fell back to 0.0.0.0:8080 and served; `--listen bogus` exited 1).
+    [['serve', '--listen='], /--listen \(gateway\.listen\): an empty value is not allowed/],
+    [['serve', '--admin-listen', 'bogus'], /--admin-listen \(admin\.listen\): "bogus" is not allowed/],
   ]
   for (const [args, pattern] of cases) {
     const r = await runCli(args, { env, cwd: dir })
@@ -71,6 +74,13 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     t.notMatch(r.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace')
   }
   t.notOk(existsSync(dataDir), 'no store was created by a usage error')
+
+  // --help is help on every command (before: `config check --help` checked ./keygate.yaml or exited 2).
+  for (const args of [['config', 'check', '--help'], ['config', 'docs', '--help']]) {
+    const help = await runCli(args, { env, cwd: dir })
+    t.equal(help.code, 0, `keygate ${args.join(' ')}`)
+    t.match(help.stdout, new RegExp(`^usage: keygate config ${args[1]}`))
+  }
 
   const json = await runCli(['api-key', 'create', '--type', 'user', '--json'], { env, cwd: dir })
   t.equal(json.code, 2)

@@ -1,6 +1,8 @@
 // loadConfig: defaults, sources and their precedence, strictness, one specific message per
 // problem (all of them at once, secrets hidden), and the generated configuration docs.
 import t from 'tap'
+import { execFileSync } from 'node:child_process'
+import { generateKeyPairSync } from 'node:crypto'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -35,14 +37,14 @@ function build(path: readonly string[], value: unknown): unknown {
 }
 
 /** The problems loadConfig reports, or [] when it accepts. */
-function problemsOf(options: LoadOptions): { problems: string[]; message: string; details: string } {
+function problemsOf(options: LoadOptions): { problems: string[]; message: string; details: string; code: string } {
   try {
     loadConfig(options)
-    return { problems: [], message: '', details: '' }
+    return { problems: [], message: '', details: '', code: '' }
   } catch (err) {
     const e = err as { code?: string; message: string; details?: { problems?: string[] } }
-    if (e.code !== 'config_invalid') throw err
-    return { problems: e.details?.problems ?? [], message: e.message, details: JSON.stringify(e.details) }
+    if (e.code !== 'config_invalid' && e.code !== 'usage_error') throw err
+    return { problems: e.details?.problems ?? [], message: e.message, details: JSON.stringify(e.details), code: e.code }
   }
 }
 
@@ -290,8 +292,16 @@ t.test('every environment variable: a bad value names the variable, the value an
 })
 
 t.test('every problem is reported at once', async (t) => {
-  const file = yamlFile(t, { gateway: { listen: 'nowhere', colour: 'red' }, cache: { ttl_s: 0 }, routes: [{ name: 'Bad Name', path: 'api', upstream: 'http://x' }] })
-  const { problems, message } = problemsOf({ file, env: { RATE_LIMIT_MAX_ATTEMPTS: 'lots', LOG_LEVEL: 'loud' }, flags: { 'admin-listen': 'x' } })
+  const dir = tempDir(t)
+  // Before, the checks that come after the schema's (TLS files, the upstream shortcut, retention)
+  // ran only once the schema's problems were fixed.
+  const file = yamlFile(t, {
+    gateway: { listen: 'nowhere', colour: 'red', tls: { cert: join(dir, 'no-cert.pem'), key: join(dir, 'no-key.pem') } },
+    cache: { ttl_s: 0 },
+    routes: [{ name: 'Bad Name', path: 'api', upstream: 'http://x' }],
+    scheduler: { usage_retention_days: 1 },
+  })
+  const { problems, message, code } = problemsOf({ file, env: { RATE_LIMIT_MAX_ATTEMPTS: 'lots', LOG_LEVEL: 'loud' }, flags: { 'admin-listen': 'x' } })
   const keys = problems.map((p) => p.split(': ')[0]).sort()
   t.same(keys, [
     '--admin-listen (admin.listen)',
@@ -300,11 +310,26 @@ t.test('every problem is reported at once', async (t) => {
     'cache.ttl_s',
     'gateway.colour',
     'gateway.listen',
+    'gateway.tls.cert',
+    'gateway.tls.key',
     'routes[0].name',
     'routes[0].path',
+    'scheduler.usage_retention_days',
   ])
   t.match(message, /^invalid configuration:\n {2}/)
   for (const p of problems) t.ok(message.includes(`\n  ${p}`), 'one line per problem in the message')
+  t.equal(code, 'usage_error', 'a flag gave a value it never takes: a usage error (exit 2)')
+  t.equal(problemsOf({ file, env: {} }).code, 'config_invalid', 'without it: an invalid configuration (exit 1)')
+})
+
+t.test('a flag given an empty value is a usage error, not the file\'s or the default value', async (t) => {
+  // Before: `--listen=$ADDR` with ADDR unset listened on 0.0.0.0:8080 without a word.
+  for (const flag of ['listen', 'admin-listen', 'upstream'] as const) {
+    const r = problemsOf({ ...noFile, flags: { [flag]: '' } })
+    t.equal(r.code, 'usage_error', flag)
+    t.match(r.problems, [new RegExp(`^--${flag} \\([a-z.]+\\): an empty value is not allowed; expected `)])
+  }
+  t.same(problemsOf({ ...noFile, env: { KEYGATE_LISTEN: '' } }).problems, [], 'an empty environment variable is an unset one')
 })
 
 t.test('secret values never appear in messages', async (t) => {
@@ -431,7 +456,26 @@ t.test('TLS files must exist', async (t) => {
   const dir = tempDir(t)
   writeFileSync(join(dir, 'cert.pem'), 'x')
   const file = yamlFile(t, { gateway: { tls: { cert: join(dir, 'cert.pem'), key: join(dir, 'missing.pem') } } })
-  t.same(problemsOf({ file, env: {} }).problems, [`gateway.tls.key: ${JSON.stringify(join(dir, 'missing.pem'))} is not allowed; expected a readable file`])
+  t.same(problemsOf({ file, env: {} }).problems, [`gateway.tls.key: ${JSON.stringify(join(dir, 'missing.pem'))} is not allowed; expected a readable file (no such file)`])
+})
+
+t.test('TLS files must make a TLS context: a folder, not PEM, a key of another certificate', async (t) => {
+  // Before: `config check` said valid, and serve ended with "unexpected error: EISDIR" or
+  // "PEM routines::no start line", naming neither the setting nor the file.
+  const dir = tempDir(t)
+  const cert = join(dir, 'cert.pem')
+  const key = join(dir, 'key.pem')
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=localhost'], { stdio: 'ignore' })
+  const otherKey = join(dir, 'other-key.pem')
+  writeFileSync(otherKey, generateKeyPairSync('ec', { namedCurve: 'prime256v1' }).privateKey.export({ type: 'pkcs8', format: 'pem' }))
+  const notPem = join(dir, 'not-pem.txt')
+  writeFileSync(notPem, 'hello\n')
+  const at = (side: 'gateway' | 'admin', c: string, k: string) => problemsOf({ file: yamlFile(t, { [side]: { tls: { cert: c, key: k } } }), env: {} }).problems
+  t.same(at('gateway', cert, key), [], 'a certificate and its key')
+  t.same(at('gateway', dir, key), [`gateway.tls.cert: ${JSON.stringify(dir)} is not allowed; expected a readable file (it is a folder)`])
+  t.same(at('admin', notPem, key), [`admin.tls.cert: ${JSON.stringify(notPem)} is not allowed; expected a PEM certificate`])
+  t.same(at('gateway', cert, notPem), [`gateway.tls.key: ${JSON.stringify(notPem)} is not allowed; expected a PEM private key (not encrypted)`])
+  t.match(at('gateway', cert, otherKey), [`gateway.tls.key: ${JSON.stringify(otherKey)} is not allowed; expected the private key of gateway.tls.cert (`])
 })
 
 t.test('the names of environment variables', async (t) => {
