@@ -208,5 +208,21 @@ t.test('addresses parse to their canonical form, the same on every call (memoise
     t.equal(normalAddress('999.1.1.1'), undefined)
     t.equal(parseAddress('::ffff:10.0.0.1')?.kind(), 'ipv4')
     t.equal(parseAddress('nope'), undefined)
+    // The IPv4-compatible form is an IPv6 address (ipaddr.js alone reads it as the mapped one, IPv4's 192.0.2.7).
+    t.equal(normalAddress('::192.0.2.7'), '::c000:207')
+    t.equal(normalAddress('64:ff9b::192.0.2.7'), '64:ff9b::c000:207')
+    t.equal(normalAddress('::ffff:010.0.0.1'), undefined, 'the tail in four decimal parts only')
   }
+})
+
+t.test('the deny list stores one spelling per address or range', async (t) => {
+  const { normaliseCidr } = await import('../core/deny-list.ts')
+  // Before: `fe80::1%eth0` was stored with its zone, beside `fe80::1` (two entries, one address),
+  // and `::192.0.2.7` as `192.0.2.7`, which blocked IPv4's 192.0.2.7 and not the address given.
+  t.equal(normaliseCidr('fe80::1%eth0'), 'fe80::1')
+  t.equal(normaliseCidr('fe80::1%eth0/64'), 'fe80::/64')
+  t.equal(normaliseCidr('::192.0.2.7'), '::c000:207')
+  t.equal(normaliseCidr('::192.0.2.7/128'), '::c000:207')
+  t.equal(normaliseCidr('::ffff:192.0.2.7'), '192.0.2.7')
+  t.equal(normaliseCidr('::ffff:192.0.2.0/120'), '192.0.2.0/24')
 })

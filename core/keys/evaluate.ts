@@ -28,11 +28,20 @@ const parsedAddresses = new QuickLRU<string, Parsed>({ maxSize: 10_000 })
  */
 function parseIp(text: string): ipaddr.IPv4 | ipaddr.IPv6 {
   if (ipaddr.IPv4.isValidFourPartDecimal(text)) return ipaddr.IPv4.parse(text)
-  // IPv6 with an IPv4 tail (`::ffff:192.0.2.7`): the tail in four decimal parts too, since the
-  // IPv6 parser takes `::ffff:0x0a.0.0.1` and `::ffff:010.0.0.1`.
-  const address = text.split('%')[0] as string
-  if (address.includes('.') && !ipaddr.IPv4.isValidFourPartDecimal(address.slice(address.lastIndexOf(':') + 1))) throw new Error('not an address')
-  return ipaddr.IPv6.parse(text)
+  // A zone id (`fe80::1%eth0`) names the interface, not another address: one address, one spelling.
+  let address = text.split('%')[0] as string
+  if (address.includes('.')) {
+    // IPv6 with an IPv4 tail (`::ffff:192.0.2.7`): the tail in four decimal parts too, since the
+    // IPv6 parser takes `::ffff:0x0a.0.0.1` and `::ffff:010.0.0.1`. The tail is read as the two
+    // groups it stands for: ipaddr.js reads the IPv4-compatible `::192.0.2.7` as the mapped
+    // `::ffff:192.0.2.7`, which is another address (IPv4's 192.0.2.7).
+    const colon = address.lastIndexOf(':')
+    const tail = address.slice(colon + 1)
+    if (!ipaddr.IPv4.isValidFourPartDecimal(tail)) throw new Error('not an address')
+    const [a, b, c, d] = ipaddr.IPv4.parse(tail).octets as [number, number, number, number]
+    address = `${address.slice(0, colon + 1)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`
+  }
+  return ipaddr.IPv6.parse(address)
 }
 
 /** Prefix lengths as written in a CIDR: decimal, no sign or leading zeros. */
