@@ -524,8 +524,15 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     )
     const storeReady = readiness(runtime, log)
     const routes = healthRoutes({
-      ready: async () => (live.size < workers ? `${live.size} of ${workers} gateway workers running` : storeReady()),
-      metrics: async () => ({ contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }),
+      // Ready once every worker listens (a forked one may still be loading).
+      ready: async () => (listening.size < workers ? `${listening.size} of ${workers} gateway workers listening` : storeReady()),
+      metrics: async () => {
+        // prom-client asks every worker and fails the whole scrape after 5 s when one does not
+        // answer: a worker still starting has no listener for the request yet. A scrape waits
+        // (a few seconds at most) for those to listen.
+        for (let waited = 0; waited < 8000 && [...live].some((w) => !listening.has(w)); waited += 50) await new Promise((r) => setTimeout(r, 50))
+        return { contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }
+      },
       isShuttingDown: () => shuttingDown,
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev) : undefined

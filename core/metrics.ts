@@ -215,7 +215,8 @@ export interface RedisMetrics {
 /** The Redis metrics of a process that has Redis configured. */
 export function createRedisMetrics(registry: Registry): RedisMetrics {
   const registers = [registry]
-  const up = new Gauge({ name: 'keygate_redis_up', help: '1 while rate limits and lockouts are shared through Redis, 0 while this process counts them itself.', registers })
+  // Under --workers the primary adds the workers' metrics up; a gauge of state is not a count.
+  const up = new Gauge({ name: 'keygate_redis_up', help: '1 while rate limits and lockouts are shared through Redis, 0 while this process counts them itself.', registers, aggregator: 'min' })
   const fallbacks = new Counter({ name: 'keygate_redis_fallback_total', help: 'Switches from Redis to the in-memory insurance limiter.', registers })
   fallbacks.inc(0)
   const flushes = new Counter({
@@ -280,7 +281,8 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const lockedOutRequests = new Counter({ name: 'keygate_locked_out_requests_total', help: 'Requests answered ip_locked_out.', registers })
   const lockouts = new Counter({ name: 'keygate_lockouts_total', help: 'Addresses locked out after too many failed key attempts.', registers })
   const badKeys = talliedCounter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
-  const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers })
+  // Every worker holds the same list: under --workers it is shown once, not added up.
+  const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers, aggregator: 'max' })
   const storeErrors = new Counter({ name: 'keygate_store_errors_total', help: 'Store failures seen by the gateway, by operation.', labelNames: ['operation'], registers })
   const anomalyCounter = new Counter({ name: 'keygate_anomalies_total', help: 'Anomalies recorded by this process, by type.', labelNames: ['type'], registers })
 

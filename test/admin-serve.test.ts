@@ -153,6 +153,7 @@ t.test('the README walk-through and the CLI against a running server (embedded s
 t.test('--workers on PostgreSQL: one port, the primary owns the admin API and sums the metrics; changes reach every worker at once', async (t) => {
   const url = await freshDatabase(t)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
+  writeFileSync(join(cwd, 'keygate.yaml'), 'deny_list: ["192.0.2.0/24"]\n')
   // The workers share one lockout (the primary's memory): the eight refused requests below would lock 127.0.0.1 out after five.
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
@@ -182,6 +183,8 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   const metrics = await call(`${serve.admin}/metrics`)
   t.equal(metrics.status, 200, serve.stdout())
   t.match(metrics.text, /keygate_gateway_requests_total\{[^}]*outcome="forwarded"[^}]*\} 8/, 'the primary sums the workers')
+  // Before: 2, one per worker: a gauge of state is not added up.
+  t.match(metrics.text, /\nkeygate_deny_list_entries 1\n/, 'the deny list is counted once')
   t.equal((await call(`${serve.admin}/v1/keys/${created.json.id}/revoke`, { method: 'POST', token })).status, 200)
   for (let i = 0; i < 8; i++) t.equal((await call(`${serve.gateway}/after${i}`, { headers: auth })).status, 401, 'refused by every worker on the next request')
   const deny = await call(`${serve.admin}/v1/deny-list`, { method: 'POST', token, body: { cidr: '127.0.0.0/8' } })
