@@ -1,0 +1,101 @@
+// `keygate serve` with TLS on both listeners: a key's request forwarded over HTTPS (X-Forwarded-Proto
+// https), the admin listener over HTTPS, and SIGHUP reloading the certificate files: new connections
+// get the new certificate, a connection already open stays open, and a bad file keeps the old one.
+import t from 'tap'
+import { execFileSync } from 'node:child_process'
+import { X509Certificate } from 'node:crypto'
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import https from 'node:https'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { TLSSocket } from 'node:tls'
+import { runCli } from './helpers/cli.ts'
+import { startUpstream } from './helpers/gateway.ts'
+import { isolatedEnv, serve } from './helpers/serve.ts'
+
+const dir = mkdtempSync(join(tmpdir(), 'keygate-tls-'))
+t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+
+/** A self-signed certificate for 127.0.0.1 and localhost, and its key. */
+function certificate(name: string): { cert: string; key: string; fingerprint: string } {
+  const cert = join(dir, `${name}-cert.pem`)
+  const key = join(dir, `${name}-key.pem`)
+  execFileSync(
+    'openssl',
+    ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', `/CN=keygate test ${name}`, '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost'],
+    { stdio: 'ignore' },
+  )
+  return { cert, key, fingerprint: new X509Certificate(readFileSync(cert)).fingerprint256 }
+}
+
+interface Answer {
+  status: number
+  body: string
+  fingerprint: string
+  reused: boolean
+}
+
+/** A GET over HTTPS that trusts `ca`; the certificate the server showed, and whether the connection was reused. */
+function get(url: string, agent: https.Agent, headers: Record<string, string> = {}): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    const req = https.get(url, { agent, headers }, (res) => {
+      // Read now: once the body has ended, a kept-alive socket is no longer the response's.
+      const fingerprint = (res.socket as TLSSocket).getPeerCertificate().fingerprint256
+      let body = ''
+      res.setEncoding('utf8').on('data', (d: string) => (body += d))
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body, fingerprint, reused: req.reusedSocket }))
+    })
+    req.on('error', reject)
+  })
+}
+
+t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping connections, and a bad file keeps the old one', async (t) => {
+  const a = certificate('a')
+  const b = certificate('b')
+  const cert = join(dir, 'cert.pem')
+  const key = join(dir, 'key.pem')
+  copyFileSync(a.cert, cert)
+  copyFileSync(a.key, key)
+  const config = join(dir, 'keygate.yaml')
+  writeFileSync(config, `gateway:\n  tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }\nadmin:\n  tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }\n`)
+  const upstream = await startUpstream(t)
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: join(dir, 'store'), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
+  const created = await runCli(['api-key', 'create', '--name', 'tls', '--type', 'service', '--json'], { env })
+  t.equal(created.code, 0, 'a key to send')
+  const auth = { authorization: `Bearer ${(created.json() as { key: string }).key}` }
+
+  const s = await serve(t, { env })
+  const gateway = s.gateway.replace('http:', 'https:')
+  const admin = s.admin.replace('http:', 'https:')
+  t.ok(s.logs.some((l) => l.msg === 'gateway listening' && l.tls === true))
+  const ca = [readFileSync(a.cert), readFileSync(b.cert)]
+  const kept = new https.Agent({ keepAlive: true, maxSockets: 1, ca })
+  t.teardown(() => kept.destroy())
+
+  const first = await get(`${gateway}/over-tls`, kept, auth)
+  t.equal(first.status, 200, 'forwarded over TLS')
+  t.equal(first.fingerprint, a.fingerprint, 'the configured certificate')
+  t.equal(upstream.received.at(-1)?.headers['x-forwarded-proto'], 'https', 'X-Forwarded-Proto: https')
+  t.equal(upstream.received.at(-1)?.headers.authorization, undefined, 'the credential removed')
+  t.equal((await get(`${gateway}/no-key`, new https.Agent({ ca }))).status, 401)
+  const health = await get(`${admin}/healthz`, new https.Agent({ ca }))
+  t.same([health.status, health.fingerprint], [200, a.fingerprint], 'the admin listener over TLS')
+
+  copyFileSync(b.cert, cert)
+  copyFileSync(b.key, key)
+  const reloadedBefore = s.logs.filter((l) => l.msg === 'reloaded TLS certificate').length
+  s.child.kill('SIGHUP')
+  await s.waitForLog(() => s.logs.filter((l) => l.msg === 'reloaded TLS certificate').length >= reloadedBefore + 2)
+  const again = await get(`${gateway}/same-connection`, kept, auth)
+  t.same([again.status, again.reused, again.fingerprint], [200, true, a.fingerprint], 'the open connection stays open, on its handshake')
+  const fresh = await get(`${gateway}/new-connection`, new https.Agent({ ca }), auth)
+  t.same([fresh.status, fresh.fingerprint], [200, b.fingerprint], 'a new connection gets the new certificate')
+  t.equal((await get(`${admin}/healthz`, new https.Agent({ ca }))).fingerprint, b.fingerprint, 'on the admin listener too')
+
+  writeFileSync(key, 'not a key\n')
+  s.child.kill('SIGHUP')
+  await s.waitForLog((l) => l.msg === 'could not reload TLS certificate; keeping the old one')
+  const afterBad = await get(`${gateway}/after-bad-file`, new https.Agent({ ca }), auth)
+  t.same([afterBad.status, afterBad.fingerprint], [200, b.fingerprint], 'a bad file keeps the certificate in use')
+  t.equal(await s.stop(), 0, 'SIGTERM: exit 0')
+})
