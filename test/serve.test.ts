@@ -30,7 +30,8 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
     [['serve', '--workers', 'many'], /--workers/, 2],
     [['serve', '--workers', '2', '--only', 'admin'], /does not go with --only admin/, 2],
     [['serve', 'extra'], /usage: keygate serve/, 2],
-    [['serve', '--listen', 'nowhere'], /config_invalid|listen/, 1],
+    // A value the flag never takes is a usage error too (the same value from the file is exit 1).
+    [['serve', '--listen', 'nowhere'], /--listen \(gateway\.listen\): "nowhere" is not allowed/, 2],
   ]
   for (const [args, message, code] of cases) {
     const r = await runCli(args, { env })
