@@ -13,6 +13,7 @@ import type { Actor, AuditLog } from './audit.ts'
 import type { Db } from './db.ts'
 import type { EventBus } from './events.ts'
 import type { Logger } from './log.ts'
+import { coalesced } from './coalesce.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -360,6 +361,8 @@ interface Finding {
   type: AnomalyType
   atMs: number
   details: Record<string, unknown>
+  /** When the finding could not be stored: what lets the next check find it again. */
+  refused?: () => void
 }
 
 export class AnomalyDetector implements UsageSink {
@@ -381,7 +384,6 @@ export class AnomalyDetector implements UsageSink {
   /** `key|hour` already judged for unusual activity. */
   readonly #hourJudged = new Map<string, number>()
   #timer: NodeJS.Timeout | undefined
-  #checking: Promise<void> | undefined
 
   constructor(options: DetectorOptions) {
     this.#db = options.db
@@ -420,15 +422,15 @@ export class AnomalyDetector implements UsageSink {
     if (nowMs > t.lastMs) t.lastMs = nowMs
   }
 
-  /** Adds what was counted to the shared windows and records what crosses a threshold; concurrent calls share one check. */
+  /**
+   * Adds what was counted before this call to the shared windows and records what crosses a
+   * threshold (one check at a time; see coalesced: a shutdown judges what came during a check).
+   */
   check(): Promise<void> {
-    this.#checking ??= this.#check()
-      .catch((err: unknown) => this.#log.warn('anomaly check failed', { err: err as Error }))
-      .finally(() => {
-        this.#checking = undefined
-      })
-    return this.#checking
+    return this.#checkOnce()
   }
+
+  readonly #checkOnce = coalesced(() => this.#check().catch((err: unknown) => this.#log.warn('anomaly check failed', { err: err as Error })))
 
   async #check(): Promise<void> {
     await this.#republish()
@@ -519,6 +521,8 @@ export class AnomalyDetector implements UsageSink {
         history_requests_at_hour: atHour,
         max_percent: this.#t.unusual_hour_max_percent,
       },
+      // Judged again by the key's next request in that hour (before: the hour stayed judged, and the anomaly was lost).
+      refused: () => this.#hourJudged.delete(id),
     }
   }
 
@@ -535,6 +539,7 @@ export class AnomalyDetector implements UsageSink {
     } catch (err) {
       // Not stored, so not reported: the next check that finds it tries again.
       this.#reported.delete(id)
+      f.refused?.()
       this.#log.warn('could not record an anomaly; it is tried again when next found', { key_id: f.keyId, type: f.type, err: err as Error })
       return
     }

@@ -4,6 +4,7 @@
 // for the next one. Memory is bounded by the keys that authenticated (per hour) since the last
 // flush that succeeded (reasons are a closed set of error codes); a flush writes FLUSH_BATCH rows
 // to a statement, so one after a long store outage still fits store.query_timeout_ms.
+import { coalesced } from './coalesce.ts'
 import type { Db } from './db.ts'
 import type { Logger } from './log.ts'
 
@@ -96,7 +97,6 @@ export class UsageRecorder implements UsageSink {
   /** By hourly bucket and rejection reason. */
   readonly #reasons = new ByWindow<number>()
   #timer: NodeJS.Timeout | undefined
-  #flushing: Promise<void> | undefined
 
   constructor(options: { db: Db; log?: Logger; flushIntervalS?: number }) {
     this.#db = options.db
@@ -127,13 +127,12 @@ export class UsageRecorder implements UsageSink {
     }
   }
 
-  /** Adds what was counted since the last flush to the store; concurrent calls share one flush. */
+  /** Adds what was counted before this call to the store (one flush at a time; see coalesced). */
   flush(): Promise<void> {
-    this.#flushing ??= this.#write().finally(() => {
-      this.#flushing = undefined
-    })
-    return this.#flushing
+    return this.#flush()
   }
+
+  readonly #flush = coalesced(() => this.#write())
 
   async #write(): Promise<void> {
     if (this.#keys.empty && this.#reasons.empty) return

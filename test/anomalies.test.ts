@@ -353,6 +353,52 @@ await forEachStore(
       await detector.check()
       t.equal(historyQueries, 2, 'the next request in the same hour has the hour judged again')
     })
+
+    await t.test('an unusual-hour finding the store refused is recorded at the key\'s next request in that hour', async (t) => {
+      const keyId = `HOUR${randomBytes(4).toString('hex').toUpperCase()}`
+      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      t.teardown(() => detector.close())
+      const H = 3_600_000
+      const today = Date.UTC(2026, 10, 30)
+      // Its history: 500 requests, all at 09:00 UTC over five days; never at 03:00.
+      for (let i = 1; i <= 5; i++) await store.db.query('INSERT INTO api_key_usage (key_id, bucket, requests) VALUES ($1, $2, 100)', [keyId, new Date(today - i * 24 * H + 9 * H)])
+      await store.db.query(`CREATE FUNCTION test_refuse_hour() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$`)
+      await store.db.query('CREATE TRIGGER test_refuse_hour BEFORE INSERT ON api_key_anomalies FOR EACH ROW EXECUTE FUNCTION test_refuse_hour()')
+      detector.count(keyId, 'forwarded', today + 3 * H + 1000, '203.0.113.1', 200)
+      await detector.check()
+      await store.db.query('DROP TRIGGER test_refuse_hour ON api_key_anomalies')
+      await store.db.query('DROP FUNCTION test_refuse_hour()')
+      const found = async () => (await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.type)
+      t.same(await found(), [], 'refused')
+      // Before: the hour stayed judged, and no later request of it was looked at again.
+      detector.count(keyId, 'forwarded', today + 3 * H + 60_000, '203.0.113.1', 200)
+      await detector.check()
+      t.same(await found(), ['unusual_hour'], 'recorded once the store takes it')
+    })
+
+    await t.test('close judges what was counted while a check was running', async (t) => {
+      // A store slow to answer, as a busy one is: the timer's check is still running at shutdown.
+      const db = new Proxy(store.db, {
+        get(target, prop) {
+          if (prop === 'query') return async (q: string, p?: readonly unknown[]) => (await sleep(100), target.query(q, p))
+          const v = Reflect.get(target, prop) as unknown
+          return typeof v === 'function' ? v.bind(target) : v
+        },
+      })
+      const [a, b] = [`CLOSEA${randomBytes(3).toString('hex')}`, `CLOSEB${randomBytes(3).toString('hex')}`]
+      const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      const now = Date.now()
+      detector.count(a, 'forwarded', now, '203.0.113.1', 200)
+      const running = detector.check()
+      await sleep(20)
+      // Eight addresses in the hour (more than five), counted after the running check took its counts.
+      for (let i = 1; i <= 8; i++) detector.count(b, 'forwarded', now + i, `203.0.113.${10 + i}`, 200)
+      await detector.close()
+      await running
+      const rows = await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [b])
+      // Before: close shared the running check, and these counts were never judged.
+      t.same(rows.map((r) => r.type), ['distinct_addresses'])
+    })
   },
   { kinds: ['embedded'] },
 )

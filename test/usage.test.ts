@@ -51,6 +51,27 @@ await forEachStore(t, async (t, store) => {
     t.equal((await reports.byKey({ from: new Date(at + 1), to: new Date(at + BUCKET_MS) }))[0]?.requests, 5, 'the hour starting at to is not')
   })
 
+  await t.test('close writes what was counted while a flush was running', async (t) => {
+    // A store slow to commit, as a busy one is: the timer's flush is still running at shutdown.
+    const slow = new Proxy(store.db, {
+      get(target, prop) {
+        if (prop === 'transaction') return async (fn: Parameters<typeof target.transaction>[0]) => (await new Promise((r) => setTimeout(r, 200)), target.transaction(fn))
+        const v = Reflect.get(target, prop) as unknown
+        return typeof v === 'function' ? v.bind(target) : v
+      },
+    })
+    const r = new UsageRecorder({ db: slow })
+    const when = at + 30 * BUCKET_MS
+    r.count(a.record.id, 'forwarded', when + 1)
+    const running = r.flush()
+    // A request that finished while the server drained, after the running flush took its counts.
+    r.count(a.record.id, 'forwarded', when + 2)
+    await r.close()
+    await running
+    // Before: close shared the running flush, and the second count was never written.
+    t.equal((await reports.byKey({ from: new Date(when), to: new Date(when + BUCKET_MS) }))[0]?.requests, 2)
+  })
+
   await t.test('a failed flush keeps its counts', async (t) => {
     const r = new UsageRecorder({ db: store.db })
     const later = at + 20 * BUCKET_MS
