@@ -81,6 +81,9 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
     get: async (keyId) => keyFromJson(await call<KeyJson>('GET', `/v1/keys/${id(keyId)}`)),
     update: async (keyId, body) => keyFromJson(await call<KeyJson>('PATCH', `/v1/keys/${id(keyId)}`, body)),
     async validate(key, address) {
+      // No body may carry a NUL (the admin API refuses it whole): a string holding one cannot be
+      // a key, which is the store's verdict too.
+      if (key.includes('\u0000')) return { valid: false, code: 'key_invalid', reason: 'malformed' }
       const r = await call<{ valid: boolean; key?: KeyJson; code?: ErrorCode; reason?: string; key_id?: string | null }>('POST', '/v1/keys/validate', {
         key,
         ...(address !== undefined ? { address } : {}),

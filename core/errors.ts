@@ -1,6 +1,7 @@
 // The one error catalogue of keygate: every code the gateway, the admin API and the CLI can
 // answer with, its HTTP status and its default message. README.md lists the same table and
 // test/errors.test.ts keeps the two in step.
+import { scrub } from './log.ts'
 
 export const ERRORS = {
   // Gateway request contract (SPEC §3)
@@ -103,9 +104,13 @@ export function errorBody(code: ErrorCode, requestId: string, message?: string, 
   return JSON.stringify({ error })
 }
 
-/** No key has this id (the store's answer, and the CLI's for an id no URL can carry). */
+/**
+ * No key has this id (the store's answer, and the CLI's for an id no URL can carry). A whole key
+ * given where its id belongs (`keygate api-key revoke <the leaked key>`, an easy slip) is not
+ * echoed back: anything shaped like a key reads `[redacted]`.
+ */
 export function keyNotFound(id: string): KeygateError {
-  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(id)}`)
+  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(scrub(id))}`)
 }
 
 /** A `validation_failed` error naming one field, as every validation failure names its fields. */

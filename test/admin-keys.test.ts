@@ -1,6 +1,7 @@
 // The key operations of the admin API on both stores: what each answers, what it refuses, and
 // the one audit row (or, for a rotation, one per key) each change writes, naming the admin key
 // or the bootstrap token as the actor and the caller's address.
+import { remoteOperations } from '../cli/remote-operations.ts'
 import t from 'tap'
 import type { Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
@@ -93,6 +94,14 @@ await forEachStore(t, async (t, store) => {
     const missing = await h.call('GET', '/v1/keys/nosuchkey123')
     t.equal(missing.status, 404)
     t.equal(missing.json.error.code, 'key_not_found')
+    // A whole key given where its id belongs (`api-key revoke <the leaked key>`): before, the 404 echoed it.
+    const created = (await h.call('POST', '/v1/keys', { body: { name: 'given by mistake', type: 'user' } })).json
+    for (const [method, path] of [['GET', ''], ['PATCH', ''], ['POST', '/revoke'], ['POST', '/rotate'], ['GET', '/audit']] as const) {
+      const wrong = await h.call(method, `/v1/keys/${created.key}${path}`, method === 'GET' ? {} : { body: method === 'PATCH' ? { name: 'x' } : {} })
+      t.equal(wrong.status, 404, `${method} /v1/keys/<key>${path}`)
+      t.notMatch(wrong.text, created.key.slice(-28), 'the key is not in the answer')
+      t.match(wrong.json.error.message, 'no key has the id "[redacted]"')
+    }
     const u = await writes(t, h, 1, 'update', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: 'edited', scopes: ['a', 'b'], rate_limit: null } }))
     t.equal(u.status, 200)
     t.match(u.json, { name: 'edited', scopes: ['a', 'b'] })
@@ -159,7 +168,13 @@ await forEachStore(t, async (t, store) => {
     t.match(ok.json, { valid: true, key: { id: k.id } })
     t.match((await h.call('POST', '/v1/keys/validate', { body: { key: k.key, address: '203.0.113.1' } })).json, { valid: false, code: 'ip_blocked', key_id: k.id })
     t.match((await h.call('POST', '/v1/keys/validate', { body: { key: 'kg_nonsense' } })).json, { valid: false, code: 'key_invalid', reason: 'malformed' })
+    // An empty key is a verdict too, as on the store (before: 400 validation_failed).
+    t.match((await h.call('POST', '/v1/keys/validate', { body: { key: '' } })).json, { valid: false, code: 'key_invalid', reason: 'malformed' })
     t.equal((await h.call('POST', '/v1/keys/validate', { body: {} })).json.error.details.fields[0].field, 'key')
+    // The CLI through the API gives the store's verdicts for strings that cannot be keys (before:
+    // validation_failed for '' and bad_request for a NUL, where `api-key validate` on the store says malformed).
+    const remote = remoteOperations(h.url, h.adminKey)
+    for (const key of ['', 'kg_a\u0000b']) t.same(await remote.validate(key), { valid: false, code: 'key_invalid', reason: 'malformed' }, JSON.stringify(key))
 
     const legacy = [randomUUID(), randomUUID()]
     const rows = legacy.map((u, i) => ({ key_hash: sha256(u), name: `legacy ${i}` }))

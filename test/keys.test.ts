@@ -798,6 +798,9 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(legacy.code, 'import_invalid', 'an import with NUL in a name is refused whole')
     t.match(legacy.message, /row 2.*name/, 'naming the row and the field')
     t.equal(await count(store.db, 'api_keys'), before, 'nothing was written')
+    // The six characters `\u0000` are no NUL (before: refused, as JSON.stringify writes a NUL the same way).
+    const escaped = await s.keys.create({ name: 'a backslash', type: 'user', metadata: { path: 'C:\\u0000dir' } }, actor)
+    t.same(escaped.record.metadata, { path: 'C:\\u0000dir' })
     const forged = Buffer.from(JSON.stringify(['-010000-01-01T00:00:00Z', 'a'])).toString('base64url')
     t.equal((await rejection(s.keys.list({ cursor: forged }))).code, 'validation_failed', 'a forged cursor with a year out of range')
     t.ok((await s.keys.create({ name: 'Zoë’s key ✓', type: 'user', owner: 'équipe' }, actor)).record.id, 'letters of any script are fine')

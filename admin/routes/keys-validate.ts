@@ -13,8 +13,9 @@ export default defineOperation({
   description: 'Answers 200 either way; `valid` says whether the gateway would accept the key (from `address`, when given). Does not count toward any lockout.',
   body: Type.Object(
     {
-      // No maxLength: a key too long to be one is a verdict (malformed), as `keygate api-key validate` on the store answers; admin.max_body_bytes bounds it.
-      key: Type.String({ minLength: 1, description: 'The key to check.' }),
+      // No length bounds: an empty key, or one too long to be one, is a verdict (malformed), as
+      // `keygate api-key validate` on the store answers; admin.max_body_bytes bounds it.
+      key: Type.String({ description: 'The key to check.' }),
       address: Type.Optional(Type.String({ format: 'ip', description: 'Check it as used from this address (CIDR bindings); an address, not a range.' })),
     },
     { additionalProperties: false },

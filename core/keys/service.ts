@@ -90,14 +90,23 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
+/** Whether a JSON value holds a NUL character in any key or string (its depth is bounded before this). */
+function holdsNul(value: unknown): boolean {
+  if (typeof value === 'string') return value.includes('\u0000')
+  if (value === null || typeof value !== 'object') return false
+  if (Array.isArray(value)) return value.some(holdsNul)
+  return Object.entries(value).some(([k, v]) => k.includes('\u0000') || holdsNul(v))
+}
+
 function checkMetadata(metadata: unknown): void {
   if (metadata === undefined) return
   // The admin API refuses deeper bodies before they get here; the CLI's --metadata and import
   // files did not, and the embedded store's worker thread never answered a query that deep.
   if (nestsDeeper(metadata, MAX_JSON_DEPTH)) throw fieldInvalid('metadata', `nests deeper than ${MAX_JSON_DEPTH} levels`)
   const text = JSON.stringify(metadata)
-  // JSON.stringify escapes a NUL in a key or value as \u0000, which jsonb refuses.
-  if (text.includes('\\u0000')) {
+  // jsonb refuses a NUL in a key or value. Looked for in the strings themselves: the text
+  // `\u0000` (a backslash, then u0000) is no NUL, though JSON.stringify writes a NUL that way too.
+  if (holdsNul(metadata)) {
     throw fieldInvalid('metadata', 'holds a NUL character')
   }
   if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
