@@ -26,6 +26,12 @@ function hasBody(req: http.IncomingMessage): boolean {
   return (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined
 }
 
+/**
+ * An authenticated request whose declared body is too large is still read, and dropped, up to
+ * this size, so that its client reads the answer; a larger one closes the connection at once.
+ */
+const DRAIN_MAX_BYTES = 16 * 1024 * 1024
+
 /** Reads the body up to `max` bytes; undefined when there is none. */
 async function readJson(req: http.IncomingMessage, max: number): Promise<unknown> {
   if (!hasBody(req)) return undefined
@@ -33,7 +39,15 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
     throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
   }
   const tooLarge = () => new AdminError('payload_too_large', `the body is larger than ${max} bytes`, { connection: 'close' })
-  if (Number(req.headers['content-length'] ?? 0) > max) throw tooLarge()
+  const declared = Number(req.headers['content-length'] ?? 0)
+  if (declared > max) {
+    if (declared > DRAIN_MAX_BYTES) throw tooLarge()
+    // Read to its end and dropped (Node does that for a body left unread once the answer is
+    // sent), so that the client, still sending, reads the 413: closing at once failed its send
+    // first, and `api-key import` of a large file said the admin API could not be reached (EPIPE).
+    req.resume()
+    throw new AdminError('payload_too_large', `the body is larger than ${max} bytes (admin.max_body_bytes)`)
+  }
   const chunks: Buffer[] = []
   let size = 0
   try {

@@ -9,8 +9,8 @@ import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
-import type { Answer } from './helpers/gateway.ts'
-import { forEachStore } from './helpers/stores.ts'
+import { converse, type Answer } from './helpers/gateway.ts'
+import { forEachStore, openStore } from './helpers/stores.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 
 const DOC = openApiDocument(OPERATIONS, { version: 'test' })
@@ -100,4 +100,27 @@ await forEachStore(t, async (t, store) => {
     })
   }
   t.ok((await h.auditRows()) >= before, 'audit rows only from the set-up of each case')
+})
+
+t.test('a body too large is read to its end and dropped (up to 16 MiB): its client, still sending, reads the 413, and the connection stays', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const before = await h.auditRows()
+  // 4 MB declared, where the listener takes 1 MiB; the body follows once the answer has come.
+  // Before: the answer said connection: close and the connection closed at once, so a client
+  // still sending failed (EPIPE) before it read the answer (`api-key import` of a large file said
+  // the admin API could not be reached).
+  const size = 4 * 1024 * 1024
+  const port = Number(new URL(h.url).port)
+  const head = `POST /v1/keys/import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`
+  const received = await converse(port, head + ' '.repeat(64 * 1024), [
+    { when: (r) => r.includes('"payload_too_large"'), send: ' '.repeat(size - 64 * 1024) + `GET /v1/stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${h.adminKey}\r\n\r\n` },
+    { when: (r) => r.split('HTTP/1.1 ').length > 2 && r.endsWith('}'), send: null },
+  ])
+  const answers = received.split(/(?=HTTP\/1\.1 )/)
+  t.match(answers[0], /^HTTP\/1\.1 413 /)
+  t.match(answers[0], /admin\.max_body_bytes/)
+  t.notMatch(answers[0], /connection: close/i)
+  t.match(answers[1], /^HTTP\/1\.1 200 /, 'the next request on the connection is answered')
+  t.equal(await h.auditRows(), before, 'nothing written')
 })

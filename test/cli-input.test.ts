@@ -106,6 +106,13 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.match(pasted.stderr, /row 1: key_hash/)
   t.notOk(pasted.stderr.includes(legacy) || pasted.stdout.includes(legacy), 'the key pasted as key_hash is not echoed')
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
+  // More rows than one import takes: refused on the store as through the admin API (before, the
+  // store took any number, and the admin API refused more than 10,000 as validation_failed).
+  const many = join(cwd, 'many.jsonl')
+  writeFileSync(many, Array.from({ length: 10_001 }, (_, i) => JSON.stringify({ key_hash: createHash('sha256').update(String(i)).digest('hex'), name: `k${i}` })).join('\n'))
+  const tooMany = await runCli(['api-key', 'import', many, '--json'], { cwd, env })
+  t.equal(tooMany.code, 1)
+  t.match(tooMany.json().error, { code: 'import_invalid', message: 'the import holds 10001 rows; one import takes at most 10000, on the store as through the admin API: split the file' })
 
   // A reason is printable text, as through the API (an empty one is refused too).
   const made = (await runCli(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { cwd, env })).json()

@@ -1,6 +1,6 @@
 // POST /v1/keys/import: legacy keys (SHA-256 hex of UUID v4 strings), all rows or none.
 import { Type } from '@sinclair/typebox'
-import { KeyTypeSchema } from '../../core/keys/schemas.ts'
+import { IMPORT_MAX_ROWS, KeyTypeSchema } from '../../core/keys/schemas.ts'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
 import { KeySchema } from '../schemas.ts'
@@ -15,7 +15,7 @@ export default defineOperation({
     'Each row: `{"key_hash", "name", "type"?, "scopes"?, "owner"?, "metadata"?, "created_at"?, "expires_at"?}`. Every row is checked first and every problem reported (`import_invalid`); then all are written in one transaction.',
   body: Type.Object(
     {
-      rows: Type.Array(Type.Unknown(), { minItems: 1, maxItems: 10_000, description: 'The keys to import.' }),
+      rows: Type.Array(Type.Unknown(), { minItems: 1, maxItems: IMPORT_MAX_ROWS, description: 'The keys to import.' }),
       type: Type.Optional(KeyTypeSchema),
     },
     { additionalProperties: false },

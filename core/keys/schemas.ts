@@ -98,3 +98,9 @@ export const ListKeysQuery = Type.Object(
   { additionalProperties: false },
 )
 export type ListKeysInput = Static<typeof ListKeysQuery>
+
+/**
+ * The most rows one import takes, on the store as through the admin API (which is also bounded by
+ * admin.max_body_bytes): a file that imports with one must import with the other.
+ */
+export const IMPORT_MAX_ROWS = 10_000

@@ -10,7 +10,7 @@ import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../erro
 import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
-import { CreateKeyBody, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
+import { CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 
 export interface KeyServiceOptions {
@@ -89,6 +89,13 @@ export function toRecord(r: KeyRow): KeyRecord {
 
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
+
+/** An import of more rows than IMPORT_MAX_ROWS is refused whole, on the store as through the admin API (the CLI checks it before either). */
+export function checkImportSize(rows: number): void {
+  if (rows > IMPORT_MAX_ROWS) {
+    throw new KeygateError('import_invalid', `the import holds ${rows} rows; one import takes at most ${IMPORT_MAX_ROWS}, on the store as through the admin API: split the file`)
+  }
+}
 
 /** Whether a JSON value holds a NUL character in any key or string (its depth is bounded before this). */
 function holdsNul(value: unknown): boolean {
@@ -372,6 +379,7 @@ export class KeyService {
    */
   async importLegacy(input: unknown, actor: Actor, defaults: { type?: KeyType } = {}): Promise<KeyRecord[]> {
     if (!Array.isArray(input) || input.length === 0) throw new KeygateError('import_invalid', 'the import holds no rows; expected a JSON array or JSON lines of objects')
+    checkImportSize(input.length)
     const problems: string[] = []
     const rows: ImportRowInput[] = []
     const seen = new Map<string, number>()
