@@ -406,11 +406,14 @@ export class AnomalyDetector implements UsageSink {
   count(keyId: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number): void {
     if (keyId === undefined) return
     const minute = nowMs - (nowMs % MINUTE_MS)
-    const pending = this.#pending.of(minute)
+    const errMs = this.#t.error_rate_window_s * 1000
+    const errWindow = nowMs - (nowMs % errMs)
+    // A tally spans neither a minute's end nor an error-rate window's (before: grouped by minute,
+    // a 10 s window took all of its minute's errors, and a 90 s one its neighbour's).
+    const pending = this.#pending.of(Math.max(minute, errWindow))
     let t = pending.get(keyId)
     if (t === undefined) {
-      const errMs = this.#t.error_rate_window_s * 1000
-      t = { keyId, minute, errWindow: nowMs - (nowMs % errMs), hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set(), lastAddress: '' }
+      t = { keyId, minute, errWindow, hour: nowMs - (nowMs % BUCKET_MS), lastMs: nowMs, requests: 0, errors: 0, addresses: new Set(), lastAddress: '' }
       pending.set(keyId, t)
     }
     t.requests++

@@ -376,6 +376,24 @@ await forEachStore(
       t.same(await found(), ['unusual_hour'], 'recorded once the store takes it')
     })
 
+    await t.test('an error-rate window shorter than a minute holds only its own requests', async (t) => {
+      // Allowed settings: error_rate_window_s 10, and a check less often than that.
+      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies, error_rate_window_s: 10 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      t.teardown(() => detector.close())
+      const [apart, together] = [`ERRA${randomBytes(4).toString('hex')}`, `ERRB${randomBytes(4).toString('hex')}`]
+      const m = Date.UTC(2026, 10, 30, 12, 0, 0)
+      // 15 errors in 12:00:00-12:00:10 and 15 in 12:00:40-12:00:50: no window holds the 20 requests
+      // error_rate_min_requests asks for (before: the minute's first window took all 30, an anomaly).
+      for (let i = 0; i < 15; i++) detector.count(apart, 'upstream_unavailable', m + 1000 + i, '203.0.113.1', 502)
+      for (let i = 0; i < 15; i++) detector.count(apart, 'upstream_unavailable', m + 41_000 + i, '203.0.113.1', 502)
+      // 25 in one window: an anomaly.
+      for (let i = 0; i < 25; i++) detector.count(together, 'upstream_unavailable', m + 21_000 + i, '203.0.113.1', 502)
+      await detector.check()
+      const types = async (keyId: string) => (await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.type)
+      t.same(await types(apart), [])
+      t.same(await types(together), ['error_rate'])
+    })
+
     await t.test('close judges what was counted while a check was running', async (t) => {
       // A store slow to answer, as a busy one is: the timer's check is still running at shutdown.
       const db = new Proxy(store.db, {
