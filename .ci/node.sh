@@ -18,7 +18,8 @@ ensure_node() {
     *) echo "keygate: no Node 24 package for $(uname -m); install Node.js >= 22.18 yourself" >&2; return 1 ;;
   esac
   local found
-  found=$(ls -d "$cache"/node-24.*/ 2>/dev/null | sort -V | tail -n 1)
+  # Under the callers' set -euo pipefail, ls finding nothing (a fresh machine) must not end the script.
+  found=$(ls -d "$cache"/node-24.*/ 2>/dev/null | sort -V | tail -n 1) || true
   if [ -z "$found" ] || ! "${found%/}/bin/node" --version >/dev/null 2>&1; then
     command -v npm >/dev/null 2>&1 || { echo "keygate: npm is needed to fetch Node 24 (node-linux-$arch@24)" >&2; return 1; }
     echo "keygate: node $(node --version 2>/dev/null || echo missing) is too old; installing Node 24 into $cache" >&2
