@@ -134,7 +134,8 @@ function lenientReading(path: string): string {
 export function grants(keyScopes: readonly string[], routeScopes: readonly string[]): boolean {
   for (const need of routeScopes) {
     for (const have of keyScopes) {
-      if (have === need || have === '*') return true
+      // No bare `*`: the scope schema refuses it, so a key for every route holds each route's scope.
+      if (have === need) return true
       if (have.endsWith(':*') && need.startsWith(have.slice(0, -1))) return true
     }
   }

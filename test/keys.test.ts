@@ -787,6 +787,7 @@ await forEachStore(t, async (t: Test, store) => {
       ['a C1 control in the owner', { name: 'x', type: 'user', owner: 'o\u009b' }, 'owner'],
       ['NUL in a metadata value', { name: 'x', type: 'user', metadata: { a: '\u0000' } }, 'metadata'],
       ['NUL in a metadata key', { name: 'x', type: 'user', metadata: { ['k\u0000']: 1 } }, 'metadata'],
+      ['a bare * scope (docs/gateway.md: not a scope)', { name: 'x', type: 'user', scopes: ['*'] }, 'scopes'],
       ['an expiry in the year 10000 UTC', { name: 'x', type: 'user', expires_at: '9999-12-31T23:59:59-23:59' }, 'expires_at'],
     ]
     for (const [what, input, field] of cases) {
