@@ -3,6 +3,7 @@
 // API routes (their own files) are added to the same table.
 import http from 'node:http'
 import { randomBytes } from 'node:crypto'
+import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
 import type { Logger } from '../core/log.ts'
 
@@ -48,7 +49,7 @@ function compile(route: AdminRoute): Compiled {
 
 export function sendJson(res: http.ServerResponse, status: number, body: unknown, headers: http.OutgoingHttpHeaders = {}): void {
   const text = JSON.stringify(body)
-  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', ...headers })
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), 'cache-control': 'no-store', 'x-content-type-options': 'nosniff', ...headers })
   res.end(text)
 }
 
@@ -62,6 +63,7 @@ export function sendError(res: http.ServerResponse, code: ErrorCode, requestId: 
     'content-type': 'application/json; charset=utf-8',
     'content-length': Buffer.byteLength(body),
     'cache-control': 'no-store',
+    'x-content-type-options': 'nosniff',
     'x-request-id': requestId,
     ...headers,
   })
@@ -77,6 +79,25 @@ export interface AdminServerOptions {
   log: Logger
   /** A server to attach to (https for TLS); a plain http server otherwise. */
   server?: http.Server
+  /** Host names answered besides IP addresses and localhost (admin.allowed_hosts; "*" for any). */
+  allowedHosts?: readonly string[]
+}
+
+/**
+ * Whether a request's Host is one this listener answers to: an IP address (no page can rebind
+ * one), localhost (browsers resolve it, and *.localhost, to loopback themselves), or a name in
+ * `allowed`. A web page whose DNS name an attacker rebinds to the listener's address sends its own
+ * name: without this check it could read /metrics, and send bad credentials that lock the
+ * browser's address out of the admin API and the gateway. No Host (HTTP/1.0) is no browser.
+ */
+export function hostAllowed(host: string | undefined, allowed: ReadonlySet<string>): boolean {
+  if (host === undefined || allowed.has('*')) return true
+  let name = host.toLowerCase()
+  if (name.startsWith('[')) return name.includes(']')
+  const colon = name.lastIndexOf(':')
+  if (colon !== -1) name = name.slice(0, colon)
+  if (name.endsWith('.')) name = name.slice(0, -1)
+  return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost') || allowed.has(name)
 }
 
 export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, headersTimeout: 10_000 }
@@ -85,8 +106,13 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   const table = options.routes.map(compile)
   const log = options.log
   const server = options.server ?? http.createServer(ADMIN_SERVER_OPTIONS)
+  const allowedHosts = new Set(options.allowedHosts ?? [])
   server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
     const requestId = newRequestId()
+    if (!hostAllowed(req.headers.host, allowedHosts)) {
+      sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host)}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
+      return
+    }
     let url: URL
     try {
       url = new URL(req.url ?? '/', 'http://admin.invalid')
@@ -94,8 +120,10 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       sendError(res, 'bad_request', requestId, 'the request target is not a valid path')
       return
     }
-    if (!(req.url ?? '').startsWith('/')) {
-      sendError(res, 'bad_request', requestId, 'the request target must be a path')
+    // `//x/v1/keys` is a path, but the URL parser reads `x` as a host and routes `/v1/keys`:
+    // a path filter in front of the listener would not see what is served.
+    if (!(req.url ?? '').startsWith('/') || (req.url ?? '').startsWith('//')) {
+      sendError(res, 'bad_request', requestId, 'the request target must be a path (one leading slash)')
       return
     }
     let pathMatched = false
@@ -177,7 +205,7 @@ export function healthRoutes(options: HealthOptions): AdminRoute[] {
       path: '/metrics',
       handle: async ({ res }) => {
         const m = await options.metrics()
-        res.writeHead(200, { 'content-type': m.contentType, 'content-length': Buffer.byteLength(m.body) })
+        res.writeHead(200, { 'content-type': m.contentType, 'content-length': Buffer.byteLength(m.body), 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' })
         res.end(m.body)
       },
     },

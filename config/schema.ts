@@ -112,6 +112,12 @@ export const ConfigSchema = Type.Object(
         max_streams_per_credential: int(10, 1, 10_000, {
           description: 'Anomaly streams (GET /v1/anomalies/stream) one admin credential may hold open on one instance at once; one more is answered 429 too_many_streams.',
         }),
+        allowed_hosts: Type.Array(Type.String({ pattern: '^(?:\\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$', maxLength: 253 }), {
+          default: [],
+          description:
+            'Host names the admin listener answers to besides IP addresses and localhost (a DNS name a web page could rebind to 127.0.0.1 is refused, 421 host_not_allowed); ["*"] answers any.',
+          env: 'KEYGATE_ADMIN_ALLOWED_HOSTS',
+        }),
         tls: Tls,
       },
       { additionalProperties: false, default: {} },

@@ -35,6 +35,7 @@ export const ERRORS = {
   conflict: { status: 409, message: 'The request conflicts with the current state.' },
   key_not_active: { status: 409, message: 'The key is not active.' },
   payload_too_large: { status: 413, message: 'The request body is too large.' },
+  host_not_allowed: { status: 421, message: 'This admin listener does not answer to this Host.' },
   too_many_streams: { status: 429, message: 'Too many event streams are open with this credential.' },
   unsupported_media_type: { status: 415, message: 'The request body must be JSON.' },
   validation_failed: { status: 400, message: 'The request body is not valid.' },

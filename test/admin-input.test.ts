@@ -117,7 +117,7 @@ await forEachStore(t, async (t, store) => {
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)
   const closed = await new Promise<{ head: string; destroyed: boolean }>((resolve) => {
-    const socket = net.connect(port, '127.0.0.1', () => socket.write(`POST /v1/keys HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{"name":`))
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(`POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{"name":`))
     let head = ''
     socket.setEncoding('latin1').on('data', (d: string) => (head += d))
     socket.on('close', () => resolve({ head, destroyed: true }))
@@ -136,7 +136,7 @@ await forEachStore(t, async (t, store) => {
   for (const body of [`Content-Length: 1000\r\n\r\n{"name":`, `Transfer-Encoding: chunked\r\n\r\nzz\r\n`]) {
     await new Promise<void>((resolve) => {
       const socket = net.connect(port, '127.0.0.1', () => {
-        socket.write(`POST /v1/keys HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\n${body}`)
+        socket.write(`POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\n${body}`)
         setTimeout(() => (socket.destroy(), resolve()), 200)
       })
       socket.on('error', () => {})

@@ -112,9 +112,9 @@ t.test('a body too large is read to its end and dropped (up to 16 MiB): its clie
   // the admin API could not be reached).
   const size = 4 * 1024 * 1024
   const port = Number(new URL(h.url).port)
-  const head = `POST /v1/keys/import HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`
+  const head = `POST /v1/keys/import HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`
   const received = await converse(port, head + ' '.repeat(64 * 1024), [
-    { when: (r) => r.includes('"payload_too_large"'), send: ' '.repeat(size - 64 * 1024) + `GET /v1/stats HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${h.adminKey}\r\n\r\n` },
+    { when: (r) => r.includes('"payload_too_large"'), send: ' '.repeat(size - 64 * 1024) + `GET /v1/stats HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\n\r\n` },
     { when: (r) => r.split('HTTP/1.1 ').length > 2 && r.endsWith('}'), send: null },
   ])
   const answers = received.split(/(?=HTTP\/1\.1 )/)
@@ -123,4 +123,39 @@ t.test('a body too large is read to its end and dropped (up to 16 MiB): its clie
   t.notMatch(answers[0], /connection: close/i)
   t.match(answers[1], /^HTTP\/1\.1 200 /, 'the next request on the connection is answered')
   t.equal(await h.auditRows(), before, 'nothing written')
+})
+
+t.test('DNS rebinding: the admin listener answers only to IP addresses, localhost and admin.allowed_hosts', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 5 }, admin: { allowed_hosts: ['keygate-admin.internal'] } } })
+  const port = Number(new URL(h.url).port)
+  const ask = (host: string, path = '/metrics', auth = '') => converse(port, `GET ${path} HTTP/1.1\r\nHost: ${host}\r\n${auth}Connection: close\r\n\r\n`)
+  // Before: a page on http://evil.example:8081, its name rebound to 127.0.0.1, read /metrics and
+  // sent bad credentials until the browser's address was locked out of the admin API and the gateway.
+  for (const host of ['evil.example', `evil.example:${port}`, 'keygate-admin.internal.evil.example', 'localhost.evil.example']) {
+    const refused = await ask(host)
+    t.match(refused, /^HTTP\/1\.1 421 /, `Host: ${host} refused`)
+    t.match(refused, /"code":"host_not_allowed"/)
+  }
+  const before = await h.auditRows()
+  for (let i = 0; i < 6; i++) t.match(await ask('evil.example', '/v1/keys', 'Authorization: Bearer wrong\r\n'), /^HTTP\/1\.1 421 /)
+  t.match(await ask('127.0.0.1', '/v1/keys', `Authorization: Bearer ${h.adminKey}\r\n`), /^HTTP\/1\.1 200 /, 'no failed attempt was counted: the operator is not locked out')
+  t.equal(await h.auditRows(), before)
+  for (const host of [`127.0.0.1:${port}`, `[::1]:${port}`, 'localhost', `localhost:${port}`, 'app.localhost', 'keygate-admin.internal', 'KEYGATE-ADMIN.internal.:8081', '10.0.0.7:8081']) {
+    t.match(await ask(host, '/v1/keys', `Authorization: Bearer ${h.adminKey}\r\n`), /^HTTP\/1\.1 200 /, `Host: ${host} answered`)
+  }
+  const any = await startAdmin(t, store.db, { config: { admin: { allowed_hosts: ['*'] } } })
+  t.match(await converse(Number(new URL(any.url).port), `GET /v1/keys HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer ${any.adminKey}\r\nConnection: close\r\n\r\n`), /^HTTP\/1\.1 200 /, '["*"] answers any Host')
+})
+
+t.test('a request target with two leading slashes is refused, not routed by what follows the "host"', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const port = Number(new URL(h.url).port)
+  // Before: //x/v1/keys reached the API as /v1/keys (and //x/metrics was /metrics), past a path filter in front.
+  for (const target of ['//x/v1/keys', '//x/v1/stats', '//evil.example/v1/keys']) {
+    const r = await converse(port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n`)
+    t.match(r, /^HTTP\/1\.1 400 /, target)
+    t.match(r, /x-content-type-options: nosniff/i)
+  }
 })

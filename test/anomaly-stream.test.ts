@@ -47,7 +47,7 @@ await forEachStore(t, async (t, store) => {
     const socket = net.connect(Number(port), '127.0.0.1')
     t.teardown(() => socket.destroy())
     await new Promise((resolve) => socket.once('connect', resolve))
-    socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${h.adminKey}\r\n\r\n`)
+    socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\n\r\n`)
     socket.pause()
     let closed = false
     socket.once('close', () => (closed = true))
@@ -81,7 +81,7 @@ await forEachStore(t, async (t, store) => {
     t.teardown(() => socket.destroy())
     await new Promise((resolve) => socket.once('connect', resolve))
     socket.on('error', () => {})
-    socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${watcher.key}\r\n\r\n`)
+    socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${watcher.key}\r\n\r\n`)
     // A client slow for a moment: what it has not read waits in the kernel and in the process.
     socket.pause()
     await new Promise((resolve) => setTimeout(resolve, 200))
@@ -131,7 +131,7 @@ await forEachStore(t, async (t, store) => {
           () =>
             new Promise<void>((resolve) => {
               const socket = net.connect(Number(port), '127.0.0.1', () => {
-                socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${watcher.key}\r\n\r\n`)
+                socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${watcher.key}\r\n\r\n`)
                 setTimeout(() => socket.destroy(), 100)
               })
               socket.on('error', () => {})
@@ -171,7 +171,7 @@ await forEachStore(t, async (t, store) => {
       const socket = net.connect(Number(port), '127.0.0.1')
       t.teardown(() => socket.destroy())
       await new Promise((resolve) => socket.once('connect', resolve))
-      socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${h.adminKey}\r\nLast-Event-ID: ${before?.id}\r\n\r\n`)
+      socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nLast-Event-ID: ${before?.id}\r\n\r\n`)
       socket.pause()
       await new Promise((resolve) => setTimeout(resolve, 300))
       // X commits and is published while the catch-up waits for the client.
@@ -222,7 +222,7 @@ t.test('a pipelined request that does not parse, on the connection of an open st
   const { hostname, port } = new URL(h.url)
   const out = await converse(
     Number(port),
-    `GET /v1/anomalies/stream HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`,
+    `GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`,
     [{ when: (text) => text.includes('retry: 2000'), send: 'POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n' }],
     hostname,
   )

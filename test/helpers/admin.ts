@@ -113,6 +113,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   })
   const server = createAdminServer({
     log: options.log ?? silentLogger,
+    allowedHosts: config.admin.allowed_hosts,
     routes: createAdminApi({
       db,
       keys,
