@@ -7,6 +7,7 @@ import type http from 'node:http'
 import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
+import { hasBody } from '../core/http.ts'
 import { assertValid, MAX_JSON_DEPTH } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
@@ -21,11 +22,6 @@ export interface AdminApiOptions {
 
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i
 
-function hasBody(req: http.IncomingMessage): boolean {
-  const length = req.headers['content-length']
-  return (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined
-}
-
 /**
  * An authenticated request whose declared body is too large is still read, and dropped, up to
  * this size, so that its client reads the answer; a larger one closes the connection at once.
@@ -34,11 +30,11 @@ const DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
 /** Reads the body up to `max` bytes; undefined when there is none. */
 async function readJson(req: http.IncomingMessage, max: number): Promise<unknown> {
-  if (!hasBody(req)) return undefined
+  if (!hasBody(req.headers)) return undefined
   if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
     throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
   }
-  const tooLarge = () => new AdminError('payload_too_large', `the body is larger than ${max} bytes`, { connection: 'close' })
+  const tooLarge = (close = true) => new AdminError('payload_too_large', `the body is larger than ${max} bytes (admin.max_body_bytes)`, close ? { connection: 'close' } : {})
   const declared = Number(req.headers['content-length'] ?? 0)
   if (declared > max) {
     if (declared > DRAIN_MAX_BYTES) throw tooLarge()
@@ -46,7 +42,7 @@ async function readJson(req: http.IncomingMessage, max: number): Promise<unknown
     // sent), so that the client, still sending, reads the 413: closing at once failed its send
     // first, and `api-key import` of a large file said the admin API could not be reached (EPIPE).
     req.resume()
-    throw new AdminError('payload_too_large', `the body is larger than ${max} bytes (admin.max_body_bytes)`)
+    throw tooLarge(false)
   }
   const chunks: Buffer[] = []
   let size = 0
@@ -121,7 +117,7 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
     async handle(ctx: AdminRequest) {
       const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress).catch((err: unknown) => {
         // Refused before the body is read: close instead of draining what may be a large body.
-        if (hasBody(ctx.req) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
+        if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
         throw err
       })
       const parsed = await readJson(ctx.req, maxBodyBytes)

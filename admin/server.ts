@@ -5,6 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
+import { hostName, responseInFlight } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -92,10 +93,8 @@ export interface AdminServerOptions {
  */
 export function hostAllowed(host: string | undefined, allowed: ReadonlySet<string>): boolean {
   if (host === undefined || allowed.has('*')) return true
-  let name = host.toLowerCase()
+  let name = hostName(host.toLowerCase())
   if (name.startsWith('[')) return name.includes(']')
-  const colon = name.lastIndexOf(':')
-  if (colon !== -1) name = name.slice(0, colon)
   if (name.endsWith('.')) name = name.slice(0, -1)
   return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost') || allowed.has(name)
 }
@@ -113,16 +112,17 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host)}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return
     }
+    const target = req.url ?? '/'
     let url: URL
     try {
-      url = new URL(req.url ?? '/', 'http://admin.invalid')
+      url = new URL(target, 'http://admin.invalid')
     } catch {
       sendError(res, 'bad_request', requestId, 'the request target is not a valid path')
       return
     }
     // `//x/v1/keys` is a path, but the URL parser reads `x` as a host and routes `/v1/keys`:
     // a path filter in front of the listener would not see what is served.
-    if (!(req.url ?? '').startsWith('/') || (req.url ?? '').startsWith('//')) {
+    if (!target.startsWith('/') || target.startsWith('//')) {
       sendError(res, 'bad_request', requestId, 'the request target must be a path (one leading slash)')
       return
     }
@@ -171,7 +171,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
     // A response under way on this connection (an event stream, with a pipelined request that
     // does not parse): an answer written now would land inside it.
-    if (!socket.writable || (socket as typeof socket & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage?.headersSent === true) {
+    if (!socket.writable || responseInFlight(socket)) {
       socket.destroy()
       return
     }

@@ -27,6 +27,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
+import { responseInFlight } from '../core/http.ts'
 import { closingError, rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage } from './state.ts'
@@ -374,9 +375,4 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
 
   return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
-}
-
-/** Whether a response has begun on `socket`, its head sent (Node's own clientError handler checks the same). */
-function responseInFlight(socket: Duplex): boolean {
-  return (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage?.headersSent === true
 }

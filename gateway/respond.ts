@@ -1,8 +1,9 @@
 // Every answer the gateway itself gives: the JSON error of SPEC §3 (on a response, or written
 // raw on a socket for upgrades and parser errors), metrics and the access log line.
-import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http'
+import { STATUS_CODES, type OutgoingHttpHeaders } from 'node:http'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody } from '../core/errors.ts'
+import { hasBody } from '../core/http.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
 import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
@@ -100,9 +101,4 @@ export function closingError(code: Verdict, requestId: string): { status: number
 export function rawError(socket: Duplex, code: Verdict, requestId: string): void {
   const e = closingError(code, requestId)
   writeRaw(socket, e.status, e.headers, e.body)
-}
-
-/** Whether the request announces a body (Content-Length other than 0, or Transfer-Encoding). */
-export function hasBody(h: IncomingHttpHeaders): boolean {
-  return (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
 }

@@ -11,6 +11,7 @@
 // refused (400 bad_request): otherwise a key with only the outer route's scope could reach the
 // inner route's resources. Other paths with those characters are forwarded unchanged.
 import type { RouteConfig } from '../config/schema.ts'
+import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
 import { pathOf, type RequestState, type Stage } from './state.ts'
 
@@ -30,11 +31,6 @@ export interface CompiledRoute {
   readonly scopes: readonly string[]
   readonly stripPrefix: boolean
   readonly preserveHost: boolean
-}
-
-function hostName(host: string): string {
-  const colon = host.lastIndexOf(':')
-  return colon > host.lastIndexOf(']') ? host.slice(0, colon) : host
 }
 
 /**
