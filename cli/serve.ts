@@ -148,12 +148,6 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   }
 }
 
-/**
- * `/readyz`'s reason when not ready. It answers without a credential, on a listener a load
- * balancer or orchestrator reaches: a store that cannot be reached is named by its error code
- * only (the driver's message names the database's host and port), and the whole error is logged,
- * once per change.
- */
 /** The innermost system or SQLSTATE code (ECONNREFUSED, 28P01) in an error's chain of causes. */
 function systemCode(err: unknown): string | undefined {
   let found: string | undefined
@@ -164,6 +158,12 @@ function systemCode(err: unknown): string | undefined {
   return found
 }
 
+/**
+ * `/readyz`'s reason when not ready. It answers without a credential, on a listener a load
+ * balancer or orchestrator reaches: a store that cannot be reached is named by its error code
+ * only (the driver's message names the database's host and port), and the whole error is logged,
+ * once per change.
+ */
 function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefined> {
   let lastLogged = ''
   return async () => {

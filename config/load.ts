@@ -6,7 +6,7 @@ import { createSecureContext } from 'node:tls'
 import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { LineCounter, parseDocument } from 'yaml'
-import { KeygateError } from '../core/errors.ts'
+import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { describeAllowed, dotted, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
@@ -226,7 +226,8 @@ function tlsProblems(at: string, tls: { cert: string; key: string }): string[] {
     try {
       read[part] = readFileSync(tls[part])
     } catch (err) {
-      out.push(`${at}.${part}: ${show(tls[part], false)} is not allowed; expected a readable file (${systemReason(err)})`)
+      const reason = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : systemErrorWords(err)
+      out.push(`${at}.${part}: ${show(tls[part], false)} is not allowed; expected a readable file (${reason})`)
     }
   }
   if (read.cert === undefined || read.key === undefined) return out
@@ -246,12 +247,6 @@ function tlsProblems(at: string, tls: { cert: string; key: string }): string[] {
     return [`${at}.key: ${show(tls.key, false)} is not allowed; expected the private key of ${at}.cert (${(err as Error).message})`]
   }
   return []
-}
-
-/** An fs error in words: "no such file", "is a folder", "permission denied". */
-function systemReason(err: unknown): string {
-  const code = (err as { code?: unknown }).code
-  return code === 'ENOENT' ? 'no such file' : code === 'EISDIR' ? 'it is a folder' : code === 'EACCES' ? 'permission denied' : String((err as Error).message)
 }
 
 /** The file read when none is named: KEYGATE_CONFIG, else ./keygate.yaml when present. */
