@@ -240,9 +240,7 @@ export class N8nKeyService {
         if (stored) row.created_at = stored.created_at
         await this.#deps.audit.write(tx, actor, { keyId: row.id, action: 'n8n.key.created', details })
       },
-      undo: async () => {
-        await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
-      },
+      undo: () => this.#deleteKey(created.id),
     })
     this.#deps.log.info('created an n8n API key', { record: row.id, remote_id: created.id, label: row.label, actor: actor.actor })
     return { ...toJson(row), key }
@@ -289,13 +287,18 @@ export class N8nKeyService {
           deps: this.#deps,
           what: `API key ${created.id} (${JSON.stringify(input.label)})`,
           err,
-          undo: async () => void (await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)),
+          undo: () => this.#deleteKey(created.id),
         })
       }
       if (twins.length === 0) return { created, key }
-      await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(created.id)}`, `delete the API key ${created.id}`)
+      await this.#deleteKey(created.id)
       await again('the same as a key keygate recorded before')
     }
+  }
+
+  /** Deletes an API key in n8n by its id. */
+  async #deleteKey(id: string): Promise<void> {
+    await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(id)}`, `delete the API key ${id}`)
   }
 
   /**
@@ -336,7 +339,7 @@ export class N8nKeyService {
     if (!target && !local) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key with the id or label ${JSON.stringify(ref)}`)
     const remoteId = target ? target.id : (local as Row).remote_id
     const label = target ? target.label : (local as Row).label
-    if (target) await this.#data('DELETE', `/rest/api-keys/${encodeURIComponent(target.id)}`, `delete the API key ${target.id}`)
+    if (target) await this.#deleteKey(target.id)
     await recordDelete(this.#deps.db, this.#deps.audit, actor, 'n8n_api_keys', local?.id ?? null, 'n8n.key.deleted', {
       remote_id: remoteId,
       label,
