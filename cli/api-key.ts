@@ -6,7 +6,6 @@ import { KeygateError } from '../core/errors.ts'
 import { CreateKeyBody, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
-import { checkImportSize } from '../core/keys/service.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
@@ -337,8 +336,6 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       const type = choiceFlag(p, 'type', KEY_TYPES)
       return async (ctx) => {
         const { rows, lines } = parseImport(await readInput(ctx.io, p.positionals[0] as string))
-        // The same answer on the store and through the admin API (which would say validation_failed).
-        checkImportSize(rows.length)
         const imported = await ctx.ops.importLegacy(rows, type).catch((err: unknown) => {
           throw withLines(err, lines)
         })

@@ -3,6 +3,7 @@
 // which one process owns, can be managed while the server runs. The server's error codes come
 // back as the same KeygateErrors, so exit codes and messages match the local commands.
 import { ERRORS, KeygateError, keyNotFound, type ErrorCode } from '../core/errors.ts'
+import { checkImportSize } from '../core/keys/service.ts'
 import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
 
@@ -101,6 +102,8 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       return { total: s.total, byType: s.by_type, byStatus: s.by_status, legacy: s.legacy, expiringSoon: s.expiring_soon } as Awaited<ReturnType<KeyOperations['stats']>>
     },
     async importLegacy(rows, type) {
+      // The store's own answer, where the admin API's schema would say validation_failed.
+      checkImportSize(rows.length)
       const r = await call<{ items: KeyJson[] }>('POST', '/v1/keys/import', { rows, ...(type !== undefined ? { type } : {}) })
       return r.items.map(keyFromJson)
     },

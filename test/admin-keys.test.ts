@@ -175,6 +175,9 @@ await forEachStore(t, async (t, store) => {
     // validation_failed for '' and bad_request for a NUL, where `api-key validate` on the store says malformed).
     const remote = remoteOperations(h.url, h.adminKey)
     for (const key of ['', 'kg_a\u0000b']) t.same(await remote.validate(key), { valid: false, code: 'key_invalid', reason: 'malformed' }, JSON.stringify(key))
+    // More rows than one import takes: the store's import_invalid, not the API schema's validation_failed.
+    const tooMany = await remote.importLegacy(Array.from({ length: 10_001 }, () => ({})), undefined).catch((err: { code?: string; message?: string }) => err)
+    t.match(tooMany, { code: 'import_invalid', message: /holds 10001 rows; one import takes at most 10000/ })
 
     const legacy = [randomUUID(), randomUUID()]
     const rows = legacy.map((u, i) => ({ key_hash: sha256(u), name: `legacy ${i}` }))

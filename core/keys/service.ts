@@ -90,7 +90,7 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
-/** An import of more rows than IMPORT_MAX_ROWS is refused whole, on the store as through the admin API (the CLI checks it before either). */
+/** An import of more rows than IMPORT_MAX_ROWS is refused whole, on the store as through the admin API (the CLI's remote operations check it before sending). */
 export function checkImportSize(rows: number): void {
   if (rows > IMPORT_MAX_ROWS) {
     throw new KeygateError('import_invalid', `the import holds ${rows} rows; one import takes at most ${IMPORT_MAX_ROWS}, on the store as through the admin API: split the file`)
