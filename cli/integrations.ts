@@ -104,8 +104,10 @@ function deleteCommand<D extends { remote_missing: boolean }>(o: {
   extra?: (p: Parsed) => { user?: string | undefined }
 }): Command<IntegrationContext<{ delete(ref: string, actor: Actor, options?: { user?: string | undefined }): Promise<D> }>> {
   return command(o, { min: 1, max: 1 }, (p) => {
+    // Checked here, before anything is opened: a bad --user is a usage error, not a store made and opened first.
+    const options = o.extra?.(p)
     return async (ctx) => {
-      const d = await ctx.service.delete(p.positionals[0] as string, ctx.actor, o.extra?.(p))
+      const d = await ctx.service.delete(p.positionals[0] as string, ctx.actor, options)
       if (ctx.json) printJson(ctx.io, d)
       else ctx.io.out(d.remote_missing ? `${o.what(d)} was already gone from ${o.service}; its record is closed.\n` : `Deleted ${o.what(d)}.\n`)
       return EXIT_OK

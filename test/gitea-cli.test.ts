@@ -2,7 +2,7 @@
 // PostgreSQL: the create, verify, list, delete cycle, usage errors (exit 2), refusals (exit 1),
 // and afterwards no token or password in the store files, the dump or any captured output.
 import t from 'tap'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -44,6 +44,8 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     t.match(r.stderr, pattern)
   }
   t.equal(fake.requests.length, requests, 'no call reached Gitea')
+  // Before: `delete 1 --user ..` made and opened the embedded store before it said no.
+  t.notOk(existsSync(join(cwd, 'store')), 'no store was made or opened')
   const help = await runCli(['gitea', '--help'])
   t.match(help.stdout, /create +create a personal access token/)
   t.match((await runCli(['--help'])).stdout, /gitea <command> +Gitea personal access tokens: create, list, delete, verify/)
