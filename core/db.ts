@@ -6,7 +6,7 @@ import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import pg from 'pg'
 import { Worker } from 'node:worker_threads'
-import type { Ready, Reply, Request, WireError } from './embedded-worker.ts'
+import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 
 export interface Queryable {
@@ -286,9 +286,9 @@ class EmbeddedDb implements Db {
   }
 
   /** Starts the store's thread and resolves once PGlite is open there (in memory without `dataDir`). */
-  static async open(dataDir: string | undefined, release: () => void): Promise<EmbeddedDb> {
+  static async open(options: WorkerOptions, release: () => void): Promise<EmbeddedDb> {
     // .ts in a clone, .js compiled into an installed package's dist/.
-    const worker = new Worker(new URL(`./embedded-worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url), { workerData: { dataDir } })
+    const worker = new Worker(new URL(`./embedded-worker${extname(fileURLToPath(import.meta.url))}`, import.meta.url), { workerData: options })
     let onExit: ((code: number) => void) | undefined
     let onError: ((err: Error) => void) | undefined
     // Only these listeners come off afterwards: the Worker's own (which start its message port) must stay.
@@ -440,6 +440,12 @@ export interface OpenDbOptions {
   queryTimeoutMs?: number
   /** An embedded store in memory only (tests). */
   memory?: boolean
+  /**
+   * With `memory`: a tar of an initialised data folder (PGlite's dumpDataDir) the store starts
+   * from, instead of running PGlite's initdb, which costs seconds of CPU and gives the same
+   * folder every time (tests open many stores).
+   */
+  seed?: string
 }
 
 export async function openDb(options: OpenDbOptions): Promise<Db> {
@@ -455,7 +461,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     }
     return db
   }
-  if (options.memory) return EmbeddedDb.open(undefined, () => {})
+  if (options.memory) return EmbeddedDb.open({ dataDir: undefined, seed: options.seed }, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 })
@@ -464,7 +470,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   const release = lockDataDir(dir)
   try {
-    return await EmbeddedDb.open(join(dir, 'pgdata'), release)
+    return await EmbeddedDb.open({ dataDir: join(dir, 'pgdata'), seed: undefined }, release)
   } catch (err) {
     release()
     throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${(err as Error).message}`, undefined, { cause: err })

@@ -3,6 +3,7 @@
 // runs (and, measured side by side on the benchmark's bare proxy, PGlite merely loaded on the
 // serving thread made each proxied request cost about 1.07× the CPU). core/db.ts (EmbeddedDb) is the other end:
 // one message per query, and a transaction as begin, its queries, then commit or rollback.
+import { openAsBlob } from 'node:fs'
 import { parentPort, workerData } from 'node:worker_threads'
 import { PGlite, type Transaction } from '@electric-sql/pglite'
 import { nestsDeeper } from './depth.ts'
@@ -121,9 +122,15 @@ async function serve(db: PGlite): Promise<void> {
   })
 }
 
-const { dataDir } = workerData as { dataDir: string | undefined }
+/** What core/db.ts starts the thread with: the data folder (none: in memory), and for a memory store the tarball it may start from. */
+export interface WorkerOptions {
+  dataDir: string | undefined
+  seed: string | undefined
+}
+
+const { dataDir, seed } = workerData as WorkerOptions
 try {
-  const db = await PGlite.create(dataDir)
+  const db = seed === undefined ? await PGlite.create(dataDir) : await PGlite.create({ loadDataDir: await openAsBlob(seed) })
   await serve(db)
   parentPort?.postMessage({ ready: true } satisfies Ready)
 } catch (err) {

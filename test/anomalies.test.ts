@@ -7,7 +7,6 @@ import t from 'tap'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, RedisWindows, type AnomalyJson } from '../core/anomalies.ts'
-import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
@@ -15,7 +14,7 @@ import { silentLogger } from '../core/log.ts'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, memoryDb } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -231,7 +230,7 @@ await forEachStore(t, async (t, store) => {
 
 t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
   const server = await startRedisServer(t)
-  const db = await openDb({ memory: true })
+  const db = await memoryDb()
   t.teardown(() => db.close())
   await migrate(db)
   const redis = new Redis(server.url, { maxRetriesPerRequest: 1, connectTimeout: 1000, retryStrategy: () => 100 })

@@ -8,6 +8,7 @@ import { existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
 
 t.test('usage errors exit 2 with the reason on stderr and touch no store', async (t) => {
@@ -89,7 +90,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
 
 t.test('input no store can hold is refused by name, on the embedded store, and nothing waits for ever', async (t) => {
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
   // 3000 levels, under --metadata's 8 KiB: before, the store's thread never answered, and the command hung.
   const deep = await runCli(['api-key', 'create', '--name', 'deep', '--type', 'user', '--metadata', `{"a":${'['.repeat(3000)}${']'.repeat(3000)}}`, '--json'], { cwd, env })
   t.equal(deep.code, 1)

@@ -9,6 +9,7 @@ import { join } from 'node:path'
 import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
 import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
 
 t.test('help and version', async (t) => {
@@ -60,7 +61,7 @@ t.test('config check', async (t) => {
 
 t.test('key lifecycle on the embedded store', async (t) => {
   const cwd = tempDir()
-  const dataDir = join(cwd, 'store')
+  const dataDir = await seedDataDir(join(cwd, 'store'))
   await lifecycle(t, { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
   t.ok(statSync(join(dataDir, 'encryption.key')).mode & 0o600, 'an encryption key was generated into the data folder')
   t.equal(statSync(join(dataDir, 'encryption.key')).mode & 0o077, 0, 'readable by its owner only')
@@ -73,7 +74,7 @@ t.test('key lifecycle on the embedded store', async (t) => {
 
 t.test('the embedded store is refused while another process holds it', async (t) => {
   const cwd = tempDir()
-  const dataDir = join(cwd, 'store')
+  const dataDir = await seedDataDir(join(cwd, 'store'))
   const held = await openDb({ dataDir })
   t.teardown(() => held.close())
   const r = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
@@ -85,7 +86,7 @@ t.test('the embedded store is refused while another process holds it', async (t)
 
 t.test("a store command runs on V8's baseline compiler in a child process, which ends with the command, by any signal", async (t) => {
   const cwd = tempDir()
-  const dataDir = join(cwd, 'store')
+  const dataDir = await seedDataDir(join(cwd, 'store'))
   const lock = join(dataDir, 'keygate.lock')
   const gone = (pid: number) => {
     try {

@@ -7,9 +7,11 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, sqlState, UNIQUE_VIOLATION } from '../core/db.ts'
-import { rejection } from './helpers/stores.ts'
+import { memoryDb, rejection } from './helpers/stores.ts'
 
 t.test('rows, values and errors cross the thread as PGlite gives them', async (t) => {
+  // Made from nothing (PGlite's initdb), as keygate's stores are; the other tests start from the
+  // tests' initialised folder (helpers/pglite-template.ts).
   const db = await openDb({ memory: true })
   t.teardown(() => db.close())
   await db.exec('CREATE TABLE t (id int PRIMARY KEY, b bytea, at timestamptz, j jsonb)')
@@ -37,7 +39,7 @@ t.test('rows, values and errors cross the thread as PGlite gives them', async (t
 })
 
 t.test('transactions commit, roll back, and run one at a time', async (t) => {
-  const db = await openDb({ memory: true })
+  const db = await memoryDb()
   t.teardown(() => db.close())
   await db.exec('CREATE TABLE c (n int NOT NULL); INSERT INTO c VALUES (0)')
 
@@ -72,7 +74,7 @@ t.test('transactions commit, roll back, and run one at a time', async (t) => {
 })
 
 t.test('a query does not stop the calling thread', async (t) => {
-  const db = await openDb({ memory: true })
+  const db = await memoryDb()
   t.teardown(() => db.close())
   let ticks = 0
   const timer = setInterval(() => ticks++, 10)
@@ -97,7 +99,7 @@ t.test('a closed store refuses calls instead of leaving them waiting; the data d
 })
 
 t.test('a result nested too deeply to cross the thread is an error, not a call left waiting', async (t) => {
-  const db = await openDb({ memory: true })
+  const db = await memoryDb()
   t.teardown(() => db.close())
   const nested = (levels: number) => JSON.stringify({ a: JSON.parse('['.repeat(levels) + ']'.repeat(levels)) })
   // 4000 levels: V8 reads the message back recursively and runs out of stack; the reply was lost.
@@ -106,4 +108,19 @@ t.test('a result nested too deeply to cross the thread is an error, not a call l
   t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], 'the store goes on answering')
   const [row] = await db.query<{ v: { a: unknown } }>('SELECT $1::jsonb AS v', [nested(900)])
   t.ok(Array.isArray(row?.v.a), '900 levels cross')
+})
+
+t.test('stores started from one seed are each their own', async (t) => {
+  const a = await memoryDb()
+  t.teardown(() => a.close())
+  await a.exec('CREATE TABLE only_in_a (v int)')
+  const b = await memoryDb()
+  t.teardown(() => b.close())
+  t.same(await b.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'only_in_a'"), [{ n: 0 }], 'a table made in one is not in the next')
+  t.same(await a.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'only_in_a'"), [{ n: 1 }])
+})
+
+t.test('a seed that cannot be read fails the open with the reason', async (t) => {
+  const err = await rejection(openDb({ memory: true, seed: join(tmpdir(), 'keygate-no-such-seed.tar') }))
+  t.match(err.message, /ENOENT/)
 })

@@ -17,6 +17,7 @@ import { sleep, startUpstream } from './helpers/gateway.ts'
 import { serve } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const TOKEN = 'events-serve-token-0123456789'
 
@@ -40,7 +41,7 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
     REDIS_URL: undefined,
     KEYGATE_ENCRYPTION_KEY: undefined,
     KEYGATE_CONFIG: config,
-    KEYGATE_DATA_DIR: join(dir, 'store'),
+    KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store')),
     KEYGATE_ADMIN_TOKEN: TOKEN,
     KEYGATE_UPSTREAM: upstream.url,
   }

@@ -24,6 +24,23 @@ function generate(total: number): Readable {
   })
 }
 
+/**
+ * Waits until RSS holds still: the store's thread compiles PGlite's WebAssembly again in the
+ * background after it opens (V8's tier-up), growing RSS by hundreds of MB for a few seconds, and
+ * a base taken during that would measure the compiler, not the body.
+ */
+async function settled(): Promise<void> {
+  const until = Date.now() + 20_000
+  let last = process.memoryUsage().rss
+  let still = 0
+  while (still < 3 && Date.now() < until) {
+    await new Promise((r) => setTimeout(r, 250))
+    const rss = process.memoryUsage().rss
+    still = Math.abs(rss - last) < 4 * 1048576 ? still + 1 : 0
+    last = rss
+  }
+}
+
 function watchMemory() {
   globalThis.gc?.()
   const base = process.memoryUsage()
@@ -54,6 +71,7 @@ t.test(`${MB} MB up and ${MB} MB down with flat memory`, async (t) => {
     },
   })
   const k = await h.key()
+  await settled()
 
   let stop = watchMemory()
   const up = await request(`${h.url}/upload`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: generate(TOTAL), dispatcher: h.agent })

@@ -12,6 +12,7 @@ import { FakeGitea } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
 import { freePort, noSecrets } from './helpers/integrations.ts'
 import { freshDatabase } from './helpers/stores.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const PASSWORD = 'ci-Bot-password-77'
 const fake = new FakeGitea()
@@ -55,7 +56,7 @@ t.test('the cycle on each store', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-cli-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const url = await freshDatabase(t)
-  const dataDir = join(cwd, 'store')
+  const dataDir = await seedDataDir(join(cwd, 'store'))
   for (const [kind, storeEnv] of [
     ['embedded', { KEYGATE_DATA_DIR: dataDir }],
     ['postgres', { DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 5).toString('base64') }],

@@ -4,12 +4,11 @@
 import t, { type Test } from 'tap'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { openDb } from '../core/db.ts'
 import { IntegrationHttp } from '../core/integrations/http.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { migrate } from '../core/migrate.ts'
 import { capturedLogs, integrationDeps, noSecrets } from './helpers/integrations.ts'
-import { rejection } from './helpers/stores.ts'
+import { memoryDb, rejection } from './helpers/stores.ts'
 
 type Handler = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => void
 
@@ -32,7 +31,7 @@ function json(res: http.ServerResponse, status: number, body: unknown, headers: 
   res.end(JSON.stringify(body))
 }
 
-const db = await openDb({ memory: true })
+const db = await memoryDb()
 t.teardown(() => db.close())
 await migrate(db)
 const PASSWORD = 'n8n-Owner-pass-1'

@@ -6,7 +6,6 @@ import t, { type Test } from 'tap'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { openDb } from '../core/db.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { recordId, secretHash } from '../core/integrations/track.ts'
 import { migrate } from '../core/migrate.ts'
@@ -14,7 +13,8 @@ import { documented, startAdmin } from './helpers/admin.ts'
 import { capturedStderr, runCli } from './helpers/cli.ts'
 import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { ownerSession, startN8n } from './helpers/n8n.ts'
-import { forEachStore, freshDatabase, rejection } from './helpers/stores.ts'
+import { forEachStore, freshDatabase, memoryDb, rejection } from './helpers/stores.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const actor = { actor: 'cli:tester' }
 const n8n = await startN8n(t)
@@ -27,7 +27,7 @@ const JWT = /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}/
 
 /** A migrated embedded store in memory, closed when `t` ends. */
 async function memoryStore(t: Test) {
-  const db = await openDb({ memory: true })
+  const db = await memoryDb()
   t.teardown(() => db.close())
   await migrate(db)
   return db
@@ -170,7 +170,7 @@ t.test('keygate n8n create, verify, list, delete as a real process', async (t) =
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const url = await freshDatabase(t)
   for (const [kind, storeEnv] of [
-    ['embedded', { KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined }],
+    ['embedded', { KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), DATABASE_URL: undefined }],
     ['postgres', { DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 9).toString('base64') }],
   ] as const) {
     await t.test(kind, async (t) => {
@@ -286,7 +286,7 @@ t.test('n8n stopped: unreachable, from the service and the CLI', async (t) => {
   t.match(await rejection(keys.verify('abcdef')), { code: 'n8n_unreachable' })
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-down-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
-  const r = await runCli(['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--json'], { cwd, env: { ...env(), KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined } })
+  const r = await runCli(['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--json'], { cwd, env: { ...env(), KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), DATABASE_URL: undefined } })
   t.equal(r.code, 1)
   t.equal(r.json().error.code, 'n8n_unreachable')
 })

@@ -12,6 +12,7 @@ import type { TLSSocket } from 'node:tls'
 import { runCli } from './helpers/cli.ts'
 import { startUpstream } from './helpers/gateway.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const dir = mkdtempSync(join(tmpdir(), 'keygate-tls-'))
 t.teardown(() => rmSync(dir, { recursive: true, force: true }))
@@ -59,7 +60,7 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
   const config = join(dir, 'keygate.yaml')
   writeFileSync(config, `gateway:\n  tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }\nadmin:\n  tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }\n`)
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: join(dir, 'store'), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store')), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
   const created = await runCli(['api-key', 'create', '--name', 'tls', '--type', 'service', '--json'], { env })
   t.equal(created.code, 0, 'a key to send')
   const auth = { authorization: `Bearer ${(created.json() as { key: string }).key}` }

@@ -11,6 +11,7 @@ import { openDb } from '../core/db.ts'
 import { runCli, capturedStderr } from './helpers/cli.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { answerOf, startUpstream, echo, type Received } from './helpers/gateway.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const KEY_PATTERN = /kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/
 const KEYS = new RegExp(KEY_PATTERN.source, 'g')
@@ -19,6 +20,9 @@ const KEYS = new RegExp(KEY_PATTERN.source, 'g')
 function dataDir(): string {
   return join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'store')
 }
+
+/** A data folder holding an initialised store (helpers/pglite-template.ts), for a serve that opens it. */
+const storeDir = () => seedDataDir(dataDir())
 
 const get = async (url: string, headers: Record<string, string> = {}) => answerOf(await request(url, { headers }))
 
@@ -50,7 +54,7 @@ t.test('an address in use: exits 1 naming it, with nothing left serving', async 
   t.teardown(() => taken.close())
   const port = (taken.address() as net.AddressInfo).port
   // A configured admin token: no first admin key is printed (the suite checks every key printed).
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   for (const [which, args] of [
     ['the admin address', ['--listen', '127.0.0.1:0', '--admin-listen', `127.0.0.1:${port}`]],
     ['the gateway address', ['--listen', `127.0.0.1:${port}`, '--admin-listen', '127.0.0.1:0']],
@@ -81,7 +85,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
     }
     echo(req, res, received)
   })
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url })
 
   const first = await serve(t, { env })
   await first.waitForLog((l) => l.msg.startsWith('no admin credential was configured'))
@@ -154,7 +158,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
 
 t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload right after start)', async (t) => {
   const fixture = new URL('./fixtures/slow-cli-load.mjs', import.meta.url).href
-  const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
+  const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
   const loading = Date.now()
   while (!served.stderr().includes('fixture: loading cli/main.ts')) {
     if (Date.now() - loading > 30_000) return t.fail(`serve never reached cli/main.ts:\n${served.stderr()}`)
@@ -169,7 +173,7 @@ t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload
 
 t.test('a configured admin token: no key is created or printed', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
   const s = await serve(t, { env })
   t.notMatch(s.stderr(), KEY_PATTERN)
   t.equal((await get(`${s.gateway}/`)).status, 401)
@@ -178,7 +182,7 @@ t.test('a configured admin token: no key is created or printed', async (t) => {
 
 t.test('a database migrated by a newer keygate (a rolling upgrade): this one starts, warns and is ready', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
   t.equal((await runCli(['migrate'], { env })).code, 0)
   const db = await openDb({ dataDir: env.KEYGATE_DATA_DIR as string })
   await db.exec(`CREATE TABLE kg_newer (id integer); INSERT INTO keygate_migrations (version, name, checksum) VALUES (9999, '9999_newer.sql', 'x')`)
@@ -193,7 +197,7 @@ t.test('a database migrated by a newer keygate (a rolling upgrade): this one sta
 
 t.test('--only gateway serves health and metrics but no admin API; --only admin runs no gateway', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir(), KEYGATE_UPSTREAM: upstream.url })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url })
   const g = await serve(t, { env, args: ['--only', 'gateway'] })
   t.ok(g.logs.some((l) => l.msg === 'health and metrics listening'))
   t.notMatch(g.stderr(), KEY_PATTERN, '--only gateway does not create an admin key')

@@ -6,6 +6,7 @@ import { mkdtempSync, readdirSync, readFileSync, renameSync, writeFileSync } fro
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb } from '../core/db.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 /** A process that runs until the test ends. */
 function liveProcess(t: { teardown(fn: () => void): void }): number {
@@ -22,7 +23,7 @@ async function deadPid(): Promise<number> {
 }
 
 t.test('a stale lock is taken over, a live one refuses, and a process removes only its own', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-lock-'))
+  const dir = await seedDataDir(mkdtempSync(join(tmpdir(), 'keygate-lock-')))
   const lock = join(dir, 'keygate.lock')
   writeFileSync(lock, String(await deadPid()))
   const db = await openDb({ dataDir: dir })

@@ -8,7 +8,8 @@ import { Agent, request } from 'undici'
 import { ConfigSchema, type Config } from '../../config/schema.ts'
 import { deepFreeze } from '../../config/load.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
-import { openDb, type Db } from '../../core/db.ts'
+import type { Db } from '../../core/db.ts'
+import { memoryDb } from './stores.ts'
 import { DenyListService } from '../../core/deny-list.ts'
 import type { EventBus } from '../../core/events.ts'
 import type { UsageSink } from '../../core/usage.ts'
@@ -88,7 +89,7 @@ export interface Store {
 }
 
 export async function openStore(t: Tap, config: Config): Promise<Store> {
-  const db = await openDb({ memory: true })
+  const db = await memoryDb()
   await migrate(db)
   const audit = new AuditLog(new AuditCipher(Buffer.alloc(32, 7)))
   const keys = new KeyService({ db, audit, ...keyServiceOptions(config) })

@@ -10,6 +10,7 @@ import { KeyService } from '../../core/keys/service.ts'
 import { migrate } from '../../core/migrate.ts'
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { loadConfig } from '../../config/load.ts'
+import { pgliteSeed } from './pglite-template.ts'
 
 export type StoreKind = 'embedded' | 'postgres'
 export const STORE_KINDS: readonly StoreKind[] = ['embedded', 'postgres']
@@ -65,11 +66,16 @@ export async function freshDatabase(t: Pick<Test, 'teardown'>): Promise<string> 
   return url.toString()
 }
 
+/** A fresh embedded store in memory, started from the tests' initialised data folder (helpers/pglite-template.ts). */
+export async function memoryDb(): Promise<Db> {
+  return openDb({ memory: true, seed: await pgliteSeed() })
+}
+
 /** One store of `kind`, fresh, migrated unless `migrated: false`, closed (and dropped) when `t` ends. */
 export async function openStore(t: Test, kind: StoreKind, options: { migrated?: boolean } = {}): Promise<Store> {
   let store: Store
   if (kind === 'embedded') {
-    store = { kind, db: await openDb({ memory: true }) }
+    store = { kind, db: await memoryDb() }
   } else {
     const url = await freshDatabase(t)
     store = { kind, db: await openDb({ databaseUrl: url, poolMax: 10 }), url }
