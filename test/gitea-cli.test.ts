@@ -6,7 +6,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import { execFileSync } from 'node:child_process'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { capturedStderr, folderBytes, runCli } from './helpers/cli.ts'
+import { capturedStderr, folderBytes, runCli, runCliHere } from './helpers/cli.ts'
 import { isolated } from './helpers/cli-lifecycle.ts'
 import { FakeGitea } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
@@ -40,9 +40,13 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     [['gitea', 'delete', '1', '--user', '.'], /--user: "\." is not allowed/],
     [['gitea', 'create', '--name', 'x', '--scopes', 'read:user', '--user', '..'], /--user: "\.\." is not allowed/],
   ] as const) {
-    const r = await runCli([...args], { cwd, env: isolated({ ...gitea, KEYGATE_DATA_DIR: join(cwd, 'store') }) })
-    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
-    t.match(r.stderr, pattern)
+    // Each case in this process through the command line's entry; the `--user` ones (which
+    // opened a store before) also as the real process.
+    const env = isolated({ ...gitea, KEYGATE_DATA_DIR: join(cwd, 'store') })
+    for (const r of [await runCliHere([...args], { env }), ...((args as readonly string[]).includes('--user') ? [await runCli([...args], { cwd, env })] : [])]) {
+      t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+      t.match(r.stderr, pattern)
+    }
   }
   t.equal(fake.requests.length, requests, 'no call reached Gitea')
   // Before: `delete 1 --user ..` made and opened the embedded store before it said no.

@@ -10,7 +10,7 @@ import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { recordId, secretHash } from '../core/integrations/track.ts'
 import { migrate } from '../core/migrate.ts'
 import { documented, startAdmin } from './helpers/admin.ts'
-import { capturedStderr, runCli } from './helpers/cli.ts'
+import { capturedStderr, runCli, runCliHere } from './helpers/cli.ts'
 import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { ownerSession, startN8n } from './helpers/n8n.ts'
 import { forEachStore, freshDatabase, memoryDb, rejection } from './helpers/stores.ts'
@@ -272,9 +272,11 @@ t.test('usage errors exit 2', async (t) => {
     [['n8n', 'delete'], /missing argument/],
     [['n8n', 'verify', 'a', 'b'], /unexpected argument "b"/],
   ] as const) {
-    const r = await runCli([...args])
-    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
-    t.match(r.stderr, pattern)
+    // Each case in this process through the command line's entry; the first also as the real process.
+    for (const r of [await runCliHere([...args]), ...(args.length === 1 ? [await runCli([...args])] : [])]) {
+      t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+      t.match(r.stderr, pattern)
+    }
   }
 })
 

@@ -59,23 +59,44 @@ export function runCli(args: string[], options: { env?: Record<string, string | 
     child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
     child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
     child.on('error', reject)
-    child.on('close', (code) => {
-      capturedStderr.push(stderr)
-      resolve({
-        code,
-        stdout,
-        stderr,
-        json: () => {
-          try {
-            return JSON.parse(stdout)
-          } catch {
-            throw new Error(`keygate ${args.join(' ')} printed no JSON (exit ${code}):\n${stdout}\n${stderr}`)
-          }
-        },
-      })
-    })
+    child.on('close', (code) => resolve(result(args, code, stdout, stderr)))
     child.stdin!.end(options.input ?? '')
   })
+}
+
+function result(args: string[], code: number | null, stdout: string, stderr: string): CliResult {
+  capturedStderr.push(stderr)
+  return {
+    code,
+    stdout,
+    stderr,
+    json: () => {
+      try {
+        return JSON.parse(stdout)
+      } catch {
+        throw new Error(`keygate ${args.join(' ')} printed no JSON (exit ${code}):\n${stdout}\n${stderr}`)
+      }
+    },
+  }
+}
+
+/**
+ * Runs `keygate args` in this process, through the command line's own entry (cli/main.ts `main`)
+ * with output captured and `env` as its environment: for long tables of usage errors, which end
+ * before anything is opened, where a process per case cost over a second of CPU. Each such table
+ * also runs a few of its cases through `runCli`, the real process.
+ */
+export async function runCliHere(args: string[], options: { env?: Record<string, string | undefined> } = {}): Promise<CliResult> {
+  const { main } = await import('../../cli/main.ts')
+  let stdout = ''
+  let stderr = ''
+  const code = await main(args, {
+    out: (text) => void (stdout += text),
+    err: (text) => void (stderr += text),
+    readStdin: async () => '',
+    env: childEnv(options.env),
+  })
+  return result(args, code, stdout, stderr)
 }
 
 /** The bytes of every file below `dir` (an embedded store's data folder), for the no-plaintext checks. */
