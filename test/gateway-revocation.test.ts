@@ -34,6 +34,13 @@ t.test('revocation: at once here, within the TTL on another instance', async (t)
   t.equal((await here.get('/', bearer(r.key))).status, 401, 'a forced rotation kills the old key at once')
   t.equal((await here.get('/', bearer(rotated.key))).status, 200)
 
+  // The key a revoked one replaced, still in its grace and cached here, is refused at once too.
+  const p = await here.key({ type: 'service' })
+  const successor = await here.keys.rotate(p.id, {}, ACTOR)
+  t.equal((await here.get('/', bearer(p.key))).status, 200, 'the old key works in its grace')
+  await here.keys.revoke(successor.record.id, 'leaked', ACTOR)
+  t.equal((await here.get('/', bearer(p.key))).status, 401, "revoking its successor ends it (before: it worked for the rest of its 48 h)")
+
   const u = await here.key({ scopes: ['a'] })
   t.equal((await here.get('/', bearer(u.key))).json.headers['x-keygate-scopes'], 'a')
   await here.keys.update(u.id, { scopes: ['a', 'b'] }, ACTOR)

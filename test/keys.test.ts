@@ -527,6 +527,47 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await rejection(s.keys.rotate('AAAAAAAAAAAA', {}, actor))).code, 'key_not_found')
   })
 
+  t.test('revoking a key, or rotating it with force, ends the keys it replaced that are still in grace', async (t) => {
+    const s = testServices(db)
+    const heard: Array<[string, string]> = []
+    s.keys.onChange((c) => heard.push([c.action, c.key.id]))
+    // A -> B -> C, rotated without force: A and B in grace.
+    const a = await s.keys.create({ name: 'lineage', type: 'system' }, actor)
+    const b = await s.keys.rotate(a.record.id, {}, actor)
+    const c = await s.keys.rotate(b.record.id, {}, actor)
+    for (const k of [a.key, b.key, c.key]) t.equal((await s.keys.validate(k)).valid, true, 'every key of the lineage works while in grace')
+    heard.length = 0
+    // Before: C was refused and A and B went on working for the rest of their 72 h.
+    await s.keys.revoke(c.record.id, 'leaked', actor)
+    for (const k of [a, b, c]) t.match(await s.keys.validate(k.key), { valid: false, code: 'key_revoked' })
+    t.match(await s.keys.get(a.record.id), { status: 'revoked', revokedReason: `successor ${c.record.id} revoked`, revokedAt: s.clock.now() })
+    t.match(await s.keys.get(b.record.id), { status: 'revoked', revokedReason: `successor ${c.record.id} revoked` })
+    t.same(heard.sort(), [['revoked', a.record.id], ['revoked', b.record.id], ['revoked', c.record.id]].sort(), 'each is a change the caches and webhooks hear')
+    t.same(await auditActions(s, db, a.record.id), ['key.created', 'key.revoked', 'key.rotated'])
+    const row = (await s.audit.list(db, { keyId: b.record.id })).find((x) => x.action === 'key.revoked')
+    t.same(row?.details, { reason: `successor ${c.record.id} revoked`, previous_status: 'rotating' })
+
+    // D -> E, then E -> F with force: "the old key dies now", and D with it.
+    const d = await s.keys.create({ name: 'forced lineage', type: 'user' }, actor)
+    const e = await s.keys.rotate(d.record.id, {}, actor)
+    const f = await s.keys.rotate(e.record.id, { force: true }, actor)
+    t.match(await s.keys.validate(d.key), { valid: false, code: 'key_revoked' }, 'before: D stayed valid for its 24 h')
+    t.match(await s.keys.get(d.record.id), { status: 'revoked', revokedReason: `successor ${e.record.id} rotated (forced)` })
+    t.equal((await s.keys.validate(f.key)).valid, true, 'the new key works')
+
+    // A rotation without force leaves the older key its grace; one whose grace has ended is the scheduler's to mark.
+    const g = await s.keys.create({ name: 'kept lineage', type: 'user' }, actor)
+    const h = await s.keys.rotate(g.record.id, {}, actor)
+    s.clock.advance(20 * HOUR)
+    const j = await s.keys.rotate(h.record.id, {}, actor)
+    t.equal((await s.keys.validate(g.key)).valid, true, 'G keeps its grace through a rotation without force')
+    s.clock.advance(5 * HOUR)
+    const i = await s.keys.rotate(j.record.id, { force: true }, actor)
+    t.match(await s.keys.get(g.record.id), { status: 'rotating' }, 'G, past its grace, is left as it was')
+    t.match(await s.keys.get(h.record.id), { status: 'revoked' }, 'H, still in grace, is ended')
+    t.equal((await s.keys.validate(i.key)).valid, true)
+  })
+
   for (const failOn of ['key.rotated', 'key.created']) {
     t.test(`rotate is atomic: a failing ${failOn} audit write leaves everything as it was`, async (t) => {
       const s = testServices(db)

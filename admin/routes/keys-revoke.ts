@@ -10,7 +10,7 @@ export default defineOperation({
   path: '/v1/keys/{id}/revoke',
   tag: 'keys',
   summary: 'Revoke a key',
-  description: 'Works on any key not already revoked, a rotating one included (its grace period ends). The body is optional.',
+  description: 'Works on any key not already revoked, a rotating one included (its grace period ends). The keys this one replaced that are still in their grace period are revoked with it. The body is optional.',
   body: RevokeBody,
   bodyRequired: false,
   response: { status: 200, description: 'The revoked key.', schema: KeySchema },

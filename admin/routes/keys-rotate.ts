@@ -10,7 +10,7 @@ export default defineOperation({
   path: '/v1/keys/{id}/rotate',
   tag: 'keys',
   summary: 'Rotate a key',
-  description: 'Returns the new key (its plaintext once) and the old one. With `{"force": true}` the old key stops working now. The body is optional.',
+  description: 'Returns the new key (its plaintext once) and the old one. With `{"force": true}` the old key stops working now, and so do the keys before it still in their grace period. The body is optional.',
   body: Type.Object({ force: Type.Optional(Type.Boolean({ description: 'End the old key now instead of after its grace period.' })) }, { additionalProperties: false }),
   bodyRequired: false,
   response: { status: 200, description: 'The new key and the one it replaced.', schema: Type.Composite([KeyWithSecret, Type.Object({ previous: KeySchema })]) },

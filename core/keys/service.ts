@@ -309,7 +309,7 @@ export class KeyService {
     // The API's schema: the CLI on the store refuses what the API refuses (an empty reason, control characters).
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     const now = this.#now()
-    const record = await this.#db.transaction(async (tx) => {
+    const { record, ended } = await this.#db.transaction(async (tx) => {
       const old = await this.#lock(tx, id)
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
@@ -317,10 +317,31 @@ export class KeyService {
         [id, now, reason ?? null],
       )
       await this.#audit.write(tx, actor, { keyId: id, action: 'key.revoked', details: { reason: reason ?? null, previous_status: old.status } })
-      return toRecord(rows[0] as KeyRow)
+      return { record: toRecord(rows[0] as KeyRow), ended: await this.#endPredecessors(tx, id, now, `successor ${id} revoked`, actor) }
     })
     this.#emit({ action: 'revoked', key: record })
+    for (const k of ended) this.#emit({ action: 'revoked', key: k })
     return record
+  }
+
+  /**
+   * Revokes the keys that `id` replaced and that are still in their grace period (a lineage
+   * rotated twice has two): revoking a key, or rotating it with force, is done when it leaks,
+   * and the key it replaced is as much in the open. Each gets its own audit row.
+   */
+  async #endPredecessors(tx: Queryable, id: string, now: Date, reason: string, actor: Actor): Promise<KeyRecord[]> {
+    const rows = await tx.query<KeyRow>(
+      `WITH RECURSIVE lineage(id) AS (
+         SELECT id FROM api_keys WHERE replaced_by = $1
+         UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
+       )
+       UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2
+       WHERE id IN (SELECT id FROM lineage) AND status = 'rotating' AND grace_until > $2
+       RETURNING ${COLUMNS}`,
+      [id, now, reason],
+    )
+    for (const row of rows) await this.#audit.write(tx, actor, { keyId: row.id, action: 'key.revoked', details: { reason, previous_status: 'rotating' } })
+    return rows.map(toRecord)
   }
 
   /**
@@ -367,10 +388,13 @@ export class KeyService {
         details: { replaced_by: fresh.id, force: options.force === true, grace_until: previous.graceUntil?.toISOString() ?? null },
       })
       await this.#audit.write(tx, actor, { keyId: fresh.id, action: 'key.created', details: { rotated_from: id, name: fresh.name, type: fresh.type } })
-      return { record: fresh, previous }
+      // "The old key dies now": so do the older ones of its lineage still in grace.
+      const ended = ends ? await this.#endPredecessors(tx, id, now, `successor ${id} ${options.force === true ? 'rotated (forced)' : 'rotated'}`, actor) : []
+      return { record: fresh, previous, ended }
     })
     this.#emit({ action: 'rotated', key: result.record, previous: result.previous })
-    return { key: generated.key, ...result }
+    for (const k of result.ended) this.#emit({ action: 'revoked', key: k })
+    return { key: generated.key, record: result.record, previous: result.previous }
   }
 
   /**
