@@ -1,5 +1,5 @@
 // Requests the HTTP parser accepts but a gateway must not forward: too many header lines, an
-// absolute-form target naming another host than Host, a Host missing (HTTP/1.1) or repeated, a
+// absolute-form target naming another host than Host, a Host missing (HTTP/1.1), repeated or not a host, a
 // fragment, dot segments that could walk out of a route's prefix, and methods that are never
 // proxied. (Paths that lenient upstreams read as another route's: see route.ts.) Framing attacks
 // (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
@@ -9,6 +9,10 @@ import { pathOf, type RequestState, type Stage } from './state.ts'
 // `.` or `..` as a whole segment, also percent-encoded, and backslashes some upstreams read as
 // `/`; also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
 const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#|;|%3b)/i
+
+// Host as RFC 9110 §7.2 has it, `uri-host [ ":" port ]`: a bracketed IP literal, or a name of
+// RFC 3986's reg-name characters (a comma is a repeated Host, refused apart).
+const HOST = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]*)?$/
 
 export function createRequestCheckStage(options: { maxHeaders: number }): Stage {
   const maxRaw = options.maxHeaders * 2
@@ -27,6 +31,11 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     }
     if (host !== undefined && host.includes(',')) {
       s.message = 'Host is repeated.'
+      return 'bad_request'
+    }
+    // RFC 9112 §3.2: a Host that is not a host is answered 400 (it would reach the upstream as X-Forwarded-Host, or as Host on preserve_host routes).
+    if (host !== undefined && !HOST.test(host)) {
+      s.message = host === '' ? 'Host is empty.' : 'Host is not a valid host name or address.'
       return 'bad_request'
     }
     let target = s.target

@@ -33,6 +33,12 @@ t.test('hostile requests', async (t) => {
     ['absolute-form for another host', `GET http://evil.example/ HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
     ['two Host headers', `GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
     ['no Host', `GET / HTTP/1.1\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    // Before, each was forwarded, and reached the upstream as X-Forwarded-Host.
+    ['an empty Host', `GET / HTTP/1.1\r\nHost:\r\n${auth}\r\n`, /^HTTP\/1.1 400[^]*Host is empty/],
+    ['a Host with a space', `GET / HTTP/1.1\r\nHost: a b\r\n${auth}\r\n`, /^HTTP\/1.1 400[^]*Host is not a valid host/],
+    ['a Host with a path', `GET / HTTP/1.1\r\nHost: x/admin\r\n${auth}\r\n`, /^HTTP\/1.1 400[^]*Host is not a valid host/],
+    ['a Host with a bad port', `GET / HTTP/1.1\r\nHost: a:8o\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    ['a Host with a user', `GET / HTTP/1.1\r\nHost: u@a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
     ['CONNECT', `CONNECT upstream.example:443 HTTP/1.1\r\nHost: upstream.example:443\r\n${auth}\r\n`, /^HTTP\/1.1 405/],
     ['TRACE', `TRACE / HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 405/],
     ['dot segments', `GET /api/../admin HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
@@ -59,6 +65,9 @@ t.test('hostile requests', async (t) => {
     t.match(await send(h.port, `GET ${target} HTTP/1.1\r\nHost: ${host}\r\n${auth}Connection: close\r\n\r\n`), /^HTTP\/1.1 200/, `${target} with Host: ${host} is served`)
   }
   t.match(await send(h.port, `GET http://a:8080/ok HTTP/1.1\r\nHost: a\r\n${auth}Connection: close\r\n\r\n`), /^HTTP\/1.1 400/, 'another port is another host')
+  for (const host of ['127.0.0.1:8080', '[::1]:80', '[2001:db8::7]', 'api.example.com', 'Under_Score.example', 'a:']) {
+    t.match(await send(h.port, `GET /host HTTP/1.1\r\nHost: ${host}\r\n${auth}Connection: close\r\n\r\n`), /^HTTP\/1.1 200/, `Host: ${host} is served`)
+  }
   t.equal((await h.get('/still', bearer(k.key))).status, 200, 'the gateway still serves')
 })
 
