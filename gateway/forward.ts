@@ -61,6 +61,8 @@ interface ForwardOptions {
   queryParam: string
   /** A tunnel with no traffic either way for this long is closed (0: never). */
   tunnelIdleMs: number
+  /** A request body that brings nothing for this long is cut off (0: never). */
+  bodyIdleMs: number
   /** Ends tunnels whose key or address the checks no longer allow. */
   guard: TunnelGuard
 }
@@ -86,6 +88,7 @@ interface ExchangeHooks {
 }
 
 const CLIENT_GONE = Object.assign(new Error('the client closed the connection'), { code: 'KEYGATE_CLIENT_GONE' })
+const BODY_IDLE = 'KEYGATE_BODY_IDLE'
 
 /**
  * One forwarded request as an undici dispatch handler: the response head is written when the
@@ -161,7 +164,7 @@ class Exchange implements Dispatcher.DispatchHandler {
 }
 
 export function createForwarder(o: ForwardOptions): Forwarder {
-  const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs } = o
+  const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs, bodyIdleMs } = o
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
   const dropApiKey = stripCredential && o.apiKeySource
@@ -278,6 +281,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       sendError(ctx, s, 'bad_request')
       return
     }
+    if (code === BODY_IDLE) {
+      // The rest of the body will not come: the connection cannot carry another request.
+      res.shouldKeepAlive = false
+      s.message = `The request body brought nothing for ${bodyIdleMs / 1000} s.`
+      sendError(ctx, s, 'request_timeout')
+      return
+    }
     ctx.log.warn('upstream request failed', { request_id: s.id, route: s.route?.name, err })
     sendError(ctx, s, timeoutCode(err))
   }
@@ -295,7 +305,17 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const exchange = new Exchange(s, hooks)
       // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.
       ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
-      if (withBody) req.once('error', (err: Error) => exchange.bodyFailed(err))
+      if (withBody) {
+        req.once('error', (err: Error) => exchange.bodyFailed(err))
+        // An upload may take as long as it takes while it moves (the server has no total request
+        // timeout); one that stalls is cut, as nginx's client_body_timeout does. The socket's idle
+        // timer counts traffic either way, and is cleared once the body is in, so the wait for the
+        // upstream's answer is the route's timeout alone.
+        if (bodyIdleMs > 0 && !req.complete) {
+          req.setTimeout(bodyIdleMs, () => exchange.bodyFailed(Object.assign(new Error(`the request body brought nothing for ${bodyIdleMs} ms`), { code: BODY_IDLE })))
+          req.once('end', () => req.socket.setTimeout(0))
+        }
+      }
       try {
         ;(routePool[route.index] as Pool).dispatch(
           {

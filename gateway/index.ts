@@ -169,7 +169,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
   await refreshDenyList()
 
-  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), queryParam: g.query_param, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, guard })
+  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), queryParam: g.query_param, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, bodyIdleMs: g.body_idle_timeout_ms, guard })
 
   const failed = (s: RequestState, err: unknown): void => {
     log.error('gateway stage failed', { request_id: s.id, err: err as Error })
@@ -203,7 +203,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const server = (deps.createServer ?? http.createServer)({
     maxHeaderSize: g.max_header_bytes,
     headersTimeout: g.headers_timeout_ms,
-    requestTimeout: Math.max(300_000, g.headers_timeout_ms),
+    // No limit on a whole request: a large upload that keeps moving is not cut (Node's default
+    // cut every request at 300 s, body included). A stalled body is the forwarder's to end
+    // (gateway.body_idle_timeout_ms).
+    requestTimeout: 0,
     // Node checks the header timeout on this interval; a slow-header client is cut within about a quarter of the timeout.
     connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(g.headers_timeout_ms / 4))),
     joinDuplicateHeaders: true,

@@ -4,6 +4,7 @@
 // RSS settles near 100 MB whatever the size (allocator and GC lag), while buffering a body
 // would grow it by the body size.
 import t from 'tap'
+import net from 'node:net'
 import { Readable } from 'node:stream'
 import { request } from 'undici'
 import { bearer, startGateway } from './helpers/gateway.ts'
@@ -140,4 +141,51 @@ t.test('a client that goes away mid-download or mid-upload ends the upstream exc
   ac.abort()
   t.ok((await put) instanceof Error, 'the client gave up')
   t.equal(await upload, false, 'the upstream saw the upload end incomplete')
+})
+
+t.test('an upload is cut only when it stalls: a body that keeps moving has no time limit, one that brings nothing for body_idle_timeout_ms gets 408', async (t) => {
+  let upstreamSaw: (complete: boolean) => void = () => {}
+  let stalled = new Promise<boolean>((resolve) => (upstreamSaw = resolve))
+  const h = await startGateway(t, {
+    config: { gateway: { body_idle_timeout_ms: 400 } },
+    upstream: (req, res) => {
+      let n = 0
+      req.on('data', (c: Buffer) => (n += c.length))
+      req.on('close', () => upstreamSaw(req.complete))
+      // Thinks for longer than the body's idle timeout once the body is in: only the route's timeout applies then.
+      req.on('end', () => setTimeout(() => res.end(JSON.stringify({ received: n })), 800))
+    },
+  })
+  // Before, Node's own requestTimeout cut every request at 300 s, an upload still moving included.
+  t.equal(h.gateway.server.requestTimeout, 0, 'no limit on a whole request')
+  const k = await h.key()
+
+  // Ten chunks 150 ms apart: 1.5 s in all, nearly four times the idle timeout, never idle that long.
+  let sent = 0
+  const slow = new Readable({
+    read() {
+      if (sent === 10) return void this.push(null)
+      setTimeout(() => this.push(Buffer.alloc(1000, 0x61)), 150)
+      sent++
+    },
+  })
+  const moving = await request(`${h.url}/up`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: slow, dispatcher: h.agent })
+  t.equal(moving.statusCode, 200, 'a slow upload that keeps moving passes, and so does the upstream thinking after it')
+  t.same(await moving.body.json(), { received: 10_000 })
+  stalled = new Promise<boolean>((resolve) => (upstreamSaw = resolve))
+
+  // Part of a declared body, then nothing.
+  const socket = net.connect(h.port, '127.0.0.1')
+  t.teardown(() => socket.destroy())
+  let answer = ''
+  socket.setEncoding('utf8').on('data', (d: string) => (answer += d))
+  const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()))
+  socket.write(`POST /up HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nContent-Length: 1000\r\n\r\n${'a'.repeat(100)}`)
+  await closed
+  t.match(answer, /^HTTP\/1\.1 408 /, '408 once the body stalled')
+  t.match(answer, /connection: close/i, 'and the connection closes (the rest of the body is not coming)')
+  const body = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { error: { code: string; message: string } }
+  t.equal(body.error.code, 'request_timeout')
+  t.equal(body.error.message, 'The request body brought nothing for 0.4 s.')
+  t.equal(await stalled, false, 'the upstream saw the body end incomplete')
 })
