@@ -40,10 +40,21 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     if (!m) throw new AdminError('unauthorized', 'send an admin key or the bootstrap token as Authorization: Bearer <credential>', { 'www-authenticate': CHALLENGE })
     const presented = m[1] as string
     if (token && timingSafeEqual(digest(presented), token)) return { actor: 'token', address }
-    const result = await keys.validate(presented, { address })
+    // A place among the address's attempts in doubt (core/lockout.ts): a burst of bad
+    // credentials gets no more of them checked than the lockout allows.
+    const place = lockout.attempt(counted)
+    const lockedS = place === undefined ? undefined : await place
+    if (lockedS !== undefined) throw new AdminError('ip_locked_out', undefined, { 'retry-after': String(lockedS) })
+    let result: Awaited<ReturnType<KeyService['validate']>>
+    try {
+      result = await keys.validate(presented, { address })
+    } catch (err) {
+      void lockout.finish(counted, false)
+      throw err
+    }
     const fail = async (err: AdminError): Promise<never> => {
       try {
-        await lockout.recordFailure(counted)
+        await lockout.finish(counted, true)
       } catch (e) {
         log.warn('could not record a failed admin attempt', { err: e as Error })
       }
@@ -51,6 +62,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     }
     if (!result.valid) return fail(new AdminError('unauthorized', 'the admin credential is not valid', { 'www-authenticate': `${CHALLENGE}, error="invalid_token"` }))
     if (!result.key.scopes.includes(ADMIN_SCOPE)) return fail(new AdminError('forbidden', `key ${result.key.id} does not hold the admin scope`))
+    void lockout.finish(counted, false)
     return { actor: `key:${result.key.id}`, address }
   }
 }

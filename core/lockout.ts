@@ -46,6 +46,17 @@ export interface Lockout {
   /** Seconds until the address may try again, or undefined when it is not locked out. A memory look-up. */
   lockedFor(addressKey: string): number | undefined
   recordFailure(addressKey: string): Promise<void>
+  /**
+   * Takes a place for an attempt that may fail (a key or credential not yet judged). Attempts in
+   * doubt from one address plus its failures already counted stay below `max_attempts` in this
+   * process, so a burst cannot have more keys checked than the lockout allows: past that, an
+   * attempt waits for one in doubt to end. Gives undefined when the place is taken at once, else
+   * a promise of undefined (taken) or of the seconds of a lockout that began meanwhile (no place
+   * taken). End each place taken with `finish`.
+   */
+  attempt(addressKey: string): Promise<number | undefined> | undefined
+  /** Ends an attempt `attempt` let in: a failure is counted first, then its place goes to the next one waiting. */
+  finish(addressKey: string, failed: boolean): Promise<void>
   /** Applies a lockout decided by another instance (the invalidation message `lock:<until>:<address>`, until in epoch ms). */
   applyMessage(message: string): void
   /**
@@ -86,6 +97,31 @@ export function createLockout(options: LockoutOptions): Lockout {
     if (held === undefined || held < until) locked.set(addressKey, until, { maxAge: ms })
   }
   const lock = (addressKey: string, ms: number) => lockUntil(addressKey, Date.now() + ms)
+  const lockedFor = (addressKey: string): number | undefined => {
+    const until = locked.get(addressKey)
+    if (until === undefined) return undefined
+    const left = until - Date.now()
+    return left > 0 ? secondsFrom(left) : undefined
+  }
+
+  // The failures counted per address (the limiter's answer to the last one, shared through Redis
+  // or the cluster primary), kept for as long as the limiter keeps them; and the attempts in
+  // doubt here, with those waiting for a place.
+  const counted = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
+  const doubt = new Map<string, { n: number; waiting: Array<(lockedS: number | undefined) => void> }>()
+  const mayStart = (addressKey: string, inDoubt: number) => inDoubt + (counted.get(addressKey) ?? 0) < maxAttempts
+  /** Lets in the waiting attempts that may start now, and answers those a lockout has begun for. */
+  const pump = (addressKey: string) => {
+    const d = doubt.get(addressKey)
+    if (d === undefined) return
+    while (d.waiting.length > 0) {
+      const lockedS = lockedFor(addressKey)
+      if (lockedS === undefined && !mayStart(addressKey, d.n)) break
+      if (lockedS === undefined) d.n++
+      ;(d.waiting.shift() as (lockedS: number | undefined) => void)(lockedS)
+    }
+    if (d.n === 0 && d.waiting.length === 0) doubt.delete(addressKey)
+  }
 
   const read = async (): Promise<void> => {
     if (!redis || redis.status !== 'ready') return
@@ -150,15 +186,35 @@ export function createLockout(options: LockoutOptions): Lockout {
     if (redis.status === 'ready') void load()
   }
 
-  return {
-    lockedFor(addressKey) {
-      const until = locked.get(addressKey)
-      if (until === undefined) return undefined
-      const left = until - Date.now()
-      return left > 0 ? secondsFrom(left) : undefined
+  const lockout: Lockout = {
+    lockedFor,
+    attempt(addressKey) {
+      const lockedS = lockedFor(addressKey)
+      if (lockedS !== undefined) return Promise.resolve(lockedS)
+      let d = doubt.get(addressKey)
+      if (d === undefined) {
+        d = { n: 0, waiting: [] }
+        doubt.set(addressKey, d)
+      }
+      if (d.waiting.length === 0 && mayStart(addressKey, d.n)) {
+        d.n++
+        return undefined
+      }
+      const w = d.waiting
+      return new Promise<number | undefined>((resolve) => w.push(resolve))
+    },
+    async finish(addressKey, failed) {
+      try {
+        if (failed) await lockout.recordFailure(addressKey)
+      } finally {
+        const d = doubt.get(addressKey)
+        if (d !== undefined) d.n = Math.max(0, d.n - 1)
+        pump(addressKey)
+      }
     },
     async recordFailure(addressKey) {
       const r = await limiter.penalty(addressKey, 1)
+      if (r.msBeforeNext > 0) counted.set(addressKey, r.consumedPoints, { maxAge: r.msBeforeNext })
       if (r.consumedPoints < maxAttempts) return
       if (r.consumedPoints === maxAttempts) {
         // The attempt that reaches the limit starts a full window of lockout from now.
@@ -193,6 +249,7 @@ export function createLockout(options: LockoutOptions): Lockout {
       return inForce(Date.now()).map(([address, until]) => `lock:${until}:${address}` as const)
     },
   }
+  return lockout
 }
 
 /** `address` → the string limits and lockouts count it under (IPv6 per network of `ipv6PrefixBits`). */

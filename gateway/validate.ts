@@ -35,48 +35,86 @@ export function createValidateStage(o: ValidateOptions): Stage {
     return 'key_invalid'
   }
 
+  /** Counts a refused key, then ends its attempt: the failure is counted toward the lockout before another attempt from the address may start. */
   const refuse = async (s: RequestState, reason: BadKeyReason, keyId: string | undefined): Promise<StageResult> => {
     badKeys[reason].inc()
     if (debug) log.debug('key refused', { request_id: s.id, reason, key_id: keyId ?? null, address: s.address })
     try {
-      await lockout.recordFailure(s.addressKey)
+      await lockout.finish(s.addressKey, true)
     } catch (err) {
       log.warn('could not record a failed key attempt', { request_id: s.id, err: err as Error })
     }
     return codeFor(reason)
   }
 
-  const settle = (s: RequestState, found: CachedKey | Miss): StageResult | Promise<StageResult> => {
-    if (typeof found === 'string') return refuse(s, found, undefined)
+  /** Why `found` does not authenticate the request, or undefined (then `s.key` is set). */
+  const judge = (s: RequestState, found: CachedKey | Miss): [BadKeyReason, string | undefined] | undefined => {
+    if (typeof found === 'string') return [found, undefined]
     const refused = found.refused
-    if (refused !== undefined) return refuse(s, refused, found.id)
-    if (now() >= found.validUntil) return refuse(s, found.rotating ? 'grace_ended' : 'expired', found.id)
+    if (refused !== undefined) return [refused, found.id]
+    if (now() >= found.validUntil) return [found.rotating ? 'grace_ended' : 'expired', found.id]
     const binding = found.binding
     if (binding !== undefined) {
       if (binding.lastAddress !== s.address) {
         binding.lastAllowed = binding.allowedFrom(s.address)
         binding.lastAddress = s.address
       }
-      if (!binding.lastAllowed) return refuse(s, 'address_not_bound', found.id)
+      if (!binding.lastAllowed) return ['address_not_bound', found.id]
     }
     s.key = found
     return undefined
   }
 
+  const settle = (s: RequestState, found: CachedKey | Miss): StageResult | Promise<StageResult> => {
+    const refused = judge(s, found)
+    if (refused !== undefined) return refuse(s, refused[0], refused[1])
+    void lockout.finish(s.addressKey, false)
+    return undefined
+  }
+
   const storeDown = (s: RequestState, err: unknown): StageResult => {
+    void lockout.finish(s.addressKey, false)
     storeErrors.inc()
     log.warn('key store look-up failed', { request_id: s.id, err: err as Error })
     return 'store_unavailable'
   }
 
+  const lockedOut = (s: RequestState, retryAfterS: number): StageResult => {
+    s.retryAfterS = retryAfterS
+    o.metrics.lockedOutRequests.inc()
+    return 'ip_locked_out'
+  }
+
   // A hash found in the cache is a stored key's, so a hit needs only the cheap length and
   // prefix check; the full format check (checksum included) runs before the store is asked.
+  // A cached key that authenticates the request is the one outcome that cannot be a failed
+  // attempt; every other look-up holds a place among the address's attempts in doubt
+  // (core/lockout.ts), so a burst of bad keys gets no more of them checked than the lockout
+  // allows (before, each request of the burst passed the lockout stage before any had failed).
   return (s: RequestState) => {
     const presented = s.presented as string
     const kind = keyKind(presented, prefix, acceptLegacy)
-    if (kind === undefined) return refuse(s, 'malformed', undefined)
-    const digest = digestKey(presented, kind)
-    const hit = cache.hit(digest)
+    const digest = kind === undefined ? undefined : digestKey(presented, kind)
+    const hit = digest === undefined ? undefined : cache.hit(digest)
+    if (hit !== undefined && judge(s, hit) === undefined) return undefined
+    const place = lockout.attempt(s.addressKey)
+    if (place === undefined) return held(s, presented, digest, hit)
+    return place.then((lockedS) => (lockedS === undefined ? held(s, presented, digest, hit) : lockedOut(s, lockedS)))
+  }
+
+  /** `lookUp`, giving its place back should it throw (a stage that throws is answered 500). */
+  function held(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined): StageResult | Promise<StageResult> {
+    try {
+      return lookUp(s, presented, digest, hit)
+    } catch (err) {
+      void lockout.finish(s.addressKey, false)
+      throw err
+    }
+  }
+
+  /** The look-up of a key that may fail, holding its place among the attempts in doubt (`hit`: the cached key, refused). */
+  function lookUp(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined): StageResult | Promise<StageResult> {
+    if (digest === undefined) return refuse(s, 'malformed', undefined)
     if (hit !== undefined) return settle(s, hit)
     if (keyShape(presented, prefix, acceptLegacy) === undefined) return refuse(s, 'malformed', undefined)
     let found: ReturnType<KeyCache['miss']>

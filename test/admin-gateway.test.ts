@@ -3,6 +3,8 @@
 // gateway request; the deny list operations; the reports count what went through the gateway;
 // failed admin credentials lock the address out of the gateway too.
 import t from 'tap'
+import { Agent, request } from 'undici'
+import { generateKey } from '../core/keys/format.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
 import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
 import { forEachStore } from './helpers/stores.ts'
@@ -140,5 +142,25 @@ await forEachStore(t, async (t, store) => {
     const through = await locked.through('/x', bearer(k.key))
     t.equal(through.status, 429, 'the gateway shares the lockout')
     t.equal(through.json.error.code, 'ip_locked_out')
+  })
+
+  await t.test('a burst of bad admin credentials at once gets no more of them checked than the lockout allows; good ones at once all pass', async (t) => {
+    const h = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 3, window_s: 60 } } })
+    const good = await Promise.all(Array.from({ length: 10 }, () => h.call('GET', '/v1/stats')))
+    t.same(good.map((a) => a.status), Array(10).fill(200), 'ten valid admin calls at once')
+    // 40 connections at once, each with a different well-formed key the store must look up.
+    const agent = new Agent({ connections: 40 })
+    t.teardown(() => agent.close())
+    const answers = await Promise.all(
+      Array.from({ length: 40 }, async () => {
+        const res = await request(`${h.url}/v1/stats`, { headers: { authorization: `Bearer ${generateKey('kg_').key}`, host: 'localhost' }, dispatcher: agent })
+        await res.body.dump()
+        return res.statusCode
+      }),
+    )
+    const tally: Record<number, number> = {}
+    for (const status of answers) tally[status] = (tally[status] ?? 0) + 1
+    // Before: {401: 23, 429: 17}.
+    t.same(tally, { 401: 3, 429: 37 }, 'three checked, the rest locked out')
   })
 })

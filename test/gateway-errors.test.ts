@@ -175,6 +175,8 @@ t.test('a stage that throws is answered 500 internal_error, without its detail, 
       return real.lockedFor(k)
     },
     recordFailure: (k) => real.recordFailure(k),
+    attempt: (k) => real.attempt(k),
+    finish: (k, failed) => real.finish(k, failed),
     applyMessage: (m) => real.applyMessage(m),
     load: () => real.load(),
     inForce: () => real.inForce(),

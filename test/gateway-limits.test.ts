@@ -2,6 +2,7 @@
 // across instances, and still limiting when Redis is gone).
 import t from 'tap'
 import { Redis } from 'ioredis'
+import { generateKey } from '../core/keys/format.ts'
 import { bearer, freshAddress, openStore, makeConfig, sleep, startGateway } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -50,6 +51,33 @@ t.test('lockout after failed attempts, not after missing keys, and its expiry', 
   const text = await h.metrics.registry.metrics()
   t.match(text, /keygate_lockouts_total 1/)
   t.match(text, /keygate_locked_out_requests_total 1/)
+})
+
+t.test('a burst of bad keys at once gets no more of them checked than the lockout allows; valid keys at once are all served', async (t) => {
+  const h = await startGateway(t, { config: { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { per_address: { limit: 1000, window_s: 1 } }, lockout: { max_attempts: 5, window_s: 60 } } })
+  const tally = (answers: Array<{ status: number; json: { error?: { code: string } } }>) => {
+    const out: Record<string, number> = {}
+    for (const a of answers) {
+      const k = `${a.status} ${a.json?.error?.code ?? 'ok'}`
+      out[k] = (out[k] ?? 0) + 1
+    }
+    return out
+  }
+  // 100 different well-formed unknown keys, all sent at once: each needs a store look-up.
+  const from = freshAddress()
+  const unknown = await Promise.all(Array.from({ length: 100 }, () => h.get('/', { ...bearer(generateKey('kg_').key), 'x-forwarded-for': from })))
+  // Before: {"401 key_invalid": 98, "429 ip_locked_out": 2}: every request passed the lockout stage before any had failed.
+  t.same(tally(unknown), { '401 key_invalid': 5, '429 ip_locked_out': 95 }, 'five checked, the rest locked out')
+  const malformedFrom = freshAddress()
+  const malformed = await Promise.all(Array.from({ length: 60 }, (_, i) => h.get('/', { ...bearer(`kg_nonsense${i}`), 'x-forwarded-for': malformedFrom })))
+  t.same(tally(malformed), { '401 key_invalid': 5, '429 ip_locked_out': 55 }, 'malformed keys too')
+  t.match(await h.metrics.registry.metrics(), /keygate_bad_key_attempts_total\{reason="unknown"\} 5\n/, 'five store look-ups')
+
+  // Keys not yet cached, from one address at once: they wait their turn, none is refused.
+  const good = await Promise.all(Array.from({ length: 20 }, () => h.key()))
+  const validFrom = freshAddress()
+  const served = await Promise.all(good.map((k) => h.get('/', { ...bearer(k.key), 'x-forwarded-for': validFrom })))
+  t.same(tally(served), { '200 ok': 20 })
 })
 
 t.test('an IPv6 address with a zone id is the same address to the lockout, even per address (ipv6_prefix_bits 128)', async (t) => {
