@@ -103,6 +103,7 @@ class Exchange implements Dispatcher.DispatchHandler {
   #controller: Dispatcher.DispatchController | undefined
   #streaming = false
   #done = false
+  #bodyError: Error | undefined
 
   constructor(s: RequestState, hooks: ExchangeHooks) {
     this.#s = s
@@ -112,6 +113,7 @@ class Exchange implements Dispatcher.DispatchHandler {
   onRequestStart(controller: Dispatcher.DispatchController): void {
     this.#controller = controller
     if (this.#done) controller.abort(CLIENT_GONE)
+    else if (this.#bodyError !== undefined) controller.abort(this.#bodyError)
   }
 
   onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
@@ -156,10 +158,12 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.#controller?.abort(CLIENT_GONE)
   }
 
-  /** The request body failed (the client's upload broke off). */
-  bodyFailed(err: Error): void {
-    if (this.#done) return
+  /** The request body failed (the client's upload broke off, or stalled); false when the exchange was over already. */
+  bodyFailed(err: Error): boolean {
+    if (this.#done) return false
+    this.#bodyError ??= err
     this.#controller?.abort(err)
+    return true
   }
 }
 
@@ -292,6 +296,42 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     sendError(ctx, s, timeoutCode(err))
   }
 
+  /**
+   * An upload may take as long as it takes while it moves (the server has no total request
+   * timeout); one that brings nothing for `bodyIdleMs` while the gateway waits for it is cut, as
+   * nginx's client_body_timeout does. The watch is this request's own (a socket's idle timer
+   * would be shared with the next request pipelined on it) and reads progress from the socket's
+   * byte count, never from a 'data' listener (which would start the body flowing before undici
+   * takes it). It does not count while the body is paused because the upstream is not taking it:
+   * a slow upstream is its route's timeout's to judge, not the client's fault. Once the body is
+   * in, only the route's timeout applies. A body still stalled after the answer was sent closes
+   * the connection.
+   */
+  const watchBody = (req: RequestState['req'], exchange: Exchange): void => {
+    const socket = req.socket
+    const every = Math.max(50, Math.floor(bodyIdleMs / 4))
+    let seen = socket.bytesRead
+    let moved = performance.now()
+    let timer: NodeJS.Timeout | undefined
+    const tick = () => {
+      const now = performance.now()
+      if (socket.bytesRead !== seen || req.isPaused() || socket.isPaused()) {
+        seen = socket.bytesRead
+        moved = now
+      }
+      if (now - moved < bodyIdleMs) {
+        timer = setTimeout(tick, every)
+        return
+      }
+      timer = undefined
+      const err = Object.assign(new Error(`the request body brought nothing for ${bodyIdleMs} ms`), { code: BODY_IDLE })
+      if (!exchange.bodyFailed(err)) socket.destroy()
+    }
+    timer = setTimeout(tick, every)
+    const done = () => clearTimeout(timer)
+    req.once('end', done).once('close', done)
+  }
+
   const hooks: ExchangeHooks = { startResponse, failed }
   return {
     tunnels,
@@ -307,14 +347,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
       if (withBody) {
         req.once('error', (err: Error) => exchange.bodyFailed(err))
-        // An upload may take as long as it takes while it moves (the server has no total request
-        // timeout); one that stalls is cut, as nginx's client_body_timeout does. The socket's idle
-        // timer counts traffic either way, and is cleared once the body is in, so the wait for the
-        // upstream's answer is the route's timeout alone.
-        if (bodyIdleMs > 0 && !req.complete) {
-          req.setTimeout(bodyIdleMs, () => exchange.bodyFailed(Object.assign(new Error(`the request body brought nothing for ${bodyIdleMs} ms`), { code: BODY_IDLE })))
-          req.once('end', () => req.socket.setTimeout(0))
-        }
+        if (bodyIdleMs > 0 && !req.complete) watchBody(req, exchange)
       }
       try {
         ;(routePool[route.index] as Pool).dispatch(

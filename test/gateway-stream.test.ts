@@ -149,11 +149,17 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   const h = await startGateway(t, {
     config: { gateway: { body_idle_timeout_ms: 400 } },
     upstream: (req, res) => {
+      if (req.url === '/early') return void res.end('early') // answers without reading the body
       let n = 0
-      req.on('data', (c: Buffer) => (n += c.length))
-      req.on('close', () => upstreamSaw(req.complete))
-      // Thinks for longer than the body's idle timeout once the body is in: only the route's timeout applies then.
-      req.on('end', () => setTimeout(() => res.end(JSON.stringify({ received: n })), 800))
+      const read = () => {
+        req.on('data', (c: Buffer) => (n += c.length))
+        req.on('close', () => upstreamSaw(req.complete))
+        // Thinks for longer than the body's idle timeout once the body is in: only the route's timeout applies then.
+        req.on('end', () => setTimeout(() => res.end(JSON.stringify({ received: n })), 800))
+      }
+      // Takes nothing for 1.5 s: the gateway holds the client's body back meanwhile.
+      if (req.url === '/slowread') setTimeout(read, 1500)
+      else read()
     },
   })
   // Before, Node's own requestTimeout cut every request at 300 s, an upload still moving included.
@@ -188,4 +194,41 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   t.equal(body.error.code, 'request_timeout')
   t.equal(body.error.message, 'The request body brought nothing for 0.4 s.')
   t.equal(await stalled, false, 'the upstream saw the body end incomplete')
+
+  // An upstream slow to take the body: the client is held back, not idle (before: a false 408).
+  const big = await request(`${h.url}/slowread`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: generate(32 * 1024 * 1024), dispatcher: h.agent })
+  t.equal(big.statusCode, 200, 'a body the upstream is slow to take is not cut')
+  t.same(await big.body.json(), { received: 32 * 1024 * 1024 })
+
+  const head = (path: string, length: number) => `POST ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nContent-Length: ${length}\r\n\r\n`
+  /** Sends `text` on a new connection and resolves with all it got once the gateway closes it (`gaveUp`: after 10 s the test closed it). */
+  const conversation = (text: string): Promise<{ answer: string; gaveUp: boolean }> => {
+    const c = net.connect(h.port, '127.0.0.1')
+    t.teardown(() => c.destroy())
+    let answer = ''
+    let gaveUp = false
+    c.setEncoding('utf8').on('data', (d: string) => (answer += d))
+    const timer = setTimeout(() => {
+      gaveUp = true
+      c.destroy()
+    }, 10_000)
+    c.write(text)
+    return new Promise((resolve) =>
+      c.on('close', () => {
+        clearTimeout(timer)
+        resolve({ answer, gaveUp })
+      }),
+    )
+  }
+  // Two requests in one write on one connection, the second's body stalled (before: the first's
+  // end cleared the idle timer the second had set on their shared socket, and nothing cut it).
+  const pipelined = await conversation(`${head('/one', 100)}${'a'.repeat(100)}${head('/two', 1000)}${'b'.repeat(10)}`)
+  t.match(pipelined.answer, /^HTTP\/1\.1 200 [^]*HTTP\/1\.1 408 /, 'the first is answered, the stalled second cut with 408')
+  t.notOk(pipelined.gaveUp, 'and the gateway closed the connection')
+
+  // The upstream answers before the body is in, and the client stalls: the connection is closed
+  // (before: held open for ever, the response long sent).
+  const early = await conversation(`${head('/early', 100_000)}${'c'.repeat(10)}`)
+  t.match(early.answer, /^HTTP\/1\.1 200 /, 'the early answer reached the client')
+  t.notOk(early.gaveUp, 'and the gateway closed the connection once the body had stalled')
 })
