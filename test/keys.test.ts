@@ -568,6 +568,23 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await s.keys.validate(i.key)).valid, true)
   })
 
+  t.test('revokes of two keys of one lineage at once both end cleanly, never in a deadlock', async (t) => {
+    const s = testServices(db)
+    const outcomes = new Set<string>()
+    for (let round = 0; round < 10; round++) {
+      const z = await s.keys.create({ name: `race ${round}`, type: 'service' }, actor)
+      const a = await s.keys.rotate(z.record.id, {}, actor)
+      const b = await s.keys.rotate(a.record.id, {}, actor)
+      const c = await s.keys.rotate(b.record.id, {}, actor)
+      // Before: revoke(C) locked C and then its predecessors, revoke(A) locked A and then Z; on PostgreSQL most rounds ended in 40P01.
+      const settled = await Promise.allSettled([s.keys.revoke(c.record.id, 'leak', actor), s.keys.revoke(a.record.id, 'leak', actor), s.keys.rotate(c.record.id, { force: true }, actor)])
+      for (const r of settled) outcomes.add(r.status === 'fulfilled' ? 'done' : String((r.reason as { code?: string }).code))
+      for (const k of [z, a, b, c]) t.match(await s.keys.validate(k.key), { valid: false }, 'no key of the lineage works after')
+    }
+    t.notOk(outcomes.has('40P01'), 'no deadlock')
+    t.same([...outcomes].filter((o) => o !== 'done' && o !== 'key_not_active'), [], `only done or key_not_active (${[...outcomes].join(', ')})`)
+  })
+
   for (const failOn of ['key.rotated', 'key.created']) {
     t.test(`rotate is atomic: a failing ${failOn} audit write leaves everything as it was`, async (t) => {
       const s = testServices(db)

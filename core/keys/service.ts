@@ -165,6 +165,23 @@ export class KeyService {
     for (const l of this.#listeners) l(change)
   }
 
+  /**
+   * Locks a key and the keys it replaced, in one order (by id), before any of them is changed:
+   * revoking a key also revokes its predecessors still in grace, and two such changes to one
+   * lineage that each locked their own key first then waited on each other's (PostgreSQL's
+   * deadlock detector ended one of them).
+   */
+  async #lockLineage(tx: Queryable, id: string): Promise<void> {
+    await tx.query(
+      `WITH RECURSIVE lineage(id) AS (
+         SELECT $1::text
+         UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
+       )
+       SELECT id FROM api_keys WHERE id IN (SELECT id FROM lineage) ORDER BY id FOR UPDATE`,
+      [id],
+    )
+  }
+
   async #lock(tx: Queryable, id: string): Promise<KeyRecord> {
     const rows = await tx.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE`, [id])
     if (!rows[0]) throw keyNotFound(id)
@@ -310,6 +327,7 @@ export class KeyService {
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     const now = this.#now()
     const { record, ended } = await this.#db.transaction(async (tx) => {
+      await this.#lockLineage(tx, id)
       const old = await this.#lock(tx, id)
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
@@ -354,6 +372,7 @@ export class KeyService {
     const now = this.#now()
     const generated = generateKey(this.#prefix)
     const result = await this.#db.transaction(async (tx) => {
+      await this.#lockLineage(tx, id)
       const old = await this.#lock(tx, id)
       if (old.status !== 'active') {
         const hint = old.replacedBy ? `; it was replaced by ${old.replacedBy}, rotate that key instead` : ''
