@@ -26,6 +26,8 @@ const REQUEST_DROP = new Set([
   'true-client-ip', 'client-ip', 'x-original-url', 'x-rewrite-url',
 ])
 const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings'])
+/** The limit headers the gateway sets itself: an upstream's own are dropped where the gateway's go (two of each could not be read). */
+const RATE_LIMIT_HEADERS = new Set(['ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset'])
 const KEEP_ON_UPGRADE = new Set(['connection', 'upgrade'])
 
 /** Names listed in a Connection header (other than the connection options themselves). */
@@ -251,9 +253,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const out: string[] = []
     const named = connectionNamed(headers.connection)
     let hasRequestId = false
+    const limited = s.rlLimit >= 0
     for (const name in headers) {
       if (RESPONSE_DROP.has(name)) continue
       if (named !== undefined && named.includes(name)) continue
+      if (limited && name.charCodeAt(0) === 114 /* r */ && RATE_LIMIT_HEADERS.has(name)) continue
       const v = headers[name]
       if (v === undefined) continue
       if (name === 'x-request-id') hasRequestId = true
@@ -398,6 +402,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           for (const name in data.headers) {
             if (RESPONSE_DROP.has(name) && !KEEP_ON_UPGRADE.has(name)) continue
             if (named?.includes(name) && !KEEP_ON_UPGRADE.has(name)) continue
+            if (s.rlLimit >= 0 && RATE_LIMIT_HEADERS.has(name)) continue
             const v = data.headers[name]
             for (const one of Array.isArray(v) ? v : [v]) head += `${name}: ${one}\r\n`
           }

@@ -168,6 +168,27 @@ t.test('response hop-by-hop headers dropped, others kept', async (t) => {
   t.equal(a.headers['x-request-id'], 'upstream-id-1')
 })
 
+t.test("the upstream's own RateLimit headers give way to the gateway's: one of each reaches the client", async (t) => {
+  const h = await startGateway(t, {
+    sharedStore: true,
+    config: { rate_limits: { per_key: { default: { limit: 15, window_s: 60 } } } },
+    upstream: (_req, res) => {
+      res.setHeader('ratelimit-limit', '5000')
+      res.setHeader('RateLimit-Remaining', '4999')
+      res.setHeader('ratelimit-reset', '3600')
+      res.setHeader('ratelimit-policy', '5000;w=3600')
+      res.end('ok')
+    },
+  })
+  const k = await h.key()
+  const a = await h.get('/', bearer(k.key))
+  // Before: ratelimit-limit "5000, 15" and the like, which no client can read.
+  t.equal(a.headers['ratelimit-limit'], '15')
+  t.equal(a.headers['ratelimit-remaining'], '14')
+  t.ok(/^\d+$/.test(String(a.headers['ratelimit-reset'])), 'one reset, the gateway\'s')
+  t.equal(a.headers['ratelimit-policy'], '5000;w=3600', 'a header the gateway does not set passes')
+})
+
 t.test('headers named in Connection are dropped; Expect: 100-continue waits for the checks', async (t) => {
   const h = await startGateway(t, { sharedStore: true })
   const k = await h.key()
