@@ -20,6 +20,8 @@ export interface AdminAuthOptions {
   addressKey: (address: string) => string
   token?: string | undefined
   log: Logger
+  /** Counts a request answered ip_locked_out. */
+  onLockedOut?: () => void
 }
 
 export type Authenticate = (authorization: string | undefined, remoteAddress: string | undefined) => Promise<Actor>
@@ -31,11 +33,15 @@ const CHALLENGE = 'Bearer realm="keygate-admin"'
 export function createAuthenticator(options: AdminAuthOptions): Authenticate {
   const { keys, lockout, addressKey, log } = options
   const token = options.token ? digest(options.token) : undefined
+  const lockedOut = (retryAfterS: number): AdminError => {
+    options.onLockedOut?.()
+    return new AdminError('ip_locked_out', undefined, { 'retry-after': String(retryAfterS) })
+  }
   return async (authorization, remoteAddress) => {
     const address = normalAddress(remoteAddress ?? '') ?? remoteAddress ?? 'unknown'
     const counted = addressKey(address)
     const retryAfterS = await lockout.lockedFor(counted)
-    if (retryAfterS !== undefined) throw new AdminError('ip_locked_out', undefined, { 'retry-after': String(retryAfterS) })
+    if (retryAfterS !== undefined) throw lockedOut(retryAfterS)
     const m = /^Bearer +(\S+) *$/i.exec(authorization ?? '')
     if (!m) throw new AdminError('unauthorized', 'send an admin key or the bootstrap token as Authorization: Bearer <credential>', { 'www-authenticate': CHALLENGE })
     const presented = m[1] as string
@@ -44,7 +50,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     // credentials gets no more of them checked than the lockout allows.
     const place = lockout.attempt(counted)
     const lockedS = place === undefined ? undefined : await place
-    if (lockedS !== undefined) throw new AdminError('ip_locked_out', undefined, { 'retry-after': String(lockedS) })
+    if (lockedS !== undefined) throw lockedOut(lockedS)
     let result: Awaited<ReturnType<KeyService['validate']>>
     try {
       result = await keys.validate(presented, { address })

@@ -43,11 +43,13 @@ export interface AdminApiDeps {
   /** Anomalies recorded by any instance (the SSE stream); closing it ends the open streams. */
   anomalyFeed?: AnomalyFeed
   webhooks: WebhookService
+  /** Counts a request answered ip_locked_out (keygate_locked_out_requests_total). */
+  onLockedOut?: () => void
 }
 
 export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
   const document = JSON.stringify(openApiDocument(OPERATIONS, { version: VERSION }))
-  const authenticate = createAuthenticator({ keys: deps.keys, lockout: deps.lockout, addressKey: addressKeyer(deps.ipv6PrefixBits), token: deps.token, log: deps.log })
+  const authenticate = createAuthenticator({ keys: deps.keys, lockout: deps.lockout, addressKey: addressKeyer(deps.ipv6PrefixBits), token: deps.token, log: deps.log, ...(deps.onLockedOut ? { onLockedOut: deps.onLockedOut } : {}) })
   const services = {
     db: deps.db,
     keys: deps.keys,

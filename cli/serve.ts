@@ -14,7 +14,7 @@ import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { answersWithin } from '../core/deadline.ts'
-import { createGatewayMetrics, createHealthMetrics, createMetricsRegistry } from '../core/metrics.ts'
+import { createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
@@ -242,7 +242,7 @@ function processEvents(
 }
 
 /** The admin API's routes, and the closer of the Gitea and n8n clients behind them. */
-function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, ev: ProcessEvents, usage?: UsageRecorder): { routes: AdminRoute[]; close(): Promise<void> } {
+function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, lockout: Lockout, log: Logger, ev: ProcessEvents, usage?: UsageRecorder, onLockedOut?: () => void): { routes: AdminRoute[]; close(): Promise<void> } {
   const integrationDeps = { db: runtime.db, audit: runtime.audit, log, config }
   const gitea = new GiteaTokenService(integrationDeps)
   const n8n = new N8nKeyService(integrationDeps)
@@ -262,6 +262,7 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
     gitea,
     n8n,
     ...(usage ? { flushUsage: () => usage.flush() } : {}),
+    ...(onLockedOut ? { onLockedOut } : {}),
   })
   return { routes, close: async () => void (await Promise.all([gitea.close(), n8n.close()])) }
 }
@@ -334,7 +335,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
-  const lockout = processLockout(config, redis, log, { onLockout: () => metrics?.lockouts.inc(), worker: mode.worker })
+  // The gateway's metrics hold the lockout's counters; an admin API alone makes them itself.
+  let lockoutMetrics: ReturnType<typeof createLockoutMetrics> | undefined
+  const lockout = processLockout(config, redis, log, { onLockout: () => lockoutMetrics?.lockouts.inc(), worker: mode.worker })
   // Without Redis, a worker's counts are judged in the primary's windows, with its siblings'.
   const windows = mode.worker && !redis ? new ClusterWindows((m) => process.send?.(m satisfies FromWorker)) : undefined
   const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc(), windows)
@@ -361,6 +364,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     }
     if (role.gateway) {
       metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
+      lockoutMetrics = metrics
       gateway = await createGateway({
         config,
         keys: runtime.keys,
@@ -388,7 +392,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         isShuttingDown: () => shuttingDown,
       })
       if (role.admin) {
-        api = adminApi(config, runtime, denyList, lockout, log, ev, usage)
+        lockoutMetrics ??= createLockoutMetrics(registry)
+        const counters = lockoutMetrics
+        api = adminApi(config, runtime, denyList, lockout, log, ev, usage, () => counters.lockedOutRequests.inc())
         routes.push(...api.routes)
         scheduler = startScheduler(config, runtime, log, ev.webhooks)
       }

@@ -266,6 +266,15 @@ export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}
   return registry
 }
 
+/** The lockout's counters: a gateway's metrics hold them, and a process with the admin API alone (`--only admin`) makes them on their own. */
+export function createLockoutMetrics(registry: Registry): { lockedOutRequests: Counter; lockouts: Counter } {
+  const registers = [registry]
+  return {
+    lockedOutRequests: new Counter({ name: 'keygate_locked_out_requests_total', help: 'Requests answered ip_locked_out (gateway and admin API).', registers }),
+    lockouts: new Counter({ name: 'keygate_lockouts_total', help: 'Addresses locked out after too many failed key attempts (gateway and admin API).', registers }),
+  }
+}
+
 export function createGatewayMetrics(registry: Registry, routeNames: readonly string[]): GatewayMetrics {
   const registers = [registry]
   const requests = talliedCounter({
@@ -278,8 +287,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const upstream = new RouteHistogram('keygate_upstream_duration_seconds', 'Time from dispatch to the upstream response head, by route.', LATENCY_BUCKETS, registry)
   const cache = talliedCounter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
   const limited = talliedCounter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
-  const lockedOutRequests = new Counter({ name: 'keygate_locked_out_requests_total', help: 'Requests answered ip_locked_out.', registers })
-  const lockouts = new Counter({ name: 'keygate_lockouts_total', help: 'Addresses locked out after too many failed key attempts.', registers })
+  const { lockedOutRequests, lockouts } = createLockoutMetrics(registry)
   const badKeys = talliedCounter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
   // Every worker holds the same list: under --workers it is shown once, not added up.
   const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers, aggregator: 'max' })

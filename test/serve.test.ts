@@ -212,8 +212,13 @@ t.test('--only gateway serves health and metrics but no admin API; --only admin 
   await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve))
   const deadRedis = `redis://127.0.0.1:${(closed.address() as net.AddressInfo).port}`
   await new Promise((resolve) => closed.close(resolve))
-  const a = await serve(t, { env: { ...env, REDIS_URL: deadRedis }, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  const a = await serve(t, { env: { ...env, REDIS_URL: deadRedis, RATE_LIMIT_MAX_ATTEMPTS: '2' }, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  // Failed admin credentials lock the address out, and the lockout's counters say so (before: an
+  // admin-only process had no such metrics, and the admin API's 429s were never counted anywhere).
+  for (const expected of [401, 401, 429]) t.equal((await get(`${a.admin}/v1/stats`, { authorization: 'Bearer not-an-admin-credential-0123' })).status, expected)
   const adminMetrics = (await get(`${a.admin}/metrics`)).text
+  t.match(adminMetrics, /^keygate_lockouts_total 1$/m, 'the lockout is counted')
+  t.match(adminMetrics, /^keygate_locked_out_requests_total 1$/m, "and the admin API's ip_locked_out answer")
   t.match(adminMetrics, /^keygate_store_up 1$/m, 'store health on an admin-only process')
   t.match(adminMetrics, /^keygate_redis_up 0$/m, 'Redis not answering')
   t.notOk(a.logs.some((l) => l.msg === 'gateway listening'), 'no gateway listener')
