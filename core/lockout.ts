@@ -109,7 +109,9 @@ export function createLockout(options: LockoutOptions): Lockout {
   // doubt here, with those waiting for a place.
   const counted = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
   const doubt = new Map<string, { n: number; waiting: Array<(lockedS: number | undefined) => void> }>()
-  const mayStart = (addressKey: string, inDoubt: number) => inDoubt + (counted.get(addressKey) ?? 0) < maxAttempts
+  // With none in doubt one always may: nothing else would ever let a waiting one in (the count
+  // may say locked out while the lockout's mirror has dropped it; the limiter then judges).
+  const mayStart = (addressKey: string, inDoubt: number) => inDoubt === 0 || inDoubt + (counted.get(addressKey) ?? 0) < maxAttempts
   /** Lets in the waiting attempts that may start now, and answers those a lockout has begun for. */
   const pump = (addressKey: string) => {
     const d = doubt.get(addressKey)
