@@ -77,16 +77,20 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
 
   const forced = await run(['api-key', 'rotate', r.id, '--force', '--json'])
   t.equal(forced.code, 0)
-  plaintexts.push(forced.json().key)
+  const f = forced.json()
+  plaintexts.push(f.key)
   t.equal((await run(['api-key', 'validate', r.key])).code, 1, 'a forced rotation ends the old key at once')
+  const before = await run(['api-key', 'validate', c.key, '--json'])
+  t.match(before.json(), { valid: false, code: 'key_revoked' }, 'and the key before it, still in its grace')
+  t.match((await run(['api-key', 'get', c.id, '--json'])).json(), { status: 'revoked', revoked_reason: `successor ${r.id} rotated (forced)` })
 
-  const revoked = await run(['api-key', 'revoke', c.id, '--reason', 'test', '--json'])
+  const revoked = await run(['api-key', 'revoke', f.id, '--reason', 'test', '--json'])
   t.equal(revoked.code, 0, revoked.stderr)
-  const refused = await run(['api-key', 'validate', c.key, '--json'])
+  const refused = await run(['api-key', 'validate', f.key, '--json'])
   t.equal(refused.code, 1, 'a revoked key is refused')
   t.match(refused.json(), { valid: false, code: 'key_revoked' })
   t.match(refused.stderr, /key refused: key_revoked/)
-  const twice = await run(['api-key', 'revoke', c.id])
+  const twice = await run(['api-key', 'revoke', f.id])
   t.equal(twice.code, 1)
   t.match(twice.stderr, /already revoked/)
 
@@ -127,7 +131,7 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
 
   const stats = await run(['api-key', 'stats', '--json'])
   t.equal(stats.code, 0)
-  t.match(stats.json(), { total: 6, legacy: 2, by_type: { service: 3, user: 1, integration: 2 }, by_status: { active: 4, revoked: 2 } })
+  t.match(stats.json(), { total: 6, legacy: 2, by_type: { service: 3, user: 1, integration: 2 }, by_status: { active: 3, revoked: 3 } })
 
   // A rotating key stops working when its grace ends, even when its expiry comes later: the
   // list's EXPIRES column shows the earlier of the two.
