@@ -393,8 +393,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       })
       if (role.admin) {
         lockoutMetrics ??= createLockoutMetrics(registry)
-        const counters = lockoutMetrics
-        api = adminApi(config, runtime, denyList, lockout, log, ev, usage, () => counters.lockedOutRequests.inc())
+        api = adminApi(config, runtime, denyList, lockout, log, ev, usage, () => lockoutMetrics?.lockedOutRequests.inc())
         routes.push(...api.routes)
         scheduler = startScheduler(config, runtime, log, ev.webhooks)
       }

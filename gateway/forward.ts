@@ -327,7 +327,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         timer = setTimeout(tick, every)
         return
       }
-      timer = undefined
       const err = Object.assign(new Error(`the request body brought nothing for ${bodyIdleMs} ms`), { code: BODY_IDLE })
       if (!exchange.bodyFailed(err)) socket.destroy()
     }

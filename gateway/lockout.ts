@@ -4,14 +4,18 @@
 // with the admin API; its check is a memory look-up, so this stage is synchronous.
 import type { Lockout } from '../core/lockout.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
-import type { RequestState, Stage } from './state.ts'
+import type { RequestState, Stage, Verdict } from './state.ts'
+
+/** The answer to a locked-out address, counted (this stage's, and validation's for an attempt that waited while the lockout began). */
+export function lockedOut(s: RequestState, retryAfterS: number, metrics: GatewayMetrics): Verdict {
+  s.retryAfterS = retryAfterS
+  metrics.lockedOutRequests.inc()
+  return 'ip_locked_out'
+}
 
 export function createLockoutStage(lockout: Lockout, metrics: GatewayMetrics): Stage {
   return (s: RequestState) => {
     const retryAfterS = lockout.lockedFor(s.addressKey)
-    if (retryAfterS === undefined) return undefined
-    s.retryAfterS = retryAfterS
-    metrics.lockedOutRequests.inc()
-    return 'ip_locked_out'
+    return retryAfterS === undefined ? undefined : lockedOut(s, retryAfterS, metrics)
   }
 }

@@ -8,6 +8,7 @@ import type { Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
 import type { Lockout } from '../core/lockout.ts'
+import { lockedOut } from './lockout.ts'
 import type { RequestState, Stage, StageResult, Verdict } from './state.ts'
 
 export interface ValidateOptions {
@@ -79,12 +80,6 @@ export function createValidateStage(o: ValidateOptions): Stage {
     return 'store_unavailable'
   }
 
-  const lockedOut = (s: RequestState, retryAfterS: number): StageResult => {
-    s.retryAfterS = retryAfterS
-    o.metrics.lockedOutRequests.inc()
-    return 'ip_locked_out'
-  }
-
   // A hash found in the cache is a stored key's, so a hit needs only the cheap length and
   // prefix check; the full format check (checksum included) runs before the store is asked.
   // A cached key that authenticates the request is the one outcome that cannot be a failed
@@ -99,7 +94,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
     if (hit !== undefined && judge(s, hit) === undefined) return undefined
     const place = lockout.attempt(s.addressKey)
     if (place === undefined) return held(s, presented, digest, hit)
-    return place.then((lockedS) => (lockedS === undefined ? held(s, presented, digest, hit) : lockedOut(s, lockedS)))
+    return place.then((lockedS) => (lockedS === undefined ? held(s, presented, digest, hit) : lockedOut(s, lockedS, o.metrics)))
   }
 
   /** `lookUp`, giving its place back should it throw (a stage that throws is answered 500). */
