@@ -90,6 +90,12 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
+/** `lineage(id)`: the key `$1` and every key it replaced, back to the first of its rotations. */
+const LINEAGE = `WITH RECURSIVE lineage(id) AS (
+  SELECT $1::text
+  UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
+)`
+
 /** An import of more rows than IMPORT_MAX_ROWS is refused whole, on the store as through the admin API (the CLI's remote operations check it before sending). */
 export function checkImportSize(rows: number): void {
   if (rows > IMPORT_MAX_ROWS) {
@@ -166,20 +172,16 @@ export class KeyService {
   }
 
   /**
-   * Locks a key and the keys it replaced, in one order (by id), before any of them is changed:
-   * revoking a key also revokes its predecessors still in grace, and two such changes to one
-   * lineage that each locked their own key first then waited on each other's (PostgreSQL's
-   * deadlock detector ended one of them).
+   * Locks a key and the keys it replaced, in one order (by id), before any of them is changed,
+   * and gives the key's row: revoking a key also revokes its predecessors still in grace, and two
+   * such changes to one lineage that each locked their own key first then waited on each other's
+   * (PostgreSQL's deadlock detector ended one of them).
    */
-  async #lockLineage(tx: Queryable, id: string): Promise<void> {
-    await tx.query(
-      `WITH RECURSIVE lineage(id) AS (
-         SELECT $1::text
-         UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
-       )
-       SELECT id FROM api_keys WHERE id IN (SELECT id FROM lineage) ORDER BY id FOR UPDATE`,
-      [id],
-    )
+  async #lockLineage(tx: Queryable, id: string): Promise<KeyRecord> {
+    const rows = await tx.query<KeyRow>(`${LINEAGE} SELECT ${COLUMNS} FROM api_keys WHERE id IN (SELECT id FROM lineage) ORDER BY id FOR UPDATE`, [id])
+    const row = rows.find((r) => r.id === id)
+    if (!row) throw keyNotFound(id)
+    return toRecord(row)
   }
 
   async #lock(tx: Queryable, id: string): Promise<KeyRecord> {
@@ -327,8 +329,7 @@ export class KeyService {
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     const now = this.#now()
     const { record, ended } = await this.#db.transaction(async (tx) => {
-      await this.#lockLineage(tx, id)
-      const old = await this.#lock(tx, id)
+      const old = await this.#lockLineage(tx, id)
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
         `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
@@ -349,12 +350,8 @@ export class KeyService {
    */
   async #endPredecessors(tx: Queryable, id: string, now: Date, reason: string, actor: Actor): Promise<KeyRecord[]> {
     const rows = await tx.query<KeyRow>(
-      `WITH RECURSIVE lineage(id) AS (
-         SELECT id FROM api_keys WHERE replaced_by = $1
-         UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
-       )
-       UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2
-       WHERE id IN (SELECT id FROM lineage) AND status = 'rotating' AND grace_until > $2
+      `${LINEAGE} UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2
+       WHERE id IN (SELECT id FROM lineage) AND id <> $1 AND status = 'rotating' AND grace_until > $2
        RETURNING ${COLUMNS}`,
       [id, now, reason],
     )
@@ -372,8 +369,7 @@ export class KeyService {
     const now = this.#now()
     const generated = generateKey(this.#prefix)
     const result = await this.#db.transaction(async (tx) => {
-      await this.#lockLineage(tx, id)
-      const old = await this.#lock(tx, id)
+      const old = await this.#lockLineage(tx, id)
       if (old.status !== 'active') {
         const hint = old.replacedBy ? `; it was replaced by ${old.replacedBy}, rotate that key instead` : ''
         throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${hint}`)
@@ -391,10 +387,11 @@ export class KeyService {
       })
       const graceMs = this.#graceHours[old.type] * 3_600_000
       const ends = options.force === true || graceMs === 0
+      const why = options.force === true ? 'rotated (forced)' : 'rotated'
       const rows = ends
         ? await tx.query<KeyRow>(
             `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, replaced_by = $4, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
-            [id, now, options.force ? 'rotated (forced)' : 'rotated', fresh.id],
+            [id, now, why, fresh.id],
           )
         : await tx.query<KeyRow>(
             `UPDATE api_keys SET status = 'rotating', grace_until = $3, replaced_by = $4, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
@@ -408,7 +405,7 @@ export class KeyService {
       })
       await this.#audit.write(tx, actor, { keyId: fresh.id, action: 'key.created', details: { rotated_from: id, name: fresh.name, type: fresh.type } })
       // "The old key dies now": so do the older ones of its lineage still in grace.
-      const ended = ends ? await this.#endPredecessors(tx, id, now, `successor ${id} ${options.force === true ? 'rotated (forced)' : 'rotated'}`, actor) : []
+      const ended = ends ? await this.#endPredecessors(tx, id, now, `successor ${id} ${why}`, actor) : []
       return { record: fresh, previous, ended }
     })
     this.#emit({ action: 'rotated', key: result.record, previous: result.previous })
