@@ -33,6 +33,8 @@ export interface AdminApiDeps {
   maxBodyBytes: number
   /** Anomaly streams one credential may hold open at once (admin.max_streams_per_credential). */
   maxStreamsPerCredential: number
+  /** Milliseconds between an anomaly stream's heartbeats (admin.stream_heartbeat_s). */
+  streamHeartbeatMs: number
   ipv6PrefixBits: number
   /** Writes this process's pending usage counts before a report (the recorder's flush). */
   flushUsage?: () => Promise<void>
@@ -64,6 +66,7 @@ export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
     gitea: deps.gitea,
     n8n: deps.n8n,
     streams: new StreamSlots(deps.maxStreamsPerCredential),
+    streamHeartbeatMs: deps.streamHeartbeatMs,
   }
   return [
     ...adminApiRoutes({ operations: OPERATIONS, services, authenticate, maxBodyBytes: deps.maxBodyBytes }),

@@ -32,6 +32,8 @@ export interface AdminServices {
   n8n: N8nKeyService
   /** The open event streams per credential. */
   streams: StreamSlots
+  /** Milliseconds between an anomaly stream's heartbeats (admin.stream_heartbeat_s). */
+  streamHeartbeatMs: number
 }
 
 /**

@@ -258,6 +258,7 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
     token: config.admin.token,
     maxBodyBytes: config.admin.max_body_bytes,
     maxStreamsPerCredential: config.admin.max_streams_per_credential,
+    streamHeartbeatMs: config.admin.stream_heartbeat_s * 1000,
     ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
     gitea,
     n8n,

@@ -115,6 +115,10 @@ export const ConfigSchema = Type.Object(
         max_streams_per_credential: int(10, 1, 10_000, {
           description: 'Anomaly streams (GET /v1/anomalies/stream) one admin credential may hold open on one instance at once; one more is answered 429 too_many_streams.',
         }),
+        stream_heartbeat_s: int(15, 1, 300, {
+          description:
+            'Seconds between the comment lines an anomaly stream sends while quiet, so that a proxy in between does not close it as idle (keep it below the shortest idle timeout on the way); a stream opened with an admin key that another instance revoked also ends at the next one.',
+        }),
         allowed_hosts: Type.Array(Type.String({ pattern: '^(?:\\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$', maxLength: 253 }), {
           default: [],
           description:

@@ -7,7 +7,7 @@
 // streams open.
 import t from 'tap'
 import net from 'node:net'
-import { HEARTBEAT_MS, MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
+import { MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
 import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
 import { converse, sleep } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
@@ -72,7 +72,8 @@ await forEachStore(t, async (t, store) => {
 })
 
 await forEachStore(t, async (t, store) => {
-  const h = await startAdmin(t, store.db)
+  // Heartbeats every second, so that the one after the stream's end below comes round soon.
+  const h = await startAdmin(t, store.db, { config: { admin: { stream_heartbeat_s: 1 } } })
 
   await t.test('a stream ended while its client has not read everything writes nothing more (the process lives on)', async (t) => {
     const watcher = await h.keys.create({ name: 'watcher', type: 'system', scopes: ['admin'] }, { actor: 'test' })
@@ -92,12 +93,12 @@ await forEachStore(t, async (t, store) => {
       if (i % 50 === 0) await new Promise((resolve) => setImmediate(resolve))
     }
     // The stream ends (its admin key is revoked) while data still waits; then a live anomaly
-    // arrives, and the 15 s heartbeat comes round (before, its ping was written after the end:
+    // arrives, and the heartbeat comes round (before, its ping was written after the end:
     // an uncaught ERR_STREAM_WRITE_AFTER_END, the end of the process).
     await h.keys.revoke(watcher.record.id, 'left', { actor: 'test' })
     await new Promise((resolve) => setTimeout(resolve, 100))
     h.events.emit('anomaly.detected', { id: '999999', key_id: 'K', type: 'request_rate', details: {} })
-    await new Promise((resolve) => setTimeout(resolve, HEARTBEAT_MS + 1000))
+    await new Promise((resolve) => setTimeout(resolve, 2500))
     // Now it reads: the response ends (the last chunk) or the connection closes.
     let closed = false
     let tail = ''
@@ -228,4 +229,19 @@ t.test('a pipelined request that does not parse, on the connection of an open st
   )
   t.match(out, /^HTTP\/1.1 200 [^]*text\/event-stream/, 'the stream began')
   t.notMatch(out, /HTTP\/1.1 400/, 'and no 400 was written into it (before, one was)')
+})
+
+t.test('a quiet stream gets a comment line every admin.stream_heartbeat_s', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { admin: { stream_heartbeat_s: 1 } } })
+  const { hostname, port } = new URL(h.url)
+  const began = Date.now()
+  const out = await converse(
+    Number(port),
+    `GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`,
+    [{ when: (text) => text.split(': ping\n\n').length > 2, send: null }],
+    hostname,
+  )
+  t.equal(out.split(': ping\n\n').length - 1, 2, 'two heartbeats, and the client closed after the second')
+  t.ok(Date.now() - began >= 1900, 'a second apart (the default is 15 s)')
 })

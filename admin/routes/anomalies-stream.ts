@@ -1,12 +1,13 @@
 // GET /v1/anomalies/stream: every anomaly as it is recorded, by any instance, as Server-Sent
 // Events (`id` is the anomaly id, `event: anomaly.detected`, `data` its JSON). A client
 // reconnecting with `Last-Event-ID` (or `?last_event_id=`) first gets what it missed from the
-// table, then the live ones, none twice. A comment line every 15 s keeps proxies from closing
-// an idle stream. A stream opened with an admin key ends when that key stops being an admin key.
-// A client that stops reading is cut off once 1 MiB waits for it (it resumes with Last-Event-ID,
-// as browsers do on their own); the catch-up is read in pages, each written as the client takes
-// it, so a resume from far back is neither cut short nor held in memory. One credential holds at
-// most `admin.max_streams_per_credential` streams open on an instance (429 too_many_streams).
+// table, then the live ones, none twice. A comment line every `admin.stream_heartbeat_s` (15 s)
+// keeps proxies from closing an idle stream. A stream opened with an admin key ends when that key
+// stops being an admin key. A client that stops reading is cut off once 1 MiB waits for it (it
+// resumes with Last-Event-ID, as browsers do on their own); the catch-up is read in pages, each
+// written as the client takes it, so a resume from far back is neither cut short nor held in
+// memory. One credential holds at most `admin.max_streams_per_credential` streams open on an
+// instance (429 too_many_streams).
 import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
@@ -18,7 +19,6 @@ import { ADMIN_SCOPE } from '../auth.ts'
 import { defineOperation } from '../operation.ts'
 import { AnomalySchema } from '../schemas.ts'
 
-export const HEARTBEAT_MS = 15_000
 /** Anomalies read from the table per page of a catch-up. */
 export const RESUME_PAGE = 500
 /** What may wait for a client that does not read (live events, heartbeats) before the stream is cut. */
@@ -92,7 +92,7 @@ export default defineOperation({
           },
         )
       }
-    }, HEARTBEAT_MS)
+    }, services.streamHeartbeatMs)
     heartbeat.unref()
     const done = () => {
       clearInterval(heartbeat)

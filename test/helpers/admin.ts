@@ -124,6 +124,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       token: BOOTSTRAP_TOKEN,
       maxBodyBytes: config.admin.max_body_bytes,
       maxStreamsPerCredential: config.admin.max_streams_per_credential,
+      streamHeartbeatMs: config.admin.stream_heartbeat_s * 1000,
       ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits,
       flushUsage: () => usage.flush(),
       gitea,
