@@ -169,6 +169,16 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 }
 
+/**
+ * The client is gone when its response (or the response's socket) is. Not when the request is
+ * destroyed: Node destroys a request once its body has been read, so a request with a body whose
+ * upstream failed would never be answered, and its client would wait for ever.
+ */
+function clientGone(s: RequestState): boolean {
+  const res = s.res
+  return res === undefined || res.destroyed || res.socket?.destroyed === true
+}
+
 export function createForwarder(o: ForwardOptions): Forwarder {
   const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs, bodyIdleMs } = o
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
@@ -274,11 +284,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   }
 
   const failed = (s: RequestState, err: Error): void => {
-    const res = s.res
-    // The client is gone when its response (or the response's socket) is. Not when the request
-    // is destroyed: Node destroys a request once its body has been read, so a request with a
-    // body whose upstream failed was never answered, and its client waited for ever.
-    if (res === undefined || res.destroyed || res.socket?.destroyed === true) return
+    const res = s.res as NonNullable<RequestState['res']>
+    if (clientGone(s)) return
     if (res.headersSent) {
       res.destroy()
       return
@@ -341,6 +348,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     forward(s) {
       const route = s.route as CompiledRoute
       const req = s.req
+      // The client went away while the checks ran (a body that broke off, a closed connection):
+      // nothing is sent upstream, and nothing is left waiting on a body that will never come.
+      if (clientGone(s)) return
       const h = s.headers
       const withBody = hasBody(h)
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()

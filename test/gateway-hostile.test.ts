@@ -4,12 +4,22 @@ import t from 'tap'
 import net from 'node:net'
 import { bearer, converse, startGateway } from './helpers/gateway.ts'
 
+/**
+ * Writes `text` on a new connection and resolves with what came back: at the first whole response
+ * (its head and a Content-Length body; a refusal may keep the connection open), when the
+ * connection closes, or after `waitMs` of silence.
+ */
 function send(port: number, text: string | Buffer, options: { waitMs?: number } = {}): Promise<string> {
   return new Promise((resolve) => {
     const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
     let out = ''
     socket.setEncoding('latin1')
-    socket.on('data', (d: string) => (out += d))
+    socket.on('data', (d: string) => {
+      out += d
+      const head = out.indexOf('\r\n\r\n')
+      const length = head < 0 ? undefined : /\r\ncontent-length: *(\d+)\r\n/i.exec(out.slice(0, head + 2))?.[1]
+      if (length !== undefined && out.length >= head + 4 + Number(length)) socket.destroy()
+    })
     const done = () => resolve(out)
     socket.on('close', done)
     socket.on('error', () => {})
@@ -129,4 +139,22 @@ t.test('an Expect other than 100-continue: 417 expectation_failed, as JSON, coun
   t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'expectation_failed', request_id: String } })
   t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
   t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="none",outcome="expectation_failed"\} 1/)
+})
+
+t.test('a body that breaks off while its key is looked up: nothing is forwarded, nothing waits on it', async (t) => {
+  const h = await startGateway(t, { config: { lockout: { max_attempts: 1000 } } })
+  const keys = [await h.key(), await h.key(), await h.key()]
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length
+  const before = timers()
+  // The key is not cached yet: the bad chunk arrives, and the connection is closed, while it is
+  // looked up. Before, the request was still forwarded once the key was found, and its body's
+  // idle watch (gateway.body_idle_timeout_ms, 60 s) was left running on the closed connection.
+  for (const k of keys) {
+    const out = await send(h.port, `POST /gone HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n`)
+    t.match(out, /^HTTP\/1.1 400/, 'the broken body is answered 400')
+  }
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.equal(timers(), before, 'no timer left behind')
+  t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
+  t.equal((await h.get('/still', bearer(keys[0]!.key))).status, 200, 'the gateway still serves')
 })
