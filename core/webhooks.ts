@@ -3,8 +3,10 @@
 // (so deliveries survive a restart); every process polls for due rows and claims them with
 // `FOR UPDATE SKIP LOCKED`, moving `next_attempt_at` forward by a lease as it claims, so several
 // instances never send one delivery twice and a process that dies mid-send leaves the row to be
-// retried once its lease ends. Failures are retried with exponential backoff up to
-// `max_attempts`; every delivery keeps its attempts, last status and error (the delivery log).
+// retried once its lease ends. A process keeps a pool of attempts in flight, claiming more as they
+// end, with a few slots at most per webhook (a hanging receiver holds up no other). Failures are
+// retried with exponential backoff up to `max_attempts`; every delivery keeps its attempts, last
+// status and error (the delivery log).
 //
 // Signature: `webhook-signature: v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`
 // with the key decoded from `whsec_<base64>`; after a secret rotation the previous secret signs
@@ -187,7 +189,13 @@ function dedupeKey(e: KeygateEvent): string | null {
  * attempt: before, a timeout above 60 s let a second process send the same delivery again.
  */
 const LEASE_MARGIN_MS = 60_000
-const BATCH = 20
+/** Attempts a process keeps in flight: as one ends, another due delivery is claimed. */
+const SLOTS = 20
+/**
+ * Of those, at most this many to one webhook: a receiver that hangs until `timeout_ms` holds
+ * these and no more, and the others' deliveries go on through the rest.
+ */
+const PER_WEBHOOK = SLOTS / 4
 
 export interface WebhookServiceOptions {
   db: Db
@@ -213,7 +221,10 @@ export class WebhookService {
   readonly #agent: Agent
   #timer: NodeJS.Timeout | undefined
   #running: Promise<void> | undefined
+  /** Something may have become claimable (a kick, an attempt ended) since the last claim. */
   #again = false
+  /** Wakes the delivery loop while it waits for one of those. */
+  #wake: (() => void) | undefined
   #closed = false
 
   constructor(options: WebhookServiceOptions) {
@@ -405,11 +416,12 @@ export class WebhookService {
     this.kick()
   }
 
-  /** Sends what is due now (again after the current round, when one is running). */
+  /** Sends what is due now (the running round claims again, when one is running). */
   kick(): void {
     if (this.#closed) return
     if (this.#running) {
       this.#again = true
+      this.#wake?.()
       return
     }
     this.#running = this.#drain()
@@ -428,31 +440,88 @@ export class WebhookService {
     while (this.#running) await this.#running
   }
 
+  /**
+   * A round: a pool of up to SLOTS attempts, PER_WEBHOOK of them to one webhook. It claims as
+   * slots free (each attempt starts as soon as it is claimed, so its lease covers it) and ends
+   * when nothing is in flight and nothing more could be claimed; once closed, it only waits for
+   * the attempts in flight.
+   */
   async #drain(): Promise<void> {
+    const perWebhook = new Map<string, number>()
+    let inFlight = 0
+    let failure: unknown
     for (;;) {
-      const claimed = await this.#claim()
-      if (claimed.length === 0) return
-      await Promise.all(claimed.map((c) => this.#attempt(c)))
-      if (this.#closed) return
+      this.#again = false
+      if (!this.#closed && failure === undefined && inFlight < SLOTS) {
+        let claimed: Claimed[] = []
+        try {
+          claimed = await this.#claim(SLOTS - inFlight, perWebhook)
+        } catch (err) {
+          failure = err // no more claims this round; the attempts in flight are still waited for
+        }
+        for (const c of claimed) {
+          inFlight++
+          perWebhook.set(c.webhook_id, (perWebhook.get(c.webhook_id) ?? 0) + 1)
+          void this.#attempt(c)
+            .catch((err: unknown) => this.#log.warn('could not record a webhook delivery attempt; it is retried when its lease ends', { delivery_id: c.id, err: err as Error }))
+            .finally(() => {
+              inFlight--
+              const left = (perWebhook.get(c.webhook_id) ?? 1) - 1
+              if (left === 0) perWebhook.delete(c.webhook_id)
+              else perWebhook.set(c.webhook_id, left)
+              this.#again = true
+              this.#wake?.()
+            })
+        }
+        // More may be due than one claim took (it takes at most PER_WEBHOOK of a webhook's).
+        if (claimed.length > 0) continue
+      }
+      if (inFlight === 0 && (this.#closed || failure !== undefined || !this.#again)) break
+      if (!this.#again) {
+        await new Promise<void>((resolve) => (this.#wake = resolve))
+        this.#wake = undefined
+      }
     }
+    if (failure !== undefined) throw failure
   }
 
-  async #claim(): Promise<Claimed[]> {
+  /**
+   * Claims up to `slots` due deliveries, oldest due first, at most PER_WEBHOOK less its attempts
+   * in flight (`perWebhook`) of one webhook. The fair share is picked from the due rows first
+   * (a window function cannot be used with FOR UPDATE), then locked; a row another process
+   * claimed meanwhile is skipped or, already moved past `now`, no longer matches.
+   */
+  async #claim(slots: number, perWebhook: ReadonlyMap<string, number>): Promise<Claimed[]> {
     const now = this.#now()
+    const full = [...perWebhook].filter(([, n]) => n >= PER_WEBHOOK).map(([id]) => id)
     // Most polls find nothing due: a plain index look-up answers that far more cheaply than the
     // claiming statement (which matters on the embedded store, where every statement is costly).
-    const due = await this.#db.query(`SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 LIMIT 1`, [now])
+    const due = await this.#db.query(
+      `SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 AND webhook_id <> ALL ($2::text[]) LIMIT 1`,
+      [now, full],
+    )
     if (due.length === 0) return []
     return this.#db.query<Claimed>(
-      `WITH due AS (
-         SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1
-         ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED
+      `WITH busy (webhook_id, n) AS (
+         SELECT * FROM unnest($4::text[], $5::int[])
+       ), candidates AS (
+         SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries
+         WHERE status = 'pending' AND next_attempt_at <= $1 AND webhook_id <> ALL ($6::text[])
+         ORDER BY next_attempt_at LIMIT $3
+       ), fair AS (
+         SELECT r.id FROM (
+           SELECT id, webhook_id, row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rank FROM candidates
+         ) r LEFT JOIN busy b ON b.webhook_id = r.webhook_id
+         WHERE r.rank <= $7 - coalesce(b.n, 0)
+       ), due AS (
+         SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM fair) AND status = 'pending' AND next_attempt_at <= $1
+         FOR UPDATE SKIP LOCKED
        ), claimed AS (
          UPDATE webhook_deliveries d SET next_attempt_at = $2, attempts = d.attempts + 1, last_attempt_at = $1
          FROM due WHERE d.id = due.id RETURNING d.*
        )
        SELECT c.*, w.url, ${SECRET_COLUMNS} FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
-      [now, this.#leaseEnd(now), BATCH],
+      [now, this.#leaseEnd(now), slots, [...perWebhook.keys()], [...perWebhook.values()], full, PER_WEBHOOK],
     )
   }
 

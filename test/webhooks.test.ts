@@ -302,6 +302,32 @@ await forEachStore(t, async (t, store) => {
     t.equal(elsewhere.received.length, 0, 'the redirect target got nothing')
   })
 
+  await t.test('a receiver that never answers does not hold up the deliveries to another', async (t) => {
+    // It reads the request and holds the socket: each attempt to it lasts until timeout_ms.
+    const held: Array<() => void> = []
+    const hanging = await startReceiver(t, (_h, res) => held.push(() => res.writeHead(500).end()))
+    const healthy = await startReceiver(t)
+    const s = service({ timeout_ms: 3000 })
+    const slow = await s.create({ url: `${hanging.url}/hangs`, events: ['anomaly.detected'] }, ACTOR)
+    const fast = await s.create({ url: `${healthy.url}/answers`, events: ['anomaly.detected'] }, ACTOR)
+    for (let i = 0; i < 40; i++) t.equal(await s.enqueue(event('anomaly.detected', { id: `an_hang${i}` })), 2)
+    await until(() => healthy.received.length >= 40)
+    const slowRows = await deliveriesOf(slow.webhook.id)
+    t.ok(
+      slowRows.every((d) => d.last_status === null && d.last_error === null),
+      'all 40 arrived at the healthy receiver before any attempt to the hanging one ended (its timeout)',
+    )
+    t.ok(hanging.received.length >= 1 && hanging.received.length <= 5, `the hanging receiver holds at most a quarter of the slots (${hanging.received.length} attempts)`)
+    t.ok((await deliveriesOf(fast.webhook.id)).every((d) => d.status === 'delivered' && d.attempts === 1))
+    // close() stops claiming and waits for the attempts in flight: answered now, they fail.
+    const closing = s.close()
+    for (const answer of held) answer()
+    await closing
+    const after = await deliveriesOf(slow.webhook.id)
+    t.equal(after.filter((d) => d.last_status === 500).length, hanging.received.length, 'the attempts in flight were recorded on close')
+    t.equal(after.filter((d) => d.attempts > 0).length, hanging.received.length, 'and no more were claimed')
+  })
+
   // The secrets subtests start from an empty registry: events of other subtests' webhooks would
   // queue deliveries to receivers that are gone.
   const rowOf = async (id: string) => (await store.db.query<any>('SELECT * FROM webhooks WHERE id = $1', [id]))[0]
