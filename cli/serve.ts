@@ -7,14 +7,13 @@ import http from 'node:http'
 import https from 'node:https'
 import { readFileSync } from 'node:fs'
 import type { AddressInfo } from 'node:net'
-import { AggregatorRegistry } from 'prom-client'
 import { loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { answersWithin } from '../core/deadline.ts'
-import { createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry } from '../core/metrics.ts'
+import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
@@ -35,6 +34,8 @@ import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, type Io } from './io.ts'
 
+/** How often the `--workers` primary reads its workers' counters between scrapes: what a killed worker counted since is lost. */
+const METRICS_REFRESH_MS = 5000
 const USAGE = 'keygate serve [--only gateway|admin] [--workers N] [--listen HOST:PORT] [--admin-listen HOST:PORT] [--upstream URL] [--config FILE]'
 
 const OPTIONS = {
@@ -344,6 +345,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc(), windows)
   // Without Redis, a worker's anomalies reach the primary's SSE stream over cluster IPC.
   const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data as AnomalyJson } satisfies FromWorker)) : undefined
+  let answerMetrics: ((m: WorkerMessage) => void) | undefined
   const onPrimaryMessage = (m: WorkerMessage) => {
     if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
@@ -358,10 +360,16 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       // A gateway's own keygate_redis_up says whether its limits are shared.
       redis: redis && !role.gateway ? () => answersWithin(() => redis.ping(), 2000) : undefined,
     })
+    // The primary asks for this worker's metrics from the moment it listens (this comes first).
     if (mode.worker) {
-      // prom-client answers the primary's metric requests only once an AggregatorRegistry exists.
-      new AggregatorRegistry()
-      AggregatorRegistry.setRegistries([registry])
+      answerMetrics = (m: WorkerMessage) => {
+        if (m?.keygate !== 'metrics') return
+        void workerMetrics(registry, m.countsOnly).then(
+          (metrics) => process.connected && process.send?.({ keygate: 'metrics', request: m.request, metrics } satisfies FromWorker),
+          (err: unknown) => log.error('metrics for the primary failed', { err }),
+        )
+      }
+      process.on('message', answerMetrics)
     }
     if (role.gateway) {
       metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
@@ -429,6 +437,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       await runtime.close()
     } finally {
       process.off('message', onPrimaryMessage)
+      if (answerMetrics) process.off('message', answerMetrics)
       offForward?.()
       // The IPC channel to the primary would keep a worker alive after its listeners closed. A
       // worker exits as soon as it is disconnected, so this comes last.
@@ -438,12 +447,18 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
 }
 
 /** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
-type FromWorker = { keygate: 'ready' } | { keygate: 'lock'; message: string } | { keygate: 'anomaly'; anomaly: AnomalyJson } | WindowsRequest
+type FromWorker =
+  | { keygate: 'ready' }
+  | { keygate: 'lock'; message: string }
+  | { keygate: 'anomaly'; anomaly: AnomalyJson }
+  | { keygate: 'metrics'; request: number; metrics: MetricsJson }
+  | WindowsRequest
 
 /** What the primary sends its gateway workers: what its admin API changed, and the anomaly windows' totals. */
 type WorkerMessage =
   | { keygate: 'invalidate'; message: string }
   | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
+  | { keygate: 'metrics'; request: number; countsOnly: boolean }
   | WindowsAnswer
 
 function denyChangeFrom(m: Extract<WorkerMessage, { keygate: 'deny' }>): DenyChange {
@@ -481,7 +496,29 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   if (!redis) cluster.on('message', onWorkerMessage)
   try {
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
-    const aggregator = new AggregatorRegistry()
+    // The workers' metrics, with the counts of those that died (see ClusterMetrics).
+    const clusterMetrics = new ClusterMetrics()
+    let metricsRequests = 0
+    const askingMetrics = new Map<number, { worker: import('node:cluster').Worker; answered: (metrics: MetricsJson | undefined) => void }>()
+    // A worker's metrics, or undefined when it is ending; rejected when it does not answer in 5 s.
+    const askMetrics = (w: import('node:cluster').Worker, countsOnly: boolean) =>
+      new Promise<MetricsJson | undefined>((resolve, reject) => {
+        if (!w.isConnected()) return resolve(undefined)
+        const request = ++metricsRequests
+        const timer = setTimeout(() => {
+          askingMetrics.delete(request)
+          reject(new Error(`gateway worker ${w.id} did not answer the metrics request within 5 s`))
+        }, 5000)
+        askingMetrics.set(request, {
+          worker: w,
+          answered: (metrics) => {
+            clearTimeout(timer)
+            askingMetrics.delete(request)
+            resolve(metrics)
+          },
+        })
+        w.send({ keygate: 'metrics', request, countsOnly } satisfies WorkerMessage, undefined, undefined, (err) => err && askingMetrics.get(request)?.answered(undefined))
+      })
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
@@ -505,6 +542,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       w.on('exit', (code, signal) => {
         live.delete(w)
         listening.delete(w)
+        for (const asking of askingMetrics.values()) if (asking.worker === w) asking.answered(undefined)
+        clusterMetrics.depart(w.id)
         if (shuttingDown) return
         if (!anyListened) {
           log.error('a gateway worker ended before any listened; stopping', { worker: w.id, code, signal })
@@ -520,6 +559,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const stopTelling = bindInvalidations({ keys: runtime.keys, publish: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
     // A worker's lockout reaches its siblings (and this admin API) at once.
     const onWorkerMessage = (from: import('node:cluster').Worker, m: FromWorker) => {
+      if (m?.keygate === 'metrics') {
+        const asking = askingMetrics.get(m.request)
+        if (asking?.worker !== from) return
+        clusterMetrics.keep(from.id, m.request, m.metrics)
+        asking.answered(m.metrics)
+        return
+      }
       if (m?.keygate !== 'lock') return
       lockout.applyMessage(m.message)
       tellWorkers([...live].filter((w) => w !== from), { keygate: 'invalidate', message: m.message })
@@ -533,11 +579,19 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       // Ready once every worker listens (a forked one may still be loading).
       ready: async () => (listening.size < workers ? `${listening.size} of ${workers} gateway workers listening` : storeReady()),
       metrics: async () => {
-        // prom-client asks every worker and fails the whole scrape after 5 s when one does not
-        // answer: a worker still starting has no listener for the request yet. A scrape waits
-        // (a few seconds at most) for those to listen.
+        // Every worker is asked, and the whole scrape fails after 5 s when one does not answer: a
+        // worker still starting has no listener for the request yet. A scrape waits (a few
+        // seconds at most) for those to listen.
         for (let waited = 0; waited < 8000 && [...live].some((w) => !listening.has(w)); waited += 50) await new Promise((r) => setTimeout(r, 50))
-        return { contentType: aggregator.contentType, body: await aggregator.clusterMetrics() }
+        const answers = new Map<number, MetricsJson>()
+        await Promise.all(
+          [...listening].map(async (w) => {
+            const metrics = await askMetrics(w, false)
+            if (metrics) answers.set(w.id, metrics)
+          }),
+        )
+        const sum = clusterMetrics.sum(answers)
+        return { contentType: sum.contentType, body: await sum.metrics() }
       },
       isShuttingDown: () => shuttingDown,
     })
@@ -556,9 +610,15 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
     const scheduler = role.admin ? startScheduler(config, runtime, log, ev.webhooks) : undefined
     for (let i = 0; i < workers; i++) fork()
+    // The last counts of a worker that is killed are those of the last scrape or of this refresh.
+    const refreshMetrics = setInterval(() => {
+      for (const w of listening) askMetrics(w, true).catch((err: unknown) => log.warn('a gateway worker did not report its metrics', { worker: w.id, err }))
+    }, METRICS_REFRESH_MS)
+    refreshMetrics.unref()
     let failed = false
     const signal = await Promise.race([stopping.stopped, failedStart.then((why) => ((failed = true), why))])
     shuttingDown = true
+    clearInterval(refreshMetrics)
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')

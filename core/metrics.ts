@@ -2,7 +2,7 @@
 // start-up, so the request path only calls inc()/observe() on objects it already holds, and the
 // label values are a closed set (route names from the config, outcome and reason words): no key
 // material, no addresses, nothing a client can make grow.
-import { Counter, Gauge, Registry, collectDefaultMetrics, type Metric } from 'prom-client'
+import { type Aggregator, AggregatorRegistry, Counter, Gauge, Registry, aggregators, collectDefaultMetrics, type Metric } from 'prom-client'
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 import type { FlushReason } from './invalidation.ts'
 
@@ -317,5 +317,74 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     denyListEntries,
     storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },
     anomalies: Object.freeze(anomalies),
+  }
+}
+
+/** A registry's metrics as `getMetricsAsJSON()` gives them (prom-client types `type` as an enum; it is the word). */
+export type MetricsJson = Array<{
+  name: string
+  help: string
+  type: string
+  aggregator?: string
+  values: Array<{ value: number; labels: Record<string, string | number>; metricName?: string }>
+}>
+
+declare module 'prom-client' {
+  /** prom-client's aggregation methods (index.js exports them; its typings leave them out). */
+  export const aggregators: Record<Aggregator, (metrics: MetricsJson) => MetricsJson[number] | undefined>
+}
+
+/** Whether a metric's values outlive the process that counted them: counters and histograms that are summed. */
+function isCount(m: MetricsJson[number]): boolean {
+  return (m.type === 'counter' || m.type === 'histogram') && (m.aggregator ?? 'sum') === 'sum'
+}
+
+/** What a `--workers` worker answers the primary with: every metric, or its counters and histograms alone (no health probe runs for those). */
+export async function workerMetrics(registry: Registry, countsOnly: boolean): Promise<MetricsJson> {
+  if (!countsOnly) return (await registry.getMetricsAsJSON()) as unknown as MetricsJson
+  const counts = (registry.getMetricsAsArray() as unknown as Array<MetricsJson[number] & Pick<Metric, 'get'>>).filter(isCount)
+  return (await Promise.all(counts.map((m) => m.get()))) as unknown as MetricsJson
+}
+
+/**
+ * The `--workers` primary's sum of its workers' metrics. A worker that dies takes its counts with
+ * it, and its replacement counts from 0: summed over the live workers alone, every counter and
+ * histogram would go down. So the primary keeps each worker's counters and histograms as it last
+ * read them (at each scrape, and every few seconds between), and when a worker ends, adds them
+ * to the departed workers' total, which every later scrape adds in. What the worker counted after
+ * that last read is lost (SIGKILL leaves no time to report); gauges are not carried over.
+ */
+export class ClusterMetrics {
+  readonly #last = new Map<number, { request: number; counts: MetricsJson }>()
+  #departed: MetricsJson = []
+
+  /**
+   * A worker's answer to request number `request`. An answer to an earlier request that arrives
+   * later (a full scrape waits for the health probes) does not replace the later counts.
+   */
+  keep(worker: number, request: number, metrics: MetricsJson): void {
+    const last = this.#last.get(worker)
+    if (last && last.request > request) return
+    this.#last.set(worker, { request, counts: metrics.filter(isCount).map((m) => ({ ...m, aggregator: 'sum' })) })
+  }
+
+  /** The worker ended: its last counts join the departed total (prom-client's own sum). */
+  depart(worker: number): void {
+    const last = this.#last.get(worker)
+    this.#last.delete(worker)
+    if (!last) return
+    const byName = new Map<string, MetricsJson>()
+    for (const m of [...this.#departed, ...last.counts]) byName.set(m.name, [...(byName.get(m.name) ?? []), m])
+    this.#departed = [...byName.values()].map((ms) => aggregators.sum(ms) as MetricsJson[number])
+  }
+
+  /**
+   * The scrape: the workers' answers (by worker id) summed with the departed workers' counts, each
+   * metric by its aggregator. A worker that did not answer (it is ending) adds its last counts; an
+   * answer from one that has ended since is in the departed total already.
+   */
+  sum(answers: ReadonlyMap<number, MetricsJson>): Registry {
+    const live = [...this.#last].map(([worker, last]) => answers.get(worker) ?? last.counts)
+    return AggregatorRegistry.aggregate([...live, this.#departed] as never)
   }
 }

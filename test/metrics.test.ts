@@ -1,11 +1,12 @@
 // The gateway's latency histograms count in typed arrays (core/metrics.ts) but must read exactly
 // like prom-client's own Histogram: same series, same cumulative buckets, same boundaries (a
 // value equal to a bound falls in that bound's bucket), and summed across workers by the
-// cluster aggregator like any histogram.
+// cluster aggregator like any histogram. The --workers primary's sum keeps a dead worker's
+// counters and histograms, not its gauges.
 import t from 'tap'
 import { AggregatorRegistry, Histogram, Registry } from 'prom-client'
 import { answersWithin } from '../core/deadline.ts'
-import { createGatewayMetrics, createHealthMetrics } from '../core/metrics.ts'
+import { ClusterMetrics, type MetricsJson, createGatewayMetrics, createHealthMetrics, workerMetrics } from '../core/metrics.ts'
 
 const NAME = 'keygate_gateway_request_duration_seconds'
 // Below the first bound, exactly on bounds, between bounds, above the last, zero.
@@ -83,4 +84,50 @@ t.test('store and Redis health are asked at each scrape; one that does not answe
   createHealthMetrics(down, { store: async () => false })
   const summed = await AggregatorRegistry.aggregate([await up.getMetricsAsJSON(), await down.getMetricsAsJSON()]).metrics()
   t.match(summed, /^keygate_store_up 0$/m)
+})
+
+t.test("the --workers primary's sum keeps the counters and histograms of a worker that ended, not its gauges", async (t) => {
+  const worker = async (forwarded: number, deny: number) => {
+    const registry = new Registry()
+    const m = createGatewayMetrics(registry, ['api'])
+    for (let i = 0; i < forwarded; i++) {
+      m.route('api').requests.forwarded.inc()
+      m.route('api').duration.observe(0.003)
+    }
+    m.denyListEntries.set(deny)
+    return registry
+  }
+  const one = await worker(3, 9)
+  const two = await worker(4, 5)
+  const sum = new ClusterMetrics()
+  sum.keep(1, 1, await workerMetrics(one, false))
+  const counts = await workerMetrics(two, true)
+  t.notOk(counts.some((m) => m.type === 'gauge'), 'a refresh between scrapes reads no gauge')
+  sum.keep(2, 2, counts)
+  sum.keep(2, 3, await workerMetrics(two, false))
+  const forwarded = /^keygate_gateway_requests_total\{route="api",outcome="forwarded"\} (\d+)$/m
+  const served = /^keygate_gateway_request_duration_seconds_count\{route="api"\} (\d+)$/m
+  const bucket = /^keygate_gateway_request_duration_seconds_bucket\{le="0\.005",route="api"\} (\d+)$/m
+  const read = async (answers: Map<number, MetricsJson>) => {
+    const text = await sum.sum(answers).metrics()
+    return { forwarded: Number(forwarded.exec(text)?.[1]), served: Number(served.exec(text)?.[1]), bucket: Number(bucket.exec(text)?.[1]), deny: /^keygate_deny_list_entries (\d+)$/m.exec(text)?.[1], help: text.includes('# TYPE keygate_gateway_requests_total counter') }
+  }
+  t.same(await read(new Map([[1, await workerMetrics(one, false)], [2, await workerMetrics(two, false)]])), { forwarded: 7, served: 7, bucket: 7, deny: '9', help: true })
+
+  // Worker 1 is read again between scrapes (5 by then); an answer to an earlier request arrives
+  // after that one; then it is killed.
+  sum.keep(1, 5, await workerMetrics(await worker(5, 5), true))
+  sum.keep(1, 4, await workerMetrics(await worker(99, 5), true))
+  sum.depart(1)
+  // Its replacement, worker 3, starts from 0 and holds the deny list too.
+  const three = await worker(0, 6)
+  sum.keep(3, 6, await workerMetrics(three, false))
+  t.same(
+    await read(new Map([[2, await workerMetrics(two, false)], [3, await workerMetrics(three, false)]])),
+    { forwarded: 9, served: 9, bucket: 9, deny: '6', help: true },
+    "the dead worker's last-read counts stay in (an older answer arriving late replaced nothing); its gauge is gone",
+  )
+  sum.depart(2)
+  sum.depart(3)
+  t.same(await read(new Map()), { forwarded: 9, served: 9, bucket: 9, deny: undefined, help: true }, 'with every worker gone, the counts are still the sum')
 })

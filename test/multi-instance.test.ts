@@ -4,7 +4,8 @@
 // so does a key revoked by the CLI on the store; a per-key limit holds across both gateways; a dropped subscriber connection flushes the cache;
 // Redis stopped mid-traffic leaves every gateway answering and limiting, and once restarted the
 // gateways catch up with what changed meanwhile. Then `serve --workers 2` without Redis: one
-// limit and one lockout for the machine, not one per worker.
+// limit and one lockout for the machine, not one per worker; and a worker killed and replaced
+// takes none of its counts out of the primary's /metrics.
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
@@ -180,19 +181,23 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
   for (const s of [d.admin, ...d.gateways]) t.equal(await s.stop(), 0, 'exit 0')
 })
 
-t.test('--workers 2 without Redis: one limit and one lockout for the machine', async (t) => {
-  const upstream = await startUpstream(t)
-  const env = {
+/** The environment of a `serve --workers 2` without Redis on a fresh PostgreSQL database, in front of `upstream`. */
+async function workersEnv(t: Test, upstream: string, extra: Record<string, string> = {}): Promise<Record<string, string | undefined>> {
+  return {
     DATABASE_URL: await freshDatabase(t),
     REDIS_URL: undefined,
     KEYGATE_CONFIG: undefined,
     KEYGATE_ADMIN_URL: undefined,
     KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 6).toString('base64'),
     KEYGATE_ADMIN_TOKEN: 'workers-admin-token-0123456789',
-    KEYGATE_UPSTREAM: upstream.url,
-    KEYGATE_ACCESS_LOG: 'true',
-    RATE_LIMIT_MAX_ATTEMPTS: '3',
+    KEYGATE_UPSTREAM: upstream,
+    ...extra,
   }
+}
+
+t.test('--workers 2 without Redis: one limit and one lockout for the machine', async (t) => {
+  const upstream = await startUpstream(t)
+  const env = await workersEnv(t, upstream.url, { KEYGATE_ACCESS_LOG: 'true', RATE_LIMIT_MAX_ATTEMPTS: '3' })
   const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'machine', '--rate-limit', '10/1h', '--json'], { env })
   t.equal(created.code, 0, created.stderr)
   const key = created.json().key as string
@@ -227,5 +232,71 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   for (let i = 0; i < 8; i++) replaced.push(await get(bad))
   t.same(replaced, [429, 429, 429, 429, 429, 429, 429, 429], `still locked out by every worker, the new one too (${replaced.join(' ')})`)
   t.equal(new Set(s.logs.filter((l) => l.status === 429).map((l) => l.worker)).size, 3, 'the new worker answered some of them')
+  t.equal(await s.stop(), 0)
+})
+
+/** The counter and histogram series of a scrape (histograms as their _bucket, _sum and _count series), by series. */
+function countSeries(text: string): Map<string, number> {
+  const types = new Map([...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map(([, name, type]) => [name as string, type as string]))
+  const series = new Map<string, number>()
+  for (const [, line, name, value] of text.matchAll(/^(([a-zA-Z_:][\w:]*)(?:\{[^}]*\})?) (\S+)$/gm)) {
+    const type = types.get(name as string) ?? types.get((name as string).replace(/_(bucket|sum|count)$/, ''))
+    if (type === 'counter' || type === 'histogram') series.set(line as string, Number(value))
+  }
+  return series
+}
+
+t.test('--workers 2: a worker killed and replaced takes none of its counts out of /metrics', async (t) => {
+  const upstream = await startUpstream(t)
+  const env = await workersEnv(t, upstream.url)
+  const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'metrics', '--json'], { env })
+  t.equal(created.code, 0, created.stderr)
+  const auth = { authorization: `Bearer ${created.json().key as string}`, connection: 'close' }
+  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const gateway = `http://${s.logs.find((l) => l.msg === 'gateway listening')!.address as string}`
+  // A new connection per request spreads them over both workers.
+  const send = async (n: number) => {
+    for (let i = 0; i < n; i++) {
+      const answer = await request(`${gateway}/m${i}`, { headers: auth })
+      await answer.body.dump()
+      t.equal(answer.statusCode, 200)
+    }
+  }
+  const scrape = async () => countSeries(await (await request(`${s.admin}/metrics`)).body.text())
+  const forwarded = 'keygate_gateway_requests_total{route="default",outcome="forwarded"}'
+  const served = 'keygate_gateway_request_duration_seconds_count{route="default"}'
+
+  await send(20)
+  const before = await scrape()
+  t.equal(before.get(forwarded), 20)
+  t.equal(before.get(served), 20)
+  const workerPids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  t.equal(workerPids.length, 2)
+  process.kill(workerPids[0] as number, 'SIGKILL')
+  await s.waitForLog((l) => l.msg === 'gateway worker died; starting another')
+  await until(t, 'the new worker listens', () => s.logs.filter((l) => l.msg === 'gateway listening').length === 3)
+
+  // Before, the dead worker's counts left the sum and the new one started from 0: 20 became the other worker's share.
+  const after = await scrape()
+  t.equal(after.get(forwarded), 20, 'no request was counted out')
+  t.equal(after.get(served), 20)
+  const fell = [...before].filter(([series, value]) => !((after.get(series) ?? -1) >= value)).map(([series, value]) => `${series} ${value} -> ${after.get(series)}`)
+  t.same(fell, [], 'no counter or histogram series went down')
+
+  await send(10)
+  const more = await scrape()
+  t.equal(more.get(forwarded), 30, 'and the new requests add to them')
+  t.equal(more.get(served), 30)
+
+  // Without a scrape, the primary reads the workers' counts every 5 s: a worker killed after that
+  // keeps what it counted before in the sum.
+  await send(6)
+  await new Promise((r) => setTimeout(r, 6000))
+  const pids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(pids[0] as number, 'SIGKILL')
+  await until(t, 'another new worker listens', () => s.logs.filter((l) => l.msg === 'gateway listening').length === 4)
+  const later = await scrape()
+  t.equal(later.get(forwarded), 36, 'the counts read between scrapes are kept')
+  t.equal(later.get(served), 36)
   t.equal(await s.stop(), 0)
 })
