@@ -63,6 +63,7 @@ export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
     webhooks: deps.webhooks,
     flushUsage: deps.flushUsage ?? (async () => {}),
     now: deps.now ?? (() => new Date()),
+    log: deps.log,
     gitea: deps.gitea,
     n8n: deps.n8n,
     streams: new StreamSlots(deps.maxStreamsPerCredential),

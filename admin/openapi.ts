@@ -101,6 +101,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       { name: 'deny list', description: 'Addresses and ranges the gateway refuses.' },
       { name: 'anomalies', description: 'Unusual key traffic found by the gateways: list, acknowledge, follow live.' },
       { name: 'webhooks', description: 'Signed event deliveries to receivers.' },
+      { name: 'audit', description: 'The audit log of every admin action.' },
     ],
     paths,
   }

@@ -1,6 +1,7 @@
 // One admin API operation: its method and path, the schemas of its input and answer, the errors
 // it can answer with, and its handler. The route table, request validation and the OpenAPI
 // document are all made from the same list of these, so the documentation cannot drift.
+import type { Logger } from '../core/log.ts'
 import type http from 'node:http'
 import type { Static, TObject, TSchema } from '@sinclair/typebox'
 import type { AnomalyFeed, AnomalyLog } from '../core/anomalies.ts'
@@ -28,6 +29,7 @@ export interface AdminServices {
   /** Writes this process's pending usage counts, so reports include the latest requests. */
   flushUsage(): Promise<void>
   now(): Date
+  log: Logger
   gitea: GiteaTokenService
   n8n: N8nKeyService
   /** The open event streams per credential. */

@@ -2,7 +2,9 @@
 // core/keys/schemas.ts, shared with the CLI), and the JSON forms they describe.
 import { Type, type TSchema } from '@sinclair/typebox'
 import { ANOMALY_TYPES } from '../core/anomalies.ts'
-import type { AuditRecord } from '../core/audit.ts'
+import type { AuditFilter, AuditRecord } from '../core/audit.ts'
+import { decodeCursor, encodeCursor } from '../core/cursor.ts'
+import type { AdminServices } from './operation.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
 import { fieldInvalid } from '../core/errors.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
@@ -42,18 +44,25 @@ export const Plaintext = Type.String({ description: 'The key itself. Shown in th
 
 export const KeyWithSecret = Type.Composite([KeySchema, Type.Object({ key: Plaintext })], { description: 'A new key and its plaintext, shown once.' })
 
+export const AUDIT_ACTIONS =
+  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, anomaly.acknowledged, webhook.created, webhook.deleted, webhook.secret_rotated, webhook.tested, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
+
 export const AuditSchema = Type.Object({
   id: Type.String(),
-  key_id: Nullable(Type.String()),
-  action: Type.String({ description: 'key.created, key.updated, key.rotated, key.revoked, key.imported, deny_list.added, deny_list.removed' }),
+  key_id: Nullable(Type.String(), 'The key, Gitea token or n8n key record the action concerns; null for one about none (a deny list change).'),
+  action: Type.String({ description: AUDIT_ACTIONS }),
   actor: Type.String({ description: '`key:<id>` for an admin key, `token` for the bootstrap token, `cli:<user>`, or `system`.' }),
   address: Nullable(Type.String()),
-  details: Type.Record(Type.String(), Type.Unknown()),
+  details: Nullable(Type.Record(Type.String(), Type.Unknown()), 'What changed; null when the row did not open (see integrity).'),
+  integrity: Type.Union([Type.Literal('verified'), Type.Literal('key_missing'), Type.Literal('failed')], {
+    description:
+      '`verified`: the details were decrypted and nothing in the row was changed. `key_missing`: it was sealed with an encryption key that is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS). `failed`: the row was altered or damaged in the store. The row is listed either way.',
+  }),
   created_at: DateTime(),
 })
 
 export function auditJson(r: AuditRecord) {
-  return { id: r.id, key_id: r.keyId, action: r.action, actor: r.actor, address: r.address, details: r.details, created_at: r.createdAt.toISOString() }
+  return { id: r.id, key_id: r.keyId, action: r.action, actor: r.actor, address: r.address, details: r.details, integrity: r.integrity, created_at: r.createdAt.toISOString() }
 }
 
 export const DenyEntrySchema = Type.Object({
@@ -71,6 +80,25 @@ export function denyJson(e: DenyEntry) {
 
 export const Cursor = Type.String({ pattern: '^[A-Za-z0-9_-]{1,200}$', description: 'next_cursor of the previous page.' })
 export const NextCursor = Nullable(Type.String(), 'Pass as `cursor` for the next page; null on the last page.')
+
+export const AuditPageSchema = Type.Object({ items: Type.Array(AuditSchema), next_cursor: NextCursor })
+
+/**
+ * One page of the audit log for a route: the cursor read, the rows opened, and each row that did
+ * not open logged as a warning (an altered row is listed, and also said out loud).
+ */
+export async function auditPage(
+  services: Pick<AdminServices, 'audit' | 'db' | 'log'>,
+  filter: { keyId?: string | undefined; action?: string | undefined; actor?: string | undefined },
+  query: { limit?: number | undefined; cursor?: string | undefined },
+) {
+  const limit = query.limit ?? 100
+  const defined = Object.fromEntries(Object.entries(filter).filter(([, v]) => v !== undefined)) as AuditFilter
+  const page = await services.audit.page(services.db, { ...defined, ...(query.cursor ? { before: decodeCursor(query.cursor) } : {}) }, limit)
+  for (const r of page.items) if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { audit_id: r.id, integrity: r.integrity, problem: r.problem })
+  const last = page.items[page.items.length - 1]
+  return { items: page.items.map(auditJson), next_cursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
+}
 
 /** Time-range query parameters of the reports. */
 export const RangeQuery = {

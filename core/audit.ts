@@ -12,7 +12,7 @@ import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, ha
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
-import { KeygateError, systemErrorWords } from './errors.ts'
+import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import type { Logger } from './log.ts'
 
 export interface Actor {
@@ -27,14 +27,32 @@ export interface AuditEntry {
   details?: Record<string, unknown>
 }
 
+/**
+ * Whether a row's details opened: `verified` (decrypted and authenticated: nothing in the row was
+ * changed), `key_missing` (sealed with an encryption key that is not configured), `failed` (the
+ * row was altered, damaged or does not belong here). Only a verified row has details.
+ */
+export type AuditIntegrity = 'verified' | 'key_missing' | 'failed'
+
 export interface AuditRecord {
   id: string
   keyId: string | null
   action: string
   actor: string
   address: string | null
-  details: Record<string, unknown>
+  details: Record<string, unknown> | null
+  integrity: AuditIntegrity
+  /** Why the row did not open (not verified). */
+  problem?: string
   createdAt: Date
+}
+
+/** What the audit log can be listed by (all given must hold); `before` is the cursor of the last row of the previous page. */
+export interface AuditFilter {
+  keyId?: string
+  action?: string
+  actor?: string
+  before?: { createdAt: Date; id: string }
 }
 
 export function encryptionKeyId(key: Buffer): string {
@@ -134,6 +152,11 @@ export class AuditCipher {
     return { encKeyId: this.#current.id, nonce, details: body }
   }
 
+  /** Whether rows sealed with encryption key `encKeyId` can be opened (it is the current key or a previous one). */
+  knows(encKeyId: string): boolean {
+    return this.#keys.has(encKeyId)
+  }
+
   open(row: SealedRow, format: number, encKeyId: string, nonce: Uint8Array, sealed: Uint8Array): Record<string, unknown> {
     const rowId = row.id
     const key = this.#keys.get(encKeyId)
@@ -210,40 +233,66 @@ export class AuditLog {
     return row.id
   }
 
-  /** Newest first; `before` is the created_at/id cursor of the last row of the previous page. */
-  async list(db: Db, filter: { keyId?: string; limit?: number; before?: { createdAt: Date; id: string } } = {}): Promise<AuditRecord[]> {
+  /**
+   * Newest first, at most `limit` (1 to 1000). A row that does not open is listed all the same,
+   * without details, with its integrity and the problem: one altered or unreadable row hides
+   * neither the rows around it nor the fact that it is there.
+   */
+  async list(db: Db, filter: AuditFilter & { limit?: number } = {}): Promise<AuditRecord[]> {
+    return (await this.#select(db, filter, Math.min(Math.max(filter.limit ?? 100, 1), 1000))).map((r) => this.#open(r))
+  }
+
+  /** One page of `limit` rows, and whether more follow (the row after the page is counted, not opened). */
+  async page(db: Db, filter: AuditFilter, limit: number): Promise<{ items: AuditRecord[]; more: boolean }> {
+    const rows = await this.#select(db, filter, limit + 1)
+    return { items: rows.slice(0, limit).map((r) => this.#open(r)), more: rows.length > limit }
+  }
+
+  async #select(db: Db, filter: AuditFilter, limit: number): Promise<StoredRow[]> {
     const where: string[] = []
     const params: unknown[] = []
-    if (filter.keyId !== undefined) {
-      params.push(filter.keyId)
-      where.push(`key_id = $${params.length}`)
+    const equal = (column: string, value: string | undefined) => {
+      if (value === undefined) return
+      params.push(value)
+      where.push(`${column} = $${params.length}`)
     }
+    equal('key_id', filter.keyId)
+    equal('action', filter.action)
+    equal('actor', filter.actor)
     if (filter.before) {
       params.push(filter.before.createdAt, filter.before.id)
       where.push(`(created_at, id) < ($${params.length - 1}, $${params.length})`)
     }
-    params.push(Math.min(Math.max(filter.limit ?? 100, 1), 1000))
-    const rows = await db.query<{
-      id: string
-      key_id: string | null
-      action: string
-      actor: string
-      address: string | null
-      enc_key_id: string
-      nonce: Uint8Array
-      details: Uint8Array
-      created_at: Date
-      format: number
-    }>(
+    params.push(limit)
+    return db.query<StoredRow>(
       `SELECT id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format FROM api_key_audit_log
        ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
-    return rows.map((r) => {
-      const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
-      return { ...row, details: this.#cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details) }
-    })
   }
+
+  #open(r: StoredRow): AuditRecord {
+    const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
+    try {
+      return { ...row, details: this.#cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details), integrity: 'verified' }
+    } catch (err) {
+      if (!isKeygateError(err) || err.code !== 'audit_decrypt_failed') throw err
+      return { ...row, details: null, integrity: this.#cipher.knows(r.enc_key_id) ? 'failed' : 'key_missing', problem: err.message }
+    }
+  }
+}
+
+interface StoredRow {
+  id: string
+  key_id: string | null
+  action: string
+  actor: string
+  address: string | null
+  enc_key_id: string
+  nonce: Uint8Array
+  details: Uint8Array
+  created_at: Date
+  format: number
 }
 
 /** The times of transactions audit rows were written in, read once per transaction. */

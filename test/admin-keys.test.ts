@@ -162,6 +162,55 @@ await forEachStore(t, async (t, store) => {
     t.equal((await h.call('GET', `/v1/keys/${k.id}/audit?limit=9999`)).status, 400)
   })
 
+  await t.test('an audit row altered in the store is listed as failed; the rows around it are read, on every page', async (t) => {
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'tampered', type: 'user' } })).json
+    for (let i = 0; i < 5; i++) await h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: `tampered ${i}` } })
+    const all = (await h.call('GET', `/v1/keys/${k.id}/audit`)).json.items as Array<{ id: string; integrity: string }>
+    t.equal(all.length, 6)
+    t.ok(all.every((r) => r.integrity === 'verified'), 'every row verified')
+    // The third newest: before, it failed the page it was on with a 500, the page before it too
+    // (its look-ahead row), and no row older than it could be read.
+    const altered = all[2] as { id: string }
+    await h.db.query('UPDATE api_key_audit_log SET actor = $2 WHERE id = $1', [altered.id, 'key:someoneelse'])
+    const seen: Array<{ id: string; integrity: string; details: unknown; actor: string }> = []
+    let cursor = ''
+    for (let page = 0; page < 10; page++) {
+      const a = await h.call('GET', `/v1/keys/${k.id}/audit?limit=2${cursor}`)
+      t.equal(a.status, 200, `page ${page + 1}`)
+      seen.push(...a.json.items)
+      if (a.json.next_cursor === null) break
+      cursor = `&cursor=${a.json.next_cursor}`
+    }
+    t.same(seen.map((r) => r.id), all.map((r) => r.id), 'every row is listed, in order')
+    t.same(seen.map((r) => r.integrity), ['verified', 'verified', 'failed', 'verified', 'verified', 'verified'])
+    t.match(seen[2], { details: null, actor: 'key:someoneelse' }, 'the altered row: what the store says, and no details')
+    t.equal(seen[5]?.details !== null && (seen[5] as { details: { name?: string } }).details.name, 'tampered', 'the oldest row (key.created) is read')
+  })
+
+  await t.test('GET /v1/audit: every admin action, by key, action or actor', async (t) => {
+    const deny = (await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.0/24', reason: 'audit test' } })).json
+    await h.call('DELETE', `/v1/deny-list/${deny.id}`)
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'audited', type: 'user' } })).json
+    const denyRows = (await h.call('GET', '/v1/audit?action=deny_list.added')).json.items
+    t.ok(denyRows.length >= 1, 'a deny list change, which concerns no key (before, no route could read it)')
+    t.match(denyRows[0], { key_id: null, action: 'deny_list.added', integrity: 'verified', details: { cidr: '198.51.100.0/24' } })
+    t.match((await h.call('GET', '/v1/audit?action=deny_list.removed&limit=1')).json.items[0], { action: 'deny_list.removed', key_id: null })
+    const byKey = (await h.call('GET', `/v1/audit?key_id=${k.id}`)).json.items
+    t.same(byKey.map((r: { action: string }) => r.action), ['key.created'], 'by key')
+    const byActor = (await h.call('GET', `/v1/audit?actor=${encodeURIComponent(byKey[0].actor)}&limit=500`)).json.items as Array<{ actor: string }>
+    t.ok(byActor.length >= 3 && byActor.every((r) => r.actor === byKey[0].actor), 'by actor')
+    const newest = (await h.call('GET', '/v1/audit?limit=2')).json
+    t.equal(newest.items[0].id, byKey[0].id, 'newest first, whatever it concerns')
+    t.type(newest.next_cursor, 'string')
+    const next = (await h.call('GET', `/v1/audit?limit=2&cursor=${newest.next_cursor}`)).json
+    t.notOk(next.items.some((r: { id: string }) => newest.items.some((n: { id: string }) => n.id === r.id)), 'the next page goes on from there')
+    for (const query of ['action=DROP%20TABLE', 'key_id=', 'limit=0', 'colour=blue', 'actor=']) {
+      const a = await h.call('GET', `/v1/audit?${query}`)
+      t.equal(a.status, 400, query)
+      t.equal(a.json.error.code, 'validation_failed', query)
+    }
+  })
+
   await t.test('validate and import (the CLI through the API)', async (t) => {
     const k = (await h.call('POST', '/v1/keys', { body: { name: 'check me', type: 'user', allowed_cidrs: ['192.0.2.0/24'] } })).json
     const ok = await writes(t, h, 0, 'validate', () => h.call('POST', '/v1/keys/validate', { body: { key: k.key, address: '192.0.2.9' } }))

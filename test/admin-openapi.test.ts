@@ -81,6 +81,7 @@ t.test('real answers match the documented schemas', async (t) => {
     revokeKey: () => h.call('POST', `/v1/keys/${other.id}/revoke`),
     rotateKey: () => h.call('POST', `/v1/keys/${key.id}/rotate`),
     getKeyAudit: () => h.call('GET', `/v1/keys/${key.id}/audit`),
+    listAudit: () => h.call('GET', '/v1/audit?action=deny_list.added'),
     getStats: () => h.call('GET', '/v1/stats'),
     reportUsage: () => h.call('GET', `/v1/reports/usage?key_id=${key.id}`),
     reportTopKeys: () => h.call('GET', '/v1/reports/top-keys'),

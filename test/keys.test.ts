@@ -311,7 +311,7 @@ await forEachStore(t, async (t: Test, store) => {
 
     const rows = await s.audit.list(db, { keyId: record.id })
     t.same(rows.map((r) => r.action).sort(), ['key.created', 'key.updated', 'key.updated'])
-    const changes = rows.filter((r) => r.action === 'key.updated').map((r) => (r.details.changed as string[]).sort())
+    const changes = rows.filter((r) => r.action === 'key.updated').map((r) => (r.details?.changed as string[]).sort())
     t.same(changes.sort((x, y) => x.length - y.length), [
       ['expires_at', 'rate_limit', 'rotation_interval_s'],
       ['allowed_cidrs', 'expires_at', 'metadata', 'name', 'owner', 'rate_limit', 'rotation_interval_s', 'scopes'],

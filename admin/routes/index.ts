@@ -5,6 +5,7 @@ import type { Operation } from '../operation.ts'
 import acknowledgeAnomaly from './anomalies-ack.ts'
 import listAnomalies from './anomalies-list.ts'
 import streamAnomalies from './anomalies-stream.ts'
+import listAudit from './audit-list.ts'
 import addDenyEntry from './deny-list-add.ts'
 import listDenyList from './deny-list-list.ts'
 import removeDenyEntry from './deny-list-remove.ts'
@@ -47,6 +48,7 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   revokeKey,
   rotateKey,
   getKeyAudit,
+  listAudit,
   getStats,
   reportUsage,
   reportTopKeys,

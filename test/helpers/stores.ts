@@ -166,8 +166,8 @@ export function testServices(
  * row fail to open (test/audit.test.ts).
  */
 export async function backdateAudit(db: Db, cipher: AuditCipher, keyId: string, at: Date): Promise<void> {
-  for (const { details, ...row } of await new AuditLog(cipher).list(db, { keyId, limit: 1000 })) {
-    const sealed = cipher.seal({ ...row, createdAt: at }, details)
+  for (const { details, integrity: _integrity, problem: _problem, ...row } of await new AuditLog(cipher).list(db, { keyId, limit: 1000 })) {
+    const sealed = cipher.seal({ ...row, createdAt: at }, details ?? {})
     await db.query('UPDATE api_key_audit_log SET created_at = $2, enc_key_id = $3, nonce = $4, details = $5, format = $6 WHERE id = $1', [row.id, at, sealed.encKeyId, sealed.nonce, sealed.details, AUDIT_FORMAT])
   }
 }
