@@ -6,7 +6,7 @@ import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
-import { migrate } from '../core/migrate.ts'
+import { applyMigrations } from '../core/migrate.ts'
 import { VERSION } from '../core/package.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
@@ -193,15 +193,33 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
 async function runMigrate(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, {}, { min: 0, max: 0 }, 'keygate migrate [--json]')
   if (p.values.help) {
-    io.out('usage: keygate migrate [--json]\napplies pending migrations; safe to run from several instances at once\n')
+    io.out(
+      'usage: keygate migrate [--json]\n' +
+        'applies pending migrations; safe to run from several instances at once\n' +
+        'a database with migrations newer than this keygate (a newer one migrated it: a rolling upgrade, or a\n' +
+        'rollback of the binary) is reported on stderr (--json: "newer") and exits 0: each migration leaves\n' +
+        'the release before it working; nothing is undone\n',
+    )
     return EXIT_OK
   }
   const config = configFrom(p, io)
   const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2 })
   try {
-    const applied = await migrate(db)
-    if (p.values.json) printJson(io, { applied, store: db.kind })
-    else io.out(applied.length ? `applied ${applied.join(', ')}\n` : 'nothing to apply: the database is up to date\n')
+    const { applied, newer } = await applyMigrations(db)
+    // Exit 0 either way: the README's migration rule is that each migration leaves the release
+    // before it running, as `serve` and the other commands do on such a database (with a warning).
+    if (newer.length > 0) {
+      io.err(
+        `keygate: warning: the database has migrations newer than this keygate: ${newer.join(', ')}; ` +
+          'this keygate is older than the schema (a rolling upgrade, or a rollback of the binary). It runs on it, ' +
+          'since each migration leaves the release before it working, but it does not undo them: ' +
+          'roll back no further than the release before the one that applied them\n',
+      )
+    }
+    if (p.values.json) printJson(io, { applied, newer, store: db.kind })
+    else if (applied.length > 0) io.out(`applied ${applied.join(', ')}\n`)
+    else if (newer.length > 0) io.out('nothing to apply: the database is newer than this keygate\n')
+    else io.out('nothing to apply: the database is up to date\n')
     return EXIT_OK
   } finally {
     await db.close()

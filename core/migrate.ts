@@ -75,7 +75,7 @@ function compare(files: Migration[], done: Array<{ version: number; name: string
   return { pending: files.filter((f) => !doneVersions.has(f.version)), newer }
 }
 
-/** Applies pending migrations; returns the names applied by this call. */
+/** Applies pending migrations; returns the names applied by this call (not those a newer keygate recorded: see applyMigrations). */
 export async function migrate(db: Db, dir?: string): Promise<string[]> {
   return (await applyMigrations(db, dir)).applied
 }

@@ -7,7 +7,10 @@ import { join } from 'node:path'
 import type { Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
 import { MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
-import { forEachStore, freshDatabase, rejection } from './helpers/stores.ts'
+import { forEachStore, freshDatabase, rejection, STORE_KINDS } from './helpers/stores.ts'
+import { runCli } from './helpers/cli.ts'
+import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const FILES = readdirSync(MIGRATIONS_DIR).filter((f) => f.endsWith('.sql')).sort()
 
@@ -121,6 +124,37 @@ await forEachStore(
   },
   { migrated: false },
 )
+
+// Before: `keygate migrate`, the deploy/rollback step, said "nothing to apply: the database is up
+// to date" (--json: {"applied":[],"store":...}) on a database a newer keygate had migrated.
+for (const kind of STORE_KINDS) {
+  t.test(`${kind}: \`keygate migrate\` on a database a newer keygate migrated says so, and exits 0`, async (t) => {
+    const cwd = tempDir()
+    t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+    const store = kind === 'postgres' ? { DATABASE_URL: await freshDatabase(t) } : { KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'data')) }
+    const env = isolated({ ...store, LOG_LEVEL: undefined })
+    const first = await runCli(['migrate', '--json'], { cwd, env })
+    t.equal(first.code, 0, first.stderr)
+    t.same(first.json(), { applied: FILES, newer: [], store: kind }, '"newer" is there, empty, when there are none')
+    t.equal(first.stderr, '')
+
+    const db = await openDb(kind === 'postgres' ? { databaseUrl: store.DATABASE_URL } : { dataDir: store.KEYGATE_DATA_DIR })
+    await db.exec(`INSERT INTO keygate_migrations (version, name, checksum) VALUES (9998, '9998_future.sql', 'x'), (9999, '9999_later.sql', 'y')`)
+    await db.close()
+
+    const human = await runCli(['migrate'], { cwd, env })
+    t.equal(human.code, 0, 'exit 0: each migration leaves the release before it running')
+    t.equal(human.stdout, 'nothing to apply: the database is newer than this keygate\n')
+    t.notMatch(human.stdout + human.stderr, /up to date/)
+    t.match(human.stderr, /^keygate: warning: the database has migrations newer than this keygate: 9998_future\.sql, 9999_later\.sql; this keygate is older than the schema/)
+    t.equal(human.stderr.trimEnd().split('\n').length, 1, 'one warning line')
+
+    const json = await runCli(['migrate', '--json'], { cwd, env })
+    t.equal(json.code, 0)
+    t.same(json.json(), { applied: [], newer: ['9998_future.sql', '9999_later.sql'], store: kind })
+    t.match(json.stderr, /newer than this keygate: 9998_future\.sql, 9999_later\.sql/, 'the warning is on stderr with --json too')
+  })
+}
 
 t.test('postgres: six instances migrating one fresh database at once', async (t) => {
   const url = await freshDatabase(t)
