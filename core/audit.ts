@@ -175,40 +175,85 @@ export class AuditCipher {
   }
 }
 
+/** The encryption key the embedded store generates for itself when none is configured. */
+export function embeddedKeyFile(dataDir: string | undefined): string {
+  return join(resolve(dataDir ?? './.keygate'), 'encryption.key')
+}
+
+/** The encryption keys (their ids) a store holds something sealed with: audit rows and webhook secrets. */
+export async function sealedKeyIds(db: Queryable): Promise<string[]> {
+  const rows = await db.query<{ id: string }>(
+    `SELECT enc_key_id AS id FROM api_key_audit_log
+     UNION SELECT split_part(s, '.', 1) FROM webhooks, unnest(ARRAY[sealed_secret, sealed_previous_secret]) AS s WHERE s IS NOT NULL`,
+  )
+  return rows.map((r) => r.id)
+}
+
 /**
  * The audit cipher from configuration. With the embedded store and no key configured, one is
- * generated into the data folder (mode 0600) with a warning; with PostgreSQL a key is required,
- * since several instances must share it.
+ * generated into the data folder (mode 0600) with a warning, unless the store already holds
+ * rows or secrets sealed with another key (`sealed`: their key ids): then the file was lost, and
+ * a new key could open none of them, so keygate refuses to start. With PostgreSQL a key is
+ * required, since several instances must share it. With a key configured, the embedded store's
+ * generated key (if there is one) still opens what it sealed, as a previous key.
  */
 export function loadAuditCipher(options: {
   encryptionKey?: string | undefined
   previousKeys?: readonly string[]
   storeKind: 'postgres' | 'embedded'
   dataDir?: string
+  sealed?: readonly string[]
   log?: Logger
 }): AuditCipher {
   const previous = (options.previousKeys ?? []).map((k) => Buffer.from(k, 'base64'))
-  if (options.encryptionKey) return new AuditCipher(Buffer.from(options.encryptionKey, 'base64'), previous)
+  const file = embeddedKeyFile(options.dataDir)
+  if (options.encryptionKey) {
+    const key = Buffer.from(options.encryptionKey, 'base64')
+    if (options.storeKind === 'embedded' && existsSync(file)) {
+      try {
+        const generated = readKeyFile(file)
+        if (!generated.equals(key)) previous.push(generated)
+      } catch (err) {
+        options.log?.warn('the generated encryption key of the embedded store cannot be used as a previous key', { file, err: err as Error })
+      }
+    }
+    return new AuditCipher(key, previous)
+  }
   if (options.storeKind === 'postgres') {
     throw new KeygateError(
       'encryption_key_missing',
       'KEYGATE_ENCRYPTION_KEY is required with DATABASE_URL (every instance must share it): set it to the output of `openssl rand -base64 32`',
     )
   }
-  const file = join(resolve(options.dataDir ?? './.keygate'), 'encryption.key')
-  let text: string
-  try {
-    if (!existsSync(file)) {
+  if (!existsSync(file)) {
+    const known = new Set(previous.map(encryptionKeyId))
+    const orphaned = (options.sealed ?? []).filter((id) => !known.has(id))
+    if (orphaned.length > 0) {
+      throw new KeygateError(
+        'encryption_key_missing',
+        `${file} is missing, but the store holds audit rows or webhook secrets sealed with encryption key ${orphaned.join(', ')}: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
+      )
+    }
+    try {
       writeFileSync(file, randomBytes(32).toString('base64') + '\n', { mode: 0o600, flag: 'wx' })
       options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new KeygateError('config_invalid', `${file} cannot be created: ${systemErrorWords(err)}`, undefined, { cause: err })
     }
+  }
+  return new AuditCipher(readKeyFile(file), previous)
+}
+
+function readKeyFile(file: string): Buffer<ArrayBuffer> {
+  let text: string
+  try {
     text = readFileSync(file, 'utf8').trim()
   } catch (err) {
-    throw new KeygateError('config_invalid', `${file} cannot be read or created: ${systemErrorWords(err)}`, undefined, { cause: err })
+    throw new KeygateError('config_invalid', `${file} cannot be read: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
   const key = Buffer.from(text, 'base64')
   if (key.length !== 32) throw new KeygateError('config_invalid', `${file} does not hold 32 bytes in base64`)
-  return new AuditCipher(key, previous)
+  return key
 }
 
 export class AuditLog {

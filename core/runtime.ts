@@ -1,7 +1,8 @@
 // Opens what every command needs from the configuration: the store (migrated), the audit log
 // and the key service.
 import type { Config } from '../config/schema.ts'
-import { AuditLog, loadAuditCipher, type AuditCipher } from './audit.ts'
+import { existsSync } from 'node:fs'
+import { AuditLog, embeddedKeyFile, loadAuditCipher, sealedKeyIds, type AuditCipher } from './audit.ts'
 import { openDb, type Db } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { EventBus } from './events.ts'
@@ -28,13 +29,19 @@ export function keyServiceOptions(config: Config) {
 export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date } = {}): Promise<Runtime> {
   const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: config.store.pool_max, queryTimeoutMs: config.store.query_timeout_ms })
   try {
-    const cipher = loadAuditCipher({
-      encryptionKey: config.audit.encryption_key,
-      previousKeys: config.audit.previous_encryption_keys,
-      storeKind: db.kind,
-      dataDir: config.store.data_dir,
-      log,
-    })
+    const cipherOf = (sealed?: readonly string[]) =>
+      loadAuditCipher({
+        encryptionKey: config.audit.encryption_key,
+        previousKeys: config.audit.previous_encryption_keys,
+        storeKind: db.kind,
+        dataDir: config.store.data_dir,
+        ...(sealed ? { sealed } : {}),
+        log,
+      })
+    // PostgreSQL: a missing key is refused before anything else. The embedded store generates
+    // its own when none is configured, after its migrations, once it has seen that the store
+    // holds nothing sealed with a key that is lost.
+    let cipher = db.kind === 'postgres' ? cipherOf() : undefined
     let newer: string[]
     if (config.store.auto_migrate || db.kind === 'embedded') {
       const run = await applyMigrations(db)
@@ -46,6 +53,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       newer = state.newer
     }
     if (newer.length > 0) log.warn('the database has migrations newer than this keygate (a rolling upgrade?); running on them', { migrations: newer })
+    cipher ??= cipherOf(config.audit.encryption_key || existsSync(embeddedKeyFile(config.store.data_dir)) ? undefined : await sealedKeyIds(db))
     const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
     return { config, db, audit, cipher, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }

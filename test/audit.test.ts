@@ -1,7 +1,7 @@
 // The audit log: AES-256-GCM sealing of details, tamper detection, encryption key rotation, and
 // where the key comes from.
 import t from 'tap'
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
@@ -11,6 +11,8 @@ import { AuditCipher, AuditLog, encryptionKeyId, loadAuditCipher, type AuditReco
 import type { Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { forEachStore, rejection, TEST_ENCRYPTION_KEY } from './helpers/stores.ts'
+import { runCliHere } from './helpers/cli.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 const who = { actor: 'token', address: '2001:db8::7' }
 
@@ -333,6 +335,36 @@ t.test('loadAuditCipher', async (t) => {
 
     const explicit = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, encryptionKey: configured.toString('base64') })
     t.equal(explicit.currentKeyId, encryptionKeyId(configured), 'a configured key wins over the file')
+    // Before, what the generated key had sealed could no longer be read once a key was configured.
+    t.same(explicit.open(row('r', 'k', 'a'), 2, sealed.encKeyId, sealed.nonce, sealed.details), { same: true }, 'and the generated key opens what it sealed, as a previous key')
+
+    const lost = tempDir(t)
+    t.throws(
+      () => loadAuditCipher({ storeKind: 'embedded', dataDir: lost, sealed: [first.currentKeyId] }),
+      { code: 'encryption_key_missing', message: new RegExp(`encryption\\.key is missing, but the store holds audit rows or webhook secrets sealed with encryption key ${first.currentKeyId}: restore the file`) },
+      'a store holding rows sealed with a key file that is gone: refused',
+    )
+    t.same(readdirSync(lost), [], 'and no new key is generated over them')
+    const restored = loadAuditCipher({ storeKind: 'embedded', dataDir: lost, sealed: [first.currentKeyId], previousKeys: [key.toString('base64')] })
+    t.not(restored.currentKeyId, first.currentKeyId, 'with the lost key among the previous keys, a new one is generated')
+    t.same(restored.open(row('r', 'k', 'a'), 2, sealed.encKeyId, sealed.nonce, sealed.details), { same: true }, 'and the old rows open')
+  })
+
+  t.test('the embedded store whose key file was lost refuses to start rather than seal over its rows (the real command)', async (t) => {
+    const dataDir = await seedDataDir(join(tempDir(t), 'store'))
+    const env = { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, REDIS_URL: undefined }
+    const created = await runCliHere(['api-key', 'create', '--type', 'user', '--name', 'sealed', '--json'], { env })
+    t.equal(created.code, 0, created.stderr)
+    const file = join(dataDir, 'encryption.key')
+    rmSync(file)
+    const refused = await runCliHere(['api-key', 'list', '--json'], { env })
+    t.equal(refused.code, 1)
+    t.equal(refused.json().error.code, 'encryption_key_missing')
+    t.match(refused.json().error.message, /restore the file from its backup/)
+    t.notOk(existsSync(file), 'no key was generated')
+    const fresh = await seedDataDir(join(tempDir(t), 'fresh'))
+    t.equal((await runCliHere(['api-key', 'list', '--json'], { env: { ...env, KEYGATE_DATA_DIR: fresh } })).code, 0, 'a store with nothing sealed generates its key, as before')
+    t.ok(existsSync(join(fresh, 'encryption.key')))
   })
 
   t.test('a damaged key file is refused', async (t) => {
@@ -341,6 +373,6 @@ t.test('loadAuditCipher', async (t) => {
     t.throws(() => loadAuditCipher({ storeKind: 'embedded', dataDir: dir }), { code: 'config_invalid', message: /encryption\.key/ })
     const folder = tempDir(t)
     mkdirSync(join(folder, 'encryption.key'))
-    t.throws(() => loadAuditCipher({ storeKind: 'embedded', dataDir: folder }), { code: 'config_invalid', message: /encryption\.key cannot be read or created: it is a folder/ }, 'a folder where the key file belongs is named, not EISDIR')
+    t.throws(() => loadAuditCipher({ storeKind: 'embedded', dataDir: folder }), { code: 'config_invalid', message: /encryption\.key cannot be read: it is a folder/ }, 'a folder where the key file belongs is named, not EISDIR')
   })
 })
