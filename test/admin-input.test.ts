@@ -155,7 +155,7 @@ await forEachStore(t, async (t, store) => {
     () => 'ended',
   )
   await h.keys.revoke(admin.record.id, 'left', { actor: 'test' })
-  const outcome = await Promise.race([ended, new Promise((r) => setTimeout(() => r('still open after 2 s'), 2000))])
+  const outcome = await Promise.race([ended, new Promise((r) => setTimeout(() => r('still open after 2 s'), 2000).unref())])
   s.close()
   t.equal(outcome, 'ended', 'the stream of a revoked admin key ends')
 })

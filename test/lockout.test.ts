@@ -112,7 +112,8 @@ t.test('the failure that locks an address out is answered while Redis answers no
   await lockout.recordFailure(address)
   // Before, the attempt that reached the limit waited for its publish, which waited for Redis:
   // a frozen Redis held that answer (at the gateway and the admin API) until it woke up.
-  const outcome = await Promise.race([lockout.recordFailure(address).then(() => 'answered'), sleep(15_000).then(() => 'still waiting')])
+  // (The 15 s is unref'd: left running, it held the test process 15 s after its last test.)
+  const outcome = await Promise.race([lockout.recordFailure(address).then(() => 'answered'), new Promise((r) => setTimeout(() => r('still waiting'), 15_000).unref())])
   t.equal(outcome, 'answered', 'answered while Redis is still frozen')
   t.equal(lockout.lockedFor(address), 60, 'and locked out here')
   server.resume()
