@@ -522,8 +522,15 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
+    // The primary's own counts, added to the workers' in /metrics: its admin API's lockouts and
+    // ip_locked_out answers (before, a lockout begun by failed admin credentials was not counted).
+    const own = createMetricsRegistry({ defaultMetrics: false })
+    const ownLockout = role.admin ? createLockoutMetrics(own) : undefined
     // Failed admin credentials lock the address out of the workers' gateways too.
-    const lockout = processLockout(config, redis, log, { tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }) })
+    const lockout = processLockout(config, redis, log, {
+      tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }),
+      ...(ownLockout ? { onLockout: () => ownLockout.lockouts.inc() } : {}),
+    })
     // A worker that ends before any has listened (its address in use, its store out of reach)
     // ends the start, with exit 1, as a single process would: restarting it could only fail again.
     let anyListened = false
@@ -590,12 +597,12 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
             if (metrics) answers.set(w.id, metrics)
           }),
         )
-        const sum = clusterMetrics.sum(answers)
+        const sum = clusterMetrics.sum(answers, (await own.getMetricsAsJSON()) as unknown as MetricsJson)
         return { contentType: sum.contentType, body: await sum.metrics() }
       },
       isShuttingDown: () => shuttingDown,
     })
-    const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev) : undefined
+    const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev, undefined, () => ownLockout?.lockedOutRequests.inc()) : undefined
     if (api) routes.push(...api.routes)
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log), allowedHosts: config.admin.allowed_hosts })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no

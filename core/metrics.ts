@@ -381,10 +381,11 @@ export class ClusterMetrics {
   /**
    * The scrape: the workers' answers (by worker id) summed with the departed workers' counts, each
    * metric by its aggregator. A worker that did not answer (it is ending) adds its last counts; an
-   * answer from one that has ended since is in the departed total already.
+   * answer from one that has ended since is in the departed total already. `own`: the primary's
+   * own metrics, added in.
    */
-  sum(answers: ReadonlyMap<number, MetricsJson>): Registry {
+  sum(answers: ReadonlyMap<number, MetricsJson>, own: MetricsJson = []): Registry {
     const live = [...this.#last].map(([worker, last]) => answers.get(worker) ?? last.counts)
-    return AggregatorRegistry.aggregate([...live, this.#departed] as never)
+    return AggregatorRegistry.aggregate([...live, this.#departed, own] as never)
   }
 }

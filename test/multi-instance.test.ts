@@ -235,6 +235,23 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   t.equal(await s.stop(), 0)
 })
 
+t.test("--workers 2: the primary's own lockouts and ip_locked_out answers (its admin API's) are in /metrics", async (t) => {
+  const upstream = await startUpstream(t)
+  const env = await workersEnv(t, upstream.url, { RATE_LIMIT_MAX_ATTEMPTS: '2' })
+  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const gateway = `http://${s.logs.find((l) => l.msg === 'gateway listening')!.address as string}`
+  const admin = async () => (await request(`${s.admin}/v1/keys`, { headers: { authorization: `Bearer ${'x'.repeat(40)}` } })).statusCode
+  t.same([await admin(), await admin(), await admin()], [401, 401, 429], 'two failed admin credentials lock the address out')
+  // Before, the primary's counts were left out of the scrape, which summed the workers' alone.
+  t.equal(await metric(s, 'keygate_lockouts_total'), 1, 'the lockout the admin API began is counted')
+  t.equal(await metric(s, 'keygate_locked_out_requests_total'), 1, 'and its ip_locked_out answer')
+  await until(t, 'the workers are told', async () => (await request(`${gateway}/x`, { headers: { connection: 'close' } })).statusCode === 429)
+  const total = await metric(s, 'keygate_locked_out_requests_total')
+  t.ok(total >= 2, `the workers' answers add to it (${total})`)
+  t.equal(await metric(s, 'keygate_lockouts_total'), 1, 'one lockout in all')
+  t.equal(await s.stop(), 0)
+})
+
 /** The counter and histogram series of a scrape (histograms as their _bucket, _sum and _count series), by series. */
 function countSeries(text: string): Map<string, number> {
   const types = new Map([...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map(([, name, type]) => [name as string, type as string]))
