@@ -85,7 +85,8 @@ export const AuditPageSchema = Type.Object({ items: Type.Array(AuditSchema), nex
 
 /**
  * One page of the audit log for a route: the cursor read, the rows opened, and each row that did
- * not open logged as a warning (an altered row is listed, and also said out loud).
+ * not open logged as a warning (an altered row is listed, and also said out loud), by its key,
+ * action and time.
  */
 export async function auditPage(
   services: Pick<AdminServices, 'audit' | 'db' | 'log'>,
@@ -95,7 +96,10 @@ export async function auditPage(
   const limit = query.limit ?? 100
   const defined = Object.fromEntries(Object.entries(filter).filter(([, v]) => v !== undefined)) as AuditFilter
   const page = await services.audit.page(services.db, { ...defined, ...(query.cursor ? { before: decodeCursor(query.cursor) } : {}) }, limit)
-  for (const r of page.items) if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { audit_id: r.id, integrity: r.integrity, problem: r.problem })
+  // Located by key, action and time: the row's id is a UUID, which every log line scrubs (legacy keys have that shape).
+  for (const r of page.items) {
+    if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })
+  }
   const last = page.items[page.items.length - 1]
   return { items: page.items.map(auditJson), next_cursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
 }

@@ -7,6 +7,7 @@ import type { Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import { BOOTSTRAP_TOKEN, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { forEachStore } from './helpers/stores.ts'
+import { createLogger } from '../core/log.ts'
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest('hex')
 
@@ -23,7 +24,9 @@ async function writes<T>(t: Test, h: AdminHarness, n: number, what: string, fn: 
 }
 
 await forEachStore(t, async (t, store) => {
-  const h = await startAdmin(t, store.db)
+  // The admin API's log, for the warnings it writes.
+  const logLines: string[] = []
+  const h = await startAdmin(t, store.db, { log: createLogger({ level: 'warn', write: (line) => logLines.push(line) }) })
   const actor = `key:${h.adminKeyId}`
 
   await t.test('create', async (t) => {
@@ -185,6 +188,10 @@ await forEachStore(t, async (t, store) => {
     t.same(seen.map((r) => r.integrity), ['verified', 'verified', 'failed', 'verified', 'verified', 'verified'])
     t.match(seen[2], { details: null, actor: 'key:someoneelse' }, 'the altered row: what the store says, and no details')
     t.equal(seen[5]?.details !== null && (seen[5] as { details: { name?: string } }).details.name, 'tampered', 'the oldest row (key.created) is read')
+    const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === 'an audit row did not open')
+    t.ok(warned.length >= 1, 'and logged as a warning')
+    // By key, action and time: its id is a UUID, which the log scrubs (before, the line named no row).
+    t.match(warned[0], { level: 'warn', key_id: k.id, action: 'key.updated', created_at: (seen[2] as unknown as { created_at: string }).created_at, integrity: 'failed' })
   })
 
   await t.test('GET /v1/audit: every admin action, by key, action or actor', async (t) => {

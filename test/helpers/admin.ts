@@ -78,7 +78,7 @@ export interface AdminHarnessOptions {
   n8n?: N8nKeyService
   /** Shared windows, alerts and the SSE feed over Redis (as `serve` with REDIS_URL). */
   redis?: Redis
-  /** The admin server's log (default: none). */
+  /** The admin server's and its API's log (default: none). */
   log?: Logger
 }
 
@@ -120,7 +120,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       audit,
       denyList,
       lockout,
-      log: silentLogger,
+      log: options.log ?? silentLogger,
       token: BOOTSTRAP_TOKEN,
       maxBodyBytes: config.admin.max_body_bytes,
       maxStreamsPerCredential: config.admin.max_streams_per_credential,
