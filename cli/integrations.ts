@@ -132,7 +132,8 @@ function verifyCommand<V extends Verification>(o: {
         return EXIT_OK
       }
       const record = result.record ? ` (keygate record ${result.record.id}${result.record.deleted_at ? `, deleted ${result.record.deleted_at}` : ''})` : ''
-      ctx.io.err(`keygate: ${o.noun} refused: ${result.reason}${record}\n`)
+      const message = 'message' in result ? `: ${result.message}` : ''
+      ctx.io.err(`keygate: ${o.noun} refused: ${result.reason}${message}${record}\n`)
       return EXIT_REFUSED
     }
   })

@@ -2,7 +2,7 @@
 // keygate's own calls never provoke (a missing name, several tokens sharing a name, a token
 // header on the token routes, paging limits), and every answer checked against the excerpt.
 import t from 'tap'
-import { FakeGitea } from './helpers/fake-gitea.ts'
+import { FakeGitea, goParseInt } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
 
 const fake = new FakeGitea()
@@ -76,6 +76,65 @@ t.test('delete: by id, then by name; 404 and 422 as Gitea answers', async (t) =>
   t.match(await call('DELETE', '/users/alice/tokens/999999', alice), { status: 404 })
   const bobs = fake.tokens.find((x) => x.owner === 'bob') as { id: number }
   t.match(await call('DELETE', `/users/alice/tokens/${bobs.id}`, alice), { status: 404 }, "another user's token id")
+})
+
+t.test('user names ignore case, in Basic auth and in the path (Gitea looks up lower_name)', async (t) => {
+  t.match(await call('GET', '/user', basic('ALICE', 'alice-pw')), { status: 200, body: { login: 'alice' } })
+  t.match(await call('GET', '/users/Alice/tokens', alice), { status: 200 })
+  t.match(await call('GET', '/users/alice/tokens', basic('Alice', 'alice-pw')), { status: 200 }, 'the caller is the user itself whatever the case')
+  const made = await call('POST', '/users/ALICE/tokens', basic('aLiCe', 'alice-pw'), { name: 'cased', scopes: ['read:user'] })
+  t.equal(made.status, 201)
+  t.match(await call('DELETE', `/users/Alice/tokens/${made.body.id}`, alice), { status: 204 })
+})
+
+t.test('a user barred from signing in: 403 with the account state on every call', async (t) => {
+  const prohibited = 'This account is prohibited from signing in, please contact your site administrator.'
+  const eve = fake.addUser('eve', 'eve-pw', { prohibit_login: true })
+  const tok = fake.addToken('eve', 'eves', ['write:user'])
+  const narrow = fake.addToken('eve', 'narrow', ['read:repository'])
+  t.match(await call('GET', '/user', `token ${tok.sha1}`), { status: 403, body: { message: prohibited } })
+  t.match(await call('GET', '/user', `token ${narrow.sha1}`), { status: 403, body: { message: prohibited } }, 'before the scope check')
+  t.match(await call('GET', '/users/eve/tokens', basic('eve', tok.sha1)), { status: 403, body: { message: prohibited } }, 'a token as the Basic password')
+  t.match(await call('GET', '/version', `token ${tok.sha1}`), { status: 403 }, 'any API call')
+  t.match(await call('GET', '/user', basic('eve', 'eve-pw')), { status: 401, body: { message: /^user is not allowed login/ } }, "a suspended user's password fails the sign-in itself")
+  eve.prohibit_login = false
+  eve.active = false
+  t.match(await call('GET', '/users/eve/tokens', basic('eve', 'eve-pw')), { status: 403, body: { message: prohibited } }, 'inactive: prohibited')
+  eve.active = true
+  eve.must_change_password = true
+  t.match(await call('GET', '/user', basic('eve', 'eve-pw')), { status: 403, body: { message: `You must change your password. Change it at: ${fake.url}/user/change_password` } })
+  eve.must_change_password = false
+  t.match(await call('GET', '/user', `token ${tok.sha1}`), { status: 200, body: { login: 'eve', active: true, prohibit_login: false } })
+
+  const confirming = new FakeGitea({ registerEmailConfirm: true })
+  await confirming.start()
+  t.teardown(() => confirming.stop())
+  confirming.addUser('new', 'new-pw', { active: false })
+  const r = await fetch(`${confirming.url}/api/v1/user`, { headers: { authorization: basic('new', 'new-pw') } })
+  t.same({ status: r.status, body: await r.json() }, { status: 403, body: { message: 'This account is not activated.' } }, 'with REGISTER_EMAIL_CONFIRM: not activated')
+  checkAgainstSwagger(t, confirming.responses)
+})
+
+t.test("delete: the reference is parsed as Go's strconv.ParseInt(ref, 0, 64)", async (t) => {
+  t.equal(goParseInt('12'), 12n)
+  t.equal(goParseInt('010'), 8n, 'a leading 0 is octal')
+  t.equal(goParseInt('0x1f'), 31n)
+  t.equal(goParseInt('0X1F'), 31n)
+  t.equal(goParseInt('0o17'), 15n)
+  t.equal(goParseInt('0b101'), 5n)
+  t.equal(goParseInt('+7'), 7n)
+  t.equal(goParseInt('-7'), -7n)
+  t.equal(goParseInt('0x_1_0'), 16n, 'underscores after a prefix')
+  for (const bad of ['', '0', '1_0', '08', '0x', '1e3', 'abc', '0x1__0', '0x10_', ' 1']) t.equal(goParseInt(bad), 0n, JSON.stringify(bad))
+  t.equal(goParseInt('99999999999999999999'), (1n << 63n) - 1n, 'out of range: the bound (its error ignored)')
+  const a = fake.addToken('alice', 'hex', ['read:user'])
+  t.match(await call('DELETE', `/users/alice/tokens/0x${a.id.toString(16)}`, alice), { status: 204 }, 'hex id')
+  const b = fake.addToken('alice', 'octal', ['read:user'])
+  t.match(await call('DELETE', `/users/alice/tokens/0${b.id.toString(8)}`, alice), { status: 204 }, 'octal id')
+  t.notOk(fake.tokens.some((x) => x.id === a.id || x.id === b.id))
+  fake.addToken('alice', '1_0', ['read:user'])
+  t.match(await call('DELETE', '/users/alice/tokens/1_0', alice), { status: 204 }, 'not a number to Go: by name')
+  t.match(await call('DELETE', '/users/alice/tokens/99999999999999999999', alice), { status: 404 })
 })
 
 t.test('every answer matches the swagger excerpt', async (t) => {

@@ -125,6 +125,14 @@ t.test('the cycle on each store', async (t) => {
       t.match((await run(['delete', `gone-${kind}`])).stdout, /was already gone from Gitea; its record is closed/)
       t.equal((await run(['delete', String(drift.id)])).code, 0)
 
+      // A token of a user barred from signing in: refused, with Gitea's reason (before: exit 0, "Gitea accepts it").
+      fake.addUser(`barred-${kind}`, 'Barred-password-1', { prohibit_login: true })
+      const barred = fake.addToken(`barred-${kind}`, 'b', ['read:user'])
+      secrets.push(barred.sha1)
+      const barredRun = await run(['verify', barred.sha1])
+      t.equal(barredRun.code, 1)
+      t.match(barredRun.stderr, /token refused: account_barred: This account is prohibited from signing in/)
+
       const wrong = await run(['list', '--json'], { env: { GITEA_PASSWORD: 'Wrong-password-0' } })
       t.equal(wrong.code, 1)
       t.equal(wrong.json().error.code, 'gitea_auth_failed')

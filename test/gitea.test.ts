@@ -187,6 +187,80 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(new GiteaTokenService(integrationDeps(store.db, {})).verify('abc')), { code: 'gitea_not_configured', message: /set GITEA_URL/ })
   })
 
+  await t.test('a user barred from signing in: its tokens are not valid, and GITEA_USERNAME barred says so', async (t) => {
+    // Gitea's API middleware answers every call signed in as such a user with 403 and the
+    // account's state, before the scope check. Before, verify read any 403 as a missing scope:
+    // `valid: true, user: null`.
+    const dora = fake.addUser('dora', 'dora-Secret-pw-5', { prohibit_login: true })
+    const wide = fake.addToken('dora', 'wide', ['read:user'])
+    const narrow = fake.addToken('dora', 'narrow', ['read:repository'])
+    secrets.push(wide.sha1, narrow.sha1, 'dora-Secret-pw-5')
+    for (const token of [wide.sha1, narrow.sha1]) {
+      t.match(await gitea.verify(token), { valid: false, reason: 'account_barred', message: /^This account is prohibited from signing in/, record: null })
+    }
+    dora.prohibit_login = false
+    dora.active = false
+    t.match(await gitea.verify(wide.sha1), { valid: false, reason: 'account_barred', message: /prohibited from signing in/ }, 'an inactive user')
+    dora.active = true
+    dora.must_change_password = true
+    t.match(await gitea.verify(wide.sha1), { valid: false, reason: 'account_barred', message: /^You must change your password/ })
+    dora.must_change_password = false
+    t.match(await gitea.verify(wide.sha1), { valid: true, user: { login: 'dora' } }, 'allowed again: valid')
+    t.match(await gitea.verify(narrow.sha1), { valid: true, user: null, note: /read:user/ }, 'only the scope message means a missing scope')
+    fake.faults.push({ method: 'GET', status: 403, message: 'something else' })
+    t.match(await gitea.verify(wide.sha1), { valid: false, reason: 'forbidden', message: 'something else' }, 'another 403 is not taken for a valid token')
+
+    // GITEA_USERNAME itself barred (an inactive account still passes the password check):
+    // the token routes' 403 names the account's state, not a missing right over another user.
+    const alice = fake.user('alice') as { active: boolean; must_change_password: boolean }
+    alice.active = false
+    t.teardown(() => {
+      alice.active = true
+      alice.must_change_password = false
+    })
+    const barred = await rejection(gitea.list())
+    t.match(barred, { code: 'gitea_auth_failed', status: 502, message: /refuses every call of "alice" \(GITEA_USERNAME\): the account may not sign in: 403 This account is prohibited from signing in/ })
+    t.notMatch(barred.message, /manage the tokens/)
+    alice.active = true
+    alice.must_change_password = true
+    t.match(await rejection(gitea.create({ name: 'x', scopes: ['read:user'] }, actor)), { code: 'gitea_auth_failed', message: /may not sign in: 403 You must change your password/ })
+    alice.must_change_password = false
+  })
+
+  await t.test('user names ignore case, as in Gitea: a token made for "Alice" is one of alice\'s', async (t) => {
+    // Before: list showed it twice (alice not_recorded, Alice in_sync), and delete('mixed')
+    // deleted it in Gitea but left the record open (then deleted_remotely).
+    const made = await gitea.create({ name: 'mixed', scopes: ['read:user'], user: 'Alice' }, actor)
+    secrets.push(made.token)
+    t.match(fake.requests.at(-1), { method: 'POST', path: '/api/v1/users/Alice/tokens' })
+    t.ok(fake.tokens.some((x) => x.id === made.remote_id && x.owner === 'alice'), "Gitea made it alice's")
+    const list = await gitea.list()
+    const items = list.items.filter((i) => i.remote_id === made.remote_id)
+    t.equal(items.length, 1, 'listed once')
+    t.match(items[0], { state: 'in_sync', user: 'alice', local: { id: made.id } })
+    t.same(list.users.filter((u) => u.toLowerCase() === 'alice'), ['alice'], 'one entry for the user')
+    const deleted = await gitea.delete('mixed', actor)
+    t.match(deleted, { remote_missing: false, record: { id: made.id, deleted_by: 'cli:tester' } })
+    t.ok(deleted.record?.deleted_at, 'the record is closed')
+    t.notOk((await gitea.list()).items.some((i) => i.remote_id === made.remote_id), 'not listed again (not deleted_remotely)')
+
+    const lower = await gitea.create({ name: 'upper-delete', scopes: ['read:user'] }, actor)
+    secrets.push(lower.token)
+    t.match(await gitea.delete('upper-delete', actor, { user: 'ALICE' }), { remote_missing: false, record: { id: lower.id, deleted_at: /\d/ } }, 'a record made as alice is closed by a delete for ALICE')
+  })
+
+  await t.test('delete: keygate sends the id it resolved in plain decimal, never the reference as given', async (t) => {
+    // Gitea reads the reference with strconv.ParseInt(ref, 0, 64): "010" would be token 8.
+    // keygate reads "010" as 10 among the listed tokens and sends DELETE .../10, so the token
+    // deleted and the record closed are the same one.
+    const made = await gitea.create({ name: 'leading-zero', scopes: ['read:user'] }, actor)
+    secrets.push(made.token)
+    const ref = `0${made.remote_id}`
+    const d = await gitea.delete(ref, actor)
+    t.match(d, { remote_id: made.remote_id, remote_missing: false, record: { id: made.id, deleted_at: /\d/ } })
+    t.match(fake.requests.at(-1), { method: 'DELETE', path: `/api/v1/users/alice/tokens/${made.remote_id}` })
+  })
+
   await t.test('paging: every page is read, at most 50 a page', async (t) => {
     const made = Array.from({ length: 123 }, (_, i) => fake.addToken('alice', `bulk-${i}`, ['read:user']))
     for (const m of made) secrets.push(m.sha1)

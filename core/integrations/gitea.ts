@@ -76,6 +76,8 @@ export interface GiteaUser {
 export type GiteaVerification =
   | { valid: true; user: GiteaUser | null; note?: string; record: GiteaToken | null }
   | { valid: false; reason: 'malformed' | 'refused'; record: GiteaToken | null }
+  /** 403 other than the scope check: `account_barred` when Gitea says the owner may not sign in, else `forbidden`; `message` is Gitea's. */
+  | { valid: false; reason: 'account_barred' | 'forbidden'; message: string; record: GiteaToken | null }
 
 interface Row {
   id: string
@@ -120,6 +122,18 @@ function remoteToken(value: unknown): GiteaRemoteToken | null {
   }
 }
 
+/** Gitea's scope check (routers/api/v1/api.go): the only 403 that means the token lacks a scope. */
+const SCOPE_MESSAGE = /^token does not have at least one of required scope/i
+/**
+ * The 403s Gitea's API middleware (verifyAuthWithOptions, routers/api/shared/middleware.go)
+ * answers to every call authenticated as a user barred from signing in: inactive, prohibited
+ * from login, or made to change the password. The credential is fine; its owner is not.
+ */
+const ACCOUNT_MESSAGE = /^(This account is not activated|This account is prohibited from signing in|You must change your password)/i
+
+/** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
+const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
+
 /** A token can only travel in a header as visible ASCII; anything else is not a Gitea token. */
 const TOKEN_SHAPE = /^[\x21-\x7e]{1,512}$/
 
@@ -147,6 +161,9 @@ export class GiteaTokenService {
     const message = http.messageOf(res)
     if (res.status === 401) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refused the credentials of ${JSON.stringify(username)} (GITEA_USERNAME/GITEA_PASSWORD): 401 ${message}`)
+    }
+    if (res.status === 403 && ACCOUNT_MESSAGE.test(message)) {
+      return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refuses every call of ${JSON.stringify(username)} (GITEA_USERNAME): the account may not sign in: 403 ${message}`)
     }
     if (res.status === 403) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} does not let ${JSON.stringify(username)} manage the tokens of ${JSON.stringify(user)} (only the user or a site admin may): 403 ${message}`)
@@ -234,7 +251,7 @@ export class GiteaTokenService {
     const out: GiteaRemoteToken[] = []
     for (let page = 1; page <= MAX_PAGES; page++) {
       const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
-      if (res.status === 404 && page === 1 && user !== username && (await this.#answersAsConfiguredUser())) return out
+      if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return out
       if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
       for (const item of res.body) {
@@ -263,11 +280,14 @@ export class GiteaTokenService {
   async list(): Promise<GiteaTokenList> {
     const { http, username } = this.#client(true)
     const live = await this.#rows('base_url = $1 AND deleted_at IS NULL', [http.baseUrl])
-    const users = [...new Set([username, ...live.map((r) => r.username)])]
+    // One entry per Gitea user whatever the case a record was made with (`Alice` is `alice`):
+    // the first spelling seen names it, GITEA_USERNAME's first.
+    const users: string[] = []
+    for (const name of [username, ...live.map((r) => r.username)]) if (!users.some((u) => sameUser(u, name))) users.push(name)
     const items: GiteaListItem[] = []
     for (const user of users) {
       const remote = await this.#remoteTokens(user)
-      const local = live.filter((r) => r.username === user)
+      const local = live.filter((r) => sameUser(r.username, user))
       for (const t of remote) {
         const mine = local.find((r) => Number(r.remote_id) === t.id)
         items.push({ remote_id: t.id, name: t.name, user, state: trackState(t, mine), remote: t, local: mine ? toJson(mine) : null })
@@ -288,7 +308,9 @@ export class GiteaTokenService {
     const byId = /^\d{1,18}$/.test(ref) && Number(ref) > 0 ? Number(ref) : null
     const remote = await this.#remoteTokens(user)
     const target = remote.find((t) => t.id === byId) ?? remote.find((t) => t.name === ref)
-    const live = await this.#rows('base_url = $1 AND username = $2 AND deleted_at IS NULL', [http.baseUrl, user])
+    // Case-insensitive, as Gitea matches user names: a record made for `Alice` is `alice`'s. The
+    // live-records index (base_url, username) still narrows it by server.
+    const live = await this.#rows('base_url = $1 AND lower(username) = lower($2) AND deleted_at IS NULL', [http.baseUrl, user])
     const local = target
       ? live.find((r) => Number(r.remote_id) === target.id)
       : live.find((r) => Number(r.remote_id) === byId) ?? live.find((r) => r.name === ref)
@@ -326,7 +348,14 @@ export class GiteaTokenService {
     const res = await http.call('GET', '/api/v1/user', { headers: { authorization: `token ${secret}` } })
     if (res.status === 401) return { valid: false, reason: 'refused', record }
     if (res.status === 403) {
-      return { valid: true, user: null, note: 'Gitea accepted the token but it lacks the read:user scope, so Gitea does not say whose it is', record }
+      // Only the scope check's 403 means an accepted token; the same status also says the owner
+      // is barred from signing in (suspended, not activated, must change the password), and then
+      // Gitea refuses every call the token makes.
+      const message = http.messageOf(res)
+      if (SCOPE_MESSAGE.test(message)) {
+        return { valid: true, user: null, note: 'Gitea accepted the token but it lacks the read:user scope, so Gitea does not say whose it is', record }
+      }
+      return { valid: false, reason: ACCOUNT_MESSAGE.test(message) ? 'account_barred' : 'forbidden', message, record }
     }
     if (res.status !== 200) throw http.failure('check the token', res)
     const u = res.body as { id?: unknown; login?: unknown; email?: unknown; is_admin?: unknown }

@@ -99,7 +99,8 @@ export const GiteaVerificationSchema = Type.Object({
   valid: Type.Boolean(),
   user: Type.Optional(Nullable(Type.Object({ id: Type.Integer(), login: Type.String(), email: Nullable(Type.String()), is_admin: Type.Boolean() }))),
   note: Type.Optional(Type.String()),
-  reason: Type.Optional(Type.Union([Type.Literal('malformed'), Type.Literal('refused')])),
+  reason: Type.Optional(Type.Union([Type.Literal('malformed'), Type.Literal('refused'), Type.Literal('account_barred'), Type.Literal('forbidden')])),
+  message: Type.Optional(Type.String({ description: "Gitea's message, for a 403 other than the scope check (account_barred: the owner may not sign in)." })),
   record: Nullable(GiteaTokenSchema),
 })
 

@@ -13,6 +13,12 @@ export interface FakeUser {
   password: string
   email: string
   is_admin: boolean
+  /** `false`: not activated, or disabled by an admin (Gitea's IsActive). */
+  active: boolean
+  /** Suspended by an admin (Gitea's ProhibitLogin). */
+  prohibit_login: boolean
+  /** Made to change the password at the next sign-in (Gitea's MustChangePassword). */
+  must_change_password: boolean
 }
 
 interface StoredToken {
@@ -22,6 +28,9 @@ interface StoredToken {
   sha1: string
   scopes: string[]
 }
+
+/** A sign-in: the user (and the token, when one stood for the password), a suspended user's password, or none. */
+type SignIn = { user: FakeUser; token?: StoredToken } | { prohibited: FakeUser } | 'none' | 'bad'
 
 export interface RecordedResponse {
   method: string
@@ -53,9 +62,48 @@ function grants(scopes: string[], need: string): boolean {
 
 export interface FakeGiteaOptions {
   version?: string
+  /** [service] REGISTER_EMAIL_CONFIRM: an inactive user is "not activated" rather than "prohibited". */
+  registerEmailConfirm?: boolean
+}
+
+/**
+ * Go's strconv.ParseInt(s, 0, 64) as Gitea's DeleteAccessToken ignores its error: a sign, then
+ * 0x/0o/0b or a leading 0 (octal) picks the base, `_` may separate digits after a prefix; a
+ * syntax error is 0, a value out of range is the int64 bound (never a token id).
+ */
+export function goParseInt(s: string): bigint {
+  const m = /^([+-]?)(.*)$/s.exec(s) as RegExpExecArray
+  const [, sign, rest = ''] = m
+  let base = 10
+  let digits = rest
+  const prefix = /^0([xXoObB])/.exec(rest)
+  if (prefix) {
+    base = { x: 16, o: 8, b: 2 }[(prefix[1] as string).toLowerCase() as 'x' | 'o' | 'b']
+    digits = rest.slice(2)
+  } else if (rest.length > 1 && rest.startsWith('0')) {
+    base = 8
+    digits = rest.slice(1)
+  }
+  // Underscores only with a base prefix (base 0 syntax), each between digits ("0x_1" is allowed: after the prefix).
+  const underscores = digits.includes('_')
+  if (underscores) {
+    if (!prefix && !(base === 8 && rest.startsWith('0'))) return 0n
+    if (digits.endsWith('_') || digits.includes('__') || (!prefix && digits.startsWith('_'))) return 0n
+    digits = digits.replaceAll('_', '')
+  }
+  const alphabet = '0123456789abcdef'.slice(0, base)
+  if (digits === '' || [...digits.toLowerCase()].some((c) => !alphabet.includes(c))) return 0n
+  let n = 0n
+  for (const c of digits.toLowerCase()) n = n * BigInt(base) + BigInt(alphabet.indexOf(c))
+  const value = sign === '-' ? -n : n
+  const max = (1n << 63n) - 1n
+  if (value > max) return max
+  if (value < -max - 1n) return -max - 1n
+  return value
 }
 
 export class FakeGitea {
+  /** By lower-case login: Gitea matches user names ignoring case (`lower_name`). */
   readonly users = new Map<string, FakeUser>()
   readonly tokens: StoredToken[] = []
   readonly responses: RecordedResponse[] = []
@@ -88,15 +136,40 @@ export class FakeGitea {
     await new Promise<void>((resolve) => this.#server.close(() => resolve()))
   }
 
-  addUser(login: string, password: string, options: { is_admin?: boolean } = {}): FakeUser {
-    const user = { id: this.users.size + 1, login, password, email: `${login}@example.test`, is_admin: options.is_admin === true }
-    this.users.set(login, user)
+  addUser(login: string, password: string, options: { is_admin?: boolean; active?: boolean; prohibit_login?: boolean; must_change_password?: boolean } = {}): FakeUser {
+    const user = {
+      id: this.users.size + 1,
+      login,
+      password,
+      email: `${login}@example.test`,
+      is_admin: options.is_admin === true,
+      active: options.active !== false,
+      prohibit_login: options.prohibit_login === true,
+      must_change_password: options.must_change_password === true,
+    }
+    this.users.set(login.toLowerCase(), user)
     return user
+  }
+
+  /** The user of that name, ignoring case as Gitea does. */
+  user(name: string): FakeUser | undefined {
+    return this.users.get(name.toLowerCase())
+  }
+
+  /**
+   * The 403 Gitea's API middleware (verifyAuthWithOptions) answers to any call signed in as a
+   * user barred from signing in, before the route's own checks; null when the user may.
+   */
+  #barred(user: FakeUser): string | null {
+    if (!user.active && this.#options.registerEmailConfirm === true) return 'This account is not activated.'
+    if (!user.active || user.prohibit_login) return 'This account is prohibited from signing in, please contact your site administrator.'
+    if (user.must_change_password) return `You must change your password. Change it at: ${this.url}/user/change_password`
+    return null
   }
 
   /** A token made as if through Gitea's own UI (not by keygate); returns its secret. */
   addToken(owner: string, name: string, scopes: string[]): { id: number; sha1: string } {
-    const t = { id: this.#nextId++, owner, name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes) }
+    const t = { id: this.#nextId++, owner: this.user(owner)?.login ?? owner, name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes) }
     this.tokens.push(t)
     return { id: t.id, sha1: t.sha1 }
   }
@@ -120,18 +193,36 @@ export class FakeGitea {
     this.#send(req, res, operation, status, body)
   }
 
-  /** The user a Basic header names when its password (or one of the user's tokens) matches. */
-  #basic(header: string | undefined): { user: FakeUser; token?: StoredToken } | 'none' | 'bad' {
+  /**
+   * The user a Basic header names (any case) when its password (or one of the user's tokens)
+   * matches. A password sign-in of a suspended user fails in Gitea's UserSignIn (401, 'prohibited');
+   * a token as the password signs in, and the middleware then answers 403.
+   */
+  #basic(header: string | undefined): SignIn {
     const m = /^Basic\s+(\S+)$/i.exec(header ?? '')
     if (!m) return 'none'
     const text = Buffer.from(m[1] as string, 'base64').toString('utf8')
     const colon = text.indexOf(':')
-    const user = this.users.get(text.slice(0, colon))
+    const user = this.user(text.slice(0, colon))
     const secret = text.slice(colon + 1)
     if (!user || colon < 0) return 'bad'
-    if (secret === user.password) return { user }
+    if (secret === user.password) return user.prohibit_login ? { prohibited: user } : { user }
     const token = this.tokens.find((t) => t.owner === user.login && t.sha1 === secret)
     return token ? { user, token } : 'bad'
+  }
+
+  /** Who a request is signed in as (token header or Basic), as Gitea's API auth group decides before any route. */
+  #signedIn(header: string | undefined): SignIn {
+    const m = /^(?:token|bearer)\s+(\S+)$/i.exec(header ?? '')
+    if (!m) return this.#basic(header)
+    const token = this.tokens.find((t) => t.sha1 === m[1])
+    const user = token ? this.user(token.owner) : undefined
+    return token && user ? { user, token } : 'bad'
+  }
+
+  #sendBarred(req: http.IncomingMessage, res: http.ServerResponse, operation: string, message: string): void {
+    // The middleware writes ctx.JSON(403, {"message": ...}): no `url`.
+    this.#send(req, res, operation, 403, { message })
   }
 
   async #handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
@@ -153,6 +244,16 @@ export class FakeGitea {
       return this.#error(req, res, operation, f.status, f.message)
     }
     if (!url.pathname.startsWith('/api/v1/')) return this.#error(req, res, url.pathname, 404, 'Not Found')
+    // Gitea's API middleware, before every route: a signed-in user barred from signing in gets 403.
+    const signed = this.#signedIn(req.headers.authorization)
+    if (typeof signed === 'object' && 'prohibited' in signed) {
+      // Gitea's UserSignIn refuses the password of a suspended user; apiAuth answers 401 with its error.
+      return this.#error(req, res, operation, 401, `user is not allowed login [uid: ${signed.prohibited.id}, name: ${signed.prohibited.login}]`)
+    }
+    if (typeof signed === 'object') {
+      const barred = this.#barred(signed.user)
+      if (barred !== null) return this.#sendBarred(req, res, operation, barred)
+    }
 
     if (path === '/version' && method === 'GET') return this.#send(req, res, '/version', 200, { version: this.#options.version ?? '1.22.6' })
     if (path === '/user' && method === 'GET') return this.#currentUser(req, res)
@@ -163,12 +264,12 @@ export class FakeGitea {
     // Basic (or reverse-proxy) auth is required on the whole group; a token header alone is not enough.
     const auth = this.#basic(req.headers.authorization)
     if (auth === 'none') return this.#error(req, res, operation, 401, 'auth required')
-    if (auth === 'bad') return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
+    if (auth === 'bad' || 'prohibited' in auth) return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
     const need = method === 'GET' ? 'read:user' : 'write:user'
     if (auth.token && !grants(auth.token.scopes, need)) {
       return this.#error(req, res, operation, 403, `token does not have at least one of required scope(s), required=[${need}], token scope=${auth.token.scopes.join(',')}`)
     }
-    const target = this.users.get(decodeURIComponent(m[1] as string))
+    const target = this.user(decodeURIComponent(m[1] as string))
     if (!target) return this.#error(req, res, operation, 404, 'user does not exist')
     if (auth.user.login !== target.login && !auth.user.is_admin) return this.#error(req, res, operation, 403, 'only the user or a site admin may manage its access tokens')
 
@@ -187,10 +288,10 @@ export class FakeGitea {
       if (!grants(token.scopes, 'read:user')) {
         return this.#error(req, res, '/user', 403, `token does not have at least one of required scope(s), required=[read:user], token scope=${token.scopes.join(',')}`)
       }
-      user = this.users.get(token.owner)
+      user = this.user(token.owner)
     } else {
       const auth = this.#basic(header)
-      if (typeof auth === 'string') return this.#error(req, res, '/user', 401, 'token is required')
+      if (typeof auth === 'string' || 'prohibited' in auth) return this.#error(req, res, '/user', 401, 'token is required')
       user = auth.user
     }
     if (!user) return this.#error(req, res, '/user', 401, 'user does not exist')
@@ -207,8 +308,8 @@ export class FakeGitea {
       last_login: '2026-01-01T00:00:00Z',
       created: '2025-01-01T00:00:00Z',
       restricted: false,
-      active: true,
-      prohibit_login: false,
+      active: user.active,
+      prohibit_login: user.prohibit_login,
       location: '',
       website: '',
       description: '',
@@ -248,10 +349,11 @@ export class FakeGitea {
   }
 
   #delete(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, ref: string): void {
-    const id = /^\d+$/.test(ref) ? Number(ref) : 0
+    // Gitea: strconv.ParseInt(ref, 0, 64), its error ignored; only 0 falls back to the name.
+    const id = goParseInt(ref)
     let matches: StoredToken[]
-    if (id > 0) {
-      matches = this.tokens.filter((t) => t.id === id && t.owner === user.login)
+    if (id !== 0n) {
+      matches = this.tokens.filter((t) => BigInt(t.id) === id && t.owner === user.login)
     } else {
       matches = this.tokens.filter((t) => t.owner === user.login && t.name === ref)
       if (matches.length > 1) return this.#error(req, res, operation, 422, `multiple matches for token name '${ref}'`)

@@ -18,12 +18,13 @@ export const SWAGGER = JSON.parse(readFileSync(new URL('../fixtures/gitea-tokens
 
 /**
  * Real statuses the excerpt does not declare: GITEA.md's "Also real but not declared" (401, 422,
- * 500), the 403 of the token-scope check on GET /user (GITEA.md, "Verify"), and the 404 Gitea's
+ * 500), the 403 of the token-scope check on GET /user (GITEA.md, "Verify"), the 404 Gitea's
  * `{username}` lookup (context.UserAssignmentAPI, not in GITEA.md) answers for an unknown user
- * before the token handlers run.
+ * before the token handlers run, and the 403 Gitea's API middleware (verifyAuthWithOptions)
+ * answers to any call signed in as a user barred from signing in, GET /version included.
  */
 const UNDECLARED_BUT_REAL = ['401', '422', '500']
-const UNDECLARED_ON: Record<string, string[]> = { 'GET /user': ['403'], 'GET /users/{username}/tokens': ['404'], 'POST /users/{username}/tokens': ['404'] }
+const UNDECLARED_ON: Record<string, string[]> = { 'GET /user': ['403'], 'GET /version': ['403'], 'GET /users/{username}/tokens': ['404'], 'POST /users/{username}/tokens': ['404'] }
 
 function closed(definition: Record<string, unknown>): Record<string, unknown> {
   return { ...definition, additionalProperties: false }
