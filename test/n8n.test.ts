@@ -108,6 +108,34 @@ await forEachStore(t, async (t, store) => {
     t.match(await keys.verify('garbage'), { valid: false, reason: 'refused', record: null })
   })
 
+  await t.test('two creates with one label at once: one key, the other n8n_key_exists', async (t) => {
+    // Before: both passed the label check, n8n refused the second POST with the text it gives a
+    // same-second key ("There is already an entry with this name"), and keygate retried it three
+    // times, then answered n8n_error 502 "issued a key identical to an earlier one three times".
+    const other = new N8nKeyService(integrationDeps(store.db, env()))
+    t.teardown(() => other.close())
+    await other.allowedScopes() // logged in, as `keys` is, so the two creates keep pace
+    for (const [how, second, days] of [['one service', keys, 61], ['two services (two keygate instances)', other, 62]] as const) {
+      const label = `race-${second === keys ? 'one' : 'two'}-${store.kind}`
+      // An expiry no other key has: no key made in the same second elsewhere is its twin (those
+      // are retried rightly), so n8n refuses here for the label only.
+      const body = { label, scopes: ['workflow:list'], expires_at: new Date(Date.now() + days * 86_400_000).toISOString() }
+      const retries = () => capturedLogs.filter((l) => l.includes('creating it again')).length
+      const retriesBefore = retries()
+      const results = await Promise.allSettled([keys.create(body, actor), second.create(body, actor)])
+      const made = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []))
+      const refused = results.flatMap((r) => (r.status === 'rejected' ? [r.reason] : []))
+      secrets.push(...made.map((m) => m.key))
+      t.equal(made.length, 1, `${how}: one create succeeds`)
+      t.equal(refused.length, 1, `${how}: one is refused`)
+      t.match(refused[0], { code: 'n8n_key_exists', status: 409, message: new RegExp(`already has an API key labelled "${label}"`) }, `${how}: as a sequential duplicate is`)
+      t.equal(retries(), retriesBefore, `${how}: the refusal is not retried`)
+      t.equal((await store.db.query('SELECT id FROM n8n_api_keys WHERE label = $1', [label])).length, 1, `${how}: one record`)
+      t.equal((await keys.list()).items.filter((i) => i.label === label).length, 1, `${how}: one key in n8n`)
+      for (const m of made) await keys.delete(m.remote_id, actor)
+    }
+  })
+
   await t.test('drift: deleted in n8n by hand, made in n8n by hand', async (t) => {
     const gone = await keys.create({ label: `gone-${store.kind}`, scopes: ['workflow:list'] }, actor)
     secrets.push(gone.key)

@@ -122,6 +122,8 @@ export class N8nKeyService {
   readonly #deps: IntegrationDeps
   #http: IntegrationHttp | undefined
   #cookie: string | undefined
+  /** The creates under way in this service, by label: a second one with a label waits for the first. */
+  readonly #creating = new Map<string, Promise<unknown>>()
 
   constructor(deps: IntegrationDeps) {
     this.#deps = deps
@@ -193,8 +195,29 @@ export class N8nKeyService {
     return this.#deps.db.query<Row>(`SELECT ${COLUMNS} FROM n8n_api_keys WHERE ${where} ORDER BY created_at, id`, params)
   }
 
+  /** Refuses a label one of n8n's keys already has: labels name keys for delete. */
+  async #assertLabelFree(label: string): Promise<void> {
+    if ((await this.#remoteKeys()).some((k) => k.label === label)) {
+      throw new KeygateError('n8n_key_exists', `n8n at ${(this.#http as IntegrationHttp).baseUrl} already has an API key labelled ${JSON.stringify(label)}; labels name keys for delete, so they are kept unique`)
+    }
+  }
+
   async create(body: unknown, actor: Actor): Promise<N8nKeyCreated> {
     const input = assertValid<CreateN8nKeyInput>(CreateN8nKeyBody, body)
+    // Creates with one label run one after the other here, so the second finds the first's key in
+    // its label check; creates from another process are caught when n8n refuses the label.
+    const before = this.#creating.get(input.label) ?? Promise.resolve()
+    const mine = before.then(() => this.#create(input, actor))
+    const settled = mine.catch(() => undefined)
+    this.#creating.set(input.label, settled)
+    try {
+      return await mine
+    } finally {
+      if (this.#creating.get(input.label) === settled) this.#creating.delete(input.label)
+    }
+  }
+
+  async #create(input: CreateN8nKeyInput, actor: Actor): Promise<N8nKeyCreated> {
     const expires = input.expires_at ? new Date(input.expires_at) : null
     if (expires && expires.getTime() <= Date.now()) {
       throw fieldInvalid('expires_at', `${input.expires_at} is in the past`)
@@ -208,9 +231,7 @@ export class N8nKeyService {
         allowed,
       })
     }
-    if ((await this.#remoteKeys()).some((k) => k.label === input.label)) {
-      throw new KeygateError('n8n_key_exists', `n8n at ${http.baseUrl} already has an API key labelled ${JSON.stringify(input.label)}; labels name keys for delete, so they are kept unique`)
-    }
+    await this.#assertLabelFree(input.label)
     const { created, key } = await this.#createDistinct(input, expires, allowed)
     const row: Row = {
       id: recordId('nk'),
@@ -252,7 +273,9 @@ export class N8nKeyService {
    * one user made in the same second are the same string: n8n refuses the second one ("There is
    * already an entry with this name", 500), and a key deleted earlier in that second would be
    * issued again and work again. Both are detected (the second by the hash keygate kept of the
-   * deleted key) and the creation is repeated in the next second.
+   * deleted key) and the creation is repeated in the next second. n8n gives the same refusal for a
+   * label its user already has (it keeps (user, label) unique), as when another create with this
+   * label, from another keygate, passed the label check at the same time: the list tells which.
    */
   async #createDistinct(input: CreateN8nKeyInput, expires: Date | null, allowed: string[]): Promise<{ created: N8nRemoteKey; key: string }> {
     const { http } = this.#client(true)
@@ -268,6 +291,7 @@ export class N8nKeyService {
         throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })
       }
       if (res.status === 500 && /already an entry/i.test(http.messageOf(res))) {
+        await this.#assertLabelFree(input.label)
         await again('refused as a duplicate')
         continue
       }
