@@ -3,7 +3,7 @@
 // which one process owns, can be managed while the server runs. The server's error codes come
 // back as the same KeygateErrors, so exit codes and messages match the local commands.
 import { ERRORS, KeygateError, keyNotFound, type ErrorCode } from '../core/errors.ts'
-import { checkImportSize } from '../core/keys/service.ts'
+import { checkImportSize, emptyImport } from '../core/keys/service.ts'
 import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
 
@@ -36,32 +36,59 @@ export function keyFromJson(j: KeyJson): KeyRecord {
   }
 }
 
+/** Methods that change something: a call of one that times out may have been carried out. */
+const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
+
 export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
   const base = baseUrl.replace(/\/+$/, '')
+  // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
+  // words of fetch's own errors included).
+  const hide = (text: string) => text.replace(/\/\/[^/@\s]*@/g, '//<hidden>@')
+  const shown = hide(base)
+  const timeoutMs = options.timeoutMs ?? 30_000
+  const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is KEYGATE_ADMIN_URL the admin listener?`)
   const call = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
     let res: Response
+    let text: string
     try {
       res = await fetch(base + path, {
         method,
         headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
         ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-        signal: AbortSignal.timeout(options.timeoutMs ?? 30_000),
+        signal: AbortSignal.timeout(timeoutMs),
+        // A redirect would drop the credential on another origin and turn a POST into a GET.
+        redirect: 'manual',
       })
+      text = await res.text()
     } catch (err) {
       const cause = (err as { cause?: { code?: string; message?: string } }).cause
-      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${base} (KEYGATE_ADMIN_URL): ${cause?.code ?? cause?.message ?? (err as Error).message}`)
+      if ((err as Error).name === 'TimeoutError' && CHANGES.has(method)) {
+        // Sent, and no answer: the change may have been made (a rotation's new key then exists,
+        // its secret never shown). Said as such, never as "cannot reach".
+        throw new KeygateError(
+          'admin_unavailable',
+          `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; the change may or may not have been made: check with \`keygate api-key get\` (or list) before you try again`,
+        )
+      }
+      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL): ${hide(cause?.code ?? cause?.message ?? (err as Error).message)}`)
     }
-    const text = await res.text()
+    if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
     let json: unknown
     try {
       json = JSON.parse(text)
     } catch {
-      throw new KeygateError('admin_unavailable', `the admin API at ${base} answered ${res.status} without JSON; is KEYGATE_ADMIN_URL the admin listener?`)
+      throw unavailable(`the admin API at ${shown} answered ${res.status} without JSON`)
     }
-    if (res.ok) return json as T
-    const error = (json as { error?: { code?: string; message?: string; details?: Record<string, unknown> } }).error
-    const code = (error?.code && error.code in ERRORS ? error.code : 'internal_error') as ErrorCode
-    throw new KeygateError(code, `${error?.message ?? `HTTP ${res.status}`} (admin API at ${base})`, error?.details)
+    const error = (json as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } } | null)?.error
+    if (res.ok) {
+      if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${JSON.stringify(json)}, not an object`)
+      return json as T
+    }
+    // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.
+    if (typeof error?.code !== 'string' || !(error.code in ERRORS) || typeof error.message !== 'string') {
+      throw unavailable(`the admin API at ${shown} answered ${res.status} without a keygate error`)
+    }
+    throw new KeygateError(error.code as ErrorCode, `${error.message} (admin API at ${shown})`, error.details)
   }
   // '', '.' and '..' are no key's id, and no URL carries them as a path segment (fetch resolves
   // dot segments, even escaped): answered as the store answers them, not as another route.
@@ -102,8 +129,9 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       return { total: s.total, byType: s.by_type, byStatus: s.by_status, legacy: s.legacy, expiringSoon: s.expiring_soon } as Awaited<ReturnType<KeyOperations['stats']>>
     },
     async importLegacy(rows, type) {
-      // The store's own answer, where the admin API's schema would say validation_failed.
+      // The store's own answers, where the admin API's schema would say validation_failed.
       checkImportSize(rows.length)
+      if (rows.length === 0) throw emptyImport()
       const r = await call<{ items: KeyJson[] }>('POST', '/v1/keys/import', { rows, ...(type !== undefined ? { type } : {}) })
       return r.items.map(keyFromJson)
     },

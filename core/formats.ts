@@ -40,10 +40,14 @@ export function parseListen(value: string): { host: string; port: number } | und
   return { host, port }
 }
 
+/**
+ * An http(s) URL with a host and no user:password@: a credential there would be shown wherever
+ * the URL is (messages, logs), and each such setting has its own credential settings.
+ */
 function isHttpUrl(value: string): boolean {
   try {
     const u = new URL(value)
-    return (u.protocol === 'http:' || u.protocol === 'https:') && u.hostname !== ''
+    return (u.protocol === 'http:' || u.protocol === 'https:') && u.hostname !== '' && u.username === '' && u.password === ''
   } catch {
     return false
   }
@@ -53,7 +57,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'],
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7'],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
-  'http-url': [isHttpUrl, 'an http:// or https:// URL'],
+  'http-url': [isHttpUrl, 'an http:// or https:// URL without user:password@'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
   'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
   'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v), 'a path starting with / without ?, # or dot segments'],

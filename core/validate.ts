@@ -129,6 +129,8 @@ export function showValue(value: unknown, secret = false): string {
   // A secret where a value of another shape belongs (a key pasted as the whole body or import
   // row) is not shown either: anything shaped like a key goes, as in the log.
   s = scrub(s)
+  // Nor the user:password@ of a URL.
+  s = s.replace(/(\/\/)[^/@\s"]*@/g, '$1<hidden>@')
   return s.length > 80 ? s.slice(0, 77) + '...' : s
 }
 

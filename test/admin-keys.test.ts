@@ -5,6 +5,8 @@ import { remoteOperations } from '../cli/remote-operations.ts'
 import t from 'tap'
 import type { Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { BOOTSTRAP_TOKEN, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { forEachStore } from './helpers/stores.ts'
 import { createLogger } from '../core/log.ts'
@@ -234,6 +236,8 @@ await forEachStore(t, async (t, store) => {
     // More rows than one import takes: the store's import_invalid, not the API schema's validation_failed.
     const tooMany = await remote.importLegacy(Array.from({ length: 10_001 }, () => ({})), undefined).catch((err: { code?: string; message?: string }) => err)
     t.match(tooMany, { code: 'import_invalid', message: /holds 10001 rows; one import takes at most 10000/ })
+    // No rows: the store's import_invalid too (before: the API schema's validation_failed).
+    t.match(await remote.importLegacy([], undefined).catch((err: unknown) => err), { code: 'import_invalid', message: /^the import holds no rows/ })
 
     const legacy = [randomUUID(), randomUUID()]
     const rows = legacy.map((u, i) => ({ key_hash: sha256(u), name: `legacy ${i}` }))
@@ -257,4 +261,44 @@ await forEachStore(t, async (t, store) => {
     t.equal(m.status, 405)
     t.match(m.headers.allow, /GET/)
   })
+})
+
+t.test('the CLI through the admin API: answers that are not keygate\'s, redirects and timeouts are said as such', async (t) => {
+  // Servers that stand where the admin API should be: a proxy's own error, a JSON null, a
+  // redirect, one that never answers.
+  const answers: Record<string, (res: http.ServerResponse) => void> = {
+    '/proxy': (res) => res.writeHead(503, { 'content-type': 'application/json' }).end('{"message":"upstream connect error"}'),
+    '/null': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('null'),
+    '/moved': (res) => res.writeHead(301, { location: 'https://elsewhere.example/v1' }).end(),
+    '/silent': () => {},
+  }
+  let seen: Array<{ method: string | undefined; url: string | undefined }> = []
+  const server = http.createServer((req, res) => {
+    seen.push({ method: req.method, url: req.url })
+    const prefix = Object.keys(answers).find((p) => req.url?.startsWith(p + '/'))
+    if (prefix) (answers[prefix] as (res: http.ServerResponse) => void)(res)
+    else res.writeHead(404).end()
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  server.closeAllConnections && t.teardown(() => server.closeAllConnections())
+  const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const failure = (p: Promise<unknown>) => p.then(() => ({ code: 'none', message: 'it succeeded' }), (err: { code?: string; message?: string }) => err)
+
+  // Before: internal_error "HTTP 503", and a TypeError reading null.
+  t.match(await failure(remoteOperations(`${base}/proxy`, 'token').stats()), { code: 'admin_unavailable', message: /answered 503 without a keygate error; is KEYGATE_ADMIN_URL the admin listener\?/ })
+  t.match(await failure(remoteOperations(`${base}/null`, 'token').stats()), { code: 'admin_unavailable', message: /answered 200 with null, not an object/ })
+  // Before: followed, the credential dropped on the new origin and a POST turned into a GET.
+  seen = []
+  t.match(await failure(remoteOperations(`${base}/moved`, 'token').revoke('AAAAAAAAAAAA', undefined)), { code: 'admin_unavailable', message: /answered 301, a redirect to https:\/\/elsewhere\.example\/v1 \(not followed\)/ })
+  t.same(seen.map((r) => r.method), ['POST'], 'one request, not followed')
+  // A change sent and not answered may have been made (before: "cannot reach", while the server
+  // had rotated the key); a read that times out is one that did not get through.
+  const slow = remoteOperations(`${base}/silent`, 'token', { timeoutMs: 300 })
+  t.match(await failure(slow.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /did not answer within 0\.3 s; the change may or may not have been made: check with `keygate api-key get`/ })
+  t.match(await failure(slow.get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API/ })
+  // A user:password@ in the URL is never shown (the configuration refuses one: see config.test.ts).
+  const hidden = await failure(remoteOperations('http://bob:hunter2pw@127.0.0.1:1', 'token').stats())
+  t.equal(hidden.code, 'admin_unavailable')
+  t.notMatch(hidden.message, /hunter2pw/)
 })

@@ -249,7 +249,7 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0', '::ffff:10.0.0.1'] }), [], 'the usual forms pass')
   t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
   t.same(spelled({ scheduler: { usage_retention_days: 7 }, anomalies: { unusual_hour_history_days: 7 } }), [])
-  t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL'])
+  t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL without user:password@'])
   t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
 })
 
@@ -330,6 +330,20 @@ t.test('a flag given an empty value is a usage error, not the file\'s or the def
     t.match(r.problems, [new RegExp(`^--${flag} \\([a-z.]+\\): an empty value is not allowed; expected `)])
   }
   t.same(problemsOf({ ...noFile, env: { KEYGATE_LISTEN: '' } }).problems, [], 'an empty environment variable is an unset one')
+})
+
+t.test('a URL setting with user:password@ is refused, and the password is not shown', async (t) => {
+  // Before, KEYGATE_ADMIN_URL took one, and every failed CLI call printed it (fetch refuses such a URL).
+  for (const [name, value] of [
+    ['KEYGATE_ADMIN_URL', 'http://bob:hunter2pw@127.0.0.1:8081'],
+    ['KEYGATE_UPSTREAM', 'http://svc:upstreamPw9@10.0.0.5:3000'],
+    ['GITEA_URL', 'https://admin:giteaPw7@git.example'],
+  ] as const) {
+    const { problems, message } = problemsOf({ env: { [name]: value } })
+    t.equal(problems.length, 1, name)
+    t.match(problems[0], new RegExp(`^${name} \\([a-z_.]+\\): "[^"]*<hidden>@[^"]*" is not allowed; expected an http:// or https:// URL without user:password@`), name)
+    t.notOk(message.includes(value.split(':')[2]?.split('@')[0] as string), `${name}: the password is not shown`)
+  }
 })
 
 t.test('secret values never appear in messages', async (t) => {

@@ -103,6 +103,11 @@ export function checkImportSize(rows: number): void {
   }
 }
 
+/** An import of no rows (the store's answer, also the CLI's through the admin API). */
+export function emptyImport(): KeygateError {
+  return new KeygateError('import_invalid', 'the import holds no rows; expected a JSON array or JSON lines of objects')
+}
+
 /** Whether a JSON value holds a NUL character in any key or string (its depth is bounded before this). */
 function holdsNul(value: unknown): boolean {
   if (typeof value === 'string') return value.includes('\u0000')
@@ -418,7 +423,7 @@ export class KeyService {
    * checked first and every problem reported; then all are written in one transaction or none.
    */
   async importLegacy(input: unknown, actor: Actor, defaults: { type?: KeyType } = {}): Promise<KeyRecord[]> {
-    if (!Array.isArray(input) || input.length === 0) throw new KeygateError('import_invalid', 'the import holds no rows; expected a JSON array or JSON lines of objects')
+    if (!Array.isArray(input) || input.length === 0) throw emptyImport()
     checkImportSize(input.length)
     const problems: string[] = []
     const rows: ImportRowInput[] = []
