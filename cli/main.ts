@@ -109,7 +109,13 @@ export async function runGroup<C>(
     return action(remote(config.admin.url, config.admin.token, p.values.json === true))
   }
   const log = cliLogger(io, config)
-  const runtime = await openRuntime(config, log)
+  const runtime = await openRuntime(config, log).catch((err: unknown) => {
+    // The groups without a way through the admin API: its hint (KEYGATE_ADMIN_URL) would not help.
+    if (!remote && isKeygateError(err) && err.code === 'store_locked') {
+      throw new KeygateError('store_locked', `${err.message.replace(/; stop it, or point the CLI at .*$/, '')}; stop it, or use the running server's admin API (/v1/${group === 'gitea' ? 'gitea/tokens' : 'n8n/keys'}): the ${group} commands open the store themselves`, err.details)
+    }
+    throw err
+  })
   const opened = open(runtime, log, p.values.json === true)
   const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   // Key events of changes made here are queued in the store; the running servers deliver them.

@@ -82,6 +82,12 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.equal(r.json().error.code, 'store_locked')
   t.match(r.stderr, new RegExp(`in use by process ${process.pid}`))
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
+  // The gitea and n8n commands cannot go through the admin API: they are sent to its routes
+  // (before, to KEYGATE_ADMIN_URL, which they ignore).
+  const gitea = await runCli(['gitea', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1', KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) }) })
+  t.equal(gitea.code, 1)
+  t.match(gitea.json().error, { code: 'store_locked', message: /in use by process \d+; stop it, or use the running server's admin API \(\/v1\/gitea\/tokens\): the gitea commands open the store themselves$/ })
+  t.notMatch(gitea.stderr, /KEYGATE_ADMIN_URL/)
 })
 
 t.test("a store command runs on V8's baseline compiler in a child process, which ends with the command, by any signal", async (t) => {
