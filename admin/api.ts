@@ -28,13 +28,13 @@ const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i
  */
 const DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
-/** Reads the body up to `max` bytes; undefined when there is none. */
-async function readJson(req: http.IncomingMessage, max: number): Promise<unknown> {
+/** Reads the body up to `max` bytes (`limit` names where that comes from); undefined when there is none. */
+async function readJson(req: http.IncomingMessage, max: number, limit: string): Promise<unknown> {
   if (!hasBody(req.headers)) return undefined
   if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
     throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
   }
-  const tooLarge = (close = true) => new AdminError('payload_too_large', `the body is larger than ${max} bytes (admin.max_body_bytes)`, close ? { connection: 'close' } : {})
+  const tooLarge = (close = true) => new AdminError('payload_too_large', `the body is larger than ${max} bytes (${limit})`, close ? { connection: 'close' } : {})
   const declared = Number(req.headers['content-length'] ?? 0)
   if (declared > max) {
     if (declared > DRAIN_MAX_BYTES) throw tooLarge()
@@ -109,6 +109,11 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
   return assertValid(schema, Value.Convert(schema, raw), 'query')
 }
 
+/** The most bytes `op` reads of a body, and what sets it: its own limit where that is larger than admin.max_body_bytes. */
+function bodyLimit(op: Operation, maxBodyBytes: number): [number, string] {
+  return op.maxBodyBytes !== undefined && op.maxBodyBytes > maxBodyBytes ? [op.maxBodyBytes, `the limit of ${op.method} ${op.path}`] : [maxBodyBytes, 'admin.max_body_bytes']
+}
+
 export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
   const { services, authenticate, maxBodyBytes } = options
   return options.operations.map((op) => ({
@@ -120,7 +125,7 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
         if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
         throw err
       })
-      const parsed = await readJson(ctx.req, maxBodyBytes)
+      const parsed = await readJson(ctx.req, ...bodyLimit(op, maxBodyBytes))
       if (parsed !== undefined && !op.body) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body`)
       if (parsed === undefined && op.body && op.bodyRequired !== false) {
         throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required' }] })

@@ -92,6 +92,11 @@ export interface Operation {
   body?: TSchema
   /** Whether a request without a body is refused (the body schema then sees `{}`). */
   bodyRequired?: boolean
+  /**
+   * This operation's own body limit in bytes, where its largest valid body is larger than
+   * admin.max_body_bytes (the larger of the two applies; 413 above it, as for any body).
+   */
+  maxBodyBytes?: number
   response: { status: 200 | 201; description: string; schema: TSchema }
   /**
    * A Server-Sent Events stream: the handler answers on `res` itself, after the same credential

@@ -70,7 +70,8 @@ await forEachStore(t, async (t, store) => {
         ['non-admin key', h.call(op.method, path, { auth: user.key }), 403, 'forbidden'],
         ['revoked admin key', h.call(op.method, path, { auth: revoked.key }), 401, 'unauthorized'],
         ['malformed JSON', h.call(op.method, path, { raw: '{"name": ', headers: { 'content-type': 'application/json' } }), 400, 'bad_request'],
-        ['oversized body', h.call(op.method, path, { raw: JSON.stringify('a'.repeat(MAX_BODY_BYTES)), headers: { 'content-type': 'application/json' } }), 413, 'payload_too_large'],
+        // An operation with its own, larger limit (the import's is too large to send here): told by Content-Length.
+        ['oversized body', op.maxBodyBytes === undefined ? h.call(op.method, path, { raw: JSON.stringify('a'.repeat(MAX_BODY_BYTES)), headers: { 'content-type': 'application/json' } }) : h.declared(op.method, path, op.maxBodyBytes + 1), 413, 'payload_too_large'],
         ['wrong content type', h.call(op.method, path, { raw: 'name=x', headers: { 'content-type': 'application/x-www-form-urlencoded' } }), 415, 'unsupported_media_type'],
       ]
       for (const [what, pending, status, code] of cases) {
@@ -112,7 +113,8 @@ t.test('a body too large is read to its end and dropped (up to 16 MiB): its clie
   // the admin API could not be reached).
   const size = 4 * 1024 * 1024
   const port = Number(new URL(h.url).port)
-  const head = `POST /v1/keys/import HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`
+  // (POST /v1/keys: the import has a limit of its own, past 16 MiB.)
+  const head = `POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`
   const received = await converse(port, head + ' '.repeat(64 * 1024), [
     { when: (r) => r.includes('"payload_too_large"'), send: ' '.repeat(size - 64 * 1024) + `GET /v1/stats HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\n\r\n` },
     { when: (r) => r.split('HTTP/1.1 ').length > 2 && r.endsWith('}'), send: null },

@@ -1,7 +1,7 @@
 // Test harness for the admin API: the real admin server on port 0 over a real store (from
 // forEachStore), the real key service, deny list, lockout and usage recorder, and optionally a
 // real gateway on port 0 sharing them all, as `keygate serve` does. Torn down with the test.
-import type http from 'node:http'
+import http from 'node:http'
 import type { Test } from 'tap'
 import { Agent, request } from 'undici'
 import { Value } from '@sinclair/typebox/value'
@@ -67,6 +67,11 @@ export interface AdminHarness {
   /** A request to the gateway (with `gateway: true`). */
   through(path: string, headers?: Record<string, string>): Promise<Answer>
   auditRows(): Promise<number>
+  /**
+   * A JSON request declaring a body of `contentLength` bytes (Content-Length) and sending only its
+   * first KiB: for the answer to a body too large to send in a test.
+   */
+  declared(method: string, path: string, contentLength: number): Promise<Answer>
 }
 
 export interface AdminHarnessOptions {
@@ -200,6 +205,26 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
     async auditRows() {
       const rows = await db.query<{ n: number }>('SELECT count(*)::int AS n FROM api_key_audit_log')
       return rows[0]?.n ?? -1
+    },
+    declared(method, path, contentLength) {
+      return new Promise<Answer>((resolve, reject) => {
+        const req = http.request(url + path, { method, headers: { authorization: `Bearer ${admin.key}`, 'content-type': 'application/json', 'content-length': String(contentLength) } }, (res) => {
+          const chunks: Buffer[] = []
+          res.on('data', (c: Buffer) => chunks.push(c))
+          res.on('end', () => {
+            req.destroy()
+            const text = Buffer.concat(chunks).toString('utf8')
+            let json: unknown
+            try {
+              json = JSON.parse(text)
+            } catch {}
+            resolve({ status: res.statusCode ?? 0, headers: res.headers, text, json })
+          })
+        })
+        // An error once the answer is in (the server closed without reading the rest) changes nothing.
+        req.on('error', reject)
+        req.write(' '.repeat(Math.min(1024, contentLength)))
+      })
     },
   }
 }
