@@ -7,7 +7,7 @@ import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { LineCounter, parseDocument } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
-import { describeAllowed, dotted, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
+import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -67,7 +67,7 @@ function setPath(target: Record<string, unknown>, path: string[], value: unknown
   for (const k of path.slice(0, -1)) {
     const next = node[k]
     if (next === undefined || next === null) node[k] = {}
-    else if (typeof next !== 'object' || Array.isArray(next)) return false
+    else if (typeof next !== 'object' || Array.isArray(next) || foreignValueWords(next) !== undefined) return false
     node = node[k] as Record<string, unknown>
   }
   node[path[path.length - 1] as string] = value
@@ -125,8 +125,8 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     return {}
   }
   if (data === null || data === undefined) return {}
-  if (typeof data !== 'object' || Array.isArray(data)) {
-    problems.push(`${file}: the top level must be a mapping of keys, not ${Array.isArray(data) ? 'a list' : typeof data}`)
+  if (typeof data !== 'object' || Array.isArray(data) || foreignValueWords(data) !== undefined) {
+    problems.push(`${file}: the top level must be a mapping of keys, not ${Array.isArray(data) ? 'a list' : (foreignValueWords(data) ?? typeof data)}`)
     return {}
   }
   return data as Record<string, unknown>
@@ -134,7 +134,8 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
 
 /** Where a `__proto__` key is (its parent's dotted path), if anywhere: copying the value would make it a prototype, unseen by validation. */
 function protoKeyPath(value: unknown, path: string[] = []): string | undefined {
-  if (value === null || typeof value !== 'object') return undefined
+  // A Buffer (!!binary) has a key per byte and none named __proto__; validation refuses it whole.
+  if (value === null || typeof value !== 'object' || foreignValueWords(value) !== undefined) return undefined
   for (const k of Object.keys(value)) {
     if (k === '__proto__') return path.join('.')
     const found = protoKeyPath((value as Record<string, unknown>)[k], [...path, k])
@@ -168,13 +169,47 @@ function misshapen(schema: TSchema, value: unknown, path: string[], found: Probl
   return false
 }
 
+/**
+ * Finds each value that is no scalar, list or mapping where the schema reaches (a Buffer from
+ * `!!binary`, a Set from `!!set`, a Map from `!!omap`, a Date from `!!timestamp`; YAML 1.1 files
+ * make them from untagged values too) and reports it once as the wrong type. The validator would
+ * take a Buffer for a mapping with one unknown key per byte (a 1 MB `gateway: !!binary` gave a
+ * million lines and 2 GB of memory), and a Set, Map or Date for an empty mapping, which the
+ * defaults then filled without a word. A value of a mapping is removed, as in `misshapen`; an item
+ * of a list is replaced by a mapping of its own (not null: two nulls would be reported as repeats),
+ * and its path goes into `skip`: what the validator finds at or under it repeats the problem.
+ */
+function foreign(schema: TSchema, value: unknown, path: string[], found: Problem[], skip: Set<string>): boolean {
+  if (value === null || typeof value !== 'object') return false
+  if (foreignValueWords(value) !== undefined) {
+    found.push({ path, kind: 'invalid', value, allowed: describeAllowed(schema) })
+    skip.add(path.join('/'))
+    return true
+  }
+  if (schema[Kind] === 'Array' && Array.isArray(value)) {
+    value.forEach((item, i) => {
+      if (foreign(schema.items as TSchema, item, [...path, String(i)], found, skip)) value[i] = { '(not JSON)': i }
+    })
+  } else if (schema[Kind] === 'Object' && !Array.isArray(value)) {
+    // Keys the schema does not know are left to the validator, which reports each as unknown without looking inside.
+    const node = value as Record<string, unknown>
+    for (const [k, s] of Object.entries(schema.properties as Record<string, TSchema>)) {
+      if (Object.hasOwn(node, k) && foreign(s, node[k], [...path, k], found, skip)) delete node[k]
+    }
+  }
+  return false
+}
+
 /** Validates a plain object (already merged) against the schema and keygate's own rules. */
 function check(input: Record<string, unknown>, problems: string[], origins: Map<string, string>): Config {
   const found: Problem[] = []
+  const skip = new Set<string>()
+  foreign(ConfigSchema, input, [], found, skip)
   const cleaned = Value.Clone(input)
   misshapen(ConfigSchema, cleaned, [], found)
   const value = Value.Default(ConfigSchema, cleaned) as Record<string, unknown>
-  const all = [...found, ...validationProblems(ConfigSchema, value)]
+  const skipped = (path: string[]) => path.some((_, i) => skip.has(path.slice(0, i + 1).join('/')))
+  const all = [...found, ...validationProblems(ConfigSchema, value).filter((p) => !skipped(p.path))]
   for (const p of all) {
     const key = dotted(p.path)
     const origin = origins.get(key)
@@ -254,7 +289,10 @@ export function defaultConfigFile(env: Record<string, string | undefined>): stri
   return env.KEYGATE_CONFIG || (existsSync('keygate.yaml') ? 'keygate.yaml' : undefined)
 }
 
-/** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem. */
+/** The most problems an invalid configuration lists (`details.problems` too); a last line counts the rest. */
+export const MAX_PROBLEMS = 50
+
+/** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem (up to MAX_PROBLEMS). */
 export function loadConfig(options: LoadOptions = {}): Config {
   const env = options.env ?? process.env
   const problems: string[] = []
@@ -295,7 +333,9 @@ export function loadConfig(options: LoadOptions = {}): Config {
     // A value a command-line flag never takes is a usage error (exit 2), as on every command; a
     // problem's line starts with the flag that gave the value (no key of the file starts with `--`).
     const code = problems.some((p) => p.startsWith('--')) ? 'usage_error' : 'config_invalid'
-    throw new KeygateError(code, `invalid configuration:\n  ${problems.join('\n  ')}`, { problems, file })
+    // The first MAX_PROBLEMS and a count of the rest: a small file of unknown keys must not print megabytes.
+    const shown = problems.length > MAX_PROBLEMS ? [...problems.slice(0, MAX_PROBLEMS), `and ${problems.length - MAX_PROBLEMS} more problems`] : problems
+    throw new KeygateError(code, `invalid configuration:\n  ${shown.join('\n  ')}`, { problems: shown, file })
   }
   return deepFreeze(config)
 }

@@ -117,9 +117,27 @@ export function problems(schema: TSchema, value: unknown): Problem[] {
   return out
 }
 
+/**
+ * Words for a value that is no JSON value: what the YAML parser makes of `!!binary` (a Buffer),
+ * `!!set` (a Set), `!!omap` (a Map) and `!!timestamp` (a Date); undefined for a JSON value (a
+ * scalar, a list, a plain mapping). JSON would show a Set or Map as `{}` and a Buffer byte by byte.
+ */
+export function foreignValueWords(value: unknown): string | undefined {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return undefined
+  const proto: unknown = Object.getPrototypeOf(value)
+  if (proto === Object.prototype || proto === null) return undefined
+  if (value instanceof Uint8Array) return `binary data (${value.length} bytes)`
+  if (value instanceof Set) return 'a set (!!set)'
+  if (value instanceof Map) return 'an ordered mapping (!!omap)'
+  if (value instanceof Date) return `a timestamp (${Number.isNaN(value.getTime()) ? 'invalid' : value.toISOString()})`
+  return `a ${value.constructor?.name ?? 'non-JSON'} value`
+}
+
 export function showValue(value: unknown, secret = false): string {
   if (secret && value !== undefined) return '<hidden>'
   if (value === undefined) return 'nothing'
+  const words = foreignValueWords(value)
+  if (words !== undefined) return words
   let s: string
   try {
     s = JSON.stringify(value) ?? String(value)
