@@ -355,7 +355,7 @@ export function renderConfigDocs(): string {
     '',
     'Sources, each overriding the one before: the YAML file (`--config FILE`, else `KEYGATE_CONFIG`,',
     'else `./keygate.yaml` when present), environment variables, command-line flags. Unknown keys are',
-    'errors; every problem is reported at once with its path, the value and what is allowed.',
+    'errors; every problem is reported at once (the first 50, then a count of the rest) with its path, the value and what is allowed.',
     '',
     '| key | default | environment / flag | meaning |',
     '| --- | --- | --- | --- |',

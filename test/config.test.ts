@@ -440,7 +440,7 @@ t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap
   // Items of lists: one problem each, the other items still checked; before, a route was walked byte by byte too.
   t.same(one('routes:\n  - !!binary aGVsbG8=\n  - { name: a, path: /a }\n'), [
     `routes[0]: binary data (5 bytes) is not allowed; expected ${describeAllowed(ConfigSchema.properties.routes.items)}`,
-    'routes[1].upstream: is required; expected an http:// or https:// URL',
+    'routes[1].upstream: is required; expected an http:// or https:// URL without user:password@',
   ])
   t.same(one('gateway:\n  key_sources: [!!binary aGVsbG8=, !!binary aGk=]\n').map((p) => p.replace(/ is not allowed.*$/, '')), [
     'gateway.key_sources[0]: binary data (5 bytes)',
