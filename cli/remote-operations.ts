@@ -40,13 +40,18 @@ export function keyFromJson(j: KeyJson): KeyRecord {
 const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
 
 export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
+  // The operations' paths are added to it: a query or fragment would end up in front of them.
+  const parsed = URL.parse(baseUrl)
+  if (parsed && (parsed.search !== '' || parsed.hash !== '')) {
+    throw new KeygateError('config_invalid', 'the admin URL (KEYGATE_ADMIN_URL or --admin-url) must not have a query or fragment: give the admin listener\'s address, with its path prefix if it has one')
+  }
   const base = baseUrl.replace(/\/+$/, '')
   // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
   // words of fetch's own errors included).
   const hide = (text: string) => text.replace(/\/\/[^/@\s]*@/g, '//<hidden>@')
   const shown = hide(base)
   const timeoutMs = options.timeoutMs ?? 30_000
-  const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is KEYGATE_ADMIN_URL the admin listener?`)
+  const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
   const call = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
     let res: Response
     let text: string
@@ -70,7 +75,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
           `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; the change may or may not have been made: check with \`keygate api-key get\` (or list) before you try again`,
         )
       }
-      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL): ${hide(cause?.code ?? cause?.message ?? (err as Error).message)}`)
+      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(cause?.code ?? cause?.message ?? (err as Error).message)}`)
     }
     if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
     let json: unknown

@@ -329,7 +329,7 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   const failure = (p: Promise<unknown>) => p.then(() => ({ code: 'none', message: 'it succeeded' }), (err: { code?: string; message?: string }) => err)
 
   // Before: internal_error "HTTP 503", and a TypeError reading null.
-  t.match(await failure(remoteOperations(`${base}/proxy`, 'token').stats()), { code: 'admin_unavailable', message: /answered 503 without a keygate error; is KEYGATE_ADMIN_URL the admin listener\?/ })
+  t.match(await failure(remoteOperations(`${base}/proxy`, 'token').stats()), { code: 'admin_unavailable', message: /answered 503 without a keygate error; is the admin URL \(KEYGATE_ADMIN_URL or --admin-url\) the admin listener\?/ })
   t.match(await failure(remoteOperations(`${base}/null`, 'token').stats()), { code: 'admin_unavailable', message: /answered 200 with null, not an object/ })
   // Before: followed, the credential dropped on the new origin and a POST turned into a GET.
   seen = []
@@ -340,6 +340,8 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   const slow = remoteOperations(`${base}/silent`, 'token', { timeoutMs: 300 })
   t.match(await failure(slow.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /did not answer within 0\.3 s; the change may or may not have been made: check with `keygate api-key get`/ })
   t.match(await failure(slow.get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API/ })
+  // A query or fragment would stand in front of every operation's path (before: "no admin route /").
+  for (const url of [`${base}/?x=1`, `${base}#top`]) t.throws(() => remoteOperations(url, 'token'), { code: 'config_invalid', message: /must not have a query or fragment/ }, url)
   // A user:password@ in the URL is never shown (the configuration refuses one: see config.test.ts).
   const hidden = await failure(remoteOperations('http://bob:hunter2pw@127.0.0.1:1', 'token').stats())
   t.equal(hidden.code, 'admin_unavailable')
