@@ -38,17 +38,20 @@ export function keyFromJson(j: KeyJson): KeyRecord {
 
 /** Methods that change something: a call of one that times out may have been carried out. */
 const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
+/** POSTs that change nothing. */
+const READS = new Set(['/v1/keys/validate'])
 
 export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
   // The operations' paths are added to it: a query or fragment would end up in front of them.
-  const parsed = URL.parse(baseUrl)
-  if (parsed && (parsed.search !== '' || parsed.hash !== '')) {
+  // (Tested on the text: a bare ? or # leaves the URL's search and hash empty.)
+  if (/[?#]/.test(baseUrl)) {
     throw new KeygateError('config_invalid', 'the admin URL (KEYGATE_ADMIN_URL or --admin-url) must not have a query or fragment: give the admin listener\'s address, with its path prefix if it has one')
   }
   const base = baseUrl.replace(/\/+$/, '')
   // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
   // words of fetch's own errors included).
-  const hide = (text: string) => text.replace(/\/\/[^/@\s]*@/g, '//<hidden>@')
+  // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
+  const hide = (text: string) => text.replace(/\/\/[^/?#]*@/g, '//<hidden>@')
   const shown = hide(base)
   const timeoutMs = options.timeoutMs ?? 30_000
   const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
@@ -67,7 +70,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       text = await res.text()
     } catch (err) {
       const cause = (err as { cause?: { code?: string; message?: string } }).cause
-      if ((err as Error).name === 'TimeoutError' && CHANGES.has(method)) {
+      if ((err as Error).name === 'TimeoutError' && CHANGES.has(method) && !READS.has(path)) {
         // Sent, and no answer: the change may have been made (a rotation's new key then exists,
         // its secret never shown). Said as such, never as "cannot reach".
         throw new KeygateError(
@@ -90,7 +93,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       return json as T
     }
     // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.
-    if (typeof error?.code !== 'string' || !(error.code in ERRORS) || typeof error.message !== 'string') {
+    if (typeof error?.code !== 'string' || !Object.hasOwn(ERRORS, error.code) || typeof error.message !== 'string') {
       throw unavailable(`the admin API at ${shown} answered ${res.status} without a keygate error`)
     }
     throw new KeygateError(error.code as ErrorCode, `${error.message} (admin API at ${shown})`, error.details)

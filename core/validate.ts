@@ -148,7 +148,8 @@ export function showValue(value: unknown, secret = false): string {
   // row) is not shown either: anything shaped like a key goes, as in the log.
   s = scrub(s)
   // Nor the user:password@ of a URL.
-  s = s.replace(/(\/\/)[^/@\s"]*@/g, '$1<hidden>@')
+  // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
+  s = s.replace(/(\/\/)[^/?#]*@/g, '$1<hidden>@')
   return s.length > 80 ? s.slice(0, 77) + '...' : s
 }
 

@@ -314,6 +314,7 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
     '/null': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('null'),
     '/moved': (res) => res.writeHead(301, { location: 'https://elsewhere.example/v1' }).end(),
     '/silent': () => {},
+    '/inherited': (res) => res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":{"code":"constructor","message":"proxy says no"}}'),
   }
   let seen: Array<{ method: string | undefined; url: string | undefined }> = []
   const server = http.createServer((req, res) => {
@@ -340,12 +341,17 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   const slow = remoteOperations(`${base}/silent`, 'token', { timeoutMs: 300 })
   t.match(await failure(slow.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /did not answer within 0\.3 s; the change may or may not have been made: check with `keygate api-key get`/ })
   t.match(await failure(slow.get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API/ })
+  t.match(await failure(slow.validate('kg_x')), { code: 'admin_unavailable', message: /^cannot reach the admin API/ }, 'a validate (a POST) changes nothing')
+  // A code every object inherits is no keygate error.
+  t.match(await failure(remoteOperations(`${base}/inherited`, 'token').stats()), { code: 'admin_unavailable', message: /answered 500 without a keygate error/ })
   // A query or fragment would stand in front of every operation's path (before: "no admin route /").
-  for (const url of [`${base}/?x=1`, `${base}#top`]) t.throws(() => remoteOperations(url, 'token'), { code: 'config_invalid', message: /must not have a query or fragment/ }, url)
+  for (const url of [`${base}/?x=1`, `${base}#top`, `${base}/?`, `${base}/#`]) t.throws(() => remoteOperations(url, 'token'), { code: 'config_invalid', message: /must not have a query or fragment/ }, url)
   // A user:password@ in the URL is never shown (the configuration refuses one: see config.test.ts).
-  const hidden = await failure(remoteOperations('http://bob:hunter2pw@127.0.0.1:1', 'token').stats())
-  t.equal(hidden.code, 'admin_unavailable')
-  t.notMatch(hidden.message, /hunter2pw/)
+  for (const url of ['http://bob:hunter2pw@127.0.0.1:1', 'http://bob:hunter2@pw@127.0.0.1:1', 'http://bob:hunter2 pw@127.0.0.1:1']) {
+    const hidden = await failure(remoteOperations(url, 'token').stats())
+    t.equal(hidden.code, 'admin_unavailable')
+    t.notMatch(hidden.message, /hunter2|pw@/, url)
+  }
 })
 
 t.test('the import\'s body limit holds 10,000 rows of 3 KiB each', async (t) => {

@@ -338,11 +338,16 @@ t.test('a URL setting with user:password@ is refused, and the password is not sh
     ['KEYGATE_ADMIN_URL', 'http://bob:hunter2pw@127.0.0.1:8081'],
     ['KEYGATE_UPSTREAM', 'http://svc:upstreamPw9@10.0.0.5:3000'],
     ['GITEA_URL', 'https://admin:giteaPw7@git.example'],
+    // A password holding @, a space or a quote (the URL parser takes each): hidden whole.
+    ['KEYGATE_UPSTREAM', 'http://u:atPw5@secret@host'],
+    ['KEYGATE_UPSTREAM', 'http://u:spacePw6 secret@host'],
+    ['KEYGATE_UPSTREAM', 'http://u:quotePw8"secret@host'],
   ] as const) {
     const { problems, message } = problemsOf({ env: { [name]: value } })
     t.equal(problems.length, 1, name)
     t.match(problems[0], new RegExp(`^${name} \\([a-z_.]+\\): "[^"]*<hidden>@[^"]*" is not allowed; expected an http:// or https:// URL without user:password@`), name)
     t.notOk(message.includes(value.split(':')[2]?.split('@')[0] as string), `${name}: the password is not shown`)
+    t.notMatch(message, /secret/, `${name}: nor any part of it`)
   }
 })
 
