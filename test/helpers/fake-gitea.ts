@@ -84,11 +84,11 @@ export function goParseInt(s: string): bigint {
     base = 8
     digits = rest.slice(1)
   }
-  // Underscores only with a base prefix (base 0 syntax), each between digits ("0x_1" is allowed: after the prefix).
-  const underscores = digits.includes('_')
-  if (underscores) {
-    if (!prefix && !(base === 8 && rest.startsWith('0'))) return 0n
-    if (digits.endsWith('_') || digits.includes('__') || (!prefix && digits.startsWith('_'))) return 0n
+  // Underscores as Go's integer literals take them (strconv's underscoreOK): each after a digit,
+  // a base prefix or an octal literal's leading 0 ("1_000", "0x_1", "0_7"), and before a digit.
+  if (digits.includes('_')) {
+    const afterLead = prefix !== null || base === 8
+    if (digits.endsWith('_') || digits.includes('__') || (digits.startsWith('_') && !afterLead)) return 0n
     digits = digits.replaceAll('_', '')
   }
   const alphabet = '0123456789abcdef'.slice(0, base)
