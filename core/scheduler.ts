@@ -58,7 +58,13 @@ export interface SchedulerOptions {
   audit: AuditLog
   events?: EventBus
   log: Logger
+  /**
+   * The time a round judges by. Default: the store's clock, read once per round, so that an
+   * instance whose own clock runs ahead ends no key early for every instance (tests set their own).
+   */
   now?: () => Date
+  /** Keys one transaction ends or announces at most (default 1000): a backlog is worked through in batches. */
+  batchSize?: number
   intervalS: number
   noticeMs: number
   pruneRules: readonly PruneRule[]
@@ -88,6 +94,12 @@ export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; w
   ]
 }
 
+/** The store's clock: every instance judges deadlines by the same one. */
+async function storeTime(db: Db): Promise<Date> {
+  const [row] = await db.query<{ at: Date }>('SELECT now() AS at')
+  return new Date((row as { at: Date }).at)
+}
+
 type Ended = { key: KeyRecord; reason: 'grace_ended' | 'expires_at' | 'rotation_overdue'; deadline: Date }
 
 // The conditions of a round, on `api_keys k` ($1 now, $2 the end of the notice period). Ending
@@ -100,13 +112,16 @@ const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expi
 
 export class Scheduler {
   readonly #o: SchedulerOptions
-  readonly #now: () => Date
+  readonly #now: () => Promise<Date>
+  readonly #batch: number
   #timer: NodeJS.Timeout | undefined
   #running: Promise<SchedulerRun | null> | undefined
 
   constructor(options: SchedulerOptions) {
     this.#o = options
-    this.#now = options.now ?? (() => new Date())
+    const given = options.now
+    this.#now = given ? async () => given() : () => storeTime(options.db)
+    this.#batch = options.batchSize ?? 1000
   }
 
   /** Runs every job once; null when another instance holds the lock. Concurrent calls share one run. */
@@ -131,31 +146,44 @@ export class Scheduler {
   }
 
   async #run(): Promise<SchedulerRun | null> {
-    const now = this.#now()
+    const now = await this.#now()
     const ended: Ended[] = []
     const announced: Array<{ key: KeyRecord; kind: 'rotation' | 'expiry'; deadline: Date }> = []
     const pruned: Record<string, number> = {}
-    const ran = await this.#o.db.transaction(async (tx) => {
-      const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
-      if (!lock?.ok) return false
-      const notice = new Date(now.getTime() + this.#o.noticeMs)
-      const locked = await this.#lockDue(tx, now, notice)
-      if (locked.length > 0) {
-        ended.push(...(await this.#endKeys(tx, now, locked)))
-        announced.push(...(await this.#announce(tx, now, notice, locked)))
+    const notice = new Date(now.getTime() + this.#o.noticeMs)
+    // A batch of keys per transaction (each takes the lock again): a backlog of tens of thousands
+    // is neither one statement past store.query_timeout_ms, rolled back every round, nor row
+    // locks held on all of them while admin calls on those keys wait. A batch that changes
+    // nothing (its keys changed meanwhile) ends the round; the next round goes on.
+    for (;;) {
+      const batch = await this.#o.db.transaction(async (tx) => {
+        const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
+        if (!lock?.ok) return undefined
+        const locked = await this.#lockDue(tx, now, notice, this.#batch)
+        const done = { full: locked.length === this.#batch, ended: [] as Ended[], announced: [] as typeof announced }
+        if (locked.length === 0) return done
+        done.ended = await this.#endKeys(tx, now, locked)
+        done.announced = await this.#announce(tx, now, notice, locked)
+        for (const e of done.ended) {
+          await this.#o.audit.write(tx, SYSTEM, { keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })
+        }
+        for (const a of done.announced) {
+          await this.#o.audit.write(tx, SYSTEM, { keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })
+        }
+        return done
+      })
+      // Another instance holds the lock: this round is its (or, after a first batch, it goes on with it).
+      if (batch === undefined) {
+        if (ended.length === 0 && announced.length === 0) return null
+        break
       }
-      for (const e of ended) {
-        await this.#o.audit.write(tx, SYSTEM, { keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })
+      ended.push(...batch.ended)
+      announced.push(...batch.announced)
+      for (const e of batch.ended) this.#o.keys.notify({ action: 'expired', key: e.key })
+      for (const a of batch.announced) {
+        this.#o.events?.emit('key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
       }
-      for (const a of announced) {
-        await this.#o.audit.write(tx, SYSTEM, { keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })
-      }
-      return true
-    })
-    if (!ran) return null
-    for (const e of ended) this.#o.keys.notify({ action: 'expired', key: e.key })
-    for (const a of announced) {
-      this.#o.events?.emit('key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
+      if (!batch.full || batch.ended.length + batch.announced.length === 0) break
     }
     // After the keys' transaction, a statement at a time: a long prune holds no key's row lock
     // (an admin call on a key being expired would wait out its own query timeout behind it), and
@@ -194,7 +222,8 @@ export class Scheduler {
   }
 
   /**
-   * Locks every key this round may change, in one statement and in id order: the keys that look
+   * Locks a batch (`limit`, the first by id) of the keys this round may change, in one statement
+   * and in id order: the keys that look
    * due to end (past their grace, their expiry or their announced rotation deadline) and those
    * with a notice to record (not yet announced, or whose expiry moved). #endKeys and #announce
    * then judge only these, again, each with a snapshot taken once the locks are held: a change
@@ -206,14 +235,14 @@ export class Scheduler {
    * locks them in id order too: keys locked in two statements, each in order (A to end, then Z to
    * announce, with Z < A), deadlocked with a flush that held Z and waited for A.
    */
-  async #lockDue(tx: Queryable, now: Date, notice: Date): Promise<string[]> {
+  async #lockDue(tx: Queryable, now: Date, notice: Date, limit: number): Promise<string[]> {
     const rows = await tx.query<{ id: string }>(
       `SELECT k.id FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
        WHERE ${DUE_TO_END}
           OR (${ROTATION_NOTICE_DUE} AND n.key_id IS NULL)
           OR (${EXPIRY_NOTICE_DUE} AND NOT EXISTS (SELECT 1 FROM api_key_notices e WHERE e.key_id = k.id AND e.kind = 'expiry' AND e.deadline = k.expires_at))
-       ORDER BY k.id FOR UPDATE OF k`,
-      [now, notice],
+       ORDER BY k.id LIMIT $3 FOR UPDATE OF k`,
+      [now, notice, limit],
     )
     return rows.map((r) => r.id)
   }

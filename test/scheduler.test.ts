@@ -15,7 +15,9 @@ import { loadConfig } from '../config/load.ts'
 import { defaultPruneRules, PRUNE_BATCH, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
 import type { Tap } from './helpers/gateway.ts'
-import { backdateAudit, forEachStore, testClock, testServices } from './helpers/stores.ts'
+import { backdateAudit, forEachStore, openStore, testClock, testServices } from './helpers/stores.ts'
+import type { Queryable } from '../core/db.ts'
+import { mock } from 'node:test'
 
 const HOUR = 3_600_000
 const DAY = 24 * HOUR
@@ -365,4 +367,66 @@ forEachStore(t, async (t, store) => {
       t.equal(used.length, 2, 'and the flush wrote both')
     })
   }
+})
+
+t.test('a backlog is ended in batches of batchSize keys, a transaction each', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const clock = testClock(T0)
+  const s = testServices(store.db, { clock })
+  const ids: string[] = []
+  for (let i = 0; i < 25; i++) ids.push((await s.keys.create({ name: `due ${i}`, type: 'user', expires_at: new Date(T0.getTime() + HOUR).toISOString() }, ACTOR)).record.id)
+  // The keys each transaction ended, read from its UPDATE's answer.
+  const sizes: number[] = []
+  const bound = <T extends object>(target: T, prop: string | symbol) => {
+    const v = Reflect.get(target, prop) as unknown
+    return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v
+  }
+  const counting = new Proxy(store.db, {
+    get: (db, prop) =>
+      prop !== 'transaction'
+        ? bound(db, prop)
+        : (fn: (tx: Queryable) => Promise<unknown>, options?: object) =>
+            db.transaction(
+              (tx) =>
+                fn(
+                  new Proxy(tx, {
+                    get: (q, p) =>
+                      p !== 'query'
+                        ? bound(q, p)
+                        : async (sql: string, params?: unknown[]) => {
+                            const rows = await q.query(sql, params)
+                            if (sql.includes("SET status = 'expired'")) sizes.push(rows.length)
+                            return rows
+                          },
+                  }),
+                ),
+              options as never,
+            ),
+  })
+  const scheduler = new Scheduler({ db: counting, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, batchSize: 10, intervalS: 60, noticeMs: 0, pruneRules: [] })
+  clock.set(new Date(T0.getTime() + 2 * HOUR))
+  const run = await scheduler.runOnce()
+  t.same([...(run?.expired ?? [])].sort(), [...ids].sort(), 'every due key is ended in one round')
+  // Before, one transaction locked and ended all of them: 200,000 due keys were one statement past
+  // store.query_timeout_ms, rolled back every round, and 50,000 held every key's row lock for 11 s.
+  t.same(sizes, [10, 10, 5], 'ten at a time, a transaction each')
+  t.equal((await s.audit.list(store.db, { action: 'key.expired', limit: 100 })).length, 25, 'with an audit row each')
+})
+
+t.test("without a clock of its own a round judges by the store's clock, not the instance's", async (t) => {
+  const store = await openStore(t, 'embedded')
+  const s = testServices(store.db, { clock: testClock(new Date()) })
+  const { record } = await s.keys.create({ name: 'in an hour', type: 'user', expires_at: new Date(Date.now() + HOUR).toISOString() }, ACTOR)
+  const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, intervalS: 60, noticeMs: 0, pruneRules: [] })
+  // This instance's clock two hours fast (Date alone; timers run as usual).
+  mock.timers.enable({ apis: ['Date'], now: Date.now() + 2 * HOUR })
+  let run: Awaited<ReturnType<Scheduler['runOnce']>>
+  try {
+    run = await scheduler.runOnce()
+  } finally {
+    mock.timers.reset()
+  }
+  // Before, the instance's own clock: the key was expired an hour early, for every instance.
+  t.same(run?.expired, [], 'the key is not ended an hour early')
+  t.equal((await s.keys.get(record.id)).status, 'active')
 })
