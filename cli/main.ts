@@ -5,7 +5,7 @@ import { defaultConfigFile, FLAG_NAMES, loadConfig, renderConfigDocs } from '../
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
-import { openDb } from '../core/db.ts'
+import { openDb, STORE_LOCKED_HINT } from '../core/db.ts'
 import { applyMigrations } from '../core/migrate.ts'
 import { VERSION } from '../core/package.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
@@ -112,7 +112,8 @@ export async function runGroup<C>(
   const runtime = await openRuntime(config, log).catch((err: unknown) => {
     // The groups without a way through the admin API: its hint (KEYGATE_ADMIN_URL) would not help.
     if (!remote && isKeygateError(err) && err.code === 'store_locked') {
-      throw new KeygateError('store_locked', `${err.message.replace(/; stop it, or point the CLI at .*$/, '')}; stop it, or use the running server's admin API (/v1/${group === 'gitea' ? 'gitea/tokens' : 'n8n/keys'}): the ${group} commands open the store themselves`, err.details)
+      const hint = `use the running server's admin API (/v1/${group === 'gitea' ? 'gitea/tokens' : 'n8n/keys'}): the ${group} commands open the store themselves`
+      throw new KeygateError('store_locked', err.message.replace(STORE_LOCKED_HINT, hint), err.details)
     }
     throw err
   })

@@ -9,6 +9,9 @@ import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 
+/** What a store_locked refusal suggests besides stopping the owner (a command without a way through the admin API says its own). */
+export const STORE_LOCKED_HINT = 'point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN'
+
 export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<R[]>
   /** Runs a script of several statements without parameters (migrations). */
@@ -406,7 +409,7 @@ function lockDataDir(dir: string): () => void {
       if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
         throw new KeygateError(
           'store_locked',
-          `the embedded store in ${dir} is in use by process ${owner}; stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN`,
+          `the embedded store in ${dir} is in use by process ${owner}; stop it, or ${STORE_LOCKED_HINT}`,
           { pid: owner },
         )
       }
