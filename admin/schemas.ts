@@ -90,12 +90,10 @@ export const AuditPageSchema = Type.Object({ items: Type.Array(AuditSchema), nex
  */
 export async function auditPage(
   services: Pick<AdminServices, 'audit' | 'db' | 'log'>,
-  filter: { keyId?: string | undefined; action?: string | undefined; actor?: string | undefined },
+  filter: Omit<AuditFilter, 'before'>,
   query: { limit?: number | undefined; cursor?: string | undefined },
 ) {
-  const limit = query.limit ?? 100
-  const defined = Object.fromEntries(Object.entries(filter).filter(([, v]) => v !== undefined)) as AuditFilter
-  const page = await services.audit.page(services.db, { ...defined, ...(query.cursor ? { before: decodeCursor(query.cursor) } : {}) }, limit)
+  const page = await services.audit.page(services.db, { ...filter, before: query.cursor ? decodeCursor(query.cursor) : undefined }, query.limit ?? 100)
   // Located by key, action and time: the row's id is a UUID, which every log line scrubs (legacy keys have that shape).
   for (const r of page.items) {
     if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })

@@ -49,10 +49,10 @@ export interface AuditRecord {
 
 /** What the audit log can be listed by (all given must hold); `before` is the cursor of the last row of the previous page. */
 export interface AuditFilter {
-  keyId?: string
-  action?: string
-  actor?: string
-  before?: { createdAt: Date; id: string }
+  keyId?: string | undefined
+  action?: string | undefined
+  actor?: string | undefined
+  before?: { createdAt: Date; id: string } | undefined
 }
 
 export function encryptionKeyId(key: Buffer): string {
