@@ -99,6 +99,23 @@ t.test('a lockout message is applied for what is left of it, never for more than
   t.equal(lockout.lockedFor(old), 45, 'a length (the earlier message) locks for that long')
 })
 
+t.test('an attempt from an address whose lockout the memory mirror dropped is let in, and its failure locks it out again', async (t) => {
+  // The mirror of lockouts in force holds 100,000 addresses. Lockouts that other instances
+  // announce can push out one this instance counted itself; its count still says "at the limit".
+  // With no attempt in doubt, nothing would ever end to let a waiting attempt in, so it must not wait.
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60 })
+  const address = freshAddress()
+  await lockout.recordFailure(address)
+  await lockout.recordFailure(address)
+  t.ok(lockout.lockedFor(address), 'locked out after two failures')
+  const until = Date.now() + 60_000
+  for (let i = 0; i < 200_001; i++) lockout.applyMessage(`lock:${until}:10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`)
+  t.equal(lockout.lockedFor(address), undefined, 'the mirror has dropped it (the count has not)')
+  t.equal(lockout.attempt(address), undefined, 'the attempt takes its place at once instead of waiting for ever')
+  await lockout.finish(address, true)
+  t.ok(lockout.lockedFor(address), 'its failure locks the address out again (the limiter counts past the limit)')
+})
+
 t.test('the failure that locks an address out is answered while Redis answers nothing (its publish is not waited for)', async (t) => {
   const server = await startRedisServer(t)
   const a = connectRedis(server.url, quiet)
