@@ -31,6 +31,15 @@ await forEachStore(t, async (t, store) => {
     const r = (await h.call('POST', `/v1/keys/${s.id}/rotate`, { body: { force: true } })).json
     t.equal((await h.through('/x', bearer(s.key))).status, 401, 'a forced rotation ends the old key on the next request')
     t.equal((await h.through('/x', bearer(r.key))).status, 200, 'the new key works')
+
+    // A change to the successor reaches the predecessor still in grace, cached at the gateway.
+    const g = await create({ name: 'graced', type: 'service', scopes: ['a', 'b'] })
+    const n = (await h.call('POST', `/v1/keys/${g.id}/rotate`)).json
+    t.equal((await h.through('/x', bearer(g.key))).json.headers['x-keygate-scopes'], 'a,b', 'the predecessor works in its grace, and is cached')
+    await h.call('PATCH', `/v1/keys/${n.id}`, { body: { scopes: ['a'], allowed_cidrs: ['10.0.0.0/8'] } })
+    const narrowed = await h.through('/x', bearer(g.key))
+    t.equal(narrowed.status, 403, "the successor's narrowing applies to the predecessor on the next request")
+    t.equal(narrowed.json.error.code, 'ip_blocked')
   })
 
   await t.test('deny list: add, list, conflict, expiry, remove', async (t) => {

@@ -352,6 +352,36 @@ await forEachStore(t, async (t: Test, store) => {
     t.match(await s.keys.validate(expiring.key), { valid: false, code: 'key_expired' })
   })
 
+  t.test("a change to a key reaches the keys it replaced that are still in grace (they are the same credential until then)", async (t) => {
+    const s = testServices(db)
+    const first = await s.keys.create({ name: 'lineage', type: 'system', scopes: ['orders:read', 'orders:write'] }, actor)
+    const second = await s.keys.rotate(first.record.id, {}, actor)
+    const third = await s.keys.rotate(second.record.id, {}, actor)
+    const expires = new Date(s.clock.now().getTime() + HOUR)
+    await s.keys.update(third.record.id, { scopes: ['orders:read'], allowed_cidrs: ['10.0.0.0/8'], expires_at: expires.toISOString(), rotation_interval_s: 86_400 }, actor)
+    for (const [what, k] of [['the key', third], ['its predecessor', second], ['the first of the lineage', first]] as const) {
+      const row = await s.keys.get(k.record.id)
+      t.same(row.scopes, ['orders:read'], `${what}: the narrowed scopes`)
+      t.same(row.allowedCidrs, ['10.0.0.0/8'], `${what}: the address binding`)
+      t.same(row.expiresAt, expires, `${what}: the earlier expiry`)
+      t.match(await s.keys.validate(k.key, { address: '192.0.2.1' }), { valid: false, code: 'ip_blocked' }, `${what} is refused from elsewhere`)
+      t.match(await s.keys.validate(k.key, { address: '10.1.2.3' }), { valid: true }, `${what} still works where it is bound`)
+    }
+    t.equal((await s.keys.get(second.record.id)).rotationIntervalS, null, 'a rotating key takes no rotation interval')
+    t.same(await auditActions(s, db, second.record.id), ['key.created', 'key.rotated', 'key.updated'], "the predecessor's own audit row")
+    const inGrace = await rowJson(db, second.record.id)
+    await s.keys.update(third.record.id, { rotation_interval_s: 172_800 }, actor)
+    t.equal(await rowJson(db, second.record.id), inGrace, 'a change of the rotation interval alone leaves the predecessors as they were')
+
+    // Only keys in their grace period: a key whose grace has ended is not revived by the change.
+    const old = await s.keys.create({ name: 'graceless', type: 'user', scopes: ['a'] }, actor)
+    const next = await s.keys.rotate(old.record.id, {}, actor)
+    s.clock.advance(25 * HOUR)
+    const snapshot = await rowJson(db, old.record.id)
+    await s.keys.update(next.record.id, { scopes: ['b'] }, actor)
+    t.equal(await rowJson(db, old.record.id), snapshot, 'a predecessor past its grace is left as it was')
+  })
+
   t.test('revoke, then revoke again', async (t) => {
     const s = testServices(db)
     const { key, record } = await s.keys.create({ name: 'doomed', type: 'user' }, actor)

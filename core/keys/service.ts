@@ -287,18 +287,25 @@ export class KeyService {
     return { items, nextCursor: rows.length > limit && last !== undefined ? encodeCursor(last.createdAt, last.id) : null }
   }
 
+  /**
+   * Changes an active key. The keys it replaced that are still in their grace period are the same
+   * credential until then, and take the same change (its rotation interval excepted, which only
+   * an active key has): narrowing a key's scopes, addresses or expiry must not leave its
+   * predecessor working with the old ones for days. Each changed key gets its own audit row.
+   */
   async update(id: string, input: unknown, actor: Actor): Promise<KeyRecord> {
     const body = assertValid<UpdateKeyInput>(UpdateKeyBody, input)
     checkMetadata(body.metadata)
     const now = this.#now()
     const expiresAt = futureDate(body.expires_at, now, 'expires_at')
-    const record = await this.#db.transaction(async (tx) => {
-      const old = await this.#lock(tx, id)
+    const { record, predecessors } = await this.#db.transaction(async (tx) => {
+      const old = await this.#lockLineage(tx, id)
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
       if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated; change its successor ${old.replacedBy} instead`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and can no longer be changed`)
-      const sets: string[] = []
-      const params: unknown[] = [id]
+      // $1 is the key's id, $2 the time; both statements take the same parameters.
+      const sets: string[] = ['updated_at = $2']
+      const params: unknown[] = [id, now]
       const set = (column: string, value: unknown) => {
         params.push(value)
         sets.push(`${column} = $${params.length}`)
@@ -313,8 +320,9 @@ export class KeyService {
         set('rate_limit_window_s', body.rate_limit?.window_s ?? null)
       }
       if (expiresAt !== undefined) set('expires_at', expiresAt)
+      const shared = [...sets]
+      const sharedParams = params.slice()
       if (body.rotation_interval_s !== undefined) set('rotation_interval_s', body.rotation_interval_s)
-      set('updated_at', now)
       const rows = await tx.query<KeyRow>(`UPDATE api_keys SET ${sets.join(', ')} WHERE id = $1 RETURNING ${COLUMNS}`, params)
       // A rotation deadline announced under the old interval no longer applies: the scheduler
       // announces the new one (and enforces only an announced deadline).
@@ -323,9 +331,25 @@ export class KeyService {
       }
       const changed = Object.keys(body)
       await this.#audit.write(tx, actor, { keyId: id, action: 'key.updated', details: { changed, ...body } })
-      return toRecord(rows[0] as KeyRow)
+      const predecessors: KeyRow[] = []
+      if (shared.length > 1) {
+        predecessors.push(
+          ...(await tx.query<KeyRow>(
+            `${LINEAGE} UPDATE api_keys SET ${shared.join(', ')}
+             WHERE id IN (SELECT id FROM lineage) AND id <> $1 AND status = 'rotating' AND grace_until > $2
+             RETURNING ${COLUMNS}`,
+            sharedParams,
+          )),
+        )
+        const { rotation_interval_s: _interval, ...same } = body
+        for (const row of predecessors) {
+          await this.#audit.write(tx, actor, { keyId: row.id, action: 'key.updated', details: { changed: Object.keys(same), ...same, through_successor: id } })
+        }
+      }
+      return { record: toRecord(rows[0] as KeyRow), predecessors: predecessors.map(toRecord) }
     })
     this.#emit({ action: 'updated', key: record })
+    for (const k of predecessors) this.#emit({ action: 'updated', key: k })
     return record
   }
 
