@@ -6,9 +6,10 @@
 // Routes are matched on the path as sent, and the path is forwarded as sent. Upstreams read
 // some paths differently: they decode percent-escapes (`/api/%61dmin`, `/api/admin%2Fusers`),
 // drop `;` segment parameters (`/api/admin;x/users`, Tomcat and Spring), merge `//`, read `\`
-// as `/`, or ignore letter case. Where routes nest (one's prefix inside another's, or a `/`
-// route), a path that such a reading puts under another route than the one it matched is
-// refused (400 bad_request): otherwise a key with only the outer route's scope could reach the
+// as `/`, ignore letter case, drop a segment's trailing dots (IIS) or a format suffix
+// (`/api/admin.json`, Rails and older Spring). Where routes nest (one's prefix inside
+// another's, or a `/` route), a path that such a reading puts under another route than the one
+// it matched is refused (400 bad_request): otherwise a key with only the outer route's scope could reach the
 // inner route's resources. Other paths with those characters are forwarded unchanged.
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
@@ -118,13 +119,25 @@ export class Router {
 }
 
 /** Characters of a path that some upstream reads otherwise than as sent. */
-const LENIENT_CHANGES = /[%;\\A-Z]|\/\//
+const LENIENT_CHANGES = /[%;\\A-Z. ]|\/\//
 
-/** `path` as the most lenient upstreams read it: percent-decoded, `\` as `/`, `;` parameters dropped, `//` merged, lower case. */
+/**
+ * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
+ * twice), cut at a NUL (C string APIs), `\` as `/`, `;` parameters dropped, `//` merged, the dots
+ * and spaces a segment ends with dropped (Windows, IIS), a format suffix on the last segment
+ * dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and Spring's suffix patterns
+ * before 5.3), lower case.
+ */
 function lenientReading(path: string): string {
   let p = path
-  if (p.includes('%')) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
-  return p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/').toLowerCase()
+  for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
+  const nul = p.indexOf('\u0000')
+  if (nul !== -1) p = p.slice(0, nul)
+  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/').replace(/[. ]+(?=\/|$)/g, '')
+  const last = p.lastIndexOf('/')
+  const dot = p.indexOf('.', last + 2)
+  if (dot !== -1) p = p.slice(0, dot)
+  return p.toLowerCase()
 }
 
 export function grants(keyScopes: readonly string[], routeScopes: readonly string[]): boolean {
@@ -144,7 +157,7 @@ export function createRouteStage(router: Router): Stage {
     if (r === undefined) return 'route_not_found'
     s.route = r
     if (router.ambiguous(s.headers.host, s.target, r)) {
-      s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\" or letter case); send it in its plain form.'
+      s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\", letter case, trailing dots or a format suffix such as ".json"); send it in its plain form.'
       return 'bad_request'
     }
     if (r.scopes.length === 0) return undefined
