@@ -2,10 +2,11 @@
 // key is printed once, on create; verify exits 0 when the service accepts it and 1 when not.
 import type { ParseArgsOptionsConfig } from 'node:util'
 import type { Actor } from '../core/audit.ts'
-import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaTokenService, GiteaVerification } from '../core/integrations/gitea.ts'
-import type { N8nKeyCreated, N8nKeyDeleted, N8nKeyService, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
+import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaVerification } from '../core/integrations/gitea.ts'
+import type { N8nKeyCreated, N8nKeyDeleted, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
 import type { TrackState } from '../core/integrations/track.ts'
 import { DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
+import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
@@ -15,13 +16,13 @@ export interface IntegrationContext<S> {
   actor: Actor
 }
 
-const GITEA_FLAGS = {
+export const GITEA_FLAGS = {
   'gitea-url': { type: 'string' },
   'gitea-username': { type: 'string' },
   'gitea-password': { type: 'string' },
 } as const satisfies ParseArgsOptionsConfig
 
-const N8N_FLAGS = {
+export const N8N_FLAGS = {
   'n8n-url': { type: 'string' },
   'n8n-email': { type: 'string' },
   'n8n-password': { type: 'string' },
@@ -139,8 +140,8 @@ function verifyCommand<V extends Verification>(o: {
   })
 }
 
-type GiteaCommand = Command<IntegrationContext<GiteaTokenService>>
-type N8nCommand = Command<IntegrationContext<N8nKeyService>>
+type GiteaCommand = Command<IntegrationContext<GiteaOperations>>
+type N8nCommand = Command<IntegrationContext<N8nOperations>>
 
 /** `--user`, checked as the admin API checks it (`.` and `..` would turn the URL into another Gitea endpoint). */
 function giteaUser(p: Parsed): { user?: string } {

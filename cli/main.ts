@@ -5,7 +5,7 @@ import { defaultConfigFile, FLAG_NAMES, loadConfig, renderConfigDocs } from '../
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
-import { openDb, STORE_LOCKED_HINT } from '../core/db.ts'
+import { openDb } from '../core/db.ts'
 import { applyMigrations } from '../core/migrate.ts'
 import { VERSION } from '../core/package.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
@@ -17,9 +17,10 @@ import { redisReady } from '../core/redis.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
-import { GITEA_COMMANDS, N8N_COMMANDS } from './integrations.ts'
+import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS } from './integrations.ts'
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
+import { remoteGitea, remoteN8n } from './remote-integrations.ts'
 import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
@@ -39,8 +40,8 @@ options every command takes:
   --config FILE               configuration file (else KEYGATE_CONFIG, else ./keygate.yaml)
   --data-dir DIR              embedded store folder (KEYGATE_DATA_DIR, default ./.keygate)
   --database-url URL          PostgreSQL instead of the embedded store (DATABASE_URL)
-  --admin-url URL             api-key commands go through this server's admin API
-                              (KEYGATE_ADMIN_URL; needs KEYGATE_ADMIN_TOKEN)
+  --admin-url URL             api-key, gitea and n8n commands go through this server's
+                              admin API (KEYGATE_ADMIN_URL; needs KEYGATE_ADMIN_TOKEN)
   --json                      machine-readable output
   -h, --help                  help for a command
 
@@ -66,6 +67,18 @@ export function cliLogger(io: Io, config: Config) {
   return createLogger({ level, write: (line) => io.err(line), fields: { component: 'cli' } })
 }
 
+/**
+ * Through the admin API the server calls Gitea or n8n with its own settings: the flags that would
+ * set them here are refused, not ignored.
+ */
+function serverSettingsOnly(p: Parsed, flags: Record<string, unknown>, service: string): void {
+  const given = Object.keys(flags).filter((name) => p.values[name] !== undefined)
+  if (given.length === 0) return
+  throw new UsageError(
+    `${given.map((name) => `--${name}`).join(', ')}: through the admin API (KEYGATE_ADMIN_URL or --admin-url) the server calls ${service} with its own settings; these flags apply only when the command opens the store itself`,
+  )
+}
+
 export function actorName(): string {
   try {
     return `cli:${userInfo().username}`
@@ -76,9 +89,9 @@ export function actorName(): string {
 
 /**
  * Runs one subcommand of a group: help, usage checks (before anything is opened), then the
- * action with the context `open` builds from the store runtime; both are closed after. A group
- * that can work through a running server's admin API gives `remote`, used instead of opening
- * the store when KEYGATE_ADMIN_URL (or --admin-url) is set.
+ * action with the context `open` builds from the store runtime; both are closed after. When
+ * KEYGATE_ADMIN_URL (or --admin-url) is set, the context `remote` builds is used instead: the
+ * command goes through that server's admin API and opens nothing here.
  */
 export async function runGroup<C>(
   group: string,
@@ -86,7 +99,7 @@ export async function runGroup<C>(
   argv: string[],
   io: Io,
   open: (runtime: Runtime, log: Logger, json: boolean) => { ctx: C; close?: () => Promise<void> },
-  remote?: (adminUrl: string, token: string, json: boolean) => C,
+  remote: (adminUrl: string, token: string, json: boolean, p: Parsed) => C,
 ): Promise<number> {
   const [name, ...rest] = argv
   if (name === undefined) throw new UsageError(groupHelp(group, commands).trimEnd())
@@ -103,20 +116,13 @@ export async function runGroup<C>(
   }
   const action = sub.prepare(p)
   const config = configFrom(p, io)
-  if (remote && config.admin.url) {
+  if (config.admin.url) {
     // A running server owns the store: go through its admin API instead of opening it.
     if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
-    return action(remote(config.admin.url, config.admin.token, p.values.json === true))
+    return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   const log = cliLogger(io, config)
-  const runtime = await openRuntime(config, log).catch((err: unknown) => {
-    // The groups without a way through the admin API: its hint (KEYGATE_ADMIN_URL) would not help.
-    if (!remote && isKeygateError(err) && err.code === 'store_locked') {
-      const hint = `use the running server's admin API (/v1/${group === 'gitea' ? 'gitea/tokens' : 'n8n/keys'}): the ${group} commands open the store themselves`
-      throw new KeygateError('store_locked', err.message.replace(STORE_LOCKED_HINT, hint), err.details)
-    }
-    throw err
-  })
+  const runtime = await openRuntime(config, log)
   const opened = open(runtime, log, p.values.json === true)
   const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   // Key events of changes made here are queued in the store; the running servers deliver them.
@@ -260,15 +266,35 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
         )
       case 'gitea':
-        return await runGroup('gitea', GITEA_COMMANDS, rest, io, (runtime, log, json) => {
-          const service = new GiteaTokenService(integrationDeps(runtime, log))
-          return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
-        })
+        return await runGroup(
+          'gitea',
+          GITEA_COMMANDS,
+          rest,
+          io,
+          (runtime, log, json) => {
+            const service = new GiteaTokenService(integrationDeps(runtime, log))
+            return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
+          },
+          (adminUrl, token, json, p) => {
+            serverSettingsOnly(p, GITEA_FLAGS, 'Gitea')
+            return { io, json, service: remoteGitea(adminUrl, token), actor: { actor: actorName() } }
+          },
+        )
       case 'n8n':
-        return await runGroup('n8n', N8N_COMMANDS, rest, io, (runtime, log, json) => {
-          const service = new N8nKeyService(integrationDeps(runtime, log))
-          return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
-        })
+        return await runGroup(
+          'n8n',
+          N8N_COMMANDS,
+          rest,
+          io,
+          (runtime, log, json) => {
+            const service = new N8nKeyService(integrationDeps(runtime, log))
+            return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
+          },
+          (adminUrl, token, json, p) => {
+            serverSettingsOnly(p, N8N_FLAGS, 'n8n')
+            return { io, json, service: remoteN8n(adminUrl, token), actor: { actor: actorName() } }
+          },
+        )
       case 'config':
         return await runConfig(rest, io)
       case 'migrate':

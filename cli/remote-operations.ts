@@ -1,10 +1,10 @@
 // The api-key commands against a running server's admin API (KEYGATE_ADMIN_URL with
 // KEYGATE_ADMIN_TOKEN): the same operations as on a store opened here, so the embedded store,
-// which one process owns, can be managed while the server runs. The server's error codes come
-// back as the same KeygateErrors, so exit codes and messages match the local commands.
-import { ERRORS, KeygateError, keyNotFound, type ErrorCode } from '../core/errors.ts'
+// which one process owns, can be managed while the server runs.
+import { keyNotFound, type ErrorCode } from '../core/errors.ts'
 import { checkImportSize, emptyImport } from '../core/keys/service.ts'
 import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
+import { adminClient } from './admin-client.ts'
 import type { KeyOperations } from './key-operations.ts'
 
 const date = (s: string | null) => (s === null ? null : new Date(s))
@@ -36,68 +36,8 @@ export function keyFromJson(j: KeyJson): KeyRecord {
   }
 }
 
-/** Methods that change something: a call of one that times out may have been carried out. */
-const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
-/** POSTs that change nothing. */
-const READS = new Set(['/v1/keys/validate'])
-
 export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
-  // The operations' paths are added to it: a query or fragment would end up in front of them.
-  // (Tested on the text: a bare ? or # leaves the URL's search and hash empty.)
-  if (/[?#]/.test(baseUrl)) {
-    throw new KeygateError('config_invalid', 'the admin URL (KEYGATE_ADMIN_URL or --admin-url) must not have a query or fragment: give the admin listener\'s address, with its path prefix if it has one')
-  }
-  const base = baseUrl.replace(/\/+$/, '')
-  // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
-  // words of fetch's own errors included).
-  // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
-  const hide = (text: string) => text.replace(/\/\/[^/?#]*@/g, '//<hidden>@')
-  const shown = hide(base)
-  const timeoutMs = options.timeoutMs ?? 30_000
-  const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
-  const call = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
-    let res: Response
-    let text: string
-    try {
-      res = await fetch(base + path, {
-        method,
-        headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
-        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-        signal: AbortSignal.timeout(timeoutMs),
-        // A redirect would drop the credential on another origin and turn a POST into a GET.
-        redirect: 'manual',
-      })
-      text = await res.text()
-    } catch (err) {
-      const cause = (err as { cause?: { code?: string; message?: string } }).cause
-      if ((err as Error).name === 'TimeoutError' && CHANGES.has(method) && !READS.has(path)) {
-        // Sent, and no answer: the change may have been made (a rotation's new key then exists,
-        // its secret never shown). Said as such, never as "cannot reach".
-        throw new KeygateError(
-          'admin_unavailable',
-          `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; the change may or may not have been made: check with \`keygate api-key get\` (or list) before you try again`,
-        )
-      }
-      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(cause?.code ?? cause?.message ?? (err as Error).message)}`)
-    }
-    if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
-    let json: unknown
-    try {
-      json = JSON.parse(text)
-    } catch {
-      throw unavailable(`the admin API at ${shown} answered ${res.status} without JSON`)
-    }
-    const error = (json as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } } | null)?.error
-    if (res.ok) {
-      if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${JSON.stringify(json)}, not an object`)
-      return json as T
-    }
-    // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.
-    if (typeof error?.code !== 'string' || !Object.hasOwn(ERRORS, error.code) || typeof error.message !== 'string') {
-      throw unavailable(`the admin API at ${shown} answered ${res.status} without a keygate error`)
-    }
-    throw new KeygateError(error.code as ErrorCode, `${error.message} (admin API at ${shown})`, error.details)
-  }
+  const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate api-key get` (or list)' })
   // '', '.' and '..' are no key's id, and no URL carries them as a path segment (fetch resolves
   // dot segments, even escaped): answered as the store answers them, not as another route.
   const id = (value: string) => {

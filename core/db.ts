@@ -10,7 +10,7 @@ import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 
 /** What a store_locked refusal suggests besides stopping the owner (a command without a way through the admin API says its own). */
-export const STORE_LOCKED_HINT = 'point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN'
+const STORE_LOCKED_HINT = 'point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN'
 
 export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<R[]>

@@ -82,12 +82,15 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.equal(r.json().error.code, 'store_locked')
   t.match(r.stderr, new RegExp(`in use by process ${process.pid}`))
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
-  // The gitea and n8n commands cannot go through the admin API: they are sent to its routes
-  // (before, to KEYGATE_ADMIN_URL, which they ignore).
-  const gitea = await runCli(['gitea', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1', KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) }) })
-  t.equal(gitea.code, 1)
-  t.match(gitea.json().error, { code: 'store_locked', message: /in use by process \d+; stop it, or use the running server's admin API \(\/v1\/gitea\/tokens\): the gitea commands open the store themselves$/ })
-  t.notMatch(gitea.stderr, /KEYGATE_ADMIN_URL/)
+  // The gitea and n8n commands are sent to the admin API too, and go through it when it is set.
+  for (const group of ['gitea', 'n8n']) {
+    const locked = await runCli([group, 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
+    t.equal(locked.code, 1)
+    t.match(locked.json().error, { code: 'store_locked', message: /in use by process \d+; stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN$/ }, `${group}: the same hint`)
+    const remote = await runCli([group, 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1', KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) }) })
+    t.equal(remote.code, 1)
+    t.match(remote.json().error, { code: 'admin_unavailable', message: /cannot reach the admin API at http:\/\/127\.0\.0\.1:1/ }, `${group}: through the admin API when KEYGATE_ADMIN_URL is set`)
+  }
 })
 
 t.test("a store command runs on V8's baseline compiler in a child process, which ends with the command, by any signal", async (t) => {

@@ -13,6 +13,8 @@ import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
 import { freePort, noSecrets } from './helpers/integrations.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
+import { request } from 'undici'
 
 const PASSWORD = 'ci-Bot-password-77'
 const fake = new FakeGitea()
@@ -154,6 +156,67 @@ t.test('the cycle on each store', async (t) => {
   const dump = execFileSync('pg_dump', ['--data-only', url], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024, stdio: ['ignore', 'pipe', 'ignore'] })
   t.match(dump, /ci-postgres/)
   noSecrets(t, dump, secrets, 'PostgreSQL dump')
+})
+
+t.test("through a running server's admin API (KEYGATE_ADMIN_URL), while the server holds the embedded store", async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-remote-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const admin = 'remote-gitea-admin-token-0123456789'
+  const serve = await startKeygate(t, { args: ['--upstream', 'http://127.0.0.1:9'], env: isolatedEnv({ ...gitea, KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: admin }), cwd })
+  // The CLI has no Gitea settings of its own: the server calls Gitea with its own.
+  const remote = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: admin })
+  const run = (args: string[], options: { env?: Record<string, string | undefined>; input?: string } = {}) =>
+    runCli(['gitea', ...args], { cwd, env: { ...remote, ...options.env }, ...(options.input !== undefined ? { input: options.input } : {}) })
+
+  const locked = await run(['list', '--json'], { env: { ...gitea, KEYGATE_ADMIN_URL: undefined } })
+  t.equal(locked.code, 1)
+  t.match(locked.json().error, { code: 'store_locked', message: /KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN$/ }, 'without KEYGATE_ADMIN_URL: the store is held, and the hint says what to set')
+
+  const created = await run(['create', '--name', 'remote-cli', '--scopes', 'read:user', '--json'])
+  t.equal(created.code, 0, created.stderr)
+  const c = created.json()
+  secrets.push(c.token)
+  t.match(c, { name: 'remote-cli', user: 'ci-bot', scopes: ['read:user'], token: /^[0-9a-f]{40}$/, id: /^gt_/ })
+  const human = await run(['create', '--name', 'remote-human', '--scopes', 'write:issue'])
+  t.equal(human.code, 0, human.stderr)
+  t.match(human.stdout, /^Created Gitea token \d+ \(remote-human\) for ci-bot with write:issue; keygate record gt_\w+\.\nThe token is shown once; store it now:\n[0-9a-f]{40}\n$/, 'printed as on the store')
+  secrets.push((/\n([0-9a-f]{40})\n$/.exec(human.stdout) as RegExpExecArray)[1] as string)
+
+  const verified = await run(['verify', '-'], { input: `${c.token}\n` })
+  t.equal(verified.code, 0, verified.stderr)
+  t.match(verified.stdout, `valid: Gitea user ci-bot (id 1); keygate record ${c.id} (remote-cli)`)
+  const table = await run(['list'])
+  t.equal(table.code, 0, table.stderr)
+  t.match(table.stdout, new RegExp(`${c.remote_id}\\s+remote-cli\\s+ci-bot\\s+read:user\\s+${c.token_last_eight}\\s+in sync\\s+${c.id}`))
+  t.match(table.stdout, /tokens?: \d+ in sync, 0 deleted remotely \(record kept\), 0 not recorded by keygate/)
+
+  const deleted = await run(['delete', 'remote-cli', '--user', 'ci-bot', '--json'])
+  t.equal(deleted.code, 0, deleted.stderr)
+  t.match(deleted.json(), { deleted: true, remote_id: c.remote_id, remote_missing: false, record: { id: c.id } })
+  const refused = await run(['verify', c.token])
+  t.equal(refused.code, 1, 'after delete, verify exits 1')
+  t.match(refused.stderr, /token refused: refused \(keygate record gt_\w+, deleted /)
+  const again = await run(['delete', 'remote-cli', '--json'])
+  t.equal(again.code, 1)
+  t.match(again.json().error, { code: 'gitea_token_not_found', message: /has no token with the id or name "remote-cli" \(admin API at http:\/\/127\.0\.0\.1:\d+\)$/ }, "the server's refusal, as on the store")
+  t.equal((await run(['delete', 'remote-human'])).code, 0)
+
+  const requests = fake.requests.length
+  const dots = await run(['delete', '..', '--json'])
+  t.equal(dots.code, 2, 'a name no URL path carries is a usage error')
+  t.match(dots.json().error.message, /"\.\." cannot be named through the admin API .*give the token's id/)
+  const flags = await run(['list', '--gitea-url', fake.url, '--gitea-password', 'Other-password-1', '--json'])
+  t.equal(flags.code, 2, 'Gitea flags are refused through the admin API, not ignored')
+  t.match(flags.json().error.message, /^--gitea-url, --gitea-password: through the admin API \(KEYGATE_ADMIN_URL or --admin-url\) the server calls Gitea with its own settings/)
+  t.notMatch(flags.stderr, /Other-password-1/)
+  t.equal(fake.requests.length, requests, 'neither reached Gitea')
+
+  const audit = await request(`${serve.admin}/v1/audit?action=gitea.token.created`, { headers: { authorization: `Bearer ${admin}` } })
+  const rows = ((await audit.body.json()) as { items: Array<{ actor: string }> }).items
+  t.equal(rows.length, 2)
+  t.ok(rows.every((r) => r.actor === 'token'), 'the changes are made as the admin credential given, by the server')
+  t.equal(await serve.stop(), 0)
 })
 
 t.test('no secret in captured output; every answer matches the swagger excerpt', async (t) => {

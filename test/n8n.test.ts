@@ -15,6 +15,7 @@ import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrati
 import { ownerSession, startN8n } from './helpers/n8n.ts'
 import { forEachStore, freshDatabase, memoryDb, rejection } from './helpers/stores.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 
 const actor = { actor: 'cli:tester' }
 const n8n = await startN8n(t)
@@ -288,6 +289,46 @@ t.test('the admin API: /v1/n8n/keys against the real n8n', async (t) => {
   const missing = await h.call('DELETE', '/v1/n8n/keys/via-api')
   t.equal(missing.status, 404)
   t.equal(missing.json.error.code, 'n8n_key_not_found')
+})
+
+t.test("keygate n8n through a running server's admin API (KEYGATE_ADMIN_URL), while the server holds the embedded store", async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-remote-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const admin = 'remote-n8n-admin-token-0123456789'
+  const serve = await startKeygate(t, { args: ['--upstream', 'http://127.0.0.1:9'], env: isolatedEnv({ ...env(), KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: admin }), cwd })
+  // The CLI has no n8n settings of its own: the server logs in to n8n with its own.
+  const run = (args: string[], input?: string) =>
+    runCli(['n8n', ...args], { cwd, env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: admin, LOG_LEVEL: 'debug' }), ...(input !== undefined ? { input } : {}) })
+
+  const created = await run(['create', '--label', 'remote', '--scopes', 'workflow:list', '--expires-in', '7d', '--json'])
+  t.equal(created.code, 0, created.stderr)
+  const c = created.json()
+  secrets.push(c.key)
+  t.match(c, { label: 'remote', scopes: ['workflow:list'], key: JWT, created_by: 'token' })
+  const verified = await run(['verify', '-'], `${c.key}\n`)
+  t.equal(verified.code, 0, verified.stderr)
+  t.match(verified.stdout, `valid: keygate record ${c.id} (remote, created by token)`)
+  const table = await run(['list'])
+  t.equal(table.code, 0, table.stderr)
+  t.match(table.stdout, new RegExp(`${c.remote_id}\\s+remote\\s+workflow:list\\s+\\S+\\s+in sync\\s+${c.id}`))
+  const twice = await run(['create', '--label', 'remote', '--scopes', 'workflow:list', '--json'])
+  t.equal(twice.code, 1)
+  t.equal(twice.json().error.code, 'n8n_key_exists', "the server's refusal, as on the store")
+
+  const deleted = await run(['delete', 'remote'])
+  t.equal(deleted.code, 0, deleted.stderr)
+  t.equal(deleted.stdout, `Deleted n8n API key ${c.remote_id} (remote).\n`)
+  const refused = await run(['verify', c.key])
+  t.equal(refused.code, 1)
+  t.match(refused.stderr, /key refused: refused \(keygate record nk_\w+, deleted /)
+  const dots = await run(['delete', '.'])
+  t.equal(dots.code, 2, 'a label no URL path carries is a usage error')
+  t.match(dots.stderr, /"\." cannot be named through the admin API .*give the key's id/)
+  const flags = await run(['list', '--n8n-email', 'someone@example.test'])
+  t.equal(flags.code, 2, 'n8n flags are refused through the admin API, not ignored')
+  t.match(flags.stderr, /--n8n-email: through the admin API \(KEYGATE_ADMIN_URL or --admin-url\) the server calls n8n with its own settings/)
+  t.equal(await serve.stop(), 0)
 })
 
 t.test('usage errors exit 2', async (t) => {

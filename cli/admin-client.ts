@@ -1,0 +1,82 @@
+// Calls to a running server's admin API (KEYGATE_ADMIN_URL with KEYGATE_ADMIN_TOKEN), for the
+// commands that work through it instead of opening the store (which a running server owns when it
+// is the embedded one). The server's error codes come back as the same KeygateErrors, so exit
+// codes and messages match the local commands; anything that is not keygate's answer (a proxy's
+// 503, a redirect, a page that is not JSON) is `admin_unavailable`.
+import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
+
+/** Methods that change something: a call of one that times out may have been carried out. */
+const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
+/** POSTs that change nothing. */
+const READS = new Set(['/v1/keys/validate', '/v1/gitea/tokens/verify', '/v1/n8n/keys/verify'])
+
+export interface AdminClient {
+  /** One call; the body, when given, is sent as JSON. Resolves to the answer's JSON object. */
+  call<T>(method: string, path: string, body?: unknown): Promise<T>
+}
+
+export interface AdminClientOptions {
+  timeoutMs?: number
+  /** The command that tells whether a change that timed out was made, for its message: "`keygate api-key get` (or list)". */
+  checkWith: string
+}
+
+export function adminClient(baseUrl: string, token: string, options: AdminClientOptions): AdminClient {
+  // The operations' paths are added to it: a query or fragment would end up in front of them.
+  // (Tested on the text: a bare ? or # leaves the URL's search and hash empty.)
+  if (/[?#]/.test(baseUrl)) {
+    throw new KeygateError('config_invalid', 'the admin URL (KEYGATE_ADMIN_URL or --admin-url) must not have a query or fragment: give the admin listener\'s address, with its path prefix if it has one')
+  }
+  const base = baseUrl.replace(/\/+$/, '')
+  // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
+  // words of fetch's own errors included).
+  // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
+  const hide = (text: string) => text.replace(/\/\/[^/?#]*@/g, '//<hidden>@')
+  const shown = hide(base)
+  const timeoutMs = options.timeoutMs ?? 30_000
+  const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
+  const call = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
+    let res: Response
+    let text: string
+    try {
+      res = await fetch(base + path, {
+        method,
+        headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+        signal: AbortSignal.timeout(timeoutMs),
+        // A redirect would drop the credential on another origin and turn a POST into a GET.
+        redirect: 'manual',
+      })
+      text = await res.text()
+    } catch (err) {
+      const cause = (err as { cause?: { code?: string; message?: string } }).cause
+      if ((err as Error).name === 'TimeoutError' && CHANGES.has(method) && !READS.has(path)) {
+        // Sent, and no answer: the change may have been made (a rotation's new key then exists,
+        // its secret never shown). Said as such, never as "cannot reach".
+        throw new KeygateError(
+          'admin_unavailable',
+          `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; the change may or may not have been made: check with ${options.checkWith} before you try again`,
+        )
+      }
+      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(cause?.code ?? cause?.message ?? (err as Error).message)}`)
+    }
+    if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
+    let json: unknown
+    try {
+      json = JSON.parse(text)
+    } catch {
+      throw unavailable(`the admin API at ${shown} answered ${res.status} without JSON`)
+    }
+    const error = (json as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } } | null)?.error
+    if (res.ok) {
+      if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${JSON.stringify(json)}, not an object`)
+      return json as T
+    }
+    // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.
+    if (typeof error?.code !== 'string' || !Object.hasOwn(ERRORS, error.code) || typeof error.message !== 'string') {
+      throw unavailable(`the admin API at ${shown} answered ${res.status} without a keygate error`)
+    }
+    throw new KeygateError(error.code as ErrorCode, `${error.message} (admin API at ${shown})`, error.details)
+  }
+  return { call }
+}

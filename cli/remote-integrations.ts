@@ -1,0 +1,39 @@
+// The gitea and n8n commands against a running server's admin API (KEYGATE_ADMIN_URL with
+// KEYGATE_ADMIN_TOKEN), as the api-key commands do: the server calls Gitea or n8n with its own
+// settings and keeps the records in its store, which it owns when it is the embedded one. The
+// admin API answers with the same JSON the services give here, so the commands print the same.
+import type { GiteaTokenService } from '../core/integrations/gitea.ts'
+import type { N8nKeyService } from '../core/integrations/n8n.ts'
+import { adminClient } from './admin-client.ts'
+import { UsageError } from './io.ts'
+
+export type GiteaOperations = Pick<GiteaTokenService, 'create' | 'list' | 'delete' | 'verify'>
+export type N8nOperations = Pick<N8nKeyService, 'create' | 'list' | 'delete' | 'verify'>
+
+/** A token or key named in the URL's path: '', '.' and '..' are no segment a URL can carry (fetch resolves dot segments, even escaped). */
+function pathRef(value: string, what: string): string {
+  if (value === '' || value === '.' || value === '..') {
+    throw new UsageError(`${JSON.stringify(value)} cannot be named through the admin API (no URL path carries it): give the ${what}'s id`)
+  }
+  return encodeURIComponent(value)
+}
+
+export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): GiteaOperations {
+  const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate gitea list`' })
+  return {
+    create: (body) => call('POST', '/v1/gitea/tokens', body),
+    list: () => call('GET', '/v1/gitea/tokens'),
+    delete: (ref, _actor, o = {}) => call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token')}${o.user !== undefined ? `?${new URLSearchParams({ user: o.user })}` : ''}`),
+    verify: (secret) => call('POST', '/v1/gitea/tokens/verify', { secret }),
+  }
+}
+
+export function remoteN8n(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): N8nOperations {
+  const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate n8n list`' })
+  return {
+    create: (body) => call('POST', '/v1/n8n/keys', body),
+    list: () => call('GET', '/v1/n8n/keys'),
+    delete: (ref) => call('DELETE', `/v1/n8n/keys/${pathRef(ref, 'key')}`),
+    verify: (secret) => call('POST', '/v1/n8n/keys/verify', { secret }),
+  }
+}
