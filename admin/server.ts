@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { hostName, responseInFlight } from '../core/http.ts'
+import { hostName, isTlsFailure, responseInFlight } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -171,7 +171,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
     // A response under way on this connection (an event stream, with a pipelined request that
     // does not parse): an answer written now would land inside it.
-    if (!socket.writable || responseInFlight(socket)) {
+    if (isTlsFailure(err) || !socket.writable || responseInFlight(socket)) {
       socket.destroy()
       return
     }

@@ -11,6 +11,7 @@ import { loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
+import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { answersWithin } from '../core/deadline.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, type MetricsJson, workerMetrics } from '../core/metrics.ts'
@@ -82,7 +83,10 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
 function createServer(tls: Config['gateway']['tls'], options: http.ServerOptions, log: Logger): http.Server {
   if (!tls) return http.createServer(options)
   const load = () => ({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
-  const server = https.createServer({ ...options, ...load() })
+  // The handshake has the time the headers have: a client that connects and sends nothing is cut
+  // then, as on plain HTTP (Node's own 120 s did not end such a connection here).
+  const server = https.createServer({ ...options, handshakeTimeout: options.headersTimeout ?? 10_000, ...load() })
+  trackConnections(server as unknown as http.Server)
   process.on('SIGHUP', () => {
     try {
       server.setSecureContext(load())
@@ -314,12 +318,19 @@ function startScheduler(config: Config, runtime: Runtime, log: Logger, webhooks:
   return scheduler
 }
 
-async function closeServer(server: http.Server | undefined): Promise<void> {
+/**
+ * Stops a listener: no new connections, idle ones closed, requests in flight given until
+ * `timeoutMs`, then every connection still open is ended (TLS ones still in their handshake too).
+ */
+async function closeServer(server: http.Server | undefined, timeoutMs: number): Promise<void> {
   if (!server?.listening) return
+  let deadline: NodeJS.Timeout | undefined
   await new Promise<void>((resolve) => {
     server.close(() => resolve())
     server.closeIdleConnections()
+    deadline = setTimeout(() => destroyConnections(server), timeoutMs)
   })
+  clearTimeout(deadline)
 }
 
 async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean }): Promise<number> {
@@ -416,7 +427,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
     // Open anomaly streams end first: the admin server closes only once its connections do.
     ev.feed?.close()
-    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin), scheduler?.stop()])
+    await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
     await api?.close()
     await usage?.close()
     log.info('stopped')
@@ -424,7 +435,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   } catch (err) {
     // A start that failed part-way (the admin address in use, say) stops what it had started,
     // so the process exits instead of serving without a store.
-    await Promise.allSettled([gateway?.shutdown(0), closeServer(admin), scheduler?.stop(), api?.close(), usage?.close()])
+    await Promise.allSettled([gateway?.shutdown(0), closeServer(admin, 0), scheduler?.stop(), api?.close(), usage?.close()])
     throw err
   } finally {
     stopping.dispose()
@@ -630,7 +641,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
     ev.feed?.close()
-    await Promise.all([...exited, closeServer(admin), scheduler?.stop()])
+    await Promise.all([...exited, closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
     await api?.close()
     stopTelling()
     stopDeny()

@@ -27,7 +27,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { responseInFlight } from '../core/http.ts'
+import { destroyConnections, isTlsFailure, responseInFlight, trackConnections } from '../core/http.ts'
 import { closingError, rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage } from './state.ts'
@@ -215,6 +215,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
   // One more than allowed, so "too many" can be seen (Node silently drops header lines past this count).
   server.maxHeadersCount = g.max_headers + 1
+  trackConnections(server)
 
   const forward = forwarder.forward
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
@@ -265,7 +266,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
     // A response already under way on this connection (a pipelined request that does not parse
     // arrived meanwhile): an answer written now would land inside that response's body.
-    if (err.code === 'ECONNRESET' || !socket.writable || responseInFlight(socket)) {
+    if (err.code === 'ECONNRESET' || isTlsFailure(err) || !socket.writable || responseInFlight(socket)) {
       socket.destroy()
       return
     }
@@ -370,7 +371,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         await forwarder.close()
       } else {
         log.warn('shutdown deadline passed; closing the remaining connections', { timeout_ms: timeoutMs })
-        server.closeAllConnections()
+        destroyConnections(server)
         await forwarder.destroy()
       }
     })()

@@ -6,6 +6,7 @@ import { execFileSync } from 'node:child_process'
 import { X509Certificate } from 'node:crypto'
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import https from 'node:https'
+import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { TLSSocket } from 'node:tls'
@@ -99,4 +100,39 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
   const afterBad = await get(`${gateway}/after-bad-file`, new https.Agent({ ca }), auth)
   t.same([afterBad.status, afterBad.fingerprint], [200, b.fingerprint], 'a bad file keeps the certificate in use')
   t.equal(await s.stop(), 0, 'SIGTERM: exit 0')
+})
+
+/** A TCP connection that sends nothing; resolves `closed` when the server ends it. */
+function silent(url: string): { closed: Promise<void>; socket: net.Socket } {
+  const { hostname, port } = new URL(url)
+  const socket = net.connect(Number(port), hostname)
+  socket.on('error', () => {})
+  return { socket, closed: new Promise((resolve) => socket.once('close', () => resolve())) }
+}
+
+t.test('a client that connects over TLS and sends nothing is cut at the header timeout, and does not hold a shutdown open', async (t) => {
+  const c = certificate('silent')
+  const config = join(dir, 'silent.yaml')
+  const tls = `tls: { cert: ${JSON.stringify(c.cert)}, key: ${JSON.stringify(c.key)} }`
+  const env = (headersMs: number) => {
+    writeFileSync(config, `gateway:\n  headers_timeout_ms: ${headersMs}\n  shutdown_timeout_ms: 500\n  ${tls}\nadmin:\n  ${tls}\n`)
+    return isolatedEnv({ KEYGATE_DATA_DIR: join(dir, `silent-store-${headersMs}`), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
+  }
+  await seedDataDir(join(dir, 'silent-store-1000'))
+  await seedDataDir(join(dir, 'silent-store-600000'))
+
+  // Before: still open after 150 s (Node's own handshake timeout, 120 s, never ended it).
+  const quick = await serve(t, { env: env(1000) })
+  const idle = silent(quick.gateway)
+  await idle.closed
+  t.pass('the gateway closed a silent connection (its header timeout is 1 s)')
+  t.equal(await quick.stop(), 0)
+
+  // Before: SIGTERM logged "stopped" at its deadline and the process lived on while the client held on.
+  const held = await serve(t, { env: env(600_000) })
+  const clients = [silent(held.gateway), silent(held.admin)]
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.equal(await held.stop(), 0, 'SIGTERM ends the process although neither client ever sent a byte')
+  await Promise.all(clients.map((c) => c.closed))
+  t.pass('both connections were closed by the server')
 })
