@@ -10,6 +10,9 @@ const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
 /** POSTs that change nothing. */
 const READS = new Set(['/v1/keys/validate', '/v1/gitea/tokens/verify', '/v1/n8n/keys/verify'])
 
+/** OpenSSL's and Node's codes for a certificate that does not verify (self-signed, unknown issuer, expired, another name). */
+const UNTRUSTED = /CERT|SELF_SIGNED|UNABLE_TO_(VERIFY|GET_ISSUER)/
+
 export interface AdminClient {
   /** One call; the body, when given, is sent as JSON. Resolves to the answer's JSON object. */
   call<T>(method: string, path: string, body?: unknown): Promise<T>
@@ -58,7 +61,16 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
           `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; the change may or may not have been made: check with ${options.checkWith} before you try again`,
         )
       }
-      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(cause?.code ?? cause?.message ?? (err as Error).message)}`)
+      const code = cause?.code
+      if (code !== undefined && UNTRUSTED.test(code)) {
+        throw new KeygateError(
+          'admin_unavailable',
+          `the admin API at ${shown} showed a certificate this machine does not trust (${code}); for a self-signed certificate or a private CA, give its PEM file in NODE_EXTRA_CA_CERTS`,
+        )
+      }
+      // A TLS listener closes a connection that speaks plain HTTP to it.
+      const tlsHint = code === 'UND_ERR_SOCKET' && base.startsWith('http:') ? '; if the admin listener serves TLS, the URL is https://' : ''
+      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(code ?? cause?.message ?? (err as Error).message)}${tlsHint}`)
     }
     if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
     let json: unknown

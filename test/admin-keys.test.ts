@@ -6,6 +6,11 @@ import t from 'tap'
 import type { Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
+import https from 'node:https'
+import { execFileSync } from 'node:child_process'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import type { AddressInfo } from 'node:net'
 import { Value } from '@sinclair/typebox/value'
 import { OPERATIONS } from '../admin/routes/index.ts'
@@ -346,6 +351,17 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   t.match(await failure(remoteOperations(`${base}/inherited`, 'token').stats()), { code: 'admin_unavailable', message: /answered 500 without a keygate error/ })
   // A query or fragment would stand in front of every operation's path (before: "no admin route /").
   for (const url of [`${base}/?x=1`, `${base}#top`, `${base}/?`, `${base}/#`]) t.throws(() => remoteOperations(url, 'token'), { code: 'config_invalid', message: /must not have a query or fragment/ }, url)
+  // An admin listener over TLS with a certificate the machine does not trust (before: "cannot
+  // reach", with OpenSSL's code alone), and plain HTTP sent to it.
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-admin-tls-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem'), '-days', '1', '-subj', '/CN=keygate test', '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore' })
+  const tlsServer = https.createServer({ cert: readFileSync(join(dir, 'cert.pem')), key: readFileSync(join(dir, 'key.pem')) }, (_req, res) => res.writeHead(404).end())
+  await new Promise<void>((resolve) => tlsServer.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => tlsServer.close())
+  const tlsPort = (tlsServer.address() as AddressInfo).port
+  t.match(await failure(remoteOperations(`https://127.0.0.1:${tlsPort}`, 'token').stats()), { code: 'admin_unavailable', message: /showed a certificate this machine does not trust \(DEPTH_ZERO_SELF_SIGNED_CERT\); for a self-signed certificate or a private CA, give its PEM file in NODE_EXTRA_CA_CERTS/ })
+  t.match(await failure(remoteOperations(`http://127.0.0.1:${tlsPort}`, 'token').stats()), { code: 'admin_unavailable', message: /^cannot reach the admin API at http:\/\/127\.0\.0\.1:\d+ .*; if the admin listener serves TLS, the URL is https:\/\/$/ })
   // A user:password@ in the URL is never shown (the configuration refuses one: see config.test.ts).
   for (const url of ['http://bob:hunter2pw@127.0.0.1:1', 'http://bob:hunter2@pw@127.0.0.1:1', 'http://bob:hunter2 pw@127.0.0.1:1']) {
     const hidden = await failure(remoteOperations(url, 'token').stats())
