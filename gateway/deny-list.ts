@@ -2,7 +2,7 @@
 // with answers memoised per address (cleared whenever the list changes). A stored entry stops
 // matching at its expiry: the list is recompiled when the earliest expiry passes.
 import QuickLRU from 'quick-lru'
-import type ipaddr from 'ipaddr.js'
+import ipaddr from 'ipaddr.js'
 import type { DenyChange, DenyEntry } from '../core/deny-list.ts'
 import { parseAddress, parseRange } from '../core/keys/evaluate.ts'
 import type { RequestState, Stage } from './state.ts'
@@ -10,6 +10,8 @@ import type { RequestState, Stage } from './state.ts'
 type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
 
 const MEMO_SIZE = 4096
+/** The IPv4-mapped block's first address. */
+const MAPPED = ipaddr.IPv6.parse('::ffff:0:0')
 
 export class DenyMatcher {
   readonly #fixed: Range[]
@@ -58,9 +60,18 @@ export class DenyMatcher {
       if (e.expiresAt < next) next = e.expiresAt
     }
     this.#active = active
+    this.#everyIpv4 = active.some(([net, bits]) => net.kind() === 'ipv6' && bits < 96 && MAPPED.match(net, bits))
     this.#nextExpiry = next
     this.#memo.clear()
   }
+
+  /**
+   * An IPv6 range wider than /96 that holds the IPv4-mapped block (`::/0`, `::/80`,
+   * `::ffff:0:0/95`) holds every IPv4 address as `::ffff:a.b.c.d`, the form keygate reads as IPv4:
+   * a deny list reads it so, the stricter way (a key's bindings and trusted_proxies, lists of what
+   * is allowed, read such a range as IPv6 only, also the stricter way).
+   */
+  #everyIpv4 = false
 
   denied(address: string, nowMs: number): boolean {
     if (nowMs >= this.#nextExpiry) this.#compile(nowMs)
@@ -68,7 +79,8 @@ export class DenyMatcher {
     if (hit === undefined) {
       hit = false
       const a = parseAddress(address)
-      if (a) {
+      if (a && a.kind() === 'ipv4' && this.#everyIpv4) hit = true
+      else if (a) {
         const kind = a.kind()
         for (const [net, bits] of this.#active) {
           if (net.kind() === kind && a.match(net, bits)) {

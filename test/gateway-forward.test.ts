@@ -83,6 +83,20 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
   t.equal(((await keep.get('/', bearer(k2.key))).json as Received).headers.authorization, `Bearer ${k2.key}`)
 })
 
+t.test('a deny range of IPv6 that holds the IPv4-mapped block denies IPv4 clients too', async (t) => {
+  // Before: ::ffff:0:0/95 was listed, and ::ffff:203.0.113.77 (read as 203.0.113.77) passed.
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] }, deny_list: ['::ffff:0:0/95'] } })
+  const k = await h.key()
+  for (const xff of ['203.0.113.77', '::ffff:203.0.113.77', '::fffe:0:1']) {
+    t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })).status, 403, `${xff} is inside the range`)
+  }
+  t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': '2001:db8::1' })).status, 200, 'an IPv6 address outside it passes')
+  const narrow = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] }, deny_list: ['::ffff:203.0.113.0/120', '2001:db8::/32'] } })
+  const k2 = await narrow.key()
+  t.equal((await narrow.get('/', { ...bearer(k2.key), 'x-forwarded-for': '203.0.113.77' })).status, 403, 'a mapped range denies its IPv4 addresses')
+  t.equal((await narrow.get('/', { ...bearer(k2.key), 'x-forwarded-for': '198.51.100.1' })).status, 200, 'an IPv6 range without the mapped block leaves IPv4 clients alone')
+})
+
 t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
   const h = await startGateway(t, { sharedStore: true,
     config: { gateway: { trusted_proxies: ['127.0.0.1', '10.0.0.0/8'] }, deny_list: ['203.0.113.9'] },

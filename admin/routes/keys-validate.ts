@@ -10,7 +10,7 @@ export default defineOperation({
   path: '/v1/keys/validate',
   tag: 'keys',
   summary: 'Check a key',
-  description: 'Answers 200 either way; `valid` says whether the gateway would accept the key (from `address`, when given). Does not count toward any lockout.',
+  description: "Answers 200 either way; `valid` is the key's own verdict: its format, status, expiry and grace, and, from `address` when given, its CIDR bindings. The gateway's other checks of a request (the deny list, lockout, rate limits, routes and scopes) are not part of it. Does not count toward any lockout.",
   body: Type.Object(
     {
       // No length bounds: an empty key, or one too long to be one, is a verdict (malformed), as
