@@ -177,7 +177,10 @@ await forEachStore(t, async (t: Test, store) => {
     const big = await rejection(s.keys.create({ name: 'x', type: 'user', metadata: { blob: 'x'.repeat(9000) } }, actor))
     t.equal(big.code, 'validation_failed')
     t.match(big.message, /metadata/)
-    t.equal(await count(db, 'api_keys'), before)
+    const longKey = await rejection(s.keys.create({ name: 'x', type: 'user', metadata: { ['k'.repeat(101)]: 1 } }, actor))
+    t.match(longKey, { code: 'validation_failed', message: /^metadata: has a key longer than 100 characters/ }, 'a metadata key past 100 characters (before: stored)')
+    t.ok(await s.keys.create({ name: 'x', type: 'user', metadata: { ['k'.repeat(100)]: 1 } }, actor), 'one of 100 is taken')
+    t.equal(await count(db, 'api_keys'), before + 1)
   })
 
   t.test('get', async (t) => {
@@ -764,6 +767,11 @@ await forEachStore(t, async (t: Test, store) => {
           { key_hash: h(), name: 'x', type: 'root' },
           { key_hash: h(), name: 'x', metadata: { blob: 'x'.repeat(9000) } },
           { key_hash: h(), name: 'fine too' },
+          // Before: stored as active, and a key made in 2099 headed the newest-first list.
+          { key_hash: h(), name: 'from the future', created_at: '2099-01-01T00:00:00Z' },
+          { key_hash: h(), name: 'expired before made', created_at: '2020-06-01T00:00:00Z', expires_at: '2020-01-01T00:00:00Z' },
+          // Before: accepted, though the schema declared keys of at most 100 characters.
+          { key_hash: h(), name: 'long metadata key', metadata: { ['k'.repeat(101)]: 1 } },
         ],
         actor,
       ),
@@ -771,7 +779,8 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(err.code, 'import_invalid')
     t.equal(err.status, 400)
     const problems = err.details?.problems as string[]
-    t.same(problems.map((p) => p.match(/^row (\d+):/)?.[1]), ['2', '3', '4', '5', '6', '7', '8'], 'every bad row, and only those')
+    t.same(problems.map((p) => p.match(/^row (\d+):/)?.[1]), ['2', '3', '4', '5', '6', '7', '8', '10', '11', '12'], 'every bad row, and only those')
+    t.match(problems.slice(-3), [/^row 10: created_at: 2099-01-01T00:00:00Z is in the future/, /^row 11: expires_at: 2020-01-01T00:00:00Z is not after created_at/, /^row 12: metadata: has a key longer than 100 characters/])
     for (const p of problems) t.ok(err.message.includes(p), 'the message lists each problem')
     t.match(err.message, /^nothing imported/)
     t.equal(await count(db, 'api_keys'), before, 'nothing imported')

@@ -19,7 +19,9 @@ export const RevokeBody = Type.Object(
   { additionalProperties: false },
 )
 export type RevokeInput = Static<typeof RevokeBody>
-const Metadata = Type.Record(Type.String({ maxLength: 100 }), Type.Unknown(), { description: 'Free-form JSON attached to the key (at most 8 KiB).' })
+/** The longest key of a key's metadata (checked by the key service: a Record's key schema bounds nothing). */
+export const METADATA_KEY_MAX = 100
+const Metadata = Type.Record(Type.String(), Type.Unknown(), { description: `Free-form JSON attached to the key (at most 8 KiB; keys of at most ${METADATA_KEY_MAX} characters).` })
 const Cidrs = Type.Array(Type.String({ format: 'cidr' }), { maxItems: 100, description: 'The key is only accepted from these addresses (empty: from anywhere).' })
 const RateLimitSchema = Type.Union(
   [

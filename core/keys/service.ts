@@ -10,7 +10,7 @@ import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../erro
 import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
-import { CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
+import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 
 export interface KeyServiceOptions {
@@ -127,6 +127,9 @@ function checkMetadata(metadata: unknown): void {
   if (holdsNul(metadata)) {
     throw fieldInvalid('metadata', 'holds a NUL character')
   }
+  // JSON Schema cannot bound a record's keys (TypeBox's Record drops the key schema's maxLength).
+  const long = Object.keys(metadata as object).find((k) => k.length > METADATA_KEY_MAX)
+  if (long !== undefined) throw fieldInvalid('metadata', `has a key longer than ${METADATA_KEY_MAX} characters (${JSON.stringify(long.slice(0, 20))}…)`)
   if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
     throw fieldInvalid('metadata', `is larger than ${METADATA_MAX_BYTES} bytes`)
   }
@@ -452,6 +455,7 @@ export class KeyService {
     const problems: string[] = []
     const rows: ImportRowInput[] = []
     const seen = new Map<string, number>()
+    const now = this.#now()
     input.forEach((raw, i) => {
       if (raw && typeof raw === 'object' && typeof (raw as { key_hash?: unknown }).key_hash === 'string') {
         // Hex is case-blind; the replaced system may have stored upper case.
@@ -463,6 +467,11 @@ export class KeyService {
         if (first !== undefined) problems.push(`row ${i + 1}: key_hash repeats row ${first}`)
         seen.set(row.key_hash, i + 1)
         checkMetadata(row.metadata)
+        // A key made in the future would head the newest-first list for ever; one made after it
+        // expired is no key the replaced system ever had.
+        const created = row.created_at ? new Date(row.created_at) : undefined
+        if (created && created > now) throw fieldInvalid('created_at', `${row.created_at} is in the future`)
+        if (created && row.expires_at && new Date(row.expires_at) <= created) throw fieldInvalid('expires_at', `${row.expires_at} is not after created_at ${row.created_at}`)
         rows.push(row)
       } catch (err) {
         if (!(err instanceof KeygateError)) throw err
@@ -475,7 +484,6 @@ export class KeyService {
       for (const e of existing) problems.push(`row ${seen.get(e.key_hash)}: key_hash is already in the store`)
     }
     if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
-    const now = this.#now()
     let records: KeyRecord[]
     try {
       records = await this.#db.transaction(async (tx) => {
