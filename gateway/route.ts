@@ -20,8 +20,9 @@ export interface CompiledRoute {
   readonly index: number
   readonly name: string
   readonly prefix: string
-  /** `prefix` in lower case, for matching a path as a lenient upstream reads it. */
+  /** `prefix` in lower case, and as a lenient upstream reads it as a whole path (see lenientReading): a path read leniently is under the route when under either. */
   readonly prefixLower: string
+  readonly prefixLenient: string
   /** Lowercase; compared with the port when it has one, else with the host name only. */
   readonly host: string | undefined
   readonly hostHasPort: boolean
@@ -62,6 +63,7 @@ export class Router {
         name: r.name,
         prefix,
         prefixLower: prefix.toLowerCase(),
+        prefixLenient: prefix === '/' ? '/' : lenientReading(prefix),
         host,
         hostHasPort: host !== undefined && hostName(host) !== host,
         origin: url.origin,
@@ -74,21 +76,23 @@ export class Router {
     })
     this.#byHost = this.routes.some((r) => r.host !== undefined)
     this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || (a.host ? 0 : 1) - (b.host ? 0 : 1))
-    this.#nested = this.routes.some((a) => this.routes.some((b) => a !== b && (a.prefix === '/' || b.prefixLower === a.prefixLower || b.prefixLower.startsWith(a.prefixLower + '/'))))
+    const inside = (b: CompiledRoute, a: CompiledRoute) =>
+      [b.prefixLower, b.prefixLenient].some((bp) => [a.prefixLower, a.prefixLenient].some((ap) => bp === ap || bp.startsWith(ap + '/')))
+    this.#nested = this.routes.some((a) => this.routes.some((b) => a !== b && (a.prefix === '/' || inside(b, a))))
   }
 
   /** Some route's prefix lies inside another's: only then can a lenient reading of a path change its route. */
   readonly #nested: boolean
 
-  match(host: string | undefined, target: string, folded = false): CompiledRoute | undefined {
+  /**
+   * The route of `target`; with `lenient`, of a path as a lenient upstream reads it, which is
+   * under a route when under its prefix in lower case or read the same way (`/openapi.json` is
+   * `/openapi` to a server that drops format suffixes, and a route of that path still its own).
+   */
+  match(host: string | undefined, target: string, lenient = false): CompiledRoute | undefined {
     const lower = this.#byHost && host !== undefined ? canonicalHost(host) : undefined
     for (const r of this.#ordered) {
-      const p = folded ? r.prefixLower : r.prefix
-      if (!target.startsWith(p)) continue
-      if (p.length > 1 && target.length > p.length) {
-        const next = target.charCodeAt(p.length)
-        if (next !== 47 /* / */ && next !== 63 /* ? */) continue
-      }
+      if (lenient ? !under(target, r.prefixLower) && !under(target, r.prefixLenient) : !under(target, r.prefix)) continue
       if (r.host !== undefined && (lower === undefined || (r.hostHasPort ? lower : hostName(lower)) !== r.host)) continue
       return r
     }
@@ -118,6 +122,14 @@ export class Router {
   }
 }
 
+/** Whether `path` is under `prefix`: equal, or continued on a segment boundary (`/api` holds `/api`, `/api/x` and `/api?q`, not `/apix`). */
+function under(path: string, prefix: string): boolean {
+  if (!path.startsWith(prefix)) return false
+  if (prefix.length <= 1 || path.length === prefix.length) return true
+  const next = path.charCodeAt(prefix.length)
+  return next === 47 /* / */ || next === 63 /* ? */
+}
+
 /** Characters of a path that some upstream reads otherwise than as sent. */
 const LENIENT_CHANGES = /[%;\\A-Z. ]|\/\//
 
@@ -133,11 +145,30 @@ function lenientReading(path: string): string {
   for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
   const nul = p.indexOf('\u0000')
   if (nul !== -1) p = p.slice(0, nul)
-  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/').replace(/[. ]+(?=\/|$)/g, '')
+  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')
+  // Dot segments a second decoding made (`%252e%252e`) are resolved, as that server resolves them,
+  // before a segment's trailing dots are dropped.
+  if (p.includes('.')) p = resolveDots(p)
+  p = p.replace(/[. ]+(?=\/|$)/g, '')
   const last = p.lastIndexOf('/')
   const dot = p.indexOf('.', last + 2)
   if (dot !== -1) p = p.slice(0, dot)
   return p.toLowerCase()
+}
+
+/** `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4); `..` never climbs above the root. */
+function resolveDots(path: string): string {
+  const out: string[] = []
+  const segments = path.split('/')
+  for (const [i, seg] of segments.entries()) {
+    if (seg === '..') {
+      if (out.length > 1) out.pop()
+      if (i === segments.length - 1) out.push('')
+    } else if (seg === '.') {
+      if (i === segments.length - 1) out.push('')
+    } else out.push(seg)
+  }
+  return out.join('/')
 }
 
 export function grants(keyScopes: readonly string[], routeScopes: readonly string[]): boolean {

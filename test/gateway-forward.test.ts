@@ -337,6 +337,29 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   }
   t.equal(h.upstream.received.filter((r) => refused.includes(r.url)).length, 0, 'no refused path reached the upstream')
 
+  // A route whose own path holds a dot is its own under every reading (before the fix of the
+  // review: /openapi.json and /api/v2.1 were refused, read as /openapi and /api/v2); and dot
+  // segments a second decoding makes are resolved (/x/%252e%252e/api/secret is /api/secret).
+  const dotted = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'web', path: '/', upstream: '{upstream}', scopes: ['web'] },
+      { name: 'spec', path: '/openapi.json', upstream: '{upstream}', scopes: ['web'] },
+      { name: 'api', path: '/api', upstream: '{upstream}', scopes: ['api'] },
+      { name: 'v21', path: '/api/v2.1', upstream: '{upstream}', scopes: ['api'] },
+    ],
+  })
+  const both = await dotted.key({ scopes: ['web', 'api'] })
+  const web = await dotted.key({ scopes: ['web'] })
+  const send = (path: string, key: string) => rawExchange(dotted.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\nConnection: close\r\n\r\n`)
+  for (const path of ['/openapi.json', '/api/v2.1', '/api/v2.1?x=1', '/api/v2.1/users', '/api/v2.1/users.json', '/index.html']) {
+    const r = receivedOf(await send(path, both.key))
+    t.equal(typeof r === 'string' ? r : r.url, path, `${path} is forwarded under its own route`)
+  }
+  for (const path of ['/x/%252e%252e/api/secret', '/x/%252E%252E/api/secret', '/x/.%252e/api']) {
+    t.match(await send(path, web.key), /^HTTP\/1.1 400/, `${path} is refused: a server that decodes twice reads it under /api`)
+  }
+  t.match(await send('/api/secret', web.key), /^HTTP\/1.1 403/, 'which needs its scope')
+
   // Routes that do not nest: nothing to confuse, every path is forwarded as sent.
   const flat = await startGateway(t, { sharedStore: true, routes: [{ name: 'only', path: '/svc', upstream: '{upstream}' }] })
   const k = await flat.key()
