@@ -75,7 +75,7 @@ export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
       method: 'GET',
       path: '/openapi.json',
       handle: ({ res }) => {
-        res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(document), 'cache-control': 'no-cache' })
+        res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(document), 'cache-control': 'no-cache', 'x-content-type-options': 'nosniff' })
         res.end(document)
       },
     },

@@ -99,10 +99,15 @@ export function isKeygateError(err: unknown, code?: ErrorCode): err is KeygateEr
 }
 
 /** The JSON body of every error answer: `{"error":{"code","message","request_id"}}`. */
+/**
+ * The JSON error answer. Anything shaped like a key in it reads `[redacted]`, as in the log,
+ * whatever message or detail echoed it (a path, a query value, an id given where a key was
+ * pasted).
+ */
 export function errorBody(code: ErrorCode, requestId: string, message?: string, details?: Record<string, unknown>): string {
   const error: Record<string, unknown> = { code, message: message ?? ERRORS[code].message, request_id: requestId }
   if (details !== undefined) error.details = details
-  return JSON.stringify({ error })
+  return scrub(JSON.stringify({ error }))
 }
 
 /**

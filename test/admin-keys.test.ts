@@ -118,6 +118,14 @@ await forEachStore(t, async (t, store) => {
       t.notMatch(wrong.text, created.key.slice(-28), 'the key is not in the answer')
       t.match(wrong.json.error.message, 'no key has the id "[redacted]"')
     }
+    // Every error answer, whatever echoed the key (before: a route that does not exist, a query
+    // value and an anomaly id answered with the whole key in the message).
+    for (const [method, path] of [['GET', `/v1/nokeys/${created.key}`], ['GET', `/v1/keys?limit=${created.key}`], ['POST', `/v1/anomalies/${created.key}/ack`]] as const) {
+      const echoed = await h.call(method, path)
+      t.ok(echoed.status >= 400, `${method} ${path.replace(created.key, '<key>')}: refused`)
+      t.notMatch(echoed.text, created.key.slice(-28), 'the key is not in the answer')
+      t.match(echoed.text, '[redacted]')
+    }
     const u = await writes(t, h, 1, 'update', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: 'edited', scopes: ['a', 'b'], rate_limit: null } }))
     t.equal(u.status, 200)
     t.match(u.json, { name: 'edited', scopes: ['a', 'b'] })

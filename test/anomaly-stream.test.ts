@@ -217,6 +217,28 @@ t.test('one credential holds at most admin.max_streams_per_credential streams op
   t.equal((await h.call('GET', '/v1/anomalies')).status, 200, 'the rest of the admin API is not limited by it')
 })
 
+t.test("a stream ends when its admin key no longer holds the stream's address; HEAD answers without a stream", async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { admin: { stream_heartbeat_s: 1, max_streams_per_credential: 1 } } })
+  const bound = await h.keys.create({ name: 'bound watcher', type: 'system', scopes: ['admin'], allowed_cidrs: ['127.0.0.0/8'] }, { actor: 'test' })
+  const s = await h.stream('/v1/anomalies/stream', { auth: bound.key })
+  t.teardown(() => s.close())
+  t.equal(s.status, 200)
+  t.equal(s.headers['x-content-type-options'], 'nosniff')
+  const ended = s.next().then(() => 'an event', () => 'ended')
+  // Before: the next request with the key was refused, and the open stream went on pinging.
+  await h.keys.update(bound.record.id, { allowed_cidrs: ['10.0.0.0/8'] }, { actor: 'test' })
+  t.equal(await ended, 'ended', 'the stream ends once its key is bound elsewhere')
+
+  // Before: no answer at all, and the credential's one stream slot held.
+  const { hostname, port } = new URL(h.url)
+  const head = await converse(Number(port), `HEAD /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}\r\n\r\n`, [{ when: (text) => text.includes('\r\n\r\n'), send: null }], hostname)
+  t.match(head, /^HTTP\/1.1 200 [^]*text\/event-stream/, 'HEAD gets the head a GET would')
+  const after = await h.stream('/v1/anomalies/stream', { auth: BOOTSTRAP_TOKEN })
+  t.teardown(() => after.close())
+  t.equal(after.status, 200, 'and holds no stream slot')
+})
+
 t.test('a pipelined request that does not parse, on the connection of an open stream: the connection is closed, nothing is written into the stream', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db)

@@ -50,11 +50,18 @@ export default defineOperation({
     // The client may have gone while it was authenticated: its 'close' came before there was
     // anyone to hear it, and a stream begun now would hold its listeners and heartbeat for ever.
     if (req.socket.destroyed || res.destroyed) return
+    const head = { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-content-type-options': 'nosniff', 'x-request-id': requestId, 'x-accel-buffering': 'no' }
+    // HEAD: what a GET would answer, without a stream (before: no answer at all, and a stream
+    // slot held for as long as the client kept the connection).
+    if (req.method === 'HEAD') {
+      res.writeHead(200, head).end()
+      return
+    }
     const release = services.streams.take(actor.actor)
     if (!release) {
       throw new KeygateError('too_many_streams', `this credential already holds ${services.streams.max} open anomaly streams on this instance (admin.max_streams_per_credential); close one first`)
     }
-    res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-request-id': requestId, 'x-accel-buffering': 'no' })
+    res.writeHead(200, head)
     res.write(': keygate anomaly stream\nretry: 2000\n\n')
     // Live ones are held back while the missed ones are read, so none comes twice or out of turn.
     let held: AnomalyJson[] | undefined = resume !== undefined ? [] : undefined
@@ -73,7 +80,8 @@ export default defineOperation({
     // revoked, expires or loses the admin scope through this instance, else at the next heartbeat
     // (a change made through another instance).
     const keyId = actor.actor.startsWith('key:') ? actor.actor.slice(4) : undefined
-    const stillAdmin = (k: KeyRecord) => evaluateKey(k, services.now()).ok && k.scopes.includes(ADMIN_SCOPE)
+    // From the stream's own address: a key whose CIDR bindings no longer hold it is no admin key here.
+    const stillAdmin = (k: KeyRecord) => evaluateKey(k, services.now(), actor.address ?? undefined).ok && k.scopes.includes(ADMIN_SCOPE)
     const offKeys =
       keyId === undefined
         ? () => {}
