@@ -145,7 +145,7 @@ export async function runGroup<C>(
 }
 
 function integrationDeps(runtime: Runtime, log: Logger) {
-  return { db: runtime.db, audit: runtime.audit, log, config: runtime.config }
+  return { db: runtime.db, audit: runtime.audit, log, config: runtime.config, flags: true }
 }
 
 /**

@@ -2,6 +2,8 @@
 // KEYGATE_ADMIN_TOKEN), as the api-key commands do: the server calls Gitea or n8n with its own
 // settings and keeps the records in its store, which it owns when it is the embedded one. The
 // admin API answers with the same JSON the services give here, so the commands print the same.
+// No body may carry a NUL (the admin API refuses it whole): a secret holding one cannot be a
+// token or key, which is the service's verdict too.
 import type { GiteaTokenService } from '../core/integrations/gitea.ts'
 import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import { adminClient } from './admin-client.ts'
@@ -24,7 +26,7 @@ export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs
     create: (body) => call('POST', '/v1/gitea/tokens', body),
     list: () => call('GET', '/v1/gitea/tokens'),
     delete: (ref, _actor, o = {}) => call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token')}${o.user !== undefined ? `?${new URLSearchParams({ user: o.user })}` : ''}`),
-    verify: (secret) => call('POST', '/v1/gitea/tokens/verify', { secret }),
+    verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/gitea/tokens/verify', { secret })),
   }
 }
 
@@ -34,6 +36,6 @@ export function remoteN8n(baseUrl: string, token: string, options: { timeoutMs?:
     create: (body) => call('POST', '/v1/n8n/keys', body),
     list: () => call('GET', '/v1/n8n/keys'),
     delete: (ref) => call('DELETE', `/v1/n8n/keys/${pathRef(ref, 'key')}`),
-    verify: (secret) => call('POST', '/v1/n8n/keys/verify', { secret }),
+    verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/n8n/keys/verify', { secret })),
   }
 }

@@ -87,7 +87,11 @@ t.test('not configured, or unreachable: specific codes, nothing written', async 
     const a = await bare.call(method, path, body === undefined ? {} : { body })
     t.equal(a.status, 503, `${method} ${path}`)
     t.equal(a.json.error.code, code)
+    // The server's settings are the ones to set: the CLI's flags are refused through the admin API.
+    t.match(a.json.error.message, /configuration file\)$/, 'names no CLI flag')
+    t.notMatch(a.json.error.message, /--/)
   }
+
   const port = await freePort()
   const n8n = new N8nKeyService(integrationDeps(store.db, { N8N_URL: `http://127.0.0.1:${port}`, N8N_EMAIL: 'owner@example.test', N8N_PASSWORD: 'Owner-pw-1' }))
   t.teardown(() => n8n.close())

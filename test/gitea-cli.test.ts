@@ -143,7 +143,7 @@ t.test('the cycle on each store', async (t) => {
       t.equal(byFlags.code, 0, 'credentials as flags')
       const none = await run(['list'], { env: { GITEA_URL: undefined } })
       t.equal(none.code, 1)
-      t.match(none.stderr, /Gitea is not configured: set GITEA_URL/)
+      t.match(none.stderr, /Gitea is not configured: set GITEA_URL \(or integrations\.gitea in the configuration file, or --gitea-url\)/, 'the CLI on the store names its flag too')
       const down = await run(['list', '--json'], { env: { GITEA_URL: `http://127.0.0.1:${await freePort()}` } })
       t.equal(down.code, 1)
       t.equal(down.json().error.code, 'gitea_unreachable')
@@ -202,6 +202,11 @@ t.test("through a running server's admin API (KEYGATE_ADMIN_URL), while the serv
   t.match(again.json().error, { code: 'gitea_token_not_found', message: /has no token with the id or name "remote-cli" \(admin API at http:\/\/127\.0\.0\.1:\d+\)$/ }, "the server's refusal, as on the store")
   t.equal((await run(['delete', 'remote-human'])).code, 0)
 
+  for (const secret of ['', 'x'.repeat(5000), 'a\u0000b']) {
+    const malformed = await run(['verify', '-', '--json'], { input: `${secret}\n` })
+    t.equal(malformed.code, 1)
+    t.same(malformed.json(), { valid: false, reason: 'malformed', record: null }, `a secret of ${secret.length} characters: the verdict, as on the store`)
+  }
   const requests = fake.requests.length
   const dots = await run(['delete', '..', '--json'])
   t.equal(dots.code, 2, 'a name no URL path carries is a usage error')

@@ -322,6 +322,11 @@ t.test("keygate n8n through a running server's admin API (KEYGATE_ADMIN_URL), wh
   const refused = await run(['verify', c.key])
   t.equal(refused.code, 1)
   t.match(refused.stderr, /key refused: refused \(keygate record nk_\w+, deleted /)
+  for (const secret of ['', 'x'.repeat(5000)]) {
+    const malformed = await run(['verify', '-', '--json'], `${secret}\n`)
+    t.equal(malformed.code, 1)
+    t.same(malformed.json(), { valid: false, reason: 'malformed', record: null }, `a key of ${secret.length} characters: the verdict, as on the store (before: validation_failed)`)
+  }
   const dots = await run(['delete', '.'])
   t.equal(dots.code, 2, 'a label no URL path carries is a usage error')
   t.match(dots.stderr, /"\." cannot be named through the admin API .*give the key's id/)

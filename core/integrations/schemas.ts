@@ -43,9 +43,13 @@ export const CreateN8nKeyBody = Type.Object(
 )
 export type CreateN8nKeyInput = Static<typeof CreateN8nKeyBody>
 
-/** The secret to verify (a body, so it stays out of URLs and access logs). */
+/**
+ * The secret to verify (a body, so it stays out of URLs and access logs). No length bounds: an
+ * empty secret, or one too long to be one, is a verdict (`malformed`), as `keygate gitea|n8n
+ * verify` on the store answers; admin.max_body_bytes bounds it.
+ */
 export const VerifySecretBody = Type.Object(
-  { secret: Type.String({ minLength: 1, maxLength: 4096, description: 'The token or key to check.' }) },
+  { secret: Type.String({ description: 'The token or key to check.' }) },
   { additionalProperties: false },
 )
 export type VerifySecretInput = Static<typeof VerifySecretBody>

@@ -16,22 +16,27 @@ export interface IntegrationDeps {
   audit: AuditLog
   log: Logger
   config: Config
+  /** The CLI on the store: a missing setting may also be given as the command's flag, and the message says so. */
+  flags?: boolean
 }
 
 /**
  * The client of a service once its settings are complete, else `<service>_not_configured` naming
- * each missing variable (`needed`: value and variable name) and its flag.
+ * each missing variable (`needed`: value and variable name) and, with `flags` (the CLI on the
+ * store), its flag. A server's answer names no flag: through the admin API the CLI's flags are
+ * refused, and the server's own settings are the ones to set.
  */
 export function configuredClient(
   service: ServiceName,
   current: IntegrationHttp | undefined,
   settings: { url?: string | undefined; password?: string | undefined; timeout_ms: number },
   needed: ReadonlyArray<readonly [unknown, string]>,
+  flags = false,
 ): IntegrationHttp {
   const missing = needed.filter(([value]) => !value).map(([, name]) => name)
   if (missing.length > 0 || !settings.url) {
-    const flags = missing.map((n) => `--${n.toLowerCase().replace(/_/g, '-')}`)
-    throw new KeygateError(`${service}_not_configured`, `${SERVICE_LABEL[service]} is not configured: set ${missing.join(', ')} (or integrations.${service} in the configuration file, or ${flags.join(', ')})`)
+    const named = flags ? `, or ${missing.map((n) => `--${n.toLowerCase().replace(/_/g, '-')}`).join(', ')}` : ''
+    throw new KeygateError(`${service}_not_configured`, `${SERVICE_LABEL[service]} is not configured: set ${missing.join(', ')} (or integrations.${service} in the configuration file${named})`)
   }
   if (current) return current
   const http = new IntegrationHttp({ service, url: settings.url, timeoutMs: settings.timeout_ms })
