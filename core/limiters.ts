@@ -263,6 +263,8 @@ interface Lease {
   rate: number
   /** The limiter's source when reserved. */
   source: number | undefined
+  /** Points of the store's count that this process carried into it from the other store at a switch within the window (see `#carry`). */
+  carried: number
   /** What the store had left for others after the reservation. */
   remaining: number
   /** The window the points were reserved in (see LeasedLimit), and when it ends (epoch ms). */
@@ -324,7 +326,11 @@ export function windowPhase(key: string, windowMs: number): number {
  *   count, which includes the ask) and gives back only the rest, so the count is at the limit
  *   once it is given back: a refusal another process met in between was right, and near the limit
  *   no second ask is needed.
- * - Leases and refusals are dropped when the answering store changes (Redis down or back).
+ * - When the answering store changes (Redis down or back) a lease of the other store is no longer
+ *   used, but a refusal stays in force until its window ends, and the first reservation from the
+ *   store now answering carries into it what this process knew the other had counted in the
+ *   window and it has not (`#carry`): a switch does not start the key's count afresh, so one
+ *   process never admits more than the limit in a window because of a switch.
  * - A lease of AHEAD_FROM points or more is renewed when a quarter is left, in the background;
  *   what it still holds is carried into the next if both are of the same window (so a process
  *   holds at most a lease and a quarter unused).
@@ -408,7 +414,8 @@ export class LeasedLimit implements RateLimit {
       const answer = this.#taken(key)
       if (answer !== undefined) return answer
       const lease = this.#leases.get(key)
-      if (lease !== undefined && lease.refused && lease.source === this.#limiter.source) {
+      // A refusal holds until its window ends, whichever store answers now.
+      if (lease !== undefined && lease.refused) {
         const ms = lease.until - this.#now()
         if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
       }
@@ -422,9 +429,9 @@ export class LeasedLimit implements RateLimit {
   async #one(key: string): Promise<RateLimiterRes> {
     const now = this.#now()
     const { window, until } = this.#window(key, now, false)
-    const { res, refused } = await this.#ask(`${key}:${window}`, 1)
-    if (refused) throw new RateLimiterRes(0, until - now, res.consumedPoints, false)
-    return new RateLimiterRes(res.remainingPoints, until - now, res.consumedPoints, false)
+    const { consumed, remaining, refused } = await this.#ask(`${key}:${window}`, 1)
+    if (refused) throw new RateLimiterRes(0, until - now, consumed, false)
+    return new RateLimiterRes(remaining, until - now, consumed, false)
   }
 
   /** The key's window at `now` (or the one after it), and when that ends. */
@@ -463,7 +470,7 @@ export class LeasedLimit implements RateLimit {
     const wanted = !known ? 1 : ahead ? Math.round(rate * LEASE_TARGET_MS) : Math.round(Math.min(rate * LEASE_TARGET_MS, rate * (until - clock) - (sameWindow ? previous.left : 0)))
     let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
     const storeKey = `${key}:${window}`
-    const answer = await this.#ask(storeKey, size)
+    let answer = await this.#ask(storeKey, size)
     const source = answer.source
     // Answered by the store the gate has switched away from while the call was out (Redis, just
     // after the switch to the insurance): a lease from it would not be used, so what it counted
@@ -472,12 +479,26 @@ export class LeasedLimit implements RateLimit {
       this.#giveBack(answer.res, storeKey, size)
       return
     }
+    // The first reservation of the window from this store since the other answered: what that
+    // one had counted and this one has not is counted here too (after the ask, as the switch is
+    // known only from the answer: a Redis call that times out is answered by the insurance).
+    const carry = this.#carry(previous, window, source)
+    if (carry > 0) {
+      const more = await this.#ask(storeKey, carry)
+      if (more.source !== source || source !== this.#limiter.source) {
+        // Switched again meanwhile: neither answer is used.
+        this.#giveBack(answer.res, storeKey, size)
+        this.#giveBack(more.res, storeKey, carry)
+        return
+      }
+      answer = more
+    }
     let refused = answer.refused
-    let remaining = answer.res.remainingPoints
+    let remaining = answer.remaining
     if (refused && size > 1) {
       // Others used more than this process knew. The store had `points - before` left when this
       // ask came (its count includes the ask): keep that much and give back the rest.
-      const before = answer.res.consumedPoints - size
+      const before = answer.consumed - size
       const keep = Math.max(0, Math.min(size, this.points - before))
       if (size > keep) this.#giveBack(answer.res, storeKey, size - keep)
       refused = keep === 0
@@ -485,8 +506,8 @@ export class LeasedLimit implements RateLimit {
       remaining = 0
     }
     const lease: Lease = refused
-      ? { left: 0, size: 1, at: now, rate: 0, source, remaining: 0, window, until, refused: true, next: undefined }
-      : { left: size, size, at: now, rate, source, remaining, window, until, refused: false, next: undefined }
+      ? { left: 0, size: 1, at: now, rate: 0, source, carried: carry, remaining: 0, window, until, refused: true, next: undefined }
+      : { left: size, size, at: now, rate, source, carried: carry, remaining, window, until, refused: false, next: undefined }
     const current = this.#leases.get(key)
     if (ahead) {
       // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.
@@ -496,6 +517,7 @@ export class LeasedLimit implements RateLimit {
     // A renewal that comes back after the window it was asked in has ended, and the next window's
     // lease (reserved ahead) has taken over, is for an ended window: dropped (counted, unused).
     if (current !== undefined && current.window > window) return
+    if (current !== undefined && current.window === window && current.source === source && !current.refused) lease.carried += current.carried
     // A renewal: what the lease it replaces still holds in the same window stays usable, and a
     // next window's lease reserved meanwhile is kept.
     if (current !== undefined && current.window === window && current.source === source && !current.refused && current.left > 0) {
@@ -508,6 +530,17 @@ export class LeasedLimit implements RateLimit {
   }
 
   /**
+   * What `previous`, a lease of the other store in `window`, tells that `source` has not counted:
+   * the other store's count at its last reservation, less the points of that lease this process
+   * will not use and what that store had itself been carried from this one. Zero from the same
+   * store, another window or without a switch.
+   */
+  #carry(previous: Lease | undefined, window: number, source: number | undefined): number {
+    if (previous === undefined || previous.source === source || previous.window !== window || previous.refused) return 0
+    return Math.max(0, this.points - previous.remaining - previous.left - previous.carried)
+  }
+
+  /**
    * Points back to the limiter that counted them. Not waited for: a frozen Redis must not hold
    * the requests waiting for a reservation, and a give-back that fails leaves the points counted
    * (a process may refuse early, never admit more).
@@ -516,24 +549,52 @@ export class LeasedLimit implements RateLimit {
     giveBackTo(this.#limiter, res, storeKey, points).catch(() => {})
   }
 
-  /** `points` from the store: its answer, or its refusal (a RateLimiterRes too), and which source gave it; other failures reject. */
-  #ask(key: string, points: number): Promise<{ res: RateLimiterRes; refused: boolean; source: number | undefined }> {
+  /**
+   * `points` from the store: its answer or its refusal (a RateLimiterRes too, kept as `res` for
+   * give-backs), the count, what is left of this limit and whether it is passed (judged here: the
+   * store may count for limits of any size, see createRateLimits), and which source gave it;
+   * other failures reject.
+   */
+  #ask(key: string, points: number): Promise<{ res: RateLimiterRes; consumed: number; remaining: number; refused: boolean; source: number | undefined }> {
     const limiter = this.#limiter
-    return limiter.consume(key, points).then(
-      (res) => ({ res, refused: false, source: limiter.answeredBy?.(res) ?? limiter.source }),
-      (err: unknown) => {
-        if (err instanceof RateLimiterRes) return { res: err, refused: true, source: limiter.answeredBy?.(err) ?? limiter.source }
-        throw err
-      },
-    )
+    const answer = (res: RateLimiterRes) => ({
+      res,
+      consumed: res.consumedPoints,
+      remaining: Math.max(0, this.points - res.consumedPoints),
+      refused: res.consumedPoints > this.points,
+      source: limiter.answeredBy?.(res) ?? limiter.source,
+    })
+    return limiter.consume(key, points).then(answer, (err: unknown) => {
+      if (err instanceof RateLimiterRes) return answer(err)
+      throw err
+    })
   }
 }
 
 /** The request path's rate limit of `options`: a LeasedLimit over the limiter createLimiter makes. */
 export function createRateLimit(options: LimiterOptions): RateLimit {
+  return createRateLimits(options)(options.points)
+}
+
+/**
+ * Request-path rate limits of one window length and any number of points, all counted in one
+ * store under `keyPrefix` (the limit is not part of the store key): a key whose limit changes
+ * within a window keeps its count and is held to the new limit. The store itself never refuses;
+ * each LeasedLimit compares the count with its own points.
+ */
+export function createRateLimits(options: Omit<LimiterOptions, 'points'>): (points: number) => RateLimit {
   // Each window is counted under its own store key; the store keeps a count two windows, long
   // enough for a window whose first lease was reserved just before it started.
-  return new LeasedLimit(createLimiter({ ...options, durationS: options.durationS * 2 }), options.points, options.durationS * 1000)
+  const limiter = createLimiter({ ...options, points: Number.MAX_SAFE_INTEGER, durationS: options.durationS * 2 })
+  const byPoints = new Map<number, RateLimit>()
+  return (points) => {
+    let l = byPoints.get(points)
+    if (!l) {
+      l = new LeasedLimit(limiter, points, options.durationS * 1000)
+      byPoints.set(points, l)
+    }
+    return l
+  }
 }
 
 /** In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its memory. */

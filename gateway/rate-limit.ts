@@ -7,7 +7,7 @@ import type { KeyRecord, KeyType } from '../core/keys/types.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
 import type { Config } from '../config/schema.ts'
 import type { Redis } from 'ioredis'
-import { createRateLimit, RateLimiterRes, secondsFrom, type RateLimit } from '../core/limiters.ts'
+import { createRateLimit, createRateLimits, RateLimiterRes, secondsFrom, type RateLimit } from '../core/limiters.ts'
 import type { RequestState, Stage, StageResult } from './state.ts'
 
 function note(s: RequestState, points: number, remaining: number, msBeforeNext: number): void {
@@ -47,17 +47,23 @@ export function createAddressRateLimitStage(options: { limit: number; windowS: n
   return (s: RequestState) => consume(s, l, s.addressKey, counter)
 }
 
-/** Picks the limit of a key: its own override, else its type's, else the default. One limit per distinct limit and window. */
+/**
+ * Picks the limit of a key: its own override, else its type's, else the default. A key is
+ * counted under its id and the window's length, not the limit: a key whose limit is changed
+ * within a window keeps its count there and is held to the new limit (before, each limit had a
+ * counter of its own, and a key lowered from 50 to 2 after 4 requests was let through 2 more). A
+ * change of the window's length starts a count in the new length's windows, which are not the
+ * old ones.
+ */
 export function createKeyLimiters(perKey: Config['rate_limits']['per_key'], redis: Redis | undefined, cluster = false): (record: KeyRecord) => RateLimit {
-  const byShape = new Map<string, RateLimit>()
+  const byWindow = new Map<number, (points: number) => RateLimit>()
   const of = (limit: number, windowS: number): RateLimit => {
-    const shape = `${limit}:${windowS}`
-    let l = byShape.get(shape)
-    if (!l) {
-      l = createRateLimit({ points: limit, durationS: windowS, keyPrefix: `keygate:rl:key:${shape}`, redis, cluster })
-      byShape.set(shape, l)
+    let limits = byWindow.get(windowS)
+    if (!limits) {
+      limits = createRateLimits({ durationS: windowS, keyPrefix: `keygate:rl:key:w${windowS}`, redis, cluster })
+      byWindow.set(windowS, limits)
     }
-    return l
+    return limits(limit)
   }
   const byType = {} as Record<KeyType, RateLimit>
   for (const t of KEY_TYPES) {

@@ -13,7 +13,10 @@ import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { createLimiter, LeasedLimit, MAX_LEASE, RateLimiterRes, windowPhase, type RateLimit } from '../core/limiters.ts'
 import { redisHealth } from '../core/redis.ts'
-import { sleep } from './helpers/gateway.ts'
+import { createKeyLimiters } from '../gateway/rate-limit.ts'
+import type { KeyRecord } from '../core/keys/types.ts'
+import { sleep, until } from './helpers/gateway.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
@@ -338,7 +341,8 @@ t.test('Redis: a reservation answered by Redis after the gate switched to the in
   health.down('error') // e.g. another call timed out meanwhile
   let allowed = (await asked) === 'refused' ? 0 : 1
   while ((await one(l, 'k')) !== 'refused' && allowed < 5000) allowed++
-  t.equal(allowed, 1000, "after the switch the insurance's limit, and not a Redis lease on top of it")
+  // The point Redis counted first is carried into the insurance (before, it counted from zero).
+  t.equal(allowed, 999, "after the switch the rest of the limit from the insurance, and not a Redis lease on top of it")
   await sleep(50)
   t.equal(await counted(redis, prefix, 'k'), 1, 'what Redis granted after the switch was given back to it (the first point stays)')
 })
@@ -366,4 +370,58 @@ t.test('Redis: a reservation the store refuses keeps what the store had left, an
   // Before, the refused renewal was given back whole and a was counted one point at a time (one wait per point).
   t.ok(waited <= 3, `${waited} requests waited for the store: the 10 points came with the refused renewal`)
   t.equal(await one(b, 'k'), 'refused', 'the limit is used up for b too')
+})
+
+t.test('Redis: a switch to the insurance and back neither drops a refusal nor starts a count afresh', async (t) => {
+  const server = await startRedisServer(t)
+  const redis = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => redis.disconnect())
+  t.equal(await redis.ping(), 'PONG')
+  // Made before the limiter, which shares it: a probe every 50 ms brings Redis back soon.
+  const health = redisHealth(redis, { probeMs: 50 })
+  const l = leased(5, 120, 'test-switch', redis, pinned('k', 120).now)
+  for (let i = 0; i < 5; i++) t.not(await one(l, 'full'), 'refused')
+  t.equal(await one(l, 'full'), 'refused', 'refused by Redis: 5 of 5')
+  t.not(await one(l, 'k'), 'refused')
+  t.not(await one(l, 'k'), 'refused', 'another key: 2 of 5 in Redis')
+  for (let i = 0; i < 3; i++) t.not(await one(l, 'm'), 'refused')
+  server.pause()
+  t.teardown(() => server.resume())
+  // Before, the refusal was dropped at the switch and the insurance counted from zero: 5 more
+  // for 'full' (10 in the window), and 'k' had 5 more under the insurance.
+  t.not(await one(l, 'k'), 'refused', 'a request that finds Redis frozen is answered by the insurance')
+  t.equal(health.up, false, 'the insurance answers now')
+  t.equal(await one(l, 'full'), 'refused', 'a refusal from Redis holds under the insurance')
+  t.not(await one(l, 'k'), 'refused', "the insurance carries on from Redis's count: 4 of 5")
+  let more = 0
+  while ((await one(l, 'm')) !== 'refused' && more < 10) more++
+  t.equal(more, 2, `a key with 3 of 5 counted in Redis has 2 more from the insurance (${more})`)
+  server.resume()
+  await until(t, 'Redis answers again', () => health.up)
+  t.equal(await one(l, 'full'), 'refused', 'and once Redis answers again')
+  // Before, back in Redis 'k' had 2 more: Redis had counted 3 (the request it answered too late
+  // is counted there all the same), and what the insurance counted was not added.
+  let allowed = 0
+  while ((await one(l, 'k')) !== 'refused' && allowed < 10) allowed++
+  t.equal(allowed, 0, `what the insurance counted is carried into Redis, which is at the limit (${allowed} more)`)
+})
+
+t.test("a key whose limit is changed within a window keeps its count, in memory and in Redis", async (t) => {
+  const server = await startRedisServer(t)
+  const redis = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => redis.disconnect())
+  for (const [store, r] of [['memory', undefined], ['Redis', redis]] as const) {
+    const limiterFor = createKeyLimiters({ default: { limit: 100, window_s: 3600 } } as Parameters<typeof createKeyLimiters>[0], r)
+    const id = randomUUID()
+    const record = (limit: number) => ({ id, type: 'user', rateLimit: { limit, windowS: 3600 } }) as KeyRecord
+    const fifty = limiterFor(record(50))
+    for (let i = 0; i < 4; i++) t.not(await one(fifty, id), 'refused')
+    // Before, each limit had its own counter: 2 more after the change (6 in the window against 2).
+    t.equal(await one(limiterFor(record(2)), id), 'refused', `${store}: lowered to 2 after 4, refused`)
+    // Back to 50: the 4 and the refused request are counted (the points 'fifty' still holds are
+    // counted in the store already, and it uses them).
+    let allowed = 0
+    while ((await one(fifty, id)) !== 'refused' && allowed < 100) allowed++
+    t.equal(allowed, 45, `${store}: back to 50, the count goes on (${allowed} more)`)
+  }
 })
