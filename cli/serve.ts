@@ -23,7 +23,7 @@ import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindow
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { pendingMigrations } from '../core/migrate.ts'
-import { connectRedis, redisReady } from '../core/redis.ts'
+import { connectRedis, redisHealth, redisReady } from '../core/redis.ts'
 import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
@@ -363,7 +363,8 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     else if (m?.keygate === 'windows-totals') windows?.receive(m)
   }
   try {
-    if (redis && !(await redisReady(redis, 3000))) log.warn('Redis did not answer at start-up; going on with in-process limits until it does')
+    // Logged once as the switch to in-process limits it is (`Redis answers again` follows).
+    if (redis && !(await redisReady(redis, 3000))) redisHealth(redis).startedWithout()
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
     createHealthMetrics(registry, {

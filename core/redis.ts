@@ -84,6 +84,21 @@ export class RedisHealth {
     this.#startProbe()
   }
 
+  /**
+   * A process that starts to use its limits without Redis (not connected yet, or not at all)
+   * starts on the insurance: a switch like any other, logged once, and `Redis answers again`
+   * follows when it comes. True when it is so (the caller counts the switch); false when Redis is
+   * connected (the PING that switches to it may still be out).
+   */
+  startedWithout(): boolean {
+    if (this.#up || this.#redis.status === 'ready' || this.#redis.status === 'end') return false
+    if (!this.#warned) {
+      this.#warned = true
+      this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason: 'unreachable', at: 'start-up' })
+    }
+    return true
+  }
+
   #startProbe(): void {
     if (this.#probe) return
     this.#probe = setInterval(() => void this.#check(), this.#probeMs)

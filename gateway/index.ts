@@ -327,6 +327,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     const redisMetrics = createRedisMetrics(metrics.registry)
     const health = redisHealth(redis)
     redisMetrics.up.set(health.up ? 1 : 0)
+    // Started without Redis: limits run from memory, counted and logged as a switch.
+    if (health.startedWithout()) redisMetrics.fallbacks.inc()
     stopWatching = health.onChange((up) => {
       redisMetrics.up.set(up ? 1 : 0)
       if (!up) redisMetrics.fallbacks.inc()

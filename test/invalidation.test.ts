@@ -4,7 +4,8 @@
 // connection killed (CLIENT KILL TYPE pubsub). Each time a key revoked behind the gateway's back
 // (a KeyService that tells no one, with a cache TTL of an hour) stops working. Also: a publish
 // made while Redis is down goes out when it is back, a gateway started while Redis is down (to it:
-// a TCP gate drops its connections) flushes at its first subscription, and a frozen Redis (SIGSTOP) hands the
+// a TCP gate drops its connections) counts and logs it as a switch to the insurance and flushes at
+// its first subscription, and a frozen Redis (SIGSTOP) hands the
 // limits to the insurance limiter with a metric and a log line, and takes them back. Each test
 // runs its own redis-server.
 import t, { type Test } from 'tap'
@@ -125,6 +126,10 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   const config = { cache: { ttl_s: 3600 }, redis: { invalidation_check_ms: 0 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const gateway = await startGateway(t, { config, store, redis, log })
+  // Limits from memory from the start: a switch like any other (before, 0 and no log line).
+  t.equal(await metric(gateway.metrics.registry, 'keygate_redis_up'), 0)
+  t.equal(await metric(gateway.metrics.registry, 'keygate_redis_fallback_total'), 1, 'the start without Redis is counted as a switch')
+  t.equal(logs.filter((l) => l.msg.startsWith('Redis is not answering')).length, 1, 'and logged')
   // Another instance, which publishes its changes once Redis is there.
   const elsewhere = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(gateway.config) })
   const { key, record } = await elsewhere.create({ name: 'cached-while-down', type: 'user' }, ACTOR)
@@ -141,6 +146,8 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   await until(t, 'the gateway subscribed', async () => Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
   await until(t, 'the revoked key is refused', async () => (await gateway.get('/', bearer(key))).status === 401)
   t.equal(await metric(gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 1, 'one flush, at the first subscription')
+  await until(t, 'the arrival of Redis is logged', () => logs.some((l) => l.msg.startsWith('Redis answers again')))
+  t.equal(await metric(gateway.metrics.registry, 'keygate_redis_up'), 1)
 })
 
 t.test('a gateway started with Redis up subscribes before it serves, and does not flush for it', async (t) => {
