@@ -8,7 +8,7 @@ import type { IncomingHttpHeaders } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
-import { Pool, type Dispatcher } from 'undici'
+import { Pool, errors, type Dispatcher } from 'undici'
 import type { RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { hasBody } from '../core/http.ts'
@@ -89,6 +89,25 @@ interface ExchangeHooks {
   failed(s: RequestState, err: Error): void
 }
 
+/**
+ * Calls `idle` once `moved()` has answered false at every check for `idleMs`, checking every
+ * quarter of it (50 ms at least): one timer per watch, whatever the traffic. `moved()` says
+ * whether anything moved since it was last asked (it keeps its own count). Returns the stop.
+ */
+function watchIdle(idleMs: number, moved: () => boolean, idle: () => void): () => void {
+  const every = Math.max(50, Math.floor(idleMs / 4))
+  let last = performance.now()
+  let timer: NodeJS.Timeout | undefined
+  const tick = () => {
+    const now = performance.now()
+    if (moved()) last = now
+    if (now - last < idleMs) timer = setTimeout(tick, every)
+    else idle()
+  }
+  timer = setTimeout(tick, every)
+  return () => clearTimeout(timer)
+}
+
 const CLIENT_GONE = Object.assign(new Error('the client closed the connection'), { code: 'KEYGATE_CLIENT_GONE' })
 const BODY_IDLE = 'KEYGATE_BODY_IDLE'
 
@@ -102,14 +121,35 @@ const BODY_IDLE = 'KEYGATE_BODY_IDLE'
 class Exchange implements Dispatcher.DispatchHandler {
   readonly #s: RequestState
   readonly #hooks: ExchangeHooks
+  readonly #timeoutMs: number
   #controller: Dispatcher.DispatchController | undefined
   #streaming = false
   #done = false
+  #answered = false
   #bodyError: Error | undefined
+  #answerTimer: NodeJS.Timeout | undefined
 
-  constructor(s: RequestState, hooks: ExchangeHooks) {
+  constructor(s: RequestState, hooks: ExchangeHooks, timeoutMs: number) {
     this.#s = s
     this.#hooks = hooks
+    this.#timeoutMs = timeoutMs
+  }
+
+  /**
+   * The route's timeout, which undici's headersTimeout cannot give: undici's timer also runs
+   * while the request body is being written (refreshed only when a write fills the socket), so
+   * an upload to an upstream that reads slowly got 504 after timeout_ms although it kept moving.
+   * Here it counts from the moment the body has been handed over (at once without a body) to the
+   * response head. While the body is being written there is no upstream timer: the kernel makes
+   * room for more of it in large steps, so a slow reader cannot be told from one that stopped.
+   */
+  onRequestSent(): void {
+    if (this.#answered || this.#done) return
+    this.#answerTimer = setTimeout(this.#timedOut, this.#timeoutMs)
+  }
+
+  readonly #timedOut = (): void => {
+    if (!this.#answered && !this.#done) this.#controller?.abort(new errors.HeadersTimeoutError())
   }
 
   onRequestStart(controller: Dispatcher.DispatchController): void {
@@ -121,6 +161,8 @@ class Exchange implements Dispatcher.DispatchHandler {
   onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
     // 1xx answers are interim (100-continue was answered by the gateway itself).
     if (statusCode < 200 || this.#done) return
+    this.#answered = true
+    clearTimeout(this.#answerTimer)
     if (!this.#hooks.startResponse(this.#s, statusCode, headers)) {
       this.#done = true
       controller.abort(CLIENT_GONE)
@@ -146,6 +188,7 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   onResponseError(_controller: Dispatcher.DispatchController | undefined, err: Error): void {
+    clearTimeout(this.#answerTimer)
     if (this.#done) return
     this.#done = true
     this.#streaming = false
@@ -154,6 +197,7 @@ class Exchange implements Dispatcher.DispatchHandler {
 
   /** The response closed: finished, or the client went away (then the upstream request is aborted). */
   readonly clientClosed = (): void => {
+    clearTimeout(this.#answerTimer)
     if (this.#done) return
     this.#done = true
     this.#streaming = false
@@ -314,32 +358,26 @@ export function createForwarder(o: ForwardOptions): Forwarder {
    * would be shared with the next request pipelined on it) and reads progress from the socket's
    * byte count, never from a 'data' listener (which would start the body flowing before undici
    * takes it). It does not count while the body is paused because the upstream is not taking it:
-   * a slow upstream is its route's timeout's to judge, not the client's fault. Once the body is
+   * not the client's fault (and no timer judges the upstream's reading). Once the body is
    * in, only the route's timeout applies. A body still stalled after the answer was sent closes
    * the connection.
    */
   const watchBody = (req: RequestState['req'], exchange: Exchange): void => {
     const socket = req.socket
-    const every = Math.max(50, Math.floor(bodyIdleMs / 4))
     let seen = socket.bytesRead
-    let moved = performance.now()
-    let timer: NodeJS.Timeout | undefined
-    const tick = () => {
-      const now = performance.now()
-      if (socket.bytesRead !== seen || req.isPaused() || socket.isPaused()) {
+    const stop = watchIdle(
+      bodyIdleMs,
+      () => {
+        if (socket.bytesRead === seen && !req.isPaused() && !socket.isPaused()) return false
         seen = socket.bytesRead
-        moved = now
-      }
-      if (now - moved < bodyIdleMs) {
-        timer = setTimeout(tick, every)
-        return
-      }
-      const err = Object.assign(new Error(`the request body brought nothing for ${bodyIdleMs} ms`), { code: BODY_IDLE })
-      if (!exchange.bodyFailed(err)) socket.destroy()
-    }
-    timer = setTimeout(tick, every)
-    const done = () => clearTimeout(timer)
-    req.once('end', done).once('close', done)
+        return true
+      },
+      () => {
+        const err = Object.assign(new Error(`the request body brought nothing for ${bodyIdleMs} ms`), { code: BODY_IDLE })
+        if (!exchange.bodyFailed(err)) socket.destroy()
+      },
+    )
+    req.once('end', stop).once('close', stop)
   }
 
   const hooks: ExchangeHooks = { startResponse, failed }
@@ -355,7 +393,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const withBody = hasBody(h)
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
       s.upstreamStart = performance.now()
-      const exchange = new Exchange(s, hooks)
+      const exchange = new Exchange(s, hooks, route.timeoutMs)
       // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.
       ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
       if (withBody) {
@@ -369,7 +407,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             method: req.method as Dispatcher.HttpMethod,
             headers: upstreamHeaders(s, route),
             body: withBody ? req : null,
-            headersTimeout: route.timeoutMs,
+            // 0: none of undici's; the exchange times the wait for the head itself (see Exchange.onRequestSent).
+            headersTimeout: 0,
             bodyTimeout: route.timeoutMs,
           },
           exchange,
@@ -390,7 +429,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           method: s.req.method ?? 'GET',
           headers,
           protocol: s.headers.upgrade ?? 'websocket',
-          // headersTimeout is honoured by the dispatcher although the upgrade typings omit it.
+          // headersTimeout is honoured by the dispatcher although the upgrade typings omit it. An
+          // upgrade has no body, so undici's timer (which runs while a body is written) fits here.
           ...({ headersTimeout: route.timeoutMs } as object),
         },
         (err: Error | null, data: { headers: IncomingHttpHeaders; socket: Duplex } | undefined) => {
@@ -435,8 +475,25 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           }
           client.on('error', end).on('close', end)
           upstream.on('error', end).on('close', end)
-          // Every byte either way passes through the client's socket (read from it, or written to it).
-          if (tunnelIdleMs > 0) (client as Socket).setTimeout(tunnelIdleMs, end)
+          // Idle only when neither socket moved a byte for the whole timeout, and nothing is held
+          // back: before, the client socket's own idle timer alone judged it, and a client whose
+          // writes an upstream read slowly was paused by the pipe, seen idle, and cut mid-flow.
+          if (tunnelIdleMs > 0) {
+            const c = client as Socket
+            const u = upstream as Socket
+            let seen = -1
+            const stop = watchIdle(
+              tunnelIdleMs,
+              () => {
+                const bytes = c.bytesRead + c.bytesWritten + u.bytesRead + u.bytesWritten
+                if (bytes === seen && !c.isPaused() && !u.isPaused() && c.writableLength === 0 && u.writableLength === 0) return false
+                seen = bytes
+                return true
+              },
+              end,
+            )
+            client.once('close', stop)
+          }
           upstream.pipe(client)
           client.pipe(upstream)
         },

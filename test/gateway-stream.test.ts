@@ -7,7 +7,7 @@ import t from 'tap'
 import net from 'node:net'
 import { Readable } from 'node:stream'
 import { request } from 'undici'
-import { bearer, startGateway } from './helpers/gateway.ts'
+import { bearer, sleep, startGateway } from './helpers/gateway.ts'
 
 const MB = Number(process.env.KEYGATE_TEST_BIG_BODY_MB ?? 200)
 const TOTAL = MB * 1024 * 1024
@@ -21,6 +21,18 @@ function generate(total: number): Readable {
       const n = Math.min(CHUNK.length, total - sent)
       sent += n
       this.push(n === CHUNK.length ? CHUNK : CHUNK.subarray(0, n))
+    },
+  })
+}
+
+/** 10,000 bytes sent as ten chunks 150 ms apart: 1.5 s in all. */
+function slowUpload(): Readable {
+  let sent = 0
+  return new Readable({
+    read() {
+      if (sent === 10) return void this.push(null)
+      setTimeout(() => this.push(Buffer.alloc(1000, 0x61)), 150)
+      sent++
     },
   })
 }
@@ -167,15 +179,7 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   const k = await h.key()
 
   // Ten chunks 150 ms apart: 1.5 s in all, nearly four times the idle timeout, never idle that long.
-  let sent = 0
-  const slow = new Readable({
-    read() {
-      if (sent === 10) return void this.push(null)
-      setTimeout(() => this.push(Buffer.alloc(1000, 0x61)), 150)
-      sent++
-    },
-  })
-  const moving = await request(`${h.url}/up`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: slow, dispatcher: h.agent })
+  const moving = await request(`${h.url}/up`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: slowUpload(), dispatcher: h.agent })
   t.equal(moving.statusCode, 200, 'a slow upload that keeps moving passes, and so does the upstream thinking after it')
   t.same(await moving.body.json(), { received: 10_000 })
   stalled = new Promise<boolean>((resolve) => (upstreamSaw = resolve))
@@ -227,4 +231,126 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   const early = await conversation(`${head('/early', 100_000)}${'c'.repeat(10)}`)
   t.match(early.answer, /^HTTP\/1\.1 200 /, 'the early answer reached the client')
   t.notOk(early.gaveUp, 'and the gateway closed the connection once the body had stalled')
+})
+
+t.test("the route's timeout_ms counts from the end of the request body to the response head, not during an upload that keeps moving", async (t) => {
+  let heldUntil = 0
+  const h = await startGateway(t, {
+    routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 600 }],
+    upstream: (req, res) => {
+      let n = 0
+      req.on('data', (c: Buffer) => {
+        n += c.length
+        // Reads the first 3 MB slowly, a chunk then 20 ms of nothing; the rest at once, so that what
+        // the kernels still hold once the body is handed over is read within the route's timeout.
+        if (req.url === '/slowread' && n < 3 * 1024 * 1024) {
+          req.pause()
+          setTimeout(() => req.resume(), 20)
+        }
+      })
+      req.on('end', () => {
+        if (req.url === '/think') return void setTimeout(() => res.end('late'), 1200).unref()
+        // Thinks for most of the timeout once the body is in.
+        setTimeout(() => res.end(JSON.stringify({ received: n })), 300)
+      })
+    },
+  })
+  // Never answers an upgrade.
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    heldUntil = Date.now()
+    socket.on('error', () => {})
+    t.teardown(() => socket.destroy())
+  })
+  const k = await h.key()
+  const post = (path: string, body: Readable | string) =>
+    request(`${h.url}${path}`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body, dispatcher: h.agent })
+
+  // The client sends slowly (ten chunks 150 ms apart, 1.5 s): the route's timeout waits for its end.
+  let started = Date.now()
+  const a = await post('/up', slowUpload())
+  t.equal(a.statusCode, 200, 'a slow upload that keeps moving is not cut by the route timeout')
+  t.same(await a.body.json(), { received: 10_000 })
+  t.ok(Date.now() - started > 1400, 'the upload took longer than timeout_ms')
+
+  // The upstream reads slowly: 3 MB at up to 3 MB/s, longer than the route's timeout (before:
+  // undici's headersTimeout ran while the body was written, refreshed only when a write filled the
+  // socket, and the kernel makes room in large steps: 504 mid-upload).
+  started = Date.now()
+  const b = await post('/slowread', generate(12 * 1024 * 1024))
+  t.equal(b.statusCode, 200, 'an upload the upstream reads slowly but steadily is not cut by the route timeout')
+  t.same(await b.body.json(), { received: 12 * 1024 * 1024 })
+  t.ok(Date.now() - started > 700, `the upload took longer than timeout_ms (${Date.now() - started} ms)`)
+
+  // Once the body is in, the route's timeout applies to the wait for the head.
+  started = Date.now()
+  const c = await post('/think', 'x=1')
+  t.equal(c.statusCode, 504)
+  t.equal(((await c.body.json()) as { error: { code: string } }).error.code, 'upstream_timeout')
+  t.ok(Date.now() - started < 1100, 'answered at the route timeout after the body')
+
+  // A WebSocket upgrade the upstream never answers: undici's headersTimeout still times it.
+  started = Date.now()
+  const upgrade = await new Promise<string>((resolve) => {
+    const s = net.connect(h.port, '127.0.0.1', () =>
+      s.write(`GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`),
+    )
+    let got = ''
+    s.setEncoding('latin1').on('data', (d: string) => (got += d))
+    s.on('error', () => {})
+    s.on('close', () => resolve(got))
+    setTimeout(() => s.destroy(), 5000).unref()
+  })
+  t.ok(heldUntil > 0, 'the upgrade reached the upstream')
+  t.match(upgrade, /^HTTP\/1\.1 504 [^]*upstream_timeout/, 'an unanswered upgrade is 504 upstream_timeout')
+  t.ok(Date.now() - started < 2000, 'at the route timeout')
+})
+
+t.test('a WebSocket tunnel whose upstream reads slowly is not idle while bytes still reach it', async (t) => {
+  const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
+  let upstreamTotal = 0
+  let upstreamClosed = false
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket, head: Buffer) => {
+    upstreamTotal += head.length
+    socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n')
+    socket.pause()
+    // Reads 8 KiB every 100 ms (80 KiB/s): the client's flood is held back by the gateway.
+    const reader = setInterval(() => {
+      const c = socket.read(8192) as Buffer | null
+      if (c !== null) upstreamTotal += c.length
+    }, 100)
+    socket.on('error', () => {})
+    // Paused, it would not see the gateway's end behind the data it has not read.
+    t.teardown(() => socket.destroy())
+    socket.on('close', () => {
+      upstreamClosed = true
+      clearInterval(reader)
+    })
+  })
+  const k = await h.key()
+  const client = net.connect(h.port, '127.0.0.1')
+  let clientClosed = false
+  client.on('error', () => {})
+  client.on('close', () => (clientClosed = true))
+  t.teardown(() => client.destroy())
+  await new Promise<void>((resolve) => {
+    client.write(`GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`)
+    client.once('data', (d: Buffer) => {
+      t.match(d.toString('latin1'), /^HTTP\/1\.1 101 /)
+      resolve()
+    })
+  })
+  // The client floods: it writes whenever its socket takes more.
+  const flood = () => {
+    while (!client.destroyed && client.write(CHUNK));
+  }
+  client.on('drain', flood)
+  flood()
+  // Three times the idle timeout: the upstream keeps reading all along.
+  let before = 0
+  for (let i = 0; i < 6; i++) {
+    await sleep(500)
+    if (i === 3) before = upstreamTotal
+  }
+  t.notOk(clientClosed || upstreamClosed, 'the tunnel is open after three idle timeouts of slow reading')
+  t.ok(upstreamTotal > before, `bytes kept reaching the upstream (${before} then ${upstreamTotal})`)
 })
