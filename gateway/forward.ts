@@ -136,19 +136,20 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   /**
-   * The route's timeout, which undici's headersTimeout cannot give: undici's timer also runs
-   * while the request body is being written (refreshed only when a write fills the socket), so
-   * an upload to an upstream that reads slowly got 504 after timeout_ms although it kept moving.
-   * Here it counts from the moment the body has been handed over (at once without a body) to the
-   * response head. While the body is being written there is no upstream timer: the kernel makes
-   * room for more of it in large steps, so a slow reader cannot be told from one that stopped.
+   * For a request with a body, the route's timeout, which undici's headersTimeout cannot give:
+   * undici's timer also runs while the body is being written (refreshed only when a write fills
+   * the socket), so an upload to an upstream that reads slowly got 504 after timeout_ms although
+   * it kept moving. Here it counts from the moment the body has been handed over to the response
+   * head; while the body is written, the body watch judges an upstream that stops taking it
+   * (`timedOut`). A request without a body keeps undici's timer, which costs no timer of its own.
    */
   onRequestSent(): void {
-    if (this.#answered || this.#done) return
-    this.#answerTimer = setTimeout(this.#timedOut, this.#timeoutMs)
+    if (this.#timeoutMs === 0 || this.#answered || this.#done) return
+    this.#answerTimer = setTimeout(this.timedOut, this.#timeoutMs)
   }
 
-  readonly #timedOut = (): void => {
+  /** The upstream did not answer (or take the body) in time: 504 upstream_timeout, as undici's own timer answers it. */
+  readonly timedOut = (): void => {
     if (!this.#answered && !this.#done) this.#controller?.abort(new errors.HeadersTimeoutError())
   }
 
@@ -358,17 +359,27 @@ export function createForwarder(o: ForwardOptions): Forwarder {
    * would be shared with the next request pipelined on it) and reads progress from the socket's
    * byte count, never from a 'data' listener (which would start the body flowing before undici
    * takes it). It does not count while the body is paused because the upstream is not taking it:
-   * not the client's fault (and no timer judges the upstream's reading). Once the body is
-   * in, only the route's timeout applies. A body still stalled after the answer was sent closes
-   * the connection.
+   * not the client's fault. An upstream that takes none of it for the longer of `bodyIdleMs` and
+   * the route's timeout is judged instead (504 upstream_timeout), as nginx's proxy_send_timeout
+   * does: the kernel makes room for more in steps of megabytes, so a slow reader can go seconds
+   * without taking a byte, and neither the client's idle bound nor the wait for an answer alone
+   * is long enough to tell it from one that stopped. Once the body is in, the route's timeout
+   * applies to the wait for the answer. A body still stalled after the answer was sent closes the
+   * connection.
    */
-  const watchBody = (req: RequestState['req'], exchange: Exchange): void => {
+  const watchBody = (req: RequestState['req'], exchange: Exchange, timeoutMs: number): void => {
+    const stuckMs = Math.max(bodyIdleMs, timeoutMs)
     const socket = req.socket
     let seen = socket.bytesRead
+    let heldSince: number | undefined
     const stop = watchIdle(
       bodyIdleMs,
       () => {
-        if (socket.bytesRead === seen && !req.isPaused() && !socket.isPaused()) return false
+        const held = req.isPaused() || socket.isPaused()
+        if (socket.bytesRead === seen && !held) return false
+        if (socket.bytesRead !== seen || !held) heldSince = undefined
+        else if (heldSince === undefined) heldSince = performance.now()
+        else if (performance.now() - heldSince >= stuckMs) exchange.timedOut()
         seen = socket.bytesRead
         return true
       },
@@ -393,12 +404,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const withBody = hasBody(h)
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
       s.upstreamStart = performance.now()
-      const exchange = new Exchange(s, hooks, route.timeoutMs)
+      const exchange = new Exchange(s, hooks, withBody ? route.timeoutMs : 0)
       // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.
       ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
       if (withBody) {
         req.once('error', (err: Error) => exchange.bodyFailed(err))
-        if (bodyIdleMs > 0 && !req.complete) watchBody(req, exchange)
+        if (bodyIdleMs > 0 && !req.complete) watchBody(req, exchange, route.timeoutMs)
       }
       try {
         ;(routePool[route.index] as Pool).dispatch(
@@ -407,8 +418,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             method: req.method as Dispatcher.HttpMethod,
             headers: upstreamHeaders(s, route),
             body: withBody ? req : null,
-            // 0: none of undici's; the exchange times the wait for the head itself (see Exchange.onRequestSent).
-            headersTimeout: 0,
+            // With a body, none of undici's: the exchange times the wait for the head itself (see Exchange.onRequestSent).
+            headersTimeout: withBody ? 0 : route.timeoutMs,
             bodyTimeout: route.timeoutMs,
           },
           exchange,

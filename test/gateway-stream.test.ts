@@ -255,6 +255,20 @@ t.test("the route's timeout_ms counts from the end of the request body to the re
       })
     },
   })
+  // An upstream that stops taking the body is answered 504 once it has taken none of it for the
+  // longer of body_idle_timeout_ms and the route's timeout, as nginx's proxy_send_timeout (the body
+  // watch does not count a body the upstream holds back against the client, and the route's
+  // timeout starts at the body's end).
+  const idle = await startGateway(t, { routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 600 }], config: { gateway: { body_idle_timeout_ms: 1000 } }, upstream: (req) => void req.pause() })
+  const idleKey = await idle.key()
+  const began = Date.now()
+  const stuck = await request(`${idle.url}/stuck`, { method: 'POST', headers: { ...bearer(idleKey.key), 'content-type': 'application/octet-stream' }, body: generate(64 * 1024 * 1024), dispatcher: idle.agent }).then(
+    async (r) => [r.statusCode, ((await r.body.json()) as { error: { code: string } }).error.code] as const,
+    (err: Error) => [0, err.message] as const,
+  )
+  t.same(stuck, [504, 'upstream_timeout'], 'an upstream that takes none of the body for 1 s: 504 upstream_timeout')
+  t.ok(Date.now() - began < 5000, `soon after (${Date.now() - began} ms)`)
+
   // Never answers an upgrade.
   h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
     heldUntil = Date.now()
