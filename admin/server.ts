@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { hostName, isTlsFailure, responseInFlight } from '../core/http.ts'
+import { ADMIN_MARK, hostName, isTlsFailure, responseInFlight } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -108,6 +108,9 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   const allowedHosts = new Set(options.allowedHosts ?? [])
   server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
     const requestId = newRequestId()
+    // Every answer says it is the admin API's: the CLI takes no other server's JSON for one (the
+    // gateway, given the admin key, would pass /v1/stats on to its upstream).
+    res.setHeader(ADMIN_MARK, '1')
     if (!hostAllowed(req.headers.host, allowedHosts)) {
       sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host)}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return

@@ -3,6 +3,7 @@
 // is the embedded one). The server's error codes come back as the same KeygateErrors, so exit
 // codes and messages match the local commands; anything that is not keygate's answer (a proxy's
 // 503, a redirect, a page that is not JSON) is `admin_unavailable`.
+import { ADMIN_MARK } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
 
 /** Methods that change something: a call of one that times out may have been carried out. */
@@ -80,6 +81,11 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       throw unavailable(`the admin API at ${shown} answered ${res.status} without JSON`)
     }
     const error = (json as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } } | null)?.error
+    // JSON of another server (before: the gateway port, given the admin key, passed the call on to
+    // its upstream, and the CLI failed on that JSON with a TypeError).
+    if (res.headers.get(ADMIN_MARK) === null && (res.ok || typeof error?.code === 'string')) {
+      throw unavailable(`the server at ${shown} answered ${res.status} but is not keygate's admin API (no ${ADMIN_MARK} header; the gateway's port, say)`)
+    }
     if (res.ok) {
       if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${JSON.stringify(json)}, not an object`)
       return json as T

@@ -4,6 +4,9 @@ import type { IncomingHttpHeaders, Server } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 
+/** The header every answer of the admin listener carries (the CLI takes no other server's JSON for the admin API's). */
+export const ADMIN_MARK = 'x-keygate-admin'
+
 /** Whether a request announces a body (Content-Length other than 0, or Transfer-Encoding). */
 export function hasBody(h: IncomingHttpHeaders): boolean {
   return (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined

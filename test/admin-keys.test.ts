@@ -324,10 +324,11 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   // redirect, one that never answers.
   const answers: Record<string, (res: http.ServerResponse) => void> = {
     '/proxy': (res) => res.writeHead(503, { 'content-type': 'application/json' }).end('{"message":"upstream connect error"}'),
-    '/null': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('null'),
+    '/null': (res) => res.writeHead(200, { 'content-type': 'application/json', 'x-keygate-admin': '1' }).end('null'),
+    '/upstream': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"total":1}'),
     '/moved': (res) => res.writeHead(301, { location: 'https://elsewhere.example/v1' }).end(),
     '/silent': () => {},
-    '/inherited': (res) => res.writeHead(500, { 'content-type': 'application/json' }).end('{"error":{"code":"constructor","message":"proxy says no"}}'),
+    '/inherited': (res) => res.writeHead(500, { 'content-type': 'application/json', 'x-keygate-admin': '1' }).end('{"error":{"code":"constructor","message":"proxy says no"}}'),
   }
   let seen: Array<{ method: string | undefined; url: string | undefined }> = []
   const server = http.createServer((req, res) => {
@@ -345,6 +346,8 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   // Before: internal_error "HTTP 503", and a TypeError reading null.
   t.match(await failure(remoteOperations(`${base}/proxy`, 'token').stats()), { code: 'admin_unavailable', message: /answered 503 without a keygate error; is the admin URL \(KEYGATE_ADMIN_URL or --admin-url\) the admin listener\?/ })
   t.match(await failure(remoteOperations(`${base}/null`, 'token').stats()), { code: 'admin_unavailable', message: /answered 200 with null, not an object/ })
+  // JSON of another server, as the gateway's upstream answers a call sent to the gateway's port.
+  t.match(await failure(remoteOperations(`${base}/upstream`, 'token').stats()), { code: 'admin_unavailable', message: /answered 200 but is not keygate's admin API \(no x-keygate-admin header/ })
   // Before: followed, the credential dropped on the new origin and a POST turned into a GET.
   seen = []
   t.match(await failure(remoteOperations(`${base}/moved`, 'token').revoke('AAAAAAAAAAAA', undefined)), { code: 'admin_unavailable', message: /answered 301, a redirect to https:\/\/elsewhere\.example\/v1 \(not followed\)/ })

@@ -141,8 +141,13 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   t.equal(down.code, 1)
   t.equal(down.json().error.code, 'admin_unavailable')
   t.match(down.stderr, /cannot reach the admin API at http:\/\/127\.0\.0\.1:1/)
-  const notAdmin = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: serve.gateway }, cwd })
-  t.equal(notAdmin.code, 1, 'the gateway port is not the admin API')
+  // The gateway's port, given the admin key, passes the call on to its upstream, whose JSON is no
+  // admin API's (before: a TypeError, "Cannot convert undefined or null to object", as internal_error).
+  for (const args of [['list'], ['stats'], ['get', adminId]]) {
+    const notAdmin = await runCli(['api-key', ...args, '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: serve.gateway }, cwd })
+    t.equal(notAdmin.code, 1, `api-key ${args[0]}: the gateway port is not the admin API`)
+    t.match(notAdmin.json().error, { code: 'admin_unavailable', message: /answered 200 but is not keygate's admin API \(no x-keygate-admin header; the gateway's port, say\)/ })
+  }
 
   t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
   const logs = serve.stdout() + serve.stderr()
