@@ -3,7 +3,7 @@
 // on PostgreSQL is test/cli-postgres.test.ts, and usage errors and input no store can hold are
 // test/cli-input.test.ts, so they run side by side.)
 import t from 'tap'
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
@@ -132,3 +132,14 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
+
+t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) => {
+  // Before: ERR_UNKNOWN_FILE_EXTENSION ".ts" and a stack trace (the systemd unit's /usr/bin/node
+  // may well be older). The older Node is played by Node 24 with its version rewritten.
+  for (const version of ['22.17.1', '20.20.2']) {
+    const r = spawnSync(process.execPath, ['--import', `data:text/javascript,Object.defineProperty(process.versions,"node",{value:"${version}"})`, join(KEYGATE_BIN, '..', 'keygate.js'), '--help'], { encoding: 'utf8', env: childEnv({}) })
+    t.equal(r.status, 1, `${version}: exit 1`)
+    t.equal(r.stderr, `keygate: needs Node.js 22.18 or later (24 is the target); this is v${version} at ${process.execPath}\n`, `${version}: one line saying why`)
+    t.equal(r.stdout, '')
+  }
+})
