@@ -1,6 +1,7 @@
 // loadConfig: defaults, sources and their precedence, strictness, one specific message per
 // problem (all of them at once, secrets hidden), and the generated configuration docs.
 import t from 'tap'
+import { runCli } from './helpers/cli.ts'
 import { execFileSync } from 'node:child_process'
 import { generateKeyPairSync } from 'node:crypto'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
@@ -330,6 +331,17 @@ t.test('a flag given an empty value is a usage error, not the file\'s or the def
     t.match(r.problems, [new RegExp(`^--${flag} \\([a-z.]+\\): an empty value is not allowed; expected `)])
   }
   t.same(problemsOf({ ...noFile, env: { KEYGATE_LISTEN: '' } }).problems, [], 'an empty environment variable is an unset one')
+})
+
+t.test('the admin URL takes no query or fragment, from any source (the CLI adds the operations\' paths to it)', async (t) => {
+  // Before: refused only when the CLI called it (exit 1), where every other bad flag is a usage error (exit 2).
+  for (const value of ['http://127.0.0.1:8081/?x=1', 'http://127.0.0.1:8081#top', 'http://127.0.0.1:8081/?']) {
+    const { problems } = problemsOf({ env: { KEYGATE_ADMIN_URL: value } })
+    t.same(problems, [`KEYGATE_ADMIN_URL (admin.url): ${JSON.stringify(value)} is not allowed; expected an http:// or https:// URL without user:password@, a query or a fragment`], value)
+  }
+  const flag = await runCli(['api-key', 'list', '--admin-url', 'http://127.0.0.1:1/?x=1'])
+  t.equal(flag.code, 2, 'as a flag: a usage error')
+  t.same(problemsOf({ env: { KEYGATE_ADMIN_URL: 'https://admin.internal:8443/keygate' } }).problems, [], 'a path prefix is fine')
 })
 
 t.test('a URL setting with user:password@ is refused, and the password is not shown', async (t) => {
