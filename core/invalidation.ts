@@ -15,8 +15,13 @@
 //   reset: a delivered version at or below the last delivered one, or a read below the last
 //   read. Versions below the last one seen would otherwise hide every later gap and miss until
 //   the counter climbed back past it.
-// Each of these flushes the whole cache (`onFlush`), and the cache TTL stays the hard bound.
-// A publish that fails is kept and sent again once the connection is back.
+// - a check whose reads (the counter, the PING) are not answered within its timeout may have
+//   missed anything, and its connection may be dead without having been closed (half-open: a
+//   proxy or NAT dropped it): the check flushes (`missed`) and reconnects the connection that did
+//   not answer. (Before, such a check waited for ever and no check ran again.)
+// Each of these flushes the whole cache (`onFlush`). A publish that fails, or is not answered
+// within PUBLISH_TIMEOUT_MS (its connection is then reconnected), is kept and sent again once the
+// connection is back. The store check (gateway/store-check.ts) bounds whatever is lost anyway.
 import type { Redis } from 'ioredis'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyService } from './keys/service.ts'
@@ -37,6 +42,22 @@ const PENDING_MAX = 1000
 const FIRST_SUBSCRIPTION_WAIT_MS = 2000
 /** Kept publishes are also tried again this often: Redis may refuse a write on a connection that stays up (OOM, MISCONF, READONLY), and then no 'ready' comes. */
 const RETRY_MS = 1000
+/** A publish not answered within this is kept for resending, and its connection reconnected (it may be half-open). */
+export const PUBLISH_TIMEOUT_MS = 1000
+/** The missed-message check's reads time out after its interval, but never sooner than this. */
+const CHECK_TIMEOUT_MIN_MS = 1000
+
+class TimedOut extends Error {}
+
+/** `promise`, or a TimedOut rejection after `ms` (the promise's own later rejection is ignored). */
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  promise.catch(() => {})
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new TimedOut(`${what}: no answer from Redis within ${ms} ms`)), ms)
+  })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
 
 class Publisher {
   readonly #redis: Redis
@@ -64,8 +85,14 @@ class Publisher {
     }
   }
 
-  #send(message: string): Promise<unknown> {
-    return sendInvalidation(this.#redis, message)
+  async #send(message: string): Promise<unknown> {
+    try {
+      return await sendInvalidation(this.#redis, message, PUBLISH_TIMEOUT_MS)
+    } catch (err) {
+      // Perhaps a connection that died without being closed: a new one, whose 'ready' resends.
+      if (err instanceof TimedOut) this.#redis.disconnect(true)
+      throw err
+    }
   }
 
   #keep(message: string): void {
@@ -105,9 +132,9 @@ class Publisher {
   }
 }
 
-/** One versioned publish; rejects when Redis does not take it (nothing is kept for later). */
-export function sendInvalidation(redis: Redis, message: string): Promise<unknown> {
-  return redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message)
+/** One versioned publish; rejects when Redis does not take it, or does not answer within `timeoutMs` (nothing is kept for later). */
+export function sendInvalidation(redis: Redis, message: string, timeoutMs = PUBLISH_TIMEOUT_MS): Promise<unknown> {
+  return within(redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message), timeoutMs, 'invalidation publish')
 }
 
 const publishers = new WeakMap<Redis, Publisher>()
@@ -232,14 +259,18 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   }
   sub.on('ready', subscribe)
 
+  const interval = options.checkIntervalMs ?? 1000
+  const checkTimeoutMs = Math.max(interval, CHECK_TIMEOUT_MIN_MS)
   let checking = false
   const check = async (): Promise<void> => {
     if (checking || closed || sub.status !== 'ready' || redis.status !== 'ready' || !subscribedOnce) return
     checking = true
+    let step: 'counter' | 'ping' = 'counter'
     try {
       const readFrom = lastRead
-      const version = await readVersion()
-      await sub.ping()
+      const version = await within(readVersion(), checkTimeoutMs, 'invalidation counter read')
+      step = 'ping'
+      await within(sub.ping(), checkTimeoutMs, 'invalidation subscriber PING')
       // A (re)subscription read the counter meanwhile: its reading is the newer one.
       if (lastRead !== readFrom) return
       if (lastRead !== undefined && version < lastRead) {
@@ -252,13 +283,22 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
       lastRead = version
       if (last !== undefined && version > last) flush('missed')
       if (last === undefined || version > last) last = version
-    } catch {
-      // Redis is failing: the reconnection flushes.
+    } catch (err) {
+      // Redis is failing: the reconnection flushes. Unless the connection died without closing
+      // (no error, no answer, for good): then nothing would, so this check does, and reconnects it.
+      if (err instanceof TimedOut && !closed) {
+        log?.warn('Redis did not answer the invalidation check in time: flushing the key cache and reconnecting', {
+          connection: step === 'ping' ? 'subscriber' : 'commands',
+          timeout_ms: checkTimeoutMs,
+        })
+        flush('missed')
+        if (step === 'ping') sub.disconnect(true)
+        else redis.disconnect(true)
+      }
     } finally {
       checking = false
     }
   }
-  const interval = options.checkIntervalMs ?? 1000
   const timer = interval > 0 ? setInterval(() => void check(), interval) : undefined
   timer?.unref()
   // While Redis is up (or still connecting), the first subscription is waited for, a moment at

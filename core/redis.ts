@@ -18,6 +18,9 @@ export function connectRedis(url: string, log: Logger, options: { commandTimeout
     // command, and wrapping each in a pipeline cost more than it saved.
     maxRetriesPerRequest: 1,
     connectTimeout: 2000,
+    // TCP keepalive: a connection that a proxy or NAT dropped without closing is found (by the
+    // kernel, within minutes) even when nothing is sent on it, as on a subscriber connection.
+    keepAlive: 10_000,
     retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 2000),
   })
   redisHealth(redis, { log, ...(options.commandTimeoutMs ? { timeoutMs: options.commandTimeoutMs } : {}) })
