@@ -198,14 +198,16 @@ export class KeyService {
     return toRecord(rows[0])
   }
 
-  async #insert(tx: Queryable, k: Omit<KeyRecord, 'updatedAt' | 'lastUsedAt' | 'revokedAt' | 'revokedReason' | 'replacedBy'>): Promise<KeyRecord> {
+  // updated_at is when the row was written (an imported key's created_at may be years back): the
+  // gateways' store check finds new and changed keys by it.
+  async #insert(tx: Queryable, k: Omit<KeyRecord, 'updatedAt' | 'lastUsedAt' | 'revokedAt' | 'revokedReason' | 'replacedBy'>, updatedAt: Date = k.createdAt): Promise<KeyRecord> {
     const rows = await tx.query<KeyRow>(
       `INSERT INTO api_keys (id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
          rotation_interval_s, rotated_from, grace_until, legacy, created_at, updated_at, expires_at)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $17) RETURNING ${COLUMNS}`,
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $18, $17) RETURNING ${COLUMNS}`,
       [
         k.id, k.keyHash, k.name, k.type, k.status, k.scopes, k.owner, JSON.stringify(k.metadata), k.allowedCidrs,
-        k.rateLimit?.limit ?? null, k.rateLimit?.windowS ?? null, k.rotationIntervalS, k.rotatedFrom, k.graceUntil, k.legacy, k.createdAt, k.expiresAt,
+        k.rateLimit?.limit ?? null, k.rateLimit?.windowS ?? null, k.rotationIntervalS, k.rotatedFrom, k.graceUntil, k.legacy, k.createdAt, k.expiresAt, updatedAt,
       ],
     )
     return toRecord(rows[0] as KeyRow)
@@ -506,7 +508,7 @@ export class KeyService {
             legacy: true,
             createdAt: row.created_at ? new Date(row.created_at) : now,
             expiresAt: row.expires_at ? new Date(row.expires_at) : null,
-          })
+          }, now)
           await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.imported', details: { name: k.name, type: k.type } })
           out.push(k)
         }
