@@ -150,8 +150,9 @@ function integrationDeps(runtime: Runtime, log: Logger) {
 
 /**
  * With Redis configured, a change the CLI makes in the store is published like the admin API's,
- * so every gateway drops the key at once. Returns what waits for the publishes before exit; a
- * Redis that cannot be reached leaves the gateways to their cache TTL, with a warning.
+ * so every gateway drops the key at once. Returns what waits for the publishes before exit (each
+ * bounded: see sendInvalidation); a Redis that cannot be reached or does not answer in time leaves
+ * the gateways to their store check (cache.store_check_s), with a warning.
  */
 async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
   // Connected on the first change only: commands that change nothing never touch Redis.
@@ -160,18 +161,22 @@ async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Prom
   const sent: Array<Promise<unknown>> = []
   const send = async (message: string): Promise<unknown> => {
     if (!redis) {
-      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, retryStrategy: () => null })
+      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
       redis.on('error', () => {})
       ready = redisReady(redis, 2000)
     }
     if (!(await ready)) throw new Error('Redis did not answer')
-    return sendInvalidation(redis, message)
+    return sendInvalidation(redis, message, 2000)
   }
   const off = bindInvalidations({ keys: runtime.keys, publish: (message) => sent.push(send(message)) })
   return async () => {
     off()
     const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
-    if (failed) log.warn('could not tell the gateways through Redis; they drop the key within cache.ttl_s', { err: (failed as PromiseRejectedResult).reason as Error })
+    if (failed) {
+      log.warn('could not tell the gateways through Redis; they drop the key at their next store check (cache.store_check_s), or within cache.ttl_s with it off', {
+        err: (failed as PromiseRejectedResult).reason as Error,
+      })
+    }
     redis?.disconnect()
   }
 }

@@ -163,6 +163,10 @@ export const ConfigSchema = Type.Object(
         max_capacity: int(10_000, 1, 10_000_000, { description: 'Most keys held in the validation cache.', env: 'CACHE_MAX_CAPACITY' }),
         negative_ttl_s: int(5, 0, 3600, { description: 'How long an unknown key is remembered as unknown.' }),
         negative_max: int(10_000, 0, 10_000_000, { description: 'Most unknown keys remembered.' }),
+        store_check_s: int(5, 0, 3600, {
+          description:
+            'How often a gateway reads from the store the keys changed since its last read (revoked, rotated, updated, expired, imported) and drops them from its cache: the bound on a change whose Redis message was lost, or made with Redis unreachable (0: never; the cache TTL is then the bound).',
+        }),
       },
       { additionalProperties: false, default: {} },
     ),

@@ -31,6 +31,7 @@ import { destroyConnections, isTlsFailure, responseInFlight, trackConnections } 
 import { closingError, rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage } from './state.ts'
+import { startStoreCheck } from './store-check.ts'
 import { TunnelGuard } from './tunnels.ts'
 import { createValidateStage } from './validate.ts'
 
@@ -46,6 +47,8 @@ export interface GatewayDeps {
   clusterLimits?: boolean
   /** How often the invalidation version counter in Redis is checked for missed messages (ms, 0: never). */
   invalidationCheckMs?: number
+  /** How often the store is read for keys changed since the last read (ms, 0: never); else `cache.store_check_s`. */
+  storeCheckMs?: number
   /** The clock (tests). */
   now?: () => Date
   /** The deny list service the admin API writes through, so its changes apply at once; else a read-only one on `db`. */
@@ -320,6 +323,21 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     else if (message.startsWith('lock:')) lockout.applyMessage(message)
   }
 
+  // The backstop for messages lost on the way (gateway/store-check.ts): keys changed in the store
+  // since the last read are dropped, whatever happened to Redis.
+  const storeCheck = startStoreCheck({
+    db: deps.db,
+    intervalMs: deps.storeCheckMs ?? config.cache.store_check_s * 1000,
+    log,
+    onChanged: (changed) => {
+      for (const k of changed) cache.invalidateHash(k.keyHash)
+      cache.invalidateKeys(new Set(changed.map((k) => k.id)))
+      for (const k of changed) guard.keyChanged(k.id)
+    },
+    onOverflow: invalidateAll,
+  })
+  if ((deps.storeCheckMs ?? config.cache.store_check_s) > 0) void storeCheck.check()
+
   let stopSubscription: (() => Promise<void>) | undefined
   let stopPublishing: (() => void) | undefined
   let stopWatching: (() => void) | undefined
@@ -351,6 +369,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     stopping ??= (async () => {
       ctx.closing = true
       clearInterval(timer)
+      storeCheck.stop()
       offKeys()
       offDeny()
       stopPublishing?.()

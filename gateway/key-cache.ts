@@ -193,6 +193,16 @@ export class KeyCache {
     for (const hash of stale) this.#positive.delete(hash)
   }
 
+  /** Forgets everything cached about these key ids, in one pass over the cache. */
+  invalidateKeys(ids: ReadonlySet<string>): void {
+    if (ids.size === 0) return
+    this.#generation++
+    this.#inflight.clear()
+    const stale: string[] = []
+    for (const [hash, entry] of this.#positive) if (ids.has(entry.id)) stale.push(hash)
+    for (const hash of stale) this.#positive.delete(hash)
+  }
+
   /** Forgets one presented key's answers (a newly created or imported key may have been cached as unknown); `hex` is the stored SHA-256. */
   invalidateHash(hex: string): void {
     const hash = digestFromHex(hex)
