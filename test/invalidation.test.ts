@@ -10,26 +10,15 @@
 // runs its own redis-server.
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
-import type { Registry } from 'prom-client'
 import { bindInvalidationPublisher, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis } from '../core/redis.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
-import { ACTOR, bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
+import { ACTOR, bearer, makeConfig, metric, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
 import { startRedisServer, type RedisServer } from './helpers/redis-server.ts'
 import type { LogLine } from './helpers/serve.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
-
-async function metric(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
-  const m = registry.getSingleMetric(name)
-  if (!m) throw new Error(`no metric ${name}`)
-  const { values } = await m.get()
-  const v = values.find((x) => Object.entries(labels).every(([k, l]) => x.labels[k] === l))
-  return v?.value ?? NaN
-}
-
-
 
 interface Setup {
   server: RedisServer
@@ -52,7 +41,8 @@ async function setup(t: Test, config: Record<string, unknown>, commandTimeoutMs?
     redis.disconnect()
     other.disconnect()
   })
-  const full = { cache: { ttl_s: 3600 }, ...config }
+  // The store check off: these tests watch what Redis alone does (test/invalidation-backstop.test.ts watches the check).
+  const full = { cache: { ttl_s: 3600, store_check_s: 0 }, ...config }
   const store = await openStore(t, makeConfig({ ...full, routes: [] }))
   const gateway = await startGateway(t, { config: full, store, redis, log })
   const silent = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(gateway.config) })
@@ -123,7 +113,7 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
   const redis = connectRedis(gated, log)
   t.teardown(() => redis.disconnect())
-  const config = { cache: { ttl_s: 3600 }, redis: { invalidation_check_ms: 0 } }
+  const config = { cache: { ttl_s: 3600, store_check_s: 0 }, redis: { invalidation_check_ms: 0 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const gateway = await startGateway(t, { config, store, redis, log })
   // Limits from memory from the start: a switch like any other (before, 0 and no log line).

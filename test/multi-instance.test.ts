@@ -64,7 +64,9 @@ const count = (list: number[], status: number) => list.filter((s) => s === statu
 t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) => {
   // The scheduler every second, so its work shows within the test.
   const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
-  writeFileSync(join(dir, 'keygate.yaml'), 'scheduler:\n  interval_s: 1\n')
+  // The store check off: these tests watch what Redis does (a silent change stays cached); the
+  // test after this one watches the check.
+  writeFileSync(join(dir, 'keygate.yaml'), 'scheduler:\n  interval_s: 1\ncache:\n  store_check_s: 0\n')
   const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
 
   await t.test('the admin process runs the scheduler, the gateways do not', async (t) => {
@@ -194,6 +196,24 @@ async function workersEnv(t: Test, upstream: string, extra: Record<string, strin
     ...extra,
   }
 }
+
+t.test('a key revoked by the CLI while Redis is paused past its wait is refused by every gateway at its store check (found by review)', async (t) => {
+  // Before, the CLI warned and exited, nothing was published, no gateway connection dropped: the
+  // key worked on every gateway for the cache TTL. The missed-message check is off, so the store
+  // check alone is watched.
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
+  writeFileSync(join(dir, 'keygate.yaml'), 'cache:\n  store_check_s: 1\nredis:\n  invalidation_check_ms: 0\n')
+  const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
+  const k = await createKey(d)
+  for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
+  const redis = new Redis(d.redis.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => redis.disconnect())
+  await redis.call('CLIENT', 'PAUSE', '4000')
+  const revoked = await runCli(['api-key', 'revoke', k.id], { env: d.env })
+  t.equal(revoked.code, 0, revoked.stderr)
+  t.match(revoked.stderr, /could not tell the gateways through Redis/, 'the CLI warns')
+  for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401, 6000)
+})
 
 t.test('--workers 2 without Redis: one limit and one lockout for the machine', async (t) => {
   const upstream = await startUpstream(t)

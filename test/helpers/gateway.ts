@@ -17,6 +17,7 @@ import type { Lockout } from '../../core/lockout.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { silentLogger, type Logger } from '../../core/log.ts'
 import { createGatewayMetrics, createMetricsRegistry, type GatewayMetrics } from '../../core/metrics.ts'
+import type { Registry } from 'prom-client'
 import { migrate } from '../../core/migrate.ts'
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { createGateway, type Gateway } from '../../gateway/index.ts'
@@ -272,4 +273,13 @@ export function converse(port: number, first: string, steps: readonly Conversati
     socket.on('close', () => resolve(received))
     socket.setTimeout(5000, () => socket.destroy())
   })
+}
+
+/** A metric's value in `registry` (NaN when no series has `labels`). */
+export async function metric(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const m = registry.getSingleMetric(name)
+  if (!m) throw new Error(`no metric ${name}`)
+  const { values } = await m.get()
+  const v = values.find((x) => Object.entries(labels).every(([k, l]) => x.labels[k] === l))
+  return v?.value ?? NaN
 }

@@ -1,0 +1,99 @@
+// What bounds a lost invalidation (found by review): a change whose Redis message never went out
+// (a `keygate api-key` run that could not reach Redis within its wait) is read from the store by
+// each gateway's store check within cache.store_check_s, a key imported after it was cached as
+// unknown too; a subscriber connection that died without closing (half-open: a TCP gate that
+// stops forwarding and closes nothing) no longer stops the missed-message check for good; a
+// publish on such a connection settles, is kept, and goes out once the connection is back.
+// Each test runs its own redis-server.
+import t, { type Test } from 'tap'
+import { createHash, randomUUID } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Redis } from 'ioredis'
+import { INVALIDATION_CHANNEL, INVALIDATION_VERSION_KEY, publishInvalidation } from '../core/invalidation.ts'
+import { KeyService } from '../core/keys/service.ts'
+import { createLogger } from '../core/log.ts'
+import { connectRedis, redisReady } from '../core/redis.ts'
+import { keyServiceOptions } from '../core/runtime.ts'
+import { ACTOR, bearer, makeConfig, metric, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
+import type { LogLine } from './helpers/serve.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
+
+
+async function setup(t: Test, config: Record<string, unknown>, subscriberThroughGate = false) {
+  const server = await startRedisServer(t)
+  const logs: LogLine[] = []
+  const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
+  const redis = connectRedis(server.url, log)
+  const other = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  const { gate, url: gated } = await gateInFront(t, server.url)
+  if (subscriberThroughGate) redis.duplicate = () => new Redis(gated, { maxRetriesPerRequest: 1, connectTimeout: 500 })
+  t.teardown(() => {
+    redis.disconnect()
+    other.disconnect()
+  })
+  const full = { cache: { ttl_s: 3600, negative_ttl_s: 3600 }, keys: { accept_legacy: true }, ...config }
+  const store = await openStore(t, makeConfig({ ...full, routes: [] }))
+  const gateway = await startGateway(t, { config: full, store, redis, log })
+  const silent = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(gateway.config) })
+  await until(t, 'the gateway subscribed', async () => Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
+  return { server, redis, other, gate, gated, gateway, silent, logs, log }
+}
+
+async function staleKey(t: Test, gateway: Harness, silent: KeyService): Promise<string> {
+  const { key, record } = await silent.create({ name: 'stale', type: 'user' }, ACTOR)
+  t.equal((await gateway.get('/', bearer(key))).status, 200, 'the key works and is cached')
+  await silent.revoke(record.id, undefined, ACTOR)
+  t.equal((await gateway.get('/', bearer(key))).status, 200, 'revoked where no message tells the gateway: still served from the cache')
+  return key
+}
+
+t.test('a key revoked with its message never published is refused at the next store check, Redis healthy', async (t) => {
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 1 }, redis: { invalidation_check_ms: 0 } })
+  const key = await staleKey(t, s.gateway, s.silent)
+  const start = Date.now()
+  await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
+  t.ok(Date.now() - start < 3000, `within cache.store_check_s and the check's time (${Date.now() - start} ms)`)
+  t.equal(await metric(s.gateway.metrics.registry, 'keygate_redis_up'), 1, 'Redis stayed up all along')
+})
+
+t.test('a legacy key cached as unknown, then imported where no message tells the gateway, works at the next store check', async (t) => {
+  const s = await setup(t, { cache: { ttl_s: 3600, negative_ttl_s: 3600, store_check_s: 1 }, redis: { invalidation_check_ms: 0 }, lockout: { max_attempts: 1_000_000 } })
+  const uuid = randomUUID()
+  t.equal((await s.gateway.get('/', bearer(uuid))).status, 401, 'unknown, and cached as unknown')
+  await s.silent.importLegacy([{ key_hash: createHash('sha256').update(uuid).digest('hex'), name: 'imported', created_at: '2020-05-01T10:00:00Z' }], ACTOR)
+  t.equal((await s.gateway.get('/', bearer(uuid))).status, 401, 'still the cached answer')
+  await until(t, 'the imported key works', async () => (await s.gateway.get('/', bearer(uuid))).status === 200, 5000)
+})
+
+t.test('a half-open subscriber connection: the check times out, flushes and reconnects', async (t) => {
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 0 }, redis: { invalidation_check_ms: 200 } }, true)
+  const key = await staleKey(t, s.gateway, s.silent)
+  s.gate.set('silent')
+  await s.other.incr(INVALIDATION_VERSION_KEY) // a message lost on the dead connection
+  await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
+  t.ok((await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1, 'counted as missed')
+  t.ok(s.logs.some((l) => l.level === 'warn' && l.msg.startsWith('Redis did not answer the invalidation check') && l.connection === 'subscriber'), 'logged')
+  // A new subscription through the gate once it forwards again: messages flow again.
+  s.gate.set('open')
+  const { key: other, record } = await s.gateway.keys.create({ name: 'next', type: 'user' }, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(other))).status, 200)
+  await until(t, 'resubscribed', async () => s.logs.some((l) => l.reason === 'reconnect'), 10_000)
+  await s.silent.revoke(record.id, undefined, ACTOR)
+  await publishInvalidation(s.other, `key:${record.id}`)
+  await until(t, 'a published revocation reaches the gateway again', async () => (await s.gateway.get('/', bearer(other))).status === 401, 5000)
+})
+
+t.test('a publish on a half-open connection settles, is kept, and goes out once the connection is back', async (t) => {
+  const s = await setup(t, { cache: { store_check_s: 0 } })
+  const pub = connectRedis(s.gated, s.log)
+  t.teardown(() => pub.disconnect())
+  t.ok(await redisReady(pub, 5000), 'connected through the gate')
+  s.gate.set('silent')
+  const outcome = await Promise.race([publishInvalidation(pub, 'key:halfopen0001', s.log).then(() => 'settled'), sleep(4000).then(() => 'hung')])
+  t.equal(outcome, 'settled', 'the publish does not hang')
+  t.ok(s.logs.some((l) => l.level === 'warn' && l.msg.startsWith('could not publish an invalidation')), 'logged')
+  t.equal(await s.other.get(INVALIDATION_VERSION_KEY), null, 'not published yet')
+  s.gate.set('open')
+  await until(t, 'sent once the connection is back', async () => (await s.other.get(INVALIDATION_VERSION_KEY)) !== null, 15_000)
+})
