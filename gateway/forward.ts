@@ -372,11 +372,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const socket = req.socket
     let seen = socket.bytesRead
     let heldSince: number | undefined
+    // With body_idle_timeout_ms 0 a stalled client is never cut, but an upstream that takes
+    // nothing still is (before, 0 turned that off too, and such a request waited for ever).
     const stop = watchIdle(
-      bodyIdleMs,
+      bodyIdleMs > 0 ? bodyIdleMs : stuckMs,
       () => {
         const held = req.isPaused() || socket.isPaused()
-        if (socket.bytesRead === seen && !held) return false
+        if (socket.bytesRead === seen && !held) return bodyIdleMs === 0
         if (socket.bytesRead !== seen || !held) heldSince = undefined
         else if (heldSince === undefined) heldSince = performance.now()
         else if (performance.now() - heldSince >= stuckMs) exchange.timedOut()
@@ -409,7 +411,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       ;(s.res as NonNullable<RequestState['res']>).on('close', exchange.clientClosed)
       if (withBody) {
         req.once('error', (err: Error) => exchange.bodyFailed(err))
-        if (bodyIdleMs > 0 && !req.complete) watchBody(req, exchange, route.timeoutMs)
+        if (!req.complete) watchBody(req, exchange, route.timeoutMs)
       }
       try {
         ;(routePool[route.index] as Pool).dispatch(
@@ -493,11 +495,15 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             const c = client as Socket
             const u = upstream as Socket
             let seen = -1
+            // Held back: a side paused while it still has data to give a side that still takes it,
+            // or data waiting to be written. A side whose end came is paused by the pipe for good,
+            // and is no back-pressure (before, a tunnel whose client sent its FIN never went idle).
+            const heldBack = (from: Socket, to: Socket) => from.isPaused() && !from.readableEnded && to.writable
             const stop = watchIdle(
               tunnelIdleMs,
               () => {
                 const bytes = c.bytesRead + c.bytesWritten + u.bytesRead + u.bytesWritten
-                if (bytes === seen && !c.isPaused() && !u.isPaused() && c.writableLength === 0 && u.writableLength === 0) return false
+                if (bytes === seen && !heldBack(c, u) && !heldBack(u, c) && c.writableLength === 0 && u.writableLength === 0) return false
                 seen = bytes
                 return true
               },

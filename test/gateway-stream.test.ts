@@ -368,3 +368,42 @@ t.test('a WebSocket tunnel whose upstream reads slowly is not idle while bytes s
   t.notOk(clientClosed || upstreamClosed, 'the tunnel is open after three idle timeouts of slow reading')
   t.ok(upstreamTotal > before, `bytes kept reaching the upstream (${before} then ${upstreamTotal})`)
 })
+
+t.test('a tunnel whose client sent its FIN, and whose upstream never answers with its own, is closed when idle', async (t) => {
+  // Before the fix of the review: the pipe pauses a side whose end came, and the idle watch took
+  // that for back-pressure; the tunnel stayed open (still after 10 s with a 1 s setting).
+  const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n')
+    socket.on('error', () => {})
+    socket.resume() // reads, never ends its side
+    t.teardown(() => socket.destroy())
+  })
+  const k = await h.key()
+  const client = net.connect(h.port, '127.0.0.1')
+  client.on('error', () => {})
+  t.teardown(() => client.destroy())
+  const closed = new Promise<void>((resolve) => client.on('close', () => resolve()))
+  await new Promise<void>((resolve) => {
+    client.write(`GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`)
+    client.once('data', () => resolve())
+  })
+  client.resume()
+  client.end()
+  const began = Date.now()
+  const outcome = await Promise.race([closed.then(() => 'closed'), sleep(6000).then(() => 'open')])
+  t.equal(outcome, 'closed', `the half-closed tunnel was closed as idle (${Date.now() - began} ms)`)
+})
+
+t.test('with body_idle_timeout_ms 0, an upstream that takes none of a body is still 504', async (t) => {
+  // Before the fix of the review: 0 ("never cut a slow client") also turned off every timer of the
+  // upstream's, and the request waited for ever.
+  const h = await startGateway(t, { routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 800 }], config: { gateway: { body_idle_timeout_ms: 0 } }, upstream: (req) => void req.pause() })
+  const k = await h.key()
+  const began = Date.now()
+  const outcome = await request(`${h.url}/stalls`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: generate(64 * 1024 * 1024), dispatcher: h.agent, headersTimeout: 8000 }).then(
+    async (r) => [r.statusCode, ((await r.body.json()) as { error: { code: string } }).error.code] as const,
+    (err: Error) => [0, err.message] as const,
+  )
+  t.same(outcome, [504, 'upstream_timeout'], `504 once the upstream took nothing for the route's timeout (${Date.now() - began} ms)`)
+})
