@@ -429,8 +429,13 @@ export class LeasedLimit implements RateLimit {
   async #one(key: string): Promise<RateLimiterRes> {
     const now = this.#now()
     const { window, until } = this.#window(key, now, false)
-    const { consumed, remaining, refused } = await this.#ask(`${key}:${window}`, 1)
-    if (refused) throw new RateLimiterRes(0, until - now, consumed, false)
+    const { res, consumed, remaining, refused } = await this.#ask(`${key}:${window}`, 1)
+    if (refused) {
+      // Not admitted, so not counted: the store counts for limits of any size (a key's raised
+      // limit must find only what it admitted).
+      this.#giveBack(res, `${key}:${window}`, 1)
+      throw new RateLimiterRes(0, until - now, consumed - 1, false)
+    }
     return new RateLimiterRes(remaining, until - now, consumed, false)
   }
 
@@ -495,9 +500,11 @@ export class LeasedLimit implements RateLimit {
     }
     let refused = answer.refused
     let remaining = answer.remaining
-    if (refused && size > 1) {
+    if (refused) {
       // Others used more than this process knew. The store had `points - before` left when this
-      // ask came (its count includes the ask): keep that much and give back the rest.
+      // ask came (its count includes the ask): keep that much and give back the rest, a refused
+      // ask of one point too (the store counts for limits of any size: before, a key refused at 5
+      // and raised to 7 was refused again, 5 admitted and 7 counted).
       const before = answer.consumed - size
       const keep = Math.max(0, Math.min(size, this.points - before))
       if (size > keep) this.#giveBack(answer.res, storeKey, size - keep)

@@ -418,10 +418,21 @@ t.test("a key whose limit is changed within a window keeps its count, in memory 
     for (let i = 0; i < 4; i++) t.not(await one(fifty, id), 'refused')
     // Before, each limit had its own counter: 2 more after the change (6 in the window against 2).
     t.equal(await one(limiterFor(record(2)), id), 'refused', `${store}: lowered to 2 after 4, refused`)
-    // Back to 50: the 4 and the refused request are counted (the points 'fifty' still holds are
+    // Back to 50: the 4 are counted, not the refused request (the points 'fifty' still holds are
     // counted in the store already, and it uses them).
     let allowed = 0
     while ((await one(fifty, id)) !== 'refused' && allowed < 100) allowed++
-    t.equal(allowed, 45, `${store}: back to 50, the count goes on (${allowed} more)`)
+    t.equal(allowed, 46, `${store}: back to 50, the count goes on (${allowed} more)`)
+    // Refused at 5, raised to 7: 2 more (before the fix of the review: refused asks stayed counted,
+    // and the key was refused at 5 of 7).
+    const other = randomUUID()
+    const raised = (limit: number) => ({ id: other, type: 'user', rateLimit: { limit, windowS: 3600 } }) as KeyRecord
+    const five = limiterFor(raised(5))
+    for (let i = 0; i < 5; i++) t.not(await one(five, other), 'refused')
+    for (let i = 0; i < 3; i++) t.equal(await one(five, other), 'refused', `${store}: the 6th and later at 5 are refused`)
+    const seven = limiterFor(raised(7))
+    let more = 0
+    while ((await one(seven, other)) !== 'refused' && more < 10) more++
+    t.equal(more, 2, `${store}: raised to 7 after 5 admitted, 2 more (${more})`)
   }
 })
