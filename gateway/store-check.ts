@@ -47,24 +47,31 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
   let running = false
   let stopped = false
   let failing = false
+  // After a read found more changed keys than it takes one by one (the whole cache dropped), the
+  // reads that follow skip what that drop covered: the store's time of that read. Without it the
+  // overlap read the same bulk change again for 30 s, and dropped the whole cache at every check.
+  let coveredUntil: Date | null = null
   const check = async (): Promise<void> => {
     if (running || stopped) return
     running = true
     const sent = performance.now()
     try {
       const back = sent - lastSent + overlapMs
-      const rows = await o.db.query<{ id: string | null; key_hash: string | null; updated_at: Date | string | null }>(
-        `SELECT k.id, k.key_hash, k.updated_at FROM (SELECT now() - ($1::double precision * interval '1 millisecond') AS since) n
+      const rows = await o.db.query<{ id: string | null; key_hash: string | null; updated_at: Date | string | null; read_at: Date | string }>(
+        `SELECT k.id, k.key_hash, k.updated_at, n.read_at FROM (
+             SELECT greatest(now() - ($1::double precision * interval '1 millisecond'), $2::timestamptz) AS since, now() AS read_at
+           ) n
            LEFT JOIN api_keys k ON k.updated_at > n.since LIMIT ${MAX_ROWS + 1}`,
-        [back],
+        [back, coveredUntil],
       )
       lastSent = sent
       if (failing) o.log.info('the store check reads the store again')
       failing = false
       if (stopped) return
-      const changed = rows.filter((r): r is { id: string; key_hash: string; updated_at: Date | string } => r.id !== null && r.key_hash !== null && r.updated_at !== null)
+      const changed = rows.filter((r): r is { id: string; key_hash: string; updated_at: Date | string; read_at: Date | string } => r.id !== null && r.key_hash !== null && r.updated_at !== null)
       if (changed.length > MAX_ROWS) {
         seen = new Map()
+        coveredUntil = new Date(rows[0]?.read_at ?? Date.now())
         o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
         o.onOverflow()
         return
