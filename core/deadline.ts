@@ -1,14 +1,30 @@
-// Whether an asynchronous probe answers in time: the health gauges ask the store and Redis at
-// each scrape, and the Redis health check pings while limits run in process. No imports.
+// Whether an asynchronous call answers in time: the health gauges ask the store and Redis at
+// each scrape, the Redis health check pings while limits run in process, and the invalidation
+// check and publish bound their Redis calls (a half-open connection never answers). No imports.
+
+/** The rejection of `within` when no answer came in time. */
+export class TimedOut extends Error {}
+
+/** `promise`, or a TimedOut rejection (`what`: no answer within `ms` ms) after `ms`; the promise's own later rejection is ignored. */
+export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  promise.catch(() => {})
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new TimedOut(`${what}: no answer within ${ms} ms`)), ms)
+  })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}
 
 /** Whether `probe` resolves within `ms`; a rejection or no answer in time is false. */
-export async function answersWithin(probe: () => Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined
+export function answersWithin(probe: () => Promise<unknown>, ms: number): Promise<boolean> {
+  let answer: Promise<unknown>
   try {
-    return await Promise.race([probe().then(() => true), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), ms)))])
+    answer = probe()
   } catch {
-    return false
-  } finally {
-    clearTimeout(timer)
+    return Promise.resolve(false)
   }
+  return within(answer, ms, 'probe').then(
+    () => true,
+    () => false,
+  )
 }

@@ -23,6 +23,7 @@
 // within PUBLISH_TIMEOUT_MS (its connection is then reconnected), is kept and sent again once the
 // connection is back. The store check (gateway/store-check.ts) bounds whatever is lost anyway.
 import type { Redis } from 'ioredis'
+import { TimedOut, within } from './deadline.ts'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
@@ -47,17 +48,6 @@ export const PUBLISH_TIMEOUT_MS = 1000
 /** The missed-message check's reads time out after its interval, but never sooner than this. */
 const CHECK_TIMEOUT_MIN_MS = 1000
 
-class TimedOut extends Error {}
-
-/** `promise`, or a TimedOut rejection after `ms` (the promise's own later rejection is ignored). */
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  promise.catch(() => {})
-  let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new TimedOut(`${what}: no answer from Redis within ${ms} ms`)), ms)
-  })
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
-}
 
 class Publisher {
   readonly #redis: Redis
@@ -134,7 +124,7 @@ class Publisher {
 
 /** One versioned publish; rejects when Redis does not take it, or does not answer within `timeoutMs` (nothing is kept for later). */
 export function sendInvalidation(redis: Redis, message: string, timeoutMs = PUBLISH_TIMEOUT_MS): Promise<unknown> {
-  return within(redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message), timeoutMs, 'invalidation publish')
+  return within(redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message), timeoutMs, 'Redis: invalidation publish')
 }
 
 const publishers = new WeakMap<Redis, Publisher>()
@@ -268,9 +258,9 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
     let step: 'counter' | 'ping' = 'counter'
     try {
       const readFrom = lastRead
-      const version = await within(readVersion(), checkTimeoutMs, 'invalidation counter read')
+      const version = await within(readVersion(), checkTimeoutMs, 'Redis: invalidation counter read')
       step = 'ping'
-      await within(sub.ping(), checkTimeoutMs, 'invalidation subscriber PING')
+      await within(sub.ping(), checkTimeoutMs, 'Redis: invalidation subscriber PING')
       // A (re)subscription read the counter meanwhile: its reading is the newer one.
       if (lastRead !== readFrom) return
       if (lastRead !== undefined && version < lastRead) {
