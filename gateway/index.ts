@@ -325,9 +325,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   // The backstop for messages lost on the way (gateway/store-check.ts): keys changed in the store
   // since the last read are dropped, whatever happened to Redis.
+  const storeCheckMs = deps.storeCheckMs ?? config.cache.store_check_s * 1000
   const storeCheck = startStoreCheck({
     db: deps.db,
-    intervalMs: deps.storeCheckMs ?? config.cache.store_check_s * 1000,
+    intervalMs: storeCheckMs,
     log,
     onChanged: (changed) => {
       for (const k of changed) cache.invalidateHash(k.keyHash)
@@ -336,7 +337,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     },
     onOverflow: invalidateAll,
   })
-  if ((deps.storeCheckMs ?? config.cache.store_check_s) > 0) void storeCheck.check()
+  if (storeCheckMs > 0) void storeCheck.check()
 
   let stopSubscription: (() => Promise<void>) | undefined
   let stopPublishing: (() => void) | undefined

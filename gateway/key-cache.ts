@@ -186,11 +186,7 @@ export class KeyCache {
 
   /** Forgets everything cached about a key id (any of its hashes). */
   invalidateKey(id: string): void {
-    this.#generation++
-    this.#inflight.clear()
-    const stale: string[] = []
-    for (const [hash, entry] of this.#positive) if (entry.id === id) stale.push(hash)
-    for (const hash of stale) this.#positive.delete(hash)
+    this.invalidateKeys(new Set([id]))
   }
 
   /** Forgets everything cached about these key ids, in one pass over the cache. */

@@ -9,8 +9,9 @@
 // as `/`, ignore letter case, drop a segment's trailing dots (IIS) or a format suffix
 // (`/api/admin.json`, Rails and older Spring). Where routes nest (one's prefix inside
 // another's, or a `/` route), a path that such a reading puts under another route than the one
-// it matched is refused (400 bad_request): otherwise a key with only the outer route's scope could reach the
-// inner route's resources. Other paths with those characters are forwarded unchanged.
+// it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
+// could reach the inner route's resources. Other paths with those characters are forwarded
+// unchanged.
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
