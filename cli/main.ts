@@ -17,7 +17,7 @@ import { redisReady } from '../core/redis.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
-import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS } from './integrations.ts'
+import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationContext } from './integrations.ts'
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
@@ -68,14 +68,36 @@ export function cliLogger(io: Io, config: Config) {
 }
 
 /**
- * Through the admin API the server calls Gitea or n8n with its own settings: the flags that would
- * set them here are refused, not ignored.
+ * A `gitea` or `n8n` command: its service on the store opened here, or the server's through the
+ * admin API. Through the admin API the server calls Gitea or n8n with its own settings: the flags
+ * that would set them here are refused, not ignored.
  */
-function serverSettingsOnly(p: Parsed, flags: Record<string, unknown>, service: string): void {
-  const given = Object.keys(flags).filter((name) => p.values[name] !== undefined)
-  if (given.length === 0) return
-  throw new UsageError(
-    `${given.map((name) => `--${name}`).join(', ')}: through the admin API (KEYGATE_ADMIN_URL or --admin-url) the server calls ${service} with its own settings; these flags apply only when the command opens the store itself`,
+function runIntegrationGroup<S>(
+  group: string,
+  commands: Record<string, Command<IntegrationContext<S>>>,
+  argv: string[],
+  io: Io,
+  o: { local: (deps: ReturnType<typeof integrationDeps>) => S & { close(): Promise<void> }; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string },
+): Promise<number> {
+  const actor = { actor: actorName() }
+  return runGroup(
+    group,
+    commands,
+    argv,
+    io,
+    (runtime, log, json) => {
+      const service = o.local(integrationDeps(runtime, log))
+      return { ctx: { io, json, service, actor }, close: () => service.close() }
+    },
+    (adminUrl, token, json, p) => {
+      const given = Object.keys(o.flags).filter((name) => p.values[name] !== undefined)
+      if (given.length > 0) {
+        throw new UsageError(
+          `${given.map((name) => `--${name}`).join(', ')}: through the admin API (KEYGATE_ADMIN_URL or --admin-url) the server calls ${o.service} with its own settings; these flags apply only when the command opens the store itself`,
+        )
+      }
+      return { io, json, service: o.remote(adminUrl, token), actor }
+    },
   )
 }
 
@@ -271,35 +293,9 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
         )
       case 'gitea':
-        return await runGroup(
-          'gitea',
-          GITEA_COMMANDS,
-          rest,
-          io,
-          (runtime, log, json) => {
-            const service = new GiteaTokenService(integrationDeps(runtime, log))
-            return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
-          },
-          (adminUrl, token, json, p) => {
-            serverSettingsOnly(p, GITEA_FLAGS, 'Gitea')
-            return { io, json, service: remoteGitea(adminUrl, token), actor: { actor: actorName() } }
-          },
-        )
+        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: (deps) => new GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea' })
       case 'n8n':
-        return await runGroup(
-          'n8n',
-          N8N_COMMANDS,
-          rest,
-          io,
-          (runtime, log, json) => {
-            const service = new N8nKeyService(integrationDeps(runtime, log))
-            return { ctx: { io, json, service, actor: { actor: actorName() } }, close: () => service.close() }
-          },
-          (adminUrl, token, json, p) => {
-            serverSettingsOnly(p, N8N_FLAGS, 'n8n')
-            return { io, json, service: remoteN8n(adminUrl, token), actor: { actor: actorName() } }
-          },
-        )
+        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: (deps) => new N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n' })
       case 'config':
         return await runConfig(rest, io)
       case 'migrate':
