@@ -1,20 +1,27 @@
 // The store check: the backstop of cross-instance invalidation. Redis pub/sub carries a change
 // to every gateway within milliseconds, but a message can be lost in ways no subscriber can see
 // (a `keygate api-key` run that could not reach Redis in time, a publish on a connection that
-// died silently, Redis flushed with the counter). So every `cache.store_check_s` each gateway
-// asks the store for the keys changed since its last read (every change of a key sets
-// api_keys.updated_at: create, import, update, revoke, rotate, expire; migration 0008 indexes
-// it) and drops exactly those from its cache, by id and by hash (the hash drops a key cached as
-// unknown before it was imported). "Since" is judged by the store's clock: the query asks for rows
-// changed after `now()` less the time elapsed (by this process's monotonic clock) since the
-// previous read was sent, less an overlap, so a transaction that committed after that read but
-// stamped updated_at before it, or a clock a little off, is not missed. Rows already applied
-// with the same updated_at are not applied again. With nothing changed it is one indexed query.
+// died silently, Redis flushed with the counter, a change made by hand in SQL). So every
+// `cache.store_check_s` each gateway asks the store for the keys changed since its last read and
+// drops exactly those from its cache, by id and by hash (the hash drops a key cached as unknown
+// before it was imported).
+//
+// "Since" is judged by the store's transactions, not by any clock: every change of a row stamps
+// api_keys.change_xid with the id of the transaction that made it (a trigger, migration 0009;
+// a use alone, last_used_at, does not), and each read keeps its own snapshot. The next read asks
+// for the rows whose transaction that snapshot could not see: committed after it, or still in
+// progress then. A writer's clock, a commit long after the row was written, or an UPDATE that
+// leaves updated_at alone cannot hide a change, and no row is read twice. The index on
+// change_xid bounds the scan from the snapshot's oldest open transaction; with nothing changed it
+// is one indexed query.
+//
+// The first read has no snapshot before it: it drops the whole cache (at start it holds next to
+// nothing) and keeps its snapshot. A read with more changed rows than it takes one by one drops
+// the whole cache too; its snapshot covers the whole change, so the reads after it do not see it
+// again. A read that fails changes nothing: the next one asks from the last snapshot read.
 import type { Db } from '../core/db.ts'
 import type { Logger } from '../core/log.ts'
 
-/** Rows changed this long before the previous read are read again. */
-export const STORE_CHECK_OVERLAP_MS = 30_000
 /** More changed rows than this in one read: the whole cache is dropped instead. */
 const MAX_ROWS = 10_000
 
@@ -29,8 +36,8 @@ export interface StoreCheckOptions {
   intervalMs: number
   log: Logger
   onChanged: (keys: readonly ChangedKey[]) => void
+  /** Drop every cached key: the first read, or more changed keys than a read takes one by one. */
   onOverflow: () => void
-  overlapMs?: number
 }
 
 export interface StoreCheck {
@@ -40,53 +47,38 @@ export interface StoreCheck {
 }
 
 export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
-  const overlapMs = o.overlapMs ?? STORE_CHECK_OVERLAP_MS
-  // Monotonic time the last successful read was sent; the start counts as one (the cache is empty then).
-  let lastSent = performance.now()
-  let seen = new Map<string, number>()
+  // The snapshot of the last read that succeeded (pg_snapshot's text form), null before the first.
+  let since: string | null = null
   let running = false
   let stopped = false
   let failing = false
-  // After a read found more changed keys than it takes one by one (the whole cache dropped), the
-  // reads that follow skip what that drop covered: the store's time of that read. Without it the
-  // overlap read the same bulk change again for 30 s, and dropped the whole cache at every check.
-  let coveredUntil: Date | null = null
   const check = async (): Promise<void> => {
     if (running || stopped) return
     running = true
-    const sent = performance.now()
     try {
-      const back = sent - lastSent + overlapMs
-      const rows = await o.db.query<{ id: string | null; key_hash: string | null; updated_at: Date | string | null; read_at: Date | string }>(
-        `SELECT k.id, k.key_hash, k.updated_at, n.read_at FROM (
-             SELECT greatest(now() - ($1::double precision * interval '1 millisecond'), $2::timestamptz) AS since, now() AS read_at
-           ) n
-           LEFT JOIN api_keys k ON k.updated_at > n.since LIMIT ${MAX_ROWS + 1}`,
-        [back, coveredUntil],
+      // One statement: the snapshot it reads the rows with is the one it returns.
+      const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string }>(
+        `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot FROM (SELECT pg_current_snapshot() AS snapshot) n
+           LEFT JOIN api_keys k ON $1::pg_snapshot IS NOT NULL
+             AND k.change_xid >= pg_snapshot_xmin($1::pg_snapshot)
+             AND NOT pg_visible_in_snapshot(k.change_xid, $1::pg_snapshot)
+           LIMIT ${MAX_ROWS + 1}`,
+        [since],
       )
-      lastSent = sent
       if (failing) o.log.info('the store check reads the store again')
       failing = false
       if (stopped) return
-      const changed = rows.filter((r): r is { id: string; key_hash: string; updated_at: Date | string; read_at: Date | string } => r.id !== null && r.key_hash !== null && r.updated_at !== null)
-      if (changed.length > MAX_ROWS) {
-        seen = new Map()
-        coveredUntil = new Date(rows[0]?.read_at ?? Date.now())
-        o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
+      const first = since === null
+      since = rows[0]?.snapshot ?? since
+      const changed = rows.filter((r): r is { id: string; key_hash: string; snapshot: string } => r.id !== null && r.key_hash !== null)
+      if (first || changed.length > MAX_ROWS) {
+        if (!first) o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
         o.onOverflow()
         return
       }
-      const next = new Map<string, number>()
-      const fresh: ChangedKey[] = []
-      for (const r of changed) {
-        const at = new Date(r.updated_at).getTime()
-        next.set(r.id, at)
-        if (seen.get(r.id) !== at) fresh.push({ id: r.id, keyHash: r.key_hash })
-      }
-      seen = next
-      if (fresh.length > 0) {
-        o.log.debug('the store check dropped changed keys from the cache', { keys: fresh.length })
-        o.onChanged(fresh)
+      if (changed.length > 0) {
+        o.log.debug('the store check dropped changed keys from the cache', { keys: changed.length })
+        o.onChanged(changed.map((r) => ({ id: r.id, keyHash: r.key_hash })))
       }
     } catch (err) {
       // Tried again next time, from the last read that succeeded: nothing is skipped.

@@ -1,0 +1,134 @@
+// The store check (gateway/store-check.ts) on both stores: what a read reports as changed, judged
+// by the store's transactions (api_keys.change_xid, migration 0009) and not by updated_at, which a
+// writer stamps from its own clock. Before 0009 a change made by hand in SQL, or by a writer whose
+// clock ran behind the store's, was never read (the tests marked so fail on that code).
+import t, { type Test } from 'tap'
+import pg from 'pg'
+import { AuditCipher, AuditLog } from '../core/audit.ts'
+import { KeyService } from '../core/keys/service.ts'
+import { createLogger } from '../core/log.ts'
+import { startStoreCheck } from '../gateway/store-check.ts'
+import { forEachStore, TEST_ENCRYPTION_KEY, type Store } from './helpers/stores.ts'
+
+const GRACE = { system: 24, user: 72, service: 72, integration: 72, emergency: 1 }
+const ACTOR = { actor: 'test' }
+
+function checker(t: Test, store: Store) {
+  let overflows = 0
+  const changed: string[][] = []
+  const check = startStoreCheck({
+    db: store.db,
+    intervalMs: 0,
+    log: createLogger({ write: () => {} }),
+    onOverflow: () => overflows++,
+    onChanged: (keys) => changed.push(keys.map((k) => k.id).sort()),
+  })
+  t.teardown(() => check.stop())
+  return {
+    /** One read; what it reported: the ids changed, or 'all' when it dropped the whole cache. */
+    async read(): Promise<string[] | 'all'> {
+      const before = overflows
+      changed.length = 0
+      await check.check()
+      if (overflows > before) return 'all'
+      return changed.flat()
+    },
+  }
+}
+
+function keyService(store: Store, now?: () => Date): KeyService {
+  return new KeyService({ db: store.db, audit: new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY)), prefix: 'kg', graceHours: GRACE, ...(now ? { now } : {}) })
+}
+
+t.test('the store check', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    const keys = keyService(store)
+
+    await t.test('the first read drops the whole cache; then each change is read once, by the read after it', async (t) => {
+      const c = checker(t, store)
+      t.equal(await c.read(), 'all', 'no read before it: everything cached may be stale')
+      t.same(await c.read(), [], 'nothing changed')
+      const { record } = await keys.create({ name: 'a', type: 'user' }, ACTOR)
+      t.same(await c.read(), [record.id], 'created')
+      t.same(await c.read(), [], 'not read again')
+      await keys.update(record.id, { name: 'renamed' }, ACTOR)
+      await keys.revoke(record.id, undefined, ACTOR)
+      t.same(await c.read(), [record.id], 'updated, then revoked: one row')
+      const { record: b } = await keys.create({ name: 'b', type: 'user' }, ACTOR)
+      const rotated = await keys.rotate(b.id, {}, ACTOR)
+      t.same(await c.read(), [b.id, rotated.record.id].sort(), 'a rotation: the key and its successor')
+    })
+
+    await t.test('a change made by hand in SQL, updated_at untouched, is read', async (t) => {
+      const c = checker(t, store)
+      const { record } = await keys.create({ name: 'by hand', type: 'user' }, ACTOR)
+      await c.read()
+      await store.db.query(`UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE id = $1`, [record.id])
+      t.same(await c.read(), [record.id])
+    })
+
+    await t.test('a change by a writer whose clock is ten minutes behind the store is read', async (t) => {
+      const c = checker(t, store)
+      const late = keyService(store, () => new Date(Date.now() - 600_000))
+      const { record } = await keys.create({ name: 'late writer', type: 'user' }, ACTOR)
+      await c.read()
+      await late.revoke(record.id, undefined, ACTOR)
+      t.same(await c.read(), [record.id])
+    })
+
+    await t.test('recording a use (last_used_at alone) is not a change; a change with it is', async (t) => {
+      const c = checker(t, store)
+      const { record } = await keys.create({ name: 'busy', type: 'user' }, ACTOR)
+      await c.read()
+      await store.db.query(`UPDATE api_keys SET last_used_at = now() WHERE id = $1`, [record.id])
+      t.same(await c.read(), [], 'a use')
+      await store.db.query(`UPDATE api_keys SET last_used_at = now(), scopes = '{read}' WHERE id = $1`, [record.id])
+      t.same(await c.read(), [record.id], 'a use and a change')
+      await store.db.query(`UPDATE api_keys SET name = name WHERE id = $1`, [record.id])
+      t.same(await c.read(), [], 'a write that changes nothing')
+    })
+
+    await t.test('a bulk change past what a read takes key by key drops the whole cache once', async (t) => {
+      const c = checker(t, store)
+      await c.read()
+      await store.db.query(
+        `INSERT INTO api_keys (id, key_hash, name, type) SELECT 'bulk' || i, lpad(to_hex(i), 64, '0'), 'bulk', 'service' FROM generate_series(1, 10001) AS i`,
+      )
+      t.equal(await c.read(), 'all', 'the bulk change drops the whole cache')
+      t.same(await c.read(), [], 'once: the read after it does not see it again')
+      await store.db.query(`UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE id = 'bulk7'`)
+      t.same(await c.read(), ['bulk7'], 'a change after it is read key by key')
+    })
+
+    await t.test('a read that fails skips nothing: the next reads from the last that succeeded', async (t) => {
+      const c = checker(t, store)
+      await c.read()
+      const { record } = await keys.create({ name: 'while failing', type: 'user' }, ACTOR)
+      await store.db.query('ALTER TABLE api_keys RENAME COLUMN change_xid TO change_xid_away')
+      t.teardown(() => store.db.query('ALTER TABLE api_keys RENAME COLUMN change_xid_away TO change_xid').catch(() => {}))
+      t.same(await c.read(), [], 'the read failed: nothing reported')
+      await store.db.query('ALTER TABLE api_keys RENAME COLUMN change_xid_away TO change_xid')
+      t.same(await c.read(), [record.id], 'read once the store answers')
+    })
+  })
+})
+
+t.test('a transaction in progress during a read is read once it commits, however long after (PostgreSQL)', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    const keys = keyService(store)
+    const c = checker(t, store)
+    const { record } = await keys.create({ name: 'slow commit', type: 'user' }, ACTOR)
+    await c.read()
+    const writer = new pg.Client({ connectionString: store.url })
+    await writer.connect()
+    t.teardown(() => writer.end())
+    await writer.query('BEGIN')
+    // Stamped an hour back, as a writer that read the time long before it commits.
+    await writer.query(`UPDATE api_keys SET status = 'revoked', revoked_at = now(), updated_at = now() - interval '1 hour' WHERE id = $1`, [record.id])
+    t.same(await c.read(), [], 'not committed: nothing to read yet')
+    t.same(await c.read(), [])
+    await writer.query('COMMIT')
+    t.same(await c.read(), [record.id], 'read after the commit')
+    t.same(await c.read(), [], 'and only once')
+  }, { kinds: ['postgres'] })
+})
