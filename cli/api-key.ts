@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs'
 import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { KeygateError } from '../core/errors.ts'
-import { CreateKeyBody, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
+import { CreateKeyBody, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
@@ -22,7 +22,10 @@ function parseRateLimit(value: string | undefined): { limit: number; window_s: n
   if (value === 'default') return null
   const m = /^(\d{1,10})\/(.+)$/.exec(value)
   if (!m) throw new UsageError(`--rate-limit: ${JSON.stringify(value)} is not allowed; expected requests/window such as 100/1s or 5000/1m, or "default"`)
-  return { limit: Number(m[1]), window_s: parseDuration('rate-limit', m[2] as string) }
+  const limit = Number(m[1])
+  const { min, max } = KEY_BOUNDS.rateLimit
+  if (limit < min || limit > max) throw new UsageError(`--rate-limit: ${JSON.stringify(value)} allows ${limit} requests; expected from ${min} to ${max} per window`)
+  return { limit, window_s: parseDuration('rate-limit', m[2] as string, KEY_BOUNDS.rateWindowS) }
 }
 
 function parseMetadata(value: string | undefined): Record<string, unknown> | undefined {
@@ -84,7 +87,7 @@ function keyBody(p: Parsed): Record<string, unknown> {
   put('rate_limit', parseRateLimit(str(p, 'rate-limit')))
   put('expires_at', expiryFlags(p))
   const every = str(p, 'rotate-every')
-  put('rotation_interval_s', every === undefined ? undefined : every === 'never' ? null : parseDuration('rotate-every', every))
+  put('rotation_interval_s', every === undefined ? undefined : every === 'never' ? null : parseDuration('rotate-every', every, KEY_BOUNDS.rotationS))
   return body
 }
 

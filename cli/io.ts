@@ -149,11 +149,27 @@ export function fail(io: Io, json: boolean, code: ErrorCode, message: string, de
 
 const UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 }
 
-/** `90d`, `12h`, `30m`, `45s`, `2w` → seconds. */
-export function parseDuration(flag: string, value: string): number {
+/** Seconds in the largest unit that divides them: 3600 → `1h`, 157680000 → `1825d`. */
+export function formatDuration(seconds: number): string {
+  for (const unit of ['d', 'h', 'm'] as const) {
+    const size = UNITS[unit] as number
+    if (seconds % size === 0) return `${seconds / size}${unit}`
+  }
+  return `${seconds}s`
+}
+
+/**
+ * `90d`, `12h`, `30m`, `45s`, `2w` → seconds; with `bounds` (seconds), a duration outside them is
+ * refused in the flag's own units (`from 1h to 1825d`), not in the seconds the API takes.
+ */
+export function parseDuration(flag: string, value: string, bounds?: { min: number; max: number }): number {
   const m = /^(\d{1,9})([smhdw])$/.exec(value.trim())
   if (!m) throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not a duration; expected a number with s, m, h, d or w, such as 90d`)
-  return Number(m[1]) * (UNITS[m[2] as string] as number)
+  const seconds = Number(m[1]) * (UNITS[m[2] as string] as number)
+  if (bounds && (seconds < bounds.min || seconds > bounds.max)) {
+    throw new UsageError(`--${flag}: ${JSON.stringify(value)} is ${seconds < bounds.min ? 'too short' : 'too long'}; expected from ${formatDuration(bounds.min)} to ${formatDuration(bounds.max)}`)
+  }
+  return seconds
 }
 
 /** `--expires-in 30d` or `--expires-at TIME` (`never` for none) as an RFC 3339 time, null or absent. */

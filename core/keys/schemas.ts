@@ -23,12 +23,18 @@ export type RevokeInput = Static<typeof RevokeBody>
 export const METADATA_KEY_MAX = 100
 const Metadata = Type.Record(Type.String(), Type.Unknown(), { description: `Free-form JSON attached to the key (at most 8 KiB; keys of at most ${METADATA_KEY_MAX} characters).` })
 const Cidrs = Type.Array(Type.String({ format: 'cidr' }), { maxItems: 100, description: 'The key is only accepted from these addresses (empty: from anywhere).' })
+/** The bounds of a key's own rate limit and of its rotation interval, in seconds (the CLI names them in its own units). */
+export const KEY_BOUNDS = {
+  rateLimit: { min: 1, max: 1_000_000_000 },
+  rateWindowS: { min: 1, max: 86_400 },
+  rotationS: { min: 3600, max: 5 * 365 * 86_400 },
+} as const
 const RateLimitSchema = Type.Union(
   [
     Type.Object(
       {
-        limit: Type.Integer({ minimum: 1, maximum: 1_000_000_000 }),
-        window_s: Type.Integer({ minimum: 1, maximum: 86_400 }),
+        limit: Type.Integer({ minimum: KEY_BOUNDS.rateLimit.min, maximum: KEY_BOUNDS.rateLimit.max }),
+        window_s: Type.Integer({ minimum: KEY_BOUNDS.rateWindowS.min, maximum: KEY_BOUNDS.rateWindowS.max }),
       },
       { additionalProperties: false },
     ),
@@ -37,7 +43,7 @@ const RateLimitSchema = Type.Union(
   { description: "Overrides the key type's rate limit; null restores the default." },
 )
 const Expires = Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'When the key stops working (RFC 3339); null for never.' })
-const RotationInterval = Type.Union([Type.Integer({ minimum: 3600, maximum: 5 * 365 * 86_400 }), Type.Null()], {
+const RotationInterval = Type.Union([Type.Integer({ minimum: KEY_BOUNDS.rotationS.min, maximum: KEY_BOUNDS.rotationS.max }), Type.Null()], {
   description: 'Scheduled rotation: the key is due this many seconds after it was created.',
 })
 
