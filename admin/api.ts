@@ -98,6 +98,10 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
     if (type === 'integer' && !/^-?[0-9]+$/.test(value)) {
       throw new AdminError('validation_failed', `${name}: ${JSON.stringify(value)} is not a whole number`, {}, { fields: [{ field: name, message: 'is not a whole number' }] })
     }
+    // `true` or `false` as written: conversion would read `1`, `0` and `TRUE` too.
+    if (type === 'boolean' && value !== 'true' && value !== 'false') {
+      throw new AdminError('validation_failed', `${name}: ${JSON.stringify(value)} is not allowed; expected true or false`, {}, { fields: [{ field: name, message: 'expected true or false' }] })
+    }
     // An own property even for `__proto__`, so that it is refused as unknown rather than ignored.
     Object.defineProperty(raw, name, { value, enumerable: true, writable: true, configurable: true })
   }

@@ -102,6 +102,8 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       { name: 'anomalies', description: 'Unusual key traffic found by the gateways: list, acknowledge, follow live.' },
       { name: 'webhooks', description: 'Signed event deliveries to receivers.' },
       { name: 'audit', description: 'The audit log of every admin action.' },
+      { name: 'gitea', description: 'Gitea access tokens of the configured Gitea user, made and revoked through keygate.' },
+      { name: 'n8n', description: 'n8n API keys, made and revoked through keygate.' },
     ],
     paths,
   }

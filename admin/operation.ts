@@ -108,9 +108,13 @@ export interface Operation {
   handle(input: OperationInput<any, any>): Promise<unknown>
 }
 
-/** Every admin operation can answer these: credentials, lockout, request framing, faults. */
+/**
+ * Every admin operation can answer these: credentials, lockout, request framing, faults, and a
+ * query parameter it does not take (validation_failed, even on an operation that takes none).
+ */
 export const COMMON_ERRORS: readonly ErrorCode[] = [
   'bad_request',
+  'validation_failed',
   'unauthorized',
   'forbidden',
   'payload_too_large',

@@ -58,6 +58,14 @@ await forEachStore(t, async (t, store) => {
   refused(await h.call('GET', '/v1/reports/usage?from=0001-01-01T00:00:00Z'), 400, 'validation_failed', 'a year before 1970')
   for (const limit of ['1e2', '2.9', '0x10', ' 5']) refused(await h.call('GET', `/v1/keys?limit=${encodeURIComponent(limit)}`), 400, 'validation_failed', `limit=${limit}`)
   refused(await h.call('GET', '/v1/keys?__proto__=x'), 400, 'validation_failed', '__proto__ as a query parameter')
+  // Booleans as written (before: 1, 0 and TRUE were read as true and false, where the message
+  // and the schema say true or false).
+  for (const [path, value] of [['/v1/anomalies?acknowledged', '1'], ['/v1/anomalies?acknowledged', 'TRUE'], ['/v1/deny-list?include_expired', '0'], ['/v1/deny-list?include_expired', 'yes']]) {
+    const r = await h.call('GET', `${path}=${value}`)
+    refused(r, 400, 'validation_failed', `${path}=${value}`)
+    t.match(r.json.error.message, /expected true or false/)
+  }
+  for (const value of ['true', 'false']) t.equal((await h.call('GET', `/v1/deny-list?include_expired=${value}`)).status, 200, `include_expired=${value}`)
 
   // Lone UTF-16 surrogates (no text a store can hold: jsonb refuses them, text columns would make
   // them U+FFFD without a word), anywhere in a body: refused naming the field.

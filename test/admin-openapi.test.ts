@@ -51,6 +51,19 @@ t.test('the OpenAPI document', async (t) => {
     for (const m of op.path.matchAll(/\{(\w+)\}/g)) t.ok(o.parameters.some((p: any) => p.in === 'path' && p.name === m[1]), `${op.id}: path parameter ${m[1]}`)
     for (const name of Object.keys(op.query?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'query' && p.name === name), `${op.id}: query parameter ${name}`)
   }
+  // Before: gitea and n8n were used by operations and not declared.
+  const declared = new Set((doc.tags as Array<{ name: string }>).map((x) => x.name))
+  for (const op of OPERATIONS) t.ok(declared.has(op.tag), `${op.id}: its tag ${op.tag} is declared`)
+
+  // A query parameter an operation does not take is refused with a code its document lists
+  // (before: validation_failed, undocumented on the ten operations that take no query).
+  for (const op of OPERATIONS) {
+    const path = op.path.replace(/\{\w+\}/g, 'abc')
+    const r = await h.call(op.method, `${path}?unknown=1`, op.body ? { body: {} } : {})
+    t.equal(r.status, 400, `${op.id}: an unknown query parameter is refused`)
+    const documented = doc.paths[op.path][op.method.toLowerCase()].responses['400'].content['application/json'].schema.properties.error.properties.code.enum
+    t.ok(documented.includes(r.json.error.code), `${op.id}: its code ${r.json.error.code} is documented`)
+  }
 })
 
 // The n8n operations' answers are checked against their schemas in test/n8n.test.ts, which runs
