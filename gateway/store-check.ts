@@ -16,7 +16,10 @@
 // is one indexed query.
 //
 // The first read has no snapshot before it: it drops the whole cache (at start it holds next to
-// nothing) and keeps its snapshot. A read with more changed rows than it takes one by one drops
+// nothing) and keeps its snapshot. Transaction ids count in one cluster only: a row restored
+// from another cluster, or a store swapped for another under a running gateway, is handled below.
+// A hot standby's snapshot does not list the primary's open transactions, so the store must be
+// the primary (keygate writes to it anyway). A read with more changed rows than it takes one by one drops
 // the whole cache too; its snapshot covers the whole change, so the reads after it do not see it
 // again. A read that fails changes nothing: the next one asks from the last snapshot read.
 import type { Db } from '../core/db.ts'
@@ -56,11 +59,21 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
     if (running || stopped) return
     running = true
     try {
-      // One statement: the snapshot it reads the rows with is the one it returns.
-      const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string }>(
-        `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot FROM (SELECT pg_current_snapshot() AS snapshot) n
+      // One statement: the snapshot it reads the rows with is the one it returns. A row stamped
+      // at or past that snapshot's xmax comes from another cluster's counter (a pg_dump restored
+      // here: pg_restore loads rows before it makes triggers): it is no change this store can
+      // order, and would otherwise be read at every check; it is read once the counter passes it.
+      // A snapshot behind the last one (`behind`) is another cluster's too: the store was swapped
+      // under the gateway (a restore, DNS pointed elsewhere), and the last snapshot says nothing
+      // about what changed in this one.
+      const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null }>(
+        `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot,
+                pg_snapshot_xmax(n.snapshot) < pg_snapshot_xmax($1::pg_snapshot) AS behind
+           FROM (SELECT pg_current_snapshot() AS snapshot) n
            LEFT JOIN api_keys k ON $1::pg_snapshot IS NOT NULL
+             AND pg_snapshot_xmax(n.snapshot) >= pg_snapshot_xmax($1::pg_snapshot)
              AND k.change_xid >= pg_snapshot_xmin($1::pg_snapshot)
+             AND k.change_xid < pg_snapshot_xmax(n.snapshot)
              AND NOT pg_visible_in_snapshot(k.change_xid, $1::pg_snapshot)
            LIMIT ${MAX_ROWS + 1}`,
         [since],
@@ -69,10 +82,12 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       failing = false
       if (stopped) return
       const first = since === null
+      const behind = rows[0]?.behind === true
       since = rows[0]?.snapshot ?? since
-      const changed = rows.filter((r): r is { id: string; key_hash: string; snapshot: string } => r.id !== null && r.key_hash !== null)
-      if (first || changed.length > MAX_ROWS) {
-        if (!first) o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
+      const changed = rows.filter((r): r is { id: string; key_hash: string; snapshot: string; behind: boolean | null } => r.id !== null && r.key_hash !== null)
+      if (first || behind || changed.length > MAX_ROWS) {
+        if (behind) o.log.warn('the store check found the store behind its last read (another database, restored or switched to); dropped the whole cache')
+        else if (!first) o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
         o.onOverflow()
         return
       }

@@ -32,3 +32,6 @@ $$;
 
 CREATE TRIGGER api_keys_stamp_change BEFORE INSERT OR UPDATE ON api_keys
   FOR EACH ROW EXECUTE FUNCTION keygate_api_keys_stamp_change();
+-- Also under session_replication_role = replica: a logical-replication subscriber's applied rows,
+-- and a session that turned ordinary triggers off, are stamped with this cluster's ids too.
+ALTER TABLE api_keys ENABLE ALWAYS TRIGGER api_keys_stamp_change;
