@@ -336,6 +336,17 @@ async function closeServer(server: http.Server | undefined, timeoutMs: number): 
 async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean }): Promise<number> {
   const stopping = stopSignal(log, { worker: mode.worker })
   const runtime = await openRuntime(config, log)
+  // The embedded store's thread gone for good (found by a review): every call failed from then
+  // on while /healthz answered alive, and no service manager restarted keygate. It stops as on
+  // SIGTERM and exits 1, so that Restart=on-failure (or a container's policy) starts it again.
+  let storeLost: Error | undefined
+  const lost = new Promise<string>((resolve) =>
+    runtime.db.onLost((err) => {
+      storeLost = err
+      log.error('the embedded store stopped; keygate stops so that it is started again', { err })
+      resolve('store_lost')
+    }),
+  )
   let shuttingDown = false
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
@@ -423,7 +434,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
     }
     if (mode.worker) process.send?.({ keygate: 'ready' })
-    const signal = await stopping.stopped
+    const signal = await Promise.race([stopping.stopped, lost])
     shuttingDown = true
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
     // Open anomaly streams end first: the admin server closes only once its connections do.
@@ -432,7 +443,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     await api?.close()
     await usage?.close()
     log.info('stopped')
-    return EXIT_OK
+    return storeLost ? EXIT_REFUSED : EXIT_OK
   } catch (err) {
     // A start that failed part-way (the admin address in use, say) stops what it had started,
     // so the process exits instead of serving without a store.

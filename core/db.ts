@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { linkSync, mkdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs'
+import { chmodSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -28,6 +28,11 @@ export interface TransactionOptions {
 
 export interface Db extends Queryable {
   readonly kind: 'postgres' | 'embedded'
+  /**
+   * Calls `listener` once if the store is gone for good (the embedded store's thread ended: every
+   * call fails from then on); a PostgreSQL store never is, its connections are made again.
+   */
+  onLost(listener: (err: Error) => void): void
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
   transaction<T>(fn: (tx: Queryable) => Promise<T>, options?: TransactionOptions): Promise<T>
   close(): Promise<void>
@@ -65,6 +70,17 @@ function isUnreachable(err: unknown): boolean {
   if (typeof code === 'string' && code !== '08P01' && (SOCKET_ERRORS.has(code) || /^(?:08|28|57P0[123]$|53300$|3D000$)/.test(code))) return true
   const message = err instanceof Error ? err.message : ''
   return /^Connection terminated|timeout exceeded when trying to connect|is not queryable/.test(message)
+}
+
+/**
+ * SQLSTATE class 53, insufficient resources (53100 disk full, 53200 out of memory, 53400 a
+ * configured limit), but 53300 (too many connections, counted as unreachable): the store cannot
+ * take the statement now, which is the store's state, not the request's fault or keygate's.
+ */
+function outOfResources(err: unknown, where: string): KeygateError | undefined {
+  const code = sqlState(err)
+  if (code === undefined || !code.startsWith('53') || code === '53300') return undefined
+  return new KeygateError('store_unavailable', `${where} is out of resources (SQLSTATE ${code}): ${(err as Error).message}`, { sqlstate: code }, { cause: err })
 }
 
 /** `PostgreSQL at host:port`, as messages name the server (never with its credentials). */
@@ -167,6 +183,8 @@ class PostgresDb implements Db {
         return new KeygateError('store_unavailable', `the store (${this.#where}) cancelled the statement (store.query_timeout_ms is ${this.#timeoutMs} ms): ${(err as Error).message}`, undefined, { cause: err })
       }
     }
+    const exhausted = outOfResources(err, `the store (${this.#where})`)
+    if (exhausted) return exhausted
     if (!isUnreachable(err)) return err
     return new KeygateError('store_unavailable', `the store (${this.#where}) cannot be reached: ${(err as Error).message}`, undefined, { cause: err })
   }
@@ -236,6 +254,8 @@ class PostgresDb implements Db {
     }
   }
 
+  onLost(): void {}
+
   async close(): Promise<void> {
     await this.#pool.end()
   }
@@ -243,7 +263,8 @@ class PostgresDb implements Db {
 
 /** A PostgreSQL error from the store's thread, with its fields (code, detail, constraint…) as PGlite gave them. */
 function storeError(e: WireError): Error {
-  return Object.assign(new Error(e.message), e.fields)
+  const err = Object.assign(new Error(e.message), e.fields)
+  return outOfResources(err, 'the embedded store') ?? err
 }
 
 /**
@@ -258,6 +279,8 @@ class EmbeddedDb implements Db {
   readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>()
   #nextId = 1
   #gone: Error | undefined
+  #closing = false
+  readonly #lost: Array<(err: Error) => void> = []
 
   private constructor(worker: Worker, release: () => void) {
     this.#worker = worker
@@ -272,9 +295,11 @@ class EmbeddedDb implements Db {
       else p.reject(storeError(r.error))
     })
     const fail = (err: Error) => {
+      const first = this.#gone === undefined
       this.#gone ??= new KeygateError('store_unavailable', `the embedded store stopped: ${err.message}`, undefined, { cause: err })
       for (const p of this.#pending.values()) p.reject(this.#gone)
       this.#pending.clear()
+      if (first && !this.#closing) for (const listener of this.#lost.splice(0)) listener(this.#gone)
     }
     worker.on('error', fail)
     worker.on('exit', (code) => fail(new Error(`its thread exited (${code})`)))
@@ -346,7 +371,12 @@ class EmbeddedDb implements Db {
     return result
   }
 
+  onLost(listener: (err: Error) => void): void {
+    if (this.#gone === undefined) this.#lost.push(listener)
+  }
+
   async close(): Promise<void> {
+    this.#closing = true
     try {
       // PGlite closes (and writes its files) on its thread; then the thread is ended.
       if (!this.#gone) await this.#call({ op: 'close' })
@@ -435,6 +465,18 @@ function lockDataDir(dir: string): () => void {
   }
 }
 
+/**
+ * The folder PGlite keeps the database in, readable by its owner only. PGlite writes its files
+ * with mode 0666 (the catalogs, pg_control, the WAL; found by a review): in a data folder made
+ * by an operator or systemd's StateDirectory (0755), every local user could change or destroy
+ * the key store. A folder of 0700 closes them all, whatever their own modes; one made by an
+ * earlier keygate is tightened.
+ */
+function privateFolder(path: string): void {
+  mkdirSync(path, { recursive: true, mode: 0o700 })
+  if ((statSync(path).mode & 0o077) !== 0) chmodSync(path, 0o700)
+}
+
 export interface OpenDbOptions {
   databaseUrl?: string | undefined
   dataDir?: string | undefined
@@ -471,9 +513,23 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   } catch (err) {
     throw new KeygateError('store_unavailable', `cannot create the embedded store folder ${dir}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
-  const release = lockDataDir(dir)
+  let release: () => void
   try {
-    return await EmbeddedDb.open({ dataDir: join(dir, 'pgdata'), seed: undefined }, release)
+    release = lockDataDir(dir)
+  } catch (err) {
+    if (isKeygateError(err)) throw err
+    const at = (err as NodeJS.ErrnoException).path
+    throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${systemErrorWords(err)}${at ? ` (${at})` : ''}`, undefined, { cause: err })
+  }
+  const pgdata = join(dir, 'pgdata')
+  try {
+    privateFolder(pgdata)
+  } catch (err) {
+    release()
+    throw new KeygateError('store_unavailable', `cannot prepare the embedded store folder ${pgdata}: ${systemErrorWords(err)}`, undefined, { cause: err })
+  }
+  try {
+    return await EmbeddedDb.open({ dataDir: pgdata, seed: undefined }, release)
   } catch (err) {
     release()
     throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${(err as Error).message}`, undefined, { cause: err })

@@ -3,11 +3,11 @@
 // SQLSTATE and fields), transactions must still commit, roll back and run one at a time, a
 // query must not stop the calling thread, and a closed store must refuse, not hang.
 import t from 'tap'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, sqlState, UNIQUE_VIOLATION } from '../core/db.ts'
-import { memoryDb, rejection } from './helpers/stores.ts'
+import { forEachStore, memoryDb, rejection } from './helpers/stores.ts'
 
 t.test('rows, values and errors cross the thread as PGlite gives them', async (t) => {
   // Made from nothing (PGlite's initdb), as keygate's stores are; the other tests start from the
@@ -87,15 +87,44 @@ t.test('a query does not stop the calling thread', async (t) => {
 t.test('a closed store refuses calls instead of leaving them waiting; the data directory is released', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-embedded-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  // As systemd's StateDirectory or an operator's mkdir leaves it.
+  chmodSync(dir, 0o755)
   const db = await openDb({ dataDir: dir })
+  // Before (found by a review): PGlite's files, 0666, in a folder of 0755: every local user could
+  // change or destroy the catalogs, pg_control and the WAL.
+  t.equal(statSync(join(dir, 'pgdata')).mode & 0o777, 0o700, "PGlite's folder is its owner's only")
   await db.exec('CREATE TABLE kept (v text); INSERT INTO kept VALUES ($$written$$)')
   await db.close()
   const err = await rejection(db.query('SELECT 1'))
   t.equal((err as { code?: string }).code, 'store_unavailable')
-  // The same directory opens again, with what was written.
+  // The same directory opens again, with what was written; a folder an earlier keygate left open is closed.
+  chmodSync(join(dir, 'pgdata'), 0o755)
   const again = await openDb({ dataDir: dir })
   t.teardown(() => again.close())
   t.same(await again.query('SELECT v FROM kept'), [{ v: 'written' }])
+  t.equal(statSync(join(dir, 'pgdata')).mode & 0o777, 0o700, 'tightened at the next open')
+})
+
+t.test('a store out of resources (SQLSTATE class 53: disk full, out of memory) is store_unavailable, on both stores', async (t) => {
+  // Before (found by a review): a full disk under the embedded store answered 500 internal_error.
+  await forEachStore(t, async (t, store) => {
+    for (const code of ['53100', '53200']) {
+      const err = await rejection(store.db.query(`DO $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = '${code}'; END $$`))
+      t.match(err, { code: 'store_unavailable', message: new RegExp(`out of resources \\(SQLSTATE ${code}\\): could not extend file`) }, code)
+      const inTx = await rejection(store.db.transaction((tx) => tx.query(`DO $$ BEGIN RAISE EXCEPTION 'full' USING ERRCODE = '${code}'; END $$`)))
+      t.match(inTx, { code: 'store_unavailable' }, `${code} in a transaction`)
+    }
+    t.equal(sqlState(await rejection(store.db.query(`DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '22012'; END $$`))), '22012', 'other errors stay as they are')
+  })
+})
+
+t.test('a lock that cannot be taken for a reason of the file system says so, naming the folder', async (t) => {
+  // Before: "unexpected error: EISDIR: illegal operation on a directory, read" (internal_error).
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-embedded-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  mkdirSync(join(dir, 'keygate.lock'))
+  const err = await rejection(openDb({ dataDir: dir }))
+  t.match(err, { code: 'store_unavailable', message: new RegExp(`^cannot lock the embedded store in ${dir}: `) })
 })
 
 t.test('a result nested too deeply to cross the thread is an error, not a call left waiting', async (t) => {

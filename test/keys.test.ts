@@ -50,6 +50,7 @@ function countingDb(db: Db): { db: Db; statements: () => number } {
   let n = 0
   const wrapped: Db = {
     kind: db.kind,
+    onLost: (listener) => db.onLost(listener),
     query: (text, params) => {
       n++
       return db.query(text, params)

@@ -171,6 +171,21 @@ t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload
   t.equal(await served.stop(), 0, 'and stops cleanly')
 })
 
+t.test('the embedded store thread gone for good: serve stops and exits 1, so that it is started again', async (t) => {
+  // Before (found by a review): every call needing the store failed from then on, /healthz
+  // answered 200, and the process ran on, so Restart=on-failure never started it again.
+  const fixture = new URL('./fixtures/end-store-thread.mjs', import.meta.url).href
+  const upstream = await startUpstream(t)
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789', NODE_OPTIONS: `--import=${fixture}` })
+  const s = await serve(t, { env })
+  t.equal((await get(`${s.admin}/healthz`)).status, 200)
+  s.child.kill('SIGUSR2')
+  t.equal(await s.exited, 1, 'exits 1')
+  t.match(s.stderr(), /fixture: ending 1 thread/)
+  t.ok(s.logs.some((l) => l.level === 'error' && l.msg.startsWith('the embedded store stopped')), 'says why')
+  t.ok(s.logs.some((l) => l.msg === 'stopped'), 'after a shutdown')
+})
+
 t.test('a configured admin token: no key is created or printed', async (t) => {
   const upstream = await startUpstream(t)
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })

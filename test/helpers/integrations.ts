@@ -40,6 +40,7 @@ export async function dumpStore(store: Store): Promise<string> {
 export function failingTransactions(db: Db): Db {
   return {
     kind: db.kind,
+    onLost: (listener) => db.onLost(listener),
     query: (text, params) => db.query(text, params),
     exec: (script) => db.exec(script),
     transaction: async () => {
@@ -53,6 +54,7 @@ export function failingTransactions(db: Db): Db {
 export function failingQueries(db: Db, failing: RegExp): Db {
   return {
     kind: db.kind,
+    onLost: (listener) => db.onLost(listener),
     query: async (text, params) => {
       if (failing.test(text)) throw new Error('the store went away')
       return db.query(text, params)
