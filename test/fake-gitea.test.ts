@@ -38,6 +38,8 @@ t.test('token routes: Basic auth only, the user itself', async (t) => {
   t.match(await call('GET', '/users/alice/tokens', basic('alice', made.body.sha1)), { status: 200 }, 'a token as the Basic password, with a user scope')
   const narrow = await call('POST', '/users/alice/tokens', alice, { name: 'narrow', scopes: ['read:repository'] })
   t.match(await call('GET', '/users/alice/tokens', basic('alice', narrow.body.sha1)), { status: 403 }, "then checked against that token's scopes")
+  t.match(await call('GET', '/user', basic('alice', narrow.body.sha1)), { status: 403, body: { message: /required=\[read:user\]/ } }, 'on /user too (before: 200)')
+  t.match(await call('GET', '/user', `token ${narrow.body.sha1}`), { status: 403 }, 'as with the token header')
   t.match(await call('GET', '/users/alice/tokens', basic('alice', 'wrong')), { status: 401 })
   t.match(await call('GET', '/users/bob/tokens', alice), { status: 403 }, "another user's tokens")
   t.match(await call('GET', '/users/nobody/tokens', alice), { status: 404 })

@@ -322,6 +322,33 @@ await forEachStore(t, async (t, store) => {
     fake.delayMs = 0
   })
 
+  await t.test('a create Gitea made but did not answer in time: the token is found and deleted again, and the error says so', async (t) => {
+    // Before: gitea_timeout alone, and the token stayed in Gitea, unrecorded, its name taken.
+    const quick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url)), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, timeout_ms: 300 } } } })
+    t.teardown(() => quick.close())
+    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    const err = await rejection(quick.create({ name: 'late', scopes: ['read:user'] }, actor))
+    t.match(err, { code: 'gitea_timeout', status: 504, message: /did not answer within 300 ms to create token "late" of "alice"; Gitea had made it \(id \d+\), and it was deleted again, as its secret never arrived: try again/ })
+    t.notOk(fake.tokens.some((x) => x.name === 'late'), 'not left in Gitea')
+    const again = await quick.create({ name: 'late', scopes: ['read:user'] }, actor)
+    t.equal(again.name, 'late', 'the name is free again')
+    await quick.delete('late', actor)
+
+    // Gitea made nothing: nothing is deleted, and the error says where to look.
+    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.faults.push({ method: 'POST', status: 500, message: 'internal' })
+    const none = await rejection(quick.create({ name: 'never', scopes: ['read:user'] }, actor))
+    t.match(none, { code: 'gitea_timeout', message: /no such credential was found afterwards, but it may still be made: if `keygate gitea list` shows it as not recorded, delete it/ })
+
+    // A token of that name keygate holds a record of is not the one just asked for: left alone.
+    const kept = await gitea.create({ name: 'recorded', scopes: ['read:user'] }, actor)
+    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.faults.push({ method: 'POST', status: 400, message: 'access token name has been used already' })
+    t.match(await rejection(quick.create({ name: 'recorded', scopes: ['read:user'] }, actor)), { code: 'gitea_timeout', message: /no such credential was found/ })
+    t.ok(fake.tokens.some((x) => x.id === kept.remote_id), 'the recorded token stays')
+    await gitea.delete('recorded', actor)
+  })
+
   await t.test('a token created but not recorded is deleted again', async (t) => {
     const broken = new GiteaTokenService(integrationDeps(failingTransactions(store.db), env(fake.url)))
     t.teardown(() => broken.close())

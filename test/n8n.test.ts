@@ -4,6 +4,10 @@
 // credentials, n8n stopped, and no secret in the store, the audit details or the logs.
 import t, { type Test } from 'tap'
 import { mkdtempSync, rmSync } from 'node:fs'
+import { createServer, type OutgoingHttpHeaders } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { request } from 'undici'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
@@ -25,6 +29,31 @@ const rest = await ownerSession(n8n)
 
 /** Anything shaped like a JWT (n8n's keys and its session cookie are JWTs). */
 const JWT = /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}/
+
+/**
+ * An HTTP proxy in front of the real n8n that, while `hold` is set, passes `route` (method and
+ * path) on at once but keeps n8n's answer back for `ms`: n8n has made the change, keygate has not
+ * heard of it in time.
+ */
+async function lateAnswers(t: Test, target: string, route: string, ms: number): Promise<{ url: string; hold: boolean }> {
+  const state = { url: '', hold: false }
+  const server = createServer(async (req, res) => {
+    const chunks: Buffer[] = []
+    for await (const c of req) chunks.push(c as Buffer)
+    const headers = Object.fromEntries(Object.entries(req.headers).filter(([name]) => name !== 'host' && name !== 'connection'))
+    const answer = await request(`${target}${req.url}`, { method: req.method as 'GET', headers: headers as Record<string, string>, body: chunks.length > 0 ? Buffer.concat(chunks) : null })
+    const body = Buffer.from(await answer.body.arrayBuffer())
+    if (state.hold && `${req.method} ${(req.url ?? '').split('?')[0]}` === route) await sleep(ms)
+    if (res.destroyed) return
+    const out = Object.entries(answer.headers).filter(([name]) => !['connection', 'keep-alive', 'transfer-encoding'].includes(name))
+    res.writeHead(answer.statusCode, Object.fromEntries(out) as OutgoingHttpHeaders)
+    res.end(body)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())))
+  state.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  return state
+}
 
 /** A migrated embedded store in memory, closed when `t` ends. */
 async function memoryStore(t: Test) {
@@ -148,6 +177,23 @@ await forEachStore(t, async (t, store) => {
     t.match(list.items.find((i) => i.remote_id === manual.body.data.id), { state: 'not_recorded', local: null })
     t.match(await keys.delete(`gone-${store.kind}`, actor), { remote_missing: true, record: { id: gone.id } })
     t.match(await keys.delete(`manual-${store.kind}`, actor), { remote_missing: false, record: null })
+  })
+
+  await t.test('a create n8n made but did not answer in time: the key is found and deleted again, and the error says so', async (t) => {
+    // Before: n8n_timeout alone, and the key stayed in n8n, unrecorded, its label taken.
+    const late = await lateAnswers(t, n8n.url, 'POST /rest/api-keys', 1500)
+    const quick = new N8nKeyService({ ...deps, ...integrationDeps(store.db, env({ N8N_URL: late.url })), config: { ...deps.config, integrations: { ...deps.config.integrations, n8n: { ...deps.config.integrations.n8n, url: late.url, timeout_ms: 800 } } } })
+    t.teardown(() => quick.close())
+    late.hold = true
+    const label = `late-${store.kind}`
+    const err = await rejection(quick.create({ label, scopes: ['workflow:list'] }, actor))
+    t.match(err, { code: 'n8n_timeout', message: new RegExp(`did not answer within 800 ms to create API key "${label}"; n8n had made it \\(id \\S+\\), and it was deleted again, as its secret never arrived: try again`) })
+    t.notOk((await keys.list()).items.some((i) => i.label === label), 'not left in n8n')
+    late.hold = false
+    const again = await quick.create({ label, scopes: ['workflow:list'] }, actor)
+    secrets.push(again.key)
+    t.equal(again.label, label, 'the label is free again')
+    await keys.delete(label, actor)
   })
 
   await t.test('a key created but not recorded is deleted again', async (t) => {

@@ -5,7 +5,7 @@ import { hash } from 'node:crypto'
 import type { Config } from '../../config/schema.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import type { Db, Queryable } from '../db.ts'
-import { KeygateError } from '../errors.ts'
+import { isKeygateError, KeygateError } from '../errors.ts'
 import { newKeyId } from '../keys/format.ts'
 import type { Logger } from '../log.ts'
 import { IntegrationHttp, SERVICE_LABEL, type ServiceName } from './http.ts'
@@ -132,4 +132,46 @@ export async function recordDelete(
     }
     await audit.write(tx, actor, { keyId: localId, action, details })
   })
+}
+
+/**
+ * Sends a create request (`send`). When the service does not answer it in time, it may have made
+ * the credential all the same: its secret never reached keygate, so nobody can use it, but it
+ * would stay live and unrecorded, and its name would be taken. So the service is asked for it
+ * (`find`, by the name it keeps unique, among the credentials keygate holds no record of), and
+ * one found is deleted again (`remove`); the timeout's error then says which, or that it could
+ * not be checked, and how to look (`listCommand`).
+ */
+export async function createOrClean<T>(options: {
+  service: ServiceName
+  deps: IntegrationDeps
+  /** The credential as the messages name it: `token "ci"`, `API key "ci"`. */
+  what: string
+  listCommand: string
+  send: () => Promise<T>
+  find: () => Promise<string | undefined>
+  remove: (remoteId: string) => Promise<void>
+}): Promise<T> {
+  try {
+    return await options.send()
+  } catch (err) {
+    if (!isKeygateError(err, `${options.service}_timeout`)) throw err
+    const label = SERVICE_LABEL[options.service]
+    const { log } = options.deps
+    let outcome: string
+    try {
+      const found = await options.find()
+      if (found === undefined) {
+        outcome = `no such credential was found afterwards, but it may still be made: if \`${options.listCommand}\` shows it as not recorded, delete it`
+      } else {
+        await options.remove(found)
+        log.warn(`${label} made a credential it did not answer for in time; deleted it again`, { credential: options.what, remote_id: found })
+        outcome = `${label} had made it (id ${found}), and it was deleted again, as its secret never arrived: try again`
+      }
+    } catch (checkErr) {
+      log.warn(`could not check whether ${label} made the credential it did not answer for`, { credential: options.what, err: checkErr as Error })
+      outcome = `whether it was made could not be checked (${(checkErr as Error).message}): if \`${options.listCommand}\` shows it as not recorded, delete it`
+    }
+    throw new KeygateError(err.code, `${err.message} to create ${options.what}; ${outcome}`, err.details, { cause: err })
+  }
 }

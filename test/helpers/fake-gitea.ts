@@ -114,6 +114,11 @@ export class FakeGitea {
   beforeAnswer: ((method: string, path: string) => void) | undefined
   /** Hold every answer this long (timeout tests). */
   delayMs = 0
+  /**
+   * Hold the next answer to a request of this method this long, after the request has taken
+   * effect: a server that made the change and answers too late (timeout tests).
+   */
+  lateAnswer: { method: string; ms: number } | undefined
   /** Answer the next requests matching a method with this status and message instead. */
   readonly faults: Array<{ method: string; status: number; message: string }> = []
   readonly #server: http.Server
@@ -183,8 +188,18 @@ export class FakeGitea {
   #send(req: http.IncomingMessage, res: http.ServerResponse, operation: string, status: number, body?: unknown, headers: http.OutgoingHttpHeaders = {}): void {
     this.responses.push({ method: req.method ?? '', operation, status, body, headers })
     const text = body === undefined ? '' : JSON.stringify(body)
-    res.writeHead(status, { ...(body === undefined ? {} : { 'content-type': 'application/json;charset=utf-8' }), 'content-length': Buffer.byteLength(text), ...headers })
-    res.end(text)
+    const write = () => {
+      if (res.destroyed) return
+      res.writeHead(status, { ...(body === undefined ? {} : { 'content-type': 'application/json;charset=utf-8' }), 'content-length': Buffer.byteLength(text), ...headers })
+      res.end(text)
+    }
+    const late = this.lateAnswer
+    if (late !== undefined && late.method === req.method) {
+      this.lateAnswer = undefined
+      setTimeout(write, late.ms)
+    } else {
+      write()
+    }
   }
 
   #error(req: http.IncomingMessage, res: http.ServerResponse, operation: string, status: number, message: string): void {
@@ -292,6 +307,10 @@ export class FakeGitea {
     } else {
       const auth = this.#basic(header)
       if (typeof auth === 'string' || 'prohibited' in auth) return this.#error(req, res, '/user', 401, 'token is required')
+      // A token as the Basic password is checked against its scopes, as in the token header.
+      if (auth.token && !grants(auth.token.scopes, 'read:user')) {
+        return this.#error(req, res, '/user', 403, `token does not have at least one of required scope(s), required=[read:user], token scope=${auth.token.scopes.join(',')}`)
+      }
       user = auth.user
     }
     if (!user) return this.#error(req, res, '/user', 401, 'user does not exist')
