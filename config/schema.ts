@@ -236,7 +236,8 @@ export const ConfigSchema = Type.Object(
         enabled: Type.Boolean({ default: true, description: 'Run the rotation scheduler and cleanup jobs in the admin process (one instance at a time holds the job lock).', env: 'KEYGATE_SCHEDULER' }),
         interval_s: int(60, 1, 86_400, { description: 'How often the jobs run.' }),
         rotation_notice_hours: int(168, 0, 8760, {
-          description: 'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row).',
+          description:
+            'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row). A rotation deadline is announced at least this long ahead: one the scheduler first sees with less time left is moved to this long from then.',
         }),
         anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists).' }),
         webhook_delivery_retention_days: int(30, 1, 36_500, { description: 'Webhook delivery log rows older than this are pruned (when the table exists).' }),

@@ -7,10 +7,12 @@
 // 3. Scheduled rotation, announced: an active key with a rotation interval whose deadline
 //    (created_at + rotation_interval_s; a rotation's successor starts anew) is within
 //    `rotation_notice_hours` is announced once: `key.expiring` on the event bus and a
-//    `key.expiring` audit row. A deadline already past when it is first seen (an interval
-//    shorter than the key's age was just set, or no scheduler ran for a while) is moved to the
-//    notice period from now, so no key is cut off unannounced. Keys whose expires_at comes within the notice period are announced the same
-//    way (again if expires_at is moved).
+//    `key.expiring` audit row. The deadline announced is never less than the notice period
+//    from the announcement: one that comes sooner (the round after the window opened, by up to
+//    `scheduler.interval_s`; an interval shorter than the key's age, or one that leaves it
+//    minutes, was just set; no scheduler ran for a while) is moved to the notice period from
+//    now, so no key is cut off with less notice than promised. Keys whose expires_at comes
+//    within the notice period are announced the same way (again if expires_at is moved).
 // 4. Scheduled rotation, enforced: at the announced deadline a key not rotated yet becomes
 //    `expired`. It is not rotated for its owner: a new secret would be shown to no one (SPEC §2:
 //    the plaintext is shown once, to whoever rotates), so the owner rotates before the deadline
@@ -272,7 +274,7 @@ export class Scheduler {
     const rows = await tx.query<KeyRow & { kind: 'rotation' | 'expiry'; deadline: Date }>(
       `WITH rotation AS (
          INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
-         SELECT id, 'rotation', CASE WHEN created_at + rotation_interval_s * interval '1 second' > $1 THEN created_at + rotation_interval_s * interval '1 second' ELSE $2 END, $1
+         SELECT id, 'rotation', GREATEST(created_at + rotation_interval_s * interval '1 second', $2), $1
          FROM api_keys k
          WHERE id = ANY($3) AND ${ROTATION_NOTICE_DUE}
          ON CONFLICT (key_id, kind) DO NOTHING

@@ -50,7 +50,8 @@ forEachStore(t, async (t, store) => {
     t.same((await scheduler.runOnce())?.announced, [], 'not yet: the deadline is four days away')
     clock.set(new Date(T0.getTime() + 7 * DAY + 1000))
     const run = await scheduler.runOnce()
-    const deadline = new Date(T0.getTime() + 10 * DAY)
+    // The round a second after the window opened: the deadline is the notice period from it.
+    const deadline = new Date(T0.getTime() + 10 * DAY + 1000)
     t.same(run?.announced, [{ keyId: record.id, kind: 'rotation', deadline }], 'announced three days ahead')
     const expiring = events.filter((e) => e.type === 'key.expiring')
     t.equal(expiring.length, 1)
@@ -105,6 +106,32 @@ forEachStore(t, async (t, store) => {
     t.equal((await s.keys.get(record.id)).status, 'active')
     clock.set(deadline)
     t.ok((await scheduler.runOnce())?.rotationOverdue.includes(record.id), 'enforced at the announced deadline')
+  })
+
+  await t.test('a deadline just ahead when first seen gets the whole notice period, as one just past does', async (t) => {
+    // Before, only a deadline already past was moved: a key whose deadline was 30 s ahead was
+    // announced with it kept and expired 30 s later, while one 1 s past got the whole notice.
+    const start = clock.now()
+    const { record: past } = await s.keys.create({ name: 'deadline just past', type: 'user' }, ACTOR)
+    const { record: ahead } = await s.keys.create({ name: 'deadline just ahead', type: 'user' }, ACTOR)
+    clock.set(new Date(start.getTime() + 10 * DAY))
+    await s.keys.update(past.id, { rotation_interval_s: 10 * 86_400 - 1 }, ACTOR)
+    await s.keys.update(ahead.id, { rotation_interval_s: 10 * 86_400 + 30 }, ACTOR)
+    const run = await scheduler.runOnce()
+    const deadline = new Date(clock.now().getTime() + 3 * DAY)
+    t.same(
+      run?.announced.filter((a) => a.keyId === past.id || a.keyId === ahead.id).sort((a, b) => a.keyId.localeCompare(b.keyId)),
+      [past, ahead].map((k) => ({ keyId: k.id, kind: 'rotation', deadline })).sort((a, b) => a.keyId.localeCompare(b.keyId)),
+      'both announced with the notice period from now',
+    )
+    clock.set(new Date(start.getTime() + 10 * DAY + 31_000))
+    t.same((await scheduler.runOnce())?.rotationOverdue.filter((id) => id === ahead.id), [], 'not expired at the deadline its interval sets, 30 s after the notice')
+    t.equal((await s.keys.get(ahead.id)).status, 'active')
+    clock.set(new Date(deadline.getTime() - 1))
+    t.same((await scheduler.runOnce())?.rotationOverdue.filter((id) => id === ahead.id || id === past.id), [], 'still valid just before the announced deadline')
+    clock.set(deadline)
+    t.same((await scheduler.runOnce())?.rotationOverdue.filter((id) => id === ahead.id || id === past.id).sort(), [past.id, ahead.id].sort(), 'both expired at the announced deadline')
+    t.same((await auditOf(ahead.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'which the audit row gives')
   })
 
   await t.test('a rotation interval changed after its notice: the old deadline no longer applies, the new one is announced', async (t) => {
@@ -289,7 +316,8 @@ forEachStore(t, async (t, store) => {
       const { record } = await s.keys.create({ name: 'raised-at-deadline', type: 'service', rotation_interval_s: 4 * 86_400 }, ACTOR)
       clock.set(new Date(start.getTime() + 1.5 * DAY))
       t.ok((await scheduler.runOnce())?.announced.some((a) => a.keyId === record.id), 'the deadline was announced')
-      clock.set(new Date(start.getTime() + 4 * DAY + 1000))
+      // Announced at day 1.5, three days' notice: the deadline is day 4.5.
+      clock.set(new Date(start.getTime() + 4.5 * DAY + 1000))
       // The update is held after it has changed the key and dropped the notice, before its audit
       // row (as a slow commit would hold it): another connection holds a SHARE lock on the audit table.
       const { other, waitingFor } = await lockWatcher(t)
@@ -328,7 +356,7 @@ forEachStore(t, async (t, store) => {
         const announced = (await run)?.announced.filter((a) => a.keyId === record.id)
         t.same(announced, [], `${announcedBefore ? 'announced before' : 'not announced yet'}: the round announces no deadline for it`)
         t.same(await store.db.query(`SELECT kind FROM api_key_notices WHERE key_id = $1`, [record.id]), [], 'and records none')
-        clock.set(new Date(start.getTime() + 4 * DAY + 1000))
+        clock.set(new Date(start.getTime() + 4.5 * DAY + 1000))
         t.notOk((await scheduler.runOnce())?.rotationOverdue.includes(record.id), 'the old deadline passes')
         t.equal((await s.keys.get(record.id)).status, 'active', 'and the key stays active')
       }
