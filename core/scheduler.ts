@@ -12,7 +12,9 @@
 //    `scheduler.interval_s`; an interval shorter than the key's age, or one that leaves it
 //    minutes, was just set; no scheduler ran for a while) is moved to the notice period from
 //    now, so no key is cut off with less notice than promised. Keys whose expires_at comes
-//    within the notice period are announced the same way (again if expires_at is moved).
+//    within the notice period are announced the same way, again if expires_at is moved: the
+//    key service drops the notice when it changes expires_at (so a date moved away and back is
+//    announced again), and a notice whose deadline is not the key's expiry is replaced.
 // 4. Scheduled rotation, enforced: at the announced deadline a key not rotated yet becomes
 //    `expired`. It is not rotated for its owner: a new secret would be shown to no one (SPEC §2:
 //    the plaintext is shown once, to whoever rotates), so the owner rotates before the deadline

@@ -170,6 +170,24 @@ forEachStore(t, async (t, store) => {
     t.equal((await s.keys.get(record.id)).status, 'expired')
   })
 
+  await t.test('an expiry moved out of the notice period and back to the date announced before is announced again', async (t) => {
+    // Before, the notice kept the first deadline: moved back to it, the expiry matched the notice
+    // and no second key.expiring went out, though the owner had been told it was moved away.
+    clock.set(T0)
+    const expiresAt = new Date(T0.getTime() + 5 * DAY)
+    const { record } = await s.keys.create({ name: 'expiry moved back', type: 'user', expires_at: expiresAt.toISOString() }, ACTOR)
+    clock.set(new Date(T0.getTime() + 2 * DAY + 1))
+    t.same((await scheduler.runOnce())?.announced, [{ keyId: record.id, kind: 'expiry', deadline: expiresAt }], 'announced once')
+    await s.keys.update(record.id, { expires_at: new Date(T0.getTime() + 10 * DAY).toISOString() }, ACTOR)
+    t.same((await scheduler.runOnce())?.announced, [], 'moved outside the notice period: nothing')
+    t.same(await store.db.query(`SELECT deadline FROM api_key_notices WHERE key_id = $1`, [record.id]), [], 'and the notice of the old date is gone')
+    await s.keys.update(record.id, { expires_at: expiresAt.toISOString() }, ACTOR)
+    t.same((await scheduler.runOnce())?.announced, [{ keyId: record.id, kind: 'expiry', deadline: expiresAt }], 'moved back: announced again')
+    t.same(events.filter((e) => e.type === 'key.expiring' && (e.data as { key: { id: string } }).key.id === record.id).length, 2, 'a second key.expiring event')
+    await s.keys.update(record.id, { expires_at: expiresAt.toISOString(), name: 'expiry set to the same date' }, ACTOR)
+    t.same((await scheduler.runOnce())?.announced, [], 'set again to the same date: not announced again')
+  })
+
   await t.test('retention: old audit rows go, recent ones stay, absent tables are skipped', async (t) => {
     const { record } = await s.keys.create({ name: 'audited', type: 'user' }, ACTOR)
     const rows = await s.audit.list(store.db, { keyId: record.id })

@@ -334,6 +334,11 @@ export class KeyService {
       if (body.rotation_interval_s !== undefined && body.rotation_interval_s !== old.rotationIntervalS) {
         await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'rotation'`, [id])
       }
+      // Likewise an expiry announced for the old date: the new one is announced when it comes
+      // within the notice period, even if it is the date announced before (moved away and back).
+      if (expiresAt !== undefined && expiresAt?.getTime() !== old.expiresAt?.getTime()) {
+        await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'expiry'`, [id])
+      }
       const changed = Object.keys(body)
       await this.#audit.write(tx, actor, { keyId: id, action: 'key.updated', details: { changed, ...body } })
       const predecessors: KeyRow[] = []
