@@ -130,6 +130,20 @@ await forEachStore(t, async (t, store) => {
     t.ok(ids.includes(soon.id), 'an active key expiring within the window')
     t.ok(ids.includes(svc.id), 'a rotating key whose grace ends within the window')
     t.notOk((await h.call('GET', '/v1/reports/expiring?within_days=1')).json.items.some((i: { id: string }) => i.id === soon.id))
+    // A key the scheduler will expire at its announced rotation deadline (recorded here as its round would).
+    const due = await create({ name: 'rotation due', rotation_interval_s: 30 * 86_400 })
+    const deadline = new Date(Math.floor(Date.now() / 1000) * 1000 + 12 * HOUR)
+    await store.db.query(`INSERT INTO api_key_notices (key_id, kind, deadline, notified_at) VALUES ($1, 'rotation', $2, now())`, [due.id, deadline])
+    const exp1 = await h.call('GET', '/v1/reports/expiring?within_days=1')
+    t.match(
+      exp1.json.items.find((i: { id: string }) => i.id === due.id),
+      { ends_at: deadline.toISOString(), end_reason: 'rotation_overdue' },
+      'an active key whose announced rotation deadline falls within the window, and why it ends',
+    )
+    const reasons3 = new Map((await h.call('GET', '/v1/reports/expiring?within_days=3')).json.items.map((i: { id: string; end_reason: string }) => [i.id, i.end_reason]))
+    t.same([reasons3.get(soon.id), reasons3.get(svc.id)], ['expires_at', 'grace_ended'], 'an expiry, a grace period')
+    t.equal((await h.call('GET', '/v1/stats?expiring_within_days=1')).json.expiring_soon, (await h.keys.stats(1)).expiringSoon)
+    t.ok((await h.keys.stats(1)).expiringSoon >= 1, 'and it counts as expiring soon')
 
     const stats = await h.call('GET', '/v1/stats?expiring_within_days=3')
     const direct = await h.keys.stats(3)

@@ -154,6 +154,34 @@ forEachStore(t, async (t, store) => {
     t.equal((await s.keys.get(dropped.id)).status, 'active')
   })
 
+  await t.test('the expiring report and stats list a key the scheduler will expire at its announced rotation deadline', async (t) => {
+    // Before, they read expires_at and grace_until only: a key to be expired at an announced
+    // rotation deadline was in neither.
+    clock.set(T0)
+    const { record } = await s.keys.create({ name: 'rotation due, reported', type: 'service', rotation_interval_s: 10 * 86_400 }, ACTOR)
+    const { record: sooner } = await s.keys.create({ name: 'rotation due, expiring sooner', type: 'service', rotation_interval_s: 10 * 86_400, expires_at: new Date(T0.getTime() + 9 * DAY).toISOString() }, ACTOR)
+    const ours = async (withinMs: number) => (await s.keys.expiring(withinMs, 1000)).filter((e) => e.key.id === record.id || e.key.id === sooner.id).map((e) => [e.key.id, e.endsAt, e.reason])
+    clock.set(new Date(T0.getTime() + 6 * DAY))
+    const expiringBefore = (await s.keys.stats(7)).expiringSoon
+    t.same(await ours(7 * DAY), [[sooner.id, new Date(T0.getTime() + 9 * DAY), 'expires_at']], 'not announced yet: the deadline is not enforced, so not listed; an expiry is')
+    clock.set(new Date(T0.getTime() + 7 * DAY))
+    t.ok((await scheduler.runOnce())?.announced.some((a) => a.keyId === record.id), 'announced')
+    const deadline = new Date(T0.getTime() + 10 * DAY)
+    t.same(await ours(DAY), [], 'not within a day')
+    t.same(
+      await ours(3 * DAY),
+      [
+        [sooner.id, new Date(T0.getTime() + 9 * DAY), 'expires_at'],
+        [record.id, deadline, 'rotation_overdue'],
+      ],
+      'listed at its announced deadline, soonest first; an expiry before the deadline ends the other',
+    )
+    t.equal((await s.keys.stats(7)).expiringSoon, expiringBefore + 1, 'and counted as expiring soon')
+    await s.keys.update(record.id, { rotation_interval_s: null }, ACTOR)
+    t.same(await ours(3 * DAY), [[sooner.id, new Date(T0.getTime() + 9 * DAY), 'expires_at']], 'the interval removed: no longer listed')
+    t.equal((await s.keys.stats(7)).expiringSoon, expiringBefore)
+  })
+
   await t.test('expiry: announced ahead, marked at expires_at', async (t) => {
     clock.set(T0)
     const expiresAt = new Date(T0.getTime() + 5 * DAY)

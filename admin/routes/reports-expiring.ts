@@ -1,4 +1,5 @@
-// GET /v1/reports/expiring: keys that stop working soon (expiry, or the end of a rotation's grace period).
+// GET /v1/reports/expiring: keys that stop working soon (expiry, the end of a rotation's grace period,
+// or an announced rotation deadline), each with what ends it.
 import { Type } from '@sinclair/typebox'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
@@ -10,7 +11,8 @@ export default defineOperation({
   path: '/v1/reports/expiring',
   tag: 'reports',
   summary: 'Keys expiring soon',
-  description: 'Active keys whose expiry, and rotating keys whose grace period, ends within the window; soonest first.',
+  description:
+    'Keys that stop working within the window, soonest first: active keys whose expiry or announced rotation deadline (the scheduler expires a key not rotated by then), and rotating keys whose grace period (or expiry, if sooner), falls in it. `end_reason` says which: `expires_at`, `grace_ended` or `rotation_overdue`, as the `key.expired` audit row will.',
   query: Type.Object(
     {
       within_days: Type.Optional(Type.Integer({ minimum: 1, maximum: 365, default: 7 })),
@@ -21,12 +23,25 @@ export default defineOperation({
   response: {
     status: 200,
     description: 'The keys, soonest first.',
-    schema: Type.Object({ within_days: Type.Integer(), items: Type.Array(Type.Composite([KeySchema, Type.Object({ ends_at: Type.String({ format: 'date-time' }) })])) }),
+    schema: Type.Object({
+      within_days: Type.Integer(),
+      items: Type.Array(
+        Type.Composite([
+          KeySchema,
+          Type.Object({
+            ends_at: Type.String({ format: 'date-time', description: 'When the key stops working: the earliest of its expiry, its grace end and its announced rotation deadline.' }),
+            end_reason: Type.Union([Type.Literal('expires_at'), Type.Literal('grace_ended'), Type.Literal('rotation_overdue')], {
+              description: 'What ends it at ends_at: its expiry, the end of its grace period, or a rotation deadline announced and not met.',
+            }),
+          }),
+        ]),
+      ),
+    }),
   },
   errors: ['validation_failed'],
   async handle({ query, services }) {
     const days = query.within_days ?? 7
     const rows = await services.keys.expiring(days * 86_400_000, query.limit ?? 100)
-    return { within_days: days, items: rows.map((r) => ({ ...keyJson(r.key), ends_at: r.endsAt.toISOString() })) }
+    return { within_days: days, items: rows.map((r) => ({ ...keyJson(r.key), ends_at: r.endsAt.toISOString(), end_reason: r.reason })) }
   },
 })

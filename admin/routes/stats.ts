@@ -23,7 +23,7 @@ export default defineOperation({
       by_type: counts(KEY_TYPES),
       by_status: counts(KEY_STATUSES),
       legacy: Type.Integer({ description: 'Imported legacy keys.' }),
-      expiring_soon: Type.Integer({ description: 'Active keys whose expiry falls within `expiring_within_days`.' }),
+      expiring_soon: Type.Integer({ description: 'Active keys whose expiry or announced rotation deadline falls within `expiring_within_days`.' }),
       expiring_within_days: Type.Integer(),
     }),
   },

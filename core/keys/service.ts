@@ -142,6 +142,19 @@ function futureDate(value: string | null | undefined, now: Date, field: string):
   return d
 }
 
+/** What ends a key that still works, in the words of its key.expired audit row. */
+export type KeyEndReason = 'grace_ended' | 'expires_at' | 'rotation_overdue'
+
+// Every key with when it stops working (ends_at; null when nothing ends it or it has ended) and
+// its grace's end (grace_end) as the scheduler judges them: the earliest of its expiry, a rotating
+// key's grace, and an active key's announced rotation deadline (core/scheduler.ts enforces only
+// an announced one; an interval changed or removed drops the announcement).
+const KEY_ENDS = `SELECT *, CASE WHEN status IN ('active', 'rotating') THEN LEAST(grace_end, expires_at, rotation_end) END AS ends_at FROM (
+  SELECT a.*, CASE WHEN a.status = 'rotating' THEN a.grace_until END AS grace_end,
+    CASE WHEN a.status = 'active' AND a.rotation_interval_s IS NOT NULL
+      THEN (SELECT n.deadline FROM api_key_notices n WHERE n.key_id = a.id AND n.kind = 'rotation') END AS rotation_end
+  FROM api_keys a) e`
+
 export class KeyService {
   readonly #db: Db
   readonly #audit: AuditLog
@@ -592,20 +605,21 @@ export class KeyService {
   }
 
   /**
-   * Keys that stop working within `withinMs`: active keys whose expiry falls in the window and
-   * rotating keys whose grace ends in it, soonest first.
+   * Keys that stop working within `withinMs`, soonest first, each with what ends it: active keys
+   * whose expiry or announced rotation deadline (the scheduler expires a key not rotated by
+   * then) falls in the window, and rotating keys whose grace (or expiry, if sooner) ends in it.
    */
-  async expiring(withinMs: number, limit = 100): Promise<Array<{ key: KeyRecord; endsAt: Date }>> {
+  async expiring(withinMs: number, limit = 100): Promise<Array<{ key: KeyRecord; endsAt: Date; reason: KeyEndReason }>> {
     const now = this.#now()
     const until = new Date(now.getTime() + withinMs)
-    const rows = await this.#db.query<KeyRow & { ends_at: Date }>(
-      `SELECT ${COLUMNS}, ends_at FROM (
-         SELECT *, CASE WHEN status = 'rotating' THEN LEAST(grace_until, coalesce(expires_at, grace_until)) ELSE expires_at END AS ends_at
-         FROM api_keys WHERE status IN ('active', 'rotating')) k
+    const rows = await this.#db.query<KeyRow & { ends_at: Date; reason: KeyEndReason }>(
+      `SELECT ${COLUMNS}, ends_at,
+         CASE WHEN ends_at = grace_end THEN 'grace_ended' WHEN ends_at = expires_at THEN 'expires_at' ELSE 'rotation_overdue' END AS reason
+       FROM (${KEY_ENDS}) k
        WHERE ends_at > $1 AND ends_at <= $2 ORDER BY ends_at, id LIMIT $3`,
       [now, until, limit],
     )
-    return rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at) }))
+    return rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at), reason: r.reason }))
   }
 
   async stats(withinDays = 7): Promise<{
@@ -618,8 +632,8 @@ export class KeyService {
     const now = this.#now()
     const rows = await this.#db.query<{ type: KeyType; status: KeyStatus; n: number; legacy: number; expiring: number }>(
       `SELECT type, status, count(*)::int AS n, count(*) FILTER (WHERE legacy)::int AS legacy,
-         count(*) FILTER (WHERE status = 'active' AND expires_at > $1 AND expires_at <= $2)::int AS expiring
-       FROM api_keys GROUP BY type, status`,
+         count(*) FILTER (WHERE status = 'active' AND ends_at > $1 AND ends_at <= $2)::int AS expiring
+       FROM (${KEY_ENDS}) k GROUP BY type, status`,
       [now, new Date(now.getTime() + withinDays * 86_400_000)],
     )
     const byType = Object.fromEntries(KEY_TYPES.map((t) => [t, 0])) as Record<KeyType, number>
