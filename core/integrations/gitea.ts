@@ -7,7 +7,7 @@ import { KeygateError } from '../errors.ts'
 import { assertValid } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
 import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, type CreateGiteaTokenInput } from './schemas.ts'
-import { configuredClient, createOrClean, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
+import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
 
 const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
 /** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
@@ -193,20 +193,16 @@ export class GiteaTokenService {
     const { http, username, authorization } = this.#client(true)
     const user = input.user ?? username
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
-    const res = await createOrClean({
+    const res = await createOrReport({
       service: 'gitea',
       deps: this.#deps,
       what: `token ${JSON.stringify(input.name)} of ${JSON.stringify(user)}`,
-      listCommand: 'keygate gitea list',
+      command: 'keygate gitea',
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
       find: async () => {
         const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)
         if (!made || (await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])).length > 0) return undefined
         return String(made.id)
-      },
-      remove: async (id) => {
-        const undo = await http.call('DELETE', `${path}/${id}`, { headers: { authorization } })
-        if (undo.status !== 204 && undo.status !== 404) throw this.#tokenRouteError(http, undo, username, user, `delete token ${id}`)
       },
     })
     if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)

@@ -7,7 +7,7 @@ import { fieldInvalid, KeygateError } from '../errors.ts'
 import { assertValid } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
-import { configuredClient, createOrClean, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
+import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
 
 export interface N8nKey {
   id: string
@@ -286,18 +286,17 @@ export class N8nKeyService {
         this.#deps.log.info('n8n issued a key identical to an earlier one made in the same second; creating it again', { why })
         await new Promise((r) => setTimeout(r, 1100))
       }
-      const res = await createOrClean({
+      const res = await createOrReport({
         service: 'n8n',
         deps: this.#deps,
         what: `API key ${JSON.stringify(input.label)}`,
-        listCommand: 'keygate n8n list',
+        command: 'keygate n8n',
         send: () => this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } }),
         find: async () => {
           const made = (await this.#remoteKeys()).find((k) => k.label === input.label)
           if (!made || (await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])).length > 0) return undefined
           return made.id
         },
-        remove: (id) => this.#deleteKey(id),
       })
       if (res.status === 400 && /scope/i.test(http.messageOf(res))) {
         throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })

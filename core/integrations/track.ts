@@ -137,20 +137,22 @@ export async function recordDelete(
 /**
  * Sends a create request (`send`). When the service does not answer it in time, it may have made
  * the credential all the same: its secret never reached keygate, so nobody can use it, but it
- * would stay live and unrecorded, and its name would be taken. So the service is asked for it
- * (`find`, by the name it keeps unique, among the credentials keygate holds no record of), and
- * one found is deleted again (`remove`); the timeout's error then says which, or that it could
- * not be checked, and how to look (`listCommand`).
+ * would stay live and unrecorded, its name taken. So the service is asked for a credential of that
+ * name keygate holds no record of (`find`), and the timeout's error names it, with the command
+ * that deletes it, or says none was found, or that it could not be checked. keygate does not
+ * delete it itself: the service cannot say who made it, and one of that name made by hand, or by
+ * another admin's create at the same moment (whose record is still being written), looks the
+ * same (a review saw both deleted when this did).
  */
-export async function createOrClean<T>(options: {
+export async function createOrReport<T>(options: {
   service: ServiceName
   deps: IntegrationDeps
   /** The credential as the messages name it: `token "ci"`, `API key "ci"`. */
   what: string
-  listCommand: string
+  /** The CLI command that lists (`keygate gitea list`); `delete ID` is added to name the deletion. */
+  command: string
   send: () => Promise<T>
   find: () => Promise<string | undefined>
-  remove: (remoteId: string) => Promise<void>
 }): Promise<T> {
   try {
     return await options.send()
@@ -162,15 +164,14 @@ export async function createOrClean<T>(options: {
     try {
       const found = await options.find()
       if (found === undefined) {
-        outcome = `no such credential was found afterwards, but it may still be made: if \`${options.listCommand}\` shows it as not recorded, delete it`
+        outcome = `no credential of that name without a record was found afterwards, but it may still be made: if \`${options.command} list\` shows one as not recorded, delete it`
       } else {
-        await options.remove(found)
-        log.warn(`${label} made a credential it did not answer for in time; deleted it again`, { credential: options.what, remote_id: found })
-        outcome = `${label} had made it (id ${found}), and it was deleted again, as its secret never arrived: try again`
+        log.warn(`${label} holds an unrecorded credential named as the create it did not answer in time`, { credential: options.what, remote_id: found })
+        outcome = `${label} now holds one of that name that keygate has no record of (id ${found}): if this create made it (its secret never arrived), delete it with \`${options.command} delete ${found}\`; it may also have been made by hand or by another create at the same moment`
       }
     } catch (checkErr) {
       log.warn(`could not check whether ${label} made the credential it did not answer for`, { credential: options.what, err: checkErr as Error })
-      outcome = `whether it was made could not be checked (${(checkErr as Error).message}): if \`${options.listCommand}\` shows it as not recorded, delete it`
+      outcome = `whether it was made could not be checked (${(checkErr as Error).message}): if \`${options.command} list\` shows it as not recorded, delete it`
     }
     throw new KeygateError(err.code, `${err.message} to create ${options.what}; ${outcome}`, err.details, { cause: err })
   }
