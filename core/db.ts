@@ -470,11 +470,18 @@ function lockDataDir(dir: string): () => void {
  * with mode 0666 (the catalogs, pg_control, the WAL; found by a review): in a data folder made
  * by an operator or systemd's StateDirectory (0755), every local user could change or destroy
  * the key store. A folder of 0700 closes them all, whatever their own modes; one made by an
- * earlier keygate is tightened.
+ * earlier keygate is tightened, if this user owns it.
  */
 function privateFolder(path: string): void {
   mkdirSync(path, { recursive: true, mode: 0o700 })
-  if ((statSync(path).mode & 0o077) !== 0) chmodSync(path, 0o700)
+  if ((statSync(path).mode & 0o077) === 0) return
+  try {
+    chmodSync(path, 0o700)
+  } catch (err) {
+    // Not this user's folder (a group-writable volume of a container platform that runs under
+    // an arbitrary uid): its layout is its owner's choice, and the store opens as before.
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') throw err
+  }
 }
 
 export interface OpenDbOptions {

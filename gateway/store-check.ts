@@ -19,7 +19,8 @@
 // nothing) and keeps its snapshot. Transaction ids count in one cluster only: a row restored
 // from another cluster, or a store swapped for another under a running gateway, is handled below.
 // A hot standby's snapshot does not list the primary's open transactions, so the store must be
-// the primary (keygate writes to it anyway). A read with more changed rows than it takes one by one drops
+// the primary (keygate writes to it anyway). A key row deleted by hand is not seen (keygate
+// never deletes one: revoke it). A read with more changed rows than it takes one by one drops
 // the whole cache too; its snapshot covers the whole change, so the reads after it do not see it
 // again. A read that fails changes nothing: the next one asks from the last snapshot read.
 import type { Db } from '../core/db.ts'
@@ -52,6 +53,8 @@ export interface StoreCheck {
 export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
   // The snapshot of the last read that succeeded (pg_snapshot's text form), null before the first.
   let since: string | null = null
+  // Which store `since` is of: the server's start, the database's and the table's oids.
+  let storeSeen: string | null = null
   let running = false
   let stopped = false
   let failing = false
@@ -66,27 +69,34 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       // A snapshot behind the last one (`behind`) is another cluster's too: the store was swapped
       // under the gateway (a restore, DNS pointed elsewhere), and the last snapshot says nothing
       // about what changed in this one.
-      const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null }>(
-        `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot,
+      // `store` names the server's run, the database and the table: a restart (a crash may hand
+      // out again transaction ids that never reached the WAL; a review reproduced a revocation
+      // missed so), another database (renamed into place, restored beside it) or the table made
+      // anew (pg_restore --clean) each show another, and the last snapshot then says nothing.
+      const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null; store: string }>(
+        `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot, n.store,
                 pg_snapshot_xmax(n.snapshot) < pg_snapshot_xmax($1::pg_snapshot) AS behind
-           FROM (SELECT pg_current_snapshot() AS snapshot) n
+           FROM (SELECT pg_current_snapshot() AS snapshot,
+                        concat_ws(' ', pg_postmaster_start_time(), (SELECT oid FROM pg_database WHERE datname = current_database()), 'api_keys'::regclass::oid) AS store) n
            LEFT JOIN api_keys k ON $1::pg_snapshot IS NOT NULL
              AND pg_snapshot_xmax(n.snapshot) >= pg_snapshot_xmax($1::pg_snapshot)
+             AND n.store = $2
              AND k.change_xid >= pg_snapshot_xmin($1::pg_snapshot)
              AND k.change_xid < pg_snapshot_xmax(n.snapshot)
              AND NOT pg_visible_in_snapshot(k.change_xid, $1::pg_snapshot)
            LIMIT ${MAX_ROWS + 1}`,
-        [since],
+        [since, storeSeen],
       )
       if (failing) o.log.info('the store check reads the store again')
       failing = false
       if (stopped) return
       const first = since === null
-      const behind = rows[0]?.behind === true
+      const behind = rows[0]?.behind === true || (!first && rows[0]?.store !== storeSeen)
       since = rows[0]?.snapshot ?? since
-      const changed = rows.filter((r): r is { id: string; key_hash: string; snapshot: string; behind: boolean | null } => r.id !== null && r.key_hash !== null)
+      storeSeen = rows[0]?.store ?? storeSeen
+      const changed = rows.filter((r): r is { id: string; key_hash: string; snapshot: string; behind: boolean | null; store: string } => r.id !== null && r.key_hash !== null)
       if (first || behind || changed.length > MAX_ROWS) {
-        if (behind) o.log.warn('the store check found the store behind its last read (another database, restored or switched to); dropped the whole cache')
+        if (behind) o.log.warn('the store is not the one the store check read last (restarted, restored, or another database); dropped the whole cache')
         else if (!first) o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
         o.onOverflow()
         return

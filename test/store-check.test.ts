@@ -187,3 +187,24 @@ t.test('a store swapped for another under a running gateway (its transaction ids
   const { record: next } = await keyService(behind.store).create({ name: 'next', type: 'user' }, ACTOR)
   t.same(await c.read(), [next.id])
 })
+
+t.test('another database of the same cluster, or the table made anew, under a running gateway: the whole cache is dropped (PostgreSQL)', async (t) => {
+  // Found by a review: a copy renamed into place, or a pg_restore --clean, shares the cluster's
+  // transaction counter; a revocation made in it before the last read looked already read.
+  const a = await openStore(t, 'postgres')
+  const b = await openStore(t, 'postgres')
+  const { record } = await keyService(b).create({ name: 'in the copy', type: 'user' }, ACTOR)
+  await keyService(b).revoke(record.id, undefined, ACTOR)
+  let current = a
+  const swapped: Store = { ...a, db: { ...a.db, query: (sql: string, params?: unknown[]) => current.db.query(sql, params) } as Store['db'] }
+  const c = checker(t, swapped)
+  await c.read()
+  t.same(await c.read(), [], 'the first database, read after the change in the other')
+  current = b
+  t.equal(await c.read(), 'all', 'another database: everything dropped')
+  t.same(await c.read(), [])
+  // The table made anew in place, as pg_restore --clean does.
+  await b.db.exec('ALTER TABLE api_keys RENAME TO api_keys_before; CREATE TABLE api_keys (LIKE api_keys_before INCLUDING ALL)')
+  t.teardown(() => b.db.exec('DROP TABLE api_keys; ALTER TABLE api_keys_before RENAME TO api_keys').catch(() => {}))
+  t.equal(await c.read(), 'all', 'the table made anew: everything dropped')
+})
