@@ -339,6 +339,15 @@ await forEachStore(t, async (t, store) => {
     })
     t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
 
+    // Another user's token (an admin credential): the command names the user too.
+    const rootQuick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, url: fake.url, username: 'root', password: ADMIN_PASSWORD, timeout_ms: 300 } } } })
+    t.teardown(() => rootQuick.close())
+    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    const forBob = await rejection(rootQuick.create({ name: 'late-bob', scopes: ['read:user'], user: 'bob' }, actor))
+    const bobs = fake.tokens.find((x) => x.name === 'late-bob' && x.owner === 'bob')
+    t.match(forBob, { code: 'gitea_timeout', message: new RegExp(`delete it with \`keygate gitea delete ${bobs?.id} --user bob\``) })
+    fake.removeToken(bobs?.id as number)
+
     // A token of that name made by hand (the late POST refused as a duplicate) stays.
     fake.addToken('alice', 'by-hand', ['write:repository'])
     const mine = fake.tokens.find((x) => x.name === 'by-hand')

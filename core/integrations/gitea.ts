@@ -198,6 +198,7 @@ export class GiteaTokenService {
       deps: this.#deps,
       what: `token ${JSON.stringify(input.name)} of ${JSON.stringify(user)}`,
       command: 'keygate gitea',
+      deleteCommand: (id) => `keygate gitea delete ${id}${sameUser(user, username) ? '' : ` --user ${user}`}`,
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
       find: async () => {
         const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)

@@ -291,6 +291,7 @@ export class N8nKeyService {
         deps: this.#deps,
         what: `API key ${JSON.stringify(input.label)}`,
         command: 'keygate n8n',
+        deleteCommand: (id) => `keygate n8n delete ${id}`,
         send: () => this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } }),
         find: async () => {
           const made = (await this.#remoteKeys()).find((k) => k.label === input.label)

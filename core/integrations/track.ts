@@ -149,8 +149,10 @@ export async function createOrReport<T>(options: {
   deps: IntegrationDeps
   /** The credential as the messages name it: `token "ci"`, `API key "ci"`. */
   what: string
-  /** The CLI command that lists (`keygate gitea list`); `delete ID` is added to name the deletion. */
+  /** The CLI command that lists (`keygate gitea`; ` list` is added). */
   command: string
+  /** The command line that deletes the credential of this id. */
+  deleteCommand: (remoteId: string) => string
   send: () => Promise<T>
   find: () => Promise<string | undefined>
 }): Promise<T> {
@@ -167,7 +169,7 @@ export async function createOrReport<T>(options: {
         outcome = `no credential of that name without a record was found afterwards, but it may still be made: if \`${options.command} list\` shows one as not recorded, delete it`
       } else {
         log.warn(`${label} holds an unrecorded credential named as the create it did not answer in time`, { credential: options.what, remote_id: found })
-        outcome = `${label} now holds one of that name that keygate has no record of (id ${found}): if this create made it (its secret never arrived), delete it with \`${options.command} delete ${found}\`; it may also have been made by hand or by another create at the same moment`
+        outcome = `${label} now holds one of that name that keygate has no record of (id ${found}): if this create made it (its secret never arrived), delete it with \`${options.deleteCommand(found)}\`; it may also have been made by hand or by another create at the same moment`
       }
     } catch (checkErr) {
       log.warn(`could not check whether ${label} made the credential it did not answer for`, { credential: options.what, err: checkErr as Error })
