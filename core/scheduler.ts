@@ -111,6 +111,12 @@ type Ended = { key: KeyRecord; reason: 'grace_ended' | 'expires_at' | 'rotation_
 const DUE_TO_END = `((k.status = 'rotating' AND k.grace_until <= $1)
   OR (k.status IN ('active', 'rotating') AND k.expires_at <= $1)
   OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1))`
+/**
+ * An active key's announced rotation deadline came before its expiry (both passed by the round
+ * that ends it): the key ended for the rotation, as the expiring report said it would (before,
+ * a round that saw both named the expiry; found by a review). A tie is the expiry's.
+ */
+const ROTATION_CAME_FIRST = `(k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline IS NOT NULL AND n.deadline < k.expires_at)`
 const ROTATION_NOTICE_DUE = `(k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND k.created_at + k.rotation_interval_s * interval '1 second' <= $2)`
 const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expires_at <= $2)`
 
@@ -257,10 +263,10 @@ export class Scheduler {
       `WITH due AS (
          SELECT k.id,
            CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN 'grace_ended'
-                WHEN k.expires_at <= $1 THEN 'expires_at'
+                WHEN k.expires_at <= $1 AND NOT ${ROTATION_CAME_FIRST} THEN 'expires_at'
                 ELSE 'rotation_overdue' END AS reason,
            CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN k.grace_until
-                WHEN k.expires_at <= $1 THEN k.expires_at
+                WHEN k.expires_at <= $1 AND NOT ${ROTATION_CAME_FIRST} THEN k.expires_at
                 ELSE n.deadline END AS deadline
          FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
          WHERE k.id = ANY($2) AND ${DUE_TO_END})

@@ -182,6 +182,22 @@ forEachStore(t, async (t, store) => {
     t.equal((await s.keys.stats(7)).expiringSoon, expiringBefore)
   })
 
+  await t.test('a rotation deadline and a later expiry both past by one round: the key ends for the rotation, as the report said', async (t) => {
+    // Before (found by a review): the round named the expiry (reason expires_at, its deadline),
+    // where the expiring report had said rotation_overdue at the earlier deadline.
+    clock.set(T0)
+    const { record } = await s.keys.create({ name: 'both due', type: 'service', rotation_interval_s: 10 * 86_400 }, ACTOR)
+    clock.set(new Date(T0.getTime() + 7 * DAY))
+    t.ok((await scheduler.runOnce())?.announced.some((a) => a.keyId === record.id), 'announced')
+    const deadline = new Date(T0.getTime() + 10 * DAY)
+    await s.keys.update(record.id, { expires_at: new Date(deadline.getTime() + 30_000).toISOString() }, ACTOR)
+    clock.set(new Date(deadline.getTime() - 60_000))
+    t.same((await s.keys.expiring(DAY, 1000)).filter((e) => e.key.id === record.id).map((e) => [e.endsAt, e.reason]), [[deadline, 'rotation_overdue']], 'the report')
+    clock.set(new Date(deadline.getTime() + 50_000))
+    await scheduler.runOnce()
+    t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'the audit row agrees')
+  })
+
   await t.test('expiry: announced ahead, marked at expires_at', async (t) => {
     clock.set(T0)
     const expiresAt = new Date(T0.getTime() + 5 * DAY)
