@@ -5,7 +5,7 @@ import { createPrivateKey, X509Certificate } from 'node:crypto'
 import { createSecureContext } from 'node:tls'
 import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
-import { LineCounter, parseDocument } from 'yaml'
+import { LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { ConfigSchema, type Config } from './schema.ts'
@@ -116,7 +116,7 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     // maxAliasCount bounds what aliases expand to (a "billion laughs" file).
     data = doc.toJS({ maxAliasCount: 100 })
   } catch (err) {
-    problems.push(`${file}: ${(err as Error).message.split('\n')[0]}`)
+    problems.push(`${file}: ${toJsProblem(doc, lines, err as Error)}`)
     return {}
   }
   const proto = protoKeyPath(data)
@@ -130,6 +130,25 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     return {}
   }
   return data as Record<string, unknown>
+}
+
+/**
+ * What went wrong expanding the document, without the source's words: the yaml library names an
+ * unresolved alias, and an unquoted value starting with `*` (a generated password, a token) is
+ * read as one, so its message quoted the secret (found by a review). The alias is located instead.
+ */
+function toJsProblem(doc: Document, lines: LineCounter, err: Error): string {
+  if (!err.message.startsWith('Unresolved alias')) return err.message.split('\n')[0] as string
+  let at = ''
+  visit(doc, {
+    Alias(_key, node) {
+      if (node.resolve(doc) !== undefined || !node.range) return undefined
+      const pos = lines.linePos(node.range[0])
+      at = `${pos.line}:${pos.col}: `
+      return visit.BREAK
+    },
+  })
+  return `${at}a value starting with * is read as an alias of an anchor that is not there (the value is not shown); if it is a string (a password, a token), quote it`
 }
 
 /** Where a `__proto__` key is (its parent's dotted path), if anywhere: copying the value would make it a prototype, unseen by validation. */

@@ -54,8 +54,10 @@ function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, statu
   // An unread request body is not drained for a refused request: the connection closes instead.
   // Only a request that has a body: `complete` is false until the parser has seen the end of a
   // request, even one without a body, so a verdict reached at once (a missing key, a scope) closed
-  // the connection at random, and the headers of two refusals differed.
-  if (ctx.closing || (!s.req.complete && hasBody(s.headers))) headers.connection = 'close'
+  // the connection at random, and the headers of two refusals differed. A bad key with a body
+  // closes it always: one answered from the cache (a key once valid) is refused before its body
+  // is read, one looked up in the store after, and the framing told them apart (found by a review).
+  if (ctx.closing || (hasBody(s.headers) && (code === 'key_invalid' || !s.req.complete))) headers.connection = 'close'
   return headers
 }
 

@@ -407,6 +407,13 @@ t.test('secret values never appear in messages', async (t) => {
   t.equal(valid.problems.length, 1)
   for (const value of ['a-valid-admin-token-1234', 'validpass9', VALID_KEY]) t.notOk(valid.message.includes(value) || valid.details.includes(value))
 
+  // An unquoted secret starting with * is read as an alias: not named (before: "Unresolved alias
+  // (the anchor must be set before the alias): SecretTok1234567890", found by a review).
+  const alias = yamlFile(t, 'admin:\n  token: *SecretTok1234567890\n', 'alias.yaml')
+  const aliased = problemsOf({ file: alias, env: {} })
+  t.same(aliased.problems, [`${alias}: 2:10: a value starting with * is read as an alias of an anchor that is not there (the value is not shown); if it is a string (a password, a token), quote it`])
+  t.notOk(aliased.message.includes('SecretTok1234567890') || aliased.details.includes('SecretTok1234567890'))
+
   // A YAML syntax error on a line holding a secret does not quote the line.
   const broken = problemsOf({ file: yamlFile(t, 'admin:\n  token: "syntaxsecret42\nstore: [\n'), env: {} })
   t.ok(broken.problems.length > 0)

@@ -55,12 +55,38 @@ t.test('key_missing and every bad key answer alike', async (t) => {
     isError(t, a, 'key_invalid')
     t.same(shape(a), first, `${kind} is indistinguishable`)
   }
+  // With a body too (found by a review): a key answered from the cache (the expired one) was
+  // refused before the body was read, with `connection: close`, and one looked up in the store
+  // after, with keep-alive, so a leaked key that had once been valid could be told apart.
+  const agent = new http.Agent({ keepAlive: true })
+  t.teardown(() => agent.destroy())
+  const post = (key: string) =>
+    new Promise<{ status: number; headers: http.IncomingHttpHeaders }>((resolve, reject) => {
+      const req = http.request(`${h.url}/x`, { method: 'POST', agent, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' } }, (res) => {
+        res.resume()
+        res.on('end', () => resolve({ status: res.statusCode as number, headers: res.headers }))
+      })
+      req.on('error', reject)
+      req.end('{"some":"body"}')
+    })
+  const withBody = {
+    unknown: await post(generateKey('kg_').key),
+    wrongSecret: await post(generateKey('kg_', good.id).key),
+    expired: await post(expiring.key),
+    malformed: await post('not-a-key'),
+  }
+  const framing = (a: { headers: http.IncomingHttpHeaders }) => ({ connection: a.headers.connection, keepAlive: a.headers['keep-alive'], names: Object.keys(a.headers).filter((n) => n !== 'date').sort() })
+  for (const [kind, a] of Object.entries(withBody)) {
+    t.equal(a.status, 401, `${kind} with a body: 401`)
+    t.same(framing(a), framing(withBody.unknown), `${kind} with a body: the same framing headers`)
+  }
+
   const text = await h.metrics.registry.metrics()
-  t.match(text, /keygate_bad_key_attempts_total\{reason="unknown"\} 2/)
-  t.match(text, /keygate_bad_key_attempts_total\{reason="expired"\} 1/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="unknown"\} 3/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="expired"\} 2/)
   t.match(text, /keygate_bad_key_attempts_total\{reason="revoked"\} 1/)
-  t.match(text, /keygate_bad_key_attempts_total\{reason="malformed"\} 1/)
-  t.match(text, /keygate_bad_key_attempts_total\{reason="wrong_secret"\} 1/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="malformed"\} 2/)
+  t.match(text, /keygate_bad_key_attempts_total\{reason="wrong_secret"\} 2/)
   t.notMatch(text, /kg_/)
 })
 
