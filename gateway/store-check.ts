@@ -69,15 +69,19 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       // A snapshot behind the last one (`behind`) is another cluster's too: the store was swapped
       // under the gateway (a restore, DNS pointed elsewhere), and the last snapshot says nothing
       // about what changed in this one.
-      // `store` names the server's run, the database and the table: a restart (a crash may hand
-      // out again transaction ids that never reached the WAL; a review reproduced a revocation
-      // missed so), another database (renamed into place, restored beside it) or the table made
-      // anew (pg_restore --clean) each show another, and the last snapshot then says nothing.
+      // `store` names the server's run, the database and the table: a restart, or a crash the
+      // server recovered from without one (a backend killed by the OOM killer: the start time
+      // stays, the shared statistics are reset), may hand out again transaction ids that never
+      // reached the WAL (reviews reproduced a revocation missed so, both ways); another database
+      // (renamed into place, restored beside it) or the table made anew (pg_restore --clean) show
+      // another too, and the last snapshot then says nothing. Times as epoch seconds: their text
+      // would follow each connection's TimeZone and DateStyle.
       const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null; store: string }>(
         `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot, n.store,
                 pg_snapshot_xmax(n.snapshot) < pg_snapshot_xmax($1::pg_snapshot) AS behind
            FROM (SELECT pg_current_snapshot() AS snapshot,
-                        concat_ws(' ', pg_postmaster_start_time(), (SELECT oid FROM pg_database WHERE datname = current_database()), 'api_keys'::regclass::oid) AS store) n
+                        concat_ws(' ', extract(epoch FROM pg_postmaster_start_time()), (SELECT extract(epoch FROM stats_reset) FROM pg_stat_bgwriter),
+                          (SELECT oid FROM pg_database WHERE datname = current_database()), 'api_keys'::regclass::oid) AS store) n
            LEFT JOIN api_keys k ON $1::pg_snapshot IS NOT NULL
              AND pg_snapshot_xmax(n.snapshot) >= pg_snapshot_xmax($1::pg_snapshot)
              AND n.store = $2
