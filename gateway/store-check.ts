@@ -74,14 +74,17 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       // stays, the shared statistics are reset), may hand out again transaction ids that never
       // reached the WAL (reviews reproduced a revocation missed so, both ways); another database
       // (renamed into place, restored beside it) or the table made anew (pg_restore --clean) show
-      // another too, and the last snapshot then says nothing. Times as epoch seconds: their text
+      // another too, and so does the table's file (TRUNCATE, before a data-only restore whose
+      // rows keep their old ids with triggers disabled; also VACUUM FULL, once), and the last
+      // snapshot then says nothing. Times as epoch seconds: their text
       // would follow each connection's TimeZone and DateStyle.
       const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null; store: string }>(
         `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot, n.store,
                 pg_snapshot_xmax(n.snapshot) < pg_snapshot_xmax($1::pg_snapshot) AS behind
            FROM (SELECT pg_current_snapshot() AS snapshot,
                         concat_ws(' ', extract(epoch FROM pg_postmaster_start_time()), (SELECT extract(epoch FROM stats_reset) FROM pg_stat_bgwriter),
-                          (SELECT oid FROM pg_database WHERE datname = current_database()), 'api_keys'::regclass::oid) AS store) n
+                          (SELECT oid FROM pg_database WHERE datname = current_database()), 'api_keys'::regclass::oid,
+                          pg_relation_filenode('api_keys'::regclass)) AS store) n
            LEFT JOIN api_keys k ON $1::pg_snapshot IS NOT NULL
              AND pg_snapshot_xmax(n.snapshot) >= pg_snapshot_xmax($1::pg_snapshot)
              AND n.store = $2
