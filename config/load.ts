@@ -5,7 +5,7 @@ import { createPrivateKey, X509Certificate } from 'node:crypto'
 import { createSecureContext } from 'node:tls'
 import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
-import { LineCounter, parseDocument, visit, type Document } from 'yaml'
+import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { ConfigSchema, type Config } from './schema.ts'
@@ -111,12 +111,28 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     }
     return {}
   }
+  // A key that is a mapping or a list (`? {database: secret}`) would be turned into text by the
+  // conversion, with a warning that quotes it, and then quoted again as an unknown key (found by
+  // a review): refused here, by position.
+  let collectionKey = ''
+  visit(doc, {
+    Pair(_key, pair) {
+      if (!isCollection(pair.key)) return undefined
+      const pos = pair.key.range ? lines.linePos(pair.key.range[0]) : undefined
+      collectionKey = `${pos ? `${pos.line}:${pos.col}: ` : ''}a key that is a mapping or a list is not allowed (it is not shown)`
+      return visit.BREAK
+    },
+  })
+  if (collectionKey) {
+    problems.push(at(file, collectionKey))
+    return {}
+  }
   let data: unknown
   try {
     // maxAliasCount bounds what aliases expand to (a "billion laughs" file).
     data = doc.toJS({ maxAliasCount: 100 })
   } catch (err) {
-    problems.push(`${file}: ${toJsProblem(doc, lines, err as Error)}`)
+    problems.push(at(file, toJsProblem(doc, lines, err as Error)))
     return {}
   }
   const proto = protoKeyPath(data)
@@ -131,6 +147,9 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   }
   return data as Record<string, unknown>
 }
+
+/** `file:line:col: problem` when the problem starts with its position, else `file: problem`, as syntax errors are reported. */
+const at = (file: string, problem: string): string => (/^\d+:\d+: /.test(problem) ? `${file}:${problem}` : `${file}: ${problem}`)
 
 /**
  * What went wrong expanding the document, without the source's words: the yaml library names an

@@ -411,8 +411,19 @@ t.test('secret values never appear in messages', async (t) => {
   // (the anchor must be set before the alias): SecretTok1234567890", found by a review).
   const alias = yamlFile(t, 'admin:\n  token: *SecretTok1234567890\n', 'alias.yaml')
   const aliased = problemsOf({ file: alias, env: {} })
-  t.same(aliased.problems, [`${alias}: 2:10: a value starting with * is read as an alias of an anchor that is not there (the value is not shown); if it is a string (a password, a token), quote it`])
+  t.same(aliased.problems, [`${alias}:2:10: a value starting with * is read as an alias of an anchor that is not there (the value is not shown); if it is a string (a password, a token), quote it`])
   t.notOk(aliased.message.includes('SecretTok1234567890') || aliased.details.includes('SecretTok1234567890'))
+  // A key that is a mapping: not turned into text and quoted as an unknown key (found by a review).
+  const keyed = yamlFile(t, '? {database: Sup3rS3cret}\n: x\n', 'keyed.yaml')
+  const warnings: string[] = []
+  const onWarning = (w: Error) => warnings.push(w.message)
+  process.on('warning', onWarning)
+  const keyedProblems = problemsOf({ file: keyed, env: {} })
+  await new Promise((r) => setImmediate(r))
+  process.off('warning', onWarning)
+  t.same(keyedProblems.problems, [`${keyed}:1:3: a key that is a mapping or a list is not allowed (it is not shown)`])
+  t.notOk(keyedProblems.message.includes('Sup3rS3cret') || keyedProblems.details.includes('Sup3rS3cret'))
+  t.notOk(warnings.some((w) => w.includes('Sup3rS3cret')), 'nor in a process warning')
 
   // A YAML syntax error on a line holding a secret does not quote the line.
   const broken = problemsOf({ file: yamlFile(t, 'admin:\n  token: "syntaxsecret42\nstore: [\n'), env: {} })
