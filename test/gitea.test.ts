@@ -347,6 +347,13 @@ await forEachStore(t, async (t, store) => {
     const bobs = fake.tokens.find((x) => x.name === 'late-bob' && x.owner === 'bob')
     t.match(forBob, { code: 'gitea_timeout', message: new RegExp(`delete it with \`keygate gitea delete ${bobs?.id} --user bob\``) })
     fake.removeToken(bobs?.id as number)
+    // Nothing made for bob: `keygate gitea list` would not show bob's tokens, so the error says where to look.
+    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.faults.push({ method: 'POST', status: 500, message: 'internal' })
+    t.match(await rejection(rootQuick.create({ name: 'never-bob', scopes: ['read:user'], user: 'bob' }, actor)), {
+      code: 'gitea_timeout',
+      message: /no credential of that name without a record was found afterwards, but it may still be made: look among the tokens of "bob" in Gitea, and delete one of that name with `keygate gitea delete ID --user bob`/,
+    })
 
     // A token of that name made by hand (the late POST refused as a duplicate) stays.
     fake.addToken('alice', 'by-hand', ['write:repository'])

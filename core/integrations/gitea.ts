@@ -197,7 +197,10 @@ export class GiteaTokenService {
       service: 'gitea',
       deps: this.#deps,
       what: `token ${JSON.stringify(input.name)} of ${JSON.stringify(user)}`,
-      command: 'keygate gitea',
+      // `list` covers the configured user and the users keygate holds records for.
+      lookAgain: sameUser(user, username)
+        ? 'if `keygate gitea list` shows one as not recorded, delete it'
+        : `look among the tokens of ${JSON.stringify(user)} in Gitea, and delete one of that name with \`keygate gitea delete ID --user ${user}\``,
       deleteCommand: (id) => `keygate gitea delete ${id}${sameUser(user, username) ? '' : ` --user ${user}`}`,
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
       find: async () => {

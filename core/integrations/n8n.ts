@@ -290,7 +290,7 @@ export class N8nKeyService {
         service: 'n8n',
         deps: this.#deps,
         what: `API key ${JSON.stringify(input.label)}`,
-        command: 'keygate n8n',
+        lookAgain: 'if `keygate n8n list` shows one as not recorded, delete it',
         deleteCommand: (id) => `keygate n8n delete ${id}`,
         send: () => this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } }),
         find: async () => {

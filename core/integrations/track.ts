@@ -149,8 +149,8 @@ export async function createOrReport<T>(options: {
   deps: IntegrationDeps
   /** The credential as the messages name it: `token "ci"`, `API key "ci"`. */
   what: string
-  /** The CLI command that lists (`keygate gitea`; ` list` is added). */
-  command: string
+  /** Where to look for it and what to do then, when it was not found or could not be looked for. */
+  lookAgain: string
   /** The command line that deletes the credential of this id. */
   deleteCommand: (remoteId: string) => string
   send: () => Promise<T>
@@ -166,14 +166,14 @@ export async function createOrReport<T>(options: {
     try {
       const found = await options.find()
       if (found === undefined) {
-        outcome = `no credential of that name without a record was found afterwards, but it may still be made: if \`${options.command} list\` shows one as not recorded, delete it`
+        outcome = `no credential of that name without a record was found afterwards, but it may still be made: ${options.lookAgain}`
       } else {
         log.warn(`${label} holds an unrecorded credential named as the create it did not answer in time`, { credential: options.what, remote_id: found })
         outcome = `${label} now holds one of that name that keygate has no record of (id ${found}): if this create made it (its secret never arrived), delete it with \`${options.deleteCommand(found)}\`; it may also have been made by hand or by another create at the same moment`
       }
     } catch (checkErr) {
       log.warn(`could not check whether ${label} made the credential it did not answer for`, { credential: options.what, err: checkErr as Error })
-      outcome = `whether it was made could not be checked (${(checkErr as Error).message}): if \`${options.command} list\` shows it as not recorded, delete it`
+      outcome = `whether it was made could not be checked (${(checkErr as Error).message}): ${options.lookAgain}`
     }
     throw new KeygateError(err.code, `${err.message} to create ${options.what}; ${outcome}`, err.details, { cause: err })
   }
