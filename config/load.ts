@@ -105,26 +105,22 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   const lines = new LineCounter()
   const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false, lineCounter: lines })
   if (doc.errors.length > 0) {
-    for (const e of doc.errors) {
-      const pos = e.linePos?.[0] ?? lines.linePos(e.pos[0])
-      problems.push(`${file}${pos ? `:${pos.line}:${pos.col}` : ''}: ${e.message.split('\n')[0]}`)
-    }
+    for (const e of doc.errors) problems.push(located(file, e.linePos?.[0] ?? lines.linePos(e.pos[0]), e.message.split('\n')[0] as string))
     return {}
   }
   // A key that is a mapping or a list (`? {database: secret}`) would be turned into text by the
   // conversion, with a warning that quotes it, and then quoted again as an unknown key (found by
   // a review): refused here, by position.
-  let collectionKey = ''
+  let collectionKey: { pos: LinePos | undefined } | undefined
   visit(doc, {
     Pair(_key, pair) {
       if (!isCollection(pair.key)) return undefined
-      const pos = pair.key.range ? lines.linePos(pair.key.range[0]) : undefined
-      collectionKey = `${pos ? `${pos.line}:${pos.col}: ` : ''}a key that is a mapping or a list is not allowed (it is not shown)`
+      collectionKey = { pos: positionOf(lines, pair.key) }
       return visit.BREAK
     },
   })
   if (collectionKey) {
-    problems.push(at(file, collectionKey))
+    problems.push(located(file, collectionKey.pos, 'a key that is a mapping or a list is not allowed (it is not shown)'))
     return {}
   }
   let data: unknown
@@ -132,7 +128,8 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
     // maxAliasCount bounds what aliases expand to (a "billion laughs" file).
     data = doc.toJS({ maxAliasCount: 100 })
   } catch (err) {
-    problems.push(at(file, toJsProblem(doc, lines, err as Error)))
+    const problem = toJsProblem(doc, lines, err as Error)
+    problems.push(located(file, problem.pos, problem.message))
     return {}
   }
   const proto = protoKeyPath(data)
@@ -148,26 +145,34 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   return data as Record<string, unknown>
 }
 
-/** `file:line:col: problem` when the problem starts with its position, else `file: problem`, as syntax errors are reported. */
-const at = (file: string, problem: string): string => (/^\d+:\d+: /.test(problem) ? `${file}:${problem}` : `${file}: ${problem}`)
+type LinePos = { line: number; col: number }
+
+/** `file:line:col: message`, or `file: message` without a position, as the parser's own problems are reported. */
+function located(file: string, pos: LinePos | undefined, message: string): string {
+  return `${file}${pos ? `:${pos.line}:${pos.col}` : ''}: ${message}`
+}
+
+/** Where a node of the document starts, when the parser recorded it. */
+function positionOf(lines: LineCounter, node: { range?: [number, number, number] | null }): LinePos | undefined {
+  return node.range ? lines.linePos(node.range[0]) : undefined
+}
 
 /**
  * What went wrong expanding the document, without the source's words: the yaml library names an
  * unresolved alias, and an unquoted value starting with `*` (a generated password, a token) is
  * read as one, so its message quoted the secret (found by a review). The alias is located instead.
  */
-function toJsProblem(doc: Document, lines: LineCounter, err: Error): string {
-  if (!err.message.startsWith('Unresolved alias')) return err.message.split('\n')[0] as string
-  let at = ''
+function toJsProblem(doc: Document, lines: LineCounter, err: Error): { pos?: LinePos | undefined; message: string } {
+  if (!err.message.startsWith('Unresolved alias')) return { message: err.message.split('\n')[0] as string }
+  let pos: LinePos | undefined
   visit(doc, {
     Alias(_key, node) {
-      if (node.resolve(doc) !== undefined || !node.range) return undefined
-      const pos = lines.linePos(node.range[0])
-      at = `${pos.line}:${pos.col}: `
+      if (node.resolve(doc) !== undefined) return undefined
+      pos = positionOf(lines, node)
       return visit.BREAK
     },
   })
-  return `${at}a value starting with * is read as an alias of an anchor that is not there (the value is not shown); if it is a string (a password, a token), quote it`
+  return { pos, message: 'a value starting with * is read as an alias of an anchor that is not there (the value is not shown); if it is a string (a password, a token), quote it' }
 }
 
 /** Where a `__proto__` key is (its parent's dotted path), if anywhere: copying the value would make it a prototype, unseen by validation. */
