@@ -35,6 +35,10 @@ export interface ChangedKey {
   keyHash: string
 }
 
+/** A row of a read: a changed key (null columns on the one row of a read that found none), and the read's snapshot and store. */
+type ReadRow = { id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null; store: string }
+type ChangedRow = { id: string; key_hash: string }
+
 export interface StoreCheckOptions {
   db: Db
   intervalMs: number
@@ -53,7 +57,8 @@ export interface StoreCheck {
 export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
   // The snapshot of the last read that succeeded (pg_snapshot's text form), null before the first.
   let since: string | null = null
-  // Which store `since` is of: the server's start, the database's and the table's oids.
+  // Which store `since` is of (the query's `store`: the server's start, its statistics' reset,
+  // the database's and the table's oids, the table's file).
   let storeSeen: string | null = null
   let running = false
   let stopped = false
@@ -76,9 +81,9 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       // (renamed into place, restored beside it) or the table made anew (pg_restore --clean) show
       // another too, and so does the table's file (TRUNCATE, before a data-only restore whose
       // rows keep their old ids with triggers disabled; also VACUUM FULL, once), and the last
-      // snapshot then says nothing. Times as epoch seconds: their text
-      // would follow each connection's TimeZone and DateStyle.
-      const rows = await o.db.query<{ id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null; store: string }>(
+      // snapshot then says nothing. Times as epoch seconds: their text would follow each
+      // connection's TimeZone and DateStyle.
+      const rows = await o.db.query<ReadRow>(
         `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot, n.store,
                 pg_snapshot_xmax(n.snapshot) < pg_snapshot_xmax($1::pg_snapshot) AS behind
            FROM (SELECT pg_current_snapshot() AS snapshot,
@@ -98,12 +103,12 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       failing = false
       if (stopped) return
       const first = since === null
-      const behind = rows[0]?.behind === true || (!first && rows[0]?.store !== storeSeen)
+      const elsewhere = rows[0]?.behind === true || (!first && rows[0]?.store !== storeSeen)
       since = rows[0]?.snapshot ?? since
       storeSeen = rows[0]?.store ?? storeSeen
-      const changed = rows.filter((r): r is { id: string; key_hash: string; snapshot: string; behind: boolean | null; store: string } => r.id !== null && r.key_hash !== null)
-      if (first || behind || changed.length > MAX_ROWS) {
-        if (behind) o.log.warn('the store is not the one the store check read last (restarted, restored, or another database); dropped the whole cache')
+      const changed = rows.filter((r): r is ReadRow & ChangedRow => r.id !== null && r.key_hash !== null)
+      if (first || elsewhere || changed.length > MAX_ROWS) {
+        if (elsewhere) o.log.warn('the store is not the one the store check read last (restarted, restored, or another database); dropped the whole cache')
         else if (!first) o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
         o.onOverflow()
         return

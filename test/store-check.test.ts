@@ -5,7 +5,7 @@
 import t, { type Test } from 'tap'
 import pg from 'pg'
 import { AuditCipher, AuditLog } from '../core/audit.ts'
-import { openDb } from '../core/db.ts'
+import { openDb, type Db } from '../core/db.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
 import { startStoreCheck } from '../gateway/store-check.ts'
@@ -35,6 +35,11 @@ function checker(t: Test, store: Store) {
       return changed.flat()
     },
   }
+}
+
+/** `base`, its queries sent to the store `pick` names at each one (a store swapped, a pool of mixed connections). */
+function routed(base: Store, pick: () => Db): Store {
+  return { ...base, db: { ...base.db, query: (sql: string, params?: unknown[]) => pick().query(sql, params) } as Db }
 }
 
 function keyService(store: Store, now?: () => Date): KeyService {
@@ -176,7 +181,7 @@ t.test('a store swapped for another under a running gateway (its transaction ids
   const [ahead, behind] = stores.sort((a, b) => (a.xid > b.xid ? -1 : 1)) as [(typeof stores)[0], (typeof stores)[0]]
   if (ahead.xid === behind.xid) await ahead.store.db.query('SELECT pg_current_xact_id()')
   let current = ahead.store
-  const swapped: Store = { ...ahead.store, db: { ...ahead.store.db, query: (sql: string, params?: unknown[]) => current.db.query(sql, params) } as Store['db'] }
+  const swapped = routed(ahead.store, () => current.db)
   const c = checker(t, swapped)
   await c.read()
   t.same(await c.read(), [])
@@ -197,7 +202,7 @@ t.test('another database of the same cluster, or the table made anew, under a ru
   const { record } = await keyService(b).create({ name: 'in the copy', type: 'user' }, ACTOR)
   await keyService(b).revoke(record.id, undefined, ACTOR)
   let current = a
-  const swapped: Store = { ...a, db: { ...a.db, query: (sql: string, params?: unknown[]) => current.db.query(sql, params) } as Store['db'] }
+  const swapped = routed(a, () => current.db)
   const c = checker(t, swapped)
   await c.read()
   t.same(await c.read(), [], 'the first database, read after the change in the other')
@@ -233,7 +238,7 @@ t.test('the store named across connections and a crash recovery (PostgreSQL)', a
   const tokyo = await openDb({ databaseUrl: `${store.url}?options=${encodeURIComponent('-c TimeZone=Asia/Tokyo -c DateStyle=German')}` })
   t.teardown(() => tokyo.close())
   let turn = 0
-  const alternating: Store = { ...store, db: { ...store.db, query: (sql: string, params?: unknown[]) => (turn++ % 2 === 0 ? store.db : tokyo).query(sql, params) } as Store['db'] }
+  const alternating = routed(store, () => (turn++ % 2 === 0 ? store.db : tokyo))
   const c = checker(t, alternating)
   await c.read()
   for (let i = 0; i < 4; i++) t.same(await c.read(), [], `read ${i + 2}: nothing dropped`)
