@@ -193,15 +193,17 @@ export class GiteaTokenService {
     const { http, username, authorization } = this.#client(true)
     const user = input.user ?? username
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
+    // The flag a delete command needs for a token of a user other than the configured one.
+    const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
     const res = await createOrReport({
       service: 'gitea',
       deps: this.#deps,
       what: `token ${JSON.stringify(input.name)} of ${JSON.stringify(user)}`,
       // `list` covers the configured user and the users keygate holds records for.
-      lookAgain: sameUser(user, username)
+      lookAgain: otherUser === ''
         ? 'if `keygate gitea list` shows one as not recorded, delete it'
-        : `look among the tokens of ${JSON.stringify(user)} in Gitea, and delete one of that name with \`keygate gitea delete ID --user ${user}\``,
-      deleteCommand: (id) => `keygate gitea delete ${id}${sameUser(user, username) ? '' : ` --user ${user}`}`,
+        : `look among the tokens of ${JSON.stringify(user)} in Gitea, and delete one of that name with \`keygate gitea delete ID${otherUser}\``,
+      deleteCommand: (id) => `keygate gitea delete ${id}${otherUser}`,
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
       find: async () => {
         const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)
