@@ -32,7 +32,8 @@
 import type { AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import type { EventBus } from './events.ts'
-import { COLUMNS, toRecord, type KeyRow, type KeyService } from './keys/service.ts'
+import { KEY_ENDS_FROM, type KeyEndReason } from './keys/ends.ts'
+import { columnsOf, toRecord, type KeyRow, type KeyService } from './keys/service.ts'
 import { keyJson, type KeyRecord } from './keys/types.ts'
 import type { Logger } from './log.ts'
 
@@ -104,19 +105,10 @@ async function storeTime(db: Db): Promise<Date> {
   return new Date((row as { at: Date }).at)
 }
 
-type Ended = { key: KeyRecord; reason: 'grace_ended' | 'expires_at' | 'rotation_overdue'; deadline: Date }
+type Ended = { key: KeyRecord; reason: KeyEndReason; deadline: Date }
 
-// The conditions of a round, on `api_keys k` ($1 now, $2 the end of the notice period). Ending
-// also reads the key's rotation notice as `n` (its announced deadline).
-const DUE_TO_END = `((k.status = 'rotating' AND k.grace_until <= $1)
-  OR (k.status IN ('active', 'rotating') AND k.expires_at <= $1)
-  OR (k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline <= $1))`
-/**
- * An active key's announced rotation deadline came before its expiry (both passed by the round
- * that ends it): the key ended for the rotation, as the expiring report said it would (before,
- * a round that saw both named the expiry; found by a review). A tie is the expiry's.
- */
-const ROTATION_CAME_FIRST = `(k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND n.deadline IS NOT NULL AND n.deadline < k.expires_at)`
+// The notices a round records, on `api_keys k` ($1 now, $2 the end of the notice period). What
+// ends a key is KEY_ENDS_FROM's, shared with the expiring report.
 const ROTATION_NOTICE_DUE = `(k.status = 'active' AND k.rotation_interval_s IS NOT NULL AND k.created_at + k.rotation_interval_s * interval '1 second' <= $2)`
 const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expires_at <= $2)`
 
@@ -247,10 +239,10 @@ export class Scheduler {
    */
   async #lockDue(tx: Queryable, now: Date, notice: Date, limit: number): Promise<string[]> {
     const rows = await tx.query<{ id: string }>(
-      `SELECT k.id FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
-       WHERE ${DUE_TO_END}
+      `SELECT k.id FROM ${KEY_ENDS_FROM}
+       WHERE e.ends_at <= $1
           OR (${ROTATION_NOTICE_DUE} AND n.key_id IS NULL)
-          OR (${EXPIRY_NOTICE_DUE} AND NOT EXISTS (SELECT 1 FROM api_key_notices e WHERE e.key_id = k.id AND e.kind = 'expiry' AND e.deadline = k.expires_at))
+          OR (${EXPIRY_NOTICE_DUE} AND NOT EXISTS (SELECT 1 FROM api_key_notices xn WHERE xn.key_id = k.id AND xn.kind = 'expiry' AND xn.deadline = k.expires_at))
        ORDER BY k.id LIMIT $3 FOR UPDATE OF k`,
       [now, notice, limit],
     )
@@ -261,17 +253,10 @@ export class Scheduler {
   async #endKeys(tx: Queryable, now: Date, locked: string[]): Promise<Ended[]> {
     const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
       `WITH due AS (
-         SELECT k.id,
-           CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN 'grace_ended'
-                WHEN k.expires_at <= $1 AND NOT ${ROTATION_CAME_FIRST} THEN 'expires_at'
-                ELSE 'rotation_overdue' END AS reason,
-           CASE WHEN k.status = 'rotating' AND k.grace_until <= $1 AND (k.expires_at IS NULL OR k.grace_until <= k.expires_at) THEN k.grace_until
-                WHEN k.expires_at <= $1 AND NOT ${ROTATION_CAME_FIRST} THEN k.expires_at
-                ELSE n.deadline END AS deadline
-         FROM api_keys k LEFT JOIN api_key_notices n ON n.key_id = k.id AND n.kind = 'rotation'
-         WHERE k.id = ANY($2) AND ${DUE_TO_END})
+         SELECT k.id, e.end_reason AS reason, e.ends_at AS deadline FROM ${KEY_ENDS_FROM}
+         WHERE k.id = ANY($2) AND e.ends_at <= $1)
        UPDATE api_keys SET status = 'expired', updated_at = $1 FROM due WHERE api_keys.id = due.id
-       RETURNING ${COLUMNS.split(',').map((c) => `api_keys.${c.trim()}`).join(', ')}, due.reason, due.deadline`,
+       RETURNING ${columnsOf('api_keys')}, due.reason, due.deadline`,
       [now, locked],
     )
     return rows.map((r) => ({ key: toRecord(r), reason: r.reason, deadline: new Date(r.deadline) }))
@@ -294,7 +279,7 @@ export class Scheduler {
          ON CONFLICT (key_id, kind) DO UPDATE SET deadline = EXCLUDED.deadline, notified_at = EXCLUDED.notified_at
            WHERE api_key_notices.deadline <> EXCLUDED.deadline
          RETURNING key_id, kind, deadline)
-       SELECT ${COLUMNS.split(',').map((c) => `k.${c.trim()}`).join(', ')}, n.kind, n.deadline
+       SELECT ${columnsOf('k')}, n.kind, n.deadline
        FROM (SELECT * FROM rotation UNION ALL SELECT * FROM expiry) n JOIN api_keys k ON k.id = n.key_id
        ORDER BY n.deadline, k.id`,
       [now, notice, locked],

@@ -198,6 +198,63 @@ forEachStore(t, async (t, store) => {
     t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'the audit row agrees')
   })
 
+  await t.test('every way a key ends: the expiring report says when and why, and the round that ends it agrees', async (t) => {
+    // The report and the scheduler read one SQL fragment (core/keys/ends.ts); written twice
+    // before, they disagreed once. Ties: a grace over an expiry, an expiry over a rotation.
+    const at = (days: number) => new Date(T0.getTime() + days * DAY)
+    clock.set(T0)
+    const made: Record<string, string> = {}
+    const make = async (label: string, input: Record<string, unknown>) => {
+      made[label] = (await s.keys.create({ name: `ends ${label}`, type: 'service', ...input }, ACTOR)).record.id
+    }
+    for (const label of ['rotation, expiry before', 'rotation, expiry at it', 'rotation, expiry after', 'rotation alone', 'rotation removed']) {
+      await make(label, { rotation_interval_s: 10 * 86_400 })
+    }
+    await make('expiry alone', { expires_at: at(8).toISOString() })
+    for (const label of ['grace, expiry before', 'grace, expiry at it', 'grace, expiry after', 'grace alone']) await make(label, {})
+    const id = (label: string) => made[label] as string
+    clock.set(at(7))
+    await scheduler.runOnce() // announces the rotation deadlines, at(10)
+    await s.keys.update(id('rotation, expiry before'), { expires_at: at(9).toISOString() }, ACTOR)
+    await s.keys.update(id('rotation, expiry at it'), { expires_at: at(10).toISOString() }, ACTOR)
+    await s.keys.update(id('rotation, expiry after'), { expires_at: at(11).toISOString() }, ACTOR)
+    await s.keys.update(id('rotation removed'), { rotation_interval_s: null }, ACTOR)
+    for (const label of ['grace, expiry before', 'grace, expiry at it', 'grace, expiry after', 'grace alone']) {
+      t.same((await s.keys.rotate(id(label), {}, ACTOR)).previous.graceUntil, at(9), 'a service key keeps 48 h of grace')
+    }
+    const expire = (label: string, when: Date) => store.db.query('UPDATE api_keys SET expires_at = $2 WHERE id = $1', [id(label), when])
+    await expire('grace, expiry before', at(8.5))
+    await expire('grace, expiry at it', at(9))
+    await expire('grace, expiry after', at(9.5))
+
+    const expected: Record<string, [Date, string]> = {
+      'rotation, expiry before': [at(9), 'expires_at'],
+      'rotation, expiry at it': [at(10), 'expires_at'],
+      'rotation, expiry after': [at(10), 'rotation_overdue'],
+      'rotation alone': [at(10), 'rotation_overdue'],
+      'expiry alone': [at(8), 'expires_at'],
+      'grace, expiry before': [at(8.5), 'expires_at'],
+      'grace, expiry at it': [at(9), 'grace_ended'],
+      'grace, expiry after': [at(9), 'grace_ended'],
+      'grace alone': [at(9), 'grace_ended'],
+    }
+    const labelOf = Object.fromEntries(Object.entries(made).map(([label, key]) => [key, label]))
+    const report = Object.fromEntries(
+      (await s.keys.expiring(30 * DAY, 10_000)).filter((e) => labelOf[e.key.id] !== undefined).map((e) => [labelOf[e.key.id], [e.endsAt, e.reason]]),
+    )
+    t.same(report, expected, 'the report: each key once, when and why it ends (a removed rotation ends nothing)')
+
+    clock.set(at(12))
+    await scheduler.runOnce()
+    const ended: Record<string, [Date, string]> = {}
+    for (const [label, key] of Object.entries(made)) {
+      const row = (await s.audit.list(store.db, { keyId: key })).find((r) => r.action === 'key.expired')
+      if (row) ended[label] = [new Date((row.details as { deadline: string }).deadline), (row.details as { reason: string }).reason]
+    }
+    t.same(ended, expected, 'the round ended each key as the report said')
+    t.equal((await s.keys.get(id('rotation removed'))).status, 'active', 'and left the one nothing ends')
+  })
+
   await t.test('expiry: announced ahead, marked at expires_at', async (t) => {
     clock.set(T0)
     const expiresAt = new Date(T0.getTime() + 5 * DAY)

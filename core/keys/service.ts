@@ -11,6 +11,7 @@ import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
 import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
+import { KEY_ENDS_FROM, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 
 export interface KeyServiceOptions {
@@ -90,6 +91,11 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
+/** COLUMNS, each qualified by `table` (for a statement that joins api_keys with other tables). */
+export function columnsOf(table: string): string {
+  return COLUMNS.split(',').map((c) => `${table}.${c.trim()}`).join(', ')
+}
+
 /** `lineage(id)`: the key `$1` and every key it replaced, back to the first of its rotations. */
 const LINEAGE = `WITH RECURSIVE lineage(id) AS (
   SELECT $1::text
@@ -141,19 +147,6 @@ function futureDate(value: string | null | undefined, now: Date, field: string):
   if (d <= now) throw fieldInvalid(field, `${value} is in the past`)
   return d
 }
-
-/** What ends a key that still works, in the words of its key.expired audit row. */
-export type KeyEndReason = 'grace_ended' | 'expires_at' | 'rotation_overdue'
-
-// Every key with when it stops working (ends_at; null when nothing ends it or it has ended) and
-// its grace's end (grace_end) as the scheduler judges them: the earliest of its expiry, a rotating
-// key's grace, and an active key's announced rotation deadline (core/scheduler.ts enforces only
-// an announced one; an interval changed or removed drops the announcement).
-const KEY_ENDS = `SELECT *, CASE WHEN status IN ('active', 'rotating') THEN LEAST(grace_end, expires_at, rotation_end) END AS ends_at FROM (
-  SELECT a.*, CASE WHEN a.status = 'rotating' THEN a.grace_until END AS grace_end,
-    CASE WHEN a.status = 'active' AND a.rotation_interval_s IS NOT NULL
-      THEN (SELECT n.deadline FROM api_key_notices n WHERE n.key_id = a.id AND n.kind = 'rotation') END AS rotation_end
-  FROM api_keys a) e`
 
 export class KeyService {
   readonly #db: Db
@@ -613,10 +606,9 @@ export class KeyService {
     const now = this.#now()
     const until = new Date(now.getTime() + withinMs)
     const rows = await this.#db.query<KeyRow & { ends_at: Date; reason: KeyEndReason }>(
-      `SELECT ${COLUMNS}, ends_at,
-         CASE WHEN ends_at = grace_end THEN 'grace_ended' WHEN ends_at = expires_at THEN 'expires_at' ELSE 'rotation_overdue' END AS reason
-       FROM (${KEY_ENDS}) k
-       WHERE ends_at > $1 AND ends_at <= $2 ORDER BY ends_at, id LIMIT $3`,
+      `SELECT ${columnsOf('k')}, e.ends_at, e.end_reason AS reason
+       FROM ${KEY_ENDS_FROM}
+       WHERE e.ends_at > $1 AND e.ends_at <= $2 ORDER BY e.ends_at, k.id LIMIT $3`,
       [now, until, limit],
     )
     return rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at), reason: r.reason }))
@@ -631,9 +623,9 @@ export class KeyService {
   }> {
     const now = this.#now()
     const rows = await this.#db.query<{ type: KeyType; status: KeyStatus; n: number; legacy: number; expiring: number }>(
-      `SELECT type, status, count(*)::int AS n, count(*) FILTER (WHERE legacy)::int AS legacy,
-         count(*) FILTER (WHERE status = 'active' AND ends_at > $1 AND ends_at <= $2)::int AS expiring
-       FROM (${KEY_ENDS}) k GROUP BY type, status`,
+      `SELECT k.type, k.status, count(*)::int AS n, count(*) FILTER (WHERE k.legacy)::int AS legacy,
+         count(*) FILTER (WHERE k.status = 'active' AND e.ends_at > $1 AND e.ends_at <= $2)::int AS expiring
+       FROM ${KEY_ENDS_FROM} GROUP BY k.type, k.status`,
       [now, new Date(now.getTime() + withinDays * 86_400_000)],
     )
     const byType = Object.fromEntries(KEY_TYPES.map((t) => [t, 0])) as Record<KeyType, number>
