@@ -26,6 +26,12 @@ const REQUEST_DROP = new Set([
   'true-client-ip', 'client-ip', 'x-original-url', 'x-rewrite-url',
 ])
 const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings'])
+/**
+ * For a 204 or a 101, which cannot have a body: a Content-Length there is forbidden (RFC 9110
+ * §8.6), and an upstream's was passed on (`204 No Content` with `content-length: 5`). A 304's
+ * stays: it names the size a 200 would have had, as RFC 9110 allows.
+ */
+const BODILESS_RESPONSE_DROP = new Set([...RESPONSE_DROP, 'content-length'])
 /** The limit headers the gateway sets itself: an upstream's own are dropped where the gateway's go (two of each could not be read). */
 const RATE_LIMIT_HEADERS = new Set(['ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset'])
 const KEEP_ON_UPGRADE = new Set(['connection', 'upgrade'])
@@ -309,8 +315,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const named = connectionNamed(headers.connection)
     let hasRequestId = false
     const limited = s.rlLimit >= 0
+    const drop = statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP
     for (const name in headers) {
-      if (RESPONSE_DROP.has(name)) continue
+      if (drop.has(name)) continue
       if (named !== undefined && named.includes(name)) continue
       if (limited && name.charCodeAt(0) === 114 /* r */ && RATE_LIMIT_HEADERS.has(name)) continue
       const v = headers[name]
@@ -462,7 +469,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           let head = 'HTTP/1.1 101 Switching Protocols\r\n'
           const named = connectionNamed(data.headers.connection)
           for (const name in data.headers) {
-            if (RESPONSE_DROP.has(name) && !KEEP_ON_UPGRADE.has(name)) continue
+            if (BODILESS_RESPONSE_DROP.has(name) && !KEEP_ON_UPGRADE.has(name)) continue
             if (named?.includes(name) && !KEEP_ON_UPGRADE.has(name)) continue
             if (s.rlLimit >= 0 && RATE_LIMIT_HEADERS.has(name)) continue
             const v = data.headers[name]

@@ -1,7 +1,7 @@
 // What the upstream actually receives, and what the client gets back.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, startGateway, type Received } from './helpers/gateway.ts'
+import { bearer, converse, echo, startGateway, type Received } from './helpers/gateway.ts'
 
 /** One raw HTTP/1.1 exchange (the client libraries refuse some of the headers sent here). */
 export function rawExchange(port: number, text: string): Promise<string> {
@@ -180,6 +180,43 @@ t.test('response hop-by-hop headers dropped, others kept', async (t) => {
   t.notOk(a.headers['x-private'])
   t.same(a.headers['set-cookie'], ['a=1', 'b=2'])
   t.equal(a.headers['x-request-id'], 'upstream-id-1')
+})
+
+t.test("an upstream's Content-Length on a 204 is not passed on (found by a review); a 304's is, and the connection carries the next request", async (t) => {
+  const h = await startGateway(t, {
+    sharedStore: true,
+    upstream: (req, res, received) => {
+      // Node's own server sends a Content-Length it is given, whatever the status.
+      if (req.url === '/204') res.writeHead(204, { 'content-length': '5' }).end()
+      else if (req.url === '/304') res.writeHead(304, { 'content-length': '5', etag: '"v1"' }).end()
+      else echo(req, res, received)
+    },
+  })
+  const k = await h.key()
+  const ask = (path: string) => `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\n\r\n`
+  const heads = (text: string) => text.split('HTTP/1.1 ').length - 1
+  // One keep-alive connection: each request is sent once the answer before it is complete.
+  const out = await converse(h.port, ask('/204'), [
+    { when: (text) => heads(text) === 1 && text.endsWith('\r\n\r\n'), send: ask('/304') },
+    { when: (text) => heads(text) === 2 && text.endsWith('\r\n\r\n'), send: ask('/after') },
+    { when: (text) => text.endsWith('}'), send: null },
+  ])
+  const [noContent, notModified, after] = out.split(/(?=HTTP\/1\.1 )/)
+  t.match(noContent, /^HTTP\/1\.1 204 No Content\r\n/)
+  t.notMatch(noContent, /content-length|transfer-encoding/i, 'a 204 names no length and no coding')
+  t.match(noContent, /\r\n\r\n$/, 'and has no body')
+  t.match(notModified, /^HTTP\/1\.1 304 Not Modified\r\n/)
+  t.match(notModified, /\r\ncontent-length: 5\r\n/, "a 304 keeps the length of what a 200 would have sent")
+  t.notMatch(notModified, /transfer-encoding/i)
+  t.match(notModified, /\r\n\r\n$/, 'and has no body')
+  t.match(after, /^HTTP\/1\.1 200 OK\r\n/, 'the next request on the connection is answered')
+  t.match(after, /"url":"\/after"/)
+
+  // Nor on a 101, which has no body either.
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\n\r\n'))
+  const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`)
+  t.match(switched, /^HTTP\/1\.1 101 Switching Protocols\r\n/)
+  t.notMatch(switched, /content-length/i, 'a 101 names no length')
 })
 
 t.test("the upstream's own RateLimit headers give way to the gateway's: one of each reaches the client", async (t) => {
