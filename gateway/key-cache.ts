@@ -51,7 +51,7 @@ const STATES = { active: STATE_ACTIVE, rotating: STATE_ROTATING, revoked: STATE_
  */
 export class CachedKey {
   readonly id: string
-  /** The name as a header value (visible ASCII, else percent-encoded). */
+  /** The name as a header value: as it is when PLAIN, else percent-encoded. */
   readonly name: string
   readonly type: KeyType
   readonly scopes: ScopeSet
@@ -89,8 +89,11 @@ export function validUntilOf(record: KeyRecord): number {
   return Math.min(expiry, record.graceUntil ? record.graceUntil.getTime() : 0)
 }
 
-// Header values must be visible ASCII; other names are sent percent-encoded.
-const PLAIN = /^[\x20-\x7e]*$/
+// Sent as it is: printable ASCII without `%`, and no space at either end (which a header parser
+// trims). Other names are percent-encoded, so a value holding `%` is
+// always encoded (a name `caf%C3%A9` and a name `café` arrived alike) and an upstream can give
+// every value to decodeURIComponent, which leaves a plain one as it is.
+const PLAIN = /^(?! )[\x20-\x24\x26-\x7e]*(?<! )$/
 
 /** Most distinct scope sets shared; past this, keys get their own (memory stays bounded by the cache). */
 const MAX_SHARED_SCOPE_SETS = 4096

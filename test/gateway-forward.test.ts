@@ -66,6 +66,21 @@ t.test('identity headers set once; credential, spoofed and hop-by-hop headers go
   t.not((keyish.json as Received).headers['x-request-id'], k.key)
 })
 
+t.test('X-Keygate-Key-Name tells every name apart, and decodeURIComponent gives each back (found by a review)', async (t) => {
+  const h = await startGateway(t, { sharedStore: true })
+  // Before: `café` and `caf%C3%A9` both arrived as caf%C3%A9, and ` padded ` as `padded`.
+  const names = ['café', 'caf%C3%A9', '100%', ' padded ', 'padded', 'plain name (v2)']
+  const sent: string[] = []
+  for (const name of names) {
+    const k = await h.key({ name })
+    const value = String(((await h.get('/', bearer(k.key))).json as Received).headers['x-keygate-key-name'])
+    t.equal(decodeURIComponent(value), name, `${JSON.stringify(name)} arrives as ${JSON.stringify(value)}`)
+    sent.push(value)
+  }
+  t.equal(new Set(sent).size, names.length, 'no two names arrive alike')
+  t.equal(sent[5], 'plain name (v2)', 'a plain name is sent as it is')
+})
+
 t.test('X-API-Key and query sources; strip and keep the credential', async (t) => {
   const h = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['x-api-key', 'query'] } } })
   const k = await h.key()
