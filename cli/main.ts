@@ -151,7 +151,7 @@ export async function runGroup<C>(
   const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
   const events = new EventBus()
   const queued: Array<Promise<unknown>> = []
-  const offQueue = events.on((e) => queued.push(webhooks.enqueue(e).catch((err: unknown) => log.warn('could not queue webhook deliveries', { event: e.type, err: err as Error }))))
+  const offQueue = webhooks.bind(events, (insert) => queued.push(insert))
   const offKeys = bindKeyEvents(runtime.keys, events)
   try {
     return await action(opened.ctx)

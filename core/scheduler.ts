@@ -31,7 +31,7 @@
 // told to the key service's listeners, so caches and other instances drop the key.
 import type { AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
-import type { EventBus } from './events.ts'
+import type { EventBus, KeygateEvent } from './events.ts'
 import { KEY_ENDS_FROM, type KeyEndReason } from './keys/ends.ts'
 import { columnsOf, toRecord, type KeyRow, type KeyService } from './keys/service.ts'
 import { keyJson, type KeyRecord } from './keys/types.ts'
@@ -162,7 +162,7 @@ export class Scheduler {
         const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
         if (!lock?.ok) return undefined
         const locked = await this.#lockDue(tx, now, notice, this.#batch)
-        const done = { full: locked.length === this.#batch, ended: [] as Ended[], announced: [] as typeof announced }
+        const done = { full: locked.length === this.#batch, ended: [] as Ended[], announced: [] as typeof announced, events: [] as KeygateEvent[] }
         if (locked.length === 0) return done
         done.ended = await this.#endKeys(tx, now, locked)
         done.announced = await this.#announce(tx, now, notice, locked)
@@ -171,6 +171,9 @@ export class Scheduler {
         }
         for (const a of done.announced) {
           await this.#o.audit.write(tx, SYSTEM, { keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })
+          // In this transaction: the notice is recorded as sent, so the event must not be lost.
+          const event = await this.#o.events?.stage(tx, 'key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
+          if (event) done.events.push(event)
         }
         return done
       })
@@ -182,9 +185,7 @@ export class Scheduler {
       ended.push(...batch.ended)
       announced.push(...batch.announced)
       for (const e of batch.ended) this.#o.keys.notify({ action: 'expired', key: e.key })
-      for (const a of batch.announced) {
-        this.#o.events?.emit('key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
-      }
+      for (const event of batch.events) this.#o.events?.publish(event)
       if (!batch.full || batch.ended.length + batch.announced.length === 0) break
     }
     // After the keys' transaction, a statement at a time: a long prune holds no key's row lock

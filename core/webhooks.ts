@@ -24,8 +24,8 @@ import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
-import type { EventBus, KeygateEvent } from './events.ts'
-import type { KeyService } from './keys/service.ts'
+import type { EventBus, EventType, KeygateEvent } from './events.ts'
+import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
 import type { Logger } from './log.ts'
 import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, type AllowList } from './ssrf.ts'
@@ -385,25 +385,43 @@ export class WebhookService {
 
   // Queue
 
-  /** One delivery per enabled webhook that takes `event.type`; sending starts at once. */
-  async enqueue(event: KeygateEvent): Promise<number> {
+  /**
+   * One delivery per enabled webhook that takes `event.type`, written with `q`: the store, where
+   * sending starts at once, or the transaction of the change the event tells of (see
+   * EventBus.stage), whose rows are sent once it has committed and the event is published.
+   */
+  async enqueue(event: KeygateEvent, q: Queryable = this.#db): Promise<number> {
     const body = JSON.stringify({ type: event.type, timestamp: event.at.toISOString(), data: event.data })
-    const rows = await this.#db.query<{ id: string }>(
+    const rows = await q.query<{ id: string }>(
       `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
        SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, $4, $4 FROM webhooks w
        WHERE w.enabled AND $1 = ANY (w.events)
        ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
       [event.type, body, dedupeKey(event), this.#now()],
     )
-    if (rows.length > 0) this.kick()
+    if (rows.length > 0 && q === this.#db) this.kick()
     return rows.length
   }
 
-  /** Queues every event of `events` (returns the unsubscriber). */
-  bind(events: EventBus): () => void {
-    return events.on((e) => {
-      this.enqueue(e).catch((err: unknown) => this.#log.error('could not queue webhook deliveries; the event is lost for webhooks', { event: e.type, err: err as Error }))
+  /**
+   * Queues every event of `events` (returns the unsubscriber): a staged event in the transaction
+   * of its change, the others as they are emitted (never on the request path: the gateway's emit
+   * is a synchronous call whose insert runs afterwards). `queued` gets each insert of the latter
+   * (a short-lived process waits for them before it exits).
+   */
+  bind(events: EventBus, queued?: (insert: Promise<unknown>) => void): () => void {
+    const offStage = events.onStage(async (q, e) => {
+      await this.enqueue(e, q)
     })
+    const off = events.on((e) => {
+      if (e.staged) return this.kick()
+      const insert = this.enqueue(e).catch((err: unknown) => this.#log.error('could not queue webhook deliveries; the event is lost for webhooks', { event: e.type, err: err as Error }))
+      queued?.(insert)
+    })
+    return () => {
+      offStage()
+      off()
+    }
   }
 
   // Delivery
@@ -626,11 +644,29 @@ function secretContext(webhookId: string): string {
   return JSON.stringify(['webhook-secret', webhookId])
 }
 
-/** Emits the key events of SPEC §5 for every committed change of `keys` (returns the unsubscriber). */
+/**
+ * The key events of SPEC §5 for the changes of `keys`: staged in each change's transaction (so
+ * the webhook queue holds them when it commits), published once it has (returns the unsubscriber).
+ */
 export function bindKeyEvents(keys: KeyService, events: EventBus): () => void {
-  return keys.onChange((change) => {
-    if (change.action === 'created') events.emit('key.created', { key: keyJson(change.key) })
-    else if (change.action === 'revoked') events.emit('key.revoked', { key: keyJson(change.key) })
-    else if (change.action === 'rotated') events.emit('key.rotated', { key: keyJson(change.key), ...(change.previous ? { previous: keyJson(change.previous) } : {}) })
+  const staged = new WeakMap<KeyChange, KeygateEvent>()
+  const offStage = keys.onCommitting(async (tx, change) => {
+    const event = keyEvent(change)
+    if (event) staged.set(change, await events.stage(tx, event.type, event.data))
   })
+  const offChange = keys.onChange((change) => {
+    const event = staged.get(change)
+    if (event) events.publish(event)
+  })
+  return () => {
+    offStage()
+    offChange()
+  }
+}
+
+function keyEvent(change: KeyChange): { type: EventType; data: Record<string, unknown> } | undefined {
+  if (change.action === 'created') return { type: 'key.created', data: { key: keyJson(change.key) } }
+  if (change.action === 'revoked') return { type: 'key.revoked', data: { key: keyJson(change.key) } }
+  if (change.action === 'rotated') return { type: 'key.rotated', data: { key: keyJson(change.key), ...(change.previous ? { previous: keyJson(change.previous) } : {}) } }
+  return undefined
 }

@@ -156,6 +156,7 @@ export class KeyService {
   readonly #graceHours: Readonly<Record<KeyType, number>>
   readonly #now: () => Date
   readonly #listeners = new Set<(change: KeyChange) => void>()
+  readonly #committing = new Set<(tx: Queryable, change: KeyChange) => Promise<void>>()
 
   constructor(options: KeyServiceOptions) {
     this.#db = options.db
@@ -176,6 +177,16 @@ export class KeyService {
     return () => this.#listeners.delete(listener)
   }
 
+  /**
+   * Called with each change inside its transaction, before the commit: what the listener writes
+   * with `tx` commits or rolls back with the change (the webhook queue's key events; a crash
+   * after the commit cannot lose them). A listener that throws fails the change.
+   */
+  onCommitting(listener: (tx: Queryable, change: KeyChange) => Promise<void>): () => void {
+    this.#committing.add(listener)
+    return () => this.#committing.delete(listener)
+  }
+
   /** Tells the listeners of a change committed outside this service (the scheduler's). */
   notify(change: KeyChange): void {
     this.#emit(change)
@@ -183,6 +194,22 @@ export class KeyService {
 
   #emit(change: KeyChange): void {
     for (const l of this.#listeners) l(change)
+  }
+
+  /**
+   * Runs `work` in one transaction. The changes it pushes go to the committing listeners inside
+   * it, and to the change listeners once it has committed, in the order pushed.
+   */
+  async #commit<T>(work: (tx: Queryable, changes: KeyChange[]) => Promise<T>): Promise<T> {
+    const changes: KeyChange[] = []
+    const result = await this.#db.transaction(async (tx) => {
+      changes.length = 0
+      const r = await work(tx, changes)
+      for (const change of changes) for (const l of this.#committing) await l(tx, change)
+      return r
+    })
+    for (const change of changes) this.#emit(change)
+    return result
   }
 
   /**
@@ -226,7 +253,7 @@ export class KeyService {
     const now = this.#now()
     const expiresAt = futureDate(body.expires_at, now, 'expires_at') ?? null
     const generated = generateKey(this.#prefix)
-    const record = await this.#db.transaction(async (tx) => {
+    const record = await this.#commit(async (tx, changes) => {
       const k = await this.#insert(tx, {
         id: generated.id,
         keyHash: generated.hash,
@@ -250,9 +277,9 @@ export class KeyService {
         action: 'key.created',
         details: { name: k.name, type: k.type, scopes: k.scopes, owner: k.owner, expires_at: expiresAt?.toISOString() ?? null },
       })
+      changes.push({ action: 'created', key: k })
       return k
     })
-    this.#emit({ action: 'created', key: record })
     return { key: generated.key, record }
   }
 
@@ -309,7 +336,7 @@ export class KeyService {
     checkMetadata(body.metadata)
     const now = this.#now()
     const expiresAt = futureDate(body.expires_at, now, 'expires_at')
-    const { record, predecessors } = await this.#db.transaction(async (tx) => {
+    return await this.#commit(async (tx, changes) => {
       const old = await this.#lockLineage(tx, id)
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
       if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated; change its successor ${old.replacedBy} instead`)
@@ -362,18 +389,17 @@ export class KeyService {
           await this.#audit.write(tx, actor, { keyId: row.id, action: 'key.updated', details: { changed: Object.keys(same), ...same, through_successor: id } })
         }
       }
-      return { record: toRecord(rows[0] as KeyRow), predecessors: predecessors.map(toRecord) }
+      const record = toRecord(rows[0] as KeyRow)
+      changes.push({ action: 'updated', key: record }, ...predecessors.map((k) => ({ action: 'updated' as const, key: toRecord(k) })))
+      return record
     })
-    this.#emit({ action: 'updated', key: record })
-    for (const k of predecessors) this.#emit({ action: 'updated', key: k })
-    return record
   }
 
   async revoke(id: string, reason: string | undefined, actor: Actor): Promise<KeyRecord> {
     // The API's schema: the CLI on the store refuses what the API refuses (an empty reason, control characters).
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     const now = this.#now()
-    const { record, ended } = await this.#db.transaction(async (tx) => {
+    return await this.#commit(async (tx, changes) => {
       const old = await this.#lockLineage(tx, id)
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
@@ -381,11 +407,11 @@ export class KeyService {
         [id, now, reason ?? null],
       )
       await this.#audit.write(tx, actor, { keyId: id, action: 'key.revoked', details: { reason: reason ?? null, previous_status: old.status } })
-      return { record: toRecord(rows[0] as KeyRow), ended: await this.#endPredecessors(tx, id, now, `successor ${id} revoked`, actor) }
+      const record = toRecord(rows[0] as KeyRow)
+      const ended = await this.#endPredecessors(tx, id, now, `successor ${id} revoked`, actor)
+      changes.push({ action: 'revoked', key: record }, ...ended.map((k) => ({ action: 'revoked' as const, key: k })))
+      return record
     })
-    this.#emit({ action: 'revoked', key: record })
-    for (const k of ended) this.#emit({ action: 'revoked', key: k })
-    return record
   }
 
   /**
@@ -413,7 +439,7 @@ export class KeyService {
   async rotate(id: string, options: { force?: boolean }, actor: Actor): Promise<{ key: string; record: KeyRecord; previous: KeyRecord }> {
     const now = this.#now()
     const generated = generateKey(this.#prefix)
-    const result = await this.#db.transaction(async (tx) => {
+    const result = await this.#commit(async (tx, changes) => {
       const old = await this.#lockLineage(tx, id)
       if (old.status !== 'active') {
         const hint = old.replacedBy ? `; it was replaced by ${old.replacedBy}, rotate that key instead` : ''
@@ -451,10 +477,9 @@ export class KeyService {
       await this.#audit.write(tx, actor, { keyId: fresh.id, action: 'key.created', details: { rotated_from: id, name: fresh.name, type: fresh.type } })
       // "The old key dies now": so do the older ones of its lineage still in grace.
       const ended = ends ? await this.#endPredecessors(tx, id, now, `successor ${id} ${why}`, actor) : []
-      return { record: fresh, previous, ended }
+      changes.push({ action: 'rotated', key: fresh, previous }, ...ended.map((k) => ({ action: 'revoked' as const, key: k })))
+      return { record: fresh, previous }
     })
-    this.#emit({ action: 'rotated', key: result.record, previous: result.previous })
-    for (const k of result.ended) this.#emit({ action: 'revoked', key: k })
     return { key: generated.key, record: result.record, previous: result.previous }
   }
 
@@ -499,7 +524,7 @@ export class KeyService {
     if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
     let records: KeyRecord[]
     try {
-      records = await this.#db.transaction(async (tx) => {
+      records = await this.#commit(async (tx, changes) => {
         const out: KeyRecord[] = []
         for (const row of rows) {
           const k = await this.#insert(tx, {
@@ -522,6 +547,7 @@ export class KeyService {
           }, now)
           await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.imported', details: { name: k.name, type: k.type } })
           out.push(k)
+          changes.push({ action: 'imported', key: k })
         }
         return out
       })
@@ -529,7 +555,6 @@ export class KeyService {
       if (sqlState(err) === UNIQUE_VIOLATION) throw new KeygateError('import_invalid', 'nothing imported: a key_hash was added to the store meanwhile', undefined, { cause: err })
       throw err
     }
-    for (const k of records) this.#emit({ action: 'imported', key: k })
     return records
   }
 
@@ -563,7 +588,7 @@ export class KeyService {
   async ensureAdminKey(actor: Actor): Promise<{ key: string; record: KeyRecord } | undefined> {
     const now = this.#now()
     const generated = generateKey(this.#prefix)
-    const record = await this.#db.transaction(async (tx) => {
+    const record = await this.#commit(async (tx, changes) => {
       await tx.query('SELECT pg_advisory_xact_lock($1)', [0x6b67_6164 /* "kgad" */])
       const existing = await tx.query<{ n: number }>(
         `SELECT count(*)::int AS n FROM api_keys WHERE 'admin' = ANY(scopes)
@@ -590,10 +615,10 @@ export class KeyService {
         expiresAt: null,
       })
       await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.created', details: { name: k.name, type: k.type, scopes: k.scopes, reason: 'no admin credential configured' } })
+      changes.push({ action: 'created', key: k })
       return k
     })
     if (!record) return undefined
-    this.#emit({ action: 'created', key: record })
     return { key: generated.key, record }
   }
 
