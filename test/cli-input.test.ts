@@ -1,7 +1,7 @@
 // The `keygate` command as a real process, given what it must refuse: usage errors (exit 2, no
 // store touched), and input no store can hold (metadata nested too deep, lone surrogates, a
 // legacy key pasted as its hash, unprintable revoke reasons), refused by name; values stored
-// before those rules are printed escaped.
+// before those rules are printed escaped. An import's problems are told all in one answer.
 import t from 'tap'
 import { createHash } from 'node:crypto'
 import { existsSync, writeFileSync } from 'node:fs'
@@ -157,4 +157,25 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.equal(shown.stdout.match(/^status /gm)?.length, 1, 'one status line')
   const listed = await runCli(['api-key', 'list'], { cwd, env })
   t.match(listed.stdout, /"old\\u001b\[2Jname"/, 'the list shows the name escaped')
+})
+
+t.test('an import tells every problem of its file in the first answer, on the embedded store', async (t) => {
+  // The review's file: before, row 1 (already in the store) and row 3 (a repeat of the bad row 2)
+  // were told only once the type was fixed, one after the other: three answers in three tries.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const hashOf = (uuid: string) => createHash('sha256').update(uuid).digest('hex')
+  const [a, b] = [hashOf('11111111-1111-4111-8111-111111111111'), hashOf('22222222-2222-4222-8222-222222222222')]
+  const first = join(cwd, 'first.jsonl')
+  writeFileSync(first, JSON.stringify({ key_hash: a, name: 'a' }) + '\n')
+  t.equal((await runCli(['api-key', 'import', first], { cwd, env })).code, 0)
+  const second = join(cwd, 'second.jsonl')
+  writeFileSync(second, [{ key_hash: a, name: 'a' }, { key_hash: b, name: 'b', type: 'bogus' }, { key_hash: b, name: 'b2' }].map((r) => JSON.stringify(r)).join('\n') + '\n')
+  const run = await runCli(['api-key', 'import', second, '--json'], { cwd, env })
+  t.equal(run.code, 1)
+  const error = run.json().error
+  t.equal(error.code, 'import_invalid')
+  t.match(error.details.problems, [/^row 1: key_hash is already in the store$/, /^row 2: type: /, /^row 3: key_hash repeats row 2$/])
+  t.equal(error.details.problems.length, 3, 'the three problems, no more')
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 1, 'nothing more was stored')
 })

@@ -827,6 +827,41 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(await count(db, 'api_keys WHERE key_hash = ANY($1)', [[h2, h3]]), 0)
   })
 
+  t.test('import reports every problem in one answer: a repeat of a bad row, and rows already in the store beside other problems', async (t) => {
+    // Before: a row was remembered for the repeat check only once it was valid, and the store was
+    // asked only when nothing else was wrong, so the review's file took three tries to be told all.
+    const s = testServices(db)
+    const [stored, other, fresh] = [sha256(randomUUID()), sha256(randomUUID()), sha256(randomUUID())]
+    await s.keys.importLegacy([{ key_hash: stored, name: 'stored' }, { key_hash: other, name: 'other' }], actor)
+    const before = await count(db, 'api_keys')
+    const pasted = randomUUID()
+    const err = await rejection(
+      s.keys.importLegacy(
+        [
+          { key_hash: stored, name: 'a' },
+          { key_hash: fresh, name: 'b', type: 'bogus' },
+          { key_hash: fresh, name: 'b2' },
+          { key_hash: other.toUpperCase(), name: '' },
+          { key_hash: pasted, name: 'the key itself' },
+        ],
+        actor,
+      ),
+    )
+    t.equal(err.code, 'import_invalid')
+    const problems = err.details?.problems as string[]
+    t.match(problems, [
+      /^row 1: key_hash is already in the store$/,
+      /^row 2: type: /,
+      /^row 3: key_hash repeats row 2$/,
+      /^row 4: name: /,
+      /^row 4: key_hash is already in the store$/,
+      /^row 5: key_hash: <hidden> is not allowed/,
+    ])
+    t.equal(problems.length, 6, 'every problem, in row order, and only those')
+    t.notOk(err.message.includes(pasted), 'a key pasted as its hash is still not shown')
+    t.equal(await count(db, 'api_keys'), before, 'nothing imported')
+  })
+
   t.test('stats counts by type and status', async (t) => {
     const s = testServices(db)
     const before = await s.keys.stats()

@@ -3,6 +3,7 @@
 import { Type, type Static } from '@sinclair/typebox'
 import '../formats.ts'
 import { PRINTABLE } from '../validate.ts'
+import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
 export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
@@ -80,7 +81,7 @@ export type UpdateKeyInput = Static<typeof UpdateKeyBody>
 
 export const ImportRow = Type.Object(
   {
-    key_hash: Type.String({ pattern: '^[0-9a-f]{64}$', description: 'SHA-256 hex of the legacy UUID v4 key.' }),
+    key_hash: Type.String({ pattern: SHA256_HEX.source, description: 'SHA-256 hex of the legacy UUID v4 key.' }),
     name: Name,
     type: Type.Optional(KeyTypeSchema),
     scopes: Type.Optional(Scopes),

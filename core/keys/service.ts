@@ -8,7 +8,7 @@ import { decodeCursor, encodeCursor } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
-import { generateKey, hashesEqual, newKeyId, parseKey } from './format.ts'
+import { generateKey, hashesEqual, newKeyId, parseKey, SHA256_HEX } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, type KeyEndReason } from './ends.ts'
@@ -490,20 +490,27 @@ export class KeyService {
   async importLegacy(input: unknown, actor: Actor, defaults: { type?: KeyType } = {}): Promise<KeyRecord[]> {
     if (!Array.isArray(input) || input.length === 0) throw emptyImport()
     checkImportSize(input.length)
-    const problems: string[] = []
+    // Each row's problems, so that those the store adds are listed with the row's own.
+    const problems: string[][] = input.map(() => [])
     const rows: ImportRowInput[] = []
     const seen = new Map<string, number>()
     const now = this.#now()
     input.forEach((raw, i) => {
+      let hash: string | undefined
       if (raw && typeof raw === 'object' && typeof (raw as { key_hash?: unknown }).key_hash === 'string') {
         // Hex is case-blind; the replaced system may have stored upper case.
-        raw = { ...raw, key_hash: (raw as { key_hash: string }).key_hash.toLowerCase() }
+        hash = (raw as { key_hash: string }).key_hash.toLowerCase()
+        raw = { ...raw, key_hash: hash }
+      }
+      // A well-formed hash is checked for repeats and against the store whatever else is wrong with
+      // its row, so that one answer lists every problem of the file (the README's promise).
+      if (hash !== undefined && SHA256_HEX.test(hash)) {
+        const first = seen.get(hash)
+        if (first === undefined) seen.set(hash, i + 1)
+        else problems[i]?.push(`row ${i + 1}: key_hash repeats row ${first}`)
       }
       try {
         const row = assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`)
-        const first = seen.get(row.key_hash)
-        if (first !== undefined) problems.push(`row ${i + 1}: key_hash repeats row ${first}`)
-        seen.set(row.key_hash, i + 1)
         checkMetadata(row.metadata)
         // A key made in the future would head the newest-first list for ever; one made after it
         // expired is no key the replaced system ever had.
@@ -514,14 +521,16 @@ export class KeyService {
       } catch (err) {
         if (!(err instanceof KeygateError)) throw err
         // The message names the row already when the row itself is what is wrong (`row 3: …`).
-        problems.push(err.message.startsWith(`row ${i + 1}`) ? err.message : `row ${i + 1}: ${err.message}`)
+        problems[i]?.push(err.message.startsWith(`row ${i + 1}`) ? err.message : `row ${i + 1}: ${err.message}`)
       }
     })
-    if (problems.length === 0) {
-      const existing = await this.#db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE key_hash = ANY($1)', [rows.map((r) => r.key_hash)])
-      for (const e of existing) problems.push(`row ${seen.get(e.key_hash)}: key_hash is already in the store`)
+    const existing = await this.#db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE key_hash = ANY($1)', [[...seen.keys()]])
+    for (const e of existing) {
+      const row = seen.get(e.key_hash) as number
+      problems[row - 1]?.push(`row ${row}: key_hash is already in the store`)
     }
-    if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
+    const listed = problems.flat()
+    if (listed.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${listed.join('\n  ')}`, { problems: listed })
     let records: KeyRecord[]
     try {
       records = await this.#commit(async (tx, changes) => {
