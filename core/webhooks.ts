@@ -257,16 +257,25 @@ export class WebhookService {
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`
     const now = this.#now()
+    const events = [...new Set(input.events)]
     const webhook = await this.#audited(
       actor,
       'webhook.created',
-      async (tx) =>
-        (
+      async (tx) => {
+        // One registration at a time (instances too), so that two at once cannot both miss the other.
+        await tx.query('SELECT pg_advisory_xact_lock($1)', [WEBHOOK_CREATE_LOCK])
+        const [twin] = await tx.query<{ id: string; events: string[] }>(`SELECT id, events FROM webhooks WHERE url = $1 AND events && $2 ORDER BY created_at, id LIMIT 1`, [url, events])
+        if (twin) {
+          const both = twin.events.filter((e) => events.includes(e))
+          throw new KeygateError('conflict', `webhook ${twin.id} already sends ${both.join(', ')} to ${url}: each event would be delivered twice; delete it first, or register the other events alone`)
+        }
+        return (
           await tx.query<WebhookRow>(
             `INSERT INTO webhooks (id, url, events, description, sealed_secret, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ${W_COLUMNS}`,
-            [id, url, [...new Set(input.events)], input.description ?? null, this.#seal(id, secret), actor.actor, now],
+            [id, url, events, input.description ?? null, this.#seal(id, secret), actor.actor, now],
           )
-        )[0],
+        )[0]
+      },
       (r) => ({ id: r.id, url: r.url, events: r.events }),
     )
     return { webhook, secret }
@@ -638,6 +647,9 @@ export class WebhookService {
     if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
   }
 }
+
+/** Serialises webhook registrations (pg_advisory_xact_lock): "kgwh". */
+const WEBHOOK_CREATE_LOCK = 0x6b67_7768
 
 /** What a webhook's sealed secrets are bound to: its id (sealed text copied to another webhook fails to open). */
 function secretContext(webhookId: string): string {

@@ -193,13 +193,13 @@ t.test('serve killed (SIGKILL) in the middle of revocations: every revocation th
   // killed keygate after 20 of 30 concurrent revocations had answered, and found 19 answered
   // revocations in the store with no key.revoked delivery, after a restart too. Now the delivery
   // is written in the revocation's own transaction.
-  const stores = {
+  const stores: Record<string, () => Promise<Record<string, string | undefined>>> = {
     postgres: async () => ({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }),
     embedded: async () => ({ DATABASE_URL: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_DATA_DIR: await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-crash-')), 'store')) }),
   }
   for (const [name, storeEnv] of Object.entries(stores)) {
     await t.test(name, async (t) => {
-      const env = { ...(await storeEnv()), REDIS_URL: undefined, KEYGATE_ADMIN_TOKEN: TOKEN, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32' }
+      const env: Record<string, string | undefined> = { ...(await storeEnv()), REDIS_URL: undefined, KEYGATE_ADMIN_TOKEN: TOKEN, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32' }
       const agent = new Agent({ connections: 64 })
       t.teardown(() => agent.close())
       const call = async (base: string, path: string, body?: unknown) => {

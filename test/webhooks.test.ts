@@ -193,6 +193,24 @@ await forEachStore(t, async (t, store) => {
   }
   const deliveriesOf = (webhookId: string) => store.db.query<any>('SELECT * FROM webhook_deliveries WHERE webhook_id = $1 ORDER BY created_at, id', [webhookId])
 
+  await t.test('a URL already registered for an event is refused for that event, also when two registrations race', async (t) => {
+    // Before (found by a review): two registrations at once both succeeded, and every event was
+    // delivered twice to the receiver, under two webhook ids that no deduplication could match.
+    const s = service()
+    const url = 'http://127.0.0.1:9/twice'
+    const both = await Promise.allSettled([s.create({ url, events: ['key.revoked', 'key.created'] }, ACTOR), s.create({ url, events: ['key.revoked'] }, ACTOR)])
+    t.equal(both.filter((r) => r.status === 'fulfilled').length, 1, 'one of two at once is registered')
+    const refused = both.find((r) => r.status === 'rejected')?.reason
+    t.match(refused, { code: 'conflict', message: /already sends key\.revoked to http:\/\/127\.0\.0\.1:9\/twice/ }, 'the other is a conflict naming the event')
+    await t.rejects(s.create({ url, events: ['key.created', 'key.expiring'] }, ACTOR), { code: 'conflict' }, 'an overlap of one event is enough')
+    const other = await s.create({ url, events: ['anomaly.detected'] }, ACTOR)
+    t.same(other.webhook.events, ['anomaly.detected'], 'other events to the same URL are a webhook of their own')
+    const rows = await store.db.query<{ id: string }>('SELECT id FROM webhooks WHERE url = $1', [url])
+    t.equal(rows.length, 2)
+    // The store is shared with the subtests below, which count deliveries of these events.
+    for (const r of rows) await s.remove(r.id, ACTOR)
+  })
+
   await t.test('retries with exponential backoff, then delivered; failed after max_attempts', async (t) => {
     let answers = [500, 503, 204]
     const receiver = await startReceiver(t, (_h, res) => res.writeHead(answers.shift() ?? 500).end())

@@ -13,7 +13,7 @@ export default defineOperation({
   tag: 'webhooks',
   summary: 'Register a webhook',
   description:
-    'Deliveries are POSTed as `{"type","timestamp","data"}` and signed per Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`). The URL is refused when it is, or resolves to, a loopback, private, link-local or otherwise internal address, unless that address is in `webhooks.allow_private`.',
+    'Deliveries are POSTed as `{"type","timestamp","data"}` and signed per Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`). The URL is refused when it is, or resolves to, a loopback, private, link-local or otherwise internal address, unless that address is in `webhooks.allow_private`. A URL already registered for one of the same events is a conflict: each of those events would be delivered twice.',
   body: Type.Object(
     {
       url: Type.String({ minLength: 1, maxLength: 2048, description: 'http or https URL of the receiver.' }),
@@ -23,7 +23,7 @@ export default defineOperation({
     { additionalProperties: false },
   ),
   response: { status: 201, description: 'The webhook and its secret, shown once.', schema: WebhookWithSecret },
-  errors: ['validation_failed', 'webhook_url_refused'],
+  errors: ['validation_failed', 'webhook_url_refused', 'conflict'],
   async handle({ body, actor, services }) {
     const { webhook, secret } = await services.webhooks.create({ url: body.url, events: body.events, description: body.description ?? null }, actor)
     return { ...webhookJson(webhook), secret }
