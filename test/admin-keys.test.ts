@@ -129,10 +129,31 @@ await forEachStore(t, async (t, store) => {
     const u = await writes(t, h, 1, 'update', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: 'edited', scopes: ['a', 'b'], rate_limit: null } }))
     t.equal(u.status, 200)
     t.match(u.json, { name: 'edited', scopes: ['a', 'b'] })
-    t.match(await auditOf(h, k.id), [{ action: 'key.updated', actor, details: { changed: ['name', 'scopes', 'rate_limit'] } }, { action: 'key.created' }])
+    // rate_limit: null restates the key's (it had none): not a change.
+    t.match(await auditOf(h, k.id), [{ action: 'key.updated', actor, details: { changed: ['name', 'scopes'] } }, { action: 'key.created' }])
     t.equal((await h.call('PATCH', `/v1/keys/${k.id}`, { body: {} })).json.error.code, 'validation_failed', 'an empty change is refused')
     t.equal((await h.call('PATCH', `/v1/keys/${k.id}`, { body: { type: 'system' } })).json.error.details.fields[0].field, 'type', 'the type cannot change')
     t.equal((await h.call('PATCH', '/v1/keys/nosuchkey123', { body: { name: 'x' } })).status, 404)
+  })
+
+  await t.test('a PATCH that changes nothing answers the key as it is and writes nothing (found by a review)', async (t) => {
+    const body = { name: 'noop', scopes: ['a'], metadata: { b: 1, a: [true] }, rate_limit: { limit: 9, window_s: 1 }, expires_at: '2099-01-01T00:00:00Z' }
+    const k = (await h.call('POST', '/v1/keys', { body: { ...body, type: 'service' } })).json
+    const row = async () => (await store.db.query<{ j: string }>('SELECT row_to_json(k)::text AS j FROM api_keys k WHERE id = $1', [k.id]))[0]?.j
+    const before = await row()
+    const heard: string[] = []
+    t.teardown(h.keys.onChange((c) => heard.push(c.key.id)))
+    const as = (await h.call('GET', `/v1/keys/${k.id}`)).json
+    const same = await writes(t, h, 0, 'the same values', () =>
+      h.call('PATCH', `/v1/keys/${k.id}`, { body: { ...body, metadata: { a: [true], b: 1 }, expires_at: '2099-01-01T01:00:00.000+01:00', owner: null } }),
+    )
+    t.equal(same.status, 200)
+    t.same(same.json, as, 'the key as it is')
+    t.equal(await row(), before, 'the row is not touched (updated_at, change_xid)')
+    t.same(heard, [], 'no change event')
+    await writes(t, h, 1, 'a name among the same values', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { ...body, name: 'noop 2' } }))
+    t.same((await auditOf(h, k.id))[0]?.details, { changed: ['name'], name: 'noop 2' }, 'only the name is the change')
+    t.same(heard, [k.id])
   })
 
   await t.test('revoke', async (t) => {

@@ -386,6 +386,52 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(await rowJson(db, old.record.id), snapshot, 'a predecessor past its grace is left as it was')
   })
 
+  t.test('an update restating what a key holds changes nothing: no write, no audit row, no event, no notice dropped (found by a review)', async (t) => {
+    const s = testServices(db)
+    const expires = new Date(s.clock.now().getTime() + 30 * 24 * HOUR)
+    const fields = {
+      name: 'as is',
+      scopes: ['orders:write', 'orders:read'],
+      owner: null,
+      metadata: { team: 'billing', limits: { daily: [1, 2.5], note: null } },
+      allowed_cidrs: ['10.0.0.0/8', '192.0.2.0/24'],
+      rate_limit: { limit: 5, window_s: 60 },
+      expires_at: expires.toISOString(),
+      rotation_interval_s: 7 * 86_400,
+    }
+    const first = await s.keys.create({ ...fields, type: 'system' }, actor)
+    // Its predecessor in grace takes the key's changes: it is compared too.
+    const { record } = await s.keys.rotate(first.record.id, {}, actor)
+    await db.query(`INSERT INTO api_key_notices (key_id, kind, deadline, notified_at) VALUES ($1, 'expiry', $2, $3), ($1, 'rotation', $2, $3)`, [record.id, expires, s.clock.now()])
+    const notices = async () => (await db.query<{ kind: string }>('SELECT kind FROM api_key_notices WHERE key_id = $1 ORDER BY kind', [record.id])).map((r) => r.kind)
+    const rows = async () => [await rowJson(db, record.id), await rowJson(db, first.record.id)]
+    const heard: string[] = []
+    s.keys.onChange((c) => heard.push(`${c.action} ${c.key.id}`))
+    s.clock.advance(HOUR)
+
+    const before = await rows()
+    // The same values written otherwise: metadata's keys in another order, the expiry at another offset.
+    const restated = { ...fields, metadata: { limits: { note: null, daily: [1, 2.5] }, team: 'billing' }, expires_at: new Date(expires.getTime() + 2 * HOUR).toISOString().replace('Z', '+02:00') }
+    const same = await s.keys.update(record.id, restated, actor)
+    t.same(same, await s.keys.get(record.id), 'answers the key as it is')
+    t.same(await rows(), before, 'neither the key nor its predecessor is written (updated_at, change_xid)')
+    t.same(await auditActions(s, db, record.id), ['key.created'], 'no audit row')
+    t.same(await auditActions(s, db, first.record.id), ['key.created', 'key.rotated'], 'none on the predecessor')
+    t.same(heard, [], 'no change event: no gateway drops the key')
+    t.same(await notices(), ['expiry', 'rotation'], 'the expiry and rotation still announced are not announced again')
+    t.same(await s.keys.update(record.id, { rate_limit: { limit: 5, window_s: 60 }, owner: null }, actor), same, 'a part restated')
+
+    // One field changed among the restated ones: only it is the change, on the key and its predecessor.
+    s.clock.advance(HOUR)
+    const renamed = await s.keys.update(record.id, { ...restated, name: 'renamed' }, actor)
+    t.equal(renamed.updatedAt.getTime(), s.clock.now().getTime())
+    const updates = async (id: string) => (await s.audit.list(db, { keyId: id })).filter((r) => r.action === 'key.updated').map((r) => r.details)
+    t.same(await updates(record.id), [{ changed: ['name'], name: 'renamed' }])
+    t.same(await updates(first.record.id), [{ changed: ['name'], name: 'renamed', through_successor: record.id }])
+    t.same(heard, [`updated ${record.id}`, `updated ${first.record.id}`])
+    t.same(await notices(), ['expiry', 'rotation'], 'a change of the name drops no notice')
+  })
+
   t.test('revoke, then revoke again', async (t) => {
     const s = testServices(db)
     const { key, record } = await s.keys.create({ name: 'doomed', type: 'user' }, actor)

@@ -1,6 +1,7 @@
 // Key lifecycle: create, list, get, update, revoke, rotate, import, validate, stats. Every change
 // is one transaction that locks the key row and writes its audit record, so a change and its
 // record commit together or not at all.
+import { isDeepStrictEqual } from 'node:util'
 import type { Db, Queryable } from '../db.ts'
 import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
@@ -148,6 +149,43 @@ function futureDate(value: string | null | undefined, now: Date, field: string):
   return d
 }
 
+/** One field of a key's change: the key's property it sets, in the form the key holds it, and the columns it writes. */
+interface FieldChange {
+  field: keyof UpdateKeyInput
+  property: keyof KeyRecord
+  value: unknown
+  columns: Array<[column: string, value: unknown]>
+}
+
+/** The change `body` asks for, field by field (`expiresAt`: its expires_at as a date, already checked). */
+function fieldChanges(body: UpdateKeyInput, expiresAt: Date | null | undefined): FieldChange[] {
+  const changes: FieldChange[] = []
+  const add = (field: keyof UpdateKeyInput, property: keyof KeyRecord, value: unknown, columns: Array<[string, unknown]> = [[field, value]]) => {
+    changes.push({ field, property, value, columns })
+  }
+  if (body.name !== undefined) add('name', 'name', body.name)
+  if (body.scopes !== undefined) add('scopes', 'scopes', body.scopes)
+  if (body.owner !== undefined) add('owner', 'owner', body.owner)
+  // As jsonb gives it back: key order and repeated keys are not kept, -0 is 0.
+  if (body.metadata !== undefined) add('metadata', 'metadata', JSON.parse(JSON.stringify(body.metadata)), [['metadata', JSON.stringify(body.metadata)]])
+  if (body.allowed_cidrs !== undefined) add('allowed_cidrs', 'allowedCidrs', body.allowed_cidrs)
+  if (body.rate_limit !== undefined) {
+    const limit = body.rate_limit
+    add('rate_limit', 'rateLimit', limit && { limit: limit.limit, windowS: limit.window_s }, [['rate_limit', limit?.limit ?? null], ['rate_limit_window_s', limit?.window_s ?? null]])
+  }
+  if (expiresAt !== undefined) add('expires_at', 'expiresAt', expiresAt)
+  if (body.rotation_interval_s !== undefined) add('rotation_interval_s', 'rotationIntervalS', body.rotation_interval_s)
+  return changes
+}
+
+/**
+ * The changes that would change `k`: restating a value is none. Compared as the store holds them:
+ * lists in their order, metadata as JSON (not its text), dates as instants, null as null.
+ */
+function differing(changes: readonly FieldChange[], k: KeyRecord): FieldChange[] {
+  return changes.filter((c) => !isDeepStrictEqual(c.value, k[c.property]))
+}
+
 export class KeyService {
   readonly #db: Db
   readonly #audit: AuditLog
@@ -213,16 +251,17 @@ export class KeyService {
   }
 
   /**
-   * Locks a key and the keys it replaced, in one order (by id), before any of them is changed,
-   * and gives the key's row: revoking a key also revokes its predecessors still in grace, and two
-   * such changes to one lineage that each locked their own key first then waited on each other's
-   * (PostgreSQL's deadlock detector ended one of them).
+   * Locks a key and the keys it replaced, in one order (by id), before any of them is changed:
+   * revoking a key also revokes its predecessors still in grace, and two such changes to one
+   * lineage that each locked their own key first then waited on each other's (PostgreSQL's
+   * deadlock detector ended one of them). Gives the key, and the whole lineage (the key included).
    */
-  async #lockLineage(tx: Queryable, id: string): Promise<KeyRecord> {
+  async #lockLineage(tx: Queryable, id: string): Promise<{ key: KeyRecord; lineage: KeyRecord[] }> {
     const rows = await tx.query<KeyRow>(`${LINEAGE} SELECT ${COLUMNS} FROM api_keys WHERE id IN (SELECT id FROM lineage) ORDER BY id FOR UPDATE`, [id])
-    const row = rows.find((r) => r.id === id)
-    if (!row) throw keyNotFound(id)
-    return toRecord(row)
+    const lineage = rows.map(toRecord)
+    const key = lineage.find((k) => k.id === id)
+    if (!key) throw keyNotFound(id)
+    return { key, lineage }
   }
 
   async #lock(tx: Queryable, id: string): Promise<KeyRecord> {
@@ -330,68 +369,50 @@ export class KeyService {
    * credential until then, and take the same change (its rotation interval excepted, which only
    * an active key has): narrowing a key's scopes, addresses or expiry must not leave its
    * predecessor working with the old ones for days. Each changed key gets its own audit row.
+   * Only a field whose value differs from the key's is a change: a PATCH restating the key as it
+   * is writes nothing, and makes no gateway drop the key from its cache.
    */
   async update(id: string, input: unknown, actor: Actor): Promise<KeyRecord> {
     const body = assertValid<UpdateKeyInput>(UpdateKeyBody, input)
     checkMetadata(body.metadata)
     const now = this.#now()
-    const expiresAt = futureDate(body.expires_at, now, 'expires_at')
-    return await this.#commit(async (tx, changes) => {
-      const old = await this.#lockLineage(tx, id)
+    const asked = fieldChanges(body, futureDate(body.expires_at, now, 'expires_at'))
+    const shared = asked.filter((c) => c.field !== 'rotation_interval_s')
+    return await this.#commit(async (tx, keyChanges) => {
+      const { key: old, lineage } = await this.#lockLineage(tx, id)
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
       if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated; change its successor ${old.replacedBy} instead`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and can no longer be changed`)
-      // $1 is the key's id, $2 the time; both statements take the same parameters.
-      const sets: string[] = ['updated_at = $2']
-      const params: unknown[] = [id, now]
-      const set = (column: string, value: unknown) => {
-        params.push(value)
-        sets.push(`${column} = $${params.length}`)
-      }
-      if (body.name !== undefined) set('name', body.name)
-      if (body.scopes !== undefined) set('scopes', body.scopes)
-      if (body.owner !== undefined) set('owner', body.owner)
-      if (body.metadata !== undefined) set('metadata', JSON.stringify(body.metadata))
-      if (body.allowed_cidrs !== undefined) set('allowed_cidrs', body.allowed_cidrs)
-      if (body.rate_limit !== undefined) {
-        set('rate_limit', body.rate_limit?.limit ?? null)
-        set('rate_limit_window_s', body.rate_limit?.window_s ?? null)
-      }
-      if (expiresAt !== undefined) set('expires_at', expiresAt)
-      const shared = [...sets]
-      const sharedParams = params.slice()
-      if (body.rotation_interval_s !== undefined) set('rotation_interval_s', body.rotation_interval_s)
-      const rows = await tx.query<KeyRow>(`UPDATE api_keys SET ${sets.join(', ')} WHERE id = $1 RETURNING ${COLUMNS}`, params)
+      const own = differing(asked, old)
+      const fields = new Set(own.map((c) => c.field))
       // A rotation deadline announced under the old interval no longer applies: the scheduler
       // announces the new one (and enforces only an announced deadline).
-      if (body.rotation_interval_s !== undefined && body.rotation_interval_s !== old.rotationIntervalS) {
-        await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'rotation'`, [id])
-      }
+      if (fields.has('rotation_interval_s')) await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'rotation'`, [id])
       // Likewise an expiry announced for the old date: the new one is announced when it comes
       // within the notice period, even if it is the date announced before (moved away and back).
-      if (expiresAt !== undefined && expiresAt?.getTime() !== old.expiresAt?.getTime()) {
-        await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'expiry'`, [id])
-      }
-      const changed = Object.keys(body)
-      await this.#audit.write(tx, actor, { keyId: id, action: 'key.updated', details: { changed, ...body } })
-      const predecessors: KeyRow[] = []
-      if (shared.length > 1) {
-        predecessors.push(
-          ...(await tx.query<KeyRow>(
-            `${LINEAGE} UPDATE api_keys SET ${shared.join(', ')}
-             WHERE id IN (SELECT id FROM lineage) AND id <> $1 AND status = 'rotating' AND grace_until > $2
-             RETURNING ${COLUMNS}`,
-            sharedParams,
-          )),
-        )
-        const { rotation_interval_s: _interval, ...same } = body
-        for (const row of predecessors) {
-          await this.#audit.write(tx, actor, { keyId: row.id, action: 'key.updated', details: { changed: Object.keys(same), ...same, through_successor: id } })
+      if (fields.has('expires_at')) await tx.query(`DELETE FROM api_key_notices WHERE key_id = $1 AND kind = 'expiry'`, [id])
+      const written: KeyRecord[] = []
+      const write = async (k: KeyRecord, changes: FieldChange[], details: Record<string, unknown> = {}) => {
+        const params: unknown[] = [k.id, now]
+        const sets = ['updated_at = $2']
+        for (const [column, value] of changes.flatMap((c) => c.columns)) {
+          params.push(value)
+          sets.push(`${column} = $${params.length}`)
         }
+        const rows = await tx.query<KeyRow>(`UPDATE api_keys SET ${sets.join(', ')} WHERE id = $1 RETURNING ${COLUMNS}`, params)
+        const values = Object.fromEntries(changes.map((c) => [c.field, body[c.field]]))
+        await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.updated', details: { changed: changes.map((c) => c.field), ...values, ...details } })
+        written.push(toRecord(rows[0] as KeyRow))
       }
-      const record = toRecord(rows[0] as KeyRow)
-      changes.push({ action: 'updated', key: record }, ...predecessors.map((k) => ({ action: 'updated' as const, key: toRecord(k) })))
-      return record
+      if (own.length > 0) await write(old, own)
+      // Each predecessor is compared with its own row, as the key is with its own.
+      for (const k of lineage) {
+        if (k.id === id || k.status !== 'rotating' || k.graceUntil === null || k.graceUntil <= now) continue
+        const theirs = differing(shared, k)
+        if (theirs.length > 0) await write(k, theirs, { through_successor: id })
+      }
+      keyChanges.push(...written.map((k) => ({ action: 'updated' as const, key: k })))
+      return own.length > 0 ? (written[0] as KeyRecord) : old
     })
   }
 
@@ -400,7 +421,7 @@ export class KeyService {
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     const now = this.#now()
     return await this.#commit(async (tx, changes) => {
-      const old = await this.#lockLineage(tx, id)
+      const { key: old } = await this.#lockLineage(tx, id)
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
         `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
@@ -440,7 +461,7 @@ export class KeyService {
     const now = this.#now()
     const generated = generateKey(this.#prefix)
     const result = await this.#commit(async (tx, changes) => {
-      const old = await this.#lockLineage(tx, id)
+      const { key: old } = await this.#lockLineage(tx, id)
       if (old.status !== 'active') {
         const hint = old.replacedBy ? `; it was replaced by ${old.replacedBy}, rotate that key instead` : ''
         throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${hint}`)
