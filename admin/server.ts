@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, hostName, isTlsFailure, responseInFlight } from '../core/http.ts'
+import { ADMIN_MARK, answerClientError, hostName, isTlsFailure } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -172,14 +172,15 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     sendError(res, 'not_found', requestId, `no admin route ${url.pathname}`)
   })
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-    // A response under way on this connection (an event stream, with a pipelined request that
-    // does not parse): an answer written now would land inside it.
-    if (isTlsFailure(err) || !socket.writable || responseInFlight(socket)) {
+    if (isTlsFailure(err)) {
       socket.destroy()
       return
     }
-    const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400
-    socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`)
+    // After the responses to the requests before it (an event stream goes on until it ends).
+    answerClientError(socket, () => {
+      const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400
+      socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`)
+    })
   })
   return server
 }

@@ -1,6 +1,6 @@
 // Small facts about HTTP/1.1 messages that the gateway and the admin listener both read (the two
 // import nothing of each other).
-import type { IncomingHttpHeaders, Server } from 'node:http'
+import type { IncomingHttpHeaders, Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 
@@ -13,11 +13,48 @@ export function hasBody(h: IncomingHttpHeaders): boolean {
 }
 
 /**
- * Whether a response has begun on `socket`, its head sent (Node's own clientError handler checks
- * the same): an answer written now would land inside it.
+ * Calls `then` once every response of `socket` begun or queued so far has been written, or the
+ * socket closed: the moment for an answer written on the socket itself (a switch to a WebSocket
+ * tunnel, the refusal of an upgrade, a parser error's 400), which written earlier lands before or
+ * inside the answers to the requests pipelined ahead of it, and reads as theirs. Node writes the
+ * responses of a connection one at a time, in order, and hands the socket to the next one queued
+ * as each finishes: the wait follows them one by one (`socket._httpMessage` is the one written
+ * now, as Node's own clientError handler reads it; its 'finish', or 'close' when cut short). The
+ * wait ends early at a response `stopAt` accepts (one that will never finish), handed to `then`.
  */
-export function responseInFlight(socket: Duplex): boolean {
-  return (socket as Duplex & { _httpMessage?: { headersSent?: boolean } | null })._httpMessage?.headersSent === true
+export function afterResponses(socket: Duplex, then: (pending: ServerResponse | undefined) => void, stopAt?: (res: ServerResponse) => boolean): void {
+  const res = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage ?? undefined
+  if (res === undefined || socket.destroyed || stopAt?.(res) === true) {
+    then(res)
+    return
+  }
+  const next = (): void => {
+    res.off('finish', next).off('close', next)
+    afterResponses(socket, then, stopAt)
+  }
+  res.once('finish', next).once('close', next)
+}
+
+const answering = new WeakSet<Duplex>()
+
+/**
+ * Answers a connection the HTTP parser gave up on: `answer` writes the refusal on the socket
+ * once the responses to the requests before the one that did not parse are written. A request
+ * whose body the parser gave up on never finishes: the refusal is its answer, or the connection
+ * is closed when its own answer has begun. Node reports the failure again as more bytes arrive:
+ * only the first is answered.
+ */
+export function answerClientError(socket: Duplex, answer: () => void): void {
+  if (answering.has(socket)) return
+  answering.add(socket)
+  afterResponses(
+    socket,
+    (pending) => {
+      if (!socket.writable || pending?.headersSent === true) socket.destroy()
+      else answer()
+    },
+    (res) => !res.req.complete,
+  )
 }
 
 /** A Host value without its port (`[::1]:8080` is `[::1]`, `a:80` is `a`). */

@@ -27,7 +27,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { destroyConnections, isTlsFailure, responseInFlight, trackConnections } from '../core/http.ts'
+import { afterResponses, answerClientError, destroyConnections, isTlsFailure, trackConnections } from '../core/http.ts'
 import { closingError, rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage } from './state.ts'
@@ -235,26 +235,39 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   server.on('checkContinue', onRequest)
 
   const upgrade = forwarder.upgrade
+  // An upgrade, a CONNECT and a request that does not parse are answered on the socket itself,
+  // not through Node's queue of responses: each waits for the responses to the requests pipelined
+  // before it (afterResponses), or its answer would land in front of theirs or inside one.
   server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     socket.on('error', () => socket.destroy())
-    const s = new RequestState(req, undefined, socket, head, performance.now())
-    if (req.headers.upgrade?.toLowerCase() !== 'websocket' || ctx.closing) {
-      s.id = nextId()
-      s.message = ctx.closing ? 'The gateway is shutting down.' : 'Only WebSocket upgrades are proxied.'
-      sendError(ctx, s, 'bad_request')
-      return
-    }
-    // Key changes counted from here: one made while the upstream answers is checked as the tunnel opens.
-    const changes = guard.changes
-    run(s, (checked) => upgrade(checked, changes))
+    const start = performance.now()
+    afterResponses(socket, () => {
+      // An earlier response closed the connection, or the client did.
+      if (!socket.writable) {
+        socket.destroy()
+        return
+      }
+      const s = new RequestState(req, undefined, socket, head, start)
+      if (req.headers.upgrade?.toLowerCase() !== 'websocket' || ctx.closing) {
+        s.id = nextId()
+        s.message = ctx.closing ? 'The gateway is shutting down.' : 'Only WebSocket upgrades are proxied.'
+        sendError(ctx, s, 'bad_request')
+        return
+      }
+      // Key changes counted from here: one made while the upstream answers is checked as the tunnel opens.
+      const changes = guard.changes
+      run(s, (checked) => upgrade(checked, changes))
+    })
   })
 
   server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
     // Node takes its own error listener off a socket it hands to 'connect': without one, a client
     // that resets the connection was an uncaught error, the end of the process.
     socket.on('error', () => socket.destroy())
-    metrics.route(NO_ROUTE).requests.method_not_allowed.inc()
-    rawError(socket, 'method_not_allowed', nextId())
+    afterResponses(socket, () => {
+      metrics.route(NO_ROUTE).requests.method_not_allowed.inc()
+      rawError(socket, 'method_not_allowed', nextId())
+    })
   })
 
   // An Expect other than 100-continue: the JSON error of SPEC §3, counted, where Node would send
@@ -267,16 +280,16 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
 
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-    // A response already under way on this connection (a pipelined request that does not parse
-    // arrived meanwhile): an answer written now would land inside that response's body.
-    if (err.code === 'ECONNRESET' || isTlsFailure(err) || !socket.writable || responseInFlight(socket)) {
+    if (err.code === 'ECONNRESET' || isTlsFailure(err)) {
       socket.destroy()
       return
     }
-    const code = err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
-    metrics.route(NO_ROUTE).requests[code].inc()
-    log.debug('refused a malformed request', { code: err.code ?? null })
-    rawError(socket, code, nextId())
+    answerClientError(socket, () => {
+      const code = err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
+      metrics.route(NO_ROUTE).requests[code].inc()
+      log.debug('refused a malformed request', { code: err.code ?? null })
+      rawError(socket, code, nextId())
+    })
   })
 
   // An open WebSocket tunnel's key is read again whenever the key changes.

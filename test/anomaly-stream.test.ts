@@ -239,7 +239,7 @@ t.test("a stream ends when its admin key no longer holds the stream's address; H
   t.equal(after.status, 200, 'and holds no stream slot')
 })
 
-t.test('a pipelined request that does not parse, on the connection of an open stream: the connection is closed, nothing is written into the stream', async (t) => {
+t.test('a pipelined request that does not parse, on the connection of an open stream: nothing is written into the stream (its 400 waits for the stream to end)', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db)
   const { hostname, port } = new URL(h.url)
