@@ -229,9 +229,72 @@ class Insured implements Limiter {
 
 const CLUSTER_GATE: Gate = { up: true, timeoutMs: CLUSTER_TIMEOUT_MS, down: () => {} }
 
+/**
+ * Keys one memory limiter holds counts for: past it the least recently counted are forgotten
+ * first (their windows start afresh). Each takes about 250 bytes, so a memory limiter holds at
+ * most about 25 MB.
+ */
+export const MEMORY_MAX_KEYS = 100_000
+
+/** A count as rate-limiter-flexible's MemoryStorage keeps it (its `dump()` reads `value` and `expiresAt`). */
+interface Count {
+  value: number
+  /** Epoch ms; null for a count that never ends (a block of 0 s). */
+  expiresAt: number | null
+}
+
+/**
+ * RateLimiterMemory's store (incrby, set, get, delete: the fixed window that starts with a
+ * key's first point) in a quick-lru of MEMORY_MAX_KEYS keys. rate-limiter-flexible's own keeps
+ * every key, with a timer each, for its whole window and has no bound: a flood of bad keys from
+ * distinct addresses held about 650 bytes an address for the lockout's 15 minutes (378 MB after
+ * 220,000 requests). Here an ended count is dropped when it is next looked at, or pushed out by
+ * newer ones, without a timer.
+ */
+class BoundedStorage {
+  // quick-lru holds up to twice its maxSize (the recent keys and the generation before them).
+  readonly _storage = new QuickLRU<string, Count>({ maxSize: MEMORY_MAX_KEYS / 2 })
+
+  incrby(key: string, value: number, durationS: number): RateLimiterRes {
+    const count = this._storage.get(key)
+    if (count === undefined) return this.set(key, value, durationS)
+    count.value += value
+    return new RateLimiterRes(0, count.expiresAt === null ? -1 : count.expiresAt - Date.now(), count.value, false)
+  }
+
+  set(key: string, value: number, durationS: number): RateLimiterRes {
+    const ms = durationS * 1000
+    if (ms > 0) this._storage.set(key, { value, expiresAt: Date.now() + ms }, { maxAge: ms })
+    else this._storage.set(key, { value, expiresAt: null })
+    return new RateLimiterRes(0, ms === 0 ? -1 : ms, value, true)
+  }
+
+  get(key: string): RateLimiterRes | null {
+    const count = this._storage.get(key)
+    return count === undefined ? null : new RateLimiterRes(0, count.expiresAt === null ? -1 : count.expiresAt - Date.now(), count.value, false)
+  }
+
+  delete(key: string): boolean {
+    return this._storage.delete(key)
+  }
+}
+
+/**
+ * Gives `limiter` a BoundedStorage in place of its own (once). RateLimiterMemory keeps the
+ * fixed-window logic (consume, penalty, reward, block, get, delete); only where the counts live
+ * changes. Its store is a private field of rate-limiter-flexible, so a version that renames it
+ * fails here rather than leaving the counts unbounded.
+ */
+function bound(limiter: RateLimiterMemory): RateLimiterMemory {
+  const held = limiter as unknown as { _memoryStorage?: unknown }
+  if (!(held._memoryStorage instanceof Object)) throw new Error("rate-limiter-flexible's RateLimiterMemory no longer keeps its counts in _memoryStorage: the memory limiters cannot be bounded")
+  if (!(held._memoryStorage instanceof BoundedStorage)) held._memoryStorage = new BoundedStorage()
+  return limiter
+}
+
 export function createLimiter(options: LimiterOptions): Limiter {
   const base = { points: options.points, duration: options.durationS, keyPrefix: options.keyPrefix }
-  const memory = new RateLimiterMemory(base) as unknown as Limiter
+  const memory = bound(new RateLimiterMemory(base)) as unknown as Limiter
   const local = options.cluster ? new Insured(new RateLimiterCluster({ ...base, timeoutMs: 1000 }) as unknown as Limiter, memory, CLUSTER_GATE) : memory
   if (!options.redis) return local
   const shared = new RateLimiterRedis({ ...base, storeClient: options.redis, rejectIfRedisNotReady: true }) as unknown as Limiter
@@ -604,9 +667,14 @@ export function createRateLimits(options: Omit<LimiterOptions, 'points'>): (poin
   }
 }
 
-/** In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its memory. */
+/** In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its memory (bounded as createLimiter's is). */
 export function clusterLimitsPrimary(): void {
-  new RateLimiterClusterMaster()
+  // rate-limiter-flexible makes the primary's limiters itself, a RateLimiterMemory for each
+  // keyPrefix a worker names, into this object: each is bounded as it is added.
+  const primary = new RateLimiterClusterMaster() as unknown as { _rateLimiters: Record<string, RateLimiterMemory> }
+  const limiters = new Proxy<Record<string, RateLimiterMemory>>({}, { set: (target, prefix, limiter: RateLimiterMemory) => Reflect.set(target, prefix, bound(limiter)) })
+  Object.assign(limiters, primary._rateLimiters)
+  primary._rateLimiters = limiters
 }
 
 /** Seconds until `ms` have passed, at least 1 (for Retry-After and RateLimit-Reset). */

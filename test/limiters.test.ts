@@ -11,7 +11,9 @@
 import t, { type Test as Tap } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { createLimiter, LeasedLimit, MAX_LEASE, RateLimiterRes, windowPhase, type RateLimit } from '../core/limiters.ts'
+import cluster from 'node:cluster'
+import { RateLimiterClusterMaster, type RateLimiterMemory } from 'rate-limiter-flexible'
+import { clusterLimitsPrimary, createLimiter, LeasedLimit, MAX_LEASE, MEMORY_MAX_KEYS, RateLimiterRes, windowPhase, type RateLimit } from '../core/limiters.ts'
 import { redisHealth } from '../core/redis.ts'
 import { createKeyLimiters } from '../gateway/rate-limit.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
@@ -105,6 +107,45 @@ t.test('in memory: exactly the limit, with exact remaining points', async (t) =>
   t.same(seen.slice(0, 100), Array.from({ length: 100 }, (_, i) => 99 - i), 'remaining counts down by one')
   t.same(seen.slice(100), ['refused', 'refused'], 'then refused')
   t.equal(await one(l, 'b'), 99, 'another key has its own points')
+})
+
+t.test('in memory: a flood of distinct keys leaves the store at its cap, oldest forgotten first, and the limit still holds for recent keys', async (t) => {
+  // Before, rate-limiter-flexible's memory store kept every key, with a timer each, for its
+  // whole window: bad keys from distinct addresses held ~650 bytes an address for the lockout's
+  // 15 minutes (a review measured 378 MB after 220,000 requests).
+  const limiter = createLimiter({ points: 2, durationS: 900, keyPrefix: 'flood' })
+  const held = () => (limiter as unknown as RateLimiterMemory).dump().storage.length
+  const flood = MEMORY_MAX_KEYS * 1.5
+  for (let i = 0; i < flood; i++) await limiter.penalty(`a${i}`, 1)
+  t.ok(held() <= MEMORY_MAX_KEYS, `at most ${MEMORY_MAX_KEYS} keys held after ${flood} (${held()})`)
+  t.ok(held() >= MEMORY_MAX_KEYS / 2, `the recent ones are (${held()})`)
+  t.equal(await limiter.get('a0'), null, 'the oldest is forgotten')
+  const recent = `a${flood - 1}`
+  const second = await limiter.consume(recent)
+  t.ok(second instanceof RateLimiterRes, "answers are rate-limiter-flexible's RateLimiterRes")
+  t.match(second, { consumedPoints: 2, remainingPoints: 0 }, 'a recent key keeps its count')
+  t.ok(second.msBeforeNext > 899_000 && second.msBeforeNext <= 900_000, 'in the window its first point started')
+  const refused = await limiter.consume(recent).then(
+    () => 'admitted',
+    (err: unknown) => err,
+  )
+  t.ok(refused instanceof RateLimiterRes, 'and is refused past the limit')
+  t.match(await limiter.block('blocked', 60), { consumedPoints: 3, msBeforeNext: 60_000 }, 'a block counts one past the limit for its duration')
+  t.match(await limiter.get('blocked'), { consumedPoints: 3 })
+  t.equal(await limiter.delete('blocked'), true)
+  t.equal(await limiter.get('blocked'), null, 'and is gone when deleted')
+})
+
+t.test("the --workers primary's memory limiters are bounded too", async (t) => {
+  // rate-limiter-flexible makes them itself when a worker's RateLimiterCluster names its keyPrefix
+  // (its init message, delivered here as cluster IPC would).
+  clusterLimitsPrimary()
+  const answers: unknown[] = []
+  cluster.emit('message', { send: (m: unknown) => answers.push(m) }, { channel: 'rate_limiter_flexible', type: 'init', opts: { points: 2, duration: 900, keyPrefix: 'primary-flood' } })
+  t.equal(answers.length, 1, 'the worker is answered')
+  const limiter = (new RateLimiterClusterMaster() as unknown as { _rateLimiters: Record<string, RateLimiterMemory> })._rateLimiters['primary-flood'] as RateLimiterMemory
+  for (let i = 0; i < MEMORY_MAX_KEYS * 1.5; i++) await limiter.penalty(`a${i}`, 1)
+  t.ok(limiter.dump().storage.length <= MEMORY_MAX_KEYS, `at most ${MEMORY_MAX_KEYS} keys held (${limiter.dump().storage.length})`)
 })
 
 t.test('a burst of concurrent requests for one key never exceeds the limit, and what it leaves leased is used next', async (t) => {
