@@ -282,7 +282,7 @@ function processLockout(
   config: Config,
   redis: Redis | undefined,
   log: Logger,
-  options: { onLockout?: () => void; worker?: boolean; tell?: (message: string) => void } = {},
+  options: { onLockout?: () => void; onForgotten?: () => void; worker?: boolean; tell?: (message: string) => void } = {},
 ): Lockout {
   return createLockout({
     maxAttempts: config.lockout.max_attempts,
@@ -290,6 +290,7 @@ function processLockout(
     redis,
     log,
     ...(options.onLockout ? { onLockout: options.onLockout } : {}),
+    ...(options.onForgotten ? { onForgotten: options.onForgotten } : {}),
     ...(options.worker ? { cluster: true, announce: (message: string) => process.send?.({ keygate: 'lock', message } satisfies FromWorker) } : {}),
     ...(options.tell ? { announce: options.tell } : {}),
   })
@@ -361,7 +362,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
   // The gateway's metrics hold the lockout's counters; an admin API alone makes them itself.
   let lockoutMetrics: ReturnType<typeof createLockoutMetrics> | undefined
-  const lockout = processLockout(config, redis, log, { onLockout: () => lockoutMetrics?.lockouts.inc(), worker: mode.worker })
+  const lockout = processLockout(config, redis, log, {
+    onLockout: () => lockoutMetrics?.lockouts.inc(),
+    onForgotten: () => lockoutMetrics?.lockoutsForgotten.inc(),
+    worker: mode.worker,
+  })
   // Without Redis, a worker's counts are judged in the primary's windows, with its siblings'.
   const windows = mode.worker && !redis ? new ClusterWindows((m) => process.send?.(m satisfies FromWorker)) : undefined
   const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc(), windows)
@@ -552,7 +557,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, {
       tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }),
-      ...(ownLockout ? { onLockout: () => ownLockout.lockouts.inc() } : {}),
+      ...(ownLockout ? { onLockout: () => ownLockout.lockouts.inc(), onForgotten: () => ownLockout.lockoutsForgotten.inc() } : {}),
     })
     // A worker that ends before any has listened (its address in use, its store out of reach)
     // ends the start, with exit 1, as a single process would: restarting it could only fail again.

@@ -82,19 +82,27 @@ export interface LockoutOptions {
   announce?: (message: `lock:${number}:${string}`) => void
   /** Counts addresses that reach the limit. */
   onLockout?: () => void
+  /** Counts lockouts still in force that the memory mirror dropped for newer ones (past MIRROR_MAX). */
+  onForgotten?: () => void
 }
 
 export function createLockout(options: LockoutOptions): Lockout {
   const { maxAttempts, windowS, redis, log } = options
   const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis, cluster: options.cluster === true })
-  const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
+  // An address the mirror drops while locked out is let in again (a right key gets through, a
+  // failure locks it out again): counted, for an operator to see the bound reached.
+  const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, onEviction: (_address, until) => until > Date.now() && options.onForgotten?.() })
   // Never shortens a lockout in force: a message from another instance may name an earlier end
   // (its lockout began first, or its clock is behind) than this instance's own.
   const lockUntil = (addressKey: string, until: number) => {
     const ms = until - Date.now()
     if (ms <= 0) return
     const held = locked.peek(addressKey)
-    if (held === undefined || held < until) locked.set(addressKey, until, { maxAge: ms })
+    if (held !== undefined && held >= until) return
+    // Dropped first, or quick-lru would keep the old end in its older generation and report it
+    // evicted (counted as forgotten) later, while the new one is still held.
+    locked.delete(addressKey)
+    locked.set(addressKey, until, { maxAge: ms })
   }
   const lock = (addressKey: string, ms: number) => lockUntil(addressKey, Date.now() + ms)
   const lockedFor = (addressKey: string): number | undefined => {
@@ -154,22 +162,29 @@ export function createLockout(options: LockoutOptions): Lockout {
   /** The lockouts in force at `now`: [address key, end (epoch ms)]. */
   const inForce = (now: number): Array<[string, number]> => [...locked.entries()].filter(([, until]) => until > now)
 
-  // Lockouts this instance decided while Redis was not answering, to publish once they are written there.
+  // Lockouts this instance decided while Redis was not answering, to publish once they are written
+  // there; past MIRROR_MAX of them, every lockout held here is published instead (the mirror is bounded, this set would not be).
   const unpublished = new Set<string>()
+  let publishAll = false
   let restoring: Promise<void> | undefined
   const restore = async (): Promise<void> => {
     if (!redis || redis.status !== 'ready') return
     const now = Date.now()
     const held = inForce(now)
     for (const address of unpublished) if (!((locked.peek(address) ?? 0) > now)) unpublished.delete(address)
-    if (held.length === 0) return
+    if (held.length === 0) {
+      publishAll = false
+      return
+    }
     const pipeline = redis.pipeline()
     // As the limiter's block writes it (one point past the limit), so a read counts it locked.
     for (const [address, until] of held) pipeline.eval(RESTORE_SCRIPT, 1, `${LOCKOUT_KEY_PREFIX}:${address}`, maxAttempts + 1, until - now)
     const replies = (await pipeline.exec()) ?? []
     if (replies.some(([err]) => err)) throw replies.find(([err]) => err)?.[0]
+    const all = publishAll
+    publishAll = false
     for (const [address, until] of held) {
-      if (!unpublished.delete(address)) continue
+      if (!unpublished.delete(address) && !all) continue
       void publishInvalidation(redis, `lock:${until}:${address}`, log)
     }
   }
@@ -229,7 +244,8 @@ export function createLockout(options: LockoutOptions): Lockout {
         if (redis) {
           // Not connected, or not answering: written into Redis first when it is back, then published.
           if (redisHealth(redis).up && redis.status === 'ready') void publishInvalidation(redis, message, log)
-          else unpublished.add(addressKey)
+          else if (unpublished.size < MIRROR_MAX) unpublished.add(addressKey)
+          else publishAll = true
         }
         return
       }

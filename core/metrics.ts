@@ -190,6 +190,8 @@ export interface GatewayMetrics {
   readonly lockedOutRequests: Counter
   /** Addresses that reached the failed-attempt limit. */
   readonly lockouts: Counter
+  /** Lockouts still in force that the memory mirror dropped for newer ones. */
+  readonly lockoutsForgotten: Counter
   readonly badKeys: Readonly<Record<BadKeyReason, Increment>>
   readonly denyListEntries: Gauge
   readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
@@ -267,11 +269,16 @@ export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}
 }
 
 /** The lockout's counters: a gateway's metrics hold them, and a process with the admin API alone (`--only admin`) makes them on their own. */
-export function createLockoutMetrics(registry: Registry): { lockedOutRequests: Counter; lockouts: Counter } {
+export function createLockoutMetrics(registry: Registry): { lockedOutRequests: Counter; lockouts: Counter; lockoutsForgotten: Counter } {
   const registers = [registry]
   return {
     lockedOutRequests: new Counter({ name: 'keygate_locked_out_requests_total', help: 'Requests answered ip_locked_out (gateway and admin API).', registers }),
     lockouts: new Counter({ name: 'keygate_lockouts_total', help: 'Addresses locked out after too many failed key attempts (gateway and admin API).', registers }),
+    lockoutsForgotten: new Counter({
+      name: 'keygate_lockouts_forgotten_total',
+      help: 'Lockouts still in force dropped from memory for newer ones (past 100,000 locked-out addresses): the address is let in again until it fails again.',
+      registers,
+    }),
   }
 }
 
@@ -287,7 +294,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const upstream = new RouteHistogram('keygate_upstream_duration_seconds', 'Time from dispatch to the upstream response head, by route.', LATENCY_BUCKETS, registry)
   const cache = talliedCounter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
   const limited = talliedCounter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
-  const { lockedOutRequests, lockouts } = createLockoutMetrics(registry)
+  const { lockedOutRequests, lockouts, lockoutsForgotten } = createLockoutMetrics(registry)
   const badKeys = talliedCounter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
   // Every worker holds the same list: under --workers it is shown once, not added up.
   const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers, aggregator: 'max' })
@@ -313,6 +320,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     rateLimited: { address: limited.tally('address'), key: limited.tally('key') },
     lockedOutRequests,
     lockouts,
+    lockoutsForgotten,
     badKeys: Object.freeze(bad),
     denyListEntries,
     storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },

@@ -92,7 +92,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const cluster = deps.clusterLimits === true
   const lockout =
-    deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, cluster, log, onLockout: () => metrics.lockouts.inc() })
+    deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, cluster, log, onLockout: () => metrics.lockouts.inc(), onForgotten: () => metrics.lockoutsForgotten.inc() })
   const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis, cluster)
   const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({

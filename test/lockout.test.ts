@@ -7,6 +7,7 @@ import t from 'tap'
 import { Redis } from 'ioredis'
 import { INVALIDATION_CHANNEL, publishInvalidation, subscribeInvalidations } from '../core/invalidation.ts'
 import { createLockout, LOCKOUT_KEY_PREFIX } from '../core/lockout.ts'
+import { MEMORY_MAX_KEYS } from '../core/limiters.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis, redisHealth } from '../core/redis.ts'
 import { freshAddress, sleep, until } from './helpers/gateway.ts'
@@ -103,7 +104,8 @@ t.test('an attempt from an address whose lockout the memory mirror dropped is le
   // The mirror of lockouts in force holds 100,000 addresses. Lockouts that other instances
   // announce can push out one this instance counted itself; its count still says "at the limit".
   // With no attempt in doubt, nothing would ever end to let a waiting attempt in, so it must not wait.
-  const lockout = createLockout({ maxAttempts: 2, windowS: 60 })
+  let forgotten = 0
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60, onForgotten: () => forgotten++ })
   const address = freshAddress()
   await lockout.recordFailure(address)
   await lockout.recordFailure(address)
@@ -111,9 +113,25 @@ t.test('an attempt from an address whose lockout the memory mirror dropped is le
   const until = Date.now() + 60_000
   for (let i = 0; i < 200_001; i++) lockout.applyMessage(`lock:${until}:10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`)
   t.equal(lockout.lockedFor(address), undefined, 'the mirror has dropped it (the count has not)')
+  t.ok(forgotten > 0, `lockouts in force dropped are counted (keygate_lockouts_forgotten_total): ${forgotten}`)
   t.equal(lockout.attempt(address), undefined, 'the attempt takes its place at once instead of waiting for ever')
   await lockout.finish(address, true)
   t.ok(lockout.lockedFor(address), 'its failure locks the address out again (the limiter counts past the limit)')
+})
+
+t.test('a flood of failures from distinct addresses past the memory limiter\'s cap leaves the lockout working for recent addresses', async (t) => {
+  // The counts live in a store of at most MEMORY_MAX_KEYS keys (test/limiters.test.ts counts them).
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60 })
+  const flood = MEMORY_MAX_KEYS * 1.5
+  for (let i = 0; i < flood; i++) await lockout.recordFailure(`10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`)
+  const recent = `10.${((flood - 1) >> 16) & 255}.${((flood - 1) >> 8) & 255}.${(flood - 1) & 255}`
+  t.equal(lockout.lockedFor(recent), undefined, 'one failure locks nothing out')
+  await lockout.recordFailure(recent)
+  t.equal(lockout.lockedFor(recent), 60, 'the second failure of a recent address locks it out')
+  const fresh = freshAddress()
+  await lockout.recordFailure(fresh)
+  await lockout.recordFailure(fresh)
+  t.equal(lockout.lockedFor(fresh), 60, 'and so do two of a new one')
 })
 
 t.test('the failure that locks an address out is answered while Redis answers nothing (its publish is not waited for)', async (t) => {
