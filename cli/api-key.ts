@@ -331,7 +331,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     },
   },
   import: {
-    summary: 'import legacy keys (SHA-256 hex of UUID v4 strings) from a JSON array or JSON lines file',
+    summary: 'import legacy keys (SHA-256 hex of UUID v4 strings) from a JSON array or JSON lines file; a row that names no type takes --type, or service',
     usage: 'keygate api-key import FILE|- [--type T] [--json]',
     options: { type: { type: 'string' } },
     positionals: { min: 1, max: 1 },

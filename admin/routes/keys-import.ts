@@ -26,7 +26,7 @@ export default defineOperation({
   body: Type.Object(
     {
       rows: Type.Array(Type.Unknown(), { minItems: 1, maxItems: IMPORT_MAX_ROWS, description: 'The keys to import.' }),
-      type: Type.Optional(KeyTypeSchema),
+      type: Type.Optional({ ...KeyTypeSchema, description: 'The type of the rows that name none (default `service`).' }),
     },
     { additionalProperties: false },
   ),
