@@ -6,7 +6,7 @@ import cluster from 'node:cluster'
 import http from 'node:http'
 import https from 'node:https'
 import { readFileSync } from 'node:fs'
-import type { AddressInfo } from 'node:net'
+import net, { type AddressInfo } from 'node:net'
 import { loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
@@ -98,17 +98,36 @@ function createServer(tls: Config['gateway']['tls'], options: http.ServerOptions
   return server as unknown as http.Server
 }
 
-function listen(server: http.Server, address: string): Promise<AddressInfo> {
+/**
+ * `shared`: a `--workers` worker listens on its own socket beside its siblings' (SO_REUSEPORT,
+ * the kernel spreads the connections). Node's default in a cluster, the primary accepting each
+ * connection and handing it over, left a connection open for ever when its worker was killed
+ * between the hand-over and its acknowledgement.
+ */
+function listen(server: net.Server, address: string, options: { shared?: boolean } = {}): Promise<AddressInfo> {
   const where = parseListen(address)
   if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address}`)
   return new Promise((resolve, reject) => {
     const failed = (err: Error) => reject(new KeygateError('config_invalid', `cannot listen on ${address}: ${systemErrorWords(err)}`))
     server.once('error', failed)
-    server.listen(where.port, where.host, () => {
+    server.listen({ port: where.port, host: where.host, ...(options.shared ? { exclusive: true, reusePort: true } : {}) }, () => {
       server.off('error', failed)
       resolve(server.address() as AddressInfo)
     })
   })
+}
+
+/**
+ * The `--workers` gateway address, bound by the primary without SO_REUSEPORT and closed again
+ * before the workers listen: an address in use (by another keygate's workers too, which would
+ * otherwise be joined silently) ends the start here, and port 0 becomes the one port of all.
+ */
+async function reserveGatewayAddress(address: string): Promise<string> {
+  const probe = net.createServer()
+  const at = await listen(probe, address)
+  await new Promise((resolve) => probe.close(resolve))
+  const host = parseListen(address)?.host ?? ''
+  return host.includes(':') ? `[${host}]:${at.port}` : `${host}:${at.port}`
 }
 
 function shown(a: AddressInfo): string {
@@ -416,7 +435,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         ...(redis ? { redis } : {}),
         createServer: (options) => createServer(config.gateway.tls, options, log),
       })
-      const at = await listen(gateway.server, config.gateway.listen)
+      const at = await listen(gateway.server, config.gateway.listen, { shared: mode.worker })
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
     }
@@ -549,7 +568,6 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       })
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
-    cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     // The primary's own counts, added to the workers' in /metrics: its admin API's lockouts and
     // ip_locked_out answers (before, a lockout begun by failed admin credentials was not counted).
     const own = createMetricsRegistry({ defaultMetrics: false })
@@ -567,13 +585,17 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const fork = () => {
       const w = cluster.fork()
       live.add(w)
-      w.once('listening', () => {
+      // A worker listens on its own socket (see listen), so the cluster's 'listening' is not sent.
+      const onReady = (m: FromWorker) => {
+        if (m?.keygate !== 'ready') return
+        w.off('message', onReady)
         anyListened = true
         listening.add(w)
         // A worker started after lockouts began (one that replaced a worker that died) holds none
         // of them: without Redis, nothing else would tell it until the address failed there again.
         for (const message of lockout.inForce()) w.send({ keygate: 'invalidate', message } satisfies WorkerMessage)
-      })
+      }
+      w.on('message', onReady)
       w.on('exit', (code, signal) => {
         live.delete(w)
         listening.delete(w)
@@ -635,7 +657,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log), allowedHosts: config.admin.allowed_hosts })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
-    const at = await listen(admin, config.admin.listen).catch(async (err: unknown) => {
+    const bound = async () => ({ at: await listen(admin, config.admin.listen), gateway: await reserveGatewayAddress(config.gateway.listen) })
+    const { at, gateway } = await bound().catch(async (err: unknown) => {
+      await closeServer(admin, 0)
       await api?.close()
       stopTelling()
       stopDeny()
@@ -644,6 +668,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
     const scheduler = role.admin ? startScheduler(config, runtime, log, ev.webhooks) : undefined
+    // The flag given last wins: every worker listens on the port reserved above.
+    cluster.setupPrimary({ exec: process.argv[1] as string, args: [...process.argv.slice(2), '--listen', gateway], silent: false })
     for (let i = 0; i < workers; i++) fork()
     // The last counts of a worker that is killed are those of the last scrape or of this refresh.
     const refreshMetrics = setInterval(() => {

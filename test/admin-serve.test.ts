@@ -6,7 +6,9 @@
 // through the primary's admin API reaches every gateway worker at once. Last, PostgreSQL going
 // silent under a running server: 503s bounded by store.query_timeout_ms, then recovery.
 import t from 'tap'
+import { execFileSync } from 'node:child_process'
 import { createHash, randomUUID } from 'node:crypto'
+import http from 'node:http'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import net from 'node:net'
@@ -250,6 +252,45 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   if (r === undefined) return t.fail('keygate serve --workers 2 did not exit within 60 s')
   t.equal(r.code, 1, 'exit 1')
   t.match(r.stderr, `cannot listen on 127.0.0.1:${port}: the address is in use`, 'says why')
+})
+
+t.test('--workers: a worker killed under a churn of new connections leaves none of them without an answer or a close', async (t) => {
+  const url = await freshDatabase(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-kill-'))
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const { hostname, port } = new URL(serve.gateway)
+  // A bad key is answered at once (401, or 429 once the address is locked out): a connection is
+  // a worker's for a moment only, so many are on their way to one when it is killed.
+  const agent = new http.Agent({ keepAlive: false })
+  const pending = new Set<http.ClientRequest>()
+  const once = () =>
+    new Promise<void>((resolve) => {
+      const req = http.get({ host: hostname, port, path: '/x', agent, headers: { authorization: 'Bearer nope' } }, (res) => {
+        res.resume()
+        res.on('close', () => (pending.delete(req), resolve()))
+      })
+      req.on('error', () => (pending.delete(req), resolve()))
+      pending.add(req)
+    })
+  let churning = true
+  const loops = Array.from({ length: 64 }, async () => {
+    while (churning) await once()
+  })
+  await new Promise((r) => setTimeout(r, 1500))
+  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(pid as number, 'SIGKILL')
+  await new Promise((r) => setTimeout(r, 500))
+  churning = false
+  // Before, the primary kept a connection it had handed to the killed worker open for ever.
+  for (let waited = 0; waited < 5000 && pending.size > 0; waited += 50) await new Promise((r) => setTimeout(r, 50))
+  t.equal(pending.size, 0, 'every request was answered or its connection closed within 5 s')
+  for (const req of pending) req.destroy()
+  await Promise.all(loops)
+  await serve.waitForLog((l) => l.msg === 'gateway listening' && l.worker === 3)
+  t.equal((await call(`${serve.gateway}/after`)).status, 429, 'the gateway serves on (the bad keys locked the address out)')
+  t.equal(await serve.stop(), 0, 'exit 0')
 })
 
 t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
