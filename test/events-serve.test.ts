@@ -5,7 +5,7 @@
 // left in plaintext (a row from before migration 0007). With --workers and no Redis, the
 // workers' counts are pooled in the primary for the thresholds, a worker's anomaly reaches
 // the primary's SSE stream over cluster IPC, and the workers' last check on SIGTERM still does both.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -14,7 +14,7 @@ import { Agent, request } from 'undici'
 import { openDb } from '../core/db.ts'
 import { openSse } from './helpers/admin.ts'
 import { sleep, startUpstream } from './helpers/gateway.ts'
-import { serve } from './helpers/serve.ts'
+import { connectionPerWorker, serve } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -111,6 +111,16 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   await after.close()
 })
 
+/** Four addresses use `key` through a `--workers 2` gateway: 192.0.2.1 and .2 on one worker, .3 and .4 on the other. */
+async function twoAddressesEach(t: Test, gateway: string, key: string): Promise<void> {
+  const [first, second] = await connectionPerWorker(t, gateway, 2)
+  for (let i = 1; i <= 4; i++) {
+    const r = await (i <= 2 ? first : second)!.request({ method: 'GET', path: '/x', headers: { authorization: `Bearer ${key}`, 'x-forwarded-for': `192.0.2.${i}` } })
+    await r.body.dump()
+    t.equal(r.statusCode, 200)
+  }
+}
+
 t.test("serve --workers 2 without Redis: the workers' counts are judged together, and the anomaly reaches the primary's stream and webhooks once", async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
   const config = join(dir, 'keygate.yaml')
@@ -136,14 +146,9 @@ t.test("serve --workers 2 without Redis: the workers' counts are judged together
   await post('/v1/webhooks', { url: `${receiver.url}/w`, events: ['anomaly.detected'] })
   const stream = await openSse(`${served.admin}/v1/anomalies/stream`, { authorization: `Bearer ${TOKEN}` }, agent)
   const key = await post('/v1/keys', { name: 'workers', type: 'user' })
-  // Four addresses, one connection each: round-robin puts two on each worker, under the
-  // threshold of three for either alone. The workers' counts are pooled in the primary, so the
-  // key's four addresses are one anomaly.
-  for (let i = 1; i <= 4; i++) {
-    const r = await request(`${served.gateway}/x`, { headers: { authorization: `Bearer ${key.key}`, 'x-forwarded-for': `192.0.2.${i}`, connection: 'close' } })
-    await r.body.dump()
-    t.equal(r.statusCode, 200)
-  }
+  // Four addresses, two on each worker, under the threshold of three for either alone. The
+  // workers' counts are pooled in the primary, so the key's four addresses are one anomaly.
+  await twoAddressesEach(t, served.gateway, key.key)
   const servedBy = new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0]))
   t.equal(servedBy.size, 2, 'both workers served the key (request ids carry a per-process prefix)')
   const anomaly = JSON.parse((await stream.next()).data)
@@ -173,12 +178,8 @@ t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM stil
   const served = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
   const created = await request(`${served.admin}/v1/keys`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'last-check', type: 'user' }) })
   const key = JSON.parse(await created.body.text())
-  // Two addresses on each worker (one connection each, round-robin): under the threshold for either alone.
-  for (let i = 1; i <= 4; i++) {
-    const r = await request(`${served.gateway}/x`, { headers: { authorization: `Bearer ${key.key}`, 'x-forwarded-for': `192.0.2.${i}`, connection: 'close' } })
-    await r.body.dump()
-    t.equal(r.statusCode, 200)
-  }
+  // Two addresses on each worker: under the threshold for either alone.
+  await twoAddressesEach(t, served.gateway, key.key)
   t.equal(new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0])).size, 2, 'both workers served the key')
   t.equal(await served.stop('SIGTERM'), 0)
   const db = new pg.Client({ connectionString: databaseUrl })

@@ -1,6 +1,7 @@
 // Runs `keygate serve` as a real child process on port 0 and reads the listening addresses from
 // its JSON log lines (stdout). Every process is killed with the test if it is still running.
 import type { ChildProcess } from 'node:child_process'
+import { Client } from 'undici'
 import { KEYGATE_BIN, capturedStderr, childEnv, spawnClean } from './cli.ts'
 import type { Tap } from './gateway.ts'
 
@@ -139,4 +140,28 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
   }
   if (wantAdmin) served.admin = `http://${(await waitForLog((l) => l.msg === 'admin listening' || l.msg === 'health and metrics listening')).address as string}`
   return served
+}
+
+/**
+ * One keep-alive connection to each of a `--workers` gateway's workers, told apart by the
+ * per-process prefix of the request id: the kernel spreads new connections over the workers by a
+ * hash of their addresses (SO_REUSEPORT), not in turn. Asked without a key (401 key_missing),
+ * which counts towards neither a lockout nor an anomaly.
+ */
+export async function connectionPerWorker(t: Tap, gateway: string, workers: number): Promise<Client[]> {
+  const found = new Map<string, Client>()
+  for (let tries = 0; found.size < workers; tries++) {
+    if (tries === 200) throw new Error(`200 new connections reached ${found.size} of ${workers} workers`)
+    const client = new Client(gateway)
+    const answer = await client.request({ method: 'GET', path: '/which-worker' })
+    await answer.body.dump()
+    const worker = String(answer.headers['x-request-id']).split('-')[0] as string
+    if (found.has(worker)) {
+      await client.close()
+      continue
+    }
+    found.set(worker, client)
+    t.teardown(() => client.close())
+  }
+  return [...found.values()]
 }
