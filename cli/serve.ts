@@ -435,12 +435,17 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         ...(redis ? { redis } : {}),
         createServer: (options) => createServer(config.gateway.tls, options, log),
       })
+      if (mode.worker) {
+        // What the primary's admin API changes reaches this worker from here on; and the lockouts
+        // in force come first: the kernel sends this socket connections as soon as it listens,
+        // and a worker that replaced one that died would let a locked-out address try again.
+        process.on('message', onPrimaryMessage)
+        await lockoutsInForce(log)
+      }
       const at = await listen(gateway.server, config.gateway.listen, { shared: mode.worker })
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
     }
-    // The primary's admin API tells this worker what changed (Redis does it across machines).
-    if (mode.worker) process.on('message', onPrimaryMessage)
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
         ready: readiness(runtime, log),
@@ -496,6 +501,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
 /** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
 type FromWorker =
   | { keygate: 'ready' }
+  | { keygate: 'lockouts' }
   | { keygate: 'lock'; message: string }
   | { keygate: 'anomaly'; anomaly: AnomalyJson }
   | { keygate: 'metrics'; request: number; metrics: MetricsJson }
@@ -504,12 +510,35 @@ type FromWorker =
 /** What the primary sends its gateway workers: what its admin API changed, and the anomaly windows' totals. */
 type WorkerMessage =
   | { keygate: 'invalidate'; message: string }
+  | { keygate: 'lockouts-told' }
   | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
   | { keygate: 'metrics'; request: number; countsOnly: boolean }
   | WindowsAnswer
 
 function denyChangeFrom(m: Extract<WorkerMessage, { keygate: 'deny' }>): DenyChange {
   return { action: m.action, entry: { ...m.entry, createdAt: new Date(m.entry.createdAt), expiresAt: m.entry.expiresAt === null ? null : new Date(m.entry.expiresAt) } }
+}
+
+/**
+ * Asks the primary for the lockouts in force and waits until they are applied: the primary sends
+ * each as an `invalidate` message, then `lockouts-told` (IPC keeps their order). Without an answer
+ * in 5 s the worker starts anyway, and says so.
+ */
+function lockoutsInForce(log: Logger): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer)
+      process.off('message', told)
+      resolve()
+    }
+    const told = (m: WorkerMessage) => m?.keygate === 'lockouts-told' && done()
+    const timer = setTimeout(() => {
+      log.warn('the primary did not tell the lockouts in force within 5 s; listening without them')
+      done()
+    }, 5000)
+    process.on('message', told)
+    process.send?.({ keygate: 'lockouts' } satisfies FromWorker)
+  })
 }
 
 function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: WorkerMessage): void {
@@ -586,16 +615,21 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       const w = cluster.fork()
       live.add(w)
       // A worker listens on its own socket (see listen), so the cluster's 'listening' is not sent.
-      const onReady = (m: FromWorker) => {
+      const onWorker = (m: FromWorker) => {
+        if (m?.keygate === 'lockouts') {
+          // Asked before it listens: a worker started after lockouts began (one that replaced a
+          // worker that died) holds none of them, and nothing else would tell it until the
+          // address failed there again. Those that begin later reach it as they reach all.
+          for (const message of lockout.inForce()) w.send({ keygate: 'invalidate', message } satisfies WorkerMessage)
+          w.send({ keygate: 'lockouts-told' } satisfies WorkerMessage)
+          return
+        }
         if (m?.keygate !== 'ready') return
-        w.off('message', onReady)
+        w.off('message', onWorker)
         anyListened = true
         listening.add(w)
-        // A worker started after lockouts began (one that replaced a worker that died) holds none
-        // of them: without Redis, nothing else would tell it until the address failed there again.
-        for (const message of lockout.inForce()) w.send({ keygate: 'invalidate', message } satisfies WorkerMessage)
       }
-      w.on('message', onReady)
+      w.on('message', onWorker)
       w.on('exit', (code, signal) => {
         live.delete(w)
         listening.delete(w)
