@@ -48,7 +48,7 @@ export function startKeygate(env: Record<string, string>, wrapper: Wrapper = [])
     let buffer = ''
     child.stdout.setEncoding('utf8').on('data', (d: string) => {
       buffer += d
-      const m = /"msg":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
+      const m = /"message":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
       if (m) resolve({ port: Number(m[1]), pid: child.pid as number, child })
     })
     child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))

@@ -1,4 +1,4 @@
-// One JSON object per line: level, time, msg and fields. Anything shaped like a key is replaced
+// One JSON object per line: level, time, message and fields (SPEC §1 names them). Anything shaped like a key is replaced
 // before it is written, as a second line of defence behind code that never logs keys.
 export type Level = 'debug' | 'info' | 'warn' | 'error'
 const RANK: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 }
@@ -34,7 +34,7 @@ export function createLogger(options: { level?: Level; write?: (line: string) =>
   const base = options.fields ?? {}
   const emit = (level: Level, msg: string, fields?: Record<string, unknown>) => {
     if (RANK[level] < min) return
-    const record: Record<string, unknown> = { level, time: new Date().toISOString(), msg, ...base }
+    const record: Record<string, unknown> = { level, time: new Date().toISOString(), message: msg, ...base }
     if (fields) for (const [k, v] of Object.entries(fields)) record[k] = v instanceof Error ? errorFields(v) : v
     write(scrub(JSON.stringify(record)) + '\n')
   }

@@ -17,8 +17,8 @@ const deep = (levels: number): string => '{"a":'.repeat(levels) + '1' + '}'.repe
 const json = { 'content-type': 'application/json' }
 
 await forEachStore(t, async (t, store) => {
-  const logged: Array<{ level: string; msg: string }> = []
-  const log = createLogger({ level: 'info', write: (line) => void logged.push(JSON.parse(line) as { level: string; msg: string }) })
+  const logged: Array<{ level: string; message: string }> = []
+  const log = createLogger({ level: 'info', write: (line) => void logged.push(JSON.parse(line) as { level: string; message: string }) })
   const errorLines = () => logged.filter((l) => l.level === 'error').length
   const h = await startAdmin(t, store.db, { config: { admin: { max_body_bytes: 1_000_000 } }, log })
   const before = await h.auditRows()

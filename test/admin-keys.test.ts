@@ -230,7 +230,7 @@ await forEachStore(t, async (t, store) => {
     t.same(seen.map((r) => r.integrity), ['verified', 'verified', 'failed', 'verified', 'verified', 'verified'])
     t.match(seen[2], { details: null, actor: 'key:someoneelse' }, 'the altered row: what the store says, and no details')
     t.equal(seen[5]?.details !== null && (seen[5] as { details: { name?: string } }).details.name, 'tampered', 'the oldest row (key.created) is read')
-    const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === 'an audit row did not open')
+    const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.message === 'an audit row did not open')
     t.ok(warned.length >= 1, 'and logged as a warning')
     // By key, action and time: its id is a UUID, which the log scrubs (before, the line named no row).
     t.match(warned[0], { level: 'warn', key_id: k.id, action: 'key.updated', created_at: (seen[2] as unknown as { created_at: string }).created_at, integrity: 'failed' })

@@ -165,7 +165,7 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  const listening = serve.logs.filter((l) => l.msg === 'gateway listening')
+  const listening = serve.logs.filter((l) => l.message === 'gateway listening')
   t.equal(new Set(listening.map((l) => l.worker)).size, 2, 'two workers listen')
   t.equal(new Set(listening.map((l) => l.address)).size, 1, 'on one address')
   const printed = /created the first admin key \(id \w+\)[^\n]*\n(kg_\S+)/.exec(serve.stderr())
@@ -199,7 +199,7 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   t.equal(deny.status, 201)
   for (let i = 0; i < 4; i++) t.equal((await call(`${serve.gateway}/d${i}`)).status, 403, 'a deny entry applies on every worker at once')
   t.equal(await serve.stop(), 0, 'exit 0')
-  t.ok(serve.logs.some((l) => l.msg === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
+  t.ok(serve.logs.some((l) => l.message === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
 })
 
 t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group drains, an address in use ends the start', async (t) => {
@@ -217,16 +217,16 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   // A reload while the workers start (they have no handler yet): before, the primary passed it
   // on, a worker ended on it, and the start failed with exit 1.
   serve.child.kill('SIGHUP')
-  const listening = (l: { msg: string }) => l.msg === 'gateway listening'
+  const listening = (l: { message: string }) => l.message === 'gateway listening'
   await serve.waitForLog(() => serve.logs.filter(listening).length >= 2)
   serve.gateway = `http://${serve.logs.find(listening)?.address as string}`
-  t.notOk(serve.logs.some((l) => /ended before any listened|worker died/.test(l.msg)), 'no worker ended on a SIGHUP during start-up')
+  t.notOk(serve.logs.some((l) => /ended before any listened|worker died/.test(l.message)), 'no worker ended on a SIGHUP during start-up')
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
   const auth = { authorization: `Bearer ${created.json.key}` }
 
   // systemctl reload (the unit's ExecReload): before, SIGHUP ended a process without TLS, and the primary with its workers.
   serve.child.kill('SIGHUP')
-  await serve.waitForLog((l) => l.msg.startsWith('SIGHUP') && l.worker !== undefined)
+  await serve.waitForLog((l) => l.message.startsWith('SIGHUP') && l.worker !== undefined)
   t.equal((await call(`${serve.gateway}/after-hup`, { headers: auth })).status, 200, 'still serving after SIGHUP')
   t.equal((await call(`${serve.admin}/healthz`)).status, 200)
 
@@ -239,7 +239,7 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   t.equal(answer.status, 200, 'the request in flight is answered')
   t.equal(answer.text, 'slow done')
   t.equal(await serve.exited, 0, 'exit 0')
-  t.notOk(serve.logs.some((l) => l.msg.startsWith('second signal')), 'no worker gave up its drain')
+  t.notOk(serve.logs.some((l) => l.message.startsWith('second signal')), 'no worker gave up its drain')
 
   // The gateway address in use: before, the primary restarted its workers every second for ever.
   const taken = net.createServer()
@@ -289,7 +289,7 @@ t.test('--workers: a worker killed under a churn of new connections leaves none 
   t.equal(pending.size, 0, 'every request was answered or its connection closed within 5 s')
   for (const req of pending) req.destroy()
   await Promise.all(loops)
-  await serve.waitForLog((l) => l.msg === 'gateway listening' && l.worker === 3)
+  await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
   const after = (await call(`${serve.gateway}/after`)).status
   // The worker that replaced the killed one was told the lockouts in force before it listened.
   t.equal(after, 429, 'the gateway serves on, the address still locked out by the bad keys')
@@ -349,11 +349,11 @@ t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host a
   // Before: "store unreachable: connect ECONNREFUSED 127.0.0.1:<port>", to anyone who asked.
   t.same(ready.json, { status: 'unavailable', reason: 'store unreachable (ECONNREFUSED)' })
   t.notMatch(ready.text, String(gate.port))
-  const logged = serve.logs.filter((l) => l.msg === 'not ready: the store cannot be reached')
+  const logged = serve.logs.filter((l) => l.message === 'not ready: the store cannot be reached')
   t.ok(logged.some((l) => JSON.stringify(l.err).includes(`127.0.0.1:${gate.port}`)), 'the whole error is logged')
   const before = logged.length
   await call(`${serve.admin}/readyz`)
   await call(`${serve.admin}/readyz`)
-  t.equal(serve.logs.filter((l) => l.msg === 'not ready: the store cannot be reached').length, before, 'once per change, not per probe')
+  t.equal(serve.logs.filter((l) => l.message === 'not ready: the store cannot be reached').length, before, 'once per change, not per probe')
   t.equal(await serve.stop(), 0)
 })

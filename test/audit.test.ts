@@ -324,7 +324,7 @@ t.test('loadAuditCipher', async (t) => {
     t.equal(first.currentKeyId, encryptionKeyId(key))
     t.equal(lines.length, 1)
     const warning = JSON.parse(lines[0] as string) as Record<string, unknown>
-    t.match(warning, { level: 'warn', msg: /generated an audit encryption key/, file })
+    t.match(warning, { level: 'warn', message: /generated an audit encryption key/, file })
     t.notOk((lines[0] as string).includes(key.toString('base64')), 'the key itself is not logged')
 
     const second = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, log })

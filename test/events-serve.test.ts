@@ -97,7 +97,7 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   const from = receiver.received.length
   const second = await serve(t, { env })
   // The scheduler's first round, as the admin listener starts, seals it again.
-  const round = await second.waitForLog((l) => l.msg === 'scheduler run' && (l as any).jobs?.['webhook-secrets'] === 1)
+  const round = await second.waitForLog((l) => l.message === 'scheduler run' && (l as any).jobs?.['webhook-secrets'] === 1)
   t.ok(round, "the scheduler's webhook-secrets job sealed the plaintext secret")
   const revoked = await receiver.waitFor((hk) => hk.json?.type === 'key.revoked' && receiver.received.indexOf(hk) >= from)
   t.ok(receiver.received.slice(0, from).some((hk) => hk.id === revoked.id), 'the same delivery the first process tried')

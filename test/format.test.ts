@@ -167,7 +167,7 @@ t.test('scrub redacts keys in log text', async (t) => {
   t.equal(lines.length, 1)
   t.notOk(lines[0]?.includes(k), 'the logger writes no key')
   t.notOk(lines[0]?.includes(uuid))
-  t.match(JSON.parse(lines[0] as string), { level: 'info', msg: 'validated [redacted]', key: '[redacted]', nested: { legacy: '[redacted]' }, err: { message: 'bad key [redacted]' } })
+  t.match(JSON.parse(lines[0] as string), { level: 'info', message: 'validated [redacted]', key: '[redacted]', nested: { legacy: '[redacted]' }, err: { message: 'bad key [redacted]' } })
 })
 
 t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n keys, session cookies)', async (t) => {

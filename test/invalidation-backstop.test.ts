@@ -57,7 +57,7 @@ t.test('a key revoked with its message never published is refused at the next st
   await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
   t.ok(Date.now() - start < 3000, `within cache.store_check_s and the check's time (${Date.now() - start} ms)`)
   // No message tells the gateway (the key service publishes nothing): the store check did.
-  await until(t, 'the store check read the change', async () => s.logs.some((l) => l.msg === 'the store check dropped changed keys from the cache'), 5000)
+  await until(t, 'the store check read the change', async () => s.logs.some((l) => l.message === 'the store check dropped changed keys from the cache'), 5000)
   t.equal(await metric(s.gateway.metrics.registry, 'keygate_redis_up'), 1, 'Redis stayed up all along')
 })
 
@@ -80,7 +80,7 @@ t.test('a legacy key cached as unknown, then imported where no message tells the
   await until(t, 'the imported key works', async () => (await s.gateway.get('/', bearer(uuid))).status === 200, 5000)
   // No message tells the gateway (the key service publishes nothing): the store check dropped the
   // cached "unknown" (before, the test also asked once in between, which a check could beat).
-  await until(t, 'the store check read the change', async () => s.logs.some((l) => l.msg === 'the store check dropped changed keys from the cache'), 5000)
+  await until(t, 'the store check read the change', async () => s.logs.some((l) => l.message === 'the store check dropped changed keys from the cache'), 5000)
 })
 
 t.test('a half-open subscriber connection: the check times out, flushes and reconnects', async (t) => {
@@ -90,7 +90,7 @@ t.test('a half-open subscriber connection: the check times out, flushes and reco
   await s.other.incr(INVALIDATION_VERSION_KEY) // a message lost on the dead connection
   await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
   t.ok((await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'missed' })) >= 1, 'counted as missed')
-  t.ok(s.logs.some((l) => l.level === 'warn' && l.msg.startsWith('Redis did not answer the invalidation check') && l.connection === 'subscriber'), 'logged')
+  t.ok(s.logs.some((l) => l.level === 'warn' && l.message.startsWith('Redis did not answer the invalidation check') && l.connection === 'subscriber'), 'logged')
   // A new subscription through the gate once it forwards again: messages flow again.
   s.gate.set('open')
   const { key: other, record } = await s.gateway.keys.create({ name: 'next', type: 'user' }, ACTOR)
@@ -109,7 +109,7 @@ t.test('a publish on a half-open connection settles, is kept, and goes out once 
   s.gate.set('silent')
   const outcome = await Promise.race([publishInvalidation(pub, 'key:halfopen0001', s.log).then(() => 'settled'), sleep(4000).then(() => 'hung')])
   t.equal(outcome, 'settled', 'the publish does not hang')
-  t.ok(s.logs.some((l) => l.level === 'warn' && l.msg.startsWith('could not publish an invalidation')), 'logged')
+  t.ok(s.logs.some((l) => l.level === 'warn' && l.message.startsWith('could not publish an invalidation')), 'logged')
   t.equal(await s.other.get(INVALIDATION_VERSION_KEY), null, 'not published yet')
   s.gate.set('open')
   await until(t, 'sent once the connection is back', async () => (await s.other.get(INVALIDATION_VERSION_KEY)) !== null, 15_000)

@@ -67,7 +67,7 @@ t.test('a version that skips ahead flushes the cache', async (t) => {
   await publishInvalidation(s.other, 'key:nothing00002')
   await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
   t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'gap' }), 1)
-  t.ok(s.logs.some((l) => l.msg.startsWith('flushed the key cache') && l.reason === 'gap'), 'logged with its reason')
+  t.ok(s.logs.some((l) => l.message.startsWith('flushed the key cache') && l.reason === 'gap'), 'logged with its reason')
 })
 
 t.test('a counter ahead of the last message seen flushes the cache', async (t) => {
@@ -99,7 +99,7 @@ t.test('a version counter reset (deleted: FLUSHDB, an eviction) flushes the cach
     await publishInvalidation(s.other, 'key:nothing00003') // version 1 again
     await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401)
     t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reset' }), 1)
-    t.ok(s.logs.some((l) => l.msg.startsWith('flushed the key cache') && l.reason === 'reset'), 'logged with its reason')
+    t.ok(s.logs.some((l) => l.message.startsWith('flushed the key cache') && l.reason === 'reset'), 'logged with its reason')
   })
 })
 
@@ -119,7 +119,7 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   // Limits from memory from the start: a switch like any other (before, 0 and no log line).
   t.equal(await metric(gateway.metrics.registry, 'keygate_redis_up'), 0)
   t.equal(await metric(gateway.metrics.registry, 'keygate_redis_fallback_total'), 1, 'the start without Redis is counted as a switch')
-  t.equal(logs.filter((l) => l.msg.startsWith('Redis is not answering')).length, 1, 'and logged')
+  t.equal(logs.filter((l) => l.message.startsWith('Redis is not answering')).length, 1, 'and logged')
   // Another instance, which publishes its changes once Redis is there.
   const elsewhere = new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(gateway.config) })
   const { key, record } = await elsewhere.create({ name: 'cached-while-down', type: 'user' }, ACTOR)
@@ -136,14 +136,14 @@ t.test('a gateway started while Redis was down flushes the cache when its first 
   await until(t, 'the gateway subscribed', async () => Number(((await other.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
   await until(t, 'the revoked key is refused', async () => (await gateway.get('/', bearer(key))).status === 401)
   t.equal(await metric(gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 1, 'one flush, at the first subscription')
-  await until(t, 'the arrival of Redis is logged', () => logs.some((l) => l.msg.startsWith('Redis answers again')))
+  await until(t, 'the arrival of Redis is logged', () => logs.some((l) => l.message.startsWith('Redis answers again')))
   t.equal(await metric(gateway.metrics.registry, 'keygate_redis_up'), 1)
 })
 
 t.test('a gateway started with Redis up subscribes before it serves, and does not flush for it', async (t) => {
   const s = await setup(t, { redis: { invalidation_check_ms: 0 } })
   t.equal(await metric(s.gateway.metrics.registry, 'keygate_invalidation_flushes_total', { reason: 'reconnect' }), 0)
-  t.notOk(s.logs.some((l) => l.msg.startsWith('flushed the key cache')), 'no flush logged')
+  t.notOk(s.logs.some((l) => l.message.startsWith('flushed the key cache')), 'no flush logged')
 })
 
 t.test('a killed subscriber connection flushes the cache when it is back', async (t) => {
@@ -188,9 +188,9 @@ t.test('a frozen Redis hands the limits to the insurance limiter, with a metric 
   t.same(statuses, [401, 401, 429, 429, 429], 'every request is answered, and the insurance limiter enforces the limit, counting on from Redis')
   t.equal(await metric(registry, 'keygate_redis_up'), 0)
   t.equal(await metric(registry, 'keygate_redis_fallback_total'), 1, 'one switch, however many requests')
-  t.equal(s.logs.filter((l) => l.msg.startsWith('Redis is not answering')).length, 1, 'logged once')
+  t.equal(s.logs.filter((l) => l.message.startsWith('Redis is not answering')).length, 1, 'logged once')
   s.server.resume()
   await until(t, 'Redis is used again', async () => (await metric(registry, 'keygate_redis_up')) === 1)
-  t.equal(s.logs.filter((l) => l.msg.startsWith('Redis answers again')).length, 1, 'the return is logged once')
+  t.equal(s.logs.filter((l) => l.message.startsWith('Redis answers again')).length, 1, 'the return is logged once')
   t.equal((await s.gateway.get('/')).status, 429, 'the refusal holds with Redis back, until its window ends')
 })

@@ -74,8 +74,8 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     await until(t, 'the expired key is marked', async () => (await d.call('GET', `/v1/keys/${k.id}`)).json.status === 'expired')
     const audit = await d.call('GET', `/v1/keys/${k.id}/audit`)
     t.ok(audit.json.items.some((r: { action: string }) => r.action === 'key.expired'), 'with an audit row')
-    t.ok(d.admin.logs.some((l) => l.msg === 'scheduler run'), 'by the admin process')
-    for (const g of d.gateways) t.notOk(g.logs.some((l) => l.msg === 'scheduler run'), 'not by a gateway')
+    t.ok(d.admin.logs.some((l) => l.message === 'scheduler run'), 'by the admin process')
+    for (const g of d.gateways) t.notOk(g.logs.some((l) => l.message === 'scheduler run'), 'not by a gateway')
   })
 
   await t.test('a key revoked through the admin API is refused by both gateways', async (t) => {
@@ -135,7 +135,7 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     t.teardown(() => redis.disconnect())
     t.ok(Number(await redis.call('CLIENT', 'KILL', 'TYPE', 'pubsub')) >= 2, 'both subscribers dropped')
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} flushed and refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
-    for (const g of d.gateways) t.ok(g.logs.some((l) => l.msg.startsWith('flushed the key cache') && l.reason === 'reconnect'), 'the flush is logged')
+    for (const g of d.gateways) t.ok(g.logs.some((l) => l.message.startsWith('flushed the key cache') && l.reason === 'reconnect'), 'the flush is logged')
   })
 
   await t.test('Redis stopped mid-traffic, then restarted', async (t) => {
@@ -153,7 +153,7 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     )
     await until(t, 'traffic flows', () => answered.length > 20)
     await d.redis.stop()
-    for (const g of d.gateways) await until(t, 'each gateway notices', () => g.logs.some((l) => l.msg.startsWith('Redis is not answering')))
+    for (const g of d.gateways) await until(t, 'each gateway notices', () => g.logs.some((l) => l.message.startsWith('Redis is not answering')))
     const before = answered.length
     await until(t, 'traffic goes on without Redis', () => answered.length > before + 20)
     running = false
@@ -175,7 +175,7 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     await d.redis.start()
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it once Redis is back`, async () => (await d.through(g, doomed.key, address())).status === 401)
     for (const g of d.gateways) {
-      await until(t, 'the return is logged', () => g.logs.some((l) => l.msg.startsWith('Redis answers again')))
+      await until(t, 'the return is logged', () => g.logs.some((l) => l.message.startsWith('Redis answers again')))
       t.equal(await metric(g, 'keygate_redis_up'), 1, 'keygate_redis_up is 1 again')
     }
   })
@@ -222,7 +222,7 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   t.equal(created.code, 0, created.stderr)
   const key = created.json().key as string
   const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
-  const gateway = `http://${s.logs.find((l) => l.msg === 'gateway listening')!.address as string}`
+  const gateway = `http://${s.logs.find((l) => l.message === 'gateway listening')!.address as string}`
   // A new connection per request spreads them over both workers.
   const get = async (k: string) => (await request(`${gateway}/orders`, { headers: { authorization: `Bearer ${k}`, connection: 'close' } })).statusCode
   const answers: number[] = []
@@ -246,8 +246,8 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   // listening. Before, it held none, and let the address try again (401) until it failed there.
   const workerPids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   process.kill(workerPids[0] as number, 'SIGKILL')
-  await s.waitForLog((l) => l.msg === 'gateway worker died; starting another')
-  await until(t, 'the new worker listens', () => s.logs.filter((l) => l.msg === 'gateway listening').length === 3)
+  await s.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  await until(t, 'the new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 3)
   const replaced: number[] = []
   for (let i = 0; i < 8; i++) replaced.push(await get(bad))
   t.same(replaced, [429, 429, 429, 429, 429, 429, 429, 429], `still locked out by every worker, the new one too (${replaced.join(' ')})`)
@@ -259,7 +259,7 @@ t.test("--workers 2: the primary's own lockouts and ip_locked_out answers (its a
   const upstream = await startUpstream(t)
   const env = await workersEnv(t, upstream.url, { RATE_LIMIT_MAX_ATTEMPTS: '2' })
   const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
-  const gateway = `http://${s.logs.find((l) => l.msg === 'gateway listening')!.address as string}`
+  const gateway = `http://${s.logs.find((l) => l.message === 'gateway listening')!.address as string}`
   const admin = async () => (await request(`${s.admin}/v1/keys`, { headers: { authorization: `Bearer ${'x'.repeat(40)}` } })).statusCode
   t.same([await admin(), await admin(), await admin()], [401, 401, 429], 'two failed admin credentials lock the address out')
   // Before, the primary's counts were left out of the scrape, which summed the workers' alone.
@@ -290,7 +290,7 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   t.equal(created.code, 0, created.stderr)
   const auth = { authorization: `Bearer ${created.json().key as string}`, connection: 'close' }
   const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
-  const gateway = `http://${s.logs.find((l) => l.msg === 'gateway listening')!.address as string}`
+  const gateway = `http://${s.logs.find((l) => l.message === 'gateway listening')!.address as string}`
   // A new connection per request spreads them over both workers.
   const send = async (n: number) => {
     for (let i = 0; i < n; i++) {
@@ -310,8 +310,8 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   const workerPids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   t.equal(workerPids.length, 2)
   process.kill(workerPids[0] as number, 'SIGKILL')
-  await s.waitForLog((l) => l.msg === 'gateway worker died; starting another')
-  await until(t, 'the new worker listens', () => s.logs.filter((l) => l.msg === 'gateway listening').length === 3)
+  await s.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  await until(t, 'the new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 3)
 
   // Before, the dead worker's counts left the sum and the new one started from 0: 20 became the other worker's share.
   const after = await scrape()
@@ -331,7 +331,7 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   await new Promise((r) => setTimeout(r, 6000))
   const pids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   process.kill(pids[0] as number, 'SIGKILL')
-  await until(t, 'another new worker listens', () => s.logs.filter((l) => l.msg === 'gateway listening').length === 4)
+  await until(t, 'another new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 4)
   const later = await scrape()
   t.equal(later.get(forwarded), 36, 'the counts read between scrapes are kept')
   t.equal(later.get(served), 36)

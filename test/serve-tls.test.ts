@@ -69,7 +69,7 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
   const s = await serve(t, { env })
   const gateway = s.gateway.replace('http:', 'https:')
   const admin = s.admin.replace('http:', 'https:')
-  t.ok(s.logs.some((l) => l.msg === 'gateway listening' && l.tls === true))
+  t.ok(s.logs.some((l) => l.message === 'gateway listening' && l.tls === true))
   const ca = [readFileSync(a.cert), readFileSync(b.cert)]
   const kept = new https.Agent({ keepAlive: true, maxSockets: 1, ca })
   t.teardown(() => kept.destroy())
@@ -85,9 +85,9 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
 
   copyFileSync(b.cert, cert)
   copyFileSync(b.key, key)
-  const reloadedBefore = s.logs.filter((l) => l.msg === 'reloaded TLS certificate').length
+  const reloadedBefore = s.logs.filter((l) => l.message === 'reloaded TLS certificate').length
   s.child.kill('SIGHUP')
-  await s.waitForLog(() => s.logs.filter((l) => l.msg === 'reloaded TLS certificate').length >= reloadedBefore + 2)
+  await s.waitForLog(() => s.logs.filter((l) => l.message === 'reloaded TLS certificate').length >= reloadedBefore + 2)
   const again = await get(`${gateway}/same-connection`, kept, auth)
   t.same([again.status, again.reused, again.fingerprint], [200, true, a.fingerprint], 'the open connection stays open, on its handshake')
   const fresh = await get(`${gateway}/new-connection`, new https.Agent({ ca }), auth)
@@ -96,7 +96,7 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
 
   writeFileSync(key, 'not a key\n')
   s.child.kill('SIGHUP')
-  await s.waitForLog((l) => l.msg === 'could not reload TLS certificate; keeping the old one')
+  await s.waitForLog((l) => l.message === 'could not reload TLS certificate; keeping the old one')
   const afterBad = await get(`${gateway}/after-bad-file`, new https.Agent({ ca }), auth)
   t.same([afterBad.status, afterBad.fingerprint], [200, b.fingerprint], 'a bad file keeps the certificate in use')
   t.equal(await s.stop(), 0, 'SIGTERM: exit 0')

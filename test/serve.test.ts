@@ -88,7 +88,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url })
 
   const first = await serve(t, { env })
-  await first.waitForLog((l) => l.msg.startsWith('no admin credential was configured'))
+  await first.waitForLog((l) => l.message.startsWith('no admin credential was configured'))
   const printed = first.stderr().match(KEYS) ?? []
   t.equal(printed.length, 1, 'the first admin key is printed once, on stderr')
   t.notMatch(first.stdout(), KEY_PATTERN, 'the log does not carry it')
@@ -132,7 +132,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   const slow = get(`${first.gateway}/slow`, { authorization: `Bearer ${adminKey}` })
   await slowArrived
   first.child.kill('SIGTERM')
-  await first.waitForLog((l) => l.msg === 'shutting down')
+  await first.waitForLog((l) => l.message === 'shutting down')
   await new Promise((r) => setTimeout(r, 300))
   const refused = await get(`${first.gateway}/orders`, { authorization: `Bearer ${adminKey}` }).then(
     (r) => r.status,
@@ -143,7 +143,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   const finished = await slow
   t.equal(finished.status, 200, 'the in-flight request finishes')
   t.equal(await first.exited, 0, 'exit 0 after SIGTERM')
-  t.ok(first.logs.some((l) => l.msg === 'stopped'))
+  t.ok(first.logs.some((l) => l.message === 'stopped'))
 
   // The printed key is an admin key in the store; the second start prints none.
   const valid = await runCli(['api-key', 'validate', adminKey, '--json'], { env })
@@ -151,7 +151,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   t.ok(valid.json().key.scopes.includes('admin'))
   const second = await serve(t, { env })
   t.notMatch(second.stderr(), KEY_PATTERN, 'no key is printed on the second start')
-  t.notOk(second.logs.some((l) => l.msg.startsWith('no admin credential')))
+  t.notOk(second.logs.some((l) => l.message.startsWith('no admin credential')))
   t.equal(await second.stop('SIGINT'), 0, 'SIGINT stops it too')
   t.notMatch(capturedStderr.join('\n').replace(adminKey, ''), KEY_PATTERN, 'no other key was printed')
 })
@@ -166,7 +166,7 @@ t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload
   }
   // Before, nothing handled SIGHUP until serve itself ran, so Node's default ended the process.
   served.child.kill('SIGHUP')
-  const listening = await served.waitForLog((l) => l.msg === 'gateway listening')
+  const listening = await served.waitForLog((l) => l.message === 'gateway listening')
   t.ok(listening.address, 'it went on to listen')
   t.equal(await served.stop(), 0, 'and stops cleanly')
 })
@@ -182,8 +182,8 @@ t.test('the embedded store thread gone for good: serve stops and exits 1, so tha
   s.child.kill('SIGUSR2')
   t.equal(await s.exited, 1, 'exits 1')
   t.match(s.stderr(), /fixture: ending 1 thread/)
-  t.ok(s.logs.some((l) => l.level === 'error' && l.msg.startsWith('the embedded store stopped')), 'says why')
-  t.ok(s.logs.some((l) => l.msg === 'stopped'), 'after a shutdown')
+  t.ok(s.logs.some((l) => l.level === 'error' && l.message.startsWith('the embedded store stopped')), 'says why')
+  t.ok(s.logs.some((l) => l.message === 'stopped'), 'after a shutdown')
 })
 
 t.test('a configured admin token: no key is created or printed', async (t) => {
@@ -204,7 +204,7 @@ t.test('a database migrated by a newer keygate (a rolling upgrade): this one sta
   await db.close()
   // Before: /readyz answered 503 ("store unreachable: ... file is missing") and a restart exited 1.
   const s = await serve(t, { env })
-  t.ok(s.logs.some((l) => l.level === 'warn' && /newer than this keygate/.test(l.msg) && JSON.stringify(l.migrations) === '["9999_newer.sql"]'), 'warns, naming them')
+  t.ok(s.logs.some((l) => l.level === 'warn' && /newer than this keygate/.test(l.message) && JSON.stringify(l.migrations) === '["9999_newer.sql"]'), 'warns, naming them')
   const ready = await get(`${s.admin}/readyz`)
   t.equal(ready.status, 200, ready.text)
   t.equal(await s.stop(), 0)
@@ -214,7 +214,7 @@ t.test('--only gateway serves health and metrics but no admin API; --only admin 
   const upstream = await startUpstream(t)
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url })
   const g = await serve(t, { env, args: ['--only', 'gateway'] })
-  t.ok(g.logs.some((l) => l.msg === 'health and metrics listening'))
+  t.ok(g.logs.some((l) => l.message === 'health and metrics listening'))
   t.notMatch(g.stderr(), KEY_PATTERN, '--only gateway does not create an admin key')
   t.equal((await get(`${g.admin}/healthz`)).status, 200)
   t.equal((await get(`${g.admin}/v1/keys`)).status, 404, 'no admin API on a gateway-only process')
@@ -236,8 +236,8 @@ t.test('--only gateway serves health and metrics but no admin API; --only admin 
   t.match(adminMetrics, /^keygate_locked_out_requests_total 1$/m, "and the admin API's ip_locked_out answer")
   t.match(adminMetrics, /^keygate_store_up 1$/m, 'store health on an admin-only process')
   t.match(adminMetrics, /^keygate_redis_up 0$/m, 'Redis not answering')
-  t.notOk(a.logs.some((l) => l.msg === 'gateway listening'), 'no gateway listener')
-  t.ok(a.logs.some((l) => l.msg === 'admin listening'))
+  t.notOk(a.logs.some((l) => l.message === 'gateway listening'), 'no gateway listener')
+  t.ok(a.logs.some((l) => l.message === 'admin listening'))
   t.match(a.stderr(), KEY_PATTERN, 'the admin process creates the first admin key')
   t.equal((await get(`${a.admin}/readyz`)).status, 200)
   t.equal(await a.stop(), 0)

@@ -7,7 +7,7 @@ import type { Tap } from './gateway.ts'
 
 export interface LogLine {
   level: string
-  msg: string
+  message: string
   [field: string]: unknown
 }
 
@@ -73,7 +73,7 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
       try {
         logs.push(JSON.parse(line) as LogLine)
       } catch {
-        logs.push({ level: 'raw', msg: line })
+        logs.push({ level: 'raw', message: line })
       }
     }
     for (const w of waiters) w()
@@ -133,12 +133,12 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
   const wantGateway = options.waitFor?.gateway ?? true
   const wantAdmin = options.waitFor?.admin ?? true
   if (wantGateway) {
-    const listening = (l: LogLine) => l.msg === 'gateway listening'
+    const listening = (l: LogLine) => l.message === 'gateway listening'
     served.gateway = `http://${(await waitForLog(listening)).address as string}`
     const count = options.gateways ?? 1
     await waitForLog(() => logs.filter(listening).length >= count)
   }
-  if (wantAdmin) served.admin = `http://${(await waitForLog((l) => l.msg === 'admin listening' || l.msg === 'health and metrics listening')).address as string}`
+  if (wantAdmin) served.admin = `http://${(await waitForLog((l) => l.message === 'admin listening' || l.message === 'health and metrics listening')).address as string}`
   return served
 }
 
