@@ -172,7 +172,13 @@ export const ConfigSchema = Type.Object(
     ),
     keys: Type.Object(
       {
-        prefix: Type.String({ format: 'key-prefix', default: 'kg_', description: 'Prefix of generated keys.' }),
+        prefix: Type.String({ format: 'key-prefix', default: 'kg_', description: 'Prefix of generated keys. Changed alone, it refuses every key made before: list the old one in keys.previous_prefixes.' }),
+        previous_prefixes: Type.Array(Type.String({ format: 'key-prefix' }), {
+          default: [],
+          maxItems: 16,
+          uniqueItems: true,
+          description: 'Prefixes of keys made before keys.prefix was changed: still accepted, never given to new keys.',
+        }),
         accept_legacy: Type.Boolean({ default: true, description: 'Accept imported legacy UUID v4 keys.' }),
         grace_hours: Type.Object(
           {

@@ -23,7 +23,7 @@ export interface Runtime {
 }
 
 export function keyServiceOptions(config: Config) {
-  return { prefix: config.keys.prefix, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
+  return { prefix: config.keys.prefix, previousPrefixes: config.keys.previous_prefixes, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
 }
 
 export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date } = {}): Promise<Runtime> {

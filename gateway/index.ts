@@ -13,6 +13,7 @@ import type { EventBus } from '../core/events.ts'
 import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
+import { keyPrefixes } from '../core/keys/format.ts'
 import type { Logger } from '../core/log.ts'
 import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
 import { redisHealth } from '../core/redis.ts'
@@ -120,7 +121,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param }),
     createValidateStage({
       cache,
-      prefix: config.keys.prefix,
+      prefixes: keyPrefixes(config.keys.prefix, config.keys.previous_prefixes),
       acceptLegacy: config.keys.accept_legacy,
       revealKeyStatus: g.reveal_key_status,
       lockout,

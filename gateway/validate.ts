@@ -3,7 +3,7 @@
 // attempt for the lockout. With `gateway.reveal_key_status` off every bad key is answered
 // `key_invalid`, so the answer never tells unknown, wrong secret, revoked, expired or malformed
 // apart; the metrics and the debug log do.
-import { digestKey, keyKind, keyShape } from '../core/keys/format.ts'
+import { digestKey, keyKind, keyShape, type KeyPrefixes } from '../core/keys/format.ts'
 import type { Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
@@ -13,7 +13,7 @@ import type { RequestState, Stage, StageResult, Verdict } from './state.ts'
 
 export interface ValidateOptions {
   cache: KeyCache
-  prefix: string
+  prefixes: KeyPrefixes
   acceptLegacy: boolean
   revealKeyStatus: boolean
   lockout: Lockout
@@ -23,7 +23,7 @@ export interface ValidateOptions {
 }
 
 export function createValidateStage(o: ValidateOptions): Stage {
-  const { cache, prefix, acceptLegacy, lockout, log, now } = o
+  const { cache, prefixes, acceptLegacy, lockout, log, now } = o
   const badKeys = o.metrics.badKeys
   const storeErrors = o.metrics.storeErrors.lookup
   const debug = log.enabled('debug')
@@ -88,7 +88,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
   // allows (before, each request of the burst passed the lockout stage before any had failed).
   return (s: RequestState) => {
     const presented = s.presented as string
-    const kind = keyKind(presented, prefix, acceptLegacy)
+    const kind = keyKind(presented, prefixes, acceptLegacy)
     const digest = kind === undefined ? undefined : digestKey(presented, kind)
     const hit = digest === undefined ? undefined : cache.hit(digest)
     if (hit !== undefined && judge(s, hit) === undefined) return undefined
@@ -111,7 +111,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
   function lookUp(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined): StageResult | Promise<StageResult> {
     if (digest === undefined) return refuse(s, 'malformed', undefined)
     if (hit !== undefined) return settle(s, hit)
-    if (keyShape(presented, prefix, acceptLegacy) === undefined) return refuse(s, 'malformed', undefined)
+    if (keyShape(presented, prefixes, acceptLegacy) === undefined) return refuse(s, 'malformed', undefined)
     let found: ReturnType<KeyCache['miss']>
     try {
       found = cache.miss(digest, presented)

@@ -2,7 +2,7 @@
 // scrubbing.
 import t from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
-import { generateKey, hashKey, hashesEqual, isKeyId, keyPattern, newKeyId, parseKey, randomBase62, ID_LENGTH, SHA256_HEX } from '../core/keys/format.ts'
+import { generateKey, hashKey, hashesEqual, isKeyId, keyPattern, keyPrefixes, newKeyId, parseKey, randomBase62, ID_LENGTH, SHA256_HEX } from '../core/keys/format.ts'
 import { createLogger, scrub } from '../core/log.ts'
 
 const BASE62 = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
@@ -18,7 +18,7 @@ t.test('shape: prefix, id, secret, checksum', async (t) => {
   t.ok(isKeyId(g.id))
   t.notOk(isKeyId('short'))
   t.notOk(isKeyId('abcdefghijk_'))
-  t.same(parseKey(g.key, 'kg_'), { kind: 'keygate', id: g.id, hash: g.hash })
+  t.same(parseKey(g.key, ['kg_']), { kind: 'keygate', id: g.id, hash: g.hash })
 
   const fixed = generateKey('kg_', 'AAAAbbbb1234')
   t.equal(fixed.id, 'AAAAbbbb1234')
@@ -26,7 +26,7 @@ t.test('shape: prefix, id, secret, checksum', async (t) => {
 
   const custom = generateKey('acme9_')
   t.match(custom.key, /^acme9_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}$/)
-  t.same(parseKey(custom.key, 'acme9_'), { kind: 'keygate', id: custom.id, hash: custom.hash })
+  t.same(parseKey(custom.key, ['acme9_']), { kind: 'keygate', id: custom.id, hash: custom.hash })
   t.equal(newKeyId().length, ID_LENGTH)
   t.match(randomBase62(100), /^[0-9A-Za-z]{100}$/)
 })
@@ -42,7 +42,7 @@ t.test('10k keys: all distinct, base62, evenly spread, ≥128-bit secrets', asyn
     keys.add(g.key)
     ids.add(g.id)
     const m = SHAPE.exec(g.key)
-    if (!m || parseKey(g.key, 'kg_')?.kind !== 'keygate') malformed++
+    if (!m || parseKey(g.key, ['kg_'])?.kind !== 'keygate') malformed++
     for (const c of m?.[2] ?? '') {
       counts.set(c, (counts.get(c) ?? 0) + 1)
       secretChars++
@@ -70,7 +70,7 @@ t.test('the checksum refuses any single changed character, at every position', a
       if (c === key[i]) continue
       const changed = key.slice(0, i) + c + key.slice(i + 1)
       tried++
-      if (parseKey(changed, 'kg_') !== undefined) {
+      if (parseKey(changed, ['kg_']) !== undefined) {
         accepted++
         t.fail(`position ${i} changed to ${JSON.stringify(c)} was accepted`)
       }
@@ -82,36 +82,46 @@ t.test('the checksum refuses any single changed character, at every position', a
   for (let i = 0; i < key.length - 1; i++) {
     if (key[i] === key[i + 1]) continue
     const s = key.slice(0, i) + key[i + 1] + key[i] + key.slice(i + 2)
-    if (parseKey(s, 'kg_') !== undefined) swapped++
+    if (parseKey(s, ['kg_']) !== undefined) swapped++
   }
   t.equal(swapped, 0, 'adjacent transpositions are refused too')
-  t.equal(parseKey(key + 'A', 'kg_'), undefined, 'one character more')
-  t.equal(parseKey(key.slice(0, -1), 'kg_'), undefined, 'one character less')
-  t.equal(parseKey('', 'kg_'), undefined)
+  t.equal(parseKey(key + 'A', ['kg_']), undefined, 'one character more')
+  t.equal(parseKey(key.slice(0, -1), ['kg_']), undefined, 'one character less')
+  t.equal(parseKey('', ['kg_']), undefined)
+})
+
+t.test('a key of a previous prefix parses, the current one first; its id is found whatever the prefix length', async (t) => {
+  const old = generateKey('kg_')
+  const longer = generateKey('acme9_')
+  const both = keyPrefixes('acme9_', ['kg_', 'acme9_', 'kg_'])
+  t.same(both, ['acme9_', 'kg_'], 'each once, the current first')
+  t.same(parseKey(old.key, both), { kind: 'keygate', id: old.id, hash: old.hash })
+  t.same(parseKey(longer.key, both), { kind: 'keygate', id: longer.id, hash: longer.hash })
+  t.equal(parseKey(old.key, keyPrefixes('acme9_')), undefined, 'not listed: refused')
 })
 
 t.test('a wrong prefix is refused', async (t) => {
   const { key } = generateKey('kg_')
-  t.equal(parseKey(key, 'kx_'), undefined)
-  t.equal(parseKey(key, 'k_'), undefined)
-  t.equal(parseKey(key, 'kgg_'), undefined)
-  t.equal(parseKey('KG_' + key.slice(3), 'kg_'), undefined)
+  t.equal(parseKey(key, ['kx_']), undefined)
+  t.equal(parseKey(key, ['k_']), undefined)
+  t.equal(parseKey(key, ['kgg_']), undefined)
+  t.equal(parseKey('KG_' + key.slice(3), ['kg_']), undefined)
   const other = generateKey('ab_')
-  t.equal(parseKey(other.key, 'kg_'), undefined, "another deployment's keys")
+  t.equal(parseKey(other.key, ['kg_']), undefined, "another deployment's keys")
 })
 
 t.test('legacy UUID v4 keys, only when accepted', async (t) => {
   const uuid = randomUUID()
   const hash = createHash('sha256').update(uuid).digest('hex')
-  t.same(parseKey(uuid, 'kg_'), { kind: 'legacy', hash }, 'accepted by default, hashed as the replaced system did')
-  t.same(parseKey(uuid, 'kg_', true), { kind: 'legacy', hash })
-  t.same(parseKey(uuid.toUpperCase(), 'kg_'), { kind: 'legacy', hash }, 'upper case is the same key')
-  t.equal(parseKey(uuid, 'kg_', false), undefined, 'refused when legacy keys are off')
-  t.equal(parseKey('6ba7b810-9dad-11d1-80b4-00c04fd430c8', 'kg_'), undefined, 'a UUID v1 is not a legacy key')
-  t.equal(parseKey('6ba7b810-9dad-41d1-c0b4-00c04fd430c8', 'kg_'), undefined, 'a wrong variant is not either')
-  t.equal(parseKey(uuid.replace(/-/g, ''), 'kg_'), undefined, 'nor a UUID without dashes')
-  t.equal(parseKey(`{${uuid}}`, 'kg_'), undefined)
-  t.equal(parseKey(uuid.slice(0, -1) + 'g', 'kg_'), undefined)
+  t.same(parseKey(uuid, ['kg_']), { kind: 'legacy', hash }, 'accepted by default, hashed as the replaced system did')
+  t.same(parseKey(uuid, ['kg_'], true), { kind: 'legacy', hash })
+  t.same(parseKey(uuid.toUpperCase(), ['kg_']), { kind: 'legacy', hash }, 'upper case is the same key')
+  t.equal(parseKey(uuid, ['kg_'], false), undefined, 'refused when legacy keys are off')
+  t.equal(parseKey('6ba7b810-9dad-11d1-80b4-00c04fd430c8', ['kg_']), undefined, 'a UUID v1 is not a legacy key')
+  t.equal(parseKey('6ba7b810-9dad-41d1-c0b4-00c04fd430c8', ['kg_']), undefined, 'a wrong variant is not either')
+  t.equal(parseKey(uuid.replace(/-/g, ''), ['kg_']), undefined, 'nor a UUID without dashes')
+  t.equal(parseKey(`{${uuid}}`, ['kg_']), undefined)
+  t.equal(parseKey(uuid.slice(0, -1) + 'g', ['kg_']), undefined)
 })
 
 t.test('hashesEqual', async (t) => {
@@ -191,10 +201,10 @@ t.test('digestKey is the stored SHA-256 in compact form; keyShape agrees with pa
   const uuid = randomUUID()
   t.equal(digestKey(uuid.toUpperCase(), 'legacy'), digestFromHex(hashKey(uuid)), 'legacy keys are case-blind')
   for (const s of [g.key, uuid, g.key.slice(1), `${g.key}x`, 'kg_', '', uuid.replace(/-/g, '')]) {
-    const parsed = parseKey(s, 'kg_')
-    t.equal(keyShape(s, 'kg_'), parsed?.kind, `same verdict for ${JSON.stringify(s.slice(0, 8))}`)
+    const parsed = parseKey(s, ['kg_'])
+    t.equal(keyShape(s, ['kg_']), parsed?.kind, `same verdict for ${JSON.stringify(s.slice(0, 8))}`)
   }
-  t.equal(keyShape(uuid, 'kg_', false), undefined)
+  t.equal(keyShape(uuid, ['kg_'], false), undefined)
 })
 
 t.test('addresses parse to their canonical form, the same on every call (memoised)', async (t) => {

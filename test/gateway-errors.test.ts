@@ -6,7 +6,9 @@ import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { request } from 'undici'
-import { answerOf, bearer, listen, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+import { answerOf, bearer, listen, makeConfig, openStore, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+import { KeyService } from '../core/keys/service.ts'
+import { keyServiceOptions } from '../core/runtime.ts'
 
 function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
   t.equal(a.status, ERRORS[code].status, `${code}: status`)
@@ -215,4 +217,25 @@ t.test('a stage that throws is answered 500 internal_error, without its detail, 
   t.notMatch(broken.text, /lockout table broke|\n\s+at /, 'no error detail or stack to the client')
   t.equal(h.upstream.received.length, 0, 'nothing forwarded')
   t.equal((await h.get('/x', bearer(k.key))).status, 200, 'the next request is forwarded')
+})
+
+t.test('keys made under an earlier keys.prefix: refused once it changes alone, accepted when it is in keys.previous_prefixes; new keys take the new one', async (t) => {
+  // Before (found by a review), keys.prefix was the one prefix accepted: changing it refused
+  // every key made before, with no way to keep them.
+  const store = await openStore(t, makeConfig({ routes: [] }))
+  const { key: old } = await store.keys.create({ name: 'made under kg_', type: 'user' }, ACTOR)
+  const under = (keys: Record<string, unknown>) => {
+    const config = { keys }
+    return startGateway(t, { config, store: { ...store, keys: new KeyService({ db: store.db, audit: store.audit, ...keyServiceOptions(makeConfig({ ...config, routes: [] })) }) } })
+  }
+  const alone = await under({ prefix: 'acme_' })
+  t.equal((await alone.get('/', bearer(old))).status, 401, 'the prefix changed alone: the old key is refused (as documented)')
+  const kept = await under({ prefix: 'acme_', previous_prefixes: ['kg_'] })
+  t.equal((await kept.get('/', bearer(old))).status, 200, 'listed in previous_prefixes: accepted')
+  t.equal((await kept.keys.validate(old)).valid, true, 'by the key service too (the CLI, the admin API)')
+  const fresh = await kept.key()
+  t.ok(fresh.key.startsWith('acme_'), 'a new key takes the new prefix')
+  t.equal((await kept.get('/', bearer(fresh.key))).status, 200)
+  t.equal((await kept.get('/', bearer(generateKey('zz_').key))).status, 401, 'a prefix in neither is refused')
+  t.equal((await alone.get('/', bearer(fresh.key))).status, 200, 'the new key on the instance with the new prefix alone')
 })

@@ -11,6 +11,8 @@ const ALPHABET = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 export const ID_LENGTH = 12
 const SECRET_LENGTH = 22
 const CHECK_LENGTH = 6
+/** What follows the prefix: the id, `_`, the secret and the check. */
+const TAIL_LENGTH = ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH
 const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/i
 const ID_SHAPE = /^[0-9A-Za-z]{12}$/
 
@@ -61,18 +63,31 @@ export type ParsedKey =
   | { kind: 'legacy'; hash: string }
 
 /**
+ * The prefixes a presented key may carry: the one new keys get first, then those of keys made
+ * before it was changed (`keys.previous_prefixes`). The prefix is part of the hashed key, so a
+ * key only ever matches its own.
+ */
+export type KeyPrefixes = readonly [string, ...string[]]
+
+/** The prefixes of `keys.prefix` and `keys.previous_prefixes`, the current one first, each once. */
+export function keyPrefixes(prefix: string, previous: readonly string[] = []): KeyPrefixes {
+  return [prefix, ...previous.filter((p, i) => p !== prefix && previous.indexOf(p) === i)]
+}
+
+/**
  * The shape of a presented key, checked without hashing or any look-up: `keygate` (prefix,
  * length, id, checksum all right), `legacy` (a UUID v4, when accepted), or undefined. The
  * expected length is fixed, so most garbage costs a length check.
  */
-export function keyShape(presented: string, prefix: string, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
-  const kind = keyKind(presented, prefix, acceptLegacy)
+export function keyShape(presented: string, prefixes: KeyPrefixes, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
+  const kind = keyKind(presented, prefixes, acceptLegacy)
   if (kind === 'keygate') {
     const checkStart = presented.length - CHECK_LENGTH
-    const idEnd = prefix.length + ID_LENGTH
+    const idStart = presented.length - TAIL_LENGTH
+    const idEnd = idStart + ID_LENGTH
     if (presented.charCodeAt(idEnd) !== 95 /* _ */) return undefined
     if (checksum(presented.slice(0, checkStart)) !== presented.slice(checkStart)) return undefined
-    if (!ID_SHAPE.test(presented.slice(prefix.length, idEnd)) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
+    if (!ID_SHAPE.test(presented.slice(idStart, idEnd)) || !/^[0-9A-Za-z]+$/.test(presented.slice(idEnd + 1))) return undefined
     return 'keygate'
   }
   if (kind === 'legacy' && UUID_V4.test(presented)) return 'legacy'
@@ -85,16 +100,17 @@ export function keyShape(presented: string, prefix: string, acceptLegacy = true)
  * hash is a stored key's, so a hit needs no further check); only a miss gets the full check
  * before the store is asked.
  */
-export function keyKind(presented: string, prefix: string, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
-  if (presented.length === prefix.length + ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH && presented.startsWith(prefix)) return 'keygate'
+export function keyKind(presented: string, prefixes: KeyPrefixes, acceptLegacy = true): 'keygate' | 'legacy' | undefined {
+  for (const prefix of prefixes) if (presented.length === prefix.length + TAIL_LENGTH && presented.startsWith(prefix)) return 'keygate'
   if (acceptLegacy && presented.length === 36) return 'legacy'
   return undefined
 }
 
 /** Recognises a presented key without any look-up; `undefined` for anything malformed. */
-export function parseKey(presented: string, prefix: string, acceptLegacy = true): ParsedKey | undefined {
-  const shape = keyShape(presented, prefix, acceptLegacy)
-  if (shape === 'keygate') return { kind: 'keygate', id: presented.slice(prefix.length, prefix.length + ID_LENGTH), hash: hashKey(presented) }
+export function parseKey(presented: string, prefixes: KeyPrefixes, acceptLegacy = true): ParsedKey | undefined {
+  const shape = keyShape(presented, prefixes, acceptLegacy)
+  const idStart = presented.length - TAIL_LENGTH
+  if (shape === 'keygate') return { kind: 'keygate', id: presented.slice(idStart, idStart + ID_LENGTH), hash: hashKey(presented) }
   if (shape === 'legacy') return { kind: 'legacy', hash: hashKey(presented.toLowerCase()) }
   return undefined
 }

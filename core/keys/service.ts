@@ -9,7 +9,7 @@ import { decodeCursor, encodeCursor } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
-import { generateKey, hashesEqual, newKeyId, parseKey, SHA256_HEX } from './format.ts'
+import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, type KeyEndReason } from './ends.ts'
@@ -18,7 +18,10 @@ import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types
 export interface KeyServiceOptions {
   db: Db
   audit: AuditLog
+  /** The prefix of new keys. */
   prefix: string
+  /** Prefixes of keys made before `prefix` was changed: still accepted. */
+  previousPrefixes?: readonly string[]
   acceptLegacy?: boolean
   graceHours: Readonly<Record<KeyType, number>>
   /** The clock; tests pass a controllable one. */
@@ -190,6 +193,7 @@ export class KeyService {
   readonly #db: Db
   readonly #audit: AuditLog
   readonly #prefix: string
+  readonly #prefixes: KeyPrefixes
   readonly #acceptLegacy: boolean
   readonly #graceHours: Readonly<Record<KeyType, number>>
   readonly #now: () => Date
@@ -200,6 +204,7 @@ export class KeyService {
     this.#db = options.db
     this.#audit = options.audit
     this.#prefix = options.prefix
+    this.#prefixes = keyPrefixes(options.prefix, options.previousPrefixes)
     this.#acceptLegacy = options.acceptLegacy ?? true
     this.#graceHours = options.graceHours
     this.#now = options.now ?? (() => new Date())
@@ -207,6 +212,11 @@ export class KeyService {
 
   get prefix(): string {
     return this.#prefix
+  }
+
+  /** The prefixes a presented key may carry (see KeyPrefixes). */
+  get prefixes(): KeyPrefixes {
+    return this.#prefixes
   }
 
   /** Called after each committed change (cache invalidation, webhooks, pub/sub). */
@@ -590,7 +600,7 @@ export class KeyService {
 
   /** Finds the stored key a presented one names, comparing hashes in constant time. */
   async lookup(presented: string): Promise<{ key: KeyRecord } | { key?: undefined; reason: 'malformed' | 'unknown' | 'wrong_secret'; keyId?: string }> {
-    const parsed = parseKey(presented, this.#prefix, this.#acceptLegacy)
+    const parsed = parseKey(presented, this.#prefixes, this.#acceptLegacy)
     if (!parsed) return { reason: 'malformed' }
     if (parsed.kind === 'legacy') {
       const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE key_hash = $1 AND legacy`, [parsed.hash])
