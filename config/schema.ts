@@ -130,7 +130,7 @@ export const ConfigSchema = Type.Object(
       { additionalProperties: false, default: {} },
     ),
     routes: Type.Array(Route, { default: [], description: 'Path-prefix routes to upstreams; the longest matching prefix wins.' }),
-    upstream: optStr('http-url', { description: 'Shortcut: one route / to this upstream.', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
+    upstream: optStr('http-url', { description: 'Shortcut: a route named default for / to this upstream, added to the routes (refused when they have a route for / or one named default).', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
     deny_list: Type.Array(Type.String({ format: 'cidr' }), { default: [], description: 'Addresses and CIDR ranges always refused.' }),
     rate_limits: Type.Object(
       {
@@ -209,7 +209,7 @@ export const ConfigSchema = Type.Object(
     redis: Type.Object(
       {
         url: optStr('redis-url', { description: 'Redis for shared limits, invalidation and alerts.', env: 'REDIS_URL', secret: true }),
-        anomaly_channel: Type.String({ minLength: 1, default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts.' }),
+        anomaly_channel: Type.String({ format: 'redis-channel', default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts (the system keygate replaces used momentry:anomaly:alerts).', env: 'KEYGATE_ANOMALY_CHANNEL' }),
         command_timeout_ms: int(100, 5, 10_000, {
           description: 'A rate limit or lockout call to Redis slower than this is answered by the in-memory insurance limiter, which keeps answering until a PING is answered in time again.',
         }),

@@ -64,6 +64,9 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
   'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v), 'a path starting with / without ?, # or dot segments'],
   'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints)'],
+  // A Redis pub/sub channel as operators write one: a typo'd space or a pasted line break would
+  // publish where no subscriber listens.
+  'redis-channel': [(v) => /^[!-~]{1,200}$/.test(v), 'visible ASCII characters without spaces, at most 200, such as keygate:anomaly:alerts'],
   'key-prefix': [(v) => /^[a-z][a-z0-9]{0,15}_$/.test(v), 'lowercase letters and digits ending in _, such as kg_'],
   'date-time': [isDateTime, 'an RFC 3339 date-time from 1970 to 9999 such as 2027-01-31T12:00:00Z'],
 }

@@ -78,6 +78,8 @@ t.test('defaults', async (t) => {
 t.test('the carried-over environment names', async (t) => {
   const c = loadConfig({ env: { CACHE_TTL_SECONDS: '60', CACHE_MAX_CAPACITY: '500', RATE_LIMIT_MAX_ATTEMPTS: '3', RATE_LIMIT_WINDOW_SECONDS: '120' } })
   t.match(c, { cache: { ttl_s: 60, max_capacity: 500 }, lockout: { max_attempts: 3, window_s: 120 } })
+  // The replaced system's anomaly channel, settable where its other names are: the environment.
+  t.equal(loadConfig({ env: { KEYGATE_ANOMALY_CHANNEL: 'momentry:anomaly:alerts' } }).redis.anomaly_channel, 'momentry:anomaly:alerts')
 })
 
 t.test('precedence: file, then environment, then flags', async (t) => {
