@@ -230,9 +230,10 @@ class Insured implements Limiter {
 const CLUSTER_GATE: Gate = { up: true, timeoutMs: CLUSTER_TIMEOUT_MS, down: () => {} }
 
 /**
- * Keys one memory limiter holds counts for: past it the least recently counted are forgotten
- * first (their windows start afresh). Each takes about 250 bytes, so a memory limiter holds at
- * most about 25 MB.
+ * Keys one memory limiter keeps counts for at least: past it the least recently counted are
+ * forgotten first (their windows start afresh). quick-lru holds up to twice its maxSize (the
+ * recent keys and the generation before them), about 250 bytes each, so a memory limiter holds
+ * at most about 50 MB.
  */
 export const MEMORY_MAX_KEYS = 100_000
 
@@ -252,8 +253,9 @@ interface Count {
  * newer ones, without a timer.
  */
 class BoundedStorage {
-  // quick-lru holds up to twice its maxSize (the recent keys and the generation before them).
-  readonly _storage = new QuickLRU<string, Count>({ maxSize: MEMORY_MAX_KEYS / 2 })
+  // MEMORY_MAX_KEYS keys at least, the most recently counted (at maxSize / 2, a count was
+  // forgotten after 50,000 other keys, where 100,000 were promised; found by a review).
+  readonly _storage = new QuickLRU<string, Count>({ maxSize: MEMORY_MAX_KEYS })
 
   incrby(key: string, value: number, durationS: number): RateLimiterRes {
     const count = this._storage.get(key)
