@@ -253,7 +253,7 @@ export class WebhookService {
   }
 
   async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
-    const url = (await checkTarget(input.url, this.#allowed)).toString()
+    const url = receiverUrl(await checkTarget(input.url, this.#allowed))
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`
     const now = this.#now()
@@ -646,6 +646,18 @@ export class WebhookService {
     await this.idle()
     if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
   }
+}
+
+/**
+ * A receiver's URL as stored and compared: without a fragment (never sent) or an empty `?`, so
+ * `/hook#x` and `/hook?` are the `/hook` they reach (a review registered all three for one event
+ * and got each delivery three times).
+ */
+function receiverUrl(url: URL): string {
+  const u = new URL(url)
+  u.hash = ''
+  if (u.search === '') u.search = ''
+  return u.toString()
 }
 
 /** Serialises webhook registrations (pg_advisory_xact_lock): "kgwh". */

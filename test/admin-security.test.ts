@@ -4,6 +4,7 @@
 // the OpenAPI document, and writes no audit row.
 import t from 'tap'
 import type { Test } from 'tap'
+import { randomUUID } from 'node:crypto'
 import { openApiDocument, operationErrors } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
@@ -33,7 +34,8 @@ function refused(t: Test, a: Answer, status: number, code: string, what: string)
 async function pathFor(h: AdminHarness, path: string): Promise<string> {
   if (!path.includes('{id}')) return path
   if (path.startsWith('/v1/webhooks')) {
-    const { webhook } = await h.webhooks.create({ url: 'http://127.0.0.1:9/never', events: ['key.expiring'] }, { actor: 'test' })
+    // A URL of its own: one already registered for the event is refused.
+    const { webhook } = await h.webhooks.create({ url: `http://127.0.0.1:9/never/${randomUUID()}`, events: ['key.expiring'] }, { actor: 'test' })
     return path.replace('{id}', webhook.id)
   }
   if (path.startsWith('/v1/anomalies')) {

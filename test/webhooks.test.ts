@@ -203,8 +203,12 @@ await forEachStore(t, async (t, store) => {
     const refused = both.find((r) => r.status === 'rejected')?.reason
     t.match(refused, { code: 'conflict', message: /already sends key\.revoked to http:\/\/127\.0\.0\.1:9\/twice/ }, 'the other is a conflict naming the event')
     await t.rejects(s.create({ url, events: ['key.created', 'key.expiring'] }, ACTOR), { code: 'conflict' }, 'an overlap of one event is enough')
-    const other = await s.create({ url, events: ['anomaly.detected'] }, ACTOR)
+    // A fragment is never sent and an empty query is none: the same receiver (found by a review).
+    await t.rejects(s.create({ url: `${url}#again`, events: ['key.revoked'] }, ACTOR), { code: 'conflict' }, 'the URL with a fragment is the same receiver')
+    await t.rejects(s.create({ url: `${url}?`, events: ['key.revoked'] }, ACTOR), { code: 'conflict' }, 'and with an empty query')
+    const other = await s.create({ url: `${url}?#x`, events: ['anomaly.detected'] }, ACTOR)
     t.same(other.webhook.events, ['anomaly.detected'], 'other events to the same URL are a webhook of their own')
+    t.equal(other.webhook.url, url, 'stored without the fragment and the empty query')
     const rows = await store.db.query<{ id: string }>('SELECT id FROM webhooks WHERE url = $1', [url])
     t.equal(rows.length, 2)
     // The store is shared with the subtests below, which count deliveries of these events.
