@@ -1,5 +1,7 @@
 // One JSON object per line: level, time, message and fields (SPEC §1 names them). Anything shaped like a key is replaced
 // before it is written, as a second line of defence behind code that never logs keys.
+import { KEY_IN_TEXT } from './keys/format.ts'
+
 export type Level = 'debug' | 'info' | 'warn' | 'error'
 const RANK: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 }
 
@@ -16,8 +18,10 @@ export interface Logger {
 // No \b anchors: a key glued to other word characters (`Bearer%20kg_...`, `%3D<uuid>`) must go too.
 // Also the secrets of the integrations: JWTs (n8n API keys and session cookies) and Gitea tokens
 // (40 hex characters, not part of a longer hex run such as a SHA-256).
-const KEYISH =
-  /[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\.[0-9A-Za-z_-]+\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])/gi
+const KEYISH = new RegExp(
+  `${KEY_IN_TEXT.source}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])`,
+  'gi',
+)
 
 export function scrub(text: string): string {
   return text.replace(KEYISH, '[redacted]')

@@ -105,6 +105,31 @@ await forEachStore(t, async (t: Test, store) => {
     await s.keys.revoke(again?.record.id as string, 'test', actor)
   })
 
+  t.test('a key in a name, an owner, metadata or a revocation reason is refused by field, never stored or quoted', async (t) => {
+    // Before (found by a review): another key's plaintext in metadata and a revocation reason
+    // was stored, written to the audit log and sent to webhook receivers in key events.
+    const s = testServices(db)
+    const { key: secret, record: victim } = await s.keys.create({ name: 'victim', type: 'user' }, actor)
+    const refusedFor = async (what: Promise<unknown>, field: string, code = 'validation_failed') => {
+      const err = await what.then(() => undefined, (e: unknown) => e as { code?: string; message?: string; details?: unknown })
+      t.equal(err?.code, code, `${field}: refused`)
+      t.match(err?.message, new RegExp(`(^|\\n  )${field}: holds what looks like a keygate API key`), `${field}: named`)
+      t.notOk(JSON.stringify(err).includes(secret), `${field}: not quoted`)
+    }
+    const before = await count(db, 'api_keys')
+    await refusedFor(s.keys.create({ name: `copy of ${secret}`, type: 'user' }, actor), 'name')
+    await refusedFor(s.keys.create({ name: 'o', type: 'user', owner: secret }, actor), 'owner')
+    await refusedFor(s.keys.create({ name: 'm', type: 'user', metadata: { note: { deep: `see ${secret}` } } }, actor), 'metadata')
+    await refusedFor(s.keys.update(victim.id, { metadata: { [secret]: 1 } }, actor), 'metadata')
+    await refusedFor(s.keys.revoke(victim.id, `same owner as ${secret}`, actor), 'reason')
+    await refusedFor(s.keys.importLegacy([{ key_hash: 'a'.repeat(64), name: 'imported', owner: `x${secret}` }], actor), 'row 1: owner', 'import_invalid')
+    t.equal(await count(db, 'api_keys'), before, 'nothing stored')
+    t.equal((await s.keys.get(victim.id)).status, 'active', 'the revocation did not happen')
+    t.notOk(JSON.stringify(await s.audit.list(db, { keyId: victim.id })).includes(secret), 'nor audited')
+    const uuid = randomUUID()
+    t.ok(await s.keys.create({ name: 'with an id', type: 'user', owner: uuid, metadata: { user: uuid } }, actor), 'a UUID is an everyday id, not refused')
+  })
+
   t.test('getMany: the keys of the ids that exist, in one query', async (t) => {
     const s = testServices(db)
     const [a, b] = await Promise.all([s.keys.create({ name: 'many a', type: 'user' }, actor), s.keys.create({ name: 'many b', type: 'user' }, actor)])

@@ -137,6 +137,12 @@ export function hashesEqual(a: string, b: string): boolean {
 
 export const SHA256_HEX = /^[0-9a-f]{64}$/
 
+/**
+ * A keygate key of any prefix in free text, unanchored: a key glued to other word characters
+ * (`Bearer%20kg_...`) is found too. The log scrubber and the refusal of keys in stored text use it.
+ */
+export const KEY_IN_TEXT = new RegExp(`[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{${ID_LENGTH}}_[0-9A-Za-z]{${SECRET_LENGTH + CHECK_LENGTH}}`)
+
 /** A pattern that finds keygate keys in free text (log scrubbing, leak scanning). */
 export function keyPattern(prefix: string): RegExp {
   return new RegExp(`${prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}[0-9A-Za-z]{${ID_LENGTH}}_[0-9A-Za-z]{${SECRET_LENGTH + CHECK_LENGTH}}`, 'g')
