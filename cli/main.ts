@@ -139,7 +139,15 @@ export async function runGroup<C>(
   const action = sub.prepare(p)
   const config = configFrom(p, io)
   if (config.admin.url) {
-    // A running server owns the store: go through its admin API instead of opening it.
+    // A running server owns the store: go through its admin API instead of opening it. A store
+    // named on the command line contradicts that: before, the flag was ignored and the change
+    // made on the server's store (found by a review).
+    const store = (['data-dir', 'database-url'] as const).filter((name) => p.values[name] !== undefined)
+    if (store.length > 0) {
+      throw new UsageError(
+        `${store.map((name) => `--${name}`).join(', ')}: the command goes through the admin API at ${config.admin.url} (KEYGATE_ADMIN_URL or --admin-url), which opens no store here; unset the admin URL to work on that store, or leave the flag out`,
+      )
+    }
     if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }

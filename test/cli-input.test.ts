@@ -179,3 +179,17 @@ t.test('an import tells every problem of its file in the first answer, on the em
   t.equal(error.details.problems.length, 3, 'the three problems, no more')
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 1, 'nothing more was stored')
 })
+
+t.test('a store named on the command line while the admin URL is set is a usage error, not ignored', async (t) => {
+  // Before (found by a review): --data-dir and --database-url were ignored, and the key was
+  // created on the store of the server behind KEYGATE_ADMIN_URL.
+  const dir = tempDir()
+  const dataDir = join(dir, 'named')
+  const env = isolated({ KEYGATE_ADMIN_URL: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) })
+  for (const flags of [['--data-dir', dataDir], ['--database-url', 'postgres://postgres@127.0.0.1:5432/nowhere'], ['--admin-url', 'http://127.0.0.1:9', '--data-dir', dataDir]]) {
+    const r = await runCliHere(['api-key', 'create', '--name', 'x', '--type', 'user', ...flags], { env })
+    t.equal(r.code, 2, `${flags.join(' ')}: exit 2`)
+    t.match(r.stderr, /^keygate: --(data-dir|database-url): the command goes through the admin API at http:\/\/127\.0\.0\.1:9/, 'says why')
+  }
+  t.notOk(existsSync(dataDir), 'no store opened')
+})
