@@ -94,9 +94,11 @@ export async function auditPage(
   query: { limit?: number | undefined; cursor?: string | undefined },
 ) {
   const page = await services.audit.page(services.db, { ...filter, before: query.cursor ? decodeCursor(query.cursor) : undefined }, query.limit ?? 100)
-  // Located by key, action and time: the row's id is a UUID, which every log line scrubs (legacy keys have that shape).
+  // The row's id is a UUID, which every log line scrubs (legacy keys have that shape): it is
+  // logged without its hyphens (audit_row), which the scrubber leaves, so a row about no key
+  // can be found too (found by a review).
   for (const r of page.items) {
-    if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })
+    if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { audit_row: r.id.replaceAll('-', ''), key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })
   }
   const last = page.items[page.items.length - 1]
   return { items: page.items.map(auditJson), next_cursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
