@@ -8,7 +8,7 @@ import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -179,8 +179,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       checkFlags(CreateKeyBody, body)
       return async (ctx) => {
         const { key, record } = await ctx.ops.create(body)
-        if (ctx.json) printJson(ctx.io, { ...keyJson(record), key })
-        else ctx.io.out(`Created ${record.type} key ${record.id} (${printable(record.name)}). The key is shown once; store it now:\n${key}\n`)
+        printMade(() => {
+          if (ctx.json) printJson(ctx.io, { ...keyJson(record), key })
+          else ctx.io.out(`Created ${record.type} key ${record.id} (${printable(record.name)}). The key is shown once; store it now:\n${key}\n`)
+        }, `key ${record.id} was created (revoke it with keygate api-key revoke ${record.id}, and create another)`)
         return EXIT_OK
       }
     },
@@ -303,11 +305,11 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       return async (ctx) => {
         const { key, record, previous } = await ctx.ops.rotate(p.positionals[0] as string, p.values.force === true)
-        if (ctx.json) printJson(ctx.io, { ...keyJson(record), key, previous: keyJson(previous) })
-        else {
-          const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(previous.graceUntil)}` : `${previous.id} no longer works`
-          ctx.io.out(`Rotated: new key ${record.id}; ${old}. The new key is shown once; store it now:\n${key}\n`)
-        }
+        const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(previous.graceUntil)}` : `${previous.id} no longer works`
+        printMade(() => {
+          if (ctx.json) printJson(ctx.io, { ...keyJson(record), key, previous: keyJson(previous) })
+          else ctx.io.out(`Rotated: new key ${record.id}; ${old}. The new key is shown once; store it now:\n${key}\n`)
+        }, `${previous.id} was rotated, ${old}, and its new key ${record.id} made (rotate ${record.id} again for a key you can store)`)
         return EXIT_OK
       }
     },

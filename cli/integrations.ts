@@ -7,7 +7,7 @@ import type { N8nKeyCreated, N8nKeyDeleted, N8nListItem, N8nVerification } from 
 import type { TrackState } from '../core/integrations/track.ts'
 import { DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, printMade, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -69,8 +69,10 @@ function createCommand<R>(o: {
     const body = o.body(p)
     return async (ctx) => {
       const created = await ctx.service.create(body, ctx.actor)
-      if (ctx.json) printJson(ctx.io, created)
-      else ctx.io.out(`Created ${o.describe(created)}.\nThe ${o.noun} is shown once; store it now:\n${o.secret(created)}\n`)
+      printMade(() => {
+        if (ctx.json) printJson(ctx.io, created)
+        else ctx.io.out(`Created ${o.describe(created)}.\nThe ${o.noun} is shown once; store it now:\n${o.secret(created)}\n`)
+      }, `${o.describe(created)} was created (delete it, and create another)`)
       return EXIT_OK
     }
   })

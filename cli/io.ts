@@ -1,7 +1,8 @@
 // What every command shares: parsed flags, output in tables or JSON, and the failure paths
 // (exit 1 for a refused operation, 2 for a usage error, the reason on stderr).
+import { writeSync } from 'node:fs'
 import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
-import { KeygateError, type ErrorCode } from '../core/errors.ts'
+import { KeygateError, systemErrorWords, type ErrorCode } from '../core/errors.ts'
 import { YEAR_10000_MS } from '../core/formats.ts'
 import type { TSchema } from '@sinclair/typebox'
 import { dotted, problemLine, problems } from '../core/validate.ts'
@@ -17,9 +18,28 @@ export interface Io {
   env: Readonly<Record<string, string | undefined>>
 }
 
+/**
+ * Writes all of `text` to `fd` before returning. A failure (a closed pipe, a full disk) is thrown
+ * here, as output_failed, where the command can still say what it had done: written through the
+ * process's streams it came after the command as an 'error' event, which ended the process with a
+ * stack trace, and a key created or rotated a moment before went unmentioned (found by a review).
+ */
+function writeAll(fd: number, text: string): void {
+  let rest = Buffer.from(text)
+  while (rest.length > 0) {
+    try {
+      rest = rest.subarray(writeSync(fd, rest))
+    } catch (err) {
+      // A pipe the reader has not emptied yet: wait a moment and go on.
+      if ((err as NodeJS.ErrnoException).code === 'EAGAIN') Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 5)
+      else throw new KeygateError('output_failed', `could not write the output (${fd === 1 ? 'stdout' : 'stderr'}: ${systemErrorWords(err)})`)
+    }
+  }
+}
+
 export const processIo: Io = {
-  out: (t) => process.stdout.write(t),
-  err: (t) => process.stderr.write(t),
+  out: (t) => writeAll(1, t),
+  err: (t) => writeAll(2, t),
   readStdin: async () => {
     const chunks: Buffer[] = []
     for await (const c of process.stdin) chunks.push(c as Buffer)
@@ -142,9 +162,27 @@ export function printJson(io: Io, value: unknown): void {
 
 /** Reports a failure: the reason on stderr, and with --json the error object on stdout too. */
 export function fail(io: Io, json: boolean, code: ErrorCode, message: string, details?: Readonly<Record<string, unknown>>): number {
-  io.err(`keygate: ${message}\n`)
-  if (json) printJson(io, { error: { code, message, ...(details ? { details } : {}) } })
+  // Each told where it can be: stdout may be the stream that failed, stderr too.
+  try {
+    io.err(`keygate: ${message}\n`)
+  } catch {}
+  try {
+    if (json) printJson(io, { error: { code, message, ...(details ? { details } : {}) } })
+  } catch {}
   return code === 'usage_error' ? EXIT_USAGE : EXIT_REFUSED
+}
+
+/**
+ * Prints what a command made and shows once (a key, a token): when the output cannot be written,
+ * the error says it was made, and what to do (`made`), since it is shown nowhere else.
+ */
+export function printMade(print: () => void, made: string): void {
+  try {
+    print()
+  } catch (err) {
+    if (err instanceof KeygateError && err.code === 'output_failed') throw new KeygateError('output_failed', `${made}, but ${err.message}: its secret is shown nowhere else`)
+    throw err
+  }
 }
 
 const UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 }

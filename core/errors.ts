@@ -63,6 +63,7 @@ export const ERRORS = {
   // Start-up, configuration, storage
   config_invalid: { status: 500, message: 'The configuration is not valid.' },
   usage_error: { status: 400, message: 'The command line is not valid.' },
+  output_failed: { status: 500, message: "The command's output could not be written." },
   migration_modified: { status: 500, message: 'An applied migration file has been changed.' },
   migration_failed: { status: 500, message: 'A migration failed; nothing of the run was applied.' },
   store_locked: { status: 503, message: 'The embedded store is in use by another process.' },
@@ -126,6 +127,8 @@ export function fieldInvalid(field: string, message: string): KeygateError {
 
 /** What a system error means for whoever set the path or address up, in words; its message for any other code. */
 const SYSTEM_ERROR_WORDS: Record<string, string> = {
+  EPIPE: 'the reader closed it',
+  ENOSPC: 'no space left on the device',
   EACCES: 'permission denied',
   EISDIR: 'it is a folder',
   EEXIST: 'a file is in the way',

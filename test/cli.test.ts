@@ -143,3 +143,24 @@ t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) =
     t.equal(r.stdout, '')
   }
 })
+
+t.test('output that cannot be written: a created key is named with what to do, no stack trace, and the store is closed', async (t) => {
+  // Before (found by a review): a full disk or a closed pipe on stdout ended the command with
+  // Node's "Unhandled 'error' event" and a stack trace, after the key was created, whose secret
+  // was then shown nowhere; the store's lock was left behind.
+  const cwd = tempDir()
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const full = openSync('/dev/full', 'w')
+  t.teardown(() => closeSync(full))
+  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'create', '--name', 'unseen', '--type', 'user'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['ignore', full, 'pipe'] })
+  let stderr = ''
+  command.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
+  t.equal(code, 1, 'exit 1')
+  const id = /keygate: key (\w{12}) was created \(revoke it with keygate api-key revoke \1, and create another\), but could not write the output \(stdout: no space left on the device\)/.exec(stderr)?.[1]
+  t.ok(id, `says what was made and what to do: ${stderr.trim().split('\n').at(-1)}`)
+  t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, 'no stack trace')
+  const listed = await runCli(['api-key', 'list', '--json'], { env: isolated({ KEYGATE_DATA_DIR: dataDir }), cwd })
+  t.equal(listed.code, 0, 'the store was closed: the next command opens it')
+  t.ok(JSON.parse(listed.stdout).items.some((k: { id: string }) => k.id === id), 'and holds the key')
+})
