@@ -120,13 +120,22 @@ export async function argOrStdin(io: Io, value: string): Promise<string> {
 }
 
 export function parse(argv: string[], options: ParseArgsOptionsConfig, positionals: { min: number; max: number }, usage: string): Parsed {
-  let parsed: Parsed
+  const all: ParseArgsOptionsConfig = { ...GLOBAL_OPTIONS, ...options }
+  let parsed: Parsed & { tokens: Array<{ kind: string; name?: string }> }
   try {
-    parsed = parseArgs({ args: argv, options: { ...GLOBAL_OPTIONS, ...options }, strict: true, allowPositionals: true }) as Parsed
+    parsed = parseArgs({ args: argv, options: all, strict: true, allowPositionals: true, tokens: true }) as typeof parsed
   } catch (err) {
     throw new UsageError(`${(err as Error).message.split('\n')[0]?.replace(/\. To specify a positional.*$/, '')}\nusage: ${usage}`)
   }
   if (parsed.values.help) return parsed
+  // parseArgs keeps the last of a repeated flag: `--status active --status revoked` would list
+  // only revoked keys without a word, where the admin API refuses a query parameter given twice.
+  const seen = new Set<string>()
+  for (const token of parsed.tokens) {
+    if (token.kind !== 'option' || token.name === undefined || all[token.name]?.multiple) continue
+    if (seen.has(token.name)) throw new UsageError(`--${token.name} is given more than once\nusage: ${usage}`)
+    seen.add(token.name)
+  }
   // `--data-dir=$DIR` with DIR unset must not quietly mean the default folder (another store).
   for (const name of GLOBAL_STRING_FLAGS) {
     if (parsed.values[name] === '') throw new UsageError(`--${name}: an empty value is not allowed\nusage: ${usage}`)

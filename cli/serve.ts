@@ -49,6 +49,12 @@ const OPTIONS = {
 
 type Role = { gateway: boolean; admin: boolean }
 
+/**
+ * The gateway address a --workers primary reserved, for its workers, which run the primary's own
+ * command line: an added `--listen` would be a flag given twice, a usage error.
+ */
+const WORKER_LISTEN = 'KEYGATE_WORKER_LISTEN'
+
 export async function runServe(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, OPTIONS, { min: 0, max: 0 }, USAGE)
   if (p.values.help) {
@@ -63,7 +69,7 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
     file: p.values.config as string | undefined,
     env: io.env,
     flags: {
-      listen: p.values.listen as string | undefined,
+      listen: cluster.isWorker ? io.env[WORKER_LISTEN] : (p.values.listen as string | undefined),
       'admin-listen': p.values['admin-listen'] as string | undefined,
       upstream: p.values.upstream as string | undefined,
       'data-dir': p.values['data-dir'] as string | undefined,
@@ -612,7 +618,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     let startFailed!: (why: string) => void
     const failedStart = new Promise<string>((r) => (startFailed = r))
     const fork = () => {
-      const w = cluster.fork()
+      const w = cluster.fork({ [WORKER_LISTEN]: gateway })
       live.add(w)
       // A worker listens on its own socket (see listen), so the cluster's 'listening' is not sent.
       const onWorker = (m: FromWorker) => {
@@ -702,8 +708,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
     const scheduler = role.admin ? startScheduler(config, runtime, log, ev.webhooks) : undefined
-    // The flag given last wins: every worker listens on the port reserved above.
-    cluster.setupPrimary({ exec: process.argv[1] as string, args: [...process.argv.slice(2), '--listen', gateway], silent: false })
+    // Every worker listens on the port reserved above (WORKER_LISTEN, given to each fork).
+    cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     for (let i = 0; i < workers; i++) fork()
     // The last counts of a worker that is killed are those of the last scrape or of this refresh.
     const refreshMetrics = setInterval(() => {

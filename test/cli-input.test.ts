@@ -66,6 +66,10 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'list', '--database-url', ''], /--database-url: an empty value is not allowed/],
     [['api-key', 'list', '--config='], /--config: an empty value is not allowed/],
     [['api-key', 'rotate', 'abc', '--force=yes'], /--force/],
+    // A flag given twice (before: the last one won without a word, where the admin API refuses a repeated query parameter).
+    [['api-key', 'list', '--status', 'active', '--status', 'revoked'], /^keygate: --status is given more than once\nusage: keygate api-key list/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', '10.0.0.0/8', '--cidrs=192.168.0.0/16'], /--cidrs is given more than once/],
+    [['api-key', 'list', '--json', '--json'], /--json is given more than once/],
     [['config'], /usage: keygate config check/],
     [['config', 'check'], /give the file to check/],
     [['config', 'check', 'a.yaml', 'b.yaml'], /unexpected argument "b.yaml"/],

@@ -36,6 +36,8 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
     [['serve', 'extra'], /usage: keygate serve/, 2],
     // A value the flag never takes is a usage error too (the same value from the file is exit 1).
     [['serve', '--listen', 'nowhere'], /--listen \(gateway\.listen\): "nowhere" is not allowed/, 2],
+    // Not the last one quietly (a --workers primary hands its workers their address another way).
+    [['serve', '--listen', '127.0.0.1:0', '--listen=127.0.0.1:1'], /^keygate: --listen is given more than once\nusage: keygate serve/, 2],
   ]
   for (const [args, message, code] of cases) {
     const r = await runCli(args, { env })
