@@ -2,10 +2,11 @@
 // key is printed once, on create; verify exits 0 when the service accepts it and 1 when not.
 import type { ParseArgsOptionsConfig } from 'node:util'
 import type { Actor } from '../core/audit.ts'
-import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaVerification } from '../core/integrations/gitea.ts'
+import type { TSchema } from '@sinclair/typebox'
+import { unknownGiteaScopes, type GiteaListItem, type GiteaTokenCreated, type GiteaTokenDeleted, type GiteaVerification } from '../core/integrations/gitea.ts'
 import type { N8nKeyCreated, N8nKeyDeleted, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
 import type { TrackState } from '../core/integrations/track.ts'
-import { DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
+import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, printMade, str, table, type Command, type Io, type Parsed } from './io.ts'
 
@@ -61,12 +62,17 @@ function createCommand<R>(o: {
   usage: string
   options: ParseArgsOptionsConfig
   body: (p: Parsed) => Record<string, unknown>
+  /** The API's schema for the body, checked before anything is opened, as `api-key create` does. */
+  schema: TSchema
+  /** The flag each field of the body comes from, where it is not `--field`. */
+  flagOf?: Readonly<Record<string, string>>
   describe: (created: R) => string
   secret: (created: R) => string
   noun: string
 }): Command<IntegrationContext<{ create(body: unknown, actor: Actor): Promise<R> }>> {
   return command(o, { min: 0, max: 0 }, (p) => {
     const body = o.body(p)
+    checkFlags(o.schema, body, o.flagOf)
     return async (ctx) => {
       const created = await ctx.service.create(body, ctx.actor)
       printMade(() => {
@@ -158,11 +164,14 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     summary: 'create a personal access token in Gitea and print it once',
     usage: 'keygate gitea create --name NAME --scopes read:repository,... [--user USER] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
     options: { ...GITEA_FLAGS, name: { type: 'string' }, scopes: { type: 'string' }, user: { type: 'string' } },
-    body: (p) => ({
-      name: required(p, 'name', 'the token name'),
-      scopes: scopesFlag(p, 'read:repository,write:issue'),
-      ...giteaUser(p),
-    }),
+    body: (p) => {
+      const name = required(p, 'name', 'the token name')
+      const scopes = scopesFlag(p, 'read:repository,write:issue')
+      const unknown = unknownGiteaScopes(scopes)
+      if (unknown) throw new UsageError(`--scopes: ${unknown.message}`)
+      return { name, scopes, ...giteaUser(p) }
+    },
+    schema: CreateGiteaTokenBody,
     describe: (c) => `Gitea token ${c.remote_id} (${c.name}) for ${c.user} with ${c.scopes.join(', ')}; keygate record ${c.id}`,
     secret: (c) => c.token,
     noun: 'token',
@@ -201,6 +210,8 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
       const expires = expiryFlags(p)
       return { label: required(p, 'label', 'the key label'), scopes: scopesFlag(p, 'workflow:list,workflow:read'), ...(expires !== undefined ? { expires_at: expires } : {}) }
     },
+    schema: CreateN8nKeyBody,
+    flagOf: { expires_at: '--expires-at' },
     describe: (c) => `n8n API key ${c.remote_id} (${c.label}) with ${c.scopes.join(', ')}${c.expires_at ? `, expires ${c.expires_at}` : ''}; keygate record ${c.id}`,
     secret: (c) => c.key,
     noun: 'key',

@@ -41,6 +41,10 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     [['gitea', 'delete', '1', '--user', '..'], /--user: "\.\." is not allowed/],
     [['gitea', 'delete', '1', '--user', '.'], /--user: "\." is not allowed/],
     [['gitea', 'create', '--name', 'x', '--scopes', 'read:user', '--user', '..'], /--user: "\.\." is not allowed/],
+    // Values the API's schema and Gitea's scope list never take, named by the flag (before: the store was opened, then exit 1).
+    [['gitea', 'create', '--name', 'x', '--scopes', 'read:user,bogus'], /^keygate: --scopes: "bogus" is not a Gitea scope; expected all, public-only, /],
+    [['gitea', 'create', '--name', 'x'.repeat(256), '--scopes', 'read:user'], /^keygate: --name: "x+\.\.\. is not allowed; expected a non-empty string of at most 255 characters/],
+    [['gitea', 'create', '--name', 'x', '--scopes', 'read:user', '--scopes', 'read:repository'], /--scopes is given more than once/],
   ] as const) {
     // Each case in this process through the command line's entry; the `--user` ones (which
     // opened a store before) also as the real process.
@@ -50,6 +54,10 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
       t.match(r.stderr, pattern)
     }
   }
+  // Through the admin API too, before any call (before: the server's gitea_scope_unknown, exit 1).
+  const remote = await runCliHere(['gitea', 'create', '--name', 'x', '--scopes', 'bogus'], { env: isolated({ KEYGATE_ADMIN_URL: `http://127.0.0.1:${await freePort()}`, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' }) })
+  t.equal(remote.code, 2, 'through the admin API')
+  t.match(remote.stderr, /--scopes: "bogus" is not a Gitea scope/)
   t.equal(fake.requests.length, requests, 'no call reached Gitea')
   // Before: `delete 1 --user ..` made and opened the embedded store before it said no.
   t.notOk(existsSync(join(cwd, 'store')), 'no store was made or opened')
@@ -108,7 +116,7 @@ t.test('the cycle on each store', async (t) => {
       t.equal(dup.code, 1, 'a duplicate name is refused')
       t.equal(dup.json().error.code, 'gitea_token_exists')
       const scope = await run(['create', '--name', 'x', '--scopes', 'read:everything'])
-      t.equal(scope.code, 1)
+      t.equal(scope.code, 2, 'a scope Gitea does not know is a usage error')
       t.match(scope.stderr, /"read:everything" is not a Gitea scope; expected all, public-only, read:activitypub/)
       t.equal((await run(['delete', `human-${kind}`])).code, 0)
 

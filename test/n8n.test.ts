@@ -3,7 +3,7 @@
 // through the real CLI, drift, refused requests, a key created but not recorded, wrong
 // credentials, n8n stopped, and no secret in the store, the audit details or the logs.
 import t, { type Test } from 'tap'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import { createServer, type OutgoingHttpHeaders } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -384,22 +384,30 @@ t.test("keygate n8n through a running server's admin API (KEYGATE_ADMIN_URL), wh
   t.equal(await serve.stop(), 0)
 })
 
-t.test('usage errors exit 2', async (t) => {
+t.test('usage errors exit 2 before anything is opened', async (t) => {
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-usage-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const store = { ...env(), KEYGATE_DATA_DIR: join(cwd, 'store'), DATABASE_URL: undefined }
   for (const [args, pattern] of [
     [['n8n'], /usage: keygate n8n <command>/],
     [['n8n', 'create', '--scopes', 'workflow:list'], /--label is required/],
     [['n8n', 'create', '--label', 'x'], /--scopes is required/],
     [['n8n', 'create', '--label', 'x', '--scopes', ','], /--scopes: give at least one scope/],
     [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-in', 'soon'], /--expires-in: "soon" is not a duration/],
+    // Values the API's schema never takes, named by the flag (before: the store was opened, then exit 1).
+    [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed; expected an RFC 3339 date-time/],
+    [['n8n', 'create', '--label', 'x', '--scopes', 'BAD SCOPE'], /^keygate: --scopes \(scopes\[0\]\): "BAD SCOPE" is not allowed/],
+    [['n8n', 'create', '--label', 'a<b', '--scopes', 'workflow:list'], /^keygate: --label: "a<b" is not allowed/],
     [['n8n', 'delete'], /missing argument/],
     [['n8n', 'verify', 'a', 'b'], /unexpected argument "b"/],
   ] as const) {
     // Each case in this process through the command line's entry; the first also as the real process.
-    for (const r of [await runCliHere([...args]), ...(args.length === 1 ? [await runCli([...args])] : [])]) {
+    for (const r of [await runCliHere([...args], { env: store }), ...(args.length === 1 ? [await runCli([...args])] : [])]) {
       t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
       t.match(r.stderr, pattern)
     }
   }
+  t.notOk(existsSync(join(cwd, 'store')), 'no store was made or opened')
 })
 
 t.test('n8n stopped: unreachable, from the service and the CLI', async (t) => {

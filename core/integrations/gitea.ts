@@ -13,6 +13,13 @@ const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organizatio
 /** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
 export const GITEA_SCOPES: readonly string[] = ['all', 'public-only', ...CATEGORIES.flatMap((c) => [`read:${c}`, `write:${c}`])]
 
+/** The scopes Gitea does not know, and the words for them (the service's refusal and the CLI's usage error alike); undefined when there are none. */
+export function unknownGiteaScopes(scopes: readonly string[]): { unknown: string[]; message: string } | undefined {
+  const unknown = scopes.filter((s) => !GITEA_SCOPES.includes(s))
+  if (unknown.length === 0) return undefined
+  return { unknown, message: `${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is not a Gitea scope' : 'are not Gitea scopes'}; expected ${GITEA_SCOPES.join(', ')}` }
+}
+
 /** Gitea caps `limit` at MAX_RESPONSE_ITEMS (50 by default). */
 const PAGE_SIZE = 50
 const MAX_PAGES = 1000
@@ -183,13 +190,8 @@ export class GiteaTokenService {
 
   async create(body: unknown, actor: Actor): Promise<GiteaTokenCreated> {
     const input = assertValid<CreateGiteaTokenInput>(CreateGiteaTokenBody, body)
-    const unknown = input.scopes.filter((s) => !GITEA_SCOPES.includes(s))
-    if (unknown.length > 0) {
-      throw new KeygateError('gitea_scope_unknown', `scopes: ${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is not a Gitea scope' : 'are not Gitea scopes'}; expected ${GITEA_SCOPES.join(', ')}`, {
-        unknown,
-        allowed: GITEA_SCOPES,
-      })
-    }
+    const unknown = unknownGiteaScopes(input.scopes)
+    if (unknown) throw new KeygateError('gitea_scope_unknown', `scopes: ${unknown.message}`, { unknown: unknown.unknown, allowed: GITEA_SCOPES })
     const { http, username, authorization } = this.#client(true)
     const user = input.user ?? username
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
