@@ -116,6 +116,7 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(gitea.create({ scopes: ['read:user'] }, actor)), { code: 'validation_failed', message: /name: is required/ })
     t.match(await rejection(gitea.create({ name: 'x', scopes: [] }, actor)), { code: 'validation_failed', message: /scopes/ })
     t.match(await rejection(gitea.create({ name: 'x', scopes: ['read:user'], colour: 'red' }, actor)), { code: 'validation_failed', message: /colour: unknown key/ })
+    t.match(await rejection(gitea.create({ name: 'a\tb', scopes: ['read:user'] }, actor)), { code: 'validation_failed', message: /name: "a\\tb" is not allowed; .* without control characters/ })
 
     const first = await gitea.create({ name: 'twice', scopes: ['read:user'] }, actor)
     secrets.push(first.token)

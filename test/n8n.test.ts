@@ -129,6 +129,7 @@ await forEachStore(t, async (t, store) => {
     t.match(unknown, { code: 'n8n_scope_unknown', status: 400, message: /"workflow:teleport" is not allowed by n8n at .*; it allows .*workflow:list/, details: { unknown: ['workflow:teleport'] } })
     t.match(await rejection(keys.create({ scopes: ['workflow:list'] }, actor)), { code: 'validation_failed', message: /label: is required/ })
     t.match(await rejection(keys.create({ label: 'x'.repeat(51), scopes: ['workflow:list'] }, actor)), { code: 'validation_failed' })
+    t.match(await rejection(keys.create({ label: 'a\u001bb', scopes: ['workflow:list'] }, actor)), { code: 'validation_failed', message: /label: "a\\u001bb" is not allowed/ })
     const first = await keys.create({ label: `twice-${store.kind}`, scopes: ['workflow:list'] }, actor)
     secrets.push(first.key)
     t.match(await rejection(keys.create({ label: `twice-${store.kind}`, scopes: ['workflow:list'] }, actor)), { code: 'n8n_key_exists', status: 409 })
@@ -398,6 +399,7 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed; expected an RFC 3339 date-time/],
     [['n8n', 'create', '--label', 'x', '--scopes', 'BAD SCOPE'], /^keygate: --scopes \(scopes\[0\]\): "BAD SCOPE" is not allowed/],
     [['n8n', 'create', '--label', 'a<b', '--scopes', 'workflow:list'], /^keygate: --label: "a<b" is not allowed/],
+    [['n8n', 'create', '--label', 'a\tb', '--scopes', 'workflow:list'], /^keygate: --label: "a\\tb" is not allowed/],
     [['n8n', 'delete'], /missing argument/],
     [['n8n', 'verify', 'a', 'b'], /unexpected argument "b"/],
   ] as const) {
