@@ -217,10 +217,20 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
 
 async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Logger): Promise<void> {
   if (config.admin.token) return
-  const created = await runtime.keys.ensureAdminKey({ actor: 'system' })
-  if (!created) return
-  log.warn('no admin credential was configured: created the first admin key and printed it on stderr once', { key_id: created.record.id })
-  io.err(`\nkeygate: created the first admin key (id ${created.record.id}). It is shown once; store it now:\n${created.key}\n\n`)
+  // Printed before the key is committed: a key that could not be printed is not kept, so the
+  // next start makes one again (before, it was kept, and no start printed one again).
+  let created
+  try {
+    created = await runtime.keys.ensureAdminKey({ actor: 'system' }, ({ key, record }) =>
+      io.err(`\nkeygate: created the first admin key (id ${record.id}). It is shown once; store it now:\n${key}\n\n`),
+    )
+  } catch (err) {
+    if (!isKeygateError(err) || err.code !== 'output_failed') throw err
+    const message = `no admin credential is configured, and the first admin key could not be printed (${err.message}): none was kept; start again with stderr writable, or set admin.token (KEYGATE_ADMIN_TOKEN)`
+    log.error(message)
+    throw new KeygateError('output_failed', message)
+  }
+  if (created) log.warn('no admin credential was configured: created the first admin key and printed it on stderr once', { key_id: created.record.id })
 }
 
 /**

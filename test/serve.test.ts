@@ -3,12 +3,12 @@
 // --only, and usage errors. (--workers runs in test/admin-serve.test.ts.)
 import t from 'tap'
 import net from 'node:net'
-import { mkdtempSync } from 'node:fs'
+import { closeSync, mkdtempSync, openSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { openDb } from '../core/db.ts'
-import { runCli, capturedStderr } from './helpers/cli.ts'
+import { KEYGATE_BIN, childEnv, runCli, capturedStderr, spawnClean } from './helpers/cli.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { answerOf, startUpstream, echo, type Received } from './helpers/gateway.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -186,6 +186,35 @@ t.test('the embedded store thread gone for good: serve stops and exits 1, so tha
   t.match(s.stderr(), /fixture: ending 1 thread/)
   t.ok(s.logs.some((l) => l.level === 'error' && l.message.startsWith('the embedded store stopped')), 'says why')
   t.ok(s.logs.some((l) => l.message === 'stopped'), 'after a shutdown')
+})
+
+t.test('a first admin key that cannot be printed (stderr full) is not kept: the next start makes and prints one', async (t) => {
+  // Before (found by a review): the key was committed, then printing it failed: exit 1 with
+  // nothing shown, and every later start found an admin key and printed none, and said nothing.
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: 'http://127.0.0.1:9' })
+  const full = openSync('/dev/full', 'w')
+  t.teardown(() => closeSync(full))
+  const child = spawnClean(process.execPath, [KEYGATE_BIN, 'serve'], { env: childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', ...env }), stdio: ['ignore', 'pipe', full] })
+  let stdout = ''
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  const code = await new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)))
+  t.equal(code, 1, 'serve exits 1')
+  const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as { level: string; message: string })
+  t.ok(
+    lines.some((l) => l.level === 'error' && /first admin key could not be printed \(could not write the output \(stderr: no space left on the device\)\): none was kept; .*set admin\.token/.test(l.message)),
+    'the log says the key could not be printed, that none was kept, and what to do',
+  )
+  t.notOk(lines.some((l) => l.message.startsWith('no admin credential was configured: created')), 'and does not claim it was printed')
+  t.notMatch(stdout, KEY_PATTERN, 'the log does not carry a key')
+
+  const again = await serve(t, { env })
+  await again.waitForLog((l) => l.message.startsWith('no admin credential was configured'))
+  const printed = again.stderr().match(KEYS) ?? []
+  t.equal(printed.length, 1, 'the next start prints a first admin key')
+  const listed = await answerOf(await request(`${again.admin}/v1/keys?scope=admin`, { headers: { authorization: `Bearer ${printed[0]}` } }))
+  t.equal(listed.status, 200, 'which is an admin key')
+  t.equal((listed.json.items as unknown[]).length, 1, 'the only one: the first attempt kept none')
+  t.equal(await again.stop(), 0)
 })
 
 t.test('a configured admin token: no key is created or printed', async (t) => {

@@ -642,9 +642,11 @@ export class KeyService {
   /**
    * The first start's admin key: created only when no usable key holds the `admin` scope. The
    * advisory lock makes instances that start together create one key, not one each. Returns
-   * the plaintext once, or undefined when an admin key already exists.
+   * the plaintext once, or undefined when an admin key already exists. `show` hands the
+   * plaintext over before the key is committed: when it throws (the key could not be shown),
+   * nothing is kept, and the next start makes one again rather than leaving a key no one has.
    */
-  async ensureAdminKey(actor: Actor): Promise<{ key: string; record: KeyRecord } | undefined> {
+  async ensureAdminKey(actor: Actor, show?: (made: { key: string; record: KeyRecord }) => void | Promise<void>): Promise<{ key: string; record: KeyRecord } | undefined> {
     const now = this.#now()
     const generated = generateKey(this.#prefix)
     const record = await this.#commit(async (tx, changes) => {
@@ -675,6 +677,7 @@ export class KeyService {
       })
       await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.created', details: { name: k.name, type: k.type, scopes: k.scopes, reason: 'no admin credential configured' } })
       changes.push({ action: 'created', key: k })
+      await show?.({ key: generated.key, record: k })
       return k
     })
     if (!record) return undefined
