@@ -7,6 +7,7 @@ import type { Db } from './db.ts'
 import { sqlState, UNIQUE_VIOLATION } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
+import { refuseKeyIn } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange } from './keys/evaluate.ts'
 
@@ -88,6 +89,7 @@ export class DenyListService {
     const cidr = typeof input.cidr === 'string' ? normaliseCidr(input.cidr) : undefined
     if (!cidr) throw fieldInvalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
     if (input.reason != null && (typeof input.reason !== 'string' || input.reason.length > 500)) throw fieldInvalid('reason', 'expected a string of at most 500 characters')
+    refuseKeyIn({ reason: input.reason })
     const now = this.#now()
     let expiresAt: Date | null = null
     if (input.expiresAt != null) {

@@ -5,6 +5,23 @@ import { Value } from '@sinclair/typebox/value'
 import { FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { scrub } from './log.ts'
+import { KEY_IN_TEXT } from './keys/format.ts'
+
+/**
+ * Refuses a keygate key in free text that is stored, audited and shown or sent on (a key's name,
+ * owner, metadata and revocation reason; a deny entry's reason; a webhook's description; a Gitea
+ * token's name; an n8n key's label): a review stored a working key's plaintext in another key's
+ * metadata and revocation reason, and it reached the audit log and webhook receivers. Named by
+ * field, never quoted. (A UUID, the replaced system's key shape, is also an everyday id, so it
+ * is not refused.)
+ */
+export function refuseKeyIn(fields: Record<string, unknown>): void {
+  for (const [field, value] of Object.entries(fields)) {
+    if (value === undefined || value === null) continue
+    const text = typeof value === 'string' ? value : JSON.stringify(value)
+    if (KEY_IN_TEXT.test(text)) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
+  }
+}
 
 /** The pattern of text fields shown back to people (names, owners, reasons): no control characters. */
 export const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'

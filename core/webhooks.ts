@@ -24,6 +24,7 @@ import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
+import { refuseKeyIn } from './validate.ts'
 import type { EventBus, EventType, KeygateEvent } from './events.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
@@ -253,6 +254,7 @@ export class WebhookService {
   }
 
   async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
+    refuseKeyIn({ description: input.description })
     const url = receiverUrl(await checkTarget(input.url, this.#allowed))
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`

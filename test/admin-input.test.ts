@@ -120,6 +120,23 @@ await forEachStore(t, async (t, store) => {
   t.notMatch(notText.text, /987654321/, 'a key that is not allowed is named, not shown')
   refused(await h.call('POST', '/v1/keys/validate', { body: { key: 'kg_x', address: '10.0.0.0/8' } }), 400, 'validation_failed', 'a range as the address to check from')
 
+  // A key pasted into other free text that is stored, audited and shown back is refused by field,
+  // as in a key's name or a revocation reason (before, found by a review: stored, audited, echoed).
+  const denyBefore = (await h.call('GET', '/v1/deny-list')).json?.items.length
+  for (const [what, path, body, field] of [
+    ['a deny entry reason', '/v1/deny-list', { cidr: '192.0.2.7', reason: `abuse with ${pasted}` }, 'reason'],
+    ['a webhook description', '/v1/webhooks', { url: 'https://hooks.example.com/in', events: ['key.created'], description: `for ${pasted}` }, 'description'],
+    ['a Gitea token name', '/v1/gitea/tokens', { name: `ci ${pasted}`, scopes: ['read:repository'] }, 'name'],
+    ['an n8n key label', '/v1/n8n/keys', { label: `ci ${pasted}`, scopes: ['workflow:list'] }, 'label'],
+  ] as const) {
+    const a = await h.call('POST', path, { body })
+    refused(a, 400, 'validation_failed', `a key in ${what}`)
+    t.match(a.json?.error?.message, new RegExp(`^${field}: holds what looks like a keygate API key`), `${what}: the field is named`)
+    t.notOk(a.text.includes(pasted), `${what}: not echoed`)
+  }
+  t.equal((await h.call('GET', '/v1/deny-list')).json?.items.length, denyBefore, 'no deny entry was added')
+  t.equal((await h.call('GET', '/v1/webhooks')).json?.items.length, 0, 'no webhook was registered')
+
   t.equal(await h.auditRows(), before + 2, 'no refusal wrote an audit row (two keys were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.

@@ -4,7 +4,7 @@
 // Facts about the API: shared/integrations/GITEA.md and the swagger excerpt beside it.
 import type { Actor } from '../audit.ts'
 import { KeygateError } from '../errors.ts'
-import { assertValid } from '../validate.ts'
+import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
 import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, type CreateGiteaTokenInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
@@ -190,6 +190,7 @@ export class GiteaTokenService {
 
   async create(body: unknown, actor: Actor): Promise<GiteaTokenCreated> {
     const input = assertValid<CreateGiteaTokenInput>(CreateGiteaTokenBody, body)
+    refuseKeyIn({ name: input.name })
     const unknown = unknownGiteaScopes(input.scopes)
     if (unknown) throw new KeygateError('gitea_scope_unknown', `scopes: ${unknown.message}`, { unknown: unknown.unknown, allowed: GITEA_SCOPES })
     const { http, username, authorization } = this.#client(true)

@@ -4,7 +4,7 @@
 // public API with the key itself. Facts about the API: shared/integrations/N8N.md.
 import type { Actor } from '../audit.ts'
 import { fieldInvalid, KeygateError } from '../errors.ts'
-import { assertValid } from '../validate.ts'
+import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
@@ -204,6 +204,7 @@ export class N8nKeyService {
 
   async create(body: unknown, actor: Actor): Promise<N8nKeyCreated> {
     const input = assertValid<CreateN8nKeyInput>(CreateN8nKeyBody, body)
+    refuseKeyIn({ label: input.label })
     // Creates with one label run one after the other here, so the second finds the first's key in
     // its label check; creates from another process are caught when n8n refuses the label.
     const before = this.#creating.get(input.label) ?? Promise.resolve()

@@ -8,8 +8,8 @@ import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, encodeCursor } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
-import { assertValid, MAX_JSON_DEPTH } from '../validate.ts'
-import { generateKey, hashesEqual, KEY_IN_TEXT, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
+import { assertValid, MAX_JSON_DEPTH, refuseKeyIn } from '../validate.ts'
+import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, type KeyEndReason } from './ends.ts'
@@ -124,21 +124,6 @@ function holdsNul(value: unknown): boolean {
   if (value === null || typeof value !== 'object') return false
   if (Array.isArray(value)) return value.some(holdsNul)
   return Object.entries(value).some(([k, v]) => k.includes('\u0000') || holdsNul(v))
-}
-
-/**
- * Refuses a keygate key in text that is stored, audited and sent in key events (a name, an owner,
- * metadata, a revocation's reason): a review stored a working key's plaintext in another key's
- * metadata and revocation reason, and it reached the audit log and webhook receivers. Named by
- * field, never quoted. (A UUID, the replaced system's key shape, is also an everyday id, so it
- * is not refused.)
- */
-function checkNoKey(fields: Record<string, unknown>): void {
-  for (const [field, value] of Object.entries(fields)) {
-    if (value === undefined || value === null) continue
-    const text = typeof value === 'string' ? value : JSON.stringify(value)
-    if (KEY_IN_TEXT.test(text)) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
-  }
 }
 
 function checkMetadata(metadata: unknown): void {
@@ -314,7 +299,7 @@ export class KeyService {
   async create(input: unknown, actor: Actor): Promise<{ key: string; record: KeyRecord }> {
     const body = assertValid<CreateKeyInput>(CreateKeyBody, input)
     checkMetadata(body.metadata)
-    checkNoKey({ name: body.name, owner: body.owner, metadata: body.metadata })
+    refuseKeyIn({ name: body.name, owner: body.owner, metadata: body.metadata })
     const now = this.#now()
     const expiresAt = futureDate(body.expires_at, now, 'expires_at') ?? null
     const generated = generateKey(this.#prefix)
@@ -401,7 +386,7 @@ export class KeyService {
   async update(id: string, input: unknown, actor: Actor): Promise<KeyRecord> {
     const body = assertValid<UpdateKeyInput>(UpdateKeyBody, input)
     checkMetadata(body.metadata)
-    checkNoKey({ name: body.name, owner: body.owner, metadata: body.metadata })
+    refuseKeyIn({ name: body.name, owner: body.owner, metadata: body.metadata })
     const now = this.#now()
     const asked = fieldChanges(body, futureDate(body.expires_at, now, 'expires_at'))
     const shared = asked.filter((c) => c.field !== 'rotation_interval_s')
@@ -446,7 +431,7 @@ export class KeyService {
   async revoke(id: string, reason: string | undefined, actor: Actor): Promise<KeyRecord> {
     // The API's schema: the CLI on the store refuses what the API refuses (an empty reason, control characters).
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
-    checkNoKey({ reason })
+    refuseKeyIn({ reason })
     const now = this.#now()
     return await this.#commit(async (tx, changes) => {
       const { key: old } = await this.#lockLineage(tx, id)
@@ -561,7 +546,7 @@ export class KeyService {
       try {
         const row = assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`)
         checkMetadata(row.metadata)
-        checkNoKey({ name: row.name, owner: row.owner, metadata: row.metadata })
+        refuseKeyIn({ name: row.name, owner: row.owner, metadata: row.metadata })
         // A key made in the future would head the newest-first list for ever; one made after it
         // expired is no key the replaced system ever had.
         const created = row.created_at ? new Date(row.created_at) : undefined
