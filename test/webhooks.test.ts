@@ -173,8 +173,8 @@ await forEachStore(t, async (t, store) => {
   const clock = testClock()
   const nowS = () => Math.floor(clock.now().getTime() / 1000)
   const config = (over: Record<string, unknown> = {}) => ({ ...DEFAULTS, allow_private: ['127.0.0.1/32', '::1/128'], retry_base_ms: 1000, max_attempts: 3, ...over })
-  const service = (over: Record<string, unknown> = {}, deliver = true, cipher = CIPHER) => {
-    const s = new WebhookService({ db: store.db, cipher, config: config(over), log: silentLogger, now: clock.now, deliver })
+  const service = (over: Record<string, unknown> = {}, deliver = true, cipher = CIPHER, now = clock.now) => {
+    const s = new WebhookService({ db: store.db, cipher, config: config(over), log: silentLogger, now, deliver })
     t.teardown(() => s.close())
     return s
   }
@@ -260,15 +260,20 @@ await forEachStore(t, async (t, store) => {
       else res.writeHead(204).end()
     })
     const a = service({ timeout_ms: 90_000 })
-    const b = service({ timeout_ms: 90_000 })
+    // The other process sees the lease run out (as a process frozen past it would be seen) by its
+    // own clock, 200 s on (past the timeout and the margin), while by `a`'s clock its own claim
+    // still holds. (Before, the test moved the lease to now in the store, where `a` too saw it
+    // run out: `a`, looking for due deliveries again under load, took the delivery back before
+    // `b` did, and "delivered by the other process" failed once; a kick of `a` there does it.)
+    const b = service({ timeout_ms: 90_000 }, true, CIPHER, () => new Date(clock.now().getTime() + 200_000))
     const { webhook } = await a.create({ url: `${receiver.url}/lease`, events: ['key.revoked'] }, ACTOR)
     await a.enqueue(event('key.revoked', { key: { id: 'k-lease' } }))
     a.kick()
     await receiver.waitFor((h) => h.path === '/lease')
     let [d] = await deliveriesOf(webhook.id)
     t.ok(new Date(d.next_attempt_at).getTime() >= clock.now().getTime() + 90_000, "the claim's lease outlasts the attempt's timeout")
-    // The lease has run out (a process frozen past it): another process takes the delivery over.
-    await store.db.query('UPDATE webhook_deliveries SET next_attempt_at = $2 WHERE id = $1', [d.id, clock.now()])
+    // The lease has run out for `b`: it takes the delivery over; `a`, looking again, does not.
+    a.kick()
     await run(b)
     ;[d] = await deliveriesOf(webhook.id)
     t.equal(d.status, 'delivered', 'delivered by the other process')
