@@ -399,7 +399,12 @@ export class WebhookService {
   /**
    * One delivery per enabled webhook that takes `event.type`, written with `q`: the store, where
    * sending starts at once, or the transaction of the change the event tells of (see
-   * EventBus.stage), whose rows are sent once it has committed and the event is published.
+   * EventBus.stage), whose rows are sent once it has committed and the event is published. The
+   * webhooks are locked against deletion (FOR KEY SHARE) while the rows are written: without it,
+   * a webhook being deleted by another transaction was still seen, its delivery's foreign key
+   * then failed when the delete committed, and the statement with it: the event was lost for
+   * every webhook, and a key change queuing it failed (a revocation answered 500, the key still
+   * active). Now the insert waits for the delete and skips the webhook it removed.
    */
   async enqueue(event: KeygateEvent, q: Queryable = this.#db): Promise<number> {
     const body = JSON.stringify({ type: event.type, timestamp: event.at.toISOString(), data: event.data })
@@ -407,6 +412,7 @@ export class WebhookService {
       `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
        SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, $4, $4 FROM webhooks w
        WHERE w.enabled AND $1 = ANY (w.events)
+       FOR KEY SHARE OF w
        ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
       [event.type, body, dedupeKey(event), this.#now()],
     )
@@ -624,6 +630,9 @@ export class WebhookService {
     const now = this.#now()
     const body = JSON.stringify({ type: TEST_EVENT, timestamp: now.toISOString(), data: { webhook_id: webhook.id } })
     const claimed = await this.#db.transaction(async (tx) => {
+      // The webhook held until the insert commits (see enqueue), or gone: not found.
+      const [held] = await tx.query('SELECT 1 FROM webhooks WHERE id = $1 FOR KEY SHARE', [webhook.id])
+      if (!held) throw new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
       const rows = await tx.query<Claimed>(
         `WITH d AS (
            INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)

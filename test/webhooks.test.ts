@@ -6,6 +6,7 @@
 // controllable clock; deliveries queued in the store surviving a restart and claimed once by
 // several services at the same time, on both stores.
 import t from 'tap'
+import pg from 'pg'
 import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
@@ -480,4 +481,33 @@ t.test('a key changed by the CLI on the store queues its event for the servers t
   server.start()
   const hook = await receiver.waitFor((hk) => hk.json?.data?.key?.id === id)
   t.same(verifiedBy(hook, [secret]), [secret], 'a server delivered it, signed')
+})
+
+t.test('a webhook being deleted while an event is queued: the event reaches the others, the change goes through', async (t) => {
+  // Before (found by a review): the queuing INSERT ... SELECT still saw a webhook another
+  // transaction was deleting; its delivery's foreign key failed once the delete committed, and
+  // the statement with it: a revocation queuing key.revoked was answered 500 with the key still
+  // active, the event was lost for every other webhook, and a test send answered 500, not 404.
+  // (PostgreSQL only: the embedded store runs one transaction at a time.)
+  const store = await openStore(t, 'postgres')
+  const h = await startAdmin(t, store.db, { config: { webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 60_000 } } })
+  const hook = async (path: string) => (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:9/${path}`, events: ['key.revoked'] } })).json.id as string
+  const [doomed, kept] = [await hook('doomed'), await hook('kept')]
+  const key = (await h.call('POST', '/v1/keys', { body: { name: 'revoked while a webhook goes', type: 'user' } })).json.id as string
+  const deleting = new pg.Client({ connectionString: store.url })
+  await deleting.connect()
+  t.teardown(() => deleting.end())
+  await deleting.query('BEGIN')
+  await deleting.query('DELETE FROM webhooks WHERE id = $1', [doomed])
+  const revoking = h.call('POST', `/v1/keys/${key}/revoke`, { body: { reason: 'test' } })
+  const testing = h.call('POST', `/v1/webhooks/${doomed}/test`)
+  await sleep(300)
+  await deleting.query('COMMIT')
+  const [revoked, tested] = await Promise.all([revoking, testing])
+  t.equal(revoked.status, 200, "the revocation goes through")
+  t.equal((await h.call('GET', `/v1/keys/${key}`)).json.status, 'revoked')
+  t.equal(tested.status, 404, 'a test send to the deleted webhook: not found')
+  t.equal(tested.json.error.code, 'webhook_not_found')
+  const queued = await store.db.query<{ webhook_id: string; event_type: string }>("SELECT webhook_id, event_type FROM webhook_deliveries WHERE event_type = 'key.revoked'")
+  t.same(queued, [{ webhook_id: kept, event_type: 'key.revoked' }], 'key.revoked queued for the webhook that stays')
 })
