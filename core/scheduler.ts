@@ -48,6 +48,8 @@ export interface PruneRule {
   /** The timestamp column compared with the retention. */
   column: string
   retentionDays: number
+  /** Rows kept whatever their age (a fixed SQL condition on the table's own columns). */
+  unless?: string
 }
 
 /** Upkeep another feature asks the scheduler to run each round (by one instance at a time). */
@@ -93,7 +95,9 @@ export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; w
     { table: 'api_key_audit_log', column: 'created_at', retentionDays: r.auditDays },
     { table: 'api_key_notices', column: 'deadline', retentionDays: r.auditDays },
     { table: 'api_key_anomalies', column: 'detected_at', retentionDays: r.anomalyDays },
-    { table: 'webhook_deliveries', column: 'created_at', retentionDays: r.webhookDeliveryDays },
+    // A delivery still being retried is kept: its retries may span longer than the retention
+    // (max_attempts up to 100, retry_max_ms up to a day), and pruning it lost the event unseen.
+    { table: 'webhook_deliveries', column: 'created_at', retentionDays: r.webhookDeliveryDays, unless: "status = 'pending'" },
     { table: 'api_key_usage', column: 'bucket', retentionDays: r.usageDays },
     { table: 'api_key_rejections', column: 'bucket', retentionDays: r.usageDays },
   ]
@@ -303,7 +307,7 @@ async function prune(tx: Queryable, rule: PruneRule, now: Date): Promise<number 
   let total = 0
   for (;;) {
     const [gone] = await tx.query<{ n: number }>(
-      `WITH gone AS (DELETE FROM ${table} WHERE ctid IN (SELECT ctid FROM ${table} WHERE ${quoteIdent(rule.column)} < $1 LIMIT ${PRUNE_BATCH}) RETURNING 1) SELECT count(*)::int AS n FROM gone`,
+      `WITH gone AS (DELETE FROM ${table} WHERE ctid IN (SELECT ctid FROM ${table} WHERE ${quoteIdent(rule.column)} < $1${rule.unless ? ` AND NOT (${rule.unless})` : ''} LIMIT ${PRUNE_BATCH}) RETURNING 1) SELECT count(*)::int AS n FROM gone`,
       [before],
     )
     const n = gone?.n ?? 0

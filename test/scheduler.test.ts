@@ -321,6 +321,25 @@ forEachStore(t, async (t, store) => {
     t.same(Object.keys(run?.pruned ?? {}).sort(), present.map((p) => p.t).sort(), 'only tables that exist are pruned')
   })
 
+  await t.test('retention: a webhook delivery still being retried is kept past the retention; finished ones go', async (t) => {
+    // Before (found by a review): every delivery older than the retention was pruned, also one
+    // waiting for its next retry (retries may span longer than the retention): the event was
+    // lost, never delivered nor shown as failed.
+    const webhooks = new WebhookService({ db: store.db, cipher: s.cipher, config: loadConfig({ env: { KEYGATE_WEBHOOK_ALLOW_PRIVATE: '127.0.0.1/32' } }).webhooks, log: silentLogger, deliver: false })
+    t.teardown(() => webhooks.close())
+    const { webhook } = await webhooks.create({ url: 'http://127.0.0.1:9/retention', events: ['key.created'] }, ACTOR)
+    const old = new Date(clock.now().getTime() - 31 * DAY)
+    for (const status of ['pending', 'delivered', 'failed']) {
+      await store.db.query(
+        `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, next_attempt_at, created_at) VALUES ($1, $2, 'key.created', '{}', $3, 20, $4, $5)`,
+        [`msg_retention_${status}`, webhook.id, status, new Date(clock.now().getTime() + 3_600_000), old],
+      )
+    }
+    const run = await scheduler.runOnce()
+    t.equal(run?.pruned.webhook_deliveries, 2, 'the delivered and the failed one, 31 days old, are pruned (30 days kept)')
+    t.same((await store.db.query<{ status: string }>('SELECT status FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])).map((r) => r.status), ['pending'], 'the one still being retried stays')
+  })
+
   await t.test('retention: more old rows than one batch are all pruned, a statement at a time', async (t) => {
     const now = clock.now().getTime()
     const hour = (ms: number) => new Date(ms - (ms % 3_600_000))
