@@ -108,6 +108,51 @@ await forEachStore(t, async (t, store) => {
     t.match(missing, { code: 'gitea_token_not_found', status: 404, message: /alice.*no token.*"no-such-token"/ })
   })
 
+  await t.test('a token id Gitea hands out again: a record is its token only with the same last eight', async (t) => {
+    // Gitea restored from a backup, reinstalled, or on MySQL before 8 (AUTO_INCREMENT restarts
+    // after the newest row was deleted) gives a new token the id of one keygate recorded. Before:
+    // list showed the stale record in sync with that other token, delete deleted it, and a create
+    // that got the id of a record (even a closed one) failed as store_unavailable, its token deleted.
+    const anchor = fake.addToken('alice', 'anchor', ['read:user'])
+    const stale = await gitea.create({ name: 'before-restore', scopes: ['read:user'] }, actor)
+    secrets.push(anchor.sha1, stale.token)
+    fake.removeToken(stale.remote_id)
+    fake.restartAutoIncrement()
+    const laptop = fake.addToken('alice', 'laptop', ['write:repository'])
+    secrets.push(laptop.sha1)
+    t.equal(laptop.id, stale.remote_id, 'Gitea gave the hand-made token the recorded id')
+    const list = await gitea.list()
+    const items = list.items.filter((i) => i.remote_id === stale.remote_id)
+    t.equal(items.length, 2, 'the record and the token are two items')
+    t.match(items.find((i) => i.local !== null), { state: 'deleted_remotely', name: 'before-restore', remote: null, local: { id: stale.id } })
+    t.match(items.find((i) => i.remote !== null), { state: 'not_recorded', name: 'laptop', local: null })
+
+    const sent = fake.requests.length
+    const closed = await gitea.delete('before-restore', actor)
+    t.match(closed, { remote_id: stale.remote_id, name: 'before-restore', remote_missing: true, record: { id: stale.id, deleted_at: /\d/ } }, 'the stale record is closed')
+    t.notOk(fake.requests.slice(sent).some((r) => r.method === 'DELETE'), 'no DELETE is sent')
+    t.ok(fake.tokens.some((x) => x.id === laptop.id), 'the token now holding the id still exists')
+    t.match((await deps.audit.list(store.db, { keyId: stale.id }))[0], { action: 'gitea.token.deleted', details: { remote_missing: true, remote_id_reused: true } })
+    fake.removeToken(laptop.id)
+
+    // A create that gets the id of a closed record, then of a live one: recorded; the live record is closed.
+    fake.restartAutoIncrement()
+    const again = await gitea.create({ name: 'after-restore', scopes: ['read:user'] }, actor)
+    secrets.push(again.token)
+    t.equal(again.remote_id, stale.remote_id, 'the id of the closed record')
+    fake.removeToken(again.remote_id)
+    fake.restartAutoIncrement()
+    const third = await gitea.create({ name: 'third', scopes: ['read:user'] }, actor)
+    secrets.push(third.token)
+    t.equal(third.remote_id, again.remote_id, 'the id of the live record')
+    const [earlier] = await store.db.query<{ deleted_at: Date | null; deleted_by: string | null }>('SELECT deleted_at, deleted_by FROM gitea_tokens WHERE id = $1', [again.id])
+    t.ok(earlier?.deleted_at, 'the live record of the earlier token is closed')
+    t.match((await deps.audit.list(store.db, { keyId: again.id }))[0], { action: 'gitea.token.deleted', details: { remote_id: again.remote_id, remote_missing: true, remote_id_reused: true } })
+    t.match((await gitea.list()).items.filter((i) => i.remote_id === third.remote_id), [{ state: 'in_sync', local: { id: third.id } }], 'listed once, in sync')
+    t.match(await gitea.delete('third', actor), { remote_missing: false, record: { id: third.id } })
+    fake.removeToken(anchor.id)
+  })
+
   await t.test('refused requests', async (t) => {
     const before = fake.requests.length
     const bad = await rejection(gitea.create({ name: 'x', scopes: ['read:repository', 'read:everything'] }, actor))

@@ -138,6 +138,17 @@ const SCOPE_MESSAGE = /^token does not have at least one of required scope/i
  */
 const ACCOUNT_MESSAGE = /^(This account is not activated|This account is prohibited from signing in|You must change your password)/i
 
+/**
+ * Whether a record is of this token in Gitea. The id alone does not say: Gitea may hand an id out
+ * again (restored from an earlier backup, reinstalled at the same URL, MySQL before 8 restarting
+ * AUTO_INCREMENT), and a stale record was then shown in sync with an unrelated token, and deleting
+ * the record deleted that token. Gitea lists the last eight characters of every token; a token
+ * listed without them (an older Gitea) is matched by id alone.
+ */
+function sameToken(r: Row, t: GiteaRemoteToken): boolean {
+  return Number(r.remote_id) === t.id && (t.token_last_eight === '' || t.token_last_eight === r.token_last_eight)
+}
+
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
 
@@ -210,8 +221,9 @@ export class GiteaTokenService {
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
       find: async () => {
         const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)
-        if (!made || (await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])).length > 0) return undefined
-        return String(made.id)
+        if (!made) return undefined
+        const records = await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])
+        return records.some((r) => sameToken(r, made)) ? undefined : String(made.id)
       },
     })
     if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)
@@ -241,6 +253,21 @@ export class GiteaTokenService {
       deps: this.#deps,
       what: `token ${created.id} (${JSON.stringify(row.name)} of ${JSON.stringify(user)})`,
       write: async (tx) => {
+        // Gitea just gave this id to the new token, so no other token there has it: a live record
+        // holding it is of an earlier token (Gitea handed the id out again) and is closed, where
+        // before the insert failed and the new, valid token was deleted again (store_unavailable).
+        const stale = await tx.query<{ id: string; name: string; username: string }>(
+          `UPDATE gitea_tokens SET deleted_at = now(), deleted_by = $3 WHERE base_url = $1 AND remote_id = $2 AND deleted_at IS NULL RETURNING id, name, username`,
+          [row.base_url, created.id, actor.actor],
+        )
+        for (const s of stale) {
+          this.#deps.log.warn('Gitea gave a new token the id of a recorded one; closing the earlier record', { record: s.id, remote_id: created.id, name: s.name, user: s.username })
+          await this.#deps.audit.write(tx, actor, {
+            keyId: s.id,
+            action: 'gitea.token.deleted',
+            details: { remote_id: created.id, name: s.name, user: s.username, remote_missing: true, recorded: true, remote_id_reused: true, base_url: row.base_url },
+          })
+        }
         const [stored] = await tx.query<{ created_at: Date }>(
           `INSERT INTO gitea_tokens (id, base_url, remote_id, name, username, scopes, token_last_eight, token_hash, created_by)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING created_at`,
@@ -309,11 +336,11 @@ export class GiteaTokenService {
       const remote = await this.#remoteTokens(user)
       const local = live.filter((r) => sameUser(r.username, user))
       for (const t of remote) {
-        const mine = local.find((r) => Number(r.remote_id) === t.id)
+        const mine = local.find((r) => sameToken(r, t))
         items.push({ remote_id: t.id, name: t.name, user, state: trackState(t, mine), remote: t, local: mine ? toJson(mine) : null })
       }
       for (const r of local) {
-        if (remote.some((t) => t.id === Number(r.remote_id))) continue
+        if (remote.some((t) => sameToken(r, t))) continue
         items.push({ remote_id: Number(r.remote_id), name: r.name, user, state: 'deleted_remotely', remote: null, local: toJson(r) })
       }
     }
@@ -327,30 +354,36 @@ export class GiteaTokenService {
     const user = options.user ?? username
     const byId = /^\d{1,18}$/.test(ref) && Number(ref) > 0 ? Number(ref) : null
     const remote = await this.#remoteTokens(user)
-    const target = remote.find((t) => t.id === byId) ?? remote.find((t) => t.name === ref)
     // Case-insensitive, as Gitea matches user names: a record made for `Alice` is `alice`'s. The
     // live-records index (base_url, username) still narrows it by server.
     const live = await this.#rows('base_url = $1 AND lower(username) = lower($2) AND deleted_at IS NULL', [http.baseUrl, user])
-    const local = target
-      ? live.find((r) => Number(r.remote_id) === target.id)
-      : live.find((r) => Number(r.remote_id) === byId) ?? live.find((r) => r.name === ref)
+    const recordOf = (t: GiteaRemoteToken): Row | undefined => live.find((r) => sameToken(r, t))
+    const target = remote.find((t) => t.id === byId) ?? remote.find((t) => t.name === ref)
+    const local = target ? recordOf(target) : live.find((r) => Number(r.remote_id) === byId) ?? live.find((r) => r.name === ref)
     if (!target && !local) {
       throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token with the id or name ${JSON.stringify(ref)}`)
     }
     const remoteId = target ? target.id : Number((local as Row).remote_id)
     const name = target ? target.name : (local as Row).name
-    // Also when only the record names it: a token the list walk missed (another admin deleting
-    // one on an earlier page shifts the later pages) must not keep working with its record closed.
-    // Gitea answers 404 for a token that is gone.
-    const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${remoteId}`, { headers: { authorization } })
-    if (res.status !== 204 && res.status !== 404) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
-    const remoteMissing = res.status === 404
+    // Only the record names it, and Gitea lists another token under its id (one handed out
+    // again): the recorded token is gone, and a DELETE by that id would remove the other one.
+    const reused = !target && remote.some((t) => t.id === remoteId && !sameToken(local as Row, t))
+    let remoteMissing = true
+    if (!reused) {
+      // Also when only the record names it: a token the list walk missed (another admin deleting
+      // one on an earlier page shifts the later pages) must not keep working with its record closed.
+      // Gitea answers 404 for a token that is gone.
+      const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${remoteId}`, { headers: { authorization } })
+      if (res.status !== 204 && res.status !== 404) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
+      remoteMissing = res.status === 404
+    }
     await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local?.id ?? null, 'gitea.token.deleted', {
       remote_id: remoteId,
       name,
       user,
       remote_missing: remoteMissing,
       recorded: local !== undefined,
+      ...(reused ? { remote_id_reused: true } : {}),
       base_url: http.baseUrl,
     })
     this.#deps.log.info('deleted a Gitea token', { record: local?.id ?? null, remote_id: remoteId, name, user, remote_missing: remoteMissing, actor: actor.actor })

@@ -179,6 +179,15 @@ export class FakeGitea {
     return { id: t.id, sha1: t.sha1 }
   }
 
+  /**
+   * The next token gets the id after the highest one left, as on MySQL before 8, whose
+   * AUTO_INCREMENT restarts so after the newest row was deleted (or as after a restore from an
+   * earlier backup): Gitea hands out a deleted token's id again.
+   */
+  restartAutoIncrement(): void {
+    this.#nextId = Math.max(0, ...this.tokens.map((t) => t.id)) + 1
+  }
+
   /** Removes a token as a Gitea user would by hand, behind keygate's back. */
   removeToken(id: number): void {
     const i = this.tokens.findIndex((t) => t.id === id)
