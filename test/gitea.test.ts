@@ -422,6 +422,42 @@ await forEachStore(t, async (t, store) => {
     await gitea.delete('recorded', actor)
   })
 
+  await t.test('a create whose connection is lost after Gitea made the token: the token is named, with how to delete it', async (t) => {
+    // A proxy in front of Gitea passes the POST on but cuts the connection instead of passing
+    // the answer back. Before: gitea_unreachable alone, the token unrecorded and its name taken.
+    let cut = 1
+    const proxy = http.createServer((req, res) => {
+      const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
+        if (req.method === 'POST' && cut-- > 0) {
+          answer.resume()
+          answer.on('end', () => req.socket.destroy())
+          return
+        }
+        res.writeHead(answer.statusCode ?? 502, answer.headers)
+        answer.pipe(res)
+      })
+      req.pipe(up)
+    })
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => {
+      proxy.closeAllConnections()
+      return new Promise((resolve) => proxy.close(resolve))
+    })
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(`http://127.0.0.1:${(proxy.address() as AddressInfo).port}`)))
+    t.teardown(() => proxied.close())
+    const err = await rejection(proxied.create({ name: 'cut-off', scopes: ['read:user'] }, actor))
+    const made = fake.tokens.find((x) => x.name === 'cut-off')
+    t.ok(made, 'Gitea made it')
+    t.match(err, {
+      code: 'gitea_unreachable',
+      status: 502,
+      message: new RegExp(
+        `: the connection was lost after the request was sent \\([^)]+\\): the request to create token "cut-off" of "alice" may have been carried out; Gitea now holds one of that name that keygate has no record of \\(id ${made?.id}\\): .*delete it with \`keygate gitea delete ${made?.id}\``,
+      ),
+    })
+    t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
+  })
+
   await t.test('a token created but not recorded is deleted again', async (t) => {
     const broken = new GiteaTokenService(integrationDeps(failingTransactions(store.db), env(fake.url)))
     t.teardown(() => broken.close())

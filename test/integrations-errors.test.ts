@@ -6,8 +6,9 @@ import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { IntegrationHttp } from '../core/integrations/http.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { createOrReport } from '../core/integrations/track.ts'
 import { migrate } from '../core/migrate.ts'
-import { capturedLogs, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { capturedLogs, freePort, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { memoryDb, rejection } from './helpers/stores.ts'
 
 type Handler = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => void
@@ -83,6 +84,48 @@ t.test('the shared client', async (t) => {
   for (let i = 0; i < 40; i++) client.secret(`verified-token-${i}`, { transient: true })
   t.equal(client.redact('verified-token-39 hunter2-secret'), '[redacted] [redacted]', 'the latest passing secrets and the own credentials are cut')
   t.equal(client.redact('verified-token-0'), 'verified-token-0', 'passing secrets are not kept without bound')
+})
+
+t.test('a create whose connection is lost after the request was sent is looked for; one that never connected is not', async (t) => {
+  // The service made the key, but the connection dropped before its answer reached keygate (a
+  // proxy restarting, a load balancer cutting it, a reset). Before, only a timeout was looked
+  // into: this was n8n_unreachable alone, the key left unrecorded and its label taken.
+  let received = 0
+  const url = await scripted(t, (req) => {
+    received++
+    req.socket.destroy()
+  })
+  const deps = integrationDeps(db, { N8N_URL: url })
+  const client = new IntegrationHttp({ service: 'n8n', url, timeoutMs: 2000 })
+  t.teardown(() => client.close())
+  const looked: string[] = []
+  const create = (http: IntegrationHttp) =>
+    createOrReport({
+      service: 'n8n',
+      deps,
+      what: 'API key "ci"',
+      lookAgain: 'if `keygate n8n list` shows one as not recorded, delete it',
+      deleteCommand: (id) => `keygate n8n delete ${id}`,
+      send: () => http.call('POST', '/rest/api-keys', { json: { label: 'ci' } }),
+      find: async () => {
+        looked.push(http.baseUrl)
+        return 'k-made-1'
+      },
+    })
+  const lost = await rejection(create(client))
+  t.equal(received, 1, 'the request reached the service')
+  t.same(looked, [url], 'the key was looked for')
+  t.match(lost, {
+    code: 'n8n_unreachable',
+    status: 502,
+    message: /^n8n at http:\/\/127\.0\.0\.1:\d+: the connection was lost after the request was sent \([^)]+\): the request to create API key "ci" may have been carried out; n8n now holds one of that name that keygate has no record of \(id k-made-1\): .*delete it with `keygate n8n delete k-made-1`/,
+  })
+
+  const down = new IntegrationHttp({ service: 'n8n', url: `http://127.0.0.1:${await freePort()}`, timeoutMs: 2000 })
+  t.teardown(() => down.close())
+  const refused = await rejection(create(down))
+  t.match(refused, { code: 'n8n_unreachable', message: /could not be reached \(ECONNREFUSED\)$/ }, 'a refused connection is passed on as it is')
+  t.equal(looked.length, 1, 'and nothing is looked for: no request reached the service')
 })
 
 t.test('n8n: refused, rate-limited and odd logins', async (t) => {

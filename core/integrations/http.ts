@@ -27,6 +27,19 @@ export interface CallOptions {
 }
 
 const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
+/** Transport failures that prove no request reached the service: no connection was ever made. */
+const NOT_CONNECTED_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT'])
+/** The transport errors of requests that may have reached the service (see `mayHaveReached`). */
+const MAYBE_REACHED = new WeakSet<KeygateError>()
+
+/**
+ * Whether `err`, a failed call, leaves open that the service received the request and acted on
+ * it: a timeout or a connection lost after it was made (a reset, a proxy cutting it), not one
+ * that could not be made at all (refused, DNS, connect timeout).
+ */
+export function mayHaveReached(err: unknown): err is KeygateError {
+  return err instanceof KeygateError && MAYBE_REACHED.has(err)
+}
 
 /** `http://host:port/path` without credentials, query or trailing slash: how a URL is shown. */
 export function displayUrl(url: URL): string {
@@ -140,11 +153,17 @@ export class IntegrationHttp {
   #transportError(err: Error & { code?: string; cause?: unknown }): KeygateError {
     const label = SERVICE_LABEL[this.service]
     const code = err.code ?? (err.cause as { code?: string } | undefined)?.code
+    const connected = code === undefined || !NOT_CONNECTED_CODES.has(code)
+    let out: KeygateError
     if (err.name === 'TimeoutError' || err.name === 'AbortError' || (code !== undefined && TIMEOUT_CODES.has(code))) {
-      return new KeygateError(`${this.service}_timeout`, `${label} at ${this.baseUrl} did not answer within ${this.timeoutMs} ms`)
+      out = new KeygateError(`${this.service}_timeout`, `${label} at ${this.baseUrl} did not answer within ${this.timeoutMs} ms`)
+    } else if (connected) {
+      out = new KeygateError(`${this.service}_unreachable`, `${label} at ${this.baseUrl}: the connection was lost after the request was sent (${this.redact(code ?? err.message)})`)
+    } else {
+      out = new KeygateError(`${this.service}_unreachable`, `${label} at ${this.baseUrl} could not be reached (${this.redact(code)})`)
     }
-    const why = this.redact(code ?? err.message)
-    return new KeygateError(`${this.service}_unreachable`, `${label} at ${this.baseUrl} could not be reached (${why})`)
+    if (connected) MAYBE_REACHED.add(out)
+    return out
   }
 
   async close(): Promise<void> {

@@ -8,7 +8,7 @@ import type { Db, Queryable } from '../db.ts'
 import { isKeygateError, KeygateError } from '../errors.ts'
 import { newKeyId } from '../keys/format.ts'
 import type { Logger } from '../log.ts'
-import { IntegrationHttp, SERVICE_LABEL, type ServiceName } from './http.ts'
+import { IntegrationHttp, mayHaveReached, SERVICE_LABEL, type ServiceName } from './http.ts'
 
 /** What both services are built from; the admin API and the CLI pass their runtime's. */
 export interface IntegrationDeps {
@@ -135,10 +135,11 @@ export async function recordDelete(
 }
 
 /**
- * Sends a create request (`send`). When the service does not answer it in time, it may have made
- * the credential all the same: its secret never reached keygate, so nobody can use it, but it
- * would stay live and unrecorded, its name taken. So the service is asked for a credential of that
- * name keygate holds no record of (`find`), and the timeout's error names it, with the command
+ * Sends a create request (`send`). When the service does not answer it in time, or the connection
+ * is lost after the request was sent (a reset, a proxy restarting or cutting an idle connection),
+ * it may have made the credential all the same: its secret never reached keygate, so nobody can
+ * use it, but it would stay live and unrecorded, its name taken. So the service is asked for a
+ * credential of that name keygate holds no record of (`find`), and the error names it, with the command
  * that deletes it, or says none was found, or that it could not be checked. keygate does not
  * delete it itself: the service cannot say who made it, and one of that name made by hand, or by
  * another admin's create at the same moment (whose record is still being written), looks the
@@ -159,7 +160,10 @@ export async function createOrReport<T>(options: {
   try {
     return await options.send()
   } catch (err) {
-    if (!isKeygateError(err, `${options.service}_timeout`)) throw err
+    // Only a failure that proves the request never reached the service (refused, DNS, connect
+    // timeout) is passed on as it is. Before, only a timeout was looked into: a connection lost
+    // after Gitea made the token was `gitea_unreachable` alone, the token unrecorded, its name taken.
+    if (!mayHaveReached(err)) throw err
     const label = SERVICE_LABEL[options.service]
     const { log } = options.deps
     let outcome: string
@@ -168,13 +172,14 @@ export async function createOrReport<T>(options: {
       if (found === undefined) {
         outcome = `no credential of that name without a record was found afterwards, but it may still be made: ${options.lookAgain}`
       } else {
-        log.warn(`${label} holds an unrecorded credential named as the create it did not answer in time`, { credential: options.what, remote_id: found })
+        log.warn(`${label} holds an unrecorded credential named as the create whose answer never arrived`, { credential: options.what, remote_id: found })
         outcome = `${label} now holds one of that name that keygate has no record of (id ${found}): if this create made it (its secret never arrived), delete it with \`${options.deleteCommand(found)}\`; it may also have been made by hand or by another create at the same moment`
       }
     } catch (checkErr) {
-      log.warn(`could not check whether ${label} made the credential it did not answer for`, { credential: options.what, err: checkErr as Error })
+      log.warn(`could not check whether ${label} made the credential whose create it did not answer`, { credential: options.what, err: checkErr as Error })
       outcome = `whether it was made could not be checked (${(checkErr as Error).message}): ${options.lookAgain}`
     }
-    throw new KeygateError(err.code, `${err.message} to create ${options.what}; ${outcome}`, err.details, { cause: err })
+    const attempt = isKeygateError(err, `${options.service}_timeout`) ? ` to create ${options.what}` : `: the request to create ${options.what} may have been carried out`
+    throw new KeygateError(err.code, `${err.message}${attempt}; ${outcome}`, err.details, { cause: err })
   }
 }
