@@ -295,6 +295,21 @@ await forEachStore(t, async (t, store) => {
     t.match(await gitea.delete('upper-delete', actor, { user: 'ALICE' }), { remote_missing: false, record: { id: lower.id, deleted_at: /\d/ } }, 'a record made as alice is closed by a delete for ALICE')
   })
 
+  await t.test('delete: a number is a listed id, then a recorded id, and a name only when neither has it', async (t) => {
+    // Before: with keygate's token deleted in Gitea by hand and a token made there named after
+    // its id, `delete <id>` deleted that hand-made token and left the record open.
+    const mine = await gitea.create({ name: 'numbered', scopes: ['read:user'] }, actor)
+    secrets.push(mine.token)
+    fake.removeToken(mine.remote_id)
+    const named = fake.addToken('alice', String(mine.remote_id), ['read:repository'])
+    secrets.push(named.sha1)
+    const d = await gitea.delete(String(mine.remote_id), actor)
+    t.match(d, { remote_id: mine.remote_id, name: 'numbered', remote_missing: true, record: { id: mine.id, deleted_at: /\d/ } }, 'the record of that id is closed')
+    t.ok(fake.tokens.some((x) => x.id === named.id), 'the token named after the id is left alone')
+    t.match(await gitea.delete(String(mine.remote_id), actor), { remote_id: named.id, name: String(mine.remote_id), remote_missing: false, record: null }, 'with no token or record of that id, the name')
+    t.notOk(fake.tokens.some((x) => x.id === named.id))
+  })
+
   await t.test('delete: keygate sends the id it resolved in plain decimal, never the reference as given', async (t) => {
     // Gitea reads the reference with strconv.ParseInt(ref, 0, 64): "010" would be token 8.
     // keygate reads "010" as 10 among the listed tokens and sends DELETE .../10, so the token

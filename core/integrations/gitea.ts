@@ -347,7 +347,7 @@ export class GiteaTokenService {
     return { base_url: http.baseUrl, users, items, summary: driftSummary(items) }
   }
 
-  /** Deletes by Gitea token id or, failing that, by name (Gitea's own order), and closes the record. */
+  /** Deletes by Gitea token id, else by the id a record holds, else by name, and closes the record. */
   async delete(ref: string, actor: Actor, options: { user?: string | undefined } = {}): Promise<GiteaTokenDeleted> {
     if (options.user !== undefined) assertValid(DeleteGiteaTokenQuery, { user: options.user })
     const { http, username, authorization } = this.#client(true)
@@ -358,8 +358,15 @@ export class GiteaTokenService {
     // live-records index (base_url, username) still narrows it by server.
     const live = await this.#rows('base_url = $1 AND lower(username) = lower($2) AND deleted_at IS NULL', [http.baseUrl, user])
     const recordOf = (t: GiteaRemoteToken): Row | undefined => live.find((r) => sameToken(r, t))
-    const target = remote.find((t) => t.id === byId) ?? remote.find((t) => t.name === ref)
-    const local = target ? recordOf(target) : live.find((r) => Number(r.remote_id) === byId) ?? live.find((r) => r.name === ref)
+    // A number is Gitea's id of a listed token, else the id a record holds, and a name only when
+    // neither has it: with keygate's token 1 deleted in Gitea by hand and a token named "1" made
+    // there, `delete 1` deleted that other token, found by name before the record by id.
+    let target = remote.find((t) => t.id === byId)
+    let local = target ? recordOf(target) : live.find((r) => Number(r.remote_id) === byId)
+    if (!target && !local) {
+      target = remote.find((t) => t.name === ref)
+      local = target ? recordOf(target) : live.find((r) => r.name === ref)
+    }
     if (!target && !local) {
       throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token with the id or name ${JSON.stringify(ref)}`)
     }
