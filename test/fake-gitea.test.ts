@@ -41,8 +41,29 @@ t.test('token routes: Basic auth only, the user itself', async (t) => {
   t.match(await call('GET', '/user', basic('alice', narrow.body.sha1)), { status: 403, body: { message: /required=\[read:user\]/ } }, 'on /user too (before: 200)')
   t.match(await call('GET', '/user', `token ${narrow.body.sha1}`), { status: 403 }, 'as with the token header')
   t.match(await call('GET', '/users/alice/tokens', basic('alice', 'wrong')), { status: 401 })
-  t.match(await call('GET', '/users/bob/tokens', alice), { status: 403 }, "another user's tokens")
+  t.match(await call('GET', '/users/bob/tokens', alice), { status: 403, body: { message: 'doer should be the site admin or be same as the contextUser' } }, "another user's tokens")
   t.match(await call('GET', '/users/nobody/tokens', alice), { status: 404 })
+})
+
+t.test("token routes: checked in Gitea's order, the user (404), self or admin (403), then Basic auth (401)", async (t) => {
+  // routers/api/v1/api.go: UserAssignmentAPI, then reqSelfOrAdmin, then reqBasicOrRevProxyAuth.
+  // Before, the fake asked for Basic auth first: 401 to each of these.
+  const own = await call('POST', '/users/alice/tokens', alice, { name: 'order', scopes: ['write:user'] })
+  const selfOrAdmin = { status: 403, body: { message: 'doer should be the site admin or be same as the contextUser' } }
+  t.match(await call('GET', '/users/alice/tokens'), selfOrAdmin, 'no credentials: no doer')
+  t.match(await call('GET', '/users/bob/tokens', `token ${own.body.sha1}`), selfOrAdmin, "alice's token header on bob's tokens")
+  t.match(await call('DELETE', '/users/bob/tokens/1', `token ${own.body.sha1}`), selfOrAdmin, 'on delete too')
+  t.match(await call('GET', '/users/nobody/tokens'), { status: 404 }, 'no credentials, no such user')
+  t.match(await call('GET', '/users/nobody/tokens', `token ${own.body.sha1}`), { status: 404 }, 'a token header, no such user')
+  t.match(await call('GET', '/users/alice/tokens', `token ${own.body.sha1}`), { status: 401, body: { message: 'auth required' } }, 'the user itself by token header: Basic is asked for last')
+  fake.addUser('root', 'root-pw', { is_admin: true })
+  const admin = await call('POST', '/users/root/tokens', basic('root', 'root-pw'), { name: 'admin', scopes: ['write:user'] })
+  t.match(await call('GET', '/users/bob/tokens', `token ${admin.body.sha1}`), { status: 401, body: { message: 'auth required' } }, "a site admin's token header on another user's tokens")
+  const narrow = await call('POST', '/users/alice/tokens', alice, { name: 'order-narrow', scopes: ['read:repository'] })
+  t.match(await call('GET', '/users/nobody/tokens', `token ${narrow.body.sha1}`), { status: 403, body: { message: /required=\[read:user\]/ } }, 'the scope check comes first of all')
+  t.match(await call('GET', '/users/nobody/tokens', basic('alice', 'wrong')), { status: 401 }, 'a wrong password fails at sign-in, before the user')
+  for (const id of [own.body.id, narrow.body.id]) t.equal((await call('DELETE', `/users/alice/tokens/${id}`, alice)).status, 204)
+  t.equal((await call('DELETE', `/users/root/tokens/${admin.body.id}`, basic('root', 'root-pw'))).status, 204)
 })
 
 t.test('create: 422 without a name, 400 on a duplicate, an unknown or no scope; normalised scopes', async (t) => {

@@ -285,17 +285,23 @@ export class FakeGitea {
     const allowed = m[2] === undefined ? ['GET', 'POST'] : ['DELETE']
     if (!allowed.includes(method)) return this.#error(req, res, operation, 405, 'Method Not Allowed')
 
-    // Basic (or reverse-proxy) auth is required on the whole group; a token header alone is not enough.
-    const auth = this.#basic(req.headers.authorization)
-    if (auth === 'none') return this.#error(req, res, operation, 401, 'auth required')
-    if (auth === 'bad' || 'prohibited' in auth) return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
+    // Gitea 1.22's chain for the token routes (routers/api/v1/api.go), in its order: the sign-in
+    // (a wrong Basic password fails there, 401), the user scope of a token used to sign in
+    // (tokenRequiresScopes, 403), the user of the path (UserAssignmentAPI, 404), the caller being
+    // that user or a site admin (reqSelfOrAdmin, 403), and only then Basic (or reverse-proxy) auth
+    // (reqBasicOrRevProxyAuth, 401): a token header alone is not enough.
+    if (signed === 'bad' && this.#basic(req.headers.authorization) === 'bad') return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
+    const doer = typeof signed === 'object' && 'user' in signed ? signed : undefined
     const need = method === 'GET' ? 'read:user' : 'write:user'
-    if (auth.token && !grants(auth.token.scopes, need)) {
-      return this.#error(req, res, operation, 403, `token does not have at least one of required scope(s), required=[${need}], token scope=${auth.token.scopes.join(',')}`)
+    if (doer?.token && !grants(doer.token.scopes, need)) {
+      return this.#error(req, res, operation, 403, `token does not have at least one of required scope(s), required=[${need}], token scope=${doer.token.scopes.join(',')}`)
     }
     const target = this.user(decodeURIComponent(m[1] as string))
     if (!target) return this.#error(req, res, operation, 404, 'user does not exist')
-    if (auth.user.login !== target.login && !auth.user.is_admin) return this.#error(req, res, operation, 403, 'only the user or a site admin may manage its access tokens')
+    if (!doer || (doer.user.login !== target.login && !doer.user.is_admin)) {
+      return this.#error(req, res, operation, 403, 'doer should be the site admin or be same as the contextUser')
+    }
+    if (this.#basic(req.headers.authorization) === 'none') return this.#error(req, res, operation, 401, 'auth required')
 
     if (method === 'GET') return this.#list(req, res, operation, target, url)
     if (method === 'POST') return this.#create(req, res, operation, target, raw)
