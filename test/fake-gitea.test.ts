@@ -87,6 +87,7 @@ t.test('list: limit capped at 50, X-Total-Count, no secret', async (t) => {
   t.equal((await call('GET', '/users/bob/tokens', bob)).body.length, 30, 'default page size 30')
   t.equal((await call('GET', '/users/bob/tokens?page=2&limit=50', bob)).body.length, 10)
   t.ok(first.body.every((x: { sha1: string }) => x.sha1 === ''), 'sha1 is empty in lists')
+  t.same(first.body.slice(0, 2).map((x: { name: string }) => x.name), ['bulk-59', 'bulk-58'], 'newest first, as Gitea orders them (created_unix DESC)')
 })
 
 t.test('delete: by id, then by name; 404 and 422 as Gitea answers', async (t) => {

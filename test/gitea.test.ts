@@ -333,29 +333,58 @@ await forEachStore(t, async (t, store) => {
     for (const m of made) fake.removeToken(m.id)
   })
 
-  await t.test('delete: a token the list walk missed (another admin deleted one on an earlier page) is deleted in Gitea all the same', async (t) => {
-    const existing = fake.tokens.filter((x) => x.owner === 'alice').length
-    t.ok(existing < 49, 'room on page 1')
-    const first = fake.addToken('alice', 'walk-0', ['read:user'])
-    const others = Array.from({ length: 49 - existing }, (_, i) => fake.addToken('alice', `walk-${i + 1}`, ['read:user']))
-    // Made and recorded by keygate: the first token of page 2 of the list.
+  await t.test('paging: a token made or deleted between two pages is listed once, the list read again', async (t) => {
+    // Gitea lists newest first: a token made between page 1 and page 2 pushes the last of page 1
+    // onto page 2. Before: that token was listed twice and the new one not at all.
+    const made = Array.from({ length: 60 }, (_, i) => fake.addToken('alice', `shift-${i}`, ['read:user']))
+    secrets.push(...made.map((m) => m.sha1))
+    let pages = 0
+    let added: { id: number; sha1: string } | undefined
+    fake.beforeAnswer = (method, path) => {
+      if (method === 'GET' && path === '/api/v1/users/alice/tokens' && ++pages === 2) added = fake.addToken('alice', 'made-meanwhile', ['read:user'])
+    }
+    t.teardown(() => {
+      fake.beforeAnswer = undefined
+    })
+    const list = await gitea.list()
+    secrets.push(added?.sha1 ?? '')
+    const ids = list.items.map((i) => i.remote_id)
+    t.equal(new Set(ids).size, ids.length, 'no token is listed twice')
+    t.same(ids.filter((id) => id === added?.id), [added?.id], 'the token made meanwhile is listed')
+    for (const m of made) t.ok(ids.includes(m.id), `${m.id} listed`)
+    // Pages 1, 2 (one token short of the new total) and 3 (empty), then pages 1 and 2 again.
+    t.equal(pages, 5, 'the walk changed under it: the list was read again')
+
+    // Changed on every walk: an error, not a wrong list that delete would act on.
+    fake.beforeAnswer = (method, path) => {
+      if (method === 'GET' && path === '/api/v1/users/alice/tokens') secrets.push(fake.addToken('alice', `churn-${fake.tokens.length}`, ['read:user']).sha1)
+    }
+    t.match(await rejection(gitea.list()), { code: 'gitea_error', status: 502, message: /the tokens of "alice" in Gitea at .* changed while they were being listed, on two walks in a row .*try again/ })
+    fake.beforeAnswer = undefined
+    for (const x of fake.tokens.filter((x) => /^(shift|churn)-|^made-meanwhile$/.test(x.name))) fake.removeToken(x.id)
+  })
+
+  await t.test('delete: a token the list walk missed (another admin deleted one on an earlier page) is found by reading the list again, and deleted', async (t) => {
+    // Newest first: with 50 tokens newer than keygate's, it opens page 2; one of page 1 deleted
+    // between the pages moves it onto page 1, already read. Before the list was read again, no
+    // DELETE was sent, the record was closed with remote_missing: true, and the token still worked.
     const mine = await gitea.create({ name: 'walked-past', scopes: ['read:repository'] }, actor)
-    secrets.push(first.sha1, mine.token, ...others.map((o) => o.sha1))
+    const newer = Array.from({ length: 50 }, (_, i) => fake.addToken('alice', `walk-${i}`, ['read:user']))
+    secrets.push(mine.token, ...newer.map((o) => o.sha1))
     let pages = 0
     fake.beforeAnswer = (method, path) => {
-      // Between page 1 and page 2, a token of page 1 goes: `mine` moves to page 1, already read.
-      if (method === 'GET' && path === '/api/v1/users/alice/tokens' && ++pages === 2) fake.removeToken(first.id)
+      if (method === 'GET' && path === '/api/v1/users/alice/tokens' && ++pages === 2) fake.removeToken((newer[0] as { id: number }).id)
     }
     t.teardown(() => {
       fake.beforeAnswer = undefined
     })
     const deleted = await gitea.delete(String(mine.remote_id), actor)
-    // Before: no DELETE was sent, the record was closed with remote_missing: true, the token still worked.
-    t.equal(pages, 2, 'the list walk read two pages')
+    t.equal(pages, 4, 'the list was read again')
     t.match(deleted, { remote_id: mine.remote_id, remote_missing: false, record: { id: mine.id, deleted_by: 'cli:tester' } })
+    t.match(fake.requests.at(-1), { method: 'DELETE', path: `/api/v1/users/alice/tokens/${mine.remote_id}` })
     t.notOk(fake.tokens.some((x) => x.id === mine.remote_id), 'gone from Gitea')
     t.match(await gitea.verify(mine.token), { valid: false })
-    for (const o of others) fake.removeToken(o.id)
+    for (const o of newer) fake.removeToken(o.id)
   })
 
   await t.test('delete: a user name that would turn the URL into another endpoint is refused before any request', async (t) => {

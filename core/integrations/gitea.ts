@@ -286,30 +286,57 @@ export class GiteaTokenService {
   }
 
   /**
-   * Every token of `user` in Gitea, all pages. A user other than the configured one that Gitea
-   * answers 404 for no longer exists there, and neither do its tokens (Gitea deletes them with
-   * the user): none. Before, such a user made every list fail, and its records could not be closed.
-   * The 404 is believed only once the same server has answered `GET /user` as the configured
-   * user: a server that answers 404 to everything (a wrong path behind a proxy, a maintenance
-   * page) must not make keygate close records of tokens that still exist.
+   * Every token of `user` in Gitea, all pages, each once. Gitea lists them newest first
+   * (`created_unix DESC`), so a token made or deleted by anyone between two pages moves every
+   * later one: one made listed a token twice (and left the new one out), one deleted left a
+   * token out. A walk whose X-Total-Count changed, or whose distinct tokens do not make it up, is
+   * read again once; a second one like it is an error rather than a wrong list, which `delete`
+   * would act on.
    */
   async #remoteTokens(user: string): Promise<GiteaRemoteToken[]> {
+    const first = await this.#walkTokens(user)
+    if (first.complete) return first.tokens
+    const second = await this.#walkTokens(user)
+    if (second.complete) return second.tokens
+    const { http } = this.#client(true)
+    throw new KeygateError(
+      'gitea_error',
+      `the tokens of ${JSON.stringify(user)} in Gitea at ${http.baseUrl} changed while they were being listed, on two walks in a row (${second.tokens.length} distinct of X-Total-Count ${second.total}): try again`,
+    )
+  }
+
+  /**
+   * One walk over the pages of `user`'s tokens, and whether it is complete: X-Total-Count the same
+   * on every page and met by the distinct tokens read (without the header, nothing says otherwise).
+   * A user other than the configured one that Gitea answers 404 for no longer exists there, and
+   * neither do its tokens (Gitea deletes them with the user): none. Before, such a user made every
+   * list fail, and its records could not be closed. The 404 is believed only once the same server
+   * has answered `GET /user` as the configured user: a server that answers 404 to everything (a
+   * wrong path behind a proxy, a maintenance page) must not make keygate close records of tokens
+   * that still exist.
+   */
+  async #walkTokens(user: string): Promise<{ tokens: GiteaRemoteToken[]; complete: boolean; total: number | undefined }> {
     const { http, username, authorization } = this.#client(true)
-    const out: GiteaRemoteToken[] = []
+    const byId = new Map<number, GiteaRemoteToken>()
+    const totals = new Set<number>()
     for (let page = 1; page <= MAX_PAGES; page++) {
       const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
-      if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return out
+      if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return { tokens: [], complete: true, total: undefined }
       if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
       for (const item of res.body) {
         const t = remoteToken(item)
-        if (t) out.push(t)
+        if (t && !byId.has(t.id)) byId.set(t.id, t)
       }
       const total = Number(res.headers['x-total-count'])
-      // A short page is the last; X-Total-Count, when sent, ends the walk as soon as it is reached.
-      if (res.body.length === 0 || (Number.isFinite(total) ? out.length >= total : res.body.length < PAGE_SIZE)) break
+      if (Number.isFinite(total)) totals.add(total)
+      // A short page is the last; X-Total-Count, when sent, ends the walk as soon as it is reached
+      // (a server may cap pages below 50, so a short page alone does not end it then).
+      if (res.body.length === 0 || (Number.isFinite(total) ? byId.size >= total : res.body.length < PAGE_SIZE)) break
     }
-    return out
+    const tokens = [...byId.values()]
+    const [total] = totals
+    return { tokens, complete: total === undefined || (totals.size === 1 && tokens.length === total), total }
   }
 
   /** Whether the server answers `GET /user` with the configured credential as the configured user (Gitea logins ignore case). */

@@ -359,7 +359,8 @@ export class FakeGitea {
     let limit = Number.parseInt(url.searchParams.get('limit') ?? '', 10)
     if (!(limit > 0)) limit = DEFAULT_PAGING
     limit = Math.min(limit, MAX_RESPONSE_ITEMS)
-    const own = this.tokens.filter((t) => t.owner === user.login)
+    // Newest first, as Gitea lists them (ListAccessTokensOptions.ToOrders: `created_unix DESC`).
+    const own = this.tokens.filter((t) => t.owner === user.login).reverse()
     const items = own.slice((page - 1) * limit, page * limit).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
     this.#send(req, res, operation, 200, items, { 'x-total-count': String(own.length), 'access-control-expose-headers': 'X-Total-Count' })
   }
