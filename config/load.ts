@@ -284,6 +284,13 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   if (!bad('scheduler.usage_retention_days', 'anomalies.unusual_hour_history_days') && config.scheduler.usage_retention_days < config.anomalies.unusual_hour_history_days) {
     problems.push(`scheduler.usage_retention_days: ${config.scheduler.usage_retention_days} is not allowed; expected at least anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
   }
+  // A finding's row is what keeps its (key, type, window) from alerting again: pruned while its
+  // dedupe window still runs, the same anomaly was recorded and alerted a second time.
+  if (!bad('scheduler.anomaly_retention_days', 'anomalies.dedupe_window_s') && config.scheduler.anomaly_retention_days * 86_400 < config.anomalies.dedupe_window_s) {
+    problems.push(
+      `scheduler.anomaly_retention_days: ${config.scheduler.anomaly_retention_days} is not allowed; expected at least anomalies.dedupe_window_s in days (${config.anomalies.dedupe_window_s} s, ${Math.ceil(config.anomalies.dedupe_window_s / 86_400)} days)`,
+    )
+  }
   for (const side of ['gateway', 'admin'] as const) {
     if (bad(`${side}.tls`)) continue
     const tls = config[side]?.tls

@@ -245,7 +245,7 @@ export const ConfigSchema = Type.Object(
           description:
             'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row). A rotation deadline is announced at least this long ahead: one the scheduler first sees with less time left is moved to this long from then.',
         }),
-        anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists).' }),
+        anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists); at least anomalies.dedupe_window_s, as a pruned row no longer keeps its window from alerting again.' }),
         webhook_delivery_retention_days: int(30, 1, 36_500, { description: 'Webhook delivery log rows older than this are pruned (when the table exists), except deliveries still being retried.' }),
         usage_retention_days: int(400, 1, 36_500, {
           description: "Hourly usage and rejection counts (the admin reports, and each key's usual hours) older than this are pruned; at least anomalies.unusual_hour_history_days.",

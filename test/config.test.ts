@@ -252,6 +252,14 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0', '::ffff:10.0.0.1'] }), [], 'the usual forms pass')
   t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
   t.same(spelled({ scheduler: { usage_retention_days: 7 }, anomalies: { unusual_hour_history_days: 7 } }), [])
+  // Before: accepted, and once the prune took the row the same key, type and window alerted again.
+  t.same(
+    spelled({ scheduler: { anomaly_retention_days: 1 }, anomalies: { dedupe_window_s: 604_800 } }),
+    ['scheduler.anomaly_retention_days: 1 is not allowed; expected at least anomalies.dedupe_window_s in days (604800 s, 7 days)'],
+    'anomaly rows kept as long as their dedupe window runs',
+  )
+  t.same(spelled({ scheduler: { anomaly_retention_days: 7 }, anomalies: { dedupe_window_s: 604_800 } }), [], 'a retention as long as the window')
+  t.same(spelled({ scheduler: { anomaly_retention_days: 1 }, anomalies: { dedupe_window_s: 86_400 } }), [])
   t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL without user:password@'])
   t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
 })
