@@ -583,12 +583,14 @@ export class AnomalyDetector implements UsageSink {
 
 export type AnomalyListener = (anomaly: AnomalyJson) => void
 
-/** The recorded anomalies, for a feed to read what it missed. */
+/** The recorded anomalies: what a feed streams (a message on the channel only says where to look). */
 export interface AnomalyHistory {
   /** The newest id recorded, or undefined when there is none. */
   latestId(): Promise<string | undefined>
   /** Anomalies with an id above `id`, oldest first. */
   after(id: string, limit: number): Promise<AnomalyJson[]>
+  /** The anomaly with this id, or undefined when there is none. */
+  get(id: string): Promise<AnomalyJson | undefined>
 }
 
 /** The table as a feed's history. */
@@ -596,6 +598,10 @@ export function anomalyHistory(log: AnomalyLog): AnomalyHistory {
   return {
     latestId: async () => (await log.list({ limit: 1 }))[0]?.id,
     after: async (id, limit) => (await log.after(id, limit)).map(anomalyJson),
+    get: async (id) => {
+      const a = await log.get(id)
+      return a && anomalyJson(a)
+    },
   }
 }
 
@@ -604,30 +610,38 @@ function idAfter(a: string, b: string): boolean {
   return a.length !== b.length ? a.length > b.length : a > b
 }
 
+/** How often, at most, the feed logs the messages it dropped. */
+const DROPPED_LOG_MS = 60_000
+
 /**
- * Every anomaly found by any instance, as it is recorded: from the Redis channel when there is
- * Redis (an instance's own finding comes back on it too), from this process's event bus
- * otherwise. The admin SSE stream listens here.
+ * Every anomaly found by any instance, as it is recorded: with Redis, from the table, read when
+ * the channel announces one (an instance's own finding comes back on it too); from this
+ * process's event bus otherwise. The admin SSE stream listens here.
  */
 export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
   readonly #stop: () => void
 
   /**
-   * `history` reads the table: with Redis, what was recorded while the subscription was down is
-   * read from it when the subscription comes back (an alert published meanwhile is lost to a
-   * subscriber that was not there), and delivered once (ids already delivered are skipped).
+   * With Redis, `history` (the table) is required: it is the only source of what is streamed. A
+   * message on the channel is a sign that something was recorded, not the anomaly: the feed reads
+   * the table from the newest id it delivered, so the announced anomaly comes with any recorded
+   * before it whose publication is late or lost, in id order; what was recorded while the
+   * subscription was down is read the same way when it comes back. A message naming no recorded
+   * anomaly (forged, or another deployment's on the same channel) is dropped: before, it was
+   * streamed, and its id, as clients' Last-Event-ID and as this feed's replay cursor, hid every
+   * real anomaly with a lower id from their resumes.
    */
   constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory }) {
-    // With Redis an alert can come twice (read from the table on resubscribing, then published
-    // again by its instance): each id is delivered once.
+    // With Redis an anomaly can be announced twice (read from the table with a later one, then
+    // published again by its instance): each id is delivered once.
     const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: 10_000 }) : undefined
+    /** The newest id delivered, from the table: where the next read starts. */
     let newest: string | undefined
     const deliver = (a: AnomalyJson) => {
       if (delivered) {
         if (delivered.has(a.id)) return
         delivered.set(a.id, true)
-        // Where a replay starts reading.
         if (newest === undefined || idAfter(a.id, newest)) newest = a.id
       }
       for (const l of this.#listeners.keys()) {
@@ -637,45 +651,71 @@ export class AnomalyFeed {
       }
     }
     if (options.redis) {
-      const sub = options.redis.duplicate()
       const { log, channel, history } = options
+      if (!history) throw new Error('an anomaly feed on Redis needs the table (history): the channel only announces what the table holds')
+      const sub = options.redis.duplicate()
       let subscribed = false
-      const replay = async (): Promise<void> => {
-        if (!history || newest === undefined) return
-        try {
-          for (let cursor = newest; ; ) {
-            const page = await history.after(cursor, 500)
-            page.forEach(deliver)
-            if (page.length < 500) break
-            cursor = (page.at(-1) as AnomalyJson).id
-          }
-        } catch (err) {
-          log.warn('could not read the anomalies recorded while the alert subscription was down', { err: err as Error })
+      /** The newest id when the feed began: an older one is no live anomaly (its streams resume from the table). */
+      let floor: string | undefined
+      const begun = history.latestId().then(
+        (id) => {
+          newest ??= id ?? '0'
+          floor = newest
+        },
+        () => {},
+      )
+      // Reads from `newest` on: the rows recorded since, in order (one read at a time; a message
+      // during a read gets one more read after it, so a burst of messages is a few reads).
+      const readNew = coalesced(async () => {
+        if (newest === undefined) return
+        for (;;) {
+          const page = await history.after(newest, 500)
+          page.forEach(deliver)
+          if (page.length < 500) break
         }
+      })
+      let dropped = 0
+      let droppedLoggedAt = 0
+      const drop = (id: string) => {
+        dropped++
+        const now = Date.now()
+        if (now - droppedLoggedAt < DROPPED_LOG_MS) return
+        // Once a minute at most: a flood of them must not flood the log.
+        log.warn('dropped anomaly alerts on the channel that name no recorded anomaly (malformed, forged, or another deployment on the same channel)', { channel, dropped, last_id: id })
+        droppedLoggedAt = now
+        dropped = 0
+      }
+      /** The anomaly a message names, from the table. */
+      const announced = async (id: string): Promise<void> => {
+        if (delivered?.has(id)) return
+        await begun
+        if (newest !== undefined && idAfter(id, newest)) await readNew()
+        else if (floor === undefined || idAfter(id, floor)) {
+          // Below the newest delivered: one committed after a higher id was read (or the feed
+          // could not learn the newest id when it began).
+          const a = await history.get(id)
+          if (a) deliver(a)
+        }
+        if (!delivered?.has(id)) drop(id)
       }
       sub.on('ready', () => {
         // ioredis subscribes again by itself once it is back; what came meanwhile is in the table.
-        if (subscribed) void replay()
+        if (subscribed) readNew().catch((err: unknown) => log.warn('could not read the anomalies recorded while the alert subscription was down', { err: err as Error }))
       })
-      if (history) {
-        void history.latestId().then(
-          (id) => {
-            if (newest === undefined) newest = id ?? '0'
-          },
-          () => {},
-        )
-      }
       sub.on('error', (err: Error) => log.warn('anomaly alert subscriber error', { err }))
       sub.on('message', (ch: string, message: string) => {
         if (ch !== channel) return
+        let id: unknown
         try {
-          const a = JSON.parse(message) as AnomalyJson
-          // Its id becomes an SSE `id:` line: anything but digits could add lines to the stream.
-          if (typeof a !== 'object' || a === null || typeof a.id !== 'string' || !isAnomalyId(a.id)) throw new Error('the alert has no anomaly id')
-          deliver(a)
-        } catch (err) {
-          log.warn('ignored a malformed anomaly alert', { err: err as Error })
+          id = (JSON.parse(message) as { id?: unknown } | null)?.id
+        } catch {}
+        // Looked up in the table: anything but an anomaly id names none (and its id, as an SSE
+        // `id:` line, could add lines to the stream).
+        if (typeof id !== 'string' || !isAnomalyId(id)) {
+          drop(String(id).slice(0, 40))
+          return
         }
+        announced(id).catch((err: unknown) => log.warn('could not read an anomaly announced on the channel from the table', { anomaly_id: id, err: err as Error }))
       })
       const trySubscribe = (): void => {
         sub.subscribe(channel).then(

@@ -3,10 +3,10 @@
 // webhook receiver whose signatures are checked by the test's own Standard Webhooks verifier.
 // Embedded store: one gateway, windows in memory, alerts over the event bus. PostgreSQL: two
 // gateways sharing Redis windows, so a burst split between them is still one anomaly.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, RedisWindows, type AnomalyJson } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, anomalyJson, RedisWindows, type Anomaly, type AnomalyJson } from '../core/anomalies.ts'
 import { migrate } from '../core/migrate.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
@@ -228,7 +228,8 @@ await forEachStore(t, async (t, store) => {
   })
 })
 
-t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
+/** A feed on a Redis server of the test's own and an embedded store: what it delivers, and the table it reads. */
+async function feedOnTable(t: Test) {
   const server = await startRedisServer(t)
   const db = await memoryDb()
   t.teardown(() => db.close())
@@ -237,24 +238,41 @@ t.test('an anomaly recorded while Redis is down reaches the streams when it is b
   t.teardown(() => redis.disconnect())
   redis.on('error', () => {})
   const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
-  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: silentLogger, history: anomalyHistory(new AnomalyLog(db)) })
+  const log = new AnomalyLog(db)
+  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: silentLogger, history: anomalyHistory(log) })
   t.teardown(() => feed.close())
   const got: AnomalyJson[] = []
   feed.on((a) => got.push(a))
+  let n = 0
+  /** A row as an instance records it (`publish`: and announces it, as its detector does). */
+  const record = async (publish: boolean) => {
+    const row = anomalyJson((await log.insert({ keyId: `k_${++n}`, type: 'request_rate', windowStart: new Date(0), details: { n }, detectedAt: new Date() })) as Anomaly)
+    if (publish) await redis.publish(channel, JSON.stringify(row))
+    return row
+  }
+  const until = async (what: string, ok: () => boolean) => {
+    const deadline = Date.now() + 10_000
+    while (!ok() && Date.now() < deadline) await sleep(20)
+    t.ok(ok(), what)
+  }
+  // Subscribed once an announced anomaly arrives.
+  const first = await record(false)
+  while (!got.some((a) => a.id === first.id)) {
+    await redis.publish(channel, JSON.stringify(first))
+    await sleep(20)
+  }
+  got.length = 0
+  return { server, db, redis, channel, got, record, until }
+}
+
+t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
+  const { server, db, redis, channel, got, until } = await feedOnTable(t)
   const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 3 }, redis, channel, events: new EventBus(), log: silentLogger, checkIntervalMs: 0 })
   t.teardown(() => detector.close())
   const burst = async (keyId: string) => {
     for (let i = 0; i < 5; i++) detector.count(keyId, 'forwarded', Date.now(), '192.0.2.1', 200)
     await detector.check()
   }
-  const until = async (what: string, ok: () => boolean) => {
-    const deadline = Date.now() + 10_000
-    while (!ok() && Date.now() < deadline) await sleep(25)
-    t.ok(ok(), what)
-  }
-  // Subscribed: an anomaly found now arrives through Redis.
-  await until('subscribed', () => redis.status === 'ready')
-  await sleep(200)
   await burst('k_before_down')
   await until('the first anomaly arrives through Redis', () => got.some((a) => a.key_id === 'k_before_down'))
 
@@ -291,26 +309,46 @@ t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-
   await redis.del(key, `${prefix}:{capkey}:r:${hour}`, `${prefix}:{capkey}:q:${hour}`, `${prefix}:{capkey}:e:${hour}`)
 })
 
-t.test('an alert on the Redis channel whose id is not an anomaly id is not relayed (its id becomes an SSE id line)', async (t) => {
-  const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
-  t.teardown(() => redis.quit())
-  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
-  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: silentLogger })
-  t.teardown(() => feed.close())
-  const got: AnomalyJson[] = []
-  feed.on((a) => got.push(a))
-  const valid = { id: '42', key_id: 'k'.repeat(12), type: 'request_rate' }
-  // Subscribed once a message sent now arrives.
-  while (got.length === 0) {
-    await redis.publish(channel, JSON.stringify(valid))
-    await sleep(20)
-  }
-  got.length = 0
-  for (const id of ['1\nevent: key.revoked\ndata: {}', '', 7, null]) await redis.publish(channel, JSON.stringify({ ...valid, id }))
+t.test('a message on the Redis channel naming no recorded anomaly is not streamed, nor moves where a replay reads from', async (t) => {
+  const { redis, channel, got, record, until } = await feedOnTable(t)
+  // Malformed ones (an id that is not one could add lines to the SSE stream), one with an id no
+  // row has (forged, or another deployment's on the same channel), one altering a real row.
+  for (const id of ['1\nevent: key.revoked\ndata: {}', '', 7, null]) await redis.publish(channel, JSON.stringify({ id, key_id: 'nobody', type: 'request_rate' }))
   await redis.publish(channel, 'null')
-  await redis.publish(channel, JSON.stringify({ ...valid, id: '43' }))
-  while (!got.some((a) => a.id === '43')) await sleep(10)
-  t.same(got.map((a) => a.id), ['43'], 'only the alert with an anomaly id is relayed')
+  await redis.publish(channel, JSON.stringify({ id: '900000000000000000', key_id: 'nobody', type: 'request_rate', details: { forged: true } }))
+  const real = await record(false)
+  await redis.publish(channel, JSON.stringify({ ...real, details: { forged: true } }))
+  await until('the real one arrives', () => got.some((a) => a.id === real.id))
+  await sleep(100)
+  // Before: the forged one was streamed, and its id, as clients' Last-Event-ID, hid every real
+  // anomaly below it from their resumes.
+  t.same(got, [real], 'only the recorded anomaly, as the table has it')
+
+  // Recorded while the subscription is down (its publication lost): read from the table when it
+  // is back. Before: the forged id had become the replay cursor, and nothing was read.
+  const forged = String(BigInt(real.id) + 1000n)
+  await redis.publish(channel, JSON.stringify({ ...real, id: forged }))
+  await sleep(100)
+  const missed = await record(false)
+  await redis.call('CLIENT', 'KILL', 'TYPE', 'pubsub')
+  await until('recorded while the subscription was down: streamed once it is back', () => got.some((a) => a.id === missed.id))
+  t.same(got.map((a) => a.id), [real.id, missed.id])
+})
+
+t.test('an anomaly announced late reaches the streams before the next one, so a resume after that one misses nothing', async (t) => {
+  const { redis, channel, got, record, until } = await feedOnTable(t)
+  // One instance records X, its PUBLISH fails (published again at its next check); another
+  // records X+1 and publishes it.
+  const late = await record(false)
+  const next = await record(true)
+  await until('the next one arrives', () => got.some((a) => a.id === next.id))
+  // Before: X+1 alone, X streamed after it once published again, and a client that had X+1 and
+  // reconnected in between (resuming after X+1) never had X.
+  t.same(got.map((a) => a.id), [late.id, next.id], 'the late one first, read from the table with the next')
+  await redis.publish(channel, JSON.stringify(late))
+  const after = await record(true)
+  await until('a later one arrives', () => got.some((a) => a.id === after.id))
+  t.same(got.map((a) => a.id), [late.id, next.id, after.id], 'its own publication, late, does not send it twice')
 })
 
 await forEachStore(

@@ -7,7 +7,8 @@
 // resumes with Last-Event-ID, as browsers do on their own); the catch-up is read in pages, each
 // written as the client takes it, so a resume from far back is neither cut short nor held in
 // memory. One credential holds at most `admin.max_streams_per_credential` streams open on an
-// instance (429 too_many_streams).
+// instance (429 too_many_streams). With Redis each event is the table's row, read when the channel
+// announces it (core/anomalies.ts, AnomalyFeed): a message naming no row never becomes an `id:`.
 import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'

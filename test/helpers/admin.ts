@@ -8,7 +8,7 @@ import { Value } from '@sinclair/typebox/value'
 import { createAdminApi } from '../../admin/index.ts'
 import { OPERATIONS } from '../../admin/routes/index.ts'
 import { createAdminServer } from '../../admin/server.ts'
-import { AnomalyDetector, AnomalyFeed } from '../../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory } from '../../core/anomalies.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
 import { EventBus } from '../../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../../core/webhooks.ts'
@@ -107,7 +107,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   const integrationDeps = { db, audit, log: silentLogger, config }
   const gitea = options.gitea ?? new GiteaTokenService(integrationDeps)
   const n8n = options.n8n ?? new N8nKeyService(integrationDeps)
-  const anomalyFeed = new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log: silentLogger })
+  const anomalyFeed = new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log: silentLogger, history: anomalyHistory(new AnomalyLog(db)) })
   t.teardown(async () => {
     anomalyFeed.close()
     if (!options.gitea) await gitea.close()
