@@ -2,6 +2,7 @@
 // (gateway/, admin/, cli/, bin/); config/ is read by all of them and imports none of them either.
 // Every static import, export-from, side-effect import, import() and require() is checked; the
 // scanner itself is checked against planted violations, so a broken scanner cannot pass quietly.
+// The same tokens show where a key hash or the admin token is compared other than in constant time.
 import t from 'tap'
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -306,4 +307,176 @@ t.test('planted violations are all found, and look-alikes are not', async (t) =>
     `core${sep}bad.ts:9: core/ must not import bin/ (../bin/keygate.ts)`,
     `core${sep}deep${sep}er.ts:1: core/ must not export gateway/ (../../gateway/index.ts)`,
   ].sort())
+})
+
+// SPEC §2: a key's hash is compared in constant time. ===, !==, Buffer#equals and the like stop
+// at the first byte that differs, and how long they take tells a caller how much of a guess was
+// right. Checked where key hashes and the admin token are compared: core/keys/ and admin/auth.ts.
+const CONSTANT_TIME_FILES = /^(?:core\/keys\/.*|admin\/auth)\.ts$/
+const SECRET_WORD = /hash|digest|secret|token/i
+const LITERAL_WORDS = new Set(['undefined', 'null', 'true', 'false'])
+
+/** The index of the bracket matching the one at `k`, walking in `step` direction. */
+function matching(tokens: Token[], k: number, step: 1 | -1): number {
+  const open = (tokens[k] as Token).value
+  const close = { '(': ')', '[': ']', ')': '(', ']': '[' }[open] as string
+  let depth = 0
+  for (let j = k; j >= 0 && j < tokens.length; j += step) {
+    const v = (tokens[j] as Token).value
+    if (v === open) depth++
+    else if (v === close && --depth === 0) return j
+  }
+  return step === 1 ? tokens.length - 1 : 0
+}
+
+/** One operand of a comparison: a member chain with its calls and indexes (`rows[0].key_hash`, `digest(x)`), or a literal. */
+function operand(tokens: Token[], from: number, step: 1 | -1): Token[] {
+  const out: Token[] = []
+  let j = from
+  let last: Token | undefined
+  while (j >= 0 && j < tokens.length) {
+    const tok = tokens[j] as Token
+    const v = tok.value
+    const bracket = step === 1 ? v === '(' || v === '[' : v === ')' || v === ']'
+    if (bracket) {
+      if (step === -1 && last?.kind === 'word') break // `(a) b`: two terms side by side
+      const end = matching(tokens, j, step)
+      const group = tokens.slice(Math.min(j, end), Math.max(j, end) + 1)
+      out.splice(step === 1 ? out.length : 0, 0, ...group)
+      j = end + step
+      last = group[step === 1 ? group.length - 1 : 0]
+      continue
+    }
+    const chain = v === '.' || (v === '?' && tokens[j + 1]?.value === '.')
+    const term = tok.kind === 'word' || tok.kind === 'string' || v === '0'
+    if (chain) {
+      if (last === undefined) break
+    } else if (term) {
+      // Two terms side by side (`return x`, `typeof x`, `f(x) y`) end the operand; `f(x)` and `a[0]` do not.
+      const lastIsTerm = last !== undefined && (last.kind !== 'punct' || last.value === '0')
+      if (lastIsTerm || (step === 1 && last !== undefined && (last.value === ')' || last.value === ']'))) break
+    } else {
+      break
+    }
+    if (step === 1) out.push(tok)
+    else out.unshift(tok)
+    last = tok
+    j += step
+  }
+  return out
+}
+
+interface Comparison {
+  line: number
+  op: string
+  left: Token[]
+  right: Token[]
+}
+
+/** Every ==, ===, != and !== (the tokenizer gives each character its own token). */
+function comparisons(tokens: Token[]): Comparison[] {
+  const out: Comparison[] = []
+  for (let k = 0; k < tokens.length - 1; k++) {
+    const v = (tokens[k] as Token).value
+    const prev = tokens[k - 1]?.value
+    if ((v !== '=' && v !== '!') || tokens[k + 1]?.value !== '=' || ['=', '!', '<', '>'].includes(prev as string)) continue
+    const len = tokens[k + 2]?.value === '=' ? 3 : 2
+    out.push({ line: (tokens[k] as Token).line, op: tokens.slice(k, k + len).map((x) => x.value).join(''), left: operand(tokens, k - 1, -1), right: operand(tokens, k + len, 1) })
+    k += len - 1
+  }
+  return out
+}
+
+const text = (ts: Token[]) => ts.map((x) => (x.kind === 'string' ? JSON.stringify(x.value) : x.value)).join('')
+
+/** A comparison of a hash, digest, secret or token's value (not its length, nor with a literal). */
+function comparesSecret(c: Comparison): boolean {
+  const literal = (ts: Token[]) => ts.length === 1 && ((ts[0] as Token).kind === 'string' || (ts[0] as Token).value === '0' || LITERAL_WORDS.has((ts[0] as Token).value))
+  const sizeOf = (ts: Token[]) => ['length', 'size', 'byteLength'].includes(ts[ts.length - 1]?.value as string)
+  if (literal(c.left) || literal(c.right) || sizeOf(c.left) || sizeOf(c.right)) return false
+  return [...c.left, ...c.right].some((x) => x.kind === 'word' && SECRET_WORD.test(x.value))
+}
+
+/** The argument tokens of every call of `name` in `tokens`. */
+function callsOf(tokens: Token[], name: string): Token[][] {
+  const out: Token[][] = []
+  for (let k = 0; k < tokens.length - 1; k++) {
+    if ((tokens[k] as Token).value === name && tokens[k + 1]?.value === '(' && tokens[k - 1]?.value !== '.') out.push(tokens.slice(k + 2, matching(tokens, k + 1, 1)))
+  }
+  return out
+}
+
+/** The tokens of `function name`'s body. */
+function functionBody(tokens: Token[], name: string): Token[] {
+  const at = tokens.findIndex((x, k) => x.value === name && tokens[k - 1]?.value === 'function')
+  if (at === -1) return []
+  const open = tokens.findIndex((x, k) => k > at && x.value === '{' && tokens[k - 1]?.value !== ':')
+  let depth = 0
+  for (let j = open; j < tokens.length; j++) {
+    const v = (tokens[j] as Token).value
+    if (v === '{' || v === '${') depth++
+    else if (v === '}' && --depth === 0) return tokens.slice(open + 1, j)
+  }
+  return tokens.slice(open + 1)
+}
+
+/** What in one file compares a key hash, digest or token other than in constant time. */
+function timingLeaks(rel: string, src: string): string[] {
+  const tokens = tokenize(src)
+  const out: Array<{ line: number; what: string }> = []
+  for (const c of comparisons(tokens)) {
+    if (comparesSecret(c)) out.push({ line: c.line, what: `${text(c.left)} ${c.op} ${text(c.right)}: compare a key hash or token with timingSafeEqual` })
+  }
+  for (let k = 1; k < tokens.length - 1; k++) {
+    const v = (tokens[k] as Token).value
+    if (['equals', 'compare', 'localeCompare'].includes(v) && tokens[k - 1]?.value === '.' && tokens[k + 1]?.value === '(') out.push({ line: (tokens[k] as Token).line, what: `.${v}() stops at the first difference: compare with timingSafeEqual` })
+  }
+  return out.sort((a, b) => a.line - b.line).map((x) => `${rel}:${x.line}: ${x.what}`)
+}
+
+function constantTimeLeaks(root: string): string[] {
+  return sourceFiles(root)
+    .map((f) => relative(root, f).split(sep).join('/'))
+    .filter((rel) => CONSTANT_TIME_FILES.test(rel))
+    .flatMap((rel) => timingLeaks(rel, readFileSync(join(root, rel), 'utf8')))
+}
+
+t.test('key hashes and the admin token are compared in constant time (SPEC §2)', async (t) => {
+  const format = tokenize(readFileSync(join(ROOT, 'core/keys/format.ts'), 'utf8'))
+  const body = functionBody(format, 'hashesEqual')
+  t.ok(body.length > 0, 'hashesEqual is found')
+  t.equal(callsOf(body, 'timingSafeEqual').length, 1, 'hashesEqual compares with timingSafeEqual')
+  t.same(comparisons(body).filter((c) => c.left[c.left.length - 1]?.value !== 'length'), [], 'and compares nothing else but lengths')
+  const auth = tokenize(readFileSync(join(ROOT, 'admin/auth.ts'), 'utf8'))
+  t.ok(callsOf(auth, 'timingSafeEqual').some((args) => args.some((x) => x.value === 'token')), 'the bootstrap token is compared with timingSafeEqual')
+  t.same(constantTimeLeaks(ROOT), [])
+})
+
+t.test('planted timing leaks are all found, and look-alikes are not', async (t) => {
+  const src = [
+    'if (rows[0].key_hash === parsed.hash) ok()', // 1
+    'return digest(presented).equals(token)', // 2
+    "const same = a.toString('hex') == storedHash", // 3
+    'if (token !== expected?.token) throw e', // 4
+    'return Buffer.compare(x, keyDigest) === 0', // 5
+    'if (hash !== undefined && SHA256_HEX.test(hash)) a()', // 6: fine
+    "if (typeof (raw as { key_hash?: unknown }).key_hash === 'string') b()", // 7: fine
+    'return x.length === 32 && digest.length === y.length && timingSafeEqual(x, y)', // 8: fine
+    "if (shape === 'legacy') return hash('sha256', x)", // 9: fine
+    'const ok = first === undefined || tokens.length !== 2', // 10: fine
+    "const text = 'hash === other'", // 11: fine
+    '// if (hash === other) leak()', // 12: fine
+    'const f = (h) => h; if (count !== seen) c()', // 13: fine
+    '',
+  ].join('\n')
+  t.same(timingLeaks('x.ts', src), [
+    'x.ts:1: rows[0].key_hash === parsed.hash: compare a key hash or token with timingSafeEqual',
+    'x.ts:2: .equals() stops at the first difference: compare with timingSafeEqual',
+    'x.ts:3: a.toString("hex") == storedHash: compare a key hash or token with timingSafeEqual',
+    'x.ts:4: token !== expected?.token: compare a key hash or token with timingSafeEqual',
+    'x.ts:5: .compare() stops at the first difference: compare with timingSafeEqual',
+  ])
+  const leaky = tokenize('export function hashesEqual(a: string, b: string): boolean {\n  return a === b\n}\n')
+  t.equal(callsOf(functionBody(leaky, 'hashesEqual'), 'timingSafeEqual').length, 0, 'a hashesEqual without timingSafeEqual is told apart')
+  t.same(comparisons(functionBody(leaky, 'hashesEqual')).map((c) => `${text(c.left)} ${c.op} ${text(c.right)}`), ['a === b'])
 })
