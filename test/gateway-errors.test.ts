@@ -6,7 +6,7 @@ import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { request } from 'undici'
-import { answerOf, bearer, listen, makeConfig, openStore, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+import { answerOf, bearer, listen, makeConfig, openStore, rawExchange, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
 
@@ -135,6 +135,34 @@ t.test('ip_blocked, scope_denied, route_not_found, bad_request', async (t) => {
 
   await h.denyList.add({ cidr: '127.0.0.1' }, ACTOR)
   isError(t, await h.get('/open', bearer(k.key)), 'ip_blocked')
+})
+
+t.test('a second key in a repeated or comma-joined credential line is bad_request', async (t) => {
+  // Over a raw socket: the client libraries join or refuse repeated lines themselves.
+  const h = await startGateway(t)
+  const a = (await h.key()).key
+  const b = (await h.key()).key
+  const send = async (...lines: string[]) => {
+    const raw = await rawExchange(h.port, `GET /x HTTP/1.1\r\nHost: x\r\n${lines.map((l) => `${l}\r\n`).join('')}Connection: close\r\n\r\n`)
+    return { status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(raw)?.[1]), code: /"code":"([a-z_]+)"/.exec(raw)?.[1], message: /"message":"([^"]*)"/.exec(raw)?.[1] }
+  }
+  const twoKeys = {
+    'two Authorization lines': [`Authorization: Bearer ${a}`, `Authorization: Bearer ${b}`],
+    'two Bearer keys in one Authorization line': [`Authorization: Bearer ${a}, Bearer ${b}`],
+    'a working key, then one that is not': [`Authorization: Bearer ${a}`, 'Authorization: Bearer nope'],
+    'two X-API-Key lines': [`X-API-Key: ${a}`, `X-API-Key: ${b}`],
+    'two keys in one X-API-Key line': [`X-API-Key: ${a}, ${b}`],
+  }
+  for (const [what, lines] of Object.entries(twoKeys)) {
+    t.match(await send(...lines), { status: 400, code: 'bad_request', message: /more than one API key/ }, `${what}: 400 bad_request`)
+  }
+  const sameKey = {
+    'two Authorization lines': [`Authorization: Bearer ${a}`, `Authorization: Bearer ${a}`],
+    'one Authorization line': [`Authorization: Bearer ${a}, Bearer ${a}`],
+    'two X-API-Key lines': [`X-API-Key: ${a}`, `X-API-Key: ${a}`],
+    'one X-API-Key line': [`X-API-Key: ${a}, ${a}`],
+  }
+  for (const [what, lines] of Object.entries(sameKey)) t.equal((await send(...lines)).status, 200, `the same key twice, ${what}: 200`)
 })
 
 t.test('rate_limited and ip_locked_out', async (t) => {

@@ -1,21 +1,7 @@
 // What the upstream actually receives, and what the client gets back.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, converse, echo, startGateway, type Received } from './helpers/gateway.ts'
-
-/** One raw HTTP/1.1 exchange (the client libraries refuse some of the headers sent here). */
-export function rawExchange(port: number, text: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    // Written, not ended: Node's server drops a request whose client half-closes before the answer.
-    const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
-    socket.setTimeout(5000, () => socket.destroy())
-    let out = ''
-    socket.setEncoding('latin1')
-    socket.on('data', (d: string) => (out += d))
-    socket.on('close', () => resolve(out))
-    socket.on('error', reject)
-  })
-}
+import { bearer, converse, echo, rawExchange, startGateway, type Received } from './helpers/gateway.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 

@@ -244,6 +244,20 @@ export async function until(t: { pass(m: string): void; fail(m: string): void },
   t.fail(`${what}: not within ${ms} ms`)
 }
 
+/** One raw HTTP/1.1 exchange (the client libraries refuse some of the headers sent here). */
+export function rawExchange(port: number, text: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    // Written, not ended: Node's server drops a request whose client half-closes before the answer.
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
+    socket.setTimeout(5000, () => socket.destroy())
+    let out = ''
+    socket.setEncoding('latin1')
+    socket.on('data', (d: string) => (out += d))
+    socket.on('close', () => resolve(out))
+    socket.on('error', reject)
+  })
+}
+
 /** One step of `converse`: once what was received satisfies `when`, `send` is written (null ends the connection). */
 export interface ConversationStep {
   when: (received: string) => boolean
