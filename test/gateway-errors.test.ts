@@ -199,9 +199,8 @@ t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) =>
   const k = await h.key()
   isError(t, await h.get('/dead', bearer(k.key)), 'upstream_unavailable')
   isError(t, await h.get('/reset', bearer(k.key)), 'upstream_unavailable')
-  const started = Date.now()
+  // The upstream answers 200 at 1.5 s: a route timeout (300 ms) not applied is told by the status.
   isError(t, await h.get('/slow', bearer(k.key)), 'upstream_timeout')
-  t.ok(Date.now() - started < 1400, 'answered at the route timeout')
   // With a body: Node has destroyed the request by the time the upstream fails (its body read),
   // and the failure was taken for a client gone: no answer at all, for ever.
   for (const [path, code] of [['/reset', 'upstream_unavailable'], ['/slow', 'upstream_timeout']] as const) {

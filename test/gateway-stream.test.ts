@@ -7,7 +7,7 @@ import t from 'tap'
 import net from 'node:net'
 import { Readable } from 'node:stream'
 import { request } from 'undici'
-import { bearer, sleep, startGateway } from './helpers/gateway.ts'
+import { bearer, sleep, startGateway, unlessHung } from './helpers/gateway.ts'
 
 const MB = Number(process.env.KEYGATE_TEST_BIG_BODY_MB ?? 200)
 const TOTAL = MB * 1024 * 1024
@@ -261,13 +261,13 @@ t.test("the route's timeout_ms counts from the end of the request body to the re
   // timeout starts at the body's end).
   const idle = await startGateway(t, { routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 600 }], config: { gateway: { body_idle_timeout_ms: 1000 } }, upstream: (req) => void req.pause() })
   const idleKey = await idle.key()
-  const began = Date.now()
-  const stuck = await request(`${idle.url}/stuck`, { method: 'POST', headers: { ...bearer(idleKey.key), 'content-type': 'application/octet-stream' }, body: generate(64 * 1024 * 1024), dispatcher: idle.agent }).then(
-    async (r) => [r.statusCode, ((await r.body.json()) as { error: { code: string } }).error.code] as const,
-    (err: Error) => [0, err.message] as const,
+  const stuck = await unlessHung(
+    request(`${idle.url}/stuck`, { method: 'POST', headers: { ...bearer(idleKey.key), 'content-type': 'application/octet-stream' }, body: generate(64 * 1024 * 1024), dispatcher: idle.agent }).then(
+      async (r) => [r.statusCode, ((await r.body.json()) as { error: { code: string } }).error.code] as const,
+      (err: Error) => [0, err.message] as const,
+    ),
   )
   t.same(stuck, [504, 'upstream_timeout'], 'an upstream that takes none of the body for 1 s: 504 upstream_timeout')
-  t.ok(Date.now() - began < 5000, `soon after (${Date.now() - began} ms)`)
 
   // Never answers an upgrade.
   h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
@@ -280,11 +280,13 @@ t.test("the route's timeout_ms counts from the end of the request body to the re
     request(`${h.url}${path}`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body, dispatcher: h.agent })
 
   // The client sends slowly (ten chunks 150 ms apart, 1.5 s): the route's timeout waits for its end.
+  // The lower bounds below are the set-up's own (timers only run late): they say the upload did
+  // outlast the route's timeout, without which a 200 would prove nothing.
   let started = Date.now()
   const a = await post('/up', slowUpload())
   t.equal(a.statusCode, 200, 'a slow upload that keeps moving is not cut by the route timeout')
   t.same(await a.body.json(), { received: 10_000 })
-  t.ok(Date.now() - started > 1400, 'the upload took longer than timeout_ms')
+  t.ok(Date.now() - started > 600, 'precondition: the upload (1.5 s by construction) outlasted the route timeout (600 ms)')
 
   // The upstream reads slowly: 3 MB at up to 3 MB/s, longer than the route's timeout (before:
   // undici's headersTimeout ran while the body was written, refreshed only when a write filled the
@@ -293,17 +295,16 @@ t.test("the route's timeout_ms counts from the end of the request body to the re
   const b = await post('/slowread', generate(12 * 1024 * 1024))
   t.equal(b.statusCode, 200, 'an upload the upstream reads slowly but steadily is not cut by the route timeout')
   t.same(await b.body.json(), { received: 12 * 1024 * 1024 })
-  t.ok(Date.now() - started > 700, `the upload took longer than timeout_ms (${Date.now() - started} ms)`)
+  t.ok(Date.now() - started > 600, 'precondition: the upload (48 reads of at most 64 KiB, each followed by 20 ms of nothing) outlasted the route timeout (600 ms)')
 
-  // Once the body is in, the route's timeout applies to the wait for the head.
-  started = Date.now()
+  // Once the body is in, the route's timeout applies to the wait for the head (the upstream answers
+  // 200 at 1.2 s: a timeout not applied is told by the status).
   const c = await post('/think', 'x=1')
   t.equal(c.statusCode, 504)
   t.equal(((await c.body.json()) as { error: { code: string } }).error.code, 'upstream_timeout')
-  t.ok(Date.now() - started < 1100, 'answered at the route timeout after the body')
 
-  // A WebSocket upgrade the upstream never answers: undici's headersTimeout still times it.
-  started = Date.now()
+  // A WebSocket upgrade the upstream never answers: undici's headersTimeout still times it (else
+  // the client gives up after 5 s with nothing received).
   const upgrade = await new Promise<string>((resolve) => {
     const s = net.connect(h.port, '127.0.0.1', () =>
       s.write(`GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`),
@@ -316,7 +317,6 @@ t.test("the route's timeout_ms counts from the end of the request body to the re
   })
   t.ok(heldUntil > 0, 'the upgrade reached the upstream')
   t.match(upgrade, /^HTTP\/1\.1 504 [^]*upstream_timeout/, 'an unanswered upgrade is 504 upstream_timeout')
-  t.ok(Date.now() - started < 2000, 'at the route timeout')
 })
 
 t.test('a WebSocket tunnel whose upstream reads slowly is not idle while bytes still reach it', async (t) => {

@@ -53,9 +53,8 @@ t.test('a key revoked with its message never published is refused at the next st
   const { key, record } = await s.silent.create({ name: 'stale', type: 'user' }, ACTOR)
   t.equal((await s.gateway.get('/', bearer(key))).status, 200, 'the key works and is cached')
   await s.silent.revoke(record.id, undefined, ACTOR)
-  const start = Date.now()
+  // Nothing else would drop it (the cache's TTL is an hour): refused within the wait is the store check's doing.
   await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
-  t.ok(Date.now() - start < 3000, `within cache.store_check_s and the check's time (${Date.now() - start} ms)`)
   // No message tells the gateway (the key service publishes nothing): the store check did.
   await until(t, 'the store check read the change', async () => s.logs.some((l) => l.message === 'the store check dropped changed keys from the cache'), 5000)
   t.equal(await metric(s.gateway.metrics.registry, 'keygate_redis_up'), 1, 'Redis stayed up all along')

@@ -16,6 +16,7 @@ import type { UsageSink } from '../../core/usage.ts'
 import type { Lockout } from '../../core/lockout.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { silentLogger, type Logger } from '../../core/log.ts'
+import { TimedOut, within } from '../../core/deadline.ts'
 import { createGatewayMetrics, createMetricsRegistry, type GatewayMetrics } from '../../core/metrics.ts'
 import type { Registry } from 'prom-client'
 import { migrate } from '../../core/migrate.ts'
@@ -242,6 +243,18 @@ export async function until(t: { pass(m: string): void; fail(m: string): void },
     await sleep(20)
   }
   t.fail(`${what}: not within ${ms} ms`)
+}
+
+/**
+ * A hang guard: what `pending` settles to, or 'still waiting' if it has not within `ms`. The limit
+ * stands for "for ever" and is set far beyond the behaviour's own time: no test measures speed
+ * (the bench does).
+ */
+export function unlessHung<T>(pending: Promise<T>, ms = 30_000): Promise<T | 'still waiting'> {
+  return within(pending, ms, 'hang guard').catch((err: unknown) => {
+    if (err instanceof TimedOut) return 'still waiting' as const
+    throw err
+  })
 }
 
 /** One raw HTTP/1.1 exchange (the client libraries refuse some of the headers sent here). */
