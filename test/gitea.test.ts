@@ -406,9 +406,8 @@ await forEachStore(t, async (t, store) => {
     })
     const quick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url)), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, timeout_ms: 300 } } } })
     t.teardown(() => quick.close())
-    const started = Date.now()
+    // The fake answers after 1500 ms: without the timeout the list would succeed then.
     t.match(await rejection(quick.list()), { code: 'gitea_timeout', status: 504, message: /did not answer within 300 ms/ })
-    t.ok(Date.now() - started < 1400, 'the timeout ends the wait')
     fake.delayMs = 0
   })
 
