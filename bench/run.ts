@@ -20,6 +20,7 @@ import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
+import { Redis } from 'ioredis'
 import { createKey, forkServer, here, keygateEnv, median, startKeygate } from './servers.ts'
 
 const quick = process.argv.includes('--quick')
@@ -113,6 +114,25 @@ function wrk(url: string, headers: Record<string, string>, seconds: number): Pro
 }
 const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
 
+// The Redis scenario is measured on Redis or not at all: keygate starts without it (on its
+// in-memory insurance, as documented), so a Redis that does not answer here would have been
+// measured as the memory limiter under the Redis limiter's name (found by a review).
+{
+  const probe = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 2000 })
+  probe.on('error', () => {})
+  const pong = await probe.connect().then(() => probe.ping(), (err: Error) => err.message)
+  probe.disconnect()
+  if (pong !== 'PONG') {
+    process.stderr.write(`bench: Redis at ${REDIS_URL} does not answer (${pong}); the Redis limiter scenario needs it: start Redis, or set REDIS_URL\n`)
+    process.exit(1)
+  }
+}
+/** Throws unless keygate with REDIS_URL counted in Redis all along: its log says when it fell back. */
+const redisUsedThroughout = (server: { output(): string }): void => {
+  if (/Redis is not answering/.test(server.output())) throw new Error(`keygate with REDIS_URL fell back to its in-memory limits during the run, so the Redis limiter was not measured:\n${server.output()}`)
+}
+const STARTED = new Date()
+
 const work = mkdtempSync(join(tmpdir(), 'keygate-bench-'))
 process.on('exit', () => rmSync(work, { recursive: true, force: true }))
 
@@ -138,6 +158,23 @@ const keygateBadServer = await startKeygate(keygateEnv(join(work, 'bad'), upstre
 const keygateRedisServer = await startKeygate(redisEnv)
 const keygate = keygateServer.port
 const keygateRedis = keygateRedisServer.port
+{
+  // And it counts there: one request, then its counts are looked for in Redis.
+  const answer = await fetch(`http://127.0.0.1:${keygateRedis}/`, { headers: { 'x-forwarded-for': '203.0.113.9', authorization: `Bearer ${redisKey}` } })
+  await answer.arrayBuffer()
+  const probe = new Redis(REDIS_URL)
+  let counted = false
+  for (let cursor = '0', first = true; first || cursor !== '0'; first = false) {
+    const [next, found] = await probe.scan(cursor, 'MATCH', 'keygate:rl:*', 'COUNT', 1000)
+    cursor = next
+    if (found.length > 0) {
+      counted = true
+      break
+    }
+  }
+  probe.disconnect()
+  if (answer.status !== 200 || !counted) throw new Error(`keygate with REDIS_URL answered ${answer.status} and left no counts in Redis at ${REDIS_URL}:\n${keygateRedisServer.output()}`)
+}
 
 // The same requests for every scenario ("the same load"): the baseline and the upstream alone
 // get the valid key's Authorization and the X-Forwarded-For too, and pass them on unread.
@@ -276,6 +313,7 @@ if (dumpAt !== -1) {
   writeFileSync(process.argv[dumpAt + 1] as string, JSON.stringify({ slices: named(slices), blocks: named(blocks), sideBySide: named(sideBySide) }, null, 1))
 }
 
+redisUsedThroughout(keygateRedisServer)
 for (const s of [upstreamServer, baselineServer, contractServer, keygateServer, keygateBadServer, keygateRedisServer]) s.child.kill('SIGTERM')
 const heap = JSON.parse(execFileSync(process.execPath, ['--expose-gc', here('./cache-heap.ts'), '100000'], { encoding: 'utf8' })) as { heapMiB: number; bytesPerKey: number }
 
@@ -364,7 +402,7 @@ const command = `Command: \`npm run bench --${process.argv.slice(2).map((a) => `
 
 const report = [
   `${code} ${command}`,
-  `Measured ${new Date().toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
+  `Measured from ${STARTED.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${cpus().length} × ${cpus()[0]?.model.trim()}, Node ${process.version}; ${CONNECTIONS} connections; every scenario sent the same requests (Authorization and X-Forwarded-For included).`,
   `Each keygate scenario (and the baseline setting the headers of SPEC §3) was measured in ${BLOCKS} blocks of baseline, keygate, keygate, baseline (each block in another order of scenarios), ${SLICE_S} s per slice as fast as the server answers (req/s, ${HAVE_WRK ? `with wrk, one thread, then the same with autocannon` : 'with autocannon'}), then the same at ${fixedRate} req/s, half the baseline's capacity, ${PACED_S} s per slice (p50, p99, CPU). autocannon's rate is not even pacing: each connection sends its share of a second's requests as fast as it can at the start of the second, then waits, so these slices are a burst of ${fixedRate} requests a second, and their p99 is mostly the time the server takes to drain the burst (a comparison of the cost per request under a burst, not of an idle server's latency). Comparisons with the baseline are taken within each block; the table gives their median over the blocks and, in brackets, the middle half of the blocks (25th to 75th percentile). Absolute figures are medians over all slices.`,
   `CPU µs/req: user + system CPU of the measured server process per request during the fixed-rate slices; "all" adds the load generator's and the upstream's (not Redis's). On two cores shared by the three, autocannon's req/s at full load follows the "all" figure: what keygate adds to the upstream's work (the identity and X-Forwarded headers it parses) and to the client's (the RateLimit and X-Request-Id headers) counts there.`,
   '',

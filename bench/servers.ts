@@ -18,6 +18,8 @@ export interface Server {
   port: number
   pid: number
   child: ChildProcess
+  /** What it wrote on stdout so far (keygate's log). */
+  output(): string
 }
 
 /** A wrapper command and its arguments, run with the Node binary and the script after them. */
@@ -29,7 +31,7 @@ export function forkServer(file: string, args: string[] = [], wrapper: Wrapper =
   const child = fork(here(file), args, { stdio: ['ignore', 'ignore', 'inherit', 'ipc'], ...(command ? { execPath: command, execArgv: [...rest, process.execPath] } : {}) })
   children.push(child)
   return new Promise((resolve, reject) => {
-    child.once('message', (m: { port: number }) => resolve({ port: m.port, pid: child.pid as number, child }))
+    child.once('message', (m: { port: number }) => resolve({ port: m.port, pid: child.pid as number, child, output: () => '' }))
     child.once('exit', (code) => reject(new Error(`${file} exited with ${code}`)))
   })
 }
@@ -49,7 +51,7 @@ export function startKeygate(env: Record<string, string>, wrapper: Wrapper = [])
     child.stdout.setEncoding('utf8').on('data', (d: string) => {
       buffer += d
       const m = /"message":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
-      if (m) resolve({ port: Number(m[1]), pid: child.pid as number, child })
+      if (m) resolve({ port: Number(m[1]), pid: child.pid as number, child, output: () => buffer })
     })
     child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))
   })
