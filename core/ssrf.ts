@@ -85,7 +85,8 @@ type LookupCallback = (err: NodeJS.ErrnoException | null, address: string | Look
 
 /**
  * An undici Agent whose connections resolve a name once and connect only to addresses that
- * pass the check; a refused answer fails the connection with the reason.
+ * pass the check (every answer; it tries them in turn); a refused answer fails the connection
+ * with the reason.
  */
 export function pinnedAgent(allowed: AllowList, timeoutMs: number): Agent {
   const lookup = (hostname: string, options: { all?: boolean }, cb: LookupCallback): void => {
@@ -101,7 +102,10 @@ export function pinnedAgent(allowed: AllowList, timeoutMs: number): Agent {
       }
       const first = answers[0]
       if (!first) return cb(Object.assign(new Error(`${hostname} has no address`), { code: 'ENOTFOUND' }), '')
-      if (options.all) cb(null, [first])
+      // Every answer passed: the connection may try each in turn (Node's autoSelectFamily asks
+      // for all), as any client would. Before, only the first was given: a receiver whose name
+      // answers IPv6 first was never reached from a host without IPv6 (found by a review).
+      if (options.all) cb(null, answers)
       else cb(null, first.address, first.family)
     })
   }
