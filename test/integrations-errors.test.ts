@@ -124,6 +124,15 @@ t.test('a create whose connection is lost after the request was sent is looked f
   const refused = await rejection(create(down))
   t.match(refused, { code: 'n8n_unreachable', message: /could not be reached \(ECONNREFUSED\)$/ }, 'a refused connection is passed on as it is')
   t.equal(looked.length, 1, 'and nothing is looked for: no request reached the service')
+
+  // An https URL at a plain-HTTP port: the TLS handshake fails before any request is sent.
+  const plain = new IntegrationHttp({ service: 'n8n', url: url.replace('http:', 'https:'), timeoutMs: 2000 })
+  t.teardown(() => plain.close())
+  const before = received
+  const tls = await rejection(create(plain))
+  t.match(tls, { code: 'n8n_unreachable', message: /could not be reached \((ERR_SSL_|EPROTO)[A-Z_]*\)$/ }, 'a failed TLS handshake is passed on as it is')
+  t.equal(looked.length, 1, 'and nothing is looked for')
+  t.equal(received, before, 'no request reached the server')
 })
 
 t.test('n8n: refused, rate-limited and odd logins', async (t) => {

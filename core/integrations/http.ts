@@ -28,7 +28,18 @@ export interface CallOptions {
 
 const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
 /** Transport failures that prove no request reached the service: no connection was ever made. */
-const NOT_CONNECTED_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT'])
+const NOT_CONNECTED_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT', 'EPROTO'])
+/**
+ * TLS handshake and certificate failures (Node's ERR_TLS_*, OpenSSL's ERR_SSL_*, the certificate
+ * verification codes): the handshake comes before the request, so none was sent. Before (found
+ * by a review), an https URL with a self-signed certificate, or pointing at a plain-HTTP port,
+ * was told as a connection lost after the request was sent, and a create looked for an orphan.
+ */
+const TLS_FAILURE = /^(ERR_TLS_|ERR_SSL_|UNABLE_TO_)|CERT/
+
+function neverConnected(code: string): boolean {
+  return NOT_CONNECTED_CODES.has(code) || TLS_FAILURE.test(code)
+}
 /** The transport errors of requests that may have reached the service (see `mayHaveReached`). */
 const MAYBE_REACHED = new WeakSet<KeygateError>()
 
@@ -153,7 +164,7 @@ export class IntegrationHttp {
   #transportError(err: Error & { code?: string; cause?: unknown }): KeygateError {
     const label = SERVICE_LABEL[this.service]
     const code = err.code ?? (err.cause as { code?: string } | undefined)?.code
-    const connected = code === undefined || !NOT_CONNECTED_CODES.has(code)
+    const connected = code === undefined || !neverConnected(code)
     let out: KeygateError
     if (err.name === 'TimeoutError' || err.name === 'AbortError' || (code !== undefined && TIMEOUT_CODES.has(code))) {
       out = new KeygateError(`${this.service}_timeout`, `${label} at ${this.baseUrl} did not answer within ${this.timeoutMs} ms`)
