@@ -254,7 +254,9 @@ export class WebhookService {
   }
 
   async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
-    refuseKeyIn({ description: input.description })
+    // The URL too: it is listed, audited and requested with every delivery (a receiver knows
+    // keygate by its signature, not by a keygate key in its URL).
+    refuseKeyIn({ url: input.url, description: input.description })
     const url = receiverUrl(await checkTarget(input.url, this.#allowed))
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`

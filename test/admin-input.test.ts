@@ -126,6 +126,7 @@ await forEachStore(t, async (t, store) => {
   for (const [what, path, body, field] of [
     ['a deny entry reason', '/v1/deny-list', { cidr: '192.0.2.7', reason: `abuse with ${pasted}` }, 'reason'],
     ['a webhook description', '/v1/webhooks', { url: 'https://hooks.example.com/in', events: ['key.created'], description: `for ${pasted}` }, 'description'],
+    ['a webhook URL', '/v1/webhooks', { url: `https://hooks.example.com/in?api_key=${pasted}`, events: ['key.created'] }, 'url'],
     ['a Gitea token name', '/v1/gitea/tokens', { name: `ci ${pasted}`, scopes: ['read:repository'] }, 'name'],
     ['an n8n key label', '/v1/n8n/keys', { label: `ci ${pasted}`, scopes: ['workflow:list'] }, 'label'],
   ] as const) {
