@@ -127,6 +127,14 @@ await forEachStore(t, async (t, store) => {
     t.match(items.find((i) => i.local !== null), { state: 'deleted_remotely', name: 'before-restore', remote: null, local: { id: stale.id } })
     t.match(items.find((i) => i.remote !== null), { state: 'not_recorded', name: 'laptop', local: null })
 
+    // By the id both share: which one is meant cannot be told (before, found by a review, the
+    // hand-made token was deleted and the stale record left open).
+    const sentBefore = fake.requests.length
+    const ambiguous = await rejection(gitea.delete(String(stale.remote_id), actor))
+    t.match(ambiguous, { code: 'conflict', status: 409, message: new RegExp(`^id ${stale.remote_id} is both Gitea token "laptop".*"before-restore".*delete by name`) }, 'delete by that id is a conflict')
+    t.notOk(fake.requests.slice(sentBefore).some((r) => r.method === 'DELETE'), 'no DELETE is sent')
+    t.ok(fake.tokens.some((x) => x.id === laptop.id), 'the hand-made token is left')
+
     const sent = fake.requests.length
     const closed = await gitea.delete('before-restore', actor)
     t.match(closed, { remote_id: stale.remote_id, name: 'before-restore', remote_missing: true, record: { id: stale.id, deleted_at: /\d/ } }, 'the stale record is closed')

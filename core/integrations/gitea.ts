@@ -390,6 +390,17 @@ export class GiteaTokenService {
     // there, `delete 1` deleted that other token, found by name before the record by id.
     let target = remote.find((t) => t.id === byId)
     let local = target ? recordOf(target) : live.find((r) => Number(r.remote_id) === byId)
+    // The id is both a token keygate has no record of and a record of an earlier token Gitea
+    // gave that id (handed out again): which one is meant cannot be told, and guessing deleted
+    // the unrelated, perhaps working, token and left the stale record open (found by a review).
+    const stale = target && !local ? live.find((r) => Number(r.remote_id) === byId) : undefined
+    if (target && stale) {
+      throw new KeygateError(
+        'conflict',
+        `id ${byId} is both Gitea token ${JSON.stringify(target.name)} of ${JSON.stringify(user)}, which keygate has no record of, and keygate's record of an earlier token of that id, ${JSON.stringify(stale.name)} (Gitea gave the id out again): delete by name, ${JSON.stringify(stale.name)} to close the record or ${JSON.stringify(target.name)} to delete the token`,
+        { remote_id: byId, token: target.name, record: stale.name },
+      )
+    }
     if (!target && !local) {
       target = remote.find((t) => t.name === ref)
       local = target ? recordOf(target) : live.find((r) => r.name === ref)
