@@ -220,11 +220,22 @@ async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Log
   // Printed before the key is committed: a key that could not be printed is not kept, so the
   // next start makes one again (before, it was kept, and no start printed one again).
   let created
+  let shown: string | undefined
   try {
-    created = await runtime.keys.ensureAdminKey({ actor: 'system' }, ({ key, record }) =>
-      io.err(`\nkeygate: created the first admin key (id ${record.id}). It is shown once; store it now:\n${key}\n\n`),
-    )
+    created = await runtime.keys.ensureAdminKey({ actor: 'system' }, ({ key, record }) => {
+      io.err(`\nkeygate: created the first admin key (id ${record.id}). It is shown once; store it now:\n${key}\n\n`)
+      shown = record.id
+    })
   } catch (err) {
+    if (shown !== undefined) {
+      // Shown, then not committed (the store failed at the commit): the key shown does not exist.
+      const message = `the first admin key printed above (id ${shown}) was NOT kept: ${(err as Error).message}; start again to make another, or set admin.token (KEYGATE_ADMIN_TOKEN)`
+      log.error(message, { err: err as Error })
+      try {
+        io.err(`keygate: ${message}\n`)
+      } catch {}
+      throw err
+    }
     if (!isKeygateError(err) || err.code !== 'output_failed') throw err
     const message = `no admin credential is configured, and the first admin key could not be printed (${err.message}): none was kept; start again with stderr writable, or set admin.token (KEYGATE_ADMIN_TOKEN)`
     log.error(message)

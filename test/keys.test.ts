@@ -105,6 +105,30 @@ await forEachStore(t, async (t: Test, store) => {
     await s.keys.revoke(again?.record.id as string, 'test', actor)
   })
 
+  t.test("ensureAdminKey shows the key last before the commit: a failure of anything else in its transaction comes before it is shown", async (t) => {
+    // Before (found by a review): the key was shown before the transaction's other writes (its
+    // event's deliveries), so a failure there left a key shown that was never kept.
+    const s = testServices(db)
+    for (const k of await db.query<{ id: string }>(`SELECT id FROM api_keys WHERE 'admin' = ANY(scopes) AND status = 'active'`)) await s.keys.revoke(k.id, 'test', actor)
+    const order: string[] = []
+    const offFailing = s.keys.onCommitting(async () => {
+      order.push('other writes')
+      throw new Error('the deliveries could not be written')
+    })
+    const failed = await s.keys.ensureAdminKey(actor, () => void order.push('shown')).then(() => undefined, (e: Error) => e)
+    offFailing()
+    t.match(failed, { message: 'the deliveries could not be written' })
+    t.same(order, ['other writes'], 'not shown: the transaction failed first')
+    t.equal(await count(db, `api_keys WHERE 'admin' = ANY(scopes) AND status = 'active'`), 0, 'and nothing kept')
+    order.length = 0
+    const offRecording = s.keys.onCommitting(async () => void order.push('other writes'))
+    const made = await s.keys.ensureAdminKey(actor, () => void order.push('shown'))
+    offRecording()
+    t.ok(made, 'made')
+    t.same(order, ['other writes', 'shown'], 'shown after the other writes, last before the commit')
+    await s.keys.revoke(made?.record.id as string, 'test', actor)
+  })
+
   t.test('a key in a name, an owner, metadata or a revocation reason is refused by field, never stored or quoted', async (t) => {
     // Before (found by a review): another key's plaintext in metadata and a revocation reason
     // was stored, written to the audit log and sent to webhook receivers in key events.

@@ -248,12 +248,13 @@ export class KeyService {
    * Runs `work` in one transaction. The changes it pushes go to the committing listeners inside
    * it, and to the change listeners once it has committed, in the order pushed.
    */
-  async #commit<T>(work: (tx: Queryable, changes: KeyChange[]) => Promise<T>): Promise<T> {
+  async #commit<T>(work: (tx: Queryable, changes: KeyChange[]) => Promise<T>, last?: (result: T) => void | Promise<void>): Promise<T> {
     const changes: KeyChange[] = []
     const result = await this.#db.transaction(async (tx) => {
       changes.length = 0
       const r = await work(tx, changes)
       for (const change of changes) for (const l of this.#committing) await l(tx, change)
+      await last?.(r)
       return r
     })
     for (const change of changes) this.#emit(change)
@@ -628,8 +629,9 @@ export class KeyService {
    * The first start's admin key: created only when no usable key holds the `admin` scope. The
    * advisory lock makes instances that start together create one key, not one each. Returns
    * the plaintext once, or undefined when an admin key already exists. `show` hands the
-   * plaintext over before the key is committed: when it throws (the key could not be shown),
-   * nothing is kept, and the next start makes one again rather than leaving a key no one has.
+   * plaintext over as the last step before the key is committed: when it throws (the key could
+   * not be shown), nothing is kept, and the next start makes one again rather than leaving a key
+   * no one has. (The commit can still fail after it: the caller says the key shown was not kept.)
    */
   async ensureAdminKey(actor: Actor, show?: (made: { key: string; record: KeyRecord }) => void | Promise<void>): Promise<{ key: string; record: KeyRecord } | undefined> {
     const now = this.#now()
@@ -662,8 +664,11 @@ export class KeyService {
       })
       await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.created', details: { name: k.name, type: k.type, scopes: k.scopes, reason: 'no admin credential configured' } })
       changes.push({ action: 'created', key: k })
-      await show?.({ key: generated.key, record: k })
       return k
+    }, async (k) => {
+      // Last before the commit, after everything else the transaction writes (the event's
+      // deliveries): only the commit itself can still fail once the key is shown.
+      if (k) await show?.({ key: generated.key, record: k })
     })
     if (!record) return undefined
     return { key: generated.key, record }
