@@ -165,7 +165,8 @@ const keygateRedis = keygateRedisServer.port
   const probe = new Redis(REDIS_URL)
   let counted = false
   for (let cursor = '0', first = true; first || cursor !== '0'; first = false) {
-    const [next, found] = await probe.scan(cursor, 'MATCH', 'keygate:rl:*', 'COUNT', 1000)
+    // Counts of this run's key (its id is in the name): another run's left in a shared Redis do not count.
+    const [next, found] = await probe.scan(cursor, 'MATCH', `keygate:rl:*${redisKey.split('_')[1]}*`, 'COUNT', 1000)
     cursor = next
     if (found.length > 0) {
       counted = true
