@@ -139,6 +139,12 @@ export class AnomalyLog {
     return rows.map(toAnomaly)
   }
 
+  /** The rows with these ids, oldest first (one query, however many ids). */
+  async among(ids: readonly string[]): Promise<Anomaly[]> {
+    const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id = ANY($1::bigint[]) ORDER BY ${BY_ID}`, [ids])
+    return rows.map(toAnomaly)
+  }
+
   async get(id: string): Promise<Anomaly | undefined> {
     const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id = $1::bigint`, [id])
     return rows[0] ? toAnomaly(rows[0]) : undefined
@@ -589,8 +595,8 @@ export interface AnomalyHistory {
   latestId(): Promise<string | undefined>
   /** Anomalies with an id above `id`, oldest first. */
   after(id: string, limit: number): Promise<AnomalyJson[]>
-  /** The anomaly with this id, or undefined when there is none. */
-  get(id: string): Promise<AnomalyJson | undefined>
+  /** The anomalies with these ids (one read), oldest first; an id with none is left out. */
+  among(ids: readonly string[]): Promise<AnomalyJson[]>
 }
 
 /** The table as a feed's history. */
@@ -598,10 +604,7 @@ export function anomalyHistory(log: AnomalyLog): AnomalyHistory {
   return {
     latestId: async () => (await log.list({ limit: 1 }))[0]?.id,
     after: async (id, limit) => (await log.after(id, limit)).map(anomalyJson),
-    get: async (id) => {
-      const a = await log.get(id)
-      return a && anomalyJson(a)
-    },
+    among: async (ids) => (await log.among(ids)).map(anomalyJson),
   }
 }
 
@@ -610,8 +613,22 @@ function idAfter(a: string, b: string): boolean {
   return a.length !== b.length ? a.length > b.length : a > b
 }
 
-/** How often, at most, the feed logs the messages it dropped. */
+/** How often, at most, the feed logs the messages it dropped, and the reads that failed. */
 const DROPPED_LOG_MS = 60_000
+/**
+ * How far below the newest id it delivered a feed still looks up an id a message names: one
+ * committed after higher ones (another instance's insert, still open while they were read). An
+ * id further below is old: streamed already, or never live (a stream resumes it from the table).
+ */
+export const LATE_WINDOW = 1_000
+/**
+ * The ids a feed remembers as delivered. Every id delivered since one in the window was
+ * delivered lies within LATE_WINDOW of it on either side, so at most 2 × LATE_WINDOW of them:
+ * each id in the window is still remembered, and none is streamed twice.
+ */
+const DELIVERED = 10 * LATE_WINDOW
+/** Ids named on the channel that wait for the next read of the table; more are dropped (a flood). */
+export const MAX_WAITING = 1_000
 
 /**
  * Every anomaly found by any instance, as it is recorded: with Redis, from the table, read when
@@ -631,11 +648,15 @@ export class AnomalyFeed {
    * anomaly (forged, or another deployment's on the same channel) is dropped: before, it was
    * streamed, and its id, as clients' Last-Event-ID and as this feed's replay cursor, hid every
    * real anomaly with a lower id from their resumes.
+   *
+   * The table is read by one reader, one read at a time, for every id the messages named
+   * meanwhile (at most MAX_WAITING of them): before, each message was a read of its own, all at
+   * once, so a flood of messages (forged, or another deployment's) was as many concurrent reads.
    */
   constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory }) {
     // With Redis an anomaly can be announced twice (read from the table with a later one, then
     // published again by its instance): each id is delivered once.
-    const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: 10_000 }) : undefined
+    const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: DELIVERED }) : undefined
     /** The newest id delivered, from the table: where the next read starts. */
     let newest: string | undefined
     const deliver = (a: AnomalyJson) => {
@@ -650,7 +671,7 @@ export class AnomalyFeed {
         } catch {}
       }
     }
-    if (options.redis) {
+    if (options.redis && delivered) {
       const { log, channel, history } = options
       if (!history) throw new Error('an anomaly feed on Redis needs the table (history): the channel only announces what the table holds')
       const sub = options.redis.duplicate()
@@ -664,43 +685,90 @@ export class AnomalyFeed {
         },
         () => {},
       )
-      // Reads from `newest` on: the rows recorded since, in order (one read at a time; a message
-      // during a read gets one more read after it, so a burst of messages is a few reads).
-      const readNew = coalesced(async () => {
-        if (newest === undefined) return
-        for (;;) {
-          const page = await history.after(newest, 500)
-          page.forEach(deliver)
-          if (page.length < 500) break
-        }
-      })
       let dropped = 0
+      let unread = 0
       let droppedLoggedAt = 0
-      const drop = (id: string) => {
-        dropped++
+      const drop = (id: string, why: 'unknown' | 'unread') => {
+        if (why === 'unread') unread++
+        else dropped++
         const now = Date.now()
         if (now - droppedLoggedAt < DROPPED_LOG_MS) return
         // Once a minute at most: a flood of them must not flood the log.
-        log.warn('dropped anomaly alerts on the channel that name no recorded anomaly (malformed, forged, or another deployment on the same channel)', { channel, dropped, last_id: id })
+        log.warn('dropped anomaly alerts on the channel that name no recorded anomaly, or none recent (malformed, forged, or another deployment on the same channel)', {
+          channel,
+          dropped: dropped + unread,
+          not_looked_up: unread,
+          last_id: id,
+        })
         droppedLoggedAt = now
         dropped = 0
+        unread = 0
       }
-      /** The anomaly a message names, from the table. */
-      const announced = async (id: string): Promise<void> => {
-        if (delivered?.has(id)) return
+      let failed = 0
+      let failedLoggedAt = 0
+      const failure = (err: unknown) => {
+        failed++
+        const now = Date.now()
+        if (now - failedLoggedAt < DROPPED_LOG_MS) return
+        // Once a minute at most: with the store down, every message would be a warning.
+        log.warn('could not read the anomalies announced on the channel from the table; read again at the next message', { failed_reads: failed, err: err as Error })
+        failedLoggedAt = now
+        failed = 0
+      }
+      /** Ids named on the channel since the last read. */
+      const waiting = new Set<string>()
+      /** Whether rows may have been recorded unannounced (the subscription was down). */
+      let behind = false
+      /** One read of the table: the waiting ids that may be late commits, then what follows `newest`. */
+      const readOnce = async (): Promise<void> => {
         await begun
-        if (newest !== undefined && idAfter(id, newest)) await readNew()
-        else if (floor === undefined || idAfter(id, floor)) {
-          // Below the newest delivered: one committed after a higher id was read (or the feed
-          // could not learn the newest id when it began).
-          const a = await history.get(id)
-          if (a) deliver(a)
+        // The feed could not learn where the table was when it began: it learns now, with no
+        // floor, so the anomaly that was announced (at most LATE_WINDOW below) is looked up.
+        newest ??= (await history.latestId()) ?? '0'
+        const from = newest
+        const ids = [...waiting]
+        waiting.clear()
+        const wasBehind = behind
+        behind = false
+        // Below `from`, only a late commit is looked up: within LATE_WINDOW of it (an older id was
+        // streamed already, and may be forgotten, or was never live) and above where the feed began.
+        const lowest = BigInt(from) - BigInt(LATE_WINDOW)
+        const late = ids.filter((id) => !idAfter(id, from) && !delivered.has(id) && BigInt(id) > lowest && (floor === undefined || idAfter(id, floor)))
+        try {
+          if (late.length > 0) (await history.among(late)).forEach(deliver)
+          if (wasBehind || ids.some((id) => idAfter(id, from))) {
+            for (;;) {
+              const page = await history.after(newest, 500)
+              page.forEach(deliver)
+              if (page.length < 500) break
+            }
+          }
+        } catch (err) {
+          // Read again at the next message (or when the subscription is back).
+          for (const id of ids) if (waiting.size < MAX_WAITING) waiting.add(id)
+          else drop(id, 'unread')
+          behind ||= wasBehind
+          throw err
         }
-        if (!delivered?.has(id)) drop(id)
+        for (const id of ids) if (!delivered.has(id)) drop(id, 'unknown')
+      }
+      let reading = false
+      const read = async (): Promise<void> => {
+        if (reading) return // the running reader takes what came meanwhile
+        reading = true
+        try {
+          while (waiting.size > 0 || behind) await readOnce()
+        } catch (err) {
+          failure(err)
+        } finally {
+          reading = false
+        }
       }
       sub.on('ready', () => {
         // ioredis subscribes again by itself once it is back; what came meanwhile is in the table.
-        if (subscribed) readNew().catch((err: unknown) => log.warn('could not read the anomalies recorded while the alert subscription was down', { err: err as Error }))
+        if (!subscribed) return
+        behind = true
+        void read()
       })
       sub.on('error', (err: Error) => log.warn('anomaly alert subscriber error', { err }))
       sub.on('message', (ch: string, message: string) => {
@@ -712,10 +780,20 @@ export class AnomalyFeed {
         // Looked up in the table: anything but an anomaly id names none (and its id, as an SSE
         // `id:` line, could add lines to the stream).
         if (typeof id !== 'string' || !isAnomalyId(id)) {
-          drop(String(id).slice(0, 40))
+          drop(String(id).slice(0, 40), 'unknown')
           return
         }
-        announced(id).catch((err: unknown) => log.warn('could not read an anomaly announced on the channel from the table', { anomaly_id: id, err: err as Error }))
+        // As the table writes it ("07" is 7, delivered as "7").
+        const named = String(BigInt(id))
+        if (delivered.has(named)) return
+        if (!waiting.has(named)) {
+          if (waiting.size >= MAX_WAITING) {
+            drop(named, 'unread')
+            return
+          }
+          waiting.add(named)
+        }
+        void read()
       })
       const trySubscribe = (): void => {
         sub.subscribe(channel).then(

@@ -10,7 +10,8 @@ import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, anomalyJson, 
 import { migrate } from '../core/migrate.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
-import { silentLogger } from '../core/log.ts'
+import { createLogger, silentLogger, type Logger } from '../core/log.ts'
+import type { Db } from '../core/db.ts'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
@@ -229,7 +230,7 @@ await forEachStore(t, async (t, store) => {
 })
 
 /** A feed on a Redis server of the test's own and an embedded store: what it delivers, and the table it reads. */
-async function feedOnTable(t: Test) {
+async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?: Logger } = {}) {
   const server = await startRedisServer(t)
   const db = await memoryDb()
   t.teardown(() => db.close())
@@ -239,7 +240,8 @@ async function feedOnTable(t: Test) {
   redis.on('error', () => {})
   const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
   const log = new AnomalyLog(db)
-  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: silentLogger, history: anomalyHistory(log) })
+  const history = anomalyHistory(options.historyDb ? new AnomalyLog(options.historyDb(db)) : log)
+  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: options.log ?? silentLogger, history })
   t.teardown(() => feed.close())
   const got: AnomalyJson[] = []
   feed.on((a) => got.push(a))
@@ -349,6 +351,96 @@ t.test('an anomaly announced late reaches the streams before the next one, so a 
   const after = await record(true)
   await until('a later one arrives', () => got.some((a) => a.id === after.id))
   t.same(got.map((a) => a.id), [late.id, next.id, after.id], 'its own publication, late, does not send it twice')
+})
+
+/** `db` with its queries counted (and failing while `down` holds), as the feed's history reads it. */
+function watchedDb() {
+  const w = { reads: 0, inFlight: 0, most: 0, down: false }
+  const wrap = (db: Db): Db =>
+    new Proxy(db, {
+      get(target, prop) {
+        if (prop === 'query') {
+          return async (q: string, p?: readonly unknown[]) => {
+            w.reads++
+            w.most = Math.max(w.most, ++w.inFlight)
+            try {
+              if (w.down) throw new Error('the store is unavailable')
+              return await target.query(q, p)
+            } finally {
+              w.inFlight--
+            }
+          }
+        }
+        const v = Reflect.get(target, prop) as unknown
+        return typeof v === 'function' ? v.bind(target) : v
+      },
+    })
+  return { w, wrap }
+}
+
+t.test('a flood of channel messages naming ids the table lacks is a few store reads, one at a time', async (t) => {
+  const { w, wrap } = watchedDb()
+  const { db, redis, channel, got, record, until } = await feedOnTable(t, { historyDb: wrap })
+  // Ids below the newest that no row has, as the insert's ON CONFLICT DO NOTHING leaves them.
+  await db.query(`SELECT setval(pg_get_serial_sequence('api_key_anomalies', 'id'), 400)`)
+  const newest = await record(true)
+  await until('the newest arrives', () => got.some((a) => a.id === newest.id))
+  const before = w.reads
+  w.most = 0
+  for (let i = 0; i < 2000; i++) void redis.publish(channel, JSON.stringify({ id: String(2 + (i % 399)) }))
+  const after = await record(true)
+  await until('the next arrives', () => got.some((a) => a.id === after.id))
+  // Before: a read of its own for every message, all at once (2000 reads, hundreds in flight).
+  t.equal(w.most, 1, 'one read at a time')
+  t.ok(w.reads - before <= 20, `a few reads for 2000 messages (${w.reads - before})`)
+  t.same(got.map((a) => a.id), [newest.id, after.id], 'none of them streamed')
+})
+
+t.test('an old anomaly named again on the channel is not streamed again; one committed late just below the newest is', async (t) => {
+  const { db, redis, channel, got, record, until } = await feedOnTable(t)
+  const old = await record(true)
+  await until('the first arrives', () => got.some((a) => a.id === old.id))
+  // 20,000 more, read from the table when the next is announced: more than the feed remembers.
+  await db.query(`INSERT INTO api_key_anomalies (key_id, type, window_start) SELECT 'k_many', 'request_rate', to_timestamp(g * 60) FROM generate_series(1, 20000) AS g`)
+  await db.query(`SELECT setval(pg_get_serial_sequence('api_key_anomalies', 'id'), (SELECT max(id) FROM api_key_anomalies) + 10)`)
+  const newest = await record(true)
+  await until('all of them arrive', () => got.some((a) => a.id === newest.id))
+  t.equal(got.length, 20_002)
+  got.length = 0
+  // Another instance's insert took an id below the newest's and commits only now.
+  const lateId = String(BigInt(newest.id) - 5n)
+  await db.query(`INSERT INTO api_key_anomalies (id, key_id, type, window_start) OVERRIDING SYSTEM VALUE VALUES ($1, 'k_late', 'error_rate', now())`, [lateId])
+  await redis.publish(channel, JSON.stringify({ id: old.id }))
+  await redis.publish(channel, JSON.stringify({ id: lateId }))
+  const next = await record(true)
+  await until('the next arrives', () => got.some((a) => a.id === next.id))
+  // Before: the old one was read again and streamed after 20,000 higher ids (clients'
+  // Last-Event-ID went back to it).
+  t.same(got.map((a) => a.id), [lateId, next.id], 'the late one, then the next; the old one not again')
+})
+
+t.test('a delivered anomaly named with leading zeros is no dropped alert; with the store down, one warning a minute', async (t) => {
+  const lines: string[] = []
+  const { w, wrap } = watchedDb()
+  const { redis, channel, got, record, until } = await feedOnTable(t, { historyDb: wrap, log: createLogger({ level: 'warn', write: (l) => lines.push(l) }) })
+  const real = await record(true)
+  await until('it arrives', () => got.some((a) => a.id === real.id))
+  await redis.publish(channel, JSON.stringify({ id: `00${real.id}` }))
+  const next = await record(true)
+  await until('the next arrives', () => got.some((a) => a.id === next.id))
+  // Before: "00<id>" was not the delivered "<id>", and was logged as naming no recorded anomaly.
+  t.same(lines.filter((l) => l.includes('dropped')), [], 'nothing logged as dropped')
+
+  w.down = true
+  const meanwhile = await record(false)
+  for (let i = 0; i < 50; i++) await redis.publish(channel, JSON.stringify(meanwhile))
+  await until('the reads failed', () => w.reads > 0 && w.inFlight === 0 && lines.some((l) => l.includes('could not read')))
+  w.down = false
+  const back = await record(true)
+  await until('once the store is back, both arrive', () => got.some((a) => a.id === back.id))
+  t.same(got.map((a) => a.id), [real.id, next.id, meanwhile.id, back.id])
+  // Before: a warning for every message.
+  t.equal(lines.filter((l) => l.includes('could not read')).length, 1, 'one warning')
 })
 
 await forEachStore(
