@@ -443,6 +443,19 @@ t.test('a delivered anomaly named with leading zeros is no dropped alert; with t
   t.equal(lines.filter((l) => l.includes('could not read')).length, 1, 'one warning')
 })
 
+await forEachStore(t, async (t, store) => {
+  await t.test('the rows with some ids, in one read, oldest first (what a feed on Redis looks up)', async (t) => {
+    const log = new AnomalyLog(store.db)
+    const keyId = `AMNG${randomBytes(4).toString('hex').toUpperCase()}`
+    const rows: Anomaly[] = []
+    for (let i = 0; i < 3; i++) rows.push((await log.insert({ keyId, type: 'request_rate', windowStart: new Date(i * 60_000), details: {}, detectedAt: new Date() })) as Anomaly)
+    const [a, , c] = rows as [Anomaly, Anomaly, Anomaly]
+    const missing = String(BigInt(c.id) + 1000n)
+    t.same((await log.among([c.id, missing, a.id])).map((r) => r.id), [a.id, c.id])
+    t.same(await log.among([]), [])
+  })
+})
+
 await forEachStore(
   t,
   async (t, store) => {
