@@ -638,7 +638,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     let anyListened = false
     let startFailed!: (why: string) => void
     const failedStart = new Promise<string>((r) => (startFailed = r))
+    /** Replacements waiting to be started (a second after a worker died). */
+    const replacing = new Set<NodeJS.Timeout>()
     const fork = () => {
+      // Never once the shutdown began: a worker that died just before the signal was replaced
+      // after the others had stopped, and served the gateway with the primary's store closed, and
+      // the process never exited (found by a review).
+      if (shuttingDown) return
       const w = cluster.fork({ [WORKER_LISTEN]: gateway })
       live.add(w)
       // A worker listens on its own socket (see listen), so the cluster's 'listening' is not sent.
@@ -669,7 +675,12 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
           return
         }
         log.error('gateway worker died; starting another', { worker: w.id, code, signal })
-        setTimeout(fork, 1000).unref()
+        const timer = setTimeout(() => {
+          replacing.delete(timer)
+          fork()
+        }, 1000)
+        timer.unref()
+        replacing.add(timer)
       })
     }
     // Changes made through this admin API reach the workers at once over cluster IPC: key
@@ -741,6 +752,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const signal = await Promise.race([stopping.stopped, failedStart.then((why) => ((failed = true), why))])
     shuttingDown = true
     clearInterval(refreshMetrics)
+    for (const timer of replacing) clearTimeout(timer)
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')

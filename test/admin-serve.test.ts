@@ -296,6 +296,38 @@ t.test('--workers: a worker killed under a churn of new connections leaves none 
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers: a worker that dies just before SIGTERM is not replaced during the shutdown, and keygate exits', async (t) => {
+  // Before (found by a review): its replacement, due a second after it died, was started after
+  // the others had stopped; it served the gateway with the primary's store closed, and the
+  // process never exited.
+  const url = await freshDatabase(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-dying-'))
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  let arrived!: () => void
+  const slowArrived = new Promise<void>((r) => (arrived = r))
+  const upstream = await startUpstream(t, (req, res) => {
+    if (req.url !== '/slow') return void res.end('ok')
+    arrived()
+    setTimeout(() => res.end('slow done'), 3000)
+  })
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
+  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(pid as number, 'SIGKILL')
+  await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  // A request in flight on the other worker keeps the shutdown going past the second after
+  // which the replacement was due.
+  const slow = call(`${serve.gateway}/slow`, { headers: { authorization: `Bearer ${created.json.key}` } })
+  await slowArrived
+  serve.child.kill('SIGTERM')
+  t.equal((await slow).text, 'slow done', 'the request in flight is answered')
+  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
+  t.equal(code, 0, 'exit 0')
+  const shutting = serve.logs.findIndex((l) => l.message === 'shutting down workers')
+  t.ok(shutting >= 0, 'it shut its workers down')
+  t.notOk(serve.logs.slice(shutting).some((l) => l.message === 'gateway listening'), 'and started none after')
+})
+
 t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
   const url = await freshDatabase(t)
   const { gate, url: through } = await gateInFront(t, url)
