@@ -16,7 +16,7 @@ import { join } from 'node:path'
 import { request } from 'undici'
 import { runCli } from './helpers/cli.ts'
 import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
-import { answerOf, startUpstream } from './helpers/gateway.ts'
+import { answerOf, startUpstream, type Tap } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
@@ -202,17 +202,26 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   t.ok(serve.logs.some((l) => l.message === 'stopped' && l.worker === undefined), 'the primary stops after its workers')
 })
 
-t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group drains, an address in use ends the start', async (t) => {
+/**
+ * A fresh PostgreSQL database and its environment (a bootstrap token), and an upstream answering
+ * /slow after `slowMs`: `slowArrived` resolves once a /slow request reached it.
+ */
+async function workersSetUp(t: Tap, name: string, slowMs: number) {
   const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-signals-'))
+  const cwd = mkdtempSync(join(tmpdir(), `keygate-workers-${name}-`))
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   let arrived!: () => void
   const slowArrived = new Promise<void>((r) => (arrived = r))
   const upstream = await startUpstream(t, (req, res) => {
     if (req.url !== '/slow') return void res.end('ok')
     arrived()
-    setTimeout(() => res.end('slow done'), 1500)
+    setTimeout(() => res.end('slow done'), slowMs)
   })
+  return { cwd, env, upstream, slowArrived }
+}
+
+t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group drains, an address in use ends the start', async (t) => {
+  const { cwd, env, upstream, slowArrived } = await workersSetUp(t, 'signals', 1500)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, waitFor: { gateway: false }, detached: true })
   // A reload while the workers start (they have no handler yet): before, the primary passed it
   // on, a worker ended on it, and the start failed with exit 1.
@@ -300,16 +309,7 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
   // Before (found by a review): its replacement, due a second after it died, was started after
   // the others had stopped; it served the gateway with the primary's store closed, and the
   // process never exited.
-  const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-dying-'))
-  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
-  let arrived!: () => void
-  const slowArrived = new Promise<void>((r) => (arrived = r))
-  const upstream = await startUpstream(t, (req, res) => {
-    if (req.url !== '/slow') return void res.end('ok')
-    arrived()
-    setTimeout(() => res.end('slow done'), 3000)
-  })
+  const { cwd, env, upstream, slowArrived } = await workersSetUp(t, 'dying', 3000)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
   const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
