@@ -764,13 +764,22 @@ export class AnomalyFeed {
           reading = false
         }
       }
+      // Warned once an outage (then at debug): ioredis retries every 500 ms at most, and each try
+      // was a warning, some 7,200 an hour of an outage (found by a review); Redis's own health
+      // says when it is back.
+      let subscriberFailing = false
       sub.on('ready', () => {
+        subscriberFailing = false
         // ioredis subscribes again by itself once it is back; what came meanwhile is in the table.
         if (!subscribed) return
         behind = true
         void read()
       })
-      sub.on('error', (err: Error) => log.warn('anomaly alert subscriber error', { err }))
+      sub.on('error', (err: Error) => {
+        if (subscriberFailing) return log.debug('anomaly alert subscriber error', { err })
+        subscriberFailing = true
+        log.warn('anomaly alert subscriber error; retrying (logged once until it is back)', { err })
+      })
       sub.on('message', (ch: string, message: string) => {
         if (ch !== channel) return
         let id: unknown

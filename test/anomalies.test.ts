@@ -268,7 +268,8 @@ async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?:
 }
 
 t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
-  const { server, db, redis, channel, got, until } = await feedOnTable(t)
+  const lines: string[] = []
+  const { server, db, redis, channel, got, until } = await feedOnTable(t, { log: createLogger({ level: 'warn', write: (l) => lines.push(l) }) })
   const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 3 }, redis, channel, events: new EventBus(), log: silentLogger, checkIntervalMs: 0 })
   t.teardown(() => detector.close())
   const burst = async (keyId: string) => {
@@ -282,6 +283,10 @@ t.test('an anomaly recorded while Redis is down reaches the streams when it is b
   await burst('k_while_down') // stored; its publication fails
   t.equal((await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_anomalies WHERE key_id = 'k_while_down'`))[0]?.n, 1, 'recorded while Redis is down')
   t.notOk(got.some((a) => a.key_id === 'k_while_down'), 'not streamed yet')
+  // The subscriber retries every 100 ms here: before, each failure was a warning.
+  await until('the subscriber retried', () => lines.some((l) => l.includes('subscriber error')))
+  await sleep(500)
+  t.equal(lines.filter((l) => l.includes('subscriber error')).length, 1, 'one warning for the outage')
   await server.start()
   // Before: never streamed (the table had it, the channel never did).
   await until('streamed once the subscription is back', () => got.some((a) => a.key_id === 'k_while_down'))
