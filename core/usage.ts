@@ -213,10 +213,28 @@ export class UsageRecorder implements UsageSink {
     }
   }
 
-  /** Stops the timer and writes what is pending. */
+  /**
+   * Stops the timer and writes what is pending. What cannot be written then (the store down at
+   * shutdown) is lost, and said so with how much: before, the last word was "keeping them for
+   * the next flush", and no flush came (found by a review).
+   */
   async close(): Promise<void> {
     clearInterval(this.#timer)
     await this.flush()
+    if (this.#keys.empty && this.#reasons.empty) return
+    let requests = 0
+    let rejected = 0
+    const keyIds = new Set<string>()
+    for (const counts of this.#keys.take().values()) {
+      for (const [keyId, c] of counts) {
+        keyIds.add(keyId)
+        requests += c.requests
+        rejected += c.rejected
+      }
+    }
+    let refusals = 0
+    for (const counts of this.#reasons.take().values()) for (const n of counts.values()) refusals += n
+    this.#log?.error('could not write the last usage counts at shutdown: they are lost', { keys: keyIds.size, requests, rejected, refusals_without_key: refusals })
   }
 }
 

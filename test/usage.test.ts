@@ -85,6 +85,19 @@ await forEachStore(t, async (t, store) => {
     await r.flush()
     t.equal((await reports.byKey(window))[0]?.requests, 2, 'the next flush writes both counts')
   })
+
+  await t.test('counts that cannot be written at close are said to be lost, with how many', async (t) => {
+    const errors: Array<{ message: string; fields: unknown }> = []
+    const r = new UsageRecorder({ db: store.db, log: { ...silentLogger, error: (message: string, fields?: unknown) => void errors.push({ message, fields }) } })
+    const later = at + 30 * BUCKET_MS
+    r.count(b.record.id, 'forwarded', later)
+    r.count(b.record.id, 'rate_limited', later)
+    await store.db.exec('ALTER TABLE api_key_usage RENAME TO api_key_usage_away')
+    await r.close()
+    await store.db.exec('ALTER TABLE api_key_usage_away RENAME TO api_key_usage')
+    // Before: only "keeping them for the next flush", which never came.
+    t.match(errors, [{ message: /could not write the last usage counts at shutdown: they are lost/, fields: { keys: 1, requests: 2, rejected: 1 } }])
+  })
 })
 
 t.test('PostgreSQL: a flush of more keys than one statement takes writes them all, FLUSH_BATCH rows to a statement', async (t) => {
