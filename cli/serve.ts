@@ -178,6 +178,21 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   }
 }
 
+/**
+ * The store opened (and migrated), unless a stop signal comes first: then the process exits 0
+ * at once. Nothing is served yet, so nothing is drained; what the start had begun in the store
+ * rolls back with its connection. Before (found by a review), a start waiting on the store (another
+ * instance's migration holding its lock) swallowed SIGTERM, and went on to serve once the lock
+ * was free; `systemctl stop` ended in SIGKILL.
+ */
+async function openUnlessStopped(config: Config, log: Logger, stopping: { stopped: Promise<string> }): Promise<Runtime> {
+  const opening = openRuntime(config, log)
+  const first = await Promise.race([opening.then((runtime) => ({ runtime })), stopping.stopped.then((signal) => ({ signal }))])
+  if ('runtime' in first) return first.runtime
+  log.info('stopped during start-up, before serving', { signal: first.signal })
+  process.exit(EXIT_OK)
+}
+
 /** The innermost system or SQLSTATE code (ECONNREFUSED, 28P01) in an error's chain of causes. */
 function systemCode(err: unknown): string | undefined {
   let found: string | undefined
@@ -382,7 +397,7 @@ async function closeServer(server: http.Server | undefined, timeoutMs: number): 
 
 async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean }): Promise<number> {
   const stopping = stopSignal(log, { worker: mode.worker })
-  const runtime = await openRuntime(config, log)
+  const runtime = await openUnlessStopped(config, log, stopping)
   // The embedded store's thread gone for good (found by a review): every call failed from then
   // on while /healthz answered alive, and no service manager restarted keygate. It stops as on
   // SIGTERM and exits 1, so that Restart=on-failure (or a container's policy) starts it again.
@@ -579,7 +594,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   // certificate files as it starts anyway).
   const listening = new Set<import('node:cluster').Worker>()
   const stopping = stopSignal(log, { worker: false, onHangup: () => listening.forEach((w) => w.process.kill('SIGHUP')) })
-  const runtime = await openRuntime(config, log)
+  const runtime = await openUnlessStopped(config, log, stopping)
   let shuttingDown = false
   const redis = redisOf(config, log)
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })

@@ -14,6 +14,8 @@ import { tmpdir } from 'node:os'
 import net from 'node:net'
 import { join } from 'node:path'
 import { request } from 'undici'
+import pg from 'pg'
+import { MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { runCli } from './helpers/cli.ts'
 import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, startUpstream, type Tap } from './helpers/gateway.ts'
@@ -326,6 +328,29 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
   const shutting = serve.logs.findIndex((l) => l.message === 'shutting down workers')
   t.ok(shutting >= 0, 'it shut its workers down')
   t.notOk(serve.logs.slice(shutting).some((l) => l.message === 'gateway listening'), 'and started none after')
+})
+
+t.test('a stop signal while the start waits on the store (another instance migrating) ends it at once, exit 0', async (t) => {
+  // Before (found by a review): the signal was swallowed; once the other migration was done the
+  // process bound its listeners and served, and systemctl stop ended in SIGKILL.
+  const url = await freshDatabase(t)
+  const migrating = new pg.Client({ connectionString: url })
+  await migrating.connect()
+  t.teardown(() => migrating.end())
+  await migrating.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_ID])
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', 'http://127.0.0.1:9'], env, waitFor: { gateway: false, admin: false } })
+  // Waiting on the migration lock: seen in PostgreSQL, not guessed from time.
+  for (let waiting = false; !waiting; ) {
+    const { rows } = await migrating.query(`SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = $1`, [MIGRATION_LOCK_ID])
+    waiting = rows.length > 0
+    if (!waiting) await new Promise((r) => setTimeout(r, 50))
+  }
+  serve.child.kill('SIGTERM')
+  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
+  t.equal(code, 0, 'exit 0')
+  t.ok(serve.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'says so')
+  t.notOk(serve.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
 })
 
 t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
