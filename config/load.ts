@@ -105,7 +105,7 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   const lines = new LineCounter()
   const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false, lineCounter: lines })
   if (doc.errors.length > 0) {
-    for (const e of doc.errors) problems.push(located(file, e.linePos?.[0] ?? lines.linePos(e.pos[0]), e.message.split('\n')[0] as string))
+    for (const e of doc.errors) problems.push(located(file, e.linePos?.[0] ?? lines.linePos(e.pos[0]), yamlErrorWords(e.code, e.message)))
     return {}
   }
   // A key that is a mapping or a list (`? {database: secret}`) would be turned into text by the
@@ -146,6 +146,26 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
 }
 
 type LinePos = { line: number; col: number }
+
+/**
+ * The parser's errors whose messages quote the source (the value, a tag, a directive), in
+ * keygate's words: an unquoted password starting with `|` or `>`, or a double-quoted one with
+ * `\U`, was printed whole in `config check`'s output, and so in the journal under the systemd
+ * unit (found by a review). The others name no source text and are kept as they are.
+ */
+const QUOTING_YAML_ERRORS: Readonly<Record<string, string>> = {
+  UNEXPECTED_TOKEN: 'unexpected text here (not shown); if it is a string (a password, a token), quote it',
+  BAD_SCALAR_START: 'a plain value cannot start with this character (not shown); if it is a string (a password, a token), quote it',
+  BAD_DQ_ESCAPE: 'an invalid \\ escape in a double-quoted string (not shown); in single quotes a backslash is taken as it is',
+  TAG_RESOLVE_FAILED: 'a YAML tag that cannot be resolved here (not shown)',
+  BAD_COLLECTION_TYPE: 'a YAML tag used on the wrong kind of collection (not shown)',
+  BAD_DIRECTIVE: 'a YAML directive that is not supported (not shown)',
+  BAD_PROP_ORDER: 'anchors and tags must come after the indicator here',
+}
+
+function yamlErrorWords(code: string, message: string): string {
+  return QUOTING_YAML_ERRORS[code] ?? (message.split('\n')[0] as string)
+}
 
 /** `file:line:col: message`, or `file: message` without a position, as the parser's own problems are reported. */
 function located(file: string, pos: LinePos | undefined, message: string): string {
