@@ -109,7 +109,7 @@ export const ConfigSchema = Type.Object(
     admin: Type.Object(
       {
         listen: Type.String({ format: 'listen', default: '127.0.0.1:8081', description: 'Admin listen address.', env: 'KEYGATE_ADMIN_LISTEN', flag: 'admin-listen' }),
-        token: Type.Optional(Type.String({ minLength: 16, description: 'Bootstrap admin token.', env: 'KEYGATE_ADMIN_TOKEN', secret: true })),
+        token: Type.Optional(Type.String({ format: 'admin-token', description: 'Bootstrap admin token.', env: 'KEYGATE_ADMIN_TOKEN', secret: true })),
         url: optStr('admin-url', { description: 'Admin API address the CLI uses instead of opening the store.', env: 'KEYGATE_ADMIN_URL', flag: 'admin-url' }),
         max_body_bytes: int(1_048_576, 1024, 67_108_864, { description: 'Largest admin request body accepted (413 above).' }),
         max_streams_per_credential: int(10, 1, 10_000, {

@@ -63,7 +63,11 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
   'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
   'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v), 'a path starting with / without ?, # or dot segments'],
-  'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints)'],
+  'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints), without its line break'],
+  // A bearer credential as a client sends it: a space or a line break (a secret made from a file
+  // that `echo` wrote) could never be presented, and set, it stops the first admin key from being
+  // made: every admin call was 401 with nothing to say why (found by a review).
+  'admin-token': [(v) => /^[!-~]{16,}$/.test(v), 'at least 16 visible ASCII characters, without spaces or line breaks (a file written by echo ends in one)'],
   // A Redis pub/sub channel as operators write one: a typo'd space or a pasted line break would
   // publish where no subscriber listens.
   'redis-channel': [(v) => /^[!-~]{1,200}$/.test(v), 'visible ASCII characters without spaces, at most 200, such as keygate:anomaly:alerts'],

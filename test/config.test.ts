@@ -593,6 +593,20 @@ t.test('TLS files must make a TLS context: a folder, not PEM, a key of another c
   t.match(at('gateway', cert, otherKey), [`gateway.tls.key: ${JSON.stringify(otherKey)} is not allowed; expected the private key of gateway.tls.cert (`])
 })
 
+t.test('an admin token with a space or a line break is refused, naming the variable, not shown', async (t) => {
+  // Before (found by a review): accepted, though no client can present it (the credential ends
+  // at the first space), and set, it stopped the first admin key from being made: every admin
+  // call was 401. A Kubernetes secret made from a file that echo wrote ends in a line break.
+  for (const token of ['a-long-enough-admin-token\n', 'a long enough admin token', '\ta-long-enough-admin-token']) {
+    const { problems, message } = problemsOf({ env: { KEYGATE_ADMIN_TOKEN: token } })
+    t.same(problems, ['KEYGATE_ADMIN_TOKEN (admin.token): <hidden> is not allowed; expected at least 16 visible ASCII characters, without spaces or line breaks (a file written by echo ends in one)'], JSON.stringify(token))
+    t.notOk(message.includes('enough'), 'not shown')
+  }
+  t.same(problemsOf({ env: { KEYGATE_ADMIN_TOKEN: 'a-long-enough-admin-token' } }).problems, [], 'one without is taken')
+  const key = problemsOf({ env: { KEYGATE_ENCRYPTION_KEY: `${VALID_KEY}\n` } }).problems
+  t.match(key, [/expected 32 bytes in base64 \(as `openssl rand -base64 32` prints\), without its line break$/], 'the encryption key says what to take away')
+})
+
 t.test('the names of environment variables', async (t) => {
   t.equal(new Set(ENV_NAMES).size, ENV_NAMES.length, 'each variable sets one leaf')
   for (const name of ['KEYGATE_UPSTREAM', 'KEYGATE_LISTEN', 'KEYGATE_ADMIN_LISTEN', 'KEYGATE_TRUSTED_PROXIES', 'DATABASE_URL', 'KEYGATE_DATA_DIR', 'REDIS_URL', 'CACHE_TTL_SECONDS', 'CACHE_MAX_CAPACITY', 'RATE_LIMIT_MAX_ATTEMPTS', 'RATE_LIMIT_WINDOW_SECONDS', 'GITEA_URL', 'N8N_URL', 'LOG_LEVEL', 'KEYGATE_ADMIN_TOKEN', 'KEYGATE_ENCRYPTION_KEY', 'GITEA_USERNAME', 'GITEA_PASSWORD', 'N8N_EMAIL', 'N8N_PASSWORD']) {
