@@ -8,6 +8,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
+import { routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -291,8 +292,19 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   // Each check below runs unless a value it reads is already wrong, so that every problem is reported at once.
   const within = (path: string, k: string) => path === k || path.startsWith(`${k}.`) || path.startsWith(`${k}[`)
   const bad = (...keys: string[]) => all.some((p) => keys.some((k) => within(dotted(p.path), k)))
+  // Two routes for one path prefix and host, as the gateway compares them: the first would take
+  // every request, and the second, with its scopes, would never be used (found by a review).
+  const taken = new Map<string, number>()
+  for (const [i, r] of (Array.isArray(routes) ? (routes as Partial<Config['routes'][number]>[]) : []).entries()) {
+    if (typeof r?.path !== 'string' || bad(`routes[${i}].path`, `routes[${i}].host`)) continue
+    const where = JSON.stringify([routePrefix(r.path), routeHost(r.host)])
+    const first = taken.get(where)
+    if (first === undefined) taken.set(where, i)
+    else problems.push(`routes[${i}].path: ${show(r.path, false)} is not allowed; expected a path and host no other route uses (routes[${first}] ${JSON.stringify(config.routes[first]?.name)})`)
+  }
   if (config.upstream !== undefined && !bad('upstream', 'routes')) {
-    if (config.routes.some((r) => r.path === '/' && r.host === undefined)) {
+    // The shortcut's route is `/` for any host, compared as any route's path is (`//` is `/` too).
+    if (config.routes.some((r) => routePrefix(r.path) === '/' && r.host === undefined)) {
       problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route for / in routes when the upstream shortcut is set`)
     } else if (names.has('default')) {
       problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)

@@ -12,6 +12,7 @@
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
 // unchanged.
+import { routeHost, routePrefix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
@@ -57,8 +58,8 @@ export class Router {
   constructor(routes: readonly RouteConfig[]) {
     this.routes = routes.map((r, index) => {
       const url = new URL(r.upstream)
-      const host = r.host?.toLowerCase()
-      const prefix = r.path.length > 1 && r.path.endsWith('/') ? r.path.slice(0, -1) : r.path
+      const host = routeHost(r.host)
+      const prefix = routePrefix(r.path)
       return {
         index,
         name: r.name,

@@ -557,6 +557,34 @@ t.test('route names must be unique', async (t) => {
   t.same(ok.routes[0], { name: 'api', path: '/a', upstream: 'http://127.0.0.1:1', timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false }, 'route defaults')
 })
 
+t.test('two routes for one path prefix and host are refused, compared as the gateway compares them', async (t) => {
+  const file = yamlFile(t, {
+    routes: [
+      { name: 'public', path: '/api', upstream: 'http://127.0.0.1:1' },
+      { name: 'admin-only', path: '/api/', upstream: 'http://127.0.0.1:1', scopes: ['admin'] },
+      { name: 'same', path: '/x', host: 'Example.com', upstream: 'http://127.0.0.1:2' },
+      { name: 'same2', path: '/x', host: 'example.com', upstream: 'http://127.0.0.1:3' },
+      { name: 'other-host', path: '/x', host: 'example.org', upstream: 'http://127.0.0.1:3' },
+      { name: 'any-host', path: '/x', upstream: 'http://127.0.0.1:3' },
+      { name: 'with-port', path: '/x', host: 'example.com:8443', upstream: 'http://127.0.0.1:3' },
+      { name: 'longer', path: '/api/v2', upstream: 'http://127.0.0.1:3' },
+    ],
+  })
+  t.same(
+    problemsOf({ file, env: {} }).problems,
+    [
+      'routes[1].path: "/api/" is not allowed; expected a path and host no other route uses (routes[0] "public")',
+      'routes[3].path: "/x" is not allowed; expected a path and host no other route uses (routes[2] "same")',
+    ],
+    'before, both passed and the first took every request: admin-only and its scope were never used',
+  )
+  // The upstream shortcut's route is / for any host: a route for // is one too.
+  const slashes = yamlFile(t, { routes: [{ name: 'root', path: '//', upstream: 'http://127.0.0.1:4000' }] })
+  t.match(problemsOf({ file: slashes, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^upstream: .*no route for \/ in routes/])
+  const rootForHost = yamlFile(t, { routes: [{ name: 'root', path: '/', host: 'a.example', upstream: 'http://127.0.0.1:4000' }] })
+  t.same(loadConfig({ file: rootForHost, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).routes.map((r) => r.name), ['root', 'default'], 'a route for / on one host leaves the shortcut for the others')
+})
+
 t.test('KEYGATE_TRUSTED_PROXIES is a comma-separated list', async (t) => {
   const c = loadConfig({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8, 192.168.1.1 ,2001:db8::/32,' } })
   t.same(c.gateway.trusted_proxies, ['10.0.0.0/8', '192.168.1.1', '2001:db8::/32'])
