@@ -232,7 +232,7 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   // The file every other command would read when none is named (KEYGATE_CONFIG, else ./keygate.yaml).
   const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
-  const config = loadConfig({ file, env: io.env, onlyFile: true })
+  const config = loadConfig({ file, env: io.env, onlyFile: true, bothListeners: true })
   if (p.values.json) printJson(io, { valid: true, file, routes: config.routes.map((r) => r.name) })
   else io.out(`${file}: valid (${config.routes.length} route${config.routes.length === 1 ? '' : 's'})\n`)
   return EXIT_OK

@@ -75,6 +75,8 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
       'data-dir': p.values['data-dir'] as string | undefined,
       'database-url': p.values['database-url'] as string | undefined,
     },
+    // An admin-only process, and a worker, listen on one of the two addresses.
+    bothListeners: only !== 'admin' && !cluster.isWorker,
   })
   if (workers > 1 && !config.store.database_url) {
     throw new KeygateError('config_invalid', '--workers above 1 needs DATABASE_URL: the embedded store belongs to one process')

@@ -7,6 +7,7 @@ import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
+import { listenOverlaps } from '../core/formats.ts'
 import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
@@ -19,6 +20,11 @@ export interface LoadOptions {
   flags?: Readonly<Record<string, string | undefined>>
   /** Ignore KEYGATE_CONFIG and ./keygate.yaml (used by `config check FILE`). */
   onlyFile?: boolean
+  /**
+   * The command listens on gateway.listen and admin.listen both (`serve`, but for `--only admin`
+   * and a `--workers` worker; `config check`, for it): they must not take one address.
+   */
+  bothListeners?: boolean
 }
 
 export interface Leaf {
@@ -265,7 +271,7 @@ function foreign(schema: TSchema, value: unknown, path: string[], found: Problem
 }
 
 /** Validates a plain object (already merged) against the schema and keygate's own rules. */
-function check(input: Record<string, unknown>, problems: string[], origins: Map<string, string>): Config {
+function check(input: Record<string, unknown>, problems: string[], origins: Map<string, string>, bothListeners: boolean): Config {
   const found: Problem[] = []
   const skip = new Set<string>()
   foreign(ConfigSchema, input, [], found, skip)
@@ -321,6 +327,14 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   if (!bad('scheduler.anomaly_retention_days', 'anomalies.dedupe_window_s') && config.scheduler.anomaly_retention_days * 86_400 < config.anomalies.dedupe_window_s) {
     problems.push(
       `scheduler.anomaly_retention_days: ${config.scheduler.anomaly_retention_days} is not allowed; expected at least anomalies.dedupe_window_s in days (${config.anomalies.dedupe_window_s} s, ${Math.ceil(config.anomalies.dedupe_window_s / 86_400)} days)`,
+    )
+  }
+  // Checked here, not left to the start: that failed with "the address is in use", naming neither
+  // setting nor that keygate itself held the address (found by the configuration review).
+  if (bothListeners && !bad('gateway.listen', 'admin.listen') && listenOverlaps(config.gateway.listen, config.admin.listen)) {
+    const named = (key: string) => (origins.has(key) ? `${origins.get(key)} (${key})` : key)
+    problems.push(
+      `${named('admin.listen')}: ${show(config.admin.listen, false)} is not allowed; expected an address other than gateway.listen's (${show(config.gateway.listen, false)}${origins.has('gateway.listen') ? `, from ${origins.get('gateway.listen')}` : ''}): serve listens on both (serve --only admin on admin.listen alone)`,
     )
   }
   for (const side of ['gateway', 'admin'] as const) {
@@ -410,7 +424,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
       }
     }
   }
-  const config = check(merged, problems, origins)
+  const config = check(merged, problems, origins, options.bothListeners === true)
   if (problems.length > 0) {
     // A value a command-line flag never takes is a usage error (exit 2), as on every command; a
     // problem's line starts with the flag that gave the value (no key of the file starts with `--`).

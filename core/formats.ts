@@ -41,6 +41,22 @@ export function parseListen(value: string): { host: string; port: number } | und
 }
 
 /**
+ * Whether two listen addresses cannot both be bound: one port (not 0, which picks a free one each
+ * time) on the same host, or on `::` (every address, IPv4 too) and any host, or on `0.0.0.0` and
+ * any host but an IPv6 address (Linux binds 0.0.0.0 and ::1 on one port side by side). A name
+ * is compared as written: what it resolves to is not known here.
+ */
+export function listenOverlaps(a: string, b: string): boolean {
+  const [x, y] = [parseListen(a), parseListen(b)]
+  if (!x || !y || x.port === 0 || x.port !== y.port) return false
+  // IPv6 in its one spelling (`::0` is `::`), an IPv4-mapped one as the IPv4 address it is.
+  const canonical = (host: string) => (ipaddr.isValid(host) ? ipaddr.process(host).toString() : host.toLowerCase())
+  const [p, q] = [canonical(x.host), canonical(y.host)]
+  const v6 = (host: string) => ipaddr.IPv6.isValid(host)
+  return p === q || p === '::' || q === '::' || (p === '0.0.0.0' && !v6(q)) || (q === '0.0.0.0' && !v6(p))
+}
+
+/**
  * An http(s) URL with a host and no user:password@: a credential there would be shown wherever
  * the URL is (messages, logs), and each such setting has its own credential settings.
  */

@@ -585,6 +585,28 @@ t.test('two routes for one path prefix and host are refused, compared as the gat
   t.same(loadConfig({ file: rootForHost, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).routes.map((r) => r.name), ['root', 'default'], 'a route for / on one host leaves the shortcut for the others')
 })
 
+t.test('gateway.listen and admin.listen on one address are refused where serve listens on both', async (t) => {
+  const both = (gateway: string, admin: string, extra: Partial<LoadOptions> = {}) =>
+    problemsOf({ file: yamlFile(t, { gateway: { listen: gateway }, admin: { listen: admin } }), env: {}, bothListeners: true, ...extra }).problems
+  t.same(
+    both('127.0.0.1:18398', '127.0.0.1:18398'),
+    ['admin.listen: "127.0.0.1:18398" is not allowed; expected an address other than gateway.listen\'s ("127.0.0.1:18398"): serve listens on both (serve --only admin on admin.listen alone)'],
+    'before, it passed and the start failed with "the address is in use", naming neither setting',
+  )
+  for (const [gateway, admin] of [['0.0.0.0:8080', '127.0.0.1:8080'], ['[::]:8080', '127.0.0.1:8080'], ['127.0.0.1:8080', '[::0]:8080'], ['[::ffff:127.0.0.1]:8080', '127.0.0.1:8080'], ['Localhost:8080', 'localhost:8080'], ['0.0.0.0:8080', 'localhost:8080']] as const) {
+    t.equal(both(gateway, admin).length, 1, `${gateway} and ${admin} cannot both be bound`)
+  }
+  for (const [gateway, admin] of [['127.0.0.1:0', '127.0.0.1:0'], ['127.0.0.1:8080', '127.0.0.1:8081'], ['0.0.0.0:8080', '[::1]:8080'], ['127.0.0.1:8080', '[::1]:8080']] as const) {
+    t.same(both(gateway, admin), [], `${gateway} and ${admin} can (port 0 is a free port each time)`)
+  }
+  t.same(both('127.0.0.1:8080', '127.0.0.1:8080', { bothListeners: false }), [], 'not where one listener is started (serve --only admin, a worker, the other commands)')
+  t.same(
+    problemsOf({ env: { KEYGATE_LISTEN: '0.0.0.0:9000' }, flags: { 'admin-listen': '127.0.0.1:9000' }, bothListeners: true }).problems,
+    ['--admin-listen (admin.listen): "127.0.0.1:9000" is not allowed; expected an address other than gateway.listen\'s ("0.0.0.0:9000", from KEYGATE_LISTEN): serve listens on both (serve --only admin on admin.listen alone)'],
+    'each named by where it was set',
+  )
+})
+
 t.test('KEYGATE_TRUSTED_PROXIES is a comma-separated list', async (t) => {
   const c = loadConfig({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8, 192.168.1.1 ,2001:db8::/32,' } })
   t.same(c.gateway.trusted_proxies, ['10.0.0.0/8', '192.168.1.1', '2001:db8::/32'])

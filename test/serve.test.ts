@@ -36,6 +36,8 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
     [['serve', 'extra'], /usage: keygate serve/, 2],
     // A value the flag never takes is a usage error too (the same value from the file is exit 1).
     [['serve', '--listen', 'nowhere'], /--listen \(gateway\.listen\): "nowhere" is not allowed/, 2],
+    // Both listeners on one address: named before anything listens (before: "the address is in use").
+    [['serve', '--listen', '127.0.0.1:18399', '--admin-listen', '127.0.0.1:18399'], /--admin-listen \(admin\.listen\): "127\.0\.0\.1:18399" is not allowed; expected an address other than gateway\.listen's \("127\.0\.0\.1:18399", from --listen\)/, 2],
     // Not the last one quietly (a --workers primary hands its workers their address another way).
     [['serve', '--listen', '127.0.0.1:0', '--listen=127.0.0.1:1'], /^keygate: --listen is given more than once\nusage: keygate serve/, 2],
   ]
@@ -258,7 +260,13 @@ t.test('--only gateway serves health and metrics but no admin API; --only admin 
   await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve))
   const deadRedis = `redis://127.0.0.1:${(closed.address() as net.AddressInfo).port}`
   await new Promise((resolve) => closed.close(resolve))
-  const a = await serve(t, { env: { ...env, REDIS_URL: deadRedis, RATE_LIMIT_MAX_ATTEMPTS: '2' }, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  // An admin-only process listens on admin.listen alone: gateway.listen may be the same address.
+  const shared = net.createServer()
+  await new Promise<void>((resolve) => shared.listen(0, '127.0.0.1', resolve))
+  const sharedAt = `127.0.0.1:${(shared.address() as net.AddressInfo).port}`
+  await new Promise((resolve) => shared.close(resolve))
+  const a = await serve(t, { env: { ...env, REDIS_URL: deadRedis, RATE_LIMIT_MAX_ATTEMPTS: '2', KEYGATE_LISTEN: sharedAt, KEYGATE_ADMIN_LISTEN: sharedAt }, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  t.equal(a.admin, `http://${sharedAt}`, 'on the address gateway.listen names too')
   // Failed admin credentials lock the address out, and the lockout's counters say so (before: an
   // admin-only process had no such metrics, and the admin API's 429s were never counted anywhere).
   for (const expected of [401, 401, 429]) t.equal((await get(`${a.admin}/v1/stats`, { authorization: 'Bearer not-an-admin-credential-0123' })).status, expected)
