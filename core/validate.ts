@@ -155,6 +155,9 @@ export function showValue(value: unknown, secret = false): string {
   if (value === undefined) return 'nothing'
   const words = foreignValueWords(value)
   if (words !== undefined) return words
+  // YAML's spelling: JSON has none for these, and wrote `.inf` as null, a value the file never had.
+  // (Inside a list or mapping JSON still writes null; a leaf is shown by itself.)
+  if (typeof value === 'number' && !Number.isFinite(value)) return Number.isNaN(value) ? '.nan' : value > 0 ? '.inf' : '-.inf'
   let s: string
   try {
     s = JSON.stringify(value) ?? String(value)

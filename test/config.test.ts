@@ -607,6 +607,15 @@ t.test('gateway.listen and admin.listen on one address are refused where serve l
   )
 })
 
+t.test('.inf, -.inf and .nan are shown as the file has them', async (t) => {
+  const file = yamlFile(t, 'cache: {ttl_s: .inf, max_capacity: .nan}\nlockout: {max_attempts: -.inf}\n')
+  t.same(
+    problemsOf({ file, env: {} }).problems.map((p) => p.replace(/; expected .*$/, '')),
+    ['lockout.max_attempts: -.inf is not allowed', 'cache.ttl_s: .inf is not allowed', 'cache.max_capacity: .nan is not allowed'],
+    'before, each was "null is not allowed"',
+  )
+})
+
 t.test('KEYGATE_TRUSTED_PROXIES is a comma-separated list', async (t) => {
   const c = loadConfig({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8, 192.168.1.1 ,2001:db8::/32,' } })
   t.same(c.gateway.trusted_proxies, ['10.0.0.0/8', '192.168.1.1', '2001:db8::/32'])
