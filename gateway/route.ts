@@ -12,7 +12,7 @@
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
 // unchanged.
-import { routeHost, routePrefix } from '../config/routes.ts'
+import { canonicalHost, routeHost, routePrefix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
@@ -35,18 +35,6 @@ export interface CompiledRoute {
   readonly scopes: readonly string[]
   readonly stripPrefix: boolean
   readonly preserveHost: boolean
-}
-
-/**
- * Host as routes compare it: lower case, and without the one trailing dot of a fully qualified
- * name (`admin.local.` is `admin.local`, with or without a port). Name-based virtual hosts
- * (nginx, Apache) drop that dot; kept here, `Host: admin.local.` missed the admin.local route,
- * and its scope, and was forwarded by a route for any host to the same upstream.
- */
-function canonicalHost(host: string): string {
-  const lower = host.toLowerCase()
-  const name = hostName(lower)
-  return name.endsWith('.') ? name.slice(0, -1) + lower.slice(name.length) : lower
 }
 
 export class Router {

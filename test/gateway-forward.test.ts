@@ -147,6 +147,7 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
       { name: 'root', path: '/', upstream: '{upstream}/root' },
       { name: 'api', path: '/api', upstream: '{upstream}/v2/', strip_prefix: true },
       { name: 'hosted', path: '/api', host: 'special.example', upstream: '{upstream}', preserve_host: true },
+      { name: 'dotted', path: '/dotted', host: 'Dotted.Example.', upstream: '{upstream}/dotted-upstream' },
     ],
   })
   const k = await h.key()
@@ -159,6 +160,10 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
   // A fully qualified name's trailing dot names the same host (as virtual hosts read it): it was another, and missed the route.
   for (const spelled of ['special.example.', 'SPECIAL.Example.', 'special.example.:8080']) {
     t.equal(((await h.get('/api/x', { ...bearer(k.key), host: spelled })).json as Received).url, '/api/x', `${spelled}: the hosted route`)
+  }
+  // And a route written with the dot matches the name without it (before, found by a review, never).
+  for (const spelled of ['dotted.example', 'dotted.example.', 'DOTTED.example:8080']) {
+    t.equal(((await h.get('/dotted/x', { ...bearer(k.key), host: spelled })).json as Received).url, '/dotted-upstream/dotted/x', `${spelled}: the route written with a dot`)
   }
   const text = await h.metrics.registry.metrics()
   t.match(text, /keygate_gateway_requests_total\{route="api",outcome="forwarded"\} 2/)
