@@ -615,6 +615,17 @@ function idAfter(a: string, b: string): boolean {
 
 /** How often, at most, the feed logs the messages it dropped, and the reads that failed. */
 const DROPPED_LOG_MS = 60_000
+
+/** True when called first, then again only once `ms` have passed since it last was. */
+function oncePer(ms: number): () => boolean {
+  let last = -Infinity
+  return () => {
+    const now = Date.now()
+    if (now - last < ms) return false
+    last = now
+    return true
+  }
+}
 /**
  * How far below the newest id it delivered a feed still looks up an id a message names: one
  * committed after higher ones (another instance's insert, still open while they were read). An
@@ -685,34 +696,30 @@ export class AnomalyFeed {
         },
         () => {},
       )
+      // Each warned about once a minute at most: a flood of messages, or a store down under a
+      // stream of them, must not flood the log.
+      const droppedLog = oncePer(DROPPED_LOG_MS)
       let dropped = 0
       let unread = 0
-      let droppedLoggedAt = 0
       const drop = (id: string, why: 'unknown' | 'unread') => {
         if (why === 'unread') unread++
         else dropped++
-        const now = Date.now()
-        if (now - droppedLoggedAt < DROPPED_LOG_MS) return
-        // Once a minute at most: a flood of them must not flood the log.
+        if (!droppedLog()) return
         log.warn('dropped anomaly alerts on the channel that name no recorded anomaly, or none recent (malformed, forged, or another deployment on the same channel)', {
           channel,
           dropped: dropped + unread,
           not_looked_up: unread,
           last_id: id,
         })
-        droppedLoggedAt = now
         dropped = 0
         unread = 0
       }
+      const failedLog = oncePer(DROPPED_LOG_MS)
       let failed = 0
-      let failedLoggedAt = 0
       const failure = (err: unknown) => {
         failed++
-        const now = Date.now()
-        if (now - failedLoggedAt < DROPPED_LOG_MS) return
-        // Once a minute at most: with the store down, every message would be a warning.
+        if (!failedLog()) return
         log.warn('could not read the anomalies announced on the channel from the table; read again at the next message', { failed_reads: failed, err: err as Error })
-        failedLoggedAt = now
         failed = 0
       }
       /** Ids named on the channel since the last read. */
@@ -752,18 +759,15 @@ export class AnomalyFeed {
         }
         for (const id of ids) if (!delivered.has(id)) drop(id, 'unknown')
       }
-      let reading = false
-      const read = async (): Promise<void> => {
-        if (reading) return // the running reader takes what came meanwhile
-        reading = true
+      // One reader at a time (see coalesced): a message during a read gets a read after it, which
+      // finds its id already taken when the running one took it.
+      const read = coalesced(async () => {
         try {
           while (waiting.size > 0 || behind) await readOnce()
         } catch (err) {
           failure(err)
-        } finally {
-          reading = false
         }
-      }
+      })
       // Warned once an outage (then at debug): ioredis retries every 500 ms at most, and each try
       // was a warning, some 7,200 an hour of an outage (found by a review); Redis's own health
       // says when it is back.

@@ -9,8 +9,8 @@ import { KEY_IN_TEXT } from './keys/format.ts'
 
 /**
  * Refuses a keygate key in free text that is stored, audited and shown or sent on (a key's name,
- * owner, metadata and revocation reason; a deny entry's reason; a webhook's description; a Gitea
- * token's name; an n8n key's label): a review stored a working key's plaintext in another key's
+ * owner, metadata and revocation reason; a deny entry's reason; a webhook's URL and description;
+ * a Gitea token's name; an n8n key's label): a review stored a working key's plaintext in another key's
  * metadata and revocation reason, and it reached the audit log and webhook receivers. Named by
  * field, never quoted. (A UUID, the replaced system's key shape, is also an everyday id, so it
  * is not refused.)
