@@ -158,9 +158,12 @@ const keygateBadServer = await startKeygate(keygateEnv(join(work, 'bad'), upstre
 const keygateRedisServer = await startKeygate(redisEnv)
 const keygate = keygateServer.port
 const keygateRedis = keygateRedisServer.port
+// The same requests for every scenario ("the same load"): the baseline and the upstream alone
+// get the valid key's Authorization and the X-Forwarded-For too, and pass them on unread.
+const xff = { 'x-forwarded-for': '203.0.113.9' }
 {
   // And it counts there: one request, then its counts are looked for in Redis.
-  const answer = await fetch(`http://127.0.0.1:${keygateRedis}/`, { headers: { 'x-forwarded-for': '203.0.113.9', authorization: `Bearer ${redisKey}` } })
+  const answer = await fetch(`http://127.0.0.1:${keygateRedis}/`, { headers: { ...xff, authorization: `Bearer ${redisKey}` } })
   await answer.arrayBuffer()
   const probe = new Redis(REDIS_URL)
   let counted = false
@@ -177,9 +180,6 @@ const keygateRedis = keygateRedisServer.port
   if (answer.status !== 200 || !counted) throw new Error(`keygate with REDIS_URL answered ${answer.status} and left no counts in Redis at ${REDIS_URL}:\n${keygateRedisServer.output()}`)
 }
 
-// The same requests for every scenario ("the same load"): the baseline and the upstream alone
-// get the valid key's Authorization and the X-Forwarded-For too, and pass them on unread.
-const xff = { 'x-forwarded-for': '203.0.113.9' }
 const sameLoad = { ...xff, authorization: `Bearer ${memKey}` }
 const scenarios = [
   { name: 'direct (upstream alone)', url: `http://127.0.0.1:${upstream}/`, headers: sameLoad, pid: upstreamServer.pid },
