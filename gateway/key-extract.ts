@@ -20,11 +20,17 @@ function plainBearer(value: string): string | undefined {
   return /\s/.test(token) ? undefined : token
 }
 
+// A part of a comma-joined line that is one token and no scheme: after a Bearer part, another
+// token of that Bearer (`Bearer k1, k2`), so a second key cannot hide there either.
+const BARE_TOKEN = /^\s*(\S+)\s*$/
+
 function bearerTokens(value: string): string | string[] | undefined {
   if (!value.includes(',')) return plainBearer(value) ?? BEARER.exec(value)?.[1]
   const out: string[] = []
+  let afterBearer = false
   for (const part of value.split(',')) {
-    const t = BEARER.exec(part)?.[1]
+    const t: string | undefined = BEARER.exec(part)?.[1] ?? (afterBearer ? BARE_TOKEN.exec(part)?.[1] : undefined)
+    afterBearer = t !== undefined || (afterBearer && part.trim() === '')
     if (t !== undefined) out.push(t)
   }
   return out

@@ -149,6 +149,9 @@ t.test('a second key in a repeated or comma-joined credential line is bad_reques
   const twoKeys = {
     'two Authorization lines': [`Authorization: Bearer ${a}`, `Authorization: Bearer ${b}`],
     'two Bearer keys in one Authorization line': [`Authorization: Bearer ${a}, Bearer ${b}`],
+    'a second key after a comma, without Bearer': [`Authorization: Bearer ${a}, ${b}`],
+    'a second key after an empty element': [`Authorization: Bearer ${a}, , ${b}`],
+    'a wrong second key after a comma': [`Authorization: Bearer ${a},nope`],
     'a working key, then one that is not': [`Authorization: Bearer ${a}`, 'Authorization: Bearer nope'],
     'two X-API-Key lines': [`X-API-Key: ${a}`, `X-API-Key: ${b}`],
     'two keys in one X-API-Key line': [`X-API-Key: ${a}, ${b}`],
@@ -159,6 +162,8 @@ t.test('a second key in a repeated or comma-joined credential line is bad_reques
   const sameKey = {
     'two Authorization lines': [`Authorization: Bearer ${a}`, `Authorization: Bearer ${a}`],
     'one Authorization line': [`Authorization: Bearer ${a}, Bearer ${a}`],
+    'one Authorization line, the second without Bearer': [`Authorization: Bearer ${a}, ${a}`],
+    'a Bearer key and a Basic credential': [`Authorization: Bearer ${a}`, 'Authorization: Basic dXNlcjpwYXNz'],
     'two X-API-Key lines': [`X-API-Key: ${a}`, `X-API-Key: ${a}`],
     'one X-API-Key line': [`X-API-Key: ${a}, ${a}`],
   }
