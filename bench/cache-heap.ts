@@ -1,6 +1,7 @@
 // Heap held by N cached keys: N real keys are written to an embedded store, then looked up
 // through the gateway's own KeyCache (each lookup a real store query), with forced garbage
-// collections before and after. Run with --expose-gc; prints one JSON line.
+// collections before and after. Run with --expose-gc; prints one JSON line. `--expiring` gives
+// every key an expiry (the default: none), which each cached key then holds itself.
 import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb } from '../core/db.ts'
 import { digestKey, generateKey } from '../core/keys/format.ts'
@@ -8,10 +9,12 @@ import { KeyService } from '../core/keys/service.ts'
 import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
 import { migrate } from '../core/migrate.ts'
 import { loadConfig } from '../config/load.ts'
-import { CachedKey, KeyCache, scopeSets } from '../gateway/key-cache.ts'
+import { cachedKeys, KeyCache } from '../gateway/key-cache.ts'
 import { createKeyLimiters } from '../gateway/rate-limit.ts'
 
 const count = Number(process.argv[2] ?? 100_000)
+// --expiring: every key has an expiry (a year ahead), so each is an ExpiringKey holding its own.
+const expiring = process.argv.includes('--expiring')
 const gc = (globalThis as { gc?: () => void }).gc
 if (!gc) throw new Error('run with node --expose-gc')
 
@@ -33,14 +36,13 @@ for (let start = 0; start < count; start += 5000) {
     names.push(`service key ${i}`)
   }
   await db.query(
-    `INSERT INTO api_keys (id, key_hash, name, type, scopes) SELECT i, h, n, 'service', ARRAY['orders:read'] FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, h, n)`,
-    [ids, hs, names],
+    `INSERT INTO api_keys (id, key_hash, name, type, scopes, expires_at) SELECT i, h, n, 'service', ARRAY['orders:read'], $4::timestamptz FROM unnest($1::text[], $2::text[], $3::text[]) AS u(i, h, n)`,
+    [ids, hs, names, expiring ? new Date(Date.now() + 365 * 86_400_000) : null],
   )
 }
 
 const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), ['api'])
 const limiterFor = createKeyLimiters(config.rate_limits.per_key, undefined)
-const scopeSetOf = scopeSets(1)
 const cache = new KeyCache({
   keys,
   ttlS: 3600,
@@ -48,7 +50,7 @@ const cache = new KeyCache({
   negativeTtlS: config.cache.negative_ttl_s,
   negativeMax: config.cache.negative_max,
   metrics,
-  build: (record) => new CachedKey(record, scopeSetOf(record.scopes), limiterFor(record)),
+  build: cachedKeys(1, limiterFor),
 })
 
 // What the cache itself holds: the heap with it full less the heap once it is emptied, both
@@ -82,5 +84,5 @@ for (let round = 0; round < 2; round++) {
 // The presented keys stay referenced to the end, so that they are in every reading.
 if (plaintexts.length !== count) throw new Error('the presented keys were lost')
 const bytes = Math.max(...held)
-process.stdout.write(JSON.stringify({ keys: count, heapMiB: Number((bytes / 1024 / 1024).toFixed(2)), bytesPerKey: Math.round(bytes / count) }) + '\n')
+process.stdout.write(JSON.stringify({ keys: count, expiring, heapMiB: Number((bytes / 1024 / 1024).toFixed(2)), bytesPerKey: Math.round(bytes / count) }) + '\n')
 await db.close()

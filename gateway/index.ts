@@ -21,7 +21,7 @@ import { NO_USAGE, type UsageSink } from '../core/usage.ts'
 import { createClientAddressStage } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
-import { CachedKey, KeyCache, scopeSets } from './key-cache.ts'
+import { cachedKeys, KeyCache } from './key-cache.ts'
 import { createKeyExtractStage } from './key-extract.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { createLockoutStage } from './lockout.ts'
@@ -95,7 +95,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const lockout =
     deps.lockout ?? createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, redis, cluster, log, onLockout: () => metrics.lockouts.inc(), onForgotten: () => metrics.lockoutsForgotten.inc() })
   const limiterFor = createKeyLimiters(config.rate_limits.per_key, redis, cluster)
-  const scopeSetOf = scopeSets(router.routes.length)
   const cache = new KeyCache({
     keys,
     ttlS: config.cache.ttl_s,
@@ -103,7 +102,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     negativeTtlS: config.cache.negative_ttl_s,
     negativeMax: config.cache.negative_max,
     metrics,
-    build: (record) => new CachedKey(record, scopeSetOf(record.scopes), limiterFor(record)),
+    build: cachedKeys(router.routes.length, limiterFor),
   })
 
   const denyService = deps.denyList ?? new DenyListService({ db: deps.db, ...(clock ? { now: clock } : {}) })

@@ -46,39 +46,91 @@ const STATE_EXPIRED = 3
 const STATES = { active: STATE_ACTIVE, rotating: STATE_ROTATING, revoked: STATE_REVOKED, expired: STATE_EXPIRED } as const
 
 /**
- * What the request path needs of a key, and nothing more: the stored record is not kept, so a
- * cached key costs a few hundred bytes (bench/cache-heap.ts measures it).
+ * What keys with the same type, status, scopes, rate limit and CIDR binding, loaded at about the
+ * same time, have in common, down to when the cache asks the store about them again. Such keys
+ * share one profile, so a cached key's own entry holds a single pointer for all of it (keys
+ * differing in any of them have their own: bench/cache-heap.ts measures it).
+ */
+export class KeyProfile {
+  readonly type: KeyType
+  readonly scopes: ScopeSet
+  readonly state: number
+  readonly binding: Binding | undefined
+  readonly limit: RateLimit
+  /** On `tick()`'s clock, when the cache asks the store again about the keys holding it. */
+  readonly staleAt: number
+
+  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit, staleAt: number) {
+    this.type = KEY_TYPES[KEY_TYPES.indexOf(record.type)] as KeyType
+    this.scopes = scopes
+    this.state = STATES[record.status]
+    this.binding = record.allowedCidrs.length > 0 ? { allowedFrom: rangeMatcher(record.allowedCidrs), lastAddress: '', lastAllowed: false } : undefined
+    this.limit = limit
+    this.staleAt = staleAt
+  }
+}
+
+/**
+ * What the request path needs of a key that never expires, and nothing more: the stored record
+ * is not kept, and what keys share is in their profile, so a cached key costs a few hundred
+ * bytes (bench/cache-heap.ts measures it). A key with an expiry or a rotation grace is an
+ * `ExpiringKey`, one field more.
  */
 export class CachedKey {
   readonly id: string
   /** The name as a header value: as it is when PLAIN, else percent-encoded. */
   readonly name: string
-  readonly type: KeyType
-  readonly scopes: ScopeSet
-  /** Epoch ms from which it is refused (expiry, or the end of a rotation grace). */
-  readonly validUntil: number
-  readonly state: number
-  readonly binding: Binding | undefined
-  readonly limit: RateLimit
+  readonly profile: KeyProfile
 
-  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit) {
+  constructor(record: KeyRecord, profile: KeyProfile) {
     this.id = record.id
     this.name = PLAIN.test(record.name) ? record.name : encodeURIComponent(record.name)
-    this.type = KEY_TYPES[KEY_TYPES.indexOf(record.type)] as KeyType
-    this.scopes = scopes
-    this.validUntil = validUntilOf(record)
-    this.state = STATES[record.status]
-    this.binding = record.allowedCidrs.length > 0 ? { allowedFrom: rangeMatcher(record.allowedCidrs), lastAddress: '', lastAllowed: false } : undefined
-    this.limit = limit
+    this.profile = profile
+  }
+
+  get type(): KeyType {
+    return this.profile.type
+  }
+
+  get scopes(): ScopeSet {
+    return this.profile.scopes
+  }
+
+  get binding(): Binding | undefined {
+    return this.profile.binding
+  }
+
+  get limit(): RateLimit {
+    return this.profile.limit
+  }
+
+  /** Epoch ms from which it is refused (expiry, or the end of a rotation grace; Infinity for never). */
+  get validUntil(): number {
+    return Infinity
   }
 
   /** Refused whatever the time: the status when it was loaded. */
   get refused(): 'revoked' | 'expired' | undefined {
-    return this.state === STATE_REVOKED ? 'revoked' : this.state === STATE_EXPIRED ? 'expired' : undefined
+    const state = this.profile.state
+    return state === STATE_REVOKED ? 'revoked' : state === STATE_EXPIRED ? 'expired' : undefined
   }
 
   get rotating(): boolean {
-    return this.state === STATE_ROTATING
+    return this.profile.state === STATE_ROTATING
+  }
+}
+
+/** A cached key refused from a given time: its expiry, or the end of its rotation grace. */
+export class ExpiringKey extends CachedKey {
+  readonly #until: number
+
+  constructor(record: KeyRecord, profile: KeyProfile, until: number) {
+    super(record, profile)
+    this.#until = until
+  }
+
+  override get validUntil(): number {
+    return this.#until
   }
 }
 
@@ -95,8 +147,8 @@ export function validUntilOf(record: KeyRecord): number {
 // every value to decodeURIComponent, which leaves a plain one as it is.
 const PLAIN = /^(?! )[\x20-\x24\x26-\x7e]*(?<! )$/
 
-/** Most distinct scope sets shared; past this, keys get their own (memory stays bounded by the cache). */
-const MAX_SHARED_SCOPE_SETS = 4096
+/** Most distinct scope sets, and kinds of profile, shared; past this, keys get their own (memory stays bounded by the cache). */
+const MAX_SHARED = 4096
 
 export function scopeSets(routeCount: number): (scopes: readonly string[]) => ScopeSet {
   const shared = new Map<string, ScopeSet>()
@@ -105,10 +157,40 @@ export function scopeSets(routeCount: number): (scopes: readonly string[]) => Sc
     let set = shared.get(id)
     if (set === undefined) {
       set = new ScopeSet(Object.freeze([...scopes]), routeCount)
-      if (shared.size < MAX_SHARED_SCOPE_SETS) shared.set(id, set)
+      if (shared.size < MAX_SHARED) shared.set(id, set)
     }
     return set
   }
+}
+
+/**
+ * The gateway's `build`: a record's cached key, stale at `staleAt`. Its profile is shared with
+ * the keys of the same profile stale at the same time; to share more, `staleAt` is rounded down
+ * to a 64th of the TTL (`ttl`, in ticks), so a key is asked about again at most that much early.
+ */
+export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => RateLimit): (record: KeyRecord, staleAt: number, ttl: number) => CachedKey {
+  const scopeSetOf = scopeSets(routeCount)
+  // The newest profile of each kind: older ones live on only in the keys that hold them.
+  const newest = new Map<string, KeyProfile>()
+  return (record, staleAt, ttl) => {
+    const step = Math.max(1, Math.floor(ttl / 64))
+    const at = staleAt - (staleAt % step)
+    const limit = record.rateLimit
+    // Scopes and CIDRs are joined by characters neither may hold (validated when stored).
+    const kind = `${record.type} ${record.status} ${limit ? `${limit.limit}/${limit.windowS}` : '-'} ${record.allowedCidrs.join(',')} ${record.scopes.join('\n')}`
+    let profile = newest.get(kind)
+    if (profile === undefined || profile.staleAt !== at) {
+      profile = new KeyProfile(record, scopeSetOf(record.scopes), limitFor(record), at)
+      if (newest.size < MAX_SHARED || newest.has(kind)) newest.set(kind, profile)
+    }
+    const until = validUntilOf(record)
+    return until === Infinity ? new CachedKey(record, profile) : new ExpiringKey(record, profile, until)
+  }
+}
+
+/** The cache's clock: tenths of a second since the process started (monotonic, and a small integer V8 holds without a heap box). */
+export function tick(): number {
+  return Math.floor(performance.now() / 100)
 }
 
 export interface KeyCacheOptions {
@@ -118,7 +200,8 @@ export interface KeyCacheOptions {
   negativeTtlS: number
   negativeMax: number
   metrics: GatewayMetrics
-  build: (record: KeyRecord) => CachedKey
+  /** The cached key of a record, stale at `staleAt` (`ttl` ticks after the store was asked). */
+  build: (record: KeyRecord, staleAt: number, ttl: number) => CachedKey
 }
 
 export class KeyCache {
@@ -126,15 +209,20 @@ export class KeyCache {
   readonly #positive: QuickLRU<string, CachedKey>
   readonly #negative: QuickLRU<string, Miss> | undefined
   readonly #inflight = new Map<string, Promise<CachedKey | Miss>>()
-  readonly #build: (record: KeyRecord) => CachedKey
+  readonly #build: KeyCacheOptions['build']
   readonly #metrics: GatewayMetrics['cache']
+  /** The TTL in ticks. */
+  readonly #ttl: number
   #generation = 0
 
   constructor(o: KeyCacheOptions) {
     this.#keys = o.keys
     this.#build = o.build
     this.#metrics = o.metrics.cache
-    this.#positive = new QuickLRU({ maxSize: Math.max(1, Math.floor(o.capacity / 2)), maxAge: o.ttlS * 1000 })
+    // The TTL is the `staleAt` of the key's profile, not quick-lru's maxAge, which keeps each
+    // entry's expiry as epoch milliseconds in a heap box of its own (16 bytes).
+    this.#ttl = o.ttlS * 10
+    this.#positive = new QuickLRU({ maxSize: Math.max(1, Math.floor(o.capacity / 2)) })
     this.#negative =
       o.negativeTtlS > 0 && o.negativeMax > 0 ? new QuickLRU({ maxSize: Math.max(1, Math.floor(o.negativeMax / 2)), maxAge: o.negativeTtlS * 1000 }) : undefined
   }
@@ -152,7 +240,12 @@ export class KeyCache {
   /** The cached key of a hash, if any (the request path's first look). */
   hit(hash: string): CachedKey | undefined {
     const hit = this.#positive.get(hash)
-    if (hit !== undefined) this.#metrics.hit.inc()
+    if (hit === undefined) return undefined
+    if (tick() >= hit.profile.staleAt) {
+      this.#positive.delete(hash)
+      return undefined
+    }
+    this.#metrics.hit.inc()
     return hit
   }
 
@@ -174,9 +267,11 @@ export class KeyCache {
 
   async #load(hash: string, presented: string): Promise<CachedKey | Miss> {
     const generation = this.#generation
+    // Stale a TTL after the question, not the answer: what the store said is no newer than that.
+    const staleAt = tick() + this.#ttl
     try {
       const found = await this.#keys.lookup(presented)
-      const answer: CachedKey | Miss = found.key ? this.#build(found.key) : found.reason === 'wrong_secret' ? 'wrong_secret' : 'unknown'
+      const answer: CachedKey | Miss = found.key ? this.#build(found.key, staleAt, this.#ttl) : found.reason === 'wrong_secret' ? 'wrong_secret' : 'unknown'
       if (generation === this.#generation) {
         if (typeof answer === 'string') this.#negative?.set(hash, answer)
         else this.#positive.set(hash, answer)
