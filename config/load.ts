@@ -9,7 +9,7 @@ import { isCollection, LineCounter, parseDocument, visit, type Document } from '
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { listenOverlaps } from '../core/formats.ts'
 import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
-import { routeHost, routePrefix } from './routes.ts'
+import { prefixReadings, routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -300,13 +300,33 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   const bad = (...keys: string[]) => all.some((p) => keys.some((k) => within(dotted(p.path), k)))
   // Two routes for one path prefix and host, as the gateway compares them: the first would take
   // every request, and the second, with its scopes, would never be used (found by a review).
+  // Nor two whose prefixes differ only as an upstream that ignores letter case or decodes
+  // %-escapes reads them (`/admin` and `/ADMIN`, `/%61dmin`): the gateway takes them for one
+  // route, so `/ADMIN/users` went by the unscoped `/ADMIN` to what the upstream read as /admin
+  // (found by a review).
   const taken = new Map<string, number>()
+  const read = new Map<string, number>()
+  const named = (i: number) => `routes[${i}] ${JSON.stringify(config.routes[i]?.name)}`
   for (const [i, r] of (Array.isArray(routes) ? (routes as Partial<Config['routes'][number]>[]) : []).entries()) {
     if (typeof r?.path !== 'string' || bad(`routes[${i}].path`, `routes[${i}].host`)) continue
-    const where = JSON.stringify([routePrefix(r.path), routeHost(r.host)])
+    const prefix = routePrefix(r.path)
+    const host = routeHost(r.host)
+    const where = JSON.stringify([prefix, host])
     const first = taken.get(where)
-    if (first === undefined) taken.set(where, i)
-    else problems.push(`routes[${i}].path: ${show(r.path, false)} is not allowed; expected a path and host no other route uses (routes[${first}] ${JSON.stringify(config.routes[first]?.name)})`)
+    if (first !== undefined) {
+      problems.push(`routes[${i}].path: ${show(r.path, false)} is not allowed; expected a path and host no other route uses (${named(first)})`)
+      continue
+    }
+    taken.set(where, i)
+    const readings = [...new Set(Object.values(prefixReadings(prefix)))].map((p) => JSON.stringify([p, host]))
+    const twin = readings.map((w) => read.get(w)).find((j) => j !== undefined)
+    if (twin !== undefined) {
+      problems.push(
+        `routes[${i}].path: ${show(r.path, false)} is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): ${named(i)} and ${named(twin)} (${show(config.routes[twin]?.path, false)}) would be taken as one route by an upstream that ignores case or decodes %-escapes (or reads paths in one of the other ways)`,
+      )
+      continue
+    }
+    for (const w of readings) read.set(w, i)
   }
   if (config.upstream !== undefined && !bad('upstream', 'routes')) {
     // The shortcut's route is `/` for any host, compared as any route's path is (`//` is `/` too).

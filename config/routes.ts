@@ -26,3 +26,52 @@ export function canonicalHost(host: string): string {
 export function routeHost(host: string | undefined): string | undefined {
   return host === undefined ? undefined : canonicalHost(host)
 }
+
+/**
+ * The readings of a route's prefix (routePrefix) that the gateway takes for that route's when a
+ * path is read leniently: in lower case, and as lenientReading reads it. Two routes for one host
+ * with a reading in common are one route to an upstream that reads paths so; the configuration
+ * check refuses them.
+ */
+export function prefixReadings(prefix: string): { lower: string; lenient: string } {
+  return { lower: prefix.toLowerCase(), lenient: prefix === '/' ? '/' : lenientReading(prefix) }
+}
+
+/**
+ * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
+ * twice), cut at a NUL (C string APIs), `\` as `/`, `;` parameters dropped, `//` merged, the dots
+ * and spaces a segment ends with dropped (Windows, IIS), a format suffix on the last segment
+ * dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and Spring's suffix patterns
+ * before 5.3), lower case. The gateway refuses a request whose path read so falls under another
+ * route; the configuration check, two routes whose prefixes read so are one.
+ */
+export function lenientReading(path: string): string {
+  let p = path
+  for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
+  const nul = p.indexOf('\u0000')
+  if (nul !== -1) p = p.slice(0, nul)
+  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')
+  // Dot segments a second decoding made (`%252e%252e`) are resolved, as that server resolves them,
+  // before a segment's trailing dots are dropped.
+  if (p.includes('.')) p = resolveDots(p)
+  p = p.replace(/[. ]+(?=\/|$)/g, '')
+  const last = p.lastIndexOf('/')
+  const dot = p.indexOf('.', last + 2)
+  if (dot !== -1) p = p.slice(0, dot)
+  return p.toLowerCase()
+}
+
+/** `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4); `..` never climbs above the root. */
+function resolveDots(path: string): string {
+  const out: string[] = []
+  const segments = path.split('/')
+  for (const [i, seg] of segments.entries()) {
+    if (seg === '..') {
+      if (out.length > 1) out.pop()
+      if (i === segments.length - 1) out.push('')
+    } else if (seg === '.') {
+      if (i === segments.length - 1) out.push('')
+    } else out.push(seg)
+  }
+  return out.join('/')
+}

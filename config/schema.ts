@@ -129,7 +129,7 @@ export const ConfigSchema = Type.Object(
       },
       { additionalProperties: false, default: {} },
     ),
-    routes: Type.Array(Route, { default: [], description: 'Path-prefix routes to upstreams; the longest matching prefix wins.' }),
+    routes: Type.Array(Route, { default: [], description: 'Path-prefix routes to upstreams; the longest matching prefix wins. Two routes for one host whose paths are one as the gateway or a lenient upstream reads them (`/api/` and `/api`, `/admin` and `/ADMIN` or `/%61dmin`) are refused.' }),
     upstream: optStr('http-url', { description: 'Shortcut: a route named default for / to this upstream, added to the routes (refused when they have a route for / or one named default).', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
     deny_list: Type.Array(Type.String({ format: 'cidr' }), { default: [], description: 'Addresses and CIDR ranges always refused.' }),
     rate_limits: Type.Object(

@@ -12,7 +12,7 @@
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
 // unchanged.
-import { canonicalHost, routeHost, routePrefix } from '../config/routes.ts'
+import { canonicalHost, lenientReading, prefixReadings, routeHost, routePrefix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
@@ -48,12 +48,13 @@ export class Router {
       const url = new URL(r.upstream)
       const host = routeHost(r.host)
       const prefix = routePrefix(r.path)
+      const readings = prefixReadings(prefix)
       return {
         index,
         name: r.name,
         prefix,
-        prefixLower: prefix.toLowerCase(),
-        prefixLenient: prefix === '/' ? '/' : lenientReading(prefix),
+        prefixLower: readings.lower,
+        prefixLenient: readings.lenient,
         host,
         hostHasPort: host !== undefined && hostName(host) !== host,
         origin: url.origin,
@@ -122,44 +123,6 @@ function under(path: string, prefix: string): boolean {
 
 /** Characters of a path that some upstream reads otherwise than as sent. */
 const LENIENT_CHANGES = /[%;\\A-Z. ]|\/\//
-
-/**
- * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
- * twice), cut at a NUL (C string APIs), `\` as `/`, `;` parameters dropped, `//` merged, the dots
- * and spaces a segment ends with dropped (Windows, IIS), a format suffix on the last segment
- * dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and Spring's suffix patterns
- * before 5.3), lower case.
- */
-function lenientReading(path: string): string {
-  let p = path
-  for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
-  const nul = p.indexOf('\u0000')
-  if (nul !== -1) p = p.slice(0, nul)
-  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')
-  // Dot segments a second decoding made (`%252e%252e`) are resolved, as that server resolves them,
-  // before a segment's trailing dots are dropped.
-  if (p.includes('.')) p = resolveDots(p)
-  p = p.replace(/[. ]+(?=\/|$)/g, '')
-  const last = p.lastIndexOf('/')
-  const dot = p.indexOf('.', last + 2)
-  if (dot !== -1) p = p.slice(0, dot)
-  return p.toLowerCase()
-}
-
-/** `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4); `..` never climbs above the root. */
-function resolveDots(path: string): string {
-  const out: string[] = []
-  const segments = path.split('/')
-  for (const [i, seg] of segments.entries()) {
-    if (seg === '..') {
-      if (out.length > 1) out.pop()
-      if (i === segments.length - 1) out.push('')
-    } else if (seg === '.') {
-      if (i === segments.length - 1) out.push('')
-    } else out.push(seg)
-  }
-  return out.join('/')
-}
 
 export function grants(keyScopes: readonly string[], routeScopes: readonly string[]): boolean {
   for (const need of routeScopes) {

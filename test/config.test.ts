@@ -585,6 +585,43 @@ t.test('two routes for one path prefix and host are refused, compared as the gat
   t.same(loadConfig({ file: rootForHost, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).routes.map((r) => r.name), ['root', 'default'], 'a route for / on one host leaves the shortcut for the others')
 })
 
+t.test('two routes for one host that differ only in letter case or %-escapes are refused, naming both; distinct routes still load', async (t) => {
+  // Before (found by a review): /admin (scopes [admin]) and /ADMIN (none) passed; /ADMIN/users
+  // matched the unscoped route and was forwarded unchecked to an upstream that read it as /admin.
+  const lenient = 'is not allowed; expected a path that is not another route\'s for the same host as lenient upstreams read paths'
+  const file = yamlFile(t, {
+    routes: [
+      { name: 'admin', path: '/admin', upstream: 'http://127.0.0.1:1', scopes: ['admin'] },
+      { name: 'shouting', path: '/ADMIN', upstream: 'http://127.0.0.1:1' },
+      { name: 'encoded', path: '/%61dmin/', upstream: 'http://127.0.0.1:1' },
+      { name: 'other-host', path: '/Admin', host: 'a.example', upstream: 'http://127.0.0.1:2' },
+      { name: 'same-host', path: '/%41DMIN', host: 'A.example.', upstream: 'http://127.0.0.1:2' },
+    ],
+  })
+  const why = 'would be taken as one route by an upstream that ignores case or decodes %-escapes (or reads paths in one of the other ways)'
+  t.same(problemsOf({ file, env: {} }).problems, [
+    `routes[1].path: "/ADMIN" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): routes[1] "shouting" and routes[0] "admin" ("/admin") ${why}`,
+    `routes[2].path: "/%61dmin/" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): routes[2] "encoded" and routes[0] "admin" ("/admin") ${why}`,
+    `routes[4].path: "/%41DMIN" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): routes[4] "same-host" and routes[3] "other-host" ("/Admin") ${why}`,
+  ])
+  const check = yamlFile(t, { routes: [{ name: 'api', path: '/api', upstream: 'http://127.0.0.1:1' }, { name: 'API', path: '/API', upstream: 'http://127.0.0.1:1' }] })
+  const cli = await runCli(['config', 'check', check])
+  t.equal(cli.code, 1, 'config check refuses /api beside /API (before: valid)')
+  t.match(cli.stderr, /routes\[1\]\.path: "\/API" is not allowed;.*routes\[1\] "API" and routes\[0\] "api" \("\/api"\) would be taken as one route/)
+  const versions = yamlFile(t, { routes: [{ name: 'v2', path: '/api/v2', upstream: 'http://127.0.0.1:1', scopes: ['v2'] }, { name: 'v2-1', path: '/api/v2.1', upstream: 'http://127.0.0.1:1' }] })
+  t.match(problemsOf({ file: versions, env: {} }).problems, [/^routes\[1\]\.path: "\/api\/v2\.1" is not allowed; .*routes\[1\] "v2-1" and routes\[0\] "v2"/], 'a format suffix too: /api/v2.1 is /api/v2 to Rails')
+  // A deployment of distinct routes, nested, per host and with format-like segments, loads as before.
+  const distinct = [
+    { name: 'api', path: '/api', upstream: 'http://127.0.0.1:1' },
+    { name: 'api-admin', path: '/api/admin', upstream: 'http://127.0.0.1:1', scopes: ['admin'] },
+    { name: 'admin-host', path: '/api/admin', host: 'admin.example', upstream: 'http://127.0.0.1:2' },
+    { name: 'root', path: '/', upstream: 'http://127.0.0.1:3' },
+    { name: 'v2', path: '/api/v2', upstream: 'http://127.0.0.1:3' },
+    { name: 'files', path: '/files%20old', upstream: 'http://127.0.0.1:3' },
+  ]
+  t.same(loadConfig({ file: yamlFile(t, { routes: distinct }), env: {} }).routes.map((r) => r.name), distinct.map((r) => r.name))
+})
+
 t.test('gateway.listen and admin.listen on one address are refused where serve listens on both', async (t) => {
   const both = (gateway: string, admin: string, extra: Partial<LoadOptions> = {}) =>
     problemsOf({ file: yamlFile(t, { gateway: { listen: gateway }, admin: { listen: admin } }), env: {}, bothListeners: true, ...extra }).problems
