@@ -1,7 +1,7 @@
 // How a route's path and host are compared: by the gateway when it matches a request, and by
 // the configuration check, which refuses two routes the gateway would take for one (the first
 // would win, and the second, with its scopes, would never be used).
-import { hostName } from '../core/http.ts'
+import { decodeEscapes, hostName } from '../core/http.ts'
 
 /** The prefix a route's path matches as: without one trailing slash (`/api/` is `/api`); `/` as it is. */
 export function routePrefix(path: string): string {
@@ -46,8 +46,7 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
  * route; the configuration check, two routes whose prefixes read so are one.
  */
 export function lenientReading(path: string): string {
-  let p = path
-  for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
+  let p = decodeEscapes(path)
   const nul = p.indexOf('\u0000')
   if (nul !== -1) p = p.slice(0, nul)
   p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')

@@ -57,6 +57,17 @@ export function answerClientError(socket: Duplex, answer: () => void): void {
   )
 }
 
+/**
+ * `text` with its `%XX` escapes decoded, one byte to one character, and again for readers that
+ * decode twice (up to three rounds). Unlike decodeURIComponent it never throws: a malformed
+ * escape (`%zz`, a lone `%`) stays as it is.
+ */
+export function decodeEscapes(text: string): string {
+  let p = text
+  for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
+  return p
+}
+
 /** A Host value without its port (`[::1]:8080` is `[::1]`, `a:80` is `a`). */
 export function hostName(host: string): string {
   const colon = host.lastIndexOf(':')

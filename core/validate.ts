@@ -4,6 +4,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
+import { decodeEscapes } from './http.ts'
 import { scrub } from './log.ts'
 import { KEY_IN_TEXT } from './keys/format.ts'
 
@@ -12,14 +13,17 @@ import { KEY_IN_TEXT } from './keys/format.ts'
  * owner, metadata and revocation reason; a deny entry's reason; a webhook's URL and description;
  * a Gitea token's name; an n8n key's label): a review stored a working key's plaintext in another key's
  * metadata and revocation reason, and it reached the audit log and webhook receivers. Named by
- * field, never quoted. (A UUID, the replaced system's key shape, is also an everyday id, so it
+ * field, never quoted; found as written or percent-decoded (`kg%5F...`), since a URL's reader
+ * decodes it. (A UUID, the replaced system's key shape, is also an everyday id, so it
  * is not refused.)
  */
 export function refuseKeyIn(fields: Record<string, unknown>): void {
   for (const [field, value] of Object.entries(fields)) {
     if (value === undefined || value === null) continue
     const text = typeof value === 'string' ? value : JSON.stringify(value)
-    if (KEY_IN_TEXT.test(text)) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
+    // Percent-decoded too: a webhook URL's `?api_key=kg%5F...` is the key to its receiver, which
+    // decodes it (before, it was stored, listed, audited and sent with every delivery).
+    if (KEY_IN_TEXT.test(text) || (text.includes('%') && KEY_IN_TEXT.test(decodeEscapes(text)))) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
   }
 }
 

@@ -11,6 +11,7 @@ import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { WebhookService } from '../core/webhooks.ts'
+import { generateKey } from '../core/keys/format.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
 import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
@@ -214,6 +215,30 @@ await forEachStore(t, async (t, store) => {
     t.equal(rows.length, 2)
     // The store is shared with the subtests below, which count deliveries of these events.
     for (const r of rows) await s.remove(r.id, ACTOR)
+  })
+
+  await t.test('a key in the URL is refused also when percent-encoded, and a malformed escape is no error', async (t) => {
+    // Before (found by a review): `?api_key=kg%5F...` passed the check, which looked for a literal
+    // `_`, and was stored, listed, audited and requested with every delivery; the receiver decodes it
+    // to a working key.
+    const s = service()
+    const { key } = generateKey('kg_')
+    const encoded = key.replaceAll('_', '%5F')
+    for (const url of [
+      `http://127.0.0.1:9/in?api_key=${encoded}`,
+      `http://127.0.0.1:9/in?x=%zz&api_key=${key.replaceAll('_', '%5f')}&y=%`,
+      `http://127.0.0.1:9/in/${encoded}`,
+      `http://127.0.0.1:9/in?api_key=${key.replaceAll('_', '%255F')}`,
+      `http://user:${encoded}@127.0.0.1:9/in`,
+    ]) {
+      const err = await s.create({ url, events: ['key.created'] }, ACTOR).then(() => undefined, (e: Error) => e)
+      t.match(err, { code: 'validation_failed', message: /^url: holds what looks like a keygate API key/ }, url.replace(/kg.*?(&|@|$)/, 'KEY$1'))
+      t.notOk(err?.message.includes(encoded) || err?.message.includes(key), 'not quoted')
+    }
+    t.equal((await store.db.query('SELECT id FROM webhooks WHERE url LIKE $1', ['%127.0.0.1:9/in%'])).length, 0, 'none was stored')
+    const fine = await s.create({ url: 'http://127.0.0.1:9/in?q=%zz%&n=100%25', events: ['key.created'] }, ACTOR)
+    t.equal(fine.webhook.url, 'http://127.0.0.1:9/in?q=%zz%&n=100%25', 'a URL with malformed escapes and no key is registered as before')
+    await s.remove(fine.webhook.id, ACTOR)
   })
 
   await t.test('retries with exponential backoff, then delivered; failed after max_attempts', async (t) => {
