@@ -13,7 +13,7 @@ import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
-import { answersWithin } from '../core/deadline.ts'
+import { answersWithin, within } from '../core/deadline.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
@@ -232,6 +232,26 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
   }
 }
 
+/**
+ * What the first admin key's start says when the store failed once the key was shown: at the
+ * commit, which may have been made though its answer never came (the connection dropped
+ * between). So the store is asked whether the key's row is there. Before (found by a review),
+ * every such failure said "NOT kept": an operator threw away a key that existed, and the next
+ * start, finding an admin key, made none.
+ */
+async function afterShownKeyFailed(runtime: Pick<Runtime, 'keys'>, id: string, err: Error): Promise<string> {
+  const head = `the first admin key printed above (id ${id})`
+  let kept: boolean
+  try {
+    kept = (await within(runtime.keys.getMany([id]), 10_000, 'the store')).has(id)
+  } catch (asking) {
+    return `${head} may not have been kept: ${err.message}; and the store could not be asked whether it was (${(asking as Error).message}). Start again: if that start prints no new first admin key, this one was kept and is valid; if it prints one, use that one (or set admin.token, KEYGATE_ADMIN_TOKEN)`
+  }
+  return kept
+    ? `${head} was kept, and is valid: the store failed after committing it (${err.message}); start again (no new key is made)`
+    : `${head} was NOT kept: ${err.message}; start again to make another, or set admin.token (KEYGATE_ADMIN_TOKEN)`
+}
+
 async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Logger): Promise<void> {
   if (config.admin.token) return
   // Printed before the key is committed: a key that could not be printed is not kept, so the
@@ -245,8 +265,7 @@ async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Log
     })
   } catch (err) {
     if (shown !== undefined) {
-      // Shown, then not committed (the store failed at the commit): the key shown does not exist.
-      const message = `the first admin key printed above (id ${shown}) was NOT kept: ${(err as Error).message}; start again to make another, or set admin.token (KEYGATE_ADMIN_TOKEN)`
+      const message = await afterShownKeyFailed(runtime, shown, err as Error)
       log.error(message, { err: err as Error })
       try {
         io.err(`keygate: ${message}\n`)

@@ -414,3 +414,41 @@ t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host a
   t.equal(serve.logs.filter((l) => l.message === 'not ready: the store cannot be reached').length, before, 'once per change, not per probe')
   t.equal(await serve.stop(), 0)
 })
+
+t.test('a connection lost at the first admin key\'s commit: serve says whether the key printed was kept, asking the store', async (t) => {
+  // Before (found by a review): any failure once the key was shown said "was NOT kept", also when
+  // the commit was made and only its answer lost: the operator threw away a working key, and the
+  // next start, finding an admin key, printed none.
+  const start = async (when: 'before' | 'after', next?: 'refused') => {
+    const url = await freshDatabase(t)
+    const { gate, url: through } = await gateInFront(t, url)
+    const cut = gate.cutOn('INSERT INTO api_keys', 'COMMIT\u0000', when, next)
+    const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_UPSTREAM: 'http://127.0.0.1:9' })
+    const first = await startKeygate(t, { env, waitFor: { gateway: false, admin: false } })
+    t.equal(await first.exited, 1, `${when} the commit${next ? ', the store then refused' : ''}: exit 1`)
+    await cut
+    const printed = first.stderr().match(/kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/)?.[0]
+    t.ok(printed, 'a first admin key was printed')
+    const said = first.logs.find((l) => l.level === 'error' && l.message.startsWith('the first admin key printed above'))?.message ?? ''
+    t.ok(first.stderr().includes(`keygate: ${said}`), 'and said on stderr')
+    const direct = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_UPSTREAM: 'http://127.0.0.1:9' })
+    const again = await startKeygate(t, { env: direct })
+    const valid = (await runCli(['api-key', 'validate', printed as string], { env: direct })).code
+    t.equal(await again.stop(), 0)
+    return { said, newKey: /created the first admin key/.test(again.stderr()), valid }
+  }
+
+  const lost = await start('before')
+  t.match(lost.said, /^the first admin key printed above \(id \w+\) was NOT kept: .*; start again to make another, or set admin\.token/, 'not committed: NOT kept')
+  t.ok(lost.newKey, 'and indeed the next start makes one')
+
+  const answerLost = await start('after')
+  t.match(answerLost.said, /^the first admin key printed above \(id \w+\) was kept, and is valid: the store failed after committing it \(.*\); start again \(no new key is made\)$/, 'committed, the answer lost: kept')
+  t.notOk(answerLost.newKey, 'and indeed the next start makes none')
+  t.equal(answerLost.valid, 0, 'the key printed is valid')
+  t.equal(lost.valid, 1, 'where not kept, it is not')
+
+  const unasked = await start('after', 'refused')
+  t.match(unasked.said, /^the first admin key printed above \(id \w+\) may not have been kept: .*the store could not be asked whether it was \(.*\)\. Start again: if that start prints no new first admin key, this one was kept and is valid; if it prints one, use that one/, 'the store gone: may not have been kept, and how to tell')
+  t.notOk(unasked.newKey, 'here the next start prints none: the key was kept, as the message says it can tell')
+})

@@ -21,6 +21,14 @@ export interface TcpGate {
   set(state: GateState): void
   /** Every byte the clients sent through the gate so far, as latin1 text (to look for what went on the wire). */
   sent(): string
+  /**
+   * Cuts the one connection on which the client sends `first` and later `then` (latin1 text; the
+   * gate in state `open`). `before`: the bytes holding `then` are not passed on and the connection
+   * is dropped, so the server sees its client go. `after`: they are passed on, and the connection
+   * is dropped when the server's answer comes, which the client never reads (a connection lost
+   * between a COMMIT and its reply). Resolves once cut, after setting the gate to `next`.
+   */
+  cutOn(first: string, then: string, when: 'before' | 'after', next?: GateState): Promise<void>
 }
 
 const DEFAULT_PORTS: Record<string, number> = { 'postgres:': 5432, 'postgresql:': 5432, 'redis:': 6379 }
@@ -46,8 +54,27 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
     client.on('data', (d: Buffer) => void fromClients.push(d))
     const upstream = net.connect(target, '127.0.0.1')
     sockets.add(upstream)
+    let said = ''
+    let armed = false
+    const drop = (): void => {
+      client.destroy()
+      upstream.destroy()
+      const c = cut
+      cut = undefined
+      if (c?.next !== undefined) set(c.next)
+      c?.done()
+    }
     for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
       a.on('data', (d: Buffer) => {
+        if (cut !== undefined && a === client && !armed) {
+          said += d.toString('latin1')
+          const from = said.indexOf(cut.first)
+          if (from !== -1 && said.indexOf(cut.then, from + cut.first.length) !== -1) {
+            armed = true
+            if (cut.when === 'before') return drop()
+          }
+        }
+        if (armed && a === upstream) return drop()
         if (!muted.has(client)) b.write(d)
       })
       a.on('error', () => b.destroy()).on('close', () => {
@@ -56,6 +83,15 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
       })
     }
   })
+  let cut: { first: string; then: string; when: 'before' | 'after'; next: GateState | undefined; done: () => void } | undefined
+  const set = (next: GateState): void => {
+    state = next
+    if (next === 'silent') for (const s of sockets) muted.add(s)
+    if (next === 'refused') {
+      server.close()
+      for (const s of sockets) s.destroy()
+    }
+  }
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   t.teardown(() => {
     for (const socket of sockets) socket.destroy()
@@ -64,13 +100,7 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   return {
     port: (server.address() as net.AddressInfo).port,
     sent: () => Buffer.concat(fromClients).toString('latin1'),
-    set(next) {
-      state = next
-      if (next === 'silent') for (const s of sockets) muted.add(s)
-      if (next === 'refused') {
-        server.close()
-        for (const s of sockets) s.destroy()
-      }
-    },
+    set,
+    cutOn: (first, then, when, next) => new Promise<void>((done) => void (cut = { first, then, when, next, done })),
   }
 }
