@@ -9,7 +9,7 @@ import { isCollection, LineCounter, parseDocument, visit, type Document } from '
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { listenOverlaps } from '../core/formats.ts'
 import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
-import { prefixReadings, routeHost, routePrefix } from './routes.ts'
+import { lenientReading, prefixReadings, routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -303,7 +303,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   // Nor two whose prefixes differ only as an upstream that ignores letter case or decodes
   // %-escapes reads them (`/admin` and `/ADMIN`, `/%61dmin`): the gateway takes them for one
   // route, so `/ADMIN/users` went by the unscoped `/ADMIN` to what the upstream read as /admin
-  // (found by a review).
+  // (found by a review). A format suffix (`/api/v2.1`, which Rails reads as `/api/v2`) makes twins
+  // only of two routes to one upstream: versions to their own upstreams are an everyday layout.
   const taken = new Map<string, number>()
   const read = new Map<string, number>()
   const named = (i: number) => `routes[${i}] ${JSON.stringify(config.routes[i]?.name)}`
@@ -318,11 +319,19 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
       continue
     }
     taken.set(where, i)
-    const readings = [...new Set(Object.values(prefixReadings(prefix)))].map((p) => JSON.stringify([p, host]))
+    const { lower, lenient } = prefixReadings(prefix)
+    let origin: string | undefined
+    try {
+      origin = new URL(String(r.upstream)).origin
+    } catch {
+      origin = undefined
+    }
+    const readings = [...new Set([lower, prefix === '/' ? '/' : lenientReading(prefix, false)])].map((p) => JSON.stringify([p, host]))
+    if (origin !== undefined) readings.push(JSON.stringify([lenient, host, origin]))
     const twin = readings.map((w) => read.get(w)).find((j) => j !== undefined)
     if (twin !== undefined) {
       problems.push(
-        `routes[${i}].path: ${show(r.path, false)} is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): ${named(i)} and ${named(twin)} (${show(config.routes[twin]?.path, false)}) would be taken as one route by an upstream that ignores case or decodes %-escapes (or reads paths in one of the other ways)`,
+        `routes[${i}].path: ${show(r.path, false)} is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots; a format suffix, to the same upstream): ${named(i)} and ${named(twin)} (${show(config.routes[twin]?.path, false)}) would be taken as one route by an upstream that ignores case or decodes %-escapes (or reads paths in one of the other ways)`,
       )
       continue
     }

@@ -43,9 +43,10 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
  * and spaces a segment ends with dropped (Windows, IIS), a format suffix on the last segment
  * dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and Spring's suffix patterns
  * before 5.3), lower case. The gateway refuses a request whose path read so falls under another
- * route; the configuration check, two routes whose prefixes read so are one.
+ * route; the configuration check, two routes whose prefixes read so are one (`formatSuffix`
+ * false: read without dropping the suffix).
  */
-export function lenientReading(path: string): string {
+export function lenientReading(path: string, formatSuffix = true): string {
   let p = decodeEscapes(path)
   const nul = p.indexOf('\u0000')
   if (nul !== -1) p = p.slice(0, nul)
@@ -54,9 +55,11 @@ export function lenientReading(path: string): string {
   // before a segment's trailing dots are dropped.
   if (p.includes('.')) p = resolveDots(p)
   p = p.replace(/[. ]+(?=\/|$)/g, '')
-  const last = p.lastIndexOf('/')
-  const dot = p.indexOf('.', last + 2)
-  if (dot !== -1) p = p.slice(0, dot)
+  if (formatSuffix) {
+    const last = p.lastIndexOf('/')
+    const dot = p.indexOf('.', last + 2)
+    if (dot !== -1) p = p.slice(0, dot)
+  }
   return p.toLowerCase()
 }
 

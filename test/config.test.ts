@@ -600,16 +600,18 @@ t.test('two routes for one host that differ only in letter case or %-escapes are
   })
   const why = 'would be taken as one route by an upstream that ignores case or decodes %-escapes (or reads paths in one of the other ways)'
   t.same(problemsOf({ file, env: {} }).problems, [
-    `routes[1].path: "/ADMIN" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): routes[1] "shouting" and routes[0] "admin" ("/admin") ${why}`,
-    `routes[2].path: "/%61dmin/" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): routes[2] "encoded" and routes[0] "admin" ("/admin") ${why}`,
-    `routes[4].path: "/%41DMIN" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots, a format suffix): routes[4] "same-host" and routes[3] "other-host" ("/Admin") ${why}`,
+    `routes[1].path: "/ADMIN" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots; a format suffix, to the same upstream): routes[1] "shouting" and routes[0] "admin" ("/admin") ${why}`,
+    `routes[2].path: "/%61dmin/" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots; a format suffix, to the same upstream): routes[2] "encoded" and routes[0] "admin" ("/admin") ${why}`,
+    `routes[4].path: "/%41DMIN" ${lenient} (letter case, %-escapes, ";" parameters, "//", "\\", trailing dots; a format suffix, to the same upstream): routes[4] "same-host" and routes[3] "other-host" ("/Admin") ${why}`,
   ])
   const check = yamlFile(t, { routes: [{ name: 'api', path: '/api', upstream: 'http://127.0.0.1:1' }, { name: 'API', path: '/API', upstream: 'http://127.0.0.1:1' }] })
   const cli = await runCli(['config', 'check', check])
   t.equal(cli.code, 1, 'config check refuses /api beside /API (before: valid)')
   t.match(cli.stderr, /routes\[1\]\.path: "\/API" is not allowed;.*routes\[1\] "API" and routes\[0\] "api" \("\/api"\) would be taken as one route/)
   const versions = yamlFile(t, { routes: [{ name: 'v2', path: '/api/v2', upstream: 'http://127.0.0.1:1', scopes: ['v2'] }, { name: 'v2-1', path: '/api/v2.1', upstream: 'http://127.0.0.1:1' }] })
-  t.match(problemsOf({ file: versions, env: {} }).problems, [/^routes\[1\]\.path: "\/api\/v2\.1" is not allowed; .*routes\[1\] "v2-1" and routes\[0\] "v2"/], 'a format suffix too: /api/v2.1 is /api/v2 to Rails')
+  t.match(problemsOf({ file: versions, env: {} }).problems, [/^routes\[1\]\.path: "\/api\/v2\.1" is not allowed; .*routes\[1\] "v2-1" and routes\[0\] "v2"/], 'a format suffix too, to one upstream: /api/v2.1 is /api/v2 to Rails')
+  const ownUpstreams = yamlFile(t, { routes: [{ name: 'v2', path: '/api/v2', upstream: 'http://127.0.0.1:1', scopes: ['v2'] }, { name: 'v2-1', path: '/api/v2.1', upstream: 'http://127.0.0.1:2' }] })
+  t.same(problemsOf({ file: ownUpstreams, env: {} }).problems, [], 'versions with a format-like suffix, each to its own upstream, load')
   // A deployment of distinct routes, nested, per host and with format-like segments, loads as before.
   const distinct = [
     { name: 'api', path: '/api', upstream: 'http://127.0.0.1:1' },
