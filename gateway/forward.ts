@@ -401,7 +401,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   }
 
   const hooks: ExchangeHooks = { startResponse, failed }
-  return {
+  const forwarder: Forwarder = {
     tunnels,
     forward(s) {
       const route = s.route as CompiledRoute
@@ -409,6 +409,21 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // The client went away while the checks ran (a body that broke off, a closed connection):
       // nothing is sent upstream, and nothing is left waiting on a body that will never come.
       if (clientGone(s)) return
+      // A request pipelined behind others goes upstream only once its own response holds the
+      // connection, every response before it written, and not at all when one of them closed the
+      // connection: a server that sends `Connection: close` must not act on a later request (RFC
+      // 9112 §9.6). Node queues a pipelined request's response and hands it the socket as the one
+      // before it finishes (none after one that closes, which ends the socket, though it still
+      // parses and hands the socket to a request read after that). Before, a request checked at
+      // once (a cached key) behind one refused with close after an await (a bad key waits for the
+      // lockout) was forwarded, executed upstream and never answered; and one checked at once
+      // overtook, on its way upstream, an earlier one still in its checks (found by a review).
+      const res = s.res as NonNullable<RequestState['res']>
+      if (res.socket === null) {
+        res.once('socket', () => forwarder.forward(s))
+        return
+      }
+      if (!res.socket.writable) return
       const h = s.headers
       const withBody = hasBody(h)
       if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
@@ -533,4 +548,5 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       await Promise.all([...pools.values()].map((p) => p.destroy()))
     },
   }
+  return forwarder
 }

@@ -204,3 +204,51 @@ t.test('a body that breaks off while its key is looked up: nothing is forwarded,
   t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
   t.equal((await h.get('/still', bearer(keys[0]!.key))).status, 200, 'the gateway still serves')
 })
+
+/** Records each request as it arrives (before its body), then answers 200 with its URL. */
+const recordOnArrival: UpstreamHandler = (req, res, received) => {
+  received.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, bodyBytes: 0 })
+  req.resume()
+  req.on('end', () => res.end(req.url))
+}
+const transfer = (key: string, i: number) => `POST /transfer/${i} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${key}\r\nContent-Length: 7\r\n\r\npay=100`
+
+// RFC 9112 §9.6: a server that sends Connection: close must not act on a later request on the
+// connection. Before, a request checked at once (its key cached) pipelined behind one refused with
+// close was forwarded, executed by the upstream, and never answered (found by a review).
+t.test('requests pipelined behind a refusal that closes the connection: none reaches the upstream', async (t) => {
+  const h = await startGateway(t, { upstream: recordOnArrival, config: { lockout: { max_attempts: 1000 } } })
+  const k = await h.key()
+  t.equal((await h.get('/warm', bearer(k.key))).status, 200, 'the key is cached')
+  const pipelined = Array.from({ length: 20 }, (_, i) => transfer(k.key, i)).join('')
+  const refusals: Array<[string, string, RegExp]> = [
+    // Refused after an await (a bad key waits for the lockout's count), the ones behind it at once.
+    ['a bad key', 'Authorization: Bearer kg_bad\r\n', /^HTTP\/1.1 401 [^]*"code":"key_invalid"/],
+    // Refused at once, before its body is read.
+    ['no key', '', /^HTTP\/1.1 401 [^]*"code":"key_missing"/],
+  ]
+  for (const [name, auth, expected] of refusals) {
+    const before = h.upstream.received.length
+    const out = await converse(h.port, `POST /x HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: 5\r\n\r\nhello${pipelined}`)
+    t.match(out, expected, `${name}: refused`)
+    t.match(out, /\r\nconnection: close\r\n/i, `${name}: the refusal closes the connection`)
+    t.equal(out.split('HTTP/1.1 ').length - 1, 1, `${name}: nothing else answered`)
+    // A request after them, on a connection of its own: what they sent upstream came before it.
+    t.equal((await h.get('/after', bearer(k.key))).status, 200)
+    t.same(h.upstream.received.slice(before).map((r) => r.url), ['/after'], `${name}: none of the pipelined requests reached the upstream`)
+  }
+})
+
+t.test('pipelined requests that pass: forwarded in the order sent, all answered in order', async (t) => {
+  const h = await startGateway(t, { upstream: recordOnArrival })
+  const cached = await h.key()
+  t.equal((await h.get('/warm', bearer(cached.key))).status, 200, 'the key is cached')
+  // The first one's key is looked up in the store, the others' are cached. Before, those were
+  // forwarded at once, ahead of the first one still in its checks.
+  const fresh = await h.key()
+  const requests = [transfer(fresh.key, 0), ...Array.from({ length: 5 }, (_, i) => transfer(cached.key, i + 1))]
+  const out = await converse(h.port, requests.join(''), [{ when: (text) => text.endsWith('/transfer/5'), send: null }])
+  const urls = ['/transfer/0', '/transfer/1', '/transfer/2', '/transfer/3', '/transfer/4', '/transfer/5']
+  t.same(out.match(/\/transfer\/\d/g), urls, 'every one answered, in order')
+  t.same(h.upstream.received.slice(1).map((r) => r.url), urls, 'the upstream received them in order')
+})
