@@ -426,7 +426,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       if (!res.socket.writable) return
       const h = s.headers
       const withBody = hasBody(h)
-      if (h.expect !== undefined && s.res !== undefined) s.res.writeContinue()
+      // HTTP/1.1 only: an HTTP/1.0 request's 100-continue must be ignored (RFC 9110 §10.1.1). Node
+      // sends HTTP/1.1 requests with an Expect through 'checkContinue' (100-continue) or
+      // 'checkExpectation' (refused), but an HTTP/1.0 one with any Expect arrives as a plain
+      // request, and was sent a 100 too.
+      if (h.expect !== undefined && req.httpVersionMinor === 1 && req.httpVersionMajor === 1) res.writeContinue()
       s.upstreamStart = performance.now()
       const exchange = new Exchange(s, hooks, withBody ? route.timeoutMs : 0)
       // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.

@@ -252,3 +252,16 @@ t.test('pipelined requests that pass: forwarded in the order sent, all answered 
   t.same(out.match(/\/transfer\/\d/g), urls, 'every one answered, in order')
   t.same(h.upstream.received.slice(1).map((r) => r.url), urls, 'the upstream received them in order')
 })
+
+t.test('Expect: 100-continue from an HTTP/1.0 client is ignored; from an HTTP/1.1 client it is answered after the checks', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  const request = (version: string) => `POST /upload HTTP/${version}\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello`
+  // Before, the HTTP/1.0 client was sent `HTTP/1.1 100 Continue` first (RFC 9110 §10.1.1: it must be ignored).
+  const old = await send(h.port, request('1.0'))
+  t.match(old, /^HTTP\/1.1 200 /, 'HTTP/1.0: forwarded, answered with the upstream\'s 200 first')
+  t.notMatch(old, /100 Continue/i, 'HTTP/1.0: no 100 Continue')
+  const current = await converse(h.port, request('1.1'), [{ when: (text) => /\r\n\r\n\{[^]*\}$/.test(text), send: null }])
+  t.match(current, /^HTTP\/1.1 100 Continue\r\n\r\nHTTP\/1.1 200 /, 'HTTP/1.1: 100 Continue, then the 200')
+  t.same(h.upstream.received.map((r) => r.bodyBytes), [5, 5], 'both bodies reached the upstream')
+})
