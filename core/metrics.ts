@@ -6,9 +6,13 @@ import { type Aggregator, AggregatorRegistry, Counter, Gauge, Registry, aggregat
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 import type { FlushReason } from './invalidation.ts'
 
-/** What became of a gateway request: forwarded, or the error code it was answered with. */
+/**
+ * What became of a gateway request: forwarded, the error code it was answered with, or
+ * `client_closed` (the client went away before the answer's head was written: nginx's 499).
+ */
 export const GATEWAY_OUTCOMES = [
   'forwarded',
+  'client_closed',
   'key_missing',
   'key_invalid',
   'key_expired',
@@ -286,7 +290,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const registers = [registry]
   const requests = talliedCounter({
     name: 'keygate_gateway_requests_total',
-    help: 'Gateway requests by route and outcome (forwarded, or the error code answered).',
+    help: 'Gateway requests by route and outcome (forwarded, client_closed, or the error code answered).',
     labelNames: ['route', 'outcome'],
     registers,
   })

@@ -12,7 +12,7 @@ import { Pool, errors, type Dispatcher } from 'undici'
 import type { RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { hasBody } from '../core/http.ts'
-import { record, sendError } from './respond.ts'
+import { record, recordClientClosed, sendError } from './respond.ts'
 import type { CompiledRoute, Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
 import type { Tunnel, TunnelGuard } from './tunnels.ts'
@@ -93,6 +93,8 @@ function timeoutCode(err: unknown): Verdict {
 interface ExchangeHooks {
   startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders): boolean
   failed(s: RequestState, err: Error): void
+  /** The client went away before the answer's head was written. */
+  clientClosed(s: RequestState): void
 }
 
 /**
@@ -121,7 +123,7 @@ const BODY_IDLE = 'KEYGATE_BODY_IDLE'
  * One forwarded request as an undici dispatch handler: the response head is written when the
  * upstream's arrives, body chunks go straight into the ServerResponse (the upstream is paused
  * while the client's socket is full and resumed on 'drain'), and a client that goes away aborts
- * the upstream request. This is what undici's `stream()` does, without its per-request async
+ * the upstream request (and the request is recorded as client_closed). This is what undici's `stream()` does, without its per-request async
  * resource, promise plumbing and four listeners on the response.
  */
 class Exchange implements Dispatcher.DispatchHandler {
@@ -209,6 +211,7 @@ class Exchange implements Dispatcher.DispatchHandler {
     this.#done = true
     this.#streaming = false
     this.#controller?.abort(CLIENT_GONE)
+    this.#hooks.clientClosed(this.#s)
   }
 
   /** The request body failed (the client's upload broke off, or stalled); false when the exchange was over already. */
@@ -309,7 +312,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const res = s.res as NonNullable<RequestState['res']>
     const route = s.route as CompiledRoute
     ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
-    if (res.destroyed) return false
+    if (res.destroyed) {
+      recordClientClosed(ctx, s)
+      return false
+    }
     // Flat [name, value, ...] again (Node's writeHead takes it; repeated values, such as Set-Cookie, stay separate lines).
     const out: string[] = []
     const named = connectionNamed(headers.connection)
@@ -337,7 +343,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
 
   const failed = (s: RequestState, err: Error): void => {
     const res = s.res as NonNullable<RequestState['res']>
-    if (clientGone(s)) return
+    if (clientGone(s)) {
+      recordClientClosed(ctx, s)
+      return
+    }
     if (res.headersSent) {
       res.destroy()
       return
@@ -400,7 +409,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     req.once('end', stop).once('close', stop)
   }
 
-  const hooks: ExchangeHooks = { startResponse, failed }
+  const hooks: ExchangeHooks = { startResponse, failed, clientClosed: (s) => recordClientClosed(ctx, s) }
   const forwarder: Forwarder = {
     tunnels,
     forward(s) {
@@ -408,7 +417,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const req = s.req
       // The client went away while the checks ran (a body that broke off, a closed connection):
       // nothing is sent upstream, and nothing is left waiting on a body that will never come.
-      if (clientGone(s)) return
+      if (clientGone(s)) {
+        recordClientClosed(ctx, s)
+        return
+      }
       // A request pipelined behind others goes upstream only once its own response holds the
       // connection, every response before it written, and not at all when one of them closed the
       // connection: a server that sends `Connection: close` must not act on a later request (RFC
@@ -475,7 +487,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         (err: Error | null, data: { headers: IncomingHttpHeaders; socket: Duplex } | undefined) => {
           if (err || !data) {
             ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
-            if (client.destroyed) return
+            if (client.destroyed) {
+              recordClientClosed(ctx, s)
+              return
+            }
             sendError(ctx, s, err ? timeoutCode(err) : 'upstream_unavailable')
             return
           }
@@ -483,6 +498,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
           if (client.destroyed || !client.writable) {
             upstream.destroy()
+            recordClientClosed(ctx, s)
             return
           }
           let head = 'HTTP/1.1 101 Switching Protocols\r\n'

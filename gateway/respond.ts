@@ -12,14 +12,26 @@ import { pathOf, type GatewayContext, type RequestState, type Verdict } from './
 const CHALLENGE_MISSING = 'Bearer realm="keygate"'
 const CHALLENGE_INVALID = 'Bearer realm="keygate", error="invalid_token"'
 
-/** Counts the request and observes its latency; call once, when the response head is written. */
+/** The access log's status of a request whose client went away before its answer (nginx's). */
+export const CLIENT_CLOSED_STATUS = 499
+
+/**
+ * Counts the request and observes its latency, when the response head is written or the client
+ * is found gone; a request already recorded is not counted again.
+ */
 export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOutcome, status: number): void {
+  if (s.recorded) return
+  s.recorded = true
   // Denied before routing: counted under the route it would have gone to.
   const route = s.route ?? ctx.router.match(s.headers.host, s.target)
   const label = route !== undefined ? route.name : NO_ROUTE
   const m = route !== undefined ? (ctx.routeMetrics[route.index] as RouteMetrics) : ctx.metrics.route(NO_ROUTE)
   m.requests[outcome].inc()
-  ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
+  // A client that went away used its key (the request passed every check and went upstream, or
+  // would have): counted as a request of the key, but neither as a refusal nor as an error
+  // answer (no answer was given, and a slow upstream is not the key's doing).
+  if (outcome === 'client_closed') ctx.usage.count(s.key?.id, 'forwarded', ctx.now(), s.address)
+  else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
   if (ctx.accessLog) {
@@ -35,6 +47,11 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
       duration_ms: Math.round(ms * 1000) / 1000,
     })
   }
+}
+
+/** Records a request whose client went away before it was answered (once, as every request). */
+export function recordClientClosed(ctx: GatewayContext, s: RequestState): void {
+  record(ctx, s, 'client_closed', CLIENT_CLOSED_STATUS)
 }
 
 function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, status: number, length: number): OutgoingHttpHeaders {

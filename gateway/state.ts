@@ -53,6 +53,8 @@ export class RequestState {
   /** Message for the error answer instead of the catalogue's. */
   message: string | undefined
   upstreamStart: number
+  /** Counted and logged already (respond.ts `record`): every request is, once. */
+  recorded: boolean
 
   constructor(req: IncomingMessage, res: ServerResponse | undefined, socket: Duplex | undefined, head: Buffer | undefined, start: number) {
     this.req = req
@@ -77,6 +79,7 @@ export class RequestState {
     this.retryAfterS = 0
     this.message = undefined
     this.upstreamStart = 0
+    this.recorded = false
   }
 }
 

@@ -1,0 +1,137 @@
+// Every gateway request is counted, timed, logged and (with a key) used once: also one whose
+// client goes away before the answer (client_closed, 499).
+import t from 'tap'
+import type http from 'node:http'
+import net from 'node:net'
+import { createLogger } from '../core/log.ts'
+import { UsageRecorder } from '../core/usage.ts'
+import { bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
+
+/**
+ * Sends `text` on a new connection and destroys it once `when` resolves (with a reset when
+ * `reset`: the gateway's server keeps a half-closed connection open); resolves when it is closed.
+ */
+function abandon(port: number, text: string, when: Promise<void>, reset = false): Promise<void> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
+    socket.on('error', () => {})
+    socket.on('close', () => resolve())
+    void when.then(() => (reset ? socket.resetAndDestroy() : socket.destroy()))
+  })
+}
+
+/** Counter and histogram samples as the exposition shows them. */
+async function sample(h: Harness, series: string): Promise<number> {
+  const text = await h.metrics.registry.metrics()
+  const line = text.split('\n').find((l) => l.startsWith(series + ' '))
+  return line === undefined ? NaN : Number(line.slice(series.length + 1))
+}
+
+/** A hang guard for what the gateway records at once (not a latency bound): short, so the file fails within its time without the fix. */
+const HANG = 10_000
+const requests = (route: string, outcome: string) => `keygate_gateway_requests_total{route="${route}",outcome="${outcome}"}`
+const durations = (route: string) => `keygate_gateway_request_duration_seconds_count{route="${route}"}`
+
+type Tap = Parameters<typeof startGateway>[0]
+
+/** One store for the file (opening PGlite is the slow part); usage is read by key. */
+const store = openStore(t, makeConfig({}))
+
+async function setup(t: Tap) {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  const usage = new UsageRecorder({ db: (await store).db })
+  // The upstream holds every request (and upgrade) it gets, answering none of them by itself.
+  const held: Array<() => void> = []
+  let arrival: () => void = () => {}
+  /** Resolves when the upstream has the next held request. */
+  const next = (): Promise<void> => new Promise<void>((r) => (arrival = r))
+  const h = await startGateway(t, {
+    store: await store,
+    usage,
+    log,
+    config: { log: { access_log: true } },
+    upstream: (req: http.IncomingMessage, res: http.ServerResponse) => {
+      if (req.url === '/fast') {
+        res.end('fast')
+        return
+      }
+      held.push(() => res.end('late'))
+      arrival()
+    },
+  })
+  const k = await h.key()
+  const used = async () => {
+    await usage.flush()
+    const db = h.db
+    const [row] = await db.query<{ requests: number; rejected: number }>('SELECT coalesce(sum(requests), 0)::int AS requests, coalesce(sum(rejected), 0)::int AS rejected FROM api_key_usage WHERE key_id = $1', [k.id])
+    const [refused] = await db.query<{ n: number }>('SELECT coalesce(sum(count), 0)::int AS n FROM api_key_rejections')
+    return { ...row, refusals: refused?.n }
+  }
+  const accessLines = () => lines.filter((l) => l.message === 'request')
+  return { h, k, held, next, used, accessLines }
+}
+
+t.test('a client that gives up before the upstream answers: recorded once as client_closed (499)', async (t) => {
+  const { h, k, held, next, used, accessLines } = await setup(t)
+  await abandon(h.port, `GET /slow HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`, next())
+  // Before, nothing at all: the request reached the upstream and was never counted or logged.
+  await until(t, 'the request is counted as client_closed', async () => (await sample(h, requests('api', 'client_closed'))) === 1, HANG)
+  // The upstream answers after all, to an exchange that is over: nothing more is counted.
+  for (const answer of held.splice(0)) answer()
+  const done = await h.get('/fast', bearer(k.key))
+  t.equal(done.status, 200, 'a request after it completes')
+  t.equal(await sample(h, requests('api', 'client_closed')), 1, 'client_closed counted once')
+  t.equal(await sample(h, requests('api', 'forwarded')), 1, 'the completed request counted once, as forwarded')
+  t.equal(await sample(h, durations('api')), 2, 'both timed, each once')
+  t.same(await used(), { requests: 2, rejected: 0, refusals: 0 }, "both are uses of the key; the one whose client left is neither refused nor an error")
+  const logged = accessLines()
+  t.equal(logged.length, 2, 'one access-log line each')
+  t.match(logged, [
+    { path: '/slow', status: 499, outcome: 'client_closed', route: 'api', key_id: k.id },
+    { path: '/fast', status: 200, outcome: 'forwarded', route: 'api', key_id: k.id },
+  ])
+})
+
+t.test('a WebSocket client that leaves while the upstream takes the upgrade: recorded once as client_closed', async (t) => {
+  const { h, k, used, accessLines } = await setup(t)
+  const upgrade = `GET /ws HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
+  const upstreamSockets: net.Socket[] = []
+  let arrival: () => void = () => {}
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    socket.on('error', () => {})
+    upstreamSockets.push(socket)
+    arrival()
+  })
+  const connections = () => new Promise<number>((r) => h.gateway.server.getConnections((_e, n) => r(n)))
+  // The upstream accepts the upgrade after the client left, then refuses the next one.
+  const answers: Array<[string, (s: net.Socket) => void]> = [
+    ['accepts', (s) => s.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n')],
+    ['fails', (s) => s.destroy()],
+  ]
+  let n = 0
+  for (const [what, answer] of answers) {
+    n++
+    const arrived = new Promise<void>((r) => (arrival = r))
+    await abandon(h.port, upgrade, arrived, true)
+    // The gateway has seen the client go (its socket destroyed) before the upstream answers.
+    await until(t, `the gateway saw the client leave (${what})`, async () => (await connections()) === 0)
+    answer(upstreamSockets[n - 1] as net.Socket)
+    await until(t, `client_closed when the upstream ${what}`, async () => (await sample(h, requests('api', 'client_closed'))) === n, HANG)
+  }
+  // Upgraded sockets are not the upstream server's to close at teardown.
+  for (const s of upstreamSockets) s.destroy()
+  const done = await h.get('/fast', bearer(k.key))
+  t.equal(done.status, 200, 'a request after them completes')
+  t.equal(await sample(h, requests('api', 'client_closed')), 2, 'each counted once')
+  t.equal(await sample(h, requests('api', 'forwarded')), 1, 'no 101 counted')
+  t.equal(await sample(h, requests('api', 'upstream_unavailable')), 0, 'the failed upgrade is not counted as answered')
+  t.equal(await sample(h, durations('api')), 3, 'all timed, each once')
+  t.same(await used(), { requests: 3, rejected: 0, refusals: 0 }, 'three uses of the key, none refused')
+  t.match(accessLines(), [
+    { path: '/ws', status: 499, outcome: 'client_closed' },
+    { path: '/ws', status: 499, outcome: 'client_closed' },
+    { path: '/fast', status: 200, outcome: 'forwarded' },
+  ])
+  t.equal(accessLines().length, 3)
+})
