@@ -31,7 +31,7 @@ import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, destroyConnections, isTlsFailure, trackConnections } from '../core/http.ts'
 import { closingError, rawError, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
-import { RequestState, type GatewayContext, type Stage } from './state.ts'
+import { RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
 import { TunnelGuard } from './tunnels.ts'
 import { createValidateStage } from './validate.ts'
@@ -260,12 +260,22 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     })
   })
 
+  // Answers given before any request state (CONNECT, a bad Expect, a request the parser refused):
+  // counted and timed as record() does, under no route, from when Node handed the request (or
+  // the parser's error) over to the answer.
+  const none = metrics.route(NO_ROUTE)
+  const countUnrouted = (code: Verdict, start: number): void => {
+    none.requests[code].inc()
+    none.duration.observe((performance.now() - start) / 1000)
+  }
+
   server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
     // Node takes its own error listener off a socket it hands to 'connect': without one, a client
     // that resets the connection was an uncaught error, the end of the process.
     socket.on('error', () => socket.destroy())
+    const start = performance.now()
     afterResponses(socket, () => {
-      metrics.route(NO_ROUTE).requests.method_not_allowed.inc()
+      countUnrouted('method_not_allowed', start)
       rawError(socket, 'method_not_allowed', nextId())
     })
   })
@@ -273,7 +283,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   // An Expect other than 100-continue: the JSON error of SPEC §3, counted, where Node would send
   // an empty 417 of its own. Nothing is read of the request or checked.
   server.on('checkExpectation', (_req: http.IncomingMessage, res: http.ServerResponse) => {
-    metrics.route(NO_ROUTE).requests.expectation_failed.inc()
+    countUnrouted('expectation_failed', performance.now())
     const e = closingError('expectation_failed', nextId())
     res.writeHead(e.status, e.headers)
     res.end(e.body)
@@ -284,9 +294,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       socket.destroy()
       return
     }
+    const start = performance.now()
     answerClientError(socket, () => {
       const code = err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
-      metrics.route(NO_ROUTE).requests[code].inc()
+      countUnrouted(code, start)
       log.debug('refused a malformed request', { code: err.code ?? null })
       rawError(socket, code, nextId())
     })

@@ -1,11 +1,12 @@
 // Every gateway request is counted, timed, logged and (with a key) used once: also one whose
-// client goes away before the answer (client_closed, 499).
+// client goes away before the answer (client_closed, 499), and the answers the gateway gives
+// before any request state (CONNECT, a bad Expect, a request the parser refused).
 import t from 'tap'
 import type http from 'node:http'
 import net from 'node:net'
 import { createLogger } from '../core/log.ts'
 import { UsageRecorder } from '../core/usage.ts'
-import { bearer, makeConfig, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
+import { bearer, makeConfig, openStore, rawExchange, startGateway, until, type Harness } from './helpers/gateway.ts'
 
 /**
  * Sends `text` on a new connection and destroys it once `when` resolves (with a reset when
@@ -134,4 +135,23 @@ t.test('a WebSocket client that leaves while the upstream takes the upgrade: rec
     { path: '/fast', status: 200, outcome: 'forwarded' },
   ])
   t.equal(accessLines().length, 3)
+})
+
+t.test('answers given before any request state are timed as they are counted', async (t) => {
+  const h = await startGateway(t, { store: await store, config: { gateway: { max_header_bytes: 4096 } } })
+  const cases = [
+    `POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`,
+    `CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n`,
+    `GET / HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n`,
+    `GET / HTTP/1.1\r\nHost: a\r\nX-Big: ${'a'.repeat(8000)}\r\n\r\n`,
+  ]
+  for (const c of cases) t.match(await rawExchange(h.port, c), /^HTTP\/1\.1 4\d\d /)
+  let counted = 0
+  for (const outcome of ['bad_request', 'method_not_allowed', 'expectation_failed', 'headers_too_large']) {
+    const n = await sample(h, requests('none', outcome))
+    t.equal(n, 1, `${outcome} counted`)
+    counted += n
+  }
+  // Before, none of them was observed: requests_total and the histogram's _count drifted apart.
+  t.equal(await sample(h, durations('none')), counted, 'each timed once')
 })
