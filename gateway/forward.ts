@@ -123,8 +123,9 @@ const BODY_IDLE = 'KEYGATE_BODY_IDLE'
  * One forwarded request as an undici dispatch handler: the response head is written when the
  * upstream's arrives, body chunks go straight into the ServerResponse (the upstream is paused
  * while the client's socket is full and resumed on 'drain'), and a client that goes away aborts
- * the upstream request (and the request is recorded as client_closed). This is what undici's `stream()` does, without its per-request async
- * resource, promise plumbing and four listeners on the response.
+ * the upstream request (and the request is recorded as client_closed). This is what undici's
+ * `stream()` does, without its per-request async resource, promise plumbing and four listeners
+ * on the response.
  */
 class Exchange implements Dispatcher.DispatchHandler {
   readonly #s: RequestState
