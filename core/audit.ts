@@ -190,6 +190,24 @@ export async function sealedKeyIds(db: Queryable): Promise<string[]> {
 }
 
 /**
+ * Refuses a cipher that cannot open the newest audit row (`encryption_key_missing`, naming its
+ * key): a wrong KEYGATE_ENCRYPTION_KEY, or the right one not listed among the previous keys
+ * after a rotation. Before, such a process ran on and sealed its rows with a key no other
+ * instance has, so their details were lost for good. Older rows sealed with a key that was
+ * dropped since are not looked at (keeping a key only as long as its rows is the documented
+ * rotation); the newest row is read through the index on created_at, one row however long the
+ * log. An empty log passes.
+ */
+export async function checkNewestSealed(db: Queryable, cipher: AuditCipher): Promise<void> {
+  const [newest] = await db.query<{ id: string }>('SELECT enc_key_id AS id FROM api_key_audit_log ORDER BY created_at DESC LIMIT 1')
+  if (!newest || cipher.knows(newest.id)) return
+  throw new KeygateError(
+    'encryption_key_missing',
+    `the newest audit row was sealed with encryption key ${newest.id}, which is not configured (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${newest.id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
+  )
+}
+
+/**
  * The audit cipher from configuration. With the embedded store and no key configured, one is
  * generated into the data folder (mode 0600) with a warning, unless the store already holds
  * rows or secrets sealed with another key (`sealed`: their key ids): then the file was lost, and

@@ -3,6 +3,8 @@
 // format the commands write as audit.seal_format says.
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
+import { encryptionKeyId } from '../core/audit.ts'
 import { runCli } from './helpers/cli.ts'
 import { ENCRYPTION_KEY, isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { freshDatabase } from './helpers/stores.ts'
@@ -59,4 +61,43 @@ t.test('audit.seal_format (KEYGATE_AUDIT_SEAL_FORMAT) decides the format of the 
   t.match(bad.stderr, /KEYGATE_AUDIT_SEAL_FORMAT/)
   const listed = await runCli(['api-key', 'list', '--json'], { cwd, env: env() })
   t.equal(listed.code, 0, 'rows of both formats are read')
+})
+
+t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a key that is not configured', async (t) => {
+  const url = await freshDatabase(t)
+  const cwd = tempDir()
+  const keyA = ENCRYPTION_KEY
+  const keyB = randomBytes(32).toString('base64')
+  const idA = encryptionKeyId(Buffer.from(keyA, 'base64'))
+  const idB = encryptionKeyId(Buffer.from(keyB, 'base64'))
+  const env = (current: string, previous?: string) => isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: current, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
+  const auditRows = () => execFileSync('psql', [url, '-At', '-c', 'SELECT enc_key_id FROM api_key_audit_log ORDER BY created_at'], { encoding: 'utf8' }).trim().split('\n').filter(Boolean)
+  t.equal((await runCli(['migrate'], { cwd, env: env(keyA) })).code, 0)
+  const empty = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyB) })
+  t.equal(empty.code, 0, `an empty audit log passes with any key: ${empty.stderr}`)
+
+  const create = (name: string, e: Record<string, string | undefined>) => runCli(['api-key', 'create', '--type', 'user', '--name', name, '--json'], { cwd, env: e })
+  const first = await create('sealed-with-a', env(keyA))
+  t.equal(first.code, 0, first.stderr)
+  plaintexts.push(first.json().key)
+
+  // Before, this succeeded and wrote a row key A's instances list as key_missing, its details lost.
+  const wrong = await create('sealed-with-b', env(keyB))
+  t.equal(wrong.code, 1, 'a random key is refused')
+  t.equal(wrong.json().error.code, 'encryption_key_missing')
+  t.match(wrong.json().error.message, `the newest audit row was sealed with encryption key ${idA}, which is not configured (the current key is ${idB}`)
+  t.same(auditRows(), [idA], 'and nothing was written')
+  const serve = await runCli(['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { cwd, env: { ...env(keyB), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' } })
+  t.equal(serve.code, 1, 'serve is refused too')
+  t.match(serve.stderr, `sealed with encryption key ${idA}, which is not configured`)
+
+  const rotated = await create('rotated', env(keyB, keyA))
+  t.equal(rotated.code, 0, `a rotation (new key current, old one previous) passes: ${rotated.stderr}`)
+  plaintexts.push(rotated.json().key)
+  t.same(auditRows(), [idA, idB])
+  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyB) })
+  t.equal(listed.code, 0, `the old key dropped once the newest row is sealed with the new one: ${listed.stderr}`)
+  const stale = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyA) })
+  t.equal(stale.code, 1, 'the old key alone, after the rotation, is refused')
+  t.match(stale.json().error.message, `sealed with encryption key ${idB}`)
 })
