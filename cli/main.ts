@@ -222,7 +222,13 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
     io.out(renderConfigDocs())
     return EXIT_OK
   }
-  if (name !== 'check') throw new UsageError('usage: keygate config check [FILE] [--json] | keygate config docs')
+  const groupUsage = 'usage: keygate config check [FILE] [--json] | keygate config docs'
+  // Help, as on every other command (before: exit 2, with the usage on stderr).
+  if (name === '--help' || name === '-h' || name === 'help') {
+    io.out(`${groupUsage}\ncheck: checks a configuration file and lists every problem\ndocs: prints the configuration reference as Markdown\n`)
+    return EXIT_OK
+  }
+  if (name !== 'check') throw new UsageError(groupUsage)
   const usage = 'keygate config check [FILE] [--json]'
   const p = parse(rest, {}, { min: 0, max: 1 }, usage)
   if (p.values.help) {

@@ -95,6 +95,13 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     t.equal(help.code, 0, `keygate ${args.join(' ')}`)
     t.match(help.stdout, new RegExp(`^usage: keygate config ${args[1]}`))
   }
+  // The group's own help too (before: exit 2 with the usage on stderr, unlike every other help).
+  for (const args of [['config', '--help'], ['config', '-h'], ['config', 'help']]) {
+    const help = args[1] === '--help' ? await runCli(args, { env, cwd: dir }) : await runCliHere(args, { env })
+    t.equal(help.code, 0, `keygate ${args.join(' ')} exits 0`)
+    t.match(help.stdout, /^usage: keygate config check \[FILE\] \[--json\] \| keygate config docs\n/, `keygate ${args.join(' ')} prints the usage on stdout`)
+    t.equal(help.stderr, '', 'and nothing on stderr')
+  }
 
   const json = await runCli(['api-key', 'create', '--type', 'user', '--json'], { env, cwd: dir })
   t.equal(json.code, 2)
