@@ -95,6 +95,12 @@ export function choiceFlag<T extends string>(p: Parsed, flag: string, allowed: r
 }
 
 /**
+ * How a flag spells the API's null, where not `null`: the schema's message would offer `null`,
+ * which the flag refuses (before: `--expires-at null` was told to use null).
+ */
+const NULL_WORD_OF: Readonly<Record<string, string>> = { '--expires-at': 'never' }
+
+/**
  * The API's own schema, checked before any store is opened: a value a flag never takes is a
  * usage error (exit 2) naming the flag (`flagOf` maps a field to its flag; by default `--field`),
  * whether the command then goes to the store or to the admin API. (What depends on the store, or
@@ -108,7 +114,9 @@ export function checkFlags(schema: TSchema, values: Record<string, unknown>, fla
       .map((p) => {
         const field = dotted(p.path)
         const flag = flagOf[p.path[0] ?? ''] ?? `--${p.path[0] ?? ''}`
-        return problemLine(p, p.path.length > 1 ? `${flag} (${field})` : flag)
+        const nullWord = p.path.length === 1 ? NULL_WORD_OF[flag] : undefined
+        const problem = nullWord === undefined ? p : { ...p, allowed: p.allowed.replace(/ or null$/, ` or ${nullWord}`) }
+        return problemLine(problem, p.path.length > 1 ? `${flag} (${field})` : flag)
       })
       .join('; '),
   )

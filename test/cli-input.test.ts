@@ -52,6 +52,10 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'update', 'abc', '--rotate-every', '59m'], /^keygate: --rotate-every: "59m" is too short; expected from 1h to 1825d\n$/],
     [['api-key', 'update', 'abc', '--rotate-every', '261w'], /^keygate: --rotate-every: "261w" is too long; expected from 1h to 1825d\n$/],
     [['api-key', 'update', 'abc', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed/],
+    // The flag's word for no expiry is `never`; before, the schema's message offered null, which the flag refuses.
+    [['api-key', 'update', 'abc', '--expires-at', 'null'], /--expires-at: "null" is not allowed; expected an RFC 3339 date-time from 1970 to 9999 such as 2027-01-31T12:00:00Z or never\n/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', 'nul'], /--expires-at: "nul" is not allowed; expected an RFC 3339 date-time .* or never\n/],
+    [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-at', 'null'], /--expires-at: "null" is not allowed; expected an RFC 3339 date-time .* or never\n/],
     [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],
     [['api-key', 'list', '--limit', '0'], /--limit: "0" is not allowed; expected an integer from 1 to 500/],
     [['api-key', 'list', '--limit', 'ten'], /--limit: "ten" is not allowed/],
