@@ -181,6 +181,12 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
 }
 
 /**
+ * What `serve` refused with store_locked is told: the owner is most often a CLI command, which
+ * ends by itself (before: the CLI's advice, to point the CLI at the admin API, which serve is).
+ */
+const SERVE_LOCKED_HINT = 'wait for it to end (a keygate command ends by itself), or stop it; several servers need a shared store (DATABASE_URL)'
+
+/**
  * The store opened (and migrated), unless a stop signal comes first: then the process exits 0
  * at once. Nothing is served yet, so nothing is drained; what the start had begun in the store
  * rolls back with its connection. Before (found by a review), a start waiting on the store (another
@@ -188,7 +194,7 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
  * was free; `systemctl stop` ended in SIGKILL.
  */
 async function openUnlessStopped(config: Config, log: Logger, stopping: { stopped: Promise<string> }): Promise<Runtime> {
-  const opening = openRuntime(config, log)
+  const opening = openRuntime(config, log, { lockedHint: SERVE_LOCKED_HINT })
   const first = await Promise.race([opening.then((runtime) => ({ runtime })), stopping.stopped.then((signal) => ({ signal }))])
   if ('runtime' in first) return first.runtime
   log.info('stopped during start-up, before serving', { signal: first.signal })

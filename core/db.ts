@@ -9,8 +9,12 @@ import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 
-/** What a store_locked refusal suggests besides stopping the owner (a command without a way through the admin API says its own). */
-const STORE_LOCKED_HINT = 'point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN'
+/**
+ * What a store_locked refusal advises, after naming the process that holds the store: by
+ * default a CLI command's way (the owner is usually `serve`); the caller that is no CLI command
+ * says its own (OpenDbOptions.lockedHint).
+ */
+const STORE_LOCKED_HINT = 'stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN'
 
 export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<R[]>
@@ -410,7 +414,7 @@ function processAlive(pid: number): boolean {
  * before it is replaced, and checked to be the one judged stale: two processes taking over the
  * same stale lock cannot both win. A process removes the lock only while it still holds its pid.
  */
-function lockDataDir(dir: string): () => void {
+function lockDataDir(dir: string, hint: string): () => void {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
   const mine = `${file}.${pid}.${randomBytes(4).toString('hex')}`
@@ -439,7 +443,7 @@ function lockDataDir(dir: string): () => void {
       if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
         throw new KeygateError(
           'store_locked',
-          `the embedded store in ${dir} is in use by process ${owner}; stop it, or ${STORE_LOCKED_HINT}`,
+          `the embedded store in ${dir} is in use by process ${owner}; ${hint}`,
           { pid: owner },
         )
       }
@@ -492,6 +496,8 @@ export interface OpenDbOptions {
   queryTimeoutMs?: number
   /** An embedded store in memory only (tests). */
   memory?: boolean
+  /** What a store_locked refusal advises after naming the owner (default: a CLI command's way, through the admin API). */
+  lockedHint?: string
   /**
    * With `memory`: a tar of an initialised data folder (PGlite's dumpDataDir) the store starts
    * from, instead of running PGlite's initdb, which costs seconds of CPU and gives the same
@@ -522,7 +528,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   let release: () => void
   try {
-    release = lockDataDir(dir)
+    release = lockDataDir(dir, options.lockedHint ?? STORE_LOCKED_HINT)
   } catch (err) {
     if (isKeygateError(err)) throw err
     const at = (err as NodeJS.ErrnoException).path

@@ -52,6 +52,18 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
   t.match(workersEmbedded.stderr, /--workers above 1 needs DATABASE_URL/)
 })
 
+t.test('serve refused by a store a command holds is told to wait for it or stop it, not the CLI\'s advice', async (t) => {
+  const dir = await storeDir()
+  const held = await openDb({ dataDir: dir })
+  t.teardown(() => held.close())
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const r = await runCli(['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env })
+  t.equal(r.code, 1)
+  t.match(r.stderr, `the embedded store in ${dir} is in use by process ${process.pid}; wait for it to end (a keygate command ends by itself), or stop it; several servers need a shared store (DATABASE_URL)`)
+  // Before: "point the CLI at its admin API with KEYGATE_ADMIN_URL", advice for the CLI, given to the server.
+  t.notMatch(r.stderr, /KEYGATE_ADMIN_URL|point the CLI/)
+})
+
 t.test('an address in use: exits 1 naming it, with nothing left serving', async (t) => {
   const taken = net.createServer()
   await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve))
