@@ -11,6 +11,11 @@ import { migrate } from '../core/migrate.ts'
 import { capturedLogs, freePort, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { unlessHung } from './helpers/gateway.ts'
 import { memoryDb, rejection } from './helpers/stores.ts'
+import { runCli } from './helpers/cli.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 
 type Handler = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => void
 
@@ -176,7 +181,7 @@ t.test('n8n: an expired session logs in again once; a disabled public API is nam
       const key = req.headers['x-n8n-api-key']
       if (key === 'scope-less-key') return json(res, 403, { message: 'Forbidden' })
       if (!publicApi) return res.writeHead(404).end()
-      return json(res, key === 'good-key' ? 200 : 401, key === 'good-key' ? { data: [] } : { message: 'unauthorized' })
+      return json(res, key === 'good-key' ? 200 : 401, key === 'good-key' ? { data: [], nextCursor: null } : { message: 'unauthorized' })
     }
   })
   const keys = n8nAt(t, url)
@@ -194,6 +199,43 @@ t.test('n8n: an expired session logs in again once; a disabled public API is nam
   publicApi = false
   t.match(await rejection(keys.list()), { code: 'n8n_error', message: /public API is disabled/ })
   t.match(await rejection(keys.verify('good-key')), { code: 'n8n_error', message: /no public API/ })
+})
+
+t.test('n8n verify: a 200 that is not n8n\'s workflow list is an n8n_error naming what came back, not "valid"', async (t) => {
+  const KEY = 'eyJhbGciOiJIUzI1NiJ9.verify-me-key.signature'
+  let answer: (res: http.ServerResponse) => void = (res) => json(res, 200, { data: [], nextCursor: null })
+  const url = await scripted(t, (req, res) => {
+    if (req.url?.startsWith('/api/v1/workflows') && req.headers['x-n8n-api-key'] === KEY) return answer(res)
+    res.writeHead(404).end()
+  })
+  const keys = n8nAt(t, url)
+  t.match(await keys.verify(KEY), { valid: true }, "n8n's own list: valid")
+  answer = (res) => json(res, 200, { data: [{ id: 'w1' }], nextCursor: 'MTIz' })
+  t.match(await keys.verify(KEY), { valid: true }, 'with a next page too')
+  // Before, each of these was reported as a valid key.
+  const cases: Array<[string, (res: http.ServerResponse) => void, RegExp]> = [
+    ['plain text', (res) => res.writeHead(200, { 'content-type': 'text/plain' }).end('OK'), /answered GET \/api\/v1\/workflows with text \(text\/plain\): "OK", not n8n's workflow list: is N8N_URL n8n's address\?$/],
+    ['a page', (res) => res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' }).end('<html><body>Welcome</body></html>'), /with a page of markup \(text\/html\)/],
+    ['an empty body', (res) => res.writeHead(200).end(), /with an empty body \(no content type\)/],
+    ['other JSON', (res) => json(res, 200, { status: 'ok', items: [] }), /with a JSON object with status, items, not n8n's workflow list/],
+    ['a bare list', (res) => json(res, 200, []), /with a JSON list of 0/],
+    ['data without nextCursor', (res) => json(res, 200, { data: [] }), /with a JSON object with data, not n8n's workflow list/],
+    ['the key echoed', (res) => res.writeHead(200, { 'content-type': 'text/plain' }).end(`hello ${KEY}`), /with text \(text\/plain\): "hello \[redacted\]"/],
+  ]
+  for (const [what, handler, message] of cases) {
+    answer = handler
+    const err = await rejection(keys.verify(KEY))
+    t.match(err, { code: 'n8n_error', message }, `${what}: refused, named`)
+    t.notMatch(err.message, KEY, `${what}: the key is not in the message`)
+  }
+
+  // The real command: exit 1 with the reason, not exit 0 and "valid".
+  answer = (res) => res.writeHead(200, { 'content-type': 'text/plain' }).end('OK')
+  const dataDir = await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-n8n-verify-')), 'store'))
+  const r = await runCli(['n8n', 'verify', '-', '--json'], { input: `${KEY}\n`, env: { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_URL: undefined, N8N_URL: url } })
+  t.equal(r.code, 1, r.stdout + r.stderr)
+  t.match(r.json().error, { code: 'n8n_error', message: /answered GET \/api\/v1\/workflows with text \(text\/plain\): "OK"/ })
+  t.notMatch(r.stdout + r.stderr, KEY)
 })
 
 t.test('no password or cookie in the logs', async (t) => {

@@ -108,6 +108,28 @@ export class IntegrationHttp {
     return typeof b === 'string' && b !== '' && !/^\s*</.test(b) ? this.redact(b) : 'no message'
   }
 
+  /**
+   * What an answer of the wrong shape held, in a few words for an error message: its content
+   * type and the start of a text body (redacted: a secret the client knows, such as the key
+   * being checked, is not echoed), or which JSON came back.
+   */
+  describe(res: HttpResponse): string {
+    const b = res.body
+    const type = String(res.headers['content-type'] ?? 'no content type').split(';')[0]
+    if (typeof b === 'string') {
+      if (b.trim() === '') return `an empty body (${type})`
+      if (/^\s*</.test(b)) return `a page of markup (${type})`
+      const start = this.redact(b)
+      return `text (${type}): ${JSON.stringify(start.length > 60 ? start.slice(0, 57) + '...' : start)}`
+    }
+    if (Array.isArray(b)) return `a JSON list of ${b.length}`
+    if (b !== null && typeof b === 'object') {
+      const keys = Object.keys(b)
+      return keys.length === 0 ? 'an empty JSON object' : `a JSON object with ${this.redact(keys.slice(0, 5).join(', '))}${keys.length > 5 ? ', ...' : ''}`
+    }
+    return `JSON ${JSON.stringify(b)}`
+  }
+
   /** A `<service>_error` saying what was attempted, the status and the service's message. */
   failure(what: string, res: HttpResponse): KeygateError {
     return new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} refused to ${what}: ${res.status} ${this.messageOf(res)}`, {

@@ -401,6 +401,12 @@ export class N8nKeyService {
     if (res.status === 403) return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
     if (res.status === 404) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no public API (N8N_PUBLIC_API_DISABLED)`, { status: 404 })
     if (res.status !== 200) throw http.failure('check the API key', res)
+    // Only n8n's own list counts (`{data: [...], nextCursor}`): before, any 200 was "valid", so a
+    // key checked against a server that is not n8n (a wrong N8N_URL: a proxy's page, another
+    // service) was reported good.
+    const list = res.body as { data?: unknown; nextCursor?: unknown } | null
+    const isList = typeof list === 'object' && list !== null && Array.isArray(list.data) && (list.nextCursor === null || typeof list.nextCursor === 'string')
+    if (!isList) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered GET /api/v1/workflows with ${http.describe(res)}, not n8n's workflow list: is N8N_URL n8n's address?`)
     return { valid: true, record }
   }
 
