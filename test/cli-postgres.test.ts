@@ -100,4 +100,8 @@ t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a 
   const stale = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyA) })
   t.equal(stale.code, 1, 'the old key alone, after the rotation, is refused')
   t.match(stale.json().error.message, `sealed with encryption key ${idB}`)
+  // The README's two-step rotation: an instance still on the first step (old key current, new key
+  // among the previous ones) opens what the new key sealed, so it is not refused.
+  const firstStep = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyA, keyB) })
+  t.equal(firstStep.code, 0, `the old key current with the new one previous passes: ${firstStep.stderr}`)
 })
