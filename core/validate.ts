@@ -191,6 +191,9 @@ export function problemLine(p: Problem, where: string, secret = false): string {
  */
 const SECRET_FIELD = /(?:^|\.)(?:key|token|secret|password|key_hash)$/i
 
+/** Why a JSON number that is not finite (`1e309` reads as Infinity) is refused: JSON.stringify writes it as null. */
+export const NOT_FINITE = 'is beyond the range of a number (about ±1.8e308); it would be stored as null'
+
 /** No input keygate takes nests deeper than this (JSON bodies, metadata). */
 export const MAX_JSON_DEPTH = 32
 
@@ -207,23 +210,19 @@ function pathTo(step: Step | undefined): string[] {
 }
 
 /**
- * The path of the first string or object key in `value` that is not well-formed UTF-16: a lone
- * surrogate (`"\ud800"` in JSON), which is no text PostgreSQL can store (jsonb refuses it; a text
- * column would take it as U+FFFD, changing the input without a word). Walked with a stack of its
- * own, not by recursion: a value nested tens of thousands of levels deep (CLI metadata, an import
- * file; the API refuses such bodies earlier) must reach the checks that name it, not overflow.
+ * The path of the first value or object key in `value` that `bad` picks, in document order.
+ * Walked with a stack of its own, not by recursion: a value nested tens of thousands of levels
+ * deep (CLI metadata, an import file; the API refuses such bodies earlier) must reach the checks
+ * that name it, not overflow.
  */
-export function loneSurrogateAt(value: unknown): string[] | undefined {
+export function pathWhere(value: unknown, bad: (v: unknown) => boolean): string[] | undefined {
   const stack: Array<[unknown, Step | undefined]> = [[value, undefined]]
   while (stack.length > 0) {
     const [v, at] = stack.pop() as [unknown, Step | undefined]
-    if (typeof v === 'string') {
-      if (!v.isWellFormed()) return pathTo(at)
-      continue
-    }
+    if (bad(v)) return pathTo(at)
     if (typeof v !== 'object' || v === null) continue
     const entries = Object.entries(v)
-    for (const [k] of entries) if (!k.isWellFormed()) return [...pathTo(at), k.toWellFormed()]
+    for (const [k] of entries) if (bad(k)) return [...pathTo(at), k]
     // Pushed last to first, so the first one is looked at first.
     for (let i = entries.length - 1; i >= 0; i--) {
       const [k, x] = entries[i] as [string, unknown]
@@ -231,6 +230,15 @@ export function loneSurrogateAt(value: unknown): string[] | undefined {
     }
   }
   return undefined
+}
+
+/**
+ * The path of the first string or object key in `value` that is not well-formed UTF-16: a lone
+ * surrogate (`"\ud800"` in JSON), which is no text PostgreSQL can store (jsonb refuses it; a text
+ * column would take it as U+FFFD, changing the input without a word). A key is named well-formed.
+ */
+export function loneSurrogateAt(value: unknown): string[] | undefined {
+  return pathWhere(value, (v) => typeof v === 'string' && !v.isWellFormed())?.map((k) => k.toWellFormed())
 }
 
 /**

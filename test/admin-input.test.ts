@@ -84,6 +84,28 @@ await forEachStore(t, async (t, store) => {
   t.equal(pair.status, 201, 'a surrogate pair (an emoji) is text, and taken')
   t.equal(pair.json?.name, 'emoji \ud83d\ude00', 'and stored as sent')
 
+  // A number that would not be stored as written is refused naming its field, as a lone surrogate
+  // is (before: 201, stored as null, rounded, or 0 without a word).
+  for (const [what, path, raw, field, shown] of [
+    ['a number out of range in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"ok":1,"inf":1e309}}', 'metadata.inf', '1e309'],
+    ['a whole number past 2^53 in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"big":12345678901234567891}}', 'metadata.big', '12345678901234567891'],
+    ['a number too close to zero in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"zero":0,"tiny":-1e-400}}', 'metadata.tiny', '-1e-400'],
+    ['a number out of range in an import row', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'b'.repeat(64)}","name":"n","metadata":{"a":[1,-1e999]}}]}`, 'rows[0].metadata.a[1]', '-1e999'],
+    ['a 60-digit whole number in an import row', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'b'.repeat(64)}","name":"n","metadata":{"n":${'9'.repeat(60)}}}]}`, 'rows[0].metadata.n', `${'9'.repeat(37)}... (60 characters)`],
+    ['a number out of range in a rate limit', '/v1/keys', '{"name":"m","type":"service","rate_limit":{"limit":1e309,"window_s":60}}', 'rate_limit.limit', '1e309'],
+  ] as const) {
+    const a = await h.call('POST', path, { raw, headers: json })
+    refused(a, 400, 'validation_failed', what)
+    t.equal(a.json?.error?.details?.fields?.[0]?.field, field, `named: ${field}`)
+    t.ok(a.json?.error?.message.startsWith(`${field}: ${shown} `), `shown as written: ${a.json?.error?.message}`)
+    t.notMatch(a.json?.error?.message, /\bnull\b.*expected|: null /, 'not echoed as null')
+  }
+  const exact = await h.call('POST', '/v1/keys', { raw: '{"name":"exact","type":"service","metadata":{"max":9007199254740991,"min":-9007199254740991,"e":1e20,"f":0.1,"z":0,"nz":-0e-500,"small":5e-324,"d":1.5e-7}}', headers: json })
+  t.equal(exact.status, 201, 'numbers stored as written are taken')
+  t.same(exact.json?.metadata, { max: 9007199254740991, min: -9007199254740991, e: 1e20, f: 0.1, z: 0, nz: 0, small: 5e-324, d: 1.5e-7 })
+  // The key service refuses Infinity itself (the CLI's --metadata and import files read 1e309 so).
+  await t.rejects(h.keys.create({ name: 'inf', type: 'service', metadata: { deep: { inf: Infinity } } }, { actor: 'test' }), { code: 'validation_failed', details: { fields: [{ field: 'metadata.deep.inf' }] } }, 'the key service refuses Infinity in metadata')
+
   // An audit cursor holds what the server wrote: a time of 1970 to 9999 and an id.
   const cursor = (v: unknown) => Buffer.from(JSON.stringify(v)).toString('base64url')
   for (const [what, c] of [
@@ -138,7 +160,7 @@ await forEachStore(t, async (t, store) => {
   t.equal((await h.call('GET', '/v1/deny-list')).json?.items.length, denyBefore, 'no deny entry was added')
   t.equal((await h.call('GET', '/v1/webhooks')).json?.items.length, 0, 'no webhook was registered')
 
-  t.equal(await h.auditRows(), before + 2, 'no refusal wrote an audit row (two keys were created)')
+  t.equal(await h.auditRows(), before + 3, 'no refusal wrote an audit row (three keys were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)

@@ -8,7 +8,7 @@ import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, encodeCursor } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
-import { assertValid, MAX_JSON_DEPTH, refuseKeyIn } from '../validate.ts'
+import { assertValid, dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
@@ -137,6 +137,10 @@ function checkMetadata(metadata: unknown): void {
   if (holdsNul(metadata)) {
     throw fieldInvalid('metadata', 'holds a NUL character')
   }
+  // JSON writes Infinity as null: the CLI's --metadata and import files read `1e309` as Infinity
+  // (the admin API refuses it in the body, with any number that would not be stored as written).
+  const infinite = pathWhere(metadata, (v) => typeof v === 'number' && !Number.isFinite(v))
+  if (infinite !== undefined) throw fieldInvalid(dotted(['metadata', ...infinite]), NOT_FINITE)
   // JSON Schema cannot bound a record's keys (TypeBox's Record drops the key schema's maxLength).
   const long = Object.keys(metadata as object).find((k) => k.length > METADATA_KEY_MAX)
   if (long !== undefined) throw fieldInvalid('metadata', `has a key longer than ${METADATA_KEY_MAX} characters (${JSON.stringify(long.slice(0, 20))}…)`)
