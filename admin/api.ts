@@ -8,7 +8,7 @@ import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
 import { hasBody } from '../core/http.ts'
-import { assertValid, dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere } from '../core/validate.ts'
+import { assertValid, dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, showValue } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
 import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
@@ -21,6 +21,15 @@ export interface AdminApiOptions {
 }
 
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i
+/** A `charset` parameter of a Content-Type (quoted or not). */
+const CHARSET = /;\s*charset\s*=\s*(?:"([^"]*)"|([^;\s]*))/i
+
+/**
+ * Bodies are UTF-8 (RFC 8259), and one that is not is refused: Buffer's decoding made each bad
+ * byte U+FFFD, stored without a word (`k\xff` became the name "k\ufffd"). A byte order mark is
+ * kept, so such a body is not JSON, as before.
+ */
+const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 
 /**
  * An authenticated request whose declared body is too large is still read, and dropped, up to
@@ -33,6 +42,11 @@ async function readJson(req: http.IncomingMessage, max: number, limit: string): 
   if (!hasBody(req.headers)) return undefined
   if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
     throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
+  }
+  const charset = CHARSET.exec(req.headers['content-type'] ?? '')
+  const named = charset?.[1] ?? charset?.[2]
+  if (named !== undefined && !/^utf-?8$/i.test(named)) {
+    throw new AdminError('unsupported_media_type', `the body must be JSON in UTF-8, not charset ${showValue(named)}`, { connection: 'close' })
   }
   const tooLarge = (close = true) => new AdminError('payload_too_large', `the body is larger than ${max} bytes (${limit})`, close ? { connection: 'close' } : {})
   const declared = Number(req.headers['content-length'] ?? 0)
@@ -58,7 +72,12 @@ async function readJson(req: http.IncomingMessage, max: number, limit: string): 
     // not a server failure (before, an error-level log line each, and a 500).
     throw new AdminError('bad_request', `the body did not arrive whole: ${(err as Error).message}`, { connection: 'close' })
   }
-  const text = Buffer.concat(chunks).toString('utf8')
+  let text: string
+  try {
+    text = UTF8.decode(Buffer.concat(chunks))
+  } catch {
+    throw new AdminError('bad_request', 'the body is not valid UTF-8')
+  }
   if (text.trim() === '') return undefined
   let value: unknown
   try {

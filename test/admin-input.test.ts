@@ -103,6 +103,27 @@ await forEachStore(t, async (t, store) => {
   const exact = await h.call('POST', '/v1/keys', { raw: '{"name":"exact","type":"service","metadata":{"max":9007199254740991,"min":-9007199254740991,"e":1e20,"f":0.1,"z":0,"nz":-0e-500,"small":5e-324,"d":1.5e-7}}', headers: json })
   t.equal(exact.status, 201, 'numbers stored as written are taken')
   t.same(exact.json?.metadata, { max: 9007199254740991, min: -9007199254740991, e: 1e20, f: 0.1, z: 0, nz: 0, small: 5e-324, d: 1.5e-7 })
+  // A body that is not UTF-8 is refused (before: each bad byte became U+FFFD, stored as the name
+  // "k\ufffd"), and so is one declared in another charset (before: read as UTF-8 regardless).
+  for (const [what, bytes] of [
+    ['a byte that is no UTF-8', [0xff]],
+    ['a sequence cut short', [0xc3]],
+    ['an overlong encoding', [0xc0, 0xaf]],
+    ['an encoded surrogate', [0xed, 0xa0, 0x80]],
+  ] as const) {
+    const a = await h.call('POST', '/v1/keys', { raw: Buffer.concat([Buffer.from('{"name":"k'), Buffer.from(bytes), Buffer.from('","type":"service"}')]), headers: json })
+    refused(a, 400, 'bad_request', `${what} in a body`)
+    t.equal(a.json?.error?.message, 'the body is not valid UTF-8')
+  }
+  const latin1 = await h.call('POST', '/v1/keys', { raw: Buffer.from('{"name":"caf\u00e9","type":"service"}', 'latin1'), headers: { 'content-type': 'application/json; charset=ISO-8859-1' } })
+  refused(latin1, 415, 'unsupported_media_type', 'a body declared ISO-8859-1')
+  t.match(latin1.json?.error?.message, /charset "ISO-8859-1"/, 'the charset is named')
+  t.equal(latin1.headers.connection, 'close', 'and the body is not read')
+  for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF-8"', 'application/json; charset=utf8']) {
+    const a = await h.call('POST', '/v1/keys/validate', { raw: Buffer.from('{"key":"caf\u00e9"}'), headers: { 'content-type': type } })
+    t.equal(a.status, 200, `${type}: taken`)
+  }
+
   // The key service refuses Infinity itself (the CLI's --metadata and import files read 1e309 so).
   await t.rejects(h.keys.create({ name: 'inf', type: 'service', metadata: { deep: { inf: Infinity } } }, { actor: 'test' }), { code: 'validation_failed', details: { fields: [{ field: 'metadata.deep.inf' }] } }, 'the key service refuses Infinity in metadata')
 
