@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, answerClientError, hostName, isTlsFailure } from '../core/http.ts'
+import { ADMIN_MARK, answerClientError, hasBody, hostName, isTlsFailure } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -115,18 +115,21 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host)}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return
     }
+    // A refusal before any route reads the body (a bad target, no route, a wrong method) closes
+    // the connection rather than read and drop a body of any size, unauthenticated, to keep it.
+    const closing: http.OutgoingHttpHeaders = hasBody(req.headers) ? { connection: 'close' } : {}
     const target = req.url ?? '/'
     let url: URL
     try {
       url = new URL(target, 'http://admin.invalid')
     } catch {
-      sendError(res, 'bad_request', requestId, 'the request target is not a valid path')
+      sendError(res, 'bad_request', requestId, 'the request target is not a valid path', undefined, closing)
       return
     }
     // `//x/v1/keys` is a path, but the URL parser reads `x` as a host and routes `/v1/keys`:
     // a path filter in front of the listener would not see what is served.
     if (!target.startsWith('/') || target.startsWith('//')) {
-      sendError(res, 'bad_request', requestId, 'the request target must be a path (one leading slash)')
+      sendError(res, 'bad_request', requestId, 'the request target must be a path (one leading slash)', undefined, closing)
       return
     }
     let pathMatched = false
@@ -145,11 +148,11 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
         }
       })
       if (bad) {
-        sendError(res, 'bad_request', requestId, 'the path is not validly encoded')
+        sendError(res, 'bad_request', requestId, 'the path is not validly encoded', undefined, closing)
         return
       }
       if (Object.values(params).some((v) => v.includes('\u0000'))) {
-        sendError(res, 'bad_request', requestId, 'the path holds a NUL character')
+        sendError(res, 'bad_request', requestId, 'the path holds a NUL character', undefined, closing)
         return
       }
       Promise.resolve()
@@ -166,10 +169,10 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     }
     if (pathMatched) {
       const allowed = table.filter((c) => c.pattern.test(url.pathname)).map((c) => c.route.method)
-      sendError(res, 'method_not_allowed', requestId, `${req.method} is not allowed here; allowed: ${allowed.join(', ')}`, undefined, { allow: allowed.join(', ') })
+      sendError(res, 'method_not_allowed', requestId, `${req.method} is not allowed here; allowed: ${allowed.join(', ')}`, undefined, { allow: allowed.join(', '), ...closing })
       return
     }
-    sendError(res, 'not_found', requestId, `no admin route ${url.pathname}`)
+    sendError(res, 'not_found', requestId, `no admin route ${url.pathname}`, undefined, closing)
   })
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
     if (isTlsFailure(err)) {

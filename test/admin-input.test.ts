@@ -16,6 +16,28 @@ import type { Answer } from './helpers/gateway.ts'
 const deep = (levels: number): string => '{"a":'.repeat(levels) + '1' + '}'.repeat(levels)
 const json = { 'content-type': 'application/json' }
 
+/**
+ * Writes `request` on a new connection and reads what comes back until the server closes it, or
+ * (`answered`) until a whole answer has come: `destroyed` says whether the server closed it.
+ */
+function exchange(port: number, request: string, answered = false): Promise<{ head: string; destroyed: boolean }> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1', () => socket.write(request))
+    let head = ''
+    const done = (destroyed: boolean) => {
+      resolve({ head, destroyed })
+      socket.destroy()
+    }
+    socket.setEncoding('latin1').on('data', (d: string) => {
+      head += d
+      if (answered && /\r\n\r\n[^]*\}$/.test(head)) done(false)
+    })
+    socket.on('close', () => done(true))
+    socket.on('error', () => {})
+    socket.setTimeout(5000, () => done(false))
+  })
+}
+
 await forEachStore(t, async (t, store) => {
   const logged: Array<{ level: string; message: string }> = []
   const log = createLogger({ level: 'info', write: (line) => void logged.push(JSON.parse(line) as { level: string; message: string }) })
@@ -185,20 +207,26 @@ await forEachStore(t, async (t, store) => {
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)
-  const closed = await new Promise<{ head: string; destroyed: boolean }>((resolve) => {
-    const socket = net.connect(port, '127.0.0.1', () => socket.write(`POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{"name":`))
-    let head = ''
-    socket.setEncoding('latin1').on('data', (d: string) => (head += d))
-    socket.on('close', () => resolve({ head, destroyed: true }))
-    socket.on('error', () => {})
-    socket.setTimeout(5000, () => {
-      resolve({ head, destroyed: false })
-      socket.destroy()
-    })
-  })
+  const closed = await exchange(port, `POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{"name":`)
   t.match(closed.head, /^HTTP\/1.1 401/, 'refused without a credential')
   t.match(closed.head, /\r\nconnection: close\r\n/i, 'with Connection: close')
   t.ok(closed.destroyed, 'and the connection is closed instead of the body being read')
+  // So is a request no route reads the body of (before: answered keep-alive, and all of a body of
+  // any size read and dropped, unauthenticated).
+  for (const [what, head, status] of [
+    ['no route', 'POST /v1/nope', 404],
+    ['a method not allowed', 'PUT /v1/keys', 405],
+    ['a target that is no path', 'POST //x/v1/keys', 400],
+    ['a path not validly encoded', 'PATCH /v1/keys/%zz', 400],
+  ] as const) {
+    const a = await exchange(port, `${head} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 209715200\r\n\r\n${'x'.repeat(65536)}`)
+    t.match(a.head, new RegExp(`^HTTP/1.1 ${status} `), `${what} with a body: ${status}`)
+    t.match(a.head, /\r\nconnection: close\r\n/i, `${what}: with Connection: close`)
+    t.ok(a.destroyed, `${what}: the connection is closed instead of the body being read`)
+  }
+  const bodiless = await exchange(port, 'GET /v1/nope HTTP/1.1\r\nHost: localhost\r\n\r\n', true)
+  t.match(bodiless.head, /^HTTP\/1.1 404 [^]*\r\nconnection: keep-alive\r\n/i, 'no route without a body: the connection is kept')
+  t.notOk(bodiless.destroyed)
 
   // A client that goes away mid-body, with a credential: its mistake, not a server failure.
   const errorsBefore = errorLines()
