@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, answerClientError, hasBody, hostName, isTlsFailure } from '../core/http.ts'
+import { ADMIN_MARK, answerClientError, clientErrorCode, hasBody, hostName, isTlsFailure, rawError } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -180,10 +180,9 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       return
     }
     // After the responses to the requests before it (an event stream goes on until it ends).
-    answerClientError(socket, () => {
-      const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : 400
-      socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`)
-    })
+    // The gateway's JSON answer and codes (before: an empty 400 or 431 without a code, and a body
+    // too slow for requestTimeout an empty 400 where it is 408 request_timeout).
+    answerClientError(socket, () => rawError(socket, clientErrorCode(err), newRequestId(), { [ADMIN_MARK]: '1', 'x-content-type-options': 'nosniff' }))
   })
   return server
 }

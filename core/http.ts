@@ -1,8 +1,9 @@
 // Small facts about HTTP/1.1 messages that the gateway and the admin listener both read (the two
 // import nothing of each other).
-import type { IncomingHttpHeaders, Server, ServerResponse } from 'node:http'
+import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
+import { ERRORS, errorBody, type ErrorCode } from './errors.ts'
 
 /** The header every answer of the admin listener carries (the CLI takes no other server's JSON for the admin API's). */
 export const ADMIN_MARK = 'x-keygate-admin'
@@ -55,6 +56,38 @@ export function answerClientError(socket: Duplex, answer: () => void): void {
     },
     (res) => !res.req.complete,
   )
+}
+
+/** Writes a whole HTTP/1.1 response on a socket and ends it (upgrades, parser errors). */
+export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHeaders, body: string): void {
+  if (!socket.writable) {
+    socket.destroy()
+    return
+  }
+  let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\n`
+  for (const name in headers) head += `${name}: ${String(headers[name])}\r\n`
+  socket.end(head + '\r\n' + body)
+}
+
+/**
+ * The JSON error of a request with no request state (the parser gave up, or Node answers before
+ * any stage), closing the connection; `extra` adds headers (the admin listener's mark).
+ */
+export function closingError(code: ErrorCode, requestId: string, extra: OutgoingHttpHeaders = {}): { status: number; headers: OutgoingHttpHeaders; body: string } {
+  const body = errorBody(code, requestId)
+  const headers = { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', 'x-request-id': requestId, ...extra, connection: 'close' }
+  return { status: ERRORS[code].status, headers, body }
+}
+
+/** `closingError` written straight on a socket (a connection the HTTP parser gave up on). */
+export function rawError(socket: Duplex, code: ErrorCode, requestId: string, extra: OutgoingHttpHeaders = {}): void {
+  const e = closingError(code, requestId, extra)
+  writeRaw(socket, e.status, e.headers, e.body)
+}
+
+/** The answer to a request the HTTP parser gave up on: headers past the limit, a request not received within requestTimeout, or anything else malformed. */
+export function clientErrorCode(err: NodeJS.ErrnoException): 'headers_too_large' | 'request_timeout' | 'bad_request' {
+  return err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
 }
 
 /**

@@ -28,8 +28,8 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { afterResponses, answerClientError, destroyConnections, isTlsFailure, trackConnections } from '../core/http.ts'
-import { closingError, rawError, sendError } from './respond.ts'
+import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
+import { sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
@@ -296,7 +296,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     }
     const start = performance.now()
     answerClientError(socket, () => {
-      const code = err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
+      const code = clientErrorCode(err)
       countUnrouted(code, start)
       log.debug('refused a malformed request', { code: err.code ?? null })
       rawError(socket, code, nextId())

@@ -1,9 +1,8 @@
 // Every answer the gateway itself gives: the JSON error of SPEC §3 (on a response, or written
 // raw on a socket for upgrades and parser errors), metrics and the access log line.
-import { STATUS_CODES, type OutgoingHttpHeaders } from 'node:http'
-import type { Duplex } from 'node:stream'
+import type { OutgoingHttpHeaders } from 'node:http'
 import { ERRORS, errorBody } from '../core/errors.ts'
-import { hasBody } from '../core/http.ts'
+import { hasBody, writeRaw } from '../core/http.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
 import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
@@ -96,28 +95,4 @@ export function sendError(ctx: GatewayContext, s: RequestState, code: Verdict): 
     headers.connection = 'close'
     writeRaw(s.socket, status, headers, body)
   }
-}
-
-/** Writes a whole HTTP/1.1 response on a socket and ends it (upgrades, parser errors). */
-export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHeaders, body: string): void {
-  if (!socket.writable) {
-    socket.destroy()
-    return
-  }
-  let head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? ''}\r\n`
-  for (const name in headers) head += `${name}: ${String(headers[name])}\r\n`
-  socket.end(head + '\r\n' + body)
-}
-
-/** The JSON error of a request with no request state (the parser gave up, or Node answers before any stage), closing the connection. */
-export function closingError(code: Verdict, requestId: string): { status: number; headers: OutgoingHttpHeaders; body: string } {
-  const body = errorBody(code, requestId)
-  const headers = { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), 'cache-control': 'no-store', 'x-request-id': requestId, connection: 'close' }
-  return { status: ERRORS[code].status, headers, body }
-}
-
-/** `closingError` written straight on a socket (a connection the HTTP parser gave up on). */
-export function rawError(socket: Duplex, code: Verdict, requestId: string): void {
-  const e = closingError(code, requestId)
-  writeRaw(socket, e.status, e.headers, e.body)
 }

@@ -228,6 +228,22 @@ await forEachStore(t, async (t, store) => {
   t.match(bodiless.head, /^HTTP\/1.1 404 [^]*\r\nconnection: keep-alive\r\n/i, 'no route without a body: the connection is kept')
   t.notOk(bodiless.destroyed)
 
+  // A request the HTTP parser gives up on: the gateway's JSON error and code, marked as the admin
+  // API's (before: an empty 400 or 431 without a code).
+  for (const [what, request, status, code] of [
+    ['a Content-Length that is no number', 'POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n', 400, 'bad_request'],
+    ['headers past the limit', `GET /v1/keys HTTP/1.1\r\nHost: localhost\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431, 'headers_too_large'],
+  ] as const) {
+    const a = await exchange(port, request)
+    const [head, body] = a.head.split('\r\n\r\n') as [string, string]
+    t.match(head, new RegExp(`^HTTP/1.1 ${status} `), `${what}: ${status}`)
+    t.match(head, /\r\ncontent-type: application\/json; charset=utf-8(\r\n|$)/i, `${what}: JSON`)
+    t.match(head, /\r\nx-keygate-admin: 1(\r\n|$)/i, `${what}: the admin API's answer`)
+    t.match(head, /\r\nconnection: close(\r\n|$)/i, `${what}: Connection: close`)
+    t.equal((JSON.parse(body) as { error: { code: string } }).error.code, code, `${what}: ${code}`)
+    t.ok(a.destroyed, `${what}: the connection is closed`)
+  }
+
   // A client that goes away mid-body, with a credential: its mistake, not a server failure.
   const errorsBefore = errorLines()
   for (const body of [`Content-Length: 1000\r\n\r\n{"name":`, `Transfer-Encoding: chunked\r\n\r\nzz\r\n`]) {
