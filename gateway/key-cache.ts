@@ -176,8 +176,10 @@ export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => 
     const step = Math.max(1, Math.floor(ttl / 64))
     const at = staleAt - (staleAt % step)
     const limit = record.rateLimit
-    // Scopes and CIDRs are joined by characters neither may hold (validated when stored).
-    const kind = `${record.type} ${record.status} ${limit ? `${limit.limit}/${limit.windowS}` : '-'} ${record.allowedCidrs.join(',')} ${record.scopes.join('\n')}`
+    // JSON, so no two lists read alike: joined by a character, ["fe80::1%x,127.0.0.1/32"] (one
+    // CIDR with a zone id holding a comma) was ["fe80::1%x", "127.0.0.1/32"], and the key loaded
+    // second ran under the first one's binding (found by a review).
+    const kind = JSON.stringify([record.type, record.status, limit ? [limit.limit, limit.windowS] : null, record.allowedCidrs, record.scopes])
     let profile = newest.get(kind)
     if (profile === undefined || profile.staleAt !== at) {
       profile = new KeyProfile(record, scopeSetOf(record.scopes), limitFor(record), at)

@@ -86,6 +86,12 @@ t.test('a key differing in any shared attribute answers with its own', async (t)
   const b1 = build(record({ allowedCidrs: ['192.0.2.0/24'] }), 5000, TTL)
   const b2 = build(record({ allowedCidrs: ['198.51.100.0/24'] }), 5000, TTL)
   t.not(b1.profile, b2.profile, 'bindings to other ranges are not shared')
+  // One CIDR whose zone id holds a comma against two CIDRs: before, their kinds read alike.
+  const two = build(record({ allowedCidrs: ['fe80::1%x', '127.0.0.1/32'] }), 5000, TTL)
+  const one = build(record({ allowedCidrs: ['fe80::1%x,127.0.0.1/32'] }), 5000, TTL)
+  t.not(one.profile, two.profile, 'a CIDR holding a comma is not two CIDRs')
+  t.ok(two.binding?.allowedFrom('127.0.0.1'), 'the key bound to 127.0.0.1/32 is taken from there')
+  t.notOk(one.binding?.allowedFrom('127.0.0.1'), 'the key bound to fe80::1/32 is not')
   t.ok(b2.binding?.allowedFrom('198.51.100.1') && !b2.binding.allowedFrom('192.0.2.9'))
 })
 
