@@ -432,11 +432,25 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // lockout) was forwarded, executed upstream and never answered; and one checked at once
       // overtook, on its way upstream, an earlier one still in its checks (found by a review).
       const res = s.res as NonNullable<RequestState['res']>
+      // A request dropped so is recorded as client_closed (the connection closed before its
+      // answer); before, it was in no count, log or usage (found by a review). A queued response
+      // that never gets the socket emits 'close' when the connection closes.
       if (res.socket === null) {
-        res.once('socket', () => forwarder.forward(s))
+        const dropped = () => {
+          res.off('socket', assigned)
+          recordClientClosed(ctx, s)
+        }
+        const assigned = () => {
+          res.off('close', dropped)
+          forwarder.forward(s)
+        }
+        res.once('socket', assigned).once('close', dropped)
         return
       }
-      if (!res.socket.writable) return
+      if (!res.socket.writable) {
+        recordClientClosed(ctx, s)
+        return
+      }
       const h = s.headers
       const withBody = hasBody(h)
       // HTTP/1.1 only: an HTTP/1.0 request's 100-continue must be ignored (RFC 9110 §10.1.1). Node

@@ -227,8 +227,13 @@ t.test('requests pipelined behind a refusal that closes the connection: none rea
     // Refused at once, before its body is read.
     ['no key', '', /^HTTP\/1.1 401 [^]*"code":"key_missing"/],
   ]
+  const closedCount = async () => {
+    const line = (await h.metrics.registry.metrics()).split('\n').find((l) => l.startsWith('keygate_gateway_requests_total{') && l.includes('outcome="client_closed"'))
+    return line === undefined ? NaN : Number(line.slice(line.lastIndexOf(' ') + 1))
+  }
   for (const [name, auth, expected] of refusals) {
     const before = h.upstream.received.length
+    const closedBefore = await closedCount()
     const out = await converse(h.port, `POST /x HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: 5\r\n\r\nhello${pipelined}`)
     t.match(out, expected, `${name}: refused`)
     t.match(out, /\r\nconnection: close\r\n/i, `${name}: the refusal closes the connection`)
@@ -236,6 +241,9 @@ t.test('requests pipelined behind a refusal that closes the connection: none rea
     // A request after them, on a connection of its own: what they sent upstream came before it.
     t.equal((await h.get('/after', bearer(k.key))).status, 200)
     t.same(h.upstream.received.slice(before).map((r) => r.url), ['/after'], `${name}: none of the pipelined requests reached the upstream`)
+    // Each is counted once, as client_closed (the connection closed before its answer); before,
+    // a request checked at once (the cached key) and dropped was in no count (found by a review).
+    t.equal((await closedCount()) - closedBefore, 20, `${name}: the 20 dropped are counted client_closed`)
   }
 })
 
