@@ -229,6 +229,17 @@ t.test('n8n verify: a 200 that is not n8n\'s workflow list is an n8n_error namin
     t.notMatch(err.message, KEY, `${what}: the key is not in the message`)
   }
 
+  // n8n's own 401 and 403 (JSON with a message) are a refused key and a key without the scope; another
+  // server's 401 or 403 page says nothing of the key (before, any 403 reported it valid).
+  answer = (res) => json(res, 401, { message: 'unauthorized' })
+  t.match(await keys.verify(KEY), { valid: false, reason: 'refused' }, "n8n's 401: refused")
+  answer = (res) => json(res, 403, { message: 'Forbidden' })
+  t.match(await keys.verify(KEY), { valid: true, note: /lacks the workflow:list scope/ }, "n8n's 403: valid, without the scope")
+  for (const status of [401, 403]) {
+    answer = (res) => res.writeHead(status, { 'content-type': 'text/html' }).end(`<h1>${status}</h1>`)
+    t.match(await rejection(keys.verify(KEY)), { code: 'n8n_error', message: new RegExp(`answered GET /api/v1/workflows ${status} with a page of markup \\(text/html\\), not n8n's answer`) }, `a ${status} page: an n8n_error`)
+  }
+
   // The real command: exit 1 with the reason, not exit 0 and "valid".
   answer = (res) => res.writeHead(200, { 'content-type': 'text/plain' }).end('OK')
   const dataDir = await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-n8n-verify-')), 'store'))

@@ -397,8 +397,16 @@ export class N8nKeyService {
     if (!KEY_SHAPE.test(secret)) return { valid: false, reason: 'malformed', record }
     http.secret(secret, { transient: true })
     const res = await http.call('GET', '/api/v1/workflows', { headers: { 'x-n8n-api-key': secret }, query: { limit: 1 } })
-    if (res.status === 401) return { valid: false, reason: 'refused', record }
-    if (res.status === 403) return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
+    // n8n's own 401 and 403 are JSON with a message; a page of another server's (a proxy's or a
+    // WAF's 403) says nothing of the key (before, any 403 reported the key valid).
+    if (res.status === 401 || res.status === 403) {
+      const body = res.body as { message?: unknown } | null
+      if (typeof body !== 'object' || body === null || typeof body.message !== 'string') {
+        throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered GET /api/v1/workflows ${res.status} with ${http.describe(res)}, not n8n's answer: is N8N_URL n8n's address?`)
+      }
+      if (res.status === 401) return { valid: false, reason: 'refused', record }
+      return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
+    }
     if (res.status === 404) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no public API (N8N_PUBLIC_API_DISABLED)`, { status: 404 })
     if (res.status !== 200) throw http.failure('check the API key', res)
     // Only n8n's own list counts (`{data: [...], nextCursor}`): before, any 200 was "valid", so a
