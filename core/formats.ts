@@ -27,6 +27,11 @@ export function isDateTime(v: string): boolean {
 
 /** An address or range as keygate reads one everywhere (four-part decimal IPv4, IPv6; see parseRange). */
 export function isCidrOrAddress(value: string): boolean {
+  // A zone id names an interface (`fe80::1%eth0`): letters, digits and `_.~-`, as RFC 6874 writes
+  // one. Anything else was read as part of it, so `fe80::1%x,127.0.0.1/32` was one valid range,
+  // fe80::1/32, where it reads as two (found by a review).
+  const zone = /%([^/]*)/.exec(value)
+  if (zone !== null && !/^[A-Za-z0-9_.~-]+$/.test(zone[1] as string)) return false
   return parseRange(value) !== undefined
 }
 

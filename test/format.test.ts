@@ -225,6 +225,13 @@ t.test('addresses parse to their canonical form, the same on every call (memoise
   }
 })
 
+t.test('a zone id is an interface name: nothing else is read as one', async (t) => {
+  const { isCidrOrAddress } = await import('../core/formats.ts')
+  for (const ok of ['fe80::1%eth0', 'fe80::1%eth0/64', 'fe80::1%1', 'fe80::1%en0.5_a~b-c']) t.ok(isCidrOrAddress(ok), `${ok}: taken`)
+  // Before, each was taken as fe80::1 (a range of it) with a zone id of all the rest.
+  for (const bad of ['fe80::1%x,127.0.0.1/32', 'fe80::1%', 'fe80::1% eth0', 'fe80::1%a:b', 'fe80::1%eth0%1', 'fe80::1%a"b']) t.notOk(isCidrOrAddress(bad), `${bad}: refused`)
+})
+
 t.test('the deny list stores one spelling per address or range', async (t) => {
   const { normaliseCidr } = await import('../core/deny-list.ts')
   // Before: `fe80::1%eth0` was stored with its zone, beside `fe80::1` (two entries, one address),
