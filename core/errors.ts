@@ -19,7 +19,7 @@ export const ERRORS = {
   store_unavailable: { status: 503, message: 'The key store is not available.' },
   bad_request: { status: 400, message: 'The request is malformed.' },
   headers_too_large: { status: 431, message: 'The request headers are too large.' },
-  request_timeout: { status: 408, message: 'The request headers were not received in time.' },
+  request_timeout: { status: 408, message: 'The request was not received in time.' },
   expectation_failed: { status: 417, message: 'The Expect header names an expectation this gateway does not meet (only 100-continue).' },
 
   // Admin API and CLI
