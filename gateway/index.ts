@@ -5,10 +5,12 @@
 // The runner walks the list by index, synchronously until a stage returns a promise, and the
 // first verdict (an error code returned, never thrown) ends the request.
 import http from 'node:http'
+import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import type { Db } from '../core/db.ts'
+import { ERRORS } from '../core/errors.ts'
 import type { EventBus } from '../core/events.ts'
 import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
@@ -31,7 +33,7 @@ import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
 import { sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
-import { RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
+import { pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
 import { TunnelGuard } from './tunnels.ts'
 import { createValidateStage } from './validate.ts'
@@ -261,30 +263,48 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
 
   // Answers given before any request state (CONNECT, a bad Expect, a request the parser refused):
-  // counted and timed as record() does, under no route, from when Node handed the request (or
-  // the parser's error) over to the answer.
+  // counted, timed and logged as record() does, under no route, from when Node handed the request
+  // (or the parser's error) over to the answer. The access line has the socket's address (no
+  // X-Forwarded-For is read) and, of a request the parser refused, no method or path; before, it
+  // had no line at all (SPEC §1: one per request).
   const none = metrics.route(NO_ROUTE)
-  const countUnrouted = (code: Verdict, start: number): void => {
+  const countUnrouted = (code: Verdict, start: number, id: string, socket: Duplex, req?: http.IncomingMessage): void => {
     none.requests[code].inc()
-    none.duration.observe((performance.now() - start) / 1000)
+    const ms = performance.now() - start
+    none.duration.observe(ms / 1000)
+    if (config.log.access_log) {
+      log.info('request', {
+        request_id: id,
+        method: req?.method ?? null,
+        path: req?.url === undefined ? null : pathOf(req.url),
+        status: ERRORS[code].status,
+        outcome: code,
+        route: NO_ROUTE,
+        address: (socket as Partial<Socket>).remoteAddress ?? null,
+        key_id: null,
+        duration_ms: Math.round(ms * 1000) / 1000,
+      })
+    }
   }
 
-  server.on('connect', (_req: http.IncomingMessage, socket: Duplex) => {
+  server.on('connect', (req: http.IncomingMessage, socket: Duplex) => {
     // Node takes its own error listener off a socket it hands to 'connect': without one, a client
     // that resets the connection was an uncaught error, the end of the process.
     socket.on('error', () => socket.destroy())
     const start = performance.now()
     afterResponses(socket, () => {
-      countUnrouted('method_not_allowed', start)
-      rawError(socket, 'method_not_allowed', nextId())
+      const id = nextId()
+      countUnrouted('method_not_allowed', start, id, socket, req)
+      rawError(socket, 'method_not_allowed', id)
     })
   })
 
   // An Expect other than 100-continue: the JSON error of SPEC §3, counted, where Node would send
   // an empty 417 of its own. Nothing is read of the request or checked.
-  server.on('checkExpectation', (_req: http.IncomingMessage, res: http.ServerResponse) => {
-    countUnrouted('expectation_failed', performance.now())
-    const e = closingError('expectation_failed', nextId())
+  server.on('checkExpectation', (req: http.IncomingMessage, res: http.ServerResponse) => {
+    const id = nextId()
+    countUnrouted('expectation_failed', performance.now(), id, req.socket, req)
+    const e = closingError('expectation_failed', id)
     res.writeHead(e.status, e.headers)
     res.end(e.body)
   })
@@ -297,9 +317,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     const start = performance.now()
     answerClientError(socket, () => {
       const code = clientErrorCode(err)
-      countUnrouted(code, start)
+      const id = nextId()
+      countUnrouted(code, start, id, socket)
       log.debug('refused a malformed request', { code: err.code ?? null })
-      rawError(socket, code, nextId())
+      rawError(socket, code, id)
     })
   })
 

@@ -137,8 +137,10 @@ t.test('a WebSocket client that leaves while the upstream takes the upgrade: rec
   t.equal(accessLines().length, 3)
 })
 
-t.test('answers given before any request state are timed as they are counted', async (t) => {
-  const h = await startGateway(t, { store: await store, config: { gateway: { max_header_bytes: 4096 } } })
+t.test('answers given before any request state are timed and logged as they are counted', async (t) => {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  const h = await startGateway(t, { store: await store, log, config: { gateway: { max_header_bytes: 4096 }, log: { access_log: true } } })
   const cases = [
     `POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`,
     `CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n`,
@@ -154,4 +156,14 @@ t.test('answers given before any request state are timed as they are counted', a
   }
   // Before, none of them was observed: requests_total and the histogram's _count drifted apart.
   t.equal(await sample(h, durations('none')), counted, 'each timed once')
+  // Before, none had an access-log line (SPEC §1: one per request when enabled).
+  const logged = lines.filter((l) => l.message === 'request')
+  t.match(logged, [
+    { status: 400, outcome: 'bad_request', route: 'none', method: null, path: null, address: '127.0.0.1', key_id: null },
+    { status: 405, outcome: 'method_not_allowed', route: 'none', method: 'CONNECT', address: '127.0.0.1' },
+    { status: 417, outcome: 'expectation_failed', route: 'none', method: 'GET', path: '/', address: '127.0.0.1' },
+    { status: 431, outcome: 'headers_too_large', route: 'none', method: null, path: null },
+  ])
+  t.equal(logged.length, 4, 'one line each')
+  t.ok(logged.every((l) => typeof l.request_id === 'string' && typeof l.duration_ms === 'number'), 'with a request id and a duration')
 })
