@@ -2,7 +2,12 @@
 // the `admin` scope or the bootstrap token (`admin.token`, KEYGATE_ADMIN_TOKEN). The token is
 // compared as SHA-256 digests with timingSafeEqual, so neither its length nor its content leaks
 // through timing. Every presented credential that fails counts toward the address lockout the
-// gateway uses; a request without one does not (as at the gateway).
+// gateway uses; a request without one does not (as at the gateway), nor does one with more than
+// one: repeated Authorization lines arrive joined with ", " (the listener runs with
+// joinDuplicateHeaders), and a value with a comma that is not one `Bearer <credential>` is a 400,
+// whichever credential comes first (the gateway answers two keys 400 before counting, too). Even
+// the same credential twice is refused here: no admin client sends it. A comma inside the one
+// credential (a bootstrap token may hold one; keys never do) is not two.
 import { createHash, timingSafeEqual } from 'node:crypto'
 import type { Actor } from '../core/audit.ts'
 import { normalAddress } from '../core/keys/evaluate.ts'
@@ -43,6 +48,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     const retryAfterS = await lockout.lockedFor(counted)
     if (retryAfterS !== undefined) throw lockedOut(retryAfterS)
     const m = /^Bearer +(\S+) *$/i.exec(authorization ?? '')
+    if (!m && authorization?.includes(',')) throw new AdminError('bad_request', 'the request carries more than one Authorization credential; send one Authorization: Bearer <credential>')
     if (!m) throw new AdminError('unauthorized', 'send an admin key or the bootstrap token as Authorization: Bearer <credential>', { 'www-authenticate': CHALLENGE })
     const presented = m[1] as string
     if (token && timingSafeEqual(digest(presented), token)) return { actor: 'token', address }

@@ -99,7 +99,12 @@ export function hostAllowed(host: string | undefined, allowed: ReadonlySet<strin
   return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost') || allowed.has(name)
 }
 
-export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, headersTimeout: 10_000 }
+// joinDuplicateHeaders: a repeated header arrives joined with ", " (a repeated Cookie with "; ")
+// rather than Node keeping the first line and dropping the rest, so a second Authorization or Host
+// cannot hide behind the first (auth.ts and the Host check below refuse them). A repeated
+// Content-Type or Last-Event-ID then no longer parses and is refused too; a repeated Content-Length
+// is refused by the parser either way.
+export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, headersTimeout: 10_000, joinDuplicateHeaders: true }
 
 export function createAdminServer(options: AdminServerOptions): http.Server {
   const table = options.routes.map(compile)
@@ -111,6 +116,11 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     // Every answer says it is the admin API's: the CLI takes no other server's JSON for one (the
     // gateway, given the admin key, would pass /v1/stats on to its upstream).
     res.setHeader(ADMIN_MARK, '1')
+    // RFC 9112 §3.2: more than one Host is a 400 (as at the gateway); joined, the lines hold a comma.
+    if (req.headers.host?.includes(',')) {
+      sendError(res, 'bad_request', requestId, 'Host is repeated; send one Host header', undefined, { connection: 'close' })
+      return
+    }
     if (!hostAllowed(req.headers.host, allowedHosts)) {
       sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host)}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return

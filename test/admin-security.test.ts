@@ -166,3 +166,32 @@ t.test('a request target with two leading slashes is refused, not routed by what
     t.match(r, /x-content-type-options: nosniff/i)
   }
 })
+
+t.test('repeated Authorization and Host lines are refused 400 in either order, not answered by the first', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 3 } } })
+  const port = Number(new URL(h.url).port)
+  const ask = (lines: string, path = '/v1/keys') => converse(port, `GET ${path} HTTP/1.1\r\n${lines}Connection: close\r\n\r\n`)
+  const before = await h.auditRows()
+  // Before: Node kept the first line and dropped the rest: the admin key then garbage was 200, the reverse 401.
+  for (const pair of [[`Bearer ${h.adminKey}`, 'Bearer garbage'], ['Bearer garbage', `Bearer ${h.adminKey}`], [`Bearer ${h.adminKey}`, `Bearer ${h.adminKey}`]]) {
+    for (let i = 0; i < 4; i++) {
+      const r = await ask(`Host: 127.0.0.1\r\nAuthorization: ${pair[0]}\r\nAuthorization: ${pair[1]}\r\n`)
+      t.match(r, /^HTTP\/1\.1 400 /, `${pair.join(' then ')}: 400`)
+      t.match(r, /"code":"bad_request"/)
+      t.match(r, /more than one Authorization credential/)
+    }
+  }
+  t.match(await ask(`Host: 127.0.0.1\r\nAuthorization: Bearer ${h.adminKey}, Bearer garbage\r\n`), /^HTTP\/1\.1 400 /, 'a list in one line is two credentials too')
+  t.match(await ask(`Host: 127.0.0.1\r\nAuthorization: Bearer ${h.adminKey}\r\n`), /^HTTP\/1\.1 200 /, 'none of the 13 refusals counted toward the lockout (3 attempts)')
+  // Before: Host: 127.0.0.1 then evil.example was answered 200, the reverse 421.
+  for (const path of ['/metrics', '/v1/keys']) {
+    for (const hosts of [['127.0.0.1', 'evil.example'], ['evil.example', '127.0.0.1'], ['localhost', 'localhost']]) {
+      const r = await ask(`Host: ${hosts[0]}\r\nHost: ${hosts[1]}\r\nAuthorization: Bearer ${h.adminKey}\r\n`, path)
+      t.match(r, /^HTTP\/1\.1 400 /, `${path}, Host ${hosts.join(' then ')}: 400`)
+      t.match(r, /"code":"bad_request"/)
+      t.match(r, /Host is repeated/)
+    }
+  }
+  t.equal(await h.auditRows(), before, 'nothing written')
+})
