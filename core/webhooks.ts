@@ -618,9 +618,14 @@ export class WebhookService {
       this.#log.warn(failed ? 'webhook delivery failed for good' : 'webhook delivery failed; will retry', { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error })
     }
     if (rows[0]) return toDelivery(rows[0])
-    // Taken over (or deleted with its webhook): what the delivery is now.
+    // Taken over (or deleted with its webhook): what the delivery is now. Deleted, it is what this
+    // attempt made of it: delivered when the receiver took it (a test send answered `failed` with
+    // last_status 200 when the webhook was deleted while the receiver answered), else failed, as
+    // nothing will try it again.
     const current = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1`, [c.id])
-    return current[0] ? toDelivery(current[0]) : toDelivery({ ...c, status: 'failed', last_status: status, last_error: error })
+    if (current[0]) return toDelivery(current[0])
+    const delivered = error === null
+    return toDelivery({ ...c, status: delivered ? 'delivered' : 'failed', delivered_at: delivered ? done : null, last_status: status, last_error: error })
   }
 
   /**

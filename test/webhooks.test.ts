@@ -536,3 +536,24 @@ t.test('a webhook being deleted while an event is queued: the event reaches the 
   const queued = await store.db.query<{ webhook_id: string; event_type: string }>("SELECT webhook_id, event_type FROM webhook_deliveries WHERE event_type = 'key.revoked'")
   t.same(queued, [{ webhook_id: kept, event_type: 'key.revoked' }], 'key.revoked queued for the webhook that stays')
 })
+
+t.test('a test send whose webhook is deleted while the receiver answers reports what the receiver did', async (t) => {
+  // Before (found by a review): the delivery row went with the webhook, and the answer said
+  // "failed" with last_status 200 and no error, though the receiver had the event.
+  await forEachStore(t, async (t, store) => {
+    const h = await startAdmin(t, store.db, { config: { webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 60_000 } } })
+    const held: Array<(status: number) => void> = []
+    const receiver = await startReceiver(t, (_hook, res) => held.push((status) => res.writeHead(status).end()))
+    for (const [answer, expected] of [[200, { status: 'delivered', last_status: 200, last_error: null, delivered_at: String }], [500, { status: 'failed', last_status: 500, last_error: 'the receiver answered 500', delivered_at: null }]] as const) {
+      const id = (await h.call('POST', '/v1/webhooks', { body: { url: `${receiver.url}/${answer}`, events: ['key.revoked'] } })).json.id as string
+      const testing = h.call('POST', `/v1/webhooks/${id}/test`)
+      await receiver.waitFor((hk) => hk.path === `/${answer}`)
+      t.equal((await h.call('DELETE', `/v1/webhooks/${id}`)).status, 200, 'deleted while the receiver holds its answer')
+      held.shift()!(answer)
+      const tested = await testing
+      t.equal(tested.status, 200)
+      t.match(tested.json, { ...expected, webhook_id: id, event_type: 'webhook.test', attempts: 1 }, `the receiver answered ${answer}`)
+      if (answer === 200) t.ok(Date.parse(tested.json.delivered_at) >= Date.parse(tested.json.created_at), 'delivered_at after the send began')
+    }
+  })
+})
