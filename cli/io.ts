@@ -5,7 +5,7 @@ import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
 import { KeygateError, systemErrorWords, type ErrorCode } from '../core/errors.ts'
 import { YEAR_10000_MS } from '../core/formats.ts'
 import type { TSchema } from '@sinclair/typebox'
-import { dotted, problemLine, problems } from '../core/validate.ts'
+import { dotted, escapeUnprintable, hasUnprintable, problemLine, problems } from '../core/validate.ts'
 
 export const EXIT_OK = 0
 export const EXIT_REFUSED = 1
@@ -154,15 +154,15 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
   return parsed
 }
 
-const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
-
 /**
- * Text as a terminal should get it: with a control character (an escape sequence, a line break),
- * quoted and escaped as JSON writes it, so a stored value can neither rewrite the terminal nor
- * forge a row. Input refuses them now; rows written before may still hold them.
+ * Text as a terminal should get it: with a control character (an escape sequence, a line break)
+ * or an invisible format character (a bidi override reorders the row), quoted and escaped as
+ * JSON writes it, the format characters and C1 as `\\uXXXX` (JSON leaves them raw), so a stored
+ * value can neither rewrite the terminal nor forge a row. Input refuses them now; rows written
+ * before may still hold them.
  */
 export function printable(text: string): string {
-  return CONTROL.test(text) ? JSON.stringify(text) : text
+  return hasUnprintable(text) ? escapeUnprintable(JSON.stringify(text)) : text
 }
 
 /** A fixed-width table; `null`/`undefined` cells print as `-`, control characters escaped. */

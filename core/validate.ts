@@ -27,8 +27,38 @@ export function refuseKeyIn(fields: Record<string, unknown>): void {
   }
 }
 
-/** The pattern of text fields shown back to people (names, owners, reasons): no control characters. */
-export const PRINTABLE = '^[^\\u0000-\\u001f\\u007f-\\u009f]*$'
+/**
+ * What text shown back to people may not hold, as a regular expression's character class: control
+ * characters (C0, DEL, C1: an escape sequence or a line break rewrites a terminal or forges a
+ * row) and the invisible format characters that reorder or hide text (the bidi marks, embeddings,
+ * overrides and isolates U+061C, U+200E/F, U+202A-E, U+2066-9: `\u202eevil` printed a row of
+ * `api-key list` backwards on a bidi terminal; zero-width and word-joining characters U+180E,
+ * U+200B-D, U+2060-4, U+FEFF; the line and paragraph separators U+2028/9).
+ */
+export const UNPRINTABLE_CHARS = '\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u180e\\u200b-\\u200f\\u2028-\\u202e\\u2060-\\u2069\\ufeff'
+
+/** The pattern of text fields shown back to people (names, owners, reasons): none of UNPRINTABLE_CHARS. */
+export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`
+
+/** What PRINTABLE refuses, in words (the end of a validation message). */
+export const PRINTABLE_WORDS = 'without control characters or invisible format characters (bidi overrides, zero-width characters)'
+
+const UNPRINTABLE = new RegExp(`[${UNPRINTABLE_CHARS}]`)
+const EVERY_UNPRINTABLE = new RegExp(UNPRINTABLE.source, 'g')
+
+/** Whether `text` holds any of UNPRINTABLE_CHARS. */
+export function hasUnprintable(text: string): boolean {
+  return UNPRINTABLE.test(text)
+}
+
+/**
+ * JSON text with UNPRINTABLE_CHARS escaped as `\\uXXXX` (JSON.stringify escapes C0 but leaves C1
+ * and the format characters as they are): still the same JSON, and a terminal can show it
+ * without being rewritten.
+ */
+export function escapeUnprintable(json: string): string {
+  return json.replace(EVERY_UNPRINTABLE, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
+}
 
 /** A string of the given length bounds, in words. */
 function stringLength(min: number | undefined, max: number | undefined): string {
@@ -58,7 +88,7 @@ export function describeAllowed(schema: TSchema): string {
       // pattern, which "" matches.
       const length = stringLength(schema.minLength as number | undefined, schema.maxLength as number | undefined)
       if (!schema.pattern) return length
-      return schema.pattern === PRINTABLE ? `${length} without control characters` : `${length} matching ${schema.pattern}`
+      return schema.pattern === PRINTABLE ? `${length} ${PRINTABLE_WORDS}` : `${length} matching ${schema.pattern}`
     }
     case 'Literal':
       return JSON.stringify(schema.const)
@@ -164,7 +194,7 @@ export function showValue(value: unknown, secret = false): string {
   if (typeof value === 'number' && !Number.isFinite(value)) return Number.isNaN(value) ? '.nan' : value > 0 ? '.inf' : '-.inf'
   let s: string
   try {
-    s = JSON.stringify(value) ?? String(value)
+    s = escapeUnprintable(JSON.stringify(value) ?? String(value))
   } catch {
     return 'a value too deeply nested to show' // RangeError: the stack ran out
   }

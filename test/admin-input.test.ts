@@ -203,7 +203,37 @@ await forEachStore(t, async (t, store) => {
   t.equal((await h.call('GET', '/v1/deny-list')).json?.items.length, denyBefore, 'no deny entry was added')
   t.equal((await h.call('GET', '/v1/webhooks')).json?.items.length, 0, 'no webhook was registered')
 
-  t.equal(await h.auditRows(), before + 3, 'no refusal wrote an audit row (three keys were created)')
+  // Invisible format characters, as control characters, in text shown back in CLI tables (before,
+  // found by a review: {"name":"\u202eevil"} was 201 and `api-key list` printed the row reversed
+  // on a bidi terminal). Each is named by its escape in the message, never sent raw.
+  const keysBefore = (await h.call('GET', '/v1/keys?limit=200')).json?.items.length
+  const invisible = ['\u202e', '\u202a', '\u2066', '\u2069', '\u200b', '\u200d', '\u200e', '\u200f', '\u2028', '\u2029', '\u2060', '\ufeff', '\u061c', '\u180e', '\u0085']
+  for (const c of invisible) {
+    const hex = c.charCodeAt(0).toString(16).padStart(4, '0')
+    for (const [what, path, body, field] of [
+      ['a key name', '/v1/keys', { name: `${c}evil`, type: 'user' }, 'name'],
+      ['an owner', '/v1/keys', { name: 'x', type: 'user', owner: `team${c}` }, 'owner'],
+      ['a revocation reason', `/v1/keys/${pair.json?.id}/revoke`, { reason: `left${c}` }, 'reason'],
+      ['an import row name', '/v1/keys/import', { type: 'user', rows: [{ key_hash: 'b'.repeat(64), name: `n${c}` }] }, 'name'],
+      ['a Gitea token name', '/v1/gitea/tokens', { name: `ci${c}`, scopes: ['read:repository'] }, 'name'],
+      ['an n8n key label', '/v1/n8n/keys', { label: `ci${c}`, scopes: ['workflow:list'] }, 'label'],
+    ] as const) {
+      const a = await h.call('POST', path, { body })
+      t.equal(a.status, 400, `U+${hex} in ${what}: 400`)
+      t.match(a.json?.error?.code, /^(validation_failed|import_invalid)$/, `U+${hex} in ${what}: refused by validation`)
+      t.ok(a.json?.error?.message?.includes(field), `U+${hex} in ${what}: ${field} named`)
+      t.ok(a.json?.error?.message?.includes(`\\u${hex}`), `U+${hex} in ${what}: shown escaped`)
+      t.notOk(a.json?.error?.message?.includes(c), `U+${hex} in ${what}: not shown raw`)
+    }
+  }
+  t.equal((await h.call('GET', `/v1/keys/${pair.json?.id}`)).json?.status, 'active', 'the key was not revoked')
+  t.equal((await h.call('GET', '/v1/keys?limit=200')).json?.items.length, keysBefore, 'no key was created or imported')
+  // Right-to-left letters are text: only the invisible characters that reorder or hide it are refused.
+  const rtl = await h.call('POST', '/v1/keys', { body: { name: 'מפתח مفتاح', type: 'user', owner: 'équipe ✓' } })
+  t.equal(rtl.status, 201, 'Hebrew and Arabic letters are taken')
+  t.equal(rtl.json?.name, 'מפתח مفتاح')
+
+  t.equal(await h.auditRows(), before + 4, 'no refusal wrote an audit row (four keys were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)

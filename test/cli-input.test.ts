@@ -143,10 +143,11 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   const made = (await runCli(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { cwd, env })).json()
   // A usage error (exit 2) naming the flag, as for every other flag (it was exit 1, naming `reason`,
   // and an empty one was told only the pattern, which "" matches).
-  for (const reason of ['', 'x\u001b[31m\nstatus               active']) {
+  for (const reason of ['', 'x\u001b[31m\nstatus               active', 'left\u202e', '\u2066x\u2069']) {
     const r = await runCli(['api-key', 'revoke', made.id, '--reason', reason, '--json'], { cwd, env })
     t.equal(r.code, 2, `reason ${JSON.stringify(reason)} refused`)
-    t.match(r.stderr, /^keygate: --reason: .* is not allowed; expected a non-empty string of at most 500 characters without control characters\n/)
+    t.match(r.stderr, /^keygate: --reason: .* is not allowed; expected a non-empty string of at most 500 characters without control characters or invisible format characters \(bidi overrides, zero-width characters\)\n/)
+    t.notMatch(r.stderr, /[\u202e\u2066\u2069]/, 'the value is shown escaped')
   }
   t.equal((await runCli(['api-key', 'get', made.id, '--json'], { cwd, env })).json().status, 'active', 'and the key is not revoked')
 
@@ -163,7 +164,7 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   // can neither rewrite the terminal nor forge a line.
   t.equal((await runCli(['api-key', 'revoke', made.id, '--reason', 'leaked'], { cwd, env })).code, 0)
   const db = await openDb({ dataDir: join(cwd, 'store') })
-  await db.query("UPDATE api_keys SET name = $2, revoked_reason = $3 WHERE id = $1", [made.id, 'old\u001b[2Jname', 'x\nstatus               active'])
+  await db.query("UPDATE api_keys SET name = $2, revoked_reason = $3, owner = $4 WHERE id = $1", [made.id, 'old\u001b[2Jname', 'x\nstatus               active', '\u202eevil\u0085team'])
   await db.close()
   const shown = await runCli(['api-key', 'get', made.id], { cwd, env })
   t.equal(shown.code, 0)
@@ -172,6 +173,12 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.equal(shown.stdout.match(/^status /gm)?.length, 1, 'one status line')
   const listed = await runCli(['api-key', 'list'], { cwd, env })
   t.match(listed.stdout, /"old\\u001b\[2Jname"/, 'the list shows the name escaped')
+  // A bidi override (before: printed raw, reversing the rest of the row on a bidi terminal) and a C1
+  // control (JSON leaves both as they are) are escaped too.
+  for (const [what, out] of [['get', shown.stdout], ['list', listed.stdout]] as const) {
+    t.notOk(/[\u0080-\u009f\u202e]/.test(out), `${what}: no bidi override nor C1 control reaches the terminal`)
+    t.match(out, /"\\u202eevil\\u0085team"/, `${what}: the owner shown escaped`)
+  }
 })
 
 t.test('an import tells every problem of its file in the first answer, on the embedded store', async (t) => {

@@ -10,13 +10,13 @@ export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', des
 export const KeyTypeSchema = Type.Union(KEY_TYPES.map((t) => Type.Literal(t)), { description: 'Key type; sets the grace period and default rate limit.' })
 export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)))
 
-/** No control characters (C0, DEL, C1): PostgreSQL text cannot hold NUL, and the others would rewrite a terminal showing `api-key list`. */
-const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control characters).' })
+/** No control characters (C0, DEL, C1) nor invisible format characters (core/validate.ts): PostgreSQL text cannot hold NUL, and the others would rewrite or reorder a terminal showing `api-key list`. */
+const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control or invisible format characters).' })
 const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
 const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE }), Type.Null()], { description: 'Who the key belongs to.' })
 /** Why a key was revoked: shown by `api-key get`, so printable like a name. */
 export const RevokeBody = Type.Object(
-  { reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE, description: 'Why (no control characters); kept with the key and in the audit log.' })) },
+  { reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE, description: 'Why (no control or invisible format characters); kept with the key and in the audit log.' })) },
   { additionalProperties: false },
 )
 export type RevokeInput = Static<typeof RevokeBody>
