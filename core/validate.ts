@@ -32,10 +32,12 @@ export function refuseKeyIn(fields: Record<string, unknown>): void {
  * characters (C0, DEL, C1: an escape sequence or a line break rewrites a terminal or forges a
  * row) and the invisible format characters that reorder or hide text (the bidi marks, embeddings,
  * overrides and isolates U+061C, U+200E/F, U+202A-E, U+2066-9: `\u202eevil` printed a row of
- * `api-key list` backwards on a bidi terminal; zero-width and word-joining characters U+180E,
- * U+200B-D, U+2060-4, U+FEFF; the line and paragraph separators U+2028/9).
+ * `api-key list` backwards on a bidi terminal; the zero-width space and word joiners U+180E,
+ * U+200B, U+2060-4, U+FEFF; the line and paragraph separators U+2028/9). The zero-width
+ * non-joiner and joiner U+200C/D are text: Persian and Indic words are spelled with them, and
+ * emoji sequences (a family, a flag) joined by them; they reorder nothing.
  */
-export const UNPRINTABLE_CHARS = '\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u180e\\u200b-\\u200f\\u2028-\\u202e\\u2060-\\u2069\\ufeff'
+export const UNPRINTABLE_CHARS = '\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u180e\\u200b\\u200e\\u200f\\u2028-\\u202e\\u2060-\\u2069\\ufeff'
 
 /** The pattern of text fields shown back to people (names, owners, reasons): none of UNPRINTABLE_CHARS. */
 export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`

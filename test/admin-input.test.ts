@@ -207,7 +207,7 @@ await forEachStore(t, async (t, store) => {
   // found by a review: {"name":"\u202eevil"} was 201 and `api-key list` printed the row reversed
   // on a bidi terminal). Each is named by its escape in the message, never sent raw.
   const keysBefore = (await h.call('GET', '/v1/keys?limit=200')).json?.items.length
-  const invisible = ['\u202e', '\u202a', '\u2066', '\u2069', '\u200b', '\u200d', '\u200e', '\u200f', '\u2028', '\u2029', '\u2060', '\ufeff', '\u061c', '\u180e', '\u0085']
+  const invisible = ['\u202e', '\u202a', '\u2066', '\u2069', '\u200b', '\u200e', '\u200f', '\u2028', '\u2029', '\u2060', '\ufeff', '\u061c', '\u180e', '\u0085']
   for (const c of invisible) {
     const hex = c.charCodeAt(0).toString(16).padStart(4, '0')
     for (const [what, path, body, field] of [
@@ -232,8 +232,11 @@ await forEachStore(t, async (t, store) => {
   const rtl = await h.call('POST', '/v1/keys', { body: { name: 'מפתח مفتاح', type: 'user', owner: 'équipe ✓' } })
   t.equal(rtl.status, 201, 'Hebrew and Arabic letters are taken')
   t.equal(rtl.json?.name, 'מפתח مفتاح')
+  // The zero-width non-joiner and joiner are text too: Persian words and joined emoji hold them.
+  const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧', type: 'user' } })
+  t.equal(joined.status, 201, 'U+200C and U+200D are taken')
 
-  t.equal(await h.auditRows(), before + 4, 'no refusal wrote an audit row (four keys were created)')
+  t.equal(await h.auditRows(), before + 5, 'no refusal wrote an audit row (five keys were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)
