@@ -434,10 +434,9 @@ process.stdout.write(report)
 if (write) {
   const file = here('./RESULTS.md')
   let previous = ''
-  try {
-    previous = readFileSync(file, 'utf8').replace(/^[\s\S]*?<!-- runs -->\n/, '')
-  } catch {}
-  const head = [
+  // The file's own head is kept, notes written into it included (before, it was written anew and
+  // the correction of 2026-12-03 above the runs was lost).
+  let head = [
     '# Benchmark results',
     '',
     'Command: `npm run bench -- --write` (bench/run.ts). Every figure is relative to the bare undici',
@@ -447,6 +446,14 @@ if (write) {
     '<!-- runs -->',
     '',
   ].join('\n')
+  try {
+    const text = readFileSync(file, 'utf8')
+    const at = text.indexOf('<!-- runs -->\n')
+    if (at !== -1) {
+      head = text.slice(0, at + '<!-- runs -->\n'.length)
+      previous = text.slice(head.length)
+    }
+  } catch {}
   writeFileSync(file, `${head}## ${new Date().toISOString().slice(0, 10)}\n\n${report}\n${previous}`)
 }
 process.exit(0)
