@@ -217,6 +217,8 @@ await forEachStore(t, async (t, store) => {
       ['an import row name', '/v1/keys/import', { type: 'user', rows: [{ key_hash: 'b'.repeat(64), name: `n${c}` }] }, 'name'],
       ['a Gitea token name', '/v1/gitea/tokens', { name: `ci${c}`, scopes: ['read:repository'] }, 'name'],
       ['an n8n key label', '/v1/n8n/keys', { label: `ci${c}`, scopes: ['workflow:list'] }, 'label'],
+      ['a deny entry reason', '/v1/deny-list', { cidr: '192.0.2.55', reason: `r${c}` }, 'reason'],
+      ['a webhook description', '/v1/webhooks', { url: 'https://hooks.example/in', events: ['key.created'], description: `d${c}` }, 'description'],
     ] as const) {
       const a = await h.call('POST', path, { body })
       t.equal(a.status, 400, `U+${hex} in ${what}: 400`)

@@ -1,5 +1,6 @@
 // POST /v1/deny-list: refuse an address or range at the gateway, from the next request on.
 import { Type } from '@sinclair/typebox'
+import { PRINTABLE } from '../../core/validate.ts'
 import { defineOperation } from '../operation.ts'
 import { DenyEntrySchema, denyJson } from '../schemas.ts'
 
@@ -13,7 +14,7 @@ export default defineOperation({
   body: Type.Object(
     {
       cidr: Type.String({ format: 'cidr', description: 'IPv4 or IPv6 address or CIDR range.' }),
-      reason: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500 }), Type.Null()])),
+      reason: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()])),
       expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'It stops applying then; omit or null for never.' })),
     },
     { additionalProperties: false },

@@ -1,6 +1,7 @@
 // POST /v1/webhooks: register a receiver. Its URL must be a public http(s) address (or one in
 // webhooks.allow_private); the signing secret is in this answer only.
 import { Type } from '@sinclair/typebox'
+import { PRINTABLE } from '../../core/validate.ts'
 import { EVENT_TYPES } from '../../core/events.ts'
 import { webhookJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
@@ -18,7 +19,7 @@ export default defineOperation({
     {
       url: Type.String({ minLength: 1, maxLength: 2048, description: 'http or https URL of the receiver.' }),
       events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, uniqueItems: true, description: 'The events it receives.' }),
-      description: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500 }), Type.Null()])),
+      description: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()])),
     },
     { additionalProperties: false },
   ),
