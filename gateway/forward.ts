@@ -487,6 +487,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     upgrade(s, changesBefore) {
       const route = s.route as CompiledRoute
       const client = s.socket as Duplex
+      // The client went away while the checks ran: the upstream is not asked for a tunnel nobody
+      // would use (before, it was, and the upgrade it granted was then dropped).
+      if (client.destroyed) {
+        recordClientClosed(ctx, s)
+        return
+      }
       const headers = upstreamHeaders(s, route)
       s.upstreamStart = performance.now()
       ;(routePool[route.index] as Pool).upgrade(

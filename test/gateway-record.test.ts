@@ -137,6 +137,45 @@ t.test('a WebSocket client that leaves while the upstream takes the upgrade: rec
   t.equal(accessLines().length, 3)
 })
 
+t.test('a WebSocket client that leaves while its key is looked up: the upstream is not asked, the request recorded as client_closed', async (t) => {
+  const st = await store
+  // The key service of the store, its look-ups held until the test lets them go.
+  let asked: () => void = () => {}
+  const lookedUp = new Promise<void>((r) => (asked = r))
+  let release: () => void = () => {}
+  const gate = new Promise<void>((r) => (release = r))
+  const held = async (presented: string) => {
+    asked()
+    await gate
+    return st.keys.lookup(presented)
+  }
+  // Everything else is the service's own (bound to it: it has private fields).
+  const keys = new Proxy(st.keys, {
+    get: (target, name) => {
+      if (name === 'lookup') return held
+      const v: unknown = Reflect.get(target, name, target)
+      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v
+    },
+  })
+  const h = await startGateway(t, { store: { ...st, keys } })
+  let upgrades = 0
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    upgrades++
+    socket.destroy()
+  })
+  const k = await h.key()
+  const before = await sample(h, requests('api', 'client_closed'))
+  const upgrade = `GET /ws HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
+  await abandon(h.port, upgrade, lookedUp, true)
+  const connections = () => new Promise<number>((r) => h.gateway.server.getConnections((_e, n) => r(n)))
+  await until(t, 'the gateway saw the client leave', async () => (await connections()) === 0)
+  release()
+  await until(t, 'recorded as client_closed', async () => (await sample(h, requests('api', 'client_closed'))) === before + 1, HANG)
+  // A request after it, on the same upstream: had the upgrade been sent, the upstream had it first.
+  t.equal((await h.get('/after', bearer(k.key))).status, 200)
+  t.equal(upgrades, 0, 'the upstream was not asked for the upgrade (before, it was)')
+})
+
 t.test('answers given before any request state are timed and logged as they are counted', async (t) => {
   const lines: Array<Record<string, unknown>> = []
   const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
