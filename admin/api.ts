@@ -8,7 +8,7 @@ import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
 import { hasBody } from '../core/http.ts'
-import { assertValid, dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, showValue } from '../core/validate.ts'
+import { assertValid, MAX_JSON_DEPTH, refuseChangedNumbers, showValue } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
 import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
@@ -89,55 +89,6 @@ async function readJson(req: http.IncomingMessage, max: number, limit: string): 
   if (problem !== undefined) throw new AdminError('bad_request', `the body ${problem}`)
   refuseChangedNumbers(text, value)
   return value
-}
-
-/** Stands for a number that would not be stored as written, to find its path once the body is parsed. */
-const CHANGED = Object.freeze({})
-
-/**
- * Why the number `source` reads as `value` would not be stored as written, or undefined: out of
- * range (JSON.parse reads `1e309` as Infinity, stored as null), a whole number past 2^53 - 1
- * (`12345678901234567891` is rounded to 12345678901234567000), or one too close to zero
- * (`1e-400` reads as 0). A decimal fraction (`0.1`) is stored as the nearest double, as JSON
- * numbers always are, and is not refused.
- */
-function numberChange(value: number, source: string | undefined): string | undefined {
-  if (!Number.isFinite(value)) return NOT_FINITE
-  if (source === undefined) return undefined
-  if (!Number.isSafeInteger(value) && /^-?[0-9]+$/.test(source)) return `is a whole number beyond ±${Number.MAX_SAFE_INTEGER} (2^53 - 1); it would be stored rounded, as ${value}; send it as a string`
-  if (value === 0 && /[1-9]/.test(source.split(/[eE]/)[0] as string)) return 'is too close to zero for a number; it would be stored as 0'
-  return undefined
-}
-
-/** Whether `value` could be a number changed from its literal: the reviver pass below is ten times slower than a plain parse, so it runs only then. */
-function suspectNumber(value: unknown, text: string): boolean {
-  if (typeof value !== 'number') return false
-  if (!Number.isFinite(value) || (Number.isInteger(value) && !Number.isSafeInteger(value))) return true
-  // Only an exponent or a fraction of 300 zeros or more comes out as 0.
-  return value === 0 && /[eE]-|\.0{300}/.test(text)
-}
-
-/**
- * Refuses a body holding a number that would not be stored as written (validation_failed naming
- * its field), as a lone surrogate is: the change would be silent. Read again from the text with
- * JSON.parse's source access (its reviver's third argument), only when a number parsed from it
- * is suspect; after jsonProblem, as the reviver recurses and a body nested thousands of levels
- * deep overflows it.
- */
-function refuseChangedNumbers(text: string, value: unknown): void {
-  if (pathWhere(value, (v) => suspectNumber(v, text)) === undefined) return
-  let found: { source: string; why: string } | undefined
-  const revived: unknown = JSON.parse(text, (_key, v: unknown, context?: { source?: string }) => {
-    if (found !== undefined || typeof v !== 'number') return v
-    const why = numberChange(v, context?.source)
-    if (why === undefined) return v
-    found = { source: context?.source ?? String(v), why }
-    return CHANGED
-  })
-  if (found === undefined) return
-  const field = dotted(pathWhere(revived, (v) => v === CHANGED) ?? []) || 'body'
-  const shown = found.source.length > 40 ? `${found.source.slice(0, 37)}... (${found.source.length} characters)` : found.source
-  throw fieldInvalid(field, `${shown} ${found.why}`)
 }
 
 const HOLDS_NUL = 'holds a NUL character (\\u0000), which no field takes'

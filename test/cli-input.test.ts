@@ -38,6 +38,10 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '999999999w'], /--expires-in: "999999999w" ends after the year 9999/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{nope'], /--metadata: is not JSON/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '[1]'], /--metadata: expected a JSON object/],
+    // Numbers that would not be stored as written, as the admin API refuses them (before: stored rounded, or as 0).
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{"id":12345678901234567891}'], /^keygate: --metadata: id: 12345678901234567891 is a whole number beyond ±9007199254740991 \(2\^53 - 1\); it would be stored rounded/],
+    [['api-key', 'update', 'abc', '--metadata', '{"a":{"b":[1e-400]}}'], /^keygate: --metadata: a\.b\[0\]: 1e-400 is too close to zero for a number; it would be stored as 0/],
+    [['api-key', 'update', 'abc', '--metadata', '{"a":1e309}'], /^keygate: --metadata: a: 1e309 is beyond the range of a number/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '1d', '--expires-at', '2031-01-01T00:00:00Z'], /exclude each other/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rotate-every', 'often'], /--rotate-every: "often" is not a duration/],
     // Values the API's schema never takes, checked before a store is opened, naming the flag.
@@ -130,6 +134,20 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.equal(pasted.code, 1)
   t.match(pasted.stderr, /row 1: key_hash/)
   t.notOk(pasted.stderr.includes(legacy) || pasted.stdout.includes(legacy), 'the key pasted as key_hash is not echoed')
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
+  // A number that would not be stored as written, in either form of import file: named by row (and
+  // line), nothing stored (before, 12345678901234567891 was stored rounded and 1e-400 as 0).
+  const hash = (i: number) => createHash('sha256').update(`n${i}`).digest('hex')
+  const numbersArray = join(cwd, 'numbers.json')
+  writeFileSync(numbersArray, JSON.stringify([{ key_hash: hash(1), name: 'fine', metadata: { n: 1.5 } }]).replace(']', `,{"key_hash":"${hash(2)}","name":"big","metadata":{"id":12345678901234567891}}]`))
+  const big = await runCli(['api-key', 'import', numbersArray, '--json'], { cwd, env })
+  t.equal(big.code, 1)
+  t.match(big.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}row 2: metadata\.id: 12345678901234567891 is a whole number beyond/ })
+  const numbersLines = join(cwd, 'numbers.jsonl')
+  writeFileSync(numbersLines, `${JSON.stringify({ key_hash: hash(3), name: 'fine' })}\n\n{"key_hash":"${hash(4)}","name":"tiny","metadata":{"x":1e-400}}\n`)
+  const tiny = await runCli(['api-key', 'import', numbersLines, '--json'], { cwd, env })
+  t.equal(tiny.code, 1)
+  t.match(tiny.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}line 3: metadata\.x: 1e-400 is too close to zero/ })
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
   // More rows than one import takes: refused on the store as through the admin API (before, the
   // store took any number, and the admin API refused more than 10,000 as validation_failed).
