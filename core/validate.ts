@@ -277,26 +277,51 @@ export function loneSurrogateAt(value: unknown): string[] | undefined {
 const CHANGED = Object.freeze({})
 
 /**
- * Why the number `source` reads as `value` would not be stored as written, or undefined: out of
- * range (JSON.parse reads `1e309` as Infinity, stored as null), a whole number past 2^53 - 1
- * (`12345678901234567891` is rounded to 12345678901234567000), or one too close to zero
- * (`1e-400` reads as 0). A decimal fraction (`0.1`) is stored as the nearest double, as JSON
- * numbers always are, and is not refused.
+ * A decimal number's significant digits and the power of ten of the last one (`1.50e3` is
+ * ["15", 2]; any zero is ["", 0]); undefined for text that is not a JSON number.
+ */
+function decimalDigits(text: string): [string, number] | undefined {
+  const m = /^-?(\d*)(?:\.(\d*))?(?:[eE]([+-]?\d+))?$/.exec(text)
+  if (m === null) return undefined
+  const whole = m[1] ?? ''
+  const fraction = m[2] ?? ''
+  let digits = (whole + fraction).replace(/^0+/, '')
+  let exponent = Number(m[3] ?? 0) - fraction.length
+  const zeros = (/0*$/.exec(digits) as RegExpExecArray)[0].length
+  digits = digits.slice(0, digits.length - zeros)
+  exponent += zeros
+  return digits === '' ? ['', 0] : [digits, exponent]
+}
+
+/**
+ * Why the number `source` reads as `value` would not be stored as written, or undefined. What is
+ * stored is the double JSON.parse reads, written back as JavaScript writes it: refused when that
+ * is another number than the one sent. So out of range (`1e309` reads as Infinity, stored as
+ * null), more digits than a double holds (`12345678901234567891`, or `...891.0`, is stored as
+ * 12345678901234567000), or too close to zero (`1e-400` reads as 0). `0.1`, `1e20`,
+ * `100000000000000000000` and `2^53` are stored as written and taken, and so is `-0` (as 0).
  */
 function numberChange(value: number, source: string | undefined): string | undefined {
   if (!Number.isFinite(value)) return NOT_FINITE
   if (source === undefined) return undefined
-  if (!Number.isSafeInteger(value) && /^-?[0-9]+$/.test(source)) return `is a whole number beyond ±${Number.MAX_SAFE_INTEGER} (2^53 - 1); it would be stored rounded, as ${value}; send it as a string`
-  if (value === 0 && /[1-9]/.test(source.split(/[eE]/)[0] as string)) return 'is too close to zero for a number; it would be stored as 0'
-  return undefined
+  const sent = decimalDigits(source)
+  const kept = decimalDigits(String(value))
+  if (sent === undefined || kept === undefined || (sent[0] === kept[0] && sent[1] === kept[1])) return undefined
+  if (value === 0) return 'is too close to zero for a number; it would be stored as 0'
+  return `has more digits than a number holds (about 17); it would be stored as ${String(value)}; send it as a string`
 }
 
-/** Whether `value` could be a number changed from its literal: the reviver pass below is ten times slower than a plain parse, so it runs only then. */
-function suspectNumber(value: unknown, text: string): boolean {
-  if (typeof value !== 'number') return false
-  if (!Number.isFinite(value) || (Number.isInteger(value) && !Number.isSafeInteger(value))) return true
-  // Only an exponent or a fraction of 300 zeros or more comes out as 0.
-  return value === 0 && /[eE]-|\.0{300}/.test(text)
+/**
+ * Whether JSON `text`, parsed as `value`, may hold a number changed from its literal: the reviver
+ * pass below is ten times slower than a plain parse, so it runs only then. A rounded number was
+ * written with more digits than a double holds (16 or more; a run of digits and points, which a
+ * string may hold too: that only costs the pass); one changed to 0 came from an exponent
+ * (`1e-400`) or a fraction of 300 zeros or more; one out of range is Infinity.
+ */
+function mayHoldChangedNumber(text: string, value: unknown): boolean {
+  if (/\d[\d.]{15,}/.test(text)) return true
+  const zeroFrom = /[0-9.][eE]-|\.0{300}/.test(text)
+  return pathWhere(value, (v) => typeof v === 'number' && (!Number.isFinite(v) || (v === 0 && zeroFrom))) !== undefined
 }
 
 /**
@@ -308,7 +333,7 @@ function suspectNumber(value: unknown, text: string): boolean {
  * deep overflows it.
  */
 export function refuseChangedNumbers(text: string, value: unknown): void {
-  if (pathWhere(value, (v) => suspectNumber(v, text)) === undefined) return
+  if (!mayHoldChangedNumber(text, value)) return
   let found: { source: string; why: string } | undefined
   const revived: unknown = JSON.parse(text, (_key, v: unknown, context?: { source?: string }) => {
     if (found !== undefined || typeof v !== 'number') return v

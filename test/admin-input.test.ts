@@ -111,6 +111,9 @@ await forEachStore(t, async (t, store) => {
   for (const [what, path, raw, field, shown] of [
     ['a number out of range in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"ok":1,"inf":1e309}}', 'metadata.inf', '1e309'],
     ['a whole number past 2^53 in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"big":12345678901234567891}}', 'metadata.big', '12345678901234567891'],
+    ['the same with a fraction', '/v1/keys', '{"name":"m","type":"service","metadata":{"big":12345678901234567891.0}}', 'metadata.big', '12345678901234567891.0'],
+    ['the same with an exponent', '/v1/keys', '{"name":"m","type":"service","metadata":{"big":1.2345678901234567891e19}}', 'metadata.big', '1.2345678901234567891e19'],
+    ['a fraction with more digits than a double holds', '/v1/keys', '{"name":"m","type":"service","metadata":{"f":0.1000000000000000000001}}', 'metadata.f', '0.1000000000000000000001'],
     ['a number too close to zero in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"zero":0,"tiny":-1e-400}}', 'metadata.tiny', '-1e-400'],
     ['a number out of range in an import row', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'b'.repeat(64)}","name":"n","metadata":{"a":[1,-1e999]}}]}`, 'rows[0].metadata.a[1]', '-1e999'],
     ['a 60-digit whole number in an import row', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'b'.repeat(64)}","name":"n","metadata":{"n":${'9'.repeat(60)}}}]}`, 'rows[0].metadata.n', `${'9'.repeat(37)}... (60 characters)`],
@@ -122,9 +125,10 @@ await forEachStore(t, async (t, store) => {
     t.ok(a.json?.error?.message.startsWith(`${field}: ${shown} `), `shown as written: ${a.json?.error?.message}`)
     t.notMatch(a.json?.error?.message, /\bnull\b.*expected|: null /, 'not echoed as null')
   }
-  const exact = await h.call('POST', '/v1/keys', { raw: '{"name":"exact","type":"service","metadata":{"max":9007199254740991,"min":-9007199254740991,"e":1e20,"f":0.1,"z":0,"nz":-0e-500,"small":5e-324,"d":1.5e-7}}', headers: json })
+  // Before (found by a review), 100000000000000000000 and 2^53, stored exactly, were refused as rounded.
+  const exact = await h.call('POST', '/v1/keys', { raw: '{"name":"exact","type":"service","metadata":{"max":9007199254740991,"min":-9007199254740991,"e":1e20,"e20":100000000000000000000,"p53":9007199254740992,"f":0.1,"z":0,"nz":-0e-500,"small":5e-324,"d":1.5e-7,"one":1.0,"h":1E2,"full":0.30000000000000004}}', headers: json })
   t.equal(exact.status, 201, 'numbers stored as written are taken')
-  t.same(exact.json?.metadata, { max: 9007199254740991, min: -9007199254740991, e: 1e20, f: 0.1, z: 0, nz: 0, small: 5e-324, d: 1.5e-7 })
+  t.same(exact.json?.metadata, { max: 9007199254740991, min: -9007199254740991, e: 1e20, e20: 1e20, p53: 9007199254740992, f: 0.1, z: 0, nz: 0, small: 5e-324, d: 1.5e-7, one: 1, h: 100, full: 0.30000000000000004 })
   // A body that is not UTF-8 is refused (before: each bad byte became U+FFFD, stored as the name
   // "k\ufffd"), and so is one declared in another charset (before: read as UTF-8 regardless).
   for (const [what, bytes] of [
@@ -141,7 +145,7 @@ await forEachStore(t, async (t, store) => {
   refused(latin1, 415, 'unsupported_media_type', 'a body declared ISO-8859-1')
   t.match(latin1.json?.error?.message, /charset "ISO-8859-1"/, 'the charset is named')
   t.equal(latin1.headers.connection, 'close', 'and the body is not read')
-  for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF-8"', 'application/json; charset=utf8']) {
+  for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF-8"', 'application/json; charset=utf8', 'application/json; charset=US-ASCII']) {
     const a = await h.call('POST', '/v1/keys/validate', { raw: Buffer.from('{"key":"caf\u00e9"}'), headers: { 'content-type': type } })
     t.equal(a.status, 200, `${type}: taken`)
   }
