@@ -5,6 +5,7 @@
 // 503, a redirect, a page that is not JSON) is `admin_unavailable`.
 import { ADMIN_MARK } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
+import { escapeUnprintable } from '../core/validate.ts'
 
 /** Methods that change something: a call of one that times out may have been carried out. */
 const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
@@ -87,7 +88,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       throw unavailable(`the server at ${shown} answered ${res.status} but is not keygate's admin API (no ${ADMIN_MARK} header; the gateway's port, say)`)
     }
     if (res.ok) {
-      if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${JSON.stringify(json)}, not an object`)
+      if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${escapeUnprintable(JSON.stringify(json))}, not an object`)
       return json as T
     }
     // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.

@@ -4,7 +4,7 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
-import { MAX_JSON_DEPTH, refuseChangedNumbers } from '../core/validate.ts'
+import { escapeUnprintable, MAX_JSON_DEPTH, refuseChangedNumbers } from '../core/validate.ts'
 import { CreateKeyBody, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
@@ -130,7 +130,7 @@ function keyRows(keys: KeyRecord[]): string {
 function keyDetail(k: KeyRecord): string {
   const j = keyJson(k)
   return Object.entries(j)
-    .map(([name, v]) => `${name.padEnd(20)} ${v === null ? '-' : typeof v === 'object' ? JSON.stringify(v) : printable(String(v))}`)
+    .map(([name, v]) => `${name.padEnd(20)} ${v === null ? '-' : typeof v === 'object' ? escapeUnprintable(JSON.stringify(v)) : printable(String(v))}`)
     .join('\n') + '\n'
 }
 
