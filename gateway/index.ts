@@ -16,6 +16,7 @@ import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { keyPrefixes } from '../core/keys/format.ts'
+import { normalAddress } from '../core/keys/evaluate.ts'
 import type { Logger } from '../core/log.ts'
 import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
 import { redisHealth } from '../core/redis.ts'
@@ -83,6 +84,24 @@ export interface Gateway {
 const HEALTH_OK = JSON.stringify({ status: 'ok' })
 const HEALTH_STOPPING = JSON.stringify({ status: 'stopping' })
 
+
+/**
+ * The path an access-log line gives of a request answered before it was read whole: an
+ * origin-form target without its query; of an absolute-form one, its URL's path alone (its
+ * user:password@ and query are never logged); of CONNECT's authority, or nothing parsed, null.
+ */
+function loggedPath(req: http.IncomingMessage | undefined): string | null {
+  const target = req?.url
+  if (target === undefined || req?.method === 'CONNECT') return null
+  if (target.startsWith('/')) return pathOf(target)
+  return URL.canParse(target) ? new URL(target).pathname : null
+}
+
+/** The socket's address as the other access-log lines give it (`::ffff:127.0.0.1` is `127.0.0.1`). */
+function loggedAddress(raw: string | undefined): string | null {
+  if (raw === undefined) return null
+  return (raw.includes(':') ? normalAddress(raw) : raw) ?? raw
+}
 export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const { config, keys, log, metrics, redis } = deps
   const g = config.gateway
@@ -276,11 +295,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       log.info('request', {
         request_id: id,
         method: req?.method ?? null,
-        path: req?.url === undefined ? null : pathOf(req.url),
+        path: loggedPath(req),
         status: ERRORS[code].status,
         outcome: code,
         route: NO_ROUTE,
-        address: (socket as Partial<Socket>).remoteAddress ?? null,
+        address: loggedAddress((socket as Partial<Socket>).remoteAddress),
         key_id: null,
         duration_ms: Math.round(ms * 1000) / 1000,
       })

@@ -179,18 +179,21 @@ t.test('a WebSocket client that leaves while its key is looked up: the upstream 
 t.test('answers given before any request state are timed and logged as they are counted', async (t) => {
   const lines: Array<Record<string, unknown>> = []
   const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
-  const h = await startGateway(t, { store: await store, log, config: { gateway: { max_header_bytes: 4096 }, log: { access_log: true } } })
+  // Listening on both stacks: the socket's address is ::ffff:127.0.0.1, logged as the other lines log it.
+  const h = await startGateway(t, { store: await store, log, host: '::', config: { gateway: { max_header_bytes: 4096 }, log: { access_log: true } } })
   const cases = [
     `POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`,
     `CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n`,
     `GET / HTTP/1.1\r\nHost: a\r\nExpect: something-else\r\n\r\n`,
     `GET / HTTP/1.1\r\nHost: a\r\nX-Big: ${'a'.repeat(8000)}\r\n\r\n`,
+    // An absolute-form target: its user:password@ and query are not logged (found by a review).
+    `POST http://u:kg_secretinuserinfo@a/p?api_key=kg_inquery HTTP/1.1\r\nHost: a\r\nExpect: bogus\r\nContent-Length: 0\r\n\r\n`,
   ]
   for (const c of cases) t.match(await rawExchange(h.port, c), /^HTTP\/1\.1 4\d\d /)
   let counted = 0
-  for (const outcome of ['bad_request', 'method_not_allowed', 'expectation_failed', 'headers_too_large']) {
+  for (const [outcome, expected] of [['bad_request', 1], ['method_not_allowed', 1], ['expectation_failed', 2], ['headers_too_large', 1]] as const) {
     const n = await sample(h, requests('none', outcome))
-    t.equal(n, 1, `${outcome} counted`)
+    t.equal(n, expected, `${outcome} counted`)
     counted += n
   }
   // Before, none of them was observed: requests_total and the histogram's _count drifted apart.
@@ -202,7 +205,11 @@ t.test('answers given before any request state are timed and logged as they are 
     { status: 405, outcome: 'method_not_allowed', route: 'none', method: 'CONNECT', address: '127.0.0.1' },
     { status: 417, outcome: 'expectation_failed', route: 'none', method: 'GET', path: '/', address: '127.0.0.1' },
     { status: 431, outcome: 'headers_too_large', route: 'none', method: null, path: null },
+    { status: 417, outcome: 'expectation_failed', route: 'none', method: 'POST', path: '/p', address: '127.0.0.1' },
   ])
-  t.equal(logged.length, 4, 'one line each')
+  t.equal(logged.length, 5, 'one line each')
+  t.notMatch(JSON.stringify(logged), /kg_secret|kg_inquery|u:/, 'no user:password@ nor query logged')
+  t.equal(logged[1]?.path, null, "CONNECT's authority is not logged as a path")
+  t.ok(logged.every((l) => l.address === '127.0.0.1'), 'the address as every other line gives it')
   t.ok(logged.every((l) => typeof l.request_id === 'string' && typeof l.duration_ms === 'number'), 'with a request id and a duration')
 })
