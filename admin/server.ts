@@ -178,7 +178,8 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       return
     }
     if (pathMatched) {
-      const allowed = table.filter((c) => c.pattern.test(url.pathname)).map((c) => c.route.method)
+      // HEAD is served wherever GET is (above), so it is allowed there too (before, Allow left it out).
+      const allowed = table.filter((c) => c.pattern.test(url.pathname)).flatMap((c) => (c.route.method === 'GET' ? ['GET', 'HEAD'] : [c.route.method]))
       sendError(res, 'method_not_allowed', requestId, `${req.method} is not allowed here; allowed: ${allowed.join(', ')}`, undefined, { allow: allowed.join(', '), ...closing })
       return
     }

@@ -338,6 +338,9 @@ await forEachStore(t, async (t, store) => {
     const m = await h.call('PUT', '/v1/keys')
     t.equal(m.status, 405)
     t.match(m.headers.allow, /GET/)
+    // HEAD is served where GET is, so Allow names it (before, it did not).
+    t.same(String(m.headers.allow).split(', ').sort(), ['GET', 'HEAD', 'POST'])
+    t.equal((await h.call('PATCH', '/v1/keys/abcdefghijkl/revoke')).headers.allow, 'POST', 'a path without GET does not name HEAD')
   })
 })
 
