@@ -51,6 +51,10 @@ t.test('the OpenAPI document', async (t) => {
     for (const m of op.path.matchAll(/\{(\w+)\}/g)) t.ok(o.parameters.some((p: any) => p.in === 'path' && p.name === m[1]), `${op.id}: path parameter ${m[1]}`)
     for (const name of Object.keys(op.query?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'query' && p.name === name), `${op.id}: query parameter ${name}`)
   }
+  // The listener's own answers are documented on every operation (before, 421, 431 and 408 were not).
+  for (const [status, code] of [[421, 'host_not_allowed'], [431, 'headers_too_large'], [408, 'request_timeout']] as const) {
+    t.ok(doc.paths['/v1/keys'].get.responses[status]?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `GET /v1/keys documents ${status} ${code}`)
+  }
   // Before: gitea and n8n were used by operations and not declared.
   const declared = new Set((doc.tags as Array<{ name: string }>).map((x) => x.name))
   for (const op of OPERATIONS) t.ok(declared.has(op.tag), `${op.id}: its tag ${op.tag} is declared`)
