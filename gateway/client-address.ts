@@ -25,7 +25,8 @@ export interface AddressOptions {
   ipv6PrefixBits: number
 }
 
-function normalise(raw: string | undefined): string | undefined {
+/** A socket's address in the one spelling every stage and log line uses (IPv4-mapped IPv6 as IPv4). */
+export function normalise(raw: string | undefined): string | undefined {
   if (raw === undefined) return undefined
   // The common case, a plain IPv4 address, needs no parsing.
   if (!raw.includes(':')) return raw

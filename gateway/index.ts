@@ -16,12 +16,11 @@ import { DenyListService, type DenyChange } from '../core/deny-list.ts'
 import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { keyPrefixes } from '../core/keys/format.ts'
-import { normalAddress } from '../core/keys/evaluate.ts'
 import type { Logger } from '../core/log.ts'
 import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
 import { redisHealth } from '../core/redis.ts'
 import { NO_USAGE, type UsageSink } from '../core/usage.ts'
-import { createClientAddressStage } from './client-address.ts'
+import { createClientAddressStage, normalise } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
 import { cachedKeys, KeyCache } from './key-cache.ts'
@@ -97,11 +96,6 @@ function loggedPath(req: http.IncomingMessage | undefined): string | null {
   return URL.canParse(target) ? new URL(target).pathname : null
 }
 
-/** The socket's address as the other access-log lines give it (`::ffff:127.0.0.1` is `127.0.0.1`). */
-function loggedAddress(raw: string | undefined): string | null {
-  if (raw === undefined) return null
-  return (raw.includes(':') ? normalAddress(raw) : raw) ?? raw
-}
 export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const { config, keys, log, metrics, redis } = deps
   const g = config.gateway
@@ -292,6 +286,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     const ms = performance.now() - start
     none.duration.observe(ms / 1000)
     if (config.log.access_log) {
+      const peer = (socket as Partial<Socket>).remoteAddress
       log.info('request', {
         request_id: id,
         method: req?.method ?? null,
@@ -299,7 +294,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         status: ERRORS[code].status,
         outcome: code,
         route: NO_ROUTE,
-        address: loggedAddress((socket as Partial<Socket>).remoteAddress),
+        // The socket's address as every other line gives it (`::ffff:127.0.0.1` is `127.0.0.1`).
+        address: normalise(peer) ?? peer ?? null,
         key_id: null,
         duration_ms: Math.round(ms * 1000) / 1000,
       })
