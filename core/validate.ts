@@ -33,11 +33,25 @@ export function refuseKeyIn(fields: Record<string, unknown>): void {
  * row) and the invisible format characters that reorder or hide text (the bidi marks, embeddings,
  * overrides and isolates U+061C, U+200E/F, U+202A-E, U+2066-9: `\u202eevil` printed a row of
  * `api-key list` backwards on a bidi terminal; the zero-width space and word joiners U+180E,
- * U+200B, U+2060-4, U+FEFF; the line and paragraph separators U+2028/9). The zero-width
- * non-joiner and joiner U+200C/D are text: Persian and Indic words are spelled with them, and
- * emoji sequences (a family, a flag) joined by them; they reorder nothing.
+ * U+200B, U+2060-4, U+FEFF; the line and paragraph separators U+2028/9), and the other
+ * characters that show nothing and are no part of spelling a word, which make a name look like
+ * another (`ad\u00admin` for `admin`) or blank: the soft hyphen U+00AD, the combining grapheme
+ * joiner U+034F, the Hangul fillers U+115F/60, U+3164 and U+FFA0, the Khmer inherent vowels
+ * U+17B4/5, the deprecated format characters U+206A-F, the interlinear annotation marks
+ * U+FFF9-B, and plane 14 (its lead surrogate U+DB40): the tag characters U+E0000-7F, which
+ * hide a whole text from view ("ASCII smuggling") and otherwise only spell the three
+ * subdivision flags, and the variation selectors supplement. The zero-width non-joiner and
+ * joiner U+200C/D are text: Persian and Indic words are spelled with them, and emoji sequences
+ * (a family, a flag) joined by them; they reorder nothing. So are the variation selectors
+ * U+FE00-F (U+FE0F makes ❤ an emoji).
+ *
+ * A character class for the schemas' `pattern`, which TypeBox compiles without the `u` flag:
+ * there U+DB40 is the UTF-16 unit every plane-14 character starts with. (A validator reading
+ * the published pattern with `u` takes it as a lone surrogate only, and lets plane 14 through;
+ * keygate's own check is the one that counts.)
  */
-export const UNPRINTABLE_CHARS = '\\u0000-\\u001f\\u007f-\\u009f\\u061c\\u180e\\u200b\\u200e\\u200f\\u2028-\\u202e\\u2060-\\u2069\\ufeff'
+export const UNPRINTABLE_CHARS =
+  '\\u0000-\\u001f\\u007f-\\u009f\\u00ad\\u034f\\u061c\\u115f\\u1160\\u17b4\\u17b5\\u180e\\u200b\\u200e\\u200f\\u2028-\\u202e\\u2060-\\u206f\\u3164\\ufeff\\uffa0\\ufff9-\\ufffb\\udb40'
 
 /** The pattern of text fields shown back to people (names, owners, reasons): none of UNPRINTABLE_CHARS. */
 export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`
@@ -46,7 +60,8 @@ export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`
 export const PRINTABLE_WORDS = 'without control characters or invisible format characters (bidi overrides, zero-width characters)'
 
 const UNPRINTABLE = new RegExp(`[${UNPRINTABLE_CHARS}]`)
-const EVERY_UNPRINTABLE = new RegExp(UNPRINTABLE.source, 'g')
+/** Also a plane-14 character's trailing half, so that both halves are escaped. */
+const EVERY_UNPRINTABLE = new RegExp(`\\udb40[\\udc00-\\udfff]|${UNPRINTABLE.source}`, 'g')
 
 /** Whether `text` holds any of UNPRINTABLE_CHARS. */
 export function hasUnprintable(text: string): boolean {
@@ -59,7 +74,10 @@ export function hasUnprintable(text: string): boolean {
  * without being rewritten.
  */
 export function escapeUnprintable(json: string): string {
-  return json.replace(EVERY_UNPRINTABLE, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
+  return json.replace(EVERY_UNPRINTABLE, (c) => {
+    const one = (unit: number) => `\\u${unit.toString(16).padStart(4, '0')}`
+    return c.length === 2 ? one(c.charCodeAt(0)) + one(c.charCodeAt(1)) : one(c.charCodeAt(0))
+  })
 }
 
 /** A string of the given length bounds, in words. */

@@ -211,9 +211,14 @@ await forEachStore(t, async (t, store) => {
   // found by a review: {"name":"\u202eevil"} was 201 and `api-key list` printed the row reversed
   // on a bidi terminal). Each is named by its escape in the message, never sent raw.
   const keysBefore = (await h.call('GET', '/v1/keys?limit=200')).json?.items.length
-  const invisible = ['\u202e', '\u202a', '\u2066', '\u2069', '\u200b', '\u200e', '\u200f', '\u2028', '\u2029', '\u2060', '\ufeff', '\u061c', '\u180e', '\u0085']
+  // Also the characters that show nothing and make a name look like another or blank (before, found
+  // by a review: `ad\u00admin` was taken): the soft hyphen, the combining grapheme joiner, the
+  // Hangul fillers, a Khmer inherent vowel, a deprecated format character, an interlinear
+  // annotation mark, and a tag character (plane 14, named by its two UTF-16 halves).
+  const invisible = ['\u202e', '\u202a', '\u2066', '\u2069', '\u200b', '\u200e', '\u200f', '\u2028', '\u2029', '\u2060', '\ufeff', '\u061c', '\u180e', '\u0085',
+    '\u00ad', '\u034f', '\u115f', '\u3164', '\uffa0', '\u17b4', '\u206a', '\ufff9', '\u{e0041}']
   for (const c of invisible) {
-    const hex = c.charCodeAt(0).toString(16).padStart(4, '0')
+    const hex = c.split('').map((unit) => unit.charCodeAt(0).toString(16).padStart(4, '0')).join('\\u')
     for (const [what, path, body, field] of [
       ['a key name', '/v1/keys', { name: `${c}evil`, type: 'user' }, 'name'],
       ['an owner', '/v1/keys', { name: 'x', type: 'user', owner: `team${c}` }, 'owner'],
@@ -239,8 +244,9 @@ await forEachStore(t, async (t, store) => {
   t.equal(rtl.status, 201, 'Hebrew and Arabic letters are taken')
   t.equal(rtl.json?.name, 'מפתח مفتاح')
   // The zero-width non-joiner and joiner are text too: Persian words and joined emoji hold them.
-  const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧', type: 'user' } })
-  t.equal(joined.status, 201, 'U+200C and U+200D are taken')
+  // So are the variation selectors (U+FE0F makes ❤ an emoji) and Hangul.
+  const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧 ❤\ufe0f 열쇠', type: 'user' } })
+  t.equal(joined.status, 201, 'U+200C, U+200D, U+FE0F and Hangul letters are taken')
 
   t.equal(await h.auditRows(), before + 5, 'no refusal wrote an audit row (five keys were created)')
 
