@@ -407,6 +407,32 @@ function startScheduler(config: Config, runtime: Runtime, log: Logger, webhooks:
   return scheduler
 }
 
+/** With the store's query timeout off, what the stop gives the store once the drain is over. */
+const STOP_STORE_MS = 10_000
+
+/**
+ * Once the drain is over, what is left to write (usage counts, the anomaly detector's last check,
+ * webhook attempts in flight) and the store's connections to close get store.query_timeout_ms
+ * and two seconds more, all of them together (a statement may take the timeout and a second, and
+ * the usage counts it could not write are then logged): then the process exits with `code()`
+ * whatever it still waits for, and says so. Before, each waited out its own timeouts one after
+ * the other, and a new webhook round started meanwhile: with a store that stopped answering,
+ * `serve` took 11 s to exit after a drain of none; and a webhook receiver that did not answer
+ * held the exit for up to webhooks.timeout_ms (120 s allowed) after the drain, past a service
+ * manager's stop timeout (found by reviews). A webhook attempt cut so is not lost: its lease
+ * ends, and it is sent again. Returns the disarm.
+ */
+function armStopBackstop(config: Config, log: Logger, code: () => number, usage?: UsageRecorder): () => void {
+  const ms = config.store.query_timeout_ms > 0 ? config.store.query_timeout_ms + 2000 : STOP_STORE_MS
+  const timer = setTimeout(() => {
+    const lost = usage?.unwritten()
+    log.error('stopping takes too long: exiting without waiting any longer for the store or webhook receivers (usage counts not yet written are lost; webhook attempts in flight are sent again once their lease ends)', { waited_ms: ms, ...(lost ? { usage_lost: lost } : {}) })
+    process.exit(code())
+  }, ms)
+  timer.unref()
+  return () => clearTimeout(timer)
+}
+
 /**
  * Stops a listener: no new connections, idle ones closed, requests in flight given until
  * `timeoutMs`, then every connection still open is ended (TLS ones still in their handshake too).
@@ -437,6 +463,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     }),
   )
   let shuttingDown = false
+  let disarm: (() => void) | undefined
   let gateway: Gateway | undefined
   let admin: http.Server | undefined
   let api: ReturnType<typeof adminApi> | undefined
@@ -537,10 +564,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     log.info('shutting down', { signal, deadline_ms: config.gateway.shutdown_timeout_ms })
     // Open anomaly streams end first: the admin server closes only once its connections do.
     ev.feed?.close()
+    ev.webhooks.stopPolling()
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
+    disarm = armStopBackstop(config, log, () => (storeLost ? EXIT_REFUSED : EXIT_OK), usage)
     await api?.close()
     await usage?.close()
-    log.info('stopped')
     return storeLost ? EXIT_REFUSED : EXIT_OK
   } catch (err) {
     // A start that failed part-way (the admin address in use, say) stops what it had started,
@@ -560,6 +588,12 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       process.off('message', onPrimaryMessage)
       if (answerMetrics) process.off('message', answerMetrics)
       offForward?.()
+      // Once everything has been waited for (before, it was logged before the store's
+      // connections and webhook attempts were, and the process went on for seconds after).
+      if (disarm) {
+        disarm()
+        log.info('stopped')
+      }
       // The IPC channel to the primary would keep a worker alive after its listeners closed. A
       // worker exits as soon as it is disconnected, so this comes last.
       if (mode.worker && process.connected) process.disconnect()
@@ -623,6 +657,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const stopping = stopSignal(log, { worker: false, onHangup: () => listening.forEach((w) => w.process.kill('SIGHUP')) })
   const runtime = await openUnlessStopped(config, log, stopping)
   let shuttingDown = false
+  let disarm: (() => void) | undefined
   const redis = redisOf(config, log)
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
@@ -799,12 +834,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')
     ev.feed?.close()
+    ev.webhooks.stopPolling()
     await Promise.all([...exited, closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
+    disarm = armStopBackstop(config, log, () => (failed ? EXIT_REFUSED : EXIT_OK))
     await api?.close()
     stopTelling()
     stopDeny()
     cluster.off('message', onWorkerMessage)
-    log.info('stopped')
     return failed ? EXIT_REFUSED : EXIT_OK
   } finally {
     stopping.dispose()
@@ -813,5 +849,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     stopPublishing?.()
     redis?.disconnect()
     await runtime.close()
+    if (disarm) {
+      disarm()
+      log.info('stopped')
+    }
   }
 }

@@ -122,6 +122,8 @@ export class Scheduler {
   readonly #batch: number
   #timer: NodeJS.Timeout | undefined
   #running: Promise<SchedulerRun | null> | undefined
+  /** Set by stop(): the round in flight ends after the statement it is on. */
+  #stopping = false
 
   constructor(options: SchedulerOptions) {
     this.#o = options
@@ -139,6 +141,7 @@ export class Scheduler {
   }
 
   start(): void {
+    this.#stopping = false
     const tick = () =>
       void this.runOnce().catch((err: unknown) => this.#o.log.warn('scheduler run failed; trying again next interval', { err: err as Error }))
     this.#timer = setInterval(tick, this.#o.intervalS * 1000)
@@ -146,7 +149,13 @@ export class Scheduler {
     tick()
   }
 
+  /**
+   * Stops the timer and waits for the round in flight, which ends after the batch or prune it is
+   * on (before, it went through every batch, prune and job, whose statements each may take
+   * store.query_timeout_ms, and held up the process's stop). What it left is the next round's.
+   */
   async stop(): Promise<void> {
+    this.#stopping = true
     clearInterval(this.#timer)
     await this.#running?.catch(() => {})
   }
@@ -190,17 +199,19 @@ export class Scheduler {
       announced.push(...batch.announced)
       for (const e of batch.ended) this.#o.keys.notify({ action: 'expired', key: e.key })
       for (const event of batch.events) this.#o.events?.publish(event)
-      if (!batch.full || batch.ended.length + batch.announced.length === 0) break
+      if (!batch.full || batch.ended.length + batch.announced.length === 0 || this.#stopping) break
     }
     // After the keys' transaction, a statement at a time: a long prune holds no key's row lock
     // (an admin call on a key being expired would wait out its own query timeout behind it), and
     // a prune that fails takes no expiry with it.
     for (const rule of this.#o.pruneRules) {
+      if (this.#stopping) break
       const n = await prune(this.#o.db, rule, now)
       if (n !== undefined) pruned[rule.table] = n
     }
     const jobs: Record<string, number> = {}
     for (const job of this.#o.jobs ?? []) {
+      if (this.#stopping) break
       try {
         jobs[job.name] = await job.run(now)
       } catch (err) {

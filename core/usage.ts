@@ -79,6 +79,11 @@ export class ByWindow<T> {
     return this.#windows.size === 0
   }
 
+  /** Everything counted so far, by window, left where it is. */
+  get all(): ReadonlyMap<number, ReadonlyMap<string, T>> {
+    return this.#windows
+  }
+
   /** Everything counted so far, by window; this starts empty again. */
   take(): Map<number, Map<string, T>> {
     const all = this.#windows
@@ -96,6 +101,8 @@ export class UsageRecorder implements UsageSink {
   readonly #keys = new ByWindow<KeyCounts>()
   /** By hourly bucket and rejection reason. */
   readonly #reasons = new ByWindow<number>()
+  /** What the flush in flight took (until it is written, or put back). */
+  #writing: { keys: ReadonlyMap<number, ReadonlyMap<string, KeyCounts>>; reasons: ReadonlyMap<number, ReadonlyMap<string, number>> } | undefined
   #timer: NodeJS.Timeout | undefined
 
   constructor(options: { db: Db; log?: Logger; flushIntervalS?: number }) {
@@ -138,6 +145,7 @@ export class UsageRecorder implements UsageSink {
     if (this.#keys.empty && this.#reasons.empty) return
     const keys = this.#keys.take()
     const reasons = this.#reasons.take()
+    this.#writing = { keys, reasons }
     // Rows in one order on every instance (key, then hour), and key rows locked in id order as the
     // scheduler locks them: in the order of first use, which differs per instance, two flushes
     // at once deadlocked on each other's rows (and held the keys' rows a second, until PostgreSQL
@@ -210,6 +218,8 @@ export class UsageRecorder implements UsageSink {
         for (const [reason, n] of counts) into.set(reason, (into.get(reason) ?? 0) + n)
       }
       this.#log?.warn('could not write usage counts; keeping them for the next flush', { err: err as Error })
+    } finally {
+      this.#writing = undefined
     }
   }
 
@@ -221,20 +231,32 @@ export class UsageRecorder implements UsageSink {
   async close(): Promise<void> {
     clearInterval(this.#timer)
     await this.flush()
-    if (this.#keys.empty && this.#reasons.empty) return
+    const lost = this.unwritten()
+    if (lost === undefined) return
+    this.#keys.take()
+    this.#reasons.take()
+    this.#log?.error('could not write the last usage counts at shutdown: they are lost', lost)
+  }
+
+  /** How much is counted and not yet written (undefined when nothing is): what a stop cut short loses. */
+  unwritten(): { keys: number; requests: number; rejected: number; refusals_without_key: number } | undefined {
+    if (this.#keys.empty && this.#reasons.empty && this.#writing === undefined) return undefined
     let requests = 0
     let rejected = 0
     const keyIds = new Set<string>()
-    for (const counts of this.#keys.take().values()) {
-      for (const [keyId, c] of counts) {
-        keyIds.add(keyId)
-        requests += c.requests
-        rejected += c.rejected
-      }
-    }
     let refusals = 0
-    for (const counts of this.#reasons.take().values()) for (const n of counts.values()) refusals += n
-    this.#log?.error('could not write the last usage counts at shutdown: they are lost', { keys: keyIds.size, requests, rejected, refusals_without_key: refusals })
+    // Also what a flush in flight took, which it puts back if it fails.
+    for (const { keys, reasons } of [{ keys: this.#keys.all, reasons: this.#reasons.all }, ...(this.#writing ? [this.#writing] : [])]) {
+      for (const counts of keys.values()) {
+        for (const [keyId, c] of counts) {
+          keyIds.add(keyId)
+          requests += c.requests
+          rejected += c.rejected
+        }
+      }
+      for (const counts of reasons.values()) for (const n of counts.values()) refusals += n
+    }
+    return { keys: keyIds.size, requests, rejected, refusals_without_key: refusals }
   }
 }
 

@@ -657,10 +657,20 @@ export class WebhookService {
     return this.#attempt(claimed)
   }
 
-  /** Stops polling and waits for the round in flight; what is left is sent after the next start. */
-  async close(): Promise<void> {
+  /**
+   * Stops polling: no round starts from now on, and the one in flight claims nothing more (it
+   * waits for its attempts). What is due meanwhile is another instance's, or sent after the next
+   * start. `serve` calls this when a stop begins, so that no round starts while it drains.
+   */
+  stopPolling(): void {
     this.#closed = true
     clearInterval(this.#timer)
+    this.#wake?.()
+  }
+
+  /** Stops polling and waits for the round in flight; what is left is sent after the next start. */
+  async close(): Promise<void> {
+    this.stopPolling()
     await this.idle()
     if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
   }

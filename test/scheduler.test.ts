@@ -579,6 +579,29 @@ t.test('a backlog is ended in batches of batchSize keys, a transaction each', as
   t.equal((await s.audit.list(store.db, { action: 'key.expired', limit: 100 })).length, 25, 'with an audit row each')
 })
 
+t.test('stop() ends the round in flight after its batch: the rest is the next round\'s', async (t) => {
+  // Before (found by a review): stop() waited for the whole round, every batch, prune and job,
+  // each statement of which may take store.query_timeout_ms, and held up the process's stop.
+  const store = await openStore(t, 'embedded')
+  const clock = testClock(T0)
+  const s = testServices(store.db, { clock })
+  for (let i = 0; i < 25; i++) await s.keys.create({ name: `due ${i}`, type: 'user', expires_at: new Date(T0.getTime() + HOUR).toISOString() }, ACTOR)
+  let pruned = 0
+  const rules = [{ table: 'audit_log', column: 'at', retentionDays: 1 }]
+  const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, batchSize: 10, intervalS: 60, noticeMs: 0, pruneRules: rules, jobs: [{ name: 'count', run: async () => ++pruned }] })
+  clock.set(new Date(T0.getTime() + 2 * HOUR))
+  const run = scheduler.runOnce()
+  await scheduler.stop()
+  t.equal((await run)?.expired.length, 10, 'one batch of ten ended')
+  t.equal(pruned, 0, 'no job ran')
+  // Started again, its first round (begun by start(), shared by runOnce) ends the other 15 and runs the jobs.
+  scheduler.start()
+  const next = await scheduler.runOnce()
+  await scheduler.stop()
+  t.equal(next?.expired.length, 15, 'started again, a round ends the rest')
+  t.equal(pruned, 1, 'and runs the jobs')
+})
+
 t.test("without a clock of its own a round judges by the store's clock, not the instance's", async (t) => {
   const store = await openStore(t, 'embedded')
   const s = testServices(store.db, { clock: testClock(new Date()) })
