@@ -227,6 +227,8 @@ export class WebhookService {
   /** Wakes the delivery loop while it waits for one of those. */
   #wake: (() => void) | undefined
   #closed = false
+  /** The last round failed (the store out of reach): later failures are logged at debug only. */
+  #failing = false
 
   constructor(options: WebhookServiceOptions) {
     this.#db = options.db
@@ -462,7 +464,17 @@ export class WebhookService {
       return
     }
     this.#running = this.#drain()
-      .catch((err: unknown) => this.#log.warn('webhook delivery round failed', { err: err as Error }))
+      .then(() => {
+        if (this.#failing) this.#log.info('webhook delivery rounds reach the store again')
+        this.#failing = false
+      })
+      .catch((err: unknown) => {
+        // Once per outage at warn (before, found by a review: a line every poll_interval_ms, some
+        // 3,600 an hour of a store outage in every process), as the store check logs its own.
+        if (this.#failing) this.#log.debug('webhook delivery round failed', { err: err as Error })
+        else this.#log.warn('webhook delivery round failed; rounds go on every poll_interval_ms, and the log says when one succeeds again', { err: err as Error })
+        this.#failing = true
+      })
       .finally(() => {
         this.#running = undefined
         if (this.#again) {

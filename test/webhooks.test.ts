@@ -9,7 +9,7 @@ import t from 'tap'
 import pg from 'pg'
 import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
-import { silentLogger } from '../core/log.ts'
+import { createLogger, silentLogger } from '../core/log.ts'
 import { WebhookService } from '../core/webhooks.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { startAdmin } from './helpers/admin.ts'
@@ -18,6 +18,7 @@ import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, freshDatabase, openS
 import { runCli } from './helpers/cli.ts'
 import { openDb } from '../core/db.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 const ACTOR = { actor: 'test' }
 const CIPHER = new AuditCipher(TEST_ENCRYPTION_KEY)
@@ -556,4 +557,36 @@ t.test('a test send whose webhook is deleted while the receiver answers reports 
       if (answer === 200) t.ok(Date.parse(tested.json.delivered_at) >= Date.parse(tested.json.created_at), 'delivered_at after the send began')
     }
   })
+})
+
+t.test('a store out of reach: a failing delivery round is logged once at warn, then at debug, and once when a round succeeds again', async (t) => {
+  // Before (found by a review): a warn line every poll_interval_ms for the whole outage, some
+  // 3,600 an hour in every process, where the other periodic readers of the store warn once.
+  const url = await freshDatabase(t)
+  t.equal((await runCli(['migrate'], { env: { DATABASE_URL: url, REDIS_URL: undefined, KEYGATE_CONFIG: undefined } })).code, 0)
+  const { gate, url: through } = await gateInFront(t, url)
+  const db = await openDb({ databaseUrl: through, poolMax: 2 })
+  t.teardown(() => db.close())
+  const lines: Array<{ level: string; message: string }> = []
+  const log = createLogger({ level: 'debug', write: (line) => void lines.push(JSON.parse(line)) })
+  const s = new WebhookService({ db, cipher: new AuditCipher(Buffer.alloc(32, 3)), config: { ...DEFAULTS, poll_interval_ms: 60_000 }, log })
+  t.teardown(() => s.close())
+  const round = async () => {
+    s.kick()
+    await s.idle()
+  }
+  await round()
+  // Down: the pooled connections end, and a new one is dropped at once.
+  gate.set('shut')
+  const admin = new pg.Client({ connectionString: url })
+  await admin.connect()
+  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
+  await admin.end()
+  for (let i = 0; i < 4; i++) await round()
+  const failed = lines.filter((l) => l.message.startsWith('webhook delivery round failed'))
+  t.same(failed.map((l) => l.level), ['warn', 'debug', 'debug', 'debug'], 'four rounds failed: one warn line')
+  gate.set('open')
+  await round()
+  await round()
+  t.same(lines.filter((l) => l.level !== 'debug').map((l) => l.message.slice(0, 30)), ['webhook delivery round failed;', 'webhook delivery rounds reach '], 'one line when rounds succeed again, and none after')
 })
