@@ -6,7 +6,8 @@
 // retried once its lease ends. A process keeps a pool of attempts in flight, claiming more as they
 // end, with a few slots at most per webhook (a hanging receiver holds up no other). Failures are
 // retried with exponential backoff up to `max_attempts`; every delivery keeps its attempts, last
-// status and error (the delivery log).
+// status and error (the delivery log). When a delivery is due, its lease and its backoff are
+// read from and written by the store's clock (see storeClock), never by an instance's own.
 //
 // Signature: `webhook-signature: v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`
 // with the key decoded from `whsec_<base64>`; after a secret rotation the previous secret signs
@@ -198,6 +199,18 @@ const SLOTS = 20
  */
 const PER_WEBHOOK = SLOTS / 4
 
+/**
+ * The store's time in a statement, `$n` standing in for it when not null (a test's clock). A
+ * delivery's times (queued, due, leased until, retried after, delivered) are all read and written
+ * by this one clock, as the scheduler does with its deadlines. Before (found by a review), each
+ * instance used its own: with clocks more than `timeout_ms` + 60 s apart, one instance saw
+ * another's lease as already ended and sent the same delivery again while the first attempt was
+ * still in flight (a receiver got one message id twice), an instance whose clock lagged wrote
+ * leases and backoffs already past for everyone, and one whose clock ran ahead retried early and
+ * queued deliveries that the others took only once their own clocks caught up.
+ */
+const storeClock = (n: number) => `coalesce($${n}::timestamptz, now())`
+
 export interface WebhookServiceOptions {
   db: Db
   /** Seals and opens the signing secrets (the runtime's encryption keys). */
@@ -206,7 +219,13 @@ export interface WebhookServiceOptions {
   audit?: AuditLog
   config: Config['webhooks']
   log: Logger
+  /**
+   * This instance's own clock: the `webhook-timestamp` it signs, the times it stamps on webhooks
+   * and their secrets' grace. When a delivery is due is never judged by it (see storeClock).
+   */
   now?: () => Date
+  /** Stands in for the store's clock, shared by every instance (tests move time with it). */
+  storeNow?: () => Date
   /** false: only queue (a CLI process); the running servers deliver. */
   deliver?: boolean
 }
@@ -218,6 +237,8 @@ export class WebhookService {
   readonly #c: Config['webhooks']
   readonly #log: Logger
   readonly #now: () => Date
+  /** The store's clock as a statement parameter: null is the store's own (storeClock). */
+  readonly #storeNow: () => Date | null
   readonly #allowed: AllowList
   readonly #agent: Agent
   #timer: NodeJS.Timeout | undefined
@@ -237,6 +258,7 @@ export class WebhookService {
     this.#c = options.config
     this.#log = options.log
     this.#now = options.now ?? (() => new Date())
+    this.#storeNow = options.storeNow ?? (() => null)
     this.#closed = options.deliver === false
     this.#allowed = allowList(options.config.allow_private)
     this.#agent = pinnedAgent(this.#allowed, options.config.timeout_ms)
@@ -414,11 +436,11 @@ export class WebhookService {
     const body = JSON.stringify({ type: event.type, timestamp: event.at.toISOString(), data: event.data })
     const rows = await q.query<{ id: string }>(
       `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
-       SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, $4, $4 FROM webhooks w
+       SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, ${storeClock(4)}, ${storeClock(4)} FROM webhooks w
        WHERE w.enabled AND $1 = ANY (w.events)
        FOR KEY SHARE OF w
        ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
-      [event.type, body, dedupeKey(event), this.#now()],
+      [event.type, body, dedupeKey(event), this.#storeNow()],
     )
     if (rows.length > 0 && q === this.#db) this.kick()
     return rows.length
@@ -538,18 +560,21 @@ export class WebhookService {
    * Claims up to `slots` due deliveries, oldest due first, at most PER_WEBHOOK less its attempts
    * in flight (`perWebhook`) of one webhook. The fair share is picked from the due rows first
    * (a window function cannot be used with FOR UPDATE), then locked; a row another process
-   * claimed meanwhile is skipped or, already moved past `now`, no longer matches.
+   * claimed meanwhile is skipped or, already moved past `now`, no longer matches. `now` is the
+   * store's time, read once with the look-up for due rows (see storeClock).
    */
   async #claim(slots: number, perWebhook: ReadonlyMap<string, number>): Promise<Claimed[]> {
-    const now = this.#now()
     const full = [...perWebhook].filter(([, n]) => n >= PER_WEBHOOK).map(([id]) => id)
     // Most polls find nothing due: a plain index look-up answers that far more cheaply than the
     // claiming statement (which matters on the embedded store, where every statement is costly).
-    const due = await this.#db.query(
-      `SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 AND webhook_id <> ALL ($2::text[]) LIMIT 1`,
-      [now, full],
+    const [probe] = await this.#db.query<{ now: Date; due: boolean }>(
+      `SELECT ${storeClock(1)} AS now, EXISTS (
+         SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ${storeClock(1)} AND webhook_id <> ALL ($2::text[])
+       ) AS due`,
+      [this.#storeNow(), full],
     )
-    if (due.length === 0) return []
+    if (!probe?.due) return []
+    const now = new Date(probe.now)
     return this.#db.query<Claimed>(
       `WITH busy (webhook_id, n) AS (
          SELECT * FROM unnest($4::text[], $5::int[])
@@ -570,17 +595,18 @@ export class WebhookService {
          FROM due WHERE d.id = due.id RETURNING d.*
        )
        SELECT c.*, w.url, ${SECRET_COLUMNS} FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
-      [now, this.#leaseEnd(now), slots, [...perWebhook.keys()], [...perWebhook.values()], full, PER_WEBHOOK],
+      [now, new Date(now.getTime() + this.#leaseMs), slots, [...perWebhook.keys()], [...perWebhook.values()], full, PER_WEBHOOK],
     )
   }
 
-  /** Until when a delivery claimed at `now` is its claimer's: past the attempt's own timeout. */
-  #leaseEnd(now: Date): Date {
-    return new Date(now.getTime() + this.#c.timeout_ms + LEASE_MARGIN_MS)
+  /** How long a claimed delivery is its claimer's: past the attempt's own timeout. */
+  get #leaseMs(): number {
+    return this.#c.timeout_ms + LEASE_MARGIN_MS
   }
 
   /** One attempt; records its outcome and, on failure, when to try again. */
   async #attempt(c: Claimed): Promise<Delivery> {
+    const began = performance.now()
     const now = this.#now()
     const timestamp = Math.floor(now.getTime() / 1000)
     let status: number | null = null
@@ -609,7 +635,7 @@ export class WebhookService {
       const e = err as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException }
       error = (e.cause?.message ?? e.message).slice(0, 500)
     }
-    const done = this.#now()
+    const done = this.#storeNow()
     // Only while this attempt is still the delivery's latest (its claim's attempt count, still
     // pending): an outcome that arrives after another process took the delivery over (this
     // process was frozen past the lease) must not undo that process's.
@@ -617,15 +643,16 @@ export class WebhookService {
     let rows: DeliveryRow[]
     if (error === null) {
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = $3, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
+        `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
         [c.id, c.attempts, done, status],
       )
     } else {
       const failed = c.attempts >= this.#c.max_attempts
       const wait = Math.min(this.#c.retry_base_ms * 2 ** (c.attempts - 1), this.#c.retry_max_ms)
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET status = $3, next_attempt_at = $4, last_status = $5, last_error = $6 WHERE ${mine} RETURNING ${D_COLUMNS}`,
-        [c.id, c.attempts, failed ? 'failed' : 'pending', new Date(done.getTime() + wait), status, error],
+        `UPDATE webhook_deliveries SET status = $3, next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6
+         WHERE ${mine} RETURNING ${D_COLUMNS}`,
+        [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done],
       )
       this.#log.warn(failed ? 'webhook delivery failed for good' : 'webhook delivery failed; will retry', { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error })
     }
@@ -637,7 +664,9 @@ export class WebhookService {
     const current = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1`, [c.id])
     if (current[0]) return toDelivery(current[0])
     const delivered = error === null
-    return toDelivery({ ...c, status: delivered ? 'delivered' : 'failed', delivered_at: delivered ? done : null, last_status: status, last_error: error })
+    // On the store's clock too: the claim's time there and how long the attempt took.
+    const deliveredAt = done ?? new Date(new Date(c.last_attempt_at as Date).getTime() + Math.round(performance.now() - began))
+    return toDelivery({ ...c, status: delivered ? 'delivered' : 'failed', delivered_at: delivered ? deliveredAt : null, last_status: status, last_error: error })
   }
 
   /**
@@ -655,10 +684,10 @@ export class WebhookService {
       const rows = await tx.query<Claimed>(
         `WITH d AS (
            INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)
-           VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, $4, $5, $5) RETURNING *
+           VALUES ('msg_' || replace(gen_random_uuid()::text, '-', ''), $1, $2, $3, 1, ${storeClock(4)} + $5::float8 * interval '1 millisecond', ${storeClock(4)}, ${storeClock(4)}) RETURNING *
          )
          SELECT d.*, w.url, ${SECRET_COLUMNS} FROM d JOIN webhooks w ON w.id = d.webhook_id`,
-        [webhook.id, TEST_EVENT, body, this.#leaseEnd(now), now],
+        [webhook.id, TEST_EVENT, body, this.#storeNow(), this.#leaseMs],
       )
       const d = rows[0]
       // Deleted meanwhile: the join found no webhook, and the insert is rolled back with this.

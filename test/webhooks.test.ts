@@ -176,8 +176,9 @@ await forEachStore(t, async (t, store) => {
   const clock = testClock()
   const nowS = () => Math.floor(clock.now().getTime() / 1000)
   const config = (over: Record<string, unknown> = {}) => ({ ...DEFAULTS, allow_private: ['127.0.0.1/32', '::1/128'], retry_base_ms: 1000, max_attempts: 3, ...over })
-  const service = (over: Record<string, unknown> = {}, deliver = true, cipher = CIPHER, now = clock.now) => {
-    const s = new WebhookService({ db: store.db, cipher, config: config(over), log: silentLogger, now, deliver })
+  // The test's clock is the instances' own and the store's: time passes when the test moves it.
+  const service = (over: Record<string, unknown> = {}, deliver = true, cipher = CIPHER) => {
+    const s = new WebhookService({ db: store.db, cipher, config: config(over), log: silentLogger, now: clock.now, storeNow: clock.now, deliver })
     t.teardown(() => s.close())
     return s
   }
@@ -287,20 +288,18 @@ await forEachStore(t, async (t, store) => {
       else res.writeHead(204).end()
     })
     const a = service({ timeout_ms: 90_000 })
-    // The other process sees the lease run out (as a process frozen past it would be seen) by its
-    // own clock, 200 s on (past the timeout and the margin), while by `a`'s clock its own claim
-    // still holds. (Before, the test moved the lease to now in the store, where `a` too saw it
-    // run out: `a`, looking for due deliveries again under load, took the delivery back before
-    // `b` did, and "delivered by the other process" failed once; a kick of `a` there does it.)
-    const b = service({ timeout_ms: 90_000 }, true, CIPHER, () => new Date(clock.now().getTime() + 200_000))
+    const b = service({ timeout_ms: 90_000 })
     const { webhook } = await a.create({ url: `${receiver.url}/lease`, events: ['key.revoked'] }, ACTOR)
     await a.enqueue(event('key.revoked', { key: { id: 'k-lease' } }))
     a.kick()
     await receiver.waitFor((h) => h.path === '/lease')
     let [d] = await deliveriesOf(webhook.id)
     t.ok(new Date(d.next_attempt_at).getTime() >= clock.now().getTime() + 90_000, "the claim's lease outlasts the attempt's timeout")
-    // The lease has run out for `b`: it takes the delivery over; `a`, looking again, does not.
-    a.kick()
+    // `a` is frozen past its lease: 200 s pass on the store's clock (past the timeout and the
+    // margin) while its attempt hangs, and `b` takes the delivery over. (Before, `b`'s own clock
+    // ran 200 s ahead to see the lease run out: the very skew a review found sending deliveries
+    // twice; deadlines are now the store's. `a` is not kicked: it too may take over an ended lease.)
+    clock.advance(200_000)
     await run(b)
     ;[d] = await deliveriesOf(webhook.id)
     t.equal(d.status, 'delivered', 'delivered by the other process')
@@ -481,6 +480,74 @@ await forEachStore(t, async (t, store) => {
     await withoutOld.enqueue(event('key.created', { key: { id: 'rekey-2' } }))
     await withoutOld.idle()
     t.same(verifiedBy(receiver.received[1] as Hook, [secret], 300, nowS()), [secret], 'so the old key can be retired')
+  })
+})
+
+t.test('instances whose clocks differ: one delivery is sent once, and a backoff is judged by the store clock', async (t) => {
+  // Before (found by a review): when a delivery was due, its lease and its backoff were each
+  // instance's own clock. Two instances 120 s apart (more than timeout_ms + 60 s): `ahead` saw the
+  // lease `behind` had just written as already ended and sent the delivery again while the first
+  // attempt was still waiting for the receiver (one msg id twice, `attempts: 2`); a backoff
+  // written by `behind` was already past, and `ahead` retried at once; a delivery queued by
+  // `ahead` waited until `behind`'s clock caught up. No clock is injected for the store here: its own.
+  await forEachStore(t, async (t, store) => {
+    const config = { ...DEFAULTS, allow_private: ['127.0.0.1/32'], timeout_ms: 5000, retry_base_ms: 60_000 }
+    const instance = (skewMs: number, deliver = true) => {
+      const s = new WebhookService({ db: store.db, cipher: CIPHER, config, log: silentLogger, now: () => new Date(Date.now() + skewMs), deliver })
+      t.teardown(() => s.close())
+      return s
+    }
+    const behind = instance(-60_000)
+    const ahead = instance(60_000)
+    const storeNow = async () => new Date((await store.db.query<{ at: Date }>('SELECT now() AS at'))[0]!.at).getTime()
+    const held: Array<() => void> = []
+    const receiver = await startReceiver(t, (hook, res) => {
+      const id = hook.json?.data?.key?.id
+      if (id === 'slow' && held.length === 0) held.push(() => res.writeHead(204).end())
+      else res.writeHead(id === 'failing' ? 500 : 204).end()
+    })
+    const { webhook } = await behind.create({ url: `${receiver.url}/skew`, events: ['key.created'] }, ACTOR)
+    const bus = new EventBus()
+    const event = (id: string) => {
+      let captured: any
+      const off = bus.on((e) => (captured = e))
+      bus.emit('key.created', { key: { id } })
+      off()
+      return captured
+    }
+    const rowOf = async (id: string) => (await store.db.query<any>(`SELECT * FROM webhook_deliveries WHERE webhook_id = $1 AND payload::jsonb -> 'data' -> 'key' ->> 'id' = $2`, [webhook.id, id]))[0]
+    const sentOf = (id: string) => receiver.received.filter((h) => h.json?.data?.key?.id === id)
+
+    // The receiver holds its answer to `behind`'s attempt; `ahead` looks for due deliveries meanwhile.
+    await behind.enqueue(event('slow'))
+    await receiver.waitFor((h) => h.json?.data?.key?.id === 'slow')
+    ahead.kick()
+    await ahead.idle()
+    t.equal(sentOf('slow').length, 1, "the other instance does not send it while the first attempt's lease holds")
+    held.shift()!()
+    await behind.idle()
+    t.match(await rowOf('slow'), { status: 'delivered', attempts: 1, last_status: 204 }, 'delivered once, one attempt')
+    t.equal(new Set(sentOf('slow').map((h) => h.id)).size, 1)
+
+    const before = await storeNow()
+    await behind.enqueue(event('failing'))
+    await behind.idle()
+    const after = await storeNow()
+    const failed = await rowOf('failing')
+    t.match(failed, { status: 'pending', attempts: 1, last_status: 500 })
+    const next = new Date(failed.next_attempt_at).getTime()
+    t.ok(next >= before + 60_000 && next <= after + 60_000, 'the backoff (retry_base_ms) is counted from the store clock, not the lagging instance clock')
+    ahead.kick()
+    await ahead.idle()
+    t.equal((await rowOf('failing')).attempts, 1, 'and not retried early by the instance whose clock runs ahead')
+    t.equal(sentOf('failing').length, 1)
+
+    // Queued by a process whose clock runs ahead (one that only queues, like the CLI).
+    await instance(60_000, false).enqueue(event('queued-ahead'))
+    behind.kick()
+    await behind.idle()
+    t.match(await rowOf('queued-ahead'), { status: 'delivered', attempts: 1 }, 'due at once for the instance whose clock lags')
+    t.equal(sentOf('queued-ahead').length, 1)
   })
 })
 
