@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
-import { stringify } from 'yaml'
+import { parse, stringify } from 'yaml'
 import type { Test } from 'tap'
 import { ENV_NAMES, FLAG_NAMES, loadConfig, renderConfigDocs, schemaLeaves, type LoadOptions } from '../config/load.ts'
 import { ConfigSchema, type Config } from '../config/schema.ts'
@@ -727,17 +727,29 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   const example = new URL('../deploy/keygate.example.yaml', import.meta.url).pathname
   const config = loadConfig({ file: example, env: {} })
   t.ok(config.routes.length > 0, 'deploy/keygate.example.yaml loads with its routes')
-  // The Kubernetes example's environment (secrets stand in with valid values).
-  const env = {
-    KEYGATE_UPSTREAM: 'http://127.0.0.1:3000',
-    KEYGATE_ADMIN_LISTEN: '0.0.0.0:8081',
-    KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8',
+  // The Kubernetes example's environment, read from the manifest (its secrets stand in with valid values).
+  const secrets: Record<string, string> = {
     DATABASE_URL: 'postgres://keygate@db:5432/keygate',
     REDIS_URL: 'redis://redis:6379',
     KEYGATE_ENCRYPTION_KEY: VALID_KEY,
     KEYGATE_ADMIN_TOKEN: 'a-long-bootstrap-token-0123456789',
   }
-  const k8s = readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')
-  for (const name of Object.keys(env)) t.ok(k8s.includes(`name: ${name}`), `the Kubernetes example sets ${name}`)
-  t.equal(loadConfig({ env }).admin.listen, '0.0.0.0:8081')
+  type Probe = { httpGet: { path: string; port: string } }
+  type Container = { name: string; env?: Array<{ name: string; value?: string }>; ports?: Array<{ name: string }>; readinessProbe?: Probe; livenessProbe?: Probe; startupProbe?: Probe }
+  const k8s = parse(readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')) as { spec: { template: { spec: { containers: Container[] } } } }
+  const keygate = k8s.spec.template.spec.containers.find((c) => c.name === 'keygate') as Container
+  const env = Object.fromEntries((keygate.env ?? []).map((e) => [e.name, e.value ?? secrets[e.name] ?? '']))
+  for (const name of Object.keys(secrets)) t.ok(env[name], `the Kubernetes example sets ${name}`)
+  const k8sConfig = loadConfig({ env })
+  t.equal(k8sConfig.admin.listen, '0.0.0.0:8081')
+  // Each form of the admin Service's name (before, found by a review: only one, and the others got 421).
+  t.same(k8sConfig.admin.allowed_hosts, ['keygate-admin', 'keygate-admin.orders', 'keygate-admin.orders.svc', 'keygate-admin.orders.svc.cluster.local'])
+  // Readiness is the gateway's /healthz, not the admin /readyz that follows the shared store
+  // (before, found by a review: a PostgreSQL outage took every replica out at once), and a
+  // start waiting on a migration has a startup probe's time before liveness counts.
+  const ports = (keygate.ports ?? []).map((p) => p.name)
+  for (const [which, probe] of [['readiness', keygate.readinessProbe], ['startup', keygate.startupProbe], ['liveness', keygate.livenessProbe]] as const) {
+    t.same([probe?.httpGet.path, probe?.httpGet.port], ['/healthz', 'gateway'], `the ${which} probe is the gateway's /healthz`)
+    t.ok(ports.includes(probe?.httpGet.port ?? ''), `the ${which} probe's port is declared`)
+  }
 })
