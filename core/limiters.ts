@@ -319,6 +319,10 @@ export interface RateLimit {
 }
 
 interface Lease {
+  /** The limit the lease was reserved for: only a LeasedLimit of that limit uses it (see `#handOver`). */
+  readonly points: number
+  /** The store's answer that granted it, to give its points back to the limiter that counted them. */
+  readonly res: RateLimiterRes
   /** Points reserved in the store and not yet used by this process. */
   left: number
   /** Points the reservation took, and when (on the ticks clock, performance.now() outside tests): the next one is sized to the rate they were used at. */
@@ -357,6 +361,15 @@ const LEASE_SHARE = 8
 const AHEAD_FROM = 8
 /** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
 const MAX_LEASES = 10_000
+
+/** The leases of one limiter's counts and the reservations in flight, shared by every LeasedLimit over that limiter (see LeasedLimit). */
+interface Leases {
+  readonly windowMs: number
+  readonly byKey: QuickLRU<string, Lease>
+  readonly reserving: Map<string, Promise<void>>
+}
+
+const leasesOf = new WeakMap<Limiter, Leases>()
 
 /**
  * Where a key's windows start: an offset from the epoch, under `windowMs`, that depends on the key
@@ -402,6 +415,13 @@ export function windowPhase(key: string, windowMs: number): number {
  * - Concurrent requests for a key wait for one reservation.
  * - RateLimit-Remaining is what the store had left at the last reservation plus this process's
  *   unused lease: exact with one process.
+ * - LeasedLimits over one limiter (createRateLimits: one per limit, for the keys with that limit)
+ *   share one map of leases, so a key whose limit changes within a window finds the lease its
+ *   old limit reserved, and hands it back to the store (`#handOver`) before reserving for the
+ *   new one: the store's count is again what the key used. Before, each limit had its own map,
+ *   and what the old one had reserved and not used stayed counted for the rest of the window:
+ *   raised from 200 to 250 after 61 requests over three gateways, a key was admitted 132 more
+ *   instead of 189 (found by a review).
  */
 export class LeasedLimit implements RateLimit {
   readonly points: number
@@ -409,16 +429,24 @@ export class LeasedLimit implements RateLimit {
   readonly #windowMs: number
   readonly #now: () => number
   readonly #ticks: () => number
-  readonly #leases = new QuickLRU<string, Lease>({ maxSize: MAX_LEASES / 2 })
-  readonly #reserving = new Map<string, Promise<void>>()
+  readonly #leases: QuickLRU<string, Lease>
+  readonly #reserving: Map<string, Promise<void>>
 
   /**
    * `limiter` counts each window under its own store key, so its own duration only bounds how
    * long the store keeps a count: at least two windows (createRateLimit), since a window's first
    * lease may be reserved before the window starts. `now` is the clock of the windows, and
-   * `ticks` the monotonic clock a key's rate is measured on (tests set both).
+   * `ticks` the monotonic clock a key's rate is measured on (tests set both). LeasedLimits over
+   * one limiter share its leases, and must have one window length.
    */
   constructor(limiter: Limiter, points: number, windowMs: number, now: () => number = Date.now, ticks: () => number = () => performance.now()) {
+    let leases = leasesOf.get(limiter)
+    if (leases === undefined) {
+      leases = { windowMs, byKey: new QuickLRU<string, Lease>({ maxSize: MAX_LEASES / 2 }), reserving: new Map<string, Promise<void>>() }
+      leasesOf.set(limiter, leases)
+    } else if (leases.windowMs !== windowMs) throw new Error(`LeasedLimits over one limiter must have one window length (${leases.windowMs} ms, not ${windowMs} ms)`)
+    this.#leases = leases.byKey
+    this.#reserving = leases.reserving
     this.#limiter = limiter
     this.points = points
     this.#windowMs = windowMs
@@ -445,7 +473,7 @@ export class LeasedLimit implements RateLimit {
       this.#leases.set(key, next)
       lease = next
     }
-    if (lease.left === 0 || lease.source !== this.#limiter.source) return false
+    if (lease.left === 0 || lease.source !== this.#limiter.source || lease.points !== this.points) return false
     const ms = lease.until - now
     lease.left--
     this.remaining = lease.remaining + lease.left
@@ -479,8 +507,9 @@ export class LeasedLimit implements RateLimit {
       const answer = this.#taken(key)
       if (answer !== undefined) return answer
       const lease = this.#leases.get(key)
-      // A refusal holds until its window ends, whichever store answers now.
-      if (lease !== undefined && lease.refused) {
+      // A refusal holds until its window ends, whichever store answers now, for the limit that
+      // was refused (raised, the key may have more; lowered, the store tells).
+      if (lease !== undefined && lease.refused && lease.points === this.points) {
         const ms = lease.until - this.#now()
         if (ms > 0) throw new RateLimiterRes(0, ms, this.points + 1, false)
       }
@@ -533,12 +562,19 @@ export class LeasedLimit implements RateLimit {
       // on the rate it was sized by.
       if (elapsed < LEASE_TARGET_MS / 4 && previous.rate > rate) rate = previous.rate
     }
+    // What the store had left of this limit at the last reservation. A lease of another of the
+    // key's limits is handed back first: the count it knew, less what it hands back, was used.
+    let storeLeft = sameWindow ? previous.remaining : this.points
+    if (previous !== undefined && previous.points !== this.points) {
+      if (sameWindow) storeLeft = Math.max(0, this.points - (previous.points - previous.remaining - previous.left))
+      this.#handOver(key, previous)
+    }
     // As many as that rate uses in LEASE_TARGET_MS (one point for a key not known), and never
     // more than the rest of the window needs beyond what the lease still holds (carried into the
     // new one): what a lease holds when its window ends is counted and lost. At most MAX_LEASE
     // and 1/LEASE_SHARE of what the store has left (all of it in a new window).
     const wanted = !known ? 1 : ahead ? Math.round(rate * LEASE_TARGET_MS) : Math.round(Math.min(rate * LEASE_TARGET_MS, rate * (until - clock) - (sameWindow ? previous.left : 0)))
-    let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor((sameWindow ? previous.remaining : this.points) / LEASE_SHARE)))
+    let size = Math.max(1, Math.min(wanted, MAX_LEASE, Math.floor(storeLeft / LEASE_SHARE)))
     const storeKey = `${key}:${window}`
     let answer = await this.#ask(storeKey, size)
     const source = answer.source
@@ -578,8 +614,8 @@ export class LeasedLimit implements RateLimit {
       remaining = 0
     }
     const lease: Lease = refused
-      ? { left: 0, size: 1, at: now, rate: 0, source, carried: carry, remaining: 0, window, until, refused: true, next: undefined }
-      : { left: size, size, at: now, rate, source, carried: carry, remaining, window, until, refused: false, next: undefined }
+      ? { points: this.points, res: answer.res, left: 0, size: 1, at: now, rate: 0, source, carried: carry, remaining: 0, window, until, refused: true, next: undefined }
+      : { points: this.points, res: answer.res, left: size, size, at: now, rate, source, carried: carry, remaining, window, until, refused: false, next: undefined }
     const current = this.#leases.get(key)
     if (ahead) {
       // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.
@@ -589,6 +625,9 @@ export class LeasedLimit implements RateLimit {
     // A renewal that comes back after the window it was asked in has ended, and the next window's
     // lease (reserved ahead) has taken over, is for an ended window: dropped (counted, unused).
     if (current !== undefined && current.window > window) return
+    // A lease of another of the key's limits put in place while this reservation was out: handed
+    // back (its `left` is then 0), not added to this one.
+    if (current !== undefined && current.points !== this.points) this.#handOver(key, current)
     if (current !== undefined && current.window === window && current.source === source && !current.refused) lease.carried += current.carried
     // A renewal: what the lease it replaces still holds in the same window stays usable, and a
     // next window's lease reserved meanwhile is kept.
@@ -609,7 +648,23 @@ export class LeasedLimit implements RateLimit {
    */
   #carry(previous: Lease | undefined, window: number, source: number | undefined): number {
     if (previous === undefined || previous.source === source || previous.window !== window || previous.refused) return 0
-    return Math.max(0, this.points - previous.remaining - previous.left - previous.carried)
+    return Math.max(0, previous.points - previous.remaining - previous.left - previous.carried)
+  }
+
+  /**
+   * Gives back to the store what `lease`, reserved for another of the key's limits, and the next
+   * window's lease reserved with it still hold, so the store's count is what the key used and
+   * this limit is compared with that. Only to the store answering now: a lease of the other one
+   * is not used, and `#carry` counts it as such.
+   */
+  #handOver(key: string, lease: Lease): void {
+    const source = this.#limiter.source
+    for (let l: Lease | undefined = lease; l !== undefined; l = l.next) {
+      if (l.left > 0 && l.source === source && l.points !== this.points) {
+        this.#giveBack(l.res, `${key}:${l.window}`, l.left)
+        l.left = 0
+      }
+    }
   }
 
   /**
@@ -652,7 +707,8 @@ export function createRateLimit(options: LimiterOptions): RateLimit {
  * Request-path rate limits of one window length and any number of points, all counted in one
  * store under `keyPrefix` (the limit is not part of the store key): a key whose limit changes
  * within a window keeps its count and is held to the new limit. The store itself never refuses;
- * each LeasedLimit compares the count with its own points.
+ * each LeasedLimit compares the count with its own points. They share one limiter, and so its
+ * leases: the new limit's LeasedLimit hands back what the old one reserved and did not use.
  */
 export function createRateLimits(options: Omit<LimiterOptions, 'points'>): (points: number) => RateLimit {
   // Each window is counted under its own store key; the store keeps a count two windows, long

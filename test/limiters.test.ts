@@ -7,7 +7,8 @@
 // lease holds no more than the rest of the window needs, and a slow key is counted one point at a
 // time. A reservation the store refuses keeps what the store had left; a Redis answer that comes
 // after the switch to the insurance is not used under it, and goes back to Redis. A key's windows follow one another at an offset of its own, each counted under its own
-// store key; tests that must stay within one window pin the clock to the start of one.
+// store key; tests that must stay within one window pin the clock to the start of one. A key
+// whose limit changes within a window hands back what the old limit leased and did not use.
 import t, { type Test as Tap } from 'tap'
 import { randomUUID } from 'node:crypto'
 import { Redis } from 'ioredis'
@@ -49,14 +50,14 @@ function pinned(key: string, durationS: number): { now: () => number; set(ms: nu
   return { now: () => at, set: (ms) => (at = ms), windowStart, windowEnd: windowStart + w }
 }
 
-/** Requests for 'k' on `a`, and on `b` where `onB(i)`, until both refuse: how many were allowed. */
-async function allowedUntilBothRefused(a: RateLimit, b: RateLimit, onB: (i: number) => boolean, max: number): Promise<number> {
+/** Requests for `key` on `a`, and on `b` where `onB(i)`, until both refuse: how many were allowed. */
+async function allowedUntilBothRefused(a: RateLimit, b: RateLimit, onB: (i: number) => boolean, max: number, key = 'k'): Promise<number> {
   let allowed = 0
   let aDone = false
   let bDone = false
   for (let i = 0; !(aDone && bDone) && i < max; i++) {
     const on = onB(i) ? b : a
-    const answer = await one(on, 'k')
+    const answer = await one(on, key)
     if (answer === 'refused') {
       if (on === a) aDone = true
       else bDone = true
@@ -75,10 +76,36 @@ async function twoProcesses(t: Tap, points: number): Promise<{ a: LeasedLimit; b
   return { a: leased(points, 60, prefix, redis, clock.now), b: leased(points, 60, prefix, rb, clock.now), redis, prefix, clock }
 }
 
+/** `key`'s window (of `durationS`) that holds the moment `at`, as the limiter names it: the key and the window's number. */
+function windowOf(key: string, durationS: number, at: number): string {
+  const w = durationS * 1000
+  return `${key}:${Math.floor((at - windowPhase(key, w)) / w)}`
+}
+
 /** The store key of `key`'s window (of `durationS`) that holds the moment `at`. */
 function windowKey(prefix: string, key: string, durationS: number, at: number): string {
-  const w = durationS * 1000
-  return `${prefix}:${key}:${Math.floor((at - windowPhase(key, w)) / w)}`
+  return `${prefix}:${windowOf(key, durationS, at)}`
+}
+
+/**
+ * Limits of any number of points a minute over one limiter, as createRateLimits makes them for a
+ * key's limits (the store never refuses; each compares the count with its own points), on the
+ * clock `now` and a rate clock standing still (so every lease is as large as the store's count
+ * allows), and what the store has counted in a key's window at `now`.
+ */
+function limitsOver(keyPrefix: string, redis: Redis | undefined, now: () => number): { limit: (points: number) => LeasedLimit; counted: (key: string) => Promise<number> } {
+  const limiter = createLimiter({ points: Number.MAX_SAFE_INTEGER, durationS: 120, keyPrefix, redis })
+  return {
+    limit: (points) => new LeasedLimit(limiter, points, 60_000, now, () => 0),
+    counted: async (key) => (await limiter.get(windowOf(key, 60, now())))?.consumedPoints ?? 0,
+  }
+}
+
+/** Requests for `key` on `l` until it refuses (at most `max`): how many were allowed. */
+async function allowedUntilRefused(l: RateLimit, key: string, max = 1000): Promise<number> {
+  let allowed = 0
+  while (allowed < max && (await one(l, key)) !== 'refused') allowed++
+  return allowed
 }
 
 /** What the store has counted for `key` over all its windows. */
@@ -465,8 +492,8 @@ t.test("a key whose limit is changed within a window keeps its count, in memory 
     for (let i = 0; i < 4; i++) t.not(await one(fifty, id), 'refused')
     // Before, each limit had its own counter: 2 more after the change (6 in the window against 2).
     t.equal(await one(limiterFor(record(2)), id), 'refused', `${store}: lowered to 2 after 4, refused`)
-    // Back to 50: the 4 are counted, not the refused request (the points 'fifty' still holds are
-    // counted in the store already, and it uses them).
+    // Back to 50: the 4 are counted, not the refused request (the points 'fifty' still held were
+    // given back by the limit of 2, which found its lease).
     let allowed = 0
     while ((await one(fifty, id)) !== 'refused' && allowed < 100) allowed++
     t.equal(allowed, 46, `${store}: back to 50, the count goes on (${allowed} more)`)
@@ -482,4 +509,43 @@ t.test("a key whose limit is changed within a window keeps its count, in memory 
     while ((await one(seven, other)) !== 'refused' && more < 10) more++
     t.equal(more, 2, `${store}: raised to 7 after 5 admitted, 2 more (${more})`)
   }
+})
+
+t.test("a key's limit changed within a window: raised, it admits the new limit less what it used; lowered, it is refused only once what it used reaches the new limit (memory and Redis)", async (t) => {
+  // Before, each limit had leases of its own: what the old limit had reserved and not used
+  // stayed counted for the rest of the window, and nobody used it. A review raised a key from 200
+  // to 250 after 61 requests over three gateways, with 57 points so reserved: 132 more were
+  // admitted instead of 189.
+  const { redis, prefix } = await redisFor(t)
+  for (const [store, r] of [['memory', undefined], ['Redis', redis]] as const) {
+    const clock = pinned('k', 60)
+    const { limit, counted } = limitsOver(`${prefix}:${store}`, r, clock.now)
+    const at200 = limit(200)
+    for (const key of ['raised', 'lowered', 'used']) for (let i = 0; i < 61; i++) t.not(await one(at200, key), 'refused')
+    const held = (await counted('raised')) - 61
+    t.ok(held > 0, `${store}: after 61 requests at 200 the store counts ${held} more, reserved and not used yet`)
+    t.equal(await allowedUntilRefused(limit(250), 'raised'), 189, `${store}: raised to 250 after 61, 189 more`)
+    t.equal(await allowedUntilRefused(limit(100), 'lowered'), 39, `${store}: lowered to 100 after 61, 39 more`)
+    t.equal(await allowedUntilRefused(limit(200), 'lowered'), 100, `${store}: raised back to 200 once refused at 100, 100 more`)
+    t.equal(await one(limit(61), 'used'), 'refused', `${store}: lowered to the 61 it used, refused at once`)
+    t.equal(await one(limit(50), 'used'), 'refused', `${store}: lowered below what it used, refused`)
+    await sleep(50)
+    t.equal(await counted('used'), 61, `${store}: the store counts what was used, and nothing reserved for 200 or asked past 61 or 50`)
+  }
+})
+
+t.test("Redis: a key's limit changed within a window, over two processes: the new limit less what was used between them", async (t) => {
+  const { redis, prefix } = await redisFor(t)
+  const rb = new Redis(REDIS_URL, { maxRetriesPerRequest: 1 })
+  t.teardown(() => rb.disconnect())
+  t.equal(await rb.ping(), 'PONG')
+  const clock = pinned('k', 60)
+  const a = limitsOver(prefix, redis, clock.now)
+  const b = limitsOver(prefix, rb, clock.now)
+  const a200 = a.limit(200)
+  const b200 = b.limit(200)
+  for (const key of ['raised', 'lowered']) for (let i = 0; i < 61; i++) t.not(await one(i % 3 === 2 ? b200 : a200, key), 'refused')
+  t.ok((await a.counted('raised')) > 61, `both processes hold points reserved at 200 and not used (${await a.counted('raised')} counted for 61 used)`)
+  t.equal(await allowedUntilBothRefused(a.limit(250), b.limit(250), (i) => i % 2 === 1, 1000, 'raised'), 189, 'raised to 250 after 61: 189 more between them')
+  t.equal(await allowedUntilBothRefused(a.limit(100), b.limit(100), (i) => i % 2 === 1, 1000, 'lowered'), 39, 'lowered to 100 after 61: 39 more between them')
 })
