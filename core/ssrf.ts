@@ -50,6 +50,8 @@ function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string 
   }
   if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw refused(`url: the scheme must be http or https, not ${parsed.protocol.slice(0, -1)}`)
   if (parsed.username || parsed.password) throw refused('url: must not carry credentials')
+  // Port 0 reaches no server (before, found by a review: taken, and never deliverable).
+  if (parsed.port === '0') throw refused('url: port 0 reaches no server')
   const host = parsed.hostname.startsWith('[') ? parsed.hostname.slice(1, -1) : parsed.hostname
   if (ipaddr.isValid(host)) {
     const why = addressRefusal(host, allowed)

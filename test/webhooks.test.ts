@@ -156,6 +156,12 @@ t.test('through the admin API and a gateway', async (t) => {
     }
     const allowed = await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/allow-listed', events: ['key.expiring'] } })
     t.equal(allowed.status, 201, 'an address in webhooks.allow_private is accepted')
+    // Port 0 reaches no server (before, found by a review: taken, and never deliverable).
+    for (const url of ['http://127.0.0.1:0/d', 'https://93.184.215.14:0/d']) {
+      const zero = await h.call('POST', '/v1/webhooks', { body: { url, events: ['key.expiring'] } })
+      t.equal(zero.json?.error?.code, 'webhook_url_refused', `${url}: refused`)
+      t.match(zero.json?.error?.message, /port 0/)
+    }
     const bad = await strict.call('POST', '/v1/webhooks', { body: { url: 'http://93.184.215.14/', events: ['key.deleted'] } })
     t.equal(bad.json.error.code, 'validation_failed', 'unknown event type')
   })
