@@ -14,6 +14,7 @@ import type { Db } from './db.ts'
 import type { EventBus } from './events.ts'
 import type { Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
+import { TimedOut, within } from './deadline.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -638,6 +639,8 @@ export const LATE_WINDOW = 1_000
  * each id in the window is still remembered, and none is streamed twice.
  */
 const DELIVERED = 10 * LATE_WINDOW
+/** How often a feed PINGs its subscriber connection (the invalidation subscriber checks its own likewise). */
+const SUBSCRIBER_CHECK_MS = 5_000
 /** Ids named on the channel that wait for the next read of the table; more are dropped (a flood). */
 export const MAX_WAITING = 1_000
 
@@ -664,7 +667,7 @@ export class AnomalyFeed {
    * meanwhile (at most MAX_WAITING of them): before, each message was a read of its own, all at
    * once, so a flood of messages (forged, or another deployment's) was as many concurrent reads.
    */
-  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory }) {
+  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory; checkIntervalMs?: number }) {
     // With Redis an anomaly can be announced twice (read from the table with a later one, then
     // published again by its instance): each id is delivered once.
     const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: DELIVERED }) : undefined
@@ -815,7 +818,30 @@ export class AnomalyFeed {
         )
       }
       trySubscribe()
-      this.#stop = () => sub.disconnect()
+      // A subscriber connection that died without closing (half-open: a Redis host gone, a NAT or
+      // proxy that dropped it) gets no message and no error, for as long as TCP keepalive takes
+      // to notice (two hours with the kernel's defaults): the streams got no live anomaly all
+      // that time (found by a review). A PING not answered in time reconnects it; its 'ready'
+      // then reads from the table what was announced meanwhile.
+      const every = options.checkIntervalMs ?? SUBSCRIBER_CHECK_MS
+      let checking = false
+      const check = (): void => {
+        if (checking || !subscribed || sub.status !== 'ready') return
+        checking = true
+        within(sub.ping(), every, 'Redis: anomaly subscriber PING')
+          .catch((err: unknown) => {
+            if (!(err instanceof TimedOut) || sub.status !== 'ready') return
+            log.warn('the anomaly alert subscriber did not answer a PING in time: reconnecting it (what was announced meanwhile is read from the table)', { timeout_ms: every })
+            sub.disconnect(true)
+          })
+          .finally(() => (checking = false))
+      }
+      const timer = every > 0 ? setInterval(check, every) : undefined
+      timer?.unref()
+      this.#stop = () => {
+        clearInterval(timer)
+        sub.disconnect()
+      }
     } else {
       this.#stop = options.events.on((e) => {
         if (e.type === 'anomaly.detected') deliver(e.data as AnomalyJson)

@@ -4,6 +4,7 @@
 // Embedded store: one gateway, windows in memory, alerts over the event bus. PostgreSQL: two
 // gateways sharing Redis windows, so a burst split between them is still one anomaly.
 import t, { type Test } from 'tap'
+import { gateInFront } from './helpers/tcp-gate.ts'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, anomalyJson, RedisWindows, type Anomaly, type AnomalyJson } from '../core/anomalies.ts'
@@ -230,18 +231,24 @@ await forEachStore(t, async (t, store) => {
 })
 
 /** A feed on a Redis server of the test's own and an embedded store: what it delivers, and the table it reads. */
-async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?: Logger } = {}) {
+async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?: Logger; gated?: boolean; checkIntervalMs?: number } = {}) {
   const server = await startRedisServer(t)
   const db = await memoryDb()
   t.teardown(() => db.close())
   await migrate(db)
-  const redis = new Redis(server.url, { maxRetriesPerRequest: 1, connectTimeout: 1000, retryStrategy: () => 100 })
-  t.teardown(() => redis.disconnect())
-  redis.on('error', () => {})
+  const connect = (url: string) => {
+    const r = new Redis(url, { maxRetriesPerRequest: 1, connectTimeout: 1000, retryStrategy: () => 100 })
+    t.teardown(() => r.disconnect())
+    r.on('error', () => {})
+    return r
+  }
+  // `gated`: the feed reaches Redis through a TCP gate (`gate`), the test publishes directly.
+  const gated = options.gated ? await gateInFront(t, server.url) : undefined
+  const redis = connect(server.url)
   const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
   const log = new AnomalyLog(db)
   const history = anomalyHistory(options.historyDb ? new AnomalyLog(options.historyDb(db)) : log)
-  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log: options.log ?? silentLogger, history })
+  const feed = new AnomalyFeed({ redis: gated ? connect(gated.url) : redis, channel, events: new EventBus(), log: options.log ?? silentLogger, history, ...(options.checkIntervalMs !== undefined ? { checkIntervalMs: options.checkIntervalMs } : {}) })
   t.teardown(() => feed.close())
   const got: AnomalyJson[] = []
   feed.on((a) => got.push(a))
@@ -264,8 +271,25 @@ async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?:
     await sleep(20)
   }
   got.length = 0
-  return { server, db, redis, channel, got, record, until }
+  return { server, db, redis, channel, got, record, until, gate: gated?.gate }
 }
+
+t.test('a subscriber connection gone silent (half-open) is reconnected by its PING check, and what was announced meanwhile is streamed', async (t) => {
+  // Before (found by a review): no check, so a connection that died without closing got no
+  // message and no error until TCP keepalive noticed (two hours with the kernel's defaults),
+  // and the streams got no live anomaly meanwhile.
+  const lines: string[] = []
+  const { gate, got, record, until } = await feedOnTable(t, { gated: true, checkIntervalMs: 200, log: createLogger({ level: 'warn', write: (l) => lines.push(l) }) })
+  gate?.set('silent')
+  const missed = await record(true)
+  await sleep(100)
+  t.notOk(got.some((a) => a.id === missed.id), 'not seen on the silent connection')
+  gate?.set('open') // new connections pass; the silent one stays silent
+  await until('streamed once the check reconnected the subscriber', () => got.some((a) => a.id === missed.id))
+  t.ok(lines.some((l) => l.includes('anomaly alert subscriber did not answer a PING')), 'and the reconnection is logged')
+  const live = await record(true)
+  await until('live again', () => got.some((a) => a.id === live.id))
+})
 
 t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
   const lines: string[] = []
