@@ -337,7 +337,8 @@ await forEachStore(t, async (t, store) => {
     const list = await gitea.list()
     for (const m of made) t.ok(list.items.some((i) => i.remote_id === m.id), `bulk token ${m.id} listed`)
     const pages = fake.requests.slice(requestsBefore).filter((r) => r.path === '/api/v1/users/alice/tokens')
-    t.equal(pages.length, 3, 'three pages of 50')
+    // Then page 1 again: a token made and one deleted meanwhile would show there (see below).
+    t.equal(pages.length, 4, 'three pages of 50, and the first again')
     for (const m of made) fake.removeToken(m.id)
   })
 
@@ -360,8 +361,8 @@ await forEachStore(t, async (t, store) => {
     t.equal(new Set(ids).size, ids.length, 'no token is listed twice')
     t.same(ids.filter((id) => id === added?.id), [added?.id], 'the token made meanwhile is listed')
     for (const m of made) t.ok(ids.includes(m.id), `${m.id} listed`)
-    // Pages 1, 2 (one token short of the new total) and 3 (empty), then pages 1 and 2 again.
-    t.equal(pages, 5, 'the walk changed under it: the list was read again')
+    // Pages 1, 2 (one token short of the new total), 3 (empty) and 1 again, then pages 1, 2 and 1 again.
+    t.equal(pages, 7, 'the walk changed under it: the list was read again')
 
     // Changed on every walk: an error, not a wrong list that delete would act on.
     fake.beforeAnswer = (method, path) => {
@@ -370,6 +371,35 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(gitea.list()), { code: 'gitea_error', status: 502, message: /the tokens of "alice" in Gitea at .* changed while they were being listed, on two walks in a row .*try again/ })
     fake.beforeAnswer = undefined
     for (const x of fake.tokens.filter((x) => /^(shift|churn)-|^made-meanwhile$/.test(x.name))) fake.removeToken(x.id)
+  })
+
+  await t.test('paging: a token made and another deleted between two pages (the count unchanged) are seen, the list read again', async (t) => {
+    // The later pages stay where they were and X-Total-Count is the same: the walk read the
+    // deleted token and missed the new one, and took the list as complete (a carried-over finding
+    // of an earlier review). The new one is first on page 1, read again at the end of a walk.
+    const made = Array.from({ length: 60 }, (_, i) => fake.addToken('alice', `swap-${i}`, ['read:user']))
+    secrets.push(...made.map((m) => m.sha1))
+    const gone = made[55] as { id: number } // on page 1 (newest first)
+    let pages = 0
+    let added: { id: number; sha1: string } | undefined
+    fake.beforeAnswer = (method, path) => {
+      if (method === 'GET' && path === '/api/v1/users/alice/tokens' && ++pages === 2) {
+        added = fake.addToken('alice', 'swapped-in', ['read:user'])
+        fake.removeToken(gone.id)
+      }
+    }
+    t.teardown(() => {
+      fake.beforeAnswer = undefined
+    })
+    const list = await gitea.list()
+    secrets.push(added?.sha1 ?? '')
+    const ids = list.items.map((i) => i.remote_id)
+    t.ok(ids.includes(added?.id ?? -1), 'the token made meanwhile is listed')
+    t.notOk(ids.includes(gone.id), 'the token deleted meanwhile is not')
+    t.equal(new Set(ids).size, ids.length, 'no token is listed twice')
+    t.ok(pages > 3, `the list was read again (${pages} pages)`)
+    fake.beforeAnswer = undefined
+    for (const x of fake.tokens.filter((x) => /^swap-|^swapped-in$/.test(x.name))) fake.removeToken(x.id)
   })
 
   await t.test('delete: a token the list walk missed (another admin deleted one on an earlier page) is found by reading the list again, and deleted', async (t) => {
@@ -387,7 +417,7 @@ await forEachStore(t, async (t, store) => {
       fake.beforeAnswer = undefined
     })
     const deleted = await gitea.delete(String(mine.remote_id), actor)
-    t.equal(pages, 4, 'the list was read again')
+    t.equal(pages, 6, 'the list was read again (two walks of pages 1, 2 and 1 again)')
     t.match(deleted, { remote_id: mine.remote_id, remote_missing: false, record: { id: mine.id, deleted_by: 'cli:tester' } })
     t.match(fake.requests.at(-1), { method: 'DELETE', path: `/api/v1/users/alice/tokens/${mine.remote_id}` })
     t.notOk(fake.tokens.some((x) => x.id === mine.remote_id), 'gone from Gitea')

@@ -319,24 +319,41 @@ export class GiteaTokenService {
     const { http, username, authorization } = this.#client(true)
     const byId = new Map<number, GiteaRemoteToken>()
     const totals = new Set<number>()
-    for (let page = 1; page <= MAX_PAGES; page++) {
+    const readPage = async (page: number): Promise<{ items: unknown[]; total: number | undefined } | undefined> => {
       const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
-      if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return { tokens: [], complete: true, total: undefined }
+      if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
       if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
-      for (const item of res.body) {
+      const total = Number(res.headers['x-total-count'])
+      if (Number.isFinite(total)) totals.add(total)
+      return { items: res.body as unknown[], total: Number.isFinite(total) ? total : undefined }
+    }
+    const idsOf = (items: unknown[]): string => items.map((item) => remoteToken(item)?.id).join(',')
+    let firstPage = ''
+    let pages = 0
+    for (let page = 1; page <= MAX_PAGES; page++) {
+      const read = await readPage(page)
+      if (read === undefined) return { tokens: [], complete: true, total: undefined }
+      const { items, total } = read
+      pages = page
+      if (page === 1) firstPage = idsOf(items)
+      for (const item of items) {
         const t = remoteToken(item)
         if (t && !byId.has(t.id)) byId.set(t.id, t)
       }
-      const total = Number(res.headers['x-total-count'])
-      if (Number.isFinite(total)) totals.add(total)
       // A short page is the last; X-Total-Count, when sent, ends the walk as soon as it is reached
       // (a server may cap pages below 50, so a short page alone does not end it then).
-      if (res.body.length === 0 || (Number.isFinite(total) ? byId.size >= total : res.body.length < PAGE_SIZE)) break
+      if (items.length === 0 || (total !== undefined ? byId.size >= total : items.length < PAGE_SIZE)) break
     }
+    // A token made and one deleted between two pages leave the count as it was, and the later
+    // pages where they were: the walk read the deleted one and missed the new one (a carried-over
+    // finding of an earlier review). The new one is first in the list (newest first), so the first
+    // page read again tells: the same tokens, or the walk is read again.
+    const firstAgain = pages > 1 ? await readPage(1) : undefined
     const tokens = [...byId.values()]
     const [total] = totals
-    return { tokens, complete: total === undefined || (totals.size === 1 && tokens.length === total), total }
+    const unchanged = pages === 1 || (firstAgain !== undefined && idsOf(firstAgain.items) === firstPage)
+    return { tokens, complete: unchanged && (total === undefined || (totals.size === 1 && tokens.length === total)), total }
   }
 
   /** Whether the server answers `GET /user` with the configured credential as the configured user (Gitea logins ignore case). */
