@@ -7,6 +7,15 @@
 // connection itself: the check runs inside the socket's DNS look-up, so the address checked is
 // the address connected to (no second resolution an attacker's DNS could answer differently).
 // Redirects are never followed.
+//
+// Look-ups are getaddrinfo (dns.lookup: /etc/hosts and nsswitch are honoured, as operators rely
+// on, e.g. Kubernetes hostAliases), which blocks one of libuv's threadpool threads (4 by default)
+// until the resolver answers and cannot be cancelled. Webhook look-ups go through WebhookNames:
+// one look-up per name at a time, at most 2 in flight in the process, and no caller waits longer
+// than its timeout. Before (found by a review), each connection called dns.lookup itself: one
+// receiver whose DNS stopped answering had its 5 attempts' look-ups fill the threadpool for 10 s
+// or more each, and every other look-up in the process (other receivers, the gateway's upstream,
+// PostgreSQL's host) and the crypto and fs work on the pool queued behind them.
 import { lookup as dnsLookup, type LookupAddress } from 'node:dns'
 import ipaddr from 'ipaddr.js'
 import { Agent } from 'undici'
@@ -61,15 +70,114 @@ function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string 
   return { parsed, name: host }
 }
 
-/** At registration: the URL's form, and every address its name resolves to now. */
-export async function checkTarget(url: string, allowed: AllowList): Promise<URL> {
+/** A getaddrinfo-style look-up of every address of a name (dns.lookup's shape). */
+export type LookupFunction = (hostname: string, options: { all: true; verbatim: true }, callback: (err: NodeJS.ErrnoException | null, answers: LookupAddress[]) => void) => void
+
+type Answer = (err: NodeJS.ErrnoException | null, answers: LookupAddress[]) => void
+
+/** One name's look-up: queued for a slot, then running; its callers share the answer. */
+interface Flight {
+  readonly name: string
+  readonly callers: Set<Answer>
+  started: boolean
+}
+
+/** Webhook look-ups in flight in a process: well below libuv's threadpool (4 threads by default). */
+export const LOOKUP_SLOTS = 2
+
+/**
+ * The name look-ups of webhook targets, bounded. Concurrent look-ups of one name are one call
+ * (single-flight: a receiver's 5 attempts, and its retries while the first call still hangs, hold
+ * one thread, not 5); at most `slots` calls run at once, the others queued in order; and a caller
+ * gives up after its timeout, whether it was waiting for a slot or for the answer (ETIMEOUT), while
+ * the call it leaves keeps its slot until getaddrinfo returns (the thread is busy until then). A
+ * queued look-up that every caller gave up on is dropped without being made. The answers are not
+ * cached: each caller gets the answer of a call made after it asked or while it waited.
+ */
+export class WebhookNames {
+  readonly #lookup: LookupFunction
+  readonly #slots: number
+  readonly #flights = new Map<string, Flight>()
+  readonly #queue: Flight[] = []
+  #running = 0
+
+  constructor(lookup: LookupFunction = (name, options, cb) => dnsLookup(name, options, cb), slots = LOOKUP_SLOTS) {
+    this.#lookup = lookup
+    this.#slots = slots
+  }
+
+  /** Every address of `name`, or an error: the look-up's own, or ETIMEOUT after `timeoutMs`. */
+  lookup(name: string, timeoutMs: number, cb: Answer): void {
+    let flight = this.#flights.get(name)
+    if (flight === undefined) {
+      flight = { name, callers: new Set(), started: false }
+      this.#flights.set(name, flight)
+      this.#queue.push(flight)
+    }
+    const f = flight
+    const caller: Answer = (err, answers) => {
+      clearTimeout(timer)
+      cb(err, answers)
+    }
+    const timer = setTimeout(() => {
+      f.callers.delete(caller)
+      if (!f.started && f.callers.size === 0) {
+        this.#flights.delete(name)
+        this.#queue.splice(this.#queue.indexOf(f), 1)
+      }
+      const why = f.started ? 'without an answer' : `waiting for one of the ${this.#slots} webhook look-ups in flight (other receivers' names are slow to resolve)`
+      cb(Object.assign(new Error(`the DNS look-up of ${name} reached its timeout (${timeoutMs} ms) ${why}`), { code: 'ETIMEOUT' }), [])
+    }, timeoutMs)
+    f.callers.add(caller)
+    this.#next()
+  }
+
+  /** The same, as a promise. */
+  resolve(name: string, timeoutMs: number): Promise<LookupAddress[]> {
+    return new Promise((resolve, reject) => this.lookup(name, timeoutMs, (err, answers) => (err ? reject(err) : resolve(answers))))
+  }
+
+  #next(): void {
+    while (this.#running < this.#slots) {
+      const f = this.#queue.shift()
+      if (f === undefined) return
+      f.started = true
+      this.#running++
+      let answered = false
+      const done: Answer = (err, answers) => {
+        if (answered) return
+        answered = true
+        this.#running--
+        if (this.#flights.get(f.name) === f) this.#flights.delete(f.name)
+        for (const c of f.callers) c(err, answers)
+        this.#next()
+      }
+      try {
+        this.#lookup(f.name, { all: true, verbatim: true }, done)
+      } catch (err) {
+        done(err as NodeJS.ErrnoException, [])
+      }
+    }
+  }
+}
+
+/** The process's webhook look-ups (every WebhookService shares the slots). */
+export const webhookNames = new WebhookNames()
+
+/**
+ * At registration: the URL's form, and every address its name resolves to now. The look-up is
+ * bounded by `timeoutMs` (`webhooks.timeout_ms`): before, an admin create of a receiver whose DNS
+ * hangs waited as long as getaddrinfo did, and held a threadpool thread meanwhile.
+ */
+export async function checkTarget(url: string, allowed: AllowList, names: WebhookNames, timeoutMs: number): Promise<URL> {
   const { parsed, name } = checkUrl(url, allowed)
   if (name === undefined) return parsed
   let answers: LookupAddress[]
   try {
-    answers = await new Promise((resolve, reject) => dnsLookup(name, { all: true, verbatim: true }, (err, list) => (err ? reject(err) : resolve(list))))
+    answers = await names.resolve(name, timeoutMs)
   } catch (err) {
-    throw refused(`url: ${name} does not resolve (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`)
+    const e = err as NodeJS.ErrnoException
+    throw refused(e.code === 'ETIMEOUT' ? `url: ${e.message}` : `url: ${name} does not resolve (${e.code ?? e.message})`)
   }
   for (const a of answers) {
     const why = addressRefusal(a.address, allowed)
@@ -86,13 +194,13 @@ export function checkDeliveryUrl(url: string, allowed: AllowList): void {
 type LookupCallback = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void
 
 /**
- * An undici Agent whose connections resolve a name once and connect only to addresses that
- * pass the check (every answer; it tries them in turn); a refused answer fails the connection
- * with the reason.
+ * An undici Agent whose connections resolve a name once (through `names`, each look-up bounded by
+ * the attempt's timeout) and connect only to addresses that pass the check (every answer; it
+ * tries them in turn); a refused answer fails the connection with the reason.
  */
-export function pinnedAgent(allowed: AllowList, timeoutMs: number): Agent {
+export function pinnedAgent(allowed: AllowList, timeoutMs: number, names: WebhookNames = webhookNames): Agent {
   const lookup = (hostname: string, options: { all?: boolean }, cb: LookupCallback): void => {
-    dnsLookup(hostname, { all: true, verbatim: true }, (err, answers) => {
+    names.lookup(hostname, timeoutMs, (err, answers) => {
       if (err) return cb(err, '')
       for (const a of answers) {
         const why = addressRefusal(a.address, allowed)

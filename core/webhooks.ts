@@ -30,7 +30,7 @@ import type { EventBus, EventType, KeygateEvent } from './events.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
 import type { Logger } from './log.ts'
-import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, type AllowList } from './ssrf.ts'
+import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, webhookNames, WebhookNames, type AllowList, type LookupFunction } from './ssrf.ts'
 
 export const TEST_EVENT = 'webhook.test'
 
@@ -228,6 +228,11 @@ export interface WebhookServiceOptions {
   storeNow?: () => Date
   /** false: only queue (a CLI process); the running servers deliver. */
   deliver?: boolean
+  /**
+   * Tests only: the name look-up (dns.lookup's shape), with slots of its own. By default the
+   * process's shared, bounded look-ups of dns.lookup (webhookNames).
+   */
+  lookup?: LookupFunction
 }
 
 export class WebhookService {
@@ -240,6 +245,7 @@ export class WebhookService {
   /** The store's clock as a statement parameter: null is the store's own (storeClock). */
   readonly #storeNow: () => Date | null
   readonly #allowed: AllowList
+  readonly #names: WebhookNames
   readonly #agent: Agent
   #timer: NodeJS.Timeout | undefined
   #running: Promise<void> | undefined
@@ -261,7 +267,8 @@ export class WebhookService {
     this.#storeNow = options.storeNow ?? (() => null)
     this.#closed = options.deliver === false
     this.#allowed = allowList(options.config.allow_private)
-    this.#agent = pinnedAgent(this.#allowed, options.config.timeout_ms)
+    this.#names = options.lookup ? new WebhookNames(options.lookup) : webhookNames
+    this.#agent = pinnedAgent(this.#allowed, options.config.timeout_ms, this.#names)
   }
 
   // Registry
@@ -281,7 +288,7 @@ export class WebhookService {
     // The URL too: it is listed, audited and requested with every delivery (a receiver knows
     // keygate by its signature, not by a keygate key in its URL).
     refuseKeyIn({ url: input.url, description: input.description })
-    const url = receiverUrl(await checkTarget(input.url, this.#allowed))
+    const url = receiverUrl(await checkTarget(input.url, this.#allowed, this.#names, this.#c.timeout_ms))
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`
     const now = this.#now()
