@@ -282,7 +282,7 @@ export const ConfigSchema = Type.Object(
           description: 'Addresses a webhook may reach although they are loopback, private, link-local or otherwise internal (for internal receivers). Empty: only public addresses.',
           env: 'KEYGATE_WEBHOOK_ALLOW_PRIVATE',
         }),
-        timeout_ms: int(10_000, 100, 120_000, { description: 'How long a receiver has to answer a delivery.' }),
+        timeout_ms: int(10_000, 100, 120_000, { description: 'How long a receiver has to answer a delivery (its name looked up included); also how long a registration waits for the name to resolve.' }),
         max_attempts: int(8, 1, 100, { description: 'Attempts of one delivery before it is marked failed.' }),
         retry_base_ms: int(5000, 10, 3_600_000, { description: 'Wait before the second attempt; it doubles after each failure.' }),
         retry_max_ms: int(3_600_000, 10, 86_400_000, { description: 'Longest wait between two attempts.' }),
