@@ -31,7 +31,7 @@ import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
-import { sendError } from './respond.ts'
+import { logAccess, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
@@ -287,18 +287,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     none.duration.observe(ms / 1000)
     if (config.log.access_log) {
       const peer = (socket as Partial<Socket>).remoteAddress
-      log.info('request', {
-        request_id: id,
-        method: req?.method ?? null,
-        path: loggedPath(req),
-        status: ERRORS[code].status,
-        outcome: code,
-        route: NO_ROUTE,
-        // The socket's address as every other line gives it (`::ffff:127.0.0.1` is `127.0.0.1`).
-        address: normalise(peer) ?? peer ?? null,
-        key_id: null,
-        duration_ms: Math.round(ms * 1000) / 1000,
-      })
+      // The socket's address as every other line gives it (`::ffff:127.0.0.1` is `127.0.0.1`).
+      logAccess(log, { id, method: req?.method, path: loggedPath(req), status: ERRORS[code].status, outcome: code, route: NO_ROUTE, address: normalise(peer) ?? peer ?? null, keyId: null, ms })
     }
   }
 

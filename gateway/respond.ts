@@ -5,6 +5,7 @@ import { ERRORS, errorBody } from '../core/errors.ts'
 import { hasBody, writeRaw } from '../core/http.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
+import type { Logger } from '../core/log.ts'
 import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
 
 // Identical for every kind of bad key, so the headers never tell which one it was.
@@ -33,19 +34,28 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
-  if (ctx.accessLog) {
-    ctx.log.info('request', {
-      request_id: s.id,
-      method: s.req.method,
-      path: pathOf(s.target),
-      status,
-      outcome,
-      route: label,
-      address: s.address,
-      key_id: s.key?.id ?? null,
-      duration_ms: Math.round(ms * 1000) / 1000,
-    })
-  }
+  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: pathOf(s.target), status, outcome, route: label, address: s.address, keyId: s.key?.id ?? null, ms })
+}
+
+/**
+ * The access log's line of one request (`log.access_log`), for every request the gateway answers,
+ * those answered before one is read whole (malformed, CONNECT, a bad Expect) included: one shape.
+ */
+export function logAccess(
+  log: Logger,
+  r: { id: string; method: string | null | undefined; path: string | null; status: number; outcome: string; route: string; address: string | null; keyId: string | null; ms: number },
+): void {
+  log.info('request', {
+    request_id: r.id,
+    method: r.method ?? null,
+    path: r.path,
+    status: r.status,
+    outcome: r.outcome,
+    route: r.route,
+    address: r.address,
+    key_id: r.keyId,
+    duration_ms: Math.round(r.ms * 1000) / 1000,
+  })
 }
 
 /** Records a request whose client went away before it was answered (once, as every request). */
