@@ -243,7 +243,9 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
  * commit, which may have been made though its answer never came (the connection dropped
  * between). So the store is asked whether the key's row is there. Before (found by a review),
  * every such failure said "NOT kept": an operator threw away a key that existed, and the next
- * start, finding an admin key, made none.
+ * start, finding an admin key, made none. A row not found is still only most likely not kept:
+ * with synchronous replication a commit whose connection was lost while it waited for the
+ * standby is committed, and shows to others once acknowledged; the next start tells.
  */
 async function afterShownKeyFailed(runtime: Pick<Runtime, 'keys'>, id: string, err: Error): Promise<string> {
   const head = `the first admin key printed above (id ${id})`
@@ -255,7 +257,7 @@ async function afterShownKeyFailed(runtime: Pick<Runtime, 'keys'>, id: string, e
   }
   return kept
     ? `${head} was kept, and is valid: the store failed after committing it (${err.message}); start again (no new key is made)`
-    : `${head} was NOT kept: ${err.message}; start again to make another, or set admin.token (KEYGATE_ADMIN_TOKEN)`
+    : `${head} was NOT kept: ${err.message}; start again to make another, or set admin.token (KEYGATE_ADMIN_TOKEN). (Should that start print no new first admin key, this one was kept after all: a commit still waiting on a synchronous standby shows only once it is acknowledged.)`
 }
 
 async function bootstrapAdmin(runtime: Runtime, config: Config, io: Io, log: Logger): Promise<void> {

@@ -491,6 +491,8 @@ t.test('a connection lost at the first admin key\'s commit: serve says whether t
 
   const lost = await start('before')
   t.match(lost.said, /^the first admin key printed above \(id \w+\) was NOT kept: .*; start again to make another, or set admin\.token/, 'not committed: NOT kept')
+  // Only most likely (suspected by a review): a commit waiting for a synchronous standby shows later.
+  t.match(lost.said, /Should that start print no new first admin key, this one was kept after all/, 'and how the next start tells otherwise')
   t.ok(lost.newKey, 'and indeed the next start makes one')
 
   const answerLost = await start('after')
