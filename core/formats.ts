@@ -21,8 +21,12 @@ export function isDateTime(v: string): boolean {
   const second = m[6] === undefined ? 0 : Number(m[6])
   if (year < 1970 || month < 1 || month > 12 || hour > 23 || minute > 59 || second > 59) return false
   if (m[7] !== undefined && (Number(m[7]) > 23 || Number(m[8]) > 59)) return false
-  // 9999-12-31T23:59-23:59 is a year-10000 instant in UTC, which the embedded store cannot hold.
-  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && Date.parse(v) < YEAR_10000_MS
+  // 9999-12-31T23:59-23:59 is a year-10000 instant in UTC, which the embedded store cannot hold;
+  // 1970-01-01T00:30+01:00 is one of 1969, which a list cursor cannot hold (before, found by a
+  // review: an import took it, and listing keys stopped at that key with "not a cursor this
+  // server returned").
+  const at = Date.parse(v)
+  return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && at >= 0 && at < YEAR_10000_MS
 }
 
 /** An address or range as keygate reads one everywhere (four-part decimal IPv4, IPv6; see parseRange). */
