@@ -100,8 +100,8 @@ export function columnsOf(table: string): string {
   return COLUMNS.split(',').map((c) => `${table}.${c.trim()}`).join(', ')
 }
 
-/** `lineage(id)`: the key `$1` and every key it replaced, back to the first of its rotations. */
-const LINEAGE = `WITH RECURSIVE lineage(id) AS (
+/** `lineage(id)`: the key `$1` and every key it replaced, back to the first of its rotations (each link read by index, migration 0011). */
+export const LINEAGE = `WITH RECURSIVE lineage(id) AS (
   SELECT $1::text
   UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
 )`
