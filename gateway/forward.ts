@@ -71,6 +71,8 @@ interface ForwardOptions {
   tunnelIdleMs: number
   /** A request body that brings nothing for this long is cut off (0: never). */
   bodyIdleMs: number
+  /** The largest response head taken from an upstream (undici's maxHeaderSize; its default was 16 KiB). */
+  maxResponseHeaderBytes: number
   /** Ends tunnels whose key or address the checks no longer allow. */
   guard: TunnelGuard
 }
@@ -235,7 +237,7 @@ function clientGone(s: RequestState): boolean {
 }
 
 export function createForwarder(o: ForwardOptions): Forwarder {
-  const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs, bodyIdleMs } = o
+  const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs, bodyIdleMs, maxResponseHeaderBytes } = o
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
   const dropApiKey = stripCredential && o.apiKeySource
@@ -246,7 +248,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     let pool = pools.get(r.origin)
     if (!pool) {
       const connectTimeout = Math.min(10_000, ...router.routes.filter((x) => x.origin === r.origin).map((x) => x.timeoutMs))
-      pool = new Pool(r.origin, { connect: { timeout: connectTimeout }, keepAliveTimeout: 4_000 })
+      pool = new Pool(r.origin, { connect: { timeout: connectTimeout }, keepAliveTimeout: 4_000, maxHeaderSize: maxResponseHeaderBytes })
       pools.set(r.origin, pool)
     }
     routePool[r.index] = pool
@@ -366,6 +368,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       return
     }
     ctx.log.warn('upstream request failed', { request_id: s.id, route: s.route?.name, err })
+    // The upstream answered, with a head too large to take: said so, not "could not be reached"
+    // (before, found by a review: a 17 KB Set-Cookie was that, at undici's 16 KiB default).
+    if (code === 'UND_ERR_HEADERS_OVERFLOW') s.message = `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
     sendError(ctx, s, timeoutCode(err))
   }
 
@@ -533,7 +538,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           }
           if (data.headers['x-request-id'] === undefined) head += `x-request-id: ${s.id}\r\n`
           if (s.rlLimit >= 0) head += `ratelimit-limit: ${s.rlLimit}\r\nratelimit-remaining: ${s.rlRemaining}\r\nratelimit-reset: ${s.rlResetS}\r\n`
-          client.write(head + '\r\n')
+          // latin1, as undici read the upstream's bytes and as Node writes every other head (before,
+          // found by a review: UTF-8, so a header byte 0xE9 reached the client as C3 A9).
+          client.write(head + '\r\n', 'latin1')
           record(ctx, s, 'forwarded', 101)
           if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
           tunnels.add(client)

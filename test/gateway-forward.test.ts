@@ -225,6 +225,34 @@ t.test("an upstream's Content-Length on a 204 is not passed on (found by a revie
   t.notMatch(switched, /content-length/i, 'a 101 names no length')
 })
 
+t.test("an upstream's response head: up to gateway.max_response_header_bytes taken (64 KiB by default), above it a 502 that names the cause; a 101's header bytes pass as they came", async (t) => {
+  // Before (found by a review): undici's default of 16 KiB, and a 17 KB Set-Cookie was a 502
+  // saying the upstream "could not be reached"; and a 101's head was written as UTF-8, so a
+  // header byte 0xE9 reached the client as C3 A9 (every other head keeps the byte).
+  const h = await startGateway(t, {
+    sharedStore: true,
+    upstream: (req, res) => {
+      res.setHeader('set-cookie', `big=${'c'.repeat(req.url === '/huge' ? 70_000 : 20_000)}`)
+      res.end('ok')
+    },
+  })
+  const k = await h.key()
+  // Raw: a client of undici's own (the test's) takes no head over 16 KiB either.
+  const ask = (path: string) => rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer ${k.key}\r\n\r\n`)
+  const big = await ask('/big')
+  t.match(big, /^HTTP\/1\.1 200 OK\r\n/, 'a 20 KB header is taken')
+  t.match(big, new RegExp(`\\r\\nset-cookie: big=c{20000}\\r\\n`), 'and passed on whole')
+  const huge = await ask('/huge')
+  t.match(huge, /^HTTP\/1\.1 502 /)
+  t.match(huge, /"code":"upstream_unavailable"/)
+  t.match(huge, /"message":"The upstream's response head is larger than 65536 bytes \(gateway\.max_response_header_bytes\)\."/, 'naming the cause')
+
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end(Buffer.from('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-L: caf\xe9\r\n\r\n', 'latin1')))
+  const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`)
+  t.match(switched, /^HTTP\/1\.1 101 Switching Protocols\r\n/)
+  t.match(switched, /\r\nx-l: caf\xe9\r\n/, 'the byte 0xE9 as it came')
+})
+
 t.test("the upstream's own RateLimit headers give way to the gateway's: one of each reaches the client", async (t) => {
   const h = await startGateway(t, {
     sharedStore: true,
