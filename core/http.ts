@@ -1,6 +1,6 @@
 // Small facts about HTTP/1.1 messages that the gateway and the admin listener both read (the two
 // import nothing of each other).
-import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http'
+import { STATUS_CODES, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody, type ErrorCode } from './errors.ts'
@@ -34,6 +34,31 @@ export function afterResponses(socket: Duplex, then: (pending: ServerResponse | 
     afterResponses(socket, then, stopAt)
   }
   res.once('finish', next).once('close', next)
+}
+
+/** How long a connection closed after an answer goes on reading what its client still sends. */
+const LINGER_MS = 2000
+
+/**
+ * Closes the connection of `req` after its response in stages, as RFC 9112 §9.6 has a server
+ * close while its client may still be sending: the FIN after the response, then what the client
+ * sends is read and dropped until it closes its side or `LINGER_MS` has passed, and only then is
+ * the socket closed. Closed at once with bytes still coming, the kernel answers them with a reset
+ * (RST), which may cost the client the answer. The response must say `Connection: close`: Node
+ * then calls the socket's `destroySoon()` once the response is written, which this replaces for
+ * this one socket (Node's ends and closes at once). The rest of the body is dropped as Node drops
+ * a body nobody read (`_dump`): whoever read `req` has let it go, and the parser would otherwise
+ * stop the socket at the first chunk it could not hand over.
+ */
+export function closeWhenAnswered(req: IncomingMessage): void {
+  const socket = req.socket as Socket & { destroySoon?: () => void }
+  socket.destroySoon = () => {
+    socket.end()
+    ;(req as IncomingMessage & { _dump?: () => void })._dump?.()
+    socket.resume()
+    const timer = setTimeout(() => socket.destroy(), LINGER_MS)
+    socket.once('close', () => clearTimeout(timer))
+  }
 }
 
 const answering = new WeakSet<Duplex>()

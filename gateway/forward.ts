@@ -11,7 +11,7 @@ import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { hasBody } from '../core/http.ts'
+import { closeWhenAnswered, hasBody } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import type { CompiledRoute, Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
@@ -338,7 +338,16 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     if (!hasRequestId) out.push('x-request-id', s.id)
     // Strings, not numbers: Node's header checks take a number down a slower, generic path.
     if (s.rlLimit >= 0) out.push('ratelimit-limit', String(s.rlLimit), 'ratelimit-remaining', String(s.rlRemaining), 'ratelimit-reset', String(s.rlResetS))
-    if (ctx.closing) out.push('connection', 'close')
+    // The upstream answered before the gateway had read the whole request body (an early 413, a
+    // refusal): whoever was reading it (undici) lets it go when the answer ends, and nothing would
+    // read the rest. Before, the answer said keep-alive, the socket stayed paused with the rest
+    // unread, the next request on the connection was never read, and Node's keep-alive timer reset
+    // the connection 6 s later (found by a review). Now the answer closes the connection, in
+    // stages (closeWhenAnswered). A body read whole by then (every upload whose upstream answers
+    // after it) keeps the connection; a request without a body is complete here.
+    const unread = !s.req.complete && hasBody(s.headers)
+    if (unread) closeWhenAnswered(s.req)
+    if (ctx.closing || unread) out.push('connection', 'close')
     res.writeHead(statusCode, out)
     record(ctx, s, 'forwarded', statusCode)
     return true

@@ -7,7 +7,7 @@ import t from 'tap'
 import net from 'node:net'
 import { Readable } from 'node:stream'
 import { request } from 'undici'
-import { bearer, sleep, startGateway, unlessHung } from './helpers/gateway.ts'
+import { bearer, converse, sleep, startGateway, unlessHung, type Tap } from './helpers/gateway.ts'
 
 const MB = Number(process.env.KEYGATE_TEST_BIG_BODY_MB ?? 200)
 const TOTAL = MB * 1024 * 1024
@@ -406,4 +406,124 @@ t.test('with body_idle_timeout_ms 0, an upstream that takes none of a body is st
     (err: Error) => [0, err.message] as const,
   )
   t.same(outcome, [504, 'upstream_timeout'], `504 once the upstream took nothing for the route's timeout (${Date.now() - began} ms)`)
+})
+
+/**
+ * A raw upstream that answers `/early...` as soon as it has the request's head (413, with
+ * `Connection: close` and its end when the path says `close`), and anything else once it has the
+ * whole body. Records each request line.
+ */
+async function earlyUpstream(t: Tap): Promise<{ port: number; seen: string[] }> {
+  const seen: string[] = []
+  const server = net.createServer((sock) => {
+    sock.on('error', () => {})
+    let buf = Buffer.alloc(0)
+    let bodyLeft = 0
+    let line = ''
+    const step = (): void => {
+      if (bodyLeft > 0) {
+        const n = Math.min(bodyLeft, buf.length)
+        bodyLeft -= n
+        buf = buf.subarray(n)
+        if (bodyLeft > 0 || line.startsWith('POST /early')) return
+        sock.write(`HTTP/1.1 200 OK\r\nContent-Length: ${line.length}\r\n\r\n${line}`)
+      }
+      const end = buf.indexOf('\r\n\r\n')
+      if (end === -1) return
+      const head = buf.subarray(0, end).toString('latin1')
+      buf = buf.subarray(end + 4)
+      line = head.slice(0, head.indexOf('\r\n'))
+      seen.push(line)
+      bodyLeft = Number(/\r\ncontent-length: *(\d+)/i.exec(head)?.[1] ?? 0)
+      if (line.startsWith('POST /early')) {
+        const close = line.includes('close')
+        sock.write(`HTTP/1.1 413 Payload Too Large\r\n${close ? 'Connection: close\r\n' : ''}Content-Length: 3\r\n\r\nbig`)
+        if (close) return void sock.end()
+      } else if (bodyLeft === 0) sock.write(`HTTP/1.1 200 OK\r\nContent-Length: ${line.length}\r\n\r\n${line}`)
+      step()
+    }
+    sock.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d])
+      step()
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    server.close()
+  })
+  return { port: (server.address() as net.AddressInfo).port, seen }
+}
+
+/** What a raw client got on one connection: the bytes, whether the gateway ended it (FIN), and the error if it was reset. */
+interface RawOutcome {
+  text: string
+  ended: boolean
+  error: string | undefined
+}
+
+t.test('an upstream that answers before it read the body: the answer says Connection: close and the connection ends cleanly, also while the client still sends (found by a review)', async (t) => {
+  const up = await earlyUpstream(t)
+  const h = await startGateway(t, { routes: [{ name: 'api', path: '/', upstream: `http://127.0.0.1:${up.port}` }] })
+  const k = await h.key()
+  const BODY = 2_000_000
+  const post = (path: string) => `POST ${path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nContent-Length: ${BODY}\r\n\r\n`
+  const get = `GET /y HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`
+  /**
+   * Sends `first`, then `rest` once the answer to the POST is in, then `GET /y` 600 ms after the
+   * start; keeps its own side open (as a client waiting for /y's answer would) until the gateway
+   * ends the connection or 10 s have passed (a hang guard: Node's keep-alive timer reset the
+   * connection at 6 s before).
+   */
+  const exchange = (first: Buffer, rest: Buffer | undefined) =>
+    new Promise<RawOutcome>((resolve) => {
+      const out: RawOutcome = { text: '', ended: false, error: undefined }
+      const s = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => s.write(first))
+      let restSent = rest === undefined
+      let ySent = false
+      const finish = () => {
+        if (out.ended && restSent && ySent) s.end()
+      }
+      setTimeout(() => {
+        if (s.writable) s.write(get)
+        ySent = true
+        finish()
+      }, 600).unref()
+      s.setEncoding('latin1').on('data', (d: string) => {
+        out.text += d
+        if (!restSent && out.text.endsWith('big')) {
+          s.write(rest as Buffer)
+          restSent = true
+          finish()
+        }
+      })
+      s.on('end', () => {
+        out.ended = true
+        finish()
+      })
+      s.on('error', (err: NodeJS.ErrnoException) => (out.error = err.code ?? err.message))
+      s.on('close', () => resolve(out))
+      setTimeout(() => s.destroy(), 10_000).unref()
+    })
+
+  const body = Buffer.alloc(BODY, 0x61)
+  const cases: Array<[string, Buffer, Buffer | undefined]> = [
+    // The whole body in one write; the upstream answers with Connection: close and ends.
+    ['/early/close', Buffer.concat([Buffer.from(post('/early/close')), body]), undefined],
+    // The upstream keeps its connection; the client sends the rest of the body after the answer.
+    ['/early/open', Buffer.concat([Buffer.from(post('/early/open')), body.subarray(0, 1000)]), body.subarray(1000)],
+  ]
+  for (const [path, first, rest] of cases) {
+    const got = await exchange(first, rest)
+    t.match(got.text, /^HTTP\/1\.1 413 Payload Too Large\r\n/, `${path}: the upstream's answer`)
+    t.match(got.text, /\r\nconnection: close\r\n/i, `${path}: it says Connection: close`)
+    t.notMatch(got.text, /keep-alive/i, `${path}: not keep-alive`)
+    t.ok(got.text.endsWith('\r\n\r\nbig'), `${path}: nothing after it (GET /y is not answered)`)
+    t.ok(got.ended, `${path}: the gateway ended the connection`)
+    t.equal(got.error, undefined, `${path}: without a reset while the client still sent`)
+  }
+  t.notOk(up.seen.includes('GET /y HTTP/1.1'), 'GET /y never reached the upstream')
+
+  // A body the upstream reads whole before it answers keeps the connection: the next request is answered on it.
+  const kept = await converse(h.port, post('/whole') + 'a'.repeat(BODY) + get, [{ when: (text) => text.endsWith('GET /y HTTP/1.1'), send: null }])
+  t.match(kept, /^HTTP\/1\.1 200 OK\r\n[^]*connection: keep-alive[^]*POST \/whole HTTP\/1\.1HTTP\/1\.1 200 OK\r\n[^]*GET \/y HTTP\/1\.1$/i, 'a body read whole: keep-alive, and the next request answered')
 })
