@@ -10,6 +10,9 @@ import { pathOf, type RequestState, type Stage } from './state.ts'
 // `/`; also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
 const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#|;|%3b)/i
 
+// An absolute-form target's scheme and authority (all up to the path or query).
+const ABSOLUTE = /^https?:\/\/[^/?\\]*/i
+
 // Host as RFC 9110 §7.2 has it, `uri-host [ ":" port ]`: a bracketed IP literal, or a name of
 // RFC 3986's reg-name characters (a comma is a repeated Host, refused apart).
 const HOST = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]*)?$/
@@ -46,18 +49,29 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       return 'bad_request'
     }
     if (target.charCodeAt(0) !== 47 /* / */) {
+      // Only the scheme and authority are read as a URL. The path and query are the target's own
+      // text after the authority, so that the request is checked and forwarded as its origin-form
+      // would be. Before, they were the URL's: re-encoded (`{a}|^` as `%7Ba%7D|%5E`, a query's
+      // `'` and `"` as `%27` and `%22`, which breaks signed URLs), an empty query dropped, and dot
+      // segments resolved, so `http://a/x/./y` was served as `/x/y` where `/x/./y` is refused
+      // (found by a review).
+      const authority = ABSOLUTE.exec(target)?.[0]
+      const rest = authority === undefined ? '' : target.slice(authority.length)
       let url: URL
       try {
-        url = new URL(target)
+        // A backslash, which URL parsers read as `/`, cannot start an origin-form.
+        if (authority === undefined || rest.charCodeAt(0) === 92 /* \ */) throw new Error('not an absolute-form target')
+        url = new URL(authority)
       } catch {
         s.message = 'The request target is not valid.'
         return 'bad_request'
       }
-      if ((url.protocol !== 'http:' && url.protocol !== 'https:') || host === undefined || url.host.toLowerCase() !== withoutDefaultPort(host.toLowerCase(), url.protocol)) {
+      if (host === undefined || url.host.toLowerCase() !== withoutDefaultPort(host.toLowerCase(), url.protocol)) {
         s.message = 'An absolute request target must name the same host as Host.'
         return 'bad_request'
       }
-      target = url.pathname + url.search
+      // An empty path is `/` (RFC 9112 §3.2.2).
+      target = rest === '' ? '/' : rest.charCodeAt(0) === 63 /* ? */ ? '/' + rest : rest
       s.target = target
     }
     if ((target.includes('.') || target.includes('%') || target.includes('\\')) && DOT_SEGMENT.test(pathOf(target))) {

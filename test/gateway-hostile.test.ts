@@ -273,3 +273,27 @@ t.test('Expect: 100-continue from an HTTP/1.0 client is ignored; from an HTTP/1.
   t.match(current, /^HTTP\/1.1 100 Continue\r\n\r\nHTTP\/1.1 200 /, 'HTTP/1.1: 100 Continue, then the 200')
   t.same(h.upstream.received.map((r) => r.bodyBytes), [5, 5], 'both bodies reached the upstream')
 })
+
+t.test('an absolute-form target is checked and forwarded exactly as its origin-form would be, path and query byte for byte (found by a review)', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  const auth = `Authorization: Bearer ${k.key}\r\n`
+  const ask = (target: string) => send(h.port, `GET ${target} HTTP/1.1\r\nHost: gw.test\r\n${auth}Connection: close\r\n\r\n`)
+  const forwarded = async (target: string): Promise<string | undefined> => {
+    const before = h.upstream.received.length
+    const out = await ask(target)
+    return out.startsWith('HTTP/1.1 200') ? h.upstream.received[before]?.url : out.slice(0, 12)
+  }
+  // Before: `/x/%7Ba%7D|%5E?q=%zz&s={}`, `/x?sig=a%27b%22c`, `/x` and `/a/b` (served, where the origin-form is refused).
+  for (const origin of ['/x/{a}|^?q=%zz&s={}', `/x?sig=a'b"c`, '/x?', '/x??k=%2F+a', '/a/./b', '/a/%2e%2e/b', '/a/..;/b', '/p/%7e;x=1']) {
+    const want = await forwarded(origin)
+    t.equal(await forwarded(`http://gw.test${origin}`), want, `http://gw.test${origin} is ${want}, as ${origin}`)
+  }
+  t.equal(await forwarded('/a/./b'), 'HTTP/1.1 400', 'precondition: the origin-form with a dot segment is refused')
+  t.equal(await forwarded('http://gw.test/x'), '/x', 'precondition: a plain absolute-form target is served')
+  // An empty path is `/` (RFC 9112 §3.2.2); a path the origin-form could not have is refused.
+  t.equal(await forwarded('http://gw.test'), '/')
+  t.equal(await forwarded('http://gw.test?q=1'), '/?q=1')
+  t.equal(await forwarded('http://gw.test\\..\\admin'), 'HTTP/1.1 400', 'a backslash after the authority')
+  t.equal(await forwarded('http://evil.example/x'), 'HTTP/1.1 400', 'another host')
+})
