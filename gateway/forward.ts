@@ -4,7 +4,7 @@
 // Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
 // X-Keygate-* header is dropped (also spelt with `_`), and every X-Forwarded-* unless the peer is
 // a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
-import type { IncomingHttpHeaders } from 'node:http'
+import { STATUS_CODES, type IncomingHttpHeaders } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
@@ -60,6 +60,26 @@ function paramName(piece: string): string {
   return new URLSearchParams('&' + raw).keys().next().value ?? ''
 }
 
+// A reason phrase (RFC 9112 §4: HTAB, SP, VCHAR, obs-text), as the bytes Node writes it in.
+const PLAIN_REASON = /^[\t\x20-\x7e]*$/
+const REASON = /^[\t\x20-\x7e\x80-\xff]*$/
+
+/**
+ * The reason phrase to answer with: the upstream's, or undefined for Node's own for the status
+ * (the usual case, the same phrase: no work beyond the comparison). Before, the status's own always
+ * went (`299 Custom Thing` reached the client as `299 unknown`; found by a review). undici decodes
+ * the phrase as UTF-8 and Node writes it as latin1, one byte a character: a UTF-8 phrase is turned
+ * back into its bytes, and one that was not UTF-8 (lost in the decoding), or that holds a control
+ * character Node would refuse, gives way to the status's own.
+ */
+function reasonFor(statusCode: number, message: string | undefined): string | undefined {
+  if (message === undefined || message === STATUS_CODES[statusCode]) return undefined
+  if (PLAIN_REASON.test(message)) return message
+  if (message.includes('\ufffd')) return undefined
+  const bytes = Buffer.from(message, 'utf8').toString('latin1')
+  return REASON.test(bytes) ? bytes : undefined
+}
+
 interface ForwardOptions {
   ctx: GatewayContext
   router: Router
@@ -93,7 +113,7 @@ function timeoutCode(err: unknown): Verdict {
 }
 
 interface ExchangeHooks {
-  startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders): boolean
+  startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean
   failed(s: RequestState, err: Error): void
   /** The client went away before the answer's head was written. */
   clientClosed(s: RequestState): void
@@ -170,12 +190,12 @@ class Exchange implements Dispatcher.DispatchHandler {
     else if (this.#bodyError !== undefined) controller.abort(this.#bodyError)
   }
 
-  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders): void {
+  onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
     // 1xx answers are interim (100-continue was answered by the gateway itself).
     if (statusCode < 200 || this.#done) return
     this.#answered = true
     clearTimeout(this.#answerTimer)
-    if (!this.#hooks.startResponse(this.#s, statusCode, headers)) {
+    if (!this.#hooks.startResponse(this.#s, statusCode, headers, statusMessage)) {
       this.#done = true
       controller.abort(CLIENT_GONE)
       return
@@ -311,7 +331,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   }
 
   /** The response head: upstream latency, headers filtered and completed, written; false when the client is gone. */
-  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders): boolean => {
+  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean => {
     const res = s.res as NonNullable<RequestState['res']>
     const route = s.route as CompiledRoute
     ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
@@ -348,7 +368,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const unread = !s.req.complete && hasBody(s.headers)
     if (unread) closeWhenAnswered(s.req)
     if (ctx.closing || unread) out.push('connection', 'close')
-    res.writeHead(statusCode, out)
+    res.writeHead(statusCode, reasonFor(statusCode, statusMessage), out)
     record(ctx, s, 'forwarded', statusCode)
     return true
   }

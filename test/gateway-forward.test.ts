@@ -1,7 +1,7 @@
 // What the upstream actually receives, and what the client gets back.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, converse, echo, rawExchange, startGateway, type Received } from './helpers/gateway.ts'
+import { bearer, converse, echo, rawExchange, startGateway, type Received, type Tap } from './helpers/gateway.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
@@ -436,4 +436,49 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   const k = await flat.key()
   const r = receivedOf(await rawExchange(flat.port, `GET /svc/A%2Fb;c//d HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close\r\n\r\n`))
   t.equal(typeof r === 'string' ? r : r.url, '/svc/A%2Fb;c//d')
+})
+
+/** A raw upstream that answers each request with `statusLine(path)` and a 2-byte body (keep-alive). */
+async function rawStatusUpstream(t: Tap, statusLine: (path: string) => string): Promise<string> {
+  const server = net.createServer((sock) => {
+    sock.on('error', () => {})
+    let buf = ''
+    sock.setEncoding('latin1').on('data', (d: string) => {
+      buf += d
+      for (let end = buf.indexOf('\r\n\r\n'); end !== -1; end = buf.indexOf('\r\n\r\n')) {
+        const path = buf.slice(0, buf.indexOf('\r\n')).split(' ')[1] ?? ''
+        buf = buf.slice(end + 4)
+        sock.write(`${statusLine(path)}\r\nContent-Length: 2\r\n\r\nok`, 'latin1')
+      }
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    server.close()
+  })
+  return `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`
+}
+
+t.test("the upstream's reason phrase reaches the client as it was sent; one Node cannot write gives way to the status's own (found by a review)", async (t) => {
+  // Status lines as bytes (latin1): path → what the upstream sends, what the client must get.
+  const cases: Record<string, [string, string]> = {
+    '/custom': ['HTTP/1.1 299 Custom Thing', 'HTTP/1.1 299 Custom Thing'],
+    '/fine': ['HTTP/1.1 200 Fine', 'HTTP/1.1 200 Fine'],
+    '/ok': ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK'],
+    '/empty': ['HTTP/1.1 200 ', 'HTTP/1.1 200 '],
+    '/tab': ['HTTP/1.1 404 Not\there', 'HTTP/1.1 404 Not\there'],
+    // UTF-8 text (obs-text bytes): the same bytes.
+    '/utf8': ['HTTP/1.1 200 Gr\xc3\xbc\xc3\x9fe', 'HTTP/1.1 200 Gr\xc3\xbc\xc3\x9fe'],
+    // Bytes that are not UTF-8 do not survive undici's decoding: the status's own phrase.
+    '/latin1': ['HTTP/1.1 200 Gr\xfc\xdfe', 'HTTP/1.1 200 OK'],
+    '/control': ['HTTP/1.1 299 Bad\x7fThing', 'HTTP/1.1 299 unknown'],
+  }
+  const upstream = await rawStatusUpstream(t, (path) => cases[path]?.[0] ?? 'HTTP/1.1 500 Unknown path')
+  const h = await startGateway(t, { sharedStore: true, routes: [{ name: 'api', path: '/', upstream }] })
+  const k = await h.key()
+  for (const [path, [sent, want]] of Object.entries(cases)) {
+    const out = await rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close\r\n\r\n`)
+    t.equal(out.slice(0, out.indexOf('\r\n')), want, `${JSON.stringify(sent)} reaches the client as ${JSON.stringify(want)}`)
+    t.ok(out.endsWith('\r\n\r\nok'), `${path}: and its body`)
+  }
 })
