@@ -4,7 +4,7 @@
 // Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
 // X-Keygate-* header is dropped (also spelt with `_`), and every X-Forwarded-* unless the peer is
 // a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
-import { STATUS_CODES, type IncomingHttpHeaders } from 'node:http'
+import { STATUS_CODES, type IncomingHttpHeaders, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
@@ -80,6 +80,48 @@ function reasonFor(statusCode: number, message: string | undefined): string | un
   return REASON.test(bytes) ? bytes : undefined
 }
 
+/**
+ * Adds an upstream's response headers (of its answer or a 1xx) to `out`, the flat [name, value,
+ * ...] list Node's writeHead and writeInformation take (repeated values, such as Set-Cookie, stay
+ * separate lines): without those in `drop` and those its Connection names, and without its own
+ * RateLimit-* ones where the gateway sets its own (`limited`). True when an X-Request-Id passed.
+ */
+function passHeaders(headers: IncomingHttpHeaders, drop: ReadonlySet<string>, limited: boolean, out: string[]): boolean {
+  const named = connectionNamed(headers.connection)
+  let hasRequestId = false
+  for (const name in headers) {
+    if (drop.has(name)) continue
+    if (named !== undefined && named.includes(name)) continue
+    if (limited && name.charCodeAt(0) === 114 /* r */ && RATE_LIMIT_HEADERS.has(name)) continue
+    const v = headers[name]
+    if (v === undefined) continue
+    if (name === 'x-request-id') hasRequestId = true
+    if (typeof v === 'string') out.push(name, v)
+    else for (const one of v) out.push(name, one)
+  }
+  return hasRequestId
+}
+
+/**
+ * Writes a 103 Early Hints with `fields` (a flat list). Node 24.18 and later write them as they
+ * are (`writeInformation`). Before it, `writeEarlyHints` is the only way, and cannot carry every
+ * 103 faithfully: without a Link it sends nothing, it refuses a Link line that is not one link of
+ * the form it checks (several links on one line, comma-separated, included), and it writes the
+ * repeated lines of any other field as one.
+ */
+function writeEarlyHints(res: ServerResponse, fields: string[]): void {
+  const r = res as { writeInformation?: (statusCode: number, headers: readonly string[]) => void }
+  if (r.writeInformation !== undefined) return r.writeInformation(103, fields)
+  const hints: Record<string, string> & { link?: string[] } = {}
+  for (let i = 0; i < fields.length; i += 2) {
+    const name = fields[i] as string
+    const value = fields[i + 1] as string
+    if (name === 'link') (hints.link ??= []).push(value)
+    else hints[name] = hints[name] === undefined ? value : `${hints[name]}, ${value}`
+  }
+  res.writeEarlyHints(hints)
+}
+
 interface ForwardOptions {
   ctx: GatewayContext
   router: Router
@@ -114,6 +156,8 @@ function timeoutCode(err: unknown): Verdict {
 
 interface ExchangeHooks {
   startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean
+  /** The upstream sent 103 Early Hints. */
+  earlyHints(s: RequestState, headers: IncomingHttpHeaders): void
   failed(s: RequestState, err: Error): void
   /** The client went away before the answer's head was written. */
   clientClosed(s: RequestState): void
@@ -191,8 +235,14 @@ class Exchange implements Dispatcher.DispatchHandler {
   }
 
   onResponseStart(controller: Dispatcher.DispatchController, statusCode: number, headers: IncomingHttpHeaders, statusMessage?: string): void {
-    // 1xx answers are interim (100-continue was answered by the gateway itself).
-    if (statusCode < 200 || this.#done) return
+    // 1xx answers are interim: a 103 is passed on (RFC 9110 §15.2: a proxy forwards them; before,
+    // every 1xx was dropped, found by a review); 100-continue was answered by the gateway itself,
+    // and undici refuses an upstream's 100 it did not ask for. Other 1xx are not passed on.
+    if (this.#done) return
+    if (statusCode < 200) {
+      if (statusCode === 103) this.#hooks.earlyHints(this.#s, headers)
+      return
+    }
     this.#answered = true
     clearTimeout(this.#answerTimer)
     if (!this.#hooks.startResponse(this.#s, statusCode, headers, statusMessage)) {
@@ -339,23 +389,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       recordClientClosed(ctx, s)
       return false
     }
-    // Flat [name, value, ...] again (Node's writeHead takes it; repeated values, such as Set-Cookie, stay separate lines).
     const out: string[] = []
-    const named = connectionNamed(headers.connection)
-    let hasRequestId = false
-    const limited = s.rlLimit >= 0
-    const drop = statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP
-    for (const name in headers) {
-      if (drop.has(name)) continue
-      if (named !== undefined && named.includes(name)) continue
-      if (limited && name.charCodeAt(0) === 114 /* r */ && RATE_LIMIT_HEADERS.has(name)) continue
-      const v = headers[name]
-      if (v === undefined) continue
-      if (name === 'x-request-id') hasRequestId = true
-      if (typeof v === 'string') out.push(name, v)
-      else for (const one of v) out.push(name, one)
-    }
-    if (!hasRequestId) out.push('x-request-id', s.id)
+    if (!passHeaders(headers, statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out)) out.push('x-request-id', s.id)
     // Strings, not numbers: Node's header checks take a number down a slower, generic path.
     if (s.rlLimit >= 0) out.push('ratelimit-limit', String(s.rlLimit), 'ratelimit-remaining', String(s.rlRemaining), 'ratelimit-reset', String(s.rlResetS))
     // The upstream answered before the gateway had read the whole request body (an early 413, a
@@ -371,6 +406,22 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     res.writeHead(statusCode, reasonFor(statusCode, statusMessage), out)
     record(ctx, s, 'forwarded', statusCode)
     return true
+  }
+
+  /** An upstream's 103, passed on to an HTTP/1.1 client (an HTTP/1.0 one cannot take a 1xx: RFC 9110 §15.2), its hop-by-hop fields dropped. */
+  const earlyHints = (s: RequestState, headers: IncomingHttpHeaders): void => {
+    const req = s.req
+    const res = s.res as NonNullable<RequestState['res']>
+    if (req.httpVersionMajor !== 1 || req.httpVersionMinor !== 1 || res.headersSent || clientGone(s)) return
+    try {
+      const fields: string[] = []
+      // No Content-Length: RFC 9110 §8.6 forbids one on a 1xx, as on a 204.
+      passHeaders(headers, BODILESS_RESPONSE_DROP, s.rlLimit >= 0, fields)
+      writeEarlyHints(res, fields)
+    } catch (err) {
+      // A field Node refuses to write: the hints only help, and the answer goes on without them.
+      ctx.log.debug('an upstream 103 was not passed on', { request_id: s.id, err })
+    }
   }
 
   const failed = (s: RequestState, err: Error): void => {
@@ -444,7 +495,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     req.once('end', stop).once('close', stop)
   }
 
-  const hooks: ExchangeHooks = { startResponse, failed, clientClosed: (s) => recordClientClosed(ctx, s) }
+  const hooks: ExchangeHooks = { startResponse, earlyHints, failed, clientClosed: (s) => recordClientClosed(ctx, s) }
   const forwarder: Forwarder = {
     tunnels,
     forward(s) {

@@ -482,3 +482,30 @@ t.test("the upstream's reason phrase reaches the client as it was sent; one Node
     t.ok(out.endsWith('\r\n\r\nok'), `${path}: and its body`)
   }
 })
+
+t.test('103 Early Hints from the upstream reach an HTTP/1.1 client, hop-by-hop fields dropped; not an HTTP/1.0 one (found by a review)', async (t) => {
+  const hints = {
+    '/hints':
+      'HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload; as=style\r\nLink: </b.js>; rel=preload; as=script\r\nX-Hint: yes\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n',
+    '/twice': 'HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </b.css>; rel=preload\r\n\r\n',
+    '/nolink': 'HTTP/1.1 103 Early Hints\r\nX-Hint: yes\r\n\r\n',
+  }
+  const upstream = await rawStatusUpstream(t, (path) => (hints[path as keyof typeof hints] ?? '') + 'HTTP/1.1 200 OK')
+  const h = await startGateway(t, { sharedStore: true, routes: [{ name: 'api', path: '/', upstream }] })
+  const k = await h.key()
+  const ask = (path: string, version = '1.1') => rawExchange(h.port, `GET ${path} HTTP/${version}\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close\r\n\r\n`)
+  t.equal(
+    (await ask('/hints')).split('HTTP/1.1 200 OK\r\n')[0],
+    'HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload; as=style\r\nlink: </b.js>; rel=preload; as=script\r\nx-hint: yes\r\n\r\n',
+    'the 103 first, each Link line as sent, without Connection, the field it names, Keep-Alive and a Content-Length',
+  )
+  t.equal(
+    (await ask('/twice')).split('HTTP/1.1 200 OK\r\n')[0],
+    'HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </b.css>; rel=preload\r\n\r\n',
+    'two 103s: both, in order',
+  )
+  t.equal((await ask('/nolink')).split('HTTP/1.1 200 OK\r\n')[0], 'HTTP/1.1 103 Early Hints\r\nx-hint: yes\r\n\r\n', 'a 103 without a Link too')
+  const old = await ask('/hints', '1.0')
+  t.match(old, /^HTTP\/1\.1 200 OK\r\n/, 'an HTTP/1.0 client gets no 103 (RFC 9110 §15.2)')
+  t.ok(old.endsWith('\r\n\r\nok'), 'and the answer')
+})
