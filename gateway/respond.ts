@@ -2,7 +2,7 @@
 // raw on a socket for upgrades and parser errors), metrics and the access log line.
 import type { OutgoingHttpHeaders } from 'node:http'
 import { ERRORS, errorBody } from '../core/errors.ts'
-import { hasBody, writeRaw } from '../core/http.ts'
+import { closeWhenAnswered, hasBody, writeRaw } from '../core/http.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
 import type { Logger } from '../core/log.ts'
@@ -99,6 +99,10 @@ export function sendError(ctx: GatewayContext, s: RequestState, code: Verdict): 
       res.destroy()
       return
     }
+    // A body still coming is read and dropped for a while after the answer, which then closes
+    // cleanly (closeWhenAnswered). Before (found by a review), the socket closed at once, the
+    // bytes the client was still sending met a reset, and it could lose the refusal.
+    if (headers.connection === 'close' && !s.req.complete && hasBody(s.headers)) closeWhenAnswered(s.req)
     res.writeHead(status, headers)
     res.end(body)
   } else if (s.socket) {

@@ -527,3 +527,45 @@ t.test('an upstream that answers before it read the body: the answer says Connec
   const kept = await converse(h.port, post('/whole') + 'a'.repeat(BODY) + get, [{ when: (text) => text.endsWith('GET /y HTTP/1.1'), send: null }])
   t.match(kept, /^HTTP\/1\.1 200 OK\r\n[^]*connection: keep-alive[^]*POST \/whole HTTP\/1\.1HTTP\/1\.1 200 OK\r\n[^]*GET \/y HTTP\/1\.1$/i, 'a body read whole: keep-alive, and the next request answered')
 })
+
+t.test('a request refused before its body was read: the refusal says Connection: close and the connection ends cleanly while the client still sends', async (t) => {
+  // Before (found by a review): closed the way Node closes (its FIN, then at once the socket):
+  // the bytes the client was still sending met a closed socket, the kernel answered with a
+  // reset, and a client could lose the refusal it had been sent.
+  const h = await startGateway(t)
+  const BODY = 4_000_000
+  const body = Buffer.alloc(BODY, 0x61)
+  for (const [what, auth] of [
+    ['no key', ''],
+    ['a bad key', 'Authorization: Bearer kg_nothing_at_all\r\n'],
+  ] as const) {
+    const got = await new Promise<RawOutcome>((resolve) => {
+      const out: RawOutcome = { text: '', ended: false, error: undefined }
+      const s = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => {
+        s.write(`POST /x HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: ${BODY}\r\n\r\n`)
+        // The body in pieces, as a client sends one, for as long as the connection takes them.
+        let sent = 0
+        const more = () => {
+          while (sent < BODY && s.writable) {
+            const piece = body.subarray(sent, sent + 65_536)
+            sent += piece.length
+            if (!s.write(piece)) return void s.once('drain', more)
+          }
+        }
+        more()
+      })
+      s.setEncoding('latin1').on('data', (d: string) => (out.text += d))
+      s.on('end', () => {
+        out.ended = true
+        s.end()
+      })
+      s.on('error', (err: NodeJS.ErrnoException) => (out.error = err.code ?? err.message))
+      s.on('close', () => resolve(out))
+      setTimeout(() => s.destroy(), 10_000).unref()
+    })
+    t.match(got.text, /^HTTP\/1\.1 401 Unauthorized\r\n/, `${what}: refused`)
+    t.match(got.text, /\r\nconnection: close\r\n/i, `${what}: with Connection: close`)
+    t.ok(got.ended, `${what}: the gateway ended the connection`)
+    t.equal(got.error, undefined, `${what}: without a reset`)
+  }
+})
