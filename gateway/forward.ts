@@ -266,7 +266,22 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (!this.#streaming) return
     this.#streaming = false
     this.#done = true
-    ;(this.#s.res as NonNullable<RequestState['res']>).end()
+    const s = this.#s
+    const res = s.res as NonNullable<RequestState['res']> & { _last?: boolean }
+    // The answer ended before the gateway had read the whole request body (an early 413, a
+    // refusal): whoever was reading it (undici) lets it go now, and nothing would read the rest.
+    // Before, the connection was kept, paused with the rest unread: the next request on it was
+    // never read, and Node's keep-alive timer reset it 6 s later (found by a review). Now it is
+    // closed after the answer, in stages (closeWhenAnswered; `_last` is what Node reads to close
+    // once the response is written). Judged at the end, not when the head is written: an upstream
+    // that answers at once and reads the whole body while it answers (a stream, a progress
+    // report) keeps the connection (decided at the head, it lost it: found by a later review). A
+    // request without a body is complete by then: one property read.
+    if (!s.req.complete && hasBody(s.headers)) {
+      res._last = true
+      closeWhenAnswered(s.req)
+    }
+    res.end()
   }
 
   onResponseError(_controller: Dispatcher.DispatchController | undefined, err: Error): void {
@@ -393,16 +408,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     if (!passHeaders(headers, statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out)) out.push('x-request-id', s.id)
     // Strings, not numbers: Node's header checks take a number down a slower, generic path.
     if (s.rlLimit >= 0) out.push('ratelimit-limit', String(s.rlLimit), 'ratelimit-remaining', String(s.rlRemaining), 'ratelimit-reset', String(s.rlResetS))
-    // The upstream answered before the gateway had read the whole request body (an early 413, a
-    // refusal): whoever was reading it (undici) lets it go when the answer ends, and nothing would
-    // read the rest. Before, the answer said keep-alive, the socket stayed paused with the rest
-    // unread, the next request on the connection was never read, and Node's keep-alive timer reset
-    // the connection 6 s later (found by a review). Now the answer closes the connection, in
-    // stages (closeWhenAnswered). A body read whole by then (every upload whose upstream answers
-    // after it) keeps the connection; a request without a body is complete here.
-    const unread = !s.req.complete && hasBody(s.headers)
-    if (unread) closeWhenAnswered(s.req)
-    if (ctx.closing || unread) out.push('connection', 'close')
+    if (ctx.closing) out.push('connection', 'close')
     res.writeHead(statusCode, reasonFor(statusCode, statusMessage), out)
     record(ctx, s, 'forwarded', statusCode)
     return true
