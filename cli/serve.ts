@@ -423,9 +423,14 @@ const STOP_STORE_MS = 10_000
  * held the exit for up to webhooks.timeout_ms (120 s allowed) after the drain, past a service
  * manager's stop timeout (found by reviews). A webhook attempt cut so is not lost: its lease
  * ends, and it is sent again. Returns the disarm.
+ *
+ * Armed first when the stop begins, with `drainMs` (the drain's deadline) more: what the drain
+ * waits for beside the listeners, a scheduler round on a statement in flight, is bounded so too
+ * (before, found by a review: with store.query_timeout_ms 0 and a store gone silent, the stop
+ * waited for that statement for ever), then again, tighter, once the drain is over.
  */
-function armStopBackstop(config: Config, log: Logger, code: () => number, usage?: UsageRecorder): () => void {
-  const ms = config.store.query_timeout_ms > 0 ? config.store.query_timeout_ms + 2000 : STOP_STORE_MS
+function armStopBackstop(config: Config, log: Logger, code: () => number, usage: UsageRecorder | undefined, drainMs = 0): () => void {
+  const ms = drainMs + (config.store.query_timeout_ms > 0 ? config.store.query_timeout_ms + 2000 : STOP_STORE_MS)
   const timer = setTimeout(() => {
     const lost = usage?.unwritten()
     log.error('stopping takes too long: exiting without waiting any longer for the store or webhook receivers (usage counts not yet written are lost; webhook attempts in flight are sent again once their lease ends)', { waited_ms: ms, ...(lost ? { usage_lost: lost } : {}) })
@@ -567,8 +572,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     // Open anomaly streams end first: the admin server closes only once its connections do.
     ev.feed?.close()
     ev.webhooks.stopPolling()
+    const code = () => (storeLost ? EXIT_REFUSED : EXIT_OK)
+    disarm = armStopBackstop(config, log, code, usage, config.gateway.shutdown_timeout_ms)
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
-    disarm = armStopBackstop(config, log, () => (storeLost ? EXIT_REFUSED : EXIT_OK), usage)
+    disarm()
+    disarm = armStopBackstop(config, log, code, usage)
     await api?.close()
     await usage?.close()
     return storeLost ? EXIT_REFUSED : EXIT_OK
@@ -837,8 +845,12 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     for (const w of live) w.process.kill('SIGTERM')
     ev.feed?.close()
     ev.webhooks.stopPolling()
+    const code = () => (failed ? EXIT_REFUSED : EXIT_OK)
+    // The workers drain as one would, and then have their own bound: theirs comes first.
+    disarm = armStopBackstop(config, log, code, undefined, 2 * config.gateway.shutdown_timeout_ms + 1000)
     await Promise.all([...exited, closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
-    disarm = armStopBackstop(config, log, () => (failed ? EXIT_REFUSED : EXIT_OK))
+    disarm()
+    disarm = armStopBackstop(config, log, code, undefined)
     await api?.close()
     stopTelling()
     stopDeny()

@@ -438,6 +438,25 @@ t.test('a store that stops answering and a webhook receiver that never answers w
   t.equal(hits.length, 1, 'no second attempt was made during the stop')
 })
 
+t.test('a store gone silent with store.query_timeout_ms 0 (no timeout): a stop still ends, bounded by the drain and 10 s', async (t) => {
+  // Before (found by the review of the change that bounded stops): the bound was armed once the
+  // drain was over, and the drain waited for the scheduler's round on its statement, for ever
+  // with no query timeout: "shutting down" was the last line, and the process stayed.
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-stop-untimed-'))
+  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 0\nscheduler:\n  interval_s: 1\ngateway:\n  shutdown_timeout_ms: 500\n')
+  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  gate.set('silent')
+  // A scheduler round starts every second: one is now waiting on its statement, with no timeout.
+  await new Promise((r) => setTimeout(r, 2500))
+  const stopped = await Promise.race([serve.stop(), new Promise<string>((r) => setTimeout(() => r('still running after 40 s'), 40_000))])
+  t.equal(stopped, 0, 'exit 0')
+  t.match(serve.logs.find((l) => l.message.startsWith('stopping takes too long')), { level: 'error', waited_ms: 10_500 }, 'cut at the drain and 10 s, and said so')
+})
+
 t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host and port are in the log, not in the answer', async (t) => {
   const url = await freshDatabase(t)
   const { gate, url: through } = await gateInFront(t, url)
