@@ -574,8 +574,12 @@ export class WebhookService {
     const full = [...perWebhook].filter(([, n]) => n >= PER_WEBHOOK).map(([id]) => id)
     // Most polls find nothing due: a plain index look-up answers that far more cheaply than the
     // claiming statement (which matters on the embedded store, where every statement is costly).
+    // The time is handed back to the claim as a JS Date, which holds milliseconds where the store
+    // holds microseconds: it is rounded up to the next millisecond, or a delivery queued in the same
+    // millisecond as the probe (due by the probe's reading) was not yet due by the claim's, and
+    // waited for the next poll (found when a test claiming right after queuing failed now and then).
     const [probe] = await this.#db.query<{ now: Date; due: boolean }>(
-      `SELECT ${storeClock(1)} AS now, EXISTS (
+      `SELECT coalesce($1::timestamptz, date_trunc('milliseconds', now()) + interval '1 millisecond') AS now, EXISTS (
          SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ${storeClock(1)} AND webhook_id <> ALL ($2::text[])
        ) AS due`,
       [this.#storeNow(), full],

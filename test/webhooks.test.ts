@@ -557,6 +557,32 @@ t.test('instances whose clocks differ: one delivery is sent once, and a backoff 
   })
 })
 
+t.test('a delivery queued is claimed by the round its queuing starts, also within the millisecond of the probe', async (t) => {
+  // Before (found when the test above failed now and then on PostgreSQL): the probe's store time
+  // went back to the claim as a JS Date, cut to the millisecond, so a delivery queued in the same
+  // millisecond (due by the probe's microseconds) was not due by the claim's, and waited a poll.
+  await forEachStore(t, async (t, store) => {
+    const config = { ...DEFAULTS, allow_private: ['127.0.0.1/32'], poll_interval_ms: 60_000 }
+    const s = new WebhookService({ db: store.db, cipher: CIPHER, config, log: silentLogger })
+    t.teardown(() => s.close())
+    const receiver = await startReceiver(t)
+    const { webhook } = await s.create({ url: `${receiver.url}/ms`, events: ['key.created'] }, ACTOR)
+    const bus = new EventBus()
+    let late = 0
+    for (let i = 0; i < 150; i++) {
+      let captured: any
+      const off = bus.on((e) => (captured = e))
+      bus.emit('key.created', { key: { id: `ms-${i}` } })
+      off()
+      await s.enqueue(captured)
+      await s.idle()
+      const [row] = await store.db.query<{ attempts: number }>(`SELECT attempts FROM webhook_deliveries WHERE webhook_id = $1 AND payload::jsonb -> 'data' -> 'key' ->> 'id' = $2`, [webhook.id, `ms-${i}`])
+      if (row?.attempts !== 1) late++
+    }
+    t.equal(late, 0, 'each of 150 deliveries was claimed at once')
+  })
+})
+
 t.test('a key changed by the CLI on the store queues its event for the servers to deliver', async (t) => {
   const url = await freshDatabase(t)
   const env = { DATABASE_URL: url, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ADMIN_URL: undefined, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 3).toString('base64') }
