@@ -81,17 +81,17 @@ function reasonFor(statusCode: number, message: string | undefined): string | un
 }
 
 /**
- * Adds an upstream's response headers (of its answer or a 1xx) to `out`, the flat [name, value,
- * ...] list Node's writeHead and writeInformation take (repeated values, such as Set-Cookie, stay
- * separate lines): without those in `drop` and those its Connection names, and without its own
- * RateLimit-* ones where the gateway sets its own (`limited`). True when an X-Request-Id passed.
+ * Adds an upstream's response headers (of its answer, a 1xx or a 101) to `out`, the flat [name,
+ * value, ...] list Node's writeHead and writeInformation take (repeated values, such as
+ * Set-Cookie, stay separate lines): without those in `drop` and those its Connection names, but
+ * for those in `keep` (a 101's Connection and Upgrade), and without its own RateLimit-* ones where
+ * the gateway sets its own (`limited`). True when an X-Request-Id passed.
  */
-function passHeaders(headers: IncomingHttpHeaders, drop: ReadonlySet<string>, limited: boolean, out: string[]): boolean {
+function passHeaders(headers: IncomingHttpHeaders, drop: ReadonlySet<string>, limited: boolean, out: string[], keep?: ReadonlySet<string>): boolean {
   const named = connectionNamed(headers.connection)
   let hasRequestId = false
   for (const name in headers) {
-    if (drop.has(name)) continue
-    if (named !== undefined && named.includes(name)) continue
+    if ((drop.has(name) || (named !== undefined && named.includes(name))) && (keep === undefined || !keep.has(name))) continue
     if (limited && name.charCodeAt(0) === 114 /* r */ && RATE_LIMIT_HEADERS.has(name)) continue
     const v = headers[name]
     if (v === undefined) continue
@@ -613,16 +613,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             recordClientClosed(ctx, s)
             return
           }
+          // Filtered as every other answer's head, its own Connection and Upgrade kept.
+          const fields: string[] = []
+          const hasRequestId = passHeaders(data.headers, BODILESS_RESPONSE_DROP, s.rlLimit >= 0, fields, KEEP_ON_UPGRADE)
           let head = 'HTTP/1.1 101 Switching Protocols\r\n'
-          const named = connectionNamed(data.headers.connection)
-          for (const name in data.headers) {
-            if (BODILESS_RESPONSE_DROP.has(name) && !KEEP_ON_UPGRADE.has(name)) continue
-            if (named?.includes(name) && !KEEP_ON_UPGRADE.has(name)) continue
-            if (s.rlLimit >= 0 && RATE_LIMIT_HEADERS.has(name)) continue
-            const v = data.headers[name]
-            for (const one of Array.isArray(v) ? v : [v]) head += `${name}: ${one}\r\n`
-          }
-          if (data.headers['x-request-id'] === undefined) head += `x-request-id: ${s.id}\r\n`
+          for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
+          if (!hasRequestId) head += `x-request-id: ${s.id}\r\n`
           if (s.rlLimit >= 0) head += `ratelimit-limit: ${s.rlLimit}\r\nratelimit-remaining: ${s.rlRemaining}\r\nratelimit-reset: ${s.rlResetS}\r\n`
           // latin1, as undici read the upstream's bytes and as Node writes every other head (before,
           // found by a review: UTF-8, so a header byte 0xE9 reached the client as C3 A9).
