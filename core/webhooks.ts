@@ -574,24 +574,23 @@ export class WebhookService {
     const full = [...perWebhook].filter(([, n]) => n >= PER_WEBHOOK).map(([id]) => id)
     // Most polls find nothing due: a plain index look-up answers that far more cheaply than the
     // claiming statement (which matters on the embedded store, where every statement is costly).
-    // The time is handed back to the claim as a JS Date, which holds milliseconds where the store
-    // holds microseconds: it is rounded up to the next millisecond, or a delivery queued in the same
-    // millisecond as the probe (due by the probe's reading) was not yet due by the claim's, and
-    // waited for the next poll (found when a test claiming right after queuing failed now and then).
-    const [probe] = await this.#db.query<{ now: Date; due: boolean }>(
-      `SELECT coalesce($1::timestamptz, date_trunc('milliseconds', now()) + interval '1 millisecond') AS now, EXISTS (
+    // The store's time goes back to the claim as the store wrote it (text, to the microsecond):
+    // as a JS Date it was cut to the millisecond, so a delivery queued within the probe's
+    // millisecond was due by the probe and not by the claim, and waited a poll (found when a test
+    // claiming right after queuing failed now and then).
+    const [probe] = await this.#db.query<{ now: string; due: boolean }>(
+      `SELECT ${storeClock(1)}::text AS now, EXISTS (
          SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ${storeClock(1)} AND webhook_id <> ALL ($2::text[])
        ) AS due`,
       [this.#storeNow(), full],
     )
     if (!probe?.due) return []
-    const now = new Date(probe.now)
     return this.#db.query<Claimed>(
       `WITH busy (webhook_id, n) AS (
          SELECT * FROM unnest($4::text[], $5::int[])
        ), candidates AS (
          SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries
-         WHERE status = 'pending' AND next_attempt_at <= $1 AND webhook_id <> ALL ($6::text[])
+         WHERE status = 'pending' AND next_attempt_at <= $1::timestamptz AND webhook_id <> ALL ($6::text[])
          ORDER BY next_attempt_at LIMIT $3
        ), fair AS (
          SELECT r.id FROM (
@@ -599,14 +598,14 @@ export class WebhookService {
          ) r LEFT JOIN busy b ON b.webhook_id = r.webhook_id
          WHERE r.rank <= $7 - coalesce(b.n, 0)
        ), due AS (
-         SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM fair) AND status = 'pending' AND next_attempt_at <= $1
+         SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM fair) AND status = 'pending' AND next_attempt_at <= $1::timestamptz
          FOR UPDATE SKIP LOCKED
        ), claimed AS (
-         UPDATE webhook_deliveries d SET next_attempt_at = $2, attempts = d.attempts + 1, last_attempt_at = $1
+         UPDATE webhook_deliveries d SET next_attempt_at = $1::timestamptz + $2::float8 * interval '1 millisecond', attempts = d.attempts + 1, last_attempt_at = $1::timestamptz
          FROM due WHERE d.id = due.id RETURNING d.*
        )
        SELECT c.*, w.url, ${SECRET_COLUMNS} FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
-      [now, new Date(now.getTime() + this.#leaseMs), slots, [...perWebhook.keys()], [...perWebhook.values()], full, PER_WEBHOOK],
+      [probe.now, this.#leaseMs, slots, [...perWebhook.keys()], [...perWebhook.values()], full, PER_WEBHOOK],
     )
   }
 
