@@ -90,6 +90,37 @@ t.test('list: limit capped at 50, X-Total-Count, no secret', async (t) => {
   t.same(first.body.slice(0, 2).map((x: { name: string }) => x.name), ['bulk-59', 'bulk-58'], 'newest first, as Gitea orders them (created_unix DESC)')
 })
 
+t.test('list: tokens made in the same second are ordered as PostgreSQL leaves ties, so pages can overlap', async (t) => {
+  // As PostgreSQL pages Gitea's access_token table: 130 tokens at 40 a second, read in pages of
+  // 50, gave 130 rows with fewer distinct ids, the same on every walk.
+  fake.addUser('carol', 'carol-pw')
+  const carol = basic('carol', 'carol-pw')
+  fake.tokensPerSecond = 40
+  fake.nextSecond()
+  t.teardown(() => {
+    fake.tokensPerSecond = 1
+  })
+  const fillers = Array.from({ length: 15 }, (_, i) => fake.addToken('bob', `filler-${i}`, ['read:user']).id) // carol's seconds begin mid-page
+  const made = Array.from({ length: 130 }, (_, i) => fake.addToken('carol', `tied-${i}`, ['read:user']).id)
+  const walk = async (limit: number) => {
+    const ids: number[] = []
+    for (let page = 1; (page - 1) * limit < 130; page++) {
+      const res = await call('GET', `/users/carol/tokens?page=${page}&limit=${limit}`, carol)
+      t.equal(res.headers.get('x-total-count'), '130')
+      ids.push(...res.body.map((x: { id: number }) => x.id))
+    }
+    return ids
+  }
+  const fifty = await walk(50)
+  t.equal(fifty.length, 130, 'every row is read')
+  t.ok(new Set(fifty).size < 130, `but a tie is listed twice and another not at all (${new Set(fifty).size} distinct)`)
+  t.same(await walk(50), fifty, 'the same on every walk')
+  t.same(fifty.slice(0, 25).sort((a, b) => a - b), made.slice(105), 'the newest second first, whatever the order within it')
+  const merged = new Set([...fifty, ...(await walk(37))])
+  t.ok(merged.size > new Set(fifty).size, 'pages of another size split the ties elsewhere: two walks together list more')
+  for (const id of [...made, ...fillers]) fake.removeToken(id)
+})
+
 t.test('delete: by id, then by name; 404 and 422 as Gitea answers', async (t) => {
   const one = fake.addToken('alice', 'twin', ['read:user'])
   fake.addToken('alice', 'twin', ['read:user'])

@@ -425,6 +425,33 @@ await forEachStore(t, async (t, store) => {
     for (const o of newer) fake.removeToken(o.id)
   })
 
+  await t.test('paging: tokens made in the same second straddling a page boundary are all listed, and can be deleted', async (t) => {
+    // Gitea orders by created_unix alone, and PostgreSQL orders ties by how it sorts each page:
+    // one tied token on two pages and another on none, the same on every walk. Before, list and
+    // delete failed for good ("changed while they were being listed, on two walks in a row").
+    fake.tokensPerSecond = 40
+    fake.nextSecond()
+    const early = Array.from({ length: 15 }, (_, i) => fake.addToken('bob', `early-${i}`, ['read:user'])) // alice's seconds begin mid-page
+    const mine = await gitea.create({ name: 'tied-mine', scopes: ['read:user'] }, actor)
+    const tied = Array.from({ length: 129 }, (_, i) => fake.addToken('alice', `tied-${i}`, ['read:user']))
+    t.teardown(() => {
+      fake.tokensPerSecond = 1
+      for (const x of [...early, ...tied]) fake.removeToken(x.id)
+    })
+    secrets.push(mine.token, ...early.map((e) => e.sha1), ...tied.map((x) => x.sha1))
+    const own = fake.tokens.filter((x) => x.owner === 'alice').length
+    const list = await gitea.list()
+    const ids = list.items.filter((i) => i.remote !== null).map((i) => i.remote_id)
+    t.equal(new Set(ids).size, own, 'every token of alice is listed')
+    t.equal(ids.length, own, 'each once')
+    t.match(list.items.find((i) => i.remote_id === mine.remote_id), { state: 'in_sync', local: { id: mine.id } })
+    const deleted = await gitea.delete('tied-mine', actor)
+    t.match(deleted, { remote_id: mine.remote_id, remote_missing: false, record: { id: mine.id, deleted_at: /\d/ } })
+    t.notOk(fake.tokens.some((x) => x.id === mine.remote_id), 'gone from Gitea')
+    const byId = await gitea.delete(String((tied[3] as { id: number }).id), actor)
+    t.match(byId, { name: 'tied-3', remote_missing: false, record: null }, 'and by id')
+  })
+
   await t.test('delete: a user name that would turn the URL into another endpoint is refused before any request', async (t) => {
     const before = fake.requests.length
     for (const user of ['.', '..']) t.match(await rejection(gitea.delete('1', actor, { user })), { code: 'validation_failed' }, JSON.stringify(user))

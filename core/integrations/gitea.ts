@@ -23,6 +23,23 @@ export function unknownGiteaScopes(scopes: readonly string[]): { unknown: string
 /** Gitea caps `limit` at MAX_RESPONSE_ITEMS (50 by default). */
 const PAGE_SIZE = 50
 const MAX_PAGES = 1000
+/** The page sizes of the walks that look again for tokens tied in one second (see #tiedWalks). */
+const TIED_PAGE_SIZES = [37, 29, 23, 19, 13]
+
+/** One walk over a user's tokens (see #walkTokens). */
+interface Walk {
+  tokens: GiteaRemoteToken[]
+  /** X-Total-Count, when Gitea sent it. */
+  total: number | undefined
+  /** Nothing said the tokens changed during the walk. */
+  steady: boolean
+  /** Steady, and every token counted was read. */
+  complete: boolean
+  /** The ids on page 1, as first read. */
+  firstPage: string
+  /** How many tokens a page holds: the limit asked for, or less when the server caps it. */
+  pageSize: number
+}
 
 export interface GiteaToken {
   id: string
@@ -128,6 +145,8 @@ function remoteToken(value: unknown): GiteaRemoteToken | null {
     token_last_eight: typeof v.token_last_eight === 'string' ? v.token_last_eight : '',
   }
 }
+
+const idsOf = (items: unknown[]): string => items.map((item) => remoteToken(item)?.id).join(',')
 
 /** Gitea's scope check (routers/api/v1/api.go): the only 403 that means the token lacks a scope. */
 const SCOPE_MESSAGE = /^token does not have at least one of required scope/i
@@ -294,11 +313,17 @@ export class GiteaTokenService {
    * would act on.
    */
   async #remoteTokens(user: string): Promise<GiteaRemoteToken[]> {
-    const first = await this.#walkTokens(user)
+    const first = await this.#tiedWalks(user)
     if (first.complete) return first.tokens
-    const second = await this.#walkTokens(user)
+    const second = await this.#tiedWalks(user)
     if (second.complete) return second.tokens
     const { http } = this.#client(true)
+    if (second.steady) {
+      throw new KeygateError(
+        'gitea_error',
+        `Gitea at ${http.baseUrl} listed ${second.tokens.length} distinct of the ${second.total} tokens of ${JSON.stringify(user)} (X-Total-Count) on every walk, with pages of other sizes as well: its database orders tokens made in the same second differently from page to page; see them in Gitea's own settings`,
+      )
+    }
     throw new KeygateError(
       'gitea_error',
       `the tokens of ${JSON.stringify(user)} in Gitea at ${http.baseUrl} changed while they were being listed, on two walks in a row (${second.tokens.length} distinct of X-Total-Count ${second.total}): try again`,
@@ -306,54 +331,93 @@ export class GiteaTokenService {
   }
 
   /**
-   * One walk over the pages of `user`'s tokens, and whether it is complete: X-Total-Count the same
-   * on every page and met by the distinct tokens read (without the header, nothing says otherwise).
-   * A user other than the configured one that Gitea answers 404 for no longer exists there, and
-   * neither do its tokens (Gitea deletes them with the user): none. Before, such a user made every
-   * list fail, and its records could not be closed. The 404 is believed only once the same server
-   * has answered `GET /user` as the configured user: a server that answers 404 to everything (a
-   * wrong path behind a proxy, a maintenance page) must not make keygate close records of tokens
-   * that still exist.
+   * A walk, and when it is steady but short, more walks with other page sizes, merged. Gitea orders
+   * the tokens by `created_unix` alone, so tokens made in the same second are tied, and PostgreSQL
+   * orders ties by how it sorts, which depends on `limit` and `offset` (a top-N heap for the early
+   * pages, a full sort for the later ones): a tie straddling a page boundary is listed on both pages
+   * and another on neither, the same on every walk, and the list failed for good (found by a
+   * review). Pages of another size split the ties elsewhere. Measured on PostgreSQL 15 with Gitea's
+   * table, sizes well apart (37, 29...) recovered far more often than 49, 47... did. The merge
+   * counts only when every walk had the same X-Total-Count and a page 1 that stayed as it was, and
+   * page 1 of the first walk is read once more at the end: a token made between two walks (and one
+   * deleted, the count unchanged) would be first there.
    */
-  async #walkTokens(user: string): Promise<{ tokens: GiteaRemoteToken[]; complete: boolean; total: number | undefined }> {
+  async #tiedWalks(user: string): Promise<Walk> {
+    const first = await this.#walkTokens(user, PAGE_SIZE)
+    const total = first.total
+    if (total === undefined || !first.steady || first.tokens.length >= total) return first
+    const byId = new Map(first.tokens.map((t) => [t.id, t]))
+    for (const limit of TIED_PAGE_SIZES.filter((l) => l < first.pageSize)) {
+      const walk = await this.#walkTokens(user, limit)
+      if (!walk.steady || walk.total !== total) return { ...walk, steady: false, complete: false }
+      for (const t of walk.tokens) if (!byId.has(t.id)) byId.set(t.id, t)
+      if (byId.size >= total) break
+    }
+    const tokens = [...byId.values()]
+    if (tokens.length !== total) return { ...first, tokens, complete: false }
+    const again = await this.#tokenPage(user, 1, PAGE_SIZE)
+    const steady = again !== undefined && again.total === total && idsOf(again.items) === first.firstPage
+    return { ...first, tokens, steady, complete: steady }
+  }
+
+  /**
+   * One page of `user`'s tokens, with X-Total-Count. A user other than the configured one that
+   * Gitea answers 404 for no longer exists there, and neither do its tokens (Gitea deletes them
+   * with the user): undefined. Before, such a user made every list fail, and its records could not
+   * be closed. The 404 is believed only once the same server has answered `GET /user` as the
+   * configured user: a server that answers 404 to everything (a wrong path behind a proxy, a
+   * maintenance page) must not make keygate close records of tokens that still exist.
+   */
+  async #tokenPage(user: string, page: number, limit: number): Promise<{ items: unknown[]; total: number | undefined } | undefined> {
     const { http, username, authorization } = this.#client(true)
+    const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit } })
+    if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
+    if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
+    if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
+    const total = Number(res.headers['x-total-count'])
+    return { items: res.body as unknown[], total: Number.isFinite(total) ? total : undefined }
+  }
+
+  /**
+   * One walk over the pages of `user`'s tokens, `limit` a page. Steady: X-Total-Count the same on
+   * every page, and page 1 read again at the end the same; complete: steady, and the distinct
+   * tokens read make up X-Total-Count (without the header, nothing says otherwise).
+   */
+  async #walkTokens(user: string, limit: number): Promise<Walk> {
     const byId = new Map<number, GiteaRemoteToken>()
     const totals = new Set<number>()
-    const readPage = async (page: number): Promise<{ items: unknown[]; total: number | undefined } | undefined> => {
-      const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit: PAGE_SIZE } })
-      if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
-      if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
-      if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
-      const total = Number(res.headers['x-total-count'])
-      if (Number.isFinite(total)) totals.add(total)
-      return { items: res.body as unknown[], total: Number.isFinite(total) ? total : undefined }
-    }
-    const idsOf = (items: unknown[]): string => items.map((item) => remoteToken(item)?.id).join(',')
     let firstPage = ''
+    let pageSize = limit
     let pages = 0
     for (let page = 1; page <= MAX_PAGES; page++) {
-      const read = await readPage(page)
-      if (read === undefined) return { tokens: [], complete: true, total: undefined }
+      const read = await this.#tokenPage(user, page, limit)
+      if (read === undefined) return { tokens: [], total: undefined, steady: true, complete: true, firstPage: '', pageSize: limit }
       const { items, total } = read
+      if (total !== undefined) totals.add(total)
       pages = page
-      if (page === 1) firstPage = idsOf(items)
+      if (page === 1) {
+        firstPage = idsOf(items)
+        // A server may cap `limit` lower (MAX_RESPONSE_ITEMS): a full first page says by how much.
+        if (items.length > 0 && items.length < limit && total !== undefined && items.length < total) pageSize = items.length
+      }
       for (const item of items) {
         const t = remoteToken(item)
         if (t && !byId.has(t.id)) byId.set(t.id, t)
       }
       // A short page is the last; X-Total-Count, when sent, ends the walk as soon as it is reached
-      // (a server may cap pages below 50, so a short page alone does not end it then).
-      if (items.length === 0 || (total !== undefined ? byId.size >= total : items.length < PAGE_SIZE)) break
+      // (a server may cap pages below the limit, so a short page alone does not end it then).
+      if (items.length === 0 || (total !== undefined ? byId.size >= total : items.length < limit)) break
     }
     // A token made and one deleted between two pages leave the count as it was, and the later
     // pages where they were: the walk read the deleted one and missed the new one (a carried-over
     // finding of an earlier review). The new one is first in the list (newest first), so the first
     // page read again tells: the same tokens, or the walk is read again.
-    const firstAgain = pages > 1 ? await readPage(1) : undefined
+    const firstAgain = pages > 1 ? await this.#tokenPage(user, 1, limit) : undefined
+    if (firstAgain?.total !== undefined) totals.add(firstAgain.total)
     const tokens = [...byId.values()]
     const [total] = totals
-    const unchanged = pages === 1 || (firstAgain !== undefined && idsOf(firstAgain.items) === firstPage)
-    return { tokens, complete: unchanged && (total === undefined || (totals.size === 1 && tokens.length === total)), total }
+    const steady = totals.size <= 1 && (pages === 1 || (firstAgain !== undefined && idsOf(firstAgain.items) === firstPage))
+    return { tokens, total, steady, complete: steady && (total === undefined || tokens.length === total), firstPage, pageSize }
   }
 
   /** Whether the server answers `GET /user` with the configured credential as the configured user (Gitea logins ignore case). */

@@ -27,6 +27,8 @@ interface StoredToken {
   name: string
   sha1: string
   scopes: string[]
+  /** Gitea's `created_unix`: whole seconds of the fake's clock. */
+  created_unix: number
 }
 
 /** A sign-in: the user (and the token, when one stood for the password), a suspended user's password, or none. */
@@ -45,6 +47,25 @@ const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organizatio
 const KNOWN = new Set(['all', 'public-only', ...CATEGORIES.flatMap((c) => [`read:${c}`, `write:${c}`])])
 const DEFAULT_PAGING = 30
 const MAX_RESPONSE_ITEMS = 50
+
+/**
+ * The order of tokens made in the same second, in one list request, as PostgreSQL leaves it.
+ * Gitea orders by `created_unix DESC` only and pages with LIMIT/OFFSET, so PostgreSQL sorts with
+ * the bound offset + limit: above twice the bound in rows, a top-N heap (its sift operations set
+ * which tied rows are kept and in what order, so the order depends on the bound), else one full
+ * quicksort (the same order whatever the bound). The same request always gives the same order,
+ * but a page sorted by the heap and the next one may place a group of ties straddling their
+ * boundary otherwise: a tie is listed on both pages and another on neither, on every walk (measured
+ * on PostgreSQL 15 with Gitea's access_token table: 130 tokens at 40 a second, read in pages of 50,
+ * gave 130 rows of 111 to 130 distinct ids depending on where the seconds began). The model keeps
+ * that structure and stands a hash of (id, bound) for the heap's choice, a hash of the id alone for
+ * the quicksort's.
+ */
+function tieRank(id: number, bound: number, rows: number): number {
+  let h = Math.imul(id ^ Math.imul(rows > 2 * bound ? bound : 0, 0x9e3779b1), 0x85ebca6b)
+  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35)
+  return (h ^ (h >>> 16)) >>> 0
+}
 
 /** Gitea's normalisation: duplicates dropped, write implies read, every write:* together is `all`. */
 function normalise(scopes: string[]): string[] {
@@ -119,11 +140,27 @@ export class FakeGitea {
    * effect: a server that made the change and answers too late (timeout tests).
    */
   lateAnswer: { method: string; ms: number } | undefined
+  /**
+   * How many tokens the fake's clock makes in one second (`created_unix`). At 1, every token has
+   * a second of its own and the list is strictly newest first; above, tokens made together (a
+   * script, the tests' bulk tokens) share a second, and their order is PostgreSQL's (`tieRank`).
+   */
+  tokensPerSecond = 1
+  /**
+   * Gitea checks a new token's name (AccessTokenByNameExists) and inserts it apart, with no
+   * transaction and no unique index: set, a create waits after its check, until another create
+   * arrives or some turns of the event loop have passed, so two at once both pass the check.
+   */
+  nameCheckRace = false
   /** Answer the next requests matching a method with this status and message instead. */
   readonly faults: Array<{ method: string; status: number; message: string }> = []
   readonly #server: http.Server
   readonly #options: FakeGiteaOptions
   #nextId = 1
+  #clock = 1_767_225_600
+  #madeThisSecond = 0
+  /** Bumped by every create request that arrives (for `nameCheckRace`). */
+  #createsArrived = 0
 
   constructor(options: FakeGiteaOptions = {}) {
     this.#options = options
@@ -174,9 +211,22 @@ export class FakeGitea {
 
   /** A token made as if through Gitea's own UI (not by keygate); returns its secret. */
   addToken(owner: string, name: string, scopes: string[]): { id: number; sha1: string } {
-    const t = { id: this.#nextId++, owner: this.user(owner)?.login ?? owner, name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes) }
-    this.tokens.push(t)
+    const t = this.#insert(this.user(owner)?.login ?? owner, name, scopes)
     return { id: t.id, sha1: t.sha1 }
+  }
+
+  /** Moves the clock to the next second: the tokens made from now on start a second of their own. */
+  nextSecond(): void {
+    this.#clock++
+    this.#madeThisSecond = 0
+  }
+
+  #insert(owner: string, name: string, scopes: string[]): StoredToken {
+    if (this.#madeThisSecond >= this.tokensPerSecond) this.nextSecond()
+    this.#madeThisSecond++
+    const t = { id: this.#nextId++, owner, name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes), created_unix: this.#clock }
+    this.tokens.push(t)
+    return t
   }
 
   /**
@@ -359,13 +409,28 @@ export class FakeGitea {
     let limit = Number.parseInt(url.searchParams.get('limit') ?? '', 10)
     if (!(limit > 0)) limit = DEFAULT_PAGING
     limit = Math.min(limit, MAX_RESPONSE_ITEMS)
-    // Newest first, as Gitea lists them (ListAccessTokensOptions.ToOrders: `created_unix DESC`).
-    const own = this.tokens.filter((t) => t.owner === user.login).reverse()
-    const items = own.slice((page - 1) * limit, page * limit).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
+    // Newest first, as Gitea lists them (ListAccessTokensOptions.ToOrders: `created_unix DESC`),
+    // and nothing more: ties in PostgreSQL's order for this page's bound (see tieRank).
+    const offset = (page - 1) * limit
+    const own = this.tokens.filter((t) => t.owner === user.login)
+    const rank = (t: StoredToken) => tieRank(t.id, offset + limit, own.length)
+    own.sort((a, b) => b.created_unix - a.created_unix || rank(a) - rank(b))
+    const items = own.slice(offset, offset + limit).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
     this.#send(req, res, operation, 200, items, { 'x-total-count': String(own.length), 'access-control-expose-headers': 'X-Total-Count' })
   }
 
-  #create(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, raw: string): void {
+  /**
+   * The gap between Gitea's name check and its insert, held open until another create request
+   * arrives (which then passes the same check) or, when none comes, for some turns of the event
+   * loop: not a time, only room for a request already on its way.
+   */
+  async #awaitAnotherCreate(): Promise<void> {
+    const seen = this.#createsArrived
+    for (let turn = 0; turn < 200 && this.#createsArrived === seen; turn++) await new Promise((r) => setImmediate(r))
+  }
+
+  async #create(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, raw: string): Promise<void> {
+    this.#createsArrived++
     let body: { name?: unknown; scopes?: unknown }
     try {
       body = raw === '' ? {} : (JSON.parse(raw) as typeof body)
@@ -373,13 +438,14 @@ export class FakeGitea {
       return this.#error(req, res, operation, 422, '[]: Deserialization error')
     }
     if (typeof body.name !== 'string' || body.name === '') return this.#error(req, res, operation, 422, '[Name]: Required')
-    if (this.tokens.some((t) => t.owner === user.login && t.name === body.name)) return this.#error(req, res, operation, 400, 'access token name has been used already')
+    const name = body.name
+    if (this.tokens.some((t) => t.owner === user.login && t.name === name)) return this.#error(req, res, operation, 400, 'access token name has been used already')
+    if (this.nameCheckRace) await this.#awaitAnotherCreate()
     const scopes = Array.isArray(body.scopes) ? body.scopes.map(String).flatMap((s) => s.split(',')).map((s) => s.trim()).filter(Boolean) : []
     const unknown = scopes.find((s) => !KNOWN.has(s))
     if (unknown !== undefined) return this.#error(req, res, operation, 400, `invalid access token scope provided: invalid access token scope: ${unknown}`)
     if (scopes.length === 0) return this.#error(req, res, operation, 400, 'access token must have a scope')
-    const t = { id: this.#nextId++, owner: user.login, name: body.name, sha1: randomBytes(20).toString('hex'), scopes: normalise(scopes) }
-    this.tokens.push(t)
+    const t = this.#insert(user.login, name, scopes)
     this.#send(req, res, operation, 201, { id: t.id, name: t.name, sha1: t.sha1, token_last_eight: t.sha1.slice(-8), scopes: t.scopes })
   }
 
