@@ -6,6 +6,7 @@ import type { Actor } from '../audit.ts'
 import { fieldInvalid, KeygateError } from '../errors.ts'
 import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
+import { KeyedQueue } from './queue.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
 
@@ -123,7 +124,7 @@ export class N8nKeyService {
   #http: IntegrationHttp | undefined
   #cookie: string | undefined
   /** The creates under way in this service, by label: a second one with a label waits for the first. */
-  readonly #creating = new Map<string, Promise<unknown>>()
+  readonly #creating = new KeyedQueue()
 
   constructor(deps: IntegrationDeps) {
     this.#deps = deps
@@ -207,15 +208,7 @@ export class N8nKeyService {
     refuseKeyIn({ label: input.label })
     // Creates with one label run one after the other here, so the second finds the first's key in
     // its label check; creates from another process are caught when n8n refuses the label.
-    const before = this.#creating.get(input.label) ?? Promise.resolve()
-    const mine = before.then(() => this.#create(input, actor))
-    const settled = mine.catch(() => undefined)
-    this.#creating.set(input.label, settled)
-    try {
-      return await mine
-    } finally {
-      if (this.#creating.get(input.label) === settled) this.#creating.delete(input.label)
-    }
+    return this.#creating.run(input.label, () => this.#create(input, actor))
   }
 
   async #create(input: CreateN8nKeyInput, actor: Actor): Promise<N8nKeyCreated> {
