@@ -452,6 +452,39 @@ await forEachStore(t, async (t, store) => {
     t.match(byId, { name: 'tied-3', remote_missing: false, record: null }, 'and by id')
   })
 
+  await t.test('delete: a name several tokens share is a conflict naming their ids, and nothing is deleted', async (t) => {
+    // Gitea keeps no name unique (its name check and insert are apart). Before, `delete NAME`
+    // deleted the first one listed, silently.
+    const a = await gitea.create({ name: 'shared-name', scopes: ['read:user'] }, actor)
+    const b = fake.addToken('alice', 'shared-name', ['read:user'])
+    secrets.push(a.token, b.sha1)
+    const sent = fake.requests.length
+    const err = await rejection(gitea.delete('shared-name', actor))
+    t.match(err, { code: 'conflict', status: 409, message: /"alice" has 2 tokens named "shared-name"; delete by id: / })
+    for (const id of [a.remote_id, b.id]) t.match(err.message, new RegExp(`\\b${id}\\b`), `names ${id}`)
+    t.notOk(fake.requests.slice(sent).some((r) => r.method === 'DELETE'), 'no DELETE is sent')
+    t.equal(fake.tokens.filter((x) => x.name === 'shared-name').length, 2, 'both tokens are left')
+    t.match(await gitea.delete(String(a.remote_id), actor), { remote_id: a.remote_id, record: { id: a.id, deleted_at: /\d/ } }, 'by id, each can be deleted')
+    t.match(await gitea.delete('shared-name', actor), { remote_id: b.id, record: null }, 'and by name once it is the only one')
+  })
+
+  await t.test('two creates of one name at once: one token is made, the other create is refused', async (t) => {
+    // Gitea checks the name and inserts apart; the fake holds that gap open. Before, both creates
+    // made a token of that name.
+    fake.nameCheckRace = true
+    t.teardown(() => {
+      fake.nameCheckRace = false
+    })
+    const both = await Promise.allSettled([0, 1].map(() => gitea.create({ name: 'at-once', scopes: ['read:user'] }, actor)))
+    const made = both.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []))
+    secrets.push(...made.map((m) => m.token))
+    t.equal(fake.tokens.filter((x) => x.name === 'at-once').length, 1, 'Gitea holds one token of that name')
+    t.equal(made.length, 1, 'one create succeeded')
+    t.match(both.find((r) => r.status === 'rejected'), { reason: { code: 'gitea_token_exists', status: 409 } }, 'the other was refused')
+    for (const m of made) await gitea.delete(String(m.remote_id), actor)
+    for (const x of fake.tokens.filter((x) => x.name === 'at-once')) fake.removeToken(x.id)
+  })
+
   await t.test('delete: a user name that would turn the URL into another endpoint is refused before any request', async (t) => {
     const before = fake.requests.length
     for (const user of ['.', '..']) t.match(await rejection(gitea.delete('1', actor, { user })), { code: 'validation_failed' }, JSON.stringify(user))

@@ -6,6 +6,7 @@ import type { Actor } from '../audit.ts'
 import { KeygateError } from '../errors.ts'
 import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
+import { KeyedQueue } from './queue.ts'
 import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, type CreateGiteaTokenInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
 
@@ -177,6 +178,8 @@ const TOKEN_SHAPE = /^[\x21-\x7e]{1,512}$/
 export class GiteaTokenService {
   readonly #deps: IntegrationDeps
   #http: IntegrationHttp | undefined
+  /** The creates under way in this service, by user (any case) and name: a second one waits for the first. */
+  readonly #creating = new KeyedQueue()
 
   constructor(deps: IntegrationDeps) {
     this.#deps = deps
@@ -223,8 +226,16 @@ export class GiteaTokenService {
     refuseKeyIn({ name: input.name })
     const unknown = unknownGiteaScopes(input.scopes)
     if (unknown) throw new KeygateError('gitea_scope_unknown', `scopes: ${unknown.message}`, { unknown: unknown.unknown, allowed: GITEA_SCOPES })
+    const user = input.user ?? this.#client(true).username
+    // Gitea checks the name (AccessTokenByNameExists) and inserts apart, with no transaction and
+    // no unique index: two creates of one name at once both made a token, and `delete NAME` then
+    // deleted one of them silently (found by a review). Here they run one after the other, and
+    // Gitea refuses the second's name; creates from elsewhere are left to `delete`'s conflict.
+    return this.#creating.run(`${user.toLowerCase()}\n${input.name}`, () => this.#create(input, user, actor))
+  }
+
+  async #create(input: CreateGiteaTokenInput, user: string, actor: Actor): Promise<GiteaTokenCreated> {
     const { http, username, authorization } = this.#client(true)
-    const user = input.user ?? username
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
     // The flag a delete command needs for a token of a user other than the configured one.
     const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
@@ -483,7 +494,14 @@ export class GiteaTokenService {
       )
     }
     if (!target && !local) {
-      target = remote.find((t) => t.name === ref)
+      // Gitea keeps no name unique (two creates at once both pass its name check): which of
+      // several is meant cannot be told, and taking the first deleted one silently (found by a
+      // review). Gitea's own delete by name answers 422 then.
+      const named = remote.filter((t) => t.name === ref)
+      if (named.length > 1) {
+        throw new KeygateError('conflict', `Gitea user ${JSON.stringify(user)} has ${named.length} tokens named ${JSON.stringify(ref)}; delete by id: ${named.map((t) => t.id).join(', ')}`)
+      }
+      target = named[0]
       local = target ? recordOf(target) : live.find((r) => r.name === ref)
     }
     if (!target && !local) {
