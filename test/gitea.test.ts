@@ -34,6 +34,27 @@ function env(url: string, extra: Record<string, string> = {}): Record<string, st
   return { GITEA_URL: url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: PASSWORD, ...extra }
 }
 
+/**
+ * A proxy in front of the fake that passes every request on and the fake's answer back; `answer`
+ * may take the fake's answer over (returning true), after the fake has acted on the request.
+ */
+async function proxyTo(t: Test, fake: FakeGitea, hooks: { answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean }): Promise<string> {
+  const proxy = http.createServer((req, res) => {
+    const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
+      if (hooks.answer?.(req, answer, res)) return answer.resume()
+      res.writeHead(answer.statusCode ?? 502, answer.headers)
+      answer.pipe(res)
+    })
+    req.pipe(up)
+  })
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    proxy.closeAllConnections()
+    return new Promise((resolve) => proxy.close(resolve))
+  })
+  return `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`
+}
+
 t.test('scope names are the ones Gitea accepts', async (t) => {
   t.equal(GITEA_SCOPES.length, 20)
   for (const s of ['all', 'public-only', 'read:repository', 'write:user', 'read:misc', 'write:activitypub']) t.ok(GITEA_SCOPES.includes(s), s)
@@ -567,24 +588,14 @@ await forEachStore(t, async (t, store) => {
     // A proxy in front of Gitea passes the POST on but cuts the connection instead of passing
     // the answer back. Before: gitea_unreachable alone, the token unrecorded and its name taken.
     let cut = 1
-    const proxy = http.createServer((req, res) => {
-      const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
-        if (req.method === 'POST' && cut-- > 0) {
-          answer.resume()
-          answer.on('end', () => req.socket.destroy())
-          return
-        }
-        res.writeHead(answer.statusCode ?? 502, answer.headers)
-        answer.pipe(res)
-      })
-      req.pipe(up)
+    const url = await proxyTo(t, fake, {
+      answer: (req, answer) => {
+        if (req.method !== 'POST' || cut-- <= 0) return false
+        answer.on('end', () => req.socket.destroy())
+        return true
+      },
     })
-    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
-    t.teardown(() => {
-      proxy.closeAllConnections()
-      return new Promise((resolve) => proxy.close(resolve))
-    })
-    const proxied = new GiteaTokenService(integrationDeps(store.db, env(`http://127.0.0.1:${(proxy.address() as AddressInfo).port}`)))
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
     t.teardown(() => proxied.close())
     const err = await rejection(proxied.create({ name: 'cut-off', scopes: ['read:user'] }, actor))
     const made = fake.tokens.find((x) => x.name === 'cut-off')
@@ -597,6 +608,53 @@ await forEachStore(t, async (t, store) => {
       ),
     })
     t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
+  })
+
+  await t.test('a create a gateway answers 502/503/504, or answered 201 with a body that cannot be used, after Gitea made the token: the token is named', async (t) => {
+    // Before: a proxy's 504 page was "Gitea ... refused to create a token", and a 201 with invalid
+    // JSON, without sha1 or over the size bound a plain gitea_error: the token left unrecorded,
+    // with no word of it.
+    let replace: { method: string; answer: (res: http.ServerResponse, made: Buffer) => void } | undefined
+    const url = await proxyTo(t, fake, {
+      answer: (req, answer, res) => {
+        const instead = replace?.answer
+        if (req.method !== replace?.method || instead === undefined) return false
+        replace = undefined
+        const chunks: Buffer[] = []
+        answer.on('data', (c: Buffer) => chunks.push(c))
+        answer.on('end', () => instead(res, Buffer.concat(chunks)))
+        return true
+      },
+    })
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => proxied.close())
+    const page = (status: number) => (res: http.ServerResponse) => res.writeHead(status, { 'content-type': 'text/html' }).end(`<html>${status} Gateway</html>`)
+    const json201 = (text: (made: Record<string, unknown>) => string) => (res: http.ServerResponse, made: Buffer) =>
+      res.writeHead(201, { 'content-type': 'application/json' }).end(text(JSON.parse(made.toString('utf8')) as Record<string, unknown>))
+    const cases: Array<[string, (res: http.ServerResponse, made: Buffer) => void, RegExp]> = [
+      ['gw-504', page(504), /^Gitea at http:\/\/127\.0\.0\.1:\d+ answered 504 with a page of markup \(text\/html\): the request to create token "gw-504" of "alice" may have been carried out; /],
+      ['gw-502', page(502), /answered 502 with a page of markup/],
+      ['gw-503', (res) => res.writeHead(503, { 'content-type': 'application/json' }).end('{"message":"upstream busy"}'), /answered 503: upstream busy: the request to create/],
+      ['bad-json', json201((m) => JSON.stringify(m).slice(0, -3)), /answered POST \/api\/v1\/users\/alice\/tokens with invalid JSON/],
+      ['no-sha1', json201(({ sha1: _sha1, ...rest }) => JSON.stringify(rest)), /answered the token creation without a token id and secret/],
+      ['too-big', json201((m) => JSON.stringify({ ...m, padding: 'x'.repeat(5 * 1024 * 1024) })), /answered POST \/api\/v1\/users\/alice\/tokens with more than 4194304 bytes/],
+    ]
+    for (const [name, answer, message] of cases) {
+      replace = { method: 'POST', answer }
+      const err = await rejection(proxied.create({ name, scopes: ['read:user'] }, actor))
+      const made = fake.tokens.find((x) => x.name === name)
+      t.ok(made, `${name}: Gitea made it`)
+      if (made) secrets.push(made.sha1)
+      t.match(err, { code: 'gitea_error', status: 502, message }, `${name}: what came back`)
+      t.match(err.message, new RegExp(`Gitea now holds one of that name that keygate has no record of \\(id ${made?.id}\\): .*delete it with \`keygate gitea delete ${made?.id}\``), `${name}: the token is named`)
+      t.notMatch(err.message, /refused/, `${name}: not called a refusal`)
+      t.notMatch(err.message, made?.sha1 ?? '-', `${name}: no secret in the message`)
+      t.match((await gitea.list()).items.find((i) => i.name === name), { state: 'not_recorded' }, `${name}: listed as not recorded`)
+      t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, `${name}: the command it names deletes it`)
+    }
+    // A gateway's 504 to any other request is not a refusal either.
+    replace = { method: 'GET', answer: page(504) }
+    t.match(await rejection(proxied.list()), { code: 'gitea_error', details: { status: 504 }, message: /answered 504 to the request to list the tokens of "alice" with a page of markup \(text\/html\)$/ })
   })
 
   await t.test('a token created but not recorded is deleted again', async (t) => {

@@ -50,6 +50,56 @@ function n8nAt(t: Test, url: string, extra: Record<string, string> = {}): N8nKey
   return service
 }
 
+interface ScriptedKey {
+  id: string
+  label: string
+  scopes: string[]
+  rawApiKey: string
+}
+
+/**
+ * An n8n-like server holding API keys, as N8N.md describes: login, the allowed scopes, list,
+ * create and delete. `afterCreate` answers the next create instead, after the key was made (a
+ * proxy's page, a body that cannot be used); `holdDeletes` holds that many DELETEs until the last
+ * of them has arrived, so that concurrent deletes all pass their look-up first.
+ */
+async function scriptedN8n(t: Test): Promise<{ url: string; keys: ScriptedKey[]; afterCreate?: (res: http.ServerResponse, made: ScriptedKey) => void; holdDeletes: number }> {
+  let next = 1
+  const held: Array<() => void> = []
+  const n8n: Awaited<ReturnType<typeof scriptedN8n>> = { url: '', keys: [], holdDeletes: 0 }
+  const listed = (k: ScriptedKey) => ({ id: k.id, label: k.label, scopes: k.scopes, apiKey: `******${k.rawApiKey.slice(-4)}`, expiresAt: null, createdAt: '2026-01-01T00:00:00.000Z' })
+  n8n.url = await scripted(t, (req, res, body) => {
+    if (req.url === '/rest/login') return json(res, 200, { data: {} }, { 'set-cookie': `n8n-auth=${COOKIE}; Path=/; HttpOnly` })
+    if (req.url === '/rest/api-keys/scopes') return json(res, 200, { data: ['workflow:list', 'workflow:read'] })
+    if (req.url === '/rest/api-keys' && req.method === 'GET') return json(res, 200, { data: n8n.keys.map(listed) })
+    if (req.url === '/rest/api-keys' && req.method === 'POST') {
+      const asked = JSON.parse(body) as { label: string; scopes: string[] }
+      const made = { id: `k${next++}`, label: asked.label, scopes: asked.scopes, rawApiKey: `eyJhbGciOiJIUzI1NiJ9.scripted-key-${next}.signature` }
+      n8n.keys.push(made)
+      const instead = n8n.afterCreate
+      n8n.afterCreate = undefined
+      return instead ? instead(res, made) : json(res, 200, { data: { ...listed(made), rawApiKey: made.rawApiKey } })
+    }
+    const del = /^\/rest\/api-keys\/([^/]+)$/.exec(req.url ?? '')
+    if (del && req.method === 'DELETE') {
+      const answer = () => {
+        // n8n answers success for an unknown id too.
+        const i = n8n.keys.findIndex((k) => k.id === del[1])
+        if (i >= 0) n8n.keys.splice(i, 1)
+        json(res, 200, { data: { success: true } })
+      }
+      if (n8n.holdDeletes === 0) return answer()
+      held.push(answer)
+      if (held.length < n8n.holdDeletes) return
+      n8n.holdDeletes = 0
+      for (const go of held.splice(0)) go()
+      return
+    }
+    json(res, 404, { message: 'not found' })
+  })
+  return n8n
+}
+
 t.test('the shared client', async (t) => {
   t.throws(() => new IntegrationHttp({ service: 'gitea', url: 'http://user:pw@127.0.0.1:1', timeoutMs: 100 }), { code: 'gitea_not_configured', message: /must not carry credentials/ })
 
@@ -104,12 +154,13 @@ t.test('a create whose connection is lost after the request was sent is looked f
   const looked: string[] = []
   const create = (http: IntegrationHttp) =>
     createOrReport({
-      service: 'n8n',
+      http,
       deps,
       what: 'API key "ci"',
       lookAgain: 'if `keygate n8n list` shows one as not recorded, delete it',
       deleteCommand: (id) => `keygate n8n delete ${id}`,
       send: () => http.call('POST', '/rest/api-keys', { json: { label: 'ci' } }),
+      use: (res) => res,
       find: async () => {
         looked.push(http.baseUrl)
         return 'k-made-1'
@@ -138,6 +189,34 @@ t.test('a create whose connection is lost after the request was sent is looked f
   t.match(tls, { code: 'n8n_unreachable', message: /could not be reached \((ERR_SSL_|EPROTO)[A-Z_]*\)$/ }, 'a failed TLS handshake is passed on as it is')
   t.equal(looked.length, 1, 'and nothing is looked for')
   t.equal(received, before, 'no request reached the server')
+})
+
+t.test('n8n: a create a gateway answers 502/504, or answered 200 with a body that cannot be used, after n8n made the key: the key is named', async (t) => {
+  // Before: a proxy's 502 page after n8n made the key was "n8n ... refused to create", and a 200
+  // with invalid JSON or without the key a plain n8n_error: the key left unrecorded, unnamed.
+  const n8n = await scriptedN8n(t)
+  const keys = n8nAt(t, n8n.url)
+  const page = (status: number) => (res: http.ServerResponse) => res.writeHead(status, { 'content-type': 'text/html' }).end(`<html>${status} Bad Gateway</html>`)
+  const cases: Array<[string, (res: http.ServerResponse, made: ScriptedKey) => void, RegExp]> = [
+    ['gw-502', page(502), /^n8n at http:\/\/127\.0\.0\.1:\d+ answered 502 with a page of markup \(text\/html\): the request to create API key "gw-502" may have been carried out; /],
+    ['gw-504', page(504), /answered 504 with a page of markup/],
+    ['bad-json', (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"data": {"id": '), /answered POST \/rest\/api-keys with invalid JSON/],
+    ['no-key', (res, made) => json(res, 200, { data: { id: made.id, label: made.label } }), /answered the key creation without a key id and key/],
+  ]
+  for (const [label, answer, message] of cases) {
+    n8n.afterCreate = answer
+    const err = await rejection(keys.create({ label, scopes: ['workflow:list'] }, { actor: 'cli:tester' }))
+    const made = n8n.keys.find((k) => k.label === label)
+    t.ok(made, `${label}: n8n made it`)
+    t.match(err, { code: 'n8n_error', status: 502, message }, `${label}: what came back`)
+    t.match(err.message, new RegExp(`n8n now holds one of that name that keygate has no record of \\(id ${made?.id}\\): .*delete it with \`keygate n8n delete ${made?.id}\``), `${label}: the key is named`)
+    t.notMatch(err.message, /refused/, `${label}: not called a refusal`)
+    t.notMatch(err.message, made?.rawApiKey ?? '-', `${label}: no key in the message`)
+    t.match((await keys.list()).items.find((i) => i.label === label), { state: 'not_recorded' }, `${label}: listed as not recorded`)
+    t.match(await keys.delete(made?.id ?? '', { actor: 'cli:tester' }), { remote_id: made?.id, record: null }, `${label}: the command it names deletes it`)
+  }
+  n8n.afterCreate = (res) => json(res, 400, { message: 'invalid scope' })
+  t.match(await rejection(keys.create({ label: 'refused', scopes: ['workflow:list'] }, { actor: 'cli:tester' })), { code: 'n8n_scope_unknown' }, "n8n's own refusal is passed on as it is")
 })
 
 t.test('n8n: refused, rate-limited and odd logins', async (t) => {

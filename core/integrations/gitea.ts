@@ -149,6 +149,20 @@ function remoteToken(value: unknown): GiteaRemoteToken | null {
 
 const idsOf = (items: unknown[]): string => items.map((item) => remoteToken(item)?.id).join(',')
 
+/**
+ * The token a create's 201 made: its id, name and secret, and the scopes when Gitea gave them (an
+ * older Gitea answers `scopes: null`), else a `gitea_error`.
+ */
+function madeToken(http: IntegrationHttp, res: HttpResponse): { created: GiteaRemoteToken; token: string; scopes: string[] | undefined } {
+  const created = remoteToken(res.body)
+  const token = (res.body as { sha1?: unknown } | null)?.sha1
+  if (!created || typeof token !== 'string' || token === '') {
+    throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token creation without a token id and secret`)
+  }
+  http.secret(token, { transient: true })
+  return { created, token, scopes: Array.isArray((res.body as { scopes?: unknown }).scopes) ? created.scopes : undefined }
+}
+
 /** Gitea's scope check (routers/api/v1/api.go): the only 403 that means the token lacks a scope. */
 const SCOPE_MESSAGE = /^token does not have at least one of required scope/i
 /**
@@ -239,8 +253,8 @@ export class GiteaTokenService {
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
     // The flag a delete command needs for a token of a user other than the configured one.
     const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
-    const res = await createOrReport({
-      service: 'gitea',
+    const { created, token, scopes } = await createOrReport({
+      http,
       deps: this.#deps,
       what: `token ${JSON.stringify(input.name)} of ${JSON.stringify(user)}`,
       // `list` covers the configured user and the users keygate holds records for.
@@ -249,6 +263,10 @@ export class GiteaTokenService {
         : `look among the tokens of ${JSON.stringify(user)} in Gitea, and delete one of that name with \`keygate gitea delete ID${otherUser}\``,
       deleteCommand: (id) => `keygate gitea delete ${id}${otherUser}`,
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
+      use: (res) => {
+        if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)
+        return madeToken(http, res)
+      },
       find: async () => {
         const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)
         if (!made) return undefined
@@ -256,13 +274,6 @@ export class GiteaTokenService {
         return records.some((r) => sameToken(r, made)) ? undefined : String(made.id)
       },
     })
-    if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)
-    const created = remoteToken(res.body)
-    const token = (res.body as { sha1?: unknown }).sha1
-    if (!created || typeof token !== 'string' || token === '') {
-      throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token creation without a token id and secret`)
-    }
-    http.secret(token, { transient: true })
     const row: Row = {
       id: recordId('gt'),
       base_url: http.baseUrl,
@@ -270,7 +281,7 @@ export class GiteaTokenService {
       name: created.name,
       username: user,
       // An older Gitea answers `scopes: null`; it stored what was asked for.
-      scopes: Array.isArray((res.body as { scopes?: unknown }).scopes) ? created.scopes : input.scopes,
+      scopes: scopes ?? input.scopes,
       token_last_eight: created.token_last_eight.length === 8 ? created.token_last_eight : lastEight(token),
       created_at: new Date(),
       created_by: actor.actor,

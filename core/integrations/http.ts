@@ -40,16 +40,32 @@ const TLS_FAILURE = /^(ERR_TLS_|ERR_SSL_|UNABLE_TO_)|CERT/
 function neverConnected(code: string): boolean {
   return NOT_CONNECTED_CODES.has(code) || TLS_FAILURE.test(code)
 }
-/** The transport errors of requests that may have reached the service (see `mayHaveReached`). */
+/** The errors of requests that may have reached the service (see `mayHaveReached`). */
 const MAYBE_REACHED = new WeakSet<KeygateError>()
 
 /**
  * Whether `err`, a failed call, leaves open that the service received the request and acted on
- * it: a timeout or a connection lost after it was made (a reset, a proxy cutting it), not one
- * that could not be made at all (refused, DNS, connect timeout).
+ * it: a timeout or a connection lost after it was made (a reset, a proxy cutting it), a gateway's
+ * answer (`fromGateway`), or a success answer whose body could not be read; not one that could not
+ * be made at all (refused, DNS, connect timeout).
  */
 export function mayHaveReached(err: unknown): err is KeygateError {
   return err instanceof KeygateError && MAYBE_REACHED.has(err)
+}
+
+/**
+ * Bad gateway, unavailable, gateway timeout: what a proxy or gateway in front of the service
+ * answers when it lost the service's answer (or the service, overloaded, answers itself). Not a
+ * refusal: the service may have carried the request out all the same. Before (found by a review),
+ * a proxy's 504 page to a create was "refused to create", and the token it made went unrecorded.
+ */
+export function fromGateway(status: number): boolean {
+  return status === 502 || status === 503 || status === 504
+}
+
+/** A 2xx: the service carried the request out, whatever its body says. */
+export function succeeded(status: number): boolean {
+  return status >= 200 && status < 300
 }
 
 /** `http://host:port/path` without credentials, query or trailing slash: how a URL is shown. */
@@ -100,12 +116,16 @@ export class IntegrationHttp {
 
   /** The service's own message in an error answer (`message`, or `error`), redacted. */
   messageOf(res: HttpResponse): string {
+    return this.#ownMessage(res) ?? 'no message'
+  }
+
+  #ownMessage(res: HttpResponse): string | undefined {
     const b = res.body
     if (b && typeof b === 'object') {
       const m = (b as { message?: unknown }).message ?? (b as { error?: unknown }).error
       if (typeof m === 'string' && m !== '') return this.redact(m)
     }
-    return typeof b === 'string' && b !== '' && !/^\s*</.test(b) ? this.redact(b) : 'no message'
+    return typeof b === 'string' && b !== '' && !/^\s*</.test(b) ? this.redact(b) : undefined
   }
 
   /**
@@ -130,8 +150,21 @@ export class IntegrationHttp {
     return `JSON ${JSON.stringify(b)}`
   }
 
+  /**
+   * The `<service>_error` of a gateway's answer (`fromGateway`): its status and message, else what
+   * it held (a proxy's page has no message), and `what` was asked when given. It may have reached
+   * the service (`mayHaveReached`).
+   */
+  gatewayAnswer(res: HttpResponse, what?: string): KeygateError {
+    const own = this.#ownMessage(res)
+    const to = what === undefined ? '' : ` to the request to ${what}`
+    const said = own === undefined ? ` with ${this.describe(res)}` : `: ${own}`
+    return this.#maybeReached(new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${res.status}${to}${said}`, { status: res.status }))
+  }
+
   /** A `<service>_error` saying what was attempted, the status and the service's message. */
   failure(what: string, res: HttpResponse): KeygateError {
+    if (fromGateway(res.status)) return this.gatewayAnswer(res, what)
     return new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} refused to ${what}: ${res.status} ${this.messageOf(res)}`, {
       status: res.status,
     })
@@ -162,7 +195,7 @@ export class IntegrationHttp {
         size += (chunk as Buffer).length
         if (size > MAX_BODY_BYTES) {
           res.body.destroy()
-          throw new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${method} ${path} with more than ${MAX_BODY_BYTES} bytes`)
+          throw this.#unreadable(res.statusCode, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${method} ${path} with more than ${MAX_BODY_BYTES} bytes`)
         }
         chunks.push(chunk as Buffer)
       }
@@ -173,7 +206,7 @@ export class IntegrationHttp {
         try {
           parsed = JSON.parse(text)
         } catch {
-          if (type.includes('json')) throw new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${method} ${path} with invalid JSON`)
+          if (type.includes('json')) throw this.#unreadable(res.statusCode, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${method} ${path} with invalid JSON`)
         }
       }
       return { status: res.statusCode, headers: res.headers, body: parsed }
@@ -181,6 +214,20 @@ export class IntegrationHttp {
       if (err instanceof KeygateError) throw err
       throw this.#transportError(err as Error & { code?: string })
     }
+  }
+
+  /**
+   * An answer whose body cannot be read (too large, invalid JSON): of a success or a gateway's
+   * status, the request may have been carried out all the same (a create made the credential).
+   */
+  #unreadable(status: number, message: string): KeygateError {
+    const err = new KeygateError(`${this.service}_error`, message, { status })
+    return succeeded(status) || fromGateway(status) ? this.#maybeReached(err) : err
+  }
+
+  #maybeReached(err: KeygateError): KeygateError {
+    MAYBE_REACHED.add(err)
+    return err
   }
 
   #transportError(err: Error & { code?: string; cause?: unknown }): KeygateError {
@@ -195,8 +242,7 @@ export class IntegrationHttp {
     } else {
       out = new KeygateError(`${this.service}_unreachable`, `${label} at ${this.baseUrl} could not be reached (${this.redact(code)})`)
     }
-    if (connected) MAYBE_REACHED.add(out)
-    return out
+    return connected ? this.#maybeReached(out) : out
   }
 
   async close(): Promise<void> {

@@ -116,6 +116,16 @@ function remoteKey(value: unknown): N8nRemoteKey | null {
   }
 }
 
+/** The key a create's 200 made (`data` with its id, label and `rawApiKey`), else an `n8n_error`. */
+function madeKey(http: IntegrationHttp, res: HttpResponse): { created: N8nRemoteKey; key: string } {
+  const data = (res.body as { data?: Record<string, unknown> } | null)?.data
+  const created = remoteKey(data)
+  const key = data?.rawApiKey
+  if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
+  http.secret(key, { transient: true })
+  return { created, key }
+}
+
 const KEY_SHAPE = /^[\x21-\x7e]{1,4096}$/
 const SESSION_COOKIE = 'n8n-auth'
 
@@ -280,33 +290,34 @@ export class N8nKeyService {
         this.#deps.log.info('n8n issued a key identical to an earlier one made in the same second; creating it again', { why })
         await new Promise((r) => setTimeout(r, 1100))
       }
-      const res = await createOrReport({
-        service: 'n8n',
+      const made = await createOrReport({
+        http,
         deps: this.#deps,
         what: `API key ${JSON.stringify(input.label)}`,
         lookAgain: 'if `keygate n8n list` shows one as not recorded, delete it',
         deleteCommand: (id) => `keygate n8n delete ${id}`,
         send: () => this.#rest('POST', '/rest/api-keys', { json: { label: input.label, scopes: input.scopes, expiresAt } }),
+        use: (res) => {
+          if (res.status === 400 && /scope/i.test(http.messageOf(res))) {
+            throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })
+          }
+          // A same-second twin, or the label taken meanwhile (see above): told apart below.
+          if (res.status === 500 && /already an entry/i.test(http.messageOf(res))) return undefined
+          if (res.status !== 200) throw http.failure(`create the API key ${JSON.stringify(input.label)}`, res)
+          return madeKey(http, res)
+        },
         find: async () => {
-          const made = (await this.#remoteKeys()).find((k) => k.label === input.label)
-          if (!made || (await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])).length > 0) return undefined
-          return made.id
+          const found = (await this.#remoteKeys()).find((k) => k.label === input.label)
+          if (!found || (await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, found.id])).length > 0) return undefined
+          return found.id
         },
       })
-      if (res.status === 400 && /scope/i.test(http.messageOf(res))) {
-        throw new KeygateError('n8n_scope_unknown', `n8n at ${http.baseUrl} refused the scopes: ${http.messageOf(res)}`, { allowed })
-      }
-      if (res.status === 500 && /already an entry/i.test(http.messageOf(res))) {
+      if (made === undefined) {
         await this.#assertLabelFree(input.label)
         await again('refused as a duplicate')
         continue
       }
-      if (res.status !== 200) throw http.failure(`create the API key ${JSON.stringify(input.label)}`, res)
-      const data = (res.body as { data?: Record<string, unknown> } | null)?.data
-      const created = remoteKey(data)
-      const key = data?.rawApiKey
-      if (!created || typeof key !== 'string' || key === '') throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered the key creation without a key id and key`)
-      http.secret(key, { transient: true })
+      const { created, key } = made
       let twins: Row[]
       try {
         twins = await this.#rows('key_hash = $1', [secretHash(key)])

@@ -8,7 +8,7 @@ import type { Db, Queryable } from '../db.ts'
 import { isKeygateError, KeygateError } from '../errors.ts'
 import { newKeyId } from '../keys/format.ts'
 import type { Logger } from '../log.ts'
-import { IntegrationHttp, mayHaveReached, SERVICE_LABEL, type ServiceName } from './http.ts'
+import { fromGateway, IntegrationHttp, mayHaveReached, SERVICE_LABEL, succeeded, type HttpResponse, type ServiceName } from './http.ts'
 
 /** What both services are built from; the admin API and the CLI pass their runtime's. */
 export interface IntegrationDeps {
@@ -135,18 +135,21 @@ export async function recordDelete(
 }
 
 /**
- * Sends a create request (`send`). When the service does not answer it in time, or the connection
- * is lost after the request was sent (a reset, a proxy restarting or cutting an idle connection),
- * it may have made the credential all the same: its secret never reached keygate, so nobody can
- * use it, but it would stay live and unrecorded, its name taken. So the service is asked for a
- * credential of that name keygate holds no record of (`find`), and the error names it, with the command
- * that deletes it, or says none was found, or that it could not be checked. keygate does not
- * delete it itself: the service cannot say who made it, and one of that name made by hand, or by
- * another admin's create at the same moment (whose record is still being written), looks the
- * same (a review saw both deleted when this did).
+ * Sends a create request (`send`) and reads what it made from the answer (`use`, which throws the
+ * error of a refusal). When the service does not answer it in time, the connection is lost after
+ * the request was sent (a reset, a proxy restarting or cutting an idle connection), a gateway in
+ * front of it answers 502/503/504 (it lost the service's answer), or a success answer cannot be
+ * used (invalid JSON, too large, without the secret), it may have made the credential all the
+ * same: its secret never reached keygate, so nobody can use it, but it would stay live and
+ * unrecorded, its name taken. So the service is asked for a credential of that name keygate holds
+ * no record of (`find`), and the error names it, with the command that deletes it, or says none
+ * was found, or that it could not be checked. keygate does not delete it itself: the service
+ * cannot say who made it, and one of that name made by hand, or by another admin's create at the
+ * same moment (whose record is still being written), looks the same (a review saw both deleted
+ * when this did).
  */
 export async function createOrReport<T>(options: {
-  service: ServiceName
+  http: IntegrationHttp
   deps: IntegrationDeps
   /** The credential as the messages name it: `token "ci"`, `API key "ci"`. */
   what: string
@@ -154,17 +157,26 @@ export async function createOrReport<T>(options: {
   lookAgain: string
   /** The command line that deletes the credential of this id. */
   deleteCommand: (remoteId: string) => string
-  send: () => Promise<T>
+  send: () => Promise<HttpResponse>
+  use: (res: HttpResponse) => T
   find: () => Promise<string | undefined>
 }): Promise<T> {
+  const { http } = options
+  let status: number | undefined
   try {
-    return await options.send()
+    const res = await options.send()
+    status = res.status
+    if (fromGateway(res.status)) throw http.gatewayAnswer(res)
+    return options.use(res)
   } catch (err) {
     // Only a failure that proves the request never reached the service (refused, DNS, connect
-    // timeout) is passed on as it is. Before, only a timeout was looked into: a connection lost
-    // after Gitea made the token was `gitea_unreachable` alone, the token unrecorded, its name taken.
-    if (!mayHaveReached(err)) throw err
-    const label = SERVICE_LABEL[options.service]
+    // timeout), or the service's own refusal, is passed on as it is. Before, only a timeout was
+    // looked into, and then only transport errors: a connection lost after Gitea made the token
+    // was `gitea_unreachable` alone, and a proxy's 504 page "refused to create", the token
+    // unrecorded, its name taken.
+    const unusable = status !== undefined && succeeded(status)
+    if (!(err instanceof KeygateError) || !(mayHaveReached(err) || unusable)) throw err
+    const label = SERVICE_LABEL[http.service]
     const { log } = options.deps
     let outcome: string
     try {
@@ -179,7 +191,7 @@ export async function createOrReport<T>(options: {
       log.warn(`could not check whether ${label} made the credential whose create it did not answer`, { credential: options.what, err: checkErr as Error })
       outcome = `whether it was made could not be checked (${(checkErr as Error).message}): ${options.lookAgain}`
     }
-    const attempt = isKeygateError(err, `${options.service}_timeout`) ? ` to create ${options.what}` : `: the request to create ${options.what} may have been carried out`
+    const attempt = isKeygateError(err, `${http.service}_timeout`) ? ` to create ${options.what}` : `: the request to create ${options.what} may have been carried out`
     throw new KeygateError(err.code, `${err.message}${attempt}; ${outcome}`, err.details, { cause: err })
   }
 }
