@@ -36,16 +36,25 @@ function env(url: string, extra: Record<string, string> = {}): Record<string, st
 
 /**
  * A proxy in front of the fake that passes every request on and the fake's answer back; `answer`
- * may take the fake's answer over (returning true), after the fake has acted on the request.
+ * may take the fake's answer over (returning true), after the fake has acted on the request, and
+ * `hold` may hold a request back until it calls `go`.
  */
-async function proxyTo(t: Test, fake: FakeGitea, hooks: { answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean }): Promise<string> {
+async function proxyTo(
+  t: Test,
+  fake: FakeGitea,
+  hooks: { answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean; hold?: (req: http.IncomingMessage, go: () => void) => void },
+): Promise<string> {
   const proxy = http.createServer((req, res) => {
-    const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
-      if (hooks.answer?.(req, answer, res)) return answer.resume()
-      res.writeHead(answer.statusCode ?? 502, answer.headers)
-      answer.pipe(res)
-    })
-    req.pipe(up)
+    const forward = () => {
+      const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
+        if (hooks.answer?.(req, answer, res)) return answer.resume()
+        res.writeHead(answer.statusCode ?? 502, answer.headers)
+        answer.pipe(res)
+      })
+      req.pipe(up)
+    }
+    if (hooks.hold) hooks.hold(req, forward)
+    else forward()
   })
   await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
   t.teardown(() => {
@@ -504,6 +513,32 @@ await forEachStore(t, async (t, store) => {
     t.match(both.find((r) => r.status === 'rejected'), { reason: { code: 'gitea_token_exists', status: 409 } }, 'the other was refused')
     for (const m of made) await gitea.delete(String(m.remote_id), actor)
     for (const x of fake.tokens.filter((x) => x.name === 'at-once')) fake.removeToken(x.id)
+  })
+
+  await t.test('two deletes of one token at once: one closes the record and writes the audit row, the other is not found', async (t) => {
+    // Before: both answered success and each wrote a gitea.token.deleted row for the record,
+    // though only one closed it. The proxy holds both DELETEs until both have arrived, so that
+    // both deletes have found the live record first.
+    const held: Array<() => void> = []
+    const url = await proxyTo(t, fake, {
+      hold: (req, go) => {
+        if (req.method !== 'DELETE') return go()
+        held.push(go)
+        if (held.length === 2) for (const release of held) release()
+      },
+    })
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => proxied.close())
+    const created = await proxied.create({ name: 'at-once', scopes: ['read:user'] }, actor)
+    secrets.push(created.token)
+    const results = await Promise.allSettled([proxied.delete('at-once', { actor: 'admin:one' }), proxied.delete('at-once', { actor: 'admin:two' })])
+    const done = results.filter((r) => r.status === 'fulfilled')
+    const refused = results.flatMap((r) => (r.status === 'rejected' ? [r.reason as Error & { code?: string }] : []))
+    t.equal(done.length, 1, 'one delete succeeds')
+    t.match(refused, [{ code: 'gitea_token_not_found', status: 404, message: /another delete closed its record at the same time/ }], 'the other is told the token is gone')
+    const rows = (await deps.audit.list(store.db, { keyId: created.id })).filter((a) => a.action === 'gitea.token.deleted')
+    t.equal(rows.length, 1, 'one audit row closes the record')
+    t.match(await rejection(proxied.delete('at-once', actor)), { code: 'gitea_token_not_found', status: 404 }, 'as a delete after both is')
   })
 
   await t.test('delete: a user name that would turn the URL into another endpoint is refused before any request', async (t) => {

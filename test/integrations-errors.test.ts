@@ -219,6 +219,24 @@ t.test('n8n: a create a gateway answers 502/504, or answered 200 with a body tha
   t.match(await rejection(keys.create({ label: 'refused', scopes: ['workflow:list'] }, { actor: 'cli:tester' })), { code: 'n8n_scope_unknown' }, "n8n's own refusal is passed on as it is")
 })
 
+t.test('n8n: two deletes of one key at once: one closes the record and writes the audit row, the other is not found', async (t) => {
+  // Before: both answered success and each wrote an n8n.key.deleted row for the record, though
+  // only one closed it. The server holds both DELETEs until both have arrived.
+  const n8n = await scriptedN8n(t)
+  const deps = integrationDeps(db, { N8N_URL: n8n.url, N8N_EMAIL: 'owner@example.test', N8N_PASSWORD: PASSWORD })
+  const keys = new N8nKeyService(deps)
+  t.teardown(() => keys.close())
+  const created = await keys.create({ label: 'twice', scopes: ['workflow:list'] }, { actor: 'cli:tester' })
+  n8n.holdDeletes = 2
+  const results = await Promise.allSettled([keys.delete('twice', { actor: 'admin:one' }), keys.delete('twice', { actor: 'admin:two' })])
+  t.equal(results.filter((r) => r.status === 'fulfilled').length, 1, 'one delete succeeds')
+  const refused = results.flatMap((r) => (r.status === 'rejected' ? [r.reason as Error & { code?: string }] : []))
+  t.match(refused, [{ code: 'n8n_key_not_found', status: 404, message: /another delete closed its record at the same time/ }], 'the other is told the key is gone')
+  const rows = (await deps.audit.list(db, { keyId: created.id })).filter((a) => a.action === 'n8n.key.deleted')
+  t.equal(rows.length, 1, 'one audit row closes the record')
+  t.match(await rejection(keys.delete('twice', { actor: 'cli:tester' })), { code: 'n8n_key_not_found', status: 404 }, 'as a delete after both is')
+})
+
 t.test('n8n: refused, rate-limited and odd logins', async (t) => {
   let answer: (res: http.ServerResponse) => void = (res) => json(res, 401, { code: 401, message: 'Wrong username or password. Do you have caps lock on?' })
   const url = await scripted(t, (req, res, body) => {

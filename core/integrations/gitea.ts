@@ -532,7 +532,7 @@ export class GiteaTokenService {
       if (res.status !== 204 && res.status !== 404) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
       remoteMissing = res.status === 404
     }
-    await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local?.id ?? null, 'gitea.token.deleted', {
+    const closed = await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local?.id ?? null, 'gitea.token.deleted', {
       remote_id: remoteId,
       name,
       user,
@@ -541,6 +541,8 @@ export class GiteaTokenService {
       ...(reused ? { remote_id_reused: true } : {}),
       base_url: http.baseUrl,
     })
+    // As for a delete after it: the token is no longer there to delete.
+    if (!closed) throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token ${JSON.stringify(name)} (id ${remoteId}) any more: another delete closed its record at the same time`)
     this.#deps.log.info('deleted a Gitea token', { record: local?.id ?? null, remote_id: remoteId, name, user, remote_missing: remoteMissing, actor: actor.actor })
     const [after] = local ? await this.#rows('id = $1', [local.id]) : []
     return { deleted: true, remote_id: remoteId, name, user, remote_missing: remoteMissing, record: after ? toJson(after) : null }

@@ -381,13 +381,15 @@ export class N8nKeyService {
     const remoteId = target ? target.id : (local as Row).remote_id
     const label = target ? target.label : (local as Row).label
     if (target) await this.#deleteKey(target.id)
-    await recordDelete(this.#deps.db, this.#deps.audit, actor, 'n8n_api_keys', local?.id ?? null, 'n8n.key.deleted', {
+    const closed = await recordDelete(this.#deps.db, this.#deps.audit, actor, 'n8n_api_keys', local?.id ?? null, 'n8n.key.deleted', {
       remote_id: remoteId,
       label,
       remote_missing: !target,
       recorded: local !== undefined,
       base_url: http.baseUrl,
     })
+    // As for a delete after it: the key is no longer there to delete.
+    if (!closed) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key ${JSON.stringify(label)} (id ${remoteId}) any more: another delete closed its record at the same time`)
     this.#deps.log.info('deleted an n8n API key', { record: local?.id ?? null, remote_id: remoteId, label, remote_missing: !target, actor: actor.actor })
     const [after] = local ? await this.#rows('id = $1', [local.id]) : []
     return { deleted: true, remote_id: remoteId, label, remote_missing: !target, record: after ? toJson(after) : null }

@@ -116,7 +116,13 @@ export async function undoUnrecorded(options: { service: ServiceName; deps: Inte
   })
 }
 
-/** Marks a live record deleted and writes the audit row, in one transaction. */
+/**
+ * Marks a live record deleted and writes the audit row, in one transaction. False, with no audit
+ * row, when the record was no longer live: another delete closed it meanwhile. Before (found by a
+ * review), two admins deleting one token at once both succeeded, and each wrote a closing audit
+ * row for the record, though only one closed it. A credential without a record (`localId` null)
+ * has its audit row all the same.
+ */
 export async function recordDelete(
   db: Db,
   audit: AuditLog,
@@ -125,12 +131,14 @@ export async function recordDelete(
   localId: string | null,
   action: string,
   details: Record<string, unknown>,
-): Promise<void> {
-  await db.transaction(async (tx) => {
+): Promise<boolean> {
+  return db.transaction(async (tx) => {
     if (localId !== null) {
-      await tx.query(`UPDATE ${table} SET deleted_at = now(), deleted_by = $2 WHERE id = $1 AND deleted_at IS NULL`, [localId, actor.actor])
+      const closed = await tx.query(`UPDATE ${table} SET deleted_at = now(), deleted_by = $2 WHERE id = $1 AND deleted_at IS NULL RETURNING id`, [localId, actor.actor])
+      if (closed.length === 0) return false
     }
     await audit.write(tx, actor, { keyId: localId, action, details })
+    return true
   })
 }
 
