@@ -153,7 +153,7 @@ export class N8nKeyService {
     if (res.status === 401 || res.status === 403) {
       throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the login of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD): ${res.status} ${http.messageOf(res)}`)
     }
-    if (res.status === 429) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} refused the login for now: too many attempts (429); try again later`, { status: 429 })
+    if (res.status === 429) throw this.#loginRateLimited(http, res)
     if (res.status !== 200) throw http.failure(`log in ${JSON.stringify(email)}`, res)
     const header = res.headers['set-cookie']
     const cookies = Array.isArray(header) ? header : header ? [header] : []
@@ -162,6 +162,21 @@ export class N8nKeyService {
     http.secret(session.slice(SESSION_COOKIE.length + 1))
     this.#cookie = session
     return session
+  }
+
+  /**
+   * n8n in production allows 5 logins a minute from one address (POST /rest/login), and answers
+   * the next 429 with Retry-After. The CLI on the store logs in on every command, so a script's
+   * sixth command in a minute failed with "too many attempts" alone (found by a review): the
+   * message says why, and, to the CLI, what to do instead.
+   */
+  #loginRateLimited(http: IntegrationHttp, res: HttpResponse): KeygateError {
+    const retry = Number(res.headers['retry-after'])
+    const when = Number.isSafeInteger(retry) && retry > 0 ? `in ${retry} s` : 'in a minute'
+    const cli = this.#deps.flags === true
+      ? '; each `keygate n8n` command on the store logs in anew: run repeated commands through the admin API (KEYGATE_ADMIN_URL), whose server logs in once and keeps its session'
+      : ''
+    return new KeygateError('n8n_error', `n8n at ${http.baseUrl} refused the login for now: too many login attempts (429: n8n allows 5 logins a minute from one address in production); try again ${when}${cli}`, { status: 429 })
   }
 
   /** A call on the internal REST API with the session, logging in first or again when refused. */
