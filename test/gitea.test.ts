@@ -692,6 +692,39 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(proxied.list()), { code: 'gitea_error', details: { status: 504 }, message: /answered 504 to the request to list the tokens of "alice" with a page of markup \(text\/html\)$/ })
   })
 
+  await t.test("verify: a 401 or 403 that is not Gitea's JSON error is a gitea_error, not a refused token", async (t) => {
+    // Before: an SSO proxy's HTML 401 in front of Gitea was reported as the token refused.
+    let replace: ((res: http.ServerResponse) => void) | undefined
+    const url = await proxyTo(t, fake, {
+      answer: (req, _answer, res) => {
+        const instead = replace
+        if (req.method !== 'GET' || instead === undefined) return false
+        instead(res)
+        return true
+      },
+    })
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => proxied.close())
+    const made = fake.addToken('alice', 'verify-behind-sso', ['read:user'])
+    secrets.push(made.sha1)
+    const cases: Array<[string, number, (res: http.ServerResponse) => void, RegExp]> = [
+      ['an SSO page', 401, (res) => res.writeHead(401, { 'content-type': 'text/html' }).end('<html>Sign in</html>'), /answered GET \/api\/v1\/user 401 with a page of markup \(text\/html\), not Gitea's answer: is GITEA_URL Gitea's address\?$/],
+      ['a WAF page', 403, (res) => res.writeHead(403, { 'content-type': 'text/html' }).end('<h1>Forbidden</h1>'), /answered GET \/api\/v1\/user 403 with a page of markup/],
+      ['JSON without a message', 401, (res) => res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":"unauthorized"}'), /401 with a JSON object with error, not Gitea's answer/],
+      ['plain text with the token', 401, (res) => res.writeHead(401, { 'content-type': 'text/plain' }).end(`bad token ${made.sha1}`), /401 with text \(text\/plain\): "bad token \[redacted\]"/],
+    ]
+    for (const [what, status, answer, message] of cases) {
+      replace = answer
+      const err = await rejection(proxied.verify(made.sha1))
+      t.match(err, { code: 'gitea_error', status: 502, details: { status }, message }, `${what}: a gitea_error`)
+      t.notMatch(err.message, made.sha1, `${what}: the token is not in the message`)
+    }
+    replace = undefined
+    t.match(await proxied.verify(made.sha1), { valid: true, user: { login: 'alice' } }, "Gitea's own answer through the proxy")
+    t.match(await proxied.verify('f'.repeat(40)), { valid: false, reason: 'refused' }, "Gitea's own 401: refused")
+    fake.removeToken(made.id)
+  })
+
   await t.test('a token created but not recorded is deleted again', async (t) => {
     const broken = new GiteaTokenService(integrationDeps(failingTransactions(store.db), env(fake.url)))
     t.teardown(() => broken.close())

@@ -556,6 +556,9 @@ export class GiteaTokenService {
     if (!TOKEN_SHAPE.test(secret)) return { valid: false, reason: 'malformed', record }
     http.secret(secret, { transient: true })
     const res = await http.call('GET', '/api/v1/user', { headers: { authorization: `token ${secret}` } })
+    // Gitea's own 401 and 403 are JSON with a message; another server's (an SSO proxy's sign-in
+    // page in front of Gitea) says nothing of the token: before, any 401 reported it refused.
+    if (res.status === 401 || res.status === 403) http.assertOwnError(res, 'GET /api/v1/user')
     if (res.status === 401) return { valid: false, reason: 'refused', record }
     if (res.status === 403) {
       // Only the scope check's 403 means an accepted token; the same status also says the owner

@@ -162,6 +162,23 @@ export class IntegrationHttp {
     return this.#maybeReached(new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} answered ${res.status}${to}${said}`, { status: res.status }))
   }
 
+  /**
+   * Refuses an error answer that is not the service's own JSON error (an object with a string
+   * `message`, as Gitea's and n8n's 401 and 403 are) with the `<service>_error` naming what came
+   * back: a page of another server's (an SSO proxy's sign-in, a WAF's 403) says nothing of the
+   * credential a verify checks. `request` is how the message names it: `GET /api/v1/user`.
+   */
+  assertOwnError(res: HttpResponse, request: string): void {
+    const body = res.body as { message?: unknown } | null
+    if (typeof body === 'object' && body !== null && typeof body.message === 'string') return
+    const label = SERVICE_LABEL[this.service]
+    throw new KeygateError(
+      `${this.service}_error`,
+      `${label} at ${this.baseUrl} answered ${request} ${res.status} with ${this.describe(res)}, not ${label}'s answer: is ${this.service.toUpperCase()}_URL ${label}'s address?`,
+      { status: res.status },
+    )
+  }
+
   /** A `<service>_error` saying what was attempted, the status and the service's message. */
   failure(what: string, res: HttpResponse): KeygateError {
     if (fromGateway(res.status)) return this.gatewayAnswer(res, what)

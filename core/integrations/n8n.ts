@@ -421,10 +421,7 @@ export class N8nKeyService {
     // n8n's own 401 and 403 are JSON with a message; a page of another server's (a proxy's or a
     // WAF's 403) says nothing of the key (before, any 403 reported the key valid).
     if (res.status === 401 || res.status === 403) {
-      const body = res.body as { message?: unknown } | null
-      if (typeof body !== 'object' || body === null || typeof body.message !== 'string') {
-        throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} answered GET /api/v1/workflows ${res.status} with ${http.describe(res)}, not n8n's answer: is N8N_URL n8n's address?`)
-      }
+      http.assertOwnError(res, 'GET /api/v1/workflows')
       if (res.status === 401) return { valid: false, reason: 'refused', record }
       return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
     }
