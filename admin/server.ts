@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, answerClientError, clientErrorCode, hasBody, hostName, isTlsFailure, rawError } from '../core/http.ts'
+import { ADMIN_MARK, answerClientError, clientErrorCode, hasBody, hasDotSegments, hostName, isTlsFailure, rawError } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -99,6 +99,21 @@ export function hostAllowed(host: string | undefined, allowed: ReadonlySet<strin
   return isIP(name) !== 0 || name === 'localhost' || name.endsWith('.localhost') || allowed.has(name)
 }
 
+/**
+ * What is wrong with a request target the URL parser would route as another path than the one
+ * written, where a path filter in front of the listener would not see what is served: `//x/v1/keys`
+ * (read as host `x` and path `/v1/keys`), dot segments (`/healthz/../v1/keys`, `/v1/./stats`, also
+ * as `%2e`), which it resolves, and a backslash, which it reads as `/` (`/healthz\..\v1\stats`).
+ * Refused as the gateway refuses them, rather than resolved.
+ */
+function targetProblem(target: string): string | undefined {
+  if (!target.startsWith('/') || target.startsWith('//')) return 'the request target must be a path (one leading slash)'
+  if (hasDotSegments(target)) return 'the request path has dot segments (. or .., also as %2e); send the path they stand for'
+  const q = target.indexOf('?')
+  if ((q === -1 ? target : target.slice(0, q)).includes('\\')) return 'the request path holds a backslash; send / between segments'
+  return undefined
+}
+
 // joinDuplicateHeaders: a repeated header arrives joined with ", " (a repeated Cookie with "; ")
 // rather than Node keeping the first line and dropping the rest, so a second Authorization or Host
 // cannot hide behind the first (auth.ts and the Host check below refuse them). A repeated
@@ -129,17 +144,16 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     // the connection rather than read and drop a body of any size, unauthenticated, to keep it.
     const closing: http.OutgoingHttpHeaders = hasBody(req.headers) ? { connection: 'close' } : {}
     const target = req.url ?? '/'
+    const problem = targetProblem(target)
+    if (problem !== undefined) {
+      sendError(res, 'bad_request', requestId, problem, undefined, closing)
+      return
+    }
     let url: URL
     try {
       url = new URL(target, 'http://admin.invalid')
     } catch {
       sendError(res, 'bad_request', requestId, 'the request target is not a valid path', undefined, closing)
-      return
-    }
-    // `//x/v1/keys` is a path, but the URL parser reads `x` as a host and routes `/v1/keys`:
-    // a path filter in front of the listener would not see what is served.
-    if (!target.startsWith('/') || target.startsWith('//')) {
-      sendError(res, 'bad_request', requestId, 'the request target must be a path (one leading slash)', undefined, closing)
       return
     }
     let pathMatched = false

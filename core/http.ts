@@ -13,6 +13,21 @@ export function hasBody(h: IncomingHttpHeaders): boolean {
   return (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
 }
 
+// `.` or `..` as a whole segment, also percent-encoded, and backslashes some servers read as `/`;
+// also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
+const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#|;|%3b)/i
+
+/**
+ * Whether the path of a request target (what comes before its `?`) has dot segments: a target
+ * that a URL parser, or a server behind, resolves into another path than the one a path filter in
+ * front saw (`/healthz/../v1/keys` is `/v1/keys`).
+ */
+export function hasDotSegments(target: string): boolean {
+  if (!target.includes('.') && !target.includes('%') && !target.includes('\\')) return false
+  const q = target.indexOf('?')
+  return DOT_SEGMENT.test(q === -1 ? target : target.slice(0, q))
+}
+
 /**
  * Calls `then` once every response of `socket` begun or queued so far has been written, or the
  * socket closed: the moment for an answer written on the socket itself (a switch to a WebSocket

@@ -4,11 +4,8 @@
 // proxied. (Paths that lenient upstreams read as another route's: see route.ts.) Framing attacks
 // (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
 // chunking) are refused earlier by Node's strict parser; see index.ts for `clientError`.
-import { pathOf, type RequestState, type Stage } from './state.ts'
-
-// `.` or `..` as a whole segment, also percent-encoded, and backslashes some upstreams read as
-// `/`; also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
-const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#|;|%3b)/i
+import { hasDotSegments } from '../core/http.ts'
+import type { RequestState, Stage } from './state.ts'
 
 // An absolute-form target's scheme and authority (all up to the path or query).
 const ABSOLUTE = /^https?:\/\/[^/?\\]*/i
@@ -74,7 +71,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       target = rest === '' ? '/' : rest.charCodeAt(0) === 63 /* ? */ ? '/' + rest : rest
       s.target = target
     }
-    if ((target.includes('.') || target.includes('%') || target.includes('\\')) && DOT_SEGMENT.test(pathOf(target))) {
+    if (hasDotSegments(target)) {
       s.message = 'The request path has dot segments.'
       return 'bad_request'
     }

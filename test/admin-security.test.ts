@@ -167,6 +167,32 @@ t.test('a request target with two leading slashes is refused, not routed by what
   }
 })
 
+t.test('a request path with dot segments or a backslash is refused 400, not resolved into another route', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const port = Number(new URL(h.url).port)
+  const ask = (target: string) => converse(port, `GET ${target} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nConnection: close\r\n\r\n`)
+  // Before: each was served as the route the URL parser resolved it to (/v1/stats, /v1/keys),
+  // past a path filter in front of the listener that let /healthz and /metrics through.
+  for (const [target, why] of [
+    ['/healthz/../v1/stats', /dot segments/],
+    ['/healthz/%2e%2e/v1/stats', /dot segments/],
+    ['/metrics/%2E%2E/v1/keys', /dot segments/],
+    ['/v1/./stats', /dot segments/],
+    ['/v1/keys/.', /dot segments/],
+    ['/healthz\\..\\v1\\stats', /dot segments/],
+    ['/v1\\stats', /backslash/],
+  ] as const) {
+    const r = await ask(target)
+    t.match(r, /^HTTP\/1\.1 400 /, target)
+    t.match(r, /"code":"bad_request"/, `${target}: bad_request`)
+    t.match(r, why, `${target}: says why`)
+  }
+  // Dots that are not whole segments, and any in the query, are a path like another.
+  t.match(await ask('/v1/keys?name=../..'), /^HTTP\/1\.1 200 /, 'dots in the query')
+  t.match(await ask('/v1/keys/a..b'), /^HTTP\/1\.1 404 /, 'dots inside a segment: an id like another')
+})
+
 t.test('repeated Authorization and Host lines are refused 400 in either order, not answered by the first', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 3 } } })
