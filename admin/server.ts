@@ -5,7 +5,7 @@ import http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, answerClientError, clientErrorCode, hasBody, hasDotSegments, hostName, isTlsFailure, rawError } from '../core/http.ts'
+import { ADMIN_MARK, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, rawError } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
@@ -59,6 +59,11 @@ export function sendError(res: http.ServerResponse, code: ErrorCode, requestId: 
     res.destroy()
     return
   }
+  // A refusal that closes the connection with the body still coming reads and drops what the
+  // client still sends for a while after the answer (closeWhenAnswered). Before (found by a
+  // review), the socket closed at once, the kernel answered the bytes still coming with a reset,
+  // and a client could lose the refusal (`api-key import` with a wrong token: EPIPE).
+  if (headers.connection === 'close' && !res.req.complete && hasBody(res.req.headers)) closeWhenAnswered(res.req)
   const body = errorBody(code, requestId, message, details)
   res.writeHead(ERRORS[code].status, {
     'content-type': 'application/json; charset=utf-8',

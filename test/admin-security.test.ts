@@ -10,7 +10,7 @@ import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
-import { converse, type Answer } from './helpers/gateway.ts'
+import { converse, uploadWhileAnswered, type Answer } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 
@@ -129,6 +129,41 @@ t.test('a body too large is read to its end and dropped (up to 16 MiB): its clie
   t.match(answers[0], /admin\.max_body_bytes/)
   t.notMatch(answers[0], /connection: close/i)
   t.match(answers[1], /^HTTP\/1\.1 200 /, 'the next request on the connection is answered')
+  t.equal(await h.auditRows(), before, 'nothing written')
+})
+
+t.test('a refusal given while the client still sends its body is read whole, and the connection then ends without a reset', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const port = Number(new URL(h.url).port)
+  const before = await h.auditRows()
+  // Past what the kernel's buffers take on loopback (a few MiB), so that the client is still
+  // sending when the answer comes.
+  const BODY = 16_000_000
+  const admin = `Authorization: Bearer ${h.adminKey}\r\n`
+  const json = 'Content-Type: application/json\r\n'
+  // Before (found by a review): each closed the connection at once, with the body still coming:
+  // the kernel answered the bytes the client went on sending with a reset, and the client lost
+  // the refusal (`api-key import` with a wrong token said the admin API could not be reached, EPIPE).
+  const cases: Array<[string, string, number, string]> = [
+    ['no credential', `POST /v1/keys HTTP/1.1\r\n${json}`, 401, 'unauthorized'],
+    ['a wrong token', `POST /v1/keys/import HTTP/1.1\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}x\r\n${json}`, 401, 'unauthorized'],
+    ['no route', 'POST /nope HTTP/1.1\r\n', 404, 'not_found'],
+    ['no route under an open path', 'POST /healthz/x HTTP/1.1\r\n', 404, 'not_found'],
+    ['a method the path does not take', `DELETE /v1/stats HTTP/1.1\r\n${admin}`, 405, 'method_not_allowed'],
+    ['not JSON', `POST /v1/keys HTTP/1.1\r\n${admin}Content-Type: text/plain\r\n`, 415, 'unsupported_media_type'],
+    ['declared past 16 MiB', `POST /v1/keys HTTP/1.1\r\n${admin}${json}`, 413, 'payload_too_large'],
+    ['counted past the limit while read', `POST /v1/keys HTTP/1.1\r\n${admin}${json}Transfer-Encoding: chunked\r\n`, 413, 'payload_too_large'],
+  ]
+  for (const [what, start, status, code] of cases) {
+    const framing = what === 'declared past 16 MiB' ? 'Content-Length: 40000000\r\n\r\n' : what.startsWith('counted') ? `\r\n${BODY.toString(16)}\r\n` : `Content-Length: ${BODY}\r\n\r\n`
+    const got = await uploadWhileAnswered(port, `${start}Host: localhost\r\n${framing}`, BODY)
+    t.match(got.text, new RegExp(`^HTTP/1\\.1 ${status} `), `${what}: ${status}`)
+    t.match(got.text, new RegExp(`\\r\\n\\r\\n\\{"error":\\{"code":"${code}".*\\}\\}$`), `${what}: the whole answer`)
+    t.match(got.text, /\r\nconnection: close\r\n/i, `${what}: Connection: close`)
+    t.ok(got.ended, `${what}: the listener ended the connection`)
+    t.equal(got.error, undefined, `${what}: without a reset`)
+  }
   t.equal(await h.auditRows(), before, 'nothing written')
 })
 

@@ -7,7 +7,7 @@ import t from 'tap'
 import net from 'node:net'
 import { Readable } from 'node:stream'
 import { request } from 'undici'
-import { bearer, converse, sleep, startGateway, unlessHung, type Tap } from './helpers/gateway.ts'
+import { bearer, converse, followRaw, sleep, startGateway, unlessHung, uploadWhileAnswered, type RawOutcome, type Tap } from './helpers/gateway.ts'
 
 const MB = Number(process.env.KEYGATE_TEST_BIG_BODY_MB ?? 200)
 const TOTAL = MB * 1024 * 1024
@@ -454,13 +454,6 @@ async function earlyUpstream(t: Tap): Promise<{ port: number; seen: string[] }> 
   return { port: (server.address() as net.AddressInfo).port, seen }
 }
 
-/** What a raw client got on one connection: the bytes, whether the gateway ended it (FIN), and the error if it was reset. */
-interface RawOutcome {
-  text: string
-  ended: boolean
-  error: string | undefined
-}
-
 t.test('an upstream that answers before it read the body: the connection ends cleanly after the answer, also while the client still sends (found by a review)', async (t) => {
   const up = await earlyUpstream(t)
   const h = await startGateway(t, { routes: [{ name: 'api', path: '/', upstream: `http://127.0.0.1:${up.port}` }] })
@@ -474,36 +467,29 @@ t.test('an upstream that answers before it read the body: the connection ends cl
    * ends the connection or 10 s have passed (a hang guard: Node's keep-alive timer reset the
    * connection at 6 s before).
    */
-  const exchange = (first: Buffer, rest: Buffer | undefined) =>
-    new Promise<RawOutcome>((resolve) => {
-      const out: RawOutcome = { text: '', ended: false, error: undefined }
-      const s = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => s.write(first))
-      let restSent = rest === undefined
-      let ySent = false
-      const finish = () => {
-        if (out.ended && restSent && ySent) s.end()
+  const exchange = (first: Buffer, rest: Buffer | undefined) => {
+    const out: RawOutcome = { text: '', ended: false, error: undefined }
+    const s = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => s.write(first))
+    let restSent = rest === undefined
+    let ySent = false
+    const finish = () => {
+      if (out.ended && restSent && ySent) s.end()
+    }
+    setTimeout(() => {
+      if (s.writable) s.write(get)
+      ySent = true
+      finish()
+    }, 600).unref()
+    const closed = followRaw(s, out, finish)
+    s.on('data', () => {
+      if (!restSent && out.text.endsWith('big')) {
+        s.write(rest as Buffer)
+        restSent = true
+        finish()
       }
-      setTimeout(() => {
-        if (s.writable) s.write(get)
-        ySent = true
-        finish()
-      }, 600).unref()
-      s.setEncoding('latin1').on('data', (d: string) => {
-        out.text += d
-        if (!restSent && out.text.endsWith('big')) {
-          s.write(rest as Buffer)
-          restSent = true
-          finish()
-        }
-      })
-      s.on('end', () => {
-        out.ended = true
-        finish()
-      })
-      s.on('error', (err: NodeJS.ErrnoException) => (out.error = err.code ?? err.message))
-      s.on('close', () => resolve(out))
-      setTimeout(() => s.destroy(), 10_000).unref()
     })
+    return closed
+  }
 
   const body = Buffer.alloc(BODY, 0x61)
   const cases: Array<[string, Buffer, Buffer | undefined]> = [
@@ -536,35 +522,11 @@ t.test('a request refused before its body was read: the refusal says Connection:
   // reset, and a client could lose the refusal it had been sent.
   const h = await startGateway(t)
   const BODY = 4_000_000
-  const body = Buffer.alloc(BODY, 0x61)
   for (const [what, auth] of [
     ['no key', ''],
     ['a bad key', 'Authorization: Bearer kg_nothing_at_all\r\n'],
   ] as const) {
-    const got = await new Promise<RawOutcome>((resolve) => {
-      const out: RawOutcome = { text: '', ended: false, error: undefined }
-      const s = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => {
-        s.write(`POST /x HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: ${BODY}\r\n\r\n`)
-        // The body in pieces, as a client sends one, for as long as the connection takes them.
-        let sent = 0
-        const more = () => {
-          while (sent < BODY && s.writable) {
-            const piece = body.subarray(sent, sent + 65_536)
-            sent += piece.length
-            if (!s.write(piece)) return void s.once('drain', more)
-          }
-        }
-        more()
-      })
-      s.setEncoding('latin1').on('data', (d: string) => (out.text += d))
-      s.on('end', () => {
-        out.ended = true
-        s.end()
-      })
-      s.on('error', (err: NodeJS.ErrnoException) => (out.error = err.code ?? err.message))
-      s.on('close', () => resolve(out))
-      setTimeout(() => s.destroy(), 10_000).unref()
-    })
+    const got = await uploadWhileAnswered(h.port, `POST /x HTTP/1.1\r\nHost: a\r\n${auth}Content-Length: ${BODY}\r\n\r\n`, BODY)
     t.match(got.text, /^HTTP\/1\.1 401 Unauthorized\r\n/, `${what}: refused`)
     t.match(got.text, /\r\nconnection: close\r\n/i, `${what}: with Connection: close`)
     t.ok(got.ended, `${what}: the gateway ended the connection`)

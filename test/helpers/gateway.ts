@@ -302,6 +302,59 @@ export function converse(port: number, first: string, steps: readonly Conversati
   })
 }
 
+/** What a raw client got on one connection: the bytes, whether the server ended it (FIN), and the error if it was reset. */
+export interface RawOutcome {
+  text: string
+  ended: boolean
+  error: string | undefined
+}
+
+/**
+ * Follows a raw client connection `s` into `out`: what it received (latin1), whether the server
+ * ended it (FIN; `onEnd` is called then) and the error if it was reset. Resolves with `out` when
+ * the connection closes; it is destroyed after 10 s (a hang guard).
+ */
+export function followRaw(s: net.Socket, out: RawOutcome, onEnd: () => void): Promise<RawOutcome> {
+  s.setEncoding('latin1').on('data', (d: string) => (out.text += d))
+  s.on('end', () => {
+    out.ended = true
+    onEnd()
+  })
+  s.on('error', (err: NodeJS.ErrnoException) => (out.error = err.code ?? err.message))
+  setTimeout(() => s.destroy(), 10_000).unref()
+  return new Promise((resolve) => s.on('close', () => resolve(out)))
+}
+
+/**
+ * Sends `head`, then `size` bytes of body in 64 KiB pieces whatever comes back, as a client
+ * uploading a large body does (undici, curl), and ends its own side once it has sent them all and
+ * the server has ended its side. A server that closes while bytes are still coming makes its
+ * kernel answer them with a reset: the client's `error` (ECONNRESET, EPIPE), and it may lose the
+ * answer it was sent. `size` may be less than the body the head declares: the client then waits
+ * for the server to end the connection.
+ */
+export function uploadWhileAnswered(port: number, head: string, size: number): Promise<RawOutcome> {
+  const piece = Buffer.alloc(65_536, 0x61)
+  const out: RawOutcome = { text: '', ended: false, error: undefined }
+  let sent = 0
+  const finish = () => {
+    if (out.ended && sent === size) s.end()
+  }
+  const more = () => {
+    while (sent < size && s.writable) {
+      const n = Math.min(piece.length, size - sent)
+      sent += n
+      if (!s.write(n === piece.length ? piece : piece.subarray(0, n))) return void s.once('drain', more)
+    }
+    finish()
+  }
+  const s = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true }, () => {
+    s.write(head)
+    more()
+  })
+  return followRaw(s, out, finish)
+}
+
 /** A metric's value in `registry` (NaN when no series has `labels`). */
 export async function metric(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
   const m = registry.getSingleMetric(name)
