@@ -8,7 +8,7 @@ import { MIMEType } from 'node:util'
 import type { TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
-import { hasBody } from '../core/http.ts'
+import { expectsContinue, hasBody } from '../core/http.ts'
 import { assertValid, MAX_JSON_DEPTH, refuseChangedNumbers, showValue } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
@@ -50,7 +50,7 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
 const DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
 /** Reads the body up to `max` bytes (`limit` names where that comes from); undefined when there is none. */
-async function readJson(req: http.IncomingMessage, max: number, limit: string): Promise<unknown> {
+async function readJson({ req, res }: AdminRequest, max: number, limit: string): Promise<unknown> {
   if (!hasBody(req.headers)) return undefined
   if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
     throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
@@ -63,13 +63,15 @@ async function readJson(req: http.IncomingMessage, max: number, limit: string): 
   const tooLarge = (close = true) => new AdminError('payload_too_large', `the body is larger than ${max} bytes (${limit})`, close ? { connection: 'close' } : {})
   const declared = Number(req.headers['content-length'] ?? 0)
   if (declared > max) {
-    if (declared > DRAIN_MAX_BYTES) throw tooLarge()
+    // A client waiting for a 100 Continue has sent nothing to drain, and is refused before it does.
+    if (declared > DRAIN_MAX_BYTES || expectsContinue(req)) throw tooLarge()
     // Read to its end and dropped (Node does that for a body left unread once the answer is
     // sent), so that the client, still sending, reads the 413: closing at once failed its send
     // first, and `api-key import` of a large file said the admin API could not be reached (EPIPE).
     req.resume()
     throw tooLarge(false)
   }
+  if (expectsContinue(req)) res.writeContinue()
   const bytes = await readBody(req, max, tooLarge)
   let text: string
   try {
@@ -183,7 +185,7 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
         if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
         throw err
       })
-      const parsed = await readJson(ctx.req, ...bodyLimit(op, maxBodyBytes))
+      const parsed = await readJson(ctx, ...bodyLimit(op, maxBodyBytes))
       if (parsed !== undefined && !op.body) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body`)
       if (parsed === undefined && op.body && op.bodyRequired !== false) {
         throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required' }] })

@@ -131,7 +131,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   const log = options.log
   const server = options.server ?? http.createServer(ADMIN_SERVER_OPTIONS)
   const allowedHosts = new Set(options.allowedHosts ?? [])
-  server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
+  const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     const requestId = newRequestId()
     // Every answer says it is the admin API's: the CLI takes no other server's JSON for one (the
     // gateway, given the admin key, would pass /v1/stats on to its upstream).
@@ -203,7 +203,12 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       return
     }
     sendError(res, 'not_found', requestId, `no admin route ${url.pathname}`, undefined, closing)
-  })
+  }
+  server.on('request', onRequest)
+  // Expect: 100-continue is answered only once the request has been routed and its credential and
+  // headers accepted (api.ts), right before its body is read: a refusal comes instead, and the
+  // body is never sent. Before, Node sent the 100 at once, to any request.
+  server.on('checkContinue', onRequest)
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
     if (isTlsFailure(err)) {
       socket.destroy()

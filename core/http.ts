@@ -13,6 +13,17 @@ export function hasBody(h: IncomingHttpHeaders): boolean {
   return (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined
 }
 
+/**
+ * Whether a request waits for a `100 Continue` before it sends its body (`Expect: 100-continue`,
+ * which Node hands to a server's 'checkContinue' listener). HTTP/1.1 only: an HTTP/1.0 request's
+ * 100-continue must be ignored (RFC 9110 §10.1.1). Node sends HTTP/1.1 requests with an Expect
+ * through 'checkContinue' (100-continue) or 'checkExpectation' (refused), but an HTTP/1.0 one with
+ * any Expect arrives as a plain request, and was sent a 100 too.
+ */
+export function expectsContinue(req: IncomingMessage): boolean {
+  return req.headers.expect !== undefined && req.httpVersionMajor === 1 && req.httpVersionMinor === 1
+}
+
 // `.` or `..` as a whole segment, also percent-encoded, and backslashes some servers read as `/`;
 // also followed by `;` parameters, which Tomcat and Spring drop (`/..;/`).
 const DOT_SEGMENT = /(?:^|\/|%2f|\\|%5c)(?:\.|%2e){1,2}(?:$|\/|%2f|\\|%5c|\?|#|;|%3b)/i

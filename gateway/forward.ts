@@ -11,7 +11,7 @@ import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { closeWhenAnswered, hasBody } from '../core/http.ts'
+import { closeWhenAnswered, expectsContinue, hasBody } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import type { CompiledRoute, Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
@@ -544,11 +544,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       }
       const h = s.headers
       const withBody = hasBody(h)
-      // HTTP/1.1 only: an HTTP/1.0 request's 100-continue must be ignored (RFC 9110 §10.1.1). Node
-      // sends HTTP/1.1 requests with an Expect through 'checkContinue' (100-continue) or
-      // 'checkExpectation' (refused), but an HTTP/1.0 one with any Expect arrives as a plain
-      // request, and was sent a 100 too.
-      if (h.expect !== undefined && req.httpVersionMinor === 1 && req.httpVersionMajor === 1) res.writeContinue()
+      if (expectsContinue(req)) res.writeContinue()
       s.upstreamStart = performance.now()
       const exchange = new Exchange(s, hooks, withBody ? route.timeoutMs : 0)
       // `on`, not `once`: the response emits 'close' once, and is dropped with its listeners.

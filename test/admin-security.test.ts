@@ -167,6 +167,35 @@ t.test('a refusal given while the client still sends its body is read whole, and
   t.equal(await h.auditRows(), before, 'nothing written')
 })
 
+t.test('Expect: 100-continue: the route, the credential and the headers are checked before the client is told to send its body', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const port = Number(new URL(h.url).port)
+  const json = 'Content-Type: application/json\r\n'
+  const admin = `Authorization: Bearer ${h.adminKey}\r\n`
+  const expect = (start: string, length: number) => `${start}Host: localhost\r\n${json}Expect: 100-continue\r\nContent-Length: ${length}\r\n\r\n`
+  // Before: Node answered 100 Continue at once, to any request, and the client sent the body
+  // that was then refused unread.
+  for (const [what, start, status] of [
+    ['no credential', 'POST /v1/keys HTTP/1.1\r\n', 401],
+    ['a wrong token', `POST /v1/keys HTTP/1.1\r\nAuthorization: Bearer ${BOOTSTRAP_TOKEN}x\r\n`, 401],
+    ['no route', 'POST /nope HTTP/1.1\r\n', 404],
+    ['a method the path does not take', `PUT /v1/keys HTTP/1.1\r\n${admin}`, 405],
+    ['a body too large', `POST /v1/keys HTTP/1.1\r\n${admin}`, 413],
+  ] as const) {
+    // The head alone: the client waits for the 100 (or the answer) before it sends the body.
+    const r = await converse(port, expect(start, what === 'a body too large' ? MAX_BODY_BYTES * 2 : 20))
+    t.match(r, new RegExp(`^HTTP/1\\.1 ${status} `), `${what}: ${status}, and no 100 before it`)
+    t.match(r, /\r\nconnection: close\r\n/i, `${what}: the connection closes (the body was never sent)`)
+  }
+  const body = JSON.stringify({ name: 'continued', type: 'user' })
+  const accepted = await converse(port, expect(`POST /v1/keys HTTP/1.1\r\n${admin}`, body.length), [
+    { when: (r) => r.endsWith('\r\n\r\n'), send: body },
+    { when: (r) => r.endsWith('}'), send: null },
+  ])
+  t.match(accepted, /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 201 /, 'an accepted request is told to continue, and its body read')
+})
+
 t.test('DNS rebinding: the admin listener answers only to IP addresses, localhost and admin.allowed_hosts', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 5 }, admin: { allowed_hosts: ['keygate-admin.internal'] } } })
