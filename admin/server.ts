@@ -31,6 +31,12 @@ export interface AdminRoute {
   /** `/v1/keys/{id}` style; `{name}` matches one path segment. */
   path: string
   handle(ctx: AdminRequest): Promise<void> | void
+  /**
+   * The route reads the request body (or refuses it) itself. Any other route leaves a body unread:
+   * its answer closes the connection, in stages, rather than read a body of any size that no
+   * credential was asked for.
+   */
+  readsBody?: true
 }
 
 interface Compiled {
@@ -183,6 +189,12 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       if (Object.values(params).some((v) => v.includes('\u0000'))) {
         sendError(res, 'bad_request', requestId, 'the path holds a NUL character', undefined, closing)
         return
+      }
+      // Before (found by a review), GET /healthz with `Content-Length: 2 GiB` was answered
+      // keep-alive, and the body read to its end.
+      if (c.route.readsBody !== true && hasBody(req.headers)) {
+        res.setHeader('connection', 'close')
+        closeWhenAnswered(req)
       }
       Promise.resolve()
         .then(() => c.route.handle({ req, res, requestId, params, url }))

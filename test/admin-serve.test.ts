@@ -18,7 +18,7 @@ import pg from 'pg'
 import { MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { runCli } from './helpers/cli.ts'
 import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
-import { answerOf, startUpstream, type Tap } from './helpers/gateway.ts'
+import { answerOf, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
@@ -34,7 +34,8 @@ async function call(url: string, options: { method?: string; token?: string; bod
 
 t.test('the README walk-through and the CLI against a running server (embedded store)', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-serve-'))
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store') })
+  // Room for the wrong credentials below (a lockout would refuse the address at the gateway too).
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store'), RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd })
   const printed = /created the first admin key \(id (\w+)\)[^\n]*\n(kg_\S+)/.exec(serve.stderr())
@@ -141,6 +142,24 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   const wrong = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: 'not-the-admin-token' }, cwd })
   t.equal(wrong.code, 1)
   t.equal(wrong.json().error.code, 'unauthorized')
+  // A large import refused for its token while the CLI still sends it: before (found by a review),
+  // the listener closed at once, and half the time the CLI said `cannot reach the admin API ... EPIPE`.
+  const large = join(cwd, 'large.json')
+  writeFileSync(large, JSON.stringify(Array.from({ length: 10_000 }, (_, i) => ({ key_hash: createHash('sha256').update(`large ${i}`).digest('hex'), name: `large ${i}`, metadata: { note: 'x'.repeat(1800) } }))))
+  for (let i = 0; i < 4; i++) {
+    const refusedImport = await runCli(['api-key', 'import', large, '--json'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: 'wrong-token-abcdefgh' }, cwd })
+    t.equal(refusedImport.code, 1)
+    t.equal(refusedImport.json().error.code, 'unauthorized', `a 19 MB import with a wrong token, run ${i + 1}: told so, not that the admin API cannot be reached`)
+  }
+  // A body on an open path is not read: the answer, then the connection closes (in stages).
+  // Before, GET /healthz with Content-Length: 2 GiB was answered keep-alive and all 2 GiB read.
+  for (const path of ['/healthz', '/readyz', '/metrics', '/openapi.json', '/docs']) {
+    const got = await uploadWhileAnswered(Number(new URL(serve.admin).port), `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: ${2 ** 31}\r\n\r\n`, 1_000_000)
+    t.match(got.text, /^HTTP\/1\.1 200 /, `${path} with a body: answered`)
+    t.match(got.text, /\r\nconnection: close\r\n/i, `${path}: Connection: close`)
+    t.ok(got.ended, `${path}: the listener ended the connection`)
+    t.equal(got.error, undefined, `${path}: without a reset`)
+  }
   const down = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1' }, cwd })
   t.equal(down.code, 1)
   t.equal(down.json().error.code, 'admin_unavailable')
