@@ -36,6 +36,11 @@ function charsetOf(contentType: string): string | undefined {
   }
 }
 
+/** The content coding a Content-Encoding names other than `identity` (none), the first of several. */
+function contentCoding(header: string | undefined): string | undefined {
+  return header?.split(',').map((c) => c.trim()).find((c) => c !== '' && c.toLowerCase() !== 'identity')
+}
+
 /**
  * Bodies are UTF-8 (RFC 8259), and one that is not is refused: Buffer's decoding made each bad
  * byte U+FFFD, stored without a word (`k\xff` became the name "k\ufffd"). A byte order mark is
@@ -59,6 +64,13 @@ async function readJson({ req, res }: AdminRequest, max: number, limit: string):
   // US-ASCII is UTF-8's first 128 characters: such a body reads the same (found by a review).
   if (named !== undefined && !/^(utf-?8|us-ascii)$/i.test(named)) {
     throw new AdminError('unsupported_media_type', `the body must be JSON in UTF-8, not charset ${showValue(named)}`, { connection: 'close' })
+  }
+  const coding = contentCoding(req.headers['content-encoding'])
+  if (coding !== undefined) {
+    // RFC 9110 §15.5.16 and §12.5.3: a content coding the server does not take is a 415 that lists
+    // what it takes in Accept-Encoding. Before (found by a review), the header was ignored: JSON
+    // sent as `br` was taken, and a gzipped body refused as "not valid UTF-8".
+    throw new AdminError('unsupported_media_type', `the body must be sent as is, not content-coded (Content-Encoding: ${showValue(coding)})`, { 'accept-encoding': 'identity', connection: 'close' })
   }
   const tooLarge = (close = true) => new AdminError('payload_too_large', `the body is larger than ${max} bytes (${limit})`, close ? { connection: 'close' } : {})
   const declared = Number(req.headers['content-length'] ?? 0)

@@ -56,6 +56,9 @@ function parameters(op: Operation) {
   return out
 }
 
+/** What every request body must be, or be refused 415 unsupported_media_type (admin/api.ts). */
+const REQUEST_BODY = 'JSON in UTF-8 (a `charset` other than UTF-8 is refused), sent as is: a `Content-Encoding` other than `identity` is refused `415 unsupported_media_type`, with `Accept-Encoding: identity`.'
+
 export function openApiDocument(operations: readonly Operation[], info: { version: string }) {
   const paths: Record<string, Record<string, unknown>> = {}
   for (const op of operations) {
@@ -77,7 +80,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       summary: op.summary,
       ...(op.description ? { description: op.description } : {}),
       ...(params.length > 0 ? { parameters: params } : {}),
-      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, content: { 'application/json': { schema: plain(op.body) } } } } : {}),
+      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: plain(op.body) } } } } : {}),
       responses,
     }
   }

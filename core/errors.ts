@@ -37,7 +37,7 @@ export const ERRORS = {
   payload_too_large: { status: 413, message: 'The request body is too large.' },
   host_not_allowed: { status: 421, message: 'This admin listener does not answer to this Host.' },
   too_many_streams: { status: 429, message: 'Too many event streams are open with this credential.' },
-  unsupported_media_type: { status: 415, message: 'The request body must be JSON.' },
+  unsupported_media_type: { status: 415, message: 'The request body must be JSON in UTF-8, sent without a content coding.' },
   validation_failed: { status: 400, message: 'The request body is not valid.' },
   internal_error: { status: 500, message: 'Internal error.' },
   admin_unavailable: { status: 503, message: 'The admin API could not be reached.' },

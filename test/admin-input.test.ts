@@ -6,6 +6,7 @@
 // revoked; PostgreSQL out of reach is 503 store_unavailable. None of it writes an audit row.
 import t from 'tap'
 import net from 'node:net'
+import { gzipSync } from 'node:zlib'
 import { startAdmin } from './helpers/admin.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { openDb } from '../core/db.ts'
@@ -160,6 +161,26 @@ await forEachStore(t, async (t, store) => {
   for (const type of ['application/json; charset=utf-8', 'application/json;charset="UTF-8"', 'application/json; charset=utf8', 'application/json; charset=US-ASCII', quoted]) {
     const a = await h.call('POST', '/v1/keys/validate', { raw: Buffer.from('{"key":"caf\u00e9"}'), headers: { 'content-type': type } })
     t.equal(a.status, 200, `${type}: taken`)
+  }
+
+  // A content-coded body is refused 415 with what is taken (RFC 9110 §15.5.16, §12.5.3). Before
+  // (found by a review), Content-Encoding was ignored: plain JSON sent as `br` was taken (201), and
+  // a gzipped body refused as not UTF-8 (400).
+  const plain = Buffer.from('{"key":"kg_x"}')
+  for (const [what, raw, coding] of [
+    ['plain JSON said to be br', plain, 'br'],
+    ['a gzipped body', gzipSync(plain), 'gzip'],
+    ['a list with a coding', plain, 'identity, deflate'],
+  ] as const) {
+    const a = await h.call('POST', '/v1/keys/validate', { raw, headers: { ...json, 'content-encoding': coding } })
+    refused(a, 415, 'unsupported_media_type', what)
+    t.match(a.json?.error?.message, /not content-coded \(Content-Encoding: "(br|gzip|deflate)"\)/, `${what}: the coding is named`)
+    t.equal(a.headers['accept-encoding'], 'identity', `${what}: Accept-Encoding says what is taken`)
+    t.equal(a.headers.connection, 'close', `${what}: the body is not read`)
+  }
+  for (const coding of ['identity', 'Identity', '']) {
+    const a = await h.call('POST', '/v1/keys/validate', { raw: plain, headers: { ...json, 'content-encoding': coding } })
+    t.equal(a.status, 200, `Content-Encoding: ${JSON.stringify(coding)}: taken`)
   }
 
   // The key service refuses Infinity itself (the CLI's --metadata and import files read 1e309 so).
