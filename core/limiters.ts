@@ -52,6 +52,9 @@ interface Gate {
 
 const TIMED_OUT = new Error('limiter call timed out')
 
+/** The source (see `Limiter.source`) of answers given by Redis's insurance. */
+export const INSURANCE = 0
+
 /** A call to the first limiter that has not answered yet. */
 interface Pending {
   readonly deadline: number
@@ -195,7 +198,7 @@ class Insured implements Limiter {
 
   /** Which limiter answers: changes when the gate switches, so answers kept from the other one can be dropped. */
   get source(): number {
-    return this.#gate.up ? 1 : 0
+    return this.#gate.up ? 1 : INSURANCE
   }
 
   answeredBy(res: RateLimiterRes): number | undefined {

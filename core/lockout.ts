@@ -12,6 +12,11 @@
 // back. The message names the end, not a duration: one kept while Redis was down and sent when
 // it is back must not start a new lockout then (it is ignored if the lockout has ended).
 //
+// A switch between Redis and its insurance does not start an address's count afresh: a store
+// that answers with less than this process last counted in the window (Redis gone, back, or back
+// empty) is raised to that count plus the failure (see `count`), and when Redis answers again
+// the failures the insurance counted are written into it (see `restore`).
+//
 // A lockout decided while Redis was not answering was counted in this process alone. When Redis
 // answers again, the instance writes every lockout it holds into Redis (as the limiter's own
 // keys, so every instance's read finds them) and only then publishes the ones it decided: the
@@ -24,13 +29,13 @@ import ipaddr from 'ipaddr.js'
 import { publishInvalidation } from './invalidation.ts'
 import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
-import { createLimiter, secondsFrom, type Limiter } from './limiters.ts'
+import { createLimiter, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
 import type { Logger } from './log.ts'
 
 export const LOCKOUT_KEY_PREFIX = 'keygate:lockout'
 /**
- * Writes a lockout into Redis as the limiter's key (`KEYS[1]`): at least `ARGV[1]` points, for at
- * least `ARGV[2]` ms, never lowering what is there.
+ * Writes a lockout, or failures counted on the insurance, into Redis as the limiter's key
+ * (`KEYS[1]`): at least `ARGV[1]` points, for at least `ARGV[2]` ms, never lowering what is there.
  */
 const RESTORE_SCRIPT = `local n = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local ttl = redis.call('PTTL', KEYS[1])
@@ -41,6 +46,15 @@ return 1`
 
 /** Locked-out addresses held in memory; each took `max_attempts` failures to get there. */
 const MIRROR_MAX = 100_000
+
+/** An address's failures as the limiter last counted them. */
+interface Count {
+  count: number
+  /** When the limiter's window of them ends (epoch ms). */
+  until: number
+  /** Counted by Redis's insurance: written into Redis when it is back. */
+  insured: boolean
+}
 
 export interface Lockout {
   /** Seconds until the address may try again, or undefined when it is not locked out. A memory look-up. */
@@ -115,11 +129,47 @@ export function createLockout(options: LockoutOptions): Lockout {
   // The failures counted per address (the limiter's answer to the last one, shared through Redis
   // or the cluster primary), kept for as long as the limiter keeps them; and the attempts in
   // doubt here, with those waiting for a place.
-  const counted = new QuickLRU<string, number>({ maxSize: MIRROR_MAX })
+  const counted = new QuickLRU<string, Count>({ maxSize: MIRROR_MAX })
   const doubt = new Map<string, { n: number; waiting: Array<(lockedS: number | undefined) => void> }>()
   // With none in doubt one always may: nothing else would ever let a waiting one in (the count
   // may say locked out while the lockout's mirror has dropped it; the limiter then judges).
-  const mayStart = (addressKey: string, inDoubt: number) => inDoubt === 0 || inDoubt + (counted.get(addressKey) ?? 0) < maxAttempts
+  const mayStart = (addressKey: string, inDoubt: number) => inDoubt === 0 || inDoubt + (counted.get(addressKey)?.count ?? 0) < maxAttempts
+
+  // The failures of an address are counted one after another: `count` raises the store's count to
+  // what this process knows, and a raise judged from an answer given before another's raise had
+  // landed would count that one's failures twice.
+  const counting = new Map<string, Promise<unknown>>()
+  const inTurn = <T>(addressKey: string, task: () => Promise<T>): Promise<T> => {
+    const before = counting.get(addressKey)
+    const turn = before === undefined ? task() : before.then(task, task)
+    counting.set(addressKey, turn)
+    return turn.finally(() => counting.get(addressKey) === turn && counting.delete(addressKey))
+  }
+  /**
+   * Counts a failure. The store answering may hold less than this process last counted in the
+   * window: Redis went down (the insurance starts from zero), came back (without what the
+   * insurance counted), or came back empty. The count is then raised to what was known plus this
+   * failure (before, each switch started the address afresh, and up to about twice
+   * `max_attempts` failures were checked). Raised to it, not by it: the store may hold some of
+   * them already (a slow Redis keeps its count and counts the call that timed out when it wakes;
+   * `restore` writes the insurance's), and a failure counted twice locks the address out early.
+   */
+  const count = async (addressKey: string): Promise<{ r: RateLimiterRes; reached: boolean }> => {
+    const known = counted.get(addressKey)?.count ?? 0
+    let r = await limiter.penalty(addressKey, 1)
+    let reached = crosses(r, 1)
+    if (r.consumedPoints <= known) {
+      const more = known + 1 - r.consumedPoints
+      r = await limiter.penalty(addressKey, more)
+      reached ||= crosses(r, more)
+    }
+    if (r.msBeforeNext > 0) counted.set(addressKey, { count: r.consumedPoints, until: Date.now() + r.msBeforeNext, insured: limiter.answeredBy?.(r) === INSURANCE }, { maxAge: r.msBeforeNext })
+    return { r, reached }
+  }
+  // Whether the `added` points of `r` took the count from below the limit to it or past it: a
+  // raise adds several, and with another instance's failure counted just before it, it passes the
+  // limit without giving it (the failure is still the one that locks the address out).
+  const crosses = (r: RateLimiterRes, added: number) => r.consumedPoints >= maxAttempts && r.consumedPoints - added < maxAttempts
   /** Lets in the waiting attempts that may start now, and answers those a lockout has begun for. */
   const pump = (addressKey: string) => {
     const d = doubt.get(addressKey)
@@ -171,14 +221,18 @@ export function createLockout(options: LockoutOptions): Lockout {
     if (!redis || redis.status !== 'ready') return
     const now = Date.now()
     const held = inForce(now)
+    // The failures the insurance counted: the other instances count on from them at once, not
+    // from this instance's next failure of the address.
+    const insured = [...counted.entries()].filter(([, c]) => c.insured && c.until > now)
     for (const address of unpublished) if (!((locked.peek(address) ?? 0) > now)) unpublished.delete(address)
-    if (held.length === 0) {
+    if (held.length === 0 && insured.length === 0) {
       publishAll = false
       return
     }
     const pipeline = redis.pipeline()
     // As the limiter's block writes it (one point past the limit), so a read counts it locked.
     for (const [address, until] of held) pipeline.eval(RESTORE_SCRIPT, 1, `${LOCKOUT_KEY_PREFIX}:${address}`, maxAttempts + 1, until - now)
+    for (const [address, c] of insured) pipeline.eval(RESTORE_SCRIPT, 1, `${LOCKOUT_KEY_PREFIX}:${address}`, c.count, c.until - now)
     const replies = (await pipeline.exec()) ?? []
     if (replies.some(([err]) => err)) throw replies.find(([err]) => err)?.[0]
     const all = publishAll
@@ -230,10 +284,9 @@ export function createLockout(options: LockoutOptions): Lockout {
       }
     },
     async recordFailure(addressKey) {
-      const r = await limiter.penalty(addressKey, 1)
-      if (r.msBeforeNext > 0) counted.set(addressKey, r.consumedPoints, { maxAge: r.msBeforeNext })
+      const { r, reached } = await inTurn(addressKey, () => count(addressKey))
       if (r.consumedPoints < maxAttempts) return
-      if (r.consumedPoints === maxAttempts) {
+      if (reached) {
         // The attempt that reaches the limit starts a full window of lockout from now.
         await limiter.block(addressKey, windowS)
         options.onLockout?.()

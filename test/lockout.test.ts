@@ -3,7 +3,7 @@
 // decided while Redis was down is written to Redis and published when Redis is back, and reaches
 // the others whichever reconnects first; one that ended meanwhile is neither, and does not lock
 // the address out again. A Redis that answers nothing never holds a failed attempt's answer.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { INVALIDATION_CHANNEL, publishInvalidation, subscribeInvalidations } from '../core/invalidation.ts'
 import { createLockout, LOCKOUT_KEY_PREFIX } from '../core/lockout.ts'
@@ -15,10 +15,14 @@ import { startRedisServer } from './helpers/redis-server.ts'
 
 const quiet = createLogger({ write: () => {} })
 
-t.test('a lockout kept through a Redis outage locks the other instances only for what is left of it', async (t) => {
+/**
+ * A Redis of the test's own, the lockouts of two instances on it (`la` on connection `a`, the one
+ * that sees the failures; `lb` on `b`), and `admin` to look into Redis (connected when asked to).
+ */
+async function twoInstances(t: Test, options: { maxAttempts: number; windowS: number }) {
   const server = await startRedisServer(t)
-  const a = connectRedis(server.url, quiet) // the instance that sees the failures
-  const b = connectRedis(server.url, quiet) // another instance
+  const a = connectRedis(server.url, quiet)
+  const b = connectRedis(server.url, quiet)
   const admin = new Redis(server.url, { maxRetriesPerRequest: 1, lazyConnect: true })
   t.teardown(() => {
     a.disconnect()
@@ -26,9 +30,13 @@ t.test('a lockout kept through a Redis outage locks the other instances only for
     admin.disconnect()
   })
   await until(t, 'connected', () => a.status === 'ready' && b.status === 'ready')
-  const options = { maxAttempts: 2, windowS: 1, log: quiet }
-  const la = createLockout({ ...options, redis: a })
-  const lb = createLockout({ ...options, redis: b })
+  const la = createLockout({ ...options, log: quiet, redis: a })
+  const lb = createLockout({ ...options, log: quiet, redis: b })
+  return { server, a, b, admin, la, lb }
+}
+
+t.test('a lockout kept through a Redis outage locks the other instances only for what is left of it', async (t) => {
+  const { server, a, b, admin, la, lb } = await twoInstances(t, { maxAttempts: 2, windowS: 1 })
   const seen: string[] = []
   const close = await subscribeInvalidations(b, {
     handler: (m) => {
@@ -186,4 +194,83 @@ t.test('a lockout decided while Redis was down reaches the other instances when 
   await server.start()
   await until(t, 'the lockout reaches the other instance', () => lb.lockedFor(address) !== undefined)
   t.ok((lb.lockedFor(address) ?? 0) <= 30, 'for what is left of it')
+})
+
+/** A Redis of the test's own, a lockout of 20 s windows on it, and an address with two failures counted there. */
+async function twoFailuresInRedis(t: Test, maxAttempts: number) {
+  const server = await startRedisServer(t)
+  const a = connectRedis(server.url, quiet)
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => {
+    a.disconnect()
+    admin.disconnect()
+  })
+  await until(t, 'connected', () => a.status === 'ready')
+  const lockout = createLockout({ maxAttempts, windowS: 20, log: quiet, redis: a })
+  const address = freshAddress()
+  await lockout.recordFailure(address)
+  await lockout.recordFailure(address)
+  const counted = () => admin.get(`${LOCKOUT_KEY_PREFIX}:${address}`)
+  t.equal(await counted(), '2', 'two failures counted in Redis')
+  return { server, a, admin, lockout, address, counted }
+}
+
+t.test('the failures Redis counted go on counting on the insurance when Redis goes down', async (t) => {
+  const { server, a, admin, lockout, address } = await twoFailuresInRedis(t, 3)
+  admin.disconnect()
+  await server.stop()
+  await until(t, 'down', () => !redisHealth(a).up)
+  // Before, the insurance counted from zero: five failures were checked before the lockout.
+  await lockout.recordFailure(address)
+  t.equal(lockout.lockedFor(address), 20, 'the third failure, counted on the insurance, locks the address out')
+})
+
+t.test('the failures counted on the insurance while Redis was down go on counting in Redis when it is back, here and on other instances', async (t) => {
+  const { server, a, b, admin, la, lb } = await twoInstances(t, { maxAttempts: 3, windowS: 20 })
+  await server.stop()
+  await until(t, 'down', () => !redisHealth(a).up && !redisHealth(b).up)
+  const here = freshAddress() // fails again at this instance
+  const there = freshAddress() // fails again at the other one
+  for (const address of [here, there, here, there]) await la.recordFailure(address)
+  // Redis comes back empty (restarted without persistence).
+  await server.start()
+  await admin.connect()
+  await until(t, 'back', () => redisHealth(a).up && redisHealth(b).up)
+  await until(t, 'the counts of the outage are written into Redis', async () => (await admin.get(`${LOCKOUT_KEY_PREFIX}:${there}`)) === '2')
+  await lb.recordFailure(there)
+  t.equal(lb.lockedFor(there), 20, "another instance's failure is the third, and locks the address out")
+  // Before, Redis counted from zero: five failures were checked before the lockout.
+  await la.recordFailure(here)
+  t.equal(la.lockedFor(here), 20, 'and so is the next one at this instance')
+})
+
+t.test('a failure Redis and its insurance have both counted across a switch is counted once', async (t) => {
+  // A Redis that is only slow keeps its count; the call that timed out is counted there too when it
+  // wakes. The count after the return is what failed, no more: the address is not locked out early.
+  const { server, a, lockout, address, counted } = await twoFailuresInRedis(t, 5)
+  server.pause()
+  t.teardown(() => server.resume())
+  await lockout.recordFailure(address) // times out: counted on the insurance, and by Redis when it wakes
+  t.notOk(redisHealth(a).up, 'on the insurance')
+  await lockout.recordFailure(address) // on the insurance alone
+  t.equal(lockout.lockedFor(address), undefined, 'four failures lock nothing out')
+  server.resume()
+  await until(t, 'back', () => redisHealth(a).up)
+  await until(t, 'Redis holds the four failures', async () => (await counted()) === '4')
+  t.equal(lockout.lockedFor(address), undefined, 'still not locked out')
+  await lockout.recordFailure(address)
+  t.equal(lockout.lockedFor(address), 20, 'the fifth failure locks the address out')
+})
+
+t.test('failures of one address counted at once across a switch are each counted once', async (t) => {
+  const { server, a, admin, lockout, address } = await twoFailuresInRedis(t, 5)
+  admin.disconnect()
+  await server.stop()
+  await until(t, 'down', () => !redisHealth(a).up)
+  // Each raises the insurance's count to what was known: judged from answers read before the
+  // other's raise had landed, both raised it (to five, and the address was locked out).
+  await Promise.all([lockout.recordFailure(address), lockout.recordFailure(address)])
+  t.equal(lockout.lockedFor(address), undefined, 'four failures lock nothing out')
+  await lockout.recordFailure(address)
+  t.equal(lockout.lockedFor(address), 20, 'the fifth locks the address out')
 })
