@@ -391,6 +391,8 @@ export class AnomalyDetector implements UsageSink {
   /** `key|hour` already judged for unusual activity. */
   readonly #hourJudged = new Map<string, number>()
   #timer: NodeJS.Timeout | undefined
+  /** The shared windows failed at the last check (logged once an outage). */
+  #sharedDown = false
 
   constructor(options: DetectorOptions) {
     this.#db = options.db
@@ -448,10 +450,17 @@ export class AnomalyDetector implements UsageSink {
     const tallies: Tally[] = []
     for (const byKey of this.#pending.take().values()) tallies.push(...byKey.values())
     let totals: Totals[]
+    const shared = this.#redis ? 'Redis' : 'the primary'
     try {
       totals = await this.#shared.add(tallies)
+      if (this.#sharedDown) this.#log.info(`${shared} answers again for anomaly windows; judging every instance's counts again`)
+      this.#sharedDown = false
     } catch (err) {
-      this.#log.warn(`${this.#redis ? 'Redis is' : 'the primary is'} unavailable for anomaly windows; judging this process alone until it returns`, { err: err as Error })
+      // Once an outage at warn, as Redis's own health and the webhooks log theirs (before, found
+      // by a review: a warning at every check, each check_interval_ms, while traffic came).
+      if (this.#sharedDown) this.#log.debug(`${shared} is still unavailable for anomaly windows`, { err: err as Error })
+      else this.#log.warn(`${shared} is unavailable for anomaly windows; judging this process alone until it returns (logged once until it does)`, { err: err as Error })
+      this.#sharedDown = true
       totals = await this.#memory.add(tallies)
     }
     const findings: Finding[] = []

@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, anomalyJson, RedisWindows, type Anomaly, type AnomalyJson } from '../core/anomalies.ts'
 import { migrate } from '../core/migrate.ts'
+import { connectRedis } from '../core/redis.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { createLogger, silentLogger, type Logger } from '../core/log.ts'
@@ -318,6 +319,41 @@ t.test('an anomaly recorded while Redis is down reaches the streams when it is b
   await sleep(300)
   t.equal(got.filter((a) => a.key_id === 'k_while_down').length, 1, 'once')
   t.equal(got.filter((a) => a.key_id === 'k_before_down').length, 1, 'and the earlier one was not sent again')
+})
+
+t.test('Redis down for several checks is one warning for the outage, and one line when it answers again', async (t) => {
+  const server = await startRedisServer(t)
+  const db = await memoryDb()
+  t.teardown(() => db.close())
+  await migrate(db)
+  const redis = connectRedis(server.url, silentLogger) // keygate's own: commands fail at once while it is down
+  t.teardown(() => redis.disconnect())
+  const lines: string[] = []
+  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
+  const detector = new AnomalyDetector({ db, thresholds: DEFAULT_CONFIG.anomalies, redis, channel, log: createLogger({ level: 'debug', write: (l) => lines.push(l) }), checkIntervalMs: 0 })
+  t.teardown(() => detector.close())
+  const said = (level: string) => lines.map((l) => JSON.parse(l) as { level: string; message: string }).filter((l) => l.level === level && l.message.includes('anomaly windows'))
+  /** One check interval with traffic. */
+  const interval = async () => {
+    detector.count('k_outage', 'forwarded', Date.now(), '192.0.2.1', 200)
+    await detector.check()
+  }
+  await until(() => redis.status === 'ready')
+  await interval()
+  t.same(said('warn'), [], 'nothing said while Redis answers')
+  await server.stop()
+  // Before, a warning at every check (every check_interval_ms, 1 s by default) for the whole outage.
+  for (let i = 0; i < 5; i++) await interval()
+  t.equal(said('warn').length, 1, 'one warning for five checks of the outage')
+  await server.start()
+  await until(async () => {
+    await interval()
+    return said('info').length > 0
+  })
+  t.match(said('info'), [{ message: /Redis answers again/ }], 'its return is said once')
+  for (let i = 0; i < 3; i++) await interval()
+  t.equal(said('info').length, 1, 'and nothing more while it answers')
+  t.equal(said('warn').length, 1, 'nor another warning')
 })
 
 t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-memory ones do", async (t) => {
