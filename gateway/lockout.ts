@@ -6,9 +6,15 @@ import type { Lockout } from '../core/lockout.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
 import type { RequestState, Stage, Verdict } from './state.ts'
 
-/** The answer to a locked-out address, counted (this stage's, and validation's for an attempt that waited while the lockout began). */
+/**
+ * The answer to a locked-out address, counted (this stage's, and validation's for an attempt that
+ * waited while the lockout began): Retry-After, the lockout's, and no RateLimit-* headers. The
+ * lockout is no rate limit, and its stage runs before the rate limits; an attempt that waited had
+ * passed them, and before, it alone carried the per-address limit's headers.
+ */
 export function lockedOut(s: RequestState, retryAfterS: number, metrics: GatewayMetrics): Verdict {
   s.retryAfterS = retryAfterS
+  s.rlLimit = -1
   metrics.lockedOutRequests.inc()
   return 'ip_locked_out'
 }

@@ -3,6 +3,7 @@
 import t from 'tap'
 import { Redis } from 'ioredis'
 import { generateKey } from '../core/keys/format.ts'
+import { createLockout } from '../core/lockout.ts'
 import { bearer, freshAddress, openStore, makeConfig, sleep, startGateway } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -51,6 +52,34 @@ t.test('lockout after failed attempts, not after missing keys, and its expiry', 
   const text = await h.metrics.registry.metrics()
   t.match(text, /keygate_lockouts_total 1/)
   t.match(text, /keygate_locked_out_requests_total 1/)
+})
+
+t.test('429 ip_locked_out carries Retry-After and no RateLimit-* headers, from the lockout stage and from an attempt that waited while the lockout began', async (t) => {
+  // The lockout is no rate limit, and its stage runs before the rate limits: before, an attempt
+  // that waited for its place (past the rate limit stage) was answered with the per-address
+  // RateLimit-* headers, and one refused by the lockout stage without them.
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60 })
+  let attempted: () => void = () => {}
+  const waiting = new Promise<void>((resolve) => (attempted = resolve))
+  const h = await startGateway(t, {
+    lockout: { ...lockout, attempt: (k) => (attempted(), lockout.attempt(k)) },
+    config: { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { per_address: { limit: 100, window_s: 60 } }, lockout: { max_attempts: 2, window_s: 60 } },
+  })
+  const from = freshAddress()
+  // Two attempts in doubt from the address: the request's attempt waits for a place.
+  t.equal(lockout.attempt(from), undefined, 'a place taken')
+  t.equal(lockout.attempt(from), undefined, 'and another')
+  const waited = h.get('/', { ...bearer('kg_nonsense'), 'x-forwarded-for': from })
+  await waiting
+  await lockout.finish(from, true)
+  await lockout.finish(from, true) // the second failure locks the address out
+  const answers = { 'an attempt that waited': await waited, 'the lockout stage': await h.get('/', { ...bearer('kg_nonsense'), 'x-forwarded-for': from }) }
+  for (const [path, a] of Object.entries(answers)) {
+    t.equal(a.json?.error?.code, 'ip_locked_out', `${path}: ip_locked_out`)
+    t.equal(a.headers['retry-after'], '60', `${path}: Retry-After, the lockout's`)
+    t.same(Object.keys(a.headers).filter((name) => name.startsWith('ratelimit-')), [], `${path}: no RateLimit-* headers`)
+  }
+  t.match(await h.metrics.registry.metrics(), /keygate_locked_out_requests_total 2/, 'both counted as locked out')
 })
 
 t.test('a burst of bad keys at once gets no more of them checked than the lockout allows; valid keys at once are all served', async (t) => {
