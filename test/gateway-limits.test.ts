@@ -54,6 +54,16 @@ t.test('lockout after failed attempts, not after missing keys, and its expiry', 
   t.match(text, /keygate_locked_out_requests_total 1/)
 })
 
+t.test('a key that authenticates does not reset the failures of its address', async (t) => {
+  // Else a client with one valid key of its own could send it between its guesses, and guess for ever.
+  const h = await startGateway(t, { config: { lockout: { max_attempts: 3, window_s: 60 } } })
+  const k = await h.key()
+  for (let i = 0; i < 2; i++) t.equal((await h.get('/', bearer('kg_nonsense'))).status, 401, 'a failure')
+  t.equal((await h.get('/', bearer(k.key))).status, 200, 'a valid key between them')
+  t.equal((await h.get('/', bearer('kg_nonsense'))).status, 401, 'the third failure')
+  t.equal((await h.get('/', bearer(k.key))).json?.error?.code, 'ip_locked_out', 'locks the address out')
+})
+
 t.test('429 ip_locked_out carries Retry-After and no RateLimit-* headers, from the lockout stage and from an attempt that waited while the lockout began', async (t) => {
   // The lockout is no rate limit, and its stage runs before the rate limits: before, an attempt
   // that waited for its place (past the rate limit stage) was answered with the per-address
