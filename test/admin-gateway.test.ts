@@ -186,4 +186,41 @@ await forEachStore(t, async (t, store) => {
     // Before: {401: 23, 429: 17}.
     t.same(tally, { 401: 3, 429: 37 }, 'three checked, the rest locked out')
   })
+
+  await t.test('the bootstrap token waits for its place in a burst: after the failures that lock the address out, it is refused 429 (found by a review)', async (t) => {
+    const h = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 3, window_s: 60 } } })
+    const good = await Promise.all(Array.from({ length: 10 }, () => h.call('GET', '/v1/stats', { auth: BOOTSTRAP_TOKEN })))
+    t.same(good.map((a) => a.status), Array(10).fill(200), 'ten token calls at once: each success gives its place back')
+    // Three bad keys held in their look-up, so that all three places are in doubt when the token comes.
+    let release = () => {}
+    const held = new Promise<void>((r) => (release = r))
+    let reachedThree = () => {}
+    const threeInDoubt = new Promise<void>((r) => (reachedThree = r))
+    const validate = h.keys.validate.bind(h.keys)
+    let looked = 0
+    h.keys.validate = async (...args) => {
+      if (++looked === 3) reachedThree()
+      await held
+      return validate(...args)
+    }
+    const bad = Array.from({ length: 3 }, () => h.call('GET', '/v1/stats', { auth: generateKey('kg_').key }))
+    await threeInDoubt
+    // The token's request is in once the lockout is asked about it; everything it does up to the
+    // comparison runs before the next turn of the event loop (no I/O between).
+    let asked = () => {}
+    const tokenAsked = new Promise<void>((r) => (asked = r))
+    const lockedFor = h.lockout.lockedFor.bind(h.lockout)
+    h.lockout.lockedFor = (k) => {
+      asked()
+      return lockedFor(k)
+    }
+    const token = h.call('GET', '/v1/stats', { auth: BOOTSTRAP_TOKEN })
+    await Promise.race([token, tokenAsked.then(() => new Promise((r) => setImmediate(r)))])
+    release()
+    t.same((await Promise.all(bad)).map((a) => a.status), [401, 401, 401], 'the three bad keys are checked and lock the address out')
+    const answer = await token
+    // Before: 200, compared before it took a place.
+    t.equal(answer.status, 429, 'the right token, after them, is refused')
+    t.equal(answer.json?.error?.code, 'ip_locked_out')
+  })
 })
