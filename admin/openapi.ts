@@ -31,7 +31,7 @@ function errorResponse(codes: ErrorCode[]) {
                 code: { type: 'string', enum: codes },
                 message: { type: 'string' },
                 request_id: { type: 'string' },
-                details: { type: 'object', description: 'For validation_failed: `fields`, each bad field with what is allowed.' },
+                details: { type: 'object', description: 'For validation_failed: `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there). For import_invalid: `problems`, the lines of the message.' },
               },
             },
           },

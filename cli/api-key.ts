@@ -4,7 +4,7 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
-import { escapeUnprintable, MAX_JSON_DEPTH, refuseChangedNumbers } from '../core/validate.ts'
+import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers } from '../core/validate.ts'
 import { CreateKeyBody, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
@@ -181,7 +181,10 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
     rows.push(row)
     lines.push(i + 1)
   })
-  if (problems.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${problems.join('\n  ')}`, { problems })
+  if (problems.length > 0) {
+    const listed = firstProblems(problems)
+    throw new KeygateError('import_invalid', `nothing imported:\n  ${listed.join('\n  ')}`, { problems: listed })
+  }
   return { rows, lines }
 }
 

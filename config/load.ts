@@ -8,7 +8,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { listenOverlaps } from '../core/formats.ts'
-import { describeAllowed, dotted, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
+import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
 import { lenientReading, prefixReadings, routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
@@ -459,7 +459,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
     // problem's line starts with the flag that gave the value (no key of the file starts with `--`).
     const code = problems.some((p) => p.startsWith('--')) ? 'usage_error' : 'config_invalid'
     // The first MAX_PROBLEMS and a count of the rest: a small file of unknown keys must not print megabytes.
-    const shown = problems.length > MAX_PROBLEMS ? [...problems.slice(0, MAX_PROBLEMS), `and ${problems.length - MAX_PROBLEMS} more problems`] : problems
+    const shown = firstProblems(problems, MAX_PROBLEMS)
     throw new KeygateError(code, `invalid configuration:\n  ${shown.join('\n  ')}`, { problems: shown, file })
   }
   return deepFreeze(config)

@@ -20,7 +20,7 @@ export default defineOperation({
   tag: 'keys',
   summary: 'Import legacy keys',
   description:
-    'Each row: `{"key_hash", "name", "type"?, "scopes"?, "owner"?, "metadata"?, "created_at"?, "expires_at"?}`. Every row is checked first and every problem reported (`import_invalid`); then all are written in one transaction. ' +
+    'Each row: `{"key_hash", "name", "type"?, "scopes"?, "owner"?, "metadata"?, "created_at"?, "expires_at"?}`. Every row is checked first and every problem reported (`import_invalid`, up to 20: the check stops at the row that reaches them); then all are written in one transaction. ' +
     `The body may be up to ${IMPORT_MAX_BODY_BYTES} bytes (32 MiB, or admin.max_body_bytes if larger), room for ${IMPORT_MAX_ROWS} rows of 3 KiB each; \`413 payload_too_large\` above (split a file of larger rows).`,
   maxBodyBytes: IMPORT_MAX_BODY_BYTES,
   body: Type.Object(

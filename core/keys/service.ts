@@ -8,7 +8,7 @@ import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, encodeCursor } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
-import { assertValid, dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
+import { assertValid, dotted, firstProblems, MAX_JSON_DEPTH, MAX_LISTED_PROBLEMS, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
@@ -524,7 +524,8 @@ export class KeyService {
 
   /**
    * Imports keys of the replaced system (UUID v4 strings stored as SHA-256 hex). All rows are
-   * checked first and every problem reported; then all are written in one transaction or none.
+   * checked first and their problems reported (up to MAX_LISTED_PROBLEMS: the check stops at the
+   * row that reaches them); then all are written in one transaction or none.
    */
   async importLegacy(input: unknown, actor: Actor, defaults: { type?: KeyType } = {}): Promise<KeyRecord[]> {
     if (!Array.isArray(input) || input.length === 0) throw emptyImport()
@@ -534,7 +535,7 @@ export class KeyService {
     const rows: ImportRowInput[] = []
     const seen = new Map<string, number>()
     const now = this.#now()
-    input.forEach((raw, i) => {
+    const check = (raw: unknown, i: number): void => {
       let hash: string | undefined
       if (raw && typeof raw === 'object' && typeof (raw as { key_hash?: unknown }).key_hash === 'string') {
         // Hex is case-blind; the replaced system may have stored upper case.
@@ -542,7 +543,7 @@ export class KeyService {
         raw = { ...raw, key_hash: hash }
       }
       // A well-formed hash is checked for repeats and against the store whatever else is wrong with
-      // its row, so that one answer lists every problem of the file (the README's promise).
+      // its row, so that one answer lists every problem of the rows checked (the README's promise).
       if (hash !== undefined && SHA256_HEX.test(hash)) {
         const first = seen.get(hash)
         if (first === undefined) seen.set(hash, i + 1)
@@ -563,13 +564,21 @@ export class KeyService {
         // The message names the row already when the row itself is what is wrong (`row 3: …`).
         problems[i]?.push(err.message.startsWith(`row ${i + 1}`) ? err.message : `row ${i + 1}: ${err.message}`)
       }
+    }
+    let found = 0
+    // The rows checked: all of them, or those up to the one whose problems reach the most listed.
+    const checked = input.findIndex((raw, i) => {
+      check(raw, i)
+      found += problems[i]?.length ?? 0
+      return found >= MAX_LISTED_PROBLEMS
     })
     const existing = await this.#db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE key_hash = ANY($1)', [[...seen.keys()]])
     for (const e of existing) {
       const row = seen.get(e.key_hash) as number
       problems[row - 1]?.push(`row ${row}: key_hash is already in the store`)
     }
-    const listed = problems.flat()
+    const listed = firstProblems(problems.flat())
+    if (checked >= 0 && checked < input.length - 1) listed.push(`the rows after row ${checked + 1} were not checked (an import lists at most ${MAX_LISTED_PROBLEMS} problems)`)
     if (listed.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${listed.join('\n  ')}`, { problems: listed })
     let records: KeyRecord[]
     try {
