@@ -4,7 +4,7 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
-import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers } from '../core/validate.ts'
+import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { CreateKeyBody, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
@@ -39,20 +39,23 @@ function parseMetadata(value: string | undefined): Record<string, unknown> | und
     throw new UsageError('--metadata: is not JSON; expected a JSON object such as \'{"team":"billing"}\'')
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new UsageError('--metadata: expected a JSON object')
-  const changed = changedNumber(value, parsed)
+  const changed = silentChange(value, parsed)
   if (changed !== undefined) throw new UsageError(`--metadata: ${changed}`)
   return parsed as Record<string, unknown>
 }
 
 /**
- * Why JSON `text` (parsed as `value`) would not be stored as written, or undefined: a number out
- * of range, past 2^53 - 1 or too close to zero, as the admin API refuses it in a body (before,
- * the CLI's --metadata and import files stored 12345678901234567891 rounded and 1e-400 as 0).
- * Too deep a value is left to the key service, which refuses it.
+ * Why JSON `text` (parsed as `value`) would not be stored as written, or undefined: a member
+ * name repeated in its object (JSON.parse keeps the last; or an object of more members than any
+ * input takes), or a number out of range, past
+ * 2^53 - 1 or too close to zero, as the admin API refuses them in a body (before, the CLI's
+ * --metadata and import files stored 12345678901234567891 rounded and 1e-400 as 0). Too deep a
+ * value is left to the key service, which refuses it.
  */
-function changedNumber(text: string, value: unknown): string | undefined {
+function silentChange(text: string, value: unknown): string | undefined {
   if (nestsDeeper(value, MAX_JSON_DEPTH + 1)) return undefined
   try {
+    refuseMemberProblems(text)
     refuseChangedNumbers(text, value)
     return undefined
   } catch (err) {
@@ -160,7 +163,7 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
       throw new KeygateError('import_invalid', `the import file is not valid JSON: ${(err as Error).message}`)
     }
     // `[3].metadata.x: ...` of the array is row 4's `metadata.x`.
-    const changed = changedNumber(trimmed, rows)?.replace(/^\[(\d+)\]\.?/, (_m, i: string) => `row ${Number(i) + 1}: `)
+    const changed = silentChange(trimmed, rows)?.replace(/^\[(\d+)\](?:\.|: )?/, (_m, i: string) => `row ${Number(i) + 1}: `)
     if (changed !== undefined) throw new KeygateError('import_invalid', `nothing imported:\n  ${changed}`, { problems: [changed] })
     return { rows }
   }
@@ -176,7 +179,7 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
       problems.push(`line ${i + 1}: is not a JSON object`)
       return
     }
-    const changed = changedNumber(line, row)
+    const changed = silentChange(line, row)
     if (changed !== undefined) problems.push(`line ${i + 1}: ${changed}`)
     rows.push(row)
     lines.push(i + 1)

@@ -393,6 +393,95 @@ export function shownField(field: string): string {
 }
 
 /**
+ * The most members an object of a JSON input may have: none keygate takes comes near (a body's
+ * fields are a few; metadata, the one free-form object, fits in 8 KiB, about 1,400 members at
+ * most). It bounds the names held to find a repeated one, and refuses the body of millions of
+ * members (a 31 MB import body of 2.5 million) before the walks over the parsed value, which
+ * took tens of seconds over it, holding the event loop.
+ */
+export const MAX_JSON_MEMBERS = 10_000
+
+/** An object or array open at a point of a JSON text. */
+interface OpenValue {
+  /** An object's member names so far; undefined for an array. */
+  names: Set<string> | undefined
+  /** In an object, whether the next string is a member's name (after `{` or `,`), not its value. */
+  nameNext: boolean
+  /** The member's name, or the array's index, the text is in. */
+  at: string
+  up: OpenValue | undefined
+}
+
+/** The index of the `"` that ends the JSON string opened at `start`: the first not escaped (after an even run of backslashes). */
+function stringEnd(text: string, start: number): number {
+  let i = start
+  for (;;) {
+    i = text.indexOf('"', i + 1)
+    if (i < 0) return text.length
+    let j = i - 1
+    while (text.charCodeAt(j) === 0x5c) j--
+    if ((i - 1 - j) % 2 === 0) return i
+  }
+}
+
+/** The path of the value `open`: where the text is in each value open around it, outermost first. */
+function openPath(open: OpenValue): string[] {
+  const path: string[] = []
+  for (let o = open.up; o !== undefined; o = o.up) path.push(o.at)
+  return path.reverse()
+}
+
+/**
+ * The first member of valid JSON `text` whose name repeats an earlier one of its object
+ * (compared as the names read, so "a" and "\u0061" are one), or that is one past
+ * MAX_JSON_MEMBERS in its object; undefined when there is none. JSON.parse keeps the last of
+ * a repeated name silently, and its reviver sees only that one: the text is read once more, by a
+ * loop over it that jumps over strings, holding the names of the objects open at that point.
+ */
+export function memberProblemAt(text: string): { path: string[]; problem: 'repeated' | 'too_many' } | undefined {
+  let open: OpenValue | undefined
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (c === 0x22 /* " */) {
+      const end = stringEnd(text, i)
+      if (open?.names !== undefined && open.nameNext) {
+        const raw = text.slice(i, end + 1)
+        const name = raw.includes('\\') ? (JSON.parse(raw) as string) : raw.slice(1, -1)
+        if (open.names.has(name)) return { path: [...openPath(open), name], problem: 'repeated' }
+        if (open.names.size >= MAX_JSON_MEMBERS) return { path: openPath(open), problem: 'too_many' }
+        open.names.add(name)
+        open.at = name
+        open.nameNext = false
+      }
+      i = end
+    } else if (c === 0x7b /* { */) open = { names: new Set(), nameNext: true, at: '', up: open }
+    else if (c === 0x5b /* [ */) open = { names: undefined, nameNext: false, at: '0', up: open }
+    else if (c === 0x7d /* } */ || c === 0x5d /* ] */) open = open?.up
+    else if (c === 0x2c /* , */ && open !== undefined) {
+      if (open.names !== undefined) open.nameNext = true
+      else open.at = String(Number(open.at) + 1)
+    }
+  }
+  return undefined
+}
+
+/**
+ * Refuses valid JSON `text` in which an object repeats a member's name, or has more than
+ * MAX_JSON_MEMBERS (validation_failed naming it). JSON.parse keeps the last of a repeated name,
+ * so `{"scopes":["read"],"scopes":["admin"]}` was a key with the admin scope whatever a reader of
+ * the first saw; repeated headers and query parameters are refused for the same reason: a second
+ * must not hide behind the first. Cheap (one pass, names held for the objects open), so it runs
+ * first of the checks of a parsed body.
+ */
+export function refuseMemberProblems(text: string, what = 'body'): void {
+  const found = memberProblemAt(text)
+  if (found === undefined) return
+  const field = shownField(dotted(found.path) || what)
+  if (found.problem === 'repeated') throw fieldInvalid(field, 'is given more than once in its object; send each member once')
+  throw fieldInvalid(field, `has more than ${MAX_JSON_MEMBERS} members; no input takes an object that large`)
+}
+
+/**
  * Checks `value` against `schema` and throws `validation_failed` naming the bad fields
  * (`details.fields`; the first MAX_LISTED_PROBLEMS, with `details.more` true when the check
  * stopped there), or returns it typed.

@@ -42,6 +42,8 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{"id":12345678901234567891}'], /^keygate: --metadata: id: 12345678901234567891 has more digits than a number holds \(about 17\); it would be stored as 12345678901234567000/],
     [['api-key', 'update', 'abc', '--metadata', '{"a":{"b":[1e-400]}}'], /^keygate: --metadata: a\.b\[0\]: 1e-400 is too close to zero for a number; it would be stored as 0/],
     [['api-key', 'update', 'abc', '--metadata', '{"a":1e309}'], /^keygate: --metadata: a: 1e309 is beyond the range of a number/],
+    // A member named twice, as the admin API refuses it (before: the last one kept without a word).
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{"team":"a","t\\u0065am":"b"}'], /^keygate: --metadata: team: is given more than once in its object; send each member once\n$/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '1d', '--expires-at', '2031-01-01T00:00:00Z'], /exclude each other/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rotate-every', 'often'], /--rotate-every: "often" is not a duration/],
     // Values the API's schema never takes, checked before a store is opened, naming the flag.
@@ -148,6 +150,11 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   const tiny = await runCli(['api-key', 'import', numbersLines, '--json'], { cwd, env })
   t.equal(tiny.code, 1)
   t.match(tiny.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}line 3: metadata\.x: 1e-400 is too close to zero/ })
+  const twiceLines = join(cwd, 'twice.jsonl')
+  writeFileSync(twiceLines, `${JSON.stringify({ key_hash: hash(5), name: 'fine' })}\n\n{"key_hash":"${hash(6)}","name":"twice","scopes":["read"],"scopes":["admin"]}\n`)
+  const twice = await runCli(['api-key', 'import', twiceLines, '--json'], { cwd, env })
+  t.equal(twice.code, 1)
+  t.match(twice.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}line 3: scopes: is given more than once in its object/ })
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
   // More rows than one import takes: refused on the store as through the admin API (before, the
   // store took any number, and the admin API refused more than 10,000 as validation_failed).
