@@ -5,7 +5,7 @@ import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
 import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
-import { CreateKeyBody, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
+import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
@@ -138,7 +138,12 @@ function keyDetail(k: KeyRecord): string {
 }
 
 async function readInput(io: Io, source: string): Promise<string> {
-  if (source === '-') return io.readStdin()
+  if (source === '-') {
+    // Bounded as the admin API bounds an import's body (before: read whatever came, without end).
+    const text = await io.readStdin({ maxBytes: IMPORT_MAX_BODY_BYTES })
+    if (text === undefined) throw new KeygateError('import_invalid', `stdin holds more than ${IMPORT_MAX_BODY_BYTES / 1024 / 1024} MiB, the most one import reads from it (as the admin API takes in one body): split the file`)
+    return text
+  }
   try {
     return readFileSync(source, 'utf8')
   } catch (err) {

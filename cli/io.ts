@@ -14,7 +14,8 @@ export const EXIT_USAGE = 2
 export interface Io {
   out(text: string): void
   err(text: string): void
-  readStdin(): Promise<string>
+  /** Stdin as text, up to `maxBytes`: undefined when it holds more (see readStdin). */
+  readStdin(limit: StdinLimit): Promise<string | undefined>
   env: Readonly<Record<string, string | undefined>>
 }
 
@@ -37,14 +38,37 @@ function writeAll(fd: number, text: string): void {
   }
 }
 
+export interface StdinLimit {
+  maxBytes: number
+  /** Up to the first line break only (not included); nothing after it is read. */
+  firstLine?: boolean
+}
+
+/**
+ * Reads stdin up to `maxBytes`, or with `firstLine` up to its first line break, and then stops
+ * reading (leaving the loop destroys the stream, so the process can end while the writer keeps
+ * it open). Undefined when more than `maxBytes` came first. Before (found by a review), stdin was
+ * read to its end: `validate -` answered only once the writer closed it, and `yes KEY |` grew
+ * the process without bound.
+ */
+async function readStdin({ maxBytes, firstLine = false }: StdinLimit): Promise<string | undefined> {
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const chunk of process.stdin as AsyncIterable<Buffer>) {
+    const end = firstLine ? chunk.indexOf(0x0a) : -1
+    const part = end === -1 ? chunk : chunk.subarray(0, end)
+    size += part.length
+    if (size > maxBytes) return undefined
+    chunks.push(part)
+    if (end !== -1) break
+  }
+  return Buffer.concat(chunks).toString('utf8')
+}
+
 export const processIo: Io = {
   out: (t) => writeAll(1, t),
   err: (t) => writeAll(2, t),
-  readStdin: async () => {
-    const chunks: Buffer[] = []
-    for await (const c of process.stdin) chunks.push(c as Buffer)
-    return Buffer.concat(chunks).toString('utf8')
-  },
+  readStdin,
   env: process.env,
 }
 
@@ -122,9 +146,17 @@ export function checkFlags(schema: TSchema, values: Record<string, unknown>, fla
   )
 }
 
+/** The longest first line `-` takes: no key or token comes near it. */
+export const SECRET_LINE_MAX_BYTES = 64 * 1024
+
 /** A secret given as an argument, or `-` to read it from the first line of stdin (out of the process list). */
 export async function argOrStdin(io: Io, value: string): Promise<string> {
-  return value === '-' ? ((await io.readStdin()).split('\n')[0]?.trim() ?? '') : value
+  if (value !== '-') return value
+  const line = await io.readStdin({ maxBytes: SECRET_LINE_MAX_BYTES, firstLine: true })
+  if (line === undefined) {
+    throw new KeygateError('validation_failed', `the first line of stdin is longer than ${SECRET_LINE_MAX_BYTES / 1024} KiB; give the key or token alone on the first line`)
+  }
+  return line.trim()
 }
 
 export function parse(argv: string[], options: ParseArgsOptionsConfig, positionals: { min: number; max: number }, usage: string): Parsed {

@@ -6,7 +6,7 @@ import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
+import { KEYGATE_BIN, capturedStderr, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
 import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -129,6 +129,44 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
   }
   const full = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_WASM_TIERING: 'full' }) })
   t.equal(full.code, 0, 'KEYGATE_WASM_TIERING=full runs the command in its own process (with TurboFan), on the store left behind')
+})
+
+t.test('`-` reads the first line of stdin and answers while the writer keeps it open; stdin is read within bounds', { timeout: 120_000 }, async (t) => {
+  // Before (found by a review): stdin was read to its end, so `(echo KEY; sleep 8) | keygate
+  // api-key validate -` answered 8 s late and `yes KEY | keygate api-key validate -` never, its
+  // memory growing without bound. Each command here is waited for with its stdin still open, and
+  // only then is stdin closed: the old command would never have ended.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const created = await runCli(['api-key', 'create', '--name', 'piped', '--type', 'user', '--json'], { cwd, env })
+  t.equal(created.code, 0, 'a key to validate')
+  const { id, key } = created.json() as { id: string; key: string }
+  plaintexts.push(key)
+  const withOpenStdin = async (args: string[], input: Buffer | string) => {
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env: childEnv(env), cwd, stdio: ['pipe', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    command.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+    command.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    // The command may stop reading before all of `input` is written: its end of the pipe then closes.
+    command.stdin?.on('error', () => {})
+    command.stdin?.write(input)
+    const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
+    command.stdin?.end()
+    capturedStderr.push(stderr)
+    return { code, stdout, stderr }
+  }
+  const valid = await withOpenStdin(['api-key', 'validate', '-'], `${key}\n${key}\nmore lines the command never reads\n`)
+  t.equal(valid.code, 0, 'the command ends, with stdin still open')
+  t.match(valid.stdout, new RegExp(`^valid: ${id} \\(piped, user, active\\)\\n$`), 'the key on the first line is checked')
+  // A first line longer than any key: refused once 64 KiB have come without a line break.
+  const long = await withOpenStdin(['api-key', 'validate', '-', '--json'], 'a'.repeat(70_000))
+  t.equal(long.code, 1)
+  t.match(JSON.parse(long.stdout).error, { code: 'validation_failed', message: 'the first line of stdin is longer than 64 KiB; give the key or token alone on the first line' })
+  // An import from stdin reads no more than the admin API takes in one body (32 MiB).
+  const big = await withOpenStdin(['api-key', 'import', '-', '--json'], Buffer.alloc(32 * 1024 * 1024 + 1, 0x20))
+  t.equal(big.code, 1)
+  t.match(JSON.parse(big.stdout).error, { code: 'import_invalid', message: /^stdin holds more than 32 MiB, the most one import reads from it \(as the admin API takes in one body\): split the file$/ })
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))

@@ -1,17 +1,9 @@
 // POST /v1/keys/import: legacy keys (SHA-256 hex of UUID v4 strings), all rows or none.
 import { Type } from '@sinclair/typebox'
-import { IMPORT_MAX_ROWS, KeyTypeSchema } from '../../core/keys/schemas.ts'
+import { IMPORT_MAX_BODY_BYTES, IMPORT_MAX_ROWS, KeyTypeSchema } from '../../core/keys/schemas.ts'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
 import { KeySchema } from '../schemas.ts'
-
-/**
- * The import is one body (one transaction), and admin.max_body_bytes (1 MiB by default) held
- * about 5,000 legacy rows of 190 bytes, where an import takes 10,000 on the store. 32 MiB holds
- * 10,000 rows of 3 KiB each (test/admin-keys.test.ts checks it), and bounds what one admin
- * request makes the server read and parse (about four times its size in memory).
- */
-export const IMPORT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 export default defineOperation({
   id: 'importKeys',
