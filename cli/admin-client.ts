@@ -95,7 +95,11 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     if (typeof error?.code !== 'string' || !Object.hasOwn(ERRORS, error.code) || typeof error.message !== 'string') {
       throw unavailable(`the admin API at ${shown} answered ${res.status} without a keygate error`)
     }
-    throw new KeygateError(error.code as ErrorCode, `${error.message} (admin API at ${shown})`, error.details)
+    // keygate's own messages break lines only before an indented one (an import's problems): any
+    // other line break is escaped, so a message cannot print a line that looks like keygate's.
+    // (Every other control character is escaped where the CLI prints it, io.ts terminalText.)
+    const message = error.message.replace(/\r?\n(?! {2}\S)/g, (b) => JSON.stringify(b).slice(1, -1))
+    throw new KeygateError(error.code as ErrorCode, `${message} (admin API at ${shown})`, error.details)
   }
   return { call }
 }

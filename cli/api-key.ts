@@ -317,7 +317,8 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
           return EXIT_OK
         }
         const why = result.keyId ? `${result.code} (${result.reason}, key ${result.keyId})` : `${result.code} (${result.reason})`
-        ctx.io.err(`keygate: key refused: ${why}\n`)
+        // One line, whatever an admin API answered: no control character of its reaches the terminal.
+        ctx.io.err(`keygate: key refused: ${escapeUnprintable(why)}\n`)
         if (ctx.json) printJson(ctx.io, { valid: false, code: result.code, reason: result.reason, key_id: result.keyId ?? null })
         return EXIT_REFUSED
       }

@@ -8,6 +8,7 @@ import type { N8nKeyCreated, N8nKeyDeleted, N8nListItem, N8nVerification } from 
 import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
+import { escapeUnprintable } from '../core/validate.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, printMade, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
@@ -142,7 +143,8 @@ function verifyCommand<V extends Verification>(o: {
       }
       const record = result.record ? ` (keygate record ${result.record.id}${result.record.deleted_at ? `, deleted ${result.record.deleted_at}` : ''})` : ''
       const message = 'message' in result ? `: ${result.message}` : ''
-      ctx.io.err(`keygate: ${o.noun} refused: ${result.reason}${message}${record}\n`)
+      // One line, whatever the service or an admin API answered: no control character of theirs reaches the terminal.
+      ctx.io.err(`keygate: ${o.noun} refused: ${escapeUnprintable(`${result.reason}${message}${record}`)}\n`)
       return EXIT_REFUSED
     }
   })

@@ -209,11 +209,24 @@ export function printJson(io: Io, value: unknown): void {
   io.out(JSON.stringify(value, null, 2) + '\n')
 }
 
+/**
+ * A line of keygate's own for stderr, from text that may hold another's (Gitea's, n8n's or an
+ * admin API's message, a stored value): every control character but the line break, and the
+ * invisible format characters, escaped as `\\uXXXX`, so the text can neither rewrite the terminal
+ * nor set its title. (Line breaks of text from elsewhere are dealt with where it comes in:
+ * Gitea's and n8n's messages are made one line, an admin API's keeps only keygate's own.)
+ */
+export function terminalText(text: string): string {
+  return text.split('\n').map(escapeUnprintable).join('\n')
+}
+
 /** Reports a failure: the reason on stderr, and with --json the error object on stdout too. */
 export function fail(io: Io, json: boolean, code: ErrorCode, message: string, details?: Readonly<Record<string, unknown>>): number {
   // Each told where it can be: stdout may be the stream that failed, stderr too.
   try {
-    io.err(`keygate: ${message}\n`)
+    // Every error path ends here: a message may carry a remote service's words (before, found
+    // by a review, a Gitea answering with escape sequences cleared the screen through it).
+    io.err(`keygate: ${terminalText(message)}\n`)
   } catch {}
   try {
     if (json) printJson(io, { error: { code, message, ...(details ? { details } : {}) } })

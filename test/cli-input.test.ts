@@ -4,6 +4,8 @@
 // before those rules are printed escaped. An import's problems are told all in one answer.
 import t from 'tap'
 import { createHash } from 'node:crypto'
+import http from 'node:http'
+import type { AddressInfo } from 'node:net'
 import { existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli, runCliHere } from './helpers/cli.ts'
@@ -241,4 +243,52 @@ t.test('a store named on the command line while the admin URL is set is a usage 
     t.match(r.stderr, /^keygate: --(data-dir|database-url): the command goes through the admin API at http:\/\/127\.0\.0\.1:9/, 'says why')
   }
   t.notOk(existsSync(dataDir), 'no store opened')
+})
+
+t.test("a remote service's or admin API's message reaches the terminal with its control characters escaped", async (t) => {
+  // Before (found by a review): tables escaped stored and remote text, error paths did not. A
+  // Gitea answering with escape sequences cleared the screen, coloured a forged verdict and set
+  // the terminal's title through `keygate gitea list`; an admin API's message the same way.
+  const hostile = 'oops \u001b[2J\u001b[31mFAKE: key revoked OK\u001b[0m \u001b]0;title\u0007 \u009b2J \u202eevil'
+  const server = http.createServer((req, res) => {
+    const json = (status: number, body: unknown, admin = true) => res.writeHead(status, { 'content-type': 'application/json', ...(admin ? { 'x-keygate-admin': '1' } : {}) }).end(JSON.stringify(body))
+    if (req.url?.startsWith('/gitea/')) return json(500, { message: hostile }, false)
+    if (req.url === '/admin/v1/keys/validate') return json(200, { valid: false, code: 'key_invalid', reason: `malformed\n${hostile}` })
+    if (req.url === '/admin/v1/gitea/tokens/verify') return json(200, { valid: false, reason: 'unauthorized', message: `${hostile}\nkeygate: key revoked OK`, record: null })
+    // keygate's own continuation lines (an import's problems) stay; any other line break is escaped.
+    if (req.url?.startsWith('/admin/')) return json(500, { error: { code: 'internal_error', message: `boom\u001b[2J\r\nkeygate: key revoked OK\n  row 1: still a line of its own` } })
+    res.writeHead(404).end()
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const raw = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202e]/
+  const escaped = (what: string, stderr: string) => {
+    t.notMatch(stderr, raw, `${what}: no control or format character reaches the terminal`)
+    // One line of keygate's (the admin API's error continued by its indented line), besides the log's.
+    const lines = stderr.trimEnd().split('\n').filter((l) => !l.startsWith('{"level":'))
+    t.same(lines.map((l) => (l.startsWith('keygate: ') ? 'keygate' : l.startsWith('  row 1: ') ? 'indented' : l)), what === 'api-key list' ? ['keygate', 'indented'] : ['keygate'], `${what}: no line but keygate's own`)
+  }
+
+  // Gitea's message, on the store opened here (the real process).
+  const cwd = tempDir()
+  const gitea = await runCli(['gitea', 'list'], { cwd, env: isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), GITEA_URL: `${base}/gitea`, GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1' }) })
+  t.equal(gitea.code, 1)
+  t.match(gitea.stderr, /refused to .*: 500 oops \\u001b\[2J\\u001b\[31mFAKE: key revoked OK\\u001b\[0m \\u001b\]0;title\\u0007 \\u009b2J \\u202eevil/, 'the message, escaped')
+  escaped('gitea list', gitea.stderr)
+
+  // An admin API's error, and the refusals of validate and verify (one line each).
+  const admin = isolated({ KEYGATE_ADMIN_URL: `${base}/admin`, KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) })
+  const listed = await runCli(['api-key', 'list'], { cwd, env: admin })
+  t.equal(listed.code, 1)
+  t.equal(listed.stderr, `keygate: boom\\u001b[2J\\r\\nkeygate: key revoked OK\n  row 1: still a line of its own (admin API at ${base}/admin)\n`)
+  escaped('api-key list', listed.stderr)
+  const validated = await runCliHere(['api-key', 'validate', 'kg_x'], { env: admin })
+  t.equal(validated.code, 1)
+  t.match(validated.stderr, /^keygate: key refused: key_invalid \(malformed\\u000aoops \\u001b\[2J/)
+  escaped('api-key validate', validated.stderr)
+  const verified = await runCliHere(['gitea', 'verify', 'token'], { env: admin })
+  t.equal(verified.code, 1)
+  t.match(verified.stderr, /^keygate: token refused: unauthorized: oops \\u001b\[2J.*\\u000akeygate: key revoked OK\n$/)
+  escaped('gitea verify', verified.stderr)
 })
