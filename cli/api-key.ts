@@ -243,6 +243,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       all: { type: 'boolean' },
     },
     positionals: { min: 0, max: 0 },
+    readOnly: true,
     prepare(p) {
       const query: Record<string, unknown> = {}
       choiceFlag(p, 'type', KEY_TYPES)
@@ -274,6 +275,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     usage: 'keygate api-key get ID [--json]',
     options: {},
     positionals: { min: 1, max: 1 },
+    readOnly: true,
     prepare(p) {
       return async (ctx) => {
         const k = await ctx.ops.get(p.positionals[0] as string)
@@ -305,6 +307,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     usage: 'keygate api-key validate KEY|- [--address IP] [--json]',
     options: { address: { type: 'string' } },
     positionals: { min: 1, max: 1 },
+    readOnly: true,
     prepare(p) {
       const address = str(p, 'address')
       if (address !== undefined && parseAddress(address) === undefined) throw new UsageError(`--address: ${JSON.stringify(address)} is not an IP address`)
@@ -362,6 +365,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     usage: 'keygate api-key stats [--json]',
     options: {},
     positionals: { min: 0, max: 0 },
+    readOnly: true,
     prepare(p) {
       return async (ctx) => {
         const s = await ctx.ops.stats()

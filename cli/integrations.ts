@@ -52,9 +52,9 @@ function scopesFlag(p: Parsed, example: string): string[] {
 type Cells = Array<string | number | null | undefined>
 type Verification = GiteaVerification | N8nVerification
 
-/** The parts every command has, from a factory's options. */
-function command<C>(o: { summary: string; usage: string; options: ParseArgsOptionsConfig }, positionals: Command<C>['positionals'], prepare: Command<C>['prepare']): Command<C> {
-  return { summary: o.summary, usage: o.usage, options: o.options, positionals, prepare }
+/** The parts every command has, from a factory's options; `readOnly` for those that change nothing (list, verify). */
+function command<C>(o: { summary: string; usage: string; options: ParseArgsOptionsConfig }, positionals: Command<C>['positionals'], prepare: Command<C>['prepare'], readOnly = false): Command<C> {
+  return { summary: o.summary, usage: o.usage, options: o.options, positionals, prepare, readOnly }
 }
 
 /** `create`: the credential is printed once, after what was made. */
@@ -101,7 +101,7 @@ function listCommand<I extends { state: TrackState; local: { id: string; created
       else ctx.io.out(table([...o.headers, 'state', 'record', 'created by'], list.items.map((i) => [...o.row(i), STATE_WORDS[i.state], i.local?.id, i.local?.created_by])) + summaryLine(o.noun, list.summary))
       return EXIT_OK
     }
-  })
+  }, true)
 }
 
 /** `delete ID|NAME`: what was deleted, or that only the record was closed. */
@@ -147,7 +147,7 @@ function verifyCommand<V extends Verification>(o: {
       ctx.io.err(`keygate: ${o.noun} refused: ${escapeUnprintable(`${result.reason}${message}${record}`)}\n`)
       return EXIT_REFUSED
     }
-  })
+  }, true)
 }
 
 type GiteaCommand = Command<IntegrationContext<GiteaOperations>>

@@ -103,6 +103,8 @@ export interface Command<C> {
   summary: string
   options: ParseArgsOptionsConfig
   positionals: { min: number; max: number }
+  /** Changes nothing: on the embedded store, a data folder that holds none is refused, not made a new empty store. */
+  readOnly?: boolean
   /** Checks the command line (usage errors before any store is opened) and returns the action. */
   prepare(p: Parsed): (ctx: C) => Promise<number>
 }

@@ -109,6 +109,10 @@ export function actorName(): string {
   }
 }
 
+/** Why a command that only reads refuses a data folder without a store, and what makes one. */
+const NO_STORE_HINT =
+  'this command only reads, and makes no store; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with `keygate migrate`, `keygate serve` or a command that changes something (api-key create or import)'
+
 /**
  * Runs one subcommand of a group: help, usage checks (before anything is opened), then the
  * action with the context `open` builds from the store runtime; both are closed after. When
@@ -152,7 +156,7 @@ export async function runGroup<C>(
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   const log = cliLogger(io, config)
-  const runtime = await openRuntime(config, log)
+  const runtime = await openRuntime(config, log, sub.readOnly ? { existingOnly: NO_STORE_HINT } : {})
   const opened = open(runtime, log, p.values.json === true)
   const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   // Key events of changes made here are queued in the store; the running servers deliver them.

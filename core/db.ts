@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { chmodSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
+import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -499,6 +499,13 @@ export interface OpenDbOptions {
   /** What a store_locked refusal advises after naming the owner (default: a CLI command's way, through the admin API). */
   lockedHint?: string
   /**
+   * The embedded store only if one is there: a data folder that holds none is refused
+   * (store_unavailable, naming it, then this advice) and left as it is. For commands that only
+   * read: before (found by a review), a mistyped --data-dir, or ./.keygate from the wrong working
+   * folder, became a new empty store, and `validate` answered key_invalid from it.
+   */
+  existingOnly?: string
+  /**
    * With `memory`: a tar of an initialised data folder (PGlite's dumpDataDir) the store starts
    * from, instead of running PGlite's initdb, which costs seconds of CPU and gives the same
    * folder every time (tests open many stores).
@@ -521,6 +528,10 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, seed: options.seed }, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
+  // PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder).
+  if (options.existingOnly !== undefined && !existsSync(join(dir, 'pgdata', 'PG_VERSION'))) {
+    throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${options.existingOnly}`)
+  }
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 })
   } catch (err) {

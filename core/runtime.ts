@@ -26,14 +26,15 @@ export function keyServiceOptions(config: Config) {
   return { prefix: config.keys.prefix, previousPrefixes: config.keys.previous_prefixes, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
 }
 
-/** `lockedHint`: what a store_locked refusal advises (core/db.ts OpenDbOptions; default: a CLI command's way). */
-export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string } = {}): Promise<Runtime> {
+/** `lockedHint`, `existingOnly`: as core/db.ts OpenDbOptions has them. */
+export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string } = {}): Promise<Runtime> {
   const db = await openDb({
     databaseUrl: config.store.database_url,
     dataDir: config.store.data_dir,
     poolMax: config.store.pool_max,
     queryTimeoutMs: config.store.query_timeout_ms,
     ...(options.lockedHint ? { lockedHint: options.lockedHint } : {}),
+    ...(options.existingOnly !== undefined ? { existingOnly: options.existingOnly } : {}),
   })
   try {
     const cipherOf = (sealed?: readonly string[]) =>

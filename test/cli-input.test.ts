@@ -6,9 +6,9 @@ import t from 'tap'
 import { createHash } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { existsSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { runCli, runCliHere } from './helpers/cli.ts'
+import { runCli, runCliHere, type CliResult } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
@@ -291,4 +291,28 @@ t.test("a remote service's or admin API's message reaches the terminal with its 
   t.equal(verified.code, 1)
   t.match(verified.stderr, /^keygate: token refused: unauthorized: oops \\u001b\[2J.*\\u000akeygate: key revoked OK\n$/)
   escaped('gitea verify', verified.stderr)
+})
+
+t.test('a command that only reads refuses a data folder without a store, and makes none', async (t) => {
+  // Before (found by a review): openDb made the folder and a new empty store for every command, so
+  // `api-key validate KEY --data-dir /tmp/typo-dir` answered key_invalid from a store it had just
+  // made (pgdata and encryption.key left behind), and `api-key list` and `stats` showed 0 keys, exit 0.
+  const cwd = tempDir()
+  const typo = join(cwd, 'typo-dir')
+  const empty = join(cwd, 'empty')
+  mkdirSync(empty)
+  const refused = (r: CliResult, dir: string, what: string) => {
+    t.equal(r.code, 1, `${what}: exit 1`)
+    t.match(r.json().error, { code: 'store_unavailable', message: `no embedded store in ${dir}: this command only reads, and makes no store; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with \`keygate migrate\`` }, `${what}: names the folder and what makes a store`)
+  }
+  const env = isolated({ KEYGATE_DATA_DIR: undefined })
+  // The real process for a few; the rest through the command line's entry in this process.
+  refused(await runCli(['api-key', 'validate', 'kg_x', '--data-dir', typo, '--json'], { cwd, env }), typo, 'validate')
+  refused(await runCli(['api-key', 'list', '--json'], { cwd, env }), join(cwd, '.keygate'), 'list in a working folder without ./.keygate')
+  for (const args of [['api-key', 'list'], ['api-key', 'get', 'abcdefghijkl'], ['api-key', 'stats'], ['gitea', 'list'], ['gitea', 'verify', 'token'], ['n8n', 'list'], ['n8n', 'verify', 'key']]) {
+    refused(await runCliHere([...args, '--data-dir', empty, '--json'], { env: { ...env, GITEA_URL: 'http://127.0.0.1:1', GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1', N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' } }), empty, args.join(' '))
+  }
+  t.notOk(existsSync(typo), 'the mistyped folder is not made')
+  t.notOk(existsSync(join(cwd, '.keygate')), 'nor ./.keygate')
+  t.same(readdirSync(empty), [], 'and an empty folder stays empty')
 })
