@@ -10,7 +10,7 @@ import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -296,8 +296,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       checkFlags(UpdateKeyBody, body)
       return async (ctx) => {
         const k = await ctx.ops.update(p.positionals[0] as string, body)
-        if (ctx.json) printJson(ctx.io, keyJson(k))
-        else ctx.io.out(keyDetail(k))
+        printDone(() => {
+          if (ctx.json) printJson(ctx.io, keyJson(k))
+          else ctx.io.out(keyDetail(k))
+        }, `key ${k.id} was updated`)
         return EXIT_OK
       }
     },
@@ -337,8 +339,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       if (reason !== undefined) checkFlags(RevokeBody, { reason })
       return async (ctx) => {
         const k = await ctx.ops.revoke(p.positionals[0] as string, reason)
-        if (ctx.json) printJson(ctx.io, keyJson(k))
-        else ctx.io.out(`Revoked ${k.id} (${printable(k.name)}).\n`)
+        printDone(() => {
+          if (ctx.json) printJson(ctx.io, keyJson(k))
+          else ctx.io.out(`Revoked ${k.id} (${printable(k.name)}).\n`)
+        }, `key ${k.id} was revoked`)
         return EXIT_OK
       }
     },
@@ -391,8 +395,11 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         const imported = await ctx.ops.importLegacy(rows, type).catch((err: unknown) => {
           throw withLines(err, lines)
         })
-        if (ctx.json) printJson(ctx.io, { imported: imported.length, items: imported.map(keyJson) })
-        else ctx.io.out(`Imported ${imported.length} legacy key${imported.length === 1 ? '' : 's'}.\n` + keyRows(imported))
+        const keys = `${imported.length} legacy key${imported.length === 1 ? '' : 's'}`
+        printDone(() => {
+          if (ctx.json) printJson(ctx.io, { imported: imported.length, items: imported.map(keyJson) })
+          else ctx.io.out(`Imported ${keys}.\n` + keyRows(imported))
+        }, `${keys} ${imported.length === 1 ? 'was' : 'were'} imported (keygate api-key list shows them; importing the file again is refused as duplicates)`)
         return EXIT_OK
       }
     },

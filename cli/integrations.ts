@@ -9,7 +9,7 @@ import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { escapeUnprintable } from '../core/validate.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printJson, printMade, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -118,8 +118,10 @@ function deleteCommand<D extends { remote_missing: boolean }>(o: {
     const options = o.extra?.(p)
     return async (ctx) => {
       const d = await ctx.service.delete(p.positionals[0] as string, ctx.actor, options)
-      if (ctx.json) printJson(ctx.io, d)
-      else ctx.io.out(d.remote_missing ? `${o.what(d)} was already gone from ${o.service}; its record is closed.\n` : `Deleted ${o.what(d)}.\n`)
+      printDone(() => {
+        if (ctx.json) printJson(ctx.io, d)
+        else ctx.io.out(d.remote_missing ? `${o.what(d)} was already gone from ${o.service}; its record is closed.\n` : `Deleted ${o.what(d)}.\n`)
+      }, d.remote_missing ? `${o.what(d)} was already gone from ${o.service}, and its record was closed` : `${o.what(d)} was deleted`)
       return EXIT_OK
     }
   })

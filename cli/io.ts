@@ -237,16 +237,26 @@ export function fail(io: Io, json: boolean, code: ErrorCode, message: string, de
 }
 
 /**
+ * Prints what a command changed: when the output cannot be written, the error still says what was
+ * done (`done`), so that it is not taken for a change that failed. Before (found by a review),
+ * `api-key import FILE --json | head -1` said only "could not write the output", exit 1, with
+ * every row imported, and a retry was refused as duplicates; so with revoke and update.
+ */
+export function printDone(print: () => void, done: string, note = ''): void {
+  try {
+    print()
+  } catch (err) {
+    if (err instanceof KeygateError && err.code === 'output_failed') throw new KeygateError('output_failed', `${done}, but ${err.message}${note}`)
+    throw err
+  }
+}
+
+/**
  * Prints what a command made and shows once (a key, a token): when the output cannot be written,
  * the error says it was made, and what to do (`made`), since it is shown nowhere else.
  */
 export function printMade(print: () => void, made: string): void {
-  try {
-    print()
-  } catch (err) {
-    if (err instanceof KeygateError && err.code === 'output_failed') throw new KeygateError('output_failed', `${made}, but ${err.message}: its secret is shown nowhere else`)
-    throw err
-  }
+  printDone(print, made, ': its secret is shown nowhere else')
 }
 
 const UNITS: Record<string, number> = { s: 1, m: 60, h: 3600, d: 86_400, w: 604_800 }

@@ -21,7 +21,7 @@ import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationC
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
-import { EXIT_OK, UsageError, fail, parse, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, UsageError, fail, parse, printDone, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
 
@@ -274,10 +274,12 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
           'roll back no further than the release before the one that applied them\n',
       )
     }
-    if (p.values.json) printJson(io, { applied, newer, store: db.kind })
-    else if (applied.length > 0) io.out(`applied ${applied.join(', ')}\n`)
-    else if (newer.length > 0) io.out('nothing to apply: the database is newer than this keygate\n')
-    else io.out('nothing to apply: the database is up to date\n')
+    printDone(() => {
+      if (p.values.json) printJson(io, { applied, newer, store: db.kind })
+      else if (applied.length > 0) io.out(`applied ${applied.join(', ')}\n`)
+      else if (newer.length > 0) io.out('nothing to apply: the database is newer than this keygate\n')
+      else io.out('nothing to apply: the database is up to date\n')
+    }, applied.length > 0 ? `applied ${applied.join(', ')}` : 'nothing was applied')
     return EXIT_OK
   } finally {
     await db.close()

@@ -4,7 +4,8 @@
 // test/cli-input.test.ts, so they run side by side.)
 import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
-import { closeSync, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { createHash } from 'node:crypto'
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { KEYGATE_BIN, capturedStderr, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
@@ -201,4 +202,40 @@ t.test('output that cannot be written: a created key is named with what to do, n
   const listed = await runCli(['api-key', 'list', '--json'], { env: isolated({ KEYGATE_DATA_DIR: dataDir }), cwd })
   t.equal(listed.code, 0, 'the store was closed: the next command opens it')
   t.ok(JSON.parse(listed.stdout).items.some((k: { id: string }) => k.id === id), 'and holds the key')
+})
+
+t.test('output that cannot be written after a change: the error says what was done', async (t) => {
+  // Before (found by a review): `api-key import FILE --json | head -1` said only "could not write
+  // the output", exit 1, with every row imported (a retry was refused as duplicates); revoke and
+  // update > /dev/full the same, the change made.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
+  await seedDataDir(join(cwd, 'store'))
+  const full = openSync('/dev/full', 'w')
+  t.teardown(() => closeSync(full))
+  // stdout is /dev/full, or a pipe whose reader is gone before the command writes ('closed').
+  const unwritten = async (args: string[], stdout: number | 'closed') => {
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env: childEnv(env), cwd, stdio: ['ignore', stdout === 'closed' ? 'pipe' : stdout, 'pipe'] })
+    if (stdout === 'closed') command.stdout?.destroy()
+    let stderr = ''
+    command.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
+    capturedStderr.push(stderr)
+    t.equal(code, 1, `${args.join(' ')}: exit 1`)
+    t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, `${args.join(' ')}: no stack trace`)
+    return stderr.trimEnd().split('\n').at(-1)
+  }
+  t.equal(await unwritten(['migrate'], full), `keygate: applied ${readdirSync(join(KEYGATE_BIN, '../../migrations')).filter((f) => f.endsWith('.sql')).sort().join(', ')}, but could not write the output (stdout: no space left on the device)`)
+  const file = join(cwd, 'bulk.jsonl')
+  writeFileSync(file, ['11111111-1111-4111-8111-111111111111', '22222222-2222-4222-8222-222222222222'].map((uuid, i) => JSON.stringify({ key_hash: createHash('sha256').update(uuid).digest('hex'), name: `bulk ${i}` })).join('\n'))
+  t.equal(
+    await unwritten(['api-key', 'import', file, '--json'], 'closed'),
+    'keygate: 2 legacy keys were imported (keygate api-key list shows them; importing the file again is refused as duplicates), but could not write the output (stdout: the reader closed it)',
+  )
+  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env })
+  const [id] = (listed.json().items as Array<{ id: string }>).map((k) => k.id)
+  t.equal(listed.json().items.length, 2, 'both were imported')
+  t.equal(await unwritten(['api-key', 'update', id as string, '--name', 'renamed'], full), `keygate: key ${id} was updated, but could not write the output (stdout: no space left on the device)`)
+  t.equal(await unwritten(['api-key', 'revoke', id as string], full), `keygate: key ${id} was revoked, but could not write the output (stdout: no space left on the device)`)
+  t.match((await runCli(['api-key', 'get', id as string, '--json'], { cwd, env })).json(), { name: 'renamed', status: 'revoked' }, 'both changes were made')
 })
