@@ -16,8 +16,11 @@ const READS = new Set(['/v1/keys/validate', '/v1/gitea/tokens/verify', '/v1/n8n/
 const UNTRUSTED = /CERT|SELF_SIGNED|UNABLE_TO_(VERIFY|GET_ISSUER)/
 
 export interface AdminClient {
-  /** One call; the body, when given, is sent as JSON. Resolves to the answer's JSON object. */
-  call<T>(method: string, path: string, body?: unknown): Promise<T>
+  /**
+   * One call; the body, when given, is sent as JSON. Resolves to the answer's JSON object, whose
+   * fields named in `lists` are lists.
+   */
+  call<T>(method: string, path: string, body?: unknown, lists?: readonly string[]): Promise<T>
 }
 
 export interface AdminClientOptions {
@@ -40,7 +43,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
   const shown = hide(base)
   const timeoutMs = options.timeoutMs ?? 30_000
   const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
-  const call = async <T>(method: string, path: string, body?: unknown): Promise<T> => {
+  const call = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<T> => {
     let res: Response
     let text: string
     try {
@@ -89,6 +92,12 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     }
     if (res.ok) {
       if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${escapeUnprintable(JSON.stringify(json))}, not an object`)
+      // A broken server's `items: null` (before: "unexpected error: TypeError").
+      const notList = lists.find((field) => !Array.isArray((json as Record<string, unknown>)[field]))
+      if (notList !== undefined) {
+        const got = escapeUnprintable(JSON.stringify((json as Record<string, unknown>)[notList]) ?? 'nothing').slice(0, 60)
+        throw new KeygateError('admin_unavailable', `the admin API at ${shown} answered ${method} ${path} with ${JSON.stringify(notList)}: ${got}, not a list: not what keygate expects`)
+      }
       return json as T
     }
     // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.

@@ -258,7 +258,8 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         let next: string | null = null
         do {
           const page = await ctx.ops.list(next ? { ...query, cursor: next } : query)
-          items.push(...page.items)
+          // One by one: spread into push, a huge page (a broken server's) overflowed the stack.
+          for (const k of page.items) items.push(k)
           next = page.nextCursor
         } while (p.values.all && next)
         if (ctx.json) printJson(ctx.io, { items: items.map(keyJson), next_cursor: next })

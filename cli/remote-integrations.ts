@@ -24,7 +24,7 @@ export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs
   const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate gitea list`' })
   return {
     create: (body) => call('POST', '/v1/gitea/tokens', body),
-    list: () => call('GET', '/v1/gitea/tokens'),
+    list: () => call('GET', '/v1/gitea/tokens', undefined, ['items']),
     delete: (ref, _actor, o = {}) => call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token')}${o.user !== undefined ? `?${new URLSearchParams({ user: o.user })}` : ''}`),
     verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/gitea/tokens/verify', { secret })),
   }
@@ -34,7 +34,7 @@ export function remoteN8n(baseUrl: string, token: string, options: { timeoutMs?:
   const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate n8n list`' })
   return {
     create: (body) => call('POST', '/v1/n8n/keys', body),
-    list: () => call('GET', '/v1/n8n/keys'),
+    list: () => call('GET', '/v1/n8n/keys', undefined, ['items']),
     delete: (ref) => call('DELETE', `/v1/n8n/keys/${pathRef(ref, 'key')}`),
     verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/n8n/keys/verify', { secret })),
   }

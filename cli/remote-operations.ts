@@ -51,7 +51,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
     },
     async list(query) {
       const q = new URLSearchParams(Object.entries(query).map(([k, v]): [string, string] => [k, String(v)]))
-      const r = await call<{ items: KeyJson[]; next_cursor: string | null }>('GET', `/v1/keys${q.size ? `?${q}` : ''}`)
+      const r = await call<{ items: KeyJson[]; next_cursor: string | null }>('GET', `/v1/keys${q.size ? `?${q}` : ''}`, undefined, ['items'])
       return { items: r.items.map(keyFromJson), nextCursor: r.next_cursor }
     },
     get: async (keyId) => keyFromJson(await call<KeyJson>('GET', `/v1/keys/${id(keyId)}`)),
@@ -80,7 +80,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       // The store's own answers, where the admin API's schema would say validation_failed.
       checkImportSize(rows.length)
       if (rows.length === 0) throw emptyImport()
-      const r = await call<{ items: KeyJson[] }>('POST', '/v1/keys/import', { rows, ...(type !== undefined ? { type } : {}) })
+      const r = await call<{ items: KeyJson[] }>('POST', '/v1/keys/import', { rows, ...(type !== undefined ? { type } : {}) }, ['items'])
       return r.items.map(keyFromJson)
     },
   }

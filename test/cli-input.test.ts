@@ -316,3 +316,19 @@ t.test('a command that only reads refuses a data folder without a store, and mak
   t.notOk(existsSync(join(cwd, '.keygate')), 'nor ./.keygate')
   t.same(readdirSync(empty), [], 'and an empty folder stays empty')
 })
+
+t.test("an admin API's answer of the wrong shape is said as such", async (t) => {
+  // Before (found by a review): a broken admin server's `items: null` ended in "unexpected error: TypeError".
+  const server = http.createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'x-keygate-admin': '1' }).end(JSON.stringify({ items: null, next_cursor: null, summary: {} }))
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const env = isolated({ KEYGATE_ADMIN_URL: base, KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) })
+  for (const [args, path] of [[['api-key', 'list', '--all'], 'GET /v1/keys'], [['gitea', 'list'], 'GET /v1/gitea/tokens'], [['n8n', 'list'], 'GET /v1/n8n/keys']] as const) {
+    const r = args[0] === 'api-key' ? await runCli([...args], { env, cwd: tempDir() }) : await runCliHere([...args], { env })
+    t.equal(r.code, 1, `${args.join(' ')}: exit 1`)
+    t.equal(r.stderr, `keygate: the admin API at ${base} answered ${path} with "items": null, not a list: not what keygate expects\n`, `${args.join(' ')}: says what came back`)
+  }
+})
