@@ -111,6 +111,15 @@ export interface Command<C> {
 
 export const str = (p: Parsed, name: string) => p.values[name] as string | undefined
 
+/**
+ * Refuses (exit 2) the flags of `names` given to a command that does not use them: ignored, they
+ * mislead (a store or an admin URL named that the command never opens). `why` follows them.
+ */
+export function refuseFlags(p: Parsed, names: readonly string[], why: string): void {
+  const given = names.filter((name) => p.values[name] !== undefined)
+  if (given.length > 0) throw new UsageError(`${given.map((name) => `--${name}`).join(', ')}: ${why}`)
+}
+
 /** A flag whose value must be one of `allowed`: anything else is a usage error, caught before a store is opened. */
 export function choiceFlag<T extends string>(p: Parsed, flag: string, allowed: readonly T[]): T | undefined {
   const value = str(p, flag)

@@ -21,7 +21,7 @@ import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationC
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
-import { EXIT_OK, UsageError, fail, parse, printDone, printJson, processIo, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, UsageError, fail, parse, printDone, printJson, processIo, refuseFlags, type Command, type Io, type Parsed } from './io.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
 
@@ -90,12 +90,7 @@ function runIntegrationGroup<S>(
       return { ctx: { io, json, service, actor }, close: () => service.close() }
     },
     (adminUrl, token, json, p) => {
-      const given = Object.keys(o.flags).filter((name) => p.values[name] !== undefined)
-      if (given.length > 0) {
-        throw new UsageError(
-          `${given.map((name) => `--${name}`).join(', ')}: through the admin API (KEYGATE_ADMIN_URL or --admin-url) the server calls ${o.service} with its own settings; these flags apply only when the command opens the store itself`,
-        )
-      }
+      refuseFlags(p, Object.keys(o.flags), `through the admin API (KEYGATE_ADMIN_URL or --admin-url) the server calls ${o.service} with its own settings; these flags apply only when the command opens the store itself`)
       return { io, json, service: o.remote(adminUrl, token), actor }
     },
   )
@@ -108,6 +103,14 @@ export function actorName(): string {
     return 'cli'
   }
 }
+
+const STORE_FLAGS = ['data-dir', 'database-url'] as const
+
+/**
+ * Why `config check` and `config docs` refuse the flags every other command takes for its store
+ * and admin API: they open neither (before, the flags were taken and ignored).
+ */
+const NOT_FOR_CONFIG = 'the config commands do not use them: they open no store and call no admin API, and `config check` checks the file alone (the environment and the flags are checked when a command starts)'
 
 /** Why a command that only reads refuses a data folder without a store, and what makes one. */
 const NO_STORE_HINT =
@@ -146,12 +149,7 @@ export async function runGroup<C>(
     // A running server owns the store: go through its admin API instead of opening it. A store
     // named on the command line contradicts that: before, the flag was ignored and the change
     // made on the server's store (found by a review).
-    const store = (['data-dir', 'database-url'] as const).filter((name) => p.values[name] !== undefined)
-    if (store.length > 0) {
-      throw new UsageError(
-        `${store.map((name) => `--${name}`).join(', ')}: the command goes through the admin API at ${config.admin.url} (KEYGATE_ADMIN_URL or --admin-url), which opens no store here; unset the admin URL to work on that store, or leave the flag out`,
-      )
-    }
+    refuseFlags(p, STORE_FLAGS, `the command goes through the admin API at ${config.admin.url} (KEYGATE_ADMIN_URL or --admin-url), which opens no store here; unset the admin URL to work on that store, or leave the flag out`)
     if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
@@ -219,10 +217,12 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   const [name, ...rest] = argv
   if (name === 'docs') {
     const usage = 'keygate config docs'
-    if (parse(rest, {}, { min: 0, max: 0 }, usage).values.help) {
+    const p = parse(rest, {}, { min: 0, max: 0 }, usage)
+    if (p.values.help) {
       io.out(`usage: ${usage}\nprints the configuration reference (docs/configuration.md) as Markdown\n`)
       return EXIT_OK
     }
+    refuseFlags(p, [...STORE_FLAGS, 'admin-url'], NOT_FOR_CONFIG)
     io.out(renderConfigDocs())
     return EXIT_OK
   }
@@ -239,6 +239,7 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
     io.out(`usage: ${usage}\nchecks FILE (else KEYGATE_CONFIG, else ./keygate.yaml) and lists every problem; exit 0 when valid, 1 when not\n`)
     return EXIT_OK
   }
+  refuseFlags(p, [...STORE_FLAGS, 'admin-url'], NOT_FOR_CONFIG)
   // The file every other command would read when none is named (KEYGATE_CONFIG, else ./keygate.yaml).
   const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
@@ -260,6 +261,8 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
     )
     return EXIT_OK
   }
+  // The store is the one migrated (before, --admin-url was taken and ignored).
+  refuseFlags(p, ['admin-url'], 'migrate does not use it: it works on the store itself (--data-dir, --database-url), never through an admin API; run it where it can reach the store')
   const config = configFrom(p, io)
   const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2 })
   try {

@@ -33,7 +33,7 @@ import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, type Io } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, refuseFlags, type Io } from './io.ts'
 
 /** How often the `--workers` primary reads its workers' counters between scrapes: what a killed worker counted since is lost. */
 const METRICS_REFRESH_MS = 5000
@@ -61,6 +61,8 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
     io.out(`start the gateway and admin listeners\nusage: ${USAGE}\n`)
     return EXIT_OK
   }
+  // The address the api-key, gitea and n8n commands call, not one serve listens on (before: taken and ignored).
+  refuseFlags(p, ['admin-url'], 'serve does not use it: it is the admin API the api-key, gitea and n8n commands go through; the admin listener\'s address is --admin-listen (admin.listen)')
   const only = p.values.only as string | undefined
   if (only !== undefined && only !== 'gateway' && only !== 'admin') throw new UsageError(`--only: ${JSON.stringify(only)} is not allowed; expected gateway or admin\nusage: ${USAGE}`)
   const workers = parseIntFlag('workers', p.values.workers as string | undefined, 1, 256) ?? 1

@@ -82,6 +82,13 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'list', '--status', 'active', '--status', 'revoked'], /^keygate: --status is given more than once\nusage: keygate api-key list/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', '10.0.0.0/8', '--cidrs=192.168.0.0/16'], /--cidrs is given more than once/],
     [['api-key', 'list', '--json', '--json'], /--json is given more than once/],
+    // Store and admin flags a command takes but does not use (before: ignored; the missing --config
+    // file keeps the commands from starting without the check, as they did).
+    [['migrate', '--admin-url', 'http://127.0.0.1:9', '--config', join(dir, 'none.yaml')], /^keygate: --admin-url: migrate does not use it: it works on the store itself/],
+    [['serve', '--admin-url', 'http://127.0.0.1:9', '--config', join(dir, 'none.yaml')], /^keygate: --admin-url: serve does not use it: .* the admin listener's address is --admin-listen/],
+    [['config', 'check', join(dir, 'none.yaml'), '--data-dir', dataDir], /^keygate: --data-dir: the config commands do not use them: they open no store and call no admin API/],
+    [['config', 'check', join(dir, 'none.yaml'), '--database-url', 'postgres://postgres@127.0.0.1:5432/nowhere', '--admin-url', 'http://127.0.0.1:9'], /^keygate: --database-url, --admin-url: the config commands do not use them/],
+    [['config', 'docs', '--admin-url', 'http://127.0.0.1:9'], /^keygate: --admin-url: the config commands do not use them/],
     [['config'], /usage: keygate config check/],
     [['config', 'check'], /give the file to check/],
     [['config', 'check', 'a.yaml', 'b.yaml'], /unexpected argument "b.yaml"/],
