@@ -8,7 +8,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { listenOverlaps } from '../core/formats.ts'
-import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, type Problem } from '../core/validate.ts'
+import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
 import { lenientReading, prefixReadings, routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
@@ -280,7 +280,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   const value = Value.Default(ConfigSchema, cleaned) as Record<string, unknown>
   const skipped = (path: string[]) => path.some((_, i) => skip.has(path.slice(0, i + 1).join('/')))
   const all = [...found, ...validationProblems(ConfigSchema, value).filter((p) => !skipped(p.path))]
-  for (const p of all) {
+  for (const found of all) {
+    const p = unknownKeyShown(found, holdsSecret(found.path.slice(0, -1)))
     const key = dotted(p.path)
     const origin = origins.get(key)
     problems.push(problemLine(p, origin ? `${origin} (${key})` : key, holdsSecret(p.path)))

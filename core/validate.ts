@@ -164,6 +164,10 @@ export interface Problem {
   value: unknown
   /** What is allowed (for `unknown`: the keys allowed at that level). */
   allowed: string
+  /** For `unknown`: the keys allowed at that level, one by one. */
+  known?: readonly string[]
+  /** For `unknown`: why the key may not be what it looks like, as `unknownKeyShown` tells. */
+  hint?: string
 }
 
 /**
@@ -196,7 +200,8 @@ export function problems(schema: TSchema, value: unknown, limit = Number.POSITIV
     const own = schemaAt(schema, path)
     const parent = schemaAt(schema, path.slice(0, -1))
     if (own === undefined && parent?.[Kind] === 'Object') {
-      out.push({ path, kind: 'unknown', value: e.value, allowed: Object.keys(parent.properties as object).join(', ') })
+      const known = Object.keys(parent.properties as object)
+      out.push({ path, kind: 'unknown', value: e.value, allowed: known.join(', '), known })
     } else if (e.value === undefined) {
       out.push({ path, kind: 'required', value: undefined, allowed: describeAllowed(own ?? e.schema) })
     } else {
@@ -245,9 +250,37 @@ export function showValue(value: unknown, secret = false): string {
   return s.length > 80 ? s.slice(0, 77) + '...' : s
 }
 
+/** The characters of a plain key name (`database_url`, `max-age`): the schemas' own keys are spelt with them. */
+const PLAIN_KEY = /^[A-Za-z0-9_-]+$/
+
+/**
+ * `p`, an unknown key, as a message may name it. In a YAML flow mapping `password:S3CR3Tpw` (no
+ * space after the colon) is one key, and so are `token=S3CR3T` and `token S3CR3T`: named whole,
+ * the secret was printed by `config check` and, through the unit's ExecStartPre, in the journal
+ * (found by a review). A key that starts with a known one, then a character no key name has, is
+ * named by that known key and a hint; where `secretSection` (the mapping holds a secret), any
+ * other key that is no plain name is not named at all. A plain name is named: a misspelt key
+ * must be found.
+ */
+export function unknownKeyShown(p: Problem, secretSection: boolean): Problem {
+  const key = p.path[p.path.length - 1]
+  if (p.kind !== 'unknown' || key === undefined) return p
+  const at = (shown: string, hint: string): Problem => ({ ...p, path: [...p.path.slice(0, -1), shown], hint })
+  const known = (p.known ?? []).find((k) => key.length > k.length && key.startsWith(k) && !/[A-Za-z0-9_-]/.test(key.charAt(k.length)))
+  if (known !== undefined) {
+    const next = key.charAt(known.length)
+    if (next === ':') return at(`${known}...`, `a space is missing after "${known}:"?`)
+    if (next === '=') return at(`${known}...`, `"${known}=" is no YAML key; write "${known}: VALUE"`)
+    if (/\s/.test(next)) return at(`${known}...`, `a ":" is missing after "${known}"?`)
+    return at(`${known}...`, 'the rest of the key is not shown')
+  }
+  if (secretSection && !PLAIN_KEY.test(key)) return at('<hidden>', 'not shown: it is not a plain key name, and this section holds a secret')
+  return p
+}
+
 /** One line per problem: `where: <value> is not allowed; expected <allowed>`. */
 export function problemLine(p: Problem, where: string, secret = false): string {
-  if (p.kind === 'unknown') return `${where}: unknown key; allowed here: ${p.allowed}`
+  if (p.kind === 'unknown') return `${where}: unknown key${p.hint ? ` (${p.hint})` : ''}; allowed here: ${p.allowed}`
   if (p.kind === 'required') return `${where}: is required; expected ${p.allowed}`
   return `${where}: ${showValue(p.value, secret)} is not allowed; expected ${p.allowed}`
 }
@@ -494,7 +527,8 @@ export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): 
     throw fieldInvalid(shownField(dotted(at) || what), 'holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), which is not text')
   }
   const more = found.length > MAX_LISTED_PROBLEMS
-  const fields = found.slice(0, MAX_LISTED_PROBLEMS).map((p) => {
+  const fields = found.slice(0, MAX_LISTED_PROBLEMS).map((problem) => {
+    const p = unknownKeyShown(problem, false)
     const path = dotted(p.path) || what
     const field = shownField(path)
     // Cut after `field: ` by length: a field's name may hold a colon.

@@ -454,6 +454,44 @@ t.test('secret values never appear in messages', async (t) => {
   }
 })
 
+t.test('an unknown key that runs a known key into its value (no space after the colon) does not show the value', async (t) => {
+  // In a flow mapping `password:S3CR3Tpw` is one key: the message named it whole, and with it the
+  // password, on stderr, in --json and in the journal through the unit's ExecStartPre check (found by a review).
+  const secrets = ['S3CR3Tpw', 'PGsecret9', 'QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo', 'AdminTok3n', 'AdminTok4n', 'Rogue5ecret']
+  const text = [
+    'integrations:',
+    '  gitea: { url: "http://127.0.0.1:3000", username: u, password:S3CR3Tpw }',
+    '  n8n: { url: "http://127.0.0.1:5678", Rogue5ecret! }',
+    'store: { database_url:postgres://u:PGsecret9@h/db }',
+    'audit: { encryption_key:QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo= }',
+    'admin: { token=AdminTok3n, listen: "127.0.0.1:8081" }',
+    'redis: { url redis://:AdminTok4n@cache }',
+    'cache: { ttl_s:60, my key: 1 }',
+    '',
+  ].join('\n')
+  const file = yamlFile(t, text, 'leak.yaml')
+  const found = problemsOf({ file, env: {} })
+  for (const s of secrets) t.notOk(found.message.includes(s) || found.details.includes(s), `${s.slice(0, 4)}... not shown`)
+  const gitea = 'url, username, password, timeout_ms'
+  t.same(found.problems.map((p) => p.replace(/; allowed here: .*$/, '')).sort(), [
+    'admin.token...: unknown key ("token=" is no YAML key; write "token: VALUE")',
+    'audit.encryption_key...: unknown key (a space is missing after "encryption_key:"?)',
+    'cache.my key: unknown key',
+    'cache.ttl_s...: unknown key (a space is missing after "ttl_s:"?)',
+    'integrations.gitea.password...: unknown key (a space is missing after "password:"?)',
+    'integrations.n8n.<hidden>: unknown key (not shown: it is not a plain key name, and this section holds a secret)',
+    'redis.url...: unknown key (a ":" is missing after "url"?)',
+    'store.database_url...: unknown key (a space is missing after "database_url:"?)',
+  ], 'named by the key it starts with, a section with a secret hides an odd key, a section without one shows it')
+  t.ok(found.problems.some((p) => p.endsWith(`allowed here: ${gitea}`)), 'the allowed keys are still listed')
+  for (const args of [['config', 'check', file], ['config', 'check', file, '--json']]) {
+    const cli = await runCli(args)
+    t.equal(cli.code, 1, `keygate ${args.slice(0, 2).join(' ')}${args.length > 3 ? ' --json' : ''} refuses the file`)
+    t.match(cli.stdout + cli.stderr, /integrations\.gitea\.password\.\.\.: unknown key/)
+    for (const s of secrets) t.notOk(cli.stdout.includes(s) || cli.stderr.includes(s), `${s.slice(0, 4)}... not printed`)
+  }
+})
+
 t.test('YAML syntax errors and duplicate keys report file:line', async (t) => {
   const dup = yamlFile(t, 'gateway:\n  listen: "0.0.0.0:1"\n  listen: "0.0.0.0:2"\n', 'dup.yaml')
   t.same(problemsOf({ file: dup, env: {} }).problems, [`${dup}:3:3: Map keys must be unique`])
