@@ -47,7 +47,10 @@ const LEAVES = schemaLeaves()
 export const ENV_NAMES: readonly string[] = LEAVES.flatMap((l) => (l.env ? [l.env] : []))
 export const FLAG_NAMES: readonly string[] = LEAVES.flatMap((l) => (l.flag ? [l.flag] : []))
 
-function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown } | { ok: false } {
+/** What an environment variable or flag of a list takes when one of its items is empty. */
+const LIST_WORDS = 'a comma-separated list without empty items'
+
+function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown } | { ok: false; expected?: string } {
   switch (schema[Kind]) {
     case 'Integer':
       return /^-?\d+$/.test(raw.trim()) ? { ok: true, value: Number(raw.trim()) } : { ok: false }
@@ -57,8 +60,12 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
       if (['false', '0', 'no', 'off'].includes(v)) return { ok: true, value: false }
       return { ok: false }
     }
-    case 'Array':
-      return { ok: true, value: raw.split(',').map((s) => s.trim()).filter((s) => s !== '') }
+    case 'Array': {
+      // An empty item is refused, not dropped: `$A,$B` with B unset, or a stray comma, would
+      // quietly shorten the list (a previous encryption key, a trusted proxy).
+      const items = raw.split(',').map((s) => s.trim())
+      return items.includes('') ? { ok: false, expected: LIST_WORDS } : { ok: true, value: items }
+    }
     default:
       return { ok: true, value: raw }
   }
@@ -436,15 +443,16 @@ export function loadConfig(options: LoadOptions = {}): Config {
     for (const [name, raw] of sources) {
       const key = dotted(leaf.path)
       if (raw === undefined) continue
-      // An empty variable is an unset one; an empty flag is a mistake (`--listen=$ADDR` with
-      // ADDR unset must not quietly mean the file's or the default address).
-      if (raw === '') {
+      // An empty variable is an unset one, and so is a list's of only spaces (before, it was the
+      // empty list, replacing the file's without a word); an empty flag is a mistake
+      // (`--listen=$ADDR` with ADDR unset must not quietly mean the file's or the default address).
+      if (raw === '' || (leaf.schema[Kind] === 'Array' && raw.trim() === '')) {
         if (name.startsWith('--')) problems.push(`${name} (${key}): an empty value is not allowed; expected ${describeAllowed(leaf.schema)}`)
         continue
       }
       const parsed = parseScalar(raw, leaf.schema)
       if (!parsed.ok) {
-        problems.push(`${name} (${key}): ${show(raw, leaf.secret)} is not allowed; expected ${describeAllowed(leaf.schema)}`)
+        problems.push(`${name} (${key}): ${show(raw, leaf.secret)} is not allowed; expected ${parsed.expected ?? describeAllowed(leaf.schema)}`)
         continue
       }
       if (!setPath(merged, leaf.path, parsed.value)) continue
@@ -484,7 +492,8 @@ export function renderConfigDocs(): string {
     'errors; every problem is reported at once (the first 50, then a count of the rest) with its path, the value and what is allowed.',
     '`keygate config check FILE` checks the file alone; environment variables and flags are checked when a command starts.',
     '',
-    'In environment variables and flags, a list is comma-separated (`KEYGATE_TRUSTED_PROXIES=10.0.0.0/8,192.168.0.0/16`),',
+    'In environment variables and flags, a list is comma-separated (`KEYGATE_TRUSTED_PROXIES=10.0.0.0/8,192.168.0.0/16`), without',
+    'empty items (`a,,b`, `a,` and `,` are refused); a list\'s variable that is empty or only spaces is not set (the file\'s list stays),',
     'and a yes/no setting takes `true`, `1`, `yes` or `on`, and `false`, `0`, `no` or `off` (in any letter case).',
     '',
     '| key | default | environment / flag | meaning |',

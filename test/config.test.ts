@@ -694,13 +694,38 @@ t.test('.inf, -.inf and .nan are shown as the file has them', async (t) => {
 })
 
 t.test('KEYGATE_TRUSTED_PROXIES is a comma-separated list', async (t) => {
-  const c = loadConfig({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8, 192.168.1.1 ,2001:db8::/32,' } })
+  const c = loadConfig({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8, 192.168.1.1 ,2001:db8::/32' } })
   t.same(c.gateway.trusted_proxies, ['10.0.0.0/8', '192.168.1.1', '2001:db8::/32'])
   const file = yamlFile(t, { gateway: { trusted_proxies: ['172.16.0.0/12'] } })
   t.same(loadConfig({ file, env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8' } }).gateway.trusted_proxies, ['10.0.0.0/8'], 'the variable replaces the file list')
   t.same(problemsOf({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8,not-a-cidr' } }).problems, [
     'KEYGATE_TRUSTED_PROXIES (gateway.trusted_proxies[1]): "not-a-cidr" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32',
   ])
+})
+
+t.test('a list variable of only spaces is unset, as an empty one is; one with an empty item is refused, naming the variable', async (t) => {
+  const file = yamlFile(t, {
+    gateway: { trusted_proxies: ['10.42.7.0/28'] },
+    admin: { allowed_hosts: ['keygate-admin'] },
+    audit: { previous_encryption_keys: [VALID_KEY] },
+    webhooks: { allow_private: ['10.9.0.0/16'] },
+  })
+  const lists = {
+    KEYGATE_TRUSTED_PROXIES: ['gateway.trusted_proxies', (c: Config) => c.gateway.trusted_proxies, ['10.42.7.0/28']],
+    KEYGATE_ADMIN_ALLOWED_HOSTS: ['admin.allowed_hosts', (c: Config) => c.admin.allowed_hosts, ['keygate-admin']],
+    KEYGATE_PREVIOUS_ENCRYPTION_KEYS: ['audit.previous_encryption_keys', (c: Config) => c.audit.previous_encryption_keys, [VALID_KEY]],
+    KEYGATE_WEBHOOK_ALLOW_PRIVATE: ['webhooks.allow_private', (c: Config) => c.webhooks.allow_private, ['10.9.0.0/16']],
+  } as const
+  for (const [name, [key, read, fromFile]] of Object.entries(lists)) {
+    // Before: " " and "\t" made the list [] without a word (older audit rows could no longer be decrypted).
+    for (const blank of ['', ' ', ' \t ']) {
+      t.same(read(loadConfig({ file, env: { [name]: blank } })), fromFile, `${name}=${JSON.stringify(blank)} leaves the file's list`)
+    }
+    for (const raw of [',', ' , ', 'a,,b', ',a', 'a,', 'a, ,b']) {
+      const shown = name === 'KEYGATE_PREVIOUS_ENCRYPTION_KEYS' ? '<hidden>' : JSON.stringify(raw)
+      t.same(problemsOf({ file, env: { [name]: raw } }).problems, [`${name} (${key}): ${shown} is not allowed; expected a comma-separated list without empty items`], `${name}=${JSON.stringify(raw)} is refused`)
+    }
+  }
 })
 
 t.test('TLS files must exist', async (t) => {
