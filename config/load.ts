@@ -303,6 +303,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     })
   }
   const config = value as Config
+  // A setting as a problem names it: with the variable or flag that gave it, as validation's problems are.
+  const sourced = (key: string) => (origins.has(key) ? `${origins.get(key)} (${key})` : key)
   // Each check below runs unless a value it reads is already wrong, so that every problem is reported at once.
   const within = (path: string, k: string) => path === k || path.startsWith(`${k}.`) || path.startsWith(`${k}[`)
   const bad = (...keys: string[]) => all.some((p) => keys.some((k) => within(dotted(p.path), k)))
@@ -348,9 +350,9 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   if (config.upstream !== undefined && !bad('upstream', 'routes')) {
     // The shortcut's route is `/` for any host, compared as any route's path is (`//` is `/` too).
     if (config.routes.some((r) => routePrefix(r.path) === '/' && r.host === undefined)) {
-      problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route for / in routes when the upstream shortcut is set`)
+      problems.push(`${sourced('upstream')}: ${show(config.upstream, false)} is not allowed; expected no route for / in routes when the upstream shortcut is set`)
     } else if (names.has('default')) {
-      problems.push(`upstream: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)
+      problems.push(`${sourced('upstream')}: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)
     } else if (problems.length === 0) {
       config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false })
     }
@@ -369,9 +371,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   // Checked here, not left to the start: that failed with "the address is in use", naming neither
   // setting nor that keygate itself held the address (found by the configuration review).
   if (bothListeners && !bad('gateway.listen', 'admin.listen') && listenOverlaps(config.gateway.listen, config.admin.listen)) {
-    const named = (key: string) => (origins.has(key) ? `${origins.get(key)} (${key})` : key)
     problems.push(
-      `${named('admin.listen')}: ${show(config.admin.listen, false)} is not allowed; expected an address other than gateway.listen's (${show(config.gateway.listen, false)}${origins.has('gateway.listen') ? `, from ${origins.get('gateway.listen')}` : ''}): serve listens on both (serve --only admin on admin.listen alone)`,
+      `${sourced('admin.listen')}: ${show(config.admin.listen, false)} is not allowed; expected an address other than gateway.listen's (${show(config.gateway.listen, false)}${origins.has('gateway.listen') ? `, from ${origins.get('gateway.listen')}` : ''}): serve listens on both (serve --only admin on admin.listen alone)`,
     )
   }
   for (const side of ['gateway', 'admin'] as const) {

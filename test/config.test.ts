@@ -576,9 +576,12 @@ t.test('KEYGATE_UPSTREAM creates a route for /', async (t) => {
   t.same(loadConfig({ file, env: {}, flags: { upstream: 'https://up.example' } }).routes[1]?.upstream, 'https://up.example', 'also as --upstream')
 
   const rootTaken = yamlFile(t, { routes: [{ name: 'root', path: '/', upstream: 'http://127.0.0.1:4000' }] })
-  t.match(problemsOf({ file: rootTaken, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^upstream: .*no route for \/ in routes/])
+  // Named by the variable or flag that set it, as every other value from one is (before: `upstream: ...`).
+  t.match(problemsOf({ file: rootTaken, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^KEYGATE_UPSTREAM \(upstream\): "http:\/\/127\.0\.0\.1:3000" is not allowed; expected no route for \/ in routes/])
+  t.match(problemsOf({ file: rootTaken, env: {}, flags: { upstream: 'http://127.0.0.1:3000' } }), { code: 'usage_error', problems: [/^--upstream \(upstream\): .*no route for \/ in routes/] })
+  t.match(problemsOf({ file: yamlFile(t, { upstream: 'http://127.0.0.1:3000', routes: [{ name: 'root', path: '/', upstream: 'http://127.0.0.1:4000' }] }), env: {} }).problems, [/^upstream: .*no route for \/ in routes/], 'from the file, by its key')
   const nameTaken = yamlFile(t, { routes: [{ name: 'default', path: '/x', upstream: 'http://127.0.0.1:4000' }] })
-  t.match(problemsOf({ file: nameTaken, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^upstream: .*no route named "default"/])
+  t.match(problemsOf({ file: nameTaken, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^KEYGATE_UPSTREAM \(upstream\): .*no route named "default"/])
   t.match(problemsOf({ env: { KEYGATE_UPSTREAM: 'localhost:3000' } }).problems, [/^KEYGATE_UPSTREAM \(upstream\): "localhost:3000" is not allowed; expected an http/])
 })
 
@@ -618,7 +621,7 @@ t.test('two routes for one path prefix and host are refused, compared as the gat
   )
   // The upstream shortcut's route is / for any host: a route for // is one too.
   const slashes = yamlFile(t, { routes: [{ name: 'root', path: '//', upstream: 'http://127.0.0.1:4000' }] })
-  t.match(problemsOf({ file: slashes, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^upstream: .*no route for \/ in routes/])
+  t.match(problemsOf({ file: slashes, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).problems, [/^KEYGATE_UPSTREAM \(upstream\): .*no route for \/ in routes/])
   const rootForHost = yamlFile(t, { routes: [{ name: 'root', path: '/', host: 'a.example', upstream: 'http://127.0.0.1:4000' }] })
   t.same(loadConfig({ file: rootForHost, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } }).routes.map((r) => r.name), ['root', 'default'], 'a route for / on one host leaves the shortcut for the others')
 })
