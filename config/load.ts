@@ -165,9 +165,11 @@ type LinePos = { line: number; col: number }
  * The parser's errors whose messages quote the source (the value, a tag, a directive), in
  * keygate's words: an unquoted password starting with `|` or `>`, or a double-quoted one with
  * `\U`, was printed whole in `config check`'s output, and so in the journal under the systemd
- * unit (found by a review). The others name no source text and are kept as they are.
+ * unit (found by a review). And those that speak to a programmer using the library (a file of two
+ * documents was told to "use YAML.parseAllDocuments()"). The others name no source text and are
+ * kept as they are.
  */
-const QUOTING_YAML_ERRORS: Readonly<Record<string, string>> = {
+const YAML_ERROR_WORDS: Readonly<Record<string, string>> = {
   UNEXPECTED_TOKEN: 'unexpected text here (not shown); if it is a string (a password, a token), quote it',
   BAD_SCALAR_START: 'a plain value cannot start with this character (not shown); if it is a string (a password, a token), quote it',
   BAD_DQ_ESCAPE: 'an invalid \\ escape in a double-quoted string (not shown); in single quotes a backslash is taken as it is',
@@ -175,10 +177,11 @@ const QUOTING_YAML_ERRORS: Readonly<Record<string, string>> = {
   BAD_COLLECTION_TYPE: 'a YAML tag used on the wrong kind of collection (not shown)',
   BAD_DIRECTIVE: 'a YAML directive that is not supported (not shown)',
   BAD_PROP_ORDER: 'anchors and tags must come after the indicator here',
+  MULTIPLE_DOCS: 'the file holds more than one YAML document (---); keygate reads one',
 }
 
 function yamlErrorWords(code: string, message: string): string {
-  return QUOTING_YAML_ERRORS[code] ?? (message.split('\n')[0] as string)
+  return YAML_ERROR_WORDS[code] ?? (message.split('\n')[0] as string)
 }
 
 /** `file:line:col: message`, or `file: message` without a position, as the parser's own problems are reported. */
