@@ -11,7 +11,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { parse, stringify } from 'yaml'
 import type { Test } from 'tap'
-import { ENV_NAMES, FLAG_NAMES, loadConfig, renderConfigDocs, schemaLeaves, type LoadOptions } from '../config/load.ts'
+import { ENV_NAMES, FLAG_NAMES, loadConfig, MAX_CONFIG_BYTES, renderConfigDocs, schemaLeaves, type LoadOptions } from '../config/load.ts'
 import { ConfigSchema, type Config } from '../config/schema.ts'
 import { describeAllowed, dotted, showValue } from '../core/validate.ts'
 
@@ -523,10 +523,10 @@ t.test('an alias bomb and a __proto__ key are refused by name, not thrown or let
 t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap, !!timestamp) is one problem of the wrong type', async (t) => {
   const gatewayKeys = `a mapping with the keys ${Object.keys(ConfigSchema.properties.gateway.properties).join(', ')}`
   // Before: the Buffer was walked as a mapping with one unknown key per byte, gateway[0] to
-  // gateway[999999] (9 s, 2 GB of memory and a line per byte for a 1.3 MB file).
-  const big = yamlFile(t, `gateway: !!binary ${Buffer.alloc(1_000_000, 7).toString('base64')}\n`, 'binary.yaml')
+  // gateway[999999] (9 s, 2 GB of memory and a line per byte for a 1.3 MB file; a file is now at most 1 MiB).
+  const big = yamlFile(t, `gateway: !!binary ${Buffer.alloc(700_000, 7).toString('base64')}\n`, 'binary.yaml')
   const r = problemsOf({ file: big, env: {} })
-  t.same(r.problems, [`gateway: binary data (1000000 bytes) is not allowed; expected ${gatewayKeys}`])
+  t.same(r.problems, [`gateway: binary data (700000 bytes) is not allowed; expected ${gatewayKeys}`])
   t.ok(r.message.length < 1000, 'the message stays short', { length: r.message.length })
   // Before: each of these was accepted, the section quietly replaced by its defaults.
   const one = (doc: string) => problemsOf({ file: yamlFile(t, doc), env: {} }).problems
@@ -549,6 +549,37 @@ t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap
   // An environment variable does not write into it either.
   const set = yamlFile(t, 'gateway: !!set {listen}\n')
   t.same(problemsOf({ file: set, env: { KEYGATE_LISTEN: '0.0.0.0:9' } }).problems, [`gateway: a set (!!set) is not allowed; expected ${gatewayKeys}`])
+})
+
+t.test('a file that is not UTF-8, or too large, is refused in keygate\'s words', async (t) => {
+  const write = (bytes: Buffer, name: string) => {
+    const file = join(tempDir(t), name)
+    writeFileSync(file, bytes)
+    return file
+  }
+  // Latin-1: before, read as U+FFFD and loaded without a word.
+  const before = 'store:\n  data_dir: "/var/lib/caf'
+  const latin1 = write(Buffer.concat([Buffer.from(before), Buffer.from([0xe9]), Buffer.from('"\n')]), 'latin1.yaml')
+  t.same(problemsOf({ file: latin1, env: {} }).problems, [`${latin1}:2:26: the file is not UTF-8 text (an invalid byte at offset ${before.length}); save it as UTF-8`])
+  // A U+FFFD the file holds is text: the offset is that of the byte after it, on its line.
+  const replaced = write(Buffer.concat([Buffer.from('\ufefflog: { level: warn } # \ufffd\ufffd\n# caf'), Buffer.from([0xe9, 0x0a])]), 'replaced.yaml')
+  t.same(problemsOf({ file: replaced, env: {} }).problems, [`${replaced}:2:6: the file is not UTF-8 text (an invalid byte at offset 38); save it as UTF-8`])
+  const utf8 = write(Buffer.from(`\ufeff${before}é"\n`), 'utf8.yaml')
+  t.equal(loadConfig({ file: utf8, env: {} }).store.data_dir, '/var/lib/café', 'UTF-8, with or without a byte order mark, loads')
+  // UTF-16 (as Windows editors save it): before, "the top level must be a mapping of keys, not string".
+  const text = '\ufeffgateway:\n  listen: "0.0.0.0:1"\n'
+  const little = write(Buffer.from(text, 'utf16le'), 'utf16le.yaml')
+  const big = write(Buffer.from(text, 'utf16le').swap16(), 'utf16be.yaml')
+  for (const file of [little, big]) {
+    t.same(problemsOf({ file, env: {} }).problems, [`${file}: the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8`])
+  }
+  // Before: an 18 MB file took 13.6 s and 1.5 GB of memory to check.
+  const padding = (size: number) => Buffer.concat([Buffer.from('log: { level: warn }\n'), Buffer.alloc(size - 22, '#'), Buffer.from('\n')])
+  t.equal(loadConfig({ file: write(padding(MAX_CONFIG_BYTES), 'full.yaml'), env: {} }).log.level, 'warn', 'a file of 1 MiB loads')
+  const large = write(padding(MAX_CONFIG_BYTES + 1), 'large.yaml')
+  t.same(problemsOf({ file: large, env: {} }).problems, [`${large}: the file is larger than 1 MiB (1048577 bytes); a configuration file is at most 1 MiB`])
+  // A device has no size to go by: it is read up to the bound.
+  t.same(problemsOf({ file: '/dev/zero', env: {} }).problems, ['/dev/zero: the file is larger than 1 MiB; a configuration file is at most 1 MiB'])
 })
 
 t.test('at most 50 problems are listed, then how many more', async (t) => {
