@@ -3,9 +3,14 @@
 // would win, and the second, with its scopes, would never be used).
 import { decodeEscapes, hostName } from '../core/http.ts'
 
-/** The prefix a route's path matches as: without one trailing slash (`/api/` is `/api`); `/` as it is. */
+/**
+ * The prefix a route's path matches as: without one trailing slash (`/api/` is `/api`); `/` as it
+ * is; its non-ASCII characters (in NFC) percent-encoded as UTF-8, as clients send them (`/données`
+ * is `/donn%C3%A9es`). Written as it was, such a route never matched: a request target is ASCII.
+ */
 export function routePrefix(path: string): string {
-  return path.length > 1 && path.endsWith('/') ? path.slice(0, -1) : path
+  const p = path.length > 1 && path.endsWith('/') ? path.slice(0, -1) : path
+  return /[^\x00-\x7f]/.test(p) ? p.normalize('NFC').replace(/[^\x00-\x7f]+/g, encodeURIComponent) : p
 }
 
 /**
@@ -39,15 +44,15 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
 
 /**
  * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
- * twice), cut at a NUL (C string APIs), `\` as `/`, `;` parameters dropped, `//` merged, the dots
- * and spaces a segment ends with dropped (Windows, IIS), a format suffix on the last segment
- * dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and Spring's suffix patterns
- * before 5.3), lower case. The gateway refuses a request whose path read so falls under another
- * route; the configuration check, two routes whose prefixes read so are one (`formatSuffix`
- * false: read without dropping the suffix).
+ * twice) and read as UTF-8 in NFC, cut at a NUL (C string APIs), `\` as `/`, `;` parameters
+ * dropped, `//` merged, the dots and spaces a segment ends with dropped (Windows, IIS), a format
+ * suffix on the last segment dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and
+ * Spring's suffix patterns before 5.3), lower case. The gateway refuses a request whose path read
+ * so falls under another route; the configuration check, two routes whose prefixes read so are
+ * one (`formatSuffix` false: read without dropping the suffix).
  */
 export function lenientReading(path: string, formatSuffix = true): string {
-  let p = decodeEscapes(path)
+  let p = asUtf8(decodeEscapes(path))
   const nul = p.indexOf('\u0000')
   if (nul !== -1) p = p.slice(0, nul)
   p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')
@@ -62,6 +67,23 @@ export function lenientReading(path: string, formatSuffix = true): string {
   }
   return p.toLowerCase()
 }
+
+/**
+ * `text`, whose characters are bytes (decodeEscapes), read as UTF-8 and in NFC, as upstreams read
+ * a path's characters: read byte by byte, `/donn%C3%A9es` was never `/données`, nor `/DONN%C3%89ES`
+ * it in lower case, and a route of that path never under any reading (found by a review). Bytes
+ * that are not UTF-8 stay as they are.
+ */
+function asUtf8(text: string): string {
+  if (!/[\x80-\xff]/.test(text) || /[^\x00-\xff]/.test(text)) return text
+  try {
+    return UTF8.decode(Buffer.from(text, 'latin1')).normalize('NFC')
+  } catch {
+    return text
+  }
+}
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true })
 
 /** `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4); `..` never climbs above the root. */
 function resolveDots(path: string): string {

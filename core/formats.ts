@@ -87,7 +87,8 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   'admin-url': [(v) => isHttpUrl(v) && !/[?#]/.test(v), 'an http:// or https:// URL without user:password@, a query or a fragment'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
   'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
-  'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v), 'a path starting with / without ?, # or dot segments'],
+  // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.
+  'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v) && v.isWellFormed(), 'a path starting with / without ?, # or dot segments'],
   'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints), without its line break'],
   // A bearer credential as a client sends it: a space or a line break (a secret made from a file
   // that `echo` wrote) could never be presented, and set, it stops the first admin key from being

@@ -3,8 +3,9 @@
 // does not. Then the scope check: a route with scopes needs a key holding any one of them;
 // a key scope `*` grants every scope and `orders:*` every scope starting with `orders:`.
 //
-// Routes are matched on the path as sent, and the path is forwarded as sent. Upstreams read
-// some paths differently: they decode percent-escapes (`/api/%61dmin`, `/api/admin%2Fusers`),
+// Routes are matched on the path as sent (a route's non-ASCII characters percent-encoded, as
+// clients send them), and the path is forwarded as sent. Upstreams read some paths differently:
+// they decode percent-escapes (`/api/%61dmin`, `/api/admin%2Fusers`, `/donn%c3%a9es` as UTF-8),
 // drop `;` segment parameters (`/api/admin;x/users`, Tomcat and Spring), merge `//`, read `\`
 // as `/`, ignore letter case, drop a segment's trailing dots (IIS) or a format suffix
 // (`/api/admin.json`, Rails and older Spring). Where routes nest (one's prefix inside

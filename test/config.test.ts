@@ -699,6 +699,18 @@ t.test('two routes for one host that differ only in letter case or %-escapes are
   t.same(loadConfig({ file: yamlFile(t, { routes: distinct }), env: {} }).routes.map((r) => r.name), distinct.map((r) => r.name))
 })
 
+t.test('a route path with non-ASCII characters is the path clients send for it: UTF-8 percent-encoded, one route with its encoded spelling', async (t) => {
+  const routes = (paths: string[]) => yamlFile(t, { routes: paths.map((path, i) => ({ name: `r${i}`, path, upstream: 'http://127.0.0.1:1' })) })
+  t.same(problemsOf({ file: routes(['/données', '/donn%C3%A9es/']), env: {} }).problems, ['routes[1].path: "/donn%C3%A9es/" is not allowed; expected a path and host no other route uses (routes[0] "r0")'])
+  t.same(problemsOf({ file: routes(['/données', '/donne\u0301es']), env: {} }).problems, ['routes[1].path: "/donne\u0301es" is not allowed; expected a path and host no other route uses (routes[0] "r0")'], 'in NFD (e and a combining accent) too')
+  // Upper case and lower-case escapes are the same path to upstreams that ignore case or decode.
+  for (const twin of ['/DONNÉES', '/donn%c3%a9es']) {
+    t.match(problemsOf({ file: routes(['/données', twin]), env: {} }).problems, [/^routes\[1\]\.path: .* is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths/], `${twin} is /données`)
+  }
+  t.same(problemsOf({ file: routes(['/données', '/donnèes', '/naïve/path']), env: {} }).problems, [], 'other words load')
+  t.same(problemsOf({ file: routes(['/x\ud800']), env: {} }).problems, ['routes[0].path: "/x\\ud800" is not allowed; expected a path starting with / without ?, # or dot segments'], 'a lone surrogate, which has no UTF-8 form')
+})
+
 t.test('gateway.listen and admin.listen on one address are refused where serve listens on both', async (t) => {
   const both = (gateway: string, admin: string, extra: Partial<LoadOptions> = {}) =>
     problemsOf({ file: yamlFile(t, { gateway: { listen: gateway }, admin: { listen: admin } }), env: {}, bothListeners: true, ...extra }).problems

@@ -438,6 +438,31 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   t.equal(typeof r === 'string' ? r : r.url, '/svc/A%2Fb;c//d')
 })
 
+t.test('a route path with non-ASCII characters guards the paths clients send for it, in every spelling (found by a review)', async (t) => {
+  // Before: /données never matched (requests arrive percent-encoded), and /donn%C3%A9es/secret went
+  // by the unscoped / route to an upstream that decodes it as /données/secret.
+  const h = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'private', path: '/données', upstream: '{upstream}', scopes: ['admin'] },
+      { name: 'public', path: '/', upstream: '{upstream}' },
+    ],
+  })
+  const reader = await h.key({ scopes: ['read'] })
+  const admin = await h.key({ scopes: ['admin'] })
+  const get = (path: string, key: string) => rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${key}\r\nConnection: close\r\n\r\n`)
+  t.match(await get('/donn%C3%A9es/secret', reader.key), /^HTTP\/1.1 403[^]*"code":"scope_denied"/, 'as clients encode it: the route, which needs its scope')
+  const r = receivedOf(await get('/donn%C3%A9es/secret', admin.key))
+  t.equal(typeof r === 'string' ? r : r.url, '/donn%C3%A9es/secret', 'and with it, forwarded as sent')
+  // Lower-case hex, mixed, decomposed (NFD), upper case (É), encoded twice: the same path to
+  // upstreams that decode, normalise or ignore case; refused rather than taken by /.
+  for (const path of ['/donn%c3%a9es/secret', '/donn%C3%a9es/secret', '/donne%CC%81es/secret', '/DONN%C3%89ES/secret', '/donn%25C3%25A9es/secret']) {
+    for (const key of [reader.key, admin.key]) t.match(await get(path, key), /^HTTP\/1.1 400[^]*"code":"bad_request"/, `${path} is refused`)
+  }
+  const other = receivedOf(await get('/donn%C3%A8es/x', reader.key))
+  t.equal(typeof other === 'string' ? other : other.url, '/donn%C3%A8es/x', 'another word (è) is the / route\'s')
+  t.same(h.upstream.received.map((u) => u.url).filter((u) => u.includes('secret')), ['/donn%C3%A9es/secret'], 'no other spelling reached the upstream')
+})
+
 /** A raw upstream that answers each request with `statusLine(path)` and a 2-byte body (keep-alive). */
 async function rawStatusUpstream(t: Tap, statusLine: (path: string) => string): Promise<string> {
   const server = net.createServer((sock) => {
