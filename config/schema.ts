@@ -53,7 +53,7 @@ const Route = Type.Object(
     name: Type.String({ pattern: '^[a-z0-9][a-z0-9_-]{0,62}$', description: 'Route name, used as the metrics label.' }),
     path: Type.String({ format: 'path-prefix', description: 'Path prefix this route matches.' }),
     host: Type.Optional(Type.String({ minLength: 1, description: 'Only requests for this Host match.' })),
-    upstream: Type.String({ format: 'http-url', description: 'Upstream base URL.' }),
+    upstream: Type.String({ format: 'base-url', description: 'Upstream base URL.' }),
     timeout_ms: int(30_000, 1, 3_600_000, { description: 'Upstream response timeout in milliseconds.' }),
     scopes: Type.Array(Type.String({ minLength: 1 }), {
       default: [],
@@ -113,7 +113,7 @@ export const ConfigSchema = Type.Object(
       {
         listen: Type.String({ format: 'listen', default: '127.0.0.1:8081', description: 'Admin listen address.', env: 'KEYGATE_ADMIN_LISTEN', flag: 'admin-listen' }),
         token: Type.Optional(Type.String({ format: 'admin-token', description: 'Bootstrap admin token.', env: 'KEYGATE_ADMIN_TOKEN', secret: true })),
-        url: optStr('admin-url', { description: 'Admin API address the CLI uses instead of opening the store.', env: 'KEYGATE_ADMIN_URL', flag: 'admin-url' }),
+        url: optStr('base-url', { description: 'Admin API address the CLI uses instead of opening the store.', env: 'KEYGATE_ADMIN_URL', flag: 'admin-url' }),
         max_body_bytes: int(1_048_576, 1024, 67_108_864, { description: 'Largest admin request body accepted (413 above).' }),
         max_streams_per_credential: int(10, 1, 10_000, {
           description: 'Anomaly streams (GET /v1/anomalies/stream) one admin credential may hold open on one instance at once; one more is answered 429 too_many_streams.',
@@ -133,7 +133,7 @@ export const ConfigSchema = Type.Object(
       { additionalProperties: false, default: {} },
     ),
     routes: Type.Array(Route, { default: [], description: 'Path-prefix routes to upstreams; the longest matching prefix wins. Two routes for one host whose paths are one as the gateway or a lenient upstream reads them (`/api/` and `/api`, `/admin` and `/ADMIN` or `/%61dmin`) are refused.' }),
-    upstream: optStr('http-url', { description: 'Shortcut: a route named default for / to this upstream, added to the routes (refused when they have a route for / or one named default).', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
+    upstream: optStr('base-url', { description: 'Shortcut: a route named default for / to this upstream, added to the routes (refused when they have a route for / or one named default).', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
     deny_list: Type.Array(Type.String({ format: 'cidr' }), { default: [], description: 'Addresses and CIDR ranges always refused.' }),
     rate_limits: Type.Object(
       {

@@ -83,8 +83,9 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7'],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
   'http-url': [isHttpUrl, 'an http:// or https:// URL without user:password@'],
-  // The CLI adds the operations' paths to it: a query or fragment would stand in front of them.
-  'admin-url': [(v) => isHttpUrl(v) && !/[?#]/.test(v), 'an http:// or https:// URL without user:password@, a query or a fragment'],
+  // A URL paths are added to (the CLI's admin URL, an upstream): a query or fragment would stand in
+  // front of them. An upstream's were dropped, so `?tenant=acme` never reached it (found by a review).
+  'base-url': [(v) => isHttpUrl(v) && !/[?#]/.test(v), 'an http:// or https:// URL without user:password@, a query or a fragment'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
   'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
   // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.

@@ -260,7 +260,7 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   )
   t.same(spelled({ scheduler: { anomaly_retention_days: 7 }, anomalies: { dedupe_window_s: 604_800 } }), [], 'a retention as long as the window')
   t.same(spelled({ scheduler: { anomaly_retention_days: 1 }, anomalies: { dedupe_window_s: 86_400 } }), [])
-  t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL without user:password@'])
+  t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL without user:password@, a query or a fragment'])
   t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
 })
 
@@ -352,6 +352,17 @@ t.test('the admin URL takes no query or fragment, from any source (the CLI adds 
   const flag = await runCli(['api-key', 'list', '--admin-url', 'http://127.0.0.1:1/?x=1'])
   t.equal(flag.code, 2, 'as a flag: a usage error')
   t.same(problemsOf({ env: { KEYGATE_ADMIN_URL: 'https://admin.internal:8443/keygate' } }).problems, [], 'a path prefix is fine')
+})
+
+t.test('an upstream URL takes no query or fragment (the gateway adds the request\'s path and query to it)', async (t) => {
+  // Before: accepted, and dropped: /q/x?a=1 reached the upstream as /base/q/x?a=1, without tenant=acme.
+  const words = 'expected an http:// or https:// URL without user:password@, a query or a fragment'
+  for (const value of ['http://127.0.0.1:7440/base?tenant=acme&token=abc#frag', 'http://127.0.0.1:7440/base#frag', 'http://127.0.0.1:7440/?']) {
+    const file = yamlFile(t, { routes: [{ name: 'q', path: '/q', upstream: value }] })
+    t.same(problemsOf({ file, env: {} }).problems, [`routes[0].upstream: ${JSON.stringify(value)} is not allowed; ${words}`], value)
+    t.same(problemsOf({ env: { KEYGATE_UPSTREAM: value } }).problems, [`KEYGATE_UPSTREAM (upstream): ${JSON.stringify(value)} is not allowed; ${words}`], `${value} as KEYGATE_UPSTREAM`)
+  }
+  t.same(problemsOf({ env: { KEYGATE_UPSTREAM: 'https://up.example:8443/base/' } }).problems, [], 'a base path is fine')
 })
 
 t.test('a URL setting with user:password@ is refused, and the password is not shown', async (t) => {
@@ -539,7 +550,7 @@ t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap
   // Items of lists: one problem each, the other items still checked; before, a route was walked byte by byte too.
   t.same(one('routes:\n  - !!binary aGVsbG8=\n  - { name: a, path: /a }\n'), [
     `routes[0]: binary data (5 bytes) is not allowed; expected ${describeAllowed(ConfigSchema.properties.routes.items)}`,
-    'routes[1].upstream: is required; expected an http:// or https:// URL without user:password@',
+    'routes[1].upstream: is required; expected an http:// or https:// URL without user:password@, a query or a fragment',
   ])
   t.same(one('gateway:\n  key_sources: [!!binary aGVsbG8=, !!binary aGk=]\n').map((p) => p.replace(/ is not allowed.*$/, '')), [
     'gateway.key_sources[0]: binary data (5 bytes)',
