@@ -52,7 +52,7 @@ const Route = Type.Object(
   {
     name: Type.String({ pattern: '^[a-z0-9][a-z0-9_-]{0,62}$', description: 'Route name, used as the metrics label.' }),
     path: Type.String({ format: 'path-prefix', description: 'Path prefix this route matches.' }),
-    host: Type.Optional(Type.String({ minLength: 1, description: 'Only requests for this Host match.' })),
+    host: Type.Optional(Type.String({ format: 'host-port', description: 'Only requests for this Host match (in any letter case; with a port, only that port, and before a route for the host alone).' })),
     upstream: Type.String({ format: 'base-url', description: 'Upstream base URL.' }),
     timeout_ms: int(30_000, 1, 3_600_000, { description: 'Upstream response timeout in milliseconds.' }),
     scopes: Type.Array(Type.String({ minLength: 1 }), {

@@ -65,6 +65,22 @@ export function listenOverlaps(a: string, b: string): boolean {
   return p === q || p === '::' || q === '::' || (p === '0.0.0.0' && !v6(q)) || (q === '0.0.0.0' && !v6(p))
 }
 
+// A DNS label as Host values carry them: letters, digits, `-` inside, and `_` (service names).
+const LABEL = '[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?'
+const HOST_PORT = new RegExp(`^(?:\\[([0-9A-Fa-f:.]+)\\]|((?:${LABEL}\\.)*${LABEL}\\.?))(?::([1-9][0-9]{0,4}))?$`)
+
+/**
+ * A Host a request can carry, as a route names it: a name (one trailing dot allowed) or IPv4
+ * address, or a bracketed IPv6 address, then an optional port from 1 to 65535. A wildcard, a
+ * scheme, a path or a bare IPv6 address passed, and never matched (found by a review).
+ */
+function isHostAndPort(value: string): boolean {
+  const m = HOST_PORT.exec(value)
+  if (!m) return false
+  if (m[1] !== undefined && !ipaddr.IPv6.isValid(m[1])) return false
+  return (m[2] === undefined || m[2].length <= 254) && (m[3] === undefined || Number(m[3]) <= 65535)
+}
+
 /**
  * An http(s) URL with a host and no user:password@: a credential there would be shown wherever
  * the URL is (messages, logs), and each such setting has its own credential settings.
@@ -86,6 +102,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   // A URL paths are added to (the CLI's admin URL, an upstream): a query or fragment would stand in
   // front of them. An upstream's were dropped, so `?tenant=acme` never reached it (found by a review).
   'base-url': [(v) => isHttpUrl(v) && !/[?#]/.test(v), 'an http:// or https:// URL without user:password@, a query or a fragment'],
+  'host-port': [isHostAndPort, 'a host name or IP address with an optional :port, such as api.example.com, api.example.com:8443, 192.0.2.7 or [2001:db8::7]:8443 (no scheme, path or wildcard)'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
   'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
   // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.

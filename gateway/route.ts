@@ -1,6 +1,6 @@
 // Routes: the longest matching path prefix wins (on a segment boundary: /api matches /api,
-// /api/x and /api?q, not /apix); at equal length a route naming the Host wins over one that
-// does not. Then the scope check: a route with scopes needs a key holding any one of them;
+// /api/x and /api?q, not /apix); at equal length a route naming the Host and port wins over one
+// naming the Host alone, which wins over one that names none. Then the scope check: a route with scopes needs a key holding any one of them;
 // a key scope `*` grants every scope and `orders:*` every scope starting with `orders:`.
 //
 // Routes are matched on the path as sent (a route's non-ASCII characters percent-encoded, as
@@ -67,7 +67,10 @@ export class Router {
       }
     })
     this.#byHost = this.routes.some((r) => r.host !== undefined)
-    this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || (a.host ? 0 : 1) - (b.host ? 0 : 1))
+    // At equal length the more specific first: a Host with its port, then a Host (before, file
+    // order: a route for example.com took example.com:8443 from that port's own, found by a review).
+    const specific = (r: CompiledRoute) => (r.hostHasPort ? 0 : r.host !== undefined ? 1 : 2)
+    this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || specific(a) - specific(b))
     const inside = (b: CompiledRoute, a: CompiledRoute) =>
       [b.prefixLower, b.prefixLenient].some((bp) => [a.prefixLower, a.prefixLenient].some((ap) => bp === ap || bp.startsWith(ap + '/')))
     this.#nested = this.routes.some((a) => this.routes.some((b) => a !== b && (a.prefix === '/' || inside(b, a))))

@@ -722,6 +722,18 @@ t.test('a route path with non-ASCII characters is the path clients send for it: 
   t.same(problemsOf({ file: routes(['/x\ud800']), env: {} }).problems, ['routes[0].path: "/x\\ud800" is not allowed; expected a path starting with / without ?, # or dot segments'], 'a lone surrogate, which has no UTF-8 form')
 })
 
+t.test('a route\'s host is a host name or address with an optional port, as a request\'s Host is compared with it', async (t) => {
+  // Before (found by a review): each passed (only minLength 1) and the route never matched.
+  const words = 'expected a host name or IP address with an optional :port, such as api.example.com, api.example.com:8443, 192.0.2.7 or [2001:db8::7]:8443 (no scheme, path or wildcard)'
+  const withHost = (host: string) => yamlFile(t, { routes: [{ name: 'h', path: '/api', host, upstream: 'http://127.0.0.1:1' }] })
+  for (const host of ['*.example.com', 'https://example.com', '::1', '[::g]', 'exa mple.com ', 'example.com/api', 'example.com:', 'example.com:0', 'example.com:65536', 'example.com:08443', '-a.example', 'a..example', 'é.example']) {
+    t.same(problemsOf({ file: withHost(host), env: {} }).problems, [`routes[0].host: ${JSON.stringify(host)} is not allowed; ${words}`], JSON.stringify(host))
+  }
+  for (const host of ['example.com', 'Example.COM', 'admin.local.', 'example.com:8443', '[::1]', '[2001:db8::7]:8443', '192.0.2.7:8080', 'under_score.internal', 'localhost']) {
+    t.same(problemsOf({ file: withHost(host), env: {} }).problems, [], `${host} loads`)
+  }
+})
+
 t.test('gateway.listen and admin.listen on one address are refused where serve listens on both', async (t) => {
   const both = (gateway: string, admin: string, extra: Partial<LoadOptions> = {}) =>
     problemsOf({ file: yamlFile(t, { gateway: { listen: gateway }, admin: { listen: admin } }), env: {}, bothListeners: true, ...extra }).problems

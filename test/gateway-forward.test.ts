@@ -165,6 +165,21 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
   for (const spelled of ['dotted.example', 'dotted.example.', 'DOTTED.example:8080']) {
     t.equal(((await h.get('/dotted/x', { ...bearer(k.key), host: spelled })).json as Received).url, '/dotted-upstream/dotted/x', `${spelled}: the route written with a dot`)
   }
+  // A route naming the port wins over one naming the host alone, whichever comes first in the file
+  // (before, found by a review: the first, and the port's route with its scope was never used).
+  const ports = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'host', path: '/api', host: 'example.com', upstream: '{upstream}/host' },
+      { name: 'port', path: '/api', host: 'example.com:8443', upstream: '{upstream}/port', scopes: ['internal'] },
+    ],
+  })
+  const plain = await ports.key()
+  const internal = await ports.key({ scopes: ['internal'] })
+  t.equal((await ports.get('/api/x', { ...bearer(plain.key), host: 'example.com:8443' })).status, 403, 'the port\'s route, and its scope')
+  t.equal(((await ports.get('/api/x', { ...bearer(internal.key), host: 'Example.com:8443' })).json as Received).url, '/port/api/x')
+  for (const host of ['example.com', 'example.com:8080']) {
+    t.equal(((await ports.get('/api/x', { ...bearer(plain.key), host })).json as Received).url, '/host/api/x', `${host}: the host's route`)
+  }
   const text = await h.metrics.registry.metrics()
   t.match(text, /keygate_gateway_requests_total\{route="api",outcome="forwarded"\} 2/)
   t.match(text, /keygate_upstream_duration_seconds_count\{route="hosted"\} 4/)
