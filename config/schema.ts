@@ -3,6 +3,7 @@
 // documentation (`description`; docs/configuration.md is generated from it).
 import { Type, type Static } from '@sinclair/typebox'
 import '../core/formats.ts'
+import { RouteScope } from '../core/keys/schemas.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
 
 export { KEY_TYPES }
@@ -55,7 +56,7 @@ const Route = Type.Object(
     host: Type.Optional(Type.String({ format: 'host-port', description: 'Only requests for this Host match (in any letter case; with a port, only that port, and before a route for the host alone).' })),
     upstream: Type.String({ format: 'base-url', description: 'Upstream base URL.' }),
     timeout_ms: int(30_000, 1, 3_600_000, { description: 'Upstream response timeout in milliseconds.' }),
-    scopes: Type.Array(Type.String({ minLength: 1 }), {
+    scopes: Type.Array(RouteScope, {
       default: [],
       description: 'Scopes a key needs (any one of them) for this route; empty means any valid key.',
     }),

@@ -115,6 +115,9 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   // A Redis pub/sub channel as operators write one: a typo'd space or a pasted line break would
   // publish where no subscriber listens.
   'redis-channel': [(v) => /^[!-~]{1,200}$/.test(v), 'visible ASCII characters without spaces, at most 200, such as keygate:anomaly:alerts'],
+  // With a key scope's pattern (RouteScope): on a key `orders:*` grants every `orders:` scope; a route
+  // needing it passed only keys holding that very wildcard, not one with `orders:read`.
+  'route-scope': [(v) => !v.endsWith(':*'), "scope names as keys hold them, such as admin or orders:read (a lowercase letter or digit, then up to 63 of a-z 0-9 : . _ * -), and no wildcard such as orders:* (a key's orders:* grants every orders: scope; a route names the one it needs)"],
   'key-prefix': [(v) => /^[a-z][a-z0-9]{0,15}_$/.test(v), 'lowercase letters and digits ending in _, such as kg_'],
   'date-time': [isDateTime, 'an RFC 3339 date-time from 1970 to 9999 such as 2027-01-31T12:00:00Z'],
 }

@@ -1,7 +1,8 @@
 // Routes: the longest matching path prefix wins (on a segment boundary: /api matches /api,
 // /api/x and /api?q, not /apix); at equal length a route naming the Host and port wins over one
-// naming the Host alone, which wins over one that names none. Then the scope check: a route with scopes needs a key holding any one of them;
-// a key scope `*` grants every scope and `orders:*` every scope starting with `orders:`.
+// naming the Host alone, which wins over one that names none. Then the scope check: a route
+// with scopes needs a key holding any one of them; a key scope `orders:*` grants every scope
+// starting with `orders:` (a route's scopes are no wildcards, and `*` is no scope: RouteScope).
 //
 // Routes are matched on the path as sent (a route's non-ASCII characters percent-encoded, as
 // clients send them), and the path is forwarded as sent. Upstreams read some paths differently:

@@ -184,7 +184,7 @@ t.test('a list where a mapping belongs, or a mapping where a list belongs, is re
     'routes: {"api":{"path":"/api","upstream":"http://127.0.0.1:1"}} is not allowed; expected a list of mappings, each with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix, preserve_host',
   ])
   t.same(problemsOf({ file: yamlFile(t, { routes: [{ name: 'a', path: '/', upstream: 'http://127.0.0.1:1', scopes: { admin: true } }] }), env: {} }).problems, [
-    'routes[0].scopes: {"admin":true} is not allowed; expected a list of non-empty strings',
+    'routes[0].scopes: {"admin":true} is not allowed; expected a list of scope names as keys hold them, such as admin or orders:read (a lowercase letter or digit, then up to 63 of a-z 0-9 : . _ * -), and no wildcard such as orders:* (a key\'s orders:* grants every orders: scope; a route names the one it needs)',
   ])
   t.same(problemsOf({ file: yamlFile(t, { routes: [['a']] }), env: {} }).problems, [
     'routes[0]: ["a"] is not allowed; expected a mapping with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix, preserve_host',
@@ -732,6 +732,17 @@ t.test('a route\'s host is a host name or address with an optional port, as a re
   for (const host of ['example.com', 'Example.COM', 'admin.local.', 'example.com:8443', '[::1]', '[2001:db8::7]:8443', '192.0.2.7:8080', 'under_score.internal', 'localhost']) {
     t.same(problemsOf({ file: withHost(host), env: {} }).problems, [], `${host} loads`)
   }
+})
+
+t.test('a route\'s scopes are scopes as keys hold them, and not a wildcard, which no route can need', async (t) => {
+  // Before (found by a review): each passed, and no key could hold it (or, for orders:*, only a key
+  // holding that very wildcard passed, not one with orders:read).
+  const words = 'expected scope names as keys hold them, such as admin or orders:read (a lowercase letter or digit, then up to 63 of a-z 0-9 : . _ * -), and no wildcard such as orders:* (a key\'s orders:* grants every orders: scope; a route names the one it needs)'
+  const withScopes = (scopes: string[]) => yamlFile(t, { routes: [{ name: 's', path: '/s', upstream: 'http://127.0.0.1:1', scopes }] })
+  for (const scope of ['Orders:Read', 'orders read', '*', 'orders:*', ':read', 'a'.repeat(65), '']) {
+    t.same(problemsOf({ file: withScopes(['ok', scope]), env: {} }).problems, [`routes[0].scopes[1]: ${JSON.stringify(scope)} is not allowed; ${words}`], JSON.stringify(scope))
+  }
+  t.same(problemsOf({ file: withScopes(['admin', 'orders:read', 'billing.v2', 'a*b', 'a'.repeat(64)]), env: {} }).problems, [], 'scopes keys can hold load')
 })
 
 t.test('gateway.listen and admin.listen on one address are refused where serve listens on both', async (t) => {

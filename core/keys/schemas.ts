@@ -7,6 +7,8 @@ import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
 export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
+/** A scope a route needs: one a key can hold (before, `Orders:Read` or `*` loaded, and no key passed), not a wildcard. */
+export const RouteScope = Type.String({ pattern: Scope.pattern, format: 'route-scope' })
 export const KeyTypeSchema = Type.Union(KEY_TYPES.map((t) => Type.Literal(t)), { description: 'Key type; sets the grace period and default rate limit.' })
 export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)))
 
