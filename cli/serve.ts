@@ -37,6 +37,14 @@ import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, refuseFlags, ty
 
 /** How often the `--workers` primary reads its workers' counters between scrapes: what a killed worker counted since is lost. */
 const METRICS_REFRESH_MS = 5000
+/**
+ * The refreshes in a row a `--workers` worker may leave unanswered (each within 5 s) before the
+ * primary kills it: one frozen (SIGSTOP, a stuck event loop) keeps being handed its share of new
+ * connections by the kernel (SO_REUSEPORT), which hang. A worker runs the gateway alone, whose
+ * request path does nothing synchronous for long (the admin API, imports included, is the
+ * primary's), so 15 s and more without an answer is a stuck worker, not a busy one.
+ */
+const LIVENESS_MISSES = 3
 const USAGE = 'keygate serve [--only gateway|admin] [--workers N] [--listen HOST:PORT] [--admin-listen HOST:PORT] [--upstream URL] [--config FILE]'
 
 const OPTIONS = {
@@ -711,6 +719,17 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         })
         w.send({ keygate: 'metrics', request, countsOnly } satisfies WorkerMessage, undefined, undefined, (err) => err && askingMetrics.get(request)?.answered(undefined))
       })
+    /** Refreshes each worker left unanswered in a row; any answer, even a late one, clears its count. */
+    const missed = new Map<import('node:cluster').Worker, number>()
+    const unanswered = (w: import('node:cluster').Worker, err: unknown) => {
+      if (!listening.has(w)) return
+      const misses = (missed.get(w) ?? 0) + 1
+      missed.set(w, misses)
+      if (misses < LIVENESS_MISSES) return void log.warn('a gateway worker did not report its metrics', { worker: w.id, misses, err })
+      // SIGKILL ends a stopped process too; its exit starts the replacement as for any death.
+      log.error('a gateway worker stopped answering; killing it so that another replaces it', { worker: w.id, misses, waited_s: (misses * METRICS_REFRESH_MS) / 1000 })
+      w.process.kill('SIGKILL')
+    }
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
     // The primary's own counts, added to the workers' in /metrics: its admin API's lockouts and
@@ -755,6 +774,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       w.on('exit', (code, signal) => {
         live.delete(w)
         listening.delete(w)
+        missed.delete(w)
         for (const asking of askingMetrics.values()) if (asking.worker === w) asking.answered(undefined)
         clusterMetrics.depart(w.id)
         if (shuttingDown) return
@@ -778,6 +798,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // A worker's lockout reaches its siblings (and this admin API) at once.
     const onWorkerMessage = (from: import('node:cluster').Worker, m: FromWorker) => {
       if (m?.keygate === 'metrics') {
+        missed.delete(from)
         const asking = askingMetrics.get(m.request)
         if (asking?.worker !== from) return
         clusterMetrics.keep(from.id, m.request, m.metrics)
@@ -795,7 +816,11 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const storeReady = readiness(runtime, log)
     const routes = healthRoutes({
       // Ready once every worker listens (a forked one may still be loading).
-      ready: async () => (listening.size < workers ? `${listening.size} of ${workers} gateway workers listening` : storeReady()),
+      ready: async () => {
+        if (listening.size < workers) return `${listening.size} of ${workers} gateway workers listening`
+        const unanswering = [...listening].filter((w) => (missed.get(w) ?? 0) > 0).length
+        return unanswering > 0 ? `${workers - unanswering} of ${workers} gateway workers answering` : storeReady()
+      },
       metrics: async () => {
         // Every worker is asked, and the whole scrape fails after 5 s when one does not answer: a
         // worker still starting has no listener for the request yet. A scrape waits (a few
@@ -832,9 +857,10 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // Every worker listens on the port reserved above (WORKER_LISTEN, given to each fork).
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     for (let i = 0; i < workers; i++) fork()
-    // The last counts of a worker that is killed are those of the last scrape or of this refresh.
+    // The last counts of a worker that is killed are those of the last scrape or of this refresh,
+    // which is also the workers' liveness check (see LIVENESS_MISSES).
     const refreshMetrics = setInterval(() => {
-      for (const w of listening) askMetrics(w, true).catch((err: unknown) => log.warn('a gateway worker did not report its metrics', { worker: w.id, err }))
+      for (const w of listening) askMetrics(w, true).catch((err: unknown) => unanswered(w, err))
     }, METRICS_REFRESH_MS)
     refreshMetrics.unref()
     let failed = false

@@ -326,6 +326,45 @@ t.test('--workers: a worker killed under a churn of new connections leaves none 
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz, then killed and replaced', async (t) => {
+  // Before (found by a review): the kernel kept handing the frozen worker its share of new
+  // connections, which hung; /readyz said ready, and the log only that it did not report metrics.
+  const url = await freshDatabase(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-frozen-'))
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  // A frozen process outlives its parent's SIGKILL: the teardown ends it should the test fail.
+  t.teardown(() => {
+    try {
+      process.kill(pid as number, 'SIGKILL')
+    } catch {}
+  })
+  process.kill(pid as number, 'SIGSTOP')
+  // A hang guard, not a timing: the first refresh it leaves unanswered takes 5 to 10 s.
+  let ready = await call(`${serve.admin}/readyz`)
+  for (let i = 0; i < 300 && ready.status === 200; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    ready = await call(`${serve.admin}/readyz`)
+  }
+  t.equal(ready.status, 503, 'not ready while a worker does not answer')
+  t.equal(ready.json.reason, '1 of 2 gateway workers answering')
+  const killed = await serve.waitForLog((l) => l.message.startsWith('a gateway worker stopped answering'))
+  t.equal(killed.level, 'error')
+  const died = await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  t.equal(died.signal, 'SIGKILL', 'the primary killed it')
+  t.equal(died.worker, killed.worker, 'the worker that did not answer')
+  await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
+  ready = await call(`${serve.admin}/readyz`)
+  for (let i = 0; i < 100 && ready.status !== 200; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    ready = await call(`${serve.admin}/readyz`)
+  }
+  t.equal(ready.status, 200, 'ready again once its replacement listens')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
 t.test('--workers: a worker that dies just before SIGTERM is not replaced during the shutdown, and keygate exits', async (t) => {
   // Before (found by a review): its replacement, due a second after it died, was started after
   // the others had stopped; it served the gateway with the primary's store closed, and the
