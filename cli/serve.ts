@@ -14,7 +14,7 @@ import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.t
 import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { answersWithin, within } from '../core/deadline.ts'
-import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, type MetricsJson, workerMetrics } from '../core/metrics.ts'
+import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
@@ -721,6 +721,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       })
     /** Refreshes each worker left unanswered in a row; any answer, even a late one, clears its count. */
     const missed = new Map<import('node:cluster').Worker, number>()
+    /** The workers the primary killed for not answering, counted as such when they exit. */
+    const killed = new WeakSet<import('node:cluster').Worker>()
     const unanswered = (w: import('node:cluster').Worker, err: unknown) => {
       if (!listening.has(w)) return
       const misses = (missed.get(w) ?? 0) + 1
@@ -728,13 +730,16 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       if (misses < LIVENESS_MISSES) return void log.warn('a gateway worker did not report its metrics', { worker: w.id, misses, err })
       // SIGKILL ends a stopped process too; its exit starts the replacement as for any death.
       log.error('a gateway worker stopped answering; killing it so that another replaces it', { worker: w.id, misses, waited_s: (misses * METRICS_REFRESH_MS) / 1000 })
+      killed.add(w)
       w.process.kill('SIGKILL')
     }
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
     clusterLimitsPrimary()
-    // The primary's own counts, added to the workers' in /metrics: its admin API's lockouts and
-    // ip_locked_out answers (before, a lockout begun by failed admin credentials was not counted).
-    const own = createMetricsRegistry({ defaultMetrics: false })
+    // The primary's own metrics, added to the workers' in /metrics: its process's (before, left
+    // out), its admin API's lockouts and ip_locked_out answers (before, a lockout begun by failed
+    // admin credentials was not counted), and the workers it replaced.
+    const own = createMetricsRegistry()
+    const restarts = createWorkerRestartMetrics(own)
     const ownLockout = role.admin ? createLockoutMetrics(own) : undefined
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, {
@@ -784,6 +789,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
           return
         }
         log.error('gateway worker died; starting another', { worker: w.id, code, signal })
+        restarts[killed.has(w) ? 'unresponsive' : 'exited'].inc()
         const timer = setTimeout(() => {
           replacing.delete(timer)
           fork()

@@ -164,9 +164,9 @@ export const ConfigSchema = Type.Object(
     cache: Type.Object(
       {
         ttl_s: int(300, 1, 86_400, { description: 'How long a validated key is cached.', env: 'CACHE_TTL_SECONDS' }),
-        max_capacity: int(10_000, 1, 10_000_000, { description: 'Most keys held in the validation cache.', env: 'CACHE_MAX_CAPACITY' }),
+        max_capacity: int(10_000, 1, 10_000_000, { description: 'Most keys held in the validation cache, in each gateway process: each `--workers` worker holds its own cache (N times the memory, and a miss per worker for each key).', env: 'CACHE_MAX_CAPACITY' }),
         negative_ttl_s: int(5, 0, 3600, { description: 'How long an unknown key is remembered as unknown.' }),
-        negative_max: int(10_000, 0, 10_000_000, { description: 'Most unknown keys remembered.' }),
+        negative_max: int(10_000, 0, 10_000_000, { description: 'Most unknown keys remembered, in each gateway process (each `--workers` worker remembers its own).' }),
         store_check_s: int(5, 0, 3600, {
           description:
             'How often a gateway reads from the store the keys changed since its last read (revoked, rotated, updated, expired, imported) and drops them from its cache: the bound on a change whose Redis message was lost, or made with Redis unreachable (0: never; the cache TTL is then the bound).',

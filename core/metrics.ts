@@ -265,11 +265,40 @@ export function createHealthMetrics(registry: Registry, probes: { store: () => P
   }
 }
 
+/**
+ * How the `--workers` primary combines Node's process metrics of its processes where prom-client's
+ * sum (or omission) misleads. File descriptors are a per-process limit: the sum of the limits
+ * (80,000 for four workers at ulimit 20,000) let `open_fds / max_fds` never reach an alert, so
+ * both are the highest of any process, and the ratio is that of the process nearest its limit.
+ * The start time, which prom-client leaves out, is the earliest: the primary's, the instance's
+ * start (worker restarts are `keygate_worker_restarts_total`).
+ */
+const PROCESS_AGGREGATORS: Readonly<Record<string, Aggregator>> = {
+  keygate_process_max_fds: 'max',
+  keygate_process_open_fds: 'max',
+  keygate_process_start_time_seconds: 'min',
+}
+
 /** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()
-  if (options.defaultMetrics !== false) collectDefaultMetrics({ register: registry, prefix: 'keygate_' })
+  if (options.defaultMetrics === false) return registry
+  collectDefaultMetrics({ register: registry, prefix: 'keygate_' })
+  for (const [name, aggregator] of Object.entries(PROCESS_AGGREGATORS)) {
+    // prom-client's default metrics take no aggregator option; the metric reads its own field.
+    const metric = registry.getSingleMetric(name) as { aggregator: Aggregator } | undefined
+    if (metric) metric.aggregator = aggregator
+  }
   return registry
+}
+
+/** Why a `--workers` worker was replaced: it exited (a crash, the OOM killer), or it stopped answering and the primary killed it. */
+export type WorkerRestartReason = 'exited' | 'unresponsive'
+
+/** The `--workers` primary's count of the workers it replaced, by reason (a worker's own metrics start again from 0 in its replacement). */
+export function createWorkerRestartMetrics(registry: Registry): Readonly<Record<WorkerRestartReason, CounterChild>> {
+  const restarts = new Counter({ name: 'keygate_worker_restarts_total', help: 'Gateway workers that ended and were replaced, by reason (exited, or unresponsive: killed after missing three metrics reads).', labelNames: ['reason'], registers: [registry] })
+  return { exited: zeroed(restarts.labels('exited')), unresponsive: zeroed(restarts.labels('unresponsive')) }
 }
 
 /** The lockout's counters: a gateway's metrics hold them, and a process with the admin API alone (`--only admin`) makes them on their own. */

@@ -9,7 +9,7 @@ import t from 'tap'
 import { execFileSync } from 'node:child_process'
 import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import net from 'node:net'
 import { join } from 'node:path'
@@ -362,6 +362,30 @@ t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz, then killed
     ready = await call(`${serve.admin}/readyz`)
   }
   t.equal(ready.status, 200, 'ready again once its replacement listens')
+  t.match((await call(`${serve.admin}/metrics`)).text, /^keygate_worker_restarts_total\{reason="unresponsive"\} 1$/m, 'counted as a restart of an unresponsive worker')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
+t.test('--workers metrics: the file descriptor limit is one process\'s, the start time is shown, and a replaced worker counts as a restart', async (t) => {
+  // Before (found by a review): keygate_process_max_fds was the sum of the workers' limits, the
+  // start time was left out, and nothing showed that a worker had been restarted.
+  const { cwd, env, upstream } = await workersSetUp(t, 'restarts', 0)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const value = (text: string, series: string) => Number(new RegExp(`^${series.replace(/[{}]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1])
+  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const limit = Number(/^Max open files +(\d+)/m.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1])
+  const before = await call(`${serve.admin}/metrics`)
+  t.equal(before.status, 200)
+  t.equal(value(before.text, 'keygate_process_max_fds'), limit, "one worker's limit, not the sum")
+  t.ok(value(before.text, 'keygate_process_start_time_seconds') > 0, 'the start time is shown')
+  t.equal(value(before.text, 'keygate_worker_restarts_total{reason="exited"}'), 0)
+  process.kill(pid as number, 'SIGKILL')
+  await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
+  const after = await call(`${serve.admin}/metrics`)
+  t.equal(after.status, 200)
+  t.equal(value(after.text, 'keygate_worker_restarts_total{reason="exited"}'), 1, 'the killed worker counts as a restart')
+  t.equal(value(after.text, 'keygate_worker_restarts_total{reason="unresponsive"}'), 0)
+  t.equal(value(after.text, 'keygate_process_max_fds'), limit)
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 

@@ -6,7 +6,7 @@
 import t from 'tap'
 import { AggregatorRegistry, Histogram, Registry } from 'prom-client'
 import { answersWithin } from '../core/deadline.ts'
-import { ClusterMetrics, type MetricsJson, createGatewayMetrics, createHealthMetrics, workerMetrics } from '../core/metrics.ts'
+import { ClusterMetrics, type MetricsJson, createGatewayMetrics, createHealthMetrics, createMetricsRegistry, workerMetrics } from '../core/metrics.ts'
 import { unlessHung } from './helpers/gateway.ts'
 
 const NAME = 'keygate_gateway_request_duration_seconds'
@@ -130,4 +130,20 @@ t.test("the --workers primary's sum keeps the counters and histograms of a worke
   sum.depart(2)
   sum.depart(3)
   t.same(await read(new Map()), { forwarded: 9, served: 9, bucket: 9, deny: undefined, help: true }, 'with every worker gone, the counts are still the sum')
+})
+
+t.test('over --workers, file descriptors and the start time are the highest and the earliest of the processes, not their sum', async (t) => {
+  // Before (found by a review): keygate_process_max_fds was summed (80000 for four workers at
+  // ulimit 20000), so open_fds / max_fds could never fire, and the start time was left out.
+  const one = createMetricsRegistry()
+  const read = async (text: string, name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1])
+  const alone = await one.metrics()
+  const maxFds = await read(alone, 'keygate_process_max_fds')
+  t.ok(maxFds > 0, 'a process reports its limit')
+  // Three processes' answers, as the primary aggregates them (the same registry read three times).
+  const summed = await AggregatorRegistry.aggregate(await Promise.all([one, one, one].map((r) => r.getMetricsAsJSON()))).metrics()
+  t.equal(await read(summed, 'keygate_process_max_fds'), maxFds, "one process's limit")
+  // The three reads may differ by a descriptor or two; their sum would be three times as many.
+  t.ok((await read(summed, 'keygate_process_open_fds')) < 2 * (await read(alone, 'keygate_process_open_fds')), 'the open descriptors of the process nearest its limit, not their sum')
+  t.equal(await read(summed, 'keygate_process_start_time_seconds'), await read(alone, 'keygate_process_start_time_seconds'), 'the earliest start time')
 })
