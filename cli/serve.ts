@@ -664,8 +664,17 @@ function lockoutsInForce(log: Logger): Promise<void> {
   })
 }
 
+/**
+ * Sends to a worker that may have just died: `isConnected()` stays true for a SIGKILLed worker
+ * until its channel is read to its end, and a send without a callback then raises EPIPE as an
+ * 'error' on the Worker. The failure is dropped here: the worker's 'exit' follows, and replaces it.
+ */
+function sendTo(w: import('node:cluster').Worker, message: WorkerMessage): void {
+  if (w.isConnected()) w.send(message, undefined, undefined, () => {})
+}
+
 function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: WorkerMessage): void {
-  for (const w of workers) if (w.isConnected()) w.send(message)
+  for (const w of workers) sendTo(w, message)
 }
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
@@ -688,9 +697,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const onWorkerMessage = (w: import('node:cluster').Worker, m: FromWorker) => {
     if (m?.keygate === 'anomaly') ev.events.emit('anomaly.detected', m.anomaly)
     else if (m?.keygate === 'windows') {
-      void answerWindows(anomalyWindows, m).then((answer) => {
-        if (w.isConnected()) w.send(answer satisfies WorkerMessage)
-      })
+      void answerWindows(anomalyWindows, m).then((answer) => sendTo(w, answer))
     }
   }
   if (!redis) cluster.on('message', onWorkerMessage)
@@ -760,14 +767,21 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       if (shuttingDown) return
       const w = cluster.fork({ [WORKER_LISTEN]: gateway })
       live.add(w)
+      // What is sent without a callback (rate-limiter-flexible's answers to a worker's limiter
+      // calls) to a worker that has just died fails as an 'error' on the Worker: unheard, it
+      // ended the primary, and every worker with it (found by a review). The 'exit' replaces it.
+      w.once('error', (err: Error) => {
+        log.warn('could not send to a gateway worker; it is ending', { worker: w.id, err })
+        w.on('error', () => {})
+      })
       // A worker listens on its own socket (see listen), so the cluster's 'listening' is not sent.
       const onWorker = (m: FromWorker) => {
         if (m?.keygate === 'lockouts') {
           // Asked before it listens: a worker started after lockouts began (one that replaced a
           // worker that died) holds none of them, and nothing else would tell it until the
           // address failed there again. Those that begin later reach it as they reach all.
-          for (const message of lockout.inForce()) w.send({ keygate: 'invalidate', message } satisfies WorkerMessage)
-          w.send({ keygate: 'lockouts-told' } satisfies WorkerMessage)
+          for (const message of lockout.inForce()) sendTo(w, { keygate: 'invalidate', message })
+          sendTo(w, { keygate: 'lockouts-told' })
           return
         }
         if (m?.keygate !== 'ready') return

@@ -389,6 +389,48 @@ t.test('--workers metrics: the file descriptor limit is one process\'s, the star
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers: the primary survives answering a worker that has just died (EPIPE), and replaces it', async (t) => {
+  // Before (found by a review): rate-limiter-flexible's answer to a dead worker's limiter call
+  // failed with EPIPE as an 'error' on the Worker that nothing heard; the primary threw, and
+  // every worker, and the port, went with it.
+  const { cwd, env, upstream } = await workersSetUp(t, 'epipe', 0)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const primary = serve.child.pid as number
+  const pids = execFileSync('pgrep', ['-P', String(primary)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const { port } = new URL(serve.gateway)
+  // The primary stopped: each request's limiter calls wait in its IPC channel (the worker answers
+  // once they time out). New connections from many source addresses reach both workers.
+  process.kill(primary, 'SIGSTOP')
+  t.teardown(() => {
+    try {
+      process.kill(primary, 'SIGCONT')
+    } catch {}
+  })
+  const statuses = await Promise.all(
+    Array.from({ length: 40 }, (_, i) =>
+      new Promise<number>((resolve, reject) => {
+        const req = http.get({ host: '127.0.0.1', port, path: `/from-${i}`, localAddress: `127.0.0.${i + 2}`, agent: false }, (res) => {
+          res.resume()
+          res.on('end', () => resolve(res.statusCode as number))
+        })
+        req.on('error', reject)
+      }),
+    ),
+  )
+  t.ok(statuses.every((s) => s === 401), 'answered while the primary was stopped')
+  // Both workers, each dead (a zombie: its parent, stopped, has not reaped it) before the
+  // primary reads its calls. (Whether a send then fails depends on what the primary's event loop
+  // sees first, the calls or the worker's end: here it mostly does.)
+  for (const pid of pids) process.kill(pid, 'SIGKILL')
+  const state = (pid: number) => readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
+  while (pids.some((pid) => state(pid) !== 'Z')) await new Promise((r) => setTimeout(r, 10))
+  process.kill(primary, 'SIGCONT')
+  await serve.waitForLog(() => serve.logs.filter((l) => l.message === 'gateway worker died; starting another').length === 2)
+  await serve.waitForLog(() => serve.logs.filter((l) => l.message === 'gateway listening' && (l.worker === 3 || l.worker === 4)).length === 2)
+  t.equal((await call(`${serve.gateway}/after`)).status, 401, 'the port answers')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
 t.test('--workers: a worker that dies just before SIGTERM is not replaced during the shutdown, and keygate exits', async (t) => {
   // Before (found by a review): its replacement, due a second after it died, was started after
   // the others had stopped; it served the gateway with the primary's store closed, and the
