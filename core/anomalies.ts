@@ -660,7 +660,7 @@ export const MAX_WAITING = 1_000
  */
 export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
-  readonly #stop: () => void
+  #stop: () => void
 
   /**
    * With Redis, `history` (the table) is required: it is the only source of what is streamed. A
@@ -872,7 +872,12 @@ export class AnomalyFeed {
   close(): void {
     const closing = [...this.#listeners.values()]
     this.#listeners.clear()
-    this.#stop()
+    // Once: serve closes the feed as its stop begins and again at its end, and a second
+    // disconnect of the closed subscriber started ioredis's 2 s timer to destroy it, which held
+    // the exit that long after `stopped` (found by a review).
+    const stop = this.#stop
+    this.#stop = () => {}
+    stop()
     for (const c of closing) c?.()
   }
 }

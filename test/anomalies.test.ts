@@ -272,8 +272,19 @@ async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?:
     await sleep(20)
   }
   got.length = 0
-  return { server, db, redis, channel, got, record, until, gate: gated?.gate }
+  return { server, db, redis, channel, feed, got, record, until, gate: gated?.gate }
 }
+
+t.test('a feed closed twice (serve stops its streams, then closes it) disconnects its subscriber once, leaving no timer behind', async (t) => {
+  // Before (found by a review): the second disconnect of the closed subscriber started ioredis's
+  // 2 s timer to destroy it, which nothing cleared: serve exited 2 s after logging `stopped`.
+  const { feed } = await feedOnTable(t)
+  feed.close()
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length
+  const before = timers()
+  feed.close()
+  t.equal(timers(), before, 'the second close starts no timer')
+})
 
 t.test('a subscriber connection gone silent (half-open) is reconnected by its PING check, and what was announced meanwhile is streamed', async (t) => {
   // Before (found by a review): no check, so a connection that died without closing got no
