@@ -5,6 +5,7 @@
 // where another user could plant compiled code). NODE_DISABLE_COMPILE_CACHE=1 turns it off; a
 // folder that cannot be written leaves it off.
 import { spawn } from 'node:child_process'
+import cluster from 'node:cluster'
 import { enableCompileCache } from 'node:module'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
@@ -65,4 +66,8 @@ if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF)
   if (command === 'serve') process.on('SIGHUP', () => {})
   const { main } = await import('../cli/main.ts')
   process.exitCode = await main(process.argv.slice(2))
+  // A `serve --workers` worker that could not start (its configuration now invalid, say): its
+  // IPC channel to the primary kept it alive, not listening, for ever, and the primary never
+  // replaced it. Disconnected, it ends, and the primary starts another.
+  if (process.exitCode !== 0 && cluster.isWorker && process.connected) process.disconnect()
 }

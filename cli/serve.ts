@@ -756,6 +756,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // A worker that ends before any has listened (its address in use, its store out of reach)
     // ends the start, with exit 1, as a single process would: restarting it could only fail again.
     let anyListened = false
+    /** Workers in a row that ended before they listened, since one last did. */
+    let failedStarts = 0
     let startFailed!: (why: string) => void
     const failedStart = new Promise<string>((r) => (startFailed = r))
     /** Replacements waiting to be started (a second after a worker died). */
@@ -787,12 +789,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         if (m?.keygate !== 'ready') return
         w.off('message', onWorker)
         anyListened = true
+        failedStarts = 0
         listening.add(w)
       }
       w.on('message', onWorker)
       w.on('exit', (code, signal) => {
         live.delete(w)
-        listening.delete(w)
+        const listened = listening.delete(w)
         missed.delete(w)
         for (const asking of askingMetrics.values()) if (asking.worker === w) asking.answered(undefined)
         clusterMetrics.depart(w.id)
@@ -802,12 +805,16 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
           startFailed('start-up failed')
           return
         }
-        log.error('gateway worker died; starting another', { worker: w.id, code, signal })
+        // One that never listened (its configuration invalid since, say) would fail again at once:
+        // each such start in a row waits twice as long, up to 30 s.
+        if (!listened) failedStarts++
+        const delayMs = Math.min(1000 * 2 ** failedStarts, 30_000)
+        log.error('gateway worker died; starting another', { worker: w.id, code, signal, in_ms: delayMs })
         restarts[killed.has(w) ? 'unresponsive' : 'exited'].inc()
         const timer = setTimeout(() => {
           replacing.delete(timer)
           fork()
-        }, 1000)
+        }, delayMs)
         timer.unref()
         replacing.add(timer)
       })

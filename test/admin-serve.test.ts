@@ -431,6 +431,26 @@ t.test('--workers: the primary survives answering a worker that has just died (E
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers: a worker that cannot start exits, and the primary starts another', async (t) => {
+  // Before (found by a review): a replacement worker that failed at start (keygate.yaml edited
+  // to something invalid since) printed why and stayed alive, not listening, kept by its IPC
+  // channel; it was never replaced, and /readyz said "1 of 2" for ever.
+  const { cwd, env, upstream } = await workersSetUp(t, 'badstart', 0)
+  writeFileSync(join(cwd, 'keygate.yaml'), 'log:\n  level: info\n')
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  writeFileSync(join(cwd, 'keygate.yaml'), 'no_such_setting: 1\n')
+  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(pid as number, 'SIGKILL')
+  // Worker 3 fails on the file and ends; worker 4 is started in its place.
+  const died = (worker: number) => serve.waitForLog((l) => l.message === 'gateway worker died; starting another' && l.worker === worker)
+  const third = await died(3)
+  t.match(serve.stderr(), /no_such_setting/, 'the replacement said why it could not start')
+  // And so does worker 4: each start in a row that fails waits twice as long as the one before.
+  t.same([third.in_ms, (await died(4)).in_ms], [2000, 4000], 'retried with a backoff')
+  t.equal((await call(`${serve.gateway}/still`)).status, 401, 'the other worker serves on')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
 t.test('--workers: a worker that dies just before SIGTERM is not replaced during the shutdown, and keygate exits', async (t) => {
   // Before (found by a review): its replacement, due a second after it died, was started after
   // the others had stopped; it served the gateway with the primary's store closed, and the
