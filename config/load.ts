@@ -358,11 +358,11 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   const value = Value.Default(ConfigSchema, cleaned) as Record<string, unknown>
   const skipped = (path: string[]) => path.some((_, i) => skip.has(path.slice(0, i + 1).join('/')))
   const all = [...found, ...validationProblems(ConfigSchema, value).filter((p) => !skipped(p.path))]
+  // A setting as a problem names it: with the variable or flag that gave it, when one did.
+  const sourced = (key: string) => (origins.has(key) ? `${origins.get(key)} (${key})` : key)
   for (const found of all) {
     const p = unknownKeyShown(found, holdsSecret(found.path.slice(0, -1)))
-    const key = dotted(p.path)
-    const origin = origins.get(key)
-    problems.push(problemLine(p, origin ? `${origin} (${key})` : key, holdsSecret(p.path)))
+    problems.push(problemLine(p, sourced(dotted(p.path)), holdsSecret(p.path)))
   }
   const names = new Set<string>()
   const routes: unknown = value.routes
@@ -374,8 +374,6 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     })
   }
   const config = value as Config
-  // A setting as a problem names it: with the variable or flag that gave it, as validation's problems are.
-  const sourced = (key: string) => (origins.has(key) ? `${origins.get(key)} (${key})` : key)
   // Each check below runs unless a value it reads is already wrong, so that every problem is reported at once.
   const within = (path: string, k: string) => path === k || path.startsWith(`${k}.`) || path.startsWith(`${k}[`)
   const bad = (...keys: string[]) => all.some((p) => keys.some((k) => within(dotted(p.path), k)))

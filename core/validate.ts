@@ -266,7 +266,7 @@ export function unknownKeyShown(p: Problem, secretSection: boolean): Problem {
   const key = p.path[p.path.length - 1]
   if (p.kind !== 'unknown' || key === undefined) return p
   const at = (shown: string, hint: string): Problem => ({ ...p, path: [...p.path.slice(0, -1), shown], hint })
-  const known = (p.known ?? []).find((k) => key.length > k.length && key.startsWith(k) && !/[A-Za-z0-9_-]/.test(key.charAt(k.length)))
+  const known = (p.known ?? []).find((k) => key.length > k.length && key.startsWith(k) && !PLAIN_KEY.test(key.charAt(k.length)))
   if (known !== undefined) {
     const next = key.charAt(known.length)
     if (next === ':') return at(`${known}...`, `a space is missing after "${known}:"?`)
