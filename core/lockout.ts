@@ -27,6 +27,7 @@ import QuickLRU from 'quick-lru'
 import type { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import { publishInvalidation } from './invalidation.ts'
+import { KeyedQueue } from './keyed-queue.ts'
 import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
 import { createLimiter, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
@@ -138,13 +139,7 @@ export function createLockout(options: LockoutOptions): Lockout {
   // The failures of an address are counted one after another: `count` raises the store's count to
   // what this process knows, and a raise judged from an answer given before another's raise had
   // landed would count that one's failures twice.
-  const counting = new Map<string, Promise<unknown>>()
-  const inTurn = <T>(addressKey: string, task: () => Promise<T>): Promise<T> => {
-    const before = counting.get(addressKey)
-    const turn = before === undefined ? task() : before.then(task, task)
-    counting.set(addressKey, turn)
-    return turn.finally(() => counting.get(addressKey) === turn && counting.delete(addressKey))
-  }
+  const counting = new KeyedQueue()
   /**
    * Counts a failure. The store answering may hold less than this process last counted in the
    * window: Redis went down (the insurance starts from zero), came back (without what the
@@ -284,7 +279,7 @@ export function createLockout(options: LockoutOptions): Lockout {
       }
     },
     async recordFailure(addressKey) {
-      const { r, reached } = await inTurn(addressKey, () => count(addressKey))
+      const { r, reached } = await counting.run(addressKey, () => count(addressKey))
       if (r.consumedPoints < maxAttempts) return
       if (reached) {
         // The attempt that reaches the limit starts a full window of lockout from now.

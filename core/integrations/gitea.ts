@@ -6,7 +6,7 @@ import type { Actor } from '../audit.ts'
 import { KeygateError } from '../errors.ts'
 import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
-import { KeyedQueue } from './queue.ts'
+import { KeyedQueue } from '../keyed-queue.ts'
 import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, type CreateGiteaTokenInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
 

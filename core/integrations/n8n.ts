@@ -6,7 +6,7 @@ import type { Actor } from '../audit.ts'
 import { fieldInvalid, KeygateError } from '../errors.ts'
 import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
-import { KeyedQueue } from './queue.ts'
+import { KeyedQueue } from '../keyed-queue.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
 
