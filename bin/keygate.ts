@@ -66,7 +66,7 @@ if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF)
   if (command === 'serve') process.on('SIGHUP', () => {})
   const { main } = await import('../cli/main.ts')
   process.exitCode = await main(process.argv.slice(2))
-  // A `serve --workers` worker that could not start (its configuration now invalid, say): its
+  // A `serve --workers` worker that could not start (its store out of reach, say): its
   // IPC channel to the primary kept it alive, not listening, for ever, and the primary never
   // replaced it. Disconnected, it ends, and the primary starts another.
   if (process.exitCode !== 0 && cluster.isWorker && process.connected) process.disconnect()

@@ -7,7 +7,8 @@ import http from 'node:http'
 import https from 'node:https'
 import { readFileSync } from 'node:fs'
 import net, { type AddressInfo } from 'node:net'
-import { loadConfig } from '../config/load.ts'
+import { createSecureContext } from 'node:tls'
+import { deepFreeze, loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
@@ -57,11 +58,8 @@ const OPTIONS = {
 
 type Role = { gateway: boolean; admin: boolean }
 
-/**
- * The gateway address a --workers primary reserved, for its workers, which run the primary's own
- * command line: an added `--listen` would be a flag given twice, a usage error.
- */
-const WORKER_LISTEN = 'KEYGATE_WORKER_LISTEN'
+/** How long a `--workers` worker waits for its primary to hand it the configuration. */
+const CONFIG_FROM_PRIMARY_MS = 10_000
 
 export async function runServe(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, OPTIONS, { min: 0, max: 0 }, USAGE)
@@ -75,45 +73,142 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   if (only !== undefined && only !== 'gateway' && only !== 'admin') throw new UsageError(`--only: ${JSON.stringify(only)} is not allowed; expected gateway or admin\nusage: ${USAGE}`)
   const workers = parseIntFlag('workers', p.values.workers as string | undefined, 1, 256) ?? 1
   if (workers > 1 && only === 'admin') throw new UsageError('--workers runs several gateway processes; it does not go with --only admin')
+  // A worker runs what its primary checked at start, the gateway's certificate included: one
+  // started later (to replace one that died) reading the files itself ran whatever they held by
+  // then, a config edited since or a half-renewed certificate pair, beside siblings that ran the old.
+  if (cluster.isWorker) {
+    const given = await fromPrimary()
+    const log = createLogger({ level: given.config.log.level as Level, fields: { worker: cluster.worker?.id } })
+    return serveInstance(given.config, log, io, { gateway: true, admin: false }, { worker: true, gatewayTls: given.tls })
+  }
   const config = loadConfig({
     file: p.values.config as string | undefined,
     env: io.env,
     flags: {
-      listen: cluster.isWorker ? io.env[WORKER_LISTEN] : (p.values.listen as string | undefined),
+      listen: p.values.listen as string | undefined,
       'admin-listen': p.values['admin-listen'] as string | undefined,
       upstream: p.values.upstream as string | undefined,
       'data-dir': p.values['data-dir'] as string | undefined,
       'database-url': p.values['database-url'] as string | undefined,
     },
-    // An admin-only process, and a worker, listen on one of the two addresses.
-    bothListeners: only !== 'admin' && !cluster.isWorker,
+    // An admin-only process listens on one of the two addresses.
+    bothListeners: only !== 'admin',
   })
   if (workers > 1 && !config.store.database_url) {
     throw new KeygateError('config_invalid', '--workers above 1 needs DATABASE_URL: the embedded store belongs to one process')
   }
-  const log = createLogger({ level: config.log.level as Level, fields: cluster.isWorker ? { worker: cluster.worker?.id } : {} })
+  const log = createLogger({ level: config.log.level as Level })
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
-  if (cluster.isWorker) return serveInstance(config, log, io, { gateway: true, admin: false }, { worker: true })
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })
 }
 
-function createServer(tls: Config['gateway']['tls'], options: http.ServerOptions, log: Logger): http.Server {
-  if (!tls) return http.createServer(options)
-  const load = () => ({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
-  // The handshake has the time the headers have: a client that connects and sends nothing is cut
-  // then, as on plain HTTP (Node's own 120 s did not end such a connection here).
-  const server = https.createServer({ ...options, handshakeTimeout: options.headersTimeout ?? 10_000, ...load() })
-  trackConnections(server as unknown as http.Server)
+/** A listener's certificate chain and private key, as the TLS context takes them. */
+interface TlsPair {
+  cert: Buffer
+  key: Buffer
+}
+
+/**
+ * Where a listener's certificate comes from and where its renewals are told: its files, read
+ * again on SIGHUP (`tlsFiles`); or, in a `--workers` worker, the primary, which reads and checks
+ * the gateway's files for all its workers (`fromPrimary`).
+ */
+interface TlsSource {
+  readonly pair: TlsPair
+  onRenewal(apply: (pair: TlsPair) => void): void
+}
+
+/**
+ * The certificate files of `tls`, read now and on every SIGHUP. A renewal is applied only once
+ * the two files make a usable pair: one read half-way through a renewal (the new certificate
+ * beside the old key) keeps the pair in use, and says so.
+ */
+function tlsFiles(tls: { cert: string; key: string }, log: Logger): TlsSource {
+  const read = (): TlsPair => ({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
+  const renewals: ((pair: TlsPair) => void)[] = []
+  let pair: TlsPair
+  try {
+    pair = read()
+  } catch (err) {
+    throw new KeygateError('config_invalid', `the TLS certificate ${tls.cert} or its key cannot be read: ${systemErrorWords(err)}`, undefined, { cause: err })
+  }
   process.on('SIGHUP', () => {
     try {
-      server.setSecureContext(load())
+      const renewed = read()
+      createSecureContext(renewed)
+      pair = renewed
+      for (const apply of renewals) apply(renewed)
       log.info('reloaded TLS certificate', { cert: tls.cert })
     } catch (err) {
       log.error('could not reload TLS certificate; keeping the old one', { cert: tls.cert, err: err as Error })
     }
   })
+  return {
+    get pair() {
+      return pair
+    },
+    onRenewal: (apply) => void renewals.push(apply),
+  }
+}
+
+function createServer(tls: TlsSource | undefined, options: http.ServerOptions): http.Server {
+  if (!tls) return http.createServer(options)
+  // The handshake has the time the headers have: a client that connects and sends nothing is cut
+  // then, as on plain HTTP (Node's own 120 s did not end such a connection here).
+  const server = https.createServer({ ...options, handshakeTimeout: options.headersTimeout ?? 10_000, ...tls.pair })
+  trackConnections(server as unknown as http.Server)
+  tls.onRenewal((pair) => server.setSecureContext(pair))
   return server as unknown as http.Server
+}
+
+/** A certificate pair as it crosses the cluster's IPC channel (JSON: a Buffer would become an array of numbers). */
+interface WireTls {
+  cert: string
+  key: string
+}
+
+function toWire(pair: TlsPair): WireTls {
+  return { cert: pair.cert.toString('base64'), key: pair.key.toString('base64') }
+}
+
+function fromWire(wire: WireTls): TlsPair {
+  return { cert: Buffer.from(wire.cert, 'base64'), key: Buffer.from(wire.key, 'base64') }
+}
+
+/**
+ * What a `--workers` worker runs: the configuration its primary checked at start (with the
+ * gateway address it reserved), and the gateway's certificate as the primary last read it; the
+ * primary's later renewals reach `tls` on the same channel. The listener for them stays for the
+ * worker's life; a worker ends by disconnecting its channel.
+ */
+function fromPrimary(): Promise<{ config: Config; tls: TlsSource | undefined }> {
+  return new Promise((resolve, reject) => {
+    const renewals: ((pair: TlsPair) => void)[] = []
+    let pair: TlsPair | undefined
+    const onMessage = (m: WorkerMessage) => {
+      if (m?.keygate === 'tls' && pair) {
+        pair = fromWire(m.tls)
+        for (const apply of renewals) apply(pair)
+      } else if (m?.keygate === 'config') {
+        clearTimeout(timer)
+        pair = m.tls ? fromWire(m.tls) : undefined
+        const tls: TlsSource | undefined = pair && {
+          get pair() {
+            return pair as TlsPair
+          },
+          onRenewal: (apply) => void renewals.push(apply),
+        }
+        resolve({ config: deepFreeze(m.config), tls })
+      }
+    }
+    const timer = setTimeout(() => {
+      process.off('message', onMessage)
+      reject(new KeygateError('internal_error', `the primary did not hand this gateway worker its configuration within ${CONFIG_FROM_PRIMARY_MS / 1000} s`))
+    }, CONFIG_FROM_PRIMARY_MS)
+    process.on('message', onMessage)
+    process.send?.({ keygate: 'config' } satisfies FromWorker)
+  })
 }
 
 /**
@@ -158,7 +253,8 @@ function shown(a: AddressInfo): string {
  * the process at once, except in a `--workers` worker: a signal to the process group (systemd's
  * stop, Ctrl-C) reaches it beside the primary's own SIGTERM, and its drain must go on; the
  * primary's second signal still ends everything. SIGHUP never ends the process (Node's default):
- * it reloads TLS certificates where there are any (`systemctl reload`).
+ * it reloads TLS certificates where there are any (`systemctl reload`); a worker's come from its
+ * primary, so a SIGHUP to the whole group is only the primary's.
  */
 function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => void } = { worker: false }): { stopped: Promise<string>; dispose(): void } {
   let seen = false
@@ -174,6 +270,7 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
     resolve(signal)
   }
   const hangup = () => {
+    if (options.worker) return
     log.info('SIGHUP: reloading TLS certificates, if any are configured')
     options.onHangup?.()
   }
@@ -465,7 +562,8 @@ async function closeServer(server: http.Server | undefined, timeoutMs: number): 
   clearTimeout(deadline)
 }
 
-async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean }): Promise<number> {
+/** `gatewayTls`: a worker's certificate, from its primary (otherwise the gateway's files are read). */
+async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mode: { worker: boolean; gatewayTls?: TlsSource | undefined }): Promise<number> {
   const stopping = stopSignal(log, { worker: mode.worker })
   const runtime = await openUnlessStopped(config, log, stopping)
   // The embedded store's thread gone for good (found by a review): every call failed from then
@@ -546,7 +644,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         usage: teeUsage(usage, ev.detector),
         events: ev.events,
         ...(redis ? { redis } : {}),
-        createServer: (options) => createServer(config.gateway.tls, options, log),
+        createServer: (options) => createServer(mode.gatewayTls ?? (config.gateway.tls && tlsFiles(config.gateway.tls, log)), options),
       })
       if (mode.worker) {
         // What the primary's admin API changes reaches this worker from here on; and the lockouts
@@ -571,7 +669,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         routes.push(...api.routes)
         scheduler = startScheduler(config, runtime, log, ev.webhooks)
       }
-      admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log), allowedHosts: config.admin.allowed_hosts })
+      admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log), ADMIN_SERVER_OPTIONS), allowedHosts: config.admin.allowed_hosts })
       const at = await listen(admin, config.admin.listen)
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
     }
@@ -623,6 +721,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
 
 /** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
 type FromWorker =
+  | { keygate: 'config' }
   | { keygate: 'ready' }
   | { keygate: 'lockouts' }
   | { keygate: 'lock'; message: string }
@@ -630,8 +729,10 @@ type FromWorker =
   | { keygate: 'metrics'; request: number; metrics: MetricsJson }
   | WindowsRequest
 
-/** What the primary sends its gateway workers: what its admin API changed, and the anomaly windows' totals. */
+/** What the primary sends its gateway workers: their configuration and certificate, what its admin API changed, and the anomaly windows' totals. */
 type WorkerMessage =
+  | { keygate: 'config'; config: Config; tls: WireTls | null }
+  | { keygate: 'tls'; tls: WireTls }
   | { keygate: 'invalidate'; message: string }
   | { keygate: 'lockouts-told' }
   | { keygate: 'deny'; action: DenyChange['action']; entry: Omit<DenyEntry, 'createdAt' | 'expiresAt'> & { createdAt: string; expiresAt: string | null } }
@@ -679,11 +780,12 @@ function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: 
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
   const live = new Set<import('node:cluster').Worker>()
-  // The workers hold the gateway's certificate: the primary passes SIGHUP on, to those that
-  // listen (one still starting has no handler yet, so SIGHUP would end it; it reads the
-  // certificate files as it starts anyway).
   const listening = new Set<import('node:cluster').Worker>()
-  const stopping = stopSignal(log, { worker: false, onHangup: () => listening.forEach((w) => w.process.kill('SIGHUP')) })
+  const stopping = stopSignal(log, { worker: false })
+  // The gateway's certificate is read and checked here, for every worker; a renewal (SIGHUP)
+  // reaches them all, and a worker started later gets the pair in use.
+  const gatewayTls = config.gateway.tls ? tlsFiles(config.gateway.tls, log) : undefined
+  gatewayTls?.onRenewal((pair) => tellWorkers(live, { keygate: 'tls', tls: toWire(pair) }))
   const runtime = await openUnlessStopped(config, log, stopping)
   let shuttingDown = false
   let disarm: (() => void) | undefined
@@ -767,7 +869,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       // after the others had stopped, and served the gateway with the primary's store closed, and
       // the process never exited (found by a review).
       if (shuttingDown) return
-      const w = cluster.fork({ [WORKER_LISTEN]: gateway })
+      const w = cluster.fork()
       live.add(w)
       // What is sent without a callback (rate-limiter-flexible's answers to a worker's limiter
       // calls) to a worker that has just died fails as an 'error' on the Worker: unheard, it
@@ -778,6 +880,10 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       })
       // A worker listens on its own socket (see listen), so the cluster's 'listening' is not sent.
       const onWorker = (m: FromWorker) => {
+        if (m?.keygate === 'config') {
+          sendTo(w, { keygate: 'config', config: workerConfig, tls: gatewayTls ? toWire(gatewayTls.pair) : null })
+          return
+        }
         if (m?.keygate === 'lockouts') {
           // Asked before it listens: a worker started after lockouts began (one that replaced a
           // worker that died) holds none of them, and nothing else would tell it until the
@@ -867,7 +973,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev, undefined, () => ownLockout?.lockedOutRequests.inc()) : undefined
     if (api) routes.push(...api.routes)
-    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls, ADMIN_SERVER_OPTIONS, log), allowedHosts: config.admin.allowed_hosts })
+    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log), ADMIN_SERVER_OPTIONS), allowedHosts: config.admin.allowed_hosts })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
     const bound = async () => ({ at: await listen(admin, config.admin.listen), gateway: await reserveGatewayAddress(config.gateway.listen) })
@@ -880,8 +986,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       throw err
     })
     log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), workers })
+    // What every worker runs: this configuration, on the gateway address reserved above.
+    const workerConfig: Config = { ...config, gateway: { ...config.gateway, listen: gateway } }
     const scheduler = role.admin ? startScheduler(config, runtime, log, ev.webhooks) : undefined
-    // Every worker listens on the port reserved above (WORKER_LISTEN, given to each fork).
     cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
     for (let i = 0; i < workers; i++) fork()
     // The last counts of a worker that is killed are those of the last scrape or of this refresh,

@@ -19,7 +19,7 @@ import { MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { runCli } from './helpers/cli.ts'
 import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
-import { freshDatabase } from './helpers/stores.ts'
+import { adminClient, freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
@@ -244,8 +244,8 @@ async function workersSetUp(t: Tap, name: string, slowMs: number) {
 t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group drains, an address in use ends the start', async (t) => {
   const { cwd, env, upstream, slowArrived } = await workersSetUp(t, 'signals', 1500)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, waitFor: { gateway: false }, detached: true })
-  // A reload while the workers start (they have no handler yet): before, the primary passed it
-  // on, a worker ended on it, and the start failed with exit 1.
+  // A reload while the workers start: before, the primary passed it on, a worker that had no
+  // handler yet ended on it, and the start failed with exit 1.
   serve.child.kill('SIGHUP')
   const listening = (l: { message: string }) => l.message === 'gateway listening'
   await serve.waitForLog(() => serve.logs.filter(listening).length >= 2)
@@ -255,9 +255,17 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   const auth = { authorization: `Bearer ${created.json.key}` }
 
   // systemctl reload (the unit's ExecReload): before, SIGHUP ended a process without TLS, and the primary with its workers.
+  const hangups = () => serve.logs.filter((l) => l.message.startsWith('SIGHUP')).length
   serve.child.kill('SIGHUP')
-  await serve.waitForLog((l) => l.message.startsWith('SIGHUP') && l.worker !== undefined)
+  await serve.waitForLog(() => hangups() >= 2)
   t.equal((await call(`${serve.gateway}/after-hup`, { headers: auth })).status, 200, 'still serving after SIGHUP')
+  // A hang-up of the whole group (a terminal closed) reaches the workers too: they go on, and
+  // leave the reload to the primary.
+  process.kill(-(serve.child.pid as number), 'SIGHUP')
+  await serve.waitForLog(() => hangups() >= 3)
+  t.equal((await call(`${serve.gateway}/after-group-hup`, { headers: auth })).status, 200, 'still serving after a SIGHUP to the group')
+  t.notOk(serve.logs.some((l) => l.message.startsWith('SIGHUP') && l.worker !== undefined), 'only the primary reloads')
+  t.notOk(serve.logs.some((l) => /worker died/.test(l.message)), 'no worker ended on it')
   t.equal((await call(`${serve.admin}/healthz`)).status, 200)
 
   // systemd's stop (KillMode=control-group) and Ctrl-C signal every process of the group: each
@@ -431,23 +439,58 @@ t.test('--workers: the primary survives answering a worker that has just died (E
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
-t.test('--workers: a worker that cannot start exits, and the primary starts another', async (t) => {
-  // Before (found by a review): a replacement worker that failed at start (keygate.yaml edited
-  // to something invalid since) printed why and stayed alive, not listening, kept by its IPC
-  // channel; it was never replaced, and /readyz said "1 of 2" for ever.
-  const { cwd, env, upstream } = await workersSetUp(t, 'badstart', 0)
+t.test('--workers: a replacement worker runs the configuration the primary checked, not the file as edited since', async (t) => {
+  // Before (found by a review): a replacement read keygate.yaml again as it started. Edited to
+  // something invalid, it could not start at all; edited to something valid, it ran the edit
+  // beside a sibling that ran the old configuration.
+  const { cwd, env, upstream } = await workersSetUp(t, 'sameconfig', 0)
   writeFileSync(join(cwd, 'keygate.yaml'), 'log:\n  level: info\n')
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  writeFileSync(join(cwd, 'keygate.yaml'), 'no_such_setting: 1\n')
+  const replace = async (edit: string, replacement: number) => {
+    writeFileSync(join(cwd, 'keygate.yaml'), edit)
+    const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+    process.kill(pid as number, 'SIGKILL')
+    await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === replacement)
+  }
+  await replace('no_such_setting: 1\n', 3)
+  // Valid, and it would refuse this test's own address.
+  await replace('deny_list: ["127.0.0.1"]\n', 4)
+  t.notMatch(serve.stderr(), /no_such_setting/, 'the edited file was not read')
+  t.notOk(serve.logs.some((l) => l.message === 'gateway worker died; starting another' && l.worker !== 1 && l.worker !== 2), 'each replacement started at the first try')
+  // Both workers are replacements now: each new connection reaches one of them.
+  for (let i = 0; i < 6; i++) t.equal((await call(`${serve.gateway}/after-edit-${i}`)).status, 401, 'the deny list of the start, not the edit')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
+t.test('--workers: a worker that cannot start (its store refusing connections) exits, and the primary starts another with a backoff', async (t) => {
+  // Before (found by a review): a replacement that failed at start stayed alive, not listening,
+  // kept by its IPC channel; it was never replaced, and /readyz said "1 of 2" for ever.
+  const { cwd, env, upstream } = await workersSetUp(t, 'badstart', 0)
+  const database = new URL(env.DATABASE_URL as string).pathname.slice(1)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const allow = async (yes: boolean) => {
+    const c = await adminClient()
+    try {
+      await c.query(`ALTER DATABASE ${database} ALLOW_CONNECTIONS ${yes}`)
+    } finally {
+      await c.end()
+    }
+  }
+  await allow(false)
+  t.teardown(() => allow(true))
   const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   process.kill(pid as number, 'SIGKILL')
-  // Worker 3 fails on the file and ends; worker 4 is started in its place.
+  // Worker 3 cannot open the store and ends; worker 4 is started in its place.
   const died = (worker: number) => serve.waitForLog((l) => l.message === 'gateway worker died; starting another' && l.worker === worker)
   const third = await died(3)
-  t.match(serve.stderr(), /no_such_setting/, 'the replacement said why it could not start')
+  t.match(serve.stderr(), /not currently accepting connections/, 'the replacement said why it could not start')
   // And so does worker 4: each start in a row that fails waits twice as long as the one before.
-  t.same([third.in_ms, (await died(4)).in_ms], [2000, 4000], 'retried with a backoff')
+  const fourth = await died(4)
+  t.same([third.in_ms, fourth.in_ms], [2000, 4000], 'retried with a backoff')
   t.equal((await call(`${serve.gateway}/still`)).status, 401, 'the other worker serves on')
+  await allow(true)
+  await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 5)
+  t.pass('once the store answers, the next replacement listens')
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 

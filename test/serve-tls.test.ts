@@ -1,9 +1,10 @@
 // `keygate serve` with TLS on both listeners: a key's request forwarded over HTTPS (X-Forwarded-Proto
 // https), the admin listener over HTTPS, and SIGHUP reloading the certificate files: new connections
-// get the new certificate, a connection already open stays open, and a bad file keeps the old one.
+// get the new certificate, a connection already open stays open, and a bad file keeps the old one;
+// under --workers the primary reads the files for all its workers.
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
-import { X509Certificate } from 'node:crypto'
+import { randomBytes, X509Certificate } from 'node:crypto'
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import https from 'node:https'
 import net from 'node:net'
@@ -14,6 +15,7 @@ import { runCli } from './helpers/cli.ts'
 import { startUpstream } from './helpers/gateway.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { freshDatabase } from './helpers/stores.ts'
 
 const dir = mkdtempSync(join(tmpdir(), 'keygate-tls-'))
 t.teardown(() => rmSync(dir, { recursive: true, force: true }))
@@ -28,6 +30,15 @@ function certificate(name: string): { cert: string; key: string; fingerprint: st
     { stdio: 'ignore' },
   )
   return { cert, key, fingerprint: new X509Certificate(readFileSync(cert)).fingerprint256 }
+}
+
+/** Files `name`-cert.pem and `name`-key.pem holding `pair` (renewed by copying another pair over them), and their YAML. */
+function inUse(name: string, pair: { cert: string; key: string }): { cert: string; key: string; yaml: string } {
+  const cert = join(dir, `${name}-cert.pem`)
+  const key = join(dir, `${name}-key.pem`)
+  copyFileSync(pair.cert, cert)
+  copyFileSync(pair.key, key)
+  return { cert, key, yaml: `tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }` }
 }
 
 interface Answer {
@@ -54,12 +65,9 @@ function get(url: string, agent: https.Agent, headers: Record<string, string> = 
 t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping connections, and a bad file keeps the old one', async (t) => {
   const a = certificate('a')
   const b = certificate('b')
-  const cert = join(dir, 'cert.pem')
-  const key = join(dir, 'key.pem')
-  copyFileSync(a.cert, cert)
-  copyFileSync(a.key, key)
+  const { cert, key, yaml } = inUse('served', a)
   const config = join(dir, 'keygate.yaml')
-  writeFileSync(config, `gateway:\n  tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }\nadmin:\n  tls: { cert: ${JSON.stringify(cert)}, key: ${JSON.stringify(key)} }\n`)
+  writeFileSync(config, `gateway:\n  ${yaml}\nadmin:\n  ${yaml}\n`)
   const upstream = await startUpstream(t)
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store')), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
   const created = await runCli(['api-key', 'create', '--name', 'tls', '--type', 'service', '--json'], { env })
@@ -135,4 +143,47 @@ t.test('a client that connects over TLS and sends nothing is cut at the header t
   t.equal(await held.stop(), 0, 'SIGTERM ends the process although neither client ever sent a byte')
   await Promise.all(clients.map((c) => c.closed))
   t.pass('both connections were closed by the server')
+})
+
+t.test('--workers with TLS: the primary reloads the gateway certificate for every worker, and a replacement gets the pair in use, not a half-renewed file', async (t) => {
+  const a = certificate('wa')
+  const b = certificate('wb')
+  const { cert, key, yaml } = inUse('workers', a)
+  const config = join(dir, 'workers.yaml')
+  writeFileSync(config, `gateway:\n  ${yaml}\n`)
+  const upstream = await startUpstream(t)
+  const env = isolatedEnv({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: randomBytes(32).toString('base64'), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
+  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const gateway = s.gateway.replace('http:', 'https:')
+  const ca = [readFileSync(a.cert), readFileSync(b.cert)]
+  // Each on a connection of its own: the kernel spreads new connections over both workers.
+  const shown = async (n: number) => {
+    const seen = new Set<string>()
+    for (let i = 0; i < n; i++) {
+      const answer = await get(`${gateway}/no-key-${i}`, new https.Agent({ ca }))
+      if (answer.status !== 401) throw new Error(`answered ${answer.status}`)
+      seen.add(answer.fingerprint)
+    }
+    return [...seen]
+  }
+  t.same(await shown(8), [a.fingerprint], 'the certificate of the start')
+
+  copyFileSync(b.cert, cert)
+  copyFileSync(b.key, key)
+  s.child.kill('SIGHUP')
+  await s.waitForLog((l) => l.message === 'reloaded TLS certificate')
+  t.notOk(s.logs.some((l) => l.message === 'reloaded TLS certificate' && l.worker !== undefined), 'read by the primary alone')
+  t.same(await shown(8), [b.fingerprint], 'every worker serves the renewed certificate')
+
+  // Half-way through the next renewal: a new certificate beside the old key.
+  copyFileSync(a.cert, cert)
+  s.child.kill('SIGHUP')
+  await s.waitForLog((l) => l.message === 'could not reload TLS certificate; keeping the old one')
+  t.same(await shown(4), [b.fingerprint], 'a pair that does not match keeps the one in use')
+  // Before: a worker started now read the files itself, and could not start on them.
+  const [pid] = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(pid as number, 'SIGKILL')
+  await s.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
+  t.same(await shown(8), [b.fingerprint], 'the replacement serves the pair in use')
+  t.equal(await s.stop(), 0, 'SIGTERM: exit 0')
 })

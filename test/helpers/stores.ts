@@ -24,7 +24,7 @@ export interface Store {
 
 export const BASE_DATABASE_URL = process.env.DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres'
 
-async function adminClient(): Promise<pg.Client> {
+export async function adminClient(): Promise<pg.Client> {
   const client = new pg.Client({ connectionString: BASE_DATABASE_URL, connectionTimeoutMillis: 5000 })
   client.on('error', () => {})
   try {
