@@ -1,9 +1,9 @@
 // keygate api-key create|list|get|update|validate|revoke|rotate|stats|import
-import { readFileSync } from 'node:fs'
 import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
+import { readAtMost } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
@@ -138,17 +138,20 @@ function keyDetail(k: KeyRecord): string {
 }
 
 async function readInput(io: Io, source: string): Promise<string> {
+  const mib = `${IMPORT_MAX_BODY_BYTES / 1024 / 1024} MiB`
   if (source === '-') {
     // Bounded as the admin API bounds an import's body (before: read whatever came, without end).
     const text = await io.readStdin({ maxBytes: IMPORT_MAX_BODY_BYTES })
-    if (text === undefined) throw new KeygateError('import_invalid', `stdin holds more than ${IMPORT_MAX_BODY_BYTES / 1024 / 1024} MiB, the most one import reads from it (as the admin API takes in one body): split the file`)
+    if (text === undefined) throw new KeygateError('import_invalid', `stdin holds more than ${mib}, the most one import reads from it (as the admin API takes in one body): split the file`)
     return text
   }
-  try {
-    return readFileSync(source, 'utf8')
-  } catch (err) {
-    throw new KeygateError('import_invalid', `${source}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+  // A file too (before: read whole, whatever its size; `import /dev/zero` grew until Node ran out of memory).
+  const read = readAtMost(source, IMPORT_MAX_BODY_BYTES)
+  if ('unreadable' in read) throw new KeygateError('import_invalid', `${source}: cannot be read (${read.unreadable.code ?? 'error'})`)
+  if ('tooLarge' in read) {
+    throw new KeygateError('import_invalid', `${source}: the file is larger than ${mib}${read.size === undefined ? '' : ` (${read.size} bytes)`}, the most one import reads (as the admin API takes in one body): split the file`)
   }
+  return read.bytes.toString('utf8')
 }
 
 /**

@@ -1,6 +1,6 @@
 // Loads the configuration: YAML file, then environment, then flags; defaults from the schema;
 // every problem collected with its path, value and what is allowed; the result deep-frozen.
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { createPrivateKey, X509Certificate } from 'node:crypto'
 import { createSecureContext } from 'node:tls'
 import { Value } from '@sinclair/typebox/value'
@@ -8,6 +8,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { listenOverlaps } from '../core/formats.ts'
+import { readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
 import { lenientReading, prefixReadings, routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
@@ -117,26 +118,10 @@ export const MAX_CONFIG_BYTES = 1_048_576
  * pipe or a device has no size, and a file may grow), or not readable.
  */
 function readBounded(file: string): { bytes: Buffer } | { problem: string } {
-  const tooLarge = (size?: number) => ({ problem: `${file}: the file is larger than 1 MiB${size === undefined ? '' : ` (${size} bytes)`}; a configuration file is at most 1 MiB` })
-  let fd: number | undefined
-  try {
-    fd = openSync(file, 'r')
-    const size = fstatSync(fd).size
-    if (size > MAX_CONFIG_BYTES) return tooLarge(size)
-    // One byte more than allowed, to know a larger file by reading it.
-    const bytes = Buffer.allocUnsafe(MAX_CONFIG_BYTES + 1)
-    let length = 0
-    let n: number
-    do {
-      n = readSync(fd, bytes, length, bytes.length - length, null)
-      length += n
-    } while (n > 0 && length < bytes.length)
-    return length > MAX_CONFIG_BYTES ? tooLarge() : { bytes: bytes.subarray(0, length) }
-  } catch (err) {
-    return { problem: `${file}: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})` }
-  } finally {
-    if (fd !== undefined) closeSync(fd)
-  }
+  const read = readAtMost(file, MAX_CONFIG_BYTES)
+  if ('bytes' in read) return read
+  if ('unreadable' in read) return { problem: `${file}: cannot be read (${read.unreadable.code ?? 'error'})` }
+  return { problem: `${file}: the file is larger than 1 MiB${read.size === undefined ? '' : ` (${read.size} bytes)`}; a configuration file is at most 1 MiB` }
 }
 
 /**

@@ -5,7 +5,7 @@
 import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { KEYGATE_BIN, capturedStderr, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
@@ -168,6 +168,16 @@ t.test('`-` reads the first line of stdin and answers while the writer keeps it 
   const big = await withOpenStdin(['api-key', 'import', '-', '--json'], Buffer.alloc(32 * 1024 * 1024 + 1, 0x20))
   t.equal(big.code, 1)
   t.match(JSON.parse(big.stdout).error, { code: 'import_invalid', message: /^stdin holds more than 32 MiB, the most one import reads from it \(as the admin API takes in one body\): split the file$/ })
+  // And from a file (before: read whole, whatever its size; `import /dev/zero` ran Node out of
+  // memory): by its size, or, for a device that has none, once more than 32 MiB are read.
+  const huge = join(cwd, 'huge.jsonl')
+  closeSync(openSync(huge, 'w'))
+  truncateSync(huge, 64 * 1024 * 1024)
+  for (const [file, size] of [[huge, ' \\(67108864 bytes\\)'], ['/dev/zero', '']] as const) {
+    const r = await runCli(['api-key', 'import', file, '--json'], { cwd, env })
+    t.equal(r.code, 1, `${file}: exit 1`)
+    t.match(JSON.parse(r.stdout).error, { code: 'import_invalid', message: new RegExp(`^${file}: the file is larger than 32 MiB${size}, the most one import reads \\(as the admin API takes in one body\\): split the file$`) })
+  }
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
