@@ -28,7 +28,7 @@ export const KeySchema = Type.Object(
     rotation_interval_s: Nullable(Type.Integer()),
     rotated_from: Nullable(Type.String()),
     replaced_by: Nullable(Type.String()),
-    grace_until: Nullable(DateTime(), 'A rotating key is valid until then.'),
+    grace_until: Nullable(DateTime(), 'The end of a rotating key\'s grace period, as the rotation set it. The key is accepted until then or until its expires_at, whichever comes first.'),
     legacy: Type.Boolean({ description: 'Imported from the replaced system (a UUID v4 key).' }),
     created_at: DateTime(),
     updated_at: DateTime(),
@@ -38,6 +38,19 @@ export const KeySchema = Type.Object(
     revoked_reason: Nullable(Type.String()),
   },
   { description: 'A key, without its secret.' },
+)
+
+/** The key a rotation replaced, as the rotation answers it. */
+export const ReplacedKeySchema = Type.Composite(
+  [
+    KeySchema,
+    Type.Object({
+      valid_until: DateTime(
+        'When this key stops being accepted: the earlier of its expires_at and grace_until, or, when the rotation revoked it (forced, or a grace period of 0), the rotation\'s time.',
+      ),
+    }),
+  ],
+  { description: 'The key the rotation replaced.' },
 )
 
 export const Plaintext = Type.String({ description: 'The key itself. Shown in this answer only: store it now.' })

@@ -7,8 +7,8 @@ import { readAtMost } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
-import { parseAddress } from '../core/keys/evaluate.ts'
-import { KEY_STATUSES, KEY_TYPES, keyJson } from '../core/keys/types.ts'
+import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
+import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
 import type { KeyOperations } from './key-operations.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
@@ -117,10 +117,10 @@ function keyBody(p: Parsed): Record<string, unknown> {
 
 const date = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, 'Z') : null)
 
-/** When a key stops working: its expiry, or for a rotating key the end of its grace when that comes first. */
+/** When a key stops working, by the gateway's rule: its expiry, or for a rotating key the end of its grace when that comes first. */
 function endOf(k: KeyRecord): Date | null {
-  if (k.status !== 'rotating' || k.graceUntil === null) return k.expiresAt
-  return k.expiresAt !== null && k.expiresAt < k.graceUntil ? k.expiresAt : k.graceUntil
+  const until = validUntilOf(k)
+  return until === Infinity ? null : new Date(until)
 }
 
 function keyRows(keys: KeyRecord[]): string {
@@ -359,10 +359,15 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       return async (ctx) => {
         const { key, record, previous } = await ctx.ops.rotate(p.positionals[0] as string, p.values.force === true)
-        const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(previous.graceUntil)}` : `${previous.id} no longer works`
+        // When the old key really stops: an expiry within the grace ends it first, and the new
+        // key carries that expiry on (said here, as someone rotating for an expiry notice needs to know).
+        const until = replacedKeyValidUntil(previous)
+        const cut = previous.status === 'rotating' && previous.graceUntil !== null && until < previous.graceUntil ? ' (its expiry, before its grace period ends)' : ''
+        const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(until)}${cut}` : `${previous.id} no longer works`
+        const expiry = record.expiresAt ? `, expiring ${date(record.expiresAt)} as the old one did` : ''
         printMade(() => {
-          if (ctx.json) printJson(ctx.io, { ...keyJson(record), key, previous: keyJson(previous) })
-          else ctx.io.out(`Rotated: new key ${record.id}; ${old}. The new key is shown once; store it now:\n${key}\n`)
+          if (ctx.json) printJson(ctx.io, rotationJson(key, record, previous))
+          else ctx.io.out(`Rotated: new key ${record.id}${expiry}; ${old}. The new key is shown once; store it now:\n${key}\n`)
         }, `${previous.id} was rotated, ${old}, and its new key ${record.id} made (rotate ${record.id} again for a key you can store)`)
         return EXIT_OK
       }

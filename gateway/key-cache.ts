@@ -10,7 +10,7 @@ import { digestFromHex } from '../core/keys/format.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { KEY_TYPES, type KeyRecord, type KeyType } from '../core/keys/types.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
-import { rangeMatcher } from '../core/keys/evaluate.ts'
+import { rangeMatcher, validUntilOf } from '../core/keys/evaluate.ts'
 import type { RateLimit } from '../core/limiters.ts'
 
 export type Miss = 'unknown' | 'wrong_secret'
@@ -132,13 +132,6 @@ export class ExpiringKey extends CachedKey {
   override get validUntil(): number {
     return this.#until
   }
-}
-
-/** Epoch ms from which a key is refused: its expiry, or the end of its rotation grace (Infinity for never). */
-export function validUntilOf(record: KeyRecord): number {
-  const expiry = record.expiresAt ? record.expiresAt.getTime() : Infinity
-  if (record.status !== 'rotating') return expiry
-  return Math.min(expiry, record.graceUntil ? record.graceUntil.getTime() : 0)
 }
 
 // Sent as it is: printable ASCII without `%`, and no space at either end (which a header parser

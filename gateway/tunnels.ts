@@ -9,11 +9,10 @@
 // - its address is deny-listed: checked whenever the deny list changes or is reloaded.
 // A store that cannot be read keeps the tunnel open (as a cached key keeps working) and is asked
 // again 5 s later; an expiry or grace already known to have passed ends the tunnel without it.
-import { evaluateKey } from '../core/keys/evaluate.ts'
+import { evaluateKey, validUntilOf } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import type { Logger } from '../core/log.ts'
-import { validUntilOf } from './key-cache.ts'
 import { grants, type CompiledRoute } from './route.ts'
 
 export interface Tunnel {

@@ -194,6 +194,27 @@ await forEachStore(t, async (t, store) => {
     t.equal((await h.call('POST', '/v1/keys/nosuchkey123/rotate')).status, 404)
   })
 
+  await t.test('rotate: when the old key stops, and the new key keeps its expiry', async (t) => {
+    // A system key (72 h of grace) that expires in 2 h: the old key stops at its expiry.
+    const expiresAt = new Date(Date.now() + 2 * 3_600_000).toISOString()
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'expiring soon', type: 'system', expires_at: expiresAt } })).json
+    const r = await h.call('POST', `/v1/keys/${k.id}/rotate`)
+    t.equal(r.status, 200)
+    t.equal(r.json.expires_at, expiresAt, 'the new key keeps the old expiry')
+    t.equal(r.json.previous.expires_at, expiresAt)
+    t.ok(Date.parse(r.json.previous.grace_until) > Date.parse(expiresAt) + 70 * 3_600_000, 'grace_until stays the grace deadline, 72 h on')
+    t.equal(r.json.previous.valid_until, expiresAt, 'valid_until is the expiry, which comes first')
+    t.notOk('valid_until' in r.json, 'only the replaced key carries valid_until')
+
+    // Without an expiry it is the grace deadline; a forced rotation ends the key at once.
+    const plain = (await h.call('POST', '/v1/keys', { body: { name: 'no expiry', type: 'user' } })).json
+    const p = await h.call('POST', `/v1/keys/${plain.id}/rotate`)
+    t.equal(p.json.previous.valid_until, p.json.previous.grace_until)
+    t.equal(p.json.expires_at, null)
+    const f = await h.call('POST', `/v1/keys/${p.json.id}/rotate`, { body: { force: true } })
+    t.equal(f.json.previous.valid_until, f.json.previous.revoked_at, 'a forced rotation: valid until the rotation')
+  })
+
   await t.test('audit trail pages', async (t) => {
     const k = (await h.call('POST', '/v1/keys', { body: { name: 'busy', type: 'user' } })).json
     for (let i = 0; i < 4; i++) await h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: `busy ${i}` } })

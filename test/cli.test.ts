@@ -180,6 +180,34 @@ t.test('`-` reads the first line of stdin and answers while the writer keeps it 
   }
 })
 
+t.test('rotate on the embedded store: when the old key stops', async (t) => {
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const run = async (args: string[]) => {
+    const r = await runCli(['api-key', ...args], { env, cwd })
+    if (r.code === 0 && args.includes('--json') && typeof r.json().key === 'string') plaintexts.push(r.json().key)
+    return r
+  }
+  const iso = (s: string) => s.replace(/\.\d{3}Z$/, 'Z')
+
+  // A system key (72 h of grace) that expires in 2 h stops at its expiry, as the gateway has it.
+  const soon = (await run(['create', '--name', 'soon', '--type', 'system', '--expires-in', '2h', '--json'])).json()
+  const json = await run(['rotate', soon.id, '--json'])
+  t.equal(json.code, 0, json.stderr)
+  const r = json.json()
+  t.equal(r.expires_at, soon.expires_at, 'the new key keeps the old expiry')
+  t.ok(Date.parse(r.previous.grace_until) > Date.parse(soon.expires_at), 'grace_until is the grace deadline, after the expiry')
+  t.equal(r.previous.valid_until, soon.expires_at, '--json: valid_until is the expiry')
+
+  const soon2 = (await run(['create', '--name', 'soon 2', '--type', 'system', '--expires-in', '2h', '--json'])).json()
+  const human = await run(['rotate', soon2.id])
+  t.equal(human.code, 0, human.stderr)
+  plaintexts.push(human.stdout.trim().split('\n').at(-1) as string)
+  const first = human.stdout.split('\n')[0] as string
+  t.match(first, `${soon2.id} stays valid until ${iso(soon2.expires_at)} (its expiry, before its grace period ends).`, 'the message gives the expiry')
+  t.match(first, `, expiring ${iso(soon2.expires_at)} as the old one did;`, 'and says the new key keeps it')
+})
+
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
 
 t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) => {

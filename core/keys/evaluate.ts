@@ -112,6 +112,17 @@ export function rangeMatcher(cidrs: readonly string[]): (address: string) => boo
   }
 }
 
+/**
+ * Epoch ms from which a key that evaluateKey accepts now is refused (Infinity for never): its
+ * expiry, or for a rotating key the end of its grace when that comes first. The gateway arms its
+ * cache entries and tunnels by it; the rotate answer and the CLI tell people by it.
+ */
+export function validUntilOf(record: KeyRecord): number {
+  const expiry = record.expiresAt ? record.expiresAt.getTime() : Infinity
+  if (record.status !== 'rotating') return expiry
+  return Math.min(expiry, record.graceUntil ? record.graceUntil.getTime() : 0)
+}
+
 export function evaluateKey(key: KeyRecord, now: Date, address?: string, allowedFrom?: (address: string) => boolean): Verdict {
   switch (key.status) {
     case 'revoked':

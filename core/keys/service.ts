@@ -470,7 +470,8 @@ export class KeyService {
   }
 
   /**
-   * Replaces a key with a new one. The old key stays valid until its type's grace deadline, or
+   * Replaces a key with a new one, which keeps the old one's expiry. The old key stays valid until
+   * its type's grace deadline (grace_until; its expiry ends it first when sooner, as ever), or
    * dies now when `force` is set or the grace period is zero. One transaction: a failure at any
    * point leaves the old key as it was and no new row; the row lock serialises concurrent
    * rotations, so the second one finds the key already rotating and is refused.

@@ -1,5 +1,7 @@
 // The key entity as the domain sees it (camelCase), and its public JSON form (snake_case,
 // never the hash).
+import { validUntilOf } from './evaluate.ts'
+
 export const KEY_TYPES = ['system', 'user', 'service', 'integration', 'emergency'] as const
 export type KeyType = (typeof KEY_TYPES)[number]
 
@@ -62,3 +64,18 @@ export function keyJson(k: KeyRecord) {
   }
 }
 export type KeyJson = ReturnType<typeof keyJson>
+
+/**
+ * When the key a rotation replaced stops being accepted: at once when the rotation revoked it
+ * (forced, or a grace period of 0; its revoked_at is the rotation's time), else the earlier of its
+ * expiry and the end of its grace, by the gateway's own rule. `grace_until` alone overstated it
+ * for a key expiring within its grace (found by a review).
+ */
+export function replacedKeyValidUntil(previous: KeyRecord): Date {
+  return previous.status === 'rotating' ? new Date(validUntilOf(previous)) : (previous.revokedAt ?? previous.updatedAt)
+}
+
+/** The answer to a rotation, from the admin API and `api-key rotate --json` alike. */
+export function rotationJson(key: string, record: KeyRecord, previous: KeyRecord) {
+  return { ...keyJson(record), key, previous: { ...keyJson(previous), valid_until: replacedKeyValidUntil(previous).toISOString() } }
+}
