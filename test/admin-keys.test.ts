@@ -215,6 +215,27 @@ await forEachStore(t, async (t, store) => {
     t.equal(f.json.previous.valid_until, f.json.previous.revoked_at, 'a forced rotation: valid until the rotation')
   })
 
+  await t.test('a rotate refusal names the key of the lineage that can be rotated', async (t) => {
+    // a → b → c, then c rotated with force to d: a, b and c are revoked.
+    const a = (await h.call('POST', '/v1/keys', { body: { name: 'lineage', type: 'service' } })).json
+    const b = (await h.call('POST', `/v1/keys/${a.id}/rotate`)).json
+    const c = (await h.call('POST', `/v1/keys/${b.id}/rotate`)).json
+    const d = (await h.call('POST', `/v1/keys/${c.id}/rotate`, { body: { force: true } })).json
+    t.equal((await h.call('GET', `/v1/keys/${b.id}`)).json.status, 'revoked')
+    const fromA = await h.call('POST', `/v1/keys/${a.id}/rotate`)
+    t.equal(fromA.status, 409)
+    t.equal(fromA.json.error.code, 'key_not_active')
+    t.equal(fromA.json.error.message, `key ${a.id} is revoked and cannot be rotated; it was replaced by ${b.id}; the active key of its lineage is ${d.id}, rotate that key instead`)
+    t.equal((await h.call('POST', `/v1/keys/${c.id}/rotate`)).json.error.message, `key ${c.id} is revoked and cannot be rotated; it was replaced by ${d.id}, rotate that key instead`)
+
+    // With the end of the lineage revoked too, no key of it can be rotated: none is named.
+    await h.call('POST', `/v1/keys/${d.id}/revoke`)
+    t.equal(
+      (await h.call('POST', `/v1/keys/${a.id}/rotate`)).json.error.message,
+      `key ${a.id} is revoked and cannot be rotated; it was replaced by ${b.id}, and no key of its lineage can be rotated (the last, ${d.id}, is revoked): create a new key`,
+    )
+  })
+
   await t.test('audit trail pages', async (t) => {
     const k = (await h.call('POST', '/v1/keys', { body: { name: 'busy', type: 'user' } })).json
     for (let i = 0; i < 4; i++) await h.call('PATCH', `/v1/keys/${k.id}`, { body: { name: `busy ${i}` } })

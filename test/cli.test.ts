@@ -180,7 +180,7 @@ t.test('`-` reads the first line of stdin and answers while the writer keeps it 
   }
 })
 
-t.test('rotate on the embedded store: when the old key stops', async (t) => {
+t.test('rotate on the embedded store: when the old key stops, and which key can be rotated instead', async (t) => {
   const cwd = tempDir()
   const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
   const run = async (args: string[]) => {
@@ -206,6 +206,16 @@ t.test('rotate on the embedded store: when the old key stops', async (t) => {
   const first = human.stdout.split('\n')[0] as string
   t.match(first, `${soon2.id} stays valid until ${iso(soon2.expires_at)} (its expiry, before its grace period ends).`, 'the message gives the expiry')
   t.match(first, `, expiring ${iso(soon2.expires_at)} as the old one did;`, 'and says the new key keeps it')
+
+  // a → b → c, c rotated with force to d: a, b and c are revoked; the refusal names d.
+  const a = (await run(['create', '--name', 'lineage', '--type', 'service', '--json'])).json()
+  const b = (await run(['rotate', a.id, '--json'])).json()
+  const c = (await run(['rotate', b.id, '--json'])).json()
+  const d = (await run(['rotate', c.id, '--force', '--json'])).json()
+  const refused = await run(['rotate', a.id])
+  t.equal(refused.code, 1)
+  t.match(refused.stderr, `keygate: key ${a.id} is revoked and cannot be rotated; it was replaced by ${b.id}; the active key of its lineage is ${d.id}, rotate that key instead\n`)
+  t.notMatch(refused.stderr, /    at /, 'no stack trace')
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))

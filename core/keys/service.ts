@@ -106,6 +106,19 @@ export const LINEAGE = `WITH RECURSIVE lineage(id) AS (
   UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
 )`
 
+/** The most successors a rotate refusal follows to name the key of the lineage that can be rotated. */
+const SUCCESSOR_WALK_MAX = 1000
+
+/**
+ * `successors(id, depth)`: `$1` (a key's successor, depth 1) and each key that replaced the one
+ * before, by primary key, at most `$2` of them (replaced_by never loops, but the walk is bounded all the same).
+ */
+const SUCCESSORS = `WITH RECURSIVE successors(id, depth) AS (
+  SELECT $1::text, 1
+  UNION ALL SELECT k.replaced_by, s.depth + 1 FROM api_keys k JOIN successors s ON k.id = s.id
+  WHERE k.replaced_by IS NOT NULL AND s.depth < $2
+)`
+
 /** An import of more rows than IMPORT_MAX_ROWS is refused whole, on the store as through the admin API (the CLI's remote operations check it before sending). */
 export function checkImportSize(rows: number): void {
   if (rows > IMPORT_MAX_ROWS) {
@@ -470,6 +483,26 @@ export class KeyService {
   }
 
   /**
+   * The end of a rotate refusal: which key of the lineage can be rotated instead, the live end of
+   * its chain of successors, or that none can. Naming the direct successor sent people from one
+   * revoked key to the next (found by a review: a forced rotation revokes the keys before it).
+   */
+  async #rotateInstead(tx: Queryable, old: KeyRecord, now: Date): Promise<string> {
+    if (old.replacedBy === null) return ''
+    const rows = await tx.query<KeyRow>(
+      `${SUCCESSORS} SELECT ${columnsOf('k')} FROM successors s JOIN api_keys k ON k.id = s.id ORDER BY s.depth DESC LIMIT 1`,
+      [old.replacedBy, SUCCESSOR_WALK_MAX],
+    )
+    const last = rows[0] === undefined ? undefined : toRecord(rows[0])
+    const first = `; it was replaced by ${old.replacedBy}`
+    if (last === undefined) return first
+    if (last.replacedBy !== null) return `${first}, whose lineage runs on past ${SUCCESSOR_WALK_MAX} keys: follow replaced_by from ${last.id}`
+    const live = last.status === 'active' && !(last.expiresAt && last.expiresAt <= now)
+    if (!live) return `${first}, and no key of its lineage can be rotated (the last, ${last.id}, is ${last.status === 'active' ? 'expired' : last.status}): create a new key`
+    return last.id === old.replacedBy ? `${first}, rotate that key instead` : `${first}; the active key of its lineage is ${last.id}, rotate that key instead`
+  }
+
+  /**
    * Replaces a key with a new one, which keeps the old one's expiry. The old key stays valid until
    * its type's grace deadline (grace_until; its expiry ends it first when sooner, as ever), or
    * dies now when `force` is set or the grace period is zero. One transaction: a failure at any
@@ -481,10 +514,7 @@ export class KeyService {
     const generated = generateKey(this.#prefix)
     const result = await this.#commit(async (tx, changes) => {
       const { key: old } = await this.#lockLineage(tx, id)
-      if (old.status !== 'active') {
-        const hint = old.replacedBy ? `; it was replaced by ${old.replacedBy}, rotate that key instead` : ''
-        throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${hint}`)
-      }
+      if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${await this.#rotateInstead(tx, old, now)}`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and cannot be rotated`)
       const fresh = await this.#insert(tx, {
         ...old,
