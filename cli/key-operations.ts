@@ -1,7 +1,8 @@
 // What the `api-key` commands need, whether they open the store themselves or, when a server
 // owns the store, go through its admin API.
 import type { Actor } from '../core/audit.ts'
-import type { KeyService, Page, Validation } from '../core/keys/service.ts'
+import type { Page } from '../core/cursor.ts'
+import type { KeyService, Validation } from '../core/keys/service.ts'
 import type { KeyRecord, KeyType } from '../core/keys/types.ts'
 
 export interface KeyOperations {

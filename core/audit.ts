@@ -12,6 +12,7 @@ import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, ha
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
+import type { CursorPosition } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import type { Logger } from './log.ts'
 
@@ -52,7 +53,7 @@ export interface AuditFilter {
   keyId?: string | undefined
   action?: string | undefined
   actor?: string | undefined
-  before?: { createdAt: Date; id: string } | undefined
+  before?: CursorPosition | undefined
 }
 
 export function encryptionKeyId(key: Buffer): string {
@@ -323,7 +324,7 @@ export class AuditLog {
     equal('action', filter.action)
     equal('actor', filter.actor)
     if (filter.before) {
-      params.push(filter.before.createdAt, filter.before.id)
+      params.push(filter.before.at, filter.before.id)
       where.push(`(created_at, id) < ($${params.length - 1}, $${params.length})`)
     }
     params.push(limit)

@@ -170,13 +170,13 @@ await forEachStore(t, async (t, store) => {
     const all = await log.list(db, { keyId })
     t.equal(all.length, 11)
     const seen: string[] = []
-    let before: { createdAt: Date; id: string } | undefined
+    let before: { at: Date; id: string } | undefined
     for (let page = 0; page < 20; page++) {
       const rows: AuditRecord[] = await log.list(db, { keyId, limit: 3, ...(before ? { before } : {}) })
       seen.push(...rows.map((r) => r.id))
       const last = rows[rows.length - 1]
       if (!last || rows.length < 3) break
-      before = { createdAt: last.createdAt, id: last.id }
+      before = { at: last.createdAt, id: last.id }
     }
     t.same(seen, all.map((r) => r.id), 'the pages together are the whole list, in order')
   })

@@ -5,7 +5,7 @@ import { isDeepStrictEqual } from 'node:util'
 import type { Db, Queryable } from '../db.ts'
 import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
-import { decodeCursor, encodeCursor } from '../cursor.ts'
+import { decodeCursor, pageOf, type Page } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, dotted, firstProblems, MAX_JSON_DEPTH, MAX_LISTED_PROBLEMS, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
@@ -33,11 +33,6 @@ export type KeyChange = { action: 'created' | 'updated' | 'revoked' | 'rotated' 
 export type Validation =
   | { valid: true; key: KeyRecord }
   | { valid: false; code: ErrorCode; reason: 'malformed' | 'unknown' | 'wrong_secret' | string; keyId?: string }
-
-export interface Page<T> {
-  items: T[]
-  nextCursor: string | null
-}
 
 const METADATA_MAX_BYTES = 8192
 
@@ -379,8 +374,8 @@ export class KeyService {
     if (q.scope) add('$1 = ANY(scopes)', q.scope)
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
     if (q.cursor) {
-      const { createdAt, id } = decodeCursor(q.cursor)
-      add('(created_at, id) < ($1, $2)', createdAt, id)
+      const { at, id } = decodeCursor(q.cursor)
+      add('(created_at, id) < ($1, $2)', at, id)
     }
     const limit = q.limit ?? 50
     params.push(limit + 1)
@@ -388,9 +383,7 @@ export class KeyService {
       `SELECT ${COLUMNS} FROM api_keys ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
-    const items = rows.slice(0, limit).map(toRecord)
-    const last = items[items.length - 1]
-    return { items, nextCursor: rows.length > limit && last !== undefined ? encodeCursor(last.createdAt, last.id) : null }
+    return pageOf(rows.map(toRecord), limit, (k) => ({ at: k.createdAt, id: k.id }))
   }
 
   /**
