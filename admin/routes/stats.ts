@@ -1,9 +1,9 @@
 // GET /v1/stats: counts of keys by type and status.
-import { Type } from '@sinclair/typebox'
+import { Type, type ObjectOptions } from '@sinclair/typebox'
 import { KEY_STATUSES, KEY_TYPES } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
 
-const counts = (names: readonly string[]) => Type.Object(Object.fromEntries(names.map((n) => [n, Type.Integer()])))
+const counts = (names: readonly string[], options: ObjectOptions = {}) => Type.Object(Object.fromEntries(names.map((n) => [n, Type.Integer()])), options)
 
 export default defineOperation({
   id: 'getStats',
@@ -21,7 +21,7 @@ export default defineOperation({
     schema: Type.Object({
       total: Type.Integer(),
       by_type: counts(KEY_TYPES),
-      by_status: counts(KEY_STATUSES),
+      by_status: counts(KEY_STATUSES, { description: "By the status each key has now, as a key's `status` reads." }),
       legacy: Type.Integer({ description: 'Imported legacy keys.' }),
       expiring_soon: Type.Integer({ description: 'Active keys whose expiry or announced rotation deadline falls within `expiring_within_days`.' }),
       expiring_within_days: Type.Integer(),

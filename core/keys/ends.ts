@@ -28,3 +28,13 @@ export const KEY_ENDS_FROM = `api_keys k
            WHEN x.ends_at = d.grace_end THEN 'grace_ended'
            WHEN x.ends_at = k.expires_at THEN 'expires_at'
            ELSE 'rotation_overdue' END AS end_reason) e`
+
+/**
+ * The status key `k` (a table or alias) has at `now` (a statement parameter such as `$1`):
+ * core/keys/evaluate.ts statusAt in SQL, for filtering and counting by it. Its row's status
+ * until the scheduler ends it: past its expiry (or, rotating, its grace: never NULL then, by
+ * the table's check) it is expired at once.
+ */
+export function statusAtSql(k: string, now: string): string {
+  return `CASE WHEN ${k}.status IN ('active', 'rotating') AND (${k}.expires_at <= ${now} OR (${k}.status = 'rotating' AND ${k}.grace_until <= ${now})) THEN 'expired' ELSE ${k}.status END`
+}

@@ -3,7 +3,7 @@
 import ipaddr from 'ipaddr.js'
 import QuickLRU from 'quick-lru'
 import type { ErrorCode } from '../errors.ts'
-import type { KeyRecord } from './types.ts'
+import type { KeyRecord, KeyStatus } from './types.ts'
 
 export type Verdict = { ok: true } | { ok: false; code: ErrorCode; reason: string }
 
@@ -141,4 +141,16 @@ export function evaluateKey(key: KeyRecord, now: Date, address?: string, allowed
     if (!match(address)) return { ok: false, code: 'ip_blocked', reason: 'address_not_bound' }
   }
   return OK
+}
+
+/**
+ * The status `key` has at `now`, as evaluateKey judges it: an active or rotating key past its
+ * expiry, or a rotating key past its grace, is expired, though its row says otherwise until the
+ * scheduler's next round. (A key past an announced rotation deadline still works until that
+ * round ends it, and so is still active.) core/keys/ends.ts statusAtSql is the same in SQL.
+ */
+export function statusAt(key: KeyRecord, now: Date): KeyStatus {
+  const verdict = evaluateKey(key, now)
+  if (verdict.ok) return key.status
+  return verdict.code === 'key_revoked' ? 'revoked' : 'expired'
 }

@@ -10,7 +10,10 @@ export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', des
 /** A scope a route needs: one a key can hold (before, `Orders:Read` or `*` loaded, and no key passed), not a wildcard. */
 export const RouteScope = Type.String({ pattern: Scope.pattern, format: 'route-scope' })
 export const KeyTypeSchema = Type.Union(KEY_TYPES.map((t) => Type.Literal(t)), { description: 'Key type; sets the grace period and default rate limit.' })
-export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)))
+export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t)), {
+  description:
+    'The status the key has now, as the gateway judges it: an `active` or `rotating` key past its `expires_at`, or a `rotating` one past its `grace_until`, is `expired` at once (the scheduler marks its row in its next round).',
+})
 
 /** No control characters (C0, DEL, C1) nor invisible format characters (core/validate.ts): PostgreSQL text cannot hold NUL, and the others would rewrite or reorder a terminal showing `api-key list`. */
 const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control or invisible format characters).' })

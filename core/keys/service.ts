@@ -10,9 +10,9 @@ import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, dotted, firstProblems, MAX_JSON_DEPTH, MAX_LISTED_PROBLEMS, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
-import { evaluateKey } from './evaluate.ts'
+import { evaluateKey, statusAt } from './evaluate.ts'
 import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
-import { KEY_ENDS_FROM, type KeyEndReason } from './ends.ts'
+import { KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 
 export interface KeyServiceOptions {
@@ -346,10 +346,22 @@ export class KeyService {
     return { key: generated.key, record }
   }
 
+  /** A key as it is now (its status as the gateway judges it: see #asOf). */
   async get(id: string): Promise<KeyRecord> {
     const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1`, [id])
     if (!rows[0]) throw keyNotFound(id)
-    return toRecord(rows[0])
+    return this.#asOf(toRecord(rows[0]), this.#now())
+  }
+
+  /**
+   * `k` with the status it has at `now`: a key past its expiry or grace is expired for the
+   * gateway at once, while its row says active or rotating until the scheduler's next round
+   * marks it (up to scheduler.interval_s later; the CLI on the embedded store runs none). What the admin
+   * API and the CLI show, filter and count by (statusAtSql in SQL).
+   */
+  #asOf(k: KeyRecord, now: Date): KeyRecord {
+    const status = statusAt(k, now)
+    return status === k.status ? k : { ...k, status }
   }
 
   /** The keys of these ids that exist (one query), by id. */
@@ -359,9 +371,10 @@ export class KeyService {
     return new Map(rows.map((r) => [r.id, toRecord(r)]))
   }
 
-  /** Newest first, filtered, one page at a time. */
+  /** Newest first, filtered (by the status each key has now), one page at a time. */
   async list(query: unknown = {}): Promise<Page<KeyRecord>> {
     const q = assertValid<ListKeysInput>(ListKeysQuery, query, 'query')
+    const now = this.#now()
     const where: string[] = []
     const params: unknown[] = []
     const add = (sql: string, ...values: unknown[]) => {
@@ -369,7 +382,7 @@ export class KeyService {
       where.push(sql.replace(/\$(\d)/g, (_, n: string) => `$${params.length - values.length + Number(n)}`))
     }
     if (q.type) add('type = $1', q.type)
-    if (q.status) add('status = $1', q.status)
+    if (q.status) add(`${statusAtSql('api_keys', '$1')} = $2`, now, q.status)
     if (q.owner) add('owner = $1', q.owner)
     if (q.scope) add('$1 = ANY(scopes)', q.scope)
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
@@ -383,7 +396,7 @@ export class KeyService {
       `SELECT ${COLUMNS} FROM api_keys ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
-    return pageOf(rows.map(toRecord), limit, (k) => ({ at: k.createdAt, id: k.id }))
+    return pageOf(rows.map((r) => this.#asOf(toRecord(r), now)), limit, (k) => ({ at: k.createdAt, id: k.id }))
   }
 
   /**
@@ -728,6 +741,7 @@ export class KeyService {
     return rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at), reason: r.reason }))
   }
 
+  /** Counts of keys by type and by the status each has now (see #asOf). */
   async stats(withinDays = 7): Promise<{
     total: number
     byType: Record<KeyType, number>
@@ -737,9 +751,9 @@ export class KeyService {
   }> {
     const now = this.#now()
     const rows = await this.#db.query<{ type: KeyType; status: KeyStatus; n: number; legacy: number; expiring: number }>(
-      `SELECT k.type, k.status, count(*)::int AS n, count(*) FILTER (WHERE k.legacy)::int AS legacy,
+      `SELECT k.type, ${statusAtSql('k', '$1')} AS status, count(*)::int AS n, count(*) FILTER (WHERE k.legacy)::int AS legacy,
          count(*) FILTER (WHERE k.status = 'active' AND e.ends_at > $1 AND e.ends_at <= $2)::int AS expiring
-       FROM ${KEY_ENDS_FROM} GROUP BY k.type, k.status`,
+       FROM ${KEY_ENDS_FROM} GROUP BY 1, 2`,
       [now, new Date(now.getTime() + withinDays * 86_400_000)],
     )
     const byType = Object.fromEntries(KEY_TYPES.map((t) => [t, 0])) as Record<KeyType, number>
