@@ -286,19 +286,27 @@ export class UsageReports {
     this.#db = db
   }
 
-  /** Requests per key in the range, most used first (`keyId`: that key only). */
-  async byKey(range: Range, options: { keyId?: string; limit?: number } = {}): Promise<KeyUsage[]> {
+  /**
+   * Requests per key in the range (`keyId`: that key only): most used first, or by key id
+   * (`order: 'key_id'`, from after the key id `after`), the order the usage report walks every
+   * key in: counts that grow meanwhile cannot move a key across a page's end.
+   */
+  async byKey(range: Range, options: { keyId?: string; limit?: number; order?: 'requests' | 'key_id'; after?: string } = {}): Promise<KeyUsage[]> {
     const params: unknown[] = [...bounds(range), options.limit ?? 100]
-    let only = ''
+    const where = ['u.bucket >= $1 AND u.bucket < $2']
     if (options.keyId !== undefined) {
       params.push(options.keyId)
-      only = 'AND u.key_id = $4'
+      where.push(`u.key_id = $${params.length}`)
+    }
+    if (options.after !== undefined) {
+      params.push(options.after)
+      where.push(`u.key_id > $${params.length}`)
     }
     const rows = await this.#db.query<{ key_id: string; name: string | null; type: string | null; requests: number; rejected: number }>(
       `SELECT u.key_id, k.name, k.type, sum(u.requests)::float8 AS requests, sum(u.rejected)::float8 AS rejected
        FROM api_key_usage u LEFT JOIN api_keys k ON k.id = u.key_id
-       WHERE u.bucket >= $1 AND u.bucket < $2 ${only}
-       GROUP BY u.key_id, k.name, k.type ORDER BY requests DESC, u.key_id LIMIT $3`,
+       WHERE ${where.join(' AND ')}
+       GROUP BY u.key_id, k.name, k.type ORDER BY ${options.order === 'key_id' ? 'u.key_id' : 'requests DESC, u.key_id'} LIMIT $3`,
       params,
     )
     return rows.map((r) => ({ keyId: r.key_id, name: r.name, type: r.type, requests: r.requests, rejected: r.rejected }))

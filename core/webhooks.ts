@@ -23,6 +23,7 @@ import { createHmac, randomBytes } from 'node:crypto'
 import { request, type Agent } from 'undici'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
+import { decodeCursor, pageOf, type Page } from './cursor.ts'
 import type { Db, Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { refuseKeyIn } from './validate.ts'
@@ -145,6 +146,8 @@ interface DeliveryRow {
 }
 
 const D_COLUMNS = 'id, webhook_id, event_type, payload, status, attempts, next_attempt_at, last_status, last_error, created_at, last_attempt_at, delivered_at'
+/** A delivery's created_at as the delivery log orders and pages it (see deliveries()). */
+const CREATED_MS = "date_trunc('milliseconds', created_at)"
 
 const toDelivery = (r: DeliveryRow): Delivery => ({
   id: r.id,
@@ -415,16 +418,30 @@ export class WebhookService {
     return changed
   }
 
-  /** The delivery log of a webhook, newest first. */
-  async deliveries(id: string, options: { limit: number; status?: Delivery['status'] }): Promise<Delivery[]> {
+  /**
+   * The delivery log of a webhook, newest first, one page at a time (`cursor`: the previous
+   * page's next cursor). By created_at cut to milliseconds, then id: created_at is the store's
+   * now(), in microseconds, and a cursor holds a JS time: walked by the full value, the rows in
+   * the cursor's millisecond would be listed again or skipped.
+   */
+  async deliveries(id: string, options: { limit: number; status?: Delivery['status']; cursor?: string }): Promise<Page<Delivery>> {
     await this.get(id)
-    const params: unknown[] = [id, options.limit]
-    if (options.status) params.push(options.status)
+    const params: unknown[] = [id, options.limit + 1]
+    const where = ['webhook_id = $1']
+    if (options.status) {
+      params.push(options.status)
+      where.push(`status = $${params.length}`)
+    }
+    if (options.cursor !== undefined) {
+      const { at, id: after } = decodeCursor(options.cursor)
+      params.push(at, after)
+      where.push(`(${CREATED_MS}, id) < ($${params.length - 1}, $${params.length})`)
+    }
     const rows = await this.#db.query<DeliveryRow>(
-      `SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE webhook_id = $1 ${options.status ? 'AND status = $3' : ''} ORDER BY created_at DESC, id DESC LIMIT $2`,
+      `SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE ${where.join(' AND ')} ORDER BY ${CREATED_MS} DESC, id DESC LIMIT $2`,
       params,
     )
-    return rows.map(toDelivery)
+    return pageOf(rows.map(toDelivery), options.limit, (d) => ({ at: d.createdAt, id: d.id }))
   }
 
   // Queue

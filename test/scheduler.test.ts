@@ -160,7 +160,7 @@ forEachStore(t, async (t, store) => {
     clock.set(T0)
     const { record } = await s.keys.create({ name: 'rotation due, reported', type: 'service', rotation_interval_s: 10 * 86_400 }, ACTOR)
     const { record: sooner } = await s.keys.create({ name: 'rotation due, expiring sooner', type: 'service', rotation_interval_s: 10 * 86_400, expires_at: new Date(T0.getTime() + 9 * DAY).toISOString() }, ACTOR)
-    const ours = async (withinMs: number) => (await s.keys.expiring(withinMs, 1000)).filter((e) => e.key.id === record.id || e.key.id === sooner.id).map((e) => [e.key.id, e.endsAt, e.reason])
+    const ours = async (withinMs: number) => (await s.keys.expiring(withinMs, { limit: 1000 })).items.filter((e) => e.key.id === record.id || e.key.id === sooner.id).map((e) => [e.key.id, e.endsAt, e.reason])
     clock.set(new Date(T0.getTime() + 6 * DAY))
     const expiringBefore = (await s.keys.stats(7)).expiringSoon
     t.same(await ours(7 * DAY), [[sooner.id, new Date(T0.getTime() + 9 * DAY), 'expires_at']], 'not announced yet: the deadline is not enforced, so not listed; an expiry is')
@@ -192,7 +192,7 @@ forEachStore(t, async (t, store) => {
     const deadline = new Date(T0.getTime() + 10 * DAY)
     await s.keys.update(record.id, { expires_at: new Date(deadline.getTime() + 30_000).toISOString() }, ACTOR)
     clock.set(new Date(deadline.getTime() - 60_000))
-    t.same((await s.keys.expiring(DAY, 1000)).filter((e) => e.key.id === record.id).map((e) => [e.endsAt, e.reason]), [[deadline, 'rotation_overdue']], 'the report')
+    t.same((await s.keys.expiring(DAY, { limit: 1000 })).items.filter((e) => e.key.id === record.id).map((e) => [e.endsAt, e.reason]), [[deadline, 'rotation_overdue']], 'the report')
     clock.set(new Date(deadline.getTime() + 50_000))
     await scheduler.runOnce()
     t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'the audit row agrees')
@@ -240,7 +240,7 @@ forEachStore(t, async (t, store) => {
     }
     const labelOf = Object.fromEntries(Object.entries(made).map(([label, key]) => [key, label]))
     const report = Object.fromEntries(
-      (await s.keys.expiring(30 * DAY, 10_000)).filter((e) => labelOf[e.key.id] !== undefined).map((e) => [labelOf[e.key.id], [e.endsAt, e.reason]]),
+      (await s.keys.expiring(30 * DAY, { limit: 10_000 })).items.filter((e) => labelOf[e.key.id] !== undefined).map((e) => [labelOf[e.key.id], [e.endsAt, e.reason]]),
     )
     t.same(report, expected, 'the report: each key once, when and why it ends (a removed rotation ends nothing)')
 

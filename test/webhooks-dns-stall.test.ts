@@ -87,14 +87,14 @@ async function stuckReceiver(t: Test, pool: ReturnType<typeof threadpool>, tag: 
   pool.stuck.add(slowName)
 
   for (let i = 0; i < 5; i++) await s.enqueue({ type: 'key.created', at: new Date(), data: { i, tag } })
-  await until(async () => (await s.deliveries(slow.id, { limit: 10 })).every((d) => d.attempts === 1) && (pool.stats.calls.get(slowName) ?? 0) > registered)
+  await until(async () => (await s.deliveries(slow.id, { limit: 10 })).items.every((d) => d.attempts === 1) && (pool.stats.calls.get(slowName) ?? 0) > registered)
   await new Promise((resolve) => setTimeout(resolve, 100)) // the 5 attempts' connections are looking the name up
   for (let i = 0; i < 5; i++) await s.enqueue({ type: 'key.revoked', at: new Date(), data: { i, tag } })
   s.start()
   const settled = (ds: Delivery[]) => ds.length === 5 && ds.every((d) => d.status !== 'pending')
-  await until(async () => settled(await s.deliveries(slow.id, { limit: 10 })) && settled(await s.deliveries(fast.id, { limit: 10 })))
+  await until(async () => settled((await s.deliveries(slow.id, { limit: 10 })).items) && settled((await s.deliveries(fast.id, { limit: 10 })).items))
 
-  const fastOnes = await s.deliveries(fast.id, { limit: 10 })
+  const fastOnes = (await s.deliveries(fast.id, { limit: 10 })).items
   t.same(
     fastOnes.map((d) => [d.status, d.attempts, d.lastError]),
     Array.from({ length: 5 }, () => ['delivered', 1, null]),
@@ -102,7 +102,7 @@ async function stuckReceiver(t: Test, pool: ReturnType<typeof threadpool>, tag: 
   )
   t.equal(receiver.received.filter((h) => h.path === '/fast').length, 5, 'its receiver got all 5')
 
-  const slowOnes = await s.deliveries(slow.id, { limit: 10 })
+  const slowOnes = (await s.deliveries(slow.id, { limit: 10 })).items
   for (const d of slowOnes) {
     t.equal(d.attempts, config.max_attempts, 'the stuck receiver: each delivery retried after its first attempt failed')
     t.match(d.lastError, /timeout/i, `failed as a timeout (${d.lastError})`)

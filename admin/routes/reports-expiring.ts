@@ -3,7 +3,7 @@
 import { Type } from '@sinclair/typebox'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
-import { KeySchema } from '../schemas.ts'
+import { Cursor, KeySchema, NextCursor } from '../schemas.ts'
 
 export default defineOperation({
   id: 'reportExpiring',
@@ -12,17 +12,18 @@ export default defineOperation({
   tag: 'reports',
   summary: 'Keys expiring soon',
   description:
-    'Keys that stop working within the window, soonest first: active keys whose expiry or announced rotation deadline (the scheduler expires a key not rotated by then), and rotating keys whose grace period (or expiry, if sooner), falls in it. `end_reason` says which: `expires_at`, `grace_ended` or `rotation_overdue`, as the `key.expired` audit row will.',
+    'Keys that stop working within the window, soonest first: active keys whose expiry or announced rotation deadline (the scheduler expires a key not rotated by then), and rotating keys whose grace period (or expiry, if sooner), falls in it. `end_reason` says which: `expires_at`, `grace_ended` or `rotation_overdue`, as the `key.expired` audit row will. Follow `next_cursor` for the next page.',
   query: Type.Object(
     {
       within_days: Type.Optional(Type.Integer({ minimum: 1, maximum: 365, default: 7 })),
       limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
+      cursor: Type.Optional(Cursor),
     },
     { additionalProperties: false },
   ),
   response: {
     status: 200,
-    description: 'The keys, soonest first.',
+    description: 'One page of the keys, soonest first (then by id).',
     schema: Type.Object({
       within_days: Type.Integer(),
       items: Type.Array(
@@ -36,12 +37,13 @@ export default defineOperation({
           }),
         ]),
       ),
+      next_cursor: NextCursor,
     }),
   },
   errors: ['validation_failed'],
   async handle({ query, services }) {
     const days = query.within_days ?? 7
-    const rows = await services.keys.expiring(days * 86_400_000, query.limit ?? 100)
-    return { within_days: days, items: rows.map((r) => ({ ...keyJson(r.key), ends_at: r.endsAt.toISOString(), end_reason: r.reason })) }
+    const page = await services.keys.expiring(days * 86_400_000, { limit: query.limit ?? 100, ...(query.cursor !== undefined ? { cursor: query.cursor } : {}) })
+    return { within_days: days, items: page.items.map((r) => ({ ...keyJson(r.key), ends_at: r.endsAt.toISOString(), end_reason: r.reason })), next_cursor: page.nextCursor }
   },
 })

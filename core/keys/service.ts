@@ -725,20 +725,31 @@ export class KeyService {
   }
 
   /**
-   * Keys that stop working within `withinMs`, soonest first, each with what ends it: active keys
-   * whose expiry or announced rotation deadline (the scheduler expires a key not rotated by
-   * then) falls in the window, and rotating keys whose grace (or expiry, if sooner) ends in it.
+   * Keys that stop working within `withinMs`, soonest first (then by id), each with what ends it:
+   * active keys whose expiry or announced rotation deadline (the scheduler expires a key not
+   * rotated by then) falls in the window, and rotating keys whose grace (or expiry, if sooner)
+   * ends in it. One page at a time: `cursor` is the previous page's next cursor, the end time and
+   * id of its last key (every time that ends a key is written in milliseconds, as a cursor holds).
    */
-  async expiring(withinMs: number, limit = 100): Promise<Array<{ key: KeyRecord; endsAt: Date; reason: KeyEndReason }>> {
+  async expiring(withinMs: number, options: { limit?: number; cursor?: string } = {}): Promise<Page<{ key: KeyRecord; endsAt: Date; reason: KeyEndReason }>> {
     const now = this.#now()
     const until = new Date(now.getTime() + withinMs)
+    const limit = options.limit ?? 100
+    const params: unknown[] = [now, until, limit + 1]
+    let after = ''
+    if (options.cursor !== undefined) {
+      const { at, id } = decodeCursor(options.cursor)
+      params.push(at, id)
+      after = 'AND (e.ends_at, k.id) > ($4, $5)'
+    }
     const rows = await this.#db.query<KeyRow & { ends_at: Date; reason: KeyEndReason }>(
       `SELECT ${columnsOf('k')}, e.ends_at, e.end_reason AS reason
        FROM ${KEY_ENDS_FROM}
-       WHERE e.ends_at > $1 AND e.ends_at <= $2 ORDER BY e.ends_at, k.id LIMIT $3`,
-      [now, until, limit],
+       WHERE e.ends_at > $1 AND e.ends_at <= $2 ${after} ORDER BY e.ends_at, k.id LIMIT $3`,
+      params,
     )
-    return rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at), reason: r.reason }))
+    const items = rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at), reason: r.reason }))
+    return pageOf(items, limit, (e) => ({ at: e.endsAt, id: e.key.id }))
   }
 
   /** Counts of keys by type and by the status each has now (see #asOf). */
