@@ -7,26 +7,39 @@ import { parseRange } from './keys/evaluate.ts'
 /** The first instant of the year 10000 (UTC): the embedded store holds no time from it on. */
 export const YEAR_10000_MS = Date.UTC(10000, 0, 1)
 
-const DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(?:Z|[+-](\d{2}):(\d{2}))$/
+// RFC 3339 §5.6: seconds required, `T` and `Z` in either case (§5.6's note), any fraction.
+const DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.\d+)?(?:[Zz]|[+-](\d{2}):(\d{2}))$/
 
 /**
  * An RFC 3339 date-time naming a day that exists (Date.parse turns 2027-02-31 into March 3rd),
  * from 1970 to 9999 (the embedded store reads years below 100 wrongly, and no key dates from
- * before 1970).
+ * before 1970), and no leap second (see leapSecondProblem). Before (found by a review), seconds
+ * were optional and `t`/`z` refused: `12:00Z` was taken and `12:00:00z` refused, the other way
+ * round from the `date-time` the OpenAPI document publishes.
  */
 export function isDateTime(v: string): boolean {
   const m = DATE_TIME.exec(v)
   if (!m) return false
-  const [year, month, day, hour, minute] = [m[1], m[2], m[3], m[4], m[5]].map(Number) as [number, number, number, number, number]
-  const second = m[6] === undefined ? 0 : Number(m[6])
+  const [year, month, day, hour, minute, second] = [m[1], m[2], m[3], m[4], m[5], m[6]].map(Number) as [number, number, number, number, number, number]
   if (year < 1970 || month < 1 || month > 12 || hour > 23 || minute > 59 || second > 59) return false
   if (m[7] !== undefined && (Number(m[7]) > 23 || Number(m[8]) > 59)) return false
-  // 9999-12-31T23:59-23:59 is a year-10000 instant in UTC, which the embedded store cannot hold;
-  // 1970-01-01T00:30+01:00 is one of 1969, which a list cursor cannot hold (before, found by a
+  // 9999-12-31T23:59:00-23:59 is a year-10000 instant in UTC, which the embedded store cannot hold;
+  // 1970-01-01T00:30:00+01:00 is one of 1969, which a list cursor cannot hold (before, found by a
   // review: an import took it, and listing keys stopped at that key with "not a cursor this
   // server returned").
   const at = Date.parse(v)
   return day >= 1 && day <= new Date(Date.UTC(year, month, 0)).getUTCDate() && at >= 0 && at < YEAR_10000_MS
+}
+
+/**
+ * Why a date-time that RFC 3339 allows is refused all the same: a leap second (`23:59:60Z`),
+ * which a JavaScript Date, and so keygate, cannot hold (Date.parse reads it as no time at all).
+ * Said as such, rather than that the value is no RFC 3339 date-time, which it is.
+ */
+function leapSecondProblem(v: string): string | undefined {
+  const m = DATE_TIME.exec(v)
+  if (m?.[6] !== '60' || !isDateTime(`${v.slice(0, 17)}59${v.slice(19)}`)) return undefined
+  return 'is a leap second (:60), which keygate cannot hold (a JavaScript date has no 60th second); use :59 or the next minute'
 }
 
 /** An address or range as keygate reads one everywhere (four-part decimal IPv4, IPv6; see parseRange). */
@@ -94,7 +107,11 @@ function isHttpUrl(value: string): boolean {
   }
 }
 
-const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = {
+/**
+ * Each format's check, the words for what it allows, and, for a value it refuses that needs
+ * more than those words, why.
+ */
+const FORMATS: Record<string, [check: (v: string) => boolean, words: string, why?: (v: string) => string | undefined]> = {
   cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'],
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7'],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
@@ -119,11 +136,14 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string]> = 
   // needing it passed only keys holding that very wildcard, not one with `orders:read`.
   'route-scope': [(v) => !v.endsWith(':*'), "scope names as keys hold them, such as admin or orders:read (a lowercase letter or digit, then up to 63 of a-z 0-9 : . _ * -), and no wildcard such as orders:* (a key's orders:* grants every orders: scope; a route names the one it needs)"],
   'key-prefix': [(v) => /^[a-z][a-z0-9]{0,15}_$/.test(v), 'lowercase letters and digits ending in _, such as kg_'],
-  'date-time': [isDateTime, 'an RFC 3339 date-time from 1970 to 9999 such as 2027-01-31T12:00:00Z'],
+  'date-time': [isDateTime, 'an RFC 3339 date-time with seconds, in the years 1970 to 9999 as UTC, such as 2027-01-31T12:00:00Z', leapSecondProblem],
 }
 
 export const FORMAT_WORDS: Record<string, string> = {}
-for (const [name, [check, words]] of Object.entries(FORMATS)) {
+/** Why a value a format refuses is refused, where the format says more than its words (FORMATS). */
+export const FORMAT_WHY: Record<string, (v: string) => string | undefined> = {}
+for (const [name, [check, words, why]] of Object.entries(FORMATS)) {
   FormatRegistry.Set(name, check)
   FORMAT_WORDS[name] = words
+  if (why) FORMAT_WHY[name] = why
 }

@@ -2,7 +2,7 @@
 // what is allowed. Used for the config file, API bodies and CLI input alike.
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
-import { FORMAT_WORDS } from './formats.ts'
+import { FORMAT_WHY, FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { decodeEscapes } from './http.ts'
 import { scrub } from './log.ts'
@@ -168,6 +168,8 @@ export interface Problem {
   known?: readonly string[]
   /** For `unknown`: why the key may not be what it looks like, as `unknownKeyShown` tells. */
   hint?: string
+  /** For `invalid`: why the value is refused, where its format says more than `allowed` (FORMAT_WHY). */
+  why?: string
 }
 
 /**
@@ -182,6 +184,16 @@ export const MAX_LISTED_PROBLEMS = 20
 export function firstProblems(lines: readonly string[], max = MAX_LISTED_PROBLEMS): string[] {
   const rest = lines.length - max
   return rest > 0 ? [...lines.slice(0, max), `and ${rest} more ${rest === 1 ? 'problem' : 'problems'}`] : [...lines]
+}
+
+/** Why the format of `schema` (or of one member of a union, `expires_at`'s date-time or null) refuses `value`, where it says more than its words. */
+function formatWhy(schema: TSchema, value: string): string | undefined {
+  const nodes = schema[Kind] === 'Union' ? (schema.anyOf as TSchema[]) : [schema]
+  for (const s of nodes) {
+    const why = typeof s.format === 'string' ? FORMAT_WHY[s.format]?.(value) : undefined
+    if (why !== undefined) return why
+  }
+  return undefined
 }
 
 /**
@@ -205,7 +217,8 @@ export function problems(schema: TSchema, value: unknown, limit = Number.POSITIV
     } else if (e.value === undefined) {
       out.push({ path, kind: 'required', value: undefined, allowed: describeAllowed(own ?? e.schema) })
     } else {
-      out.push({ path, kind: 'invalid', value: e.value, allowed: describeAllowed(own ?? e.schema) })
+      const why = typeof e.value === 'string' ? formatWhy(own ?? e.schema, e.value) : undefined
+      out.push({ path, kind: 'invalid', value: e.value, allowed: describeAllowed(own ?? e.schema), ...(why !== undefined ? { why } : {}) })
     }
   }
   return out
@@ -282,6 +295,7 @@ export function unknownKeyShown(p: Problem, secretSection: boolean): Problem {
 export function problemLine(p: Problem, where: string, secret = false): string {
   if (p.kind === 'unknown') return `${where}: unknown key${p.hint ? ` (${p.hint})` : ''}; allowed here: ${p.allowed}`
   if (p.kind === 'required') return `${where}: is required; expected ${p.allowed}`
+  if (p.why !== undefined) return `${where}: ${showValue(p.value, secret)} ${p.why}`
   return `${where}: ${showValue(p.value, secret)} is not allowed; expected ${p.allowed}`
 }
 

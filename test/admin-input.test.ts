@@ -79,6 +79,24 @@ await forEachStore(t, async (t, store) => {
   t.equal(shallow.status, 201, 'metadata nested 20 levels is fine')
 
   refused(await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: '2027-02-31T00:00:00Z' } }), 400, 'validation_failed', 'a day that does not exist')
+  // Date-times are RFC 3339 as written, as /openapi.json publishes them (before, found by a review:
+  // `t`/`z` were refused, and times without seconds taken).
+  for (const at of ['2099-06-30t12:00:00z', '2099-06-30T13:00:00.000000001+01:00']) {
+    const made = await h.call('POST', '/v1/keys', { body: { name: 'rfc3339', type: 'user', expires_at: at } })
+    t.equal(made.status, 201, `${at} is taken`)
+    t.equal(made.json?.expires_at, '2099-06-30T12:00:00.000Z', `${at} is the time it writes`)
+  }
+  t.equal((await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.9', expires_at: '2099-06-30T12:00:00z' } })).status, 201, 'a lowercase z on a deny entry')
+  const hourAgo = new Date(Date.now() - 3_600_000).toISOString().replace('T', 't').replace('Z', 'z')
+  t.equal((await h.call('GET', `/v1/reports/usage?from=${hourAgo}`)).status, 200, 'a lowercase t and z in a query')
+  for (const at of ['2099-06-30T12:00Z', '2099-06-30T12:00+01:00', '2099-06-30 12:00:00Z']) {
+    const r = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: at } })
+    refused(r, 400, 'validation_failed', `${at}: no RFC 3339 date-time`)
+    t.match(r.json?.error?.message, /expected an RFC 3339 date-time with seconds, in the years 1970 to 9999 as UTC/, 'the message says what is, and the range')
+  }
+  const leap = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: '2099-06-30T23:59:60Z' } })
+  refused(leap, 400, 'validation_failed', 'a leap second')
+  t.match(leap.json?.error?.details?.fields, [{ field: 'expires_at', message: /^"2099-06-30T23:59:60Z" is a leap second \(:60\), which keygate cannot hold/ }], 'said to be a leap second, not a value that is no RFC 3339')
   refused(await h.call('GET', '/v1/reports/usage?from=0001-01-01T00:00:00Z'), 400, 'validation_failed', 'a year before 1970')
   // 1970 as written, 1969 as an instant (before, found by a review: an import took it, and a list
   // of keys stopped at that key, its cursor refused as "not a cursor this server returned").
@@ -281,7 +299,7 @@ await forEachStore(t, async (t, store) => {
   const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧 ❤\ufe0f 열쇠', type: 'user' } })
   t.equal(joined.status, 201, 'U+200C, U+200D, U+FE0F and Hangul letters are taken')
 
-  t.equal(await h.auditRows(), before + 5, 'no refusal wrote an audit row (five keys were created)')
+  t.equal(await h.auditRows(), before + 8, 'no refusal wrote an audit row (seven keys and a deny entry were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)

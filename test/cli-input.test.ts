@@ -61,7 +61,12 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'update', 'abc', '--rotate-every', '261w'], /^keygate: --rotate-every: "261w" is too long; expected from 1h to 1825d\n$/],
     [['api-key', 'update', 'abc', '--expires-at', 'soon'], /--expires-at: "soon" is not allowed/],
     // The flag's word for no expiry is `never`; before, the schema's message offered null, which the flag refuses.
-    [['api-key', 'update', 'abc', '--expires-at', 'null'], /--expires-at: "null" is not allowed; expected an RFC 3339 date-time from 1970 to 9999 such as 2027-01-31T12:00:00Z or never\n/],
+    [['api-key', 'update', 'abc', '--expires-at', 'null'], /--expires-at: "null" is not allowed; expected an RFC 3339 date-time with seconds, in the years 1970 to 9999 as UTC, such as 2027-01-31T12:00:00Z or never\n/],
+    // RFC 3339 as written: seconds are required (before: `12:00Z` was taken, which the published date-time is not).
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', '2099-06-30T12:00Z'], /^keygate: --expires-at: "2099-06-30T12:00Z" is not allowed; expected an RFC 3339 date-time with seconds/],
+    [['api-key', 'update', 'abc', '--expires-at', '2099-06-30T12:00+01:00'], /^keygate: --expires-at: "2099-06-30T12:00\+01:00" is not allowed; expected an RFC 3339 date-time with seconds/],
+    // A leap second is RFC 3339, which a JavaScript date cannot hold: said so, not "not RFC 3339".
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', '2099-06-30T23:59:60Z'], /^keygate: --expires-at: "2099-06-30T23:59:60Z" is a leap second \(:60\), which keygate cannot hold/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', 'nul'], /--expires-at: "nul" is not allowed; expected an RFC 3339 date-time .* or never\n/],
     [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-at', 'null'], /--expires-at: "null" is not allowed; expected an RFC 3339 date-time .* or never\n/],
     [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],
@@ -215,6 +220,10 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   }
   // Metadata too (before, found by a review: get printed it with JSON.stringify, which leaves both raw).
   t.match(shown.stdout, /metadata\s+\{"c1":"\\u009b2J","team":"\\u202etset"\}\n/, 'get: the metadata shown escaped')
+  // RFC 3339 §5.6 allows `t` and `z` (before: refused as "not an RFC 3339 date-time").
+  const lower = await runCli(['api-key', 'create', '--name', 'lower', '--type', 'user', '--expires-at', '2099-06-30t12:00:00z', '--json'], { cwd, env })
+  t.equal(lower.code, 0, 'a lowercase t and z are taken')
+  t.equal(lower.json().expires_at, '2099-06-30T12:00:00.000Z', 'and read as the time they write')
 })
 
 t.test('an import tells every problem of its file in the first answer, on the embedded store', async (t) => {
