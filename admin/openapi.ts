@@ -1,13 +1,52 @@
 // The OpenAPI 3.1 document, made from the operation table: the same TypeBox schemas that
 // validate requests (JSON Schema 2020-12, which OpenAPI 3.1 uses as is). Error answers are
-// grouped by HTTP status, each listing the codes of the one catalogue it can carry.
+// grouped by HTTP status, each listing the codes of the one catalogue it can carry. Every answer
+// lists the headers the listener sends with it (test/admin-openapi.test.ts fails on one it sends
+// and the document leaves out).
 import type { TSchema } from '@sinclair/typebox'
 import { ERRORS, type ErrorCode } from '../core/errors.ts'
+import { formatDescription } from '../core/formats.ts'
 import { COMMON_ERRORS, type Operation } from './operation.ts'
 
-/** A plain JSON Schema: TypeBox's symbol-keyed bookkeeping dropped. */
-function plain(schema: TSchema): Record<string, unknown> {
-  return JSON.parse(JSON.stringify(schema)) as Record<string, unknown>
+/**
+ * A plain JSON Schema: TypeBox's symbol-keyed bookkeeping dropped, and each string of a keygate
+ * format (`cidr`, `ip`, ...; `date-time` for its range) told what it allows, which a client
+ * reading only the format's name could not know.
+ */
+export function plain(schema: TSchema): Record<string, unknown> {
+  return JSON.parse(JSON.stringify(schema), (_key, value: unknown) => {
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) return value
+    const node = value as Record<string, unknown>
+    const words = typeof node.format === 'string' ? formatDescription(node.format) : undefined
+    if (words === undefined) return node
+    return { ...node, description: typeof node.description === 'string' ? `${node.description} ${words}` : words }
+  }) as Record<string, unknown>
+}
+
+/** The response headers the listener sends (admin/server.ts, api.ts, auth.ts, the stream), under components.headers. */
+const HEADERS = {
+  'X-Request-Id': { description: "The request's id: the error body's `request_id`, and in the log lines about the request.", required: true, schema: { type: 'string' } },
+  'X-Keygate-Admin': { description: "Always `1`: the answer is the admin API's (the CLI takes no other server's JSON for one).", required: true, schema: { type: 'string', const: '1' } },
+  'Cache-Control': { description: 'Answers are not stored by caches.', required: true, schema: { type: 'string', const: 'no-store' } },
+  'X-Content-Type-Options': { required: true, schema: { type: 'string', const: 'nosniff' } },
+  'X-Accel-Buffering': { description: 'Asks a proxy in front (nginx) not to hold events back.', required: true, schema: { type: 'string', const: 'no' } },
+  'Retry-After': { description: 'With `ip_locked_out`: the seconds until the address may try again.', schema: { type: 'integer', minimum: 0 } },
+  'WWW-Authenticate': { description: 'With `unauthorized`: the Bearer challenge (`error="invalid_token"` for a credential that is not valid).', schema: { type: 'string' } },
+  'Accept-Encoding': { description: 'With a refused `Content-Encoding`: the one coding taken.', schema: { type: 'string', const: 'identity' } },
+} as const
+type HeaderName = keyof typeof HEADERS
+
+/** Every answer's headers (sendJson, sendError, the stream's head, rawError). */
+const EVERY_ANSWER: readonly HeaderName[] = ['X-Request-Id', 'X-Keygate-Admin', 'Cache-Control', 'X-Content-Type-Options']
+/** The headers an error code is answered with besides those (AdminError's headers). */
+const ERROR_HEADERS: Partial<Record<ErrorCode, readonly HeaderName[]>> = {
+  ip_locked_out: ['Retry-After'],
+  unauthorized: ['WWW-Authenticate'],
+  unsupported_media_type: ['Accept-Encoding'],
+}
+
+function headerRefs(names: readonly HeaderName[]): Record<string, { $ref: string }> {
+  return Object.fromEntries(names.map((n) => [n, { $ref: `#/components/headers/${n}` }]))
 }
 
 /** Every error code `op` can answer with. */
@@ -18,6 +57,7 @@ export function operationErrors(op: Operation): ErrorCode[] {
 function errorResponse(codes: ErrorCode[]) {
   return {
     description: codes.map((c) => `\`${c}\`: ${ERRORS[c].message}`).join(' '),
+    headers: headerRefs([...new Set([...EVERY_ANSWER, ...codes.flatMap((c) => ERROR_HEADERS[c] ?? [])])]),
     content: {
       'application/json': {
         schema: {
@@ -53,6 +93,10 @@ function parameters(op: Operation) {
       out.push({ name, in: 'query', required: required.has(name), ...(s.description ? { description: s.description } : {}), schema: s })
     }
   }
+  for (const [name, schema] of Object.entries((op.headers?.properties ?? {}) as Record<string, TSchema>)) {
+    const s = plain(schema)
+    out.push({ name, in: 'header', required: false, ...(s.description ? { description: s.description } : {}), schema: s })
+  }
   return out
 }
 
@@ -65,6 +109,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
     const responses: Record<string, unknown> = {
       [op.response.status]: {
         description: op.response.description,
+        headers: headerRefs(op.stream ? [...EVERY_ANSWER, 'X-Accel-Buffering'] : EVERY_ANSWER),
         content: op.stream
           ? { 'text/event-stream': { schema: { type: 'string', description: 'Server-Sent Events; the data of each event is JSON described by x-event-data.' }, 'x-event-data': plain(op.response.schema) } }
           : { 'application/json': { schema: plain(op.response.schema) } },
@@ -97,6 +142,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
     security: [{ bearer: [] }],
     components: {
       securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'An admin key (scope `admin`) or the bootstrap token.' } },
+      headers: HEADERS,
     },
     tags: [
       { name: 'keys', description: 'Key lifecycle.' },

@@ -89,6 +89,8 @@ export interface Operation {
   summary: string
   description?: string
   query?: TObject
+  /** Request headers the handler reads itself (Last-Event-ID), for the document: by name as written, each optional. */
+  headers?: TObject
   body?: TSchema
   /** Whether a request without a body is refused (the body schema then sees `{}`). */
   bodyRequired?: boolean

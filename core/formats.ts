@@ -42,6 +42,10 @@ function leapSecondProblem(v: string): string | undefined {
   return 'is a leap second (:60), which keygate cannot hold (a JavaScript date has no 60th second); use :59 or the next minute'
 }
 
+/** How an address is written, for the cidr and ip formats (see parseIp in core/keys/evaluate.ts). */
+const ADDRESS_DETAIL =
+  'IPv4 in four decimal parts (not `10.1`, `2130706433` or `010.0.0.1`, which other readers take for other addresses); IPv6, with an IPv4 tail in four decimal parts too, and a zone id (`%eth0`) ignored; an IPv4-mapped IPv6 address (`::ffff:192.0.2.7`) is read as its IPv4 address.'
+
 /** An address or range as keygate reads one everywhere (four-part decimal IPv4, IPv6; see parseRange). */
 export function isCidrOrAddress(value: string): boolean {
   // A zone id names an interface (`fe80::1%eth0`): letters, digits and `_.~-`, as RFC 6874 writes
@@ -108,12 +112,13 @@ function isHttpUrl(value: string): boolean {
 }
 
 /**
- * Each format's check, the words for what it allows, and, for a value it refuses that needs
- * more than those words, why.
+ * Each format's check and the words for what it allows (in messages, config docs and
+ * /openapi.json); where those words are not all a reader needs, `detail` (the document only) and
+ * `why` (why a value that matches the words is refused all the same).
  */
-const FORMATS: Record<string, [check: (v: string) => boolean, words: string, why?: (v: string) => string | undefined]> = {
-  cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'],
-  ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7'],
+const FORMATS: Record<string, [check: (v: string) => boolean, words: string, more?: { detail?: string; why?: (v: string) => string | undefined }]> = {
+  cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32', { detail: `${ADDRESS_DETAIL} A range is ADDRESS/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros; an address alone is one address (/32, /128).` }],
+  ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7', { detail: `${ADDRESS_DETAIL} No range (/BITS).` }],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
   'http-url': [isHttpUrl, 'an http:// or https:// URL without user:password@'],
   // A URL paths are added to (the CLI's admin URL, an upstream): a query or fragment would stand in
@@ -136,14 +141,28 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, why
   // needing it passed only keys holding that very wildcard, not one with `orders:read`.
   'route-scope': [(v) => !v.endsWith(':*'), "scope names as keys hold them, such as admin or orders:read (a lowercase letter or digit, then up to 63 of a-z 0-9 : . _ * -), and no wildcard such as orders:* (a key's orders:* grants every orders: scope; a route names the one it needs)"],
   'key-prefix': [(v) => /^[a-z][a-z0-9]{0,15}_$/.test(v), 'lowercase letters and digits ending in _, such as kg_'],
-  'date-time': [isDateTime, 'an RFC 3339 date-time with seconds, in the years 1970 to 9999 as UTC, such as 2027-01-31T12:00:00Z', leapSecondProblem],
+  'date-time': [
+    isDateTime,
+    'an RFC 3339 date-time with seconds, in the years 1970 to 9999 as UTC, such as 2027-01-31T12:00:00Z',
+    { detail: '`T` and `Z` in either case; any fraction of a second, read to the millisecond. A leap second (`:60`) is refused: a JavaScript date cannot hold it.', why: leapSecondProblem },
+  ],
 }
 
 export const FORMAT_WORDS: Record<string, string> = {}
 /** Why a value a format refuses is refused, where the format says more than its words (FORMATS). */
 export const FORMAT_WHY: Record<string, (v: string) => string | undefined> = {}
-for (const [name, [check, words, why]] of Object.entries(FORMATS)) {
+const FORMAT_DETAIL: Record<string, string> = {}
+for (const [name, [check, words, more]] of Object.entries(FORMATS)) {
   FormatRegistry.Set(name, check)
   FORMAT_WORDS[name] = words
-  if (why) FORMAT_WHY[name] = why
+  if (more?.why) FORMAT_WHY[name] = more.why
+  if (more?.detail) FORMAT_DETAIL[name] = more.detail
+}
+
+/** What a format allows, as a document describes it: its words as a sentence, and any detail. */
+export function formatDescription(format: string): string | undefined {
+  const words = FORMAT_WORDS[format]
+  if (words === undefined) return undefined
+  const detail = FORMAT_DETAIL[format]
+  return `${words.charAt(0).toUpperCase()}${words.slice(1)}.${detail ? ` ${detail}` : ''}`
 }

@@ -1,23 +1,34 @@
 // The OpenAPI document is valid OpenAPI 3.1 and describes every operation of the table with
-// every error it can answer; real answers match the documented schemas; /docs serves Swagger UI
-// and its assets from the installed package.
+// every error it can answer, the request headers it reads and what keygate's string formats
+// allow; real answers match the documented schemas, and carry no header their response leaves
+// out; /docs serves Swagger UI and its assets from the installed package.
 import t from 'tap'
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { createHash, randomUUID } from 'node:crypto'
+import { gzipSync } from 'node:zlib'
 import { Validator } from '@seriousme/openapi-schema-validator'
 import { Value } from '@sinclair/typebox/value'
-import { operationErrors } from '../admin/openapi.ts'
+import { operationErrors, plain } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
-import { startAdmin } from './helpers/admin.ts'
+import { FORMAT_WORDS } from '../core/formats.ts'
+import { headerProblems, startAdmin } from './helpers/admin.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 import { startUpstream } from './helpers/gateway.ts'
 import { openStore } from './helpers/stores.ts'
 
 const DIST = dirname(createRequire(import.meta.url).resolve('swagger-ui-dist/package.json'))
+
+/** Every schema node under `node` that has a `format`. */
+function formatted(node: unknown, out: Array<Record<string, unknown>> = []): Array<Record<string, unknown>> {
+  if (typeof node !== 'object' || node === null) return out
+  if (typeof (node as { format?: unknown }).format === 'string') out.push(node as Record<string, unknown>)
+  for (const v of Object.values(node)) formatted(v, out)
+  return out
+}
 
 t.test('the OpenAPI document', async (t) => {
   const store = await openStore(t, 'embedded')
@@ -47,12 +58,31 @@ t.test('the OpenAPI document', async (t) => {
       t.ok(r?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `${op.id}: ${ERRORS[code].status} ${code}`)
       t.match(r.description, code)
     }
-    if (op.body) t.same(o.requestBody.content['application/json'].schema, JSON.parse(JSON.stringify(op.body)), `${op.id}: the request body is the validating schema`)
+    if (op.body) t.same(o.requestBody.content['application/json'].schema, plain(op.body), `${op.id}: the request body is the validating schema`)
     // What is refused 415 besides another media type: a charset, a content coding (admin/api.ts).
     if (op.body) t.match(o.requestBody.description, /UTF-8[^]*Content-Encoding[^]*415 unsupported_media_type/, `${op.id}: the request body says how it must be sent`)
     for (const m of op.path.matchAll(/\{(\w+)\}/g)) t.ok(o.parameters.some((p: any) => p.in === 'path' && p.name === m[1]), `${op.id}: path parameter ${m[1]}`)
     for (const name of Object.keys(op.query?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'query' && p.name === name), `${op.id}: query parameter ${name}`)
+    for (const name of Object.keys(op.headers?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'header' && p.name === name), `${op.id}: header parameter ${name}`)
+    for (const [status, r] of Object.entries(o.responses as Record<string, any>)) t.ok(r.headers?.['X-Request-Id'], `${op.id}: ${status} lists X-Request-Id`)
   }
+  // The stream's documented way to resume, as browsers send it (before: only the query parameter).
+  t.match(doc.paths['/v1/anomalies/stream'].get.parameters.find((p: any) => p.in === 'header'), { name: 'Last-Event-ID', required: false, schema: { pattern: String } })
+  t.ok(doc.paths['/v1/keys'].get.responses['429'].headers['Retry-After'], 'the lockout says when to try again')
+  t.ok(doc.paths['/v1/keys'].post.responses['415'].headers['Accept-Encoding'], 'a refused content coding names the one taken')
+  // keygate's own string formats say what they allow, and date-time its range (before: `cidr`
+  // and `ip` were bare names, and the 1970-9999 range was nowhere).
+  const nodes = formatted(doc.paths)
+  for (const format of ['cidr', 'ip', 'date-time']) t.ok(nodes.some((n) => n.format === format), `the document uses ${format}`)
+  for (const n of nodes) {
+    const words = FORMAT_WORDS[n.format as string]
+    if (words !== undefined) t.ok(String(n.description).toLowerCase().includes(words.toLowerCase()), `format ${n.format as string} says what it allows`)
+  }
+  const cidr = doc.paths['/v1/deny-list'].post.requestBody.content['application/json'].schema.properties.cidr.description
+  t.match(cidr, /four decimal parts[^]*IPv6[^]*0 to 32 bits for IPv4 and 0 to 128 for IPv6/, 'cidr: how addresses and ranges are written')
+  t.match(doc.paths['/v1/keys'].post.requestBody.content['application/json'].schema.properties.allowed_cidrs.items.description, /CIDR range/)
+  t.match(doc.paths['/v1/keys/validate'].post.requestBody.content['application/json'].schema.properties.address.description, /No range/)
+  t.match(doc.paths['/v1/reports/usage'].get.parameters.find((p: any) => p.name === 'from').description, /Start of the range[^]*RFC 3339 date-time with seconds, in the years 1970 to 9999 as UTC[^]*leap second/)
   // The listener's own answers are documented on every operation (before, 421, 431 and 408 were not).
   for (const [status, code] of [[421, 'host_not_allowed'], [431, 'headers_too_large'], [408, 'request_timeout']] as const) {
     t.ok(doc.paths['/v1/keys'].get.responses[status]?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `GET /v1/keys documents ${status} ${code}`)
@@ -67,8 +97,9 @@ t.test('the OpenAPI document', async (t) => {
     const path = op.path.replace(/\{\w+\}/g, 'abc')
     const r = await h.call(op.method, `${path}?unknown=1`, op.body ? { body: {} } : {})
     t.equal(r.status, 400, `${op.id}: an unknown query parameter is refused`)
-    const documented = doc.paths[op.path][op.method.toLowerCase()].responses['400'].content['application/json'].schema.properties.error.properties.code.enum
-    t.ok(documented.includes(r.json.error.code), `${op.id}: its code ${r.json.error.code} is documented`)
+    const response = doc.paths[op.path][op.method.toLowerCase()].responses['400']
+    t.ok(response.content['application/json'].schema.properties.error.properties.code.enum.includes(r.json.error.code), `${op.id}: its code ${r.json.error.code} is documented`)
+    t.same(headerProblems(response, r.headers, doc.components.headers), [], `${op.id}: 400 sends the headers it documents`)
   }
 })
 
@@ -80,6 +111,8 @@ t.test('real answers match the documented schemas', async (t) => {
   const store = await openStore(t, 'embedded')
   const { gitea } = await giteaOnFake(t, store.db)
   const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
+  const doc = (await h.call('GET', '/openapi.json', { auth: null })).json
+  const documented = (op: { path: string; method: string }, status: number) => doc.paths[op.path][op.method.toLowerCase()].responses[status]
   const token = (await h.call('POST', '/v1/gitea/tokens', { body: { name: 'sample', scopes: ['read:user'] } })).json
   const key = (await h.call('POST', '/v1/keys', { body: { name: 'sample', type: 'service', expires_at: new Date(Date.now() + 86_400_000).toISOString() } })).json
   const other = (await h.call('POST', '/v1/keys', { body: { name: 'other', type: 'user' } })).json
@@ -125,8 +158,9 @@ t.test('real answers match the documented schemas', async (t) => {
   for (const op of OPERATIONS) {
     if (ANSWERED_ELSEWHERE.has(op.id)) continue
     if (op.stream) {
-      const s = await h.stream(`${op.path}?last_event_id=0`)
+      const s = await h.stream(op.path, { headers: { 'last-event-id': '0' } })
       t.equal(s.status, op.response.status, `${op.id}: ${op.response.status}`)
+      t.same(headerProblems(documented(op, op.response.status), s.headers, doc.components.headers), [], `${op.id}: the headers it documents`)
       const e = await s.next()
       s.close()
       t.equal(e.event, 'anomaly.detected', `${op.id}: an event`)
@@ -141,7 +175,29 @@ t.test('real answers match the documented schemas', async (t) => {
     t.equal(a.status, op.response.status, `${op.id}: ${op.response.status}`)
     const errors = [...Value.Errors(op.response.schema, a.json)].map((e) => `${e.path} ${e.message}`)
     t.same(errors, [], `${op.id}: the answer matches its documented schema`)
+    t.same(headerProblems(documented(op, op.response.status), a.headers, doc.components.headers), [], `${op.id}: the headers it documents`)
     if (op.id === 'reportUsage') t.ok(a.json.items[0]?.requests >= 1, 'the sample has data')
+  }
+
+  // Refusals carry the headers of their code: the challenge, the coding taken, the lockout's wait.
+  const locking = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 1 } } })
+  await locking.call('GET', '/v1/keys', { auth: 'kg_not_a_key_at_all' })
+  const getKey = { path: '/v1/keys/{id}', method: 'GET' }
+  const createKey = { path: '/v1/keys', method: 'POST' }
+  const stream = { path: '/v1/anomalies/stream', method: 'GET' }
+  const gzipped = { raw: gzipSync('{"name":"x","type":"user"}'), headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' } }
+  for (const [what, op, answer, status, header] of [
+    ['no credential', getKey, await h.call('GET', '/v1/keys/abc', { auth: null }), 401, 'www-authenticate'],
+    ['a credential that is not valid', getKey, await h.call('GET', '/v1/keys/abc', { auth: 'kg_not_a_key_at_all' }), 401, 'www-authenticate'],
+    ['a content-coded body', createKey, await h.call('POST', '/v1/keys', gzipped), 415, 'accept-encoding'],
+    ['an address locked out', getKey, await locking.call('GET', '/v1/keys/abc'), 429, 'retry-after'],
+    ['a key not found', getKey, await h.call('GET', '/v1/keys/abc'), 404, undefined],
+    ['a body not valid', createKey, await h.call('POST', '/v1/keys', { body: { name: '' } }), 400, undefined],
+    ['a resume id that is none', stream, await h.stream(stream.path, { headers: { 'last-event-id': 'x' } }), 400, undefined],
+  ] as const) {
+    t.equal(answer.status, status, `${what}: ${status}`)
+    if (header !== undefined) t.ok(answer.headers[header], `${what}: ${header}`)
+    t.same(headerProblems(documented(op, status), answer.headers, doc.components.headers), [], `${what}: the headers ${status} documents`)
   }
 })
 

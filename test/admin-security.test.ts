@@ -9,7 +9,7 @@ import { openApiDocument, operationErrors } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
-import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
+import { BOOTSTRAP_TOKEN, headerProblems, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { converse, uploadWhileAnswered, type Answer } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
@@ -21,6 +21,7 @@ function documented(t: Test, op: (typeof OPERATIONS)[number], a: Answer, what: s
   t.ok(operationErrors(op).includes(code), `${what}: ${code} is one of ${op.id}'s errors`)
   const response = (DOC.paths[op.path] as any)[op.method.toLowerCase()].responses[String(a.status)]
   t.ok(response?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `${what}: ${a.status} ${code} is in the OpenAPI document`)
+  t.same(headerProblems(response, a.headers, DOC.components.headers), [], `${what}: the headers ${a.status} documents`)
 }
 
 function refused(t: Test, a: Answer, status: number, code: string, what: string): void {

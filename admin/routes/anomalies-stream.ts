@@ -40,6 +40,9 @@ export default defineOperation({
     { last_event_id: Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Resume after this anomaly id (as the Last-Event-ID header).' })) },
     { additionalProperties: false },
   ),
+  headers: Type.Object({
+    'Last-Event-ID': Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Resume after this anomaly id: the `id` of the last event received (browsers send it when they reconnect). `last_event_id` wins when both are given; empty is none.' })),
+  }),
   response: { status: 200, description: 'The event stream; the data of each event is an anomaly.', schema: AnomalySchema },
   errors: ['validation_failed', 'too_many_streams'],
   async handle({ query, req, res, requestId, services, actor }) {

@@ -31,6 +31,21 @@ import { TEST_ENCRYPTION_KEY } from './stores.ts'
 export const BOOTSTRAP_TOKEN = 'test-bootstrap-token-0123456789'
 export const MAX_BODY_BYTES = 4096
 
+/** Headers of the message's framing, which OpenAPI leaves to HTTP (Content-Type is the media type's). */
+const FRAMING = new Set(['content-type', 'content-length', 'date', 'connection', 'keep-alive', 'transfer-encoding'])
+
+/**
+ * What an answer's headers and its documented response in /openapi.json disagree on: each header
+ * sent that the response does not list, and each it lists as required that was not sent (before,
+ * found by a review: no response listed any, not Retry-After, X-Request-Id nor Accept-Encoding).
+ */
+export function headerProblems(response: { headers?: Record<string, { $ref: string }> } | undefined, sent: Record<string, unknown>, components: Record<string, { required?: boolean; schema?: unknown }>): string[] {
+  const documented = new Map(Object.entries(response?.headers ?? {}).map(([name, ref]) => [name.toLowerCase(), components[ref.$ref.replace('#/components/headers/', '')]]))
+  const extra = Object.keys(sent).filter((h) => !FRAMING.has(h.toLowerCase()) && !documented.has(h.toLowerCase())).map((h) => `${h}: sent, not documented`)
+  const missing = [...documented].filter(([h, c]) => c?.required === true && sent[h] === undefined).map(([h]) => `${h}: documented as always sent, not sent`)
+  return [...extra, ...missing]
+}
+
 export interface CallOptions {
   /** The credential (Bearer); null sends none. Default: the admin key. */
   auth?: string | null
