@@ -881,8 +881,10 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
     KEYGATE_ADMIN_TOKEN: 'a-long-bootstrap-token-0123456789',
   }
   type Probe = { httpGet: { path: string; port: string } }
-  type Container = { name: string; env?: Array<{ name: string; value?: string }>; ports?: Array<{ name: string }>; readinessProbe?: Probe; livenessProbe?: Probe; startupProbe?: Probe }
-  const k8s = parse(readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')) as { spec: { template: { spec: { containers: Container[] } } } }
+  type Security = { runAsNonRoot?: boolean; runAsUser?: number; runAsGroup?: number; readOnlyRootFilesystem?: boolean; allowPrivilegeEscalation?: boolean; capabilities?: { drop?: string[] }; seccompProfile?: { type: string } }
+  type Resources = { requests?: { cpu?: string; memory?: string }; limits?: { cpu?: string; memory?: string } }
+  type Container = { name: string; env?: Array<{ name: string; value?: string }>; ports?: Array<{ name: string }>; readinessProbe?: Probe; livenessProbe?: Probe; startupProbe?: Probe; securityContext?: Security; resources?: Resources }
+  const k8s = parse(readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')) as { spec: { template: { spec: { containers: Container[]; securityContext?: Security } } } }
   const keygate = k8s.spec.template.spec.containers.find((c) => c.name === 'keygate') as Container
   const env = Object.fromEntries((keygate.env ?? []).map((e) => [e.name, e.value ?? secrets[e.name] ?? '']))
   for (const name of Object.keys(secrets)) t.ok(env[name], `the Kubernetes example sets ${name}`)
@@ -898,4 +900,17 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
     t.same([probe?.httpGet.path, probe?.httpGet.port], ['/healthz', 'gateway'], `the ${which} probe is the gateway's /healthz`)
     t.ok(ports.includes(probe?.httpGet.port ?? ''), `the ${which} probe's port is declared`)
   }
+  // Restricted Pod Security, as admission policies check it (before, found by a review: no
+  // securityContext and no resources, so the example ran as the image's root and was refused).
+  const pod = k8s.spec.template.spec.securityContext ?? {}
+  t.match(pod, { runAsNonRoot: true, seccompProfile: { type: 'RuntimeDefault' } }, 'the pod runs as no root, with the runtime seccomp profile')
+  t.ok(Number.isInteger(pod.runAsUser) && (pod.runAsUser as number) > 0 && Number.isInteger(pod.runAsGroup) && (pod.runAsGroup as number) > 0, 'as a numeric uid and gid other than root')
+  for (const c of k8s.spec.template.spec.containers) t.match(c.securityContext, { allowPrivilegeEscalation: false, capabilities: { drop: ['ALL'] } }, `${c.name}: no privilege escalation, no capabilities`)
+  t.equal(keygate.securityContext?.readOnlyRootFilesystem, true, 'keygate writes nothing with DATABASE_URL set: a read-only root')
+  const mib = (q: string | undefined) => (q === undefined ? Number.NaN : Number(/^(\d+)Mi$/.exec(q)?.[1]))
+  const [request, limit] = [mib(keygate.resources?.requests?.memory), mib(keygate.resources?.limits?.memory)]
+  t.ok(request > 0 && limit >= request && keygate.resources?.requests?.cpu, 'keygate requests CPU and memory, and its memory is limited')
+  // V8's heap is capped below the limit, leaving the rest of the process (about 150 MiB) room.
+  const heap = Number(/--max-old-space-size=(\d+)/.exec(env.NODE_OPTIONS ?? '')?.[1])
+  t.ok(heap > 0 && heap + 150 < limit, `the heap cap (${heap} MiB) leaves room under the memory limit (${limit} MiB)`)
 })
