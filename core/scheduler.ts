@@ -33,7 +33,7 @@ import type { AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import type { EventBus, KeygateEvent } from './events.ts'
 import { KEY_ENDS_FROM, type KeyEndReason } from './keys/ends.ts'
-import { columnsOf, toRecord, type KeyRow, type KeyService } from './keys/service.ts'
+import { columnsOf, toRecord, type KeyChange, type KeyRow, type KeyService } from './keys/service.ts'
 import { keyJson, type KeyRecord } from './keys/types.ts'
 import type { Logger } from './log.ts'
 
@@ -197,7 +197,7 @@ export class Scheduler {
       }
       ended.push(...batch.ended)
       announced.push(...batch.announced)
-      for (const e of batch.ended) this.#o.keys.notify({ action: 'expired', key: e.key })
+      this.#o.keys.notify(batch.ended.map((e): KeyChange => ({ action: 'expired', key: e.key })))
       for (const event of batch.events) this.#o.events?.publish(event)
       if (!batch.full || batch.ended.length + batch.announced.length === 0 || this.#stopping) break
     }

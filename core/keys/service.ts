@@ -210,6 +210,7 @@ export class KeyService {
   readonly #graceHours: Readonly<Record<KeyType, number>>
   readonly #now: () => Date
   readonly #listeners = new Set<(change: KeyChange) => void>()
+  readonly #batchListeners = new Set<(changes: readonly KeyChange[]) => void>()
   readonly #committing = new Set<(tx: Queryable, change: KeyChange) => Promise<void>>()
 
   constructor(options: KeyServiceOptions) {
@@ -238,6 +239,16 @@ export class KeyService {
   }
 
   /**
+   * Called once per committed operation with all its changes, after the `onChange` listeners:
+   * an import or a scheduler round changes thousands of keys at once, and what the cache and the
+   * invalidation messages do per change they then do once per batch.
+   */
+  onChanges(listener: (changes: readonly KeyChange[]) => void): () => void {
+    this.#batchListeners.add(listener)
+    return () => this.#batchListeners.delete(listener)
+  }
+
+  /**
    * Called with each change inside its transaction, before the commit: what the listener writes
    * with `tx` commits or rolls back with the change (the webhook queue's key events; a crash
    * after the commit cannot lose them). A listener that throws fails the change.
@@ -247,13 +258,15 @@ export class KeyService {
     return () => this.#committing.delete(listener)
   }
 
-  /** Tells the listeners of a change committed outside this service (the scheduler's). */
-  notify(change: KeyChange): void {
-    this.#emit(change)
+  /** Tells the listeners of changes committed outside this service (the scheduler's), as one operation. */
+  notify(changes: readonly KeyChange[]): void {
+    this.#emit(changes)
   }
 
-  #emit(change: KeyChange): void {
-    for (const l of this.#listeners) l(change)
+  #emit(changes: readonly KeyChange[]): void {
+    if (changes.length === 0) return
+    for (const change of changes) for (const l of this.#listeners) l(change)
+    for (const l of this.#batchListeners) l(changes)
   }
 
   /**
@@ -269,7 +282,7 @@ export class KeyService {
       await last?.(r)
       return r
     })
-    for (const change of changes) this.#emit(change)
+    this.#emit(changes)
     return result
   }
 
