@@ -13,7 +13,7 @@ import type { Db } from '../core/db.ts'
 import { ERRORS } from '../core/errors.ts'
 import type { EventBus } from '../core/events.ts'
 import { DenyListService, type DenyChange } from '../core/deny-list.ts'
-import { bindInvalidationPublisher, subscribeInvalidations } from '../core/invalidation.ts'
+import { batchItems, bindInvalidationPublisher, changedKeys, subscribeInvalidations } from '../core/invalidation.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { keyPrefixes } from '../core/keys/format.ts'
 import type { Logger } from '../core/log.ts'
@@ -76,7 +76,7 @@ export interface Gateway {
   refreshDenyList(): Promise<void>
   /** Applies a deny list change made by another process at once (before the reload it starts). */
   applyDenyChange(change: DenyChange): void
-  /** Applies an invalidation message (`key:<id>`, `hash:<sha256>`, `deny`, `all`, `lock:<until>:<address>`) from another process. */
+  /** Applies an invalidation message (`key:<id>`, `keys:<id>,…`, `hash:<sha256>`, `hashes:<sha256>,…`, `deny`, `all`, `lock:<until>:<address>`) from another process. */
   applyInvalidation(message: string): void
 }
 
@@ -329,19 +329,22 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     })
   })
 
-  // An open WebSocket tunnel's key is read again whenever the key changes.
-  const invalidateKey = (id: string) => {
-    cache.invalidateKey(id)
-    guard.keyChanged(id)
+  // An open WebSocket tunnel's key is read again whenever the key changes. Many keys at once go
+  // in one pass over the cache and one store read per 500 tunnelled keys: a pass per key cost
+  // (keys changed) x (keys cached), seconds of a stalled event loop for an import (a review).
+  const invalidateKeys = (ids: ReadonlySet<string>) => {
+    cache.invalidateKeys(ids)
+    guard.keysChanged(ids)
   }
+  const invalidateKey = (id: string) => invalidateKeys(new Set([id]))
   const invalidateAll = () => {
     cache.invalidateAll()
     guard.recheckAll()
   }
-  const offKeys = keys.onChange((change) => {
-    cache.invalidateHash(change.key.keyHash)
-    invalidateKey(change.key.id)
-    if (change.previous) invalidateKey(change.previous.id)
+  const offKeys = keys.onChanges((changes) => {
+    const { ids, hashes } = changedKeys(changes)
+    for (const hash of hashes) cache.invalidateHash(hash)
+    invalidateKeys(ids)
   })
   const applyDenyChange = (change: DenyChange): void => {
     denyChanges++
@@ -365,11 +368,28 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     denyChangedElsewhere()
     void lockout.reload()
   }
+  // Key ids from other processes are gathered while a burst of messages is read (what one read
+  // of the socket or the IPC channel holds) and dropped together once it is: an older keygate
+  // sends one message per key, and so does this one for a few keys. Nothing else runs before
+  // the microtask, so no request is answered from an entry a message already dropped.
+  let changedElsewhere: Set<string> | undefined
+  const keysChangedElsewhere = (ids: Iterable<string>): void => {
+    if (changedElsewhere === undefined) {
+      const gathered = (changedElsewhere = new Set())
+      queueMicrotask(() => {
+        changedElsewhere = undefined
+        invalidateKeys(gathered)
+      })
+    }
+    for (const id of ids) changedElsewhere.add(id)
+  }
   const applyInvalidation = (message: string): void => {
     if (message === 'all') flushAll()
     else if (message === 'deny') denyChangedElsewhere()
-    else if (message.startsWith('key:')) invalidateKey(message.slice(4))
+    else if (message.startsWith('key:')) keysChangedElsewhere([message.slice(4)])
+    else if (message.startsWith('keys:')) keysChangedElsewhere(batchItems(message))
     else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
+    else if (message.startsWith('hashes:')) for (const hash of batchItems(message)) cache.invalidateHash(hash)
     else if (message.startsWith('lock:')) lockout.applyMessage(message)
   }
 
@@ -382,8 +402,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     log,
     onChanged: (changed) => {
       for (const k of changed) cache.invalidateHash(k.keyHash)
-      cache.invalidateKeys(new Set(changed.map((k) => k.id)))
-      for (const k of changed) guard.keyChanged(k.id)
+      invalidateKeys(new Set(changed.map((k) => k.id)))
     },
     onOverflow: invalidateAll,
   })

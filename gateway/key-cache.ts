@@ -277,12 +277,7 @@ export class KeyCache {
     }
   }
 
-  /** Forgets everything cached about a key id (any of its hashes). */
-  invalidateKey(id: string): void {
-    this.invalidateKeys(new Set([id]))
-  }
-
-  /** Forgets everything cached about these key ids, in one pass over the cache. */
+  /** Forgets everything cached about these key ids (any of their hashes), in one pass over the cache: give it all the ids of a change at once. */
   invalidateKeys(ids: ReadonlySet<string>): void {
     if (ids.size === 0) return
     this.#generation++

@@ -96,15 +96,23 @@ export class TunnelGuard {
 
   /** The key changed somewhere: read it again and end the tunnels it no longer allows. */
   keyChanged(id: string): void {
-    this.#changes++
-    if (this.#claim(id)) void this.#check([id])
+    this.keysChanged([id])
   }
 
-  /** Every key with tunnels, read again in batches of one query each (the sweep, a flush). */
-  recheckAll(): void {
+  /**
+   * These keys changed (an import, a scheduler round, a burst of messages): those with tunnels
+   * are read again in batches of one query each, not a query per key.
+   */
+  keysChanged(ids: Iterable<string>): void {
     this.#changes++
-    const ids = [...this.#byKey.keys()].filter((id) => this.#claim(id))
-    for (let i = 0; i < ids.length; i += BATCH) void this.#check(ids.slice(i, i + BATCH))
+    const claimed: string[] = []
+    for (const id of ids) if (this.#claim(id)) claimed.push(id)
+    for (let i = 0; i < claimed.length; i += BATCH) void this.#check(claimed.slice(i, i + BATCH))
+  }
+
+  /** Every key with tunnels, read again (the sweep, a flush). */
+  recheckAll(): void {
+    this.keysChanged([...this.#byKey.keys()])
   }
 
   /** Whether `id` is to be read now: it has tunnels and no read of it is in flight (one in flight reads again after). */
@@ -175,11 +183,9 @@ export class TunnelGuard {
         }
       }
     } finally {
-      for (const id of ids) {
-        const again = this.#checking.get(id) === true
-        this.#checking.delete(id)
-        if (again) this.keyChanged(id)
-      }
+      const again = ids.filter((id) => this.#checking.get(id) === true)
+      for (const id of ids) this.#checking.delete(id)
+      if (again.length > 0) this.keysChanged(again)
     }
   }
 
