@@ -59,6 +59,20 @@ export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`
 /** What PRINTABLE refuses, in words (the end of a validation message). */
 export const PRINTABLE_WORDS = 'without control characters or invisible format characters (bidi overrides, zero-width characters)'
 
+/**
+ * The pattern of a URL kept as written (a webhook's): none of UNPRINTABLE_CHARS, no white space
+ * and no backslash. The URL parser drops a tab or line break anywhere and spaces and control
+ * characters at either end, and reads `\` as `/`: the URL stored and requested was not the one
+ * checked, and a key split by a tab passed the key check whole (found by a review).
+ */
+export const URL_AS_WRITTEN = `^[^\\s\\\\${UNPRINTABLE_CHARS}]*$`
+
+/** The words for the patterns that have them (else a message quotes the pattern). */
+const PATTERN_WORDS: Record<string, string> = {
+  [PRINTABLE]: PRINTABLE_WORDS,
+  [URL_AS_WRITTEN]: 'without spaces, line breaks, backslashes, control characters or invisible format characters (the URL parser drops or rewrites them: percent-encode what the URL needs)',
+}
+
 const UNPRINTABLE = new RegExp(`[${UNPRINTABLE_CHARS}]`)
 /** Also a plane-14 character's trailing half, so that both halves are escaped. */
 const EVERY_UNPRINTABLE = new RegExp(`\\udb40[\\udc00-\\udfff]|${UNPRINTABLE.source}`, 'g')
@@ -108,7 +122,7 @@ export function describeAllowed(schema: TSchema): string {
       // pattern, which "" matches.
       const length = stringLength(schema.minLength as number | undefined, schema.maxLength as number | undefined)
       if (!schema.pattern) return length
-      return schema.pattern === PRINTABLE ? `${length} ${PRINTABLE_WORDS}` : `${length} matching ${schema.pattern}`
+      return `${length} ${PATTERN_WORDS[schema.pattern as string] ?? `matching ${schema.pattern}`}`
     }
     case 'Literal':
       return JSON.stringify(schema.const)

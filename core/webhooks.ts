@@ -289,8 +289,13 @@ export class WebhookService {
 
   async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
     // The URL too: it is listed, audited and requested with every delivery (a receiver knows
-    // keygate by its signature, not by a keygate key in its URL).
+    // keygate by its signature, not by a keygate key in its URL). As written, and as the URL
+    // parser reads it, which is what is stored and requested: it drops tabs and line breaks, so
+    // a key split by one passed the first check, then was stored whole (found by a review). Both
+    // before the name is looked up, which would send a key in the host name to DNS.
     refuseKeyIn({ url: input.url, description: input.description })
+    const parsed = URL.parse(input.url)
+    if (parsed) refuseKeyIn({ url: parsed.href })
     const url = receiverUrl(await checkTarget(input.url, this.#allowed, this.#names, this.#c.timeout_ms))
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`

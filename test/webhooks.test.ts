@@ -147,7 +147,7 @@ t.test('through the admin API and a gateway', async (t) => {
       'ftp://example.com/',
       'file:///etc/passwd',
       'http://user:pw@203.0.113.9/',
-      'not a url',
+      'not-a-url',
     ]
     for (const url of refused) {
       const a = await strict.call('POST', '/v1/webhooks', { body: { url, events: ['key.created'] } })
@@ -164,6 +164,32 @@ t.test('through the admin API and a gateway', async (t) => {
     }
     const bad = await strict.call('POST', '/v1/webhooks', { body: { url: 'http://93.184.215.14/', events: ['key.deleted'] } })
     t.equal(bad.json.error.code, 'validation_failed', 'unknown event type')
+  })
+
+  await t.test('a key split by a character the URL parser drops is refused as written', async (t) => {
+    // Before (found by a review): `?api_key=<half>\t<half>` passed the key check, which read the
+    // text as written; the URL parser then dropped the tab, and the working key was stored,
+    // listed, audited and requested with every delivery.
+    const { key } = await h.keys.create({ name: 'split-in-url', type: 'user' }, ACTOR)
+    const [head, tail] = [key.slice(0, 10), key.slice(10)]
+    for (const [what, url] of [
+      ['a tab', `${receiver.url}/split?api_key=${head}\t${tail}`],
+      ['a line feed', `${receiver.url}/split?api_key=${head}\n${tail}`],
+      ['a carriage return', `${receiver.url}/split/${head}\r${tail}`],
+      ['a space at the end', `${receiver.url}/split `],
+      ['a backslash', `${receiver.url}\\split`],
+      ['a bidi mark', `${receiver.url}/split\u200e`],
+    ] as const) {
+      const a = await h.call('POST', '/v1/webhooks', { body: { url, events: ['key.revoked'] } })
+      t.equal(a.status, 400, what)
+      t.equal(a.json?.error?.code, 'validation_failed', `${what}: validation_failed`)
+      t.match(a.json?.error?.message, /^url: .*without spaces, line breaks, backslashes, control characters or invisible format characters/, `${what}: names url and what it may not hold`)
+      t.notOk(a.text.includes(key), `${what}: the key is not quoted whole`)
+    }
+    t.notOk((await h.call('GET', '/v1/webhooks')).json.items.some((w: any) => w.url.includes('/split')), 'none was registered')
+    const audit = await h.call('GET', '/v1/audit?action=webhook.created&limit=100')
+    t.equal(audit.status, 200)
+    t.notOk(audit.text.includes(key), 'nor audited')
   })
 
   await t.test('delete', async (t) => {
@@ -248,6 +274,29 @@ await forEachStore(t, async (t, store) => {
     t.equal((await store.db.query('SELECT id FROM webhooks WHERE url LIKE $1', ['%127.0.0.1:9/in%'])).length, 0, 'none was stored')
     const fine = await s.create({ url: 'http://127.0.0.1:9/in?q=%zz%&n=100%25', events: ['key.created'] }, ACTOR)
     t.equal(fine.webhook.url, 'http://127.0.0.1:9/in?q=%zz%&n=100%25', 'a URL with malformed escapes and no key is registered as before')
+    await s.remove(fine.webhook.id, ACTOR)
+  })
+
+  await t.test('a key split by a character the URL parser drops is refused in the URL as parsed', async (t) => {
+    // The service itself (the API's schema aside) checks the URL it stores and requests: the
+    // parser's reading of what was written (before, found by a review, only the text as written).
+    const s = service({}, false)
+    const { key } = generateKey('kg_')
+    const [head, tail] = [key.slice(0, 10), key.slice(10)]
+    for (const url of [
+      `http://127.0.0.1:9/split?api_key=${head}\t${tail}`,
+      `http://127.0.0.1:9/split/${head}\n${tail}`,
+      `\thttp://127.0.0.1:9/split?api_key=${head}\r\n${tail}`,
+      // The host's IDNA mapping drops a soft hyphen (and lowercases, which the check still finds).
+      `http://${head}\u00ad${tail}.example/split`,
+    ]) {
+      const err = await s.create({ url, events: ['key.revoked'] }, ACTOR).then(() => undefined, (e: Error) => e)
+      t.match(err, { code: 'validation_failed', message: /^url: holds what looks like a keygate API key/ }, JSON.stringify(url.replace(head, 'HEAD').replace(tail, 'TAIL')))
+      t.notOk(err?.message.includes(tail), 'not quoted')
+    }
+    t.equal((await store.db.query('SELECT id FROM webhooks WHERE url LIKE $1', ['%/split%'])).length, 0, 'none was stored')
+    const fine = await s.create({ url: 'http://127.0.0.1:9/split?q=a%09b', events: ['key.revoked'] }, ACTOR)
+    t.equal(fine.webhook.url, 'http://127.0.0.1:9/split?q=a%09b', 'a percent-encoded tab is kept, as written')
     await s.remove(fine.webhook.id, ACTOR)
   })
 
