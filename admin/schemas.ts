@@ -161,6 +161,10 @@ export const WebhookSchema = Type.Object({
   created_at: DateTime(),
   updated_at: DateTime(),
   previous_secret_until: Nullable(DateTime(), 'After a secret rotation: until then the previous secret signs too (a second signature).'),
+  previous_secrets_until: Type.Array(DateTime(), {
+    description:
+      'Every secret rotated out that still signs, by when it stops, the most recently rotated first (the first is previous_secret_until): a rotation within the grace of another ends neither grace early, and each such secret adds a signature.',
+  }),
 })
 
 export const WebhookWithSecret = Type.Composite([WebhookSchema, Type.Object({ secret: Type.String({ description: 'whsec_<base64>: verify deliveries with it. Shown in this answer only.' }) })])

@@ -11,10 +11,13 @@
 //
 // Signature: `webhook-signature: v1,<base64 HMAC-SHA256 of "<webhook-id>.<webhook-timestamp>.<body>">`
 // with the key decoded from `whsec_<base64>`; after a secret rotation the previous secret signs
-// too (a second `v1,` entry) for `secret_grace_hours`, so receivers can switch without a gap.
+// too (a second `v1,` entry) for `secret_grace_hours`, so receivers can switch without a gap. A
+// rotation within that grace keeps the secrets it has not ended signing too, each until the end
+// its own rotation promised (at most MAX_PREVIOUS_SECRETS of them: one more is refused).
 //
 // Secrets at rest: sealed with the store's encryption keys (AuditCipher.sealSecret), bound to
-// the webhook's id, in `sealed_secret` / `sealed_previous_secret`. A plaintext `secret` /
+// the webhook's id, in `sealed_secret` / `sealed_previous_secret` / `sealed_earlier_secrets` (the
+// ones rotated out before the previous, still in their grace). A plaintext `secret` /
 // `previous_secret` (a row from before migration 0007, or written by an instance not yet
 // upgraded) is used while it is there; the scheduler's `webhook-secrets` job (tidySecrets) seals
 // it, re-seals a secret sealed with a previous encryption key under the current one, and drops a
@@ -45,6 +48,8 @@ export interface Webhook {
   createdAt: Date
   updatedAt: Date
   previousSecretUntil: Date | null
+  /** When each secret rotated out and still kept stops signing, the most recently rotated first. */
+  previousSecretsUntil: Date[]
 }
 
 export interface Delivery {
@@ -73,6 +78,7 @@ export function webhookJson(w: Webhook) {
     created_at: w.createdAt.toISOString(),
     updated_at: w.updatedAt.toISOString(),
     previous_secret_until: w.previousSecretUntil?.toISOString() ?? null,
+    previous_secrets_until: w.previousSecretsUntil.map((d) => d.toISOString()),
   }
 }
 
@@ -114,9 +120,11 @@ interface WebhookRow {
   created_at: Date
   updated_at: Date
   previous_secret_until: Date | null
+  earlier_secrets_until: string[]
 }
 
-const W_COLUMNS = 'id, url, events, description, enabled, created_by, created_at, updated_at, previous_secret_until'
+const W_COLUMNS = `id, url, events, description, enabled, created_by, created_at, updated_at, previous_secret_until,
+  jsonb_path_query_array(sealed_earlier_secrets, '$[*].until') AS earlier_secrets_until`
 
 const toWebhook = (r: WebhookRow): Webhook => ({
   id: r.id,
@@ -128,6 +136,7 @@ const toWebhook = (r: WebhookRow): Webhook => ({
   createdAt: new Date(r.created_at),
   updatedAt: new Date(r.updated_at),
   previousSecretUntil: r.previous_secret_until === null ? null : new Date(r.previous_secret_until),
+  previousSecretsUntil: [...(r.previous_secret_until === null ? [] : [new Date(r.previous_secret_until)]), ...r.earlier_secrets_until.map((at) => new Date(at))],
 })
 
 interface DeliveryRow {
@@ -176,9 +185,23 @@ interface SecretColumns {
   previous_secret: string | null
   sealed_previous_secret: string | null
   previous_secret_until: Date | null
+  sealed_earlier_secrets: EarlierSecret[]
 }
 
-const SECRET_COLUMNS = 'w.secret, w.sealed_secret, w.previous_secret, w.sealed_previous_secret, w.previous_secret_until'
+/** A secret rotated out before the previous one, sealed, and the end of its grace (RFC 3339). */
+interface EarlierSecret {
+  sealed: string
+  until: string
+}
+
+const SECRET_COLUMNS = 'w.secret, w.sealed_secret, w.previous_secret, w.sealed_previous_secret, w.previous_secret_until, w.sealed_earlier_secrets'
+
+/**
+ * The most secrets rotated out that sign at once beside the current one: each rotation within
+ * the grace of another adds one (a retried rotation whose answer was lost), and every one is an
+ * HMAC of every delivery and an entry in its `webhook-signature`.
+ */
+export const MAX_PREVIOUS_SECRETS = 4
 
 /** The same occurrence seen by several instances is one delivery per webhook. */
 function dedupeKey(e: KeygateEvent): string | null {
@@ -339,7 +362,13 @@ export class WebhookService {
     return this.#audited(actor, 'webhook.deleted', async (tx) => (await tx.query<WebhookRow>(`DELETE FROM webhooks WHERE id = $1 RETURNING ${W_COLUMNS}`, [id]))[0], (r) => ({ id: r.id, url: r.url }))
   }
 
-  /** A new secret; the current one keeps signing (a second signature) for `secret_grace_hours`. */
+  /**
+   * A new secret; the current one keeps signing (a second signature) for `secret_grace_hours`.
+   * The secrets earlier rotations put in their grace keep signing until the end each answer gave:
+   * before (found by a review), the one slot for a previous secret was moved on, and a rotation
+   * retried after a lost answer cut off at once the receiver still on the original. More than
+   * MAX_PREVIOUS_SECRETS in their grace is a conflict, not a promise broken.
+   */
   async rotateSecret(id: string, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
     const secret = newSecret()
     const now = this.#now()
@@ -347,17 +376,38 @@ export class WebhookService {
     const webhook = await this.#audited(
       actor,
       'webhook.secret_rotated',
-      async (tx) =>
-        (
+      async (tx) => {
+        const [row] = await tx.query<SecretColumns>(`SELECT ${SECRET_COLUMNS} FROM webhooks w WHERE w.id = $1 FOR UPDATE`, [id])
+        if (!row) return undefined
+        const kept = this.#stillSigning(id, row, now)
+        if (kept.length >= MAX_PREVIOUS_SECRETS) {
+          const first = kept.map((e) => e.until).sort()[0] as string
+          throw new KeygateError(
+            'conflict',
+            `webhook ${id} already has ${kept.length} previous secrets signing within the grace their rotations promised, the most it keeps; another rotation would end one early: rotate again after ${first}, when the first of them ends`,
+          )
+        }
+        return (
           await tx.query<WebhookRow>(
             `UPDATE webhooks SET previous_secret = secret, sealed_previous_secret = sealed_secret, previous_secret_until = $3,
-               secret = NULL, sealed_secret = $2, updated_at = $4 WHERE id = $1 RETURNING ${W_COLUMNS}`,
-            [id, this.#seal(id, secret), until, now],
+               secret = NULL, sealed_secret = $2, sealed_earlier_secrets = $5::jsonb, updated_at = $4 WHERE id = $1 RETURNING ${W_COLUMNS}`,
+            [id, this.#seal(id, secret), until, now, JSON.stringify(kept)],
           )
-        )[0],
-      (r) => ({ id: r.id, previous_secret_until: until.toISOString() }),
+        )[0]
+      },
+      (r) => ({ id: r.id, previous_secret_until: until.toISOString(), previous_secrets_until: webhookJson(toWebhook(r)).previous_secrets_until }),
     )
     return { webhook, secret }
+  }
+
+  /** The previous and earlier secrets of a webhook still in their grace at `now`, sealed, the most recently rotated first. */
+  #stillSigning(webhookId: string, row: SecretColumns, now: Date): EarlierSecret[] {
+    const kept: EarlierSecret[] = []
+    if (row.previous_secret_until !== null && new Date(row.previous_secret_until) > now) {
+      const sealed = row.previous_secret !== null ? this.#seal(webhookId, row.previous_secret) : row.sealed_previous_secret
+      if (sealed !== null) kept.push({ sealed, until: new Date(row.previous_secret_until).toISOString() })
+    }
+    return [...kept, ...row.sealed_earlier_secrets.filter((e) => new Date(e.until) > now)]
   }
 
   #seal(webhookId: string, secret: string): string {
@@ -368,18 +418,18 @@ export class WebhookService {
     return this.#cipher.openSecret(secretContext(webhookId), sealed, `the ${which} of webhook ${webhookId}`)
   }
 
-  /** The secrets that sign a delivery now: the current one, and the previous one within its grace. */
+  /** The secrets that sign a delivery now: the current one, and the previous and earlier ones within their grace. */
   #signingSecrets(c: Claimed, now: Date): string[] {
     const current = c.secret ?? this.#open(c.webhook_id, c.sealed_secret as string, 'secret')
     const inGrace = c.previous_secret_until !== null && new Date(c.previous_secret_until) > now
-    if (!inGrace) return [current]
-    if (c.previous_secret !== null) return [current, c.previous_secret]
-    return c.sealed_previous_secret === null ? [current] : [current, this.#open(c.webhook_id, c.sealed_previous_secret, 'previous secret')]
+    const previous = !inGrace ? null : (c.previous_secret ?? (c.sealed_previous_secret === null ? null : this.#open(c.webhook_id, c.sealed_previous_secret, 'previous secret')))
+    const earlier = c.sealed_earlier_secrets.filter((e) => new Date(e.until) > now).map((e) => this.#open(c.webhook_id, e.sealed, 'previous secret'))
+    return [current, ...(previous === null ? [] : [previous]), ...earlier]
   }
 
   /**
-   * Upkeep of the stored secrets (a scheduler job): drops each previous secret whose grace has
-   * ended, seals what is still plaintext, and re-seals what a previous encryption key sealed
+   * Upkeep of the stored secrets (a scheduler job): drops each previous (and earlier) secret whose
+   * grace has ended, seals what is still plaintext, and re-seals what a previous encryption key sealed
    * under the current one (so that key can be retired). Each row is written only if it has not
    * changed since it was read (a rotation meanwhile wins). Returns the rows changed.
    */
@@ -393,10 +443,11 @@ export class WebhookService {
     const rows = await this.#db.query<SecretColumns & { id: string }>(
       `SELECT w.id, ${SECRET_COLUMNS} FROM webhooks w
        WHERE w.secret IS NOT NULL OR w.previous_secret IS NOT NULL
-          OR split_part(w.sealed_secret, '.', 1) <> $1 OR split_part(w.sealed_previous_secret, '.', 1) <> $1`,
-      [current],
+          OR split_part(w.sealed_secret, '.', 1) <> $1 OR split_part(w.sealed_previous_secret, '.', 1) <> $1
+          OR EXISTS (SELECT 1 FROM jsonb_array_elements(w.sealed_earlier_secrets) e WHERE (e->>'until')::timestamptz <= $2 OR split_part(e->>'sealed', '.', 1) <> $1)`,
+      [current, now],
     )
-    let changed = cleared.length
+    const changed = new Set(cleared.map((r) => r.id))
     const unreadable: string[] = []
     for (const r of rows) {
       const reseal = (plain: string | null, sealed: string | null, which: 'secret' | 'previous secret'): string | null => {
@@ -404,23 +455,25 @@ export class WebhookService {
         if (sealed === null || sealed.startsWith(`${current}.`)) return sealed
         return this.#seal(r.id, this.#open(r.id, sealed, which))
       }
-      let next: [string | null, string | null]
+      let next: [string | null, string | null, string]
       try {
-        next = [reseal(r.secret, r.sealed_secret, 'secret'), reseal(r.previous_secret, r.sealed_previous_secret, 'previous secret')]
+        // An earlier secret whose grace has ended is dropped unopened.
+        const earlier = r.sealed_earlier_secrets.filter((e) => new Date(e.until) > now).map((e) => ({ sealed: reseal(null, e.sealed, 'previous secret') as string, until: e.until }))
+        next = [reseal(r.secret, r.sealed_secret, 'secret'), reseal(r.previous_secret, r.sealed_previous_secret, 'previous secret'), JSON.stringify(earlier)]
       } catch (err) {
         unreadable.push(`${r.id}: ${(err as Error).message}`)
         continue
       }
-      const updated = await this.#db.query(
-        `UPDATE webhooks SET secret = NULL, previous_secret = NULL, sealed_secret = $2, sealed_previous_secret = $3
-         WHERE id = $1 AND secret IS NOT DISTINCT FROM $4 AND previous_secret IS NOT DISTINCT FROM $5
-           AND sealed_secret IS NOT DISTINCT FROM $6 AND sealed_previous_secret IS NOT DISTINCT FROM $7 RETURNING 1`,
-        [r.id, ...next, r.secret, r.previous_secret, r.sealed_secret, r.sealed_previous_secret],
+      const updated = await this.#db.query<{ id: string }>(
+        `UPDATE webhooks SET secret = NULL, previous_secret = NULL, sealed_secret = $2, sealed_previous_secret = $3, sealed_earlier_secrets = $4::jsonb
+         WHERE id = $1 AND secret IS NOT DISTINCT FROM $5 AND previous_secret IS NOT DISTINCT FROM $6
+           AND sealed_secret IS NOT DISTINCT FROM $7 AND sealed_previous_secret IS NOT DISTINCT FROM $8 AND sealed_earlier_secrets = $9::jsonb RETURNING id`,
+        [r.id, ...next, r.secret, r.previous_secret, r.sealed_secret, r.sealed_previous_secret, JSON.stringify(r.sealed_earlier_secrets)],
       )
-      changed += updated.length
+      for (const u of updated) changed.add(u.id)
     }
     if (unreadable.length > 0) this.#log.warn('webhook secrets that cannot be opened stay as they are; their deliveries fail until the key is configured', { webhooks: unreadable })
-    return changed
+    return changed.size
   }
 
   /**

@@ -1,16 +1,16 @@
 // Webhooks end to end: registration, listing, deletion and test-fire through the admin API;
 // key events and a debounced rate_limit.exceeded from real traffic through a real gateway;
 // every delivery checked by the test's own Standard Webhooks verifier, two signatures after a
-// secret rotation; SSRF refusals at registration and at delivery (an IP literal and a DNS name
-// that resolves to loopback); redirects refused; retries with exponential backoff on a
-// controllable clock; deliveries queued in the store surviving a restart and claimed once by
-// several services at the same time, on both stores.
+// secret rotation (three after a second within the grace); SSRF refusals at registration and
+// at delivery (an IP literal and a DNS name that resolves to loopback); redirects refused;
+// retries with exponential backoff on a controllable clock; deliveries queued in the store
+// surviving a restart and claimed once by several services at the same time, on both stores.
 import t from 'tap'
 import pg from 'pg'
 import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
 import { createLogger, silentLogger } from '../core/log.ts'
-import { WebhookService } from '../core/webhooks.ts'
+import { WebhookService, webhookJson } from '../core/webhooks.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
@@ -114,6 +114,17 @@ t.test('through the admin API and a gateway', async (t) => {
     const audit = await h.db.query<{ action: string }>(`SELECT action FROM api_key_audit_log WHERE action LIKE 'webhook.%' ORDER BY created_at`)
     // A test event is an admin action that makes keygate send a request: audited too.
     t.same(audit.map((r) => r.action), ['webhook.created', 'webhook.tested', 'webhook.secret_rotated', 'webhook.tested'])
+
+    // A rotation retried (its answer lost): the original secret still signs until the first answer's end.
+    const retried = await h.call('POST', `/v1/webhooks/${hookId}/rotate-secret`)
+    t.equal(retried.status, 200)
+    t.same(retried.json.previous_secrets_until, [retried.json.previous_secret_until, rotated.json.previous_secret_until], 'each rotated-out secret with the end its rotation answered')
+    const listedAfter = await h.call('GET', '/v1/webhooks')
+    t.same(listedAfter.json.items.find((w: any) => w.id === hookId).previous_secrets_until, retried.json.previous_secrets_until, 'listed too')
+    const third = await h.call('POST', `/v1/webhooks/${hookId}/test`)
+    const thrice = await receiver.waitFor((hk) => hk.id === third.json.id)
+    t.same(verifiedBy(thrice, [retried.json.secret, secret, old]), [retried.json.secret, secret, old], 'three signatures: the new secret, the one it replaced and the original')
+    secret = retried.json.secret
   })
 
   await t.test('SSRF: refused at registration', async (t) => {
@@ -482,6 +493,74 @@ await forEachStore(t, async (t, store) => {
     const last = receiver.received[2] as Hook
     t.equal(last.signature.split(' ').length, 1, 'one signature again')
     t.same(verifiedBy(last, [next], 300, nowS()), [next])
+  })
+
+  await t.test('a second rotation within the grace of the first ends neither grace early; at most four rotated-out secrets sign', async (t) => {
+    // Before (found by a review): one slot for the previous secret, which a second rotation moved
+    // on, so the original stopped signing at once, before the previous_secret_until the first
+    // answer gave: a rotation retried after its answer was lost cut off the receiver still on it.
+    // Signatures are checked by the test's own Standard Webhooks verifier (helpers/webhooks.ts).
+    await store.db.query('DELETE FROM webhooks')
+    const receiver = await startReceiver(t)
+    const s = service()
+    const grace = DEFAULTS.secret_grace_hours * 3_600_000
+    let sent = 0
+    const deliver = async () => {
+      await s.enqueue(event('key.created', { key: { id: `regrace-${++sent}` } }))
+      await s.idle()
+      return receiver.received.find((h) => h.json?.data?.key?.id === `regrace-${sent}`) as Hook
+    }
+    const { webhook, secret: s0 } = await s.create({ url: `${receiver.url}/regrace`, events: ['key.created'] }, ACTOR)
+    const first = await s.rotateSecret(webhook.id, ACTOR)
+    const t0 = new Date(clock.now().getTime() + grace)
+    t.same(first.webhook.previousSecretUntil, t0, 'the first answer: s0 signs until t0')
+    clock.advance(3_600_000)
+    const second = await s.rotateSecret(webhook.id, ACTOR)
+    const t1 = new Date(clock.now().getTime() + grace)
+    t.same(second.webhook.previousSecretsUntil, [t1, t0], 'the second: s1 until t1, and s0 still until t0')
+    t.same(webhookJson(second.webhook).previous_secrets_until, [t1.toISOString(), t0.toISOString()])
+    const row = await rowOf(webhook.id)
+    t.match(row.sealed_earlier_secrets, [{ sealed: SEALED, until: t0.toISOString() }], 's0 sealed, with the end of its grace')
+    t.notOk([s0, first.secret, second.secret].some((x) => JSON.stringify(row).includes(bytesOf(x))), 'no secret in the row')
+    const three = await deliver()
+    t.equal(three.signature.split(' ').length, 3, 'three signatures')
+    t.same(verifiedBy(three, [second.secret, first.secret, s0], 300, nowS()), [second.secret, first.secret, s0], 'the new secret, s1 and s0 each verify')
+
+    clock.set(t0)
+    t.equal(await s.tidySecrets(clock.now()), 1, "at t0 the job drops s0 (s1's grace goes on)")
+    t.same((await s.get(webhook.id)).previousSecretsUntil, [t1])
+    const two = await deliver()
+    t.same(verifiedBy(two, [second.secret, first.secret, s0], 300, nowS()), [second.secret, first.secret], 's0 no longer signs, s1 still does')
+
+    // Three more within s1's grace: four rotated out sign beside the current one, then a conflict.
+    const more = []
+    for (let i = 0; i < 3; i++) {
+      clock.advance(60_000)
+      more.push((await s.rotateSecret(webhook.id, ACTOR)).secret)
+    }
+    const five = await deliver()
+    const all = [...more.reverse(), second.secret, first.secret]
+    t.equal(five.signature.split(' ').length, 5)
+    t.same(verifiedBy(five, all, 300, nowS()), all, 'five signatures, each verifying')
+    const refused = await s.rotateSecret(webhook.id, ACTOR).then(() => undefined, (e: Error) => e)
+    t.match(refused, { code: 'conflict', message: `webhook ${webhook.id} already has 4 previous secrets signing within the grace their rotations promised, the most it keeps; another rotation would end one early: rotate again after ${t1.toISOString()}, when the first of them ends` })
+    t.same(verifiedBy(await deliver(), all, 300, nowS()), all, 'and changed nothing')
+    clock.set(t1)
+    const after = await s.rotateSecret(webhook.id, ACTOR)
+    t.equal(after.webhook.previousSecretsUntil.length, 4, 'once the first has ended, a rotation is taken again')
+
+    // A plaintext previous secret (a row from before migration 0007) is sealed as it moves on.
+    const legacy = `whsec_${Buffer.alloc(32, 5).toString('base64')}`
+    const other = await s.create({ url: `${receiver.url}/regrace-legacy`, events: ['key.revoked'] }, ACTOR)
+    await store.db.query('UPDATE webhooks SET previous_secret = $2, previous_secret_until = $3 WHERE id = $1', [other.webhook.id, legacy, new Date(clock.now().getTime() + 60_000)])
+    const next = await s.rotateSecret(other.webhook.id, ACTOR)
+    const legacyRow = await rowOf(other.webhook.id)
+    t.match(legacyRow, { previous_secret: null, sealed_earlier_secrets: [{ sealed: SEALED }] })
+    t.notOk(JSON.stringify(legacyRow).includes(bytesOf(legacy)), 'the plaintext is gone')
+    await s.enqueue(event('key.revoked', { key: { id: 'regrace-legacy' } }))
+    await s.idle()
+    const hook = receiver.received.find((h) => h.path === '/regrace-legacy') as Hook
+    t.same(verifiedBy(hook, [next.secret, other.secret, legacy], 300, nowS()), [next.secret, other.secret, legacy], 'and still signs until its end')
   })
 
   await t.test('a sealed secret copied onto another webhook does not open; a plaintext one from before migration 0007 signs, then is sealed', async (t) => {
