@@ -1,13 +1,12 @@
 // The `keygate` command as a real process: help, config check, the key lifecycle on the embedded
 // store, and afterwards no plaintext key in the store files or any captured log. (The lifecycle
 // on PostgreSQL is test/cli-postgres.test.ts, and usage errors and input no store can hold are
-// test/cli-input.test.ts, so they run side by side.)
+// test/cli-input.test.ts; stdin, rotation and unwritable output are test/cli-edges.test.ts, so they run side by side.)
 import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { closeSync, existsSync, openSync, readdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { KEYGATE_BIN, capturedStderr, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
+import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
 import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -132,92 +131,6 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
   t.equal(full.code, 0, 'KEYGATE_WASM_TIERING=full runs the command in its own process (with TurboFan), on the store left behind')
 })
 
-t.test('`-` reads the first line of stdin and answers while the writer keeps it open; stdin is read within bounds', { timeout: 120_000 }, async (t) => {
-  // Before (found by a review): stdin was read to its end, so `(echo KEY; sleep 8) | keygate
-  // api-key validate -` answered 8 s late and `yes KEY | keygate api-key validate -` never, its
-  // memory growing without bound. Each command here is waited for with its stdin still open, and
-  // only then is stdin closed: the old command would never have ended.
-  const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
-  const created = await runCli(['api-key', 'create', '--name', 'piped', '--type', 'user', '--json'], { cwd, env })
-  t.equal(created.code, 0, 'a key to validate')
-  const { id, key } = created.json() as { id: string; key: string }
-  plaintexts.push(key)
-  const withOpenStdin = async (args: string[], input: Buffer | string) => {
-    const command = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env: childEnv(env), cwd, stdio: ['pipe', 'pipe', 'pipe'] })
-    let stdout = ''
-    let stderr = ''
-    command.stdout?.setEncoding('utf8').on('data', (d: string) => (stdout += d))
-    command.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-    // The command may stop reading before all of `input` is written: its end of the pipe then closes.
-    command.stdin?.on('error', () => {})
-    command.stdin?.write(input)
-    const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
-    command.stdin?.end()
-    capturedStderr.push(stderr)
-    return { code, stdout, stderr }
-  }
-  const valid = await withOpenStdin(['api-key', 'validate', '-'], `${key}\n${key}\nmore lines the command never reads\n`)
-  t.equal(valid.code, 0, 'the command ends, with stdin still open')
-  t.match(valid.stdout, new RegExp(`^valid: ${id} \\(piped, user, active\\)\\n$`), 'the key on the first line is checked')
-  // A first line longer than any key: refused once 64 KiB have come without a line break.
-  const long = await withOpenStdin(['api-key', 'validate', '-', '--json'], 'a'.repeat(70_000))
-  t.equal(long.code, 1)
-  t.match(JSON.parse(long.stdout).error, { code: 'validation_failed', message: 'the first line of stdin is longer than 64 KiB; give the key or token alone on the first line' })
-  // An import from stdin reads no more than the admin API takes in one body (32 MiB).
-  const big = await withOpenStdin(['api-key', 'import', '-', '--json'], Buffer.alloc(32 * 1024 * 1024 + 1, 0x20))
-  t.equal(big.code, 1)
-  t.match(JSON.parse(big.stdout).error, { code: 'import_invalid', message: /^stdin holds more than 32 MiB, the most one import reads from it \(as the admin API takes in one body\): split the file$/ })
-  // And from a file (before: read whole, whatever its size; `import /dev/zero` ran Node out of
-  // memory): by its size, or, for a device that has none, once more than 32 MiB are read.
-  const huge = join(cwd, 'huge.jsonl')
-  closeSync(openSync(huge, 'w'))
-  truncateSync(huge, 64 * 1024 * 1024)
-  for (const [file, size] of [[huge, ' \\(67108864 bytes\\)'], ['/dev/zero', '']] as const) {
-    const r = await runCli(['api-key', 'import', file, '--json'], { cwd, env })
-    t.equal(r.code, 1, `${file}: exit 1`)
-    t.match(JSON.parse(r.stdout).error, { code: 'import_invalid', message: new RegExp(`^${file}: the file is larger than 32 MiB${size}, the most one import reads \\(as the admin API takes in one body\\): split the file$`) })
-  }
-})
-
-t.test('rotate on the embedded store: when the old key stops, and which key can be rotated instead', async (t) => {
-  const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
-  const run = async (args: string[]) => {
-    const r = await runCli(['api-key', ...args], { env, cwd })
-    if (r.code === 0 && args.includes('--json') && typeof r.json().key === 'string') plaintexts.push(r.json().key)
-    return r
-  }
-  const iso = (s: string) => s.replace(/\.\d{3}Z$/, 'Z')
-
-  // A system key (72 h of grace) that expires in 2 h stops at its expiry, as the gateway has it.
-  const soon = (await run(['create', '--name', 'soon', '--type', 'system', '--expires-in', '2h', '--json'])).json()
-  const json = await run(['rotate', soon.id, '--json'])
-  t.equal(json.code, 0, json.stderr)
-  const r = json.json()
-  t.equal(r.expires_at, soon.expires_at, 'the new key keeps the old expiry')
-  t.ok(Date.parse(r.previous.grace_until) > Date.parse(soon.expires_at), 'grace_until is the grace deadline, after the expiry')
-  t.equal(r.previous.valid_until, soon.expires_at, '--json: valid_until is the expiry')
-
-  const soon2 = (await run(['create', '--name', 'soon 2', '--type', 'system', '--expires-in', '2h', '--json'])).json()
-  const human = await run(['rotate', soon2.id])
-  t.equal(human.code, 0, human.stderr)
-  plaintexts.push(human.stdout.trim().split('\n').at(-1) as string)
-  const first = human.stdout.split('\n')[0] as string
-  t.match(first, `${soon2.id} stays valid until ${iso(soon2.expires_at)} (its expiry, before its grace period ends).`, 'the message gives the expiry')
-  t.match(first, `, expiring ${iso(soon2.expires_at)} as the old one did;`, 'and says the new key keeps it')
-
-  // a → b → c, c rotated with force to d: a, b and c are revoked; the refusal names d.
-  const a = (await run(['create', '--name', 'lineage', '--type', 'service', '--json'])).json()
-  const b = (await run(['rotate', a.id, '--json'])).json()
-  const c = (await run(['rotate', b.id, '--json'])).json()
-  const d = (await run(['rotate', c.id, '--force', '--json'])).json()
-  const refused = await run(['rotate', a.id])
-  t.equal(refused.code, 1)
-  t.match(refused.stderr, `keygate: key ${a.id} is revoked and cannot be rotated; it was replaced by ${b.id}; the active key of its lineage is ${d.id}, rotate that key instead\n`)
-  t.notMatch(refused.stderr, /    at /, 'no stack trace')
-})
-
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
 
 t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) => {
@@ -231,59 +144,3 @@ t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) =
   }
 })
 
-t.test('output that cannot be written: a created key is named with what to do, no stack trace, and the store is closed', async (t) => {
-  // Before (found by a review): a full disk or a closed pipe on stdout ended the command with
-  // Node's "Unhandled 'error' event" and a stack trace, after the key was created, whose secret
-  // was then shown nowhere; the store's lock was left behind.
-  const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
-  const full = openSync('/dev/full', 'w')
-  t.teardown(() => closeSync(full))
-  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'create', '--name', 'unseen', '--type', 'user'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['ignore', full, 'pipe'] })
-  let stderr = ''
-  command.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-  const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
-  t.equal(code, 1, 'exit 1')
-  const id = /keygate: key (\w{12}) was created \(revoke it with keygate api-key revoke \1, and create another\), but could not write the output \(stdout: no space left on the device\)/.exec(stderr)?.[1]
-  t.ok(id, `says what was made and what to do: ${stderr.trim().split('\n').at(-1)}`)
-  t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, 'no stack trace')
-  const listed = await runCli(['api-key', 'list', '--json'], { env: isolated({ KEYGATE_DATA_DIR: dataDir }), cwd })
-  t.equal(listed.code, 0, 'the store was closed: the next command opens it')
-  t.ok(JSON.parse(listed.stdout).items.some((k: { id: string }) => k.id === id), 'and holds the key')
-})
-
-t.test('output that cannot be written after a change: the error says what was done', async (t) => {
-  // Before (found by a review): `api-key import FILE --json | head -1` said only "could not write
-  // the output", exit 1, with every row imported (a retry was refused as duplicates); revoke and
-  // update > /dev/full the same, the change made.
-  const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: join(cwd, 'store') })
-  await seedDataDir(join(cwd, 'store'))
-  const full = openSync('/dev/full', 'w')
-  t.teardown(() => closeSync(full))
-  // stdout is /dev/full, or a pipe whose reader is gone before the command writes ('closed').
-  const unwritten = async (args: string[], stdout: number | 'closed') => {
-    const command = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env: childEnv(env), cwd, stdio: ['ignore', stdout === 'closed' ? 'pipe' : stdout, 'pipe'] })
-    if (stdout === 'closed') command.stdout?.destroy()
-    let stderr = ''
-    command.stderr?.setEncoding('utf8').on('data', (d: string) => (stderr += d))
-    const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
-    capturedStderr.push(stderr)
-    t.equal(code, 1, `${args.join(' ')}: exit 1`)
-    t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, `${args.join(' ')}: no stack trace`)
-    return stderr.trimEnd().split('\n').at(-1)
-  }
-  t.equal(await unwritten(['migrate'], full), `keygate: applied ${readdirSync(join(KEYGATE_BIN, '../../migrations')).filter((f) => f.endsWith('.sql')).sort().join(', ')}, but could not write the output (stdout: no space left on the device)`)
-  const file = join(cwd, 'bulk.jsonl')
-  writeFileSync(file, ['11111111-1111-4111-8111-111111111111', '22222222-2222-4222-8222-222222222222'].map((uuid, i) => JSON.stringify({ key_hash: createHash('sha256').update(uuid).digest('hex'), name: `bulk ${i}` })).join('\n'))
-  t.equal(
-    await unwritten(['api-key', 'import', file, '--json'], 'closed'),
-    'keygate: 2 legacy keys were imported (keygate api-key list shows them; importing the file again is refused as duplicates), but could not write the output (stdout: the reader closed it)',
-  )
-  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env })
-  const [id] = (listed.json().items as Array<{ id: string }>).map((k) => k.id)
-  t.equal(listed.json().items.length, 2, 'both were imported')
-  t.equal(await unwritten(['api-key', 'update', id as string, '--name', 'renamed'], full), `keygate: key ${id} was updated, but could not write the output (stdout: no space left on the device)`)
-  t.equal(await unwritten(['api-key', 'revoke', id as string], full), `keygate: key ${id} was revoked, but could not write the output (stdout: no space left on the device)`)
-  t.match((await runCli(['api-key', 'get', id as string, '--json'], { cwd, env })).json(), { name: 'renamed', status: 'revoked' }, 'both changes were made')
-})
