@@ -510,7 +510,10 @@ function startScheduler(config: Config, runtime: Runtime, log: Logger, webhooks:
     intervalS: s.interval_s,
     noticeMs: s.rotation_notice_hours * 3_600_000,
     pruneRules: defaultPruneRules({ auditDays: config.audit.retention_days, anomalyDays: s.anomaly_retention_days, webhookDeliveryDays: s.webhook_delivery_retention_days, usageDays: s.usage_retention_days }),
-    jobs: [{ name: 'webhook-secrets', run: (now) => webhooks.tidySecrets(now) }],
+    jobs: [
+      { name: 'webhook-secrets', run: (now) => webhooks.tidySecrets(now) },
+      { name: 'webhook-purge', run: (_now, stopping) => webhooks.purgeDeleted(stopping) },
+    ],
   })
   scheduler.start()
   return scheduler

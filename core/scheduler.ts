@@ -24,8 +24,9 @@
 //    instance that did 1-4, once their transaction has committed, 5,000 rows to a statement
 //    (each its own transaction), so each stays within store.query_timeout_ms and none holds a
 //    key's lock.
-// 6. Other jobs (`jobs`: sealing and clearing webhook secrets), by the same instance, after the
-//    prunes, each on its own: one that fails is logged and the others still run.
+// 6. Other jobs (`jobs`: sealing and clearing webhook secrets, removing what deleted webhooks
+//    left), by the same instance, after the prunes, each on its own: one that fails is logged and
+//    the others still run.
 //
 // Every status change writes a `key.expired` audit row (actor `system`) and, once committed, is
 // told to the key service's listeners, so caches and other instances drop the key.
@@ -55,8 +56,11 @@ export interface PruneRule {
 /** Upkeep another feature asks the scheduler to run each round (by one instance at a time). */
 export interface SchedulerJob {
   name: string
-  /** Returns how many rows it changed. */
-  run(now: Date): Promise<number>
+  /**
+   * Returns how many rows it changed. A job with much to do ends after the statement it is on
+   * once `stopping()` is true (a stop is under way), leaving the rest to the next round.
+   */
+  run(now: Date, stopping: () => boolean): Promise<number>
 }
 
 export interface SchedulerOptions {
@@ -213,7 +217,7 @@ export class Scheduler {
     for (const job of this.#o.jobs ?? []) {
       if (this.#stopping) break
       try {
-        jobs[job.name] = await job.run(now)
+        jobs[job.name] = await job.run(now, () => this.#stopping)
       } catch (err) {
         this.#o.log.warn('scheduler job failed; trying again next interval', { job: job.name, err: err as Error })
       }

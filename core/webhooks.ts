@@ -34,6 +34,7 @@ import type { EventBus, EventType, KeygateEvent } from './events.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
 import type { Logger } from './log.ts'
+import { PRUNE_BATCH } from './scheduler.ts'
 import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, webhookNames, WebhookNames, type AllowList, type LookupFunction } from './ssrf.ts'
 
 export const TEST_EVENT = 'webhook.test'
@@ -155,8 +156,18 @@ interface DeliveryRow {
 }
 
 const D_COLUMNS = 'id, webhook_id, event_type, payload, status, attempts, next_attempt_at, last_status, last_error, created_at, last_attempt_at, delivered_at'
-/** A delivery's created_at as the delivery log orders and pages it (see deliveries()). */
-const CREATED_MS = "date_trunc('milliseconds', created_at)"
+/**
+ * A delivery's created_at as the delivery log orders and pages it (see deliveries()): cut to the
+ * milliseconds a cursor holds, in UTC so that the expression is immutable and migration 0013's
+ * indexes on it serve the order.
+ */
+const CREATED_MS = "date_trunc('milliseconds', created_at AT TIME ZONE 'UTC')"
+/** A time parameter compared with CREATED_MS. */
+const createdMs = (n: number) => `($${n}::timestamptz AT TIME ZONE 'UTC')`
+/** A webhook not deleted (a deleted one waits for its log to be removed: see purgeDeleted). */
+const LIVE = 'deleted_at IS NULL'
+/** A webhook, as `w`, whose deliveries are sent: enabled and not deleted. */
+const SENDING = 'w.enabled AND w.deleted_at IS NULL'
 
 const toDelivery = (r: DeliveryRow): Delivery => ({
   id: r.id,
@@ -310,16 +321,42 @@ export class WebhookService {
     return toWebhook(row)
   }
 
-  async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
-    // The URL too: it is listed, audited and requested with every delivery (a receiver knows
-    // keygate by its signature, not by a keygate key in its URL). As written, and as the URL
-    // parser reads it, which is what is stored and requested: it drops tabs and line breaks, so
-    // a key split by one passed the first check, then was stored whole (found by a review). Both
-    // before the name is looked up, which would send a key in the host name to DNS.
+  /**
+   * What a registration or a change asks for, checked: no keygate key in the URL or the
+   * description (the URL too: it is listed, audited and requested with every delivery; a receiver
+   * knows keygate by its signature, not by a keygate key in its URL), and a URL that may be
+   * reached (see checkTarget), as stored. The URL is checked as written and as the URL parser
+   * reads it, which is what is stored and requested: it drops tabs and line breaks, so a key split
+   * by one passed the first check, then was stored whole (found by a review). Both before the
+   * name is looked up, which would send a key in the host name to DNS.
+   */
+  async #checked(input: { url?: string | undefined; description?: string | null | undefined }): Promise<string | undefined> {
     refuseKeyIn({ url: input.url, description: input.description })
+    if (input.url === undefined) return undefined
     const parsed = URL.parse(input.url)
     if (parsed) refuseKeyIn({ url: parsed.href })
-    const url = receiverUrl(await checkTarget(input.url, this.#allowed, this.#names, this.#c.timeout_ms))
+    return receiverUrl(await checkTarget(input.url, this.#allowed, this.#names, this.#c.timeout_ms))
+  }
+
+  /**
+   * Refuses to have two live webhooks send one event to one URL (each delivery would be sent
+   * twice). Registrations and changes of URL or events take a lock first, one at a time
+   * (instances too), so that two at once cannot both miss the other.
+   */
+  async #refuseTwin(tx: Queryable, url: string, events: string[], self: string | null): Promise<void> {
+    await tx.query('SELECT pg_advisory_xact_lock($1)', [WEBHOOK_CREATE_LOCK])
+    const [twin] = await tx.query<{ id: string; events: string[] }>(
+      `SELECT id, events FROM webhooks WHERE url = $1 AND events && $2 AND ${LIVE} AND id IS DISTINCT FROM $3 ORDER BY created_at, id LIMIT 1`,
+      [url, events, self],
+    )
+    if (twin) {
+      const both = twin.events.filter((e) => events.includes(e))
+      throw new KeygateError('conflict', `webhook ${twin.id} already sends ${both.join(', ')} to ${url}: each event would be delivered twice; delete it first, or register the other events alone`)
+    }
+  }
+
+  async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
+    const url = (await this.#checked(input)) as string
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`
     const now = this.#now()
@@ -328,13 +365,7 @@ export class WebhookService {
       actor,
       'webhook.created',
       async (tx) => {
-        // One registration at a time (instances too), so that two at once cannot both miss the other.
-        await tx.query('SELECT pg_advisory_xact_lock($1)', [WEBHOOK_CREATE_LOCK])
-        const [twin] = await tx.query<{ id: string; events: string[] }>(`SELECT id, events FROM webhooks WHERE url = $1 AND events && $2 ORDER BY created_at, id LIMIT 1`, [url, events])
-        if (twin) {
-          const both = twin.events.filter((e) => events.includes(e))
-          throw new KeygateError('conflict', `webhook ${twin.id} already sends ${both.join(', ')} to ${url}: each event would be delivered twice; delete it first, or register the other events alone`)
-        }
+        await this.#refuseTwin(tx, url, events, null)
         return (
           await tx.query<WebhookRow>(
             `INSERT INTO webhooks (id, url, events, description, sealed_secret, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ${W_COLUMNS}`,
@@ -348,18 +379,60 @@ export class WebhookService {
   }
 
   async list(): Promise<Webhook[]> {
-    return (await this.#db.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks ORDER BY created_at, id`)).map(toWebhook)
+    return (await this.#db.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks WHERE ${LIVE} ORDER BY created_at, id`)).map(toWebhook)
   }
 
   async get(id: string): Promise<Webhook> {
-    const rows = await this.#db.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks WHERE id = $1`, [id])
-    if (!rows[0]) throw new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
+    const rows = await this.#db.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks WHERE id = $1 AND ${LIVE}`, [id])
+    if (!rows[0]) throw notFound(id)
     return toWebhook(rows[0])
   }
 
-  /** Removes the webhook and its deliveries (pending ones are not sent). */
+  /**
+   * Deletes the webhook: one small statement marks it, and from its commit on the webhook is not
+   * listed or found, queues nothing, and nothing of it is claimed or sent (its pending deliveries
+   * are dropped). Its delivery log is removed afterwards, in batches, by purgeDeleted (the
+   * scheduler), however long it is. Before, found by a review, one DELETE cascaded through the
+   * whole log: with 2,000,000 rows it ran past store.query_timeout_ms on every try and was rolled
+   * back, and each try held the webhook's row lock, which enqueue's FOR KEY SHARE waits for, so
+   * a key revocation whose event the webhook takes waited 4.6 s behind it. The mark changes no
+   * column a foreign key uses: enqueue neither waits for it nor holds it up. `enabled` goes false
+   * too, so instances of the release before this one, which know no deleted_at, queue nothing more.
+   */
   async remove(id: string, actor: Actor): Promise<Webhook> {
-    return this.#audited(actor, 'webhook.deleted', async (tx) => (await tx.query<WebhookRow>(`DELETE FROM webhooks WHERE id = $1 RETURNING ${W_COLUMNS}`, [id]))[0], (r) => ({ id: r.id, url: r.url }))
+    return this.#audited(
+      actor,
+      'webhook.deleted',
+      async (tx) => (await tx.query<WebhookRow>(`UPDATE webhooks SET deleted_at = now(), enabled = false, updated_at = $2 WHERE id = $1 AND ${LIVE} RETURNING ${W_COLUMNS}`, [id, this.#now()]))[0],
+      (r) => ({ id: r.id, url: r.url }),
+    )
+  }
+
+  /**
+   * Removes what deleted webhooks left (a scheduler job): their deliveries, PRUNE_BATCH to a
+   * statement, each its own transaction as the scheduler's prunes are (each well within
+   * store.query_timeout_ms, none holding a lock for long), then the webhook's row, whose cascade
+   * takes the few a key change queued while the webhook was being deleted. Ends after the
+   * statement it is on once `stopping` says so; the next round goes on from there, after a
+   * restart too. Returns the rows removed.
+   */
+  async purgeDeleted(stopping: () => boolean = () => false): Promise<number> {
+    const deleted = await this.#db.query<{ id: string }>('SELECT id FROM webhooks WHERE deleted_at IS NOT NULL ORDER BY deleted_at, id')
+    let total = 0
+    for (const { id } of deleted) {
+      for (;;) {
+        if (stopping()) return total
+        const [gone] = await this.#db.query<{ n: number }>(
+          `WITH gone AS (DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries WHERE webhook_id = $1 LIMIT $2) RETURNING 1) SELECT count(*)::int AS n FROM gone`,
+          [id, PRUNE_BATCH],
+        )
+        const n = gone?.n ?? 0
+        total += n
+        if (n < PRUNE_BATCH) break
+      }
+      total += (await this.#db.query('DELETE FROM webhooks WHERE id = $1 AND deleted_at IS NOT NULL RETURNING 1', [id])).length
+    }
+    return total
   }
 
   /**
@@ -377,7 +450,7 @@ export class WebhookService {
       actor,
       'webhook.secret_rotated',
       async (tx) => {
-        const [row] = await tx.query<SecretColumns>(`SELECT ${SECRET_COLUMNS} FROM webhooks w WHERE w.id = $1 FOR UPDATE`, [id])
+        const [row] = await tx.query<SecretColumns>(`SELECT ${SECRET_COLUMNS} FROM webhooks w WHERE w.id = $1 AND w.${LIVE} FOR UPDATE`, [id])
         if (!row) return undefined
         const kept = this.#stillSigning(id, row, now)
         if (kept.length >= MAX_PREVIOUS_SECRETS) {
@@ -390,7 +463,7 @@ export class WebhookService {
         return (
           await tx.query<WebhookRow>(
             `UPDATE webhooks SET previous_secret = secret, sealed_previous_secret = sealed_secret, previous_secret_until = $3,
-               secret = NULL, sealed_secret = $2, sealed_earlier_secrets = $5::jsonb, updated_at = $4 WHERE id = $1 RETURNING ${W_COLUMNS}`,
+               secret = NULL, sealed_secret = $2, sealed_earlier_secrets = $5::jsonb, updated_at = $4 WHERE id = $1 AND ${LIVE} RETURNING ${W_COLUMNS}`,
             [id, this.#seal(id, secret), until, now, JSON.stringify(kept)],
           )
         )[0]
@@ -480,7 +553,9 @@ export class WebhookService {
    * The delivery log of a webhook, newest first, one page at a time (`cursor`: the previous
    * page's next cursor). By created_at cut to milliseconds, then id: created_at is the store's
    * now(), in microseconds, and a cursor holds a JS time: walked by the full value, the rows in
-   * the cursor's millisecond would be listed again or skipped.
+   * the cursor's millisecond would be listed again or skipped. Migration 0013's indexes serve
+   * this order, with and without a status: before, a page sorted the webhook's whole log, and
+   * `status=failed` on a log of 2,000,000 rows took 3.7 s or ran past store.query_timeout_ms.
    */
   async deliveries(id: string, options: { limit: number; status?: Delivery['status']; cursor?: string }): Promise<Page<Delivery>> {
     await this.get(id)
@@ -493,7 +568,7 @@ export class WebhookService {
     if (options.cursor !== undefined) {
       const { at, id: after } = decodeCursor(options.cursor)
       params.push(at, after)
-      where.push(`(${CREATED_MS}, id) < ($${params.length - 1}, $${params.length})`)
+      where.push(`(${CREATED_MS}, id) < (${createdMs(params.length - 1)}, $${params.length})`)
     }
     const rows = await this.#db.query<DeliveryRow>(
       `SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE ${where.join(' AND ')} ORDER BY ${CREATED_MS} DESC, id DESC LIMIT $2`,
@@ -505,7 +580,7 @@ export class WebhookService {
   // Queue
 
   /**
-   * One delivery per enabled webhook that takes `event.type`, written with `q`: the store, where
+   * One delivery per enabled (and not deleted) webhook that takes `event.type`, written with `q`: the store, where
    * sending starts at once, or the transaction of the change the event tells of (see
    * EventBus.stage), whose rows are sent once it has committed and the event is published. The
    * webhooks are locked against deletion (FOR KEY SHARE) while the rows are written: without it,
@@ -519,7 +594,7 @@ export class WebhookService {
     const rows = await q.query<{ id: string }>(
       `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
        SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, ${storeClock(4)}, ${storeClock(4)} FROM webhooks w
-       WHERE w.enabled AND $1 = ANY (w.events)
+       WHERE ${SENDING} AND $1 = ANY (w.events)
        FOR KEY SHARE OF w
        ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
       [event.type, body, dedupeKey(event), this.#storeNow()],
@@ -643,7 +718,10 @@ export class WebhookService {
    * in flight (`perWebhook`) of one webhook. The fair share is picked from the due rows first
    * (a window function cannot be used with FOR UPDATE), then locked; a row another process
    * claimed meanwhile is skipped or, already moved past `now`, no longer matches. `now` is the
-   * store's time, read once with the look-up for due rows (see storeClock).
+   * store's time, read once with the look-up for due rows (see storeClock). Due rows are looked
+   * up webhook by webhook, of the enabled ones that are not deleted (an index on a webhook's
+   * pending rows, migration 0013): a paused webhook holds its pending deliveries, a deleted one
+   * waits for purgeDeleted, and neither's rows are read at every poll.
    */
   async #claim(slots: number, perWebhook: ReadonlyMap<string, number>): Promise<Claimed[]> {
     const full = [...perWebhook].filter(([, n]) => n >= PER_WEBHOOK).map(([id]) => id)
@@ -655,7 +733,8 @@ export class WebhookService {
     // claiming right after queuing failed now and then).
     const [probe] = await this.#db.query<{ now: string; due: boolean }>(
       `SELECT ${storeClock(1)}::text AS now, EXISTS (
-         SELECT 1 FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ${storeClock(1)} AND webhook_id <> ALL ($2::text[])
+         SELECT 1 FROM webhooks w WHERE ${SENDING} AND w.id <> ALL ($2::text[]) AND EXISTS (
+           SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending' AND d.next_attempt_at <= ${storeClock(1)})
        ) AS due`,
       [this.#storeNow(), full],
     )
@@ -664,9 +743,13 @@ export class WebhookService {
       `WITH busy (webhook_id, n) AS (
          SELECT * FROM unnest($4::text[], $5::int[])
        ), candidates AS (
-         SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries
-         WHERE status = 'pending' AND next_attempt_at <= $1::timestamptz AND webhook_id <> ALL ($6::text[])
-         ORDER BY next_attempt_at LIMIT $3
+         SELECT d.id, d.webhook_id, d.next_attempt_at FROM webhooks w CROSS JOIN LATERAL (
+           SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries
+           WHERE webhook_id = w.id AND status = 'pending' AND next_attempt_at <= $1::timestamptz
+           ORDER BY next_attempt_at LIMIT $3
+         ) d
+         WHERE ${SENDING} AND w.id <> ALL ($6::text[])
+         ORDER BY d.next_attempt_at LIMIT $3
        ), fair AS (
          SELECT r.id FROM (
            SELECT id, webhook_id, row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS rank FROM candidates
@@ -734,8 +817,10 @@ export class WebhookService {
     } else {
       const failed = c.attempts >= this.#c.max_attempts
       const wait = Math.min(this.#c.retry_base_ms * 2 ** (c.attempts - 1), this.#c.retry_max_ms)
+      // Its webhook deleted meanwhile: failed, as nothing will try it again.
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET status = $3, next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6
+        `UPDATE webhook_deliveries SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
+           status = CASE WHEN EXISTS (SELECT 1 FROM webhooks w WHERE w.id = webhook_id AND w.${LIVE}) THEN $3 ELSE 'failed' END
          WHERE ${mine} RETURNING ${D_COLUMNS}`,
         [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done],
       )
@@ -764,8 +849,8 @@ export class WebhookService {
     const body = JSON.stringify({ type: TEST_EVENT, timestamp: now.toISOString(), data: { webhook_id: webhook.id } })
     const claimed = await this.#db.transaction(async (tx) => {
       // The webhook held until the insert commits (see enqueue), or gone: not found.
-      const [held] = await tx.query('SELECT 1 FROM webhooks WHERE id = $1 FOR KEY SHARE', [webhook.id])
-      if (!held) throw new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
+      const [held] = await tx.query(`SELECT 1 FROM webhooks WHERE id = $1 AND ${LIVE} FOR KEY SHARE`, [webhook.id])
+      if (!held) throw notFound(id)
       const rows = await tx.query<Claimed>(
         `WITH d AS (
            INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, attempts, next_attempt_at, created_at, last_attempt_at)
@@ -776,7 +861,7 @@ export class WebhookService {
       )
       const d = rows[0]
       // Deleted meanwhile: the join found no webhook, and the insert is rolled back with this.
-      if (!d) throw new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
+      if (!d) throw notFound(id)
       if (this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.tested', details: { id: webhook.id, delivery_id: d.id } })
       return d
     })
@@ -814,7 +899,11 @@ function receiverUrl(url: URL): string {
   return u.toString()
 }
 
-/** Serialises webhook registrations (pg_advisory_xact_lock): "kgwh". */
+function notFound(id: string): KeygateError {
+  return new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(id)}`)
+}
+
+/** Serialises webhook registrations and changes of URL or events (pg_advisory_xact_lock): "kgwh". */
 const WEBHOOK_CREATE_LOCK = 0x6b67_7768
 
 /** What a webhook's sealed secrets are bound to: its id (sealed text copied to another webhook fails to open). */

@@ -210,8 +210,9 @@ t.test('through the admin API and a gateway', async (t) => {
     t.equal((await h.call('DELETE', `/v1/webhooks/${hookId}`)).json.error.code, 'webhook_not_found')
     t.equal((await h.call('GET', `/v1/webhooks/${hookId}/deliveries`)).json.error.code, 'webhook_not_found')
     t.equal((await h.call('POST', `/v1/webhooks/${hookId}/test`)).json.error.code, 'webhook_not_found')
+    await h.webhooks.purgeDeleted()
     const rows = await h.db.query<{ n: number }>('SELECT count(*)::int AS n FROM webhook_deliveries WHERE webhook_id = $1', [hookId])
-    t.equal(rows[0]?.n, 0, 'its deliveries went with it')
+    t.equal(rows[0]?.n, 0, 'its deliveries went once the purge ran')
   })
 })
 
