@@ -8,6 +8,8 @@ import type { AdminServices } from './operation.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
 import { fieldInvalid } from '../core/errors.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
+import { EVENT_TYPES } from '../core/events.ts'
+import { PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
 
 const Nullable = <T extends TSchema>(s: T, description?: string) => Type.Union([s, Type.Null()], description ? { description } : {})
 const DateTime = (description?: string) => Type.String({ format: 'date-time', ...(description ? { description } : {}) })
@@ -58,7 +60,7 @@ export const Plaintext = Type.String({ description: 'The key itself. Shown in th
 export const KeyWithSecret = Type.Composite([KeySchema, Type.Object({ key: Plaintext })], { description: 'A new key and its plaintext, shown once.' })
 
 export const AUDIT_ACTIONS =
-  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, anomaly.acknowledged, webhook.created, webhook.deleted, webhook.secret_rotated, webhook.tested, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
+  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
 
 export const AuditSchema = Type.Object({
   id: Type.String(),
@@ -150,6 +152,13 @@ export const AnomalySchema = Type.Object({
   acknowledged_at: Nullable(DateTime()),
   acknowledged_by: Nullable(Type.String()),
 })
+
+/** The fields a webhook is registered and changed with (POST and PATCH /v1/webhooks). */
+export const WebhookFields = {
+  url: Type.String({ minLength: 1, maxLength: 2048, pattern: URL_AS_WRITTEN, description: 'http or https URL of the receiver, as it is requested: no spaces, line breaks, backslashes or control characters (percent-encode them).' }),
+  events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, uniqueItems: true, description: 'The events it receives.' }),
+  description: Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()]),
+}
 
 export const WebhookSchema = Type.Object({
   id: Type.String(),

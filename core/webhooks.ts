@@ -389,6 +389,44 @@ export class WebhookService {
   }
 
   /**
+   * Changes the fields given. Only those whose value differs are a change: a body that restates
+   * the webhook as it is answers it unchanged, with no audit row and no new updated_at. A URL
+   * goes through the checks of a registration; a paused webhook (`enabled: false`) queues no new
+   * deliveries and holds its pending ones, which are sent when it is enabled again.
+   */
+  async update(id: string, input: { url?: string; events?: string[]; enabled?: boolean; description?: string | null }, actor: Actor): Promise<Webhook> {
+    const url = await this.#checked(input)
+    const events = input.events === undefined ? undefined : [...new Set(input.events)]
+    const now = this.#now()
+    const { row, changed } = await this.#db.transaction(async (tx) => {
+      // FOR NO KEY UPDATE: a key change queuing an event for this webhook (enqueue's FOR KEY
+      // SHARE) does not wait for it.
+      const [old] = await tx.query<WebhookRow>(`SELECT ${W_COLUMNS} FROM webhooks WHERE id = $1 AND ${LIVE} FOR NO KEY UPDATE`, [id])
+      if (!old) throw notFound(id)
+      const changes: Partial<Record<'url' | 'events' | 'enabled' | 'description', unknown>> = {}
+      if (url !== undefined && url !== old.url) changes.url = url
+      if (events !== undefined && (events.length !== old.events.length || events.some((e) => !old.events.includes(e)))) changes.events = events
+      if (input.enabled !== undefined && input.enabled !== old.enabled) changes.enabled = input.enabled
+      if (input.description !== undefined && input.description !== old.description) changes.description = input.description
+      const fields = Object.keys(changes) as Array<keyof typeof changes>
+      if (fields.length === 0) return { row: old, changed: fields }
+      if (changes.url !== undefined || changes.events !== undefined) await this.#refuseTwin(tx, url ?? old.url, events ?? old.events, id)
+      const params: unknown[] = [id, now]
+      const sets = ['updated_at = $2']
+      for (const f of fields) {
+        params.push(changes[f])
+        sets.push(`${f} = $${params.length}`)
+      }
+      const [row] = await tx.query<WebhookRow>(`UPDATE webhooks SET ${sets.join(', ')} WHERE id = $1 RETURNING ${W_COLUMNS}`, params)
+      if (this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.updated', details: { id, changed: fields, ...changes } })
+      return { row: row as WebhookRow, changed: fields }
+    })
+    // Enabled again: what it held is due.
+    if (changed.includes('enabled') && row.enabled) this.kick()
+    return toWebhook(row)
+  }
+
+  /**
    * Deletes the webhook: one small statement marks it, and from its commit on the webhook is not
    * listed or found, queues nothing, and nothing of it is claimed or sent (its pending deliveries
    * are dropped). Its delivery log is removed afterwards, in batches, by purgeDeleted (the

@@ -58,9 +58,10 @@ t.test('deleted at once however long its log; the log removed in batches afterwa
   const deleted = await h.call('DELETE', `/v1/webhooks/${id}`)
   t.equal(deleted.status, 200, 'the delete answers, though a row of its log is locked')
   t.equal(deleted.json.id, id)
-  t.equal((await h.call('GET', `/v1/webhooks/${id}/deliveries`)).status, 404, 'the webhook is gone')
+  t.equal((await h.call('GET', `/v1/webhooks/${id}`)).status, 404, 'the webhook is gone')
   t.same((await h.call('GET', '/v1/webhooks')).json.items.map((w: any) => w.id), [other], 'and not listed')
   t.equal((await h.call('GET', `/v1/webhooks/${id}/deliveries`)).json.error.code, 'webhook_not_found')
+  t.equal((await h.call('PATCH', `/v1/webhooks/${id}`, { body: { enabled: true } })).json.error.code, 'webhook_not_found', 'nor can it be enabled again')
   t.equal((await h.call('POST', `/v1/webhooks/${id}/rotate-secret`)).status, 404)
   t.equal((await h.call('DELETE', `/v1/webhooks/${id}`)).status, 404, 'deleted once')
 
@@ -98,7 +99,7 @@ t.test('a purge stopped midway goes on in the next round (another process: the s
   t.equal((await h.call('DELETE', `/v1/webhooks/${id}`)).status, 200)
   let statements = 0
   t.equal(await h.webhooks.purgeDeleted(() => ++statements > 1), 5000, 'a stop ends it after the batch it is on')
-  t.equal((await h.call('GET', `/v1/webhooks/${id}/deliveries`)).status, 404, 'the webhook stays gone meanwhile')
+  t.equal((await h.call('GET', `/v1/webhooks/${id}`)).status, 404, 'the webhook stays gone meanwhile')
   const later = new WebhookService({ db: store.db, cipher: new AuditCipher(TEST_ENCRYPTION_KEY), config: DEFAULT_CONFIG.webhooks, log: silentLogger, deliver: false })
   t.equal(await later.purgeDeleted(), 7000 + 1, 'another service removes the rest, and the webhook')
   t.same(await store.db.query('SELECT 1 FROM webhook_deliveries'), [])
@@ -167,7 +168,7 @@ t.test('on both stores: a deleted webhook is gone at once, and its log once the 
     const id = (await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/both', events: ['key.revoked'] } })).json.id as string
     await bigLog(store.db, id, 6000)
     t.equal((await h.call('DELETE', `/v1/webhooks/${id}`)).status, 200)
-    t.equal((await h.call('GET', `/v1/webhooks/${id}/deliveries`)).status, 404)
+    t.equal((await h.call('GET', `/v1/webhooks/${id}`)).status, 404)
     t.same((await h.call('GET', '/v1/webhooks')).json.items, [])
     const key = (await h.call('POST', '/v1/keys', { body: { name: 'after the delete', type: 'user' } })).json.id as string
     t.equal((await h.call('POST', `/v1/keys/${key}/revoke`, { body: {} })).status, 200)

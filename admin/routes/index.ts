@@ -33,10 +33,12 @@ import reportUsage from './reports-usage.ts'
 import getStats from './stats.ts'
 import createWebhook from './webhooks-create.ts'
 import deleteWebhook from './webhooks-delete.ts'
+import getWebhook from './webhooks-get.ts'
 import listWebhookDeliveries from './webhooks-deliveries.ts'
 import listWebhooks from './webhooks-list.ts'
 import rotateWebhookSecret from './webhooks-rotate-secret.ts'
 import testWebhook from './webhooks-test.ts'
+import updateWebhook from './webhooks-update.ts'
 
 export const OPERATIONS: readonly Operation[] = Object.freeze([
   createKey,
@@ -70,6 +72,8 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   acknowledgeAnomaly,
   createWebhook,
   listWebhooks,
+  getWebhook,
+  updateWebhook,
   deleteWebhook,
   testWebhook,
   rotateWebhookSecret,

@@ -1,11 +1,9 @@
 // POST /v1/webhooks: register a receiver. Its URL must be a public http(s) address (or one in
 // webhooks.allow_private); the signing secret is in this answer only.
 import { Type } from '@sinclair/typebox'
-import { PRINTABLE, URL_AS_WRITTEN } from '../../core/validate.ts'
-import { EVENT_TYPES } from '../../core/events.ts'
 import { webhookJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { WebhookWithSecret } from '../schemas.ts'
+import { WebhookFields, WebhookWithSecret } from '../schemas.ts'
 
 export default defineOperation({
   id: 'createWebhook',
@@ -17,9 +15,9 @@ export default defineOperation({
     'Deliveries are POSTed as `{"type","timestamp","data"}` and signed per Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`). The URL is refused when it is, or resolves to, a loopback, private, link-local or otherwise internal address, unless that address is in `webhooks.allow_private`. A URL already registered for one of the same events is a conflict: each of those events would be delivered twice.',
   body: Type.Object(
     {
-      url: Type.String({ minLength: 1, maxLength: 2048, pattern: URL_AS_WRITTEN, description: 'http or https URL of the receiver, as it is requested: no spaces, line breaks, backslashes or control characters (percent-encode them).' }),
-      events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, uniqueItems: true, description: 'The events it receives.' }),
-      description: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()])),
+      url: WebhookFields.url,
+      events: WebhookFields.events,
+      description: Type.Optional(WebhookFields.description),
     },
     { additionalProperties: false },
   ),
