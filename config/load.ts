@@ -415,6 +415,10 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   if (!bad('scheduler.usage_retention_days', 'anomalies.unusual_hour_history_days') && config.scheduler.usage_retention_days < config.anomalies.unusual_hour_history_days) {
     problems.push(`scheduler.usage_retention_days: ${config.scheduler.usage_retention_days} is not allowed; expected at least anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
   }
+  // The span is measured within the history read: a longer one could never be reached.
+  if (!bad('anomalies.unusual_hour_min_days', 'anomalies.unusual_hour_history_days') && config.anomalies.unusual_hour_min_days > config.anomalies.unusual_hour_history_days) {
+    problems.push(`anomalies.unusual_hour_min_days: ${config.anomalies.unusual_hour_min_days} is not allowed; expected at most anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
+  }
   // A finding's row is what keeps its (key, type, window) from alerting again: pruned while its
   // dedupe window still runs, the same anomaly was recorded and alerted a second time.
   if (!bad('scheduler.anomaly_retention_days', 'anomalies.dedupe_window_s') && config.scheduler.anomaly_retention_days * 86_400 < config.anomalies.dedupe_window_s) {

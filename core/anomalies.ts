@@ -15,6 +15,7 @@ import type { EventBus } from './events.ts'
 import type { Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { TimedOut, within } from './deadline.ts'
+import { LINEAGE } from './keys/service.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -511,23 +512,32 @@ export class AnomalyDetector implements UsageSink {
     return out
   }
 
-  /** Once per key and hour of activity: is this hour of the day one the key's own history rarely saw? */
+  /**
+   * Once per key and hour of activity: is this hour of the day one the key's own history rarely
+   * saw? The history is the key's lineage (the keys it replaced, so a rotation does not start it
+   * afresh) and must span `unusual_hour_min_days`: counted in requests alone, a busy key had
+   * "enough" in its first hour and every later hour of its first day was unusual (found by a
+   * review: some 22 alerts a day for a new 24/7 key, and again after each rotation).
+   */
   async #unusualHour(t: Tally): Promise<Finding | undefined> {
     const id = `${t.keyId}|${t.hour}`
     if (this.#hourJudged.has(id)) return undefined
     if (this.#hourJudged.size > 100_000) this.#hourJudged.clear()
     const from = new Date(t.hour - this.#t.unusual_hour_history_days * 86_400_000)
-    const rows = await this.#db.query<{ total: number; at_hour: number }>(
-      `SELECT coalesce(sum(requests), 0)::float8 AS total,
-              coalesce(sum(requests) FILTER (WHERE extract(hour FROM bucket AT TIME ZONE 'UTC') = $4), 0)::float8 AS at_hour
-       FROM api_key_usage WHERE key_id = $1 AND bucket >= $2 AND bucket < $3`,
+    const rows = await this.#db.query<{ total: number; at_hour: number; first: Date | null }>(
+      `${LINEAGE} SELECT coalesce(sum(requests), 0)::float8 AS total,
+              coalesce(sum(requests) FILTER (WHERE extract(hour FROM bucket AT TIME ZONE 'UTC') = $4), 0)::float8 AS at_hour,
+              min(bucket) AS first
+       FROM api_key_usage WHERE key_id IN (SELECT id FROM lineage) AND bucket >= $2 AND bucket < $3`,
       [t.keyId, from, new Date(t.hour), new Date(t.hour).getUTCHours()],
     )
     // Judged once the history was read: a failed look-up is tried again by the next check.
     this.#hourJudged.set(id, t.hour)
     const total = rows[0]?.total ?? 0
     const atHour = rows[0]?.at_hour ?? 0
+    const first = rows[0]?.first
     if (total < this.#t.unusual_hour_min_requests) return undefined
+    if (!first || t.hour - new Date(first).getTime() < this.#t.unusual_hour_min_days * 86_400_000) return undefined
     if (atHour * 100 > this.#t.unusual_hour_max_percent * total) return undefined
     return {
       keyId: t.keyId,
@@ -536,6 +546,7 @@ export class AnomalyDetector implements UsageSink {
       details: {
         hour_utc: new Date(t.hour).getUTCHours(),
         history_days: this.#t.unusual_hour_history_days,
+        history_since: new Date(first).toISOString(),
         history_requests: total,
         history_requests_at_hour: atHour,
         max_percent: this.#t.unusual_hour_max_percent,

@@ -17,7 +17,7 @@ import type { Db } from '../core/db.ts'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, memoryDb } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, memoryDb, testServices } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -592,6 +592,34 @@ await forEachStore(
       detector.count(keyId, 'forwarded', today + 3 * H + 60_000, '203.0.113.1', 200)
       await detector.check()
       t.same(await found(), ['unusual_hour'], 'recorded once the store takes it')
+    })
+
+    await t.test("a young key's hours are not judged, and a rotated key keeps its predecessor's history", async (t) => {
+      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      t.teardown(() => detector.close())
+      const H = 3_600_000
+      const today = Date.UTC(2026, 10, 30)
+      const usage = (keyId: string, at: number, requests: number) => store.db.query('INSERT INTO api_key_usage (key_id, bucket, requests) VALUES ($1, $2, $3)', [keyId, new Date(at), requests])
+      const found = async (keyId: string) => (await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.type)
+      // A busy new key: 300 requests in its first hour (before: "enough history", and its second hour was unusual).
+      const young = `YOUNG${randomBytes(4).toString('hex').toUpperCase()}`
+      await usage(young, today + 9 * H, 300)
+      detector.count(young, 'forwarded', today + 10 * H + 1000, '203.0.113.1', 200)
+      await detector.check()
+      t.same(await found(young), [], 'a key used for an hour is not judged')
+
+      // A key used every hour but 03:00 for two weeks, then rotated: its successor has one hour of its own.
+      const { keys } = testServices(store.db)
+      const old = await keys.create({ name: 'steady', type: 'service' }, ACTOR)
+      for (let back = 1; back <= 14 * 24; back++) if (new Date(today - back * H).getUTCHours() !== 3) await usage(old.record.id, today - back * H, 20)
+      const fresh = await keys.rotate(old.record.id, {}, ACTOR)
+      await usage(fresh.record.id, today, 300)
+      detector.count(fresh.record.id, 'forwarded', today + 1 * H + 1000, '203.0.113.1', 200)
+      await detector.check()
+      t.same(await found(fresh.record.id), [], "an hour its predecessor used is usual for the successor (before: judged on the successor's hour alone)")
+      detector.count(fresh.record.id, 'forwarded', today + 3 * H + 1000, '203.0.113.1', 200)
+      await detector.check()
+      t.same(await found(fresh.record.id), ['unusual_hour'], 'an hour the lineage never used is unusual, from the inherited history')
     })
 
     await t.test('an error-rate window shorter than a minute holds only its own requests', async (t) => {

@@ -252,6 +252,7 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0', '::ffff:10.0.0.1'] }), [], 'the usual forms pass')
   t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
   t.same(spelled({ scheduler: { usage_retention_days: 7 }, anomalies: { unusual_hour_history_days: 7 } }), [])
+  t.same(spelled({ anomalies: { unusual_hour_history_days: 7, unusual_hour_min_days: 8 } }), ['anomalies.unusual_hour_min_days: 8 is not allowed; expected at most anomalies.unusual_hour_history_days (7)'], 'a span the history read could never hold')
   // Before: accepted, and once the prune took the row the same key, type and window alerted again.
   t.same(
     spelled({ scheduler: { anomaly_retention_days: 1 }, anomalies: { dedupe_window_s: 604_800 } }),
