@@ -412,8 +412,9 @@ export class AnomalyDetector implements UsageSink {
     }
   }
 
-  /** The request path: counts in memory only. */
-  count(keyId: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number): void {
+  /** The request path: counts in memory only. A known key that was refused counts as the key's (an error answer from its address). */
+  count(authenticated: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number, refusedKeyId?: string): void {
+    const keyId = authenticated ?? refusedKeyId
     if (keyId === undefined) return
     const minute = nowMs - (nowMs % MINUTE_MS)
     const errMs = this.#t.error_rate_window_s * 1000

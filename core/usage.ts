@@ -23,9 +23,11 @@ function* batches(columns: ReadonlyArray<readonly unknown[]>): Generator<unknown
 export interface UsageSink {
   /**
    * `keyId` when the request authenticated; `outcome` is `forwarded` or the error code answered;
-   * `address` the client address and `status` the HTTP status answered (the anomaly detector).
+   * `address` the client address and `status` the HTTP status answered (the anomaly detector);
+   * `refusedKeyId` the stored key that was presented but refused (revoked, expired, outside its
+   * CIDR bindings): no use of the key for the usage rows, but a sign of a leak for the detector.
    */
-  count(keyId: string | undefined, outcome: string, nowMs: number, address?: string, status?: number): void
+  count(keyId: string | undefined, outcome: string, nowMs: number, address?: string, status?: number, refusedKeyId?: string): void
 }
 
 export const NO_USAGE: UsageSink = { count: () => {} }
@@ -36,8 +38,8 @@ export function teeUsage(...sinks: ReadonlyArray<UsageSink | undefined>): UsageS
   if (list.length === 0) return NO_USAGE
   if (list.length === 1) return list[0] as UsageSink
   return {
-    count(keyId, outcome, nowMs, address, status) {
-      for (let i = 0; i < list.length; i++) (list[i] as UsageSink).count(keyId, outcome, nowMs, address, status)
+    count(keyId, outcome, nowMs, address, status, refusedKeyId) {
+      for (let i = 0; i < list.length; i++) (list[i] as UsageSink).count(keyId, outcome, nowMs, address, status, refusedKeyId)
     },
   }
 }

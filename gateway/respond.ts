@@ -31,7 +31,7 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   // would have): counted as a request of the key, but neither as a refusal nor as an error
   // answer (no answer was given, and a slow upstream is not the key's doing).
   if (outcome === 'client_closed') ctx.usage.count(s.key?.id, 'forwarded', ctx.now(), s.address)
-  else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status)
+  else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status, s.refusedKeyId)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
   if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: pathOf(s.target), status, outcome, route: label, address: s.address, keyId: s.key?.id ?? null, ms })

@@ -44,6 +44,8 @@ export class RequestState {
   /** Bit set of the key sources that carried the presented key (see key-extract.ts). */
   keySources: number
   key: CachedKey | undefined
+  /** The stored key presented and refused (revoked, expired, outside its bindings): for the anomaly detector only, never the answer. */
+  refusedKeyId: string | undefined
   route: CompiledRoute | undefined
   /** RateLimit-* to answer with; limit < 0: none. */
   rlLimit: number
@@ -72,6 +74,7 @@ export class RequestState {
     this.presented = undefined
     this.keySources = 0
     this.key = undefined
+    this.refusedKeyId = undefined
     this.route = undefined
     this.rlLimit = -1
     this.rlRemaining = 0

@@ -39,6 +39,10 @@ export function createValidateStage(o: ValidateOptions): Stage {
   /** Counts a refused key, then ends its attempt: the failure is counted toward the lockout before another attempt from the address may start. */
   const refuse = async (s: RequestState, reason: BadKeyReason, keyId: string | undefined): Promise<StageResult> => {
     badKeys[reason].inc()
+    // A known key used where it may not be (outside its bindings, revoked, expired) counts toward
+    // its addresses and error rate: before, it raised nothing however many addresses tried it,
+    // the clearest sign of a leaked key (found by the anomalies review). The answer is the same.
+    s.refusedKeyId = keyId
     if (debug) log.debug('key refused', { request_id: s.id, reason, key_id: keyId ?? null, address: s.address })
     try {
       await lockout.finish(s.addressKey, true)

@@ -147,6 +147,30 @@ await forEachStore(t, async (t, store) => {
     t.equal(await rows(k3.record.id, 'request_rate'), 1)
   })
 
+  await t.test('a known key refused outside its bindings, or revoked, counts toward its addresses and error rate; the answer is unchanged', async (t) => {
+    const bound = await h.keys.create({ name: 'bound', type: 'service', allowed_cidrs: ['10.1.0.0/16'] }, ACTOR)
+    const answers = new Set<string>()
+    for (let i = 1; i <= 12; i++) {
+      const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/bound', { authorization: `Bearer ${bound.key}`, ...xff(100 + i) })
+      t.equal(a.status, 403)
+      answers.add(a.json.error.code)
+      if (i % gateways.length === 1) await flushSecond?.()
+    }
+    t.same([...answers], ['ip_blocked'], 'answered as before')
+    const spread = await sse((x) => x.key_id === bound.record.id && x.type === 'distinct_addresses')
+    t.ok(spread.details.addresses > 5, 'the outside addresses are counted (before: nothing was raised)')
+    await sse((x) => x.key_id === bound.record.id && x.type === 'error_rate')
+    const revoked = await h.keys.create({ name: 'revoked', type: 'service' }, ACTOR)
+    await h.keys.revoke(revoked.record.id, 'leaked', ACTOR)
+    for (let i = 0; i < 12; i++) t.equal((await h.through('/revoked', { authorization: `Bearer ${revoked.key}` })).status, 401)
+    const erring = await sse((x) => x.key_id === revoked.record.id && x.type === 'error_rate')
+    t.equal(erring.details.error_percent, 100)
+    await h.usage.flush()
+    const used = await h.db.query('SELECT 1 FROM api_key_usage WHERE key_id = ANY($1)', [[bound.record.id, revoked.record.id]])
+    t.same(used, [], 'no usage rows: a refusal is no use of the key (its usual hours, last_used_at)')
+    t.equal((await h.keys.get(bound.record.id)).lastUsedAt, null)
+  })
+
   await t.test('a finding the store refused is recorded when the key is next found', async (t) => {
     const k5 = await h.keys.create({ name: 'refused once', type: 'service' }, ACTOR)
     // A real trigger refuses this key's anomaly rows and counts its refusals in a sequence
@@ -218,7 +242,7 @@ await forEachStore(t, async (t, store) => {
     const next = await h.call('GET', `/v1/anomalies?limit=100&cursor=${page.json.next_cursor}`)
     t.notOk(next.json.items.some((a: any) => a.id === page.json.items[0].id), 'the next page starts after')
 
-    const later = (await h.db.query<{ id: string }>('SELECT id::text AS id FROM api_key_anomalies WHERE id > $1::bigint ORDER BY id', [first.id])).map((r) => r.id)
+    const later = (await h.db.query<{ id: string }>('SELECT id::text AS id FROM api_key_anomalies WHERE id > $1::bigint ORDER BY api_key_anomalies.id', [first.id])).map((r) => r.id)
     t.ok(later.length >= 3)
     const resumed = await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': first.id } })
     t.teardown(() => resumed.close())
