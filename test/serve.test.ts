@@ -1,6 +1,6 @@
 // `keygate serve` as a real process: the first admin key, a request through the gateway to a
 // loopback upstream, health, readiness and metrics, graceful shutdown with a request in flight,
-// --only, and usage errors. (--workers runs in test/admin-serve.test.ts.)
+// --only, and usage errors. (--workers runs in test/serve-workers.test.ts.)
 import t from 'tap'
 import net from 'node:net'
 import { closeSync, mkdtempSync, openSync } from 'node:fs'

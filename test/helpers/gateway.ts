@@ -363,3 +363,11 @@ export async function metric(registry: Registry, name: string, labels: Record<st
   const v = values.find((x) => Object.entries(labels).every(([k, l]) => x.labels[k] === l))
   return v?.value ?? NaN
 }
+
+/** A request to a running keygate (a new connection each time), JSON in and out; `token` as a Bearer credential. */
+export async function call(url: string, options: { method?: string; token?: string; body?: unknown; headers?: Record<string, string> } = {}) {
+  const headers: Record<string, string> = { ...(options.headers ?? {}) }
+  if (options.token) headers.authorization = `Bearer ${options.token}`
+  if (options.body !== undefined) headers['content-type'] = 'application/json'
+  return answerOf(await request(url, { method: (options.method ?? 'GET') as 'GET', headers, ...(options.body !== undefined ? { body: JSON.stringify(options.body) } : {}), reset: true }))
+}
