@@ -154,7 +154,7 @@ export async function runGroup<C>(
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   const log = cliLogger(io, config)
-  const runtime = await openRuntime(config, log, sub.readOnly ? { existingOnly: NO_STORE_HINT } : {})
+  const runtime = await openRuntime(config, log, { shortLived: true, ...(sub.readOnly ? { existingOnly: NO_STORE_HINT } : {}) })
   const opened = open(runtime, log, p.values.json === true)
   const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
   // Key events of changes made here are queued in the store; the running servers deliver them.
@@ -264,7 +264,7 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
   // The store is the one migrated (before, --admin-url was taken and ignored).
   refuseFlags(p, ['admin-url'], 'migrate does not use it: it works on the store itself (--data-dir, --database-url), never through an admin API; run it where it can reach the store')
   const config = configFrom(p, io)
-  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2 })
+  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2, shortLived: true })
   try {
     const { applied, newer } = await applyMigrations(db)
     // Exit 0 either way: the README's migration rule is that each migration leaves the release

@@ -126,11 +126,15 @@ async function serve(db: PGlite): Promise<void> {
 export interface WorkerOptions {
   dataDir: string | undefined
   seed: string | undefined
+  /** PostgreSQL's shared_buffers (such as '16MB'); undefined: its default, 128MB. */
+  sharedBuffers: string | undefined
 }
 
-const { dataDir, seed } = workerData as WorkerOptions
+const { dataDir, seed, sharedBuffers } = workerData as WorkerOptions
 try {
-  const db = seed === undefined ? await PGlite.create(dataDir) : await PGlite.create({ loadDataDir: await openAsBlob(seed) })
+  const startParams = sharedBuffers === undefined ? undefined : [...PGlite.defaultStartParams, '-c', `shared_buffers=${sharedBuffers}`]
+  const opening = seed === undefined ? { dataDir } : { loadDataDir: await openAsBlob(seed) }
+  const db = await PGlite.create({ ...opening, ...(startParams ? { startParams } : {}) })
   await serve(db)
   parentPort?.postMessage({ ready: true } satisfies Ready)
 } catch (err) {

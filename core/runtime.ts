@@ -26,8 +26,8 @@ export function keyServiceOptions(config: Config) {
   return { prefix: config.keys.prefix, previousPrefixes: config.keys.previous_prefixes, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
 }
 
-/** `lockedHint`, `existingOnly`: as core/db.ts OpenDbOptions has them. */
-export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string } = {}): Promise<Runtime> {
+/** `lockedHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. */
+export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string; shortLived?: boolean } = {}): Promise<Runtime> {
   const db = await openDb({
     databaseUrl: config.store.database_url,
     dataDir: config.store.data_dir,
@@ -35,6 +35,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     queryTimeoutMs: config.store.query_timeout_ms,
     ...(options.lockedHint ? { lockedHint: options.lockedHint } : {}),
     ...(options.existingOnly !== undefined ? { existingOnly: options.existingOnly } : {}),
+    ...(options.shortLived ? { shortLived: true } : {}),
   })
   try {
     const cipherOf = (sealed?: readonly string[]) =>

@@ -153,3 +153,19 @@ t.test('a seed that cannot be read fails the open with the reason', async (t) =>
   const err = await rejection(openDb({ memory: true, seed: join(tmpdir(), 'keygate-no-such-seed.tar') }))
   t.match(err.message, /ENOENT/)
 })
+
+t.test("a short command's store starts with 16 MB of shared buffers; serve's keeps PostgreSQL's 128 MB", async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-buffers-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const buffers = async (shortLived: boolean) => {
+    const db = await openDb({ dataDir: dir, shortLived })
+    try {
+      return (await db.query<{ shared_buffers: string }>('SHOW shared_buffers'))[0]?.shared_buffers
+    } finally {
+      await db.close()
+    }
+  }
+  t.equal(await buffers(true), '16MB', 'the CLI: a few queries never fill more')
+  t.equal(await buffers(false), '128MB', 'serve: the default')
+  t.equal(await buffers(true), '16MB', 'the same folder, opened short again')
+})
