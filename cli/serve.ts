@@ -119,6 +119,24 @@ interface TlsSource {
   onRenewal(apply: (pair: TlsPair) => void): void
 }
 
+/** A `TlsSource` holding `first` until `renew` hands it the next pair, which every listener then takes. */
+function renewable(first: TlsPair): { source: TlsSource; renew(pair: TlsPair): void } {
+  let pair = first
+  const renewals: ((pair: TlsPair) => void)[] = []
+  return {
+    source: {
+      get pair() {
+        return pair
+      },
+      onRenewal: (apply) => void renewals.push(apply),
+    },
+    renew(next) {
+      pair = next
+      for (const apply of renewals) apply(next)
+    },
+  }
+}
+
 /**
  * The certificate files of `tls`, read now and on every SIGHUP. A renewal is applied only once
  * the two files make a usable pair: one read half-way through a renewal (the new certificate
@@ -126,10 +144,9 @@ interface TlsSource {
  */
 function tlsFiles(tls: { cert: string; key: string }, log: Logger): TlsSource {
   const read = (): TlsPair => ({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
-  const renewals: ((pair: TlsPair) => void)[] = []
-  let pair: TlsPair
+  let current: ReturnType<typeof renewable>
   try {
-    pair = read()
+    current = renewable(read())
   } catch (err) {
     throw new KeygateError('config_invalid', `the TLS certificate ${tls.cert} or its key cannot be read: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
@@ -137,19 +154,13 @@ function tlsFiles(tls: { cert: string; key: string }, log: Logger): TlsSource {
     try {
       const renewed = read()
       createSecureContext(renewed)
-      pair = renewed
-      for (const apply of renewals) apply(renewed)
+      current.renew(renewed)
       log.info('reloaded TLS certificate', { cert: tls.cert })
     } catch (err) {
       log.error('could not reload TLS certificate; keeping the old one', { cert: tls.cert, err: err as Error })
     }
   })
-  return {
-    get pair() {
-      return pair
-    },
-    onRenewal: (apply) => void renewals.push(apply),
-  }
+  return current.source
 }
 
 function createServer(tls: TlsSource | undefined, options: http.ServerOptions): http.Server {
@@ -184,22 +195,14 @@ function fromWire(wire: WireTls): TlsPair {
  */
 function fromPrimary(): Promise<{ config: Config; tls: TlsSource | undefined }> {
   return new Promise((resolve, reject) => {
-    const renewals: ((pair: TlsPair) => void)[] = []
-    let pair: TlsPair | undefined
+    let current: ReturnType<typeof renewable> | undefined
     const onMessage = (m: WorkerMessage) => {
-      if (m?.keygate === 'tls' && pair) {
-        pair = fromWire(m.tls)
-        for (const apply of renewals) apply(pair)
+      if (m?.keygate === 'tls') {
+        current?.renew(fromWire(m.tls))
       } else if (m?.keygate === 'config') {
         clearTimeout(timer)
-        pair = m.tls ? fromWire(m.tls) : undefined
-        const tls: TlsSource | undefined = pair && {
-          get pair() {
-            return pair as TlsPair
-          },
-          onRenewal: (apply) => void renewals.push(apply),
-        }
-        resolve({ config: deepFreeze(m.config), tls })
+        current = m.tls ? renewable(fromWire(m.tls)) : undefined
+        resolve({ config: deepFreeze(m.config), tls: current?.source })
       }
     }
     const timer = setTimeout(() => {
