@@ -139,7 +139,7 @@ export const ConfigSchema = Type.Object(
     rate_limits: Type.Object(
       {
         per_address: Limit(1000, 1, 'Limit per client address.'),
-        ipv6_prefix_bits: int(64, 32, 128, { description: 'IPv6 clients are counted per network of this size for rate limits and lockouts (128: per address).' }),
+        ipv6_prefix_bits: int(64, 32, 128, { description: 'IPv6 clients are counted per network of this size for rate limits, lockouts and the `distinct_addresses` anomaly (128: per address).' }),
         per_key: Type.Object(
           {
             default: Limit(100, 1, 'Limit per key for types without their own.'),

@@ -16,6 +16,7 @@ import type { Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { TimedOut, within } from './deadline.ts'
 import { LINEAGE } from './keys/service.ts'
+import { addressKeyer } from './lockout.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -176,8 +177,13 @@ interface Tally {
   lastMs: number
   requests: number
   errors: number
+  /**
+   * The clients, as limits and lockouts count them (addressKeyer): an IPv4 address, an IPv6
+   * network of `rate_limits.ipv6_prefix_bits` (`2001:db8:1:2::/64`), since one host holds a whole
+   * /64 and rotates its temporary addresses within it.
+   */
   addresses: Set<string>
-  /** The address added last (keep-alive clients repeat theirs): skips the Set for a repeat. */
+  /** The address (as the gateway gave it) added last (keep-alive clients repeat theirs): skips the Set for a repeat. */
   lastAddress: string
 }
 
@@ -292,8 +298,8 @@ export async function answerWindows(windows: MemoryWindows, m: WindowsRequest): 
 
 /**
  * Adds addresses to a key's set for the hour while it holds fewer than ARGV[1] (the bound the
- * in-memory windows keep too: one key seen from a whole IPv6 /64 would otherwise add a member
- * per address), sets its expiry (ARGV[2] s) and answers its size.
+ * in-memory windows keep too: a key used from more networks than any sane threshold, or per
+ * address with `ipv6_prefix_bits` 128, would otherwise add a member for each), sets its expiry (ARGV[2] s) and answers its size.
  */
 const ADD_CAPPED = `local n = redis.call('SCARD', KEYS[1])
 local max = tonumber(ARGV[1])
@@ -361,6 +367,8 @@ export interface DetectorOptions {
   onAnomaly?: (type: AnomalyType) => void
   /** Where counts are pooled without Redis (a `--workers` primary); else this process's memory. */
   windows?: SharedWindows | undefined
+  /** `rate_limits.ipv6_prefix_bits`: an IPv6 client counts as its network of this size toward `distinct_addresses`, as it does for limits and lockouts. */
+  ipv6PrefixBits: number
 }
 
 /** A finding judged from the totals, before it is stored. */
@@ -385,6 +393,8 @@ export class AnomalyDetector implements UsageSink {
   readonly #anomalies: AnomalyLog
   readonly #memory: MemoryWindows
   readonly #shared: SharedWindows
+  /** An address → the client it counts as (IPv6: its network). */
+  readonly #clientOf: (address: string) => string
   /** By minute and key id. */
   readonly #pending = new ByWindow<Tally>()
   /** `key|type|window` already stored (by anyone): not tried again. */
@@ -404,6 +414,7 @@ export class AnomalyDetector implements UsageSink {
     this.#onAnomaly = options.onAnomaly
     this.#log = options.log
     this.#anomalies = new AnomalyLog(options.db)
+    this.#clientOf = addressKeyer(options.ipv6PrefixBits)
     this.#memory = new MemoryWindows(options.thresholds.error_rate_window_s)
     this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : (options.windows ?? this.#memory)
     if (options.checkIntervalMs > 0) {
@@ -430,7 +441,7 @@ export class AnomalyDetector implements UsageSink {
     t.requests++
     if (status !== undefined && status >= 400) t.errors++
     if (address && address !== t.lastAddress && t.addresses.size < MAX_ADDRESSES) {
-      t.addresses.add(address)
+      t.addresses.add(this.#clientOf(address))
       t.lastAddress = address
     }
     if (nowMs > t.lastMs) t.lastMs = nowMs

@@ -63,7 +63,7 @@ await forEachStore(t, async (t, store) => {
     const bus2 = new EventBus()
     bus2.on((e) => busEvents.push(e))
     t.teardown(h.webhooks.bind(bus2))
-    const d2 = new AnomalyDetector({ db: h.db, thresholds: h.config.anomalies, redis, channel, events: bus2, log: silentLogger, checkIntervalMs: 50 })
+    const d2 = new AnomalyDetector({ db: h.db, thresholds: h.config.anomalies, redis, channel, events: bus2, log: silentLogger, checkIntervalMs: 50, ipv6PrefixBits: h.config.rate_limits.ipv6_prefix_bits })
     t.teardown(() => d2.close())
     flushSecond = () => d2.check()
     const g2 = await startGateway(t, { store: { db: h.db, audit: h.audit, keys: h.keys, denyList: h.denyList }, redis, usage: d2, events: bus2, config: { gateway: config.gateway, anomalies: config.anomalies } })
@@ -134,6 +134,32 @@ await forEachStore(t, async (t, store) => {
     t.notOk(hook.body.includes(k1.key) || hook.body.includes(k1.record.keyHash), 'no key material in the payload')
     const list = await h.call('GET', `/v1/anomalies?key_id=${k1.record.id}`)
     t.same(list.json.items, [found], 'listed through the admin API')
+  })
+
+  await t.test('an IPv6 client counts as its /64 toward distinct_addresses; more networks than the threshold are an anomaly', async (t) => {
+    const k = await h.keys.create({ name: 'ipv6', type: 'service' }, ACTOR)
+    const use = async (i: number, address: string) => {
+      const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/v6', { authorization: `Bearer ${k.key}`, 'x-forwarded-for': address })
+      t.equal(a.status, 200)
+    }
+    // One host rotating temporary addresses within its /64 (before: 24 distinct addresses, an
+    // anomaly), and two IPv4 clients, one of them also written IPv4-mapped: IPv4 per address.
+    const oneHost = Array.from({ length: 24 }, (_, i) => `2001:db8:aa:1:${(i * 37 + 1).toString(16)}:${i.toString(16)}:9:${(i + 3).toString(16)}`)
+    const first = [...oneHost, '198.51.100.200', '::ffff:198.51.100.201', '::ffff:198.51.100.200']
+    for (const [i, address] of first.entries()) await use(i, address)
+    await flushSecond?.()
+    await h.detector?.check()
+    t.equal(await rows(k.record.id, 'distinct_addresses'), 0, 'three clients: no anomaly')
+
+    // Four more networks, two addresses each: seven clients, over the threshold of five.
+    const networks = [2, 3, 4, 5].map((n) => `2001:db8:aa:${n}`)
+    for (const [i, net] of networks.entries()) {
+      await use(i, `${net}::1`)
+      await use(i + 1, `${net}:ffff:ffff:ffff:fffe`)
+    }
+    const found = await sse((a) => a.key_id === k.record.id && a.type === 'distinct_addresses')
+    t.ok(found.details.addresses > 5 && found.details.addresses <= 7, 'counted per network')
+    t.ok(found.details.seen_here.every((c: string) => /^2001:db8:aa:[1-5]::\/64$/.test(c)), 'IPv6 clients listed as their networks')
   })
 
   await t.test('request rate above the threshold per minute', async (t) => {
@@ -330,7 +356,7 @@ t.test('a subscriber connection gone silent (half-open) is reconnected by its PI
 t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
   const lines: string[] = []
   const { server, db, redis, channel, got, until } = await feedOnTable(t, { log: createLogger({ level: 'warn', write: (l) => lines.push(l) }) })
-  const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 3 }, redis, channel, events: new EventBus(), log: silentLogger, checkIntervalMs: 0 })
+  const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 3 }, redis, channel, events: new EventBus(), log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
   t.teardown(() => detector.close())
   const burst = async (keyId: string) => {
     for (let i = 0; i < 5; i++) detector.count(keyId, 'forwarded', Date.now(), '192.0.2.1', 200)
@@ -365,7 +391,7 @@ t.test('Redis down for several checks is one warning for the outage, and one lin
   t.teardown(() => redis.disconnect())
   const lines: string[] = []
   const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
-  const detector = new AnomalyDetector({ db, thresholds: DEFAULT_CONFIG.anomalies, redis, channel, log: createLogger({ level: 'debug', write: (l) => lines.push(l) }), checkIntervalMs: 0 })
+  const detector = new AnomalyDetector({ db, thresholds: DEFAULT_CONFIG.anomalies, redis, channel, log: createLogger({ level: 'debug', write: (l) => lines.push(l) }), checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
   t.teardown(() => detector.close())
   const said = (level: string) => lines.map((l) => JSON.parse(l) as { level: string; message: string }).filter((l) => l.level === level && l.message.includes('anomaly windows'))
   /** One check interval with traffic. */
@@ -582,7 +608,7 @@ await forEachStore(
         },
       })
       const keyId = `HIST${randomBytes(4).toString('hex').toUpperCase()}`
-      const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 5 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 5 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
       t.teardown(() => detector.close())
       const now = Date.now()
       for (let i = 0; i < 10; i++) detector.count(keyId, 'forwarded', now, '203.0.113.1', 200)
@@ -598,7 +624,7 @@ await forEachStore(
 
     await t.test('an unusual-hour finding the store refused is recorded at the key\'s next request in that hour', async (t) => {
       const keyId = `HOUR${randomBytes(4).toString('hex').toUpperCase()}`
-      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
       t.teardown(() => detector.close())
       const H = 3_600_000
       const today = Date.UTC(2026, 10, 30)
@@ -619,7 +645,7 @@ await forEachStore(
     })
 
     await t.test("a young key's hours are not judged, and a rotated key keeps its predecessor's history", async (t) => {
-      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
       t.teardown(() => detector.close())
       const H = 3_600_000
       const today = Date.UTC(2026, 10, 30)
@@ -648,7 +674,7 @@ await forEachStore(
 
     await t.test('an error-rate window shorter than a minute holds only its own requests', async (t) => {
       // Allowed settings: error_rate_window_s 10, and a check less often than that.
-      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies, error_rate_window_s: 10 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies, error_rate_window_s: 10 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
       t.teardown(() => detector.close())
       const [apart, together] = [`ERRA${randomBytes(4).toString('hex')}`, `ERRB${randomBytes(4).toString('hex')}`]
       const m = Date.UTC(2026, 10, 30, 12, 0, 0)
@@ -674,7 +700,7 @@ await forEachStore(
         },
       })
       const [a, b] = [`CLOSEA${randomBytes(3).toString('hex')}`, `CLOSEB${randomBytes(3).toString('hex')}`]
-      const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0 })
+      const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
       const now = Date.now()
       detector.count(a, 'forwarded', now, '203.0.113.1', 200)
       const running = detector.check()

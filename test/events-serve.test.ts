@@ -111,13 +111,15 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   await after.close()
 })
 
-/** Four addresses use `key` through a `--workers 2` gateway: 192.0.2.1 and .2 on one worker, .3 and .4 on the other. */
-async function twoAddressesEach(t: Test, gateway: string, key: string): Promise<void> {
-  const [first, second] = await connectionPerWorker(t, gateway, 2)
-  for (let i = 1; i <= 4; i++) {
-    const r = await (i <= 2 ? first : second)!.request({ method: 'GET', path: '/x', headers: { authorization: `Bearer ${key}`, 'x-forwarded-for': `192.0.2.${i}` } })
-    await r.body.dump()
-    t.equal(r.statusCode, 200)
+/** `key` is used through a `--workers 2` gateway from each of `addresses` (one list for each worker). */
+async function usedFrom(t: Test, gateway: string, key: string, addresses: [string[], string[]]): Promise<void> {
+  const workers = await connectionPerWorker(t, gateway, 2)
+  for (const [w, list] of addresses.entries()) {
+    for (const address of list) {
+      const r = await workers[w]!.request({ method: 'GET', path: '/x', headers: { authorization: `Bearer ${key}`, 'x-forwarded-for': address } })
+      await r.body.dump()
+      t.equal(r.statusCode, 200)
+    }
   }
 }
 
@@ -148,7 +150,10 @@ t.test("serve --workers 2 without Redis: the workers' counts are judged together
   const key = await post('/v1/keys', { name: 'workers', type: 'user' })
   // Four addresses, two on each worker, under the threshold of three for either alone. The
   // workers' counts are pooled in the primary, so the key's four addresses are one anomaly.
-  await twoAddressesEach(t, served.gateway, key.key)
+  await usedFrom(t, served.gateway, key.key, [
+    ['192.0.2.1', '192.0.2.2'],
+    ['192.0.2.3', '192.0.2.4'],
+  ])
   const servedBy = new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0]))
   t.equal(servedBy.size, 2, 'both workers served the key (request ids carry a per-process prefix)')
   const anomaly = JSON.parse((await stream.next()).data)
@@ -178,15 +183,20 @@ t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM stil
   const served = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
   const created = await request(`${served.admin}/v1/keys`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' }, body: JSON.stringify({ name: 'last-check', type: 'user' }) })
   const key = JSON.parse(await created.body.text())
-  // Two addresses on each worker: under the threshold for either alone.
-  await twoAddressesEach(t, served.gateway, key.key)
+  // Two IPv4 addresses and two of one IPv6 /64 on each worker: three clients for either alone
+  // (the /64 is one client), under the threshold; five over both. Before, each IPv6 address
+  // counted on its own, so either worker alone found four.
+  await usedFrom(t, served.gateway, key.key, [
+    ['192.0.2.1', '192.0.2.2', '2001:db8:7:7::1', '2001:db8:7:7:8000::2'],
+    ['192.0.2.3', '192.0.2.4', '2001:db8:7:7::3', '2001:db8:7:7:ffff::4'],
+  ])
   t.equal(new Set(upstream.received.map((r) => r.headers['x-request-id']?.toString().split('-')[0])).size, 2, 'both workers served the key')
   t.equal(await served.stop('SIGTERM'), 0)
   const db = new pg.Client({ connectionString: databaseUrl })
   await db.connect()
   t.teardown(() => db.end())
   const { rows } = await db.query<{ type: string; details: { addresses?: number } }>('SELECT type, details FROM api_key_anomalies WHERE key_id = $1', [key.id])
-  t.match(rows, [{ type: 'distinct_addresses', details: { addresses: 4 } }], "one anomaly, judged at shutdown over both workers' counts")
+  t.match(rows, [{ type: 'distinct_addresses', details: { addresses: 5 } }], "one anomaly, judged at shutdown over both workers' counts, the /64 as one client")
 })
 
 t.test('serve killed (SIGKILL) in the middle of revocations: every revocation that committed has its key.revoked delivery queued', async (t) => {

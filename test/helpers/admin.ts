@@ -167,7 +167,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   if (upstream) {
     const a = config.anomalies
     if (a.enabled) {
-      const d = new AnomalyDetector({ db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log: silentLogger, checkIntervalMs: a.check_interval_ms })
+      const d = new AnomalyDetector({ db, thresholds: a, redis, channel: config.redis.anomaly_channel, events, log: silentLogger, checkIntervalMs: a.check_interval_ms, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits })
       t.teardown(() => d.close())
       detector = d
     }
