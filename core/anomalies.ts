@@ -193,11 +193,16 @@ interface Totals {
   errWindowRequests: number
   errWindowErrors: number
   distinctAddresses: number
+  /** When distinctAddresses is over the `over` asked for: up to SEEN of the hour's addresses the window holds (else none). */
+  seen: string[]
 }
 
-/** Windows shared by every instance (Redis) or held by this one (memory). */
+/**
+ * Windows shared by every instance (Redis) or held by this one (memory). `over`: a key whose
+ * hour holds more addresses than this has some of them read back (`Totals.seen`).
+ */
 export interface SharedWindows {
-  add(tallies: readonly Tally[]): Promise<Totals[]>
+  add(tallies: readonly Tally[], over: number): Promise<Totals[]>
 }
 
 const MINUTE_MS = 60_000
@@ -205,6 +210,18 @@ const MINUTE_MS = 60_000
 const MAX_UNPUBLISHED = 1000
 /** A key's addresses kept between two checks; enough to cross any sane threshold. */
 const MAX_ADDRESSES = 1000
+/** The addresses a `distinct_addresses` finding lists (`seen_here`). */
+const SEEN = 20
+
+/** The first `n` of a set, in the order they were added. */
+function firstOf(set: Set<string>, n: number): string[] {
+  const out: string[] = []
+  for (const a of set) {
+    if (out.length === n) break
+    out.push(a)
+  }
+  return out
+}
 
 export class MemoryWindows implements SharedWindows {
   readonly #counts = new Map<string, { n: number; until: number }>()
@@ -216,7 +233,7 @@ export class MemoryWindows implements SharedWindows {
     this.#errWindowMs = errWindowS * 1000
   }
 
-  async add(tallies: readonly Tally[]): Promise<Totals[]> {
+  async add(tallies: readonly Tally[], over: number): Promise<Totals[]> {
     const now = tallies.reduce((m, t) => Math.max(m, t.lastMs), 0)
     if (now - this.#lastSweep > MINUTE_MS) {
       this.#lastSweep = now
@@ -239,6 +256,7 @@ export class MemoryWindows implements SharedWindows {
         errWindowRequests: incr(`q:${t.keyId}:${t.errWindow}`, t.requests, errUntil),
         errWindowErrors: incr(`e:${t.keyId}:${t.errWindow}`, t.errors, errUntil),
         distinctAddresses: set.s.size,
+        seen: set.s.size > over ? firstOf(set.s, SEEN) : [],
       }
     })
   }
@@ -248,7 +266,7 @@ export class MemoryWindows implements SharedWindows {
 type WireTally = Omit<Tally, 'addresses'> & { addresses: string[] }
 
 /** What a gateway worker asks its primary, and what it answers (cli/serve.ts routes them). */
-export type WindowsRequest = { keygate: 'windows'; id: number; tallies: WireTally[] }
+export type WindowsRequest = { keygate: 'windows'; id: number; tallies: WireTally[]; over: number }
 export type WindowsAnswer = { keygate: 'windows-totals'; id: number; totals: Totals[] }
 
 /**
@@ -267,7 +285,7 @@ export class ClusterWindows implements SharedWindows {
     this.#timeoutMs = timeoutMs
   }
 
-  add(tallies: readonly Tally[]): Promise<Totals[]> {
+  add(tallies: readonly Tally[], over: number): Promise<Totals[]> {
     const id = ++this.#next
     return new Promise<Totals[]>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -276,7 +294,7 @@ export class ClusterWindows implements SharedWindows {
       }, this.#timeoutMs)
       timer.unref()
       this.#waiting.set(id, { resolve, timer })
-      this.#send({ keygate: 'windows', id, tallies: tallies.map((t) => ({ ...t, addresses: [...t.addresses] })) })
+      this.#send({ keygate: 'windows', id, tallies: tallies.map((t) => ({ ...t, addresses: [...t.addresses] })), over })
     })
   }
 
@@ -292,23 +310,32 @@ export class ClusterWindows implements SharedWindows {
 
 /** The primary's side of ClusterWindows: adds a worker's tallies to its own memory windows. */
 export async function answerWindows(windows: MemoryWindows, m: WindowsRequest): Promise<WindowsAnswer> {
-  const totals = await windows.add(m.tallies.map((t) => ({ ...t, addresses: new Set(t.addresses) })))
+  const totals = await windows.add(
+    m.tallies.map((t) => ({ ...t, addresses: new Set(t.addresses) })),
+    m.over,
+  )
   return { keygate: 'windows-totals', id: m.id, totals }
 }
 
 /**
- * Adds addresses to a key's set for the hour while it holds fewer than ARGV[1] (the bound the
- * in-memory windows keep too: a key used from more networks than any sane threshold, or per
- * address with `ipv6_prefix_bits` 128, would otherwise add a member for each), sets its expiry (ARGV[2] s) and answers its size.
+ * Adds the addresses ARGV[5..] to a key's set for the hour while it holds fewer than ARGV[1]
+ * (the bound the in-memory windows keep too: a key used from more networks than any sane
+ * threshold, or per address with `ipv6_prefix_bits` 128, would otherwise add a member for each),
+ * sets its expiry (ARGV[2] s) when it added any, and answers its size, followed, when that is
+ * over ARGV[3], by up to ARGV[4] of its members (read in the same round trip: a finding lists
+ * the hour's addresses, not only those of the check that crossed the threshold).
  */
 const ADD_CAPPED = `local n = redis.call('SCARD', KEYS[1])
 local max = tonumber(ARGV[1])
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   if n >= max then break end
   n = n + redis.call('SADD', KEYS[1], ARGV[i])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return n`
+if #ARGV >= 5 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if n <= tonumber(ARGV[3]) then return {n} end
+local seen = redis.call('SRANDMEMBER', KEYS[1], ARGV[4])
+table.insert(seen, 1, n)
+return seen`
 
 export class RedisWindows implements SharedWindows {
   readonly #redis: Redis
@@ -321,7 +348,7 @@ export class RedisWindows implements SharedWindows {
     this.#errWindowS = errWindowS
   }
 
-  async add(tallies: readonly Tally[]): Promise<Totals[]> {
+  async add(tallies: readonly Tally[], over: number): Promise<Totals[]> {
     const m = this.#redis.multi()
     const p = this.#prefix
     for (const t of tallies) {
@@ -329,23 +356,17 @@ export class RedisWindows implements SharedWindows {
       m.incrby(`${k}:r:${t.minute}`, t.requests).expire(`${k}:r:${t.minute}`, 120)
       m.incrby(`${k}:q:${t.errWindow}`, t.requests).expire(`${k}:q:${t.errWindow}`, 2 * this.#errWindowS)
       m.incrby(`${k}:e:${t.errWindow}`, t.errors).expire(`${k}:e:${t.errWindow}`, 2 * this.#errWindowS)
-      if (t.addresses.size > 0) m.eval(ADD_CAPPED, 1, `${k}:a:${t.hour}`, MAX_ADDRESSES, 7200, ...t.addresses)
-      else m.scard(`${k}:a:${t.hour}`)
+      m.eval(ADD_CAPPED, 1, `${k}:a:${t.hour}`, MAX_ADDRESSES, 7200, over, SEEN, ...t.addresses)
     }
     const results = (await m.exec()) ?? []
     const values = results.map(([err, v]) => {
       if (err) throw err
-      return Number(v)
+      return v
     })
     const out: Totals[] = []
-    let i = 0
-    for (const t of tallies) {
-      const perMinute = values[i] as number
-      const errWindowRequests = values[i + 2] as number
-      const errWindowErrors = values[i + 4] as number
-      i += 6
-      out.push({ perMinute, errWindowRequests, errWindowErrors, distinctAddresses: values[i] as number })
-      i += 1
+    for (let i = 0; i < values.length; i += 7) {
+      const [distinct, ...seen] = values[i + 6] as [number, ...string[]]
+      out.push({ perMinute: Number(values[i]), errWindowRequests: Number(values[i + 2]), errWindowErrors: Number(values[i + 4]), distinctAddresses: distinct, seen })
     }
     return out
   }
@@ -465,7 +486,7 @@ export class AnomalyDetector implements UsageSink {
     let totals: Totals[]
     const shared = this.#redis ? 'Redis' : 'the primary'
     try {
-      totals = await this.#shared.add(tallies)
+      totals = await this.#shared.add(tallies, this.#t.distinct_addresses_per_hour)
       if (this.#sharedDown) this.#log.info(`${shared} answers again for anomaly windows; judging every instance's counts again`)
       this.#sharedDown = false
     } catch (err) {
@@ -474,7 +495,7 @@ export class AnomalyDetector implements UsageSink {
       if (this.#sharedDown) this.#log.debug(`${shared} is still unavailable for anomaly windows`, { err: err as Error })
       else this.#log.warn(`${shared} is unavailable for anomaly windows; judging this process alone until it returns (logged once until it does)`, { err: err as Error })
       this.#sharedDown = true
-      totals = await this.#memory.add(tallies)
+      totals = await this.#memory.add(tallies, this.#t.distinct_addresses_per_hour)
     }
     const findings: Finding[] = []
     tallies.forEach((t, i) => findings.push(...this.#judge(t, totals[i] as Totals)))
@@ -518,7 +539,8 @@ export class AnomalyDetector implements UsageSink {
         keyId,
         atMs,
         type: 'distinct_addresses',
-        details: { addresses: x.distinctAddresses, per_hour_limit: this.#t.distinct_addresses_per_hour, hour: new Date(t.hour).toISOString(), seen_here: [...t.addresses].slice(0, 20) },
+        // The hour's addresses the windows hold (with Redis, any instance's), not only this check's.
+        details: { addresses: x.distinctAddresses, per_hour_limit: this.#t.distinct_addresses_per_hour, hour: new Date(t.hour).toISOString(), seen_here: x.seen },
       })
     }
     return out

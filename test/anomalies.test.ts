@@ -110,7 +110,10 @@ await forEachStore(t, async (t, store) => {
     const found = await sse((a) => a.key_id === k1.record.id && a.type === 'distinct_addresses')
     t.ok(found.details.addresses > 5, 'more than 5 addresses counted')
     t.equal(found.details.per_hour_limit, 5)
-    if (withRedis) t.ok(found.details.seen_here.length < found.details.addresses, 'each instance saw only part of the addresses; Redis counted them together')
+    // Before, only the addresses of the check that crossed the threshold (with Redis, one
+    // instance's share of them): now the hour's, as the windows hold them.
+    t.equal(found.details.seen_here.length, Math.min(found.details.addresses, 20), "seen_here lists the hour's addresses")
+    t.ok(found.details.seen_here.every((a: string) => /^198\.51\.100\.([1-9]|1[0-9]|20)$/.test(a)), 'each one an address of the burst')
 
     // A later anomaly of another key is the barrier: everything about the first came before it.
     for (let i = 0; i < 12; i++) t.equal((await h.through('/secure/x', { authorization: `Bearer ${k2.key}` })).status, 403)
@@ -136,7 +139,7 @@ await forEachStore(t, async (t, store) => {
     t.same(list.json.items, [found], 'listed through the admin API')
   })
 
-  await t.test('an IPv6 client counts as its /64 toward distinct_addresses; more networks than the threshold are an anomaly', async (t) => {
+  await t.test('an IPv6 client counts as its /64 toward distinct_addresses; more networks than the threshold are an anomaly listing the hour\'s addresses', async (t) => {
     const k = await h.keys.create({ name: 'ipv6', type: 'service' }, ACTOR)
     const use = async (i: number, address: string) => {
       const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/v6', { authorization: `Bearer ${k.key}`, 'x-forwarded-for': address })
@@ -158,8 +161,12 @@ await forEachStore(t, async (t, store) => {
       await use(i + 1, `${net}:ffff:ffff:ffff:fffe`)
     }
     const found = await sse((a) => a.key_id === k.record.id && a.type === 'distinct_addresses')
+    const clients = ['2001:db8:aa:1::/64', '198.51.100.200', '198.51.100.201', ...networks.map((n) => `${n}::/64`)]
     t.ok(found.details.addresses > 5 && found.details.addresses <= 7, 'counted per network')
-    t.ok(found.details.seen_here.every((c: string) => /^2001:db8:aa:[1-5]::\/64$/.test(c)), 'IPv6 clients listed as their networks')
+    const listed = [...found.details.seen_here].sort()
+    t.equal(listed.length, found.details.addresses, "seen_here lists the hour's clients, the earlier checks' too")
+    t.ok(listed.every((c: string) => clients.includes(c)), 'IPv6 clients listed as their networks')
+    t.ok(['2001:db8:aa:1::/64', '198.51.100.200', '198.51.100.201'].every((c) => listed.includes(c)), 'with the clients of the checks before the threshold was crossed')
   })
 
   await t.test('request rate above the threshold per minute', async (t) => {
@@ -425,12 +432,18 @@ t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-
   const hour = Date.now() - (Date.now() % BUCKET_MS)
   const tally = (addresses: string[]) => ({ keyId: 'capkey', minute: hour, errWindow: hour, hour, lastMs: Date.now(), requests: 1, errors: 0, addresses: new Set(addresses), lastAddress: '' })
   const v6 = (from: number, n: number) => Array.from({ length: n }, (_, i) => `2001:db8::${(from + i).toString(16)}`)
-  t.equal((await windows.add([tally(v6(0, 3))]))[0]?.distinctAddresses, 3)
-  t.equal((await windows.add([tally(v6(0, 3))]))[0]?.distinctAddresses, 3, 'the same addresses again count once')
-  t.equal((await windows.add([tally([])]))[0]?.distinctAddresses, 3, 'a check without addresses reads the count')
-  // One key seen from a whole IPv6 /64: before, every address became a member (72 bytes each, for two hours).
-  t.equal((await windows.add([tally(v6(3, 900))]))[0]?.distinctAddresses, 903)
-  t.equal((await windows.add([tally(v6(903, 900))]))[0]?.distinctAddresses, 1000, 'the count stops at the bound')
+  t.equal((await windows.add([tally(v6(0, 3))], 5))[0]?.distinctAddresses, 3)
+  t.equal((await windows.add([tally(v6(0, 3))], 5))[0]?.distinctAddresses, 3, 'the same addresses again count once')
+  t.equal((await windows.add([tally([])], 5))[0]?.distinctAddresses, 3, 'a check without addresses reads the count')
+  t.same((await windows.add([tally([])], 5))[0]?.seen, [], 'no addresses read back while the count is not over the threshold asked for')
+  t.same((await windows.add([tally([])], 2))[0]?.seen?.sort(), v6(0, 3).sort(), "over it, the hour's addresses, in the same round trip")
+  // One key seen from a great many addresses (per address with ipv6_prefix_bits 128, or from as
+  // many networks): before, every address became a member (72 bytes each, for two hours).
+  const many = (await windows.add([tally(v6(3, 900))], 5))[0]
+  t.equal(many?.distinctAddresses, 903)
+  t.equal(many?.seen.length, 20, 'at most 20 read back')
+  t.ok(many?.seen.every((a) => /^2001:db8::[0-9a-f]+$/.test(a)), "each one of the hour's")
+  t.equal((await windows.add([tally(v6(903, 900))], 5))[0]?.distinctAddresses, 1000, 'the count stops at the bound')
   const key = `${prefix}:{capkey}:a:${hour}`
   t.equal(await redis.scard(key), 1000, 'and so does the set')
   t.ok((await redis.ttl(key)) > 7000, 'it expires with the hour')

@@ -185,7 +185,7 @@ t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM stil
   const key = JSON.parse(await created.body.text())
   // Two IPv4 addresses and two of one IPv6 /64 on each worker: three clients for either alone
   // (the /64 is one client), under the threshold; five over both. Before, each IPv6 address
-  // counted on its own, so either worker alone found four.
+  // counted on its own, so either worker alone found four, and listed only its own addresses.
   await usedFrom(t, served.gateway, key.key, [
     ['192.0.2.1', '192.0.2.2', '2001:db8:7:7::1', '2001:db8:7:7:8000::2'],
     ['192.0.2.3', '192.0.2.4', '2001:db8:7:7::3', '2001:db8:7:7:ffff::4'],
@@ -195,8 +195,9 @@ t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM stil
   const db = new pg.Client({ connectionString: databaseUrl })
   await db.connect()
   t.teardown(() => db.end())
-  const { rows } = await db.query<{ type: string; details: { addresses?: number } }>('SELECT type, details FROM api_key_anomalies WHERE key_id = $1', [key.id])
+  const { rows } = await db.query<{ type: string; details: { addresses?: number; seen_here?: string[] } }>('SELECT type, details FROM api_key_anomalies WHERE key_id = $1', [key.id])
   t.match(rows, [{ type: 'distinct_addresses', details: { addresses: 5 } }], "one anomaly, judged at shutdown over both workers' counts, the /64 as one client")
+  t.same(rows[0]?.details.seen_here?.sort(), ['192.0.2.1', '192.0.2.2', '192.0.2.3', '192.0.2.4', '2001:db8:7:7::/64'], "it lists the clients of both workers, from the primary's window")
 })
 
 t.test('serve killed (SIGKILL) in the middle of revocations: every revocation that committed has its key.revoked delivery queued', async (t) => {
