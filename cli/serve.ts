@@ -431,7 +431,7 @@ function processEvents(
     role.gateway && a.enabled
       ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, windows, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits, ...(onAnomaly ? { onAnomaly } : {}) })
       : undefined
-  const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log, history: anomalyHistory(new AnomalyLog(runtime.db)) }) : undefined
+  const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log, history: anomalyHistory(new AnomalyLog(runtime.db)), pollMs: config.admin.stream_poll_ms }) : undefined
   return {
     events,
     webhooks,

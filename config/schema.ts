@@ -123,6 +123,10 @@ export const ConfigSchema = Type.Object(
           description:
             'Seconds between the comment lines an anomaly stream sends while quiet, so that a proxy in between does not close it as idle (keep it below the shortest idle timeout on the way); a stream opened with an admin key that another instance revoked also ends at the next one.',
         }),
+        stream_poll_ms: int(1000, 100, 60_000, {
+          description:
+            "Without Redis: how often, while an anomaly stream is open, this instance reads api_key_anomalies for the anomalies other instances found (at most 500 a read), so its streams carry every instance's; not used with Redis, whose channel announces them.",
+        }),
         allowed_hosts: Type.Array(Type.String({ pattern: '^(?:\\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$', maxLength: 253 }), {
           default: [],
           description:

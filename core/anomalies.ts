@@ -142,6 +142,12 @@ export class AnomalyLog {
     return rows.map(toAnomaly)
   }
 
+  /** The ids of the newest `limit` rows, newest first (no row read: where a feed's poll begins). */
+  async newestIds(limit: number): Promise<string[]> {
+    const rows = await this.#db.query<{ id: string }>(`SELECT id::text AS id FROM api_key_anomalies ORDER BY ${BY_ID} DESC LIMIT $1`, [limit])
+    return rows.map((r) => r.id)
+  }
+
   /** The rows with these ids, oldest first (one query, however many ids). */
   async among(ids: readonly string[]): Promise<Anomaly[]> {
     const rows = await this.#db.query<AnomalyRow>(`SELECT ${COLUMNS} FROM api_key_anomalies WHERE id = ANY($1::bigint[]) ORDER BY ${BY_ID}`, [ids])
@@ -652,6 +658,8 @@ export interface AnomalyHistory {
   after(id: string, limit: number): Promise<AnomalyJson[]>
   /** The anomalies with these ids (one read), oldest first; an id with none is left out. */
   among(ids: readonly string[]): Promise<AnomalyJson[]>
+  /** The ids of the newest `limit` anomalies, newest first. */
+  newestIds(limit: number): Promise<string[]>
 }
 
 /** The table as a feed's history. */
@@ -660,6 +668,7 @@ export function anomalyHistory(log: AnomalyLog): AnomalyHistory {
     latestId: async () => (await log.list({ limit: 1 }))[0]?.id,
     after: async (id, limit) => (await log.after(id, limit)).map(anomalyJson),
     among: async (ids) => (await log.among(ids)).map(anomalyJson),
+    newestIds: (limit) => log.newestIds(limit),
   }
 }
 
@@ -698,14 +707,133 @@ const SUBSCRIBER_CHECK_MS = 5_000
 /** Ids named on the channel that wait for the next read of the table; more are dropped (a flood). */
 export const MAX_WAITING = 1_000
 
+/** Without Redis: how often a feed reads the table for other instances' findings (admin.stream_poll_ms). */
+export const POLL_MS = 1_000
+/** Anomalies one poll of the table reads at most after the newest it read; the rest wait for the next. */
+export const POLL_PAGE = 500
+
+/**
+ * Without Redis, the table read every `everyMs` while `wanted()` (a stream is open): the other
+ * instances' findings, which no message announces. Each poll reads the rows above the newest id
+ * it read (a page at most), and looks again at the ids it passed that had no row, within
+ * LATE_WINDOW below that newest: ids are taken at INSERT and seen at COMMIT, so another
+ * instance's lower id can appear after a higher one was read. `deliver` drops what the event bus
+ * delivered already. Stopped, it forgets where it was: a stream opened later gets only what is
+ * recorded after it opened (what it missed comes from its Last-Event-ID).
+ */
+function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; deliver: (a: AnomalyJson) => void; delivered: (id: string) => boolean; wanted: () => boolean }) {
+  const window = BigInt(LATE_WINDOW)
+  /** The newest id read: where the next poll reads from. */
+  let cursor: bigint | undefined
+  /** Ids below `cursor` (within the window) that had no row when passed. */
+  const gaps = new Set<string>()
+  let timer: NodeJS.Timeout | undefined
+  let polling = false
+  let beginning: Promise<void> | undefined
+  /** Streams between start() and their listener: the poll goes on for them. */
+  let starting = 0
+  /** Bumped by a stop: a read that began before it changes nothing after it. */
+  let run = 0
+  const failedLog = oncePer(DROPPED_LOG_MS)
+  let failed = 0
+  const failure = (err: unknown) => {
+    failed++
+    if (!failedLog()) return
+    o.log.warn("could not read the table for other instances' anomalies; read again at the next poll", { failed_reads: failed, err: err as Error })
+    failed = 0
+  }
+  const prune = () => {
+    for (const id of gaps) if (cursor === undefined || BigInt(id) <= cursor - window || o.delivered(id)) gaps.delete(id)
+  }
+  /** Notes the ids between `from` and `to` (both excluded) as passed without a row, within the window below `top`. */
+  const passed = (from: bigint, to: bigint, top: bigint) => {
+    for (let id = to - 1n; id > from && id > top - window && id > 0n; id--) gaps.add(String(id))
+  }
+  /** Where the table is now; the ids just below its newest that have no row may be open inserts. */
+  const begin = async (me: number) => {
+    const ids = (await o.history.newestIds(LATE_WINDOW)).map(BigInt)
+    if (me !== run) return
+    const top = ids[0] ?? 0n
+    let above = top
+    for (const id of ids) {
+      passed(id, above, top)
+      above = id
+    }
+    // Fewer rows than the window: none below the oldest.
+    passed(0n, above, top)
+    cursor = top
+  }
+  const begun = (): Promise<void> => {
+    if (beginning) return beginning
+    const b: Promise<void> = begin(run).finally(() => {
+      if (beginning === b) beginning = undefined
+    })
+    return (beginning = b)
+  }
+  const poll = async () => {
+    const me = run
+    if (cursor === undefined) return begun()
+    prune()
+    const late = gaps.size > 0 ? await o.history.among([...gaps]) : []
+    const page = await o.history.after(String(cursor), POLL_PAGE)
+    if (me !== run) return
+    for (const a of late) gaps.delete(a.id)
+    const top = page.length > 0 ? BigInt((page.at(-1) as AnomalyJson).id) : cursor
+    let below = cursor
+    for (const a of page) {
+      passed(below, BigInt(a.id), top)
+      below = BigInt(a.id)
+    }
+    cursor = top
+    prune()
+    // In id order: the late ones are all below where the page began.
+    late.forEach(o.deliver)
+    page.forEach(o.deliver)
+  }
+  const stop = () => {
+    clearInterval(timer)
+    timer = undefined
+    cursor = undefined
+    beginning = undefined
+    gaps.clear()
+    run++
+  }
+  const tick = async (): Promise<void> => {
+    if (!o.wanted() && starting === 0) return stop()
+    if (polling) return
+    polling = true
+    await poll()
+      .catch(failure)
+      .finally(() => (polling = false))
+  }
+  return {
+    /** Polls from now on, once it knows where the table is (or could not read it: the next poll tries again). */
+    async start(): Promise<void> {
+      if (timer === undefined) {
+        timer = setInterval(() => void tick(), o.everyMs)
+        timer.unref()
+      }
+      if (cursor !== undefined) return
+      starting++
+      await begun()
+        .catch(failure)
+        .finally(() => starting--)
+    },
+    stop,
+  }
+}
+
 /**
  * Every anomaly found by any instance, as it is recorded: with Redis, from the table, read when
- * the channel announces one (an instance's own finding comes back on it too); from this
- * process's event bus otherwise. The admin SSE stream listens here.
+ * the channel announces one (an instance's own finding comes back on it too); without Redis, from
+ * this process's event bus at once and, while a stream is open, from the table every
+ * `admin.stream_poll_ms` (the other instances' findings), each once. The admin SSE stream
+ * listens here, and calls `ready()` before it does.
  */
 export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
   #stop: () => void
+  #ready: () => Promise<void> = () => Promise.resolve()
 
   /**
    * With Redis, `history` (the table) is required: it is the only source of what is streamed. A
@@ -721,7 +849,7 @@ export class AnomalyFeed {
    * meanwhile (at most MAX_WAITING of them): before, each message was a read of its own, all at
    * once, so a flood of messages (forged, or another deployment's) was as many concurrent reads.
    */
-  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory; checkIntervalMs?: number }) {
+  constructor(options: { redis?: Redis | undefined; channel: string; events: EventBus; log: Logger; history?: AnomalyHistory; checkIntervalMs?: number; pollMs?: number }) {
     // With Redis an anomaly can be announced twice (read from the table with a later one, then
     // published again by its instance): each id is delivered once.
     const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: DELIVERED }) : undefined
@@ -897,15 +1025,46 @@ export class AnomalyFeed {
         sub.disconnect()
       }
     } else {
-      this.#stop = options.events.on((e) => {
-        if (e.type === 'anomaly.detected') deliver(e.data as AnomalyJson)
+      // This process's findings come on the bus, and may be read from the table too (a poll
+      // between the insert's commit and the emit): each is delivered once, from where it came first.
+      const fromBus = new QuickLRU<string, true>({ maxSize: DELIVERED })
+      const fromTable = new QuickLRU<string, true>({ maxSize: DELIVERED })
+      const off = options.events.on((e) => {
+        if (e.type !== 'anomaly.detected') return
+        const a = e.data as AnomalyJson
+        if (fromTable.has(a.id)) return
+        fromBus.set(a.id, true)
+        deliver(a)
       })
+      const read = (a: AnomalyJson) => {
+        if (fromBus.has(a.id)) return
+        fromTable.set(a.id, true)
+        deliver(a)
+      }
+      const { history } = options
+      const poll = history
+        ? tablePoll({ history, everyMs: options.pollMs ?? POLL_MS, log: options.log, deliver: read, delivered: (id) => fromBus.has(id) || fromTable.has(id), wanted: () => this.#listeners.size > 0 })
+        : undefined
+      if (poll) this.#ready = () => poll.start()
+      this.#stop = () => {
+        off()
+        poll?.stop()
+      }
     }
   }
 
   /** How many listen now (the open streams). */
   get listeners(): number {
     return this.#listeners.size
+  }
+
+  /**
+   * Call before `on`: without Redis, begins reading the table (until no listener is left) and
+   * settles once it knows where the table is, so another instance's finding recorded after this
+   * is delivered. Never rejects (a failed read is tried again at the next poll).
+   */
+  ready(): Promise<void> {
+    return this.#ready()
   }
 
   /** `onClose` is called when the feed closes (shutdown: the stream ends). Returns the unsubscriber. */
@@ -922,6 +1081,7 @@ export class AnomalyFeed {
     // the exit that long after `stopped` (found by a review).
     const stop = this.#stop
     this.#stop = () => {}
+    this.#ready = () => Promise.resolve()
     stop()
     for (const c of closing) c?.()
   }

@@ -122,7 +122,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   const integrationDeps = { db, audit, log: silentLogger, config }
   const gitea = options.gitea ?? new GiteaTokenService(integrationDeps)
   const n8n = options.n8n ?? new N8nKeyService(integrationDeps)
-  const anomalyFeed = new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log: silentLogger, history: anomalyHistory(new AnomalyLog(db)) })
+  const anomalyFeed = new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log: silentLogger, history: anomalyHistory(new AnomalyLog(db)), pollMs: config.admin.stream_poll_ms })
   t.teardown(async () => {
     anomalyFeed.close()
     if (!options.gitea) await gitea.close()
