@@ -237,7 +237,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const forward = forwarder.forward
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
-    if (req.url === '/healthz') {
+    // Only a probe's GET (or HEAD) is the gateway's own: any other method on /healthz is an
+    // application's request, checked and forwarded (before, a POST or DELETE was answered 200 here).
+    if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD')) {
       const body = ctx.closing ? HEALTH_STOPPING : HEALTH_OK
       res.writeHead(ctx.closing ? 503 : 200, { 'content-type': 'application/json', 'content-length': body.length, 'cache-control': 'no-store', ...(ctx.closing ? { connection: 'close' } : {}) })
       res.end(body)

@@ -176,6 +176,23 @@ t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; tra
   t.ok(closedAt - lastPush >= 900, `not before the idle timeout (${closedAt - lastPush} ms after the last message)`)
 })
 
+t.test('only GET and HEAD of /healthz are the gateway\'s own; other methods on /healthz are checked and forwarded (found by a review)', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  t.same((await h.get('/healthz')).json, { status: 'ok' }, 'GET /healthz needs no key')
+  const head = await h.get('/healthz', {}, 'HEAD')
+  t.same([head.status, head.text], [200, ''], 'HEAD /healthz is answered too, without a body')
+  t.equal(h.upstream.received.length, 0, 'neither reached the upstream')
+  // Before, each was answered 200 {"status":"ok"} by the gateway, keyless and never forwarded.
+  for (const method of ['POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS']) {
+    const keyless = await h.get('/healthz', {}, method)
+    t.same([keyless.status, keyless.json?.error?.code], [401, 'key_missing'], `${method} /healthz without a key is refused`)
+    const forwarded = await h.get('/healthz', bearer(k.key), method)
+    t.same([forwarded.status, forwarded.json?.method, forwarded.json?.url], [200, method, '/healthz'], `${method} /healthz with a key is forwarded`)
+  }
+  t.equal(h.upstream.received.length, 5, 'the upstream saw the five keyed requests only')
+})
+
 t.test('graceful shutdown: in-flight requests finish, new ones are refused', async (t) => {
   let held = 0
   const h = await startGateway(t, {
