@@ -44,7 +44,8 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
 
 /**
  * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
- * twice) and read as UTF-8 in NFC, cut at a NUL (C string APIs), `\` as `/`, `;` parameters
+ * twice) and read as UTF-8 in NFC, cut at a NUL (C string APIs) and at a `#` (a URL parser reads
+ * `/api/admin%23/x` decoded as `/api/admin`), `\` as `/`, `;` parameters
  * dropped, `//` merged, the dots and spaces a segment ends with dropped (Windows, IIS), a format
  * suffix on the last segment dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and
  * Spring's suffix patterns before 5.3), lower case. The gateway refuses a request whose path read
@@ -55,6 +56,10 @@ export function lenientReading(path: string, formatSuffix = true): string {
   let p = asUtf8(decodeEscapes(path))
   const nul = p.indexOf('\u0000')
   if (nul !== -1) p = p.slice(0, nul)
+  // A decoded `#` starts a fragment to a server that decodes, then parses the path as a URL (a
+  // decoded `?` starts a query, which under() reads as the end of a path already).
+  const fragment = p.indexOf('#')
+  if (fragment !== -1) p = p.slice(0, fragment)
   p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')
   // Dot segments a second decoding made (`%252e%252e`) are resolved, as that server resolves them,
   // before a segment's trailing dots are dropped.

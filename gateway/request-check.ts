@@ -1,11 +1,13 @@
 // Requests the HTTP parser accepts but a gateway must not forward: too many header lines, an
 // absolute-form target naming another host than Host, a Host missing (HTTP/1.1), repeated or not a host, a
-// fragment, dot segments that could walk out of a route's prefix, and methods that are never
-// proxied. (Paths that lenient upstreams read as another route's: see route.ts.) Framing attacks
-// (both Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad
-// chunking) are refused earlier by Node's strict parser; see index.ts for `clientError`.
-import { hasDotSegments } from '../core/http.ts'
-import type { RequestState, Stage } from './state.ts'
+// fragment, dot segments that could walk out of a route's prefix, percent-encoded control
+// characters and bytes that are not UTF-8, and methods that are never proxied. (Paths that
+// lenient upstreams read as another route's: see route.ts.) Framing attacks (both
+// Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad chunking) are
+// refused earlier by Node's strict parser; see index.ts for `clientError`.
+import { isUtf8 } from 'node:buffer'
+import { decodeEscapes, hasDotSegments } from '../core/http.ts'
+import { pathOf, type RequestState, type Stage } from './state.ts'
 
 // An absolute-form target's scheme and authority (all up to the path or query).
 const ABSOLUTE = /^https?:\/\/[^/?\\]*/i
@@ -75,9 +77,34 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       s.message = 'The request path has dot segments.'
       return 'bad_request'
     }
+    const escapes = escapeProblem(pathOf(target))
+    if (escapes !== undefined) {
+      s.message = escapes
+      return 'bad_request'
+    }
     return undefined
   }
 }
+
+/**
+ * Why the percent-escapes of `path` are refused, on every route: decoded (as often as
+ * lenientReading decodes), they hold a control character (%00-%1F, %7F), which upstreams drop
+ * (tab, CR and LF, as WHATWG URL parsers do), cut at (NUL) or trim, or bytes that are not UTF-8,
+ * among them overlong forms (`%C0%AE` is a `.` to decoders that accept them, as old Tomcat and
+ * IIS did: `/x/%C0%AE%C0%AE/admin` a dot segment). No path of a real resource needs either;
+ * both read as another path than the one routed (before, `/api/admin%09` and `/api/admin%C0%AE`
+ * went upstream under `/api`'s scope).
+ */
+function escapeProblem(path: string): string | undefined {
+  if (!path.includes('%')) return undefined
+  const bytes = decodeEscapes(path)
+  if (CONTROL.test(bytes)) return 'The request path has a percent-encoded control character.'
+  if (HIGH.test(bytes) && !isUtf8(Buffer.from(bytes, 'latin1'))) return 'The request path has percent-encoded bytes that are not UTF-8 (or an overlong form).'
+  return undefined
+}
+
+const CONTROL = /[\x00-\x1f\x7f]/
+const HIGH = /[\x80-\xff]/
 
 /** `host` without the scheme's default port, as a URL's `host` leaves it out (`a:80` for http is `a`). */
 function withoutDefaultPort(host: string, protocol: string): string {

@@ -408,6 +408,8 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   const refused = [
     '/api/admin#', '/api/%61dmin/users', '/api/admin%2Fusers', '/api/admin;x/users', '/api//admin/users', '/api/admin\\users', '/api/ADMIN/users', '/api/x/..;/admin/users',
     '/api/admin.json', '/api/admin.', '/api/admin%2e', '/api/admin./users', '/api/admin%20', '/api/admin%00.png', '/api/%2561dmin/users', '/api/admin.json?x=1',
+    // An encoded `#` as an encoded `?` (found by a review: both were forwarded under /api).
+    '/api/admin%23/users', '/api/admin%23', '/api/admin%2523/users', '/api/admin%3F/users',
   ]
   for (const path of refused) {
     for (const key of [reader.key, admin.key]) {
@@ -416,7 +418,7 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
       t.match(out, /"code":"bad_request"/)
     }
   }
-  for (const path of ['/api/items%20list', '/api/Items', '/api/a;b', '/api/x%2Fy', '/api/admin/Users%2Fx', '/api/items.json', '/api/v1.2/admin', '/api/.admin', '/api/administrator.json', '/api/admin/users.json']) {
+  for (const path of ['/api/items%20list', '/api/Items', '/api/a;b', '/api/x%2Fy', '/api/admin/Users%2Fx', '/api/items.json', '/api/v1.2/admin', '/api/.admin', '/api/administrator.json', '/api/admin/users.json', '/api/c%23/admin']) {
     const key = path.startsWith('/api/admin/') ? admin.key : reader.key
     const r = receivedOf(await get(path, key))
     t.equal(typeof r === 'string' ? r : r.url, path, `${path} stays under its route and is forwarded as sent`)
@@ -451,6 +453,37 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   const k = await flat.key()
   const r = receivedOf(await rawExchange(flat.port, `GET /svc/A%2Fb;c//d HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close\r\n\r\n`))
   t.equal(typeof r === 'string' ? r : r.url, '/svc/A%2Fb;c//d')
+})
+
+t.test('percent-encoded control characters and bytes that are not UTF-8 are refused in any path; the query keeps them; %u is no escape (found by a review)', async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'api', path: '/api', upstream: '{upstream}', scopes: ['read'] },
+      { name: 'admin', path: '/api/admin', upstream: '{upstream}', scopes: ['admin'] },
+      { name: 'flat', path: '/svc', upstream: '{upstream}' },
+    ],
+  })
+  const reader = await h.key({ scopes: ['read'] })
+  const get = (path: string) => rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${reader.key}\r\nConnection: close\r\n\r\n`)
+  // Before, each went upstream with /api's scope, or as sent on a route that nests in none:
+  // WHATWG URL parsers drop tab, CR and LF, and decoders that accept overlong UTF-8 read %C0%AE as `.`.
+  const control = ['/api/admin%09', '/api/admin%0a/users', '/api/ad%0Dmin', '/api/admin%1F', '/api/admin%7f', '/api/admin%2509', '/svc/a%0d%0aSet-Cookie:%20x', '/svc/%01']
+  const notUtf8 = ['/api/admin%c0%ae', '/api/x/%c0%ae%c0%ae/admin/users', '/api/admin%e0%80%ae', '/svc/caf%e9', '/svc/%ff', '/svc/%ed%a0%80', '/svc/%c3']
+  for (const [paths, message] of [[control, /percent-encoded control character/], [notUtf8, /not UTF-8/]] as const) {
+    for (const path of paths) {
+      const out = await get(path)
+      t.match(out, /^HTTP\/1.1 400/, `${path} is refused`)
+      t.match(out, /"code":"bad_request"/)
+      t.match(out, message)
+    }
+  }
+  t.equal(h.upstream.received.length, 0, 'none reached the upstream')
+  // UTF-8 in any spelling, the same bytes in the query, and `%u002e` (no percent-encoding under
+  // RFC 3986, which no server in use decodes) are forwarded as sent.
+  for (const path of ['/svc/caf%C3%A9', '/svc/x?q=a%0Ab%09c%e9', '/api/admin%u002e', '/api/x/%u002e%u002e/admin']) {
+    const r = receivedOf(await get(path))
+    t.equal(typeof r === 'string' ? r : r.url, path, `${path} is forwarded as sent`)
+  }
 })
 
 t.test('a route path with non-ASCII characters guards the paths clients send for it, in every spelling (found by a review)', async (t) => {
