@@ -30,7 +30,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
+import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
 import { logAccess, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
@@ -265,9 +265,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         return
       }
       const s = new RequestState(req, undefined, socket, head, start)
-      if (req.headers.upgrade?.toLowerCase() !== 'websocket' || ctx.closing) {
+      const refusal = ctx.closing ? 'The gateway is shutting down.' : upgradeProblem(req)
+      if (refusal !== undefined) {
         s.id = nextId()
-        s.message = ctx.closing ? 'The gateway is shutting down.' : 'Only WebSocket upgrades are proxied.'
+        s.message = refusal
         sendError(ctx, s, 'bad_request')
         return
       }
@@ -472,4 +473,17 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
 
   return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
+}
+
+/**
+ * Why an upgrade request is not proxied, if it is not: only a WebSocket opening handshake is, and
+ * that is a GET without a body (RFC 6455 §4.1). Before (found by a review), a `POST` upgrade with
+ * `Content-Length: 3` reached the upstream as a request without a body, and its 3 bytes followed
+ * the 101 as tunnel data: a request the upstream framed otherwise than the client had.
+ */
+function upgradeProblem(req: http.IncomingMessage): string | undefined {
+  if (req.headers.upgrade?.toLowerCase() !== 'websocket') return 'Only WebSocket upgrades are proxied.'
+  if (req.method !== 'GET') return 'A WebSocket upgrade must be a GET (RFC 6455 §4.1).'
+  if (hasBody(req.headers)) return 'A WebSocket upgrade must not have a body (RFC 6455 §4.1).'
+  return undefined
 }

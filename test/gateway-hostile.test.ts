@@ -142,6 +142,34 @@ t.test('an upgrade with a bad key, or a CONNECT, pipelined behind a slow GET: re
   t.match(connect, new RegExp(`^HTTP/1.1 200 [^]*\r\n\r\n${SLOW_BODY}HTTP/1.1 405 `), 'the GET answered whole, then the 405')
 })
 
+t.test('a WebSocket upgrade that is not a GET, or that has a body, is 400 bad_request and never reaches the upstream (found by a review)', async (t) => {
+  const h = await startGateway(t)
+  let upgrades = 0
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    upgrades++
+    socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nWSDATA')
+  })
+  const k = await h.key()
+  const handshake = `Host: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n`
+  // Before, the POST reached the upstream with content-length 0, and `abc` followed the 101 as tunnel data.
+  const cases: Array<[string, string, RegExp]> = [
+    ['a POST with a body', `POST /ws HTTP/1.1\r\n${handshake}Content-Length: 3\r\n\r\nabc`, /must be a GET/],
+    ['a PUT without a body', `PUT /ws HTTP/1.1\r\n${handshake}\r\n`, /must be a GET/],
+    ['a GET with Content-Length', `GET /ws HTTP/1.1\r\n${handshake}Content-Length: 3\r\n\r\nabc`, /must not have a body/],
+    ['a GET with Transfer-Encoding', `GET /ws HTTP/1.1\r\n${handshake}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n`, /must not have a body/],
+  ]
+  for (const [name, text, message] of cases) {
+    const out = await send(h.port, text)
+    t.match(out, /^HTTP\/1.1 400 /, `${name}: 400`)
+    t.match(out, /"error":\{"code":"bad_request","message":"[^"]+","request_id":"[^"]+"\}/, `${name}: the JSON error`)
+    t.match(out, message, name)
+    t.notMatch(out, /WSDATA|101/, `${name}: no tunnel`)
+  }
+  t.equal(upgrades, 0, 'none reached the upstream')
+  t.match(await send(h.port, `GET /ws HTTP/1.1\r\n${handshake}\r\n`), /^HTTP\/1.1 101 [^]*WSDATA$/, 'a GET without a body is proxied')
+  t.equal(upgrades, 1)
+})
+
 t.test('a request that does not parse pipelined behind a POST the upstream answers slowly: the answer to the POST, then the 400', async (t) => {
   const h = await startGateway(t, { upstream: slowAnswer })
   const k = await h.key()
