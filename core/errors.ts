@@ -21,6 +21,7 @@ export const ERRORS = {
   headers_too_large: { status: 431, message: 'The request headers are too large.' },
   request_timeout: { status: 408, message: 'The request was not received in time.' },
   expectation_failed: { status: 417, message: 'The Expect header names an expectation this gateway does not meet (only 100-continue).' },
+  version_not_supported: { status: 505, message: 'This HTTP version is not supported (only HTTP/1.0 and HTTP/1.1).' },
 
   // Admin API and CLI
   unauthorized: { status: 401, message: 'An admin credential is required.' },

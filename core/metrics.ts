@@ -30,6 +30,7 @@ export const GATEWAY_OUTCOMES = [
   'method_not_allowed',
   'request_timeout',
   'expectation_failed',
+  'version_not_supported',
   'internal_error',
 ] as const
 export type GatewayOutcome = (typeof GATEWAY_OUTCOMES)[number]

@@ -239,7 +239,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     // Only a probe's GET (or HEAD) is the gateway's own: any other method on /healthz is an
     // application's request, checked and forwarded (before, a POST or DELETE was answered 200 here).
-    if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD')) {
+    if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD') && req.httpVersionMajor === 1) {
       const body = ctx.closing ? HEALTH_STOPPING : HEALTH_OK
       res.writeHead(ctx.closing ? 503 : 200, { 'content-type': 'application/json', 'content-length': body.length, 'cache-control': 'no-store', ...(ctx.closing ? { connection: 'close' } : {}) })
       res.end(body)

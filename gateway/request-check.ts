@@ -20,6 +20,13 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
   const maxRaw = options.maxHeaders * 2
   return (s: RequestState) => {
     const req = s.req
+    // Node's parser takes `HTTP/2.0` and `HTTP/0.9` (a request line without a version too) and
+    // hands them over as any other; forwarded, they went upstream as HTTP/1.1 (found by a review).
+    // RFC 9110 §15.6.6: 505 for a major version the server does not speak.
+    if (req.httpVersionMajor !== 1) {
+      s.message = `HTTP/${req.httpVersion} is not supported; send HTTP/1.1 (or HTTP/1.0).`
+      return 'version_not_supported'
+    }
     if (req.rawHeaders.length > maxRaw) return 'headers_too_large'
     const method = req.method
     if (method === 'CONNECT' || method === 'TRACE') {

@@ -83,7 +83,8 @@ function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, statu
   // the connection at random, and the headers of two refusals differed. A bad key with a body
   // closes it always: one answered from the cache (a key once valid) is refused before its body
   // is read, one looked up in the store after, and the framing told them apart (found by a review).
-  if (ctx.closing || (hasBody(s.headers) && (code === 'key_invalid' || !s.req.complete))) headers.connection = 'close'
+  // A client of another HTTP version is not read further (what it sends next is not HTTP/1 framing).
+  if (ctx.closing || code === 'version_not_supported' || (hasBody(s.headers) && (code === 'key_invalid' || !s.req.complete))) headers.connection = 'close'
   return headers
 }
 
