@@ -137,7 +137,7 @@ t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) =
   // Before: ERR_UNKNOWN_FILE_EXTENSION ".ts" and a stack trace (the systemd unit's /usr/bin/node
   // may well be older). The older Node is played by Node 24 with its version rewritten.
   for (const version of ['22.17.1', '20.20.2']) {
-    const r = spawnSync(process.execPath, ['--import', `data:text/javascript,Object.defineProperty(process.versions,"node",{value:"${version}"})`, join(KEYGATE_BIN, '..', 'keygate.js'), '--help'], { encoding: 'utf8', env: childEnv({}) })
+    const r = spawnSync(process.execPath, ['--import', `data:text/javascript,Object.defineProperty(process.versions,"node",{value:"${version}"})`, KEYGATE_BIN, '--help'], { encoding: 'utf8', env: childEnv({}) })
     t.equal(r.status, 1, `${version}: exit 1`)
     t.equal(r.stderr, `keygate: needs Node.js 22.18 or later (24 is the target); this is v${version} at ${process.execPath}\n`, `${version}: one line saying why`)
     t.equal(r.stdout, '')

@@ -4,7 +4,7 @@ import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-export const KEYGATE_BIN = fileURLToPath(new URL('../../bin/keygate.ts', import.meta.url))
+export const KEYGATE_BIN = fileURLToPath(new URL('../../bin/keygate.js', import.meta.url))
 
 export interface CliResult {
   code: number | null
