@@ -155,3 +155,18 @@ t.test('output that cannot be written after a change: the error says what was do
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
+
+t.test("from the second run on, the compile cache serves the command's TypeScript and the embedded store's thread", async (t) => {
+  // Before: the cache was turned on in bin/keygate.ts, after Node had stripped that file's types,
+  // and the store's thread (a Worker) and the command's child never used it.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), XDG_CACHE_HOME: join(cwd, 'cache'), NODE_COMPILE_CACHE: undefined, NODE_DISABLE_COMPILE_CACHE: undefined, NODE_DEBUG_NATIVE: 'COMPILE_CACHE' })
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).code, 0, 'the first run fills the cache')
+  const second = await runCli(['api-key', 'list', '--json'], { cwd, env })
+  t.equal(second.code, 0)
+  t.same(second.json().items, [], 'the command answers as ever')
+  for (const file of ['bin/keygate.ts', 'cli/main.ts', 'core/embedded-worker.ts']) {
+    t.match(second.stderr, new RegExp(`transpile cache for StrippedTypeScript file://\\S*/${file.replace('.', '\\.')}\\.\\.\\.success`), `${file}: read from the cache`)
+  }
+  t.ok(readdirSync(join(cwd, 'cache', 'keygate', 'compile-cache')).length > 0, 'in the user cache folder')
+})
