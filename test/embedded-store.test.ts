@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, sqlState, UNIQUE_VIOLATION } from '../core/db.ts'
 import { forEachStore, memoryDb, rejection } from './helpers/stores.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 t.test('rows, values and errors cross the thread as PGlite gives them', async (t) => {
   // Made from nothing (PGlite's initdb), as keygate's stores are; the other tests start from the
@@ -155,8 +156,9 @@ t.test('a seed that cannot be read fails the open with the reason', async (t) =>
 })
 
 t.test("a short command's store starts with 16 MB of shared buffers; serve's keeps PostgreSQL's 128 MB", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-buffers-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const root = mkdtempSync(join(tmpdir(), 'keygate-buffers-'))
+  t.teardown(() => rmSync(root, { recursive: true, force: true }))
+  const dir = await seedDataDir(join(root, 'store'))
   const buffers = async (shortLived: boolean) => {
     const db = await openDb({ dataDir: dir, shortLived })
     try {
