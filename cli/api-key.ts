@@ -103,11 +103,11 @@ function keyBody(p: Parsed): Record<string, unknown> {
   }
   put('name', str(p, 'name'))
   put('type', str(p, 'type'))
-  put('scopes', parseList(str(p, 'scopes')))
+  put('scopes', parseList('scopes', str(p, 'scopes'), 'none'))
   const owner = str(p, 'owner')
   put('owner', owner === '' ? null : owner)
   put('metadata', parseMetadata(str(p, 'metadata')))
-  put('allowed_cidrs', parseList(str(p, 'cidrs')))
+  put('allowed_cidrs', parseList('cidrs', str(p, 'cidrs'), 'any'))
   put('rate_limit', parseRateLimit(str(p, 'rate-limit')))
   put('expires_at', expiryFlags(p))
   const every = str(p, 'rotate-every')
@@ -291,7 +291,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   },
   update: {
     summary: 'change fields of a key',
-    usage: 'keygate api-key update ID [--name N] [--scopes a,b] [--owner O] [--metadata JSON] [--cidrs CIDR,...] [--rate-limit N/1s|default] [--expires-in 30d | --expires-at TIME|never] [--rotate-every 90d|never] [--json]',
+    usage: 'keygate api-key update ID [--name N] [--scopes a,b|none] [--owner O|""] [--metadata JSON] [--cidrs CIDR,...|any] [--rate-limit N/1s|default] [--expires-in 30d | --expires-at TIME|never] [--rotate-every 90d|never] [--json]',
     options: KEY_FIELDS,
     positionals: { min: 1, max: 1 },
     prepare(p) {

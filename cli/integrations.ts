@@ -44,9 +44,8 @@ function required(p: Parsed, flag: string, what: string): string {
 }
 
 function scopesFlag(p: Parsed, example: string): string[] {
-  const scopes = parseList(required(p, 'scopes', `comma-separated, such as ${example}`)) ?? []
-  if (scopes.length === 0) throw new UsageError(`--scopes: give at least one scope, such as ${example}`)
-  return scopes
+  // `,` and `a,,b` are refused there, naming the flag; so at least one scope comes back.
+  return parseList('scopes', required(p, 'scopes', `comma-separated, such as ${example}`)) ?? []
 }
 
 type Cells = Array<string | number | null | undefined>

@@ -308,8 +308,20 @@ export function expiryFlags(p: Parsed): string | null | undefined {
   return undefined
 }
 
-export function parseList(value: string | undefined): string[] | undefined {
-  return value === undefined ? undefined : value.split(',').map((s) => s.trim()).filter((s) => s !== '')
+/**
+ * A comma-separated flag value as its items, spaces around them ignored. An empty value or an
+ * empty item (`a,,b`, `a,`, `,`) is a usage error naming the flag, as the same list in an
+ * environment variable is refused (config/load.ts): before (found by a review), they were dropped,
+ * and `--cidrs "$NET"` with NET unset made a key usable from anywhere, or took an update's
+ * binding away. `none` is the flag's word for the empty list, where it has one (`--cidrs any`).
+ */
+export function parseList(flag: string, value: string | undefined, none?: string): string[] | undefined {
+  if (value === undefined) return undefined
+  if (none !== undefined && value.trim() === none) return []
+  const items = value.split(',').map((s) => s.trim())
+  if (!items.includes('')) return items
+  const problem = value.trim() === '' ? 'an empty value is not allowed' : `${JSON.stringify(value)} has an empty item`
+  throw new UsageError(`--${flag}: ${problem}; expected a comma-separated list without empty items${none === undefined ? '' : `, or ${none}`}`)
 }
 
 export function parseIntFlag(flag: string, value: string | undefined, min: number, max: number): number | undefined {

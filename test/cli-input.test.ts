@@ -348,3 +348,38 @@ t.test("an admin API's answer of the wrong shape is said as such", async (t) => 
     t.equal(r.stderr, `keygate: the admin API at ${base} answered ${path} with "items": null, not a list: not what keygate expects\n`, `${args.join(' ')}: says what came back`)
   }
 })
+
+t.test('an empty list flag or an empty item is a usage error; an address binding is cleared only by --cidrs any', async (t) => {
+  // Before (found by a review): `--cidrs "$NET"` with NET unset, `--cidrs ,` and the empty items of
+  // `10.0.0.0/8,,` were dropped without a word: a key made usable from anywhere, and an update's
+  // `--cidrs ""` took an existing binding away.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const create = ['api-key', 'create', '--name', 'bound', '--type', 'service']
+  const refusals: Array<[string[], RegExp]> = [
+    [[...create, '--cidrs', ''], /^keygate: --cidrs: an empty value is not allowed; expected a comma-separated list without empty items, or any\n$/],
+    [[...create, '--cidrs', ','], /^keygate: --cidrs: "," has an empty item/],
+    [[...create, '--cidrs=10.0.0.0/8,,'], /^keygate: --cidrs: "10.0.0.0\/8,," has an empty item/],
+    [[...create, '--scopes', 'read,,write'], /^keygate: --scopes: "read,,write" has an empty item; expected a comma-separated list without empty items, or none\n$/],
+    [['gitea', 'create', '--name', 'x', '--scopes', 'read:user,'], /^keygate: --scopes: "read:user," has an empty item/],
+  ]
+  for (const [args, pattern] of refusals) {
+    const r = await runCli(args, { cwd, env })
+    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+    t.match(r.stderr, pattern, `keygate ${args.join(' ')} names the flag`)
+  }
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'no key was made')
+
+  const made = await runCli([...create, '--cidrs', '10.0.0.0/8', '--scopes', 'read', '--json'], { cwd, env })
+  t.equal(made.code, 0)
+  const id = made.json().id as string
+  for (const value of ['', ' ', '10.0.0.0/8,']) {
+    const r = await runCli(['api-key', 'update', id, '--cidrs', value], { cwd, env })
+    t.equal(r.code, 2, `update --cidrs ${JSON.stringify(value)} exits 2`)
+    t.match(r.stderr, /^keygate: --cidrs: /)
+  }
+  t.same((await runCli(['api-key', 'get', id, '--json'], { cwd, env })).json().allowed_cidrs, ['10.0.0.0/8'], 'the binding stays')
+  const cleared = await runCli(['api-key', 'update', id, '--cidrs', 'any', '--scopes', 'none', '--json'], { cwd, env })
+  t.equal(cleared.code, 0, cleared.stderr)
+  t.match(cleared.json(), { allowed_cidrs: [], scopes: [] }, 'the words clear them')
+})

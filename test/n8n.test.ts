@@ -393,7 +393,7 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     [['n8n'], /usage: keygate n8n <command>/],
     [['n8n', 'create', '--scopes', 'workflow:list'], /--label is required/],
     [['n8n', 'create', '--label', 'x'], /--scopes is required/],
-    [['n8n', 'create', '--label', 'x', '--scopes', ','], /--scopes: give at least one scope/],
+    [['n8n', 'create', '--label', 'x', '--scopes', ','], /--scopes: "," has an empty item; expected a comma-separated list without empty items\n/],
     [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-in', 'soon'], /--expires-in: "soon" is not a duration/],
     // Values the API's schema never takes, named by the flag (before: the store was opened, then exit 1).
     [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed; expected an RFC 3339 date-time/],
