@@ -3,7 +3,7 @@
 // directly (no build step, so never a stale one, even with a dist/ left by `npm run build`). The
 // package carries no TypeScript: it runs what `npm pack` compiled into dist/, since Node strips
 // no types under node_modules, wherever it was unpacked (node_modules, /opt, a container).
-import { existsSync } from 'node:fs'
+import { existsSync, mkdirSync } from 'node:fs'
 import module from 'node:module'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
@@ -26,9 +26,20 @@ if (major < 22 || (major === 22 && minor < 18)) {
 // keygate starts (the embedded store's thread, the command's child on V8's baseline compiler,
 // `serve --workers`), which take it up as they start: a Worker's own modules are otherwise
 // compiled anew each time (PGlite's, about 0.2 s of CPU at every opening of the store).
+// The folders are made here, one level at a time below the cache home: Node's own making of
+// them loops for ever where a mkdir fails with ENOENT although the parent exists, as under /proc
+// (before, `XDG_CACHE_HOME=/proc/nope keygate --version` spun a CPU without a word).
 if (process.env.NODE_COMPILE_CACHE === undefined) {
-  const folder = join(process.env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'keygate', 'compile-cache')
+  const home = process.env.XDG_CACHE_HOME || join(homedir(), '.cache')
+  const folder = join(home, 'keygate', 'compile-cache')
   try {
+    for (const level of [home, join(home, 'keygate'), folder]) {
+      try {
+        mkdirSync(level, { mode: 0o700 })
+      } catch (err) {
+        if (err.code !== 'EEXIST') throw err
+      }
+    }
     const { status } = module.enableCompileCache(folder)
     if (status === module.constants.compileCacheStatus.ENABLED || status === module.constants.compileCacheStatus.ALREADY_ENABLED) process.env.NODE_COMPILE_CACHE = folder
   } catch {

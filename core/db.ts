@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
+import { chmodSync, existsSync, linkSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -8,6 +8,7 @@ import pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
+import { makeFolders } from './folders.ts'
 
 /**
  * What a store_locked refusal advises, after naming the process that holds the store: by
@@ -477,7 +478,7 @@ function lockDataDir(dir: string, hint: string): () => void {
  * earlier keygate is tightened, if this user owns it.
  */
 function privateFolder(path: string): void {
-  mkdirSync(path, { recursive: true, mode: 0o700 })
+  makeFolders(path, 0o700)
   if ((statSync(path).mode & 0o077) === 0) return
   try {
     chmodSync(path, 0o700)
@@ -543,7 +544,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${options.existingOnly}`)
   }
   try {
-    mkdirSync(dir, { recursive: true, mode: 0o700 })
+    makeFolders(dir, 0o700)
   } catch (err) {
     throw new KeygateError('store_unavailable', `cannot create the embedded store folder ${dir}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }

@@ -383,3 +383,17 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
   t.equal(cleared.code, 0, cleared.stderr)
   t.match(cleared.json(), { allowed_cidrs: [], scopes: [] }, 'the words clear them')
 })
+
+t.test('a folder that cannot be made under /proc is refused, not waited on for ever', async (t) => {
+  // Node's recursive mkdir loops for ever on ENOENT from /proc: before (found by a review),
+  // `--data-dir /proc/nope/x` spun a CPU and printed nothing, and so did any command with its
+  // compile cache (XDG_CACHE_HOME) there.
+  const cwd = tempDir()
+  const made = await runCli(['api-key', 'create', '--name', 'x', '--type', 'user', '--data-dir', '/proc/nope/x', '--json'], { cwd, env: isolated({}) })
+  t.equal(made.code, 1)
+  t.match(made.json().error, { code: 'store_unavailable', message: /^cannot create the embedded store folder \/proc\/nope\/x: .*'\/proc\/nope'/ })
+  t.notMatch(made.stderr, /\n\s+at .+:\d+:\d+/, 'no stack trace')
+  const version = await runCli(['--version'], { cwd, env: { NODE_COMPILE_CACHE: undefined, XDG_CACHE_HOME: '/proc/nope/cache' } })
+  t.equal(version.code, 0, 'a compile cache that cannot be made is left off')
+  t.match(version.stdout, /^\d+\.\d+\.\d+/)
+})
