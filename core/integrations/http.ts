@@ -106,10 +106,17 @@ export class IntegrationHttp {
     else if (!this.#transient.includes(value)) this.#transient = [value, ...this.#transient].slice(0, MAX_TRANSIENT)
   }
 
-  /** `text` without any secret this client knows, shortened to one readable line. */
+  /**
+   * `text` without any secret this client knows, shortened to one readable line: each as written,
+   * JSON-escaped and URL-encoded, the forms a service echoing a request body or URL shows it in
+   * (before, found by a review, a password holding `"` or `\` was shown JSON-escaped). Longest
+   * first, so that a secret inside another leaves no part of it. A secret shorter than 4
+   * characters is not remembered (see `secret`): cut from any text, it would mangle the rest.
+   */
   redact(text: string): string {
     let out = text
-    for (const s of [...this.#secrets, ...this.#transient]) out = out.split(s).join('[redacted]')
+    const forms = new Set([...this.#secrets, ...this.#transient].flatMap((s) => [s, JSON.stringify(s).slice(1, -1), encodeURIComponent(s)]))
+    for (const s of [...forms].sort((a, b) => b.length - a.length)) out = out.split(s).join('[redacted]')
     out = out.replace(/\s+/g, ' ').trim()
     return out.length > MAX_MESSAGE ? out.slice(0, MAX_MESSAGE - 3) + '...' : out
   }
