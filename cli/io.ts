@@ -170,6 +170,21 @@ export async function argOrStdin(io: Io, value: string): Promise<string> {
   return line.trim()
 }
 
+/**
+ * Refuses an argument with U+FFFD, the character Node puts for each byte of argv that is not
+ * UTF-8, before it is seen here: `--name "$(printf 'caf\xe9')"` (Latin-1) was stored as `caf�`
+ * without a word (found by a review), where a config file in Latin-1 is refused. U+FFFD typed on
+ * purpose is refused too; no value keygate takes needs it.
+ */
+function refuseNotUtf8(parsed: Parsed): void {
+  const why = 'holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8'
+  for (const [name, value] of Object.entries(parsed.values)) {
+    if ([value].flat().some((v) => typeof v === 'string' && v.includes('\uFFFD'))) throw new UsageError(`--${name}: the value ${why}`)
+  }
+  const at = parsed.positionals.findIndex((v) => v.includes('\uFFFD'))
+  if (at !== -1) throw new UsageError(`argument ${at + 1} ${why}`)
+}
+
 export function parse(argv: string[], options: ParseArgsOptionsConfig, positionals: { min: number; max: number }, usage: string): Parsed {
   const all: ParseArgsOptionsConfig = { ...GLOBAL_OPTIONS, ...options }
   let parsed: Parsed & { tokens: Array<{ kind: string; name?: string }> }
@@ -187,6 +202,7 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
     if (seen.has(token.name)) throw new UsageError(`--${token.name} is given more than once\nusage: ${usage}`)
     seen.add(token.name)
   }
+  refuseNotUtf8(parsed)
   // `--data-dir=$DIR` with DIR unset must not quietly mean the default folder (another store).
   for (const name of GLOBAL_STRING_FLAGS) {
     if (parsed.values[name] === '') throw new UsageError(`--${name}: an empty value is not allowed\nusage: ${usage}`)

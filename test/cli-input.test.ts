@@ -8,7 +8,7 @@ import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { runCli, runCliHere, type CliResult } from './helpers/cli.ts'
+import { childEnv, KEYGATE_BIN, runCli, runCliHere, spawnClean, type CliResult } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
@@ -396,4 +396,29 @@ t.test('a folder that cannot be made under /proc is refused, not waited on for e
   const version = await runCli(['--version'], { cwd, env: { NODE_COMPILE_CACHE: undefined, XDG_CACHE_HOME: '/proc/nope/cache' } })
   t.equal(version.code, 0, 'a compile cache that cannot be made is left off')
   t.match(version.stdout, /^\d+\.\d+\.\d+/)
+})
+
+t.test('an argument whose bytes are not UTF-8 is a usage error naming it, not stored with U+FFFD', async (t) => {
+  // Node decodes argv before keygate sees it, each byte that is not UTF-8 as U+FFFD: before (found
+  // by a review), `--name "$(printf 'caf\xe9')"` stored `caf\uFFFD`, exit 0. The raw byte comes through sh.
+  const cwd = tempDir()
+  const dataDir = join(cwd, 'store')
+  const run = (args: string) =>
+    new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
+      const child = spawnClean('sh', ['-c', `exec "$0" "$1" ${args}`, process.execPath, KEYGATE_BIN], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['ignore', 'pipe', 'pipe'] })
+      let stdout = ''
+      let stderr = ''
+      child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+      child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+      child.on('error', reject)
+      child.on('close', (code) => resolve({ code, stdout, stderr }))
+    })
+  const named = await run(`api-key create --name "$(printf 'caf\\351')" --type user --json`)
+  t.equal(named.code, 2)
+  t.equal(named.stderr, 'keygate: --name: the value holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8\n')
+  t.equal(JSON.parse(named.stdout).error.code, 'usage_error')
+  const positional = await run(`api-key get "$(printf 'caf\\351')"`)
+  t.equal(positional.code, 2)
+  t.equal(positional.stderr, 'keygate: argument 1 holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8\n')
+  t.notOk(existsSync(dataDir), 'no store was opened')
 })
