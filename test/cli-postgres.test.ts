@@ -3,7 +3,10 @@
 // format the commands write as audit.seal_format says.
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
-import { randomBytes } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import pg from 'pg'
 import { encryptionKeyId } from '../core/audit.ts'
 import { runCli } from './helpers/cli.ts'
 import { ENCRYPTION_KEY, isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
@@ -104,4 +107,27 @@ t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a 
   // among the previous ones) opens what the new key sealed, so it is not refused.
   const firstStep = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyA, keyB) })
   t.equal(firstStep.code, 0, `the old key current with the new one previous passes: ${firstStep.stderr}`)
+})
+
+t.test('an import whose statement the store cancels says that nothing was imported', async (t) => {
+  // Two imports of one file at once: the second waits on the first's rows, and past
+  // store.query_timeout_ms PostgreSQL cancels its statement. Before (found by a review), the
+  // message said only that, and not that the import had been rolled back. A lock held by this
+  // test stands in for the first import (the import's check reads past it, its insert waits).
+  const url = await freshDatabase(t)
+  const cwd = tempDir()
+  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY })
+  t.equal((await runCli(['migrate'], { cwd, env })).code, 0)
+  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 200\n')
+  writeFileSync(join(cwd, 'keys.jsonl'), JSON.stringify({ key_hash: createHash('sha256').update('a-legacy-key').digest('hex'), name: 'held' }) + '\n')
+  const holder = new pg.Client({ connectionString: url })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('BEGIN')
+  await holder.query('LOCK TABLE api_keys IN SHARE MODE')
+  const held = await runCli(['api-key', 'import', 'keys.jsonl', '--json'], { cwd, env })
+  await holder.query('ROLLBACK')
+  t.equal(held.code, 1)
+  t.match(held.json().error, { code: 'store_unavailable', message: /^nothing imported \(the import was rolled back\): the store \(PostgreSQL at .*\) cancelled the statement \(store\.query_timeout_ms is 200 ms\)/ })
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'and nothing was')
 })

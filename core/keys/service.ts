@@ -7,7 +7,7 @@ import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, pageOf, type Page } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
-import { fieldInvalid, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
+import { fieldInvalid, isKeygateError, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, dotted, firstProblems, MAX_JSON_DEPTH, MAX_LISTED_PROBLEMS, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey, statusAt } from './evaluate.ts'
@@ -631,6 +631,8 @@ export class KeyService {
     if (checked >= 0 && checked < input.length - 1) listed.push(`the rows after row ${checked + 1} were not checked (an import lists at most ${MAX_LISTED_PROBLEMS} problems)`)
     if (listed.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${listed.join('\n  ')}`, { problems: listed })
     let records: KeyRecord[]
+    // Until COMMIT is sent, a failure leaves nothing behind: the transaction is rolled back.
+    let committing = false
     try {
       records = await this.#commit(async (tx, changes) => {
         const out: KeyRecord[] = []
@@ -658,9 +660,15 @@ export class KeyService {
           changes.push({ action: 'imported', key: k })
         }
         return out
+      }, () => {
+        committing = true
       })
     } catch (err) {
       if (sqlState(err) === UNIQUE_VIOLATION) throw new KeygateError('import_invalid', 'nothing imported: a key_hash was added to the store meanwhile', undefined, { cause: err })
+      // A statement the store cancelled (another import of the same rows held it past
+      // store.query_timeout_ms) or a lost connection: said plainly that nothing was imported,
+      // so that the import is tried again rather than looked for (found by a review).
+      if (!committing && isKeygateError(err, 'store_unavailable')) throw new KeygateError('store_unavailable', `nothing imported (the import was rolled back): ${err.message}`, err.details, { cause: err })
       throw err
     }
     return records
