@@ -83,6 +83,8 @@ export class IntegrationHttp {
   readonly #secrets = new Set<string>()
   /** Secrets passing through (tokens created or verified): only the latest few, so the set stays small. */
   #transient: string[] = []
+  /** Every form of every secret, longest first: built by `redact` when the secrets changed since. */
+  #forms: string[] | undefined
 
   constructor(options: { service: ServiceName; url: string; timeoutMs: number }) {
     this.service = options.service
@@ -102,8 +104,14 @@ export class IntegrationHttp {
    */
   secret(value: string | undefined, options: { transient?: boolean } = {}): void {
     if (!value || value.length < 4) return
-    if (!options.transient) this.#secrets.add(value)
-    else if (!this.#transient.includes(value)) this.#transient = [value, ...this.#transient].slice(0, MAX_TRANSIENT)
+    if (!options.transient) {
+      if (this.#secrets.has(value)) return
+      this.#secrets.add(value)
+    } else {
+      if (this.#transient.includes(value)) return
+      this.#transient = [value, ...this.#transient].slice(0, MAX_TRANSIENT)
+    }
+    this.#forms = undefined
   }
 
   /**
@@ -115,8 +123,8 @@ export class IntegrationHttp {
    */
   redact(text: string): string {
     let out = text
-    const forms = new Set([...this.#secrets, ...this.#transient].flatMap((s) => [s, JSON.stringify(s).slice(1, -1), encodeURIComponent(s)]))
-    for (const s of [...forms].sort((a, b) => b.length - a.length)) out = out.split(s).join('[redacted]')
+    this.#forms ??= [...new Set([...this.#secrets, ...this.#transient].flatMap((s) => [s, JSON.stringify(s).slice(1, -1), encodeURIComponent(s)]))].sort((a, b) => b.length - a.length)
+    for (const s of this.#forms) out = out.split(s).join('[redacted]')
     out = out.replace(/\s+/g, ' ').trim()
     return out.length > MAX_MESSAGE ? out.slice(0, MAX_MESSAGE - 3) + '...' : out
   }
