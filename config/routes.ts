@@ -53,7 +53,12 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
  * one (`formatSuffix` false: read without dropping the suffix).
  */
 export function lenientReading(path: string, formatSuffix = true): string {
-  let p = asUtf8(decodeEscapes(path))
+  return lenientReadingOf(decodeEscapes(path), formatSuffix)
+}
+
+/** lenientReading of a path whose escapes are decoded already (`bytes`, from decodeEscapes). */
+export function lenientReadingOf(bytes: string, formatSuffix = true): string {
+  let p = asUtf8(bytes)
   const nul = p.indexOf('\u0000')
   if (nul !== -1) p = p.slice(0, nul)
   // A decoded `#` starts a fragment to a server that decodes, then parses the path as a URL (a

@@ -84,7 +84,10 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       s.message = 'The request path has dot segments.'
       return 'bad_request'
     }
-    const escapes = escapeProblem(pathOf(target))
+    const path = pathOf(target)
+    if (!path.includes('%')) return undefined
+    s.pathBytes = decodeEscapes(path)
+    const escapes = escapeProblem(s.pathBytes)
     if (escapes !== undefined) {
       s.message = escapes
       return 'bad_request'
@@ -94,7 +97,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
 }
 
 /**
- * Why the percent-escapes of `path` are refused, on every route: decoded (as often as
+ * Why the percent-escapes of a path are refused, on every route: decoded (`bytes`, as often as
  * lenientReading decodes), they hold a control character (%00-%1F, %7F), which upstreams drop
  * (tab, CR and LF, as WHATWG URL parsers do), cut at (NUL) or trim, or bytes that are not UTF-8,
  * among them overlong forms (`%C0%AE` is a `.` to decoders that accept them, as old Tomcat and
@@ -102,9 +105,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
  * both read as another path than the one routed (before, `/api/admin%09` and `/api/admin%C0%AE`
  * went upstream under `/api`'s scope).
  */
-function escapeProblem(path: string): string | undefined {
-  if (!path.includes('%')) return undefined
-  const bytes = decodeEscapes(path)
+function escapeProblem(bytes: string): string | undefined {
   if (CONTROL.test(bytes)) return 'The request path has a percent-encoded control character.'
   if (HIGH.test(bytes) && !isUtf8(Buffer.from(bytes, 'latin1'))) return 'The request path has percent-encoded bytes that are not UTF-8 (or an overlong form).'
   return undefined

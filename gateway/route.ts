@@ -14,7 +14,7 @@
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
 // unchanged.
-import { canonicalHost, lenientReading, prefixReadings, routeHost, routePrefix } from '../config/routes.ts'
+import { canonicalHost, lenientReading, lenientReadingOf, prefixReadings, routeHost, routePrefix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
@@ -97,13 +97,14 @@ export class Router {
 
   /**
    * Whether `target`, matched to `r`, falls under another route as a lenient upstream reads its
-   * path (see the top of this file).
+   * path (see the top of this file). `pathBytes`: the path's escapes decoded, when the request
+   * check decoded them already (RequestState.pathBytes), so that they are decoded once.
    */
-  ambiguous(host: string | undefined, target: string, r: CompiledRoute): boolean {
+  ambiguous(host: string | undefined, target: string, r: CompiledRoute, pathBytes?: string): boolean {
     if (!this.#nested) return false
     const path = pathOf(target)
     if (!LENIENT_CHANGES.test(path)) return false
-    const other = this.match(host, lenientReading(path), true)
+    const other = this.match(host, pathBytes === undefined ? lenientReading(path) : lenientReadingOf(pathBytes), true)
     return other !== undefined && (other.prefixLower !== r.prefixLower || other.host !== r.host)
   }
 
@@ -145,7 +146,7 @@ export function createRouteStage(router: Router): Stage {
     const r = router.match(s.headers.host, s.target)
     if (r === undefined) return 'route_not_found'
     s.route = r
-    if (router.ambiguous(s.headers.host, s.target, r)) {
+    if (router.ambiguous(s.headers.host, s.target, r, s.pathBytes)) {
       s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\", letter case, trailing dots or a format suffix such as ".json"); send it in its plain form.'
       return 'bad_request'
     }

@@ -33,6 +33,11 @@ export class RequestState {
   id: string
   /** Origin-form request target (path and query). */
   target: string
+  /**
+   * The path's escapes decoded (decodeEscapes), set by the request check when the path holds a
+   * `%`: its escapes are checked there, and the route check reads the path leniently from them.
+   */
+  pathBytes: string | undefined
   /** Client address (normalised) and the bucket it is counted in for limits and lockouts. */
   address: string
   addressKey: string
@@ -67,6 +72,7 @@ export class RequestState {
     this.start = start
     this.id = ''
     this.target = req.url ?? '/'
+    this.pathBytes = undefined
     this.address = ''
     this.addressKey = ''
     this.peer = ''
