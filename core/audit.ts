@@ -158,12 +158,34 @@ export class AuditCipher {
     return this.#keys.has(encKeyId)
   }
 
+  /**
+   * The details of a row, or `audit_decrypt_failed` with `details.integrity`: `key_missing` when
+   * the row names a key that is not configured and no configured key opens it, `failed` when it
+   * does not authenticate. A row naming a key that is not configured is tried with every key
+   * that is: the key id is not among the sealed data (formats 1 and 2 leave it out), so a row
+   * whose key id was changed in the store opened with none and read as sealed with a key since
+   * dropped, the harmless state after a rotation, where it was altered (found by a review).
+   */
   open(row: SealedRow, format: number, encKeyId: string, nonce: Uint8Array, sealed: Uint8Array): Record<string, unknown> {
     const rowId = row.id
-    const key = this.#keys.get(encKeyId)
-    if (!key) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} was sealed with encryption key ${encKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`)
     const body = Buffer.from(sealed)
-    if (body.length < 16 || nonce.length !== 12) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} is damaged`)
+    const damaged = body.length < 16 || nonce.length !== 12
+    const key = this.#keys.get(encKeyId)
+    if (!key) {
+      const opener = damaged ? undefined : [...this.#keys].find(([, k]) => this.#decrypt(k, row, format, nonce, body) !== undefined)?.[0]
+      if (opener !== undefined) {
+        throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} names encryption key ${encKeyId}, but was sealed with configured key ${opener}: the row was altered in the store`, { integrity: 'failed' })
+      }
+      throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} was sealed with encryption key ${encKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`, { integrity: 'key_missing' })
+    }
+    if (damaged) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} is damaged`, { integrity: 'failed' })
+    const details = this.#decrypt(key, row, format, nonce, body)
+    if (details === undefined) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} failed authentication: it was altered or does not belong here`, { integrity: 'failed' })
+    return details
+  }
+
+  /** The row's details opened with `key`; undefined when they do not authenticate. */
+  #decrypt(key: Buffer, row: SealedRow, format: number, nonce: Uint8Array, body: Buffer): Record<string, unknown> | undefined {
     try {
       const decipher = createDecipheriv('aes-256-gcm', key, Buffer.from(nonce))
       decipher.setAAD(aad(row, format))
@@ -171,7 +193,7 @@ export class AuditCipher {
       const plain = Buffer.concat([decipher.update(body.subarray(0, body.length - 16)), decipher.final()])
       return JSON.parse(plain.toString('utf8')) as Record<string, unknown>
     } catch {
-      throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} failed authentication: it was altered or does not belong here`)
+      return undefined
     }
   }
 }
@@ -200,11 +222,15 @@ export async function sealedKeyIds(db: Queryable): Promise<string[]> {
  * log. An empty log passes.
  */
 export async function checkNewestSealed(db: Queryable, cipher: AuditCipher): Promise<void> {
-  const [newest] = await db.query<{ id: string }>('SELECT enc_key_id AS id FROM api_key_audit_log ORDER BY created_at DESC LIMIT 1')
-  if (!newest || cipher.knows(newest.id)) return
+  const [newest] = await db.query<StoredRow>(`SELECT ${STORED_COLUMNS} FROM api_key_audit_log ORDER BY created_at DESC LIMIT 1`)
+  if (!newest || cipher.knows(newest.enc_key_id)) return
+  // Its key id changed in the store, and a configured key sealed it: the keys are right, and the
+  // row lists as altered (`failed`). Before, such an edit kept every instance from starting.
+  if (openStored(cipher, newest).integrity === 'failed') return
+  const id = newest.enc_key_id
   throw new KeygateError(
     'encryption_key_missing',
-    `the newest audit row was sealed with encryption key ${newest.id}, which is not configured (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${newest.id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
+    `the newest audit row was sealed with encryption key ${id}, which is not configured (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
   )
 }
 
@@ -329,22 +355,30 @@ export class AuditLog {
     }
     params.push(limit)
     return db.query<StoredRow>(
-      `SELECT id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format FROM api_key_audit_log
+      `SELECT ${STORED_COLUMNS} FROM api_key_audit_log
        ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
   }
 
   #open(r: StoredRow): AuditRecord {
-    const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
-    try {
-      return { ...row, details: this.#cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details), integrity: 'verified' }
-    } catch (err) {
-      if (!isKeygateError(err) || err.code !== 'audit_decrypt_failed') throw err
-      return { ...row, details: null, integrity: this.#cipher.knows(r.enc_key_id) ? 'failed' : 'key_missing', problem: err.message }
-    }
+    return openStored(this.#cipher, r)
   }
 }
+
+/** A stored row as a record: its details opened, or its integrity and the problem. */
+function openStored(cipher: AuditCipher, r: StoredRow): AuditRecord {
+  const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
+  try {
+    return { ...row, details: cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details), integrity: 'verified' }
+  } catch (err) {
+    if (!isKeygateError(err) || err.code !== 'audit_decrypt_failed') throw err
+    return { ...row, details: null, integrity: err.details?.integrity === 'key_missing' ? 'key_missing' : 'failed', problem: err.message }
+  }
+}
+
+/** The columns of a stored row (StoredRow). */
+const STORED_COLUMNS = 'id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format'
 
 interface StoredRow {
   id: string

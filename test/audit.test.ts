@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
 import type { Test } from 'tap'
 import { createCipheriv, createDecipheriv } from 'node:crypto'
-import { AuditCipher, AuditLog, encryptionKeyId, loadAuditCipher, type AuditRecord, type SealedRow } from '../core/audit.ts'
+import { AuditCipher, AuditLog, checkNewestSealed, encryptionKeyId, loadAuditCipher, type AuditRecord, type SealedRow } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { forEachStore, rejection, TEST_ENCRYPTION_KEY } from './helpers/stores.ts'
@@ -229,6 +229,19 @@ await forEachStore(t, async (t, store) => {
     }
     const stored = await db.query<{ format: number }>('SELECT DISTINCT format FROM api_key_audit_log WHERE key_id IS NOT NULL AND action = $1', ['key.updated'])
     t.ok(stored.some((r) => r.format === 2), 'rows are written in format 2')
+  })
+
+  t.test("a row's encryption key id changed in the store lists as altered, not as sealed with a dropped key, and does not stop a start", async (t) => {
+    const keyId = randomUUID().slice(0, 12)
+    const [rowId] = await writeRows(db, log, 1, keyId)
+    await db.query('UPDATE api_key_audit_log SET enc_key_id = $2 WHERE id = $1', [rowId, '0000000000000000'])
+    const altered = await unopened(log.list(db, { keyId }))
+    t.equal(altered.integrity, 'failed', 'a configured key opens it: its key id was altered (before: key_missing, as after a rotation)')
+    t.match(altered.problem, new RegExp(`names encryption key 0000000000000000, but was sealed with configured key ${encryptionKeyId(TEST_ENCRYPTION_KEY)}: the row was altered`))
+    const stranger = await unopened(new AuditLog(new AuditCipher(randomBytes(32))).list(db, { keyId }))
+    t.equal(stranger.integrity, 'key_missing', 'no configured key opens it: sealed with a key that is not configured, as far as this process can tell')
+    await t.resolves(checkNewestSealed(db, new AuditCipher(TEST_ENCRYPTION_KEY)), 'the newest row so altered does not keep an instance with the right key from starting')
+    await t.rejects(checkNewestSealed(db, new AuditCipher(randomBytes(32))), { code: 'encryption_key_missing' }, 'a wrong key is still refused')
   })
 
   t.test('seal format 1 (a rolling upgrade from before migration 0006): rows a version of then can read', async (t) => {
