@@ -5,17 +5,8 @@ import { defaultConfigFile, FLAG_NAMES, loadConfig, renderConfigDocs } from '../
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
-import { openDb } from '../core/db.ts'
-import { applyMigrations } from '../core/migrate.ts'
 import { VERSION } from '../core/package.ts'
-import { openRuntime, type Runtime } from '../core/runtime.ts'
-import { GiteaTokenService } from '../core/integrations/gitea.ts'
-import { N8nKeyService } from '../core/integrations/n8n.ts'
-import { Redis } from 'ioredis'
-import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
-import { redisReady } from '../core/redis.ts'
-import { EventBus } from '../core/events.ts'
-import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
+import type { Runtime } from '../core/runtime.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationContext } from './integrations.ts'
 import { localOperations } from './key-operations.ts'
@@ -77,7 +68,7 @@ function runIntegrationGroup<S>(
   commands: Record<string, Command<IntegrationContext<S>>>,
   argv: string[],
   io: Io,
-  o: { local: (deps: ReturnType<typeof integrationDeps>) => S & { close(): Promise<void> }; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string },
+  o: { local: (deps: ReturnType<typeof integrationDeps>) => Promise<S & { close(): Promise<void> }>; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string },
 ): Promise<number> {
   const actor = { actor: actorName() }
   return runGroup(
@@ -85,8 +76,8 @@ function runIntegrationGroup<S>(
     commands,
     argv,
     io,
-    (runtime, log, json) => {
-      const service = o.local(integrationDeps(runtime, log))
+    async (runtime, log, json) => {
+      const service = await o.local(integrationDeps(runtime, log))
       return { ctx: { io, json, service, actor }, close: () => service.close() }
     },
     (adminUrl, token, json, p) => {
@@ -127,7 +118,7 @@ export async function runGroup<C>(
   commands: Record<string, Command<C>>,
   argv: string[],
   io: Io,
-  open: (runtime: Runtime, log: Logger, json: boolean) => { ctx: C; close?: () => Promise<void> },
+  open: (runtime: Runtime, log: Logger, json: boolean) => Promise<{ ctx: C; close?: () => Promise<void> }>,
   remote: (adminUrl: string, token: string, json: boolean, p: Parsed) => C,
 ): Promise<number> {
   const [name, ...rest] = argv
@@ -154,63 +145,12 @@ export async function runGroup<C>(
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   const log = cliLogger(io, config)
-  const runtime = await openRuntime(config, log, { shortLived: true, ...(sub.readOnly ? { existingOnly: NO_STORE_HINT } : {}) })
-  const opened = open(runtime, log, p.values.json === true)
-  const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
-  // Key events of changes made here are queued in the store; the running servers deliver them.
-  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
-  const events = new EventBus()
-  const queued: Array<Promise<unknown>> = []
-  const offQueue = webhooks.bind(events, (insert) => queued.push(insert))
-  const offKeys = bindKeyEvents(runtime.keys, events)
-  try {
-    return await action(opened.ctx)
-  } finally {
-    offKeys()
-    offQueue()
-    await Promise.all(queued)
-    await webhooks.close()
-    await published?.()
-    await opened.close?.()
-    await runtime.close()
-  }
+  const { runLocal } = await import('./local.ts')
+  return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
 }
 
 function integrationDeps(runtime: Runtime, log: Logger) {
   return { db: runtime.db, audit: runtime.audit, log, config: runtime.config, flags: true }
-}
-
-/**
- * With Redis configured, a change the CLI makes in the store is published like the admin API's,
- * so every gateway drops the key at once. Returns what waits for the publishes before exit (each
- * bounded: see sendInvalidation); a Redis that cannot be reached or does not answer in time leaves
- * the gateways to their store check (cache.store_check_s), with a warning.
- */
-async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
-  // Connected on the first change only: commands that change nothing never touch Redis.
-  let redis: Redis | undefined
-  let ready: Promise<boolean> | undefined
-  const sent: Array<Promise<unknown>> = []
-  const send = async (message: string): Promise<unknown> => {
-    if (!redis) {
-      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
-      redis.on('error', () => {})
-      ready = redisReady(redis, 2000)
-    }
-    if (!(await ready)) throw new Error('Redis did not answer')
-    return sendInvalidation(redis, message, 2000)
-  }
-  const off = bindInvalidations({ keys: runtime.keys, publish: (message) => sent.push(send(message)) })
-  return async () => {
-    off()
-    const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
-    if (failed) {
-      log.warn('could not tell the gateways through Redis; they drop the key at their next store check (cache.store_check_s), or within cache.ttl_s with it off', {
-        err: (failed as PromiseRejectedResult).reason as Error,
-      })
-    }
-    redis?.disconnect()
-  }
 }
 
 async function runConfig(argv: string[], io: Io): Promise<number> {
@@ -264,6 +204,7 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
   // The store is the one migrated (before, --admin-url was taken and ignored).
   refuseFlags(p, ['admin-url'], 'migrate does not use it: it works on the store itself (--data-dir, --database-url), never through an admin API; run it where it can reach the store')
   const config = configFrom(p, io)
+  const [{ openDb }, { applyMigrations }] = await Promise.all([import('../core/db.ts'), import('../core/migrate.ts')])
   const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2, shortLived: true })
   try {
     const { applied, newer } = await applyMigrations(db)
@@ -312,13 +253,13 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           API_KEY_COMMANDS,
           rest,
           io,
-          (runtime, _log, json) => ({ ctx: { io, json, ops: localOperations(runtime.keys, { actor: actorName() }) } }),
+          async (runtime, _log, json) => ({ ctx: { io, json, ops: localOperations(runtime.keys, { actor: actorName() }) } }),
           (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
         )
       case 'gitea':
-        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: (deps) => new GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea' })
+        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/gitea.ts')).GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea' })
       case 'n8n':
-        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: (deps) => new N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n' })
+        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/n8n.ts')).N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n' })
       case 'config':
         return await runConfig(rest, io)
       case 'migrate':

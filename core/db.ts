@@ -4,7 +4,7 @@ import { chmodSync, existsSync, linkSync, readFileSync, renameSync, statSync, un
 import { randomBytes } from 'node:crypto'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import pg from 'pg'
+import type pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
@@ -110,10 +110,11 @@ class PostgresDb implements Db {
   /** The client-side read timeout of a timed statement; undefined without a timeout. */
   readonly #readTimeout: number | undefined
 
-  constructor(url: string, max: number, queryTimeoutMs: number) {
+  /** `Pool`: the driver's, loaded by openDb when a store is PostgreSQL (the embedded store and the admin API's clients never load it). */
+  constructor(Pool: typeof pg.Pool, url: string, max: number, queryTimeoutMs: number) {
     this.#timeoutMs = queryTimeoutMs
     this.#readTimeout = queryTimeoutMs > 0 ? queryTimeoutMs + WIRE_GRACE_MS : undefined
-    this.#pool = new pg.Pool({
+    this.#pool = new Pool({
       connectionString: url,
       max,
       connectionTimeoutMillis: 5000,
@@ -525,7 +526,8 @@ const SHORT_LIVED_SHARED_BUFFERS = '16MB'
 
 export async function openDb(options: OpenDbOptions): Promise<Db> {
   if (options.databaseUrl) {
-    const db = new PostgresDb(options.databaseUrl, options.poolMax ?? 10, options.queryTimeoutMs ?? 0)
+    const { default: driver } = await import('pg')
+    const db = new PostgresDb(driver.Pool, options.databaseUrl, options.poolMax ?? 10, options.queryTimeoutMs ?? 0)
     try {
       await db.query('SELECT 1')
     } catch (err) {

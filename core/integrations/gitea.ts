@@ -7,19 +7,8 @@ import { KeygateError } from '../errors.ts'
 import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
 import { KeyedQueue } from '../keyed-queue.ts'
-import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, type CreateGiteaTokenInput } from './schemas.ts'
+import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, GITEA_SCOPES, unknownGiteaScopes, type CreateGiteaTokenInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
-
-const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
-/** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
-export const GITEA_SCOPES: readonly string[] = ['all', 'public-only', ...CATEGORIES.flatMap((c) => [`read:${c}`, `write:${c}`])]
-
-/** The scopes Gitea does not know, and the words for them (the service's refusal and the CLI's usage error alike); undefined when there are none. */
-export function unknownGiteaScopes(scopes: readonly string[]): { unknown: string[]; message: string } | undefined {
-  const unknown = scopes.filter((s) => !GITEA_SCOPES.includes(s))
-  if (unknown.length === 0) return undefined
-  return { unknown, message: `${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is not a Gitea scope' : 'are not Gitea scopes'}; expected ${GITEA_SCOPES.join(', ')}` }
-}
 
 /** Gitea caps `limit` at MAX_RESPONSE_ITEMS (50 by default). */
 const PAGE_SIZE = 50

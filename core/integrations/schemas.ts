@@ -5,6 +5,17 @@ import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
 import { PRINTABLE, UNPRINTABLE_CHARS } from '../validate.ts'
 
+const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
+/** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
+export const GITEA_SCOPES: readonly string[] = ['all', 'public-only', ...CATEGORIES.flatMap((c) => [`read:${c}`, `write:${c}`])]
+
+/** The scopes Gitea does not know, and the words for them (the service's refusal and the CLI's usage error alike); undefined when there are none. */
+export function unknownGiteaScopes(scopes: readonly string[]): { unknown: string[]; message: string } | undefined {
+  const unknown = scopes.filter((s) => !GITEA_SCOPES.includes(s))
+  if (unknown.length === 0) return undefined
+  return { unknown, message: `${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is not a Gitea scope' : 'are not Gitea scopes'}; expected ${GITEA_SCOPES.join(', ')}` }
+}
+
 const ScopeName = Type.String({ minLength: 1, maxLength: 100, pattern: '^[a-z0-9][a-z0-9:._-]*$' })
 /**
  * A Gitea user name as it goes into `/api/v1/users/{user}/tokens`: never `.` or `..`, which

@@ -1,0 +1,85 @@
+// A command's work on the store itself, when no admin API is named: the store runtime, the key
+// events of its changes queued for the running servers' webhooks, and, with Redis, the
+// invalidations every gateway drops the key on. Loaded by main.ts only for such a command: a
+// command through the admin API, a usage error or --help loads none of the store, Redis or
+// webhook code (about a third of a command's start-up before).
+import { Redis } from 'ioredis'
+import type { Config } from '../config/schema.ts'
+import { EventBus } from '../core/events.ts'
+import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
+import type { Logger } from '../core/log.ts'
+import { redisReady } from '../core/redis.ts'
+import { openRuntime, type Runtime } from '../core/runtime.ts'
+import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
+
+/**
+ * Opens the store (`existingOnly`: refused with that hint when there is none yet), builds the
+ * command's context with `open`, runs `action` on it, and closes everything after.
+ */
+export async function runLocal<C>(
+  config: Config,
+  log: Logger,
+  existingOnly: string | undefined,
+  open: (runtime: Runtime) => Promise<{ ctx: C; close?: () => Promise<void> }>,
+  action: (ctx: C) => Promise<number>,
+): Promise<number> {
+  const runtime = await openRuntime(config, log, { shortLived: true, ...(existingOnly !== undefined ? { existingOnly } : {}) })
+  let opened: Awaited<ReturnType<typeof open>>
+  try {
+    opened = await open(runtime)
+  } catch (err) {
+    await runtime.close()
+    throw err
+  }
+  const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
+  // Key events of changes made here are queued in the store; the running servers deliver them.
+  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
+  const events = new EventBus()
+  const queued: Array<Promise<unknown>> = []
+  const offQueue = webhooks.bind(events, (insert) => queued.push(insert))
+  const offKeys = bindKeyEvents(runtime.keys, events)
+  try {
+    return await action(opened.ctx)
+  } finally {
+    offKeys()
+    offQueue()
+    await Promise.all(queued)
+    await webhooks.close()
+    await published?.()
+    await opened.close?.()
+    await runtime.close()
+  }
+}
+
+/**
+ * With Redis configured, a change the CLI makes in the store is published like the admin API's,
+ * so every gateway drops the key at once. Returns what waits for the publishes before exit (each
+ * bounded: see sendInvalidation); a Redis that cannot be reached or does not answer in time leaves
+ * the gateways to their store check (cache.store_check_s), with a warning.
+ */
+async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
+  // Connected on the first change only: commands that change nothing never touch Redis.
+  let redis: Redis | undefined
+  let ready: Promise<boolean> | undefined
+  const sent: Array<Promise<unknown>> = []
+  const send = async (message: string): Promise<unknown> => {
+    if (!redis) {
+      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
+      redis.on('error', () => {})
+      ready = redisReady(redis, 2000)
+    }
+    if (!(await ready)) throw new Error('Redis did not answer')
+    return sendInvalidation(redis, message, 2000)
+  }
+  const off = bindInvalidations({ keys: runtime.keys, publish: (message) => sent.push(send(message)) })
+  return async () => {
+    off()
+    const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
+    if (failed) {
+      log.warn('could not tell the gateways through Redis; they drop the key at their next store check (cache.store_check_s), or within cache.ttl_s with it off', {
+        err: (failed as PromiseRejectedResult).reason as Error,
+      })
+    }
+    redis?.disconnect()
+  }
+}
