@@ -12,7 +12,11 @@ const debugging = process.execArgv.some((a) => a.startsWith('--inspect'))
 // Set in the child: it ends when the command that started it is gone, whatever ended that.
 const REEXEC = 'KEYGATE_REEXEC_CHILD'
 
-if (STORE_COMMANDS.has(command as string) && !process.execArgv.includes(LIFTOFF) && !debugging && process.env.KEYGATE_WASM_TIERING !== 'full') {
+// A command given an admin API (KEYGATE_ADMIN_URL or --admin-url) opens no store here (migrate
+// refuses --admin-url and ignores the variable): the second process would only add its start.
+const remote = command !== 'migrate' && (!!process.env.KEYGATE_ADMIN_URL || process.argv.slice(3).some((a) => a === '--admin-url' || a.startsWith('--admin-url=')))
+
+if (STORE_COMMANDS.has(command as string) && !remote && !process.execArgv.includes(LIFTOFF) && !debugging && process.env.KEYGATE_WASM_TIERING !== 'full') {
   // A command that may open the embedded store is short, and for such a run V8's optimising
   // compiler costs more than it saves: PGlite's WebAssembly starts with V8's baseline compiler
   // (Liftoff), and the hot parts of its start-up are compiled again by TurboFan on the side,

@@ -4,7 +4,9 @@
 // test/cli.test.ts, so the two run side by side.)
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { closeSync, openSync, readdirSync, truncateSync, writeFileSync } from 'node:fs'
+import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs'
+import { createServer, type AddressInfo, type Socket } from 'node:net'
+import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
 import { KEYGATE_BIN, capturedStderr, childEnv, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
@@ -169,4 +171,42 @@ t.test("from the second run on, the compile cache serves the command's TypeScrip
     t.match(second.stderr, new RegExp(`transpile cache for StrippedTypeScript file://\\S*/${file.replace('.', '\\.')}\\.\\.\\.success`), `${file}: read from the cache`)
   }
   t.ok(readdirSync(join(cwd, 'cache', 'keygate', 'compile-cache')).length > 0, 'in the user cache folder')
+})
+
+t.test('a command through the admin API runs in one process, loading none of the store, Redis or outbound HTTP code', async (t) => {
+  // Before: it ran again in a child process (the baseline compiler's, for the embedded store it
+  // never opens) and loaded pg, ioredis and undici with the rest of the command line, about a
+  // third of its start-up.
+  const cwd = tempDir()
+  const loaded = join(cwd, 'loaded.txt')
+  const hook = join(cwd, 'hook.mjs')
+  writeFileSync(hook, "import module from 'node:module'\nimport { appendFileSync } from 'node:fs'\nmodule.registerHooks({ load(url, context, next) { appendFileSync(process.env.LOADED_FILE, url + '\\n'); return next(url, context) } })\n")
+  // An admin API that takes the connection and never answers: the command waits on it, as it is.
+  const held = new Set<Socket>()
+  const admin = createServer((socket) => held.add(socket))
+  await new Promise<void>((resolve) => admin.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const s of held) s.destroy()
+    admin.close()
+  })
+  const url = `http://127.0.0.1:${(admin.address() as AddressInfo).port}`
+  for (const [how, extra, args] of [
+    ['KEYGATE_ADMIN_URL', { KEYGATE_ADMIN_URL: url }, []],
+    ['--admin-url', {}, ['--admin-url', url]],
+  ] as const) {
+    writeFileSync(loaded, '')
+    const connected = new Promise<void>((resolve) => admin.once('connection', () => resolve()))
+    const env = childEnv(isolated({ ...extra, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', LOADED_FILE: loaded, NODE_OPTIONS: `--import ${hook}` }))
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'list', '--json', ...args], { env, cwd, stdio: ['ignore', 'ignore', 'ignore'] })
+    const ended = new Promise((resolve) => command.on('exit', resolve))
+    t.teardown(() => command.kill('SIGKILL'))
+    await connected
+    const children = spawnSync('pgrep', ['-P', String(command.pid)], { encoding: 'utf8' }).stdout.trim()
+    t.equal(children, '', `${how}: no second process`)
+    const urls = readFileSync(loaded, 'utf8').split('\n').filter(Boolean)
+    t.ok(urls.some((u) => u.endsWith('/cli/admin-client.ts')), `${how}: the hook saw the command's modules`)
+    t.same(urls.filter((u) => /\/node_modules\/(pg|pg-[a-z-]+|ioredis|undici|@electric-sql)\//.test(u)).map((u) => u.replace(/.*\/node_modules\//, '')), [], `${how}: no store driver, Redis client or undici`)
+    command.kill('SIGKILL')
+    await ended
+  }
 })
