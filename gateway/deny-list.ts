@@ -1,42 +1,121 @@
 // The IP deny list as the request path sees it: config entries plus stored ones, parsed once,
-// with answers memoised per address (cleared whenever the list changes). A stored entry stops
-// matching at its expiry: the list is recompiled when the earliest expiry passes.
+// indexed by prefix, with answers memoised per address (cleared whenever the list changes). A
+// stored entry stops matching at its expiry: the list is recompiled when the earliest expiry passes.
 import QuickLRU from 'quick-lru'
 import ipaddr from 'ipaddr.js'
 import type { DenyChange, DenyEntry } from '../core/deny-list.ts'
 import { parseAddress, parseRange } from '../core/keys/evaluate.ts'
 import type { RequestState, Stage } from './state.ts'
 
-type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
-
 const MEMO_SIZE = 4096
 /** The IPv4-mapped block's first address. */
 const MAPPED = ipaddr.IPv6.parse('::ffff:0:0')
 
+/** A range reduced to what a lookup needs: its family, its length, and its network's leading `bits` bits. */
+interface Prefix {
+  v6: boolean
+  bits: number
+  /** The network's first `bits` bits as an integer (the rest of the written address is ignored, as ipaddr.js's match does). */
+  head: number | bigint
+  /** An IPv6 range wider than /96 holding the IPv4-mapped block (see #everyIpv4). */
+  holdsIpv4: boolean
+}
+
+/** BigInt(128 - bits), for bits 0 to 128: made once, not per lookup. */
+const SHIFT6 = Array.from({ length: 129 }, (_, bits) => BigInt(128 - bits))
+
+const v4Value = (a: ipaddr.IPv4): number => {
+  const [b0, b1, b2, b3] = a.octets as [number, number, number, number]
+  return ((b0 << 24) | (b1 << 16) | (b2 << 8) | b3) >>> 0
+}
+const v6Value = (a: ipaddr.IPv6): bigint => {
+  let v = 0n
+  for (const p of a.parts) v = (v << 16n) | BigInt(p)
+  return v
+}
+// `>>> 32` shifts by nothing in JavaScript: a /0 has no leading bits, every address's head is 0.
+const v4Head = (value: number, bits: number): number => (bits === 0 ? 0 : value >>> (32 - bits))
+const v6Head = (value: bigint, bits: number): bigint => value >> (SHIFT6[bits] as bigint)
+
+function toPrefix(cidr: string): Prefix | undefined {
+  const range = parseRange(cidr)
+  if (!range) return undefined
+  const [net, bits] = range
+  if (net.kind() === 'ipv4') return { v6: false, bits, head: v4Head(v4Value(net as ipaddr.IPv4), bits), holdsIpv4: false }
+  return { v6: true, bits, head: v6Head(v6Value(net as ipaddr.IPv6), bits), holdsIpv4: bits < 96 && MAPPED.match(net, bits) }
+}
+
+/**
+ * The entries in force, per family one set per prefix length present, of the heads of that
+ * length: a lookup costs one set probe per distinct length, not one comparison per entry (a
+ * review found the linear scan took 0.3 to 0.6 ms of CPU per new client address with 20,000
+ * entries, and the memo holds only 4096 answers). Overlapping and duplicate entries need nothing
+ * more: the index is rebuilt from the entries in force at every change and expiry.
+ */
+class PrefixIndex {
+  readonly #v4 = new Map<number, Set<number>>()
+  readonly #v6 = new Map<number, Set<bigint>>()
+  #v4Lengths: number[] = []
+  #v6Lengths: number[] = []
+
+  add(p: Prefix): void {
+    if (p.v6) {
+      let heads = this.#v6.get(p.bits)
+      if (!heads) this.#v6.set(p.bits, (heads = new Set()))
+      heads.add(p.head as bigint)
+    } else {
+      let heads = this.#v4.get(p.bits)
+      if (!heads) this.#v4.set(p.bits, (heads = new Set()))
+      heads.add(p.head as number)
+    }
+  }
+
+  /** Call once all entries are added. */
+  seal(): this {
+    this.#v4Lengths = [...this.#v4.keys()]
+    this.#v6Lengths = [...this.#v6.keys()]
+    return this
+  }
+
+  has(a: ipaddr.IPv4 | ipaddr.IPv6): boolean {
+    if (a.kind() === 'ipv4') {
+      if (this.#v4Lengths.length === 0) return false
+      const value = v4Value(a as ipaddr.IPv4)
+      for (const bits of this.#v4Lengths) if ((this.#v4.get(bits) as Set<number>).has(v4Head(value, bits))) return true
+      return false
+    }
+    if (this.#v6Lengths.length === 0) return false
+    const value = v6Value(a as ipaddr.IPv6)
+    for (const bits of this.#v6Lengths) if ((this.#v6.get(bits) as Set<bigint>).has(v6Head(value, bits))) return true
+    return false
+  }
+}
+
 export class DenyMatcher {
-  readonly #fixed: Range[]
-  #stored: Array<{ id: string; range: Range; expiresAt: number }> = []
-  #active: Range[] = []
+  readonly #fixed: Prefix[]
+  #stored: Array<{ id: string; prefix: Prefix; expiresAt: number }> = []
+  #size = 0
+  #index = new PrefixIndex()
   #nextExpiry = Infinity
   // quick-lru holds up to twice maxSize.
   readonly #memo = new QuickLRU<string, boolean>({ maxSize: MEMO_SIZE / 2 })
 
   constructor(configured: readonly string[]) {
-    this.#fixed = configured.map(parseRange).filter((r): r is Range => r !== undefined)
+    this.#fixed = configured.map(toPrefix).filter((p): p is Prefix => p !== undefined)
     this.#compile(Date.now())
   }
 
   /** Entries in force (after the last recompilation). */
   get size(): number {
-    return this.#active.length
+    return this.#size
   }
 
   /** Replaces the stored entries (after a reload). */
   setStored(entries: readonly DenyEntry[], nowMs: number): void {
     this.#stored = []
     for (const e of entries) {
-      const range = parseRange(e.cidr)
-      if (range) this.#stored.push({ id: e.id, range, expiresAt: e.expiresAt ? e.expiresAt.getTime() : Infinity })
+      const prefix = toPrefix(e.cidr)
+      if (prefix) this.#stored.push({ id: e.id, prefix, expiresAt: e.expiresAt ? e.expiresAt.getTime() : Infinity })
     }
     this.#compile(nowMs)
   }
@@ -45,22 +124,32 @@ export class DenyMatcher {
   apply(change: DenyChange, nowMs: number): void {
     this.#stored = this.#stored.filter((e) => e.id !== change.entry.id)
     if (change.action === 'added') {
-      const range = parseRange(change.entry.cidr)
-      if (range) this.#stored.push({ id: change.entry.id, range, expiresAt: change.entry.expiresAt ? change.entry.expiresAt.getTime() : Infinity })
+      const prefix = toPrefix(change.entry.cidr)
+      if (prefix) this.#stored.push({ id: change.entry.id, prefix, expiresAt: change.entry.expiresAt ? change.entry.expiresAt.getTime() : Infinity })
     }
     this.#compile(nowMs)
   }
 
   #compile(nowMs: number): void {
-    const active = [...this.#fixed]
+    // A new index replaces the old one whole: no lookup sees one half built.
+    const index = new PrefixIndex()
+    let size = 0
+    let everyIpv4 = false
+    const take = (p: Prefix): void => {
+      index.add(p)
+      size++
+      if (p.holdsIpv4) everyIpv4 = true
+    }
+    for (const p of this.#fixed) take(p)
     let next = Infinity
     for (const e of this.#stored) {
       if (e.expiresAt <= nowMs) continue
-      active.push(e.range)
+      take(e.prefix)
       if (e.expiresAt < next) next = e.expiresAt
     }
-    this.#active = active
-    this.#everyIpv4 = active.some(([net, bits]) => net.kind() === 'ipv6' && bits < 96 && MAPPED.match(net, bits))
+    this.#index = index.seal()
+    this.#size = size
+    this.#everyIpv4 = everyIpv4
     this.#nextExpiry = next
     this.#memo.clear()
   }
@@ -77,18 +166,8 @@ export class DenyMatcher {
     if (nowMs >= this.#nextExpiry) this.#compile(nowMs)
     let hit = this.#memo.get(address)
     if (hit === undefined) {
-      hit = false
       const a = parseAddress(address)
-      if (a && a.kind() === 'ipv4' && this.#everyIpv4) hit = true
-      else if (a) {
-        const kind = a.kind()
-        for (const [net, bits] of this.#active) {
-          if (net.kind() === kind && a.match(net, bits)) {
-            hit = true
-            break
-          }
-        }
-      }
+      hit = a !== undefined && ((a.kind() === 'ipv4' && this.#everyIpv4) || this.#index.has(a))
       this.#memo.set(address, hit)
     }
     return hit
