@@ -15,17 +15,8 @@ import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createKey, forkServer, here, keygateEnv, median, startKeygate, type Server } from './servers.ts'
+import { createKey, countArg as arg, forkServer, here, keygateEnv, median, startKeygate, type Server } from './servers.ts'
 
-const arg = (name: string, fallback: number): number => {
-  const i = process.argv.indexOf(`--${name}`)
-  const v = i === -1 ? fallback : Number(process.argv[i + 1])
-  if (!Number.isInteger(v) || v <= 0) {
-    process.stderr.write(`--${name} takes a whole number above 0\n`)
-    process.exit(2)
-  }
-  return v
-}
 const REQUESTS = arg('requests', 3000)
 const REPS = arg('reps', 5)
 const WARM = arg('warm', 40_000)

@@ -87,3 +87,14 @@ export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b)
   return s.length % 2 ? (s[(s.length - 1) / 2] as number) : ((s[s.length / 2 - 1] as number) + (s[s.length / 2] as number)) / 2
 }
+
+/** `--name N` from the command line, a whole number above 0 (`fallback` when not given); exits 2 on anything else. */
+export function countArg(name: string, fallback: number): number {
+  const i = process.argv.indexOf(`--${name}`)
+  const v = i === -1 ? fallback : Number(process.argv[i + 1])
+  if (!Number.isInteger(v) || v <= 0) {
+    process.stderr.write(`--${name} takes a whole number above 0\n`)
+    process.exit(2)
+  }
+  return v
+}

@@ -1,0 +1,89 @@
+// node bench/deny-list.ts [--entries 20000] [--lookups 20000] [--rounds 7]
+// The deny list's matcher (gateway/deny-list.ts) alone, in this process: lookups per second of
+// new client addresses (each asked once, so neither the matcher's memo nor the parsed-address
+// cache answers) against `entries` entries, as a ratio to the same lookups against an empty list.
+// The lists: IPv4 /32s, IPv6 /64s (the two a review measured through the gateway), and a mix of
+// both families and every length (the index's worst case: one probe per length present). Each
+// round runs every list once, in turn, on its own fresh addresses (half IPv4, half IPv6, nearly
+// all outside the lists: a miss looks at every length); the ratio is taken within the round and
+// its median over the rounds printed with the middle half. Also the time to load the entries
+// (setStored: parsing and indexing), which every reload pays. Prints a markdown table.
+import type { DenyEntry } from '../core/deny-list.ts'
+import { DenyMatcher } from '../gateway/deny-list.ts'
+import { countArg as arg, median } from './servers.ts'
+
+const ENTRIES = arg('entries', 20_000)
+const LOOKUPS = arg('lookups', 20_000)
+const ROUNDS = arg('rounds', 7)
+
+const hex = (n: number) => n.toString(16)
+const rnd = (below: number) => Math.floor(Math.random() * below)
+const entry = (i: number, cidr: string): DenyEntry => ({ id: `e${i}`, cidr, reason: null, createdBy: 'bench', createdAt: new Date(), expiresAt: null })
+
+const lists: Record<string, () => DenyEntry[]> = {
+  empty: () => [],
+  'IPv4 /32': () => Array.from({ length: ENTRIES }, (_, i) => entry(i, `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`)),
+  'IPv6 /64': () => Array.from({ length: ENTRIES }, (_, i) => entry(i, `2001:db8:${hex(i >> 16)}:${hex(i & 0xffff)}::/64`)),
+  'both families, every length': () =>
+    Array.from({ length: ENTRIES }, (_, i) =>
+      i % 2 === 0 ? entry(i, `10.${rnd(256)}.${rnd(256)}.${rnd(256)}/${8 + (i % 25)}`) : entry(i, `2001:db8:${hex(rnd(65536))}:${hex(rnd(65536))}::/${32 + (i % 97)}`),
+    ),
+}
+
+/** New addresses, never asked before in this process: 11.x.y.z and 2001:db9:… are on no list. */
+let fresh = 0
+function addresses(): string[] {
+  const out: string[] = []
+  for (let i = 0; i < LOOKUPS; i++, fresh++) out.push(i % 2 === 0 ? `11.${(fresh >> 16) & 255}.${(fresh >> 8) & 255}.${fresh & 255}` : `2001:db9:${hex(fresh >> 16)}:${hex(fresh & 0xffff)}::1`)
+  return out
+}
+
+const names = Object.keys(lists)
+const matchers = new Map<string, DenyMatcher>()
+const loadMs = new Map<string, number[]>(names.map((n) => [n, []]))
+for (const name of names) {
+  const entries = (lists[name] as () => DenyEntry[])()
+  const m = new DenyMatcher([])
+  for (let i = 0; i < 3; i++) {
+    const start = process.hrtime.bigint()
+    m.setStored(entries, Date.now())
+    ;(loadMs.get(name) as number[]).push(Number(process.hrtime.bigint() - start) / 1e6)
+  }
+  matchers.set(name, m)
+}
+
+// A warm-up round, not counted.
+for (const name of names) for (const a of addresses()) (matchers.get(name) as DenyMatcher).denied(a, Date.now())
+
+const rates = new Map<string, number[]>(names.map((n) => [n, []]))
+const ratios = new Map<string, number[]>(names.map((n) => [n, []]))
+let denied = 0
+for (let r = 0; r < ROUNDS; r++) {
+  const order = r % 2 === 0 ? names : [...names].reverse()
+  const round = new Map<string, number>()
+  for (const name of order) {
+    const m = matchers.get(name) as DenyMatcher
+    const asked = addresses()
+    const now = Date.now()
+    const start = process.hrtime.bigint()
+    for (const a of asked) if (m.denied(a, now)) denied++
+    round.set(name, LOOKUPS / (Number(process.hrtime.bigint() - start) / 1e9))
+  }
+  for (const name of names) {
+    ;(rates.get(name) as number[]).push(round.get(name) as number)
+    ;(ratios.get(name) as number[]).push((round.get(name) as number) / (round.get('empty') as number))
+  }
+}
+if (denied !== 0) throw new Error(`${denied} of the fresh addresses were denied: the lists are not what this benchmark says`)
+
+const quartile = (xs: number[], q: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(q * xs.length))] as number
+console.log(`${ENTRIES} entries, ${LOOKUPS} lookups of new addresses per list and round, ${ROUNDS} rounds, Node ${process.version}`)
+console.log('')
+console.log('| list | lookups/s | vs empty list (middle half) | load ms |')
+console.log('| --- | --- | --- | --- |')
+for (const name of names) {
+  const rs = ratios.get(name) as number[]
+  const spread = name === 'empty' ? '1.00' : `${median(rs).toFixed(2)} (${quartile(rs, 0.25).toFixed(2)} to ${quartile(rs, 0.75).toFixed(2)})`
+  console.log(`| ${name === 'empty' ? name : `${ENTRIES} × ${name}`} | ${Math.round(median(rates.get(name) as number[]))} | ${spread} | ${median(loadMs.get(name) as number[]).toFixed(1)} |`)
+}
+process.exit(0)
