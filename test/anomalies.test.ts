@@ -17,7 +17,7 @@ import type { Db } from '../core/db.ts'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, memoryDb, testServices } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -491,31 +491,6 @@ t.test('an anomaly announced late reaches the streams before the next one, so a 
   await until('a later one arrives', () => got.some((a) => a.id === after.id))
   t.same(got.map((a) => a.id), [late.id, next.id, after.id], 'its own publication, late, does not send it twice')
 })
-
-/** `db` with its queries counted (and failing while `down` holds), as the feed's history reads it. */
-function watchedDb() {
-  const w = { reads: 0, inFlight: 0, most: 0, down: false }
-  const wrap = (db: Db): Db =>
-    new Proxy(db, {
-      get(target, prop) {
-        if (prop === 'query') {
-          return async (q: string, p?: readonly unknown[]) => {
-            w.reads++
-            w.most = Math.max(w.most, ++w.inFlight)
-            try {
-              if (w.down) throw new Error('the store is unavailable')
-              return await target.query(q, p)
-            } finally {
-              w.inFlight--
-            }
-          }
-        }
-        const v = Reflect.get(target, prop) as unknown
-        return typeof v === 'function' ? v.bind(target) : v
-      },
-    })
-  return { w, wrap }
-}
 
 t.test('a flood of channel messages naming ids the table lacks is a few store reads, one at a time', async (t) => {
   const { w, wrap } = watchedDb()

@@ -185,3 +185,33 @@ export async function rejection(promise: Promise<unknown>): Promise<Error & { co
   }
   throw new Error('expected a rejection, but the promise resolved')
 }
+
+/**
+ * `db` with its queries counted, failing while `down` holds, and answering only once `held`
+ * settles (the query has run: what it read is as it was then), as an anomaly feed's history reads it.
+ */
+export function watchedDb() {
+  const w = { reads: 0, inFlight: 0, most: 0, down: false, held: Promise.resolve() }
+  const wrap = (db: Db): Db =>
+    new Proxy(db, {
+      get(target, prop) {
+        if (prop === 'query') {
+          return async (q: string, p?: readonly unknown[]) => {
+            w.reads++
+            w.most = Math.max(w.most, ++w.inFlight)
+            try {
+              if (w.down) throw new Error('the store is unavailable')
+              const rows = await target.query(q, p)
+              await w.held
+              return rows
+            } finally {
+              w.inFlight--
+            }
+          }
+        }
+        const v = Reflect.get(target, prop) as unknown
+        return typeof v === 'function' ? v.bind(target) : v
+      },
+    })
+  return { w, wrap }
+}
