@@ -713,22 +713,24 @@ export const POLL_MS = 1_000
 export const POLL_PAGE = 500
 
 /**
- * Without Redis, the table read every `everyMs` while `wanted()` (a stream is open): the other
- * instances' findings, which no message announces. Each poll reads the rows above the newest id
- * it read (a page at most), and looks again at the ids it passed that had no row, within
- * LATE_WINDOW below that newest: ids are taken at INSERT and seen at COMMIT, so another
- * instance's lower id can appear after a higher one was read. `deliver` drops what the event bus
- * delivered already. Stopped, it forgets where it was: a stream opened later gets only what is
- * recorded after it opened (what it missed comes from its Last-Event-ID).
+ * Without Redis, the table read every `everyMs` while `wanted()` (a stream is open), and at once
+ * when `now()` is called (this process recorded a finding: it is in the table by then). Each read
+ * takes the rows above the newest id it read (a page at most), and looks again at the ids it
+ * passed that had no row, within LATE_WINDOW below that newest: ids are taken at INSERT and seen
+ * at COMMIT, so another instance's lower id can appear after a higher one was read. One read at a
+ * time, so each row is delivered once, in id order. Stopped, it forgets where it was: a stream
+ * opened later gets only what is recorded after it opened (what it missed comes from its
+ * Last-Event-ID).
  */
-function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; deliver: (a: AnomalyJson) => void; delivered: (id: string) => boolean; wanted: () => boolean }) {
+function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; deliver: (a: AnomalyJson) => void; wanted: () => boolean }) {
   const window = BigInt(LATE_WINDOW)
   /** The newest id read: where the next poll reads from. */
   let cursor: bigint | undefined
   /** Ids below `cursor` (within the window) that had no row when passed. */
   const gaps = new Set<string>()
   let timer: NodeJS.Timeout | undefined
-  let polling = false
+  /** A read runs: a timer's tick skips it (but `now()` does not: the running read may have begun before the finding). */
+  let reading = false
   let beginning: Promise<void> | undefined
   /** Streams between start() and their listener: the poll goes on for them. */
   let starting = 0
@@ -739,11 +741,11 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
   const failure = (err: unknown) => {
     failed++
     if (!failedLog()) return
-    o.log.warn("could not read the table for other instances' anomalies; read again at the next poll", { failed_reads: failed, err: err as Error })
+    o.log.warn('could not read the table for new anomalies; read again at the next poll', { failed_reads: failed, err: err as Error })
     failed = 0
   }
   const prune = () => {
-    for (const id of gaps) if (cursor === undefined || BigInt(id) <= cursor - window || o.delivered(id)) gaps.delete(id)
+    for (const id of gaps) if (cursor === undefined || BigInt(id) <= cursor - window) gaps.delete(id)
   }
   /** Notes the ids between `from` and `to` (both excluded) as passed without a row, within the window below `top`. */
   const passed = (from: bigint, to: bigint, top: bigint) => {
@@ -771,8 +773,12 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
     return (beginning = b)
   }
   const poll = async () => {
+    // Not begun yet (a stream's start() still reading where the table is, or that read failed):
+    // begin, then read. A row committed meanwhile is either below where the table turns out to
+    // be (recorded before the stream listened: its resume has it) or above it, and read here.
+    if (cursor === undefined) await begun()
     const me = run
-    if (cursor === undefined) return begun()
+    if (cursor === undefined) return
     prune()
     const late = gaps.size > 0 ? await o.history.among([...gaps]) : []
     const page = await o.history.after(String(cursor), POLL_PAGE)
@@ -798,19 +804,21 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
     gaps.clear()
     run++
   }
-  const tick = async (): Promise<void> => {
+  // One read at a time (see coalesced): two at once would both read from the same cursor and
+  // deliver what they found twice. A failed read changes nothing: what it would have delivered
+  // is read by the next.
+  const read = coalesced(async () => {
     if (!o.wanted() && starting === 0) return stop()
-    if (polling) return
-    polling = true
+    reading = true
     await poll()
       .catch(failure)
-      .finally(() => (polling = false))
-  }
+      .finally(() => (reading = false))
+  })
   return {
     /** Polls from now on, once it knows where the table is (or could not read it: the next poll tries again). */
     async start(): Promise<void> {
       if (timer === undefined) {
-        timer = setInterval(() => void tick(), o.everyMs)
+        timer = setInterval(() => void (reading || read()), o.everyMs)
         timer.unref()
       }
       if (cursor !== undefined) return
@@ -819,16 +827,23 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
         .catch(failure)
         .finally(() => starting--)
     },
+    /**
+     * Reads the table at once, or right after the read that runs (one more for every call made
+     * meanwhile); nothing while no stream is open (one opened later begins where the table is).
+     */
+    now(): void {
+      if (timer !== undefined) void read()
+    },
     stop,
   }
 }
 
 /**
- * Every anomaly found by any instance, as it is recorded: with Redis, from the table, read when
- * the channel announces one (an instance's own finding comes back on it too); without Redis, from
- * this process's event bus at once and, while a stream is open, from the table every
- * `admin.stream_poll_ms` (the other instances' findings), each once. The admin SSE stream
- * listens here, and calls `ready()` before it does.
+ * Every anomaly found by any instance, as it is recorded, each once and in id order, read from
+ * the table: with Redis, when the channel announces one (an instance's own finding comes back on
+ * it too); without Redis, while a stream is open, every `admin.stream_poll_ms` (the other
+ * instances' findings) and at once when this process's event bus says it recorded one. The admin
+ * SSE stream listens here, and calls `ready()` before it does.
  */
 export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
@@ -1025,26 +1040,22 @@ export class AnomalyFeed {
         sub.disconnect()
       }
     } else {
-      // This process's findings come on the bus, and may be read from the table too (a poll
-      // between the insert's commit and the emit): each is delivered once, from where it came first.
-      const fromBus = new QuickLRU<string, true>({ maxSize: DELIVERED })
-      const fromTable = new QuickLRU<string, true>({ maxSize: DELIVERED })
+      const { history } = options
+      // With the table, everything streamed is read from it, in id order: this process's finding
+      // on the bus only says that it is there (its row is committed before the event is
+      // emitted), and has it read at once. Before, it was delivered from the bus at once and the
+      // other instances' findings at the next poll, so a stream could carry an own finding before
+      // another instance's lower id, and a client resuming between the two never got the lower
+      // one (found by a review); and a finding whose event came while a stream was opening, after
+      // the read of where the table was, reached no listener yet and was then skipped by the
+      // table's read as sent: that stream never got it. Without the table (an admin API built
+      // without one) there is nothing to read: the bus's events are delivered as they come.
+      const poll = history ? tablePoll({ history, everyMs: options.pollMs ?? POLL_MS, log: options.log, deliver, wanted: () => this.#listeners.size > 0 }) : undefined
       const off = options.events.on((e) => {
         if (e.type !== 'anomaly.detected') return
-        const a = e.data as AnomalyJson
-        if (fromTable.has(a.id)) return
-        fromBus.set(a.id, true)
-        deliver(a)
+        if (poll) poll.now()
+        else deliver(e.data as AnomalyJson)
       })
-      const read = (a: AnomalyJson) => {
-        if (fromBus.has(a.id)) return
-        fromTable.set(a.id, true)
-        deliver(a)
-      }
-      const { history } = options
-      const poll = history
-        ? tablePoll({ history, everyMs: options.pollMs ?? POLL_MS, log: options.log, deliver: read, delivered: (id) => fromBus.has(id) || fromTable.has(id), wanted: () => this.#listeners.size > 0 })
-        : undefined
       if (poll) this.#ready = () => poll.start()
       this.#stop = () => {
         off()
@@ -1060,8 +1071,9 @@ export class AnomalyFeed {
 
   /**
    * Call before `on`: without Redis, begins reading the table (until no listener is left) and
-   * settles once it knows where the table is, so another instance's finding recorded after this
-   * is delivered. Never rejects (a failed read is tried again at the next poll).
+   * settles once it knows where the table is, so any finding recorded after this (this
+   * instance's or another's) is delivered. Never rejects (a failed read is tried again at the
+   * next poll).
    */
   ready(): Promise<void> {
     return this.#ready()

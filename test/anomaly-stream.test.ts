@@ -8,9 +8,23 @@
 import t from 'tap'
 import net from 'node:net'
 import { MAX_UNSENT_BYTES, RESUME_PAGE } from '../admin/routes/anomalies-stream.ts'
-import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
+import { AnomalyLog, anomalyJson, LATE_WINDOW, type Anomaly } from '../core/anomalies.ts'
+import { BOOTSTRAP_TOKEN, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { converse, sleep } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
+
+let recorded = 0
+/**
+ * An anomaly as this instance's detector records one: the row, then `anomaly.detected` on the
+ * bus. Without Redis the stream reads it from the table (the event only has it read at once): a
+ * made-up event with no row is not streamed.
+ */
+async function record(h: AdminHarness, keyId: string, details: Record<string, unknown> = {}): Promise<Anomaly> {
+  const windowStart = new Date(Date.UTC(2030, 0, 1) + ++recorded * 60_000)
+  const row = (await new AnomalyLog(h.db).insert({ keyId, type: 'error_rate', windowStart, details, detectedAt: new Date() })) as Anomaly
+  h.events.emit('anomaly.detected', anomalyJson(row))
+  return row
+}
 
 await forEachStore(t, async (t, store) => {
   const h = await startAdmin(t, store.db)
@@ -37,13 +51,14 @@ await forEachStore(t, async (t, store) => {
     t.equal(got.length, count, `all ${count} missed anomalies (${Math.ceil(count / RESUME_PAGE)} pages of ${RESUME_PAGE})`)
     t.same(got, missed, 'in order, none twice')
 
-    const live = String(BigInt(missed.at(-1) as string) + 1000n)
-    h.events.emit('anomaly.detected', { id: live, key_id: key.record.id, type: 'request_rate', details: {} })
-    t.equal((await s.next()).id, live, 'then the live ones')
+    const live = await record(h, key.record.id)
+    t.equal((await s.next()).id, live.id, 'then the live ones')
   })
 
   await t.test('a client that stops reading is cut off once its unsent data passes the bound', async (t) => {
     const { port } = new URL(h.url)
+    // The stream of the test before closes first: then the feed's only listener is this one's.
+    for (let i = 0; i < 500 && h.anomalyFeed.listeners > 0; i++) await sleep(20)
     const socket = net.connect(Number(port), '127.0.0.1')
     t.teardown(() => socket.destroy())
     await new Promise((resolve) => socket.once('connect', resolve))
@@ -52,14 +67,12 @@ await forEachStore(t, async (t, store) => {
     let closed = false
     socket.once('close', () => (closed = true))
     socket.on('error', () => {})
-    // Let the stream start, then send live anomalies the client does not read: 64 times the bound.
-    await new Promise((resolve) => setTimeout(resolve, 200))
+    // Once the stream listens, live anomalies the client does not read: up to 64 times the bound,
+    // until the server ends the stream (its listener goes).
+    for (let i = 0; i < 500 && h.anomalyFeed.listeners === 0; i++) await sleep(20)
     const pad = 'x'.repeat(16 * 1024)
     const events = (64 * MAX_UNSENT_BYTES) / pad.length
-    for (let i = 0; i < events; i++) {
-      h.events.emit('anomaly.detected', { id: String(9_000_000 + i), key_id: key.record.id, type: 'request_rate', details: { pad } })
-      if (i % 64 === 0) await new Promise((resolve) => setImmediate(resolve))
-    }
+    for (let i = 0; i < events && h.anomalyFeed.listeners > 0; i++) await record(h, key.record.id, { pad })
     // Now read what reached the client: the stream must have been ended by the server.
     let received = 0
     socket.on('data', (d: Buffer) => (received += d.length))
@@ -88,16 +101,13 @@ await forEachStore(t, async (t, store) => {
     await new Promise((resolve) => setTimeout(resolve, 200))
     // About 4 MB: most of it in the kernel's buffers, some in the process, under the cut-off.
     const pad = 'x'.repeat(4096)
-    for (let i = 0; i < 1000; i++) {
-      h.events.emit('anomaly.detected', { id: String(1 + i), key_id: 'K', type: 'request_rate', details: { pad } })
-      if (i % 50 === 0) await new Promise((resolve) => setImmediate(resolve))
-    }
+    for (let i = 0; i < 1000; i++) await record(h, 'K', { pad })
     // The stream ends (its admin key is revoked) while data still waits; then a live anomaly
     // arrives, and the heartbeat comes round (before, its ping was written after the end:
     // an uncaught ERR_STREAM_WRITE_AFTER_END, the end of the process).
     await h.keys.revoke(watcher.record.id, 'left', { actor: 'test' })
     await new Promise((resolve) => setTimeout(resolve, 100))
-    h.events.emit('anomaly.detected', { id: '999999', key_id: 'K', type: 'request_rate', details: {} })
+    await record(h, 'K')
     await new Promise((resolve) => setTimeout(resolve, 2500))
     // Now it reads: the response ends (the last chunk) or the connection closes.
     let closed = false
@@ -149,15 +159,15 @@ await forEachStore(t, async (t, store) => {
 
     await t.test('a live anomaly committed late, with an id the catch-up had passed, is still sent', async (t) => {
       const key = await h.keys.create({ name: 'late', type: 'service', scopes: [] }, { actor: 'test' })
-      const insert = (n: number, offset: number) =>
+      const insert = (n: number, offset: number, pad: number) =>
         store.db.query<{ id: string }>(
           `INSERT INTO api_key_anomalies (key_id, type, window_start, details)
-           SELECT $1, 'request_rate', to_timestamp(g * 60 + $3), jsonb_build_object('pad', repeat('x', 1000)) FROM generate_series(1, $2::int) AS g
+           SELECT $1, 'request_rate', to_timestamp(g * 60 + $3), jsonb_build_object('pad', repeat('x', $4)) FROM generate_series(1, $2::int) AS g
            RETURNING id::text AS id`,
-          [key.record.id, n, offset],
+          [key.record.id, n, offset, pad],
         )
-      const [before] = await insert(1, 0)
-      // Another instance takes id X in a transaction it has not committed yet...
+      const [before] = await insert(1, 0, 0)
+      // The instance's detector takes id X in an insert it has not committed yet...
       let commit: () => void = () => {}
       const committed = new Promise<void>((resolve) => (commit = resolve))
       let lateId = ''
@@ -166,8 +176,13 @@ await forEachStore(t, async (t, store) => {
         await committed
       })
       while (lateId === '') await new Promise((resolve) => setTimeout(resolve, 5))
-      // ...while 20,000 later ones are committed.
-      await insert(20_000, 1_000_000)
+      // ...while later ones are committed: some 20 MB, more than the sockets' buffers hold, so the
+      // catch-up still waits for the client when X commits. Fewer than LATE_WINDOW of them: X is
+      // read from the table when its event comes, and a read looks again only at the ids it
+      // passed without a row within LATE_WINDOW below the newest it read (before, 20,000 of 1 KB:
+      // the event itself was streamed).
+      const later = LATE_WINDOW - 100
+      await insert(later, 1_000_000, Math.ceil(20_000_000 / later))
       const { port } = new URL(h.url)
       const socket = net.connect(Number(port), '127.0.0.1')
       t.teardown(() => socket.destroy())
@@ -175,7 +190,7 @@ await forEachStore(t, async (t, store) => {
       socket.write(`GET /v1/anomalies/stream HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${h.adminKey}\r\nLast-Event-ID: ${before?.id}\r\n\r\n`)
       socket.pause()
       await new Promise((resolve) => setTimeout(resolve, 300))
-      // X commits and is published while the catch-up waits for the client.
+      // X commits and its event comes on the bus while the catch-up waits for the client.
       commit()
       await late
       h.events.emit('anomaly.detected', { id: lateId, key_id: key.record.id, type: 'error_rate', details: {} })
