@@ -219,7 +219,7 @@ export const ConfigSchema = Type.Object(
         url: optStr('redis-url', { description: 'Redis for shared limits, invalidation and alerts.', env: 'REDIS_URL', secret: true }),
         anomaly_channel: Type.String({ format: 'redis-channel', default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts (the system keygate replaces used momentry:anomaly:alerts).', env: 'KEYGATE_ANOMALY_CHANNEL' }),
         command_timeout_ms: int(100, 5, 10_000, {
-          description: 'A rate limit or lockout call to Redis slower than this is answered by the in-memory insurance limiter, which keeps answering until a PING is answered in time again.',
+          description: 'A rate limit or lockout call to Redis slower than this is answered by the in-memory insurance limiter, which keeps answering until Redis takes a write (the health probe, every 250 ms) in time again.',
         }),
         invalidation_check_ms: int(1000, 0, 600_000, {
           description: 'How often a gateway compares the invalidation version counter in Redis with the last message it received, and flushes its key cache when messages were missed (0: never; the cache TTL still bounds staleness).',

@@ -1,5 +1,5 @@
 // Whether an asynchronous call answers in time: the health gauges ask the store and Redis at
-// each scrape, the Redis health check pings while limits run in process, and the invalidation
+// each scrape, the Redis health check probes while limits run in process, and the invalidation
 // check and publish bound their Redis calls (a half-open connection never answers). No imports.
 
 /** The rejection of `within` when no answer came in time. */

@@ -5,10 +5,16 @@
 // RedisHealth says whether the shared limits are in use. It turns `down` on the first sign of
 // trouble (the connection drops, or a limiter call fails or is slower than the command
 // timeout); from then on limiter calls go straight to the insurance limiter without trying Redis
-// (so a paused Redis costs one timeout, not one per request), and a PING every `probeMs` brings
-// the shared limits back once Redis answers in time. Each switch is logged once.
+// (so a paused Redis costs one timeout, not one per request), and a probe every `probeMs` brings
+// the shared limits back once Redis takes a write by a Lua script in time, as the limiters and the
+// lockout's restore need: a PING alone let a Redis that answers but refuses writes (maxmemory
+// with noeviction, a demoted replica, an ACL) take them back every 250 ms and fail the next call,
+// about four switches and three log lines a second per process, with keygate_redis_up reading 1
+// while nothing was shared (found by a review). A switch back that fails again at once (a refusal
+// the probe cannot see) doubles the wait before the next probe, up to `maxProbeMs`, and belongs to
+// the same outage: one warning for it, and one line when Redis is back for good.
 import { Redis } from 'ioredis'
-import { answersWithin } from './deadline.ts'
+import { TimedOut, within } from './deadline.ts'
 import type { Logger } from './log.ts'
 
 export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number } = {}): Redis {
@@ -29,25 +35,52 @@ export function connectRedis(url: string, log: Logger, options: { commandTimeout
   return redis
 }
 
-export type DownReason = 'unreachable' | 'timeout' | 'error'
+/** 'refused': Redis answers, but refused the probe's write (OOM, READONLY, NOPERM, a script refused). */
+export type DownReason = 'unreachable' | 'timeout' | 'error' | 'refused'
+
+/** The key the probe writes: under keygate's prefix (an ACL that lets keygate write its keys lets it), gone after HEALTH_TTL_MS. */
+export const HEALTH_KEY = 'keygate:health'
+const HEALTH_TTL_MS = 10_000
+/**
+ * The probe: a SET with PX, from a Lua script, as the limiters (rate-limiter-flexible's script)
+ * and the lockout's restore (core/lockout.ts) write. A Redis over maxmemory with noeviction
+ * (OOM), a replica (READONLY) or an ACL that refuses writes or scripts refuses it, where it
+ * answers PING.
+ */
+const HEALTH_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
+/** A switch back is held once no call failed for this many probe intervals after it; a failure sooner is the same outage going on. */
+const SETTLE_PROBES = 4
+/** The longest wait between probes after switches back that failed at once, in probe intervals (8 s at 250 ms). */
+const MAX_PROBE_FACTOR = 32
 
 export interface RedisHealthOptions {
   log?: Logger
   /** A limiter call slower than this is answered by the insurance limiter. */
   timeoutMs?: number
-  /** How often a PING checks whether Redis is back, while it is down. */
+  /** How often a probe checks whether Redis takes keygate's writes again, while it is down. */
   probeMs?: number
+  /** The longest wait between probes, reached by doubling after each switch back that failed at once (default 32 probe intervals). */
+  maxProbeMs?: number
 }
 
 export class RedisHealth {
   readonly #redis: Redis
   readonly timeoutMs: number
   readonly #probeMs: number
+  readonly #maxProbeMs: number
   #log: Logger | undefined
   #up: boolean
   #probe: NodeJS.Timeout | undefined
+  /** The wait between probes now: probeMs, doubled after each switch back that failed at once. */
+  #probeEvery: number
   #probing = false
   #warned = false
+  /** Set while a switch back has not yet held for SETTLE_PROBES intervals: a failure now is a relapse. */
+  #settling: NodeJS.Timeout | undefined
+  /** This outage has had a relapse: `Redis answers again` waits until a switch back holds. */
+  #relapsed = false
+  /** This outage's probe refusal was logged (once an outage, as the warning). */
+  #refusalLogged = false
   readonly #listeners = new Set<(up: boolean, reason?: DownReason) => void>()
 
   constructor(redis: Redis, options: RedisHealthOptions = {}) {
@@ -55,6 +88,8 @@ export class RedisHealth {
     this.#log = options.log
     this.timeoutMs = options.timeoutMs ?? 200
     this.#probeMs = options.probeMs ?? 250
+    this.#maxProbeMs = Math.max(this.#probeMs, options.maxProbeMs ?? this.#probeMs * MAX_PROBE_FACTOR)
+    this.#probeEvery = this.#probeMs
     this.#up = redis.status === 'ready'
     if (!this.#up) this.#startProbe()
     redis.on('error', () => this.down('unreachable'))
@@ -83,8 +118,22 @@ export class RedisHealth {
     // 'end': closed on purpose (shutdown).
     if (!this.#up || this.#redis.status === 'end') return
     this.#up = false
-    this.#warned = true
-    this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason, ...(err ? { err } : {}) })
+    if (this.#settling !== undefined) {
+      // The switch back failed at once: Redis answers the probe but refuses what keygate needs
+      // (e.g. an ACL on the limiters' keys, a script refused). Probed less often, and the same
+      // outage: said once, at info, as `Redis answers again` was; then at debug.
+      clearTimeout(this.#settling)
+      this.#settling = undefined
+      this.#probeEvery = Math.min(this.#probeEvery * 2, this.#maxProbeMs)
+      const line = 'Redis refused a call right after it answered again: rate limits and lockouts stay in this process; it is probed less often until a switch back holds (logged once until it is back)'
+      if (this.#relapsed) this.#log?.debug(line, { reason, nextProbeMs: this.#probeEvery, ...(err ? { err } : {}) })
+      else this.#log?.info(line, { reason, nextProbeMs: this.#probeEvery, ...(err ? { err } : {}) })
+      this.#relapsed = true
+    } else {
+      this.#warned = true
+      this.#refusalLogged = false
+      this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason, ...(err ? { err } : {}) })
+    }
     for (const l of this.#listeners) l(false, reason)
     this.#startProbe()
   }
@@ -93,7 +142,7 @@ export class RedisHealth {
    * A process that starts to use its limits without Redis (not connected yet, or not at all)
    * starts on the insurance: a switch like any other, logged once, and `Redis answers again`
    * follows when it comes. True when it is so (the caller counts the switch); false when Redis is
-   * connected (the PING that switches to it may still be out).
+   * connected (the probe that switches to it may still be out).
    */
   startedWithout(): boolean {
     if (this.#up || this.#redis.status === 'ready' || this.#redis.status === 'end') return false
@@ -106,7 +155,7 @@ export class RedisHealth {
 
   #startProbe(): void {
     if (this.#probe) return
-    this.#probe = setInterval(() => void this.#check(), this.#probeMs)
+    this.#probe = setInterval(() => void this.#check(), this.#probeEvery)
     this.#probe.unref()
   }
 
@@ -114,22 +163,56 @@ export class RedisHealth {
     if (this.#up || this.#probing || this.#redis.status !== 'ready') return
     this.#probing = true
     try {
-      if (!(await answersWithin(() => this.#redis.ping(), this.timeoutMs)) || this.#up) return
+      if (!(await this.#takesWrites()) || this.#up) return
       this.#up = true
       clearInterval(this.#probe)
       this.#probe = undefined
-      if (this.#warned) this.#log?.info('Redis answers again: rate limits and lockouts are shared across instances again')
+      this.#settling = setTimeout(() => this.#held(), this.#probeMs * SETTLE_PROBES)
+      this.#settling.unref()
+      // After a relapse, said once the switch back holds (#held).
+      if (this.#warned && !this.#relapsed) this.#log?.info('Redis answers again: rate limits and lockouts are shared across instances again')
       for (const l of this.#listeners) l(true)
     } catch {
-      // A listener failed; the switch back stands (answersWithin itself does not throw).
+      // A listener failed; the switch back stands (#takesWrites does not throw).
     } finally {
       this.#probing = false
     }
   }
 
+  /** Whether Redis took the probe's write in time; a refusal is logged (once an outage). */
+  async #takesWrites(): Promise<boolean> {
+    try {
+      await within(this.#redis.eval(HEALTH_SCRIPT, 1, HEALTH_KEY, '1', HEALTH_TTL_MS), this.timeoutMs, 'Redis health probe')
+      return true
+    } catch (err) {
+      // Not in time, or the connection went meanwhile: as a PING not answered, nothing to say.
+      if (err instanceof TimedOut || this.#redis.status !== 'ready') return false
+      if (!this.#warned) {
+        // Connected to a Redis that refused from the start: no switch was logged yet.
+        this.#warned = true
+        this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason: 'refused' satisfies DownReason, err: err as Error })
+      } else if (!this.#refusalLogged) {
+        this.#log?.debug('Redis answers but refuses the health probe\'s write; probing again (logged once until it is back)', { err: err as Error })
+      }
+      this.#refusalLogged = true
+      return false
+    }
+  }
+
+  /** The switch back has held: the outage is over. */
+  #held(): void {
+    this.#settling = undefined
+    this.#probeEvery = this.#probeMs
+    this.#refusalLogged = false
+    if (this.#relapsed && this.#up) this.#log?.info('Redis answers again: rate limits and lockouts are shared across instances again')
+    this.#relapsed = false
+  }
+
   close(): void {
     clearInterval(this.#probe)
     this.#probe = undefined
+    clearTimeout(this.#settling)
+    this.#settling = undefined
   }
 }
 

@@ -1,0 +1,164 @@
+// A Redis that answers PING but refuses writes (found by a review): over maxmemory with
+// noeviction (OOM), turned into a replica (READONLY), or an ACL that lets keygate write its health
+// key and nothing else. Before, a PING took the limits back to Redis every 250 ms and the next
+// call failed again: a stream of switches and log lines, keygate_redis_up 1 once traffic stopped
+// while nothing was shared, and a lockout decided meanwhile never reached the other instances.
+// Now keygate stays on its insurance (one switch, one warning) until Redis takes a write again; a
+// switch back that fails at once is probed less and less often. Each test runs its own
+// redis-server and changes its settings; events are counted, not timed.
+import t, { type Test } from 'tap'
+import { Redis } from 'ioredis'
+import { INVALIDATION_CHANNEL, subscribeInvalidations } from '../core/invalidation.ts'
+import { createLimiter } from '../core/limiters.ts'
+import { createLockout } from '../core/lockout.ts'
+import { createLogger } from '../core/log.ts'
+import { connectRedis, redisHealth } from '../core/redis.ts'
+import { freshAddress, makeConfig, metric, openStore, sleep, startGateway, until } from './helpers/gateway.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
+import type { LogLine } from './helpers/serve.ts'
+
+function logger(): { log: ReturnType<typeof createLogger>; logs: LogLine[]; said: (level: string, start: string) => number } {
+  const logs: LogLine[] = []
+  const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
+  return { log, logs, said: (level, start) => logs.filter((l) => l.level === level && l.message.startsWith(start)).length }
+}
+
+/**
+ * A Redis of the test's own, a client of it whose ACL lets it write keygate's health key and no
+ * other (the probe's write is taken, the limits' and lockouts' are refused: NOPERM), with a
+ * RedisHealth probing every 50 ms, and `grant` to let it write every key.
+ */
+async function narrowRedis(t: Test) {
+  const server = await startRedisServer(t)
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => admin.disconnect())
+  await admin.acl('SETUSER', 'narrow', 'on', '>secret', '~keygate:health', '+@all')
+  const redis = new Redis(`redis://narrow:secret@127.0.0.1:${server.port}`, { enableOfflineQueue: false, maxRetriesPerRequest: 1 })
+  t.teardown(() => redis.disconnect())
+  await until(t, 'connected', () => redis.status === 'ready')
+  const logged = logger()
+  const health = redisHealth(redis, { log: logged.log, probeMs: 50 })
+  return { redis, health, ...logged, grant: () => admin.acl('SETUSER', 'narrow', 'allkeys') }
+}
+
+/** Ways to make a Redis refuse writes while it answers PING, and to undo them. */
+const refusals: Array<{ name: string; refuse: (admin: Redis) => Promise<unknown>; accept: (admin: Redis) => Promise<unknown> }> = [
+  {
+    name: 'maxmemory below used memory, noeviction (OOM)',
+    refuse: async (admin) => {
+      await admin.config('SET', 'maxmemory-policy', 'noeviction')
+      await admin.config('SET', 'maxmemory', '1')
+    },
+    accept: (admin) => admin.config('SET', 'maxmemory', '0'),
+  },
+  {
+    // A primary demoted to a replica of a server that is not there: it stays a read-only replica.
+    name: 'a replica (READONLY)',
+    refuse: (admin) => admin.replicaof('127.0.0.1', 1),
+    accept: (admin) => admin.replicaof('NO', 'ONE'),
+  },
+]
+
+for (const { name, refuse, accept } of refusals) {
+  t.test(`a gateway on a Redis that answers PING but refuses writes stays on its insurance, with one switch and one warning, until writes are taken again: ${name}`, async (t) => {
+    const server = await startRedisServer(t)
+    const { log, said } = logger()
+    const redis = connectRedis(server.url, log)
+    const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+    t.teardown(() => {
+      redis.disconnect()
+      admin.disconnect()
+    })
+    const config = { cache: { ttl_s: 3600, store_check_s: 0 }, rate_limits: { per_address: { limit: 1000, window_s: 3600 } }, redis: { invalidation_check_ms: 0 } }
+    const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+    const gateway = await startGateway(t, { config, store, redis, log })
+    const registry = gateway.metrics.registry
+    t.equal((await gateway.get('/')).status, 401, 'counted in Redis')
+    t.equal(await metric(registry, 'keygate_redis_up'), 1)
+
+    await refuse(admin)
+    t.equal(await admin.ping(), 'PONG', 'Redis still answers PING')
+    // Requests a probe interval (250 ms) apart or more: before, each found the limits back on
+    // Redis (a PING had answered) and switched them away again.
+    const statuses: number[] = []
+    for (let i = 0; i < 12; i++) {
+      statuses.push((await gateway.get('/')).status)
+      await sleep(300)
+    }
+    t.same([...new Set(statuses)], [401], 'every request is answered (by the insurance)')
+    t.equal(await metric(registry, 'keygate_redis_up'), 0, 'keygate_redis_up says the limits are not shared')
+    t.equal(await metric(registry, 'keygate_redis_fallback_total'), 1, 'one switch for the outage, however many probes and requests')
+    t.equal(said('warn', 'Redis is not answering'), 1, 'one warning')
+    t.equal(said('info', 'Redis answers again'), 0, 'and no return while it refuses')
+
+    await accept(admin)
+    await until(t, 'Redis is used again once it takes writes', async () => (await metric(registry, 'keygate_redis_up')) === 1)
+    t.equal((await gateway.get('/')).status, 401, 'a request counted in Redis again')
+    t.equal(await metric(registry, 'keygate_redis_up'), 1, 'and it stays there')
+    t.equal(said('info', 'Redis answers again'), 1, 'the return is logged once')
+    t.equal(await metric(registry, 'keygate_redis_fallback_total'), 1, 'with no further switch')
+  })
+}
+
+t.test('a lockout decided while Redis refuses writes reaches the other instance once Redis takes them again', async (t) => {
+  const server = await startRedisServer(t)
+  const { log } = logger()
+  const a = connectRedis(server.url, log)
+  const b = connectRedis(server.url, log)
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => {
+    a.disconnect()
+    b.disconnect()
+    admin.disconnect()
+  })
+  await until(t, 'connected', () => a.status === 'ready' && b.status === 'ready')
+  const la = createLockout({ maxAttempts: 2, windowS: 60, log, redis: a })
+  const lb = createLockout({ maxAttempts: 2, windowS: 60, log, redis: b })
+  const close = await subscribeInvalidations(b, { handler: (m) => {
+      if (m.startsWith('lock:')) lb.applyMessage(m)
+    }, onFlush: () => void lb.reload(), checkIntervalMs: 100 })
+  t.teardown(close)
+  await until(t, 'subscribed', async () => Number(((await admin.pubsub('NUMSUB', INVALIDATION_CHANNEL)) as [string, number])[1]) >= 1)
+
+  await admin.config('SET', 'maxmemory-policy', 'noeviction')
+  await admin.config('SET', 'maxmemory', '1')
+  const address = freshAddress()
+  await la.recordFailure(address)
+  await la.recordFailure(address)
+  t.equal(la.lockedFor(address), 60, 'locked out on the instance that saw the failures (on its insurance)')
+  t.notOk(redisHealth(a).up, 'which Redis refused')
+  // Probes come and go meanwhile; before, one switched back, the restore failed, and nothing tried again.
+  await sleep(1000)
+  t.notOk(redisHealth(a).up, 'still on the insurance')
+  t.equal(lb.lockedFor(address), undefined, 'the other instance has not heard of it yet')
+
+  await admin.config('SET', 'maxmemory', '0')
+  await until(t, 'the lockout reaches the other instance', () => lb.lockedFor(address) !== undefined)
+  t.ok(redisHealth(a).up, 'the instance is back on Redis')
+})
+
+t.test('a switch back that fails at once (an ACL lets the probe write, not the limits) is probed less and less often, and said once', async (t) => {
+  const { redis, health, said, grant } = await narrowRedis(t)
+  let switches = 0
+  health.onChange((up) => !up && switches++)
+  const limiter = createLimiter({ points: 1000, durationS: 60, keyPrefix: 'keygate:rl:test', redis })
+  // A call at least a probe interval after the last: before, each found the limits back on Redis
+  // and failed there (about one switch a call).
+  const calls = 40
+  for (let i = 0; i < calls; i++) {
+    await limiter.consume('k')
+    await sleep(60)
+  }
+  t.ok(switches >= 2, `the probe's write is taken, and the switch back fails at once (${switches} switches)`)
+  t.ok(switches <= 10, `probed less often after each: ${switches} switches for ${calls} calls`)
+  t.equal(said('warn', 'Redis is not answering'), 1, 'one warning for the outage')
+  t.equal(said('info', 'Redis refused a call right after it answered again'), 1, 'the first failed switch back is said once')
+  t.equal(said('info', 'Redis answers again'), 1, 'the first switch back is said, the later ones are not')
+
+  await grant()
+  await until(t, 'a switch back holds once the limits may write', async () => {
+    await limiter.consume('k')
+    return said('info', 'Redis answers again') === 2
+  })
+  t.ok(health.up, 'on Redis')
+})
