@@ -237,9 +237,25 @@ export function createLockout(options: LockoutOptions): Lockout {
       void publishInvalidation(redis, `lock:${until}:${address}`, log)
     }
   }
+  // A restore Redis refuses (OOM, READONLY, NOPERM) means the lockouts are not shared: the limits
+  // go back to the insurance with it, which RedisHealth takes for a switch back that failed at
+  // once (it probes less often), and the warning is said once until a restore succeeds (before,
+  // found by a review: a warning at every switch back, about four a second per process).
+  let restoreFailed = false
   const restoreNow = (): void => {
     restoring ??= restore()
-      .catch((err: unknown) => log?.warn('could not write the lockouts in force to Redis; trying again when it is back', { err: err as Error }))
+      .then(
+        () => {
+          restoreFailed = false
+        },
+        (err: unknown) => {
+          const line = 'could not write the lockouts in force to Redis; trying again when it is back (logged once until a write succeeds)'
+          if (restoreFailed) log?.debug(line, { err: err as Error })
+          else log?.warn(line, { err: err as Error })
+          restoreFailed = true
+          if (redis) redisHealth(redis).down('error', err as Error)
+        },
+      )
       .finally(() => (restoring = undefined))
   }
   if (redis) {

@@ -162,3 +162,25 @@ t.test('a switch back that fails at once (an ACL lets the probe write, not the l
   })
   t.ok(health.up, 'on Redis')
 })
+
+t.test("a restore of the lockouts that Redis refuses after a switch back takes the limits away from it again, and warns once", async (t) => {
+  // The health key may be written, the lockouts (keygate:lockout:…) may not.
+  const { redis, health, log, said, logs } = await narrowRedis(t)
+  let ups = 0
+  let downs = 0
+  health.onChange((up) => (up ? ups++ : downs++))
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60, log, redis })
+  const address = freshAddress()
+  await lockout.recordFailure(address)
+  await lockout.recordFailure(address)
+  t.equal(lockout.lockedFor(address), 60, 'locked out, on the insurance (Redis refused the count)')
+  // No limiter call from here on: only the restore at a switch back can find the refusal.
+  await until(t, 'a probe switches back (its write is taken)', () => ups >= 1)
+  // Before, the limits stayed on Redis after the failed restore, the lockout written nowhere.
+  await until(t, 'the refused restore takes the limits away from Redis again', () => downs >= 2)
+  await until(t, 'and again at a later switch back', () => downs >= 3)
+  const failed = logs.filter((l) => l.message.startsWith('could not write the lockouts in force'))
+  t.ok(failed.length >= 2, `each switch back tried the restore (${failed.length})`)
+  t.equal(failed.filter((l) => l.level === 'warn').length, 1, 'one warning for them')
+  t.equal(said('warn', 'Redis is not answering'), 1, 'and one for the outage')
+})
