@@ -155,10 +155,12 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
   let stages = build()
   const guard = new TunnelGuard({ keys, now, log, recheckMs: config.cache.ttl_s * 1000, denied: (address) => deny.size > 0 && deny.denied(address, now()) })
-  const matchDeny = (): void => {
+  // The gauge and the stages follow the size, which an expiry changes between reloads too; open
+  // tunnels are checked again only when the entries in force changed (not at every reload).
+  const matchDeny = (changed = true): void => {
     metrics.denyListEntries.set(deny.size)
     if (denyOn !== deny.size > 0) stages = build()
-    if (deny.size > 0) guard.denyChanged()
+    if (changed && deny.size > 0) guard.denyChanged()
   }
 
   // Changes applied here since a reload began make what it read stale: it reads again instead of
@@ -172,8 +174,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
           const seen = denyChanges
           const list = await denyService.list()
           if (seen !== denyChanges) continue
-          deny.setStored(list, now())
-          matchDeny()
+          matchDeny(deny.setStored(list, now()))
           return
         }
       } catch (err) {

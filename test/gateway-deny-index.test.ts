@@ -228,3 +228,82 @@ t.test('IPv4-mapped IPv6, zone ids and spellings that are not addresses', async 
   t.equal(new DenyMatcher(['0.0.0.0/0']).denied('2001:db8::1', NOW), false, 'an IPv4 range holds no IPv6 client')
   t.equal(new DenyMatcher(['0.0.0.0/0']).denied('::ffff:203.0.113.1', NOW), true)
 })
+
+t.test('a reload of the entries already held parses none of them again; a change parses only what it adds', async (t) => {
+  // An operation count, not a time: each reload (every deny_list_refresh_s, 5 s by default)
+  // parsed all 20,000 entries again and rebuilt the index, 0.1 to 1.4 s of CPU per gateway
+  // process with nothing changed (found by a review). Each read is new objects, as the store gives.
+  const cidrOf = (i: number) => (i % 2 === 0 ? `10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}` : `2001:db8:${(i >> 16).toString(16)}:${(i & 0xffff).toString(16)}::/64`)
+  let rows = Array.from({ length: 20_000 }, (_, i) => ({ id: `s${i}`, cidr: cidrOf(i), expiresAt: i % 1000 === 7 ? NOW + 60_000 : null }))
+  const read = () => rows.map((r) => entry(r.id, r.cidr, r.expiresAt))
+  const m = new DenyMatcher(['192.0.2.0/24'])
+  t.equal(m.setStored(read(), NOW), true)
+  t.equal(m.parsedEntries, 20_000)
+  t.equal(m.size, 20_001)
+
+  const next = random(20261205)
+  // Addresses in and next to the entries, and random ones: against the matcher rebuilt from the
+  // same read (what every reload did), and some against the scan of every entry in force.
+  const samples = (at: number) => {
+    const out: string[] = []
+    for (let i = 0; i < 400; i++) {
+      const r = rows[Math.floor(next() * rows.length)] as (typeof rows)[number]
+      out.push(r.cidr.includes('/') ? r.cidr.replace('::/64', `:${Math.floor(next() * 65536).toString(16)}::1`) : r.cidr)
+      out.push(`10.${Math.floor(next() * 256)}.${Math.floor(next() * 256)}.${Math.floor(next() * 256)}`)
+      out.push(`2001:db8:0:${Math.floor(next() * 65536).toString(16)}::1`)
+    }
+    return out.concat(rows.slice(-3).map((r) => r.cidr.split('/')[0] as string), ['192.0.2.9', '198.51.100.1'])
+  }
+  const check = (what: string, at: number) => {
+    const fresh = new DenyMatcher(['192.0.2.0/24'])
+    fresh.setStored(read(), at)
+    const asked = samples(at)
+    const inForce = ['192.0.2.0/24', ...rows.filter((r) => r.expiresAt === null || r.expiresAt > at).map((r) => r.cidr)]
+    const scan = oracle(inForce.map(rangeOf))
+    const wrong = asked.filter((a) => m.denied(a, at) !== fresh.denied(a, at))
+    const wrongScan = asked.slice(-60).filter((a) => m.denied(a, at) !== scan(a))
+    t.same([...wrong, ...wrongScan].slice(0, 10), [], `${what}: every answer as a rebuilt matcher's and a scan's`)
+    t.equal(m.size, inForce.length, `${what}: ${inForce.length} entries in force`)
+  }
+  check('first load', NOW)
+
+  t.equal(m.setStored(read(), NOW + 1), false, 'nothing changed: nothing rebuilt')
+  t.equal(m.parsedEntries, 20_000, 'and nothing parsed again')
+  check('unchanged', NOW + 1)
+
+  rows = [...rows, { id: 'added', cidr: '203.0.113.0/24', expiresAt: null }]
+  t.equal(m.setStored(read(), NOW + 2), true)
+  t.equal(m.parsedEntries, 20_001, 'an entry added: only it is parsed')
+  t.equal(m.denied('203.0.113.77', NOW + 2), true)
+  check('one added', NOW + 2)
+
+  rows = rows.filter((r) => r.id !== 's4')
+  t.equal(m.setStored(read(), NOW + 3), true)
+  t.equal(m.parsedEntries, 20_001, 'an entry removed: nothing parsed')
+  t.equal(m.denied('10.0.0.4', NOW + 3), false)
+  check('one removed', NOW + 3)
+
+  rows = rows.map((r) => (r.id === 's6' ? { ...r, expiresAt: NOW + 10 } : r.id === 's8' ? { ...r, cidr: '198.51.100.0/24' } : r))
+  t.equal(m.setStored(read(), NOW + 4), true)
+  t.equal(m.parsedEntries, 20_002, 'an expiry set and a range replaced under the same id: only the new range is parsed')
+  t.equal(m.denied('10.0.0.8', NOW + 4), false)
+  t.equal(m.denied('198.51.100.1', NOW + 4), true)
+  check('expiry and range changed', NOW + 4)
+
+  // The expiry passes between reloads: the next reload rebuilds, whether the store still has the
+  // entry or has stopped listing it; after that, nothing.
+  t.equal(m.setStored(read(), NOW + 10), true, 'an entry expired since the last rebuild')
+  t.equal(m.denied('10.0.0.6', NOW + 10), false)
+  check('one expired', NOW + 10)
+  rows = rows.filter((r) => r.id !== 's6')
+  t.equal(m.setStored(read(), NOW + 11), false, 'the expired entry no longer read: the entries in force are the same')
+  t.equal(m.parsedEntries, 20_002)
+  check('expired entry gone from the read', NOW + 11)
+
+  // A change applied in this process is parsed once, not again by the reload that follows it.
+  m.apply({ action: 'added', entry: entry('here', '100.64.0.0/10') }, NOW + 12)
+  rows = [...rows, { id: 'here', cidr: '100.64.0.0/10', expiresAt: null }]
+  t.equal(m.setStored(read(), NOW + 13), false, 'the reload after a change applied here reads what is held')
+  t.equal(m.parsedEntries, 20_003)
+  check('applied here, then read', NOW + 13)
+})
