@@ -3,12 +3,11 @@
 // invalidations every gateway drops the key on. Loaded by main.ts only for such a command: a
 // command through the admin API, a usage error or --help loads none of the store, Redis or
 // webhook code (about a third of a command's start-up before).
-import { Redis } from 'ioredis'
+import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import { EventBus } from '../core/events.ts'
 import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
 import type { Logger } from '../core/log.ts'
-import { redisReady } from '../core/redis.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 
@@ -58,6 +57,8 @@ export async function runLocal<C>(
  * the gateways to their store check (cache.store_check_s), with a warning.
  */
 async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
+  // Loaded here: a command without Redis never loads its client.
+  const [{ Redis }, { redisReady }] = await Promise.all([import('ioredis'), import('../core/redis.ts')])
   // Connected on the first change only: commands that change nothing never touch Redis.
   let redis: Redis | undefined
   let ready: Promise<boolean> | undefined
