@@ -3,7 +3,7 @@
 import type { ParseArgsOptionsConfig } from 'node:util'
 import type { Actor } from '../core/audit.ts'
 import type { TSchema } from '@sinclair/typebox'
-import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaVerification } from '../core/integrations/gitea.ts'
+import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaTrackState, GiteaVerification } from '../core/integrations/gitea.ts'
 import type { N8nKeyCreated, N8nKeyDeleted, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
 import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, unknownGiteaScopes } from '../core/integrations/schemas.ts'
@@ -30,11 +30,14 @@ export const N8N_FLAGS = {
   'n8n-password': { type: 'string' },
 } as const satisfies ParseArgsOptionsConfig
 
-const STATE_WORDS: Record<TrackState, string> = { in_sync: 'in sync', deleted_remotely: 'deleted remotely', not_recorded: 'not recorded' }
+const STATE_WORDS: Record<GiteaTrackState, string> = { in_sync: 'in sync', deleted_remotely: 'deleted remotely', not_recorded: 'not recorded', unreadable: 'unreadable' }
 
-function summaryLine(noun: string, summary: Record<TrackState, number>): string {
-  const total = summary.in_sync + summary.deleted_remotely + summary.not_recorded
-  return `${total} ${noun}${total === 1 ? '' : 's'}: ${summary.in_sync} in sync, ${summary.deleted_remotely} deleted remotely (record kept), ${summary.not_recorded} not recorded by keygate\n`
+/** The drift summary; Gitea's `unreadable` (another user's tokens Gitea would not list) only when there are some. */
+function summaryLine(noun: string, summary: Record<TrackState, number> & { unreadable?: number }): string {
+  const unreadable = summary.unreadable ?? 0
+  const total = summary.in_sync + summary.deleted_remotely + summary.not_recorded + unreadable
+  const unread = unreadable > 0 ? `, ${unreadable} unreadable (Gitea would not list that user's tokens; see the reason with --json)` : ''
+  return `${total} ${noun}${total === 1 ? '' : 's'}: ${summary.in_sync} in sync, ${summary.deleted_remotely} deleted remotely (record kept), ${summary.not_recorded} not recorded by keygate${unread}\n`
 }
 
 function required(p: Parsed, flag: string, what: string): string {
@@ -85,14 +88,14 @@ function createCommand<R>(o: {
 }
 
 /** `list`: the remote credentials beside keygate's records, a table and a drift summary. */
-function listCommand<I extends { state: TrackState; local: { id: string; created_by: string } | null }>(o: {
+function listCommand<I extends { state: GiteaTrackState; local: { id: string; created_by: string } | null }>(o: {
   summary: string
   usage: string
   options: ParseArgsOptionsConfig
   noun: string
   headers: string[]
   row: (item: I) => Cells
-}): Command<IntegrationContext<{ list(): Promise<{ items: I[]; summary: Record<TrackState, number> }> }>> {
+}): Command<IntegrationContext<{ list(): Promise<{ items: I[]; summary: Record<TrackState, number> & { unreadable?: number } }> }>> {
   return command(o, { min: 0, max: 0 }, (_p) => {
     return async (ctx) => {
       const list = await ctx.service.list()
@@ -104,14 +107,14 @@ function listCommand<I extends { state: TrackState; local: { id: string; created
 }
 
 /** `delete ID|NAME`: what was deleted, or that only the record was closed. */
-function deleteCommand<D extends { remote_missing: boolean }>(o: {
+function deleteCommand<D extends { remote_missing: boolean; forgotten?: boolean }>(o: {
   summary: string
   usage: string
   options: ParseArgsOptionsConfig
   what: (d: D) => string
   service: string
-  extra?: (p: Parsed) => { user?: string | undefined }
-}): Command<IntegrationContext<{ delete(ref: string, actor: Actor, options?: { user?: string | undefined }): Promise<D> }>> {
+  extra?: (p: Parsed) => DeleteOptions
+}): Command<IntegrationContext<{ delete(ref: string, actor: Actor, options?: DeleteOptions): Promise<D> }>> {
   return command(o, { min: 1, max: 1 }, (p) => {
     // Checked here, before anything is opened: a bad --user is a usage error, not a store made and opened first.
     const options = o.extra?.(p)
@@ -119,8 +122,9 @@ function deleteCommand<D extends { remote_missing: boolean }>(o: {
       const d = await ctx.service.delete(p.positionals[0] as string, ctx.actor, options)
       printDone(() => {
         if (ctx.json) printJson(ctx.io, d)
+        else if (d.forgotten === true) ctx.io.out(`Closed keygate's record of ${o.what(d)} without asking ${o.service}; the token there, if it still exists, is left as it is.\n`)
         else ctx.io.out(d.remote_missing ? `${o.what(d)} was already gone from ${o.service}; its record is closed.\n` : `Deleted ${o.what(d)}.\n`)
-      }, d.remote_missing ? `${o.what(d)} was already gone from ${o.service}, and its record was closed` : `${o.what(d)} was deleted`)
+      }, d.forgotten === true ? `keygate's record of ${o.what(d)} was closed without asking ${o.service}` : d.remote_missing ? `${o.what(d)} was already gone from ${o.service}, and its record was closed` : `${o.what(d)} was deleted`)
       return EXIT_OK
     }
   })
@@ -154,12 +158,22 @@ function verifyCommand<V extends Verification>(o: {
 type GiteaCommand = Command<IntegrationContext<GiteaOperations>>
 type N8nCommand = Command<IntegrationContext<N8nOperations>>
 
+interface DeleteOptions {
+  user?: string | undefined
+  forget?: boolean | undefined
+}
+
 /** `--user`, checked as the admin API checks it (`.` and `..` would turn the URL into another Gitea endpoint). */
 function giteaUser(p: Parsed): { user?: string } {
   const user = str(p, 'user')
   if (user === undefined) return {}
   checkFlags(DeleteGiteaTokenQuery, { user })
   return { user }
+}
+
+/** `delete`'s `--user` and `--forget` (close keygate's record only, without calling Gitea). */
+function giteaDeleteOptions(p: Parsed): DeleteOptions {
+  return { ...giteaUser(p), ...(p.values.forget === true ? { forget: true } : {}) }
 }
 
 export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
@@ -189,11 +203,11 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
   }),
   delete: deleteCommand<GiteaTokenDeleted>({
     summary: 'delete a token in Gitea by id or name and close its record',
-    usage: 'keygate gitea delete ID|NAME [--user USER] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
-    options: { ...GITEA_FLAGS, user: { type: 'string' } },
+    usage: 'keygate gitea delete ID|NAME [--user USER] [--forget] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
+    options: { ...GITEA_FLAGS, user: { type: 'string' }, forget: { type: 'boolean' } },
     what: (d) => `Gitea token ${d.remote_id} (${d.name}) of ${d.user}`,
     service: 'Gitea',
-    extra: giteaUser,
+    extra: giteaDeleteOptions,
   }),
   verify: verifyCommand<GiteaVerification>({
     summary: 'ask Gitea whether it accepts a token and whose it is (exit 0 yes, 1 no); give - to read it from stdin',

@@ -25,7 +25,10 @@ export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs
   return {
     create: (body) => call('POST', '/v1/gitea/tokens', body),
     list: () => call('GET', '/v1/gitea/tokens', undefined, ['items']),
-    delete: (ref, _actor, o = {}) => call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token')}${o.user !== undefined ? `?${new URLSearchParams({ user: o.user })}` : ''}`),
+    delete: (ref, _actor, o = {}) => {
+      const query = new URLSearchParams({ ...(o.user !== undefined ? { user: o.user } : {}), ...(o.forget === true ? { forget: 'true' } : {}) })
+      return call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token')}${query.size > 0 ? `?${query}` : ''}`)
+    },
     verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/gitea/tokens/verify', { secret })),
   }
 }

@@ -73,6 +73,28 @@ await forEachStore(t, async (t, store) => {
     documented(t, 'listGiteaTokens', list)
     t.match(list.json.items.find((i: { name: string }) => i.name === 'by-hand'), { state: 'deleted_remotely', remote: null, local: { id: made.json.id } })
   })
+
+  await t.test("another user's tokens GITEA_USERNAME may not list: unreadable in the list, and forget=true closes the record", async (t) => {
+    // A record of bob's token, made by a site admin earlier; alice (GITEA_USERNAME) may not list bob's tokens.
+    fake.addUser('bob', 'bob-Secret-pw-3')
+    const bobs = fake.addToken('bob', 'bobtok', ['read:user'])
+    await store.db.query(
+      `INSERT INTO gitea_tokens (id, base_url, remote_id, name, username, scopes, token_last_eight, token_hash, created_by) VALUES ($1, $2, $3, 'bobtok', 'bob', $4, $5, $6, 'cli:root')`,
+      ['gt_bobsrecord01', fake.url, bobs.id, ['read:user'], bobs.sha1.slice(-8), 'e'.repeat(64)],
+    )
+    const list = await h.call('GET', '/v1/gitea/tokens')
+    t.equal(list.status, 200, 'the list answers (before: 502 gitea_auth_failed)')
+    documented(t, 'listGiteaTokens', list)
+    t.match(list.json.items.find((i: { name: string }) => i.name === 'bobtok'), { state: 'unreadable', user: 'bob', reason: /^403 /, remote: null, local: { id: 'gt_bobsrecord01' } })
+    t.equal(list.json.summary.unreadable, 1)
+    const refused = await h.call('DELETE', '/v1/gitea/tokens/bobtok?user=bob')
+    t.equal(refused.status, 502)
+    t.match(refused.json.error, { code: 'gitea_auth_failed', message: /--forget/ })
+    const forgotten = await h.call('DELETE', '/v1/gitea/tokens/bobtok?user=bob&forget=true')
+    documented(t, 'deleteGiteaToken', forgotten)
+    t.match(forgotten.json, { forgotten: true, remote_missing: false, user: 'bob', record: { id: 'gt_bobsrecord01', deleted_by: `key:${h.adminKeyId}` } })
+    t.ok(fake.tokens.some((x) => x.id === bobs.id), 'Gitea was not asked to delete it')
+  })
 })
 
 t.test('not configured, or unreachable: specific codes, nothing written', async (t) => {

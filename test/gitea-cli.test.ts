@@ -145,6 +145,29 @@ t.test('the cycle on each store', async (t) => {
       t.equal(barredRun.code, 1)
       t.match(barredRun.stderr, /token refused: account_barred: This account is prohibited from signing in/)
 
+      // The review's repro: a token for bob made as a site admin, then list and delete as a user
+      // who is not one. Before, both exited 1 with gitea_auth_failed, ci-bot's own tokens unlisted.
+      fake.addUser('site-admin', 'Site-admin-password-2', { is_admin: true })
+      fake.addUser('bob', 'Bob-password-3')
+      const asAdmin = { GITEA_USERNAME: 'site-admin', GITEA_PASSWORD: 'Site-admin-password-2' }
+      secrets.push('Site-admin-password-2', Buffer.from('site-admin:Site-admin-password-2').toString('base64'))
+      const bobs = await run(['create', '--name', 'bobtok', '--scopes', 'read:user', '--user', 'bob', '--json'], { env: asAdmin })
+      t.equal(bobs.code, 0, bobs.stderr)
+      const b = bobs.json()
+      secrets.push(b.token)
+      const mixed = await run(['list'])
+      t.equal(mixed.code, 0, mixed.stderr)
+      t.match(mixed.stdout, new RegExp(`${b.remote_id}\\s+bobtok\\s+bob\\s+read:user\\s+${b.token_last_eight}\\s+unreadable\\s+${b.id}`))
+      t.match(mixed.stdout, /, 1 unreadable \(Gitea would not list that user's tokens; see the reason with --json\)\n$/)
+      const blocked = await run(['delete', 'bobtok', '--user', 'bob'])
+      t.equal(blocked.code, 1)
+      t.match(blocked.stderr, /403 doer should be the site admin.*--forget/)
+      const forget = await run(['delete', 'bobtok', '--user', 'bob', '--forget'])
+      t.equal(forget.code, 0, forget.stderr)
+      t.equal(forget.stdout, `Closed keygate's record of Gitea token ${b.remote_id} (bobtok) of bob without asking Gitea; the token there, if it still exists, is left as it is.\n`)
+      t.ok(fake.tokens.some((x) => x.id === b.remote_id), 'the token is left in Gitea')
+      t.equal((await run(['delete', String(b.remote_id), '--user', 'bob'], { env: asAdmin })).code, 0, 'a site admin deletes it there')
+
       const wrong = await run(['list', '--json'], { env: { GITEA_PASSWORD: 'Wrong-password-0' } })
       t.equal(wrong.code, 1)
       t.equal(wrong.json().error.code, 'gitea_auth_failed')

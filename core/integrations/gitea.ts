@@ -54,11 +54,20 @@ export interface GiteaRemoteToken {
   token_last_eight: string
 }
 
+/**
+ * The drift states both services share, and Gitea's own `unreadable`: a record of a user other
+ * than GITEA_USERNAME whose tokens Gitea would not list (403: GITEA_USERNAME is not a site admin;
+ * a redirect: the user was renamed), so whether its token is still there cannot be told.
+ */
+export type GiteaTrackState = TrackState | 'unreadable'
+
 export interface GiteaListItem {
   remote_id: number
   name: string
   user: string
-  state: TrackState
+  state: GiteaTrackState
+  /** With `unreadable` only: what Gitea answered for the user's tokens. */
+  reason?: string
   remote: GiteaRemoteToken | null
   local: GiteaToken | null
 }
@@ -67,7 +76,7 @@ export interface GiteaTokenList {
   base_url: string
   users: string[]
   items: GiteaListItem[]
-  summary: Record<TrackState, number>
+  summary: Record<GiteaTrackState, number>
 }
 
 export interface GiteaTokenDeleted {
@@ -77,6 +86,8 @@ export interface GiteaTokenDeleted {
   user: string
   /** The token was already gone from Gitea (deleted there by hand); only the record was closed. */
   remote_missing: boolean
+  /** `forget`: only keygate's record was closed, and Gitea was not called. */
+  forgotten: boolean
   record: GiteaToken | null
 }
 
@@ -174,6 +185,21 @@ function sameToken(r: Row, t: GiteaRemoteToken): boolean {
 
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
+
+/**
+ * Gitea would not list the tokens of a user other than GITEA_USERNAME: 403 (GITEA_USERNAME is not
+ * a site admin) or a redirect (Gitea answers a renamed user's old name with 307 to the new one;
+ * keygate does not follow it with its credentials, and the records name the old user). `list`
+ * shows that user's records as `unreadable` and goes on; `delete` fails with it, as before.
+ */
+class UnreadableUser extends KeygateError {
+  /** What Gitea answered, in a few words, for the list item. */
+  readonly reason: string
+  constructor(code: 'gitea_auth_failed' | 'gitea_error', message: string, reason: string, details?: Record<string, unknown>) {
+    super(code, message, details)
+    this.reason = reason
+  }
+}
 
 /** A token can only travel in a header as visible ASCII; anything else is not a Gitea token. */
 const TOKEN_SHAPE = /^[\x21-\x7e]{1,512}$/
@@ -383,6 +409,10 @@ export class GiteaTokenService {
     const { http, username, authorization } = this.#client(true)
     const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit } })
     if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
+    if (page === 1 && !sameUser(user, username)) {
+      const unreadable = this.#unreadable(http, res, username, user)
+      if (unreadable) throw unreadable
+    }
     if (res.status !== 200) throw this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
     if (!Array.isArray(res.body)) throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token list with something other than a list`)
     const total = Number(res.headers['x-total-count'])
@@ -431,6 +461,34 @@ export class GiteaTokenService {
     return { tokens, total, steady, complete: steady && (total === undefined || tokens.length === total), firstPage, pageSize }
   }
 
+  /**
+   * The refusal of another user's token list that leaves the rest of the list readable (see
+   * UnreadableUser), else undefined. A 403 saying GITEA_USERNAME may not sign in is not one: it
+   * refuses every call. Before (found by a review), one such user failed every list, hiding the
+   * configured user's own tokens too, and its records could not be closed.
+   */
+  #unreadable(http: IntegrationHttp, res: HttpResponse, username: string, user: string): UnreadableUser | undefined {
+    const forget = `; to close keygate's record of a token of ${JSON.stringify(user)} without asking Gitea: \`keygate gitea delete ID|NAME --user ${user} --forget\``
+    if (res.status === 403 && !ACCOUNT_MESSAGE.test(http.messageOf(res))) {
+      const refused = this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
+      return new UnreadableUser('gitea_auth_failed', refused.message + forget, `403 ${http.messageOf(res)}`)
+    }
+    if (res.status >= 300 && res.status < 400) {
+      const location = res.headers.location
+      const to = typeof location === 'string' ? /\/users\/([^/?#]+)\/tokens(?:[?#]|$)/.exec(location)?.[1] : undefined
+      let renamed: string | undefined
+      try {
+        renamed = to === undefined ? undefined : decodeURIComponent(to)
+      } catch {
+        renamed = undefined
+      }
+      const where = renamed !== undefined ? `to the user ${JSON.stringify(renamed)} (Gitea redirects a renamed user's old name)` : typeof location === 'string' ? `to ${JSON.stringify(http.redact(location.slice(0, 200)))}` : 'without a Location'
+      const reason = `${res.status} ${where}`
+      return new UnreadableUser('gitea_error', `Gitea at ${http.baseUrl} did not list the tokens of ${JSON.stringify(user)}: ${reason}${forget}`, reason, { status: res.status })
+    }
+    return undefined
+  }
+
   /** Whether the server answers `GET /user` with the configured credential as the configured user (Gitea logins ignore case). */
   async #answersAsConfiguredUser(): Promise<boolean> {
     const { http, username, authorization } = this.#client(true)
@@ -452,8 +510,15 @@ export class GiteaTokenService {
     for (const name of [username, ...live.map((r) => r.username)]) if (!users.some((u) => sameUser(u, name))) users.push(name)
     const items: GiteaListItem[] = []
     for (const user of users) {
-      const remote = await this.#remoteTokens(user)
       const local = live.filter((r) => sameUser(r.username, user))
+      let remote: GiteaRemoteToken[]
+      try {
+        remote = await this.#remoteTokens(user)
+      } catch (err) {
+        if (!(err instanceof UnreadableUser)) throw err
+        for (const r of local) items.push({ remote_id: Number(r.remote_id), name: r.name, user, state: 'unreadable', reason: err.reason, remote: null, local: toJson(r) })
+        continue
+      }
       for (const t of remote) {
         const mine = local.find((r) => sameToken(r, t))
         items.push({ remote_id: t.id, name: t.name, user, state: trackState(t, mine), remote: t, local: mine ? toJson(mine) : null })
@@ -463,14 +528,19 @@ export class GiteaTokenService {
         items.push({ remote_id: Number(r.remote_id), name: r.name, user, state: 'deleted_remotely', remote: null, local: toJson(r) })
       }
     }
-    return { base_url: http.baseUrl, users, items, summary: driftSummary(items) }
+    const drift = items.filter((i): i is GiteaListItem & { state: TrackState } => i.state !== 'unreadable')
+    return { base_url: http.baseUrl, users, items, summary: { ...driftSummary(drift), unreadable: items.length - drift.length } }
   }
 
-  /** Deletes by Gitea token id, else by the id a record holds, else by name, and closes the record. */
-  async delete(ref: string, actor: Actor, options: { user?: string | undefined } = {}): Promise<GiteaTokenDeleted> {
+  /**
+   * Deletes by Gitea token id, else by the id a record holds, else by name, and closes the record.
+   * `forget`: closes a live record only (see #forget), without calling Gitea.
+   */
+  async delete(ref: string, actor: Actor, options: { user?: string | undefined; forget?: boolean | undefined } = {}): Promise<GiteaTokenDeleted> {
     if (options.user !== undefined) assertValid(DeleteGiteaTokenQuery, { user: options.user })
     const { http, username, authorization } = this.#client(true)
     const user = options.user ?? username
+    if (options.forget === true) return this.#forget(http, ref, user, actor)
     const byId = /^\d{1,18}$/.test(ref) && Number(ref) > 0 ? Number(ref) : null
     const remote = await this.#remoteTokens(user)
     // Case-insensitive, as Gitea matches user names: a record made for `Alice` is `alice`'s. The
@@ -534,7 +604,40 @@ export class GiteaTokenService {
     if (!closed) throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token ${JSON.stringify(name)} (id ${remoteId}) any more: another delete closed its record at the same time`)
     this.#deps.log.info('deleted a Gitea token', { record: local?.id ?? null, remote_id: remoteId, name, user, remote_missing: remoteMissing, actor: actor.actor })
     const [after] = local ? await this.#rows('id = $1', [local.id]) : []
-    return { deleted: true, remote_id: remoteId, name, user, remote_missing: remoteMissing, record: after ? toJson(after) : null }
+    return { deleted: true, remote_id: remoteId, name, user, remote_missing: remoteMissing, forgotten: false, record: after ? toJson(after) : null }
+  }
+
+  /**
+   * Closes keygate's live record of a token of `user` (by the Gitea id it holds, else by name)
+   * and audits it with `forgotten: true`, with no call to Gitea: the token itself, if it is still
+   * there, is left as it is. For the records of a user whose tokens Gitea will not list to
+   * GITEA_USERNAME (`unreadable`: not a site admin, or the user was renamed), which a delete
+   * cannot close; before (found by a review), they stayed open, and listed, for good.
+   */
+  async #forget(http: IntegrationHttp, ref: string, user: string, actor: Actor): Promise<GiteaTokenDeleted> {
+    const live = await this.#rows('base_url = $1 AND lower(username) = lower($2) AND deleted_at IS NULL', [http.baseUrl, user])
+    const byId = /^\d{1,18}$/.test(ref) && Number(ref) > 0 ? Number(ref) : null
+    let matches = live.filter((r) => Number(r.remote_id) === byId)
+    if (matches.length === 0) matches = live.filter((r) => r.name === ref)
+    if (matches.length > 1) {
+      throw new KeygateError('conflict', `keygate holds ${matches.length} live records of tokens of ${JSON.stringify(user)} named ${JSON.stringify(ref)}; forget by id: ${matches.map((r) => r.remote_id).join(', ')}`)
+    }
+    const [local] = matches
+    if (!local) throw new KeygateError('gitea_token_not_found', `keygate holds no live record of a token of ${JSON.stringify(user)} with the id or name ${JSON.stringify(ref)}`)
+    const remoteId = Number(local.remote_id)
+    const closed = await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local.id, 'gitea.token.deleted', {
+      remote_id: remoteId,
+      name: local.name,
+      user,
+      remote_missing: false,
+      recorded: true,
+      forgotten: true,
+      base_url: http.baseUrl,
+    })
+    if (!closed) throw new KeygateError('gitea_token_not_found', `keygate's record of Gitea token ${remoteId} (${JSON.stringify(local.name)} of ${JSON.stringify(user)}) was closed by another delete at the same time`)
+    this.#deps.log.info("closed keygate's record of a Gitea token without calling Gitea", { record: local.id, remote_id: remoteId, name: local.name, user, actor: actor.actor })
+    const [after] = await this.#rows('id = $1', [local.id])
+    return { deleted: true, remote_id: remoteId, name: local.name, user, remote_missing: false, forgotten: true, record: after ? toJson(after) : null }
   }
 
   /** Asks Gitea whose token this is (`GET /user`); a refused token is a result, not an error. */

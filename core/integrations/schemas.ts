@@ -40,7 +40,16 @@ export const CreateGiteaTokenBody = Type.Object(
 export type CreateGiteaTokenInput = Static<typeof CreateGiteaTokenBody>
 
 export const DeleteGiteaTokenQuery = Type.Object(
-  { user: Type.Optional(Type.String({ minLength: 1, maxLength: 255, pattern: GITEA_USER, description: 'The Gitea user owning the token (default GITEA_USERNAME).' })) },
+  {
+    user: Type.Optional(Type.String({ minLength: 1, maxLength: 255, pattern: GITEA_USER, description: 'The Gitea user owning the token (default GITEA_USERNAME).' })),
+    forget: Type.Optional(
+      Type.Boolean({
+        default: false,
+        description:
+          "Close keygate's live record only (by the Gitea id it holds, else by name), audited with `forgotten: true`, without calling Gitea: for the records of a user whose tokens Gitea will not list (`unreadable`). The token itself, if still there, is not deleted.",
+      }),
+    ),
+  },
   { additionalProperties: false },
 )
 export type DeleteGiteaTokenInput = Static<typeof DeleteGiteaTokenQuery>
@@ -73,6 +82,11 @@ const DateTime = Type.String({ format: 'date-time' })
 const TRACK_STATES = ['in_sync', 'deleted_remotely', 'not_recorded'] as const
 const TrackStateSchema = Type.Union(TRACK_STATES.map((s) => Type.Literal(s)), { description: 'in_sync: in both; deleted_remotely: only the local record (deleted in the service by hand); not_recorded: only in the service.' })
 const DriftSummary = Type.Object(Object.fromEntries(TRACK_STATES.map((s) => [s, Type.Integer({ minimum: 0 })])))
+const GITEA_TRACK_STATES = [...TRACK_STATES, 'unreadable'] as const
+const GiteaTrackStateSchema = Type.Union(GITEA_TRACK_STATES.map((s) => Type.Literal(s)), {
+  description: `${TrackStateSchema.description} unreadable: only the local record, of a user other than GITEA_USERNAME whose tokens Gitea would not list (403: GITEA_USERNAME is not a site admin; a redirect: the user was renamed), so whether the token is still there is not known; \`reason\` says what Gitea answered.`,
+})
+const GiteaDriftSummary = Type.Object(Object.fromEntries(GITEA_TRACK_STATES.map((s) => [s, Type.Integer({ minimum: 0 })])))
 
 export const GiteaTokenSchema = Type.Object({
   id: Type.String({ description: "keygate's record id." }),
@@ -96,12 +110,13 @@ export const GiteaTokenListSchema = Type.Object({
       remote_id: Type.Integer(),
       name: Type.String(),
       user: Type.String(),
-      state: TrackStateSchema,
+      state: GiteaTrackStateSchema,
+      reason: Type.Optional(Type.String({ description: 'With `unreadable` only: what Gitea answered for the user\'s tokens (`403 ...`, `307 to the user ...`).' })),
       remote: Nullable(Type.Object({ id: Type.Integer(), name: Type.String(), scopes: Type.Array(Type.String()), token_last_eight: Type.String() })),
       local: Nullable(GiteaTokenSchema),
     }),
   ),
-  summary: DriftSummary,
+  summary: GiteaDriftSummary,
 })
 export const GiteaTokenDeletedSchema = Type.Object({
   deleted: Type.Literal(true),
@@ -109,6 +124,7 @@ export const GiteaTokenDeletedSchema = Type.Object({
   name: Type.String(),
   user: Type.String(),
   remote_missing: Type.Boolean({ description: 'The token was already gone from Gitea; only the record was closed.' }),
+  forgotten: Type.Boolean({ description: '`forget`: only the record was closed; Gitea was not called.' }),
   record: Nullable(GiteaTokenSchema),
 })
 export const GiteaVerificationSchema = Type.Object({
