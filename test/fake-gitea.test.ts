@@ -45,6 +45,17 @@ t.test('token routes: Basic auth only, the user itself', async (t) => {
   t.match(await call('GET', '/users/nobody/tokens', alice), { status: 404 })
 })
 
+t.test('token routes: a token header with a token Gitea does not know is 401, before the user or the doer is looked at', async (t) => {
+  // GITEA.md: a token header alone gets 401 on the token routes, and a wrong token 401 on /user.
+  // Before (found by a review), the fake answered 403 (no doer) or 404 (no such user).
+  const unknown = 'token 0123456789012345678901234567890123456789'
+  for (const [method, path] of [['GET', '/users/alice/tokens'], ['POST', '/users/alice/tokens'], ['DELETE', '/users/alice/tokens/1'], ['GET', '/users/bob/tokens'], ['GET', '/users/nobody/tokens']] as const) {
+    t.match(await call(method, path, unknown, method === 'POST' ? { name: 'x', scopes: ['read:user'] } : undefined), { status: 401 }, `${method} ${path}`)
+  }
+  t.match(await call('GET', '/users/alice/tokens', 'bearer 0123456789012345678901234567890123456789'), { status: 401 }, 'as a bearer token too')
+  t.notOk(fake.tokens.some((x) => x.name === 'x'), 'nothing was made')
+})
+
 t.test("token routes: checked in Gitea's order, the user (404), self or admin (403), then Basic auth (401)", async (t) => {
   // routers/api/v1/api.go: UserAssignmentAPI, then reqSelfOrAdmin, then reqBasicOrRevProxyAuth.
   // Before, the fake asked for Basic auth first: 401 to each of these.

@@ -341,6 +341,10 @@ export class FakeGitea {
     // that user or a site admin (reqSelfOrAdmin, 403), and only then Basic (or reverse-proxy) auth
     // (reqBasicOrRevProxyAuth, 401): a token header alone is not enough.
     if (signed === 'bad' && this.#basic(req.headers.authorization) === 'bad') return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
+    // A token header whose token Gitea does not know fails the sign-in too, as on /user: 401
+    // (GITEA.md: a token header alone gets 401 on the token routes). Before (found by a review),
+    // the fake went on without a doer and answered 403, or 404 for a user that does not exist.
+    if (signed === 'bad') return this.#error(req, res, operation, 401, 'user does not exist')
     const doer = typeof signed === 'object' && 'user' in signed ? signed : undefined
     const need = method === 'GET' ? 'read:user' : 'write:user'
     if (doer?.token && !grants(doer.token.scopes, need)) {
