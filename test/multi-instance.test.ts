@@ -207,10 +207,12 @@ t.test('a key revoked by the CLI while Redis is paused past its wait is refused 
   const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
   const k = await createKey(d)
   for (let g = 0; g < 2; g++) await cached(t, d, g, k.key)
-  const redis = new Redis(d.redis.url, { maxRetriesPerRequest: 1 })
-  t.teardown(() => redis.disconnect())
-  await redis.call('CLIENT', 'PAUSE', '4000')
+  // Frozen (SIGSTOP) until the CLI is done, however long it takes: a CLIENT PAUSE of 4 s ran out
+  // before a CLI slowed by a loaded machine reached its publish, which then went through.
+  d.redis.pause()
+  t.teardown(() => d.redis.resume())
   const revoked = await runCli(['api-key', 'revoke', k.id], { env: d.env })
+  d.redis.resume()
   t.equal(revoked.code, 0, revoked.stderr)
   t.match(revoked.stderr, /could not tell the gateways through Redis/, 'the CLI warns')
   for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401, 6000)
