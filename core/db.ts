@@ -50,6 +50,8 @@ export function sqlState(err: unknown): string | undefined {
 }
 
 export const UNIQUE_VIOLATION = '23505'
+/** A table the statement names does not exist (a schema older than the code). */
+export const UNDEFINED_TABLE = '42P01'
 
 /** SQLSTATE of a statement PostgreSQL cancelled: a statement_timeout, or pg_cancel_backend. */
 const QUERY_CANCELED = '57014'

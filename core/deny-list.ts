@@ -4,7 +4,7 @@
 // row in the same transaction.
 import ipaddr from 'ipaddr.js'
 import type { Db } from './db.ts'
-import { sqlState, UNIQUE_VIOLATION } from './db.ts'
+import { sqlState, UNDEFINED_TABLE, UNIQUE_VIOLATION } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { refuseKeyIn } from './validate.ts'
@@ -82,6 +82,22 @@ export class DenyListService {
           [this.#now()],
         )
     return rows.map(toEntry)
+  }
+
+  /**
+   * The list's change mark (migration 0014): a value the store replaces in the transaction of every
+   * statement that writes deny_list, so the gateway reads the rows only when it is not the one its
+   * last read began with. Read before the rows. Undefined when the store has none (a schema before
+   * 0014, or the mark's row deleted by hand): then every read has to read the rows.
+   */
+  async changeMark(): Promise<string | undefined> {
+    try {
+      const rows = await this.#db.query<{ mark: string }>('SELECT mark::text AS mark FROM deny_list_changes')
+      return rows[0]?.mark
+    } catch (err) {
+      if (sqlState(err) === UNDEFINED_TABLE) return undefined
+      throw err
+    }
   }
 
   async add(input: DenyInput, actor: Actor): Promise<DenyEntry> {

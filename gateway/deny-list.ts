@@ -2,7 +2,7 @@
 // indexed by prefix, with answers memoised per address (cleared whenever the list changes). A
 // stored entry stops matching at its expiry: the list is recompiled when the earliest expiry passes.
 // A reload that reads the entries already held parses none of them again and keeps the index and
-// the memo.
+// the memo; a reload that finds the store's change mark unchanged reads none (gateway/index.ts).
 import QuickLRU from 'quick-lru'
 import ipaddr from 'ipaddr.js'
 import type { DenyChange, DenyEntry } from '../core/deny-list.ts'
@@ -167,6 +167,16 @@ export class DenyMatcher {
     this.#stored = next
     // Every entry in force is one indexed as it is, and as many as were indexed: the same entries.
     if (!changed && inForce === this.#indexedStored) return false
+    this.#compile(nowMs)
+    return true
+  }
+
+  /**
+   * What a reload that read nothing (the store's change mark unchanged) does: recompiles when an
+   * entry held has expired since the last recompilation. Returns whether the entries in force changed.
+   */
+  expire(nowMs: number): boolean {
+    if (nowMs < this.#nextExpiry) return false
     this.#compile(nowMs)
     return true
   }

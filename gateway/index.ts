@@ -167,13 +167,37 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   // putting the old list back (a few tries; the periodic reload catches up after that).
   let denyChanges = 0
   let refreshing: Promise<void> | undefined
+  // A reload reads the store's change mark (migration 0014) and reads the rows only when it is not
+  // the mark the last full read began with: before, found by a review, every reload read every
+  // row, 26 to 156 ms of this process's CPU and some 34 ms of PostgreSQL's with 20,000 entries,
+  // every deny_list_refresh_s with nothing changed. Every path that applies a change still reloads:
+  // a change made here or announced by another instance has changed the mark by then (it committed
+  // first), and an announcement during the mark's read makes it read again (denyChanges). What a
+  // read left out as expired comes back only with a read: a clock set back before the last full
+  // read's time reads again. No mark (a schema before 0014): every reload reads the rows, as before.
+  let readMark: string | undefined
+  let readAtMs = -Infinity
+  let warnedNoMark = false
   const refreshDenyList = (): Promise<void> => {
     refreshing ??= (async () => {
       try {
         for (let attempt = 0; attempt < 3; attempt++) {
           const seen = denyChanges
+          const mark = await denyService.changeMark()
+          if (seen !== denyChanges) continue
+          const atMs = now()
+          if (mark !== undefined && mark === readMark && atMs >= readAtMs) {
+            matchDeny(deny.expire(atMs))
+            return
+          }
+          if (mark === undefined && !warnedNoMark) {
+            warnedNoMark = true
+            log.warn('the store has no deny list change mark (migration 0014); every reload reads the whole deny list')
+          }
           const list = await denyService.list()
           if (seen !== denyChanges) continue
+          readMark = mark
+          readAtMs = atMs
           matchDeny(deny.setStored(list, now()))
           return
         }

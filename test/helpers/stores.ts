@@ -187,17 +187,19 @@ export async function rejection(promise: Promise<unknown>): Promise<Error & { co
 }
 
 /**
- * `db` with its queries counted, failing while `down` holds, and answering only once `held`
- * settles (the query has run: what it read is as it was then), as an anomaly feed's history reads it.
+ * `db` with its queries counted (and their SQL kept, in order, in `statements`), failing while
+ * `down` holds, and answering only once `held` settles (the query has run: what it read is as it
+ * was then), as an anomaly feed's history reads it.
  */
 export function watchedDb() {
-  const w = { reads: 0, inFlight: 0, most: 0, down: false, held: Promise.resolve() }
+  const w = { reads: 0, inFlight: 0, most: 0, down: false, held: Promise.resolve(), statements: [] as string[] }
   const wrap = (db: Db): Db =>
     new Proxy(db, {
       get(target, prop) {
         if (prop === 'query') {
           return async (q: string, p?: readonly unknown[]) => {
             w.reads++
+            w.statements.push(q)
             w.most = Math.max(w.most, ++w.inFlight)
             try {
               if (w.down) throw new Error('the store is unavailable')
