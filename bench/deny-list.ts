@@ -10,8 +10,16 @@
 // into a new matcher (setStored: parsing and indexing), and that of a reload that reads the same
 // entries again (new objects, as the store answers; every deny_list_refresh_s, 5 s by default),
 // with its ratio to the load. Prints a markdown table.
-import type { DenyEntry } from '../core/deny-list.ts'
+// With DATABASE_URL, also the store's side of a reload, in a fresh database there holding `entries`
+// rows: a full read (DenyListService.list(), what every reload did before migration 0014) and the
+// read of the change mark alone (what a reload with nothing changed does now), this process's CPU
+// and the wall time (PostgreSQL's work and the round trip) per read, and their ratios within each
+// round. A second table.
+import { DenyListService, type DenyEntry } from '../core/deny-list.ts'
+import { openDb } from '../core/db.ts'
+import { migrate } from '../core/migrate.ts'
 import { DenyMatcher } from '../gateway/deny-list.ts'
+import { freshDatabase } from '../test/helpers/stores.ts'
 import { countArg as arg, median } from './servers.ts'
 
 const ENTRIES = arg('entries', 20_000)
@@ -101,5 +109,51 @@ for (const name of names) {
   const rs = ratios.get(name) as number[]
   const spread = name === 'empty' ? '1.00' : `${median(rs).toFixed(2)} (${quartile(rs, 0.25).toFixed(2)} to ${quartile(rs, 0.75).toFixed(2)})`
   console.log(`| ${name === 'empty' ? name : `${ENTRIES} × ${name}`} | ${Math.round(median(rates.get(name) as number[]))} | ${spread} | ${median(loadMs.get(name) as number[]).toFixed(1)} | ${median(reloadMs.get(name) as number[]).toFixed(1)} | ${name === 'empty' ? '' : (median(reloadMs.get(name) as number[]) / median(loadMs.get(name) as number[])).toFixed(3)} |`)
+}
+
+if (process.env.DATABASE_URL) {
+  const teardowns: Array<() => unknown> = []
+  try {
+    const db = await openDb({ databaseUrl: await freshDatabase({ teardown: (fn) => void teardowns.push(fn) }), poolMax: 2 })
+    teardowns.push(() => db.close())
+    await migrate(db)
+    await db.query(
+      `INSERT INTO deny_list (id, cidr, created_by) SELECT 'e' || g, '10.' || (g >> 16) % 256 || '.' || (g >> 8) % 256 || '.' || g % 256, 'bench' FROM generate_series(0, $1::int - 1) g`,
+      [ENTRIES],
+    )
+    await db.query('VACUUM ANALYZE deny_list')
+    const service = new DenyListService({ db })
+    const READS = 3
+    /** CPU and wall ms per read of `read`, over READS reads. */
+    const time = async (read: () => Promise<unknown>): Promise<{ cpu: number; wall: number }> => {
+      const cpu = process.cpuUsage()
+      const start = process.hrtime.bigint()
+      for (let i = 0; i < READS; i++) await read()
+      return { cpu: cpuMs(cpu) / READS, wall: Number(process.hrtime.bigint() - start) / 1e6 / READS }
+    }
+    const full = { cpu: [] as number[], wall: [] as number[] }
+    const mark = { cpu: [] as number[], wall: [] as number[] }
+    const vs = { cpu: [] as number[], wall: [] as number[] }
+    if ((await service.list()).length !== ENTRIES || (await service.changeMark()) === undefined) throw new Error('the store does not hold what this benchmark says')
+    for (let r = 0; r < ROUNDS; r++) {
+      const f = await time(() => service.list())
+      const m = await time(() => service.changeMark())
+      for (const k of ['cpu', 'wall'] as const) {
+        full[k].push(f[k])
+        mark[k].push(m[k])
+        vs[k].push(m[k] / f[k])
+      }
+    }
+    console.log('')
+    console.log(`The store's side of a reload: ${ENTRIES} rows in PostgreSQL (DATABASE_URL), ${READS} reads of each kind per round, ${ROUNDS} rounds`)
+    console.log('')
+    console.log('| read | CPU ms here | wall ms | vs full read: CPU (middle half) | vs full read: wall (middle half) |')
+    console.log('| --- | --- | --- | --- | --- |')
+    const spread = (xs: number[]) => `${median(xs).toFixed(4)} (${quartile(xs, 0.25).toFixed(4)} to ${quartile(xs, 0.75).toFixed(4)})`
+    console.log(`| every row (a reload before 0014, or after a change) | ${median(full.cpu).toFixed(1)} | ${median(full.wall).toFixed(1)} | 1 | 1 |`)
+    console.log(`| the change mark (a reload with nothing changed) | ${median(mark.cpu).toFixed(2)} | ${median(mark.wall).toFixed(2)} | ${spread(vs.cpu)} | ${spread(vs.wall)} |`)
+  } finally {
+    for (const fn of teardowns.reverse()) await fn()
+  }
 }
 process.exit(0)
