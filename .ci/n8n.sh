@@ -31,9 +31,12 @@ free_port() {
   node -e 'const s = require("node:net").createServer(); s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })'
 }
 
-# /healthz answers before the REST routes are mounted; /rest/settings answers once they are.
+# /healthz answers before the REST routes are mounted; /rest/settings answers once they are, with
+# JSON. While it starts (its migrations among other things), n8n answers every path 200 with the
+# text "n8n is starting up. Please wait": taken for the settings, a template was stopped in the
+# middle of its migrations, and the tests' owner setup and login got that text.
 healthy() { # port
-  node -e 'fetch(`http://127.0.0.1:${process.argv[1]}/rest/settings`).then((r) => process.exit(r.status === 200 ? 0 : 1), () => process.exit(1))' "$1"
+  node -e 'fetch(`http://127.0.0.1:${process.argv[1]}/rest/settings`).then((r) => process.exit(r.status === 200 && (r.headers.get("content-type") ?? "").startsWith("application/json") ? 0 : 1), () => process.exit(1))' "$1"
 }
 
 install() {
@@ -101,10 +104,10 @@ start_background() { # user folder; prints the port and pid lines
 template() {
   install
   local tpl="$dir/template-user-folder"
-  if [ ! -f "$tpl/.ready" ]; then
+  if [ ! -f "$tpl/.migrated" ]; then
     exec 8>"$cache/n8n-$version.template.lock"
     flock 8
-    if [ ! -f "$tpl/.ready" ]; then
+    if [ ! -f "$tpl/.migrated" ]; then
       echo "n8n.sh: first start of n8n to run its migrations into $tpl (about a minute)" >&2
       rm -rf "$tpl"
       local out pid
@@ -113,7 +116,7 @@ template() {
       kill "$pid"
       while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
       rm -f "$tpl/n8n.log"
-      touch "$tpl/.ready"
+      touch "$tpl/.migrated"
     fi
     exec 8>&-
   fi
@@ -128,7 +131,7 @@ case "${1:-}" in
     tpl=$(template)
     folder=$(mktemp -d "${TMPDIR:-/tmp}/keygate-n8n.XXXXXX")
     cp -a "$tpl/." "$folder/"
-    rm -f "$folder/.ready"
+    rm -f "$folder/.migrated"
     out=$(start_background "$folder")
     echo "$out"
     if [ -n "${N8N_EMAIL:-}" ] && [ -n "${N8N_PASSWORD:-}" ]; then

@@ -24,15 +24,24 @@ export interface RunningN8n {
   log(): string
 }
 
-/** /healthz answers before the REST routes are mounted; /rest/settings answers once they are. */
+/**
+ * /healthz answers before the REST routes are mounted; /rest/settings answers once they are, with
+ * JSON. While it starts, n8n answers every path 200 with the text "n8n is starting up. Please
+ * wait": taken for its settings, the owner's setup was taken as done and the login that followed
+ * got the same text and no session cookie (a loaded run).
+ */
 async function answers(url: string): Promise<boolean> {
   try {
     const res = await fetch(`${url}/rest/settings`, { signal: AbortSignal.timeout(2000) })
     await res.arrayBuffer()
-    return res.status === 200
+    return res.status === 200 && isJson(res)
   } catch {
     return false
   }
+}
+
+function isJson(res: Response): boolean {
+  return (res.headers.get('content-type') ?? '').startsWith('application/json')
 }
 
 function exited(child: ChildProcess): Promise<void> {
@@ -47,7 +56,7 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
   const template = stdout.trim().split('\n').at(-1) as string
   const folder = mkdtempSync(join(tmpdir(), 'keygate-n8n-'))
   cpSync(template, folder, { recursive: true })
-  rmSync(join(folder, '.ready'), { force: true })
+  rmSync(join(folder, '.migrated'), { force: true })
   const port = await freePort()
   const url = `http://127.0.0.1:${port}`
   const logFile = join(folder, 'n8n.log')
@@ -102,12 +111,12 @@ async function ready(url: string, child: ChildProcess, log: () => string, timeou
   // n8n answers /rest/settings a moment before it has registered every route: a 404 here
   // (Express's "Cannot POST") means not yet, so ask again until the deadline.
   let setup = await setUp()
-  while (setup.status === 404 && Date.now() < deadline) {
+  while ((setup.status === 404 || (setup.status === 200 && !isJson(setup))) && Date.now() < deadline) {
     await setup.text()
     await new Promise((r) => setTimeout(r, 250))
     setup = await setUp()
   }
-  if (setup.status !== 200) throw new Error(`n8n owner setup answered ${setup.status}: ${(await setup.text()).slice(0, 300)}`)
+  if (setup.status !== 200 || !isJson(setup)) throw new Error(`n8n owner setup answered ${setup.status}: ${(await setup.text()).slice(0, 300)}`)
   return { email, password }
 }
 
