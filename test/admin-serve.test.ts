@@ -29,7 +29,8 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   // Room for the wrong credentials below (a lockout would refuse the address at the gateway too).
   const env = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store'), RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
-  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd })
+  // As the README starts it: V8's default tiering (the tests' other serves run on the baseline compiler).
+  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, tiering: 'full' })
   const printed = /created the first admin key \(id (\w+)\)[^\n]*\n(kg_\S+)/.exec(serve.stderr())
   t.ok(printed, 'the first admin key is printed once on stderr')
   const [, adminId, adminKey] = printed as unknown as [string, string, string]

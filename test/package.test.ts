@@ -91,7 +91,7 @@ t.test('npm pack, npm install, then the installed keygate creates a key and serv
   const key = created.json() as { id: string; key: string }
 
   const upstream = await startUpstream(t)
-  const served = await serve(t, { bin, cwd: project, env, args: ['--upstream', upstream.url] })
+  const served = await serve(t, { bin, cwd: project, env, args: ['--upstream', upstream.url], tiering: 'full' })
   const answer = await fetch(`${served.gateway}/through`, { headers: bearer(key.key) })
   t.equal(answer.status, 200, 'the key passes the installed gateway')
   t.equal(upstream.received[0]?.headers['x-keygate-key-id'], key.id, 'with its identity header')
