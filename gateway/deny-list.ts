@@ -112,6 +112,8 @@ export class DenyMatcher {
   #parsed = 0
   #index = new PrefixIndex()
   #nextExpiry = Infinity
+  /** The time the last recompilation counted expiries at. */
+  #compiledAtMs = -Infinity
   // quick-lru holds up to twice maxSize.
   readonly #memo = new QuickLRU<string, boolean>({ maxSize: MEMO_SIZE / 2 })
 
@@ -176,7 +178,11 @@ export class DenyMatcher {
    * entry held has expired since the last recompilation. Returns whether the entries in force changed.
    */
   expire(nowMs: number): boolean {
-    if (nowMs < this.#nextExpiry) return false
+    // A clock set back before the last recompilation may bring back an entry it left out as
+    // expired (a step forward past an expiry, then back): the entries are all held, so a
+    // recompilation does, with no read (found by a review: the entry stayed off until the next
+    // change of the list).
+    if (nowMs < this.#nextExpiry && nowMs >= this.#compiledAtMs) return false
     this.#compile(nowMs)
     return true
   }
@@ -214,6 +220,7 @@ export class DenyMatcher {
     this.#indexedStored = indexedStored
     this.#everyIpv4 = everyIpv4
     this.#nextExpiry = next
+    this.#compiledAtMs = nowMs
     this.#memo.clear()
   }
 

@@ -307,3 +307,16 @@ t.test('a reload of the entries already held parses none of them again; a change
   t.equal(m.parsedEntries, 20_003)
   check('applied here, then read', NOW + 13)
 })
+
+t.test('a clock stepped forward past an expiry and back again brings the entry back at the next reload without a read', async (t) => {
+  // Before (found by a review): the entry stayed off until the list next changed in the store.
+  const T = Date.now() + 100_000
+  const m = new DenyMatcher([])
+  m.setStored([entry('a', '198.51.100.7/32', T)], T - 100_000)
+  t.ok(m.denied('198.51.100.7', T - 100_000), 'denied before its expiry')
+  t.ok(m.expire(T + 5_000), 'a reload after the clock stepped past the expiry drops it')
+  t.notOk(m.denied('198.51.100.7', T + 5_000))
+  t.ok(m.expire(T - 50_000), 'a reload after the clock stepped back recompiles')
+  t.ok(m.denied('198.51.100.7', T - 50_000), 'and the entry is in force again')
+  t.notOk(m.expire(T - 49_000), 'a later reload with nothing expired changes nothing')
+})
