@@ -138,12 +138,14 @@ case "${1:-}" in
       url=$(sed -n 's/^N8N_URL=//p' <<<"$out")
       node -e '
         const [url, email, password] = process.argv.slice(1)
-        // A 404 means n8n has not registered its routes yet: ask again for up to 30 s.
+        // A 404, or a 200 that is not JSON ("n8n is starting up"), means n8n is not ready yet: ask
+        // again for up to 30 s.
         const setUp = async (tries) => {
           const r = await fetch(`${url}/rest/owner/setup`, { method: "POST", headers: { "content-type": "application/json" },
             body: JSON.stringify({ email, firstName: "keygate", lastName: "owner", password }) })
-          if (r.status === 404 && tries > 0) { await new Promise((ok) => setTimeout(ok, 250)); return setUp(tries - 1) }
-          if (r.status !== 200) { console.error(`n8n.sh: owner setup answered ${r.status}`); process.exit(1) }
+          const json = (r.headers.get("content-type") ?? "").startsWith("application/json")
+          if ((r.status === 404 || (r.status === 200 && !json)) && tries > 0) { await new Promise((ok) => setTimeout(ok, 250)); return setUp(tries - 1) }
+          if (r.status !== 200 || !json) { console.error(`n8n.sh: owner setup answered ${r.status}`); process.exit(1) }
         }
         setUp(120)
       ' "$url" "$N8N_EMAIL" "$N8N_PASSWORD"

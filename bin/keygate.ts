@@ -14,6 +14,8 @@ const REEXEC = 'KEYGATE_REEXEC_CHILD'
 
 // A command given an admin API (KEYGATE_ADMIN_URL or --admin-url) opens no store here (migrate
 // refuses --admin-url and ignores the variable): the second process would only add its start.
+// An admin.url from the configuration file is not read here: such a command still starts the
+// second process, which costs its start and nothing else.
 const remote = command !== 'migrate' && (!!process.env.KEYGATE_ADMIN_URL || process.argv.slice(3).some((a) => a === '--admin-url' || a.startsWith('--admin-url=')))
 
 if (STORE_COMMANDS.has(command as string) && !remote && !process.execArgv.includes(LIFTOFF) && !debugging && process.env.KEYGATE_WASM_TIERING !== 'full') {

@@ -23,29 +23,30 @@ export async function runLocal<C>(
   action: (ctx: C) => Promise<number>,
 ): Promise<number> {
   const runtime = await openRuntime(config, log, { shortLived: true, ...(existingOnly !== undefined ? { existingOnly } : {}) })
-  let opened: Awaited<ReturnType<typeof open>>
+  // Each part closes in the `finally` once made: a failure making a later one (Redis's client
+  // failing to load, say) still closes what came before, the store last.
+  let opened: Awaited<ReturnType<typeof open>> | undefined
+  let published: (() => Promise<void>) | undefined
+  let webhooks: WebhookService | undefined
+  let offQueue: (() => void) | undefined
+  let offKeys: (() => void) | undefined
+  const queued: Array<Promise<unknown>> = []
   try {
     opened = await open(runtime)
-  } catch (err) {
-    await runtime.close()
-    throw err
-  }
-  const published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
-  // Key events of changes made here are queued in the store; the running servers deliver them.
-  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
-  const events = new EventBus()
-  const queued: Array<Promise<unknown>> = []
-  const offQueue = webhooks.bind(events, (insert) => queued.push(insert))
-  const offKeys = bindKeyEvents(runtime.keys, events)
-  try {
+    published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
+    // Key events of changes made here are queued in the store; the running servers deliver them.
+    webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
+    const events = new EventBus()
+    offQueue = webhooks.bind(events, (insert) => queued.push(insert))
+    offKeys = bindKeyEvents(runtime.keys, events)
     return await action(opened.ctx)
   } finally {
-    offKeys()
-    offQueue()
+    offKeys?.()
+    offQueue?.()
     await Promise.all(queued)
-    await webhooks.close()
+    await webhooks?.close()
     await published?.()
-    await opened.close?.()
+    await opened?.close?.()
     await runtime.close()
   }
 }

@@ -828,8 +828,8 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
         .finally(() => starting--)
     },
     /**
-     * Reads the table at once, or right after the read that runs (one more for every call made
-     * meanwhile); nothing while no stream is open (one opened later begins where the table is).
+     * Reads the table at once, or right after the read that runs (one more, shared by every call
+     * made meanwhile); nothing while no stream is open (one opened later begins where the table is).
      */
     now(): void {
       if (timer !== undefined) void read()

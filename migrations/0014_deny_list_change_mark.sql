@@ -42,6 +42,8 @@ $$;
 
 CREATE TRIGGER deny_list_mark_change BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON deny_list
   FOR EACH STATEMENT EXECUTE FUNCTION keygate_deny_list_mark_change();
--- Also under session_replication_role = replica: a logical-replication subscriber's applied rows,
--- and a session that turned ordinary triggers off, change the mark too.
+-- Also under session_replication_role = replica: a session that turned ordinary triggers off
+-- changes the mark too. A logical-replication subscriber's apply process fires row triggers only,
+-- not this statement trigger: a subscriber that gateways read must replicate deny_list_changes
+-- with deny_list (docs/gateway.md).
 ALTER TABLE deny_list ENABLE ALWAYS TRIGGER deny_list_mark_change;
