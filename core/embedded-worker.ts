@@ -7,6 +7,7 @@ import { openAsBlob } from 'node:fs'
 import { parentPort, workerData } from 'node:worker_threads'
 import { PGlite, type Transaction } from '@electric-sql/pglite'
 import { nestsDeeper } from './depth.ts'
+import { fileSystemErrorWords } from './errors.ts'
 
 export type Request =
   | { id: number; op: 'query'; sql: string; params: readonly unknown[] | undefined; tx: number | undefined }
@@ -26,13 +27,18 @@ export type Reply = { id: number; ok: true; value?: unknown } | { id: number; ok
 /** The first message: the store is open, or why it could not be opened. */
 export type Ready = { ready: true } | { ready: false; error: WireError }
 
-/** A thrown value as an Error: PGlite's file system throws plain objects (`{errno}`), which print as [object Object]. */
+/**
+ * A thrown value as an Error: PGlite's file system throws plain objects (`{errno}`, in
+ * Emscripten's numbering), which print as [object Object]. Their errno is given in words, and
+ * the code (ENOSPC, never set as the error's `code`: five capitals read as a SQLSTATE).
+ */
 function asError(err: unknown): Error {
   if (err instanceof Error) return err
   if (typeof err === 'object' && err !== null) {
     const o = err as { message?: unknown; code?: unknown; errno?: unknown }
     if (typeof o.message === 'string' && o.message !== '') return new Error(o.message)
-    if (o.code !== undefined || o.errno !== undefined) return new Error(`file system error ${String(o.code ?? `errno ${String(o.errno)}`)} (is something in the data folder not what the store expects, such as a file where a folder should be?)`)
+    if (o.errno !== undefined) return new Error(fileSystemErrorWords(o.errno))
+    if (o.code !== undefined) return new Error(`file system error ${String(o.code)}`)
   }
   return new Error(String(err))
 }

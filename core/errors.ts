@@ -136,9 +136,58 @@ const SYSTEM_ERROR_WORDS: Record<string, string> = {
   ENOTDIR: 'a file is in the way',
   EADDRINUSE: 'the address is in use',
   EADDRNOTAVAIL: 'no interface has that address',
+  EPERM: 'operation not permitted',
+  EROFS: 'the file system is read-only',
+  EFBIG: 'the file size limit was reached',
+  EDQUOT: 'the disk quota is used up',
+  EIO: 'an input/output error of the device',
+  EMFILE: 'too many open files',
+  ENFILE: 'too many open files',
+  ENOTEMPTY: 'a folder is not empty',
+  ELOOP: 'too many levels of symbolic links',
 }
 
 export function systemErrorWords(err: unknown): string {
   const code = (err as NodeJS.ErrnoException).code
   return (code !== undefined ? SYSTEM_ERROR_WORDS[code] : undefined) ?? (err as Error).message
+}
+
+/**
+ * The error codes of Emscripten's errno numbers, which PGlite's file system throws (`{errno}`):
+ * its own numbering, not Linux's (51 is ENOSPC, 2 EACCES), from ERRNO_CODES in PGlite's
+ * dist/pglite.js; test/errors.test.ts reads that table to check these.
+ */
+export const EMSCRIPTEN_ERRNO: Readonly<Record<number, string>> = {
+  2: 'EACCES',
+  19: 'EDQUOT',
+  20: 'EEXIST',
+  22: 'EFBIG',
+  29: 'EIO',
+  31: 'EISDIR',
+  32: 'ELOOP',
+  33: 'EMFILE',
+  41: 'ENFILE',
+  44: 'ENOENT',
+  51: 'ENOSPC',
+  54: 'ENOTDIR',
+  55: 'ENOTEMPTY',
+  63: 'EPERM',
+  69: 'EROFS',
+}
+
+/** The codes where the data folder holds something other than what the store expects (a file where a folder should be). */
+const NOT_WHAT_THE_STORE_EXPECTS = new Set(['EEXIST', 'ENOTDIR', 'EISDIR', 'ENOTEMPTY', 'ELOOP'])
+
+/**
+ * What an errno PGlite's file system threw means, in words: before (found by a review), a full
+ * disk read `file system error errno 51` and a folder it could not write `errno 2`, both with the
+ * hint of a file where a folder should be, which fits neither.
+ */
+export function fileSystemErrorWords(errno: unknown): string {
+  const code = typeof errno === 'number' ? EMSCRIPTEN_ERRNO[errno] : undefined
+  if (code === undefined) return `file system error errno ${String(errno)} (in Emscripten's numbering)`
+  // ENOENT has no words in the table: the other callers' messages keep Node's, which names the path.
+  const words = SYSTEM_ERROR_WORDS[code] ?? 'a file or folder is missing'
+  const hint = NOT_WHAT_THE_STORE_EXPECTS.has(code) ? '; is something in the data folder not what the store expects, such as a file where a folder should be?' : ''
+  return `file system error ${code} (${words}${hint})`
 }
