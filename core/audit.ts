@@ -9,11 +9,12 @@
 // The same keys also seal the secrets keygate must read back (webhook signing secrets), with a
 // key derived from each (HKDF), bound to what each belongs to: `sealSecret` / `openSecret`.
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
-import { existsSync, readFileSync, writeFileSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
 import type { CursorPosition } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
+import { createWhole } from './files.ts'
 import type { Logger } from './log.ts'
 
 export interface Actor {
@@ -279,12 +280,17 @@ export function loadAuditCipher(options: {
         `${file} is missing, but the store holds audit rows or webhook secrets sealed with encryption key ${orphaned.join(', ')}: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
       )
     }
+    // Whole or not at all (core/files.ts): before (found by a review), a write that failed (a
+    // full disk) or a process killed between creating the file and writing it left it empty,
+    // and every later start failed on a key that "does not hold 32 bytes" until it was removed
+    // by hand. Another process that creates it first wins, and its key is read below.
+    let created: boolean
     try {
-      writeFileSync(file, randomBytes(32).toString('base64') + '\n', { mode: 0o600, flag: 'wx' })
-      options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
+      created = createWhole(file, randomBytes(32).toString('base64') + '\n', 0o600)
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new KeygateError('config_invalid', `${file} cannot be created: ${systemErrorWords(err)}`, undefined, { cause: err })
+      throw new KeygateError('config_invalid', `${file} cannot be created: ${systemErrorWords(err)}`, undefined, { cause: err })
     }
+    if (created) options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
   }
   return new AuditCipher(readKeyFile(file), previous)
 }

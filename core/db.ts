@@ -1,13 +1,13 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { chmodSync, existsSync, linkSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from 'node:fs'
-import { randomBytes } from 'node:crypto'
+import { chmodSync, existsSync, linkSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
+import { ownTempName, writeNewFile } from './files.ts'
 import { makeFolders } from './folders.ts'
 
 /**
@@ -421,8 +421,10 @@ function processAlive(pid: number): boolean {
 function lockDataDir(dir: string, hint: string): () => void {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
-  const mine = `${file}.${pid}.${randomBytes(4).toString('hex')}`
-  writeFileSync(mine, pid, { mode: 0o600 })
+  const mine = ownTempName(file)
+  // Outside the try below, which removes it: a write that fails removes it itself (before, found
+  // by a review, one that failed on a full disk left it behind, empty).
+  writeNewFile(mine, pid, 0o600, false)
   const release = () => {
     try {
       if (readFileSync(file, 'utf8').trim() === pid) unlinkSync(file)

@@ -1,12 +1,15 @@
 // The embedded store's files and folders, from a review of them against real processes: who may
 // open a data folder, files that must appear whole, and how a file-system error reads.
 import t from 'tap'
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import type { Test } from 'tap'
+import { loadAuditCipher } from '../core/audit.ts'
 import { openDb } from '../core/db.ts'
 import { EMSCRIPTEN_ERRNO, fileSystemErrorWords } from '../core/errors.ts'
+import { childEnv, outcome, spawnClean, type CliResult } from './helpers/cli.ts'
 import { rejection } from './helpers/stores.ts'
 
 function tempDir(t: Pick<Test, 'teardown'>): string {
@@ -14,6 +17,61 @@ function tempDir(t: Pick<Test, 'teardown'>): string {
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   return dir
 }
+
+/**
+ * Runs `script` (an ES module, given core/'s folder as `core`) in a child process whose file
+ * size limit is 0 (`ulimit -f 0`): every write to a file fails with EFBIG, as one on a full disk
+ * fails with ENOSPC. Its output goes to pipes, which the limit does not cover.
+ */
+function withNoFileSpace(script: string): Promise<CliResult> {
+  const core = fileURLToPath(new URL('../core/', import.meta.url))
+  const child = spawnClean('sh', ['-c', 'ulimit -f 0 && exec "$0" --input-type=module -e "$1"', process.execPath, `const core = ${JSON.stringify(core)};\n${script}`], { env: childEnv() })
+  return outcome(child, ['(a script with no file space)'])
+}
+
+t.test('a generated encryption key whose write fails leaves no file, and the next start generates one', async (t) => {
+  const dir = tempDir(t)
+  const failed = await withNoFileSpace(`
+    const { loadAuditCipher } = await import(core + 'audit.ts')
+    try {
+      loadAuditCipher({ storeKind: 'embedded', dataDir: ${JSON.stringify(dir)} })
+      console.log(JSON.stringify({ ok: true }))
+    } catch (err) {
+      console.log(JSON.stringify({ code: err.code, message: err.message }))
+    }`)
+  t.equal(failed.code, 0, failed.stderr)
+  t.same(JSON.parse(failed.stdout), { code: 'config_invalid', message: `${join(dir, 'encryption.key')} cannot be created: the file size limit was reached` })
+  t.same(readdirSync(dir), [], 'no encryption.key, and no file of the attempt, is left')
+  // Before, an empty encryption.key was left, and every start failed: "does not hold 32 bytes in base64".
+  const cipher = loadAuditCipher({ storeKind: 'embedded', dataDir: dir })
+  t.equal(Buffer.from(readFileSync(join(dir, 'encryption.key'), 'utf8').trim(), 'base64').length, 32)
+  t.ok(cipher.currentKeyId)
+  t.same(readdirSync(dir), ['encryption.key'])
+
+  // Processes creating it at once: of the links into place one wins, and the others read its key.
+  const raced = tempDir(t)
+  const script = `const { loadAuditCipher } = await import(${JSON.stringify(new URL('../core/audit.ts', import.meta.url).href)}); console.log(loadAuditCipher({ storeKind: 'embedded', dataDir: ${JSON.stringify(raced)} }).currentKeyId)`
+  const runs = await Promise.all([0, 1, 2].map(() => outcome(spawnClean(process.execPath, ['--input-type=module', '-e', script], { env: childEnv() }), ['(a script creating the key)'])))
+  const ids = runs.map((r) => r.stdout.trim())
+  t.same(runs.map((r) => r.code), [0, 0, 0], runs.map((r) => r.stderr).join(''))
+  t.equal(new Set(ids).size, 1, 'every process has the same key')
+  t.same(readdirSync(raced), ['encryption.key'], 'and no file of theirs is left beside it')
+})
+
+t.test("the lock's own file is removed when its write fails", async (t) => {
+  const dir = tempDir(t)
+  const failed = await withNoFileSpace(`
+    const { openDb } = await import(core + 'db.ts')
+    try {
+      await (await openDb({ dataDir: ${JSON.stringify(dir)} })).close()
+      console.log(JSON.stringify({ ok: true }))
+    } catch (err) {
+      console.log(JSON.stringify({ code: err.code, message: err.message }))
+    }`)
+  t.equal(failed.code, 0, failed.stderr)
+  t.same(JSON.parse(failed.stdout), { code: 'store_unavailable', message: `cannot lock the embedded store in ${dir}: the file size limit was reached` })
+  t.same(readdirSync(dir), [], 'no keygate.lock.<pid>.<hex> is left behind')
+})
 
 t.test("Emscripten's errno numbers, in words", async (t) => {
   // The table PGlite's file system numbers its errors by (Emscripten's, not Linux's).

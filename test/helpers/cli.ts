@@ -51,20 +51,25 @@ export function spawnClean(command: string, args: readonly string[], options: Sp
 
 /** Runs `keygate args`; `bin` is another keygate command to run (an installed package's). */
 export function runCli(args: string[], options: { env?: Record<string, string | undefined>; input?: string; cwd?: string; bin?: string } = {}): Promise<CliResult> {
+  const env = childEnv(options.env)
+  const child = spawnClean(process.execPath, [options.bin ?? KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
+  child.stdin!.end(options.input ?? '')
+  return outcome(child, args)
+}
+
+/** What `child`, a run of `keygate args` (or another command, for `args`), gave once it has ended. */
+export function outcome(child: ChildProcess, args: string[]): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const env = childEnv(options.env)
-    const child = spawnClean(process.execPath, [options.bin ?? KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
     let stdout = ''
     let stderr = ''
     child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
     child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
     child.on('error', reject)
-    child.on('close', (code) => resolve(result(args, code, stdout, stderr)))
-    child.stdin!.end(options.input ?? '')
+    child.on('close', (code) => resolve(cliResult(args, code, stdout, stderr)))
   })
 }
 
-function result(args: string[], code: number | null, stdout: string, stderr: string): CliResult {
+function cliResult(args: string[], code: number | null, stdout: string, stderr: string): CliResult {
   capturedStderr.push(stderr)
   return {
     code,
@@ -96,7 +101,7 @@ export async function runCliHere(args: string[], options: { env?: Record<string,
     readStdin: async () => '',
     env: childEnv(options.env),
   })
-  return result(args, code, stdout, stderr)
+  return cliResult(args, code, stdout, stderr)
 }
 
 /** The bytes of every file below `dir` (an embedded store's data folder), for the no-plaintext checks. */
