@@ -494,6 +494,81 @@ function privateFolder(path: string): void {
   }
 }
 
+/** The name of user `uid` in /etc/passwd; undefined when it has none there. */
+function userName(uid: number): string | undefined {
+  try {
+    for (const line of readFileSync('/etc/passwd', 'utf8').split('\n')) {
+      const [name, , id] = line.split(':')
+      if (name && id !== undefined && id !== '' && Number(id) === uid) return name
+    }
+  } catch {}
+  return undefined
+}
+
+interface ForeignOwner {
+  uid: number
+  user: string | undefined
+}
+
+/**
+ * The owner of `path`, a folder of the embedded store, when it is another user than this
+ * process's (undefined when it is this user's or is not there). A folder this process may write
+ * into through its group (a group-writable volume of a platform that runs under an arbitrary uid)
+ * is not another user's: only root writes into a folder regardless of its mode, and that is what
+ * breaks the store of the user it belongs to.
+ */
+function foreignOwner(path: string): ForeignOwner | undefined {
+  const euid = process.geteuid?.()
+  if (euid === undefined) return undefined // Windows: no owners to compare
+  let stat
+  try {
+    stat = statSync(path)
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    if (code === 'ENOENT' || code === 'ENOTDIR') return undefined
+    throw err
+  }
+  if (stat.uid === euid) return undefined
+  const byGroup = (stat.mode & 0o020) !== 0 && (stat.gid === process.getegid?.() || (process.getgroups?.() ?? []).includes(stat.gid))
+  if (euid !== 0 && byGroup) return undefined
+  return { uid: stat.uid, user: userName(stat.uid) }
+}
+
+/** `uid N (name)`, and how to run a command as that user. */
+function ownerWords(owner: ForeignOwner): { who: string; runAs: string } {
+  // sudo takes a uid as '#N', quoted, since # starts a comment in a shell.
+  const sudoUser = owner.user ?? `'#${owner.uid}'`
+  return {
+    who: `uid ${owner.uid}${owner.user ? ` (${owner.user})` : ''}`,
+    runAs: `run keygate as that user, such as \`sudo -u ${sudoUser} keygate …\``,
+  }
+}
+
+/**
+ * Refuses a data folder, or PGlite's folder in it, that another user owns, before anything is
+ * written there. Found by a review: root's `keygate api-key create --data-dir` on the folder of a
+ * service running as its own user left the encryption key and files of PGlite's (mode 0600)
+ * owned by root, and the service then failed to start with "Aborted(). Build with
+ * -sASSERTIONS…". PostgreSQL itself refuses a data folder it does not own, for the same reason.
+ */
+function refuseForeignFolders(dir: string, pgdata: string): void {
+  for (const folder of [dir, pgdata]) {
+    let owner: ForeignOwner | undefined
+    try {
+      owner = foreignOwner(folder)
+    } catch (err) {
+      throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${systemErrorWords(err)} (${folder})`, undefined, { cause: err })
+    }
+    if (owner === undefined) continue
+    const { who, runAs } = ownerWords(owner)
+    throw new KeygateError(
+      'store_unavailable',
+      `the embedded store's folder ${folder} belongs to ${who}, not to this process's user (uid ${process.geteuid?.()}): files written there as this user can be unreadable to their owner, whose store then fails to start; ${runAs}`,
+      { uid: owner.uid, ...(owner.user ? { user: owner.user } : {}) },
+    )
+  }
+}
+
 export interface OpenDbOptions {
   databaseUrl?: string | undefined
   dataDir?: string | undefined
@@ -545,10 +620,12 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   const sharedBuffers = options.shortLived ? SHORT_LIVED_SHARED_BUFFERS : undefined
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, seed: options.seed, sharedBuffers }, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
+  const pgdata = join(dir, 'pgdata')
   // PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder).
-  if (options.existingOnly !== undefined && !existsSync(join(dir, 'pgdata', 'PG_VERSION'))) {
+  if (options.existingOnly !== undefined && !existsSync(join(pgdata, 'PG_VERSION'))) {
     throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${options.existingOnly}`)
   }
+  refuseForeignFolders(dir, pgdata)
   try {
     makeFolders(dir, 0o700)
   } catch (err) {
@@ -562,7 +639,6 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     const at = (err as NodeJS.ErrnoException).path
     throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${systemErrorWords(err)}${at ? ` (${at})` : ''}`, undefined, { cause: err })
   }
-  const pgdata = join(dir, 'pgdata')
   try {
     privateFolder(pgdata)
   } catch (err) {

@@ -1,7 +1,8 @@
 // The embedded store's files and folders, from a review of them against real processes: who may
 // open a data folder, files that must appear whole, and how a file-system error reads.
 import t from 'tap'
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { spawnSync } from 'node:child_process'
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -9,13 +10,24 @@ import type { Test } from 'tap'
 import { loadAuditCipher } from '../core/audit.ts'
 import { openDb } from '../core/db.ts'
 import { EMSCRIPTEN_ERRNO, fileSystemErrorWords } from '../core/errors.ts'
-import { childEnv, outcome, spawnClean, type CliResult } from './helpers/cli.ts'
+import { asNobody, NOBODY } from './helpers/as-nobody.ts'
+import { childEnv, outcome, runCli, spawnClean, type CliResult } from './helpers/cli.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 import { rejection } from './helpers/stores.ts'
+
+const AS_ROOT = process.getuid?.() === 0 ? false : 'the tests do not run as root'
+const nobody = asNobody(t)
+const AS_NOBODY = typeof nobody === 'string' ? nobody : false
 
 function tempDir(t: Pick<Test, 'teardown'>): string {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-store-files-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   return dir
+}
+
+/** The environment of a CLI command on the embedded store in `dataDir`, with nothing else configured. */
+function embeddedEnv(dataDir: string): Record<string, string | undefined> {
+  return { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: undefined, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined }
 }
 
 /**
@@ -28,6 +40,61 @@ function withNoFileSpace(script: string): Promise<CliResult> {
   const child = spawnClean('sh', ['-c', 'ulimit -f 0 && exec "$0" --input-type=module -e "$1"', process.execPath, `const core = ${JSON.stringify(core)};\n${script}`], { env: childEnv() })
   return outcome(child, ['(a script with no file space)'])
 }
+
+t.test("a data folder of another user is refused before anything is written, naming its owner", { skip: AS_ROOT }, async (t) => {
+  const dir = tempDir(t)
+  const theirs = join(dir, 'theirs')
+  mkdirSync(theirs, { mode: 0o700 })
+  chownSync(theirs, NOBODY, NOBODY)
+  const err = await rejection(openDb({ dataDir: theirs }))
+  t.equal(err.code, 'store_unavailable')
+  t.match(err.message, `the embedded store's folder ${theirs} belongs to uid ${NOBODY} (nobody), not to this process's user (uid 0)`)
+  t.match(err.message, 'run keygate as that user, such as `sudo -u nobody keygate …`')
+  t.same(readdirSync(theirs), [], 'nothing is written there: no lock, no pgdata/')
+
+  // A uid no user has is named by number, as sudo takes it.
+  const nameless = join(dir, 'nameless')
+  mkdirSync(nameless, { mode: 0o700 })
+  chownSync(nameless, 54321, 54321)
+  t.match((await rejection(openDb({ dataDir: nameless }))).message, `belongs to uid 54321, not to this process's user (uid 0): files written there as this user can be unreadable to their owner, whose store then fails to start; run keygate as that user, such as \`sudo -u '#54321' keygate …\``)
+
+  // The data folder root's, PGlite's folder in it another user's (the user whose store it is).
+  const mixed = await seedDataDir(join(dir, 'mixed'))
+  chownSync(join(mixed, 'pgdata'), NOBODY, NOBODY)
+  const refused = await rejection(openDb({ dataDir: mixed }))
+  t.match(refused.message, `the embedded store's folder ${join(mixed, 'pgdata')} belongs to uid ${NOBODY} (nobody)`)
+  t.same(readdirSync(mixed), ['pgdata'], 'no lock was taken')
+
+  // The real command, as root on the folder of a service that runs as its own user.
+  const service = await seedDataDir(join(dir, 'service'))
+  spawnSync('chown', ['-R', `${NOBODY}:${NOBODY}`, service])
+  const created = await runCli(['api-key', 'create', '--type', 'user', '--name', 'as root', '--json'], { env: embeddedEnv(service) })
+  t.equal(created.code, 1)
+  t.equal(created.json().error.code, 'store_unavailable')
+  t.match(created.json().error.message, /belongs to uid 65534 \(nobody\).*sudo -u nobody keygate/)
+  const rootsFiles = spawnSync('find', [service, '-uid', '0'], { encoding: 'utf8' }).stdout
+  t.equal(rootsFiles, '', 'no file of root is left in it')
+
+  // The folder of this process's own user opens, as before.
+  const mine = await seedDataDir(join(dir, 'mine'))
+  const db = await openDb({ dataDir: mine })
+  t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }])
+  await db.close()
+})
+
+t.test('a folder another user shares through its group (a volume under an arbitrary uid) opens, as before', { skip: AS_NOBODY }, async (t) => {
+  if (typeof nobody === 'string') return
+  const dir = tempDir(t)
+  chmodSync(dir, 0o755)
+  // The volume: root's, writable by nobody's group; PGlite's folder in it nobody's own.
+  const volume = await seedDataDir(join(dir, 'volume'))
+  spawnSync('chown', ['-R', `${NOBODY}:${NOBODY}`, join(volume, 'pgdata')])
+  chownSync(volume, 0, NOBODY)
+  chmodSync(volume, 0o2770)
+  const listed = await nobody.run(['api-key', 'list', '--json'], embeddedEnv(volume))
+  t.equal(listed.code, 0, listed.stderr)
+  t.same(listed.json().items, [], 'and lists its keys')
+})
 
 t.test('a generated encryption key whose write fails leaves no file, and the next start generates one', async (t) => {
   const dir = tempDir(t)
