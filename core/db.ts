@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { chmodSync, existsSync, linkSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs'
+import { chmodSync, linkSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -569,6 +569,33 @@ function refuseForeignFolders(dir: string, pgdata: string): void {
   }
 }
 
+/**
+ * Refuses a data folder that holds no store (`advice` says what to do), and one this user cannot
+ * read, as such: before (found by a review), a folder that could not be read (existsSync's false
+ * on EACCES) was reported as holding no store, with the advice to make one there.
+ */
+function requireStore(dir: string, pgdata: string, advice: string): void {
+  // PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder).
+  const mark = join(pgdata, 'PG_VERSION')
+  try {
+    statSync(mark)
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    if (code === 'ENOENT' || code === 'ENOTDIR') throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${advice}`)
+    let owner: ForeignOwner | undefined
+    try {
+      owner = foreignOwner(dir)
+    } catch {}
+    const words = owner ? ownerWords(owner) : undefined
+    throw new KeygateError(
+      'store_unavailable',
+      `cannot read the embedded store in ${dir}: ${systemErrorWords(err)} (${mark})${words ? `; ${dir} belongs to ${words.who}: ${words.runAs}` : ''}`,
+      undefined,
+      { cause: err },
+    )
+  }
+}
+
 export interface OpenDbOptions {
   databaseUrl?: string | undefined
   dataDir?: string | undefined
@@ -621,10 +648,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, seed: options.seed, sharedBuffers }, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
   const pgdata = join(dir, 'pgdata')
-  // PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder).
-  if (options.existingOnly !== undefined && !existsSync(join(pgdata, 'PG_VERSION'))) {
-    throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${options.existingOnly}`)
-  }
+  if (options.existingOnly !== undefined) requireStore(dir, pgdata, options.existingOnly)
   refuseForeignFolders(dir, pgdata)
   try {
     makeFolders(dir, 0o700)

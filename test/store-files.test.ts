@@ -96,6 +96,26 @@ t.test('a folder another user shares through its group (a volume under an arbitr
   t.same(listed.json().items, [], 'and lists its keys')
 })
 
+t.test('a command that only reads, on a folder this user cannot read, says so and names its owner; not "no store"', { skip: AS_NOBODY }, async (t) => {
+  if (typeof nobody === 'string') return
+  const dir = tempDir(t)
+  chmodSync(dir, 0o755)
+  const closed = await seedDataDir(join(dir, 'closed'))
+  chmodSync(closed, 0o700)
+  const listed = await nobody.run(['api-key', 'list', '--json', '--data-dir', closed], embeddedEnv(closed))
+  t.equal(listed.code, 1)
+  const { error } = listed.json()
+  t.equal(error.code, 'store_unavailable')
+  t.match(error.message, `cannot read the embedded store in ${closed}: permission denied (${join(closed, 'pgdata', 'PG_VERSION')}); ${closed} belongs to uid 0 (root): run keygate as that user, such as \`sudo -u root keygate …\``)
+  t.notMatch(error.message, /no embedded store|keygate migrate/, 'no advice to make a store there')
+  // A folder without a store is still said to be one.
+  const empty = join(dir, 'empty')
+  mkdirSync(empty, { mode: 0o777 })
+  chmodSync(empty, 0o777)
+  const none = await nobody.run(['api-key', 'list', '--json', '--data-dir', empty], embeddedEnv(empty))
+  t.match(none.json().error.message, `no embedded store in ${empty}`)
+})
+
 t.test('a generated encryption key whose write fails leaves no file, and the next start generates one', async (t) => {
   const dir = tempDir(t)
   const failed = await withNoFileSpace(`
