@@ -335,13 +335,13 @@ export class AuditLog {
    * neither the rows around it nor the fact that it is there.
    */
   async list(db: Db, filter: AuditFilter & { limit?: number } = {}): Promise<AuditRecord[]> {
-    return (await this.#select(db, filter, Math.min(Math.max(filter.limit ?? 100, 1), 1000))).map((r) => this.#open(r))
+    return (await this.#select(db, filter, Math.min(Math.max(filter.limit ?? 100, 1), 1000))).map((r) => openStored(this.#cipher, r))
   }
 
   /** One page of `limit` rows, and whether more follow (the row after the page is counted, not opened). */
   async page(db: Db, filter: AuditFilter, limit: number): Promise<{ items: AuditRecord[]; more: boolean }> {
     const rows = await this.#select(db, filter, limit + 1)
-    return { items: rows.slice(0, limit).map((r) => this.#open(r)), more: rows.length > limit }
+    return { items: rows.slice(0, limit).map((r) => openStored(this.#cipher, r)), more: rows.length > limit }
   }
 
   async #select(db: Db, filter: AuditFilter, limit: number): Promise<StoredRow[]> {
@@ -365,10 +365,6 @@ export class AuditLog {
        ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
-  }
-
-  #open(r: StoredRow): AuditRecord {
-    return openStored(this.#cipher, r)
   }
 }
 

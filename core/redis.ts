@@ -53,6 +53,9 @@ const SETTLE_PROBES = 4
 /** The longest wait between probes after switches back that failed at once, in probe intervals (8 s at 250 ms). */
 const MAX_PROBE_FACTOR = 32
 
+/** The warning an outage is logged with, once (whichever way it began: a failed call, a refused probe, a start without Redis). */
+const NOT_ANSWERING = 'Redis is not answering: rate limits and lockouts fall back to this process until it does'
+
 export interface RedisHealthOptions {
   log?: Logger
   /** A limiter call slower than this is answered by the insurance limiter. */
@@ -132,7 +135,7 @@ export class RedisHealth {
     } else {
       this.#warned = true
       this.#refusalLogged = false
-      this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason, ...(err ? { err } : {}) })
+      this.#log?.warn(NOT_ANSWERING, { reason, ...(err ? { err } : {}) })
     }
     for (const l of this.#listeners) l(false, reason)
     this.#startProbe()
@@ -148,7 +151,7 @@ export class RedisHealth {
     if (this.#up || this.#redis.status === 'ready' || this.#redis.status === 'end') return false
     if (!this.#warned) {
       this.#warned = true
-      this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason: 'unreachable', at: 'start-up' })
+      this.#log?.warn(NOT_ANSWERING, { reason: 'unreachable', at: 'start-up' })
     }
     return true
   }
@@ -190,7 +193,7 @@ export class RedisHealth {
       if (!this.#warned) {
         // Connected to a Redis that refused from the start: no switch was logged yet.
         this.#warned = true
-        this.#log?.warn('Redis is not answering: rate limits and lockouts fall back to this process until it does', { reason: 'refused' satisfies DownReason, err: err as Error })
+        this.#log?.warn(NOT_ANSWERING, { reason: 'refused' satisfies DownReason, err: err as Error })
       } else if (!this.#refusalLogged) {
         this.#log?.debug('Redis answers but refuses the health probe\'s write; probing again (logged once until it is back)', { err: err as Error })
       }
