@@ -7,6 +7,7 @@ import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
+import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
 import { readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
@@ -530,7 +531,37 @@ export function loadConfig(options: LoadOptions = {}): Config {
     const shown = firstProblems(problems, MAX_PROBLEMS)
     throw new KeygateError(code, `invalid configuration:\n  ${shown.join('\n  ')}`, { problems: shown, file })
   }
+  hideSecrets(config)
   return deepFreeze(config)
+}
+
+/**
+ * Hands every secret of a valid `config` to the log's scrubbing (`addKnownSecret`), so that none is
+ * written to a log or sent back in an error's message: a password or token as given, and of a URL
+ * its password, as written and decoded (the URL's form is hidden in messages already).
+ */
+function hideSecrets(config: Config): void {
+  let node: unknown
+  for (const leaf of LEAVES) {
+    if (!leaf.secret) continue
+    node = config
+    for (const k of leaf.path) node = (node as Record<string, unknown> | undefined)?.[k]
+    for (const value of Array.isArray(node) ? node : [node]) {
+      if (typeof value !== 'string') continue
+      if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) {
+        addKnownSecret(value)
+        continue
+      }
+      const password = URL.parse(value)?.password ?? ''
+      if (password === '') continue
+      addKnownSecret(password)
+      try {
+        addKnownSecret(decodeURIComponent(password))
+      } catch {
+        // Not validly percent-encoded: kept as written only.
+      }
+    }
+  }
 }
 
 /** Text of docs/configuration.md, generated from the schema (a test keeps the file current). */

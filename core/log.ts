@@ -17,14 +17,38 @@ export interface Logger {
 // Any prefix of lowercase letters and digits ending in _, then the id and secret shape; and UUIDs.
 // No \b anchors: a key glued to other word characters (`Bearer%20kg_...`, `%3D<uuid>`) must go too.
 // Also the secrets of the integrations: JWTs (n8n API keys and session cookies) and Gitea tokens
-// (40 hex characters, not part of a longer hex run such as a SHA-256).
+// (40 hex characters, not part of a longer hex run such as a SHA-256), and webhook signing secrets
+// (`whsec_` and 32 bytes in base64).
 const KEYISH = new RegExp(
-  `${KEY_IN_TEXT.source}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])`,
+  `${KEY_IN_TEXT.source}|whsec_[0-9A-Za-z+/]{20,}={0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])`,
   'gi',
 )
 
+/** The secrets of this process's configuration that `scrub` hides, as written and as JSON writes them. */
+const KNOWN_SECRETS = new Set<string>()
+
+/**
+ * The shortest configured secret `scrub` looks for: a shorter one (a password of a few characters)
+ * would hide those characters wherever else they appear, and is no secret worth the name.
+ */
+export const MIN_KNOWN_SECRET = 8
+
+/**
+ * Makes `scrub` hide `secret` (the bootstrap admin token, a configured password or encryption key)
+ * wherever it appears: in a log line, and in an error's message back to a client. The token is
+ * free text chosen by the operator, which no pattern recognises; sent in a field that takes a list
+ * of event names, it came back in the 400's message (found by a review).
+ */
+export function addKnownSecret(secret: string): void {
+  if (secret.length < MIN_KNOWN_SECRET) return
+  KNOWN_SECRETS.add(secret)
+  KNOWN_SECRETS.add(JSON.stringify(secret).slice(1, -1))
+}
+
 export function scrub(text: string): string {
-  return text.replace(KEYISH, '[redacted]')
+  let out = text
+  for (const secret of KNOWN_SECRETS) if (out.includes(secret)) out = out.replaceAll(secret, '[redacted]')
+  return out.replace(KEYISH, '[redacted]')
 }
 
 function errorFields(err: Error): Record<string, unknown> {

@@ -6,7 +6,7 @@
 // server: 503s bounded by store.query_timeout_ms, then recovery. (--workers is
 // test/serve-workers.test.ts, so the two run side by side.)
 import t from 'tap'
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -208,6 +208,13 @@ t.test('PostgreSQL that stops answering: requests that need it get 503 store_una
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token, body: { name: 'not yet cached', type: 'user' } })
   t.equal(created.status, 201)
   const auth = { authorization: `Bearer ${created.json.key}` }
+  // The bootstrap token and a webhook signing secret sent where event names belong are refused
+  // without being sent back (before, the 400's message quoted both).
+  const whsec = `whsec_${randomBytes(32).toString('base64')}`
+  const pasted = await call(`${serve.admin}/v1/webhooks`, { method: 'POST', token, body: { url: 'https://hooks.example.com/in', events: [token, whsec] } })
+  t.equal(pasted.status, 400, pasted.text)
+  t.match(pasted.json.error.message, /events\[0\]: "\[redacted\]" is not allowed/)
+  t.notOk(pasted.text.includes(token) || pasted.text.includes(whsec.slice(6, 30)), 'neither secret is in the answer', { text: pasted.text })
 
   // Every connection to PostgreSQL, open or new, goes silent. Before, the one pooled connection
   // stayed held for good: every call needing the store failed, even after PostgreSQL answered again.

@@ -192,6 +192,24 @@ t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n key
   t.equal(scrub('record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d'), 'record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d', 'record ids and last eight are kept')
 })
 
+t.test('scrub redacts webhook signing secrets, and the secrets a loaded configuration holds', async (t) => {
+  const { loadConfig } = await import('../config/load.ts')
+  const whsec = `whsec_${randomBytes(32).toString('base64')}`
+  t.equal(scrub(`secret ${whsec}.`), 'secret [redacted].')
+  const token = `tok"en\\${randomBytes(8).toString('hex')}`
+  const password = `p@ss/${randomBytes(6).toString('hex')}`
+  const gitea = `gitea-${randomBytes(6).toString('hex')}`
+  t.equal(scrub(`a ${token} b`), `a ${token} b`, 'a token no configuration named is not known')
+  loadConfig({
+    env: { KEYGATE_ADMIN_TOKEN: token, DATABASE_URL: `postgres://u:${encodeURIComponent(password)}@db.example/k`, GITEA_PASSWORD: gitea, N8N_PASSWORD: 'short' },
+  })
+  t.equal(scrub(`a ${token} b`), 'a [redacted] b', 'the bootstrap token as written')
+  t.equal(scrub(JSON.stringify({ m: `x ${token}` })), JSON.stringify({ m: 'x [redacted]' }), 'and as JSON writes it')
+  t.equal(scrub(`login ${password} and ${encodeURIComponent(password)}`), 'login [redacted] and [redacted]', "the store URL's password, decoded and as written")
+  t.equal(scrub(`basic ${gitea}`), 'basic [redacted]', "Gitea's password")
+  t.equal(scrub('a short password'), 'a short password', 'a password under 8 characters is not looked for (it would hide ordinary words)')
+})
+
 t.test('digestKey is the stored SHA-256 in compact form; keyShape agrees with parseKey', async (t) => {
   const { digestKey, digestFromHex, keyShape } = await import('../core/keys/format.ts')
   const g = generateKey('kg_')
