@@ -1,7 +1,7 @@
 // The keygate command line: dispatch, configuration, and the one place failures become exit
 // codes (0 done, 1 refused, 2 usage) with the reason on stderr.
 import { userInfo } from 'node:os'
-import { defaultConfigFile, FLAG_NAMES, loadConfig, renderConfigDocs } from '../config/load.ts'
+import { defaultConfigFile, FLAG_NAMES, hideConfigSecrets, loadConfig, renderConfigDocs } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
@@ -49,7 +49,9 @@ function groupHelp<C>(group: string, commands: Record<string, Command<C>>): stri
 export function configFrom(p: Parsed, io: Io, onlyFile = false): Config {
   const flags: Record<string, string | undefined> = {}
   for (const name of FLAG_NAMES) if (typeof p.values[name] === 'string') flags[name] = p.values[name] as string
-  return loadConfig({ file: p.values.config as string | undefined, env: io.env, onlyFile, flags })
+  const config = loadConfig({ file: p.values.config as string | undefined, env: io.env, onlyFile, flags })
+  hideConfigSecrets(config)
+  return config
 }
 
 /** Commands other than serve log to stderr, at warn unless LOG_LEVEL says otherwise. */

@@ -8,7 +8,7 @@ import https from 'node:https'
 import { readFileSync } from 'node:fs'
 import net, { type AddressInfo } from 'node:net'
 import { createSecureContext } from 'node:tls'
-import { deepFreeze, loadConfig } from '../config/load.ts'
+import { deepFreeze, hideConfigSecrets, loadConfig } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
@@ -78,6 +78,7 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   // then, a config edited since or a half-renewed certificate pair, beside siblings that ran the old.
   if (cluster.isWorker) {
     const given = await fromPrimary()
+    hideConfigSecrets(given.config)
     const log = createLogger({ level: given.config.log.level as Level, fields: { worker: cluster.worker?.id } })
     return serveInstance(given.config, log, io, { gateway: true, admin: false }, { worker: true, gatewayTls: given.tls })
   }
@@ -94,6 +95,7 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
     // An admin-only process listens on one of the two addresses.
     bothListeners: only !== 'admin',
   })
+  hideConfigSecrets(config)
   if (workers > 1 && !config.store.database_url) {
     throw new KeygateError('config_invalid', '--workers above 1 needs DATABASE_URL: the embedded store belongs to one process')
   }

@@ -531,16 +531,17 @@ export function loadConfig(options: LoadOptions = {}): Config {
     const shown = firstProblems(problems, MAX_PROBLEMS)
     throw new KeygateError(code, `invalid configuration:\n  ${shown.join('\n  ')}`, { problems: shown, file })
   }
-  hideSecrets(config)
   return deepFreeze(config)
 }
 
 /**
- * Hands every secret of a valid `config` to the log's scrubbing (`addKnownSecret`), so that none is
+ * Hands every secret of `config` to the log's scrubbing (`addKnownSecret`), so that none is
  * written to a log or sent back in an error's message: a password or token as given, and of a URL
- * its password, as written and decoded (the URL's form is hidden in messages already).
+ * its password, as written and decoded (the URL's form is hidden in messages already). Called by
+ * the process that runs with `config` (a command, `serve` and each of its workers), not by
+ * `loadConfig`: a configuration only checked or tried must not hide text in another's messages.
  */
-function hideSecrets(config: Config): void {
+export function hideConfigSecrets(config: Config): void {
   let node: unknown
   for (const leaf of LEAVES) {
     if (!leaf.secret) continue

@@ -192,17 +192,19 @@ t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n key
   t.equal(scrub('record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d'), 'record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d', 'record ids and last eight are kept')
 })
 
-t.test('scrub redacts webhook signing secrets, and the secrets a loaded configuration holds', async (t) => {
-  const { loadConfig } = await import('../config/load.ts')
+t.test('scrub redacts webhook signing secrets, and the secrets of the configuration a process runs with', async (t) => {
+  const { hideConfigSecrets, loadConfig } = await import('../config/load.ts')
   const whsec = `whsec_${randomBytes(32).toString('base64')}`
   t.equal(scrub(`secret ${whsec}.`), 'secret [redacted].')
   const token = `tok"en\\${randomBytes(8).toString('hex')}`
   const password = `p@ss/${randomBytes(6).toString('hex')}`
   const gitea = `gitea-${randomBytes(6).toString('hex')}`
   t.equal(scrub(`a ${token} b`), `a ${token} b`, 'a token no configuration named is not known')
-  loadConfig({
+  const config = loadConfig({
     env: { KEYGATE_ADMIN_TOKEN: token, DATABASE_URL: `postgres://u:${encodeURIComponent(password)}@db.example/k`, GITEA_PASSWORD: gitea, N8N_PASSWORD: 'short' },
   })
+  t.equal(scrub(`a ${token} b`), `a ${token} b`, 'loading a configuration hides nothing by itself (config check, a test)')
+  hideConfigSecrets(config)
   t.equal(scrub(`a ${token} b`), 'a [redacted] b', 'the bootstrap token as written')
   t.equal(scrub(JSON.stringify({ m: `x ${token}` })), JSON.stringify({ m: 'x [redacted]' }), 'and as JSON writes it')
   t.equal(scrub(`login ${password} and ${encodeURIComponent(password)}`), 'login [redacted] and [redacted]', "the store URL's password, decoded and as written")
