@@ -58,13 +58,13 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   t.ok(refused.json.error.request_id)
 
   // The CLI beside the server: the store is locked, and the message says what to do.
-  const locked = await runCli(['api-key', 'list', '--json'], { env, cwd })
+  const locked = await runCli(['api-key', 'list', '--json'], { asInstalled: true, env, cwd })
   t.equal(locked.code, 1)
   t.equal(locked.json().error.code, 'store_locked')
   t.match(locked.stderr, /KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN/)
 
   const remote = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store'), KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: adminKey })
-  const cli = (args: string[], input?: string) => runCli(['api-key', ...args], { env: remote, cwd, ...(input !== undefined ? { input } : {}) })
+  const cli = (args: string[], input?: string) => runCli(['api-key', ...args], { asInstalled: true, env: remote, cwd, ...(input !== undefined ? { input } : {}) })
   const made = await cli(['create', '--name', 'from the cli', '--type', 'user', '--scopes', 'demo', '--owner', 'ops', '--json'])
   t.equal(made.code, 0, made.stderr)
   const m = made.json()
@@ -129,10 +129,10 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   const audit = await call(`${serve.admin}/v1/keys/${m.id}/audit`, { token: adminKey })
   t.ok(audit.json.items.every((r: { actor: string }) => r.actor === `key:${adminId}`), 'the remote CLI acts as the admin key it was given')
 
-  const noToken = await runCli(['api-key', 'list'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: undefined }, cwd })
+  const noToken = await runCli(['api-key', 'list'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_TOKEN: undefined }, cwd })
   t.equal(noToken.code, 1)
   t.match(noToken.stderr, /KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not/)
-  const wrong = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: 'not-the-admin-token' }, cwd })
+  const wrong = await runCli(['api-key', 'list', '--json'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_TOKEN: 'not-the-admin-token' }, cwd })
   t.equal(wrong.code, 1)
   t.equal(wrong.json().error.code, 'unauthorized')
   // A large import refused for its token while the CLI still sends it: before (found by a review),
@@ -140,7 +140,7 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   const large = join(cwd, 'large.json')
   writeFileSync(large, JSON.stringify(Array.from({ length: 10_000 }, (_, i) => ({ key_hash: createHash('sha256').update(`large ${i}`).digest('hex'), name: `large ${i}`, metadata: { note: 'x'.repeat(1800) } }))))
   for (let i = 0; i < 4; i++) {
-    const refusedImport = await runCli(['api-key', 'import', large, '--json'], { env: { ...remote, KEYGATE_ADMIN_TOKEN: 'wrong-token-abcdefgh' }, cwd })
+    const refusedImport = await runCli(['api-key', 'import', large, '--json'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_TOKEN: 'wrong-token-abcdefgh' }, cwd })
     t.equal(refusedImport.code, 1)
     t.equal(refusedImport.json().error.code, 'unauthorized', `a 19 MB import with a wrong token, run ${i + 1}: told so, not that the admin API cannot be reached`)
   }
@@ -153,14 +153,14 @@ t.test('the README walk-through and the CLI against a running server (embedded s
     t.ok(got.ended, `${path}: the listener ended the connection`)
     t.equal(got.error, undefined, `${path}: without a reset`)
   }
-  const down = await runCli(['api-key', 'list', '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1' }, cwd })
+  const down = await runCli(['api-key', 'list', '--json'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1' }, cwd })
   t.equal(down.code, 1)
   t.equal(down.json().error.code, 'admin_unavailable')
   t.match(down.stderr, /cannot reach the admin API at http:\/\/127\.0\.0\.1:1/)
   // The gateway's port, given the admin key, passes the call on to its upstream, whose JSON is no
   // admin API's (before: a TypeError, "Cannot convert undefined or null to object", as internal_error).
   for (const args of [['list'], ['stats'], ['get', adminId]]) {
-    const notAdmin = await runCli(['api-key', ...args, '--json'], { env: { ...remote, KEYGATE_ADMIN_URL: serve.gateway }, cwd })
+    const notAdmin = await runCli(['api-key', ...args, '--json'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_URL: serve.gateway }, cwd })
     t.equal(notAdmin.code, 1, `api-key ${args[0]}: the gateway port is not the admin API`)
     t.match(notAdmin.json().error, { code: 'admin_unavailable', message: /answered 200 but is not keygate's admin API \(no x-keygate-admin header; the gateway's port, say\)/ })
   }
