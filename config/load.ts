@@ -510,6 +510,13 @@ export function loadConfig(options: LoadOptions = {}): Config {
         if (name.startsWith('--')) problems.push(`${name} (${key}): an empty value is not allowed; expected ${describeAllowed(leaf.schema)}`)
         continue
       }
+      // Node reads each byte of the environment that is not UTF-8 as U+FFFD: a password set in
+      // Latin-1 became another password without a word, where a file in Latin-1 is refused, and
+      // so is such a flag (cli/io.ts). No setting needs the character itself.
+      if (raw.includes('\uFFFD')) {
+        problems.push(`${name} (${key}): the value holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8`)
+        continue
+      }
       const parsed = parseScalar(raw, leaf.schema)
       if (!parsed.ok) {
         problems.push(`${name} (${key}): ${show(raw, leaf.secret)} is not allowed; expected ${parsed.expected ?? describeAllowed(leaf.schema)}`)

@@ -403,9 +403,9 @@ t.test('an argument whose bytes are not UTF-8 is a usage error naming it, not st
   // by a review), `--name "$(printf 'caf\xe9')"` stored `caf\uFFFD`, exit 0. The raw byte comes through sh.
   const cwd = tempDir()
   const dataDir = join(cwd, 'store')
-  const run = (args: string) =>
+  const run = (args: string, assign = '') =>
     new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
-      const child = spawnClean('sh', ['-c', `exec "$0" "$1" ${args}`, process.execPath, KEYGATE_BIN], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['ignore', 'pipe', 'pipe'] })
+      const child = spawnClean('sh', ['-c', `${assign} exec "$0" "$1" ${args}`, process.execPath, KEYGATE_BIN], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['ignore', 'pipe', 'pipe'] })
       let stdout = ''
       let stderr = ''
       child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
@@ -420,5 +420,9 @@ t.test('an argument whose bytes are not UTF-8 is a usage error naming it, not st
   const positional = await run(`api-key get "$(printf 'caf\\351')"`)
   t.equal(positional.code, 2)
   t.equal(positional.stderr, 'keygate: argument 1 holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8\n')
+  // An environment variable so set: before, the bootstrap token in Latin-1 became another token.
+  const variable = await run('api-key list --json', `KEYGATE_ADMIN_TOKEN="$(printf 'caf\\351-admin-token-0123456789')"`)
+  t.not(variable.code, 0)
+  t.match(variable.stderr, /KEYGATE_ADMIN_TOKEN \(admin\.token\): the value holds bytes that are not UTF-8 \(read as U\+FFFD\); give it in UTF-8/)
   t.notOk(existsSync(dataDir), 'no store was opened')
 })

@@ -563,6 +563,14 @@ t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap
   t.same(problemsOf({ file: set, env: { KEYGATE_LISTEN: '0.0.0.0:9' } }).problems, [`gateway: a set (!!set) is not allowed; expected ${gatewayKeys}`])
 })
 
+t.test('an environment variable whose bytes were not UTF-8 (Node reads each as U+FFFD) is refused, naming it', async (t) => {
+  const file = yamlFile(t, '')
+  t.same(problemsOf({ file, env: { KEYGATE_DATA_DIR: '/var/lib/caf\ufffd' } }).problems, ['KEYGATE_DATA_DIR (store.data_dir): the value holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8'])
+  const secret = problemsOf({ file, env: { KEYGATE_ADMIN_TOKEN: 'caf\ufffd-admin-token-0123456789' } })
+  t.same(secret.problems, ['KEYGATE_ADMIN_TOKEN (admin.token): the value holds bytes that are not UTF-8 (read as U+FFFD); give it in UTF-8'], 'a secret too, without showing it')
+  t.equal(loadConfig({ file, env: { KEYGATE_DATA_DIR: '/var/lib/café' } }).store.data_dir, '/var/lib/café', 'UTF-8 loads')
+})
+
 t.test('a file that is not UTF-8, or too large, is refused in keygate\'s words', async (t) => {
   const write = (bytes: Buffer, name: string) => {
     const file = join(tempDir(t), name)
