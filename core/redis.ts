@@ -170,8 +170,13 @@ export class RedisHealth {
       this.#up = true
       clearInterval(this.#probe)
       this.#probe = undefined
-      this.#settling = setTimeout(() => this.#held(), this.#probeMs * SETTLE_PROBES)
-      this.#settling.unref()
+      // Only a switch back can fail at once: the first connection of a process that has not yet
+      // been without Redis is none, and a failure right after it is an outage like any other
+      // (before, it was logged as a relapse, at info, and no warning was ever given).
+      if (this.#warned) {
+        this.#settling = setTimeout(() => this.#held(), this.#probeMs * SETTLE_PROBES)
+        this.#settling.unref()
+      }
       // After a relapse, said once the switch back holds (#held).
       if (this.#warned && !this.#relapsed) this.#log?.info('Redis answers again: rate limits and lockouts are shared across instances again')
       for (const l of this.#listeners) l(true)

@@ -184,3 +184,26 @@ t.test("a restore of the lockouts that Redis refuses after a switch back takes t
   t.equal(failed.filter((l) => l.level === 'warn').length, 1, 'one warning for them')
   t.equal(said('warn', 'Redis is not answering'), 1, 'and one for the outage')
 })
+
+t.test('an outage right after the first connection is warned as an outage, not logged as a switch back that failed', async (t) => {
+  // Found when the tests' stores began to open at once: a gateway's Redis frozen within a second
+  // of its first connection was said to have 'refused a call right after it answered again', at
+  // info, and no warning was given for the outage.
+  const server = await startRedisServer(t)
+  const redis = new Redis(server.url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, lazyConnect: true })
+  t.teardown(() => redis.disconnect())
+  const { log, said } = logger()
+  const health = redisHealth(redis, { log, probeMs: 1000 })
+  t.teardown(() => health.close())
+  await redis.connect()
+  await until(t, 'the first connection is used', () => health.up)
+  health.down('unreachable')
+  t.equal(said('warn', 'Redis is not answering'), 1, 'the outage is warned')
+  t.equal(said('info', 'Redis refused a call right after it answered again'), 0, 'not taken for a failed switch back')
+  await until(t, 'Redis is used again', () => health.up)
+  t.equal(said('info', 'Redis answers again'), 1)
+  health.down('unreachable')
+  t.equal(said('info', 'Redis refused a call right after it answered again'), 1, 'a switch back that fails at once still is one')
+  t.equal(said('warn', 'Redis is not answering'), 1, 'within the same outage')
+})
+
