@@ -9,6 +9,7 @@ import { join } from 'node:path'
 import { openDb, sqlState, UNIQUE_VIOLATION } from '../core/db.ts'
 import { forEachStore, memoryDb, rejection } from './helpers/stores.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { migrate } from '../core/migrate.ts'
 
 t.test('rows, values and errors cross the thread as PGlite gives them', async (t) => {
   // Made from nothing (PGlite's initdb), as keygate's stores are; the other tests start from the
@@ -148,6 +149,27 @@ t.test('stores started from one seed are each their own', async (t) => {
   t.teardown(() => b.close())
   t.same(await b.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'only_in_a'"), [{ n: 0 }], 'a table made in one is not in the next')
   t.same(await a.query("SELECT count(*)::int AS n FROM pg_tables WHERE tablename = 'only_in_a'"), [{ n: 1 }])
+})
+
+t.test("a store a test closed is lent to the next test empty, and the first test's handle is refused", async (t) => {
+  const a = await memoryDb()
+  await migrate(a)
+  const started = (await a.query<{ at: Date }>('SELECT pg_postmaster_start_time() AS at'))[0]?.at
+  await a.exec("CREATE TABLE left_behind (v int); INSERT INTO left_behind VALUES (1); SET application_name = 'changed'")
+  const open = a.transaction(async (tx) => {
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    await tx.query('INSERT INTO left_behind VALUES (2)')
+  })
+  await a.close()
+  await open
+  t.equal((await rejection(a.query('SELECT 1'))).code, 'store_unavailable', 'the closed handle refuses calls')
+  const b = await memoryDb()
+  t.teardown(() => b.close())
+  t.same((await b.query<{ at: Date }>('SELECT pg_postmaster_start_time() AS at'))[0]?.at, started, 'the same PGlite, lent again')
+  t.same(await b.query("SELECT count(*)::int AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'"), [{ n: 0 }], 'nothing of the last test, not even what its open transaction wrote')
+  t.same(await b.query('SHOW application_name'), [{ application_name: '' }], 'nor its session settings')
+  await migrate(b)
+  t.ok((await b.query('SELECT count(*) FROM api_keys')).length === 1, 'and it migrates from nothing')
 })
 
 t.test('a seed that cannot be read fails the open with the reason', async (t) => {
