@@ -24,7 +24,7 @@ import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindow
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 import { pendingMigrations } from '../core/migrate.ts'
-import { connectRedis, redisHealth, redisReady } from '../core/redis.ts'
+import { connectRedis, redisHealth, redisReady, writeHealthKey } from '../core/redis.ts'
 import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
@@ -623,8 +623,10 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     const registry = createMetricsRegistry()
     createHealthMetrics(registry, {
       store: () => answersWithin(() => runtime.db.query('SELECT 1'), 2000),
-      // A gateway's own keygate_redis_up says whether its limits are shared.
-      redis: redis && !role.gateway ? () => answersWithin(() => redis.ping(), 2000) : undefined,
+      // A gateway's own keygate_redis_up says whether its limits are shared; an admin-only
+      // process's, whether Redis takes its writes (the admin lockout's, the invalidations it
+      // publishes): a PING answered by a Redis that refused every write (OOM, READONLY) read 1.
+      redis: redis && !role.gateway ? () => answersWithin(() => writeHealthKey(redis), 2000) : undefined,
     })
     // The primary asks for this worker's metrics from the moment it listens (this comes first).
     if (mode.worker) {

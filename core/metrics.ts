@@ -256,7 +256,7 @@ export function createHealthMetrics(registry: Registry, probes: { store: () => P
   if (redis) {
     new Gauge({
       name: 'keygate_redis_up',
-      help: '1 when Redis answered a PING at this scrape (within 2 s), 0 when it did not.',
+      help: "1 when Redis took keygate's health write at this scrape (within 2 s), 0 when it did not or refused it.",
       registers,
       aggregator: 'min',
       async collect() {

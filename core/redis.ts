@@ -48,6 +48,11 @@ const HEALTH_TTL_MS = 10_000
  * answers PING.
  */
 const HEALTH_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
+
+/** The probe's write (HEALTH_SCRIPT): resolves once Redis took it, rejects with Redis's refusal. */
+export function writeHealthKey(redis: Redis): Promise<unknown> {
+  return redis.eval(HEALTH_SCRIPT, 1, HEALTH_KEY, '1', HEALTH_TTL_MS)
+}
 /** A switch back is held once no call failed for this many probe intervals after it; a failure sooner is the same outage going on. */
 const SETTLE_PROBES = 4
 /** The longest wait between probes after switches back that failed at once, in probe intervals (8 s at 250 ms). */
@@ -190,7 +195,7 @@ export class RedisHealth {
   /** Whether Redis took the probe's write in time; a refusal is logged (once an outage). */
   async #takesWrites(): Promise<boolean> {
     try {
-      await within(this.#redis.eval(HEALTH_SCRIPT, 1, HEALTH_KEY, '1', HEALTH_TTL_MS), this.timeoutMs, 'Redis health probe')
+      await within(writeHealthKey(this.#redis), this.timeoutMs, 'Redis health probe')
       return true
     } catch (err) {
       // Not in time, or the connection went meanwhile: as a PING not answered, nothing to say.

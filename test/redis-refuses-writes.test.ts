@@ -7,15 +7,19 @@
 // switch back that fails at once is probed less and less often. Each test runs its own
 // redis-server and changes its settings; events are counted, not timed.
 import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { Redis } from 'ioredis'
 import { INVALIDATION_CHANNEL, subscribeInvalidations } from '../core/invalidation.ts'
 import { createLimiter } from '../core/limiters.ts'
 import { createLockout } from '../core/lockout.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis, redisHealth } from '../core/redis.ts'
-import { freshAddress, makeConfig, metric, openStore, sleep, startGateway, until } from './helpers/gateway.ts'
+import { call, freshAddress, makeConfig, metric, openStore, sleep, startGateway, until } from './helpers/gateway.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
-import type { LogLine } from './helpers/serve.ts'
+import { isolatedEnv, serve, type LogLine } from './helpers/serve.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 
 function logger(): { log: ReturnType<typeof createLogger>; logs: LogLine[]; said: (level: string, start: string) => number } {
   const logs: LogLine[] = []
@@ -205,5 +209,26 @@ t.test('an outage right after the first connection is warned as an outage, not l
   health.down('unreachable')
   t.equal(said('info', 'Redis refused a call right after it answered again'), 1, 'a switch back that fails at once still is one')
   t.equal(said('warn', 'Redis is not answering'), 1, 'within the same outage')
+})
+
+t.test("an --only admin process's keygate_redis_up is 0 while Redis answers PING but refuses writes", async (t) => {
+  // Found by a review: it was a PING at each scrape, 1 while the admin lockout's writes and the
+  // invalidations the process publishes were refused (OOM, READONLY).
+  const server = await startRedisServer(t)
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => admin.disconnect())
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-admin-redis-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), REDIS_URL: server.url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const served = await serve(t, { env, cwd, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  const up = async () => Number(/^keygate_redis_up (\S+)$/m.exec((await call(`${served.admin}/metrics`)).text)?.[1])
+  t.equal(await up(), 1, 'Redis takes writes')
+  const [refusal] = refusals as [(typeof refusals)[number]]
+  await refusal.refuse(admin)
+  t.equal(await admin.ping(), 'PONG', 'Redis still answers PING')
+  t.equal(await up(), 0, `refusing them (${refusal.name})`)
+  await refusal.accept(admin)
+  t.equal(await up(), 1, 'taking them again')
+  t.equal(await served.stop(), 0)
 })
 
