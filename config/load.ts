@@ -541,6 +541,9 @@ export function loadConfig(options: LoadOptions = {}): Config {
   return deepFreeze(config)
 }
 
+/** The secrets that are URLs: of them, the password is a secret (the rest is shown in messages, its userinfo hidden). */
+const URL_FORMATS = new Set(['postgres-url', 'redis-url'])
+
 /**
  * Hands every secret of `config` to the log's scrubbing (`addKnownSecret`), so that none is
  * written to a log or sent back in an error's message: a password or token as given, and of a URL
@@ -556,7 +559,7 @@ export function hideConfigSecrets(config: Config): void {
     for (const k of leaf.path) node = (node as Record<string, unknown> | undefined)?.[k]
     for (const value of Array.isArray(node) ? node : [node]) {
       if (typeof value !== 'string') continue
-      if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) {
+      if (!URL_FORMATS.has(leaf.schema.format as string)) {
         addKnownSecret(value)
         continue
       }

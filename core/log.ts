@@ -20,12 +20,16 @@ export interface Logger {
 // (40 hex characters, not part of a longer hex run such as a SHA-256), and webhook signing secrets
 // (`whsec_` and 32 bytes in base64).
 const KEYISH = new RegExp(
-  `${KEY_IN_TEXT.source}|whsec_[0-9A-Za-z+/]{20,}={0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])`,
+  `${KEY_IN_TEXT.source}|whsec_(?:[0-9A-Za-z+/]|%2[BF]|%3D){20,}(?:=|%3D){0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+\\.[0-9A-Za-z_-]+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])`,
   'gi',
 )
 
-/** The secrets of this process's configuration that `scrub` hides, as written and as JSON writes them. */
-const KNOWN_SECRETS = new Set<string>()
+/**
+ * The secrets of this process's configuration that `scrub` hides, in each form a message may
+ * hold them (as written, JSON-escaped, percent-encoded), longest first: a secret inside a longer
+ * one is not replaced first, leaving the rest of the longer one shown.
+ */
+let knownSecrets: string[] = []
 
 /**
  * The shortest configured secret `scrub` looks for: a shorter one (a password of a few characters)
@@ -34,20 +38,31 @@ const KNOWN_SECRETS = new Set<string>()
 export const MIN_KNOWN_SECRET = 8
 
 /**
+ * A secret of letters alone shorter than this is not looked for either: `postgres` or `changeme`
+ * as a password would hide that word in every line (`postgres://`, a host named postgres).
+ */
+const MIN_LETTERS_ONLY_SECRET = 16
+
+/**
  * Makes `scrub` hide `secret` (the bootstrap admin token, a configured password or encryption key)
  * wherever it appears: in a log line, and in an error's message back to a client. The token is
  * free text chosen by the operator, which no pattern recognises; sent in a field that takes a list
  * of event names, it came back in the 400's message (found by a review).
  */
 export function addKnownSecret(secret: string): void {
-  if (secret.length < MIN_KNOWN_SECRET) return
-  KNOWN_SECRETS.add(secret)
-  KNOWN_SECRETS.add(JSON.stringify(secret).slice(1, -1))
+  if (secret.length < MIN_KNOWN_SECRET || (secret.length < MIN_LETTERS_ONLY_SECRET && /^[A-Za-z]+$/.test(secret))) return
+  const forms = [secret, JSON.stringify(secret).slice(1, -1), encodeURIComponent(secret), encodeURI(secret)]
+  knownSecrets = [...new Set([...knownSecrets, ...forms])].sort((a, b) => b.length - a.length)
+}
+
+/** Forgets every secret addKnownSecret was given (for tests that run commands in their own process). */
+export function forgetKnownSecrets(): void {
+  knownSecrets = []
 }
 
 export function scrub(text: string): string {
   let out = text
-  for (const secret of KNOWN_SECRETS) if (out.includes(secret)) out = out.replaceAll(secret, '[redacted]')
+  for (const secret of knownSecrets) if (out.includes(secret)) out = out.replaceAll(secret, '[redacted]')
   return out.replace(KEYISH, '[redacted]')
 }
 

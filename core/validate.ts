@@ -441,7 +441,9 @@ export function refuseChangedNumbers(text: string, value: unknown): void {
   })
   if (found === undefined) return
   const field = dotted(pathWhere(revived, (v) => v === CHANGED) ?? []) || 'body'
-  const shown = found.source.length > 40 ? `${found.source.slice(0, 37)}... (${found.source.length} characters)` : found.source
+  // Scrubbed before it is cut: a cut secret no longer matches what the scrubbing looks for.
+  const source = scrub(found.source)
+  const shown = source.length > 40 ? `${source.slice(0, 37)}... (${source.length} characters)` : source
   throw fieldInvalid(field, `${shown} ${found.why}`)
 }
 
@@ -450,7 +452,9 @@ const MAX_SHOWN_FIELD = 120
 
 /** `field` as an answer shows it: cut, with its length, past MAX_SHOWN_FIELD characters. */
 export function shownField(field: string): string {
-  return field.length > MAX_SHOWN_FIELD ? `${field.slice(0, MAX_SHOWN_FIELD - 3)}... (${field.length} characters)` : field
+  // Scrubbed before it is cut: a secret pasted as a member's name, cut, no longer matched.
+  const text = scrub(field)
+  return text.length > MAX_SHOWN_FIELD ? `${text.slice(0, MAX_SHOWN_FIELD - 3)}... (${text.length} characters)` : text
 }
 
 /**

@@ -194,22 +194,35 @@ t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n key
 
 t.test('scrub redacts webhook signing secrets, and the secrets of the configuration a process runs with', async (t) => {
   const { hideConfigSecrets, loadConfig } = await import('../config/load.ts')
+  const { forgetKnownSecrets } = await import('../core/log.ts')
+  const { shownField } = await import('../core/validate.ts')
+  t.teardown(forgetKnownSecrets)
   const whsec = `whsec_${randomBytes(32).toString('base64')}`
   t.equal(scrub(`secret ${whsec}.`), 'secret [redacted].')
-  const token = `tok"en\\${randomBytes(8).toString('hex')}`
+  t.equal(scrub(`/v1/webhooks/${encodeURIComponent(whsec)}`), '/v1/webhooks/[redacted]', 'and percent-encoded, as in a path')
+  // A URL-shaped token is a token, not a URL with a password; {, " and \ are percent-encoded in a path.
+  const token = `x://{tok"en\\${randomBytes(8).toString('hex')}`
   const password = `p@ss/${randomBytes(6).toString('hex')}`
-  const gitea = `gitea-${randomBytes(6).toString('hex')}`
+  // Holding the store's password: replaced first, it left the rest of this one shown.
+  const gitea = `gitea-${password}-${randomBytes(3).toString('hex')}`
   t.equal(scrub(`a ${token} b`), `a ${token} b`, 'a token no configuration named is not known')
   const config = loadConfig({
-    env: { KEYGATE_ADMIN_TOKEN: token, DATABASE_URL: `postgres://u:${encodeURIComponent(password)}@db.example/k`, GITEA_PASSWORD: gitea, N8N_PASSWORD: 'short' },
+    env: { KEYGATE_ADMIN_TOKEN: token, DATABASE_URL: `postgres://u:${encodeURIComponent(password)}@db.example/k`, GITEA_PASSWORD: gitea, N8N_PASSWORD: 'postgres' },
   })
   t.equal(scrub(`a ${token} b`), `a ${token} b`, 'loading a configuration hides nothing by itself (config check, a test)')
   hideConfigSecrets(config)
   t.equal(scrub(`a ${token} b`), 'a [redacted] b', 'the bootstrap token as written')
   t.equal(scrub(JSON.stringify({ m: `x ${token}` })), JSON.stringify({ m: 'x [redacted]' }), 'and as JSON writes it')
+  t.equal(scrub(`GET /${encodeURIComponent(token)} and /${encodeURI(token)}`), 'GET /[redacted] and /[redacted]', 'and percent-encoded')
   t.equal(scrub(`login ${password} and ${encodeURIComponent(password)}`), 'login [redacted] and [redacted]', "the store URL's password, decoded and as written")
-  t.equal(scrub(`basic ${gitea}`), 'basic [redacted]', "Gitea's password")
-  t.equal(scrub('a short password'), 'a short password', 'a password under 8 characters is not looked for (it would hide ordinary words)')
+  t.equal(scrub(`basic ${gitea}`), 'basic [redacted]', "Gitea's password, whole though it holds the store's")
+  t.equal(scrub('postgres://db.example/postgres'), 'postgres://db.example/postgres', 'a password of a few letters is not looked for (it would hide that word everywhere)')
+  // A member's name is cut at 120 characters, a cut secret no longer matched: scrubbed before.
+  const long = `z-${randomBytes(70).toString('hex')}`
+  forgetKnownSecrets()
+  hideConfigSecrets(loadConfig({ env: { KEYGATE_ADMIN_TOKEN: long } }))
+  const field = shownField(`metadata.${long}`)
+  t.notOk(field.includes(long.slice(0, 20)), 'a long token as a field name is not shown cut', { field })
 })
 
 t.test('digestKey is the stored SHA-256 in compact form; keyShape agrees with parseKey', async (t) => {

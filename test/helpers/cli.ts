@@ -116,14 +116,16 @@ function cliResult(args: string[], code: number | null, stdout: string, stderr: 
  */
 export async function runCliHere(args: string[], options: { env?: Record<string, string | undefined> } = {}): Promise<CliResult> {
   const { main } = await import('../../cli/main.ts')
+  const { forgetKnownSecrets } = await import('../../core/log.ts')
   let stdout = ''
   let stderr = ''
+  // The secrets of the command's configuration are this run's: the next run here has its own.
   const code = await main(args, {
     out: (text) => void (stdout += text),
     err: (text) => void (stderr += text),
     readStdin: async () => '',
     env: childEnv(options.env),
-  })
+  }).finally(forgetKnownSecrets)
   return cliResult(args, code, stdout, stderr)
 }
 
