@@ -127,7 +127,7 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
     t.equal(outcome, signal, `the command ends by the ${signal} it was sent`)
     await until(t, `${signal}: and so does the process that held the store`, () => gone(holder))
   }
-  const full = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_WASM_TIERING: 'full' }) })
+  const full = await runCli(['api-key', 'list', '--json'], { asInstalled: true, cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_WASM_TIERING: 'full' }) })
   t.equal(full.code, 0, 'KEYGATE_WASM_TIERING=full runs the command in its own process (with TurboFan), on the store left behind')
 })
 

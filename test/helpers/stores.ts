@@ -77,21 +77,18 @@ export async function freshDatabase(t: Pick<Test, 'teardown'>): Promise<string> 
  * about 0.8 s of CPU, most of it loading the 40 MB seed into PGlite's file system, and the suite's
  * test processes opened some 150 (counted). Each test gets a store of its own (`LentDb`): once
  * closed, its calls are refused as a closed store's are, so nothing a test left running reaches
- * the next test's rows. A store that cannot be emptied at once is closed for good.
+ * the next test's rows. A store that cannot be emptied is closed for good.
  */
 export async function memoryDb(): Promise<Db> {
   const db = idleStores.pop() ?? (await openDb({ memory: true, seed: await pgliteSeed(), shortLived: true }))
   return new LentDb(db)
 }
 
-/** This process's emptied stores, waiting for the next memoryDb(). */
+/** This process's emptied stores, waiting for the next memoryDb(); one whose thread ended leaves it. */
 const idleStores: Db[] = []
 
 /** What empties a store for the next test: every object keygate makes is in schema public. */
 const EMPTY = 'DROP SCHEMA public CASCADE; CREATE SCHEMA public'
-
-/** How long emptying may take before the store is closed instead (a transaction a test left open holds it). */
-const EMPTY_WITHIN_MS = 5000
 
 class LentDb implements Db {
   readonly kind = 'embedded' as const
@@ -134,15 +131,20 @@ class LentDb implements Db {
     if (db === undefined) return
     this.#db = undefined
     if (this.#lost) return db.close()
-    let timer: NodeJS.Timeout | undefined
-    const emptied = await Promise.race([
-      db.exec(EMPTY).then(() => db.query('DISCARD ALL')).then(() => true),
-      new Promise<false>((resolve) => (timer = setTimeout(resolve, EMPTY_WITHIN_MS, false))),
-    ])
-      .catch(() => false)
-      .finally(() => clearTimeout(timer))
-    if (emptied) idleStores.push(db)
-    else await db.close()
+    // Waits as a store's close does for a transaction the test left running (PGlite's lock).
+    const emptied = await db
+      .exec(EMPTY)
+      .then(() => db.query('DISCARD ALL'))
+      .then(
+        () => true,
+        () => false,
+      )
+    if (!emptied) return db.close()
+    idleStores.push(db)
+    db.onLost(() => {
+      const at = idleStores.indexOf(db)
+      if (at !== -1) idleStores.splice(at, 1)
+    })
   }
 }
 
