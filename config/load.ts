@@ -552,11 +552,9 @@ const URL_FORMATS = new Set(['postgres-url', 'redis-url'])
  * `loadConfig`: a configuration only checked or tried must not hide text in another's messages.
  */
 export function hideConfigSecrets(config: Config): void {
-  let node: unknown
   for (const leaf of LEAVES) {
     if (!leaf.secret) continue
-    node = config
-    for (const k of leaf.path) node = (node as Record<string, unknown> | undefined)?.[k]
+    const node = leaf.path.reduce<unknown>((at, k) => (at as Record<string, unknown> | undefined)?.[k], config)
     for (const value of Array.isArray(node) ? node : [node]) {
       if (typeof value !== 'string') continue
       if (!URL_FORMATS.has(leaf.schema.format as string)) {

@@ -51,8 +51,25 @@ const MIN_LETTERS_ONLY_SECRET = 16
  */
 export function addKnownSecret(secret: string): void {
   if (secret.length < MIN_KNOWN_SECRET || (secret.length < MIN_LETTERS_ONLY_SECRET && /^[A-Za-z]+$/.test(secret))) return
-  const forms = [secret, JSON.stringify(secret).slice(1, -1), encodeURIComponent(secret), encodeURI(secret)]
-  knownSecrets = [...new Set([...knownSecrets, ...forms])].sort((a, b) => b.length - a.length)
+  knownSecrets = secretForms([...knownSecrets, secret])
+}
+
+/**
+ * Each of `secrets` in the forms a message may show it in (as written, JSON-escaped,
+ * percent-encoded as a URL component or a whole URL), once each and longest first, so that a
+ * secret inside another leaves no part of it shown when they are cut in order (`cutSecrets`).
+ */
+export function secretForms(secrets: Iterable<string>): string[] {
+  const forms = new Set<string>()
+  for (const s of secrets) for (const form of [s, JSON.stringify(s).slice(1, -1), encodeURIComponent(s), encodeURI(s)]) forms.add(form)
+  return [...forms].sort((a, b) => b.length - a.length)
+}
+
+/** `text` with every one of `forms` (secretForms) replaced by `[redacted]`. */
+export function cutSecrets(text: string, forms: readonly string[]): string {
+  let out = text
+  for (const form of forms) if (out.includes(form)) out = out.replaceAll(form, '[redacted]')
+  return out
 }
 
 /** Forgets every secret addKnownSecret was given (for tests that run commands in their own process). */
@@ -61,9 +78,7 @@ export function forgetKnownSecrets(): void {
 }
 
 export function scrub(text: string): string {
-  let out = text
-  for (const secret of knownSecrets) if (out.includes(secret)) out = out.replaceAll(secret, '[redacted]')
-  return out.replace(KEYISH, '[redacted]')
+  return cutSecrets(text, knownSecrets).replace(KEYISH, '[redacted]')
 }
 
 function errorFields(err: Error): Record<string, unknown> {

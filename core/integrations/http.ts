@@ -5,6 +5,7 @@
 // cut out first, so no password, cookie or token can reach a log line or an error message.
 import { Agent, request } from 'undici'
 import { KeygateError } from '../errors.ts'
+import { cutSecrets, secretForms } from '../log.ts'
 
 export type ServiceName = 'gitea' | 'n8n'
 export const SERVICE_LABEL: Record<ServiceName, string> = { gitea: 'Gitea', n8n: 'n8n' }
@@ -116,16 +117,14 @@ export class IntegrationHttp {
 
   /**
    * `text` without any secret this client knows, shortened to one readable line: each as written,
-   * JSON-escaped and URL-encoded, the forms a service echoing a request body or URL shows it in
+   * JSON-escaped and URL-encoded (secretForms), the forms a service echoing a request body or URL shows it in
    * (before, found by a review, a password holding `"` or `\` was shown JSON-escaped). Longest
    * first, so that a secret inside another leaves no part of it. A secret shorter than 4
    * characters is not remembered (see `secret`): cut from any text, it would mangle the rest.
    */
   redact(text: string): string {
-    let out = text
-    this.#forms ??= [...new Set([...this.#secrets, ...this.#transient].flatMap((s) => [s, JSON.stringify(s).slice(1, -1), encodeURIComponent(s)]))].sort((a, b) => b.length - a.length)
-    for (const s of this.#forms) out = out.split(s).join('[redacted]')
-    out = out.replace(/\s+/g, ' ').trim()
+    this.#forms ??= secretForms([...this.#secrets, ...this.#transient])
+    const out = cutSecrets(text, this.#forms).replace(/\s+/g, ' ').trim()
     return out.length > MAX_MESSAGE ? out.slice(0, MAX_MESSAGE - 3) + '...' : out
   }
 

@@ -66,16 +66,11 @@ export interface RunOptions {
   asInstalled?: boolean
 }
 
-/** The arguments of `node` that run `keygate args` as `options` says (RunOptions.asInstalled). */
-export function cliArgs(args: readonly string[], options: Pick<RunOptions, 'bin' | 'asInstalled'> = {}): string[] {
-  const v8 = options.asInstalled === true || options.bin !== undefined ? [] : ['--liftoff-only']
-  return [...v8, options.bin ?? KEYGATE_BIN, ...args]
-}
-
 /** Runs `keygate args`. */
 export function runCli(args: string[], options: RunOptions = {}): Promise<CliResult> {
   const env = childEnv(options.env)
-  const child = spawnClean(process.execPath, cliArgs(args, options), { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
+  const v8 = options.asInstalled === true || options.bin !== undefined ? [] : ['--liftoff-only']
+  const child = spawnClean(process.execPath, [...v8, options.bin ?? KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
   child.stdin!.end(options.input ?? '')
   return outcome(child, args)
 }
