@@ -82,7 +82,8 @@ async function workersSetUp(t: Tap, name: string, slowMs: number) {
 
 t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group drains, an address in use ends the start', async (t) => {
   const { cwd, env, upstream, slowArrived } = await workersSetUp(t, 'signals', 1500)
-  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, waitFor: { gateway: false }, detached: true })
+  // The access log on: a worker's line of a path holding the admin token shows whether the worker hid it.
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env: { ...env, KEYGATE_ACCESS_LOG: 'true' }, cwd, waitFor: { gateway: false }, detached: true })
   // A reload while the workers start: before, the primary passed it on, a worker that had no
   // handler yet ended on it, and the start failed with exit 1.
   serve.child.kill('SIGHUP')
@@ -92,6 +93,15 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   t.notOk(serve.logs.some((l) => /ended before any listened|worker died/.test(l.message)), 'no worker ended on a SIGHUP during start-up')
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
   const auth = { authorization: `Bearer ${created.json.key}` }
+
+  // A worker hides the secrets of the configuration its primary hands it, as the primary does:
+  // the admin token sent in a path to the gateway (a client's mistake) is not in the access log.
+  const secretPath = `/oops/${'an-admin-token-of-32-characters!'}`
+  t.equal((await call(`${serve.gateway}${secretPath}`, { headers: auth })).status, 200)
+  const line = await serve.waitForLog((l) => l.message === 'request' && String(l.path).startsWith('/oops/'))
+  t.ok(line.worker !== undefined, 'logged by a worker')
+  t.equal(line.path, '/oops/[redacted]', 'with the admin token cut')
+  t.notOk(serve.stdout().includes('an-admin-token-of-32-characters'), 'which appears nowhere in the output')
 
   // systemctl reload (the unit's ExecReload): before, SIGHUP ended a process without TLS, and the primary with its workers.
   const hangups = () => serve.logs.filter((l) => l.message.startsWith('SIGHUP')).length
