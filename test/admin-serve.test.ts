@@ -297,9 +297,15 @@ t.test('a store gone silent with store.query_timeout_ms 0 (no timeout): a stop s
   const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  const mark = gate.sent().length
   gate.set('silent')
   // A scheduler round starts every second: one is now waiting on its statement, with no timeout.
-  await new Promise((r) => setTimeout(r, 2500))
+  // Waited for until the store was asked something in the silence (a statement, or a new
+  // connection's start-up: either waits for good), and at least 2.5 s (before: 2.5 s only, which
+  // on the loaded suite could pass before a round began).
+  const started = Date.now()
+  while ((gate.sent().length === mark || Date.now() - started < 2500) && Date.now() - started < 30_000) await new Promise((r) => setTimeout(r, 100))
+  t.ok(gate.sent().length > mark, 'the store was asked something in the silence')
   const stopped = await Promise.race([serve.stop(), new Promise<string>((r) => setTimeout(() => r('still running after 40 s'), 40_000))])
   t.equal(stopped, 0, 'exit 0')
   t.match(serve.logs.find((l) => l.message.startsWith('stopping takes too long')), { level: 'error', waited_ms: 10_500 }, 'cut at the drain and 10 s, and said so')

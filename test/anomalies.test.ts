@@ -20,6 +20,17 @@ import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
 import { DEFAULT_CONFIG, forEachStore, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
+/**
+ * Waits for the next wall-clock minute when less than 10 s of this one is left. The detector's
+ * windows (the minute, the 60 s error-rate window, the hour) end on minute boundaries: a burst
+ * split across one is judged in two halves, each under its threshold, and raises nothing (the
+ * test then waits for an event that never comes).
+ */
+async function clearOfMinuteEnd(): Promise<void> {
+  const left = 60_000 - (Date.now() % 60_000)
+  if (left < 10_000) await sleep(left + 50)
+}
+
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
 
 /** Polls `check` until it holds (the tap timeout bounds the wait; nothing is asserted on time). */
@@ -99,6 +110,7 @@ await forEachStore(t, async (t, store) => {
   const k2 = await h.keys.create({ name: 'erring', type: 'user' }, ACTOR)
 
   await t.test('a burst with one key from many addresses: one row, one SSE event, one Redis message, one webhook', async (t) => {
+    await clearOfMinuteEnd()
     for (let i = 1; i <= 20; i++) {
       const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/burst', { authorization: `Bearer ${k1.key}`, ...xff(i) })
       t.equal(a.status, 200)
@@ -116,6 +128,7 @@ await forEachStore(t, async (t, store) => {
     t.ok(found.details.seen_here.every((a: string) => /^198\.51\.100\.([1-9]|1[0-9]|20)$/.test(a)), 'each one an address of the burst')
 
     // A later anomaly of another key is the barrier: everything about the first came before it.
+    await clearOfMinuteEnd()
     for (let i = 0; i < 12; i++) t.equal((await h.through('/secure/x', { authorization: `Bearer ${k2.key}` })).status, 403)
     const barrier = await sse((a) => a.key_id === k2.record.id && a.type === 'error_rate')
     t.match(barrier.details, { threshold_percent: 50, error_percent: 100 }, 'every request refused')
@@ -141,6 +154,7 @@ await forEachStore(t, async (t, store) => {
 
   await t.test('an IPv6 client counts as its /64 toward distinct_addresses; more networks than the threshold are an anomaly listing the hour\'s addresses', async (t) => {
     const k = await h.keys.create({ name: 'ipv6', type: 'service' }, ACTOR)
+    await clearOfMinuteEnd()
     const use = async (i: number, address: string) => {
       const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/v6', { authorization: `Bearer ${k.key}`, 'x-forwarded-for': address })
       t.equal(a.status, 200)
@@ -171,6 +185,7 @@ await forEachStore(t, async (t, store) => {
 
   await t.test('request rate above the threshold per minute', async (t) => {
     const k3 = await h.keys.create({ name: 'busy', type: 'service' }, ACTOR)
+    await clearOfMinuteEnd()
     for (let i = 0; i < 25; i++) t.equal((await (gateways[i % gateways.length] as (typeof gateways)[number])('/busy', { authorization: `Bearer ${k3.key}` })).status, 200)
     const a = await sse((x) => x.key_id === k3.record.id && x.type === 'request_rate')
     t.ok(a.details.requests > 20)
@@ -183,6 +198,7 @@ await forEachStore(t, async (t, store) => {
   await t.test('a known key refused outside its bindings, or revoked, counts toward its addresses and error rate; the answer is unchanged', async (t) => {
     const bound = await h.keys.create({ name: 'bound', type: 'service', allowed_cidrs: ['10.1.0.0/16'] }, ACTOR)
     const answers = new Set<string>()
+    await clearOfMinuteEnd()
     for (let i = 1; i <= 12; i++) {
       const a = await (gateways[i % gateways.length] as (typeof gateways)[number])('/bound', { authorization: `Bearer ${bound.key}`, ...xff(100 + i) })
       t.equal(a.status, 403)
@@ -195,6 +211,7 @@ await forEachStore(t, async (t, store) => {
     await sse((x) => x.key_id === bound.record.id && x.type === 'error_rate')
     const revoked = await h.keys.create({ name: 'revoked', type: 'service' }, ACTOR)
     await h.keys.revoke(revoked.record.id, 'leaked', ACTOR)
+    await clearOfMinuteEnd()
     for (let i = 0; i < 12; i++) t.equal((await h.through('/revoked', { authorization: `Bearer ${revoked.key}` })).status, 401)
     const erring = await sse((x) => x.key_id === revoked.record.id && x.type === 'error_rate')
     t.equal(erring.details.error_percent, 100)
@@ -225,6 +242,7 @@ await forEachStore(t, async (t, store) => {
     }
     t.teardown(drop)
     const busy = () => h.through('/refused', { authorization: `Bearer ${k5.key}` })
+    await clearOfMinuteEnd()
     for (let i = 0; i < 25; i++) t.equal((await busy()).status, 200)
     await until(async () => (await h.db.query<{ called: boolean }>('SELECT is_called AS called FROM test_refusals'))[0]?.called === true)
     t.equal(await rows(k5.record.id, 'request_rate'), 0, 'the insert was refused')

@@ -6,7 +6,7 @@ import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { request } from 'undici'
-import { answerOf, bearer, listen, makeConfig, openStore, rawExchange, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+import { answerOf, bearer, listen, makeConfig, openStore, rawExchange, sleep, startGateway, until, ACTOR, type Answer } from './helpers/gateway.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
 
@@ -100,9 +100,10 @@ t.test('reveal_key_status answers key_revoked and key_expired', async (t) => {
   const rotated = await h.key({ type: 'emergency' })
   await h.keys.rotate(rotated.id, {}, ACTOR)
   isError(t, await h.get('/', bearer(rotated.key)), 'key_revoked')
-  const soon = await h.key({ expires_at: new Date(Date.now() + 800).toISOString() })
+  // 3 s: the key's creation and a request must come within it.
+  const soon = await h.key({ expires_at: new Date(Date.now() + 3000).toISOString() })
   t.equal((await h.get('/', bearer(soon.key))).status, 200)
-  await sleep(900)
+  await until(t, 'refused once expired', async () => (await h.get('/', bearer(soon.key))).status !== 200, 10_000)
   isError(t, await h.get('/', bearer(soon.key)), 'key_expired')
   isError(t, await h.get('/', bearer('garbage')), 'key_invalid')
 })

@@ -75,7 +75,7 @@ t.test("an open WebSocket tunnel ends once its key or address would be refused; 
   const open = (key: string, via = h) => openWebSocket(`ws://127.0.0.1:${via.port}/socket`, bearer(key))
   const keyWith = (input: Record<string, unknown> = {}) => h.key({ scopes: ['ws'], ...input })
 
-  const [revoked, kept, narrowed, rotated, elsewhere, late] = await Promise.all([keyWith(), keyWith(), keyWith(), keyWith(), keyWith(), keyWith({ expires_at: new Date(Date.now() + 3000).toISOString() })])
+  const [revoked, kept, narrowed, rotated, elsewhere, late] = await Promise.all([keyWith(), keyWith(), keyWith(), keyWith(), keyWith(), keyWith({ expires_at: new Date(Date.now() + 6000).toISOString() })])
   const tunnels = {
     revoked: await open(revoked.key),
     kept: await open(kept.key),
@@ -104,7 +104,7 @@ t.test("an open WebSocket tunnel ends once its key or address would be refused; 
   await until(t, 'the tunnel of a key revoked elsewhere ends within the cache TTL', () => tunnels.elsewhere.closed(), 5000)
 
   // Expiry passes with no event at all (and long before this gateway's cache TTL of 300 s).
-  await until(t, 'the tunnel of a key that expired ends', () => tunnels.late.closed(), 8000)
+  await until(t, 'the tunnel of a key that expired ends', () => tunnels.late.closed(), 12_000)
 
   t.equal(await tunnels.kept.echo('unaffected'), 'unaffected', 'a tunnel whose key is still valid stays open')
   t.equal(await tunnels.rotated.echo('still'), 'still', 'and so does the rotated one')
@@ -146,7 +146,10 @@ t.test('a key revoked, or an address deny-listed, while the upstream answers the
 })
 
 t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; traffic either way keeps it open', async (t) => {
-  const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
+  // 2 s idle against a message every 0.3 s: a stall of the test's process (gateway, upstream and
+  // client share its event loop) would have to last 1.7 s to pass for idleness; with 1 s and
+  // 0.4 s it took 0.6 s under the suite's load.
+  const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 2 } } })
   let push: (() => void) | undefined
   h.upstream.server.on('upgrade', (req, socket, _head) => {
     acceptWebSocket(req, socket)
@@ -155,25 +158,26 @@ t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; tra
   })
   const k = await h.key()
   const tunnel = await openWebSocket(`ws://127.0.0.1:${h.port}/socket`, bearer(k.key))
-  // 2.4 s of client messages every 0.4 s, then 2.4 s of upstream messages: never 1 s idle.
-  for (let i = 0; i < 6; i++) {
+  let closedAt = 0
+  tunnel.ws.addEventListener('close', () => (closedAt = Date.now()))
+  // 3 s of client messages every 0.3 s, then 3 s of upstream messages: never 2 s idle, and each
+  // longer than the timeout.
+  for (let i = 0; i < 10; i++) {
     t.equal(await tunnel.echo(`m${i}`), `m${i}`)
-    await sleep(400)
+    await sleep(300)
   }
   const ticks: string[] = []
   tunnel.ws.onmessage = (e) => void ticks.push(String(e.data))
   let lastPush = 0
-  for (let i = 0; i < 6; i++) {
+  for (let i = 0; i < 10; i++) {
     push?.()
     lastPush = Date.now()
-    await sleep(400)
+    await sleep(300)
   }
-  t.equal(ticks.length, 6, 'every upstream message arrived')
+  t.equal(ticks.length, 10, 'every upstream message arrived')
   t.notOk(tunnel.closed(), 'open while traffic flows, in either direction')
-  let closedAt = 0
-  tunnel.ws.addEventListener('close', () => (closedAt = Date.now()))
   await until(t, 'closed once idle', () => tunnel.closed(), 10_000)
-  t.ok(closedAt - lastPush >= 900, `not before the idle timeout (${closedAt - lastPush} ms after the last message)`)
+  t.ok(closedAt - lastPush >= 1900, `not before the idle timeout (${closedAt - lastPush} ms after the last message)`)
 })
 
 t.test('only GET and HEAD of /healthz are the gateway\'s own; other methods on /healthz are checked and forwarded (found by a review)', async (t) => {

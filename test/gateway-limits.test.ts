@@ -4,6 +4,7 @@ import t from 'tap'
 import { Redis } from 'ioredis'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout } from '../core/lockout.ts'
+import { redisHealth } from '../core/redis.ts'
 import { bearer, freshAddress, openStore, makeConfig, sleep, startGateway } from './helpers/gateway.ts'
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379'
@@ -133,6 +134,10 @@ t.test('Redis: limits and lockouts shared across instances', async (t) => {
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
   t.teardown(() => redis.quit())
   t.equal(await redis.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
+  // A call is late after 5 s, not 200 ms: the counts below are exact across the instances, and a
+  // stall of the suite's loaded machine switched one to its own insurance mid-count. (Made once
+  // connected, as a gateway's is, before the gateways that share it.)
+  redisHealth(redis, { timeoutMs: 5000 })
   const config = { gateway: { trusted_proxies: ['127.0.0.1'] }, rate_limits: { per_address: { limit: 3, window_s: 3600 } }, lockout: { max_attempts: 2, window_s: 60 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const a = await startGateway(t, { config, store, redis })

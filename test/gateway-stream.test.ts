@@ -159,7 +159,9 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   let upstreamSaw: (complete: boolean) => void = () => {}
   let stalled = new Promise<boolean>((resolve) => (upstreamSaw = resolve))
   const h = await startGateway(t, {
-    config: { gateway: { body_idle_timeout_ms: 400 } },
+    // 1 s against chunks 150 ms apart: a stall of the test's process (gateway, upstream and client
+    // share its event loop) must last 850 ms to pass for an idle body (with 400 ms, 250 ms did).
+    config: { gateway: { body_idle_timeout_ms: 1000 } },
     upstream: (req, res) => {
       if (req.url === '/early') return void res.end('early') // answers without reading the body
       let n = 0
@@ -167,10 +169,10 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
         req.on('data', (c: Buffer) => (n += c.length))
         req.on('close', () => upstreamSaw(req.complete))
         // Thinks for longer than the body's idle timeout once the body is in: only the route's timeout applies then.
-        req.on('end', () => setTimeout(() => res.end(JSON.stringify({ received: n })), 800))
+        req.on('end', () => setTimeout(() => res.end(JSON.stringify({ received: n })), 1500))
       }
-      // Takes nothing for 1.5 s: the gateway holds the client's body back meanwhile.
-      if (req.url === '/slowread') setTimeout(read, 1500)
+      // Takes nothing for 2.5 s: the gateway holds the client's body back meanwhile.
+      if (req.url === '/slowread') setTimeout(read, 2500)
       else read()
     },
   })
@@ -178,7 +180,7 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   t.equal(h.gateway.server.requestTimeout, 0, 'no limit on a whole request')
   const k = await h.key()
 
-  // Ten chunks 150 ms apart: 1.5 s in all, nearly four times the idle timeout, never idle that long.
+  // Ten chunks 150 ms apart: 1.5 s in all, longer than the idle timeout, never idle that long.
   const moving = await request(`${h.url}/up`, { method: 'POST', headers: { ...bearer(k.key), 'content-type': 'application/octet-stream' }, body: slowUpload(), dispatcher: h.agent })
   t.equal(moving.statusCode, 200, 'a slow upload that keeps moving passes, and so does the upstream thinking after it')
   t.same(await moving.body.json(), { received: 10_000 })
@@ -212,7 +214,7 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
   t.match(answer, /connection: close/i, 'and the connection closes (the rest of the body is not coming)')
   const body = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { error: { code: string; message: string } }
   t.equal(body.error.code, 'request_timeout')
-  t.equal(body.error.message, 'The request body brought nothing for 0.4 s.')
+  t.equal(body.error.message, 'The request body brought nothing for 1 s.')
   t.equal(await stalled, false, 'the upstream saw the body end incomplete')
 
   // An upstream slow to take the body: the client is held back, not idle (before: a false 408).
@@ -236,22 +238,25 @@ t.test('an upload is cut only when it stalls: a body that keeps moving has no ti
 t.test("the route's timeout_ms counts from the end of the request body to the response head, not during an upload that keeps moving", async (t) => {
   let heldUntil = 0
   const h = await startGateway(t, {
-    routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 600 }],
+    // 1.2 s, and the upstream thinks 0.4 s once the body is in: a stall of the test's process
+    // (gateway, upstream and client share its event loop) must last about 0.8 s to be taken for a
+    // timeout (with 0.6 s and 0.3 s, 0.3 s did).
+    routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 1200 }],
     upstream: (req, res) => {
       let n = 0
       req.on('data', (c: Buffer) => {
         n += c.length
-        // Reads the first 3 MB slowly, a chunk then 20 ms of nothing; the rest at once, so that what
+        // Reads the first 5 MB slowly, a chunk then 20 ms of nothing; the rest at once, so that what
         // the kernels still hold once the body is handed over is read within the route's timeout.
-        if (req.url === '/slowread' && n < 3 * 1024 * 1024) {
+        if (req.url === '/slowread' && n < 5 * 1024 * 1024) {
           req.pause()
           setTimeout(() => req.resume(), 20)
         }
       })
       req.on('end', () => {
-        if (req.url === '/think') return void setTimeout(() => res.end('late'), 1200).unref()
-        // Thinks for most of the timeout once the body is in.
-        setTimeout(() => res.end(JSON.stringify({ received: n })), 300)
+        if (req.url === '/think') return void setTimeout(() => res.end('late'), 2400).unref()
+        // Thinks for a third of the timeout once the body is in.
+        setTimeout(() => res.end(JSON.stringify({ received: n })), 400)
       })
     },
   })
@@ -286,19 +291,19 @@ t.test("the route's timeout_ms counts from the end of the request body to the re
   const a = await post('/up', slowUpload())
   t.equal(a.statusCode, 200, 'a slow upload that keeps moving is not cut by the route timeout')
   t.same(await a.body.json(), { received: 10_000 })
-  t.ok(Date.now() - started > 600, 'precondition: the upload (1.5 s by construction) outlasted the route timeout (600 ms)')
+  t.ok(Date.now() - started > 1200, 'precondition: the upload (1.5 s by construction) outlasted the route timeout (1.2 s)')
 
-  // The upstream reads slowly: 3 MB at up to 3 MB/s, longer than the route's timeout (before:
+  // The upstream reads slowly: 5 MB at up to 3 MB/s, longer than the route's timeout (before:
   // undici's headersTimeout ran while the body was written, refreshed only when a write filled the
   // socket, and the kernel makes room in large steps: 504 mid-upload).
   started = Date.now()
   const b = await post('/slowread', generate(12 * 1024 * 1024))
   t.equal(b.statusCode, 200, 'an upload the upstream reads slowly but steadily is not cut by the route timeout')
   t.same(await b.body.json(), { received: 12 * 1024 * 1024 })
-  t.ok(Date.now() - started > 600, 'precondition: the upload (48 reads of at most 64 KiB, each followed by 20 ms of nothing) outlasted the route timeout (600 ms)')
+  t.ok(Date.now() - started > 1200, 'precondition: the upload (80 reads of at most 64 KiB, each followed by 20 ms of nothing) outlasted the route timeout (1.2 s)')
 
   // Once the body is in, the route's timeout applies to the wait for the head (the upstream answers
-  // 200 at 1.2 s: a timeout not applied is told by the status).
+  // 200 at 2.4 s: a timeout not applied is told by the status).
   const c = await post('/think', 'x=1')
   t.equal(c.statusCode, 504)
   t.equal(((await c.body.json()) as { error: { code: string } }).error.code, 'upstream_timeout')

@@ -632,30 +632,32 @@ await forEachStore(t, async (t, store) => {
   await t.test('a create Gitea did not answer in time: a token of that name without a record is named, with how to delete it, and left alone', async (t) => {
     // Before: gitea_timeout alone, though Gitea had made the token (unrecorded, its name taken).
     // keygate does not delete it itself: one made by hand or by another create at the same moment
-    // looks the same (a review saw a hand-made token deleted when it did).
-    const quick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url)), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, timeout_ms: 300 } } } })
+    // looks the same (a review saw a hand-made token deleted when it did). 1 s, not 300 ms: the
+    // look-up after a create that timed out has the same timeout, and the suite's load could make
+    // the fake miss it too (the message is then another one).
+    const quick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url)), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, timeout_ms: 1000 } } } })
     t.teardown(() => quick.close())
-    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.lateAnswer = { method: 'POST', ms: 2500 }
     const err = await rejection(quick.create({ name: 'late', scopes: ['read:user'] }, actor))
     const made = fake.tokens.find((x) => x.name === 'late')
     t.ok(made, 'Gitea made it')
     t.match(err, {
       code: 'gitea_timeout',
       status: 504,
-      message: new RegExp(`did not answer within 300 ms to create token "late" of "alice"; Gitea now holds one of that name that keygate has no record of \\(id ${made?.id}\\): if this create made it \\(its secret never arrived\\), delete it with \`keygate gitea delete ${made?.id}\``),
+      message: new RegExp(`did not answer within 1000 ms to create token "late" of "alice"; Gitea now holds one of that name that keygate has no record of \\(id ${made?.id}\\): if this create made it \\(its secret never arrived\\), delete it with \`keygate gitea delete ${made?.id}\``),
     })
     t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
 
     // Another user's token (an admin credential): the command names the user too.
-    const rootQuick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, url: fake.url, username: 'root', password: ADMIN_PASSWORD, timeout_ms: 300 } } } })
+    const rootQuick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, url: fake.url, username: 'root', password: ADMIN_PASSWORD, timeout_ms: 1000 } } } })
     t.teardown(() => rootQuick.close())
-    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.lateAnswer = { method: 'POST', ms: 2500 }
     const forBob = await rejection(rootQuick.create({ name: 'late-bob', scopes: ['read:user'], user: 'bob' }, actor))
     const bobs = fake.tokens.find((x) => x.name === 'late-bob' && x.owner === 'bob')
     t.match(forBob, { code: 'gitea_timeout', message: new RegExp(`delete it with \`keygate gitea delete ${bobs?.id} --user bob\``) })
     fake.removeToken(bobs?.id as number)
     // Nothing made for bob: `keygate gitea list` would not show bob's tokens, so the error says where to look.
-    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.lateAnswer = { method: 'POST', ms: 2500 }
     fake.faults.push({ method: 'POST', status: 500, message: 'internal' })
     t.match(await rejection(rootQuick.create({ name: 'never-bob', scopes: ['read:user'], user: 'bob' }, actor)), {
       code: 'gitea_timeout',
@@ -665,19 +667,19 @@ await forEachStore(t, async (t, store) => {
     // A token of that name made by hand (the late POST refused as a duplicate) stays.
     fake.addToken('alice', 'by-hand', ['write:repository'])
     const mine = fake.tokens.find((x) => x.name === 'by-hand')
-    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.lateAnswer = { method: 'POST', ms: 2500 }
     t.match(await rejection(quick.create({ name: 'by-hand', scopes: ['read:user'] }, actor)), { code: 'gitea_timeout', message: new RegExp(`\\(id ${mine?.id}\\)`) })
     t.ok(fake.tokens.some((x) => x.id === mine?.id), 'the hand-made token is not deleted')
     fake.removeToken(mine?.id as number)
 
     // Gitea made nothing: the error says where to look.
-    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.lateAnswer = { method: 'POST', ms: 2500 }
     fake.faults.push({ method: 'POST', status: 500, message: 'internal' })
     t.match(await rejection(quick.create({ name: 'never', scopes: ['read:user'] }, actor)), { code: 'gitea_timeout', message: /no credential of that name without a record was found afterwards, but it may still be made: if `keygate gitea list` shows one as not recorded, delete it/ })
 
     // A token of that name keygate holds a record of is not named.
     await gitea.create({ name: 'recorded', scopes: ['read:user'] }, actor)
-    fake.lateAnswer = { method: 'POST', ms: 1000 }
+    fake.lateAnswer = { method: 'POST', ms: 2500 }
     fake.faults.push({ method: 'POST', status: 400, message: 'access token name has been used already' })
     t.match(await rejection(quick.create({ name: 'recorded', scopes: ['read:user'] }, actor)), { code: 'gitea_timeout', message: /no credential of that name without a record was found/ })
     await gitea.delete('recorded', actor)

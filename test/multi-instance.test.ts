@@ -65,8 +65,10 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
   // The scheduler every second, so its work shows within the test.
   const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
   // The store check off: these tests watch what Redis does (a silent change stays cached); the
-  // test after this one watches the check.
-  writeFileSync(join(dir, 'keygate.yaml'), 'scheduler:\n  interval_s: 1\ncache:\n  store_check_s: 0\n')
+  // test after this one watches the check. A Redis call is late after 1 s, not 100 ms: the shared
+  // limits below are counted exactly, and a stall of the suite's loaded machine switched a gateway
+  // to its own insurance mid-count (a stopped Redis is noticed by its closed connection).
+  writeFileSync(join(dir, 'keygate.yaml'), 'scheduler:\n  interval_s: 1\ncache:\n  store_check_s: 0\nredis:\n  command_timeout_ms: 1000\n')
   const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
 
   await t.test('the admin process runs the scheduler, the gateways do not', async (t) => {
@@ -329,9 +331,10 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   t.equal(more.get(served), 30)
 
   // Without a scrape, the primary reads the workers' counts every 5 s: a worker killed after that
-  // keeps what it counted before in the sum.
+  // keeps what it counted before in the sum. 11 s holds a whole period with 6 s to spare for its
+  // answer (a 6 s wait held one whose read could fall in its last moment).
   await send(6)
-  await new Promise((r) => setTimeout(r, 6000))
+  await new Promise((r) => setTimeout(r, 11_000))
   const pids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   process.kill(pids[0] as number, 'SIGKILL')
   await until(t, 'another new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 4)

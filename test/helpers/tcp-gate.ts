@@ -50,8 +50,8 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
     sockets.add(client)
     client.on('error', () => {}).on('close', () => sockets.delete(client))
     if (state === 'shut') return void client.destroy()
-    if (state === 'silent') return void muted.add(client)
     client.on('data', (d: Buffer) => void fromClients.push(d))
+    if (state === 'silent') return void muted.add(client)
     const upstream = net.connect(target, '127.0.0.1')
     sockets.add(upstream)
     let said = ''
