@@ -10,12 +10,18 @@
 // lowest net run, which repeats within a few percent.
 // A third server is the baseline setting the headers SPEC §3 has keygate set (baseline-proxy.ts
 // --contract-headers): what those cost in undici's and Node's header handling, apart from
-// keygate's checks. Needs valgrind (callgrind_control comes with it); about 2 minutes per server.
+// keygate's checks. A fourth is keygate with the Redis limiter (REDIS_URL, default
+// redis://127.0.0.1:6379; left out, saying so, when no Redis answers there): its instructions are
+// keygate's alone, Redis's own work is in Redis's process. Its leases are sized by time (about
+// 100 ms of a key's requests), and under valgrind far fewer requests come in 100 ms, so Redis is
+// asked far more often per request than at full speed: the figure is an upper bound of what the
+// Redis limiter costs keygate per request. Needs valgrind (callgrind_control comes with it); about
+// 2 minutes per server.
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createKey, countArg as arg, forkServer, here, keygateEnv, median, startKeygate, type Server } from './servers.ts'
+import { createKey, countArg as arg, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate, type Server } from './servers.ts'
 
 const REQUESTS = arg('requests', 3000)
 const REPS = arg('reps', 5)
@@ -106,6 +112,17 @@ const baseline = measure('baseline', await forkServer('./baseline-proxy.ts', [`h
 const contract = measure('contract', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`, '--contract-headers'], wrapper('contract')), headers)
 const keygate = measure('keygate', await startKeygate(env, wrapper('keygate')), headers)
 
+const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379'
+const pong = await redisAnswer(REDIS_URL)
+let redis: Figures | undefined
+if (pong === 'PONG') {
+  const redisEnv = keygateEnv(join(work, 'redis'), upstream, { ...database, REDIS_URL })
+  const redisHeaders = { ...headers, authorization: `Bearer ${createKey(redisEnv)}` }
+  const server = await startKeygate(redisEnv, wrapper('redis'))
+  redis = measure('redis', server, redisHeaders)
+  redisUsedThroughout(server)
+}
+
 const least = (xs: number[]) => Math.min(...xs)
 const row = (name: string, f: Figures) => `| ${name} | ${Math.round(least(f.net))} | ${f.net.map((x) => Math.round(x)).join(', ')} | ${Math.round(median(f.total))} |`
 process.stdout.write(
@@ -117,9 +134,11 @@ process.stdout.write(
     row('baseline (bare undici proxy)', baseline),
     row('baseline setting the headers of SPEC §3 (--contract-headers)', contract),
     row('keygate, valid cached key (memory limiter)', keygate),
+    ...(redis ? [row('keygate, valid cached key (Redis limiter)', redis)] : []),
     '',
     `keygate's store: ${process.env.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : 'embedded (its work per second is counted too, and weighs more per request under valgrind than at full speed)'}.`,
-    `Net (lowest runs), against the baseline: the contract's headers alone ${(least(contract.net) / least(baseline.net)).toFixed(3)}, keygate ${(least(keygate.net) / least(baseline.net)).toFixed(3)}.`,
+    `Net (lowest runs), against the baseline: the contract's headers alone ${(least(contract.net) / least(baseline.net)).toFixed(3)}, keygate ${(least(keygate.net) / least(baseline.net)).toFixed(3)}` +
+      (redis ? `, keygate with the Redis limiter ${(least(redis.net) / least(baseline.net)).toFixed(3)} (an upper bound, see the top of bench/instructions.ts).` : `; the Redis limiter not measured (Redis at ${REDIS_URL}: ${pong}).`),
     '',
   ].join('\n'),
 )

@@ -21,7 +21,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { createKey, forkServer, here, keygateEnv, median, startKeygate } from './servers.ts'
+import { createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate } from './servers.ts'
 
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')
@@ -118,18 +118,11 @@ const CLOCK_TICKS = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf
 // in-memory insurance, as documented), so a Redis that does not answer here would have been
 // measured as the memory limiter under the Redis limiter's name (found by a review).
 {
-  const probe = new Redis(REDIS_URL, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 2000 })
-  probe.on('error', () => {})
-  const pong = await probe.connect().then(() => probe.ping(), (err: Error) => err.message)
-  probe.disconnect()
+  const pong = await redisAnswer(REDIS_URL)
   if (pong !== 'PONG') {
     process.stderr.write(`bench: Redis at ${REDIS_URL} does not answer (${pong}); the Redis limiter scenario needs it: start Redis, or set REDIS_URL\n`)
     process.exit(1)
   }
-}
-/** Throws unless keygate with REDIS_URL counted in Redis all along: its log says when it fell back. */
-const redisUsedThroughout = (server: { output(): string }): void => {
-  if (/Redis is not answering/.test(server.output())) throw new Error(`keygate with REDIS_URL fell back to its in-memory limits during the run, so the Redis limiter was not measured:\n${server.output()}`)
 }
 const STARTED = new Date()
 

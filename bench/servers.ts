@@ -5,6 +5,7 @@ import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { Redis } from 'ioredis'
 
 export const here = (f: string) => fileURLToPath(new URL(f, import.meta.url))
 const KEYGATE = here('../bin/keygate.ts')
@@ -97,4 +98,22 @@ export function countArg(name: string, fallback: number): number {
     process.exit(2)
   }
   return v
+}
+
+/** What Redis at `url` answers a PING with: 'PONG', or why it does not (within 2 s). */
+export async function redisAnswer(url: string): Promise<string> {
+  const probe = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 2000 })
+  probe.on('error', () => {})
+  const pong = await probe.connect().then(() => probe.ping(), (err: Error) => err.message)
+  probe.disconnect()
+  return pong
+}
+
+/**
+ * Throws unless keygate with REDIS_URL counted in Redis all along: it falls back to its in-memory
+ * limits when Redis stops answering, and its log says so. A Redis scenario is measured on Redis
+ * or not at all.
+ */
+export function redisUsedThroughout(server: Server): void {
+  if (/Redis is not answering/.test(server.output())) throw new Error(`keygate with REDIS_URL fell back to its in-memory limits during the run, so the Redis limiter was not measured:\n${server.output()}`)
 }
