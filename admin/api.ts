@@ -148,8 +148,16 @@ function jsonProblem(value: unknown, depth: number): string | undefined {
   if (typeof value === 'string') return value.includes('\u0000') ? HOLDS_NUL : undefined
   if (typeof value !== 'object' || value === null) return undefined
   if (depth >= MAX_JSON_DEPTH) return `nests deeper than ${MAX_JSON_DEPTH} levels`
-  for (const [k, v] of Object.entries(value)) {
-    const p = k.includes('\u0000') ? HOLDS_NUL : jsonProblem(v, depth + 1)
+  // An array by its indexes: no entry pair and index string per element (a body of 480,000 numbers).
+  if (Array.isArray(value)) {
+    for (const v of value) {
+      const p = jsonProblem(v, depth + 1)
+      if (p !== undefined) return p
+    }
+    return undefined
+  }
+  for (const k of Object.keys(value)) {
+    const p = k.includes('\u0000') ? HOLDS_NUL : jsonProblem((value as Record<string, unknown>)[k], depth + 1)
     if (p !== undefined) return p
   }
   return undefined

@@ -7,7 +7,7 @@ import t from 'tap'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
 import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
-import { loneSurrogateAt } from '../core/validate.ts'
+import { loneSurrogateAt, pathWhere } from '../core/validate.ts'
 import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
@@ -159,6 +159,21 @@ t.test('a lone surrogate is found however deep the value nests, without recursio
   const at = loneSurrogateAt({ a: deep(50_000, 'x\ud800') })
   t.equal(at?.length, 50_001, 'the path to it, 50,000 levels down')
   t.same(loneSurrogateAt({ b: ['ok', { c: 'y\udc00' }] }), ['b', '1', 'c'])
+})
+
+t.test('pathWhere: the first in document order, of values and object keys; paths through arrays name the index', async (t) => {
+  const is = (x: unknown) => (v: unknown) => v === x
+  const value = { a: [1, { b: 2, c: [3, 4] }, 5], 'bad key': { d: 4 }, e: 4 }
+  t.same(pathWhere(value, is(4)), ['a', '1', 'c', '1'], 'the first 4 in document order, deep before later siblings')
+  t.same(pathWhere(value, is(5)), ['a', '2'])
+  t.same(pathWhere(value, is('bad key')), ['bad key'], 'an object key is looked at')
+  t.same(pathWhere(value, is('c')), ['a', '1', 'c'], 'a key inside an array element')
+  t.same(pathWhere(value, is(value)), [], 'the value itself: the empty path')
+  t.equal(pathWhere(value, is(6)), undefined)
+  t.equal(pathWhere([10, 20], is('1')), undefined, "an array's indexes are not keys of the input")
+  const many = Array.from({ length: 300_000 }, () => 1)
+  many[299_999] = 2
+  t.same(pathWhere({ many }, is(2)), ['many', '299999'], 'the last of 300,000')
 })
 
 await forEachStore(t, async (t, store) => {
