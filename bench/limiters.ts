@@ -1,4 +1,4 @@
-// node bench/limiters.ts [--requests 30000] [--pairs 8]
+// node bench/limiters.ts [--requests 30000] [--pairs 8] [--rate R --seconds 3]
 // What the Redis limiter costs keygate per request, against the memory limiter, in one run: two
 // keygates with every stage on (bench/servers.ts), one without Redis and one with REDIS_URL
 // (default redis://127.0.0.1:6379), driven in turn with the same closed-loop requests
@@ -6,7 +6,9 @@
 // change of the shared machine's speed falls on both. For each run: the keygate process's CPU per
 // request (user + system, /proc), and the commands Redis ran in it per 1,000 requests (INFO
 // commandstats; other clients of the same Redis count too). Prints the medians, and the median of
-// the pairs' ratios.
+// the pairs' ratios. With --rate, each run is `seconds` of R requests a second instead (bench/load.ts,
+// autocannon's pacing as in npm run bench's fixed-rate slices: each second's requests in a burst
+// at its start), so leases are sized to a rate that comes and goes.
 // Linux only (/proc); needs Redis.
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
@@ -17,6 +19,8 @@ import { countArg as arg, createKey, forkServer, here, keygateEnv, median, redis
 
 const REQUESTS = arg('requests', 30_000)
 const PAIRS = arg('pairs', 8)
+const RATE = process.argv.includes('--rate') ? arg('rate', 1) : 0
+const SECONDS = arg('seconds', 3)
 const WARM = 40_000
 const CONNECTIONS = 32
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379'
@@ -62,9 +66,17 @@ async function subject(name: string, extra: Record<string, string>): Promise<Sub
 const memory = await subject('memory', {})
 const withRedis = await subject('redis', { REDIS_URL })
 
-function drive(s: Subject, requests: number): void {
+/** Drives `s` with `requests` requests in a closed loop, or (with --rate) for SECONDS at RATE a second: how many were answered. */
+function drive(s: Subject, requests: number, paced = false): number {
+  if (paced) {
+    const out = JSON.parse(execFileSync(process.execPath, [here('./load.ts'), JSON.stringify({ url: `http://127.0.0.1:${s.server.port}/`, seconds: SECONDS, connections: CONNECTIONS, headers: JSON.parse(s.headers), rate: RATE })], { encoding: 'utf8' })) as { total: number; statuses: Record<string, number> }
+    const other = out.total - (out.statuses['200'] ?? 0)
+    if (other > 0) throw new Error(`${s.name}: ${other} of ${out.total} requests were not answered 200`)
+    return out.total
+  }
   const out = JSON.parse(execFileSync(process.execPath, [here('./drive.ts'), `http://127.0.0.1:${s.server.port}/`, s.headers, String(requests), String(CONNECTIONS)], { encoding: 'utf8' })) as { done: number; other: number }
   if (out.other > 0) throw new Error(`${s.name}: ${out.other} of ${out.done} requests were not answered 200`)
+  return out.done
 }
 
 for (const s of [memory, withRedis]) drive(s, WARM)
@@ -72,10 +84,10 @@ for (let pair = 0; pair < PAIRS; pair++) {
   for (const s of pair % 2 === 0 ? [memory, withRedis] : [withRedis, memory]) {
     const cpu = cpuSeconds(s.server.pid)
     const commands = await redisCommands()
-    drive(s, REQUESTS)
-    s.cpuUs.push(((cpuSeconds(s.server.pid) - cpu) * 1e6) / REQUESTS)
+    const answered = drive(s, REQUESTS, RATE > 0)
+    s.cpuUs.push(((cpuSeconds(s.server.pid) - cpu) * 1e6) / answered)
     // Less the INFO call that reads the count.
-    s.commands.push((((await redisCommands()) - commands - 1) * 1000) / REQUESTS)
+    s.commands.push((((await redisCommands()) - commands - 1) * 1000) / answered)
   }
 }
 redisUsedThroughout(withRedis.server)
@@ -85,7 +97,7 @@ const pairRatios = withRedis.cpuUs.map((r, i) => r / (memory.cpuUs[i] as number)
 const f = (xs: number[]) => xs.map((x) => x.toFixed(1)).join(', ')
 process.stdout.write(
   [
-    `keygate's CPU per request and Redis commands per 1,000 requests (${PAIRS} pairs of ${REQUESTS} requests after ${WARM} to warm up, ${CONNECTIONS} connections, Node ${process.version}):`,
+    `keygate's CPU per request and Redis commands per 1,000 requests (${PAIRS} pairs of ${RATE > 0 ? `${SECONDS} s at ${RATE} requests a second` : `${REQUESTS} requests`} after ${WARM} to warm up, ${CONNECTIONS} connections, Node ${process.version}):`,
     '',
     '| keygate | CPU µs/request (median) | each run | Redis commands per 1,000 requests (median) |',
     '| --- | --- | --- | --- |',
