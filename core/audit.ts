@@ -14,7 +14,7 @@ import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
 import type { CursorPosition } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
-import { createWhole } from './files.ts'
+import { createWhole, replaceWhole } from './files.ts'
 import type { Logger } from './log.ts'
 
 export interface Actor {
@@ -271,15 +271,34 @@ export function loadAuditCipher(options: {
       'KEYGATE_ENCRYPTION_KEY is required with DATABASE_URL (every instance must share it): set it to the output of `openssl rand -base64 32`',
     )
   }
-  if (!existsSync(file)) {
-    const known = new Set(previous.map(encryptionKeyId))
+  const known = new Set(previous.map(encryptionKeyId))
+  /** Refuses a new key while the store holds something sealed with a key this process lacks. */
+  const refuseIfOrphaned = (state: string): void => {
     const orphaned = (options.sealed ?? []).filter((id) => !known.has(id))
     if (orphaned.length > 0) {
       throw new KeygateError(
         'encryption_key_missing',
-        `${file} is missing, but the store holds audit rows or webhook secrets sealed with encryption key ${orphaned.join(', ')}: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
+        `${file} is ${state}, but the store holds audit rows or webhook secrets sealed with encryption key ${orphaned.join(', ')}: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
       )
     }
+  }
+  if (existsSync(file) && isBlank(file)) {
+    // Left by a version before files were written whole (a full disk, or a process killed between
+    // creating the file and writing it): it never held a key, so nothing was sealed with it. Once
+    // the store has shown it holds nothing sealed with a key this process lacks (`sealed`, read
+    // under the store's lock), a new key takes its place; before, every start failed until it
+    // was removed by hand.
+    if (options.sealed === undefined) throw new KeygateError('config_invalid', `${file} is empty: it holds no key (an older keygate's write of it failed); remove it, and the next start generates one`)
+    refuseIfOrphaned('empty')
+    try {
+      replaceWhole(file, randomBytes(32).toString('base64') + '\n', 0o600)
+    } catch (err) {
+      throw new KeygateError('config_invalid', `${file} is empty and cannot be replaced: ${systemErrorWords(err)}`, undefined, { cause: err })
+    }
+    options.log?.warn('generated an audit encryption key for the embedded store in place of an empty key file; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
+  }
+  if (!existsSync(file)) {
+    refuseIfOrphaned('missing')
     // Whole or not at all (core/files.ts): before (found by a review), a write that failed (a
     // full disk) or a process killed between creating the file and writing it left it empty,
     // and every later start failed on a key that "does not hold 32 bytes" until it was removed
@@ -293,6 +312,15 @@ export function loadAuditCipher(options: {
     if (created) options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
   }
   return new AuditCipher(readKeyFile(file), previous)
+}
+
+/** Whether `file` holds nothing but white space (an unreadable file is left to readKeyFile to name). */
+export function isBlank(file: string): boolean {
+  try {
+    return readFileSync(file, 'utf8').trim() === ''
+  } catch {
+    return false
+  }
 }
 
 function readKeyFile(file: string): Buffer<ArrayBuffer> {

@@ -1,6 +1,6 @@
 // Files that must appear whole or not at all: the embedded store's lock and its generated
 // encryption key.
-import { closeSync, fsyncSync, linkSync, openSync, unlinkSync, writeSync } from 'node:fs'
+import { closeSync, fsyncSync, linkSync, openSync, renameSync, unlinkSync, writeSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import { dirname } from 'node:path'
 
@@ -33,25 +33,52 @@ export function ownTempName(file: string): string {
 }
 
 /**
- * Creates `file` with `content` (mode `mode`) only if it is not there, and only whole: written to
- * a file of this process's own in the same folder, flushed, then hard-linked into place (a link
- * fails with EEXIST when the file exists, so of processes racing to create it exactly one wins),
- * and the folder flushed so the new name survives a crash. The own file is removed in every case.
- * False when `file` was there already (another process won); a failure leaves no `file` behind.
+ * Writes `content` to a file of this process's own beside `file` (mode `mode`), flushed, then
+ * `place`s it (false: it was not placed), and flushes the folder so the new name survives a
+ * crash. The own file is removed in every case.
  */
-export function createWhole(file: string, content: string, mode: number): boolean {
+function throughOwnFile(file: string, content: string, mode: number, place: (temp: string) => boolean): boolean {
   const temp = ownTempName(file)
   writeNewFile(temp, content, mode, true)
+  let placed: boolean
   try {
-    linkSync(temp, file)
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false
-    throw err
+    placed = place(temp)
   } finally {
     removeQuietly(temp)
   }
-  syncFolder(dirname(file))
-  return true
+  if (placed) syncFolder(dirname(file))
+  return placed
+}
+
+/**
+ * Creates `file` with `content` (mode `mode`) only if it is not there, and only whole: written to
+ * a file of this process's own in the same folder, then hard-linked into place (a link fails with
+ * EEXIST when the file exists, so of processes racing to create it exactly one wins). False when
+ * `file` was there already (another process won); a failure leaves no `file` behind.
+ */
+export function createWhole(file: string, content: string, mode: number): boolean {
+  return throughOwnFile(file, content, mode, (temp) => {
+    try {
+      linkSync(temp, file)
+      return true
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false
+      throw err
+    }
+  })
+}
+
+/**
+ * Puts `content` in place of `file` (mode `mode`) whole: written to a file of this process's own
+ * in the same folder, then renamed over `file`, which a reader sees as it was or as it is now,
+ * never half written. For a file only this process may change (the embedded store's, under its
+ * lock).
+ */
+export function replaceWhole(file: string, content: string, mode: number): void {
+  throughOwnFile(file, content, mode, (temp) => {
+    renameSync(temp, file)
+    return true
+  })
 }
 
 function removeQuietly(path: string): void {

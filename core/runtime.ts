@@ -2,7 +2,7 @@
 // and the key service.
 import type { Config } from '../config/schema.ts'
 import { existsSync } from 'node:fs'
-import { AuditLog, checkNewestSealed, embeddedKeyFile, loadAuditCipher, sealedKeyIds, type AuditCipher } from './audit.ts'
+import { AuditLog, checkNewestSealed, embeddedKeyFile, isBlank, loadAuditCipher, sealedKeyIds, type AuditCipher } from './audit.ts'
 import { openDb, type Db } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { EventBus } from './events.ts'
@@ -62,7 +62,10 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       newer = state.newer
     }
     if (newer.length > 0) log.warn('the database has migrations newer than this keygate (a rolling upgrade?); running on them', { migrations: newer })
-    cipher ??= cipherOf(config.audit.encryption_key || existsSync(embeddedKeyFile(config.store.data_dir)) ? undefined : await sealedKeyIds(db))
+    // What the store holds sealed is read when the embedded store's key is to be generated (its
+    // file missing, or empty: left so by an older keygate).
+    const keyFile = embeddedKeyFile(config.store.data_dir)
+    cipher ??= cipherOf(config.audit.encryption_key || (existsSync(keyFile) && !isBlank(keyFile)) ? undefined : await sealedKeyIds(db))
     await checkNewestSealed(db, cipher)
     const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })

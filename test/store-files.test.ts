@@ -2,12 +2,13 @@
 // open a data folder, files that must appear whole, and how a file-system error reads.
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type { Test } from 'tap'
-import { loadAuditCipher } from '../core/audit.ts'
+import { encryptionKeyId, loadAuditCipher } from '../core/audit.ts'
+import { createLogger } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { EMSCRIPTEN_ERRNO, fileSystemErrorWords } from '../core/errors.ts'
 import { asNobody, NOBODY } from './helpers/as-nobody.ts'
@@ -143,6 +144,49 @@ t.test('a generated encryption key whose write fails leaves no file, and the nex
   t.same(runs.map((r) => r.code), [0, 0, 0], runs.map((r) => r.stderr).join(''))
   t.equal(new Set(ids).size, 1, 'every process has the same key')
   t.same(readdirSync(raced), ['encryption.key'], 'and no file of theirs is left beside it')
+})
+
+t.test('an empty encryption.key (left by an older keygate whose write of it failed) is replaced, unless the store holds something sealed', async (t) => {
+  const dir = tempDir(t)
+  const file = join(dir, 'encryption.key')
+  writeFileSync(file, '', { mode: 0o600 })
+  // Not knowing what the store holds, it is not replaced.
+  const thrown = (f: () => unknown): unknown => {
+    try {
+      f()
+    } catch (err) {
+      return err
+    }
+    return 'nothing thrown'
+  }
+  t.match(thrown(() => loadAuditCipher({ storeKind: 'embedded', dataDir: dir })), { code: 'config_invalid', message: `${file} is empty: it holds no key (an older keygate's write of it failed); remove it, and the next start generates one` })
+  // The store holds rows sealed with a key: that was the file's, lost; a new key would open none of them.
+  t.match(thrown(() => loadAuditCipher({ storeKind: 'embedded', dataDir: dir, sealed: ['k1a2b3c4'] })), {
+    code: 'encryption_key_missing',
+    message: `${file} is empty, but the store holds audit rows or webhook secrets sealed with encryption key k1a2b3c4: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
+  })
+  t.equal(readFileSync(file, 'utf8'), '', 'left as it was')
+  // Nothing sealed: a new key in its place, said.
+  const lines: string[] = []
+  const cipher = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, sealed: [], log: createLogger({ level: 'info', write: (line) => void lines.push(line) }) })
+  const key = Buffer.from(readFileSync(file, 'utf8').trim(), 'base64')
+  t.equal(key.length, 32, 'a key of 32 bytes in its place')
+  t.equal(cipher.currentKeyId, encryptionKeyId(key), 'and it is the key in use')
+  t.equal(statSync(file).mode & 0o777, 0o600, 'readable by its owner only')
+  t.same(readdirSync(dir), ['encryption.key'], 'no file of the replacement is left beside it')
+  t.match(lines.join(''), /"level":"warn".*in place of an empty key file/, 'said at warn')
+
+  // Through the CLI: a new store with an empty key file works; once it has sealed audit rows, an
+  // emptied file is refused, naming the key they were sealed with.
+  const store = tempDir(t)
+  writeFileSync(join(store, 'encryption.key'), '\n')
+  const created = await runCli(['api-key', 'create', '--type', 'user', '--name', 'after an empty key file', '--json'], { env: embeddedEnv(store) })
+  t.equal(created.code, 0, created.stderr)
+  const id = encryptionKeyId(Buffer.from(readFileSync(join(store, 'encryption.key'), 'utf8').trim(), 'base64'))
+  writeFileSync(join(store, 'encryption.key'), '')
+  const listed = await runCli(['api-key', 'list', '--json'], { env: embeddedEnv(store) })
+  t.equal(listed.code, 1, listed.stderr)
+  t.match(listed.json().error, { code: 'encryption_key_missing', message: new RegExp(`is empty, but the store holds audit rows or webhook secrets sealed with encryption key ${id}: restore the file`) })
 })
 
 t.test("the lock's own file is removed when its write fails", async (t) => {
