@@ -1004,7 +1004,12 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // The last counts of a worker that is killed are those of the last scrape or of this refresh,
     // which is also the workers' liveness check (see LIVENESS_MISSES).
     const refreshMetrics = setInterval(() => {
-      for (const w of listening) askMetrics(w, true).catch((err: unknown) => unanswered(w, err))
+      for (const w of listening) {
+        askMetrics(w, true).then(
+          (read) => read && log.debug("kept a gateway worker's counts", { worker: w.id }),
+          (err: unknown) => unanswered(w, err),
+        )
+      }
     }, METRICS_REFRESH_MS)
     refreshMetrics.unref()
     let failed = false

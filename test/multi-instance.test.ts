@@ -226,7 +226,8 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'machine', '--rate-limit', '10/1h', '--json'], { env })
   t.equal(created.code, 0, created.stderr)
   const key = created.json().key as string
-  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  // At debug: the primary says when it kept a worker's counts between scrapes (below).
+  const s = await serve(t, { env: { ...env, LOG_LEVEL: 'debug' }, args: ['--workers', '2'], gateways: 2 })
   const gateway = `http://${s.logs.find((l) => l.message === 'gateway listening')!.address as string}`
   // A new connection per request spreads them over both workers.
   const get = async (k: string) => (await request(`${gateway}/orders`, { headers: { authorization: `Bearer ${k}`, connection: 'close' } })).statusCode
@@ -294,7 +295,8 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'metrics', '--json'], { env })
   t.equal(created.code, 0, created.stderr)
   const auth = { authorization: `Bearer ${created.json().key as string}`, connection: 'close' }
-  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  // At debug: the primary says when it kept a worker's counts between scrapes (below).
+  const s = await serve(t, { env: { ...env, LOG_LEVEL: 'debug' }, args: ['--workers', '2'], gateways: 2 })
   const gateway = `http://${s.logs.find((l) => l.message === 'gateway listening')!.address as string}`
   // A new connection per request spreads them over both workers.
   const send = async (n: number) => {
@@ -331,10 +333,13 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   t.equal(more.get(served), 30)
 
   // Without a scrape, the primary reads the workers' counts every 5 s: a worker killed after that
-  // keeps what it counted before in the sum. 11 s holds a whole period with 6 s to spare for its
-  // answer (a 6 s wait held one whose read could fall in its last moment).
+  // keeps what it counted before in the sum. Waited for until the primary says (at debug) it kept
+  // both workers' counts read after the requests (before: a fixed 6 s, in whose last moment the
+  // read could fall).
   await send(6)
-  await new Promise((r) => setTimeout(r, 11_000))
+  const sent = Date.now()
+  const keptAfter = () => new Set(s.logs.filter((l) => l.message === "kept a gateway worker's counts" && Date.parse(String(l.time)) > sent).map((l) => l.worker))
+  await s.waitForLog(() => keptAfter().size >= 2, 30_000)
   const pids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   process.kill(pids[0] as number, 'SIGKILL')
   await until(t, 'another new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 4)
