@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { chmodSync, linkSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs'
+import { accessSync, chmodSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -569,6 +569,49 @@ function refuseForeignFolders(dir: string, pgdata: string): void {
   }
 }
 
+/** The most entries of PGlite's folder looked at for one of another user (a store holds about 1,500). */
+const MAX_LOOKED_AT = 100_000
+
+/**
+ * The first file or folder in `pgdata` that another user owns and this process's user cannot
+ * read and write, or undefined (also as root, who reads everything, and on Windows). Looked for
+ * only once PGlite has failed to open the store: a command an older keygate ran as root on a
+ * service's folder left root's files (mode 0600) in it, and PGlite then ended with "Aborted()"
+ * and nothing more. Files written so are not looked for at every open: it costs a walk of the
+ * folder, and the folders' own owners are checked before anything is written (refuseForeignFolders).
+ */
+function unreachableFileIn(pgdata: string): { path: string; owner: ForeignOwner } | undefined {
+  const euid = process.geteuid?.()
+  if (euid === undefined || euid === 0) return undefined
+  const folders = [pgdata]
+  let looked = 0
+  while (folders.length > 0 && looked < MAX_LOOKED_AT) {
+    const folder = folders.pop() as string
+    let names: string[]
+    try {
+      names = readdirSync(folder)
+    } catch {
+      const uid = lstatSync(folder, { throwIfNoEntry: false })?.uid
+      return uid === undefined || uid === euid ? undefined : { path: folder, owner: { uid, user: userName(uid) } }
+    }
+    for (const name of names) {
+      looked++
+      const path = join(folder, name)
+      const stat = lstatSync(path, { throwIfNoEntry: false })
+      if (stat === undefined) continue
+      if (stat.uid !== euid) {
+        try {
+          accessSync(path, fsConstants.R_OK | fsConstants.W_OK)
+        } catch {
+          return { path, owner: { uid: stat.uid, user: userName(stat.uid) } }
+        }
+      }
+      if (stat.isDirectory()) folders.push(path)
+    }
+  }
+  return undefined
+}
+
 /**
  * Refuses a data folder that holds no store (`advice` says what to do), and one this user cannot
  * read, as such: before (found by a review), a folder that could not be read (existsSync's false
@@ -673,6 +716,19 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     return await EmbeddedDb.open({ dataDir: pgdata, seed: undefined, sharedBuffers }, release)
   } catch (err) {
     release()
+    let foreign: ReturnType<typeof unreachableFileIn>
+    try {
+      foreign = unreachableFileIn(pgdata)
+    } catch {}
+    if (foreign !== undefined) {
+      const { who } = ownerWords(foreign.owner)
+      throw new KeygateError(
+        'store_unavailable',
+        `cannot open the embedded store in ${dir}: ${foreign.path} belongs to ${who}, not to this process's user (uid ${process.geteuid?.()}), which can neither read nor write it (was a command run as that user on this folder?); give the store's files back to its user, as root: chown -R ${process.geteuid?.()}:${process.getegid?.()} ${dir}`,
+        { uid: foreign.owner.uid, ...(foreign.owner.user ? { user: foreign.owner.user } : {}) },
+        { cause: err },
+      )
+    }
     throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${(err as Error).message}`, undefined, { cause: err })
   }
 }

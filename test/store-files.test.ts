@@ -97,6 +97,25 @@ t.test('a folder another user shares through its group (a volume under an arbitr
   t.same(listed.json().items, [], 'and lists its keys')
 })
 
+t.test("a file of another user inside the store (left by an older keygate run as root): its user's command names it", { skip: AS_NOBODY }, async (t) => {
+  if (typeof nobody === 'string') return
+  const dir = tempDir(t)
+  chmodSync(dir, 0o755)
+  const store = await seedDataDir(join(dir, 'store'))
+  spawnSync('chown', ['-R', `${NOBODY}:${NOBODY}`, store])
+  // What root's command wrote into it before the folders' owner was looked at: a file of PGlite's, 0600.
+  const rootsFile = join(store, 'pgdata', 'global', 'pg_control')
+  chownSync(rootsFile, 0, 0)
+  chmodSync(rootsFile, 0o600)
+  const listed = await nobody.run(['api-key', 'list', '--json', '--data-dir', store], embeddedEnv(store))
+  t.equal(listed.code, 1, listed.stderr)
+  const { error } = listed.json()
+  t.equal(error.code, 'store_unavailable')
+  t.match(error.message, `${rootsFile} belongs to uid 0 (root), not to this process's user (uid ${NOBODY})`)
+  t.match(error.message, `as root: chown -R ${NOBODY}:${NOBODY} ${store}`, 'and says how to give the files back')
+  t.notMatch(error.message, /Aborted\(\)|ASSERTIONS/, "not PGlite's abort")
+})
+
 t.test('a command that only reads, on a folder this user cannot read, says so and names its owner; not "no store"', { skip: AS_NOBODY }, async (t) => {
   if (typeof nobody === 'string') return
   const dir = tempDir(t)
