@@ -254,6 +254,11 @@ export function foreignValueWords(value: unknown): string | undefined {
   return `a ${value.constructor?.name ?? 'non-JSON'} value`
 }
 
+/** The most characters of a value a message shows. */
+const SHOWN_VALUE = 80
+/** What is kept past that before the scrubbing, so that a key or secret that starts within it is still found whole. */
+const SECRET_ROOM = 1024
+
 export function showValue(value: unknown, secret = false): string {
   if (secret && value !== undefined) return '<hidden>'
   if (value === undefined) return 'nothing'
@@ -264,7 +269,10 @@ export function showValue(value: unknown, secret = false): string {
   if (typeof value === 'number' && !Number.isFinite(value)) return Number.isNaN(value) ? '.nan' : value > 0 ? '.inf' : '-.inf'
   let s: string
   try {
-    s = escapeUnprintable(JSON.stringify(value) ?? String(value))
+    // Cut first, with room for a key or secret that starts within what is shown: the scrubbing
+    // below took about 0.1 s per MB of a value never shown (a string body of 960 KB held the
+    // admin listener's one thread 0.19 s; found by a review).
+    s = escapeUnprintable((JSON.stringify(value) ?? String(value)).slice(0, SHOWN_VALUE + SECRET_ROOM))
   } catch {
     return 'a value too deeply nested to show' // RangeError: the stack ran out
   }
@@ -274,7 +282,7 @@ export function showValue(value: unknown, secret = false): string {
   // Nor the user:password@ of a URL.
   // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
   s = s.replace(/(\/\/)[^/?#]*@/g, '$1<hidden>@')
-  return s.length > 80 ? s.slice(0, 77) + '...' : s
+  return s.length > SHOWN_VALUE ? s.slice(0, SHOWN_VALUE - 3) + '...' : s
 }
 
 /** The characters of a plain key name (`database_url`, `max-age`): the schemas' own keys are spelt with them. */
@@ -338,45 +346,65 @@ function pathTo(step: Step | undefined, last?: string | number): string[] {
   return path.reverse()
 }
 
+/** An object or array being walked (pathWhere): its members, the next one's place, and its own step. */
+interface Frame {
+  readonly items: readonly unknown[] | Readonly<Record<string, unknown>>
+  /** An object's keys in order; undefined for an array, walked by index. */
+  readonly names: readonly string[] | undefined
+  next: number
+  readonly at: Step | undefined
+}
+
 /**
  * The path of the first value or object key in `value` that `bad` picks, in document order (an
- * array's indexes are not offered to `bad`: they are no text of the input). Walked with stacks of
- * its own, not by recursion: a value nested tens of thousands of levels deep (CLI metadata, an
- * import file; the API refuses such bodies earlier) must reach the checks that name it, not
- * overflow. A step of the path is made per object or array entered, not per value, and an
- * array's indexes stay numbers: with a step, an entry pair and an index string per value, a key's
- * metadata of 480,000 numbers (within admin.max_body_bytes) held the admin listener's one thread
- * 6.2 times as long as a string body of its size, 1.7 times now (bench/admin-body.ts).
+ * object's keys are looked at as it is entered, before its values; an array's indexes are not
+ * offered to `bad`: they are no text of the input). Walked depth first with a stack of frames of
+ * its own, one per object or array open, not by recursion: a value nested tens of thousands of
+ * levels deep (CLI metadata, an import file; the API refuses such bodies earlier) must reach the
+ * checks that name it, not overflow. A value that is no object or array is looked at where it
+ * stands, with nothing pushed or made for it: with a step and an entry pair per value, a key's
+ * metadata of 480,000 numbers (within admin.max_body_bytes), walked by four checks, held the
+ * admin listener's one thread for most of a second (bench/admin-body.ts).
  */
 export function pathWhere(value: unknown, bad: (v: unknown) => boolean): string[] | undefined {
-  // Three stacks side by side: a value, the step of the object holding it, and its key there.
-  const values: unknown[] = [value]
-  const holders: Array<Step | undefined> = [undefined]
-  const keys: Array<string | number | undefined> = [undefined]
-  while (values.length > 0) {
-    const v = values.pop()
-    const holder = holders.pop()
-    const key = keys.pop()
-    if (bad(v)) return pathTo(holder, key)
-    if (typeof v !== 'object' || v === null) continue
-    const at: Step | undefined = key === undefined ? holder : { key, up: holder }
-    // Pushed last to first, so the first one is looked at first.
-    if (Array.isArray(v)) {
-      for (let i = v.length - 1; i >= 0; i--) {
-        values.push(v[i])
-        holders.push(at)
-        keys.push(i)
-      }
-      continue
-    }
+  if (bad(value)) return []
+  if (typeof value !== 'object' || value === null) return undefined
+  /** A frame for `v`, or the path of its first key `bad` picks. */
+  const enter = (v: object, at: Step | undefined): Frame | { path: string[] } => {
+    if (Array.isArray(v)) return { items: v, names: undefined, next: 0, at }
     const names = Object.keys(v)
-    for (const k of names) if (bad(k)) return pathTo(at, k)
-    for (let i = names.length - 1; i >= 0; i--) {
-      const k = names[i] as string
-      values.push((v as Record<string, unknown>)[k])
-      holders.push(at)
-      keys.push(k)
+    for (const k of names) if (bad(k)) return { path: pathTo(at, k) }
+    return { items: v as Record<string, unknown>, names, next: 0, at }
+  }
+  const root = enter(value, undefined)
+  if ('path' in root) return root.path
+  const frames: Frame[] = [root]
+  while (frames.length > 0) {
+    const f = frames[frames.length - 1] as Frame
+    const names = f.names
+    let key: string | number
+    let v: unknown
+    if (names === undefined) {
+      const items = f.items as readonly unknown[]
+      if (f.next >= items.length) {
+        frames.pop()
+        continue
+      }
+      key = f.next++
+      v = items[key]
+    } else {
+      if (f.next >= names.length) {
+        frames.pop()
+        continue
+      }
+      key = names[f.next++] as string
+      v = (f.items as Readonly<Record<string, unknown>>)[key]
     }
+    if (bad(v)) return pathTo(f.at, key)
+    if (typeof v !== 'object' || v === null) continue
+    const child = enter(v, { key, up: f.at })
+    if ('path' in child) return child.path
+    frames.push(child)
   }
   return undefined
 }

@@ -276,3 +276,16 @@ t.test('the deny list stores one spelling per address or range', async (t) => {
   t.equal(normaliseCidr('::ffff:192.0.2.7'), '192.0.2.7')
   t.equal(normaliseCidr('::ffff:192.0.2.0/120'), '192.0.2.0/24')
 })
+
+t.test('a value shown in a message is cut before it is scrubbed, and a key at the edge of what is shown is still hidden', async (t) => {
+  const { showValue } = await import('../core/validate.ts')
+  const { key } = generateKey('kg_')
+  // Before (found by a review), the whole value was scrubbed first: 0.1 s a megabyte of text never shown.
+  const long = `${'a'.repeat(70)}${key}${'b'.repeat(1_000_000)}`
+  const shown = showValue(long)
+  t.equal(shown.length, 80, 'cut to 80 characters')
+  t.ok(shown.endsWith('...'), 'marked as cut')
+  t.notOk(shown.includes(key.slice(0, 7)), 'the key that starts within what is shown is hidden, not shown in part')
+  t.match(shown, /^"a+\[redacted\]b*\.\.\.$/, 'where it stood')
+  t.equal(showValue(['x', 1]), '["x",1]', 'a short value is shown whole')
+})
