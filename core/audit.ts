@@ -9,7 +9,7 @@
 // The same keys also seal the secrets keygate must read back (webhook signing secrets), with a
 // key derived from each (HKDF), bound to what each belongs to: `sealSecret` / `openSecret`.
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
-import { existsSync, readFileSync } from 'node:fs'
+import { existsSync, lstatSync, readFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import type { Db, Queryable } from './db.ts'
 import type { CursorPosition } from './cursor.ts'
@@ -289,6 +289,8 @@ export function loadAuditCipher(options: {
     // under the store's lock), a new key takes its place; before, every start failed until it
     // was removed by hand.
     if (options.sealed === undefined) throw new KeygateError('config_invalid', `${file} is empty: it holds no key (an older keygate's write of it failed); remove it, and the next start generates one`)
+    // A link (to a backup location, say) is not replaced by a file of its own: its target would stay empty.
+    if (lstatSync(file).isSymbolicLink()) throw new KeygateError('config_invalid', `${file} is a link to an empty file, which holds no key: put the key there, or remove the link, and the next start generates one`)
     refuseIfOrphaned('empty')
     try {
       replaceWhole(file, randomBytes(32).toString('base64') + '\n', 0o600)

@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { accessSync, chmodSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs'
+import { accessSync, chmodSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -583,6 +583,7 @@ const MAX_LOOKED_AT = 100_000
 function unreachableFileIn(pgdata: string): { path: string; owner: ForeignOwner } | undefined {
   const euid = process.geteuid?.()
   if (euid === undefined || euid === 0) return undefined
+  const foreign = (path: string, uid: number) => ({ path, owner: { uid, user: userName(uid) } })
   const folders = [pgdata]
   let looked = 0
   while (folders.length > 0 && looked < MAX_LOOKED_AT) {
@@ -591,25 +592,37 @@ function unreachableFileIn(pgdata: string): { path: string; owner: ForeignOwner 
     try {
       names = readdirSync(folder)
     } catch {
-      const uid = lstatSync(folder, { throwIfNoEntry: false })?.uid
-      return uid === undefined || uid === euid ? undefined : { path: folder, owner: { uid, user: userName(uid) } }
+      // Not listable: another user's is the answer; this user's own (a mode it set) is not what is looked for.
+      const uid = lstatOrNone(folder)?.uid
+      if (uid !== undefined && uid !== euid) return foreign(folder, uid)
+      continue
     }
     for (const name of names) {
       looked++
       const path = join(folder, name)
-      const stat = lstatSync(path, { throwIfNoEntry: false })
-      if (stat === undefined) continue
+      const stat = lstatOrNone(path)
+      // A symbolic link is not followed (PGlite makes none; its target's owner is not the store's).
+      if (stat === undefined || stat.isSymbolicLink()) continue
       if (stat.uid !== euid) {
         try {
           accessSync(path, fsConstants.R_OK | fsConstants.W_OK)
         } catch {
-          return { path, owner: { uid: stat.uid, user: userName(stat.uid) } }
+          return foreign(path, stat.uid)
         }
       }
       if (stat.isDirectory()) folders.push(path)
     }
   }
   return undefined
+}
+
+/** lstat of `path`, or undefined when it cannot be read (gone, or a folder on the way this user may not search). */
+function lstatOrNone(path: string): Stats | undefined {
+  try {
+    return lstatSync(path)
+  } catch {
+    return undefined
+  }
 }
 
 /**
@@ -717,14 +730,19 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   } catch (err) {
     release()
     let foreign: ReturnType<typeof unreachableFileIn>
+    // The store is this user's own (its folder is): the file is the stray, given back with chown.
+    // In a folder shared through its group, the store may be the other user's: run as that user.
+    let mine = true
     try {
       foreign = unreachableFileIn(pgdata)
+      mine = statSync(pgdata).uid === process.geteuid?.()
     } catch {}
     if (foreign !== undefined) {
-      const { who } = ownerWords(foreign.owner)
+      const { who, runAs } = ownerWords(foreign.owner)
+      const mend = mine ? `give the store's files back to its user, as root: chown -R ${process.geteuid?.()}:${process.getegid?.()} ${dir}` : runAs
       throw new KeygateError(
         'store_unavailable',
-        `cannot open the embedded store in ${dir}: ${foreign.path} belongs to ${who}, not to this process's user (uid ${process.geteuid?.()}), which can neither read nor write it (was a command run as that user on this folder?); give the store's files back to its user, as root: chown -R ${process.geteuid?.()}:${process.getegid?.()} ${dir}`,
+        `cannot open the embedded store in ${dir}: ${foreign.path} belongs to ${who}, not to this process's user (uid ${process.geteuid?.()}), which cannot both read and write it (was a command run as that user on this folder?); ${mend}`,
         { uid: foreign.owner.uid, ...(foreign.owner.user ? { user: foreign.owner.user } : {}) },
         { cause: err },
       )

@@ -2,7 +2,7 @@
 // open a data folder, files that must appear whole, and how a file-system error reads.
 import t from 'tap'
 import { spawnSync } from 'node:child_process'
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -114,6 +114,18 @@ t.test("a file of another user inside the store (left by an older keygate run as
   t.match(error.message, `${rootsFile} belongs to uid 0 (root), not to this process's user (uid ${NOBODY})`)
   t.match(error.message, `as root: chown -R ${NOBODY}:${NOBODY} ${store}`, 'and says how to give the files back')
   t.notMatch(error.message, /Aborted\(\)|ASSERTIONS/, "not PGlite's abort")
+
+  // In a folder shared through its group (pgdata another user's, as a platform running under an
+  // arbitrary uid has it), the file's owner may be the store's: run as that user, no chown.
+  const shared = await seedDataDir(join(dir, 'shared'))
+  spawnSync('chown', ['-R', `0:${NOBODY}`, shared])
+  spawnSync('chmod', ['-R', 'g+rwX', shared])
+  chmodSync(join(shared, 'pgdata', 'global', 'pg_control'), 0o600)
+  const sharedList = await nobody.run(['api-key', 'list', '--json', '--data-dir', shared], embeddedEnv(shared))
+  t.equal(sharedList.code, 1, sharedList.stderr)
+  t.match(sharedList.json().error.message, `${join(shared, 'pgdata', 'global', 'pg_control')} belongs to uid 0 (root)`)
+  t.match(sharedList.json().error.message, 'run keygate as that user, such as `sudo -u root keygate …`', 'run as the owner of the store')
+  t.notMatch(sharedList.json().error.message, /chown/, 'not told to take the store from its user')
 })
 
 t.test('a command that only reads, on a folder this user cannot read, says so and names its owner; not "no store"', { skip: AS_NOBODY }, async (t) => {
@@ -185,6 +197,11 @@ t.test('an empty encryption.key (left by an older keygate whose write of it fail
     message: `${file} is empty, but the store holds audit rows or webhook secrets sealed with encryption key k1a2b3c4: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
   })
   t.equal(readFileSync(file, 'utf8'), '', 'left as it was')
+  // A link to an empty file is not replaced by a file of its own (its target would stay empty).
+  const linked = tempDir(t)
+  symlinkSync(file, join(linked, 'encryption.key'))
+  t.match(thrown(() => loadAuditCipher({ storeKind: 'embedded', dataDir: linked, sealed: [] })), { code: 'config_invalid', message: `${join(linked, 'encryption.key')} is a link to an empty file, which holds no key` })
+  t.ok(lstatSync(join(linked, 'encryption.key')).isSymbolicLink(), 'the link stays')
   // Nothing sealed: a new key in its place, said.
   const lines: string[] = []
   const cipher = loadAuditCipher({ storeKind: 'embedded', dataDir: dir, sealed: [], log: createLogger({ level: 'info', write: (line) => void lines.push(line) }) })
