@@ -1005,10 +1005,14 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // which is also the workers' liveness check (see LIVENESS_MISSES).
     const refreshMetrics = setInterval(() => {
       for (const w of listening) {
-        askMetrics(w, true).then(
-          (read) => read && log.debug("kept a gateway worker's counts", { worker: w.id }),
-          (err: unknown) => unanswered(w, err),
-        )
+        const asked = new Date()
+        askMetrics(w, true)
+          .then(
+            // When it was asked: what the worker counted before then is in what was kept.
+            (read) => void (read && log.debug("kept a gateway worker's counts", { worker: w.id, asked_at: asked.toISOString() })),
+            (err: unknown) => unanswered(w, err),
+          )
+          .catch(() => {})
       }
     }, METRICS_REFRESH_MS)
     refreshMetrics.unref()
