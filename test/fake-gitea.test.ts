@@ -1,6 +1,7 @@
 // The fake Gitea itself, driven directly over HTTP: the behaviours GITEA.md describes that
 // keygate's own calls never provoke (a missing name, several tokens sharing a name, a token
-// header on the token routes, paging limits), and every answer checked against the excerpt.
+// header on the token routes, paging limits), those Gitea's source settles where GITEA.md says no
+// more (how a request signs in), and every answer checked against the excerpt.
 import t from 'tap'
 import { FakeGitea, goParseInt } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
@@ -43,6 +44,69 @@ t.test('token routes: Basic auth only, the user itself', async (t) => {
   t.match(await call('GET', '/users/alice/tokens', basic('alice', 'wrong')), { status: 401 })
   t.match(await call('GET', '/users/bob/tokens', alice), { status: 403, body: { message: 'doer should be the site admin or be same as the contextUser' } }, "another user's tokens")
   t.match(await call('GET', '/users/nobody/tokens', alice), { status: 404 })
+})
+
+t.test("Basic: a token as the password, or as the user name, signs in as the token's owner, whatever name the header gives", async (t) => {
+  // services/auth/basic.go (Basic.Verify): the token is looked up by itself, and only otherwise are
+  // the name and password signed in with. Before, the fake required the name to be the owner's.
+  const tok = fake.addToken('alice', 'basic-owner', ['write:user'])
+  const asAlice = [
+    ['bob', tok.sha1, "bob's name, alice's token"],
+    ['nobody', tok.sha1, 'a name no user has'],
+    [tok.sha1, '', 'the token as the user name, no password'],
+    [tok.sha1, 'x-oauth-basic', 'the token as the user name, x-oauth-basic as the password'],
+  ] as const
+  for (const [name, password, what] of asAlice) t.match(await call('GET', '/user', basic(name, password)), { status: 200, body: { login: 'alice' } }, what)
+  t.match(await call('GET', '/users/alice/tokens?page=1', basic('bob', tok.sha1)), { status: 200 }, "alice's tokens: the doer is alice, signed in by Basic")
+  t.match(await call('GET', '/users/bob/tokens?page=1', basic('bob', tok.sha1)), { status: 403, body: { message: 'doer should be the site admin or be same as the contextUser' } }, "bob's tokens: the doer is not bob")
+  // Otherwise Gitea's UserSignIn: the login name or the e-mail address, trimmed, in any case.
+  t.match(await call('GET', '/user', basic('alice@example.test', 'alice-pw')), { status: 200, body: { login: 'alice' } }, 'the e-mail address')
+  t.match(await call('GET', '/user', basic(' ALICE@Example.TEST ', 'alice-pw')), { status: 200, body: { login: 'alice' } }, 'the address trimmed, any case')
+  t.match(await call('GET', '/user', basic(' alice ', 'alice-pw')), { status: 200, body: { login: 'alice' } }, 'the login name trimmed')
+  t.match(await call('GET', '/user', basic('Alice', 'wrong')), { status: 401, body: { message: 'user does not exist [uid: 1, name: alice]' } }, 'a wrong password')
+  t.match(await call('GET', '/user', basic('nobody', 'pw')), { status: 401, body: { message: 'user does not exist [uid: 0, name: nobody]' } }, 'an unknown user')
+  t.match(await call('GET', '/user', basic('nobody@example.test', 'pw')), { status: 401, body: { message: 'Email address does not exist [email: nobody@example.test]' } }, 'an unknown address')
+  const other = `${tok.sha1.slice(0, -1)}${tok.sha1.endsWith('0') ? '1' : '0'}`
+  t.match(await call('GET', '/user', basic(other, '')), { status: 401, body: { message: `user does not exist [uid: 0, name: ${other}]` } }, 'an unknown token as the user name is then a user name')
+  fake.removeToken(tok.id)
+})
+
+t.test('the token header: `token` in lower case only, or `bearer` in any case, fields split as Go splits them', async (t) => {
+  // services/auth/oauth2.go (parseToken): strings.Fields, exactly two fields. Before, the fake
+  // took any case of `token` too, and JavaScript's white space rather than Go's.
+  const tok = fake.addToken('alice', 'header-case', ['read:user'])
+  const unknown = '0123456789012345678901234567890123456789'
+  for (const scheme of ['token', 'bearer', 'Bearer', 'BEARER']) t.match(await call('GET', '/user', `${scheme} ${tok.sha1}`), { status: 200, body: { login: 'alice' } }, scheme)
+  for (const scheme of ['Token', 'TOKEN']) {
+    t.match(await call('GET', '/user', `${scheme} ${tok.sha1}`), { status: 401, body: { message: 'token is required' } }, `${scheme}: not a token header, nobody signed in`)
+    t.match(await call('GET', '/version', `${scheme} ${unknown}`), { status: 200 }, `${scheme} with an unknown token: not read at all`)
+  }
+  t.match(await call('GET', '/user', `token\t \t${tok.sha1}`), { status: 200 }, 'any run of white space between the fields')
+  t.match(await call('GET', '/user', `token ${tok.sha1} more`), { status: 401, body: { message: 'token is required' } }, 'three fields: not a token header')
+  // Header bytes as Go decodes them: UTF-8 C2 A0 is a no-break space, a lone A0 byte is not.
+  t.match(await call('GET', '/user', `token \u00c2\u00a0${tok.sha1}`), { status: 200 }, 'a UTF-8 no-break space is white space to Go')
+  t.match(await call('GET', '/user', `token\u00a0${tok.sha1}`), { status: 401, body: { message: 'token is required' } }, 'a lone A0 byte is not: one field')
+  fake.removeToken(tok.id)
+})
+
+t.test("a failed sign-in is 401 on every API route, /version included, with the failing method's error", async (t) => {
+  // routers/api/v1/api.go (apiAuth) and services/auth/group.go: the error of the method that failed
+  // when none signed in, before any route. Before, the fake answered /version with 200.
+  const unknown = 'token 0123456789012345678901234567890123456789'
+  const noUser = { status: 401, body: { message: 'user does not exist [uid: 0, name: ]', url: `${fake.url}/api/swagger` } }
+  t.match(await call('GET', '/version', unknown), noUser, 'an unknown token')
+  t.match(await call('GET', '/version', 'Bearer 0123456789012345678901234567890123456789'), noUser, 'an unknown bearer token')
+  t.match(await call('GET', '/version', basic('alice', 'wrong')), { status: 401, body: { message: 'user does not exist [uid: 1, name: alice]' } }, 'a wrong password')
+  t.match(await call('GET', '/version', 'Basic !!!'), noUser, 'a Basic value that does not decode: an empty name')
+  t.match(await call('GET', '/version'), { status: 200 }, 'no credentials: anyone may ask')
+  t.match(await call('GET', '/user', unknown), noUser, 'GET /user: the same error')
+  t.match(await call('GET', '/users/nobody/tokens', unknown), noUser, 'the token routes: the same error, before the user is looked up')
+  // A route the fake does not know, on a fake of its own (the excerpt has no such operation).
+  const other = new FakeGitea()
+  await other.start()
+  t.teardown(() => other.stop())
+  t.equal((await fetch(`${other.url}/api/v1/repos/search`, { headers: { authorization: unknown } })).status, 401, 'an unknown route: the sign-in fails first')
+  t.equal((await fetch(`${other.url}/api/v1/repos/search`)).status, 404, 'then it is not found')
 })
 
 t.test('token routes: a token header with a token Gitea does not know is 401, before the user or the doer is looked at', async (t) => {

@@ -1,7 +1,10 @@
 // A fake Gitea for the tests: the token, user and version operations of the swagger excerpt in
 // test/fixtures/gitea-tokens.swagger.json, behaving as shared/integrations/GITEA.md describes
 // (HTTP Basic only on the token routes, 400 on a duplicate name or unknown scope, 422 on a
-// missing name, `limit` capped at 50 with X-Total-Count, delete by id then by name). Every
+// missing name, `limit` capped at 50 with X-Total-Count, delete by id then by name), and where
+// GITEA.md says no more, as Gitea 1.22's source does: the sign-in of its API auth group (a token
+// header only as `token` or any case of `bearer`; a token as the Basic password or user name signs
+// in as its owner, whatever the name; a failed sign-in is 401 on every route, /version too). Every
 // answer is recorded, so the tests can validate each one against the excerpt's schemas.
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -31,8 +34,14 @@ interface StoredToken {
   created_unix: number
 }
 
-/** A sign-in: the user (and the token, when one stood for the password), a suspended user's password, or none. */
-type SignIn = { user: FakeUser; token?: StoredToken } | { prohibited: FakeUser } | 'none' | 'bad'
+/**
+ * What Gitea's API auth group made of a request (services/auth/group.go, as apiAuth in
+ * routers/api/v1/api.go calls it before any route): a doer, with the token it signed in with (its
+ * scopes are then checked) and whether Gitea's Basic method signed it in (IsBasicAuth, which the
+ * token routes require); the error of a method that failed, which apiAuth answers with 401; or
+ * nobody (no credentials any method takes).
+ */
+type SignIn = { user: FakeUser; token: StoredToken | undefined; basic: boolean } | { error: string } | undefined
 
 export interface RecordedResponse {
   method: string
@@ -81,6 +90,16 @@ function grants(scopes: string[], need: string): boolean {
   return scopes.includes('all') || scopes.includes(`write:${cat}`) || (level === 'read' && scopes.includes(`read:${cat}`))
 }
 
+/**
+ * The 403 of Gitea's tokenRequiresScopes when a token signed the request in without `need` (nor
+ * the write scope or `all` that grant it), its scopes as Gitea stores them; null otherwise.
+ */
+function scopeRefusal(signed: SignIn, need: string): string | null {
+  const token = signed !== undefined && 'token' in signed ? signed.token : undefined
+  if (token === undefined || grants(token.scopes, need)) return null
+  return `token does not have at least one of required scope(s), required=[${need}], token scope=${token.scopes.join(',')}`
+}
+
 export interface FakeGiteaOptions {
   version?: string
   /** [service] REGISTER_EMAIL_CONFIRM: an inactive user is "not activated" rather than "prohibited". */
@@ -122,6 +141,52 @@ export function goParseInt(s: string): bigint {
   if (value < -max - 1n) return -max - 1n
   return value
 }
+
+/** Go's unicode.IsSpace, as strings.Fields and strings.TrimSpace apply it (not JavaScript's \s: U+0085 in, U+FEFF out). */
+const GO_SPACE = '\\t\\n\\v\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000'
+const GO_FIELD_SEPARATOR = new RegExp(`[${GO_SPACE}]+`, 'u')
+const GO_TRIM = new RegExp(`^[${GO_SPACE}]+|[${GO_SPACE}]+$`, 'gu')
+
+/**
+ * A header value as Gitea's string functions see it: Node hands the header's bytes over as latin1,
+ * Go decodes them as UTF-8 (a stray byte is U+FFFD, never a space).
+ */
+function goHeader(value: string | undefined): string {
+  return Buffer.from(value ?? '', 'latin1').toString('utf8')
+}
+
+/**
+ * The token of a token header, as Gitea's oauth2 method reads it (parseToken in
+ * services/auth/oauth2.go): the header split as Go's strings.Fields splits (runs of white space,
+ * none kept at either end) must give exactly two fields, the first `token` in lower case exactly or
+ * `bearer` in any case. `Token x` is not a token header (before, the fake took any case of both).
+ */
+function tokenOfHeader(header: string | undefined): string | undefined {
+  const fields = goHeader(header).split(GO_FIELD_SEPARATOR).filter((f) => f !== '')
+  const [scheme, token] = fields
+  if (fields.length !== 2 || scheme === undefined || token === undefined) return undefined
+  return scheme === 'token' || scheme.toLowerCase() === 'bearer' ? token : undefined
+}
+
+/**
+ * The user name and password of a Basic header as Gitea's Basic method reads them: the header cut
+ * at its first space, the scheme `basic` in any case, the rest decoded as Go's
+ * base64.StdEncoding.DecodeString does (padding required) and cut at its first colon
+ * (base.BasicAuthDecode). A value that does not decode, or has no colon, is an empty name and
+ * password, which Gitea goes on with (it ignores the error). Undefined: not a Basic header.
+ */
+function basicOfHeader(header: string): { name: string; password: string } | undefined {
+  const space = header.indexOf(' ')
+  if (space < 0 || header.slice(0, space).toLowerCase() !== 'basic') return undefined
+  const encoded = header.slice(space + 1)
+  if (!/^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/.test(encoded)) return { name: '', password: '' }
+  const text = Buffer.from(encoded, 'base64').toString('utf8')
+  const colon = text.indexOf(':')
+  return colon < 0 ? { name: '', password: '' } : { name: text.slice(0, colon), password: text.slice(colon + 1) }
+}
+
+/** Gitea's ErrUserNotExist message (models/user/error.go, 1.22: no key id any more). */
+const userNotExist = (uid: number, name: string): string => `user does not exist [uid: ${uid}, name: ${name}]`
 
 export class FakeGitea {
   /** By lower-case login: Gitea matches user names ignoring case (`lower_name`). */
@@ -268,30 +333,63 @@ export class FakeGitea {
   }
 
   /**
-   * The user a Basic header names (any case) when its password (or one of the user's tokens)
-   * matches. A password sign-in of a suspended user fails in Gitea's UserSignIn (401, 'prohibited');
-   * a token as the password signs in, and the middleware then answers 403.
+   * Gitea's oauth2 method (services/auth/oauth2.go) on the Authorization header: a token header
+   * (see tokenOfHeader) signs in as its token's owner, with the token's scopes; a token Gitea does
+   * not know fails with ErrUserNotExist, no uid nor name. Undefined: not a token header.
    */
-  #basic(header: string | undefined): SignIn {
-    const m = /^Basic\s+(\S+)$/i.exec(header ?? '')
-    if (!m) return 'none'
-    const text = Buffer.from(m[1] as string, 'base64').toString('utf8')
-    const colon = text.indexOf(':')
-    const user = this.user(text.slice(0, colon))
-    const secret = text.slice(colon + 1)
-    if (!user || colon < 0) return 'bad'
-    if (secret === user.password) return user.prohibit_login ? { prohibited: user } : { user }
-    const token = this.tokens.find((t) => t.owner === user.login && t.sha1 === secret)
-    return token ? { user, token } : 'bad'
+  #tokenMethod(header: string | undefined): SignIn {
+    const secret = tokenOfHeader(header)
+    if (secret === undefined) return undefined
+    const token = this.tokens.find((t) => t.sha1 === secret)
+    const user = token ? this.user(token.owner) : undefined
+    return token && user ? { user, token, basic: false } : { error: userNotExist(0, '') }
   }
 
-  /** Who a request is signed in as (token header or Basic), as Gitea's API auth group decides before any route. */
-  #signedIn(header: string | undefined): SignIn {
-    const m = /^(?:token|bearer)\s+(\S+)$/i.exec(header ?? '')
-    if (!m) return this.#basic(header)
-    const token = this.tokens.find((t) => t.sha1 === m[1])
-    const user = token ? this.user(token.owner) : undefined
-    return token && user ? { user, token } : 'bad'
+  /**
+   * Gitea's Basic method (Basic.Verify in services/auth/basic.go). The token is the password, or
+   * the user name when the password is empty or `x-oauth-basic`, and it is looked up by itself: a
+   * token Gitea knows signs in as ITS OWNER, whatever user name the header gives (before, the
+   * fake required the name to be the owner's). Otherwise the name and password sign in (signIn).
+   */
+  #basicMethod(header: string | undefined): SignIn {
+    const basic = basicOfHeader(goHeader(header))
+    if (basic === undefined) return undefined
+    const secret = basic.password === '' || basic.password === 'x-oauth-basic' ? basic.name : basic.password
+    const token = this.tokens.find((t) => t.sha1 === secret)
+    const owner = token ? this.user(token.owner) : undefined
+    if (token && owner) return { user: owner, token, basic: true }
+    return this.#signIn(basic.name, basic.password)
+  }
+
+  /**
+   * Gitea's UserSignIn (services/auth/signin.go) with the local password: a name with `@` is an
+   * e-mail address (trimmed, any case; the fake's users have one each, activated), else a login
+   * name (trimmed, any case). Its errors are the 401 messages: an unknown name or address, a wrong
+   * password (the user's id and name), a suspended user's right password.
+   */
+  #signIn(name: string, password: string): SignIn {
+    const wanted = name.replace(GO_TRIM, '').toLowerCase()
+    const byEmail = name.includes('@')
+    const user = byEmail ? [...this.users.values()].find((u) => u.email.toLowerCase() === wanted) : wanted === '' ? undefined : this.user(wanted)
+    if (!user) return { error: byEmail ? `Email address does not exist [email: ${name}]` : userNotExist(0, name) }
+    if (password !== user.password) return { error: userNotExist(user.id, user.login) }
+    if (user.prohibit_login) return { error: `user is not allowed login [uid: ${user.id}, name: ${user.login}]` }
+    return { user, token: undefined, basic: true }
+  }
+
+  /**
+   * Who a request is signed in as, as Gitea's API auth group decides before any route (the oauth2
+   * method, then Basic; HTTP signatures and reverse-proxy auth are not modelled): the first method
+   * that gives a user wins, else the first method's error, else nobody.
+   */
+  #authenticate(header: string | undefined): SignIn {
+    let failed: SignIn
+    for (const method of [this.#tokenMethod, this.#basicMethod]) {
+      const signed = method.call(this, header)
+      if (signed !== undefined && 'error' in signed) failed ??= signed
+      else if (signed !== undefined) return signed
+    }
+    return failed
   }
 
   #sendBarred(req: http.IncomingMessage, res: http.ServerResponse, operation: string, message: string): void {
@@ -318,71 +416,49 @@ export class FakeGitea {
       return this.#error(req, res, operation, f.status, f.message)
     }
     if (!url.pathname.startsWith('/api/v1/')) return this.#error(req, res, url.pathname, 404, 'Not Found')
-    // Gitea's API middleware, before every route: a signed-in user barred from signing in gets 403.
-    const signed = this.#signedIn(req.headers.authorization)
-    if (typeof signed === 'object' && 'prohibited' in signed) {
-      // Gitea's UserSignIn refuses the password of a suspended user; apiAuth answers 401 with its error.
-      return this.#error(req, res, operation, 401, `user is not allowed login [uid: ${signed.prohibited.id}, name: ${signed.prohibited.login}]`)
-    }
-    if (typeof signed === 'object') {
+    // Gitea's API middleware, before every route (/version and unknown routes too): a method of
+    // the auth group that failed, when none signed in, is 401 with its error (apiAuth); before
+    // (found by a review), the fake let an unknown token or a wrong password through to /version
+    // (200) and gave the token routes and /user messages of its own. Then a signed-in user barred
+    // from signing in gets 403 (verifyAuthWithOptions).
+    const signed = this.#authenticate(req.headers.authorization)
+    if (signed !== undefined && 'error' in signed) return this.#error(req, res, operation, 401, signed.error)
+    if (signed !== undefined) {
       const barred = this.#barred(signed.user)
       if (barred !== null) return this.#sendBarred(req, res, operation, barred)
     }
 
     if (path === '/version' && method === 'GET') return this.#send(req, res, '/version', 200, { version: this.#options.version ?? '1.22.6' })
-    if (path === '/user' && method === 'GET') return this.#currentUser(req, res)
+    if (path === '/user' && method === 'GET') return this.#currentUser(req, res, signed)
     if (!m) return this.#error(req, res, path, 404, 'Not Found')
     const allowed = m[2] === undefined ? ['GET', 'POST'] : ['DELETE']
     if (!allowed.includes(method)) return this.#error(req, res, operation, 405, 'Method Not Allowed')
 
-    // Gitea 1.22's chain for the token routes (routers/api/v1/api.go), in its order: the sign-in
-    // (a wrong Basic password fails there, 401), the user scope of a token used to sign in
-    // (tokenRequiresScopes, 403), the user of the path (UserAssignmentAPI, 404), the caller being
-    // that user or a site admin (reqSelfOrAdmin, 403), and only then Basic (or reverse-proxy) auth
-    // (reqBasicOrRevProxyAuth, 401): a token header alone is not enough.
-    if (signed === 'bad' && this.#basic(req.headers.authorization) === 'bad') return this.#error(req, res, operation, 401, 'user does not exist or the password is invalid')
-    // A token header whose token Gitea does not know fails the sign-in too, as on /user: 401
-    // (GITEA.md: a token header alone gets 401 on the token routes). Before (found by a review),
-    // the fake went on without a doer and answered 403, or 404 for a user that does not exist.
-    if (signed === 'bad') return this.#error(req, res, operation, 401, 'user does not exist')
-    const doer = typeof signed === 'object' && 'user' in signed ? signed : undefined
-    const need = method === 'GET' ? 'read:user' : 'write:user'
-    if (doer?.token && !grants(doer.token.scopes, need)) {
-      return this.#error(req, res, operation, 403, `token does not have at least one of required scope(s), required=[${need}], token scope=${doer.token.scopes.join(',')}`)
-    }
+    // Gitea 1.22's chain for the token routes (routers/api/v1/api.go), in its order, after the
+    // sign-in above: the user scope of a token used to sign in (tokenRequiresScopes, 403), the user
+    // of the path (UserAssignmentAPI, 404), the caller being that user or a site admin
+    // (reqSelfOrAdmin, 403), and only then Basic (or reverse-proxy) auth (reqBasicOrRevProxyAuth,
+    // 401): a token header alone is not enough.
+    const refused = scopeRefusal(signed, method === 'GET' ? 'read:user' : 'write:user')
+    if (refused !== null) return this.#error(req, res, operation, 403, refused)
     const target = this.user(decodeURIComponent(m[1] as string))
     if (!target) return this.#error(req, res, operation, 404, 'user does not exist')
-    if (!doer || (doer.user.login !== target.login && !doer.user.is_admin)) {
+    if (!signed || (signed.user.login !== target.login && !signed.user.is_admin)) {
       return this.#error(req, res, operation, 403, 'doer should be the site admin or be same as the contextUser')
     }
-    if (this.#basic(req.headers.authorization) === 'none') return this.#error(req, res, operation, 401, 'auth required')
+    if (!signed.basic) return this.#error(req, res, operation, 401, 'auth required')
 
     if (method === 'GET') return this.#list(req, res, operation, target, url)
     if (method === 'POST') return this.#create(req, res, operation, target, raw)
     return this.#delete(req, res, operation, target, decodeURIComponent(m[2] as string))
   }
 
-  #currentUser(req: http.IncomingMessage, res: http.ServerResponse): void {
-    const header = req.headers.authorization ?? ''
-    const m = /^(?:token|bearer)\s+(\S+)$/i.exec(header)
-    let user: FakeUser | undefined
-    if (m) {
-      const token = this.tokens.find((t) => t.sha1 === m[1])
-      if (!token) return this.#error(req, res, '/user', 401, 'user does not exist')
-      if (!grants(token.scopes, 'read:user')) {
-        return this.#error(req, res, '/user', 403, `token does not have at least one of required scope(s), required=[read:user], token scope=${token.scopes.join(',')}`)
-      }
-      user = this.user(token.owner)
-    } else {
-      const auth = this.#basic(header)
-      if (typeof auth === 'string' || 'prohibited' in auth) return this.#error(req, res, '/user', 401, 'token is required')
-      // A token as the Basic password is checked against its scopes, as in the token header.
-      if (auth.token && !grants(auth.token.scopes, 'read:user')) {
-        return this.#error(req, res, '/user', 403, `token does not have at least one of required scope(s), required=[read:user], token scope=${auth.token.scopes.join(',')}`)
-      }
-      user = auth.user
-    }
-    if (!user) return this.#error(req, res, '/user', 401, 'user does not exist')
+  /** GET /user: the user scope of a token used to sign in (403), then a doer at all (reqToken, 401). */
+  #currentUser(req: http.IncomingMessage, res: http.ServerResponse, signed: SignIn): void {
+    const refused = scopeRefusal(signed, 'read:user')
+    if (refused !== null) return this.#error(req, res, '/user', 403, refused)
+    if (signed === undefined || 'error' in signed) return this.#error(req, res, '/user', 401, 'token is required')
+    const { user } = signed
     this.#send(req, res, '/user', 200, {
       id: user.id,
       login: user.login,
