@@ -1,7 +1,8 @@
 // The fake Gitea itself, driven directly over HTTP: the behaviours GITEA.md describes that
 // keygate's own calls never provoke (a missing name, several tokens sharing a name, a token
 // header on the token routes, paging limits), those Gitea's source settles where GITEA.md says no
-// more (how a request signs in), and every answer checked against the excerpt.
+// more (how a request signs in, the order of the scopes), and every answer checked against the
+// excerpt.
 import t from 'tap'
 import { FakeGitea, goParseInt } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
@@ -150,6 +151,28 @@ t.test('create: 422 without a name, 400 on a duplicate, an unknown or no scope; 
   t.same(norm.body.scopes, ['write:issue'], 'write implies read; duplicates dropped')
   const every = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'].map((c) => `write:${c}`)
   t.same((await call('POST', '/users/alice/tokens', alice, { name: 'every', scopes: every })).body.scopes, ['all'], 'every write:* is all')
+})
+
+t.test("scopes: written back in Gitea's order, in the 201 and in the list alike", async (t) => {
+  // models/auth/access_token_scope.go: normalised through a bitmap and written back in the order
+  // of its list of all scopes. Before, the fake sorted them alphabetically.
+  fake.addUser('frank', 'frank-pw')
+  const frank = basic('frank', 'frank-pw')
+  const cases = [
+    [['read:user', 'write:issue', 'read:repository'], ['write:issue', 'read:repository', 'read:user']],
+    [['read:user,write:admin', 'read:activitypub'], ['read:activitypub', 'write:admin', 'read:user']],
+    [['all', 'public-only'], ['public-only', 'all']],
+    [['write:user', 'public-only', 'read:package', 'write:package'], ['public-only', 'write:package', 'write:user']],
+  ]
+  for (const [i, [asked, stored]] of cases.entries()) {
+    const made = await call('POST', '/users/frank/tokens', frank, { name: `order-${i}`, scopes: asked })
+    t.same(made.body.scopes, stored, `${asked?.join(' ')}: the 201`)
+    const listed = await call('GET', '/users/frank/tokens?page=1', frank)
+    t.same(listed.body.find((x: { id: number }) => x.id === made.body.id)?.scopes, stored, `${asked?.join(' ')}: the list`)
+  }
+  t.match(await call('POST', '/users/frank/tokens', frank, { name: 'spaced', scopes: [' read:user'] }), { status: 400, body: { message: 'invalid access token scope provided: invalid access token scope:  read:user' } }, 'nothing is trimmed')
+  const narrow = fake.addToken('frank', 'narrow-order', ['read:repository', 'write:issue'])
+  t.match(await call('GET', '/user', `token ${narrow.sha1}`), { status: 403, body: { message: 'token does not have at least one of required scope(s), required=[read:user], token scope=write:issue,read:repository' } }, "the scope check's message in that order too")
 })
 
 t.test('list: limit capped at 50, X-Total-Count, no secret', async (t) => {

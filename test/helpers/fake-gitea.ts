@@ -4,8 +4,9 @@
 // missing name, `limit` capped at 50 with X-Total-Count, delete by id then by name), and where
 // GITEA.md says no more, as Gitea 1.22's source does: the sign-in of its API auth group (a token
 // header only as `token` or any case of `bearer`; a token as the Basic password or user name signs
-// in as its owner, whatever the name; a failed sign-in is 401 on every route, /version too). Every
-// answer is recorded, so the tests can validate each one against the excerpt's schemas.
+// in as its owner, whatever the name; a failed sign-in is 401 on every route, /version too), and
+// the scopes written back in Gitea's order. Every answer is recorded, so the tests can validate
+// each one against the excerpt's schemas.
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { randomBytes } from 'node:crypto'
@@ -76,12 +77,22 @@ function tieRank(id: number, bound: number, rows: number): number {
   return (h ^ (h >>> 16)) >>> 0
 }
 
-/** Gitea's normalisation: duplicates dropped, write implies read, every write:* together is `all`. */
+/**
+ * Gitea's normalisation (AccessTokenScope.Normalize in models/auth/access_token_scope.go, through a
+ * bitmap): duplicates dropped, write implies read, and the scopes written back in Gitea's own fixed
+ * order whatever the order asked for: `public-only` first, then each category in CATEGORIES' order
+ * (Gitea's), its write scope or else its read scope. A write scope of every category (`all` among
+ * them) is written `all`, after `public-only`. Before, the fake sorted them alphabetically.
+ */
 function normalise(scopes: string[]): string[] {
   const set = new Set(scopes)
-  if (set.has('all') || CATEGORIES.every((c) => set.has(`write:${c}`))) return set.has('public-only') ? ['all', 'public-only'] : ['all']
-  for (const c of CATEGORIES) if (set.has(`write:${c}`)) set.delete(`read:${c}`)
-  return [...set].sort()
+  const level = (c: string): string | undefined => (set.has('all') || set.has(`write:${c}`) ? 'write' : set.has(`read:${c}`) ? 'read' : undefined)
+  const head = set.has('public-only') ? ['public-only'] : []
+  if (CATEGORIES.every((c) => level(c) === 'write')) return [...head, 'all']
+  return [...head, ...CATEGORIES.flatMap((c) => {
+    const l = level(c)
+    return l === undefined ? [] : [`${l}:${c}`]
+  })]
 }
 
 /** Whether `scopes` grant `need` (`read:user` is granted by `write:user` and `all`). */
@@ -521,7 +532,9 @@ export class FakeGitea {
     const name = body.name
     if (this.tokens.some((t) => t.owner === user.login && t.name === name)) return this.#error(req, res, operation, 400, 'access token name has been used already')
     if (this.nameCheckRace) await this.#awaitAnotherCreate()
-    const scopes = Array.isArray(body.scopes) ? body.scopes.map(String).flatMap((s) => s.split(',')).map((s) => s.trim()).filter(Boolean) : []
+    // Gitea joins the scopes with commas and splits them again, skipping empty ones; nothing is
+    // trimmed (" read:user" is not a scope).
+    const scopes = Array.isArray(body.scopes) ? body.scopes.map(String).flatMap((s) => s.split(',')).filter(Boolean) : []
     const unknown = scopes.find((s) => !KNOWN.has(s))
     if (unknown !== undefined) return this.#error(req, res, operation, 400, `invalid access token scope provided: invalid access token scope: ${unknown}`)
     if (scopes.length === 0) return this.#error(req, res, operation, 400, 'access token must have a scope')
