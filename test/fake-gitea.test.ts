@@ -1,8 +1,8 @@
 // The fake Gitea itself, driven directly over HTTP: the behaviours GITEA.md describes that
 // keygate's own calls never provoke (a missing name, several tokens sharing a name, a token
 // header on the token routes, paging limits), those Gitea's source settles where GITEA.md says no
-// more (how a request signs in, the order of the scopes), and every answer checked against the
-// excerpt.
+// more (how a request signs in, the order of the scopes, how `page` and `limit` are read), and
+// every answer checked against the excerpt.
 import t from 'tap'
 import { FakeGitea, goParseInt } from './helpers/fake-gitea.ts'
 import { checkAgainstSwagger } from './helpers/gitea-swagger.ts'
@@ -178,14 +178,49 @@ t.test("scopes: written back in Gitea's order, in the 201 and in the list alike"
 t.test('list: limit capped at 50, X-Total-Count, no secret', async (t) => {
   for (let i = 0; i < 60; i++) fake.addToken('bob', `bulk-${i}`, ['read:user'])
   const bob = basic('bob', 'bob-pw')
-  const first = await call('GET', '/users/bob/tokens?limit=100', bob)
+  // A page is always asked for: without one, Gitea lists every token (see the test of page and limit).
+  const first = await call('GET', '/users/bob/tokens?page=1&limit=100', bob)
   t.equal(first.body.length, 50, 'limit is capped at 50')
   t.equal(first.headers.get('x-total-count'), '60')
   t.match(first.headers.get('access-control-expose-headers'), /X-Total-Count/)
-  t.equal((await call('GET', '/users/bob/tokens', bob)).body.length, 30, 'default page size 30')
+  t.equal((await call('GET', '/users/bob/tokens?page=1', bob)).body.length, 30, 'default page size 30')
   t.equal((await call('GET', '/users/bob/tokens?page=2&limit=50', bob)).body.length, 10)
   t.ok(first.body.every((x: { sha1: string }) => x.sha1 === ''), 'sha1 is empty in lists')
   t.same(first.body.slice(0, 2).map((x: { name: string }) => x.name), ['bulk-59', 'bulk-58'], 'newest first, as Gitea orders them (created_unix DESC)')
+})
+
+t.test("list: page and limit read as Go's strconv.Atoi reads them, and a page below 1 lists every token", async (t) => {
+  // routers/api/v1/utils/page.go (ctx.FormInt, its error ignored), services/convert/utils.go
+  // (ToCorrectPageSize) and models/db/list.go (FindAndCount pages from page 1 only). Before, the
+  // fake read "1abc" as 1 with parseInt, and a missing page as page 1.
+  fake.addUser('grace', 'grace-pw')
+  const grace = basic('grace', 'grace-pw')
+  const made = Array.from({ length: 60 }, (_, i) => fake.addToken('grace', `paged-${i}`, ['read:user']).id)
+  const ids = async (query: string) => {
+    const res = await call('GET', `/users/grace/tokens?${query}`, grace)
+    t.equal(res.headers.get('x-total-count'), '60', `${query}: X-Total-Count`)
+    return res.body.map((x: { id: number }) => x.id) as number[]
+  }
+  const sizes = [
+    ['page=1&limit=1abc', 30, 'a limit that is not a number is 0: the default'],
+    ['page=1&limit=%205', 30, 'white space is not skipped'],
+    ['page=1&limit=0x10', 30, 'no base prefix'],
+    ['page=1&limit=1_0', 30, 'no underscores'],
+    ['page=1&limit=-5', 30, 'below 1: the default'],
+    ['page=1&limit=%2B5', 5, 'a sign'],
+    ['page=1&limit=05', 5, 'leading zeros, decimal'],
+    ['page=1&limit=99999999999999999999', 50, 'beyond int64: the bound, capped'],
+    ['page=2&limit=50', 10, 'the last page'],
+    ['', 60, 'no page: every token'],
+    ['limit=5', 60, 'no page: every token, whatever the limit'],
+    ['page=0&limit=5', 60, 'page 0'],
+    ['page=-1&limit=5', 60, 'a page below 0'],
+    ['page=1abc&limit=5', 60, 'a page that is not a number is 0'],
+  ] as const
+  for (const [query, size, what] of sizes) t.equal((await ids(query)).length, size, `${query}: ${what}`)
+  // Beyond int64 the page is the bound, and (page - 1) * 50 wraps below 0 in Go's int: no OFFSET.
+  t.same(await ids('page=99999999999999999999&limit=50'), await ids('page=1&limit=50'), 'a page beyond int64 is the first page')
+  for (const id of made) fake.removeToken(id)
 })
 
 t.test('list: tokens made in the same second are ordered as PostgreSQL leaves ties, so pages can overlap', async (t) => {

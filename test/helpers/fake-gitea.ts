@@ -4,9 +4,10 @@
 // missing name, `limit` capped at 50 with X-Total-Count, delete by id then by name), and where
 // GITEA.md says no more, as Gitea 1.22's source does: the sign-in of its API auth group (a token
 // header only as `token` or any case of `bearer`; a token as the Basic password or user name signs
-// in as its owner, whatever the name; a failed sign-in is 401 on every route, /version too), and
-// the scopes written back in Gitea's order. Every answer is recorded, so the tests can validate
-// each one against the excerpt's schemas.
+// in as its owner, whatever the name; a failed sign-in is 401 on every route, /version too), the
+// scopes written back in Gitea's order, and `page`/`limit` read as Go's strconv.Atoi reads them (a
+// page below 1 lists every token). Every answer is recorded, so the tests can validate each one
+// against the excerpt's schemas.
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { randomBytes } from 'node:crypto'
@@ -118,26 +119,30 @@ export interface FakeGiteaOptions {
 }
 
 /**
- * Go's strconv.ParseInt(s, 0, 64) as Gitea's DeleteAccessToken ignores its error: a sign, then
- * 0x/0o/0b or a leading 0 (octal) picks the base, `_` may separate digits after a prefix; a
- * syntax error is 0, a value out of range is the int64 bound (never a token id).
+ * Go's strconv.ParseInt(s, base, 64) with its error ignored, for base 0 (Gitea's DeleteAccessToken)
+ * and base 10 (strconv.Atoi, through Gitea's ctx.FormInt). A sign, then the digits; with base 0,
+ * 0x/0o/0b or a leading 0 (octal) picks the base and `_` may separate digits. A syntax error
+ * (spaces, a trailing letter: "1abc") is 0, a value out of range is the int64 bound (as Go
+ * returns it beside the error, which both callers ignore).
  */
-export function goParseInt(s: string): bigint {
+export function goParseInt(s: string, givenBase: 0 | 10 = 0): bigint {
   const m = /^([+-]?)(.*)$/s.exec(s) as RegExpExecArray
   const [, sign, rest = ''] = m
   let base = 10
   let digits = rest
-  const prefix = /^0([xXoObB])/.exec(rest)
+  const prefix = givenBase === 0 ? /^0([xXoObB])/.exec(rest) : null
   if (prefix) {
     base = { x: 16, o: 8, b: 2 }[(prefix[1] as string).toLowerCase() as 'x' | 'o' | 'b']
     digits = rest.slice(2)
-  } else if (rest.length > 1 && rest.startsWith('0')) {
+  } else if (givenBase === 0 && rest.length > 1 && rest.startsWith('0')) {
     base = 8
     digits = rest.slice(1)
   }
-  // Underscores as Go's integer literals take them (strconv's underscoreOK): each after a digit,
-  // a base prefix or an octal literal's leading 0 ("1_000", "0x_1", "0_7"), and before a digit.
+  // Underscores as Go's integer literals take them (strconv's underscoreOK), with base 0 only:
+  // each after a digit, a base prefix or an octal literal's leading 0 ("1_000", "0x_1", "0_7"),
+  // and before a digit.
   if (digits.includes('_')) {
+    if (givenBase !== 0) return 0n
     const afterLead = prefix !== null || base === 8
     if (digits.endsWith('_') || digits.includes('__') || (digits.startsWith('_') && !afterLead)) return 0n
     digits = digits.replaceAll('_', '')
@@ -496,17 +501,31 @@ export class FakeGitea {
   }
 
   #list(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, url: URL): void {
-    const page = Math.max(1, Number.parseInt(url.searchParams.get('page') ?? '1', 10) || 1)
-    let limit = Number.parseInt(url.searchParams.get('limit') ?? '', 10)
-    if (!(limit > 0)) limit = DEFAULT_PAGING
-    limit = Math.min(limit, MAX_RESPONSE_ITEMS)
+    // Gitea's utils.GetListOptions: `page` and `limit` through ctx.FormInt, Go's strconv.Atoi with
+    // its error ignored ("1abc", " 5", "0x10" are 0; "+5" and "05" are 5; beyond int64, the bound),
+    // and the limit through convert.ToCorrectPageSize: 0 or below is DEFAULT_PAGING_NUM, above
+    // MAX_RESPONSE_ITEMS is that. Before, the fake used parseInt ("1abc" was 1).
+    const page = goParseInt(url.searchParams.get('page') ?? '', 10)
+    let limit = goParseInt(url.searchParams.get('limit') ?? '', 10)
+    if (limit <= 0n) limit = BigInt(DEFAULT_PAGING)
+    else if (limit > BigInt(MAX_RESPONSE_ITEMS)) limit = BigInt(MAX_RESPONSE_ITEMS)
+    // db.FindAndCount (models/db/list.go) pages only from page 1 on: page 0 (absent, or not a
+    // number) or below lists every token, whatever the limit. Its offset is Go's int product, which
+    // wraps past int64, and xorm writes OFFSET only when it is positive.
+    let offset = 0
+    let bound = Number.POSITIVE_INFINITY
+    if (page >= 1n) {
+      const skip = BigInt.asIntN(64, (page - 1n) * limit)
+      offset = skip > 0n ? Number(skip) : 0
+      bound = offset + Number(limit)
+    }
     // Newest first, as Gitea lists them (ListAccessTokensOptions.ToOrders: `created_unix DESC`),
-    // and nothing more: ties in PostgreSQL's order for this page's bound (see tieRank).
-    const offset = (page - 1) * limit
+    // and nothing more: ties in PostgreSQL's order for this page's bound (see tieRank; without a
+    // LIMIT, one full sort).
     const own = this.tokens.filter((t) => t.owner === user.login)
-    const rank = (t: StoredToken) => tieRank(t.id, offset + limit, own.length)
+    const rank = (t: StoredToken) => tieRank(t.id, bound, own.length)
     own.sort((a, b) => b.created_unix - a.created_unix || rank(a) - rank(b))
-    const items = own.slice(offset, offset + limit).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
+    const items = own.slice(offset, bound).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
     this.#send(req, res, operation, 200, items, { 'x-total-count': String(own.length), 'access-control-expose-headers': 'X-Total-Count' })
   }
 
