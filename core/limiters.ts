@@ -467,6 +467,15 @@ export class LeasedLimit implements RateLimit {
   remaining = 0
   msBeforeNext = 0
 
+  /**
+   * Whether a reservation for `key` is on its way (a request that finds the lease used up waits
+   * for it rather than asking for one of its own): with a renewal asked ahead, such a wait is the
+   * store answering late, not a renewal that was never asked.
+   */
+  reserving(key: string): boolean {
+    return this.#reserving.has(key)
+  }
+
   /** Resolves once the leases being reserved now are in place (or failed). */
   async reserved(): Promise<void> {
     await Promise.allSettled(this.#reserving.values())
