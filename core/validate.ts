@@ -210,16 +210,67 @@ function formatWhy(schema: TSchema, value: string): string | undefined {
   return undefined
 }
 
+/** Whether a value under `schema` can hold an array `cutToBound` would cut (an object or array schema). */
+const holdsArrays = (schema: TSchema): boolean => schema[Kind] === 'Object' || schema[Kind] === 'Array'
+
+/**
+ * `value` with every array longer than its schema's maxItems cut to one element past it (copies
+ * made only along the way to a cut; `value` itself where nothing is cut), following an object's
+ * own properties and an array's items. TypeBox's check of an array goes on through every element
+ * after it has said the array is too long (and hashes them all for uniqueItems): 200,000 strings
+ * as a key's scopes (100 at most) held the admin listener for 80 ms, five times a body that is
+ * only parsed. The array's own problem is the same with one element past the bound; what its
+ * elements past that hold is not told (the array is refused as a whole).
+ */
+function cutToBound(schema: TSchema, value: unknown): unknown {
+  if (Array.isArray(value)) {
+    if (schema[Kind] !== 'Array') return value
+    const max = schema.maxItems
+    let out: unknown[] | undefined = typeof max === 'number' && value.length > max + 1 ? value.slice(0, max + 1) : undefined
+    const items = schema.items as TSchema
+    if (holdsArrays(items)) {
+      const walked = out ?? value
+      for (let i = 0; i < walked.length; i++) {
+        const cut = cutToBound(items, walked[i])
+        if (cut !== walked[i]) (out ??= value.slice())[i] = cut
+      }
+    }
+    return out ?? value
+  }
+  if (value === null || typeof value !== 'object' || schema[Kind] !== 'Object') return value
+  const own = value as Record<string, unknown>
+  let out: Record<string, unknown> | undefined
+  for (const [name, s] of Object.entries(schema.properties as Record<string, TSchema>)) {
+    if (!holdsArrays(s) || !Object.hasOwn(own, name)) continue
+    const cut = cutToBound(s, own[name])
+    if (cut !== own[name]) (out ??= { ...own })[name] = cut
+  }
+  return out ?? value
+}
+
+/** The value at `path` in `value` (undefined where there is none). */
+function valueAt(value: unknown, path: readonly string[]): unknown {
+  let v = value
+  for (const p of path) {
+    if (v === null || typeof v !== 'object' || !Object.hasOwn(v, p)) return undefined
+    v = (v as Record<string, unknown>)[p]
+  }
+  return v
+}
+
 /**
  * The problems of `value` against `schema`, one per path, in document order: every one, or the
- * first `limit` (the check stops there, so that its work is bounded too).
+ * first `limit` (the check stops there, so that its work is bounded too). An array past its
+ * maxItems is checked only to one element past it (cutToBound); the values told are `value`'s own.
  */
 export function problems(schema: TSchema, value: unknown, limit = Number.POSITIVE_INFINITY): Problem[] {
   const out: Problem[] = []
   const seen = new Set<string>()
-  for (const e of Value.Errors(schema, value)) {
+  const checked = cutToBound(schema, value)
+  for (const e of Value.Errors(schema, checked)) {
     if (out.length >= limit) break
     const path = e.path.split('/').slice(1).map((p) => p.replace(/~1/g, '/').replace(/~0/g, '~'))
+    const found = checked === value ? e.value : valueAt(value, path)
     const key = path.join('/')
     if (seen.has(key)) continue
     seen.add(key)
@@ -227,12 +278,12 @@ export function problems(schema: TSchema, value: unknown, limit = Number.POSITIV
     const parent = schemaAt(schema, path.slice(0, -1))
     if (own === undefined && parent?.[Kind] === 'Object') {
       const known = Object.keys(parent.properties as object)
-      out.push({ path, kind: 'unknown', value: e.value, allowed: known.join(', '), known })
-    } else if (e.value === undefined) {
+      out.push({ path, kind: 'unknown', value: found, allowed: known.join(', '), known })
+    } else if (found === undefined) {
       out.push({ path, kind: 'required', value: undefined, allowed: describeAllowed(own ?? e.schema) })
     } else {
-      const why = typeof e.value === 'string' ? formatWhy(own ?? e.schema, e.value) : undefined
-      out.push({ path, kind: 'invalid', value: e.value, allowed: describeAllowed(own ?? e.schema), ...(why !== undefined ? { why } : {}) })
+      const why = typeof found === 'string' ? formatWhy(own ?? e.schema, found) : undefined
+      out.push({ path, kind: 'invalid', value: found, allowed: describeAllowed(own ?? e.schema), ...(why !== undefined ? { why } : {}) })
     }
   }
   return out
