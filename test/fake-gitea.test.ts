@@ -44,7 +44,9 @@ t.test('token routes: Basic auth only, the user itself', async (t) => {
   t.match(await call('GET', '/user', `token ${narrow.body.sha1}`), { status: 403 }, 'as with the token header')
   t.match(await call('GET', '/users/alice/tokens', basic('alice', 'wrong')), { status: 401 })
   t.match(await call('GET', '/users/bob/tokens', alice), { status: 403, body: { message: 'doer should be the site admin or be same as the contextUser' } }, "another user's tokens")
-  t.match(await call('GET', '/users/nobody/tokens', alice), { status: 404 })
+  // UserAssignmentAPI's ctx.Error: GetUserByName's error, and no `errors` (ctx.NotFound's own).
+  const nobody = await call('GET', '/users/nobody/tokens', alice)
+  t.same({ status: nobody.status, body: nobody.body }, { status: 404, body: { message: 'user does not exist [uid: 0, name: nobody]', url: `${fake.url}/api/swagger` } })
 })
 
 t.test("Basic: a token as the password, or as the user name, signs in as the token's owner, whatever name the header gives", async (t) => {
@@ -64,7 +66,7 @@ t.test("Basic: a token as the password, or as the user name, signs in as the tok
   t.match(await call('GET', '/user', basic('alice@example.test', 'alice-pw')), { status: 200, body: { login: 'alice' } }, 'the e-mail address')
   t.match(await call('GET', '/user', basic(' ALICE@Example.TEST ', 'alice-pw')), { status: 200, body: { login: 'alice' } }, 'the address trimmed, any case')
   t.match(await call('GET', '/user', basic(' alice ', 'alice-pw')), { status: 200, body: { login: 'alice' } }, 'the login name trimmed')
-  t.match(await call('GET', '/user', basic('Alice', 'wrong')), { status: 401, body: { message: 'user does not exist [uid: 1, name: alice]' } }, 'a wrong password')
+  t.match(await call('GET', '/user', basic('Alice', 'wrong')), { status: 401, body: { message: "user's password is invalid [uid: 1, name: alice]" } }, 'a wrong password (ErrUserPasswordInvalid, Gitea 1.20 on)')
   t.match(await call('GET', '/user', basic('nobody', 'pw')), { status: 401, body: { message: 'user does not exist [uid: 0, name: nobody]' } }, 'an unknown user')
   t.match(await call('GET', '/user', basic('nobody@example.test', 'pw')), { status: 401, body: { message: 'Email address does not exist [email: nobody@example.test]' } }, 'an unknown address')
   const other = `${tok.sha1.slice(0, -1)}${tok.sha1.endsWith('0') ? '1' : '0'}`
@@ -97,7 +99,7 @@ t.test("a failed sign-in is 401 on every API route, /version included, with the 
   const noUser = { status: 401, body: { message: 'user does not exist [uid: 0, name: ]', url: `${fake.url}/api/swagger` } }
   t.match(await call('GET', '/version', unknown), noUser, 'an unknown token')
   t.match(await call('GET', '/version', 'Bearer 0123456789012345678901234567890123456789'), noUser, 'an unknown bearer token')
-  t.match(await call('GET', '/version', basic('alice', 'wrong')), { status: 401, body: { message: 'user does not exist [uid: 1, name: alice]' } }, 'a wrong password')
+  t.match(await call('GET', '/version', basic('alice', 'wrong')), { status: 401, body: { message: "user's password is invalid [uid: 1, name: alice]" } }, 'a wrong password (ErrUserPasswordInvalid, Gitea 1.20 on)')
   t.match(await call('GET', '/version', 'Basic !!!'), noUser, 'a Basic value that does not decode: an empty name')
   t.match(await call('GET', '/version'), { status: 200 }, 'no credentials: anyone may ask')
   t.match(await call('GET', '/user', unknown), noUser, 'GET /user: the same error')
@@ -261,7 +263,7 @@ t.test('delete: by id, then by name; 404 and 422 as Gitea answers', async (t) =>
   t.match(await call('DELETE', `/users/alice/tokens/${one.id}`, alice), { status: 204, body: undefined })
   t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 204 }, 'one match left: deleted by name')
   t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 404 })
-  t.match(await call('DELETE', '/users/alice/tokens/999999', alice), { status: 404 })
+  t.match(await call('DELETE', '/users/alice/tokens/999999', alice), { status: 404, body: { message: "The target couldn't be found.", errors: null } }, "ctx.NotFound()'s answer")
   const bobs = fake.tokens.find((x) => x.owner === 'bob') as { id: number }
   t.match(await call('DELETE', `/users/alice/tokens/${bobs.id}`, alice), { status: 404 }, "another user's token id")
 })
@@ -317,6 +319,12 @@ t.test("delete: the reference is parsed as Go's strconv.ParseInt(ref, 0, 64)", a
   t.equal(goParseInt('0_7'), 7n, "and after an octal literal's leading 0")
   for (const bad of ['', '0', '_1', '1__0', '08', '0x', '1e3', 'abc', '0x1__0', '0x10_', ' 1']) t.equal(goParseInt(bad), 0n, JSON.stringify(bad))
   t.equal(goParseInt('99999999999999999999'), (1n << 63n) - 1n, 'out of range: the bound (its error ignored)')
+  // Go reads digit by digit and stops at the first that overflows 64 bits, before what follows.
+  t.equal(goParseInt('99999999999999999999x'), (1n << 63n) - 1n, 'past 64 bits before a bad character: the bound')
+  t.equal(goParseInt('-99999999999999999999x'), -(1n << 63n), 'and the negative bound')
+  t.equal(goParseInt('99999999999999999999_', 10), (1n << 63n) - 1n, 'with base 10 too')
+  t.equal(goParseInt('9223372036854775808x', 10), 0n, 'past int64 but not 64 bits before it: a syntax error, 0')
+  t.equal(goParseInt('1abc', 10), 0n)
   const a = fake.addToken('alice', 'hex', ['read:user'])
   t.match(await call('DELETE', `/users/alice/tokens/0x${a.id.toString(16)}`, alice), { status: 204 }, 'hex id')
   const b = fake.addToken('alice', 'octal', ['read:user'])
@@ -325,6 +333,8 @@ t.test("delete: the reference is parsed as Go's strconv.ParseInt(ref, 0, 64)", a
   fake.addToken('alice', '1__0', ['read:user'])
   t.match(await call('DELETE', '/users/alice/tokens/1__0', alice), { status: 204 }, 'not a number to Go: by name')
   t.match(await call('DELETE', '/users/alice/tokens/99999999999999999999', alice), { status: 404 })
+  fake.addToken('alice', '99999999999999999999x', ['read:user'])
+  t.match(await call('DELETE', '/users/alice/tokens/99999999999999999999x', alice), { status: 404 }, 'an id to Go (the bound), not a name')
 })
 
 t.test('every answer matches the swagger excerpt', async (t) => {

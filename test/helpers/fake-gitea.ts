@@ -138,19 +138,27 @@ export function goParseInt(s: string, givenBase: 0 | 10 = 0): bigint {
     base = 8
     digits = rest.slice(1)
   }
-  // Underscores as Go's integer literals take them (strconv's underscoreOK), with base 0 only:
-  // each after a digit, a base prefix or an octal literal's leading 0 ("1_000", "0x_1", "0_7"),
-  // and before a digit.
-  if (digits.includes('_')) {
-    if (givenBase !== 0) return 0n
+  // Digit by digit, as strconv.ParseUint reads them: a character that is no digit of the base is a
+  // syntax error (0), unless the digits before it already overflowed 64 bits, where Go stops with
+  // the bound before reading further ("99999999999999999999x" is the bound, "1abc" is 0).
+  // Underscores are skipped with base 0 only, and judged after the digits as Go's integer literals
+  // take them (strconv's underscoreOK): each after a digit, a base prefix or an octal literal's
+  // leading 0 ("1_000", "0x_1", "0_7"), and before a digit.
+  if (digits === '') return 0n
+  const bound = sign === '-' ? -(1n << 63n) : (1n << 63n) - 1n
+  const big = BigInt(base)
+  let n = 0n
+  for (const c of digits.toLowerCase()) {
+    if (c === '_' && givenBase === 0) continue
+    const d = '0123456789abcdefghijklmnopqrstuvwxyz'.indexOf(c)
+    if (d < 0 || d >= base) return 0n
+    n = n * big + BigInt(d)
+    if (n >= 1n << 64n) return bound
+  }
+  if (givenBase === 0 && digits.includes('_')) {
     const afterLead = prefix !== null || base === 8
     if (digits.endsWith('_') || digits.includes('__') || (digits.startsWith('_') && !afterLead)) return 0n
-    digits = digits.replaceAll('_', '')
   }
-  const alphabet = '0123456789abcdef'.slice(0, base)
-  if (digits === '' || [...digits.toLowerCase()].some((c) => !alphabet.includes(c))) return 0n
-  let n = 0n
-  for (const c of digits.toLowerCase()) n = n * BigInt(base) + BigInt(alphabet.indexOf(c))
   const value = sign === '-' ? -n : n
   const max = (1n << 63n) - 1n
   if (value > max) return max
@@ -381,21 +389,24 @@ export class FakeGitea {
    * Gitea's UserSignIn (services/auth/signin.go) with the local password: a name with `@` is an
    * e-mail address (trimmed, any case; the fake's users have one each, activated), else a login
    * name (trimmed, any case). Its errors are the 401 messages: an unknown name or address, a wrong
-   * password (the user's id and name), a suspended user's right password.
+   * or empty password (the user's id and name), a suspended user's right password.
    */
   #signIn(name: string, password: string): SignIn {
     const wanted = name.replace(GO_TRIM, '').toLowerCase()
     const byEmail = name.includes('@')
     const user = byEmail ? [...this.users.values()].find((u) => u.email.toLowerCase() === wanted) : wanted === '' ? undefined : this.user(wanted)
     if (!user) return { error: byEmail ? `Email address does not exist [email: ${name}]` : userNotExist(0, name) }
-    if (password !== user.password) return { error: userNotExist(user.id, user.login) }
+    // ErrUserPasswordInvalid since Gitea 1.20 (before, a wrong password read as an unknown user).
+    if (password !== user.password) return { error: `user's password is invalid [uid: ${user.id}, name: ${user.login}]` }
     if (user.prohibit_login) return { error: `user is not allowed login [uid: ${user.id}, name: ${user.login}]` }
     return { user, token: undefined, basic: true }
   }
 
   /**
    * Who a request is signed in as, as Gitea's API auth group decides before any route (the oauth2
-   * method, then Basic; HTTP signatures and reverse-proxy auth are not modelled): the first method
+   * method, then Basic; not modelled, as keygate sends none of them: a token in the query string
+   * (`?token=`, `?access_token=`, still read by 1.22), HTTP signatures, reverse-proxy auth, Actions
+   * task tokens, OAuth2 JWTs and 2FA codes): the first method
    * that gives a user wins, else the first method's error, else nobody.
    */
   #authenticate(header: string | undefined): SignIn {
@@ -458,7 +469,8 @@ export class FakeGitea {
     const refused = scopeRefusal(signed, method === 'GET' ? 'read:user' : 'write:user')
     if (refused !== null) return this.#error(req, res, operation, 403, refused)
     const target = this.user(decodeURIComponent(m[1] as string))
-    if (!target) return this.#error(req, res, operation, 404, 'user does not exist')
+    // UserAssignmentAPI answers with ctx.Error: GetUserByName's error as the message, no `errors`.
+    if (!target) return this.#send(req, res, operation, 404, { message: userNotExist(0, decodeURIComponent(m[1] as string)), url: `${this.url}/api/swagger` })
     if (!signed || (signed.user.login !== target.login && !signed.user.is_admin)) {
       return this.#error(req, res, operation, 403, 'doer should be the site admin or be same as the contextUser')
     }
@@ -572,7 +584,8 @@ export class FakeGitea {
       if (matches.length > 1) return this.#error(req, res, operation, 422, `multiple matches for token name '${ref}'`)
     }
     const found = matches[0]
-    if (!found) return this.#error(req, res, operation, 404, 'access token does not exist')
+    // ctx.NotFound() with nothing to add: the locale's not-found text, `errors` null.
+    if (!found) return this.#error(req, res, operation, 404, "The target couldn't be found.")
     this.removeToken(found.id)
     this.#send(req, res, operation, 204)
   }
