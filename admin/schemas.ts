@@ -156,7 +156,8 @@ export const AnomalySchema = Type.Object({
 /** The fields a webhook is registered and changed with (POST and PATCH /v1/webhooks). */
 export const WebhookFields = {
   url: Type.String({ minLength: 1, maxLength: 2048, pattern: URL_AS_WRITTEN, description: 'http or https URL of the receiver, as it is requested: no spaces, line breaks, backslashes or control characters (percent-encode them).' }),
-  events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, uniqueItems: true, description: 'The events it receives.' }),
+  // At most one of each (a longer list has a repeat): bounded, so a body of thousands is refused at the count.
+  events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, maxItems: EVENT_TYPES.length, uniqueItems: true, description: 'The events it receives.' }),
   description: Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()]),
 }
 

@@ -160,7 +160,8 @@ export function schemaAt(root: TSchema, path: readonly string[]): TSchema | unde
     if (!s) return undefined
     if (s[Kind] === 'Union') s = (s.anyOf as TSchema[]).find((x) => x[Kind] === 'Object' || x[Kind] === 'Array')
     if (!s) return undefined
-    if (s[Kind] === 'Object') s = (s.properties as Record<string, TSchema>)[p]
+    // Own properties only: `__proto__` or `constructor` is an unknown key, not Object.prototype's.
+    if (s[Kind] === 'Object') s = Object.hasOwn(s.properties as object, p) ? (s.properties as Record<string, TSchema>)[p] : undefined
     else if (s[Kind] === 'Array') s = s.items as TSchema
     else return undefined
   }
@@ -214,48 +215,48 @@ function formatWhy(schema: TSchema, value: string): string | undefined {
 const holdsArrays = (schema: TSchema): boolean => schema[Kind] === 'Object' || schema[Kind] === 'Array'
 
 /**
- * `value` with every array longer than its schema's maxItems cut to one element past it (copies
- * made only along the way to a cut; `value` itself where nothing is cut), following an object's
- * own properties and an array's items. TypeBox's check of an array goes on through every element
- * after it has said the array is too long (and hashes them all for uniqueItems): 200,000 strings
- * as a key's scopes (100 at most) held the admin listener for 80 ms, five times a body that is
- * only parsed. The array's own problem is the same with one element past the bound; what its
- * elements past that hold is not told (the array is refused as a whole).
+ * `value` with every array longer than its schema's maxItems cut to one element past it, following
+ * an object's own properties and an array's items (not below an array whose elements are compared,
+ * uniqueItems or contains: two elements cut alike would read as repeats). Copies are made only
+ * along the way to a cut, each recorded in `originals` against the value it stands for; `value`
+ * itself where nothing is cut. TypeBox's check of an array goes on through every element after it
+ * has said the array is too long (and hashes them all for uniqueItems): 200,000 strings as a key's
+ * scopes (100 at most) held the admin listener for 80 ms, five times a body that is only parsed.
+ * The array's own problem is the same with one element past the bound; what its elements past
+ * that hold is not told (the array is refused as a whole).
  */
-function cutToBound(schema: TSchema, value: unknown): unknown {
+function cutToBound(schema: TSchema, value: unknown, originals: Map<unknown, unknown>): unknown {
   if (Array.isArray(value)) {
     if (schema[Kind] !== 'Array') return value
     const max = schema.maxItems
     let out: unknown[] | undefined = typeof max === 'number' && value.length > max + 1 ? value.slice(0, max + 1) : undefined
     const items = schema.items as TSchema
-    if (holdsArrays(items)) {
+    if (holdsArrays(items) && schema.uniqueItems !== true && schema.contains === undefined) {
       const walked = out ?? value
       for (let i = 0; i < walked.length; i++) {
-        const cut = cutToBound(items, walked[i])
+        const cut = cutToBound(items, walked[i], originals)
         if (cut !== walked[i]) (out ??= value.slice())[i] = cut
       }
     }
-    return out ?? value
+    if (out === undefined) return value
+    originals.set(out, value)
+    return out
   }
   if (value === null || typeof value !== 'object' || schema[Kind] !== 'Object') return value
   const own = value as Record<string, unknown>
   let out: Record<string, unknown> | undefined
   for (const [name, s] of Object.entries(schema.properties as Record<string, TSchema>)) {
     if (!holdsArrays(s) || !Object.hasOwn(own, name)) continue
-    const cut = cutToBound(s, own[name])
-    if (cut !== own[name]) (out ??= { ...own })[name] = cut
+    const was = own[name]
+    const cut = cutToBound(s, was, originals)
+    if (cut === was) continue
+    // A copy with every own property as it stands (not enumerable ones, accessors: not run again).
+    out ??= Object.create(Object.getPrototypeOf(own), Object.getOwnPropertyDescriptors(own)) as Record<string, unknown>
+    Object.defineProperty(out, name, { value: cut, writable: true, enumerable: true, configurable: true })
   }
-  return out ?? value
-}
-
-/** The value at `path` in `value` (undefined where there is none). */
-function valueAt(value: unknown, path: readonly string[]): unknown {
-  let v = value
-  for (const p of path) {
-    if (v === null || typeof v !== 'object' || !Object.hasOwn(v, p)) return undefined
-    v = (v as Record<string, unknown>)[p]
-  }
-  return v
+  if (out === undefined) return value
+  originals.set(out, value)
+  return out
 }
 
 /**
@@ -266,11 +267,11 @@ function valueAt(value: unknown, path: readonly string[]): unknown {
 export function problems(schema: TSchema, value: unknown, limit = Number.POSITIVE_INFINITY): Problem[] {
   const out: Problem[] = []
   const seen = new Set<string>()
-  const checked = cutToBound(schema, value)
-  for (const e of Value.Errors(schema, checked)) {
+  const originals = new Map<unknown, unknown>()
+  for (const e of Value.Errors(schema, cutToBound(schema, value, originals))) {
     if (out.length >= limit) break
     const path = e.path.split('/').slice(1).map((p) => p.replace(/~1/g, '/').replace(/~0/g, '~'))
-    const found = checked === value ? e.value : valueAt(value, path)
+    const found = originals.size > 0 && originals.has(e.value) ? originals.get(e.value) : e.value
     const key = path.join('/')
     if (seen.has(key)) continue
     seen.add(key)

@@ -315,4 +315,26 @@ t.test('an array past its maxItems is checked to one element past it, and told w
   t.same(found[2]?.value, ['x', 7, 'z', 1, 2], 'a nested one too')
   t.ok(reads <= 2 * 101, `${reads} elements of 200,000 read`)
   t.same(body.rows[1]?.tags, ['x', 7, 'z', 1, 2], 'the value checked is left as it was')
+
+  // Not below an array whose elements are compared: cut alike, two elements would read as repeats.
+  const unique = Type.Array(Type.Object({ tags: Type.Array(Type.String(), { maxItems: 2 }) }), { uniqueItems: true })
+  const twins = problems(unique, [{ tags: ['a', 'b', 'c', 'd'] }, { tags: ['a', 'b', 'c', 'e'] }])
+  t.same(twins.map((p) => p.path.join('/')), ['0/tags', '1/tags'], 'no repeat where the elements differ past the bound')
+  // A copy keeps what it copies as it stands: a property that is not enumerable is still there.
+  const hidden = Object.defineProperty({ l: ['x', 'y', 'z'] }, 'a', { value: 'ok', enumerable: false })
+  t.same(problems(Type.Object({ a: Type.String(), l: Type.Array(Type.String(), { maxItems: 1 }) }), hidden).map((p) => p.path.join('/')), ['l'], 'only the array is refused')
+
+  const { WebhookFields } = await import('../admin/schemas.ts')
+  const events = problems(Type.Object(WebhookFields), { url: 'http://receiver.test/', events: Array(5000).fill('key.created'), description: null }).find((p) => p.path[0] === 'events')
+  t.match(events, { kind: 'invalid', allowed: /at most 6/ }, "a webhook's events: at most one of each, refused at the count")
+})
+
+t.test('an unknown key named as a member of Object.prototype is told as unknown', async (t) => {
+  const { problems } = await import('../core/validate.ts')
+  const { Type } = await import('@sinclair/typebox')
+  const schema = Type.Object({ name: Type.String() }, { additionalProperties: false })
+  for (const name of ['__proto__', 'constructor', 'toString']) {
+    const found = problems(schema, JSON.parse(`{"name":"x","${name}":1}`))
+    t.match(found, [{ path: [name], kind: 'unknown', allowed: 'name' }], name)
+  }
 })
