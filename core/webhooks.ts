@@ -23,7 +23,7 @@
 // it, re-seals a secret sealed with a previous encryption key under the current one, and drops a
 // previous secret once its grace has ended.
 import { createHmac, randomBytes } from 'node:crypto'
-import { request, type Agent } from 'undici'
+import type { Agent } from 'undici'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import { decodeCursor, pageOf, type Page } from './cursor.ts'
@@ -283,7 +283,8 @@ export class WebhookService {
   readonly #storeNow: () => Date | null
   readonly #allowed: AllowList
   readonly #names: WebhookNames
-  readonly #agent: Agent
+  /** The HTTP client of the deliveries, made at the first: a process that only queues (the CLI's) never loads undici. */
+  #client: Promise<{ request: typeof import('undici').request; agent: Agent }> | undefined
   #timer: NodeJS.Timeout | undefined
   #running: Promise<void> | undefined
   /** Something may have become claimable (a kick, an attempt ended) since the last claim. */
@@ -305,7 +306,6 @@ export class WebhookService {
     this.#closed = options.deliver === false
     this.#allowed = allowList(options.config.allow_private)
     this.#names = options.lookup ? new WebhookNames(options.lookup) : webhookNames
-    this.#agent = pinnedAgent(this.#allowed, options.config.timeout_ms, this.#names)
   }
 
   // Registry
@@ -820,9 +820,10 @@ export class WebhookService {
     try {
       const signatures = this.#signingSecrets(c, now).map((secret) => sign(secret, c.id, timestamp, c.payload))
       checkDeliveryUrl(c.url, this.#allowed)
+      const { request, agent } = await (this.#client ??= Promise.all([import('undici'), pinnedAgent(this.#allowed, this.#c.timeout_ms, this.#names)]).then(([{ request }, agent]) => ({ request, agent })))
       const res = await request(c.url, {
         method: 'POST',
-        dispatcher: this.#agent,
+        dispatcher: agent,
         headers: {
           'content-type': 'application/json',
           'user-agent': 'keygate-webhooks',
@@ -921,7 +922,8 @@ export class WebhookService {
   async close(): Promise<void> {
     this.stopPolling()
     await this.idle()
-    if (!this.#agent.closed && !this.#agent.destroyed) await this.#agent.close()
+    const agent = this.#client && (await this.#client).agent
+    if (agent && !agent.closed && !agent.destroyed) await agent.close()
   }
 }
 
