@@ -670,12 +670,6 @@ export interface OpenDbOptions {
    */
   existingOnly?: string
   /**
-   * With `memory`: a tar of an initialised data folder (PGlite's dumpDataDir) the store starts
-   * from, instead of running PGlite's initdb, which costs seconds of CPU and gives the same
-   * folder every time (tests open many stores).
-   */
-  seed?: string
-  /**
    * The embedded store serves one short command (the CLI's): it starts with 16 MB of shared
    * buffers, not PostgreSQL's 128 MB, which a few queries never fill and whose zeroing at start
    * was about a third of the CPU of opening the store (1.0 s against 1.5 s, here).
@@ -701,7 +695,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     return db
   }
   const sharedBuffers = options.shortLived ? SHORT_LIVED_SHARED_BUFFERS : undefined
-  if (options.memory) return EmbeddedDb.open({ dataDir: undefined, seed: options.seed, sharedBuffers }, () => {})
+  if (options.memory) return EmbeddedDb.open({ dataDir: undefined, sharedBuffers }, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
   const pgdata = join(dir, 'pgdata')
   if (options.existingOnly !== undefined) requireStore(dir, pgdata, options.existingOnly)
@@ -726,7 +720,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     throw new KeygateError('store_unavailable', `cannot prepare the embedded store folder ${pgdata}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
   try {
-    return await EmbeddedDb.open({ dataDir: pgdata, seed: undefined, sharedBuffers }, release)
+    return await EmbeddedDb.open({ dataDir: pgdata, sharedBuffers }, release)
   } catch (err) {
     release()
     let foreign: ReturnType<typeof unreachableFileIn>

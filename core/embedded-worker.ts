@@ -3,7 +3,6 @@
 // runs (and, measured side by side on the benchmark's bare proxy, PGlite merely loaded on the
 // serving thread made each proxied request cost about 1.07× the CPU). core/db.ts (EmbeddedDb) is the other end:
 // one message per query, and a transaction as begin, its queries, then commit or rollback.
-import { openAsBlob } from 'node:fs'
 import { parentPort, workerData } from 'node:worker_threads'
 import { PGlite, type Transaction } from '@electric-sql/pglite'
 import { nestsDeeper } from './depth.ts'
@@ -128,19 +127,17 @@ async function serve(db: PGlite): Promise<void> {
   })
 }
 
-/** What core/db.ts starts the thread with: the data folder (none: in memory), and for a memory store the tarball it may start from. */
+/** What core/db.ts starts the thread with: the data folder (none: in memory). */
 export interface WorkerOptions {
   dataDir: string | undefined
-  seed: string | undefined
   /** PostgreSQL's shared_buffers (such as '16MB'); undefined: its default, 128MB. */
   sharedBuffers: string | undefined
 }
 
-const { dataDir, seed, sharedBuffers } = workerData as WorkerOptions
+const { dataDir, sharedBuffers } = workerData as WorkerOptions
 try {
   const startParams = sharedBuffers === undefined ? undefined : [...PGlite.defaultStartParams, '-c', `shared_buffers=${sharedBuffers}`]
-  const opening = seed === undefined ? { dataDir } : { loadDataDir: await openAsBlob(seed) }
-  const db = await PGlite.create({ ...opening, ...(startParams ? { startParams } : {}) })
+  const db = await PGlite.create({ dataDir, ...(startParams ? { startParams } : {}) })
   await serve(db)
   parentPort?.postMessage({ ready: true } satisfies Ready)
 } catch (err) {

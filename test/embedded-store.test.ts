@@ -172,11 +172,6 @@ t.test("a store a test closed is lent to the next test empty, and the first test
   t.ok((await b.query('SELECT count(*) FROM api_keys')).length === 1, 'and it migrates from nothing')
 })
 
-t.test('a seed that cannot be read fails the open with the reason', async (t) => {
-  const err = await rejection(openDb({ memory: true, seed: join(tmpdir(), 'keygate-no-such-seed.tar') }))
-  t.match(err.message, /ENOENT/)
-})
-
 t.test("a short command's store starts with 16 MB of shared buffers; serve's keeps PostgreSQL's 128 MB", async (t) => {
   const root = mkdtempSync(join(tmpdir(), 'keygate-buffers-'))
   t.teardown(() => rmSync(root, { recursive: true, force: true }))

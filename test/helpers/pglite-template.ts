@@ -1,45 +1,37 @@
-// The embedded stores of the tests start from one initialised PGlite data folder, made once per
-// machine and PGlite version, rather than each running PGlite's initdb: that costs about 6 s of
-// CPU per store and writes the same folder every time, and the suite opens over a hundred stores.
+// The embedded stores of the tests start from a copy of one initialised PGlite data folder, made
+// once per machine and PGlite version, rather than each running PGlite's initdb: that costs about
+// 6 s of CPU per store and writes the same folder every time, and the suite opens over a hundred
+// stores.
 // Everything after it (migrations, keygate's own first start) still runs in each store. The
 // tests of a store made from nothing (test/embedded-store.test.ts, test/package.test.ts) do not
 // use it.
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs'
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { PGlite } from '@electric-sql/pglite'
 
 const PGLITE_VERSION = (JSON.parse(readFileSync(new URL('../../node_modules/@electric-sql/pglite/package.json', import.meta.url), 'utf8')) as { version: string }).version
 const ROOT = join(tmpdir(), `keygate-test-pglite-${PGLITE_VERSION}`)
-const TAR = join(ROOT, 'initdb.tar')
 const FOLDER = join(ROOT, 'pgdata')
 
 let made: Promise<void> | undefined
 
 /** Makes the template when this machine has none: in a folder of its own, then renamed into place (tap runs test files side by side). */
 async function template(): Promise<void> {
-  if (existsSync(TAR)) return
+  if (existsSync(FOLDER)) return
   const work = mkdtempSync(`${ROOT}-making-`)
   try {
     const db = await PGlite.create(join(work, 'pgdata'))
-    const dump = await db.dumpDataDir('none')
     await db.close()
-    writeFileSync(join(work, 'initdb.tar'), Buffer.from(await dump.arrayBuffer()))
     try {
       renameSync(work, ROOT)
     } catch (err) {
       // Another test file made it first.
-      if (!existsSync(TAR)) throw err
+      if (!existsSync(FOLDER)) throw err
     }
   } finally {
     rmSync(work, { recursive: true, force: true })
   }
-}
-
-/** The tar an in-memory store starts from: `openDb({ memory: true, seed: await pgliteSeed() })`. */
-export async function pgliteSeed(): Promise<string> {
-  await (made ??= template())
-  return TAR
 }
 
 /**
