@@ -675,6 +675,8 @@ export interface OpenDbOptions {
    * was about a third of the CPU of opening the store (1.0 s against 1.5 s, here).
    */
   shortLived?: boolean
+  /** The embedded store's shared_buffers in MiB, when not `shortLived` (config: store.embedded_shared_buffers_mb); absent: PostgreSQL's 128. */
+  sharedBuffersMb?: number
 }
 
 /** PostgreSQL's shared_buffers for an embedded store opened by a short command. */
@@ -694,7 +696,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     }
     return db
   }
-  const sharedBuffers = options.shortLived ? SHORT_LIVED_SHARED_BUFFERS : undefined
+  const sharedBuffers = options.shortLived ? SHORT_LIVED_SHARED_BUFFERS : options.sharedBuffersMb !== undefined ? `${options.sharedBuffersMb}MB` : undefined
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, sharedBuffers }, () => {})
   const dir = resolve(options.dataDir ?? './.keygate')
   const pgdata = join(dir, 'pgdata')

@@ -33,6 +33,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     dataDir: config.store.data_dir,
     poolMax: config.store.pool_max,
     queryTimeoutMs: config.store.query_timeout_ms,
+    sharedBuffersMb: config.store.embedded_shared_buffers_mb,
     ...(options.lockedHint ? { lockedHint: options.lockedHint } : {}),
     ...(options.existingOnly !== undefined ? { existingOnly: options.existingOnly } : {}),
     ...(options.shortLived ? { shortLived: true } : {}),

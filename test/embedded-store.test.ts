@@ -7,7 +7,10 @@ import { chmodSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, sqlState, UNIQUE_VIOLATION } from '../core/db.ts'
-import { forEachStore, memoryDb, rejection } from './helpers/stores.ts'
+import { forEachStore, memoryDb, rejection, TEST_ENCRYPTION_KEY } from './helpers/stores.ts'
+import { loadConfig } from '../config/load.ts'
+import { silentLogger } from '../core/log.ts'
+import { openRuntime } from '../core/runtime.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { migrate } from '../core/migrate.ts'
 
@@ -172,19 +175,22 @@ t.test("a store a test closed is lent to the next test empty, and the first test
   t.ok((await b.query('SELECT count(*) FROM api_keys')).length === 1, 'and it migrates from nothing')
 })
 
-t.test("a short command's store starts with 16 MB of shared buffers; serve's keeps PostgreSQL's 128 MB", async (t) => {
+t.test("a short command's store starts with 16 MB of shared buffers; serve's has store.embedded_shared_buffers_mb, by default PostgreSQL's 128 MB", async (t) => {
   const root = mkdtempSync(join(tmpdir(), 'keygate-buffers-'))
   t.teardown(() => rmSync(root, { recursive: true, force: true }))
   const dir = await seedDataDir(join(root, 'store'))
-  const buffers = async (shortLived: boolean) => {
-    const db = await openDb({ dataDir: dir, shortLived })
+  const buffers = async (shortLived: boolean, env: Record<string, string> = {}) => {
+    const runtime = await openRuntime(loadConfig({ env: { KEYGATE_DATA_DIR: dir, KEYGATE_ENCRYPTION_KEY: TEST_ENCRYPTION_KEY.toString('base64'), ...env } }), silentLogger, { shortLived })
     try {
-      return (await db.query<{ shared_buffers: string }>('SHOW shared_buffers'))[0]?.shared_buffers
+      return (await runtime.db.query<{ shared_buffers: string }>('SHOW shared_buffers'))[0]?.shared_buffers
     } finally {
-      await db.close()
+      await runtime.close()
     }
   }
   t.equal(await buffers(true), '16MB', 'the CLI: a few queries never fill more')
   t.equal(await buffers(false), '128MB', 'serve: the default')
-  t.equal(await buffers(true), '16MB', 'the same folder, opened short again')
+  t.equal(await buffers(false, { KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '24' }), '24MB', 'serve: as configured')
+  t.equal(await buffers(false, { KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '1024' }), '1GB', 'the largest allowed starts')
+  t.equal(await buffers(true, { KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '64' }), '16MB', 'the same folder, opened short again, whatever is configured')
+  t.throws(() => loadConfig({ env: { KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '8' } }), /store\.embedded_shared_buffers_mb/, 'less than 16 is refused by name')
 })

@@ -55,7 +55,7 @@ export interface ServeOptions {
   /** Another keygate command to run (an installed package's). */
   bin?: string
   /**
-   * `full`: V8's default tiering, as `serve` runs in production. By default the tests start it on
+   * `full`: V8's default tiering and store.embedded_shared_buffers_mb, as `serve` runs in production. By default the tests start it on
    * V8's baseline compiler alone (`--liftoff-only`), as the test processes and the short commands
    * run: a test's `serve` lives for seconds, and V8's optimising compiler, recompiling PGlite's
    * WebAssembly on the side, took about a third of its CPU (a start and a second of idling: 3.5
@@ -65,7 +65,10 @@ export interface ServeOptions {
 }
 
 export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served> {
-  const env = childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...options.env })
+  // A test's embedded store holds a few rows: 16 MiB of shared buffers, not 128, saves about 0.45 s
+  // of CPU a start (2.8 s against 2.4 s, here) that zeroing them cost. `full` keeps serve's default.
+  const buffers = options.tiering === 'full' ? {} : { KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '16' }
+  const env = childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...buffers, ...options.env })
   const v8 = options.tiering === 'full' ? [] : ['--liftoff-only']
   const child = spawnClean(process.execPath, [...v8, options.bin ?? KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
   let out = ''
