@@ -398,7 +398,8 @@ class EmbeddedDb implements Db {
 
 type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never
 
-function processAlive(pid: number): boolean {
+/** Whether a process of this pid is alive (one of another user's counts: the kill is refused, not failed). */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0)
     return true

@@ -8,7 +8,7 @@ import { join } from 'node:path'
 import pg from 'pg'
 import type { Test } from 'tap'
 import { AUDIT_FORMAT, AuditCipher, AuditLog } from '../../core/audit.ts'
-import { openDb, type Db, type Queryable, type TransactionOptions } from '../../core/db.ts'
+import { openDb, processAlive, type Db, type Queryable, type TransactionOptions } from '../../core/db.ts'
 import { KeygateError } from '../../core/errors.ts'
 import { KeyService } from '../../core/keys/service.ts'
 import { migrate } from '../../core/migrate.ts'
@@ -110,21 +110,12 @@ function storesRoot(): string {
   if (root !== undefined) return root
   for (const name of readdirSync(tmpdir())) {
     const pid = name.startsWith(ROOT_PREFIX) ? Number(name.slice(ROOT_PREFIX.length).split('-')[0]) : 0
-    if (pid > 0 && !alive(pid)) rmSync(join(tmpdir(), name), { recursive: true, force: true })
+    if (pid > 0 && !processAlive(pid)) rmSync(join(tmpdir(), name), { recursive: true, force: true })
   }
   const made = mkdtempSync(join(tmpdir(), `${ROOT_PREFIX}${process.pid}-`))
   process.on('exit', () => rmSync(made, { recursive: true, force: true }))
   root = made
   return made
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
 }
 
 /** `db`, whose close also removes its data folder. */
