@@ -8,7 +8,6 @@
 // each run: requests answered 200 a second, and the serve process's resident memory at the end
 // (VmRSS). Prints the medians, and each setting's req/s as a ratio of 128's in the same round.
 // Linux only (/proc).
-import { spawn } from 'node:child_process'
 import { createHash, randomUUID } from 'node:crypto'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import http from 'node:http'
@@ -16,7 +15,7 @@ import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Pool } from 'undici'
-import { countArg as arg, cli, here, median } from './servers.ts'
+import { countArg as arg, cli, median, startKeygate } from './servers.ts'
 
 const KEYS = arg('keys', 100_000)
 const ROUNDS = arg('rounds', 3)
@@ -48,7 +47,6 @@ writeFileSync(config, 'rate_limits:\n  per_address: { limit: 1000000000, window_
 
 async function measure(mb: number): Promise<{ reqps: number; rssMiB: number }> {
   const env = {
-    ...process.env,
     KEYGATE_CONFIG: config,
     KEYGATE_DATA_DIR: dataDir,
     KEYGATE_LISTEN: '127.0.0.1:0',
@@ -59,21 +57,7 @@ async function measure(mb: number): Promise<{ reqps: number; rssMiB: number }> {
     KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: String(mb),
     LOG_LEVEL: 'info',
   }
-  const child = spawn(process.execPath, [here('../bin/keygate.js'), 'serve'], { env, stdio: ['ignore', 'pipe', 'inherit'] })
-  const port = await new Promise<number>((resolve, reject) => {
-    let buffer = ''
-    const onData = (d: Buffer) => {
-      buffer += d.toString()
-      const m = /"message":"gateway listening","address":"[^"]*:(\d+)"/.exec(buffer)
-      if (m) {
-        child.stdout.off('data', onData)
-        child.stdout.resume()
-        resolve(Number(m[1]))
-      }
-    }
-    child.stdout.on('data', onData)
-    child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))
-  })
+  const { port, pid, child } = await startKeygate(env)
   const pool = new Pool(`http://127.0.0.1:${port}`, { connections: CONNECTIONS })
   let ok = 0
   let other = 0
@@ -91,7 +75,7 @@ async function measure(mb: number): Promise<{ reqps: number; rssMiB: number }> {
   const began = Date.now()
   await Promise.all(Array.from({ length: CONNECTIONS }, () => drive(began + SECONDS * 1000)))
   const reqps = ok / ((Date.now() - began) / 1000)
-  const rssMiB = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1]) / 1024
+  const rssMiB = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]) / 1024
   await pool.close()
   const exited = new Promise((resolve) => child.once('exit', resolve))
   child.kill('SIGTERM')
