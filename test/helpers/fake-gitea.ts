@@ -159,11 +159,8 @@ export function goParseInt(s: string, givenBase: 0 | 10 = 0): bigint {
     const afterLead = prefix !== null || base === 8
     if (digits.endsWith('_') || digits.includes('__') || (digits.startsWith('_') && !afterLead)) return 0n
   }
-  const value = sign === '-' ? -n : n
-  const max = (1n << 63n) - 1n
-  if (value > max) return max
-  if (value < -max - 1n) return -max - 1n
-  return value
+  // In int64's range, or its bound on that side.
+  return n > (sign === '-' ? 1n << 63n : (1n << 63n) - 1n) ? bound : sign === '-' ? -n : n
 }
 
 /** Go's unicode.IsSpace, as strings.Fields and strings.TrimSpace apply it (not JavaScript's \s: U+0085 in, U+FEFF out). */
@@ -468,9 +465,10 @@ export class FakeGitea {
     // 401): a token header alone is not enough.
     const refused = scopeRefusal(signed, method === 'GET' ? 'read:user' : 'write:user')
     if (refused !== null) return this.#error(req, res, operation, 403, refused)
-    const target = this.user(decodeURIComponent(m[1] as string))
+    const name = decodeURIComponent(m[1] as string)
+    const target = this.user(name)
     // UserAssignmentAPI answers with ctx.Error: GetUserByName's error as the message, no `errors`.
-    if (!target) return this.#send(req, res, operation, 404, { message: userNotExist(0, decodeURIComponent(m[1] as string)), url: `${this.url}/api/swagger` })
+    if (!target) return this.#send(req, res, operation, 404, { message: userNotExist(0, name), url: `${this.url}/api/swagger` })
     if (!signed || (signed.user.login !== target.login && !signed.user.is_admin)) {
       return this.#error(req, res, operation, 403, 'doer should be the site admin or be same as the contextUser')
     }
