@@ -183,11 +183,11 @@ export class Scheduler {
         if (locked.length === 0) return done
         done.ended = await this.#endKeys(tx, now, locked)
         done.announced = await this.#announce(tx, now, notice, locked)
-        for (const e of done.ended) {
-          await this.#o.audit.write(tx, SYSTEM, { keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })
-        }
+        await this.#o.audit.writeMany(tx, SYSTEM, [
+          ...done.ended.map((e) => ({ keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })),
+          ...done.announced.map((a) => ({ keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })),
+        ])
         for (const a of done.announced) {
-          await this.#o.audit.write(tx, SYSTEM, { keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })
           // In this transaction: the notice is recorded as sent, so the event must not be lost.
           const event = await this.#o.events?.stage(tx, 'key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
           if (event) done.events.push(event)
