@@ -11,7 +11,7 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
 import { existsSync, lstatSync, readFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import type { Db, Queryable } from './db.ts'
+import { statementBatches, type Db, type Queryable } from './db.ts'
 import type { CursorPosition } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { createWhole, replaceWhole } from './files.ts'
@@ -353,37 +353,31 @@ export class AuditLog {
   }
 
   /**
-   * Writes rows in the caller's transaction, WRITE_BATCH_ROWS to a statement: an import's 10,000
-   * keys or a scheduler batch were a statement and a round trip per row (on the embedded store,
-   * 0.7 to 0.8 ms of its thread's time each). Gives the rows' ids, in the order of `entries`.
+   * Writes rows in the caller's transaction, many to a statement (statementBatches): an import's
+   * 10,000 keys or a scheduler batch were a statement and a round trip per row (on the embedded
+   * store, 0.7 to 0.8 ms of its thread's time each). Gives the rows' ids, in the order of `entries`.
    */
   async writeMany(tx: Queryable, actor: Actor, entries: readonly AuditEntry[]): Promise<string[]> {
     if (entries.length === 0) return []
     const createdAt = await transactionTime(tx)
-    const ids: string[] = []
-    for (let start = 0; start < entries.length; start += WRITE_BATCH_ROWS) {
-      const batch = entries.slice(start, start + WRITE_BATCH_ROWS)
-      const columns = { id: [] as string[], keyId: [] as (string | null)[], action: [] as string[], encKeyId: [] as string[], nonce: [] as string[], details: [] as string[] }
-      for (const entry of batch) {
-        const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt }
-        const sealed = this.#cipher.seal(row, entry.details ?? {}, this.#format)
-        ids.push(row.id)
-        columns.id.push(row.id)
-        columns.keyId.push(row.keyId)
-        columns.action.push(row.action)
-        columns.encKeyId.push(sealed.encKeyId)
-        columns.nonce.push(sealed.nonce.toString('hex'))
-        columns.details.push(sealed.details.toString('hex'))
-      }
+    const rows = entries.map((entry) => {
+      const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt }
+      const sealed = this.#cipher.seal(row, entry.details ?? {}, this.#format)
+      return { row, encKeyId: sealed.encKeyId, nonce: sealed.nonce.toString('hex'), details: sealed.details.toString('hex') }
+    })
+    for (const batch of statementBatches(rows, (r) => r.details.length + r.row.action.length + AUDIT_ROW_CHARS)) {
       // Arrays of text, bytea as hex: node-postgres and PGlite pass them alike.
       await tx.query(
         `INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format)
          SELECT r.id, r.key_id, r.action, $7::text, $8::text, r.enc_key_id, decode(r.nonce, 'hex'), decode(r.details, 'hex'), $9::timestamptz, $10::smallint
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS r(id, key_id, action, enc_key_id, nonce, details)`,
-        [columns.id, columns.keyId, columns.action, columns.encKeyId, columns.nonce, columns.details, actor.actor, actor.address ?? null, createdAt, this.#format],
+        [
+          batch.map((r) => r.row.id), batch.map((r) => r.row.keyId), batch.map((r) => r.row.action), batch.map((r) => r.encKeyId),
+          batch.map((r) => r.nonce), batch.map((r) => r.details), actor.actor, actor.address ?? null, createdAt, this.#format,
+        ],
       )
     }
-    return ids
+    return rows.map((r) => r.row.id)
   }
 
   /**
@@ -452,12 +446,8 @@ interface StoredRow {
   format: number
 }
 
-/**
- * The most rows one statement of writeMany inserts: a statement stays far inside
- * store.query_timeout_ms (1,000 rows took 15 to 50 ms on the embedded store), and its parameters
- * a few hundred KiB.
- */
-const WRITE_BATCH_ROWS = 1000
+/** An audit row's characters in a statement besides its details and action (its id, key id, nonce, encryption key id). */
+const AUDIT_ROW_CHARS = 100
 
 /** The times of transactions audit rows were written in, read once per transaction. */
 const transactionTimes = new WeakMap<Queryable, Date>()

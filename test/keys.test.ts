@@ -2,9 +2,10 @@
 // stats, and the audit rows each change writes.
 import t from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
+import { isDeepStrictEqual } from 'node:util'
 import type { Test } from 'tap'
 import { AuditLog, type Actor, type AuditEntry } from '../core/audit.ts'
-import type { Db, Queryable } from '../core/db.ts'
+import { statementBatches, type Db, type Queryable } from '../core/db.ts'
 import { generateKey, randomBase62 } from '../core/keys/format.ts'
 import { KEY_TYPES, keyJson, type KeyRecord } from '../core/keys/types.ts'
 import { rangeMatcher } from '../core/keys/evaluate.ts'
@@ -857,6 +858,16 @@ await forEachStore(t, async (t: Test, store) => {
 
   // Before, an import was two statements a row (10,000 rows took 15 s on the embedded store);
   // now rows go 1,000 to a statement: these tests cross that bound.
+  t.test('statementBatches: at most 1,000 rows and about 512 KiB to a statement, never an empty one', async (t) => {
+    const sizes = (batches: number[][]) => batches.map((b) => b.length)
+    t.same(statementBatches([], () => 1), [])
+    t.same(sizes(statementBatches(Array.from({ length: 2500 }, () => 10), (n) => n)), [1000, 1000, 500])
+    t.same(sizes(statementBatches(Array.from({ length: 5 }, () => 200 * 1024), (n) => n)), [2, 2, 1], 'two of 200 KiB, not three')
+    t.same(sizes(statementBatches([10, 600 * 1024, 10, 10], (n) => n)), [1, 1, 2], 'a row larger than the bound goes alone')
+    const items = Array.from({ length: 2345 }, (_, i) => i)
+    t.same(statementBatches(items, () => 300).flat(), items, 'every item, in order')
+  })
+
   t.test('an import larger than one statement stores every row as given, in order, each with its audit row', async (t) => {
     const s = testServices(db)
     const g = tag()
@@ -864,7 +875,8 @@ await forEachStore(t, async (t: Test, store) => {
       key_hash: sha256(randomUUID()),
       name: `${g} bulk ${i}`,
       ...(i % 3 === 0 ? { scopes: Array.from({ length: i % 5 }, (_, j) => `scope:${j}`) } : {}),
-      ...(i % 4 === 0 ? { owner: `owner ${i}`, metadata: { row: i, nested: { quote: 'a"b\\c,{}' } } } : {}),
+      // 6,000 characters on every fourth row: the keys' statements are cut by size as well as rows.
+      ...(i % 4 === 0 ? { owner: `owner ${i}`, metadata: { row: i, nested: { quote: 'a"b\\c,{}' }, filler: `${i}`.padEnd(6000, '.') } } : {}),
       ...(i % 7 === 0 ? { type: 'user', created_at: '2021-03-04T05:06:07.089Z' } : {}),
       ...(i === 2000 ? { expires_at: '2022-01-01T00:00:00Z' } : {}),
     }))
@@ -890,7 +902,8 @@ await forEachStore(t, async (t: Test, store) => {
         expiresAt: row.expires_at ? new Date(row.expires_at).toISOString() : null,
       }
       const seen = (k: KeyRecord) => ({ keyHash: k.keyHash, name: k.name, type: k.type, status: k.status, scopes: k.scopes, owner: k.owner, metadata: k.metadata, allowedCidrs: k.allowedCidrs, legacy: k.legacy, createdAt: k.createdAt.toISOString(), expiresAt: k.expiresAt?.toISOString() ?? null })
-      if (JSON.stringify(seen(r)) !== JSON.stringify(expected) || JSON.stringify(seen(stored)) !== JSON.stringify(expected)) {
+      // Deep equality: jsonb keeps an object's members in an order of its own.
+      if (!isDeepStrictEqual(seen(r), expected) || !isDeepStrictEqual(seen(stored), expected)) {
         if (mismatched++ < 3) t.same({ returned: seen(r), stored: seen(stored) }, { returned: expected, stored: expected }, `row ${i + 1}`)
       }
     }

@@ -3,7 +3,7 @@
 // record commit together or not at all.
 import { isDeepStrictEqual } from 'node:util'
 import type { Db, Queryable } from '../db.ts'
-import { sqlState, UNIQUE_VIOLATION } from '../db.ts'
+import { sqlState, statementBatches, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, pageOf, type Page } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
@@ -36,11 +36,11 @@ export type Validation =
 
 const METADATA_MAX_BYTES = 8192
 
-/**
- * The most keys one INSERT writes: an import's 10,000 go as ten statements, each far inside
- * store.query_timeout_ms (1,000 took 70 to 250 ms on the embedded store, the first the slowest).
- */
-const INSERT_BATCH_ROWS = 1000
+/** A key's characters in an INSERT besides its name, owner, scopes, metadata and CIDRs (its id, hash, times…). */
+const KEY_ROW_CHARS = 200
+
+/** A JSON array of strings (a jsonb expression) as a text[], its order kept. */
+const JSON_TEXT_ARRAY = (json: string) => `ARRAY(SELECT e FROM jsonb_array_elements_text(${json}) WITH ORDINALITY AS a(e, i) ORDER BY i)`
 
 /** A key as it is inserted: what the store fills in (updated_at, the ends) is not given. */
 type NewKey = Omit<KeyRecord, 'updatedAt' | 'lastUsedAt' | 'revokedAt' | 'revokedReason' | 'replacedBy'>
@@ -322,23 +322,23 @@ export class KeyService {
   }
 
   /**
-   * Inserts keys, INSERT_BATCH_ROWS to a statement (an import's 10,000 were a statement and a
-   * round trip each), and gives their records in the order of `keys`. `updatedAt`: every key's,
+   * Inserts keys, many to a statement (statementBatches: an import's 10,000 were a statement and
+   * a round trip each), and gives their records in the order of `keys`. `updatedAt`: every key's,
    * else each its own createdAt.
    */
   async #insertMany(tx: Queryable, keys: readonly NewKey[], updatedAt?: Date): Promise<KeyRecord[]> {
+    // A column of arrays (scopes, allowed_cidrs) goes as JSON: an array of arrays must be
+    // rectangular in PostgreSQL. Every other column is an array of its own type; node-postgres
+    // and PGlite pass them alike.
+    const rows = keys.map((k) => ({ k, scopes: JSON.stringify(k.scopes), metadata: JSON.stringify(k.metadata), cidrs: JSON.stringify(k.allowedCidrs) }))
     const out: KeyRecord[] = []
-    for (let start = 0; start < keys.length; start += INSERT_BATCH_ROWS) {
-      const batch = keys.slice(start, start + INSERT_BATCH_ROWS)
-      const column = <T>(of: (k: NewKey) => T): T[] => batch.map(of)
-      // A column of arrays (scopes, allowed_cidrs) goes as JSON text: an array of arrays must be
-      // rectangular in PostgreSQL. Every other column is an array of its own type; node-postgres
-      // and PGlite pass them alike.
-      const rows = await tx.query<KeyRow>(
+    for (const batch of statementBatches(rows, (r) => r.scopes.length + r.metadata.length + r.cidrs.length + r.k.name.length + (r.k.owner?.length ?? 0) + KEY_ROW_CHARS)) {
+      const column = <T>(of: (k: NewKey) => T): T[] => batch.map((r) => of(r.k))
+      const inserted = await tx.query<KeyRow>(
         `INSERT INTO api_keys (id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
            rotation_interval_s, rotated_from, grace_until, legacy, created_at, updated_at, expires_at)
-         SELECT r.id, r.key_hash, r.name, r.type, r.status, ARRAY(SELECT jsonb_array_elements_text(r.scopes)), r.owner, r.metadata,
-           ARRAY(SELECT jsonb_array_elements_text(r.allowed_cidrs)), r.rate_limit, r.rate_limit_window_s, r.rotation_interval_s,
+         SELECT r.id, r.key_hash, r.name, r.type, r.status, ${JSON_TEXT_ARRAY('r.scopes')}, r.owner, r.metadata,
+           ${JSON_TEXT_ARRAY('r.allowed_cidrs')}, r.rate_limit, r.rate_limit_window_s, r.rotation_interval_s,
            r.rotated_from, r.grace_until, r.legacy, r.created_at, r.updated_at, r.expires_at
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::int[],
            $11::int[], $12::int[], $13::text[], $14::timestamptz[], $15::boolean[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
@@ -347,15 +347,15 @@ export class KeyService {
          RETURNING ${COLUMNS}`,
         [
           column((k) => k.id), column((k) => k.keyHash), column((k) => k.name), column((k) => k.type), column((k) => k.status),
-          column((k) => JSON.stringify(k.scopes)), column((k) => k.owner), column((k) => JSON.stringify(k.metadata)),
-          column((k) => JSON.stringify(k.allowedCidrs)), column((k) => k.rateLimit?.limit ?? null), column((k) => k.rateLimit?.windowS ?? null),
-          column((k) => k.rotationIntervalS), column((k) => k.rotatedFrom), column((k) => k.graceUntil), column((k) => k.legacy),
+          batch.map((r) => r.scopes), column((k) => k.owner), batch.map((r) => r.metadata), batch.map((r) => r.cidrs),
+          column((k) => k.rateLimit?.limit ?? null), column((k) => k.rateLimit?.windowS ?? null), column((k) => k.rotationIntervalS),
+          column((k) => k.rotatedFrom), column((k) => k.graceUntil), column((k) => k.legacy),
           column((k) => k.createdAt), column((k) => updatedAt ?? k.createdAt), column((k) => k.expiresAt),
         ],
       )
       // RETURNING's order is not promised: the records are put in the order given.
-      const byId = new Map(rows.map((r) => [r.id, r]))
-      for (const k of batch) out.push(toRecord(byId.get(k.id) as KeyRow))
+      const byId = new Map(inserted.map((r) => [r.id, r]))
+      for (const r of batch) out.push(toRecord(byId.get(r.k.id) as KeyRow))
     }
     return out
   }
