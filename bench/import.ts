@@ -7,13 +7,12 @@
 // second the import writes past the baseline's time. `--keygate` measures another checkout's
 // command beside this one's, in the same rounds (the code before a change, say).
 import { spawnSync } from 'node:child_process'
-import { createHash, randomBytes, randomUUID } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import pg from 'pg'
-import { countArg as arg, here, median } from './servers.ts'
+import { countArg as arg, freshStores, here, median } from './servers.ts'
 
 const ROWS = arg('rows', 10_000)
 const ROUNDS = arg('rounds', 3)
@@ -43,47 +42,7 @@ function timed(command: string, args: string[], env: Record<string, string>): nu
   return s
 }
 
-interface Store {
-  name: string
-  /** A fresh store's environment, and what removes it. */
-  open(): Promise<{ env: Record<string, string>; drop(): Promise<void> }>
-}
-
-const stores: Store[] = [
-  {
-    name: 'embedded',
-    open: async () => {
-      const dataDir = mkdtempSync(join(dir, 'store-'))
-      return { env: { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: '', REDIS_URL: '' }, drop: async () => rmSync(dataDir, { recursive: true, force: true }) }
-    },
-  },
-]
-const databaseUrl = process.env.DATABASE_URL
-if (databaseUrl) {
-  const encryptionKey = randomBytes(32).toString('base64')
-  const admin = async <T>(fn: (c: pg.Client) => Promise<T>): Promise<T> => {
-    const c = new pg.Client({ connectionString: databaseUrl })
-    await c.connect()
-    try {
-      return await fn(c)
-    } finally {
-      await c.end()
-    }
-  }
-  stores.push({
-    name: 'postgres',
-    open: async () => {
-      const name = `kg_bench_import_${randomBytes(4).toString('hex')}`
-      await admin((c) => c.query(`CREATE DATABASE ${name}`))
-      const url = new URL(databaseUrl)
-      url.pathname = `/${name}`
-      return {
-        env: { DATABASE_URL: url.toString(), KEYGATE_ENCRYPTION_KEY: encryptionKey, REDIS_URL: '' },
-        drop: () => admin(async (c) => void (await c.query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`))),
-      }
-    },
-  })
-}
+const stores = freshStores(dir)
 
 type Times = { baseline: number[]; import: number[] }
 const results = new Map<string, Times>()

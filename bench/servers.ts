@@ -2,10 +2,12 @@
 // and keygate, `keygate serve` with every stage on), each optionally under a wrapper command
 // (valgrind for bench/instructions.ts), and the median. Every child is killed when the benchmark exits.
 import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process'
-import { writeFileSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { Redis } from 'ioredis'
+import pg from 'pg'
 
 export const here = (f: string) => fileURLToPath(new URL(f, import.meta.url))
 const KEYGATE = here('../bin/keygate.ts')
@@ -116,4 +118,48 @@ export async function redisAnswer(url: string): Promise<string> {
  */
 export function redisUsedThroughout(server: Server): void {
   if (/Redis is not answering/.test(server.output())) throw new Error(`keygate with REDIS_URL fell back to its in-memory limits during the run, so the Redis limiter was not measured:\n${server.output()}`)
+}
+
+/** A kind of store a benchmark measures on, made afresh for each use. */
+export interface FreshStore {
+  name: 'embedded' | 'postgres'
+  /** A new store: keygate's environment for it (the other store's variables and REDIS_URL emptied), and what removes it. */
+  open(): Promise<{ env: Record<string, string>; drop(): Promise<void> }>
+}
+
+/** The embedded store (a folder under `dir` each) and, with DATABASE_URL, PostgreSQL (a database each, dropped after). */
+export function freshStores(dir: string): FreshStore[] {
+  const stores: FreshStore[] = [
+    {
+      name: 'embedded',
+      open: async () => {
+        const dataDir = mkdtempSync(join(dir, 'store-'))
+        return { env: { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: '', REDIS_URL: '' }, drop: async () => rmSync(dataDir, { recursive: true, force: true }) }
+      },
+    },
+  ]
+  const databaseUrl = process.env.DATABASE_URL
+  if (databaseUrl) {
+    const encryptionKey = randomBytes(32).toString('base64')
+    const admin = async (sql: string): Promise<void> => {
+      const c = new pg.Client({ connectionString: databaseUrl })
+      await c.connect()
+      try {
+        await c.query(sql)
+      } finally {
+        await c.end()
+      }
+    }
+    stores.push({
+      name: 'postgres',
+      open: async () => {
+        const name = `kg_bench_${randomBytes(6).toString('hex')}`
+        await admin(`CREATE DATABASE ${name}`)
+        const url = new URL(databaseUrl)
+        url.pathname = `/${name}`
+        return { env: { DATABASE_URL: url.toString(), KEYGATE_ENCRYPTION_KEY: encryptionKey, REDIS_URL: '' }, drop: () => admin(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) }
+      },
+    })
+  }
+  return stores
 }

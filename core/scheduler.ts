@@ -187,11 +187,12 @@ export class Scheduler {
           ...done.ended.map((e) => ({ keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })),
           ...done.announced.map((a) => ({ keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })),
         ])
-        for (const a of done.announced) {
-          // In this transaction: the notice is recorded as sent, so the event must not be lost.
-          const event = await this.#o.events?.stage(tx, 'key.expiring', { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() })
-          if (event) done.events.push(event)
-        }
+        // In this transaction: the notices are recorded as sent, so their events must not be lost.
+        const staged = await this.#o.events?.stageMany(
+          tx,
+          done.announced.map((a) => ({ type: 'key.expiring' as const, data: { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() } })),
+        )
+        if (staged) done.events.push(...staged)
         return done
       })
       // Another instance holds the lock: this round is its (or, after a first batch, it goes on with it).

@@ -27,7 +27,7 @@ import type { Agent } from 'undici'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import { decodeCursor, pageOf, type Page } from './cursor.ts'
-import type { Db, Queryable } from './db.ts'
+import { statementBatches, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { refuseKeyIn } from './validate.ts'
 import type { EventBus, EventType, KeygateEvent } from './events.ts'
@@ -247,6 +247,9 @@ const PER_WEBHOOK = SLOTS / 4
  * queued deliveries that the others took only once their own clocks caught up.
  */
 const storeClock = (n: number) => `coalesce($${n}::timestamptz, now())`
+
+/** An event's characters in a statement of enqueueMany besides its body (its type, dedupe key). */
+const EVENT_ROW_CHARS = 100
 
 export interface WebhookServiceOptions {
   db: Db
@@ -628,17 +631,30 @@ export class WebhookService {
    * active). Now the insert waits for the delete and skips the webhook it removed.
    */
   async enqueue(event: KeygateEvent, q: Queryable = this.#db): Promise<number> {
-    const body = JSON.stringify({ type: event.type, timestamp: event.at.toISOString(), data: event.data })
-    const rows = await q.query<{ id: string }>(
-      `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
-       SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, $1, $2, $3, ${storeClock(4)}, ${storeClock(4)} FROM webhooks w
-       WHERE ${SENDING} AND $1 = ANY (w.events)
-       FOR KEY SHARE OF w
-       ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
-      [event.type, body, dedupeKey(event), this.#storeNow()],
-    )
-    if (rows.length > 0 && q === this.#db) this.kick()
-    return rows.length
+    return this.enqueueMany([event], q)
+  }
+
+  /**
+   * Queues the deliveries of `events` for every sending webhook that takes them, many events to
+   * a statement (statementBatches); gives the deliveries queued.
+   */
+  async enqueueMany(events: readonly KeygateEvent[], q: Queryable = this.#db): Promise<number> {
+    const rows = events.map((e) => ({ type: e.type, body: JSON.stringify({ type: e.type, timestamp: e.at.toISOString(), data: e.data }), dedupe: dedupeKey(e) }))
+    let queued = 0
+    for (const batch of statementBatches(rows, (r) => r.body.length + EVENT_ROW_CHARS)) {
+      const made = await q.query<{ id: string }>(
+        `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
+         SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, e.type, e.payload, e.dedupe, ${storeClock(4)}, ${storeClock(4)}
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS e(type, payload, dedupe) JOIN webhooks w ON e.type = ANY (w.events)
+         WHERE ${SENDING}
+         FOR KEY SHARE OF w
+         ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
+        [batch.map((r) => r.type), batch.map((r) => r.body), batch.map((r) => r.dedupe), this.#storeNow()],
+      )
+      queued += made.length
+    }
+    if (queued > 0 && q === this.#db) this.kick()
+    return queued
   }
 
   /**
@@ -648,8 +664,8 @@ export class WebhookService {
    * (a short-lived process waits for them before it exits).
    */
   bind(events: EventBus, queued?: (insert: Promise<unknown>) => void): () => void {
-    const offStage = events.onStage(async (q, e) => {
-      await this.enqueue(e, q)
+    const offStage = events.onStage(async (q, staged) => {
+      await this.enqueueMany(staged, q)
     })
     const off = events.on((e) => {
       if (e.staged) return this.kick()
