@@ -48,6 +48,9 @@ async function round(store: FreshStore, withEvents: boolean): Promise<number> {
         const run = await scheduler.runOnce()
         const s = (performance.now() - start) / 1000
         if (run?.announced.length !== KEYS) throw new Error(`the round announced ${run?.announced.length} keys, not ${KEYS}`)
+        // A round whose staging wrote nothing would measure well: its deliveries are counted.
+        const [queued] = await rt.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM webhook_deliveries WHERE event_type = 'key.expiring'`)
+        if (queued?.n !== (withEvents ? KEYS : 0)) throw new Error(`the round queued ${queued?.n} deliveries, not ${withEvents ? KEYS : 0}`)
         return s
       } finally {
         await webhooks.close()

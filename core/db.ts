@@ -57,25 +57,31 @@ export const STATEMENT_MAX_CHARS = 512 * 1024
 
 /**
  * `items` cut into the batches that a multi-row statement each writes (an import's keys, their
- * audit rows): at most STATEMENT_MAX_ROWS, and no more than STATEMENT_MAX_CHARS of parameters
- * by `size` (an item's characters, about), but never an empty batch. Bounded by size as well as
- * rows, a statement takes about as long whatever its rows hold: 1,000 rows of 130 characters
- * took 70 ms on the embedded store, and 1,000 of the largest rows an import takes (10 MB) 0.6 to
- * 1.2 s, a large share of a store.query_timeout_ms set low (found by a review).
+ * audit rows, queued webhook deliveries): at most STATEMENT_MAX_ROWS rows, and no more than
+ * STATEMENT_MAX_CHARS of them by `size` (an item's characters, about), but never an empty batch.
+ * `rows`: how many rows an item writes (an event queues a delivery for each webhook that takes
+ * it), 1 when not given; `size` is then of all of them. Bounded by size as well as rows, a
+ * statement takes about as long whatever its rows hold: 1,000 rows of 130 characters took 70 ms
+ * on the embedded store, and 1,000 of the largest rows an import takes (10 MB) 0.6 to 1.2 s, a
+ * large share of a store.query_timeout_ms set low (found by a review).
  */
-export function statementBatches<T>(items: readonly T[], size: (item: T) => number): T[][] {
+export function statementBatches<T>(items: readonly T[], size: (item: T) => number, rows: (item: T) => number = () => 1): T[][] {
   const out: T[][] = []
   let batch: T[] = []
   let chars = 0
+  let written = 0
   for (const item of items) {
     const s = size(item)
-    if (batch.length === STATEMENT_MAX_ROWS || (batch.length > 0 && chars + s > STATEMENT_MAX_CHARS)) {
+    const r = rows(item)
+    if (batch.length > 0 && (written + r > STATEMENT_MAX_ROWS || chars + s > STATEMENT_MAX_CHARS)) {
       out.push(batch)
       batch = []
       chars = 0
+      written = 0
     }
     batch.push(item)
     chars += s
+    written += r
   }
   if (batch.length > 0) out.push(batch)
   return out

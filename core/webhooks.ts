@@ -630,30 +630,58 @@ export class WebhookService {
    * every webhook, and a key change queuing it failed (a revocation answered 500, the key still
    * active). Now the insert waits for the delete and skips the webhook it removed.
    */
-  async enqueue(event: KeygateEvent, q: Queryable = this.#db): Promise<number> {
+  async enqueue(event: KeygateEvent, q?: Queryable): Promise<number> {
     return this.enqueueMany([event], q)
   }
 
   /**
-   * Queues the deliveries of `events` for every sending webhook that takes them, many events to
-   * a statement (statementBatches); gives the deliveries queued.
+   * Queues the deliveries of `events` for every sending webhook that takes them, in statements of
+   * at most STATEMENT_MAX_ROWS deliveries (statementBatches, each event weighed by the webhooks
+   * that take its type: a statement of 1,000 events for 40 webhooks took 2.3 s on the embedded
+   * store, found by a review); gives the deliveries queued. Events of one call that share a
+   * dedupe key are queued once, the first of them (as one call an event used to be). Without `q`,
+   * all or none are queued.
    */
-  async enqueueMany(events: readonly KeygateEvent[], q: Queryable = this.#db): Promise<number> {
-    const rows = events.map((e) => ({ type: e.type, body: JSON.stringify({ type: e.type, timestamp: e.at.toISOString(), data: e.data }), dedupe: dedupeKey(e) }))
-    let queued = 0
-    for (const batch of statementBatches(rows, (r) => r.body.length + EVENT_ROW_CHARS)) {
-      const made = await q.query<{ id: string }>(
-        `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
-         SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, e.type, e.payload, e.dedupe, ${storeClock(4)}, ${storeClock(4)}
-         FROM unnest($1::text[], $2::text[], $3::text[]) AS e(type, payload, dedupe) JOIN webhooks w ON e.type = ANY (w.events)
-         WHERE ${SENDING}
-         FOR KEY SHARE OF w
-         ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
-        [batch.map((r) => r.type), batch.map((r) => r.body), batch.map((r) => r.dedupe), this.#storeNow()],
-      )
-      queued += made.length
+  async enqueueMany(events: readonly KeygateEvent[], q?: Queryable): Promise<number> {
+    const seen = new Set<string>()
+    const rows: Array<{ type: EventType; body: string; dedupe: string | null }> = []
+    for (const e of events) {
+      const dedupe = dedupeKey(e)
+      if (dedupe !== null) {
+        if (seen.has(dedupe)) continue
+        seen.add(dedupe)
+      }
+      rows.push({ type: e.type, body: JSON.stringify({ type: e.type, timestamp: e.at.toISOString(), data: e.data }), dedupe })
     }
-    if (queued > 0 && q === this.#db) this.kick()
+    if (rows.length === 0) return 0
+    const write = async (tx: Queryable): Promise<number> => {
+      // How many sending webhooks take each type, to weigh the events by: one event is one
+      // statement whatever it is, and needs no look-up.
+      const takers = new Map<string, number>()
+      if (rows.length > 1) {
+        for (const w of await tx.query<{ events: string[] }>(`SELECT w.events FROM webhooks w WHERE ${SENDING}`)) {
+          for (const type of new Set(w.events)) takers.set(type, (takers.get(type) ?? 0) + 1)
+        }
+      }
+      const fanOut = (r: (typeof rows)[number]) => Math.max(1, takers.get(r.type) ?? 0)
+      let queued = 0
+      for (const batch of statementBatches(rows, (r) => (r.body.length + EVENT_ROW_CHARS) * fanOut(r), fanOut)) {
+        const made = await tx.query<{ id: string }>(
+          `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
+           SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, e.type, e.payload, e.dedupe, ${storeClock(4)}, ${storeClock(4)}
+           FROM unnest($1::text[], $2::text[], $3::text[]) AS e(type, payload, dedupe) JOIN webhooks w ON e.type = ANY (w.events)
+           WHERE ${SENDING}
+           FOR KEY SHARE OF w
+           ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
+          [batch.map((r) => r.type), batch.map((r) => r.body), batch.map((r) => r.dedupe), this.#storeNow()],
+        )
+        queued += made.length
+      }
+      return queued
+    }
+    if (q !== undefined) return write(q)
+    const queued = rows.length === 1 ? await write(this.#db) : await this.#db.transaction(write)
+    if (queued > 0) this.kick()
     return queued
   }
 

@@ -866,6 +866,9 @@ await forEachStore(t, async (t: Test, store) => {
     t.same(sizes(statementBatches([10, 600 * 1024, 10, 10], (n) => n)), [1, 1, 2], 'a row larger than the bound goes alone')
     const items = Array.from({ length: 2345 }, (_, i) => i)
     t.same(statementBatches(items, () => 300).flat(), items, 'every item, in order')
+    // An item that writes several rows (an event queued for several webhooks) counts them all.
+    t.same(sizes(statementBatches(Array.from({ length: 1200 }, () => 3), () => 10, (n) => n)), [333, 333, 333, 201], 'three rows an item: 333 items')
+    t.same(sizes(statementBatches([1, 1500, 1, 1], () => 10, (n) => n)), [1, 1, 2], 'an item of more rows than the bound goes alone')
   })
 
   t.test('an import larger than one statement stores every row as given, in order, each with its audit row', async (t) => {

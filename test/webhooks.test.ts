@@ -6,6 +6,7 @@
 // retries with exponential backoff on a controllable clock; deliveries queued in the store
 // surviving a restart and claimed once by several services at the same time, on both stores.
 import t from 'tap'
+import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
@@ -310,6 +311,32 @@ await forEachStore(t, async (t, store) => {
     const fine = await s.create({ url: 'http://127.0.0.1:9/split?q=a%09b', events: ['key.revoked'] }, ACTOR)
     t.equal(fine.webhook.url, 'http://127.0.0.1:9/split?q=a%09b', 'a percent-encoded tab is kept, as written')
     await s.remove(fine.webhook.id, ACTOR)
+  })
+
+  await t.test('enqueueMany: each event for every webhook taking it, in statements of at most 1,000 deliveries; a dedupe key repeated in one call is queued once, the first', async (t) => {
+    const s = service({}, false)
+    const tag = randomUUID()
+    const a = (await s.create({ url: `http://127.0.0.1:9/many-a/${tag}`, events: ['anomaly.detected'] }, ACTOR)).webhook
+    const b = (await s.create({ url: `http://127.0.0.1:9/many-b/${tag}`, events: ['anomaly.detected', 'rate_limit.exceeded'] }, ACTOR)).webhook
+    const events = [
+      event('anomaly.detected', { id: `an_${tag}_1`, note: 'first' }),
+      event('rate_limit.exceeded', { key_id: `k_${tag}`, window_start: 1 }),
+      event('anomaly.detected', { id: `an_${tag}_1`, note: 'second' }),
+      ...Array.from({ length: 1200 }, (_, i) => event('anomaly.detected', { id: `an_${tag}_x${i}` })),
+    ]
+    t.equal(await s.enqueueMany(events), 2 + 1 + 2 * 1200, 'the deliveries queued')
+    const ofA = await deliveriesOf(a.id)
+    const ofB = await deliveriesOf(b.id)
+    t.equal(ofA.length, 1201)
+    t.equal(ofB.length, 1202, 'and the rate limit event for the webhook that takes it')
+    for (const rows of [ofA, ofB]) {
+      const first = rows.filter((d: { dedupe_key: string }) => d.dedupe_key === `anomaly:an_${tag}_1`)
+      t.equal(first.length, 1, 'the repeated dedupe key once')
+      t.match(JSON.parse(first[0]?.payload ?? '{}'), { data: { note: 'first' } }, 'the first of the two')
+    }
+    t.equal(await s.enqueueMany(events.slice(3, 10)), 0, 'queued again: nothing, each dedupe key is queued already')
+    // The store is shared: later subtests count the webhooks of anomaly.detected.
+    for (const w of [a, b]) await s.remove(w.id, ACTOR)
   })
 
   await t.test('retries with exponential backoff, then delivered; failed after max_attempts', async (t) => {
