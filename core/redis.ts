@@ -43,15 +43,22 @@ export const HEALTH_KEY = 'keygate:health'
 const HEALTH_TTL_MS = 10_000
 /**
  * The probe: a SET with PX, from a Lua script, as the limiters (rate-limiter-flexible's script)
- * and the lockout's restore (core/lockout.ts) write. A Redis over maxmemory with noeviction
- * (OOM), a replica (READONLY) or an ACL that refuses writes or scripts refuses it, where it
- * answers PING.
+ * and the lockout's restore (core/lockout.ts) write; then a MULTI/EXEC, as the limiters' reads
+ * and blocks (rate-limiter-flexible's get and block) and the anomaly counts run theirs. A Redis
+ * over maxmemory with noeviction (OOM), a replica (READONLY) or an ACL that refuses writes,
+ * scripts or transactions refuses it, where it answers PING. (An ACL that refuses EVALSHA alone
+ * refuses nothing keygate needs: ioredis runs a script it was refused with EVAL.)
  */
 const HEALTH_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])"
 
-/** The probe's write (HEALTH_SCRIPT): resolves once Redis took it, rejects with Redis's refusal. */
-export function writeHealthKey(redis: Redis): Promise<unknown> {
-  return redis.eval(HEALTH_SCRIPT, 1, HEALTH_KEY, '1', HEALTH_TTL_MS)
+/** The probe's write and transaction: resolves once Redis took both, rejects with Redis's refusal. */
+export async function writeHealthKey(redis: Redis): Promise<void> {
+  await redis.eval(HEALTH_SCRIPT, 1, HEALTH_KEY, '1', HEALTH_TTL_MS)
+  // Before (found by a review), an ACL that refused MULTI or EXEC passed the probe, and every
+  // switch back to Redis failed at its first read of a limit.
+  const replies = await redis.multi().pttl(HEALTH_KEY).exec()
+  const refused = replies?.find(([err]) => err !== null)?.[0]
+  if (replies === null || refused) throw refused ?? new Error('Redis discarded the health probe\'s transaction')
 }
 /** A switch back is held once no call failed for this many probe intervals after it; a failure sooner is the same outage going on. */
 const SETTLE_PROBES = 4

@@ -15,7 +15,7 @@ import { INVALIDATION_CHANNEL, subscribeInvalidations } from '../core/invalidati
 import { createLimiter } from '../core/limiters.ts'
 import { createLockout } from '../core/lockout.ts'
 import { createLogger } from '../core/log.ts'
-import { connectRedis, redisHealth } from '../core/redis.ts'
+import { connectRedis, redisHealth, writeHealthKey } from '../core/redis.ts'
 import { call, freshAddress, makeConfig, metric, openStore, sleep, startGateway, until } from './helpers/gateway.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { isolatedEnv, serve, type LogLine } from './helpers/serve.ts'
@@ -165,6 +165,36 @@ t.test('a switch back that fails at once (an ACL lets the probe write, not the l
     return said('info', 'Redis answers again') === 2
   })
   t.ok(health.up, 'on Redis')
+})
+
+t.test('the health probe is refused by an ACL that refuses transactions, which the limits use, and not by one that refuses only EVALSHA', async (t) => {
+  // rate-limiter-flexible reads and blocks a limit in a MULTI/EXEC (the lockout's check), as the
+  // anomaly counts write theirs. Before, an ACL refusing MULTI or EXEC passed the probe (a script
+  // alone), and every switch back failed at the limits' first such call.
+  const server = await startRedisServer(t)
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => admin.disconnect())
+  const client = async (user: string, ...rules: string[]) => {
+    await admin.acl('SETUSER', user, 'on', '>secret', '~*', '&*', '+@all', ...rules)
+    const redis = new Redis(`redis://${user}:secret@127.0.0.1:${server.port}`, { enableOfflineQueue: false, maxRetriesPerRequest: 1 })
+    t.teardown(() => redis.disconnect())
+    await until(t, `${user} connected`, () => redis.status === 'ready')
+    return redis
+  }
+  await t.resolves(writeHealthKey(await client('everything')), 'every command: taken')
+  await t.resolves(writeHealthKey(await client('noevalsha', '-evalsha')), 'EVALSHA refused: taken (ioredis runs a refused script with EVAL, as the limits do)')
+  await t.rejects(writeHealthKey(await client('nomulti', '-multi')), /EXEC without MULTI/, 'MULTI refused: refused')
+  await t.rejects(writeHealthKey(await client('noexec', '-exec')), /NOPERM/, 'EXEC refused: refused')
+
+  // A process whose limits went to the insurance stays there on such a Redis.
+  const redis = await client('nomulti2', '-multi')
+  const { log, said } = logger()
+  const health = redisHealth(redis, { log, probeMs: 50 })
+  health.down('error')
+  await until(t, 'a probe refused', () => said('debug', "Redis answers but refuses the health probe's write") === 1)
+  t.notOk(health.up, 'the limits stay on the insurance')
+  await admin.acl('SETUSER', 'nomulti2', '+multi')
+  await until(t, 'back on Redis once it takes transactions', () => health.up)
 })
 
 t.test("a restore of the lockouts that Redis refuses after a switch back takes the limits away from it again, and warns once", async (t) => {
