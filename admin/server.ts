@@ -7,6 +7,7 @@ import { isIP } from 'node:net'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { ADMIN_MARK, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, rawError } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
+import { clipped } from '../core/validate.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
 export class AdminError extends KeygateError {
@@ -148,7 +149,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       return
     }
     if (!hostAllowed(req.headers.host, allowedHosts)) {
-      sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host)}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
+      sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host === undefined ? undefined : clipped(req.headers.host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return
     }
     // A refusal before any route reads the body (a bad target, no route, a wrong method) closes
@@ -214,7 +215,8 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       sendError(res, 'method_not_allowed', requestId, `${req.method} is not allowed here; allowed: ${allowed.join(', ')}`, undefined, { allow: allowed.join(', '), ...closing })
       return
     }
-    sendError(res, 'not_found', requestId, `no admin route ${url.pathname}`, undefined, closing)
+    // Cut: a path of up to gateway.max_header_bytes came back whole in the answer (found by a review).
+    sendError(res, 'not_found', requestId, `no admin route ${clipped(url.pathname)}`, undefined, closing)
   }
   server.on('request', onRequest)
   // Expect: 100-continue is answered only once the request has been routed and its credential and

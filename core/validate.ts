@@ -311,6 +311,11 @@ const SHOWN_VALUE = 80
 /** What is kept past that before the scrubbing, so that a key or secret that starts within it is still found whole. */
 const SECRET_ROOM = 1024
 
+/** `text` cut to `max` characters, its end shown as `...` where it was cut: a request's path or Host named in an answer or a log line. */
+export function clipped(text: string, max = 200): string {
+  return text.length > max ? text.slice(0, max - 3) + '...' : text
+}
+
 export function showValue(value: unknown, secret = false): string {
   if (secret && value !== undefined) return '<hidden>'
   if (value === undefined) return 'nothing'
@@ -334,7 +339,7 @@ export function showValue(value: unknown, secret = false): string {
   // Nor the user:password@ of a URL.
   // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
   s = s.replace(/(\/\/)[^/?#]*@/g, '$1<hidden>@')
-  return s.length > SHOWN_VALUE ? s.slice(0, SHOWN_VALUE - 3) + '...' : s
+  return clipped(s, SHOWN_VALUE)
 }
 
 /** The characters of a plain key name (`database_url`, `max-age`): the schemas' own keys are spelt with them. */

@@ -377,6 +377,11 @@ await forEachStore(t, async (t, store) => {
     const a = await h.call('GET', '/v1/nothing')
     t.equal(a.status, 404)
     t.equal(a.json.error.code, 'not_found')
+    t.equal(a.json.error.message, 'no admin route /v1/nothing')
+    // A long path is named cut (before, found by a review: whole, up to gateway.max_header_bytes).
+    const long = await h.call('GET', `/v1/${'eyJ'.repeat(3000)}`)
+    t.equal(long.status, 404)
+    t.equal(long.json.error.message, `no admin route /v1/${'eyJ'.repeat(3000)}`.slice(0, 'no admin route '.length + 197) + '...')
     const m = await h.call('PUT', '/v1/keys')
     t.equal(m.status, 405)
     t.match(m.headers.allow, /GET/)

@@ -190,6 +190,25 @@ t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n key
   const sha256 = hashKey('x')
   t.equal(scrub(`hash ${sha256}`), `hash ${sha256}`, 'a SHA-256 (64 hex) is not a Gitea token')
   t.equal(scrub('record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d'), 'record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d', 'record ids and last eight are kept')
+  // A JWT is looked for from the first `eyJ` of a dot-free run (bench/scrub.ts: the time grows
+  // with the text, where a run of `eyJeyJ...` took it with the text's square): what is found stays
+  // what the whole pattern found before, glued or not.
+  const cases: Array<[string, string]> = [
+    [`Bearer%20${jwt}`, 'Bearer%20[redacted]'],
+    [`%3D${jwt}&x=1`, '%3D[redacted]&x=1'],
+    [`abc${jwt}`, 'abc[redacted]'],
+    ['xeyJaeyJb.c.d', 'x[redacted]'],
+    ['eyJ.eyJh.p.s', 'eyJ.[redacted]'],
+    ['eyJa.b', 'eyJa.b'],
+    ['eyJa..b.c', 'eyJa..b.c'],
+    ['eyJa.b.c.d.e', '[redacted].d.e'],
+    ['eyJa.eyJb.eyJc.eyJd', '[redacted].eyJd'],
+    ['EYJa.b.c', '[redacted]'],
+    ['aeyjQ.w.e and eyJz.y.x', 'a[redacted] and [redacted]'],
+    ['eyJ'.repeat(50), 'eyJ'.repeat(50)],
+    [`${'eyJ'.repeat(50)}.p.s`, '[redacted]'],
+  ]
+  for (const [text, scrubbed] of cases) t.equal(scrub(text), scrubbed, JSON.stringify(text.slice(0, 40)))
 })
 
 t.test('scrub redacts webhook signing secrets, and the secrets of the configuration a process runs with', async (t) => {
