@@ -208,6 +208,8 @@ export class KeyCache {
   readonly #metrics: GatewayMetrics['cache']
   /** The TTL in ticks. */
   readonly #ttl: number
+  /** The negative TTL in ticks: how long a key refused whatever the request is held too. */
+  readonly #refusedTtl: number
   #generation = 0
 
   constructor(o: KeyCacheOptions) {
@@ -217,6 +219,7 @@ export class KeyCache {
     // The TTL is the `staleAt` of the key's profile, not quick-lru's maxAge, which keeps each
     // entry's expiry as epoch milliseconds in a heap box of its own (16 bytes).
     this.#ttl = o.ttlS * 10
+    this.#refusedTtl = o.negativeTtlS > 0 && o.negativeMax > 0 ? Math.min(this.#ttl, o.negativeTtlS * 10) : 0
     this.#positive = new QuickLRU({ maxSize: Math.max(1, Math.floor(o.capacity / 2)) })
     this.#negative =
       o.negativeTtlS > 0 && o.negativeMax > 0 ? new QuickLRU({ maxSize: Math.max(1, Math.floor(o.negativeMax / 2)), maxAge: o.negativeTtlS * 1000 }) : undefined
@@ -236,7 +239,12 @@ export class KeyCache {
   hit(hash: string): CachedKey | undefined {
     const hit = this.#positive.get(hash)
     if (hit === undefined) return undefined
-    if (tick() >= hit.profile.staleAt) {
+    // Past its expiry or grace, it is held no longer than an unknown key is (#load): kept to the
+    // TTL it was loaded with, it was refused from memory there, and the time of the answer told a
+    // key that once worked from one that never did (found by a review).
+    const until = hit.validUntil
+    const now = tick()
+    if (now >= hit.profile.staleAt || (until !== Infinity && until <= Date.now() && hit.profile.staleAt > now + this.#refusedTtl)) {
       this.#positive.delete(hash)
       return undefined
     }
@@ -266,7 +274,19 @@ export class KeyCache {
     const staleAt = tick() + this.#ttl
     try {
       const found = await this.#keys.lookup(presented)
-      const answer: CachedKey | Miss = found.key ? this.#build(found.key, staleAt, this.#ttl) : found.reason === 'wrong_secret' ? 'wrong_secret' : 'unknown'
+      // A key refused whatever the request (revoked, expired, past its grace) is held only as long
+      // as an unknown key or a wrong secret (cache.negative_ttl_s, none when that cache is off):
+      // held for the whole TTL, it was answered from memory where they are asked about again,
+      // and the time of the answer told a key that once worked from one that never did (found by
+      // a review). The answers themselves are alike (SPEC §3).
+      const refused = found.key !== undefined && (found.key.status === 'revoked' || found.key.status === 'expired' || validUntilOf(found.key) <= Date.now())
+      const answer: CachedKey | Miss = found.key
+        ? refused
+          ? this.#build(found.key, tick() + this.#refusedTtl, this.#refusedTtl)
+          : this.#build(found.key, staleAt, this.#ttl)
+        : found.reason === 'wrong_secret'
+          ? 'wrong_secret'
+          : 'unknown'
       if (generation === this.#generation) {
         if (typeof answer === 'string') this.#negative?.set(hash, answer)
         else this.#positive.set(hash, answer)

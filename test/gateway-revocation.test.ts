@@ -131,6 +131,67 @@ t.test('random keys do not grow the caches; a burst of one unknown key costs one
   t.equal(lookups, 1, 'concurrent and repeated look-ups of one unknown key share one store query')
 })
 
+t.test('a revoked or expired key is held in the cache no longer than an unknown one, so the time of the refusal tells none of them apart', async (t) => {
+  // Before (found by a review): a refused key's record was held for cache.ttl_s (300 s) and
+  // refused from memory in about 0.5 ms, where an unknown key, after cache.negative_ttl_s, was
+  // looked up again (about 2 ms): two probes six seconds apart told a key that had worked from
+  // one that never did. Look-ups reaching the store are counted, not timed.
+  const h = await startGateway(t, {})
+  const { KeyCache, cachedKeys } = await import('../gateway/key-cache.ts')
+  const { createGatewayMetrics, createMetricsRegistry } = await import('../core/metrics.ts')
+  const { createKeyLimiters } = await import('../gateway/rate-limit.ts')
+  const { digestKey } = await import('../core/keys/format.ts')
+  let lookups = 0
+  const keys = Object.create(h.keys) as typeof h.keys
+  keys.lookup = (presented) => (lookups++, h.keys.lookup(presented))
+  const cacheWith = (negativeTtlS: number) =>
+    new KeyCache({
+      keys,
+      ttlS: 3600,
+      capacity: 100,
+      negativeTtlS,
+      negativeMax: 100,
+      metrics: createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), []),
+      build: cachedKeys(1, createKeyLimiters(makeConfig({}).rate_limits.per_key, undefined)),
+    })
+  const cache = cacheWith(1)
+  /** The look-ups that reached the store for two look-ups now, then one after the negative TTL. */
+  const asked = async (presented: string): Promise<number[]> => {
+    const digest = digestKey(presented, 'keygate')
+    const counts: number[] = []
+    for (const wait of [0, 0, 1200]) {
+      await sleep(wait)
+      const before = lookups
+      await cache.lookup(digest, presented)
+      counts.push(lookups - before)
+    }
+    return counts
+  }
+  const revoked = await h.key()
+  await h.keys.revoke(revoked.id, 'test', ACTOR)
+  const valid = await h.key()
+  t.same(await asked(generateKey('kg_').key), [1, 0, 1], 'unknown: asked, held for the negative TTL, asked again')
+  t.same(await asked(revoked.key), [1, 0, 1], 'revoked: the same')
+  t.same(await asked(valid.key), [1, 0, 0], 'a valid key is held for the TTL')
+  // Cached while it works, then refused: asked about again once its expiry has passed.
+  const expired = await h.key({ expires_at: new Date(Date.now() + 1500).toISOString() })
+  const expiring = digestKey(expired.key, 'keygate')
+  await cache.lookup(expiring, expired.key)
+  t.equal(cache.hit(expiring)?.id, expired.id, 'cached while it works')
+  const fresh = lookups
+  await sleep(1600)
+  await cache.lookup(expiring, expired.key)
+  t.equal(lookups - fresh, 1, 'expired while cached: asked about again')
+  t.same(await asked(expired.key), [0, 0, 1], 'then held for the negative TTL')
+  // With no negative cache, none of them is held at all.
+  const off = cacheWith(0)
+  for (const k of [revoked.key, generateKey('kg_').key]) {
+    const before = lookups
+    for (let i = 0; i < 3; i++) await off.lookup(digestKey(k, 'keygate'), k)
+    t.equal(lookups - before, 3, 'negative cache off: asked each time')
+  }
+})
+
 t.test('metrics carry no key material, addresses or unbounded labels', async (t) => {
   const h = await startGateway(t, { routes: [{ name: 'api', path: '/api', upstream: '{upstream}' }] })
   const k = await h.key()
