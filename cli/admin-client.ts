@@ -3,7 +3,7 @@
 // is the embedded one). The server's error codes come back as the same KeygateErrors, so exit
 // codes and messages match the local commands; anything that is not keygate's answer (a proxy's
 // 503, a redirect, a page that is not JSON) is `admin_unavailable`.
-import { ADMIN_MARK } from '../core/http.ts'
+import { ADMIN_MARK, TRAILING_SLASHES } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { escapeUnprintable } from '../core/validate.ts'
 
@@ -35,7 +35,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
   if (/[?#]/.test(baseUrl)) {
     throw new KeygateError('config_invalid', 'the admin URL (KEYGATE_ADMIN_URL or --admin-url) must not have a query or fragment: give the admin listener\'s address, with its path prefix if it has one')
   }
-  const base = baseUrl.replace(/\/+$/, '')
+  const base = baseUrl.replace(TRAILING_SLASHES, '')
   // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
   // words of fetch's own errors included).
   // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)

@@ -69,7 +69,10 @@ export function lenientReadingOf(bytes: string, formatSuffix = true): string {
   // Dot segments a second decoding made (`%252e%252e`) are resolved, as that server resolves them,
   // before a segment's trailing dots are dropped.
   if (p.includes('.')) p = resolveDots(p)
-  p = p.replace(/[. ]+(?=\/|$)/g, '')
+  // From a run's start only (the lookbehind): tried from each of its characters, a long run of
+  // dots or spaces that no `/` ends took time with its square (a 16 KB path 0.6 s; found by a
+  // review). A later start in a run ends where its start does, so what is dropped is the same.
+  p = p.replace(/(?<![. ])[. ]+(?=\/|$)/g, '')
   if (formatSuffix) {
     const last = p.lastIndexOf('/')
     const dot = p.indexOf('.', last + 2)

@@ -5,6 +5,13 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody, type ErrorCode } from './errors.ts'
 
+/**
+ * The slashes that end a path (a base URL's), matched from the start of their run only: `/\/+$/`
+ * tried from each slash of a run that something else ends, a time growing with its square (found
+ * by a review).
+ */
+export const TRAILING_SLASHES = /(?<!\/)\/+$/
+
 /** The header every answer of the admin listener carries (the CLI takes no other server's JSON for the admin API's). */
 export const ADMIN_MARK = 'x-keygate-admin'
 

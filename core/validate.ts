@@ -489,7 +489,11 @@ function decimalDigits(text: string): [string, number] | undefined {
   const fraction = m[2] ?? ''
   let digits = (whole + fraction).replace(/^0+/, '')
   let exponent = Number(m[3] ?? 0) - fraction.length
-  const zeros = (/0*$/.exec(digits) as RegExpExecArray)[0].length
+  // Counted from the end: `/0*$/` tried from each zero of a run that a non-zero digit ends, a
+  // time growing with the run's square (64,000 zeros in an admin body took 3.7 s; found by a review).
+  let end = digits.length
+  while (end > 0 && digits.charCodeAt(end - 1) === 48 /* 0 */) end--
+  const zeros = digits.length - end
   digits = digits.slice(0, digits.length - zeros)
   exponent += zeros
   return digits === '' ? ['', 0] : [digits, exponent]

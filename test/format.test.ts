@@ -190,7 +190,7 @@ t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n key
   const sha256 = hashKey('x')
   t.equal(scrub(`hash ${sha256}`), `hash ${sha256}`, 'a SHA-256 (64 hex) is not a Gitea token')
   t.equal(scrub('record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d'), 'record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d', 'record ids and last eight are kept')
-  // A JWT is looked for from the first `eyJ` of a dot-free run (bench/scrub.ts: the time grows
+  // A JWT is looked for from the first `eyJ` of a dot-free run (bench/patterns.ts: the time grows
   // with the text, where a run of `eyJeyJ...` took it with the text's square): what is found stays
   // what the whole pattern found before, glued or not.
   const cases: Array<[string, string]> = [

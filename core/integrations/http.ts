@@ -5,6 +5,7 @@
 // cut out first, so no password, cookie or token can reach a log line or an error message.
 import { Agent, request } from 'undici'
 import { KeygateError } from '../errors.ts'
+import { TRAILING_SLASHES } from '../http.ts'
 import { cutSecrets, secretForms } from '../log.ts'
 
 export type ServiceName = 'gitea' | 'n8n'
@@ -71,7 +72,7 @@ export function succeeded(status: number): boolean {
 
 /** `http://host:port/path` without credentials, query or trailing slash: how a URL is shown. */
 export function displayUrl(url: URL): string {
-  return `${url.protocol}//${url.host}${url.pathname.replace(/\/+$/, '')}`
+  return `${url.protocol}//${url.host}${url.pathname.replace(TRAILING_SLASHES, '')}`
 }
 
 export class IntegrationHttp {
@@ -202,7 +203,7 @@ export class IntegrationHttp {
   }
 
   async call(method: 'GET' | 'POST' | 'DELETE', path: string, options: CallOptions = {}): Promise<HttpResponse> {
-    const url = new URL(this.#base.pathname.replace(/\/+$/, '') + path, this.#base)
+    const url = new URL(this.#base.pathname.replace(TRAILING_SLASHES, '') + path, this.#base)
     for (const [k, v] of Object.entries(options.query ?? {})) url.searchParams.set(k, String(v))
     const headers: Record<string, string> = { accept: 'application/json', ...options.headers }
     let body: string | undefined
