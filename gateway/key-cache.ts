@@ -10,7 +10,7 @@ import { digestFromHex } from '../core/keys/format.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { KEY_TYPES, type KeyRecord, type KeyType } from '../core/keys/types.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
-import { rangeMatcher, validUntilOf } from '../core/keys/evaluate.ts'
+import { evaluateKey, rangeMatcher, validUntilOf } from '../core/keys/evaluate.ts'
 import type { RateLimit } from '../core/limiters.ts'
 
 export type Miss = 'unknown' | 'wrong_secret'
@@ -219,10 +219,10 @@ export class KeyCache {
     // The TTL is the `staleAt` of the key's profile, not quick-lru's maxAge, which keeps each
     // entry's expiry as epoch milliseconds in a heap box of its own (16 bytes).
     this.#ttl = o.ttlS * 10
-    this.#refusedTtl = o.negativeTtlS > 0 && o.negativeMax > 0 ? Math.min(this.#ttl, o.negativeTtlS * 10) : 0
     this.#positive = new QuickLRU({ maxSize: Math.max(1, Math.floor(o.capacity / 2)) })
     this.#negative =
       o.negativeTtlS > 0 && o.negativeMax > 0 ? new QuickLRU({ maxSize: Math.max(1, Math.floor(o.negativeMax / 2)), maxAge: o.negativeTtlS * 1000 }) : undefined
+    this.#refusedTtl = this.#negative === undefined ? 0 : Math.min(this.#ttl, o.negativeTtlS * 10)
   }
 
   /** Entries held (both caches). */
@@ -271,7 +271,7 @@ export class KeyCache {
   async #load(hash: string, presented: string): Promise<CachedKey | Miss> {
     const generation = this.#generation
     // Stale a TTL after the question, not the answer: what the store said is no newer than that.
-    const staleAt = tick() + this.#ttl
+    const asked = tick()
     try {
       const found = await this.#keys.lookup(presented)
       // A key refused whatever the request (revoked, expired, past its grace) is held only as long
@@ -279,11 +279,9 @@ export class KeyCache {
       // held for the whole TTL, it was answered from memory where they are asked about again,
       // and the time of the answer told a key that once worked from one that never did (found by
       // a review). The answers themselves are alike (SPEC §3).
-      const refused = found.key !== undefined && (found.key.status === 'revoked' || found.key.status === 'expired' || validUntilOf(found.key) <= Date.now())
+      const ttl = found.key !== undefined && !evaluateKey(found.key, new Date()).ok ? this.#refusedTtl : this.#ttl
       const answer: CachedKey | Miss = found.key
-        ? refused
-          ? this.#build(found.key, tick() + this.#refusedTtl, this.#refusedTtl)
-          : this.#build(found.key, staleAt, this.#ttl)
+        ? this.#build(found.key, asked + ttl, ttl)
         : found.reason === 'wrong_secret'
           ? 'wrong_secret'
           : 'unknown'
