@@ -11,7 +11,7 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
 import { existsSync, lstatSync, readFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { statementBatches, type Db, type Queryable } from './db.ts'
+import { rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
 import type { CursorPosition } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { createWhole, replaceWhole } from './files.ts'
@@ -362,20 +362,17 @@ export class AuditLog {
     const createdAt = await transactionTime(tx)
     const rows = entries.map((entry) => {
       const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt }
-      const sealed = this.#cipher.seal(row, entry.details ?? {}, this.#format)
-      return { row, encKeyId: sealed.encKeyId, nonce: sealed.nonce.toString('hex'), details: sealed.details.toString('hex') }
+      return { row, sealed: this.#cipher.seal(row, entry.details ?? {}, this.#format) }
     })
-    for (const batch of statementBatches(rows, (r) => r.details.length + r.row.action.length + AUDIT_ROW_CHARS)) {
-      // Arrays of text, bytea as hex: node-postgres and PGlite pass them alike.
-      await tx.query(
-        `INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format)
-         SELECT r.id, r.key_id, r.action, $7::text, $8::text, r.enc_key_id, decode(r.nonce, 'hex'), decode(r.details, 'hex'), $9::timestamptz, $10::smallint
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS r(id, key_id, action, enc_key_id, nonce, details)`,
-        [
-          batch.map((r) => r.row.id), batch.map((r) => r.row.keyId), batch.map((r) => r.row.action), batch.map((r) => r.encKeyId),
-          batch.map((r) => r.nonce), batch.map((r) => r.details), actor.actor, actor.address ?? null, createdAt, this.#format,
-        ],
-      )
+    for (const batch of statementBatches(rows, (r) => r.sealed.details.length * 2 + r.row.action.length + AUDIT_ROW_CHARS)) {
+      const all = <T>(value: T): T[] => batch.map(() => value)
+      const source = rowsOf([
+        ['id', 'text', batch.map((r) => r.row.id)], ['key_id', 'text', batch.map((r) => r.row.keyId)], ['action', 'text', batch.map((r) => r.row.action)],
+        ['actor', 'text', all(actor.actor)], ['address', 'text', all(actor.address ?? null)], ['enc_key_id', 'text', batch.map((r) => r.sealed.encKeyId)],
+        ['nonce', 'bytea', batch.map((r) => r.sealed.nonce)], ['details', 'bytea', batch.map((r) => r.sealed.details)],
+        ['created_at', 'timestamptz', all(createdAt)], ['format', 'smallint', all(this.#format)],
+      ])
+      await tx.query(`INSERT INTO api_key_audit_log (id, key_id, action, actor, address, enc_key_id, nonce, details, created_at, format) ${source.query}`, source.params)
     }
     return rows.map((r) => r.row.id)
   }

@@ -87,6 +87,48 @@ export function statementBatches<T>(items: readonly T[], size: (item: T) => numb
   return out
 }
 
+/** Column types a row's value cannot take inside an array parameter as it is, and what carries it there instead. */
+const CARRIED: Record<string, { as: string; encode: (v: unknown) => unknown; decode: (column: string) => string }> = {
+  // An array of arrays must be rectangular in PostgreSQL: each row's list goes as JSON, read back in order.
+  'text[]': { as: 'jsonb', encode: (v) => JSON.stringify(v), decode: (c) => `ARRAY(SELECT e FROM jsonb_array_elements_text(${c}) WITH ORDINALITY AS a(e, i) ORDER BY i)` },
+  // As hex text, which node-postgres and PGlite pass alike.
+  bytea: { as: 'text', encode: (v) => (v as Buffer).toString('hex'), decode: (c) => `decode(${c}, 'hex')` },
+}
+
+/** The rows of a batched write, and the parameters that carry them. */
+export interface Rows {
+  /** A query giving the rows, their columns in the order given: `INSERT INTO t (columns) ${query}`. */
+  query: string
+  /** The rows as a FROM item named `alias` (with the columns' names). */
+  as(alias: string): string
+  params: unknown[]
+}
+
+/**
+ * The rows of a batched INSERT: `columns` (name, SQL type, one value a row), with parameters
+ * numbered from `first`. Several rows are `unnest` of one array parameter a column; a single row,
+ * the usual case (a key created, its audit row, its event), is a plain VALUES, which the store
+ * parses and plans faster: a key's creation through unnest took 10 to 16 % longer than the one-row
+ * statements it replaced (POST /v1/keys; its INSERT alone 80 µs more on PostgreSQL).
+ */
+export function rowsOf(columns: ReadonlyArray<readonly [name: string, type: string, values: readonly unknown[]]>, first = 1): Rows {
+  const names = columns.map(([name]) => name).join(', ')
+  const single = columns[0]?.[2].length === 1
+  const query = single
+    ? `VALUES (${columns.map(([, type], i) => `$${first + i}::${type}`).join(', ')})`
+    : `SELECT ${columns.map(([name, type]) => CARRIED[type]?.decode(`u.${name}`) ?? `u.${name}`).join(', ')}
+       FROM unnest(${columns.map(([, type], i) => `$${first + i}::${CARRIED[type]?.as ?? type}[]`).join(', ')}) AS u(${names})`
+  return {
+    query,
+    as: (alias) => `(${query}) AS ${alias}(${names})`,
+    params: columns.map(([, type, values]) => {
+      if (single) return values[0]
+      const carried = CARRIED[type]
+      return carried === undefined ? values : values.map((v) => (v === null ? null : carried.encode(v)))
+    }),
+  }
+}
+
 export const UNIQUE_VIOLATION = '23505'
 /** A table the statement names does not exist (a schema older than the code). */
 export const UNDEFINED_TABLE = '42P01'

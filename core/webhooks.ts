@@ -27,7 +27,7 @@ import type { Agent } from 'undici'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import { decodeCursor, pageOf, type Page } from './cursor.ts'
-import { statementBatches, type Db, type Queryable } from './db.ts'
+import { rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { refuseKeyIn } from './validate.ts'
 import type { EventBus, EventType, KeygateEvent } from './events.ts'
@@ -666,14 +666,15 @@ export class WebhookService {
       const fanOut = (r: (typeof rows)[number]) => Math.max(1, takers.get(r.type) ?? 0)
       let queued = 0
       for (const batch of statementBatches(rows, (r) => (r.body.length + EVENT_ROW_CHARS) * fanOut(r), fanOut)) {
+        const events = rowsOf([['type', 'text', batch.map((r) => r.type)], ['payload', 'text', batch.map((r) => r.body)], ['dedupe', 'text', batch.map((r) => r.dedupe)]])
         const made = await tx.query<{ id: string }>(
           `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
            SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, e.type, e.payload, e.dedupe, ${storeClock(4)}, ${storeClock(4)}
-           FROM unnest($1::text[], $2::text[], $3::text[]) AS e(type, payload, dedupe) JOIN webhooks w ON e.type = ANY (w.events)
+           FROM ${events.as('e')} JOIN webhooks w ON e.type = ANY (w.events)
            WHERE ${SENDING}
            FOR KEY SHARE OF w
            ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
-          [batch.map((r) => r.type), batch.map((r) => r.body), batch.map((r) => r.dedupe), this.#storeNow()],
+          [...events.params, this.#storeNow()],
         )
         queued += made.length
       }

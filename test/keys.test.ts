@@ -5,7 +5,7 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import { isDeepStrictEqual } from 'node:util'
 import type { Test } from 'tap'
 import { AuditLog, type Actor, type AuditEntry } from '../core/audit.ts'
-import { statementBatches, type Db, type Queryable } from '../core/db.ts'
+import { rowsOf, statementBatches, type Db, type Queryable } from '../core/db.ts'
 import { generateKey, randomBase62 } from '../core/keys/format.ts'
 import { KEY_TYPES, keyJson, type KeyRecord } from '../core/keys/types.ts'
 import { rangeMatcher } from '../core/keys/evaluate.ts'
@@ -869,6 +869,39 @@ await forEachStore(t, async (t: Test, store) => {
     // An item that writes several rows (an event queued for several webhooks) counts them all.
     t.same(sizes(statementBatches(Array.from({ length: 1200 }, () => 3), () => 10, (n) => n)), [333, 333, 333, 201], 'three rows an item: 333 items')
     t.same(sizes(statementBatches([1, 1500, 1, 1], () => 10, (n) => n)), [1, 1, 2], 'an item of more rows than the bound goes alone')
+  })
+
+  t.test('rowsOf: a single row (VALUES) and several (unnest) are stored alike, lists in order, nulls and bytes kept', async (t) => {
+    const rows: Array<[string | null, string[], Buffer | null, string, number | null, Date, boolean]> = [
+      ['plain', ['b', 'a', 'a'], Buffer.from([0, 1, 255]), '{"k":[1,"x"]}', 7, new Date('2021-03-04T05:06:07.089Z'), true],
+      [null, [], null, '{}', null, new Date('1999-12-31T23:59:59.999Z'), false],
+      ['quote " back\\slash, {brace} NULL', ['with, comma', '{x}', '"q"', 'NULL', ''], Buffer.alloc(0), '{"s":"a\\"b"}', -1, T0, true],
+      ['émoji 🔑', ['ü', '🔑'], Buffer.from('héllo'), '[1,2]', 2147483647, T0, false],
+    ]
+    const columns = (of: typeof rows) => [
+      ['t', 'text', of.map((r) => r[0])], ['list', 'text[]', of.map((r) => r[1])], ['bytes', 'bytea', of.map((r) => r[2])],
+      ['doc', 'jsonb', of.map((r) => r[3])], ['n', 'int', of.map((r) => r[4])], ['at', 'timestamptz', of.map((r) => r[5])], ['yes', 'boolean', of.map((r) => r[6])],
+    ] as const
+    const stored = await db.transaction(async (tx) => {
+      await tx.query('CREATE TEMP TABLE rows_of (source text, i int, t text, list text[], bytes bytea, doc jsonb, n int, at timestamptz, yes boolean) ON COMMIT DROP')
+      const insert = async (source: string, first: number, of: typeof rows) => {
+        const r = rowsOf([['i', 'int', of.map((_, j) => first + j)], ...columns(of)], 2)
+        await tx.query(`INSERT INTO rows_of (source, i, t, list, bytes, doc, n, at, yes) SELECT $1, * FROM (${r.query}) AS r`, [source, ...r.params])
+      }
+      for (const [i, row] of rows.entries()) await insert('single', i, [row])
+      await insert('many', 0, rows)
+      return tx.query<{ source: string; i: number; j: string }>(
+        `SELECT source, i, json_build_array(t, list, encode(bytes, 'hex'), doc, n, at, yes)::text AS j FROM rows_of ORDER BY source, i`,
+      )
+    })
+    const bySource = (source: string) => stored.filter((r) => r.source === source).map((r) => r.j)
+    t.equal(bySource('single').length, rows.length)
+    t.same(bySource('many'), bySource('single'), 'the same values either way')
+    t.same(
+      stored.filter((r) => r.source === 'many').map((r) => JSON.parse(r.j) as unknown[]).map((v) => [v[0], v[1], v[2]]),
+      rows.map((r) => [r[0], r[1], r[2]?.toString('hex') ?? null]),
+      'text, lists in their order and bytes as given',
+    )
   })
 
   t.test('an import larger than one statement stores every row as given, in order, each with its audit row', async (t) => {

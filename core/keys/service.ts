@@ -3,7 +3,7 @@
 // record commit together or not at all.
 import { isDeepStrictEqual } from 'node:util'
 import type { Db, Queryable } from '../db.ts'
-import { sqlState, statementBatches, UNIQUE_VIOLATION } from '../db.ts'
+import { rowsOf, sqlState, statementBatches, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, pageOf, type Page } from '../cursor.ts'
 import { nestsDeeper } from '../depth.ts'
@@ -39,8 +39,8 @@ const METADATA_MAX_BYTES = 8192
 /** A key's characters in an INSERT besides its name, owner, scopes, metadata and CIDRs (its id, hash, times…). */
 const KEY_ROW_CHARS = 200
 
-/** A JSON array of strings (a jsonb expression) as a text[], its order kept. */
-const JSON_TEXT_ARRAY = (json: string) => `ARRAY(SELECT e FROM jsonb_array_elements_text(${json}) WITH ORDINALITY AS a(e, i) ORDER BY i)`
+/** About the characters a list of strings takes as a statement's parameter. */
+const listChars = (xs: readonly string[]) => xs.reduce((n, x) => n + x.length + 3, 2)
 
 /** A key as it is inserted: what the store fills in (updated_at, the ends) is not given. */
 type NewKey = Omit<KeyRecord, 'updatedAt' | 'lastUsedAt' | 'revokedAt' | 'revokedReason' | 'replacedBy'>
@@ -327,31 +327,26 @@ export class KeyService {
    * else each its own createdAt.
    */
   async #insertMany(tx: Queryable, keys: readonly NewKey[], updatedAt?: Date): Promise<KeyRecord[]> {
-    // A column of arrays (scopes, allowed_cidrs) goes as JSON: an array of arrays must be
-    // rectangular in PostgreSQL. Every other column is an array of its own type; node-postgres
-    // and PGlite pass them alike.
-    const rows = keys.map((k) => ({ k, scopes: JSON.stringify(k.scopes), metadata: JSON.stringify(k.metadata), cidrs: JSON.stringify(k.allowedCidrs) }))
+    const items = keys.map((k) => ({ k, metadata: JSON.stringify(k.metadata) }))
     const out: KeyRecord[] = []
-    for (const batch of statementBatches(rows, (r) => r.scopes.length + r.metadata.length + r.cidrs.length + r.k.name.length + (r.k.owner?.length ?? 0) + KEY_ROW_CHARS)) {
+    for (const batch of statementBatches(items, (r) => listChars(r.k.scopes) + r.metadata.length + listChars(r.k.allowedCidrs) + r.k.name.length + (r.k.owner?.length ?? 0) + KEY_ROW_CHARS)) {
       const column = <T>(of: (k: NewKey) => T): T[] => batch.map((r) => of(r.k))
+      const rows = rowsOf([
+        ['id', 'text', column((k) => k.id)], ['key_hash', 'text', column((k) => k.keyHash)], ['name', 'text', column((k) => k.name)],
+        ['type', 'text', column((k) => k.type)], ['status', 'text', column((k) => k.status)], ['scopes', 'text[]', column((k) => k.scopes)],
+        ['owner', 'text', column((k) => k.owner)], ['metadata', 'jsonb', batch.map((r) => r.metadata)], ['allowed_cidrs', 'text[]', column((k) => k.allowedCidrs)],
+        ['rate_limit', 'int', column((k) => k.rateLimit?.limit ?? null)], ['rate_limit_window_s', 'int', column((k) => k.rateLimit?.windowS ?? null)],
+        ['rotation_interval_s', 'int', column((k) => k.rotationIntervalS)], ['rotated_from', 'text', column((k) => k.rotatedFrom)],
+        ['grace_until', 'timestamptz', column((k) => k.graceUntil)], ['legacy', 'boolean', column((k) => k.legacy)],
+        ['created_at', 'timestamptz', column((k) => k.createdAt)], ['updated_at', 'timestamptz', column((k) => updatedAt ?? k.createdAt)],
+        ['expires_at', 'timestamptz', column((k) => k.expiresAt)],
+      ])
       const inserted = await tx.query<KeyRow>(
         `INSERT INTO api_keys (id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
            rotation_interval_s, rotated_from, grace_until, legacy, created_at, updated_at, expires_at)
-         SELECT r.id, r.key_hash, r.name, r.type, r.status, ${JSON_TEXT_ARRAY('r.scopes')}, r.owner, r.metadata,
-           ${JSON_TEXT_ARRAY('r.allowed_cidrs')}, r.rate_limit, r.rate_limit_window_s, r.rotation_interval_s,
-           r.rotated_from, r.grace_until, r.legacy, r.created_at, r.updated_at, r.expires_at
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::int[],
-           $11::int[], $12::int[], $13::text[], $14::timestamptz[], $15::boolean[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[])
-           AS r(id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
-             rotation_interval_s, rotated_from, grace_until, legacy, created_at, updated_at, expires_at)
+         ${rows.query}
          RETURNING ${COLUMNS}`,
-        [
-          column((k) => k.id), column((k) => k.keyHash), column((k) => k.name), column((k) => k.type), column((k) => k.status),
-          batch.map((r) => r.scopes), column((k) => k.owner), batch.map((r) => r.metadata), batch.map((r) => r.cidrs),
-          column((k) => k.rateLimit?.limit ?? null), column((k) => k.rateLimit?.windowS ?? null), column((k) => k.rotationIntervalS),
-          column((k) => k.rotatedFrom), column((k) => k.graceUntil), column((k) => k.legacy),
-          column((k) => k.createdAt), column((k) => updatedAt ?? k.createdAt), column((k) => k.expiresAt),
-        ],
+        rows.params,
       )
       // RETURNING's order is not promised: the records are put in the order given.
       const byId = new Map(inserted.map((r) => [r.id, r]))
