@@ -252,26 +252,38 @@ function shown(a: AddressInfo): string {
   return a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`
 }
 
+/** A stop signal this soon after the first (ms) is the same stop, not a second one. */
+const REPEAT_MS = 1000
+
 /**
  * `stopped` resolves with the signal name on the first SIGTERM/SIGINT; `dispose` removes the
- * handlers (a start that failed must not swallow the signal that ends it). A second signal ends
- * the process at once, except in a `--workers` worker: a signal to the process group (systemd's
- * stop, Ctrl-C) reaches it beside the primary's own SIGTERM, and its drain must go on; the
- * primary's second signal still ends everything. SIGHUP never ends the process (Node's default):
+ * handlers (a start that failed must not swallow the signal that ends it). A second signal, a
+ * second or more after the first (REPEAT_MS), ends the process at once, except in a `--workers`
+ * worker: a signal to the process group (systemd's stop, Ctrl-C) reaches it beside the primary's
+ * own SIGTERM, and its drain must go on; the primary's second signal still ends everything.
+ * SIGHUP never ends the process (Node's default):
  * it reloads TLS certificates where there are any (`systemctl reload`); a worker's come from its
  * primary, so a SIGHUP to the whole group is only the primary's.
  */
 function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => void } = { worker: false }): { stopped: Promise<string>; dispose(): void } {
-  let seen = false
+  let first: number | undefined
   let resolve!: (signal: string) => void
   const stopped = new Promise<string>((r) => (resolve = r))
   const on = (signal: NodeJS.Signals) => {
-    if (seen) {
+    if (first !== undefined) {
       if (options.worker) return
+      // Within a second of the first, the same stop told twice: Ctrl-C on `npm start` signals the
+      // terminal's whole process group, npm and keygate, and npm passes its own on (before, that
+      // second one cut the drain short and the requests in flight with it; found by a newcomer's
+      // walk through the README). A human's second Ctrl-C, meant to hurry the stop, comes later.
+      if (performance.now() - first < REPEAT_MS) {
+        log.debug('the stop signalled again at once: taken as the same stop', { signal })
+        return
+      }
       log.warn('second signal: exiting without waiting', { signal })
       process.exit(1)
     }
-    seen = true
+    first = performance.now()
     resolve(signal)
   }
   const hangup = () => {

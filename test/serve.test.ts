@@ -172,6 +172,51 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   t.notMatch(capturedStderr.join('\n').replace(adminKey, ''), KEY_PATTERN, 'no other key was printed')
 })
 
+t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) is one stop, the drain goes on; a second one later ends it at once', async (t) => {
+  const arrivals: Array<() => void> = []
+  const releases: Array<() => void> = []
+  const upstream = await startUpstream(t, (req, res, received) => {
+    const released = new Promise<void>((r) => releases.push(r))
+    ;(arrivals.shift() as () => void)()
+    void released.then(() => echo(req, res, received))
+  })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789' })
+  const inFlight = async (s: Awaited<ReturnType<typeof serve>>) => {
+    const arrived = new Promise<void>((r) => arrivals.push(r))
+    const key = (await runCli(['api-key', 'create', '--type', 'service', '--name', `ctrl-c ${arrivals.length}`, '--json'], { env: { ...env, KEYGATE_ADMIN_URL: s.admin } })).json().key as string
+    const answer = get(`${s.gateway}/slow`, { authorization: `Bearer ${key}` }).then((r) => r.status, (err: NodeJS.ErrnoException) => err.code)
+    await arrived
+    // In an object: a promise returned as it is would be awaited with this one.
+    return { answer }
+  }
+
+  const first = await serve(t, { env })
+  const drained = (await inFlight(first)).answer
+  // The terminal's signal, then npm's, which npm sends once its own handler has run: two sent
+  // at once would be one (the kernel keeps one pending signal of a kind), so the second is sent
+  // once the first has been taken.
+  first.child.kill('SIGINT')
+  await first.waitForLog((l) => l.message === 'shutting down')
+  first.child.kill('SIGINT')
+  await new Promise((r) => setTimeout(r, 300))
+  t.equal(first.child.exitCode, null, 'still draining after the second signal')
+  ;(releases.shift() as () => void)()
+  t.equal(await drained, 200, 'the request in flight finishes')
+  t.equal(await first.exited, 0, 'exit 0')
+  t.notOk(first.logs.some((l) => l.message.startsWith('second signal')), 'the drain was not cut short')
+
+  const second = await serve(t, { env })
+  const cut = (await inFlight(second)).answer
+  second.child.kill('SIGINT')
+  await second.waitForLog((l) => l.message === 'shutting down')
+  await new Promise((r) => setTimeout(r, 1200))
+  second.child.kill('SIGINT')
+  t.equal(await second.exited, 1, 'a second Ctrl-C a second later exits at once (code 1)')
+  t.ok(second.logs.some((l) => l.message.startsWith('second signal')))
+  t.not(await cut, 200, 'without waiting for the request in flight')
+  for (const release of releases) release()
+})
+
 t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload right after start)', async (t) => {
   const fixture = new URL('./fixtures/slow-cli-load.mjs', import.meta.url).href
   const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
