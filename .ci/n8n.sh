@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real n8n 1.123.0 for the end-to-end suite (test/n8n-e2e.test.ts), kept outside the
+# A real n8n 1.123.0 for the end-to-end suite (test/n8n.test.ts), kept outside the
 # repository in a cache folder that later runs reuse (KEYGATE_CACHE_DIR, default
 # ~/.cache/keygate). The install is about 1.6 GB and takes minutes, so it happens once.
 #

@@ -1,6 +1,7 @@
 // Loads the configuration: YAML file, then environment, then flags; defaults from the schema;
 // every problem collected with its path, value and what is allowed; the result deep-frozen.
 import { existsSync, readFileSync } from 'node:fs'
+import { isAbsolute } from 'node:path'
 import { createPrivateKey, X509Certificate } from 'node:crypto'
 import { createSecureContext } from 'node:tls'
 import { Value } from '@sinclair/typebox/value'
@@ -121,7 +122,9 @@ export const MAX_CONFIG_BYTES = 1_048_576
 function readBounded(file: string): { bytes: Buffer } | { problem: string } {
   const read = readAtMost(file, MAX_CONFIG_BYTES)
   if ('bytes' in read) return read
-  if ('unreadable' in read) return { problem: `${file}: cannot be read (${read.unreadable.code ?? 'error'})` }
+  // A relative path names the folder it was taken from: `bin/dev` and npm run commands from the
+  // repository's folder, not the one they were typed in.
+  if ('unreadable' in read) return { problem: `${file}: cannot be read (${read.unreadable.code ?? 'error'}${isAbsolute(file) ? '' : `; relative to ${process.cwd()}`})` }
   return { problem: `${file}: the file is larger than 1 MiB${read.size === undefined ? '' : ` (${read.size} bytes)`}; a configuration file is at most 1 MiB` }
 }
 
@@ -575,11 +578,24 @@ export function hideConfigSecrets(config: Config): void {
 
 /** Text of docs/configuration.md, generated from the schema (a test keeps the file current). */
 export function renderConfigDocs(): string {
-  const rows = LEAVES.map((l) => {
-    const def = l.schema.default !== undefined ? `\`${JSON.stringify(l.schema.default)}\`` : ''
+  const row = (name: string, schema: TSchema, def: string, envFlag = '') => {
+    const desc = `${schema.description ?? ''} Allowed: ${describeAllowed(schema)}.`.trim()
+    return `| \`${name}\` | ${def} | ${envFlag} | ${desc.replace(/\|/g, '\\|')} |`
+  }
+  const shownDefault = (schema: TSchema) => (schema.default !== undefined ? `\`${JSON.stringify(schema.default)}\`` : '')
+  const rows = LEAVES.flatMap((l) => {
     const envFlag = [l.env ? `\`${l.env}\`` : '', l.flag ? `\`--${l.flag}\`` : ''].filter(Boolean).join(' / ')
-    const desc = `${l.schema.description ?? ''} Allowed: ${describeAllowed(l.schema)}.`.trim()
-    return `| \`${dotted(l.path)}\` | ${def} | ${envFlag} | ${desc.replace(/\|/g, '\\|')} |`
+    const out = [row(dotted(l.path), l.schema, shownDefault(l.schema), envFlag)]
+    // A list of mappings (routes): a row for each key of its items, after the list's own.
+    const items = l.schema[Kind] === 'Array' ? (l.schema.items as TSchema) : undefined
+    if (items?.[Kind] === 'Object') {
+      const required = new Set((items.required as string[] | undefined) ?? [])
+      for (const item of schemaLeaves(items)) {
+        const key = item.path.join('.')
+        out.push(row(`${dotted(l.path)}[].${key}`, item.schema, shownDefault(item.schema) || (required.has(key) ? 'required' : '')))
+      }
+    }
+    return out
   })
   return [
     '# Configuration',

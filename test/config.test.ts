@@ -516,6 +516,7 @@ t.test('YAML syntax errors and duplicate keys report file:line', async (t) => {
 
   t.same(problemsOf({ file: yamlFile(t, '- a\n- b\n'), env: {} }).problems.map((p) => p.replace(/^.*: /, '')), ['the top level must be a mapping of keys, not a list'])
   t.match(problemsOf({ file: '/nonexistent/keygate.yaml', env: {} }).problems, ['/nonexistent/keygate.yaml: cannot be read (ENOENT)'])
+  t.same(problemsOf({ file: 'nowhere/keygate.yaml', env: {} }).problems, [`nowhere/keygate.yaml: cannot be read (ENOENT; relative to ${process.cwd()})`], 'a relative path names the folder it was taken from')
   // In keygate's words; before: "Source contains multiple documents; please use YAML.parseAllDocuments()".
   const several = yamlFile(t, 'gateway: { listen: "0.0.0.0:1" }\n---\nadmin: { listen: "127.0.0.1:2" }\n', 'several.yaml')
   t.same(problemsOf({ file: several, env: {} }).problems, [`${several}:2:1: the file holds more than one YAML document (---); keygate reads one`])
