@@ -316,7 +316,10 @@ export function expiryFlags(p: Parsed): string | null | undefined {
   if (inFlag !== undefined && atFlag !== undefined) throw new UsageError('--expires-in and --expires-at exclude each other')
   if (inFlag !== undefined) {
     if (inFlag === 'never') return null
-    const at = new Date(Date.now() + parseDuration('expires-in', inFlag) * 1000)
+    const seconds = parseDuration('expires-in', inFlag)
+    // Refused here, naming the flag (before: the API's `expires_at: ... is in the past`, exit 1).
+    if (seconds === 0) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} would expire the key as it is made; expected a duration above 0, such as 30d`)
+    const at = new Date(Date.now() + seconds * 1000)
     if (!(at.getTime() < YEAR_10000_MS)) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} ends after the year 9999`)
     return at.toISOString()
   }

@@ -118,7 +118,10 @@ export function errorBody(code: ErrorCode, requestId: string, message?: string, 
  * echoed back: anything shaped like a key reads `[redacted]`.
  */
 export function keyNotFound(id: string): KeygateError {
-  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(scrub(id))}`)
+  const shown = scrub(id)
+  // Said so: `no key has the id "[redacted]"` alone left the reader guessing (found by a newcomer).
+  const hint = shown === id ? '' : ": that is shaped like an API key itself, not a key's id (the id is the part after the key's prefix, up to the next \"_\"; `keygate api-key list` shows them)"
+  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(shown)}${hint}`)
 }
 
 /** A `validation_failed` error naming one field, as every validation failure names its fields. */

@@ -44,6 +44,8 @@ function listValues(value: string): string | string[] | undefined {
   return value.split(',').map((v) => v.trim()).filter((v) => v !== '')
 }
 
+const NOT_BEARER = 'An API key is required: the Authorization header holds no Bearer credential; send the key as "Authorization: Bearer <key>".'
+
 function twoKeys(s: RequestState): 'bad_request' {
   s.message = 'The request carries more than one API key.'
   return 'bad_request'
@@ -52,6 +54,7 @@ function twoKeys(s: RequestState): 'bad_request' {
 export function createKeyExtractStage(options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string }): Stage {
   const order = options.sources.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
   const param = options.queryParam
+  const authorizationSource = options.sources.includes('authorization')
 
   const valuesOf = (s: RequestState, source: number): string | string[] | undefined => {
     const h = s.headers
@@ -85,7 +88,13 @@ export function createKeyExtractStage(options: { sources: readonly ('authorizati
         bits |= source
       }
     }
-    if (key === undefined) return 'key_missing'
+    if (key === undefined) {
+      // An Authorization header without a Bearer credential (`Authorization: kg_...`, a Basic
+      // one): the answer says how to send the key, where "required" alone read as if none had
+      // been sent (found by a newcomer). Nothing of the header is echoed.
+      if (authorizationSource && s.headers.authorization !== undefined) s.message = NOT_BEARER
+      return 'key_missing'
+    }
     s.presented = key
     s.keySources = bits
     return undefined

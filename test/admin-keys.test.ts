@@ -116,8 +116,9 @@ await forEachStore(t, async (t, store) => {
       const wrong = await h.call(method, `/v1/keys/${created.key}${path}`, method === 'GET' ? {} : { body: method === 'PATCH' ? { name: 'x' } : {} })
       t.equal(wrong.status, 404, `${method} /v1/keys/<key>${path}`)
       t.notMatch(wrong.text, created.key.slice(-28), 'the key is not in the answer')
-      t.match(wrong.json.error.message, 'no key has the id "[redacted]"')
+      t.match(wrong.json.error.message, 'no key has the id "[redacted]": that is shaped like an API key itself')
     }
+    t.equal(missing.json.error.message, 'no key has the id "nosuchkey123"', 'no such hint for an id')
     // Every error answer, whatever echoed the key (before: a route that does not exist, a query
     // value and an anomaly id answered with the whole key in the message).
     for (const [method, path] of [['GET', `/v1/nokeys/${created.key}`], ['GET', `/v1/keys?limit=${created.key}`], ['POST', `/v1/anomalies/${created.key}/ack`]] as const) {

@@ -30,6 +30,14 @@ t.test('key_missing and every bad key answer alike', async (t) => {
   const missing = await h.get('/x')
   isError(t, missing, 'key_missing')
   t.equal(missing.headers['www-authenticate'], 'Bearer realm="keygate"')
+  t.equal(missing.json?.error?.message, ERRORS.key_missing.message)
+  // A key sent without "Bearer " (or a Basic credential) is no key, and the answer says how to send one.
+  for (const authorization of [good.key, `Basic ${Buffer.from(`u:${good.key}`).toString('base64')}`]) {
+    const notBearer = await h.get('/x', { authorization })
+    isError(t, notBearer, 'key_missing')
+    t.match(notBearer.json?.error?.message, 'send the key as "Authorization: Bearer <key>"')
+    t.notMatch(notBearer.text, good.key.slice(3), 'nothing of the header is echoed')
+  }
 
   t.equal((await h.get('/x', bearer(good.key))).status, 200)
   await sleep(1600)
