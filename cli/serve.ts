@@ -8,7 +8,7 @@ import https from 'node:https'
 import { readFileSync } from 'node:fs'
 import net, { type AddressInfo } from 'node:net'
 import { createSecureContext } from 'node:tls'
-import { deepFreeze, hideConfigSecrets, loadConfig } from '../config/load.ts'
+import { deepFreeze, hideConfigSecrets, loadConfig, unknownEnvNames } from '../config/load.ts'
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
@@ -100,6 +100,8 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
     throw new KeygateError('config_invalid', '--workers above 1 needs DATABASE_URL: the embedded store belongs to one process')
   }
   const log = createLogger({ level: config.log.level as Level })
+  const unknown = unknownEnvNames(io.env)
+  if (unknown.length > 0) log.warn('environment variables keygate does not read, ignored', { variables: unknown })
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })

@@ -489,6 +489,37 @@ export function defaultConfigFile(env: Record<string, string | undefined>): stri
 export const MAX_PROBLEMS = 50
 
 /** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem (up to MAX_PROBLEMS). */
+/** KEYGATE_ variables keygate reads beside the schema's: the file's path, the re-run's own, the tool cache. */
+const OTHER_ENV = new Set(['KEYGATE_CONFIG', 'KEYGATE_WASM_TIERING', 'KEYGATE_REEXEC_CHILD', 'KEYGATE_CACHE_DIR'])
+
+/** Edits (insert, delete, change a character) from `a` to `b`. */
+function editDistance(a: string, b: string): number {
+  let row = Array.from({ length: b.length + 1 }, (_, j) => j)
+  for (let i = 1; i <= a.length; i++) {
+    const next = [i]
+    for (let j = 1; j <= b.length; j++) next[j] = Math.min((row[j] as number) + 1, (next[j - 1] as number) + 1, (row[j - 1] as number) + (a[i - 1] === b[j - 1] ? 0 : 1))
+    row = next
+  }
+  return row[b.length] as number
+}
+
+/**
+ * The KEYGATE_ variables of `env` keygate does not read, each with the one meant when one is two
+ * edits away: a misspelt variable is ignored, and its setting quietly keeps its default (found
+ * by a newcomer: `KEYGATE_UPSTREM` started a gateway without routes). A warning, not an error:
+ * an environment is shared with other tools and versions.
+ */
+export function unknownEnvNames(env: Readonly<Record<string, string | undefined>>): string[] {
+  const known = [...ENV_NAMES.filter((n) => n.startsWith('KEYGATE_')), ...OTHER_ENV]
+  const out: string[] = []
+  for (const name of Object.keys(env).sort()) {
+    if (!name.startsWith('KEYGATE_') || known.includes(name)) continue
+    const meant = known.find((k) => editDistance(name, k) <= 2)
+    out.push(meant === undefined ? name : `${name} (${meant}?)`)
+  }
+  return out
+}
+
 export function loadConfig(options: LoadOptions = {}): Config {
   const env = options.env ?? process.env
   const problems: string[] = []

@@ -11,7 +11,7 @@ import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { parse, stringify } from 'yaml'
 import type { Test } from 'tap'
-import { ENV_NAMES, FLAG_NAMES, loadConfig, MAX_CONFIG_BYTES, renderConfigDocs, schemaLeaves, type LoadOptions } from '../config/load.ts'
+import { ENV_NAMES, FLAG_NAMES, loadConfig, MAX_CONFIG_BYTES, renderConfigDocs, schemaLeaves, unknownEnvNames, type LoadOptions } from '../config/load.ts'
 import { ConfigSchema, type Config } from '../config/schema.ts'
 import { describeAllowed, dotted, showValue } from '../core/validate.ts'
 
@@ -516,6 +516,11 @@ t.test('YAML syntax errors and duplicate keys report file:line', async (t) => {
 
   t.same(problemsOf({ file: yamlFile(t, '- a\n- b\n'), env: {} }).problems.map((p) => p.replace(/^.*: /, '')), ['the top level must be a mapping of keys, not a list'])
   t.match(problemsOf({ file: '/nonexistent/keygate.yaml', env: {} }).problems, ['/nonexistent/keygate.yaml: cannot be read (ENOENT)'])
+  t.same(
+    unknownEnvNames({ KEYGATE_UPSTREM: 'http://x', KEYGATE_UPSTREAM: 'http://y', KEYGATE_CONFIG: 'k.yaml', KEYGATE_SOMETHING_ELSE: '1', PATH: '/bin', keygate_upstream: 'x' }),
+    ['KEYGATE_SOMETHING_ELSE', 'KEYGATE_UPSTREM (KEYGATE_UPSTREAM?)'],
+    'a misspelt KEYGATE_ variable is named, with the one meant; the known ones and others are not',
+  )
   t.same(problemsOf({ file: 'nowhere/keygate.yaml', env: {} }).problems, [`nowhere/keygate.yaml: cannot be read (ENOENT; relative to ${process.cwd()})`], 'a relative path names the folder it was taken from')
   // In keygate's words; before: "Source contains multiple documents; please use YAML.parseAllDocuments()".
   const several = yamlFile(t, 'gateway: { listen: "0.0.0.0:1" }\n---\nadmin: { listen: "127.0.0.1:2" }\n', 'several.yaml')

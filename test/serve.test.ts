@@ -180,7 +180,8 @@ t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) 
     ;(arrivals.shift() as () => void)()
     void released.then(() => echo(req, res, received))
   })
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789' })
+  // A misspelt variable (also checked here: a serve's start) is named in a warning.
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789', KEYGATE_LISTN: '127.0.0.1:1' })
   const inFlight = async (s: Awaited<ReturnType<typeof serve>>) => {
     const arrived = new Promise<void>((r) => arrivals.push(r))
     const key = (await runCli(['api-key', 'create', '--type', 'service', '--name', `ctrl-c ${arrivals.length}`, '--json'], { env: { ...env, KEYGATE_ADMIN_URL: s.admin } })).json().key as string
@@ -191,6 +192,7 @@ t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) 
   }
 
   const first = await serve(t, { env })
+  t.match(first.logs.find((l) => l.message.startsWith('environment variables keygate does not read')), { level: 'warn', variables: ['KEYGATE_LISTN (KEYGATE_LISTEN?)'] })
   const drained = (await inFlight(first)).answer
   // The terminal's signal, then npm's, which npm sends once its own handler has run: two sent
   // at once would be one (the kernel keeps one pending signal of a kind), so the second is sent
