@@ -318,7 +318,7 @@ export function expiryFlags(p: Parsed): string | null | undefined {
     if (inFlag === 'never') return null
     const seconds = parseDuration('expires-in', inFlag)
     // Refused here, naming the flag (before: the API's `expires_at: ... is in the past`, exit 1).
-    if (seconds === 0) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} would expire the key as it is made; expected a duration above 0, such as 30d`)
+    if (seconds === 0) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} would expire the key at once; expected a duration above 0, such as 30d`)
     const at = new Date(Date.now() + seconds * 1000)
     if (!(at.getTime() < YEAR_10000_MS)) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} ends after the year 9999`)
     return at.toISOString()

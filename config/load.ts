@@ -488,7 +488,6 @@ export function defaultConfigFile(env: Record<string, string | undefined>): stri
 /** The most problems an invalid configuration lists (`details.problems` too); a last line counts the rest. */
 export const MAX_PROBLEMS = 50
 
-/** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem (up to MAX_PROBLEMS). */
 /** KEYGATE_ variables keygate reads beside the schema's: the file's path, the re-run's own, the tool cache. */
 const OTHER_ENV = new Set(['KEYGATE_CONFIG', 'KEYGATE_WASM_TIERING', 'KEYGATE_REEXEC_CHILD', 'KEYGATE_CACHE_DIR'])
 
@@ -520,6 +519,7 @@ export function unknownEnvNames(env: Readonly<Record<string, string | undefined>
   return out
 }
 
+/** Finds, merges, validates and freezes the configuration, or throws `config_invalid` listing every problem (up to MAX_PROBLEMS). */
 export function loadConfig(options: LoadOptions = {}): Config {
   const env = options.env ?? process.env
   const problems: string[] = []

@@ -1,6 +1,7 @@
 // The one error catalogue of keygate: every code the gateway, the admin API and the CLI can
 // answer with, its HTTP status and its default message. README.md lists the same table and
 // test/errors.test.ts keeps the two in step.
+import { holdsKey } from './keys/format.ts'
 import { scrub } from './log.ts'
 
 export const ERRORS = {
@@ -118,10 +119,10 @@ export function errorBody(code: ErrorCode, requestId: string, message?: string, 
  * echoed back: anything shaped like a key reads `[redacted]`.
  */
 export function keyNotFound(id: string): KeygateError {
-  const shown = scrub(id)
   // Said so: `no key has the id "[redacted]"` alone left the reader guessing (found by a newcomer).
-  const hint = shown === id ? '' : ": that is shaped like an API key itself, not a key's id (the id is the part after the key's prefix, up to the next \"_\"; `keygate api-key list` shows them)"
-  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(shown)}${hint}`)
+  // Only for a key's shape (keygate's or a legacy UUID): scrub also hides other secrets.
+  const hint = holdsKey(id) ? ": that is shaped like an API key itself, not a key's id (`keygate api-key list` shows the ids)" : ''
+  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(scrub(id))}${hint}`)
 }
 
 /** A `validation_failed` error naming one field, as every validation failure names its fields. */

@@ -119,6 +119,8 @@ await forEachStore(t, async (t, store) => {
       t.match(wrong.json.error.message, 'no key has the id "[redacted]": that is shaped like an API key itself')
     }
     t.equal(missing.json.error.message, 'no key has the id "nosuchkey123"', 'no such hint for an id')
+    const secret = await h.call('GET', `/v1/keys/whsec_${'A'.repeat(30)}`)
+    t.equal(secret.json.error.message, 'no key has the id "[redacted]"', 'nor for another secret the scrubber hides')
     // Every error answer, whatever echoed the key (before: a route that does not exist, a query
     // value and an anomaly id answered with the whole key in the message).
     for (const [method, path] of [['GET', `/v1/nokeys/${created.key}`], ['GET', `/v1/keys?limit=${created.key}`], ['POST', `/v1/anomalies/${created.key}/ack`]] as const) {

@@ -38,7 +38,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', 'lots'], /--rate-limit: "lots" is not allowed/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', 'soon'], /--expires-in: "soon" is not a duration/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '999999999w'], /--expires-in: "999999999w" ends after the year 9999/],
-    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '0d'], /--expires-in: "0d" would expire the key as it is made/],
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-in', '0d'], /--expires-in: "0d" would expire the key at once/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '{nope'], /--metadata: is not JSON/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--metadata', '[1]'], /--metadata: expected a JSON object/],
     // Numbers that would not be stored as written, as the admin API refuses them (before: stored rounded, or as 0).

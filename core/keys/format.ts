@@ -143,6 +143,11 @@ export const SHA256_HEX = /^[0-9a-f]{64}$/
  */
 export const KEY_IN_TEXT = new RegExp(`[a-z][a-z0-9]{0,15}_[0-9A-Za-z]{${ID_LENGTH}}_[0-9A-Za-z]{${SECRET_LENGTH + CHECK_LENGTH}}`)
 
+/** Whether `text` holds a key: keygate's shape anywhere in it, or is the replaced system's UUID v4. */
+export function holdsKey(text: string): boolean {
+  return KEY_IN_TEXT.test(text) || UUID_V4.test(text.trim())
+}
+
 /** A pattern that finds keygate keys in free text (log scrubbing, leak scanning). */
 export function keyPattern(prefix: string): RegExp {
   return new RegExp(`${prefix.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}[0-9A-Za-z]{${ID_LENGTH}}_[0-9A-Za-z]{${SECRET_LENGTH + CHECK_LENGTH}}`, 'g')
