@@ -13,7 +13,7 @@ import { createHash, timingSafeEqual } from 'node:crypto'
 import type { Actor } from '../core/audit.ts'
 import { normalAddress } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
-import type { Lockout } from '../core/lockout.ts'
+import { lockedOutMessage, type Lockout } from '../core/lockout.ts'
 import type { Logger } from '../core/log.ts'
 import { AdminError } from './server.ts'
 
@@ -41,7 +41,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
   const token = options.token ? digest(options.token) : undefined
   const lockedOut = (retryAfterS: number): AdminError => {
     options.onLockedOut?.()
-    return new AdminError('ip_locked_out', undefined, { 'retry-after': String(retryAfterS) })
+    return new AdminError('ip_locked_out', lockedOutMessage(retryAfterS), { 'retry-after': String(retryAfterS) })
   }
   return async (authorization, remoteAddress) => {
     const address = normalAddress(remoteAddress ?? '') ?? remoteAddress ?? 'unknown'

@@ -94,6 +94,8 @@ export interface AdminServerOptions {
   server?: http.Server
   /** Host names answered besides IP addresses and localhost (admin.allowed_hosts; "*" for any). */
   allowedHosts?: readonly string[]
+  /** Why `/v1` is not served here, when it is not (`serve --only gateway`): said in its 404, not "no admin route". */
+  noApi?: string
 }
 
 /**
@@ -216,7 +218,8 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       return
     }
     // Cut: a path of up to gateway.max_header_bytes came back whole in the answer (found by a review).
-    sendError(res, 'not_found', requestId, `no admin route ${clipped(url.pathname)}`, undefined, closing)
+    const noApi = options.noApi !== undefined && (url.pathname === '/v1' || url.pathname.startsWith('/v1/'))
+    sendError(res, 'not_found', requestId, noApi ? (options.noApi as string) : `no admin route ${clipped(url.pathname)}`, undefined, closing)
   }
   server.on('request', onRequest)
   // Expect: 100-continue is answered only once the request has been routed and its credential and

@@ -693,7 +693,13 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         routes.push(...api.routes)
         scheduler = startScheduler(config, runtime, log, ev.webhooks)
       }
-      admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log), ADMIN_SERVER_OPTIONS), allowedHosts: config.admin.allowed_hosts })
+      admin = createAdminServer({
+        routes,
+        log,
+        server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log), ADMIN_SERVER_OPTIONS),
+        allowedHosts: config.admin.allowed_hosts,
+        ...(role.admin ? {} : { noApi: 'this process serves the gateway only (serve --only gateway): the admin API is served by a keygate serve --only admin, or one without --only' }),
+      })
       const at = await listen(admin, config.admin.listen)
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
     }

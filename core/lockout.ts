@@ -344,3 +344,8 @@ export function addressKeyer(ipv6PrefixBits: number): (address: string) => strin
     return `${ipaddr.IPv6.networkAddressFromCIDR(`${a}/${ipv6PrefixBits}`).toString()}/${ipv6PrefixBits}`
   }
 }
+
+/** The answer's message: how long, as Retry-After says it, for a reader without the header (found by a newcomer). */
+export function lockedOutMessage(retryAfterS: number): string {
+  return `Too many failed attempts from this address; try again in ${retryAfterS} s.`
+}

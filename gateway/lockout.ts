@@ -2,7 +2,7 @@
 // request (malformed, unknown, wrong secret, revoked, expired, used from an address it is not
 // bound to); a request without a key is not one. The lockout itself is core/lockout.ts, shared
 // with the admin API; its check is a memory look-up, so this stage is synchronous.
-import type { Lockout } from '../core/lockout.ts'
+import { lockedOutMessage, type Lockout } from '../core/lockout.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
 import type { RequestState, Stage, Verdict } from './state.ts'
 
@@ -14,6 +14,7 @@ import type { RequestState, Stage, Verdict } from './state.ts'
  */
 export function lockedOut(s: RequestState, retryAfterS: number, metrics: GatewayMetrics): Verdict {
   s.retryAfterS = retryAfterS
+  s.message = lockedOutMessage(retryAfterS)
   s.rlLimit = -1
   metrics.lockedOutRequests.inc()
   return 'ip_locked_out'

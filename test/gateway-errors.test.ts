@@ -193,6 +193,7 @@ t.test('rate_limited and ip_locked_out', async (t) => {
   const locked = await h2.get('/', bearer((await h2.key()).key))
   isError(t, locked, 'ip_locked_out')
   t.ok(Number(locked.headers['retry-after']) > 50)
+  t.equal(locked.json?.error?.message, `Too many failed attempts from this address; try again in ${locked.headers['retry-after']} s.`, 'the message says how long, as Retry-After does')
 })
 
 t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) => {
