@@ -125,7 +125,9 @@ function endOf(k: KeyRecord): Date | null {
 
 function keyRows(keys: KeyRecord[]): string {
   return table(
-    ['id', 'name', 'type', 'status', 'scopes', 'owner', 'expires', 'last used'],
+    // VALID UNTIL, not EXPIRES: for a rotating key it is the end of its grace, where `get` shows
+    // `expires_at -` (two names for one date read as a contradiction; found by a newcomer).
+    ['id', 'name', 'type', 'status', 'scopes', 'owner', 'valid until', 'last used'],
     keys.map((k) => [k.id, k.name, k.type, k.status, k.scopes.join(','), k.owner, date(endOf(k)), date(k.lastUsedAt)]),
   )
 }

@@ -213,6 +213,7 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.equal(shown.stdout.match(/^status /gm)?.length, 1, 'one status line')
   const listed = await runCli(['api-key', 'list'], { cwd, env })
   t.match(listed.stdout, /"old\\u001b\[2Jname"/, 'the list shows the name escaped')
+  t.match(listed.stdout, /^ID +NAME +TYPE +STATUS +SCOPES +OWNER +VALID UNTIL +LAST USED\n/, 'the list names when a key stops working VALID UNTIL')
   // A bidi override (before: printed raw, reversing the rest of the row on a bidi terminal) and a C1
   // control (JSON leaves both as they are) are escaped too.
   for (const [what, out] of [['get', shown.stdout], ['list', listed.stdout]] as const) {
