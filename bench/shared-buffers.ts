@@ -10,12 +10,10 @@
 // Linux only (/proc).
 import { createHash, randomUUID } from 'node:crypto'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import http from 'node:http'
-import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Pool } from 'undici'
-import { countArg as arg, cli, median, startKeygate } from './servers.ts'
+import { countArg as arg, cli, forkServer, median, startKeygate } from './servers.ts'
 
 const KEYS = arg('keys', 100_000)
 const ROUNDS = arg('rounds', 3)
@@ -40,8 +38,9 @@ for (let file = 0; file * 10_000 < KEYS; file++) {
 }
 process.stdout.write(`${keys.length} keys imported into ${dataDir}\n`)
 
-const upstream = http.createServer((_req, res) => res.end('ok'))
-await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve))
+// The fixed-response upstream in a process of its own, as in the other benches: in this one it took
+// the event loop and CPU the load generator needs.
+const upstream = await forkServer('./upstream.ts')
 const config = join(dir, 'keygate.yaml')
 writeFileSync(config, 'rate_limits:\n  per_address: { limit: 1000000000, window_s: 1 }\n')
 
@@ -51,7 +50,7 @@ async function measure(mb: number): Promise<{ reqps: number; rssMiB: number }> {
     KEYGATE_DATA_DIR: dataDir,
     KEYGATE_LISTEN: '127.0.0.1:0',
     KEYGATE_ADMIN_LISTEN: '127.0.0.1:0',
-    KEYGATE_UPSTREAM: `http://127.0.0.1:${(upstream.address() as AddressInfo).port}`,
+    KEYGATE_UPSTREAM: `http://127.0.0.1:${upstream.port}`,
     KEYGATE_ADMIN_TOKEN: 'a-bench-admin-token-of-32-chars!',
     CACHE_MAX_CAPACITY: '1',
     KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: String(mb),
@@ -94,7 +93,7 @@ for (let round = 1; round <= ROUNDS; round++) {
     process.stdout.write(`round ${round}: ${mb} MiB: ${Math.round(r.reqps)} req/s, ${Math.round(r.rssMiB)} MiB resident\n`)
   }
 }
-upstream.close()
+upstream.child.kill('SIGTERM')
 process.stdout.write('\nshared buffers | req/s (median) | ratio to 128 (median) | resident MiB (median)\n')
 for (const [mb, rs] of runs) {
   process.stdout.write(`${mb} | ${Math.round(median(rs.map((r) => r.reqps)))} | ${median(rs.map((r) => r.ratio)).toFixed(2)} | ${Math.round(median(rs.map((r) => r.rssMiB)))}\n`)
