@@ -295,10 +295,14 @@ t.test('--workers: a replacement worker runs the configuration the primary check
   const { cwd, env, upstream } = await workersSetUp(t, 'sameconfig', 0)
   writeFileSync(join(cwd, 'keygate.yaml'), 'log:\n  level: info\n')
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  // The two workers of the start, killed one after the other. Not the lowest pid among the
+  // children at each step: pids wrap around (pid_max is 32,768 here), and a CI run once found the
+  // first replacement below the second original and killed it instead.
+  const originals = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  t.equal(originals.length, 2, 'two workers')
   const replace = async (edit: string, replacement: number) => {
     writeFileSync(join(cwd, 'keygate.yaml'), edit)
-    const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
-    process.kill(pid as number, 'SIGKILL')
+    process.kill(originals.shift() as number, 'SIGKILL')
     await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === replacement)
   }
   await replace('no_such_setting: 1\n', 3)
