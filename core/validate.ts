@@ -656,6 +656,16 @@ export function refuseMemberProblems(text: string, what = 'body'): void {
 }
 
 /**
+ * A problem told in JSON's words: what the configuration (YAML) calls a mapping is an object in an
+ * API body or an import row (before, an admin answer said "expected a mapping" beside others
+ * saying "a JSON object"; found by a newcomer). Key names (an unknown key's `allowed`) are left be.
+ */
+function jsonWords(p: Problem): Problem {
+  if (p.kind === 'unknown' || !p.allowed.includes('mapping')) return p
+  return { ...p, allowed: p.allowed.replace(/\ba mapping\b/g, 'an object').replace(/\bmappings\b/g, 'objects') }
+}
+
+/**
  * Checks `value` against `schema` and throws `validation_failed` naming the bad fields
  * (`details.fields`; the first MAX_LISTED_PROBLEMS, with `details.more` true when the check
  * stopped there), or returns it typed.
@@ -669,7 +679,7 @@ export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): 
   }
   const more = found.length > MAX_LISTED_PROBLEMS
   const fields = found.slice(0, MAX_LISTED_PROBLEMS).map((problem) => {
-    const p = unknownKeyShown(problem, false)
+    const p = unknownKeyShown(jsonWords(problem), false)
     const path = dotted(p.path) || what
     const field = shownField(path)
     // Cut after `field: ` by length: a field's name may hold a colon.

@@ -71,6 +71,11 @@ await forEachStore(t, async (t, store) => {
   }
   refused(await h.call('POST', '/v1/keys/validate', { body: { key: 'x', address: '2130706433' } }), 400, 'validation_failed', 'an integer is not an address to validate from')
   refused(await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', metadata: { ['k\u0000']: 1 } } }), 400, 'bad_request', 'NUL in a key name of the body')
+  // In JSON's words: an object, not the configuration's "mapping".
+  const notObject = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', rate_limit: 'lots' } })
+  refused(notObject, 400, 'validation_failed', 'a rate limit that is no object')
+  t.match(notObject.json.error.details.fields, [{ field: 'rate_limit', message: /an object with the keys limit, window_s/ }])
+  t.notMatch(notObject.text, /mapping/)
 
   refused(await h.call('POST', '/v1/keys', { raw: `{"name":"deep","type":"user","metadata":${deep(5000)}}`, headers: json }), 400, 'bad_request', 'metadata nested 5000 levels')
   refused(await h.call('POST', '/v1/keys', { raw: `{"name":${deep(5000)},"type":"user"}`, headers: json }), 400, 'bad_request', 'a wrong-typed field nested 5000 levels')
