@@ -102,8 +102,15 @@ function stringLength(min: number | undefined, max: number | undefined): string 
   return max ? `a string of at most ${max} characters` : 'a string'
 }
 
+/**
+ * What an object with named keys is called: a mapping in the configuration (YAML's word), an
+ * object in an API body or an import row (JSON's; before, one admin answer said "expected a
+ * mapping" beside others saying "a JSON object": found by a newcomer).
+ */
+export type ObjectWord = 'mapping' | 'object'
+
 /** The words for what a schema node allows. */
-export function describeAllowed(schema: TSchema): string {
+export function describeAllowed(schema: TSchema, object: ObjectWord = 'mapping'): string {
   switch (schema[Kind]) {
     case 'Integer':
     case 'Number': {
@@ -127,15 +134,15 @@ export function describeAllowed(schema: TSchema): string {
     case 'Literal':
       return JSON.stringify(schema.const)
     case 'Union': {
-      const parts = (schema.anyOf as TSchema[]).map((s) => (s[Kind] === 'Literal' ? String(s.const) : describeAllowed(s)))
+      const parts = (schema.anyOf as TSchema[]).map((s) => (s[Kind] === 'Literal' ? String(s.const) : describeAllowed(s, object)))
       return (schema.anyOf as TSchema[]).every((s) => s[Kind] === 'Literal') ? `one of ${parts.join(', ')}` : parts.join(' or ')
     }
     case 'Array': {
       const items = schema.items as TSchema
       const item =
         items[Kind] === 'Object'
-          ? `mappings, each ${describeAllowed(items).replace(/^a mapping /, '')}`
-          : describeAllowed(items)
+          ? `${object}s, each ${describeAllowed(items, object).replace(/^an? \w+ /, '')}`
+          : describeAllowed(items, object)
               .replace(/^one of /, 'values from ')
               .replace(/^an? /, '')
               .replace(/^(non-empty )?(string|integer|number)\b/, '$1$2s')
@@ -144,7 +151,7 @@ export function describeAllowed(schema: TSchema): string {
     }
     case 'Object':
       return schema.properties && Object.keys(schema.properties).length > 0
-        ? `a mapping with the keys ${Object.keys(schema.properties as object).join(', ')}`
+        ? `${object === 'mapping' ? 'a mapping' : 'an object'} with the keys ${Object.keys(schema.properties as object).join(', ')}`
         : 'a JSON object'
     case 'Record':
       return 'a JSON object'
@@ -264,7 +271,7 @@ function cutToBound(schema: TSchema, value: unknown, originals: Map<unknown, unk
  * first `limit` (the check stops there, so that its work is bounded too). An array past its
  * maxItems is checked only to one element past it (cutToBound); the values told are `value`'s own.
  */
-export function problems(schema: TSchema, value: unknown, limit = Number.POSITIVE_INFINITY): Problem[] {
+export function problems(schema: TSchema, value: unknown, limit = Number.POSITIVE_INFINITY, object: ObjectWord = 'mapping'): Problem[] {
   const out: Problem[] = []
   const seen = new Set<string>()
   const originals = new Map<unknown, unknown>()
@@ -281,10 +288,10 @@ export function problems(schema: TSchema, value: unknown, limit = Number.POSITIV
       const known = Object.keys(parent.properties as object)
       out.push({ path, kind: 'unknown', value: found, allowed: known.join(', '), known })
     } else if (found === undefined) {
-      out.push({ path, kind: 'required', value: undefined, allowed: describeAllowed(own ?? e.schema) })
+      out.push({ path, kind: 'required', value: undefined, allowed: describeAllowed(own ?? e.schema, object) })
     } else {
       const why = typeof found === 'string' ? formatWhy(own ?? e.schema, found) : undefined
-      out.push({ path, kind: 'invalid', value: found, allowed: describeAllowed(own ?? e.schema), ...(why !== undefined ? { why } : {}) })
+      out.push({ path, kind: 'invalid', value: found, allowed: describeAllowed(own ?? e.schema, object), ...(why !== undefined ? { why } : {}) })
     }
   }
   return out
@@ -656,22 +663,12 @@ export function refuseMemberProblems(text: string, what = 'body'): void {
 }
 
 /**
- * A problem told in JSON's words: what the configuration (YAML) calls a mapping is an object in an
- * API body or an import row (before, an admin answer said "expected a mapping" beside others
- * saying "a JSON object"; found by a newcomer). Key names (an unknown key's `allowed`) are left be.
- */
-function jsonWords(p: Problem): Problem {
-  if (p.kind === 'unknown' || !p.allowed.includes('mapping')) return p
-  return { ...p, allowed: p.allowed.replace(/\ba mapping\b/g, 'an object').replace(/\bmappings\b/g, 'objects') }
-}
-
-/**
  * Checks `value` against `schema` and throws `validation_failed` naming the bad fields
  * (`details.fields`; the first MAX_LISTED_PROBLEMS, with `details.more` true when the check
  * stopped there), or returns it typed.
  */
 export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): T {
-  const found = problems(schema, value, MAX_LISTED_PROBLEMS + 1)
+  const found = problems(schema, value, MAX_LISTED_PROBLEMS + 1, 'object')
   if (found.length === 0) {
     const at = loneSurrogateAt(value)
     if (at === undefined) return value as T
@@ -679,7 +676,7 @@ export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): 
   }
   const more = found.length > MAX_LISTED_PROBLEMS
   const fields = found.slice(0, MAX_LISTED_PROBLEMS).map((problem) => {
-    const p = unknownKeyShown(jsonWords(problem), false)
+    const p = unknownKeyShown(problem, false)
     const path = dotted(p.path) || what
     const field = shownField(path)
     // Cut after `field: ` by length: a field's name may hold a colon.
