@@ -666,15 +666,15 @@ export class WebhookService {
       const fanOut = (r: (typeof rows)[number]) => Math.max(1, takers.get(r.type) ?? 0)
       let queued = 0
       for (const batch of statementBatches(rows, (r) => (r.body.length + EVENT_ROW_CHARS) * fanOut(r), fanOut)) {
-        const events = rowsOf([['type', 'text', batch.map((r) => r.type)], ['payload', 'text', batch.map((r) => r.body)], ['dedupe', 'text', batch.map((r) => r.dedupe)]])
+        const batchRows = rowsOf([['type', 'text', batch.map((r) => r.type)], ['payload', 'text', batch.map((r) => r.body)], ['dedupe', 'text', batch.map((r) => r.dedupe)]])
         const made = await tx.query<{ id: string }>(
           `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, dedupe_key, next_attempt_at, created_at)
            SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), w.id, e.type, e.payload, e.dedupe, ${storeClock(4)}, ${storeClock(4)}
-           FROM ${events.as('e')} JOIN webhooks w ON e.type = ANY (w.events)
+           FROM ${batchRows.as('e')} JOIN webhooks w ON e.type = ANY (w.events)
            WHERE ${SENDING}
            FOR KEY SHARE OF w
            ON CONFLICT (webhook_id, dedupe_key) DO NOTHING RETURNING id`,
-          [...events.params, this.#storeNow()],
+          [...batchRows.params, this.#storeNow()],
         )
         queued += made.length
       }

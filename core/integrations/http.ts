@@ -7,6 +7,7 @@ import { Agent, request } from 'undici'
 import { KeygateError } from '../errors.ts'
 import { TRAILING_SLASHES } from '../http.ts'
 import { cutSecrets, secretForms } from '../log.ts'
+import { clipped } from '../validate.ts'
 
 export type ServiceName = 'gitea' | 'n8n'
 export const SERVICE_LABEL: Record<ServiceName, string> = { gitea: 'Gitea', n8n: 'n8n' }
@@ -126,7 +127,7 @@ export class IntegrationHttp {
   redact(text: string): string {
     this.#forms ??= secretForms([...this.#secrets, ...this.#transient])
     const out = cutSecrets(text, this.#forms).replace(/\s+/g, ' ').trim()
-    return out.length > MAX_MESSAGE ? out.slice(0, MAX_MESSAGE - 3) + '...' : out
+    return clipped(out, MAX_MESSAGE)
   }
 
   /** The service's own message in an error answer (`message`, or `error`), redacted. */
@@ -155,7 +156,7 @@ export class IntegrationHttp {
       if (b.trim() === '') return `an empty body (${type})`
       if (/^\s*</.test(b)) return `a page of markup (${type})`
       const start = this.redact(b)
-      return `text (${type}): ${JSON.stringify(start.length > 60 ? start.slice(0, 57) + '...' : start)}`
+      return `text (${type}): ${JSON.stringify(clipped(start, 60))}`
     }
     if (Array.isArray(b)) return `a JSON list of ${b.length}`
     if (b !== null && typeof b === 'object') {
