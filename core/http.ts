@@ -47,6 +47,15 @@ export function hasDotSegments(target: string): boolean {
 }
 
 /**
+ * Whether a path whose escapes are decoded (`bytes`, from decodeEscapes) has dot segments: what
+ * `%252e%252e` is to an upstream that decodes twice, then resolves the path. On every route: a
+ * path that leaves its route's prefix so reaches resources the route's scopes do not cover.
+ */
+export function decodedHasDotSegments(bytes: string): boolean {
+  return bytes.includes('.') && DOT_SEGMENT.test(bytes)
+}
+
+/**
  * Calls `then` once every response of `socket` begun or queued so far has been written, or the
  * socket closed: the moment for an answer written on the socket itself (a switch to a WebSocket
  * tunnel, the refusal of an upgrade, a parser error's 400), which written earlier lands before or

@@ -21,9 +21,11 @@ import type { Tunnel, TunnelGuard } from './tunnels.ts'
 const REQUEST_DROP = new Set([
   'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'transfer-encoding', 'upgrade',
   'http2-settings', 'expect', 'host', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'forwarded', 'x-real-ip', 'x-request-id',
-  // Other names for the client's address, and the request-URL overrides that IIS and older
-  // Symfony or Zend upstreams route by (past the route's scope check).
-  'true-client-ip', 'client-ip', 'x-original-url', 'x-rewrite-url',
+  // Other names for the client's address (those CDNs set, and those libraries such as
+  // request-ip read before X-Forwarded-For: a client's own would pass as its address), and the
+  // request-URL overrides that IIS and older Symfony or Zend upstreams route by (past the route's scope check).
+  'true-client-ip', 'client-ip', 'x-client-ip', 'x-cluster-client-ip', 'cf-connecting-ip', 'cf-connecting-ipv6', 'cf-pseudo-ipv4',
+  'fastly-client-ip', 'x-appengine-user-ip', 'forwarded-for', 'x-forwarded', 'x-original-url', 'x-rewrite-url',
 ])
 const RESPONSE_DROP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'http2-settings'])
 /**

@@ -6,7 +6,7 @@
 // Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad chunking) are
 // refused earlier by Node's strict parser; see index.ts for `clientError`.
 import { isUtf8 } from 'node:buffer'
-import { decodeEscapes, hasDotSegments } from '../core/http.ts'
+import { decodeEscapes, decodedHasDotSegments, hasDotSegments } from '../core/http.ts'
 import { pathOf, type RequestState, type Stage } from './state.ts'
 
 // An absolute-form target's scheme and authority (all up to the path or query).
@@ -87,6 +87,11 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     const path = pathOf(target)
     if (!path.includes('%')) return undefined
     s.pathBytes = decodeEscapes(path)
+    // Those encoded once are found above; these only by an upstream that decodes twice (found by a review).
+    if (decodedHasDotSegments(s.pathBytes)) {
+      s.message = 'The request path has dot segments (percent-encoded more than once).'
+      return 'bad_request'
+    }
     const escapes = escapeProblem(s.pathBytes)
     if (escapes !== undefined) {
       s.message = escapes
