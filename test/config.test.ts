@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Kind, type TSchema } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
-import { parse, stringify } from 'yaml'
+import { parse, parseAllDocuments, stringify } from 'yaml'
 import type { Test } from 'tap'
 import { ENV_NAMES, FLAG_NAMES, loadConfig, MAX_CONFIG_BYTES, renderConfigDocs, schemaLeaves, unknownEnvNames, type LoadOptions } from '../config/load.ts'
 import { ConfigSchema, type Config } from '../config/schema.ts'
@@ -899,7 +899,9 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   type Security = { runAsNonRoot?: boolean; runAsUser?: number; runAsGroup?: number; readOnlyRootFilesystem?: boolean; allowPrivilegeEscalation?: boolean; capabilities?: { drop?: string[] }; seccompProfile?: { type: string } }
   type Resources = { requests?: { cpu?: string; memory?: string }; limits?: { cpu?: string; memory?: string } }
   type Container = { name: string; env?: Array<{ name: string; value?: string }>; ports?: Array<{ name: string }>; readinessProbe?: Probe; livenessProbe?: Probe; startupProbe?: Probe; securityContext?: Security; resources?: Resources }
-  const k8s = parse(readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')) as { spec: { template: { spec: { containers: Container[]; securityContext?: Security } } } }
+  const docs = parseAllDocuments(readFileSync(new URL('../deploy/kubernetes/sidecar.yaml', import.meta.url), 'utf8')).map((d) => d.toJS() as { kind: string })
+  t.same(docs.map((d) => d.kind), ['Deployment', 'NetworkPolicy'])
+  const k8s = docs[0] as unknown as { spec: { template: { spec: { containers: Container[]; securityContext?: Security } } } }
   const keygate = k8s.spec.template.spec.containers.find((c) => c.name === 'keygate') as Container
   const env = Object.fromEntries((keygate.env ?? []).map((e) => [e.name, e.value ?? secrets[e.name] ?? '']))
   for (const name of Object.keys(secrets)) t.ok(env[name], `the Kubernetes example sets ${name}`)
@@ -928,4 +930,13 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   // V8's heap is capped below the limit, leaving the rest of the process (about 150 MiB) room.
   const heap = Number(/--max-old-space-size=(\d+)/.exec(env.NODE_OPTIONS ?? '')?.[1])
   t.ok(heap > 0 && heap + 150 < limit, `the heap cap (${heap} MiB) leaves room under the memory limit (${limit} MiB)`)
+  // The admin port, whose /metrics takes no credential, is open to named sources only; every
+  // port of the pod is covered by a rule (a NetworkPolicy's ingress shuts any port it names in none).
+  type Rule = { from?: unknown[]; ports?: Array<{ port: string }> }
+  const policy = docs[1] as unknown as { spec: { podSelector: { matchLabels: Record<string, string> }; ingress: Rule[] } }
+  t.same(policy.spec.podSelector.matchLabels, (k8s as unknown as { spec: { selector: { matchLabels: Record<string, string> } } }).spec.selector.matchLabels, 'the policy selects the Deployment\'s pods')
+  const rules = (port: string) => policy.spec.ingress.filter((r) => (r.ports ?? []).some((p) => p.port === port))
+  t.same(ports.toSorted(), ['admin', 'gateway'])
+  t.ok(rules('admin').length > 0 && rules('admin').every((r) => (r.from ?? []).length > 0), 'the admin port only from the sources named')
+  t.ok(rules('gateway').some((r) => r.from === undefined), 'the gateway port from anywhere')
 })
