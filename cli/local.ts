@@ -33,7 +33,7 @@ export async function runLocal<C>(
   const queued: Array<Promise<unknown>> = []
   try {
     opened = await open(runtime)
-    published = config.redis.url ? await invalidationsOf(config.redis.url, runtime, log) : undefined
+    published = config.redis.url ? await invalidationsOf(config.redis.url, config.redis.key_prefix, runtime, log) : undefined
     // Key events of changes made here are queued in the store; the running servers deliver them.
     webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
     const events = new EventBus()
@@ -57,7 +57,7 @@ export async function runLocal<C>(
  * bounded: see sendInvalidation); a Redis that cannot be reached or does not answer in time leaves
  * the gateways to their store check (cache.store_check_s), with a warning.
  */
-async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
+async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
   // Loaded here: a command without Redis never loads its client.
   const [{ Redis }, { redisReady }] = await Promise.all([import('ioredis'), import('../core/redis.ts')])
   // Connected on the first change only: commands that change nothing never touch Redis.
@@ -66,7 +66,7 @@ async function invalidationsOf(url: string, runtime: Runtime, log: Logger): Prom
   const sent: Array<Promise<unknown>> = []
   const send = async (message: string): Promise<unknown> => {
     if (!redis) {
-      redis = new Redis(url, { enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
+      redis = new Redis(url, { keyPrefix, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
       redis.on('error', () => {})
       ready = redisReady(redis, 2000)
     }

@@ -443,11 +443,13 @@ function processEvents(
   if (role.admin) offs.push(bindKeyEvents(runtime.keys, events))
   webhooks.start()
   const a = config.anomalies
+  // Under the key prefix, as every other name keygate uses in Redis (ioredis prefixes keys only).
+  const channel = config.redis.key_prefix + config.redis.anomaly_channel
   const detector =
     role.gateway && a.enabled
-      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, windows, channel: config.redis.anomaly_channel, events, log, checkIntervalMs: a.check_interval_ms, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits, ...(onAnomaly ? { onAnomaly } : {}) })
+      ? new AnomalyDetector({ db: runtime.db, thresholds: a, redis, windows, channel, events, log, checkIntervalMs: a.check_interval_ms, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits, ...(onAnomaly ? { onAnomaly } : {}) })
       : undefined
-  const feed = role.admin ? new AnomalyFeed({ redis, channel: config.redis.anomaly_channel, events, log, history: anomalyHistory(new AnomalyLog(runtime.db)), pollMs: config.admin.stream_poll_ms }) : undefined
+  const feed = role.admin ? new AnomalyFeed({ redis, channel, events, log, history: anomalyHistory(new AnomalyLog(runtime.db)), pollMs: config.admin.stream_poll_ms }) : undefined
   return {
     events,
     webhooks,
@@ -513,7 +515,7 @@ function processLockout(
 }
 
 function redisOf(config: Config, log: Logger): Redis | undefined {
-  return config.redis.url ? connectRedis(config.redis.url, log, { commandTimeoutMs: config.redis.command_timeout_ms }) : undefined
+  return config.redis.url ? connectRedis(config.redis.url, log, { commandTimeoutMs: config.redis.command_timeout_ms, keyPrefix: config.redis.key_prefix }) : undefined
 }
 
 /** The rotation scheduler and cleanup jobs, in a process that serves the admin API (one instance at a time does the work). */

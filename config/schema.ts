@@ -222,6 +222,13 @@ export const ConfigSchema = Type.Object(
     redis: Type.Object(
       {
         url: optStr('redis-url', { description: 'Redis for shared limits, invalidation and alerts.', env: 'REDIS_URL', secret: true }),
+        key_prefix: Type.String({
+          format: 'redis-prefix',
+          default: '',
+          description:
+            'Put before every key and pub/sub channel keygate uses in Redis, the anomaly channel included (`staging:` makes `staging:keygate:lockout:...` and `staging:keygate:anomaly:alerts`): deployments that share one Redis server, each with its own prefix, share no limit, lockout, invalidation or alert. A Redis database number (`redis://host/5`) does not part them: pub/sub ignores it.',
+          env: 'KEYGATE_REDIS_KEY_PREFIX',
+        }),
         anomaly_channel: Type.String({ format: 'redis-channel', default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts (the system keygate replaces used momentry:anomaly:alerts).', env: 'KEYGATE_ANOMALY_CHANNEL' }),
         command_timeout_ms: int(100, 5, 10_000, {
           description: 'A rate limit or lockout call to Redis slower than this is answered by the in-memory insurance limiter, which keeps answering until Redis takes a write (the health probe, every 250 ms) in time again.',

@@ -136,6 +136,8 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
   'admin-token': [(v) => /^[!-~]{16,}$/.test(v), 'at least 16 visible ASCII characters, without spaces or line breaks (a file written by echo ends in one)'],
   // A Redis pub/sub channel as operators write one: a typo'd space or a pasted line break would
   // publish where no subscriber listens.
+  // Also in SCAN patterns (core/lockout.ts): nothing a glob reads.
+  'redis-prefix': [(v) => /^[A-Za-z0-9_.:-]{0,100}$/.test(v), 'letters, digits and _ . : -, at most 100, such as staging: (or empty)'],
   'redis-channel': [(v) => /^[!-~]{1,200}$/.test(v), 'visible ASCII characters without spaces, at most 200, such as keygate:anomaly:alerts'],
   // With a key scope's pattern (RouteScope): on a key `orders:*` grants every `orders:` scope; a route
   // needing it passed only keys holding that very wildcard, not one with `orders:read`.

@@ -142,7 +142,7 @@ class Publisher {
 
 /** One versioned publish; rejects when Redis does not take it, or does not answer within `timeoutMs` (nothing is kept for later). */
 export function sendInvalidation(redis: Redis, message: string, timeoutMs = PUBLISH_TIMEOUT_MS): Promise<unknown> {
-  return within(redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, message, versionsOf(message)), timeoutMs, 'Redis: invalidation publish')
+  return within(redis.eval(PUBLISH_SCRIPT, 1, INVALIDATION_VERSION_KEY, channelOf(redis, INVALIDATION_CHANNEL), message, versionsOf(message)), timeoutMs, 'Redis: invalidation publish')
 }
 
 /** How many versions of the counter a message takes: two for a batch (see the top of this file). */
@@ -251,10 +251,16 @@ export interface SubscribeOptions {
   log?: Logger
 }
 
+/** The pub/sub channel `name` on `redis`: under its key prefix (redis.key_prefix), which ioredis puts before keys only. */
+function channelOf(redis: Redis, name: string): string {
+  return (redis.options.keyPrefix ?? '') + name
+}
+
 /** Listens on a dedicated connection (a subscribed Redis connection can do nothing else); resolves with the closer. */
 export async function subscribeInvalidations(redis: Redis, options: SubscribeOptions): Promise<() => Promise<void>> {
   const { handler, onFlush, log } = options
   const sub = redis.duplicate()
+  const channelName = channelOf(redis, INVALIDATION_CHANNEL)
   const readVersion = async () => Number((await redis.get(INVALIDATION_VERSION_KEY)) ?? 0)
   let last: number | undefined
   // Delivered versions alone, and counter reads alone: each only grows, unless the counter is
@@ -272,7 +278,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   }
   sub.on('error', (err: Error) => log?.debug('invalidation subscriber error', { err }))
   sub.on('message', (channel: string, raw: string) => {
-    if (channel !== INVALIDATION_CHANNEL) return
+    if (channel !== channelName) return
     const bar = raw.indexOf('|')
     const version = bar > 0 ? Number(raw.slice(0, bar)) : NaN
     if (!Number.isSafeInteger(version)) {
@@ -298,7 +304,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // by a message this gateway never got).
   const subscribe = (): void => {
     if (closed) return
-    sub.subscribe(INVALIDATION_CHANNEL).then(
+    sub.subscribe(channelName).then(
       async () => {
         last = undefined
         lastDelivered = undefined

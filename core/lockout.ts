@@ -180,11 +180,15 @@ export function createLockout(options: LockoutOptions): Lockout {
 
   const read = async (): Promise<void> => {
     if (!redis || redis.status !== 'ready') return
+    const prefix = redis.options.keyPrefix ?? ''
     try {
       let cursor = '0'
       do {
-        const [next, keys] = await redis.scan(cursor, 'MATCH', `${LOCKOUT_KEY_PREFIX}:*`, 'COUNT', 1000)
+        // SCAN's pattern and answer carry the key prefix, which ioredis puts before the keys of
+        // other commands itself (redis.key_prefix: letters, digits and _ . : -, nothing a glob reads).
+        const [next, found] = await redis.scan(cursor, 'MATCH', `${prefix}${LOCKOUT_KEY_PREFIX}:*`, 'COUNT', 1000)
         cursor = next
+        const keys = found.map((k) => k.slice(prefix.length))
         if (keys.length === 0) continue
         const pipeline = redis.pipeline()
         for (const k of keys) pipeline.get(k).pttl(k)

@@ -17,8 +17,15 @@ import { Redis } from 'ioredis'
 import { TimedOut, within } from './deadline.ts'
 import type { Logger } from './log.ts'
 
-export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number } = {}): Redis {
+/**
+ * The Redis connection of `serve`. `keyPrefix` (redis.key_prefix) is put before every key of every
+ * command by ioredis itself (scripts' KEYS, transactions and rate-limiter-flexible's commands
+ * included); channels and SCAN patterns it leaves alone, so those are prefixed where they are named
+ * (core/invalidation.ts, core/lockout.ts, the anomaly channel in cli/serve.ts).
+ */
+export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number; keyPrefix?: string } = {}): Redis {
   const redis = new Redis(url, {
+    keyPrefix: options.keyPrefix ?? '',
     enableOfflineQueue: false,
     // No auto-pipelining: with rate-limit leases (core/limiters.ts) a request rarely issues a
     // command, and wrapping each in a pipeline cost more than it saved.

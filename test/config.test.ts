@@ -82,6 +82,14 @@ t.test('the carried-over environment names', async (t) => {
   t.equal(loadConfig({ env: { KEYGATE_ANOMALY_CHANNEL: 'momentry:anomaly:alerts' } }).redis.anomaly_channel, 'momentry:anomaly:alerts')
 })
 
+t.test('redis.key_prefix: empty by default; nothing a SCAN pattern would read as a glob', async (t) => {
+  t.equal(loadConfig({ env: {} }).redis.key_prefix, '')
+  t.equal(loadConfig({ env: { KEYGATE_REDIS_KEY_PREFIX: 'staging-2.eu:' } }).redis.key_prefix, 'staging-2.eu:')
+  for (const bad of ['a*', 'a?', '[a]', 'a\\b', 'has space', 'x'.repeat(101)]) {
+    t.match(problemsOf({ env: { KEYGATE_REDIS_KEY_PREFIX: bad } }).problems, [/^KEYGATE_REDIS_KEY_PREFIX \(redis\.key_prefix\): .* is not allowed; expected letters, digits and _ \. : -, at most 100/], JSON.stringify(bad))
+  }
+})
+
 t.test('precedence: file, then environment, then flags', async (t) => {
   const file = yamlFile(t, { gateway: { listen: '0.0.0.0:1111' }, admin: { listen: '127.0.0.1:1112' }, cache: { ttl_s: 11 }, log: { level: 'warn' } })
   const env = { KEYGATE_LISTEN: '0.0.0.0:2221', CACHE_TTL_SECONDS: '22' }

@@ -200,6 +200,41 @@ async function workersEnv(t: Test, upstream: string, extra: Record<string, strin
   }
 }
 
+t.test('two deployments on one Redis server, each with its own redis.key_prefix, share no lockout, invalidation or key there (found by a review)', async (t) => {
+  // Before, nothing parted them: a Redis database number parts keys but not pub/sub, so one
+  // deployment's lockouts (sent on the invalidation channel) and cache flushes reached the other.
+  const a = await startDeployment(t, { gateways: 1, env: { KEYGATE_REDIS_KEY_PREFIX: 'a:' } })
+  const b = await startDeployment(t, { gateways: 1, redis: a.redis, env: { KEYGATE_REDIS_KEY_PREFIX: 'b:' } })
+  const flushes = async (s: Served) => {
+    const text = await (await request(`${s.admin}/metrics`)).body.text()
+    return [...text.matchAll(/^keygate_invalidation_flushes_total\{[^}]*\} (\S+)$/gm)].reduce((n, m) => n + Number(m[1]), 0)
+  }
+  const ka = await createKey(a)
+  await cached(t, a, 0, ka.key)
+  const before = await flushes(a.gateways[0]!)
+
+  const from = address()
+  const bad = 'kg_AAAAAAAAAAAA_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'
+  const answers: number[] = []
+  for (let i = 0; i < 6; i++) answers.push((await b.through(0, bad, from)).status)
+  t.equal(answers.at(-1), 429, `the address is locked out in deployment b (${answers.join(' ')})`)
+  const kb = await createKey(b)
+  t.equal((await b.call('POST', `/v1/keys/${kb.id}/revoke`, {})).status, 200, "b's changes are published on b's channel")
+  t.equal((await a.through(0, ka.key, from)).status, 200, "deployment a does not know of b's lockout")
+  t.equal(await flushes(a.gateways[0]!), before, "nor did b's invalidations flush a's cache")
+
+  // Within a deployment, the prefixed names work as before.
+  t.equal((await a.call('POST', `/v1/keys/${ka.id}/revoke`, {})).status, 200)
+  await until(t, "a's gateway refuses its revoked key (told through Redis: its cache holds keys for an hour)", async () => (await a.through(0, ka.key, address())).status === 401)
+  const raw = new Redis(a.redis.url)
+  t.teardown(() => void raw.quit())
+  const keys = await raw.keys('*')
+  t.ok(keys.some((k) => k.startsWith('a:keygate:')) && keys.some((k) => k.startsWith('b:keygate:lockout:')), 'each deployment wrote its keys')
+  t.same(keys.filter((k) => !k.startsWith('a:keygate:') && !k.startsWith('b:keygate:')), [], 'every key under its deployment\'s prefix')
+  const channels = (await raw.pubsub('CHANNELS', '*')) as string[]
+  t.same(channels.toSorted(), ['a:keygate:anomaly:alerts', 'a:keygate:invalidate', 'b:keygate:anomaly:alerts', 'b:keygate:invalidate'], 'and every channel')
+})
+
 t.test('a key revoked by the CLI while Redis is paused past its wait is refused by every gateway at its store check (found by review)', async (t) => {
   // Before, the CLI warned and exited, nothing was published, no gateway connection dropped: the
   // key worked on every gateway for the cache TTL. The missed-message check is off, so the store

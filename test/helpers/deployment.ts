@@ -28,10 +28,12 @@ export interface Deployment {
 export interface DeploymentOptions {
   gateways?: number
   env?: Record<string, string | undefined>
+  /** Another deployment's Redis server, shared (not stopped with this deployment). */
+  redis?: RedisServer
 }
 
 export async function startDeployment(t: Tap, options: DeploymentOptions = {}): Promise<Deployment> {
-  const [redis, databaseUrl, upstream] = await Promise.all([startRedisServer(t), freshDatabase(t), startUpstream(t)])
+  const [redis, databaseUrl, upstream] = await Promise.all([options.redis ?? startRedisServer(t), freshDatabase(t), startUpstream(t)])
   const env: Record<string, string | undefined> = {
     DATABASE_URL: databaseUrl,
     REDIS_URL: redis.url,
