@@ -30,6 +30,7 @@ export const GATEWAY_OUTCOMES = [
   'method_not_allowed',
   'request_timeout',
   'expectation_failed',
+  'transfer_coding_not_supported',
   'version_not_supported',
   'internal_error',
 ] as const

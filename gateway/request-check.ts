@@ -33,6 +33,14 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       s.message = `${method} is not supported by this gateway.`
       return 'method_not_allowed'
     }
+    // Node's parser takes any transfer coding that ends with chunked, and undoes only the
+    // chunking: `gzip, chunked` went upstream as its gzip bytes, with the only header that said
+    // so dropped as hop-by-hop (found by a review). RFC 9112 §6.1: 501 for a coding not understood.
+    const te = s.headers['transfer-encoding']
+    if (te !== undefined && te !== 'chunked' && te.trim().toLowerCase() !== 'chunked') {
+      s.message = `The request body's Transfer-Encoding (${te.length > 60 ? te.slice(0, 60) + '...' : te}) is not supported: send it chunked only, with a Content-Encoding for a compressed body.`
+      return 'transfer_coding_not_supported'
+    }
     const host = s.headers.host
     if (host === undefined && req.httpVersionMinor === 1) {
       s.message = 'Host is required.'

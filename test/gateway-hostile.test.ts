@@ -2,6 +2,7 @@
 // nothing reaches the upstream, and the gateway keeps serving.
 import t from 'tap'
 import net from 'node:net'
+import { gzipSync } from 'node:zlib'
 import { bearer, converse, startGateway, type Harness, type UpstreamHandler } from './helpers/gateway.ts'
 
 /**
@@ -241,6 +242,26 @@ t.test('an Expect other than 100-continue: 417 expectation_failed, as JSON, coun
   t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'expectation_failed', request_id: String } })
   t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
   t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="none",outcome="expectation_failed"\} 1/)
+})
+
+t.test('a Transfer-Encoding other than chunked: 501 transfer_coding_not_supported, nothing forwarded; chunked alone passes (found by a review)', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  const body = gzipSync('hello world hello world')
+  const chunked = (coding: string) =>
+    Buffer.concat([Buffer.from(`POST /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nTransfer-Encoding: ${coding}\r\nConnection: close\r\n\r\n${body.length.toString(16)}\r\n`), body, Buffer.from('\r\n0\r\n\r\n')])
+  for (const coding of ['gzip, chunked', 'deflate,chunked', 'x-custom, chunked', 'identity, chunked']) {
+    const out = await send(h.port, chunked(coding))
+    t.match(out, /^HTTP\/1.1 501 /, coding)
+    t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'transfer_coding_not_supported', message: /is not supported: send it chunked only/, request_id: String } })
+  }
+  t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
+  t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="api",outcome="transfer_coding_not_supported"\} 4/)
+  for (const coding of ['chunked', 'Chunked', ' chunked']) {
+    const out = await send(h.port, chunked(coding))
+    t.match(out, /^HTTP\/1.1 200 /, `${JSON.stringify(coding)} is forwarded`)
+  }
+  t.same(h.upstream.received.map((r) => r.bodyBytes), [body.length, body.length, body.length], 'with its body as sent')
 })
 
 t.test('a body that breaks off while its key is looked up: nothing is forwarded, nothing waits on it', async (t) => {
