@@ -55,7 +55,7 @@ const Route = Type.Object(
     path: Type.String({ format: 'path-prefix', description: 'Path prefix this route matches.' }),
     host: Type.Optional(Type.String({ format: 'host-port', description: 'Only requests for this Host match (in any letter case; with a port, only that port, and before a route for the host alone).' })),
     upstream: Type.String({ format: 'base-url', description: 'Upstream base URL.' }),
-    timeout_ms: int(30_000, 1, 3_600_000, { description: 'Upstream response timeout in milliseconds.' }),
+    timeout_ms: int(30_000, 1, 3_600_000, { description: "Upstream response timeout in milliseconds: the wait for the answer's head once the request body is sent (504 upstream_timeout), and after the head the longest gap between two chunks of the answer (a longer one cuts it off: give streaming routes a timeout above their quietest gap)." }),
     scopes: Type.Array(RouteScope, {
       default: [],
       description: 'Scopes a key needs (any one of them) for this route; empty means any valid key.',

@@ -184,6 +184,8 @@ export interface RouteMetrics {
   duration: Observe
   /** Upstream dispatch to upstream response head. */
   upstream: Observe
+  /** Answers whose upstream response broke off after their head was passed on (counted `forwarded` at the head). */
+  cutOff: Increment
 }
 
 export interface GatewayMetrics {
@@ -326,6 +328,12 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     registers,
   })
   const duration = new RouteHistogram('keygate_gateway_request_duration_seconds', 'Time from request arrival to the response head being written, by route.', LATENCY_BUCKETS, registry)
+  const cutOff = talliedCounter({
+    name: 'keygate_upstream_cut_off_total',
+    help: "Answers cut off after their head was passed on (counted forwarded then), by route: the upstream's response broke off (a reset, or the route's timeout_ms between two chunks), and the client's connection was closed.",
+    labelNames: ['route'],
+    registers,
+  })
   const upstream = new RouteHistogram('keygate_upstream_duration_seconds', 'Time from dispatch to the upstream response head, by route.', LATENCY_BUCKETS, registry)
   const cache = talliedCounter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
   const limited = talliedCounter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
@@ -340,7 +348,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
     const children = {} as Record<GatewayOutcome, Increment>
     for (const outcome of GATEWAY_OUTCOMES) children[outcome] = requests.tally(name, outcome)
-    byRoute.set(name, { requests: Object.freeze(children), duration: duration.series(name), upstream: upstream.series(name) })
+    byRoute.set(name, { requests: Object.freeze(children), duration: duration.series(name), upstream: upstream.series(name), cutOff: cutOff.tally(name) })
   }
   const none = byRoute.get(NO_ROUTE) as RouteMetrics
   const bad = {} as Record<BadKeyReason, Increment>

@@ -5,6 +5,7 @@ import http from 'node:http'
 import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
+import { createLogger } from '../core/log.ts'
 import { request } from 'undici'
 import { answerOf, bearer, listen, makeConfig, openStore, rawExchange, sleep, startGateway, until, ACTOR, type Answer } from './helpers/gateway.ts'
 import { KeyService } from '../core/keys/service.ts'
@@ -230,6 +231,32 @@ t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) =>
   await h.db.close()
   isError(t, await h.get('/fine', bearer(uncached.key)), 'store_unavailable')
   t.equal((await h.get('/fine', bearer(k.key))).status, 200, 'a cached key keeps working while the store is down')
+})
+
+t.test('an upstream response that breaks off after its head: the client connection is closed, and it is logged and counted (found by a review)', async (t) => {
+  const lines: string[] = []
+  const h = await startGateway(t, {
+    log: createLogger({ level: 'warn', write: (line) => lines.push(line) }),
+    upstream: (req, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain' })
+      res.write('part of the answer\n')
+      // A reset mid-body, or a pause past the route's timeout between two chunks.
+      if (req.url === '/reset') setTimeout(() => req.socket.destroy(), 50)
+    },
+    routes: [{ name: 'live', path: '/', upstream: '{upstream}', timeout_ms: 300 }],
+  })
+  const k = await h.key()
+  for (const path of ['/reset', '/stall']) {
+    const res = await request(`${h.url}${path}`, { headers: bearer(k.key), dispatcher: h.agent })
+    t.equal(res.statusCode, 200, `${path}: the head was passed on`)
+    await t.rejects(res.body.text(), `${path}: the body ends short, as the client sees it`)
+  }
+  const metrics = await h.metrics.registry.metrics()
+  t.match(metrics, /keygate_upstream_cut_off_total\{route="live"\} 2/)
+  t.match(metrics, /keygate_gateway_requests_total\{route="live",outcome="forwarded"\} 2/, 'counted forwarded at the head, as before')
+  const warned = lines.map((l) => JSON.parse(l)).filter((l) => l.message === 'upstream response broke off after its head was passed on; the client connection is closed')
+  t.equal(warned.length, 2, 'one warning each')
+  t.match(warned[0], { route: 'live', request_id: String })
 })
 
 t.test('a stage that throws is answered 500 internal_error, without its detail, and the gateway goes on', async (t) => {
