@@ -320,7 +320,7 @@ const SERVE_LOCKED_HINT = 'wait for it to end (a keygate command ends by itself)
  * was free; `systemctl stop` ended in SIGKILL.
  */
 async function openUnlessStopped(config: Config, log: Logger, stopping: { stopped: Promise<string> }): Promise<Runtime> {
-  const opening = openRuntime(config, log, { lockedHint: SERVE_LOCKED_HINT })
+  const opening = openRuntime(config, log, { lockedHint: SERVE_LOCKED_HINT, waitForStore: true })
   const first = await Promise.race([opening.then((runtime) => ({ runtime })), stopping.stopped.then((signal) => ({ signal }))])
   if ('runtime' in first) return first.runtime
   log.info('stopped during start-up, before serving', { signal: first.signal })

@@ -210,6 +210,10 @@ export const ConfigSchema = Type.Object(
           description:
             'A statement to PostgreSQL not answered within this fails with store_unavailable (503): PostgreSQL cancels it, and a connection that answers nothing at all is dropped a second later. 0: no limit. Migrations run without it.',
         }),
+        start_wait_s: int(60, 0, 3600, {
+          description:
+            "How long `serve` waits at start for a PostgreSQL that is not up yet (the connection refused, reset or timed out, or PostgreSQL starting up or out of connections), trying again every second and warning every 10 s, before it gives up (exit 1). 0: give up at once. A wrong password or database name ends the start at once; the CLI's commands never wait.",
+        }),
         auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`.', env: 'KEYGATE_AUTO_MIGRATE' }),
         embedded_shared_buffers_mb: int(128, 16, 1024, {
           description:

@@ -758,7 +758,34 @@ export interface OpenDbOptions {
   shortLived?: boolean
   /** The embedded store's shared_buffers in MiB, when not `shortLived` (config: store.embedded_shared_buffers_mb); absent: PostgreSQL's 128. */
   sharedBuffersMb?: number
+  /**
+   * PostgreSQL: how long to go on trying, once a second, while it is not up yet (isNotUpYet);
+   * `onWait` is told of each failed try (config: store.start_wait_s; `serve` only). Absent: no wait.
+   */
+  waitMs?: number
+  onWait?: (err: Error, waitedMs: number) => void
 }
+
+/** How often a start waiting for PostgreSQL (OpenDbOptions.waitMs) tries again. */
+const START_RETRY_MS = 1000
+
+/**
+ * Failures of a PostgreSQL that is not up yet, or not reachable yet, and may be in a moment: a
+ * refused, reset or timed-out connection, a name not resolved for now, a server starting up
+ * (57P03) or out of connections (53300), a connection ended by the server as it starts. Not a
+ * wrong password, database or host name: waiting would not mend them.
+ */
+export function isNotUpYet(err: Error): boolean {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code
+    if (typeof code === 'string' && NOT_UP_YET.has(code)) return true
+    if (NOT_UP_YET_WORDS.has(e.message)) return true
+  }
+  return false
+}
+/** The driver's errors of that kind that carry no code (pg and pg-pool). */
+const NOT_UP_YET_WORDS = new Set(['Connection terminated unexpectedly', 'timeout expired', 'Connection terminated due to connection timeout', 'timeout exceeded when trying to connect'])
+const NOT_UP_YET = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', '57P03', '53300'])
 
 /** PostgreSQL's shared_buffers for an embedded store opened by a short command. */
 const SHORT_LIVED_SHARED_BUFFERS = '16MB'
@@ -767,15 +794,23 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   if (options.databaseUrl) {
     const { default: driver } = await import('pg')
     const db = new PostgresDb(driver.Pool, options.databaseUrl, options.poolMax ?? 10, options.queryTimeoutMs ?? 0)
-    try {
-      await db.query('SELECT 1')
-    } catch (err) {
-      await db.close().catch(() => {})
-      // The driver's own words, not those of the store_unavailable it was already wrapped in.
-      const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
-      throw new KeygateError('store_unavailable', `cannot reach ${postgresAt(options.databaseUrl)}: ${cause.message}`, undefined, { cause })
+    const started = performance.now()
+    for (;;) {
+      try {
+        await db.query('SELECT 1')
+        return db
+      } catch (err) {
+        // The driver's own words, not those of the store_unavailable it was already wrapped in.
+        const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
+        const waited = performance.now() - started
+        if (!isNotUpYet(cause) || waited + START_RETRY_MS > (options.waitMs ?? 0)) {
+          await db.close().catch(() => {})
+          throw new KeygateError('store_unavailable', `cannot reach ${postgresAt(options.databaseUrl)}: ${cause.message}`, undefined, { cause })
+        }
+        options.onWait?.(cause, waited)
+        await new Promise((r) => setTimeout(r, START_RETRY_MS))
+      }
     }
-    return db
   }
   const sharedBuffers = options.shortLived ? SHORT_LIVED_SHARED_BUFFERS : options.sharedBuffersMb !== undefined ? `${options.sharedBuffersMb}MB` : undefined
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, sharedBuffers }, () => {})

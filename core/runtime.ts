@@ -27,8 +27,21 @@ export function keyServiceOptions(config: Config) {
 }
 
 /** `lockedHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. */
-export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string; shortLived?: boolean } = {}): Promise<Runtime> {
+export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string; shortLived?: boolean; waitForStore?: boolean } = {}): Promise<Runtime> {
+  // `serve` waits for a PostgreSQL that is not up yet (store.start_wait_s), saying so every 10 s.
+  let warnedAt = -Infinity
+  const wait = options.waitForStore && config.store.start_wait_s > 0
   const db = await openDb({
+    ...(wait
+      ? {
+          waitMs: config.store.start_wait_s * 1000,
+          onWait: (err: Error, waitedMs: number) => {
+            if (waitedMs - warnedAt < 10_000) return
+            warnedAt = waitedMs
+            log.warn('PostgreSQL is not up yet; trying again every second', { waited_s: Math.round(waitedMs / 1000), gives_up_after_s: config.store.start_wait_s, err })
+          },
+        }
+      : {}),
     databaseUrl: config.store.database_url,
     dataDir: config.store.data_dir,
     poolMax: config.store.pool_max,

@@ -311,6 +311,43 @@ t.test('a store gone silent with store.query_timeout_ms 0 (no timeout): a stop s
   t.match(serve.logs.find((l) => l.message.startsWith('stopping takes too long')), { level: 'error', waited_ms: 10_500 }, 'cut at the drain and 10 s, and said so')
 })
 
+t.test('a start waits for a PostgreSQL that is not up yet (store.start_wait_s), gives up after it, and not at all for a wrong database (found by a review)', async (t) => {
+  const url = await freshDatabase(t)
+  // Every connection dropped at once, as by a proxy or Service with no PostgreSQL behind it yet.
+  const { gate, url: through } = await gateInFront(t, url, 'shut')
+  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const upstream = await startUpstream(t)
+  const opened = setTimeout(() => gate.set('open'), 2500)
+  t.teardown(() => clearTimeout(opened))
+  const began = performance.now()
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env })
+  t.ok(performance.now() - began >= 2000, 'it served once PostgreSQL was there')
+  t.equal((await call(`${serve.admin}/readyz`)).status, 200)
+  t.match(serve.logs.find((l) => l.message === 'PostgreSQL is not up yet; trying again every second'), { level: 'warn', gives_up_after_s: 60, err: { message: /ECONNRESET|Connection terminated/ } }, 'and said why it waited')
+
+  // Given up after the wait: exit 1, the driver's words (before, at once: a Kubernetes pod
+  // started beside its database went into CrashLoopBackOff).
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-wait-'))
+  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  start_wait_s: 2\n')
+  const closed = net.createServer()
+  await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r))
+  const port = (closed.address() as net.AddressInfo).port
+  await new Promise((r) => closed.close(r))
+  const refusedEnv = { ...env, DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/none`, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') }
+  let at = performance.now()
+  const gaveUp = await runCli(['serve', '--upstream', upstream.url, '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env: refusedEnv })
+  t.equal(gaveUp.code, 1)
+  t.match(gaveUp.stderr, new RegExp(`cannot reach PostgreSQL at 127\\.0\\.0\\.1:${port}: connect ECONNREFUSED`))
+  t.ok(performance.now() - at >= 1500, 'after trying for the wait')
+
+  // A database that does not exist is no outage: the start ends at once.
+  at = performance.now()
+  const wrong = await runCli(['serve', '--upstream', upstream.url, '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env: { ...env, DATABASE_URL: url.replace(/\/[^/]*$/, '/keygate_no_such_database') } })
+  t.equal(wrong.code, 1)
+  t.match(wrong.stderr, /keygate_no_such_database" does not exist/)
+  t.ok(performance.now() - at < 20_000, 'without waiting for the 60 s')
+})
+
 t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host and port are in the log, not in the answer', async (t) => {
   const url = await freshDatabase(t)
   const { gate, url: through } = await gateInFront(t, url)
