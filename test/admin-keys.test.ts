@@ -174,6 +174,31 @@ await forEachStore(t, async (t, store) => {
     t.equal((await h.call('POST', `/v1/keys/${k.id}/revoke`, { body: { reason: 7 } })).json.error.details.fields[0].field, 'reason')
   })
 
+  await t.test("a made key's audit row holds everything it was given: created, rotated in, imported (found by a review)", async (t) => {
+    const given = {
+      name: 'granted',
+      type: 'user',
+      scopes: ['orders:read'],
+      owner: 'bob',
+      allowed_cidrs: ['10.0.0.0/8', '::1/128'],
+      rate_limit: { limit: 5, window_s: 60 },
+      rotation_interval_s: 7_776_000,
+      expires_at: new Date(Date.now() + 86_400_000).toISOString(),
+      metadata: { team: 'payments' },
+    }
+    const k = (await h.call('POST', '/v1/keys', { body: given })).json
+    t.same((await auditOf(h, k.id))[0]?.details, given, 'created')
+    const r = (await h.call('POST', `/v1/keys/${k.id}/rotate`)).json
+    t.same((await auditOf(h, r.id))[0]?.details, { rotated_from: k.id, ...given }, 'rotated in: the same, carried over')
+    const legacy = randomUUID()
+    const row = { key_hash: sha256(legacy), name: 'legacy granted', scopes: ['orders:read'], owner: 'carol', metadata: { from: 'old' }, created_at: '2024-01-02T03:04:05.000Z', expires_at: given.expires_at }
+    const imported = (await h.call('POST', '/v1/keys/import', { body: { rows: [row], type: 'service' } })).json.items[0]
+    t.same((await auditOf(h, imported.id))[0]?.details, {
+      name: 'legacy granted', type: 'service', scopes: ['orders:read'], owner: 'carol', allowed_cidrs: [], rate_limit: null, rotation_interval_s: null,
+      expires_at: given.expires_at, metadata: { from: 'old' }, created_at: '2024-01-02T03:04:05.000Z',
+    }, 'imported')
+  })
+
   await t.test('rotate, with and without force', async (t) => {
     const k = (await h.call('POST', '/v1/keys', { body: { name: 'rotate me', type: 'service' } })).json
     const r = await writes(t, h, 2, 'rotate (one row per key)', () => h.call('POST', `/v1/keys/${k.id}/rotate`))

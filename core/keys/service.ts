@@ -100,6 +100,27 @@ export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadat
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
 /** COLUMNS, each qualified by `table` (for a statement that joins api_keys with other tables). */
+/**
+ * What a key was given when it was made, as its audit row's details: everything that decides
+ * what it grants, named as the API names it. Before (found by a review), a created key's row held
+ * its name, type, scopes, owner and expiry only, an imported or rotated one's less: the address
+ * binding and rate limit it was given could be read only from the live row, while `key.updated`
+ * rows recorded their later changes.
+ */
+function grantedDetails(k: KeyRecord): Record<string, unknown> {
+  return {
+    name: k.name,
+    type: k.type,
+    scopes: k.scopes,
+    owner: k.owner,
+    allowed_cidrs: k.allowedCidrs,
+    rate_limit: k.rateLimit ? { limit: k.rateLimit.limit, window_s: k.rateLimit.windowS } : null,
+    rotation_interval_s: k.rotationIntervalS,
+    expires_at: k.expiresAt?.toISOString() ?? null,
+    metadata: k.metadata,
+  }
+}
+
 export function columnsOf(table: string): string {
   return COLUMNS.split(',').map((c) => `${table}.${c.trim()}`).join(', ')
 }
@@ -385,7 +406,7 @@ export class KeyService {
       await this.#audit.write(tx, actor, {
         keyId: k.id,
         action: 'key.created',
-        details: { name: k.name, type: k.type, scopes: k.scopes, owner: k.owner, expires_at: expiresAt?.toISOString() ?? null },
+        details: grantedDetails(k),
       })
       changes.push({ action: 'created', key: k })
       return k
@@ -597,7 +618,7 @@ export class KeyService {
         action: 'key.rotated',
         details: { replaced_by: fresh.id, force: options.force === true, grace_until: previous.graceUntil?.toISOString() ?? null },
       })
-      await this.#audit.write(tx, actor, { keyId: fresh.id, action: 'key.created', details: { rotated_from: id, name: fresh.name, type: fresh.type } })
+      await this.#audit.write(tx, actor, { keyId: fresh.id, action: 'key.created', details: { rotated_from: id, ...grantedDetails(fresh) } })
       // "The old key dies now": so do the older ones of its lineage still in grace.
       const ended = ends ? await this.#endPredecessors(tx, id, now, `successor ${id} ${why}`, actor) : []
       changes.push({ action: 'rotated', key: fresh, previous }, ...ended.map((k) => ({ action: 'revoked' as const, key: k })))
@@ -691,7 +712,7 @@ export class KeyService {
           })),
           now,
         )
-        await this.#audit.writeMany(tx, actor, out.map((k) => ({ keyId: k.id, action: 'key.imported', details: { name: k.name, type: k.type } })))
+        await this.#audit.writeMany(tx, actor, out.map((k) => ({ keyId: k.id, action: 'key.imported', details: { ...grantedDetails(k), created_at: k.createdAt.toISOString() } })))
         for (const k of out) changes.push({ action: 'imported', key: k })
         return out
       }, () => {
