@@ -266,6 +266,13 @@ function cutToBound(schema: TSchema, value: unknown, originals: Map<unknown, unk
   return out
 }
 
+/** The one member of `union` that takes a value of `value`'s shape (an object, or a list), if one alone does. */
+function memberOfShape(union: TSchema, value: object): TSchema | undefined {
+  const kind = Array.isArray(value) ? 'Array' : 'Object'
+  const members = (union.anyOf as TSchema[]).filter((s) => s[Kind] === kind)
+  return members.length === 1 ? members[0] : undefined
+}
+
 /**
  * The problems of `value` against `schema`, one per path, in document order: every one, or the
  * first `limit` (the check stops there, so that its work is bounded too). An array past its
@@ -284,6 +291,14 @@ export function problems(schema: TSchema, value: unknown, limit = Number.POSITIV
     seen.add(key)
     const own = schemaAt(schema, path)
     const parent = schemaAt(schema, path.slice(0, -1))
+    // A union's check says only that no member matched (`rate_limit`: an object or null); for an
+    // object or list, the one member of that shape says what is wrong inside it (before, found by
+    // a review: `{"limit":0}` was answered "expected an object with the keys limit, window_s or null").
+    const member = own?.[Kind] === 'Union' && found !== null && typeof found === 'object' ? memberOfShape(own, found) : undefined
+    if (member !== undefined) {
+      for (const p of problems(member, found, limit - out.length, object)) out.push({ ...p, path: [...path, ...p.path] })
+      continue
+    }
     if (own === undefined && parent?.[Kind] === 'Object') {
       const known = Object.keys(parent.properties as object)
       out.push({ path, kind: 'unknown', value: found, allowed: known.join(', '), known })

@@ -76,6 +76,22 @@ await forEachStore(t, async (t, store) => {
   refused(notObject, 400, 'validation_failed', 'a rate limit that is no object')
   t.match(notObject.json.error.details.fields, [{ field: 'rate_limit', message: /an object with the keys limit, window_s/ }])
   t.notMatch(notObject.text, /mapping/)
+  let patched: string | undefined
+  // An object: what is wrong inside it, by its own field (before, found by a review: each of these
+  // was "rate_limit: ... expected an object with the keys limit, window_s or null").
+  for (const [rateLimit, field, message] of [
+    [{ limit: 0, window_s: 60 }, 'rate_limit.limit', /^0 is not allowed; expected an integer from 1 to/],
+    [{ limit: 5 }, 'rate_limit.window_s', /^is required; expected an integer from 1 to 86400/],
+    [{ limit: 5, window_s: 100_000 }, 'rate_limit.window_s', /^100000 is not allowed; expected an integer from 1 to 86400/],
+    [{ limit: 5, window_s: 60, burst: 1 }, 'rate_limit.burst', /unknown key; allowed here: limit, window_s/],
+  ] as const) {
+    patched ??= (await h.call('POST', '/v1/keys', { body: { name: 'patched', type: 'user' } })).json.id as string
+    for (const [method, path] of [['POST', '/v1/keys'], ['PATCH', `/v1/keys/${patched}`]] as const) {
+      const answer = await h.call(method, path, { body: { ...(method === 'POST' ? { name: 'x', type: 'user' } : {}), rate_limit: rateLimit } })
+      refused(answer, 400, 'validation_failed', `${method} ${JSON.stringify(rateLimit)}`)
+      t.match(answer.json.error.details.fields, [{ field, message }], `${method}: ${field} named`)
+    }
+  }
 
   refused(await h.call('POST', '/v1/keys', { raw: `{"name":"deep","type":"user","metadata":${deep(5000)}}`, headers: json }), 400, 'bad_request', 'metadata nested 5000 levels')
   refused(await h.call('POST', '/v1/keys', { raw: `{"name":${deep(5000)},"type":"user"}`, headers: json }), 400, 'bad_request', 'a wrong-typed field nested 5000 levels')
@@ -304,7 +320,7 @@ await forEachStore(t, async (t, store) => {
   const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧 ❤\ufe0f 열쇠', type: 'user' } })
   t.equal(joined.status, 201, 'U+200C, U+200D, U+FE0F and Hangul letters are taken')
 
-  t.equal(await h.auditRows(), before + 8, 'no refusal wrote an audit row (seven keys and a deny entry were created)')
+  t.equal(await h.auditRows(), before + 9, 'no refusal wrote an audit row (eight keys and a deny entry were created)')
 
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)
