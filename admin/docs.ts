@@ -55,8 +55,12 @@ function send(body: Buffer, type: string, cache: string): AdminRoute['handle'] {
 
 /** The /docs page, its initializer and the Swagger UI assets, read once from the package. */
 export function docsRoutes(): AdminRoute[] {
+  const page = send(Buffer.from(PAGE), 'text/html; charset=utf-8', 'no-cache')
   const routes: AdminRoute[] = [
-    { method: 'GET', path: '/docs', handle: send(Buffer.from(PAGE), 'text/html; charset=utf-8', 'no-cache') },
+    // Also with a trailing slash, as a browser's address bar often completes it (before, 404;
+    // found by a review): the page names its assets by absolute paths, so both serve it alike.
+    { method: 'GET', path: '/docs', handle: page },
+    { method: 'GET', path: '/docs/', handle: page },
     { method: 'GET', path: '/docs/init.js', handle: send(Buffer.from(INIT), 'text/javascript; charset=utf-8', 'no-cache') },
   ]
   for (const [file, type] of Object.entries(ASSETS)) {

@@ -27,6 +27,11 @@ function parseRateLimit(value: string | undefined): { limit: number; window_s: n
   const limit = Number(m[1])
   const { min, max } = KEY_BOUNDS.rateLimit
   if (limit < min || limit > max) throw new UsageError(`--rate-limit: ${JSON.stringify(value)} allows ${limit} requests; expected from ${min} to ${max} per window`)
+  // The window's own form checked here: parseDuration's words name the part alone, with an
+  // expiry's example (`"s" is not a duration ... such as 90d`; found by a review).
+  if (!/^\d{1,9}[smhdw]$/.test((m[2] as string).trim())) {
+    throw new UsageError(`--rate-limit: ${JSON.stringify(value)} has no window length after the /; expected requests/window such as 100/1s or 5000/1m (a number with s, m, h or d, up to 1d)`)
+  }
   return { limit, window_s: parseDuration('rate-limit', m[2] as string, KEY_BOUNDS.rateWindowS) }
 }
 

@@ -147,6 +147,8 @@ export function describeAllowed(schema: TSchema, object: ObjectWord = 'mapping')
               .replace(/^an? /, '')
               .replace(/^(non-empty )?(string|integer|number)\b/, '$1$2s')
       const bounds = [schema.minItems ? `at least ${schema.minItems}` : '', schema.maxItems !== undefined ? `at most ${schema.maxItems}` : ''].filter(Boolean)
+      // Items of any kind (an import's rows, checked one by one after): "a list", not "a list of valid value".
+      if (item === 'valid value') return `a list${bounds.length ? ` (${bounds.join(', ')} items)` : ''}`
       return `a list of ${item}${schema.uniqueItems ? ' without repeats' : ''}${bounds.length ? ` (${bounds.join(', ')})` : ''}`
     }
     case 'Object':

@@ -361,7 +361,10 @@ await forEachStore(t, async (t, store) => {
     t.equal(dup.status, 400)
     t.equal(dup.json.error.code, 'import_invalid')
     t.match(dup.json.error.message, /row 1: key_hash is already in the store/)
-    t.equal((await h.call('POST', '/v1/keys/import', { body: { rows: [] } })).json.error.code, 'validation_failed')
+    const none = (await h.call('POST', '/v1/keys/import', { body: { rows: [] } })).json.error
+    t.equal(none.code, 'validation_failed')
+    // Before (found by a review): "expected a list of valid value (at least 1, at most 10000)".
+    t.match(none.details.fields, [{ field: 'rows', message: '[] is not allowed; expected a list (at least 1, at most 10000 items)' }])
   })
 
   await t.test('import of 10,000 rows through the API: above admin.max_body_bytes, within the import\'s own limit', async (t) => {

@@ -227,4 +227,7 @@ t.test('/docs: Swagger UI from the package, no CDN', async (t) => {
   t.equal((await h.call('GET', '/docs/package.json', { auth: null })).status, 404, 'only the listed assets')
   t.equal((await h.call('GET', '/docs/..%2fpackage.json', { auth: null })).status, 400, 'a dot segment is refused, not resolved')
   t.equal((await h.call('HEAD', '/docs', { auth: null })).status, 200)
+  const slashed = await h.call('GET', '/docs/', { auth: null })
+  t.equal(slashed.status, 200, '/docs/ too')
+  t.equal(slashed.text, page.text, 'the same page')
 })

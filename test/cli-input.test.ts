@@ -57,6 +57,9 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '0/1s'], /^keygate: --rate-limit: "0\/1s" allows 0 requests; expected from 1 to 1000000000 per window\n$/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '10/0s'], /^keygate: --rate-limit: "0s" is too short; expected from 1s to 1d\n$/],
     [['api-key', 'update', 'abc', '--rate-limit', '10/2d'], /^keygate: --rate-limit: "2d" is too long; expected from 1s to 1d\n$/],
+    // A window without its number: the whole value named, with a rate's example (before: '"s" is
+    // not a duration ... such as 90d', an expiry's; found by a review).
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '100/s'], /^keygate: --rate-limit: "100\/s" has no window length after the \/; expected requests\/window such as 100\/1s or 5000\/1m \(a number with s, m, h or d, up to 1d\)\n$/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rotate-every', '0d'], /^keygate: --rotate-every: "0d" is too short; expected from 1h to 1825d\n$/],
     [['api-key', 'update', 'abc', '--rotate-every', '59m'], /^keygate: --rotate-every: "59m" is too short; expected from 1h to 1825d\n$/],
     [['api-key', 'update', 'abc', '--rotate-every', '261w'], /^keygate: --rotate-every: "261w" is too long; expected from 1h to 1825d\n$/],
