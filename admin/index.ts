@@ -51,12 +51,15 @@ export interface AdminApiDeps {
 
 export function createAdminApi(deps: AdminApiDeps): AdminRoute[] {
   const document = JSON.stringify(openApiDocument(OPERATIONS, { version: VERSION }))
-  const authenticate = createAuthenticator({ keys: deps.keys, lockout: deps.lockout, addressKey: addressKeyer(deps.ipv6PrefixBits), token: deps.token, log: deps.log, ...(deps.onLockedOut ? { onLockedOut: deps.onLockedOut } : {}) })
+  const addressKey = addressKeyer(deps.ipv6PrefixBits)
+  const authenticate = createAuthenticator({ keys: deps.keys, lockout: deps.lockout, addressKey, token: deps.token, log: deps.log, ...(deps.onLockedOut ? { onLockedOut: deps.onLockedOut } : {}) })
   const services = {
     db: deps.db,
     keys: deps.keys,
     audit: deps.audit,
     denyList: deps.denyList,
+    lockout: deps.lockout,
+    addressKey,
     usage: new UsageReports(deps.db),
     anomalies: new AnomalyLog(deps.db),
     anomalyFeed: deps.anomalyFeed ?? new AnomalyFeed({ events: new EventBus(), channel: '', log: deps.log }),

@@ -148,6 +148,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       { name: 'keys', description: 'Key lifecycle.' },
       { name: 'reports', description: 'Counts, usage and rejections.' },
       { name: 'deny list', description: 'Addresses and ranges the gateway refuses.' },
+      { name: 'lockouts', description: 'Addresses locked out after failed key attempts.' },
       { name: 'anomalies', description: 'Unusual key traffic found by the gateways: list, acknowledge, follow live.' },
       { name: 'webhooks', description: 'Signed event deliveries to receivers.' },
       { name: 'audit', description: 'The audit log of every admin action.' },

@@ -12,6 +12,7 @@ import type { ErrorCode } from '../core/errors.ts'
 import type { GiteaTokenService } from '../core/integrations/gitea.ts'
 import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import type { KeyService } from '../core/keys/service.ts'
+import type { Lockout } from '../core/lockout.ts'
 import type { UsageReports } from '../core/usage.ts'
 import type { WebhookService } from '../core/webhooks.ts'
 
@@ -21,6 +22,9 @@ export interface AdminServices {
   keys: KeyService
   audit: AuditLog
   denyList: DenyListService
+  /** The process's lockout (the gateway's and the admin API's), and what it counts an address under. */
+  lockout: Lockout
+  addressKey: (address: string) => string
   usage: UsageReports
   anomalies: AnomalyLog
   /** Every anomaly as it is recorded, by any instance (the SSE stream). */

@@ -18,7 +18,7 @@ import { answersWithin, within } from '../core/deadline.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
-import { createLockout, type Lockout } from '../core/lockout.ts'
+import { createLockout, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
 import { teeUsage, UsageRecorder } from '../core/usage.ts'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
 import { EventBus } from '../core/events.ts'
@@ -500,7 +500,7 @@ function processLockout(
   config: Config,
   redis: Redis | undefined,
   log: Logger,
-  options: { onLockout?: () => void; onForgotten?: () => void; worker?: boolean; tell?: (message: string) => void } = {},
+  options: { onLockout?: () => void; onForgotten?: () => void; worker?: boolean; tell?: (message: string) => void; forgetShared?: (addressKey: string) => Promise<void> } = {},
 ): Lockout {
   return createLockout({
     maxAttempts: config.lockout.max_attempts,
@@ -511,6 +511,7 @@ function processLockout(
     ...(options.onForgotten ? { onForgotten: options.onForgotten } : {}),
     ...(options.worker ? { cluster: true, announce: (message: string) => process.send?.({ keygate: 'lock', message } satisfies FromWorker) } : {}),
     ...(options.tell ? { announce: options.tell } : {}),
+    ...(options.forgetShared ? { forgetShared: options.forgetShared } : {}),
   })
 }
 
@@ -875,7 +876,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       w.process.kill('SIGKILL')
     }
     // The workers' limits and lockout counts, when Redis is absent or down: one per machine.
-    clusterLimitsPrimary()
+    const forgetInWorkersMemory = clusterLimitsPrimary()
     // The primary's own metrics, added to the workers' in /metrics: its process's (before, left
     // out), its admin API's lockouts and ip_locked_out answers (before, a lockout begun by failed
     // admin credentials was not counted), and the workers it replaced.
@@ -885,6 +886,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, {
       tell: (message) => tellWorkers(live, { keygate: 'invalidate', message }),
+      // A lift through this admin API: the workers' counts kept here go too.
+      forgetShared: (addressKey) => forgetInWorkersMemory(LOCKOUT_KEY_PREFIX, addressKey),
       ...(ownLockout ? { onLockout: () => ownLockout.lockouts.inc(), onForgotten: () => ownLockout.lockoutsForgotten.inc() } : {}),
     })
     // A worker that ends before any has listened (its address in use, its store out of reach)

@@ -29,6 +29,18 @@ export interface Limiter {
   answeredBy?(res: RateLimiterRes): number | undefined
   /** Gives `points` back to the limiter that gave `res` (which counted them), whichever answers now. */
   giveBack?(res: RateLimiterRes, key: string, points: number): Promise<unknown>
+  /** Deletes `key`'s count from this process's memory, and with `shared` from the shared store too (see forgetKey). */
+  forget?(key: string, shared: boolean): Promise<void>
+}
+
+/**
+ * Deletes `key`'s count from `l`: from every store it counts in with `shared` (Redis, the cluster
+ * primary, and this process's memory beside them), else from this process's memory alone (what
+ * another process that deleted the shared count tells the rest to drop). Rejects when a shared
+ * store did not take the delete.
+ */
+export function forgetKey(l: Limiter, key: string, shared: boolean): Promise<void> {
+  return l.forget ? l.forget(key, shared) : l.delete(key).then(() => undefined)
 }
 
 export interface LimiterOptions {
@@ -227,6 +239,11 @@ class Insured implements Limiter {
   }
   delete(key: string) {
     return this.#run((l) => l.delete(key))
+  }
+  // Both, whichever answers now: what the insurance counted would come back with a switch.
+  async forget(key: string, shared: boolean): Promise<void> {
+    if (shared) await this.#first.delete(key)
+    await forgetKey(this.#second, key, shared)
   }
 }
 
@@ -744,14 +761,19 @@ export function createRateLimits(options: Omit<LimiterOptions, 'points'>): (poin
   }
 }
 
-/** In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its memory (bounded as createLimiter's is). */
-export function clusterLimitsPrimary(): void {
+/**
+ * In the cluster primary, before forking: answers the workers' RateLimiterCluster calls from its
+ * memory (bounded as createLimiter's is). Returns the delete of a key's count there, by the
+ * limiter's keyPrefix (an operator's lift of a lockout).
+ */
+export function clusterLimitsPrimary(): (keyPrefix: string, key: string) => Promise<void> {
   // rate-limiter-flexible makes the primary's limiters itself, a RateLimiterMemory for each
   // keyPrefix a worker names, into this object: each is bounded as it is added.
   const primary = new RateLimiterClusterMaster() as unknown as { _rateLimiters: Record<string, RateLimiterMemory> }
   const limiters = new Proxy<Record<string, RateLimiterMemory>>({}, { set: (target, prefix, limiter: RateLimiterMemory) => Reflect.set(target, prefix, bound(limiter)) })
   Object.assign(limiters, primary._rateLimiters)
   primary._rateLimiters = limiters
+  return async (keyPrefix, key) => void (await limiters[keyPrefix]?.delete(key))
 }
 
 /** Seconds until `ms` have passed, at least 1 (for Retry-After and RateLimit-Reset). */

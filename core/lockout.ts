@@ -30,7 +30,7 @@ import { publishInvalidation } from './invalidation.ts'
 import { KeyedQueue } from './keyed-queue.ts'
 import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
-import { createLimiter, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
+import { createLimiter, forgetKey, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
 import type { Logger } from './log.ts'
 
 export const LOCKOUT_KEY_PREFIX = 'keygate:lockout'
@@ -72,7 +72,17 @@ export interface Lockout {
   attempt(addressKey: string): Promise<number | undefined> | undefined
   /** Ends an attempt `attempt` let in: a failure is counted first, then its place goes to the next one waiting. */
   finish(addressKey: string, failed: boolean): Promise<void>
-  /** Applies a lockout decided by another instance (the invalidation message `lock:<until>:<address>`, until in epoch ms). */
+  /**
+   * Lifts the address's lockout and forgets its failures (an operator's DELETE /v1/lockouts): in
+   * the shared store first (Redis, the cluster primary's memory; it rejects, changing nothing
+   * here, when that store does not take it), then here, and tells the other processes
+   * (`unlock:<address>`). Whether the address was locked out here.
+   */
+  lift(addressKey: string): Promise<boolean>
+  /**
+   * Applies a lockout decided by another instance (the invalidation message
+   * `lock:<until>:<address>`, until in epoch ms), or the lift of one (`unlock:<address>`).
+   */
   applyMessage(message: string): void
   /**
    * The lockouts in force, read from Redis once per connection: the lockout reads them itself
@@ -93,8 +103,10 @@ export interface LockoutOptions {
   log?: Logger
   /** A `serve --workers` worker: counts in the cluster primary's memory when Redis is not there. */
   cluster?: boolean
-  /** Tells the other processes of a lockout when Redis cannot (a worker tells its primary, which tells the others). */
-  announce?: (message: `lock:${number}:${string}`) => void
+  /** Tells the other processes of a lockout, or of its lift, when Redis cannot (a worker tells its primary, which tells the others). */
+  announce?: (message: `lock:${number}:${string}` | `unlock:${string}`) => void
+  /** In the `--workers` primary: deletes an address's count from the workers' shared memory (clusterLimitsPrimary's). */
+  forgetShared?: (addressKey: string) => Promise<void>
   /** Counts addresses that reach the limit. */
   onLockout?: () => void
   /** Counts lockouts still in force that the memory mirror dropped for newer ones (past MIRROR_MAX). */
@@ -208,6 +220,13 @@ export function createLockout(options: LockoutOptions): Lockout {
   const load = (): Promise<void> => (connectionRead ??= read())
   const reload = (): Promise<void> => (connectionRead = read())
 
+  /** Forgets what this process holds of an address: its lockout, its failures and a lockout waiting to be published. */
+  const forgetHere = (addressKey: string): void => {
+    locked.delete(addressKey)
+    counted.delete(addressKey)
+    unpublished.delete(addressKey)
+  }
+
   /** The lockouts in force at `now`: [address key, end (epoch ms)]. */
   const inForce = (now: number): Array<[string, number]> => [...locked.entries()].filter(([, until]) => until > now)
 
@@ -320,7 +339,25 @@ export function createLockout(options: LockoutOptions): Lockout {
       // Past the limit: locked out already (by another instance whose message is late, or before a restart).
       lock(addressKey, r.msBeforeNext)
     },
+    async lift(addressKey) {
+      await forgetKey(limiter, addressKey, true)
+      await options.forgetShared?.(addressKey)
+      const was = lockedFor(addressKey) !== undefined
+      forgetHere(addressKey)
+      const message = `unlock:${addressKey}` as const
+      options.announce?.(message)
+      if (redis) void publishInvalidation(redis, message, log)
+      return was
+    },
     applyMessage(message) {
+      if (message.startsWith('unlock:')) {
+        const addressKey = message.slice(7)
+        forgetHere(addressKey)
+        // The shared count is gone already (deleted by the process that lifted it); this
+        // process's insurance may still hold one, which a switch would bring back.
+        void forgetKey(limiter, addressKey, false).catch(() => {})
+        return
+      }
       const m = /^lock:(\d+):(.+)$/.exec(message)
       if (!m) return
       // What is left of it, never more than a window (a sender's clock ahead of ours). A value

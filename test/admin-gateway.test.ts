@@ -7,7 +7,7 @@ import { Agent, request } from 'undici'
 import { generateKey } from '../core/keys/format.ts'
 import { bearer, until } from './helpers/gateway.ts'
 import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
-import { forEachStore } from './helpers/stores.ts'
+import { forEachStore, openStore } from './helpers/stores.ts'
 
 const HOUR = 3_600_000
 
@@ -223,4 +223,45 @@ await forEachStore(t, async (t, store) => {
     t.equal(answer.status, 429, 'the right token, after them, is refused')
     t.equal(answer.json?.error?.code, 'ip_locked_out')
   })
+})
+
+t.test('DELETE /v1/lockouts/{address}: the address may try again at once, its failures forgotten; audited; an IPv6 address by its network (found by a review)', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { gateway: true, config: { lockout: { max_attempts: 3 }, gateway: { trusted_proxies: ['127.0.0.1'] } } })
+  const good = (await h.call('POST', '/v1/keys', { body: { name: 'good', type: 'user' } })).json
+  const from = (address: string, key: string) => h.through('/x', { ...bearer(key), 'x-forwarded-for': address })
+  const lockOut = async (address: string) => {
+    for (let i = 0; i < 3; i++) await from(address, generateKey('kg_').key)
+    t.equal((await from(address, good.key)).status, 429, `${address} is locked out`)
+  }
+
+  await lockOut('198.51.100.9')
+  const before = await h.auditRows()
+  const lifted = await h.call('DELETE', '/v1/lockouts/198.51.100.9')
+  t.equal(lifted.status, 200)
+  t.same(lifted.json, { address: '198.51.100.9', address_key: '198.51.100.9', was_locked_out: true })
+  t.equal((await h.auditRows()) - before, 1, 'one audit row')
+  const row = (await h.call('GET', '/v1/audit?action=lockout.lifted')).json.items[0]
+  t.match(row, { action: 'lockout.lifted', actor: `key:${h.adminKeyId}`, details: { address: '198.51.100.9', address_key: '198.51.100.9' } })
+  t.equal((await from('198.51.100.9', good.key)).status, 200, 'a valid key from it is let in at once')
+  // Its failures were forgotten with the lockout: it has its whole allowance again.
+  for (let i = 0; i < 2; i++) t.equal((await from('198.51.100.9', generateKey('kg_').key)).status, 401)
+  t.equal((await from('198.51.100.9', good.key)).status, 200, 'two failures after the lift do not lock it out (three were counted before it)')
+
+  // Nothing in force: 200 all the same, saying so. The IPv4-mapped form is the IPv4 address.
+  t.same((await h.call('DELETE', '/v1/lockouts/::ffff:203.0.113.5')).json, { address: '203.0.113.5', address_key: '203.0.113.5', was_locked_out: false })
+
+  // An IPv6 address is counted, and so lifted, by its /64 (rate_limits.ipv6_prefix_bits).
+  await lockOut('2001:db8:1:2::7')
+  t.equal((await from('2001:db8:1:2::8', good.key)).status, 429, 'its network is locked out')
+  t.same((await h.call('DELETE', '/v1/lockouts/2001:db8:1:2::99')).json, { address: '2001:db8:1:2::99', address_key: '2001:db8:1:2::/64', was_locked_out: true })
+  t.equal((await from('2001:db8:1:2::7', good.key)).status, 200, 'the whole network is let in again')
+
+  for (const bad of ['10.1', 'not-an-address', '10.0.0.0%2F8', '2130706433']) {
+    const answer = await h.call('DELETE', `/v1/lockouts/${bad}`)
+    t.equal(answer.status, 400, bad)
+    t.match(answer.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address', message: /expected an IPv4 or IPv6 address/ }] } })
+  }
+  const unauthenticated = await h.call('DELETE', '/v1/lockouts/198.51.100.9', { auth: null })
+  t.equal(unauthenticated.status, 401, 'an admin credential is required')
 })

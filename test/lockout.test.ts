@@ -274,3 +274,47 @@ t.test('failures of one address counted at once across a switch are each counted
   await lockout.recordFailure(address)
   t.equal(lockout.lockedFor(address), 20, 'the fifth locks the address out')
 })
+
+t.test('lift: with Redis, the count goes from Redis and from the insurance, and the other instance drops its lockout on the message; with Redis gone, nothing changes and it rejects', async (t) => {
+  const { server, a, b, admin, la, lb } = await twoInstances(t, { maxAttempts: 2, windowS: 60 })
+  for (const [connection, lockout] of [[a, la], [b, lb]] as const) {
+    const stop = await subscribeInvalidations(connection, { handler: (m) => lockout.applyMessage(m), onFlush: () => {} })
+    t.teardown(stop)
+  }
+  const address = freshAddress()
+  await la.recordFailure(address)
+  await la.recordFailure(address)
+  await until(t, 'both instances hold the lockout', () => la.lockedFor(address) !== undefined && lb.lockedFor(address) !== undefined)
+  await admin.connect()
+  t.equal(await admin.exists(`${LOCKOUT_KEY_PREFIX}:${address}`), 1)
+
+  t.equal(await lb.lift(address), true, 'lifted where it was in force')
+  t.equal(lb.lockedFor(address), undefined)
+  t.equal(await admin.exists(`${LOCKOUT_KEY_PREFIX}:${address}`), 0, 'its count is gone from Redis')
+  await until(t, 'the other instance drops it on the message', () => la.lockedFor(address) === undefined)
+  await la.recordFailure(address)
+  t.equal(la.lockedFor(address), undefined, 'one failure after the lift: its count began again')
+  t.equal(await lb.lift(freshAddress()), false, 'an address not locked out: nothing was')
+
+  // Redis gone: the shared count cannot go, so nothing goes (a lift here alone would come back
+  // with the next read of the lockouts in force).
+  await la.recordFailure(address)
+  t.ok(la.lockedFor(address) !== undefined, 'locked out again')
+  await server.stop()
+  await until(t, 'the connection is gone', () => a.status !== 'ready')
+  await t.rejects(la.lift(address), 'the lift is refused')
+  t.ok(la.lockedFor(address) !== undefined, 'and the lockout stands here')
+})
+
+t.test('lift without Redis: the memory count and the mirror', async (t) => {
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60 })
+  const address = freshAddress()
+  await lockout.recordFailure(address)
+  await lockout.recordFailure(address)
+  t.equal(lockout.lockedFor(address), 60)
+  t.equal(await lockout.lift(address), true)
+  t.equal(lockout.lockedFor(address), undefined)
+  await lockout.recordFailure(address)
+  t.equal(lockout.lockedFor(address), undefined, 'one failure after it does not lock it out: the count began again')
+  t.same(lockout.inForce(), [], 'nothing in force to tell a new worker')
+})

@@ -12,7 +12,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { request } from 'undici'
+import { Agent, request } from 'undici'
 import { runCli } from './helpers/cli.ts'
 import { startDeployment, type Deployment } from './helpers/deployment.ts'
 import { freshAddress, startUpstream, until } from './helpers/gateway.ts'
@@ -108,6 +108,22 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     const revoked = await runCli(['api-key', 'revoke', k.id], { env: d.env })
     t.equal(revoked.code, 0, revoked.stderr)
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
+  })
+
+  await t.test('a lockout lifted through the admin API is lifted on both gateways and in Redis', async (t) => {
+    const k = await createKey(d)
+    const from = address()
+    const bad = `kg_${'E'.repeat(12)}_${'F'.repeat(28)}`
+    for (let i = 0; i < 5; i++) await d.through(i % 2, bad, from)
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} has it locked out`, async () => (await d.through(g, k.key, from)).status === 429)
+    const redis = new Redis(d.redis.url)
+    t.teardown(() => void redis.quit())
+    t.equal(await redis.exists(`keygate:lockout:${from}`), 1, 'counted in Redis')
+    const lifted = await d.call('DELETE', `/v1/lockouts/${from}`)
+    t.equal(lifted.status, 200, lifted.text)
+    t.equal(await redis.exists(`keygate:lockout:${from}`), 0, 'gone from Redis')
+    // Told through Redis: each gateway's mirror drops it.
+    for (let g = 0; g < 2; g++) await until(t, `gateway ${g} lets it in`, async () => (await d.through(g, k.key, from)).status === 200, 3000)
   })
 
   await t.test('a per-key limit holds across both gateways', async (t) => {
@@ -261,6 +277,8 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   const created = await runCli(['api-key', 'create', '--type', 'service', '--name', 'machine', '--rate-limit', '10/1h', '--json'], { env })
   t.equal(created.code, 0, created.stderr)
   const key = created.json().key as string
+  const another = await runCli(['api-key', 'create', '--type', 'service', '--name', 'other', '--json'], { env })
+  const other = another.json().key as string
   const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
   const gateway = `http://${s.logs.find((l) => l.message === 'gateway listening')!.address as string}`
   // A new connection per request spreads them over both workers.
@@ -292,6 +310,21 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   for (let i = 0; i < 8; i++) replaced.push(await get(bad))
   t.same(replaced, [429, 429, 429, 429, 429, 429, 429, 429], `still locked out by every worker, the new one too (${replaced.join(' ')})`)
   t.equal(new Set(s.logs.filter((l) => l.status === 429).map((l) => l.worker)).size, 3, 'the new worker answered some of them')
+
+  // Lifted through the primary's admin API (from another loopback address: the admin API shares
+  // the lockout), it is lifted on every worker: their mirrors and the counts the primary keeps.
+  const elsewhere = new Agent({ localAddress: '127.0.0.2' })
+  t.teardown(() => elsewhere.close())
+  const lifted = await request(`${s.admin}/v1/lockouts/127.0.0.1`, { method: 'DELETE', headers: { authorization: `Bearer ${env.KEYGATE_ADMIN_TOKEN}` }, dispatcher: elsewhere })
+  const liftedBody = await lifted.body.text()
+  t.equal(lifted.statusCode, 200, liftedBody)
+  t.match(JSON.parse(liftedBody), { address: '127.0.0.1', was_locked_out: true })
+  const liftedAt = s.logs.length
+  const again: number[] = []
+  for (let i = 0; i < 8; i++) again.push(await get(other))
+  t.same(again, [200, 200, 200, 200, 200, 200, 200, 200], 'a valid key is let in by every worker')
+  t.equal(new Set(s.logs.slice(liftedAt).filter((l) => l.status === 200).map((l) => l.worker)).size, 2, 'both workers answered')
+  t.same([await get(bad), await get(bad)], [401, 401], 'the failures before the lift are forgotten (three lock it out)')
   t.equal(await s.stop(), 0)
 })
 

@@ -9,6 +9,7 @@ import listAudit from './audit-list.ts'
 import addDenyEntry from './deny-list-add.ts'
 import listDenyList from './deny-list-list.ts'
 import removeDenyEntry from './deny-list-remove.ts'
+import liftLockout from './lockouts-lift.ts'
 import createGiteaToken from './gitea-tokens-create.ts'
 import deleteGiteaToken from './gitea-tokens-delete.ts'
 import listGiteaTokens from './gitea-tokens-list.ts'
@@ -58,6 +59,7 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   reportExpiring,
   listDenyList,
   addDenyEntry,
+  liftLockout,
   removeDenyEntry,
   createGiteaToken,
   listGiteaTokens,

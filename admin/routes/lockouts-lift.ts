@@ -1,0 +1,44 @@
+// DELETE /v1/lockouts/{address}: an address locked out after failed key attempts may try again
+// at once, on every instance (before, found by a review, only the end of its window or a restart
+// of every instance, after deleting its Redis key by hand, lifted it).
+import { Type } from '@sinclair/typebox'
+import { fieldInvalid, KeygateError } from '../../core/errors.ts'
+import { isCidrOrAddress } from '../../core/formats.ts'
+import { normalAddress } from '../../core/keys/evaluate.ts'
+import { defineOperation } from '../operation.ts'
+
+export default defineOperation({
+  id: 'liftLockout',
+  method: 'DELETE',
+  path: '/v1/lockouts/{address}',
+  tag: 'lockouts',
+  summary: 'Lift the lockout of an address',
+  description:
+    'Ends the lockout an address got after `lockout.max_attempts` failed key or credential attempts within `lockout.window_s`, and forgets the failures it has counted, on the gateway and the admin API of every instance: in Redis, or in the `--workers` primary, then in each process (Redis pub/sub, cluster IPC). An IPv6 address is counted per network of `rate_limits.ipv6_prefix_bits`, so its whole network is lifted (`address_key`). Answers 200 whether or not a lockout was in force; `was_locked_out` says whether this instance held one. Audited as `lockout.lifted`. Rate limits are not lockouts and are not changed.',
+  response: {
+    status: 200,
+    description: 'The lockout is lifted (or there was none).',
+    schema: Type.Object({
+      address: Type.String({ description: 'The address, as keygate writes it (IPv4-mapped IPv6 as IPv4).' }),
+      address_key: Type.String({ description: 'What the lockout counts it under: the address, or its IPv6 network.' }),
+      was_locked_out: Type.Boolean({ description: 'Whether this instance held a lockout of it.' }),
+    }),
+  },
+  errors: ['store_unavailable'],
+  async handle({ params, actor, services }) {
+    const given = params.address as string
+    const address = !given.includes('/') && isCidrOrAddress(given) ? normalAddress(given) : undefined
+    if (address === undefined) throw fieldInvalid('address', `${JSON.stringify(given.slice(0, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
+    const addressKey = services.addressKey(address)
+    // The audit row is written in the transaction the lift runs in: a lift Redis refuses leaves none.
+    const was = await services.db.transaction(async (tx) => {
+      await services.audit.write(tx, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey } })
+      try {
+        return await services.lockout.lift(addressKey)
+      } catch (err) {
+        throw new KeygateError('store_unavailable', `the shared lockout store did not take the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
+      }
+    })
+    return { address, address_key: addressKey, was_locked_out: was }
+  },
+})
