@@ -32,6 +32,7 @@ import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute 
 import { createAdminApi } from '../admin/index.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
+import { plainRemote } from '../core/integrations/http.ts'
 import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, refuseFlags, type Io } from './io.ts'
@@ -102,6 +103,10 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   const log = createLogger({ level: config.log.level as Level })
   const unknown = unknownEnvNames(io.env)
   if (unknown.length > 0) log.warn('environment variables keygate does not read, ignored', { variables: unknown })
+  // Said once at start, not refused: a Gitea or n8n on a private network may have no TLS (found by a security review).
+  for (const [setting, url] of [['integrations.gitea.url (GITEA_URL)', config.integrations.gitea.url], ['integrations.n8n.url (N8N_URL)', config.integrations.n8n.url]] as const) {
+    if (url !== undefined && plainRemote(url)) log.warn('an integration is reached over plain http: its credentials and the tokens it makes cross the network unencrypted; use https', { setting, url })
+  }
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })

@@ -181,7 +181,7 @@ t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) 
     void released.then(() => echo(req, res, received))
   })
   // A misspelt variable (also checked here: a serve's start) is named in a warning.
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789', KEYGATE_LISTN: '127.0.0.1:1' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789', KEYGATE_LISTN: '127.0.0.1:1', GITEA_URL: 'http://gitea.internal.example:3000', N8N_URL: 'http://127.0.0.1:5678' })
   const inFlight = async (s: Awaited<ReturnType<typeof serve>>) => {
     const arrived = new Promise<void>((r) => arrivals.push(r))
     const key = (await runCli(['api-key', 'create', '--type', 'service', '--name', `ctrl-c ${arrivals.length}`, '--json'], { env: { ...env, KEYGATE_ADMIN_URL: s.admin } })).json().key as string
@@ -193,6 +193,8 @@ t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) 
 
   const first = await serve(t, { env })
   t.match(first.logs.find((l) => l.message.startsWith('environment variables keygate does not read')), { level: 'warn', variables: ['KEYGATE_LISTN (KEYGATE_LISTEN?)'] })
+  // So is an integration on another host over plain http; one on this machine is not.
+  t.same(first.logs.filter((l) => l.message.startsWith('an integration is reached over plain http')).map((l) => [l.level, l.setting, l.url]), [['warn', 'integrations.gitea.url (GITEA_URL)', 'http://gitea.internal.example:3000']])
   const drained = (await inFlight(first)).answer
   // The terminal's signal, then npm's, which npm sends once its own handler has run: two sent
   // at once would be one (the kernel keeps one pending signal of a kind), so the second is sent

@@ -76,6 +76,18 @@ export function displayUrl(url: URL): string {
   return `${url.protocol}//${url.host}${url.pathname.replace(TRAILING_SLASHES, '')}`
 }
 
+/**
+ * Whether `url` reaches a host other than this machine over plain http: the integration's
+ * credentials (Gitea's Basic password, n8n's login and session) and the tokens it makes would
+ * cross the network unencrypted.
+ */
+export function plainRemote(url: string): boolean {
+  const u = URL.parse(url)
+  if (u === null || u.protocol !== 'http:') return false
+  const host = u.hostname.replace(/^\[|\]$/g, '').toLowerCase()
+  return !(host === 'localhost' || host.endsWith('.localhost') || /^127\.\d+\.\d+\.\d+$/.test(host) || host === '::1')
+}
+
 export class IntegrationHttp {
   readonly service: ServiceName
   readonly baseUrl: string
