@@ -62,6 +62,40 @@ function paramName(piece: string): string {
   return new URLSearchParams('&' + raw).keys().next().value ?? ''
 }
 
+/**
+ * A query parameter's name as PHP reads it: leading spaces dropped, `.` and space as `_`, and
+ * `name[...]` as `name` (an array); `api.key`, `api key` and `api_key[]` are all `api_key` there.
+ */
+function phpParamName(name: string): string {
+  let n = name.trimStart()
+  const bracket = n.indexOf('[')
+  if (bracket > 0 && n.indexOf(']', bracket) !== -1) n = n.slice(0, bracket)
+  return n.replace(/[. []/g, '_')
+}
+
+/**
+ * `query` without the pieces that name the key's parameter (`param`) to some upstream: by name as
+ * URLSearchParams decodes it, as PHP reads it (phpParamName), and also among `;`-separated pieces,
+ * which older CGI and servlet parsers split on (`a=1;api_key=...`). The rest is kept byte for
+ * byte, `;` and `&` as they were.
+ */
+function withoutKeyParams(query: string, param: string, phpParam: string): string {
+  const named = (piece: string): boolean => {
+    const name = paramName(piece)
+    return name === param || phpParamName(name) === phpParam
+  }
+  const kept: string[] = []
+  for (const piece of query.split('&')) {
+    if (!piece.includes(';')) {
+      if (!named(piece)) kept.push(piece)
+      continue
+    }
+    const rest = piece.split(';').filter((sub) => !named(sub))
+    if (rest.length > 0) kept.push(rest.join(';'))
+  }
+  return kept.join('&')
+}
+
 // A reason phrase (RFC 9112 §4: HTAB, SP, VCHAR, obs-text), as the bytes Node writes it in.
 const PLAIN_REASON = /^[\t\x20-\x7e]*$/
 const REASON = /^[\t\x20-\x7e\x80-\xff]*$/
@@ -130,6 +164,8 @@ interface ForwardOptions {
   stripCredential: boolean
   /** X-API-Key is one of the key sources: with stripCredential it is never forwarded, in any spelling. */
   apiKeySource: boolean
+  /** Whether the query parameter is a key source (its look-alikes are dropped whenever it is). */
+  querySource: boolean
   queryParam: string
   /** A tunnel with no traffic either way for this long is closed (0: never). */
   tunnelIdleMs: number
@@ -328,6 +364,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
   const dropApiKey = stripCredential && o.apiKeySource
+  const dropQueryLookAlikes = stripCredential && o.querySource
+  const phpQueryParam = phpParamName(queryParam)
+  // What a query that could name the parameter holds: its first letters, or an escape.
+  const queryHint = queryParam.slice(0, 3)
   const pools = new Map<string, Pool>()
   const routePool: Pool[] = []
   const routeMetrics = ctx.routeMetrics
@@ -381,17 +421,16 @@ export function createForwarder(o: ForwardOptions): Forwarder {
 
   const targetFor = (s: RequestState, route: CompiledRoute): string => {
     let target = s.target
-    if (stripCredential && s.keySources & SOURCE_QUERY) {
+    // The key's parameter, and whatever PHP or a `;`-splitting parser would read as it, also when
+    // the request's key came from elsewhere (as X-API-Key's spellings; before, `api.key=`,
+    // `api_key[]=` and `a=1;api_key=` went upstream with a copy of the key; found by a review).
+    const q = dropQueryLookAlikes ? target.indexOf('?') : -1
+    if (q !== -1 && ((s.keySources & SOURCE_QUERY) !== 0 || target.includes(queryHint, q) || target.includes('%', q))) {
       // Only the key's parameters go; the others stay byte for byte (re-encoding the query would
       // break signed URLs, and turn `%20` into `+`, which only form decoding reads as a space).
       // The query as key extraction parsed it: URLSearchParams drops one leading `?`.
-      const q = target.indexOf('?')
       const lead = target.charCodeAt(q + 1) === 63 /* ? */ ? 1 : 0
-      const rest = target
-        .slice(q + 1 + lead)
-        .split('&')
-        .filter((piece) => paramName(piece) !== queryParam)
-        .join('&')
+      const rest = withoutKeyParams(target.slice(q + 1 + lead), queryParam, phpQueryParam)
       target = target.slice(0, q) + (rest === '' ? '' : (lead ? '??' : '?') + rest)
     }
     return router.upstreamPath(route, target)
