@@ -80,6 +80,12 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
         s.message = 'The request target is not valid.'
         return 'bad_request'
       }
+      // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error for a recipient to treat as such
+      // (before, `http://user@x/...` was taken; found by a review).
+      if (url.username !== '' || url.password !== '' || authority.includes('@')) {
+        s.message = 'An absolute request target must not carry user information (user@).'
+        return 'bad_request'
+      }
       if (host === undefined || url.host.toLowerCase() !== withoutDefaultPort(host.toLowerCase(), url.protocol)) {
         s.message = 'An absolute request target must name the same host as Host.'
         return 'bad_request'

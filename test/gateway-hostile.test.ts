@@ -42,6 +42,9 @@ t.test('hostile requests', async (t) => {
     ['oversized headers', `GET / HTTP/1.1\r\nHost: a\r\n${auth}X-Big: ${'a'.repeat(8000)}\r\n\r\n`, /^HTTP\/1.1 431/],
     ['too many headers', `GET / HTTP/1.1\r\nHost: a\r\n${auth}${Array.from({ length: 30 }, (_, i) => `X-H${i}: v\r\n`).join('')}\r\n`, /^HTTP\/1.1 431/],
     ['absolute-form for another host', `GET http://evil.example/ HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
+    // RFC 9110 §4.2.4 (before, taken; found by a review).
+    ['absolute-form with user information', `GET http://user@a/ HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400[^]*must not carry user information/],
+    ['absolute-form with a password', `GET http://u:p@a/ HTTP/1.1\r\nHost: a\r\n${auth}\r\n`, /^HTTP\/1.1 400[^]*must not carry user information/],
     ['two Host headers', `GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
     ['no Host', `GET / HTTP/1.1\r\n${auth}\r\n`, /^HTTP\/1.1 400/],
     // Before, each was forwarded, and reached the upstream as X-Forwarded-Host.
