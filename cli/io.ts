@@ -225,10 +225,25 @@ export function printable(text: string): string {
 }
 
 /** A fixed-width table; `null`/`undefined` cells print as `-`, control characters escaped. */
+/** Characters a terminal shows two columns wide: East Asian wide and fullwidth forms, and emoji. */
+const WIDE = /[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6\u{1f300}-\u{1f64f}\u{1f900}-\u{1f9ff}\u{20000}-\u{3fffd}]/gu
+/** Characters a terminal shows in no column of their own: combining marks, joiners, variation selectors. */
+const ZERO_WIDTH = /[\p{Mn}\p{Me}\u200b-\u200f\ufe00-\ufe0f]/gu
+
+/** The columns `text` takes in a terminal (as wcwidth counts them, closely enough for a table). */
+export function displayWidth(text: string): number {
+  let n = 0
+  for (const _ of text) n++
+  return n + (text.match(WIDE)?.length ?? 0) - (text.match(ZERO_WIDTH)?.length ?? 0)
+}
+
 export function table(headers: string[], rows: Array<Array<string | number | null | undefined>>): string {
   const cells = rows.map((r) => r.map((c) => (c === null || c === undefined || c === '' ? '-' : printable(String(c)))))
-  const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => (r[i] ?? '').length)))
-  const line = (r: string[]) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ').trimEnd()
+  // By the columns a terminal shows, not by UTF-16 units: a name in Japanese or with an emoji
+  // shifted every column after it in its row (found by a review).
+  const widths = headers.map((h, i) => Math.max(h.length, ...cells.map((r) => displayWidth(r[i] ?? ''))))
+  const pad = (c: string, width: number) => c + ' '.repeat(Math.max(0, width - displayWidth(c)))
+  const line = (r: string[]) => r.map((c, i) => (i === r.length - 1 ? c : pad(c, widths[i] ?? 0))).join('  ').trimEnd()
   return [line(headers.map((h) => h.toUpperCase())), ...cells.map(line)].join('\n') + '\n'
 }
 

@@ -12,6 +12,7 @@ import { childEnv, KEYGATE_BIN, runCli, runCliHere, spawnClean, type CliResult }
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
+import { displayWidth, table } from '../cli/io.ts'
 
 t.test('usage errors exit 2 with the reason on stderr and touch no store', async (t) => {
   const dir = tempDir()
@@ -430,4 +431,12 @@ t.test('an argument whose bytes are not UTF-8 is a usage error naming it, not st
   t.equal(variable.code, 1)
   t.match(variable.stderr, /KEYGATE_ADMIN_TOKEN \(admin\.token\): the value holds bytes that are not UTF-8 \(read as U\+FFFD\); give it in UTF-8/)
   t.notOk(existsSync(dataDir), 'no store was opened')
+})
+
+t.test('a table lines its columns up by the columns a terminal shows: wide characters take two, combining marks none (found by a review)', async (t) => {
+  t.same(['abc', '日本語のキー名', 'cafe\u0301', '👍', 'a\u200db'].map(displayWidth), [3, 14, 4, 2, 2])
+  const out = table(['id', 'name', 'type'], [['a1', '日本語のキー名', 'user'], ['b2', 'plain', 'service'], ['c3', 'cafe\u0301 👍', 'user']])
+  // TYPE starts at one column on every line.
+  const typeAt = out.split('\n').filter(Boolean).map((line) => displayWidth(line.slice(0, line.search(/(TYPE|user|service)$/))))
+  t.same(new Set(typeAt).size, 1, `aligned:\n${out}`)
 })
