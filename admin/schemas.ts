@@ -2,7 +2,7 @@
 // core/keys/schemas.ts, shared with the CLI), and the JSON forms they describe.
 import { Type, type TSchema } from '@sinclair/typebox'
 import { ANOMALY_TYPES } from '../core/anomalies.ts'
-import type { AuditFilter, AuditRecord } from '../core/audit.ts'
+import { auditJson, type AuditFilter } from '../core/audit.ts'
 import { decodeCursor, encodeCursor } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
@@ -75,10 +75,6 @@ export const AuditSchema = Type.Object({
   }),
   created_at: DateTime(),
 })
-
-export function auditJson(r: AuditRecord) {
-  return { id: r.id, key_id: r.keyId, action: r.action, actor: r.actor, address: r.address, details: r.details, integrity: r.integrity, created_at: r.createdAt.toISOString() }
-}
 
 export const DenyEntrySchema = Type.Object({
   id: Type.String(),

@@ -9,6 +9,7 @@ import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, KEY_BOUNDS, ListKeysQuery, Revoke
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
+import { auditJson, type AuditRecord } from '../core/audit.ts'
 import type { KeyOperations } from './key-operations.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
@@ -275,6 +276,36 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         if (ctx.json) printJson(ctx.io, { items: items.map(keyJson), next_cursor: next })
         else {
           ctx.io.out(keyRows(items))
+          if (next) ctx.io.out(`more: --cursor ${next}\n`)
+        }
+        return EXIT_OK
+      }
+    },
+  },
+  audit: {
+    summary: "a key's audit trail, newest first",
+    usage: 'keygate api-key audit ID [--limit N] [--cursor C | --all] [--json]',
+    options: { limit: { type: 'string' }, cursor: { type: 'string' }, all: { type: 'boolean' } },
+    positionals: { min: 1, max: 1 },
+    readOnly: true,
+    prepare(p) {
+      const limit = parseIntFlag('limit', str(p, 'limit'), 1, 500)
+      const cursor = str(p, 'cursor')
+      if (cursor !== undefined && !/^[A-Za-z0-9_-]{1,200}$/.test(cursor)) throw new UsageError(`--cursor: ${JSON.stringify(cursor.slice(0, 40))} is not a cursor; give the "more: --cursor ..." of the previous page`)
+      if (p.values.all && cursor !== undefined) throw new UsageError('--all and --cursor exclude each other')
+      const id = p.positionals[0] as string
+      return async (ctx) => {
+        const items: AuditRecord[] = []
+        let next: string | null = cursor ?? null
+        do {
+          const page = await ctx.ops.audit(id, { ...(limit !== undefined ? { limit } : {}), ...(next !== null ? { cursor: next } : {}) })
+          for (const a of page.items) items.push(a)
+          next = page.nextCursor
+        } while (p.values.all && next)
+        if (ctx.json) printJson(ctx.io, { items: items.map(auditJson), next_cursor: next })
+        else {
+          const rows = items.map((a) => [date(a.createdAt), a.action, a.actor, a.address, a.integrity === 'verified' ? JSON.stringify(a.details) : `(${a.integrity}: not opened)`])
+          ctx.io.out(table(['time', 'action', 'actor', 'address', 'details'], rows))
           if (next) ctx.io.out(`more: --cursor ${next}\n`)
         }
         return EXIT_OK

@@ -1,7 +1,8 @@
 // What the `api-key` commands need, whether they open the store themselves or, when a server
 // owns the store, go through its admin API.
-import type { Actor } from '../core/audit.ts'
-import type { Page } from '../core/cursor.ts'
+import type { Actor, AuditLog, AuditRecord } from '../core/audit.ts'
+import { decodeCursor, encodeCursor, type Page } from '../core/cursor.ts'
+import type { Db } from '../core/db.ts'
 import type { KeyService, Validation } from '../core/keys/service.ts'
 import type { KeyRecord, KeyType } from '../core/keys/types.ts'
 
@@ -15,9 +16,12 @@ export interface KeyOperations {
   rotate(id: string, force: boolean): Promise<{ key: string; record: KeyRecord; previous: KeyRecord }>
   stats(): Promise<Awaited<ReturnType<KeyService['stats']>>>
   importLegacy(rows: unknown[], type?: string): Promise<KeyRecord[]>
+  /** The key's audit trail, newest first, details opened (a row that does not open has none: see `integrity`). */
+  audit(id: string, page: { limit?: number; cursor?: string }): Promise<Page<AuditRecord>>
 }
 
-export function localOperations(keys: KeyService, actor: Actor): KeyOperations {
+export function localOperations(store: { keys: KeyService; audit: AuditLog; db: Db }, actor: Actor): KeyOperations {
+  const { keys } = store
   return {
     create: (body) => keys.create(body, actor),
     list: (query) => keys.list(query),
@@ -28,5 +32,11 @@ export function localOperations(keys: KeyService, actor: Actor): KeyOperations {
     rotate: (id, force) => keys.rotate(id, { force }, actor),
     stats: () => keys.stats(),
     importLegacy: (rows, type) => keys.importLegacy(rows, actor, type === undefined ? {} : { type: type as KeyType }),
+    async audit(id, page) {
+      const key = await keys.get(id)
+      const found = await store.audit.page(store.db, { keyId: key.id, before: page.cursor === undefined ? undefined : decodeCursor(page.cursor) }, page.limit ?? 100)
+      const last = found.items.at(-1)
+      return { items: found.items, nextCursor: found.more && last ? encodeCursor(last.createdAt, last.id) : null }
+    },
   }
 }

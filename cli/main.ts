@@ -255,7 +255,7 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           API_KEY_COMMANDS,
           rest,
           io,
-          async (runtime, _log, json) => ({ ctx: { io, json, ops: localOperations(runtime.keys, { actor: actorName() }) } }),
+          async (runtime, _log, json) => ({ ctx: { io, json, ops: localOperations(runtime, { actor: actorName() }) } }),
           (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
         )
       case 'gitea':

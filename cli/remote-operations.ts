@@ -3,6 +3,7 @@
 // which one process owns, can be managed while the server runs.
 import { keyNotFound, type ErrorCode } from '../core/errors.ts'
 import { checkImportSize, emptyImport } from '../core/keys/service.ts'
+import type { AuditRecord } from '../core/audit.ts'
 import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
 import { adminClient } from './admin-client.ts'
 import type { KeyOperations } from './key-operations.ts'
@@ -75,6 +76,17 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
     async stats() {
       const s = await call<{ total: number; by_type: Record<string, number>; by_status: Record<string, number>; legacy: number; expiring_soon: number }>('GET', '/v1/stats')
       return { total: s.total, byType: s.by_type, byStatus: s.by_status, legacy: s.legacy, expiringSoon: s.expiring_soon } as Awaited<ReturnType<KeyOperations['stats']>>
+    },
+    async audit(keyId, page) {
+      const q = new URLSearchParams()
+      if (page.limit !== undefined) q.set('limit', String(page.limit))
+      if (page.cursor !== undefined) q.set('cursor', page.cursor)
+      type Row = { id: string; key_id: string | null; action: string; actor: string; address: string | null; details: Record<string, unknown> | null; integrity: AuditRecord['integrity']; created_at: string }
+      const r = await call<{ items: Row[]; next_cursor: string | null }>('GET', `/v1/keys/${id(keyId)}/audit${q.size ? `?${q}` : ''}`, undefined, ['items'])
+      return {
+        items: r.items.map((a) => ({ id: a.id, keyId: a.key_id, action: a.action, actor: a.actor, address: a.address, details: a.details, integrity: a.integrity, createdAt: new Date(a.created_at) })),
+        nextCursor: r.next_cursor,
+      }
     },
     async importLegacy(rows, type) {
       // The store's own answers, where the admin API's schema would say validation_failed.

@@ -190,6 +190,12 @@ await forEachStore(t, async (t, store) => {
     t.same((await auditOf(h, k.id))[0]?.details, given, 'created')
     const r = (await h.call('POST', `/v1/keys/${k.id}/rotate`)).json
     t.same((await auditOf(h, r.id))[0]?.details, { rotated_from: k.id, ...given }, 'rotated in: the same, carried over')
+    // `keygate api-key audit` through the admin API reads the same trail, a page at a time.
+    const remote = remoteOperations(h.url, h.adminKey)
+    const page = await remote.audit(k.id, { limit: 1 })
+    t.match(page.items, [{ action: 'key.rotated', keyId: k.id, integrity: 'verified', createdAt: Date }])
+    t.match((await remote.audit(k.id, { cursor: page.nextCursor as string })).items, [{ action: 'key.created', details: given }])
+    await t.rejects(remote.audit('AAAAAAAAAAAA', {}), { code: 'key_not_found' })
     const legacy = randomUUID()
     const row = { key_hash: sha256(legacy), name: 'legacy granted', scopes: ['orders:read'], owner: 'carol', metadata: { from: 'old' }, created_at: '2024-01-02T03:04:05.000Z', expires_at: given.expires_at }
     const imported = (await h.call('POST', '/v1/keys/import', { body: { rows: [row], type: 'service' } })).json.items[0]

@@ -94,6 +94,22 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
   t.equal(twice.code, 1)
   t.match(twice.stderr, /already revoked/)
 
+  // Its audit trail, newest first (before, found by a review, only curl against a running server
+  // read it), as a table, as JSON, and a page at a time.
+  const trail = await run(['api-key', 'audit', f.id, '--json'])
+  t.equal(trail.code, 0, trail.stderr)
+  t.match(trail.json(), { items: [{ action: 'key.revoked', key_id: f.id, details: { reason: 'test' }, integrity: 'verified' }, { action: 'key.created', details: { rotated_from: r.id } }], next_cursor: null })
+  const shown = await run(['api-key', 'audit', f.id])
+  t.match(shown.stdout, /^TIME +ACTION +ACTOR +ADDRESS +DETAILS\n\S+Z +key\.revoked +cli:\S+ +- +\{"reason":"test","previous_status":"active"\}\n\S+Z +key\.created +cli:\S+ +- +\{"rotated_from":/)
+  const first = await run(['api-key', 'audit', f.id, '--limit', '1'])
+  const more = /^more: --cursor (\S+)$/m.exec(first.stdout)?.[1]
+  t.ok(more, 'one row, and where the next page starts')
+  t.match((await run(['api-key', 'audit', f.id, '--cursor', more as string, '--json'])).json(), { items: [{ action: 'key.created' }], next_cursor: null })
+  t.equal((await run(['api-key', 'audit', f.id, '--limit', '1', '--all', '--json'])).json().items.length, 2, '--all reads every page')
+  const noKey = await run(['api-key', 'audit', 'AAAAAAAAAAAA'])
+  t.equal(noKey.code, 1)
+  t.match(noKey.stderr, /no key has the id "AAAAAAAAAAAA"/)
+
   const unknown = await run(['api-key', 'get', 'AAAAAAAAAAAA', '--json'])
   t.equal(unknown.code, 1)
   t.equal(unknown.json().error.code, 'key_not_found')
