@@ -3,7 +3,6 @@
 import { Type, type TSchema } from '@sinclair/typebox'
 import { ANOMALY_TYPES } from '../core/anomalies.ts'
 import { auditJson, type AuditFilter } from '../core/audit.ts'
-import { decodeCursor, encodeCursor } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
 import { fieldInvalid } from '../core/errors.ts'
@@ -60,7 +59,7 @@ export const Plaintext = Type.String({ description: 'The key itself. Shown in th
 export const KeyWithSecret = Type.Composite([KeySchema, Type.Object({ key: Plaintext })], { description: 'A new key and its plaintext, shown once.' })
 
 export const AUDIT_ACTIONS =
-  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
+  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, lockout.lifted, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
 
 export const AuditSchema = Type.Object({
   id: Type.String(),
@@ -104,15 +103,14 @@ export async function auditPage(
   filter: Omit<AuditFilter, 'before'>,
   query: { limit?: number | undefined; cursor?: string | undefined },
 ) {
-  const page = await services.audit.page(services.db, { ...filter, before: query.cursor ? decodeCursor(query.cursor) : undefined }, query.limit ?? 100)
+  const page = await services.audit.pageAt(services.db, filter, query)
   // The row's id is a UUID, which every log line scrubs (legacy keys have that shape): it is
   // logged without its hyphens (audit_row), which the scrubber leaves, so a row about no key
   // can be found too (found by a review).
   for (const r of page.items) {
     if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { audit_row: r.id.replaceAll('-', ''), key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })
   }
-  const last = page.items[page.items.length - 1]
-  return { items: page.items.map(auditJson), next_cursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
+  return { items: page.items.map(auditJson), next_cursor: page.nextCursor }
 }
 
 /** Time-range query parameters of the reports. */

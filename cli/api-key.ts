@@ -11,7 +11,7 @@ import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
 import { auditJson, type AuditRecord } from '../core/audit.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -30,8 +30,8 @@ function parseRateLimit(value: string | undefined): { limit: number; window_s: n
   if (limit < min || limit > max) throw new UsageError(`--rate-limit: ${JSON.stringify(value)} allows ${limit} requests; expected from ${min} to ${max} per window`)
   // The window's own form checked here: parseDuration's words name the part alone, with an
   // expiry's example (`"s" is not a duration ... such as 90d`; found by a review).
-  if (!/^\d{1,9}[smhdw]$/.test((m[2] as string).trim())) {
-    throw new UsageError(`--rate-limit: ${JSON.stringify(value)} has no window length after the /; expected requests/window such as 100/1s or 5000/1m (a number with s, m, h or d, up to 1d)`)
+  if (!DURATION.test((m[2] as string).trim())) {
+    throw new UsageError(`--rate-limit: ${JSON.stringify(value)}: ${JSON.stringify(m[2])} after the / is not a window; expected requests/window such as 100/1s or 5000/1m (a whole number with s, m, h or d, up to 1d)`)
   }
   return { limit, window_s: parseDuration('rate-limit', m[2] as string, KEY_BOUNDS.rateWindowS) }
 }

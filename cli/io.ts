@@ -224,19 +224,28 @@ export function printable(text: string): string {
   return hasUnprintable(text) ? escapeUnprintable(JSON.stringify(text)) : text
 }
 
-/** A fixed-width table; `null`/`undefined` cells print as `-`, control characters escaped. */
-/** Characters a terminal shows two columns wide: East Asian wide and fullwidth forms, and emoji. */
-const WIDE = /[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6\u{1f300}-\u{1f64f}\u{1f900}-\u{1f9ff}\u{20000}-\u{3fffd}]/gu
-/** Characters a terminal shows in no column of their own: combining marks, joiners, variation selectors. */
-const ZERO_WIDTH = /[\p{Mn}\p{Me}\u200b-\u200f\ufe00-\ufe0f]/gu
+/**
+ * A character a terminal shows two columns wide: East Asian wide and fullwidth forms, emoji
+ * shown as emoji by default, and any character followed by the emoji variation selector (`❤️`).
+ */
+const WIDE = /[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6\u{20000}-\u{3fffd}\ufe0f]|\p{Emoji_Presentation}/u
+/** A grapheme a terminal shows in no column: combining marks and format characters alone. */
+const INVISIBLE = /^[\p{Mn}\p{Me}\p{Cf}]+$/u
+const graphemes = new Intl.Segmenter(undefined, { granularity: 'grapheme' })
 
-/** The columns `text` takes in a terminal (as wcwidth counts them, closely enough for a table). */
+/**
+ * The columns `text` takes in a terminal, grapheme by grapheme (a letter with its combining
+ * marks is one; an emoji joined of several, `👨‍👩‍👧`, is one of two columns), as terminals that
+ * follow wcwidth and Unicode's emoji presentation show them, closely enough for a table.
+ */
 export function displayWidth(text: string): number {
+  if (/^[\x20-\x7e]*$/.test(text)) return text.length
   let n = 0
-  for (const _ of text) n++
-  return n + (text.match(WIDE)?.length ?? 0) - (text.match(ZERO_WIDTH)?.length ?? 0)
+  for (const { segment } of graphemes.segment(text)) n += INVISIBLE.test(segment) ? 0 : WIDE.test(segment) ? 2 : 1
+  return n
 }
 
+/** A fixed-width table; `null`/`undefined` cells print as `-`, control characters escaped. */
 export function table(headers: string[], rows: Array<Array<string | number | null | undefined>>): string {
   const cells = rows.map((r) => r.map((c) => (c === null || c === undefined || c === '' ? '-' : printable(String(c)))))
   // By the columns a terminal shows, not by UTF-16 units: a name in Japanese or with an emoji
@@ -310,12 +319,15 @@ export function formatDuration(seconds: number): string {
   return `${seconds}s`
 }
 
+/** A duration as the flags take it: a whole number with s, m, h, d or w (`90d`). */
+export const DURATION = /^(\d{1,9})([smhdw])$/
+
 /**
  * `90d`, `12h`, `30m`, `45s`, `2w` → seconds; with `bounds` (seconds), a duration outside them is
  * refused in the flag's own units (`from 1h to 1825d`), not in the seconds the API takes.
  */
 export function parseDuration(flag: string, value: string, bounds?: { min: number; max: number }): number {
-  const m = /^(\d{1,9})([smhdw])$/.exec(value.trim())
+  const m = DURATION.exec(value.trim())
   if (!m) throw new UsageError(`--${flag}: ${JSON.stringify(value)} is not a duration; expected a number with s, m, h, d or w, such as 90d`)
   const seconds = Number(m[1]) * (UNITS[m[2] as string] as number)
   if (bounds && (seconds < bounds.min || seconds > bounds.max)) {

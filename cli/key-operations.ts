@@ -1,7 +1,7 @@
 // What the `api-key` commands need, whether they open the store themselves or, when a server
 // owns the store, go through its admin API.
 import type { Actor, AuditLog, AuditRecord } from '../core/audit.ts'
-import { decodeCursor, encodeCursor, type Page } from '../core/cursor.ts'
+import type { Page } from '../core/cursor.ts'
 import type { Db } from '../core/db.ts'
 import type { KeyService, Validation } from '../core/keys/service.ts'
 import type { KeyRecord, KeyType } from '../core/keys/types.ts'
@@ -34,9 +34,7 @@ export function localOperations(store: { keys: KeyService; audit: AuditLog; db: 
     importLegacy: (rows, type) => keys.importLegacy(rows, actor, type === undefined ? {} : { type: type as KeyType }),
     async audit(id, page) {
       const key = await keys.get(id)
-      const found = await store.audit.page(store.db, { keyId: key.id, before: page.cursor === undefined ? undefined : decodeCursor(page.cursor) }, page.limit ?? 100)
-      const last = found.items.at(-1)
-      return { items: found.items, nextCursor: found.more && last ? encodeCursor(last.createdAt, last.id) : null }
+      return store.audit.pageAt(store.db, { keyId: key.id }, page)
     },
   }
 }

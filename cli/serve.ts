@@ -16,7 +16,7 @@ import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { answersWithin, within } from '../core/deadline.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
-import { bindInvalidationPublisher, bindInvalidations } from '../core/invalidation.ts'
+import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
 import { teeUsage, UsageRecorder } from '../core/usage.ts'
@@ -497,6 +497,24 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
 }
 
 /**
+ * A process whose lockout no gateway of its own keeps current (`--only admin`, the `--workers`
+ * primary) follows the lockouts and lifts the other instances publish; when messages may have
+ * been missed, it reads those in force again. Before (found by a review), such a process never
+ * heard of a lift made elsewhere: its admin API kept the address out, and its restore wrote the
+ * lockout back into Redis at its next reconnection. Resolves with the closer.
+ */
+function followLockouts(redis: Redis, lockout: Lockout, config: Config, log: Logger): Promise<() => Promise<void>> {
+  return subscribeInvalidations(redis, {
+    handler: (message) => {
+      if (message.startsWith('lock:') || message.startsWith('unlock:')) lockout.applyMessage(message)
+    },
+    onFlush: () => void lockout.reload(),
+    checkIntervalMs: config.redis.invalidation_check_ms,
+    log,
+  })
+}
+
+/**
  * One lockout per process, shared by the gateway and the admin API (and across processes with
  * Redis). A worker counts in the primary's memory and tells the primary of each lockout, which
  * tells the other workers (so one machine locks an address out once, Redis or not).
@@ -638,9 +656,12 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
     else if (m?.keygate === 'windows-totals') windows?.receive(m)
   }
+  let stopFollowing: (() => Promise<void>) | undefined
   try {
     // Logged once as the switch to in-process limits it is (`Redis answers again` follows).
     if (redis && !(await redisReady(redis, 3000))) redisHealth(redis).startedWithout()
+    // A gateway follows them itself (gateway/index.ts).
+    if (redis && !role.gateway) stopFollowing = await followLockouts(redis, lockout, config, log)
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
     createHealthMetrics(registry, {
@@ -738,6 +759,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       // pools its counts in the primary and sends what it finds there.
       await ev.close()
       stopPublishing?.()
+      await stopFollowing?.()
       redis?.disconnect()
       await runtime.close()
     } finally {
@@ -841,6 +863,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     }
   }
   if (!redis) cluster.on('message', onWorkerMessage)
+  let stopFollowing: (() => Promise<void>) | undefined
   try {
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     // The workers' metrics, with the counts of those that died (see ClusterMetrics).
@@ -895,6 +918,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
       forgetShared: (addressKey) => forgetInWorkersMemory(LOCKOUT_KEY_PREFIX, addressKey),
       ...(ownLockout ? { onLockout: () => ownLockout.lockouts.inc(), onForgotten: () => ownLockout.lockoutsForgotten.inc() } : {}),
     })
+    if (redis) stopFollowing = await followLockouts(redis, lockout, config, log)
     // A worker that ends before any has listened (its address in use, its store out of reach)
     // ends the start, with exit 1, as a single process would: restarting it could only fail again.
     let anyListened = false
@@ -1072,6 +1096,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     cluster.off('message', onWorkerMessage)
     await ev.close()
     stopPublishing?.()
+    await stopFollowing?.()
     redis?.disconnect()
     await runtime.close()
     if (disarm) {

@@ -12,7 +12,7 @@ import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, ha
 import { existsSync, lstatSync, readFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
-import type { CursorPosition } from './cursor.ts'
+import { decodeCursor, encodeCursor, type CursorPosition, type Page } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { createWhole, replaceWhole } from './files.ts'
 import type { Logger } from './log.ts'
@@ -392,6 +392,13 @@ export class AuditLog {
   }
 
   /** One page of `limit` rows, and whether more follow (the row after the page is counted, not opened). */
+  /** One page of the log at a cursor (the `next_cursor` of the page before), newest first: the admin API's pages and `keygate api-key audit`'s. */
+  async pageAt(db: Db, filter: Omit<AuditFilter, 'before'>, query: { limit?: number | undefined; cursor?: string | undefined }): Promise<Page<AuditRecord>> {
+    const page = await this.page(db, { ...filter, before: query.cursor ? decodeCursor(query.cursor) : undefined }, query.limit ?? 100)
+    const last = page.items.at(-1)
+    return { items: page.items, nextCursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
+  }
+
   async page(db: Db, filter: AuditFilter, limit: number): Promise<{ items: AuditRecord[]; more: boolean }> {
     const rows = await this.#select(db, filter, limit + 1)
     return { items: rows.slice(0, limit).map((r) => openStored(this.#cipher, r)), more: rows.length > limit }

@@ -10,6 +10,7 @@ import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, RateLi
 import type { Redis } from 'ioredis'
 import QuickLRU from 'quick-lru'
 import { redisHealth, type DownReason } from './redis.ts'
+import { within } from './deadline.ts'
 
 export { RateLimiterRes }
 
@@ -242,7 +243,11 @@ class Insured implements Limiter {
   }
   // Both, whichever answers now: what the insurance counted would come back with a switch.
   async forget(key: string, shared: boolean): Promise<void> {
-    if (shared) await this.#first.delete(key)
+    if (shared) {
+      // As every call to it: refused while its gate is down, and after the gate's timeout.
+      if (!this.#gate.up) throw new Error('the shared limiter is not answering')
+      await within(this.#first.delete(key), this.#gate.timeoutMs, 'shared limiter: delete')
+    }
     await forgetKey(this.#second, key, shared)
   }
 }

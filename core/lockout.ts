@@ -28,6 +28,7 @@ import type { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import { publishInvalidation } from './invalidation.ts'
 import { KeyedQueue } from './keyed-queue.ts'
+import { within } from './deadline.ts'
 import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
 import { createLimiter, forgetKey, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
@@ -35,14 +36,29 @@ import type { Logger } from './log.ts'
 
 export const LOCKOUT_KEY_PREFIX = 'keygate:lockout'
 /**
- * Writes a lockout, or failures counted on the insurance, into Redis as the limiter's key
- * (`KEYS[1]`): at least `ARGV[1]` points, for at least `ARGV[2]` ms, never lowering what is there.
+ * When an address's lockout was last lifted (epoch ms), for a window: `keygate:lockout-lifted:<address>`
+ * (outside the lockouts' own `keygate:lockout:*`). A process that held the lockout and missed the
+ * lift's message neither writes it back into Redis (RESTORE_SCRIPT) nor keeps it past its next
+ * read of the lockouts in force.
  */
-const RESTORE_SCRIPT = `local n = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+export const LIFTED_KEY_PREFIX = 'keygate:lockout-lifted'
+/**
+ * Writes a lockout, or failures counted on the insurance, into Redis as the limiter's key
+ * (`KEYS[1]`): at least `ARGV[1]` points, for at least `ARGV[2]` ms, never lowering what is there;
+ * -1, writing nothing, when the address was lifted (`KEYS[2]`) at or after `ARGV[3]`, when the
+ * lockout or count began.
+ */
+const RESTORE_SCRIPT = `local lifted = tonumber(redis.call('GET', KEYS[2]) or '')
+if lifted and lifted >= tonumber(ARGV[3]) then return -1 end
+local n = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local ttl = redis.call('PTTL', KEYS[1])
 local want, left = tonumber(ARGV[1]), tonumber(ARGV[2])
 if n >= want and ttl >= left then return 0 end
 redis.call('SET', KEYS[1], math.max(n, want), 'PX', math.max(ttl, left))
+return 1`
+/** A lift in Redis: the address's count (`KEYS[1]`) goes, and its lift is noted (`KEYS[2]`: `ARGV[1]`, for `ARGV[2]` ms). */
+const LIFT_SCRIPT = `redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1`
 
 /** Locked-out addresses held in memory; each took `max_attempts` failures to get there. */
@@ -194,6 +210,8 @@ export function createLockout(options: LockoutOptions): Lockout {
     if (!redis || redis.status !== 'ready') return
     const prefix = redis.options.keyPrefix ?? ''
     try {
+      /** The addresses Redis holds a count of (locked out or not). */
+      const inRedis = new Set<string>()
       let cursor = '0'
       do {
         // SCAN's pattern and answer carry the key prefix, which ioredis puts before the keys of
@@ -201,6 +219,7 @@ export function createLockout(options: LockoutOptions): Lockout {
         const [next, found] = await redis.scan(cursor, 'MATCH', `${prefix}${LOCKOUT_KEY_PREFIX}:*`, 'COUNT', 1000)
         cursor = next
         const keys = found.map((k) => k.slice(prefix.length))
+        for (const k of keys) inRedis.add(k.slice(LOCKOUT_KEY_PREFIX.length + 1))
         if (keys.length === 0) continue
         const pipeline = redis.pipeline()
         for (const k of keys) pipeline.get(k).pttl(k)
@@ -209,6 +228,21 @@ export function createLockout(options: LockoutOptions): Lockout {
           const count = Number(replies[2 * i]?.[1])
           const ttl = Number(replies[2 * i + 1]?.[1])
           if (count >= maxAttempts && ttl > 0) lock(k.slice(LOCKOUT_KEY_PREFIX.length + 1), ttl)
+        })
+      } while (cursor !== '0')
+      // Lifted since it began, and not counted again in Redis: a lift whose message this process
+      // missed (its subscription was down); held here, it would be written back by the restore.
+      cursor = '0'
+      do {
+        const [next, found] = await redis.scan(cursor, 'MATCH', `${prefix}${LIFTED_KEY_PREFIX}:*`, 'COUNT', 1000)
+        cursor = next
+        if (found.length === 0) continue
+        const names = found.map((k) => k.slice(prefix.length))
+        const at = await redis.mget(...names)
+        names.forEach((name, i) => {
+          const address = name.slice(LIFTED_KEY_PREFIX.length + 1)
+          const until = locked.peek(address)
+          if (until !== undefined && !inRedis.has(address) && Number(at[i]) >= until - windowS * 1000) forgetHere(address)
         })
       } while (cursor !== '0')
     } catch (err) {
@@ -249,10 +283,21 @@ export function createLockout(options: LockoutOptions): Lockout {
     }
     const pipeline = redis.pipeline()
     // As the limiter's block writes it (one point past the limit), so a read counts it locked.
-    for (const [address, until] of held) pipeline.eval(RESTORE_SCRIPT, 1, `${LOCKOUT_KEY_PREFIX}:${address}`, maxAttempts + 1, until - now)
-    for (const [address, c] of insured) pipeline.eval(RESTORE_SCRIPT, 1, `${LOCKOUT_KEY_PREFIX}:${address}`, c.count, c.until - now)
+    const windowMs = windowS * 1000
+    const write = (address: string, points: number, until: number) =>
+      pipeline.eval(RESTORE_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${address}`, `${LIFTED_KEY_PREFIX}:${address}`, points, until - now, until - windowMs)
+    for (const [address, until] of held) write(address, maxAttempts + 1, until)
+    for (const [address, c] of insured) write(address, c.count, c.until)
     const replies = (await pipeline.exec()) ?? []
     if (replies.some(([err]) => err)) throw replies.find(([err]) => err)?.[0]
+    // Lifted while this process held it (the lift's message missed): dropped here too.
+    const written = [...held.map(([address]) => address), ...insured.map(([address]) => address)]
+    written.forEach((address, i) => {
+      if (replies[i]?.[1] !== -1) return
+      forgetHere(address)
+      unpublished.delete(address)
+    })
+    for (let i = held.length - 1; i >= 0; i--) if (replies[i]?.[1] === -1) held.splice(i, 1)
     const all = publishAll
     publishAll = false
     for (const [address, until] of held) {
@@ -339,15 +384,25 @@ export function createLockout(options: LockoutOptions): Lockout {
       // Past the limit: locked out already (by another instance whose message is late, or before a restart).
       lock(addressKey, r.msBeforeNext)
     },
-    async lift(addressKey) {
-      await forgetKey(limiter, addressKey, true)
-      await options.forgetShared?.(addressKey)
-      const was = lockedFor(addressKey) !== undefined
-      forgetHere(addressKey)
-      const message = `unlock:${addressKey}` as const
-      options.announce?.(message)
-      if (redis) void publishInvalidation(redis, message, log)
-      return was
+    lift(addressKey) {
+      // After any failure of the address being counted now (one that had read the count before
+      // the lift would raise the fresh count to it, and lock the address out again).
+      return counting.run(addressKey, async () => {
+        if (redis) {
+          // Refused at once while Redis is down, and after its timeout when it does not answer.
+          const health = redisHealth(redis)
+          if (!health.up || redis.status !== 'ready') throw new Error('Redis is not answering')
+          await within(redis.eval(LIFT_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${addressKey}`, `${LIFTED_KEY_PREFIX}:${addressKey}`, Date.now(), windowS * 1000), health.timeoutMs, 'Redis: lockout lift')
+          await forgetKey(limiter, addressKey, false)
+        } else await forgetKey(limiter, addressKey, true)
+        await options.forgetShared?.(addressKey)
+        const was = lockedFor(addressKey) !== undefined
+        forgetHere(addressKey)
+        const message = `unlock:${addressKey}` as const
+        options.announce?.(message)
+        if (redis) void publishInvalidation(redis, message, log)
+        return was
+      })
     },
     applyMessage(message) {
       if (message.startsWith('unlock:')) {

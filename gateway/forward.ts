@@ -366,8 +366,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const dropApiKey = stripCredential && o.apiKeySource
   const dropQueryLookAlikes = stripCredential && o.querySource
   const phpQueryParam = phpParamName(queryParam)
-  // What a query that could name the parameter holds: its first letters, or an escape.
-  const queryHint = queryParam.slice(0, 3)
+  // What a query that could name the parameter holds: the name's part before any character PHP
+  // reads otherwise (`api` of `api_key`, `k` of `k.v`; before, its first three characters, which
+  // missed `k_v` for `k.v`: found by a review), or an escape. Empty (a name that starts so): every query.
+  const queryHint = queryParam.split(/[._ []/)[0] as string
   const pools = new Map<string, Pool>()
   const routePool: Pool[] = []
   const routeMetrics = ctx.routeMetrics
@@ -479,10 +481,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     }
     if (res.headersSent) {
       // Counted `forwarded` at its head, with its status: the break is said here (before, it
-      // left no trace; found by a review).
-      const route = s.route as CompiledRoute
-      ;(ctx.routeMetrics[route.index] as RouteMetrics).cutOff.inc()
-      ctx.log.warn('upstream response broke off after its head was passed on; the client connection is closed', { request_id: s.id, route: route.name, err })
+      // left no trace; found by a review). Not a client body that stalled after an early answer:
+      // that is the client's doing, cut as its own (BODY_IDLE).
+      if ((err as { code?: string }).code !== BODY_IDLE) {
+        const route = s.route as CompiledRoute
+        ;(ctx.routeMetrics[route.index] as RouteMetrics).cutOff.inc()
+        ctx.log.warn('upstream response broke off after its head was passed on; the client connection is closed', { request_id: s.id, route: route.name, err })
+      }
       res.destroy()
       return
     }

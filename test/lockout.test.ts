@@ -318,3 +318,52 @@ t.test('lift without Redis: the memory count and the mirror', async (t) => {
   t.equal(lockout.lockedFor(address), undefined, 'one failure after it does not lock it out: the count began again')
   t.same(lockout.inForce(), [], 'nothing in force to tell a new worker')
 })
+
+t.test('a lift whose message a process missed: its next read of the lockouts drops it, and its restore does not write it back (found by a review)', async (t) => {
+  const { b, admin, la, lb } = await twoInstances(t, { maxAttempts: 2, windowS: 60 })
+  const address = freshAddress()
+  await la.recordFailure(address)
+  await la.recordFailure(address)
+  await lb.reload()
+  t.ok(lb.lockedFor(address) !== undefined, 'b holds the lockout (read from Redis)')
+  // No subscription: b never hears of the lift.
+  t.equal(await la.lift(address), true)
+  t.ok(lb.lockedFor(address) !== undefined, 'b missed it')
+  await admin.connect()
+  const key = `${LOCKOUT_KEY_PREFIX}:${address}`
+  // b's connection comes back: its restore writes what it holds, then reads what is in force.
+  const ready = new Promise((r) => b.once('ready', r))
+  b.disconnect(true)
+  await ready
+  await until(t, 'b drops it', () => lb.lockedFor(address) === undefined)
+  t.equal(await admin.exists(key), 0, 'and did not write it back into Redis')
+  await la.reload()
+  t.equal(la.lockedFor(address), undefined, 'so no instance takes it up again')
+
+  // Only its read, with no restore (a flush after a missed message): dropped as well.
+  const other = freshAddress()
+  await la.recordFailure(other)
+  await la.recordFailure(other)
+  await lb.reload()
+  await la.lift(other)
+  await lb.reload()
+  t.equal(lb.lockedFor(other), undefined, 'a read drops a lockout lifted since it began')
+  // A lockout that began after the lift is kept.
+  await la.recordFailure(other)
+  await la.recordFailure(other)
+  await lb.reload()
+  t.ok(lb.lockedFor(other) !== undefined, 'one that began after the lift stands')
+})
+
+t.test('a lift against a frozen Redis is refused within the command timeout, changing nothing (found by a review)', async (t) => {
+  const { server, la } = await twoInstances(t, { maxAttempts: 2, windowS: 60 })
+  const address = freshAddress()
+  await la.recordFailure(address)
+  await la.recordFailure(address)
+  server.pause()
+  t.teardown(() => server.resume())
+  const outcome = await Promise.race([la.lift(address).then(() => 'lifted', () => 'refused'), new Promise((r) => setTimeout(() => r('still waiting'), 5000).unref())])
+  t.equal(outcome, 'refused', 'refused, not left waiting on Redis')
+  t.ok(la.lockedFor(address) !== undefined, 'the lockout stands')
+  server.resume()
+})

@@ -14,7 +14,7 @@ import { join } from 'node:path'
 import { Redis } from 'ioredis'
 import { Agent, request } from 'undici'
 import { runCli } from './helpers/cli.ts'
-import { startDeployment, type Deployment } from './helpers/deployment.ts'
+import { DEPLOYMENT_TOKEN, startDeployment, type Deployment } from './helpers/deployment.ts'
 import { freshAddress, startUpstream, until } from './helpers/gateway.ts'
 import { serve, type Served } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
@@ -124,6 +124,20 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     t.equal(await redis.exists(`keygate:lockout:${from}`), 0, 'gone from Redis')
     // Told through Redis: each gateway's mirror drops it.
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} lets it in`, async () => (await d.through(g, k.key, from)).status === 200, 3000)
+  })
+
+  await t.test("the admin process (--only admin) follows the gateways' lockouts and lifts (found by a review)", async (t) => {
+    // Its admin API judges the socket's address: 127.0.0.2, locked out at a gateway from there.
+    const there = new Agent({ localAddress: '127.0.0.2' })
+    t.teardown(() => there.close())
+    const adminFromThere = async () => (await request(`${d.admin.admin}/v1/stats`, { headers: { authorization: `Bearer ${DEPLOYMENT_TOKEN}` }, dispatcher: there })).statusCode
+    t.equal(await adminFromThere(), 200)
+    const bad = `kg_${'G'.repeat(12)}_${'H'.repeat(28)}`
+    for (let i = 0; i < 5; i++) await request(`${d.gateways[0]!.gateway}/orders`, { headers: { authorization: `Bearer ${bad}` }, dispatcher: there })
+    // Before, the admin process never heard of it: it read the lockouts in force once, at its start.
+    await until(t, 'the admin API keeps the address out too', async () => (await adminFromThere()) === 429, 3000)
+    t.equal((await d.call('DELETE', '/v1/lockouts/127.0.0.2')).status, 200)
+    await until(t, 'and lets it in once lifted', async () => (await adminFromThere()) === 200, 3000)
   })
 
   await t.test('a per-key limit holds across both gateways', async (t) => {

@@ -30,15 +30,20 @@ export default defineOperation({
     const address = !given.includes('/') && isCidrOrAddress(given) ? normalAddress(given) : undefined
     if (address === undefined) throw fieldInvalid('address', `${JSON.stringify(given.slice(0, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
     const addressKey = services.addressKey(address)
-    // The audit row is written in the transaction the lift runs in: a lift Redis refuses leaves none.
-    const was = await services.db.transaction(async (tx) => {
-      await services.audit.write(tx, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey } })
-      try {
-        return await services.lockout.lift(addressKey)
-      } catch (err) {
-        throw new KeygateError('store_unavailable', `the shared lockout store did not take the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
-      }
-    })
+    // The lift, then its audit row: a lift Redis refuses writes none, and no transaction is held
+    // open while Redis is waited for (before, found by a review, the row was written first, in a
+    // transaction that a frozen Redis kept open).
+    let was: boolean
+    try {
+      was = await services.lockout.lift(addressKey)
+    } catch (err) {
+      throw new KeygateError('store_unavailable', `the shared lockout store did not take the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
+    }
+    try {
+      await services.audit.write(services.db, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey, was_locked_out: was } })
+    } catch (err) {
+      throw new KeygateError('store_unavailable', `the lockout of ${address} was lifted, but its audit row could not be written (${(err as Error).message})`, undefined, { cause: err })
+    }
     return { address, address_key: addressKey, was_locked_out: was }
   },
 })

@@ -99,7 +99,6 @@ export function toRecord(r: KeyRow): KeyRecord {
 export const COLUMNS = `id, key_hash, name, type, status, scopes, owner, metadata, allowed_cidrs, rate_limit, rate_limit_window_s,
   rotation_interval_s, rotated_from, replaced_by, grace_until, legacy, created_at, updated_at, expires_at, last_used_at, revoked_at, revoked_reason`
 
-/** COLUMNS, each qualified by `table` (for a statement that joins api_keys with other tables). */
 /**
  * What a key was given when it was made, as its audit row's details: everything that decides
  * what it grants, named as the API names it. Before (found by a review), a created key's row held
@@ -121,6 +120,7 @@ function grantedDetails(k: KeyRecord): Record<string, unknown> {
   }
 }
 
+/** COLUMNS, each qualified by `table` (for a statement that joins api_keys with other tables). */
 export function columnsOf(table: string): string {
   return COLUMNS.split(',').map((c) => `${table}.${c.trim()}`).join(', ')
 }
