@@ -28,7 +28,8 @@ import type { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import { publishInvalidation } from './invalidation.ts'
 import { KeyedQueue } from './keyed-queue.ts'
-import { within } from './deadline.ts'
+import { TimedOut, within } from './deadline.ts'
+import { KeygateError } from './errors.ts'
 import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
 import { createLimiter, forgetKey, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
@@ -45,11 +46,11 @@ export const LIFTED_KEY_PREFIX = 'keygate:lockout-lifted'
 /**
  * Writes a lockout, or failures counted on the insurance, into Redis as the limiter's key
  * (`KEYS[1]`): at least `ARGV[1]` points, for at least `ARGV[2]` ms, never lowering what is there;
- * -1, writing nothing, when the address was lifted (`KEYS[2]`) at or after `ARGV[3]`, when the
- * lockout or count began.
+ * minus the lift's time, writing nothing, when the address was lifted (`KEYS[2]`) at or after
+ * `ARGV[3]`, when the lockout or count began.
  */
 const RESTORE_SCRIPT = `local lifted = tonumber(redis.call('GET', KEYS[2]) or '')
-if lifted and lifted >= tonumber(ARGV[3]) then return -1 end
+if lifted and lifted >= tonumber(ARGV[3]) then return -lifted end
 local n = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local ttl = redis.call('PTTL', KEYS[1])
 local want, left = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -137,9 +138,16 @@ export function createLockout(options: LockoutOptions): Lockout {
   const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, onEviction: (_address, until) => until > Date.now() && options.onForgotten?.() })
   // Never shortens a lockout in force: a message from another instance may name an earlier end
   // (its lockout began first, or its clock is behind) than this instance's own.
+  // When each address was last lifted here (told by `unlock:<at>:<address>`, or lifted by this
+  // process), for a window: a lockout that began at or before it is one the lift ended, whatever
+  // brings it (a `lock:` message sent again after a timeout, or relayed late over cluster IPC).
+  const windowMs = windowS * 1000
+  const liftedAt = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, maxAge: windowMs })
   const lockUntil = (addressKey: string, until: number) => {
     const ms = until - Date.now()
     if (ms <= 0) return
+    const lifted = liftedAt.get(addressKey)
+    if (lifted !== undefined && until - windowMs <= lifted) return
     const held = locked.peek(addressKey)
     if (held !== undefined && held >= until) return
     // Dropped first, or quick-lru would keep the old end in its older generation and report it
@@ -242,7 +250,7 @@ export function createLockout(options: LockoutOptions): Lockout {
         names.forEach((name, i) => {
           const address = name.slice(LIFTED_KEY_PREFIX.length + 1)
           const until = locked.peek(address)
-          if (until !== undefined && !inRedis.has(address) && Number(at[i]) >= until - windowS * 1000) forgetHere(address)
+          if (until !== undefined && !inRedis.has(address) && Number(at[i]) >= until - windowMs) dropLifted(address, Number(at[i]))
         })
       } while (cursor !== '0')
     } catch (err) {
@@ -259,6 +267,19 @@ export function createLockout(options: LockoutOptions): Lockout {
     locked.delete(addressKey)
     counted.delete(addressKey)
     unpublished.delete(addressKey)
+  }
+
+  /**
+   * Drops what a lift at `at` ended, here: the lockout and counts held, the count of this
+   * process's insurance (the shared one is gone already: deleted by the process that lifted it),
+   * and in a `--workers` primary the workers' counts it keeps; lockouts that began by then are
+   * refused from now on (lockUntil).
+   */
+  const dropLifted = (addressKey: string, at: number): void => {
+    if ((liftedAt.get(addressKey) ?? -Infinity) < at) liftedAt.set(addressKey, at)
+    forgetHere(addressKey)
+    void forgetKey(limiter, addressKey, false).catch(() => {})
+    void options.forgetShared?.(addressKey).catch(() => {})
   }
 
   /** The lockouts in force at `now`: [address key, end (epoch ms)]. */
@@ -283,21 +304,31 @@ export function createLockout(options: LockoutOptions): Lockout {
     }
     const pipeline = redis.pipeline()
     // As the limiter's block writes it (one point past the limit), so a read counts it locked.
-    const windowMs = windowS * 1000
     const write = (address: string, points: number, until: number) =>
       pipeline.eval(RESTORE_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${address}`, `${LIFTED_KEY_PREFIX}:${address}`, points, until - now, until - windowMs)
     for (const [address, until] of held) write(address, maxAttempts + 1, until)
     for (const [address, c] of insured) write(address, c.count, c.until)
+    const heldCount = held.length
     const replies = (await pipeline.exec()) ?? []
     if (replies.some(([err]) => err)) throw replies.find(([err]) => err)?.[0]
-    // Lifted while this process held it (the lift's message missed): dropped here too.
-    const written = [...held.map(([address]) => address), ...insured.map(([address]) => address)]
-    written.forEach((address, i) => {
-      if (replies[i]?.[1] !== -1) return
-      forgetHere(address)
-      unpublished.delete(address)
+    // Lifted since it began (the lift's message missed): a lockout is dropped here too, with what
+    // the lift ended; a count of the insurance alone goes, and a lockout of the address that began
+    // after the lift stays (before, found by a review, both went).
+    const liftedBy = (i: number) => {
+      const reply = Number(replies[i]?.[1])
+      return reply < 0 ? -reply : undefined
+    }
+    for (let i = held.length - 1; i >= 0; i--) {
+      const at = liftedBy(i)
+      if (at === undefined) continue
+      dropLifted((held[i] as [string, number])[0], at)
+      held.splice(i, 1)
+    }
+    insured.forEach(([address], i) => {
+      if (liftedBy(heldCount + i) === undefined) return
+      counted.delete(address)
+      void forgetKey(limiter, address, false).catch(() => {})
     })
-    for (let i = held.length - 1; i >= 0; i--) if (replies[i]?.[1] === -1) held.splice(i, 1)
     const all = publishAll
     publishAll = false
     for (const [address, until] of held) {
@@ -362,55 +393,64 @@ export function createLockout(options: LockoutOptions): Lockout {
         pump(addressKey)
       }
     },
-    async recordFailure(addressKey) {
-      const { r, reached } = await counting.run(addressKey, () => count(addressKey))
-      if (r.consumedPoints < maxAttempts) return
-      if (reached) {
-        // The attempt that reaches the limit starts a full window of lockout from now.
-        await limiter.block(addressKey, windowS)
-        options.onLockout?.()
-        const until = Date.now() + windowS * 1000
-        lockUntil(addressKey, until)
-        const message = `lock:${until}:${addressKey}` as const
-        options.announce?.(message)
-        if (redis) {
-          // Not connected, or not answering: written into Redis first when it is back, then published.
-          if (redisHealth(redis).up && redis.status === 'ready') void publishInvalidation(redis, message, log)
-          else if (unpublished.size < MIRROR_MAX) unpublished.add(addressKey)
-          else publishAll = true
+    recordFailure(addressKey) {
+      // The lockout it may begin too, in the address's queue: a lift queued behind it comes after
+      // its block (before, found by a review, the block could land in Redis after the lift's delete).
+      return counting.run(addressKey, async () => {
+        const { r, reached } = await count(addressKey)
+        if (r.consumedPoints < maxAttempts) return
+        if (reached) {
+          // The attempt that reaches the limit starts a full window of lockout from now.
+          await limiter.block(addressKey, windowS)
+          options.onLockout?.()
+          const until = Date.now() + windowMs
+          lockUntil(addressKey, until)
+          const message = `lock:${until}:${addressKey}` as const
+          options.announce?.(message)
+          if (redis) {
+            // Not connected, or not answering: written into Redis first when it is back, then published.
+            if (redisHealth(redis).up && redis.status === 'ready') void publishInvalidation(redis, message, log)
+            else if (unpublished.size < MIRROR_MAX) unpublished.add(addressKey)
+            else publishAll = true
+          }
+          return
         }
-        return
-      }
-      // Past the limit: locked out already (by another instance whose message is late, or before a restart).
-      lock(addressKey, r.msBeforeNext)
+        // Past the limit: locked out already (by another instance whose message is late, or before a restart).
+        lock(addressKey, r.msBeforeNext)
+      })
     },
     lift(addressKey) {
       // After any failure of the address being counted now (one that had read the count before
       // the lift would raise the fresh count to it, and lock the address out again).
       return counting.run(addressKey, async () => {
+        const at = Date.now()
         if (redis) {
-          // Refused at once while Redis is down, and after its timeout when it does not answer.
+          // Refused at once while Redis is down (nothing sent); after its timeout when it does not
+          // answer, when the script sent may still run once Redis does (said so: before, found by
+          // a review, "nothing was changed", and the lift happened later all the same).
           const health = redisHealth(redis)
-          if (!health.up || redis.status !== 'ready') throw new Error('Redis is not answering')
-          await within(redis.eval(LIFT_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${addressKey}`, `${LIFTED_KEY_PREFIX}:${addressKey}`, Date.now(), windowS * 1000), health.timeoutMs, 'Redis: lockout lift')
+          if (!health.up || redis.status !== 'ready') throw new KeygateError('store_unavailable', 'Redis is not answering, so the lift could not be shared; nothing was changed, try again')
+          try {
+            await within(redis.eval(LIFT_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${addressKey}`, `${LIFTED_KEY_PREFIX}:${addressKey}`, at, windowMs), health.timeoutMs, 'Redis: lockout lift')
+          } catch (err) {
+            if (err instanceof TimedOut) throw new KeygateError('store_unavailable', `Redis did not answer within ${health.timeoutMs} ms: the lift may still take effect there when it does, but this instance still holds the lockout; try again`, undefined, { cause: err })
+            throw new KeygateError('store_unavailable', `Redis refused the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
+          }
           await forgetKey(limiter, addressKey, false)
         } else await forgetKey(limiter, addressKey, true)
         await options.forgetShared?.(addressKey)
         const was = lockedFor(addressKey) !== undefined
-        forgetHere(addressKey)
-        const message = `unlock:${addressKey}` as const
+        dropLifted(addressKey, at)
+        const message = `unlock:${at}:${addressKey}` as const
         options.announce?.(message)
         if (redis) void publishInvalidation(redis, message, log)
         return was
       })
     },
     applyMessage(message) {
-      if (message.startsWith('unlock:')) {
-        const addressKey = message.slice(7)
-        forgetHere(addressKey)
-        // The shared count is gone already (deleted by the process that lifted it); this
-        // process's insurance may still hold one, which a switch would bring back.
-        void forgetKey(limiter, addressKey, false).catch(() => {})
+      const unlock = /^unlock:(\d+):(.+)$/.exec(message)
+      if (unlock) {
+        dropLifted(unlock[2] as string, Number(unlock[1]))
         return
       }
       const m = /^lock:(\d+):(.+)$/.exec(message)

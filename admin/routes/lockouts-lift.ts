@@ -2,7 +2,7 @@
 // at once, on every instance (before, found by a review, only the end of its window or a restart
 // of every instance, after deleting its Redis key by hand, lifted it).
 import { Type } from '@sinclair/typebox'
-import { fieldInvalid, KeygateError } from '../../core/errors.ts'
+import { fieldInvalid, isKeygateError, KeygateError } from '../../core/errors.ts'
 import { isCidrOrAddress } from '../../core/formats.ts'
 import { normalAddress } from '../../core/keys/evaluate.ts'
 import { defineOperation } from '../operation.ts'
@@ -37,7 +37,10 @@ export default defineOperation({
     try {
       was = await services.lockout.lift(addressKey)
     } catch (err) {
-      throw new KeygateError('store_unavailable', `the shared lockout store did not take the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
+      // The lockout's own words (Redis down, refusing, or not answering in time: each says what
+      // may have changed); anything else, as the store that did not take it.
+      if (isKeygateError(err)) throw err
+      throw new KeygateError('store_unavailable', `the lift did not complete (${(err as Error).message}); try again`, undefined, { cause: err })
     }
     try {
       await services.audit.write(services.db, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey, was_locked_out: was } })
