@@ -61,6 +61,8 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     // A window without its number: the whole value named, with a rate's example (before: '"s" is
     // not a duration ... such as 90d', an expiry's; found by a review).
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '100/s'], /^keygate: --rate-limit: "100\/s": "s" after the \/ is not a window; expected requests\/window such as 100\/1s or 5000\/1m \(a whole number with s, m, h or d, up to 1d\)\n$/],
+    [['api-key', 'audit', 'abc', '--cursor', 'not a cursor'], /^keygate: --cursor: "not a cursor" is not a cursor; give the "more: --cursor \.\.\." of the previous page\n$/],
+    [['api-key', 'audit', 'abc', '--cursor', 'abc', '--all'], /^keygate: --all and --cursor exclude each other\n$/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', '100/1.5m'], /^keygate: --rate-limit: "100\/1.5m": "1.5m" after the \/ is not a window;/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--rotate-every', '0d'], /^keygate: --rotate-every: "0d" is too short; expected from 1h to 1825d\n$/],
     [['api-key', 'update', 'abc', '--rotate-every', '59m'], /^keygate: --rotate-every: "59m" is too short; expected from 1h to 1825d\n$/],

@@ -99,16 +99,11 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
   const trail = await run(['api-key', 'audit', f.id, '--json'])
   t.equal(trail.code, 0, trail.stderr)
   t.match(trail.json(), { items: [{ action: 'key.revoked', key_id: f.id, details: { reason: 'test' }, integrity: 'verified' }, { action: 'key.created', details: { rotated_from: r.id } }], next_cursor: null })
-  const shown = await run(['api-key', 'audit', f.id])
-  t.match(shown.stdout, /^TIME +ACTION +ACTOR +ADDRESS +DETAILS\n\S+Z +key\.revoked +cli:\S+ +- +\{"reason":"test","previous_status":"active"\}\n\S+Z +key\.created +cli:\S+ +- +\{"rotated_from":/)
+  // (A command on the embedded store takes about a second of CPU: two, not five; an unknown id and
+  // a page by its cursor are in test/admin-keys.test.ts, through the same operations.)
   const first = await run(['api-key', 'audit', f.id, '--limit', '1'])
-  const more = /^more: --cursor (\S+)$/m.exec(first.stdout)?.[1]
-  t.ok(more, 'one row, and where the next page starts')
-  t.match((await run(['api-key', 'audit', f.id, '--cursor', more as string, '--json'])).json(), { items: [{ action: 'key.created' }], next_cursor: null })
-  t.equal((await run(['api-key', 'audit', f.id, '--limit', '1', '--all', '--json'])).json().items.length, 2, '--all reads every page')
-  const noKey = await run(['api-key', 'audit', 'AAAAAAAAAAAA'])
-  t.equal(noKey.code, 1)
-  t.match(noKey.stderr, /no key has the id "AAAAAAAAAAAA"/)
+  t.match(first.stdout, /^TIME +ACTION +ACTOR +ADDRESS +DETAILS\n\S+Z +key\.revoked +cli:\S+ +- +\{"reason":"test","previous_status":"active"\}\nmore: --cursor \S+\n$/, 'one row, and where the next page starts')
+  t.match((await run(['api-key', 'audit', f.id, '--limit', '1', '--all', '--json'])).json(), { items: [{ action: 'key.revoked' }, { action: 'key.created' }], next_cursor: null }, '--all follows the cursors to the end')
 
   const unknown = await run(['api-key', 'get', 'AAAAAAAAAAAA', '--json'])
   t.equal(unknown.code, 1)
