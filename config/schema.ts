@@ -212,7 +212,7 @@ export const ConfigSchema = Type.Object(
         }),
         start_wait_s: int(60, 0, 3600, {
           description:
-            "How long `serve` waits at start for a PostgreSQL that is not up yet (the connection refused, reset or timed out, or PostgreSQL starting up or out of connections), trying again every second and warning every 10 s, before it gives up (exit 1). 0: give up at once. A wrong password or database name ends the start at once; the CLI's commands never wait.",
+            "How long `serve` waits at start for a PostgreSQL that is not up yet (the connection refused, reset or timed out, its host name not resolved, or PostgreSQL starting up or out of connections), trying again every second and warning every 10 s, before it gives up (exit 1). 0: give up at once. A wrong password or database name ends the start at once; the CLI's commands never wait.",
         }),
         auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`.', env: 'KEYGATE_AUTO_MIGRATE' }),
         embedded_shared_buffers_mb: int(128, 16, 1024, {
@@ -230,7 +230,7 @@ export const ConfigSchema = Type.Object(
           format: 'redis-prefix',
           default: '',
           description:
-            'Put before every key and pub/sub channel keygate uses in Redis, the anomaly channel included (`staging:` makes `staging:keygate:lockout:...` and `staging:keygate:anomaly:alerts`): deployments that share one Redis server, each with its own prefix, share no limit, lockout, invalidation or alert. A Redis database number (`redis://host/5`) does not part them: pub/sub ignores it.',
+            'Put before every key and pub/sub channel keygate uses in Redis, as it is (include its separator), the anomaly channel included (`staging:` makes `staging:keygate:lockout:...` and `staging:keygate:anomaly:alerts`): deployments that share one Redis server, each with its own prefix, share no limit, lockout, invalidation or alert. A Redis database number (`redis://host/5`) does not part them: pub/sub ignores it.',
           env: 'KEYGATE_REDIS_KEY_PREFIX',
         }),
         anomaly_channel: Type.String({ format: 'redis-channel', default: 'keygate:anomaly:alerts', description: 'Pub/sub channel of anomaly alerts (the system keygate replaces used momentry:anomaly:alerts).', env: 'KEYGATE_ANOMALY_CHANNEL' }),

@@ -764,6 +764,8 @@ export interface OpenDbOptions {
    */
   waitMs?: number
   onWait?: (err: Error, waitedMs: number) => void
+  /** Told once PostgreSQL answered, with how long it took (a start that waited says so). */
+  onReached?: (waitedMs: number) => void
 }
 
 /** How often a start waiting for PostgreSQL (OpenDbOptions.waitMs) tries again. */
@@ -771,9 +773,9 @@ const START_RETRY_MS = 1000
 
 /**
  * Failures of a PostgreSQL that is not up yet, or not reachable yet, and may be in a moment: a
- * refused, reset or timed-out connection, a name not resolved for now, a server starting up
+ * refused, reset or timed-out connection, a host name not resolved (yet), a server starting up
  * (57P03) or out of connections (53300), a connection ended by the server as it starts. Not a
- * wrong password, database or host name: waiting would not mend them.
+ * wrong password or database name: waiting would not mend them.
  */
 export function isNotUpYet(err: Error): boolean {
   for (let e: unknown = err, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
@@ -785,7 +787,9 @@ export function isNotUpYet(err: Error): boolean {
 }
 /** The driver's errors of that kind that carry no code (pg and pg-pool). */
 const NOT_UP_YET_WORDS = new Set(['Connection terminated unexpectedly', 'timeout expired', 'Connection terminated due to connection timeout', 'timeout exceeded when trying to connect'])
-const NOT_UP_YET = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', '57P03', '53300'])
+// A name not found is waited for too: a Compose service's or a Kubernetes Service's name resolves
+// only once it exists (a review's `db` failed at once). A mistyped one is said every 10 s meanwhile.
+const NOT_UP_YET = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ENOTFOUND', '57P03', '53300'])
 
 /** PostgreSQL's shared_buffers for an embedded store opened by a short command. */
 const SHORT_LIVED_SHARED_BUFFERS = '16MB'
@@ -798,14 +802,17 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     for (;;) {
       try {
         await db.query('SELECT 1')
+        options.onReached?.(performance.now() - started)
         return db
       } catch (err) {
         // The driver's own words, not those of the store_unavailable it was already wrapped in.
         const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
         const waited = performance.now() - started
-        if (!isNotUpYet(cause) || waited + START_RETRY_MS > (options.waitMs ?? 0)) {
+        // Tried until the wait has passed (before, found by a review, a second short of it: 1 s waited not at all).
+        if (!isNotUpYet(cause) || waited >= (options.waitMs ?? 0)) {
           await db.close().catch(() => {})
-          throw new KeygateError('store_unavailable', `cannot reach ${postgresAt(options.databaseUrl)}: ${cause.message}`, undefined, { cause })
+          const after = options.waitMs && isNotUpYet(cause) ? ` (still, after trying for ${Math.round(waited / 1000)} s)` : ''
+          throw new KeygateError('store_unavailable', `cannot reach ${postgresAt(options.databaseUrl)}: ${cause.message}${after}`, undefined, { cause })
         }
         options.onWait?.(cause, waited)
         await new Promise((r) => setTimeout(r, START_RETRY_MS))

@@ -433,7 +433,7 @@ export function createLockout(options: LockoutOptions): Lockout {
           try {
             await within(redis.eval(LIFT_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${addressKey}`, `${LIFTED_KEY_PREFIX}:${addressKey}`, at, windowMs), health.timeoutMs, 'Redis: lockout lift')
           } catch (err) {
-            if (err instanceof TimedOut) throw new KeygateError('store_unavailable', `Redis did not answer within ${health.timeoutMs} ms: the lift may still take effect there when it does, but this instance still holds the lockout; try again`, undefined, { cause: err })
+            if (err instanceof TimedOut) throw new KeygateError('store_unavailable', `Redis did not answer within ${health.timeoutMs} ms: the lift may still take effect there when it does, but this instance still holds the lockout; try again`, { unconfirmed: true }, { cause: err })
             throw new KeygateError('store_unavailable', `Redis refused the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
           }
           await forgetKey(limiter, addressKey, false)

@@ -40,6 +40,9 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
             warnedAt = waitedMs
             log.warn('PostgreSQL is not up yet; trying again every second', { waited_s: Math.round(waitedMs / 1000), gives_up_after_s: config.store.start_wait_s, err })
           },
+          onReached: (waitedMs: number) => {
+            if (warnedAt > -Infinity) log.info('PostgreSQL answers; starting', { waited_s: Math.round(waitedMs / 1000) })
+          },
         }
       : {}),
     databaseUrl: config.store.database_url,

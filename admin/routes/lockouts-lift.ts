@@ -38,12 +38,16 @@ export default defineOperation({
       was = await services.lockout.lift(addressKey)
     } catch (err) {
       // The lockout's own words (Redis down, refusing, or not answering in time: each says what
-      // may have changed); anything else, as the store that did not take it.
+      // may have changed); anything else, as the store that did not take it. A lift Redis may
+      // still carry out is audited as such (before, found by a review, it took effect unaudited).
+      if (isKeygateError(err) && err.details?.unconfirmed === true) {
+        await services.audit.write(services.db, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey, confirmed: false, why: err.message } }).catch((e: unknown) => services.log.warn('could not audit an unconfirmed lockout lift', { err: e as Error }))
+      }
       if (isKeygateError(err)) throw err
       throw new KeygateError('store_unavailable', `the lift did not complete (${(err as Error).message}); try again`, undefined, { cause: err })
     }
     try {
-      await services.audit.write(services.db, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey, was_locked_out: was } })
+      await services.audit.write(services.db, actor, { action: 'lockout.lifted', details: { address, address_key: addressKey, confirmed: true, was_locked_out: was } })
     } catch (err) {
       throw new KeygateError('store_unavailable', `the lockout of ${address} was lifted, but its audit row could not be written (${(err as Error).message})`, undefined, { cause: err })
     }
