@@ -211,7 +211,8 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
       const parsed = await readJson(ctx, ...bodyLimit(op, maxBodyBytes))
       if (parsed !== undefined && !op.body) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body`)
       if (parsed === undefined && op.body && op.bodyRequired !== false) {
-        throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required' }] })
+        // The field's words as the message's, as for every other field (before, found by a review, "is required" alone).
+        throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required; expected a JSON object' }] })
       }
       const body = op.body ? assertValid(op.body, parsed ?? {}) : undefined
       const query = readQuery(ctx.url, op.query)

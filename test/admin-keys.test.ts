@@ -72,6 +72,7 @@ await forEachStore(t, async (t, store) => {
     const none = await h.call('POST', '/v1/keys')
     t.equal(none.status, 400, 'a body is required')
     t.equal(none.json.error.code, 'validation_failed')
+    t.same(none.json.error.details.fields, [{ field: 'body', message: 'is required; expected a JSON object' }], 'the field says what the message says')
     const past = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: '2001-01-01T00:00:00Z' } })
     t.equal(past.json.error.details.fields[0].field, 'expires_at')
     const array = await h.call('POST', '/v1/keys', { body: [1, 2] })
