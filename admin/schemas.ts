@@ -3,6 +3,7 @@
 import { Type, type TSchema } from '@sinclair/typebox'
 import { ANOMALY_TYPES } from '../core/anomalies.ts'
 import { auditJson, type AuditFilter } from '../core/audit.ts'
+import { CURSOR_PATTERN } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
 import { fieldInvalid } from '../core/errors.ts'
@@ -88,7 +89,7 @@ export function denyJson(e: DenyEntry) {
   return { id: e.id, cidr: e.cidr, reason: e.reason, created_by: e.createdBy, created_at: e.createdAt.toISOString(), expires_at: e.expiresAt?.toISOString() ?? null }
 }
 
-export const Cursor = Type.String({ pattern: '^[A-Za-z0-9_-]{1,200}$', description: 'next_cursor of the previous page.' })
+export const Cursor = Type.String({ pattern: CURSOR_PATTERN, description: 'next_cursor of the previous page.' })
 export const NextCursor = Nullable(Type.String(), 'Pass as `cursor` for the next page; null on the last page.')
 
 export const AuditPageSchema = Type.Object({ items: Type.Array(AuditSchema), next_cursor: NextCursor })

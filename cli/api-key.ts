@@ -9,7 +9,8 @@ import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, KEY_BOUNDS, ListKeysQuery, Revoke
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
-import { auditJson, type AuditRecord } from '../core/audit.ts'
+import { auditJson } from '../core/audit.ts'
+import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
 import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
@@ -127,6 +128,24 @@ const date = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, 'Z') 
 function endOf(k: KeyRecord): Date | null {
   const until = validUntilOf(k)
   return until === Infinity ? null : new Date(until)
+}
+
+const CURSOR = new RegExp(CURSOR_PATTERN)
+
+/**
+ * A page of a list from `cursor` (the first without one), or with `all` every page from there: the
+ * items, and where the next page starts (null after the last).
+ */
+async function pages<T>(page: (cursor: string | undefined) => Promise<Page<T>>, all: boolean, cursor?: string): Promise<{ items: T[]; next: string | null }> {
+  const items: T[] = []
+  let next: string | null = cursor ?? null
+  do {
+    const got = await page(next ?? undefined)
+    // One by one: spread into push, a huge page (a broken server's) overflowed the stack.
+    for (const item of got.items) items.push(item)
+    next = got.nextCursor
+  } while (all && next)
+  return { items, next }
 }
 
 function keyRows(keys: KeyRecord[]): string {
@@ -265,14 +284,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       if (p.values.all && query.cursor !== undefined) throw new UsageError('--all and --cursor exclude each other')
       checkFlags(ListKeysQuery, query)
       return async (ctx) => {
-        const items: KeyRecord[] = []
-        let next: string | null = null
-        do {
-          const page = await ctx.ops.list(next ? { ...query, cursor: next } : query)
-          // One by one: spread into push, a huge page (a broken server's) overflowed the stack.
-          for (const k of page.items) items.push(k)
-          next = page.nextCursor
-        } while (p.values.all && next)
+        const { items, next } = await pages((cursor) => ctx.ops.list(cursor ? { ...query, cursor } : query), p.values.all === true)
         if (ctx.json) printJson(ctx.io, { items: items.map(keyJson), next_cursor: next })
         else {
           ctx.io.out(keyRows(items))
@@ -291,17 +303,11 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       const limit = parseIntFlag('limit', str(p, 'limit'), 1, 500)
       const cursor = str(p, 'cursor')
-      if (cursor !== undefined && !/^[A-Za-z0-9_-]{1,200}$/.test(cursor)) throw new UsageError(`--cursor: ${JSON.stringify(cursor.slice(0, 40))} is not a cursor; give the "more: --cursor ..." of the previous page`)
+      if (cursor !== undefined && !CURSOR.test(cursor)) throw new UsageError(`--cursor: ${JSON.stringify(cursor.slice(0, 40))} is not a cursor; give the "more: --cursor ..." of the previous page`)
       if (p.values.all && cursor !== undefined) throw new UsageError('--all and --cursor exclude each other')
       const id = p.positionals[0] as string
       return async (ctx) => {
-        const items: AuditRecord[] = []
-        let next: string | null = cursor ?? null
-        do {
-          const page = await ctx.ops.audit(id, { ...(limit !== undefined ? { limit } : {}), ...(next !== null ? { cursor: next } : {}) })
-          for (const a of page.items) items.push(a)
-          next = page.nextCursor
-        } while (p.values.all && next)
+        const { items, next } = await pages((at) => ctx.ops.audit(id, { ...(limit !== undefined ? { limit } : {}), ...(at !== undefined ? { cursor: at } : {}) }), p.values.all === true, cursor)
         if (ctx.json) printJson(ctx.io, { items: items.map(auditJson), next_cursor: next })
         else {
           const rows = items.map((a) => [date(a.createdAt), a.action, a.actor, a.address, a.integrity === 'verified' ? JSON.stringify(a.details) : `(${a.integrity}: not opened)`])

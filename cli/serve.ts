@@ -505,9 +505,8 @@ function adminApi(config: Config, runtime: Runtime, denyList: DenyListService, l
  */
 function followLockouts(redis: Redis, lockout: Lockout, config: Config, log: Logger): Promise<() => Promise<void>> {
   return subscribeInvalidations(redis, {
-    handler: (message) => {
-      if (message.startsWith('lock:') || message.startsWith('unlock:')) lockout.applyMessage(message)
-    },
+    // The lockout's own messages; it ignores the others (key and deny list changes).
+    handler: (message) => lockout.applyMessage(message),
     onFlush: () => void lockout.reload(),
     checkIntervalMs: config.redis.invalidation_check_ms,
     log,

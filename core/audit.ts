@@ -391,7 +391,6 @@ export class AuditLog {
     return (await this.#select(db, filter, Math.min(Math.max(filter.limit ?? 100, 1), 1000))).map((r) => openStored(this.#cipher, r))
   }
 
-  /** One page of `limit` rows, and whether more follow (the row after the page is counted, not opened). */
   /** One page of the log at a cursor (the `next_cursor` of the page before), newest first: the admin API's pages and `keygate api-key audit`'s. */
   async pageAt(db: Db, filter: Omit<AuditFilter, 'before'>, query: { limit?: number | undefined; cursor?: string | undefined }): Promise<Page<AuditRecord>> {
     const page = await this.page(db, { ...filter, before: query.cursor ? decodeCursor(query.cursor) : undefined }, query.limit ?? 100)
@@ -399,6 +398,7 @@ export class AuditLog {
     return { items: page.items, nextCursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
   }
 
+  /** One page of `limit` rows, and whether more follow (the row after the page is counted, not opened). */
   async page(db: Db, filter: AuditFilter, limit: number): Promise<{ items: AuditRecord[]; more: boolean }> {
     const rows = await this.#select(db, filter, limit + 1)
     return { items: rows.slice(0, limit).map((r) => openStored(this.#cipher, r)), more: rows.length > limit }

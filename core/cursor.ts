@@ -6,6 +6,9 @@
 import { fieldInvalid } from './errors.ts'
 import { isDateTime } from './formats.ts'
 
+/** What a cursor looks like (base64url, bounded), for the schemas and flags that take one. */
+export const CURSOR_PATTERN = '^[A-Za-z0-9_-]{1,200}$'
+
 /** Where a walk stopped: the time and id of the last row of the previous page. */
 export interface CursorPosition {
   at: Date

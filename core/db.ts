@@ -809,9 +809,10 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
         const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
         const waited = performance.now() - started
         // Tried until the wait has passed (before, found by a review, a second short of it: 1 s waited not at all).
-        if (!isNotUpYet(cause) || waited >= (options.waitMs ?? 0)) {
+        const notUpYet = isNotUpYet(cause)
+        if (!notUpYet || waited >= (options.waitMs ?? 0)) {
           await db.close().catch(() => {})
-          const after = options.waitMs && isNotUpYet(cause) ? ` (still, after trying for ${Math.round(waited / 1000)} s)` : ''
+          const after = options.waitMs && notUpYet ? ` (still, after trying for ${Math.round(waited / 1000)} s)` : ''
           throw new KeygateError('store_unavailable', `cannot reach ${postgresAt(options.databaseUrl)}: ${cause.message}${after}`, undefined, { cause })
         }
         options.onWait?.(cause, waited)

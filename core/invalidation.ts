@@ -38,7 +38,7 @@ import type { Logger } from './log.ts'
 export const INVALIDATION_CHANNEL = 'keygate:invalidate'
 export const INVALIDATION_VERSION_KEY = 'keygate:invalidate:version'
 
-export type InvalidationMessage = `key:${string}` | `hash:${string}` | `keys:${string}` | `hashes:${string}` | `lock:${number}:${string}` | `unlock:${string}` | 'deny' | 'all'
+export type InvalidationMessage = `key:${string}` | `hash:${string}` | `keys:${string}` | `hashes:${string}` | `lock:${number}:${string}` | `unlock:${number}:${string}` | 'deny' | 'all'
 
 /** Why a subscriber flushed everything it cached. */
 export type FlushReason = 'reconnect' | 'gap' | 'missed' | 'reset'

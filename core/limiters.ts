@@ -10,7 +10,6 @@ import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, RateLi
 import type { Redis } from 'ioredis'
 import QuickLRU from 'quick-lru'
 import { redisHealth, type DownReason } from './redis.ts'
-import { within } from './deadline.ts'
 
 export { RateLimiterRes }
 
@@ -30,18 +29,17 @@ export interface Limiter {
   answeredBy?(res: RateLimiterRes): number | undefined
   /** Gives `points` back to the limiter that gave `res` (which counted them), whichever answers now. */
   giveBack?(res: RateLimiterRes, key: string, points: number): Promise<unknown>
-  /** Deletes `key`'s count from this process's memory, and with `shared` from the shared store too (see forgetKey). */
-  forget?(key: string, shared: boolean): Promise<void>
+  /** Deletes `key`'s count from this process's memory (see forgetKey). */
+  forget?(key: string): Promise<void>
 }
 
 /**
- * Deletes `key`'s count from `l`: from every store it counts in with `shared` (Redis, the cluster
- * primary, and this process's memory beside them), else from this process's memory alone (what
- * another process that deleted the shared count tells the rest to drop). Rejects when a shared
- * store did not take the delete.
+ * Deletes `key`'s count from this process's memory, where `l` keeps one: the memory limiter's, or
+ * the insurance's beside a shared store (whose own count the caller deletes: a lift in Redis, the
+ * cluster primary's by clusterLimitsPrimary's delete).
  */
-export function forgetKey(l: Limiter, key: string, shared: boolean): Promise<void> {
-  return l.forget ? l.forget(key, shared) : l.delete(key).then(() => undefined)
+export function forgetKey(l: Limiter, key: string): Promise<void> {
+  return l.forget ? l.forget(key) : l.delete(key).then(() => undefined)
 }
 
 export interface LimiterOptions {
@@ -241,14 +239,9 @@ class Insured implements Limiter {
   delete(key: string) {
     return this.#run((l) => l.delete(key))
   }
-  // Both, whichever answers now: what the insurance counted would come back with a switch.
-  async forget(key: string, shared: boolean): Promise<void> {
-    if (shared) {
-      // As every call to it: refused while its gate is down, and after the gate's timeout.
-      if (!this.#gate.up) throw new Error('the shared limiter is not answering')
-      await within(this.#first.delete(key), this.#gate.timeoutMs, 'shared limiter: delete')
-    }
-    await forgetKey(this.#second, key, shared)
+  // The insurance's, whichever answers now: what it counted would come back with a switch.
+  forget(key: string): Promise<void> {
+    return forgetKey(this.#second, key)
   }
 }
 

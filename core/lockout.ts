@@ -91,14 +91,15 @@ export interface Lockout {
   finish(addressKey: string, failed: boolean): Promise<void>
   /**
    * Lifts the address's lockout and forgets its failures (an operator's DELETE /v1/lockouts): in
-   * the shared store first (Redis, the cluster primary's memory; it rejects, changing nothing
-   * here, when that store does not take it), then here, and tells the other processes
-   * (`unlock:<address>`). Whether the address was locked out here.
+   * Redis first (it rejects, changing nothing here, when Redis does not take it), then here and
+   * in a `--workers` primary's memory of its workers' counts, and tells the other processes
+   * (`unlock:<time>:<address>`). Whether the address was locked out here.
    */
   lift(addressKey: string): Promise<boolean>
   /**
    * Applies a lockout decided by another instance (the invalidation message
-   * `lock:<until>:<address>`, until in epoch ms), or the lift of one (`unlock:<address>`).
+   * `lock:<until>:<address>`, until in epoch ms), or the lift of one (`unlock:<time>:<address>`);
+   * any other message is not the lockout's, and changes nothing.
    */
   applyMessage(message: string): void
   /**
@@ -121,7 +122,7 @@ export interface LockoutOptions {
   /** A `serve --workers` worker: counts in the cluster primary's memory when Redis is not there. */
   cluster?: boolean
   /** Tells the other processes of a lockout, or of its lift, when Redis cannot (a worker tells its primary, which tells the others). */
-  announce?: (message: `lock:${number}:${string}` | `unlock:${string}`) => void
+  announce?: (message: `lock:${number}:${string}` | `unlock:${number}:${string}`) => void
   /** In the `--workers` primary: deletes an address's count from the workers' shared memory (clusterLimitsPrimary's). */
   forgetShared?: (addressKey: string) => Promise<void>
   /** Counts addresses that reach the limit. */
@@ -136,13 +137,13 @@ export function createLockout(options: LockoutOptions): Lockout {
   // An address the mirror drops while locked out is let in again (a right key gets through, a
   // failure locks it out again): counted, for an operator to see the bound reached.
   const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, onEviction: (_address, until) => until > Date.now() && options.onForgotten?.() })
-  // Never shortens a lockout in force: a message from another instance may name an earlier end
-  // (its lockout began first, or its clock is behind) than this instance's own.
   // When each address was last lifted here (told by `unlock:<at>:<address>`, or lifted by this
   // process), for a window: a lockout that began at or before it is one the lift ended, whatever
   // brings it (a `lock:` message sent again after a timeout, or relayed late over cluster IPC).
   const windowMs = windowS * 1000
   const liftedAt = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, maxAge: windowMs })
+  // Never shortens a lockout in force: a message from another instance may name an earlier end
+  // (its lockout began first, or its clock is behind) than this instance's own.
   const lockUntil = (addressKey: string, until: number) => {
     const ms = until - Date.now()
     if (ms <= 0) return
@@ -250,7 +251,7 @@ export function createLockout(options: LockoutOptions): Lockout {
         names.forEach((name, i) => {
           const address = name.slice(LIFTED_KEY_PREFIX.length + 1)
           const until = locked.peek(address)
-          if (until !== undefined && !inRedis.has(address) && Number(at[i]) >= until - windowMs) dropLifted(address, Number(at[i]))
+          if (until !== undefined && !inRedis.has(address) && Number(at[i]) >= until - windowMs) void dropLifted(address, Number(at[i])).catch(() => {})
         })
       } while (cursor !== '0')
     } catch (err) {
@@ -273,13 +274,12 @@ export function createLockout(options: LockoutOptions): Lockout {
    * Drops what a lift at `at` ended, here: the lockout and counts held, the count of this
    * process's insurance (the shared one is gone already: deleted by the process that lifted it),
    * and in a `--workers` primary the workers' counts it keeps; lockouts that began by then are
-   * refused from now on (lockUntil).
+   * refused from now on (lockUntil). Resolves once the counts are gone.
    */
-  const dropLifted = (addressKey: string, at: number): void => {
+  const dropLifted = async (addressKey: string, at: number): Promise<void> => {
     if ((liftedAt.get(addressKey) ?? -Infinity) < at) liftedAt.set(addressKey, at)
     forgetHere(addressKey)
-    void forgetKey(limiter, addressKey, false).catch(() => {})
-    void options.forgetShared?.(addressKey).catch(() => {})
+    await Promise.all([forgetKey(limiter, addressKey), options.forgetShared?.(addressKey)])
   }
 
   /** The lockouts in force at `now`: [address key, end (epoch ms)]. */
@@ -321,13 +321,13 @@ export function createLockout(options: LockoutOptions): Lockout {
     for (let i = held.length - 1; i >= 0; i--) {
       const at = liftedBy(i)
       if (at === undefined) continue
-      dropLifted((held[i] as [string, number])[0], at)
+      void dropLifted((held[i] as [string, number])[0], at).catch(() => {})
       held.splice(i, 1)
     }
     insured.forEach(([address], i) => {
       if (liftedBy(heldCount + i) === undefined) return
       counted.delete(address)
-      void forgetKey(limiter, address, false).catch(() => {})
+      void forgetKey(limiter, address).catch(() => {})
     })
     const all = publishAll
     publishAll = false
@@ -436,11 +436,11 @@ export function createLockout(options: LockoutOptions): Lockout {
             if (err instanceof TimedOut) throw new KeygateError('store_unavailable', `Redis did not answer within ${health.timeoutMs} ms: the lift may still take effect there when it does, but this instance still holds the lockout; try again`, { unconfirmed: true }, { cause: err })
             throw new KeygateError('store_unavailable', `Redis refused the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
           }
-          await forgetKey(limiter, addressKey, false)
-        } else await forgetKey(limiter, addressKey, true)
-        await options.forgetShared?.(addressKey)
+        }
+        // Then what this process holds, and in a `--workers` primary the workers' counts: without
+        // Redis, those are the shared counts.
         const was = lockedFor(addressKey) !== undefined
-        dropLifted(addressKey, at)
+        await dropLifted(addressKey, at)
         const message = `unlock:${at}:${addressKey}` as const
         options.announce?.(message)
         if (redis) void publishInvalidation(redis, message, log)
@@ -450,7 +450,7 @@ export function createLockout(options: LockoutOptions): Lockout {
     applyMessage(message) {
       const unlock = /^unlock:(\d+):(.+)$/.exec(message)
       if (unlock) {
-        dropLifted(unlock[2] as string, Number(unlock[1]))
+        void dropLifted(unlock[2] as string, Number(unlock[1])).catch(() => {})
         return
       }
       const m = /^lock:(\d+):(.+)$/.exec(message)

@@ -418,7 +418,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     else if (message.startsWith('keys:')) keysChangedElsewhere(batchItems(message))
     else if (message.startsWith('hash:')) cache.invalidateHash(message.slice(5))
     else if (message.startsWith('hashes:')) for (const hash of batchItems(message)) cache.invalidateHash(hash)
-    else if (message.startsWith('lock:') || message.startsWith('unlock:')) lockout.applyMessage(message)
+    // `lock:` and `unlock:` (the lockout ignores whatever else it is given).
+    else lockout.applyMessage(message)
   }
 
   // The backstop for messages lost on the way (gateway/store-check.ts): keys changed in the store

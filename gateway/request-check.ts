@@ -82,7 +82,8 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       }
       // RFC 9110 §4.2.4: userinfo in an http(s) URI is an error for a recipient to treat as such
       // (before, `http://user@x/...` was taken; found by a review).
-      if (url.username !== '' || url.password !== '' || authority.includes('@')) {
+      // (Any user or password the URL reads is before an `@` of the authority.)
+      if (authority.includes('@')) {
         s.message = 'An absolute request target must not carry user information (user@).'
         return 'bad_request'
       }

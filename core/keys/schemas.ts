@@ -1,6 +1,7 @@
 // Input schemas of key operations, shared by the CLI and the admin API (whose OpenAPI document
 // is generated from them).
 import { Type, type Static } from '@sinclair/typebox'
+import { CURSOR_PATTERN } from '../cursor.ts'
 import '../formats.ts'
 import { PRINTABLE } from '../validate.ts'
 import { SHA256_HEX } from './format.ts'
@@ -107,7 +108,7 @@ export const ListKeysQuery = Type.Object(
     scope: Type.Optional(Scope),
     name: Type.Optional(Type.String({ minLength: 1, maxLength: 200, description: 'Names containing this text (case-insensitive).' })),
     limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, default: 50 })),
-    cursor: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9_-]{1,200}$', description: 'next_cursor of the previous page.' })),
+    cursor: Type.Optional(Type.String({ pattern: CURSOR_PATTERN, description: 'next_cursor of the previous page.' })),
   },
   { additionalProperties: false },
 )
