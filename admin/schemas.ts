@@ -7,6 +7,8 @@ import { CURSOR_PATTERN } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
 import type { DenyEntry } from '../core/deny-list.ts'
 import { fieldInvalid } from '../core/errors.ts'
+import { isCidrOrAddress } from '../core/formats.ts'
+import { normalAddress } from '../core/keys/evaluate.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { EVENT_TYPES } from '../core/events.ts'
 import { PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
@@ -87,6 +89,19 @@ export const DenyEntrySchema = Type.Object({
 
 export function denyJson(e: DenyEntry) {
   return { id: e.id, cidr: e.cidr, reason: e.reason, created_by: e.createdBy, created_at: e.createdAt.toISOString(), expires_at: e.expiresAt?.toISOString() ?? null }
+}
+
+export const LockoutSchema = Type.Object({
+  address_key: Type.String({ description: 'What the lockout counts: an address, or an IPv6 network (`rate_limits.ipv6_prefix_bits`).' }),
+  locked_until: DateTime(),
+  retry_after_s: Type.Integer({ minimum: 1, description: "Seconds left, as the gateway's `Retry-After` says them." }),
+})
+
+/** An address as the lockout routes take it (one address, no range), normalised; else the `field`'s 400. */
+export function lockoutAddress(given: string, field: string): string {
+  const address = !given.includes('/') && isCidrOrAddress(given) ? normalAddress(given) : undefined
+  if (address === undefined) throw fieldInvalid(field, `${JSON.stringify(given.slice(0, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
+  return address
 }
 
 export const Cursor = Type.String({ pattern: CURSOR_PATTERN, description: 'next_cursor of the previous page.' })

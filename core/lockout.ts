@@ -112,6 +112,8 @@ export interface Lockout {
   reload(): Promise<void>
   /** The lockouts in force here, as the messages that apply them elsewhere (for a `--workers` worker that starts after they began). */
   inForce(): Array<`lock:${number}:${string}`>
+  /** The lockouts in force here: [address key, end (epoch ms)] (GET /v1/lockouts). */
+  held(): Array<[string, number]>
 }
 
 export interface LockoutOptions {
@@ -465,6 +467,9 @@ export function createLockout(options: LockoutOptions): Lockout {
     reload,
     inForce() {
       return inForce(Date.now()).map(([address, until]) => `lock:${until}:${address}` as const)
+    },
+    held() {
+      return inForce(Date.now())
     },
   }
   return lockout

@@ -225,7 +225,7 @@ await forEachStore(t, async (t, store) => {
   })
 })
 
-t.test('DELETE /v1/lockouts/{address}: the address may try again at once, its failures forgotten; audited; an IPv6 address by its network (found by a review)', async (t) => {
+t.test('GET /v1/lockouts lists the lockouts in force; DELETE /v1/lockouts/{address}: the address may try again at once, its failures forgotten; audited; an IPv6 address by its network (found by a review)', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db, { gateway: true, config: { lockout: { max_attempts: 3 }, gateway: { trusted_proxies: ['127.0.0.1'] } } })
   const good = (await h.call('POST', '/v1/keys', { body: { name: 'good', type: 'user' } })).json
@@ -236,6 +236,16 @@ t.test('DELETE /v1/lockouts/{address}: the address may try again at once, its fa
   }
 
   await lockOut('198.51.100.9')
+  // Listed while in force (GET /v1/lockouts), and found by its address.
+  const listed = await h.call('GET', '/v1/lockouts')
+  t.equal(listed.status, 200)
+  t.equal(listed.json.total, 1)
+  t.match(listed.json.items, [{ address_key: '198.51.100.9', locked_until: String, retry_after_s: Number }])
+  const left = Date.parse(listed.json.items[0].locked_until) - Date.now()
+  t.ok(left > 0 && left <= 900_000, `it ends within lockout.window_s (${left} ms)`)
+  t.ok(listed.json.items[0].retry_after_s >= 899 && listed.json.items[0].retry_after_s <= 900, 'retry_after_s as Retry-After says it')
+  t.same((await h.call('GET', '/v1/lockouts?address=198.51.100.9')).json.items.map((i: { address_key: string }) => i.address_key), ['198.51.100.9'])
+  t.same((await h.call('GET', '/v1/lockouts?address=198.51.100.10')).json, { items: [], total: 0 }, 'another address has none')
   const before = await h.auditRows()
   const lifted = await h.call('DELETE', '/v1/lockouts/198.51.100.9')
   t.equal(lifted.status, 200)
@@ -244,6 +254,7 @@ t.test('DELETE /v1/lockouts/{address}: the address may try again at once, its fa
   const row = (await h.call('GET', '/v1/audit?action=lockout.lifted')).json.items[0]
   t.match(row, { action: 'lockout.lifted', actor: `key:${h.adminKeyId}`, details: { address: '198.51.100.9', address_key: '198.51.100.9' } })
   t.equal((await from('198.51.100.9', good.key)).status, 200, 'a valid key from it is let in at once')
+  t.same((await h.call('GET', '/v1/lockouts')).json, { items: [], total: 0 }, 'no longer listed')
   // Its failures were forgotten with the lockout: it has its whole allowance again.
   for (let i = 0; i < 2; i++) t.equal((await from('198.51.100.9', generateKey('kg_').key)).status, 401)
   t.equal((await from('198.51.100.9', good.key)).status, 200, 'two failures after the lift do not lock it out (three were counted before it)')
@@ -254,6 +265,13 @@ t.test('DELETE /v1/lockouts/{address}: the address may try again at once, its fa
   // An IPv6 address is counted, and so lifted, by its /64 (rate_limits.ipv6_prefix_bits).
   await lockOut('2001:db8:1:2::7')
   t.equal((await from('2001:db8:1:2::8', good.key)).status, 429, 'its network is locked out')
+  await lockOut('198.51.100.11')
+  const both = (await h.call('GET', '/v1/lockouts')).json
+  t.same(both.items.map((i: { address_key: string }) => i.address_key), ['198.51.100.11', '2001:db8:1:2::/64'], 'latest lockout first')
+  t.equal(both.total, 2)
+  t.same((await h.call('GET', '/v1/lockouts?limit=1')).json.items.map((i: { address_key: string }) => i.address_key), ['198.51.100.11'], 'limit: the first ones')
+  t.equal((await h.call('GET', '/v1/lockouts?limit=1')).json.total, 2, 'total counts them all')
+  t.same((await h.call('GET', '/v1/lockouts?address=2001:db8:1:2::abcd')).json.items.map((i: { address_key: string }) => i.address_key), ['2001:db8:1:2::/64'], 'an IPv6 address finds its network')
   t.same((await h.call('DELETE', '/v1/lockouts/2001:db8:1:2::99')).json, { address: '2001:db8:1:2::99', address_key: '2001:db8:1:2::/64', was_locked_out: true })
   t.equal((await from('2001:db8:1:2::7', good.key)).status, 200, 'the whole network is let in again')
 
@@ -261,7 +279,12 @@ t.test('DELETE /v1/lockouts/{address}: the address may try again at once, its fa
     const answer = await h.call('DELETE', `/v1/lockouts/${bad}`)
     t.equal(answer.status, 400, bad)
     t.match(answer.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address', message: /expected an IPv4 or IPv6 address/ }] } })
+    const listed = await h.call('GET', `/v1/lockouts?address=${bad}`)
+    t.equal(listed.status, 400, `listed: ${bad}`)
+    t.match(listed.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address', message: /expected an IPv4 or IPv6 address/ }] } })
   }
+  for (const bad of ['limit=0', 'limit=1001', 'limit=x', 'cursor=abc']) t.equal((await h.call('GET', `/v1/lockouts?${bad}`)).status, 400, bad)
+  t.equal((await h.call('GET', '/v1/lockouts', { auth: null })).status, 401, 'listing needs an admin credential too')
   const unauthenticated = await h.call('DELETE', '/v1/lockouts/198.51.100.9', { auth: null })
   t.equal(unauthenticated.status, 401, 'an admin credential is required')
 })

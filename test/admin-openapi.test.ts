@@ -142,6 +142,7 @@ t.test('real answers match the documented schemas', async (t) => {
     listDenyList: () => h.call('GET', '/v1/deny-list'),
     addDenyEntry: () => h.call('POST', '/v1/deny-list', { body: { cidr: '2001:db8::/32', reason: 'doc', expires_at: new Date(Date.now() + 60_000).toISOString() } }),
     removeDenyEntry: () => h.call('DELETE', `/v1/deny-list/${deny.id}`),
+    listLockouts: () => h.call('GET', '/v1/lockouts'),
     liftLockout: () => h.call('DELETE', '/v1/lockouts/198.51.100.77'),
     createGiteaToken: () => h.call('POST', '/v1/gitea/tokens', { body: { name: 'made', scopes: ['read:repository', 'write:issue'] } }),
     listGiteaTokens: () => h.call('GET', '/v1/gitea/tokens'),

@@ -278,6 +278,7 @@ t.test('a stage that throws is answered 500 internal_error, without its detail, 
     lift: (k) => real.lift(k),
     load: () => real.load(),
     inForce: () => real.inForce(),
+    held: () => real.held(),
     reload: () => real.reload(),
   }
   const h = await startGateway(t, { lockout })

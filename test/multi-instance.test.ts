@@ -137,6 +137,7 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     for (let i = 0; i < 5; i++) await request(`${d.gateways[0]!.gateway}/orders`, { headers: { authorization: `Bearer ${bad}` }, dispatcher: there })
     // Before, the admin process never heard of it: it read the lockouts in force once, at its start.
     await until(t, 'the admin API keeps the address out too', async () => (await adminFromThere()) === 429, 3000)
+    t.match((await d.call('GET', '/v1/lockouts?address=127.0.0.2')).json, { items: [{ address_key: '127.0.0.2' }], total: 1 }, "and lists the gateway's lockout")
     // Lifted by another instance (as its lift writes Redis and publishes): this process drops it
     // on the message alone, which it never heard before.
     const raw = new Redis(d.redis.url)
@@ -336,6 +337,9 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   // the lockout), it is lifted on every worker: their mirrors and the counts the primary keeps.
   const elsewhere = new Agent({ localAddress: '127.0.0.2' })
   t.teardown(() => elsewhere.close())
+  // The primary lists the lockout its workers began.
+  const listed = await request(`${s.admin}/v1/lockouts`, { headers: { authorization: `Bearer ${env.KEYGATE_ADMIN_TOKEN}` }, dispatcher: elsewhere })
+  t.match(await listed.body.json(), { items: [{ address_key: '127.0.0.1' }], total: 1 }, "the primary lists its workers' lockout")
   const lifted = await request(`${s.admin}/v1/lockouts/127.0.0.1`, { method: 'DELETE', headers: { authorization: `Bearer ${env.KEYGATE_ADMIN_TOKEN}` }, dispatcher: elsewhere })
   const liftedBody = await lifted.body.text()
   t.equal(lifted.statusCode, 200, liftedBody)

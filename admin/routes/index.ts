@@ -10,6 +10,7 @@ import addDenyEntry from './deny-list-add.ts'
 import listDenyList from './deny-list-list.ts'
 import removeDenyEntry from './deny-list-remove.ts'
 import liftLockout from './lockouts-lift.ts'
+import listLockouts from './lockouts-list.ts'
 import createGiteaToken from './gitea-tokens-create.ts'
 import deleteGiteaToken from './gitea-tokens-delete.ts'
 import listGiteaTokens from './gitea-tokens-list.ts'
@@ -59,6 +60,7 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   reportExpiring,
   listDenyList,
   addDenyEntry,
+  listLockouts,
   liftLockout,
   removeDenyEntry,
   createGiteaToken,

@@ -2,10 +2,9 @@
 // at once, on every instance (before, found by a review, only the end of its window or a restart
 // of every instance, after deleting its Redis key by hand, lifted it).
 import { Type } from '@sinclair/typebox'
-import { fieldInvalid, isKeygateError, KeygateError } from '../../core/errors.ts'
-import { isCidrOrAddress } from '../../core/formats.ts'
-import { normalAddress } from '../../core/keys/evaluate.ts'
+import { isKeygateError, KeygateError } from '../../core/errors.ts'
 import { defineOperation } from '../operation.ts'
+import { lockoutAddress } from '../schemas.ts'
 
 export default defineOperation({
   id: 'liftLockout',
@@ -26,9 +25,7 @@ export default defineOperation({
   },
   errors: ['store_unavailable'],
   async handle({ params, actor, services }) {
-    const given = params.address as string
-    const address = !given.includes('/') && isCidrOrAddress(given) ? normalAddress(given) : undefined
-    if (address === undefined) throw fieldInvalid('address', `${JSON.stringify(given.slice(0, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
+    const address = lockoutAddress(params.address as string, 'address')
     const addressKey = services.addressKey(address)
     // The lift, then its audit row: a lift Redis refuses writes none, and no transaction is held
     // open while Redis is waited for (before, found by a review, the row was written first, in a
