@@ -8,6 +8,7 @@
 import { isUtf8 } from 'node:buffer'
 import { decodeEscapes, decodedHasDotSegments, hasDotSegments } from '../core/http.ts'
 import { pathOf, type RequestState, type Stage } from './state.ts'
+import { clipped } from '../core/validate.ts'
 
 // An absolute-form target's scheme and authority (all up to the path or query).
 const ABSOLUTE = /^https?:\/\/[^/?\\]*/i
@@ -38,7 +39,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     // so dropped as hop-by-hop (found by a review). RFC 9112 §6.1: 501 for a coding not understood.
     const te = s.headers['transfer-encoding']
     if (te !== undefined && te !== 'chunked' && te.trim().toLowerCase() !== 'chunked') {
-      s.message = `The request body's Transfer-Encoding (${te.length > 60 ? te.slice(0, 60) + '...' : te}) is not supported: send it chunked only, with a Content-Encoding for a compressed body.`
+      s.message = `The request body's Transfer-Encoding (${clipped(te, 63)}) is not supported: send it chunked only, with a Content-Encoding for a compressed body.`
       return 'transfer_coding_not_supported'
     }
     const host = s.headers.host

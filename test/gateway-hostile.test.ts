@@ -258,8 +258,13 @@ t.test('a Transfer-Encoding other than chunked: 501 transfer_coding_not_supporte
     t.match(out, /^HTTP\/1.1 501 /, coding)
     t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'transfer_coding_not_supported', message: /is not supported: send it chunked only/, request_id: String } })
   }
+  // A long list is named cut, in the message's bounds.
+  const long = await send(h.port, chunked(`${'x-long, '.repeat(20)}chunked`))
+  const said = JSON.parse(long.slice(long.indexOf('\r\n\r\n') + 4)).error.message as string
+  t.match(said, /^The request body's Transfer-Encoding \((x-long, )+x-l?o?n?g?\.\.\.\) is not supported/, 'a long Transfer-Encoding is cut where the message names it')
+  t.ok(said.length < 200, `the message stays short (${said.length})`)
   t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
-  t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="api",outcome="transfer_coding_not_supported"\} 4/)
+  t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="api",outcome="transfer_coding_not_supported"\} 5/)
   for (const coding of ['chunked', 'Chunked', ' chunked']) {
     const out = await send(h.port, chunked(coding))
     t.match(out, /^HTTP\/1.1 200 /, `${JSON.stringify(coding)} is forwarded`)
