@@ -202,6 +202,8 @@ export interface GatewayMetrics {
   readonly lockoutsForgotten: Counter
   readonly badKeys: Readonly<Record<BadKeyReason, Increment>>
   readonly denyListEntries: Gauge
+  /** Where `keygate_key_cache_entries` reads the validation cache's sizes at each scrape (the gateway sets it once its cache is made). */
+  cacheEntries: (() => { positive: number; negative: number }) | undefined
   readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
   /** Anomalies this process recorded (the instance whose insert made the row), by type. */
   readonly anomalies: Readonly<Record<AnomalyType, CounterChild>>
@@ -341,6 +343,21 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const badKeys = talliedCounter({ name: 'keygate_bad_key_attempts_total', help: 'Presented keys refused, by reason.', labelNames: ['reason'], registers })
   // Every worker holds the same list: under --workers it is shown once, not added up.
   const denyListEntries = new Gauge({ name: 'keygate_deny_list_entries', help: 'Deny list entries in force (config and store).', registers, aggregator: 'max' })
+  // Each worker holds its own cache: under --workers they are added up. Read as the scrape asks,
+  // so the request path only uses the cache (an operator sizes cache.max_capacity by it).
+  const cacheEntries = new Gauge({
+    name: 'keygate_key_cache_entries',
+    help: 'Entries held by the validation cache: keys (at most cache.max_capacity) and unknown keys (at most cache.negative_max).',
+    labelNames: ['cache'],
+    registers,
+    collect() {
+      const sizes = metrics.cacheEntries?.()
+      this.set({ cache: 'keys' }, sizes?.positive ?? 0)
+      this.set({ cache: 'unknown' }, sizes?.negative ?? 0)
+    },
+  })
+  cacheEntries.set({ cache: 'keys' }, 0)
+  cacheEntries.set({ cache: 'unknown' }, 0)
   const storeErrors = new Counter({ name: 'keygate_store_errors_total', help: 'Store failures seen by the gateway, by operation.', labelNames: ['operation'], registers })
   const anomalyCounter = new Counter({ name: 'keygate_anomalies_total', help: 'Anomalies recorded by this process, by type.', labelNames: ['type'], registers })
 
@@ -356,7 +373,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const anomalies = {} as Record<AnomalyType, CounterChild>
   for (const type of ANOMALY_TYPES) anomalies[type] = zeroed(anomalyCounter.labels(type))
 
-  return {
+  const metrics: GatewayMetrics = {
     registry,
     route: (name) => byRoute.get(name) ?? none,
     cache: { hit: cache.tally('hit'), miss: cache.tally('miss'), negativeHit: cache.tally('negative_hit') },
@@ -366,9 +383,11 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     lockoutsForgotten,
     badKeys: Object.freeze(bad),
     denyListEntries,
+    cacheEntries: undefined,
     storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },
     anomalies: Object.freeze(anomalies),
   }
+  return metrics
 }
 
 /** A registry's metrics as `getMetricsAsJSON()` gives them (prom-client types `type` as an enum; it is the word). */

@@ -119,6 +119,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     metrics,
     build: cachedKeys(router.routes.length, limiterFor),
   })
+  metrics.cacheEntries = () => cache.size
 
   const denyService = deps.denyList ?? new DenyListService({ db: deps.db, ...(clock ? { now: clock } : {}) })
   const deny = new DenyMatcher(config.deny_list)

@@ -1,11 +1,13 @@
 // The validation cache. Keyed by the SHA-256 of the presented key (never the key) as a 32-character
-// binary string (`digestKey`, half the memory of hex), bounded:
-// quick-lru keeps up to twice its maxSize, so maxSize is half the configured capacity. Unknown
-// keys and wrong secrets go to a separate small cache with a short TTL, so random keys cannot
-// grow memory and a burst of one bad key costs one store query. Concurrent misses for one key
-// share one store query. A generation counter keeps a query that was in flight during an
+// binary string (`digestKey`, half the memory of hex), and bounded exactly: lru-cache holds the
+// `cache.max_capacity` keys used last, and never more. (quick-lru, used before, holds between
+// its maxSize and twice as many; sized at half the capacity to stay within it, it kept as few as
+// half the keys asked for, and a capacity of 10 held 6 keys used in turn badly, found by a
+// review.) Unknown keys and wrong secrets go to a separate cache with a short TTL, so random keys
+// cannot grow memory and a burst of one bad key costs one store query. Concurrent misses for one
+// key share one store query. A generation counter keeps a query that was in flight during an
 // invalidation from putting the stale answer back.
-import QuickLRU from 'quick-lru'
+import { LRUCache } from 'lru-cache'
 import { digestFromHex } from '../core/keys/format.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { KEY_TYPES, type KeyRecord, type KeyType } from '../core/keys/types.ts'
@@ -201,8 +203,8 @@ export interface KeyCacheOptions {
 
 export class KeyCache {
   readonly #keys: KeyService
-  readonly #positive: QuickLRU<string, CachedKey>
-  readonly #negative: QuickLRU<string, Miss> | undefined
+  readonly #positive: LRUCache<string, CachedKey>
+  readonly #negative: LRUCache<string, Miss> | undefined
   readonly #inflight = new Map<string, Promise<CachedKey | Miss>>()
   readonly #build: KeyCacheOptions['build']
   readonly #metrics: GatewayMetrics['cache']
@@ -216,12 +218,11 @@ export class KeyCache {
     this.#keys = o.keys
     this.#build = o.build
     this.#metrics = o.metrics.cache
-    // The TTL is the `staleAt` of the key's profile, not quick-lru's maxAge, which keeps each
-    // entry's expiry as epoch milliseconds in a heap box of its own (16 bytes).
+    // The TTL is the `staleAt` of the key's profile, shared by keys loaded about together, not
+    // lru-cache's own per entry (two more numbers a key).
     this.#ttl = o.ttlS * 10
-    this.#positive = new QuickLRU({ maxSize: Math.max(1, Math.floor(o.capacity / 2)) })
-    this.#negative =
-      o.negativeTtlS > 0 && o.negativeMax > 0 ? new QuickLRU({ maxSize: Math.max(1, Math.floor(o.negativeMax / 2)), maxAge: o.negativeTtlS * 1000 }) : undefined
+    this.#positive = new LRUCache({ max: o.capacity })
+    this.#negative = o.negativeTtlS > 0 && o.negativeMax > 0 ? new LRUCache({ max: o.negativeMax, ttl: o.negativeTtlS * 1000 }) : undefined
     this.#refusedTtl = this.#negative === undefined ? 0 : Math.min(this.#ttl, o.negativeTtlS * 10)
   }
 

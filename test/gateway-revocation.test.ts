@@ -131,6 +131,43 @@ t.test('random keys do not grow the caches; a burst of one unknown key costs one
   t.equal(lookups, 1, 'concurrent and repeated look-ups of one unknown key share one store query')
 })
 
+t.test('cache.max_capacity keys used in turn are all held, and never more; negative_max unknown keys alike (found by a review)', async (t) => {
+  // Before: quick-lru, sized at half the capacity (it may hold twice its size), held as few as
+  // half the keys: a capacity of 10 missed 10 times in 30 requests of 6 keys used in turn.
+  const h = await startGateway(t, { config: { cache: { max_capacity: 10, negative_max: 20 }, lockout: { max_attempts: 100000, window_s: 60 } } })
+  const valid = await Promise.all(Array.from({ length: 10 }, () => h.key()))
+  const unknown = Array.from({ length: 20 }, () => generateKey('kg_').key)
+  const counts = async () => {
+    const text = await h.metrics.registry.metrics()
+    const of = (result: string) => Number(new RegExp(`^keygate_key_cache_total\\{result="${result}"\\} (\\d+)$`, 'm').exec(text)?.[1] ?? 0)
+    const held = (cache: string) => Number(new RegExp(`^keygate_key_cache_entries\\{cache="${cache}"\\} (\\d+)$`, 'm').exec(text)?.[1] ?? -1)
+    return { hit: of('hit'), miss: of('miss'), negative: of('negative_hit'), keys: held('keys'), unknown: held('unknown') }
+  }
+  const start = await counts()
+  for (let round = 0; round < 3; round++) for (const k of valid) t.equal((await h.get('/', bearer(k.key))).status, 200)
+  let now = await counts()
+  t.equal(now.miss - start.miss, 10, 'each of the 10 keys looked up once')
+  t.equal(now.hit - start.hit, 20, 'and then answered from the cache, every time')
+  t.equal(now.keys, 10, 'keygate_key_cache_entries says so')
+  // An 11th key: the one used longest ago goes, and only it.
+  const eleventh = await h.key()
+  t.equal((await h.get('/', bearer(eleventh.key))).status, 200)
+  const before = await counts()
+  t.equal(before.keys, 10, 'never more than the capacity')
+  for (const k of valid.slice(1)) await h.get('/', bearer(k.key))
+  now = await counts()
+  t.equal(now.hit - before.hit, 9, 'the 9 keys used since are held')
+  await h.get('/', bearer((valid[0] as { key: string }).key))
+  t.equal((await counts()).miss - now.miss, 1, 'the least recently used one was dropped')
+
+  const negativeStart = await counts()
+  for (let round = 0; round < 2; round++) for (const k of unknown) t.equal((await h.get('/', bearer(k))).status, 401)
+  now = await counts()
+  t.equal(now.miss - negativeStart.miss, 20, 'each unknown key looked up once')
+  t.equal(now.negative - negativeStart.negative, 20, 'then remembered, all 20')
+  t.equal(now.unknown, 20)
+})
+
 t.test('a revoked or expired key is held in the cache no longer than an unknown one, so the time of the refusal tells none of them apart', async (t) => {
   // Before (found by a review): a refused key's record was held for cache.ttl_s (300 s) and
   // refused from memory in about 0.5 ms, where an unknown key, after cache.negative_ttl_s, was
