@@ -12,7 +12,7 @@ import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
 import { readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
-import { lenientReading, prefixReadings, routeHost, routePrefix } from './routes.ts'
+import { lenientReading, NO_ROUTE, prefixReadings, routeHost, routePrefix } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -359,6 +359,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     routes.forEach((r: { name?: unknown }, i) => {
       if (typeof r?.name !== 'string') return
       if (names.has(r.name)) problems.push(`routes[${i}].name: ${JSON.stringify(r.name)} is not allowed; expected a name no other route uses`)
+      // Before, found by a review, a route named none shared its metrics with requests matching no route.
+      else if (r.name === NO_ROUTE) problems.push(`routes[${i}].name: ${JSON.stringify(r.name)} is not allowed; expected another name ("${NO_ROUTE}" is the metrics' label of requests that match no route)`)
       names.add(r.name)
     })
   }

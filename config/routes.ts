@@ -3,6 +3,9 @@
 // would win, and the second, with its scopes, would never be used).
 import { decodeEscapes, hostName } from '../core/http.ts'
 
+/** The metrics' route label of a request that matched no route: no route may take the name (their series would be one). */
+export const NO_ROUTE = 'none'
+
 /**
  * The prefix a route's path matches as: without one trailing slash (`/api/` is `/api`); `/` as it
  * is; its non-ASCII characters (in NFC) percent-encoded as UTF-8, as clients send them (`/données`

@@ -51,7 +51,7 @@ const OptionalLimit = (description: string) =>
 
 const Route = Type.Object(
   {
-    name: Type.String({ pattern: '^[a-z0-9][a-z0-9_-]{0,62}$', description: 'Route name, used as the metrics label.' }),
+    name: Type.String({ pattern: '^[a-z0-9][a-z0-9_-]{0,62}$', description: 'Route name, used as the metrics label (not `none`, the label of requests that match no route).' }),
     path: Type.String({ format: 'path-prefix', description: 'Path prefix this route matches.' }),
     host: Type.Optional(Type.String({ format: 'host-port', description: 'Only requests for this Host match (in any letter case; with a port, only that port, and before a route for the host alone).' })),
     upstream: Type.String({ format: 'base-url', description: 'Upstream base URL.' }),

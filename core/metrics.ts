@@ -3,6 +3,7 @@
 // label values are a closed set (route names from the config, outcome and reason words): no key
 // material, no addresses, nothing a client can make grow.
 import { type Aggregator, AggregatorRegistry, Counter, Gauge, Registry, aggregators, collectDefaultMetrics, type Metric } from 'prom-client'
+import { NO_ROUTE } from '../config/routes.ts'
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 import type { FlushReason } from './invalidation.ts'
 
@@ -40,8 +41,8 @@ export type GatewayOutcome = (typeof GATEWAY_OUTCOMES)[number]
 export const BAD_KEY_REASONS = ['malformed', 'unknown', 'wrong_secret', 'revoked', 'expired', 'grace_ended', 'address_not_bound'] as const
 export type BadKeyReason = (typeof BAD_KEY_REASONS)[number]
 
-/** Label value for requests that never reached a route. */
-export const NO_ROUTE = 'none'
+/** Label value for requests that never reached a route (no route may be named so: config/load.ts). */
+export { NO_ROUTE }
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
@@ -285,11 +286,17 @@ const PROCESS_AGGREGATORS: Readonly<Record<string, Aggregator>> = {
   keygate_process_start_time_seconds: 'min',
 }
 
+const UNCONVENTIONAL_DEFAULTS = ['keygate_nodejs_active_handles_total', 'keygate_nodejs_active_requests_total', 'keygate_nodejs_active_resources_total']
+
 /** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()
   if (options.defaultMetrics === false) return registry
   collectDefaultMetrics({ register: registry, prefix: 'keygate_' })
+  // Gauges whose names end in _total, which Prometheus keeps for counters (`promtool check
+  // metrics` failed on them; found by a review). Each is the sum of its own per-type gauge
+  // (keygate_nodejs_active_handles{type}...), which stays.
+  for (const name of UNCONVENTIONAL_DEFAULTS) registry.removeSingleMetric(name)
   for (const [name, aggregator] of Object.entries(PROCESS_AGGREGATORS)) {
     // prom-client's default metrics take no aggregator option; the metric reads its own field.
     const metric = registry.getSingleMetric(name) as { aggregator: Aggregator } | undefined

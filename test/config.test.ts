@@ -664,6 +664,11 @@ t.test('route names must be unique', async (t) => {
   t.same(problemsOf({ file, env: {} }).problems, ['routes[2].name: "api" is not allowed; expected a name no other route uses'])
   const ok = loadConfig({ file: yamlFile(t, { routes: [{ name: 'api', path: '/a', upstream: 'http://127.0.0.1:1' }] }), env: {} })
   t.same(ok.routes[0], { name: 'api', path: '/a', upstream: 'http://127.0.0.1:1', timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false }, 'route defaults')
+  // The metrics' label of requests that match no route (before, found by a review, such a
+  // route's series and theirs were one).
+  const none = yamlFile(t, { routes: [{ name: 'none', path: '/n', upstream: 'http://127.0.0.1:1' }] })
+  t.same(problemsOf({ file: none, env: {} }).problems, ['routes[0].name: "none" is not allowed; expected another name ("none" is the metrics\' label of requests that match no route)'])
+  t.equal(loadConfig({ file: yamlFile(t, { routes: [{ name: 'none-left', path: '/n', upstream: 'http://127.0.0.1:1' }] }), env: {} }).routes[0]?.name, 'none-left', 'a name that only starts so is a name')
 })
 
 t.test('two routes for one path prefix and host are refused, compared as the gateway compares them', async (t) => {

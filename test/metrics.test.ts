@@ -6,7 +6,7 @@
 import t from 'tap'
 import { AggregatorRegistry, Histogram, Registry } from 'prom-client'
 import { answersWithin } from '../core/deadline.ts'
-import { ClusterMetrics, type MetricsJson, createGatewayMetrics, createHealthMetrics, createMetricsRegistry, workerMetrics } from '../core/metrics.ts'
+import { ClusterMetrics, type MetricsJson, createGatewayMetrics, createHealthMetrics, createMetricsRegistry, createRedisMetrics, createWorkerRestartMetrics, workerMetrics } from '../core/metrics.ts'
 import { unlessHung } from './helpers/gateway.ts'
 
 const NAME = 'keygate_gateway_request_duration_seconds'
@@ -146,4 +146,27 @@ t.test('over --workers, file descriptors and the start time are the highest and 
   // The three reads may differ by a descriptor or two; their sum would be three times as many.
   t.ok((await read(summed, 'keygate_process_open_fds')) < 2 * (await read(alone, 'keygate_process_open_fds')), 'the open descriptors of the process nearest its limit, not their sum')
   t.equal(await read(summed, 'keygate_process_start_time_seconds'), await read(alone, 'keygate_process_start_time_seconds'), 'the earliest start time')
+})
+
+t.test("names follow Prometheus's conventions: a counter's ends in _total, no other metric's does (promtool check metrics; found by a review)", async (t) => {
+  // Every metric family keygate exposes: Node's process metrics, the gateway's, the health gauges,
+  // Redis's, the lockout's (an admin API's) and the --workers primary's restarts.
+  const registry = createMetricsRegistry()
+  createGatewayMetrics(registry, ['api', 'orders'])
+  createRedisMetrics(registry)
+  createWorkerRestartMetrics(registry)
+  createHealthMetrics(registry, { store: async () => true })
+  // An --only admin process's keygate_redis_up is the health gauge's (createRedisMetrics' is the gateway's).
+  const admin = createMetricsRegistry({ defaultMetrics: false })
+  createHealthMetrics(admin, { store: async () => true, redis: async () => true })
+  const text = (await registry.metrics()) + (await admin.metrics())
+  const types = [...text.matchAll(/^# TYPE (\S+) (\S+)$/gm)].map((m) => ({ name: m[1] as string, type: m[2] as string }))
+  t.ok(types.length > 30, `${types.length} families`)
+  for (const { name, type } of types) {
+    t.ok(name.startsWith('keygate_'), `${name}: keygate's prefix`)
+    if (type === 'counter') t.ok(name.endsWith('_total'), `${name}: a counter ends in _total`)
+    else t.notOk(name.endsWith('_total'), `${name}: a ${type} does not end in _total`)
+  }
+  // Node's handle, request and resource counts are still there, by type (their _total gauges were the sums).
+  for (const name of ['keygate_nodejs_active_handles', 'keygate_nodejs_active_requests', 'keygate_nodejs_active_resources']) t.ok(types.some((f) => f.name === name), `${name} stays`)
 })
