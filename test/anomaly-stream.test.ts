@@ -55,6 +55,51 @@ await forEachStore(t, async (t, store) => {
     t.equal((await s.next()).id, live.id, 'then the live ones')
   })
 
+  await t.test('a stream opened without an id gives the newest anomaly as its id, so a reconnection before any event resumes from there (found by a review)', async (t) => {
+    const newest = await record(h, key.record.id)
+    const first = await h.stream('/v1/anomalies/stream')
+    for (let i = 0; i < 100 && first.lastEventId() === undefined; i++) await sleep(20)
+    t.equal(first.lastEventId(), newest.id, 'the id line alone sets the last event id')
+    t.same(first.buffered(), [], 'and is no event')
+    first.close()
+    if (first.lastEventId() === undefined) return
+    // Recorded while the client is away (this instance restarting, say): before, a client that had
+    // received no event had no id to resume from, and never got it.
+    const missed = await record(h, key.record.id)
+    const again = await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': first.lastEventId() as string } })
+    t.teardown(() => again.close())
+    t.equal((await again.next()).id, missed.id, 'the reconnection gets what was recorded meanwhile')
+  })
+
+  await t.test('Last-Event-ID wins over ?last_event_id= (an EventSource keeps its URL, and sends the newest id in the header; found by a review)', async (t) => {
+    const older = await record(h, key.record.id)
+    const newer = await record(h, key.record.id)
+    const next = await record(h, key.record.id)
+    const s = await h.stream(`/v1/anomalies/stream?last_event_id=${older.id}`, { headers: { 'last-event-id': newer.id } })
+    t.teardown(() => s.close())
+    t.equal((await s.next()).id, next.id, 'resumed after the header\'s id, not the URL\'s')
+    const byQuery = await h.stream(`/v1/anomalies/stream?last_event_id=${older.id}`)
+    t.teardown(() => byQuery.close())
+    t.equal((await byQuery.next()).id, newer.id, 'the query alone still resumes')
+  })
+
+  await t.test("an anomaly the catch-up sent is not sent again when the instance's feed delivers it afterwards (found by a review)", async (t) => {
+    // A stream open keeps the feed reading the table (without Redis, every admin.stream_poll_ms).
+    const watching = await h.stream('/v1/anomalies/stream')
+    t.teardown(() => watching.close())
+    const before = await record(h, key.record.id)
+    t.equal((await watching.next()).id, before.id)
+    // Recorded by another instance: in the table, with no event on this one's bus. The resume
+    // reads it at once; this instance's feed reads it at its next poll, after the catch-up ended.
+    const other = (await new AnomalyLog(h.db).insert({ keyId: key.record.id, type: 'request_rate', windowStart: new Date(), details: {}, detectedAt: new Date() })) as Anomaly
+    const resumed = await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': before.id } })
+    t.teardown(() => resumed.close())
+    t.equal((await resumed.next()).id, other.id, 'the catch-up sends it')
+    t.equal((await watching.next()).id, other.id, 'the feed delivers it (to the stream that was open)')
+    const after = await record(h, key.record.id)
+    t.equal((await resumed.next()).id, after.id, 'the resumed stream goes on with the next one, not the same one again')
+  })
+
   await t.test('a client that stops reading is cut off once its unsent data passes the bound', async (t) => {
     const { port } = new URL(h.url)
     // The stream of the test before closes first: then the feed's only listener is this one's.

@@ -1,7 +1,8 @@
 // GET /v1/anomalies/stream: every anomaly as it is recorded, by any instance, as Server-Sent
 // Events (`id` is the anomaly id, `event: anomaly.detected`, `data` its JSON). A client
-// reconnecting with `Last-Event-ID` (or `?last_event_id=`) first gets what it missed from the
-// table, then the live ones, none twice. Without Redis the live ones are read from the table too,
+// reconnecting with `Last-Event-ID` (or `?last_event_id=`; the header wins) first gets what it
+// missed from the table, then the live ones, none twice. A stream opened without one begins with
+// an `id:` alone, the newest anomaly then, so a reconnection before the first event resumes too. Without Redis the live ones are read from the table too,
 // in id order: every `admin.stream_poll_ms` (1 s) while a stream is open (the other instances'),
 // and at once when this process records one. A comment line every `admin.stream_heartbeat_s` (15 s)
 // keeps proxies from closing an idle stream. A stream opened with an admin key ends when that key
@@ -14,7 +15,7 @@
 import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
-import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, type AnomalyJson } from '../../core/anomalies.ts'
+import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, LATE_WINDOW, type AnomalyJson } from '../../core/anomalies.ts'
 import { fieldInvalid, isKeygateError, KeygateError } from '../../core/errors.ts'
 import { evaluateKey } from '../../core/keys/evaluate.ts'
 import type { KeyRecord } from '../../core/keys/types.ts'
@@ -36,20 +37,23 @@ export default defineOperation({
   tag: 'anomalies',
   summary: 'Follow anomalies live (Server-Sent Events)',
   description:
-    'Each event: `id` (the anomaly id), `event: anomaly.detected`, `data` (the anomaly as JSON). Send `Last-Event-ID` (browsers do on reconnect) or `last_event_id` to receive the anomalies recorded after that one first.',
+    'Each event: `id` (the anomaly id), `event: anomaly.detected`, `data` (the anomaly as JSON). The stream opens with an `id:` alone (no event): the newest anomaly when it opened, so a client that reconnects before its first event still resumes from there. Send `Last-Event-ID` (EventSource clients do on reconnect) or `last_event_id` to receive the anomalies recorded after that one first; the header wins when both are given (an EventSource keeps its URL, and sends the newest id it received in the header).',
   stream: true,
   query: Type.Object(
     { last_event_id: Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Resume after this anomaly id (as the Last-Event-ID header).' })) },
     { additionalProperties: false },
   ),
   headers: Type.Object({
-    'Last-Event-ID': Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Resume after this anomaly id: the `id` of the last event received (browsers send it when they reconnect). `last_event_id` wins when both are given; empty is none.' })),
+    'Last-Event-ID': Type.Optional(Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Resume after this anomaly id: the `id` of the last event received (EventSource clients send it when they reconnect). It wins over `last_event_id` when both are given; empty is none.' })),
   }),
   response: { status: 200, description: 'The event stream; the data of each event is an anomaly.', schema: AnomalySchema },
   errors: ['validation_failed', 'too_many_streams'],
   async handle({ query, req, res, requestId, services, actor }) {
+    // The header first: an EventSource opened with ?last_event_id= keeps that URL, and sends the
+    // newest id it received in the header when it reconnects (before, found by a review, the
+    // query won, and every reconnection replayed everything since the URL's id).
     const header = req.headers['last-event-id']
-    const resume = query.last_event_id ?? (typeof header === 'string' && header !== '' ? header : undefined)
+    const resume = (typeof header === 'string' && header !== '' ? header : undefined) ?? query.last_event_id
     if (resume !== undefined && !isAnomalyId(resume)) {
       throw fieldInvalid('Last-Event-ID', 'must be an anomaly id')
     }
@@ -63,6 +67,12 @@ export default defineOperation({
       res.writeHead(200, head).end()
       return
     }
+    // Where a client that did not ask to resume resumes from, should it reconnect before its first
+    // event: the newest anomaly before the feed starts, so what is recorded after it is either
+    // streamed live or caught up on the resume. (Before, found by a review, the stream gave no id
+    // until its first event: a client that reconnected before one, past a restart of this
+    // instance, had none to send, and never got what was recorded while it was away.)
+    const from = resume === undefined ? ((await services.anomalies.newestIds(1))[0] ?? '0') : undefined
     // Without Redis, the feed reads the table for other instances' findings while a stream is
     // open: from where the table is before this stream begins, so none recorded after is missed.
     await services.anomalyFeed.ready()
@@ -72,13 +82,24 @@ export default defineOperation({
       throw new KeygateError('too_many_streams', `this credential already holds ${services.streams.max} open anomaly streams on this instance (admin.max_streams_per_credential); close one first`)
     }
     res.writeHead(200, head)
-    res.write(': keygate anomaly stream\nretry: 2000\n\n')
+    // An id alone is no event: it sets the client's Last-Event-ID (WHATWG HTML, "dispatch the event").
+    res.write(`: keygate anomaly stream\nretry: 2000\n${from !== undefined ? `id: ${from}\n` : ''}\n`)
     // Live ones are held back while the missed ones are read, so none comes twice or out of turn.
     let held: AnomalyJson[] | undefined = resume !== undefined ? [] : undefined
     let heldBytes = 0
+    // After the catch-up, the ids it sent, until the feed is past them: the feed may deliver one
+    // of them later (its read of the table had not reached it yet, or Redis's announcement came
+    // after the catch-up read it). Before, found by a review, such an id was sent twice.
+    let caughtUp: { sent: IdRuns; top: bigint } | undefined
     const off = services.anomalyFeed.on(
       (a) => {
         const text = frame(a)
+        if (caughtUp) {
+          const id = BigInt(a.id)
+          // The feed delivers in id order but for late commits, at most LATE_WINDOW below the newest it delivered.
+          if (id > caughtUp.top + BigInt(LATE_WINDOW)) caughtUp = undefined
+          else if (caughtUp.sent.has(id)) return
+        }
         if (!held) return send(res, text)
         held.push(a)
         heldBytes += text.length
@@ -143,6 +164,7 @@ export default defineOperation({
           if (page.length < RESUME_PAGE) break
         }
         for (const a of held ?? []) if (!sent.has(BigInt(a.id))) send(res, frame(a))
+        if (sent.top !== undefined) caughtUp = { sent, top: sent.top }
       } finally {
         held = undefined
       }
@@ -165,6 +187,11 @@ function send(res: ServerResponse, text: string): void {
 class IdRuns {
   readonly #starts: bigint[] = []
   readonly #ends: bigint[] = []
+
+  /** The highest id added. */
+  get top(): bigint | undefined {
+    return this.#ends.at(-1)
+  }
 
   /** `id` above every id added before. */
   add(id: bigint): void {

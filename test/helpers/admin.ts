@@ -267,6 +267,8 @@ export interface SseStream {
   next(): Promise<SseEvent>
   /** Events received so far and not yet taken by next(). */
   buffered(): SseEvent[]
+  /** The last event id as a browser's EventSource holds it: set by every `id:` line, also of a block that is no event. */
+  lastEventId(): string | undefined
   close(): void
 }
 
@@ -283,9 +285,10 @@ export async function openSse(target: string, headers: Record<string, string>, d
     try {
       error = JSON.parse(text)
     } catch {}
-    return { status: res.statusCode, headers: res.headers, error, next: () => Promise.reject(new Error('no stream')), buffered: () => [], close: () => {} }
+    return { status: res.statusCode, headers: res.headers, error, next: () => Promise.reject(new Error('no stream')), buffered: () => [], lastEventId: () => undefined, close: () => {} }
   }
   let text = ''
+  let lastId: string | undefined
   const push = (e: SseEvent) => {
     const w = waiting.shift()
     if (w) w.resolve(e)
@@ -305,8 +308,10 @@ export async function openSse(target: string, headers: Record<string, string>, d
         const colon = line.indexOf(':')
         const field = colon === -1 ? line : line.slice(0, colon)
         const value = colon === -1 ? '' : line.slice(colon + 1).replace(/^ /, '')
-        if (field === 'id') e.id = value
-        else if (field === 'event') e.event = value
+        if (field === 'id') {
+          e.id = value
+          lastId = value
+        } else if (field === 'event') e.event = value
         else if (field === 'data') e.data = e.data === '' ? value : `${e.data}\n${value}`
         else continue
         any = true
@@ -332,6 +337,7 @@ export async function openSse(target: string, headers: Record<string, string>, d
       return new Promise((resolve, reject) => waiting.push({ resolve, reject }))
     },
     buffered: () => queue.splice(0),
+    lastEventId: () => lastId,
     close: () => controller.abort(),
   }
 }
