@@ -14,6 +14,7 @@ import { runCli } from './helpers/cli.ts'
 import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, call, startUpstream, type Tap } from './helpers/gateway.ts'
 import { adminClient, freshDatabase } from './helpers/stores.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 
@@ -344,6 +345,31 @@ t.test('--workers: a worker that cannot start (its store refusing connections) e
   await allow(true)
   await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 5)
   t.pass('once the store answers, the next replacement listens')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
+t.test('--workers: a scrape while a replacement waits for the store answers from the workers that listen, without waiting for it (found by a review)', async (t) => {
+  // Before: a scrape waited up to 8 s for every worker starting, and a replacement waits for the
+  // store as long as store.start_wait_s: during a store outage every scrape took 8 s.
+  const { cwd, env, upstream } = await workersSetUp(t, 'scrapewait', 0)
+  const { gate, url } = await gateInFront(t, env.DATABASE_URL as string)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env: { ...env, DATABASE_URL: url }, cwd, gateways: 2 })
+  // New connections to the store fail (those open stay): the replacement waits for it.
+  gate.set('shut')
+  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  process.kill(pid as number, 'SIGKILL')
+  await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  await serve.waitForLog((l) => l.worker === 3)
+  // The store comes back a while after the scrape is asked: a scrape that waited for the
+  // replacement would answer only once it listens.
+  const reopen = setTimeout(() => gate.set('open'), 4000)
+  t.teardown(() => clearTimeout(reopen))
+  const scrape = await call(`${serve.admin}/metrics`)
+  const replacementListened = serve.logs.some((l) => l.message === 'gateway listening' && l.worker === 3)
+  t.equal(scrape.status, 200)
+  t.notOk(replacementListened, 'answered while the replacement was still waiting for the store')
+  t.match(scrape.text, /^keygate_key_cache_entries\{cache="keys"\} \d+$/m, "with the listening worker's metrics (the gateway's are the workers')")
+  await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
