@@ -18,7 +18,9 @@ export interface Logger {
 // No \b anchors: a key glued to other word characters (`Bearer%20kg_...`, `%3D<uuid>`) must go too.
 // Also the secrets of the integrations: JWTs (n8n API keys and session cookies) and Gitea tokens
 // (40 hex characters, not part of a longer hex run such as a SHA-256), and webhook signing secrets
-// (`whsec_` and 32 bytes in base64).
+// (`whsec_` and 32 bytes in base64). And SHA-256 hex (64 characters, not part of a longer run):
+// an import row's key_hash, the hash of a legacy key, which no message shows (before, found by a
+// migration review, a message that showed a wrongly shaped import body showed it).
 // A JWT is looked for from the first `eyJ` of a dot-free run only (the lookbehind, which finds the
 // nearest earlier one, if any, in the time to reach it): where that one is no JWT's start, no later
 // one in the run is, and each tried to the run's end. So the time grows with the text, where a
@@ -26,7 +28,7 @@ export interface Logger {
 // path that the admin listener's 404 names (found by a review).
 const JWT_CHAR = '[0-9A-Za-z_-]'
 const KEYISH = new RegExp(
-  `${KEY_IN_TEXT.source}|whsec_(?:[0-9A-Za-z+/]|%2[BF]|%3D){20,}(?:=|%3D){0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ(?<!eyJ${JWT_CHAR}*?eyJ)${JWT_CHAR}+\\.${JWT_CHAR}+\\.${JWT_CHAR}+|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])`,
+  `${KEY_IN_TEXT.source}|whsec_(?:[0-9A-Za-z+/]|%2[BF]|%3D){20,}(?:=|%3D){0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ(?<!eyJ${JWT_CHAR}*?eyJ)${JWT_CHAR}+\\.${JWT_CHAR}+\\.${JWT_CHAR}+|(?<![0-9a-f])[0-9a-f]{40}(?:[0-9a-f]{24})?(?![0-9a-f])`,
   'gi',
 )
 

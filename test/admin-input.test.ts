@@ -7,6 +7,7 @@
 import t from 'tap'
 import net from 'node:net'
 import { gzipSync } from 'node:zlib'
+import { createHash, randomUUID } from 'node:crypto'
 import { startAdmin } from './helpers/admin.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { openDb } from '../core/db.ts'
@@ -123,6 +124,14 @@ await forEachStore(t, async (t, store) => {
   // of keys stopped at that key, its cursor refused as "not a cursor this server returned").
   refused(await h.call('POST', '/v1/keys/import', { body: { type: 'user', rows: [{ key_hash: 'c'.repeat(64), name: 'old', created_at: '1970-01-01T00:30:00+01:00' }] } }), 400, 'import_invalid', 'an instant before 1970 in an import')
   refused(await h.call('GET', '/v1/reports/usage?from=1970-01-01T00:30:00%2B01:00'), 400, 'validation_failed', 'an instant before 1970 in a query')
+  // The rows sent as the whole body (not {"rows": [...]}): the message shows the value, but not a
+  // row's key_hash, which is never shown (before, found by a migration review, it was).
+  const hash = createHash('sha256').update(randomUUID()).digest('hex')
+  const bare = await h.call('POST', '/v1/keys/import', { body: [{ key_hash: hash, name: 'old' }] })
+  refused(bare, 400, 'validation_failed', 'rows sent as the whole body')
+  t.notOk(bare.text.includes(hash), 'the key_hash is not shown')
+  t.notOk(bare.text.includes(hash.slice(0, 40)), 'nor a part of it')
+  t.match(bare.json?.error?.message, /\[redacted\]/, 'it reads [redacted]')
   // Every action the audit log writes is a filter (before, found by a review: n8n's were refused, the pattern had no digits).
   for (const action of AUDIT_ACTIONS.split(', ')) t.equal((await h.call('GET', `/v1/audit?action=${action}&limit=1`)).status, 200, `audit filter ${action}`)
   for (const limit of ['1e2', '2.9', '0x10', ' 5']) refused(await h.call('GET', `/v1/keys?limit=${encodeURIComponent(limit)}`), 400, 'validation_failed', `limit=${limit}`)

@@ -188,7 +188,12 @@ t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n key
   t.equal(scrub(`X-N8N-API-KEY: ${jwt}`), 'X-N8N-API-KEY: [redacted]')
   t.equal(scrub(`cookie n8n-auth=${jwt}; Path=/`), 'cookie n8n-auth=[redacted]; Path=/')
   const sha256 = hashKey('x')
-  t.equal(scrub(`hash ${sha256}`), `hash ${sha256}`, 'a SHA-256 (64 hex) is not a Gitea token')
+  // A SHA-256 (an import row's key_hash: a legacy key's hash) goes whole, not as a Gitea token
+  // and the rest; longer and shorter hex runs are neither.
+  t.equal(scrub(`hash ${sha256}`), 'hash [redacted]', 'a SHA-256 (64 hex) is redacted whole')
+  t.equal(scrub(`hash ${sha256.toUpperCase()}.`), 'hash [redacted].', 'in upper case too')
+  t.equal(scrub(`run ${sha256}a`), `run ${sha256}a`, 'a run of 65 hex is neither')
+  t.equal(scrub(`run ${sha256.slice(1)}`), `run ${sha256.slice(1)}`, 'nor one of 63')
   t.equal(scrub('record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d'), 'record gt_3hF9aK2LmQxZ remote 42 last eight 1a2b3c4d', 'record ids and last eight are kept')
   // A JWT is looked for from the first `eyJ` of a dot-free run (bench/patterns.ts: the time grows
   // with the text, where a run of `eyJeyJ...` took it with the text's square): what is found stays

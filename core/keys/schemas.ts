@@ -93,6 +93,8 @@ export const ImportRow = Type.Object(
     scopes: Type.Optional(Scopes),
     owner: Type.Optional(Owner),
     metadata: Type.Optional(Metadata),
+    allowed_cidrs: Type.Optional(Cidrs),
+    rate_limit: Type.Optional(RateLimitSchema),
     created_at: Type.Optional(Type.String({ format: 'date-time' })),
     expires_at: Type.Optional(Expires),
   },

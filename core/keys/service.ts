@@ -701,8 +701,10 @@ export class KeyService {
             scopes: row.scopes ?? [],
             owner: row.owner ?? null,
             metadata: row.metadata ?? {},
-            allowedCidrs: [],
-            rateLimit: null,
+            // Carried over (before, found by a migration review, refused as unknown fields: an
+            // imported key took any address and its type's default limit until changed after).
+            allowedCidrs: row.allowed_cidrs ?? [],
+            rateLimit: row.rate_limit ? { limit: row.rate_limit.limit, windowS: row.rate_limit.window_s } : null,
             rotationIntervalS: null,
             rotatedFrom: null,
             graceUntil: null,
