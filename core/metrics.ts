@@ -53,6 +53,9 @@ export interface Increment {
   inc(): void
 }
 
+/** Counts nothing: the place of a status below 100 among the classes. */
+const NOTHING: Increment = Object.freeze({ inc() {} })
+
 /**
  * A counter series the request path increments as a plain number; the count is added to its
  * prom-client child when the metrics are collected (a scrape, or a worker's report to the
@@ -187,7 +190,12 @@ export interface RouteMetrics {
   upstream: Observe
   /** Answers whose upstream response broke off after their head was passed on (counted `forwarded` at the head). */
   cutOff: Increment
+  /** Upstream final response heads (and an upgrade's 101) by status class, at `Math.floor(status / 100)` (1 to 5; a 103 is not counted). */
+  upstreamStatus: readonly Increment[]
 }
+
+/** The upstream status classes counted, by `Math.floor(status / 100)`. */
+export const STATUS_CLASSES = ['1xx', '2xx', '3xx', '4xx', '5xx'] as const
 
 export interface GatewayMetrics {
   readonly registry: Registry
@@ -343,6 +351,15 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     labelNames: ['route'],
     registers,
   })
+  // An upstream's own errors (its 5xx) are forwarded, and counted so by keygate_gateway_requests_total:
+  // this says what the upstream answered (before, found by an SRE review, nothing did, and no
+  // upstream error-ratio alert could be built).
+  const upstreamStatus = talliedCounter({
+    name: 'keygate_upstream_responses_total',
+    help: "Upstream response heads by route and status class (1xx to 5xx): what the upstream answered, where keygate_gateway_requests_total counts them all as forwarded.",
+    labelNames: ['route', 'class'],
+    registers,
+  })
   const upstream = new RouteHistogram('keygate_upstream_duration_seconds', 'Time from dispatch to the upstream response head, by route.', LATENCY_BUCKETS, registry)
   const cache = talliedCounter({ name: 'keygate_key_cache_total', help: 'Validation cache look-ups by result.', labelNames: ['result'], registers })
   const limited = talliedCounter({ name: 'keygate_rate_limited_total', help: 'Requests refused by a rate limit, by limit.', labelNames: ['limit'], registers })
@@ -372,7 +389,9 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
     const children = {} as Record<GatewayOutcome, Increment>
     for (const outcome of GATEWAY_OUTCOMES) children[outcome] = requests.tally(name, outcome)
-    byRoute.set(name, { requests: Object.freeze(children), duration: duration.series(name), upstream: upstream.series(name), cutOff: cutOff.tally(name) })
+    const classes: Increment[] = [NOTHING]
+    for (const c of STATUS_CLASSES) classes.push(upstreamStatus.tally(name, c))
+    byRoute.set(name, { requests: Object.freeze(children), duration: duration.series(name), upstream: upstream.series(name), cutOff: cutOff.tally(name), upstreamStatus: Object.freeze(classes) })
   }
   const none = byRoute.get(NO_ROUTE) as RouteMetrics
   const bad = {} as Record<BadKeyReason, Increment>

@@ -9,7 +9,7 @@ import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
-import type { RouteMetrics } from '../core/metrics.ts'
+import type { Increment, RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { closeWhenAnswered, expectsContinue, hasBody } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
@@ -442,7 +442,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean => {
     const res = s.res as NonNullable<RequestState['res']>
     const route = s.route as CompiledRoute
-    ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
+    const m = routeMetrics[route.index] as RouteMetrics
+    m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
+    m.upstreamStatus[(statusCode / 100) | 0]?.inc()
     if (res.destroyed) {
       recordClientClosed(ctx, s)
       return false
@@ -654,7 +656,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             return
           }
           const upstream = data.socket
-          ;(routeMetrics[route.index] as RouteMetrics).upstream.observe((performance.now() - s.upstreamStart) / 1000)
+          const m = routeMetrics[route.index] as RouteMetrics
+          m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
+          ;(m.upstreamStatus[1] as Increment).inc()
           if (client.destroyed || !client.writable) {
             upstream.destroy()
             recordClientClosed(ctx, s)

@@ -616,3 +616,21 @@ t.test('103 Early Hints from the upstream reach an HTTP/1.1 client, hop-by-hop f
   t.match(old, /^HTTP\/1\.1 200 OK\r\n/, 'an HTTP/1.0 client gets no 103 (RFC 9110 §15.2)')
   t.ok(old.endsWith('\r\n\r\nok'), 'and the answer')
 })
+
+t.test("keygate_upstream_responses_total counts what the upstream answered, by status class, where the requests are all 'forwarded' (found by an SRE review)", async (t) => {
+  const h = await startGateway(t, {
+    upstream: (req, res) => {
+      res.statusCode = Number(req.url?.slice(1)) || 200
+      res.end()
+    },
+  })
+  const k = await h.key()
+  for (const status of [200, 204, 301, 404, 404, 500, 503, 503]) t.equal((await h.get(`/${status}`, bearer(k.key))).status, status)
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'))
+  t.match(await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`), /^HTTP\/1\.1 101 /)
+  const text = await h.metrics.registry.metrics()
+  const count = (c: string) => Number(new RegExp(`^keygate_upstream_responses_total\\{route="api",class="${c}"\\} (\\d+)$`, 'm').exec(text)?.[1])
+  t.same(['1xx', '2xx', '3xx', '4xx', '5xx'].map(count), [1, 2, 1, 2, 3], 'by class, the upgrade as 1xx')
+  t.match(text, /^keygate_gateway_requests_total\{route="api",outcome="forwarded"\} 9$/m, 'all of them forwarded')
+  t.match(text, /^keygate_upstream_responses_total\{route="none",class="5xx"\} 0$/m, 'every series from the start')
+})
