@@ -5,7 +5,7 @@ import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
 import { readAtMost } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
-import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, ImportRow, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
+import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
@@ -438,9 +438,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   },
   import: {
     // The row's fields as the schema that checks them names them (before, the help named none).
-    summary: `import legacy keys (SHA-256 hex of UUID v4 strings) from a JSON array or JSON lines file of rows {${Object.keys(ImportRow.properties)
-      .map((f) => ((ImportRow.required as readonly string[] | undefined)?.includes(f) ? f : `${f}?`))
-      .join(', ')}}; a row that names no type takes --type, or service`,
+    summary: `import legacy keys (SHA-256 hex of UUID v4 strings) from a JSON array or JSON lines file of rows {${IMPORT_ROW_FIELDS}}; a row that names no type takes --type, or service`,
     usage: 'keygate api-key import FILE|- [--type T] [--json]',
     options: { type: { type: 'string' } },
     positionals: { min: 1, max: 1 },

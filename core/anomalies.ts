@@ -834,6 +834,8 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
     now(): void {
       if (timer !== undefined) void read()
     },
+    /** The newest id read (undefined before the first read): what it delivers from now on is above it, or a late commit at most LATE_WINDOW below. */
+    position: (): bigint | undefined => cursor,
     stop,
   }
 }
@@ -849,6 +851,7 @@ export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
   #stop: () => void
   #ready: () => Promise<void> = () => Promise.resolve()
+  #position: () => bigint | undefined = () => undefined
 
   /**
    * With Redis, `history` (the table) is required: it is the only source of what is streamed. A
@@ -870,6 +873,7 @@ export class AnomalyFeed {
     const delivered = options.redis ? new QuickLRU<string, true>({ maxSize: DELIVERED }) : undefined
     /** The newest id delivered, from the table: where the next read starts. */
     let newest: string | undefined
+    if (options.redis) this.#position = () => (newest === undefined ? undefined : BigInt(newest))
     const deliver = (a: AnomalyJson) => {
       if (delivered) {
         if (delivered.has(a.id)) return
@@ -1056,7 +1060,10 @@ export class AnomalyFeed {
         if (poll) poll.now()
         else deliver(e.data as AnomalyJson)
       })
-      if (poll) this.#ready = () => poll.start()
+      if (poll) {
+        this.#ready = () => poll.start()
+        this.#position = () => poll.position()
+      }
       this.#stop = () => {
         off()
         poll?.stop()
@@ -1077,6 +1084,14 @@ export class AnomalyFeed {
    */
   ready(): Promise<void> {
     return this.#ready()
+  }
+
+  /**
+   * Where the feed is: the newest id it read or delivered. Whatever it delivers later is above it,
+   * or a late commit at most LATE_WINDOW below (undefined: not known yet, or a feed without the table).
+   */
+  position(): bigint | undefined {
+    return this.#position()
   }
 
   /** `onClose` is called when the feed closes (shutdown: the stream ends). Returns the unsubscriber. */

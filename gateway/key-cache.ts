@@ -221,8 +221,14 @@ export class KeyCache {
     // The TTL is the `staleAt` of the key's profile, shared by keys loaded about together, not
     // lru-cache's own per entry (two more numbers a key).
     this.#ttl = o.ttlS * 10
+    // Its slots taken as it is made (`max`: about 28 bytes each, 12 of them outside the V8 heap):
+    // the least memory a key held, for a capacity sized to be used.
     this.#positive = new LRUCache({ max: o.capacity })
-    this.#negative = o.negativeTtlS > 0 && o.negativeMax > 0 ? new LRUCache({ max: o.negativeMax, ttl: o.negativeTtlS * 1000 }) : undefined
+    // Taken as unknown keys come (`maxSize`, each counting 1: as exact a bound, grown on demand):
+    // slots made for a bound that random keys may never reach would cost some 50 bytes each at
+    // start, with the TTL's, 500 MB for cache.negative_max's largest setting (found by a read-back).
+    this.#negative =
+      o.negativeTtlS > 0 && o.negativeMax > 0 ? new LRUCache<string, Miss>({ maxSize: o.negativeMax, sizeCalculation: () => 1, ttl: o.negativeTtlS * 1000 }) : undefined
     this.#refusedTtl = this.#negative === undefined ? 0 : Math.min(this.#ttl, o.negativeTtlS * 10)
   }
 

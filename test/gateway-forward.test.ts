@@ -50,6 +50,14 @@ t.test('identity headers set once; credential, spoofed and hop-by-hop headers go
   t.not((uuid.json as Received).headers['x-request-id'], '3b241101-e2bb-4255-8caf-4136c566a962', 'a UUID v4 request id is replaced')
   const keyish = await h.get('/', { ...bearer(k.key), 'x-request-id': k.key })
   t.not((keyish.json as Received).headers['x-request-id'], k.key)
+  // Nor one the log would hide (found by a read-back: it read [redacted] in the log and in error
+  // answers): a SHA-256 or a Gitea token's 40 hex digits, or a JWT's start. Hex of other lengths is kept.
+  for (const hidden of ['a'.repeat(64), `req:${'b'.repeat(40)}`, 'eyJhbGciOiJIUzI1NiJ9']) {
+    const replaced = await h.get('/', { ...bearer(k.key), 'x-request-id': hidden })
+    t.not((replaced.json as Received).headers['x-request-id'], hidden, `${hidden.slice(0, 12)}... is replaced`)
+  }
+  const hex = await h.get('/', { ...bearer(k.key), 'x-request-id': 'c'.repeat(32) })
+  t.equal((hex.json as Received).headers['x-request-id'], 'c'.repeat(32), '32 hex digits are kept')
 })
 
 t.test('X-Keygate-Key-Name tells every name apart, and decodeURIComponent gives each back (found by a review)', async (t) => {

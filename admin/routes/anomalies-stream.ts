@@ -72,7 +72,13 @@ export default defineOperation({
     // streamed live or caught up on the resume. (Before, found by a review, the stream gave no id
     // until its first event: a client that reconnected before one, past a restart of this
     // instance, had none to send, and never got what was recorded while it was away.)
-    const from = resume === undefined ? ((await services.anomalies.newestIds(1))[0] ?? '0') : undefined
+    // A store that cannot be read now gives no id line (the stream opens all the same, as before).
+    const from = resume === undefined ? await services.anomalies.newestIds(1).then((ids) => ids[0] ?? '0', () => undefined) : undefined
+    // What the stream reads from the table before it goes live: what the client missed, or what was
+    // recorded between the read of `from` and the listener below (before, found by a read-back, an
+    // anomaly the feed delivered in that gap never reached this stream, and once a later event had
+    // moved the client's last id past it, no resume brought it either).
+    const catchUpFrom = resume ?? from
     // Without Redis, the feed reads the table for other instances' findings while a stream is
     // open: from where the table is before this stream begins, so none recorded after is missed.
     await services.anomalyFeed.ready()
@@ -85,7 +91,7 @@ export default defineOperation({
     // An id alone is no event: it sets the client's Last-Event-ID (WHATWG HTML, "dispatch the event").
     res.write(`: keygate anomaly stream\nretry: 2000\n${from !== undefined ? `id: ${from}\n` : ''}\n`)
     // Live ones are held back while the missed ones are read, so none comes twice or out of turn.
-    let held: AnomalyJson[] | undefined = resume !== undefined ? [] : undefined
+    let held: AnomalyJson[] | undefined = catchUpFrom !== undefined ? [] : undefined
     let heldBytes = 0
     // After the catch-up, the ids it sent, until the feed is past them: the feed may deliver one
     // of them later (its read of the table had not reached it yet, or Redis's announcement came
@@ -107,6 +113,7 @@ export default defineOperation({
       },
       () => finish(),
     )
+    const feedAt = services.anomalyFeed.position()
     // A stream opened with an admin key ends once that key stops being one: at once when it is
     // revoked, expires or loses the admin scope through this instance, else at the next heartbeat
     // (a change made through another instance).
@@ -146,19 +153,23 @@ export default defineOperation({
       res.end()
     }
     res.once('close', done)
-    if (resume !== undefined) {
+    if (catchUpFrom !== undefined) {
       try {
         // The ids the pages sent, as runs of consecutive ids (a gap only where an id was skipped,
         // rolled back or not yet committed): a held live one is sent unless a page sent it, also
-        // one committed late with an id the pages had already passed.
+        // one committed late with an id the pages had already passed. Only those the feed may
+        // still deliver are kept: above where it was when this stream began listening, less
+        // LATE_WINDOW (before, found by a read-back, every id a resume from far back sent was
+        // kept for the stream's life, tens of MB for a million rows with gaps).
         const sent = new IdRuns()
-        let last = resume
+        const floor = feedAt === undefined ? undefined : feedAt - BigInt(LATE_WINDOW)
+        let last = catchUpFrom
         for (;;) {
           const page = await services.anomalies.after(last, RESUME_PAGE)
           for (const a of page) {
             if (!open(res)) return undefined
             if (!res.write(frame(anomalyJson(a)))) await drained(res)
-            sent.add(BigInt(a.id))
+            if (floor === undefined || BigInt(a.id) > floor) sent.add(BigInt(a.id))
             last = a.id
           }
           if (page.length < RESUME_PAGE) break

@@ -1,6 +1,6 @@
 // POST /v1/keys/import: legacy keys (SHA-256 hex of UUID v4 strings), all rows or none.
 import { Type } from '@sinclair/typebox'
-import { IMPORT_MAX_BODY_BYTES, IMPORT_MAX_ROWS, KeyTypeSchema } from '../../core/keys/schemas.ts'
+import { IMPORT_MAX_BODY_BYTES, IMPORT_MAX_ROWS, IMPORT_ROW_FIELDS, KeyTypeSchema } from '../../core/keys/schemas.ts'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
 import { KeySchema } from '../schemas.ts'
@@ -12,7 +12,7 @@ export default defineOperation({
   tag: 'keys',
   summary: 'Import legacy keys',
   description:
-    'Each row: `{"key_hash", "name", "type"?, "scopes"?, "owner"?, "metadata"?, "created_at"?, "expires_at"?}`. Every row is checked first and every problem reported (`import_invalid`, up to 20: the check stops at the row that reaches them); then all are written in one transaction. ' +
+    `Each row: \`{${IMPORT_ROW_FIELDS}}\` (\`allowed_cidrs\` and \`rate_limit\` as POST /v1/keys takes them). Every row is checked first and every problem reported (\`import_invalid\`, up to 20: the check stops at the row that reaches them); then all are written in one transaction. ` +
     `The body may be up to ${IMPORT_MAX_BODY_BYTES} bytes (32 MiB, or admin.max_body_bytes if larger), room for ${IMPORT_MAX_ROWS} rows of 3 KiB each; \`413 payload_too_large\` above (split a file of larger rows).`,
   maxBodyBytes: IMPORT_MAX_BODY_BYTES,
   body: Type.Object(

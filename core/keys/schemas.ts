@@ -101,6 +101,10 @@ export const ImportRow = Type.Object(
   { additionalProperties: false },
 )
 export type ImportRowInput = Static<typeof ImportRow>
+/** An import row's fields as the help and the API's description name them: `key_hash, name, type?, ...`, from the schema that checks them. */
+export const IMPORT_ROW_FIELDS = Object.keys(ImportRow.properties)
+  .map((f) => ((ImportRow.required as readonly string[] | undefined)?.includes(f) ? f : `${f}?`))
+  .join(', ')
 
 export const ListKeysQuery = Type.Object(
   {
