@@ -166,6 +166,15 @@ t.test('cache.max_capacity keys used in turn are all held, and never more; negat
   t.equal(now.miss - negativeStart.miss, 20, 'each unknown key looked up once')
   t.equal(now.negative - negativeStart.negative, 20, 'then remembered, all 20')
   t.equal(now.unknown, 20)
+
+  // A flush of everything (the `all` message, a Redis reconnection) empties both, and they fill again.
+  h.gateway.applyInvalidation('all')
+  const flushed = await counts()
+  t.same([flushed.keys, flushed.unknown], [0, 0], 'both empty after a flush')
+  await h.get('/', bearer((valid[1] as { key: string }).key))
+  await h.get('/', bearer((valid[1] as { key: string }).key))
+  const refilled = await counts()
+  t.same([refilled.miss - flushed.miss, refilled.hit - flushed.hit, refilled.keys], [1, 1, 1], 'a key is looked up again once, then held')
 })
 
 t.test('a revoked or expired key is held in the cache no longer than an unknown one, so the time of the refusal tells none of them apart', async (t) => {
