@@ -1021,9 +1021,10 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         // Every listening worker is asked, and the whole scrape fails after 5 s when one does not
         // answer; a worker still starting has no listener for the request yet, and is left out
         // (it has counted nothing). Only while none listens (the start, or every worker being
-        // replaced at once) does a scrape wait for them, 8 s at most. (Before, found by a review, it waited for any worker starting:
-        // a replacement waiting for the store, as long as store.start_wait_s, made every scrape
-        // take 8 s for the whole of a store outage, past Prometheus's usual scrape timeout.)
+        // replaced at once) does a scrape wait for them, 8 s at most. (Before, found by a review,
+        // it waited for any worker starting: a replacement waiting for the store, as long as
+        // store.start_wait_s, made every scrape take 8 s for the whole of a store outage, past
+        // Prometheus's usual scrape timeout.)
         for (let waited = 0; waited < 8000 && listening.size === 0 && live.size > 0; waited += 50) await new Promise((r) => setTimeout(r, 50))
         const answers = new Map<number, MetricsJson>()
         await Promise.all(

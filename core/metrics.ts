@@ -195,7 +195,7 @@ export interface RouteMetrics {
 }
 
 /** The upstream status classes counted, by `Math.floor(status / 100)`. */
-export const STATUS_CLASSES = ['1xx', '2xx', '3xx', '4xx', '5xx'] as const
+const STATUS_CLASSES = ['1xx', '2xx', '3xx', '4xx', '5xx'] as const
 
 export interface GatewayMetrics {
   readonly registry: Registry

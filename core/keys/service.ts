@@ -120,6 +120,11 @@ function grantedDetails(k: KeyRecord): Record<string, unknown> {
   }
 }
 
+/** A rate limit as the API writes it (`window_s`) as a record holds it; none for none (null restores the type's default). */
+function rateLimitFrom(api: { limit: number; window_s: number } | null | undefined): KeyRecord['rateLimit'] {
+  return api ? { limit: api.limit, windowS: api.window_s } : null
+}
+
 /** COLUMNS, each qualified by `table` (for a statement that joins api_keys with other tables). */
 export function columnsOf(table: string): string {
   return COLUMNS.split(',').map((c) => `${table}.${c.trim()}`).join(', ')
@@ -216,7 +221,7 @@ function fieldChanges(body: UpdateKeyInput, expiresAt: Date | null | undefined):
   if (body.allowed_cidrs !== undefined) add('allowed_cidrs', 'allowedCidrs', body.allowed_cidrs)
   if (body.rate_limit !== undefined) {
     const limit = body.rate_limit
-    add('rate_limit', 'rateLimit', limit && { limit: limit.limit, windowS: limit.window_s }, [['rate_limit', limit?.limit ?? null], ['rate_limit_window_s', limit?.window_s ?? null]])
+    add('rate_limit', 'rateLimit', rateLimitFrom(limit), [['rate_limit', limit?.limit ?? null], ['rate_limit_window_s', limit?.window_s ?? null]])
   }
   if (expiresAt !== undefined) add('expires_at', 'expiresAt', expiresAt)
   if (body.rotation_interval_s !== undefined) add('rotation_interval_s', 'rotationIntervalS', body.rotation_interval_s)
@@ -395,7 +400,7 @@ export class KeyService {
         owner: body.owner ?? null,
         metadata: body.metadata ?? {},
         allowedCidrs: body.allowed_cidrs ?? [],
-        rateLimit: body.rate_limit ? { limit: body.rate_limit.limit, windowS: body.rate_limit.window_s } : null,
+        rateLimit: rateLimitFrom(body.rate_limit),
         rotationIntervalS: body.rotation_interval_s ?? null,
         rotatedFrom: null,
         graceUntil: null,
@@ -704,7 +709,7 @@ export class KeyService {
             // Carried over (before, found by a migration review, refused as unknown fields: an
             // imported key took any address and its type's default limit until changed after).
             allowedCidrs: row.allowed_cidrs ?? [],
-            rateLimit: row.rate_limit ? { limit: row.rate_limit.limit, windowS: row.rate_limit.window_s } : null,
+            rateLimit: rateLimitFrom(row.rate_limit),
             rotationIntervalS: null,
             rotatedFrom: null,
             graceUntil: null,
