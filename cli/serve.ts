@@ -15,7 +15,7 @@ import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.t
 import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { answersWithin, within } from '../core/deadline.ts'
-import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
+import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
@@ -909,6 +909,10 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // admin credentials was not counted), and the workers it replaced.
     const own = createMetricsRegistry()
     const restarts = createWorkerRestartMetrics(own)
+    const workerStates = createWorkerStateMetrics(own, workers)
+    // The primary's own store answers the admin API: its keygate_store_up joins the workers' (the
+    // lowest is shown), and is there when no worker is live.
+    createHealthMetrics(own, { store: () => answersWithin(() => runtime.db.query('SELECT 1'), 2000) })
     const ownLockout = role.admin ? createLockoutMetrics(own) : undefined
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, {
@@ -1018,21 +1022,32 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         return unanswering > 0 ? `${workers - unanswering} of ${workers} gateway workers answering` : storeReady()
       },
       metrics: async () => {
-        // Every listening worker is asked, and the whole scrape fails after 5 s when one does not
-        // answer; a worker still starting has no listener for the request yet, and is left out
-        // (it has counted nothing). Only while none listens (the start, or every worker being
-        // replaced at once) does a scrape wait for them, 8 s at most. (Before, found by a review,
-        // it waited for any worker starting: a replacement waiting for the store, as long as
+        // Every listening worker is asked; one that does not answer within 5 s (stuck, until the
+        // liveness check kills it) is counted `unanswering` and its last counts stand in for it.
+        // (Before, found by a review, it failed the whole scrape with a 500 for the 15 to 20 s the
+        // worker took to be killed: every other worker's series went missing with it.) A worker
+        // still starting has no listener for the request yet, and is left out (it has counted
+        // nothing). Only while none listens (the start, or every worker being replaced at once)
+        // does a scrape wait for them, 8 s at most. (Before, also found by a review, it waited for
+        // any worker starting: a replacement waiting for the store, as long as
         // store.start_wait_s, made every scrape take 8 s for the whole of a store outage, past
         // Prometheus's usual scrape timeout.)
         for (let waited = 0; waited < 8000 && listening.size === 0 && live.size > 0; waited += 50) await new Promise((r) => setTimeout(r, 50))
         const answers = new Map<number, MetricsJson>()
+        const asked = [...listening]
+        const starting = live.size - asked.length
+        let unanswering = 0
         await Promise.all(
-          [...listening].map(async (w) => {
-            const metrics = await askMetrics(w, false)
+          asked.map(async (w) => {
+            const metrics = await askMetrics(w, false).catch((err: unknown) => {
+              unanswering++
+              log.warn('a gateway worker did not answer the scrape; its last counts stand in', { worker: w.id, err })
+              return undefined
+            })
             if (metrics) answers.set(w.id, metrics)
           }),
         )
+        workerStates({ starting, answering: asked.length - unanswering, unanswering })
         const sum = clusterMetrics.sum(answers, (await own.getMetricsAsJSON()) as unknown as MetricsJson)
         return { contentType: sum.contentType, body: await sum.metrics() }
       },

@@ -322,6 +322,30 @@ export function createWorkerRestartMetrics(registry: Registry): Readonly<Record<
   return { exited: zeroed(restarts.labels('exited')), unresponsive: zeroed(restarts.labels('unresponsive')) }
 }
 
+/** A `--workers` worker's state at a scrape: forked but not yet listening, listening and answering the scrape, or listening and not answering it within 5 s. */
+export type WorkerState = 'starting' | 'answering' | 'unanswering'
+
+/**
+ * The `--workers` primary's view of its workers at each scrape, in its own registry: present
+ * whatever the workers' state, so an alert can fire when none answers (the workers' own gauges
+ * are then absent from the scrape).
+ */
+export function createWorkerStateMetrics(registry: Registry, wanted: number): (counts: Readonly<Record<WorkerState, number>>) => void {
+  const registers = [registry]
+  new Gauge({ name: 'keygate_gateway_workers_wanted', help: 'Gateway workers this instance runs (serve --workers N).', registers }).set(wanted)
+  const workers = new Gauge({
+    name: 'keygate_gateway_workers',
+    help: 'Gateway workers at this scrape, by state: starting (not yet listening), answering, or unanswering (listening, but its metrics did not come within 5 s: its last counts are in this scrape, its gauges are not).',
+    labelNames: ['state'],
+    registers,
+  })
+  const children = { starting: workers.labels('starting'), answering: workers.labels('answering'), unanswering: workers.labels('unanswering') }
+  for (const child of Object.values(children)) child.set(0)
+  return (counts) => {
+    for (const [state, child] of Object.entries(children)) child.set(counts[state as WorkerState])
+  }
+}
+
 /** The lockout's counters: a gateway's metrics hold them, and a process with the admin API alone (`--only admin`) makes them on their own. */
 export function createLockoutMetrics(registry: Registry): { lockedOutRequests: Counter; lockouts: Counter; lockoutsForgotten: Counter } {
   const registers = [registry]

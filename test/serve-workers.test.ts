@@ -17,6 +17,8 @@ import { adminClient, freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
+/** A series' value in a scrape's text (NaN when absent). */
+const value = (text: string, series: string) => Number(new RegExp(`^${series.replace(/[{}]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1])
 
 t.test('--workers on PostgreSQL: one port, the primary owns the admin API and sums the metrics; changes reach every worker at once', async (t) => {
   const url = await freshDatabase(t)
@@ -184,7 +186,7 @@ t.test('--workers: a worker killed under a churn of new connections leaves none 
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
-t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz, then killed and replaced', async (t) => {
+t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz and the scrape, then killed and replaced', async (t) => {
   // Before (found by a review): the kernel kept handing the frozen worker its share of new
   // connections, which hung; /readyz said ready, and the log only that it did not report metrics.
   const url = await freshDatabase(t)
@@ -192,6 +194,18 @@ t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz, then killed
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  // Each worker answers (401) and counts four requests; the scrape keeps what each counted.
+  const connections = await connectionPerWorker(t, serve.gateway, 2)
+  for (let i = 0; i < 8; i++) t.equal((await answerOf(await connections[i % 2]!.request({ method: 'GET', path: `/f${i}` }))).status, 401)
+  const unauthorized = 'keygate_gateway_requests_total{route="default",outcome="key_missing"}'
+  const before = await call(`${serve.admin}/metrics`)
+  // connectionPerWorker's own requests are counted too.
+  const counted = value(before.text, unauthorized)
+  t.ok(counted >= 8, 'both workers counted')
+  t.equal(value(before.text, 'keygate_gateway_workers{state="answering"}'), 2)
+  t.equal(value(before.text, 'keygate_gateway_workers{state="unanswering"}'), 0)
+  t.equal(value(before.text, 'keygate_gateway_workers_wanted'), 2)
+  t.equal(value(before.text, 'keygate_store_up'), 1, "the primary's and the workers' store")
   const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   // A frozen process outlives its parent's SIGKILL: the teardown ends it should the test fail.
   t.teardown(() => {
@@ -208,6 +222,14 @@ t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz, then killed
   }
   t.equal(ready.status, 503, 'not ready while a worker does not answer')
   t.equal(ready.json.reason, '1 of 2 gateway workers answering')
+  // Before (found by a review): the scrape failed with a 500 until the worker was killed, and
+  // every series of the answering worker went missing with it.
+  const frozen = await call(`${serve.admin}/metrics`)
+  t.equal(frozen.status, 200, 'the scrape answers while a worker is frozen')
+  t.equal(value(frozen.text, unauthorized), counted, "the frozen worker's last counts stand in for it: the counter does not go down")
+  t.equal(value(frozen.text, 'keygate_gateway_workers{state="answering"}'), 1)
+  t.equal(value(frozen.text, 'keygate_gateway_workers{state="unanswering"}'), 1, 'the frozen worker is shown')
+  t.ok(serve.logs.some((l) => l.message.startsWith('a gateway worker did not answer the scrape') && l.level === 'warn'), 'and logged')
   const killed = await serve.waitForLog((l) => l.message.startsWith('a gateway worker stopped answering'))
   t.equal(killed.level, 'error')
   const died = await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
@@ -229,7 +251,6 @@ t.test('--workers metrics: the file descriptor limit is one process\'s, the star
   // start time was left out, and nothing showed that a worker had been restarted.
   const { cwd, env, upstream } = await workersSetUp(t, 'restarts', 0)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  const value = (text: string, series: string) => Number(new RegExp(`^${series.replace(/[{}]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1])
   const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
   const limit = Number(/^Max open files +(\d+)/m.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1])
   const before = await call(`${serve.admin}/metrics`)
