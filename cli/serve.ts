@@ -14,7 +14,7 @@ import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
-import { answersWithin, within } from '../core/deadline.ts'
+import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
@@ -348,11 +348,30 @@ function systemCode(err: unknown): string | undefined {
  * only (the driver's message names the database's host and port), and the whole error is logged,
  * once per change.
  */
+/**
+ * How long `/readyz` waits for the store, as the health gauges do. Before (found by a review), it
+ * waited `store.query_timeout_ms` (5 s by default, up to 10 minutes): a probe with a shorter
+ * timeout (Kubernetes' default is 1 s) failed without a reason, and a person's curl hung.
+ */
+const READY_STORE_WAIT_MS = 2000
+
 function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefined> {
   let lastLogged = ''
+  // Probes within 2 s of an unanswered one share its query, so a hung store is sent one a
+  // probe period at most, not one per probe; an older one is not waited on (its connection may
+  // never answer, while a new one would).
+  let asking: { answer: Promise<string[]>; at: number } | undefined
+  const ask = () => {
+    if (asking && performance.now() - asking.at < READY_STORE_WAIT_MS) return asking.answer
+    const answer = pendingMigrations(runtime.db).finally(() => {
+      if (asking?.answer === answer) asking = undefined
+    })
+    asking = { answer, at: performance.now() }
+    return answer
+  }
   return async () => {
     try {
-      const pending = await pendingMigrations(runtime.db)
+      const pending = await within(ask(), READY_STORE_WAIT_MS, 'the store')
       lastLogged = ''
       return pending.length > 0 ? `migrations not applied: ${pending.join(', ')}` : undefined
     } catch (err) {
@@ -363,6 +382,7 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
         lastLogged = message
         log.warn('not ready: the store cannot be reached', { err })
       }
+      if (err instanceof TimedOut) return `store not answering (no answer within ${READY_STORE_WAIT_MS / 1000} s)`
       const code = systemCode(err)
       return code === undefined ? 'store unreachable' : `store unreachable (${code})`
     }

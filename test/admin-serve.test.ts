@@ -235,6 +235,35 @@ t.test('PostgreSQL that stops answering: requests that need it get 503 store_una
   t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
 })
 
+t.test('/readyz on a store that stops answering says so within 2 s, not after store.query_timeout_ms, and is ready again once it answers', async (t) => {
+  // Before (found by a review): /readyz waited store.query_timeout_ms (here 60 s), past any
+  // probe's timeout, and a person's curl hung.
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-ready-hung-'))
+  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 60000\n')
+  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  t.equal((await call(`${serve.admin}/readyz`)).status, 200)
+  gate.set('silent')
+  // Three probes at once share one query to the store.
+  const probes = await Promise.all([1, 2, 3].map(() => call(`${serve.admin}/readyz`)))
+  for (const probe of probes) {
+    t.equal(probe.status, 503, probe.text)
+    t.equal(probe.json.reason, 'store not answering (no answer within 2 s)')
+  }
+  gate.set('open')
+  let ready = await call(`${serve.admin}/readyz`)
+  // A hang guard, not a timing: the silent connections end at the pool's own timeouts.
+  for (let i = 0; i < 600 && ready.status !== 200; i++) {
+    await new Promise((r) => setTimeout(r, 100))
+    ready = await call(`${serve.admin}/readyz`)
+  }
+  t.equal(ready.status, 200, `ready again: ${ready.text}`)
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+})
+
 t.test('a store that stops answering and a webhook receiver that never answers while serve stops: it exits 0 within store.query_timeout_ms and 2 s of the drain, saying what it lost', async (t) => {
   // Before (found by reviews): what is written after the drain (usage counts, the anomaly
   // detector's check, webhook rounds, one more of which started meanwhile) each waited out its
