@@ -17,11 +17,24 @@ import pg from 'pg'
 import { MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
-import { call, startUpstream, uploadWhileAnswered } from './helpers/gateway.ts'
+import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
+const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
+
+/** keygate serving an upstream, its PostgreSQL reached through a gate the test can silence, with `yaml` as its configuration file. */
+async function serveBehindGate(t: Tap, name: string, yaml: string) {
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  const cwd = mkdtempSync(join(tmpdir(), `keygate-${name}-`))
+  writeFileSync(join(cwd, 'keygate.yaml'), yaml)
+  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  return { gate, serve, upstream }
+}
 
 
 t.test('the README walk-through and the CLI against a running server (embedded store)', async (t) => {
@@ -195,16 +208,10 @@ t.test('a stop signal while the start waits on the store (another instance migra
 })
 
 t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
-  const url = await freshDatabase(t)
-  const { gate, url: through } = await gateInFront(t, url)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-query-timeout-'))
   // One connection: it is open when the gate goes silent, so it is reused after, and on it a
   // statement without a timeout would wait for ever (and the pool with it).
-  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 300\n  pool_max: 1\n')
-  const token = 'an-admin-token-of-32-characters!'
-  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
-  const upstream = await startUpstream(t)
-  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  const { gate, serve, upstream } = await serveBehindGate(t, 'query-timeout', 'store:\n  query_timeout_ms: 300\n  pool_max: 1\n')
+  const token = ADMIN_TOKEN
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token, body: { name: 'not yet cached', type: 'user' } })
   t.equal(created.status, 201)
   const auth = { authorization: `Bearer ${created.json.key}` }
@@ -238,13 +245,7 @@ t.test('PostgreSQL that stops answering: requests that need it get 503 store_una
 t.test('/readyz on a store that stops answering says so within 2 s, not after store.query_timeout_ms, and is ready again once it answers', async (t) => {
   // Before (found by a review): /readyz waited store.query_timeout_ms (here 60 s), past any
   // probe's timeout, and a person's curl hung.
-  const url = await freshDatabase(t)
-  const { gate, url: through } = await gateInFront(t, url)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-ready-hung-'))
-  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 60000\n')
-  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
-  const upstream = await startUpstream(t)
-  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  const { gate, serve } = await serveBehindGate(t, 'ready-hung', 'store:\n  query_timeout_ms: 60000\n')
   t.equal((await call(`${serve.admin}/readyz`)).status, 200)
   gate.set('silent')
   // Three probes at once share one query to the store.
@@ -319,13 +320,7 @@ t.test('a store gone silent with store.query_timeout_ms 0 (no timeout): a stop s
   // Before (found by the review of the change that bounded stops): the bound was armed once the
   // drain was over, and the drain waited for the scheduler's round on its statement, for ever
   // with no query timeout: "shutting down" was the last line, and the process stayed.
-  const url = await freshDatabase(t)
-  const { gate, url: through } = await gateInFront(t, url)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-stop-untimed-'))
-  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  query_timeout_ms: 0\nscheduler:\n  interval_s: 1\ngateway:\n  shutdown_timeout_ms: 500\n')
-  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
-  const upstream = await startUpstream(t)
-  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
+  const { gate, serve } = await serveBehindGate(t, 'stop-untimed', 'store:\n  query_timeout_ms: 0\nscheduler:\n  interval_s: 1\ngateway:\n  shutdown_timeout_ms: 500\n')
   const mark = gate.sent().length
   gate.set('silent')
   // A scheduler round starts every second: one is now waiting on its statement, with no timeout.
