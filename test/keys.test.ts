@@ -861,6 +861,9 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(records[0]?.keyHash, sha256(live), 'stored in lower case')
     t.equal((await s.keys.validate(live)).valid, true)
     t.equal(records[1]?.status, 'expired')
+    // Before (found by a review): made now, after it had expired.
+    t.equal(records[1]?.createdAt.toISOString(), '2020-01-01T00:00:00.000Z', 'without its created_at, an expired key is taken as made at its expiry, not after it')
+    t.ok((records[0]?.createdAt.getTime() ?? 0) > Date.parse('2026-01-01'), 'a live one without created_at is made now')
     t.match(await s.keys.validate(dead), { valid: false, code: 'key_expired' })
   })
 
@@ -942,7 +945,8 @@ await forEachStore(t, async (t: Test, store) => {
         metadata: row.metadata ?? {},
         allowedCidrs: [],
         legacy: true,
-        createdAt: row.created_at ?? T0.toISOString(),
+        // Row 2000 expired before the import: made at its expiry.
+        createdAt: row.created_at ?? (row.expires_at ? new Date(row.expires_at).toISOString() : T0.toISOString()),
         expiresAt: row.expires_at ? new Date(row.expires_at).toISOString() : null,
       }
       const seen = (k: KeyRecord) => ({ keyHash: k.keyHash, name: k.name, type: k.type, status: k.status, scopes: k.scopes, owner: k.owner, metadata: k.metadata, allowedCidrs: k.allowedCidrs, legacy: k.legacy, createdAt: k.createdAt.toISOString(), expiresAt: k.expiresAt?.toISOString() ?? null })

@@ -714,7 +714,10 @@ export class KeyService {
             rotatedFrom: null,
             graceUntil: null,
             legacy: true,
-            createdAt: row.created_at ? new Date(row.created_at) : now,
+            // A row without its time is taken as made now, or, when it has expired already, at
+            // its expiry, the latest it can have been made (before, found by a review, it was
+            // made after it expired).
+            createdAt: row.created_at ? new Date(row.created_at) : row.expires_at && new Date(row.expires_at) < now ? new Date(row.expires_at) : now,
             expiresAt: row.expires_at ? new Date(row.expires_at) : null,
           })),
           now,
