@@ -64,6 +64,9 @@ t.test('through the admin API and a gateway', async (t) => {
     const rotated = await h.call('POST', `/v1/keys/${made.json.id}/rotate`)
     const rotatedHook = await receiver.waitFor(ofType('key.rotated', (d) => d.previous?.id === made.json.id))
     t.equal(rotatedHook.json.data.key.id, rotated.json.id, 'the new key and the one it replaced')
+    // Before (found by a review): the rotation's answer said until when the old key works, its event did not.
+    t.equal(rotatedHook.json.data.previous.valid_until, rotated.json.previous.valid_until, "the replaced key's valid_until, as in the rotation's answer")
+    t.equal(rotatedHook.json.data.previous.valid_until, rotatedHook.json.data.previous.grace_until, 'the end of its grace')
     t.notOk(rotatedHook.body.includes(rotated.json.key), 'no plaintext key')
     await h.call('POST', `/v1/keys/${rotated.json.id}/revoke`, { body: { reason: 'done' } })
     const revokedHook = await receiver.waitFor(ofType('key.revoked', (d) => d.key.id === rotated.json.id))

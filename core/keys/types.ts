@@ -75,7 +75,12 @@ export function replacedKeyValidUntil(previous: KeyRecord): Date {
   return previous.status === 'rotating' ? new Date(validUntilOf(previous)) : (previous.revokedAt ?? previous.updatedAt)
 }
 
+/** The key a rotation replaced, with `valid_until`: in the rotation's answer and its `key.rotated` event alike. */
+export function replacedKeyJson(previous: KeyRecord) {
+  return { ...keyJson(previous), valid_until: replacedKeyValidUntil(previous).toISOString() }
+}
+
 /** The answer to a rotation, from the admin API and `api-key rotate --json` alike. */
 export function rotationJson(key: string, record: KeyRecord, previous: KeyRecord) {
-  return { ...keyJson(record), key, previous: { ...keyJson(previous), valid_until: replacedKeyValidUntil(previous).toISOString() } }
+  return { ...keyJson(record), key, previous: replacedKeyJson(previous) }
 }
