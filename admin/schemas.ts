@@ -62,7 +62,7 @@ export const Plaintext = Type.String({ description: 'The key itself. Shown in th
 export const KeyWithSecret = Type.Composite([KeySchema, Type.Object({ key: Plaintext })], { description: 'A new key and its plaintext, shown once.' })
 
 export const AUDIT_ACTIONS =
-  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, lockout.lifted, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
+  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, lockout.lifted, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, webhook.deliveries_retried, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
 
 export const AuditSchema = Type.Object({
   id: Type.String(),

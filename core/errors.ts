@@ -33,6 +33,7 @@ export const ERRORS = {
   key_not_found: { status: 404, message: 'No key has this id.' },
   anomaly_not_found: { status: 404, message: 'No anomaly has this id.' },
   webhook_not_found: { status: 404, message: 'No webhook has this id.' },
+  delivery_not_found: { status: 404, message: 'The webhook has no delivery with this id.' },
   webhook_url_refused: { status: 400, message: 'The webhook URL may not be used: it is not a public http(s) address.' },
   method_not_allowed: { status: 405, message: 'This method is not allowed here.' },
   conflict: { status: 409, message: 'The request conflicts with the current state.' },

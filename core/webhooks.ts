@@ -618,6 +618,58 @@ export class WebhookService {
     return pageOf(rows.map(toDelivery), options.limit, (d) => ({ at: d.createdAt, id: d.id }))
   }
 
+  /**
+   * Sends one failed delivery again: it becomes pending, due now, its attempts started over (as
+   * many as `max_attempts` again) and its webhook-id kept, so a receiver that did take it after all
+   * drops it as a repeat (Standard Webhooks). 404 `delivery_not_found` when the webhook has no such
+   * delivery; 409 `conflict` when it is pending or was delivered. A paused webhook holds it until
+   * enabled. An admin action: audited as `webhook.deliveries_retried`.
+   */
+  async retryDelivery(id: string, deliveryId: string, actor: Actor): Promise<Delivery> {
+    const [retried] = await this.#requeue<DeliveryRow>(id, actor, 'id = $3', [deliveryId], { due: storeClock(2), returning: D_COLUMNS }, { delivery_id: deliveryId })
+    if (retried) return toDelivery(retried)
+    const [current] = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id])
+    if (!current) throw new KeygateError('delivery_not_found', `webhook ${id} has no delivery with the id ${JSON.stringify(deliveryId)}`)
+    const d = toDelivery(current)
+    throw new KeygateError(
+      'conflict',
+      d.status === 'pending'
+        ? `delivery ${d.id} is pending: its next attempt is at ${d.nextAttemptAt.toISOString()}; only a failed delivery is sent again`
+        : `delivery ${d.id} was delivered at ${d.deliveredAt?.toISOString() ?? 'an unknown time'}; only a failed delivery is sent again`,
+    )
+  }
+
+  /**
+   * Sends again, as retryDelivery does, every failed delivery the webhook queued in [from, to):
+   * what a receiver missed in an outage longer than the retries. Returns how many.
+   */
+  async retryFailed(id: string, range: { from: Date; to: Date }, actor: Actor): Promise<number> {
+    // Due since they were made: sent oldest first (the claim takes the earliest due), where the
+    // store's now for all of them would send them in the order of their random ids.
+    const retried = await this.#requeue<{ id: string }>(id, actor, 'created_at >= $3 AND created_at < $4', [range.from, range.to], { due: `least(created_at, ${storeClock(2)})`, returning: 'id' }, {
+      from: range.from.toISOString(),
+      to: range.to.toISOString(),
+    })
+    return retried.length
+  }
+
+  /** The failed deliveries of a live webhook that `where` picks, pending again and due (at `sql.due`, now or before), with their audit row; sending starts at once. */
+  async #requeue<R>(id: string, actor: Actor, where: string, params: unknown[], sql: { due: string; returning: string }, details: Record<string, unknown>): Promise<R[]> {
+    const rows = await this.#db.transaction(async (tx) => {
+      const [live] = await tx.query(`SELECT 1 FROM webhooks WHERE id = $1 AND ${LIVE}`, [id])
+      if (!live) throw notFound(id)
+      const out = await tx.query<R>(
+        `UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = ${sql.due}
+         WHERE webhook_id = $1 AND status = 'failed' AND ${where} RETURNING ${sql.returning}`,
+        [id, this.#storeNow(), ...params],
+      )
+      if (out.length > 0 && this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.deliveries_retried', details: { id, ...details, retried: out.length } })
+      return out
+    })
+    if (rows.length > 0) this.kick()
+    return rows
+  }
+
   // Queue
 
   /**

@@ -121,6 +121,11 @@ t.test('real answers match the documented schemas', async (t) => {
   const anomaly = (await new AnomalyLog(h.db).insert({ keyId: key.id, type: 'error_rate', windowStart: new Date(0), details: { errors: 30 }, detectedAt: new Date() }))!
   const hook = (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/hook`, events: ['key.revoked'] } })).json
   const doomed = (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/gone`, events: ['key.revoked'] } })).json
+  const failedDelivery = async () => {
+    const id = `msg_${randomUUID().replaceAll('-', '')}`
+    await h.db.query(`INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts) VALUES ($1, $2, 'key.revoked', '{}', 'failed', 8)`, [id, hook.id])
+    return id
+  }
   h.usage.count(key.id, 'forwarded', Date.now())
   h.usage.count(undefined, 'key_invalid', Date.now())
   const samples: Record<string, () => ReturnType<typeof h.call>> = {
@@ -157,6 +162,8 @@ t.test('real answers match the documented schemas', async (t) => {
     testWebhook: () => h.call('POST', `/v1/webhooks/${hook.id}/test`),
     rotateWebhookSecret: () => h.call('POST', `/v1/webhooks/${hook.id}/rotate-secret`),
     listWebhookDeliveries: () => h.call('GET', `/v1/webhooks/${hook.id}/deliveries`),
+    retryWebhookDelivery: async () => h.call('POST', `/v1/webhooks/${hook.id}/deliveries/${await failedDelivery()}/retry`),
+    retryFailedWebhookDeliveries: async () => (await failedDelivery(), h.call('POST', `/v1/webhooks/${hook.id}/deliveries/retry`, { body: {} })),
     deleteWebhook: () => h.call('DELETE', `/v1/webhooks/${doomed.id}`),
   }
   for (const op of OPERATIONS) {

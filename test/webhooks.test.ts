@@ -207,6 +207,48 @@ t.test('through the admin API and a gateway', async (t) => {
     t.notOk(audit.text.includes(key), 'nor audited')
   })
 
+  await t.test('a failed delivery sent again through the admin API, one or a range; audited', async (t) => {
+    // Failed for good, as after a receiver's outage longer than the retries.
+    const payloads = [0, 1, 2].map((n) => JSON.stringify({ type: 'key.revoked', timestamp: new Date().toISOString(), data: { key: { id: `gone${n}` } } }))
+    const failedIds = ['msg_again1', 'msg_again2', 'msg_again3']
+    for (const [i, id] of failedIds.entries()) {
+      await h.db.query(
+        `INSERT INTO webhook_deliveries (id, webhook_id, event_type, payload, status, attempts, last_status, last_error, created_at)
+         VALUES ($1, $2, 'key.revoked', $3, 'failed', 8, 503, 'the receiver answered 503', now() - interval '1 hour' + $4 * interval '1 second')`,
+        [id, hookId, payloads[i], i],
+      )
+    }
+    const one = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/msg_again1/retry`)
+    t.equal(one.status, 200, one.text)
+    t.match(one.json, { id: 'msg_again1', status: 'pending', attempts: 0, last_status: 503 })
+    const sent = await receiver.waitFor((hk) => hk.id === 'msg_again1')
+    t.same(verifiedBy(sent, [secret]), [secret], 'signed, under its webhook-id')
+    t.equal(sent.body, payloads[0], 'its payload as queued')
+    await until(async () => (await h.call('GET', `/v1/webhooks/${hookId}/deliveries?status=failed`)).json.items.length === 2)
+    const again = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/msg_again1/retry`)
+    t.equal(again.status, 409)
+    t.equal(again.json.error.code, 'conflict')
+    t.match(again.json.error.message, /was delivered at/)
+    const unknown = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/msg_nope/retry`)
+    t.equal(unknown.status, 404)
+    t.equal(unknown.json.error.code, 'delivery_not_found')
+    t.equal((await h.call('POST', `/v1/webhooks/wh_nope/deliveries/msg_again2/retry`)).json.error.code, 'webhook_not_found')
+
+    const bad = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/retry`, { body: { from: 'yesterday' } })
+    t.equal(bad.status, 400)
+    t.match(bad.json.error, { code: 'validation_failed', message: /from/ })
+    const backwards = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/retry`, { body: { from: new Date().toISOString(), to: new Date(Date.now() - 60_000).toISOString() } })
+    t.equal(backwards.status, 400, 'from after to')
+    const all = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/retry`, { body: {} })
+    t.equal(all.status, 200, all.text)
+    t.equal(all.json.retried, 2, 'the two still failed, over the last 24 hours')
+    for (const id of failedIds.slice(1)) await receiver.waitFor((hk) => hk.id === id)
+    const audit = await h.db.query<{ action: string }>(`SELECT action FROM api_key_audit_log WHERE action = 'webhook.deliveries_retried'`)
+    t.equal(audit.length, 2, 'each an audited admin action')
+    const listed = await h.call('GET', '/v1/audit?action=webhook.deliveries_retried')
+    t.same(listed.json.items.map((a: any) => a.details.retried).sort(), [1, 2], 'with how many')
+  })
+
   await t.test('delete', async (t) => {
     const gone = await h.call('DELETE', `/v1/webhooks/${hookId}`)
     t.equal(gone.status, 200)
@@ -379,6 +421,57 @@ await forEachStore(t, async (t, store) => {
     // Its receiver closes with this subtest: left registered, the webhook took the next subtest's
     // key.revoked too, and that delivery's refused attempt, ending late on a loaded machine, woke
     // the 'frozen' instance there, which took the delivery over itself (seen in two CI runs).
+    await s.remove(webhook.id, ACTOR)
+  })
+
+  await t.test('failed deliveries sent again: one by id, or those queued in a range, each with its attempts started over and its webhook-id kept', async (t) => {
+    // Before (found by a review): a delivery that failed for good could only be read in the log.
+    let status = 500
+    const receiver = await startReceiver(t, (_h, res) => res.writeHead(status).end())
+    const s = service()
+    // Asks to send again without sending (it kicks its own round): \`s\` sends when the test runs it.
+    const quiet = service({}, false)
+    const { webhook } = await s.create({ url: `${receiver.url}/again`, events: ['key.expiring'] }, ACTOR)
+    const queuedAt: Date[] = []
+    for (const id of ['a1', 'a2', 'a3']) {
+      queuedAt.push(clock.now())
+      await s.enqueue(event('key.expiring', { key: { id } }))
+      clock.advance(1000)
+    }
+    for (let i = 0; i < 4; i++) {
+      clock.advance(10_000)
+      await run(s)
+    }
+    const failed = await deliveriesOf(webhook.id)
+    t.same(failed.map((d) => [d.status, d.attempts]), [['failed', 3], ['failed', 3], ['failed', 3]], 'all three failed after max_attempts')
+    const [first, second, third] = failed
+    const before = receiver.received.length
+
+    status = 204
+    const retried = await quiet.retryDelivery(webhook.id, second.id, ACTOR)
+    t.match(retried, { id: second.id, status: 'pending', attempts: 0, lastStatus: 500 }, 'pending again, its attempts started over, its last answer kept until the next')
+    t.equal(retried.nextAttemptAt.getTime(), clock.now().getTime(), 'due now')
+    await run(s)
+    t.match((await deliveriesOf(webhook.id))[1], { status: 'delivered', attempts: 1, last_status: 204 })
+    t.same(receiver.received.slice(before).map((r) => r.id), [second.id], 'sent once, under its webhook-id')
+
+    const refused = async (p: Promise<unknown>) => p.then(() => undefined, (err: { code: string; message: string }) => err)
+    t.match(await refused(quiet.retryDelivery(webhook.id, second.id, ACTOR)), { code: 'conflict', message: /^delivery msg_\w+ was delivered at .*; only a failed delivery is sent again$/ })
+    t.match(await refused(quiet.retryDelivery(webhook.id, 'msg_none', ACTOR)), { code: 'delivery_not_found' })
+    t.match(await refused(quiet.retryDelivery('wh_none', second.id, ACTOR)), { code: 'webhook_not_found' })
+
+    // The range picks by when each was queued: [first's time, third's) holds the first alone.
+    t.equal(await quiet.retryFailed(webhook.id, { from: queuedAt[0] as Date, to: queuedAt[2] as Date }, ACTOR), 1, 'the failed one in the range; the delivered one in it is left')
+    const [d1, , d3] = await deliveriesOf(webhook.id)
+    t.match(d1, { status: 'pending', attempts: 0 })
+    t.equal(new Date(d1.next_attempt_at).getTime(), new Date(d1.created_at).getTime(), 'due since it was queued: sent oldest first')
+    t.match(d3, { status: 'failed' }, 'the one after the range is left')
+    t.equal(await quiet.retryFailed(webhook.id, { from: queuedAt[0] as Date, to: clock.now() }, ACTOR), 1, 'the third; the first is pending already')
+    t.match(await refused(quiet.retryDelivery(webhook.id, first.id, ACTOR)), { code: 'conflict', message: /is pending: its next attempt is at / })
+    await run(s)
+    t.same((await deliveriesOf(webhook.id)).map((d) => d.status), ['delivered', 'delivered', 'delivered'])
+    t.same(new Set(receiver.received.slice(before).map((r) => r.id)), new Set([first.id, second.id, third.id]), 'each sent again once')
+    t.equal(await quiet.retryFailed(webhook.id, { from: queuedAt[0] as Date, to: clock.now() }, ACTOR), 0, 'nothing failed is left')
     await s.remove(webhook.id, ACTOR)
   })
 

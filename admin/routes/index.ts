@@ -37,6 +37,8 @@ import createWebhook from './webhooks-create.ts'
 import deleteWebhook from './webhooks-delete.ts'
 import getWebhook from './webhooks-get.ts'
 import listWebhookDeliveries from './webhooks-deliveries.ts'
+import retryFailedWebhookDeliveries from './webhooks-deliveries-retry.ts'
+import retryWebhookDelivery from './webhooks-delivery-retry.ts'
 import listWebhooks from './webhooks-list.ts'
 import rotateWebhookSecret from './webhooks-rotate-secret.ts'
 import testWebhook from './webhooks-test.ts'
@@ -82,4 +84,6 @@ export const OPERATIONS: readonly Operation[] = Object.freeze([
   testWebhook,
   rotateWebhookSecret,
   listWebhookDeliveries,
+  retryFailedWebhookDeliveries,
+  retryWebhookDelivery,
 ])
