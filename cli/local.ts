@@ -3,11 +3,14 @@
 // invalidations every gateway drops the key on. Loaded by main.ts only for such a command: a
 // command through the admin API, a usage error or --help loads none of the store, Redis or
 // webhook code (about a third of a command's start-up before).
+import { existsSync } from 'node:fs'
+import { join, resolve } from 'node:path'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import { EventBus } from '../core/events.ts'
 import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
 import type { Logger } from '../core/log.ts'
+import { DEFAULT_DATA_DIR } from '../core/db.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 
@@ -22,7 +25,12 @@ export async function runLocal<C>(
   open: (runtime: Runtime) => Promise<{ ctx: C; close?: () => Promise<void> }>,
   action: (ctx: C) => Promise<number>,
 ): Promise<number> {
+  const fresh = !config.store.database_url && existingOnly === undefined ? newEmbeddedStoreAt(config.store.data_dir) : undefined
   const runtime = await openRuntime(config, log, { shortLived: true, ...(existingOnly !== undefined ? { existingOnly } : {}) })
+  // Before (found by a review): a command run without the service's KEYGATE_DATA_DIR (sudo drops
+  // it) made a store of its own in the working folder without a word, and the key it printed was
+  // one the service never knew.
+  if (fresh) log.warn('made a new embedded store: none was there. A running service keeps its store where its KEYGATE_DATA_DIR (store.data_dir) points, or goes through its admin API (KEYGATE_ADMIN_URL)', { data_dir: fresh })
   // Each part closes in the `finally` once made: a failure making a later one (Redis's client
   // failing to load, say) still closes what came before, the store last.
   let opened: Awaited<ReturnType<typeof open>> | undefined
@@ -49,6 +57,12 @@ export async function runLocal<C>(
     await opened?.close?.()
     await runtime.close()
   }
+}
+
+/** The embedded store's folder when it holds no store yet (the command will make one), else undefined. */
+function newEmbeddedStoreAt(dataDir: string | undefined): string | undefined {
+  const dir = resolve(dataDir ?? DEFAULT_DATA_DIR)
+  return existsSync(join(dir, 'pgdata', 'PG_VERSION')) ? undefined : dir
 }
 
 /**

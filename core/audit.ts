@@ -11,7 +11,7 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
 import { existsSync, lstatSync, readFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
+import { DEFAULT_DATA_DIR, rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
 import { decodeCursor, encodeCursor, type CursorPosition, type Page } from './cursor.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { createWhole, replaceWhole } from './files.ts'
@@ -206,7 +206,7 @@ export class AuditCipher {
 
 /** The encryption key the embedded store generates for itself when none is configured. */
 export function embeddedKeyFile(dataDir: string | undefined): string {
-  return join(resolve(dataDir ?? './.keygate'), 'encryption.key')
+  return join(resolve(dataDir ?? DEFAULT_DATA_DIR), 'encryption.key')
 }
 
 /** The encryption keys (their ids) a store holds something sealed with: audit rows and webhook secrets. */

@@ -589,6 +589,8 @@ function userName(uid: number): string | undefined {
 interface ForeignOwner {
   uid: number
   user: string | undefined
+  /** Writable by every user (a shared volume: /tmp, a Kubernetes emptyDir). */
+  everyone?: boolean
 }
 
 /**
@@ -612,7 +614,7 @@ function foreignOwner(path: string): ForeignOwner | undefined {
   if (stat.uid === euid) return undefined
   const byGroup = (stat.mode & 0o020) !== 0 && (stat.gid === process.getegid?.() || (process.getgroups?.() ?? []).includes(stat.gid))
   if (euid !== 0 && byGroup) return undefined
-  return { uid: stat.uid, user: userName(stat.uid) }
+  return { uid: stat.uid, user: userName(stat.uid), everyone: (stat.mode & 0o002) !== 0 }
 }
 
 /** `uid N (name)`, and how to run a command as that user. */
@@ -641,7 +643,13 @@ function refuseForeignFolders(dir: string, pgdata: string): void {
       throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${systemErrorWords(err)} (${folder})`, undefined, { cause: err })
     }
     if (owner === undefined) continue
-    const { who, runAs } = ownerWords(owner)
+    const { who } = ownerWords(owner)
+    // A folder every user may write into is a shared volume, not another user's store: running as
+    // its owner (root, most often) is the wrong advice (found by a deployment review, for an
+    // emptyDir in a pod that runs as a user of its own).
+    const runAs = owner.everyone
+      ? `it is open to every user (a shared volume, such as a Kubernetes emptyDir): point KEYGATE_DATA_DIR (store.data_dir) at a folder inside it, which keygate makes as this user's own, or give the volume this user's group (a pod's securityContext.fsGroup)`
+      : ownerWords(owner).runAs
     throw new KeygateError(
       'store_unavailable',
       `the embedded store's folder ${folder} belongs to ${who}, not to this process's user (uid ${process.geteuid?.()}): files written there as this user can be unreadable to their owner, whose store then fails to start; ${runAs}`,
@@ -791,6 +799,9 @@ const NOT_UP_YET_WORDS = new Set(['Connection terminated unexpectedly', 'timeout
 // only once it exists (a review's `db` failed at once). A mistyped one is said every 10 s meanwhile.
 const NOT_UP_YET = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EAI_AGAIN', 'ENOTFOUND', '57P03', '53300'])
 
+/** Where the embedded store lives without store.data_dir: the working folder's `.keygate`. */
+export const DEFAULT_DATA_DIR = './.keygate'
+
 /** PostgreSQL's shared_buffers for an embedded store opened by a short command. */
 const SHORT_LIVED_SHARED_BUFFERS = '16MB'
 
@@ -822,7 +833,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   const sharedBuffers = options.shortLived ? SHORT_LIVED_SHARED_BUFFERS : options.sharedBuffersMb !== undefined ? `${options.sharedBuffersMb}MB` : undefined
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, sharedBuffers }, () => {})
-  const dir = resolve(options.dataDir ?? './.keygate')
+  const dir = resolve(options.dataDir ?? DEFAULT_DATA_DIR)
   const pgdata = join(dir, 'pgdata')
   if (options.existingOnly !== undefined) requireStore(dir, pgdata, options.existingOnly)
   refuseForeignFolders(dir, pgdata)

@@ -156,7 +156,6 @@ t.test('output that cannot be written after a change: the error says what was do
   t.match((await runCli(['api-key', 'get', id as string, '--json'], { cwd, env })).json(), { name: 'renamed', status: 'revoked' }, 'both changes were made')
 })
 
-t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
 
 t.test("from the second run on, the compile cache serves the command's TypeScript and the embedded store's thread", async (t) => {
   // Before: the cache was turned on in bin/keygate.ts, after Node had stripped that file's types,
@@ -236,3 +235,24 @@ function loadRecorder(cwd: string): { env: Record<string, string>; urls(): strin
     urls: () => readFileSync(loaded, 'utf8').split('\n').filter(Boolean),
   }
 }
+
+t.test('a command that makes a new embedded store says so, naming the folder; one on a store that is there does not', async (t) => {
+  // Before (found by a deployment review): `sudo -u keygate keygate api-key create` lost the
+  // service's KEYGATE_DATA_DIR, made a store of its own in the working folder without a word, and
+  // printed a key the service never knew.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 5).toString('base64'), LOG_LEVEL: 'info' })
+  const made = await runCli(['api-key', 'create', '--name', 'stray', '--type', 'user', '--json'], { cwd, env })
+  t.equal(made.code, 0, made.stderr)
+  plaintexts.push((made.json() as { key: string }).key)
+  const said = made.stderr.split('\n').filter((l) => l.includes('made a new embedded store'))
+  t.equal(said.length, 1, 'said once')
+  t.equal(JSON.parse(said[0] as string).data_dir, join(cwd, '.keygate'), 'naming the folder it made')
+  t.match(said[0], /KEYGATE_DATA_DIR/, 'and where a service keeps its store')
+  const again = await runCli(['api-key', 'create', '--name', 'second', '--type', 'user', '--json'], { cwd, env })
+  t.equal(again.code, 0, again.stderr)
+  plaintexts.push((again.json() as { key: string }).key)
+  t.notMatch(again.stderr, /made a new embedded store/, 'not said for a store that is there')
+})
+
+t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))

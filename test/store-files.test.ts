@@ -97,6 +97,25 @@ t.test('a folder another user shares through its group (a volume under an arbitr
   t.same(listed.json().items, [], 'and lists its keys')
 })
 
+t.test('a folder open to every user (an emptyDir) is refused with the advice to use a folder inside it, which then opens', { skip: AS_NOBODY }, async (t) => {
+  // Before (found by a deployment review): the advice was to run as its owner, `sudo -u root
+  // keygate …`, in a pod that runs as a user of its own.
+  if (typeof nobody === 'string') return
+  const dir = tempDir(t)
+  chmodSync(dir, 0o755)
+  const volume = join(dir, 'volume')
+  mkdirSync(volume)
+  chmodSync(volume, 0o777)
+  const refused = await nobody.run(['api-key', 'create', '--type', 'user', '--name', 'pod', '--json'], embeddedEnv(volume))
+  t.equal(refused.code, 1, refused.stderr)
+  t.match(refused.json().error.message, `the embedded store's folder ${volume} belongs to uid 0 (root)`)
+  t.match(refused.json().error.message, 'it is open to every user (a shared volume, such as a Kubernetes emptyDir): point KEYGATE_DATA_DIR (store.data_dir) at a folder inside it')
+  t.notMatch(refused.json().error.message, /sudo -u root/)
+  const inside = await nobody.run(['api-key', 'create', '--type', 'user', '--name', 'pod', '--json'], embeddedEnv(join(volume, 'keygate')))
+  t.equal(inside.code, 0, inside.stderr)
+  t.equal(statSync(join(volume, 'keygate')).uid, NOBODY, "the folder inside is made as the user's own")
+})
+
 t.test("a file of another user inside the store (left by an older keygate run as root): its user's command names it", { skip: AS_NOBODY }, async (t) => {
   if (typeof nobody === 'string') return
   const dir = tempDir(t)
