@@ -2,6 +2,7 @@
 // The keygate command, as bin/keygate.js starts it (which keeps V8's compiled code on disk).
 import { spawn } from 'node:child_process'
 import cluster from 'node:cluster'
+import { armEarlyStop } from '../core/early-stop.ts'
 
 const command = process.argv[2]
 const LIFTOFF = '--liftoff-only'
@@ -56,7 +57,11 @@ if (STORE_COMMANDS.has(command as string) && !remote && !process.execArgv.includ
   }
   // `serve` never ends on SIGHUP (the systemd unit's reload sends it). Its own handler comes once
   // its modules have loaded; until then this one keeps Node's default, which ends the process.
-  if (command === 'serve') process.on('SIGHUP', () => {})
+  if (command === 'serve') {
+    process.on('SIGHUP', () => {})
+    // A SIGTERM or SIGINT before serve's own handler is kept for it (core/early-stop.ts).
+    armEarlyStop()
+  }
   const { main } = await import('../cli/main.ts')
   process.exitCode = await main(process.argv.slice(2))
   // A `serve --workers` worker that could not start (its store out of reach, say): its

@@ -15,6 +15,7 @@ import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.t
 import { destroyConnections, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
+import { takeEarlyStop } from '../core/early-stop.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
 import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
@@ -302,6 +303,9 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   process.on('SIGINT', on)
   // Kept to the end, through the last of a shutdown (dispose runs before the store closes).
   process.on('SIGHUP', hangup)
+  // One that came while the modules loaded: the stop begins now.
+  const early = takeEarlyStop()
+  if (early) on(early)
   return {
     stopped,
     dispose() {

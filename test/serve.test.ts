@@ -236,6 +236,23 @@ t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload
   t.equal(await served.stop(), 0, 'and stops cleanly')
 })
 
+t.test('a SIGTERM while serve loads its modules is kept, and ends the start, exit 0', async (t) => {
+  // Before (found by a deployment review): until serve's own handler came, SIGTERM had none: as
+  // PID 1 (a container's entrypoint) it was ignored and the platform waited its grace period out
+  // for the SIGKILL; elsewhere it ended the process by the signal.
+  const fixture = new URL('./fixtures/slow-cli-load.mjs', import.meta.url).href
+  const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
+  const loading = Date.now()
+  while (!served.stderr().includes('fixture: loading cli/main.ts')) {
+    if (Date.now() - loading > 30_000) return t.fail(`serve never reached cli/main.ts:\n${served.stderr()}`)
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  served.child.kill('SIGTERM')
+  t.equal(await served.exited, 0, 'exit 0, not ended by the signal')
+  t.ok(served.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'the start ends as for a signal after it began')
+  t.notOk(served.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
+})
+
 t.test('the embedded store thread gone for good: serve stops and exits 1, so that it is started again', async (t) => {
   // Before (found by a review): every call needing the store failed from then on, /healthz
   // answered 200, and the process ran on, so Restart=on-failure never started it again.
