@@ -2,6 +2,7 @@
 // loopback upstream, health, readiness and metrics, graceful shutdown with a request in flight,
 // --only, and usage errors. (--workers runs in test/serve-workers.test.ts.)
 import t from 'tap'
+import type { Test } from 'tap'
 import net from 'node:net'
 import { closeSync, mkdtempSync, openSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -221,14 +222,20 @@ t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) 
   for (const release of releases) release()
 })
 
-t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload right after start)', async (t) => {
+/** `keygate serve` held as it loads cli/main.ts (test/fixtures/slow-cli-load.mjs), for a signal sent then. */
+async function serveWhileLoading(t: Test) {
   const fixture = new URL('./fixtures/slow-cli-load.mjs', import.meta.url).href
   const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
   const loading = Date.now()
   while (!served.stderr().includes('fixture: loading cli/main.ts')) {
-    if (Date.now() - loading > 30_000) return t.fail(`serve never reached cli/main.ts:\n${served.stderr()}`)
+    if (Date.now() - loading > 30_000) throw new Error(`serve never reached cli/main.ts:\n${served.stderr()}`)
     await new Promise((r) => setTimeout(r, 10))
   }
+  return served
+}
+
+t.test('a SIGHUP while serve loads its modules does not end it (systemctl reload right after start)', async (t) => {
+  const served = await serveWhileLoading(t)
   // Before, nothing handled SIGHUP until serve itself ran, so Node's default ended the process.
   served.child.kill('SIGHUP')
   const listening = await served.waitForLog((l) => l.message === 'gateway listening')
@@ -240,13 +247,7 @@ t.test('a SIGTERM while serve loads its modules is kept, and ends the start, exi
   // Before (found by a deployment review): until serve's own handler came, SIGTERM had none: as
   // PID 1 (a container's entrypoint) it was ignored and the platform waited its grace period out
   // for the SIGKILL; elsewhere it ended the process by the signal.
-  const fixture = new URL('./fixtures/slow-cli-load.mjs', import.meta.url).href
-  const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), NODE_OPTIONS: `--import=${fixture}` }), waitFor: { gateway: false, admin: false } })
-  const loading = Date.now()
-  while (!served.stderr().includes('fixture: loading cli/main.ts')) {
-    if (Date.now() - loading > 30_000) return t.fail(`serve never reached cli/main.ts:\n${served.stderr()}`)
-    await new Promise((r) => setTimeout(r, 10))
-  }
+  const served = await serveWhileLoading(t)
   served.child.kill('SIGTERM')
   t.equal(await served.exited, 0, 'exit 0, not ended by the signal')
   t.ok(served.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'the start ends as for a signal after it began')
