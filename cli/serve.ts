@@ -364,10 +364,18 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
   // Probes within 2 s of an unanswered one share its query, so a hung store is sent one a
   // probe period at most, not one per probe; an older one is not waited on (its connection may
   // never answer, while a new one would).
-  let asking: { answer: Promise<string[]>; at: number } | undefined
+  let asking: { answer: Promise<string | undefined>; at: number } | undefined
+  const check = async (): Promise<string | undefined> => {
+    const pending = await pendingMigrations(runtime.db)
+    if (pending.length > 0) return `migrations not applied: ${pending.join(', ')}`
+    // A store that takes no writes serves no admin change, usage count or lockout: not ready
+    // (before, found by a failure review, ready while every write failed).
+    const [mode] = await runtime.db.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
+    return mode?.read_only === 'on' ? 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary' : undefined
+  }
   const ask = () => {
     if (asking && performance.now() - asking.at < READY_STORE_WAIT_MS) return asking.answer
-    const answer = pendingMigrations(runtime.db).finally(() => {
+    const answer = check().finally(() => {
       if (asking?.answer === answer) asking = undefined
     })
     asking = { answer, at: performance.now() }
@@ -375,9 +383,9 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
   }
   return async () => {
     try {
-      const pending = await within(ask(), READY_STORE_WAIT_MS, 'the store')
+      const reason = await within(ask(), READY_STORE_WAIT_MS, 'the store')
       lastLogged = ''
-      return pending.length > 0 ? `migrations not applied: ${pending.join(', ')}` : undefined
+      return reason
     } catch (err) {
       // A changed or missing migration file is not an outage.
       if (isKeygateError(err) && err.code === 'migration_modified') return err.message
@@ -618,6 +626,24 @@ function armStopBackstop(config: Config, log: Logger, code: () => number, usage:
   return () => clearTimeout(timer)
 }
 
+/** How long the process may stay after `stopped` before exitIfHeld ends it. */
+const HELD_AFTER_STOP_MS = 1000
+
+/**
+ * Once `stopped` is logged, everything was waited for: what still keeps the process alive a second
+ * later is a handle nothing will close. A connection to a frozen PostgreSQL (SIGSTOP, a partition),
+ * ended on keygate's side but never acknowledged by the server's, kept the process for as long as
+ * the store stayed frozen, `stopped` logged, until the service manager's SIGKILL (found by a
+ * failure review). The process then exits with the code `serve` returned (bin/keygate.ts sets it).
+ */
+function exitIfHeld(log: Logger): void {
+  const timer = setTimeout(() => {
+    log.warn('stopped, but a connection (to the store, most likely) has not closed: exiting without it', { waited_ms: HELD_AFTER_STOP_MS })
+    process.exit()
+  }, HELD_AFTER_STOP_MS)
+  timer.unref()
+}
+
 /**
  * Stops a listener: no new connections, idle ones closed, requests in flight given until
  * `timeoutMs`, then every connection still open is ended (TLS ones still in their handshake too).
@@ -794,6 +820,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       if (disarm) {
         disarm()
         log.info('stopped')
+        exitIfHeld(log)
       }
       // The IPC channel to the primary would keep a worker alive after its listeners closed. A
       // worker exits as soon as it is disconnected, so this comes last.
@@ -1144,6 +1171,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     if (disarm) {
       disarm()
       log.info('stopped')
+      exitIfHeld(log)
     }
   }
 }

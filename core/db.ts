@@ -170,6 +170,9 @@ function outOfResources(err: unknown, where: string): KeygateError | undefined {
   return new KeygateError('store_unavailable', `${where} is out of resources (SQLSTATE ${code}): ${(err as Error).message}`, { sqlstate: code }, { cause: err })
 }
 
+/** SQLSTATE 25006: a write in a read-only transaction (a standby, default_transaction_read_only). */
+const READ_ONLY_TRANSACTION = '25006'
+
 /** `PostgreSQL at host:port`, as messages name the server (never with its credentials). */
 function postgresAt(url: string): string {
   const u = URL.canParse(url) ? new URL(url) : undefined
@@ -273,6 +276,10 @@ class PostgresDb implements Db {
     }
     const exhausted = outOfResources(err, `the store (${this.#where})`)
     if (exhausted) return exhausted
+    // Before (found by a failure review): a 500 internal_error for every write, while reads went on.
+    if (sqlState(err) === READ_ONLY_TRANSACTION) {
+      return new KeygateError('store_unavailable', `the store (${this.#where}) refuses writes: it is read-only (a standby, or default_transaction_read_only on); DATABASE_URL must name the primary`, { sqlstate: READ_ONLY_TRANSACTION }, { cause: err })
+    }
     if (!isUnreachable(err)) return err
     return new KeygateError('store_unavailable', `the store (${this.#where}) cannot be reached: ${(err as Error).message}`, undefined, { cause: err })
   }

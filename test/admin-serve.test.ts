@@ -316,6 +316,61 @@ t.test('a store that stops answering and a webhook receiver that never answers w
   t.equal(hits.length, 1, 'no second attempt was made during the stop')
 })
 
+t.test('SIGTERM with PostgreSQL frozen: serve exits once stopped, though its connections to the store never finish closing', async (t) => {
+  // Before (found by a failure review): `stopped` was logged, and the process stayed for as long as
+  // PostgreSQL was frozen (a connection ended on keygate's side, never on the server's, kept the
+  // event loop alive), until the service manager's SIGKILL.
+  const { gate, serve } = await serveBehindGate(t, 'stop-frozen', 'store:\n  query_timeout_ms: 500\n')
+  // Idle pooled connections, open when the store freezes.
+  for (let i = 0; i < 3; i++) t.equal((await call(`${serve.admin}/v1/keys`, { token: ADMIN_TOKEN })).status, 200)
+  gate.set('silent')
+  serve.child.kill('SIGTERM')
+  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
+  t.equal(code, 0, 'exit 0')
+  const stopped = serve.logs.findIndex((l) => l.message === 'stopped')
+  t.ok(stopped >= 0, 'stopped is logged')
+  t.ok(serve.logs.slice(stopped).some((l) => l.level === 'warn' && l.message.startsWith('stopped, but a connection (to the store, most likely) has not closed')), 'then why it exits without waiting: ' + JSON.stringify(serve.logs.slice(stopped)))
+})
+
+t.test('a read-only store (a standby after a failover): writes answer 503 store_unavailable saying so, and /readyz is not ready', async (t) => {
+  // Before (found by a failure review): every write answered 500 internal_error while /readyz
+  // said ready.
+  const url = await freshDatabase(t)
+  const name = new URL(url).pathname.slice(1)
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env })
+  const admin = new pg.Client({ connectionString: url })
+  await admin.connect()
+  t.teardown(() => admin.end())
+  // Every connection made from now on is read-only; the pool's are ended, and made again.
+  const readOnly = async (on: boolean) => {
+    await admin.query(on ? `ALTER DATABASE "${name}" SET default_transaction_read_only = on` : `ALTER DATABASE "${name}" RESET default_transaction_read_only`)
+    await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [name])
+  }
+  await readOnly(true)
+  const readyReason = async (wanted: (reason: string | undefined) => boolean) => {
+    let ready = await call(`${serve.admin}/readyz`)
+    // The first calls may meet the ended connections: a hang guard, not a timing.
+    for (let i = 0; i < 100 && !wanted(ready.json?.reason); i++) {
+      await new Promise((r) => setTimeout(r, 100))
+      ready = await call(`${serve.admin}/readyz`)
+    }
+    return ready
+  }
+  const notReady = await readyReason((reason) => reason?.startsWith('store is read-only') === true)
+  t.equal(notReady.status, 503)
+  t.equal(notReady.json.reason, 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary')
+  const refused = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: ADMIN_TOKEN, body: { name: 'on a standby', type: 'user' } })
+  t.equal(refused.status, 503, refused.text)
+  t.equal(refused.json.error.code, 'store_unavailable')
+  t.match(refused.json.error.message, /refuses writes: it is read-only .*DATABASE_URL must name the primary/)
+  await readOnly(false)
+  t.equal((await readyReason((reason) => reason === undefined)).status, 200, 'ready again on the primary')
+  t.equal((await call(`${serve.admin}/v1/keys`, { method: 'POST', token: ADMIN_TOKEN, body: { name: 'on the primary', type: 'user' } })).status, 201)
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+})
+
 t.test('a store gone silent with store.query_timeout_ms 0 (no timeout): a stop still ends, bounded by the drain and 10 s', async (t) => {
   // Before (found by the review of the change that bounded stops): the bound was armed once the
   // drain was over, and the drain waited for the scheduler's round on its statement, for ever

@@ -10,7 +10,9 @@ export type GateState =
   | 'shut'
   /**
    * Nothing passes either way, and every connection open now or made now stays open and says
-   * nothing for good: a server or network that hangs (a host gone, a firewall dropping packets).
+   * nothing for good: a server or network that hangs (a host gone, a firewall dropping packets, a
+   * frozen server). A client that ends its side is answered by no end of the gate's: its socket
+   * stays half-closed, as one to a frozen PostgreSQL does.
    */
   | 'silent'
   /** The gate stops listening and drops every connection: a new one is refused (ECONNREFUSED), for good. */
@@ -46,9 +48,11 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   // Connections that have once been silent stay so: their byte streams are broken.
   const muted = new WeakSet<net.Socket>()
   const fromClients: Buffer[] = []
-  const server = net.createServer((client) => {
+  // Half-open: a client's end is passed on by hand (below), and not at all once muted.
+  const server = net.createServer({ allowHalfOpen: true }, (client) => {
     sockets.add(client)
     client.on('error', () => {}).on('close', () => sockets.delete(client))
+    client.on('end', () => void (muted.has(client) || client.end()))
     if (state === 'shut') return void client.destroy()
     client.on('data', (d: Buffer) => void fromClients.push(d))
     if (state === 'silent') return void muted.add(client)
