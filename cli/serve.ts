@@ -71,6 +71,21 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   }
   // The address the api-key, gitea and n8n commands call, not one serve listens on (before: taken and ignored).
   refuseFlags(p, ['admin-url'], 'serve does not use it: it is the admin API the api-key, gitea and n8n commands go through; the admin listener\'s address is --admin-listen (admin.listen)')
+  // A start that fails is said in the log too, as a JSON line on stdout where the rest of serve's
+  // log goes, beside the command's `keygate: …` on stderr (before, found by a deployment review, a
+  // pipeline that reads the JSON log never saw why a pod kept restarting). Usage errors stay
+  // the command line's alone.
+  try {
+    return await startServe(p, io)
+  } catch (err) {
+    if (!(err instanceof UsageError) && !cluster.isWorker) {
+      createLogger({ level: 'error' }).error('serve failed', { err: err instanceof Error ? err : new Error(String(err)) })
+    }
+    throw err
+  }
+}
+
+async function startServe(p: ReturnType<typeof parse>, io: Io): Promise<number> {
   const only = p.values.only as string | undefined
   if (only !== undefined && only !== 'gateway' && only !== 'admin') throw new UsageError(`--only: ${JSON.stringify(only)} is not allowed; expected gateway or admin\nusage: ${USAGE}`)
   const workers = parseIntFlag('workers', p.values.workers as string | undefined, 1, 256) ?? 1
