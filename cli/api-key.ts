@@ -261,13 +261,14 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   },
   list: {
     summary: 'list keys, newest first',
-    usage: 'keygate api-key list [--type T] [--status S] [--owner O] [--scope S] [--name TEXT] [--limit N] [--cursor C | --all] [--json]',
+    usage: 'keygate api-key list [--type T] [--status S] [--owner O] [--scope S] [--name TEXT] [--legacy] [--limit N] [--cursor C | --all] [--json]',
     options: {
       type: { type: 'string' },
       status: { type: 'string' },
       owner: { type: 'string' },
       scope: { type: 'string' },
       name: { type: 'string' },
+      legacy: { type: 'boolean' },
       limit: { type: 'string' },
       cursor: { type: 'string' },
       all: { type: 'boolean' },
@@ -276,6 +277,8 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     readOnly: true,
     prepare(p) {
       const query: Record<string, unknown> = {}
+      // Only the keys imported from the replaced system, to follow a migration's rotations.
+      if (p.values.legacy === true) query.legacy = true
       choiceFlag(p, 'type', KEY_TYPES)
       choiceFlag(p, 'status', KEY_STATUSES)
       for (const f of ['type', 'status', 'owner', 'scope', 'name', 'cursor']) if (str(p, f) !== undefined) query[f] = str(p, f)

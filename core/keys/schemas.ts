@@ -113,6 +113,7 @@ export const ListKeysQuery = Type.Object(
     owner: Type.Optional(Type.String({ minLength: 1, maxLength: 200 })),
     scope: Type.Optional(Scope),
     name: Type.Optional(Type.String({ minLength: 1, maxLength: 200, description: 'Names containing this text (case-insensitive).' })),
+    legacy: Type.Optional(Type.Boolean({ description: "true: only keys imported from the replaced system (validated by their UUID until rotated); false: only keygate's own." })),
     limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, default: 50 })),
     cursor: Type.Optional(Type.String({ pattern: CURSOR_PATTERN, description: 'next_cursor of the previous page.' })),
   },

@@ -459,6 +459,7 @@ export class KeyService {
     if (q.owner) add('owner = $1', q.owner)
     if (q.scope) add('$1 = ANY(scopes)', q.scope)
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
+    if (q.legacy !== undefined) add('legacy = $1', q.legacy)
     if (q.cursor) {
       const { at, id } = decodeCursor(q.cursor)
       add('(created_at, id) < ($1, $2)', at, id)

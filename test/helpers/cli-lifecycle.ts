@@ -129,6 +129,8 @@ export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void>
   t.equal(imported.code, 0, imported.stderr)
   t.equal(imported.json().imported, 2)
   t.equal((await run(['api-key', 'validate', legacy[0] as string])).code, 0, 'an imported legacy key validates')
+  const legacyListed = await run(['api-key', 'list', '--legacy', '--json'])
+  t.same(legacyListed.json().items.map((k: { name: string }) => k.name).sort(), ['legacy-0', 'legacy-1'], 'list --legacy: the imported keys alone')
   const dup = await run(['api-key', 'import', file])
   t.equal(dup.code, 1, 'importing the same hashes again is refused')
   t.match(dup.stderr, /row 1: key_hash is already in the store/)
