@@ -3,14 +3,13 @@
 // invalidations every gateway drops the key on. Loaded by main.ts only for such a command: a
 // command through the admin API, a usage error or --help loads none of the store, Redis or
 // webhook code (about a third of a command's start-up before).
-import { existsSync } from 'node:fs'
-import { join, resolve } from 'node:path'
+import { resolve } from 'node:path'
 import type { Redis } from 'ioredis'
 import type { Config } from '../config/schema.ts'
 import { EventBus } from '../core/events.ts'
 import { bindInvalidations, sendInvalidation } from '../core/invalidation.ts'
 import type { Logger } from '../core/log.ts'
-import { DEFAULT_DATA_DIR } from '../core/db.ts'
+import { DEFAULT_DATA_DIR, embeddedStoreExists } from '../core/db.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
 
@@ -62,7 +61,7 @@ export async function runLocal<C>(
 /** The embedded store's folder when it holds no store yet (the command will make one), else undefined. */
 function newEmbeddedStoreAt(dataDir: string | undefined): string | undefined {
   const dir = resolve(dataDir ?? DEFAULT_DATA_DIR)
-  return existsSync(join(dir, 'pgdata', 'PG_VERSION')) ? undefined : dir
+  return embeddedStoreExists(dir) ? undefined : dir
 }
 
 /**

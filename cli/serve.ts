@@ -362,18 +362,18 @@ function systemCode(err: unknown): string | undefined {
 }
 
 /**
- * `/readyz`'s reason when not ready. It answers without a credential, on a listener a load
- * balancer or orchestrator reaches: a store that cannot be reached is named by its error code
- * only (the driver's message names the database's host and port), and the whole error is logged,
- * once per change.
- */
-/**
  * How long `/readyz` waits for the store, as the health gauges do. Before (found by a review), it
  * waited `store.query_timeout_ms` (5 s by default, up to 10 minutes): a probe with a shorter
  * timeout (Kubernetes' default is 1 s) failed without a reason, and a person's curl hung.
  */
 const READY_STORE_WAIT_MS = 2000
 
+/**
+ * `/readyz`'s reason when not ready. It answers without a credential, on a listener a load
+ * balancer or orchestrator reaches: a store that cannot be reached is named by its error code
+ * only (the driver's message names the database's host and port), and the whole error is logged,
+ * once per change.
+ */
 function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefined> {
   let lastLogged = ''
   // Probes within 2 s of an unanswered one share its query, so a hung store is sent one a
@@ -975,7 +975,10 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // admin credentials was not counted), and the workers it replaced.
     const own = createMetricsRegistry()
     const restarts = createWorkerRestartMetrics(own)
-    const workerStates = createWorkerStateMetrics(own, workers)
+    // A registry of their own, read once the workers have answered (own's is read meanwhile: its
+    // store probe takes up to 2 s, run beside the workers' answers, not after them).
+    const stateRegistry = createMetricsRegistry({ defaultMetrics: false })
+    const workerStates = createWorkerStateMetrics(stateRegistry, workers)
     // The primary's own store answers the admin API: its keygate_store_up joins the workers' (the
     // lowest is shown), and is there when no worker is live.
     createHealthMetrics(own, { store: () => answersWithin(() => runtime.db.query('SELECT 1'), 2000) })
@@ -1100,11 +1103,14 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         // Prometheus's usual scrape timeout.)
         for (let waited = 0; waited < 8000 && listening.size === 0 && live.size > 0; waited += 50) await new Promise((r) => setTimeout(r, 50))
         const answers = new Map<number, MetricsJson>()
-        const asked = [...listening]
-        const starting = live.size - asked.length
-        let unanswering = 0
-        await Promise.all(
-          asked.map(async (w) => {
+        const starting = live.size - listening.size
+        // One the liveness check already found unanswering is not waited for again (each scrape
+        // took 5 s while a worker was frozen, then the primary's own probe): its last counts stand in.
+        const asked = [...listening].filter((w) => (missed.get(w) ?? 0) === 0)
+        let unanswering = listening.size - asked.length
+        const [ownMetrics] = await Promise.all([
+          own.getMetricsAsJSON() as unknown as Promise<MetricsJson>,
+          ...asked.map(async (w) => {
             const metrics = await askMetrics(w, false).catch((err: unknown) => {
               unanswering++
               log.warn('a gateway worker did not answer the scrape; its last counts stand in', { worker: w.id, err })
@@ -1112,9 +1118,11 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
             })
             if (metrics) answers.set(w.id, metrics)
           }),
-        )
-        workerStates({ starting, answering: asked.length - unanswering, unanswering })
-        const sum = clusterMetrics.sum(answers, (await own.getMetricsAsJSON()) as unknown as MetricsJson)
+        ])
+        // A worker that ended meanwhile answers nothing and is neither: it is gone (its
+        // replacement counts as starting at the next scrape).
+        workerStates({ starting, answering: answers.size, unanswering })
+        const sum = clusterMetrics.sum(answers, [...ownMetrics, ...((await stateRegistry.getMetricsAsJSON()) as unknown as MetricsJson)])
         return { contentType: sum.contentType, body: await sum.metrics() }
       },
       isShuttingDown: () => shuttingDown,

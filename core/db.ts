@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { accessSync, chmodSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { accessSync, chmodSync, existsSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -726,9 +726,16 @@ function lstatOrNone(path: string): Stats | undefined {
  * read, as such: before (found by a review), a folder that could not be read (existsSync's false
  * on EACCES) was reported as holding no store, with the advice to make one there.
  */
+/** PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder). */
+const storeMark = (dir: string) => join(dir, 'pgdata', 'PG_VERSION')
+
+/** Whether an embedded store has been made in `dir` (a data folder). */
+export function embeddedStoreExists(dir: string): boolean {
+  return existsSync(storeMark(resolve(dir)))
+}
+
 function requireStore(dir: string, pgdata: string, advice: string): void {
-  // PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder).
-  const mark = join(pgdata, 'PG_VERSION')
+  const mark = storeMark(dir)
   try {
     statSync(mark)
   } catch (err) {

@@ -147,6 +147,8 @@ interface DeliveryRow {
   payload: string
   status: Delivery['status']
   attempts: number
+  /** The attempts it had when it was last sent again (migration 0015): it gets max_attempts from there. */
+  retry_base: number
   next_attempt_at: Date
   last_status: number | null
   last_error: string | null
@@ -155,7 +157,7 @@ interface DeliveryRow {
   delivered_at: Date | null
 }
 
-const D_COLUMNS = 'id, webhook_id, event_type, payload, status, attempts, next_attempt_at, last_status, last_error, created_at, last_attempt_at, delivered_at'
+const D_COLUMNS = 'id, webhook_id, event_type, payload, status, attempts, retry_base, next_attempt_at, last_status, last_error, created_at, last_attempt_at, delivered_at'
 /**
  * A delivery's created_at as the delivery log orders and pages it (see deliveries()): cut to the
  * milliseconds a cursor holds, in UTC so that the expression is immutable and migration 0013's
@@ -619,16 +621,23 @@ export class WebhookService {
   }
 
   /**
-   * Sends one failed delivery again: it becomes pending, due now, its attempts started over (as
-   * many as `max_attempts` again) and its webhook-id kept, so a receiver that did take it after all
+   * Sends one failed delivery again: it becomes pending, due now, with `max_attempts` more
+   * attempts (counted from retry_base; `attempts` only grows) and its webhook-id kept, so a receiver that did take it after all
    * drops it as a repeat (Standard Webhooks). 404 `delivery_not_found` when the webhook has no such
    * delivery; 409 `conflict` when it is pending or was delivered. A paused webhook holds it until
    * enabled. An admin action: audited as `webhook.deliveries_retried`.
    */
   async retryDelivery(id: string, deliveryId: string, actor: Actor): Promise<Delivery> {
-    const [retried] = await this.#requeue<DeliveryRow>(id, actor, 'id = $3', [deliveryId], { due: storeClock(2), returning: D_COLUMNS }, { delivery_id: deliveryId })
+    const requeue = () => this.#requeue<DeliveryRow>(id, actor, 'id = $3', [deliveryId], { due: storeClock(2), returning: D_COLUMNS }, { delivery_id: deliveryId })
+    let [retried] = await requeue()
     if (retried) return toDelivery(retried)
-    const [current] = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id])
+    let [current] = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id])
+    // Pending on its last attempt when asked, failed by the time it was read: asked once more.
+    if (current?.status === 'failed') {
+      ;[retried] = await requeue()
+      if (retried) return toDelivery(retried)
+      ;[current] = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id])
+    }
     if (!current) throw new KeygateError('delivery_not_found', `webhook ${id} has no delivery with the id ${JSON.stringify(deliveryId)}`)
     const d = toDelivery(current)
     throw new KeygateError(
@@ -646,7 +655,9 @@ export class WebhookService {
   async retryFailed(id: string, range: { from: Date; to: Date }, actor: Actor): Promise<number> {
     // Due since they were made: sent oldest first (the claim takes the earliest due), where the
     // store's now for all of them would send them in the order of their random ids.
-    const retried = await this.#requeue<{ id: string }>(id, actor, 'created_at >= $3 AND created_at < $4', [range.from, range.to], { due: `least(created_at, ${storeClock(2)})`, returning: 'id' }, {
+    // By the millisecond, as migration 0013's index on (webhook_id, status, that) has it: the same
+    // rows as created_at itself for the millisecond bounds a JS time gives.
+    const retried = await this.#requeue<{ id: string }>(id, actor, `${CREATED_MS} >= ${createdMs(3)} AND ${CREATED_MS} < ${createdMs(4)}`, [range.from, range.to], { due: `least(created_at, ${storeClock(2)})`, returning: 'id' }, {
       from: range.from.toISOString(),
       to: range.to.toISOString(),
     })
@@ -656,10 +667,12 @@ export class WebhookService {
   /** The failed deliveries of a live webhook that `where` picks, pending again and due (at `sql.due`, now or before), with their audit row; sending starts at once. */
   async #requeue<R>(id: string, actor: Actor, where: string, params: unknown[], sql: { due: string; returning: string }, details: Record<string, unknown>): Promise<R[]> {
     const rows = await this.#db.transaction(async (tx) => {
-      const [live] = await tx.query(`SELECT 1 FROM webhooks WHERE id = $1 AND ${LIVE}`, [id])
+      // FOR SHARE: a deletion waits for this (FOR KEY SHARE would not hold its UPDATE back), so no
+      // delivery is made pending for a webhook deleted meanwhile.
+      const [live] = await tx.query(`SELECT 1 FROM webhooks WHERE id = $1 AND ${LIVE} FOR SHARE`, [id])
       if (!live) throw notFound(id)
       const out = await tx.query<R>(
-        `UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = ${sql.due}
+        `UPDATE webhook_deliveries SET status = 'pending', retry_base = attempts, next_attempt_at = ${sql.due}
          WHERE webhook_id = $1 AND status = 'failed' AND ${where} RETURNING ${sql.returning}`,
         [id, this.#storeNow(), ...params],
       )
@@ -951,8 +964,10 @@ export class WebhookService {
         [c.id, c.attempts, done, status],
       )
     } else {
-      const failed = c.attempts >= this.#c.max_attempts
-      const wait = Math.min(this.#c.retry_base_ms * 2 ** (c.attempts - 1), this.#c.retry_max_ms)
+      // Counted since the delivery was last sent again (0 for one never sent again).
+      const made = c.attempts - (c.retry_base ?? 0)
+      const failed = made >= this.#c.max_attempts
+      const wait = Math.min(this.#c.retry_base_ms * 2 ** (made - 1), this.#c.retry_max_ms)
       // Its webhook deleted meanwhile: failed, as nothing will try it again.
       rows = await this.#db.query<DeliveryRow>(
         `UPDATE webhook_deliveries SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,

@@ -247,6 +247,7 @@ t.test('/readyz on a store that stops answering says so within 2 s, not after st
   // probe's timeout, and a person's curl hung.
   const { gate, serve } = await serveBehindGate(t, 'ready-hung', 'store:\n  query_timeout_ms: 60000\n')
   t.equal((await call(`${serve.admin}/readyz`)).status, 200)
+  const mark = gate.sent().length
   gate.set('silent')
   // Three probes at once share one query to the store.
   const probes = await Promise.all([1, 2, 3].map(() => call(`${serve.admin}/readyz`)))
@@ -254,6 +255,7 @@ t.test('/readyz on a store that stops answering says so within 2 s, not after st
     t.equal(probe.status, 503, probe.text)
     t.equal(probe.json.reason, 'store not answering (no answer within 2 s)')
   }
+  t.equal(gate.sent().slice(mark).split("to_regclass('keygate_migrations')").length - 1, 1, 'the store was asked once')
   gate.set('open')
   let ready = await call(`${serve.admin}/readyz`)
   // A hang guard, not a timing: the silent connections end at the pool's own timeouts.
@@ -447,9 +449,10 @@ t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host a
   // Before: "store unreachable: connect ECONNREFUSED 127.0.0.1:<port>", to anyone who asked.
   t.same(ready.json, { status: 'unavailable', reason: 'store unreachable (ECONNREFUSED)' })
   t.notMatch(ready.text, String(gate.port))
-  const logged = serve.logs.filter((l) => l.message === 'not ready: the store cannot be reached')
-  t.ok(logged.some((l) => JSON.stringify(l.err).includes(`127.0.0.1:${gate.port}`)), 'the whole error is logged')
-  const before = logged.length
+  // Waited for: the log comes on the child's stdout, which may reach the test after its answer.
+  const logged = await serve.waitForLog((l) => l.message === 'not ready: the store cannot be reached' && JSON.stringify(l.err).includes(`127.0.0.1:${gate.port}`))
+  t.ok(logged, 'the whole error is logged')
+  const before = serve.logs.filter((l) => l.message === 'not ready: the store cannot be reached').length
   await call(`${serve.admin}/readyz`)
   await call(`${serve.admin}/readyz`)
   t.equal(serve.logs.filter((l) => l.message === 'not ready: the store cannot be reached').length, before, 'once per change, not per probe')

@@ -220,7 +220,7 @@ t.test('through the admin API and a gateway', async (t) => {
     }
     const one = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/msg_again1/retry`)
     t.equal(one.status, 200, one.text)
-    t.match(one.json, { id: 'msg_again1', status: 'pending', attempts: 0, last_status: 503 })
+    t.match(one.json, { id: 'msg_again1', status: 'pending', attempts: 8, last_status: 503 })
     const sent = await receiver.waitFor((hk) => hk.id === 'msg_again1')
     t.same(verifiedBy(sent, [secret]), [secret], 'signed, under its webhook-id')
     t.equal(sent.body, payloads[0], 'its payload as queued')
@@ -424,7 +424,7 @@ await forEachStore(t, async (t, store) => {
     await s.remove(webhook.id, ACTOR)
   })
 
-  await t.test('failed deliveries sent again: one by id, or those queued in a range, each with its attempts started over and its webhook-id kept', async (t) => {
+  await t.test('failed deliveries sent again: one by id, or those queued in a range, each with max_attempts more attempts and its webhook-id kept', async (t) => {
     // Before (found by a review): a delivery that failed for good could only be read in the log.
     let status = 500
     const receiver = await startReceiver(t, (_h, res) => res.writeHead(status).end())
@@ -449,10 +449,10 @@ await forEachStore(t, async (t, store) => {
 
     status = 204
     const retried = await quiet.retryDelivery(webhook.id, second.id, ACTOR)
-    t.match(retried, { id: second.id, status: 'pending', attempts: 0, lastStatus: 500 }, 'pending again, its attempts started over, its last answer kept until the next')
+    t.match(retried, { id: second.id, status: 'pending', attempts: 3, lastStatus: 500 }, 'pending again, its attempt count going on, its last answer kept until the next')
     t.equal(retried.nextAttemptAt.getTime(), clock.now().getTime(), 'due now')
     await run(s)
-    t.match((await deliveriesOf(webhook.id))[1], { status: 'delivered', attempts: 1, last_status: 204 })
+    t.match((await deliveriesOf(webhook.id))[1], { status: 'delivered', attempts: 4, retry_base: 3, last_status: 204 })
     t.same(receiver.received.slice(before).map((r) => r.id), [second.id], 'sent once, under its webhook-id')
 
     const refused = async (p: Promise<unknown>) => p.then(() => undefined, (err: { code: string; message: string }) => err)
@@ -463,7 +463,7 @@ await forEachStore(t, async (t, store) => {
     // The range picks by when each was queued: [first's time, third's) holds the first alone.
     t.equal(await quiet.retryFailed(webhook.id, { from: queuedAt[0] as Date, to: queuedAt[2] as Date }, ACTOR), 1, 'the failed one in the range; the delivered one in it is left')
     const [d1, , d3] = await deliveriesOf(webhook.id)
-    t.match(d1, { status: 'pending', attempts: 0 })
+    t.match(d1, { status: 'pending', attempts: 3, retry_base: 3 })
     t.equal(new Date(d1.next_attempt_at).getTime(), new Date(d1.created_at).getTime(), 'due since it was queued: sent oldest first')
     t.match(d3, { status: 'failed' }, 'the one after the range is left')
     t.equal(await quiet.retryFailed(webhook.id, { from: queuedAt[0] as Date, to: clock.now() }, ACTOR), 1, 'the third; the first is pending already')
@@ -472,6 +472,30 @@ await forEachStore(t, async (t, store) => {
     t.same((await deliveriesOf(webhook.id)).map((d) => d.status), ['delivered', 'delivered', 'delivered'])
     t.same(new Set(receiver.received.slice(before).map((r) => r.id)), new Set([first.id, second.id, third.id]), 'each sent again once')
     t.equal(await quiet.retryFailed(webhook.id, { from: queuedAt[0] as Date, to: clock.now() }, ACTOR), 0, 'nothing failed is left')
+
+    // Sent again, it gets max_attempts (3) more, with the backoff from its first wait; the count
+    // only grows, so a stale attempt's outcome (written only while the count is its claim's)
+    // can never be taken for a later one's.
+    status = 500
+    await s.enqueue(event('key.expiring', { key: { id: 'a4' } }))
+    for (let i = 0; i < 4; i++) {
+      clock.advance(10_000)
+      await run(s)
+    }
+    const fourth = (await deliveriesOf(webhook.id))[3]
+    t.match(fourth, { status: 'failed', attempts: 3 })
+    await quiet.retryDelivery(webhook.id, fourth.id, ACTOR)
+    await run(s)
+    let again = (await deliveriesOf(webhook.id))[3]
+    t.match(again, { status: 'pending', attempts: 4 })
+    t.equal(new Date(again.next_attempt_at).getTime() - clock.now().getTime(), 1000, 'first wait again: retry_base_ms')
+    clock.advance(1000)
+    await run(s)
+    t.match((await deliveriesOf(webhook.id))[3], { status: 'pending', attempts: 5 })
+    clock.advance(2000)
+    await run(s)
+    again = (await deliveriesOf(webhook.id))[3]
+    t.match(again, { status: 'failed', attempts: 6, retry_base: 3 }, 'failed for good after three more')
     await s.remove(webhook.id, ACTOR)
   })
 
