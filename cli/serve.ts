@@ -361,12 +361,20 @@ function systemCode(err: unknown): string | undefined {
   return found
 }
 
+/** How long a health gauge's probe waits for the store or Redis at a scrape, and `/readyz` for the store. */
+const PROBE_MS = 2000
+
+/** The store answers `SELECT 1` within PROBE_MS: `keygate_store_up`, in every serve process. */
+function storeAnswers(runtime: Runtime): () => Promise<boolean> {
+  return () => answersWithin(() => runtime.db.query('SELECT 1'), PROBE_MS)
+}
+
 /**
- * How long `/readyz` waits for the store, as the health gauges do. Before (found by a review), it
+ * How long `/readyz` waits for the store, as the health gauges do (PROBE_MS). Before (found by a review), it
  * waited `store.query_timeout_ms` (5 s by default, up to 10 minutes): a probe with a shorter
  * timeout (Kubernetes' default is 1 s) failed without a reason, and a person's curl hung.
  */
-const READY_STORE_WAIT_MS = 2000
+const READY_STORE_WAIT_MS = PROBE_MS
 
 /**
  * `/readyz`'s reason when not ready. It answers without a credential, on a listener a load
@@ -641,17 +649,18 @@ function armStopBackstop(config: Config, log: Logger, code: () => number, usage:
   return () => clearTimeout(timer)
 }
 
-/** How long the process may stay after `stopped` before exitIfHeld ends it. */
+/** How long the process may stay after `stopped` before logStopped's timer ends it. */
 const HELD_AFTER_STOP_MS = 1000
 
 /**
- * Once `stopped` is logged, everything was waited for: what still keeps the process alive a second
- * later is a handle nothing will close. A connection to a frozen PostgreSQL (SIGSTOP, a partition),
+ * Logs `stopped`, the last line of a stop, once everything was waited for: what still keeps the
+ * process alive a second later is a handle nothing will close. A connection to a frozen PostgreSQL (SIGSTOP, a partition),
  * ended on keygate's side but never acknowledged by the server's, kept the process for as long as
  * the store stayed frozen, `stopped` logged, until the service manager's SIGKILL (found by a
  * failure review). The process then exits with the code `serve` returned (bin/keygate.ts sets it).
  */
-function exitIfHeld(log: Logger): void {
+function logStopped(log: Logger): void {
+  log.info('stopped')
   const timer = setTimeout(() => {
     log.warn('stopped, but a connection (to the store, most likely) has not closed: exiting without it', { waited_ms: HELD_AFTER_STOP_MS })
     process.exit()
@@ -729,11 +738,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
     createHealthMetrics(registry, {
-      store: () => answersWithin(() => runtime.db.query('SELECT 1'), 2000),
+      store: storeAnswers(runtime),
       // A gateway's own keygate_redis_up says whether its limits are shared; an admin-only
       // process's, whether Redis takes its writes (the admin lockout's, the invalidations it
       // publishes): a PING answered by a Redis that refused every write (OOM, READONLY) read 1.
-      redis: redis && !role.gateway ? () => answersWithin(() => writeHealthKey(redis), 2000) : undefined,
+      redis: redis && !role.gateway ? () => answersWithin(() => writeHealthKey(redis), PROBE_MS) : undefined,
     })
     // The primary asks for this worker's metrics from the moment it listens (this comes first).
     if (mode.worker) {
@@ -834,8 +843,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       // connections and webhook attempts were, and the process went on for seconds after).
       if (disarm) {
         disarm()
-        log.info('stopped')
-        exitIfHeld(log)
+        logStopped(log)
       }
       // The IPC channel to the primary would keep a worker alive after its listeners closed. A
       // worker exits as soon as it is disconnected, so this comes last.
@@ -981,7 +989,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const workerStates = createWorkerStateMetrics(stateRegistry, workers)
     // The primary's own store answers the admin API: its keygate_store_up joins the workers' (the
     // lowest is shown), and is there when no worker is live.
-    createHealthMetrics(own, { store: () => answersWithin(() => runtime.db.query('SELECT 1'), 2000) })
+    createHealthMetrics(own, { store: storeAnswers(runtime) })
     const ownLockout = role.admin ? createLockoutMetrics(own) : undefined
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, {
@@ -1193,8 +1201,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     await runtime.close()
     if (disarm) {
       disarm()
-      log.info('stopped')
-      exitIfHeld(log)
+      logStopped(log)
     }
   }
 }

@@ -721,11 +721,6 @@ function lstatOrNone(path: string): Stats | undefined {
   }
 }
 
-/**
- * Refuses a data folder that holds no store (`advice` says what to do), and one this user cannot
- * read, as such: before (found by a review), a folder that could not be read (existsSync's false
- * on EACCES) was reported as holding no store, with the advice to make one there.
- */
 /** PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder). */
 const storeMark = (dir: string) => join(dir, 'pgdata', 'PG_VERSION')
 
@@ -734,7 +729,12 @@ export function embeddedStoreExists(dir: string): boolean {
   return existsSync(storeMark(resolve(dir)))
 }
 
-function requireStore(dir: string, pgdata: string, advice: string): void {
+/**
+ * Refuses a data folder that holds no store (`advice` says what to do), and one this user cannot
+ * read, as such: before (found by a review), a folder that could not be read (existsSync's false
+ * on EACCES) was reported as holding no store, with the advice to make one there.
+ */
+function requireStore(dir: string, advice: string): void {
   const mark = storeMark(dir)
   try {
     statSync(mark)
@@ -849,7 +849,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, sharedBuffers }, () => {})
   const dir = resolve(options.dataDir ?? DEFAULT_DATA_DIR)
   const pgdata = join(dir, 'pgdata')
-  if (options.existingOnly !== undefined) requireStore(dir, pgdata, options.existingOnly)
+  if (options.existingOnly !== undefined) requireStore(dir, options.existingOnly)
   refuseForeignFolders(dir, pgdata)
   try {
     makeFolders(dir, 0o700)

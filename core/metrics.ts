@@ -322,7 +322,7 @@ export function createWorkerRestartMetrics(registry: Registry): Readonly<Record<
   return { exited: zeroed(restarts.labels('exited')), unresponsive: zeroed(restarts.labels('unresponsive')) }
 }
 
-/** A `--workers` worker's state at a scrape: forked but not yet listening, listening and answering the scrape, or listening and not answering it within 5 s. */
+/** A `--workers` worker's state at a scrape: forked but not yet listening, listening and answering the scrape, or listening and not answering (the scrape within 5 s, or the liveness check's last read). */
 export type WorkerState = 'starting' | 'answering' | 'unanswering'
 
 /**
@@ -335,7 +335,7 @@ export function createWorkerStateMetrics(registry: Registry, wanted: number): (c
   new Gauge({ name: 'keygate_gateway_workers_wanted', help: 'Gateway workers this instance runs (serve --workers N).', registers }).set(wanted)
   const workers = new Gauge({
     name: 'keygate_gateway_workers',
-    help: 'Gateway workers at this scrape, by state: starting (not yet listening), answering, or unanswering (listening, but its metrics did not come within 5 s: its last counts are in this scrape, its gauges are not).',
+    help: 'Gateway workers at this scrape, by state: starting (not yet listening), answering, or unanswering (listening, but its metrics did not come within 5 s, at this scrape or the last liveness read: its last counts are in this scrape, its gauges are not).',
     labelNames: ['state'],
     registers,
   })

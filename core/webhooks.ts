@@ -628,16 +628,16 @@ export class WebhookService {
    * enabled. An admin action: audited as `webhook.deliveries_retried`.
    */
   async retryDelivery(id: string, deliveryId: string, actor: Actor): Promise<Delivery> {
-    const requeue = () => this.#requeue<DeliveryRow>(id, actor, 'id = $3', [deliveryId], { due: storeClock(2), returning: D_COLUMNS }, { delivery_id: deliveryId })
-    let [retried] = await requeue()
-    if (retried) return toDelivery(retried)
-    let [current] = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id])
-    // Pending on its last attempt when asked, failed by the time it was read: asked once more.
-    if (current?.status === 'failed') {
-      ;[retried] = await requeue()
-      if (retried) return toDelivery(retried)
-      ;[current] = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id])
+    // The delivery sent again, or, when it was not failed, what it is now.
+    const attempt = async () => {
+      const [retried] = await this.#requeue<DeliveryRow>(id, actor, 'id = $3', [deliveryId], { due: storeClock(2), returning: D_COLUMNS }, { delivery_id: deliveryId })
+      return retried ? { retried } : { current: (await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1 AND webhook_id = $2`, [deliveryId, id]))[0] }
     }
+    let outcome = await attempt()
+    // Pending on its last attempt when asked, failed by the time it was read: asked once more.
+    if (outcome.current?.status === 'failed') outcome = await attempt()
+    if (outcome.retried) return toDelivery(outcome.retried)
+    const current = outcome.current
     if (!current) throw new KeygateError('delivery_not_found', `webhook ${id} has no delivery with the id ${JSON.stringify(deliveryId)}`)
     const d = toDelivery(current)
     throw new KeygateError(
@@ -965,7 +965,7 @@ export class WebhookService {
       )
     } else {
       // Counted since the delivery was last sent again (0 for one never sent again).
-      const made = c.attempts - (c.retry_base ?? 0)
+      const made = c.attempts - c.retry_base
       const failed = made >= this.#c.max_attempts
       const wait = Math.min(this.#c.retry_base_ms * 2 ** (made - 1), this.#c.retry_max_ms)
       // Its webhook deleted meanwhile: failed, as nothing will try it again.
