@@ -621,6 +621,11 @@ function startScheduler(config: Config, runtime: Runtime, log: Logger, webhooks:
 /** With the store's query timeout off, what the stop gives the store once the drain is over. */
 const STOP_STORE_MS = 10_000
 
+/** What a stop gives the store once the drain is over (see armStopBackstop). */
+function storeStopMs(config: Config): number {
+  return config.store.query_timeout_ms > 0 ? config.store.query_timeout_ms + 2000 : STOP_STORE_MS
+}
+
 /**
  * Once the drain is over, what is left to write (usage counts, the anomaly detector's last check,
  * webhook attempts in flight) and the store's connections to close get store.query_timeout_ms
@@ -639,7 +644,7 @@ const STOP_STORE_MS = 10_000
  * waited for that statement for ever), then again, tighter, once the drain is over.
  */
 function armStopBackstop(config: Config, log: Logger, code: () => number, usage: UsageRecorder | undefined, drainMs = 0): () => void {
-  const ms = drainMs + (config.store.query_timeout_ms > 0 ? config.store.query_timeout_ms + 2000 : STOP_STORE_MS)
+  const ms = drainMs + storeStopMs(config)
   const timer = setTimeout(() => {
     const lost = usage?.unwritten()
     log.error('stopping takes too long: exiting without waiting any longer for the store or webhook receivers (usage counts not yet written are lost; webhook attempts in flight are sent again once their lease ends)', { waited_ms: ms, ...(lost ? { usage_lost: lost } : {}) })
@@ -920,6 +925,12 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const gatewayTls = config.gateway.tls ? tlsFiles(config.gateway.tls, log) : undefined
   gatewayTls?.onRenewal((pair) => tellWorkers(live, { keygate: 'tls', tls: toWire(pair) }))
   const runtime = await openUnlessStopped(config, log, stopping)
+  // However the primary ends (its stop's backstop, a second signal, a failure), no worker outlives
+  // it: a frozen one (SIGSTOP, a hung event loop) ignores the disconnect that ends the others, and
+  // stayed, orphaned, holding its share of the gateway's port (found by a failure review).
+  process.on('exit', () => {
+    for (const w of live) w.process.kill('SIGKILL')
+  })
   let shuttingDown = false
   let disarm: (() => void) | undefined
   const redis = redisOf(config, log)
@@ -1181,9 +1192,21 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     ev.feed?.close()
     ev.webhooks.stopPolling()
     const code = () => (failed ? EXIT_REFUSED : EXIT_OK)
-    // The workers drain as one would, and then have their own bound: theirs comes first.
-    disarm = armStopBackstop(config, log, code, undefined, 2 * config.gateway.shutdown_timeout_ms + 1000)
+    // The workers drain as one would, and then have their own bound (the drain, the store's, the
+    // second a held process is given, and one more): a worker still there after it does not run
+    // (frozen: SIGSTOP, a hung event loop) and is killed, so that the primary's stop goes on.
+    // Before, the primary's backstop ended it, about 28 s on, and left the frozen worker behind.
+    const workerBoundMs = config.gateway.shutdown_timeout_ms + storeStopMs(config) + HELD_AFTER_STOP_MS + 1000
+    const stuck = setTimeout(() => {
+      for (const w of live) {
+        log.error('a gateway worker did not stop within its bound; killing it', { worker: w.id, waited_ms: workerBoundMs })
+        w.process.kill('SIGKILL')
+      }
+    }, workerBoundMs)
+    stuck.unref()
+    disarm = armStopBackstop(config, log, code, undefined, workerBoundMs + 1000)
     await Promise.all([...exited, closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
+    clearTimeout(stuck)
     disarm()
     disarm = armStopBackstop(config, log, code, undefined)
     await api?.close()

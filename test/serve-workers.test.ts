@@ -415,3 +415,38 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
   t.ok(shutting >= 0, 'it shut its workers down')
   t.notOk(serve.logs.slice(shutting).some((l) => l.message === 'gateway listening'), 'and started none after')
 })
+
+t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound, and leaves no worker behind', async (t) => {
+  // Before (found by a failure review): the frozen worker ignored SIGTERM and the primary's
+  // disconnect; the primary's backstop ended the primary about 28 s on with the defaults, and the
+  // worker stayed, orphaned, holding its share of the gateway's port.
+  const { cwd, env, upstream } = await workersSetUp(t, 'frozenstop', 0)
+  // Bounds kept short: the worker's own is the drain (1 s), the store's (1 s + 2 s) and a held second.
+  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  shutdown_timeout_ms: 1000\nstore:\n  query_timeout_ms: 1000\n')
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const [frozen, other] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number) as [number, number]
+  t.teardown(() => {
+    try {
+      process.kill(frozen, 'SIGKILL')
+    } catch {}
+  })
+  process.kill(frozen, 'SIGSTOP')
+  serve.child.kill('SIGTERM')
+  // A hang guard: the bound is 6 s here.
+  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 60 s'), 60_000).unref())])
+  t.equal(code, 0, 'exit 0')
+  const killing = serve.logs.find((l) => l.message === 'a gateway worker did not stop within its bound; killing it')
+  t.ok(killing, 'it said which worker it killed')
+  t.equal(killing?.level, 'error')
+  t.notOk(serve.logs.some((l) => l.message.startsWith('stopping takes too long')), "the primary's stop ended in order, not by its backstop")
+  // Gone, or a zombie no one reaps yet (this test's process is not its parent): not running, not stopped.
+  const state = (pid: number) => {
+    try {
+      return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
+    } catch {
+      return 'gone'
+    }
+  }
+  t.ok(['gone', 'Z', 'X'].includes(state(frozen) as string), `the frozen worker is not left behind (state ${state(frozen)})`)
+  t.ok(['gone', 'Z', 'X'].includes(state(other) as string), 'nor the other')
+})
