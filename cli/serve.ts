@@ -364,10 +364,22 @@ function systemCode(err: unknown): string | undefined {
 /** How long a health gauge's probe waits for the store or Redis at a scrape, and `/readyz` for the store. */
 const PROBE_MS = 2000
 
-/** The store answers `SELECT 1` within PROBE_MS: `keygate_store_up`, in every serve process. */
+/**
+ * The store answers within PROBE_MS and takes writes: `keygate_store_up`, in every serve process.
+ * A read-only one (a standby after a failover, default_transaction_read_only) answered `SELECT 1`
+ * and read 1 while every write failed and /readyz said it was read-only (found by a failure
+ * review), as keygate_redis_up reads 0 for a Redis that answers but refuses writes.
+ */
 function storeAnswers(runtime: Runtime): () => Promise<boolean> {
-  return () => answersWithin(() => runtime.db.query('SELECT 1'), PROBE_MS)
+  return () =>
+    answersWithin(async () => {
+      const [mode] = await runtime.db.query<{ read_only: string }>(READ_ONLY_SQL)
+      if (mode?.read_only !== 'off') throw new Error('the store is read-only')
+    }, PROBE_MS)
 }
+
+/** Whether this connection's transactions are read-only ('on') or not ('off'). */
+const READ_ONLY_SQL = `SELECT current_setting('transaction_read_only') AS read_only`
 
 /**
  * How long `/readyz` waits for the store, as the health gauges do (PROBE_MS). Before (found by a review), it
@@ -393,7 +405,7 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
     if (pending.length > 0) return `migrations not applied: ${pending.join(', ')}`
     // A store that takes no writes serves no admin change, usage count or lockout: not ready
     // (before, found by a failure review, ready while every write failed).
-    const [mode] = await runtime.db.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
+    const [mode] = await runtime.db.query<{ read_only: string }>(READ_ONLY_SQL)
     return mode?.read_only === 'on' ? 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary' : undefined
   }
   const ask = () => {

@@ -259,7 +259,7 @@ export function createHealthMetrics(registry: Registry, probes: { store: () => P
   const registers = [registry]
   new Gauge({
     name: 'keygate_store_up',
-    help: '1 when the store answered a query at this scrape (within 2 s), 0 when it did not.',
+    help: '1 when the store answered a query at this scrape (within 2 s) and takes writes, 0 when it did not or is read-only.',
     registers,
     aggregator: 'min',
     async collect() {

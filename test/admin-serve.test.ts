@@ -367,8 +367,11 @@ t.test('a read-only store (a standby after a failover): writes answer 503 store_
   t.equal(refused.status, 503, refused.text)
   t.equal(refused.json.error.code, 'store_unavailable')
   t.match(refused.json.error.message, /refuses writes: it is read-only .*DATABASE_URL must name the primary/)
+  // Before (found by a failure review): it read 1, the store answering SELECT 1.
+  t.match((await call(`${serve.admin}/metrics`)).text, /^keygate_store_up 0$/m, 'keygate_store_up is 0 on a read-only store')
   await readOnly(false)
   t.equal((await readyReason((reason) => reason === undefined)).status, 200, 'ready again on the primary')
+  t.match((await call(`${serve.admin}/metrics`)).text, /^keygate_store_up 1$/m, 'and 1 again')
   t.equal((await call(`${serve.admin}/v1/keys`, { method: 'POST', token: ADMIN_TOKEN, body: { name: 'on the primary', type: 'user' } })).status, 201)
   t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
 })
