@@ -256,6 +256,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     joinDuplicateHeaders: true,
     // request-check.ts answers a missing Host with the JSON error instead of Node's bare 400.
     requireHostHeader: false,
+    // Only a WebSocket upgrade is taken; any other offer (`Upgrade: h2c` from curl --http2 or
+    // Java's HttpClient on http://) is ignored and the request served over HTTP/1.1, as RFC 9110
+    // §7.8 allows and nginx and Kong do (before, found by a review: 400 on every such request).
+    // The option is Node's from 22.21 and 24.9; an older Node leaves upgradeProblem's 400.
+    shouldUpgradeCallback: isWebSocketOffer,
   })
   // One more than allowed, so "too many" can be seen (Node silently drops header lines past this count).
   server.maxHeadersCount = g.max_headers + 1
@@ -502,6 +507,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
 }
 
+/** An upgrade to WebSocket: the one the gateway takes (the hop-by-hop Upgrade of any other is dropped). */
+function isWebSocketOffer(req: http.IncomingMessage): boolean {
+  return req.headers.upgrade?.toLowerCase() === 'websocket'
+}
+
 /**
  * Why an upgrade request is not proxied, if it is not: only a WebSocket opening handshake is, and
  * that is a GET without a body (RFC 6455 §4.1). Before (found by a review), a `POST` upgrade with
@@ -509,7 +519,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
  * the 101 as tunnel data: a request the upstream framed otherwise than the client had.
  */
 function upgradeProblem(req: http.IncomingMessage): string | undefined {
-  if (req.headers.upgrade?.toLowerCase() !== 'websocket') return 'Only WebSocket upgrades are proxied.'
+  if (!isWebSocketOffer(req)) return 'Only WebSocket upgrades are proxied.'
   if (req.method !== 'GET') return 'A WebSocket upgrade must be a GET (RFC 6455 §4.1).'
   if (hasBody(req.headers)) return 'A WebSocket upgrade must not have a body (RFC 6455 §4.1).'
   return undefined
