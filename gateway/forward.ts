@@ -408,12 +408,14 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       if (v !== undefined) out.push(key, typeof v === 'string' ? v : v.join(', '))
     }
     if (route.preserveHost && h.host !== undefined) out.push('host', h.host)
+    // A trusted proxy's empty header is none (before, found by a review: an empty X-Forwarded-For
+    // went upstream as ", 127.0.0.2", with an empty first entry; empty -Proto and -Host as such).
     const xff = h['x-forwarded-for']
-    out.push('x-forwarded-for', trusted && xff !== undefined ? `${xff}, ${s.peer}` : s.address)
+    out.push('x-forwarded-for', trusted && typeof xff === 'string' && xff.trim() !== '' ? `${xff}, ${s.peer}` : s.address)
     const xfp = h['x-forwarded-proto']
-    out.push('x-forwarded-proto', trusted && typeof xfp === 'string' ? xfp : (s.req.socket as TLSSocket).encrypted ? 'https' : 'http')
+    out.push('x-forwarded-proto', trusted && typeof xfp === 'string' && xfp.trim() !== '' ? xfp : (s.req.socket as TLSSocket).encrypted ? 'https' : 'http')
     const xfh = h['x-forwarded-host']
-    const host = trusted && typeof xfh === 'string' ? xfh : h.host
+    const host = trusted && typeof xfh === 'string' && xfh.trim() !== '' ? xfh : h.host
     if (host !== undefined) out.push('x-forwarded-host', host)
     const k = s.key
     if (k !== undefined) out.push('x-keygate-key-id', k.id, 'x-keygate-key-name', k.name, 'x-keygate-key-type', k.type, 'x-keygate-scopes', k.scopes.header)

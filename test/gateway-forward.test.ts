@@ -139,6 +139,11 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
     t.match(r.json, { error: { code: 'bad_request', message: 'X-Forwarded-For from a trusted proxy names no client address.' } })
   }
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': ' ' })).status, 200, 'an empty X-Forwarded-For is none: the client is the peer')
+  // Before (found by a review): forwarded as ", 127.0.0.1", and empty -Proto and -Host as such.
+  const empty = (await h.get('/', { ...bearer(k.key), 'x-forwarded-for': ' ', 'x-forwarded-proto': '', 'x-forwarded-host': ' ' })).json as Received
+  t.equal(empty.headers['x-forwarded-for'], '127.0.0.1', 'and the upstream is told the peer alone')
+  t.equal(empty.headers['x-forwarded-proto'], 'http', 'an empty X-Forwarded-Proto is none')
+  t.match(empty.headers['x-forwarded-host'], /^127\.0\.0\.1:\d+$/, 'an empty X-Forwarded-Host is none: the Host')
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': 'garbage, 203.0.113.9' })).status, 403, 'what lies left of the client does not matter')
 
   const untrusted = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
