@@ -118,13 +118,15 @@ export interface Operation {
  * Every admin operation can answer these: credentials, lockout, request framing, faults, and a
  * query parameter it does not take (validation_failed, even on an operation that takes none);
  * and the listener's own, before any operation is chosen: a Host it does not answer to, headers
- * too large, a request not received in time (before, the document named none of these three).
+ * too large, a request not received in time (before, the document named none of these three),
+ * an Expect other than 100-continue.
  */
 export const COMMON_ERRORS: readonly ErrorCode[] = [
   'bad_request',
   'host_not_allowed',
   'headers_too_large',
   'request_timeout',
+  'expectation_failed',
   'validation_failed',
   'unauthorized',
   'forbidden',

@@ -154,6 +154,14 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host === undefined ? undefined : clipped(req.headers.host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return
     }
+    // Node sends an Expect other than 100-continue here through 'checkExpectation' (below).
+    // Before (found by a review), Node's own bare 417 answered it, without a code or the headers
+    // of every answer, and before the Host check.
+    const expect = req.headers.expect
+    if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
+      sendError(res, 'expectation_failed', requestId, 'The Expect header names an expectation this listener does not meet (only 100-continue).', undefined, { connection: 'close' })
+      return
+    }
     // A refusal before any route reads the body (a bad target, no route, a wrong method) closes
     // the connection rather than read and drop a body of any size, unauthenticated, to keep it.
     const closing: http.OutgoingHttpHeaders = hasBody(req.headers) ? { connection: 'close' } : {}
@@ -226,6 +234,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   // headers accepted (api.ts), right before its body is read: a refusal comes instead, and the
   // body is never sent. Before, Node sent the 100 at once, to any request.
   server.on('checkContinue', onRequest)
+  server.on('checkExpectation', onRequest)
   server.on('clientError', (err: NodeJS.ErrnoException, socket) => {
     if (isTlsFailure(err)) {
       socket.destroy()

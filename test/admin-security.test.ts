@@ -195,6 +195,16 @@ t.test('Expect: 100-continue: the route, the credential and the headers are chec
     { when: (r) => r.endsWith('}'), send: null },
   ])
   t.match(accepted, /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 201 /, 'an accepted request is told to continue, and its body read')
+  // Any other expectation: before (found by a review), Node's bare 417, without a code or the
+  // headers of every answer, and before the Host check.
+  const other = await converse(port, `GET /v1/keys HTTP/1.1\r\nHost: localhost\r\n${admin}Expect: something-else\r\n\r\n`)
+  t.match(other, /^HTTP\/1\.1 417 /, 'another expectation: 417')
+  t.match(other, /"error":\{"code":"expectation_failed","message":"The Expect header names an expectation this listener does not meet \(only 100-continue\)\."/)
+  t.match(other, /\r\nx-keygate-admin: 1\r\n/i, 'with the headers of every answer')
+  t.match(other, /\r\ncache-control: no-store\r\n/i)
+  t.match(other, /\r\nx-request-id: /i)
+  t.match(await converse(port, `GET /v1/keys HTTP/1.1\r\nHost: evil.example\r\nExpect: something-else\r\n\r\n`), /^HTTP\/1\.1 421 /, 'the Host is checked first')
+  t.ok(operationErrors(OPERATIONS[0]!).includes('expectation_failed'), 'every operation documents it')
 })
 
 t.test('DNS rebinding: the admin listener answers only to IP addresses, localhost and admin.allowed_hosts', async (t) => {
