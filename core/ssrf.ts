@@ -47,7 +47,12 @@ export function addressRefusal(address: string, allowed: AllowList): string | un
   return undefined
 }
 
-const refused = (message: string) => new KeygateError('webhook_url_refused', message, { fields: [{ field: 'url', message }] })
+/**
+ * `message` names the field ("url: ..."), as validation_failed's message does; its `fields` entry
+ * does not, as theirs do not (before, found by a review: a client printing `field: message`
+ * showed "url: url: ...").
+ */
+const refused = (message: string) => new KeygateError('webhook_url_refused', message, { fields: [{ field: 'url', message: message.replace(/^url: /, '') }] })
 
 /** Parses and checks the form of a target URL; returns its host when it is a name, undefined for an IP literal (already checked). */
 function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string | undefined } {

@@ -158,6 +158,9 @@ await forEachStore(t, async (t, store) => {
     await writes(t, h, 1, 'a name among the same values', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { ...body, name: 'noop 2' } }))
     t.same((await auditOf(h, k.id))[0]?.details, { changed: ['name'], name: 'noop 2' }, 'only the name is the change')
     t.same(heard, [k.id])
+    // Before (found by a review): the audit row held the date as sent.
+    await writes(t, h, 1, 'a new expiry written otherwise', () => h.call('PATCH', `/v1/keys/${k.id}`, { body: { expires_at: '2099-07-01t02:00:00.5+02:00' } }))
+    t.same((await auditOf(h, k.id))[0]?.details, { changed: ['expires_at'], expires_at: '2099-07-01T00:00:00.500Z' }, 'the audit row holds the date as answers give it')
   })
 
   await t.test('revoke', async (t) => {

@@ -168,6 +168,9 @@ t.test('through the admin API and a gateway', async (t) => {
       const a = await strict.call('POST', '/v1/webhooks', { body: { url, events: ['key.created'] } })
       t.equal(a.status, 400, url)
       t.equal(a.json?.error?.code, 'webhook_url_refused', url)
+      const field = a.json?.error?.details?.fields?.[0]
+      t.equal(field?.field, 'url', `${url}: the field named`)
+      t.equal(`url: ${field?.message}`, a.json?.error?.message, `${url}: the field's message without its name, as validation_failed's`)
     }
     const allowed = await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/allow-listed', events: ['key.expiring'] } })
     t.equal(allowed.status, 201, 'an address in webhooks.allow_private is accepted')

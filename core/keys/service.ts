@@ -510,7 +510,9 @@ export class KeyService {
           sets.push(`${column} = $${params.length}`)
         }
         const rows = await tx.query<KeyRow>(`UPDATE api_keys SET ${sets.join(', ')} WHERE id = $1 RETURNING ${COLUMNS}`, params)
-        const values = Object.fromEntries(changes.map((c) => [c.field, body[c.field]]))
+        // A date as every answer and audit row gives one, UTC with milliseconds (before, found by
+        // a review: as sent, "2099-07-01t00:00:00z" or "+01:00" offsets).
+        const values = Object.fromEntries(changes.map((c) => [c.field, c.value instanceof Date ? c.value.toISOString() : body[c.field]]))
         await this.#audit.write(tx, actor, { keyId: k.id, action: 'key.updated', details: { changed: changes.map((c) => c.field), ...values, ...details } })
         written.push(toRecord(rows[0] as KeyRow))
       }
