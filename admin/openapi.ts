@@ -84,7 +84,8 @@ function errorResponse(codes: ErrorCode[]) {
 function parameters(op: Operation) {
   const out: Array<Record<string, unknown>> = []
   for (const m of op.path.matchAll(/\{(\w+)\}/g)) {
-    out.push({ name: m[1], in: 'path', required: true, schema: { type: 'string', minLength: 1 } })
+    const own = op.params?.[m[1] as string]
+    out.push({ name: m[1], in: 'path', required: true, schema: own ? plain(own) : { type: 'string', minLength: 1 } })
   }
   if (op.query) {
     const required = new Set((op.query.required as string[] | undefined) ?? [])

@@ -93,6 +93,12 @@ export interface Operation {
   summary: string
   description?: string
   query?: TObject
+  /**
+   * For the document: a path parameter's schema where it is more than a non-empty string (the
+   * handler checks it itself, as the document says; before, found by a review, the lockout's
+   * address was a plain string there).
+   */
+  params?: Record<string, TSchema>
   /** Request headers the handler reads itself (Last-Event-ID), for the document: by name as written, each optional. */
   headers?: TObject
   body?: TSchema

@@ -10,6 +10,7 @@ export default defineOperation({
   id: 'liftLockout',
   method: 'DELETE',
   path: '/v1/lockouts/{address}',
+  params: { address: Type.String({ format: 'ip', maxLength: 64, description: 'The address (IPv4 or IPv6; an IPv6 address lifts its network).' }) },
   tag: 'lockouts',
   summary: 'Lift the lockout of an address',
   description:

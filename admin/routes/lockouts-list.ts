@@ -16,7 +16,7 @@ export default defineOperation({
     "The addresses locked out after `lockout.max_attempts` failed key or credential attempts, latest lockout first, as this instance holds them: with Redis, every instance's (read from Redis when the instance starts or reconnects, and told by pub/sub since); without it, this process's (and, in a `--workers` primary, its workers'). `total` counts them all; `items` holds the first `limit`. `address` looks up one address (its IPv6 network). Lift one with `DELETE /v1/lockouts/{address}`.",
   query: Type.Object(
     {
-      address: Type.Optional(Type.String({ minLength: 1, maxLength: 64, description: 'Only the lockout of this address (IPv4 or IPv6; an IPv6 address finds its network).' })),
+      address: Type.Optional(Type.String({ format: 'ip', maxLength: 64, description: 'Only the lockout of this address (IPv4 or IPv6; an IPv6 address finds its network).' })),
       limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
     },
     { additionalProperties: false },
