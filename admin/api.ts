@@ -23,6 +23,12 @@ export interface AdminApiOptions {
 
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i
 /**
+ * JSON media types whose bodies mean operations, not the document itself: a PATCH sent as a
+ * JSON Merge Patch (RFC 7396) was read as a plain body, `{"metadata":{"env":null}}` replacing the
+ * metadata with `{"env":null}` where the sender meant to remove one member (found by a review).
+ */
+const PATCH_DOCUMENT_TYPE = /^application\/(?:merge-patch|json-patch)\+json\s*(?:;|$)/i
+/**
  * The `charset` parameter of a Content-Type, read as browsers and fetch read it (util.MIMEType,
  * WHATWG's MIME parsing): a quoted value may hold `;charset=`, which is no parameter of its own
  * (a pattern looking for `;charset=` anywhere took `foo="a;charset=utf-16"; charset=utf-8` for
@@ -59,6 +65,9 @@ async function readJson({ req, res }: AdminRequest, max: number, limit: string):
   if (!hasBody(req.headers)) return undefined
   if (!JSON_TYPE.test(req.headers['content-type'] ?? '')) {
     throw new AdminError('unsupported_media_type', `the body must be JSON (Content-Type: application/json), not ${JSON.stringify(req.headers['content-type'] ?? 'none')}`, { connection: 'close' })
+  }
+  if (PATCH_DOCUMENT_TYPE.test(req.headers['content-type'] ?? '')) {
+    throw new AdminError('unsupported_media_type', `the body must be plain JSON (Content-Type: application/json), not a patch document (${showValue(req.headers['content-type'] ?? '')}): a PATCH body names the fields to set, and replaces each whole (metadata too)`, { connection: 'close' })
   }
   const named = charsetOf(req.headers['content-type'] ?? '')
   // US-ASCII is UTF-8's first 128 characters: such a body reads the same (found by a review).

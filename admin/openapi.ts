@@ -102,7 +102,7 @@ function parameters(op: Operation) {
 }
 
 /** What every request body must be, or be refused 415 unsupported_media_type (admin/api.ts). */
-const REQUEST_BODY = 'JSON in UTF-8 (a `charset` other than UTF-8 is refused), sent as is: a `Content-Encoding` other than `identity` is refused `415 unsupported_media_type`, with `Accept-Encoding: identity`.'
+const REQUEST_BODY = 'JSON in UTF-8 (a `charset` other than UTF-8 is refused; so are the patch documents `application/merge-patch+json` and `application/json-patch+json`: a PATCH body names the fields to set, each replaced whole), sent as is: a `Content-Encoding` other than `identity` is refused `415 unsupported_media_type`, with `Accept-Encoding: identity`.'
 
 export function openApiDocument(operations: readonly Operation[], info: { version: string }) {
   const paths: Record<string, Record<string, unknown>> = {}

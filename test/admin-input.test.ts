@@ -210,6 +210,14 @@ await forEachStore(t, async (t, store) => {
     const a = await h.call('POST', '/v1/keys/validate', { raw: Buffer.from('{"key":"caf\u00e9"}'), headers: { 'content-type': type } })
     t.equal(a.status, 200, `${type}: taken`)
   }
+  // A patch document is not a body of fields (before, found by a review: a merge patch's
+  // {"metadata":{"env":null}} was taken, and replaced the metadata with {"env":null}).
+  for (const type of ['application/merge-patch+json', 'Application/JSON-Patch+JSON; charset=utf-8']) {
+    const a = await h.call('POST', '/v1/keys', { raw: Buffer.from('{"name":"patchy","type":"service"}'), headers: { 'content-type': type } })
+    refused(a, 415, 'unsupported_media_type', `${type}: refused`)
+    t.match(a.json?.error?.message, /not a patch document/)
+  }
+  t.equal((await h.call('POST', '/v1/keys/validate', { raw: Buffer.from('{"key":"kg_x"}'), headers: { 'content-type': 'application/vnd.example+json' } })).status, 200, 'another +json type is still JSON')
 
   // A content-coded body is refused 415 with what is taken (RFC 9110 §15.5.16, §12.5.3). Before
   // (found by a review), Content-Encoding was ignored: plain JSON sent as `br` was taken (201), and
