@@ -5,7 +5,7 @@ import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
 import { readAtMost } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
-import { CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
+import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
@@ -48,6 +48,12 @@ function parseMetadata(value: string | undefined): Record<string, unknown> | und
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new UsageError('--metadata: expected a JSON object')
   const changed = silentChange(value, parsed)
   if (changed !== undefined) throw new UsageError(`--metadata: ${changed}`)
+  try {
+    checkMetadata(parsed)
+  } catch (err) {
+    if (isKeygateError(err, 'validation_failed')) throw new UsageError(`--${err.message}`)
+    throw err
+  }
   return parsed as Record<string, unknown>
 }
 
@@ -57,7 +63,7 @@ function parseMetadata(value: string | undefined): Record<string, unknown> | und
  * input takes), or a number out of range, past
  * 2^53 - 1 or too close to zero, as the admin API refuses them in a body (before, the CLI's
  * --metadata and import files stored 12345678901234567891 rounded and 1e-400 as 0). Too deep a
- * value is left to the key service, which refuses it.
+ * value is refused before (checkMetadata).
  */
 function silentChange(text: string, value: unknown): string | undefined {
   if (nestsDeeper(value, MAX_JSON_DEPTH + 1)) return undefined

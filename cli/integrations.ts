@@ -212,7 +212,8 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
   verify: verifyCommand<GiteaVerification>({
     summary: 'ask Gitea whether it accepts a token and whose it is (exit 0 yes, 1 no); give - to read it from stdin',
     usage: 'keygate gitea verify TOKEN|- [--gitea-url URL] [--json]',
-    options: GITEA_FLAGS,
+    // The token is the credential: the user's are not used (before, found by a review: taken and ignored).
+    options: { 'gitea-url': GITEA_FLAGS['gitea-url'] },
     noun: 'token',
     accepted: (v) => `valid: ${v.user ? `Gitea user ${v.user.login} (id ${v.user.id})` : 'Gitea accepts it'}${v.record ? `; keygate record ${v.record.id} (${v.record.name})` : ''}`,
   }),
@@ -251,7 +252,7 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
   verify: verifyCommand<N8nVerification>({
     summary: "ask n8n's public API whether it accepts a key (exit 0 yes, 1 no); give - to read it from stdin",
     usage: 'keygate n8n verify KEY|- [--n8n-url URL] [--json]',
-    options: N8N_FLAGS,
+    options: { 'n8n-url': N8N_FLAGS['n8n-url'] },
     noun: 'key',
     accepted: (v) => `valid${v.record ? `: keygate record ${v.record.id} (${v.record.label}, created by ${v.record.created_by})` : ''}`,
   }),

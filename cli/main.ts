@@ -164,7 +164,9 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
       io.out(`usage: ${usage}\nprints the configuration reference (docs/configuration.md) as Markdown\n`)
       return EXIT_OK
     }
-    refuseFlags(p, [...STORE_FLAGS, 'admin-url'], NOT_FOR_CONFIG)
+    refuseFlags(p, [...STORE_FLAGS, 'admin-url', 'config'], NOT_FOR_CONFIG)
+    // Markdown only (before, found by a review: --json was taken, and Markdown printed).
+    refuseFlags(p, ['json'], 'config docs prints Markdown only')
     io.out(renderConfigDocs())
     return EXIT_OK
   }
@@ -182,6 +184,8 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
     return EXIT_OK
   }
   refuseFlags(p, [...STORE_FLAGS, 'admin-url'], NOT_FOR_CONFIG)
+  // Before (found by a review): `--config A B` checked B alone, without a word.
+  if (p.positionals[0] !== undefined && p.values.config !== undefined) throw new UsageError(`give the file once: as FILE or as --config, not both\nusage: ${usage}`)
   // The file every other command would read when none is named (KEYGATE_CONFIG, else ./keygate.yaml).
   const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
@@ -233,7 +237,10 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
 }
 
 export async function main(argv: string[], io: Io = processIo): Promise<number> {
-  const json = argv.includes('--json')
+  // A `--json` after `--` is an argument, not the flag (before, found by a review: it switched the
+  // error to JSON on stdout).
+  const end = argv.indexOf('--')
+  const json = (end === -1 ? argv : argv.slice(0, end)).includes('--json')
   try {
     const [command, ...rest] = argv
     switch (command) {
@@ -246,9 +253,14 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
         io.out(HELP)
         return EXIT_OK
       case '--version':
-      case 'version':
-        io.out(`${VERSION}\n`)
+      case 'version': {
+        // `--json` for scripts; anything else is refused (before, found by a review: ignored).
+        const p = parse(rest, {}, { min: 0, max: 0 }, 'keygate --version [--json]')
+        refuseFlags(p, [...STORE_FLAGS, 'admin-url', 'config'], 'the version needs nothing else')
+        if (p.values.json) printJson(io, { version: VERSION })
+        else io.out(`${VERSION}\n`)
         return EXIT_OK
+      }
       case 'api-key':
         return await runGroup(
           'api-key',

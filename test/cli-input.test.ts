@@ -105,6 +105,14 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['config'], /usage: keygate config check/],
     [['config', 'check'], /give the file to check/],
     [['config', 'check', 'a.yaml', 'b.yaml'], /unexpected argument "b.yaml"/],
+    // Found by a review, each taken before: the first file ignored, the flag printed Markdown or
+    // plain text, or a credential the command does not use ignored.
+    [['config', 'check', '--config', 'a.yaml', 'b.yaml'], /^keygate: give the file once: as FILE or as --config, not both\nusage: keygate config check/],
+    [['config', 'docs', '--json'], /^keygate: --json: config docs prints Markdown only\n$/],
+    [['--version', '--data-dir', dataDir], /^keygate: --data-dir: the version needs nothing else\n$/],
+    [['--version', 'extra'], /unexpected argument "extra"/],
+    [['gitea', 'verify', 'tok', '--gitea-username', 'u'], /Unknown option '--gitea-username'/],
+    [['n8n', 'verify', 'tok', '--n8n-password', 'p'], /Unknown option '--n8n-password'/],
     [['migrate', 'now'], /unexpected argument "now"/],
     // Config flags too (before: `--listen=` fell back to 0.0.0.0:8080 and served; `--listen bogus` exited 1).
     [['serve', '--listen='], /--listen \(gateway\.listen\): an empty value is not allowed/],
@@ -120,6 +128,14 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     }
   }
   t.notOk(existsSync(dataDir), 'no store was created by a usage error')
+
+  // A --json after -- is an argument (before, found by a review: the error went to stdout as JSON).
+  const positional = await runCliHere(['api-key', 'get', '--', '--json'], { env: isolated({ KEYGATE_DATA_DIR: join(dir, 'positional') }) })
+  t.equal(positional.stdout, '', 'nothing on stdout')
+  t.match(positional.stderr, /^keygate: /, 'the refusal on stderr, in words')
+  const version = await runCliHere(['--version', '--json'], { env })
+  t.equal(version.code, 0)
+  t.match(JSON.parse(version.stdout), { version: /^\d+\.\d+\.\d+/ }, '--version --json prints JSON')
 
   // --help is help on every command (before: `config check --help` checked ./keygate.yaml or exited 2).
   for (const args of [['config', 'check', '--help'], ['config', 'docs', '--help']]) {
@@ -145,8 +161,12 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
   // 3000 levels, under --metadata's 8 KiB: before, the store's thread never answered, and the command hung.
   const deep = await runCli(['api-key', 'create', '--name', 'deep', '--type', 'user', '--metadata', `{"a":${'['.repeat(3000)}${']'.repeat(3000)}}`, '--json'], { cwd, env })
-  t.equal(deep.code, 1)
-  t.match(deep.json().error, { code: 'validation_failed', message: /metadata: nests deeper than 32 levels/ })
+  // A usage error naming the flag, as its other checks are (before, found by a review: exit 1).
+  t.equal(deep.code, 2)
+  t.match(deep.json().error, { code: 'usage_error', message: /^--metadata: nests deeper than 32 levels/ })
+  const large = await runCli(['api-key', 'create', '--name', 'large', '--type', 'user', '--metadata', JSON.stringify({ a: 'x'.repeat(9000) })], { cwd, env })
+  t.equal(large.code, 2)
+  t.match(large.stderr, /^keygate: --metadata: is larger than 8192 bytes/)
   const lone = await runCli(['api-key', 'create', '--name', 'lone', '--type', 'user', '--metadata', '{"a":"\\ud800"}', '--json'], { cwd, env })
   t.equal(lone.code, 1)
   t.match(lone.json().error, { code: 'validation_failed', message: /metadata\.a: holds a lone UTF-16 surrogate/ })

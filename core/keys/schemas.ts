@@ -3,7 +3,9 @@
 import { Type, type Static } from '@sinclair/typebox'
 import { CURSOR_PATTERN } from '../cursor.ts'
 import '../formats.ts'
-import { PRINTABLE } from '../validate.ts'
+import { nestsDeeper } from '../depth.ts'
+import { fieldInvalid } from '../errors.ts'
+import { dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
 import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
@@ -135,3 +137,41 @@ export const IMPORT_MAX_ROWS = 10_000
  * api-key import -` reads no more of stdin than this either.
  */
 export const IMPORT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+const METADATA_MAX_BYTES = 8192
+
+/** Whether a JSON value holds a NUL character in any key or string (its depth is bounded before this). */
+function holdsNul(value: unknown): boolean {
+  if (typeof value === 'string') return value.includes('\u0000')
+  if (value === null || typeof value !== 'object') return false
+  if (Array.isArray(value)) return value.some(holdsNul)
+  return Object.entries(value).some(([k, v]) => k.includes('\u0000') || holdsNul(v))
+}
+
+/**
+ * What a key's metadata must be beyond its schema: the key service checks it on every write, and
+ * the CLI checks --metadata with it before anything is sent (before, found by a review: too deep or
+ * too large, a usage error the API refused with exit 1, where the flag's other checks exit 2).
+ */
+export function checkMetadata(metadata: unknown): void {
+  if (metadata === undefined) return
+  // The admin API refuses deeper bodies before they get here; the CLI's --metadata and import
+  // files did not, and the embedded store's worker thread never answered a query that deep.
+  if (nestsDeeper(metadata, MAX_JSON_DEPTH)) throw fieldInvalid('metadata', `nests deeper than ${MAX_JSON_DEPTH} levels`)
+  const text = JSON.stringify(metadata)
+  // jsonb refuses a NUL in a key or value. Looked for in the strings themselves: the text
+  // `\u0000` (a backslash, then u0000) is no NUL, though JSON.stringify writes a NUL that way too.
+  if (holdsNul(metadata)) {
+    throw fieldInvalid('metadata', 'holds a NUL character')
+  }
+  // JSON writes Infinity as null: the CLI's --metadata and import files read `1e309` as Infinity
+  // (the admin API refuses it in the body, with any number that would not be stored as written).
+  const infinite = pathWhere(metadata, (v) => typeof v === 'number' && !Number.isFinite(v))
+  if (infinite !== undefined) throw fieldInvalid(dotted(['metadata', ...infinite]), NOT_FINITE)
+  // JSON Schema cannot bound a record's keys (TypeBox's Record drops the key schema's maxLength).
+  const long = Object.keys(metadata as object).find((k) => k.length > METADATA_KEY_MAX)
+  if (long !== undefined) throw fieldInvalid('metadata', `has a key longer than ${METADATA_KEY_MAX} characters (${JSON.stringify(long.slice(0, 20))}…)`)
+  if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
+    throw fieldInvalid('metadata', `is larger than ${METADATA_MAX_BYTES} bytes`)
+  }
+}

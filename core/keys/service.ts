@@ -6,12 +6,11 @@ import type { Db, Queryable } from '../db.ts'
 import { rowsOf, sqlState, statementBatches, UNIQUE_VIOLATION } from '../db.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import { decodeCursor, pageOf, type Page } from '../cursor.ts'
-import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid, isKeygateError, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
-import { assertValid, dotted, firstProblems, MAX_JSON_DEPTH, MAX_LISTED_PROBLEMS, NOT_FINITE, pathWhere, refuseKeyIn } from '../validate.ts'
+import { assertValid, firstProblems, MAX_LISTED_PROBLEMS, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey, statusAt } from './evaluate.ts'
-import { CreateKeyBody, IMPORT_MAX_ROWS, METADATA_KEY_MAX, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
+import { checkMetadata, CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 
@@ -33,8 +32,6 @@ export type KeyChange = { action: 'created' | 'updated' | 'revoked' | 'rotated' 
 export type Validation =
   | { valid: true; key: KeyRecord }
   | { valid: false; code: ErrorCode; reason: 'malformed' | 'unknown' | 'wrong_secret' | string; keyId?: string }
-
-const METADATA_MAX_BYTES = 8192
 
 /** A key's characters in an INSERT besides its name, owner, scopes, metadata and CIDRs (its id, hash, times…). */
 const KEY_ROW_CHARS = 200
@@ -159,37 +156,6 @@ export function checkImportSize(rows: number): void {
 /** An import of no rows (the store's answer, also the CLI's through the admin API). */
 export function emptyImport(): KeygateError {
   return new KeygateError('import_invalid', 'the import holds no rows; expected a JSON array or JSON lines of objects')
-}
-
-/** Whether a JSON value holds a NUL character in any key or string (its depth is bounded before this). */
-function holdsNul(value: unknown): boolean {
-  if (typeof value === 'string') return value.includes('\u0000')
-  if (value === null || typeof value !== 'object') return false
-  if (Array.isArray(value)) return value.some(holdsNul)
-  return Object.entries(value).some(([k, v]) => k.includes('\u0000') || holdsNul(v))
-}
-
-function checkMetadata(metadata: unknown): void {
-  if (metadata === undefined) return
-  // The admin API refuses deeper bodies before they get here; the CLI's --metadata and import
-  // files did not, and the embedded store's worker thread never answered a query that deep.
-  if (nestsDeeper(metadata, MAX_JSON_DEPTH)) throw fieldInvalid('metadata', `nests deeper than ${MAX_JSON_DEPTH} levels`)
-  const text = JSON.stringify(metadata)
-  // jsonb refuses a NUL in a key or value. Looked for in the strings themselves: the text
-  // `\u0000` (a backslash, then u0000) is no NUL, though JSON.stringify writes a NUL that way too.
-  if (holdsNul(metadata)) {
-    throw fieldInvalid('metadata', 'holds a NUL character')
-  }
-  // JSON writes Infinity as null: the CLI's --metadata and import files read `1e309` as Infinity
-  // (the admin API refuses it in the body, with any number that would not be stored as written).
-  const infinite = pathWhere(metadata, (v) => typeof v === 'number' && !Number.isFinite(v))
-  if (infinite !== undefined) throw fieldInvalid(dotted(['metadata', ...infinite]), NOT_FINITE)
-  // JSON Schema cannot bound a record's keys (TypeBox's Record drops the key schema's maxLength).
-  const long = Object.keys(metadata as object).find((k) => k.length > METADATA_KEY_MAX)
-  if (long !== undefined) throw fieldInvalid('metadata', `has a key longer than ${METADATA_KEY_MAX} characters (${JSON.stringify(long.slice(0, 20))}…)`)
-  if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
-    throw fieldInvalid('metadata', `is larger than ${METADATA_MAX_BYTES} bytes`)
-  }
 }
 
 function futureDate(value: string | null | undefined, now: Date, field: string): Date | null | undefined {
