@@ -62,6 +62,11 @@ const Route = Type.Object(
     }),
     strip_prefix: Type.Boolean({ default: false, description: "Remove the path prefix before forwarding: `/api/items` goes as `/items` (after the upstream's base path), and `/api` itself as `/` (`/v2/` with the base path `/v2`)." }),
     preserve_host: Type.Boolean({ default: false, description: "Send the client's Host upstream instead of the upstream's own (X-Forwarded-Host carries it either way)." }),
+    rewrite_redirects: Type.Boolean({
+      default: true,
+      description:
+        "An upstream answer's `Location` that names the upstream's own URL (its origin and base path, as `upstream` gives them) goes to the client as the path it used (under the route's prefix with `strip_prefix`), as nginx's `proxy_redirect default` does: the upstream's address is not one the client can reach. Any other `Location` passes as sent.",
+    }),
   },
   { additionalProperties: false },
 )

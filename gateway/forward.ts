@@ -13,7 +13,7 @@ import type { Increment, RouteMetrics } from '../core/metrics.ts'
 import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { closeWhenAnswered, expectsContinue, hasBody } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
-import type { CompiledRoute, Router } from './route.ts'
+import { publicLocation, type CompiledRoute, type Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
 import type { Tunnel, TunnelGuard } from './tunnels.ts'
 
@@ -401,6 +401,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         if (name.startsWith('x-keygate-') || (dropApiKey && name === 'x-api-key')) continue
         // Only a trusted proxy says how the request reached it (X-Forwarded-Port, -Prefix, -Ssl...).
         if (!trusted && name.startsWith('x-forwarded-')) continue
+        // A route that strips its prefix says which (below), after a trusted proxy's own.
+        if (route.forwardedPrefix !== undefined && name === 'x-forwarded-prefix') continue
       }
       if (dropAuthorization && name === 'authorization') continue
       if (named !== undefined && named.includes(name)) continue
@@ -417,6 +419,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const xfh = h['x-forwarded-host']
     const host = trusted && typeof xfh === 'string' && xfh.trim() !== '' ? xfh : h.host
     if (host !== undefined) out.push('x-forwarded-host', host)
+    // As Kong sends it: the path the upstream was mounted under, so it can build its own links
+    // (before, found by a review: nothing told it the prefix it never saw).
+    if (route.forwardedPrefix !== undefined) {
+      const theirs = trusted ? h['x-forwarded-prefix'] : undefined
+      out.push('x-forwarded-prefix', typeof theirs === 'string' && theirs !== '' && theirs !== '/' ? theirs.replace(/\/$/, '') + route.forwardedPrefix : route.forwardedPrefix)
+    }
     const k = s.key
     if (k !== undefined) out.push('x-keygate-key-id', k.id, 'x-keygate-key-name', k.name, 'x-keygate-key-type', k.type, 'x-keygate-scopes', k.scopes.header)
     out.push('x-request-id', s.id)
@@ -453,6 +461,14 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     }
     const out: string[] = []
     if (!passHeaders(headers, statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out)) out.push('x-request-id', s.id)
+    // Before (found by a review): an upstream's redirect to its own address reached the client,
+    // which cannot reach it, and left the route's prefix out under strip_prefix.
+    if (route.rewriteRedirects && typeof headers.location === 'string') {
+      const rewritten = publicLocation(route, headers.location)
+      if (rewritten !== undefined) {
+        for (let i = 0; i < out.length; i += 2) if (out[i] === 'location') out[i + 1] = rewritten
+      }
+    }
     // Strings, not numbers: Node's header checks take a number down a slower, generic path.
     if (s.rlLimit >= 0) out.push('ratelimit-limit', String(s.rlLimit), 'ratelimit-remaining', String(s.rlRemaining), 'ratelimit-reset', String(s.rlResetS))
     if (ctx.closing) out.push('connection', 'close')

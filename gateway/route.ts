@@ -37,6 +37,10 @@ export interface CompiledRoute {
   readonly scopes: readonly string[]
   readonly stripPrefix: boolean
   readonly preserveHost: boolean
+  /** The X-Forwarded-Prefix this route adds: its prefix where it strips it, else undefined. */
+  readonly forwardedPrefix: string | undefined
+  /** rewrite_redirects: whether a Location naming the upstream's own URL is rewritten (publicLocation). */
+  readonly rewriteRedirects: boolean
 }
 
 export class Router {
@@ -65,6 +69,8 @@ export class Router {
         scopes: r.scopes,
         stripPrefix: r.strip_prefix,
         preserveHost: r.preserve_host,
+        forwardedPrefix: r.strip_prefix && prefix !== '/' ? prefix : undefined,
+        rewriteRedirects: r.rewrite_redirects,
       }
     })
     this.#byHost = this.routes.some((r) => r.host !== undefined)
@@ -117,6 +123,33 @@ export class Router {
     }
     return r.basePath === '' ? rest : r.basePath + rest
   }
+}
+
+const ABSOLUTE_HTTP = /^https?:\/\//i
+
+/**
+ * The `Location` the client gets for an upstream's `location` on route `r`: one naming the
+ * upstream's own URL (its origin, and a path under its base path) as the path the client would
+ * send for it, upstreamPath's inverse (`http://10.0.0.5:8080/base/x?y` on a route `/svc` with
+ * strip_prefix and upstream `http://10.0.0.5:8080/base` is `/svc/x?y`); undefined for any other,
+ * which passes as sent. A path-absolute `/x` is left alone: the upstream may have built it from
+ * X-Forwarded-Prefix already, and it names no unreachable address.
+ */
+export function publicLocation(r: CompiledRoute, location: string): string | undefined {
+  if (!ABSOLUTE_HTTP.test(location)) return undefined
+  let url: URL
+  try {
+    url = new URL(location)
+  } catch {
+    return undefined
+  }
+  if (url.origin !== r.origin) return undefined
+  const path = url.pathname
+  if (r.basePath !== '' && !under(path, r.basePath)) return undefined
+  let rest = path.slice(r.basePath.length)
+  if (!rest.startsWith('/')) rest = '/' + rest
+  const publicPath = r.stripPrefix && r.prefix !== '/' ? (rest === '/' ? `${r.prefix}/` : r.prefix + rest) : rest
+  return publicPath + url.search + url.hash
 }
 
 /** Whether `path` is under `prefix`: equal, or continued on a segment boundary (`/api` holds `/api`, `/api/x` and `/api?q`, not `/apix`). */

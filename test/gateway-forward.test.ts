@@ -1,7 +1,7 @@
 // What the upstream actually receives, and what the client gets back.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, converse, echo, rawExchange, startGateway, type Received, type Tap } from './helpers/gateway.ts'
+import { bearer, converse, echo, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
@@ -386,6 +386,56 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   const viaProxy = (await behind.get('/u', { ...bearer(k2.key), 'x-forwarded-prefix': '/app', 'x-forwarded-port': '443' })).json as Received
   t.equal(viaProxy.headers['x-forwarded-prefix'], '/app', "a trusted proxy's X-Forwarded-Prefix passes")
   t.equal(viaProxy.headers['x-forwarded-port'], '443')
+})
+
+t.test("an upstream's redirect to its own address goes to the client as the path it used; a route that strips its prefix sends X-Forwarded-Prefix", async (t) => {
+  // Before (found by a review): the client got the upstream's internal address, or, under
+  // strip_prefix, a path without the route's prefix; and nothing told the upstream the prefix.
+  const redirecting: UpstreamHandler = (req, res, received) => {
+    received.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, bodyBytes: 0 })
+    const to = String(req.headers['x-location']).replace('{self}', `http://${req.headers.host}`)
+    res.writeHead(Number(req.headers['x-status'] ?? 302), { location: to, 'content-length': 0 })
+    res.end()
+  }
+  const routes = [
+    { name: 'root', path: '/', upstream: '{upstream}' },
+    { name: 'svc', path: '/svc', upstream: '{upstream}/base/', strip_prefix: true },
+    { name: 'api', path: '/api', upstream: '{upstream}/up' },
+    { name: 'raw', path: '/raw', upstream: '{upstream}/base', strip_prefix: true, rewrite_redirects: false },
+  ]
+  const h = await startGateway(t, { sharedStore: true, routes, upstream: redirecting })
+  const k = await h.key()
+  const self = `http://127.0.0.1:${h.upstream.port}`
+  const location = async (path: string, to: string, status = 302) => {
+    const a = await h.get(path, { ...bearer(k.key), 'x-location': to, 'x-status': String(status) })
+    t.equal(a.status, status, `${path} ${to}: ${status}`)
+    return a.headers.location
+  }
+  t.equal(await location('/svc/a', '{self}/base/target?q=1#f'), '/svc/target?q=1#f', 'under strip_prefix: the prefix put back')
+  t.equal(await location('/svc/a', '{self}/base'), '/svc/', 'the base path itself: the prefix')
+  t.equal(await location('/svc/a', '{self}/base/', 201), '/svc/', "a 201's Location too")
+  t.equal(await location('/api/a', '{self}/up/api/next'), '/api/next', 'without strip_prefix: the base path taken off')
+  t.equal(await location('/x', `HTTP://127.0.0.1:${h.upstream.port}/elsewhere`), '/elsewhere', 'the origin compared as a URL (scheme case)')
+  t.equal(await location('/x', `http://127.0.0.1:${h.upstream.port}/a%20b`), '/a%20b')
+  t.equal(await location('/svc/a', '{self}/other/x'), `${self}/other/x`, 'outside the base path: as sent')
+  t.equal(await location('/svc/a', '{self}/basement'), `${self}/basement`, 'the base path only on a segment boundary')
+  t.equal(await location('/svc/a', '/target'), '/target', 'a path-absolute Location: as sent')
+  t.equal(await location('/svc/a', 'http://elsewhere.example/base/x'), 'http://elsewhere.example/base/x', 'another origin: as sent')
+  t.equal(await location('/raw/a', '{self}/base/x'), `${self}/base/x`, 'rewrite_redirects: false')
+
+  const received = (path: string) => h.upstream.received.findLast((r) => r.url.startsWith(path))
+  await location('/svc/b', '/')
+  t.equal(received('/base/b')?.headers['x-forwarded-prefix'], '/svc', 'the prefix stripped, told')
+  await location('/api/b', '/')
+  t.equal(received('/up/api/b')?.headers['x-forwarded-prefix'], undefined, 'none where nothing is stripped')
+  // The client's own is not believed (it is not a trusted proxy).
+  await h.get('/svc/c', { ...bearer(k.key), 'x-location': '/', 'x-forwarded-prefix': '/evil' })
+  t.equal(received('/base/c')?.headers['x-forwarded-prefix'], '/svc')
+
+  const behind = await startGateway(t, { sharedStore: true, routes, upstream: redirecting, config: { gateway: { trusted_proxies: ['127.0.0.1'] } } })
+  const k2 = await behind.key()
+  await behind.get('/svc/d', { ...bearer(k2.key), 'x-location': '/', 'x-forwarded-prefix': '/app/' })
+  t.equal(behind.upstream.received.at(-1)?.headers['x-forwarded-prefix'], '/app/svc', "after a trusted proxy's own prefix")
 })
 
 t.test('a key in the query is removed and the rest of the query is forwarded byte for byte', async (t) => {
