@@ -31,7 +31,7 @@ import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
-import { logAccess, sendError } from './respond.ts'
+import { keyChallenges, logAccess, sendError } from './respond.ts'
 import { createRouteStage, Router } from './route.ts'
 import { pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
@@ -103,7 +103,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const now: () => number = clock ? () => clock().getTime() : Date.now
   const router = new Router(config.routes)
   const routeMetrics = router.routes.map((r) => metrics.route(r.name))
-  const ctx: GatewayContext = { metrics, routeMetrics, log, router, accessLog: config.log.access_log, usage: deps.usage ?? NO_USAGE, now, closing: false }
+  const ctx: GatewayContext = { metrics, routeMetrics, log, router, accessLog: config.log.access_log, challenges: keyChallenges(config.gateway.key_sources), usage: deps.usage ?? NO_USAGE, now, closing: false }
   const nextId = createRequestIdGenerator()
 
   const cluster = deps.clusterLimits === true

@@ -55,6 +55,10 @@ export function createKeyExtractStage(options: { sources: readonly ('authorizati
   const order = options.sources.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
   const param = options.queryParam
   const authorizationSource = options.sources.includes('authorization')
+  // Where the key goes, as this gateway takes it (before, found by a review: "An API key is
+  // required." alone, beside a Bearer challenge, where only X-API-Key was taken).
+  const where = options.sources.map((s) => (s === 'authorization' ? 'the Authorization header ("Bearer <key>")' : s === 'x-api-key' ? 'the X-API-Key header' : `the ${param} query parameter`))
+  const missing = `An API key is required: send it in ${where.length > 1 ? `${where.slice(0, -1).join(', ')} or ${where.at(-1)}` : where[0]}.`
 
   const valuesOf = (s: RequestState, source: number): string | string[] | undefined => {
     const h = s.headers
@@ -92,7 +96,7 @@ export function createKeyExtractStage(options: { sources: readonly ('authorizati
       // An Authorization header without a Bearer credential (`Authorization: kg_...`, a Basic
       // one): the answer says how to send the key, where "required" alone read as if none had
       // been sent (found by a newcomer). Nothing of the header is echoed.
-      if (authorizationSource && s.headers.authorization !== undefined) s.message = NOT_BEARER
+      s.message = authorizationSource && s.headers.authorization !== undefined ? NOT_BEARER : missing
       return 'key_missing'
     }
     s.presented = key

@@ -8,9 +8,16 @@ import { NO_ROUTE } from '../core/metrics.ts'
 import type { Logger } from '../core/log.ts'
 import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
 
-// Identical for every kind of bad key, so the headers never tell which one it was.
-const CHALLENGE_MISSING = 'Bearer realm="keygate"'
-const CHALLENGE_INVALID = 'Bearer realm="keygate", error="invalid_token"'
+/**
+ * The WWW-Authenticate of a 401 (RFC 9110 §11.6.1 requires one): a Bearer challenge where the
+ * Authorization header is a key source, else one of keygate's own `ApiKey` scheme (before, found
+ * by a review: Bearer, where a client following it sent the key where it was not taken). The
+ * invalid one is identical for every kind of bad key, so the headers never tell which one it was.
+ */
+export function keyChallenges(sources: readonly string[]): { missing: string; invalid: string } {
+  const scheme = sources.includes('authorization') ? 'Bearer' : 'ApiKey'
+  return { missing: `${scheme} realm="keygate"`, invalid: `${scheme} realm="keygate", error="invalid_token"` }
+}
 
 /** The access log's status of a request whose client went away before its answer (nginx's). */
 export const CLIENT_CLOSED_STATUS = 499
@@ -70,7 +77,7 @@ function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, statu
     'cache-control': 'no-store',
     'x-request-id': s.id,
   }
-  if (status === 401) headers['www-authenticate'] = code === 'key_missing' ? CHALLENGE_MISSING : CHALLENGE_INVALID
+  if (status === 401) headers['www-authenticate'] = code === 'key_missing' ? ctx.challenges.missing : ctx.challenges.invalid
   if (s.rlLimit >= 0) {
     headers['ratelimit-limit'] = String(s.rlLimit)
     headers['ratelimit-remaining'] = String(s.rlRemaining)

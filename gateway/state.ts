@@ -100,6 +100,8 @@ export interface GatewayContext {
   readonly log: Logger
   readonly router: Router
   readonly accessLog: boolean
+  /** A 401's WWW-Authenticate (keyChallenges). */
+  readonly challenges: { readonly missing: string; readonly invalid: string }
   /** Per-key usage and rejections for the admin reports (NO_USAGE when not recorded). */
   readonly usage: UsageSink
   /** Milliseconds since the epoch (the injectable clock). */

@@ -31,7 +31,17 @@ t.test('key_missing and every bad key answer alike', async (t) => {
   const missing = await h.get('/x')
   isError(t, missing, 'key_missing')
   t.equal(missing.headers['www-authenticate'], 'Bearer realm="keygate"')
-  t.equal(missing.json?.error?.message, ERRORS.key_missing.message)
+  t.equal(missing.json?.error?.message, 'An API key is required: send it in the Authorization header ("Bearer <key>") or the X-API-Key header.', 'where the key goes')
+  // Without Authorization among the sources: no Bearer challenge a client would follow in vain
+  // (before, found by a review), and the message names the sources taken.
+  const headerOnly = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['x-api-key', 'query'] } } })
+  const unkeyed = await headerOnly.get('/x')
+  isError(t, unkeyed, 'key_missing')
+  t.equal(unkeyed.headers['www-authenticate'], 'ApiKey realm="keygate"')
+  t.equal(unkeyed.json?.error?.message, 'An API key is required: send it in the X-API-Key header or the api_key query parameter.')
+  const badKey = await headerOnly.get('/x', { 'x-api-key': wrongSecret })
+  isError(t, badKey, 'key_invalid')
+  t.equal(badKey.headers['www-authenticate'], 'ApiKey realm="keygate", error="invalid_token"')
   // A key sent without "Bearer " (or a Basic credential) is no key, and the answer says how to send one.
   for (const authorization of [good.key, `Basic ${Buffer.from(`u:${good.key}`).toString('base64')}`]) {
     const notBearer = await h.get('/x', { authorization })
