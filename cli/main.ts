@@ -195,6 +195,13 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   return EXIT_OK
 }
 
+/**
+ * What `migrate` refused with store_locked is told when `serve` (or an unknown process) holds the
+ * store: it works on the store itself (before, found by a review: the CLI's advice, to use the
+ * admin API, which migrate refuses).
+ */
+const MIGRATE_LOCKED_HINT = 'migrate works on the store itself, never through an admin API: serve applies pending migrations as it starts, so restart it, or stop it and run migrate'
+
 async function runMigrate(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, {}, { min: 0, max: 0 }, 'keygate migrate [--json]')
   if (p.values.help) {
@@ -211,7 +218,7 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
   refuseFlags(p, ['admin-url'], 'migrate does not use it: it works on the store itself (--data-dir, --database-url), never through an admin API; run it where it can reach the store')
   const config = configFrom(p, io)
   const [{ openDb }, { applyMigrations }] = await Promise.all([import('../core/db.ts'), import('../core/migrate.ts')])
-  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2, shortLived: true })
+  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2, shortLived: true, lockedHint: MIGRATE_LOCKED_HINT })
   try {
     const { applied, newer } = await applyMigrations(db)
     // Exit 0 either way: the README's migration rule is that each migration leaves the release

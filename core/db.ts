@@ -495,6 +495,28 @@ export function processAlive(pid: number): boolean {
   }
 }
 
+/** keygate's command groups whose subcommand names the command (`api-key create`). */
+const COMMAND_GROUPS = new Set(['api-key', 'gitea', 'n8n', 'config'])
+
+/**
+ * The keygate command process `pid` runs (`serve`, `api-key create`), read from its command line
+ * where the system shows it (Linux's /proc); undefined for any other process, or where unknown.
+ * Only the command's words: the flags may hold secrets (--gitea-password) and are never read.
+ */
+function keygateCommandOf(pid: number): string | undefined {
+  let args: string[]
+  try {
+    args = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')
+  } catch {
+    return undefined
+  }
+  const bin = args.findIndex((a) => /(^|\/)keygate(\.[cm]?[jt]s)?$/.test(a))
+  const first = bin === -1 ? undefined : args[bin + 1]
+  if (first === undefined || !/^[a-z][a-z0-9-]{0,20}$/.test(first)) return undefined
+  const second = args[bin + 2]
+  return COMMAND_GROUPS.has(first) && second !== undefined && /^[a-z][a-z0-9-]{0,20}$/.test(second) ? `${first} ${second}` : first
+}
+
 /**
  * The embedded store is one process's: a lock file holding the owner's pid keeps a second
  * process (a CLI beside a running server) from opening and corrupting it. A lock left by a
@@ -535,10 +557,14 @@ function lockDataDir(dir: string, hint: string): () => void {
       }
       const owner = Number(held)
       if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
+        const command = keygateCommandOf(owner)
+        // Another command ends by itself: the advice for a server (stop it, or use its admin API)
+        // misled there (found by a review: three parallel creates, two told to use an admin API).
+        const why = command === undefined || command === 'serve' ? hint : 'run this command again once it has ended (a keygate command ends by itself)'
         throw new KeygateError(
           'store_locked',
-          `the embedded store in ${dir} is in use by process ${owner}; ${hint}`,
-          { pid: owner },
+          `the embedded store in ${dir} is in use by process ${owner}${command === undefined ? '' : ` (keygate ${command})`}; ${why}`,
+          { pid: owner, ...(command === undefined ? {} : { command }) },
         )
       }
       const aside = `${file}.stale.${pid}`

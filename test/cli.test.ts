@@ -121,6 +121,12 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
       return holder > 0 && holder !== command.pid && !gone(holder)
     }, 60_000)
     t.ok(readFileSync(`/proc/${holder}/cmdline`, 'utf8').split('\0').includes('--liftoff-only'), 'by another process, which runs with --liftoff-only')
+    if (signal === 'SIGTERM') {
+      // Before (found by a review): "stop it, or point the CLI at its admin API", a server's advice.
+      const refused = await runCli(['api-key', 'list'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
+      t.equal(refused.code, 1)
+      t.equal(refused.stderr, `keygate: the embedded store in ${dataDir} is in use by process ${holder} (keygate api-key validate); run this command again once it has ended (a keygate command ends by itself)\n`, 'another command holds it: wait for it')
+    }
     command.kill(signal)
     const outcome = await Promise.race([ended, new Promise<string>((resolve) => setTimeout(() => resolve('still running after 20 s'), 20_000).unref())])
     if (outcome !== signal) command.kill('SIGKILL')

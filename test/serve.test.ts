@@ -53,6 +53,21 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
   t.match(workersEmbedded.stderr, /--workers above 1 needs DATABASE_URL/)
 })
 
+t.test('a command refused by the store a server holds names it, and migrate is told what migrate can do', async (t) => {
+  const dir = await storeDir()
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const served = await serve(t, { env, waitFor: { gateway: false } })
+  const pid = served.child.pid as number
+  const list = await runCli(['api-key', 'list'], { env })
+  t.equal(list.code, 1)
+  t.equal(list.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN\n`)
+  // Before (found by a review): the same advice, though migrate never goes through an admin API.
+  const migrate = await runCli(['migrate'], { env })
+  t.equal(migrate.code, 1)
+  t.equal(migrate.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: serve applies pending migrations as it starts, so restart it, or stop it and run migrate\n`)
+  t.equal(await served.stop(), 0)
+})
+
 t.test('serve refused by a store a command holds is told to wait for it or stop it, not the CLI\'s advice', async (t) => {
   const dir = await storeDir()
   const held = await openDb({ dataDir: dir })
