@@ -126,7 +126,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       summary: op.summary,
       ...(op.description ? { description: op.description } : {}),
       ...(params.length > 0 ? { parameters: params } : {}),
-      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: plain(op.body) } } } } : {}),
+      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: plain(op.documentedBody ?? op.body) } } } } : {}),
       responses,
     }
   }

@@ -102,6 +102,12 @@ export interface Operation {
   /** Request headers the handler reads itself (Last-Event-ID), for the document: by name as written, each optional. */
   headers?: TObject
   body?: TSchema
+  /**
+   * For the document, where the body's items are checked by the operation itself (an import's
+   * rows, each refused with its own import_invalid problems): `body` with those items' schema.
+   * Before (found by a review), the document declared an import's rows as any value.
+   */
+  documentedBody?: TSchema
   /** Whether a request without a body is refused (the body schema then sees `{}`). */
   bodyRequired?: boolean
   /**
