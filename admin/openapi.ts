@@ -71,7 +71,11 @@ function errorResponse(codes: ErrorCode[]) {
                 code: { type: 'string', enum: codes },
                 message: { type: 'string' },
                 request_id: { type: 'string' },
-                details: { type: 'object', description: 'For validation_failed: `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there). For import_invalid: `problems`, the lines of the message.' },
+                details: {
+                  type: 'object',
+                  description:
+                    'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable of a lockout lift Redis did not confirm, `unconfirmed`; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
+                },
               },
             },
           },
