@@ -5,7 +5,6 @@ import { ANOMALY_TYPES } from '../core/anomalies.ts'
 import { auditJson, type AuditFilter } from '../core/audit.ts'
 import { CURSOR_PATTERN } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
-import type { DenyEntry } from '../core/deny-list.ts'
 import { fieldInvalid } from '../core/errors.ts'
 import { isCidrOrAddress } from '../core/formats.ts'
 import { normalAddress } from '../core/keys/evaluate.ts'
@@ -87,9 +86,7 @@ export const DenyEntrySchema = Type.Object({
   expires_at: Nullable(DateTime(), 'It stops applying then; null for never.'),
 })
 
-export function denyJson(e: DenyEntry) {
-  return { id: e.id, cidr: e.cidr, reason: e.reason, created_by: e.createdBy, created_at: e.createdAt.toISOString(), expires_at: e.expiresAt?.toISOString() ?? null }
-}
+export { denyJson } from '../core/deny-list.ts'
 
 export const LockoutSchema = Type.Object({
   address_key: Type.String({ description: 'What the lockout counts: an address, or an IPv6 network (`rate_limits.ipv6_prefix_bits`).' }),

@@ -9,6 +9,7 @@ import { VERSION } from '../core/package.ts'
 import type { Runtime } from '../core/runtime.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationContext } from './integrations.ts'
+import { DENY_LIST_COMMANDS, LOCKOUT_COMMANDS, LOCKOUTS_NEED_ADMIN, localDenyOperations, remoteDenyOperations, remoteLockoutOperations } from './deny-list.ts'
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
@@ -26,12 +27,14 @@ commands:
   api-key <command>           manage keys: ${Object.keys(API_KEY_COMMANDS).join(', ')}
   gitea <command>             Gitea personal access tokens: ${Object.keys(GITEA_COMMANDS).join(', ')}
   n8n <command>               n8n API keys: ${Object.keys(N8N_COMMANDS).join(', ')}
+  deny-list <command>         the stored IP deny list: ${Object.keys(DENY_LIST_COMMANDS).join(', ')}
+  lockouts <command>          addresses locked out after failed keys (admin API only): ${Object.keys(LOCKOUT_COMMANDS).join(', ')}
 
 options every command takes:
   --config FILE               configuration file (else KEYGATE_CONFIG, else ./keygate.yaml)
   --data-dir DIR              embedded store folder (KEYGATE_DATA_DIR, default ./.keygate)
   --database-url URL          PostgreSQL instead of the embedded store (DATABASE_URL)
-  --admin-url URL             api-key, gitea and n8n commands go through this server's
+  --admin-url URL             api-key, gitea, n8n, deny-list and lockouts commands go through this server's
                               admin API (KEYGATE_ADMIN_URL; needs KEYGATE_ADMIN_TOKEN)
   --json                      machine-readable output
   -h, --help                  help for a command
@@ -122,6 +125,8 @@ export async function runGroup<C>(
   io: Io,
   open: (runtime: Runtime, log: Logger, json: boolean) => Promise<{ ctx: C; close?: () => Promise<void> }>,
   remote: (adminUrl: string, token: string, json: boolean, p: Parsed) => C,
+  /** Why the group works only through an admin API, for one run without an admin URL. */
+  adminOnly?: string,
 ): Promise<number> {
   const [name, ...rest] = argv
   if (name === undefined) throw new UsageError(groupHelp(group, commands).trimEnd())
@@ -146,6 +151,7 @@ export async function runGroup<C>(
     if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
+  if (adminOnly !== undefined) throw new KeygateError('config_invalid', adminOnly)
   const log = cliLogger(io, config)
   const { runLocal } = await import('./local.ts')
   return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
@@ -281,6 +287,25 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
         return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/gitea.ts')).GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea' })
       case 'n8n':
         return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/n8n.ts')).N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n' })
+      case 'deny-list':
+        return await runGroup(
+          'deny-list',
+          DENY_LIST_COMMANDS,
+          rest,
+          io,
+          async (runtime, _log, json) => ({ ctx: { io, json, ops: localDenyOperations(runtime, { actor: actorName() }) } }),
+          (adminUrl, token, json) => ({ io, json, ops: remoteDenyOperations(adminUrl, token) }),
+        )
+      case 'lockouts':
+        return await runGroup(
+          'lockouts',
+          LOCKOUT_COMMANDS,
+          rest,
+          io,
+          () => Promise.reject(new KeygateError('config_invalid', LOCKOUTS_NEED_ADMIN)),
+          (adminUrl, token, json) => ({ io, json, ops: remoteLockoutOperations(adminUrl, token) }),
+          LOCKOUTS_NEED_ADMIN,
+        )
       case 'config':
         return await runConfig(rest, io)
       case 'migrate':

@@ -3,11 +3,13 @@
 // has one spelling and the UNIQUE constraint means what it says. Each change writes its audit
 // row in the same transaction.
 import ipaddr from 'ipaddr.js'
+import { Type } from '@sinclair/typebox'
 import type { Db } from './db.ts'
 import { sqlState, UNDEFINED_TABLE, UNIQUE_VIOLATION } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
-import { refuseKeyIn } from './validate.ts'
+import './formats.ts'
+import { PRINTABLE, refuseKeyIn } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange } from './keys/evaluate.ts'
 
@@ -35,6 +37,21 @@ interface DenyRow {
   created_by: string
   created_at: Date
   expires_at: Date | null
+}
+
+/** What an entry is added with: the admin API's body, and the CLI's flags checked against it. */
+export const AddDenyBody = Type.Object(
+  {
+    cidr: Type.String({ format: 'cidr', description: 'IPv4 or IPv6 address or CIDR range.' }),
+    reason: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()])),
+    expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'It stops applying then; omit or null for never.' })),
+  },
+  { additionalProperties: false },
+)
+
+/** An entry as the admin API answers it and the CLI prints it with --json. */
+export function denyJson(e: DenyEntry) {
+  return { id: e.id, cidr: e.cidr, reason: e.reason, created_by: e.createdBy, created_at: e.createdAt.toISOString(), expires_at: e.expiresAt?.toISOString() ?? null }
 }
 
 const toEntry = (r: DenyRow): DenyEntry => ({ id: r.id, cidr: r.cidr, reason: r.reason, createdBy: r.created_by, createdAt: r.created_at, expiresAt: r.expires_at })

@@ -1,0 +1,188 @@
+// keygate deny-list add|list|remove and keygate lockouts list|lift: the gateway's address checks
+// from the command line, as the admin API has them (before, only the admin API had them). The
+// deny list is the store's: on the store opened here, or through a running server's admin API;
+// a change reaches every gateway within gateway.deny_list_refresh_s, or at once through the
+// admin API of the instance that made it. Lockouts live in the running servers (Redis, or each
+// process's memory): only through an admin API.
+import { AddDenyBody, DenyListService, denyJson, normaliseCidr } from '../core/deny-list.ts'
+import type { Actor } from '../core/audit.ts'
+import { KeygateError } from '../core/errors.ts'
+import type { Runtime } from '../core/runtime.ts'
+import { adminClient } from './admin-client.ts'
+import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, table, type Command, type Io } from './io.ts'
+
+type DenyJson = ReturnType<typeof denyJson>
+type LockoutJson = { address_key: string; locked_until: string; retry_after_s: number }
+type LiftJson = { address: string; address_key: string; was_locked_out: boolean }
+
+export interface DenyOperations {
+  add(body: { cidr: string; reason?: string; expires_at?: string | null }): Promise<DenyJson>
+  list(includeExpired: boolean): Promise<DenyJson[]>
+  remove(id: string): Promise<DenyJson>
+}
+
+export interface LockoutOperations {
+  list(query: { address?: string; limit?: number }): Promise<{ items: LockoutJson[]; total: number }>
+  lift(address: string): Promise<LiftJson>
+}
+
+export interface DenyContext {
+  io: Io
+  json: boolean
+  ops: DenyOperations
+}
+
+export interface LockoutContext {
+  io: Io
+  json: boolean
+  ops: LockoutOperations
+}
+
+/** Why the lockout commands need an admin API (runGroup's adminOnly). */
+export const LOCKOUTS_NEED_ADMIN =
+  'lockouts are held by the running servers (in Redis, or in each process), not in the store: set KEYGATE_ADMIN_URL (or --admin-url) and KEYGATE_ADMIN_TOKEN to reach one'
+
+export function localDenyOperations(runtime: Runtime, actor: Actor): DenyOperations {
+  const service = new DenyListService({ db: runtime.db, audit: runtime.audit })
+  return {
+    add: async (body) => denyJson(await service.add({ cidr: body.cidr, reason: body.reason ?? null, expiresAt: body.expires_at ?? null }, actor)),
+    list: async (includeExpired) => (await service.list({ includeExpired })).map(denyJson),
+    remove: async (id) => denyJson(await service.remove(id, actor)),
+  }
+}
+
+/** A path segment: '', '.' and '..' are no entry's id, and no URL carries them. */
+function segment(value: string): string {
+  if (value === '' || value === '.' || value === '..') throw new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(value)}`)
+  return encodeURIComponent(value)
+}
+
+export function remoteDenyOperations(baseUrl: string, token: string): DenyOperations {
+  const { call } = adminClient(baseUrl, token, { checkWith: '`keygate deny-list list`' })
+  return {
+    add: (body) => call('POST', '/v1/deny-list', body),
+    list: async (includeExpired) => (await call<{ items: DenyJson[] }>('GET', `/v1/deny-list${includeExpired ? '?include_expired=true' : ''}`, undefined, ['items'])).items,
+    remove: (id) => call('DELETE', `/v1/deny-list/${segment(id)}`),
+  }
+}
+
+export function remoteLockoutOperations(baseUrl: string, token: string): LockoutOperations {
+  const { call } = adminClient(baseUrl, token, { checkWith: '`keygate lockouts list`' })
+  return {
+    list: (query) => {
+      const q = new URLSearchParams(Object.entries(query).flatMap(([k, v]): Array<[string, string]> => (v === undefined ? [] : [[k, String(v)]])))
+      return call('GET', `/v1/lockouts${q.size ? `?${q}` : ''}`, undefined, ['items'])
+    },
+    lift: (address) => {
+      // An address is one path segment; one with a / is a range, which no lockout is.
+      if (address.includes('/') || address === '' || address === '.' || address === '..') throw new UsageError(`${JSON.stringify(address)} is not an address; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
+      return call('DELETE', `/v1/lockouts/${encodeURIComponent(address)}`)
+    },
+  }
+}
+
+const until = (at: string | null) => (at === null ? 'never' : at)
+
+export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
+  add: {
+    summary: 'refuse an address or range at the gateway',
+    usage: 'keygate deny-list add CIDR [--reason TEXT] [--expires-in 1h | --expires-at TIME] [--json]',
+    options: { reason: { type: 'string' }, 'expires-in': { type: 'string' }, 'expires-at': { type: 'string' } },
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      const expires = expiryFlags(p)
+      const body = { cidr: p.positionals[0] as string, ...(str(p, 'reason') !== undefined ? { reason: str(p, 'reason') as string } : {}), ...(expires !== undefined ? { expires_at: expires } : {}) }
+      checkFlags(AddDenyBody, body, { cidr: 'CIDR', expires_at: '--expires-at' })
+      return async (ctx) => {
+        const e = await ctx.ops.add(body)
+        printDone(() => {
+          if (ctx.json) printJson(ctx.io, e)
+          else ctx.io.out(`Denied ${e.cidr} (entry ${e.id}) until ${until(e.expires_at)}.\n`)
+        }, `${e.cidr} was added to the deny list (entry ${e.id})`)
+        return EXIT_OK
+      }
+    },
+  },
+  list: {
+    summary: 'the stored deny list, oldest first (the config file\'s deny_list is not listed)',
+    usage: 'keygate deny-list list [--include-expired] [--json]',
+    options: { 'include-expired': { type: 'boolean' } },
+    positionals: { min: 0, max: 0 },
+    readOnly: true,
+    prepare(p) {
+      return async (ctx) => {
+        const items = await ctx.ops.list(p.values['include-expired'] === true)
+        if (ctx.json) printJson(ctx.io, { items })
+        else if (items.length === 0) ctx.io.out('The stored deny list is empty.\n')
+        else ctx.io.out(table(['ID', 'CIDR', 'UNTIL', 'REASON', 'ADDED BY', 'ADDED'], items.map((e) => [e.id, e.cidr, until(e.expires_at), e.reason, e.created_by, e.created_at])))
+        return EXIT_OK
+      }
+    },
+  },
+  remove: {
+    summary: 'take an entry off the deny list, by its id or its address or range',
+    usage: 'keygate deny-list remove ID|CIDR [--json]',
+    options: {},
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      const given = p.positionals[0] as string
+      // An id is base62 (no . or :); an address or range names the entry listed for it.
+      const cidr = /[.:]/.test(given) ? normaliseCidr(given) : undefined
+      if (/[.:]/.test(given) && cidr === undefined) throw new UsageError(`${JSON.stringify(given)} is neither an entry's id nor an address or range; expected such as 192.0.2.0/24 or 2001:db8::/32`)
+      return async (ctx) => {
+        let id = given
+        if (cidr !== undefined) {
+          const found = (await ctx.ops.list(true)).find((e) => e.cidr === cidr)
+          if (!found) throw new KeygateError('deny_entry_not_found', `no stored deny list entry is for ${cidr} (the config file's deny_list is changed in the file)`)
+          id = found.id
+        }
+        const e = await ctx.ops.remove(id)
+        printDone(() => {
+          if (ctx.json) printJson(ctx.io, e)
+          else ctx.io.out(`Removed ${e.cidr} (entry ${e.id}) from the deny list.\n`)
+        }, `${e.cidr} was removed from the deny list`)
+        return EXIT_OK
+      }
+    },
+  },
+}
+
+export const LOCKOUT_COMMANDS: Record<string, Command<LockoutContext>> = {
+  list: {
+    summary: 'the addresses locked out now, latest first, as the server reached holds them',
+    usage: 'keygate lockouts list [--address IP] [--limit N] [--json]',
+    options: { address: { type: 'string' }, limit: { type: 'string' } },
+    positionals: { min: 0, max: 0 },
+    readOnly: true,
+    prepare(p) {
+      const limit = parseIntFlag('limit', str(p, 'limit'), 1, 1000)
+      const address = str(p, 'address')
+      return async (ctx) => {
+        const r = await ctx.ops.list({ ...(address !== undefined ? { address } : {}), ...(limit !== undefined ? { limit } : {}) })
+        if (ctx.json) printJson(ctx.io, r)
+        else if (r.items.length === 0) ctx.io.out('No address is locked out.\n')
+        else {
+          ctx.io.out(table(['ADDRESS', 'LOCKED UNTIL', 'RETRY AFTER'], r.items.map((l) => [l.address_key, l.locked_until, `${l.retry_after_s}s`])))
+          if (r.total > r.items.length) ctx.io.out(`(${r.items.length} of ${r.total}; --limit shows more)\n`)
+        }
+        return EXIT_OK
+      }
+    },
+  },
+  lift: {
+    summary: 'let a locked-out address try again at once, on every instance',
+    usage: 'keygate lockouts lift ADDRESS [--json]',
+    options: {},
+    positionals: { min: 1, max: 1 },
+    prepare(p) {
+      return async (ctx) => {
+        const r = await ctx.ops.lift(p.positionals[0] as string)
+        printDone(() => {
+          if (ctx.json) printJson(ctx.io, r)
+          else ctx.io.out(r.was_locked_out ? `Lifted the lockout of ${r.address_key}.\n` : `${r.address_key} was not locked out here; its failed attempts are forgotten everywhere.\n`)
+        }, `the lockout of ${r.address_key} was lifted`)
+        return EXIT_OK
+      }
+    },
+  },
+}

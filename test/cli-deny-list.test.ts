@@ -1,0 +1,109 @@
+// `keygate deny-list` and `keygate lockouts`: the gateway's address checks from the command line,
+// on the store opened here (the deny list) and through a running server's admin API (both), with
+// the real CLI process, a real `serve` and a real upstream on loopback.
+import t from 'tap'
+import { existsSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { runCli } from './helpers/cli.ts'
+import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
+import { isolatedEnv, serve } from './helpers/serve.ts'
+import { call, startUpstream } from './helpers/gateway.ts'
+
+const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
+
+t.test('deny-list on the store opened here: add, list, refuse what is wrong, remove by id or by address', async (t) => {
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const added = await runCli(['deny-list', 'add', '10.1.2.3/8', '--reason', 'scanner', '--expires-in', '1h', '--json'], { cwd, env })
+  t.equal(added.code, 0, added.stderr)
+  const entry = added.json()
+  t.match(entry, { cidr: '10.0.0.0/8', reason: 'scanner', created_by: /^cli:/, expires_at: /^\d{4}-/ }, 'stored normalised, with the reason and the expiry')
+  const v6 = await runCli(['deny-list', 'add', '2001:db8::7'], { cwd, env })
+  t.equal(v6.code, 0)
+  t.match(v6.stdout, /^Denied 2001:db8::7 \(entry \w+\) until never\.\n$/, 'a human line')
+
+  const list = await runCli(['deny-list', 'list'], { cwd, env })
+  t.equal(list.code, 0)
+  t.match(list.stdout, /^ID +CIDR +UNTIL +REASON +ADDED BY +ADDED\n/, 'a table')
+  t.match(list.stdout, /10\.0\.0\.0\/8 .* scanner/)
+  t.match(list.stdout, /2001:db8::7 +never/)
+  t.same((await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items.map((e: { cidr: string }) => e.cidr), ['10.0.0.0/8', '2001:db8::7'], 'oldest first')
+
+  // Refused: the same range again (exit 1), what is no range or no date (exit 2, naming it).
+  const again = await runCli(['deny-list', 'add', '10.0.0.0/8', '--json'], { cwd, env })
+  t.equal(again.code, 1)
+  t.match(again.json().error, { code: 'conflict', message: '10.0.0.0/8 is already on the deny list' })
+  for (const [args, why] of [
+    [['deny-list', 'add', 'bogus'], /^keygate: CIDR: "bogus" is not allowed; expected an IPv4 or IPv6 address or CIDR range/],
+    [['deny-list', 'add', '10.0.0.0/8', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed/],
+    [['deny-list', 'add'], /missing argument\nusage: keygate deny-list add CIDR/],
+    [['deny-list', 'remove', '10.0.0.999'], /is neither an entry's id nor an address or range/],
+    [['deny-list', 'list', 'x'], /unexpected argument "x"/],
+  ] as const) {
+    const r = await runCli([...args], { cwd, env })
+    t.equal(r.code, 2, `${args.join(' ')}: a usage error`)
+    t.match(r.stderr, why)
+  }
+
+  // Removed by the address written otherwise (the entry's normal form), and by id.
+  const byAddress = await runCli(['deny-list', 'remove', '10.9.9.9/8'], { cwd, env })
+  t.equal(byAddress.code, 0, byAddress.stderr)
+  t.equal(byAddress.stdout, `Removed 10.0.0.0/8 (entry ${entry.id}) from the deny list.\n`)
+  const gone = await runCli(['deny-list', 'remove', '10.0.0.0/8', '--json'], { cwd, env })
+  t.equal(gone.code, 1)
+  t.match(gone.json().error, { code: 'deny_entry_not_found', message: /no stored deny list entry is for 10\.0\.0\.0\/8/ })
+  const v6id = (await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items[0].id
+  t.equal((await runCli(['deny-list', 'remove', v6id, '--json'], { cwd, env })).json().cidr, '2001:db8::7', 'by id')
+  t.equal((await runCli(['deny-list', 'list'], { cwd, env })).stdout, 'The stored deny list is empty.\n')
+  t.equal((await runCli(['deny-list', 'remove', 'nosuchentry1234'], { cwd, env })).code, 1, 'an unknown id is refused')
+})
+
+t.test('lockouts need a running server: without an admin URL the command says so and opens nothing', async (t) => {
+  const cwd = tempDir()
+  const dataDir = join(cwd, 'no-store')
+  for (const args of [['lockouts', 'list'], ['lockouts', 'lift', '192.0.2.7', '--json']]) {
+    const r = await runCli(args, { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
+    t.equal(r.code, 1, `${args.join(' ')}: refused`)
+    t.match(r.stderr + r.stdout, /lockouts are held by the running servers .* set KEYGATE_ADMIN_URL/)
+  }
+  t.notOk(existsSync(dataDir), 'no store was made')
+  t.equal((await runCli(['lockouts', 'list', '--limit', '0'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })).code, 2, 'a bad flag is a usage error first')
+})
+
+t.test('through the admin API: a deny entry refuses the gateway at once, and a lockout is listed and lifted', async (t) => {
+  const cwd = tempDir()
+  // The failing client is another address behind a trusted proxy: a lockout holds the admin API
+  // too, so the operator's own address must stay clear.
+  writeFileSync(join(cwd, 'keygate.yaml'), 'lockout:\n  max_attempts: 2\n  window_s: 600\ngateway:\n  trusted_proxies: ["127.0.0.1"]\n')
+  const upstream = await startUpstream(t)
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { cwd, env })
+  const auth = { authorization: `Bearer ${created.json().key}` }
+  t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200)
+
+  const denied = await runCli(['deny-list', 'add', '127.0.0.1', '--reason', 'test', '--json'], { cwd, env })
+  t.equal(denied.code, 0, denied.stderr)
+  t.equal(denied.json().created_by, 'token', 'made as the admin credential (the bootstrap token)')
+  t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 403, 'refused at once')
+  t.equal((await runCli(['deny-list', 'remove', '127.0.0.1'], { cwd, env })).code, 0)
+  t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200, 'let in again')
+
+  const client = { 'x-forwarded-for': '198.51.100.9' }
+  for (let i = 0; i < 2; i++) await call(`${served.gateway}/x`, { headers: { ...client, authorization: 'Bearer kg_nosuchkey12_nosuchsecretnosuchsecretnosuch' } })
+  t.equal((await call(`${served.gateway}/x`, { headers: { ...client, ...auth } })).status, 429, 'locked out')
+  const listed = await runCli(['lockouts', 'list', '--json'], { cwd, env })
+  t.equal(listed.code, 0, listed.stderr)
+  t.match(listed.json(), { items: [{ address_key: '198.51.100.9', retry_after_s: Number }], total: 1 })
+  t.match((await runCli(['lockouts', 'list'], { cwd, env })).stdout, /^ADDRESS +LOCKED UNTIL +RETRY AFTER\n198\.51\.100\.9 /)
+  const lifted = await runCli(['lockouts', 'lift', '198.51.100.9'], { cwd, env })
+  t.equal(lifted.code, 0, lifted.stderr)
+  t.equal(lifted.stdout, 'Lifted the lockout of 198.51.100.9.\n')
+  t.equal((await call(`${served.gateway}/x`, { headers: { ...client, ...auth } })).status, 200, 'the key passes again')
+  t.equal((await runCli(['lockouts', 'list'], { cwd, env })).stdout, 'No address is locked out.\n')
+  const range = await runCli(['lockouts', 'lift', '10.0.0.0/8'], { cwd, env })
+  t.equal(range.code, 2, 'a range is no address')
+  t.equal(await served.stop(), 0)
+})
