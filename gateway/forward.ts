@@ -448,17 +448,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     return router.upstreamPath(route, target)
   }
 
-  /** The response head: upstream latency, headers filtered and completed, written; false when the client is gone. */
-  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean => {
-    const res = s.res as NonNullable<RequestState['res']>
-    const route = s.route as CompiledRoute
-    const m = routeMetrics[route.index] as RouteMetrics
-    m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
-    m.upstreamStatus[(statusCode / 100) | 0]?.inc()
-    if (res.destroyed) {
-      recordClientClosed(ctx, s)
-      return false
-    }
+  /** An upstream answer's header fields as the client gets them: filtered, completed (request id, rate limits), a redirect to the upstream's own address rewritten. */
+  const answerFields = (s: RequestState, route: CompiledRoute, statusCode: number, headers: IncomingHttpHeaders): string[] => {
     const out: string[] = []
     if (!passHeaders(headers, statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out)) out.push('x-request-id', s.id)
     // Before (found by a review): an upstream's redirect to its own address reached the client,
@@ -471,6 +462,21 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     }
     // Strings, not numbers: Node's header checks take a number down a slower, generic path.
     if (s.rlLimit >= 0) out.push('ratelimit-limit', String(s.rlLimit), 'ratelimit-remaining', String(s.rlRemaining), 'ratelimit-reset', String(s.rlResetS))
+    return out
+  }
+
+  /** The response head: upstream latency, headers filtered and completed, written; false when the client is gone. */
+  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean => {
+    const res = s.res as NonNullable<RequestState['res']>
+    const route = s.route as CompiledRoute
+    const m = routeMetrics[route.index] as RouteMetrics
+    m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
+    m.upstreamStatus[(statusCode / 100) | 0]?.inc()
+    if (res.destroyed) {
+      recordClientClosed(ctx, s)
+      return false
+    }
+    const out = answerFields(s, route, statusCode, headers)
     if (ctx.closing) out.push('connection', 'close')
     res.writeHead(statusCode, reasonFor(statusCode, statusMessage), out)
     record(ctx, s, 'forwarded', statusCode)
@@ -653,89 +659,140 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       }
       const headers = upstreamHeaders(s, route)
       s.upstreamStart = performance.now()
-      ;(routePool[route.index] as Pool).upgrade(
+      const m = routeMetrics[route.index] as RouteMetrics
+      // undici's dispatch with `upgrade`, not its upgrade(): that one fails an answer other than
+      // 101 as "bad upgrade", and the upstream's refusal (a 401, 403 or 404 of its own, a
+      // redirect) reached the client as 502 upstream_unavailable, uncounted by class (found by
+      // reviews). Such an answer is passed on, as nginx does, and the connection closed after it.
+      let controller: Dispatcher.DispatchController | undefined
+      let relaying = false
+      ;(routePool[route.index] as Pool).dispatch(
         {
           path: targetFor(s, route),
           method: s.req.method ?? 'GET',
           headers,
-          protocol: s.headers.upgrade ?? 'websocket',
-          // headersTimeout is honoured by the dispatcher although the upgrade typings omit it. An
-          // upgrade has no body, so undici's timer (which runs while a body is written) fits here.
-          ...({ headersTimeout: route.timeoutMs } as object),
+          upgrade: s.headers.upgrade ?? 'websocket',
+          // undici's timer for the answer's head; an upgrade has no body.
+          headersTimeout: route.timeoutMs,
         },
-        (err: Error | null, data: { headers: IncomingHttpHeaders; socket: Duplex } | undefined) => {
-          if (err || !data) {
+        {
+          onRequestStart(c) {
+            controller = c
+            if (client.destroyed) c.abort(CLIENT_GONE)
+          },
+          onResponseStart(c, statusCode, answer, statusMessage) {
+            if (statusCode < 200) return
+            relaying = true
+            m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
+            m.upstreamStatus[(statusCode / 100) | 0]?.inc()
+            if (client.destroyed || !client.writable) {
+              recordClientClosed(ctx, s)
+              c.abort(CLIENT_GONE)
+              return
+            }
+            const fields = answerFields(s, route, statusCode, answer)
+            let head = `HTTP/1.1 ${statusCode} ${reasonFor(statusCode, statusMessage) ?? STATUS_CODES[statusCode] ?? 'unknown'}\r\n`
+            for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
+            // The socket was handed over for the upgrade: it serves no further request.
+            client.write(`${head}connection: close\r\n\r\n`, 'latin1')
+            record(ctx, s, 'forwarded', statusCode)
+            client.once('close', () => c.abort(CLIENT_GONE))
+          },
+          onResponseData(c, chunk) {
+            if (!relaying || client.destroyed) return
+            if (!client.write(chunk)) {
+              c.pause()
+              client.once('drain', () => c.resume())
+            }
+          },
+          onResponseEnd() {
+            if (relaying) client.end()
+          },
+          onResponseError(_c, err) {
+            if (relaying) {
+              client.destroy()
+              return
+            }
+            if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
             ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
             if (client.destroyed) {
               recordClientClosed(ctx, s)
               return
             }
-            sendError(ctx, s, err ? timeoutCode(err) : 'upstream_unavailable')
-            return
-          }
-          const upstream = data.socket
-          const m = routeMetrics[route.index] as RouteMetrics
-          m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
-          ;(m.upstreamStatus[1] as Increment).inc()
-          if (client.destroyed || !client.writable) {
-            upstream.destroy()
-            recordClientClosed(ctx, s)
-            return
-          }
-          // Filtered as every other answer's head, its own Connection and Upgrade kept.
-          const fields: string[] = []
-          const hasRequestId = passHeaders(data.headers, BODILESS_RESPONSE_DROP, s.rlLimit >= 0, fields, KEEP_ON_UPGRADE)
-          let head = 'HTTP/1.1 101 Switching Protocols\r\n'
-          for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
-          if (!hasRequestId) head += `x-request-id: ${s.id}\r\n`
-          if (s.rlLimit >= 0) head += `ratelimit-limit: ${s.rlLimit}\r\nratelimit-remaining: ${s.rlRemaining}\r\nratelimit-reset: ${s.rlResetS}\r\n`
-          // latin1, as undici read the upstream's bytes and as Node writes every other head (before,
-          // found by a review: UTF-8, so a header byte 0xE9 reached the client as C3 A9).
-          client.write(head + '\r\n', 'latin1')
-          record(ctx, s, 'forwarded', 101)
-          if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
-          tunnels.add(client)
-          const key = s.key
-          let tunnel: Tunnel | undefined
-          const end = () => {
-            tunnels.delete(client)
-            if (tunnel !== undefined) guard.ended(tunnel)
-            client.destroy()
-            upstream.destroy()
-          }
-          if (key !== undefined) {
-            tunnel = { keyId: key.id, address: s.address, route, requestId: s.id, close: end }
-            guard.opened(tunnel, key.validUntil, changesBefore)
-          }
-          client.on('error', end).on('close', end)
-          upstream.on('error', end).on('close', end)
-          // Idle only when neither socket moved a byte for the whole timeout, and nothing is held
-          // back: before, the client socket's own idle timer alone judged it, and a client whose
-          // writes an upstream read slowly was paused by the pipe, seen idle, and cut mid-flow.
-          if (tunnelIdleMs > 0) {
-            const c = client as Socket
-            const u = upstream as Socket
-            let seen = -1
-            // Held back: a side paused while it still has data to give a side that still takes it,
-            // or data waiting to be written. A side whose end came is paused by the pipe for good,
-            // and is no back-pressure (before, a tunnel whose client sent its FIN never went idle).
-            const heldBack = (from: Socket, to: Socket) => from.isPaused() && !from.readableEnded && to.writable
-            const stop = watchIdle(
-              tunnelIdleMs,
-              () => {
-                const bytes = c.bytesRead + c.bytesWritten + u.bytesRead + u.bytesWritten
-                if (bytes === seen && !heldBack(c, u) && !heldBack(u, c) && c.writableLength === 0 && u.writableLength === 0) return false
-                seen = bytes
-                return true
-              },
-              end,
-            )
-            client.once('close', stop)
-          }
-          upstream.pipe(client)
-          client.pipe(upstream)
+            sendError(ctx, s, timeoutCode(err))
+          },
+          onRequestUpgrade(_c, statusCode, answer, socket) {
+            const upstream = socket as Duplex
+            // A server's 101 only; a CONNECT is never sent.
+            if (statusCode !== 101) {
+              upstream.destroy()
+              return this.onResponseError?.(controller as Dispatcher.DispatchController, new errors.SocketError('bad upgrade'))
+            }
+            openTunnel(answer, upstream)
+          },
         },
       )
+      const openTunnel = (answer: IncomingHttpHeaders, upstream: Duplex) => {
+        m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
+        ;(m.upstreamStatus[1] as Increment).inc()
+        if (client.destroyed || !client.writable) {
+          upstream.destroy()
+          recordClientClosed(ctx, s)
+          return
+        }
+        // Filtered as every other answer's head, its own Connection and Upgrade kept.
+        const fields: string[] = []
+        const hasRequestId = passHeaders(answer, BODILESS_RESPONSE_DROP, s.rlLimit >= 0, fields, KEEP_ON_UPGRADE)
+        let head = 'HTTP/1.1 101 Switching Protocols\r\n'
+        for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
+        if (!hasRequestId) head += `x-request-id: ${s.id}\r\n`
+        if (s.rlLimit >= 0) head += `ratelimit-limit: ${s.rlLimit}\r\nratelimit-remaining: ${s.rlRemaining}\r\nratelimit-reset: ${s.rlResetS}\r\n`
+        // latin1, as undici read the upstream's bytes and as Node writes every other head (before,
+        // found by a review: UTF-8, so a header byte 0xE9 reached the client as C3 A9).
+        client.write(head + '\r\n', 'latin1')
+        record(ctx, s, 'forwarded', 101)
+        if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
+        tunnels.add(client)
+        const key = s.key
+        let tunnel: Tunnel | undefined
+        const end = () => {
+          tunnels.delete(client)
+          if (tunnel !== undefined) guard.ended(tunnel)
+          client.destroy()
+          upstream.destroy()
+        }
+        if (key !== undefined) {
+          tunnel = { keyId: key.id, address: s.address, route, requestId: s.id, close: end }
+          guard.opened(tunnel, key.validUntil, changesBefore)
+        }
+        client.on('error', end).on('close', end)
+        upstream.on('error', end).on('close', end)
+        // Idle only when neither socket moved a byte for the whole timeout, and nothing is held
+        // back: before, the client socket's own idle timer alone judged it, and a client whose
+        // writes an upstream read slowly was paused by the pipe, seen idle, and cut mid-flow.
+        if (tunnelIdleMs > 0) {
+          const c = client as Socket
+          const u = upstream as Socket
+          let seen = -1
+          // Held back: a side paused while it still has data to give a side that still takes it,
+          // or data waiting to be written. A side whose end came is paused by the pipe for good,
+          // and is no back-pressure (before, a tunnel whose client sent its FIN never went idle).
+          const heldBack = (from: Socket, to: Socket) => from.isPaused() && !from.readableEnded && to.writable
+          const stop = watchIdle(
+            tunnelIdleMs,
+            () => {
+              const bytes = c.bytesRead + c.bytesWritten + u.bytesRead + u.bytesWritten
+              if (bytes === seen && !heldBack(c, u) && !heldBack(u, c) && c.writableLength === 0 && u.writableLength === 0) return false
+              seen = bytes
+              return true
+            },
+            end,
+          )
+          client.once('close', stop)
+        }
+        upstream.pipe(client)
+        client.pipe(upstream)
+      }
     },
 
     async close() {

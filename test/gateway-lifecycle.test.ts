@@ -66,6 +66,48 @@ t.test('WebSocket with and without a key', async (t) => {
   t.equal(seen.length, 1, 'nothing reached the upstream')
 })
 
+t.test("an upstream that refuses a WebSocket upgrade: its own answer reaches the client, counted by its class", async (t) => {
+  // Before (found by reviews): undici's upgrade() failed any answer but a 101 as "bad upgrade",
+  // and the client got 502 upstream_unavailable for the upstream's own 403 or 404.
+  const h = await startGateway(t, { routes: [{ name: 'ws', path: '/', upstream: '{upstream}/base' }] })
+  const self = `http://127.0.0.1:${h.upstream.port}`
+  h.upstream.server.on('upgrade', (req: http.IncomingMessage, socket: net.Socket) => {
+    if (req.url === '/base/forbidden') socket.end('HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nX-Why: no socket for you\r\nContent-Length: 9\r\n\r\nforbidden')
+    else if (req.url === '/base/chunked') socket.end('HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nnone\r\n5\r\n here\r\n0\r\n\r\n')
+    else socket.end(`HTTP/1.1 302 Found\r\nLocation: ${self}/base/elsewhere\r\nContent-Length: 0\r\n\r\n`)
+  })
+  const k = await h.key()
+  const upgrade = (path: string) =>
+    new Promise<string>((resolve) => {
+      const s = net.connect(h.port, '127.0.0.1', () =>
+        s.write(`GET ${path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`),
+      )
+      let out = ''
+      s.setEncoding('latin1')
+      s.on('data', (d: string) => (out += d))
+      s.on('error', () => {})
+      s.on('close', () => resolve(out))
+    })
+  const forbidden = await upgrade('/forbidden')
+  t.match(forbidden, /^HTTP\/1.1 403 Forbidden\r\n/, "the upstream's status")
+  t.match(forbidden, /\r\nx-why: no socket for you\r\n/i, 'its headers')
+  t.match(forbidden, /\r\nconnection: close\r\n/i, 'and the connection closes after it')
+  t.match(forbidden, /\r\nx-request-id: \S+\r\n/i)
+  t.match(forbidden, /\r\n\r\nforbidden$/, 'its body')
+  const chunked = await upgrade('/chunked')
+  t.match(chunked, /^HTTP\/1.1 404 Not Found\r\n/)
+  t.notMatch(chunked, /transfer-encoding/i, 'a chunked body goes delimited by the close')
+  t.match(chunked, /\r\n\r\nnone here$/)
+  const redirected = await upgrade('/redirect')
+  t.match(redirected, /^HTTP\/1.1 302 Found\r\n/)
+  t.match(redirected, /\r\nlocation: \/elsewhere\r\n/i, "a redirect to the upstream's own address is rewritten, as on any answer")
+  const metrics = await h.metrics.registry.metrics()
+  t.match(metrics, /^keygate_upstream_responses_total\{route="ws",class="4xx"\} 2$/m, 'counted by class')
+  t.match(metrics, /^keygate_upstream_responses_total\{route="ws",class="3xx"\} 1$/m)
+  t.match(metrics, /^keygate_gateway_requests_total\{route="ws",outcome="forwarded"\} 3$/m, 'forwarded: the answer was the upstream\'s')
+  t.match(metrics, /^keygate_gateway_requests_total\{route="ws",outcome="upstream_unavailable"\} 0$/m, 'none is an unavailable upstream')
+})
+
 t.test("an open WebSocket tunnel ends once its key or address would be refused; one still allowed stays", async (t) => {
   const routes = [{ name: 'ws', path: '/', upstream: '{upstream}', scopes: ['ws'] }]
   const h = await startGateway(t, { routes })
