@@ -360,7 +360,8 @@ export class WebhookService {
     }
   }
 
-  async create(input: { url: string; events: string[]; description?: string | null }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
+  /** `enabled: false` registers it paused (before, found by a review: a create, then a PATCH). */
+  async create(input: { url: string; events: string[]; description?: string | null; enabled?: boolean }, actor: Actor): Promise<{ webhook: Webhook; secret: string }> {
     const url = (await this.#checked(input)) as string
     const secret = newSecret()
     const id = `wh_${randomBytes(12).toString('base64url')}`
@@ -373,12 +374,12 @@ export class WebhookService {
         await this.#refuseTwin(tx, url, events, null)
         return (
           await tx.query<WebhookRow>(
-            `INSERT INTO webhooks (id, url, events, description, sealed_secret, created_by, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ${W_COLUMNS}`,
-            [id, url, events, input.description ?? null, this.#seal(id, secret), actor.actor, now],
+            `INSERT INTO webhooks (id, url, events, description, sealed_secret, created_by, created_at, updated_at, enabled) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) RETURNING ${W_COLUMNS}`,
+            [id, url, events, input.description ?? null, this.#seal(id, secret), actor.actor, now, input.enabled ?? true],
           )
         )[0]
       },
-      (r) => ({ id: r.id, url: r.url, events: r.events }),
+      (r) => ({ id: r.id, url: r.url, events: r.events, ...(r.enabled ? {} : { enabled: false }) }),
     )
     return { webhook, secret }
   }

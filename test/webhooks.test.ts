@@ -174,6 +174,12 @@ t.test('through the admin API and a gateway', async (t) => {
     }
     const allowed = await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/allow-listed', events: ['key.expiring'] } })
     t.equal(allowed.status, 201, 'an address in webhooks.allow_private is accepted')
+    t.equal(allowed.json.enabled, true, 'enabled by default')
+    // Registered paused in one call (before, found by a review: a create, then a PATCH).
+    const paused = await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/paused', events: ['key.expiring'], enabled: false } })
+    t.equal(paused.status, 201, paused.text)
+    t.equal(paused.json.enabled, false)
+    t.equal((await h.call('GET', `/v1/webhooks/${paused.json.id}`)).json.enabled, false, 'stored paused')
     // Port 0 reaches no server (before, found by a review: taken, and never deliverable).
     for (const url of ['http://127.0.0.1:0/d', 'https://93.184.215.14:0/d']) {
       const zero = await h.call('POST', '/v1/webhooks', { body: { url, events: ['key.expiring'] } })
@@ -250,6 +256,10 @@ t.test('through the admin API and a gateway', async (t) => {
     t.equal(audit.length, 2, 'each an audited admin action')
     const listed = await h.call('GET', '/v1/audit?action=webhook.deliveries_retried')
     t.same(listed.json.items.map((a: any) => a.details.retried).sort(), [1, 2], 'with how many')
+    // Every field has its default, so no body is the last 24 hours (before, found by a review: 400).
+    const bodiless = await h.call('POST', `/v1/webhooks/${hookId}/deliveries/retry`)
+    t.equal(bodiless.status, 200, bodiless.text)
+    t.equal(bodiless.json.retried, 0, 'none failed since')
   })
 
   await t.test('delete', async (t) => {

@@ -18,13 +18,14 @@ export default defineOperation({
       url: WebhookFields.url,
       events: WebhookFields.events,
       description: Type.Optional(WebhookFields.description),
+      enabled: Type.Optional(Type.Boolean({ default: true, description: 'false registers it paused: nothing is queued for it until it is enabled (PATCH).' })),
     },
     { additionalProperties: false },
   ),
   response: { status: 201, description: 'The webhook and its secret, shown once.', schema: WebhookWithSecret },
   errors: ['validation_failed', 'webhook_url_refused', 'conflict'],
   async handle({ body, actor, services }) {
-    const { webhook, secret } = await services.webhooks.create({ url: body.url, events: body.events, description: body.description ?? null }, actor)
+    const { webhook, secret } = await services.webhooks.create({ url: body.url, events: body.events, description: body.description ?? null, ...(body.enabled === false ? { enabled: false } : {}) }, actor)
     return { ...webhookJson(webhook), secret }
   },
 })
