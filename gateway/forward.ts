@@ -117,6 +117,29 @@ function reasonFor(statusCode: number, message: string | undefined): string | un
 }
 
 /**
+ * A trusted proxy's X-Forwarded-Prefix as a path to put in front of the route's: '' for none,
+ * for several (joined with commas), or for one that is not a plain path; without a trailing slash.
+ */
+function outerPrefix(value: string | string[] | undefined): string {
+  if (typeof value !== 'string' || !/^\/[!-+\--~]*$/.test(value)) return ''
+  return value.replace(/\/+$/, '')
+}
+
+/**
+ * A trusted proxy's list header (X-Forwarded-For, -Proto, -Host) without empty members: a repeated
+ * header is joined with commas before it is read, so an empty line left an empty member (found by
+ * a review: `, 1.2.3.4` went upstream). Undefined when nothing is left.
+ */
+function listed(value: string | string[] | undefined): string | undefined {
+  if (typeof value !== 'string') return undefined
+  if (!EMPTY_MEMBER.test(value)) return value
+  const members = value.split(',').map((v) => v.trim()).filter((v) => v !== '')
+  return members.length === 0 ? undefined : members.join(', ')
+}
+/** A list with an empty member: blank, or a comma at either end or after another. */
+const EMPTY_MEMBER = /^\s*$|^\s*,|,\s*,|,\s*$/
+
+/**
  * Adds an upstream's response headers (of its answer, a 1xx or a 101) to `out`, the flat [name,
  * value, ...] list Node's writeHead and writeInformation take (repeated values, such as
  * Set-Cookie, stay separate lines): without those in `drop` and those its Connection names, but
@@ -412,19 +435,16 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     if (route.preserveHost && h.host !== undefined) out.push('host', h.host)
     // A trusted proxy's empty header is none (before, found by a review: an empty X-Forwarded-For
     // went upstream as ", 127.0.0.2", with an empty first entry; empty -Proto and -Host as such).
-    const xff = h['x-forwarded-for']
-    out.push('x-forwarded-for', trusted && typeof xff === 'string' && xff.trim() !== '' ? `${xff}, ${s.peer}` : s.address)
-    const xfp = h['x-forwarded-proto']
-    out.push('x-forwarded-proto', trusted && typeof xfp === 'string' && xfp.trim() !== '' ? xfp : (s.req.socket as TLSSocket).encrypted ? 'https' : 'http')
-    const xfh = h['x-forwarded-host']
-    const host = trusted && typeof xfh === 'string' && xfh.trim() !== '' ? xfh : h.host
+    const xff = trusted ? listed(h['x-forwarded-for']) : undefined
+    out.push('x-forwarded-for', xff !== undefined ? `${xff}, ${s.peer}` : s.address)
+    const xfp = trusted ? listed(h['x-forwarded-proto']) : undefined
+    out.push('x-forwarded-proto', xfp ?? ((s.req.socket as TLSSocket).encrypted ? 'https' : 'http'))
+    const xfh = trusted ? listed(h['x-forwarded-host']) : undefined
+    const host = xfh ?? h.host
     if (host !== undefined) out.push('x-forwarded-host', host)
     // As Kong sends it: the path the upstream was mounted under, so it can build its own links
     // (before, found by a review: nothing told it the prefix it never saw).
-    if (route.forwardedPrefix !== undefined) {
-      const theirs = trusted ? h['x-forwarded-prefix'] : undefined
-      out.push('x-forwarded-prefix', typeof theirs === 'string' && theirs !== '' && theirs !== '/' ? theirs.replace(/\/$/, '') + route.forwardedPrefix : route.forwardedPrefix)
-    }
+    if (route.forwardedPrefix !== undefined) out.push('x-forwarded-prefix', (trusted ? outerPrefix(h['x-forwarded-prefix']) : '') + route.forwardedPrefix)
     const k = s.key
     if (k !== undefined) out.push('x-keygate-key-id', k.id, 'x-keygate-key-name', k.name, 'x-keygate-key-type', k.type, 'x-keygate-scopes', k.scopes.header)
     out.push('x-request-id', s.id)
@@ -454,10 +474,15 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     if (!passHeaders(headers, statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out)) out.push('x-request-id', s.id)
     // Before (found by a review): an upstream's redirect to its own address reached the client,
     // which cannot reach it, and left the route's prefix out under strip_prefix.
-    if (route.rewriteRedirects && typeof headers.location === 'string') {
-      const rewritten = publicLocation(route, headers.location)
-      if (rewritten !== undefined) {
-        for (let i = 0; i < out.length; i += 2) if (out[i] === 'location') out[i + 1] = rewritten
+    // Each line, where an upstream sent several; and only into a path that comes back to this
+    // route (before, found by a review, `/base/other` on a route `/b` became `/other`, another
+    // route's), under a trusted proxy's own prefix.
+    if (route.rewriteRedirects && headers.location !== undefined) {
+      const outer = s.peerTrusted ? outerPrefix(s.headers['x-forwarded-prefix']) : ''
+      for (let i = 0; i < out.length; i += 2) {
+        if (out[i] !== 'location') continue
+        const rewritten = publicLocation(route, out[i + 1] as string, outer)
+        if (rewritten !== undefined && router.match(s.headers.host, rewritten.slice(outer.length)) === route) out[i + 1] = rewritten
       }
     }
     // Strings, not numbers: Node's header checks take a number down a slower, generic path.

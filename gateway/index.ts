@@ -268,6 +268,23 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const forward = forwarder.forward
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
+    // An Upgrade offer declined (any but WebSocket's, shouldUpgradeCallback below): Node's parser
+    // stops at the end of such a request and drops the rest of what it had read, so a request
+    // pipelined behind it was lost, or the later bytes of one (its body) read as a request of their
+    // own (found by a review). The answer closes the connection, and any request the parser still
+    // finds on it after the offer ends it at once, unanswered and unforwarded.
+    if (req.headers.upgrade !== undefined) {
+      const socket = req.socket as Socket & { [DECLINED_UPGRADE]?: true }
+      if (socket[DECLINED_UPGRADE]) {
+        socket.destroy()
+        return
+      }
+      socket[DECLINED_UPGRADE] = true
+      res.shouldKeepAlive = false
+    } else if ((req.socket as { [DECLINED_UPGRADE]?: true })[DECLINED_UPGRADE]) {
+      req.socket.destroy()
+      return
+    }
     // Only a probe's GET (or HEAD) is the gateway's own: any other method on /healthz is an
     // application's request, checked and forwarded (before, a POST or DELETE was answered 200 here).
     if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD') && req.httpVersionMajor === 1) {
@@ -506,6 +523,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
 }
+
+/** Marks a connection whose request offered an Upgrade the gateway declined (onRequest). */
+const DECLINED_UPGRADE = Symbol('keygate.declinedUpgrade')
 
 /** An upgrade to WebSocket: the one the gateway takes (the hop-by-hop Upgrade of any other is dropped). */
 function isWebSocketOffer(req: http.IncomingMessage): boolean {

@@ -126,17 +126,27 @@ export class Router {
 }
 
 const ABSOLUTE_HTTP = /^https?:\/\//i
+/** Text a Location is rewritten from only when it is all visible ASCII (no byte a URL parser would encode or drop). */
+const VISIBLE_ASCII = /^[!-~]+$/
 
 /**
  * The `Location` the client gets for an upstream's `location` on route `r`: one naming the
  * upstream's own URL (its origin, and a path under its base path) as the path the client would
  * send for it, upstreamPath's inverse (`http://10.0.0.5:8080/base/x?y` on a route `/svc` with
- * strip_prefix and upstream `http://10.0.0.5:8080/base` is `/svc/x?y`); undefined for any other,
- * which passes as sent. A path-absolute `/x` is left alone: the upstream may have built it from
- * X-Forwarded-Prefix already, and it names no unreachable address.
+ * strip_prefix and upstream `http://10.0.0.5:8080/base` is `/svc/x?y`), after `outerPrefix` (a
+ * trusted proxy's X-Forwarded-Prefix, or ''); undefined for any other, which passes as sent. A
+ * path-absolute `/x` is left alone: the upstream may have built it from X-Forwarded-Prefix
+ * already, and it names no unreachable address.
+ *
+ * Only a Location whose path and query a URL parser leaves as written is rewritten, its own text
+ * kept: one with bytes outside visible ASCII (undici reads them as latin1, and the parser
+ * re-encoded them: mojibake), a backslash, dot segments or anything else the parser would change
+ * passes as sent; and never into a path beginning `//`, which a client reads as another host (an
+ * upstream's `http://self//evil.example/` would have become an open redirect). Both found by a
+ * review.
  */
-export function publicLocation(r: CompiledRoute, location: string): string | undefined {
-  if (!ABSOLUTE_HTTP.test(location)) return undefined
+export function publicLocation(r: CompiledRoute, location: string, outerPrefix = ''): string | undefined {
+  if (!ABSOLUTE_HTTP.test(location) || !VISIBLE_ASCII.test(location)) return undefined
   let url: URL
   try {
     url = new URL(location)
@@ -144,11 +154,17 @@ export function publicLocation(r: CompiledRoute, location: string): string | und
     return undefined
   }
   if (url.origin !== r.origin) return undefined
+  // The text after the authority, as written: the parser's reading of it must be the same text.
+  const start = location.indexOf('//') + 2
+  const end = location.slice(start).search(/[/?#]/)
+  const written = end === -1 ? '' : location.slice(start + end)
   const path = url.pathname
+  if (written !== path + url.search + url.hash && !(written === '' && path === '/')) return undefined
   if (r.basePath !== '' && !under(path, r.basePath)) return undefined
   let rest = path.slice(r.basePath.length)
   if (!rest.startsWith('/')) rest = '/' + rest
-  const publicPath = r.stripPrefix && r.prefix !== '/' ? (rest === '/' ? `${r.prefix}/` : r.prefix + rest) : rest
+  const publicPath = outerPrefix + (r.stripPrefix && r.prefix !== '/' ? (rest === '/' ? `${r.prefix}/` : r.prefix + rest) : rest)
+  if (publicPath.startsWith('//')) return undefined
   return publicPath + url.search + url.hash
 }
 

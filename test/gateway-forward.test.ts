@@ -144,6 +144,11 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
   t.equal(empty.headers['x-forwarded-for'], '127.0.0.1', 'and the upstream is told the peer alone')
   t.equal(empty.headers['x-forwarded-proto'], 'http', 'an empty X-Forwarded-Proto is none')
   t.match(empty.headers['x-forwarded-host'], /^127\.0\.0\.1:\d+$/, 'an empty X-Forwarded-Host is none: the Host')
+  // Repeated, an empty line among others is no member (found by a review: ", 198.51.100.1" went on).
+  const repeated = (await h.get('/', { ...bearer(k.key), 'x-forwarded-for': ['', '198.51.100.1'], 'x-forwarded-proto': ['', 'https'], 'x-forwarded-host': [' ', 'api.example'] })).json as Received
+  t.equal(repeated.headers['x-forwarded-for'], '198.51.100.1, 127.0.0.1')
+  t.equal(repeated.headers['x-forwarded-proto'], 'https')
+  t.equal(repeated.headers['x-forwarded-host'], 'api.example')
   t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': 'garbage, 203.0.113.9' })).status, 403, 'what lies left of the client does not matter')
 
   const untrusted = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
@@ -393,8 +398,10 @@ t.test("an upstream's redirect to its own address goes to the client as the path
   // strip_prefix, a path without the route's prefix; and nothing told the upstream the prefix.
   const redirecting: UpstreamHandler = (req, res, received) => {
     received.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers, rawHeaders: req.rawHeaders, bodyBytes: 0 })
-    const to = String(req.headers['x-location']).replace('{self}', `http://${req.headers.host}`)
-    res.writeHead(Number(req.headers['x-status'] ?? 302), { location: to, 'content-length': 0 })
+    const to = String(req.headers['x-location']).replaceAll('{self}', `http://${req.headers.host}`)
+    // Two lines where the test asks for two (`a|b`).
+    res.setHeader('location', to.includes('|') ? to.split('|') : to)
+    res.writeHead(Number(req.headers['x-status'] ?? 302), { 'content-length': 0 })
     res.end()
   }
   const routes = [
@@ -422,7 +429,18 @@ t.test("an upstream's redirect to its own address goes to the client as the path
   t.equal(await location('/svc/a', '/target'), '/target', 'a path-absolute Location: as sent')
   t.equal(await location('/svc/a', 'http://elsewhere.example/base/x'), 'http://elsewhere.example/base/x', 'another origin: as sent')
   t.equal(await location('/raw/a', '{self}/base/x'), `${self}/base/x`, 'rewrite_redirects: false')
+  // Never into another host, another route or another spelling (found by a review).
+  t.equal(await location('/x', '{self}//evil.example/x'), `${self}//evil.example/x`, 'never into a path a client reads as another host')
+  t.equal(await location('/svc/a', '{self}/base//evil.example/x'), '/svc//evil.example/x', "under a route's prefix a doubled slash stays a path on this host")
+  t.equal(await location('/svc/a', '{self}/base/a/../x'), `${self}/base/a/../x`, 'dot segments: as sent')
+  t.equal(await location('/svc/a', '{self}/base/x?q=a\'b'), `${self}/base/x?q=a'b`, 'what a URL parser would encode: as sent')
+  t.equal(await location('/api/a', '{self}/up/other'), `${self}/up/other`, "a path another route would take: as sent (/other is the root route's)")
+  t.equal(await location('/x', '{self}/svc/x'), `${self}/svc/x`, "nor one the svc route would take from the root route's upstream")
+  const latin1 = await h.get('/svc/a', { ...bearer(k.key), 'x-location': '{self}/base/caf\u00e9' })
+  t.equal(Buffer.from(String(latin1.headers.location), 'latin1').toString('latin1'), `${self}/base/caf\u00e9`, 'a byte outside ASCII: as sent, not re-encoded')
 
+  const twice = await h.get('/svc/a', { ...bearer(k.key), 'x-location': '{self}/base/one|{self}/base/two' })
+  t.same(twice.headers.location, ['/svc/one', '/svc/two'], 'each of several lines (before, found by a review: none)')
   const received = (path: string) => h.upstream.received.findLast((r) => r.url.startsWith(path))
   await location('/svc/b', '/')
   t.equal(received('/base/b')?.headers['x-forwarded-prefix'], '/svc', 'the prefix stripped, told')
@@ -434,8 +452,11 @@ t.test("an upstream's redirect to its own address goes to the client as the path
 
   const behind = await startGateway(t, { sharedStore: true, routes, upstream: redirecting, config: { gateway: { trusted_proxies: ['127.0.0.1'] } } })
   const k2 = await behind.key()
-  await behind.get('/svc/d', { ...bearer(k2.key), 'x-location': '/', 'x-forwarded-prefix': '/app/' })
+  const outer = await behind.get('/svc/d', { ...bearer(k2.key), 'x-location': `http://127.0.0.1:${behind.upstream.port}/base/t`, 'x-forwarded-prefix': '/app/' })
   t.equal(behind.upstream.received.at(-1)?.headers['x-forwarded-prefix'], '/app/svc', "after a trusted proxy's own prefix")
+  t.equal(outer.headers.location, '/app/svc/t', "and a redirect goes under the trusted proxy's prefix too")
+  await behind.get('/svc/e', { ...bearer(k2.key), 'x-location': '/', 'x-forwarded-prefix': '/p1, /p3' })
+  t.equal(behind.upstream.received.at(-1)?.headers['x-forwarded-prefix'], '/svc', 'several prefixes from the proxy: none of them')
 })
 
 t.test('a key in the query is removed and the rest of the query is forwarded byte for byte', async (t) => {
