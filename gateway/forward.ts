@@ -423,7 +423,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       if (name.charCodeAt(0) === 120 /* x */) {
         if (name.startsWith('x-keygate-') || (dropApiKey && name === 'x-api-key')) continue
         // Only a trusted proxy says how the request reached it (X-Forwarded-Port, -Prefix, -Ssl...).
-        if (!trusted && name.startsWith('x-forwarded-')) continue
+        // X-Script-Name too: the prefix WSGI middleware (werkzeug's ProxyFix, Flask recipes) mounts an
+        // application under, as a proxy sets it (found by a review: passed from any client).
+        if (!trusted && (name.startsWith('x-forwarded-') || name === 'x-script-name')) continue
         // A route that strips its prefix says which (below), after a trusted proxy's own.
         if (route.forwardedPrefix !== undefined && name === 'x-forwarded-prefix') continue
       }

@@ -353,7 +353,7 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   const out = await rawExchange(
     h.port,
     `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX_Keygate_Key_Id: spoofed\r\nX_Keygate_Scopes: *\r\nx_forwarded_for: 6.6.6.6\r\n` +
-      `X-Forwarded-Prefix: /evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Ssl: on\r\nX_Request_Id: forged-id\r\nX-Kept_Too: yes\r\nConnection: close\r\n\r\n`,
+      `X-Forwarded-Prefix: /evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Ssl: on\r\nX_Script_Name: /evil\r\nX_Request_Id: forged-id\r\nX-Kept_Too: yes\r\nConnection: close\r\n\r\n`,
   )
   const r = receivedOf(out)
   if (typeof r === 'string') return t.fail(`refused: ${r}`)
@@ -361,7 +361,7 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   for (const name of ['x-keygate-key-id', 'x-keygate-scopes', 'x-forwarded-for', 'x-request-id']) t.equal(names.filter((n) => n === name).length, 1, `${name} once, in any spelling: the gateway's`)
   t.equal(r.headers['x-keygate-key-id'], k.id)
   t.equal(r.headers['x-keygate-scopes'], 'read')
-  for (const name of ['x-forwarded-prefix', 'x-forwarded-port', 'x-forwarded-ssl']) t.notOk(r.headers[name], `${name} from an untrusted peer is dropped`)
+  for (const name of ['x-forwarded-prefix', 'x-forwarded-port', 'x-forwarded-ssl', 'x-script-name']) t.notOk(r.headers[name], `${name} from an untrusted peer is dropped`)
   t.equal(r.headers['x-kept_too'], 'yes', 'other headers with `_` pass')
 
   // A second key in another spelling of X-API-Key (PHP reads X_API_KEY as HTTP_X_API_KEY) never
@@ -388,8 +388,9 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
 
   const behind = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] } } })
   const k2 = await behind.key()
-  const viaProxy = (await behind.get('/u', { ...bearer(k2.key), 'x-forwarded-prefix': '/app', 'x-forwarded-port': '443' })).json as Received
+  const viaProxy = (await behind.get('/u', { ...bearer(k2.key), 'x-forwarded-prefix': '/app', 'x-forwarded-port': '443', 'x-script-name': '/app' })).json as Received
   t.equal(viaProxy.headers['x-forwarded-prefix'], '/app', "a trusted proxy's X-Forwarded-Prefix passes")
+  t.equal(viaProxy.headers['x-script-name'], '/app', 'and its X-Script-Name')
   t.equal(viaProxy.headers['x-forwarded-port'], '443')
 })
 
