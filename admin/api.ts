@@ -5,7 +5,7 @@
 // refusal before the body is read answers with `Connection: close` instead of draining the body.
 import type http from 'node:http'
 import { MIMEType } from 'node:util'
-import type { TObject } from '@sinclair/typebox'
+import { Type, type TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
 import { expectsContinue, hasBody } from '../core/http.ts'
@@ -211,28 +211,34 @@ function bodyLimit(op: Operation, maxBodyBytes: number): [number, string] {
 
 export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
   const { services, authenticate, maxBodyBytes } = options
-  return options.operations.map((op) => ({
-    method: op.method,
-    path: op.path,
-    readsBody: true,
-    async handle(ctx: AdminRequest) {
-      const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress).catch((err: unknown) => {
-        // Refused before the body is read: close instead of draining what may be a large body.
-        if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
-        throw err
-      })
-      const parsed = await readJson(ctx, ...bodyLimit(op, maxBodyBytes))
-      // An empty object is no body: generic clients send `{}` with every POST or DELETE (before,
-      // found by a review: refused 400 on the operations that take none).
-      if (parsed !== undefined && !op.body && !isEmptyObject(parsed)) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body (or an empty object)`)
-      if (parsed === undefined && op.body && op.bodyRequired !== false) {
-        // The field's words as the message's, as for every other field (before, found by a review, "is required" alone).
-        throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required; expected a JSON object' }] })
-      }
-      const body = op.body ? assertValid(op.body, parsed ?? {}) : undefined
-      const query = readQuery(ctx.url, op.query)
-      const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
-      if (!op.stream) sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
-    },
-  }))
+  return options.operations.map((op) => {
+    // The path parameters' own schemas, where an operation gives them: checked as the document
+    // shows them (before, found by a review, they were the document's alone).
+    const paramsSchema = op.params ? Type.Object(op.params) : undefined
+    return {
+      method: op.method,
+      path: op.path,
+      readsBody: true,
+      async handle(ctx: AdminRequest) {
+        const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress).catch((err: unknown) => {
+          // Refused before the body is read: close instead of draining what may be a large body.
+          if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
+          throw err
+        })
+        const parsed = await readJson(ctx, ...bodyLimit(op, maxBodyBytes))
+        // An empty object is no body: generic clients send `{}` with every POST or DELETE (before,
+        // found by a review: refused 400 on the operations that take none).
+        if (parsed !== undefined && !op.body && !isEmptyObject(parsed)) throw new AdminError('bad_request', `${op.method} ${op.path} takes no body (or an empty object)`)
+        if (parsed === undefined && op.body && op.bodyRequired !== false) {
+          // The field's words as the message's, as for every other field (before, found by a review, "is required" alone).
+          throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required; expected a JSON object' }] })
+        }
+        if (paramsSchema) assertValid(paramsSchema, ctx.params)
+        const body = op.body ? assertValid(op.body, parsed ?? {}) : undefined
+        const query = readQuery(ctx.url, op.query)
+        const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
+        if (!op.stream) sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
+      },
+    }
+  })
 }

@@ -112,3 +112,13 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
   }
   return { call }
 }
+
+/**
+ * `value` as one path segment of an admin API URL; '', '.' and '..' are no segment a URL can
+ * carry (fetch resolves dot segments, even escaped), so `unreachable` says what the command
+ * answers for them instead of calling another route.
+ */
+export function pathSegment(value: string, unreachable: () => Error): string {
+  if (value === '' || value === '.' || value === '..') throw unreachable()
+  return encodeURIComponent(value)
+}

@@ -4,11 +4,12 @@
 // a change reaches every gateway within gateway.deny_list_refresh_s, or at once through the
 // admin API of the instance that made it. Lockouts live in the running servers (Redis, or each
 // process's memory): only through an admin API.
+import { Type } from '@sinclair/typebox'
 import { AddDenyBody, DenyListService, denyJson, normaliseCidr } from '../core/deny-list.ts'
 import type { Actor } from '../core/audit.ts'
 import { KeygateError } from '../core/errors.ts'
 import type { Runtime } from '../core/runtime.ts'
-import { adminClient } from './admin-client.ts'
+import { adminClient, pathSegment } from './admin-client.ts'
 import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, table, type Command, type Io } from './io.ts'
 
 type DenyJson = ReturnType<typeof denyJson>
@@ -51,18 +52,12 @@ export function localDenyOperations(runtime: Runtime, actor: Actor): DenyOperati
   }
 }
 
-/** A path segment: '', '.' and '..' are no entry's id, and no URL carries them. */
-function segment(value: string): string {
-  if (value === '' || value === '.' || value === '..') throw new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(value)}`)
-  return encodeURIComponent(value)
-}
-
 export function remoteDenyOperations(baseUrl: string, token: string): DenyOperations {
   const { call } = adminClient(baseUrl, token, { checkWith: '`keygate deny-list list`' })
   return {
     add: (body) => call('POST', '/v1/deny-list', body),
     list: async (includeExpired) => (await call<{ items: DenyJson[] }>('GET', `/v1/deny-list${includeExpired ? '?include_expired=true' : ''}`, undefined, ['items'])).items,
-    remove: (id) => call('DELETE', `/v1/deny-list/${segment(id)}`),
+    remove: (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(id)}`))}`),
   }
 }
 
@@ -73,13 +68,13 @@ export function remoteLockoutOperations(baseUrl: string, token: string): Lockout
       const q = new URLSearchParams(Object.entries(query).flatMap(([k, v]): Array<[string, string]> => (v === undefined ? [] : [[k, String(v)]])))
       return call('GET', `/v1/lockouts${q.size ? `?${q}` : ''}`, undefined, ['items'])
     },
-    lift: (address) => {
-      // An address is one path segment; one with a / is a range, which no lockout is.
-      if (address.includes('/') || address === '' || address === '.' || address === '..') throw new UsageError(`${JSON.stringify(address)} is not an address; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
-      return call('DELETE', `/v1/lockouts/${encodeURIComponent(address)}`)
-    },
+    // Checked as an address before (prepare): one path segment.
+    lift: (address) => call('DELETE', `/v1/lockouts/${encodeURIComponent(address)}`),
   }
 }
+
+/** One address, no range: what the lockout commands take (the admin API's `ip` format). */
+const ADDRESS = Type.Object({ address: Type.String({ format: 'ip' }) })
 
 const until = (at: string | null) => (at === null ? 'never' : at)
 
@@ -157,6 +152,7 @@ export const LOCKOUT_COMMANDS: Record<string, Command<LockoutContext>> = {
     prepare(p) {
       const limit = parseIntFlag('limit', str(p, 'limit'), 1, 1000)
       const address = str(p, 'address')
+      if (address !== undefined) checkFlags(ADDRESS, { address }, { address: '--address' })
       return async (ctx) => {
         const r = await ctx.ops.list({ ...(address !== undefined ? { address } : {}), ...(limit !== undefined ? { limit } : {}) })
         if (ctx.json) printJson(ctx.io, r)
@@ -175,6 +171,9 @@ export const LOCKOUT_COMMANDS: Record<string, Command<LockoutContext>> = {
     options: {},
     positionals: { min: 1, max: 1 },
     prepare(p) {
+      // An address, as the admin API checks it (before, found by a review: a bad one was the
+      // server's validation_failed, exit 1, where a range was a usage error, exit 2).
+      checkFlags(ADDRESS, { address: p.positionals[0] }, { address: 'ADDRESS' })
       return async (ctx) => {
         const r = await ctx.ops.lift(p.positionals[0] as string)
         printDone(() => {

@@ -123,10 +123,9 @@ export async function runGroup<C>(
   commands: Record<string, Command<C>>,
   argv: string[],
   io: Io,
-  open: (runtime: Runtime, log: Logger, json: boolean) => Promise<{ ctx: C; close?: () => Promise<void> }>,
+  /** The context on the store opened here; or, for a group that works only through an admin API, why (refused without an admin URL). */
+  open: ((runtime: Runtime, log: Logger, json: boolean) => Promise<{ ctx: C; close?: () => Promise<void> }>) | string,
   remote: (adminUrl: string, token: string, json: boolean, p: Parsed) => C,
-  /** Why the group works only through an admin API, for one run without an admin URL. */
-  adminOnly?: string,
 ): Promise<number> {
   const [name, ...rest] = argv
   if (name === undefined) throw new UsageError(groupHelp(group, commands).trimEnd())
@@ -151,7 +150,7 @@ export async function runGroup<C>(
     if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
-  if (adminOnly !== undefined) throw new KeygateError('config_invalid', adminOnly)
+  if (typeof open === 'string') throw new KeygateError('config_invalid', open)
   const log = cliLogger(io, config)
   const { runLocal } = await import('./local.ts')
   return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
@@ -170,9 +169,10 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
       io.out(`usage: ${usage}\nprints the configuration reference (docs/configuration.md) as Markdown\n`)
       return EXIT_OK
     }
-    refuseFlags(p, [...STORE_FLAGS, 'admin-url', 'config'], NOT_FOR_CONFIG)
-    // Markdown only (before, found by a review: --json was taken, and Markdown printed).
-    refuseFlags(p, ['json'], 'config docs prints Markdown only')
+    refuseFlags(p, [...STORE_FLAGS, 'admin-url'], NOT_FOR_CONFIG)
+    // The reference of every setting, read from no file; Markdown only (before, found by a review:
+    // both flags were taken, and ignored).
+    refuseFlags(p, ['config', 'json'], 'config docs prints the reference of every setting as Markdown, from no file')
     io.out(renderConfigDocs())
     return EXIT_OK
   }
@@ -302,9 +302,8 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           LOCKOUT_COMMANDS,
           rest,
           io,
-          () => Promise.reject(new KeygateError('config_invalid', LOCKOUTS_NEED_ADMIN)),
-          (adminUrl, token, json) => ({ io, json, ops: remoteLockoutOperations(adminUrl, token) }),
           LOCKOUTS_NEED_ADMIN,
+          (adminUrl, token, json) => ({ io, json, ops: remoteLockoutOperations(adminUrl, token) }),
         )
       case 'config':
         return await runConfig(rest, io)

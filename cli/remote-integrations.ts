@@ -6,18 +6,15 @@
 // token or key, which is the service's verdict too.
 import type { GiteaTokenService } from '../core/integrations/gitea.ts'
 import type { N8nKeyService } from '../core/integrations/n8n.ts'
-import { adminClient } from './admin-client.ts'
+import { adminClient, pathSegment } from './admin-client.ts'
 import { UsageError } from './io.ts'
 
 export type GiteaOperations = Pick<GiteaTokenService, 'create' | 'list' | 'delete' | 'verify'>
 export type N8nOperations = Pick<N8nKeyService, 'create' | 'list' | 'delete' | 'verify'>
 
-/** A token or key named in the URL's path: '', '.' and '..' are no segment a URL can carry (fetch resolves dot segments, even escaped). */
+/** A token or key named in the URL's path. */
 function pathRef(value: string, what: string): string {
-  if (value === '' || value === '.' || value === '..') {
-    throw new UsageError(`${JSON.stringify(value)} cannot be named through the admin API (no URL path carries it): give the ${what}'s id`)
-  }
-  return encodeURIComponent(value)
+  return pathSegment(value, () => new UsageError(`${JSON.stringify(value)} cannot be named through the admin API (no URL path carries it): give the ${what}'s id`))
 }
 
 export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): GiteaOperations {

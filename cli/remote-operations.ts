@@ -5,7 +5,7 @@ import { keyNotFound, type ErrorCode } from '../core/errors.ts'
 import { checkImportSize, emptyImport } from '../core/keys/service.ts'
 import type { AuditRecord } from '../core/audit.ts'
 import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
-import { adminClient } from './admin-client.ts'
+import { adminClient, pathSegment } from './admin-client.ts'
 import type { KeyOperations } from './key-operations.ts'
 
 const date = (s: string | null) => (s === null ? null : new Date(s))
@@ -41,10 +41,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
   const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate api-key get` (or list)' })
   // '', '.' and '..' are no key's id, and no URL carries them as a path segment (fetch resolves
   // dot segments, even escaped): answered as the store answers them, not as another route.
-  const id = (value: string) => {
-    if (value === '' || value === '.' || value === '..') throw keyNotFound(value)
-    return encodeURIComponent(value)
-  }
+  const id = (value: string) => pathSegment(value, () => keyNotFound(value))
   return {
     async create(body) {
       const r = await call<KeyJson & { key: string }>('POST', '/v1/keys', body)

@@ -495,8 +495,8 @@ export function processAlive(pid: number): boolean {
   }
 }
 
-/** keygate's command groups whose subcommand names the command (`api-key create`). */
-const COMMAND_GROUPS = new Set(['api-key', 'gitea', 'n8n', 'config'])
+/** keygate's commands that are not a group: their next word is no subcommand. */
+const SINGLE_COMMANDS = new Set(['serve', 'migrate'])
 
 /**
  * The keygate command process `pid` runs (`serve`, `api-key create`), read from its command line
@@ -514,7 +514,8 @@ function keygateCommandOf(pid: number): string | undefined {
   const first = bin === -1 ? undefined : args[bin + 1]
   if (first === undefined || !/^[a-z][a-z0-9-]{0,20}$/.test(first)) return undefined
   const second = args[bin + 2]
-  return COMMAND_GROUPS.has(first) && second !== undefined && /^[a-z][a-z0-9-]{0,20}$/.test(second) ? `${first} ${second}` : first
+  // A group's subcommand (`api-key create`, `deny-list add`), whichever groups there are.
+  return !SINGLE_COMMANDS.has(first) && second !== undefined && /^[a-z][a-z0-9-]{0,20}$/.test(second) ? `${first} ${second}` : first
 }
 
 /**

@@ -47,12 +47,8 @@ export function addressRefusal(address: string, allowed: AllowList): string | un
   return undefined
 }
 
-/**
- * `message` names the field ("url: ..."), as validation_failed's message does; its `fields` entry
- * does not, as theirs do not (before, found by a review: a client printing `field: message`
- * showed "url: url: ...").
- */
-const refused = (message: string) => new KeygateError('webhook_url_refused', message, { fields: [{ field: 'url', message: message.replace(/^url: /, '') }] })
+/** The refusal of the url field for `why`: its message names the field, its `fields` entry does not, as validation_failed's. */
+const refused = (why: string) => new KeygateError('webhook_url_refused', `url: ${why}`, { fields: [{ field: 'url', message: why }] })
 
 /** Parses and checks the form of a target URL; returns its host when it is a name, undefined for an IP literal (already checked). */
 function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string | undefined } {
@@ -60,16 +56,16 @@ function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string 
   try {
     parsed = new URL(url)
   } catch {
-    throw refused('url: is not a valid URL')
+    throw refused('is not a valid URL')
   }
-  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw refused(`url: the scheme must be http or https, not ${parsed.protocol.slice(0, -1)}`)
-  if (parsed.username || parsed.password) throw refused('url: must not carry credentials')
+  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw refused(`the scheme must be http or https, not ${parsed.protocol.slice(0, -1)}`)
+  if (parsed.username || parsed.password) throw refused('must not carry credentials')
   // Port 0 reaches no server (before, found by a review: taken, and never deliverable).
-  if (parsed.port === '0') throw refused('url: port 0 reaches no server')
+  if (parsed.port === '0') throw refused('port 0 reaches no server')
   const host = parsed.hostname.startsWith('[') ? parsed.hostname.slice(1, -1) : parsed.hostname
   if (ipaddr.isValid(host)) {
     const why = addressRefusal(host, allowed)
-    if (why) throw refused(`url: ${why}; add it to webhooks.allow_private to allow an internal receiver`)
+    if (why) throw refused(`${why}; add it to webhooks.allow_private to allow an internal receiver`)
     return { parsed, name: undefined }
   }
   return { parsed, name: host }
@@ -182,11 +178,11 @@ export async function checkTarget(url: string, allowed: AllowList, names: Webhoo
     answers = await names.resolve(name, timeoutMs)
   } catch (err) {
     const e = err as NodeJS.ErrnoException
-    throw refused(e.code === 'ETIMEOUT' ? `url: ${e.message}` : `url: ${name} does not resolve (${e.code ?? e.message})`)
+    throw refused(e.code === 'ETIMEOUT' ? e.message : `${name} does not resolve (${e.code ?? e.message})`)
   }
   for (const a of answers) {
     const why = addressRefusal(a.address, allowed)
-    if (why) throw refused(`url: ${name} resolves to ${why}; add it to webhooks.allow_private to allow an internal receiver`)
+    if (why) throw refused(`${name} resolves to ${why}; add it to webhooks.allow_private to allow an internal receiver`)
   }
   return parsed
 }

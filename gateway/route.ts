@@ -145,7 +145,10 @@ const VISIBLE_ASCII = /^[!-~]+$/
  * upstream's `http://self//evil.example/` would have become an open redirect). Both found by a
  * review.
  */
-export function publicLocation(r: CompiledRoute, location: string, outerPrefix = ''): string | undefined {
+export function publicLocation(r: CompiledRoute, given: string, outerPrefix = ''): string | undefined {
+  // A scheme-relative `//host/x` names the upstream's scheme (found by a review: it passed, the
+  // upstream's address with it).
+  const location = given.startsWith('//') ? r.origin.slice(0, r.origin.indexOf(':') + 1) + given : given
   if (!ABSOLUTE_HTTP.test(location) || !VISIBLE_ASCII.test(location)) return undefined
   let url: URL
   try {
@@ -163,7 +166,7 @@ export function publicLocation(r: CompiledRoute, location: string, outerPrefix =
   if (r.basePath !== '' && !under(path, r.basePath)) return undefined
   let rest = path.slice(r.basePath.length)
   if (!rest.startsWith('/')) rest = '/' + rest
-  const publicPath = outerPrefix + (r.stripPrefix && r.prefix !== '/' ? (rest === '/' ? `${r.prefix}/` : r.prefix + rest) : rest)
+  const publicPath = outerPrefix + (r.forwardedPrefix !== undefined ? (rest === '/' ? `${r.forwardedPrefix}/` : r.forwardedPrefix + rest) : rest)
   if (publicPath.startsWith('//')) return undefined
   return publicPath + url.search + url.hash
 }

@@ -59,7 +59,8 @@ t.test('the OpenAPI document', async (t) => {
       t.ok(r?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `${op.id}: ${ERRORS[code].status} ${code}`)
       t.match(r.description, code)
     }
-    if (op.body) t.same(o.requestBody.content['application/json'].schema, plain(op.documentedBody ?? op.body), `${op.id}: the request body is the validating schema`)
+    // The validating schema; an import's, with the schema its handler checks each row with.
+    if (op.body) t.same(o.requestBody.content['application/json'].schema, plain(op.documentedBody ?? op.body), `${op.id}: the request body is the schema it is checked with`)
     // What is refused 415 besides another media type: a charset, a content coding (admin/api.ts).
     if (op.body) t.match(o.requestBody.description, /UTF-8[^]*Content-Encoding[^]*415 unsupported_media_type/, `${op.id}: the request body says how it must be sent`)
     for (const m of op.path.matchAll(/\{(\w+)\}/g)) t.ok(o.parameters.some((p: any) => p.in === 'path' && p.name === m[1]), `${op.id}: path parameter ${m[1]}`)

@@ -69,6 +69,17 @@ t.test('lockouts need a running server: without an admin URL the command says so
   }
   t.notOk(existsSync(dataDir), 'no store was made')
   t.equal((await runCli(['lockouts', 'list', '--limit', '0'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })).code, 2, 'a bad flag is a usage error first')
+  // An address is checked here, as the admin API would (before, found by a review: the server's
+  // validation_failed, exit 1, where a range was exit 2).
+  for (const [args, why] of [
+    [['lockouts', 'list', '--address', 'bogus'], /^keygate: --address: "bogus" is not allowed; expected an IPv4 or IPv6 address/],
+    [['lockouts', 'lift', 'bogus'], /^keygate: ADDRESS: "bogus" is not allowed; expected an IPv4 or IPv6 address/],
+    [['lockouts', 'lift', '10.0.0.0/8'], /^keygate: ADDRESS: "10\.0\.0\.0\/8" is not allowed/],
+  ] as const) {
+    const r = await runCli([...args], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
+    t.equal(r.code, 2, `${args.join(' ')}: a usage error`)
+    t.match(r.stderr, why)
+  }
 })
 
 t.test('through the admin API: a deny entry refuses the gateway at once, and a lockout is listed and lifted', async (t) => {
@@ -103,7 +114,5 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
   t.equal(lifted.stdout, 'Lifted the lockout of 198.51.100.9.\n')
   t.equal((await call(`${served.gateway}/x`, { headers: { ...client, ...auth } })).status, 200, 'the key passes again')
   t.equal((await runCli(['lockouts', 'list'], { cwd, env })).stdout, 'No address is locked out.\n')
-  const range = await runCli(['lockouts', 'lift', '10.0.0.0/8'], { cwd, env })
-  t.equal(range.code, 2, 'a range is no address')
   t.equal(await served.stop(), 0)
 })

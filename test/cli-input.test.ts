@@ -108,7 +108,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     // Found by a review, each taken before: the first file ignored, the flag printed Markdown or
     // plain text, or a credential the command does not use ignored.
     [['config', 'check', '--config', 'a.yaml', 'b.yaml'], /^keygate: give the file once: as FILE or as --config, not both\nusage: keygate config check/],
-    [['config', 'docs', '--json'], /^keygate: --json: config docs prints Markdown only\n$/],
+    [['config', 'docs', '--json'], /^keygate: --json: config docs prints the reference of every setting as Markdown, from no file\n$/],
     [['--version', '--data-dir', dataDir], /^keygate: --data-dir: the version needs nothing else\n$/],
     [['--version', 'extra'], /unexpected argument "extra"/],
     [['gitea', 'verify', 'tok', '--gitea-username', 'u'], /Unknown option '--gitea-username'/],

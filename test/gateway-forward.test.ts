@@ -424,6 +424,7 @@ t.test("an upstream's redirect to its own address goes to the client as the path
   t.equal(await location('/svc/a', '{self}/base/', 201), '/svc/', "a 201's Location too")
   t.equal(await location('/api/a', '{self}/up/api/next'), '/api/next', 'without strip_prefix: the base path taken off')
   t.equal(await location('/x', `HTTP://127.0.0.1:${h.upstream.port}/elsewhere`), '/elsewhere', 'the origin compared as a URL (scheme case)')
+  t.equal(await location('/x', `//127.0.0.1:${h.upstream.port}/elsewhere`), '/elsewhere', "scheme-relative: the upstream's scheme (found by a review)")
   t.equal(await location('/x', `http://127.0.0.1:${h.upstream.port}/a%20b`), '/a%20b')
   t.equal(await location('/svc/a', '{self}/other/x'), `${self}/other/x`, 'outside the base path: as sent')
   t.equal(await location('/svc/a', '{self}/basement'), `${self}/basement`, 'the base path only on a segment boundary')
