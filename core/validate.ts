@@ -679,6 +679,9 @@ export function refuseMemberProblems(text: string, what = 'body'): void {
   throw fieldInvalid(field, `has more than ${MAX_JSON_MEMBERS} members; no input takes an object that large`)
 }
 
+/** Why a string with a lone surrogate is refused. */
+export const LONE_SURROGATE = 'holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), which is not text'
+
 /**
  * Checks `value` against `schema` and throws `validation_failed` naming the bad fields
  * (`details.fields`; the first MAX_LISTED_PROBLEMS, with `details.more` true when the check
@@ -689,7 +692,7 @@ export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): 
   if (found.length === 0) {
     const at = loneSurrogateAt(value)
     if (at === undefined) return value as T
-    throw fieldInvalid(shownField(dotted(at) || what), 'holds a lone UTF-16 surrogate (\\ud800 to \\udfff without its pair), which is not text')
+    throw fieldInvalid(shownField(dotted(at) || what), LONE_SURROGATE)
   }
   const more = found.length > MAX_LISTED_PROBLEMS
   const fields = found.slice(0, MAX_LISTED_PROBLEMS).map((problem) => {

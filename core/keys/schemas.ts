@@ -5,7 +5,7 @@ import { CURSOR_PATTERN } from '../cursor.ts'
 import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
-import { dotted, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
+import { dotted, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
 import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
@@ -164,6 +164,9 @@ export function checkMetadata(metadata: unknown): void {
   if (holdsNul(metadata)) {
     throw fieldInvalid('metadata', 'holds a NUL character')
   }
+  // As assertValid refuses one in a body (the CLI's --metadata came to it only at the service).
+  const lone = loneSurrogateAt(metadata)
+  if (lone !== undefined) throw fieldInvalid(dotted(['metadata', ...lone]), LONE_SURROGATE)
   // JSON writes Infinity as null: the CLI's --metadata and import files read `1e309` as Infinity
   // (the admin API refuses it in the body, with any number that would not be stored as written).
   const infinite = pathWhere(metadata, (v) => typeof v === 'number' && !Number.isFinite(v))
