@@ -39,20 +39,22 @@ export const KeySchema = Type.Object(
     last_used_at: Nullable(DateTime(), 'Last request through the gateway (as of the last usage flush).'),
     revoked_at: Nullable(DateTime()),
     revoked_reason: Nullable(Type.String()),
+    valid_until: Nullable(
+      DateTime(),
+      "When the key stops being accepted: the earlier of its expires_at and (rotating) its grace_until, or, revoked, when it was revoked; null for never. What the gateway judges by, so a script need not work it out.",
+    ),
   },
   { description: 'A key, without its secret.' },
 )
 
 /** The key a rotation replaced, as the rotation answers it. */
-export const ReplacedKeySchema = Type.Composite(
-  [
-    KeySchema,
-    Type.Object({
-      valid_until: DateTime(
-        'When this key stops being accepted: the earlier of its expires_at and grace_until, or, when the rotation revoked it (forced, or a grace period of 0), the rotation\'s time.',
-      ),
-    }),
-  ],
+export const ReplacedKeySchema = Type.Object(
+  {
+    ...KeySchema.properties,
+    valid_until: DateTime(
+      'When this key stops being accepted: the earlier of its expires_at and grace_until, or, when the rotation revoked it (forced, or a grace period of 0), the rotation\'s time.',
+    ),
+  },
   { description: 'The key the rotation replaced.' },
 )
 

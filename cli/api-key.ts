@@ -7,8 +7,8 @@ import { readAtMost } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
-import { parseAddress, validUntilOf } from '../core/keys/evaluate.ts'
-import { KEY_STATUSES, KEY_TYPES, keyJson, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
+import { parseAddress } from '../core/keys/evaluate.ts'
+import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
 import { auditJson } from '../core/audit.ts'
 import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
@@ -130,11 +130,6 @@ function keyBody(p: Parsed): Record<string, unknown> {
 
 const date = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, 'Z') : null)
 
-/** When a key stops working, by the gateway's rule: its expiry, or for a rotating key the end of its grace when that comes first. */
-function endOf(k: KeyRecord): Date | null {
-  const until = validUntilOf(k)
-  return until === Infinity ? null : new Date(until)
-}
 
 const CURSOR = new RegExp(CURSOR_PATTERN)
 
@@ -159,7 +154,7 @@ function keyRows(keys: KeyRecord[]): string {
     // VALID UNTIL, not EXPIRES: for a rotating key it is the end of its grace, where `get` shows
     // `expires_at -` (two names for one date read as a contradiction; found by a newcomer).
     ['id', 'name', 'type', 'status', 'scopes', 'owner', 'valid until', 'last used'],
-    keys.map((k) => [k.id, k.name, k.type, k.status, k.scopes.join(','), k.owner, date(endOf(k)), date(k.lastUsedAt)]),
+    keys.map((k) => [k.id, k.name, k.type, k.status, k.scopes.join(','), k.owner, date(keyValidUntil(k)), date(k.lastUsedAt)]),
   )
 }
 

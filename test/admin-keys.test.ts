@@ -168,6 +168,8 @@ await forEachStore(t, async (t, store) => {
     const r = await writes(t, h, 1, 'revoke', () => h.call('POST', `/v1/keys/${k.id}/revoke`, { body: { reason: 'leaked' } }))
     t.equal(r.status, 200)
     t.match(r.json, { status: 'revoked', revoked_reason: 'leaked' })
+    t.equal(k.valid_until, null, 'valid_until: null for a key without an expiry')
+    t.equal(r.json.valid_until, r.json.revoked_at, 'and, revoked, when it was revoked')
     t.match(await auditOf(h, k.id), [{ action: 'key.revoked', actor, details: { reason: 'leaked' } }, { action: 'key.created' }])
     const again = await writes(t, h, 0, 'revoke again', () => h.call('POST', `/v1/keys/${k.id}/revoke`))
     t.equal(again.status, 409)
@@ -252,7 +254,8 @@ await forEachStore(t, async (t, store) => {
     t.equal(r.json.previous.expires_at, expiresAt)
     t.ok(Date.parse(r.json.previous.grace_until) > Date.parse(expiresAt) + 70 * 3_600_000, 'grace_until stays the grace deadline, 72 h on')
     t.equal(r.json.previous.valid_until, expiresAt, 'valid_until is the expiry, which comes first')
-    t.notOk('valid_until' in r.json, 'only the replaced key carries valid_until')
+    // Every key's JSON carries it now (before, found by a review: only the replaced key's).
+    t.equal(r.json.valid_until, expiresAt, "the new key's: its expiry, carried over")
 
     // Without an expiry it is the grace deadline; a forced rotation ends the key at once.
     const plain = (await h.call('POST', '/v1/keys', { body: { name: 'no expiry', type: 'user' } })).json

@@ -61,6 +61,7 @@ export function keyJson(k: KeyRecord) {
     last_used_at: iso(k.lastUsedAt),
     revoked_at: iso(k.revokedAt),
     revoked_reason: k.revokedReason,
+    valid_until: iso(keyValidUntil(k)),
   }
 }
 export type KeyJson = ReturnType<typeof keyJson>
@@ -72,12 +73,24 @@ export type KeyJson = ReturnType<typeof keyJson>
  * for a key expiring within its grace (found by a review).
  */
 export function replacedKeyValidUntil(previous: KeyRecord): Date {
-  return previous.status === 'rotating' ? new Date(validUntilOf(previous)) : (previous.revokedAt ?? previous.updatedAt)
+  return keyValidUntil(previous) as Date
 }
 
-/** The key a rotation replaced, with `valid_until`: in the rotation's answer and its `key.rotated` event alike. */
+/**
+ * When a key stops being accepted, by the gateway's rule: a revoked key when it was revoked, any
+ * other at the earlier of its expiry and (rotating) the end of its grace; null for never. In every
+ * key's JSON as `valid_until` (before, found by a review, only in a rotation's `previous`: a script
+ * worked out min(expires_at, grace_until) itself).
+ */
+export function keyValidUntil(k: KeyRecord): Date | null {
+  if (k.status === 'revoked') return k.revokedAt ?? k.updatedAt
+  const until = validUntilOf(k)
+  return until === Infinity ? null : new Date(until)
+}
+
+/** The key a rotation replaced: in the rotation's answer and its `key.rotated` event alike (its `valid_until` is never null). */
 export function replacedKeyJson(previous: KeyRecord) {
-  return { ...keyJson(previous), valid_until: replacedKeyValidUntil(previous).toISOString() }
+  return keyJson(previous)
 }
 
 /** The answer to a rotation, from the admin API and `api-key rotate --json` alike. */
