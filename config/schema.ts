@@ -87,6 +87,13 @@ export const ConfigSchema = Type.Object(
           uniqueItems: true,
           description: 'Where keys are read from, in order.',
         }),
+        api_key_header: Type.String({
+          default: 'X-API-Key',
+          format: 'api-key-header',
+          description:
+            "The header the `x-api-key` key source reads (any letter case), such as `apikey`, Kong's key-auth default, for clients migrating without a change; removed before forwarding in every spelling, as X-API-Key is.",
+          env: 'KEYGATE_API_KEY_HEADER',
+        }),
         query_param: Type.String({ default: 'api_key', pattern: '^[A-Za-z0-9_.-]{1,64}$', description: 'Query parameter name when the query source is enabled.' }),
         strip_credential: Type.Boolean({ default: true, description: 'Remove the credential before forwarding.' }),
         reveal_key_status: Type.Boolean({

@@ -112,6 +112,21 @@ function isHttpUrl(value: string): boolean {
 }
 
 /**
+ * Header names an API key header cannot take: HTTP's own (framing, routing, hop-by-hop, the
+ * other credential and cookies) and those the gateway sets or reads for something else.
+ */
+const RESERVED_HEADERS = new Set([
+  'authorization', 'proxy-authorization', 'host', 'cookie', 'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding',
+  'upgrade', 'expect', 'content-length', 'content-type', 'content-encoding', 'forwarded', 'x-real-ip', 'x-request-id', 'http2-settings',
+])
+
+/** A header name a key may be sent in (gateway.api_key_header): a token, and none HTTP or keygate uses otherwise. */
+function isApiKeyHeader(value: string): boolean {
+  const name = value.toLowerCase()
+  return /^[a-z0-9][a-z0-9-]{0,63}$/.test(name) && !RESERVED_HEADERS.has(name) && !name.startsWith('x-keygate-') && !name.startsWith('x-forwarded-')
+}
+
+/**
  * Each format's check and the words for what it allows (in messages, config docs and
  * /openapi.json); where those words are not all a reader needs, `detail` (the document only) and
  * `why` (why a value that matches the words is refused all the same).
@@ -120,6 +135,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
   cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32', { detail: `${ADDRESS_DETAIL} A range is ADDRESS/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros; an address alone is one address (/32, /128).` }],
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7', { detail: `${ADDRESS_DETAIL} No range (/BITS).` }],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
+  'api-key-header': [isApiKeyHeader, "a header name of letters, digits and -, such as X-API-Key or apikey, and none HTTP or keygate uses for something else (Authorization, Host, Cookie, Content-*, hop-by-hop ones, X-Forwarded-*, X-Keygate-*, X-Request-Id)"],
   'http-url': [isHttpUrl, 'an http:// or https:// URL without user:password@'],
   // A URL paths are added to (the CLI's admin URL, an upstream): a query or fragment would stand in
   // front of them. An upstream's were dropped, so `?tenant=acme` never reached it (found by a review).

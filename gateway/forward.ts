@@ -187,6 +187,8 @@ interface ForwardOptions {
   stripCredential: boolean
   /** X-API-Key is one of the key sources: with stripCredential it is never forwarded, in any spelling. */
   apiKeySource: boolean
+  /** The header that source reads (gateway.api_key_header; X-API-Key when not given). */
+  apiKeyHeader?: string
   /** Whether the query parameter is a key source (its look-alikes are dropped whenever it is). */
   querySource: boolean
   queryParam: string
@@ -387,6 +389,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
   const dropApiKey = stripCredential && o.apiKeySource
+  const apiKeyName = (o.apiKeyHeader ?? 'x-api-key').toLowerCase()
   const dropQueryLookAlikes = stripCredential && o.querySource
   const phpQueryParam = phpParamName(queryParam)
   // What a query that could name the parameter holds: the name's part before any character PHP
@@ -421,7 +424,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const name = key.includes('_') ? key.replaceAll('_', '-') : key
       if (REQUEST_DROP.has(name)) continue
       if (name.charCodeAt(0) === 120 /* x */) {
-        if (name.startsWith('x-keygate-') || (dropApiKey && name === 'x-api-key')) continue
+        if (name.startsWith('x-keygate-')) continue
         // Only a trusted proxy says how the request reached it (X-Forwarded-Port, -Prefix, -Ssl...).
         // X-Script-Name too: the prefix WSGI middleware (werkzeug's ProxyFix, Flask recipes) mounts an
         // application under, as a proxy sets it (found by a review: passed from any client).
@@ -429,6 +432,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         // A route that strips its prefix says which (below), after a trusted proxy's own.
         if (route.forwardedPrefix !== undefined && name === 'x-forwarded-prefix') continue
       }
+      // The API key header, in any spelling (gateway.api_key_header need not begin with x).
+      if (dropApiKey && name === apiKeyName) continue
       if (dropAuthorization && name === 'authorization') continue
       if (named !== undefined && named.includes(name)) continue
       const v = h[key]

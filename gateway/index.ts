@@ -133,7 +133,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const fixedTail: Stage[] = [
     createLockoutStage(lockout, metrics),
     createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, cluster, metrics }),
-    createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param }),
+    createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param, apiKeyHeader: g.api_key_header }),
     createValidateStage({
       cache,
       prefixes: keyPrefixes(config.keys.prefix, config.keys.previous_prefixes),
@@ -213,7 +213,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
   await refreshDenyList()
 
-  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), querySource: g.key_sources.includes('query'), queryParam: g.query_param, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, bodyIdleMs: g.body_idle_timeout_ms, maxResponseHeaderBytes: g.max_response_header_bytes, guard })
+  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), apiKeyHeader: g.api_key_header, querySource: g.key_sources.includes('query'), queryParam: g.query_param, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, bodyIdleMs: g.body_idle_timeout_ms, maxResponseHeaderBytes: g.max_response_header_bytes, guard })
 
   const failed = (s: RequestState, err: unknown): void => {
     log.error('gateway stage failed', { request_id: s.id, err: err as Error })

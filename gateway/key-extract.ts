@@ -51,20 +51,23 @@ function twoKeys(s: RequestState): 'bad_request' {
   return 'bad_request'
 }
 
-export function createKeyExtractStage(options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string }): Stage {
+/** `apiKeyHeader`: the header the `x-api-key` source reads (gateway.api_key_header), as configured. */
+export function createKeyExtractStage(options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string; apiKeyHeader?: string }): Stage {
+  const headerShown = options.apiKeyHeader ?? 'X-API-Key'
+  const header = headerShown.toLowerCase()
   const order = options.sources.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
   const param = options.queryParam
   const authorizationSource = options.sources.includes('authorization')
   // Where the key goes, as this gateway takes it (before, found by a review: "An API key is
   // required." alone, beside a Bearer challenge, where only X-API-Key was taken).
-  const where = options.sources.map((s) => (s === 'authorization' ? 'the Authorization header ("Bearer <key>")' : s === 'x-api-key' ? 'the X-API-Key header' : `the ${param} query parameter`))
+  const where = options.sources.map((s) => (s === 'authorization' ? 'the Authorization header ("Bearer <key>")' : s === 'x-api-key' ? `the ${headerShown} header` : `the ${param} query parameter`))
   const missing = `An API key is required: send it in ${where.length > 1 ? `${where.slice(0, -1).join(', ')} or ${where.at(-1)}` : where[0]}.`
 
   const valuesOf = (s: RequestState, source: number): string | string[] | undefined => {
     const h = s.headers
     if (source === SOURCE_AUTHORIZATION) return h.authorization === undefined ? undefined : bearerTokens(h.authorization)
     if (source === SOURCE_X_API_KEY) {
-      const v = h['x-api-key']
+      const v = h[header]
       return v === undefined ? undefined : listValues(typeof v === 'string' ? v : v.join(','))
     }
     const q = s.target.indexOf('?')

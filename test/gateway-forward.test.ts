@@ -1,7 +1,7 @@
 // What the upstream actually receives, and what the client gets back.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, converse, echo, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
+import { bearer, converse, echo, makeConfig, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
@@ -90,6 +90,25 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
   const keep = await startGateway(t, { sharedStore: true, config: { gateway: { strip_credential: false } } })
   const k2 = await keep.key()
   t.equal(((await keep.get('/', bearer(k2.key))).json as Received).headers.authorization, `Bearer ${k2.key}`)
+
+  // gateway.api_key_header: Kong's `apikey`, for clients migrating without a change (a review's
+  // suggestion). Read in any case, removed in every spelling, named in the 401.
+  const kong = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['x-api-key'], api_key_header: 'apikey' } } })
+  const k3 = await kong.key()
+  const viaApikey = await kong.get('/p', { ApiKey: k3.key })
+  t.equal(viaApikey.status, 200)
+  t.notOk((viaApikey.json as Received).headers.apikey, 'not forwarded')
+  const missing = await kong.get('/p', { 'x-api-key': k3.key })
+  t.equal(missing.status, 401, 'X-API-Key is not read then')
+  t.equal(missing.json.error.message, 'An API key is required: send it in the apikey header.')
+  t.equal(((missing.json as unknown) as { error: { code: string } }).error.code, 'key_missing')
+})
+
+t.test('gateway.api_key_header refuses the names HTTP or keygate use for something else', async (t) => {
+  for (const name of ['Authorization', 'Host', 'cookie', 'X-Forwarded-For', 'x-keygate-key-id', 'X-Request-Id', 'Transfer-Encoding', 'api key', '-x', '']) {
+    t.throws(() => makeConfig({ gateway: { api_key_header: name } }), /api_key_header/, `${JSON.stringify(name)}: refused`)
+  }
+  for (const name of ['X-API-Key', 'apikey', 'X-Auth-Token', 'x-custom-key-2']) t.doesNotThrow(() => makeConfig({ gateway: { api_key_header: name } }), `${name}: taken`)
 })
 
 t.test('a deny range of IPv6 that holds the IPv4-mapped block denies IPv4 clients too', async (t) => {
