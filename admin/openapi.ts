@@ -16,11 +16,27 @@ import { COMMON_ERRORS, type Operation } from './operation.ts'
 export function plain(schema: TSchema): Record<string, unknown> {
   return JSON.parse(JSON.stringify(schema), (_key, value: unknown) => {
     if (typeof value !== 'object' || value === null || Array.isArray(value)) return value
-    const node = value as Record<string, unknown>
+    const node = asEnum(value as Record<string, unknown>)
     const words = typeof node.format === 'string' ? formatDescription(node.format) : undefined
     if (words === undefined) return node
     return { ...node, description: typeof node.description === 'string' ? `${node.description} ${words}` : words }
   }) as Record<string, unknown>
+}
+
+/**
+ * A choice of string constants (TypeBox's union of literals, `anyOf` of `const`s) as one `enum`,
+ * which code generators turn into an enum type (found by a review: an anonymous union per use).
+ */
+function asEnum(node: Record<string, unknown>): Record<string, unknown> {
+  const choices = node.anyOf
+  if (!Array.isArray(choices) || choices.length === 0) return node
+  const consts: string[] = []
+  for (const c of choices as Array<Record<string, unknown>>) {
+    if (typeof c !== 'object' || c === null || typeof c.const !== 'string' || Object.keys(c).some((k) => k !== 'const' && k !== 'type')) return node
+    consts.push(c.const)
+  }
+  const { anyOf: _, ...rest } = node
+  return { ...rest, type: 'string', enum: consts }
 }
 
 /** The response headers the listener sends (admin/server.ts, api.ts, auth.ts, the stream), under components.headers. */

@@ -89,6 +89,10 @@ t.test('the OpenAPI document', async (t) => {
   for (const [status, code] of [[421, 'host_not_allowed'], [431, 'headers_too_large'], [408, 'request_timeout']] as const) {
     t.ok(doc.paths['/v1/keys'].get.responses[status]?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `GET /v1/keys documents ${status} ${code}`)
   }
+  // A choice of constants is one enum, as generators read it (before, found by a review: anyOf of consts).
+  const keyType = doc.paths['/v1/keys'].post.requestBody.content['application/json'].schema.properties.type
+  t.same(keyType.enum, ['system', 'user', 'service', 'integration', 'emergency'], 'the key type is an enum')
+  t.equal(keyType.anyOf, undefined)
   // An import's rows are the schema each row is checked with (before, found by a review: any value).
   const row = doc.paths['/v1/keys/import'].post.requestBody.content['application/json'].schema.properties.rows.items
   t.same(row.required, ['key_hash', 'name'], "the import row's required fields")
