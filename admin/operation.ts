@@ -94,9 +94,9 @@ export interface Operation {
   description?: string
   query?: TObject
   /**
-   * For the document: a path parameter's schema where it is more than a non-empty string (the
-   * handler checks it itself, as the document says; before, found by a review, the lockout's
-   * address was a plain string there).
+   * A path parameter's schema where it is more than a non-empty string: in the document, and
+   * checked before the handler runs (before, found by a review, the lockout's address was a plain
+   * string in the document while its handler checked an address).
    */
   params?: Record<string, TSchema>
   /** Request headers the handler reads itself (Last-Event-ID), for the document: by name as written, each optional. */

@@ -8,7 +8,7 @@ import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers,
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
-import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, replacedKeyValidUntil, rotationJson } from '../core/keys/types.ts'
+import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, rotationJson } from '../core/keys/types.ts'
 import { auditJson } from '../core/audit.ts'
 import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
@@ -409,7 +409,8 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         const { key, record, previous } = await ctx.ops.rotate(p.positionals[0] as string, p.values.force === true)
         // When the old key really stops: an expiry within the grace ends it first, and the new
         // key carries that expiry on (said here, as someone rotating for an expiry notice needs to know).
-        const until = replacedKeyValidUntil(previous)
+        // Never null for the key a rotation replaced (keyValidUntil).
+        const until = keyValidUntil(previous) as Date
         const cut = previous.status === 'rotating' && previous.graceUntil !== null && until < previous.graceUntil ? ' (its expiry, before its grace period ends)' : ''
         const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(until)}${cut}` : `${previous.id} no longer works`
         const expiry = record.expiresAt ? `, expiring ${date(record.expiresAt)} as the old one did` : ''

@@ -373,13 +373,15 @@ const PROBE_MS = 2000
 function storeAnswers(runtime: Runtime): () => Promise<boolean> {
   return () =>
     answersWithin(async () => {
-      const [mode] = await runtime.db.query<{ read_only: string }>(READ_ONLY_SQL)
-      if (mode?.read_only !== 'off') throw new Error('the store is read-only')
+      if (await storeReadOnly(runtime)) throw new Error('the store is read-only')
     }, PROBE_MS)
 }
 
-/** Whether this connection's transactions are read-only ('on') or not ('off'). */
-const READ_ONLY_SQL = `SELECT current_setting('transaction_read_only') AS read_only`
+/** Whether the store's transactions are read-only (a standby, default_transaction_read_only): for the health gauge and /readyz alike. */
+async function storeReadOnly(runtime: Runtime): Promise<boolean> {
+  const [mode] = await runtime.db.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
+  return mode?.read_only !== 'off'
+}
 
 /**
  * How long `/readyz` waits for the store, as the health gauges do (PROBE_MS). Before (found by a review), it
@@ -405,8 +407,7 @@ function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefi
     if (pending.length > 0) return `migrations not applied: ${pending.join(', ')}`
     // A store that takes no writes serves no admin change, usage count or lockout: not ready
     // (before, found by a failure review, ready while every write failed).
-    const [mode] = await runtime.db.query<{ read_only: string }>(READ_ONLY_SQL)
-    return mode?.read_only === 'on' ? 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary' : undefined
+    return (await storeReadOnly(runtime)) ? 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary' : undefined
   }
   const ask = () => {
     if (asking && performance.now() - asking.at < READY_STORE_WAIT_MS) return asking.answer

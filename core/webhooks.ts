@@ -32,7 +32,7 @@ import { KeygateError } from './errors.ts'
 import { refuseKeyIn } from './validate.ts'
 import type { EventBus, EventType, KeygateEvent } from './events.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
-import { keyJson, replacedKeyJson } from './keys/types.ts'
+import { keyJson } from './keys/types.ts'
 import type { Logger } from './log.ts'
 import { PRUNE_BATCH } from './scheduler.ts'
 import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, webhookNames, WebhookNames, type AllowList, type LookupFunction } from './ssrf.ts'
@@ -1087,6 +1087,6 @@ export function bindKeyEvents(keys: KeyService, events: EventBus): () => void {
 function keyEvent(change: KeyChange): { type: EventType; data: Record<string, unknown> } | undefined {
   if (change.action === 'created') return { type: 'key.created', data: { key: keyJson(change.key) } }
   if (change.action === 'revoked') return { type: 'key.revoked', data: { key: keyJson(change.key) } }
-  if (change.action === 'rotated') return { type: 'key.rotated', data: { key: keyJson(change.key), ...(change.previous ? { previous: replacedKeyJson(change.previous) } : {}) } }
+  if (change.action === 'rotated') return { type: 'key.rotated', data: { key: keyJson(change.key), ...(change.previous ? { previous: keyJson(change.previous) } : {}) } }
   return undefined
 }

@@ -139,6 +139,13 @@ function listed(value: string | string[] | undefined): string | undefined {
 /** A list with an empty member: blank, or a comma at either end or after another. */
 const EMPTY_MEMBER = /^\s*$|^\s*,|,\s*,|,\s*$/
 
+/** A response head written on a socket itself (an upgrade's answer): the status line and `fields`, a flat [name, value, ...] list. */
+function rawHead(statusCode: number, reason: string, fields: readonly string[]): string {
+  let head = `HTTP/1.1 ${statusCode} ${reason}\r\n`
+  for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
+  return `${head}\r\n`
+}
+
 /**
  * Adds an upstream's response headers (of its answer, a 1xx or a 101) to `out`, the flat [name,
  * value, ...] list Node's writeHead and writeInformation take (repeated values, such as
@@ -476,9 +483,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   }
 
   /** An upstream answer's header fields as the client gets them: filtered, completed (request id, rate limits), a redirect to the upstream's own address rewritten. */
-  const answerFields = (s: RequestState, route: CompiledRoute, statusCode: number, headers: IncomingHttpHeaders): string[] => {
+  const answerFields = (s: RequestState, route: CompiledRoute, statusCode: number, headers: IncomingHttpHeaders, keep?: ReadonlySet<string>): string[] => {
     const out: string[] = []
-    if (!passHeaders(headers, statusCode === 204 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out)) out.push('x-request-id', s.id)
+    if (!passHeaders(headers, statusCode === 204 || statusCode === 101 ? BODILESS_RESPONSE_DROP : RESPONSE_DROP, s.rlLimit >= 0, out, keep)) out.push('x-request-id', s.id)
     // Before (found by a review): an upstream's redirect to its own address reached the client,
     // which cannot reach it, and left the route's prefix out under strip_prefix.
     // Each line, where an upstream sent several; and only into a path that comes back to this
@@ -696,8 +703,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // 101 as "bad upgrade", and the upstream's refusal (a 401, 403 or 404 of its own, a
       // redirect) reached the client as 502 upstream_unavailable, uncounted by class (found by
       // reviews). Such an answer is passed on, as nginx does, and the connection closed after it.
-      let controller: Dispatcher.DispatchController | undefined
       let relaying = false
+      const failed = (err: Error) => {
+        if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
+        ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
+        if (client.destroyed) return recordClientClosed(ctx, s)
+        sendError(ctx, s, timeoutCode(err))
+      }
       ;(routePool[route.index] as Pool).dispatch(
         {
           path: targetFor(s, route),
@@ -709,7 +721,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         },
         {
           onRequestStart(c) {
-            controller = c
             if (client.destroyed) c.abort(CLIENT_GONE)
           },
           onResponseStart(c, statusCode, answer, statusMessage) {
@@ -722,11 +733,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
               c.abort(CLIENT_GONE)
               return
             }
-            const fields = answerFields(s, route, statusCode, answer)
-            let head = `HTTP/1.1 ${statusCode} ${reasonFor(statusCode, statusMessage) ?? STATUS_CODES[statusCode] ?? 'unknown'}\r\n`
-            for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
             // The socket was handed over for the upgrade: it serves no further request.
-            client.write(`${head}connection: close\r\n\r\n`, 'latin1')
+            const fields = [...answerFields(s, route, statusCode, answer), 'connection', 'close']
+            client.write(rawHead(statusCode, reasonFor(statusCode, statusMessage) ?? STATUS_CODES[statusCode] ?? 'unknown', fields), 'latin1')
             record(ctx, s, 'forwarded', statusCode)
             client.once('close', () => c.abort(CLIENT_GONE))
           },
@@ -741,24 +750,15 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             if (relaying) client.end()
           },
           onResponseError(_c, err) {
-            if (relaying) {
-              client.destroy()
-              return
-            }
-            if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
-            ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
-            if (client.destroyed) {
-              recordClientClosed(ctx, s)
-              return
-            }
-            sendError(ctx, s, timeoutCode(err))
+            if (relaying) client.destroy()
+            else failed(err)
           },
           onRequestUpgrade(_c, statusCode, answer, socket) {
             const upstream = socket as Duplex
             // A server's 101 only; a CONNECT is never sent.
             if (statusCode !== 101) {
               upstream.destroy()
-              return this.onResponseError?.(controller as Dispatcher.DispatchController, new errors.SocketError('bad upgrade'))
+              return failed(new errors.SocketError('bad upgrade'))
             }
             openTunnel(answer, upstream)
           },
@@ -772,16 +772,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           recordClientClosed(ctx, s)
           return
         }
-        // Filtered as every other answer's head, its own Connection and Upgrade kept.
-        const fields: string[] = []
-        const hasRequestId = passHeaders(answer, BODILESS_RESPONSE_DROP, s.rlLimit >= 0, fields, KEEP_ON_UPGRADE)
-        let head = 'HTTP/1.1 101 Switching Protocols\r\n'
-        for (let i = 0; i < fields.length; i += 2) head += `${fields[i]}: ${fields[i + 1]}\r\n`
-        if (!hasRequestId) head += `x-request-id: ${s.id}\r\n`
-        if (s.rlLimit >= 0) head += `ratelimit-limit: ${s.rlLimit}\r\nratelimit-remaining: ${s.rlRemaining}\r\nratelimit-reset: ${s.rlResetS}\r\n`
+        // Filtered and completed as every other answer's head, its own Connection and Upgrade kept.
         // latin1, as undici read the upstream's bytes and as Node writes every other head (before,
         // found by a review: UTF-8, so a header byte 0xE9 reached the client as C3 A9).
-        client.write(head + '\r\n', 'latin1')
+        client.write(rawHead(101, 'Switching Protocols', answerFields(s, route, 101, answer, KEEP_ON_UPGRADE)), 'latin1')
         record(ctx, s, 'forwarded', 101)
         if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
         tunnels.add(client)

@@ -273,17 +273,14 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // pipelined behind it was lost, or the later bytes of one (its body) read as a request of their
     // own (found by a review). The answer closes the connection, and any request the parser still
     // finds on it after the offer ends it at once, unanswered and unforwarded.
+    const socket = req.socket as Socket & { [DECLINED_UPGRADE]?: true }
+    if (socket[DECLINED_UPGRADE]) {
+      socket.destroy()
+      return
+    }
     if (req.headers.upgrade !== undefined) {
-      const socket = req.socket as Socket & { [DECLINED_UPGRADE]?: true }
-      if (socket[DECLINED_UPGRADE]) {
-        socket.destroy()
-        return
-      }
       socket[DECLINED_UPGRADE] = true
       res.shouldKeepAlive = false
-    } else if ((req.socket as { [DECLINED_UPGRADE]?: true })[DECLINED_UPGRADE]) {
-      req.socket.destroy()
-      return
     }
     // Only a probe's GET (or HEAD) is the gateway's own: any other method on /healthz is an
     // application's request, checked and forwarded (before, a POST or DELETE was answered 200 here).

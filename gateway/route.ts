@@ -166,7 +166,7 @@ export function publicLocation(r: CompiledRoute, given: string, outerPrefix = ''
   if (r.basePath !== '' && !under(path, r.basePath)) return undefined
   let rest = path.slice(r.basePath.length)
   if (!rest.startsWith('/')) rest = '/' + rest
-  const publicPath = outerPrefix + (r.forwardedPrefix !== undefined ? (rest === '/' ? `${r.forwardedPrefix}/` : r.forwardedPrefix + rest) : rest)
+  const publicPath = outerPrefix + (r.forwardedPrefix ?? '') + rest
   if (publicPath.startsWith('//')) return undefined
   return publicPath + url.search + url.hash
 }

@@ -67,20 +67,13 @@ export function keyJson(k: KeyRecord) {
 export type KeyJson = ReturnType<typeof keyJson>
 
 /**
- * When the key a rotation replaced stops being accepted: at once when the rotation revoked it
- * (forced, or a grace period of 0; its revoked_at is the rotation's time), else the earlier of its
- * expiry and the end of its grace, by the gateway's own rule. `grace_until` alone overstated it
- * for a key expiring within its grace (found by a review).
- */
-export function replacedKeyValidUntil(previous: KeyRecord): Date {
-  return keyValidUntil(previous) as Date
-}
-
-/**
  * When a key stops being accepted, by the gateway's rule: a revoked key when it was revoked, any
  * other at the earlier of its expiry and (rotating) the end of its grace; null for never. In every
  * key's JSON as `valid_until` (before, found by a review, only in a rotation's `previous`: a script
- * worked out min(expires_at, grace_until) itself).
+ * worked out min(expires_at, grace_until) itself). For the key a rotation replaced (its answer's
+ * and its `key.rotated` event's `previous`) it is never null: the earlier of its expiry and the end
+ * of its grace, or the rotation's time when the rotation revoked it (forced, or a grace period of
+ * 0); `grace_until` alone overstated it for a key expiring within its grace (found by a review).
  */
 export function keyValidUntil(k: KeyRecord): Date | null {
   if (k.status === 'revoked') return k.revokedAt ?? k.updatedAt
@@ -88,12 +81,7 @@ export function keyValidUntil(k: KeyRecord): Date | null {
   return until === Infinity ? null : new Date(until)
 }
 
-/** The key a rotation replaced: in the rotation's answer and its `key.rotated` event alike (its `valid_until` is never null). */
-export function replacedKeyJson(previous: KeyRecord) {
-  return keyJson(previous)
-}
-
 /** The answer to a rotation, from the admin API and `api-key rotate --json` alike. */
 export function rotationJson(key: string, record: KeyRecord, previous: KeyRecord) {
-  return { ...keyJson(record), key, previous: replacedKeyJson(previous) }
+  return { ...keyJson(record), key, previous: keyJson(previous) }
 }
