@@ -9,7 +9,7 @@ import { sqlState, UNDEFINED_TABLE, UNIQUE_VIOLATION } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import './formats.ts'
-import { PRINTABLE, refuseKeyIn } from './validate.ts'
+import { characterCount, PRINTABLE, refuseKeyIn } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange } from './keys/evaluate.ts'
 
@@ -121,7 +121,7 @@ export class DenyListService {
     const audit = this.#requireAudit()
     const cidr = typeof input.cidr === 'string' ? normaliseCidr(input.cidr) : undefined
     if (!cidr) throw fieldInvalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
-    if (input.reason != null && (typeof input.reason !== 'string' || input.reason.length > 500)) throw fieldInvalid('reason', 'expected a string of at most 500 characters')
+    if (input.reason != null && (typeof input.reason !== 'string' || characterCount(input.reason) > 500)) throw fieldInvalid('reason', 'expected a string of at most 500 characters')
     refuseKeyIn({ reason: input.reason })
     const now = this.#now()
     let expiresAt: Date | null = null

@@ -1,7 +1,7 @@
 // Turns TypeBox validation into keygate's messages: each problem with its path, the value and
 // what is allowed. Used for the config file, API bodies and CLI input alike.
 import { Kind, type TSchema } from '@sinclair/typebox'
-import { Value } from '@sinclair/typebox/value'
+import { Value, ValueErrorType } from '@sinclair/typebox/value'
 import { FORMAT_WHY, FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { decodeEscapes } from './http.ts'
@@ -268,6 +268,31 @@ function cutToBound(schema: TSchema, value: unknown, originals: Map<unknown, unk
   return out
 }
 
+/**
+ * Whether `schema` takes the string `value` when a string's length is counted in characters (code
+ * points), as JSON Schema counts it and PostgreSQL's `length()` checks the stored columns: TypeBox
+ * counts UTF-16 units, and refused a name of 101 to 200 emoji that the store and the document
+ * allow (found by a review). A string is at most as many characters as units, so only a maxLength
+ * refusal, alone or inside a union (an owner: a string or null), is read again. (A minLength above
+ * 1, only the n8n login email's 3, could pass a shorter string of astral characters; n8n refuses
+ * that login.)
+ */
+/** How many characters (code points) `text` holds: the length JSON Schema and PostgreSQL count, where a JavaScript string's is in UTF-16 units. */
+export function characterCount(text: string): number {
+  let characters = 0
+  for (const _ of text) characters++
+  return characters
+}
+
+function takesCountingCharacters(schema: TSchema, value: string): boolean {
+  if (schema[Kind] === 'Union') return (schema.anyOf as TSchema[]).some((s) => (s[Kind] === 'String' ? takesCountingCharacters(s, value) : Value.Check(s, value)))
+  if (schema[Kind] !== 'String') return false
+  for (const e of Value.Errors(schema, value)) {
+    if (e.type !== ValueErrorType.StringMaxLength || characterCount(value) > (schema.maxLength as number)) return false
+  }
+  return true
+}
+
 /** The one member of `union` that takes a value of `value`'s shape (an object, or a list), if one alone does. */
 function memberOfShape(union: TSchema, value: object): TSchema | undefined {
   const kind = Array.isArray(value) ? 'Array' : 'Object'
@@ -286,6 +311,7 @@ export function problems(schema: TSchema, value: unknown, limit = Number.POSITIV
   const originals = new Map<unknown, unknown>()
   for (const e of Value.Errors(schema, cutToBound(schema, value, originals))) {
     if (out.length >= limit) break
+    if ((e.type === ValueErrorType.StringMaxLength || e.type === ValueErrorType.Union) && typeof e.value === 'string' && takesCountingCharacters(e.schema, e.value)) continue
     const path = e.path.split('/').slice(1).map((p) => p.replace(/~1/g, '/').replace(/~0/g, '~'))
     const found = originals.size > 0 && originals.has(e.value) ? originals.get(e.value) : e.value
     const key = path.join('/')

@@ -345,6 +345,23 @@ await forEachStore(t, async (t, store) => {
 
   t.equal(await h.auditRows(), before + 9, 'no refusal wrote an audit row (eight keys and a deny entry were created)')
 
+  // Lengths are characters, as the document's maxLength and the store's length() count them (before,
+  // found by a review: TypeBox counted UTF-16 units, and 101 to 200 emoji were refused as a name).
+  const emoji = (n: number) => '\u{1f511}'.repeat(n)
+  const emojiKey = await h.call('POST', '/v1/keys', { body: { name: emoji(200), owner: emoji(200), type: 'user' } })
+  t.equal(emojiKey.status, 201, 'a name and an owner (a string or null) of 200 emoji are taken')
+  t.equal((await h.call('GET', `/v1/keys/${emojiKey.json.id}`)).json?.name, emoji(200), 'and stored whole')
+  t.equal((await h.call('PATCH', `/v1/keys/${emojiKey.json.id}`, { body: { owner: emoji(199) + 'b' } })).status, 200, 'a patch of 200 characters')
+  const over = await h.call('POST', '/v1/keys', { body: { name: emoji(201), type: 'user' } })
+  refused(over, 400, 'validation_failed', '201 emoji as a name')
+  t.match(over.json?.error?.details?.fields, [{ field: 'name', message: /expected a non-empty string of at most 200 characters/ }])
+  const overOwner = await h.call('POST', '/v1/keys', { body: { name: 'x', owner: emoji(201), type: 'user' } })
+  t.match(overOwner.json?.error?.details?.fields, [{ field: 'owner' }], '201 emoji as an owner (in a union) is still refused')
+  const bad = await h.call('POST', '/v1/keys', { body: { name: emoji(150) + '\u202e', type: 'user' } })
+  t.match(bad.json?.error?.details?.fields, [{ field: 'name', message: /without control characters/ }], 'a long name with a bidi override is refused for it')
+  t.equal((await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.77', reason: emoji(500) } })).status, 201, 'a deny reason of 500 emoji')
+  refused(await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.78', reason: emoji(501) } }), 400, 'validation_failed', 'a deny reason of 501 emoji')
+
   // A request without a credential and with a large body: answered at once, the connection closed, the body not read.
   const port = Number(new URL(h.url).port)
   const closed = await exchange(port, `POST /v1/keys HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{"name":`)

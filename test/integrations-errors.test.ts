@@ -224,6 +224,11 @@ t.test('n8n: a create a gateway answers 502/504, or answered 200 with a body tha
   }
   n8n.afterCreate = (res) => json(res, 400, { message: 'invalid scope' })
   t.match(await rejection(keys.create({ label: 'refused', scopes: ['workflow:list'] }, { actor: 'cli:tester' })), { code: 'n8n_scope_unknown' }, "n8n's own refusal is passed on as it is")
+  // n8n bounds a label in UTF-16 units (zod's max(50)), where keygate's schemas count characters.
+  const asked = n8n.keys.length
+  const emoji = await rejection(keys.create({ label: '\u{1f511}'.repeat(26), scopes: ['workflow:list'] }, { actor: 'cli:tester' }))
+  t.match(emoji, { code: 'validation_failed', message: /label: is 52 UTF-16 units long; n8n takes at most 50 \(a character outside the Basic Multilingual Plane, such as an emoji, counts as two\)/ }, '26 emoji: refused as n8n would')
+  t.equal(n8n.keys.length, asked, 'n8n was not asked')
 })
 
 t.test('n8n: two deletes of one key at once: one closes the record and writes the audit row, the other is not found', async (t) => {

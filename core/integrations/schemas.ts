@@ -56,7 +56,7 @@ export type DeleteGiteaTokenInput = Static<typeof DeleteGiteaTokenQuery>
 
 export const CreateN8nKeyBody = Type.Object(
   {
-    label: Type.String({ minLength: 1, maxLength: 50, pattern: `^[^<>&"${UNPRINTABLE_CHARS}]+$`, description: "Label of the key (n8n allows 50 characters; no control or invisible format characters), unique among the instance's keys." }),
+    label: Type.String({ minLength: 1, maxLength: 50, pattern: `^[^<>&"${UNPRINTABLE_CHARS}]+$`, description: "Label of the key (n8n allows 50 UTF-16 units: an emoji counts as two; no control or invisible format characters), unique among the instance's keys." }),
     scopes: Type.Array(ScopeName, { minItems: 1, maxItems: 100, uniqueItems: true, description: "Scopes from the instance's allowed list, such as `workflow:list`." }),
     expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'When the key stops working (RFC 3339); null or absent for never.' })),
   },
