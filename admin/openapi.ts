@@ -6,15 +6,60 @@
 import type { TSchema } from '@sinclair/typebox'
 import { ERRORS, type ErrorCode } from '../core/errors.ts'
 import { formatDescription } from '../core/formats.ts'
+import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
+import { GiteaTokenSchema, N8nKeySchema } from '../core/integrations/schemas.ts'
 import { COMMON_ERRORS, type Operation } from './operation.ts'
+import { AnomalySchema, AuditPageSchema, AuditSchema, DeliverySchema, DenyEntrySchema, KeySchema, KeyWithSecret, LockoutSchema, ReplacedKeySchema, WebhookSchema, WebhookWithSecret } from './schemas.ts'
+
+/**
+ * The schemas the document names under `components.schemas` and refers to (`$ref`) wherever an
+ * operation uses them: the things a client holds (a key, a webhook, a delivery), and the key's
+ * type and status, which code generators then make one named type each, not an anonymous one
+ * per use (found by a review; the document was 0.9 MB of schemas written out again and again).
+ * Found by the very schema object the operations use, so a look-alike is never taken for one.
+ */
+const NAMED: ReadonlyMap<object, string> = new Map<TSchema, string>([
+  [KeySchema, 'Key'],
+  [KeyWithSecret, 'KeyWithSecret'],
+  [ReplacedKeySchema, 'ReplacedKey'],
+  [KeyTypeSchema, 'KeyType'],
+  [KeyStatusSchema, 'KeyStatus'],
+  [AuditSchema, 'AuditRecord'],
+  [AuditPageSchema, 'AuditPage'],
+  [DenyEntrySchema, 'DenyEntry'],
+  [LockoutSchema, 'Lockout'],
+  [AnomalySchema, 'Anomaly'],
+  [WebhookSchema, 'Webhook'],
+  [WebhookWithSecret, 'WebhookWithSecret'],
+  [DeliverySchema, 'Delivery'],
+  [GiteaTokenSchema, 'GiteaToken'],
+  [N8nKeySchema, 'N8nKey'],
+])
+
+const schemaRef = (name: string) => ({ $ref: `#/components/schemas/${name}` })
 
 /**
  * A plain JSON Schema: TypeBox's symbol-keyed bookkeeping dropped, and each string of a keygate
  * format (`cidr`, `ip`, ...; `date-time` for its range) told what it allows, which a client
- * reading only the format's name could not know.
+ * reading only the format's name could not know. Written out whole (what `documented` gives
+ * once its references are followed).
  */
 export function plain(schema: TSchema): Record<string, unknown> {
-  return JSON.parse(JSON.stringify(schema), (_key, value: unknown) => {
+  return reshaped(JSON.stringify(schema))
+}
+
+/** `schema` as the document holds it: as `plain`, with every NAMED schema in it but `self` a reference to its component. */
+function documented(schema: TSchema, self?: TSchema): Record<string, unknown> {
+  return reshaped(
+    JSON.stringify(schema, (_key, value: unknown) => {
+      const name = value !== self && typeof value === 'object' && value !== null ? NAMED.get(value) : undefined
+      return name === undefined ? value : schemaRef(name)
+    }),
+  )
+}
+
+function reshaped(json: string): Record<string, unknown> {
+  return JSON.parse(json, (_key, value: unknown) => {
     if (typeof value !== 'object' || value === null || Array.isArray(value)) return value
     const node = asEnum(value as Record<string, unknown>)
     const words = typeof node.format === 'string' ? formatDescription(node.format) : undefined
@@ -87,11 +132,7 @@ function errorResponse(codes: ErrorCode[]) {
                 code: { type: 'string', enum: codes },
                 message: { type: 'string' },
                 request_id: { type: 'string' },
-                details: {
-                  type: 'object',
-                  description:
-                    'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable of a lockout lift Redis did not confirm, `unconfirmed`; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
-                },
+                details: schemaRef('ErrorDetails'),
               },
             },
           },
@@ -105,40 +146,62 @@ function parameters(op: Operation) {
   const out: Array<Record<string, unknown>> = []
   for (const m of op.path.matchAll(/\{(\w+)\}/g)) {
     const own = op.params?.[m[1] as string]
-    out.push({ name: m[1], in: 'path', required: true, schema: own ? plain(own) : { type: 'string', minLength: 1 } })
+    out.push({ name: m[1], in: 'path', required: true, schema: own ? documented(own) : { type: 'string', minLength: 1 } })
   }
   if (op.query) {
     const required = new Set((op.query.required as string[] | undefined) ?? [])
     for (const [name, schema] of Object.entries(op.query.properties as Record<string, TSchema>)) {
-      const s = plain(schema)
+      const s = documented(schema)
       out.push({ name, in: 'query', required: required.has(name), ...(s.description ? { description: s.description } : {}), schema: s })
     }
   }
   for (const [name, schema] of Object.entries((op.headers?.properties ?? {}) as Record<string, TSchema>)) {
-    const s = plain(schema)
+    const s = documented(schema)
     out.push({ name, in: 'header', required: false, ...(s.description ? { description: s.description } : {}), schema: s })
   }
   return out
 }
 
+/** An error's `details`, one component: its words were written out in every error answer of every operation (two thirds of the document). */
+const ERROR_DETAILS = {
+  type: 'object',
+  description:
+    'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable of a lockout lift Redis did not confirm, `unconfirmed`; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
+}
+
 /** What every request body must be, or be refused 415 unsupported_media_type (admin/api.ts). */
 const REQUEST_BODY = 'JSON in UTF-8 (a `charset` other than UTF-8 is refused; so are the patch documents `application/merge-patch+json` and `application/json-patch+json`: a PATCH body names the fields to set, each replaced whole), sent as is: a `Content-Encoding` other than `identity` is refused `415 unsupported_media_type`, with `Accept-Encoding: identity`.'
 
+/**
+ * The name of the error answer carrying `codes` under components.responses: the codes in
+ * PascalCase, joined by `Or` (`BadRequestOrValidationFailed`). Each operation's error answer for a
+ * status refers to the one for its codes: written out in every operation, they were most of the
+ * document, the same nine answers 41 times over.
+ */
+function errorResponseName(codes: readonly ErrorCode[]): string {
+  return codes.map((c) => c.replace(/(?:^|_)([a-z0-9])/g, (_m, l: string) => l.toUpperCase())).join('Or')
+}
+
 export function openApiDocument(operations: readonly Operation[], info: { version: string }) {
   const paths: Record<string, Record<string, unknown>> = {}
+  const errorResponses: Record<string, unknown> = {}
   for (const op of operations) {
     const responses: Record<string, unknown> = {
       [op.response.status]: {
         description: op.response.description,
         headers: headerRefs(op.stream ? [...EVERY_ANSWER, 'X-Accel-Buffering'] : EVERY_ANSWER),
         content: op.stream
-          ? { 'text/event-stream': { schema: { type: 'string', description: 'Server-Sent Events; the data of each event is JSON described by x-event-data.' }, 'x-event-data': plain(op.response.schema) } }
-          : { 'application/json': { schema: plain(op.response.schema) } },
+          ? { 'text/event-stream': { schema: { type: 'string', description: 'Server-Sent Events; the data of each event is JSON described by x-event-data.' }, 'x-event-data': documented(op.response.schema) } }
+          : { 'application/json': { schema: documented(op.response.schema) } },
       },
     }
     const byStatus = new Map<number, ErrorCode[]>()
     for (const code of operationErrors(op)) byStatus.set(ERRORS[code].status, [...(byStatus.get(ERRORS[code].status) ?? []), code])
-    for (const [status, codes] of [...byStatus].sort((a, b) => a[0] - b[0])) responses[status] = errorResponse(codes)
+    for (const [status, codes] of [...byStatus].sort((a, b) => a[0] - b[0])) {
+      const name = errorResponseName(codes)
+      errorResponses[name] ??= errorResponse(codes)
+      responses[status] = { $ref: `#/components/responses/${name}` }
+    }
     const params = parameters(op)
     ;(paths[op.path] ??= {})[op.method.toLowerCase()] = {
       operationId: op.id,
@@ -146,7 +209,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       summary: op.summary,
       ...(op.description ? { description: op.description } : {}),
       ...(params.length > 0 ? { parameters: params } : {}),
-      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: plain(op.documentedBody ?? op.body) } } } } : {}),
+      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: documented(op.documentedBody ?? op.body) } } } } : {}),
       responses,
     }
   }
@@ -164,6 +227,8 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
     components: {
       securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'An admin key (scope `admin`) or the bootstrap token.' } },
       headers: HEADERS,
+      responses: Object.fromEntries(Object.entries(errorResponses).sort(([a], [b]) => a.localeCompare(b))),
+      schemas: { ...Object.fromEntries([...NAMED].map(([schema, name]) => [name, documented(schema as TSchema, schema as TSchema)])), ErrorDetails: ERROR_DETAILS },
     },
     tags: [
       { name: 'keys', description: 'Key lifecycle.' },

@@ -393,9 +393,9 @@ export class AuditLog {
 
   /** One page of the log at a cursor (the `next_cursor` of the page before), newest first: the admin API's pages and `keygate api-key audit`'s. */
   async pageAt(db: Db, filter: Omit<AuditFilter, 'before'>, query: { limit?: number | undefined; cursor?: string | undefined }): Promise<Page<AuditRecord>> {
-    const page = await this.page(db, { ...filter, before: query.cursor ? decodeCursor(query.cursor) : undefined }, query.limit ?? 100)
+    const page = await this.page(db, { ...filter, before: query.cursor ? decodeCursor('audit', query.cursor) : undefined }, query.limit ?? 100)
     const last = page.items.at(-1)
-    return { items: page.items, nextCursor: page.more && last ? encodeCursor(last.createdAt, last.id) : null }
+    return { items: page.items, nextCursor: page.more && last ? encodeCursor('audit', last.createdAt, last.id) : null }
   }
 
   /** One page of `limit` rows, and whether more follow (the row after the page is counted, not opened). */

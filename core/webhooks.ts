@@ -610,7 +610,7 @@ export class WebhookService {
       where.push(`status = $${params.length}`)
     }
     if (options.cursor !== undefined) {
-      const { at, id: after } = decodeCursor(options.cursor)
+      const { at, id: after } = decodeCursor('deliveries', options.cursor)
       params.push(at, after)
       where.push(`(${CREATED_MS}, id) < (${createdMs(params.length - 1)}, $${params.length})`)
     }
@@ -618,7 +618,7 @@ export class WebhookService {
       `SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE ${where.join(' AND ')} ORDER BY ${CREATED_MS} DESC, id DESC LIMIT $2`,
       params,
     )
-    return pageOf(rows.map(toDelivery), options.limit, (d) => ({ at: d.createdAt, id: d.id }))
+    return pageOf('deliveries', rows.map(toDelivery), options.limit, (d) => ({ at: d.createdAt, id: d.id }))
   }
 
   /**

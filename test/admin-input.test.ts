@@ -132,6 +132,19 @@ await forEachStore(t, async (t, store) => {
   t.notOk(bare.text.includes(hash), 'the key_hash is not shown')
   t.notOk(bare.text.includes(hash.slice(0, 40)), 'nor a part of it')
   t.match(bare.json?.error?.message, /\[redacted\]/, 'it reads [redacted]')
+  // A cursor continues only the list that returned it (before, found by a review: the key list's,
+  // given to the audit log, was read as a position there, and listed the rows older than that key).
+  const keysCursor = (await h.call('GET', '/v1/keys?limit=1')).json?.next_cursor as string
+  t.type(keysCursor, 'string', 'the key list has a next page')
+  t.equal((await h.call('GET', `/v1/keys?limit=1&cursor=${keysCursor}`)).status, 200, 'its cursor continues it')
+  const crossed = await h.call('GET', `/v1/audit?limit=1&cursor=${keysCursor}`)
+  refused(crossed, 400, 'validation_failed', "the key list's cursor given to the audit log")
+  t.match(crossed.json?.error?.details?.fields, [{ field: 'cursor', message: /^is a cursor of the key list, not of an audit log: a cursor continues the list that returned it$/ }])
+  const auditCursor = (await h.call('GET', '/v1/audit?limit=1')).json?.next_cursor as string
+  refused(await h.call('GET', `/v1/reports/expiring?cursor=${auditCursor}`), 400, 'validation_failed', "an audit log's cursor given to the expiring report")
+  // A cursor written before cursors named their list (during a rolling upgrade) is read as before.
+  const unnamed = Buffer.from(JSON.stringify(JSON.parse(Buffer.from(keysCursor, 'base64url').toString()).slice(0, 2))).toString('base64url')
+  t.equal((await h.call('GET', `/v1/keys?limit=1&cursor=${unnamed}`)).json?.items?.[0]?.id, (await h.call('GET', `/v1/keys?limit=1&cursor=${keysCursor}`)).json?.items?.[0]?.id, "an older version's cursor continues the list alike")
   // Every action the audit log writes is a filter (before, found by a review: n8n's were refused, the pattern had no digits).
   for (const action of AUDIT_ACTIONS.split(', ')) t.equal((await h.call('GET', `/v1/audit?action=${action}&limit=1`)).status, 200, `audit filter ${action}`)
   for (const limit of ['1e2', '2.9', '0x10', ' 5']) refused(await h.call('GET', `/v1/keys?limit=${encodeURIComponent(limit)}`), 400, 'validation_failed', `limit=${limit}`)
@@ -258,6 +271,7 @@ await forEachStore(t, async (t, store) => {
     // Before, these reached PostgreSQL, which cannot hold such text: 500 and an error log line.
     ['a NUL in the id', cursor(['2026-01-01T00:00:00Z', 'a\u0000b'])],
     ['a lone surrogate in the id', cursor(['2026-01-01T00:00:00Z', 'a\ud800'])],
+    ['a list keygate has not', cursor(['2026-01-01T00:00:00Z', 'x', 'nope'])],
   ] as const) {
     refused(await h.call('GET', `/v1/keys/${pair.json?.id}/audit?cursor=${c}`), 400, 'validation_failed', `an audit cursor with ${what}`)
     refused(await h.call('GET', `/v1/keys?cursor=${c}`), 400, 'validation_failed', `a list cursor with ${what}`)

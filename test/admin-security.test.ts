@@ -9,12 +9,12 @@ import { openApiDocument, operationErrors } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
-import { BOOTSTRAP_TOKEN, headerProblems, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
+import { BOOTSTRAP_TOKEN, followRefs, headerProblems, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { converse, uploadWhileAnswered, type Answer } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 
-const DOC = openApiDocument(OPERATIONS, { version: 'test' })
+const DOC = followRefs(openApiDocument(OPERATIONS, { version: 'test' }))
 
 function documented(t: Test, op: (typeof OPERATIONS)[number], a: Answer, what: string): void {
   const code = a.json?.error?.code as keyof typeof ERRORS

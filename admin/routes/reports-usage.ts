@@ -39,7 +39,7 @@ export default defineOperation({
   async handle({ query, services }) {
     // The cursor holds the end of the range and the last key id: a walk without `to` reads one
     // range, not one that moves on with every page (a key used only at its start dropped out).
-    const after = query.cursor !== undefined ? decodeCursor(query.cursor) : undefined
+    const after = query.cursor !== undefined ? decodeCursor('usage', query.cursor) : undefined
     const range = resolveRange(query, after?.at ?? services.now())
     if (after !== undefined && range.to.getTime() !== after.at.getTime()) throw fieldInvalid('cursor', `walks the range ending at ${after.at.toISOString()}; give that \`to\`, or none`)
     await services.flushUsage()
@@ -50,7 +50,7 @@ export default defineOperation({
       ...(query.key_id ? { keyId: query.key_id } : {}),
       ...(after !== undefined ? { after: after.id } : {}),
     })
-    const page = pageOf(rows, limit, (r) => ({ at: range.to, id: r.keyId }))
+    const page = pageOf('usage', rows, limit, (r) => ({ at: range.to, id: r.keyId }))
     const items = []
     for (const r of page.items) {
       const item = { key_id: r.keyId, name: r.name, type: r.type, requests: r.requests, rejected: r.rejected }

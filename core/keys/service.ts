@@ -427,7 +427,7 @@ export class KeyService {
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
     if (q.legacy !== undefined) add('legacy = $1', q.legacy)
     if (q.cursor) {
-      const { at, id } = decodeCursor(q.cursor)
+      const { at, id } = decodeCursor('keys', q.cursor)
       add('(created_at, id) < ($1, $2)', at, id)
     }
     const limit = q.limit ?? 50
@@ -436,7 +436,7 @@ export class KeyService {
       `SELECT ${COLUMNS} FROM api_keys ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
       params,
     )
-    return pageOf(rows.map((r) => this.#asOf(toRecord(r), now)), limit, (k) => ({ at: k.createdAt, id: k.id }))
+    return pageOf('keys', rows.map((r) => this.#asOf(toRecord(r), now)), limit, (k) => ({ at: k.createdAt, id: k.id }))
   }
 
   /**
@@ -793,7 +793,7 @@ export class KeyService {
     const params: unknown[] = [now, until, limit + 1]
     let after = ''
     if (options.cursor !== undefined) {
-      const { at, id } = decodeCursor(options.cursor)
+      const { at, id } = decodeCursor('expiring', options.cursor)
       params.push(at, id)
       after = 'AND (e.ends_at, k.id) > ($4, $5)'
     }
@@ -804,7 +804,7 @@ export class KeyService {
       params,
     )
     const items = rows.map((r) => ({ key: toRecord(r), endsAt: new Date(r.ends_at), reason: r.reason }))
-    return pageOf(items, limit, (e) => ({ at: e.endsAt, id: e.key.id }))
+    return pageOf('expiring', items, limit, (e) => ({ at: e.endsAt, id: e.key.id }))
   }
 
   /** Counts of keys by type and by the status each has now (see #asOf). */

@@ -39,6 +39,28 @@ const FRAMING = new Set(['content-type', 'content-length', 'date', 'connection',
  * sent that the response does not list, and each it lists as required that was not sent (before,
  * found by a review: no response listed any, not Retry-After, X-Request-Id nor Accept-Encoding).
  */
+/**
+ * The OpenAPI document `doc` with every reference into components.schemas and
+ * components.responses replaced by what it names (header references are left as they are:
+ * headerProblems reads them); a reference to nothing throws.
+ */
+export function followRefs<T>(doc: T): T {
+  const root = doc as { components: Record<string, Record<string, unknown>> }
+  const follow = (node: unknown): unknown => {
+    if (Array.isArray(node)) return node.map(follow)
+    if (typeof node !== 'object' || node === null) return node
+    const ref = (node as { $ref?: unknown }).$ref
+    const at = typeof ref === 'string' ? /^#\/components\/(schemas|responses)\/([\w.-]+)$/.exec(ref) : null
+    if (at !== null) {
+      const target = root.components[at[1] as string]?.[at[2] as string]
+      if (target === undefined) throw new Error(`${ref as string} names nothing in the document`)
+      return follow(target)
+    }
+    return Object.fromEntries(Object.entries(node).map(([k, v]) => [k, follow(v)]))
+  }
+  return follow(doc) as T
+}
+
 export function headerProblems(response: { headers?: Record<string, { $ref: string }> } | undefined, sent: Record<string, unknown>, components: Record<string, { required?: boolean; schema?: unknown }>): string[] {
   const documented = new Map(Object.entries(response?.headers ?? {}).map(([name, ref]) => [name.toLowerCase(), components[ref.$ref.replace('#/components/headers/', '')]]))
   const extra = Object.keys(sent).filter((h) => !FRAMING.has(h.toLowerCase()) && !documented.has(h.toLowerCase())).map((h) => `${h}: sent, not documented`)
