@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { accessSync, chmodSync, existsSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { accessSync, chmodSync, existsSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, readlinkSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -518,10 +518,108 @@ function keygateCommandOf(pid: number): string | undefined {
   return !SINGLE_COMMANDS.has(first) && second !== undefined && /^[a-z][a-z0-9-]{0,20}$/.test(second) ? `${first} ${second}` : first
 }
 
+/** The kernel's boot id (Linux), or undefined. */
+function bootId(): string | undefined {
+  try {
+    const id = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()
+    return /^[0-9a-f-]{1,64}$/.test(id) ? id : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** This process's pid namespace (`pid:[4026531836]`), or undefined. */
+function pidNamespace(): string | undefined {
+  try {
+    const ns = readlinkSync('/proc/self/ns/pid')
+    return /^pid:\[\d+\]$/.test(ns) ? ns : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** When process `pid` started, in clock ticks since the boot (field 22 of /proc/PID/stat; no wall clock), or undefined. */
+function startTicks(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // The command name, in parentheses, may hold spaces and parentheses itself: the fields are counted after the last `)`.
+    const start = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
+    return start !== undefined && /^\d+$/.test(start) ? start : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/** When this boot began, in ms since the epoch, on the wall clock as it reads now (/proc/stat's btime), or undefined. */
+function bootTimeMs(): number | undefined {
+  try {
+    const btime = /^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))?.[1]
+    return btime === undefined ? undefined : Number(btime) * 1000
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * What the lock's owner writes beside the lock (`keygate.lock.owner`), where Linux shows it: its
+ * pid, the kernel's boot id, its pid namespace and its start in clock ticks since the boot.
+ * Undefined where any of them cannot be read (another system, /proc hidden).
+ */
+export function processIdentity(pid: number): string | undefined {
+  const boot = bootId()
+  const ns = pidNamespace()
+  const start = startTicks(pid)
+  return boot === undefined || ns === undefined || start === undefined ? undefined : `${pid} ${boot} ${ns} ${start}`
+}
+
+/**
+ * Whether the lock `lockFile`, holding pid `held`, is known to be left by a process that is gone,
+ * though a process of that pid runs. After an unclean stop (a power loss, a kernel panic,
+ * SIGKILL) the lock stays, and its pid is soon another process's: after a reboot, services start
+ * in the same order and take the same pids, and every start was refused as `store_locked` until
+ * someone removed the lock. The owner file beside it (processIdentity) tells, where it names
+ * `held`:
+ * - written in another boot, by a lock older than this boot: gone. (Another boot id alone does
+ *   not tell: a process under another kernel sharing the folder, a virtual machine's, writes
+ *   another; its lock is younger than this boot.)
+ * - in this boot and this pid namespace, by a process that started at another tick: gone, its
+ *   pid taken since.
+ * Anything else stands while its pid runs, as without an owner file (a lock of a version before
+ * it, or one whose owner could not write it): a process in another pid namespace (a container
+ * sharing the data folder) has pids that mean other processes here, and its start cannot be
+ * read from here.
+ */
+function leftByGoneProcess(lockFile: string, ownerFile: string, held: number): boolean {
+  let recorded: string[]
+  try {
+    recorded = readFileSync(ownerFile, 'utf8').trim().split(' ')
+  } catch {
+    return false
+  }
+  const [pid, boot, ns, start] = recorded
+  if (recorded.length !== 4 || pid !== String(held)) return false
+  const thisBoot = bootId()
+  if (thisBoot === undefined) return false
+  if (boot !== thisBoot) {
+    const booted = bootTimeMs()
+    try {
+      return booted !== undefined && statSync(lockFile).mtimeMs < booted - 1000
+    } catch {
+      return false
+    }
+  }
+  if (ns !== pidNamespace()) return false
+  const now = startTicks(held)
+  return now !== undefined && now !== start
+}
+
 /**
  * The embedded store is one process's: a lock file holding the owner's pid keeps a second
  * process (a CLI beside a running server) from opening and corrupting it. A lock left by a
- * process that no longer runs is taken over.
+ * process that no longer runs is taken over, and so is one whose pid another process has
+ * since taken (leftByGoneProcess): the owner's identity is written beside the lock, in
+ * `keygate.lock.owner`, once the lock is held. The lock itself holds the pid alone, as before,
+ * so a keygate of an earlier version still reads it.
  *
  * The lock appears with the pid already in it (written to a file of this process's own, then
  * hard-linked into place; a link fails if the lock exists), so no process ever reads an empty
@@ -536,7 +634,13 @@ function lockDataDir(dir: string, hint: string): () => void {
   // Outside the try below, which removes it: a write that fails removes it itself (before, found
   // by a review, one that failed on a full disk left it behind, empty).
   writeNewFile(mine, pid, 0o600, false)
+  const ownerFile = `${file}.owner`
+  const identity = processIdentity(process.pid)
   const release = () => {
+    // The owner file first: removed with the lock still held, it is never another process's.
+    try {
+      if (identity !== undefined && readFileSync(ownerFile, 'utf8').trim() === identity) unlinkSync(ownerFile)
+    } catch {}
     try {
       if (readFileSync(file, 'utf8').trim() === pid) unlinkSync(file)
     } catch {}
@@ -545,6 +649,7 @@ function lockDataDir(dir: string, hint: string): () => void {
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
         linkSync(mine, file)
+        if (identity !== undefined) writeOwner(ownerFile, identity)
         return release
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
@@ -557,7 +662,7 @@ function lockDataDir(dir: string, hint: string): () => void {
         throw err
       }
       const owner = Number(held)
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
+      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(file, ownerFile, owner)) {
         const command = keygateCommandOf(owner)
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
@@ -583,10 +688,33 @@ function lockDataDir(dir: string, hint: string): () => void {
         } catch {}
       }
       unlinkSync(aside)
+      // The gone owner's identity goes with its lock: were a process of its pid to take the lock
+      // next, its lock would read as left by a gone process until it wrote its own.
+      try {
+        if (readFileSync(ownerFile, 'utf8').trim().split(' ')[0] === held) unlinkSync(ownerFile)
+      } catch {}
     }
     throw new KeygateError('store_locked', `could not lock the embedded store in ${dir}`)
   } finally {
     unlinkSync(mine)
+  }
+}
+
+/**
+ * Writes the lock owner's identity beside the lock, whole (through a file of this process's
+ * own, renamed into place). Not flushed: after a crash the file may be gone or empty, and the
+ * lock is then judged by its pid alone, as without one. A write that fails (a full disk) leaves
+ * the lock so judged too, and is no reason to refuse the store.
+ */
+function writeOwner(ownerFile: string, identity: string): void {
+  const temp = ownTempName(ownerFile)
+  try {
+    writeNewFile(temp, identity, 0o600, false)
+    renameSync(temp, ownerFile)
+  } catch {
+    try {
+      unlinkSync(temp)
+    } catch {}
   }
 }
 
