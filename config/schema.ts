@@ -81,6 +81,12 @@ export const ConfigSchema = Type.Object(
           description: 'Peers whose X-Forwarded-For is believed (CIDRs).',
           env: 'KEYGATE_TRUSTED_PROXIES',
         }),
+        set_x_real_ip: Type.Boolean({
+          default: false,
+          description:
+            "Also send the client's address in X-Real-IP, as nginx's `proxy_set_header X-Real-IP` does for upstreams that read it: the address keygate judged the request by (after trusted_proxies), not a header the client sent. A client's own X-Real-IP is removed either way.",
+          env: 'KEYGATE_SET_X_REAL_IP',
+        }),
         key_sources: Type.Array(Type.Union(KEY_SOURCES.map((s) => Type.Literal(s))), {
           default: ['authorization', 'x-api-key'],
           minItems: 1,

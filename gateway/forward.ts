@@ -207,6 +207,8 @@ interface ForwardOptions {
   maxResponseHeaderBytes: number
   /** Ends tunnels whose key or address the checks no longer allow. */
   guard: TunnelGuard
+  /** Send the client's address in X-Real-IP too (gateway.set_x_real_ip). */
+  setRealIp?: boolean
 }
 
 export interface Forwarder {
@@ -393,6 +395,7 @@ function clientGone(s: RequestState): boolean {
 
 export function createForwarder(o: ForwardOptions): Forwarder {
   const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs, bodyIdleMs, maxResponseHeaderBytes } = o
+  const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
   const dropApiKey = stripCredential && o.apiKeySource
@@ -451,6 +454,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     // went upstream as ", 127.0.0.2", with an empty first entry; empty -Proto and -Host as such).
     const xff = trusted ? listed(h['x-forwarded-for']) : undefined
     out.push('x-forwarded-for', xff !== undefined ? `${xff}, ${s.peer}` : s.address)
+    // The address the checks judged by (a client's own X-Real-IP is in REQUEST_DROP).
+    if (setRealIp) out.push('x-real-ip', s.address)
     const xfp = trusted ? listed(h['x-forwarded-proto']) : undefined
     out.push('x-forwarded-proto', xfp ?? ((s.req.socket as TLSSocket).encrypted ? 'https' : 'http'))
     const xfh = trusted ? listed(h['x-forwarded-host']) : undefined

@@ -388,7 +388,7 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   // other names for the client address.
   // The address headers: those CDNs set and those request-ip reads before X-Forwarded-For (before,
   // X-Client-IP and the CDNs' own passed; found by a review).
-  const addressHeaders = ['True-Client-IP', 'Client-IP', 'X-Client-IP', 'X-Cluster-Client-IP', 'CF-Connecting-IP', 'CF-Connecting-IPv6', 'Cf-Pseudo-IPv4', 'Fastly-Client-IP', 'X-AppEngine-User-IP', 'Forwarded-For', 'X-Forwarded', 'X_Client_IP']
+  const addressHeaders = ['X-Real-IP', 'X_Real_IP', 'True-Client-IP', 'Client-IP', 'X-Client-IP', 'X-Cluster-Client-IP', 'CF-Connecting-IP', 'CF-Connecting-IPv6', 'Cf-Pseudo-IPv4', 'Fastly-Client-IP', 'X-AppEngine-User-IP', 'Forwarded-For', 'X-Forwarded', 'X_Client_IP']
   const k3 = await h.key()
   for (const [what, extra] of [['another key', k3.key], ['the same key', k.key]] as const) {
     const sent = receivedOf(
@@ -411,6 +411,25 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   t.equal(viaProxy.headers['x-forwarded-prefix'], '/app', "a trusted proxy's X-Forwarded-Prefix passes")
   t.equal(viaProxy.headers['x-script-name'], '/app', 'and its X-Script-Name')
   t.equal(viaProxy.headers['x-forwarded-port'], '443')
+})
+
+t.test("gateway.set_x_real_ip: X-Real-IP is the address the checks judged by, once, in place of the client's own", async (t) => {
+  // As nginx's `proxy_set_header X-Real-IP` for upstreams that read it (found by a Kong/nginx
+  // migrant's review: the client's was dropped and none was set).
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { set_x_real_ip: true } } })
+  const k = await h.key()
+  const direct = receivedOf(await rawExchange(h.port, `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX-Real-IP: 6.6.6.6\r\nX_Real_IP: 6.6.6.7\r\nConnection: close\r\n\r\n`))
+  if (typeof direct === 'string') return t.fail(`refused: ${direct}`)
+  const realIps = (r: Received) => r.rawHeaders.filter((_, i) => i % 2 === 0 && /^x[-_]real[-_]ip$/i.test(r.rawHeaders[i] as string)).length
+  t.equal(direct.headers['x-real-ip'], '127.0.0.1', "the peer's address, not the one the client claimed")
+  t.equal(realIps(direct), 1, 'once, in any spelling')
+  const behind = await startGateway(t, { sharedStore: true, config: { gateway: { set_x_real_ip: true, trusted_proxies: ['127.0.0.1'] } } })
+  const k2 = await behind.key()
+  const viaProxy = (await behind.get('/u', { ...bearer(k2.key), 'x-forwarded-for': '6.6.6.6, 203.0.113.9', 'x-real-ip': '6.6.6.6' })).json as Received
+  t.equal(viaProxy.headers['x-real-ip'], '203.0.113.9', "behind a trusted proxy: the right-most address it did not add, as the deny list and rate limits read it")
+  t.equal(viaProxy.headers['x-forwarded-for'], '6.6.6.6, 203.0.113.9, 127.0.0.1')
+  const off = (await (await startGateway(t, { sharedStore: true })).get('/u', { ...bearer(k.key), 'x-real-ip': '6.6.6.6' })).json as Received
+  t.equal(off.headers['x-real-ip'], undefined, 'off by default: none is sent, and the client\'s own is removed')
 })
 
 t.test("an upstream's redirect to its own address goes to the client as the path it used; a route that strips its prefix sends X-Forwarded-Prefix", async (t) => {
