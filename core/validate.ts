@@ -268,6 +268,13 @@ function cutToBound(schema: TSchema, value: unknown, originals: Map<unknown, unk
   return out
 }
 
+/** How many characters (code points) `text` holds: the length JSON Schema and PostgreSQL count, where a JavaScript string's is in UTF-16 units. */
+export function characterCount(text: string): number {
+  let characters = 0
+  for (const _ of text) characters++
+  return characters
+}
+
 /**
  * Whether `schema` takes the string `value` when a string's length is counted in characters (code
  * points), as JSON Schema counts it and PostgreSQL's `length()` checks the stored columns: TypeBox
@@ -277,13 +284,6 @@ function cutToBound(schema: TSchema, value: unknown, originals: Map<unknown, unk
  * 1, only the n8n login email's 3, could pass a shorter string of astral characters; n8n refuses
  * that login.)
  */
-/** How many characters (code points) `text` holds: the length JSON Schema and PostgreSQL count, where a JavaScript string's is in UTF-16 units. */
-export function characterCount(text: string): number {
-  let characters = 0
-  for (const _ of text) characters++
-  return characters
-}
-
 function takesCountingCharacters(schema: TSchema, value: string): boolean {
   if (schema[Kind] === 'Union') return (schema.anyOf as TSchema[]).some((s) => (s[Kind] === 'String' ? takesCountingCharacters(s, value) : Value.Check(s, value)))
   if (schema[Kind] !== 'String') return false
