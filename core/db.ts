@@ -495,6 +495,31 @@ export function processAlive(pid: number): boolean {
   }
 }
 
+/** The words of process `pid`'s command line where the system shows it (Linux's /proc), or undefined. */
+function commandLineOf(pid: number): string[] | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')
+  } catch {
+    return undefined
+  }
+}
+
+/** Where in a command line keygate's own program stands (`keygate`, `.../bin/keygate.js`), or -1. */
+const keygateBinAt = (args: readonly string[]): number => args.findIndex((a) => /(^|\/)keygate(\.[cm]?[jt]s)?$/.test(a))
+
+/**
+ * The program process `pid` runs (its command line's first word, without the folder; never the
+ * arguments, which may hold secrets), where its command line shows it is no keygate command;
+ * undefined for a keygate command, or where that cannot be told. (Not /proc/PID/comm: Node names
+ * its main thread `MainThread`.)
+ */
+function otherProgramOf(pid: number): string | undefined {
+  const args = commandLineOf(pid)
+  if (args === undefined || args[0] === undefined || args[0] === '' || keygateBinAt(args) !== -1) return undefined
+  const name = args[0].slice(args[0].lastIndexOf('/') + 1)
+  return /^[\w.+-]{1,64}$/.test(name) ? name : 'another program'
+}
+
 /** keygate's commands that are not a group: their next word is no subcommand. */
 const SINGLE_COMMANDS = new Set(['serve', 'migrate'])
 
@@ -504,14 +529,10 @@ const SINGLE_COMMANDS = new Set(['serve', 'migrate'])
  * Only the command's words: the flags may hold secrets (--gitea-password) and are never read.
  */
 function keygateCommandOf(pid: number): string | undefined {
-  let args: string[]
-  try {
-    args = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')
-  } catch {
-    return undefined
-  }
-  const bin = args.findIndex((a) => /(^|\/)keygate(\.[cm]?[jt]s)?$/.test(a))
-  const first = bin === -1 ? undefined : args[bin + 1]
+  const args = commandLineOf(pid)
+  const bin = args === undefined ? -1 : keygateBinAt(args)
+  if (args === undefined || bin === -1) return undefined
+  const first = args[bin + 1]
   if (first === undefined || !/^[a-z][a-z0-9-]{0,20}$/.test(first)) return undefined
   const second = args[bin + 2]
   // A group's subcommand (`api-key create`, `deny-list add`), whichever groups there are.
@@ -667,9 +688,15 @@ function lockDataDir(dir: string, hint: string): () => void {
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
         const why = command === undefined || command === 'serve' ? hint : 'run this command again once it has ended (a keygate command ends by itself)'
+        // A program that is no keygate command holds the pid: most likely the lock's owner is
+        // gone, and what cannot be told gone (leftByGoneProcess) is the operator's to judge.
+        const other = command === undefined ? otherProgramOf(owner) : undefined
+        const held = `the embedded store in ${dir} is in use by process ${owner}`
         throw new KeygateError(
           'store_locked',
-          `the embedded store in ${dir} is in use by process ${owner}${command === undefined ? '' : ` (keygate ${command})`}; ${why}`,
+          other !== undefined
+            ? `${held} (${other}, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is ${other}'s since: remove ${file}; else ${why}`
+            : `${held}${command === undefined ? '' : ` (keygate ${command})`}; ${why}`,
           { pid: owner, ...(command === undefined ? {} : { command }) },
         )
       }
