@@ -9,18 +9,21 @@ import { formatDescription } from '../core/formats.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { GiteaTokenSchema, N8nKeySchema } from '../core/integrations/schemas.ts'
 import { COMMON_ERRORS, type Operation } from './operation.ts'
-import { AnomalySchema, AuditPageSchema, AuditSchema, DeliverySchema, DenyEntrySchema, KeySchema, KeyWithSecret, LockoutSchema, ReplacedKeySchema, WebhookSchema, WebhookWithSecret } from './schemas.ts'
+import { AnomalySchema, AuditPageSchema, AuditSchema, DeliverySchema, DenyEntrySchema, KeySchema, KeyWithSecret, LockoutSchema, ReplacedKeySchema, RotatedKeySchema, WebhookSchema, WebhookWithSecret } from './schemas.ts'
 
 /**
  * The schemas the document names under `components.schemas` and refers to (`$ref`) wherever an
  * operation uses them: the things a client holds (a key, a webhook, a delivery), and the key's
  * type and status, which code generators then make one named type each, not an anonymous one
  * per use (found by a review; the document was 0.9 MB of schemas written out again and again).
- * Found by the very schema object the operations use, so a look-alike is never taken for one.
+ * Found by the schema object the operations use, or by a copy of it written out alike, as
+ * TypeBox's Optional and Composite make them (found by a review: a new key's type and status,
+ * the rotation's `previous` and validate's `key` were written out again).
  */
 const NAMED: ReadonlyMap<object, string> = new Map<TSchema, string>([
   [KeySchema, 'Key'],
   [KeyWithSecret, 'KeyWithSecret'],
+  [RotatedKeySchema, 'RotatedKey'],
   [ReplacedKeySchema, 'ReplacedKey'],
   [KeyTypeSchema, 'KeyType'],
   [KeyStatusSchema, 'KeyStatus'],
@@ -48,11 +51,22 @@ export function plain(schema: TSchema): Record<string, unknown> {
   return reshaped(JSON.stringify(schema))
 }
 
+/** NAMED by each schema's JSON, for the copies: a node is compared only where its description is one of theirs. */
+const NAMED_JSON = new Map([...NAMED].map(([schema, name]) => [JSON.stringify(schema), name]))
+const NAMED_DESCRIPTIONS = new Set([...NAMED.keys()].map((schema) => (schema as TSchema).description as unknown))
+
+/** The NAMED schema `node` is, or is a copy of. */
+function nameOf(node: object): string | undefined {
+  const name = NAMED.get(node)
+  if (name !== undefined || !NAMED_DESCRIPTIONS.has((node as { description?: unknown }).description)) return name
+  return NAMED_JSON.get(JSON.stringify(node))
+}
+
 /** `schema` as the document holds it: as `plain`, with every NAMED schema in it but `self` a reference to its component. */
 function documented(schema: TSchema, self?: TSchema): Record<string, unknown> {
   return reshaped(
     JSON.stringify(schema, (_key, value: unknown) => {
-      const name = value !== self && typeof value === 'object' && value !== null ? NAMED.get(value) : undefined
+      const name = value !== self && typeof value === 'object' && value !== null && !Array.isArray(value) ? nameOf(value) : undefined
       return name === undefined ? value : schemaRef(name)
     }),
   )
@@ -142,6 +156,12 @@ function errorResponse(codes: ErrorCode[]) {
   }
 }
 
+/** A query or header parameter; its description is the schema's, also where the schema is a reference (a key's `type`). */
+function parameter(name: string, where: 'query' | 'header', required: boolean, schema: TSchema) {
+  const { description } = plain(schema)
+  return { name, in: where, required, ...(typeof description === 'string' ? { description } : {}), schema: documented(schema) }
+}
+
 function parameters(op: Operation) {
   const out: Array<Record<string, unknown>> = []
   for (const m of op.path.matchAll(/\{(\w+)\}/g)) {
@@ -150,21 +170,29 @@ function parameters(op: Operation) {
   }
   if (op.query) {
     const required = new Set((op.query.required as string[] | undefined) ?? [])
-    for (const [name, schema] of Object.entries(op.query.properties as Record<string, TSchema>)) {
-      const s = documented(schema)
-      out.push({ name, in: 'query', required: required.has(name), ...(s.description ? { description: s.description } : {}), schema: s })
-    }
+    for (const [name, schema] of Object.entries(op.query.properties as Record<string, TSchema>)) out.push(parameter(name, 'query', required.has(name), schema))
   }
-  for (const [name, schema] of Object.entries((op.headers?.properties ?? {}) as Record<string, TSchema>)) {
-    const s = documented(schema)
-    out.push({ name, in: 'header', required: false, ...(s.description ? { description: s.description } : {}), schema: s })
-  }
+  for (const [name, schema] of Object.entries((op.headers?.properties ?? {}) as Record<string, TSchema>)) out.push(parameter(name, 'header', false, schema))
   return out
 }
 
 /** An error's `details`, one component: its words were written out in every error answer of every operation (two thirds of the document). */
 const ERROR_DETAILS = {
   type: 'object',
+  // Typed members, and room for more: a bare `type: object` was read by generators as an object
+  // with no members (openapi-typescript's Record<string, never>), `fields` unreadable without a cast.
+  properties: {
+    fields: { type: 'array', items: { type: 'object', required: ['field', 'message'], properties: { field: { type: 'string' }, message: { type: 'string' } } } },
+    more: { type: 'boolean' },
+    problems: { type: 'array', items: { type: 'string' } },
+    cidr: { type: 'string' },
+    allowed: { type: 'array', items: { type: 'string' } },
+    unknown: { type: 'array', items: { type: 'string' } },
+    status: { type: 'integer' },
+    unconfirmed: { type: 'boolean' },
+    integrity: { type: 'string', enum: ['key_missing', 'failed'] },
+  },
+  additionalProperties: true,
   description:
     'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable of a lockout lift Redis did not confirm, `unconfirmed`; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
 }
