@@ -10,7 +10,7 @@ import { isCidrOrAddress } from '../core/formats.ts'
 import { normalAddress } from '../core/keys/evaluate.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { EVENT_TYPES } from '../core/events.ts'
-import { PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
+import { firstCharacters, PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
 
 const Nullable = <T extends TSchema>(s: T, description?: string) => Type.Union([s, Type.Null()], description ? { description } : {})
 const DateTime = (description?: string) => Type.String({ format: 'date-time', ...(description ? { description } : {}) })
@@ -102,7 +102,7 @@ export const LockoutSchema = Type.Object({
 /** An address as the lockout routes take it (one address, no range), normalised; else the `field`'s 400. */
 export function lockoutAddress(given: string, field: string): string {
   const address = !given.includes('/') && isCidrOrAddress(given) ? normalAddress(given) : undefined
-  if (address === undefined) throw fieldInvalid(field, `${JSON.stringify(given.slice(0, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
+  if (address === undefined) throw fieldInvalid(field, `${JSON.stringify(firstCharacters(given, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
   return address
 }
 

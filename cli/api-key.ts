@@ -4,7 +4,7 @@ import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
 import { readAtMost } from '../core/read-bounded.ts'
-import { escapeUnprintable, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
+import { escapeUnprintable, firstCharacters, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
@@ -307,7 +307,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       const limit = parseIntFlag('limit', str(p, 'limit'), 1, 500)
       const cursor = str(p, 'cursor')
-      if (cursor !== undefined && !CURSOR.test(cursor)) throw new UsageError(`--cursor: ${JSON.stringify(cursor.slice(0, 40))} is not a cursor; give the "more: --cursor ..." of the previous page`)
+      if (cursor !== undefined && !CURSOR.test(cursor)) throw new UsageError(`--cursor: ${JSON.stringify(firstCharacters(cursor, 40))} is not a cursor; give the "more: --cursor ..." of the previous page`)
       if (p.values.all && cursor !== undefined) throw new UsageError('--all and --cursor exclude each other')
       const id = p.positionals[0] as string
       return async (ctx) => {

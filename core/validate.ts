@@ -361,9 +361,24 @@ const SHOWN_VALUE = 80
 /** What is kept past that before the scrubbing, so that a key or secret that starts within it is still found whole. */
 const SECRET_ROOM = 1024
 
+/**
+ * The first `n` characters (code points) of `text`. A cut never splits a surrogate pair: half an
+ * emoji went out in JSON as a lone `\ud83d`, which strict decoders refuse, losing the whole
+ * error body (found by a review).
+ */
+export function firstCharacters(text: string, n: number): string {
+  let units = 0
+  let count = 0
+  for (const c of text) {
+    if (count++ === n) break
+    units += c.length
+  }
+  return text.slice(0, units)
+}
+
 /** `text` cut to `max` characters, its end shown as `...` where it was cut: a request's path or Host named in an answer or a log line. */
 export function clipped(text: string, max = 200): string {
-  return text.length > max ? text.slice(0, max - 3) + '...' : text
+  return text.length > max && characterCount(text) > max ? firstCharacters(text, max - 3) + '...' : text
 }
 
 export function showValue(value: unknown, secret = false): string {
@@ -602,7 +617,8 @@ export function refuseChangedNumbers(text: string, value: unknown): void {
   const field = dotted(pathWhere(revived, (v) => v === CHANGED) ?? []) || 'body'
   // Scrubbed before it is cut: a cut secret no longer matches what the scrubbing looks for.
   const source = scrub(found.source)
-  const shown = source.length > 40 ? `${source.slice(0, 37)}... (${source.length} characters)` : source
+  const length = characterCount(source)
+  const shown = length > 40 ? `${firstCharacters(source, 37)}... (${length} characters)` : source
   throw fieldInvalid(field, `${shown} ${found.why}`)
 }
 
@@ -613,7 +629,8 @@ const MAX_SHOWN_FIELD = 120
 export function shownField(field: string): string {
   // Scrubbed before it is cut: a secret pasted as a member's name, cut, no longer matched.
   const text = scrub(field)
-  return text.length > MAX_SHOWN_FIELD ? `${text.slice(0, MAX_SHOWN_FIELD - 3)}... (${text.length} characters)` : text
+  const length = text.length > MAX_SHOWN_FIELD ? characterCount(text) : text.length
+  return length > MAX_SHOWN_FIELD ? `${firstCharacters(text, MAX_SHOWN_FIELD - 3)}... (${length} characters)` : text
 }
 
 /**

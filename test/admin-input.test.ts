@@ -373,6 +373,16 @@ await forEachStore(t, async (t, store) => {
   t.match(overOwner.json?.error?.details?.fields, [{ field: 'owner' }], '201 emoji as an owner (in a union) is still refused')
   const bad = await h.call('POST', '/v1/keys', { body: { name: emoji(150) + '\u202e', type: 'user' } })
   t.match(bad.json?.error?.details?.fields, [{ field: 'name', message: /without control characters/ }], 'a long name with a bidi override is refused for it')
+  // What a refusal shows is cut between characters, its length told in characters (before, found by
+  // a review: half an emoji went out as a lone \ud83d, which strict JSON decoders refuse).
+  const wellFormed = (a: Answer) => [a.json?.error?.message, ...(a.json?.error?.details?.fields ?? []).flatMap((f: { field: string; message: string }) => [f.field, f.message])].every((x) => typeof x === 'string' && x.isWellFormed())
+  const shortMember = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', ['ab' + emoji(100)]: 1 } })
+  t.match(shortMember.json?.error?.details?.fields, [{ field: 'ab' + emoji(100) }], 'a member name of 102 characters is shown whole (the bound is 120 characters)')
+  const longMember = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', ['ab' + emoji(150)]: 1 } })
+  refused(longMember, 400, 'validation_failed', 'an unknown member with a long emoji name')
+  t.match(longMember.json?.error?.details?.fields, [{ field: `ab${emoji(115)}... (152 characters)` }], 'its name cut between characters, its length in characters')
+  t.ok(wellFormed(longMember), 'no lone surrogate in the answer')
+  t.ok(wellFormed(over), 'nor where a long emoji name is shown')
   t.equal((await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.77', reason: emoji(500) } })).status, 201, 'a deny reason of 500 emoji')
   refused(await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.78', reason: emoji(501) } }), 400, 'validation_failed', 'a deny reason of 501 emoji')
 

@@ -5,7 +5,7 @@ import { CURSOR_PATTERN } from '../cursor.ts'
 import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
-import { characterCount, dotted, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
+import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
 import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
@@ -173,7 +173,7 @@ export function checkMetadata(metadata: unknown): void {
   if (infinite !== undefined) throw fieldInvalid(dotted(['metadata', ...infinite]), NOT_FINITE)
   // JSON Schema cannot bound a record's keys (TypeBox's Record drops the key schema's maxLength).
   const long = Object.keys(metadata as object).find((k) => characterCount(k) > METADATA_KEY_MAX)
-  if (long !== undefined) throw fieldInvalid('metadata', `has a key longer than ${METADATA_KEY_MAX} characters (${JSON.stringify([...long].slice(0, 20).join(''))}…)`)
+  if (long !== undefined) throw fieldInvalid('metadata', `has a key longer than ${METADATA_KEY_MAX} characters (${JSON.stringify(firstCharacters(long, 20))}…)`)
   if (Buffer.byteLength(text) > METADATA_MAX_BYTES) {
     throw fieldInvalid('metadata', `is larger than ${METADATA_MAX_BYTES} bytes`)
   }
