@@ -67,6 +67,11 @@ const Route = Type.Object(
       description:
         "An upstream answer's `Location` that names the upstream's own URL (its origin and base path, as `upstream` gives them) goes to the client as the path it used (under the route's prefix with `strip_prefix`), as nginx's `proxy_redirect default` does: the upstream's address is not one the client can reach. Any other `Location` passes as sent.",
     }),
+    cors_preflight: Type.Boolean({
+      default: false,
+      description:
+        "Forward a browser's CORS preflight without a key, for the upstream to answer: an OPTIONS request with Origin and Access-Control-Request-Method and no credential (browsers send none on a preflight, so a cross-origin call that sends its key in a header was refused before it was made). It still passes the deny list, the lockout and the per-address rate limit, and reaches the upstream without identity headers. As Kong's key-auth with run_on_preflight off.",
+    }),
   },
   { additionalProperties: false },
 )

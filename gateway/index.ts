@@ -32,8 +32,8 @@ import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
 import { keyChallenges, logAccess, sendError } from './respond.ts'
-import { createRouteStage, Router } from './route.ts'
-import { pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
+import { createPreflightStage, createRouteStage, Router } from './route.ts'
+import { FORWARD_NOW, pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
 import { TunnelGuard } from './tunnels.ts'
 import { createValidateStage } from './validate.ts'
@@ -133,6 +133,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const fixedTail: Stage[] = [
     createLockoutStage(lockout, metrics),
     createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, cluster, metrics }),
+    // Only where a route forwards CORS preflights: absent otherwise.
+    ...(router.routes.some((r) => r.corsPreflight) ? [createPreflightStage(router, { sources: g.key_sources, queryParam: g.query_param, apiKeyHeader: g.api_key_header })] : []),
     createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param, apiKeyHeader: g.api_key_header }),
     createValidateStage({
       cache,
@@ -232,8 +234,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
           sendError(ctx, s, verdict)
           return
         }
+        if (verdict === FORWARD_NOW) break
         verdict.then(
-          (v) => (v === undefined ? run(s, last, list, i + 1) : sendError(ctx, s, v)),
+          (v) => (v === undefined ? run(s, last, list, i + 1) : v === FORWARD_NOW ? last(s) : sendError(ctx, s, v)),
           (err: unknown) => failed(s, err),
         )
         return

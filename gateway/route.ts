@@ -18,7 +18,7 @@ import { canonicalHost, lenientReading, lenientReadingOf, prefixReadings, routeH
 import type { RouteConfig } from '../config/schema.ts'
 import { hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
-import { pathOf, type RequestState, type Stage } from './state.ts'
+import { FORWARD_NOW, pathOf, type RequestState, type Stage } from './state.ts'
 
 export interface CompiledRoute {
   readonly index: number
@@ -41,6 +41,8 @@ export interface CompiledRoute {
   readonly forwardedPrefix: string | undefined
   /** rewrite_redirects: whether a Location naming the upstream's own URL is rewritten (publicLocation). */
   readonly rewriteRedirects: boolean
+  /** cors_preflight: a CORS preflight without a credential is forwarded without a key (createPreflightStage). */
+  readonly corsPreflight: boolean
 }
 
 export class Router {
@@ -71,6 +73,7 @@ export class Router {
         preserveHost: r.preserve_host,
         forwardedPrefix: r.strip_prefix && prefix !== '/' ? prefix : undefined,
         rewriteRedirects: r.rewrite_redirects,
+        corsPreflight: r.cors_preflight,
       }
     })
     this.#byHost = this.routes.some((r) => r.host !== undefined)
@@ -191,6 +194,33 @@ export function grants(keyScopes: readonly string[], routeScopes: readonly strin
     }
   }
   return false
+}
+
+/**
+ * A browser's CORS preflight on a route with `cors_preflight`, sent on to the upstream without a
+ * key: OPTIONS with Origin and Access-Control-Request-Method, and no credential in any of the key
+ * sources (a browser sends none on a preflight; one that carries a key is checked as any request).
+ * Only an ordinary request (an upgrade is never a preflight), and only on the route the request
+ * plainly falls under (a path another route could be read as goes the usual way, to its 401). The
+ * stages before it (deny list, lockout, per-address limit) have passed; it reaches the upstream
+ * without identity headers. Without it a cross-origin call that sends its key in a header (any
+ * header but the CORS-safelisted ones is preflighted) was refused before the browser made it.
+ */
+export function createPreflightStage(router: Router, options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string; apiKeyHeader?: string }): Stage {
+  const header = options.sources.includes('x-api-key') ? (options.apiKeyHeader ?? 'X-API-Key').toLowerCase() : undefined
+  const authorization = options.sources.includes('authorization')
+  const param = options.sources.includes('query') ? options.queryParam : undefined
+  return (s: RequestState) => {
+    const h = s.headers
+    if (s.res === undefined || s.req.method !== 'OPTIONS' || h.origin === undefined || h['access-control-request-method'] === undefined) return undefined
+    if ((authorization && h.authorization !== undefined) || (header !== undefined && h[header] !== undefined)) return undefined
+    const q = param === undefined ? -1 : s.target.indexOf('?')
+    if (q !== -1 && new URLSearchParams(s.target.slice(q + 1)).has(param as string)) return undefined
+    const r = router.match(h.host, s.target)
+    if (r === undefined || !r.corsPreflight || router.ambiguous(h.host, s.target, r, s.pathBytes)) return undefined
+    s.route = r
+    return FORWARD_NOW
+  }
 }
 
 export function createRouteStage(router: Router): Stage {

@@ -11,7 +11,9 @@ import type { CompiledRoute, Router } from './route.ts'
 
 /** A stage's verdict: the error code to answer with. `undefined` lets the request go on. */
 export type Verdict = ErrorCode & GatewayOutcome
-export type StageResult = Verdict | undefined
+/** What a stage returns to send the request on at once, past the stages after it (a CORS preflight: createPreflightStage). */
+export const FORWARD_NOW: unique symbol = Symbol('forward now')
+export type StageResult = Verdict | typeof FORWARD_NOW | undefined
 export type Stage = (s: RequestState) => StageResult | Promise<StageResult>
 
 /** The path of a request target: up to its query. */

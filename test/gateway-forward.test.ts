@@ -432,6 +432,52 @@ t.test("gateway.set_x_real_ip: X-Real-IP is the address the checks judged by, on
   t.equal(off.headers['x-real-ip'], undefined, 'off by default: none is sent, and the client\'s own is removed')
 })
 
+t.test('routes[].cors_preflight: a browser\'s CORS preflight without a key reaches the upstream, without identity; nothing else does', async (t) => {
+  // Before (found by a Kong migrant's review): every preflight was 401, so a cross-origin call
+  // that sends its key in a header was refused by the browser before it was made.
+  const h = await startGateway(t, {
+    sharedStore: true,
+    routes: [
+      { name: 'app', path: '/app', upstream: '{upstream}', cors_preflight: true, scopes: ['app'] },
+      { name: 'other', path: '/other', upstream: '{upstream}' },
+    ],
+  })
+  const preflight = { origin: 'https://ui.example', 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization' }
+  const before = h.upstream.received.length
+  const a = await h.get('/app/orders', { ...preflight, 'x-keygate-key-id': 'spoofed', 'x-keygate-scopes': 'app' }, 'OPTIONS')
+  t.equal(a.status, 200, "the upstream's answer")
+  const got = h.upstream.received.at(-1) as Received
+  t.equal(h.upstream.received.length, before + 1, 'one request forwarded')
+  t.equal(got.method, 'OPTIONS')
+  t.equal(got.headers.origin, 'https://ui.example', 'with its CORS headers')
+  t.same(Object.keys(got.headers).filter((n) => n.startsWith('x-keygate-')), [], 'no identity header, and the spoofed ones removed')
+  t.equal(got.headers['x-forwarded-for'], '127.0.0.1')
+  t.match(await h.metrics.registry.metrics(), /^keygate_gateway_requests_total\{route="app",outcome="forwarded"\} 1$/m, 'counted as forwarded on its route')
+
+  const refused = async (what: string, path: string, headers: Record<string, string>, code: string, status = 401) => {
+    const r = await h.get(path, headers, 'OPTIONS')
+    t.equal(r.status, status, `${what}: ${status}`)
+    t.equal(r.json?.error?.code, code, `${what}: ${code}`)
+  }
+  await refused('an OPTIONS without Origin', '/app/orders', { 'access-control-request-method': 'POST' }, 'key_missing')
+  await refused('an OPTIONS without Access-Control-Request-Method', '/app/orders', { origin: 'https://ui.example' }, 'key_missing')
+  await refused('a preflight on a route without cors_preflight', '/other/x', preflight, 'key_missing')
+  await refused('a preflight with a key that is not valid: checked as any request', '/app/orders', { ...preflight, authorization: 'Bearer kg_live_nope' }, 'key_invalid')
+  const k = await h.key({ scopes: ['other'] })
+  await refused('a preflight with a valid key of another scope', '/app/orders', { ...preflight, authorization: `Bearer ${k.key}` }, 'scope_denied', 403)
+  t.equal(h.upstream.received.length, before + 1, 'none of them reached the upstream')
+  // An upgrade is never a preflight, whatever it carries.
+  const upgrade = await rawExchange(h.port, `OPTIONS /app/ws HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: GET\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  t.notMatch(upgrade, /^HTTP\/1\.1 101/, `an OPTIONS upgrade with CORS headers is not tunnelled (${upgrade.slice(0, upgrade.indexOf('\r\n'))})`)
+  t.equal(h.upstream.received.length, before + 1, 'nor forwarded')
+
+  // The address stages still apply.
+  const denied = await startGateway(t, { sharedStore: true, config: { deny_list: ['127.0.0.1'] }, routes: [{ name: 'app', path: '/', upstream: '{upstream}', cors_preflight: true }] })
+  const d = await denied.get('/x', preflight, 'OPTIONS')
+  t.equal(d.status, 403, 'a denied address is refused its preflight too')
+  t.equal(denied.upstream.received.length, 0)
+})
+
 t.test("an upstream's redirect to its own address goes to the client as the path it used; a route that strips its prefix sends X-Forwarded-Prefix", async (t) => {
   // Before (found by a review): the client got the upstream's internal address, or, under
   // strip_prefix, a path without the route's prefix; and nothing told the upstream the prefix.
