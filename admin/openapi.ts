@@ -15,7 +15,8 @@ import { AnomalySchema, AuditPageSchema, AuditSchema, DeliverySchema, DenyEntryS
  * The schemas the document names under `components.schemas` and refers to (`$ref`) wherever an
  * operation uses them: the things a client holds (a key, a webhook, a delivery), and the key's
  * type and status, which code generators then make one named type each, not an anonymous one
- * per use (found by a review; the document was 0.9 MB of schemas written out again and again).
+ * per use (found by a review; with every error answer written out in each operation too, the
+ * document was 0.9 MB).
  * Found by the schema object the operations use, or by a copy of it written out alike, as
  * TypeBox's Optional and Composite make them (found by a review: a new key's type and status,
  * the rotation's `previous` and validate's `key` were written out again).
