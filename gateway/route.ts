@@ -16,7 +16,7 @@
 // unchanged.
 import { canonicalHost, lenientReading, lenientReadingOf, prefixReadings, routeHost, routePrefix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
-import { hostName } from '../core/http.ts'
+import { hasBody, hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
 import { FORWARD_NOW, pathOf, type RequestState, type Stage } from './state.ts'
 
@@ -196,6 +196,9 @@ export function grants(keyScopes: readonly string[], routeScopes: readonly strin
   return false
 }
 
+/** A Connection header that names no other header. */
+const PLAIN_CONNECTION = /^\s*(?:keep-alive|close)\s*$/i
+
 /**
  * A browser's CORS preflight on a route with `cors_preflight`, sent on to the upstream without a
  * key: OPTIONS with Origin and Access-Control-Request-Method, and no credential in any of the key
@@ -213,7 +216,16 @@ export function createPreflightStage(router: Router, options: { sources: readonl
   return (s: RequestState) => {
     const h = s.headers
     if (s.res === undefined || s.req.method !== 'OPTIONS' || h.origin === undefined || h['access-control-request-method'] === undefined) return undefined
-    if ((authorization && h.authorization !== undefined) || (header !== undefined && h[header] !== undefined)) return undefined
+    // Only what a browser sends (found by an attack review): no body, which went to the upstream
+    // keyless (an upstream answering the preflight without reading it parsed it as a request of
+    // the sender's choosing, forged identity headers and all; a dripping one held an upstream
+    // connection), no Upgrade or Expect, and no Connection naming headers, which the forwarder
+    // drops (`Connection: Access-Control-Request-Method` checked here, gone upstream, made an
+    // OPTIONS the upstream's CORS layer passed to its handler).
+    if (hasBody(h) || h.upgrade !== undefined || h.expect !== undefined || (h.connection !== undefined && !PLAIN_CONNECTION.test(h.connection))) return undefined
+    if (authorization && h.authorization !== undefined) return undefined
+    // The API key header in any spelling, as the forwarder reads it (`X_API_KEY` reaches PHP as the same variable).
+    if (header !== undefined && (h[header] !== undefined || Object.keys(h).some((k) => k.includes('_') && k.replaceAll('_', '-') === header))) return undefined
     const q = param === undefined ? -1 : s.target.indexOf('?')
     if (q !== -1 && new URLSearchParams(s.target.slice(q + 1)).has(param as string)) return undefined
     const r = router.match(h.host, s.target)

@@ -466,10 +466,30 @@ t.test('routes[].cors_preflight: a browser\'s CORS preflight without a key reach
   const k = await h.key({ scopes: ['other'] })
   await refused('a preflight with a valid key of another scope', '/app/orders', { ...preflight, authorization: `Bearer ${k.key}` }, 'scope_denied', 403)
   t.equal(h.upstream.received.length, before + 1, 'none of them reached the upstream')
+  // Only what a browser sends (found by an attack review): a body went upstream keyless, where an
+  // upstream answering the preflight unread parsed it as a request (forged identity and all); a
+  // Connection naming Access-Control-Request-Method or Origin made the upstream see no preflight.
+  const smuggled = 'GET /app/secret HTTP/1.1\r\nHost: x\r\nX-Keygate-Scopes: admin\r\n\r\n'
+  const browserless = [
+    ['a body', `Content-Length: ${smuggled.length}\r\n\r\n${smuggled}`],
+    ['a chunked body', `Transfer-Encoding: chunked\r\n\r\n${smuggled.length.toString(16)}\r\n${smuggled}\r\n0\r\n\r\n`],
+    ['a Connection naming Access-Control-Request-Method', 'Connection: close, Access-Control-Request-Method\r\n\r\n'],
+    ['a Connection naming Origin', 'Connection: Origin\r\n\r\n'],
+    ['an Expect', 'Expect: 100-continue\r\nContent-Length: 0\r\n\r\n'],
+    ['an X_API_KEY', 'X_API_KEY: kg_forged\r\n\r\n'],
+  ] as const
+  for (const [what, rest] of browserless) {
+    const out = await rawExchange(h.port, `OPTIONS /app/orders HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\n${what.startsWith('a Connection') ? '' : 'Connection: close\r\n'}${rest}`)
+    t.match(out, /^HTTP\/1\.1 401 /, `a preflight with ${what} is checked as any request: 401`)
+  }
+  t.equal(h.upstream.received.length, before + 1, 'none of them reached the upstream')
+  const keepAlive = await h.get('/app/orders', { ...preflight, connection: 'keep-alive' }, 'OPTIONS')
+  t.equal(keepAlive.status, 200, 'a Connection of keep-alive alone is what browsers send: forwarded')
+  t.equal(h.upstream.received.length, before + 2)
   // An upgrade is never a preflight, whatever it carries.
   const upgrade = await rawExchange(h.port, `OPTIONS /app/ws HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: GET\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
   t.notMatch(upgrade, /^HTTP\/1\.1 101/, `an OPTIONS upgrade with CORS headers is not tunnelled (${upgrade.slice(0, upgrade.indexOf('\r\n'))})`)
-  t.equal(h.upstream.received.length, before + 1, 'nor forwarded')
+  t.equal(h.upstream.received.length, before + 2, 'nor forwarded')
 
   // The address stages still apply.
   const denied = await startGateway(t, { sharedStore: true, config: { deny_list: ['127.0.0.1'] }, routes: [{ name: 'app', path: '/', upstream: '{upstream}', cors_preflight: true }] })
