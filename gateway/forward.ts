@@ -64,10 +64,14 @@ function paramName(piece: string): string {
 
 /**
  * A query parameter's name as PHP reads it: leading spaces dropped, `.` and space as `_`, and
- * `name[...]` as `name` (an array); `api.key`, `api key` and `api_key[]` are all `api_key` there.
+ * `name[...]` as `name` (an array), cut at a NUL; `api.key`, `api key`, `api_key[]` and
+ * `api_key%00x` are all `api_key` there.
  */
 function phpParamName(name: string): string {
   let n = name.trimStart()
+  // PHP reads a name as a C string: `api_key%00junk` is `api_key` to it (found by an attack review).
+  const nul = n.indexOf('\0')
+  if (nul !== -1) n = n.slice(0, nul)
   const bracket = n.indexOf('[')
   if (bracket > 0 && n.indexOf(']', bracket) !== -1) n = n.slice(0, bracket)
   return n.replace(/[. []/g, '_')

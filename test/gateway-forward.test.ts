@@ -584,7 +584,7 @@ t.test('a key in the query is removed and the rest of the query is forwarded byt
   // by a review, each went upstream with a copy of the key). Other names stay, byte for byte.
   const both = await startGateway(t, { sharedStore: true, config: { gateway: { key_sources: ['authorization', 'query'] } } })
   const b = await both.key()
-  const lookAlikes = [`api.key=${b.key}`, `api+key=${b.key}`, `api%20key=${b.key}`, `api_key[]=${b.key}`, `api_key%5B0%5D=${b.key}`, `%20api_key=${b.key}`, `api%2Ekey=${b.key}`]
+  const lookAlikes = [`api.key=${b.key}`, `api+key=${b.key}`, `api%20key=${b.key}`, `api_key[]=${b.key}`, `api_key%5B0%5D=${b.key}`, `%20api_key=${b.key}`, `api%2Ekey=${b.key}`, `api_key%00junk=${b.key}`]
   for (const [sent, expected] of [
     [`/x?${lookAlikes.join('&')}&keep=1&q=api.keyword&api_keys=2&apikey=3`, '/x?keep=1&q=api.keyword&api_keys=2&apikey=3'],
     [`/x?a=1;api_key=${b.key}&c=3;d=4`, '/x?a=1&c=3;d=4'],
