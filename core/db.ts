@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { accessSync, chmodSync, existsSync, constants as fsConstants, linkSync, lstatSync, readdirSync, readFileSync, readlinkSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { accessSync, chmodSync, closeSync, existsSync, constants as fsConstants, fstatSync, linkSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -539,36 +539,35 @@ function keygateCommandOf(pid: number): string | undefined {
   return !SINGLE_COMMANDS.has(first) && second !== undefined && /^[a-z][a-z0-9-]{0,20}$/.test(second) ? `${first} ${second}` : first
 }
 
-/** The kernel's boot id (Linux), or undefined. */
-function bootId(): string | undefined {
+/** The first line of a small system file (/proc, /etc), or undefined. */
+function systemLine(path: string, pattern: RegExp): string | undefined {
   try {
-    const id = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()
-    return /^[0-9a-f-]{1,64}$/.test(id) ? id : undefined
+    const line = readFileSync(path, 'utf8').trim()
+    return pattern.test(line) ? line : undefined
   } catch {
     return undefined
   }
 }
 
-/** This process's pid namespace (`pid:[4026531836]`), or undefined. */
-function pidNamespace(): string | undefined {
+/** A namespace of this process (`pid:[4026531836]`), or undefined. */
+function namespace(kind: 'pid' | 'time'): string | undefined {
   try {
-    const ns = readlinkSync('/proc/self/ns/pid')
-    return /^pid:\[\d+\]$/.test(ns) ? ns : undefined
+    const ns = readlinkSync(`/proc/self/ns/${kind}`)
+    return new RegExp(`^${kind}:\\[\\d+\\]$`).test(ns) ? ns : undefined
   } catch {
     return undefined
   }
 }
 
-/** When process `pid` started, in clock ticks since the boot (field 22 of /proc/PID/stat; no wall clock), or undefined. */
+const bootId = () => systemLine('/proc/sys/kernel/random/boot_id', /^[0-9a-f-]{1,64}$/)
+const machineId = () => systemLine('/etc/machine-id', /^[0-9a-f]{32}$/)
+
+/** When process `pid` started, in clock ticks since the boot (field 22 of /proc/PID/stat; no wall clock, but shifted by a time namespace), or undefined. */
 function startTicks(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    // The command name, in parentheses, may hold spaces and parentheses itself: the fields are counted after the last `)`.
-    const start = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
-    return start !== undefined && /^\d+$/.test(start) ? start : undefined
-  } catch {
-    return undefined
-  }
+  const stat = systemLine(`/proc/${pid}/stat`, /\)/)
+  // The command name, in parentheses, may hold spaces and parentheses itself: the fields are counted after the last `)`.
+  const start = stat?.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
+  return start !== undefined && /^\d+$/.test(start) ? start : undefined
 }
 
 /** When this boot began, in ms since the epoch, on the wall clock as it reads now (/proc/stat's btime), or undefined. */
@@ -583,53 +582,92 @@ function bootTimeMs(): number | undefined {
 
 /**
  * What the lock's owner writes beside the lock (`keygate.lock.owner`), where Linux shows it: its
- * pid, the kernel's boot id, its pid namespace and its start in clock ticks since the boot.
- * Undefined where any of them cannot be read (another system, /proc hidden).
+ * pid, the kernel's boot id, the machine id (`-` where /etc has none), its pid and time
+ * namespaces (`-` for a kernel without time namespaces) and its start in clock ticks since the
+ * boot. Undefined where the boot id, the pid namespace or the start cannot be read (another
+ * system, /proc hidden).
  */
 export function processIdentity(pid: number): string | undefined {
   const boot = bootId()
-  const ns = pidNamespace()
+  const pidNs = namespace('pid')
   const start = startTicks(pid)
-  return boot === undefined || ns === undefined || start === undefined ? undefined : `${pid} ${boot} ${ns} ${start}`
+  if (boot === undefined || pidNs === undefined || start === undefined) return undefined
+  return `${pid} ${boot} ${machineId() ?? '-'} ${pidNs} ${namespace('time') ?? '-'} ${start}`
+}
+
+/** A lock or owner file as read: its text, and which file it was (the inode) and when it was written. */
+interface LockRead {
+  text: string
+  dev: number
+  ino: number
+  mtimeMs: number
 }
 
 /**
- * Whether the lock `lockFile`, holding pid `held`, is known to be left by a process that is gone,
+ * Reads a lock or owner file: a regular file of at most 256 bytes, opened without following a
+ * symlink or waiting on a FIFO; undefined where there is none, 'odd' for anything else (found by a
+ * review: an owner file linked to /dev/zero grew a command to 13.8 GB, a FIFO hung it).
+ */
+function readLockFile(path: string): LockRead | 'odd' | undefined {
+  let fd: number
+  try {
+    fd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK)
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code
+    if (code === 'ENOENT') return undefined
+    if (code === 'ELOOP') return 'odd'
+    throw err
+  }
+  try {
+    const st = fstatSync(fd)
+    if (!st.isFile() || st.size > 256) return 'odd'
+    const bytes = Buffer.alloc(256)
+    const n = readSync(fd, bytes, 0, 256, 0)
+    return { text: bytes.toString('utf8', 0, n).trim(), dev: st.dev, ino: st.ino, mtimeMs: st.mtimeMs }
+  } finally {
+    closeSync(fd)
+  }
+}
+
+/** The owner file's text, or undefined where it cannot be read as one (none, odd, unreadable). */
+function ownerText(ownerFile: string): string | undefined {
+  try {
+    const read = readLockFile(ownerFile)
+    return typeof read === 'object' ? read.text : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Whether the lock `lock`, holding pid `held`, is known to be left by a process that is gone,
  * though a process of that pid runs. After an unclean stop (a power loss, a kernel panic,
  * SIGKILL) the lock stays, and its pid is soon another process's: after a reboot, services start
  * in the same order and take the same pids, and every start was refused as `store_locked` until
  * someone removed the lock. The owner file beside it (processIdentity) tells, where it names
  * `held`:
- * - written in another boot, by a lock older than this boot: gone. (Another boot id alone does
- *   not tell: a process under another kernel sharing the folder, a virtual machine's, writes
- *   another; its lock is younger than this boot.)
- * - in this boot and this pid namespace, by a process that started at another tick: gone, its
- *   pid taken since.
- * Anything else stands while its pid runs, as without an owner file (a lock of a version before
- * it, or one whose owner could not write it): a process in another pid namespace (a container
- * sharing the data folder) has pids that mean other processes here, and its start cannot be
- * read from here.
+ * - written on this machine (its machine id) in an earlier boot, by a lock older than this boot:
+ *   gone. (Another boot id alone does not tell: another kernel sharing the folder, a virtual
+ *   machine's, has its own, and its lock may be older than this boot too.)
+ * - in this boot, this pid namespace and this time namespace (which shifts the start ticks read),
+ *   by a process that started at another tick: gone, its pid taken since.
+ * Anything else is judged by the pid alone, as without an owner file (a lock of a version before
+ * it, or one whose owner could not write it). That includes a process in another pid namespace
+ * sharing the data folder (a container): its pid means another process here, and as before, a
+ * second keygate there is not told apart from one that is gone (README: one keygate to an
+ * embedded store).
  */
-function leftByGoneProcess(lockFile: string, ownerFile: string, held: number): boolean {
-  let recorded: string[]
-  try {
-    recorded = readFileSync(ownerFile, 'utf8').trim().split(' ')
-  } catch {
-    return false
-  }
-  const [pid, boot, ns, start] = recorded
-  if (recorded.length !== 4 || pid !== String(held)) return false
+function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boolean {
+  const recorded = ownerText(ownerFile)?.split(' ')
+  if (recorded === undefined || recorded.length !== 6 || recorded[0] !== String(held)) return false
+  const [, boot, machine, pidNs, timeNs, start] = recorded
   const thisBoot = bootId()
   if (thisBoot === undefined) return false
   if (boot !== thisBoot) {
     const booted = bootTimeMs()
-    try {
-      return booted !== undefined && statSync(lockFile).mtimeMs < booted - 1000
-    } catch {
-      return false
-    }
+    return machine !== '-' && machine === machineId() && booted !== undefined && lock.mtimeMs < booted - 1000
   }
-  if (ns !== pidNamespace()) return false
+  if (pidNs !== namespace('pid') || timeNs !== (namespace('time') ?? '-')) return false
   const now = startTicks(held)
   return now !== undefined && now !== start
 }
@@ -645,8 +683,10 @@ function leftByGoneProcess(lockFile: string, ownerFile: string, held: number): b
  * The lock appears with the pid already in it (written to a file of this process's own, then
  * hard-linked into place; a link fails if the lock exists), so no process ever reads an empty
  * lock and takes it for stale. A stale lock is moved aside under a name of this process's own
- * before it is replaced, and checked to be the one judged stale: two processes taking over the
- * same stale lock cannot both win. A process removes the lock only while it still holds its pid.
+ * before it is replaced, and checked to be the very file judged stale (its inode, not its text:
+ * a live keygate that took a stale lock of its own pid over meanwhile wrote the same text; found
+ * by a review): two processes taking over the same stale lock cannot both win. A process removes
+ * the lock only while it still holds its pid.
  */
 function lockDataDir(dir: string, hint: string): () => void {
   const file = join(dir, 'keygate.lock')
@@ -659,11 +699,14 @@ function lockDataDir(dir: string, hint: string): () => void {
   const identity = processIdentity(process.pid)
   const release = () => {
     // The owner file first: removed with the lock still held, it is never another process's.
+    if (identity !== undefined && ownerText(ownerFile) === identity) {
+      try {
+        unlinkSync(ownerFile)
+      } catch {}
+    }
     try {
-      if (identity !== undefined && readFileSync(ownerFile, 'utf8').trim() === identity) unlinkSync(ownerFile)
-    } catch {}
-    try {
-      if (readFileSync(file, 'utf8').trim() === pid) unlinkSync(file)
+      const lock = readLockFile(file)
+      if (typeof lock === 'object' && lock.text === pid) unlinkSync(file)
     } catch {}
   }
   try {
@@ -675,28 +718,30 @@ function lockDataDir(dir: string, hint: string): () => void {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
       }
-      let held: string
-      try {
-        held = readFileSync(file, 'utf8').trim()
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue // released meanwhile
-        throw err
-      }
+      const lock = readLockFile(file)
+      if (lock === undefined) continue // released meanwhile
+      if (lock === 'odd') throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${file} is not a lock keygate writes (a symbolic link, a folder, or a file of another kind or size); if no keygate process uses the store, remove it`)
+      const held = lock.text
       const owner = Number(held)
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(file, ownerFile, owner)) {
+      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner)) {
         const command = keygateCommandOf(owner)
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
         const why = command === undefined || command === 'serve' ? hint : 'run this command again once it has ended (a keygate command ends by itself)'
         // A program that is no keygate command holds the pid: most likely the lock's owner is
         // gone, and what cannot be told gone (leftByGoneProcess) is the operator's to judge.
-        const other = command === undefined ? otherProgramOf(owner) : undefined
-        const held = `the embedded store in ${dir} is in use by process ${owner}`
+        // Not where the owner file names another pid namespace: there the pid is another
+        // process's by nature (a container's keygate, alive or not; found by a review).
+        const elsewhere = otherNamespaceOf(ownerFile, owner)
+        const other = command === undefined && !elsewhere ? otherProgramOf(owner) : undefined
+        const inUse = `the embedded store in ${dir} is in use by process ${owner}`
         throw new KeygateError(
           'store_locked',
-          other !== undefined
-            ? `${held} (${other}, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is ${other}'s since: remove ${file}; else ${why}`
-            : `${held}${command === undefined ? '' : ` (keygate ${command})`}; ${why}`,
+          elsewhere
+            ? `${inUse} of another pid namespace (a container sharing the data folder; its pid here is another process): stop that keygate; if it is gone, remove ${file} and ${ownerFile}`
+            : other !== undefined
+              ? `${inUse} (${other}, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is ${other}'s since: remove ${file} and ${ownerFile}; else ${why}`
+              : `${inUse}${command === undefined ? '' : ` (keygate ${command})`}; ${why}`,
           { pid: owner, ...(command === undefined ? {} : { command }) },
         )
       }
@@ -708,23 +753,34 @@ function lockDataDir(dir: string, hint: string): () => void {
         throw err
       }
       // Another process may have taken the stale lock over between the read and the move: then
-      // what was moved is its live lock, which goes back.
-      if (readFileSync(aside, 'utf8').trim() !== held) {
+      // what was moved is its live lock (another file, whatever its text), which goes back.
+      const moved = statSync(aside)
+      if (moved.ino !== lock.ino || moved.dev !== lock.dev) {
         try {
           linkSync(aside, file)
         } catch {}
+        unlinkSync(aside)
+        continue
       }
       unlinkSync(aside)
       // The gone owner's identity goes with its lock: were a process of its pid to take the lock
       // next, its lock would read as left by a gone process until it wrote its own.
-      try {
-        if (readFileSync(ownerFile, 'utf8').trim().split(' ')[0] === held) unlinkSync(ownerFile)
-      } catch {}
+      if (ownerText(ownerFile)?.split(' ')[0] === held) {
+        try {
+          unlinkSync(ownerFile)
+        } catch {}
+      }
     }
     throw new KeygateError('store_locked', `could not lock the embedded store in ${dir}`)
   } finally {
     unlinkSync(mine)
   }
+}
+
+/** Whether the owner file names `held` in a pid namespace other than this process's, in this boot. */
+function otherNamespaceOf(ownerFile: string, held: number): boolean {
+  const recorded = ownerText(ownerFile)?.split(' ')
+  return recorded !== undefined && recorded.length === 6 && recorded[0] === String(held) && recorded[1] === bootId() && recorded[3] !== namespace('pid')
 }
 
 /**

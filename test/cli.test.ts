@@ -84,7 +84,7 @@ t.test('the embedded store is refused while another process holds it', async (t)
   t.match(r.stderr, /KEYGATE_ADMIN_URL/)
   // The holder (this test's process) is no keygate command: the lock may be a gone keygate's,
   // its pid since another program's, and the message says which file to remove then.
-  t.match(r.stderr, `(node, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is node's since: remove ${join(dataDir, 'keygate.lock')}; else`)
+  t.match(r.stderr, `(node, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is node's since: remove ${join(dataDir, 'keygate.lock')} and ${join(dataDir, 'keygate.lock.owner')}; else`)
   // The gitea and n8n commands are sent to the admin API too, and go through it when it is set.
   for (const group of ['gitea', 'n8n']) {
     const locked = await runCli([group, 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })

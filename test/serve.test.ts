@@ -76,7 +76,7 @@ t.test('serve refused by a store a command holds is told to wait for it or stop 
   const r = await runCli(['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env })
   t.equal(r.code, 1)
   // This test's process holds it, a program that is no keygate command.
-  t.match(r.stderr, `the embedded store in ${dir} is in use by process ${process.pid} (node, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is node's since: remove ${dir}/keygate.lock; else wait for it to end (a keygate command ends by itself), or stop it; several servers need a shared store (DATABASE_URL)`)
+  t.match(r.stderr, `the embedded store in ${dir} is in use by process ${process.pid} (node, no keygate command): if no keygate process uses this store, the lock was left by one that is gone, and its pid is node's since: remove ${dir}/keygate.lock and ${dir}/keygate.lock.owner; else wait for it to end (a keygate command ends by itself), or stop it; several servers need a shared store (DATABASE_URL)`)
   // Before: "point the CLI at its admin API with KEYGATE_ADMIN_URL", advice for the CLI, given to the server.
   t.notMatch(r.stderr, /KEYGATE_ADMIN_URL|point the CLI/)
 })

@@ -2,11 +2,18 @@
 // its owner runs, never left without its pid, and released only by the process whose pid it holds.
 import t from 'tap'
 import { spawn } from 'node:child_process'
-import { mkdtempSync, readdirSync, readFileSync, renameSync, utimesSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, processIdentity } from '../core/db.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+
+/** A store of its own for the test, removed when the test ends (each is a PGlite folder of about 40 MB). */
+async function storeFolder(t: { teardown(fn: () => void): void }): Promise<string> {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-lock-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return seedDataDir(dir)
+}
 
 /** A process that runs until the test ends. */
 function liveProcess(t: { teardown(fn: () => void): void }): number {
@@ -23,7 +30,7 @@ async function deadPid(): Promise<number> {
 }
 
 t.test('a stale lock is taken over, a live one refuses, and a process removes only its own', async (t) => {
-  const dir = await seedDataDir(mkdtempSync(join(tmpdir(), 'keygate-lock-')))
+  const dir = await storeFolder(t)
   const lock = join(dir, 'keygate.lock')
   writeFileSync(lock, String(await deadPid()))
   const db = await openDb({ dataDir: dir })
@@ -57,22 +64,34 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   // start was store_locked until someone removed the file.
   const live = liveProcess(t)
   const identity = processIdentity(live) as string
-  t.match(identity, new RegExp(`^${live} [0-9a-f-]+ pid:\\[\\d+\\] \\d+$`), "a process's identity: pid, boot id, pid namespace, start in ticks")
-  const [, boot, ns, start] = identity.split(' ') as [string, string, string, string]
+  t.match(identity, new RegExp(`^${live} [0-9a-f-]+ ([0-9a-f]{32}|-) pid:\\[\\d+\\] (time:\\[\\d+\\]|-) \\d+$`), "a process's identity: pid, boot id, machine id, pid and time namespaces, start in ticks")
+  const [, boot, machine, pidNs, timeNs, start] = identity.split(' ') as [string, string, string, string, string, string]
   const otherBoot = boot.replace(/^./, (c) => (c === 'a' ? 'b' : 'a'))
+  const otherMachine = 'f'.repeat(32)
   const bootedAt = Number(/^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))?.[1])
   const lockWith = async (owner: string | undefined, lockTime?: number) => {
-    const dir = await seedDataDir(mkdtempSync(join(tmpdir(), 'keygate-lock-')))
+    const dir = await storeFolder(t)
     const lock = join(dir, 'keygate.lock')
     writeFileSync(lock, String(live))
     if (lockTime !== undefined) utimesSync(lock, lockTime, lockTime)
     if (owner !== undefined) writeFileSync(`${lock}.owner`, owner)
     return { dir, lock }
   }
-  for (const [what, owner, lockTime] of [
-    ['written before this boot, in an earlier one', `${live} ${otherBoot} ${ns} ${start}`, bootedAt - 3600],
-    ['of a process in this boot and pid namespace that started at another time', `${live} ${boot} ${ns} ${Number(start) + 1}`, undefined],
-  ] as const) {
+  const opens = async (dir: string) =>
+    openDb({ dataDir: dir }).then(
+      async (d) => {
+        await d.close()
+        return 'opened'
+      },
+      (err: { code?: string; message?: string }) => `${err.code}: ${err.message}`,
+    )
+  const cases: Array<[string, string, number | undefined]> = [
+    ['of a process in this boot and pid namespace that started at another tick', `${live} ${boot} ${machine} ${pidNs} ${timeNs} ${Number(start) + 1}`, undefined],
+  ]
+  // Needs this machine's id: without one, an earlier boot cannot be told from another machine's.
+  if (machine === '-') t.comment('this machine has no /etc/machine-id: a lock of an earlier boot is judged by its pid, and that case is not run')
+  else cases.push(['written on this machine before this boot', `${live} ${otherBoot} ${machine} ${pidNs} ${timeNs} ${start}`, bootedAt - 3600])
+  for (const [what, owner, lockTime] of cases) {
     const { dir, lock } = await lockWith(owner, lockTime)
     const db = await openDb({ dataDir: dir })
     t.equal(readFileSync(lock, 'utf8'), String(process.pid), `a lock ${what}, its pid now another process's, is taken over`)
@@ -83,16 +102,42 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   // The owner's own identity, or none (a lock of an earlier version), or one naming another pid
   // (the owner has not written its own yet), or one this process cannot judge: the lock stands
   // while its pid runs.
-  for (const [what, owner] of [
-    ['whose owner file names its process', identity],
-    ['without an owner file', undefined],
-    ['whose owner file names another pid', `${live + 1} ${otherBoot} ${ns} 1`],
-    // Another kernel's (a virtual machine sharing the folder): its lock is younger than this boot.
-    ['of another boot id, written since this boot', `${live} ${otherBoot} ${ns} ${start}`],
+  for (const [what, owner, lockTime] of [
+    ['whose owner file names its process', identity, undefined],
+    ['without an owner file', undefined, undefined],
+    ['whose owner file names another pid', `${live + 1} ${otherBoot} ${machine} ${pidNs} ${timeNs} 1`, undefined],
+    // Another kernel's (a virtual machine sharing the folder), its lock younger than this boot, or older (found by a review).
+    ['of another boot id, written since this boot', `${live} ${otherBoot} ${machine} ${pidNs} ${timeNs} ${start}`, undefined],
+    ["of another machine's boot, older than this boot", `${live} ${otherBoot} ${otherMachine} ${pidNs} ${timeNs} ${start}`, bootedAt - 3600],
     // A container's: its pids are other processes here.
-    ['of another pid namespace', `${live} ${boot} pid:[1] ${Number(start) + 1}`],
+    ['of another pid namespace', `${live} ${boot} ${machine} pid:[1] ${timeNs} ${Number(start) + 1}`, undefined],
+    // Another time namespace shifts the start ticks read (found by a review: a live owner judged gone).
+    ['of another time namespace', `${live} ${boot} ${machine} ${pidNs} time:[1] ${Number(start) + 86_400}`, undefined],
+    ['of an owner file in the format of 5eee258', `${live} ${boot} ${pidNs} ${Number(start) + 1}`, undefined],
   ] as const) {
-    const { lock, dir } = await lockWith(owner)
+    const { lock, dir } = await lockWith(owner, lockTime)
+    t.match(await opens(dir), /^store_locked: /, `a lock ${what} is refused while its pid runs`)
+    t.equal(readFileSync(lock, 'utf8'), String(live), 'and left as it is')
+    if (owner !== undefined) t.equal(readFileSync(`${lock}.owner`, 'utf8'), owner, 'its owner file too')
+  }
+  // What the message says where the owner file names another pid namespace: that, not that the
+  // owner is likely gone (found by a review).
+  const { dir: nsDir } = await lockWith(`${live} ${boot} ${machine} pid:[1] ${timeNs} ${start}`)
+  t.match(await opens(nsDir), /in use by process \d+ of another pid namespace \(a container sharing the data folder; its pid here is another process\): stop that keygate; if it is gone, remove .*keygate\.lock and .*keygate\.lock\.owner$/)
+})
+
+t.test('an owner file or lock that is no small regular file is never read as one', async (t) => {
+  // Found by a review: an owner file linked to /dev/zero grew a command to 13.8 GB; a FIFO hung it.
+  const live = liveProcess(t)
+  for (const [what, plant] of [
+    ['a symbolic link to /dev/zero', (path: string) => symlinkSync('/dev/zero', path)],
+    ['a folder', (path: string) => mkdirSync(path)],
+    ['a file of 1 MB', (path: string) => writeFileSync(path, 'x'.repeat(1_000_000))],
+  ] as const) {
+    const dir = await storeFolder(t)
+    const lock = join(dir, 'keygate.lock')
+    writeFileSync(lock, String(live))
+    plant(`${lock}.owner`)
     const refused = await openDb({ dataDir: dir }).then(
       async (d) => {
         await d.close()
@@ -100,8 +145,16 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
       },
       (err: { code?: string }) => err.code,
     )
-    t.equal(refused, 'store_locked', `a lock ${what} is refused while its pid runs`)
-    t.equal(readFileSync(lock, 'utf8'), String(live), 'and left as it is')
-    if (owner !== undefined) t.equal(readFileSync(`${lock}.owner`, 'utf8'), owner, 'its owner file too')
+    t.equal(refused, 'store_locked', `an owner file that is ${what}: the lock is judged by its pid alone`)
+    const lockDir = await storeFolder(t)
+    plant(join(lockDir, 'keygate.lock'))
+    const odd = await openDb({ dataDir: lockDir }).then(
+      async (d) => {
+        await d.close()
+        return 'opened'
+      },
+      (err: { code?: string; message?: string }) => `${err.code}: ${err.message}`,
+    )
+    t.match(odd, /^store_unavailable: cannot lock the embedded store in .*: .*keygate\.lock is not a lock keygate writes/, `a lock that is ${what}: refused, saying so`)
   }
 })
