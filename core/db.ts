@@ -1,6 +1,7 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
 import { accessSync, chmodSync, closeSync, existsSync, constants as fsConstants, fstatSync, linkSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import net from 'node:net'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
@@ -595,6 +596,9 @@ export function processIdentity(pid: number): string | undefined {
   return `${pid} ${boot} ${machineId() ?? '-'} ${pidNs} ${namespace('time') ?? '-'} ${start}`
 }
 
+/** The owner file's fields: processIdentity's six, and whether the owner listens on its socket (`sock`, or `-`). */
+const OWNER_FIELDS = 7
+
 /** A lock or owner file as read: its text, and which file it was (the inode) and when it was written. */
 interface LockRead {
   text: string
@@ -659,7 +663,7 @@ function ownerText(ownerFile: string): string | undefined {
  */
 function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boolean {
   const recorded = ownerText(ownerFile)?.split(' ')
-  if (recorded === undefined || recorded.length !== 6 || recorded[0] !== String(held)) return false
+  if (recorded === undefined || recorded.length !== OWNER_FIELDS || recorded[0] !== String(held)) return false
   const [, boot, machine, pidNs, timeNs, start] = recorded
   const thisBoot = bootId()
   if (thisBoot === undefined) return false
@@ -670,6 +674,59 @@ function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boo
   if (pidNs !== namespace('pid') || timeNs !== (namespace('time') ?? '-')) return false
   const now = startTicks(held)
   return now !== undefined && now !== start
+}
+
+/**
+ * Listens on `socketFile` (a stale one of a gone owner removed first) for as long as the lock is
+ * held, answering nothing: a process that connects learns the owner runs (ownerListening). Not
+ * kept for the event loop. Undefined where it cannot (a path longer than a socket's 107 bytes, a
+ * file system without sockets): the lock is then judged as without one.
+ */
+async function listenForLiveness(socketFile: string): Promise<net.Server | undefined> {
+  try {
+    unlinkSync(socketFile)
+  } catch {}
+  const server = net.createServer((socket) => socket.destroy())
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen({ path: socketFile, exclusive: true }, () => resolve())
+    })
+  } catch {
+    server.close()
+    return undefined
+  }
+  server.on('error', () => {})
+  server.unref()
+  return server
+}
+
+/**
+ * Whether the lock's owner answers on its socket, where the owner file names `held` in this boot
+ * (the kernel's sockets are this kernel's): 'alive' when it answers, in any pid namespace (two
+ * containers sharing a data folder: a container's keygate has a pid that means another process
+ * here, or this process's own; found by a review, both then opened the store), 'gone' when the
+ * socket is there and refuses (its owner is gone, whatever runs under its pid now), and
+ * 'unknown' otherwise (no owner file naming `held`, another boot or kernel, no socket: an owner
+ * of a version before it, or one that could not listen), for the pid to judge. A stopped (frozen)
+ * owner still answers: the kernel takes the connection.
+ */
+async function ownerListening(socketFile: string, ownerFile: string, held: number): Promise<'alive' | 'gone' | 'unknown'> {
+  const recorded = ownerText(ownerFile)?.split(' ')
+  // Only an owner that says it listens: one that could not would leave a stale socket refusing.
+  if (recorded === undefined || recorded.length !== OWNER_FIELDS || recorded[0] !== String(held) || recorded[1] !== bootId() || recorded[6] !== 'sock') return 'unknown'
+  return new Promise((resolve) => {
+    const socket = net.connect({ path: socketFile })
+    const done = (verdict: 'alive' | 'gone' | 'unknown') => {
+      socket.destroy()
+      clearTimeout(timer)
+      resolve(verdict)
+    }
+    // A connection the kernel cannot queue (EAGAIN) is an owner too busy to take one: alive.
+    const timer = setTimeout(() => done('alive'), 2000)
+    socket.once('connect', () => done('alive'))
+    socket.once('error', (err: NodeJS.ErrnoException) => done(err.code === 'ECONNREFUSED' ? 'gone' : err.code === 'EAGAIN' ? 'alive' : 'unknown'))
+  })
 }
 
 /**
@@ -688,7 +745,7 @@ function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boo
  * by a review): two processes taking over the same stale lock cannot both win. A process removes
  * the lock only while it still holds its pid.
  */
-function lockDataDir(dir: string, hint: string): () => void {
+async function lockDataDir(dir: string, hint: string): Promise<() => void> {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
   const mine = ownTempName(file)
@@ -696,10 +753,22 @@ function lockDataDir(dir: string, hint: string): () => void {
   // by a review, one that failed on a full disk left it behind, empty).
   writeNewFile(mine, pid, 0o600, false)
   const ownerFile = `${file}.owner`
+  const socketFile = `${file}.sock`
   const identity = processIdentity(process.pid)
+  /** What this process wrote to the owner file: its identity, and whether it listens (`sock`, or `-`). */
+  let owned: string | undefined
+  let listening: net.Server | undefined
   const release = () => {
-    // The owner file first: removed with the lock still held, it is never another process's.
-    if (identity !== undefined && ownerText(ownerFile) === identity) {
+    // The socket first, then the owner file: removed with the lock still held, neither is ever
+    // another process's.
+    if (listening !== undefined) {
+      listening.close()
+      listening = undefined
+      try {
+        unlinkSync(socketFile)
+      } catch {}
+    }
+    if (owned !== undefined && ownerText(ownerFile) === owned) {
       try {
         unlinkSync(ownerFile)
       } catch {}
@@ -711,19 +780,33 @@ function lockDataDir(dir: string, hint: string): () => void {
   }
   try {
     for (let attempt = 0; attempt < 3; attempt++) {
+      let linked: boolean
       try {
         linkSync(mine, file)
-        if (identity !== undefined) writeOwner(ownerFile, identity)
-        return release
+        linked = true
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+        linked = false
+      }
+      if (linked) {
+        // Listening before the owner file is written: a process that reads this owner file
+        // finds this socket answering (ownerListening).
+        if (identity !== undefined) {
+          listening = await listenForLiveness(socketFile)
+          owned = `${identity} ${listening === undefined ? '-' : 'sock'}`
+          writeOwner(ownerFile, owned)
+        }
+        return release
       }
       const lock = readLockFile(file)
       if (lock === undefined) continue // released meanwhile
       if (lock === 'odd') throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${file} is not a lock keygate writes (a symbolic link, a folder, or a file of another kind or size); if no keygate process uses the store, remove it`)
       const held = lock.text
       const owner = Number(held)
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner)) {
+      const valid = Number.isInteger(owner) && owner > 0
+      // The owner's socket tells first where it can (ownerListening); else its pid, as before.
+      const liveness = valid ? await ownerListening(socketFile, ownerFile, owner) : 'unknown'
+      if (liveness === 'alive' || (liveness === 'unknown' && valid && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner))) {
         const command = keygateCommandOf(owner)
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
@@ -780,7 +863,7 @@ function lockDataDir(dir: string, hint: string): () => void {
 /** Whether the owner file names `held` in a pid namespace other than this process's, in this boot. */
 function otherNamespaceOf(ownerFile: string, held: number): boolean {
   const recorded = ownerText(ownerFile)?.split(' ')
-  return recorded !== undefined && recorded.length === 6 && recorded[0] === String(held) && recorded[1] === bootId() && recorded[3] !== namespace('pid')
+  return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) && recorded[1] === bootId() && recorded[3] !== namespace('pid')
 }
 
 /**
@@ -1096,7 +1179,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   let release: () => void
   try {
-    release = lockDataDir(dir, options.lockedHint ?? STORE_LOCKED_HINT)
+    release = await lockDataDir(dir, options.lockedHint ?? STORE_LOCKED_HINT)
   } catch (err) {
     if (isKeygateError(err)) throw err
     const at = (err as NodeJS.ErrnoException).path

@@ -2,6 +2,7 @@
 // its owner runs, never left without its pid, and released only by the process whose pid it holds.
 import t from 'tap'
 import { spawn } from 'node:child_process'
+import net from 'node:net'
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -14,6 +15,16 @@ async function storeFolder(t: { teardown(fn: () => void): void }): Promise<strin
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   return seedDataDir(dir)
 }
+
+/** What opening the store at `dir` comes to: 'opened' (and closed again), or the refusal's code and message. */
+const opens = async (dir: string): Promise<string> =>
+  openDb({ dataDir: dir }).then(
+    async (d) => {
+      await d.close()
+      return 'opened'
+    },
+    (err: { code?: string; message?: string }) => `${err.code}: ${err.message}`,
+  )
 
 /** A process that runs until the test ends. */
 function liveProcess(t: { teardown(fn: () => void): void }): number {
@@ -35,17 +46,17 @@ t.test('a stale lock is taken over, a live one refuses, and a process removes on
   writeFileSync(lock, String(await deadPid()))
   const db = await openDb({ dataDir: dir })
   t.equal(readFileSync(lock, 'utf8'), String(process.pid), "the lock of a process that is gone is taken over, with this process's pid in it")
-  t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')).sort(), ['keygate.lock', 'keygate.lock.owner'], 'no file of the taking-over is left beside it')
-  t.equal(readFileSync(`${lock}.owner`, 'utf8'), processIdentity(process.pid), "the owner file names this process: its pid, the boot's id and its start")
+  t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')).sort(), ['keygate.lock', 'keygate.lock.owner', 'keygate.lock.sock'], 'no file of the taking-over is left beside it')
+  t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(process.pid)} sock`, "the owner file names this process (pid, boot, machine, namespaces, start) and that it listens on keygate.lock.sock")
 
   // Another process took the lock over meanwhile (say, one that judged this process gone): closing must not remove its lock.
   const other = liveProcess(t)
   writeFileSync(join(dir, 'other'), String(other))
   renameSync(join(dir, 'other'), lock)
-  writeFileSync(`${lock}.owner`, processIdentity(other) as string)
+  writeFileSync(`${lock}.owner`, `${processIdentity(other)} -`)
   await db.close()
   t.equal(readFileSync(lock, 'utf8'), String(other), "closing leaves another process's lock in place")
-  t.equal(readFileSync(`${lock}.owner`, 'utf8'), processIdentity(other), 'and its owner file')
+  t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(other)} -`, 'and its owner file')
 
   const refused = await openDb({ dataDir: dir }).then(
     async (d) => {
@@ -63,9 +74,9 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   // services start in the same order and take the same pids) held the store for ever: every
   // start was store_locked until someone removed the file.
   const live = liveProcess(t)
-  const identity = processIdentity(live) as string
-  t.match(identity, new RegExp(`^${live} [0-9a-f-]+ ([0-9a-f]{32}|-) pid:\\[\\d+\\] (time:\\[\\d+\\]|-) \\d+$`), "a process's identity: pid, boot id, machine id, pid and time namespaces, start in ticks")
-  const [, boot, machine, pidNs, timeNs, start] = identity.split(' ') as [string, string, string, string, string, string]
+  const identity = `${processIdentity(live) as string} -`
+  t.match(identity, new RegExp(`^${live} [0-9a-f-]+ ([0-9a-f]{32}|-) pid:\\[\\d+\\] (time:\\[\\d+\\]|-) \\d+ -$`), "a process's identity: pid, boot id, machine id, pid and time namespaces, start in ticks")
+  const [, boot, machine, pidNs, timeNs, start] = identity.split(' ') as [string, string, string, string, string, string, string]
   const otherBoot = boot.replace(/^./, (c) => (c === 'a' ? 'b' : 'a'))
   const otherMachine = 'f'.repeat(32)
   const bootedAt = Number(/^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))?.[1])
@@ -77,25 +88,17 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
     if (owner !== undefined) writeFileSync(`${lock}.owner`, owner)
     return { dir, lock }
   }
-  const opens = async (dir: string) =>
-    openDb({ dataDir: dir }).then(
-      async (d) => {
-        await d.close()
-        return 'opened'
-      },
-      (err: { code?: string; message?: string }) => `${err.code}: ${err.message}`,
-    )
   const cases: Array<[string, string, number | undefined]> = [
-    ['of a process in this boot and pid namespace that started at another tick', `${live} ${boot} ${machine} ${pidNs} ${timeNs} ${Number(start) + 1}`, undefined],
+    ['of a process in this boot and pid namespace that started at another tick', `${live} ${boot} ${machine} ${pidNs} ${timeNs} ${Number(start) + 1} -`, undefined],
   ]
   // Needs this machine's id: without one, an earlier boot cannot be told from another machine's.
   if (machine === '-') t.comment('this machine has no /etc/machine-id: a lock of an earlier boot is judged by its pid, and that case is not run')
-  else cases.push(['written on this machine before this boot', `${live} ${otherBoot} ${machine} ${pidNs} ${timeNs} ${start}`, bootedAt - 3600])
+  else cases.push(['written on this machine before this boot', `${live} ${otherBoot} ${machine} ${pidNs} ${timeNs} ${start} -`, bootedAt - 3600])
   for (const [what, owner, lockTime] of cases) {
     const { dir, lock } = await lockWith(owner, lockTime)
     const db = await openDb({ dataDir: dir })
     t.equal(readFileSync(lock, 'utf8'), String(process.pid), `a lock ${what}, its pid now another process's, is taken over`)
-    t.equal(readFileSync(`${lock}.owner`, 'utf8'), processIdentity(process.pid), 'the owner file is this process now')
+    t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(process.pid)} sock`, 'the owner file is this process now')
     await db.close()
     t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), [], 'both files are removed on close')
   }
@@ -105,14 +108,14 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   for (const [what, owner, lockTime] of [
     ['whose owner file names its process', identity, undefined],
     ['without an owner file', undefined, undefined],
-    ['whose owner file names another pid', `${live + 1} ${otherBoot} ${machine} ${pidNs} ${timeNs} 1`, undefined],
+    ['whose owner file names another pid', `${live + 1} ${otherBoot} ${machine} ${pidNs} ${timeNs} 1 -`, undefined],
     // Another kernel's (a virtual machine sharing the folder), its lock younger than this boot, or older (found by a review).
-    ['of another boot id, written since this boot', `${live} ${otherBoot} ${machine} ${pidNs} ${timeNs} ${start}`, undefined],
-    ["of another machine's boot, older than this boot", `${live} ${otherBoot} ${otherMachine} ${pidNs} ${timeNs} ${start}`, bootedAt - 3600],
+    ['of another boot id, written since this boot', `${live} ${otherBoot} ${machine} ${pidNs} ${timeNs} ${start} -`, undefined],
+    ["of another machine's boot, older than this boot", `${live} ${otherBoot} ${otherMachine} ${pidNs} ${timeNs} ${start} -`, bootedAt - 3600],
     // A container's: its pids are other processes here.
-    ['of another pid namespace', `${live} ${boot} ${machine} pid:[1] ${timeNs} ${Number(start) + 1}`, undefined],
+    ['of another pid namespace', `${live} ${boot} ${machine} pid:[1] ${timeNs} ${Number(start) + 1} -`, undefined],
     // Another time namespace shifts the start ticks read (found by a review: a live owner judged gone).
-    ['of another time namespace', `${live} ${boot} ${machine} ${pidNs} time:[1] ${Number(start) + 86_400}`, undefined],
+    ['of another time namespace', `${live} ${boot} ${machine} ${pidNs} time:[1] ${Number(start) + 86_400} -`, undefined],
     ['of an owner file in the format of 5eee258', `${live} ${boot} ${pidNs} ${Number(start) + 1}`, undefined],
   ] as const) {
     const { lock, dir } = await lockWith(owner, lockTime)
@@ -122,7 +125,7 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   }
   // What the message says where the owner file names another pid namespace: that, not that the
   // owner is likely gone (found by a review).
-  const { dir: nsDir } = await lockWith(`${live} ${boot} ${machine} pid:[1] ${timeNs} ${start}`)
+  const { dir: nsDir } = await lockWith(`${live} ${boot} ${machine} pid:[1] ${timeNs} ${start} -`)
   t.match(await opens(nsDir), /in use by process \d+ of another pid namespace \(a container sharing the data folder; its pid here is another process\): stop that keygate; if it is gone, remove .*keygate\.lock and .*keygate\.lock\.owner$/)
 })
 
@@ -157,4 +160,54 @@ t.test('an owner file or lock that is no small regular file is never read as one
     )
     t.match(odd, /^store_unavailable: cannot lock the embedded store in .*: .*keygate\.lock is not a lock keygate writes/, `a lock that is ${what}: refused, saying so`)
   }
+})
+
+/** A socket at `path` that answers until the test ends. */
+async function answeringSocket(t: { teardown(fn: () => void): void }, path: string): Promise<void> {
+  const server = net.createServer((socket) => socket.destroy())
+  await new Promise<void>((resolve) => server.listen(path, resolve))
+  t.teardown(() => server.close())
+}
+
+/** A socket file at `path` whose process was killed: it refuses every connection. */
+async function staleSocket(path: string): Promise<void> {
+  const child = spawn(process.execPath, ['-e', "require('node:net').createServer().listen(process.argv[1], () => process.stdout.write('up'))", path], { stdio: ['ignore', 'pipe', 'ignore'] })
+  await new Promise((resolve) => child.stdout.once('data', resolve))
+  child.kill('SIGKILL')
+  await new Promise((resolve) => child.once('exit', resolve))
+}
+
+t.test("the owner's socket tells whether it runs, in any pid namespace: two containers sharing a data folder never both open it", async (t) => {
+  // Found by a review: a container's keygate has a pid that means another process here, often
+  // this process's own (pid 1) or none at all, and the lock was taken over: both opened the store.
+  const mine = processIdentity(process.pid) as string
+  const [, boot, machine, , timeNs, start] = mine.split(' ') as [string, string, string, string, string, string]
+  for (const [what, pid] of [
+    ["this process's own pid", process.pid],
+    ['a pid no process has here', await deadPid()],
+  ] as const) {
+    const dir = await storeFolder(t)
+    const lock = join(dir, 'keygate.lock')
+    writeFileSync(lock, String(pid))
+    writeFileSync(`${lock}.owner`, `${pid} ${boot} ${machine} pid:[1] ${timeNs} ${start} sock`)
+    await answeringSocket(t, `${lock}.sock`)
+    t.match(await opens(dir), /^store_locked: .* of another pid namespace \(a container sharing the data folder/, `a container's live keygate whose pid is ${what}: refused`)
+    t.equal(readFileSync(lock, 'utf8'), String(pid), 'its lock left as it is')
+  }
+  // Its socket refusing (the owner is gone, its socket file left): taken over, whatever runs under its pid.
+  const live = liveProcess(t)
+  const dir = await storeFolder(t)
+  const lock = join(dir, 'keygate.lock')
+  writeFileSync(lock, String(live))
+  writeFileSync(`${lock}.owner`, `${processIdentity(live)} sock`)
+  await staleSocket(`${lock}.sock`)
+  t.equal(await opens(dir), 'opened', "an owner file naming a live process whose socket refuses: the owner is gone (it would answer), taken over")
+  t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), [], 'and every file of the lock removed on close')
+  // An owner that says it does not listen: a socket left there refusing says nothing of it.
+  const quiet = await storeFolder(t)
+  const quietLock = join(quiet, 'keygate.lock')
+  writeFileSync(quietLock, String(live))
+  writeFileSync(`${quietLock}.owner`, `${processIdentity(live)} -`)
+  await staleSocket(`${quietLock}.sock`)
+  t.match(await opens(quiet), /^store_locked: /, 'an owner that does not listen is judged by its pid: refused while it runs')
 })
