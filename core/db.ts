@@ -758,6 +758,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
   /** What this process wrote to the owner file: its identity, and whether it listens (`sock`, or `-`). */
   let owned: string | undefined
   let listening: net.Server | undefined
+  let unlockTaking: (() => void) | undefined
   const release = () => {
     // The socket first, then the owner file: removed with the lock still held, neither is ever
     // another process's.
@@ -779,6 +780,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
     } catch {}
   }
   try {
+    unlockTaking = await takingLock(dir)
     for (let attempt = 0; attempt < 3; attempt++) {
       let linked: boolean
       try {
@@ -804,9 +806,13 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
       const held = lock.text
       const owner = Number(held)
       const valid = Number.isInteger(owner) && owner > 0
-      // The owner's socket tells first where it can (ownerListening); else its pid, as before.
+      // The owner's socket tells first where it can (ownerListening). An owner of another pid
+      // namespace that cannot be asked (it could not listen: a data folder path too long for a
+      // socket; found by a review, a container of pid 1 then took it over as its own) holds it.
+      // Else its pid, as before.
       const liveness = valid ? await ownerListening(socketFile, ownerFile, owner) : 'unknown'
-      if (liveness === 'alive' || (liveness === 'unknown' && valid && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner))) {
+      const unaskable = liveness === 'unknown' && valid && otherNamespaceOf(ownerFile, owner)
+      if (liveness === 'alive' || unaskable || (liveness === 'unknown' && valid && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner))) {
         const command = keygateCommandOf(owner)
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
@@ -856,11 +862,60 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
     }
     throw new KeygateError('store_locked', `could not lock the embedded store in ${dir}`)
   } finally {
+    unlockTaking?.()
     unlinkSync(mine)
   }
 }
 
-/** Whether the owner file names `held` in a pid namespace other than this process's, in this boot. */
+/** How old a marker of a lock being taken may be before it counts as left by a process that died taking it (it is held for milliseconds). */
+const TAKING_STALE_MS = 10_000
+/** How long a process waits for another to finish taking the lock, at most. */
+const TAKING_WAIT_MS = 20_000
+
+/**
+ * Takes `keygate.lock.taking`, a marker that one process at a time holds while it takes the lock
+ * (links it, or judges a lock there and takes it over, and writes its owner file and socket);
+ * resolves with its release. Found by a review, each step alone left a gap: a lock linked and its
+ * owner file not yet written read as an earlier version's (a container of pid 1 then took it over
+ * as its own), and a stale lock moved aside by one process while a second took it over and a
+ * third linked its own lost the second's lock (both ran). Created exclusively; a marker older or
+ * younger than TAKING_STALE_MS by the clock is a dead process's and is removed (judged by age, not
+ * pid: a container's pid means another process here). A keygate of a version before it takes
+ * the lock without it, as before.
+ */
+async function takingLock(dir: string): Promise<() => void> {
+  const marker = join(dir, 'keygate.lock.taking')
+  const mine = String(process.pid)
+  const until = Date.now() + TAKING_WAIT_MS
+  for (;;) {
+    try {
+      writeNewFile(marker, mine, 0o600, false)
+      return () => {
+        try {
+          const held = readLockFile(marker)
+          if (typeof held === 'object' && held.text === mine) unlinkSync(marker)
+        } catch {}
+      }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
+    }
+    const held = readLockFile(marker)
+    if (held === 'odd') throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${marker} is not a file keygate writes; if no keygate process uses the store, remove it`)
+    if (held !== undefined && Math.abs(Date.now() - held.mtimeMs) > TAKING_STALE_MS) {
+      try {
+        unlinkSync(marker)
+      } catch {}
+      continue
+    }
+    if (Date.now() > until) throw new KeygateError('store_locked', `another keygate process has been taking the lock of the embedded store in ${dir} for ${TAKING_WAIT_MS / 1000} s (${marker}); try again, or remove that file if no keygate process runs`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+/**
+ * Whether the owner file names `held` in a pid namespace other than this process's, in this boot:
+ * a process whose pid means another one here (a container), which only its socket can speak for.
+ */
 function otherNamespaceOf(ownerFile: string, held: number): boolean {
   const recorded = ownerText(ownerFile)?.split(' ')
   return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) && recorded[1] === bootId() && recorded[3] !== namespace('pid')
