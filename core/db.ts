@@ -890,10 +890,13 @@ async function takingLock(dir: string): Promise<() => void> {
   for (;;) {
     try {
       writeNewFile(marker, mine, 0o600, false)
+      // Released by its inode, not its text: a container's process of the same pid may have
+      // removed it as stale and made its own.
+      const made = statSync(marker)
       return () => {
         try {
           const held = readLockFile(marker)
-          if (typeof held === 'object' && held.text === mine) unlinkSync(marker)
+          if (typeof held === 'object' && held.ino === made.ino && held.dev === made.dev) unlinkSync(marker)
         } catch {}
       }
     } catch (err) {
