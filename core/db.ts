@@ -619,7 +619,8 @@ function readLockFile(path: string): LockRead | 'odd' | undefined {
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code
     if (code === 'ENOENT') return undefined
-    if (code === 'ELOOP') return 'odd'
+    // A symbolic link (ELOOP) or a socket (ENXIO: it cannot be opened at all).
+    if (code === 'ELOOP' || code === 'ENXIO') return 'odd'
     throw err
   }
   try {
@@ -762,12 +763,15 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
   const release = () => {
     // The socket first, then the owner file: removed with the lock still held, neither is ever
     // another process's.
+    // The socket's file before the server closes (found by a review): in between, a process
+    // asking would be refused and judge this owner gone, and this unlink would then remove its
+    // new socket. Without the file it asks nothing, and the pid judges.
     if (listening !== undefined) {
-      listening.close()
-      listening = undefined
       try {
         unlinkSync(socketFile)
       } catch {}
+      listening.close()
+      listening = undefined
     }
     if (owned !== undefined && ownerText(ownerFile) === owned) {
       try {
@@ -907,7 +911,11 @@ async function takingLock(dir: string): Promise<() => void> {
     if (held !== undefined && Math.abs(Date.now() - held.mtimeMs) > TAKING_STALE_MS) {
       try {
         unlinkSync(marker)
-      } catch {}
+      } catch (err) {
+        // One that cannot be removed would be met again at once, for ever (found by a review: a
+        // marker made immutable spun a CPU past the wait's bound).
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${marker}, left by a process that died taking the lock, cannot be removed (${systemErrorWords(err)}); remove it`)
+      }
       continue
     }
     if (Date.now() > until) throw new KeygateError('store_locked', `another keygate process has been taking the lock of the embedded store in ${dir} for ${TAKING_WAIT_MS / 1000} s (${marker}); try again, or remove that file if no keygate process runs`)

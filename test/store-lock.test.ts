@@ -1,7 +1,7 @@
 // The embedded store's lock (core/db.ts): taken over from a process that is gone, refused while
 // its owner runs, never left without its pid, and released only by the process whose pid it holds.
 import t from 'tap'
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import net from 'node:net'
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -134,6 +134,8 @@ t.test('an owner file or lock that is no small regular file is never read as one
   const live = liveProcess(t)
   for (const [what, plant] of [
     ['a symbolic link to /dev/zero', (path: string) => symlinkSync('/dev/zero', path)],
+    // A socket cannot be opened at all (ENXIO): it was the bare errno text (found by a review).
+    ['a socket', (path: string) => staleSocketSync(path)],
     ['a folder', (path: string) => mkdirSync(path)],
     ['a file of 1 MB', (path: string) => writeFileSync(path, 'x'.repeat(1_000_000))],
   ] as const) {
@@ -167,6 +169,11 @@ async function answeringSocket(t: { teardown(fn: () => void): void }, path: stri
   const server = net.createServer((socket) => socket.destroy())
   await new Promise<void>((resolve) => server.listen(path, resolve))
   t.teardown(() => server.close())
+}
+
+/** A socket file at `path`, made by a process that has ended. */
+function staleSocketSync(path: string): void {
+  spawnSync(process.execPath, ['-e', "const s = require('node:net').createServer().listen(process.argv[1], () => process.kill(process.pid, 'SIGKILL'))", path])
 }
 
 /** A socket file at `path` whose process was killed: it refuses every connection. */
