@@ -634,6 +634,12 @@ function readLockFile(path: string): LockRead | 'odd' | undefined {
   }
 }
 
+/** The owner file's fields where it is one of OWNER_FIELDS naming pid `held`; else undefined (none, odd, another format, another pid). */
+function ownerRecord(ownerFile: string, held: number): string[] | undefined {
+  const recorded = ownerText(ownerFile)?.split(' ')
+  return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) ? recorded : undefined
+}
+
 /** The owner file's text, or undefined where it cannot be read as one (none, odd, unreadable). */
 function ownerText(ownerFile: string): string | undefined {
   try {
@@ -663,8 +669,8 @@ function ownerText(ownerFile: string): string | undefined {
  * embedded store).
  */
 function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boolean {
-  const recorded = ownerText(ownerFile)?.split(' ')
-  if (recorded === undefined || recorded.length !== OWNER_FIELDS || recorded[0] !== String(held)) return false
+  const recorded = ownerRecord(ownerFile, held)
+  if (recorded === undefined) return false
   const [, boot, machine, pidNs, timeNs, start] = recorded
   const thisBoot = bootId()
   if (thisBoot === undefined) return false
@@ -713,9 +719,9 @@ async function listenForLiveness(socketFile: string): Promise<net.Server | undef
  * owner still answers: the kernel takes the connection.
  */
 async function ownerListening(socketFile: string, ownerFile: string, held: number): Promise<'alive' | 'gone' | 'unknown'> {
-  const recorded = ownerText(ownerFile)?.split(' ')
+  const recorded = ownerRecord(ownerFile, held)
   // Only an owner that says it listens: one that could not would leave a stale socket refusing.
-  if (recorded === undefined || recorded.length !== OWNER_FIELDS || recorded[0] !== String(held) || recorded[1] !== bootId() || recorded[6] !== 'sock') return 'unknown'
+  if (recorded === undefined || recorded[1] !== bootId() || recorded[6] !== 'sock') return 'unknown'
   return new Promise((resolve) => {
     const socket = net.connect({ path: socketFile })
     const done = (verdict: 'alive' | 'gone' | 'unknown') => {
@@ -928,8 +934,8 @@ async function takingLock(dir: string): Promise<() => void> {
  * a process whose pid means another one here (a container), which only its socket can speak for.
  */
 function otherNamespaceOf(ownerFile: string, held: number): boolean {
-  const recorded = ownerText(ownerFile)?.split(' ')
-  return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) && recorded[1] === bootId() && recorded[3] !== namespace('pid')
+  const recorded = ownerRecord(ownerFile, held)
+  return recorded !== undefined && recorded[1] === bootId() && recorded[3] !== namespace('pid')
 }
 
 /**
