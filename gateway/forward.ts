@@ -10,7 +10,7 @@ import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { Increment, RouteMetrics } from '../core/metrics.ts'
-import { SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
+import { type KeySources, SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { closeWhenAnswered, expectsContinue, hasBody } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import { publicLocation, type CompiledRoute, type Router } from './route.ts'
@@ -195,14 +195,9 @@ function writeEarlyHints(res: ServerResponse, fields: string[]): void {
 interface ForwardOptions {
   ctx: GatewayContext
   router: Router
+  /** With it, a key source's credential is never forwarded: the API key header in any spelling, the query parameter's look-alikes (when a source), and the Authorization header the key came in. */
   stripCredential: boolean
-  /** X-API-Key is one of the key sources: with stripCredential it is never forwarded, in any spelling. */
-  apiKeySource: boolean
-  /** The header that source reads (gateway.api_key_header; X-API-Key when not given). */
-  apiKeyHeader?: string
-  /** Whether the query parameter is a key source (its look-alikes are dropped whenever it is). */
-  querySource: boolean
-  queryParam: string
+  keySources: KeySources
   /** A tunnel with no traffic either way for this long is closed (0: never). */
   tunnelIdleMs: number
   /** A request body that brings nothing for this long is cut off (0: never). */
@@ -398,13 +393,13 @@ function clientGone(s: RequestState): boolean {
 }
 
 export function createForwarder(o: ForwardOptions): Forwarder {
-  const { ctx, router, stripCredential, queryParam, guard, tunnelIdleMs, bodyIdleMs, maxResponseHeaderBytes } = o
+  const { ctx, router, stripCredential, keySources: sources, guard, tunnelIdleMs, bodyIdleMs, maxResponseHeaderBytes } = o
   const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
-  const dropApiKey = stripCredential && o.apiKeySource
-  const apiKeyName = (o.apiKeyHeader ?? 'x-api-key').toLowerCase()
-  const dropQueryLookAlikes = stripCredential && o.querySource
+  const apiKeyName = stripCredential ? sources.header : undefined
+  const queryParam = sources.queryParam
+  const dropQueryLookAlikes = stripCredential && sources.query
   const phpQueryParam = phpParamName(queryParam)
   // What a query that could name the parameter holds: the name's part before any character PHP
   // reads otherwise (`api` of `api_key`, `k` of `k.v`; before, its first three characters, which
@@ -447,7 +442,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         if (route.forwardedPrefix !== undefined && name === 'x-forwarded-prefix') continue
       }
       // The API key header, in any spelling (gateway.api_key_header need not begin with x).
-      if (dropApiKey && name === apiKeyName) continue
+      if (name === apiKeyName) continue
       if (dropAuthorization && name === 'authorization') continue
       if (named !== undefined && named.includes(name)) continue
       const v = h[key]

@@ -24,7 +24,7 @@ import { createClientAddressStage, normalise } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
 import { cachedKeys, KeyCache } from './key-cache.ts'
-import { createKeyExtractStage } from './key-extract.ts'
+import { createKeyExtractStage, keySources } from './key-extract.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
@@ -123,6 +123,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const denyService = deps.denyList ?? new DenyListService({ db: deps.db, ...(clock ? { now: clock } : {}) })
   const deny = new DenyMatcher(config.deny_list)
+  const sources = keySources({ sources: g.key_sources, queryParam: g.query_param, apiKeyHeader: g.api_key_header })
 
   const fixedHead: Stage[] = [
     createRequestIdStage({ accept: g.accept_request_id, next: nextId }),
@@ -134,8 +135,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     createLockoutStage(lockout, metrics),
     createAddressRateLimitStage({ limit: config.rate_limits.per_address.limit, windowS: config.rate_limits.per_address.window_s, redis, cluster, metrics }),
     // Only where a route forwards CORS preflights: absent otherwise.
-    ...(router.routes.some((r) => r.corsPreflight) ? [createPreflightStage(router, { sources: g.key_sources, queryParam: g.query_param, apiKeyHeader: g.api_key_header })] : []),
-    createKeyExtractStage({ sources: g.key_sources, queryParam: g.query_param, apiKeyHeader: g.api_key_header }),
+    ...(router.routes.some((r) => r.corsPreflight) ? [createPreflightStage(router, sources)] : []),
+    createKeyExtractStage(sources),
     createValidateStage({
       cache,
       prefixes: keyPrefixes(config.keys.prefix, config.keys.previous_prefixes),
@@ -215,7 +216,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
   await refreshDenyList()
 
-  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, apiKeySource: g.key_sources.includes('x-api-key'), apiKeyHeader: g.api_key_header, querySource: g.key_sources.includes('query'), queryParam: g.query_param, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, bodyIdleMs: g.body_idle_timeout_ms, maxResponseHeaderBytes: g.max_response_header_bytes, guard, setRealIp: g.set_x_real_ip })
+  const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, keySources: sources, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, bodyIdleMs: g.body_idle_timeout_ms, maxResponseHeaderBytes: g.max_response_header_bytes, guard, setRealIp: g.set_x_real_ip })
 
   const failed = (s: RequestState, err: unknown): void => {
     log.error('gateway stage failed', { request_id: s.id, err: err as Error })

@@ -51,16 +51,54 @@ function twoKeys(s: RequestState): 'bad_request' {
   return 'bad_request'
 }
 
-/** `apiKeyHeader`: the header the `x-api-key` source reads (gateway.api_key_header), as configured. */
-export function createKeyExtractStage(options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string; apiKeyHeader?: string }): Stage {
+export type KeySourceName = 'authorization' | 'x-api-key' | 'query'
+
+/**
+ * Where this gateway takes a key (gateway.key_sources, api_key_header, query_param), worked out
+ * once for all that read a request's credential: the key extraction, the CORS preflight stage
+ * (which lets only a request without one pass keyless) and the forwarder (which removes it).
+ */
+export interface KeySources {
+  /** The sources, in the order they are read. */
+  readonly names: readonly KeySourceName[]
+  readonly authorization: boolean
+  /** The API key header as configured (X-API-Key when not given), for messages. */
+  readonly headerShown: string
+  /** That header's name as Node gives it (lower case), when it is a source. */
+  readonly header: string | undefined
+  /** The query parameter (gateway.query_param), a source or not. */
+  readonly queryParam: string
+  readonly query: boolean
+}
+
+export function keySources(options: { sources: readonly KeySourceName[]; queryParam: string; apiKeyHeader?: string | undefined }): KeySources {
   const headerShown = options.apiKeyHeader ?? 'X-API-Key'
-  const header = headerShown.toLowerCase()
-  const order = options.sources.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
-  const param = options.queryParam
-  const authorizationSource = options.sources.includes('authorization')
+  return {
+    names: options.sources,
+    authorization: options.sources.includes('authorization'),
+    headerShown,
+    header: options.sources.includes('x-api-key') ? headerShown.toLowerCase() : undefined,
+    queryParam: options.queryParam,
+    query: options.sources.includes('query'),
+  }
+}
+
+/**
+ * Whether `name`, a header name as Node gives it, is the API key header in some spelling: CGI,
+ * WSGI and PHP read `_` as `-`, so `x_api_key` reaches them as the same variable.
+ */
+export function isApiKeyHeader(sources: KeySources, name: string): boolean {
+  return sources.header !== undefined && (name === sources.header || (name.includes('_') && name.replaceAll('_', '-') === sources.header))
+}
+
+export function createKeyExtractStage(sources: KeySources): Stage {
+  const { headerShown, queryParam: param, authorization: authorizationSource } = sources
+  // Read only when the API key header is a source.
+  const header = sources.header ?? ''
+  const order = sources.names.map((s) => (s === 'authorization' ? SOURCE_AUTHORIZATION : s === 'x-api-key' ? SOURCE_X_API_KEY : SOURCE_QUERY))
   // Where the key goes, as this gateway takes it (before, found by a review: "An API key is
   // required." alone, beside a Bearer challenge, where only X-API-Key was taken).
-  const where = options.sources.map((s) => (s === 'authorization' ? 'the Authorization header ("Bearer <key>")' : s === 'x-api-key' ? `the ${headerShown} header` : `the ${param} query parameter`))
+  const where = sources.names.map((s) => (s === 'authorization' ? 'the Authorization header ("Bearer <key>")' : s === 'x-api-key' ? `the ${headerShown} header` : `the ${param} query parameter`))
   const missing = `An API key is required: send it in ${where.length > 1 ? `${where.slice(0, -1).join(', ')} or ${where.at(-1)}` : where[0]}.`
 
   const valuesOf = (s: RequestState, source: number): string | string[] | undefined => {

@@ -18,6 +18,7 @@ import { canonicalHost, lenientReading, lenientReadingOf, prefixReadings, routeH
 import type { RouteConfig } from '../config/schema.ts'
 import { hasBody, hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
+import { isApiKeyHeader, type KeySources } from './key-extract.ts'
 import { FORWARD_NOW, pathOf, type RequestState, type Stage } from './state.ts'
 
 export interface CompiledRoute {
@@ -209,10 +210,9 @@ const PLAIN_CONNECTION = /^\s*(?:keep-alive|close)\s*$/i
  * without identity headers. Without it a cross-origin call that sends its key in a header (any
  * header but the CORS-safelisted ones is preflighted) was refused before the browser made it.
  */
-export function createPreflightStage(router: Router, options: { sources: readonly ('authorization' | 'x-api-key' | 'query')[]; queryParam: string; apiKeyHeader?: string }): Stage {
-  const header = options.sources.includes('x-api-key') ? (options.apiKeyHeader ?? 'X-API-Key').toLowerCase() : undefined
-  const authorization = options.sources.includes('authorization')
-  const param = options.sources.includes('query') ? options.queryParam : undefined
+export function createPreflightStage(router: Router, sources: KeySources): Stage {
+  const { header, authorization } = sources
+  const param = sources.query ? sources.queryParam : undefined
   return (s: RequestState) => {
     const h = s.headers
     if (s.res === undefined || s.req.method !== 'OPTIONS' || h.origin === undefined || h['access-control-request-method'] === undefined) return undefined
@@ -225,7 +225,7 @@ export function createPreflightStage(router: Router, options: { sources: readonl
     if (hasBody(h) || h.upgrade !== undefined || h.expect !== undefined || (h.connection !== undefined && !PLAIN_CONNECTION.test(h.connection))) return undefined
     if (authorization && h.authorization !== undefined) return undefined
     // The API key header in any spelling, as the forwarder reads it (`X_API_KEY` reaches PHP as the same variable).
-    if (header !== undefined && (h[header] !== undefined || Object.keys(h).some((k) => k.includes('_') && k.replaceAll('_', '-') === header))) return undefined
+    if (header !== undefined && (h[header] !== undefined || Object.keys(h).some((k) => isApiKeyHeader(sources, k)))) return undefined
     const q = param === undefined ? -1 : s.target.indexOf('?')
     if (q !== -1 && new URLSearchParams(s.target.slice(q + 1)).has(param as string)) return undefined
     const r = router.match(h.host, s.target)
