@@ -37,17 +37,22 @@ export function routeHost(host: string | undefined): string | undefined {
 
 /**
  * The readings of a route's prefix (routePrefix) that the gateway takes for that route's when a
- * path is read leniently: in lower case, and as lenientReading reads it. Two routes for one host
- * with a reading in common are one route to an upstream that reads paths so; the configuration
- * check refuses them.
+ * path is read leniently: in lower case, and as lenientReading reads it, without (`lenient`) and
+ * with (`suffixless`) dropping a format suffix. Two routes for one host with a reading in common
+ * are one route to an upstream that reads paths so; the configuration check refuses them (by the
+ * suffixless reading only for two routes to one upstream). A format suffix is dropped from a
+ * path's last segment only: paths under `/api/v2.1` are not `/api/v2`'s to any upstream, only
+ * `/api/v2.1` itself.
  */
-export function prefixReadings(prefix: string): { lower: string; lenient: string } {
-  return { lower: prefix.toLowerCase(), lenient: prefix === '/' ? '/' : lenientReading(prefix) }
+export function prefixReadings(prefix: string): { lower: string; lenient: string; suffixless: string } {
+  if (prefix === '/') return { lower: '/', lenient: '/', suffixless: '/' }
+  return { lower: prefix.toLowerCase(), lenient: lenientReading(prefix, false), suffixless: lenientReading(prefix) }
 }
 
 /**
  * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
- * twice) and read as UTF-8 in NFC, cut at a NUL (C string APIs) and at a `#` (a URL parser reads
+ * twice) and read as UTF-8 in NFKC (compatibility forms folded: fullwidth `ａ` is `a`, `．` is
+ * `.`, as servers that fold them, IIS's best-fit mapping among them, read them), cut at a NUL (C string APIs) and at a `#` (a URL parser reads
  * `/api/admin%23/x` decoded as `/api/admin`), `\` as `/`, `;` parameters
  * dropped, `//` merged, the dots and spaces a segment ends with dropped (Windows, IIS), a format
  * suffix on the last segment dropped (`/api/admin.json` is `/api/admin` to Rails' `(.:format)` and
@@ -81,19 +86,24 @@ export function lenientReadingOf(bytes: string, formatSuffix = true): string {
     const dot = p.indexOf('.', last + 2)
     if (dot !== -1) p = p.slice(0, dot)
   }
-  return p.toLowerCase()
+  // Beyond ASCII, letter case as servers that compare in upper case read it too: dotless `ı` and
+  // long `ſ` are `I` and `S` in upper case (lower case alone keeps them), so `/admın` is `/admin`.
+  return NON_ASCII.test(p) ? p.toUpperCase().toLowerCase() : p.toLowerCase()
 }
 
+const NON_ASCII = /[^\x00-\x7f]/
+
 /**
- * `text`, whose characters are bytes (decodeEscapes), read as UTF-8 and in NFC, as upstreams read
+ * `text`, whose characters are bytes (decodeEscapes), read as UTF-8 and in NFKC, as upstreams read
  * a path's characters: read byte by byte, `/donn%C3%A9es` was never `/données`, nor `/DONN%C3%89ES`
- * it in lower case, and a route of that path never under any reading (found by a review). Bytes
- * that are not UTF-8 stay as they are.
+ * it in lower case, and a route of that path never under any reading (found by a review); in NFC
+ * only, `/app/%EF%BD%81dmin` (fullwidth a) was not `/app/admin` to a server that folds it (found by
+ * another). Bytes that are not UTF-8 stay as they are.
  */
 function asUtf8(text: string): string {
   if (!/[\x80-\xff]/.test(text) || /[^\x00-\xff]/.test(text)) return text
   try {
-    return UTF8.decode(Buffer.from(text, 'latin1')).normalize('NFC')
+    return UTF8.decode(Buffer.from(text, 'latin1')).normalize('NFKC')
   } catch {
     return text
   }

@@ -25,9 +25,11 @@ export interface CompiledRoute {
   readonly index: number
   readonly name: string
   readonly prefix: string
-  /** `prefix` in lower case, and as a lenient upstream reads it as a whole path (see lenientReading): a path read leniently is under the route when under either. */
+  /** `prefix` in lower case, and as a lenient upstream reads it (see lenientReading): a path read leniently is under the route when under either. */
   readonly prefixLower: string
   readonly prefixLenient: string
+  /** prefixLenient with a format suffix dropped (`/api/v2.1` is `/api/v2`): a path read leniently is the route's when it is this path itself, and goes to the route's upstream. */
+  readonly prefixSuffixless: string
   /** Lowercase; compared with the port when it has one, else with the host name only. */
   readonly host: string | undefined
   readonly hostHasPort: boolean
@@ -64,6 +66,7 @@ export class Router {
         prefix,
         prefixLower: readings.lower,
         prefixLenient: readings.lenient,
+        prefixSuffixless: readings.suffixless,
         host,
         hostHasPort: host !== undefined && hostName(host) !== host,
         origin: url.origin,
@@ -82,23 +85,33 @@ export class Router {
     // order: a route for example.com took example.com:8443 from that port's own, found by a review).
     const specific = (r: CompiledRoute) => (r.hostHasPort ? 0 : r.host !== undefined ? 1 : 2)
     this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || specific(a) - specific(b))
-    const inside = (b: CompiledRoute, a: CompiledRoute) =>
-      [b.prefixLower, b.prefixLenient].some((bp) => [a.prefixLower, a.prefixLenient].some((ap) => bp === ap || bp.startsWith(ap + '/')))
+    const readings = (r: CompiledRoute) => [r.prefixLower, r.prefixLenient, r.prefixSuffixless]
+    const inside = (b: CompiledRoute, a: CompiledRoute) => readings(b).some((bp) => readings(a).some((ap) => bp === ap || bp.startsWith(ap + '/')))
     this.#nested = this.routes.some((a) => this.routes.some((b) => a !== b && (a.prefix === '/' || inside(b, a))))
+    this.#plainPrefixes = this.routes.every((r) => readings(r).every((p) => p === r.prefix))
   }
 
   /** Some route's prefix lies inside another's: only then can a lenient reading of a path change its route. */
   readonly #nested: boolean
+  /**
+   * Every route's prefix is as lenient upstreams read it (lower case, no escapes, no dots): only
+   * then is a path without the characters such a reading changes its own reading, and under the
+   * route it matched as read so too. A route of `/Admin` is `/admin` to IIS: `/admin/x` went by `/`
+   * to the upstream that served it as `/Admin/x` (found by a read-back).
+   */
+  readonly #plainPrefixes: boolean
 
   /**
-   * The route of `target`; with `lenient`, of a path as a lenient upstream reads it, which is
-   * under a route when under its prefix in lower case or read the same way (`/openapi.json` is
-   * `/openapi` to a server that drops format suffixes, and a route of that path still its own).
+   * The route of `target`; with `sentTo`, of a path as a lenient upstream reads it (`target` is
+   * that reading), sent on route `sentTo`: under a route when under its prefix in lower case or
+   * read the same way, or that prefix itself with its format suffix dropped on the same upstream
+   * (`/openapi.json` is `/openapi` to a server that drops format suffixes, and a route of that
+   * path still its own).
    */
-  match(host: string | undefined, target: string, lenient = false): CompiledRoute | undefined {
+  match(host: string | undefined, target: string, sentTo?: CompiledRoute): CompiledRoute | undefined {
     const lower = this.#byHost && host !== undefined ? canonicalHost(host) : undefined
     for (const r of this.#ordered) {
-      if (lenient ? !under(target, r.prefixLower) && !under(target, r.prefixLenient) : !under(target, r.prefix)) continue
+      if (sentTo === undefined ? !under(target, r.prefix) : !under(target, r.prefixLower) && !under(target, r.prefixLenient) && !(r.origin === sentTo.origin && exactly(target, r.prefixSuffixless))) continue
       if (r.host !== undefined && (lower === undefined || (r.hostHasPort ? lower : hostName(lower)) !== r.host)) continue
       return r
     }
@@ -113,8 +126,8 @@ export class Router {
   ambiguous(host: string | undefined, target: string, r: CompiledRoute, pathBytes?: string): boolean {
     if (!this.#nested) return false
     const path = pathOf(target)
-    if (!LENIENT_CHANGES.test(path)) return false
-    const other = this.match(host, pathBytes === undefined ? lenientReading(path) : lenientReadingOf(pathBytes), true)
+    if (this.#plainPrefixes && !LENIENT_CHANGES.test(path)) return false
+    const other = this.match(host, pathBytes === undefined ? lenientReading(path) : lenientReadingOf(pathBytes), r)
     return other !== undefined && (other.prefixLower !== r.prefixLower || other.host !== r.host)
   }
 
@@ -181,6 +194,13 @@ function under(path: string, prefix: string): boolean {
   if (prefix.length <= 1 || path.length === prefix.length) return true
   const next = path.charCodeAt(prefix.length)
   return next === 47 /* / */ || next === 63 /* ? */
+}
+
+/** Whether `path` is `prefix` itself (a query or a trailing `/` after it aside). */
+function exactly(path: string, prefix: string): boolean {
+  if (!path.startsWith(prefix)) return false
+  const rest = path.slice(prefix.length)
+  return rest === '' || rest === '/' || rest.startsWith('?') || rest.startsWith('/?')
 }
 
 /** Characters of a path that some upstream reads otherwise than as sent. */

@@ -743,8 +743,9 @@ t.test('a route path with non-ASCII characters is the path clients send for it: 
   t.same(problemsOf({ file: routes(['/données', '/donn%C3%A9es/']), env: {} }).problems, ['routes[1].path: "/donn%C3%A9es/" is not allowed; expected a path and host no other route uses (routes[0] "r0")'])
   t.same(problemsOf({ file: routes(['/données', '/donne\u0301es']), env: {} }).problems, ['routes[1].path: "/donne\u0301es" is not allowed; expected a path and host no other route uses (routes[0] "r0")'], 'in NFD (e and a combining accent) too')
   // Upper case and lower-case escapes are the same path to upstreams that ignore case or decode.
-  for (const twin of ['/DONNÉES', '/donn%c3%a9es']) {
-    t.match(problemsOf({ file: routes(['/données', twin]), env: {} }).problems, [/^routes\[1\]\.path: .* is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths/], `${twin} is /données`)
+  // So are a compatibility form (fullwidth ｆ) and a letter that is ASCII in upper case (dotless ı).
+  for (const [path, twin] of [['/données', '/DONNÉES'], ['/données', '/donn%c3%a9es'], ['/files', '/ｆiles'], ['/admin', '/adm%C4%B1n']]) {
+    t.match(problemsOf({ file: routes([path as string, twin as string]), env: {} }).problems, [/^routes\[1\]\.path: .* is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths/], `${twin} is ${path}`)
   }
   t.same(problemsOf({ file: routes(['/données', '/donnèes', '/naïve/path']), env: {} }).problems, [], 'other words load')
   t.same(problemsOf({ file: routes(['/x\ud800']), env: {} }).problems, ['routes[0].path: "/x\\ud800" is not allowed; expected a path starting with / without ?, # or dot segments'], 'a lone surrogate, which has no UTF-8 form')

@@ -735,6 +735,53 @@ t.test('a route path with non-ASCII characters guards the paths clients send for
   t.same(h.upstream.received.map((u) => u.url).filter((u) => u.includes('secret')), ['/donn%C3%A9es/secret'], 'no other spelling reached the upstream')
 })
 
+t.test('route paths as upstreams that fold them read them: compatibility forms and upper-case letters of a path, route prefixes not in lower case, and a format suffix only at its own path (found by a read-back)', async (t) => {
+  const other = await startGateway(t, { sharedStore: true })
+  const h = await startGateway(t, {
+    sharedStore: true,
+    routes: [
+      { name: 'admin', path: '/app/admin', upstream: '{upstream}', scopes: ['admin'] },
+      { name: 'app', path: '/app', upstream: '{upstream}', cors_preflight: true },
+      { name: 'reports', path: '/ReportServer', upstream: '{upstream}', scopes: ['reports'] },
+      { name: 'v21', path: '/api/v2.1', upstream: other.upstream.url },
+      { name: 'v2', path: '/api/v2', upstream: '{upstream}' },
+      { name: 'legacy', path: '/api/old.v1', upstream: '{upstream}', scopes: ['admin'] },
+      { name: 'public', path: '/', upstream: '{upstream}' },
+    ],
+  })
+  const reader = await h.key({ scopes: ['read'] })
+  const get = (path: string) => rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${reader.key}\r\nConnection: close\r\n\r\n`)
+  const urlOf = (out: string) => {
+    const r = receivedOf(out)
+    return typeof r === 'string' ? r : r.url
+  }
+  const before = h.upstream.received.length
+  // Before: NFC alone, and lower case alone, kept these apart from /app/admin, and /app took them
+  // without the admin scope, to upstreams that read fullwidth ａ (U+FF41) as a, or compare in
+  // upper case (dotless ı is I); `．．` (fullwidth full stops) is `..` to them.
+  for (const path of ['/app/%EF%BD%81dmin', '/app/adm%C4%B1n/users', '/app/%EF%BC%8E%EF%BC%8E/app/admin']) {
+    t.match(await get(path), /^HTTP\/1.1 400[^]*"code":"bad_request"/, `${path} is refused`)
+  }
+  const preflight = await rawExchange(h.port, 'OPTIONS /app/%EF%BD%81dmin HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n')
+  t.match(preflight, /^HTTP\/1.1 401 /, 'nor is a keyless preflight there forwarded')
+  // Before: a route of /ReportServer guarded it only as written, and /reportserver/x went by / to
+  // an upstream that ignores case (IIS), which served /ReportServer's resources without its scope.
+  t.match(await get('/reportserver/x'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, 'a route path in another case is refused')
+  t.match(await get('/ReportServer/x'), /^HTTP\/1.1 403[^]*"code":"scope_denied"/, 'as written, the route with its scope')
+  // A format suffix is dropped from a path's last segment only: paths under /api/v2.1 are not
+  // /api/v2's, and the versions' routes to their own upstreams pass (before: /api/v2/users.json,
+  // read as /api/v2/users, fell under /api/v2.1's suffixless reading and was refused).
+  t.equal(urlOf(await get('/api/v2/users.json')), '/api/v2/users.json', 'a suffix under /api/v2 is /api/v2\'s')
+  t.equal(urlOf(await get('/api/v2/users')), '/api/v2/users')
+  t.equal(urlOf(await get('/app/%EF%BD%81bout')), '/app/%EF%BD%81bout', 'a folded path no other route has is its route\'s')
+  t.equal(urlOf(await get('/app/caf%C3%A9')), '/app/caf%C3%A9')
+  // /api/old.v1 is /api/old to an upstream that drops suffixes: that path itself, on its upstream.
+  t.match(await get('/api/old'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, 'a route\'s path without its suffix is refused')
+  t.equal(urlOf(await get('/api/old/x')), '/api/old/x', 'paths under it are not the route\'s')
+  t.same(h.upstream.received.slice(before).map((r) => r.url), ['/api/v2/users.json', '/api/v2/users', '/app/%EF%BD%81bout', '/app/caf%C3%A9', '/api/old/x'], 'only those reached the upstream')
+  t.equal(other.upstream.received.length, 0, 'nor the other version\'s')
+})
+
 /** A raw upstream that answers each request with `statusLine(path)` and a 2-byte body (keep-alive). */
 async function rawStatusUpstream(t: Tap, statusLine: (path: string) => string): Promise<string> {
   const server = net.createServer((sock) => {
