@@ -249,7 +249,9 @@ function listen(server: net.Server, address: string, options: { shared?: boolean
   const where = parseListen(address)
   if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address}`)
   return new Promise((resolve, reject) => {
-    const failed = (err: Error) => reject(new KeygateError('config_invalid', `cannot listen on ${address}: ${systemErrorWords(err)}`))
+    // Not config_invalid (found by a deployment review): a valid configuration whose port another
+    // process holds sent its reader to check the configuration.
+    const failed = (err: Error) => reject(new KeygateError('listen_failed', `cannot listen on ${address}: ${systemErrorWords(err)}`))
     server.once('error', failed)
     server.listen({ port: where.port, host: where.host, ...(options.shared ? { exclusive: true, reusePort: true } : {}) }, () => {
       server.off('error', failed)

@@ -67,6 +67,7 @@ export const ERRORS = {
   // Start-up, configuration, storage
   config_invalid: { status: 500, message: 'The configuration is not valid.' },
   usage_error: { status: 400, message: 'The command line is not valid.' },
+  listen_failed: { status: 500, message: 'A listener could not be opened: its address is in use, not on this machine, or not allowed.' },
   output_failed: { status: 500, message: "The command's output could not be written." },
   migration_modified: { status: 500, message: 'An applied migration file has been changed.' },
   migration_failed: { status: 500, message: 'A migration failed; nothing of the run was applied.' },

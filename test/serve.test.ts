@@ -103,7 +103,7 @@ t.test('an address in use: exits 1 naming it, with nothing left serving', async 
     t.notMatch(r.stderr, /unexpected error/)
     // Before (found by a deployment review): on stderr alone, where a reader of the JSON log never saw it.
     const failed = r.stdout.split('\n').filter((l) => l.includes('"serve failed"')).map((l) => JSON.parse(l))
-    t.match(failed, [{ level: 'error', message: 'serve failed', err: { message: new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the address is in use`) } }], `${which} in use: and in the JSON log on stdout`)
+    t.match(failed, [{ level: 'error', message: 'serve failed', err: { code: 'listen_failed', message: new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the address is in use`) } }], `${which} in use: and in the JSON log on stdout, as listen_failed (before, config_invalid)`)
   }
 })
 
