@@ -21,7 +21,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate } from './servers.ts'
+import { BENCH_REDIS_PREFIX, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate } from './servers.ts'
 
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')
@@ -162,7 +162,7 @@ const xff = { 'x-forwarded-for': '203.0.113.9' }
   let counted = false
   for (let cursor = '0', first = true; first || cursor !== '0'; first = false) {
     // Counts of this run's key (its id is in the name): another run's left in a shared Redis do not count.
-    const [next, found] = await probe.scan(cursor, 'MATCH', `keygate:rl:*${redisKey.split('_')[1]}*`, 'COUNT', 1000)
+    const [next, found] = await probe.scan(cursor, 'MATCH', `${BENCH_REDIS_PREFIX}keygate:rl:*${redisKey.split('_')[1]}*`, 'COUNT', 1000)
     cursor = next
     if (found.length > 0) {
       counted = true

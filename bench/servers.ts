@@ -60,6 +60,13 @@ export function startKeygate(env: Record<string, string>, wrapper: Wrapper = [])
   })
 }
 
+/**
+ * The Redis key prefix of this run's keygates (redis.key_prefix): a bench run on a Redis that a
+ * deployment uses shares none of its limits, lockouts or invalidations, whatever prefix the
+ * environment names.
+ */
+export const BENCH_REDIS_PREFIX = `keygate-bench-${process.pid}:`
+
 // Every stage on: keygate believes X-Forwarded-For from loopback, has deny entries, counts
 // failed attempts, limits per address and per key (high enough never to refuse here), checks
 // the route's scope.
@@ -78,7 +85,7 @@ export function keygateEnv(dataDir: string, upstream: number, extra: Record<stri
       '',
     ].join('\n'),
   )
-  return { KEYGATE_CONFIG: config, KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: 'bench-admin-token-0123456789', LOG_LEVEL: 'info', DATABASE_URL: '', REDIS_URL: '', ...extra }
+  return { KEYGATE_CONFIG: config, KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: 'bench-admin-token-0123456789', LOG_LEVEL: 'info', DATABASE_URL: '', REDIS_URL: '', KEYGATE_REDIS_KEY_PREFIX: BENCH_REDIS_PREFIX, ...extra }
 }
 
 /** A service key with the route's scope, made with the CLI (which also sets the store up). */
