@@ -25,23 +25,27 @@ t.test('a route histogram is exposed exactly as prom-client exposes the same obs
   const m = createGatewayMetrics(ours, ['api', 'other'])
   for (const v of VALUES) m.route('api').duration.observe(v)
   m.route('other').duration.observe(0.002)
+  // A request cut at the default route timeout (30 s), counted just above it.
+  m.route('other').duration.observe(30.4)
 
   const theirs = new Registry()
   const reference = new Histogram({
     name: NAME,
     help: 'Time from request arrival to the response head being written, by route.',
     labelNames: ['route'],
-    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
     registers: [theirs],
   })
   for (const route of ['api', 'other', 'none']) reference.zero({ route })
   for (const v of VALUES) reference.observe({ route: 'api' }, v)
   reference.observe({ route: 'other' }, 0.002)
+  reference.observe({ route: 'other' }, 30.4)
 
   const got = family(await ours.metrics(), NAME)
   t.equal(got, family(await theirs.metrics(), NAME))
   t.match(got, /_bucket\{le="0\.0005",route="api"\} 3\n/, 'a value equal to a bound is counted in that bucket')
   t.match(got, /_bucket\{le="\+Inf",route="api"\} 13\n/)
+  t.match(got, /_bucket\{le="30",route="other"\} 1\n[^]*_bucket\{le="60",route="other"\} 2\n/, 'a request timed out at the default 30 s has a bucket of its own below +Inf (before, 30 was the last)')
   t.match(got, /_count\{route="none"\} 0/, 'every route has its series from the start')
 
   ours.resetMetrics()
