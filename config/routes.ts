@@ -73,7 +73,8 @@ export function lenientReadingOf(bytes: string, formatSuffix = true): string {
   // decoded `?` starts a query, which under() reads as the end of a path already).
   const fragment = p.indexOf('#')
   if (fragment !== -1) p = p.slice(0, fragment)
-  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/{2,}/g, '/')
+  // A segment's leading spaces too: Spring's AntPathMatcher trimmed each segment before 4.3.1.
+  p = p.replace(/\\/g, '/').replace(/;[^/]*/g, '').replace(/\/ +/g, '/').replace(/\/{2,}/g, '/')
   // Dot segments a second decoding made (`%252e%252e`) are resolved, as that server resolves them,
   // before a segment's trailing dots are dropped.
   if (p.includes('.')) p = resolveDots(p)
@@ -81,17 +82,37 @@ export function lenientReadingOf(bytes: string, formatSuffix = true): string {
   // dots or spaces that no `/` ends took time with its square (a 16 KB path 0.6 s; found by a
   // review). A later start in a run ends where its start does, so what is dropped is the same.
   p = p.replace(/(?<![. ])[. ]+(?=\/|$)/g, '')
-  if (formatSuffix) {
-    const last = p.lastIndexOf('/')
-    const dot = p.indexOf('.', last + 2)
-    if (dot !== -1) p = p.slice(0, dot)
-  }
-  // Beyond ASCII, letter case as servers that compare in upper case read it too: dotless `ı` and
-  // long `ſ` are `I` and `S` in upper case (lower case alone keeps them), so `/admın` is `/admin`.
-  return NON_ASCII.test(p) ? p.toUpperCase().toLowerCase() : p.toLowerCase()
+  p = foldCase(p)
+  return formatSuffix ? withoutFormatSuffix(p) : p
+}
+
+/** A lenient reading (lenientReadingOf's, read without the suffix) without a format suffix on its last segment. */
+export function withoutFormatSuffix(reading: string): string {
+  const last = reading.lastIndexOf('/')
+  const dot = reading.indexOf('.', last + 2)
+  return dot === -1 ? reading : reading.slice(0, dot)
+}
+
+/**
+ * Lower case, and beyond ASCII as servers that compare case character by character read it (Java's
+ * equalsIgnoreCase and Spring's case-insensitive matching, .NET's OrdinalIgnoreCase): each
+ * character's upper case, then lower case, one for one. Dotless `ı`, long `ſ` and `İ` are then
+ * `i`, `s` and `i` (lower case alone keeps the first two, and makes `İ` an `i` and a combining dot),
+ * so `/admın` is `/admin`; `ß`, whose upper case is two letters, stays `ß` (before, `/strasse/x`
+ * was refused beside a route of `/straße`: found by a review).
+ */
+function foldCase(p: string): string {
+  if (!NON_ASCII.test(p)) return p.toLowerCase()
+  return p.replace(/\u0130/g, 'i').replace(NON_ASCII_CHARACTERS, (c) => {
+    const upper = c.toUpperCase()
+    const one = upper.length === c.length ? upper : c
+    const lower = one.toLowerCase()
+    return lower.length === one.length ? lower : one
+  }).toLowerCase()
 }
 
 const NON_ASCII = /[^\x00-\x7f]/
+const NON_ASCII_CHARACTERS = /[^\x00-\x7f]/gu
 
 /**
  * `text`, whose characters are bytes (decodeEscapes), read as UTF-8 and in NFKC, as upstreams read

@@ -119,7 +119,10 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
 
 /**
  * Why the percent-escapes of a path are refused, on every route: decoded (`bytes`, as often as
- * lenientReading decodes), they hold a control character (%00-%1F, %7F), which upstreams drop
+ * lenientReading decodes), they hold a `%uXXXX` escape, which IIS reads as that character (before,
+ * found by a review, `/app/%u0061dmin` and `/app/x/%u002e%u002e/admin` went by `/app` to an IIS
+ * that served `/app/admin`; this notation is no percent-encoding under RFC 3986, and no client
+ * sends it for a real path), a control character (%00-%1F, %7F), which upstreams drop
  * (tab, CR and LF, as WHATWG URL parsers do), cut at (NUL) or trim, or bytes that are not UTF-8,
  * among them overlong forms (`%C0%AE` is a `.` to decoders that accept them, as old Tomcat and
  * IIS did: `/x/%C0%AE%C0%AE/admin` a dot segment). No path of a real resource needs either;
@@ -128,11 +131,14 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
  */
 function escapeProblem(bytes: string): string | undefined {
   if (CONTROL.test(bytes)) return 'The request path has a percent-encoded control character.'
+  if (PERCENT_U.test(bytes)) return 'The request path has a %u escape (%uXXXX), which IIS decodes and other servers do not; percent-encode the character as UTF-8.'
   if (HIGH.test(bytes) && !isUtf8(Buffer.from(bytes, 'latin1'))) return 'The request path has percent-encoded bytes that are not UTF-8 (or an overlong form).'
   return undefined
 }
 
 const CONTROL = /[\x00-\x1f\x7f]/
+/** `%uXXXX`, JavaScript's escape() notation, which IIS's HTTP.sys decodes by default (PercentUAllowed). */
+const PERCENT_U = /%u[0-9a-f]{4}/i
 const HIGH = /[\x80-\xff]/
 
 /** `host` without the scheme's default port, as a URL's `host` leaves it out (`a:80` for http is `a`). */

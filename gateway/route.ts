@@ -14,9 +14,9 @@
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
 // unchanged.
-import { canonicalHost, lenientReading, lenientReadingOf, prefixReadings, routeHost, routePrefix } from '../config/routes.ts'
+import { canonicalHost, lenientReadingOf, prefixReadings, routeHost, routePrefix, withoutFormatSuffix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
-import { hasBody, hostName } from '../core/http.ts'
+import { decodeEscapes, hasBody, hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
 import { isApiKeyHeader, type KeySources } from './key-extract.ts'
 import { FORWARD_NOW, pathOf, type RequestState, type Stage } from './state.ts'
@@ -101,21 +101,47 @@ export class Router {
    */
   readonly #plainPrefixes: boolean
 
-  /**
-   * The route of `target`; with `sentTo`, of a path as a lenient upstream reads it (`target` is
-   * that reading), sent on route `sentTo`: under a route when under its prefix in lower case or
-   * read the same way, or that prefix itself with its format suffix dropped on the same upstream
-   * (`/openapi.json` is `/openapi` to a server that drops format suffixes, and a route of that
-   * path still its own).
-   */
-  match(host: string | undefined, target: string, sentTo?: CompiledRoute): CompiledRoute | undefined {
+  /** The route of `target`. */
+  match(host: string | undefined, target: string): CompiledRoute | undefined {
     const lower = this.#byHost && host !== undefined ? canonicalHost(host) : undefined
     for (const r of this.#ordered) {
-      if (sentTo === undefined ? !under(target, r.prefix) : !under(target, r.prefixLower) && !under(target, r.prefixLenient) && !(r.origin === sentTo.origin && exactly(target, r.prefixSuffixless))) continue
-      if (r.host !== undefined && (lower === undefined || (r.hostHasPort ? lower : hostName(lower)) !== r.host)) continue
+      if (!under(target, r.prefix) || !this.#hostMatches(r, lower)) continue
       return r
     }
     return undefined
+  }
+
+  #hostMatches(r: CompiledRoute, lower: string | undefined): boolean {
+    return r.host === undefined || (lower !== undefined && (r.hostHasPort ? lower : hostName(lower)) === r.host)
+  }
+
+  /**
+   * The route whose upstream a lenient upstream serves `reading` (a lenient reading of a path
+   * sent on route `sentTo`) from: the one of the longest prefix that holds it, its prefix read in
+   * lower case or leniently, or read without its format suffix and on `sentTo`'s upstream, this
+   * path itself (`/openapi` is `/openapi.json` to a server that drops format suffixes). By the
+   * length of the reading, not of the prefix as configured (found by a review: a prefix of
+   * escapes, longer as written, hid a more specific route). `sameUpstream`: only routes to
+   * `sentTo`'s upstream (the reading dropped a format suffix, which only that server does).
+   */
+  #leniently(host: string | undefined, reading: string, sentTo: CompiledRoute, sameUpstream: boolean): CompiledRoute | undefined {
+    const lower = this.#byHost && host !== undefined ? canonicalHost(host) : undefined
+    let found: CompiledRoute | undefined
+    let longest = -1
+    for (const r of this.#ordered) {
+      const here = r.origin === sentTo.origin
+      if (sameUpstream && !here) continue
+      const length = Math.max(
+        under(reading, r.prefixLower) ? r.prefixLower.length : -1,
+        under(reading, r.prefixLenient) ? r.prefixLenient.length : -1,
+        here && exactly(reading, r.prefixSuffixless) ? r.prefixSuffixless.length : -1,
+      )
+      // At equal length the first in the strict order: the more specific host.
+      if (length <= longest || !this.#hostMatches(r, lower)) continue
+      found = r
+      longest = length
+    }
+    return found
   }
 
   /**
@@ -127,8 +153,13 @@ export class Router {
     if (!this.#nested) return false
     const path = pathOf(target)
     if (this.#plainPrefixes && !LENIENT_CHANGES.test(path)) return false
-    const other = this.match(host, pathBytes === undefined ? lenientReading(path) : lenientReadingOf(pathBytes), r)
-    return other !== undefined && (other.prefixLower !== r.prefixLower || other.host !== r.host)
+    const reading = lenientReadingOf(pathBytes ?? decodeEscapes(path), false)
+    const other = (route: CompiledRoute | undefined) => route !== undefined && (route.prefixLower !== r.prefixLower || route.host !== r.host)
+    if (other(this.#leniently(host, reading, r, false))) return true
+    // A format suffix is dropped by the upstream the request goes to, and leads nowhere else
+    // (before, found by a review: /app.js was refused beside routes / and /app to other upstreams).
+    const suffixless = withoutFormatSuffix(reading)
+    return suffixless !== reading && other(this.#leniently(host, suffixless, r, true))
   }
 
   /** The path sent upstream for `target` on route `r`. */

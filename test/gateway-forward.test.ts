@@ -679,7 +679,7 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   }
 })
 
-t.test('percent-encoded control characters and bytes that are not UTF-8 are refused in any path; the query keeps them; %u is no escape (found by a review)', async (t) => {
+t.test('percent-encoded control characters, bytes that are not UTF-8 and %u escapes are refused in any path; the query keeps them (found by reviews)', async (t) => {
   const h = await startGateway(t, { sharedStore: true,
     routes: [
       { name: 'api', path: '/api', upstream: '{upstream}', scopes: ['read'] },
@@ -693,7 +693,10 @@ t.test('percent-encoded control characters and bytes that are not UTF-8 are refu
   // WHATWG URL parsers drop tab, CR and LF, and decoders that accept overlong UTF-8 read %C0%AE as `.`.
   const control = ['/api/admin%09', '/api/admin%0a/users', '/api/ad%0Dmin', '/api/admin%1F', '/api/admin%7f', '/api/admin%2509', '/svc/a%0d%0aSet-Cookie:%20x', '/svc/%01']
   const notUtf8 = ['/api/admin%c0%ae', '/api/x/%c0%ae%c0%ae/admin/users', '/api/admin%e0%80%ae', '/svc/caf%e9', '/svc/%ff', '/svc/%ed%a0%80', '/svc/%c3']
-  for (const [paths, message] of [[control, /percent-encoded control character/], [notUtf8, /not UTF-8/]] as const) {
+  // IIS's HTTP.sys decodes %uXXXX by default (PercentUAllowed): before, these went by /api to an
+  // IIS that served /api/admin (and by /api's cors_preflight, keyless, where it had one).
+  const percentU = ['/api/%u0061dmin/users', '/api/x/%u002e%u002e/admin', '/api/admin%u002e', '/svc/%U0061', '/svc/%25u0061']
+  for (const [paths, message] of [[control, /percent-encoded control character/], [notUtf8, /not UTF-8/], [percentU, /%u escape/]] as const) {
     for (const path of paths) {
       const out = await get(path)
       t.match(out, /^HTTP\/1.1 400/, `${path} is refused`)
@@ -702,9 +705,9 @@ t.test('percent-encoded control characters and bytes that are not UTF-8 are refu
     }
   }
   t.equal(h.upstream.received.length, 0, 'none reached the upstream')
-  // UTF-8 in any spelling, the same bytes in the query, and `%u002e` (no percent-encoding under
-  // RFC 3986, which no server in use decodes) are forwarded as sent.
-  for (const path of ['/svc/caf%C3%A9', '/svc/x?q=a%0Ab%09c%e9', '/api/admin%u002e', '/api/x/%u002e%u002e/admin']) {
+  // UTF-8 in any spelling, the same bytes and a %u escape in the query, and a `%u` not followed
+  // by four hex digits are forwarded as sent.
+  for (const path of ['/svc/caf%C3%A9', '/svc/x?q=a%0Ab%09c%e9', '/svc/x?q=%u0061', '/svc/%u00zz']) {
     const r = receivedOf(await get(path))
     t.equal(typeof r === 'string' ? r : r.url, path, `${path} is forwarded as sent`)
   }
@@ -745,6 +748,8 @@ t.test('route paths as upstreams that fold them read them: compatibility forms a
       { name: 'reports', path: '/ReportServer', upstream: '{upstream}', scopes: ['reports'] },
       { name: 'v21', path: '/api/v2.1', upstream: other.upstream.url },
       { name: 'v2', path: '/api/v2', upstream: '{upstream}' },
+      { name: 'v3', path: '/api/v3', upstream: other.upstream.url, scopes: ['admin'] },
+      { name: 'strasse', path: '/straße', upstream: '{upstream}', scopes: ['admin'] },
       { name: 'legacy', path: '/api/old.v1', upstream: '{upstream}', scopes: ['admin'] },
       { name: 'public', path: '/', upstream: '{upstream}' },
     ],
@@ -759,7 +764,9 @@ t.test('route paths as upstreams that fold them read them: compatibility forms a
   // Before: NFC alone, and lower case alone, kept these apart from /app/admin, and /app took them
   // without the admin scope, to upstreams that read fullwidth ａ (U+FF41) as a, or compare in
   // upper case (dotless ı is I); `．．` (fullwidth full stops) is `..` to them.
-  for (const path of ['/app/%EF%BD%81dmin', '/app/adm%C4%B1n/users', '/app/%EF%BC%8E%EF%BC%8E/app/admin']) {
+  // İ is a plain i to Java's case-insensitive matching (lower case alone makes it i and a
+  // combining dot); Spring before 4.3.1 trimmed a segment's leading spaces.
+  for (const path of ['/app/%EF%BD%81dmin', '/app/adm%C4%B1n/users', '/app/%EF%BC%8E%EF%BC%8E/app/admin', '/app/adm%C4%B0n/users', '/app/%20admin/users']) {
     t.match(await get(path), /^HTTP\/1.1 400[^]*"code":"bad_request"/, `${path} is refused`)
   }
   const preflight = await rawExchange(h.port, 'OPTIONS /app/%EF%BD%81dmin HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n')
@@ -773,13 +780,33 @@ t.test('route paths as upstreams that fold them read them: compatibility forms a
   // read as /api/v2/users, fell under /api/v2.1's suffixless reading and was refused).
   t.equal(urlOf(await get('/api/v2/users.json')), '/api/v2/users.json', 'a suffix under /api/v2 is /api/v2\'s')
   t.equal(urlOf(await get('/api/v2/users')), '/api/v2/users')
+  // A request's own format suffix is dropped by the upstream it goes to only: /api/v3.json goes by
+  // / to this upstream, not to /api/v3's (before, refused).
+  t.equal(urlOf(await get('/api/v3.json')), '/api/v3.json', 'a suffix leads to no route of another upstream')
+  // ß is two letters in upper case, which no server comparing character by character reads as ss.
+  t.equal(urlOf(await get('/strasse/x')), '/strasse/x', 'ss is not ß')
+  t.match(await get('/STRA%C3%9FE/x'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, 'ß in upper case is')
   t.equal(urlOf(await get('/app/%EF%BD%81bout')), '/app/%EF%BD%81bout', 'a folded path no other route has is its route\'s')
   t.equal(urlOf(await get('/app/caf%C3%A9')), '/app/caf%C3%A9')
   // /api/old.v1 is /api/old to an upstream that drops suffixes: that path itself, on its upstream.
   t.match(await get('/api/old'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, 'a route\'s path without its suffix is refused')
   t.equal(urlOf(await get('/api/old/x')), '/api/old/x', 'paths under it are not the route\'s')
-  t.same(h.upstream.received.slice(before).map((r) => r.url), ['/api/v2/users.json', '/api/v2/users', '/app/%EF%BD%81bout', '/app/caf%C3%A9', '/api/old/x'], 'only those reached the upstream')
+  t.same(h.upstream.received.slice(before).map((r) => r.url), ['/api/v2/users.json', '/api/v2/users', '/api/v3.json', '/strasse/x', '/app/%EF%BD%81bout', '/app/caf%C3%A9', '/api/old/x'], 'only those reached the upstream')
   t.equal(other.upstream.received.length, 0, 'nor the other version\'s')
+
+  // The route a path falls under as read is the one of the longest reading: /ｗｉｄｅ, longer as
+  // configured (percent-encoded) than /wide/admin, hid it (found by a review).
+  const wide = await startGateway(t, {
+    sharedStore: true,
+    routes: [
+      { name: 'wide', path: '/ｗｉｄｅ', upstream: '{upstream}' },
+      { name: 'admin', path: '/wide/admin', upstream: '{upstream}', scopes: ['admin'] },
+    ],
+  })
+  const wideKey = await wide.key({ scopes: ['read'] })
+  const wideGet = (path: string) => rawExchange(wide.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${wideKey.key}\r\nConnection: close\r\n\r\n`)
+  t.match(await wideGet('/%EF%BD%97%EF%BD%89%EF%BD%84%EF%BD%85/admin/x'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, '/ｗｉｄｅ/admin/x is /wide/admin/x to a folding upstream: refused')
+  t.equal(urlOf(await wideGet('/%EF%BD%97%EF%BD%89%EF%BD%84%EF%BD%85/x')), '/%EF%BD%97%EF%BD%89%EF%BD%84%EF%BD%85/x', 'the rest of /ｗｉｄｅ is its own')
 })
 
 /** A raw upstream that answers each request with `statusLine(path)` and a 2-byte body (keep-alive). */
