@@ -4,6 +4,7 @@
 import { execFileSync, fork, spawn, type ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { constants } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { Redis } from 'ioredis'
@@ -16,6 +17,9 @@ const children: ChildProcess[] = []
 process.on('exit', () => {
   for (const c of children) c.kill('SIGKILL')
 })
+// A benchmark stopped by a signal exits through the handlers above and its own (each removes its
+// folder): before, `kill` of a run left its upstream, proxies and keygates running.
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.once(signal, () => process.exit(128 + constants.signals[signal]))
 
 export interface Server {
   port: number
