@@ -12,7 +12,7 @@ import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
 import { readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
-import { NO_ROUTE, prefixReadings, routeHost, routePrefix } from './routes.ts'
+import { NO_ROUTE, prefixReadings, routeHost, routePrefix, upstreamBase } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 export interface LoadOptions {
@@ -390,14 +390,9 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     }
     taken.set(where, i)
     const { lower, lenient, suffixless } = prefixReadings(prefix)
-    let origin: string | undefined
-    try {
-      origin = new URL(String(r.upstream)).origin
-    } catch {
-      origin = undefined
-    }
+    const base = upstreamBase(String(r.upstream), r.strip_prefix === true, prefix)
     const readings = [...new Set([lower, lenient])].map((p) => JSON.stringify([p, host]))
-    if (origin !== undefined) readings.push(JSON.stringify([suffixless, host, origin]))
+    if (base !== undefined) readings.push(JSON.stringify([suffixless, host, base]))
     const twin = readings.map((w) => read.get(w)).find((j) => j !== undefined)
     if (twin !== undefined) {
       problems.push(

@@ -50,6 +50,24 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
 }
 
 /**
+ * Where a route's requests reach its upstream as the client sent them, under a base path: the
+ * upstream's origin and path, for a route that does not strip its prefix (`prefix`); undefined for
+ * one that does, or an upstream that is no URL. A format suffix an upstream drops leads from one
+ * route's path to another's only where both have the same: that upstream sees both routes' paths
+ * as sent, under one base (before, found by a review, `/admin.js` by `/` to `http://ing/frontend`
+ * was refused beside `/admin` to `http://ing/admin-svc`, which strips its prefix).
+ */
+export function upstreamBase(upstream: string, stripPrefix: boolean, prefix: string): string | undefined {
+  if (stripPrefix && prefix !== '/') return undefined
+  try {
+    const url = new URL(upstream)
+    return url.origin + url.pathname.replace(/\/$/, '')
+  } catch {
+    return undefined
+  }
+}
+
+/**
  * `path` as the most lenient upstreams read it: percent-decoded (again, for those that decode
  * twice) and read as UTF-8 in NFKC (compatibility forms folded: fullwidth `ａ` is `a`, `．` is
  * `.`, as servers that fold them, IIS's best-fit mapping among them, read them), cut at a NUL (C string APIs) and at a `#` (a URL parser reads
@@ -86,11 +104,17 @@ export function lenientReadingOf(bytes: string, formatSuffix = true): string {
   return formatSuffix ? withoutFormatSuffix(p) : p
 }
 
-/** A lenient reading (lenientReadingOf's, read without the suffix) without a format suffix on its last segment. */
+/**
+ * A lenient reading (lenientReadingOf's, read without the suffix) without a format suffix on its
+ * last segment, read as a path without its trailing `/` (Rails strips it before matching:
+ * `/api/admin.json/` is `/api/admin`; before, found by a review, the `/` hid the suffix).
+ */
 export function withoutFormatSuffix(reading: string): string {
-  const last = reading.lastIndexOf('/')
+  let end = reading.length
+  while (end > 1 && reading.charCodeAt(end - 1) === 47 /* / */) end--
+  const last = reading.lastIndexOf('/', end - 1)
   const dot = reading.indexOf('.', last + 2)
-  return dot === -1 ? reading : reading.slice(0, dot)
+  return dot === -1 || dot >= end ? reading : reading.slice(0, dot)
 }
 
 /**
@@ -121,7 +145,7 @@ const NON_ASCII_CHARACTERS = /[^\x00-\x7f]/gu
  * only, `/app/%EF%BD%81dmin` (fullwidth a) was not `/app/admin` to a server that folds it (found by
  * another). Bytes that are not UTF-8 stay as they are.
  */
-function asUtf8(text: string): string {
+export function asUtf8(text: string): string {
   if (!/[\x80-\xff]/.test(text) || /[^\x00-\xff]/.test(text)) return text
   try {
     return UTF8.decode(Buffer.from(text, 'latin1')).normalize('NFKC')

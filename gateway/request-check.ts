@@ -9,6 +9,7 @@ import { isUtf8 } from 'node:buffer'
 import { decodeEscapes, decodedHasDotSegments, hasDotSegments } from '../core/http.ts'
 import { pathOf, type RequestState, type Stage } from './state.ts'
 import { clipped } from '../core/validate.ts'
+import { asUtf8 } from '../config/routes.ts'
 
 // An absolute-form target's scheme and authority (all up to the path or query).
 const ABSOLUTE = /^https?:\/\/[^/?\\]*/i
@@ -107,6 +108,16 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     if (decodedHasDotSegments(s.pathBytes)) {
       s.message = 'The request path has dot segments (percent-encoded more than once).'
       return 'bad_request'
+    }
+    // Fullwidth full stops (`%EF%BC%8E`) are `.` to an upstream that folds compatibility forms,
+    // which the route check models (lenientReadingOf): on every route, as dots encoded twice
+    // (before, found by a review, `/app/%EF%BC%8E%EF%BC%8E/api/secret` passed where routes do not nest).
+    if (HIGH.test(s.pathBytes)) {
+      const folded = asUtf8(s.pathBytes)
+      if (folded !== s.pathBytes && decodedHasDotSegments(folded)) {
+        s.message = 'The request path has dot segments (in a compatibility form, such as fullwidth full stops).'
+        return 'bad_request'
+      }
     }
     const escapes = escapeProblem(s.pathBytes)
     if (escapes !== undefined) {

@@ -14,7 +14,7 @@
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
 // unchanged.
-import { canonicalHost, lenientReadingOf, prefixReadings, routeHost, routePrefix, withoutFormatSuffix } from '../config/routes.ts'
+import { canonicalHost, lenientReadingOf, prefixReadings, routeHost, routePrefix, upstreamBase, withoutFormatSuffix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
 import { decodeEscapes, hasBody, hostName } from '../core/http.ts'
 import type { CachedKey } from './key-cache.ts'
@@ -30,6 +30,13 @@ export interface CompiledRoute {
   readonly prefixLenient: string
   /** prefixLenient with a format suffix dropped (`/api/v2.1` is `/api/v2`): a path read leniently is the route's when it is this path itself, and goes to the route's upstream. */
   readonly prefixSuffixless: string
+  /**
+   * Where requests reach their upstream as sent under a base path (`origin` and base path), for a
+   * route that does not strip its prefix; undefined for one that does. A format suffix an upstream
+   * drops leads from one route to another only where both have the same (the upstream sees both
+   * routes' paths as the client sent them, under one base).
+   */
+  readonly upstreamBase: string | undefined
   /** Lowercase; compared with the port when it has one, else with the host name only. */
   readonly host: string | undefined
   readonly hostHasPort: boolean
@@ -67,6 +74,7 @@ export class Router {
         prefixLower: readings.lower,
         prefixLenient: readings.lenient,
         prefixSuffixless: readings.suffixless,
+        upstreamBase: upstreamBase(r.upstream, r.strip_prefix, prefix),
         host,
         hostHasPort: host !== undefined && hostName(host) !== host,
         origin: url.origin,
@@ -119,7 +127,8 @@ export class Router {
    * The route whose upstream a lenient upstream serves `reading` (a lenient reading of a path
    * sent on route `sentTo`) from: the one of the longest prefix that holds it, its prefix read in
    * lower case or leniently, or read without its format suffix and on `sentTo`'s upstream, this
-   * path itself (`/openapi` is `/openapi.json` to a server that drops format suffixes). By the
+   * path itself (`/openapi` is `/openapi.json` to a server that drops format suffixes; see
+   * upstreamBase). By the
    * length of the reading, not of the prefix as configured (found by a review: a prefix of
    * escapes, longer as written, hid a more specific route). `sameUpstream`: only routes to
    * `sentTo`'s upstream (the reading dropped a format suffix, which only that server does).
@@ -127,19 +136,23 @@ export class Router {
   #leniently(host: string | undefined, reading: string, sentTo: CompiledRoute, sameUpstream: boolean): CompiledRoute | undefined {
     const lower = this.#byHost && host !== undefined ? canonicalHost(host) : undefined
     let found: CompiledRoute | undefined
-    let longest = -1
+    let best = -1
     for (const r of this.#ordered) {
-      const here = r.origin === sentTo.origin
+      const here = r.upstreamBase !== undefined && r.upstreamBase === sentTo.upstreamBase
       if (sameUpstream && !here) continue
       const length = Math.max(
         under(reading, r.prefixLower) ? r.prefixLower.length : -1,
         under(reading, r.prefixLenient) ? r.prefixLenient.length : -1,
         here && exactly(reading, r.prefixSuffixless) ? r.prefixSuffixless.length : -1,
       )
-      // At equal length the first in the strict order: the more specific host.
-      if (length <= longest || !this.#hostMatches(r, lower)) continue
+      if (length === -1 || !this.#hostMatches(r, lower)) continue
+      // At equal length the more specific host (a Host with its port, then a Host), as the strict
+      // order has it (before, found by a review: the strict order's tie, by the prefix as
+      // written, let a longer-written route for any host take a host's own route's reading).
+      const rank = length * 3 + (r.hostHasPort ? 2 : r.host !== undefined ? 1 : 0)
+      if (rank <= best) continue
       found = r
-      longest = length
+      best = rank
     }
     return found
   }

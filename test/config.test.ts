@@ -726,6 +726,12 @@ t.test('two routes for one host that differ only in letter case or %-escapes are
   t.match(problemsOf({ file: versions, env: {} }).problems, [/^routes\[1\]\.path: "\/api\/v2\.1" is not allowed; .*routes\[1\] "v2-1" and routes\[0\] "v2"/], 'a format suffix too, to one upstream: /api/v2.1 is /api/v2 to Rails')
   const ownUpstreams = yamlFile(t, { routes: [{ name: 'v2', path: '/api/v2', upstream: 'http://127.0.0.1:1', scopes: ['v2'] }, { name: 'v2-1', path: '/api/v2.1', upstream: 'http://127.0.0.1:2' }] })
   t.same(problemsOf({ file: ownUpstreams, env: {} }).problems, [], 'versions with a format-like suffix, each to its own upstream, load')
+  // One server under two base paths, or a route that strips its prefix, is no upstream that sees
+  // both paths as sent (before, found by a review, refused as one).
+  for (const [what, second] of [['another base path', { upstream: 'http://127.0.0.1:1/b' }], ['a stripped prefix', { upstream: 'http://127.0.0.1:1', strip_prefix: true }]] as const) {
+    const bases = yamlFile(t, { routes: [{ name: 'v2', path: '/api/v2', upstream: 'http://127.0.0.1:1/a', scopes: ['v2'] }, { name: 'v2-1', path: '/api/v2.1', ...second }] })
+    t.same(problemsOf({ file: bases, env: {} }).problems, [], `versions on one server, with ${what}, load`)
+  }
   // A deployment of distinct routes, nested, per host and with format-like segments, loads as before.
   const distinct = [
     { name: 'api', path: '/api', upstream: 'http://127.0.0.1:1' },

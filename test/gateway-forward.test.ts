@@ -769,8 +769,14 @@ t.test('route paths as upstreams that fold them read them: compatibility forms a
   for (const path of ['/app/%EF%BD%81dmin', '/app/adm%C4%B1n/users', '/app/%EF%BC%8E%EF%BC%8E/app/admin', '/app/adm%C4%B0n/users', '/app/%20admin/users']) {
     t.match(await get(path), /^HTTP\/1.1 400[^]*"code":"bad_request"/, `${path} is refused`)
   }
-  const preflight = await rawExchange(h.port, 'OPTIONS /app/%EF%BD%81dmin HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n')
-  t.match(preflight, /^HTTP\/1.1 401 /, 'nor is a keyless preflight there forwarded')
+  // A trailing / hid the format suffix (Rails strips it, then reads /app/admin.json as /app/admin).
+  for (const path of ['/app/admin.json/', '/app/admin.json%2F']) {
+    t.match(await get(path), /^HTTP\/1.1 400[^]*"code":"bad_request"/, `${path} is refused`)
+  }
+  for (const path of ['/app/%EF%BD%81dmin', '/app/admin.json/']) {
+    const preflight = await rawExchange(h.port, `OPTIONS ${path} HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n`)
+    t.match(preflight, /^HTTP\/1.1 401 /, `nor is a keyless preflight to ${path} forwarded`)
+  }
   // Before: a route of /ReportServer guarded it only as written, and /reportserver/x went by / to
   // an upstream that ignores case (IIS), which served /ReportServer's resources without its scope.
   t.match(await get('/reportserver/x'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, 'a route path in another case is refused')
@@ -807,6 +813,40 @@ t.test('route paths as upstreams that fold them read them: compatibility forms a
   const wideGet = (path: string) => rawExchange(wide.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${wideKey.key}\r\nConnection: close\r\n\r\n`)
   t.match(await wideGet('/%EF%BD%97%EF%BD%89%EF%BD%84%EF%BD%85/admin/x'), /^HTTP\/1.1 400[^]*"code":"bad_request"/, '/ｗｉｄｅ/admin/x is /wide/admin/x to a folding upstream: refused')
   t.equal(urlOf(await wideGet('/%EF%BD%97%EF%BD%89%EF%BD%84%EF%BD%85/x')), '/%EF%BD%97%EF%BD%89%EF%BD%84%EF%BD%85/x', 'the rest of /ｗｉｄｅ is its own')
+
+  // At equal length, a Host's own route: a route for any host written longer (İ, escaped) took
+  // the reading of a.example's /istanbul, passing /%C4%B0stanbul/x by it and refusing /istanbul/x.
+  const hosts = await startGateway(t, {
+    sharedStore: true,
+    routes: [
+      { name: 'host-a', path: '/istanbul', host: 'a.example', upstream: '{upstream}', scopes: ['admin'] },
+      { name: 'any-host', path: '/İstanbul', upstream: '{upstream}' },
+      { name: 'root', path: '/', upstream: '{upstream}' },
+    ],
+  })
+  const hostReader = await hosts.key({ scopes: ['read'] })
+  const hostAdmin = await hosts.key({ scopes: ['admin'] })
+  const onA = (path: string, key: string) => rawExchange(hosts.port, `GET ${path} HTTP/1.1\r\nHost: a.example\r\nAuthorization: Bearer ${key}\r\nConnection: close\r\n\r\n`)
+  t.match(await onA('/%C4%B0stanbul/x', hostReader.key), /^HTTP\/1.1 400[^]*"code":"bad_request"/, 'İstanbul on a.example is its /istanbul to Java: refused')
+  t.equal(urlOf(await onA('/istanbul/x', hostAdmin.key)), '/istanbul/x', 'a.example\'s /istanbul, as written, is its own')
+
+  // Fullwidth full stops are dot segments on any route, nested or not.
+  const flat = await startGateway(t, { sharedStore: true, routes: [{ name: 'app', path: '/app', upstream: '{upstream}' }, { name: 'api', path: '/api', upstream: '{upstream}', scopes: ['admin'] }] })
+  const flatKey = await flat.key({ scopes: ['read'] })
+  t.match(await rawExchange(flat.port, `GET /app/%EF%BC%8E%EF%BC%8E/api/secret HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${flatKey.key}\r\nConnection: close\r\n\r\n`), /^HTTP\/1.1 400[^]*dot segments \(in a compatibility form/, '/app/．．/api/secret is refused')
+
+  // A suffix leads only where both routes' paths reach one upstream as sent, under one base: not
+  // from / to http://…/frontend into /admin, which strips its prefix for http://…/admin-svc.
+  const bases = await startGateway(t, {
+    sharedStore: true,
+    routes: [
+      { name: 'admin', path: '/admin', upstream: '{upstream}/admin-svc', strip_prefix: true, scopes: ['admin'] },
+      { name: 'web', path: '/', upstream: '{upstream}/frontend' },
+    ],
+  })
+  const basesKey = await bases.key({ scopes: ['read'] })
+  const basesOut = await rawExchange(bases.port, `GET /admin.js HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${basesKey.key}\r\nConnection: close\r\n\r\n`)
+  t.equal(urlOf(basesOut), '/frontend/admin.js', '/admin.js is the front end\'s (before, refused)')
 })
 
 /** A raw upstream that answers each request with `statusLine(path)` and a 2-byte body (keep-alive). */
