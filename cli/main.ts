@@ -14,6 +14,7 @@ import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
 import { EXIT_OK, UsageError, fail, parse, printDone, printJson, processIo, refuseFlags, type Command, type Io, type Parsed } from './io.ts'
+import { exposureWarning, Router } from '../gateway/route.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
 
@@ -196,8 +197,10 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
   const config = loadConfig({ file, env: io.env, onlyFile: true, bothListeners: true })
-  if (p.values.json) printJson(io, { valid: true, file, routes: config.routes.map((r) => r.name) })
-  else io.out(`${file}: valid (${config.routes.length} route${config.routes.length === 1 ? '' : 's'})\n`)
+  // Valid, and still worth a word: a route's scopes another route's paths go around.
+  const warnings = new Router(config.routes).exposures().map(exposureWarning)
+  if (p.values.json) printJson(io, { valid: true, file, routes: config.routes.map((r) => r.name), warnings })
+  else io.out(`${file}: valid (${config.routes.length} route${config.routes.length === 1 ? '' : 's'})\n${warnings.map((w) => `warning: ${w}\n`).join('')}`)
   return EXIT_OK
 }
 

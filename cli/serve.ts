@@ -36,6 +36,7 @@ import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { plainRemote } from '../core/integrations/http.ts'
 import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
+import { exposureWarning, Router } from '../gateway/route.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, refuseFlags, type Io } from './io.ts'
 
 /** How often the `--workers` primary reads its workers' counters between scrapes: what a killed worker counted since is lost. */
@@ -802,6 +803,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       const at = await listen(gateway.server, config.gateway.listen, { shared: mode.worker })
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
+      if (!mode.worker) for (const e of new Router(config.routes).exposures()) log.warn(exposureWarning(e), { route: e.route, by: e.by, upstream_path: e.upstreamPath })
     }
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({

@@ -55,6 +55,24 @@ export interface CompiledRoute {
   readonly corsPreflight: boolean
 }
 
+/**
+ * A route with scopes (`route`) whose upstream paths another route (`by`) reaches with fewer
+ * (Router.exposures): `routePath` by the one and `byPath` by the other are both `upstreamPath` to
+ * the upstream.
+ */
+export interface RouteExposure {
+  route: string
+  routePath: string
+  by: string
+  byPath: string
+  upstreamPath: string
+}
+
+/** What a start logs, and `config check` prints, for an exposure. */
+export function exposureWarning(e: RouteExposure): string {
+  return `route "${e.route}" has scopes, but route "${e.by}" reaches its upstream paths without them: ${e.routePath} by "${e.route}" and ${e.byPath} by "${e.by}" are both ${e.upstreamPath} to the upstream; give "${e.by}" the same scopes, or another upstream or base path`
+}
+
 export class Router {
   readonly routes: readonly CompiledRoute[]
   readonly #ordered: readonly CompiledRoute[]
@@ -173,6 +191,40 @@ export class Router {
     // (before, found by a review: /app.js was refused beside routes / and /app to other upstreams).
     const suffixless = withoutFormatSuffix(reading)
     return suffixless !== reading && other(this.#leniently(host, suffixless, r, true))
+  }
+
+  /**
+   * Routes with scopes whose upstream paths another route reaches with fewer scopes: a request
+   * the other route takes that its upstream receives as a path of the exposed route. With one upstream for `/` and for `/api` that strips its prefix, `/users` by
+   * `/` is what `/api/users` is, without `/api`'s scopes (Kong's strip_path has the same pitfall);
+   * so with two base paths on one upstream server (`/` to `http://svc` beside `/api` to
+   * `http://svc/internal`: `/internal/api/x`). Told at start, and by `config check`; not refused:
+   * an upstream may serve only some of those paths, or check something of its own.
+   */
+  exposures(): RouteExposure[] {
+    const found: RouteExposure[] = []
+    for (const a of this.routes) {
+      if (a.scopes.length === 0) continue
+      // A path of a's upstream, as a sends it: its base path, and its prefix unless stripped.
+      const routePath = a.prefix === '/' ? '/x' : `${a.prefix}/x`
+      const upstreamPath = this.upstreamPath(a, routePath)
+      for (const b of this.routes) {
+        // A key that passes b holds one of b's scopes: where each is one of a's, it passes a too.
+        if (b === a || b.origin !== a.origin || (b.scopes.length > 0 && b.scopes.every((s) => a.scopes.includes(s)))) continue
+        const byPath = this.#sentBy(b, upstreamPath)
+        if (byPath !== undefined && this.match(b.host, byPath) === b) found.push({ route: a.name, routePath, by: b.name, byPath, upstreamPath })
+      }
+    }
+    return found
+  }
+
+  /** The request path route `r` sends upstream as `upstream` (upstreamPath's inverse), if any. */
+  #sentBy(r: CompiledRoute, upstream: string): string | undefined {
+    if (r.basePath !== '' && !under(upstream, r.basePath)) return undefined
+    let rest = upstream.slice(r.basePath.length)
+    if (rest === '') rest = '/'
+    if (!r.stripPrefix || r.prefix === '/') return rest
+    return r.prefix + (rest === '/' ? '' : rest)
   }
 
   /** The path sent upstream for `target` on route `r`. */

@@ -54,6 +54,17 @@ t.test('config check', async (t) => {
   t.equal(missing.code, 1)
   t.match(missing.stderr, /nope\.yaml: cannot be read \(ENOENT\)/)
 
+  // Valid, with a warning (found by a read-back): /api strips its prefix to the upstream that / also
+  // reaches, so /x by / is /api/x's resource without /api's scopes.
+  const around = join(dir, 'around.yaml')
+  writeFileSync(around, 'routes:\n  - { name: api, path: /api, upstream: "http://127.0.0.1:3000", strip_prefix: true, scopes: [admin] }\n  - { name: web, path: /, upstream: "http://127.0.0.1:3000" }\n')
+  const warned = await runCli(['config', 'check', around])
+  t.equal(warned.code, 0, 'still valid')
+  t.equal(warned.stdout, `${around}: valid (2 routes)\nwarning: route "api" has scopes, but route "web" reaches its upstream paths without them: /api/x by "api" and /x by "web" are both /x to the upstream; give "web" the same scopes, or another upstream or base path\n`)
+  const warnedJson = await runCli(['config', 'check', around, '--json'])
+  t.match(warnedJson.json(), { valid: true, warnings: [/^route "api" has scopes, but route "web" reaches/] })
+  t.same((await runCli(['config', 'check', good, '--json'])).json().warnings, [], 'none where no route goes around another')
+
   const docs = await runCli(['config', 'docs'])
   t.equal(docs.code, 0)
   t.match(docs.stdout, /\| `cache\.ttl_s` \| `300` \| `CACHE_TTL_SECONDS`/)

@@ -1,6 +1,7 @@
 // loadConfig: defaults, sources and their precedence, strictness, one specific message per
 // problem (all of them at once, secrets hidden), and the generated configuration docs.
 import t from 'tap'
+import { Router } from '../gateway/route.ts'
 import { runCli } from './helpers/cli.ts'
 import { execFileSync } from 'node:child_process'
 import { generateKeyPairSync } from 'node:crypto'
@@ -742,6 +743,21 @@ t.test('two routes for one host that differ only in letter case or %-escapes are
     { name: 'files', path: '/files%20old', upstream: 'http://127.0.0.1:3' },
   ]
   t.same(loadConfig({ file: yamlFile(t, { routes: distinct }), env: {} }).routes.map((r) => r.name), distinct.map((r) => r.name))
+})
+
+t.test('Router.exposures: a route with scopes whose upstream paths another route reaches without them (a stripped prefix, another base path on one server)', async (t) => {
+  const route = (name: string, path: string, upstream: string, more: Record<string, unknown> = {}) => ({ name, path, upstream, timeout_ms: 1000, strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false, scopes: [] as string[], ...more })
+  const exposed = (...routes: ReturnType<typeof route>[]) => new Router(routes).exposures().map((e) => `${e.route} by ${e.by}: ${e.routePath} and ${e.byPath} are ${e.upstreamPath}`)
+  const api = route('api', '/api', 'http://u:1', { strip_prefix: true, scopes: ['admin'] })
+  t.same(exposed(api, route('web', '/', 'http://u:1')), ['api by web: /api/x and /x are /x'], 'a stripped prefix beside / on one upstream')
+  t.same(exposed(api, route('web', '/web', 'http://u:1', { strip_prefix: true })), ['api by web: /api/x and /web/x are /x'], 'two stripped prefixes')
+  t.same(exposed(route('api', '/api', 'http://u:1/internal', { scopes: ['admin'] }), route('web', '/', 'http://u:1')), ['api by web: /api/x and /internal/api/x are /internal/api/x'], 'another base path on one server')
+  t.same(exposed(route('api', '/api', 'http://u:1', { scopes: ['admin'] }), route('web', '/', 'http://u:1')), [], 'nested routes sending paths as sent: /api/x is /api\'s own')
+  t.same(exposed(route('api', '/api', 'http://u:1/api', { strip_prefix: true, scopes: ['admin'] }), route('web', '/', 'http://u:1')), [], 'a stripped prefix put back as the base path')
+  t.same(exposed(api, route('web', '/', 'http://u:2')), [], 'another upstream')
+  t.same(exposed(api, route('web', '/', 'http://u:1', { scopes: ['admin'] })), [], 'the same scopes')
+  t.same(exposed(api, route('web', '/', 'http://u:1', { scopes: ['admin', 'web'] })), ['api by web: /api/x and /x are /x'], 'a scope more, which /api does not take')
+  t.same(exposed(route('admin', '/admin', 'http://u:1/admin-svc', { strip_prefix: true, scopes: ['admin'] }), route('web', '/', 'http://u:1/frontend')), [], 'base paths apart')
 })
 
 t.test('a route path with non-ASCII characters is the path clients send for it: UTF-8 percent-encoded, one route with its encoded spelling', async (t) => {

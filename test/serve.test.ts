@@ -4,7 +4,7 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import net from 'node:net'
-import { closeSync, mkdtempSync, openSync } from 'node:fs'
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
@@ -317,12 +317,18 @@ t.test('a first admin key that cannot be printed (stderr full) is not kept: the 
   t.equal(await again.stop(), 0)
 })
 
-t.test('a configured admin token: no key is created or printed', async (t) => {
+t.test('a configured admin token: no key is created or printed; a route whose scopes another goes around is warned of', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
+  const dataDir = await storeDir()
+  const folder = mkdtempSync(join(tmpdir(), 'keygate-routes-'))
+  const config = join(folder, 'keygate.yaml')
+  writeFileSync(config, `routes:\n  - { name: api, path: /api, upstream: "${upstream.url}", strip_prefix: true, scopes: [admin] }\n  - { name: web, path: /, upstream: "${upstream.url}" }\n`)
+  t.teardown(() => rmSync(folder, { recursive: true, force: true }))
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_CONFIG: config, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
   const s = await serve(t, { env })
   t.notMatch(s.stderr(), KEY_PATTERN)
   t.equal((await get(`${s.gateway}/`)).status, 401)
+  t.match(s.logs.filter((l) => l.level === 'warn' && /reaches its upstream paths without them/.test(l.message)), [{ route: 'api', by: 'web', upstream_path: '/x' }], 'the start warns that / goes around /api\'s scopes, once')
   t.equal(await s.stop(), 0)
 })
 
