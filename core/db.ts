@@ -486,14 +486,24 @@ class EmbeddedDb implements Db {
 
 type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never
 
-/** Whether a process of this pid is alive (one of another user's counts: the kill is refused, not failed). */
+/**
+ * Whether a process of this pid is alive (one of another user's counts: the kill is refused, not
+ * failed). A zombie is not: it has exited, and only waits for its parent to read its status
+ * (found by an upgrade review: a keygate killed under an init that reaps late held its store as
+ * `store_locked` until reaped).
+ */
 export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0)
-    return true
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false
   }
+  return processState(pid) !== 'Z'
+}
+
+/** The state letter of process `pid` (`R`, `S`, `Z`...), or undefined where it cannot be read. */
+function processState(pid: number): string | undefined {
+  return statFields(pid)?.[0]
 }
 
 /** The words of process `pid`'s command line where the system shows it (Linux's /proc), or undefined. */
@@ -565,10 +575,15 @@ const machineId = () => systemLine('/etc/machine-id', /^[0-9a-f]{32}$/)
 
 /** When process `pid` started, in clock ticks since the boot (field 22 of /proc/PID/stat; no wall clock, but shifted by a time namespace), or undefined. */
 function startTicks(pid: number): string | undefined {
+  const start = statFields(pid)?.[19]
+  return start !== undefined && /^\d+$/.test(start) ? start : undefined
+}
+
+/** The fields of /proc/PID/stat after the command (the state first), or undefined where it cannot be read. */
+function statFields(pid: number): string[] | undefined {
   const stat = systemLine(`/proc/${pid}/stat`, /\)/)
   // The command name, in parentheses, may hold spaces and parentheses itself: the fields are counted after the last `)`.
-  const start = stat?.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
-  return start !== undefined && /^\d+$/.test(start) ? start : undefined
+  return stat?.slice(stat.lastIndexOf(')') + 2).split(' ')
 }
 
 /** When this boot began, in ms since the epoch, on the wall clock as it reads now (/proc/stat's btime), or undefined. */
@@ -596,8 +611,20 @@ export function processIdentity(pid: number): string | undefined {
   return `${pid} ${boot} ${machineId() ?? '-'} ${pidNs} ${namespace('time') ?? '-'} ${start}`
 }
 
-/** The owner file's fields: processIdentity's six, and whether the owner listens on its socket (`sock`, or `-`). */
-const OWNER_FIELDS = 7
+/**
+ * The owner file's fields: processIdentity's six, whether the owner listens on its socket (`sock`,
+ * or `-`), and the lock it was written for (lockTag). An owner file of another lock is none: a
+ * keygate of a version before the owner file, taking over a lock whose owner file it leaves in
+ * place, holds a lock that file does not speak for (found by an upgrade review: a new CLI read the
+ * gone owner's file beside an old `serve`'s lock of the same pid, took it over, and both opened
+ * the store). Files of seven fields (the version before this field) are none too: judged by the pid.
+ */
+const OWNER_FIELDS = 8
+
+/** Which lock file `lock` is, as its owner file names it: its device and inode (a lock is linked into place whole, never rewritten). */
+function lockTag(lock: { dev: number; ino: number }): string {
+  return `${lock.dev}:${lock.ino}`
+}
 
 /** A lock or owner file as read: its text, and which file it was (the inode) and when it was written. */
 interface LockRead {
@@ -634,10 +661,10 @@ function readLockFile(path: string): LockRead | 'odd' | undefined {
   }
 }
 
-/** The owner file's fields where it is one of OWNER_FIELDS naming pid `held`; else undefined (none, odd, another format, another pid). */
-function ownerRecord(ownerFile: string, held: number): string[] | undefined {
+/** The owner file's fields where it is one of OWNER_FIELDS naming pid `held` and written for `lock`; else undefined (none, odd, another format, another pid, another lock). */
+function ownerRecord(ownerFile: string, held: number, lock: LockRead): string[] | undefined {
   const recorded = ownerText(ownerFile)?.split(' ')
-  return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) ? recorded : undefined
+  return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) && recorded[7] === lockTag(lock) ? recorded : undefined
 }
 
 /** The owner file's text, or undefined where it cannot be read as one (none, odd, unreadable). */
@@ -669,7 +696,7 @@ function ownerText(ownerFile: string): string | undefined {
  * embedded store).
  */
 function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boolean {
-  const recorded = ownerRecord(ownerFile, held)
+  const recorded = ownerRecord(ownerFile, held, lock)
   if (recorded === undefined) return false
   const [, boot, machine, pidNs, timeNs, start] = recorded
   const thisBoot = bootId()
@@ -718,8 +745,8 @@ async function listenForLiveness(socketFile: string): Promise<net.Server | undef
  * of a version before it, or one that could not listen), for the pid to judge. A stopped (frozen)
  * owner still answers: the kernel takes the connection.
  */
-async function ownerListening(socketFile: string, ownerFile: string, held: number): Promise<'alive' | 'gone' | 'unknown'> {
-  const recorded = ownerRecord(ownerFile, held)
+async function ownerListening(socketFile: string, ownerFile: string, held: number, lock: LockRead): Promise<'alive' | 'gone' | 'unknown'> {
+  const recorded = ownerRecord(ownerFile, held, lock)
   // Only an owner that says it listens: one that could not would leave a stale socket refusing.
   if (recorded === undefined || recorded[1] !== bootId() || recorded[6] !== 'sock') return 'unknown'
   return new Promise((resolve) => {
@@ -805,7 +832,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
         // finds this socket answering (ownerListening).
         if (identity !== undefined) {
           listening = await listenForLiveness(socketFile)
-          owned = `${identity} ${listening === undefined ? '-' : 'sock'}`
+          owned = `${identity} ${listening === undefined ? '-' : 'sock'} ${lockTag(statSync(mine))}`
           writeOwner(ownerFile, owned)
         }
         return release
@@ -820,8 +847,8 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
       // namespace that cannot be asked (it could not listen: a data folder path too long for a
       // socket; found by a review, a container of pid 1 then took it over as its own) holds it.
       // Else its pid, as before.
-      const liveness = valid ? await ownerListening(socketFile, ownerFile, owner) : 'unknown'
-      const unaskable = liveness === 'unknown' && valid && otherNamespaceOf(ownerFile, owner)
+      const liveness = valid ? await ownerListening(socketFile, ownerFile, owner, lock) : 'unknown'
+      const unaskable = liveness === 'unknown' && valid && otherNamespaceOf(ownerFile, owner, lock)
       if (liveness === 'alive' || unaskable || (liveness === 'unknown' && valid && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner))) {
         const command = keygateCommandOf(owner)
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
@@ -831,7 +858,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
         // gone, and what cannot be told gone (leftByGoneProcess) is the operator's to judge.
         // Not where the owner file names another pid namespace: there the pid is another
         // process's by nature (a container's keygate, alive or not; found by a review).
-        const elsewhere = otherNamespaceOf(ownerFile, owner)
+        const elsewhere = otherNamespaceOf(ownerFile, owner, lock)
         const other = command === undefined && !elsewhere ? otherProgramOf(owner) : undefined
         const inUse = `the embedded store in ${dir} is in use by process ${owner}`
         throw new KeygateError(
@@ -933,8 +960,8 @@ async function takingLock(dir: string): Promise<() => void> {
  * Whether the owner file names `held` in a pid namespace other than this process's, in this boot:
  * a process whose pid means another one here (a container), which only its socket can speak for.
  */
-function otherNamespaceOf(ownerFile: string, held: number): boolean {
-  const recorded = ownerRecord(ownerFile, held)
+function otherNamespaceOf(ownerFile: string, held: number, lock: LockRead): boolean {
+  const recorded = ownerRecord(ownerFile, held, lock)
   return recorded !== undefined && recorded[1] === bootId() && recorded[3] !== namespace('pid')
 }
 
