@@ -803,7 +803,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       const at = await listen(gateway.server, config.gateway.listen, { shared: mode.worker })
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: every request is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
-      if (!mode.worker) for (const e of new Router(config.routes).exposures()) log.warn(exposureWarning(e), { route: e.route, by: e.by, upstream_path: e.upstreamPath })
+      if (!mode.worker) warnOfExposures(config, log)
     }
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
@@ -933,7 +933,14 @@ function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: 
   for (const w of workers) sendTo(w, message)
 }
 
+/** Logs each route whose scopes another route goes around (Router.exposures), once per start: by the gateway's process, or the primary of `--workers`. */
+function warnOfExposures(config: Config, log: Logger): void {
+  for (const e of new Router(config.routes).exposures()) log.warn(exposureWarning(e), { route: e.route, by: e.by, upstream_path: e.upstreamPath })
+}
+
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
+  // The workers, which serve the gateway, do not tell it: each would.
+  warnOfExposures(config, log)
   const live = new Set<import('node:cluster').Worker>()
   const listening = new Set<import('node:cluster').Worker>()
   const stopping = stopSignal(log, { worker: false })

@@ -374,7 +374,8 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   // %-escapes reads them (`/admin` and `/ADMIN`, `/%61dmin`): the gateway takes them for one
   // route, so `/ADMIN/users` went by the unscoped `/ADMIN` to what the upstream read as /admin
   // (found by a review). A format suffix (`/api/v2.1`, which Rails reads as `/api/v2`) makes twins
-  // only of two routes to one upstream: versions to their own upstreams are an everyday layout.
+  // only of two routes whose paths reach one upstream as sent, under one base path (upstreamBase):
+  // versions to their own upstreams are an everyday layout.
   const taken = new Map<string, number>()
   const read = new Map<string, number>()
   const named = (i: number) => `routes[${i}] ${JSON.stringify(config.routes[i]?.name)}`

@@ -51,20 +51,26 @@ export function prefixReadings(prefix: string): { lower: string; lenient: string
 
 /**
  * Where a route's requests reach its upstream as the client sent them, under a base path: the
- * upstream's origin and path, for a route that does not strip its prefix (`prefix`); undefined for
- * one that does, or an upstream that is no URL. A format suffix an upstream drops leads from one
- * route's path to another's only where both have the same: that upstream sees both routes' paths
- * as sent, under one base (before, found by a review, `/admin.js` by `/` to `http://ing/frontend`
- * was refused beside `/admin` to `http://ing/admin-svc`, which strips its prefix).
+ * upstream's origin and the base path before the path as sent, for a route that does not strip
+ * its prefix (`prefix`), or strips it to a base path that puts it back (`/admin` to
+ * `http://svc/admin`: `http://svc`); undefined for any other, or an upstream that is no URL. A
+ * format suffix an upstream drops leads from one route's path to another's only where both have
+ * the same: that upstream sees both routes' paths as sent, under one base (before, found by a
+ * review, `/admin.js` by `/` to `http://ing/frontend` was refused beside `/admin` to
+ * `http://ing/admin-svc`, which strips its prefix).
  */
 export function upstreamBase(upstream: string, stripPrefix: boolean, prefix: string): string | undefined {
-  if (stripPrefix && prefix !== '/') return undefined
+  let url: URL
   try {
-    const url = new URL(upstream)
-    return url.origin + url.pathname.replace(/\/$/, '')
+    url = new URL(upstream)
   } catch {
     return undefined
   }
+  const base = url.pathname.replace(/\/$/, '')
+  if (!stripPrefix || prefix === '/') return url.origin + base
+  // Put back by the base path (found by a read-back: `/admin.json` by `/` went to the server that
+  // `/admin`'s paths reach as sent, and Rails read it as `/admin`).
+  return base.toLowerCase().endsWith(prefix.toLowerCase()) ? url.origin + base.slice(0, -prefix.length) : undefined
 }
 
 /**

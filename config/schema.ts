@@ -60,7 +60,7 @@ const Route = Type.Object(
       default: [],
       description: 'Scopes a key needs (any one of them) for this route; empty means any valid key.',
     }),
-    strip_prefix: Type.Boolean({ default: false, description: "Remove the path prefix before forwarding: `/api/items` goes as `/items` (after the upstream's base path), and `/api` itself as `/` (`/v2/` with the base path `/v2`). Beside another route to the same upstream (`/`), whose paths then reach this route's resources without its scopes, a start and `config check` warn." }),
+    strip_prefix: Type.Boolean({ default: false, description: "Remove the path prefix before forwarding: `/api/items` goes as `/items` (after the upstream's base path), and `/api` itself as `/` (`/v2/` with the base path `/v2`). Where another route's paths reach this route's upstream paths on the same upstream server (origin) without this route's scopes (`/` beside `/api` stripping its prefix, or another base path there), a start and `config check` warn." }),
     preserve_host: Type.Boolean({ default: false, description: "Send the client's Host upstream instead of the upstream's own (X-Forwarded-Host carries it either way)." }),
     rewrite_redirects: Type.Boolean({
       default: true,

@@ -789,7 +789,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
   const ownerFile = `${file}.owner`
   const socketFile = `${file}.sock`
   const identity = processIdentity(process.pid)
-  /** What this process wrote to the owner file: its identity, and whether it listens (`sock`, or `-`). */
+  /** What this process wrote to the owner file: its identity, whether it listens (`sock`, or `-`), and the lock's tag. */
   let owned: string | undefined
   let listening: net.Server | undefined
   let unlockTaking: (() => void) | undefined

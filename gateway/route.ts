@@ -195,36 +195,31 @@ export class Router {
 
   /**
    * Routes with scopes whose upstream paths another route reaches with fewer scopes: a request
-   * the other route takes that its upstream receives as a path of the exposed route. With one upstream for `/` and for `/api` that strips its prefix, `/users` by
-   * `/` is what `/api/users` is, without `/api`'s scopes (Kong's strip_path has the same pitfall);
-   * so with two base paths on one upstream server (`/` to `http://svc` beside `/api` to
-   * `http://svc/internal`: `/internal/api/x`). Told at start, and by `config check`; not refused:
-   * an upstream may serve only some of those paths, or check something of its own.
+   * the other route takes that its upstream server (origin) receives as a path of the exposed
+   * route. With one upstream for `/` and for `/api` that strips its prefix, `/users` by `/` is what
+   * `/api/users` is, without `/api`'s scopes (Kong's strip_path has the same pitfall); so with two
+   * base paths on one upstream server (`/` to `http://svc` beside `/api` to `http://svc/internal`:
+   * `/internal/api/x`). Told at start, and by `config check`; not refused: an upstream may serve
+   * only some of those paths, or check something of its own.
    */
   exposures(): RouteExposure[] {
     const found: RouteExposure[] = []
     for (const a of this.routes) {
       if (a.scopes.length === 0) continue
-      // A path of a's upstream, as a sends it: its base path, and its prefix unless stripped.
-      const routePath = a.prefix === '/' ? '/x' : `${a.prefix}/x`
-      const upstreamPath = this.upstreamPath(a, routePath)
+      // A path of a's upstream, as a sends it (its base path, and its prefix unless stripped),
+      // found with a segment no route's prefix can hold (`#`), so no third route takes it; told
+      // with `x`.
+      const probe = this.upstreamPath(a, a.prefix === '/' ? '/#' : `${a.prefix}/#`)
       for (const b of this.routes) {
         // A key that passes b holds one of b's scopes: where each is one of a's, it passes a too.
         if (b === a || b.origin !== a.origin || (b.scopes.length > 0 && b.scopes.every((s) => a.scopes.includes(s)))) continue
-        const byPath = this.#sentBy(b, upstreamPath)
-        if (byPath !== undefined && this.match(b.host, byPath) === b) found.push({ route: a.name, routePath, by: b.name, byPath, upstreamPath })
+        const byPath = clientPath(b, probe)
+        if (byPath === undefined || this.match(b.host, byPath) !== b) continue
+        const told = (path: string) => path.replace(/#$/, 'x')
+        found.push({ route: a.name, routePath: told(a.prefix === '/' ? '/#' : `${a.prefix}/#`), by: b.name, byPath: told(byPath), upstreamPath: told(probe) })
       }
     }
     return found
-  }
-
-  /** The request path route `r` sends upstream as `upstream` (upstreamPath's inverse), if any. */
-  #sentBy(r: CompiledRoute, upstream: string): string | undefined {
-    if (r.basePath !== '' && !under(upstream, r.basePath)) return undefined
-    let rest = upstream.slice(r.basePath.length)
-    if (rest === '') rest = '/'
-    if (!r.stripPrefix || r.prefix === '/') return rest
-    return r.prefix + (rest === '/' ? '' : rest)
   }
 
   /** The path sent upstream for `target` on route `r`. */
@@ -276,12 +271,19 @@ export function publicLocation(r: CompiledRoute, given: string, outerPrefix = ''
   const written = end === -1 ? '' : location.slice(start + end)
   const path = url.pathname
   if (written !== path + url.search + url.hash && !(written === '' && path === '/')) return undefined
-  if (r.basePath !== '' && !under(path, r.basePath)) return undefined
-  let rest = path.slice(r.basePath.length)
-  if (!rest.startsWith('/')) rest = '/' + rest
-  const publicPath = outerPrefix + (r.forwardedPrefix ?? '') + rest
+  const routePath = clientPath(r, path)
+  if (routePath === undefined) return undefined
+  const publicPath = outerPrefix + routePath
   if (publicPath.startsWith('//')) return undefined
   return publicPath + url.search + url.hash
+}
+
+/** The path a client sends on route `r` for the upstream to receive `upstreamPath` (upstreamPath's inverse): under the route's base path, its prefix put back where it strips it; undefined for a path outside the base path. */
+function clientPath(r: CompiledRoute, upstreamPath: string): string | undefined {
+  if (r.basePath !== '' && !under(upstreamPath, r.basePath)) return undefined
+  let rest = upstreamPath.slice(r.basePath.length)
+  if (!rest.startsWith('/')) rest = '/' + rest
+  return (r.forwardedPrefix ?? '') + rest
 }
 
 /** Whether `path` is under `prefix`: equal, or continued on a segment boundary (`/api` holds `/api`, `/api/x` and `/api?q`, not `/apix`). */
@@ -341,7 +343,7 @@ export function createPreflightStage(router: Router, sources: KeySources): Stage
     if (hasBody(h) || h.upgrade !== undefined || h.expect !== undefined || (h.connection !== undefined && !PLAIN_CONNECTION.test(h.connection))) return undefined
     if (authorization && h.authorization !== undefined) return undefined
     // The API key header in any spelling, as the forwarder reads it (`X_API_KEY` reaches PHP as the same variable).
-    if (header !== undefined && (h[header] !== undefined || Object.keys(h).some((k) => isApiKeyHeader(sources, k)))) return undefined
+    if (header !== undefined && Object.keys(h).some((k) => isApiKeyHeader(sources, k))) return undefined
     const q = param === undefined ? -1 : s.target.indexOf('?')
     if (q !== -1 && new URLSearchParams(s.target.slice(q + 1)).has(param as string)) return undefined
     const r = router.match(h.host, s.target)
@@ -357,7 +359,7 @@ export function createRouteStage(router: Router): Stage {
     if (r === undefined) return 'route_not_found'
     s.route = r
     if (router.ambiguous(s.headers.host, s.target, r, s.pathBytes)) {
-      s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\", letter case, trailing dots or a format suffix such as ".json"); send it in its plain form.'
+      s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\", letter case, fullwidth and other compatibility forms, leading spaces or trailing dots in a segment, or a format suffix such as ".json"); send it in its plain form.'
       return 'bad_request'
     }
     if (r.scopes.length === 0) return undefined

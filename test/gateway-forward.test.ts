@@ -847,6 +847,17 @@ t.test('route paths as upstreams that fold them read them: compatibility forms a
   const basesKey = await bases.key({ scopes: ['read'] })
   const basesOut = await rawExchange(bases.port, `GET /admin.js HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${basesKey.key}\r\nConnection: close\r\n\r\n`)
   t.equal(urlOf(basesOut), '/frontend/admin.js', '/admin.js is the front end\'s (before, refused)')
+  // A prefix stripped and put back by the base path is sent as the client sent it (found by a
+  // read-back: /admin.json went by / to the server that reads it as /admin).
+  const putBack = await startGateway(t, {
+    sharedStore: true,
+    routes: [
+      { name: 'admin', path: '/admin', upstream: '{upstream}/admin', strip_prefix: true, scopes: ['admin'] },
+      { name: 'web', path: '/', upstream: '{upstream}' },
+    ],
+  })
+  const putBackKey = await putBack.key({ scopes: ['read'] })
+  t.match(await rawExchange(putBack.port, `GET /admin.json HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${putBackKey.key}\r\nConnection: close\r\n\r\n`), /^HTTP\/1.1 400[^]*"code":"bad_request"/, '/admin.json by / is /admin to Rails: refused')
 })
 
 /** A raw upstream that answers each request with `statusLine(path)` and a 2-byte body (keep-alive). */

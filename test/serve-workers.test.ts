@@ -23,11 +23,15 @@ const value = (text: string, series: string) => Number(new RegExp(`^${series.rep
 t.test('--workers on PostgreSQL: one port, the primary owns the admin API and sums the metrics; changes reach every worker at once', async (t) => {
   const url = await freshDatabase(t)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
-  writeFileSync(join(cwd, 'keygate.yaml'), 'deny_list: ["192.0.2.0/24"]\n')
   // The workers share one lockout (the primary's memory): the eight refused requests below would lock 127.0.0.1 out after five.
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
+  // /api strips its prefix to the upstream that --upstream's / reaches too: warned of once, by the primary.
+  writeFileSync(join(cwd, 'keygate.yaml'), `deny_list: ["192.0.2.0/24"]\nroutes:\n  - { name: api, path: /api, upstream: "${upstream.url}", strip_prefix: true, scopes: [admin] }\n`)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  // Before (found by a read-back): a primary logged none, and its workers were not to.
+  t.match(serve.logs.filter((l) => /reaches its upstream paths without them/.test(l.message)), [{ level: 'warn', route: 'api', by: 'default' }])
+  t.equal(serve.logs.filter((l) => /reaches its upstream paths without them/.test(l.message)).length, 1, 'the exposure is told once')
   const listening = serve.logs.filter((l) => l.message === 'gateway listening')
   t.equal(new Set(listening.map((l) => l.worker)).size, 2, 'two workers listen')
   t.equal(new Set(listening.map((l) => l.address)).size, 1, 'on one address')
