@@ -441,7 +441,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         // A route that strips its prefix says which (below), after a trusted proxy's own.
         if (route.forwardedPrefix !== undefined && name === 'x-forwarded-prefix') continue
       }
-      // The API key header, in any spelling (gateway.api_key_header need not begin with x).
+      // The API key header, in any spelling (gateway.api_key_header need not begin with x): `name`
+      // is the header's reading with `_` as `-`, so this is isApiKeyHeader, without a call per header.
       if (name === apiKeyName) continue
       if (dropAuthorization && name === 'authorization') continue
       if (named !== undefined && named.includes(name)) continue
