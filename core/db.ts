@@ -611,20 +611,8 @@ export function processIdentity(pid: number): string | undefined {
   return `${pid} ${boot} ${machineId() ?? '-'} ${pidNs} ${namespace('time') ?? '-'} ${start}`
 }
 
-/**
- * The owner file's fields: processIdentity's six, whether the owner listens on its socket (`sock`,
- * or `-`), and the lock it was written for (lockTag). An owner file of another lock is none: a
- * keygate of a version before the owner file, taking over a lock whose owner file it leaves in
- * place, holds a lock that file does not speak for (found by an upgrade review: a new CLI read the
- * gone owner's file beside an old `serve`'s lock of the same pid, took it over, and both opened
- * the store). Files of seven fields (the version before this field) are none too: judged by the pid.
- */
-const OWNER_FIELDS = 8
-
-/** Which lock file `lock` is, as its owner file names it: its device and inode (a lock is linked into place whole, never rewritten). */
-function lockTag(lock: { dev: number; ino: number }): string {
-  return `${lock.dev}:${lock.ino}`
-}
+/** The owner file's fields: processIdentity's six, and whether the owner listens on its socket (`sock`, or `-`). */
+const OWNER_FIELDS = 7
 
 /** A lock or owner file as read: its text, and which file it was (the inode) and when it was written. */
 interface LockRead {
@@ -661,10 +649,28 @@ function readLockFile(path: string): LockRead | 'odd' | undefined {
   }
 }
 
-/** The owner file's fields where it is one of OWNER_FIELDS naming pid `held` and written for `lock`; else undefined (none, odd, another format, another pid, another lock). */
-function ownerRecord(ownerFile: string, held: number, lock: LockRead): string[] | undefined {
-  const recorded = ownerText(ownerFile)?.split(' ')
-  return recorded !== undefined && recorded.length === OWNER_FIELDS && recorded[0] === String(held) && recorded[7] === lockTag(lock) ? recorded : undefined
+/**
+ * The owner file's fields where it is one of OWNER_FIELDS naming pid `held`, else undefined (none,
+ * odd, another format, another pid); and whether it was written for `lock` (`bound`): not before
+ * it. The owner writes it after its lock, so a lock newer than the file is another lock, of the
+ * same pid: one a keygate of a version before the owner file took over, leaving the file in place
+ * (found by an upgrade review: a new CLI read the gone owner's file beside an old `serve`'s lock,
+ * judged it gone, took the store over and lost a created key). By the time written, not the
+ * inode: an inode is soon given to a new file (ext4 at once), and a lock copied into place
+ * keeps its time (a review). Only a bound file tells its owner gone; any file naming the pid may
+ * tell it alive (its socket answers) or out of reach (another pid namespace), and the lock stands.
+ */
+function ownerRecord(ownerFile: string, held: number, lock: LockRead): { fields: string[]; bound: boolean } | undefined {
+  let read: LockRead | 'odd' | undefined
+  try {
+    read = readLockFile(ownerFile)
+  } catch {
+    return undefined
+  }
+  if (typeof read !== 'object') return undefined
+  const fields = read.text.split(' ')
+  if (fields.length !== OWNER_FIELDS || fields[0] !== String(held)) return undefined
+  return { fields, bound: lock.mtimeMs <= read.mtimeMs }
 }
 
 /** The owner file's text, or undefined where it cannot be read as one (none, odd, unreadable). */
@@ -696,8 +702,9 @@ function ownerText(ownerFile: string): string | undefined {
  * embedded store).
  */
 function leftByGoneProcess(lock: LockRead, ownerFile: string, held: number): boolean {
-  const recorded = ownerRecord(ownerFile, held, lock)
-  if (recorded === undefined) return false
+  const owner = ownerRecord(ownerFile, held, lock)
+  if (owner === undefined || !owner.bound) return false
+  const recorded = owner.fields
   const [, boot, machine, pidNs, timeNs, start] = recorded
   const thisBoot = bootId()
   if (thisBoot === undefined) return false
@@ -746,9 +753,11 @@ async function listenForLiveness(socketFile: string): Promise<net.Server | undef
  * owner still answers: the kernel takes the connection.
  */
 async function ownerListening(socketFile: string, ownerFile: string, held: number, lock: LockRead): Promise<'alive' | 'gone' | 'unknown'> {
-  const recorded = ownerRecord(ownerFile, held, lock)
+  const owner = ownerRecord(ownerFile, held, lock)
   // Only an owner that says it listens: one that could not would leave a stale socket refusing.
-  if (recorded === undefined || recorded[1] !== bootId() || recorded[6] !== 'sock') return 'unknown'
+  if (owner === undefined || owner.fields[1] !== bootId() || owner.fields[6] !== 'sock') return 'unknown'
+  // A socket that refuses says its owner is gone only where the file speaks for this lock.
+  const refused = owner.bound ? 'gone' : 'unknown'
   return new Promise((resolve) => {
     const socket = net.connect({ path: socketFile })
     const done = (verdict: 'alive' | 'gone' | 'unknown') => {
@@ -759,7 +768,7 @@ async function ownerListening(socketFile: string, ownerFile: string, held: numbe
     // A connection the kernel cannot queue (EAGAIN) is an owner too busy to take one: alive.
     const timer = setTimeout(() => done('alive'), 2000)
     socket.once('connect', () => done('alive'))
-    socket.once('error', (err: NodeJS.ErrnoException) => done(err.code === 'ECONNREFUSED' ? 'gone' : err.code === 'EAGAIN' ? 'alive' : 'unknown'))
+    socket.once('error', (err: NodeJS.ErrnoException) => done(err.code === 'ECONNREFUSED' ? refused : err.code === 'EAGAIN' ? 'alive' : 'unknown'))
   })
 }
 
@@ -789,7 +798,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
   const ownerFile = `${file}.owner`
   const socketFile = `${file}.sock`
   const identity = processIdentity(process.pid)
-  /** What this process wrote to the owner file: its identity, whether it listens (`sock`, or `-`), and the lock's tag. */
+  /** What this process wrote to the owner file: its identity, and whether it listens (`sock`, or `-`). */
   let owned: string | undefined
   let listening: net.Server | undefined
   let unlockTaking: (() => void) | undefined
@@ -832,7 +841,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
         // finds this socket answering (ownerListening).
         if (identity !== undefined) {
           listening = await listenForLiveness(socketFile)
-          owned = `${identity} ${listening === undefined ? '-' : 'sock'} ${lockTag(statSync(mine))}`
+          owned = `${identity} ${listening === undefined ? '-' : 'sock'}`
           writeOwner(ownerFile, owned)
         }
         return release
@@ -961,7 +970,7 @@ async function takingLock(dir: string): Promise<() => void> {
  * a process whose pid means another one here (a container), which only its socket can speak for.
  */
 function otherNamespaceOf(ownerFile: string, held: number, lock: LockRead): boolean {
-  const recorded = ownerRecord(ownerFile, held, lock)
+  const recorded = ownerRecord(ownerFile, held, lock)?.fields
   return recorded !== undefined && recorded[1] === bootId() && recorded[3] !== namespace('pid')
 }
 

@@ -3,7 +3,7 @@
 import t from 'tap'
 import { spawn, spawnSync } from 'node:child_process'
 import net from 'node:net'
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, processIdentity } from '../core/db.ts'
@@ -25,12 +25,6 @@ const opens = async (dir: string): Promise<string> =>
     },
     (err: { code?: string; message?: string }) => `${err.code}: ${err.message}`,
   )
-
-/** Which lock file `lock` is, as the owner file written for it names it (its device and inode). */
-function tagOf(lock: string): string {
-  const st = statSync(lock)
-  return `${st.dev}:${st.ino}`
-}
 
 /** A process that runs until the test ends. */
 function liveProcess(t: { teardown(fn: () => void): void }): number {
@@ -62,16 +56,16 @@ t.test('a stale lock is taken over, a live one refuses, and a process removes on
   const db = await openDb({ dataDir: dir })
   t.equal(readFileSync(lock, 'utf8'), String(process.pid), "the lock of a process that is gone is taken over, with this process's pid in it")
   t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')).sort(), ['keygate.lock', 'keygate.lock.owner', 'keygate.lock.sock'], 'no file of the taking-over is left beside it')
-  t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(process.pid)} sock ${tagOf(lock)}`, "the owner file names this process (pid, boot, machine, namespaces, start), that it listens on keygate.lock.sock, and the lock it holds")
+  t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(process.pid)} sock`, "the owner file names this process (pid, boot, machine, namespaces, start) and that it listens on keygate.lock.sock")
 
   // Another process took the lock over meanwhile (say, one that judged this process gone): closing must not remove its lock.
   const other = liveProcess(t)
   writeFileSync(join(dir, 'other'), String(other))
   renameSync(join(dir, 'other'), lock)
-  writeFileSync(`${lock}.owner`, `${processIdentity(other)} - ${tagOf(lock)}`)
+  writeFileSync(`${lock}.owner`, `${processIdentity(other)} -`)
   await db.close()
   t.equal(readFileSync(lock, 'utf8'), String(other), "closing leaves another process's lock in place")
-  t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(other)} - ${tagOf(lock)}`, 'and its owner file')
+  t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(other)} -`, 'and its owner file')
 
   const refused = await openDb({ dataDir: dir }).then(
     async (d) => {
@@ -95,16 +89,13 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   const otherBoot = boot.replace(/^./, (c) => (c === 'a' ? 'b' : 'a'))
   const otherMachine = 'f'.repeat(32)
   const bootedAt = Number(/^btime (\d+)$/m.exec(readFileSync('/proc/stat', 'utf8'))?.[1])
-  /** A lock of `live` and its owner file, written for it (its tag added) unless `bind` is false. */
-  const lockWith = async (owner: string | undefined, lockTime?: number, bind = true) => {
+  const lockWith = async (owner: string | undefined, lockTime?: number) => {
     const dir = await storeFolder(t)
     const lock = join(dir, 'keygate.lock')
     writeFileSync(lock, String(live))
     if (lockTime !== undefined) utimesSync(lock, lockTime, lockTime)
-    // Written for this lock: an owner file's identity and listening, then the lock's tag.
-    const written = owner === undefined ? undefined : bind && owner.split(' ').length === 7 ? `${owner} ${tagOf(lock)}` : owner
-    if (written !== undefined) writeFileSync(`${lock}.owner`, written)
-    return { dir, lock, written }
+    if (owner !== undefined) writeFileSync(`${lock}.owner`, owner)
+    return { dir, lock }
   }
   const cases: Array<[string, string, number | undefined]> = [
     ['of a process in this boot and pid namespace that started at another tick', `${live} ${boot} ${machine} ${pidNs} ${timeNs} ${Number(start) + 1} -`, undefined],
@@ -116,14 +107,14 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
     const { dir, lock } = await lockWith(owner, lockTime)
     const db = await openDb({ dataDir: dir })
     t.equal(readFileSync(lock, 'utf8'), String(process.pid), `a lock ${what}, its pid now another process's, is taken over`)
-    t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(process.pid)} sock ${tagOf(lock)}`, 'the owner file is this process now')
+    t.equal(readFileSync(`${lock}.owner`, 'utf8'), `${processIdentity(process.pid)} sock`, 'the owner file is this process now')
     await db.close()
     t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), [], 'both files are removed on close')
   }
   // The owner's own identity, or none (a lock of an earlier version), or one naming another pid
   // (the owner has not written its own yet), or one this process cannot judge: the lock stands
   // while its pid runs.
-  for (const [what, owner, lockTime, bind = true] of [
+  for (const [what, owner, lockTime] of [
     ['whose owner file names its process', identity, undefined],
     ['without an owner file', undefined, undefined],
     ['whose owner file names another pid', `${live + 1} ${otherBoot} ${machine} ${pidNs} ${timeNs} 1 -`, undefined],
@@ -135,13 +126,11 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
     // Another time namespace shifts the start ticks read (found by a review: a live owner judged gone).
     ['of another time namespace', `${live} ${boot} ${machine} ${pidNs} time:[1] ${Number(start) + 86_400} -`, undefined],
     ['of an owner file in the format of 5eee258', `${live} ${boot} ${pidNs} ${Number(start) + 1}`, undefined],
-    // The format before the lock's tag (seven fields): it may speak for another lock.
-    ['of an owner file in the format of fd7eff5', `${live} ${boot} ${machine} ${pidNs} ${timeNs} ${Number(start) + 1} -`, undefined, false],
   ] as const) {
-    const { lock, dir, written } = await lockWith(owner, lockTime, bind)
+    const { lock, dir } = await lockWith(owner, lockTime)
     t.match(await opens(dir), /^store_locked: /, `a lock ${what} is refused while its pid runs`)
     t.equal(readFileSync(lock, 'utf8'), String(live), 'and left as it is')
-    if (written !== undefined) t.equal(readFileSync(`${lock}.owner`, 'utf8'), written, 'its owner file too')
+    if (owner !== undefined) t.equal(readFileSync(`${lock}.owner`, 'utf8'), owner, 'its owner file too')
   }
   // An owner file written for another lock (found by an upgrade review): a gone keygate's, beside
   // the lock a keygate of a version before the owner file took over, under the same pid (a
@@ -149,13 +138,15 @@ t.test('a lock whose pid another process has taken since (after a reboot, or a S
   // said the lock was left by a gone process, and a CLI took it over from the running server.
   {
     const { dir, lock } = await lockWith(`${live} ${boot} ${machine} ${pidNs} ${timeNs} ${Number(start) + 1} sock`)
-    const earlier = readFileSync(`${lock}.owner`, 'utf8')
-    // The earlier version's takeover: a new lock file linked in place of the old.
+    // Written before the lock below (a second earlier, as a clock of whole seconds may read it).
+    const before = Date.now() / 1000 - 1
+    utimesSync(`${lock}.owner`, before, before)
+    // The earlier version's takeover: a new lock file put in place of the old (its inode may well
+    // be the old one's, which ext4 gives again at once).
     writeFileSync(join(dir, 'taking'), String(live))
     renameSync(join(dir, 'taking'), lock)
     await staleSocket(`${lock}.sock`)
-    t.not(tagOf(lock), earlier.split(' ')[7], 'the lock is another file than the one its owner file names')
-    t.match(await opens(dir), /^store_locked: /, "an owner file of another lock says nothing of this one: judged by its pid, which runs, and refused")
+    t.match(await opens(dir), /^store_locked: /, "an owner file older than the lock says nothing of its owner being gone: judged by its pid, which runs, and refused")
     t.equal(readFileSync(lock, 'utf8'), String(live), 'and left as it is')
   }
   // What the message says where the owner file names another pid namespace: that, not that the
@@ -240,17 +231,32 @@ t.test("the owner's socket tells whether it runs, in any pid namespace: two cont
     const dir = await storeFolder(t)
     const lock = join(dir, 'keygate.lock')
     writeFileSync(lock, String(pid))
-    writeFileSync(`${lock}.owner`, `${pid} ${boot} ${machine} pid:[1] ${timeNs} ${start} ${listens ? 'sock' : '-'} ${tagOf(lock)}`)
+    writeFileSync(`${lock}.owner`, `${pid} ${boot} ${machine} pid:[1] ${timeNs} ${start} ${listens ? 'sock' : '-'}`)
     if (listens) await answeringSocket(t, `${lock}.sock`)
     t.match(await opens(dir), /^store_locked: .* of another pid namespace \(a container sharing the data folder/, `a container's live keygate whose pid is ${what}: refused`)
     t.equal(readFileSync(lock, 'utf8'), String(pid), 'its lock left as it is')
+  }
+  // Its lock rewritten since its owner file (a copy put in its place, by a sync tool): the socket
+  // still speaks for a live owner (found by a review: with the owner file set aside for another
+  // lock, a container's keygate of pid 1 took a live one's store over).
+  {
+    const dir = await storeFolder(t)
+    const lock = join(dir, 'keygate.lock')
+    writeFileSync(lock, String(process.pid))
+    writeFileSync(`${lock}.owner`, `${process.pid} ${boot} ${machine} pid:[1] ${timeNs} ${start} sock`)
+    const before = Date.now() / 1000 - 1
+    utimesSync(`${lock}.owner`, before, before)
+    writeFileSync(join(dir, 'copy'), String(process.pid))
+    renameSync(join(dir, 'copy'), lock)
+    await answeringSocket(t, `${lock}.sock`)
+    t.match(await opens(dir), /^store_locked: .* of another pid namespace/, "a container's live keygate whose lock was rewritten: its socket answers, refused")
   }
   // Its socket refusing (the owner is gone, its socket file left): taken over, whatever runs under its pid.
   const live = liveProcess(t)
   const dir = await storeFolder(t)
   const lock = join(dir, 'keygate.lock')
   writeFileSync(lock, String(live))
-  writeFileSync(`${lock}.owner`, `${processIdentity(live)} sock ${tagOf(lock)}`)
+  writeFileSync(`${lock}.owner`, `${processIdentity(live)} sock`)
   await staleSocket(`${lock}.sock`)
   t.equal(await opens(dir), 'opened', "an owner file naming a live process whose socket refuses: the owner is gone (it would answer), taken over")
   t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), [], 'and every file of the lock removed on close')
@@ -258,7 +264,7 @@ t.test("the owner's socket tells whether it runs, in any pid namespace: two cont
   const quiet = await storeFolder(t)
   const quietLock = join(quiet, 'keygate.lock')
   writeFileSync(quietLock, String(live))
-  writeFileSync(`${quietLock}.owner`, `${processIdentity(live)} - ${tagOf(quietLock)}`)
+  writeFileSync(`${quietLock}.owner`, `${processIdentity(live)} -`)
   await staleSocket(`${quietLock}.sock`)
   t.match(await opens(quiet), /^store_locked: /, 'an owner that does not listen is judged by its pid: refused while it runs')
 })
