@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { accessSync, chmodSync, closeSync, existsSync, constants as fsConstants, fstatSync, linkSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, statSync, unlinkSync, type Stats } from 'node:fs'
+import { accessSync, chmodSync, closeSync, existsSync, constants as fsConstants, fstatSync, linkSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, statSync, unlinkSync, utimesSync, type Stats } from 'node:fs'
 import net from 'node:net'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -843,6 +843,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
           listening = await listenForLiveness(socketFile)
           owned = `${identity} ${listening === undefined ? '-' : 'sock'}`
           writeOwner(ownerFile, owned)
+          notOlderThan(ownerFile, mine)
         }
         return release
       }
@@ -972,6 +973,21 @@ async function takingLock(dir: string): Promise<() => void> {
 function otherNamespaceOf(ownerFile: string, held: number, lock: LockRead): boolean {
   const recorded = ownerRecord(ownerFile, held, lock)?.fields
   return recorded !== undefined && recorded[1] === bootId() && recorded[3] !== namespace('pid')
+}
+
+/**
+ * Dates `ownerFile` no earlier than `lockFile`, where a clock stepped back between their writes
+ * (the lock's is written before the wait for keygate.lock.taking, up to 20 s): an owner file older
+ * than its lock never says its owner is gone (ownerRecord), and the store would stay locked after
+ * this process was (found by a review).
+ */
+function notOlderThan(ownerFile: string, lockFile: string): void {
+  try {
+    const lock = statSync(lockFile)
+    const owner = statSync(ownerFile)
+    // A millisecond more: seconds as a double, and the kernel's rounding, may land a little short.
+    if (owner.mtimeMs < lock.mtimeMs) utimesSync(ownerFile, owner.atime, (lock.mtimeMs + 1) / 1000)
+  } catch {}
 }
 
 /**

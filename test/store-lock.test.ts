@@ -35,7 +35,9 @@ function liveProcess(t: { teardown(fn: () => void): void }): number {
 
 /** A zombie's pid: a process that has exited, whose parent (sleeping until the test ends) never reads its status. */
 async function zombiePid(t: { teardown(fn: () => void): void }): Promise<number> {
-  const parent = spawn('sh', ['-c', 'true & echo $!; exec sleep 600'], { stdio: ['ignore', 'pipe', 'ignore'] })
+  // The child ends after the shell has become `sleep 600`, which never waits for it (one that ended
+  // before could be reaped by the shell itself).
+  const parent = spawn('sh', ['-c', 'sleep 0.3 & echo $!; exec sleep 600'], { stdio: ['ignore', 'pipe', 'ignore'] })
   t.teardown(() => parent.kill('SIGKILL'))
   const pid = Number(await new Promise<string>((resolve) => parent.stdout.once('data', (d: Buffer) => resolve(d.toString()))))
   for (let i = 0; i < 200 && !/\) Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8')); i++) await new Promise((r) => setTimeout(r, 10))
