@@ -213,6 +213,9 @@ export class Router {
       for (const b of this.routes) {
         // A key that passes b holds one of b's scopes: where each is one of a's, it passes a too.
         if (b === a || b.origin !== a.origin || (b.scopes.length > 0 && b.scopes.every((s) => a.scopes.includes(s)))) continue
+        // Routes of different hosts, one of them sending its Host on: the upstream may serve each
+        // host its own paths (virtual hosts), and told apart so, neither reaches the other's.
+        if (a.host !== b.host && (a.preserveHost || b.preserveHost)) continue
         const byPath = clientPath(b, probe)
         if (byPath === undefined || this.match(b.host, byPath) !== b) continue
         const told = (path: string) => path.replace(/#$/, 'x')

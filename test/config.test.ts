@@ -758,6 +758,10 @@ t.test('Router.exposures: a route with scopes whose upstream paths another route
   t.same(exposed(api, route('web', '/', 'http://u:1', { scopes: ['admin'] })), [], 'the same scopes')
   t.same(exposed(api, route('web', '/', 'http://u:1', { scopes: ['admin', 'web'] })), ['api by web: /api/x and /x are /x'], 'a scope more, which /api does not take')
   t.same(exposed(route('admin', '/admin', 'http://u:1/admin-svc', { strip_prefix: true, scopes: ['admin'] }), route('web', '/', 'http://u:1/frontend')), [], 'base paths apart')
+  // Hosts: one upstream's virtual hosts, told apart by the Host a route sends on.
+  const apiOfA = route('api', '/api', 'http://u:1', { host: 'a.example', strip_prefix: true, scopes: ['admin'], preserve_host: true })
+  t.same(exposed(apiOfA, route('web', '/', 'http://u:1', { host: 'b.example', preserve_host: true })), [], 'another host, each sent on')
+  t.same(exposed({ ...apiOfA, preserve_host: false }, route('web', '/', 'http://u:1', { host: 'b.example' })), ['api by web: /api/x and /x are /x'], 'another host, neither sent on: one Host upstream')
 })
 
 t.test('a route path with non-ASCII characters is the path clients send for it: UTF-8 percent-encoded, one route with its encoded spelling', async (t) => {
