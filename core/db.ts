@@ -661,26 +661,26 @@ function readLockFile(path: string): LockRead | 'odd' | undefined {
  * tell it alive (its socket answers) or out of reach (another pid namespace), and the lock stands.
  */
 function ownerRecord(ownerFile: string, held: number, lock: LockRead): { fields: string[]; bound: boolean } | undefined {
-  let read: LockRead | 'odd' | undefined
-  try {
-    read = readLockFile(ownerFile)
-  } catch {
-    return undefined
-  }
-  if (typeof read !== 'object') return undefined
+  const read = ownerRead(ownerFile)
+  if (read === undefined) return undefined
   const fields = read.text.split(' ')
   if (fields.length !== OWNER_FIELDS || fields[0] !== String(held)) return undefined
   return { fields, bound: lock.mtimeMs <= read.mtimeMs }
 }
 
-/** The owner file's text, or undefined where it cannot be read as one (none, odd, unreadable). */
-function ownerText(ownerFile: string): string | undefined {
+/** The owner file as read, or undefined where it cannot be read as one (none, odd, unreadable). */
+function ownerRead(ownerFile: string): LockRead | undefined {
   try {
     const read = readLockFile(ownerFile)
-    return typeof read === 'object' ? read.text : undefined
+    return typeof read === 'object' ? read : undefined
   } catch {
     return undefined
   }
+}
+
+/** The owner file's text (ownerRead). */
+function ownerText(ownerFile: string): string | undefined {
+  return ownerRead(ownerFile)?.text
 }
 
 /**

@@ -112,12 +112,11 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     // Fullwidth full stops (`%EF%BC%8E`) are `.` to an upstream that folds compatibility forms,
     // which the route check models (lenientReadingOf): on every route, as dots encoded twice
     // (before, found by a review, `/app/%EF%BC%8E%EF%BC%8E/api/secret` passed where routes do not nest).
-    if (HIGH.test(s.pathBytes)) {
-      const folded = asUtf8(s.pathBytes)
-      if (folded !== s.pathBytes && decodedHasDotSegments(folded)) {
-        s.message = 'The request path has dot segments (in a compatibility form, such as fullwidth full stops).'
-        return 'bad_request'
-      }
+    // (asUtf8 gives back a path of ASCII alone as it is.)
+    const folded = asUtf8(s.pathBytes)
+    if (folded !== s.pathBytes && decodedHasDotSegments(folded)) {
+      s.message = 'The request path has dot segments (in a compatibility form, such as fullwidth full stops).'
+      return 'bad_request'
     }
     const escapes = escapeProblem(s.pathBytes)
     if (escapes !== undefined) {

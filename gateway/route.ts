@@ -109,8 +109,7 @@ export class Router {
     this.#byHost = this.routes.some((r) => r.host !== undefined)
     // At equal length the more specific first: a Host with its port, then a Host (before, file
     // order: a route for example.com took example.com:8443 from that port's own, found by a review).
-    const specific = (r: CompiledRoute) => (r.hostHasPort ? 0 : r.host !== undefined ? 1 : 2)
-    this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || specific(a) - specific(b))
+    this.#ordered = [...this.routes].sort((a, b) => b.prefix.length - a.prefix.length || hostSpecificity(b) - hostSpecificity(a))
     const readings = (r: CompiledRoute) => [r.prefixLower, r.prefixLenient, r.prefixSuffixless]
     const inside = (b: CompiledRoute, a: CompiledRoute) => readings(b).some((bp) => readings(a).some((ap) => bp === ap || bp.startsWith(ap + '/')))
     this.#nested = this.routes.some((a) => this.routes.some((b) => a !== b && (a.prefix === '/' || inside(b, a))))
@@ -167,7 +166,7 @@ export class Router {
       // At equal length the more specific host (a Host with its port, then a Host), as the strict
       // order has it (before, found by a review: the strict order's tie, by the prefix as
       // written, let a longer-written route for any host take a host's own route's reading).
-      const rank = length * 3 + (r.hostHasPort ? 2 : r.host !== undefined ? 1 : 0)
+      const rank = length * 3 + hostSpecificity(r)
       if (rank <= best) continue
       found = r
       best = rank
@@ -209,7 +208,8 @@ export class Router {
       // A path of a's upstream, as a sends it (its base path, and its prefix unless stripped),
       // found with a segment no route's prefix can hold (`#`), so no third route takes it; told
       // with `x`.
-      const probe = this.upstreamPath(a, a.prefix === '/' ? '/#' : `${a.prefix}/#`)
+      const routeProbe = a.prefix === '/' ? '/#' : `${a.prefix}/#`
+      const probe = this.upstreamPath(a, routeProbe)
       for (const b of this.routes) {
         // A key that passes b holds one of b's scopes: where each is one of a's, it passes a too.
         if (b === a || b.origin !== a.origin || (b.scopes.length > 0 && b.scopes.every((s) => a.scopes.includes(s)))) continue
@@ -218,8 +218,7 @@ export class Router {
         if (a.host !== b.host && (a.preserveHost || b.preserveHost)) continue
         const byPath = clientPath(b, probe)
         if (byPath === undefined || this.match(b.host, byPath) !== b) continue
-        const told = (path: string) => path.replace(/#$/, 'x')
-        found.push({ route: a.name, routePath: told(a.prefix === '/' ? '/#' : `${a.prefix}/#`), by: b.name, byPath: told(byPath), upstreamPath: told(probe) })
+        found.push({ route: a.name, routePath: told(routeProbe), by: b.name, byPath: told(byPath), upstreamPath: told(probe) })
       }
     }
     return found
@@ -287,6 +286,16 @@ function clientPath(r: CompiledRoute, upstreamPath: string): string | undefined 
   let rest = upstreamPath.slice(r.basePath.length)
   if (!rest.startsWith('/')) rest = '/' + rest
   return (r.forwardedPrefix ?? '') + rest
+}
+
+/** How specific a route's host is: a Host with its port (2), a Host (1), any host (0); at equal prefix length the more specific route is taken. */
+function hostSpecificity(r: CompiledRoute): number {
+  return r.hostHasPort ? 2 : r.host !== undefined ? 1 : 0
+}
+
+/** An exposure's probe path (Router.exposures) as told: `x` for its `#`. */
+function told(path: string): string {
+  return path.replace(/#$/, 'x')
 }
 
 /** Whether `path` is under `prefix`: equal, or continued on a segment boundary (`/api` holds `/api`, `/api/x` and `/api?q`, not `/apix`). */
