@@ -15,6 +15,24 @@ export const TRAILING_SLASHES = /(?<!\/)\/+$/
 /** The header every answer of the admin listener carries (the CLI takes no other server's JSON for the admin API's). */
 export const ADMIN_MARK = 'x-keygate-admin'
 
+/** Header-name characters (RFC 9110 tokens) other than letters, digits and `-`. */
+const NOT_A_DASH = /[!#$%&'*+.^_`|~]/
+const NOT_A_DASH_ALL = /[!#$%&'*+.^_`|~]/g
+
+/**
+ * A header name (lower case, as Node gives it) as the upstreams that read names into variables
+ * read it: every character but a letter or a digit as `-`. CGI and WSGI read `-` as `_`, and
+ * lighttpd's CGI and FastCGI environments every other one too (PHP's server reads `.` so), so
+ * `X.Keygate.Key.Id` and `X~Keygate~Scopes` reach them as `HTTP_X_KEYGATE_KEY_ID` and
+ * `HTTP_X_KEYGATE_SCOPES`, as `X_Keygate_Key_Id` does. The gateway compares the names it removes
+ * in this reading (found by a review: only `_` was read so, and a lighttpd CGI application read
+ * the client's `X.Keygate.Key.Id` and `X~Keygate~Scopes` as the identity, and lighttpd kept the
+ * first copy, the client's).
+ */
+export function headerReading(name: string): string {
+  return NOT_A_DASH.test(name) ? name.replace(NOT_A_DASH_ALL, '-') : name
+}
+
 /** Whether a request announces a body (Content-Length other than 0, or Transfer-Encoding). */
 export function hasBody(h: IncomingHttpHeaders): boolean {
   return (h['content-length'] !== undefined && h['content-length'] !== '0') || h['transfer-encoding'] !== undefined

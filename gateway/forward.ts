@@ -11,7 +11,7 @@ import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { Increment, RouteMetrics } from '../core/metrics.ts'
 import { type KeySources, SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { closeWhenAnswered, expectsContinue, hasBody } from '../core/http.ts'
+import { closeWhenAnswered, expectsContinue, hasBody, headerReading } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import { publicLocation, type CompiledRoute, type Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
@@ -46,8 +46,8 @@ function connectionNamed(value: string | string[] | undefined): string[] | undef
   if (v === 'keep-alive' || v === 'close') return undefined
   const out: string[] = []
   for (const part of v.split(',')) {
-    // Compared with header names read as CGI reads them (`_` as `-`): `Connection: X_Hop` names `X_Hop`.
-    const name = part.trim().replaceAll('_', '-')
+    // Compared with header names read as CGI reads them (headerReading): `Connection: X_Hop` names `X_Hop`.
+    const name = headerReading(part.trim())
     if (name !== '' && name !== 'close' && name !== 'keep-alive') out.push(name)
   }
   return out.length > 0 ? out : undefined
@@ -397,7 +397,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
-  const apiKeyName = stripCredential ? sources.header : undefined
+  const apiKeyName = stripCredential && sources.header !== undefined ? headerReading(sources.header) : undefined
   const queryParam = sources.queryParam
   const dropQueryLookAlikes = stripCredential && sources.query
   const phpQueryParam = phpParamName(queryParam)
@@ -429,8 +429,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const dropAuthorization = stripCredential && (s.keySources & SOURCE_AUTHORIZATION) !== 0
     const trusted = s.peerTrusted
     for (const key in h) {
-      // CGI, WSGI and PHP read `_` as `-`: `X_Keygate_Scopes` must not pass as the real one.
-      const name = key.includes('_') ? key.replaceAll('_', '-') : key
+      // CGI, WSGI and PHP read `_` (lighttpd `.`, `~` and the rest too) as `-`: `X_Keygate_Scopes`
+      // and `X.Keygate.Scopes` must not pass as the real one (headerReading).
+      const name = headerReading(key)
       if (REQUEST_DROP.has(name)) continue
       if (name.charCodeAt(0) === 120 /* x */) {
         if (name.startsWith('x-keygate-')) continue
@@ -442,7 +443,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         if (route.forwardedPrefix !== undefined && name === 'x-forwarded-prefix') continue
       }
       // The API key header, in any spelling (gateway.api_key_header need not begin with x): `name`
-      // is the header's reading with `_` as `-`, so this is isApiKeyHeader, without a call per header.
+      // is the header's reading (headerReading), so this is isApiKeyHeader, without a call per header.
       if (name === apiKeyName) continue
       if (dropAuthorization && name === 'authorization') continue
       if (named !== undefined && named.includes(name)) continue

@@ -2,6 +2,7 @@
 // `X-API-Key: <key>`, the query parameter when enabled. Repeated headers arrive joined with
 // ", " (the server runs with joinDuplicateHeaders), so a second key cannot hide in a duplicate
 // line. The same key twice is fine; two different keys are a 400.
+import { headerReading } from '../core/http.ts'
 import type { RequestState, Stage } from './state.ts'
 
 export const SOURCE_AUTHORIZATION = 1
@@ -85,10 +86,11 @@ export function keySources(options: { sources: readonly KeySourceName[]; queryPa
 
 /**
  * Whether `name`, a header name as Node gives it, is the API key header in some spelling: CGI,
- * WSGI and PHP read `_` as `-`, so `x_api_key` reaches them as the same variable.
+ * WSGI and PHP read `_` (lighttpd `.` and the rest too) as `-`, so `x_api_key` and `x.api.key`
+ * reach them as the same variable (headerReading).
  */
 export function isApiKeyHeader(sources: KeySources, name: string): boolean {
-  return sources.header !== undefined && (name === sources.header || (name.includes('_') && name.replaceAll('_', '-') === sources.header))
+  return sources.header !== undefined && headerReading(name) === headerReading(sources.header)
 }
 
 export function createKeyExtractStage(sources: KeySources): Stage {

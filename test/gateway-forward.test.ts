@@ -340,6 +340,8 @@ t.test('headers named in Connection are dropped; Expect: 100-continue waits for 
   // A name with `_`, in the header and in Connection: before, it was forwarded.
   const under = receivedOf(await rawExchange(h.port, `GET /c HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close, X_Hop\r\nX_Hop: secret\r\n\r\n`)) as Received
   t.notOk(under.headers['x_hop'], 'a header named in Connection with _ is dropped')
+  const dotted = receivedOf(await rawExchange(h.port, `GET /c HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: close, X.Hop\r\nX~Hop: secret\r\n\r\n`)) as Received
+  t.notOk(dotted.headers['x~hop'], 'and one named with . and sent with ~, which lighttpd reads as the same')
 
   const refused = await rawExchange(h.port, `POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n`)
   t.notMatch(refused, /100 Continue/, 'no 100 Continue for a request without a key')
@@ -372,12 +374,16 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   const out = await rawExchange(
     h.port,
     `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX_Keygate_Key_Id: spoofed\r\nX_Keygate_Scopes: *\r\nx_forwarded_for: 6.6.6.6\r\n` +
+      // lighttpd's CGI and FastCGI read every character but a letter or digit as `_` (found by a
+      // review: a CGI application read these as the identity and the address).
+      `X.Keygate.Key.Id: spoofed\r\nX~Keygate~Scopes: *\r\nX-Keygate.Key-Name: spoofed\r\nX.Forwarded.For: 6.6.6.6\r\nX*Request|Id: forged-id\r\n` +
       `X-Forwarded-Prefix: /evil\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Ssl: on\r\nX_Script_Name: /evil\r\nX_Request_Id: forged-id\r\nX-Kept_Too: yes\r\nConnection: close\r\n\r\n`,
   )
   const r = receivedOf(out)
   if (typeof r === 'string') return t.fail(`refused: ${r}`)
-  const names = r.rawHeaders.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase().replaceAll('_', '-'))
-  for (const name of ['x-keygate-key-id', 'x-keygate-scopes', 'x-forwarded-for', 'x-request-id']) t.equal(names.filter((n) => n === name).length, 1, `${name} once, in any spelling: the gateway's`)
+  const names = r.rawHeaders.filter((_, i) => i % 2 === 0).map((n) => n.toLowerCase().replace(/[^a-z0-9]/g, '-'))
+  for (const name of ['x-keygate-key-id', 'x-keygate-key-name', 'x-keygate-scopes', 'x-forwarded-for', 'x-request-id']) t.equal(names.filter((n) => n === name).length, 1, `${name} once, in any spelling: the gateway's`)
+  t.notMatch(JSON.stringify(r.rawHeaders), /spoofed|6\.6\.6\.6|forged-id/, 'no forged value in any spelling')
   t.equal(r.headers['x-keygate-key-id'], k.id)
   t.equal(r.headers['x-keygate-scopes'], 'read')
   for (const name of ['x-forwarded-prefix', 'x-forwarded-port', 'x-forwarded-ssl', 'x-script-name']) t.notOk(r.headers[name], `${name} from an untrusted peer is dropped`)
@@ -388,19 +394,19 @@ t.test('other spellings of the headers the gateway sets: X_Keygate_* and X-Forwa
   // other names for the client address.
   // The address headers: those CDNs set and those request-ip reads before X-Forwarded-For (before,
   // X-Client-IP and the CDNs' own passed; found by a review).
-  const addressHeaders = ['X-Real-IP', 'X_Real_IP', 'True-Client-IP', 'Client-IP', 'X-Client-IP', 'X-Cluster-Client-IP', 'CF-Connecting-IP', 'CF-Connecting-IPv6', 'Cf-Pseudo-IPv4', 'Fastly-Client-IP', 'X-AppEngine-User-IP', 'Forwarded-For', 'X-Forwarded', 'X_Client_IP']
+  const addressHeaders = ['X-Real-IP', 'X_Real_IP', 'X.Real.IP', 'X~Client~IP', 'True-Client-IP', 'Client-IP', 'X-Client-IP', 'X-Cluster-Client-IP', 'CF-Connecting-IP', 'CF-Connecting-IPv6', 'Cf-Pseudo-IPv4', 'Fastly-Client-IP', 'X-AppEngine-User-IP', 'Forwarded-For', 'X-Forwarded', 'X_Client_IP']
   const k3 = await h.key()
   for (const [what, extra] of [['another key', k3.key], ['the same key', k.key]] as const) {
     const sent = receivedOf(
       await rawExchange(
         h.port,
-        `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX_API_KEY: ${extra}\r\nx-api_key: ${extra}\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n` +
+        `GET /u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX_API_KEY: ${extra}\r\nx-api_key: ${extra}\r\nX.API.Key: ${extra}\r\nX~Api~Key: ${extra}\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n` +
           addressHeaders.map((name) => `${name}: 6.6.6.6\r\n`).join('') + `Connection: close\r\n\r\n`,
       ),
     )
     if (typeof sent === 'string') return t.fail(`refused: ${sent}`)
     t.notMatch(JSON.stringify(sent.rawHeaders), extra, `${what} in X_API_KEY is not forwarded`)
-    const dropped = new Set(['x_api_key', 'x-api_key', 'x-original-url', 'x-rewrite-url', ...addressHeaders.map((n) => n.toLowerCase())])
+    const dropped = new Set(['x_api_key', 'x-api_key', 'x.api.key', 'x~api~key', 'x-original-url', 'x-rewrite-url', ...addressHeaders.map((n) => n.toLowerCase())])
     t.same(sent.rawHeaders.filter((_, i) => i % 2 === 0).filter((n) => dropped.has(n.toLowerCase())), [], 'none of them reaches the upstream')
     t.notMatch(JSON.stringify(sent.rawHeaders), '6.6.6.6', 'nor the address the client claimed')
   }
@@ -444,13 +450,13 @@ t.test('routes[].cors_preflight: a browser\'s CORS preflight without a key reach
   })
   const preflight = { origin: 'https://ui.example', 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization' }
   const before = h.upstream.received.length
-  const a = await h.get('/app/orders', { ...preflight, 'x-keygate-key-id': 'spoofed', 'x-keygate-scopes': 'app' }, 'OPTIONS')
+  const a = await h.get('/app/orders', { ...preflight, 'x-keygate-key-id': 'spoofed', 'x-keygate-scopes': 'app', 'x.keygate.key.id': 'spoofed', 'x~keygate~scopes': 'app' }, 'OPTIONS')
   t.equal(a.status, 200, "the upstream's answer")
   const got = h.upstream.received.at(-1) as Received
   t.equal(h.upstream.received.length, before + 1, 'one request forwarded')
   t.equal(got.method, 'OPTIONS')
   t.equal(got.headers.origin, 'https://ui.example', 'with its CORS headers')
-  t.same(Object.keys(got.headers).filter((n) => n.startsWith('x-keygate-')), [], 'no identity header, and the spoofed ones removed')
+  t.same(Object.keys(got.headers).filter((n) => n.replace(/[^a-z0-9]/g, '-').startsWith('x-keygate-')), [], 'no identity header, and the spoofed ones removed in any spelling')
   t.equal(got.headers['x-forwarded-for'], '127.0.0.1')
   t.match(await h.metrics.registry.metrics(), /^keygate_gateway_requests_total\{route="app",outcome="forwarded"\} 1$/m, 'counted as forwarded on its route')
 
@@ -477,6 +483,7 @@ t.test('routes[].cors_preflight: a browser\'s CORS preflight without a key reach
     ['a Connection naming Origin', 'Connection: Origin\r\n\r\n'],
     ['an Expect', 'Expect: 100-continue\r\nContent-Length: 0\r\n\r\n'],
     ['an X_API_KEY', 'X_API_KEY: kg_forged\r\n\r\n'],
+    ['an X.API.Key', 'X.API.Key: kg_forged\r\n\r\n'],
   ] as const
   for (const [what, rest] of browserless) {
     const out = await rawExchange(h.port, `OPTIONS /app/orders HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\n${what.startsWith('a Connection') ? '' : 'Connection: close\r\n'}${rest}`)
