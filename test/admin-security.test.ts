@@ -168,6 +168,24 @@ t.test('a refusal given while the client still sends its body is read whole, and
   t.equal(await h.auditRows(), before, 'nothing written')
 })
 
+t.test('CONNECT is 405 method_not_allowed, after the answers to the requests before it', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const port = Number(new URL(h.url).port)
+  const admin = `Authorization: Bearer ${h.adminKey}\r\n`
+  // Before (found by a review): the connection closed without a byte, where every other method
+  // without a route is answered 405 (docs/admin.md).
+  const alone = await converse(port, 'CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n')
+  t.match(alone, /^HTTP\/1\.1 405 /, 'alone: 405')
+  t.match(alone, /\r\n\r\n\{"error":\{"code":"method_not_allowed".*\}\}$/, 'with the JSON error')
+  t.match(alone, /\r\nconnection: close\r\n/i, 'and the connection closes')
+  const after = await converse(port, `GET /v1/stats HTTP/1.1\r\nHost: localhost\r\n${admin}\r\nCONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n${admin}\r\n`)
+  const answers = after.split(/(?=HTTP\/1\.1 )/)
+  t.match(answers[0], /^HTTP\/1\.1 200 /, 'pipelined after a request: its answer first')
+  t.match(answers[1], /^HTTP\/1\.1 405 [^]*"method_not_allowed"/, 'then the 405')
+  t.equal(answers.length, 2)
+})
+
 t.test('Expect: 100-continue: the route, the credential and the headers are checked before the client is told to send its body', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db)
