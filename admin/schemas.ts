@@ -41,7 +41,7 @@ export const KeySchema = Type.Object(
     revoked_reason: Nullable(Type.String()),
     valid_until: Nullable(
       DateTime(),
-      "When the key stops being accepted: the earlier of its expires_at and (rotating) its grace_until, or, revoked, when it was revoked; null for never. What the gateway judges by, so a script need not work it out.",
+      "When the key stops (or stopped) being accepted: the earliest of its expires_at, its grace_until (a key a rotation replaced) and, revoked, when it was revoked; an expired key with neither date, ended for its rotation deadline, when it was ended. null for never. What the gateway judges by, so a script need not work it out.",
     ),
   },
   { description: 'A key, without its secret.' },

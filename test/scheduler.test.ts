@@ -15,6 +15,7 @@ import { WebhookService } from '../core/webhooks.ts'
 import { loadConfig } from '../config/load.ts'
 import { defaultPruneRules, PRUNE_BATCH, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
+import { keyJson } from '../core/keys/types.ts'
 import type { Tap } from './helpers/gateway.ts'
 import { backdateAudit, forEachStore, openStore, testClock, testServices } from './helpers/stores.ts'
 import type { Db, Queryable } from '../core/db.ts'
@@ -284,6 +285,20 @@ forEachStore(t, async (t, store) => {
     }
     t.same(ended, expected, 'the round ended each key as the report said')
     t.equal((await s.keys.get(id('rotation removed'))).status, 'active', 'and left the one nothing ends')
+    // Each key's valid_until is when it stopped being accepted, its row's status expired now
+    // (before, found by a review: null, "never", for a key whose grace had ended): its expiry or
+    // grace, or for a rotation deadline (which the gateway does not judge by) the round that
+    // ended it, unless the expiry came first. A revocation afterwards does not move it.
+    const validUntil = async (label: string) => keyJson(await s.keys.get(id(label))).valid_until
+    const stopped: Record<string, Date> = { ...Object.fromEntries(Object.entries(expected).map(([label, [deadline]]) => [label, deadline])), 'rotation alone': at(12), 'rotation, expiry after': at(11) }
+    for (const [label, when] of Object.entries(stopped)) t.equal(await validUntil(label), when.toISOString(), `valid_until of ${label}`)
+    clock.set(at(13))
+    for (const label of ['grace alone', 'expiry alone', 'grace, expiry before']) {
+      await s.keys.revoke(id(label), 'too late', ACTOR)
+      t.equal(await validUntil(label), (expected[label] as [Date, string])[0].toISOString(), `revoked after its end: valid_until of ${label} stays`)
+    }
+    await s.keys.revoke(id('rotation removed'), 'now', ACTOR)
+    t.equal(await validUntil('rotation removed'), at(13).toISOString(), 'a key revoked while it worked: when it was revoked')
   })
 
   await t.test('expiry: announced ahead, marked at expires_at', async (t) => {

@@ -1,6 +1,5 @@
 // The key entity as the domain sees it (camelCase), and its public JSON form (snake_case,
 // never the hash).
-import { validUntilOf } from './evaluate.ts'
 
 export const KEY_TYPES = ['system', 'user', 'service', 'integration', 'emergency'] as const
 export type KeyType = (typeof KEY_TYPES)[number]
@@ -67,17 +66,26 @@ export function keyJson(k: KeyRecord) {
 export type KeyJson = ReturnType<typeof keyJson>
 
 /**
- * When a key stops being accepted, by the gateway's rule: a revoked key when it was revoked, any
- * other at the earlier of its expiry and (rotating) the end of its grace; null for never. In every
+ * When a key stops being accepted, by the gateway's rule: the earliest of its expiry, the end of
+ * its grace (a key a rotation replaced) and, revoked, its revocation; null for never. In every
  * key's JSON as `valid_until` (before, found by a review, only in a rotation's `previous`: a script
  * worked out min(expires_at, grace_until) itself). For the key a rotation replaced (its answer's
  * and its `key.rotated` event's `previous`) it is never null: the earlier of its expiry and the end
  * of its grace, or the rotation's time when the rotation revoked it (forced, or a grace period of
  * 0); `grace_until` alone overstated it for a key expiring within its grace (found by a review).
+ *
+ * Once a key has ended it is when it ended, not when its row changed (found by a review: a key
+ * whose grace had ended read `expired` with `valid_until` null, "never", and one revoked after its
+ * expiry read the revocation's time). A key the scheduler ended for its rotation deadline (which
+ * the gateway does not judge by) ended at that round, the row's last change (an expired key takes
+ * no change but a revocation), unless its expiry came first. Revoked after such an end, it reads
+ * the revocation's time: the row keeps no other trace of that end than its audit entry.
  */
 export function keyValidUntil(k: KeyRecord): Date | null {
-  if (k.status === 'revoked') return k.revokedAt ?? k.updatedAt
-  const until = validUntilOf(k)
+  let until = k.expiresAt ? k.expiresAt.getTime() : Infinity
+  if (k.graceUntil) until = Math.min(until, k.graceUntil.getTime())
+  if (k.status === 'revoked') until = Math.min(until, (k.revokedAt ?? k.updatedAt).getTime())
+  else if (k.status === 'expired') until = Math.min(until, k.updatedAt.getTime())
   return until === Infinity ? null : new Date(until)
 }
 
