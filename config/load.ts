@@ -410,7 +410,7 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     } else if (names.has('default')) {
       problems.push(`${sourced('upstream')}: ${show(config.upstream, false)} is not allowed; expected no route named "default" when the upstream shortcut is set`)
     } else if (problems.length === 0) {
-      config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false })
+      config.routes.push({ name: 'default', path: '/', upstream: config.upstream, timeout_ms: 30_000, keepalive_timeout_ms: 4_000, scopes: [], strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false })
     }
   }
   // The unusual-hours check learns from the usage rows: pruning them sooner would blind it.

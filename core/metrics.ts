@@ -192,6 +192,8 @@ export interface RouteMetrics {
   upstream: Observe
   /** Answers whose upstream response broke off after their head was passed on (counted `forwarded` at the head). */
   cutOff: Increment
+  /** Requests sent upstream again after their connection closed before any answer (forward.ts, Exchange.onResponseError). */
+  retried: Increment
   /** Upstream final response heads (and an upgrade's 101) by status class, at `Math.floor(status / 100)` (1 to 5; a 103 is not counted). */
   upstreamStatus: readonly Increment[]
 }
@@ -377,6 +379,12 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     labelNames: ['route'],
     registers,
   })
+  const retried = talliedCounter({
+    name: 'keygate_upstream_retries_total',
+    help: 'Requests sent upstream a second time, by route: their connection closed before any answer (an idle keep-alive connection the upstream closed as the request was sent on it); only idempotent requests without a body.',
+    labelNames: ['route'],
+    registers,
+  })
   // An upstream's own errors (its 5xx) are forwarded, and counted so by keygate_gateway_requests_total:
   // this says what the upstream answered (before, found by an SRE review, nothing did, and no
   // upstream error-ratio alert could be built).
@@ -417,7 +425,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     for (const outcome of GATEWAY_OUTCOMES) children[outcome] = requests.tally(name, outcome)
     const classes: Increment[] = [NOTHING]
     for (const c of STATUS_CLASSES) classes.push(upstreamStatus.tally(name, c))
-    byRoute.set(name, { requests: Object.freeze(children), duration: duration.series(name), upstream: upstream.series(name), cutOff: cutOff.tally(name), upstreamStatus: Object.freeze(classes) })
+    byRoute.set(name, { requests: Object.freeze(children), duration: duration.series(name), upstream: upstream.series(name), cutOff: cutOff.tally(name), retried: retried.tally(name), upstreamStatus: Object.freeze(classes) })
   }
   const none = byRoute.get(NO_ROUTE) as RouteMetrics
   const bad = {} as Record<BadKeyReason, Increment>

@@ -44,6 +44,8 @@ export interface CompiledRoute {
   /** Path of the upstream URL without its trailing slash ('' for none). */
   readonly basePath: string
   readonly timeoutMs: number
+  /** keepalive_timeout_ms: how long an idle upstream connection is kept. */
+  readonly keepaliveMs: number
   readonly scopes: readonly string[]
   readonly stripPrefix: boolean
   readonly preserveHost: boolean
@@ -98,6 +100,7 @@ export class Router {
         origin: url.origin,
         basePath: url.pathname === '/' ? '' : url.pathname.replace(/\/$/, ''),
         timeoutMs: r.timeout_ms,
+        keepaliveMs: r.keepalive_timeout_ms,
         scopes: r.scopes,
         stripPrefix: r.strip_prefix,
         preserveHost: r.preserve_host,

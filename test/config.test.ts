@@ -190,13 +190,13 @@ t.test('a list where a mapping belongs, or a mapping where a list belongs, is re
     }
   }
   t.same(problemsOf({ file: yamlFile(t, 'routes:\n  api: { path: /api, upstream: "http://127.0.0.1:1" }\n'), env: {} }).problems, [
-    'routes: {"api":{"path":"/api","upstream":"http://127.0.0.1:1"}} is not allowed; expected a list of mappings, each with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix, preserve_host, rewrite_redirects, cors_preflight',
+    'routes: {"api":{"path":"/api","upstream":"http://127.0.0.1:1"}} is not allowed; expected a list of mappings, each with the keys name, path, host, upstream, timeout_ms, keepalive_timeout_ms, scopes, strip_prefix, preserve_host, rewrite_redirects, cors_preflight',
   ])
   t.same(problemsOf({ file: yamlFile(t, { routes: [{ name: 'a', path: '/', upstream: 'http://127.0.0.1:1', scopes: { admin: true } }] }), env: {} }).problems, [
     'routes[0].scopes: {"admin":true} is not allowed; expected a list of scope names as keys hold them, such as admin or orders:read (a lowercase letter or digit, then up to 63 of a-z 0-9 : . _ * -), and no wildcard such as orders:* (a key\'s orders:* grants every orders: scope; a route names the one it needs)',
   ])
   t.same(problemsOf({ file: yamlFile(t, { routes: [['a']] }), env: {} }).problems, [
-    'routes[0]: ["a"] is not allowed; expected a mapping with the keys name, path, host, upstream, timeout_ms, scopes, strip_prefix, preserve_host, rewrite_redirects, cors_preflight',
+    'routes[0]: ["a"] is not allowed; expected a mapping with the keys name, path, host, upstream, timeout_ms, keepalive_timeout_ms, scopes, strip_prefix, preserve_host, rewrite_redirects, cors_preflight',
   ])
 })
 
@@ -637,7 +637,7 @@ t.test('an environment variable under a mapping the file got wrong does not hide
 
 t.test('KEYGATE_UPSTREAM creates a route for /', async (t) => {
   const c = loadConfig({ env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } })
-  t.same(c.routes, [{ name: 'default', path: '/', upstream: 'http://127.0.0.1:3000', timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false }])
+  t.same(c.routes, [{ name: 'default', path: '/', upstream: 'http://127.0.0.1:3000', timeout_ms: 30_000, keepalive_timeout_ms: 4_000, scopes: [], strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false }])
 
   const file = yamlFile(t, { routes: [{ name: 'api', path: '/api', upstream: 'http://127.0.0.1:4000' }] })
   const both = loadConfig({ file, env: { KEYGATE_UPSTREAM: 'http://127.0.0.1:3000' } })
@@ -664,7 +664,7 @@ t.test('route names must be unique', async (t) => {
   })
   t.same(problemsOf({ file, env: {} }).problems, ['routes[2].name: "api" is not allowed; expected a name no other route uses'])
   const ok = loadConfig({ file: yamlFile(t, { routes: [{ name: 'api', path: '/a', upstream: 'http://127.0.0.1:1' }] }), env: {} })
-  t.same(ok.routes[0], { name: 'api', path: '/a', upstream: 'http://127.0.0.1:1', timeout_ms: 30_000, scopes: [], strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false }, 'route defaults')
+  t.same(ok.routes[0], { name: 'api', path: '/a', upstream: 'http://127.0.0.1:1', timeout_ms: 30_000, keepalive_timeout_ms: 4_000, scopes: [], strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false }, 'route defaults')
   // The metrics' label of requests that match no route (before, found by a review, such a
   // route's series and theirs were one).
   const none = yamlFile(t, { routes: [{ name: 'none', path: '/n', upstream: 'http://127.0.0.1:1' }] })
@@ -746,7 +746,7 @@ t.test('two routes for one host that differ only in letter case or %-escapes are
 })
 
 t.test('Router.exposures: a route with scopes whose upstream paths another route reaches without them (a stripped prefix, another base path on one server)', async (t) => {
-  const route = (name: string, path: string, upstream: string, more: Record<string, unknown> = {}) => ({ name, path, upstream, timeout_ms: 1000, strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false, scopes: [] as string[], ...more })
+  const route = (name: string, path: string, upstream: string, more: Record<string, unknown> = {}) => ({ name, path, upstream, timeout_ms: 1000, keepalive_timeout_ms: 4000, strip_prefix: false, preserve_host: false, rewrite_redirects: true, cors_preflight: false, scopes: [] as string[], ...more })
   const exposed = (...routes: ReturnType<typeof route>[]) => new Router(routes).exposures().map((e) => `${e.route} by ${e.by}: ${e.routePath} and ${e.byPath} are ${e.upstreamPath}`)
   const api = route('api', '/api', 'http://u:1', { strip_prefix: true, scopes: ['admin'] })
   t.same(exposed(api, route('web', '/', 'http://u:1')), ['api by web: /api/x and /x are /x'], 'a stripped prefix beside / on one upstream')
