@@ -191,6 +191,18 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
   try {
     parsed = parseArgs({ args: argv, options: all, strict: true, allowPositionals: true, tokens: true }) as typeof parsed
   } catch (err) {
+    // A value that starts with a dash (`--name -dash`, `--expires-in -5d`): parseArgs's first line
+    // alone ("argument is ambiguous") said neither what was read nor how to give it (found by a
+    // review); its hint, `--name=-XYZ`, came on a line that was cut.
+    const ambiguous = /^Option '(-[^']+)' argument is ambiguous/.exec((err as Error).message)
+    if (ambiguous) {
+      const flag = ambiguous[1] as string
+      const value = argv[argv.indexOf(flag) + 1] ?? ''
+      const written = `${flag}=${value}`
+      // As a shell takes it back: quoted when it holds anything but plain characters.
+      const quoted = /^[\w@%+=:,./-]+$/.test(written) ? written : `'${written.replaceAll("'", "'\\''")}'`
+      throw new UsageError(`${flag}: the value ${JSON.stringify(value)} starts with a dash, and could be an option; to give it as the value, write ${quoted}\nusage: ${usage}`)
+    }
     throw new UsageError(`${(err as Error).message.split('\n')[0]?.replace(/\. To specify a positional.*$/, '')}\nusage: ${usage}`)
   }
   if (parsed.values.help) return parsed

@@ -95,6 +95,10 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'list', '--status', 'active', '--status', 'revoked'], /^keygate: --status is given more than once\nusage: keygate api-key list/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--cidrs', '10.0.0.0/8', '--cidrs=192.168.0.0/16'], /--cidrs is given more than once/],
     [['api-key', 'list', '--json', '--json'], /--json is given more than once/],
+    // A value starting with a dash: what was read, and how to give it (before, found by a review:
+    // "Option '--name' argument is ambiguous." alone).
+    [['api-key', 'create', '--type', 'user', '--name', '-dash'], /^keygate: --name: the value "-dash" starts with a dash, and could be an option; to give it as the value, write --name=-dash\nusage: keygate api-key create/],
+    [['api-key', 'revoke', 'abc', '--reason', "-- it's out"], /^keygate: --reason: the value "-- it's out" starts with a dash[^\n]* write '--reason=-- it'\\''s out'\n/],
     // Store and admin flags a command takes but does not use (before: ignored; the missing --config
     // file keeps the commands from starting without the check, as they did).
     [['migrate', '--admin-url', 'http://127.0.0.1:9', '--config', join(dir, 'none.yaml')], /^keygate: --admin-url: migrate does not use it: it works on the store itself/],
