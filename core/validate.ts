@@ -60,6 +60,17 @@ export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`
 export const PRINTABLE_WORDS = 'without control characters or invisible format characters (bidi overrides, zero-width characters)'
 
 /**
+ * The pattern of a name (a key's, its owner's, a Gitea token's): PRINTABLE, and something visible
+ * in it: not white space alone (`" "`, U+00A0, U+3000, which JavaScript's `\s` covers) nor the
+ * blank braille pattern U+2800 (before, found by a review, such names were taken, and printed as
+ * empty cells in `api-key list`; the Hangul fillers were refused for that already).
+ */
+export const NAME_TEXT = `^(?=[\\s\\S]*[^\\s\\u2800])[^${UNPRINTABLE_CHARS}]*$`
+
+/** NAME_TEXT without `<`, `>`, `&` or `"` (an n8n key's label: n8n refuses them). */
+export const NAME_TEXT_NO_MARKUP = `^(?=[\\s\\S]*[^\\s\\u2800])[^<>&"${UNPRINTABLE_CHARS}]*$`
+
+/**
  * The pattern of a URL kept as written (a webhook's): none of UNPRINTABLE_CHARS, no white space
  * and no backslash. The URL parser drops a tab or line break anywhere and spaces and control
  * characters at either end, and reads `\` as `/`: the URL stored and requested was not the one
@@ -70,6 +81,8 @@ export const URL_AS_WRITTEN = `^[^\\s\\\\${UNPRINTABLE_CHARS}]*$`
 /** The words for the patterns that have them (else a message quotes the pattern). */
 const PATTERN_WORDS: Record<string, string> = {
   [PRINTABLE]: PRINTABLE_WORDS,
+  [NAME_TEXT]: `with something visible (not only spaces), ${PRINTABLE_WORDS}`,
+  [NAME_TEXT_NO_MARKUP]: `with something visible (not only spaces), without <, >, & or ", ${PRINTABLE_WORDS}`,
   [URL_AS_WRITTEN]: 'without spaces, line breaks, backslashes, control characters or invisible format characters (the URL parser drops or rewrites them: percent-encode what the URL needs)',
 }
 

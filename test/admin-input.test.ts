@@ -346,8 +346,27 @@ await forEachStore(t, async (t, store) => {
       t.notOk(a.json?.error?.message?.includes(c), `U+${hex} in ${what}: not shown raw`)
     }
   }
+  // A name of white space alone, or the blank braille pattern, shows nothing either (before, found by
+  // a review: taken, and printed as an empty cell in `api-key list`).
+  for (const blank of [' ', '\u00a0', '\u3000\u3000', '\u2800', ' \u2800 ', '\u2003']) {
+    for (const [what, path, body, field] of [
+      ['a key name', '/v1/keys', { name: blank, type: 'user' }, 'name'],
+      ['an owner', '/v1/keys', { name: 'x', type: 'user', owner: blank }, 'owner'],
+      ['an import row name', '/v1/keys/import', { type: 'user', rows: [{ key_hash: 'b'.repeat(64), name: blank }] }, 'name'],
+      ['a Gitea token name', '/v1/gitea/tokens', { name: blank, scopes: ['read:repository'] }, 'name'],
+      ['an n8n key label', '/v1/n8n/keys', { label: blank, scopes: ['workflow:list'] }, 'label'],
+    ] as const) {
+      const a = await h.call('POST', path, { body })
+      t.equal(a.status, 400, `${JSON.stringify(blank)} as ${what}: 400`)
+      t.match(a.json?.error?.message, new RegExp(`${field}[^]*something visible`), `${JSON.stringify(blank)} as ${what}: ${field} named, and why`)
+    }
+    t.equal((await h.call('PATCH', `/v1/keys/${pair.json?.id}`, { body: { name: blank } })).status, 400, `${JSON.stringify(blank)}: a rename to it too`)
+  }
   t.equal((await h.call('GET', `/v1/keys/${pair.json?.id}`)).json?.status, 'active', 'the key was not revoked')
   t.equal((await h.call('GET', '/v1/keys?limit=200')).json?.items.length, keysBefore, 'no key was created or imported')
+  const spaced = await h.call('POST', '/v1/keys', { body: { name: ' a\u00a0name\u2800 ', type: 'user' } })
+  t.equal(spaced.status, 201, 'spaces and the braille blank beside visible characters are taken')
+  t.equal(spaced.json?.name, ' a\u00a0name\u2800 ', 'as sent')
   // Right-to-left letters are text: only the invisible characters that reorder or hide it are refused.
   const rtl = await h.call('POST', '/v1/keys', { body: { name: 'מפתח مفتاح', type: 'user', owner: 'équipe ✓' } })
   t.equal(rtl.status, 201, 'Hebrew and Arabic letters are taken')
@@ -357,7 +376,7 @@ await forEachStore(t, async (t, store) => {
   const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧 ❤\ufe0f 열쇠', type: 'user' } })
   t.equal(joined.status, 201, 'U+200C, U+200D, U+FE0F and Hangul letters are taken')
 
-  t.equal(await h.auditRows(), before + 9, 'no refusal wrote an audit row (eight keys and a deny entry were created)')
+  t.equal(await h.auditRows(), before + 10, 'no refusal wrote an audit row (nine keys and a deny entry were created)')
 
   // Lengths are characters, as the document's maxLength and the store's length() count them (before,
   // found by a review: TypeBox counted UTF-16 units, and 101 to 200 emoji were refused as a name).

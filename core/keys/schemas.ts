@@ -5,7 +5,7 @@ import { CURSOR_PATTERN } from '../cursor.ts'
 import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
-import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
+import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NAME_TEXT, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
 import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
@@ -19,9 +19,9 @@ export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t
 })
 
 /** No control characters (C0, DEL, C1) nor invisible format characters (core/validate.ts): PostgreSQL text cannot hold NUL, and the others would rewrite or reorder a terminal showing `api-key list`. */
-const Name = Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE, description: 'Human name of the key (no control or invisible format characters).' })
+const Name = Type.String({ minLength: 1, maxLength: 200, pattern: NAME_TEXT, description: 'Human name of the key (something visible, not only spaces; no control or invisible format characters).' })
 const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
-const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: PRINTABLE }), Type.Null()], { description: 'Who the key belongs to.' })
+const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: NAME_TEXT }), Type.Null()], { description: 'Who the key belongs to.' })
 /** Why a key was revoked: shown by `api-key get`, so printable like a name. */
 export const RevokeBody = Type.Object(
   { reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE, description: 'Why (no control or invisible format characters); kept with the key and in the audit log.' })) },
