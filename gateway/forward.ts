@@ -37,6 +37,8 @@ const BODILESS_RESPONSE_DROP = new Set([...RESPONSE_DROP, 'content-length'])
 /** The limit headers the gateway sets itself: an upstream's own are dropped where the gateway's go (two of each could not be read). */
 const RATE_LIMIT_HEADERS = new Set(['ratelimit-limit', 'ratelimit-remaining', 'ratelimit-reset'])
 const KEEP_ON_UPGRADE = new Set(['connection', 'upgrade'])
+/** A response's Transfer-Encoding the gateway can pass on the body of (startResponse). */
+const CHUNKED_ONLY = /^[ \t]*chunked[ \t]*$/i
 
 /** Names listed in a Connection header (other than the connection options themselves). */
 function connectionNamed(value: string | string[] | undefined): string[] | undefined {
@@ -551,6 +553,17 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     m.upstreamStatus[(statusCode / 100) | 0]?.inc()
     if (res.destroyed) {
       recordClientClosed(ctx, s)
+      return false
+    }
+    // A transfer coding other than chunked (`gzip, chunked`): undici takes the chunks off and
+    // hands over what they held, still coded, and Transfer-Encoding is hop-by-hop, so the client
+    // got gzip bytes with nothing saying so (found by a review). Refused, as nginx refuses an
+    // upstream's unknown Transfer-Encoding; a request with one is refused likewise (501).
+    const te = headers['transfer-encoding']
+    if (te !== undefined && (typeof te !== 'string' || !CHUNKED_ONLY.test(te))) {
+      ctx.log.warn('upstream answered with a transfer coding other than chunked; not passed on', { request_id: s.id, route: route.name, transfer_encoding: String(te).slice(0, 100) })
+      s.message = "The upstream's answer has a transfer coding other than chunked, which cannot be passed on."
+      sendError(ctx, s, 'upstream_unavailable')
       return false
     }
     const out = answerFields(s, route, statusCode, headers)

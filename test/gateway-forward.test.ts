@@ -912,6 +912,37 @@ t.test("the upstream's reason phrase reaches the client as it was sent; one Node
   }
 })
 
+t.test('an upstream answer with a transfer coding other than chunked is 502, not passed on without its coding (found by a review)', async (t) => {
+  const answers: Record<string, string> = {
+    '/gzip': 'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
+    '/chunked': 'HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n2\r\nok\r\n0\r\n\r\n',
+  }
+  const server = net.createServer((sock) => {
+    sock.on('error', () => {})
+    let buf = ''
+    sock.setEncoding('latin1').on('data', (d: string) => {
+      buf += d
+      const end = buf.indexOf('\r\n\r\n')
+      if (end === -1) return
+      const path = buf.slice(0, buf.indexOf('\r\n')).split(' ')[1] ?? ''
+      buf = buf.slice(end + 4)
+      sock.write(answers[path] ?? 'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n', 'latin1')
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  const h = await startGateway(t, { sharedStore: true, routes: [{ name: 'api', path: '/', upstream: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}` }] })
+  const k = await h.key()
+  const gzip = await h.get('/gzip', bearer(k.key))
+  t.equal(gzip.status, 502, 'gzip, chunked: 502')
+  t.equal(gzip.json?.error?.code, 'upstream_unavailable')
+  t.match(gzip.json?.error?.message, /transfer coding other than chunked/)
+  const chunked = await h.get('/chunked', bearer(k.key))
+  t.equal(chunked.status, 200, 'chunked alone, in any case and with spaces: passed on')
+  t.equal(chunked.text, 'ok')
+  t.match(await h.metrics.registry.metrics(), /^keygate_gateway_requests_total\{route="api",outcome="upstream_unavailable"\} 1$/m, 'counted as upstream_unavailable')
+})
+
 t.test('103 Early Hints from the upstream reach an HTTP/1.1 client, hop-by-hop fields dropped; not an HTTP/1.0 one (found by a review)', async (t) => {
   const hints = {
     '/hints':
