@@ -43,6 +43,12 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       s.message = `The request body's Transfer-Encoding (${clipped(te, 63)}) is not supported: send it chunked only, with a Content-Encoding for a compressed body.`
       return 'transfer_coding_not_supported'
     }
+    // Node hands an Expect that names 100-continue among others (`100-continue, foo`) over as a
+    // 100-continue, and the gateway sent the 100 and forwarded it (found by a review): an
+    // expectation it does not meet is 417, as an Expect without 100-continue is (index.ts,
+    // checkExpectation). An HTTP/1.0 request's Expect is ignored (RFC 9110 §10.1.1).
+    const expect = s.headers.expect
+    if (expect !== undefined && expect !== '100-continue' && req.httpVersionMinor === 1 && expect.trim().toLowerCase() !== '100-continue') return 'expectation_failed'
     const host = s.headers.host
     if (host === undefined && req.httpVersionMinor === 1) {
       s.message = 'Host is required.'

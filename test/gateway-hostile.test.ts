@@ -277,6 +277,16 @@ t.test('an Expect other than 100-continue: 417 expectation_failed, as JSON, coun
   t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'expectation_failed', request_id: String } })
   t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
   t.match(await h.metrics.registry.metrics(), /keygate_gateway_requests_total\{route="none",outcome="expectation_failed"\} 1/)
+  // 100-continue among other expectations (Node hands it over as a 100-continue): before, found by
+  // a review, answered 100 and forwarded.
+  const among = await send(h.port, `POST /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nExpect: 100-continue, foo\r\nContent-Length: 2\r\n\r\n`)
+  t.match(among, /^HTTP\/1.1 417 /, '100-continue with another expectation: 417')
+  t.notMatch(among, /100 Continue/, 'and no 100 before it')
+  t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
+  const plain = await send(h.port, `POST /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nExpect: 100-Continue \r\nContent-Length: 2\r\nConnection: close\r\n\r\nok`)
+  t.match(plain, /^HTTP\/1.1 100 Continue\r\n\r\nHTTP\/1.1 200 /, '100-continue alone, in any case: continued and forwarded')
+  const old = await send(h.port, `GET /x HTTP/1.0\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nExpect: 100-continue, foo\r\n\r\n`)
+  t.match(old, /^HTTP\/1.1 200 /, "an HTTP/1.0 request's Expect is ignored")
 })
 
 t.test('a Transfer-Encoding other than chunked: 501 transfer_coding_not_supported, nothing forwarded; chunked alone passes (found by a review)', async (t) => {
