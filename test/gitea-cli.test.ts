@@ -46,7 +46,7 @@ t.test('usage errors exit 2 before anything is opened', async (t) => {
     [['gitea', 'create', '--name', 'x'.repeat(256), '--scopes', 'read:user'], /^keygate: --name: "x+\.\.\. is not allowed; expected a non-empty string of at most 255 characters/],
     [['gitea', 'create', '--name', 'x', '--scopes', 'read:user', '--scopes', 'read:repository'], /--scopes is given more than once/],
     // A name is shown back in tables and messages: no control characters, as for a key's name (before: taken and stored).
-    [['gitea', 'create', '--name', 'a\tb', '--scopes', 'read:user'], /^keygate: --name: "a\\tb" is not allowed; expected a non-empty string of at most 255 characters without control characters/],
+    [['gitea', 'create', '--name', 'a\tb', '--scopes', 'read:user'], /^keygate: --name: "a\\tb" is not allowed; expected a non-empty string of at most 255 characters with something visible \(not only spaces\), without control characters/],
   ] as const) {
     // Each case in this process through the command line's entry; the `--user` ones (which
     // opened a store before) also as the real process.
