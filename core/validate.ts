@@ -6,7 +6,7 @@ import { FORMAT_WHY, FORMAT_WORDS } from './formats.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { decodeEscapes } from './http.ts'
 import { scrub } from './log.ts'
-import { KEY_IN_TEXT } from './keys/format.ts'
+import { holdsKeyShape } from './keys/format.ts'
 
 /**
  * Refuses a keygate key in free text that is stored, audited and shown or sent on (a key's name,
@@ -23,7 +23,7 @@ export function refuseKeyIn(fields: Record<string, unknown>): void {
     const text = typeof value === 'string' ? value : JSON.stringify(value)
     // Percent-decoded too: a webhook URL's `?api_key=kg%5F...` is the key to its receiver, which
     // decodes it (before, it was stored, listed, audited and sent with every delivery).
-    if (KEY_IN_TEXT.test(text) || (text.includes('%') && KEY_IN_TEXT.test(decodeEscapes(text)))) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
+    if (holdsKeyShape(text) || (text.includes('%') && holdsKeyShape(decodeEscapes(text)))) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
   }
 }
 
