@@ -58,7 +58,7 @@ const Route = Type.Object(
     timeout_ms: int(30_000, 1, 3_600_000, { description: "Upstream response timeout in milliseconds: the wait for the answer's head once the request body is sent (504 upstream_timeout), and after the head the longest gap between two chunks of the answer (a longer one cuts it off: give streaming routes a timeout above their quietest gap)." }),
     keepalive_timeout_ms: int(4_000, 1, 600_000, {
       description:
-        "How long a connection to the upstream is kept idle for the next request. Keep it below the upstream's own idle timeout (gunicorn's is 2 s, Node's 5 s, uvicorn's 5 s): a connection the upstream closes as a request is sent on it fails the request, unless it is idempotent without a body (sent again once, on another connection). An upstream's `Keep-Alive: timeout=` (less 2 s) is followed when shorter. Routes to one upstream server (origin) share its connections, and the shortest of their values.",
+        "How long a connection to the upstream is kept idle for the next request. Keep it below the upstream's own idle timeout (gunicorn's is 2 s, Node's 5 s, uvicorn's 5 s): a connection the upstream closes as a request is sent on it fails the request, unless it is idempotent without a body (sent again once, on another connection: docs/gateway.md, Forwarding). An upstream's `Keep-Alive: timeout=` (less 2 s) is followed when shorter. Routes to one upstream server (origin) share its connections, and the shortest of their values.",
     }),
     scopes: Type.Array(RouteScope, {
       default: [],

@@ -381,7 +381,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   })
   const retried = talliedCounter({
     name: 'keygate_upstream_retries_total',
-    help: 'Requests sent upstream a second time, by route: their connection closed before any answer (an idle keep-alive connection the upstream closed as the request was sent on it); only idempotent requests without a body.',
+    help: 'Requests sent upstream a second time, by route: their connection closed within 50 ms of the request, before any answer (an idle keep-alive connection the upstream closed as the request was sent on it); only idempotent requests without a body.',
     labelNames: ['route'],
     registers,
   })

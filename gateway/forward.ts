@@ -1,8 +1,10 @@
 // Forwarding with undici: one Pool per upstream origin (keep-alive), request and response
 // bodies streamed with back-pressure (the request body is the IncomingMessage itself, the
-// response is written by a dispatch handler straight into the ServerResponse). Nothing is ever retried.
-// Hop-by-hop headers (and those named in Connection) are dropped both ways, every client-sent
-// X-Keygate-* header is dropped (also spelt with `_`), and every X-Forwarded-* unless the peer is
+// response is written by a dispatch handler straight into the ServerResponse). Only an idempotent
+// request without a body whose connection closed at once, before any answer, is sent again
+// (Exchange.onResponseError). Hop-by-hop headers (and those named in Connection) are dropped both
+// ways, every client-sent X-Keygate-* header is dropped (in any spelling an upstream reads as it:
+// headerReading), and every X-Forwarded-* unless the peer is
 // a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
 import { STATUS_CODES, type IncomingHttpHeaders, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
@@ -163,7 +165,8 @@ function passHeaders(headers: IncomingHttpHeaders, drop: ReadonlySet<string>, li
   const named = connectionNamed(headers.connection)
   let hasRequestId = false
   for (const name in headers) {
-    if ((drop.has(name) || (named !== undefined && named.includes(name))) && (keep === undefined || !keep.has(name))) continue
+    // Named ones in their reading, as connectionNamed gives them (`Connection: x.hop` names `X.Hop`).
+    if ((drop.has(name) || (named !== undefined && named.includes(headerReading(name)))) && (keep === undefined || !keep.has(name))) continue
     if (limited && name.charCodeAt(0) === 114 /* r */ && RATE_LIMIT_HEADERS.has(name)) continue
     const v = headers[name]
     if (v === undefined) continue
@@ -233,6 +236,12 @@ function timeoutCode(err: unknown): Verdict {
  * reset, a broken pipe).
  */
 const CLOSED_UNDER = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
+/**
+ * How soon after a request was written its connection must have failed for it to be sent again
+ * (Exchange.onResponseError): an upstream's close of an idle connection comes back within a round
+ * trip; a failure later is an upstream that worked on the request.
+ */
+const CLOSED_AT_ONCE_MS = 50
 /** The methods RFC 9110 §9.2.2 calls idempotent: a request of one may be sent again. */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
 
@@ -287,8 +296,10 @@ class Exchange implements Dispatcher.DispatchHandler {
   #answered = false
   #bodyError: Error | undefined
   #answerTimer: NodeJS.Timeout | undefined
-  /** Whether the upstream sent anything (a 1xx included). */
+  /** Whether the upstream sent a response head (a 1xx included). */
   #heard = false
+  /** When the request was written, while it may be sent again. */
+  #sentAt: number | undefined
   /** The request, while it may still be sent again: idempotent, without a body, not yet sent twice. */
   retryable: Dispatcher.DispatchOptions | undefined
 
@@ -307,6 +318,7 @@ class Exchange implements Dispatcher.DispatchHandler {
    * (`timedOut`). A request without a body keeps undici's timer, which costs no timer of its own.
    */
   onRequestSent(): void {
+    if (this.retryable !== undefined) this.#sentAt = performance.now()
     if (this.#timeoutMs === 0 || this.#answered || this.#done) return
     this.#answerTimer = setTimeout(this.timedOut, this.#timeoutMs)
   }
@@ -376,15 +388,25 @@ class Exchange implements Dispatcher.DispatchHandler {
   onResponseError(_controller: Dispatcher.DispatchController | undefined, err: Error): void {
     clearTimeout(this.#answerTimer)
     if (this.#done) return
-    // A connection closed under the request before the upstream said a word, which is how an idle
-    // keep-alive connection the upstream closes just as a request is sent on it fails: an
+    // A connection closed under the request at once, before the upstream answered, which is how an
+    // idle keep-alive connection the upstream closes just as a request is sent on it fails: an
     // idempotent request without a body goes again, once, as nginx sends a request again that
     // failed on a cached connection (found by a review: an upstream closing idle connections
     // before keepalive_timeout_ms, every 200 ms there, had 20 of 150 requests answered 502).
-    // undici's RetryHandler is not used: it also retries on status codes and after a backoff,
-    // resumes a broken answer by Range, and would wrap every request.
+    // "At once": within CLOSED_AT_ONCE_MS of being written (or while it was written), the time
+    // the upstream's close takes to come back. undici does not say whether the connection was a
+    // kept one; a connection that fails later came to an upstream that worked on the request and
+    // then died (a crash, a worker killed on its timeout), which must not run it twice (found by a
+    // review: retried, it ran twice and its 504 came after twice timeout_ms). undici's
+    // RetryHandler is not used: it also retries on status codes and after a backoff, resumes a
+    // broken answer by Range, and would wrap every request.
     const request = this.retryable
-    if (request !== undefined && !this.#heard && CLOSED_UNDER.has((err as { code?: string }).code as string)) {
+    if (
+      request !== undefined &&
+      !this.#heard &&
+      CLOSED_UNDER.has((err as { code?: string }).code as string) &&
+      (this.#sentAt === undefined || performance.now() - this.#sentAt <= CLOSED_AT_ONCE_MS)
+    ) {
       this.retryable = undefined
       this.#controller = undefined
       this.#hooks.retry(this.#s, this, request)
@@ -446,7 +468,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       const connectTimeout = Math.min(10_000, ...router.routes.filter((x) => x.origin === r.origin).map((x) => x.timeoutMs))
       // Routes to one origin share its connections: the shortest idle time any of them allows.
       const keepAliveTimeout = Math.min(...router.routes.filter((x) => x.origin === r.origin).map((x) => x.keepaliveMs))
-      pool = new Pool(r.origin, { connect: { timeout: connectTimeout }, keepAliveTimeout, maxHeaderSize: maxResponseHeaderBytes })
+      // keepAliveMaxTimeout too: undici follows an upstream's longer `Keep-Alive: timeout=` hint up to
+      // it (600 s by default), past the route's setting (found by a review).
+      pool = new Pool(r.origin, { connect: { timeout: connectTimeout }, keepAliveTimeout, keepAliveMaxTimeout: keepAliveTimeout, maxHeaderSize: maxResponseHeaderBytes })
       pools.set(r.origin, pool)
     }
     routePool[r.index] = pool
@@ -679,7 +703,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const route = s.route as CompiledRoute
     ;(routeMetrics[route.index] as RouteMetrics).retried.inc()
     ctx.log.debug('upstream connection closed before any answer; sending the request again', { request_id: s.id, route: route.name })
-    dispatch(route, request, exchange)
+    // Within what is left of the route's timeout, counted from the first try.
+    const left = Math.max(1, Math.round(route.timeoutMs - (performance.now() - s.upstreamStart)))
+    dispatch(route, { ...request, headersTimeout: left }, exchange)
   }
   const hooks: ExchangeHooks = { startResponse, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s) }
   const forwarder: Forwarder = {

@@ -21,7 +21,8 @@ interface RawUpstream {
  * An upstream answering `200 ok`, keep-alive, but: `/closes-reused` on a connection that served a
  * request before is not answered, the connection ended (FIN), as an idle one the upstream closes;
  * a path under `/close-once/` or `/reset-once/` is not answered the first time it comes, the
- * connection ended or reset (under `/hint-once/`, ended after a 103); `/never` is never answered. A request's body (Content-Length) is
+ * connection ended or reset (under `/hint-once/`, ended after a 103; under `/slow-close-once/`,
+ * ended 300 ms later); `/never` is never answered. Answers say `Keep-Alive: timeout=30`. A request's body (Content-Length) is
  * read and dropped.
  */
 async function rawUpstream(t: Tap): Promise<RawUpstream> {
@@ -46,7 +47,8 @@ async function rawUpstream(t: Tap): Promise<RawUpstream> {
         if (path === '/never' || (served++ > 0 && path === '/closes-reused') || (first && path.startsWith('/close-once/'))) return void sock.end()
         if (first && path.startsWith('/reset-once/')) return void sock.resetAndDestroy()
         if (first && path.startsWith('/hint-once/')) return void sock.end('HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n')
-        sock.write('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok')
+        if (first && path.startsWith('/slow-close-once/')) return void setTimeout(() => sock.end(), 300)
+        sock.write('HTTP/1.1 200 OK\r\nKeep-Alive: timeout=30\r\nContent-Length: 2\r\n\r\nok')
       }
     })
   })
@@ -90,6 +92,13 @@ t.test('a request whose reused connection closes before any answer: idempotent w
   t.equal(up.requests.filter((r) => r.endsWith(' /hint-once/h')).length, 1, 'sent once')
   t.equal(await retries(h), 2)
 
+  // An upstream that worked on the request before its connection closed: not sent again (found by
+  // a review: a GET that killed its upstream ran twice, and its 504 came after twice timeout_ms).
+  const slow = await h.get('/slow-close-once/s', bearer(k.key))
+  t.equal(slow.status, 502, 'a GET whose connection closed 300 ms after it was sent: 502')
+  t.equal(up.requests.filter((r) => r.endsWith(' /slow-close-once/s')).length, 1, 'sent once')
+  t.equal(await retries(h), 2)
+
   const n = up.requests.length
   const never = await h.get('/never', bearer(k.key))
   t.equal(never.status, 502, 'an upstream that closes every connection under the request: 502 after the second try')
@@ -116,6 +125,6 @@ t.test('routes[].keepalive_timeout_ms: how long a connection to the upstream is 
     t.equal((await h2.get('/a', bearer(k2.key))).status, 200)
     await new Promise((r) => setTimeout(r, 400))
   }
-  t.equal(up.connections, 2, 'an idle time of 100 ms: a new connection after 400 ms idle')
+  t.equal(up.connections, 2, "an idle time of 100 ms: a new connection after 400 ms idle, the upstream's longer Keep-Alive: timeout=30 notwithstanding")
   t.equal(other.connections, 1, 'the default (4 s): the same connection')
 })
