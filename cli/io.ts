@@ -197,7 +197,9 @@ export function parse(argv: string[], options: ParseArgsOptionsConfig, positiona
     const ambiguous = /^Option '(-[^']+)' argument is ambiguous/.exec((err as Error).message)
     if (ambiguous) {
       const flag = ambiguous[1] as string
-      const value = argv[argv.indexOf(flag) + 1] ?? ''
+      // The flag's occurrence followed by such a value (`--name a --name -dash` gives it twice).
+      const at = argv.findIndex((a, i) => a === flag && argv[i + 1]?.startsWith('-') === true)
+      const value = argv[at + 1] ?? ''
       const written = `${flag}=${value}`
       // As a shell takes it back: quoted when it holds anything but plain characters.
       const quoted = /^[\w@%+=:,./-]+$/.test(written) ? written : `'${written.replaceAll("'", "'\\''")}'`

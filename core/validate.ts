@@ -60,15 +60,24 @@ export const PRINTABLE = `^[^${UNPRINTABLE_CHARS}]*$`
 export const PRINTABLE_WORDS = 'without control characters or invisible format characters (bidi overrides, zero-width characters)'
 
 /**
- * The pattern of a name (a key's, its owner's, a Gitea token's): PRINTABLE, and something visible
- * in it: not white space alone (`" "`, U+00A0, U+3000, which JavaScript's `\s` covers) nor the
- * blank braille pattern U+2800 (before, found by a review, such names were taken, and printed as
- * empty cells in `api-key list`; the Hangul fillers were refused for that already).
+ * A character that shows by itself, as a pattern: not white space (`" "`, U+00A0, U+3000, which
+ * JavaScript's `\s` covers), the blank braille pattern U+2800, the zero-width non-joiner and
+ * joiner, a variation selector or a combining mark of the general blocks (each text only beside
+ * another character), nor the musical format characters U+1D173-A; any other character of
+ * another plane (a pair of UTF-16 units: the schemas' patterns are read without the `u` flag).
  */
-export const NAME_TEXT = `^(?=[\\s\\S]*[^\\s\\u2800])[^${UNPRINTABLE_CHARS}]*$`
+const SHOWS = `(?:[^\\s\\u2800\\u200c\\u200d\\ufe00-\\ufe0f\\u0300-\\u036f\\u1ab0-\\u1aff\\u1dc0-\\u1dff\\u20d0-\\u20ff\\ufe20-\\ufe2f\\ud800-\\udfff]|(?!\\ud834[\\udd73-\\udd7a])[\\ud800-\\udbff][\\udc00-\\udfff])`
+
+/**
+ * The pattern of a name (a key's, its owner's, a Gitea token's): PRINTABLE, and a character in it
+ * that shows (SHOWS). Before, found by reviews, a name of white space alone or of U+2800 was
+ * taken and printed as an empty cell in `api-key list`, and then one of joiners, variation
+ * selectors or combining marks alone (the Hangul fillers were refused for that already).
+ */
+export const NAME_TEXT = `^(?=[\\s\\S]*${SHOWS})[^${UNPRINTABLE_CHARS}]*$`
 
 /** NAME_TEXT without `<`, `>`, `&` or `"` (an n8n key's label: n8n refuses them). */
-export const NAME_TEXT_NO_MARKUP = `^(?=[\\s\\S]*[^\\s\\u2800])[^<>&"${UNPRINTABLE_CHARS}]*$`
+export const NAME_TEXT_NO_MARKUP = `^(?=[\\s\\S]*${SHOWS})[^<>&"${UNPRINTABLE_CHARS}]*$`
 
 /**
  * The pattern of a URL kept as written (a webhook's): none of UNPRINTABLE_CHARS, no white space

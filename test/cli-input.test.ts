@@ -98,6 +98,7 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     // A value starting with a dash: what was read, and how to give it (before, found by a review:
     // "Option '--name' argument is ambiguous." alone).
     [['api-key', 'create', '--type', 'user', '--name', '-dash'], /^keygate: --name: the value "-dash" starts with a dash, and could be an option; to give it as the value, write --name=-dash\nusage: keygate api-key create/],
+    [['api-key', 'create', '--type', 'user', '--name', 'a', '--name', '-dash'], /^keygate: --name: the value "-dash" starts with a dash/],
     [['api-key', 'revoke', 'abc', '--reason', "-- it's out"], /^keygate: --reason: the value "-- it's out" starts with a dash[^\n]* write '--reason=-- it'\\''s out'\n/],
     // Store and admin flags a command takes but does not use (before: ignored; the missing --config
     // file keeps the commands from starting without the check, as they did).
