@@ -343,6 +343,9 @@ local seen = redis.call('SRANDMEMBER', KEYS[1], ARGV[4])
 table.insert(seen, 1, n)
 return seen`
 
+/** How long a check waits for the shared windows before it judges this process's counts alone. */
+export const SHARED_WINDOWS_TIMEOUT_MS = 1000
+
 export class RedisWindows implements SharedWindows {
   readonly #redis: Redis
   readonly #prefix: string
@@ -492,7 +495,10 @@ export class AnomalyDetector implements UsageSink {
     let totals: Totals[]
     const shared = this.#redis ? 'Redis' : 'the primary'
     try {
-      totals = await this.#shared.add(tallies, this.#t.distinct_addresses_per_hour)
+      // Bounded: a Redis (or primary) that keeps its connection and stops answering (paused, a long
+      // script) held this check, and every one after it, for as long (found by a chaos review:
+      // nothing was detected, recorded or logged through a 30 s freeze).
+      totals = await within(this.#shared.add(tallies, this.#t.distinct_addresses_per_hour), SHARED_WINDOWS_TIMEOUT_MS, `${shared}: anomaly windows`)
       if (this.#sharedDown) this.#log.info(`${shared} answers again for anomaly windows; judging every instance's counts again`)
       this.#sharedDown = false
     } catch (err) {
@@ -619,7 +625,9 @@ export class AnomalyDetector implements UsageSink {
     this.#onAnomaly?.(row.type)
     if (this.#redis) {
       const message = JSON.stringify(json)
-      await this.#redis.publish(this.#channel, message).catch((err: unknown) => {
+      // Bounded as the windows are: a paused Redis held the check here too. One that answers
+      // after all has published it twice; the feeds deliver an anomaly once.
+      await within(this.#redis.publish(this.#channel, message), SHARED_WINDOWS_TIMEOUT_MS, 'Redis: anomaly alert').catch((err: unknown) => {
         // Stored, but no instance's stream has it: sent again at the next check (the streams'
         // feeds also read what they missed from the table when their subscription comes back).
         if (this.#unpublished.length < MAX_UNPUBLISHED) this.#unpublished.push(message)
@@ -633,7 +641,7 @@ export class AnomalyDetector implements UsageSink {
   async #republish(): Promise<void> {
     while (this.#redis && this.#unpublished.length > 0) {
       try {
-        await this.#redis.publish(this.#channel, this.#unpublished[0] as string)
+        await within(this.#redis.publish(this.#channel, this.#unpublished[0] as string), SHARED_WINDOWS_TIMEOUT_MS, 'Redis: anomaly alert')
       } catch {
         return
       }

@@ -7,7 +7,7 @@ import t, { type Test } from 'tap'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { randomBytes } from 'node:crypto'
 import { Redis } from 'ioredis'
-import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, anomalyJson, RedisWindows, type Anomaly, type AnomalyJson } from '../core/anomalies.ts'
+import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, anomalyJson, RedisWindows, SHARED_WINDOWS_TIMEOUT_MS, type Anomaly, type AnomalyJson } from '../core/anomalies.ts'
 import { migrate } from '../core/migrate.ts'
 import { connectRedis } from '../core/redis.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
@@ -448,6 +448,34 @@ t.test('Redis down for several checks is one warning for the outage, and one lin
   for (let i = 0; i < 3; i++) await interval()
   t.equal(said('info').length, 1, 'and nothing more while it answers')
   t.equal(said('warn').length, 1, 'nor another warning')
+})
+
+t.test('a Redis that keeps its connection and stops answering: the check judges this process alone after SHARED_WINDOWS_TIMEOUT_MS, and records what it finds', async (t) => {
+  // Before (found by a chaos review): a paused Redis held the check, and every check after it,
+  // for the whole pause; nothing was detected, recorded or logged.
+  const server = await startRedisServer(t)
+  const db = await memoryDb()
+  t.teardown(() => db.close())
+  await migrate(db)
+  const redis = connectRedis(server.url, silentLogger)
+  t.teardown(() => redis.disconnect())
+  const lines: string[] = []
+  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
+  const thresholds = { ...DEFAULT_CONFIG.anomalies, distinct_addresses_per_hour: 5 }
+  const detector = new AnomalyDetector({ db, thresholds, redis, channel, log: createLogger({ level: 'warn', write: (l) => lines.push(l) }), checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+  t.teardown(() => detector.close())
+  await until(() => redis.status === 'ready')
+  server.pause()
+  t.teardown(() => server.resume())
+  for (let i = 1; i <= 8; i++) detector.count('k_frozen', 'forwarded', Date.now(), `192.0.2.${i}`, 200)
+  const started = performance.now()
+  await detector.check()
+  const took = performance.now() - started
+  t.ok(took >= SHARED_WINDOWS_TIMEOUT_MS - 50 && took < SHARED_WINDOWS_TIMEOUT_MS + 3000, `the check ended after the bound (${Math.round(took)} ms), with Redis still paused`)
+  const rows = await db.query<{ type: string }>(`SELECT type FROM api_key_anomalies WHERE key_id = 'k_frozen'`)
+  t.same(rows.map((r) => r.type), ['distinct_addresses'], "the anomaly is recorded from this process's counts")
+  t.match(lines.join('\n'), /Redis is unavailable for anomaly windows; judging this process alone/, 'and the outage said')
+  server.resume()
 })
 
 t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-memory ones do", async (t) => {
