@@ -10,6 +10,7 @@ import { request } from 'undici'
 import { answerOf, bearer, listen, makeConfig, openStore, rawExchange, sleep, startGateway, until, ACTOR, type Answer } from './helpers/gateway.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
+import { watchedDb } from './helpers/stores.ts'
 
 function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
   t.equal(a.status, ERRORS[code].status, `${code}: status`)
@@ -241,6 +242,25 @@ t.test('upstream_unavailable, upstream_timeout, store_unavailable', async (t) =>
   await h.db.close()
   isError(t, await h.get('/fine', bearer(uncached.key)), 'store_unavailable')
   t.equal((await h.get('/fine', bearer(k.key))).status, 200, 'a cached key keeps working while the store is down')
+})
+
+t.test('a store outage is one warning while look-ups fail, and one line when they succeed again (found by a chaos review: a warning a request)', async (t) => {
+  const lines: string[] = []
+  const config = makeConfig({ routes: [{ name: 'api', path: '/', upstream: 'http://127.0.0.1:9' }] })
+  const base = await openStore(t, config)
+  const { w, wrap } = watchedDb()
+  const db = wrap(base.db)
+  const keys = new KeyService({ db, audit: base.audit, ...keyServiceOptions(config) })
+  const h = await startGateway(t, { store: { ...base, db, keys }, log: createLogger({ level: 'info', write: (line) => lines.push(line) }) })
+  const made = await Promise.all([1, 2, 3, 4, 5, 6].map(() => h.key()))
+  w.down = true
+  for (const k of made.slice(0, 5)) isError(t, await h.get('/x', bearer(k.key)), 'store_unavailable')
+  const said = () => lines.map((l) => JSON.parse(l) as { level: string; message: string }).filter((l) => l.message.startsWith('key store look-up'))
+  t.same(said().map((l) => l.level), ['warn'], 'one warning for five failed look-ups')
+  t.match(said()[0]?.message, /logged once until a look-up succeeds/)
+  w.down = false
+  t.not((await h.get('/x', bearer((made[5] as { key: string }).key))).json?.error?.code, 'store_unavailable', 'the store answers again')
+  t.same(said().map((l) => [l.level, l.message]), [['warn', said()[0]?.message], ['info', 'key store look-ups succeed again']], 'and its return is said once')
 })
 
 t.test('an upstream response that breaks off after its head: the client connection is closed, and it is logged and counted (found by a review)', async (t) => {
