@@ -845,7 +845,16 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
           writeOwner(ownerFile, owned)
           notOlderThan(ownerFile, mine)
         }
-        return release
+        // Given back also when the process exits without closing the store: `serve` stopped during
+        // its start exits at once (process.exit), and left the lock, its owner file and socket
+        // behind, a stopped store that looked in use (found by a deployment review; the next
+        // start took them over). Only a SIGKILL leaves them now.
+        const onExit = () => release()
+        process.once('exit', onExit)
+        return () => {
+          process.off('exit', onExit)
+          release()
+        }
       }
       const lock = readLockFile(file)
       if (lock === undefined) continue // released meanwhile

@@ -4,7 +4,7 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import net from 'node:net'
-import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
@@ -271,6 +271,22 @@ t.test('a SIGTERM while serve loads its modules is kept, and ends the start, exi
   t.equal(await served.exited, 0, 'exit 0, not ended by the signal')
   t.ok(served.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'the start ends as for a signal after it began')
   t.notOk(served.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
+})
+
+t.test('a SIGTERM once serve has locked the embedded store, before it serves: exit 0, and the lock is given back', async (t) => {
+  // Before (found by a deployment review): the start ended at once and left keygate.lock, its
+  // owner file and its socket behind, a stopped store that looked in use.
+  const dir = await storeDir()
+  const served = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: dir }), waitFor: { gateway: false, admin: false } })
+  const started = Date.now()
+  while (!existsSync(join(dir, 'keygate.lock.owner'))) {
+    if (Date.now() - started > 30_000) throw new Error(`serve never locked the store:\n${served.stderr()}`)
+    await new Promise((r) => setTimeout(r, 5))
+  }
+  served.child.kill('SIGTERM')
+  t.equal(await served.exited, 0, 'exit 0')
+  t.ok(served.logs.some((l) => l.message === 'stopped during start-up, before serving'), 'stopped during its start (the store was still opening)')
+  t.same(readdirSync(dir).filter((f) => f.startsWith('keygate.lock')), [], 'no lock, owner file or socket left')
 })
 
 t.test('the embedded store thread gone for good: serve stops and exits 1, so that it is started again', async (t) => {
