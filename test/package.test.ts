@@ -40,7 +40,7 @@ t.test('npm pack, npm install, then the installed keygate creates a key and serv
   t.teardown(() => rmSync(work, { recursive: true, force: true }))
   // A copy of what the repository holds, so the build writes nothing into the work tree.
   const src = join(work, 'src')
-  for (const entry of ['package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'bin', 'core', 'gateway', 'admin', 'config', 'cli', 'migrations', 'deploy', 'docs']) {
+  for (const entry of ['package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'LICENSE', 'bin', 'core', 'gateway', 'admin', 'config', 'cli', 'migrations', 'deploy', 'docs']) {
     cpSync(join(ROOT, entry), join(src, entry), { recursive: true })
   }
   symlinkSync(join(ROOT, 'node_modules'), join(src, 'node_modules'))
