@@ -83,6 +83,8 @@ export class CachedKey {
   /** The name as a header value: as it is when PLAIN, else percent-encoded. */
   readonly name: string
   readonly profile: KeyProfile
+  /** The transaction that last changed the row it was loaded from (KeyService.lookup); -1 for not known. */
+  changeXid = -1
 
   constructor(record: KeyRecord, profile: KeyProfile) {
     this.id = record.id
@@ -290,11 +292,11 @@ export class KeyCache {
       // and the time of the answer told a key that once worked from one that never did (found by
       // a review). The answers themselves are alike (SPEC §3).
       const ttl = found.key !== undefined && !evaluateKey(found.key, new Date()).ok ? this.#refusedTtl : this.#ttl
-      const answer: CachedKey | Miss = found.key
-        ? this.#build(found.key, asked + ttl, ttl)
-        : found.reason === 'wrong_secret'
-          ? 'wrong_secret'
-          : 'unknown'
+      let answer: CachedKey | Miss
+      if (found.key !== undefined) {
+        answer = this.#build(found.key, asked + ttl, ttl)
+        answer.changeXid = found.changeXid
+      } else answer = found.reason === 'wrong_secret' ? 'wrong_secret' : 'unknown'
       if (generation === this.#generation) {
         if (typeof answer === 'string') this.#negative?.set(hash, answer)
         else this.#positive.set(hash, answer)
@@ -313,6 +315,14 @@ export class KeyCache {
     const stale: string[] = []
     for (const [hash, entry] of this.#positive) if (ids.has(entry.id)) stale.push(hash)
     for (const hash of stale) this.#positive.delete(hash)
+  }
+
+  /**
+   * Whether the key cached under `hex` (the stored SHA-256) was loaded from its row as the change
+   * `changeXid` left it: loaded after that change, it needs no dropping for it (the store check).
+   */
+  holdsChange(hex: string, changeXid: number): boolean {
+    return changeXid !== -1 && this.#positive.peek(digestFromHex(hex))?.changeXid === changeXid
   }
 
   /** Forgets one presented key's answers (a newly created or imported key may have been cached as unknown); `hex` is the stored SHA-256. */

@@ -24,6 +24,7 @@
 // the whole cache too; its snapshot covers the whole change, so the reads after it do not see it
 // again. A read that fails changes nothing: the next one asks from the last snapshot read.
 import type { Db } from '../core/db.ts'
+import { xidNumber } from '../core/keys/service.ts'
 import type { Logger } from '../core/log.ts'
 
 /** More changed rows than this in one read: the whole cache is dropped instead. */
@@ -33,10 +34,12 @@ export interface ChangedKey {
   id: string
   /** The stored SHA-256 hex of the key. */
   keyHash: string
+  /** The transaction of the row's last change (xidNumber). */
+  changeXid: number
 }
 
 /** A row of a read: a changed key (null columns on the one row of a read that found none), and the read's snapshot and store. */
-type ReadRow = { id: string | null; key_hash: string | null; snapshot: string; behind: boolean | null; store: string }
+type ReadRow = { id: string | null; key_hash: string | null; change_xid: string | null; snapshot: string; behind: boolean | null; store: string }
 type ChangedRow = { id: string; key_hash: string }
 
 export interface StoreCheckOptions {
@@ -84,7 +87,7 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       // snapshot then says nothing. Times as epoch seconds: their text would follow each
       // connection's TimeZone and DateStyle.
       const rows = await o.db.query<ReadRow>(
-        `SELECT k.id, k.key_hash, n.snapshot::text AS snapshot, n.store,
+        `SELECT k.id, k.key_hash, k.change_xid::text AS change_xid, n.snapshot::text AS snapshot, n.store,
                 pg_snapshot_xmax(n.snapshot) < pg_snapshot_xmax($1::pg_snapshot) AS behind
            FROM (SELECT pg_current_snapshot() AS snapshot,
                         concat_ws(' ', extract(epoch FROM pg_postmaster_start_time()), (SELECT extract(epoch FROM stats_reset) FROM pg_stat_bgwriter),
@@ -113,10 +116,7 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
         o.onOverflow()
         return
       }
-      if (changed.length > 0) {
-        o.log.debug('the store check dropped changed keys from the cache', { keys: changed.length })
-        o.onChanged(changed.map((r) => ({ id: r.id, keyHash: r.key_hash })))
-      }
+      if (changed.length > 0) o.onChanged(changed.map((r) => ({ id: r.id, keyHash: r.key_hash, changeXid: xidNumber(r.change_xid) })))
     } catch (err) {
       // Tried again next time, from the last read that succeeded: nothing is skipped.
       if (!failing) o.log.warn('the store check could not read the changed keys; it tries again', { err: err as Error })

@@ -82,6 +82,26 @@ t.test('a legacy key cached as unknown, then imported where no message tells the
   await until(t, 'the store check read the change', async () => s.logs.some((l) => l.message === 'the store check dropped changed keys from the cache'), 5000)
 })
 
+t.test('the store check keeps a key cached after its change, and drops one cached before it: a store outage then refuses only the stale one', async (t) => {
+  // Before (found by a chaos review): every changed key was dropped, also one loaded after the
+  // change; a key created, rotated or changed less than store_check_s before it was cached lost
+  // its entry, and a store outage then answered it 503 where keys cached earlier went on.
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 1 }, redis: { invalidation_check_ms: 0 } })
+  const fresh = await s.silent.create({ name: 'cached after its creation', type: 'user' }, ACTOR)
+  const changed = await s.silent.create({ name: 'cached before its change', type: 'user' }, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(fresh.key))).status, 200, 'cached after its creation')
+  t.equal((await s.gateway.get('/', bearer(changed.key))).status, 200, 'cached')
+  await s.silent.update(changed.record.id, { name: 'renamed' }, ACTOR)
+  // The read that finds the rename has read the creations before it too.
+  await until(t, 'the store check dropped the renamed key', async () => s.logs.some((l) => l.message === 'the store check dropped changed keys from the cache'), 5000)
+  const dropped = s.logs.filter((l) => l.message === 'the store check dropped changed keys from the cache')
+  t.same(dropped.map((l) => l.keys), [1], 'one key dropped, once: the renamed one')
+  await s.gateway.db.close()
+  t.equal((await s.gateway.get('/', bearer(fresh.key))).status, 200, 'the store down: the key cached after its creation is answered from the cache')
+  const stale = await s.gateway.get('/', bearer(changed.key))
+  t.equal(stale.json?.error?.code, 'store_unavailable', 'the renamed one was dropped, and is looked up: 503')
+})
+
 t.test('a half-open subscriber connection: the check times out, flushes and reconnects', async (t) => {
   const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 0 }, redis: { invalidation_check_ms: 200 } }, true)
   const key = await staleKey(t, s.gateway, s.silent)

@@ -42,6 +42,12 @@ const listChars = (xs: readonly string[]) => xs.reduce((n, x) => n + x.length + 
 /** A key as it is inserted: what the store fills in (updated_at, the ends) is not given. */
 type NewKey = Omit<KeyRecord, 'updatedAt' | 'lastUsedAt' | 'revokedAt' | 'revokedReason' | 'replacedBy'>
 
+/** A transaction id (xid8) as text, as a number; -1 for none (NULL, or past what a number holds exactly), which matches no change. */
+export function xidNumber(text: string | null | undefined): number {
+  const n = text === null || text === undefined ? NaN : Number(text)
+  return Number.isSafeInteger(n) ? n : -1
+}
+
 export interface KeyRow {
   id: string
   key_hash: string
@@ -709,17 +715,23 @@ export class KeyService {
   }
 
   /** Finds the stored key a presented one names, comparing hashes in constant time. */
-  async lookup(presented: string): Promise<{ key: KeyRecord } | { key?: undefined; reason: 'malformed' | 'unknown' | 'wrong_secret'; keyId?: string }> {
+  /**
+   * The stored key a presented one names, with `changeXid`: the transaction that last changed its
+   * row (api_keys.change_xid, migration 0009), which the gateway's store check compares with the
+   * changes it reads (a cached key that is as the store has it now is kept).
+   */
+  async lookup(presented: string): Promise<{ key: KeyRecord; changeXid: number } | { key?: undefined; reason: 'malformed' | 'unknown' | 'wrong_secret'; keyId?: string }> {
     const parsed = parseKey(presented, this.#prefixes, this.#acceptLegacy)
     if (!parsed) return { reason: 'malformed' }
+    type Row = KeyRow & { change_xid: string | null }
     if (parsed.kind === 'legacy') {
-      const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE key_hash = $1 AND legacy`, [parsed.hash])
-      return rows[0] ? { key: toRecord(rows[0]) } : { reason: 'unknown' }
+      const rows = await this.#db.query<Row>(`SELECT ${COLUMNS}, change_xid::text AS change_xid FROM api_keys WHERE key_hash = $1 AND legacy`, [parsed.hash])
+      return rows[0] ? { key: toRecord(rows[0]), changeXid: xidNumber(rows[0].change_xid) } : { reason: 'unknown' }
     }
-    const rows = await this.#db.query<KeyRow>(`SELECT ${COLUMNS} FROM api_keys WHERE id = $1`, [parsed.id])
+    const rows = await this.#db.query<Row>(`SELECT ${COLUMNS}, change_xid::text AS change_xid FROM api_keys WHERE id = $1`, [parsed.id])
     if (!rows[0]) return { reason: 'unknown', keyId: parsed.id }
     if (!hashesEqual(rows[0].key_hash, parsed.hash)) return { reason: 'wrong_secret', keyId: parsed.id }
-    return { key: toRecord(rows[0]) }
+    return { key: toRecord(rows[0]), changeXid: xidNumber(rows[0].change_xid) }
   }
 
   /** Whether a presented key may be used now (from `address`, when given). */
