@@ -19,7 +19,8 @@
 //
 // A lockout decided while Redis was not answering was counted in this process alone. When Redis
 // answers again, the instance writes every lockout it holds into Redis (as the limiter's own
-// keys, so every instance's read finds them) and only then publishes the ones it decided: the
+// keys, so every instance's read finds them) and only then publishes the ones it decided, and
+// those Redis did not hold (it came back empty: an instance that read it before knows none): the
 // other instances may subscribe again after that message (pub/sub drops it), but the flush that
 // follows their resubscription reads Redis, and finds it there. The publish is never awaited on
 // the request path: a Redis that stops answering must not hold the failed attempt's answer.
@@ -320,6 +321,11 @@ export function createLockout(options: LockoutOptions): Lockout {
       const reply = Number(replies[i]?.[1])
       return reply < 0 ? -reply : undefined
     }
+    // Written (the script's 1): Redis did not hold the lockout, so an instance that read Redis
+    // before this write (one started while Redis was down, reading the empty Redis that came
+    // back) does not know it either: published too, not only the ones decided during the outage
+    // (found by a chaos review: such an instance let the address in until its next failure).
+    const wrote = new Set(held.filter((_, i) => Number(replies[i]?.[1]) === 1).map(([address]) => address))
     for (let i = held.length - 1; i >= 0; i--) {
       const at = liftedBy(i)
       if (at === undefined) continue
@@ -334,7 +340,7 @@ export function createLockout(options: LockoutOptions): Lockout {
     const all = publishAll
     publishAll = false
     for (const [address, until] of held) {
-      if (!unpublished.delete(address) && !all) continue
+      if (!unpublished.delete(address) && !all && !wrote.has(address)) continue
       void publishInvalidation(redis, `lock:${until}:${address}`, log)
     }
   }

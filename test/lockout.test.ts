@@ -196,6 +196,41 @@ t.test('a lockout decided while Redis was down reaches the other instances when 
   t.ok((lb.lockedFor(address) ?? 0) <= 30, 'for what is left of it')
 })
 
+t.test('a lockout written back into a Redis that came back empty reaches an instance that read it empty (found by a chaos review)', async (t) => {
+  const server = await startRedisServer(t)
+  const a = connectRedis(server.url, quiet)
+  t.teardown(() => a.disconnect())
+  await until(t, 'connected, and on Redis (its first probe done)', () => redisHealth(a).up)
+  const options = { maxAttempts: 2, windowS: 30, log: quiet }
+  const la = createLockout({ ...options, redis: a })
+  const address = freshAddress()
+  await la.recordFailure(address)
+  await la.recordFailure(address)
+  t.equal(la.lockedFor(address), 30, 'locked out, in Redis too')
+  // Redis restarts empty (it keeps nothing); the first instance reconnects only after a new
+  // instance has started and read it.
+  a.disconnect()
+  await server.stop()
+  await server.start()
+  const b = connectRedis(server.url, quiet)
+  t.teardown(() => b.disconnect())
+  const lb = createLockout({ ...options, redis: b })
+  const close = await subscribeInvalidations(b, {
+    handler: (m) => m.startsWith('lock:') && lb.applyMessage(m),
+    onFlush: () => void lb.reload(),
+    checkIntervalMs: 100,
+  })
+  t.teardown(close)
+  await until(t, 'the new instance on Redis', () => redisHealth(b).up)
+  await lb.reload()
+  t.equal(lb.lockedFor(address), undefined, 'not known to the new instance, which read Redis empty')
+  void a.connect().catch(() => {})
+  // Before, the first instance wrote its lockout back into Redis without a word: the new one,
+  // having read Redis empty, let the address in until its next failure.
+  await until(t, 'the lockout reaches the new instance', () => lb.lockedFor(address) !== undefined)
+  t.ok((lb.lockedFor(address) ?? 0) <= 30, 'for what is left of it')
+})
+
 /** A Redis of the test's own, a lockout of 20 s windows on it, and an address with two failures counted there. */
 async function twoFailuresInRedis(t: Test, maxAttempts: number) {
   const server = await startRedisServer(t)
