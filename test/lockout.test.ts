@@ -6,7 +6,7 @@
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { INVALIDATION_CHANNEL, publishInvalidation, subscribeInvalidations } from '../core/invalidation.ts'
-import { createLockout, LIFTED_KEY_PREFIX, LOCKOUT_KEY_PREFIX } from '../core/lockout.ts'
+import { createLockout, LIFTED_KEY_PREFIX, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
 import { MEMORY_MAX_KEYS } from '../core/limiters.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis, redisHealth } from '../core/redis.ts'
@@ -162,6 +162,18 @@ t.test('the failure that locks an address out is answered while Redis answers no
   server.resume()
 })
 
+/** A lockout on `redis` as a gateway runs it: lockout messages applied, and a flush reads the lockouts. */
+async function subscribedLockout(t: Test, redis: Redis, options: Parameters<typeof createLockout>[0]): Promise<Lockout> {
+  const lockout = createLockout({ ...options, redis })
+  const close = await subscribeInvalidations(redis, {
+    handler: (m) => m.startsWith('lock:') && lockout.applyMessage(m),
+    onFlush: () => void lockout.reload(),
+    checkIntervalMs: 100,
+  })
+  t.teardown(close)
+  return lockout
+}
+
 t.test('a lockout decided while Redis was down reaches the other instances when it is back, with no message held back', async (t) => {
   const server = await startRedisServer(t)
   const a = connectRedis(server.url, quiet)
@@ -173,14 +185,7 @@ t.test('a lockout decided while Redis was down reaches the other instances when 
   await until(t, 'connected, and on Redis (its first probe done)', () => redisHealth(a).up && redisHealth(b).up)
   const options = { maxAttempts: 2, windowS: 30, log: quiet }
   const la = createLockout({ ...options, redis: a })
-  const lb = createLockout({ ...options, redis: b })
-  // The other instance as a gateway runs it: lockout messages applied, a flush reads the lockouts.
-  const close = await subscribeInvalidations(b, {
-    handler: (m) => m.startsWith('lock:') && lb.applyMessage(m),
-    onFlush: () => void lb.reload(),
-    checkIntervalMs: 100,
-  })
-  t.teardown(close)
+  const lb = await subscribedLockout(t, b, options)
   await server.stop()
   await until(t, 'down', () => !redisHealth(a).up)
   const address = freshAddress()
@@ -214,13 +219,7 @@ t.test('a lockout written back into a Redis that came back empty reaches an inst
   await server.start()
   const b = connectRedis(server.url, quiet)
   t.teardown(() => b.disconnect())
-  const lb = createLockout({ ...options, redis: b })
-  const close = await subscribeInvalidations(b, {
-    handler: (m) => m.startsWith('lock:') && lb.applyMessage(m),
-    onFlush: () => void lb.reload(),
-    checkIntervalMs: 100,
-  })
-  t.teardown(close)
+  const lb = await subscribedLockout(t, b, options)
   await until(t, 'the new instance on Redis', () => redisHealth(b).up)
   await lb.reload()
   t.equal(lb.lockedFor(address), undefined, 'not known to the new instance, which read Redis empty')
