@@ -458,10 +458,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // and a store outage then refused it 503 where keys cached earlier went on (found by a chaos
     // review). Open tunnels are checked for every changed key all the same.
     onChanged: (changed) => {
-      const stale = changed.filter((k) => !cache.holdsChange(k.keyHash, k.changeXid))
-      if (stale.length > 0) log.debug('the store check dropped changed keys from the cache', { keys: stale.length, kept: changed.length - stale.length })
-      for (const k of stale) cache.invalidateHash(k.keyHash)
-      cache.invalidateKeys(new Set(stale.map((k) => k.id)))
+      const kept = cache.dropChanged(changed)
+      if (kept < changed.length) log.debug('the store check dropped changed keys from the cache', { keys: changed.length - kept, kept })
       guard.keysChanged(new Set(changed.map((k) => k.id)))
     },
     onOverflow: invalidateAll,

@@ -318,11 +318,31 @@ export class KeyCache {
   }
 
   /**
-   * Whether the key cached under `hex` (the stored SHA-256) was loaded from its row as the change
-   * `changeXid` left it: loaded after that change, it needs no dropping for it (the store check).
+   * The store check's changed keys (`hex`, the stored SHA-256 of each, as the change left it):
+   * drops what is cached of them, in one pass, but for a key cached under that very hash from its
+   * row as the change left it (its `changeXid`), which the change cannot have made stale. Any
+   * other entry of a changed id goes, such as one under the hash a change by hand in SQL replaced
+   * (found by a review: `holdsChange` asked only about the current hash, and the old secret
+   * stayed). Returns how many changed keys were kept.
    */
-  holdsChange(hex: string, changeXid: number): boolean {
-    return changeXid !== -1 && this.#positive.peek(digestFromHex(hex))?.changeXid === changeXid
+  dropChanged(changed: ReadonlyArray<{ id: string; keyHash: string; changeXid: number }>): number {
+    const current = new Map<string, { digest: string; changeXid: number }>()
+    for (const k of changed) current.set(k.id, { digest: digestFromHex(k.keyHash), changeXid: k.changeXid })
+    const kept = new Set<string>()
+    const stale: string[] = []
+    for (const [hash, entry] of this.#positive) {
+      const row = current.get(entry.id)
+      if (row === undefined) continue
+      if (row.changeXid !== -1 && hash === row.digest && entry.changeXid === row.changeXid) kept.add(entry.id)
+      else stale.push(hash)
+    }
+    if (kept.size === changed.length && stale.length === 0) return kept.size
+    this.#generation++
+    this.#inflight.clear()
+    for (const hash of stale) this.#positive.delete(hash)
+    // A key cached as unknown before it was made or imported, under its hash.
+    for (const [id, row] of current) if (!kept.has(id)) this.#negative?.delete(row.digest)
+    return kept.size
   }
 
   /** Forgets one presented key's answers (a newly created or imported key may have been cached as unknown); `hex` is the stored SHA-256. */

@@ -10,6 +10,7 @@ import { createHash, randomUUID } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Redis } from 'ioredis'
 import { INVALIDATION_CHANNEL, INVALIDATION_VERSION_KEY, publishInvalidation } from '../core/invalidation.ts'
+import { generateKey } from '../core/keys/format.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
@@ -100,6 +101,39 @@ t.test('the store check keeps a key cached after its change, and drops one cache
   t.equal((await s.gateway.get('/', bearer(fresh.key))).status, 200, 'the store down: the key cached after its creation is answered from the cache')
   const stale = await s.gateway.get('/', bearer(changed.key))
   t.equal(stale.json?.error?.code, 'store_unavailable', 'the renamed one was dropped, and is looked up: 503')
+})
+
+t.test('a key whose secret was replaced by hand in SQL: the old secret is refused at the next store check, though the new one was cached after the change', async (t) => {
+  // Found by a review of the change_xid comparison: the id was kept for its new hash's entry,
+  // and the entry under the old hash stayed.
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 1 }, redis: { invalidation_check_ms: 0 } })
+  const { key, record } = await s.silent.create({ name: 'by hand', type: 'user' }, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(key))).status, 200, 'the old secret works and is cached')
+  const replacement = generateKey('kg_', record.id)
+  await s.gateway.db.query('UPDATE api_keys SET key_hash = $2 WHERE id = $1', [record.id, replacement.hash])
+  t.equal((await s.gateway.get('/', bearer(replacement.key))).status, 200, 'the new secret is cached after the change')
+  await until(t, 'the old secret is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
+  t.equal((await s.gateway.get('/', bearer(replacement.key))).status, 200, 'the new one still works')
+})
+
+t.test("a restored row's change_xid from another cluster's counter is never taken for this cluster's: a change stamped with the same xid is seen", async (t) => {
+  // Found by a review: a row loaded by pg_restore keeps the source cluster's xid; once this
+  // cluster's counter reached it, a revocation stamped with it looked like the cached state.
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 1 }, redis: { invalidation_check_ms: 0 } })
+  const { key, record } = await s.silent.create({ name: 'restored', type: 'user' }, ACTOR)
+  const db = s.gateway.db
+  const [{ xid }] = (await db.query<{ xid: string }>('SELECT pg_current_xact_id()::text AS xid')) as [{ xid: string }]
+  const ahead = Number(xid) + 20
+  await db.query('ALTER TABLE api_keys DISABLE TRIGGER api_keys_stamp_change')
+  await db.query(`UPDATE api_keys SET change_xid = '${ahead}'::xid8 WHERE id = $1`, [record.id])
+  await db.query('ALTER TABLE api_keys ENABLE ALWAYS TRIGGER api_keys_stamp_change')
+  s.gateway.gateway.invalidateAll()
+  t.equal((await s.gateway.get('/', bearer(key))).status, 200, 'cached from the restored row')
+  for (let n = Number(xid); n < ahead - 1; n = Number(((await db.query<{ xid: string }>('SELECT pg_current_xact_id()::text AS xid'))[0] as { xid: string }).xid)) {}
+  await db.query(`UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE id = $1`, [record.id])
+  const [{ stamped }] = (await db.query<{ stamped: string }>('SELECT change_xid::text AS stamped FROM api_keys WHERE id = $1', [record.id])) as [{ stamped: string }]
+  t.equal(Number(stamped), ahead, 'the revocation was stamped with the restored xid')
+  await until(t, 'the revoked key is refused', async () => (await s.gateway.get('/', bearer(key))).status === 401, 5000)
 })
 
 t.test('a half-open subscriber connection: the check times out, flushes and reconnects', async (t) => {

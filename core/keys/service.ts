@@ -724,11 +724,15 @@ export class KeyService {
     const parsed = parseKey(presented, this.#prefixes, this.#acceptLegacy)
     if (!parsed) return { reason: 'malformed' }
     type Row = KeyRow & { change_xid: string | null }
+    // Only an xid this cluster gave (below its counter): a row restored from another cluster's
+    // dump keeps that cluster's, which a later change here may be stamped with again (found by a
+    // review: a revocation so stamped left the key cached).
+    const changeXid = `CASE WHEN change_xid < pg_snapshot_xmax(pg_current_snapshot()) THEN change_xid::text END AS change_xid`
     if (parsed.kind === 'legacy') {
-      const rows = await this.#db.query<Row>(`SELECT ${COLUMNS}, change_xid::text AS change_xid FROM api_keys WHERE key_hash = $1 AND legacy`, [parsed.hash])
+      const rows = await this.#db.query<Row>(`SELECT ${COLUMNS}, ${changeXid} FROM api_keys WHERE key_hash = $1 AND legacy`, [parsed.hash])
       return rows[0] ? { key: toRecord(rows[0]), changeXid: xidNumber(rows[0].change_xid) } : { reason: 'unknown' }
     }
-    const rows = await this.#db.query<Row>(`SELECT ${COLUMNS}, change_xid::text AS change_xid FROM api_keys WHERE id = $1`, [parsed.id])
+    const rows = await this.#db.query<Row>(`SELECT ${COLUMNS}, ${changeXid} FROM api_keys WHERE id = $1`, [parsed.id])
     if (!rows[0]) return { reason: 'unknown', keyId: parsed.id }
     if (!hashesEqual(rows[0].key_hash, parsed.hash)) return { reason: 'wrong_secret', keyId: parsed.id }
     return { key: toRecord(rows[0]), changeXid: xidNumber(rows[0].change_xid) }
