@@ -416,7 +416,12 @@ export class AnomalyDetector implements UsageSink {
   readonly #t: Thresholds
   readonly #redis: Redis | undefined
   readonly #channel: string
-  readonly #unpublished: string[] = []
+  /**
+   * Alerts stored but not (yet) published, in order. `late`: a publish that outlasted its bound and
+   * may still go out when Redis answers; it is not sent again meanwhile (found by a review: a
+   * paused Redis then sent one copy per check to the channel's subscribers).
+   */
+  readonly #unpublished: Array<{ message: string; late: boolean }> = []
   readonly #events: EventBus | undefined
   readonly #onAnomaly: ((type: AnomalyType) => void) | undefined
   readonly #log: Logger
@@ -624,27 +629,46 @@ export class AnomalyDetector implements UsageSink {
     this.#log.warn('anomaly detected', { anomaly_id: row.id, key_id: row.keyId, type: row.type })
     this.#onAnomaly?.(row.type)
     if (this.#redis) {
-      const message = JSON.stringify(json)
-      // Bounded as the windows are: a paused Redis held the check here too. One that answers
-      // after all has published it twice; the feeds deliver an anomaly once.
-      await within(this.#redis.publish(this.#channel, message), SHARED_WINDOWS_TIMEOUT_MS, 'Redis: anomaly alert').catch((err: unknown) => {
-        // Stored, but no instance's stream has it: sent again at the next check (the streams'
-        // feeds also read what they missed from the table when their subscription comes back).
-        if (this.#unpublished.length < MAX_UNPUBLISHED) this.#unpublished.push(message)
-        this.#log.warn('could not publish an anomaly alert; it is published again at the next check', { anomaly_id: row.id, err: err as Error })
-      })
+      const entry = { message: JSON.stringify(json), late: false }
+      // Stored, but no instance's stream has it: sent again at a later check (the streams' feeds
+      // also read what they missed from the table when their subscription comes back).
+      if (!(await this.#publish(entry)) && this.#unpublished.length < MAX_UNPUBLISHED) {
+        this.#unpublished.push(entry)
+        this.#log.warn('could not publish an anomaly alert; it is published again at a later check', { anomaly_id: row.id })
+      }
     }
     this.#events?.emit('anomaly.detected', json)
   }
 
-  /** Alerts whose publication failed, in order, until one fails again. */
+  /**
+   * Publishes an alert, waiting SHARED_WINDOWS_TIMEOUT_MS at most (a paused Redis held the check
+   * here too); true once published. One still on its way then is `late` until it settles: out
+   * (it is dropped from #unpublished), or failed (sent again at a later check).
+   */
+  async #publish(entry: { message: string; late: boolean }): Promise<boolean> {
+    const sent = (this.#redis as Redis).publish(this.#channel, entry.message)
+    try {
+      await within(sent, SHARED_WINDOWS_TIMEOUT_MS, 'Redis: anomaly alert')
+      return true
+    } catch (err) {
+      if (!(err instanceof TimedOut)) return false
+      entry.late = true
+      sent.then(
+        () => {
+          const at = this.#unpublished.indexOf(entry)
+          if (at !== -1) this.#unpublished.splice(at, 1)
+        },
+        () => (entry.late = false),
+      )
+      return false
+    }
+  }
+
+  /** Alerts whose publication failed, in order, until one fails again or is still on its way. */
   async #republish(): Promise<void> {
     while (this.#redis && this.#unpublished.length > 0) {
-      try {
-        await within(this.#redis.publish(this.#channel, this.#unpublished[0] as string), SHARED_WINDOWS_TIMEOUT_MS, 'Redis: anomaly alert')
-      } catch {
-        return
-      }
+      const entry = this.#unpublished[0] as { message: string; late: boolean }
+      if (entry.late || !(await this.#publish(entry))) return
       this.#unpublished.shift()
     }
   }

@@ -478,6 +478,35 @@ t.test('a Redis that keeps its connection and stops answering: the check judges 
   server.resume()
 })
 
+t.test('an alert published late, once Redis answers, is not published again', async (t) => {
+  const server = await startRedisServer(t)
+  const db = await memoryDb()
+  t.teardown(() => db.close())
+  await migrate(db)
+  const redis = connectRedis(server.url, silentLogger)
+  t.teardown(() => redis.disconnect())
+  const listener = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => listener.disconnect())
+  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
+  const heard: string[] = []
+  listener.on('message', (_c: string, m: string) => heard.push(m))
+  await listener.subscribe(channel)
+  const thresholds = { ...DEFAULT_CONFIG.anomalies, distinct_addresses_per_hour: 5 }
+  const detector = new AnomalyDetector({ db, thresholds, redis, channel, log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+  t.teardown(() => detector.close())
+  await until(() => redis.status === 'ready')
+  server.pause()
+  t.teardown(() => server.resume())
+  for (let i = 1; i <= 8; i++) detector.count('k_late', 'forwarded', Date.now(), `192.0.2.${i}`, 200)
+  await detector.check()
+  for (let i = 0; i < 3; i++) await detector.check()
+  server.resume()
+  await until(() => heard.length >= 1)
+  for (let i = 0; i < 3; i++) await detector.check()
+  await sleep(300)
+  t.equal(heard.length, 1, 'the alert reached the channel once (before: once per check of the pause, and once more)')
+})
+
 t.test("Redis windows hold at most 1000 of a key's addresses an hour, as the in-memory ones do", async (t) => {
   const redis = new Redis(REDIS_URL, { maxRetriesPerRequest: 1, connectTimeout: 2000 })
   t.teardown(() => redis.quit())
