@@ -450,24 +450,34 @@ t.test('Redis down for several checks is one warning for the outage, and one lin
   t.equal(said('warn').length, 1, 'nor another warning')
 })
 
-t.test('a Redis that keeps its connection and stops answering: the check judges this process alone after SHARED_WINDOWS_TIMEOUT_MS, and records what it finds', async (t) => {
-  // Before (found by a chaos review): a paused Redis held the check, and every check after it,
-  // for the whole pause; nothing was detected, recorded or logged.
+/**
+ * A detector on a Redis of the test's own, paused once `keyId` has been seen from 8 addresses
+ * (over the threshold of 5) and before the check that finds it: the caller checks next.
+ */
+async function pausedWithFinding(t: Test, keyId: string, log: Logger, beforePause?: (server: Awaited<ReturnType<typeof startRedisServer>>, channel: string) => Promise<void>) {
   const server = await startRedisServer(t)
   const db = await memoryDb()
   t.teardown(() => db.close())
   await migrate(db)
   const redis = connectRedis(server.url, silentLogger)
   t.teardown(() => redis.disconnect())
-  const lines: string[] = []
   const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
   const thresholds = { ...DEFAULT_CONFIG.anomalies, distinct_addresses_per_hour: 5 }
-  const detector = new AnomalyDetector({ db, thresholds, redis, channel, log: createLogger({ level: 'warn', write: (l) => lines.push(l) }), checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+  const detector = new AnomalyDetector({ db, thresholds, redis, channel, log, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
   t.teardown(() => detector.close())
   await until(() => redis.status === 'ready')
+  await beforePause?.(server, channel)
   server.pause()
   t.teardown(() => server.resume())
-  for (let i = 1; i <= 8; i++) detector.count('k_frozen', 'forwarded', Date.now(), `192.0.2.${i}`, 200)
+  for (let i = 1; i <= 8; i++) detector.count(keyId, 'forwarded', Date.now(), `192.0.2.${i}`, 200)
+  return { server, db, detector }
+}
+
+t.test('a Redis that keeps its connection and stops answering: the check judges this process alone after SHARED_WINDOWS_TIMEOUT_MS, and records what it finds', async (t) => {
+  // Before (found by a chaos review): a paused Redis held the check, and every check after it,
+  // for the whole pause; nothing was detected, recorded or logged.
+  const lines: string[] = []
+  const { server, db, detector } = await pausedWithFinding(t, 'k_frozen', createLogger({ level: 'warn', write: (l) => lines.push(l) }))
   const started = performance.now()
   await detector.check()
   const took = performance.now() - started
@@ -479,27 +489,14 @@ t.test('a Redis that keeps its connection and stops answering: the check judges 
 })
 
 t.test('an alert published late, once Redis answers, is not published again', async (t) => {
-  const server = await startRedisServer(t)
-  const db = await memoryDb()
-  t.teardown(() => db.close())
-  await migrate(db)
-  const redis = connectRedis(server.url, silentLogger)
-  t.teardown(() => redis.disconnect())
-  const listener = new Redis(server.url, { maxRetriesPerRequest: 1 })
-  t.teardown(() => listener.disconnect())
-  const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
   const heard: string[] = []
-  listener.on('message', (_c: string, m: string) => heard.push(m))
-  await listener.subscribe(channel)
-  const thresholds = { ...DEFAULT_CONFIG.anomalies, distinct_addresses_per_hour: 5 }
-  const detector = new AnomalyDetector({ db, thresholds, redis, channel, log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
-  t.teardown(() => detector.close())
-  await until(() => redis.status === 'ready')
-  server.pause()
-  t.teardown(() => server.resume())
-  for (let i = 1; i <= 8; i++) detector.count('k_late', 'forwarded', Date.now(), `192.0.2.${i}`, 200)
-  await detector.check()
-  for (let i = 0; i < 3; i++) await detector.check()
+  const { server, detector } = await pausedWithFinding(t, 'k_late', silentLogger, async (server, channel) => {
+    const listener = new Redis(server.url, { maxRetriesPerRequest: 1 })
+    t.teardown(() => listener.disconnect())
+    listener.on('message', (_c: string, m: string) => heard.push(m))
+    await listener.subscribe(channel)
+  })
+  for (let i = 0; i < 4; i++) await detector.check()
   server.resume()
   await until(() => heard.length >= 1)
   for (let i = 0; i < 3; i++) await detector.check()
