@@ -22,6 +22,9 @@ export interface ValidateOptions {
   now: () => number
 }
 
+/** How long key look-ups must go without a failure before a store outage is logged as over. */
+export const STORE_QUIET_MS = 10_000
+
 export function createValidateStage(o: ValidateOptions): Stage {
   const { cache, prefixes, acceptLegacy, lockout, log, now } = o
   const badKeys = o.metrics.badKeys
@@ -80,15 +83,21 @@ export function createValidateStage(o: ValidateOptions): Stage {
   // Once an outage at warn, and once its end at info, as the store check, Redis and the webhooks
   // log theirs; each failed look-up in between at debug (before, found by a chaos review, a warn
   // line with the driver's error for every request of an unknown key: 298 lines in 1.6 s).
+  // The outage ends with a look-up that succeeds STORE_QUIET_MS after the last that failed: one
+  // that fails now and then (a bad connection of the pool) is one outage, not a warning and an
+  // info line each time (found by a read-back).
   let failing = 0
+  let lastFailure = 0
   const storeDown = (s: RequestState, err: unknown): StageResult => {
     void lockout.finish(s.addressKey, false)
     storeErrors.inc()
-    if (failing++ === 0) log.warn('key store look-ups fail: keys not in the cache are answered 503 store_unavailable (logged once until a look-up succeeds; each at debug)', { request_id: s.id, err: err as Error })
+    lastFailure = now()
+    if (failing++ === 0) log.warn('key store look-ups fail: keys not in the cache are answered 503 store_unavailable (logged once until look-ups succeed again; each at debug)', { request_id: s.id, err: err as Error })
     else log.debug('key store look-up failed', { request_id: s.id, err: err as Error })
     return 'store_unavailable'
   }
   const storeUp = (): void => {
+    if (now() - lastFailure < STORE_QUIET_MS) return
     log.info('key store look-ups succeed again', { failed: failing })
     failing = 0
   }
