@@ -62,11 +62,14 @@ export const PRINTABLE_WORDS = 'without control characters or invisible format c
 /**
  * A character that shows by itself, as a pattern: not white space (`" "`, U+00A0, U+3000, which
  * JavaScript's `\s` covers), the blank braille pattern U+2800, the zero-width non-joiner and
- * joiner, a variation selector or a combining mark of the general blocks (each text only beside
- * another character), nor the musical format characters U+1D173-A; any other character of
- * another plane (a pair of UTF-16 units: the schemas' patterns are read without the `u` flag).
+ * joiner, a variation selector (Mongolian's free ones too) or a combining mark of the general
+ * blocks (each text only beside another character), nor the musical format and combining
+ * characters (U+1D167-9, U+1D173-82, U+1D185-B, U+1D1AA-D); any other character of another plane
+ * (a pair of UTF-16 units: the schemas' patterns are read without the `u` flag). A combining mark
+ * of a script's own block alone (a Hebrew point, a virama) is taken: a terminal draws it on a
+ * dotted circle or the cell before, and naming every such mark here would not end.
  */
-const SHOWS = `(?:[^\\s\\u2800\\u200c\\u200d\\ufe00-\\ufe0f\\u0300-\\u036f\\u1ab0-\\u1aff\\u1dc0-\\u1dff\\u20d0-\\u20ff\\ufe20-\\ufe2f\\ud800-\\udfff]|(?!\\ud834[\\udd73-\\udd7a])[\\ud800-\\udbff][\\udc00-\\udfff])`
+const SHOWS = `(?:[^\\s\\u2800\\u200c\\u200d\\ufe00-\\ufe0f\\u180b-\\u180d\\u180f\\u0300-\\u036f\\u1ab0-\\u1aff\\u1dc0-\\u1dff\\u20d0-\\u20ff\\ufe20-\\ufe2f\\ud800-\\udfff]|(?!\\ud834[\\udd67-\\udd69\\udd73-\\udd82\\udd85-\\udd8b\\uddaa-\\uddad])[\\ud800-\\udbff][\\udc00-\\udfff])`
 
 /**
  * The pattern of a name (a key's, its owner's, a Gitea token's): PRINTABLE, and a character in it

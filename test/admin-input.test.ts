@@ -350,7 +350,7 @@ await forEachStore(t, async (t, store) => {
   // a review: taken, and printed as an empty cell in `api-key list`).
   // Nor do joiners, variation selectors, combining marks or the musical format characters alone
   // (found by a second review).
-  for (const blank of [' ', '\u00a0', '\u3000\u3000', '\u2800', ' \u2800 ', '\u2003', '\u200c', '\u200d\ufe0f', '\u0300', ' \u20d0', '\u{1d173}', '\u{1d17a}\u200c']) {
+  for (const blank of [' ', '\u00a0', '\u3000\u3000', '\u2800', ' \u2800 ', '\u2003', '\u200c', '\u200d\ufe0f', '\u0300', ' \u20d0', '\u{1d173}', '\u{1d17a}\u200c', '\u180b', '\u{1d167}']) {
     for (const [what, path, body, field] of [
       ['a key name', '/v1/keys', { name: blank, type: 'user' }, 'name'],
       ['an owner', '/v1/keys', { name: 'x', type: 'user', owner: blank }, 'owner'],
