@@ -837,6 +837,13 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
         linked = false
       }
       if (linked) {
+        // Given back also when the process exits without closing the store: `serve` stopped during
+        // its start exits at once (process.exit), and left the lock, its owner file and socket
+        // behind, a stopped store that looked in use (found by a deployment review; the next
+        // start took them over). Only a SIGKILL leaves them now. From the moment it is linked
+        // (an exit while the socket below starts listening too).
+        const onExit = () => release()
+        process.once('exit', onExit)
         // Listening before the owner file is written: a process that reads this owner file
         // finds this socket answering (ownerListening).
         if (identity !== undefined) {
@@ -845,12 +852,6 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
           writeOwner(ownerFile, owned)
           notOlderThan(ownerFile, mine)
         }
-        // Given back also when the process exits without closing the store: `serve` stopped during
-        // its start exits at once (process.exit), and left the lock, its owner file and socket
-        // behind, a stopped store that looked in use (found by a deployment review; the next
-        // start took them over). Only a SIGKILL leaves them now.
-        const onExit = () => release()
-        process.once('exit', onExit)
         return () => {
           process.off('exit', onExit)
           release()
