@@ -23,6 +23,8 @@ export interface TcpGate {
   set(state: GateState): void
   /** Every byte the clients sent through the gate so far, as latin1 text (to look for what went on the wire). */
   sent(): string
+  /** Connections clients made to the gate so far, in any state. */
+  connections(): number
   /**
    * Cuts the one connection on which the client sends `first` and later `then` (latin1 text; the
    * gate in state `open`). `before`: the bytes holding `then` are not passed on and the connection
@@ -48,9 +50,11 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   // Connections that have once been silent stay so: their byte streams are broken.
   const muted = new WeakSet<net.Socket>()
   const fromClients: Buffer[] = []
+  let connections = 0
   // Half-open: a client's end is passed on by hand (below), and not at all once muted.
   const server = net.createServer({ allowHalfOpen: true }, (client) => {
     sockets.add(client)
+    connections++
     client.on('error', () => {}).on('close', () => sockets.delete(client))
     client.on('end', () => void (muted.has(client) || client.end()))
     if (state === 'shut') return void client.destroy()
@@ -104,6 +108,7 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   return {
     port: (server.address() as net.AddressInfo).port,
     sent: () => Buffer.concat(fromClients).toString('latin1'),
+    connections: () => connections,
     set,
     cutOn: (first, then, when, next) => new Promise<void>((done) => void (cut = { first, then, when, next, done })),
   }
