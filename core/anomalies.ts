@@ -1058,13 +1058,19 @@ export class AnomalyFeed {
       // then reads from the table what was announced meanwhile.
       const every = options.checkIntervalMs ?? SUBSCRIBER_CHECK_MS
       let checking = false
+      // Once per connection: ioredis says 'ready' until the silent connection it ends has closed
+      // (its disconnectTimeout, 2 s), and each disconnect added a listener to it (a check every
+      // 100 ms passed Node's bound of 10: found by a read-back of the suite's warnings).
+      let reconnecting = false
+      sub.on('ready', () => (reconnecting = false))
       const check = (): void => {
-        if (checking || !subscribed || sub.status !== 'ready') return
+        if (checking || reconnecting || !subscribed || sub.status !== 'ready') return
         checking = true
         within(sub.ping(), every, 'Redis: anomaly subscriber PING')
           .catch((err: unknown) => {
             if (!(err instanceof TimedOut) || sub.status !== 'ready') return
             log.warn('the anomaly alert subscriber did not answer a PING in time: reconnecting it (what was announced meanwhile is read from the table)', { timeout_ms: every })
+            reconnecting = true
             sub.disconnect(true)
           })
           .finally(() => (checking = false))
