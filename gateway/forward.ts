@@ -451,7 +451,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
-  const apiKeyName = stripCredential && sources.header !== undefined ? headerReading(sources.header) : undefined
+  // Its own reading (headerReading) as configured: letters, digits and `-` only (the api-key-header format).
+  const apiKeyName = stripCredential ? sources.header : undefined
   const queryParam = sources.queryParam
   const dropQueryLookAlikes = stripCredential && sources.query
   const phpQueryParam = phpParamName(queryParam)
@@ -465,9 +466,10 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   for (const r of router.routes) {
     let pool = pools.get(r.origin)
     if (!pool) {
-      const connectTimeout = Math.min(10_000, ...router.routes.filter((x) => x.origin === r.origin).map((x) => x.timeoutMs))
+      const sharing = router.routes.filter((x) => x.origin === r.origin)
+      const connectTimeout = Math.min(10_000, ...sharing.map((x) => x.timeoutMs))
       // Routes to one origin share its connections: the shortest idle time any of them allows.
-      const keepAliveTimeout = Math.min(...router.routes.filter((x) => x.origin === r.origin).map((x) => x.keepaliveMs))
+      const keepAliveTimeout = Math.min(...sharing.map((x) => x.keepaliveMs))
       // keepAliveMaxTimeout too: undici follows an upstream's longer `Keep-Alive: timeout=` hint up to
       // it (600 s by default), past the route's setting (found by a review).
       pool = new Pool(r.origin, { connect: { timeout: connectTimeout }, keepAliveTimeout, keepAliveMaxTimeout: keepAliveTimeout, maxHeaderSize: maxResponseHeaderBytes })

@@ -310,10 +310,15 @@ export class KeyCache {
   /** Forgets everything cached about these key ids (any of their hashes), in one pass over the cache: give it all the ids of a change at once. */
   invalidateKeys(ids: ReadonlySet<string>): void {
     if (ids.size === 0) return
-    this.#generation++
-    this.#inflight.clear()
     const stale: string[] = []
     for (const [hash, entry] of this.#positive) if (ids.has(entry.id)) stale.push(hash)
+    this.#forget(stale)
+  }
+
+  /** Drops these cached hashes; a query in flight then puts no answer back (the generation). */
+  #forget(stale: readonly string[]): void {
+    this.#generation++
+    this.#inflight.clear()
     for (const hash of stale) this.#positive.delete(hash)
   }
 
@@ -337,9 +342,7 @@ export class KeyCache {
       else stale.push(hash)
     }
     if (kept.size === changed.length && stale.length === 0) return kept.size
-    this.#generation++
-    this.#inflight.clear()
-    for (const hash of stale) this.#positive.delete(hash)
+    this.#forget(stale)
     // A key cached as unknown before it was made or imported, under its hash.
     for (const [id, row] of current) if (!kept.has(id)) this.#negative?.delete(row.digest)
     return kept.size

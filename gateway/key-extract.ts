@@ -90,7 +90,8 @@ export function keySources(options: { sources: readonly KeySourceName[]; queryPa
  * reach them as the same variable (headerReading).
  */
 export function isApiKeyHeader(sources: KeySources, name: string): boolean {
-  return sources.header !== undefined && headerReading(name) === headerReading(sources.header)
+  // The configured name is its own reading: letters, digits and `-` only (the api-key-header format).
+  return sources.header !== undefined && headerReading(name) === sources.header
 }
 
 export function createKeyExtractStage(sources: KeySources): Stage {
