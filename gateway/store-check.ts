@@ -112,7 +112,8 @@ export function startStoreCheck(o: StoreCheckOptions): StoreCheck {
       const changed = rows.filter((r): r is ReadRow & ChangedRow => r.id !== null && r.key_hash !== null)
       if (first || elsewhere || changed.length > MAX_ROWS) {
         if (elsewhere) o.log.warn('the store is not the one the store check read last (restarted, restored, or another database); dropped the whole cache')
-        else if (!first) o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
+        else if (first) o.log.debug('the store check took its first snapshot; dropped the whole cache')
+        else o.log.debug('the store check found more changed keys than it reads one by one; dropped the whole cache', { max: MAX_ROWS })
         o.onOverflow()
         return
       }
