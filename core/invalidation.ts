@@ -67,6 +67,9 @@ class Publisher {
   #pendingChars = 0
   #resending = false
   #retry: NodeJS.Timeout | undefined
+  // Warned of this spell of failures: one line for it, however many publishes fail (a revocation
+  // publishes two messages at once, and both failed with a line each before).
+  #warned = false
   log: Logger | undefined
 
   constructor(redis: Redis) {
@@ -83,14 +86,17 @@ class Publisher {
     try {
       await this.#send(message)
     } catch (err) {
-      this.log?.warn('could not publish an invalidation; it is sent again when Redis is back', { err: err as Error })
+      if (!this.#warned) this.log?.warn('could not publish an invalidation; it is sent again when Redis is back', { err: err as Error })
+      this.#warned = true
       this.#keep(message)
     }
   }
 
   async #send(message: string): Promise<unknown> {
     try {
-      return await sendInvalidation(this.#redis, message, PUBLISH_TIMEOUT_MS)
+      const sent = await sendInvalidation(this.#redis, message, PUBLISH_TIMEOUT_MS)
+      this.#warned = false
+      return sent
     } catch (err) {
       // Perhaps a connection that died without being closed: a new one, whose 'ready' resends.
       if (err instanceof TimedOut) this.#redis.disconnect(true)
@@ -122,6 +128,7 @@ class Publisher {
   async #resend(): Promise<void> {
     if (this.#resending) return
     this.#resending = true
+    let sent = 0
     try {
       while (this.#pending.length > 0) {
         const queue = this.#pending
@@ -133,7 +140,9 @@ class Publisher {
         }
         // Not when `all` replaced the queue meanwhile: that `all` is still to be sent.
         if (this.#pending === queue) this.#pendingChars -= (queue.shift() as string).length
+        sent++
       }
+      if (sent > 0) this.log?.info('published the invalidations kept while Redis was away', { messages: sent })
     } finally {
       this.#resending = false
     }
