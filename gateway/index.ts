@@ -78,6 +78,8 @@ export interface Gateway {
   applyDenyChange(change: DenyChange): void
   /** Applies an invalidation message (`key:<id>`, `keys:<id>,…`, `hash:<sha256>`, `hashes:<sha256>,…`, `deny`, `all`, `lock:<until>:<address>`) from another process. */
   applyInvalidation(message: string): void
+  /** One store check now, as its timer makes them (gateway/store-check.ts); at once if one is running. */
+  checkStore(): Promise<void>
 }
 
 const HEALTH_OK = JSON.stringify({ status: 'ok' })
@@ -527,7 +529,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     return stopping
   }
 
-  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange }
+  return { server, shutdown, invalidateKey, invalidateAll, refreshDenyList, applyInvalidation, applyDenyChange, checkStore: storeCheck.check }
 }
 
 /** Marks a connection whose request offered an Upgrade the gateway declined (onRequest). */

@@ -160,20 +160,28 @@ t.test('a key revoked, or an address deny-listed, while the upstream answers the
   // The deny list is re-read only hourly here: only the change itself can end a tunnel.
   const h = await startGateway(t, { config: { gateway: { deny_list_refresh_s: 3600 } } })
   // The upstream takes 800 ms to answer an upgrade: long enough for a change to land meanwhile.
-  h.upstream.server.on('upgrade', (req, socket, _head) => void setTimeout(() => acceptWebSocket(req, socket), 800))
+  // The change is made once the upgrade has reached it, so once the gateway has checked the key
+  // and the address (a fixed 300 ms was too short for a loaded machine's look-up, found by a
+  // review: the revocation came first, and the upgrade was refused).
+  let reached = Promise.withResolvers<void>()
+  h.upstream.server.on('upgrade', (req, socket, _head) => {
+    reached.resolve()
+    setTimeout(() => acceptWebSocket(req, socket), 800)
+  })
   const url = `ws://127.0.0.1:${h.port}/socket`
 
   const revoked = await h.key()
   const opening = openWebSocket(url, bearer(revoked.key))
-  await sleep(300)
+  await reached.promise
   await h.keys.revoke(revoked.id, 'leaked', ACTOR)
   const tunnel = await opening
   // Before, the revocation found no tunnel to check, and this one stayed open until the next sweep (300 s).
   await until(t, 'the tunnel of a key revoked during its upgrade ends as it opens', () => tunnel.closed(), 5000)
 
   const kept = await h.key()
+  reached = Promise.withResolvers<void>()
   const deniedOpening = openWebSocket(url, bearer(kept.key))
-  await sleep(300)
+  await reached.promise
   const entry = await h.denyList.add({ cidr: '127.0.0.1/32' }, ACTOR)
   const denied = await deniedOpening
   await until(t, 'the tunnel of an address deny-listed during its upgrade ends as it opens', () => denied.closed(), 5000)

@@ -93,16 +93,19 @@ t.test('the store check keeps a key cached after its change, and drops one cache
   // Before (found by a chaos review): every changed key was dropped, also one loaded after the
   // change; a key created, rotated or changed less than store_check_s before it was cached lost
   // its entry, and a store outage then answered it 503 where keys cached earlier went on.
-  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 1 }, redis: { invalidation_check_ms: 0 } })
+  // The check is made by the test (its timer, hourly, does not come): one read must find the
+  // creations after both keys were cached and the rename (with the timer every second, a read
+  // between the steps of a loaded machine found a creation before its key was cached, found by
+  // a review: it said "dropped" early, and the rename was not read yet when the store closed).
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 3600 }, redis: { invalidation_check_ms: 0 } })
   const fresh = await s.silent.create({ name: 'cached after its creation', type: 'user' }, ACTOR)
   const changed = await s.silent.create({ name: 'cached before its change', type: 'user' }, ACTOR)
   t.equal((await s.gateway.get('/', bearer(fresh.key))).status, 200, 'cached after its creation')
   t.equal((await s.gateway.get('/', bearer(changed.key))).status, 200, 'cached')
   await s.silent.update(changed.record.id, { name: 'renamed' }, ACTOR)
-  // The read that finds the rename has read the creations before it too.
-  await until(t, 'the store check dropped the renamed key', async () => s.logs.some((l) => l.message === 'the store check dropped changed keys from the cache'), 5000)
+  await s.gateway.gateway.checkStore()
   const dropped = s.logs.filter((l) => l.message === 'the store check dropped changed keys from the cache')
-  t.same(dropped.map((l) => l.keys), [1], 'one key dropped, once: the renamed one')
+  t.same(dropped.map((l) => [l.keys, l.kept]), [[1, 1]], 'one read: the renamed key dropped, the one cached after its creation kept')
   await s.gateway.db.close()
   t.equal((await s.gateway.get('/', bearer(fresh.key))).status, 200, 'the store down: the key cached after its creation is answered from the cache')
   const stale = await s.gateway.get('/', bearer(changed.key))
