@@ -1,4 +1,4 @@
-// node bench/instructions.ts [--requests 3000] [--reps 5] [--warm 40000]
+// node bench/instructions.ts [--requests 3000] [--reps 5] [--warm 40000] [--only keygate,redis]
 // CPU per request without the noise of a shared machine: the bare proxy and keygate (memory
 // limiter, every stage on) each run under valgrind's callgrind, which counts the instructions the
 // process executes (every thread) whatever else the machine does. Each is warmed up with
@@ -16,7 +16,9 @@
 // 100 ms of a key's requests), and under valgrind far fewer requests come in 100 ms, so Redis is
 // asked far more often per request than at full speed: the figure is an upper bound of what the
 // Redis limiter costs keygate per request. Needs valgrind (callgrind_control comes with it); about
-// 2 minutes per server.
+// 2 minutes per server. `--only` measures some of the servers (baseline, contract, keygate, redis):
+// to compare two commits' keygate, run each alone (`--only keygate`, not side by side: counts
+// moved with the machine's load) and compare the keygate rows.
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -27,6 +29,17 @@ const REQUESTS = arg('requests', 3000)
 const REPS = arg('reps', 5)
 const WARM = arg('warm', 40_000)
 const CONNECTIONS = 32
+const SERVERS = ['baseline', 'contract', 'keygate', 'redis'] as const
+type ServerName = (typeof SERVERS)[number]
+const onlyAt = process.argv.indexOf('--only')
+const only = new Set(onlyAt === -1 ? SERVERS : (process.argv[onlyAt + 1] ?? '').split(','))
+for (const name of only) {
+  if (!(SERVERS as readonly string[]).includes(name)) {
+    process.stderr.write(`--only takes a comma-separated list of ${SERVERS.join(', ')}\n`)
+    process.exit(2)
+  }
+}
+const measured = (name: ServerName) => only.has(name)
 
 try {
   execFileSync('valgrind', ['--version'], { stdio: 'ignore' })
@@ -108,12 +121,12 @@ const database: Record<string, string> = process.env.DATABASE_URL ? { DATABASE_U
 const env = keygateEnv(join(work, 'memory'), upstream, database)
 const key = createKey(env)
 const headers = { 'x-forwarded-for': '203.0.113.9', authorization: `Bearer ${key}` }
-const baseline = measure('baseline', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`], wrapper('baseline')), headers)
-const contract = measure('contract', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`, '--contract-headers'], wrapper('contract')), headers)
-const keygate = measure('keygate', await startKeygate(env, wrapper('keygate')), headers)
+const baseline = measured('baseline') ? measure('baseline', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`], wrapper('baseline')), headers) : undefined
+const contract = measured('contract') ? measure('contract', await forkServer('./baseline-proxy.ts', [`http://127.0.0.1:${upstream}`, '--contract-headers'], wrapper('contract')), headers) : undefined
+const keygate = measured('keygate') ? measure('keygate', await startKeygate(env, wrapper('keygate')), headers) : undefined
 
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379'
-const pong = await redisAnswer(REDIS_URL)
+const pong = measured('redis') ? await redisAnswer(REDIS_URL) : 'not asked (--only)'
 let redis: Figures | undefined
 if (pong === 'PONG') {
   const redisEnv = keygateEnv(join(work, 'redis'), upstream, { ...database, REDIS_URL })
@@ -124,21 +137,26 @@ if (pong === 'PONG') {
 }
 
 const least = (xs: number[]) => Math.min(...xs)
-const row = (name: string, f: Figures) => `| ${name} | ${Math.round(least(f.net))} | ${f.net.map((x) => Math.round(x)).join(', ')} | ${Math.round(median(f.total))} |`
+const row = (name: string, f: Figures | undefined) => (f ? [`| ${name} | ${Math.round(least(f.net))} | ${f.net.map((x) => Math.round(x)).join(', ')} | ${Math.round(median(f.total))} |`] : [])
+const ratio = (f: Figures | undefined) => (f && baseline ? (least(f.net) / least(baseline.net)).toFixed(3) : 'not measured')
 process.stdout.write(
   [
     `Instructions per request under callgrind (${REPS} runs of ${REQUESTS} requests after ${WARM} to warm up, ${CONNECTIONS} connections, Node ${process.version}):`,
     '',
     '| server | net (lowest run) | net, each run | all, with the compilers (median) |',
     '| --- | --- | --- | --- |',
-    row('baseline (bare undici proxy)', baseline),
-    row('baseline setting the headers of SPEC §3 (--contract-headers)', contract),
-    row('keygate, valid cached key (memory limiter)', keygate),
-    ...(redis ? [row('keygate, valid cached key (Redis limiter)', redis)] : []),
+    ...row('baseline (bare undici proxy)', baseline),
+    ...row('baseline setting the headers of SPEC §3 (--contract-headers)', contract),
+    ...row('keygate, valid cached key (memory limiter)', keygate),
+    ...row('keygate, valid cached key (Redis limiter)', redis),
     '',
     `keygate's store: ${process.env.DATABASE_URL ? 'PostgreSQL (DATABASE_URL)' : 'embedded (its work per second is counted too, and weighs more per request under valgrind than at full speed)'}.`,
-    `Net (lowest runs), against the baseline: the contract's headers alone ${(least(contract.net) / least(baseline.net)).toFixed(3)}, keygate ${(least(keygate.net) / least(baseline.net)).toFixed(3)}` +
-      (redis ? `, keygate with the Redis limiter ${(least(redis.net) / least(baseline.net)).toFixed(3)} (an upper bound, see the top of bench/instructions.ts).` : `; the Redis limiter not measured (Redis at ${REDIS_URL}: ${pong}).`),
+    ...(baseline
+      ? [
+          `Net (lowest runs), against the baseline: the contract's headers alone ${ratio(contract)}, keygate ${ratio(keygate)}` +
+            (redis ? `, keygate with the Redis limiter ${ratio(redis)} (an upper bound, see the top of bench/instructions.ts).` : `; the Redis limiter not measured (Redis at ${REDIS_URL}: ${pong}).`),
+        ]
+      : ['No ratios: the baseline was not measured (--only).']),
     '',
   ].join('\n'),
 )
