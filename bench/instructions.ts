@@ -68,6 +68,13 @@ function readDump(file: string): { total: number; compiler: number } {
       const m = /^\((\d+)\)(?: (.*))?$/.exec(line.slice(3))
       if (m?.[2] !== undefined) names.set(m[1] as string, m[2])
       fn = m ? (names.get(m[1] as string) ?? '') : line.slice(3)
+    } else if (line.startsWith('cfn=')) {
+      // Names are compressed in one space for fn= and cfn=: a function first named as a callee
+      // is later given by its number alone. Missed before (2026-12-05), such a function read as
+      // nameless, and much of the compilers' work was counted as the request path's: the "net"
+      // of a run that recompiled rose with it.
+      const m = /^\((\d+)\) (.*)$/.exec(line.slice(4))
+      if (m) names.set(m[1] as string, m[2] as string)
     } else if (line.startsWith('calls=')) inCall = true
     else if (/^[0-9+-]/.test(line)) {
       // A cost line: after calls= it is the call's inclusive cost (counted in the callee), else the function's own.
