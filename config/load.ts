@@ -3,10 +3,10 @@
 import { existsSync, readFileSync } from 'node:fs'
 import { isAbsolute } from 'node:path'
 import { createPrivateKey, X509Certificate } from 'node:crypto'
-import { createSecureContext } from 'node:tls'
+import { createRequire } from 'node:module'
 import { Value } from '@sinclair/typebox/value'
 import { Kind, type TSchema } from '@sinclair/typebox'
-import { isCollection, LineCounter, parseDocument, visit, type Document } from 'yaml'
+import type { Document, LineCounter } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
@@ -14,6 +14,11 @@ import { readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
 import { NO_ROUTE, prefixReadings, routeHost, routePrefix, upstreamBase } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
+
+// The yaml library and node:tls are loaded when a file is read or a certificate checked: most
+// CLI commands have neither, and loading them at every start cost about 0.1 s of CPU a command.
+const requireHere = createRequire(import.meta.url)
+const yaml = (): typeof import('yaml') => requireHere('yaml') as typeof import('yaml')
 
 export interface LoadOptions {
   /** Explicit file (`--config`); otherwise KEYGATE_CONFIG, else ./keygate.yaml when present. */
@@ -173,6 +178,7 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   const text = decoded.text
   // Positions come from the line counter: without prettyErrors (whose messages quote the
   // source, secrets included) the parser leaves linePos unset.
+  const { isCollection, LineCounter, parseDocument, visit } = yaml()
   const lines = new LineCounter()
   const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false, lineCounter: lines })
   if (doc.errors.length > 0) {
@@ -258,6 +264,7 @@ function positionOf(lines: LineCounter, node: { range?: [number, number, number]
  */
 function toJsProblem(doc: Document, lines: LineCounter, err: Error): { pos?: LinePos | undefined; message: string } {
   if (!err.message.startsWith('Unresolved alias')) return { message: err.message.split('\n')[0] as string }
+  const { visit } = yaml()
   let pos: LinePos | undefined
   visit(doc, {
     Alias(_key, node) {
@@ -471,7 +478,7 @@ function tlsProblems(at: string, tls: { cert: string; key: string }): string[] {
     return [`${at}.key: ${show(tls.key, false)} is not allowed; expected a PEM private key (not encrypted)`]
   }
   try {
-    createSecureContext({ cert: read.cert, key: read.key })
+    process.getBuiltinModule('node:tls').createSecureContext({ cert: read.cert, key: read.key })
   } catch (err) {
     return [`${at}.key: ${show(tls.key, false)} is not allowed; expected the private key of ${at}.cert (${(err as Error).message})`]
   }

@@ -58,7 +58,7 @@ export interface RunOptions {
   /**
    * Run as a user's shell runs it: `keygate` itself decides, and a command that may open the
    * embedded store starts its second process on V8's baseline compiler (bin/keygate.ts). By
-   * default the tests start the command on that compiler (`node --liftoff-only`), which is that
+   * default the tests start the command on that compiler (`node --liftoff-only --single-threaded`), which is that
    * second process, so it runs in one: the first only starts the second and waits, about 0.16 s
    * of CPU a command (43 s of the suite's, in 272 commands). The tests of the two processes
    * themselves (signals passed on, the child's command line) start `keygate` with spawnClean.
@@ -69,7 +69,7 @@ export interface RunOptions {
 /** Runs `keygate args`. */
 export function runCli(args: string[], options: RunOptions = {}): Promise<CliResult> {
   const env = childEnv(options.env)
-  const v8 = options.asInstalled === true || options.bin !== undefined ? [] : ['--liftoff-only']
+  const v8 = options.asInstalled === true || options.bin !== undefined ? [] : ['--liftoff-only', '--single-threaded']
   const child = spawnClean(process.execPath, [...v8, options.bin ?? KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
   child.stdin!.end(options.input ?? '')
   return outcome(child, args)
