@@ -317,15 +317,14 @@ export function createLockout(options: LockoutOptions): Lockout {
     // Lifted since it began (the lift's message missed): a lockout is dropped here too, with what
     // the lift ended; a count of the insurance alone goes, and a lockout of the address that began
     // after the lift stays (before, found by a review, both went).
-    const liftedBy = (i: number) => {
-      const reply = Number(replies[i]?.[1])
-      return reply < 0 ? -reply : undefined
-    }
+    // The script's answer for the i-th address written: 1 written, -t lifted at t, else 0.
+    const reply = (i: number) => Number(replies[i]?.[1])
+    const liftedBy = (i: number) => (reply(i) < 0 ? -reply(i) : undefined)
     // Written (the script's 1): Redis did not hold the lockout, so an instance that read Redis
     // before this write (one started while Redis was down, reading the empty Redis that came
     // back) does not know it either: published too, not only the ones decided during the outage
     // (found by a chaos review: such an instance let the address in until its next failure).
-    const wrote = new Set(held.filter((_, i) => Number(replies[i]?.[1]) === 1).map(([address]) => address))
+    const wrote = new Set(held.filter((_, i) => reply(i) === 1).map(([address]) => address))
     for (let i = held.length - 1; i >= 0; i--) {
       const at = liftedBy(i)
       if (at === undefined) continue

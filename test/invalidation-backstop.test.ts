@@ -42,8 +42,7 @@ async function setup(t: Test, config: Record<string, unknown>, subscriberThrough
   // test's first steps read their change as its starting point, and the change was never seen as
   // one (failed once in CI: the imported key worked by the first read's drop, and no check
   // dropped it afterwards).
-  const storeCheck = (full.cache as { store_check_s?: number }).store_check_s ?? 1
-  if (storeCheck > 0) await until(t, 'the store check took its first snapshot', () => logs.some((l) => l.message === 'the store check took its first snapshot; dropped the whole cache'), 10_000)
+  if ((full.cache as { store_check_s?: number }).store_check_s !== 0) await until(t, 'the store check took its first snapshot', () => logs.some((l) => l.message === 'the store check took its first snapshot; dropped the whole cache'), 10_000)
   return { server, redis, other, gate, gated, gateway, silent, logs, log }
 }
 
