@@ -45,6 +45,14 @@ const FRAMING = new Set(['content-type', 'content-length', 'date', 'connection',
  * headerProblems reads them); a reference to nothing throws.
  */
 export function followRefs<T>(doc: T): T {
+  return refFollower(doc)(doc) as T
+}
+
+/**
+ * What followRefs does, for any node of `doc`: the node with every reference into doc's
+ * components replaced by what it names (a node alone, not the whole document again).
+ */
+export function refFollower(doc: unknown): (node: unknown) => unknown {
   const root = doc as { components: Record<string, Record<string, unknown>> }
   const follow = (node: unknown): unknown => {
     if (Array.isArray(node)) return node.map(follow)
@@ -58,7 +66,7 @@ export function followRefs<T>(doc: T): T {
     }
     return Object.fromEntries(Object.entries(node).map(([k, v]) => [k, follow(v)]))
   }
-  return follow(doc) as T
+  return follow
 }
 
 export function headerProblems(response: { headers?: Record<string, { $ref: string }> } | undefined, sent: Record<string, unknown>, components: Record<string, { required?: boolean; schema?: unknown }>): string[] {
