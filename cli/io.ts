@@ -245,7 +245,9 @@ export function printable(text: string): string {
 const WIDE = /[\u1100-\u115f\u2e80-\u303e\u3041-\u33ff\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uac00-\ud7a3\uf900-\ufaff\ufe30-\ufe4f\uff00-\uff60\uffe0-\uffe6\u{20000}-\u{3fffd}\ufe0f]|\p{Emoji_Presentation}/u
 /** A grapheme a terminal shows in no column: combining marks and format characters alone. */
 const INVISIBLE = /^[\p{Mn}\p{Me}\p{Cf}]+$/u
-const graphemes = new Intl.Segmenter(undefined, { granularity: 'grapheme' })
+// Made at the first text that is not plain ASCII: making one loads ICU's break rules, about
+// 30 ms of CPU, which every command paid at its start.
+let graphemes: Intl.Segmenter | undefined
 
 /**
  * The columns `text` takes in a terminal, grapheme by grapheme (a letter with its combining
@@ -255,7 +257,7 @@ const graphemes = new Intl.Segmenter(undefined, { granularity: 'grapheme' })
 export function displayWidth(text: string): number {
   if (/^[\x20-\x7e]*$/.test(text)) return text.length
   let n = 0
-  for (const { segment } of graphemes.segment(text)) n += INVISIBLE.test(segment) ? 0 : WIDE.test(segment) ? 2 : 1
+  for (const { segment } of (graphemes ??= new Intl.Segmenter(undefined, { granularity: 'grapheme' })).segment(text)) n += INVISIBLE.test(segment) ? 0 : WIDE.test(segment) ? 2 : 1
   return n
 }
 
