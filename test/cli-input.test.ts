@@ -169,10 +169,11 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   // A usage error naming the flag, as its other checks are (before, found by a review: exit 1).
   t.equal(deep.code, 2)
   t.match(deep.json().error, { code: 'usage_error', message: /^--metadata: nests deeper than 32 levels/ })
-  const large = await runCli(['api-key', 'create', '--name', 'large', '--type', 'user', '--metadata', JSON.stringify({ a: 'x'.repeat(9000) })], { cwd, env })
+  // The other refusals of a flag's value in this process through the command line's entry.
+  const large = await runCliHere(['api-key', 'create', '--name', 'large', '--type', 'user', '--metadata', JSON.stringify({ a: 'x'.repeat(9000) })], { env })
   t.equal(large.code, 2)
   t.match(large.stderr, /^keygate: --metadata: is larger than 8192 bytes/)
-  const lone = await runCli(['api-key', 'create', '--name', 'lone', '--type', 'user', '--metadata', '{"a":"\\ud800"}', '--json'], { cwd, env })
+  const lone = await runCliHere(['api-key', 'create', '--name', 'lone', '--type', 'user', '--metadata', '{"a":"\\ud800"}', '--json'], { env })
   // A usage error too, as the flag's other checks (before, found by a review: exit 1).
   t.equal(lone.code, 2)
   t.match(lone.json().error, { code: 'usage_error', message: /^--metadata\.a: holds a lone UTF-16 surrogate/ })
@@ -217,7 +218,8 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   // A usage error (exit 2) naming the flag, as for every other flag (it was exit 1, naming `reason`,
   // and an empty one was told only the pattern, which "" matches).
   for (const reason of ['', 'x\u001b[31m\nstatus               active', 'left\u202e', '\u2066x\u2069']) {
-    const r = await runCli(['api-key', 'revoke', made.id, '--reason', reason, '--json'], { cwd, env })
+    const args = ['api-key', 'revoke', made.id, '--reason', reason, '--json']
+    const r = reason === '' ? await runCli(args, { cwd, env }) : await runCliHere(args, { env })
     t.equal(r.code, 2, `reason ${JSON.stringify(reason)} refused`)
     t.match(r.stderr, /^keygate: --reason: .* is not allowed; expected a non-empty string of at most 500 characters without control characters or invisible format characters \(bidi overrides, zero-width characters\)\n/)
     t.notMatch(r.stderr, /[\u202e\u2066\u2069]/, 'the value is shown escaped')
@@ -398,10 +400,12 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
     [[...create, '--scopes', 'read,,write'], /^keygate: --scopes: "read,,write" has an empty item; expected a comma-separated list without empty items, or none\n$/],
     [['gitea', 'create', '--name', 'x', '--scopes', 'read:user,'], /^keygate: --scopes: "read:user," has an empty item/],
   ]
-  for (const [args, pattern] of refusals) {
-    const r = await runCli(args, { cwd, env })
-    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
-    t.match(r.stderr, pattern, `keygate ${args.join(' ')} names the flag`)
+  // Each in this process through the command line's entry; the first also as the real process.
+  for (const [i, [args, pattern]] of refusals.entries()) {
+    for (const r of [await runCliHere(args, { env }), ...(i === 0 ? [await runCli(args, { cwd, env })] : [])]) {
+      t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+      t.match(r.stderr, pattern, `keygate ${args.join(' ')} names the flag`)
+    }
   }
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'no key was made')
 
@@ -409,7 +413,7 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
   t.equal(made.code, 0)
   const id = made.json().id as string
   for (const value of ['', ' ', '10.0.0.0/8,']) {
-    const r = await runCli(['api-key', 'update', id, '--cidrs', value], { cwd, env })
+    const r = value === '' ? await runCli(['api-key', 'update', id, '--cidrs', value], { cwd, env }) : await runCliHere(['api-key', 'update', id, '--cidrs', value], { env })
     t.equal(r.code, 2, `update --cidrs ${JSON.stringify(value)} exits 2`)
     t.match(r.stderr, /^keygate: --cidrs: /)
   }

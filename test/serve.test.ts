@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { openDb } from '../core/db.ts'
-import { KEYGATE_BIN, childEnv, runCli, capturedStderr, spawnClean } from './helpers/cli.ts'
+import { KEYGATE_BIN, childEnv, runCli, runCliHere, capturedStderr, spawnClean } from './helpers/cli.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { answerOf, startUpstream, echo, type Received } from './helpers/gateway.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -42,11 +42,14 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
     // Not the last one quietly (a --workers primary hands its workers their address another way).
     [['serve', '--listen', '127.0.0.1:0', '--listen=127.0.0.1:1'], /^keygate: --listen is given more than once\nusage: keygate serve/, 2],
   ]
-  for (const [args, message, code] of cases) {
-    const r = await runCli(args, { env })
-    t.equal(r.code, code, `${args.join(' ')} exits ${code}`)
-    t.match(r.stderr, message, `${args.join(' ')} says why`)
-    t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+  // Each in this process through the command line's entry; the first also as the real process
+  // (a `serve` process loads the whole gateway and admin API before it reads its arguments).
+  for (const [i, [args, message, code]] of cases.entries()) {
+    for (const r of [await runCliHere(args, { env }), ...(i === 0 ? [await runCli(args, { env })] : [])]) {
+      t.equal(r.code, code, `${args.join(' ')} exits ${code}`)
+      t.match(r.stderr, message, `${args.join(' ')} says why`)
+      t.notMatch(r.stderr, /\n\s+at /, 'no stack trace')
+    }
   }
   const workersEmbedded = await runCli(['serve', '--workers', '2'], { env })
   t.not(workersEmbedded.code, 0, '--workers on the embedded store is refused')
