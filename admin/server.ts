@@ -1,12 +1,12 @@
 // The admin listener: a table of routes matched by method and path, JSON errors from the one
 // catalogue, never a stack trace. Health, readiness and metrics need no credential; the admin
 // API routes (their own files) are added to the same table.
-import http from 'node:http'
+import type http from 'node:http'
 import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, rawError } from '../core/http.ts'
+import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, nodeHttp, rawError } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 import { clipped } from '../core/validate.ts'
 
@@ -139,7 +139,7 @@ export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384,
 export function createAdminServer(options: AdminServerOptions): http.Server {
   const table = options.routes.map(compile)
   const log = options.log
-  const server = options.server ?? http.createServer(ADMIN_SERVER_OPTIONS)
+  const server = options.server ?? nodeHttp().createServer(ADMIN_SERVER_OPTIONS)
   const allowedHosts = new Set(options.allowedHosts ?? [])
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     const requestId = newRequestId()

@@ -3,7 +3,7 @@
 // listener. SIGTERM/SIGINT: readiness fails, listeners stop accepting, in-flight requests finish
 // within the deadline, idle keep-alive connections close, pending writes flush, exit 0.
 import cluster from 'node:cluster'
-import http from 'node:http'
+import type http from 'node:http'
 import https from 'node:https'
 import { readFileSync } from 'node:fs'
 import net, { type AddressInfo } from 'node:net'
@@ -12,7 +12,7 @@ import { deepFreeze, hideConfigSecrets, loadConfig, unknownEnvNames } from '../c
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
-import { destroyConnections, trackConnections } from '../core/http.ts'
+import { destroyConnections, nodeHttp, trackConnections } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
@@ -190,7 +190,7 @@ function tlsFiles(tls: { cert: string; key: string }, log: Logger): TlsSource {
 }
 
 function createServer(tls: TlsSource | undefined, options: http.ServerOptions): http.Server {
-  if (!tls) return http.createServer(options)
+  if (!tls) return nodeHttp().createServer(options)
   // The handshake has the time the headers have: a client that connects and sends nothing is cut
   // then, as on plain HTTP (Node's own 120 s did not end such a connection here).
   const server = https.createServer({ ...options, handshakeTimeout: options.headersTimeout ?? 10_000, ...tls.pair })

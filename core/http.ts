@@ -143,15 +143,21 @@ export function answerClientError(socket: Duplex, answer: () => void): void {
   )
 }
 
+/**
+ * Node's http module, taken where it is used rather than imported: importing node:http as a
+ * module reads every one of its exports, and reading `WebSocket` loads Node's own undici, about
+ * 80 ms of CPU in each process that imported it (every CLI command, each serve). Only types are
+ * imported from node:http in keygate's code.
+ */
+export const nodeHttp = (): typeof import('node:http') => process.getBuiltinModule('node:http')
+
 /** Writes a whole HTTP/1.1 response on a socket and ends it (upgrades, parser errors). */
 export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHeaders, body: string): void {
   if (!socket.writable) {
     socket.destroy()
     return
   }
-  // node:http taken when needed, not imported: every CLI command loads this file, and importing
-  // node:http as a module reads all its exports, which loads Node's own undici (0.1 s of CPU).
-  let head = `HTTP/1.1 ${status} ${process.getBuiltinModule('node:http').STATUS_CODES[status] ?? ''}\r\n`
+  let head = `HTTP/1.1 ${status} ${nodeHttp().STATUS_CODES[status] ?? ''}\r\n`
   for (const name in headers) head += `${name}: ${String(headers[name])}\r\n`
   socket.end(head + '\r\n' + body)
 }

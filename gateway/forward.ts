@@ -6,18 +6,21 @@
 // ways, every client-sent X-Keygate-* header is dropped (in any spelling an upstream reads as it:
 // headerReading), and every X-Forwarded-* unless the peer is
 // a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
-import { STATUS_CODES, type IncomingHttpHeaders, type ServerResponse } from 'node:http'
+import type { IncomingHttpHeaders, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { Increment, RouteMetrics } from '../core/metrics.ts'
 import { type KeySources, SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { closeWhenAnswered, expectsContinue, hasBody, headerReading } from '../core/http.ts'
+import { closeWhenAnswered, expectsContinue, hasBody, headerReading, nodeHttp } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import { publicLocation, type CompiledRoute, type Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
 import type { Tunnel, TunnelGuard } from './tunnels.ts'
+
+/** Node's reason phrase of each status (node:http is not imported: core/http.ts nodeHttp). */
+const STATUS_CODES = nodeHttp().STATUS_CODES
 
 /** Never forwarded: hop-by-hop (RFC 9110 §7.6.1 and the usual non-standard ones), and headers the gateway sets itself. */
 const REQUEST_DROP = new Set([

@@ -4,7 +4,7 @@
 //   address → key extraction → validation → rate limit per key → route and scope → forward.
 // The runner walks the list by index, synchronously until a stage returns a promise, and the
 // first verdict (an error code returned, never thrown) ends the request.
-import http from 'node:http'
+import type http from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import type { Redis } from 'ioredis'
@@ -30,7 +30,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
+import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import { keyChallenges, logAccess, sendError } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
@@ -250,7 +250,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     }
   }
 
-  const server = (deps.createServer ?? http.createServer)({
+  const server = (deps.createServer ?? nodeHttp().createServer)({
     maxHeaderSize: g.max_header_bytes,
     headersTimeout: g.headers_timeout_ms,
     // No limit on a whole request: a large upload that keeps moving is not cut (Node's default
