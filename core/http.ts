@@ -1,5 +1,6 @@
 // Small facts about HTTP/1.1 messages that the gateway and the admin listener both read (the two
 // import nothing of each other).
+import type http from 'node:http'
 import type { IncomingHttpHeaders, IncomingMessage, OutgoingHttpHeaders, Server, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
@@ -149,7 +150,7 @@ export function answerClientError(socket: Duplex, answer: () => void): void {
  * 80 ms of CPU in each process that imported it (every CLI command, each serve). Only types are
  * imported from node:http in keygate's code.
  */
-export const nodeHttp = (): typeof import('node:http') => process.getBuiltinModule('node:http')
+export const nodeHttp = (): typeof http => process.getBuiltinModule('node:http')
 
 /** Writes a whole HTTP/1.1 response on a socket and ends it (upgrades, parser errors). */
 export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHeaders, body: string): void {

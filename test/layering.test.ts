@@ -160,6 +160,8 @@ interface ModuleRef {
   specifier: string | null // null: a computed import() that cannot be checked
   line: number
   how: 'import' | 'export' | 'import()' | 'require()'
+  /** `import type …` or `export type …`: erased when the types are stripped, nothing loaded. */
+  typeOnly?: true
 }
 
 const CLAUSE = /^(?:[A-Za-z_$][\w$]*|[{},*])$/
@@ -182,10 +184,12 @@ function moduleRefs(src: string): ModuleRef[] {
       refs.push({ specifier: next.value, line: tok.line, how: 'import' })
     } else if (tok.value === 'import' || tok.value === 'export') {
       // import a, { b as c, type D } from '...' / export * as ns from '...' / export { x } from '...'
+      // (`import { type D } from` is no type-only import: it is stripped to `import {} from`.)
+      const typeOnly = next.value === 'type' && tokens[k + 2]?.value !== 'from' && tokens[k + 2]?.value !== ','
       for (let j = k + 1; j < tokens.length; j++) {
         const x = tokens[j] as Token
         if (x.kind === 'word' && x.value === 'from' && tokens[j + 1]?.kind === 'string') {
-          refs.push({ specifier: (tokens[j + 1] as Token).value, line: tok.line, how: tok.value })
+          refs.push({ specifier: (tokens[j + 1] as Token).value, line: tok.line, how: tok.value, ...(typeOnly ? { typeOnly } : {}) })
           break
         }
         if (x.kind === 'string' || !CLAUSE.test(x.value)) break
@@ -207,10 +211,25 @@ function targetTop(root: string, file: string, specifier: string): string | unde
   return rel.split(sep)[0]
 }
 
+/** The folders of the code keygate runs (not its tests, benchmarks or scripts). */
+const PRODUCT = new Set(['core', 'config', 'gateway', 'admin', 'cli', 'bin'])
+
+/**
+ * Built-in modules keygate's code takes only types from, as an import of one reads every export:
+ * node:http's `WebSocket` loads Node's own undici, about 80 ms of CPU at every start of a command
+ * or a server (core/http.ts nodeHttp takes the module where it is used).
+ */
+const TYPES_ONLY = new Set(['node:http', 'http'])
+
 function violations(root: string): string[] {
   const out: string[] = []
   for (const file of sourceFiles(root)) {
     const rel = relative(root, file)
+    if (PRODUCT.has(rel.split(sep)[0] as string)) {
+      for (const ref of moduleRefs(readFileSync(file, 'utf8'))) {
+        if (ref.specifier !== null && TYPES_ONLY.has(ref.specifier) && !ref.typeOnly) out.push(`${rel}:${ref.line}: ${ref.how} ${ref.specifier} for its values; take types only (import type), and the module through nodeHttp()`)
+      }
+    }
     const rule = RULES.find((r) => rel.split(sep)[0] === r.from)
     if (!rule) continue
     for (const ref of moduleRefs(readFileSync(file, 'utf8'))) {
@@ -289,6 +308,20 @@ t.test('planted violations are all found, and look-alikes are not', async (t) =>
     ].join('\n'),
   )
   put('gateway/index.ts', "import { core } from '../core/fine.ts'\nimport '../admin/x.ts'\n")
+  put(
+    'admin/http.ts',
+    [
+      "import http from 'node:http'", // 1
+      "import { type Server } from 'node:http'", // 2: stripped to `import {} from 'node:http'`
+      "import type { IncomingMessage } from 'node:http'",
+      "import type http2 from 'node:http'",
+      "export { STATUS_CODES } from 'http'", // 5
+      "const h = await import('node:http')", // 6
+      "export type { OutgoingHttpHeaders } from 'node:http'",
+      '',
+    ].join('\n'),
+  )
+  put('test/http.test.ts', "import http from 'node:http'\n")
   put('test/x.test.ts', "import '../gateway/index.ts'\n")
 
   const found = violations(root)
@@ -306,6 +339,10 @@ t.test('planted violations are all found, and look-alikes are not', async (t) =>
     `core${sep}bad.ts:8: core/ must not export admin/ (../admin/all.ts)`,
     `core${sep}bad.ts:9: core/ must not import bin/ (../bin/keygate.ts)`,
     `core${sep}deep${sep}er.ts:1: core/ must not export gateway/ (../../gateway/index.ts)`,
+    `admin${sep}http.ts:1: import node:http for its values; take types only (import type), and the module through nodeHttp()`,
+    `admin${sep}http.ts:2: import node:http for its values; take types only (import type), and the module through nodeHttp()`,
+    `admin${sep}http.ts:5: export http for its values; take types only (import type), and the module through nodeHttp()`,
+    `admin${sep}http.ts:6: import() node:http for its values; take types only (import type), and the module through nodeHttp()`,
   ].sort())
 })
 
