@@ -13,9 +13,14 @@
 // while nothing was shared (found by a review). A switch back that fails again at once (a refusal
 // the probe cannot see) doubles the wait before the next probe, up to `maxProbeMs`, and belongs to
 // the same outage: one warning for it, and one line when Redis is back for good.
-import { Redis } from 'ioredis'
+import { createRequire } from 'node:module'
+import type { Redis } from 'ioredis'
 import { TimedOut, within } from './deadline.ts'
 import type { Logger } from './log.ts'
+
+// ioredis is loaded as a connection is made: a keygate without Redis (the embedded default, and
+// every CLI command) never needs it, and loading it cost about 0.1 s of CPU at each serve start.
+const requireHere = createRequire(import.meta.url)
 
 /**
  * The Redis connection of `serve`. `keyPrefix` (redis.key_prefix) is put before every key of every
@@ -24,7 +29,8 @@ import type { Logger } from './log.ts'
  * (core/invalidation.ts, core/lockout.ts, the anomaly channel in cli/serve.ts).
  */
 export function connectRedis(url: string, log: Logger, options: { commandTimeoutMs?: number; keyPrefix?: string } = {}): Redis {
-  const redis = new Redis(url, {
+  const { Redis: RedisClient } = requireHere('ioredis') as typeof import('ioredis')
+  const redis = new RedisClient(url, {
     keyPrefix: options.keyPrefix ?? '',
     enableOfflineQueue: false,
     // No auto-pipelining: with rate-limit leases (core/limiters.ts) a request rarely issues a
