@@ -5,7 +5,10 @@
 // scheduler runs; the rows are moved into that window by hand, as a round not yet run leaves them.
 import t from 'tap'
 import { join } from 'node:path'
-import { openDb, type Db } from '../core/db.ts'
+import { loadConfig } from '../config/load.ts'
+import type { Db } from '../core/db.ts'
+import { silentLogger } from '../core/log.ts'
+import { openRuntime } from '../core/runtime.ts'
 import { startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
@@ -75,17 +78,20 @@ t.test('the CLI on the embedded store: get, list --status and stats', async (t) 
   const dataDir = await seedDataDir(join(cwd, 'store'))
   const env = isolated({ KEYGATE_DATA_DIR: dataDir })
   const run = (...args: string[]) => runCli(args, { cwd, env })
-  const made = await run('api-key', 'create', '--name', 'ends', '--type', 'user', '--expires-in', '1h', '--json')
-  t.equal(made.code, 0, 'created')
-  const id = made.json<{ id: string }>().id
-  t.equal((await run('api-key', 'create', '--name', 'stays', '--type', 'user')).code, 0)
-
-  // The CLI has exited, so the store is free to open here.
-  const db = await openDb({ dataDir })
+  // The two keys are made here, on the store opened as a command opens it (its configuration, its
+  // runtime), and the one lapsed in the same opening: what this test checks is what the commands
+  // below say of them. Made by two more `keygate api-key create` processes, they took two of the
+  // subtest's seven commands (the CLI's create, --expires-in too, is tested in cli-edges.test.ts
+  // and helpers/cli-lifecycle.ts).
+  const runtime = await openRuntime(loadConfig({ env: { KEYGATE_DATA_DIR: dataDir } }), silentLogger, { shortLived: true })
+  let id: string
   try {
-    await lapse(db, 'expires_at', id)
+    const actor = { actor: 'cli:test' }
+    id = (await runtime.keys.create({ name: 'ends', type: 'user', expires_at: new Date(Date.now() + 3_600_000).toISOString() }, actor)).record.id
+    await runtime.keys.create({ name: 'stays', type: 'user' }, actor)
+    await lapse(runtime.db, 'expires_at', id)
   } finally {
-    await db.close()
+    await runtime.close()
   }
 
   t.equal((await run('api-key', 'get', id, '--json')).json().status, 'expired')
