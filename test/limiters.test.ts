@@ -640,10 +640,14 @@ t.test("the limits of one window share a lease map as large as the maps they eac
   const limits = [limit(100), limit(101)]
   const keys = Array.from({ length: 6000 }, (_, i) => `k${i}-${randomUUID().slice(0, 8)}`)
   let refused = 0
+  // A request its lease answers is taken without a promise, as the gateway's request path takes
+  // it (gateway/rate-limit.ts); only the rest wait for the store. Each of the 600,000 requests
+  // awaited one() before, about 40% of the test's time (tap's async hooks see every promise); the
+  // 183,000 that reach the store are the same either way.
   for (let round = 0; round < 5; round++) {
     for (const [i, key] of keys.entries()) {
       const l = limits[i % 2] as LeasedLimit
-      for (let n = 0; n < 20; n++) if ((await one(l, key)) === 'refused') refused++
+      for (let n = 0; n < 20; n++) if (!l.take(key) && (await one(l, key)) === 'refused') refused++
     }
   }
   t.equal(refused, 0, '100 requests a key within limits of 100 and 101: none refused')
