@@ -27,7 +27,7 @@ const parsedAddresses = new QuickLRU<string, Parsed>({ maxSize: 10_000 })
  * a reader of the config or the deny list would see; here they are not addresses. Throws when invalid.
  */
 function parseIp(text: string): ipaddr.IPv4 | ipaddr.IPv6 {
-  if (ipaddr.IPv4.isValidFourPartDecimal(text)) return ipaddr.IPv4.parse(text)
+  if (isFourPartDecimal(text)) return ipaddr.IPv4.parse(text)
   // A zone id (`fe80::1%eth0`) names the interface, not another address: one address, one spelling.
   let address = text.split('%')[0] as string
   if (address.includes('.')) {
@@ -37,12 +37,21 @@ function parseIp(text: string): ipaddr.IPv4 | ipaddr.IPv6 {
     // `::ffff:192.0.2.7`, which is another address (IPv4's 192.0.2.7).
     const colon = address.lastIndexOf(':')
     const tail = address.slice(colon + 1)
-    if (!ipaddr.IPv4.isValidFourPartDecimal(tail)) throw new Error('not an address')
+    if (!isFourPartDecimal(tail)) throw new Error('not an address')
     const [a, b, c, d] = ipaddr.IPv4.parse(tail).octets as [number, number, number, number]
     address = `${address.slice(0, colon + 1)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`
   }
   return ipaddr.IPv6.parse(address)
 }
+
+/**
+ * ipaddr.IPv4.isValidFourPartDecimal, its pattern first: ipaddr.js tries any text as IPv4 before
+ * its pattern, and for IPv6 text that try throws an error it catches itself, which was most of the
+ * time taken to read an IPv6 address or range (42 µs against 2.8 µs for IPv4, found by a review;
+ * a deny list's IPv6 ranges, a new IPv6 client).
+ */
+const FOUR_PART_DECIMAL = /^(0|[1-9]\d*)(\.(0|[1-9]\d*)){3}$/
+const isFourPartDecimal = (text: string) => FOUR_PART_DECIMAL.test(text) && ipaddr.IPv4.isValid(text)
 
 /** Prefix lengths as written in a CIDR: decimal, no sign or leading zeros. */
 const PREFIX_BITS = /^(?:0|[1-9]\d?|1[01]\d|12[0-8])$/
