@@ -3,9 +3,10 @@
 import { spawn } from 'node:child_process'
 import cluster from 'node:cluster'
 import { armEarlyStop } from '../core/early-stop.ts'
+import { SHORT_COMMAND_V8_FLAGS } from './v8-flags.ts'
 
 const command = process.argv[2]
-const LIFTOFF = '--liftoff-only'
+const [LIFTOFF] = SHORT_COMMAND_V8_FLAGS
 const STORE_COMMANDS = new Set(['api-key', 'gitea', 'n8n', 'migrate'])
 
 // A debugger attached to this process would find no command in it: such a run stays in one process.
@@ -32,7 +33,7 @@ if (STORE_COMMANDS.has(command as string) && !remote && !process.execArgv.includ
   // took about 6 % less CPU, a 10,000-key import 17 % less and finished 10 % sooner; 2026-12-05).
   // An IPC channel beside the standard streams: it closes when this process ends, even by
   // SIGKILL, which nothing here can pass on.
-  const child = spawn(process.execPath, [LIFTOFF, '--single-threaded', ...process.execArgv, ...process.argv.slice(1)], {
+  const child = spawn(process.execPath, [...SHORT_COMMAND_V8_FLAGS, ...process.execArgv, ...process.argv.slice(1)], {
     stdio: ['inherit', 'inherit', 'inherit', 'ipc'],
     env: { ...process.env, [REEXEC]: '1' },
   })

@@ -3,6 +3,7 @@ import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { SHORT_COMMAND_V8_FLAGS } from '../../bin/v8-flags.ts'
 
 export const KEYGATE_BIN = fileURLToPath(new URL('../../bin/keygate.js', import.meta.url))
 
@@ -58,7 +59,7 @@ export interface RunOptions {
   /**
    * Run as a user's shell runs it: `keygate` itself decides, and a command that may open the
    * embedded store starts its second process on V8's baseline compiler (bin/keygate.ts). By
-   * default the tests start the command on that compiler (`node --liftoff-only --single-threaded`), which is that
+   * default the tests start the command with that process's flags (bin/v8-flags.ts), which is that
    * second process, so it runs in one: the first only starts the second and waits, about 0.16 s
    * of CPU a command (43 s of the suite's, in 272 commands). The tests of the two processes
    * themselves (signals passed on, the child's command line) start `keygate` with spawnClean.
@@ -69,7 +70,7 @@ export interface RunOptions {
 /** Runs `keygate args`. */
 export function runCli(args: string[], options: RunOptions = {}): Promise<CliResult> {
   const env = childEnv(options.env)
-  const v8 = options.asInstalled === true || options.bin !== undefined ? [] : ['--liftoff-only', '--single-threaded']
+  const v8 = options.asInstalled === true || options.bin !== undefined ? [] : SHORT_COMMAND_V8_FLAGS
   const child = spawnClean(process.execPath, [...v8, options.bin ?? KEYGATE_BIN, ...args], { env, cwd: options.cwd ?? process.cwd(), stdio: ['pipe', 'pipe', 'pipe'] })
   child.stdin!.end(options.input ?? '')
   return outcome(child, args)
