@@ -9,6 +9,7 @@ import { Type, type TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError } from '../core/errors.ts'
 import { expectsContinue, hasBody } from '../core/http.ts'
+import { otherWork } from '../core/slices.ts'
 import { assertValid, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems, showValue } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import type { AdminServices, Operation } from './operation.ts'
@@ -64,6 +65,9 @@ const UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true })
  */
 const DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
+/** A body past this many characters is checked in passes with other work let through between them (otherWork). */
+const LARGE_BODY_CHARS = 1024 * 1024
+
 /** Reads the body up to `max` bytes (`limit` names where that comes from); undefined when there is none. */
 async function readJson({ req, res }: AdminRequest, max: number, limit: string): Promise<unknown> {
   if (!hasBody(req.headers)) return undefined
@@ -111,11 +115,19 @@ async function readJson({ req, res }: AdminRequest, max: number, limit: string):
   } catch (err) {
     throw new AdminError('bad_request', `the body is not valid JSON: ${(err as Error).message}`)
   }
+  // Each pass over a large body (an import's 30 MB) takes tens of milliseconds: the gateway's
+  // requests, where one process serves both listeners, are let through between them.
+  const large = text.length > LARGE_BODY_CHARS
+  if (large) await otherWork()
   // First: the walks over the parsed value below take tens of seconds over an object of millions of members.
   refuseMemberProblems(text)
+  if (large) await otherWork()
   const problem = jsonProblem(value, 0)
   if (problem !== undefined) throw new AdminError('bad_request', `the body ${problem}`)
+  if (large) await otherWork()
   refuseChangedNumbers(text, value)
+  // The operation's schema is checked next, another walk over the whole body.
+  if (large) await otherWork()
   return value
 }
 

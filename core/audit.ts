@@ -16,6 +16,7 @@ import { decodeCursor, encodeCursor, type CursorPosition, type Page } from './cu
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { createWhole, replaceWhole } from './files.ts'
 import type { Logger } from './log.ts'
+import { mapInSlices } from './slices.ts'
 
 export interface Actor {
   /** Admin key id, `token` for the bootstrap token, `cli:<user>`, or `system`. */
@@ -365,7 +366,7 @@ export class AuditLog {
   async writeMany(tx: Queryable, actor: Actor, entries: readonly AuditEntry[]): Promise<string[]> {
     if (entries.length === 0) return []
     const createdAt = await transactionTime(tx)
-    const rows = entries.map((entry) => {
+    const rows = await mapInSlices(entries, (entry) => {
       const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt }
       return { row, sealed: this.#cipher.seal(row, entry.details ?? {}, this.#format) }
     })

@@ -186,6 +186,7 @@ await forEachStore(t, async (t, store) => {
     ['a number too close to zero in metadata', '/v1/keys', '{"name":"m","type":"service","metadata":{"zero":0,"tiny":-1e-400}}', 'metadata.tiny', '-1e-400'],
     ['a number out of range in an import row', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'b'.repeat(64)}","name":"n","metadata":{"a":[1,-1e999]}}]}`, 'rows[0].metadata.a[1]', '-1e999'],
     ['a 60-digit whole number in an import row', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'b'.repeat(64)}","name":"n","metadata":{"n":${'9'.repeat(60)}}}]}`, 'rows[0].metadata.n', `${'9'.repeat(37)}... (60 characters)`],
+    ['a long number in an import row whose key hash holds a run of digits', '/v1/keys/import', `{"type":"user","rows":[{"key_hash":"${'1'.repeat(64)}","name":"n","metadata":{"n":12345678901234567891}}]}`, 'rows[0].metadata.n', '12345678901234567891'],
     ['a number out of range in a rate limit', '/v1/keys', '{"name":"m","type":"service","rate_limit":{"limit":1e309,"window_s":60}}', 'rate_limit.limit', '1e309'],
   ] as const) {
     const a = await h.call('POST', path, { raw, headers: json })

@@ -13,6 +13,7 @@ import { evaluateKey, statusAt } from './evaluate.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
+import { findIndexInSlices } from '../slices.ts'
 
 export interface KeyServiceOptions {
   db: Db
@@ -652,7 +653,7 @@ export class KeyService {
     }
     let found = 0
     // The rows checked: all of them, or those up to the one whose problems reach the most listed.
-    const checked = input.findIndex((raw, i) => {
+    const checked = await findIndexInSlices(input, (raw, i) => {
       check(raw, i)
       found += problems[i]?.length ?? 0
       return found >= MAX_LISTED_PROBLEMS
