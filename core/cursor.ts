@@ -48,7 +48,10 @@ export function decodeCursor(list: CursorList, cursor: string): CursorPosition {
       if (typeof id === 'string' && id.length <= 128 && !id.includes('\u0000') && id.isWellFormed() && typeof at === 'string' && isDateTime(at)) return { at: new Date(at), id }
     }
   } catch {}
-  if (typeof of === 'string' && Object.hasOwn(LISTS, of)) throw fieldInvalid('cursor', `is a cursor of ${LISTS[of as CursorList]}, not of ${LISTS[list]}: a cursor continues the list that returned it`)
+  // Another list's cursor is named as such; one that names this list (or none) and does not hold
+  // what encode() writes was made up or changed (before, found by a review: "is a cursor of the
+  // key list, not of the key list").
+  if (typeof of === 'string' && of !== list && Object.hasOwn(LISTS, of)) throw fieldInvalid('cursor', `is a cursor of ${LISTS[of as CursorList]}, not of ${LISTS[list]}: a cursor continues the list that returned it`)
   throw fieldInvalid('cursor', 'is not a cursor this server returned')
 }
 

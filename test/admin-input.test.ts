@@ -277,6 +277,18 @@ await forEachStore(t, async (t, store) => {
     refused(await h.call('GET', `/v1/keys/${pair.json?.id}/audit?cursor=${c}`), 400, 'validation_failed', `an audit cursor with ${what}`)
     refused(await h.call('GET', `/v1/keys?cursor=${c}`), 400, 'validation_failed', `a list cursor with ${what}`)
   }
+  // A made-up cursor that names the list it is given to is not a cursor of that list "not of" that
+  // list (before, found by a review: "is a cursor of the key list, not of the key list").
+  for (const [what, list, path] of [
+    ['a day that does not exist', 'keys', '/v1/keys'],
+    ['a time past what the store holds', 'keys', '/v1/keys'],
+    ['a NUL in the id', 'audit', '/v1/audit'],
+  ] as const) {
+    const c = cursor(what === 'a NUL in the id' ? ['2026-01-01T00:00:00Z', 'a\u0000b', list] : [what === 'a day that does not exist' ? '2026-02-31T00:00:00Z' : '+275760-09-13T00:00:00Z', 'x', list])
+    const a = await h.call('GET', `${path}?cursor=${c}`)
+    refused(a, 400, 'validation_failed', `a cursor of ${path} (${list}) with ${what}, given back to it`)
+    t.match(a.json?.error?.details?.fields, [{ field: 'cursor', message: /^is not a cursor this server returned$/ }], `${what}: not said to be another list's`)
+  }
 
   // A key sent where another shape belongs (the whole body, an import row) is not shown back.
   const pasted = pair.json?.key as string
