@@ -246,7 +246,9 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
           throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required; expected a JSON object' }] })
         }
         if (paramsSchema) assertValid(paramsSchema, ctx.params)
-        const body = op.body ? assertValid(op.body, parsed ?? {}) : undefined
+        // No body is `{}` where every field is optional; a body of JSON `null` is no object, refused
+        // as `[]` is (before, found by a review: read as `{}`, it revoked or rotated the key).
+        const body = op.body ? assertValid(op.body, parsed === undefined ? {} : parsed) : undefined
         const query = readQuery(ctx.url, op.query)
         const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
         if (!op.stream) sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })

@@ -230,6 +230,21 @@ await forEachStore(t, async (t, store) => {
   const more = await h.call('DELETE', '/v1/deny-list/nosuchentry1234', { body: { force: true } })
   refused(more, 400, 'bad_request', 'a body on an operation that takes none')
   t.match(more.json?.error?.message, /takes no body \(or an empty object\)/)
+  // A body of JSON `null` is no object, as `[]` or `true` are not: refused naming the body, and the
+  // key is left as it was (before, found by a review: read as `{}`, it revoked or rotated the key,
+  // and a creation was told its name was missing rather than that its body was no object).
+  const nulled = (await h.call('POST', '/v1/keys', { body: { name: 'nulled', type: 'user' } })).json?.id as string
+  const auditBefore = await h.auditRows()
+  for (const [method, path] of [['POST', `/v1/keys/${nulled}/revoke`], ['POST', `/v1/keys/${nulled}/rotate`], ['POST', '/v1/keys'], ['PATCH', `/v1/keys/${nulled}`]] as const) {
+    const a = await h.call(method, path, { raw: 'null', headers: json })
+    refused(a, 400, 'validation_failed', `${method} ${path} with a body of null`)
+    t.match(a.json?.error?.details?.fields, [{ field: 'body', message: /^null is not allowed; expected an object/ }], `${method} ${path}: the body is named, as no object`)
+  }
+  const still = await h.call('GET', `/v1/keys/${nulled}`)
+  t.equal(still.json?.status, 'active', 'the key is neither revoked nor rotated')
+  t.equal(still.json?.replaced_by, null, 'and has no successor')
+  t.equal(await h.auditRows(), auditBefore, 'nothing audited')
+  t.equal((await h.call('POST', `/v1/keys/${nulled}/revoke`)).status, 200, 'no body at all is still a revocation without a reason')
   // A patch document is not a body of fields (before, found by a review: a merge patch's
   // {"metadata":{"env":null}} was taken, and replaced the metadata with {"env":null}).
   for (const type of ['application/merge-patch+json', 'Application/JSON-Patch+JSON; charset=utf-8']) {
@@ -392,7 +407,7 @@ await forEachStore(t, async (t, store) => {
   const joined = await h.call('POST', '/v1/keys', { body: { name: 'می\u200cخواهم 👨\u200d👩\u200d👧 ❤\ufe0f 열쇠', type: 'user' } })
   t.equal(joined.status, 201, 'U+200C, U+200D, U+FE0F and Hangul letters are taken')
 
-  t.equal(await h.auditRows(), before + 14, 'no refusal wrote an audit row (13 keys and a deny entry were created)')
+  t.equal(await h.auditRows(), before + 16, 'no refusal wrote an audit row (14 keys and a deny entry were created, one key revoked)')
 
   // Lengths are characters, as the document's maxLength and the store's length() count them (before,
   // found by a review: TypeBox counted UTF-16 units, and 101 to 200 emoji were refused as a name).
