@@ -516,6 +516,31 @@ await forEachStore(t, async (t: Test, store) => {
     t.same(rows.find((r) => r.action === 'key.revoked')?.details, { reason: 'leaked in a log', previous_status: 'active' })
   })
 
+  t.test("a revocation's audit row gives the status the key had, as every answer gave it, not its row's until the scheduler's next round", async (t) => {
+    // Before (found by a review): a key past its expiry, shown `expired` by get, list and stats,
+    // was revoked with `previous_status: "active"` (its row's, which the scheduler had not yet
+    // marked), and the trail read as if a live key had been revoked; the scheduler then writes
+    // no key.expired for it, so nothing in the trail said that it had expired.
+    const s = testServices(db)
+    const expiring = await s.keys.create({ name: 'lapsed', type: 'user', expires_at: new Date(s.clock.now().getTime() + HOUR).toISOString() }, actor)
+    // A lineage whose grace outlasts its expiry: the new key keeps the old one's expires_at.
+    const old = await s.keys.create({ name: 'lapsed lineage', type: 'system', expires_at: new Date(s.clock.now().getTime() + 2 * HOUR).toISOString() }, actor)
+    const successor = await s.keys.rotate(old.record.id, {}, actor)
+    // A rotated key past its grace (user: 24 h), its expiry not set.
+    const graced = await s.keys.create({ name: 'graced', type: 'user' }, actor)
+    await s.keys.rotate(graced.record.id, {}, actor)
+    s.clock.advance(25 * HOUR)
+    for (const id of [expiring.record.id, old.record.id, successor.record.id, graced.record.id]) t.equal((await s.keys.get(id)).status, 'expired', `${id}: expired, as the API shows it`)
+    await s.keys.revoke(expiring.record.id, 'cleanup', actor)
+    await s.keys.revoke(successor.record.id, 'cleanup', actor)
+    await s.keys.revoke(graced.record.id, 'cleanup', actor)
+    const revokedRow = async (id: string) => (await s.audit.list(db, { keyId: id })).find((r) => r.action === 'key.revoked')?.details
+    t.same(await revokedRow(expiring.record.id), { reason: 'cleanup', previous_status: 'expired' }, 'an active key past its expiry')
+    t.same(await revokedRow(successor.record.id), { reason: 'cleanup', previous_status: 'expired' }, 'a successor past the expiry it kept')
+    t.same(await revokedRow(graced.record.id), { reason: 'cleanup', previous_status: 'expired' }, 'a rotated key past its grace')
+    t.same(await revokedRow(old.record.id), { reason: `successor ${successor.record.id} revoked`, previous_status: 'expired' }, 'a predecessor still in grace but past its expiry, revoked with its successor')
+  })
+
   t.test('validate', async (t) => {
     const counted = countingDb(db)
     const s = testServices(counted.db)

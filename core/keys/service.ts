@@ -513,7 +513,11 @@ export class KeyService {
         `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
         [id, now, reason ?? null],
       )
-      await this.#audit.write(tx, actor, { keyId: id, action: 'key.revoked', details: { reason: reason ?? null, previous_status: old.status } })
+      // The status the key had as every answer gave it (statusAt), not its row's: a key past its
+      // expiry or grace reads `active` or `rotating` there until the scheduler's next round, which
+      // then writes no key.expired for a key revoked meanwhile (before, found by a review, the
+      // trail of an expired key read as a live key revoked).
+      await this.#audit.write(tx, actor, { keyId: id, action: 'key.revoked', details: { reason: reason ?? null, previous_status: statusAt(old, now) } })
       const record = toRecord(rows[0] as KeyRow)
       const ended = await this.#endPredecessors(tx, id, now, `successor ${id} revoked`, actor)
       changes.push({ action: 'revoked', key: record }, ...ended.map((k) => ({ action: 'revoked' as const, key: k })))
@@ -533,8 +537,10 @@ export class KeyService {
        RETURNING ${COLUMNS}`,
       [id, now, reason],
     )
-    await this.#audit.writeMany(tx, actor, rows.map((row) => ({ keyId: row.id, action: 'key.revoked', details: { reason, previous_status: 'rotating' } })))
-    return rows.map(toRecord)
+    const records = rows.map(toRecord)
+    // Each was rotating, in its grace period (the update's condition), unless past its expiry.
+    await this.#audit.writeMany(tx, actor, records.map((k) => ({ keyId: k.id, action: 'key.revoked', details: { reason, previous_status: statusAt({ ...k, status: 'rotating', revokedAt: null, revokedReason: null }, now) } })))
+    return records
   }
 
   /**
