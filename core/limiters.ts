@@ -352,6 +352,13 @@ interface Lease {
   source: number | undefined
   /** Points of the store's count that this process carried into it from the other store at a switch within the window (see `#carry`). */
   carried: number
+  /**
+   * Points this process itself counted in the lease's store in its window, this lease's and those
+   * before it (asks, less what was given back; not carries): what it used there is `own - left`.
+   * Carried back into Redis from the insurance, which a `--workers` machine's workers share, this
+   * counts each worker's own points once (the insurance's count holds the others' too).
+   */
+  own: number
   /** What the store had left for others after the reservation. */
   remaining: number
   /** The window the points were reserved in (see LeasedLimit), and when it ends (epoch ms). */
@@ -557,13 +564,15 @@ export class LeasedLimit implements RateLimit {
   async #one(key: string): Promise<RateLimiterRes> {
     const now = this.#now()
     const { window, until } = this.#window(key, now, false)
-    const { res, consumed, remaining, refused } = await this.#ask(`${key}:${window}`, 1)
+    const { res, consumed, remaining, refused, source } = await this.#ask(`${key}:${window}`, 1)
     if (refused) {
       // Not admitted, so not counted: the store counts for limits of any size (a key's raised
       // limit must find only what it admitted).
       this.#giveBack(res, `${key}:${window}`, 1)
       throw new RateLimiterRes(0, until - now, consumed - 1, false)
     }
+    const lease = this.#leases.get(key)
+    if (lease !== undefined && lease.window === window && lease.source === source) lease.own++
     return new RateLimiterRes(remaining, until - now, consumed, false)
   }
 
@@ -622,7 +631,21 @@ export class LeasedLimit implements RateLimit {
     // The first reservation of the window from this store since the other answered: what that
     // one had counted and this one has not is counted here too (after the ask, as the switch is
     // known only from the answer: a Redis call that times out is answered by the insurance).
-    const carry = this.#carry(previous, window, source)
+    let carry = this.#carry(previous, window, source)
+    if (carry > 0 && source === INSURANCE) {
+      // Into the insurance, which the workers of a `--workers` machine share (the primary's
+      // memory): each of them knows Redis's count, the same points, so the insurance is raised to
+      // the largest count any of them told it (kept beside the window's count), not by each one's.
+      // Before, both workers added what they knew: a key that had used 60 of 100 had 1 more in
+      // the window once Redis went, and the refusal held until the window ended (found by a review).
+      const toldKey = `${storeKey}:told`
+      const told = await this.#ask(toldKey, 0)
+      carry = Math.max(0, carry - told.consumed)
+      if (told.source !== source || (carry > 0 && (await this.#ask(toldKey, carry)).source !== source)) {
+        this.#giveBack(answer.res, storeKey, size)
+        return
+      }
+    }
     if (carry > 0) {
       const more = await this.#ask(storeKey, carry)
       if (more.source !== source || source !== this.#limiter.source) {
@@ -648,8 +671,8 @@ export class LeasedLimit implements RateLimit {
       remaining = 0
     }
     const lease: Lease = refused
-      ? { points: this.points, res: answer.res, left: 0, size: 1, at: now, rate: 0, source, carried: carry, remaining: 0, window, until, refused: true, next: undefined }
-      : { points: this.points, res: answer.res, left: size, size, at: now, rate, source, carried: carry, remaining, window, until, refused: false, next: undefined }
+      ? { points: this.points, res: answer.res, left: 0, size: 1, at: now, rate: 0, source, carried: carry, own: 0, remaining: 0, window, until, refused: true, next: undefined }
+      : { points: this.points, res: answer.res, left: size, size, at: now, rate, source, carried: carry, own: size, remaining, window, until, refused: false, next: undefined }
     const current = this.#leases.get(key)
     if (ahead) {
       // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.
@@ -663,6 +686,7 @@ export class LeasedLimit implements RateLimit {
     // back (its `left` is then 0), not added to this one.
     if (current !== undefined && current.points !== this.points) this.#handOver(key, current)
     if (current !== undefined && current.window === window && current.source === source && !current.refused) lease.carried += current.carried
+    if (current !== undefined && current.window === window && current.source === source) lease.own += current.own
     // A renewal: what the lease it replaces still holds in the same window stays usable, and a
     // next window's lease reserved meanwhile is kept.
     if (current !== undefined && current.window === window && current.source === source && !current.refused && current.left > 0) {
@@ -675,13 +699,17 @@ export class LeasedLimit implements RateLimit {
   }
 
   /**
-   * What `previous`, a lease of the other store in `window`, tells that `source` has not counted:
-   * the other store's count at its last reservation, less the points of that lease this process
-   * will not use and what that store had itself been carried from this one. Zero from the same
-   * store, another window or without a switch.
+   * What `previous`, a lease of the other store in `window`, tells that `source` has not counted.
+   * Into the insurance: Redis's count at the last reservation, less the points of that lease this
+   * process will not use and what Redis had itself been carried from the insurance (the caller
+   * raises the insurance to it, see `#reserve`). Into Redis: the points this process itself used
+   * on the insurance, which no other process counted in Redis (the insurance's count, which the
+   * workers of a `--workers` machine share, holds theirs too, and each carries its own). Zero
+   * from the same store, another window or without a switch.
    */
   #carry(previous: Lease | undefined, window: number, source: number | undefined): number {
     if (previous === undefined || previous.source === source || previous.window !== window || previous.refused) return 0
+    if (source !== INSURANCE) return Math.max(0, previous.own - previous.left)
     return Math.max(0, previous.points - previous.remaining - previous.left - previous.carried)
   }
 
@@ -696,6 +724,7 @@ export class LeasedLimit implements RateLimit {
     for (let l: Lease | undefined = lease; l !== undefined; l = l.next) {
       if (l.left > 0 && l.source === source && l.points !== this.points) {
         this.#giveBack(l.res, `${key}:${l.window}`, l.left)
+        l.own -= l.left
         l.left = 0
       }
     }

@@ -4,20 +4,22 @@
 // so does a key revoked by the CLI on the store; a per-key limit holds across both gateways; a dropped subscriber connection flushes the cache;
 // Redis stopped mid-traffic leaves every gateway answering and limiting, and once restarted the
 // gateways catch up with what changed meanwhile. Then `serve --workers 2` without Redis: one
-// limit and one lockout for the machine, not one per worker; and a worker killed and replaced
-// takes none of its counts out of the primary's /metrics.
+// limit and one lockout for the machine, not one per worker; a worker killed and replaced
+// takes none of its counts out of the primary's /metrics; and `--workers 2` with Redis keeps a
+// key's exact limit across a Redis outage and its end.
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { Agent, request } from 'undici'
+import { Agent, Client, request } from 'undici'
 import { runCli } from './helpers/cli.ts'
 import { DEPLOYMENT_TOKEN, startDeployment, type Deployment } from './helpers/deployment.ts'
 import { publishInvalidation } from '../core/invalidation.ts'
 import { freshAddress, startUpstream, until } from './helpers/gateway.ts'
-import { serve, type Served } from './helpers/serve.ts'
+import { connectionPerWorker, serve, type Served } from './helpers/serve.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
 
@@ -439,5 +441,59 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   const later = await scrape()
   t.equal(later.get(forwarded), 36, 'the counts read between scrapes are kept')
   t.equal(later.get(served), 36)
+  t.equal(await s.stop(), 0)
+})
+
+t.test("--workers 2 with Redis: a Redis outage and its end take none of a key's window from it, on the primary's insurance both workers share (found by a review)", async (t) => {
+  const upstream = await startUpstream(t)
+  const redis = await startRedisServer(t)
+  // A Redis call is late after 1 s: only the stop below switches the workers (see the first test).
+  const env = await workersEnv(t, upstream.url, { REDIS_URL: redis.url })
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-workers-redis-'))
+  writeFileSync(join(dir, 'keygate.yaml'), 'redis:\n  command_timeout_ms: 1000\n')
+  env.KEYGATE_CONFIG = join(dir, 'keygate.yaml')
+  const create = async (name: string) => {
+    const created = await runCli(['api-key', 'create', '--type', 'service', '--name', name, '--rate-limit', '10/1h', '--json'], { env })
+    t.equal(created.code, 0, created.stderr)
+    return created.json().key as string
+  }
+  // A limit of 10 is leased one point at a time (at most 1/8 of what is left), so every count below is exact.
+  const before = await create('before')
+  const during = await create('during')
+  const s = await serve(t, { env, args: ['--workers', '2'], gateways: 2 })
+  const [a, b] = (await connectionPerWorker(t, s.gateway, 2)) as [Client, Client]
+  const send = async (c: Client, key: string) => {
+    const answer = await c.request({ method: 'GET', path: '/orders', headers: { authorization: `Bearer ${key}` } })
+    await answer.body.dump()
+    return answer.statusCode
+  }
+  /** Requests for `key` on the workers in turn until both refuse: how many were forwarded. */
+  const allowed = async (key: string) => {
+    let n = 0
+    const done = [false, false]
+    for (let i = 0; !(done[0] && done[1]) && i < 40; i++) {
+      const status = await send(i % 2 === 0 ? a : b, key)
+      if (status === 200) n++
+      else if (status === 429) done[i % 2] = true
+      else t.fail(`status ${status}`)
+    }
+    return n
+  }
+  const workerLogs = (message: string) => new Set(s.logs.filter((l) => l.message.startsWith(message) && l.worker !== undefined).map((l) => l.worker))
+
+  // 6 of 10 counted in Redis, by both workers in turn: one knew a count of 5, the other of 6.
+  for (let i = 0; i < 6; i++) t.equal(await send(i % 2 === 0 ? a : b, before), 200)
+  await redis.stop()
+  await until(t, 'both workers count on the insurance', () => workerLogs('Redis is not answering').size === 2)
+  // Before, each worker carried the count it knew into the primary's memory, which both share:
+  // 5 + 6 there, and 1 more forwarded, then 429 for the rest of the hour.
+  t.equal(await allowed(before), 4, 'the 4 left of the limit, no fewer and no more')
+
+  // 4 counted on the insurance alone (the key was not used before), 2 by each worker.
+  for (let i = 0; i < 4; i++) t.equal(await send(i % 2 === 0 ? a : b, during), 200)
+  await redis.start()
+  await until(t, 'both workers count in Redis again', () => workerLogs('Redis answers again').size === 2)
+  // Before, each worker carried the primary's whole count back into Redis (3 and 4), and 2 more were forwarded.
+  t.equal(await allowed(during), 6, 'the 6 left of the limit once Redis is back, no fewer and no more')
   t.equal(await s.stop(), 0)
 })
