@@ -31,9 +31,9 @@ import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
-import { keyChallenges, logAccess, sendError } from './respond.ts'
+import { keyChallenges, logAccess, loggedPath, sendError } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
-import { FORWARD_NOW, pathOf, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
+import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
 import { TunnelGuard } from './tunnels.ts'
 import { createValidateStage } from './validate.ts'
@@ -86,16 +86,10 @@ const HEALTH_OK = JSON.stringify({ status: 'ok' })
 const HEALTH_STOPPING = JSON.stringify({ status: 'stopping' })
 
 
-/**
- * The path an access-log line gives of a request answered before it was read whole: an
- * origin-form target without its query; of an absolute-form one, its URL's path alone (its
- * user:password@ and query are never logged); of CONNECT's authority, or nothing parsed, null.
- */
-function loggedPath(req: http.IncomingMessage | undefined): string | null {
+/** The path an access-log line gives of a request answered before it was read whole (loggedPath; CONNECT's authority: null). */
+function unreadPath(req: http.IncomingMessage | undefined): string | null {
   const target = req?.url
-  if (target === undefined || req?.method === 'CONNECT') return null
-  if (target.startsWith('/')) return pathOf(target)
-  return URL.canParse(target) ? new URL(target).pathname : null
+  return target === undefined || req?.method === 'CONNECT' ? null : loggedPath(target)
 }
 
 export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
@@ -342,7 +336,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     if (config.log.access_log) {
       const peer = (socket as Partial<Socket>).remoteAddress
       // The socket's address as every other line gives it (`::ffff:127.0.0.1` is `127.0.0.1`).
-      logAccess(log, { id, method: req?.method, path: loggedPath(req), status: ERRORS[code].status, outcome: code, route: NO_ROUTE, address: normalise(peer) ?? peer ?? null, keyId: null, ms })
+      logAccess(log, { id, method: req?.method, path: unreadPath(req), status: ERRORS[code].status, outcome: code, route: NO_ROUTE, address: normalise(peer) ?? peer ?? null, keyId: null, ms })
     }
   }
 

@@ -41,7 +41,19 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status, s.refusedKeyId)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
-  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: pathOf(s.target), status, outcome, route: label, address: s.address, keyId: s.key?.id ?? null, ms })
+  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: loggedPath(s.target), status, outcome, route: label, address: s.address, keyId: s.key?.id ?? null, ms })
+}
+
+/**
+ * The path an access-log line gives of a request target: an origin-form one without its query; of
+ * an absolute-form one, its URL's path alone (its user:password@ and query are never logged); of
+ * anything else (CONNECT's authority, a target no URL parser reads), null. An absolute-form target
+ * the request check refused (user information, another host than Host) is still absolute-form at
+ * its answer: before (found by a review), its line gave it up to its query, password and all.
+ */
+export function loggedPath(target: string): string | null {
+  if (target.startsWith('/')) return pathOf(target)
+  return URL.canParse(target) ? new URL(target).pathname : null
 }
 
 /**

@@ -213,3 +213,20 @@ t.test('answers given before any request state are timed and logged as they are 
   t.ok(logged.every((l) => l.address === '127.0.0.1'), 'the address as every other line gives it')
   t.ok(logged.every((l) => typeof l.request_id === 'string' && typeof l.duration_ms === 'number'), 'with a request id and a duration')
 })
+
+t.test("a request the request check refuses: its absolute-form target's user:password@ is not logged", async (t) => {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  const h = await startGateway(t, { store: await store, log, config: { log: { access_log: true } } })
+  // Read whole, then refused by the request check (user information, RFC 9110 §4.2.4): the answer
+  // goes through the access line of every other request, which logged the target up to its query,
+  // password and all (the early answers' line, above, already left it out).
+  const answer = await rawExchange(h.port, `GET http://alice:Tr0ub4dor-3xtra@a/p/q?api_key=x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n`)
+  t.match(answer, /^HTTP\/1\.1 400 /)
+  t.match(answer, /user information/)
+  const logged = lines.filter((l) => l.message === 'request')
+  t.match(logged, [{ status: 400, outcome: 'bad_request', method: 'GET' }])
+  t.equal(logged.length, 1, 'one line')
+  t.equal(logged[0]?.path, '/p/q', "the URL's path alone, as the early answers give it")
+  t.notMatch(JSON.stringify(lines), /Tr0ub4dor|alice/, 'neither the password nor the user logged')
+})
