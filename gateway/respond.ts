@@ -6,6 +6,7 @@ import { closeWhenAnswered, hasBody, writeRaw } from '../core/http.ts'
 import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
 import type { Logger } from '../core/log.ts'
+import { normalise } from './client-address.ts'
 import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
 
 /**
@@ -41,7 +42,17 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status, s.refusedKeyId)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
-  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: loggedPath(s.target), status, outcome, route: label, address: s.address, keyId: s.key?.id ?? null, ms })
+  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: loggedPath(s.target), status, outcome, route: label, address: s.address !== '' ? s.address : socketAddress(s), keyId: s.key?.id ?? null, ms })
+}
+
+/**
+ * The address of a request answered before the client address stage (the request check's 400,
+ * 405, 501 and 505): its socket's, as the answers given before any request state log it (no
+ * X-Forwarded-For is read). Before (found by a review), such lines had an empty address.
+ */
+function socketAddress(s: RequestState): string | null {
+  const peer = s.req.socket.remoteAddress
+  return normalise(peer) ?? peer ?? null
 }
 
 /**

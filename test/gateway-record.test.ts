@@ -230,3 +230,19 @@ t.test("a request the request check refuses: its absolute-form target's user:pas
   t.equal(logged[0]?.path, '/p/q', "the URL's path alone, as the early answers give it")
   t.notMatch(JSON.stringify(lines), /Tr0ub4dor|alice/, 'neither the password nor the user logged')
 })
+
+t.test('a request the request check refuses is logged with the address it came from', async (t) => {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  // Both stacks: the socket's address is ::ffff:127.0.0.1, logged as the other lines log it.
+  const h = await startGateway(t, { store: await store, log, host: '::', config: { log: { access_log: true } } })
+  // Probes a scanner sends, refused before the client address stage: before (found by a review),
+  // their lines had `"address": ""`, and the operator could not tell where they came from.
+  for (const target of ['/a/%2e%2e/etc/passwd', '/a/..;/admin', 'http://other/x']) {
+    t.match(await rawExchange(h.port, `GET ${target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n`), /^HTTP\/1\.1 400 /, target)
+  }
+  t.match(await rawExchange(h.port, `GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n`), /^HTTP\/1\.1 501 /)
+  const logged = lines.filter((l) => l.message === 'request')
+  t.equal(logged.length, 4, 'one line each')
+  t.same(logged.map((l) => l.address), ['127.0.0.1', '127.0.0.1', '127.0.0.1', '127.0.0.1'], "the socket's address")
+})
