@@ -4,6 +4,7 @@ import { writeSync } from 'node:fs'
 import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
 import { KeygateError, systemErrorWords, type ErrorCode } from '../core/errors.ts'
 import { YEAR_10000_MS } from '../core/formats.ts'
+import { scrub } from '../core/log.ts'
 import type { TSchema } from '@sinclair/typebox'
 import { dotted, escapeUnprintable, hasUnprintable, problemLine, problems } from '../core/validate.ts'
 
@@ -289,6 +290,10 @@ export function terminalText(text: string): string {
 
 /** Reports a failure: the reason on stderr, and with --json the error object on stdout too. */
 export function fail(io: Io, json: boolean, code: ErrorCode, message: string, details?: Readonly<Record<string, unknown>>): number {
+  // Anything shaped like a key, and the configuration's secrets, hidden as the admin API's error
+  // answers hide them (before, found by a review: `--type kg_...`, an unexpected argument or an
+  // unknown command holding a key printed it whole, on stderr and in --json's object).
+  message = scrub(message)
   // Each told where it can be: stdout may be the stream that failed, stderr too.
   try {
     // Every error path ends here: a message may carry a remote service's words (before, found

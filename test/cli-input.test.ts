@@ -3,7 +3,7 @@
 // legacy key pasted as its hash, unprintable revoke reasons), refused by name; values stored
 // before those rules are printed escaped. An import's problems are told all in one answer.
 import t from 'tap'
-import { createHash } from 'node:crypto'
+import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
@@ -13,6 +13,7 @@ import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
 import { displayWidth, table } from '../cli/io.ts'
+import { generateKey } from '../core/keys/format.ts'
 
 t.test('usage errors exit 2 with the reason on stderr and touch no store', async (t) => {
   const dir = tempDir()
@@ -159,6 +160,36 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
   const json = await runCli(['api-key', 'create', '--type', 'user', '--json'], { env, cwd: dir })
   t.equal(json.code, 2)
   t.same(json.json().error.code, 'usage_error', '--json puts the error object on stdout')
+})
+
+t.test('a key given where a usage error quotes the argument is not shown back, as the admin API shows none', async (t) => {
+  const dir = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: join(dir, 'store') })
+  const key = generateKey('kg_').key
+  const legacy = randomUUID()
+  // Before (found by a review), each of these printed the key whole on stderr, and with --json on
+  // stdout, where the same value sent to the admin API is answered "[redacted]", and where
+  // --scopes, --cidrs and --expires-at already hid it: stderr is what CI logs and cron mail keep.
+  const cases: string[][] = [
+    ['api-key', 'validate', 'kg_x', '--address', key],
+    ['api-key', 'create', '--name', 'x', '--type', key],
+    ['api-key', 'create', '--name', 'x', '--type', 'user', '--rate-limit', key],
+    ['api-key', 'list', key],
+    ['api-key', 'validate', key, legacy],
+    [key],
+  ]
+  for (const args of cases) {
+    for (const r of [await runCliHere(args, { env }), await runCliHere([...args, '--json'], { env })]) {
+      t.equal(r.code, 2, `keygate ${args.map((a) => a.slice(0, 12)).join(' ')} exits 2`)
+      t.match(r.stderr, /^keygate: .*\[redacted\]/, 'the reason, with the key hidden')
+      t.notOk(r.stderr.includes(key.slice(16)) || r.stdout.includes(key.slice(16)), 'not the key')
+      t.notOk(r.stderr.includes(legacy) || r.stdout.includes(legacy), 'nor a legacy key')
+    }
+  }
+  const real = await runCli(['api-key', 'list', key, '--json'], { env, cwd: dir })
+  t.equal(real.code, 2)
+  t.notOk(real.stderr.includes(key.slice(16)) || real.stdout.includes(key.slice(16)), 'the real process shows it nowhere either')
+  t.match(real.json().error.message, /\[redacted\]/)
 })
 
 t.test('input no store can hold is refused by name, on the embedded store, and nothing waits for ever', async (t) => {
