@@ -189,15 +189,30 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   // conversion, with a warning that quotes it, and then quoted again as an unknown key (found by
   // a review): refused here, by position.
   let collectionKey: { pos: LinePos | undefined } | undefined
+  // An alias inside the very node its anchor names (`a: &x [*x]`) makes a circular value, and
+  // every walk of it (the __proto__ check, validation) overflowed the stack: the command said
+  // "unexpected error: Maximum call stack size exceeded", naming neither file nor line (found by
+  // a review). Refused here, at the alias.
+  let cycle: { pos: LinePos | undefined } | undefined
   visit(doc, {
     Pair(_key, pair) {
       if (!isCollection(pair.key)) return undefined
       collectionKey = { pos: positionOf(lines, pair.key) }
       return visit.BREAK
     },
+    Alias(_key, node, path) {
+      const target = node.resolve(doc)
+      if (target === undefined || !path.includes(target)) return undefined
+      cycle = { pos: positionOf(lines, node) }
+      return visit.BREAK
+    },
   })
   if (collectionKey) {
     problems.push(located(file, collectionKey.pos, 'a key that is a mapping or a list is not allowed (it is not shown)'))
+    return {}
+  }
+  if (cycle) {
+    problems.push(located(file, cycle.pos, 'an alias inside the anchor it names (a cycle) is not allowed; a configuration value cannot contain itself'))
     return {}
   }
   let data: unknown

@@ -547,6 +547,24 @@ t.test('an alias bomb and a __proto__ key are refused by name, not thrown or let
   t.same(problemsOf({ file: top, env: {} }).problems, [`${top}: (top level): the key __proto__ is not allowed`])
 })
 
+t.test('an alias inside its own anchor (a cycle) is a problem at its line, not a stack overflow', async (t) => {
+  // Before (found by a review): the document became a circular value, and walking it overflowed
+  // the stack: `config check`, `serve` and every command said only "unexpected error: Maximum
+  // call stack size exceeded" (internal_error), naming neither the file nor the line.
+  const words = 'an alias inside the anchor it names (a cycle) is not allowed; a configuration value cannot contain itself'
+  const list = yamlFile(t, 'gateway:\n  trusted_proxies: &p [10.0.0.0/8, *p]\n', 'list.yaml')
+  t.same(problemsOf({ file: list, env: {} }).problems, [`${list}:2:36: ${words}`])
+  const map = yamlFile(t, 'log: &l\n  level: info\n  again: *l\n', 'map.yaml')
+  t.same(problemsOf({ file: map, env: {} }).problems, [`${map}:3:10: ${words}`])
+  // An alias of an anchor elsewhere is no cycle, and stays allowed.
+  const shared = yamlFile(t, 'gateway:\n  trusted_proxies: &p [10.0.0.0/8]\nwebhooks:\n  allow_private: *p\n', 'shared.yaml')
+  t.same(loadConfig({ file: shared, env: {} }).webhooks.allow_private, ['10.0.0.0/8'])
+  // The command: one problem, exit 1, no stack overflow.
+  const r = await runCli(['config', 'check', list])
+  t.equal(r.code, 1)
+  t.equal(r.stderr, `keygate: invalid configuration:\n  ${list}:2:36: ${words}\n`)
+})
+
 t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap, !!timestamp) is one problem of the wrong type', async (t) => {
   const gatewayKeys = `a mapping with the keys ${Object.keys(ConfigSchema.properties.gateway.properties).join(', ')}`
   // Before: the Buffer was walked as a mapping with one unknown key per byte, gateway[0] to
