@@ -3,7 +3,7 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
-import { readAtMost } from '../core/read-bounded.ts'
+import { decodeUtf8, readAtMost } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstCharacters, firstProblems, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
@@ -167,19 +167,30 @@ function keyDetail(k: KeyRecord): string {
 
 async function readInput(io: Io, source: string): Promise<string> {
   const mib = `${IMPORT_MAX_BODY_BYTES / 1024 / 1024} MiB`
+  let bytes: Buffer
   if (source === '-') {
     // Bounded as the admin API bounds an import's body (before: read whatever came, without end).
-    const text = await io.readStdin({ maxBytes: IMPORT_MAX_BODY_BYTES })
-    if (text === undefined) throw new KeygateError('import_invalid', `stdin holds more than ${mib}, the most one import reads from it (as the admin API takes in one body): split the file`)
-    return text
+    const read = await io.readStdin({ maxBytes: IMPORT_MAX_BODY_BYTES })
+    if (read === undefined) throw new KeygateError('import_invalid', `stdin holds more than ${mib}, the most one import reads from it (as the admin API takes in one body): split the file`)
+    bytes = read
+  } else {
+    // A file too (before: read whole, whatever its size; `import /dev/zero` grew until Node ran out of memory).
+    const read = readAtMost(source, IMPORT_MAX_BODY_BYTES)
+    if ('unreadable' in read) throw new KeygateError('import_invalid', `${source}: cannot be read (${read.unreadable.code ?? 'error'})`)
+    if ('tooLarge' in read) {
+      throw new KeygateError('import_invalid', `${source}: the file is larger than ${mib}${read.size === undefined ? '' : ` (${read.size} bytes)`}, the most one import reads (as the admin API takes in one body): split the file`)
+    }
+    bytes = read.bytes
   }
-  // A file too (before: read whole, whatever its size; `import /dev/zero` grew until Node ran out of memory).
-  const read = readAtMost(source, IMPORT_MAX_BODY_BYTES)
-  if ('unreadable' in read) throw new KeygateError('import_invalid', `${source}: cannot be read (${read.unreadable.code ?? 'error'})`)
-  if ('tooLarge' in read) {
-    throw new KeygateError('import_invalid', `${source}: the file is larger than ${mib}${read.size === undefined ? '' : ` (${read.size} bytes)`}, the most one import reads (as the admin API takes in one body): split the file`)
-  }
-  return read.bytes.toString('utf8')
+  // UTF-8 only, as a configuration file and the admin API's bodies: before (found by a review), a
+  // Latin-1 file's `café` was imported as `caf\uFFFD` without a word, on the store as through the
+  // admin API (the CLI decoded it before sending), and a UTF-16 file was told it was not JSON.
+  const decoded = decodeUtf8(bytes)
+  if ('text' in decoded) return decoded.text
+  const where = source === '-' ? 'stdin' : source
+  const { utf16, offset, line, col } = decoded.problem
+  if (utf16) throw new KeygateError('import_invalid', `${where}: the file is UTF-16 (it starts with a UTF-16 byte order mark); nothing imported: save it as UTF-8`)
+  throw new KeygateError('import_invalid', `${where}:${line}:${col}: the file is not UTF-8 text (an invalid byte at offset ${offset}); nothing imported: save it as UTF-8`)
 }
 
 /**

@@ -15,8 +15,8 @@ export const EXIT_USAGE = 2
 export interface Io {
   out(text: string): void
   err(text: string): void
-  /** Stdin as text, up to `maxBytes`: undefined when it holds more (see readStdin). */
-  readStdin(limit: StdinLimit): Promise<string | undefined>
+  /** Stdin's bytes, up to `maxBytes`: undefined when it holds more (see readStdin). */
+  readStdin(limit: StdinLimit): Promise<Buffer | undefined>
   env: Readonly<Record<string, string | undefined>>
 }
 
@@ -52,7 +52,7 @@ export interface StdinLimit {
  * read to its end: `validate -` answered only once the writer closed it, and `yes KEY |` grew
  * the process without bound.
  */
-async function readStdin({ maxBytes, firstLine = false }: StdinLimit): Promise<string | undefined> {
+async function readStdin({ maxBytes, firstLine = false }: StdinLimit): Promise<Buffer | undefined> {
   const chunks: Buffer[] = []
   let size = 0
   for await (const chunk of process.stdin as AsyncIterable<Buffer>) {
@@ -63,7 +63,7 @@ async function readStdin({ maxBytes, firstLine = false }: StdinLimit): Promise<s
     chunks.push(part)
     if (end !== -1) break
   }
-  return Buffer.concat(chunks).toString('utf8')
+  return Buffer.concat(chunks)
 }
 
 export const processIo: Io = {
@@ -168,7 +168,8 @@ export async function argOrStdin(io: Io, value: string): Promise<string> {
   if (line === undefined) {
     throw new KeygateError('validation_failed', `the first line of stdin is longer than ${SECRET_LINE_MAX_BYTES / 1024} KiB; give the key or token alone on the first line`)
   }
-  return line.trim()
+  // Leniently: a byte that is not UTF-8 makes a key no key format holds, refused as malformed.
+  return line.toString('utf8').trim()
 }
 
 /**

@@ -10,7 +10,7 @@ import type { Document, LineCounter } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
-import { readAtMost } from '../core/read-bounded.ts'
+import { decodeUtf8 as decodeUtf8Bytes, readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
 import { NO_ROUTE, prefixReadings, routeHost, routePrefix, upstreamBase } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
@@ -139,33 +139,11 @@ function readBounded(file: string): { bytes: Buffer } | { problem: string } {
  * ("the top level must be a mapping of keys, not string"; found by a review).
  */
 function decodeUtf8(file: string, bytes: Buffer): { text: string } | { problem: string } {
-  if ((bytes[0] === 0xff && bytes[1] === 0xfe) || (bytes[0] === 0xfe && bytes[1] === 0xff)) {
-    return { problem: `${file}: the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8` }
-  }
-  try {
-    return { text: new TextDecoder('utf-8', { fatal: true }).decode(bytes) }
-  } catch {
-    const { offset, pos } = invalidUtf8At(bytes)
-    return { problem: located(file, pos, `the file is not UTF-8 text (an invalid byte at offset ${offset}); save it as UTF-8`) }
-  }
-}
-
-/**
- * Where `bytes` (not valid UTF-8) stop being UTF-8: the first U+FFFD a lenient decoder put in
- * that the bytes do not spell (EF BF BD). All before it is valid, so its UTF-8 length is the offset.
- */
-function invalidUtf8At(bytes: Buffer): { offset: number; pos: LinePos } {
-  // The byte order mark kept, as the bytes have it: the offsets count it.
-  const text = new TextDecoder('utf-8', { ignoreBOM: true }).decode(bytes)
-  let i = text.indexOf('\uFFFD')
-  let offset = Buffer.byteLength(text.slice(0, i))
-  while (i >= 0 && bytes[offset] === 0xef && bytes[offset + 1] === 0xbf && bytes[offset + 2] === 0xbd) {
-    const next = text.indexOf('\uFFFD', i + 1)
-    offset += Buffer.byteLength(text.slice(i, next))
-    i = next
-  }
-  const before = text.slice(0, i)
-  return { offset, pos: { line: before.split('\n').length, col: i - before.lastIndexOf('\n') } }
+  const decoded = decodeUtf8Bytes(bytes)
+  if ('text' in decoded) return decoded
+  const { utf16, offset, line, col } = decoded.problem
+  if (utf16) return { problem: `${file}: the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8` }
+  return { problem: located(file, { line, col }, `the file is not UTF-8 text (an invalid byte at offset ${offset}); save it as UTF-8`) }
 }
 
 function readYaml(file: string, problems: string[]): Record<string, unknown> {

@@ -1,5 +1,7 @@
 // Reads a file whole, but never more than a bound: a file given by an operator may be huge by
-// mistake, and a pipe or a device (/dev/zero) has no size to check first.
+// mistake, and a pipe or a device (/dev/zero) has no size to check first. And reads its bytes as
+// UTF-8 text, strictly: decoded leniently, each byte that is not UTF-8 becomes U+FFFD, and the
+// changed value is taken without a word.
 import { closeSync, fstatSync, openSync, readSync } from 'node:fs'
 
 export type BoundedRead =
@@ -29,4 +31,41 @@ export function readAtMost(file: string, maxBytes: number): BoundedRead {
   } finally {
     if (fd !== undefined) closeSync(fd)
   }
+}
+
+/** Where a text stops being UTF-8: the byte offset, and the line and column (in characters) of the first bad byte. */
+export interface Utf8Problem {
+  /** The bytes start with a UTF-16 byte order mark. */
+  utf16: boolean
+  offset: number
+  line: number
+  col: number
+}
+
+/** `bytes` as UTF-8 text (a leading byte order mark dropped), or where they are not UTF-8. */
+export function decodeUtf8(bytes: Uint8Array): { text: string } | { problem: Utf8Problem } {
+  if ((bytes[0] === 0xff && bytes[1] === 0xfe) || (bytes[0] === 0xfe && bytes[1] === 0xff)) return { problem: { utf16: true, offset: 0, line: 1, col: 1 } }
+  try {
+    return { text: new TextDecoder('utf-8', { fatal: true }).decode(bytes) }
+  } catch {
+    return { problem: { utf16: false, ...invalidUtf8At(bytes) } }
+  }
+}
+
+/**
+ * Where `bytes` (not valid UTF-8) stop being UTF-8: the first U+FFFD a lenient decoder put in
+ * that the bytes do not spell (EF BF BD). All before it is valid, so its UTF-8 length is the offset.
+ */
+function invalidUtf8At(bytes: Uint8Array): { offset: number; line: number; col: number } {
+  // The byte order mark kept, as the bytes have it: the offsets count it.
+  const text = new TextDecoder('utf-8', { ignoreBOM: true }).decode(bytes)
+  let i = text.indexOf('\uFFFD')
+  let offset = Buffer.byteLength(text.slice(0, i))
+  while (i >= 0 && bytes[offset] === 0xef && bytes[offset + 1] === 0xbf && bytes[offset + 2] === 0xbd) {
+    const next = text.indexOf('\uFFFD', i + 1)
+    offset += Buffer.byteLength(text.slice(i, next))
+    i = next
+  }
+  const before = text.slice(0, i)
+  return { offset, line: before.split('\n').length, col: i - before.lastIndexOf('\n') }
 }

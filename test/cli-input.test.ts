@@ -315,6 +315,47 @@ t.test('an import tells every problem of its file in the first answer, on the em
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 1, 'nothing more was stored')
 })
 
+t.test('an import file or stdin that is not UTF-8 is refused naming where, and nothing is imported', async (t) => {
+  // Before (found by a review): read leniently, a Latin-1 `café` was imported as `caf\uFFFD`
+  // (exit 0), where a Latin-1 configuration file, an argument and an admin API body are refused;
+  // and a UTF-16 file was told it was not JSON.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const hashOf = (n: number) => createHash('sha256').update(`4e5f6a7b-1234-4abc-8def-0123456789${String(n).padStart(2, '0')}`).digest('hex')
+  const first = JSON.stringify({ key_hash: hashOf(1), name: 'one' }) + '\n'
+  const second = (name: string) => `{"key_hash":"${hashOf(2)}","name":"${name}"}\n`
+  const latin1 = Buffer.concat([Buffer.from(first), Buffer.from(second('café'), 'latin1')])
+  // The é on line 2, after `{"key_hash":"<64 digits>","name":"caf`.
+  const col = second('caf').indexOf('"}') + 1
+  const offset = Buffer.byteLength(first) + col - 1
+  const file = join(cwd, 'latin1.jsonl')
+  writeFileSync(file, latin1)
+  const run = await runCli(['api-key', 'import', file, '--json'], { cwd, env })
+  t.equal(run.code, 1)
+  t.same(run.json().error, { code: 'import_invalid', message: `${file}:2:${col}: the file is not UTF-8 text (an invalid byte at offset ${offset}); nothing imported: save it as UTF-8` })
+  // (LOG_LEVEL is debug here: stderr holds the store's log lines too.)
+  const said = (stderr: string) => stderr.split('\n').filter((l) => l.startsWith('keygate: '))
+  t.same(said(run.stderr), [`keygate: ${file}:2:${col}: the file is not UTF-8 text (an invalid byte at offset ${offset}); nothing imported: save it as UTF-8`])
+  // From stdin, the bytes as they are (runCli writes a string).
+  const child = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'import', '-'], { env: childEnv(env), cwd, stdio: ['pipe', 'pipe', 'pipe'] })
+  child.stdin!.end(latin1)
+  let stderr = ''
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve))
+  t.equal(code, 1, 'stdin in Latin-1: exit 1')
+  t.same(said(stderr), [`keygate: stdin:2:${col}: the file is not UTF-8 text (an invalid byte at offset ${offset}); nothing imported: save it as UTF-8`])
+  const utf16 = join(cwd, 'utf16.json')
+  writeFileSync(utf16, Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(`[${first.trim()}]`, 'utf16le')]))
+  const wide = await runCli(['api-key', 'import', utf16], { cwd, env })
+  t.equal(wide.code, 1)
+  t.same(said(wide.stderr), [`keygate: ${utf16}: the file is UTF-16 (it starts with a UTF-16 byte order mark); nothing imported: save it as UTF-8`])
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was imported')
+  // The same file in UTF-8 is imported as written.
+  writeFileSync(file, first + second('café'))
+  t.equal((await runCli(['api-key', 'import', file], { cwd, env })).code, 0)
+  t.same((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.map((k: { name: string }) => k.name).sort(), ['café', 'one'])
+})
+
 t.test('a store named on the command line while the admin URL is set is a usage error, not ignored', async (t) => {
   // Before (found by a review): --data-dir and --database-url were ignored, and the key was
   // created on the store of the server behind KEYGATE_ADMIN_URL.

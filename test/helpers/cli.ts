@@ -119,7 +119,7 @@ export async function runCliHere(args: string[], options: { env?: Record<string,
   const code = await main(args, {
     out: (text) => void (stdout += text),
     err: (text) => void (stderr += text),
-    readStdin: async () => '',
+    readStdin: async () => Buffer.alloc(0),
     env: childEnv(options.env),
   }).finally(forgetKnownSecrets)
   return cliResult(args, code, stdout, stderr)
