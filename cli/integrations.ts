@@ -9,7 +9,7 @@ import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, unknownGiteaScopes } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { escapeUnprintable } from '../core/validate.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -106,7 +106,11 @@ function listCommand<I extends { state: GiteaTrackState; local: { id: string; cr
   }, true)
 }
 
-/** `delete ID|NAME`: what was deleted, or that only the record was closed. */
+/**
+ * `delete ID|NAME`: what was deleted, or that only the record was closed. `what` escapes the
+ * service's words (a name made in Gitea or n8n itself may hold escape sequences; printed raw
+ * before, found by a review), as the tables do.
+ */
 function deleteCommand<D extends { remote_missing: boolean; forgotten?: boolean }>(o: {
   summary: string
   usage: string
@@ -189,7 +193,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
       return { name, scopes, ...giteaUser(p) }
     },
     schema: CreateGiteaTokenBody,
-    describe: (c) => `Gitea token ${c.remote_id} (${c.name}) for ${c.user} with ${c.scopes.join(', ')}; keygate record ${c.id}`,
+    describe: (c) => `Gitea token ${c.remote_id} (${printable(c.name)}) for ${printable(c.user)} with ${printable(c.scopes.join(', '))}; keygate record ${c.id}`,
     secret: (c) => c.token,
     noun: 'token',
   }),
@@ -205,7 +209,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     summary: 'delete a token in Gitea by id or name and close its record',
     usage: 'keygate gitea delete ID|NAME [--user USER] [--forget] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
     options: { ...GITEA_FLAGS, user: { type: 'string' }, forget: { type: 'boolean' } },
-    what: (d) => `Gitea token ${d.remote_id} (${d.name}) of ${d.user}`,
+    what: (d) => `Gitea token ${d.remote_id} (${printable(d.name)}) of ${printable(d.user)}`,
     service: 'Gitea',
     extra: giteaDeleteOptions,
   }),
@@ -215,7 +219,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     // The token is the credential: the user's are not used (before, found by a review: taken and ignored).
     options: { 'gitea-url': GITEA_FLAGS['gitea-url'] },
     noun: 'token',
-    accepted: (v) => `valid: ${v.user ? `Gitea user ${v.user.login} (id ${v.user.id})` : 'Gitea accepts it'}${v.record ? `; keygate record ${v.record.id} (${v.record.name})` : ''}`,
+    accepted: (v) => `valid: ${v.user ? `Gitea user ${printable(v.user.login)} (id ${v.user.id})` : 'Gitea accepts it'}${v.record ? `; keygate record ${v.record.id} (${printable(v.record.name)})` : ''}`,
   }),
 }
 
@@ -230,7 +234,7 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     },
     schema: CreateN8nKeyBody,
     flagOf: { expires_at: '--expires-at' },
-    describe: (c) => `n8n API key ${c.remote_id} (${c.label}) with ${c.scopes.join(', ')}${c.expires_at ? `, expires ${c.expires_at}` : ''}; keygate record ${c.id}`,
+    describe: (c) => `n8n API key ${printable(c.remote_id)} (${printable(c.label)}) with ${printable(c.scopes.join(', '))}${c.expires_at ? `, expires ${c.expires_at}` : ''}; keygate record ${c.id}`,
     secret: (c) => c.key,
     noun: 'key',
   }),
@@ -246,7 +250,7 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     summary: 'delete an n8n API key by id or label and close its record',
     usage: 'keygate n8n delete ID|LABEL [--n8n-url URL --n8n-email E --n8n-password P] [--json]',
     options: N8N_FLAGS,
-    what: (d) => `n8n API key ${d.remote_id} (${d.label})`,
+    what: (d) => `n8n API key ${printable(d.remote_id)} (${printable(d.label)})`,
     service: 'n8n',
   }),
   verify: verifyCommand<N8nVerification>({
@@ -254,6 +258,6 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     usage: 'keygate n8n verify KEY|- [--n8n-url URL] [--json]',
     options: { 'n8n-url': N8N_FLAGS['n8n-url'] },
     noun: 'key',
-    accepted: (v) => `valid${v.record ? `: keygate record ${v.record.id} (${v.record.label}, created by ${v.record.created_by})` : ''}`,
+    accepted: (v) => `valid${v.record ? `: keygate record ${v.record.id} (${printable(v.record.label)}, created by ${printable(v.record.created_by)})` : ''}`,
   }),
 }

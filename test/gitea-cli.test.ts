@@ -191,6 +191,24 @@ t.test('the cycle on each store', async (t) => {
   noSecrets(t, dump, secrets, 'PostgreSQL dump')
 })
 
+t.test("a token name made in Gitea itself reaches the terminal escaped from delete, as from list", async (t) => {
+  // Gitea takes any name through its own UI or API; keygate's list escaped it (table), but before
+  // (found by a review) `gitea delete ID` printed it raw: an escape sequence set the terminal's
+  // title and cleared the screen, and a bidi override reversed the rest of the line.
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-escape-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const env = isolated({ ...gitea, KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const made = fake.addToken('ci-bot', 'hand\u001b]0;pwned\u0007made\u001b[2J\u202eevil', ['read:user'])
+  secrets.push(made.sha1)
+  const listed = await runCli(['gitea', 'list'], { cwd, env })
+  t.equal(listed.code, 0, listed.stderr)
+  t.match(listed.stdout, '"hand\\u001b]0;pwned\\u0007made\\u001b[2J\\u202eevil"', 'list: escaped (as before)')
+  const deleted = await runCli(['gitea', 'delete', String(made.id)], { cwd, env })
+  t.equal(deleted.code, 0, deleted.stderr)
+  t.equal(deleted.stdout, `Deleted Gitea token ${made.id} ("hand\\u001b]0;pwned\\u0007made\\u001b[2J\\u202eevil") of ci-bot.\n`)
+  t.notOk(/[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202e]/.test(deleted.stdout), 'no control character nor bidi override reaches the terminal')
+})
+
 t.test("through a running server's admin API (KEYGATE_ADMIN_URL), while the server holds the embedded store", async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-remote-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
