@@ -772,6 +772,9 @@ async function ownerListening(socketFile: string, ownerFile: string, held: numbe
   })
 }
 
+/** The signals that end a short command, whose default action skips 'exit' handlers (lockDataDir). */
+const LOCK_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const
+
 /**
  * The embedded store is one process's: a lock file holding the owner's pid keeps a second
  * process (a CLI beside a running server) from opening and corrupting it. A lock left by a
@@ -788,7 +791,7 @@ async function ownerListening(socketFile: string, ownerFile: string, held: numbe
  * by a review): two processes taking over the same stale lock cannot both win. A process removes
  * the lock only while it still holds its pid.
  */
-async function lockDataDir(dir: string, hint: string): Promise<() => void> {
+async function lockDataDir(dir: string, hint: string, shortLived: boolean): Promise<() => void> {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
   const mine = ownTempName(file)
@@ -844,6 +847,17 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
         // (an exit while the socket below starts listening too).
         const onExit = () => release()
         process.once('exit', onExit)
+        // A short command (the CLI's) ended by SIGINT, SIGTERM or SIGHUP: Node's default action
+        // ends it without 'exit' handlers, and a Ctrl-C of a long import left all three files
+        // behind (found by a review). Given back here, then the command ends by the same signal,
+        // as before, unless something else of the process handles it. (`serve` handles its
+        // signals itself, and closes the store as it stops.)
+        const onSignal = (signal: NodeJS.Signals) => {
+          for (const s of LOCK_SIGNALS) process.off(s, onSignal)
+          release()
+          if (process.listenerCount(signal) === 0) process.kill(process.pid, signal)
+        }
+        if (shortLived) for (const s of LOCK_SIGNALS) process.on(s, onSignal)
         // Listening before the owner file is written: a process that reads this owner file
         // finds this socket answering (ownerListening).
         if (identity !== undefined) {
@@ -854,6 +868,7 @@ async function lockDataDir(dir: string, hint: string): Promise<() => void> {
         }
         return () => {
           process.off('exit', onExit)
+          for (const s of LOCK_SIGNALS) process.off(s, onSignal)
           release()
         }
       }
@@ -1313,7 +1328,7 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   let release: () => void
   try {
-    release = await lockDataDir(dir, options.lockedHint ?? STORE_LOCKED_HINT)
+    release = await lockDataDir(dir, options.lockedHint ?? STORE_LOCKED_HINT, options.shortLived === true)
   } catch (err) {
     if (isKeygateError(err)) throw err
     const at = (err as NodeJS.ErrnoException).path

@@ -4,7 +4,7 @@
 // test/cli.test.ts, so the two run side by side.)
 import t from 'tap'
 import { createHash } from 'node:crypto'
-import { closeSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs'
+import { closeSync, openSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
@@ -12,6 +12,7 @@ import { KEYGATE_BIN, capturedStderr, childEnv, runCli, spawnClean } from './hel
 import { until } from './helpers/gateway.ts'
 import { isolated, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { SHORT_COMMAND_V8_FLAGS } from '../bin/v8-flags.ts'
 
 t.test('`-` reads the first line of stdin and answers while the writer keeps it open; stdin is read within bounds', { timeout: 120_000 }, async (t) => {
   // Before (found by a review): stdin was read to its end, so `(echo KEY; sleep 8) | keygate
@@ -253,6 +254,35 @@ t.test('a command that makes a new embedded store says so, naming the folder; on
   t.equal(again.code, 0, again.stderr)
   plaintexts.push((again.json() as { key: string }).key)
   t.notMatch(again.stderr, /made a new embedded store/, 'not said for a store that is there')
+})
+
+t.test('a command ended by SIGINT, SIGTERM or SIGHUP while it holds the embedded store gives its lock back, and ends by that signal', async (t) => {
+  // Before (found by a review): Node's default action ended such a command at once, without its
+  // 'exit' handlers, and the lock, its owner file and socket stayed behind (a Ctrl-C of a long
+  // import, say), where the README promises that only a SIGKILL or a crash leaves them.
+  const cwd = tempDir()
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const env = childEnv(isolated({ KEYGATE_DATA_DIR: dataDir }))
+  const lockFiles = () => readdirSync(dataDir).filter((f) => f.startsWith('keygate.lock')).sort()
+  for (const [signal, flags] of [['SIGINT', SHORT_COMMAND_V8_FLAGS], ['SIGTERM', SHORT_COMMAND_V8_FLAGS], ['SIGHUP', SHORT_COMMAND_V8_FLAGS], ['SIGINT', []]] as const) {
+    const how = flags.length === 0 ? 'as installed (two processes)' : 'one process'
+    // (Without the fix, what an earlier round left; the wait below is for this command's lock.)
+    for (const f of lockFiles()) rmSync(join(dataDir, f))
+    // `validate -` opens the store, then waits for the first line of stdin, kept open here.
+    const command = spawnClean(process.execPath, [...flags, KEYGATE_BIN, 'api-key', 'validate', '-'], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'] })
+    let stderr = ''
+    command.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    const ended = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => command.on('exit', (code, sig) => resolve([code, sig])))
+    await until(t, `${signal}, ${how}: the command holds the store`, () => lockFiles().includes('keygate.lock.owner'))
+    command.kill(signal)
+    const [code, sig] = await ended
+    command.stdin!.destroy()
+    t.same([code, sig], [null, signal], `${signal}, ${how}: it ends by the signal, as before`)
+    t.same(lockFiles(), [], `${signal}, ${how}: no lock, owner file or socket is left`)
+    t.notMatch(stderr, /keygate:|Error/, 'and says nothing')
+  }
+  const after = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
+  t.equal(after.code, 0, 'the store opens afterwards')
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
