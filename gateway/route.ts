@@ -186,7 +186,18 @@ export class Router {
     if (!this.#nested) return false
     const path = pathOf(target)
     if (this.#plainPrefixes && !LENIENT_CHANGES.test(path)) return false
-    const reading = lenientReadingOf(pathBytes ?? decodeEscapes(path), false)
+    const bytes = pathBytes ?? decodeEscapes(path)
+    if (this.#elsewhere(host, lenientReadingOf(bytes, false), r)) return true
+    // A path that begins with `//` (or `/\`) is a host and a path to a URL parser: `//evil/api/admin`
+    // is /api/admin to `new URL(req.url, base)` (once the example of Node's own documentation),
+    // Python's urlsplit and PHP's parse_url. Before (found by a review), only its merged reading
+    // (/evil/api/admin) was judged, and it went by `/` to such an upstream, past /api/admin's scope.
+    const afterAuthority = pathAfterAuthority(bytes)
+    return afterAuthority !== undefined && this.#elsewhere(host, lenientReadingOf(afterAuthority, false), r)
+  }
+
+  /** Whether `reading`, a lenient reading of a path matched to `r`, is another route's (ambiguous). */
+  #elsewhere(host: string | undefined, reading: string, r: CompiledRoute): boolean {
     const other = (route: CompiledRoute | undefined) => route !== undefined && (route.prefixLower !== r.prefixLower || route.host !== r.host)
     if (other(this.#leniently(host, reading, r, false))) return true
     // A format suffix is dropped by the upstream the request goes to, and leads nowhere else
@@ -318,6 +329,20 @@ function exactly(path: string, prefix: string): boolean {
 
 /** Characters of a path that some upstream reads otherwise than as sent. */
 const LENIENT_CHANGES = /[%;\\A-Z. ]|\/\//
+
+/**
+ * The path a URL parser reads in `path` (its escapes decoded) when it begins with `//` or `/\`, a
+ * network-path reference: what follows the authority (`/api/admin` of `//evil/api/admin`; `/` when
+ * nothing does), the slashes after the first two skipped as WHATWG URL skips them. Undefined for any
+ * other path.
+ */
+function pathAfterAuthority(path: string): string | undefined {
+  const second = path.charCodeAt(1)
+  if (path.charCodeAt(0) !== 47 /* / */ || (second !== 47 && second !== 92 /* \ */)) return undefined
+  const authority = path.slice(2).replace(/^[/\\]+/, '')
+  const end = authority.search(/[/\\]/)
+  return end === -1 ? '/' : authority.slice(end)
+}
 
 export function grants(keyScopes: readonly string[], routeScopes: readonly string[]): boolean {
   for (const need of routeScopes) {

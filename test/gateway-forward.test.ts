@@ -691,6 +691,34 @@ t.test('a path that lenient upstreams read as another route is refused; plain pa
   }
 })
 
+t.test('a path that begins with // (or /\\) is read by URL parsers as a host and a path: refused where that path is another route\'s (found by a review)', async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'web', path: '/', upstream: '{upstream}' },
+      { name: 'admin', path: '/api/admin', upstream: '{upstream}', scopes: ['admin'] },
+    ],
+  })
+  const web = await h.key()
+  const get = (path: string) => rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${web.key}\r\nConnection: close\r\n\r\n`)
+  t.match(await get('/api/admin/users'), /^HTTP\/1.1 403/, 'the inner route needs its scope')
+  // An upstream that parses its target against a base URL (`new URL(req.url, base)`, once the
+  // example in Node's own documentation; Python's urlsplit, PHP's parse_url) reads `//evil` as the
+  // authority and serves /api/admin/users, the admin route's, to a key without its scope.
+  const refused = ['//evil/api/admin/users', '/\\evil/api/admin/users', '//evil\\api/admin/users', '//evil/API/admin', '//evil/api/%61dmin', '/%2Fevil/api/admin/users', '//evil:8080/api/admin']
+  for (const path of refused) {
+    t.equal(new URL(path.replace('%2F', '/'), 'http://upstream').pathname.toLowerCase().replace('%61', 'a').startsWith('/api/admin'), true, `${path} is /api/admin... to a URL parser`)
+    const out = await get(path)
+    t.match(out, /^HTTP\/1.1 400/, `${path} is refused`)
+    t.match(out, /"code":"bad_request"/)
+  }
+  t.equal(h.upstream.received.length, 0, 'no refused path reached the upstream')
+  // Read so, these stay under the route they matched: forwarded as sent.
+  for (const path of ['//evil/docs', '//evil', '/docs//api/admin', '//evil/api/administrator']) {
+    const r = receivedOf(await get(path))
+    t.equal(typeof r === 'string' ? r : r.url, path, `${path} is forwarded as sent`)
+  }
+})
+
 t.test('percent-encoded control characters, bytes that are not UTF-8 and %u escapes are refused in any path; the query keeps them (found by reviews)', async (t) => {
   const h = await startGateway(t, { sharedStore: true,
     routes: [
