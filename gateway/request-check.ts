@@ -39,6 +39,14 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
     // chunking: `gzip, chunked` went upstream as its gzip bytes, with the only header that said
     // so dropped as hop-by-hop (found by a review). RFC 9112 §6.1: 501 for a coding not understood.
     const te = s.headers['transfer-encoding']
+    // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing. Node's parser
+    // read its body as chunked and kept the connection, where a proxy in front that reads it as
+    // HTTP/1.0 ends the request at its head and takes the chunks for requests of their own (found
+    // by a review). Refused as nginx refuses it; the refusal closes the connection (its body unread).
+    if (te !== undefined && req.httpVersionMinor === 0) {
+      s.message = 'An HTTP/1.0 request must not have a Transfer-Encoding (RFC 9112 §6.1): send HTTP/1.1, or a Content-Length.'
+      return 'bad_request'
+    }
     if (te !== undefined && te !== 'chunked' && te.trim().toLowerCase() !== 'chunked') {
       s.message = `The request body's Transfer-Encoding (${clipped(te, 63)}) is not supported: send it chunked only, with a Content-Encoding for a compressed body.`
       return 'transfer_coding_not_supported'

@@ -314,6 +314,26 @@ t.test('a Transfer-Encoding other than chunked: 501 transfer_coding_not_supporte
   t.same(h.upstream.received.map((r) => r.bodyBytes), [body.length, body.length, body.length], 'with its body as sent')
 })
 
+t.test('an HTTP/1.0 request with Transfer-Encoding is 400 bad_request and closes the connection, nothing forwarded (RFC 9112 §6.1; found by a review)', async (t) => {
+  const h = await startGateway(t)
+  const k = await h.key()
+  // Chunked is no HTTP/1.0 framing: a proxy in front that reads such a request as HTTP/1.0 has it
+  // end at its head, and the chunks are requests of their own to it; read as chunked here, one
+  // of those hid inside the body, and the connection was kept for the next.
+  const inner = `GET /inner HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`
+  for (const coding of ['chunked', 'Chunked', 'gzip, chunked']) {
+    const out = await send(h.port, `POST /x HTTP/1.0\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: keep-alive\r\nTransfer-Encoding: ${coding}\r\n\r\n${inner.length.toString(16)}\r\n${inner}\r\n0\r\n\r\nGET /after HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n\r\n`)
+    t.match(out, /^HTTP\/1.1 400 /, coding)
+    t.match(out, /\r\nconnection: close\r\n/i, 'the connection is closed after it')
+    t.match(JSON.parse(out.slice(out.indexOf('\r\n\r\n') + 4)), { error: { code: 'bad_request', message: /HTTP\/1\.0 request must not have a Transfer-Encoding/, request_id: String } })
+  }
+  t.equal(h.upstream.received.length, 0, 'nothing reached the upstream')
+  // With a Content-Length, an HTTP/1.0 request is forwarded with its body.
+  const out = await send(h.port, `POST /x HTTP/1.0\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nContent-Length: 5\r\n\r\nhello`)
+  t.match(out, /^HTTP\/1.1 200 /)
+  t.same(h.upstream.received.map((r) => r.bodyBytes), [5])
+})
+
 t.test('a body that breaks off while its key is looked up: nothing is forwarded, nothing waits on it', async (t) => {
   const h = await startGateway(t, { config: { lockout: { max_attempts: 1000 } } })
   const keys = [await h.key(), await h.key(), await h.key()]
