@@ -529,9 +529,14 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 /** Marks a connection whose request offered an Upgrade the gateway declined (onRequest). */
 const DECLINED_UPGRADE = Symbol('keygate.declinedUpgrade')
 
-/** An upgrade to WebSocket: the one the gateway takes (the hop-by-hop Upgrade of any other is dropped). */
+/**
+ * An upgrade to WebSocket: the one the gateway takes (the hop-by-hop Upgrade of any other is
+ * dropped). Not in an HTTP/1.0 request, whose Upgrade a server ignores (RFC 9110 §7.8; WebSocket
+ * needs HTTP/1.1, RFC 6455 §4.1): before (found by a review), one went upstream as an HTTP/1.1
+ * upgrade, and its client was answered 101, a status HTTP/1.0 has not.
+ */
 function isWebSocketOffer(req: http.IncomingMessage): boolean {
-  return req.headers.upgrade?.toLowerCase() === 'websocket'
+  return req.httpVersionMinor !== 0 && req.headers.upgrade?.toLowerCase() === 'websocket'
 }
 
 /**

@@ -117,6 +117,14 @@ t.test('hostile requests', async (t) => {
   t.same(h.upstream.received.slice(beforePipelined).map((r) => r.url), ['/h2c-a', '/h2c-c'], 'only the offers themselves reached the upstream')
   // A WebSocket offer that is not a GET is still refused (RFC 6455 §4.1).
   t.match(await send(h.port, `POST / HTTP/1.1\r\nHost: a\r\n${auth}Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n`), /^HTTP\/1.1 400[^]*must be a GET/)
+  // An HTTP/1.0 request's Upgrade is ignored (RFC 9110 §7.8; WebSocket needs HTTP/1.1, RFC 6455
+  // §4.1), a WebSocket one too: before (found by a review), it went upstream as an HTTP/1.1
+  // upgrade, and the client was answered 101, which HTTP/1.0 has not.
+  const beforeOld = h.upstream.received.length
+  const old = await send(h.port, `GET /ws-1.0 HTTP/1.0\r\nHost: a\r\n${auth}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  t.match(old, /^HTTP\/1.1 200 /, 'an HTTP/1.0 WebSocket offer is served as a plain request')
+  t.notMatch(old, /^upgrade:/im, 'nothing says the protocol changed')
+  t.same(h.upstream.received.slice(beforeOld).map((r) => [r.url, r.headers.upgrade]), [['/ws-1.0', undefined]], 'forwarded without the offer')
 })
 
 t.test('a CONNECT whose client resets the connection as the 405 arrives: the gateway lives on', async (t) => {
