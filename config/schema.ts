@@ -230,7 +230,7 @@ export const ConfigSchema = Type.Object(
     ),
     store: Type.Object(
       {
-        database_url: optStr('postgres-url', { description: 'PostgreSQL; without it the embedded store is used.', env: 'DATABASE_URL', flag: 'database-url', secret: true }),
+        database_url: optStr('postgres-url', { description: 'PostgreSQL; without it the embedded store is used. A password in it given as the flag is visible in the process list, on the command line of each process keygate starts too; prefer the variable.', env: 'DATABASE_URL', flag: 'database-url', secret: true }),
         data_dir: Type.String({ minLength: 1, default: './.keygate', description: 'Folder of the embedded store.', env: 'KEYGATE_DATA_DIR', flag: 'data-dir' }),
         pool_max: int(10, 1, 1000, { description: 'PostgreSQL connections per process.' }),
         query_timeout_ms: int(5000, 0, 600_000, {
