@@ -9,7 +9,7 @@
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { countArg as arg, forkServer, keygateEnv, startKeygate } from './servers.ts'
+import { adminAddress, countArg as arg, forkServer, keygateEnv, startKeygate } from './servers.ts'
 
 const REPS = arg('reps', 7)
 const TOKEN = 'bench-admin-token-0123456789'
@@ -18,16 +18,7 @@ const work = mkdtempSync(join(tmpdir(), 'keygate-admin-body-'))
 process.on('exit', () => rmSync(work, { recursive: true, force: true }))
 const upstream = (await forkServer('./upstream.ts')).port
 const server = await startKeygate(keygateEnv(join(work, 'store'), upstream))
-/** The admin listener's address, from keygate's log (it may listen just after the gateway). */
-async function adminAddress(): Promise<string> {
-  for (let waited = 0; waited < 10_000; waited += 50) {
-    const m = /"message":"admin listening","address":"([^"]+)"/.exec(server.output())
-    if (m) return m[1] as string
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error(`no admin address in keygate's log within 10 s:\n${server.output()}`)
-}
-const address = await adminAddress()
+const address = await adminAddress(server)
 
 const N = 480_000
 const bodies: Array<[string, string]> = [

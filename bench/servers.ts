@@ -48,10 +48,10 @@ export function cli(args: string[], env: Record<string, string>): string {
   return execFileSync(process.execPath, [KEYGATE, ...args], { env: { ...process.env, ...env }, encoding: 'utf8' })
 }
 
-/** Starts `keygate serve` and resolves with its gateway port once it listens. */
-export function startKeygate(env: Record<string, string>, wrapper: Wrapper = []): Promise<Server> {
+/** Starts `keygate serve` (of another checkout: its bin/keygate.ts as `keygate`) and resolves with its gateway port once it listens. */
+export function startKeygate(env: Record<string, string>, wrapper: Wrapper = [], keygate = KEYGATE): Promise<Server> {
   const [command, ...rest] = [...wrapper, process.execPath]
-  const child = spawn(command as string, [...rest, KEYGATE, 'serve'], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] })
+  const child = spawn(command as string, [...rest, keygate, 'serve'], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'inherit'] })
   children.push(child)
   return new Promise((resolve, reject) => {
     let buffer = ''
@@ -62,6 +62,16 @@ export function startKeygate(env: Record<string, string>, wrapper: Wrapper = [])
     })
     child.once('exit', (code) => reject(new Error(`keygate serve exited with ${code}:\n${buffer}`)))
   })
+}
+
+/** A started keygate's admin listener address (host:port), from its log: it may listen just after the gateway. */
+export async function adminAddress(server: Server): Promise<string> {
+  for (let waited = 0; waited < 10_000; waited += 50) {
+    const m = /"message":"admin listening","address":"([^"]+)"/.exec(server.output())
+    if (m) return m[1] as string
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  throw new Error(`no admin address in keygate's log within 10 s:\n${server.output()}`)
 }
 
 /**
