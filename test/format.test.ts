@@ -168,6 +168,9 @@ t.test('scrub redacts keys in log text', async (t) => {
     t.ok(out.includes('[redacted]') && !out.includes(k.slice(3)) && !out.includes(uuid), `${glued.slice(0, 12)}… is redacted`, { out })
   }
   t.equal(scrub(`Bearer%20${k}`), 'Bearer%20[redacted]')
+  // Its `_`s percent-encoded, as a path may carry it (the access log writes the path as sent).
+  t.equal(scrub(`/p/${k.replaceAll('_', '%5F')}/x`), '/p/[redacted]/x')
+  t.equal(scrub(`/p/${custom.replaceAll('_', '%5f')}`), '/p/[redacted]', 'in either letter case')
   const plain = 'key kg_3hF9aK2LmQxZ rotated by cli:alice, request 5b1f, 2001:db8::1'
   t.equal(scrub(plain), plain, 'ids and ordinary text are kept')
 
