@@ -6,6 +6,7 @@
 // ways, every client-sent X-Keygate-* header is dropped (in any spelling an upstream reads as it:
 // headerReading), and every X-Forwarded-* unless the peer is
 // a trusted proxy; then X-Forwarded-For/-Proto/-Host, the identity headers and X-Request-Id set.
+import { hash } from 'node:crypto'
 import type { IncomingHttpHeaders, ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
@@ -226,6 +227,11 @@ export interface Forwarder {
   readonly tunnels: Set<Duplex>
   close(): Promise<void>
   destroy(): Promise<void>
+}
+
+/** The Sec-WebSocket-Accept that answers a WebSocket offer's Sec-WebSocket-Key (RFC 6455 §4.2.2). */
+function webSocketAccept(key: string): string {
+  return hash('sha1', `${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`, 'base64')
 }
 
 function timeoutCode(err: unknown): Verdict {
@@ -850,6 +856,16 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             if (statusCode !== 101) {
               upstream.destroy()
               return failed(new errors.SocketError('bad upgrade'))
+            }
+            // Only a WebSocket server's 101: one that answers the offer's key (RFC 6455 §4.2.2), as
+            // the client would check it. Before (found by a review), any 101 opened the tunnel: an
+            // upstream endpoint that answers 101 without switching (a status passed through from a
+            // parameter, say) left the client a raw connection to it, where each request it sent
+            // went past the gateway's checks.
+            if (answer['sec-websocket-accept'] !== webSocketAccept(s.headers['sec-websocket-key'] as string)) {
+              upstream.destroy()
+              s.message = "The upstream's 101 did not accept the WebSocket key (Sec-WebSocket-Accept, RFC 6455 §4.2.2)."
+              return failed(new errors.SocketError('the upstream answered the WebSocket upgrade 101 without accepting its key'))
             }
             openTunnel(answer, upstream)
           },

@@ -549,5 +549,7 @@ function upgradeProblem(req: http.IncomingMessage): string | undefined {
   if (!isWebSocketOffer(req)) return 'Only WebSocket upgrades are proxied.'
   if (req.method !== 'GET') return 'A WebSocket upgrade must be a GET (RFC 6455 §4.1).'
   if (hasBody(req.headers)) return 'A WebSocket upgrade must not have a body (RFC 6455 §4.1).'
+  // The upstream's 101 must answer it (forward.ts): without one, no answer is a WebSocket server's.
+  if (!req.headers['sec-websocket-key']) return 'A WebSocket upgrade must have a Sec-WebSocket-Key (RFC 6455 §4.1).'
   return undefined
 }

@@ -2,6 +2,7 @@
 import t from 'tap'
 import net from 'node:net'
 import { bearer, converse, echo, makeConfig, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
+import { switchingHead, WS_OFFER } from './helpers/websocket.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
@@ -276,8 +277,8 @@ t.test("an upstream's Content-Length on a 204 is not passed on (found by a revie
   t.match(after, /"url":"\/after"/)
 
   // Nor on a 101, which has no body either.
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\n\r\n'))
-  const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`)
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => socket.end(switchingHead(req, 'Content-Length: 5\r\n')))
+  const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
   t.match(switched, /^HTTP\/1\.1 101 Switching Protocols\r\n/)
   t.notMatch(switched, /content-length/i, 'a 101 names no length')
 })
@@ -304,8 +305,8 @@ t.test("an upstream's response head: up to gateway.max_response_header_bytes tak
   t.match(huge, /"code":"upstream_unavailable"/)
   t.match(huge, /"message":"The upstream's response head is larger than 65536 bytes \(gateway\.max_response_header_bytes\)\."/, 'naming the cause')
 
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end(Buffer.from('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-L: caf\xe9\r\n\r\n', 'latin1')))
-  const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`)
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => socket.end(Buffer.from(switchingHead(req, 'X-L: caf\xe9\r\n'), 'latin1')))
+  const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
   t.match(switched, /^HTTP\/1\.1 101 Switching Protocols\r\n/)
   t.match(switched, /\r\nx-l: caf\xe9\r\n/, 'the byte 0xE9 as it came')
 })
@@ -1012,8 +1013,8 @@ t.test("keygate_upstream_responses_total counts what the upstream answered, by s
   })
   const k = await h.key()
   for (const status of [200, 204, 301, 404, 404, 500, 503, 503]) t.equal((await h.get(`/${status}`, bearer(k.key))).status, status)
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'))
-  t.match(await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`), /^HTTP\/1\.1 101 /)
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => socket.end(switchingHead(req)))
+  t.match(await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`), /^HTTP\/1\.1 101 /)
   const text = await h.metrics.registry.metrics()
   const count = (c: string) => Number(new RegExp(`^keygate_upstream_responses_total\\{route="api",class="${c}"\\} (\\d+)$`, 'm').exec(text)?.[1])
   t.same(['1xx', '2xx', '3xx', '4xx', '5xx'].map(count), [1, 2, 1, 2, 3], 'by class, the upgrade as 1xx')

@@ -1,9 +1,12 @@
 // Hostile input over raw sockets: each is answered with a 4xx (or the connection closed),
 // nothing reaches the upstream, and the gateway keeps serving.
 import t from 'tap'
+import { createHash } from 'node:crypto'
+import type http from 'node:http'
 import net from 'node:net'
 import { gzipSync } from 'node:zlib'
 import { bearer, converse, startGateway, type Harness, type UpstreamHandler } from './helpers/gateway.ts'
+import { switchingHead } from './helpers/websocket.ts'
 
 /**
  * Writes `text` on a new connection and resolves with what came back: at the first whole response
@@ -127,6 +130,39 @@ t.test('hostile requests', async (t) => {
   t.same(h.upstream.received.slice(beforeOld).map((r) => [r.url, r.headers.upgrade]), [['/ws-1.0', undefined]], 'forwarded without the offer')
 })
 
+t.test("a WebSocket tunnel opens only on a WebSocket server's 101, one that accepts the offer's key; an offer without a key is refused", async (t) => {
+  // Before (found by a review): any 101 opened the tunnel. An upstream endpoint that answers 101
+  // without switching (a status passed through from a parameter) left the client a raw
+  // connection to it: each request sent on it went past the gateway's checks.
+  const h = await startGateway(t)
+  const k = await h.key()
+  const offer = (key = 'dGhlIHNhbXBsZSBub25jZQ==') => `GET /ws HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ${key}\r\n\r\n`
+  let answer = (_req: http.IncomingMessage): string => ''
+  let offers = 0
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => {
+    offers++
+    socket.end(`${answer(req)}TUNNELLED`)
+  })
+  for (const [what, head] of [
+    ['without Sec-WebSocket-Accept', () => 'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n'],
+    ["with another key's", () => `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${createHash('sha1').update('another258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64')}\r\n\r\n`],
+  ] as const) {
+    answer = head
+    const refused = await send(h.port, offer())
+    t.match(refused, /^HTTP\/1.1 502 /, `a 101 ${what} is 502`)
+    t.match(refused, /"code":"upstream_unavailable"[^]*did not accept the WebSocket key/, 'naming why')
+    t.notMatch(refused, /TUNNELLED/, 'nothing the upstream sent after it reaches the client')
+  }
+  answer = (req) => switchingHead(req)
+  const accepted = await send(h.port, offer('x3JJHMbDL1EzLkh9GBhXDw=='))
+  t.match(accepted, /^HTTP\/1.1 101 [^]*\r\n\r\nTUNNELLED$/, "a 101 that accepts the offer's key opens the tunnel")
+  const before = offers
+  const keyless = await send(h.port, `GET /ws HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n`)
+  t.match(keyless, /^HTTP\/1.1 400 [^]*must have a Sec-WebSocket-Key/, 'an offer without a key is 400')
+  t.equal(offers, before, 'and not forwarded')
+  t.equal((await h.get('/still', bearer(k.key))).status, 200, 'the gateway still serves')
+})
+
 t.test('a CONNECT whose client resets the connection as the 405 arrives: the gateway lives on', async (t) => {
   const h = await startGateway(t)
   // Before, the reset was an 'error' on a socket Node had left without a listener: the process ended.
@@ -144,7 +180,7 @@ t.test('a CONNECT whose client resets the connection as the 405 arrives: the gat
 
 /** The upstream accepts a WebSocket upgrade at once, sends `WSDATA` through the tunnel and ends it. */
 function acceptUpgrades(h: Harness): void {
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nWSDATA'))
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => socket.end(`${switchingHead(req)}WSDATA`))
 }
 const SLOW_BODY = 'first-half/second-half'
 /** An upstream slow to answer: the head and the first half of the body at once (after 300 ms for a POST), the second half 400 ms later. */
@@ -189,9 +225,9 @@ t.test('an upgrade with a bad key, or a CONNECT, pipelined behind a slow GET: re
 t.test('a WebSocket upgrade that is not a GET, or that has a body, is 400 bad_request and never reaches the upstream (found by a review)', async (t) => {
   const h = await startGateway(t)
   let upgrades = 0
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => {
     upgrades++
-    socket.end('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nWSDATA')
+    socket.end(`${switchingHead(req)}WSDATA`)
   })
   const k = await h.key()
   const handshake = `Host: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n`

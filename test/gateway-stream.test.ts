@@ -8,6 +8,7 @@ import net from 'node:net'
 import { Readable } from 'node:stream'
 import { request } from 'undici'
 import { bearer, converse, followRaw, sleep, startGateway, unlessHung, uploadWhileAnswered, type RawOutcome, type Tap } from './helpers/gateway.ts'
+import { switchingHead } from './helpers/websocket.ts'
 
 const MB = Number(process.env.KEYGATE_TEST_BIG_BODY_MB ?? 200)
 const TOTAL = MB * 1024 * 1024
@@ -328,9 +329,9 @@ t.test('a WebSocket tunnel whose upstream reads slowly is not idle while bytes s
   const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
   let upstreamTotal = 0
   let upstreamClosed = false
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket, head: Buffer) => {
+  h.upstream.server.on('upgrade', (req, socket: net.Socket, head: Buffer) => {
     upstreamTotal += head.length
-    socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n')
+    socket.write(switchingHead(req))
     socket.pause()
     // Reads 8 KiB every 100 ms (80 KiB/s): the client's flood is held back by the gateway.
     const reader = setInterval(() => {
@@ -378,8 +379,8 @@ t.test('a tunnel whose client sent its FIN, and whose upstream never answers wit
   // Before the fix of the review: the pipe pauses a side whose end came, and the idle watch took
   // that for back-pressure; the tunnel stayed open (still after 10 s with a 1 s setting).
   const h = await startGateway(t, { config: { gateway: { tunnel_idle_timeout_s: 1 } } })
-  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
-    socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n')
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => {
+    socket.write(switchingHead(req))
     socket.on('error', () => {})
     socket.resume() // reads, never ends its side
     t.teardown(() => socket.destroy())

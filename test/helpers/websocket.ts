@@ -5,11 +5,19 @@ import type http from 'node:http'
 import type { Duplex } from 'node:stream'
 import { WebSocket } from 'undici'
 
+/** The lines of a WebSocket offer besides Connection and Upgrade (RFC 6455 §4.1), the key of its example. */
+export const WS_OFFER = 'Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n'
+
+/** A WebSocket server's 101 to `req`, its key accepted, with `fields` (header lines, each ending in CRLF) added. */
+export function switchingHead(req: http.IncomingMessage, fields = ''): string {
+  const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
+  return `HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n${fields}\r\n`
+}
+
 /** Answers the upgrade with 101 and echoes small text frames; `seen` collects the upgrade requests' headers. */
 export function acceptWebSocket(req: http.IncomingMessage, socket: Duplex, seen: http.IncomingHttpHeaders[] = []): void {
   seen.push(req.headers)
-  const accept = createHash('sha1').update(`${req.headers['sec-websocket-key']}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64')
-  socket.write(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`)
+  socket.write(switchingHead(req))
   let buf = Buffer.alloc(0)
   socket.on('data', (d: Buffer) => {
     buf = Buffer.concat([buf, d])
