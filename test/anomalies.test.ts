@@ -13,11 +13,12 @@ import { connectRedis } from '../core/redis.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { createLogger, silentLogger, type Logger } from '../core/log.ts'
-import type { Db } from '../core/db.ts'
+import { openDb, type Db } from '../core/db.ts'
+import pg from 'pg'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, freshDatabase, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 /**
@@ -445,6 +446,51 @@ t.test('Redis down for several checks is one warning for the outage, and one lin
     return said('info').length > 0
   })
   t.match(said('info'), [{ message: /Redis answers again/ }], 'its return is said once')
+  for (let i = 0; i < 3; i++) await interval()
+  t.equal(said('info').length, 1, 'and nothing more while it answers')
+  t.equal(said('warn').length, 1, 'nor another warning')
+})
+
+t.test('the store down for several checks is one warning for the outage, and one line when it answers again', async (t) => {
+  // Before (found by the anomalies review): a warning at every check for every key that was
+  // active in an hour not yet judged (its usage history could not be read) and for every finding
+  // (it could not be recorded): 500 lines in 12 s for 20 keys whose history could not be read
+  // (every active key is one when the hour turns during an outage), where the gateway's key
+  // look-ups log one warning an outage.
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  const db = await openDb({ databaseUrl: through, poolMax: 2 })
+  t.teardown(() => db.close())
+  await migrate(db)
+  const lines: Array<{ level: string; message: string }> = []
+  const log = createLogger({ level: 'debug', write: (l) => void lines.push(JSON.parse(l)) })
+  const thresholds = { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 1 }
+  const detector = new AnomalyDetector({ db, thresholds, channel: 'unused', log, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+  t.teardown(() => detector.close())
+  let n = 0
+  /** One check interval with traffic: a key new in this hour (its history is read) over the request rate (a finding is recorded). */
+  const interval = async () => {
+    const keyId = `k_store_down_${++n}`
+    for (let i = 0; i < 2; i++) detector.count(keyId, 'forwarded', Date.now(), '192.0.2.1', 200)
+    await detector.check()
+  }
+  const said = (level: string) => lines.filter((l) => l.level === level && l.message !== 'anomaly detected')
+  await interval()
+  t.same(said('warn'), [], 'nothing said while the store answers')
+  t.equal(lines.filter((l) => l.message === 'anomaly detected').length, 1, 'and the finding recorded')
+  // Down: the pooled connections end, and a new one is dropped at once.
+  gate.set('shut')
+  const admin = new pg.Client({ connectionString: url })
+  await admin.connect()
+  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
+  await admin.end()
+  for (let i = 0; i < 5; i++) await interval()
+  t.equal(said('warn').length, 1, 'one warning for five checks of the outage, each with a history read and a finding refused')
+  t.ok(said('debug').length >= 9, 'each failure after it at debug')
+  gate.set('open')
+  await interval()
+  t.match(said('info'), [{ message: /store answers again/ }], 'its return is said once')
+  t.equal(lines.filter((l) => l.message === 'anomaly detected').length, 2, 'and the next finding recorded')
   for (let i = 0; i < 3; i++) await interval()
   t.equal(said('info').length, 1, 'and nothing more while it answers')
   t.equal(said('warn').length, 1, 'nor another warning')
