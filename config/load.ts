@@ -160,7 +160,12 @@ function readYaml(file: string, problems: string[]): Record<string, unknown> {
   const lines = new LineCounter()
   const doc = parseDocument(text, { uniqueKeys: true, prettyErrors: false, lineCounter: lines })
   if (doc.errors.length > 0) {
-    for (const e of doc.errors) problems.push(located(file, e.linePos?.[0] ?? lines.linePos(e.pos[0]), yamlErrorWords(e.code, e.message)))
+    for (const e of doc.errors) {
+      const words = yamlErrorWords(e.code, e.message)
+      // The parser's stack overflow may be told twice (its parse, then its regular expression).
+      if (words === TOO_DEEP && problems.some((p) => p.endsWith(TOO_DEEP))) continue
+      problems.push(located(file, e.linePos?.[0] ?? lines.linePos(e.pos[0]), words))
+    }
     return {}
   }
   // A key that is a mapping or a list (`? {database: secret}`) would be turned into text by the
@@ -236,7 +241,14 @@ const YAML_ERROR_WORDS: Readonly<Record<string, string>> = {
   MULTIPLE_DOCS: 'the file holds more than one YAML document (---); keygate reads one',
 }
 
+/**
+ * A document nested some hundreds of levels deep overflows the parser's stack: said so, not as
+ * the engine's "Maximum call stack size exceeded" (before, found by a review of the CLI).
+ */
+const TOO_DEEP = 'nests too deeply to be read (hundreds of levels); a configuration nests a few'
+
 function yamlErrorWords(code: string, message: string): string {
+  if (/Maximum call stack size exceeded|Stack overflow/.test(message)) return TOO_DEEP
   return YAML_ERROR_WORDS[code] ?? (message.split('\n')[0] as string)
 }
 

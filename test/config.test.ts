@@ -565,6 +565,21 @@ t.test('an alias inside its own anchor (a cycle) is a problem at its line, not a
   t.equal(r.stderr, `keygate: invalid configuration:\n  ${list}:2:36: ${words}\n`)
 })
 
+t.test('a document nested too deeply for the parser is one problem at its place, in words', async (t) => {
+  // Before (found by a review): the engine's "Maximum call stack size exceeded", and the same
+  // overflow again as "Invalid regular expression: ... Stack overflow", each as a problem.
+  const words = 'nests too deeply to be read (hundreds of levels); a configuration nests a few'
+  for (const [name, doc] of [
+    ['lists.yaml', `gateway: ${'['.repeat(3000)}${']'.repeat(3000)}\n`],
+    ['maps.yaml', `gateway: ${'{a: '.repeat(3000)}1${'}'.repeat(3000)}\n`],
+  ] as const) {
+    const file = yamlFile(t, doc, name)
+    const problems = problemsOf({ file, env: {} }).problems
+    t.equal(problems.length, 1, `${name}: one problem`, { problems })
+    t.match(problems[0], new RegExp(`^${file.replaceAll('.', '\\.')}:1:\\d+: ${words.replace(/[()]/g, '\\$&')}$`), name)
+  }
+})
+
 t.test('a YAML value that is no scalar, list or mapping (!!binary, !!set, !!omap, !!timestamp) is one problem of the wrong type', async (t) => {
   const gatewayKeys = `a mapping with the keys ${Object.keys(ConfigSchema.properties.gateway.properties).join(', ')}`
   // Before: the Buffer was walked as a mapping with one unknown key per byte, gateway[0] to
