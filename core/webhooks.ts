@@ -237,6 +237,17 @@ const SLOTS = 20
  * these and no more, and the others' deliveries go on through the rest.
  */
 const PER_WEBHOOK = SLOTS / 4
+/**
+ * Beyond the pool, a webhook with no attempt in flight may start one when the pool is full, up to
+ * this many such attempts at once: a webhook is never kept waiting by the others' slow receivers.
+ * Before, found by a review, four receivers that never answer held all SLOTS (PER_WEBHOOK each)
+ * until their timeouts, again and again while they had deliveries due, and every other webhook
+ * got about one delivery each time a timeout freed a slot (99 revocations took a minute to reach a
+ * healthy receiver with timeout_ms at 3 s; some 17 minutes with the default 10 s). Receivers that
+ * never answer take one of these each beyond the four in the pool, so it takes SLOTS / PER_WEBHOOK +
+ * EXTRA_SLOTS of them hanging at once to hold up the rest again.
+ */
+const EXTRA_SLOTS = 100
 
 /**
  * The store's time in a statement, `$n` standing in for it when not null (a test's clock). A
@@ -818,31 +829,37 @@ export class WebhookService {
   }
 
   /**
-   * A round: a pool of up to SLOTS attempts, PER_WEBHOOK of them to one webhook. It claims as
+   * A round: a pool of up to SLOTS attempts, PER_WEBHOOK of them to one webhook, and, while the
+   * pool is full, up to EXTRA_SLOTS more, one to each webhook with nothing in flight. It claims as
    * slots free (each attempt starts as soon as it is claimed, so its lease covers it) and ends
    * when nothing is in flight and nothing more could be claimed; once closed, it only waits for
    * the attempts in flight.
    */
   async #drain(): Promise<void> {
     const perWebhook = new Map<string, number>()
-    let inFlight = 0
+    let pooled = 0
+    let extra = 0
     let failure: unknown
     for (;;) {
       this.#again = false
-      if (!this.#closed && failure === undefined && inFlight < SLOTS) {
+      const inPool = pooled < SLOTS
+      if (!this.#closed && failure === undefined && (inPool || extra < EXTRA_SLOTS)) {
         let claimed: Claimed[] = []
         try {
-          claimed = await this.#claim(SLOTS - inFlight, perWebhook)
+          // The pool while it has room; else one attempt to each webhook that has none in flight.
+          claimed = inPool ? await this.#claim(SLOTS - pooled, perWebhook, PER_WEBHOOK) : await this.#claim(EXTRA_SLOTS - extra, perWebhook, 1)
         } catch (err) {
           failure = err // no more claims this round; the attempts in flight are still waited for
         }
         for (const c of claimed) {
-          inFlight++
+          if (inPool) pooled++
+          else extra++
           perWebhook.set(c.webhook_id, (perWebhook.get(c.webhook_id) ?? 0) + 1)
           void this.#attempt(c)
             .catch((err: unknown) => this.#log.warn('could not record a webhook delivery attempt; it is retried when its lease ends', { delivery_id: c.id, err: err as Error }))
             .finally(() => {
-              inFlight--
+              if (inPool) pooled--
+              else extra--
               const left = (perWebhook.get(c.webhook_id) ?? 1) - 1
               if (left === 0) perWebhook.delete(c.webhook_id)
               else perWebhook.set(c.webhook_id, left)
@@ -850,10 +867,11 @@ export class WebhookService {
               this.#wake?.()
             })
         }
-        // More may be due than one claim took (it takes at most PER_WEBHOOK of a webhook's).
+        // More may be due than one claim took (it takes at most PER_WEBHOOK of a webhook's), or,
+        // the pool now full, for a webhook with nothing in flight.
         if (claimed.length > 0) continue
       }
-      if (inFlight === 0 && (this.#closed || failure !== undefined || !this.#again)) break
+      if (pooled + extra === 0 && (this.#closed || failure !== undefined || !this.#again)) break
       if (!this.#again) {
         await new Promise<void>((resolve) => (this.#wake = resolve))
         this.#wake = undefined
@@ -863,7 +881,7 @@ export class WebhookService {
   }
 
   /**
-   * Claims up to `slots` due deliveries, oldest due first, at most PER_WEBHOOK less its attempts
+   * Claims up to `slots` due deliveries, oldest due first, at most `cap` less its attempts
    * in flight (`perWebhook`) of one webhook. The fair share is picked from the due rows first
    * (a window function cannot be used with FOR UPDATE), then locked; a row another process
    * claimed meanwhile is skipped or, already moved past `now`, no longer matches. `now` is the
@@ -872,8 +890,8 @@ export class WebhookService {
    * pending rows, migration 0013): a paused webhook holds its pending deliveries, a deleted one
    * waits for purgeDeleted, and neither's rows are read at every poll.
    */
-  async #claim(slots: number, perWebhook: ReadonlyMap<string, number>): Promise<Claimed[]> {
-    const full = [...perWebhook].filter(([, n]) => n >= PER_WEBHOOK).map(([id]) => id)
+  async #claim(slots: number, perWebhook: ReadonlyMap<string, number>, cap: number): Promise<Claimed[]> {
+    const full = [...perWebhook].filter(([, n]) => n >= cap).map(([id]) => id)
     // Most polls find nothing due: a plain index look-up answers that far more cheaply than the
     // claiming statement (which matters on the embedded store, where every statement is costly).
     // The store's time goes back to the claim as the store wrote it (text, to the microsecond):
@@ -895,7 +913,7 @@ export class WebhookService {
          SELECT d.id, d.webhook_id, d.next_attempt_at FROM webhooks w CROSS JOIN LATERAL (
            SELECT id, webhook_id, next_attempt_at FROM webhook_deliveries
            WHERE webhook_id = w.id AND status = 'pending' AND next_attempt_at <= $1::timestamptz
-           ORDER BY next_attempt_at LIMIT $3
+           ORDER BY next_attempt_at LIMIT $7
          ) d
          WHERE ${SENDING} AND w.id <> ALL ($6::text[])
          ORDER BY d.next_attempt_at LIMIT $3
@@ -912,7 +930,7 @@ export class WebhookService {
          FROM due WHERE d.id = due.id RETURNING d.*
        )
        SELECT c.*, w.url, ${SECRET_COLUMNS} FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
-      [probe.now, this.#leaseMs, slots, [...perWebhook.keys()], [...perWebhook.values()], full, PER_WEBHOOK],
+      [probe.now, this.#leaseMs, slots, [...perWebhook.keys()], [...perWebhook.values()], full, cap],
     )
   }
 

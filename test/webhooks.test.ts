@@ -620,6 +620,35 @@ await forEachStore(t, async (t, store) => {
     t.equal(after.filter((d) => d.attempts > 0).length, hanging.received.length, 'and no more were claimed')
   })
 
+  await t.test('receivers that never answer, enough to take every slot, do not hold up the deliveries to another', async (t) => {
+    // Six receivers that hold each request (a firewall dropping the packets, a receiver decommissioned
+    // behind a load balancer that never answers): more than the pool's 20 slots at 5 a webhook.
+    // Before, found by a review, four of them took all 20 and a healthy receiver got about one
+    // delivery each time a timeout freed a slot: 99 revocations took a minute to reach it.
+    const held: Array<() => void> = []
+    const hanging = await Promise.all(Array.from({ length: 6 }, () => startReceiver(t, (_h, res) => held.push(() => res.writeHead(500).end()))))
+    const healthy = await startReceiver(t)
+    const s = service({ timeout_ms: 10_000 })
+    const tag = randomUUID()
+    const slow = await Promise.all(hanging.map((r, i) => s.create({ url: `${r.url}/hangs-${i}/${tag}`, events: ['anomaly.detected'] }, ACTOR)))
+    const fast = await s.create({ url: `${healthy.url}/answers/${tag}`, events: ['anomaly.detected'] }, ACTOR)
+    // (The webhooks an earlier subtest left take them too: at least these seven.)
+    for (let i = 0; i < 40; i++) t.ok((await s.enqueue(event('anomaly.detected', { id: `an_${tag}_${i}` }))) >= 7)
+    const ended = async () => {
+      for (const w of slow) if ((await deliveriesOf(w.webhook.id)).some((d) => d.last_error !== null)) return true
+      return false
+    }
+    // Until the healthy receiver has them all, or the first attempt to a hanging one ends (its timeout).
+    await until(async () => healthy.received.length >= 40 || (await ended()))
+    t.equal(healthy.received.length, 40, 'all 40 arrived at the healthy receiver before any attempt to a hanging one ended')
+    t.notOk(await ended(), 'no attempt to a hanging receiver had ended')
+    for (const [i, r] of hanging.entries()) t.ok(r.received.length >= 1 && r.received.length <= 5, `hanging receiver ${i} holds at most 5 attempts (${r.received.length})`)
+    const closing = s.close()
+    for (const answer of held) answer()
+    await closing
+    for (const w of [...slow, fast]) await s.remove(w.webhook.id, ACTOR)
+  })
+
   // The secrets subtests start from an empty registry: events of other subtests' webhooks would
   // queue deliveries to receivers that are gone.
   const rowOf = async (id: string) => (await store.db.query<any>('SELECT * FROM webhooks WHERE id = $1', [id]))[0]
