@@ -129,6 +129,10 @@ export const ConfigSchema = Type.Object(
         body_idle_timeout_ms: int(60_000, 0, 3_600_000, {
           description: 'A request body that brings nothing for this long is cut off: 408 request_timeout, or the connection closed once the answer has begun (0: never). A body that keeps moving has no time limit.',
         }),
+        send_timeout_ms: int(60_000, 0, 3_600_000, {
+          description:
+            "An answer the client takes none of for this long is cut off: its connection closed and the upstream's response aborted, as nginx's send_timeout (0: never). A client that keeps reading has no time limit.",
+        }),
         shutdown_timeout_ms: int(10_000, 0, 600_000, { description: 'How long in-flight requests may take to finish on SIGTERM.' }),
         tunnel_idle_timeout_s: int(3600, 0, 604_800, {
           description: 'A WebSocket tunnel that carries nothing either way for this long is closed (0: never).',

@@ -211,6 +211,8 @@ interface ForwardOptions {
   tunnelIdleMs: number
   /** A request body that brings nothing for this long is cut off (0: never). */
   bodyIdleMs: number
+  /** An answer the client takes none of for this long is cut off (0: never). */
+  sendIdleMs: number
   /** The largest response head taken from an upstream (undici's maxHeaderSize; its default was 16 KiB). */
   maxResponseHeaderBytes: number
   /** Ends tunnels whose key or address the checks no longer allow. */
@@ -263,6 +265,8 @@ interface ExchangeHooks {
   failed(s: RequestState, err: Error): void
   /** The client went away before the answer's head was written. */
   clientClosed(s: RequestState): void
+  /** The client's socket was full for the first time in this answer: from now on, it is watched for taking none of it. */
+  held(s: RequestState): void
 }
 
 /**
@@ -301,6 +305,8 @@ class Exchange implements Dispatcher.DispatchHandler {
   readonly #timeoutMs: number
   #controller: Dispatcher.DispatchController | undefined
   #streaming = false
+  /** Whether the answer has waited for the client once (ExchangeHooks.held). */
+  #held = false
   #done = false
   #answered = false
   #bodyError: Error | undefined
@@ -369,6 +375,10 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (!res.write(chunk)) {
       controller.pause()
       res.once('drain', () => controller.resume())
+      if (!this.#held) {
+        this.#held = true
+        this.#hooks.held(this.#s)
+      }
     }
   }
 
@@ -456,7 +466,7 @@ function clientGone(s: RequestState): boolean {
 }
 
 export function createForwarder(o: ForwardOptions): Forwarder {
-  const { ctx, router, stripCredential, keySources: sources, guard, tunnelIdleMs, bodyIdleMs, maxResponseHeaderBytes } = o
+  const { ctx, router, stripCredential, keySources: sources, guard, tunnelIdleMs, bodyIdleMs, sendIdleMs, maxResponseHeaderBytes } = o
   const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
@@ -703,6 +713,37 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     req.once('end', stop).once('close', stop)
   }
 
+  /**
+   * An answer the client takes none of for `sendIdleMs` is cut off, as nginx's send_timeout cuts
+   * one: its connection is closed, and with it the upstream's response (Exchange.clientClosed).
+   * Before (found by a review), a client that read the first bytes of a download and then nothing,
+   * without closing, held the upstream's response paused for ever (and a worker of a synchronous
+   * upstream server with it). Watched from the first time the client's socket is full (a client
+   * that keeps up is never watched) until the answer is handed over whole: what waits to be
+   * written on the socket must shrink, or be gone, within each `sendIdleMs`. It shrinks as the
+   * kernel takes more, which it does as the client reads, in steps of up to its send buffer.
+   */
+  const watchSend = (s: RequestState): void => {
+    const res = s.res as NonNullable<RequestState['res']>
+    const socket = res.socket
+    if (sendIdleMs === 0 || socket === null) return
+    let waiting = -1
+    const stop = watchIdle(
+      sendIdleMs,
+      () => {
+        const now = socket.writableLength
+        const moved = now === 0 || now !== waiting
+        waiting = now
+        return moved
+      },
+      () => {
+        ctx.log.info('the client took none of its answer for gateway.send_timeout_ms; its connection is closed', { request_id: s.id, route: s.route?.name, send_timeout_ms: sendIdleMs })
+        socket.destroy()
+      },
+    )
+    res.once('finish', stop).once('close', stop)
+  }
+
   const dispatch = (route: CompiledRoute, request: Dispatcher.DispatchOptions, exchange: Exchange): void => {
     try {
       ;(routePool[route.index] as Pool).dispatch(request, exchange)
@@ -718,7 +759,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const left = Math.max(1, Math.round(route.timeoutMs - (performance.now() - s.upstreamStart)))
     dispatch(route, { ...request, headersTimeout: left }, exchange)
   }
-  const hooks: ExchangeHooks = { startResponse, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s) }
+  const hooks: ExchangeHooks = { startResponse, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s), held: watchSend }
   const forwarder: Forwarder = {
     tunnels,
     forward(s) {

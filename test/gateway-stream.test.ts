@@ -568,3 +568,65 @@ t.test('an upstream that answers at once and reads the whole body as it answers 
   t.match(out, /done\n/, 'the whole body read and answered')
   t.match(out, /second \/second/, 'the next request is answered on the same connection')
 })
+
+t.test('a client that takes none of its answer for gateway.send_timeout_ms is cut off, its upstream response aborted; one that keeps reading, in bursts, is not (found by a review)', async (t) => {
+  // Before, nothing bounded it: a client that read a download's first bytes and then nothing,
+  // without closing, held the upstream's response (a worker of a synchronous upstream server)
+  // paused for as long as it liked (80 s and counting, as nginx's send_timeout would not allow).
+  const SIZE = 64 * 1024 * 1024
+  const closes: Array<(finished: boolean) => void> = []
+  const h = await startGateway(t, {
+    // 1.5 s against pauses of 300 ms: a stall of the test's process (client, gateway and upstream
+    // share its event loop) must last 1.2 s to pass for a client that took nothing.
+    config: { gateway: { send_timeout_ms: 1500 } },
+    upstream: (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(SIZE) })
+      const closed = closes.shift()
+      res.on('close', () => closed?.(res.writableFinished))
+      generate(SIZE).pipe(res)
+    },
+  })
+  const k = await h.key()
+  const ask = (c: net.Socket) => c.write(`GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\n\r\n`)
+  const received = (c: net.Socket) => {
+    let n = 0
+    c.on('data', (d: Buffer) => (n += d.length))
+    c.on('error', () => {})
+    return new Promise<number>((resolve) => c.on('close', () => resolve(n)))
+  }
+
+  // Reads the head and the first bytes, then nothing, and never closes.
+  const stalled = new Promise<boolean>((resolve) => closes.push(resolve))
+  const c = net.connect(h.port, '127.0.0.1')
+  t.teardown(() => c.destroy())
+  const got = received(c)
+  c.once('data', () => c.pause())
+  ask(c)
+  t.equal(await unlessHung(stalled), false, 'the upstream response was aborted, not held paused for ever')
+  c.resume()
+  const n = await unlessHung(got)
+  t.type(n, 'number', "the client's connection was closed")
+  t.ok((n as number) < SIZE, `the client got ${n} bytes, part of the ${SIZE}`)
+
+  // Takes what has come every 300 ms: slow, never idle for the timeout.
+  const finished = new Promise<boolean>((resolve) => closes.push(resolve))
+  const slow = net.connect(h.port, '127.0.0.1')
+  t.teardown(() => slow.destroy())
+  let total = 0
+  let headLength = -1
+  slow.on('data', (d: Buffer) => {
+    total += d.length
+    if (headLength === -1) headLength = d.indexOf('\r\n\r\n') + 4
+    if (total - headLength >= SIZE) slow.end()
+  })
+  const bursts = setInterval(() => {
+    slow.resume()
+    setTimeout(() => slow.pause(), 20)
+  }, 300)
+  t.teardown(() => clearInterval(bursts))
+  ask(slow)
+  t.equal(await unlessHung(finished), true, 'the upstream response to a client reading in bursts went to its end')
+  await unlessHung(new Promise((resolve) => slow.on('close', resolve)))
+  clearInterval(bursts)
+  t.equal(total - headLength, SIZE, 'and the client got all of it')
+})
