@@ -34,6 +34,9 @@ export function keyFromJson(j: KeyJson): KeyRecord {
     lastUsedAt: date(j.last_used_at),
     revokedAt: date(j.revoked_at),
     revokedReason: j.revoked_reason,
+    // As the server judged it: the record alone cannot tell a key past its expiry from one the
+    // scheduler ended earlier (absent from a server older than valid_until: worked out here).
+    ...(j.valid_until === undefined ? {} : { validUntil: date(j.valid_until) }),
   }
 }
 

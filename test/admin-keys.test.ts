@@ -18,6 +18,7 @@ import { IMPORT_MAX_ROWS, ImportRow } from '../core/keys/schemas.ts'
 import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { forEachStore } from './helpers/stores.ts'
 import { createLogger } from '../core/log.ts'
+import { keyJson, keyValidUntil, type KeyRecord } from '../core/keys/types.ts'
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest('hex')
 
@@ -264,6 +265,49 @@ await forEachStore(t, async (t, store) => {
     t.equal(p.json.expires_at, null)
     const f = await h.call('POST', `/v1/keys/${p.json.id}/rotate`, { body: { force: true } })
     t.equal(f.json.previous.valid_until, f.json.previous.revoked_at, 'a forced rotation: valid until the rotation')
+  })
+
+  await t.test('valid_until of a key that has ended, before the scheduler marks its row', async (t) => {
+    // A key past its expiry, and a rotated key past its grace, read `expired` at once, while their
+    // rows say active and rotating until the scheduler's next round (none runs here, as none runs
+    // for the CLI on the embedded store). Their valid_until is when they stopped: the expiry, the
+    // end of the grace. Before (found by a review), it was the row's last change, its creation or
+    // its rotation, as for a key the scheduler ended for a missed rotation deadline.
+    const made = (await h.call('POST', '/v1/keys', { body: { name: 'ended unmarked', type: 'user', expires_at: new Date(Date.now() + 3_600_000).toISOString() } })).json
+    const rotated = (await h.call('POST', '/v1/keys', { body: { name: 'grace ended unmarked', type: 'user' } })).json
+    const successor = (await h.call('POST', `/v1/keys/${rotated.id}/rotate`)).json
+    // Two hours on: made and rotated two hours ago, expired and out of its grace an hour ago.
+    const [ended] = await h.db.query<{ expires_at: Date }>(
+      `UPDATE api_keys SET created_at = created_at - interval '2 hours', updated_at = updated_at - interval '2 hours', expires_at = now() - interval '1 hour' WHERE id = $1 RETURNING expires_at`,
+      [made.id],
+    )
+    const [graced] = await h.db.query<{ grace_until: Date }>(
+      `UPDATE api_keys SET created_at = created_at - interval '2 hours', updated_at = updated_at - interval '2 hours', grace_until = now() - interval '1 hour' WHERE id = $1 RETURNING grace_until`,
+      [rotated.id],
+    )
+    const expiresAt = (ended as { expires_at: Date }).expires_at.toISOString()
+    const graceUntil = (graced as { grace_until: Date }).grace_until.toISOString()
+    const [row] = await h.db.query<{ status: string }>('SELECT status FROM api_keys WHERE id = $1', [made.id])
+    t.equal(row?.status, 'active', 'its row is not marked yet')
+    const got = (await h.call('GET', `/v1/keys/${made.id}`)).json
+    t.match(got, { status: 'expired', valid_until: expiresAt }, 'GET: expired, valid until its expiry')
+    t.match((await h.call('GET', `/v1/keys/${rotated.id}`)).json, { status: 'expired', valid_until: graceUntil }, 'GET: a rotated key, valid until the end of its grace')
+    const listed = (await h.call('GET', '/v1/keys?status=expired&limit=500')).json.items as Array<{ id: string; valid_until: string }>
+    t.equal(listed.find((k) => k.id === made.id)?.valid_until, expiresAt, 'the list: the same')
+    t.equal(listed.find((k) => k.id === rotated.id)?.valid_until, graceUntil)
+    t.equal((await h.call('GET', `/v1/keys/${successor.id}`)).json.valid_until, null, 'the successor works on')
+    // The CLI through the admin API shows the server's valid_until (its VALID UNTIL column, `get`).
+    const remote = remoteOperations(h.url, h.adminKey)
+    t.equal(keyValidUntil(await remote.get(made.id))?.toISOString(), expiresAt, 'the CLI through the API: its expiry')
+    t.equal(keyJson(await remote.get(rotated.id)).valid_until, graceUntil, 'and the end of the grace')
+    const page = await remote.list({ status: 'expired', limit: 500 })
+    t.equal(keyValidUntil(page.items.find((k) => k.id === made.id) as KeyRecord)?.toISOString(), expiresAt)
+    // A row the scheduler marked keeps the rule for a missed rotation deadline: ended at that round.
+    await h.db.query(`UPDATE api_keys SET status = 'expired', updated_at = now() - interval '30 minutes', expires_at = now() + interval '1 hour' WHERE id = $1`, [made.id])
+    const [marked] = await h.db.query<{ updated_at: Date }>('SELECT updated_at FROM api_keys WHERE id = $1', [made.id])
+    const round = (marked as { updated_at: Date }).updated_at.toISOString()
+    t.match((await h.call('GET', `/v1/keys/${made.id}`)).json, { status: 'expired', valid_until: round }, 'a key ended for its rotation deadline: the round that ended it')
+    t.equal(keyValidUntil(await remote.get(made.id))?.toISOString(), round, 'through the API too')
   })
 
   await t.test('a rotate refusal names the key of the lineage that can be rotated', async (t) => {

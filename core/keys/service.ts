@@ -9,7 +9,7 @@ import { decodeCursor, pageOf, type Page } from '../cursor.ts'
 import { fieldInvalid, isKeygateError, KeygateError, keyNotFound, type ErrorCode } from '../errors.ts'
 import { assertValid, firstProblems, MAX_LISTED_PROBLEMS, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
-import { evaluateKey, statusAt } from './evaluate.ts'
+import { evaluateKey, statusAt, validUntilOf } from './evaluate.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
@@ -407,7 +407,9 @@ export class KeyService {
    */
   #asOf(k: KeyRecord, now: Date): KeyRecord {
     const status = statusAt(k, now)
-    return status === k.status ? k : { ...k, status }
+    // Ended by its expiry or grace, which its row holds (before, found by a review, valid_until
+    // read the row's updated_at, its creation or rotation, as for a key the scheduler ended).
+    return status === k.status ? k : { ...k, status, validUntil: new Date(validUntilOf(k)) }
   }
 
   /** The keys of these ids that exist (one query), by id. */

@@ -34,6 +34,13 @@ export interface KeyRecord {
   lastUsedAt: Date | null
   revokedAt: Date | null
   revokedReason: string | null
+  /**
+   * When the key stops (or stopped) being accepted, where its row cannot tell (keyValidUntil works
+   * it out otherwise): a status the key service derived (a key past its expiry or grace reads
+   * `expired` before the scheduler marks its row, and ended then, not at the row's last change),
+   * or the API's `valid_until` as the CLI received it.
+   */
+  validUntil?: Date | null
 }
 
 const iso = (d: Date | null) => (d ? d.toISOString() : null)
@@ -82,6 +89,7 @@ export type KeyJson = ReturnType<typeof keyJson>
  * the revocation's time: the row keeps no other trace of that end than its audit entry.
  */
 export function keyValidUntil(k: KeyRecord): Date | null {
+  if (k.validUntil !== undefined) return k.validUntil
   let until = k.expiresAt ? k.expiresAt.getTime() : Infinity
   if (k.graceUntil) until = Math.min(until, k.graceUntil.getTime())
   if (k.status === 'revoked') until = Math.min(until, (k.revokedAt ?? k.updatedAt).getTime())
