@@ -128,17 +128,18 @@ const answering = new WeakSet<Duplex>()
  * Answers a connection the HTTP parser gave up on: `answer` writes the refusal on the socket
  * once the responses to the requests before the one that did not parse are written. A request
  * whose body the parser gave up on never finishes: the refusal is its answer, or the connection
- * is closed when its own answer has begun. Node reports the failure again as more bytes arrive:
- * only the first is answered.
+ * is closed when its own answer has begun. `answer` is given that request's response, when the
+ * failure is in its body. Node reports the failure again as more bytes arrive: only the first is
+ * answered.
  */
-export function answerClientError(socket: Duplex, answer: () => void): void {
+export function answerClientError(socket: Duplex, answer: (pending: ServerResponse | undefined) => void): void {
   if (answering.has(socket)) return
   answering.add(socket)
   afterResponses(
     socket,
     (pending) => {
       if (!socket.writable || pending?.headersSent === true) socket.destroy()
-      else answer()
+      else answer(pending)
     },
     (res) => !res.req.complete,
   )

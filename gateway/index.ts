@@ -31,7 +31,7 @@ import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
-import { keyChallenges, logAccess, loggedPath, sendError } from './respond.ts'
+import { keyChallenges, logAccess, loggedPath, record, sendError } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
@@ -266,6 +266,10 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   server.maxHeadersCount = g.max_headers + 1
   trackConnections(server)
 
+  // The request of each body being read: a parser error inside it (a malformed chunk, the
+  // client's end part-way) is that request's, counted and logged once under its route and id.
+  const reading = new WeakMap<http.IncomingMessage, RequestState>()
+
   const forward = forwarder.forward
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     // An Upgrade offer declined (any but WebSocket's, shouldUpgradeCallback below): Node's parser
@@ -290,7 +294,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       res.end(body)
       return
     }
-    run(new RequestState(req, res, undefined, undefined, performance.now()), forward)
+    const s = new RequestState(req, res, undefined, undefined, performance.now())
+    if (hasBody(s.headers)) reading.set(req, s)
+    run(s, forward)
   }
   server.on('request', onRequest)
   // Expect: 100-continue is answered only once the request has passed every check.
@@ -368,7 +374,15 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       return
     }
     const start = performance.now()
-    answerClientError(socket, () => {
+    answerClientError(socket, (pending) => {
+      // The body of a request being answered broke: not a request of its own, without route or
+      // method, beside that one's own count (before, found by a review, each such upload was
+      // counted twice, logged twice, and answered under an id the upstream never saw).
+      const s = pending !== undefined ? reading.get(pending.req) : undefined
+      if (s !== undefined) {
+        bodyRefused(s, err, socket)
+        return
+      }
       const code = clientErrorCode(err)
       const id = nextId()
       countUnrouted(code, start, id, socket)
@@ -376,6 +390,21 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       rawError(socket, code, id)
     })
   })
+
+  /**
+   * A request's body the parser gave up on, before its answer began. The client's end part-way
+   * through it: the client went away (client_closed, recorded as the request's connection
+   * closes). A malformed body: 400 bad_request, as this request, once.
+   */
+  const bodyRefused = (s: RequestState, err: NodeJS.ErrnoException, socket: Duplex): void => {
+    if (err.code === 'HPE_INVALID_EOF_STATE' || s.recorded) {
+      socket.destroy()
+      return
+    }
+    record(ctx, s, 'bad_request', ERRORS.bad_request.status)
+    log.debug('refused a malformed request body', { request_id: s.id, code: err.code ?? null })
+    rawError(socket, 'bad_request', s.id)
+  }
 
   // An open WebSocket tunnel's key is read again whenever the key changes. Many keys at once go
   // in one pass over the cache and one store read per 500 tunnelled keys: a pass per key cost

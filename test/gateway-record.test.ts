@@ -94,6 +94,62 @@ t.test('a client that gives up before the upstream answers: recorded once as cli
   ])
 })
 
+t.test('an upload whose body the parser refuses, or that its client ends part-way: counted, logged and answered once, as that request (found by a review)', async (t) => {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  // The upstream takes each request's head and holds it: the body is still coming when it breaks.
+  const ids: string[] = []
+  let arrival: () => void = () => {}
+  const h = await startGateway(t, {
+    store: await store,
+    log,
+    config: { log: { access_log: true } },
+    upstream: (req: http.IncomingMessage) => {
+      ids.push(String(req.headers['x-request-id']))
+      req.resume()
+      arrival()
+    },
+  })
+  const k = await h.key()
+  const accessLines = () => lines.filter((l) => l.message === 'request')
+  const lineOf = (id: string | undefined) => accessLines().some((l) => l.request_id === id)
+  const head = (framing: string) => `POST /upload HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\n${framing}\r\n\r\n`
+
+  // A chunk size that is not hexadecimal, once the upstream has the request.
+  const arrived = new Promise<void>((r) => (arrival = r))
+  const socket = net.connect(h.port, '127.0.0.1', () => socket.write(head('Transfer-Encoding: chunked') + '5\r\nhello\r\n'))
+  socket.on('error', () => {})
+  let answer = ''
+  socket.setEncoding('latin1').on('data', (d: string) => (answer += d))
+  const closed = new Promise<void>((r) => socket.on('close', () => r()))
+  await arrived
+  socket.write('zz\r\nbad\r\n')
+  await closed
+  t.match(answer, /^HTTP\/1\.1 400 /, 'answered 400')
+  const body = JSON.parse(answer.slice(answer.indexOf('\r\n\r\n') + 4)) as { error: { code: string; request_id: string } }
+  t.equal(body.error.code, 'bad_request')
+  t.equal(body.error.request_id, ids[0], 'under the id the upstream was given for it (before: a new one, of a request of its own)')
+  await until(t, 'the malformed upload is logged', () => lineOf(ids[0]), HANG)
+  t.equal(await sample(h, requests('api', 'bad_request')), 1, 'bad_request, on its route')
+  t.equal(await sample(h, requests('api', 'client_closed')), 0, 'not client_closed: the client was there, and was answered (before, it was)')
+  t.equal(await sample(h, requests('none', 'bad_request')), 0, 'nor a request of no route beside it (before, it was also that)')
+
+  // A Content-Length body whose client ends its side part-way (a client that gives up closes so).
+  const arrived2 = new Promise<void>((r) => (arrival = r))
+  await abandon(h.port, head('Content-Length: 100000') + 'a'.repeat(1000), arrived2)
+  await until(t, 'the upload its client ended is logged', () => lineOf(ids[1]), HANG)
+  t.equal(await sample(h, requests('api', 'client_closed')), 1, 'client_closed, on its route')
+  t.equal(await sample(h, requests('none', 'bad_request')), 0, 'and not also bad_request of no route (before, it was)')
+
+  t.equal(await sample(h, durations('api')), 2, 'each timed once')
+  t.equal(await sample(h, durations('none')), 0, 'and only once')
+  t.match(accessLines(), [
+    { request_id: ids[0], method: 'POST', path: '/upload', status: 400, outcome: 'bad_request', route: 'api', key_id: k.id },
+    { request_id: ids[1], method: 'POST', path: '/upload', status: 499, outcome: 'client_closed', route: 'api', key_id: k.id },
+  ])
+  t.equal(accessLines().length, 2, 'one access-log line each (before, two each)')
+})
+
 t.test('a WebSocket client that leaves while the upstream takes the upgrade: recorded once as client_closed', async (t) => {
   const { h, k, used, accessLines } = await setup(t)
   const upgrade = `GET /ws HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
