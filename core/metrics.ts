@@ -8,12 +8,14 @@ import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 import type { FlushReason } from './invalidation.ts'
 
 /**
- * What became of a gateway request: forwarded, the error code it was answered with, or
- * `client_closed` (the client went away before the answer's head was written: nginx's 499).
+ * What became of a gateway request: forwarded, the error code it was answered with,
+ * `client_closed` (the client went away before the answer's head was written: nginx's 499), or
+ * `cut_at_shutdown` (the gateway ended its connection unanswered at the shutdown deadline).
  */
 export const GATEWAY_OUTCOMES = [
   'forwarded',
   'client_closed',
+  'cut_at_shutdown',
   'key_missing',
   'key_invalid',
   'key_expired',
@@ -368,7 +370,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   const registers = [registry]
   const requests = talliedCounter({
     name: 'keygate_gateway_requests_total',
-    help: 'Gateway requests by route and outcome (forwarded, client_closed, or the error code answered).',
+    help: 'Gateway requests by route and outcome (forwarded, client_closed, cut_at_shutdown, or the error code answered).',
     labelNames: ['route', 'outcome'],
     registers,
   })

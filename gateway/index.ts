@@ -99,7 +99,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const now: () => number = clock ? () => clock().getTime() : Date.now
   const router = new Router(config.routes)
   const routeMetrics = router.routes.map((r) => metrics.route(r.name))
-  const ctx: GatewayContext = { metrics, routeMetrics, log, router, accessLog: config.log.access_log, challenges: keyChallenges(config.gateway.key_sources), usage: deps.usage ?? NO_USAGE, now, closing: false }
+  const ctx: GatewayContext = { metrics, routeMetrics, log, router, accessLog: config.log.access_log, challenges: keyChallenges(config.gateway.key_sources), usage: deps.usage ?? NO_USAGE, now, closing: false, cut: false }
   const nextId = createRequestIdGenerator()
 
   const cluster = deps.clusterLimits === true
@@ -545,6 +545,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         await forwarder.close()
       } else {
         log.warn('shutdown deadline passed; closing the remaining connections', { timeout_ms: timeoutMs })
+        // What is still unanswered is cut by the gateway: cut_at_shutdown, not client_closed.
+        ctx.cut = true
         destroyConnections(server)
         await forwarder.destroy()
       }

@@ -23,6 +23,9 @@ export function keyChallenges(sources: readonly string[]): { missing: string; in
 /** The access log's status of a request whose client went away before its answer (nginx's). */
 export const CLIENT_CLOSED_STATUS = 499
 
+/** The access log's status of a request whose connection the gateway ended unanswered at the shutdown deadline (nginx's 444, a connection closed without a response). */
+export const CUT_STATUS = 444
+
 /**
  * Counts the request and observes its latency, when the response head is written or the client
  * is found gone; a request already recorded is not counted again.
@@ -38,7 +41,7 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   // A client that went away used its key (the request passed every check and went upstream, or
   // would have): counted as a request of the key, but neither as a refusal nor as an error
   // answer (no answer was given, and a slow upstream is not the key's doing).
-  if (outcome === 'client_closed') ctx.usage.count(s.key?.id, 'forwarded', ctx.now(), s.address)
+  if (outcome === 'client_closed' || outcome === 'cut_at_shutdown') ctx.usage.count(s.key?.id, 'forwarded', ctx.now(), s.address)
   else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status, s.refusedKeyId)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
@@ -88,9 +91,14 @@ export function logAccess(
   })
 }
 
-/** Records a request whose client went away before it was answered (once, as every request). */
+/**
+ * Records a request whose connection closed before it was answered (once, as every request): its
+ * client went away, or, past the shutdown deadline, the gateway ended it (before, found by a
+ * review, those too were logged 499 client_closed, blaming the client for a cut a deploy made).
+ */
 export function recordClientClosed(ctx: GatewayContext, s: RequestState): void {
-  record(ctx, s, 'client_closed', CLIENT_CLOSED_STATUS)
+  if (ctx.cut) record(ctx, s, 'cut_at_shutdown', CUT_STATUS)
+  else record(ctx, s, 'client_closed', CLIENT_CLOSED_STATUS)
 }
 
 function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, status: number, length: number): OutgoingHttpHeaders {

@@ -110,4 +110,6 @@ export interface GatewayContext {
   readonly now: () => number
   /** Set by shutdown: answers carry `Connection: close`. */
   closing: boolean
+  /** Set at the shutdown deadline: the connections ended from then on are the gateway's doing, not their clients'. */
+  cut: boolean
 }

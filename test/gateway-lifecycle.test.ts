@@ -4,7 +4,8 @@ import t from 'tap'
 import http from 'node:http'
 import net from 'node:net'
 import { Agent, request, WebSocket } from 'undici'
-import { ACTOR, bearer, listen, sleep, startGateway, unlessHung, until } from './helpers/gateway.ts'
+import { createLogger } from '../core/log.ts'
+import { ACTOR, bearer, listen, metric, sleep, startGateway, unlessHung, until } from './helpers/gateway.ts'
 import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
 
 t.test('WebSocket with and without a key', async (t) => {
@@ -303,6 +304,30 @@ t.test('graceful shutdown: the deadline force-closes what is left', async (t) =>
   await sleep(100)
   t.equal(await unlessHung(h.gateway.shutdown(300).then(() => 'returned')), 'returned', 'shutdown returned at its deadline, the request still unanswered')
   t.equal(await unlessHung(hanging), 'closed')
+})
+
+t.test('graceful shutdown: a request the deadline cuts is recorded as cut by the gateway, not as its client gone (found by a review)', async (t) => {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  let arrival: () => void = () => {}
+  const arrived = new Promise<void>((r) => (arrival = r))
+  const h = await startGateway(t, { log, config: { log: { access_log: true } }, upstream: () => arrival(), routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 600_000 }] })
+  const k = await h.key()
+  const hanging = request(`${h.url}/never`, { headers: bearer(k.key), dispatcher: new Agent() }).then(
+    () => 'answered',
+    () => 'closed',
+  )
+  await arrived
+  t.equal(await unlessHung(h.gateway.shutdown(100).then(() => 'returned')), 'returned')
+  t.equal(await unlessHung(hanging), 'closed', 'the client saw its connection closed, unanswered')
+  const series = (outcome: string) => metric(h.metrics.registry, 'keygate_gateway_requests_total', { route: 'api', outcome })
+  await until(t, 'the request is recorded', () => lines.some((l) => l.message === 'request'), 10_000)
+  t.equal(await series('cut_at_shutdown'), 1, 'counted as cut at the shutdown deadline')
+  t.equal(await series('client_closed'), 0, 'not as a client that went away (before, it was: 499)')
+  t.match(
+    lines.filter((l) => l.message === 'request'),
+    [{ path: '/never', status: 444, outcome: 'cut_at_shutdown', route: 'api', key_id: k.id }],
+  )
 })
 
 t.test('IPv6 listener and clients', async (t) => {
