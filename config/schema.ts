@@ -354,7 +354,7 @@ export const ConfigSchema = Type.Object(
     log: Type.Object(
       {
         level: Type.Union(['debug', 'info', 'warn', 'error'].map((l) => Type.Literal(l)), { default: 'info', description: 'Lowest level logged.', env: 'LOG_LEVEL' }),
-        access_log: Type.Boolean({ default: false, description: 'One log line per gateway request.', env: 'KEYGATE_ACCESS_LOG' }),
+        access_log: Type.Boolean({ default: false, description: 'One log line per gateway request, at info: a log.level of warn or error leaves them out.', env: 'KEYGATE_ACCESS_LOG' }),
       },
       { additionalProperties: false, default: {} },
     ),
