@@ -168,22 +168,23 @@ function renewable(first: TlsPair): { source: TlsSource; renew(pair: TlsPair): v
  * the two files make a usable pair: one read half-way through a renewal (the new certificate
  * beside the old key) keeps the pair in use, and says so.
  */
-function tlsFiles(tls: { cert: string; key: string }, log: Logger): TlsSource {
+function tlsFiles(tls: { cert: string; key: string }, log: Logger, listener: 'gateway' | 'admin'): TlsSource {
   const read = (): TlsPair => ({ cert: readFileSync(tls.cert), key: readFileSync(tls.key) })
   let current: ReturnType<typeof renewable>
   try {
     current = renewable(read())
   } catch (err) {
-    throw new KeygateError('config_invalid', `the TLS certificate ${tls.cert} or its key cannot be read: ${systemErrorWords(err)}`, undefined, { cause: err })
+    throw new KeygateError('config_invalid', `the ${listener} listener's TLS certificate ${tls.cert} or its key cannot be read: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
   process.on('SIGHUP', () => {
     try {
       const renewed = read()
       createSecureContext(renewed)
       current.renew(renewed)
-      log.info('reloaded TLS certificate', { cert: tls.cert })
+      log.info('reloaded TLS certificate', { listener, cert: tls.cert })
     } catch (err) {
-      log.error('could not reload TLS certificate; keeping the old one', { cert: tls.cert, err: err as Error })
+      // Which listener, as both may name files (found by a review of operations).
+      log.error('could not reload TLS certificate; keeping the old one', { listener, cert: tls.cert, err: err as Error })
     }
   })
   return current.source
@@ -791,7 +792,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         usage: teeUsage(usage, ev.detector),
         events: ev.events,
         ...(redis ? { redis } : {}),
-        createServer: (options) => createServer(mode.gatewayTls ?? (config.gateway.tls && tlsFiles(config.gateway.tls, log)), options),
+        createServer: (options) => createServer(mode.gatewayTls ?? (config.gateway.tls && tlsFiles(config.gateway.tls, log, 'gateway')), options),
       })
       if (mode.worker) {
         // What the primary's admin API changes reaches this worker from here on; and the lockouts
@@ -820,7 +821,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       admin = createAdminServer({
         routes,
         log,
-        server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log), ADMIN_SERVER_OPTIONS),
+        server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), ADMIN_SERVER_OPTIONS),
         allowedHosts: config.admin.allowed_hosts,
         ...(role.admin ? {} : { noApi: 'this process serves the gateway only (serve --only gateway): the admin API is served by a keygate serve --only admin, or one without --only' }),
       })
@@ -946,7 +947,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const stopping = stopSignal(log, { worker: false })
   // The gateway's certificate is read and checked here, for every worker; a renewal (SIGHUP)
   // reaches them all, and a worker started later gets the pair in use.
-  const gatewayTls = config.gateway.tls ? tlsFiles(config.gateway.tls, log) : undefined
+  const gatewayTls = config.gateway.tls ? tlsFiles(config.gateway.tls, log, 'gateway') : undefined
   gatewayTls?.onRenewal((pair) => tellWorkers(live, { keygate: 'tls', tls: toWire(pair) }))
   const runtime = await openUnlessStopped(config, log, stopping)
   // However the primary ends (its stop's backstop, a second signal, a failure), no worker outlives
@@ -1172,7 +1173,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev, undefined, () => ownLockout?.lockedOutRequests.inc()) : undefined
     if (api) routes.push(...api.routes)
-    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log), ADMIN_SERVER_OPTIONS), allowedHosts: config.admin.allowed_hosts })
+    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), ADMIN_SERVER_OPTIONS), allowedHosts: config.admin.allowed_hosts })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
     const bound = async () => ({ at: await listen(admin, config.admin.listen), gateway: await reserveGatewayAddress(config.gateway.listen) })

@@ -96,6 +96,7 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
   const reloadedBefore = s.logs.filter((l) => l.message === 'reloaded TLS certificate').length
   s.child.kill('SIGHUP')
   await s.waitForLog(() => s.logs.filter((l) => l.message === 'reloaded TLS certificate').length >= reloadedBefore + 2)
+  t.same(s.logs.filter((l) => l.message === 'reloaded TLS certificate').slice(reloadedBefore).map((l) => l.listener).sort(), ['admin', 'gateway'], 'each line names its listener')
   const again = await get(`${gateway}/same-connection`, kept, auth)
   t.same([again.status, again.reused, again.fingerprint], [200, true, a.fingerprint], 'the open connection stays open, on its handshake')
   const fresh = await get(`${gateway}/new-connection`, new https.Agent({ ca }), auth)
@@ -104,7 +105,8 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
 
   writeFileSync(key, 'not a key\n')
   s.child.kill('SIGHUP')
-  await s.waitForLog((l) => l.message === 'could not reload TLS certificate; keeping the old one')
+  await s.waitForLog(() => s.logs.filter((l) => l.message === 'could not reload TLS certificate; keeping the old one').length >= 2)
+  t.same(s.logs.filter((l) => l.message === 'could not reload TLS certificate; keeping the old one').map((l) => l.listener).sort(), ['admin', 'gateway'], 'each refusal names its listener')
   const afterBad = await get(`${gateway}/after-bad-file`, new https.Agent({ ca }), auth)
   t.same([afterBad.status, afterBad.fingerprint], [200, b.fingerprint], 'a bad file keeps the certificate in use')
   t.equal(await s.stop(), 0, 'SIGTERM: exit 0')
