@@ -827,6 +827,39 @@ await forEachStore(t, async (t: Test, store) => {
       t.equal(await count(db, 'api_keys WHERE id = $1 OR rotated_from = $1', [old.record.id]), 2, 'the old key and one new key')
       t.same(await auditActions(s, db, old.record.id), ['key.created', 'key.rotated'])
     })
+
+    t.test('a rotation, revocation or change that waited for its key is judged and stamped as of when it ran, not when it was asked', async (t) => {
+      // Before (found by a review), each read its clock before it waited for the key's lineage,
+      // which another transaction may hold up to store.query_timeout_ms: its grace end, revocation
+      // and change times were that much out of date.
+      const s = testServices(db)
+      for (const op of ['rotate', 'revoke', 'update'] as const) {
+        const k = await s.keys.create({ name: `waited ${op}`, type: 'user' }, actor)
+        let release = () => {}
+        const held = new Promise<void>((resolve) => (release = resolve))
+        let locked = () => {}
+        const isLocked = new Promise<void>((resolve) => (locked = resolve))
+        const blocker = db.transaction(async (tx) => {
+          await tx.query('SELECT id FROM api_keys WHERE id = $1 FOR UPDATE', [k.record.id])
+          locked()
+          await held
+        })
+        await isLocked
+        const id = k.record.id
+        const running = op === 'rotate' ? s.keys.rotate(id, {}, actor) : op === 'revoke' ? s.keys.revoke(id, undefined, actor) : s.keys.update(id, { name: `waited ${op} again` }, actor)
+        t.equal(await lockWaiters(db, 1), 1, `${op}: waits for the key`)
+        s.clock.advance(4000)
+        const ran = s.clock.now().getTime()
+        release()
+        await blocker
+        const done = await running
+        if ('previous' in done) {
+          t.equal(done.record.createdAt.getTime(), ran, 'rotate: the new key made as of when it ran')
+          t.equal(done.previous.graceUntil?.getTime(), ran + 24 * HOUR, "rotate: the old key's grace from then")
+        } else if (op === 'revoke') t.equal(done.revokedAt?.getTime(), ran, 'revoke: revoked as of when it ran')
+        else t.equal(done.updatedAt.getTime(), ran, 'update: changed as of when it ran')
+      }
+    })
   }
 
   t.test('import legacy keys: they keep working', async (t) => {

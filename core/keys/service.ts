@@ -460,11 +460,12 @@ export class KeyService {
     const body = assertValid<UpdateKeyInput>(UpdateKeyBody, input)
     checkMetadata(body.metadata)
     refuseKeyIn({ name: body.name, owner: body.owner, metadata: body.metadata })
-    const now = this.#now()
-    const asked = fieldChanges(body, futureDate(body.expires_at, now, 'expires_at'))
+    const asked = fieldChanges(body, futureDate(body.expires_at, this.#now(), 'expires_at'))
     const shared = asked.filter((c) => c.field !== 'rotation_interval_s')
     return await this.#commit(async (tx, keyChanges) => {
       const { key: old, lineage } = await this.#lockLineage(tx, id)
+      // As of when the key is held (see rotate).
+      const now = this.#now()
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
       if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated; change its successor ${old.replacedBy} instead`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and can no longer be changed`)
@@ -507,9 +508,10 @@ export class KeyService {
     // The API's schema: the CLI on the store refuses what the API refuses (an empty reason, control characters).
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     refuseKeyIn({ reason })
-    const now = this.#now()
     return await this.#commit(async (tx, changes) => {
       const { key: old } = await this.#lockLineage(tx, id)
+      // As of when the key is held (see rotate).
+      const now = this.#now()
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
         `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
@@ -573,10 +575,13 @@ export class KeyService {
    * rotations, so the second one finds the key already rotating and is refused.
    */
   async rotate(id: string, options: { force?: boolean }, actor: Actor): Promise<{ key: string; record: KeyRecord; previous: KeyRecord }> {
-    const now = this.#now()
     const generated = generateKey(this.#prefix)
     const result = await this.#commit(async (tx, changes) => {
       const { key: old } = await this.#lockLineage(tx, id)
+      // The time once the key is held, not before: another transaction on its lineage may hold
+      // it up to store.query_timeout_ms, and the rotation is judged and stamped as of when it
+      // runs (before, found by a review, as of when it was asked).
+      const now = this.#now()
       if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${await this.#rotateInstead(tx, old, now)}`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and cannot be rotated`)
       const fresh = await this.#insert(tx, {
