@@ -59,6 +59,24 @@ async function lockWaiters(db: Db, n: number): Promise<number> {
   return waiting
 }
 
+/** Holds key `id`'s row in a transaction of its own (PostgreSQL) until the returned function is called, which resolves once that transaction has ended. */
+async function holdKey(db: Db, id: string): Promise<() => Promise<void>> {
+  let release = () => {}
+  const held = new Promise<void>((resolve) => (release = resolve))
+  let locked = () => {}
+  const isLocked = new Promise<void>((resolve) => (locked = resolve))
+  const holder = db.transaction(async (tx) => {
+    await tx.query('SELECT id FROM api_keys WHERE id = $1 FOR UPDATE', [id])
+    locked()
+    await held
+  })
+  await isLocked
+  return async () => {
+    release()
+    await holder
+  }
+}
+
 /** A pass-through Db that counts the statements it runs. */
 function countingDb(db: Db): { db: Db; statements: () => number } {
   let n = 0
@@ -804,20 +822,10 @@ await forEachStore(t, async (t: Test, store) => {
       // demonstrably inside their transactions, waiting, before any of them can go on.
       const s = testServices(db)
       const old = await s.keys.create({ name: 'contended hard', type: 'user' }, actor)
-      let release = () => {}
-      const held = new Promise<void>((resolve) => (release = resolve))
-      let locked = () => {}
-      const isLocked = new Promise<void>((resolve) => (locked = resolve))
-      const blocker = db.transaction(async (tx) => {
-        await tx.query('SELECT id FROM api_keys WHERE id = $1 FOR UPDATE', [old.record.id])
-        locked()
-        await held
-      })
-      await isLocked
+      const release = await holdKey(db, old.record.id)
       const rotations = Promise.allSettled(Array.from({ length: 5 }, () => s.keys.rotate(old.record.id, {}, actor)))
       t.equal(await lockWaiters(db, 5), 5, 'all five rotations wait on the row at once')
-      release()
-      await blocker
+      await release()
       const results = await rotations
       t.equal(results.filter((r) => r.status === 'fulfilled').length, 1, 'one rotation succeeds')
       t.same(
@@ -835,23 +843,13 @@ await forEachStore(t, async (t: Test, store) => {
       const s = testServices(db)
       for (const op of ['rotate', 'revoke', 'update'] as const) {
         const k = await s.keys.create({ name: `waited ${op}`, type: 'user' }, actor)
-        let release = () => {}
-        const held = new Promise<void>((resolve) => (release = resolve))
-        let locked = () => {}
-        const isLocked = new Promise<void>((resolve) => (locked = resolve))
-        const blocker = db.transaction(async (tx) => {
-          await tx.query('SELECT id FROM api_keys WHERE id = $1 FOR UPDATE', [k.record.id])
-          locked()
-          await held
-        })
-        await isLocked
+        const release = await holdKey(db, k.record.id)
         const id = k.record.id
         const running = op === 'rotate' ? s.keys.rotate(id, {}, actor) : op === 'revoke' ? s.keys.revoke(id, undefined, actor) : s.keys.update(id, { name: `waited ${op} again` }, actor)
         t.equal(await lockWaiters(db, 1), 1, `${op}: waits for the key`)
         s.clock.advance(4000)
         const ran = s.clock.now().getTime()
-        release()
-        await blocker
+        await release()
         const done = await running
         if ('previous' in done) {
           t.equal(done.record.createdAt.getTime(), ran, 'rotate: the new key made as of when it ran')
