@@ -238,7 +238,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
       summary: op.summary,
       ...(op.description ? { description: op.description } : {}),
       ...(params.length > 0 ? { parameters: params } : {}),
-      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: documented(op.documentedBody ?? op.body) } } } } : {}),
+      ...(op.body ? { requestBody: { required: op.bodyRequired !== false, description: REQUEST_BODY, content: { 'application/json': { schema: documented(op.documentedBody ?? op.body), ...(op.bodyExample ? { example: op.bodyExample } : {}) } } } } : {}),
       responses,
     }
   }

@@ -108,6 +108,12 @@ export interface Operation {
    * Before (found by a review), the document declared an import's rows as any value.
    */
   documentedBody?: TSchema
+  /**
+   * A body the operation takes, for the document (the media type's `example`): what Swagger UI's
+   * "Try it out" fills in. Without it, Swagger UI makes one from the schema, which the API refused
+   * (text drawn from the name patterns, `"string"` for an address, a URL of random punctuation).
+   */
+  bodyExample?: Record<string, unknown>
   /** Whether a request without a body is refused (the body schema then sees `{}`). */
   bodyRequired?: boolean
   /**

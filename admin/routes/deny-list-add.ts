@@ -11,6 +11,7 @@ export default defineOperation({
   summary: 'Add a deny list entry',
   description: 'The address or range is stored normalised (IPv4-mapped IPv6 as IPv4, a range as its network). An entry for a range already listed is a conflict.',
   body: AddDenyBody,
+  bodyExample: { cidr: '192.0.2.0/24', reason: 'scanner' },
   response: { status: 201, description: 'The entry was added.', schema: DenyEntrySchema },
   errors: ['validation_failed', 'conflict'],
   async handle({ body, actor, services }) {

@@ -11,6 +11,7 @@ export default defineOperation({
   summary: 'Create a Gitea token',
   description: 'Scopes are checked against Gitea\'s scope names before the call. keygate keeps a record (Gitea\'s id, name, user, scopes, last eight characters, SHA-256), never the token: it is in this answer only.',
   body: CreateGiteaTokenBody,
+  bodyExample: { name: 'ci-deploy', scopes: ['read:repository'] },
   response: { status: 201, description: 'The token was created.', schema: GiteaTokenCreatedSchema },
   errors: ['validation_failed', 'gitea_scope_unknown', 'gitea_token_exists', ...GITEA_CALL_ERRORS],
   async handle({ body, actor, services }) {

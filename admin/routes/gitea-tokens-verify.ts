@@ -11,6 +11,7 @@ export default defineOperation({
   summary: 'Verify a Gitea token',
   description: 'The token travels in the body, so it stays out of URLs and access logs. Answers 200 either way; `valid` says whether Gitea accepted it.',
   body: VerifySecretBody,
+  bodyExample: { secret: '<the Gitea token>' },
   response: { status: 200, description: 'The verdict, with the local record when keygate made the token.', schema: GiteaVerificationSchema },
   errors: ['validation_failed', ...GITEA_CALL_ERRORS],
   async handle({ body, services }) {

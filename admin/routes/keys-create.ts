@@ -12,6 +12,7 @@ export default defineOperation({
   summary: 'Create a key',
   description: 'The plaintext `key` is in this answer and nowhere else: only its SHA-256 is stored.',
   body: CreateKeyBody,
+  bodyExample: { name: 'billing', type: 'service', scopes: ['orders:read'] },
   response: { status: 201, description: 'The key was created.', schema: KeyWithSecret },
   errors: ['validation_failed'],
   async handle({ body, actor, services }) {

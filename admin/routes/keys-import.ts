@@ -29,6 +29,7 @@ export default defineOperation({
   body: importBody(Type.Unknown()),
   // Each row is checked by the import, which reports every row's problems (import_invalid).
   documentedBody: importBody({ ...ImportRow, description: 'One key; a row that does not match is refused with the others, `400 import_invalid`.' }),
+  bodyExample: { rows: [{ key_hash: '5e8c4a0e1f3b9d27c6a4f0b8e2d1c3a5f7b9e0d2c4a6f8b1d3e5c7a9f0b2d4e6', name: 'billing (imported)', scopes: ['orders:read'] }], type: 'service' },
   response: { status: 201, description: 'The keys imported.', schema: Type.Object({ imported: Type.Integer(), items: Type.Array(KeySchema) }) },
   errors: ['validation_failed', 'import_invalid'],
   async handle({ body, actor, services }) {

@@ -13,6 +13,7 @@ export default defineOperation({
   description: 'Works on any key not already revoked, a rotating one included (its grace period ends). The keys this one replaced that are still in their grace period are revoked with it. The body is optional.',
   body: RevokeBody,
   bodyRequired: false,
+  bodyExample: { reason: 'leaked in a build log' },
   response: { status: 200, description: 'The revoked key.', schema: KeySchema },
   errors: ['validation_failed', 'key_not_found', 'key_not_active'],
   async handle({ params, body, actor, services }) {

@@ -20,6 +20,7 @@ export default defineOperation({
     },
     { additionalProperties: false },
   ),
+  bodyExample: { key: 'kg_3hF9aK2LmQxZ_r4Nd0mS3cr3tCh4r5XyZ12aB3cDe' },
   response: {
     status: 200,
     description: 'The verdict.',

@@ -11,6 +11,7 @@ export default defineOperation({
   summary: 'Create an n8n API key',
   description: "keygate logs in with N8N_EMAIL/N8N_PASSWORD, checks the scopes against the instance's allowed list and keeps labels unique. It keeps a record (n8n's id, label, scopes, last eight characters, SHA-256), never the key: it is in this answer only.",
   body: CreateN8nKeyBody,
+  bodyExample: { label: 'ci-deploy', scopes: ['workflow:list', 'workflow:read'] },
   response: { status: 201, description: 'The key was created.', schema: N8nKeyCreatedSchema },
   errors: ['validation_failed', 'n8n_scope_unknown', 'n8n_key_exists', ...N8N_CALL_ERRORS],
   async handle({ body, actor, services }) {

@@ -11,6 +11,7 @@ export default defineOperation({
   summary: 'Verify an n8n API key',
   description: 'The key travels in the body, so it stays out of URLs and access logs. Answers 200 either way; `valid` says whether n8n accepted it.',
   body: VerifySecretBody,
+  bodyExample: { secret: '<the n8n API key>' },
   response: { status: 200, description: 'The verdict, with the local record when keygate made the key.', schema: N8nVerificationSchema },
   errors: ['validation_failed', ...N8N_CALL_ERRORS],
   async handle({ body, services }) {

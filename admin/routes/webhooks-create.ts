@@ -22,6 +22,7 @@ export default defineOperation({
     },
     { additionalProperties: false },
   ),
+  bodyExample: { url: 'https://hooks.example.com/keygate', events: ['key.revoked', 'anomaly.detected'], description: 'on-call pager' },
   response: { status: 201, description: 'The webhook and its secret, shown once.', schema: WebhookWithSecret },
   errors: ['validation_failed', 'webhook_url_refused', 'conflict'],
   async handle({ body, actor, services }) {

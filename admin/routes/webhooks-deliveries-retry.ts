@@ -21,6 +21,7 @@ export default defineOperation({
     },
     { additionalProperties: false },
   ),
+  bodyExample: {},
   response: {
     status: 200,
     description: 'How many deliveries were queued again.',

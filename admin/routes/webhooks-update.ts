@@ -21,6 +21,7 @@ export default defineOperation({
     },
     { additionalProperties: false, minProperties: 1 },
   ),
+  bodyExample: { description: 'on-call pager' },
   response: { status: 200, description: 'The webhook as changed.', schema: WebhookSchema },
   errors: ['validation_failed', 'webhook_not_found', 'webhook_url_refused', 'conflict'],
   async handle({ params, body, actor, services }) {
