@@ -6,8 +6,9 @@ import { auditJson, type AuditFilter } from '../core/audit.ts'
 import { CURSOR_PATTERN } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
 import { fieldInvalid } from '../core/errors.ts'
-import { isCidrOrAddress } from '../core/formats.ts'
-import { normalAddress } from '../core/keys/evaluate.ts'
+import ipaddr from 'ipaddr.js'
+import { isCidrOrAddress, isLockoutAddress } from '../core/formats.ts'
+import { normalAddress, parseRange } from '../core/keys/evaluate.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { EVENT_TYPES } from '../core/events.ts'
 import { firstCharacters, PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
@@ -99,11 +100,31 @@ export const LockoutSchema = Type.Object({
   retry_after_s: Type.Integer({ minimum: 1, description: "Seconds left, as the gateway's `Retry-After` says them." }),
 })
 
-/** An address as the lockout routes take it (one address, no range), normalised; else the `field`'s 400. */
-export function lockoutAddress(given: string, field: string): string {
-  const address = !given.includes('/') && isCidrOrAddress(given) ? normalAddress(given) : undefined
-  if (address === undefined) throw fieldInvalid(field, `${JSON.stringify(firstCharacters(given, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7`)
-  return address
+/**
+ * What a lockout route names, and what the lockout counts it under (`keyOf`, the server's
+ * addressKeyer): one address (no range), normalised; or an IPv6 network of the size the lockouts
+ * count by, as `GET /v1/lockouts` lists it (`2001:db8:1:2::/64`). Before (found by a review), only
+ * an address was taken: the network the list showed, and `keygate lockouts list` printed, was
+ * refused by `lockouts lift` and `DELETE /v1/lockouts/{address}`. Else the `field`'s 400.
+ */
+export function lockoutAddress(given: string, field: string, keyOf: (address: string) => string): { address: string; addressKey: string } {
+  const refused = (why = '') => fieldInvalid(field, `${JSON.stringify(firstCharacters(given, 80))} is not allowed; expected an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7, or an IPv6 network as the lockouts list it${why}`)
+  if (!given.includes('/')) {
+    const address = isCidrOrAddress(given) ? normalAddress(given) : undefined
+    if (address === undefined) throw refused()
+    return { address, addressKey: keyOf(address) }
+  }
+  const range = isLockoutAddress(given) ? parseRange(given) : undefined
+  if (range === undefined) throw refused()
+  const [net, bits] = range
+  const network = ipaddr.IPv6.networkAddressFromCIDR(`${net.toString()}/${bits}`).toString()
+  const addressKey = keyOf(network)
+  // Only the network a lockout is counted in names one: a wider or narrower one holds none.
+  if (addressKey !== `${network}/${bits}`) {
+    const counted = /\/(\d+)$/.exec(keyOf('2001:db8::'))?.[1]
+    throw refused(counted !== undefined ? ` (an IPv6 network of /${counted}, as the lockouts count them)` : ' (the lockouts count each IPv6 address alone: rate_limits.ipv6_prefix_bits is 128)')
+  }
+  return { address: addressKey, addressKey }
 }
 
 export const Cursor = Type.String({ pattern: CURSOR_PATTERN, description: 'next_cursor of the previous page.' })

@@ -68,13 +68,16 @@ export function remoteLockoutOperations(baseUrl: string, token: string): Lockout
       const q = new URLSearchParams(Object.entries(query).flatMap(([k, v]): Array<[string, string]> => (v === undefined ? [] : [[k, String(v)]])))
       return call('GET', `/v1/lockouts${q.size ? `?${q}` : ''}`, undefined, ['items'])
     },
-    // Checked as an address before (prepare): one path segment.
+    // Checked as an address or network before (prepare): one path segment, its / encoded.
     lift: (address) => call('DELETE', `/v1/lockouts/${encodeURIComponent(address)}`),
   }
 }
 
-/** One address, no range: what the lockout commands take (the admin API's `ip` format). */
-const ADDRESS = Type.Object({ address: Type.String({ format: 'ip' }) })
+/**
+ * One address, or an IPv6 network as `lockouts list` shows it: what the lockout commands take (the
+ * admin API's `lockout-address` format; the server says whether a network is the size it counts by).
+ */
+const ADDRESS = Type.Object({ address: Type.String({ format: 'lockout-address' }) })
 
 const until = (at: string | null) => (at === null ? 'never' : at)
 

@@ -56,6 +56,16 @@ export function isCidrOrAddress(value: string): boolean {
   return parseRange(value) !== undefined
 }
 
+/**
+ * What the lockout routes and commands take: one address, or an IPv6 network as `GET /v1/lockouts`
+ * lists one (`2001:db8:1:2::/64`: IPv6 clients are counted per network). Whether the network is
+ * the size the lockouts count by is the server's to say (lockoutAddress in admin/schemas.ts).
+ */
+export function isLockoutAddress(value: string): boolean {
+  if (!value.includes('/')) return isCidrOrAddress(value)
+  return !value.includes('%') && isCidrOrAddress(value) && parseRange(value)?.[0].kind() === 'ipv6'
+}
+
 export function parseListen(value: string): { host: string; port: number } | undefined {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(value)
   if (!m) return undefined
@@ -134,6 +144,7 @@ function isApiKeyHeader(value: string): boolean {
 const FORMATS: Record<string, [check: (v: string) => boolean, words: string, more?: { detail?: string; why?: (v: string) => string | undefined }]> = {
   cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32', { detail: `${ADDRESS_DETAIL} A range is ADDRESS/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros; an address alone is one address (/32, /128).` }],
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7', { detail: `${ADDRESS_DETAIL} No range (/BITS).` }],
+  'lockout-address': [isLockoutAddress, 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7, or an IPv6 network as the lockouts list it, such as 2001:db8:1:2::/64', { detail: `${ADDRESS_DETAIL} IPv6 clients are locked out per network (\`rate_limits.ipv6_prefix_bits\`): any address in it, or the network itself, names its lockout.` }],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
   'api-key-header': [isApiKeyHeader, "a header name of letters, digits and -, such as X-API-Key or apikey, and none HTTP or keygate uses for something else (Authorization, Host, Cookie, Content-*, hop-by-hop ones, X-Forwarded-*, X-Keygate-*, X-Request-Id)"],
   'http-url': [isHttpUrl, 'an http:// or https:// URL without user:password@'],

@@ -286,8 +286,8 @@ t.test('GET /v1/lockouts lists the lockouts in force; DELETE /v1/lockouts/{addre
   // The document says so (before, found by a review: a plain string in both places).
   const doc = (await h.call('GET', '/openapi.json')).json
   const addressIn = (path: string, method: string) => doc.paths[path][method].parameters.find((p: { name: string }) => p.name === 'address')?.schema
-  t.match(addressIn('/v1/lockouts/{address}', 'delete'), { type: 'string', format: 'ip' }, 'the path parameter is an address')
-  t.match(addressIn('/v1/lockouts', 'get'), { type: 'string', format: 'ip' }, 'so is the query parameter')
+  t.match(addressIn('/v1/lockouts/{address}', 'delete'), { type: 'string', format: 'lockout-address' }, 'the path parameter is an address or the IPv6 network listed')
+  t.match(addressIn('/v1/lockouts', 'get'), { type: 'string', format: 'lockout-address' }, 'so is the query parameter')
   for (const bad of ['limit=0', 'limit=1001', 'limit=x', 'cursor=abc']) t.equal((await h.call('GET', `/v1/lockouts?${bad}`)).status, 400, bad)
   t.equal((await h.call('GET', '/v1/lockouts', { auth: null })).status, 401, 'listing needs an admin credential too')
   const unauthenticated = await h.call('DELETE', '/v1/lockouts/198.51.100.9', { auth: null })

@@ -119,3 +119,53 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
   t.equal((await runCli(['lockouts', 'list'], { cwd, env })).stdout, 'No address is locked out.\n')
   t.equal(await served.stop(), 0)
 })
+
+t.test('an IPv6 lockout is lifted and looked up by the network the list shows (2001:db8:1:2::/64), through the CLI and the admin API alike (found by a review of the lockout)', async (t) => {
+  const cwd = tempDir()
+  writeFileSync(join(cwd, 'keygate.yaml'), 'lockout:\n  max_attempts: 2\n  window_s: 600\ngateway:\n  trusted_proxies: ["127.0.0.1"]\n')
+  const upstream = await startUpstream(t)
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { cwd, env })
+  const auth = { authorization: `Bearer ${created.json().key}` }
+  const lockOut = async (address: string) => {
+    for (let i = 0; i < 2; i++) await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': address, authorization: 'Bearer kg_nosuchkey12_nosuchsecretnosuchsecretnosuch' } })
+    t.equal((await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': address, ...auth } })).status, 429, `${address} is locked out`)
+  }
+
+  await lockOut('2001:db8:1:2::7')
+  const table = await runCli(['lockouts', 'list'], { cwd, env })
+  t.match(table.stdout, /^ADDRESS +LOCKED UNTIL +RETRY AFTER\n2001:db8:1:2::\/64 /, 'listed as its network')
+  const found = await runCli(['lockouts', 'list', '--address', '2001:db8:1:2::/64', '--json'], { cwd, env })
+  t.equal(found.code, 0, found.stderr)
+  t.match(found.json(), { items: [{ address_key: '2001:db8:1:2::/64' }], total: 1 }, 'found by what the list shows')
+  // What the list shows is what lift takes.
+  const lifted = await runCli(['lockouts', 'lift', '2001:db8:1:2::/64'], { cwd, env })
+  t.equal(lifted.code, 0, lifted.stderr)
+  t.equal(lifted.stdout, 'Lifted the lockout of 2001:db8:1:2::/64.\n')
+  t.equal((await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': '2001:db8:1:2::7', ...auth } })).status, 200, 'the network is let in again')
+
+  // The admin API takes it too, in any spelling of that network, in the path (its / encoded) and as address=.
+  await lockOut('2001:db8:1:2::8')
+  const admin = { token: ADMIN_TOKEN }
+  const looked = await call(`${served.admin}/v1/lockouts?address=${encodeURIComponent('2001:DB8:1:2:0::/64')}`, admin)
+  t.equal(looked.status, 200, looked.text)
+  t.match(looked.json, { items: [{ address_key: '2001:db8:1:2::/64' }], total: 1 })
+  const deleted = await call(`${served.admin}/v1/lockouts/${encodeURIComponent('2001:db8:1:2::/64')}`, { ...admin, method: 'DELETE' })
+  t.equal(deleted.status, 200, deleted.text)
+  t.same(deleted.json, { address: '2001:db8:1:2::/64', address_key: '2001:db8:1:2::/64', was_locked_out: true })
+  t.equal((await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': '2001:db8:1:2::8', ...auth } })).status, 200, 'let in again')
+
+  // A network the lockout does not count by is still refused, naming what is taken; so is an IPv4 range.
+  for (const bad of ['2001:db8:1::/48', '2001:db8:1:2::/96', '10.0.0.0/8', '::ffff:10.0.0.0/104']) {
+    const r = await runCli(['lockouts', 'lift', bad], { cwd, env })
+    t.equal(r.code, bad.includes('.') ? 2 : 1, `${bad}: ${r.stderr}`)
+    t.match(r.stderr, /is not allowed; expected an IPv4 or IPv6 address/, bad)
+    const answer = await call(`${served.admin}/v1/lockouts/${encodeURIComponent(bad)}`, { ...admin, method: 'DELETE' })
+    t.equal(answer.status, 400, bad)
+    t.match(answer.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address' }] } }, bad)
+    if (!bad.includes('.')) t.match(answer.json.error.message, /an IPv6 network of \/64, as the lockouts count them/, bad)
+  }
+  t.equal(await served.stop(), 0)
+})

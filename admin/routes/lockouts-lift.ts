@@ -10,7 +10,7 @@ export default defineOperation({
   id: 'liftLockout',
   method: 'DELETE',
   path: '/v1/lockouts/{address}',
-  params: { address: Type.String({ format: 'ip', maxLength: 64, description: 'The address (IPv4 or IPv6; an IPv6 address lifts its network).' }) },
+  params: { address: Type.String({ format: 'lockout-address', maxLength: 64, description: 'The address (IPv4 or IPv6; an IPv6 address lifts its network), or the IPv6 network as `GET /v1/lockouts` lists it (`address_key`, its `/` encoded as `%2F`).' }) },
   tag: 'lockouts',
   summary: 'Lift the lockout of an address',
   description:
@@ -26,8 +26,7 @@ export default defineOperation({
   },
   errors: ['store_unavailable'],
   async handle({ params, actor, services }) {
-    const address = lockoutAddress(params.address as string, 'address')
-    const addressKey = services.addressKey(address)
+    const { address, addressKey } = lockoutAddress(params.address as string, 'address', services.addressKey)
     // The lift, then its audit row: a lift Redis refuses writes none, and no transaction is held
     // open while Redis is waited for (before, found by a review, the row was written first, in a
     // transaction that a frozen Redis kept open).

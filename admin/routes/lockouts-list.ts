@@ -16,7 +16,7 @@ export default defineOperation({
     "The addresses locked out after `lockout.max_attempts` failed key or credential attempts, latest lockout first, as this instance holds them: with Redis, every instance's (read from Redis when the instance starts or reconnects, and told by pub/sub since); without it, this process's (and, in a `--workers` primary, its workers'). `total` counts them all; `items` holds the first `limit`. `address` looks up one address (its IPv6 network). Lift one with `DELETE /v1/lockouts/{address}`.",
   query: Type.Object(
     {
-      address: Type.Optional(Type.String({ format: 'ip', maxLength: 64, description: 'Only the lockout of this address (IPv4 or IPv6; an IPv6 address finds its network).' })),
+      address: Type.Optional(Type.String({ format: 'lockout-address', maxLength: 64, description: 'Only the lockout of this address (IPv4 or IPv6; an IPv6 address finds its network), or of the IPv6 network as `address_key` gives it.' })),
       limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 1000, default: 100 })),
     },
     { additionalProperties: false },
@@ -24,7 +24,7 @@ export default defineOperation({
   response: { status: 200, description: 'The lockouts in force.', schema: Type.Object({ items: Type.Array(LockoutSchema), total: Type.Integer({ minimum: 0, description: 'How many are in force; items holds the first `limit` of them.' }) }) },
   errors: ['validation_failed'],
   async handle({ query, services }) {
-    const only = query.address === undefined ? undefined : services.addressKey(lockoutAddress(query.address, 'address'))
+    const only = query.address === undefined ? undefined : lockoutAddress(query.address, 'address', services.addressKey).addressKey
     const now = Date.now()
     const held = services.lockout.held().filter(([key]) => only === undefined || key === only)
     held.sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1))
