@@ -38,14 +38,20 @@ function env(url: string, extra: Record<string, string> = {}): Record<string, st
 /**
  * A proxy in front of the fake that passes every request on and the fake's answer back; `answer`
  * may take the fake's answer over (returning true), after the fake has acted on the request, and
- * `hold` may hold a request back until it calls `go`.
+ * `hold` may hold a request back until it calls `go`, and `instead` may answer it without passing it on.
  */
 async function proxyTo(
   t: Test,
   fake: FakeGitea,
-  hooks: { answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean; hold?: (req: http.IncomingMessage, go: () => void) => void },
+  hooks: {
+    answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean
+    hold?: (req: http.IncomingMessage, go: () => void) => void
+    /** Answers a request itself, never passing it on (a proxy that refuses it), returning true. */
+    instead?: (req: http.IncomingMessage, res: http.ServerResponse) => boolean
+  },
 ): Promise<string> {
   const proxy = http.createServer((req, res) => {
+    if (hooks.instead?.(req, res)) return void req.resume()
     const forward = () => {
       const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
         if (hooks.answer?.(req, answer, res)) return answer.resume()
@@ -790,6 +796,49 @@ await forEachStore(t, async (t, store) => {
     t.match(await proxied.verify(made.sha1), { valid: true, user: { login: 'alice' } }, "Gitea's own answer through the proxy")
     t.match(await proxied.verify('f'.repeat(40)), { valid: false, reason: 'refused' }, "Gitea's own 401: refused")
     fake.removeToken(made.id)
+  })
+
+  await t.test("token routes: a 401 or 403 that is not Gitea's JSON error is a gitea_error naming what came back, not GITEA_USERNAME's credentials refused", async (t) => {
+    // Before (found by a review of the integrations): an SSO proxy's sign-in page or a WAF's 403 in
+    // front of Gitea was "refused the credentials of "alice" (GITEA_USERNAME/GITEA_PASSWORD): 401 no
+    // message" (gitea_auth_failed) on list, create and delete, sending the operator to a password
+    // that was fine; verify already told such a page apart.
+    let replace: { method: string; answer: (res: http.ServerResponse) => void } | undefined
+    const url = await proxyTo(t, fake, {
+      instead: (req, res) => {
+        const instead = replace
+        if (instead === undefined || req.method !== instead.method || !/\/tokens(\/|\?|$)/.test(req.url ?? '')) return false
+        instead.answer(res)
+        return true
+      },
+    })
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => proxied.close())
+    const made = fake.addToken('alice', 'behind-a-proxy', ['read:user'])
+    secrets.push(made.sha1)
+    const page = (status: number) => (res: http.ServerResponse) => res.writeHead(status, { 'content-type': 'text/html' }).end(`<html>${status} Sign in</html>`)
+    const cases: Array<[string, string, number, () => Promise<unknown>]> = [
+      ['list', 'GET', 401, () => proxied.list()],
+      ['list', 'GET', 403, () => proxied.list()],
+      ['create', 'POST', 401, () => proxied.create({ name: 'sso-create', scopes: ['read:user'] }, actor)],
+      ['create', 'POST', 403, () => proxied.create({ name: 'sso-create', scopes: ['read:user'] }, actor)],
+      ['delete', 'DELETE', 401, () => proxied.delete(String(made.id), actor)],
+    ]
+    for (const [what, method, status, run] of cases) {
+      replace = { method, answer: page(status) }
+      const err = await rejection(run())
+      t.match(err, { code: 'gitea_error', status: 502, details: { status }, message: new RegExp(` ${status} with a page of markup \\(text/html\\), not Gitea's answer: is GITEA_URL Gitea's address\\?$`) }, `${what}, a ${status} page: a gitea_error`)
+      t.notMatch(err.message, /refused the credentials|does not let/, `${what}, a ${status} page: not told as GITEA_USERNAME's credentials`)
+    }
+    replace = undefined
+    t.notOk(fake.tokens.some((x) => x.name === 'sso-create'), 'nothing was made')
+    t.ok(fake.tokens.some((x) => x.id === made.id), 'nothing was deleted')
+    // Gitea's own refusals through the same proxy keep their codes.
+    const wrong = new GiteaTokenService(integrationDeps(store.db, env(url, { GITEA_PASSWORD: 'wrong-Secret-pw-9' })))
+    t.teardown(() => wrong.close())
+    t.match(await rejection(wrong.list()), { code: 'gitea_auth_failed', message: /refused the credentials of "alice" \(GITEA_USERNAME\/GITEA_PASSWORD\): 401 user's password is invalid/ }, "Gitea's own 401: the credentials")
+    t.match(await rejection(proxied.create({ name: 'other-user', scopes: ['read:user'], user: 'bob' }, actor)), { code: 'gitea_auth_failed', message: /does not let "alice" manage the tokens of "bob"/ }, "Gitea's own 403: the user may not")
+    t.match(await proxied.delete(String(made.id), actor), { remote_id: made.id }, 'and through the proxy otherwise, as ever')
   })
 
   await t.test('a token created but not recorded is deleted again', async (t) => {

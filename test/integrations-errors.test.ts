@@ -296,6 +296,48 @@ t.test('n8n: refused, rate-limited and odd logins', async (t) => {
   t.match(await rejection(n8nAt(t, url, { N8N_PASSWORD: '' }).list()), { code: 'n8n_not_configured', message: /set N8N_PASSWORD/ })
 })
 
+t.test("n8n: a 401 or 403 that is not n8n's JSON error, to the login or a session call, is an n8n_error naming what came back, not N8N_EMAIL's login refused", async (t) => {
+  // Before (found by a review of the integrations): an SSO proxy's sign-in page or a WAF's 403 in
+  // front of n8n was "refused the login of "owner@example.test" (N8N_EMAIL/N8N_PASSWORD): 401 no
+  // message" (n8n_auth_failed), sending the operator to a password that was fine; verify already
+  // told such a page apart.
+  let login: (res: http.ServerResponse) => void = (res) => json(res, 200, { data: {} }, { 'set-cookie': `n8n-auth=${COOKIE}; Path=/; HttpOnly` })
+  let session: ((res: http.ServerResponse) => void) | undefined
+  let logins = 0
+  const url = await scripted(t, (req, res) => {
+    if (req.url === '/rest/login') {
+      logins++
+      return login(res)
+    }
+    if (session !== undefined) return session(res)
+    json(res, 200, { data: [] })
+  })
+  const keys = n8nAt(t, url)
+  const page = (status: number) => (res: http.ServerResponse) => res.writeHead(status, { 'content-type': 'text/html' }).end(`<html>${status} Sign in</html>`)
+  for (const status of [401, 403]) {
+    login = page(status)
+    const err = await rejection(keys.list())
+    t.match(err, { code: 'n8n_error', status: 502, details: { status }, message: new RegExp(`^n8n at http://127\\.0\\.0\\.1:\\d+ answered POST /rest/login ${status} with a page of markup \\(text/html\\), not n8n's answer: is N8N_URL n8n's address\\?$`) }, `the login, a ${status} page`)
+    t.notMatch(err.message, /refused the login/, `the login, a ${status} page: not told as N8N_EMAIL's login refused`)
+  }
+  login = (res) => json(res, 200, { data: {} }, { 'set-cookie': `n8n-auth=${COOKIE}; Path=/; HttpOnly` })
+  for (const status of [401, 403]) {
+    session = page(status)
+    logins = 0
+    const err = await rejection(keys.list())
+    t.match(err, { code: 'n8n_error', details: { status }, message: new RegExp(`answered GET /rest/api-keys ${status} with a page of markup \\(text/html\\), not n8n's answer`) }, `a session call, a ${status} page`)
+    t.notMatch(err.message, /refused the session|does not let/, `a session call, a ${status} page: not told as the session or the user refused`)
+    t.ok(logins <= 1, `a session call, a ${status} page: no second login for a page that says nothing of the session`)
+  }
+  // n8n's own refusals keep their codes.
+  session = (res) => json(res, 401, { status: 'error', message: 'Unauthorized' })
+  t.match(await rejection(keys.list()), { code: 'n8n_auth_failed', message: /refused the session of a fresh login: Unauthorized/ }, "n8n's own 401")
+  session = (res) => json(res, 403, { status: 'error', message: 'Forbidden' })
+  t.match(await rejection(keys.list()), { code: 'n8n_auth_failed', message: /does not let the N8N_EMAIL user manage API keys: 403 Forbidden/ }, "n8n's own 403")
+  login = (res) => json(res, 401, { code: 401, message: 'Wrong username or password. Do you have caps lock on?' })
+  t.match(await rejection(n8nAt(t, url).list()), { code: 'n8n_auth_failed', message: /refused the login of "owner@example\.test" \(N8N_EMAIL\/N8N_PASSWORD\): 401 Wrong username or password/ }, "n8n's own 401 to the login")
+})
+
 t.test('n8n: an expired session logs in again once; a disabled public API is named', async (t) => {
   let logins = 0
   let sessionValid = true

@@ -228,6 +228,11 @@ export class GiteaTokenService {
   /** The error of a failed call on the token routes, by status and Gitea's message. */
   #tokenRouteError(http: IntegrationHttp, res: HttpResponse, username: string, user: string, what: string): KeygateError {
     const message = http.messageOf(res)
+    // Gitea's own 401 and 403 are JSON with a message. Another server's (an SSO proxy's sign-in
+    // page, a WAF's 403 in front of Gitea) says nothing of GITEA_USERNAME's credentials: before
+    // (found by a review), it was "refused the credentials ... 401 no message", as verify once was.
+    const foreign = res.status === 401 || res.status === 403 ? http.foreignError(res, `the request to ${what}`) : undefined
+    if (foreign !== undefined) return foreign
     if (res.status === 401) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refused the credentials of ${JSON.stringify(username)} (GITEA_USERNAME/GITEA_PASSWORD): 401 ${message}`)
     }
@@ -471,7 +476,8 @@ export class GiteaTokenService {
     const forget = `; to close keygate's record of a token of ${JSON.stringify(user)} without asking Gitea: \`keygate gitea delete ID|NAME --user ${user} --forget\``
     if (res.status === 403 && !ACCOUNT_MESSAGE.test(http.messageOf(res))) {
       const refused = this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
-      return new UnreadableUser('gitea_auth_failed', refused.message + forget, `403 ${http.messageOf(res)}`)
+      const code = refused.code === 'gitea_error' ? 'gitea_error' : 'gitea_auth_failed'
+      return new UnreadableUser(code, refused.message + forget, `403 ${http.messageOf(res)}`, refused.details === undefined ? undefined : { ...refused.details })
     }
     if (res.status >= 300 && res.status < 400) {
       const location = res.headers.location

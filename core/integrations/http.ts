@@ -197,10 +197,20 @@ export class IntegrationHttp {
    * credential a verify checks. `request` is how the message names it: `GET /api/v1/user`.
    */
   assertOwnError(res: HttpResponse, request: string): void {
+    const foreign = this.foreignError(res, request)
+    if (foreign !== undefined) throw foreign
+  }
+
+  /**
+   * The `<service>_error` of `assertOwnError` when `res` is not the service's own JSON error, else
+   * undefined. Also for the calls made with keygate's own credentials (Gitea's token routes, n8n's
+   * login and session): a page of another server's says nothing of them either.
+   */
+  foreignError(res: HttpResponse, request: string): KeygateError | undefined {
     const body = res.body as { message?: unknown } | null
-    if (typeof body === 'object' && body !== null && typeof body.message === 'string') return
+    if (typeof body === 'object' && body !== null && typeof body.message === 'string') return undefined
     const label = SERVICE_LABEL[this.service]
-    throw new KeygateError(
+    return new KeygateError(
       `${this.service}_error`,
       `${label} at ${this.baseUrl} answered ${request} ${res.status} with ${this.describe(res)}, not ${label}'s answer: is ${this.service.toUpperCase()}_URL ${label}'s address?`,
       { status: res.status },

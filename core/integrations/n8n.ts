@@ -154,6 +154,10 @@ export class N8nKeyService {
     const { http, email, password } = this.#client(true)
     const res = await http.call('POST', '/rest/login', { json: { emailOrLdapLoginId: email, password } })
     if (res.status === 401 || res.status === 403) {
+      // n8n's own refusal is JSON with a message; another server's page (an SSO proxy's sign-in, a
+      // WAF's 403) says nothing of N8N_EMAIL's password: before (found by a review), it was "refused
+      // the login ... 401 no message", as verify once was.
+      http.assertOwnError(res, 'POST /rest/login')
       throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the login of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD): ${res.status} ${http.messageOf(res)}`)
     }
     if (res.status === 429) throw this.#loginRateLimited(http, res)
@@ -186,8 +190,13 @@ export class N8nKeyService {
   async #rest(method: 'GET' | 'POST' | 'DELETE', path: string, options: CallOptions = {}): Promise<HttpResponse> {
     const { http } = this.#client(true)
     const call = async (cookie: string) => http.call(method, path, { ...options, headers: { ...options.headers, cookie } })
-    let res = await call(this.#cookie ?? (await this.#login()))
-    if (res.status === 401) res = await call(await this.#login())
+    // A 401 or 403 page of another server's says nothing of the session: no login again for it.
+    const own = (r: HttpResponse) => {
+      if (r.status === 401 || r.status === 403) http.assertOwnError(r, `${method} ${path}`)
+      return r
+    }
+    let res = own(await call(this.#cookie ?? (await this.#login())))
+    if (res.status === 401) res = own(await call(await this.#login()))
     if (res.status === 401) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the session of a fresh login: ${http.messageOf(res)}`)
     if (res.status === 403) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} does not let the N8N_EMAIL user manage API keys: 403 ${http.messageOf(res)}`)
     if (res.status === 404 && path.startsWith('/rest/api-keys')) {
