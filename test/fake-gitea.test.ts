@@ -155,6 +155,53 @@ t.test('create: 422 without a name, 400 on a duplicate, an unknown or no scope; 
   t.same((await call('POST', '/users/alice/tokens', alice, { name: 'every', scopes: every })).body.scopes, ['all'], 'every write:* is all')
 })
 
+t.test("create: the body bound as Gitea's binding reads it (Content-Type, then Go's encoding/json): anything else is 422", async (t) => {
+  // routers/api/v1/api.go's bind(): binding.Bind picks the reader by Content-Type (a POST without
+  // one is "Empty Content-Type", one neither JSON nor a form "Unsupported Content-Type"), and
+  // encoding/json refuses a field of the wrong type; either is 422 "<fields>: <error>" before the
+  // handler. Before (found by a review of the integrations), the fake took a body of any type as
+  // JSON, and made up a name or scopes of the wrong type (a string of scopes was none: 400; a
+  // number among them an unknown scope: 400).
+  const post = async (body: string | Uint8Array, headers: Record<string, string>) => {
+    const res = await fetch(`${fake.url}/api/v1/users/alice/tokens`, { method: 'POST', headers: { authorization: alice, ...headers }, body })
+    return { status: res.status, body: (await res.json()) as { message: string; name?: string; scopes?: string[]; id?: number } }
+  }
+  const bytes = (s: string) => new TextEncoder().encode(s)
+  t.same((await post(bytes('{"name":"untyped","scopes":["read:user"]}'), {})).body.message, '[]: Empty Content-Type', 'no Content-Type')
+  t.match(await post('{"name":"plain","scopes":["read:user"]}', { 'content-type': 'text/plain' }), { status: 422, body: { message: '[]: Unsupported Content-Type' } }, 'text/plain')
+  const cases: Array<[string, string]> = [
+    ['{"name":5,"scopes":["read:user"]}', '[]: json: cannot unmarshal number into Go struct field CreateAccessTokenOption.name of type string'],
+    ['{"name":"typed","scopes":"read:user"}', '[]: json: cannot unmarshal string into Go struct field CreateAccessTokenOption.scopes of type []string'],
+    ['{"name":"typed","scopes":["read:user",7]}', '[]: json: cannot unmarshal number into Go struct field CreateAccessTokenOption.scopes of type string'],
+    ['["typed"]', '[]: json: cannot unmarshal array into Go value of type structs.CreateAccessTokenOption'],
+  ]
+  for (const [body, message] of cases) t.match(await post(body, { 'content-type': 'application/json' }), { status: 422, body: { message } }, body)
+  t.match(await post('{"name":', { 'content-type': 'application/json' }), { status: 422, body: { message: /^\[\]: / } }, 'invalid JSON')
+  t.match(await post('null', { 'content-type': 'application/json' }), { status: 422, body: { message: '[Name]: Required' } }, 'null: nothing decoded')
+  t.notOk(fake.tokens.some((x) => ['untyped', 'plain', 'typed'].includes(x.name)), 'nothing was made')
+  // What Go's decoder takes: a field name in any case, a null scope as "", unknown fields ignored;
+  // and a form body, which binding.Bind reads by the fields' names.
+  const folded = await post('{"NAME":"folded","Scopes":["read:user",null],"extra":1}', { 'content-type': 'application/json; charset=utf-8' })
+  t.match(folded, { status: 201, body: { name: 'folded', scopes: ['read:user'] } }, 'JSON as Go decodes it')
+  const form = await post('name=form+made&scopes=read:user&scopes=write:issue', { 'content-type': 'application/x-www-form-urlencoded' })
+  t.match(form, { status: 201, body: { name: 'form made', scopes: ['write:issue', 'read:user'] } }, 'a form body')
+  for (const made of [folded, form]) fake.removeToken(made.body.id as number)
+})
+
+t.test("a path with a malformed escape is Go's own 400, and the fake goes on", async (t) => {
+  // Go's HTTP server refuses a request URI that url.ParseRequestURI cannot read before Gitea sees
+  // it. Before, the fake's decodeURIComponent threw in its handler, an unhandled rejection that
+  // ended the process running it.
+  for (const path of ['/users/alice/tokens/%zz', '/users/%E0%A4%A/tokens']) {
+    const res = await fetch(`${fake.url}/api/v1${path}`, { method: path.endsWith('%zz') ? 'DELETE' : 'GET', headers: { authorization: alice } })
+    t.same({ status: res.status, type: res.headers.get('content-type'), body: await res.text() }, { status: 400, type: 'text/plain; charset=utf-8', body: '400 Bad Request' }, path)
+  }
+  // A well-formed escape of bytes that are no UTF-8 reaches Gitea: its name matches nothing.
+  t.match(await call('DELETE', '/users/alice/tokens/%FF', alice), { status: 404 }, 'a token name of no UTF-8: not found')
+  t.match(await call('GET', '/users/%FF/tokens', alice), { status: 404 }, 'a user name of no UTF-8: not found')
+  t.match(await call('GET', '/users/alice/tokens?page=1', alice), { status: 200 }, 'still answering')
+})
+
 t.test("scopes: written back in Gitea's order, in the 201 and in the list alike", async (t) => {
   // models/auth/access_token_scope.go: normalised through a bitmap and written back in the order
   // of its list of all scopes. Before, the fake sorted them alphabetically.

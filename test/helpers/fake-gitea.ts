@@ -2,7 +2,8 @@
 // test/fixtures/gitea-tokens.swagger.json, behaving as shared/integrations/GITEA.md describes
 // (HTTP Basic only on the token routes, 400 on a duplicate name or unknown scope, 422 on a
 // missing name, `limit` capped at 50 with X-Total-Count, delete by id then by name), and where
-// GITEA.md says no more, as Gitea 1.22's source does: the sign-in of its API auth group (a token
+// GITEA.md says no more, as Gitea 1.22's source does: a create's body bound by Content-Type and Go's
+// encoding/json (bindCreateOption), the sign-in of its API auth group (a token
 // header only as `token` or any case of `bearer`; a token as the Basic password or user name signs
 // in as its owner, whatever the name; a failed sign-in is 401 on every route, /version too), the
 // scopes written back in Gitea's order, and `page`/`limit` read as Go's strconv.Atoi reads them (a
@@ -204,6 +205,75 @@ function basicOfHeader(header: string): { name: string; password: string } | und
   const text = Buffer.from(encoded, 'base64').toString('utf8')
   const colon = text.indexOf(':')
   return colon < 0 ? { name: '', password: '' } : { name: text.slice(0, colon), password: text.slice(colon + 1) }
+}
+
+/**
+ * A path parameter as Gitea's ctx.Params gives it (url.PathUnescape): the escapes decoded to bytes,
+ * whatever they spell (`%FF` is no UTF-8, and matches no user or token name; decodeURIComponent
+ * threw on it, ending the fake's process).
+ */
+function pathParam(raw: string): string {
+  return Buffer.from(raw.replace(/%([0-9a-fA-F]{2})|[^%]+/g, (part, hex: string | undefined) => (hex === undefined ? Buffer.from(part).toString('latin1') : String.fromCharCode(parseInt(hex, 16)))), 'latin1').toString('utf8')
+}
+
+/** The kind Go's encoding/json names a JSON value by in its UnmarshalTypeError. */
+function goJsonKind(v: unknown): string {
+  if (Array.isArray(v)) return 'array'
+  if (typeof v === 'boolean') return 'bool'
+  return typeof v === 'object' ? 'object' : typeof v
+}
+
+/**
+ * A create's body as Gitea binds it (routers/api/v1/api.go's bind(): gitea.com/go-chi/binding's
+ * Bind into CreateAccessTokenOption), or the message of its 422 ("<field names>: <error>", the
+ * first error). The reader is picked by Content-Type: a form (by the fields' names, `name` and
+ * `scopes`), JSON (Go's encoding/json: a key matched in any case, unknown keys ignored, null
+ * leaving a field as it is, a value of the wrong type refused), no Content-Type ("Empty
+ * Content-Type") or another ("Unsupported Content-Type"); then the `Required` name. Not modelled:
+ * multipart bodies (a 500 saying so) and what follows a complete JSON value (Go ignores it; here it
+ * is invalid JSON).
+ */
+function bindCreateOption(contentType: string | undefined, raw: string): { name: string; scopes: string[] } | { error: string; status: 422 | 500 } {
+  const type = contentType ?? ''
+  let name = ''
+  let scopes: string[] = []
+  if (type.includes('form-urlencoded')) {
+    const form = new URLSearchParams(raw)
+    name = form.get('name') ?? ''
+    scopes = form.getAll('scopes')
+  } else if (type.includes('multipart/form-data')) {
+    return { status: 500, error: 'the fake Gitea does not read multipart bodies' }
+  } else if (type.includes('json')) {
+    const struct = 'Go struct field CreateAccessTokenOption'
+    if (raw.trim() !== '') {
+      let v: unknown
+      try {
+        v = JSON.parse(raw)
+      } catch (err) {
+        return { status: 422, error: `[]: ${(err as Error).message}` }
+      }
+      if (v !== null && (typeof v !== 'object' || Array.isArray(v))) return { status: 422, error: `[]: json: cannot unmarshal ${goJsonKind(v)} into Go value of type structs.CreateAccessTokenOption` }
+      let typeError: string | undefined
+      for (const [key, value] of Object.entries((v ?? {}) as Record<string, unknown>)) {
+        const field = key.toLowerCase()
+        if (value === null || (field !== 'name' && field !== 'scopes')) continue
+        if (field === 'name') {
+          if (typeof value === 'string') name = value
+          else typeError ??= `json: cannot unmarshal ${goJsonKind(value)} into ${struct}.name of type string`
+        } else if (!Array.isArray(value)) {
+          typeError ??= `json: cannot unmarshal ${goJsonKind(value)} into ${struct}.scopes of type []string`
+        } else {
+          const bad = value.find((s) => s !== null && typeof s !== 'string')
+          if (bad !== undefined) typeError ??= `json: cannot unmarshal ${goJsonKind(bad)} into ${struct}.scopes of type string`
+          else scopes = value.map((s) => (s === null ? '' : (s as string)))
+        }
+      }
+      if (typeError !== undefined) return { status: 422, error: `[]: ${typeError}` }
+    }
+  } else {
+    return { status: 422, error: type === '' ? '[]: Empty Content-Type' : '[]: Unsupported Content-Type' }
+  }
+  return name === '' ? { status: 422, error: '[Name]: Required' } : { name, scopes }
 }
 
 /** Gitea's ErrUserNotExist message (models/user/error.go, 1.22: no key id any more). */
@@ -425,6 +495,12 @@ export class FakeGitea {
     const chunks: Buffer[] = []
     for await (const c of req) chunks.push(c as Buffer)
     const raw = Buffer.concat(chunks).toString('utf8')
+    // Go's HTTP server answers a request URI url.ParseRequestURI cannot read (a malformed escape)
+    // itself, before Gitea: before, the fake's decodeURIComponent threw, ending its process.
+    if (/%(?![0-9a-fA-F]{2})/.test((req.url ?? '/').split('?')[0] as string)) {
+      res.writeHead(400, { 'content-type': 'text/plain; charset=utf-8', connection: 'close' })
+      return void res.end('400 Bad Request')
+    }
     const url = new URL(req.url ?? '/', 'http://fake')
     const method = req.method ?? 'GET'
     this.requests.push({ method, path: url.pathname, authorization: req.headers.authorization })
@@ -465,7 +541,7 @@ export class FakeGitea {
     // 401): a token header alone is not enough.
     const refused = scopeRefusal(signed, method === 'GET' ? 'read:user' : 'write:user')
     if (refused !== null) return this.#error(req, res, operation, 403, refused)
-    const name = decodeURIComponent(m[1] as string)
+    const name = pathParam(m[1] as string)
     const target = this.user(name)
     // UserAssignmentAPI answers with ctx.Error: GetUserByName's error as the message, no `errors`.
     if (!target) return this.#send(req, res, operation, 404, { message: userNotExist(0, name), url: `${this.url}/api/swagger` })
@@ -476,7 +552,7 @@ export class FakeGitea {
 
     if (method === 'GET') return this.#list(req, res, operation, target, url)
     if (method === 'POST') return this.#create(req, res, operation, target, raw)
-    return this.#delete(req, res, operation, target, decodeURIComponent(m[2] as string))
+    return this.#delete(req, res, operation, target, pathParam(m[2] as string))
   }
 
   /** GET /user: the user scope of a token used to sign in (403), then a doer at all (reqToken, 401). */
@@ -551,19 +627,14 @@ export class FakeGitea {
 
   async #create(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, raw: string): Promise<void> {
     this.#createsArrived++
-    let body: { name?: unknown; scopes?: unknown }
-    try {
-      body = raw === '' ? {} : (JSON.parse(raw) as typeof body)
-    } catch {
-      return this.#error(req, res, operation, 422, '[]: Deserialization error')
-    }
-    if (typeof body.name !== 'string' || body.name === '') return this.#error(req, res, operation, 422, '[Name]: Required')
+    const body = bindCreateOption(req.headers['content-type'], raw)
+    if ('error' in body) return this.#error(req, res, operation, body.status, body.error)
     const name = body.name
     if (this.tokens.some((t) => t.owner === user.login && t.name === name)) return this.#error(req, res, operation, 400, 'access token name has been used already')
     if (this.nameCheckRace) await this.#awaitAnotherCreate()
     // Gitea joins the scopes with commas and splits them again, skipping empty ones; nothing is
     // trimmed (" read:user" is not a scope).
-    const scopes = Array.isArray(body.scopes) ? body.scopes.map(String).flatMap((s) => s.split(',')).filter(Boolean) : []
+    const scopes = body.scopes.flatMap((s) => s.split(',')).filter(Boolean)
     const unknown = scopes.find((s) => !KNOWN.has(s))
     if (unknown !== undefined) return this.#error(req, res, operation, 400, `invalid access token scope provided: invalid access token scope: ${unknown}`)
     if (scopes.length === 0) return this.#error(req, res, operation, 400, 'access token must have a scope')
