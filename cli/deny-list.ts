@@ -1,8 +1,9 @@
 // keygate deny-list add|list|remove and keygate lockouts list|lift: the gateway's address checks
 // from the command line, as the admin API has them (before, only the admin API had them). The
 // deny list is the store's: on the store opened here, or through a running server's admin API;
-// a change reaches every gateway within gateway.deny_list_refresh_s, or at once through the
-// admin API of the instance that made it. Lockouts live in the running servers (Redis, or each
+// a change reaches every gateway at once through the admin API of the instance that made it, or
+// through Redis (with REDIS_URL set, as the admin API's changes do), else within
+// gateway.deny_list_refresh_s. Lockouts live in the running servers (Redis, or each
 // process's memory): only through an admin API.
 import { Type } from '@sinclair/typebox'
 import { AddDenyBody, DenyListService, denyJson, normaliseCidr } from '../core/deny-list.ts'
@@ -43,13 +44,15 @@ export interface LockoutContext {
 export const LOCKOUTS_NEED_ADMIN =
   'lockouts are held by the running servers (in Redis, or in each process), not in the store: set KEYGATE_ADMIN_URL (or --admin-url) and KEYGATE_ADMIN_TOKEN to reach one'
 
-export function localDenyOperations(runtime: Runtime, actor: Actor): DenyOperations {
+/** The operations on the store opened here, and the service they change it through (its changes are published on Redis: cli/local.ts). */
+export function localDenyOperations(runtime: Runtime, actor: Actor): { ops: DenyOperations; denyList: DenyListService } {
   const service = new DenyListService({ db: runtime.db, audit: runtime.audit })
-  return {
+  const ops: DenyOperations = {
     add: async (body) => denyJson(await service.add({ cidr: body.cidr, reason: body.reason ?? null, expiresAt: body.expires_at ?? null }, actor)),
     list: async (includeExpired) => (await service.list({ includeExpired })).map(denyJson),
     remove: async (id) => denyJson(await service.remove(id, actor)),
   }
+  return { ops, denyList: service }
 }
 
 export function remoteDenyOperations(baseUrl: string, token: string): DenyOperations {

@@ -12,16 +12,18 @@ import type { Logger } from '../core/log.ts'
 import { DEFAULT_DATA_DIR, embeddedStoreExists } from '../core/db.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
+import type { DenyListService } from '../core/deny-list.ts'
 
 /**
  * Opens the store (`existingOnly`: refused with that hint when there is none yet), builds the
- * command's context with `open`, runs `action` on it, and closes everything after.
+ * command's context with `open`, runs `action` on it, and closes everything after. The changes of
+ * the runtime's keys, and of the deny list service `open` names (`denyList`), are published on Redis.
  */
 export async function runLocal<C>(
   config: Config,
   log: Logger,
   existingOnly: string | undefined,
-  open: (runtime: Runtime) => Promise<{ ctx: C; close?: () => Promise<void> }>,
+  open: (runtime: Runtime) => Promise<{ ctx: C; close?: () => Promise<void>; denyList?: DenyListService }>,
   action: (ctx: C) => Promise<number>,
 ): Promise<number> {
   const fresh = !config.store.database_url && existingOnly === undefined ? newEmbeddedStoreAt(config.store.data_dir) : undefined
@@ -40,7 +42,7 @@ export async function runLocal<C>(
   const queued: Array<Promise<unknown>> = []
   try {
     opened = await open(runtime)
-    published = config.redis.url ? await invalidationsOf(config.redis.url, config.redis.key_prefix, runtime, log) : undefined
+    published = config.redis.url ? await invalidationsOf(config.redis.url, config.redis.key_prefix, runtime, opened.denyList, log) : undefined
     // Key events of changes made here are queued in the store; the running servers deliver them.
     webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, config: config.webhooks, log, deliver: false })
     const events = new EventBus()
@@ -66,17 +68,21 @@ function newEmbeddedStoreAt(dataDir: string | undefined): string | undefined {
 
 /**
  * With Redis configured, a change the CLI makes in the store is published like the admin API's,
- * so every gateway drops the key at once. Returns what waits for the publishes before exit (each
- * bounded: see sendInvalidation); a Redis that cannot be reached or does not answer in time leaves
- * the gateways to their store check (cache.store_check_s), with a warning.
+ * so every gateway drops the key, or reads the deny list again, at once. Returns what waits for
+ * the publishes before exit (each bounded: see sendInvalidation); a Redis that cannot be reached
+ * or does not answer in time leaves the gateways to their store check (cache.store_check_s) and
+ * their deny list reload (gateway.deny_list_refresh_s), with a warning. Before (found by a
+ * review), the deny list's changes were not published: an address blocked at a terminal stayed
+ * open on every gateway until its next reload, up to an hour, though Redis was there.
  */
-async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime, log: Logger): Promise<() => Promise<void>> {
+async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime, denyList: DenyListService | undefined, log: Logger): Promise<() => Promise<void>> {
   // Loaded here: a command without Redis never loads its client.
   const [{ Redis }, { redisReady }] = await Promise.all([import('ioredis'), import('../core/redis.ts')])
   // Connected on the first change only: commands that change nothing never touch Redis.
   let redis: Redis | undefined
   let ready: Promise<boolean> | undefined
   const sent: Array<Promise<unknown>> = []
+  let denyFailed = false
   const send = async (message: string): Promise<unknown> => {
     if (!redis) {
       redis = new Redis(url, { keyPrefix, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
@@ -86,14 +92,24 @@ async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime,
     if (!(await ready)) throw new Error('Redis did not answer')
     return sendInvalidation(redis, message, 2000)
   }
-  const off = bindInvalidations({ keys: runtime.keys, publish: (message) => sent.push(send(message)) })
+  const off = bindInvalidations({
+    keys: runtime.keys,
+    ...(denyList ? { denyList } : {}),
+    publish: (message) =>
+      sent.push(
+        send(message).catch((err: unknown) => {
+          if (message === 'deny') denyFailed = true
+          throw err
+        }),
+      ),
+  })
   return async () => {
     off()
     const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
     if (failed) {
-      log.warn('could not tell the gateways through Redis; they drop the key at their next store check (cache.store_check_s), or within cache.ttl_s with it off', {
-        err: (failed as PromiseRejectedResult).reason as Error,
-      })
+      const err = (failed as PromiseRejectedResult).reason as Error
+      if (denyFailed) log.warn('could not tell the gateways through Redis; they read the deny list again at their next reload (gateway.deny_list_refresh_s)', { err })
+      else log.warn('could not tell the gateways through Redis; they drop the key at their next store check (cache.store_check_s), or within cache.ttl_s with it off', { err })
     }
     redis?.disconnect()
   }

@@ -7,6 +7,7 @@ import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { VERSION } from '../core/package.ts'
 import type { Runtime } from '../core/runtime.ts'
+import type { DenyListService } from '../core/deny-list.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationContext } from './integrations.ts'
 import { DENY_LIST_COMMANDS, LOCKOUT_COMMANDS, LOCKOUTS_NEED_ADMIN, localDenyOperations, remoteDenyOperations, remoteLockoutOperations } from './deny-list.ts'
@@ -125,7 +126,7 @@ export async function runGroup<C>(
   argv: string[],
   io: Io,
   /** The context on the store opened here; or, for a group that works only through an admin API, why (refused without an admin URL). */
-  open: ((runtime: Runtime, log: Logger, json: boolean) => Promise<{ ctx: C; close?: () => Promise<void> }>) | string,
+  open: ((runtime: Runtime, log: Logger, json: boolean) => Promise<{ ctx: C; close?: () => Promise<void>; denyList?: DenyListService }>) | string,
   remote: (adminUrl: string, token: string, json: boolean, p: Parsed) => C,
 ): Promise<number> {
   const [name, ...rest] = argv
@@ -296,7 +297,10 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           DENY_LIST_COMMANDS,
           rest,
           io,
-          async (runtime, _log, json) => ({ ctx: { io, json, ops: localDenyOperations(runtime, { actor: actorName() }) } }),
+          async (runtime, _log, json) => {
+            const { ops, denyList } = localDenyOperations(runtime, { actor: actorName() })
+            return { ctx: { io, json, ops }, denyList }
+          },
           (adminUrl, token, json) => ({ io, json, ops: remoteDenyOperations(adminUrl, token) }),
         )
       case 'lockouts':

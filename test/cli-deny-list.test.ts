@@ -8,7 +8,8 @@ import { runCli, runCliHere } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
-import { call, startUpstream } from './helpers/gateway.ts'
+import { call, startUpstream, until } from './helpers/gateway.ts'
+import { startDeployment } from './helpers/deployment.ts'
 
 const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 
@@ -168,4 +169,30 @@ t.test('an IPv6 lockout is lifted and looked up by the network the list shows (2
     if (!bad.includes('.')) t.match(answer.json.error.message, /an IPv6 network of \/64, as the lockouts count them/, bad)
   }
   t.equal(await served.stop(), 0)
+})
+
+t.test('on the store with REDIS_URL set, a change reaches every gateway through Redis, as a key change does (found by a review)', async (t) => {
+  // The gateways re-read the list only every hour: whatever reaches them sooner came through
+  // Redis. Before, the CLI published the key changes it made on the store but not the deny
+  // list's, so an address blocked at a terminal stayed open on every gateway until its next
+  // reload (gateway.deny_list_refresh_s), though Redis was there to tell them at once.
+  const cwd = tempDir()
+  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  deny_list_refresh_s: 3600\n')
+  const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(cwd, 'keygate.yaml') } })
+  const created = await d.call('POST', '/v1/keys', { name: 'deny', type: 'service' })
+  t.equal(created.status, 201, created.text)
+  const key = created.json.key as string
+  const from = '203.0.113.44'
+  for (let g = 0; g < 2; g++) t.equal((await d.through(g, key, from)).status, 200, `gateway ${g} lets the address in`)
+
+  const added = await runCli(['deny-list', 'add', `::ffff:${from}`, '--reason', 'scanner', '--json'], { cwd, env: d.env })
+  t.equal(added.code, 0, added.stderr)
+  t.equal(added.json().cidr, from)
+  for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses the address`, async () => (await d.through(g, key, from)).json?.error?.code === 'ip_blocked')
+  t.equal((await d.through(0, key, '203.0.113.45')).status, 200, 'another address still passes')
+
+  const removed = await runCli(['deny-list', 'remove', from], { cwd, env: d.env })
+  t.equal(removed.code, 0, removed.stderr)
+  for (let g = 0; g < 2; g++) await until(t, `gateway ${g} lets the address in again`, async () => (await d.through(g, key, from)).status === 200)
+  for (const s of [d.admin, ...d.gateways]) t.equal(await s.stop(), 0, 'exit 0')
 })
