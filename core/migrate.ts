@@ -35,13 +35,27 @@ export function readMigrations(dir: string = MIGRATIONS_DIR): Migration[] {
   return out
 }
 
+/**
+ * Creates keygate_migrations where it is not there yet. Looked for first: PostgreSQL checks the
+ * schema's CREATE right before it looks for the table of a CREATE TABLE IF NOT EXISTS, so a role
+ * given only its rows' rights, on a database its owner migrated, could start nothing with
+ * store.auto_migrate on (found by a review: "unexpected error: permission denied for schema
+ * public", with nothing pending). Under the migrations' lock, no instance creates it meanwhile.
+ */
 async function ensureTable(tx: Queryable): Promise<void> {
-  await tx.exec(`CREATE TABLE IF NOT EXISTS keygate_migrations (
-    version    integer PRIMARY KEY,
-    name       text NOT NULL,
-    checksum   text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-  )`)
+  const exists = await tx.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
+  if (exists[0]?.t) return
+  try {
+    await tx.exec(`CREATE TABLE keygate_migrations (
+      version    integer PRIMARY KEY,
+      name       text NOT NULL,
+      checksum   text NOT NULL,
+      applied_at timestamptz NOT NULL DEFAULT now()
+    )`)
+  } catch (err) {
+    const code = sqlState(err)
+    throw new KeygateError('migration_failed', `cannot create keygate_migrations, the table of applied migrations: ${(err as Error).message}${code ? ` (SQLSTATE ${code})` : ''}; nothing was applied`, code ? { sqlstate: code } : undefined)
+  }
 }
 
 async function applied(tx: Queryable): Promise<Array<{ version: number; name: string; checksum: string }>> {

@@ -4,10 +4,11 @@ import t from 'tap'
 import { cpSync, mkdtempSync, readdirSync, rmSync, unlinkSync, writeFileSync, appendFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { randomBytes } from 'node:crypto'
 import type { Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
 import { MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
-import { forEachStore, freshDatabase, rejection, STORE_KINDS } from './helpers/stores.ts'
+import { adminClient, forEachStore, freshDatabase, rejection, STORE_KINDS } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -197,4 +198,76 @@ t.test('openDb: an unreachable PostgreSQL is store_unavailable, and the password
   t.equal((err as { code?: string }).code, 'store_unavailable')
   t.match(err.message, 'cannot reach PostgreSQL at 127.0.0.1:1')
   t.notOk(err.message.includes('s3cretpw'))
+})
+
+/** A login role of this test's own, with `password`; dropped when `t` ends, with its rights in the database at `url`. */
+async function testRole(t: Test, url: string, password: string): Promise<string> {
+  const name = `kg_r_${randomBytes(6).toString('hex')}`
+  const client = await adminClient()
+  try {
+    await client.query(`CREATE ROLE ${name} LOGIN PASSWORD '${password}'`)
+  } finally {
+    await client.end()
+  }
+  t.teardown(async () => {
+    const db = await openDb({ databaseUrl: url, poolMax: 1 })
+    try {
+      await db.exec(`DROP OWNED BY ${name}`)
+    } finally {
+      await db.close()
+    }
+    const c = await adminClient()
+    try {
+      await c.query(`DROP ROLE IF EXISTS ${name}`)
+    } finally {
+      await c.end()
+    }
+  })
+  return name
+}
+
+/** `url` with `role` and `password` as its credentials. */
+function asRole(url: string, role: string, password: string): string {
+  const u = new URL(url)
+  u.username = role
+  u.password = password
+  return u.toString()
+}
+
+// Before (found by a review of migrations): every run began with CREATE TABLE IF NOT EXISTS
+// keygate_migrations, and PostgreSQL checks the schema's CREATE right before it looks for the
+// table: a role given only its rows' rights (SELECT, INSERT, UPDATE, DELETE) on a database migrated
+// by its owner could start nothing with store.auto_migrate on (the default), with "keygate:
+// unexpected error: permission denied for schema public", though nothing was pending.
+t.test('postgres: a role without CREATE on the schema runs on a migrated database; on an empty one it is told what failed', async (t) => {
+  const url = await freshDatabase(t)
+  const password = randomBytes(12).toString('hex')
+  const role = await testRole(t, url, password)
+  const owner = await openDb({ databaseUrl: url, poolMax: 1 })
+  try {
+    await owner.exec(`REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT USAGE ON SCHEMA public TO ${role}`)
+  } finally {
+    await owner.close()
+  }
+  const cwd = tempDir()
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const env = isolated({ DATABASE_URL: asRole(url, role, password), KEYGATE_ENCRYPTION_KEY: randomBytes(32).toString('base64') })
+
+  const empty = await runCli(['migrate'], { cwd, env })
+  t.equal(empty.code, 1, 'refused')
+  t.equal(empty.stderr, 'keygate: cannot create keygate_migrations, the table of applied migrations: permission denied for schema public (SQLSTATE 42501); nothing was applied\n', 'names what failed, not an unexpected error')
+
+  const migrated = await openDb({ databaseUrl: url, poolMax: 1 })
+  try {
+    t.same(await migrate(migrated), FILES, "the database's owner migrates it")
+    await migrated.exec(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ${role}; GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO ${role}`)
+  } finally {
+    await migrated.close()
+  }
+  const again = await runCli(['migrate', '--json'], { cwd, env })
+  t.equal(again.code, 0, again.stderr)
+  t.same(again.json(), { applied: [], newer: [], store: 'postgres' }, 'nothing pending: nothing to create')
+  const created = await runCli(['api-key', 'create', '--name', 'least-privilege', '--type', 'service', '--json'], { cwd, env })
+  t.equal(created.code, 0, `a command opens the store with auto_migrate on: ${created.stderr}`)
+  t.equal(created.json<{ name: string }>().name, 'least-privilege')
 })
