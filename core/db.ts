@@ -1,6 +1,6 @@
 // One small SQL interface over PostgreSQL (pg) and the embedded store (PGlite), so every
 // migration and every query in keygate is written once and runs on both.
-import { accessSync, chmodSync, closeSync, existsSync, constants as fsConstants, fstatSync, linkSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, statSync, unlinkSync, utimesSync, type Stats } from 'node:fs'
+import { accessSync, chmodSync, closeSync, existsSync, constants as fsConstants, fstatSync, linkSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, renameSync, rmSync, statSync, unlinkSync, utimesSync, type Stats } from 'node:fs'
 import net from 'node:net'
 import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -1191,6 +1191,38 @@ function lstatOrNone(path: string): Stats | undefined {
   }
 }
 
+/**
+ * Refuses PGlite's folder when it holds a database's files (`base/` or `global/`) without
+ * PG_VERSION: PGlite makes a new store (initdb) wherever PG_VERSION is missing, whatever is
+ * there, and a store whose PG_VERSION was lost (a restore or copy that missed it, a damaged file
+ * system) was made anew over its files by the next `serve`, `migrate` or `api-key create`, its
+ * keys gone (found by a review). PostgreSQL's own initdb refuses a folder that is not empty.
+ */
+function refuseStoreWithoutMark(dir: string, pgdata: string): void {
+  const mark = join(pgdata, 'PG_VERSION')
+  if (lstatOrNone(mark) !== undefined) return
+  if (!['base', 'global'].some((name) => lstatOrNone(join(pgdata, name))?.isDirectory())) return
+  throw new KeygateError(
+    'store_unavailable',
+    `the embedded store in ${dir} has lost ${mark}, PostgreSQL's mark of a data folder, but still holds a database's files: keygate makes no new store over them, which would lose every key in it. Restore the data folder from a backup, or PG_VERSION alone: each database's folder holds the same file (cp ${join(pgdata, 'base', '1', 'PG_VERSION')} ${mark}); if this folder never held a store (a first start that was cut short), remove ${pgdata}`,
+  )
+}
+
+/** Removes what `folder` holds, leaving it empty; what cannot be removed stays (the next start says so). */
+function emptyFolder(folder: string): void {
+  let names: string[]
+  try {
+    names = readdirSync(folder)
+  } catch {
+    return
+  }
+  for (const name of names) {
+    try {
+      rmSync(join(folder, name), { recursive: true, force: true })
+    } catch {}
+  }
+}
+
 /** PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder). */
 const storeMark = (dir: string) => join(dir, 'pgdata', 'PG_VERSION')
 
@@ -1334,15 +1366,23 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     const at = (err as NodeJS.ErrnoException).path
     throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${systemErrorWords(err)}${at ? ` (${at})` : ''}`, undefined, { cause: err })
   }
+  let making: boolean
   try {
     privateFolder(pgdata)
+    making = readdirSync(pgdata).length === 0
+    if (!making) refuseStoreWithoutMark(dir, pgdata)
   } catch (err) {
     release()
+    if (isKeygateError(err)) throw err
     throw new KeygateError('store_unavailable', `cannot prepare the embedded store folder ${pgdata}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
   try {
     return await EmbeddedDb.open({ dataDir: pgdata, sharedBuffers }, release)
   } catch (err) {
+    // A store being made that failed (a full disk, a file size limit) holds nothing yet: what
+    // PGlite left goes, so that the next start makes it anew. Before (found by a review), a partial
+    // store with PG_VERSION in it was left, which every later start failed to open ("Aborted()").
+    if (making) emptyFolder(pgdata)
     release()
     let foreign: ReturnType<typeof unreachableFileIn>
     // The store is this user's own (its folder is): the file is the stray, given back with chown.

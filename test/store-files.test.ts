@@ -12,7 +12,7 @@ import { createLogger } from '../core/log.ts'
 import { openDb } from '../core/db.ts'
 import { EMSCRIPTEN_ERRNO, fileSystemErrorWords } from '../core/errors.ts'
 import { asNobody, NOBODY } from './helpers/as-nobody.ts'
-import { childEnv, outcome, runCli, spawnClean, type CliResult } from './helpers/cli.ts'
+import { childEnv, KEYGATE_BIN, outcome, runCli, spawnClean, type CliResult } from './helpers/cli.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { rejection } from './helpers/stores.ts'
 
@@ -289,4 +289,50 @@ t.test('a file where PGlite makes a folder, in a new store: ENOTDIR in words, wi
   t.equal(err.code, 'store_unavailable')
   t.equal(err.message, `cannot open the embedded store in ${dir}: file system error ENOTDIR (a file is in the way; is something in the data folder not what the store expects, such as a file where a folder should be?)`)
   t.notOk(existsSync(join(dir, 'keygate.lock')), 'the lock is released')
+})
+
+// Before (found by a review of migrations and the stores): PGlite makes a store (initdb) wherever
+// pgdata/ has no PG_VERSION, whatever else is there. A store whose PG_VERSION was lost (a restore
+// or copy that missed it, a damaged file system) was made anew over its files by the next
+// `serve`, `migrate` or `api-key create`: its keys, audit rows and webhooks were gone, and a read
+// command's advice ("make the store there with `keygate migrate`") led there too.
+t.test('a store that lost PG_VERSION is refused, not made anew over its keys', async (t) => {
+  const store = await seedDataDir(join(tempDir(t), 'data'))
+  const env = embeddedEnv(store)
+  const created = await runCli(['api-key', 'create', '--type', 'user', '--name', 'kept', '--json'], { env })
+  t.equal(created.code, 0, created.stderr)
+  const mark = join(store, 'pgdata', 'PG_VERSION')
+  const version = readFileSync(mark, 'utf8')
+  rmSync(mark)
+
+  // `serve` opens the store as these do (openDb).
+  for (const args of [['migrate'], ['api-key', 'create', '--type', 'user', '--name', 'after']]) {
+    const refused = await runCli(args, { env })
+    t.equal(refused.code, 1, `${args.join(' ')}: refused`)
+    t.match(refused.stderr, `the embedded store in ${store} has lost ${mark}, PostgreSQL's mark of a data folder, but still holds a database's files: keygate makes no new store over them, which would lose every key in it`, `${args.join(' ')}: says why`)
+    t.notOk(existsSync(mark), `${args.join(' ')}: no new store was made`)
+  }
+  t.notOk(existsSync(join(store, 'keygate.lock')), 'the lock is given back')
+
+  writeFileSync(mark, version)
+  const listed = await runCli(['api-key', 'list', '--json'], { env })
+  t.equal(listed.code, 0, listed.stderr)
+  t.same(listed.json().items.map((k: { name: string }) => k.name), ['kept'], 'with PG_VERSION put back, the key is there')
+})
+
+// Before: a first start cut short while PGlite made the store (a full disk, a file size limit)
+// left a partial store with PG_VERSION in it, which every later start failed to open, with
+// PGlite's "Aborted(). Build with -sASSERTIONS for more info."
+t.test('a store whose making fails leaves nothing behind, and the next start makes it', async (t) => {
+  const store = join(tempDir(t), 'data')
+  // A file size limit of 64 KiB: the lock's files are written, PGlite's initdb is not.
+  const child = spawnClean('sh', ['-c', 'ulimit -f 64 && exec "$0" "$@"', process.execPath, KEYGATE_BIN, 'migrate'], { env: childEnv(embeddedEnv(store)) })
+  const cut = await outcome(child, ['migrate (with a file size limit)'])
+  t.equal(cut.code, 1, cut.stderr)
+  t.match(cut.stderr, `cannot open the embedded store in ${store}`)
+  t.same(readdirSync(join(store, 'pgdata')), [], 'nothing of the store that failed is left in pgdata/')
+
+  const again = await runCli(['migrate', '--json'], { env: embeddedEnv(store) })
+  t.equal(again.code, 0, again.stderr)
+  t.equal(again.json().applied.length, readdirSync(new URL('../migrations/', import.meta.url)).filter((f) => f.endsWith('.sql')).length, 'the store is made, and migrated')
 })
