@@ -17,8 +17,25 @@ export const MIGRATION_LOCK_ID = 0x6b67_6d67
 export interface Migration {
   version: number
   name: string
+  /** SHA-256 of the text with LF line endings, as recorded when it is applied. */
   checksum: string
+  /** The checksums a record of this file may hold: `checksum`, and those of its text with CRLF line endings and as read (see checksumsOf). */
+  accepted: readonly string[]
   sql: string
+}
+
+/**
+ * The checksum of `sql` (of its text with LF line endings), and every checksum a record of the
+ * same text may hold. Line endings are no change: before (found by a review), the checksum was of
+ * the file's bytes, and a checkout with CRLF line endings (Git for Windows' core.autocrlf, a
+ * package packed from one) had changed every file a database migrated from LF files had applied,
+ * and the reverse: every command stopped with migration_modified. A record an earlier keygate
+ * made from CRLF files (its bytes' checksum) still matches.
+ */
+function checksumsOf(sql: string): { checksum: string; accepted: string[] } {
+  const lf = sql.replaceAll('\r\n', '\n')
+  const checksum = hash('sha256', lf, 'hex')
+  return { checksum, accepted: [...new Set([checksum, hash('sha256', lf.replaceAll('\n', '\r\n'), 'hex'), hash('sha256', sql, 'hex')])] }
 }
 
 export function readMigrations(dir: string = MIGRATIONS_DIR): Migration[] {
@@ -30,7 +47,7 @@ export function readMigrations(dir: string = MIGRATIONS_DIR): Migration[] {
     const version = Number(m[1])
     if (out.some((x) => x.version === version)) throw new KeygateError('migration_modified', `two migration files are numbered ${m[1]}`)
     const sql = readFileSync(join(dir, name), 'utf8')
-    out.push({ version, name, sql, checksum: hash('sha256', sql, 'hex') })
+    out.push({ version, name, sql, ...checksumsOf(sql) })
   }
   return out
 }
@@ -81,7 +98,7 @@ function compare(files: Migration[], done: Array<{ version: number; name: string
     if (!file) {
       throw new KeygateError('migration_modified', `migration ${row.name} is applied but its file is missing`, { migration: row.name })
     }
-    if (file.checksum !== row.checksum) {
+    if (!file.accepted.includes(row.checksum)) {
       throw new KeygateError('migration_modified', `migration ${row.name} was changed after it was applied; restore it and put the change in a new numbered file`, { migration: row.name })
     }
   }

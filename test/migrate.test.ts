@@ -1,10 +1,10 @@
 // Migrations on both stores: applied in order, each once, recorded; changed or missing applied
 // files refused; a failing file leaves nothing behind; several instances migrating at once.
 import t from 'tap'
-import { cpSync, mkdtempSync, readdirSync, rmSync, unlinkSync, writeFileSync, appendFileSync } from 'node:fs'
+import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, unlinkSync, writeFileSync, appendFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { randomBytes } from 'node:crypto'
+import { hash, randomBytes } from 'node:crypto'
 import type { Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
 import { MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
@@ -82,6 +82,34 @@ await forEachStore(
         t.match(err.message, `${FILES[0]} was changed after it was applied`)
       }
       t.equal((await recorded(db)).length, FILES.length, 'nothing recorded')
+    })
+
+    // Before (found by a review of migrations): the checksum was of the file's bytes, so a checkout
+    // with Windows line endings (Git for Windows' core.autocrlf, a package packed from one) had
+    // "changed" every applied file of a database an LF checkout migrated, and the reverse: every
+    // command stopped with migration_modified.
+    t.test('line endings are no change: CRLF files match what LF files applied, and the reverse', async (t) => {
+      const crlf = migrationsCopy(t)
+      for (const name of FILES) {
+        const file = join(crlf, name)
+        writeFileSync(file, readFileSync(file, 'utf8').replaceAll('\r\n', '\n').replaceAll('\n', '\r\n'))
+      }
+      t.same(await migrate(db, crlf), [], 'a CRLF checkout finds nothing changed')
+      t.same(await migrationState(db, crlf), { pending: [], newer: [] })
+
+      // A database an earlier keygate migrated from CRLF files recorded their bytes' checksums.
+      const before = await recorded(db)
+      for (const m of readMigrations(crlf)) {
+        await db.query('UPDATE keygate_migrations SET checksum = $1 WHERE version = $2', [hash('sha256', m.sql, 'hex'), m.version])
+      }
+      t.same(await migrate(db), [], 'LF files match what CRLF files recorded')
+      t.same(await migrate(db, crlf), [], 'and CRLF files still do')
+      for (const r of before) await db.query('UPDATE keygate_migrations SET checksum = $1 WHERE version = $2', [r.checksum, r.version])
+
+      const changed = migrationsCopy(t)
+      const first = join(changed, FILES[0] as string)
+      writeFileSync(first, readFileSync(first, 'utf8').replaceAll('\n', '\r\n').replace('\r\n', '\r\n\r\n'))
+      t.equal((await rejection(migrate(db, changed))).code, 'migration_modified', 'a line added is still a change')
     })
 
     t.test('a new file is applied; an applied file that disappears below the newest is refused; newer ones are a newer keygate', async (t) => {
