@@ -1182,6 +1182,45 @@ function unreachableFileIn(pgdata: string): { path: string; owner: ForeignOwner 
   return undefined
 }
 
+/**
+ * The first file or folder in `pgdata` (or `pgdata` itself) of this process's user whose mode
+ * denies that user reading and writing it (and searching a folder), or undefined (also as root,
+ * whom modes do not stop, and on Windows). Looked for only once PGlite has failed to open the
+ * store, as unreachableFileIn: before (found by a review), a store restored from a read-only
+ * snapshot, or a `chmod` gone wrong, failed with "PGlite failed to initialize properly" or
+ * "Aborted()", naming nothing.
+ */
+function ownFileWithoutRights(pgdata: string): { path: string; mode: number } | undefined {
+  const euid = process.geteuid?.()
+  if (euid === undefined || euid === 0) return undefined
+  const lacks = (stat: Stats): boolean => {
+    const needed = stat.isDirectory() ? 0o700 : 0o600
+    return stat.uid === euid && (stat.mode & needed) !== needed
+  }
+  const top = lstatOrNone(pgdata)
+  if (top !== undefined && lacks(top)) return { path: pgdata, mode: top.mode & 0o7777 }
+  const folders = [pgdata]
+  let looked = 0
+  while (folders.length > 0 && looked < MAX_LOOKED_AT) {
+    const folder = folders.pop() as string
+    let names: string[]
+    try {
+      names = readdirSync(folder)
+    } catch {
+      continue
+    }
+    for (const name of names) {
+      looked++
+      const path = join(folder, name)
+      const stat = lstatOrNone(path)
+      if (stat === undefined || stat.isSymbolicLink()) continue
+      if (lacks(stat)) return { path, mode: stat.mode & 0o7777 }
+      if (stat.isDirectory()) folders.push(path)
+    }
+  }
+  return undefined
+}
+
 /** lstat of `path`, or undefined when it cannot be read (gone, or a folder on the way this user may not search). */
 function lstatOrNone(path: string): Stats | undefined {
   try {
@@ -1399,6 +1438,18 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
         'store_unavailable',
         `cannot open the embedded store in ${dir}: ${foreign.path} belongs to ${who}, not to this process's user (uid ${process.geteuid?.()}), which cannot both read and write it (was a command run as that user on this folder?); ${mend}`,
         { uid: foreign.owner.uid, ...(foreign.owner.user ? { user: foreign.owner.user } : {}) },
+        { cause: err },
+      )
+    }
+    let denied: ReturnType<typeof ownFileWithoutRights>
+    try {
+      denied = ownFileWithoutRights(pgdata)
+    } catch {}
+    if (denied !== undefined) {
+      throw new KeygateError(
+        'store_unavailable',
+        `cannot open the embedded store in ${dir}: ${denied.path} (mode ${denied.mode.toString(8).padStart(4, '0')}) is not both readable and writable by its owner, this process's user (uid ${process.geteuid?.()}): give the store's files back their owner's rights: chmod -R u+rwX ${pgdata}`,
+        undefined,
         { cause: err },
       )
     }

@@ -336,3 +336,33 @@ t.test('a store whose making fails leaves nothing behind, and the next start mak
   t.equal(again.code, 0, again.stderr)
   t.equal(again.json().applied.length, readdirSync(new URL('../migrations/', import.meta.url)).filter((f) => f.endsWith('.sql')).length, 'the store is made, and migrated')
 })
+
+// Before (found by a review of migrations and the stores): a store of this user's own whose files
+// this user may not write (restored from a read-only snapshot, or a `chmod` gone wrong) failed
+// with PGlite's "PGlite failed to initialize properly" or "Aborted(). Build with -sASSERTIONS
+// for more info.", naming nothing.
+t.test("a file of the store's own user that it may not read and write: its command names it, and how to mend it", { skip: AS_NOBODY }, async (t) => {
+  if (typeof nobody === 'string') return
+  const dir = tempDir(t)
+  chmodSync(dir, 0o755)
+  for (const [what, damage] of [
+    ['a catalog file made read-only', (pgdata: string) => chmodSync(join(pgdata, 'global', 'pg_control'), 0o400)],
+    ["a database's folder made read-only", (pgdata: string) => spawnSync('chmod', ['-R', 'a-w', join(pgdata, 'base')])],
+  ] as const) {
+    const store = await seedDataDir(join(dir, what.replaceAll(' ', '-').replaceAll("'", '')))
+    spawnSync('chown', ['-R', `${NOBODY}:${NOBODY}`, store])
+    const pgdata = join(store, 'pgdata')
+    damage(pgdata)
+    for (const args of [['api-key', 'list', '--json'], ['api-key', 'create', '--type', 'user', '--name', 'x', '--json']]) {
+      const result = await nobody.run([...args, '--data-dir', store], embeddedEnv(store))
+      t.equal(result.code, 1, `${what}, ${args[1]}: refused`)
+      const { error } = result.json()
+      t.equal(error.code, 'store_unavailable')
+      t.match(error.message, new RegExp(`^cannot open the embedded store in ${store}: ${pgdata}/\\S+ \\(mode 0[0-7]{3}\\) is not both readable and writable by its owner, this process's user \\(uid ${NOBODY}\\): give the store's files back their owner's rights: chmod -R u\\+rwX ${pgdata}$`), `${what}, ${args[1]}: names the file and the mend`)
+      t.notMatch(error.message, /Aborted\(\)|ASSERTIONS|failed to initialize/, "not PGlite's words")
+    }
+    spawnSync('chmod', ['-R', 'u+rwX', pgdata])
+    const mended = await nobody.run(['api-key', 'list', '--json', '--data-dir', store], embeddedEnv(store))
+    t.equal(mended.code, 0, `${what}: mended as told, the store opens: ${mended.stderr}`)
+  }
+})
