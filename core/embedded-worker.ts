@@ -134,12 +134,59 @@ export interface WorkerOptions {
   sharedBuffers: string | undefined
 }
 
+/** PostgreSQL's lines on stderr kept while the store opens (its own words when it cannot). */
+const KEPT_LINES = 20
+/** The most of them an error names. */
+const NAMED_LINES = 4
+/** A line of PostgreSQL's log, as PGlite passes it on: `2026-12-06 00:28:42.962 UTC [42] PANIC:  could not read file "global/pg_control"`. */
+const LOG_LINE = /^(?:\S+ \S+ \S+ \[\d+\] )?(LOG|WARNING|ERROR|FATAL|PANIC|DETAIL):\s+(.*)$/
+
+/**
+ * What PostgreSQL said as it failed to start on the store's files (the last of its log lines; no
+ * HINT, whose "It looks like you need to initdb" would make a new store over the old), or
+ * undefined when it said nothing.
+ */
+function postgresWords(lines: readonly string[]): string | undefined {
+  const said = lines.flatMap((line) => {
+    const m = LOG_LINE.exec(line.trim())
+    return m ? [`${m[1]}: ${m[2]}`] : []
+  })
+  return said.length === 0 ? undefined : said.slice(-NAMED_LINES).join('; ')
+}
+
+/**
+ * PGlite's own words when PostgreSQL cannot start ("Aborted(). Build with -sASSERTIONS for more
+ * info.", "PGlite failed to initialize properly"), replaced by PostgreSQL's: before (found by a
+ * review), a truncated pg_control or WAL, or files of another PostgreSQL version, said only that.
+ */
+function openError(err: unknown, lines: readonly string[]): WireError {
+  const e = wire(err)
+  const words = postgresWords(lines)
+  if (words === undefined || !/^(?:Aborted\(\)|PGlite failed to initialize)/.test(e.message)) return e
+  return {
+    ...e,
+    message: `PostgreSQL could not start on its files: ${words.replace(/\.$/, '')}. If another keygate version made the store, run that one; if its files were cut short or damaged (a full disk, a crash of the machine, a copy made while keygate ran), restore the data folder from a backup; keygate makes no new store over them`,
+  }
+}
+
 const { dataDir, sharedBuffers } = workerData as WorkerOptions
+const stderr: string[] = []
+let opening = true
 try {
   const startParams = sharedBuffers === undefined ? undefined : [...PGlite.defaultStartParams, '-c', `shared_buffers=${sharedBuffers}`]
-  const db = await PGlite.create({ dataDir, ...(startParams ? { startParams } : {}) })
+  // PGlite prints the line itself either way (nothing, without its debug option).
+  const onStderr = (line: string): boolean => {
+    if (opening) {
+      stderr.push(line)
+      if (stderr.length > KEPT_LINES) stderr.shift()
+    }
+    return false
+  }
+  const db = await PGlite.create({ dataDir, onStderr, ...(startParams ? { startParams } : {}) })
+  opening = false
+  stderr.length = 0
   await serve(db)
   parentPort?.postMessage({ ready: true } satisfies Ready)
 } catch (err) {
-  parentPort?.postMessage({ ready: false, error: wire(err) } satisfies Ready)
+  parentPort?.postMessage({ ready: false, error: openError(err, stderr) } satisfies Ready)
 }

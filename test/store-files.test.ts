@@ -366,3 +366,28 @@ t.test("a file of the store's own user that it may not read and write: its comma
     t.equal(mended.code, 0, `${what}: mended as told, the store opens: ${mended.stderr}`)
   }
 })
+
+// Before (found by a review of migrations and the stores): PGlite's own words were all a command
+// said of a store PostgreSQL could not start on: "Aborted(). Build with -sASSERTIONS for more
+// info." for a pg_control or WAL cut short, "PGlite failed to initialize properly" for files of
+// another PostgreSQL version. PostgreSQL's log lines say which file and why (its HINT, "It looks
+// like you need to initdb", is left out: that would make a new store over the old).
+t.test("a store PostgreSQL cannot start on: the command gives PostgreSQL's words, not PGlite's", async (t) => {
+  const dir = tempDir(t)
+  for (const [what, damage, said] of [
+    ['pg_control cut short', (pgdata: string) => writeFileSync(join(pgdata, 'global', 'pg_control'), ''), 'PANIC: could not read file "global/pg_control": read 0 of '],
+    ['the WAL gone', (pgdata: string) => { for (const f of readdirSync(join(pgdata, 'pg_wal'))) if (/^[0-9A-F]{24}$/.test(f)) rmSync(join(pgdata, 'pg_wal', f)) }, 'PANIC: could not locate a valid checkpoint record'],
+    ['another PostgreSQL version', (pgdata: string) => writeFileSync(join(pgdata, 'PG_VERSION'), '99\n'), 'FATAL: database files are incompatible with server; DETAIL: The data directory was initialized by PostgreSQL version 99'],
+  ] as const) {
+    const store = await seedDataDir(join(dir, what.replaceAll(' ', '-')))
+    damage(join(store, 'pgdata'))
+    const listed = await runCli(['api-key', 'list', '--json'], { env: embeddedEnv(store) })
+    t.equal(listed.code, 1, `${what}: refused`)
+    const { error } = listed.json()
+    t.equal(error.code, 'store_unavailable')
+    t.match(error.message, `cannot open the embedded store in ${store}: PostgreSQL could not start on its files: `)
+    t.match(error.message, said, `${what}: PostgreSQL's words`)
+    t.match(error.message, 'restore the data folder from a backup; keygate makes no new store over them')
+    t.notMatch(error.message, /Aborted\(\)|ASSERTIONS|failed to initialize|initdb/, `${what}: not PGlite's words, nor PostgreSQL's hint to make a new store`)
+  }
+})
