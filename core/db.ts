@@ -1230,6 +1230,9 @@ function lstatOrNone(path: string): Stats | undefined {
   }
 }
 
+/** The file beside pgdata/ while a store is being made in it (see openDb). */
+const MAKING_MARK = 'keygate.making'
+
 /**
  * Refuses PGlite's folder when it holds a database's files (`base/` or `global/`) without
  * PG_VERSION: PGlite makes a new store (initdb) wherever PG_VERSION is missing, whatever is
@@ -1243,7 +1246,7 @@ function refuseStoreWithoutMark(dir: string, pgdata: string): void {
   if (!['base', 'global'].some((name) => lstatOrNone(join(pgdata, name))?.isDirectory())) return
   throw new KeygateError(
     'store_unavailable',
-    `the embedded store in ${dir} has lost ${mark}, PostgreSQL's mark of a data folder, but still holds a database's files: keygate makes no new store over them, which would lose every key in it. Restore the data folder from a backup, or PG_VERSION alone: each database's folder holds the same file (cp ${join(pgdata, 'base', '1', 'PG_VERSION')} ${mark}); if this folder never held a store (a first start that was cut short), remove ${pgdata}`,
+    `the embedded store in ${dir} has lost ${mark}, PostgreSQL's mark of a data folder, but still holds a database's files: keygate makes no new store over them, which would lose every key in it. Restore the data folder from a backup, or PG_VERSION alone: each database's folder holds the same file (cp ${join(pgdata, 'base', '1', 'PG_VERSION')} ${mark}); if this folder never held a store (a first start of an earlier keygate, cut short), remove ${pgdata}`,
   )
 }
 
@@ -1405,23 +1408,34 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     const at = (err as NodeJS.ErrnoException).path
     throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${systemErrorWords(err)}${at ? ` (${at})` : ''}`, undefined, { cause: err })
   }
+  // While a store is being made, `keygate.making` beside pgdata/ says so: a making cut short (the
+  // process killed during PGlite's initdb) is known by it, and holds nothing yet.
+  const makingMark = join(dir, MAKING_MARK)
   let making: boolean
   try {
     privateFolder(pgdata)
+    if (lstatOrNone(makingMark) !== undefined) emptyFolder(pgdata)
     making = readdirSync(pgdata).length === 0
     if (!making) refuseStoreWithoutMark(dir, pgdata)
+    else if (lstatOrNone(makingMark) === undefined) writeNewFile(makingMark, `${process.pid}\n`, 0o600, true)
   } catch (err) {
     release()
     if (isKeygateError(err)) throw err
     throw new KeygateError('store_unavailable', `cannot prepare the embedded store folder ${pgdata}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
+  let db: EmbeddedDb
   try {
-    return await EmbeddedDb.open({ dataDir: pgdata, sharedBuffers }, release)
+    db = await EmbeddedDb.open({ dataDir: pgdata, sharedBuffers }, release)
   } catch (err) {
     // A store being made that failed (a full disk, a file size limit) holds nothing yet: what
     // PGlite left goes, so that the next start makes it anew. Before (found by a review), a partial
     // store with PG_VERSION in it was left, which every later start failed to open ("Aborted()").
-    if (making) emptyFolder(pgdata)
+    if (making) {
+      emptyFolder(pgdata)
+      try {
+        unlinkSync(makingMark)
+      } catch {}
+    }
     release()
     let foreign: ReturnType<typeof unreachableFileIn>
     // The store is this user's own (its folder is): the file is the stray, given back with chown.
@@ -1455,4 +1469,16 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     }
     throw new KeygateError('store_unavailable', `cannot open the embedded store in ${dir}: ${(err as Error).message}`, undefined, { cause: err })
   }
+  // Made: from here on it holds what keygate writes, and is never emptied as a making cut short.
+  if (making) {
+    try {
+      unlinkSync(makingMark)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+        await db.close().catch(() => {})
+        throw new KeygateError('store_unavailable', `cannot finish making the embedded store in ${dir}: ${systemErrorWords(err)} (${makingMark})`, undefined, { cause: err })
+      }
+    }
+  }
+  return db
 }

@@ -331,6 +331,7 @@ t.test('a store whose making fails leaves nothing behind, and the next start mak
   t.equal(cut.code, 1, cut.stderr)
   t.match(cut.stderr, `cannot open the embedded store in ${store}`)
   t.same(readdirSync(join(store, 'pgdata')), [], 'nothing of the store that failed is left in pgdata/')
+  t.notOk(existsSync(join(store, 'keygate.making')), 'nor the mark of its making')
 
   const again = await runCli(['migrate', '--json'], { env: embeddedEnv(store) })
   t.equal(again.code, 0, again.stderr)
@@ -390,4 +391,26 @@ t.test("a store PostgreSQL cannot start on: the command gives PostgreSQL's words
     t.match(error.message, 'restore the data folder from a backup; keygate makes no new store over them')
     t.notMatch(error.message, /Aborted\(\)|ASSERTIONS|failed to initialize|initdb/, `${what}: not PGlite's words, nor PostgreSQL's hint to make a new store`)
   }
+})
+
+// A first start killed while PGlite makes the store (a pod killed during its slow first start, a
+// SIGKILL) leaves a partial pgdata/, with or without PG_VERSION: `keygate.making` beside it says
+// that it never held anything, and the next start makes the store anew, where a pgdata/ without
+// that mark and without PG_VERSION is refused (above).
+t.test('a making killed part way: the next start makes the store anew', async (t) => {
+  const store = join(tempDir(t), 'data')
+  const child = spawnClean(process.execPath, [KEYGATE_BIN, 'migrate'], { env: childEnv(embeddedEnv(store)), stdio: 'ignore' })
+  const ended = new Promise((resolve) => child.once('exit', resolve))
+  const pgdata = join(store, 'pgdata')
+  // Once PGlite has begun writing a database's files (base/), which a store that lost PG_VERSION holds too.
+  while (!existsSync(join(pgdata, 'base'))) await new Promise((resolve) => setTimeout(resolve, 5))
+  child.kill('SIGKILL')
+  await ended
+  t.ok(existsSync(join(store, 'keygate.making')), 'the mark of the making is left, with part of a store')
+
+  const again = await runCli(['api-key', 'create', '--type', 'user', '--name', 'after', '--json'], { env: embeddedEnv(store) })
+  t.equal(again.code, 0, again.stderr)
+  t.notOk(existsSync(join(store, 'keygate.making')), 'made: the mark is gone')
+  const listed = await runCli(['api-key', 'list', '--json'], { env: embeddedEnv(store) })
+  t.same(listed.json().items.map((k: { name: string }) => k.name), ['after'])
 })
