@@ -1284,7 +1284,12 @@ function requireStore(dir: string, advice: string): void {
     statSync(mark)
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code
-    if (code === 'ENOENT' || code === 'ENOTDIR') throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${advice}`)
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      // A store that lost PG_VERSION is a store, not none: said so, as every command that opens
+      // it says (before, found by a review, a command that only reads advised making one there).
+      refuseStoreWithoutMark(dir, join(dir, 'pgdata'))
+      throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${advice}`)
+    }
     let owner: ForeignOwner | undefined
     try {
       owner = foreignOwner(dir)

@@ -305,8 +305,9 @@ t.test('a store that lost PG_VERSION is refused, not made anew over its keys', a
   const version = readFileSync(mark, 'utf8')
   rmSync(mark)
 
-  // `serve` opens the store as these do (openDb).
-  for (const args of [['migrate'], ['api-key', 'create', '--type', 'user', '--name', 'after']]) {
+  // `serve` opens the store as these do (openDb); a command that only reads says the same, not
+  // that there is no store (before, found by a review, it advised making one there).
+  for (const args of [['migrate'], ['api-key', 'create', '--type', 'user', '--name', 'after'], ['api-key', 'list']]) {
     const refused = await runCli(args, { env })
     t.equal(refused.code, 1, `${args.join(' ')}: refused`)
     t.match(refused.stderr, `the embedded store in ${store} has lost ${mark}, PostgreSQL's mark of a data folder, but still holds a database's files: keygate makes no new store over them, which would lose every key in it`, `${args.join(' ')}: says why`)
