@@ -1150,32 +1150,50 @@ function unreachableFileIn(pgdata: string): { path: string; owner: ForeignOwner 
   const euid = process.geteuid?.()
   if (euid === undefined || euid === 0) return undefined
   const foreign = (path: string, uid: number) => ({ path, owner: { uid, user: userName(uid) } })
-  const folders = [pgdata]
+  return firstInFolder(
+    pgdata,
+    (path, stat) => {
+      if (stat.uid === euid) return undefined
+      try {
+        accessSync(path, fsConstants.R_OK | fsConstants.W_OK)
+        return undefined
+      } catch {
+        return foreign(path, stat.uid)
+      }
+    },
+    // Not listable: another user's is the answer; this user's own (a mode it set) is not what is looked for.
+    (folder) => {
+      const uid = lstatOrNone(folder)?.uid
+      return uid !== undefined && uid !== euid ? foreign(folder, uid) : undefined
+    },
+  )
+}
+
+/**
+ * The first answer `pick` gives for an entry of `folder` (its path and lstat), walked depth first,
+ * at most MAX_LOOKED_AT entries, symbolic links not followed (PGlite makes none; a target's owner
+ * is not the store's); `unlistable` answers for a folder that cannot be listed.
+ */
+function firstInFolder<T>(folder: string, pick: (path: string, stat: Stats) => T | undefined, unlistable: (folder: string) => T | undefined = () => undefined): T | undefined {
+  const folders = [folder]
   let looked = 0
   while (folders.length > 0 && looked < MAX_LOOKED_AT) {
-    const folder = folders.pop() as string
+    const current = folders.pop() as string
     let names: string[]
     try {
-      names = readdirSync(folder)
+      names = readdirSync(current)
     } catch {
-      // Not listable: another user's is the answer; this user's own (a mode it set) is not what is looked for.
-      const uid = lstatOrNone(folder)?.uid
-      if (uid !== undefined && uid !== euid) return foreign(folder, uid)
+      const answer = unlistable(current)
+      if (answer !== undefined) return answer
       continue
     }
     for (const name of names) {
       looked++
-      const path = join(folder, name)
+      const path = join(current, name)
       const stat = lstatOrNone(path)
-      // A symbolic link is not followed (PGlite makes none; its target's owner is not the store's).
       if (stat === undefined || stat.isSymbolicLink()) continue
-      if (stat.uid !== euid) {
-        try {
-          accessSync(path, fsConstants.R_OK | fsConstants.W_OK)
-        } catch {
-          return foreign(path, stat.uid)
-        }
-      }
+      const answer = pick(path, stat)
+      if (answer !== undefined) return answer
       if (stat.isDirectory()) folders.push(path)
     }
   }
@@ -1199,26 +1217,7 @@ function ownFileWithoutRights(pgdata: string): { path: string; mode: number } | 
   }
   const top = lstatOrNone(pgdata)
   if (top !== undefined && lacks(top)) return { path: pgdata, mode: top.mode & 0o7777 }
-  const folders = [pgdata]
-  let looked = 0
-  while (folders.length > 0 && looked < MAX_LOOKED_AT) {
-    const folder = folders.pop() as string
-    let names: string[]
-    try {
-      names = readdirSync(folder)
-    } catch {
-      continue
-    }
-    for (const name of names) {
-      looked++
-      const path = join(folder, name)
-      const stat = lstatOrNone(path)
-      if (stat === undefined || stat.isSymbolicLink()) continue
-      if (lacks(stat)) return { path, mode: stat.mode & 0o7777 }
-      if (stat.isDirectory()) folders.push(path)
-    }
-  }
-  return undefined
+  return firstInFolder(pgdata, (path, stat) => (lacks(stat) ? { path, mode: stat.mode & 0o7777 } : undefined))
 }
 
 /** lstat of `path`, or undefined when it cannot be read (gone, or a folder on the way this user may not search). */
@@ -1419,10 +1418,11 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   let making: boolean
   try {
     privateFolder(pgdata)
-    if (lstatOrNone(makingMark) !== undefined) emptyFolder(pgdata)
+    const cutShort = lstatOrNone(makingMark) !== undefined
+    if (cutShort) emptyFolder(pgdata)
     making = readdirSync(pgdata).length === 0
     if (!making) refuseStoreWithoutMark(dir, pgdata)
-    else if (lstatOrNone(makingMark) === undefined) writeNewFile(makingMark, `${process.pid}\n`, 0o600, true)
+    else if (!cutShort) writeNewFile(makingMark, `${process.pid}\n`, 0o600, true)
   } catch (err) {
     release()
     if (isKeygateError(err)) throw err
