@@ -20,7 +20,7 @@ import type { Logger } from '../core/log.ts'
 import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
 import { redisHealth } from '../core/redis.ts'
 import { NO_USAGE, type UsageSink } from '../core/usage.ts'
-import { createClientAddressStage, normalise } from './client-address.ts'
+import { createClientAddressStage } from './client-address.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
 import { cachedKeys, KeyCache } from './key-cache.ts'
@@ -31,7 +31,7 @@ import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
-import { keyChallenges, logAccess, loggedPath, record, sendError } from './respond.ts'
+import { keyChallenges, logAccess, loggedPath, record, sendError, socketAddress } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
@@ -340,9 +340,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     const ms = performance.now() - start
     none.duration.observe(ms / 1000)
     if (config.log.access_log) {
-      const peer = (socket as Partial<Socket>).remoteAddress
-      // The socket's address as every other line gives it (`::ffff:127.0.0.1` is `127.0.0.1`).
-      logAccess(log, { id, method: req?.method, path: unreadPath(req), status: ERRORS[code].status, outcome: code, route: NO_ROUTE, address: normalise(peer) ?? peer ?? null, keyId: null, ms })
+      logAccess(log, { id, method: req?.method, path: unreadPath(req), status: ERRORS[code].status, outcome: code, route: NO_ROUTE, address: socketAddress(socket as Partial<Socket>), keyId: null, ms })
     }
   }
 

@@ -45,16 +45,15 @@ export function record(ctx: GatewayContext, s: RequestState, outcome: GatewayOut
   else ctx.usage.count(s.key?.id, outcome, ctx.now(), s.address, status, s.refusedKeyId)
   const ms = performance.now() - s.start
   m.duration.observe(ms / 1000)
-  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: loggedPath(s.target), status, outcome, route: label, address: s.address !== '' ? s.address : socketAddress(s), keyId: s.key?.id ?? null, ms })
+  // A request answered before the client address stage (the request check's 400, 405, 501 and
+  // 505) by its socket's address, as the answers given before any request state log it (no
+  // X-Forwarded-For is read). Before (found by a review), such lines had an empty address.
+  if (ctx.accessLog) logAccess(ctx.log, { id: s.id, method: s.req.method, path: loggedPath(s.target), status, outcome, route: label, address: s.address !== '' ? s.address : socketAddress(s.req.socket), keyId: s.key?.id ?? null, ms })
 }
 
-/**
- * The address of a request answered before the client address stage (the request check's 400,
- * 405, 501 and 505): its socket's, as the answers given before any request state log it (no
- * X-Forwarded-For is read). Before (found by a review), such lines had an empty address.
- */
-function socketAddress(s: RequestState): string | null {
-  const peer = s.req.socket.remoteAddress
+/** A socket's peer address as every access-log line gives it (`::ffff:127.0.0.1` is `127.0.0.1`), or null. */
+export function socketAddress(socket: { remoteAddress?: string | undefined }): string | null {
+  const peer = socket.remoteAddress
   return normalise(peer) ?? peer ?? null
 }
 
