@@ -14,11 +14,10 @@ import { startRedisServer } from './helpers/redis-server.ts'
 import { EventBus, type KeygateEvent } from '../core/events.ts'
 import { createLogger, silentLogger, type Logger } from '../core/log.ts'
 import { openDb, type Db } from '../core/db.ts'
-import pg from 'pg'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, freshDatabase, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, endConnections, freshDatabase, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 
 /**
@@ -480,10 +479,7 @@ t.test('the store down for several checks is one warning for the outage, and one
   t.equal(lines.filter((l) => l.message === 'anomaly detected').length, 1, 'and the finding recorded')
   // Down: the pooled connections end, and a new one is dropped at once.
   gate.set('shut')
-  const admin = new pg.Client({ connectionString: url })
-  await admin.connect()
-  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
-  await admin.end()
+  await endConnections(url)
   for (let i = 0; i < 5; i++) await interval()
   t.equal(said('warn').length, 1, 'one warning for five checks of the outage, each with a history read and a finding refused')
   t.ok(said('debug').length >= 9, 'each failure after it at debug')

@@ -2,6 +2,7 @@
 // on the store opened here (the deny list) and through a running server's admin API (both), with
 // the real CLI process, a real `serve` and a real upstream on loopback.
 import t from 'tap'
+import type { Test } from 'tap'
 import { existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli, runCliHere } from './helpers/cli.ts'
@@ -86,17 +87,25 @@ t.test('lockouts need a running server: without an admin URL the command says so
   }
 })
 
-t.test('through the admin API: a deny entry refuses the gateway at once, and a lockout is listed and lifted', async (t) => {
+/**
+ * `serve` on a seeded store, a lockout after 2 failed attempts for 10 minutes, loopback a trusted
+ * proxy, the CLI's environment going through its admin API, and a user key's Authorization header.
+ * The failing clients are other addresses behind the trusted proxy: a lockout holds the admin API
+ * too, so the operator's own address must stay clear.
+ */
+async function servedWithLockout(t: Test) {
   const cwd = tempDir()
-  // The failing client is another address behind a trusted proxy: a lockout holds the admin API
-  // too, so the operator's own address must stay clear.
   writeFileSync(join(cwd, 'keygate.yaml'), 'lockout:\n  max_attempts: 2\n  window_s: 600\ngateway:\n  trusted_proxies: ["127.0.0.1"]\n')
   const upstream = await startUpstream(t)
   const dataDir = await seedDataDir(join(cwd, 'store'))
   const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
   const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
   const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { cwd, env })
-  const auth = { authorization: `Bearer ${created.json().key}` }
+  return { cwd, served, env, auth: { authorization: `Bearer ${created.json().key}` } }
+}
+
+t.test('through the admin API: a deny entry refuses the gateway at once, and a lockout is listed and lifted', async (t) => {
+  const { cwd, served, env, auth } = await servedWithLockout(t)
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200)
 
   const denied = await runCli(['deny-list', 'add', '127.0.0.1', '--reason', 'test', '--json'], { cwd, env })
@@ -122,14 +131,7 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
 })
 
 t.test('an IPv6 lockout is lifted and looked up by the network the list shows (2001:db8:1:2::/64), through the CLI and the admin API alike (found by a review of the lockout)', async (t) => {
-  const cwd = tempDir()
-  writeFileSync(join(cwd, 'keygate.yaml'), 'lockout:\n  max_attempts: 2\n  window_s: 600\ngateway:\n  trusted_proxies: ["127.0.0.1"]\n')
-  const upstream = await startUpstream(t)
-  const dataDir = await seedDataDir(join(cwd, 'store'))
-  const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
-  const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { cwd, env })
-  const auth = { authorization: `Bearer ${created.json().key}` }
+  const { cwd, served, env, auth } = await servedWithLockout(t)
   const lockOut = async (address: string) => {
     for (let i = 0; i < 2; i++) await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': address, authorization: 'Bearer kg_nosuchkey12_nosuchsecretnosuchsecretnosuch' } })
     t.equal((await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': address, ...auth } })).status, 429, `${address} is locked out`)

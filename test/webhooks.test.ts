@@ -15,7 +15,7 @@ import { WebhookService, webhookJson } from '../core/webhooks.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, endConnections, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { openDb } from '../core/db.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
@@ -1004,10 +1004,7 @@ t.test('a store out of reach: a failing delivery round is logged once at warn, t
   await round()
   // Down: the pooled connections end, and a new one is dropped at once.
   gate.set('shut')
-  const admin = new pg.Client({ connectionString: url })
-  await admin.connect()
-  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
-  await admin.end()
+  await endConnections(url)
   for (let i = 0; i < 4; i++) await round()
   const failed = lines.filter((l) => l.message.startsWith('webhook delivery round failed'))
   t.same(failed.map((l) => l.level), ['warn', 'debug', 'debug', 'debug'], 'four rounds failed: one warn line')

@@ -70,6 +70,17 @@ export async function freshDatabase(t: Pick<Test, 'teardown'>): Promise<string> 
   return url.toString()
 }
 
+/** Ends every other connection to the PostgreSQL database at `url`, as a server restart or a network failure would. */
+export async function endConnections(url: string): Promise<void> {
+  const admin = new pg.Client({ connectionString: url })
+  await admin.connect()
+  try {
+    await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()')
+  } finally {
+    await admin.end()
+  }
+}
+
 /**
  * A fresh embedded store, in a data folder copied from the tests' initialised one
  * (helpers/pglite-template.ts), with the CLI's 16 MB of shared buffers (`shortLived`): a test's
