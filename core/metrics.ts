@@ -2,6 +2,7 @@
 // start-up, so the request path only calls inc()/observe() on objects it already holds, and the
 // label values are a closed set (route names from the config, outcome and reason words): no key
 // material, no addresses, nothing a client can make grow.
+import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { type Aggregator, AggregatorRegistry, Counter, Gauge, Registry, aggregators, collectDefaultMetrics, type Metric } from 'prom-client'
 import { NO_ROUTE } from '../config/routes.ts'
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
@@ -302,11 +303,49 @@ const PROCESS_AGGREGATORS: Readonly<Record<string, Aggregator>> = {
 
 const UNCONVENTIONAL_DEFAULTS = ['keygate_nodejs_active_handles_total', 'keygate_nodejs_active_requests_total', 'keygate_nodejs_active_resources_total']
 
+/** The event-loop delay statistics: prom-client's names (after `keygate_nodejs_eventloop_lag_`), help and aggregators. */
+const EVENT_LOOP_DELAY = [
+  { stat: 'min', help: 'The minimum recorded event loop delay.', aggregator: 'min' },
+  { stat: 'max', help: 'The maximum recorded event loop delay.', aggregator: 'max' },
+  { stat: 'mean', help: 'The mean of the recorded event loop delays.', aggregator: 'average' },
+  { stat: 'stddev', help: 'The standard deviation of the recorded event loop delays.', aggregator: 'average' },
+  { stat: 'p50', help: 'The 50th percentile of the recorded event loop delays.', aggregator: 'average' },
+  { stat: 'p90', help: 'The 90th percentile of the recorded event loop delays.', aggregator: 'average' },
+  { stat: 'p99', help: 'The 99th percentile of the recorded event loop delays.', aggregator: 'average' },
+] as const
+
+/**
+ * The event-loop delays recorded since the last scrape, as prom-client's default metrics give
+ * them, but a scrape that finds none recorded (it came within the 10 ms sampling interval of the
+ * last: two Prometheus servers, concurrent scrapes) keeps the last scrape's values. prom-client's
+ * set the mean and standard deviation of no delays to NaN, written `Nan` where Prometheus' text
+ * format has `NaN`, and the minimum to 9223372036 s (found by a review).
+ */
+function eventLoopDelayMetrics(registry: Registry): void {
+  const sampler = monitorEventLoopDelay({ resolution: 10 })
+  sampler.enable()
+  const gauges: Gauge[] = []
+  // The first gauge's collect sets all seven, as prom-client's does.
+  const collect = () => {
+    if (sampler.count === 0) return
+    const ns = [sampler.min, sampler.max, sampler.mean, sampler.stddev, sampler.percentile(50), sampler.percentile(90), sampler.percentile(99)]
+    gauges.forEach((g, i) => g.set((ns[i] as number) / 1e9))
+    sampler.reset()
+  }
+  for (const { stat, help, aggregator } of EVENT_LOOP_DELAY) {
+    gauges.push(new Gauge({ name: `keygate_nodejs_eventloop_lag_${stat}_seconds`, help, registers: [registry], aggregator, ...(gauges.length === 0 ? { collect } : {}) }))
+  }
+}
+
 /** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()
   if (options.defaultMetrics === false) return registry
-  collectDefaultMetrics({ register: registry, prefix: 'keygate_' })
+  // prom-client's event-loop delay statistics are replaced (eventLoopDelayMetrics); its sampler,
+  // which only they read, is set to sample once in 24 days rather than every 10 ms beside ours.
+  collectDefaultMetrics({ register: registry, prefix: 'keygate_', eventLoopMonitoringPrecision: 2 ** 31 - 1 })
+  for (const { stat } of EVENT_LOOP_DELAY) registry.removeSingleMetric(`keygate_nodejs_eventloop_lag_${stat}_seconds`)
+  eventLoopDelayMetrics(registry)
   // Gauges whose names end in _total, which Prometheus keeps for counters (`promtool check
   // metrics` failed on them; found by a review). Each is the sum of its own per-type gauge
   // (keygate_nodejs_active_handles{type}...), which stays.

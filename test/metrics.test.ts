@@ -174,3 +174,15 @@ t.test("names follow Prometheus's conventions: a counter's ends in _total, no ot
   // Node's handle, request and resource counts are still there, by type (their _total gauges were the sums).
   for (const name of ['keygate_nodejs_active_handles', 'keygate_nodejs_active_requests', 'keygate_nodejs_active_resources']) t.ok(types.some((f) => f.name === name), `${name} stays`)
 })
+
+t.test('a scrape right after another, with no event-loop delay sampled between, repeats the last delays: no NaN (found by a review)', async (t) => {
+  const registry = createMetricsRegistry()
+  await new Promise((resolve) => setTimeout(resolve, 50))
+  const lag = (text: string) => [...text.matchAll(/^keygate_nodejs_eventloop_lag_(\w+)_seconds (\S+)$/gm)].map((m) => `${m[1]} ${m[2]}`)
+  const first = lag(await registry.metrics())
+  // Within one turn of the event loop: the 10 ms sampler cannot have run in between.
+  const second = lag(await registry.metrics())
+  t.equal(first.length, 7, 'min, max, mean, stddev, p50, p90, p99')
+  t.ok(first.every((l) => Number.isFinite(Number(l.split(' ')[1]))), `delays sampled: ${first.join(', ')}`)
+  t.same(second, first, "before, prom-client's mean and stddev were `Nan`, its min 9223372036")
+})
