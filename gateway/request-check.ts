@@ -103,7 +103,17 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
         s.message = 'An absolute request target must not carry user information (user@).'
         return 'bad_request'
       }
-      if (host === undefined || url.host.toLowerCase() !== withoutDefaultPort(host.toLowerCase(), url.protocol)) {
+      if (host === undefined) {
+        // HTTP/1.0, where Host is optional (HTTP/1.1 without it is refused above): the target
+        // names the host (RFC 9112 §3.2.2), and it is routed and sent upstream (X-Forwarded-Host,
+        // or Host on preserve_host routes) as that Host would be. Before (found by a review), it
+        // was refused as naming another host than Host, which the request did not have.
+        if (!HOST.test(url.host)) {
+          s.message = "The request target's host is not a valid host name or address."
+          return 'bad_request'
+        }
+        s.headers.host = url.host
+      } else if (url.host.toLowerCase() !== withoutDefaultPort(host.toLowerCase(), url.protocol)) {
         s.message = 'An absolute request target must name the same host as Host.'
         return 'bad_request'
       }

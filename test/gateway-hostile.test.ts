@@ -490,3 +490,25 @@ t.test('an absolute-form target is checked and forwarded exactly as its origin-f
   t.equal(await forwarded('http://gw.test\\..\\admin'), 'HTTP/1.1 400', 'a backslash after the authority')
   t.equal(await forwarded('http://evil.example/x'), 'HTTP/1.1 400', 'another host')
 })
+
+t.test('an HTTP/1.0 absolute-form request without Host is routed and forwarded by the host its target names (RFC 9112 §3.2.2; found by a review)', async (t) => {
+  // Before: 400 "An absolute request target must name the same host as Host", of a request that had no Host.
+  const h = await startGateway(t, {
+    routes: [
+      { name: 'hosted', path: '/', host: 'hosted.example', upstream: '{upstream}/hosted', preserve_host: true },
+      { name: 'any', path: '/', upstream: '{upstream}/any' },
+    ],
+  })
+  const k = await h.key()
+  const ask = (target: string, version = '1.0') => send(h.port, `GET ${target} HTTP/${version}\r\nAuthorization: Bearer ${k.key}\r\n\r\n`)
+  const before = h.upstream.received.length
+  t.match(await ask('http://Hosted.Example:80/x?q=1'), /^HTTP\/1.1 200 /, "the target's host is the request's")
+  t.match(await ask('http://other.example/y'), /^HTTP\/1.1 200 /)
+  const [hosted, other] = h.upstream.received.slice(before)
+  t.same([hosted?.url, hosted?.headers.host, hosted?.headers['x-forwarded-host']], ['/hosted/x?q=1', 'hosted.example', 'hosted.example'], "the host's route; Host and X-Forwarded-Host as its Host would be")
+  t.same([other?.url, other?.headers['x-forwarded-host']], ['/any/y', 'other.example'], 'another host: the route for any host')
+  const bad = await ask('http://a,b/z')
+  t.match(bad, /^HTTP\/1.1 400 [^]*"code":"bad_request","message":"The request target's host is not a valid host name or address\."/, "a host that could not be a Host is refused as one, and said so")
+  t.match(await ask('http://hosted.example/x', '1.1'), /^HTTP\/1.1 400 [^]*"message":"Host is required\."/, 'HTTP/1.1 without Host is refused, and says why')
+  t.equal(h.upstream.received.length, before + 2, 'nothing else reached the upstream')
+})
