@@ -2,6 +2,7 @@
 // is generated from them).
 import { Type, type Static } from '@sinclair/typebox'
 import { CURSOR_PATTERN } from '../cursor.ts'
+import { normaliseCidr } from '../deny-list.ts'
 import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
@@ -31,7 +32,22 @@ export type RevokeInput = Static<typeof RevokeBody>
 /** The longest key of a key's metadata (checked by the key service: a Record's key schema bounds nothing). */
 export const METADATA_KEY_MAX = 100
 const Metadata = Type.Record(Type.String(), Type.Unknown(), { description: `Free-form JSON attached to the key (at most 8 KiB; keys of at most ${METADATA_KEY_MAX} characters).` })
-const Cidrs = Type.Array(Type.String({ format: 'cidr' }), { maxItems: 100, description: 'The key is only accepted from these addresses (empty: from anywhere).' })
+const Cidrs = Type.Array(Type.String({ format: 'cidr' }), {
+  maxItems: 100,
+  description:
+    'The key is only accepted from these addresses (empty: from anywhere). Kept and answered each once, as the range it matches, in the deny list\'s one spelling: `10.1.2.3/8` as `10.0.0.0/8`, `::ffff:10.0.0.0/104` as `10.0.0.0/8`, IPv6 in lower case and compressed, without a zone id, one address without `/32` or `/128`.',
+})
+
+/**
+ * A body with its allowed_cidrs as the key keeps them (the schema has checked each): in the deny
+ * list's one spelling (normaliseCidr), each once, in the order given. Before (found by a review),
+ * kept as written, so a key answered `10.1.2.3/8` for what the gateway matches as `10.0.0.0/8`,
+ * and `2001:DB8::/32` and `2001:db8::/32` were two bindings.
+ */
+export function withNormalCidrs<T extends { allowed_cidrs?: string[] }>(body: T): T {
+  if (body.allowed_cidrs === undefined) return body
+  return { ...body, allowed_cidrs: [...new Set(body.allowed_cidrs.map((c) => normaliseCidr(c) ?? c))] }
+}
 /** The bounds of a key's own rate limit and of its rotation interval, in seconds (the CLI names them in its own units). */
 export const KEY_BOUNDS = {
   rateLimit: { min: 1, max: 1_000_000_000 },

@@ -10,7 +10,7 @@ import { fieldInvalid, isKeygateError, KeygateError, keyNotFound, type ErrorCode
 import { assertValid, firstProblems, MAX_LISTED_PROBLEMS, refuseKeyIn } from '../validate.ts'
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey, statusAt, validUntilOf } from './evaluate.ts'
-import { checkMetadata, CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
+import { checkMetadata, CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, withNormalCidrs, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
 import { KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 import { findIndexInSlices } from '../slices.ts'
@@ -356,7 +356,7 @@ export class KeyService {
 
   /** Creates a key; the plaintext is in the result and nowhere else. */
   async create(input: unknown, actor: Actor): Promise<{ key: string; record: KeyRecord }> {
-    const body = assertValid<CreateKeyInput>(CreateKeyBody, input)
+    const body = withNormalCidrs(assertValid<CreateKeyInput>(CreateKeyBody, input))
     checkMetadata(body.metadata)
     refuseKeyIn({ name: body.name, owner: body.owner, metadata: body.metadata })
     const now = this.#now()
@@ -457,7 +457,7 @@ export class KeyService {
    * is writes nothing, and makes no gateway drop the key from its cache.
    */
   async update(id: string, input: unknown, actor: Actor): Promise<KeyRecord> {
-    const body = assertValid<UpdateKeyInput>(UpdateKeyBody, input)
+    const body = withNormalCidrs(assertValid<UpdateKeyInput>(UpdateKeyBody, input))
     checkMetadata(body.metadata)
     refuseKeyIn({ name: body.name, owner: body.owner, metadata: body.metadata })
     const asked = fieldChanges(body, futureDate(body.expires_at, this.#now(), 'expires_at'))
@@ -649,7 +649,7 @@ export class KeyService {
         else problems[i]?.push(`row ${i + 1}: key_hash repeats row ${first}`)
       }
       try {
-        const row = assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`)
+        const row = withNormalCidrs(assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`))
         checkMetadata(row.metadata)
         refuseKeyIn({ name: row.name, owner: row.owner, metadata: row.metadata })
         // A key made in the future would head the newest-first list for ever; one made after it
