@@ -193,7 +193,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
       return { name, scopes, ...giteaUser(p) }
     },
     schema: CreateGiteaTokenBody,
-    describe: (c) => `Gitea token ${c.remote_id} (${printable(c.name)}) for ${printable(c.user)} with ${printable(c.scopes.join(', '))}; keygate record ${c.id}`,
+    describe: (c) => `Gitea token ${c.remote_id} (${printable(c.name)}) for ${printable(c.user)} with ${c.scopes === null ? 'scopes Gitea did not name' : printable(c.scopes.join(', '))}; keygate record ${c.id}`,
     secret: (c) => c.token,
     noun: 'token',
   }),
@@ -203,7 +203,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     options: GITEA_FLAGS,
     noun: 'token',
     headers: ['id', 'name', 'user', 'scopes', 'last eight'],
-    row: (i) => [i.remote_id, i.name, i.user, (i.remote ?? i.local)?.scopes.join(','), (i.remote ?? i.local)?.token_last_eight],
+    row: (i) => [i.remote_id, i.name, i.user, (i.remote ?? i.local)?.scopes?.join(',') ?? '?', (i.remote ?? i.local)?.token_last_eight],
   }),
   delete: deleteCommand<GiteaTokenDeleted>({
     summary: 'delete a token in Gitea by id or name and close its record',

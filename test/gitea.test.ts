@@ -115,6 +115,35 @@ await forEachStore(t, async (t, store) => {
     t.equal(audit[0]?.actor, 'cli:tester')
   })
 
+  await t.test("an older Gitea that answers a create without the scopes: the record holds the scopes Gitea lists for the token, or null when it lists none", async (t) => {
+    // Before: keygate recorded the scopes as asked. Gitea stores them normalised (write implies
+    // read; every write scope is `all`), and a Gitea before scoped tokens ignores them: the
+    // token may do anything, and the record said otherwise.
+    t.teardown(() => {
+      fake.createScopes = undefined
+      fake.listScopes = true
+    })
+    for (const answer of ['null', 'absent'] as const) {
+      fake.createScopes = answer
+      const made = await gitea.create({ name: `older-${answer}`, scopes: ['read:user', 'write:user', 'read:issue'] }, actor)
+      secrets.push(made.token)
+      t.same(made.scopes, ['read:issue', 'write:user'], `scopes ${answer} in the answer: the scopes Gitea lists for the token, normalised`)
+      const [row] = await store.db.query<{ scopes: string[] }>('SELECT scopes FROM gitea_tokens WHERE id = $1', [made.id])
+      t.same(row?.scopes, ['read:issue', 'write:user'], 'and so recorded')
+      const [created] = (await deps.audit.list(store.db, { keyId: made.id })).filter((a) => a.action === 'gitea.token.created')
+      t.same(created?.details?.scopes, ['read:issue', 'write:user'], 'and audited')
+    }
+    fake.createScopes = 'null'
+    fake.listScopes = false
+    const unsaid = await gitea.create({ name: 'older-unscoped', scopes: ['read:user'] }, actor)
+    secrets.push(unsaid.token)
+    t.equal(unsaid.scopes, null, 'a Gitea that says nothing of the scopes: null, not the scopes asked for')
+    const [row] = await store.db.query<{ scopes: string[] | null }>('SELECT scopes FROM gitea_tokens WHERE id = $1', [unsaid.id])
+    t.equal(row?.scopes, null, 'recorded as unknown')
+    t.match((await gitea.list()).items.find((i) => i.remote_id === unsaid.remote_id), { state: 'in_sync', remote: { scopes: null }, local: { scopes: null } }, 'the list says so on both sides')
+    for (const name of ['older-null', 'older-absent', 'older-unscoped']) await gitea.delete(name, actor)
+  })
+
   await t.test('delete by id; a token shown only by its token scope still verifies', async (t) => {
     const narrow = await gitea.create({ name: 'narrow', scopes: ['read:repository'] }, actor)
     secrets.push(narrow.token)

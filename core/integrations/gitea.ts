@@ -36,7 +36,8 @@ export interface GiteaToken {
   remote_id: number
   name: string
   user: string
-  scopes: string[]
+  /** As Gitea stored them (normalised); null when Gitea did not say (see #storedScopes). */
+  scopes: string[] | null
   token_last_eight: string
   base_url: string
   created_at: string
@@ -50,7 +51,8 @@ export type GiteaTokenCreated = GiteaToken & { token: string }
 export interface GiteaRemoteToken {
   id: number
   name: string
-  scopes: string[]
+  /** Null when Gitea's answer has none (an older Gitea's create; a Gitea before scoped tokens). */
+  scopes: string[] | null
   token_last_eight: string
 }
 
@@ -110,7 +112,7 @@ interface Row {
   remote_id: string | number
   name: string
   username: string
-  scopes: string[]
+  scopes: string[] | null
   token_last_eight: string
   created_at: Date
   created_by: string
@@ -142,7 +144,7 @@ function remoteToken(value: unknown): GiteaRemoteToken | null {
   return {
     id: v.id as number,
     name: v.name,
-    scopes: Array.isArray(v.scopes) ? v.scopes.filter((s): s is string => typeof s === 'string') : [],
+    scopes: Array.isArray(v.scopes) ? v.scopes.filter((s): s is string => typeof s === 'string') : null,
     token_last_eight: typeof v.token_last_eight === 'string' ? v.token_last_eight : '',
   }
 }
@@ -150,17 +152,17 @@ function remoteToken(value: unknown): GiteaRemoteToken | null {
 const idsOf = (items: unknown[]): string => items.map((item) => remoteToken(item)?.id).join(',')
 
 /**
- * The token a create's 201 made: its id, name and secret, and the scopes when Gitea gave them (an
- * older Gitea answers `scopes: null`), else a `gitea_error`.
+ * The token a create's 201 made: its id, name and secret, and the scopes when Gitea gave them (null:
+ * an older Gitea answers `scopes: null`, or none), else a `gitea_error`.
  */
-function madeToken(http: IntegrationHttp, res: HttpResponse): { created: GiteaRemoteToken; token: string; scopes: string[] | undefined } {
+function madeToken(http: IntegrationHttp, res: HttpResponse): { created: GiteaRemoteToken; token: string } {
   const created = remoteToken(res.body)
   const token = (res.body as { sha1?: unknown } | null)?.sha1
   if (!created || typeof token !== 'string' || token === '') {
     throw new KeygateError('gitea_error', `Gitea at ${http.baseUrl} answered the token creation without a token id and secret`)
   }
   http.secret(token, { transient: true })
-  return { created, token, scopes: Array.isArray((res.body as { scopes?: unknown }).scopes) ? created.scopes : undefined }
+  return { created, token }
 }
 
 /** Gitea's scope check (routers/api/v1/api.go): the only 403 that means the token lacks a scope. */
@@ -273,7 +275,7 @@ export class GiteaTokenService {
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
     // The flag a delete command needs for a token of a user other than the configured one.
     const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
-    const { created, token, scopes } = await createOrReport({
+    const { created, token } = await createOrReport({
       http,
       deps: this.#deps,
       what: `token ${JSON.stringify(input.name)} of ${JSON.stringify(user)}`,
@@ -294,14 +296,14 @@ export class GiteaTokenService {
         return records.some((r) => sameToken(r, made)) ? undefined : String(made.id)
       },
     })
+    const scopes = created.scopes ?? (await this.#storedScopes(user, created, token))
     const row: Row = {
       id: recordId('gt'),
       base_url: http.baseUrl,
       remote_id: created.id,
       name: created.name,
       username: user,
-      // An older Gitea answers `scopes: null`; it stored what was asked for.
-      scopes: scopes ?? input.scopes,
+      scopes,
       token_last_eight: created.token_last_eight.length === 8 ? created.token_last_eight : lastEight(token),
       created_at: new Date(),
       created_by: actor.actor,
@@ -344,6 +346,24 @@ export class GiteaTokenService {
     })
     this.#deps.log.info('created a Gitea token', { record: row.id, remote_id: created.id, name: row.name, user, actor: actor.actor })
     return { ...toJson(row), token }
+  }
+
+  /**
+   * The scopes Gitea stored for a token it made without naming them in its answer (an older
+   * Gitea's create answers `scopes: null`, or none): as its list gives them, else null, unknown.
+   * Gitea stores them normalised (write implies read, every write scope is `all`), and a Gitea
+   * before scoped tokens (1.19) ignores them, its tokens able to do anything: before (found by a
+   * review), the record held the scopes asked for, which said neither. The token is made, its
+   * secret in hand: a list that fails leaves them unknown rather than failing the create.
+   */
+  async #storedScopes(user: string, created: GiteaRemoteToken, token: string): Promise<string[] | null> {
+    try {
+      const listed = (await this.#remoteTokens(user)).find((t) => t.id === created.id && (t.token_last_eight === '' || t.token_last_eight === lastEight(token)))
+      return listed?.scopes ?? null
+    } catch (err) {
+      this.#deps.log.warn('could not read the scopes Gitea stored for a token it made; recording them as unknown', { remote_id: created.id, user, err: err as Error })
+      return null
+    }
   }
 
   /**

@@ -308,6 +308,13 @@ export class FakeGitea {
    * arrives or some turns of the event loop have passed, so two at once both pass the check.
    */
   nameCheckRace = false
+  /**
+   * An older Gitea: its create handler answers the 201 without the scopes, as `null` (the stored
+   * variant GITEA.md names) or without the field at all; the token is stored with them all the same.
+   */
+  createScopes: 'null' | 'absent' | undefined
+  /** A Gitea before scoped tokens (1.19): the list names no scopes, and a token may do anything. */
+  listScopes = true
   /** Answer the next requests matching a method with this status and message instead. */
   readonly faults: Array<{ method: string; status: number; message: string }> = []
   readonly #server: http.Server
@@ -611,7 +618,7 @@ export class FakeGitea {
     const own = this.tokens.filter((t) => t.owner === user.login)
     const rank = (t: StoredToken) => tieRank(t.id, bound, own.length)
     own.sort((a, b) => b.created_unix - a.created_unix || rank(a) - rank(b))
-    const items = own.slice(offset, bound).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), scopes: t.scopes }))
+    const items = own.slice(offset, bound).map((t) => ({ id: t.id, name: t.name, sha1: '', token_last_eight: t.sha1.slice(-8), ...(this.listScopes ? { scopes: t.scopes } : {}) }))
     this.#send(req, res, operation, 200, items, { 'x-total-count': String(own.length), 'access-control-expose-headers': 'X-Total-Count' })
   }
 
@@ -639,7 +646,8 @@ export class FakeGitea {
     if (unknown !== undefined) return this.#error(req, res, operation, 400, `invalid access token scope provided: invalid access token scope: ${unknown}`)
     if (scopes.length === 0) return this.#error(req, res, operation, 400, 'access token must have a scope')
     const t = this.#insert(user.login, name, scopes)
-    this.#send(req, res, operation, 201, { id: t.id, name: t.name, sha1: t.sha1, token_last_eight: t.sha1.slice(-8), scopes: t.scopes })
+    const answered = this.createScopes === undefined ? { scopes: t.scopes } : this.createScopes === 'null' ? { scopes: null } : {}
+    this.#send(req, res, operation, 201, { id: t.id, name: t.name, sha1: t.sha1, token_last_eight: t.sha1.slice(-8), ...answered })
   }
 
   #delete(req: http.IncomingMessage, res: http.ServerResponse, operation: string, user: FakeUser, ref: string): void {

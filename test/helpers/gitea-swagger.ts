@@ -26,6 +26,17 @@ export const SWAGGER = JSON.parse(readFileSync(new URL('../fixtures/gitea-tokens
 const UNDECLARED_BUT_REAL = ['401', '422', '500']
 const UNDECLARED_ON: Record<string, string[]> = { 'GET /user': ['403'], 'GET /version': ['403'], 'GET /users/{username}/tokens': ['404'], 'POST /users/{username}/tokens': ['404'] }
 
+/**
+ * The body as the excerpt can judge it. An older Gitea's create handler leaves `scopes` unset, and
+ * Go writes a nil slice as `null` (GITEA.md: "An older stored variant left it null"); the generator
+ * has no way to say an array may be null, so the 201 is checked without it.
+ */
+function goNilScopes(where: string, body: unknown): unknown {
+  if (where !== 'POST /users/{username}/tokens 201' || (body as { scopes?: unknown } | null)?.scopes !== null) return body
+  const { scopes: _nil, ...rest } = body as Record<string, unknown>
+  return rest
+}
+
 function closed(definition: Record<string, unknown>): Record<string, unknown> {
   return { ...definition, additionalProperties: false }
 }
@@ -61,7 +72,7 @@ function build(): (r: RecordedResponse) => string[] {
     }
     const validate = r.status < 300 ? success[where] : apiError
     if (!validate) return [...problems, `${where}: no schema for this answer`]
-    if (!validate(r.body)) problems.push(`${where}: ${ajv.errorsText(validate.errors)}`)
+    if (!validate(goNilScopes(where, r.body))) problems.push(`${where}: ${ajv.errorsText(validate.errors)}`)
     if (r.operation === '/users/{username}/tokens' && r.method === 'GET' && r.status === 200) {
       if (r.headers['x-total-count'] === undefined) problems.push(`${where}: no X-Total-Count`)
       for (const t of r.body as Array<{ sha1: string }>) if (t.sha1 !== '') problems.push(`${where}: a listed token shows its secret`)
