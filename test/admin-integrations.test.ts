@@ -4,14 +4,15 @@
 // documented schema. Without the services configured, every integration operation says so.
 // (The n8n operations run against the real n8n in test/n8n.test.ts.)
 import t from 'tap'
+import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { documented, startAdmin } from './helpers/admin.ts'
-import { freePort, giteaOnFake, integrationDeps } from './helpers/integrations.ts'
+import { freePort, giteaOnFake, integrationDeps, proxyTo } from './helpers/integrations.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 
 
 await forEachStore(t, async (t, store) => {
-  const { fake, gitea } = await giteaOnFake(t, store.db)
+  const { fake, gitea, password } = await giteaOnFake(t, store.db)
   const h = await startAdmin(t, store.db, { gitea })
 
   await t.test('create, verify, list, delete through the admin API', async (t) => {
@@ -64,6 +65,49 @@ await forEachStore(t, async (t, store) => {
     t.equal(bad.json.error.code, 'validation_failed')
     t.match(bad.text, /name/)
     t.equal(await h.auditRows(), before + 1, 'only the one create that succeeded left an audit row')
+  })
+
+  await t.test('two deletes of one token at once: the one whose DELETE Gitea carried out closes the record, audited as deleted; the other is 404', async (t) => {
+    // Both deletes list the token, then send their DELETE. Gitea carries the first out (204) and
+    // answers the second 404; the proxy holds the 204 back until the second delete has answered.
+    // Before: the second closed the record first and audited it `remote_missing: true` (as if
+    // deleted in Gitea by hand), and the delete that did delete it was told "not found".
+    const deletes: Array<() => void> = []
+    let release: (() => void) | undefined
+    const url = await proxyTo(t, fake, {
+      hold: (req, go) => {
+        if (req.method !== 'DELETE') return go()
+        deletes.push(go)
+        if (deletes.length === 2) deletes[0]?.()
+      },
+      answer: (req, answer, res) => {
+        if (req.method !== 'DELETE' || answer.statusCode !== 204) return false
+        release = () => res.writeHead(204).end()
+        deletes[1]?.()
+        return true
+      },
+    })
+    const deps = integrationDeps(store.db, { GITEA_URL: url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: password })
+    const proxied = new GiteaTokenService(deps)
+    t.teardown(() => proxied.close())
+    const admin = await startAdmin(t, store.db, { gitea: proxied })
+    const made = await admin.call('POST', '/v1/gitea/tokens', { body: { name: 'at-once', scopes: ['read:user'] } })
+    t.equal(made.status, 201, 'the token is made')
+    const both = [admin.call('DELETE', '/v1/gitea/tokens/at-once'), admin.call('DELETE', '/v1/gitea/tokens/at-once')]
+    const second = await Promise.race(both)
+    t.ok(release, "Gitea carried the first DELETE out before the second delete answered")
+    release?.()
+    const answers = await Promise.all(both)
+    const deleted = answers.filter((a) => a.status === 200)
+    t.equal(deleted.length, 1, 'one delete succeeds')
+    t.not(deleted[0], second, 'the one whose DELETE Gitea carried out')
+    t.match(deleted[0]?.json, { deleted: true, name: 'at-once', remote_missing: false, record: { id: made.json.id, deleted_at: /\d/ } }, 'deleted, not found missing')
+    if (deleted[0]) documented(t, 'deleteGiteaToken', deleted[0])
+    t.equal(second.status, 404, 'the other is 404')
+    t.match(second.json?.error, { code: 'gitea_token_not_found', message: /deleted while this delete ran/ }, 'gitea_token_not_found, saying why')
+    const rows = (await deps.audit.list(store.db, { keyId: made.json.id })).filter((a) => a.action === 'gitea.token.deleted')
+    t.equal(rows.length, 1, 'one audit row closes the record')
+    t.match(rows[0]?.details, { remote_missing: false, recorded: true }, 'saying it was deleted, not found missing')
   })
 
   await t.test('drift: a token deleted in Gitea by hand', async (t) => {

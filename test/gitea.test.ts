@@ -9,7 +9,7 @@ import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { GITEA_SCOPES } from '../core/integrations/schemas.ts'
 import { FakeGitea, type RecordedResponse } from './helpers/fake-gitea.ts'
 import { answerKinds, checkAgainstSwagger } from './helpers/gitea-swagger.ts'
-import { capturedLogs, dumpStore, failingTransactions, freePort, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { capturedLogs, dumpStore, failingTransactions, freePort, integrationDeps, noSecrets, proxyTo } from './helpers/integrations.ts'
 import { forEachStore, rejection } from './helpers/stores.ts'
 
 const PASSWORD = 'alice-Secret-pw-1'
@@ -33,42 +33,6 @@ async function fakeGitea(t: Test): Promise<FakeGitea> {
 
 function env(url: string, extra: Record<string, string> = {}): Record<string, string> {
   return { GITEA_URL: url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: PASSWORD, ...extra }
-}
-
-/**
- * A proxy in front of the fake that passes every request on and the fake's answer back; `answer`
- * may take the fake's answer over (returning true), after the fake has acted on the request, and
- * `hold` may hold a request back until it calls `go`, and `instead` may answer it without passing it on.
- */
-async function proxyTo(
-  t: Test,
-  fake: FakeGitea,
-  hooks: {
-    answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean
-    hold?: (req: http.IncomingMessage, go: () => void) => void
-    /** Answers a request itself, never passing it on (a proxy that refuses it), returning true. */
-    instead?: (req: http.IncomingMessage, res: http.ServerResponse) => boolean
-  },
-): Promise<string> {
-  const proxy = http.createServer((req, res) => {
-    if (hooks.instead?.(req, res)) return void req.resume()
-    const forward = () => {
-      const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
-        if (hooks.answer?.(req, answer, res)) return answer.resume()
-        res.writeHead(answer.statusCode ?? 502, answer.headers)
-        answer.pipe(res)
-      })
-      req.pipe(up)
-    }
-    if (hooks.hold) hooks.hold(req, forward)
-    else forward()
-  })
-  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
-  t.teardown(() => {
-    proxy.closeAllConnections()
-    return new Promise((resolve) => proxy.close(resolve))
-  })
-  return `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`
 }
 
 t.test('scope names are the ones Gitea accepts', async (t) => {
@@ -635,7 +599,8 @@ await forEachStore(t, async (t, store) => {
     const done = results.filter((r) => r.status === 'fulfilled')
     const refused = results.flatMap((r) => (r.status === 'rejected' ? [r.reason as Error & { code?: string }] : []))
     t.equal(done.length, 1, 'one delete succeeds')
-    t.match(refused, [{ code: 'gitea_token_not_found', status: 404, message: /another delete closed its record at the same time/ }], 'the other is told the token is gone')
+    t.match(refused, [{ code: 'gitea_token_not_found', status: 404, message: /deleted while this delete ran/ }], 'the other is told the token is gone')
+    t.match(done, [{ value: { remote_missing: false } }], 'the one that succeeds deleted it')
     const rows = (await deps.audit.list(store.db, { keyId: created.id })).filter((a) => a.action === 'gitea.token.deleted')
     t.equal(rows.length, 1, 'one audit row closes the record')
     t.match(await rejection(proxied.delete('at-once', actor)), { code: 'gitea_token_not_found', status: 404 }, 'as a delete after both is')

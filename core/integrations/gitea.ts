@@ -616,6 +616,16 @@ export class GiteaTokenService {
       const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${remoteId}`, { headers: { authorization } })
       if (res.status !== 204 && res.status !== 404) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
       remoteMissing = res.status === 404
+      // Listed a moment ago, gone now: another delete at the same time (of this keygate or
+      // another) deleted it, and closes the record with the audit row saying so. Before (found by
+      // a review), this one could close it first, audited `remote_missing: true` as if deleted in
+      // Gitea by hand, and the delete that did delete it was answered "not found".
+      if (remoteMissing && target) {
+        throw new KeygateError(
+          'gitea_token_not_found',
+          `Gitea user ${JSON.stringify(user)} has no token ${JSON.stringify(name)} (id ${remoteId}) any more: it was deleted while this delete ran (by another delete at the same time, which closes its record, or in Gitea); nothing was changed`,
+        )
+      }
     }
     const closed = await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local?.id ?? null, 'gitea.token.deleted', {
       remote_id: remoteId,

@@ -2,6 +2,7 @@
 // are kept for the no-secret checks, the services built over a test store, and a look at every
 // row of every table (the "dump" the no-secret checks search).
 import { execFileSync } from 'node:child_process'
+import http from 'node:http'
 import net from 'node:net'
 import type { Test } from 'tap'
 import { loadConfig } from '../../config/load.ts'
@@ -91,4 +92,40 @@ export async function giteaOnFake(t: Test, db: Db): Promise<{ fake: FakeGitea; g
   const gitea = new GiteaTokenService(integrationDeps(db, { GITEA_URL: fake.url, GITEA_USERNAME: 'alice', GITEA_PASSWORD: password }))
   t.teardown(() => gitea.close())
   return { fake, gitea, password }
+}
+
+/**
+ * A proxy in front of the fake that passes every request on and the fake's answer back; `answer`
+ * may take the fake's answer over (returning true), after the fake has acted on the request, and
+ * `hold` may hold a request back until it calls `go`, and `instead` may answer it without passing it on.
+ */
+export async function proxyTo(
+  t: Test,
+  fake: FakeGitea,
+  hooks: {
+    answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean
+    hold?: (req: http.IncomingMessage, go: () => void) => void
+    /** Answers a request itself, never passing it on (a proxy that refuses it), returning true. */
+    instead?: (req: http.IncomingMessage, res: http.ServerResponse) => boolean
+  },
+): Promise<string> {
+  const proxy = http.createServer((req, res) => {
+    if (hooks.instead?.(req, res)) return void req.resume()
+    const forward = () => {
+      const up = http.request(fake.url + req.url, { method: req.method, headers: req.headers }, (answer) => {
+        if (hooks.answer?.(req, answer, res)) return answer.resume()
+        res.writeHead(answer.statusCode ?? 502, answer.headers)
+        answer.pipe(res)
+      })
+      req.pipe(up)
+    }
+    if (hooks.hold) hooks.hold(req, forward)
+    else forward()
+  })
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    proxy.closeAllConnections()
+    return new Promise((resolve) => proxy.close(resolve))
+  })
+  return `http://127.0.0.1:${(proxy.address() as net.AddressInfo).port}`
 }
