@@ -112,6 +112,31 @@ t.test("a failed sign-in is 401 on every API route, /version included, with the 
   t.equal((await fetch(`${other.url}/api/v1/repos/search`)).status, 404, 'then it is not found')
 })
 
+t.test("what Gitea's routers answer themselves: an unknown API route, a method the route does not take, a path outside the API", async (t) => {
+  // chi's defaults under the API's middleware (the API router sets no NotFound or MethodNotAllowed
+  // handler): Go's http.NotFound text and a 405 with no body and an Allow line per method; outside
+  // /api/v1, the web router's HTML 404 page. Before, the fake answered each with Gitea's JSON error.
+  const raw = async (method: string, path: string, authorization?: string) => {
+    const res = await fetch(`${fake.url}${path}`, { method, headers: authorization ? { authorization } : {} })
+    return { status: res.status, type: res.headers.get('content-type'), allow: res.headers.get('allow'), body: await res.text() }
+  }
+  const before = fake.responses.length
+  t.same(await raw('GET', '/api/v1/repos/search', alice), { status: 404, type: 'text/plain; charset=utf-8', allow: null, body: '404 page not found\n' }, 'an unknown API route')
+  t.same(await raw('GET', '/api/v1/users/alice/tokens/1/more', alice), { status: 404, type: 'text/plain; charset=utf-8', allow: null, body: '404 page not found\n' }, 'below a token route')
+  for (const [method, path, allow] of [
+    ['PUT', '/api/v1/users/alice/tokens', 'GET, POST'],
+    ['DELETE', '/api/v1/users/alice/tokens', 'GET, POST'],
+    ['GET', '/api/v1/users/alice/tokens/1', 'DELETE'],
+    ['POST', '/api/v1/version', 'GET'],
+    ['DELETE', '/api/v1/user', 'GET'],
+  ] as const) {
+    t.same(await raw(method, path, alice), { status: 405, type: null, allow, body: '' }, `${method} ${path}: no body, Allow ${allow}`)
+  }
+  const page = await raw('GET', '/api/users/alice/tokens')
+  t.match(page, { status: 404, type: 'text/html; charset=utf-8', body: /^<!DOCTYPE html>[^]*Page Not Found/ }, 'outside /api/v1: the web 404 page')
+  t.equal(fake.responses.length, before, 'none is recorded as an answer of an operation')
+})
+
 t.test('token routes: a token header with a token Gitea does not know is 401, before the user or the doer is looked at', async (t) => {
   // GITEA.md: a token header alone gets 401 on the token routes, and a wrong token 401 on /user.
   // Before (found by a review), the fake answered 403 (no doer) or 404 (no such user).

@@ -245,11 +245,12 @@ await forEachStore(t, async (t, store) => {
     t.match(afterDeletion.items.find((i) => i.remote_id === forCarol.remote_id), { state: 'deleted_remotely', user: 'carol' }, "a deleted user's token is listed as deleted remotely")
     // A server that answers 404 to everything at the configured address (not Gitea: a wrong
     // path behind a proxy, a maintenance page) is not taken for Gitea saying the user is gone:
-    // the delete fails, and keygate's record of a token that may well exist stays open.
+    // the delete fails, and keygate's record of a token that may well exist stays open. One whose
+    // 404 is a JSON error, as Gitea's is (a plain-text 404 is not believed at all, see below).
     const asked: string[] = []
     const notGitea = http.createServer((req, res) => {
       asked.push(`${req.method} ${req.url?.replace(/\?.*/, '')}`)
-      res.writeHead(404, { 'content-type': 'text/plain' }).end('404 page not found')
+      res.writeHead(404, { 'content-type': 'application/json' }).end('{"message":"Not Found"}')
     })
     await new Promise<void>((resolve) => notGitea.listen(0, '127.0.0.1', resolve))
     t.teardown(() => new Promise((resolve) => notGitea.close(resolve)))
@@ -833,6 +834,48 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(wrong.list()), { code: 'gitea_auth_failed', message: /refused the credentials of "alice" \(GITEA_USERNAME\/GITEA_PASSWORD\): 401 user's password is invalid/ }, "Gitea's own 401: the credentials")
     t.match(await rejection(proxied.create({ name: 'other-user', scopes: ['read:user'], user: 'bob' }, actor)), { code: 'gitea_auth_failed', message: /does not let "alice" manage the tokens of "bob"/ }, "Gitea's own 403: the user may not")
     t.match(await proxied.delete(String(made.id), actor), { remote_id: made.id }, 'and through the proxy otherwise, as ever')
+  })
+
+  await t.test("token routes: a 404 or 405 that is not Gitea's JSON error (its router's own answer, a proxy's page) is a gitea_error, and a delete closes no record for it", async (t) => {
+    // Gitea's router answers a path it has no route for with Go's plain `404 page not found` and a
+    // method the route does not take with an empty 405, as a proxy in front of it may. Only Gitea's
+    // own JSON 404 says a token is gone. Before (found by a review of the fake's answers), a DELETE
+    // answered so closed the record as `remote_missing: true`, its token still working, and the
+    // rest were "refused to ...: 404 404 page not found" or "405 no message".
+    let replace: { method: string; answer: (res: http.ServerResponse) => void } | undefined
+    const url = await proxyTo(t, fake, {
+      instead: (req, res) => {
+        const instead = replace
+        if (instead === undefined || req.method !== instead.method) return false
+        instead.answer(res)
+        return true
+      },
+    })
+    const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => proxied.close())
+    const recorded = await proxied.create({ name: 'behind-a-router', scopes: ['read:user'] }, actor)
+    secrets.push(recorded.token)
+    const notFound = (res: http.ServerResponse) => res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('404 page not found\n')
+    const webPage = (res: http.ServerResponse) => res.writeHead(404, { 'content-type': 'text/html; charset=utf-8' }).end('<!DOCTYPE html><html><title>Page Not Found</title></html>')
+    const noMethod = (res: http.ServerResponse) => res.writeHead(405, { allow: 'GET, POST', 'content-length': 0 }).end()
+    const cases: Array<[string, (res: http.ServerResponse) => void, RegExp]> = [
+      ["the router's 404", notFound, /404 with text \(text\/plain\): "404 page not found", not Gitea's answer: is GITEA_URL Gitea's address\?$/],
+      ['a 404 page', webPage, /404 with a page of markup \(text\/html\), not Gitea's answer/],
+      ['an empty 405', noMethod, /405 with an empty body \(no content type\), not Gitea's answer/],
+    ]
+    for (const [what, answer, message] of cases) {
+      replace = { method: 'DELETE', answer }
+      t.match(await rejection(proxied.delete('behind-a-router', actor)), { code: 'gitea_error', status: 502, message }, `delete, ${what}: a gitea_error naming it`)
+      const [row] = await store.db.query<{ deleted_at: Date | null }>('SELECT deleted_at FROM gitea_tokens WHERE id = $1', [recorded.id])
+      t.equal(row?.deleted_at, null, `delete, ${what}: the record stays open`)
+    }
+    replace = undefined
+    t.ok(fake.tokens.some((x) => x.id === recorded.remote_id), 'the token was never deleted')
+    // GITEA_URL with the API path on it: every call lands on a route Gitea does not have.
+    const doubled = new GiteaTokenService(integrationDeps(store.db, env(`${fake.url}/api/v1`)))
+    t.teardown(() => doubled.close())
+    t.match(await rejection(doubled.list()), { code: 'gitea_error', details: { status: 404 }, message: /"404 page not found", not Gitea's answer: is GITEA_URL Gitea's address\?$/ }, 'GITEA_URL ending in /api/v1: the list says the address is wrong')
+    t.match(await proxied.delete('behind-a-router', actor), { remote_missing: false, record: { id: recorded.id, deleted_at: /\d/ } }, "through the proxy otherwise, deleted as ever")
   })
 
   await t.test('a token created but not recorded is deleted again', async (t) => {

@@ -185,6 +185,14 @@ function sameToken(r: Row, t: GiteaRemoteToken): boolean {
   return Number(r.remote_id) === t.id && (t.token_last_eight === '' || t.token_last_eight === r.token_last_eight)
 }
 
+/**
+ * A 404 that says what it concerns is gone: Gitea's own JSON error (the token, or its user, not
+ * found). Gitea's router answers a path it has no route for with plain text, and a proxy with its
+ * own page: those say nothing of the token, and before (found by a review), a delete answered so
+ * closed the record as `remote_missing`, the token still working.
+ */
+const gone = (http: IntegrationHttp, res: HttpResponse): boolean => res.status === 404 && http.ownError(res)
+
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
 
@@ -233,7 +241,10 @@ export class GiteaTokenService {
     // Gitea's own 401 and 403 are JSON with a message. Another server's (an SSO proxy's sign-in
     // page, a WAF's 403 in front of Gitea) says nothing of GITEA_USERNAME's credentials: before
     // (found by a review), it was "refused the credentials ... 401 no message", as verify once was.
-    const foreign = res.status === 401 || res.status === 403 ? http.foreignError(res, `the request to ${what}`) : undefined
+    // So for 404 and 405: the token routes take these methods, and Gitea's own 404 is JSON; its
+    // router's plain `404 page not found` or empty 405, or a proxy's page, says the address leads
+    // elsewhere (GITEA_URL ending in /api/v1, say).
+    const foreign = [401, 403, 404, 405].includes(res.status) ? http.foreignError(res, `the request to ${what}`) : undefined
     if (foreign !== undefined) return foreign
     if (res.status === 401) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refused the credentials of ${JSON.stringify(username)} (GITEA_USERNAME/GITEA_PASSWORD): 401 ${message}`)
@@ -341,7 +352,7 @@ export class GiteaTokenService {
       },
       undo: async () => {
         const undo = await http.call('DELETE', `${path}/${created.id}`, { headers: { authorization } })
-        if (undo.status !== 204 && undo.status !== 404) throw this.#tokenRouteError(http, undo, username, user, `delete token ${created.id}`)
+        if (undo.status !== 204 && !gone(http, undo)) throw this.#tokenRouteError(http, undo, username, user, `delete token ${created.id}`)
       },
     })
     this.#deps.log.info('created a Gitea token', { record: row.id, remote_id: created.id, name: row.name, user, actor: actor.actor })
@@ -433,7 +444,7 @@ export class GiteaTokenService {
   async #tokenPage(user: string, page: number, limit: number): Promise<{ items: unknown[]; total: number | undefined } | undefined> {
     const { http, username, authorization } = this.#client(true)
     const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit } })
-    if (res.status === 404 && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
+    if (gone(http, res) && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
     if (page === 1 && !sameUser(user, username)) {
       const unreadable = this.#unreadable(http, res, username, user)
       if (unreadable) throw unreadable
@@ -614,7 +625,7 @@ export class GiteaTokenService {
       // one on an earlier page shifts the later pages) must not keep working with its record closed.
       // Gitea answers 404 for a token that is gone.
       const res = await http.call('DELETE', `/api/v1/users/${encodeURIComponent(user)}/tokens/${remoteId}`, { headers: { authorization } })
-      if (res.status !== 204 && res.status !== 404) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
+      if (res.status !== 204 && !gone(http, res)) throw this.#tokenRouteError(http, res, username, user, `delete token ${remoteId}`)
       remoteMissing = res.status === 404
       // Listed a moment ago, gone now: another delete at the same time (of this keygate or
       // another) deleted it, and closes the record with the audit row saying so. Before (found by

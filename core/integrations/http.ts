@@ -202,13 +202,22 @@ export class IntegrationHttp {
   }
 
   /**
+   * Whether `res` is the service's own JSON error, an object with a string `message`: not a page
+   * or text of another server's, nor of the service's router (Gitea's `404 page not found` for a
+   * path it has no route for, its empty 405 for a method the route does not take).
+   */
+  ownError(res: HttpResponse): boolean {
+    const body = res.body as { message?: unknown } | null
+    return typeof body === 'object' && body !== null && typeof body.message === 'string'
+  }
+
+  /**
    * The `<service>_error` of `assertOwnError` when `res` is not the service's own JSON error, else
    * undefined. Also for the calls made with keygate's own credentials (Gitea's token routes, n8n's
    * login and session): a page of another server's says nothing of them either.
    */
   foreignError(res: HttpResponse, request: string): KeygateError | undefined {
-    const body = res.body as { message?: unknown } | null
-    if (typeof body === 'object' && body !== null && typeof body.message === 'string') return undefined
+    if (this.ownError(res)) return undefined
     const label = SERVICE_LABEL[this.service]
     return new KeygateError(
       `${this.service}_error`,

@@ -493,6 +493,32 @@ export class FakeGitea {
     return failed
   }
 
+  /**
+   * What Gitea's API router (chi, routers/api/v1/api.go) answers itself, after the API's
+   * middleware (the sign-in above) and before any route's handlers: a path it has no route for
+   * is chi's default, Go's http.NotFound (`404 page not found`, plain text; the API router sets
+   * no NotFound handler of its own, nor does the root router it is mounted on); a method the
+   * path does not take is chi's methodNotAllowedHandler, 405 with no body, and an `Allow` line for
+   * each method the route takes (chi 5.0.11 on). Neither is Gitea's JSON error; before, the fake
+   * answered both as one (`{"message":"Not Found"}`, `{"message":"Method Not Allowed"}`), and
+   * answered POST /version or /user 404. Not operations of the excerpt: not in `responses`.
+   */
+  #routerAnswer(res: http.ServerResponse, status: 404 | 405, allow: string[] = []): void {
+    const headers = { 'x-content-type-options': 'nosniff' }
+    if (status === 404) return void res.writeHead(404, { ...headers, 'content-type': 'text/plain; charset=utf-8' }).end('404 page not found\n')
+    res.setHeader('allow', allow)
+    res.writeHead(405, { ...headers, 'content-length': 0 }).end()
+  }
+
+  /**
+   * A path outside the API: Gitea's web router, whose not-found handler renders its 404 page
+   * (routers/web/web.go, ctx.NotFound): HTML, not JSON. Before, the fake answered it as an API
+   * error. A short page of that shape; not an operation of the excerpt, not in `responses`.
+   */
+  #webNotFound(res: http.ServerResponse): void {
+    res.writeHead(404, { 'content-type': 'text/html; charset=utf-8' }).end('<!DOCTYPE html>\n<html lang="en-US">\n<head><title>Page Not Found - Gitea: Git with a cup of tea</title></head>\n<body><div class="page-content status-page-404"><p>The page you are trying to reach either does not exist or you are not authorized to view it.</p></div></body>\n</html>\n')
+  }
+
   #sendBarred(req: http.IncomingMessage, res: http.ServerResponse, operation: string, message: string): void {
     // The middleware writes ctx.JSON(403, {"message": ...}): no `url`.
     this.#send(req, res, operation, 403, { message })
@@ -522,7 +548,7 @@ export class FakeGitea {
       const f = this.faults.splice(fault, 1)[0] as { status: number; message: string }
       return this.#error(req, res, operation, f.status, f.message)
     }
-    if (!url.pathname.startsWith('/api/v1/')) return this.#error(req, res, url.pathname, 404, 'Not Found')
+    if (!url.pathname.startsWith('/api/v1/')) return this.#webNotFound(res)
     // Gitea's API middleware, before every route (/version and unknown routes too): a method of
     // the auth group that failed, when none signed in, is 401 with its error (apiAuth); before
     // (found by a review), the fake let an unknown token or a wrong password through to /version
@@ -535,11 +561,11 @@ export class FakeGitea {
       if (barred !== null) return this.#sendBarred(req, res, operation, barred)
     }
 
-    if (path === '/version' && method === 'GET') return this.#send(req, res, '/version', 200, { version: this.#options.version ?? '1.22.6' })
-    if (path === '/user' && method === 'GET') return this.#currentUser(req, res, signed)
-    if (!m) return this.#error(req, res, path, 404, 'Not Found')
-    const allowed = m[2] === undefined ? ['GET', 'POST'] : ['DELETE']
-    if (!allowed.includes(method)) return this.#error(req, res, operation, 405, 'Method Not Allowed')
+    const allowed = path === '/version' || path === '/user' ? ['GET'] : m ? (m[2] === undefined ? ['GET', 'POST'] : ['DELETE']) : undefined
+    if (allowed === undefined) return this.#routerAnswer(res, 404)
+    if (!allowed.includes(method)) return this.#routerAnswer(res, 405, allowed)
+    if (path === '/version') return this.#send(req, res, '/version', 200, { version: this.#options.version ?? '1.22.6' })
+    if (path === '/user' || !m) return this.#currentUser(req, res, signed)
 
     // Gitea 1.22's chain for the token routes (routers/api/v1/api.go), in its order, after the
     // sign-in above: the user scope of a token used to sign in (tokenRequiresScopes, 403), the user
