@@ -170,6 +170,15 @@ const createdMs = (n: number) => `($${n}::timestamptz AT TIME ZONE 'UTC')`
 const LIVE = 'deleted_at IS NULL'
 /** A webhook, as `w`, whose deliveries are sent: enabled and not deleted. */
 const SENDING = 'w.enabled AND w.deleted_at IS NULL'
+/**
+ * A delivery, as `d`, of an event its webhook, as `w`, takes (a test event always is): only such
+ * a delivery is attempted. One of an event a PATCH removed from `events` is ended instead (see
+ * notTaken).
+ */
+const taken = (events: string) => `(d.event_type = ANY (${events}) OR d.event_type = '${TEST_EVENT}')`
+const TAKEN = taken('w.events')
+/** The delivery log's error of a delivery ended because its webhook, as `w`, no longer takes its event, as `d`. */
+const NOT_TAKEN_ERROR = `'webhook ' || w.id || ' no longer takes ' || d.event_type || ' (its events changed at ' || to_char(w.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || '): no further attempt'`
 
 const toDelivery = (r: DeliveryRow): Delivery => ({
   id: r.id,
@@ -189,6 +198,8 @@ const toDelivery = (r: DeliveryRow): Delivery => ({
 /** A claimed delivery with what sending it needs. */
 interface Claimed extends DeliveryRow, SecretColumns {
   url: string
+  /** false: not to be sent, ended by the claim as its webhook no longer takes its event. */
+  sends?: boolean
 }
 
 /** A webhook's secrets as stored: plaintext (before migration 0007) or sealed. */
@@ -435,7 +446,16 @@ export class WebhookService {
         sets.push(`${f} = $${params.length}`)
       }
       const [row] = await tx.query<WebhookRow>(`UPDATE webhooks SET ${sets.join(', ')} WHERE id = $1 RETURNING ${W_COLUMNS}`, params)
-      if (this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.updated', details: { id, changed: fields, ...changes } })
+      // The pending deliveries of the events it no longer takes are ended now, so that the log
+      // says so at once (a paused webhook's too); one a transaction that read the webhook before
+      // this commits queues meanwhile is ended by the claim that finds it due (see #claim).
+      const ended = changes.events === undefined ? [] : await tx.query(
+        `UPDATE webhook_deliveries d SET status = 'failed', last_error = ${NOT_TAKEN_ERROR}
+         FROM webhooks w WHERE w.id = $1 AND d.webhook_id = w.id AND d.status = 'pending' AND NOT ${TAKEN} RETURNING d.id`,
+        [id],
+      )
+      const endedNote = ended.length > 0 ? { deliveries_ended: ended.length } : {}
+      if (this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.updated', details: { id, changed: fields, ...changes, ...endedNote } })
       return { row: row as WebhookRow, changed: fields }
     })
     // Enabled again: what it held is due.
@@ -656,7 +676,9 @@ export class WebhookService {
       'conflict',
       d.status === 'pending'
         ? `delivery ${d.id} is pending: its next attempt is at ${d.nextAttemptAt.toISOString()}; only a failed delivery is sent again`
-        : `delivery ${d.id} was delivered at ${d.deliveredAt?.toISOString() ?? 'an unknown time'}; only a failed delivery is sent again`,
+        : d.status === 'failed'
+          ? `delivery ${d.id} is of ${d.eventType}, which webhook ${id} no longer takes; add the event to its events to send it again`
+          : `delivery ${d.id} was delivered at ${d.deliveredAt?.toISOString() ?? 'an unknown time'}; only a failed delivery is sent again`,
     )
   }
 
@@ -676,17 +698,20 @@ export class WebhookService {
     return retried.length
   }
 
-  /** The failed deliveries of a live webhook that `where` picks, pending again and due (at `sql.due`, now or before), with their audit row; sending starts at once. */
+  /**
+   * The failed deliveries of a live webhook that `where` picks, of the events it takes, pending
+   * again and due (at `sql.due`, now or before), with their audit row; sending starts at once.
+   */
   async #requeue<R>(id: string, actor: Actor, where: string, params: unknown[], sql: { due: string; returning: string }, details: Record<string, unknown>): Promise<R[]> {
     const rows = await this.#db.transaction(async (tx) => {
       // FOR SHARE: a deletion waits for this (FOR KEY SHARE would not hold its UPDATE back), so no
-      // delivery is made pending for a webhook deleted meanwhile.
-      const [live] = await tx.query(`SELECT 1 FROM webhooks WHERE id = $1 AND ${LIVE} FOR SHARE`, [id])
+      // delivery is made pending for a webhook deleted meanwhile, nor for an event removed meanwhile.
+      const [live] = await tx.query<{ events: string[] }>(`SELECT events FROM webhooks WHERE id = $1 AND ${LIVE} FOR SHARE`, [id])
       if (!live) throw notFound(id)
       const out = await tx.query<R>(
-        `UPDATE webhook_deliveries SET status = 'pending', retry_base = attempts, next_attempt_at = ${sql.due}
-         WHERE webhook_id = $1 AND status = 'failed' AND ${where} RETURNING ${sql.returning}`,
-        [id, this.#storeNow(), ...params],
+        `UPDATE webhook_deliveries d SET status = 'pending', retry_base = attempts, next_attempt_at = ${sql.due}
+         WHERE webhook_id = $1 AND status = 'failed' AND ${taken(`$${params.length + 3}::text[]`)} AND ${where} RETURNING ${sql.returning}`,
+        [id, this.#storeNow(), ...params, live.events],
       )
       if (out.length > 0 && this.#audit) await this.#audit.write(tx, actor, { action: 'webhook.deliveries_retried', details: { id, ...details, retried: out.length } })
       return out
@@ -852,6 +877,7 @@ export class WebhookService {
           failure = err // no more claims this round; the attempts in flight are still waited for
         }
         for (const c of claimed) {
+          if (c.sends === false) continue
           if (inPool) pooled++
           else extra++
           perWebhook.set(c.webhook_id, (perWebhook.get(c.webhook_id) ?? 0) + 1)
@@ -888,7 +914,10 @@ export class WebhookService {
    * store's time, read once with the look-up for due rows (see storeClock). Due rows are looked
    * up webhook by webhook, of the enabled ones that are not deleted (an index on a webhook's
    * pending rows, migration 0013): a paused webhook holds its pending deliveries, a deleted one
-   * waits for purgeDeleted, and neither's rows are read at every poll.
+   * waits for purgeDeleted, and neither's rows are read at every poll. A due row of an event its
+   * webhook no longer takes (queued by a transaction that read the webhook before a PATCH of its
+   * events committed) is not claimed but ended, failed with the reason and its attempts as they
+   * were, and returned with `sends: false`.
    */
   async #claim(slots: number, perWebhook: ReadonlyMap<string, number>, cap: number): Promise<Claimed[]> {
     const full = [...perWebhook].filter(([, n]) => n >= cap).map(([id]) => id)
@@ -923,13 +952,17 @@ export class WebhookService {
          ) r LEFT JOIN busy b ON b.webhook_id = r.webhook_id
          WHERE r.rank <= $7 - coalesce(b.n, 0)
        ), due AS (
-         SELECT id FROM webhook_deliveries WHERE id IN (SELECT id FROM fair) AND status = 'pending' AND next_attempt_at <= $1::timestamptz
-         FOR UPDATE SKIP LOCKED
+         SELECT d.id, ${TAKEN} AS taken, ${NOT_TAKEN_ERROR} AS not_taken FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+         WHERE d.id IN (SELECT id FROM fair) AND d.status = 'pending' AND d.next_attempt_at <= $1::timestamptz
+         FOR UPDATE OF d SKIP LOCKED
        ), claimed AS (
          UPDATE webhook_deliveries d SET next_attempt_at = $1::timestamptz + $2::float8 * interval '1 millisecond', attempts = d.attempts + 1, last_attempt_at = $1::timestamptz
-         FROM due WHERE d.id = due.id RETURNING d.*
+         FROM due WHERE d.id = due.id AND due.taken RETURNING d.*, true AS sends
+       ), ended AS (
+         UPDATE webhook_deliveries d SET status = 'failed', last_error = due.not_taken
+         FROM due WHERE d.id = due.id AND NOT due.taken RETURNING d.*, false AS sends
        )
-       SELECT c.*, w.url, ${SECRET_COLUMNS} FROM claimed c JOIN webhooks w ON w.id = c.webhook_id`,
+       SELECT c.*, w.url, ${SECRET_COLUMNS} FROM (SELECT * FROM claimed UNION ALL SELECT * FROM ended) c JOIN webhooks w ON w.id = c.webhook_id`,
       [probe.now, this.#leaseMs, slots, [...perWebhook.keys()], [...perWebhook.values()], full, cap],
     )
   }
@@ -972,10 +1005,12 @@ export class WebhookService {
       error = (e.cause?.message ?? e.message).slice(0, 500)
     }
     const done = this.#storeNow()
-    // Only while this attempt is still the delivery's latest (its claim's attempt count, still
-    // pending): an outcome that arrives after another process took the delivery over (this
-    // process was frozen past the lease) must not undo that process's.
-    const mine = 'id = $1 AND attempts = $2 AND status = \'pending\''
+    // Only while this attempt is still the delivery's latest (its claim's attempt count, not
+    // delivered): an outcome that arrives after another process took the delivery over (this
+    // process was frozen past the lease) must not undo that process's. Failed with the attempt
+    // count of its claim, it was ended by a PATCH of its webhook's events while in flight: the
+    // outcome is still this attempt's, and a receiver that took it got it.
+    const mine = 'id = $1 AND attempts = $2 AND status <> \'delivered\''
     let rows: DeliveryRow[]
     if (error === null) {
       rows = await this.#db.query<DeliveryRow>(
@@ -987,10 +1022,10 @@ export class WebhookService {
       const made = c.attempts - c.retry_base
       const failed = made >= this.#c.max_attempts
       const wait = Math.min(this.#c.retry_base_ms * 2 ** (made - 1), this.#c.retry_max_ms)
-      // Its webhook deleted meanwhile: failed, as nothing will try it again.
+      // Its webhook deleted meanwhile, or no longer taking its event: failed, as nothing will try it again.
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
-           status = CASE WHEN EXISTS (SELECT 1 FROM webhooks w WHERE w.id = webhook_id AND w.${LIVE}) THEN $3 ELSE 'failed' END
+        `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
+           status = CASE WHEN EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.${LIVE} AND ${TAKEN}) THEN $3 ELSE 'failed' END
          WHERE ${mine} RETURNING ${D_COLUMNS}`,
         [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done],
       )

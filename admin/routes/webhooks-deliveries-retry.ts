@@ -11,7 +11,7 @@ export default defineOperation({
   tag: 'webhooks',
   summary: 'Send failed deliveries again',
   description:
-    'Every `failed` delivery of the webhook queued from `from` (default: 24 hours before `to`) until `to` (default: now), at most 366 days, becomes `pending` and due now, each with `webhooks.max_attempts` more attempts (its `attempts` count goes on) and its payload and `webhook-id` unchanged (a receiver that took one after all drops it as a repeat); pending and delivered ones are left as they are. They are sent oldest first (their `next_attempt_at` is when each was queued), a few at a time to one webhook, as any due deliveries are. Failed deliveries stay in the log for `scheduler.webhook_delivery_retention_days`. Audited as `webhook.deliveries_retried`, with the range and the count.',
+    'Every `failed` delivery of the webhook queued from `from` (default: 24 hours before `to`) until `to` (default: now), at most 366 days, becomes `pending` and due now, each with `webhooks.max_attempts` more attempts (its `attempts` count goes on) and its payload and `webhook-id` unchanged (a receiver that took one after all drops it as a repeat); pending and delivered ones are left as they are, and so are those of an event the webhook no longer takes. They are sent oldest first (their `next_attempt_at` is when each was queued), a few at a time to one webhook, as any due deliveries are. Failed deliveries stay in the log for `scheduler.webhook_delivery_retention_days`. Audited as `webhook.deliveries_retried`, with the range and the count.',
   // Every field has its default: no body is the last 24 hours (before, found by a review: a body was required).
   bodyRequired: false,
   body: Type.Object(
