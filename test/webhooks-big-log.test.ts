@@ -12,7 +12,8 @@ import { WebhookService } from '../core/webhooks.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { sleep } from './helpers/gateway.ts'
 import { AuditCipher } from '../core/audit.ts'
-import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, openStore } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, openStore, testServices } from './helpers/stores.ts'
+import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { startReceiver } from './helpers/webhooks.ts'
 
 // The log of the delete: four batches of the purge. What makes the cleanup long is a row of it
@@ -36,6 +37,17 @@ async function bigLog(db: Db, webhookId: string, n: number): Promise<void> {
      FROM generate_series(1, $3::int) g`,
     [webhookId, PAYLOAD, n],
   )
+}
+
+/** `db` with every statement it is given recorded in `seen`, to be explained on the same store. */
+function recordingDb(db: Db, seen: Array<{ sql: string; params: unknown[] }>): Db {
+  return new Proxy(db, {
+    get(target, p) {
+      if (p === 'query') return (sql: string, params: unknown[] = []) => (seen.push({ sql, params }), target.query(sql, params))
+      const v = Reflect.get(target, p) as unknown
+      return typeof v === 'function' ? v.bind(target) : v
+    },
+  })
 }
 
 t.test('deleted at once however long its log; the log removed in batches afterwards, holding up no key change', async (t) => {
@@ -122,13 +134,7 @@ t.test('the delivery log is paged through its indexes, a status too, every row o
   const store = await openStore(t, 'postgres')
   const seen: Array<{ sql: string; params: unknown[] }> = []
   // The service's own statements, recorded to be explained on the same store.
-  const recording = new Proxy(store.db, {
-    get(target, p) {
-      if (p === 'query') return (sql: string, params: unknown[] = []) => (seen.push({ sql, params }), target.query(sql, params))
-      const v = Reflect.get(target, p) as unknown
-      return typeof v === 'function' ? v.bind(target) : v
-    },
-  })
+  const recording = recordingDb(store.db, seen)
   const webhooks = new WebhookService({ db: recording, cipher: new AuditCipher(TEST_ENCRYPTION_KEY), config: { ...DEFAULT_CONFIG.webhooks, allow_private: ['127.0.0.1/32'] }, log: silentLogger, deliver: false })
   const { webhook } = await webhooks.create({ url: 'http://127.0.0.1:9/log', events: ['rate_limit.exceeded'] }, { actor: 'test' })
   await bigLog(store.db, webhook.id, PAGED_ROWS)
@@ -189,5 +195,50 @@ t.test('on both stores: a deleted webhook is gone at once, and its log once the 
     t.equal(await h.webhooks.purgeDeleted(), 6001)
     t.same(await store.db.query('SELECT 1 FROM webhook_deliveries'), [])
     t.same(await store.db.query('SELECT 1 FROM webhooks'), [])
+  })
+})
+
+t.test('on both stores: the scheduler prunes the log through its index, webhook by webhook, keeping what is pending', async (t) => {
+  // Before (found by a review): the prune looked rows up by created_at, which no index leads
+  // with, so every round read the whole log, most often to find nothing to prune.
+  await forEachStore(t, async (t, store) => {
+    const s = testServices(store.db)
+    const statements: Array<{ sql: string; params: unknown[] }> = []
+    const recording = recordingDb(store.db, statements)
+    const now = new Date()
+    const rules = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30, usageDays: 400 }).filter((r) => r.table === 'webhook_deliveries')
+    const scheduler = new Scheduler({ db: recording, keys: s.keys, audit: s.audit, log: silentLogger, now: () => now, intervalS: 60, noticeMs: 86_400_000, pruneRules: rules })
+    for (const id of ['wh_prune_a', 'wh_prune_b']) {
+      await store.db.query(`INSERT INTO webhooks (id, url, events, sealed_secret, created_by) VALUES ($1, 'http://127.0.0.1:9/p', ARRAY['rate_limit.exceeded'], 'x', 'test')`, [id])
+      await bigLog(store.db, id, ROWS / 2)
+      await store.db.query(`UPDATE webhook_deliveries SET id = id || $1, dedupe_key = dedupe_key || $1 WHERE webhook_id = $2`, [id.slice(-2), id])
+    }
+    // Of each webhook, its 3,000 newest moved past the retention (more than one batch in all), and one of them still pending.
+    await store.db.query(`UPDATE webhook_deliveries SET created_at = created_at - interval '31 days' WHERE split_part(id, '_', 3)::int <= 3000`)
+    await store.db.query(`UPDATE webhook_deliveries SET status = 'pending' WHERE id = 'msg_big_1_a'`)
+    await store.db.query('ANALYZE webhook_deliveries')
+    const run = await scheduler.runOnce()
+    t.equal(run?.pruned.webhook_deliveries, 6000 - 1, 'the delivered ones past the retention are pruned')
+    t.same(await store.db.query("SELECT id, status FROM webhook_deliveries WHERE created_at < now() - interval '30 days'"), [{ id: 'msg_big_1_a', status: 'pending' }], 'the pending one is kept')
+    t.equal((await store.db.query<{ n: number }>('SELECT count(*)::int AS n FROM webhook_deliveries'))[0]?.n, ROWS - 6000 + 1, 'and every newer one')
+    const prunes = () => statements.filter((q) => q.sql.includes('DELETE FROM "webhook_deliveries"'))
+    t.equal(prunes().length, 2, 'a batch, and one that finds fewer than a batch')
+    // What nearly every round finds: nothing to prune. Its statement must not read the whole log.
+    await store.db.query('ANALYZE webhook_deliveries')
+    statements.length = 0
+    t.equal((await scheduler.runOnce())?.pruned.webhook_deliveries, 0, 'a round with nothing to prune')
+    t.equal(prunes().length, 1)
+    for (const q of prunes()) {
+      const [plan] = await store.db.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (FORMAT JSON) ${q.sql}`, q.params)
+      const text = JSON.stringify(plan?.['QUERY PLAN'])
+      t.match(text, /"Index Name":"webhook_deliveries_log_idx"/, 'read through the log index')
+      const scans: string[] = []
+      const walk = (node: { 'Node Type': string; 'Relation Name'?: string; Plans?: unknown[] }) => {
+        if (node['Node Type'] === 'Seq Scan') scans.push(node['Relation Name'] ?? '')
+        for (const p of node.Plans ?? []) walk(p as typeof node)
+      }
+      walk((plan?.['QUERY PLAN'] as Array<{ Plan: Parameters<typeof walk>[0] }>)[0]!.Plan)
+      t.notOk(scans.includes('webhook_deliveries'), 'not by reading the whole log')
+    }
   })
 })
