@@ -49,6 +49,18 @@ export function addressRefusal(address: string, allowed: AllowList): string | un
 
 /** The refusal of the url field for `why`: its message names the field, its `fields` entry does not, as validation_failed's. */
 const refused = (why: string) => new KeygateError('webhook_url_refused', `url: ${why}`, { fields: [{ field: 'url', message: why }] })
+/** The code of a delivery's connection refused for its address (see pinnedAgent). */
+const ADDRESS_REFUSED = 'ERR_WEBHOOK_ADDRESS_REFUSED'
+
+/**
+ * Whether `err` refused a delivery for its address, as this process's `webhooks.allow_private`
+ * has it (an IP literal, or what a name resolved to): another process sharing the store, whose
+ * list differs, may send it.
+ */
+export function refusedForAddress(err: unknown): boolean {
+  const e = err as { code?: unknown; cause?: { code?: unknown }; addressRefused?: unknown }
+  return e.addressRefused === true || e.code === ADDRESS_REFUSED || e.cause?.code === ADDRESS_REFUSED
+}
 
 /** Parses and checks the form of a target URL; returns its host when it is a name, undefined for an IP literal (already checked). */
 function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string | undefined } {
@@ -65,7 +77,7 @@ function checkUrl(url: string, allowed: AllowList): { parsed: URL; name: string 
   const host = parsed.hostname.startsWith('[') ? parsed.hostname.slice(1, -1) : parsed.hostname
   if (ipaddr.isValid(host)) {
     const why = addressRefusal(host, allowed)
-    if (why) throw refused(`${why}; add it to webhooks.allow_private to allow an internal receiver`)
+    if (why) throw Object.assign(refused(`${why}; add it to webhooks.allow_private to allow an internal receiver`), { addressRefused: true })
     return { parsed, name: undefined }
   }
   return { parsed, name: host }
@@ -210,7 +222,7 @@ export async function pinnedAgent(allowed: AllowList, timeoutMs: number, names: 
         const why = addressRefusal(a.address, allowed)
         if (why) {
           const e: NodeJS.ErrnoException = new Error(`webhook target ${hostname} resolves to ${why}`)
-          e.code = 'ERR_WEBHOOK_ADDRESS_REFUSED'
+          e.code = ADDRESS_REFUSED
           return cb(e, '')
         }
       }

@@ -23,6 +23,7 @@
 // it, re-seals a secret sealed with a previous encryption key under the current one, and drops a
 // previous secret once its grace has ended.
 import { createHmac, randomBytes } from 'node:crypto'
+import { hostname } from 'node:os'
 import type { Agent } from 'undici'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditCipher, AuditLog } from './audit.ts'
@@ -35,7 +36,7 @@ import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
 import type { Logger } from './log.ts'
 import { PRUNE_BATCH } from './scheduler.ts'
-import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, webhookNames, WebhookNames, type AllowList, type LookupFunction } from './ssrf.ts'
+import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, refusedForAddress, webhookNames, WebhookNames, type AllowList, type LookupFunction } from './ssrf.ts'
 
 export const TEST_EVENT = 'webhook.test'
 
@@ -271,6 +272,9 @@ const EXTRA_SLOTS = 100
  * queued deliveries that the others took only once their own clocks caught up.
  */
 const storeClock = (n: number) => `coalesce($${n}::timestamptz, now())`
+
+/** What a delivery refused for its address by this process's webhooks.allow_private adds to its error. */
+const REFUSED_BY = `(refused by the keygate process on ${hostname()}, pid ${process.pid}: each process that delivers checks the address against its own webhooks.allow_private)`
 
 /** An event's characters in a statement of enqueueMany besides its body (its type, dedupe key). */
 const EVENT_ROW_CHARS = 100
@@ -1003,6 +1007,9 @@ export class WebhookService {
     } catch (err) {
       const e = err as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException }
       error = (e.cause?.message ?? e.message).slice(0, 500)
+      // The allow-list is each process's own: the log says which process refused, so that one
+      // whose list differs from the others' is found (see README, Many instances).
+      if (refusedForAddress(err)) error += ` ${REFUSED_BY}`
     }
     const done = this.#storeNow()
     // Only while this attempt is still the delivery's latest (its claim's attempt count, not

@@ -7,6 +7,7 @@
 // surviving a restart and claimed once by several services at the same time, on both stores.
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
+import { hostname } from 'node:os'
 import pg from 'pg'
 import { AuditCipher } from '../core/audit.ts'
 import { EventBus, type EventType } from '../core/events.ts'
@@ -577,6 +578,11 @@ await forEachStore(t, async (t, store) => {
     const [name] = await deliveriesOf(byName.webhook.id)
     t.match(ip, { status: 'pending', attempts: 1, last_status: null, last_error: /127\.0\.0\.1 is a loopback address/ })
     t.match(name, { status: 'pending', attempts: 1, last_status: null, last_error: /localhost resolves to .* is a loopback address/ })
+    // Registered through a process that allows the address, refused by one that does not: the
+    // log names the process whose webhooks.allow_private differs. Before (found by a review), it
+    // did not say which of the processes sharing the store refused, nor that each checks its own.
+    const refusedBy = `(refused by the keygate process on ${hostname()}, pid ${process.pid}: each process that delivers checks the address against its own webhooks.allow_private)`
+    for (const d of [ip, name]) t.ok(String(d.last_error).endsWith(refusedBy), `names the process that refused: ${d.last_error}`)
   })
 
   await t.test('redirects are not followed', async (t) => {
