@@ -13,13 +13,17 @@ import { characterCount, PRINTABLE, refuseKeyIn } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange } from './keys/evaluate.ts'
 
-export interface DenyEntry {
+/** What the gateway's matcher needs of an entry. */
+export interface DenyRange {
   id: string
   cidr: string
+  expiresAt: Date | null
+}
+
+export interface DenyEntry extends DenyRange {
   reason: string | null
   createdBy: string
   createdAt: Date
-  expiresAt: Date | null
 }
 
 export type DenyChange = { action: 'added' | 'removed'; entry: DenyEntry }
@@ -99,6 +103,19 @@ export class DenyListService {
           [this.#now()],
         )
     return rows.map(toEntry)
+  }
+
+  /**
+   * The entries in force as the gateway reads them at a reload: id, range and expiry, in no order.
+   * Before, found by a review, the gateway read them with list(): every column, each timestamp
+   * parsed as text, sorted by the store (most of PostgreSQL's work with 20,000 rows).
+   */
+  async ranges(): Promise<DenyRange[]> {
+    const rows = await this.#db.query<{ id: string; cidr: string; expires_ms: number | null }>(
+      'SELECT id, cidr, (extract(epoch FROM expires_at) * 1000)::float8 AS expires_ms FROM deny_list WHERE expires_at IS NULL OR expires_at > $1',
+      [this.#now()],
+    )
+    return rows.map((r) => ({ id: r.id, cidr: r.cidr, expiresAt: r.expires_ms === null ? null : new Date(r.expires_ms) }))
   }
 
   /**

@@ -1,12 +1,14 @@
 // The IP deny list as the request path sees it: config entries plus stored ones, parsed once,
 // indexed by prefix, with answers memoised per address (cleared whenever the list changes). A
-// stored entry stops matching at its expiry: the list is recompiled when the earliest expiry passes.
-// A reload that reads the entries already held parses none of them again and keeps the index and
+// stored entry stops matching at its expiry: the entries held are judged again when the earliest
+// expiry passes. An entry added, changed, removed or expired changes the index by itself alone; a
+// reload that reads the entries already held parses none of them again and keeps the index and
 // the memo; a reload that finds the store's change mark unchanged reads none (gateway/index.ts).
 import QuickLRU from 'quick-lru'
 import ipaddr from 'ipaddr.js'
-import type { DenyChange, DenyEntry } from '../core/deny-list.ts'
+import type { DenyChange, DenyRange } from '../core/deny-list.ts'
 import { parseAddress, parseRange } from '../core/keys/evaluate.ts'
+import { otherWork, SLICE_MS } from '../core/slices.ts'
 import type { RequestState, Stage } from './state.ts'
 
 const MEMO_SIZE = 4096
@@ -48,47 +50,60 @@ function toPrefix(cidr: string): Prefix | undefined {
 }
 
 /**
- * The entries in force, per family one set per prefix length present, of the heads of that
- * length: a lookup costs one set probe per distinct length, not one comparison per entry (a
- * review found the linear scan took 0.3 to 0.6 ms of CPU per new client address with 20,000
- * entries, and the memo holds only 4096 answers). Overlapping and duplicate entries need nothing
- * more: the index is rebuilt from the entries in force at every change and expiry.
+ * The entries in force, per family one map per prefix length present, of the heads of that
+ * length (each with how many entries in force have it): a lookup costs one probe per distinct
+ * length, not one comparison per entry (a review found the linear scan took 0.3 to 0.6 ms of CPU
+ * per new client address with 20,000 entries, and the memo holds only 4096 answers). An entry
+ * comes and goes on its own: overlapping and duplicate entries are counted, so removing one
+ * leaves the others.
  */
 class PrefixIndex {
-  readonly #v4 = new Map<number, Set<number>>()
-  readonly #v6 = new Map<number, Set<bigint>>()
+  readonly #v4 = new Map<number, Map<number, number>>()
+  readonly #v6 = new Map<number, Map<bigint, number>>()
   #v4Lengths: number[] = []
   #v6Lengths: number[] = []
+  /** Entries holding the IPv4-mapped block (see DenyMatcher's #everyIpv4). */
+  everyIpv4 = 0
 
   add(p: Prefix): void {
-    if (p.v6) {
-      let heads = this.#v6.get(p.bits)
-      if (!heads) this.#v6.set(p.bits, (heads = new Set()))
-      heads.add(p.head as bigint)
-    } else {
-      let heads = this.#v4.get(p.bits)
-      if (!heads) this.#v4.set(p.bits, (heads = new Set()))
-      heads.add(p.head as number)
+    if (p.holdsIpv4) this.everyIpv4++
+    const byLength = (p.v6 ? this.#v6 : this.#v4) as Map<number, Map<number | bigint, number>>
+    let heads = byLength.get(p.bits)
+    if (!heads) {
+      byLength.set(p.bits, (heads = new Map()))
+      this.#lengths()
+    }
+    heads.set(p.head, (heads.get(p.head) ?? 0) + 1)
+  }
+
+  remove(p: Prefix): void {
+    if (p.holdsIpv4) this.everyIpv4--
+    const byLength = (p.v6 ? this.#v6 : this.#v4) as Map<number, Map<number | bigint, number>>
+    const heads = byLength.get(p.bits) as Map<number | bigint, number>
+    const count = (heads.get(p.head) as number) - 1
+    if (count > 0) heads.set(p.head, count)
+    else heads.delete(p.head)
+    if (heads.size === 0) {
+      byLength.delete(p.bits)
+      this.#lengths()
     }
   }
 
-  /** Call once all entries are added. */
-  seal(): this {
+  #lengths(): void {
     this.#v4Lengths = [...this.#v4.keys()]
     this.#v6Lengths = [...this.#v6.keys()]
-    return this
   }
 
   has(a: ipaddr.IPv4 | ipaddr.IPv6): boolean {
     if (a.kind() === 'ipv4') {
       if (this.#v4Lengths.length === 0) return false
       const value = v4Value(a as ipaddr.IPv4)
-      for (const bits of this.#v4Lengths) if ((this.#v4.get(bits) as Set<number>).has(v4Head(value, bits))) return true
+      for (const bits of this.#v4Lengths) if ((this.#v4.get(bits) as Map<number, number>).has(v4Head(value, bits))) return true
       return false
     }
     if (this.#v6Lengths.length === 0) return false
     const value = v6Value(a as ipaddr.IPv6)
-    for (const bits of this.#v6Lengths) if ((this.#v6.get(bits) as Set<bigint>).has(v6Head(value, bits))) return true
+    for (const bits of this.#v6Lengths) if ((this.#v6.get(bits) as Map<bigint, number>).has(v6Head(value, bits))) return true
     return false
   }
 }
@@ -98,33 +113,57 @@ interface Stored {
   cidr: string
   prefix: Prefix | undefined
   expiresAt: number
-  /** In the index built by the last recompilation. */
+  /** In the index now. */
   indexed: boolean
 }
 
+/**
+ * What a reload read, compared with the entries held (DenyMatcher.compare): the entries by id,
+ * those held as they are kept, and the ids of those new or changed. `version` is the matcher's when
+ * it was compared: a change applied since makes it stale.
+ */
+export interface DenyReading {
+  readonly version: number
+  readonly next: Map<string, Stored>
+  readonly fresh: Set<string>
+  /** The ids held that the reload did not read. */
+  readonly gone: string[]
+  /** Read twice under one id (the store's primary key allows none): counted as a change, not trusted. */
+  readonly twice: boolean
+}
+
+/** Entries compared between two looks at the clock (compareInSlices). */
+const STEP = 1000
+
+const sameEntry = (s: Stored, cidr: string, expiresAt: number): boolean => s.cidr === cidr && s.expiresAt === expiresAt
+
 export class DenyMatcher {
-  readonly #fixed: Prefix[]
   /** By id. */
   #stored = new Map<string, Stored>()
-  /** Stored entries in the index (those in force at the last recompilation). */
+  readonly #fixed: number
+  /** Stored entries in the index. */
   #indexedStored = 0
-  #size = 0
   #parsed = 0
-  #index = new PrefixIndex()
+  #indexWrites = 0
+  readonly #index = new PrefixIndex()
+  /** No indexed entry expires before then (one may have been removed since: then it is early, which costs a pass, nothing more). */
   #nextExpiry = Infinity
-  /** The time the last recompilation counted expiries at. */
-  #compiledAtMs = -Infinity
+  /** Every entry held was judged in force or expired as of then: a clock set back before it judges them again. */
+  #judgedAtMs = -Infinity
+  /** Counts the changes of the entries held (apply, commit): a reading compared before one is stale. */
+  #version = 0
   // quick-lru holds up to twice maxSize.
   readonly #memo = new QuickLRU<string, boolean>({ maxSize: MEMO_SIZE / 2 })
 
   constructor(configured: readonly string[]) {
-    this.#fixed = configured.map(toPrefix).filter((p): p is Prefix => p !== undefined)
-    this.#compile(Date.now())
+    const fixed = configured.map(toPrefix).filter((p): p is Prefix => p !== undefined)
+    for (const p of fixed) this.#index.add(p)
+    this.#fixed = fixed.length
   }
 
-  /** Entries in force (after the last recompilation). */
+  /** Entries in force. */
   get size(): number {
-    return this.#size
+    return this.#fixed + this.#indexedStored
   }
 
   /** Stored entries parsed so far (a reload parses only the entries it had not seen: tests and bench/deny-list.ts count them). */
@@ -132,112 +171,194 @@ export class DenyMatcher {
     return this.#parsed
   }
 
+  /** Stored entries put into or taken out of the index so far (a change costs its own entries, not the list's: tests count them). */
+  get indexWrites(): number {
+    return this.#indexWrites
+  }
+
   #parse(cidr: string): Prefix | undefined {
     this.#parsed++
     return toPrefix(cidr)
   }
 
+  #index1(s: Stored, nowMs: number): boolean {
+    const want = s.prefix !== undefined && s.expiresAt > nowMs
+    if (want === s.indexed) return false
+    s.indexed = want
+    this.#indexWrites++
+    if (want) {
+      this.#index.add(s.prefix as Prefix)
+      this.#indexedStored++
+      if (s.expiresAt < this.#nextExpiry) this.#nextExpiry = s.expiresAt
+    } else {
+      this.#index.remove(s.prefix as Prefix)
+      this.#indexedStored--
+    }
+    return true
+  }
+
+  #unindex(s: Stored): boolean {
+    return this.#index1(s, Infinity)
+  }
+
   /**
-   * Replaces the stored entries (after a reload). An entry already held with the same id and
-   * range keeps its parsed range, and when the entries in force are the ones indexed, the index
-   * and the memo stay: a review found that each reload (every `deny_list_refresh_s`, 5 s by
-   * default) parsed all 20,000 entries of a list again and rebuilt its index, 0.1 to 1.4 s of CPU
-   * per gateway process, with nothing changed. Returns whether the entries in force changed.
+   * Every entry held judged again as of `nowMs` (an expiry passed, or the clock was set back): a
+   * pass over the entries that changes in the index only those whose state changed. Returns
+   * whether any did.
    */
-  setStored(entries: readonly DenyEntry[], nowMs: number): boolean {
+  #settle(nowMs: number): boolean {
+    let changed = false
+    let next = Infinity
+    for (const s of this.#stored.values()) {
+      if (this.#index1(s, nowMs)) changed = true
+      if (s.indexed && s.expiresAt < next) next = s.expiresAt
+    }
+    this.#nextExpiry = next
+    this.#judgedAtMs = nowMs
+    return changed
+  }
+
+  /** Settles when an expiry has passed or the clock went back; returns whether the entries in force changed. */
+  #catchUp(nowMs: number): boolean {
+    if (nowMs >= this.#nextExpiry || nowMs < this.#judgedAtMs) return this.#settle(nowMs)
+    this.#judgedAtMs = nowMs
+    return false
+  }
+
+  #changed(changed: boolean): boolean {
+    if (changed) this.#memo.clear()
+    return changed
+  }
+
+  /** The steps of compare: yields every STEP entries (compareInSlices lets other work run there). */
+  *#compareSteps(entries: readonly DenyRange[]): Generator<void, DenyReading> {
     const held = this.#stored
+    const version = this.#version
     const next = new Map<string, Stored>()
-    // An expiry passed since the last recompilation: the entries in force are fewer.
-    let changed = nowMs >= this.#nextExpiry
-    let inForce = 0
-    for (const e of entries) {
+    const fresh = new Set<string>()
+    let twice = false
+    for (let i = 0; i < entries.length; i++) {
+      if (i % STEP === STEP - 1) yield
+      const e = entries[i] as DenyRange
       const expiresAt = e.expiresAt ? e.expiresAt.getTime() : Infinity
       const old = held.get(e.id)
-      const same = old !== undefined && old.cidr === e.cidr
-      const s: Stored = same && old.expiresAt === expiresAt ? old : { cidr: e.cidr, prefix: same ? old.prefix : this.#parse(e.cidr), expiresAt, indexed: false }
-      const before = next.size
-      next.set(e.id, s)
-      // An id read twice (the store's primary key allows none): counted as a change, not trusted.
-      if (next.size === before) changed = true
-      if (s.prefix && expiresAt > nowMs) {
-        inForce++
-        // In force now and not indexed as it is: new, another range, another expiry, or one the
-        // last recompilation left out (a clock set back).
-        if (!s.indexed) changed = true
+      if (next.has(e.id)) twice = true
+      if (old !== undefined && sameEntry(old, e.cidr, expiresAt)) {
+        next.set(e.id, old)
+        fresh.delete(e.id)
+      } else {
+        next.set(e.id, { cidr: e.cidr, prefix: old !== undefined && old.cidr === e.cidr ? old.prefix : this.#parse(e.cidr), expiresAt, indexed: false })
+        fresh.add(e.id)
       }
     }
-    this.#stored = next
-    // Every entry in force is one indexed as it is, and as many as were indexed: the same entries.
-    if (!changed && inForce === this.#indexedStored) return false
-    this.#compile(nowMs)
-    return true
+    const gone: string[] = []
+    let i = 0
+    for (const id of held.keys()) {
+      if (++i % STEP === 0) yield
+      if (!next.has(id)) gone.push(id)
+    }
+    return { version, next, fresh, gone, twice }
+  }
+
+  /** What a reload read, compared with the entries held, without changing them (commit does). */
+  compare(entries: readonly DenyRange[]): DenyReading {
+    const steps = this.#compareSteps(entries)
+    for (;;) {
+      const step = steps.next()
+      if (step.done) return step.value
+    }
   }
 
   /**
-   * What a reload that read nothing (the store's change mark unchanged) does: recompiles when an
-   * entry held has expired since the last recompilation. Returns whether the entries in force changed.
+   * compare, letting other work (requests) run every SLICE_MS: a reload of 20,000 entries
+   * compared them in one piece, several tens of ms of a stalled event loop on a loaded machine.
+   */
+  async compareInSlices(entries: readonly DenyRange[]): Promise<DenyReading> {
+    const steps = this.#compareSteps(entries)
+    let start = performance.now()
+    for (;;) {
+      const step = steps.next()
+      if (step.done) return step.value
+      if (performance.now() - start >= SLICE_MS) {
+        await otherWork()
+        start = performance.now()
+      }
+    }
+  }
+
+  /**
+   * Makes a reading the entries held: only the entries new, changed or gone change the index,
+   * and the memo is cleared only when the entries in force changed. Returns whether they did, or
+   * undefined for a reading compared before a change since (apply, another commit): it is not
+   * used, and the caller reads again.
+   */
+  commit(reading: DenyReading, nowMs: number): boolean | undefined {
+    if (reading.version !== this.#version) return undefined
+    this.#version++
+    const held = this.#stored
+    let changed = reading.twice
+    for (const id of reading.gone) if (this.#unindex(held.get(id) as Stored)) changed = true
+    for (const id of reading.fresh) {
+      const old = held.get(id)
+      if (old !== undefined && this.#unindex(old)) changed = true
+      if (this.#index1(reading.next.get(id) as Stored, nowMs)) changed = true
+    }
+    this.#stored = reading.next
+    if (this.#catchUp(nowMs)) changed = true
+    return this.#changed(changed)
+  }
+
+  /**
+   * Replaces the stored entries (after a reload). An entry already held with the same id and
+   * range keeps its parsed range, and only the entries that changed change the index: a review
+   * found that each reload (every `deny_list_refresh_s`, 5 s by default) parsed all 20,000
+   * entries of a list again and rebuilt its index, 0.1 to 1.4 s of CPU per gateway process, with
+   * nothing changed; a later one that one change among 20,000 rebuilt the whole index, twice in
+   * the process that made it. Returns whether the entries in force changed.
+   */
+  setStored(entries: readonly DenyRange[], nowMs: number): boolean {
+    return this.commit(this.compare(entries), nowMs) as boolean
+  }
+
+  /**
+   * What a reload that read nothing (the store's change mark unchanged) does: takes out the
+   * entries that have expired since, and puts back those a clock set back brings back into force
+   * (a step forward past an expiry, then back: found by a review, the entry stayed off until the
+   * next change of the list). Returns whether the entries in force changed.
    */
   expire(nowMs: number): boolean {
-    // A clock set back before the last recompilation may bring back an entry it left out as
-    // expired (a step forward past an expiry, then back): the entries are all held, so a
-    // recompilation does, with no read (found by a review: the entry stayed off until the next
-    // change of the list).
-    if (nowMs < this.#nextExpiry && nowMs >= this.#compiledAtMs) return false
-    this.#compile(nowMs)
-    return true
+    return this.#changed(this.#catchUp(nowMs))
   }
 
-  /** Applies one change made in this process at once, before the reload that follows it. */
+  /** Applies one change made in this process at once, before the reload that follows it: that entry alone. */
   apply(change: DenyChange, nowMs: number): void {
     const { id, cidr, expiresAt } = change.entry
-    this.#stored.delete(id)
-    if (change.action === 'added') this.#stored.set(id, { cidr, prefix: this.#parse(cidr), expiresAt: expiresAt ? expiresAt.getTime() : Infinity, indexed: false })
-    this.#compile(nowMs)
-  }
-
-  #compile(nowMs: number): void {
-    // A new index replaces the old one whole: no lookup sees one half built.
-    const index = new PrefixIndex()
-    let size = 0
-    let everyIpv4 = false
-    const take = (p: Prefix): void => {
-      index.add(p)
-      size++
-      if (p.holdsIpv4) everyIpv4 = true
+    this.#version++
+    let changed = false
+    const old = this.#stored.get(id)
+    if (old !== undefined) {
+      changed = this.#unindex(old)
+      this.#stored.delete(id)
     }
-    for (const p of this.#fixed) take(p)
-    let next = Infinity
-    let indexedStored = 0
-    for (const e of this.#stored.values()) {
-      e.indexed = e.prefix !== undefined && e.expiresAt > nowMs
-      if (!e.indexed) continue
-      take(e.prefix as Prefix)
-      indexedStored++
-      if (e.expiresAt < next) next = e.expiresAt
+    if (change.action === 'added') {
+      const s: Stored = { cidr, prefix: old !== undefined && old.cidr === cidr ? old.prefix : this.#parse(cidr), expiresAt: expiresAt ? expiresAt.getTime() : Infinity, indexed: false }
+      this.#stored.set(id, s)
+      if (this.#index1(s, nowMs)) changed = true
     }
-    this.#index = index.seal()
-    this.#size = size
-    this.#indexedStored = indexedStored
-    this.#everyIpv4 = everyIpv4
-    this.#nextExpiry = next
-    this.#compiledAtMs = nowMs
-    this.#memo.clear()
+    if (this.#catchUp(nowMs)) changed = true
+    this.#changed(changed)
   }
-
-  /**
-   * An IPv6 range wider than /96 that holds the IPv4-mapped block (`::/0`, `::/80`,
-   * `::ffff:0:0/95`) holds every IPv4 address as `::ffff:a.b.c.d`, the form keygate reads as IPv4:
-   * a deny list reads it so, the stricter way (a key's bindings and trusted_proxies, lists of what
-   * is allowed, read such a range as IPv6 only, also the stricter way).
-   */
-  #everyIpv4 = false
 
   denied(address: string, nowMs: number): boolean {
-    if (nowMs >= this.#nextExpiry) this.#compile(nowMs)
+    if (nowMs >= this.#nextExpiry) this.#changed(this.#settle(nowMs))
     let hit = this.#memo.get(address)
     if (hit === undefined) {
       const a = parseAddress(address)
-      hit = a !== undefined && ((a.kind() === 'ipv4' && this.#everyIpv4) || this.#index.has(a))
+      // An IPv6 range wider than /96 that holds the IPv4-mapped block (`::/0`, `::/80`,
+      // `::ffff:0:0/95`) holds every IPv4 address as `::ffff:a.b.c.d`, the form keygate reads as
+      // IPv4: a deny list reads it so, the stricter way (a key's bindings and trusted_proxies,
+      // lists of what is allowed, read such a range as IPv6 only, also the stricter way).
+      hit = a !== undefined && ((a.kind() === 'ipv4' && this.#index.everyIpv4 > 0) || this.#index.has(a))
       this.#memo.set(address, hit)
     }
     return hit

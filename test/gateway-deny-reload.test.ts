@@ -2,14 +2,14 @@
 // this instance (or announced by another) during a reload is not undone by the reload's older answer, and the deny stage
 // is in the request path whenever the list has entries, whatever order reloads and changes land in.
 import t from 'tap'
-import { DenyListService, type DenyEntry } from '../core/deny-list.ts'
+import { DenyListService, type DenyRange } from '../core/deny-list.ts'
 import { ACTOR, bearer, makeConfig, openStore, startGateway, until, type Tap } from './helpers/gateway.ts'
 
-/** A DenyListService whose list() can be held (a slow SELECT: its snapshot is taken, the answer is late). */
+/** A DenyListService whose ranges() (the gateway's read) can be held (a slow SELECT: its snapshot is taken, the answer is late). */
 class SlowList extends DenyListService {
   #hold: Promise<void> | undefined
-  override async list(o?: { includeExpired?: boolean }): Promise<DenyEntry[]> {
-    const rows = await super.list(o)
+  override async ranges(): Promise<DenyRange[]> {
+    const rows = await super.ranges()
     if (this.#hold) await this.#hold
     return rows
   }
