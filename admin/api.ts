@@ -12,7 +12,7 @@ import { expectsContinue, hasBody } from '../core/http.ts'
 import { otherWork } from '../core/slices.ts'
 import { assertValid, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems, showValue } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
-import type { AdminServices, Operation } from './operation.ts'
+import { OtherStatus, type AdminServices, type Operation } from './operation.ts'
 import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
 
 export interface AdminApiOptions {
@@ -251,7 +251,9 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
         const body = op.body ? assertValid(op.body, parsed === undefined ? {} : parsed) : undefined
         const query = readQuery(ctx.url, op.query)
         const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
-        if (!op.stream) sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
+        if (op.stream) return
+        if (result instanceof OtherStatus && op.otherStatus) sendJson(ctx.res, op.otherStatus.status, result.body, { 'x-request-id': ctx.requestId })
+        else sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
       },
     }
   })

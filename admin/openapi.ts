@@ -224,6 +224,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
           : { 'application/json': { schema: documented(op.response.schema) } },
       },
     }
+    if (op.otherStatus) responses[op.otherStatus.status] = { description: op.otherStatus.description, headers: headerRefs(EVERY_ANSWER), content: { 'application/json': { schema: documented(op.response.schema) } } }
     const byStatus = new Map<number, ErrorCode[]>()
     for (const code of operationErrors(op)) byStatus.set(ERRORS[code].status, [...(byStatus.get(ERRORS[code].status) ?? []), code])
     for (const [status, codes] of [...byStatus].sort((a, b) => a[0] - b[0])) {

@@ -122,6 +122,8 @@ export interface Operation {
    */
   maxBodyBytes?: number
   response: { status: 200 | 201; description: string; schema: TSchema }
+  /** Another status the operation answers with the same schema, when the handler returns `new OtherStatus(...)` (an add that updated). */
+  otherStatus?: { status: 200; description: string }
   /**
    * A Server-Sent Events stream: the handler answers on `res` itself, after the same credential
    * and request checks as every operation; `response.schema` is then the data of each event.
@@ -139,6 +141,14 @@ export interface Operation {
  * too large, a request not received in time (before, the document named none of these three),
  * an Expect other than 100-continue.
  */
+/** A handler's answer with the operation's `otherStatus` instead of its `response.status`. */
+export class OtherStatus {
+  readonly body: unknown
+  constructor(body: unknown) {
+    this.body = body
+  }
+}
+
 export const COMMON_ERRORS: readonly ErrorCode[] = [
   'bad_request',
   'host_not_allowed',

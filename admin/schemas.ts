@@ -67,7 +67,7 @@ export const KeyWithSecret = Type.Composite([KeySchema, Type.Object({ key: Plain
 export const RotatedKeySchema = Type.Composite([KeyWithSecret, Type.Object({ previous: ReplacedKeySchema })], { description: 'The new key, its plaintext shown once, and the key it replaced.' })
 
 export const AUDIT_ACTIONS =
-  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.removed, lockout.lifted, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, webhook.deliveries_retried, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
+  'key.created, key.updated, key.rotated, key.revoked, key.imported, key.expired, key.expiring, deny_list.added, deny_list.updated, deny_list.removed, lockout.lifted, anomaly.acknowledged, webhook.created, webhook.updated, webhook.deleted, webhook.secret_rotated, webhook.tested, webhook.deliveries_retried, gitea.token.created, gitea.token.deleted, n8n.key.created, n8n.key.deleted'
 
 export const AuditSchema = Type.Object({
   id: Type.String(),

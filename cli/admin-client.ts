@@ -21,6 +21,8 @@ export interface AdminClient {
    * fields named in `lists` are lists.
    */
   call<T>(method: string, path: string, body?: unknown, lists?: readonly string[]): Promise<T>
+  /** call, with the answer's status (an add that updated a deny entry is 200, not 201). */
+  exchange<T>(method: string, path: string, body?: unknown, lists?: readonly string[]): Promise<{ status: number; json: T }>
 }
 
 export interface AdminClientOptions {
@@ -43,7 +45,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
   const shown = hide(base)
   const timeoutMs = options.timeoutMs ?? 30_000
   const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
-  const call = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<T> => {
+  const exchange = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<{ status: number; json: T }> => {
     let res: Response
     let text: string
     try {
@@ -98,7 +100,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
         const got = escapeUnprintable(JSON.stringify((json as Record<string, unknown>)[notList]) ?? 'nothing').slice(0, 60)
         throw new KeygateError('admin_unavailable', `the admin API at ${shown} answered ${method} ${path} with ${JSON.stringify(notList)}: ${got}, not a list: not what keygate expects`)
       }
-      return json as T
+      return { status: res.status, json: json as T }
     }
     // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.
     if (typeof error?.code !== 'string' || !Object.hasOwn(ERRORS, error.code) || typeof error.message !== 'string') {
@@ -110,7 +112,8 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     const message = error.message.replace(/\r?\n(?! {2}\S)/g, (b) => JSON.stringify(b).slice(1, -1))
     throw new KeygateError(error.code as ErrorCode, `${message} (admin API at ${shown})`, error.details)
   }
-  return { call }
+  const call = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<T> => (await exchange<T>(method, path, body, lists)).json
+  return { call, exchange }
 }
 
 /**

@@ -18,7 +18,8 @@ type LockoutJson = { address_key: string; locked_until: string; retry_after_s: n
 type LiftJson = { address: string; address_key: string; was_locked_out: boolean }
 
 export interface DenyOperations {
-  add(body: { cidr: string; reason?: string; expires_at?: string | null }): Promise<DenyJson>
+  /** Adds an entry, or updates the one listed for that range (`updated`). */
+  add(body: { cidr: string; reason?: string; expires_at?: string | null }): Promise<{ entry: DenyJson; updated: boolean }>
   list(includeExpired: boolean): Promise<DenyJson[]>
   remove(id: string): Promise<DenyJson>
 }
@@ -48,7 +49,10 @@ export const LOCKOUTS_NEED_ADMIN =
 export function localDenyOperations(runtime: Runtime, actor: Actor): { ops: DenyOperations; denyList: DenyListService } {
   const service = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const ops: DenyOperations = {
-    add: async (body) => denyJson(await service.add({ cidr: body.cidr, reason: body.reason ?? null, expiresAt: body.expires_at ?? null }, actor)),
+    add: async (body) => {
+      const { entry, updated } = await service.save({ cidr: body.cidr, ...(body.reason !== undefined ? { reason: body.reason } : {}), expiresAt: body.expires_at ?? null }, actor)
+      return { entry: denyJson(entry), updated }
+    },
     list: async (includeExpired) => (await service.list({ includeExpired })).map(denyJson),
     remove: async (id) => denyJson(await service.remove(id, actor)),
   }
@@ -56,9 +60,12 @@ export function localDenyOperations(runtime: Runtime, actor: Actor): { ops: Deny
 }
 
 export function remoteDenyOperations(baseUrl: string, token: string): DenyOperations {
-  const { call } = adminClient(baseUrl, token, { checkWith: '`keygate deny-list list`' })
+  const { call, exchange } = adminClient(baseUrl, token, { checkWith: '`keygate deny-list list`' })
   return {
-    add: (body) => call('POST', '/v1/deny-list', body),
+    add: async (body) => {
+      const { status, json } = await exchange<DenyJson>('POST', '/v1/deny-list', body)
+      return { entry: json, updated: status === 200 }
+    },
     list: async (includeExpired) => (await call<{ items: DenyJson[] }>('GET', `/v1/deny-list${includeExpired ? '?include_expired=true' : ''}`, undefined, ['items'])).items,
     remove: (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(id)}`))}`),
   }
@@ -86,7 +93,7 @@ const until = (at: string | null) => (at === null ? 'never' : at)
 
 export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
   add: {
-    summary: 'refuse an address or range at the gateway',
+    summary: 'refuse an address or range at the gateway (a range listed already: its expiry and reason are updated)',
     usage: 'keygate deny-list add CIDR [--reason TEXT] [--expires-in 1h | --expires-at TIME] [--json]',
     options: { reason: { type: 'string' }, 'expires-in': { type: 'string' }, 'expires-at': { type: 'string' } },
     positionals: { min: 1, max: 1 },
@@ -95,11 +102,12 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
       const body = { cidr: p.positionals[0] as string, ...(str(p, 'reason') !== undefined ? { reason: str(p, 'reason') as string } : {}), ...(expires !== undefined ? { expires_at: expires } : {}) }
       checkFlags(AddDenyBody, body, { cidr: 'CIDR', expires_at: '--expires-at' })
       return async (ctx) => {
-        const e = await ctx.ops.add(body)
+        const { entry: e, updated } = await ctx.ops.add(body)
         printDone(() => {
-          if (ctx.json) printJson(ctx.io, e)
+          if (ctx.json) printJson(ctx.io, { ...e, updated })
+          else if (updated) ctx.io.out(`Updated ${e.cidr} (entry ${e.id}, already listed): denied until ${until(e.expires_at)}.\n`)
           else ctx.io.out(`Denied ${e.cidr} (entry ${e.id}) until ${until(e.expires_at)}.\n`)
-        }, `${e.cidr} was added to the deny list (entry ${e.id})`)
+        }, `${e.cidr} was ${updated ? 'updated on' : 'added to'} the deny list (entry ${e.id})`)
         return EXIT_OK
       }
     },

@@ -5,7 +5,7 @@
 import ipaddr from 'ipaddr.js'
 import { Type } from '@sinclair/typebox'
 import type { Db } from './db.ts'
-import { sqlState, UNDEFINED_TABLE, UNIQUE_VIOLATION } from './db.ts'
+import { sqlState, UNDEFINED_TABLE } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import './formats.ts'
@@ -26,6 +26,7 @@ export interface DenyEntry extends DenyRange {
   createdAt: Date
 }
 
+/** `added` also for an entry updated (saved again with another expiry or reason): it replaces the one of the same id. */
 export type DenyChange = { action: 'added' | 'removed'; entry: DenyEntry }
 
 export interface DenyInput {
@@ -134,7 +135,19 @@ export class DenyListService {
     }
   }
 
+  /** Adds an entry, or updates the one listed for the same range (see save). */
   async add(input: DenyInput, actor: Actor): Promise<DenyEntry> {
+    return (await this.save(input, actor)).entry
+  }
+
+  /**
+   * Adds an entry; for a range already listed (in force), updates that entry instead and says so
+   * (`updated`): its expiry becomes the one given (none given: never, as an add), its reason the
+   * one given (none given: kept), its id and creation stay; audited as deny_list.updated with the
+   * values before. Before, found by a review, the range was a conflict, and an expiry could be
+   * changed only by removing the entry and adding it again, the address open in between.
+   */
+  async save(input: DenyInput, actor: Actor): Promise<{ entry: DenyEntry; updated: boolean }> {
     const audit = this.#requireAudit()
     const cidr = typeof input.cidr === 'string' ? normaliseCidr(input.cidr) : undefined
     if (!cidr) throw fieldInvalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
@@ -148,24 +161,31 @@ export class DenyListService {
       if (expiresAt <= now) throw fieldInvalid('expires_at', 'is in the past')
     }
     const id = randomBase62(16)
-    let entry: DenyEntry
-    try {
-      entry = await this.#db.transaction(async (tx) => {
-        // An expired entry for the same range is history, not a conflict.
-        await tx.query('DELETE FROM deny_list WHERE cidr = $1 AND expires_at IS NOT NULL AND expires_at <= $2', [cidr, now])
-        const rows = await tx.query<DenyRow>(
-          'INSERT INTO deny_list (id, cidr, reason, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, cidr, reason, created_by, created_at, expires_at',
-          [id, cidr, input.reason ?? null, actor.actor, now, expiresAt],
-        )
+    const columns = 'id, cidr, reason, created_by, created_at, expires_at'
+    const saved = await this.#db.transaction(async (tx) => {
+      // An expired entry for the same range is history, not the entry to update.
+      await tx.query('DELETE FROM deny_list WHERE cidr = $1 AND expires_at IS NOT NULL AND expires_at <= $2', [cidr, now])
+      // Another add of the same range committing meanwhile: its row is then the one updated.
+      const inserted = await tx.query<DenyRow>(
+        `INSERT INTO deny_list (${columns}) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cidr) DO NOTHING RETURNING ${columns}`,
+        [id, cidr, input.reason ?? null, actor.actor, now, expiresAt],
+      )
+      if (inserted[0]) {
         await audit.write(tx, actor, { action: 'deny_list.added', details: { id, cidr, reason: input.reason ?? null, expires_at: expiresAt?.toISOString() ?? null } })
-        return toEntry(rows[0] as DenyRow)
+        return { entry: toEntry(inserted[0]), updated: false }
+      }
+      const held = (await tx.query<DenyRow>(`SELECT ${columns} FROM deny_list WHERE cidr = $1 FOR UPDATE`, [cidr]))[0]
+      if (!held) throw new KeygateError('conflict', `${cidr} was added and removed by others meanwhile; add it again`, { cidr })
+      const reason = input.reason === undefined ? held.reason : input.reason
+      const rows = await tx.query<DenyRow>(`UPDATE deny_list SET reason = $2, expires_at = $3 WHERE id = $1 RETURNING ${columns}`, [held.id, reason, expiresAt])
+      await audit.write(tx, actor, {
+        action: 'deny_list.updated',
+        details: { id: held.id, cidr, reason, expires_at: expiresAt?.toISOString() ?? null, previous: { reason: held.reason, expires_at: held.expires_at?.toISOString() ?? null } },
       })
-    } catch (err) {
-      if (sqlState(err) === UNIQUE_VIOLATION) throw new KeygateError('conflict', `${cidr} is already on the deny list`, { cidr }, { cause: err })
-      throw err
-    }
-    this.#emit({ action: 'added', entry })
-    return entry
+      return { entry: toEntry(rows[0] as DenyRow), updated: true }
+    })
+    this.#emit({ action: 'added', entry: saved.entry })
+    return saved
   }
 
   async remove(id: string, actor: Actor): Promise<DenyEntry> {

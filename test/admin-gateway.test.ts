@@ -54,9 +54,21 @@ await forEachStore(t, async (t, store) => {
     t.equal(blocked.status, 403, 'refused from the next request on')
     t.equal(blocked.json.error.code, 'ip_blocked')
     t.ok((await h.call('GET', '/v1/deny-list')).json.items.some((e: { id: string }) => e.id === added.json.id))
-    const dup = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1/32' } })
-    t.equal(dup.status, 409)
-    t.equal(dup.json.error.code, 'conflict')
+    // The same range again updates its entry (before, found by a review: 409 conflict, and an
+    // expiry could be changed only by removing the entry, the address open until it was added again).
+    const later = new Date(Date.now() + 3_600_000).toISOString()
+    const beforeUpdate = await h.auditRows()
+    const again = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1/32', expires_at: later } })
+    t.equal(again.status, 200, 'answered 200, not 201: updated')
+    t.match(again.json, { id: added.json.id, cidr: '127.0.0.1', reason: 'test', created_at: added.json.created_at, expires_at: later }, 'the same entry, its reason kept, the new expiry')
+    t.equal((await h.auditRows()) - beforeUpdate, 1, 'one audit row')
+    const updatedRow = (await h.call('GET', '/v1/audit?action=deny_list.updated')).json.items[0]
+    t.match(updatedRow, { actor: `key:${h.adminKeyId}`, details: { id: added.json.id, cidr: '127.0.0.1', reason: 'test', expires_at: later, previous: { reason: 'test', expires_at: null } } }, 'audited with the values before')
+    t.equal((await h.through('/x', bearer(k.key))).status, 403, 'still refused')
+    const forever = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1', reason: 'again' } })
+    t.equal(forever.status, 200)
+    t.match(forever.json, { id: added.json.id, reason: 'again', expires_at: null }, 'no expiry given: never, as an add; the reason given')
+    t.equal((await h.call('GET', '/v1/deny-list')).json.items.filter((e: { cidr: string }) => e.cidr === '127.0.0.1').length, 1, 'one entry for the range')
     const bad = await h.call('POST', '/v1/deny-list', { body: { cidr: '300.1.1.1', expires_at: 'tomorrow', colour: 1 } })
     t.equal(bad.status, 400)
     t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['cidr', 'colour', 'expires_at'])
@@ -69,7 +81,7 @@ await forEachStore(t, async (t, store) => {
     const rows = await store.db.query<{ action: string; actor: string; address: string }>(`SELECT action, actor, address FROM api_key_audit_log WHERE action LIKE 'deny_list.%' ORDER BY created_at DESC LIMIT 2`)
     t.same(rows, [
       { action: 'deny_list.removed', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
-      { action: 'deny_list.added', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
+      { action: 'deny_list.updated', actor: `key:${h.adminKeyId}`, address: '127.0.0.1' },
     ], 'the admin key and its address are the actor')
     t.equal((await h.through('/x', bearer(k.key))).status, 200, 'accepted again from the next request on')
     const gone = await h.call('DELETE', `/v1/deny-list/${added.json.id}`)
@@ -77,10 +89,12 @@ await forEachStore(t, async (t, store) => {
     t.equal(gone.json.error.code, 'deny_entry_not_found')
 
     // 3 s: the POST (a write and its audit row) and a request must come within it.
-    const brief = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.0/8', expires_at: new Date(Date.now() + 3000).toISOString() } })
+    // Added for an hour, then shortened to 3 s: the gateway follows the new expiry.
+    const brief = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.0/8', expires_at: new Date(Date.now() + 3_600_000).toISOString() } })
     t.equal(brief.status, 201)
     t.equal((await h.through('/x', bearer(k.key))).status, 403, 'a range applies')
-    await until(t, 'an entry stops applying at its expiry', async () => (await h.through('/x', bearer(k.key))).status === 200, 10_000)
+    t.equal((await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.0/8', expires_at: new Date(Date.now() + 3000).toISOString() } })).status, 200)
+    await until(t, 'an entry stops applying at its expiry, as updated', async () => (await h.through('/x', bearer(k.key))).status === 200, 10_000)
     t.notOk((await h.call('GET', '/v1/deny-list')).json.items.some((e: { id: string }) => e.id === brief.json.id), 'expired entries are not listed')
     t.ok((await h.call('GET', '/v1/deny-list?include_expired=true')).json.items.some((e: { id: string }) => e.id === brief.json.id), 'unless asked for')
     t.equal((await h.call('GET', '/v1/deny-list?include_expired=maybe')).status, 400)

@@ -17,10 +17,10 @@ const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 t.test('deny-list on the store opened here: add, list, refuse what is wrong, remove by id or by address', async (t) => {
   const cwd = tempDir()
   const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
-  const added = await runCli(['deny-list', 'add', '10.1.2.3/8', '--reason', 'scanner', '--expires-in', '1h', '--json'], { cwd, env })
+  const added = await runCli(['deny-list', 'add', '10.0.0.0/8', '--reason', 'scanner', '--expires-in', '1h', '--json'], { cwd, env })
   t.equal(added.code, 0, added.stderr)
   const entry = added.json()
-  t.match(entry, { cidr: '10.0.0.0/8', reason: 'scanner', created_by: /^cli:/, expires_at: /^\d{4}-/ }, 'stored normalised, with the reason and the expiry')
+  t.match(entry, { cidr: '10.0.0.0/8', reason: 'scanner', created_by: /^cli:/, expires_at: /^\d{4}-/, updated: false }, 'stored, with the reason and the expiry')
   const v6 = await runCli(['deny-list', 'add', '2001:db8::7'], { cwd, env })
   t.equal(v6.code, 0)
   t.match(v6.stdout, /^Denied 2001:db8::7 \(entry \w+\) until never\.\n$/, 'a human line')
@@ -32,10 +32,14 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   t.match(list.stdout, /2001:db8::7 +never/)
   t.same((await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items.map((e: { cidr: string }) => e.cidr), ['10.0.0.0/8', '2001:db8::7'], 'oldest first')
 
-  // Refused: the same range again (exit 1), what is no range or no date (exit 2, naming it).
-  const again = await runCli(['deny-list', 'add', '10.0.0.0/8', '--json'], { cwd, env })
-  t.equal(again.code, 1)
-  t.match(again.json().error, { code: 'conflict', message: '10.0.0.0/8 is already on the deny list' })
+  // The same range again, written another way: its entry updated, the reason kept, the expiry the
+  // one given (before, found by a review: refused as a conflict, exit 1).
+  const again = await runCli(['deny-list', 'add', '::ffff:10.0.0.0/104', '--expires-in', '2h', '--json'], { cwd, env })
+  t.equal(again.code, 0, again.stderr)
+  t.match(again.json(), { id: entry.id, cidr: '10.0.0.0/8', reason: 'scanner', updated: true })
+  t.ok(Date.parse(again.json().expires_at) - Date.parse(entry.expires_at) > 3_000_000, 'an hour later')
+  t.match((await runCli(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { cwd, env })).stdout, /^Updated 2001:db8::7 \(entry \w+, already listed\): denied until \d{4}-\d\d-\d\dT/, 'a human line')
+  // Refused: what is no range or no date (exit 2, naming it).
   for (const [args, why] of [
     [['deny-list', 'add', 'bogus'], /^keygate: CIDR: "bogus" is not allowed; expected an IPv4 or IPv6 address or CIDR range/],
     [['deny-list', 'add', '10.0.0.0/8', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed/],
@@ -112,6 +116,8 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
   t.equal(denied.code, 0, denied.stderr)
   t.equal(denied.json().created_by, 'token', 'made as the admin credential (the bootstrap token)')
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 403, 'refused at once')
+  const extended = await runCli(['deny-list', 'add', '127.0.0.1', '--expires-in', '1h'], { cwd, env })
+  t.match(extended.stdout, /^Updated 127\.0\.0\.1 \(entry \w+, already listed\): denied until \d{4}-/, 'the same address again through the admin API: updated (its 200)')
   t.equal((await runCli(['deny-list', 'remove', '127.0.0.1'], { cwd, env })).code, 0)
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200, 'let in again')
 

@@ -1,6 +1,6 @@
 // POST /v1/deny-list: refuse an address or range at the gateway, from the next request on.
 import { AddDenyBody } from '../../core/deny-list.ts'
-import { defineOperation } from '../operation.ts'
+import { defineOperation, OtherStatus } from '../operation.ts'
 import { DenyEntrySchema, denyJson } from '../schemas.ts'
 
 export default defineOperation({
@@ -8,14 +8,16 @@ export default defineOperation({
   method: 'POST',
   path: '/v1/deny-list',
   tag: 'deny list',
-  summary: 'Add a deny list entry',
-  description: 'The address or range is stored normalised (IPv4-mapped IPv6 as IPv4, a range as its network). An entry for a range already listed is a conflict.',
+  summary: 'Add a deny list entry, or update the one for that range',
+  description:
+    'The address or range is stored normalised (IPv4-mapped IPv6 as IPv4, a range as its network). A range already listed is updated, not added again: its `expires_at` becomes the one given (omitted or null: never), its `reason` the one given (omitted: kept), its id and `created_at` stay; answered 200 instead of 201, audited as deny_list.updated.',
   body: AddDenyBody,
   bodyExample: { cidr: '192.0.2.0/24', reason: 'scanner' },
   response: { status: 201, description: 'The entry was added.', schema: DenyEntrySchema },
+  otherStatus: { status: 200, description: 'The range was listed already: its entry was updated.' },
   errors: ['validation_failed', 'conflict'],
   async handle({ body, actor, services }) {
-    const entry = await services.denyList.add({ cidr: body.cidr, reason: body.reason ?? null, expiresAt: body.expires_at ?? null }, actor)
-    return denyJson(entry)
+    const { entry, updated } = await services.denyList.save({ cidr: body.cidr, ...(body.reason !== undefined ? { reason: body.reason } : {}), expiresAt: body.expires_at ?? null }, actor)
+    return updated ? new OtherStatus(denyJson(entry)) : denyJson(entry)
   },
 })
