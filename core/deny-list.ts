@@ -8,7 +8,7 @@ import type { Db } from './db.ts'
 import { sqlState, UNDEFINED_TABLE } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
-import './formats.ts'
+import { hostBitsProblem } from './formats.ts'
 import { characterCount, PRINTABLE, refuseKeyIn } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange } from './keys/evaluate.ts'
@@ -47,7 +47,7 @@ interface DenyRow {
 /** What an entry is added with: the admin API's body, and the CLI's flags checked against it. */
 export const AddDenyBody = Type.Object(
   {
-    cidr: Type.String({ format: 'cidr', description: 'IPv4 or IPv6 address or CIDR range.' }),
+    cidr: Type.String({ format: 'deny-cidr', description: 'IPv4 or IPv6 address or CIDR range, a range written as its network (host bits set are refused, naming the network they would cover).' }),
     reason: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()])),
     expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'It stops applying then; omit or null for never.' })),
   },
@@ -151,6 +151,8 @@ export class DenyListService {
     const audit = this.#requireAudit()
     const cidr = typeof input.cidr === 'string' ? normaliseCidr(input.cidr) : undefined
     if (!cidr) throw fieldInvalid('cidr', 'expected an IPv4 or IPv6 address or CIDR range such as 192.0.2.0/24 or 2001:db8::/32')
+    const hostBits = hostBitsProblem(input.cidr)
+    if (hostBits !== undefined) throw fieldInvalid('cidr', hostBits)
     if (input.reason != null && (typeof input.reason !== 'string' || characterCount(input.reason) > 500)) throw fieldInvalid('reason', 'expected a string of at most 500 characters')
     refuseKeyIn({ reason: input.reason })
     const now = this.#now()

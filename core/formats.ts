@@ -57,6 +57,31 @@ export function isCidrOrAddress(value: string): boolean {
 }
 
 /**
+ * The network a range written with host bits set covers (`10.1.2.3/8` covers `10.0.0.0/8`), in
+ * its normal form; undefined for a range written as its network, an address alone, or no range.
+ */
+export function coveredNetwork(value: string): string | undefined {
+  const range = parseRange(value.trim())
+  if (!range) return undefined
+  const [addr, bits] = range
+  if (bits === (addr.kind() === 'ipv4' ? 32 : 128)) return undefined
+  const network = addr.kind() === 'ipv4' ? ipaddr.IPv4.networkAddressFromCIDR(`${addr.toString()}/${bits}`) : ipaddr.IPv6.networkAddressFromCIDR(`${addr.toString()}/${bits}`)
+  return network.toString() === addr.toString() ? undefined : `${network.toString()}/${bits}`
+}
+
+/**
+ * Why a deny list range is refused when written with host bits set: it would deny the whole
+ * network, where the admin may have meant one address (before, found by a review, `10.1.2.3/8`
+ * was stored as 10.0.0.0/8 without a word).
+ */
+export function hostBitsProblem(value: string): string | undefined {
+  const network = coveredNetwork(value)
+  if (network === undefined) return undefined
+  const address = value.trim().slice(0, value.trim().indexOf('/'))
+  return `has host bits set: as a range it covers the whole network ${network}; write ${network} to deny that network, or ${address} alone to deny the one address`
+}
+
+/**
  * What the lockout routes and commands take: one address, or an IPv6 network as `GET /v1/lockouts`
  * lists one (`2001:db8:1:2::/64`: IPv6 clients are counted per network). Whether the network is
  * the size the lockouts count by is the server's to say (lockoutAddress in admin/schemas.ts).
@@ -143,6 +168,12 @@ function isApiKeyHeader(value: string): boolean {
  */
 const FORMATS: Record<string, [check: (v: string) => boolean, words: string, more?: { detail?: string; why?: (v: string) => string | undefined }]> = {
   cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32', { detail: `${ADDRESS_DETAIL} A range is ADDRESS/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros; an address alone is one address (/32, /128).` }],
+  // The deny list's (config and store): a range as its network, so what is denied is what is written.
+  'deny-cidr': [
+    (v) => isCidrOrAddress(v) && coveredNetwork(v) === undefined,
+    'an IPv4 or IPv6 address, or a CIDR range written as its network address, such as 10.0.0.0/8 or 2001:db8::/32',
+    { detail: `${ADDRESS_DETAIL} A range is NETWORK/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros, and without host bits (\`10.1.2.3/8\` is refused, naming 10.0.0.0/8); an address alone is one address (/32, /128).`, why: hostBitsProblem },
+  ],
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7', { detail: `${ADDRESS_DETAIL} No range (/BITS).` }],
   'lockout-address': [isLockoutAddress, 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7, or an IPv6 network as the lockouts list it, such as 2001:db8:1:2::/64', { detail: `${ADDRESS_DETAIL} IPv6 clients are locked out per network (\`rate_limits.ipv6_prefix_bits\`): any address in it, or the network itself, names its lockout.` }],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],

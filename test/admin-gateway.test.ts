@@ -69,6 +69,10 @@ await forEachStore(t, async (t, store) => {
     t.equal(forever.status, 200)
     t.match(forever.json, { id: added.json.id, reason: 'again', expires_at: null }, 'no expiry given: never, as an add; the reason given')
     t.equal((await h.call('GET', '/v1/deny-list')).json.items.filter((e: { cidr: string }) => e.cidr === '127.0.0.1').length, 1, 'one entry for the range')
+    // Host bits set: refused, naming the network (before, found by a review: stored as that network without a word).
+    const hostBits = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1/8' } })
+    t.equal(hostBits.status, 400)
+    t.match(hostBits.json.error, { code: 'validation_failed', details: { fields: [{ field: 'cidr', message: /has host bits set: as a range it covers the whole network 127\.0\.0\.0\/8; write 127\.0\.0\.0\/8 to deny that network, or 127\.0\.0\.1 alone/ }] } })
     const bad = await h.call('POST', '/v1/deny-list', { body: { cidr: '300.1.1.1', expires_at: 'tomorrow', colour: 1 } })
     t.equal(bad.status, 400)
     t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['cidr', 'colour', 'expires_at'])

@@ -39,16 +39,17 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   t.match(again.json(), { id: entry.id, cidr: '10.0.0.0/8', reason: 'scanner', updated: true })
   t.ok(Date.parse(again.json().expires_at) - Date.parse(entry.expires_at) > 3_000_000, 'an hour later')
   t.match((await runCli(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { cwd, env })).stdout, /^Updated 2001:db8::7 \(entry \w+, already listed\): denied until \d{4}-\d\d-\d\dT/, 'a human line')
-  // Refused: what is no range or no date (exit 2, naming it).
+  // Refused: what is no range or no date, or a range with host bits set (exit 2, naming it).
   for (const [args, why] of [
-    [['deny-list', 'add', 'bogus'], /^keygate: CIDR: "bogus" is not allowed; expected an IPv4 or IPv6 address or CIDR range/],
+    [['deny-list', 'add', '10.1.2.3/8'], /^keygate: CIDR: "10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 to deny that network, or 10\.1\.2\.3 alone to deny the one address/],
+    [['deny-list', 'add', 'bogus'], /^keygate: CIDR: "bogus" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address/],
     [['deny-list', 'add', '10.0.0.0/8', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed/],
     [['deny-list', 'add'], /missing argument\nusage: keygate deny-list add CIDR/],
     [['deny-list', 'remove', '10.0.0.999'], /is neither an entry's id nor an address or range/],
     [['deny-list', 'list', 'x'], /unexpected argument "x"/],
   ] as const) {
     // Each in this process through the command line's entry; the first also as the real process.
-    for (const r of [await runCliHere([...args], { env }), ...(args[2] === 'bogus' ? [await runCli([...args], { cwd, env })] : [])]) {
+    for (const r of [await runCliHere([...args], { env }), ...(args[2] === 'bogus' || args[2] === '10.1.2.3/8' ? [await runCli([...args], { cwd, env })] : [])]) {
       t.equal(r.code, 2, `${args.join(' ')}: a usage error`)
       t.match(r.stderr, why)
     }
@@ -118,6 +119,7 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 403, 'refused at once')
   const extended = await runCli(['deny-list', 'add', '127.0.0.1', '--expires-in', '1h'], { cwd, env })
   t.match(extended.stdout, /^Updated 127\.0\.0\.1 \(entry \w+, already listed\): denied until \d{4}-/, 'the same address again through the admin API: updated (its 200)')
+  t.match((await runCli(['deny-list', 'add', '127.0.0.1/8'], { cwd, env })).stderr, /has host bits set: as a range it covers the whole network 127\.0\.0\.0\/8/, 'host bits refused before the admin API is asked')
   t.equal((await runCli(['deny-list', 'remove', '127.0.0.1'], { cwd, env })).code, 0)
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200, 'let in again')
 

@@ -252,7 +252,15 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ gateway: { listen: 'localhost' } }), ['gateway.listen: "localhost" is not allowed; expected host:port, such as 0.0.0.0:8080 or [::1]:8080'])
   t.same(spelled({ log: { level: 'verbose' } }), ['log.level: "verbose" is not allowed; expected one of debug, info, warn, error'])
   t.same(spelled({ keys: { accept_legacy: 'yes' } }), ['keys.accept_legacy: "yes" is not allowed; expected true or false'])
-  t.same(spelled({ deny_list: ['192.0.2.0/24', '300.1.1.1'] }), ['deny_list[1]: "300.1.1.1" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32'])
+  t.same(spelled({ deny_list: ['192.0.2.0/24', '300.1.1.1'] }), ['deny_list[1]: "300.1.1.1" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address, such as 10.0.0.0/8 or 2001:db8::/32'])
+  // Host bits set: the entry would deny the whole network, where one address may have been meant
+  // (before, found by a review: loaded as 10.0.0.0/8 without a word). Ranges that allow are not the deny list's.
+  t.same(spelled({ deny_list: ['10.1.2.3/8', '2001:db8::7/32', '::ffff:10.1.2.3/104'] }), [
+    'deny_list[0]: "10.1.2.3/8" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 to deny that network, or 10.1.2.3 alone to deny the one address',
+    'deny_list[1]: "2001:db8::7/32" has host bits set: as a range it covers the whole network 2001:db8::/32; write 2001:db8::/32 to deny that network, or 2001:db8::7 alone to deny the one address',
+    'deny_list[2]: "::ffff:10.1.2.3/104" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 to deny that network, or ::ffff:10.1.2.3 alone to deny the one address',
+  ])
+  t.same(spelled({ gateway: { trusted_proxies: ['10.1.2.3/8'] } }), [], 'trusted_proxies keeps its reading')
   // ipaddr.js alone reads these as other addresses (10.1 is 10.0.0.1, 3221225985 is 192.0.2.1,
   // 010.0.0.1 is 8.0.0.1): an operator who blocks "192.168.1" means a /24, not 192.168.0.1.
   for (const short of ['192.168.1', '10.1', '3221225985', '010.0.0.1', '0x7f.0.0.1', '10.0.0.0/08', '10.0.0.0/+8', '10.0.0.0/33', '2001:db8::/129', '::ffff:0x0a.0.0.1', '::ffff:010.0.0.1', '::ffff:010.0.0.0/104']) {
