@@ -47,7 +47,7 @@ interface DenyRow {
 /** What an entry is added with: the admin API's body, and the CLI's flags checked against it. */
 export const AddDenyBody = Type.Object(
   {
-    cidr: Type.String({ format: 'deny-cidr', description: 'IPv4 or IPv6 address or CIDR range, a range written as its network (host bits set are refused, naming the network they would cover).' }),
+    cidr: Type.String({ format: 'cidr', description: 'IPv4 or IPv6 address or CIDR range, a range written as its network (host bits set are refused, naming the network they would cover).' }),
     reason: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()])),
     expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'It stops applying then; omit or null for never.' })),
   },

@@ -70,15 +70,16 @@ export function coveredNetwork(value: string): string | undefined {
 }
 
 /**
- * Why a deny list range is refused when written with host bits set: it would deny the whole
- * network, where the admin may have meant one address (before, found by a review, `10.1.2.3/8`
- * was stored as 10.0.0.0/8 without a word).
+ * Why a range is refused when written with host bits set, wherever keygate reads one (the deny
+ * list, a key's allowed_cidrs, trusted_proxies, webhooks.allow_private): it would cover the whole
+ * network, where the admin may have meant one address, denying, letting in or trusting more than
+ * written (before, found by a review, `10.1.2.3/8` was taken as 10.0.0.0/8 without a word).
  */
 export function hostBitsProblem(value: string): string | undefined {
   const network = coveredNetwork(value)
   if (network === undefined) return undefined
   const address = value.trim().slice(0, value.trim().indexOf('/'))
-  return `has host bits set: as a range it covers the whole network ${network}; write ${network} to deny that network, or ${address} alone to deny the one address`
+  return `has host bits set: as a range it covers the whole network ${network}; write ${network} for that network, or ${address} alone for the one address`
 }
 
 /**
@@ -167,9 +168,8 @@ function isApiKeyHeader(value: string): boolean {
  * `why` (why a value that matches the words is refused all the same).
  */
 const FORMATS: Record<string, [check: (v: string) => boolean, words: string, more?: { detail?: string; why?: (v: string) => string | undefined }]> = {
-  cidr: [isCidrOrAddress, 'an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32', { detail: `${ADDRESS_DETAIL} A range is ADDRESS/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros; an address alone is one address (/32, /128).` }],
-  // The deny list's (config and store): a range as its network, so what is denied is what is written.
-  'deny-cidr': [
+  // A range as its network, so what is denied, let in or trusted is what is written.
+  cidr: [
     (v) => isCidrOrAddress(v) && coveredNetwork(v) === undefined,
     'an IPv4 or IPv6 address, or a CIDR range written as its network address, such as 10.0.0.0/8 or 2001:db8::/32',
     { detail: `${ADDRESS_DETAIL} A range is NETWORK/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros, and without host bits (\`10.1.2.3/8\` is refused, naming 10.0.0.0/8); an address alone is one address (/32, /128).`, why: hostBitsProblem },

@@ -355,7 +355,7 @@ export class DenyMatcher {
     if (hit === undefined) {
       const a = parseAddress(address)
       // An IPv6 range wider than /96 that holds the IPv4-mapped block (`::/0`, `::/80`,
-      // `::ffff:0:0/95`) holds every IPv4 address as `::ffff:a.b.c.d`, the form keygate reads as
+      // `::fffe:0:0/95`) holds every IPv4 address as `::ffff:a.b.c.d`, the form keygate reads as
       // IPv4: a deny list reads it so, the stricter way (a key's bindings and trusted_proxies,
       // lists of what is allowed, read such a range as IPv6 only, also the stricter way).
       hit = a !== undefined && ((a.kind() === 'ipv4' && this.#index.everyIpv4 > 0) || this.#index.has(a))

@@ -72,7 +72,7 @@ await forEachStore(t, async (t, store) => {
     // Host bits set: refused, naming the network (before, found by a review: stored as that network without a word).
     const hostBits = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1/8' } })
     t.equal(hostBits.status, 400)
-    t.match(hostBits.json.error, { code: 'validation_failed', details: { fields: [{ field: 'cidr', message: /has host bits set: as a range it covers the whole network 127\.0\.0\.0\/8; write 127\.0\.0\.0\/8 to deny that network, or 127\.0\.0\.1 alone/ }] } })
+    t.match(hostBits.json.error, { code: 'validation_failed', details: { fields: [{ field: 'cidr', message: /has host bits set: as a range it covers the whole network 127\.0\.0\.0\/8; write 127\.0\.0\.0\/8 for that network, or 127\.0\.0\.1 alone/ }] } })
     const bad = await h.call('POST', '/v1/deny-list', { body: { cidr: '300.1.1.1', expires_at: 'tomorrow', colour: 1 } })
     t.equal(bad.status, 400)
     t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['cidr', 'colour', 'expires_at'])

@@ -164,29 +164,39 @@ await forEachStore(t, async (t, store) => {
     t.same((await auditOf(h, k.id))[0]?.details, { changed: ['expires_at'], expires_at: '2099-07-01T00:00:00.500Z' }, 'the audit row holds the date as answers give it')
   })
 
-  await t.test("allowed_cidrs are kept and answered as the ranges they match, in the deny list's spelling: create, update, import, the CLI through the API (found by a review)", async (t) => {
-    // Before: kept as written, so a key answered `10.1.2.3/8` where the gateway matched 10.0.0.0/8.
-    const written = ['10.1.2.3/8', '::ffff:10.0.0.0/104', '2001:DB8:0:0::/32', 'fe80::1%eth0/64', '192.0.2.7/32', '::1/128']
+  await t.test("allowed_cidrs are kept and answered as the ranges they match, in the deny list's spelling, and a range with host bits is refused: create, update, import, the CLI through the API (found by a review)", async (t) => {
+    // Before: kept as written, so `2001:DB8::/32` and `2001:db8::/32` were two bindings, and a key
+    // answered `10.1.2.3/8` where the gateway let in all of 10.0.0.0/8.
+    const written = ['10.0.0.0/8', '::ffff:10.0.0.0/104', '2001:DB8:0:0::/32', 'fe80::%eth0/64', '192.0.2.7/32', '::1/128']
     const kept = ['10.0.0.0/8', '2001:db8::/32', 'fe80::/64', '192.0.2.7', '::1']
     const made = (await h.call('POST', '/v1/keys', { body: { name: 'bound', type: 'service', allowed_cidrs: written } })).json
-    t.same(made.allowed_cidrs, kept, 'created: each as its range, once (10.1.2.3/8 and ::ffff:10.0.0.0/104 are one)')
+    t.same(made.allowed_cidrs, kept, 'created: each as its range, once (10.0.0.0/8 and ::ffff:10.0.0.0/104 are one)')
     t.same((await h.call('GET', `/v1/keys/${made.id}`)).json.allowed_cidrs, kept, 'read back so')
     t.same((await auditOf(h, made.id))[0]?.details?.allowed_cidrs, kept, 'and audited so')
     t.ok((await h.keys.validate(made.key, { address: '10.200.0.1' })).valid, 'what the gateway matches is unchanged: all of 10.0.0.0/8')
     t.notOk((await h.keys.validate(made.key, { address: '11.0.0.1' })).valid)
 
     await writes(t, h, 0, 'the same ranges written otherwise', () => h.call('PATCH', `/v1/keys/${made.id}`, { body: { allowed_cidrs: written } }))
-    const updated = await writes(t, h, 1, 'update', () => h.call('PATCH', `/v1/keys/${made.id}`, { body: { allowed_cidrs: ['2001:DB8::7/120', '198.51.100.9/24'] } }))
+    const updated = await writes(t, h, 1, 'update', () => h.call('PATCH', `/v1/keys/${made.id}`, { body: { allowed_cidrs: ['2001:DB8::/120', '198.51.100.0/24'] } }))
     t.same(updated.json.allowed_cidrs, ['2001:db8::/120', '198.51.100.0/24'], 'updated')
     t.same((await auditOf(h, made.id))[0]?.details, { changed: ['allowed_cidrs'], allowed_cidrs: ['2001:db8::/120', '198.51.100.0/24'] }, 'and audited so')
 
     const remote = remoteOperations(h.url, h.adminKey)
-    t.same((await remote.create({ name: 'bound by the CLI', type: 'user', allowed_cidrs: ['172.16.5.4/12'] })).record.allowedCidrs, ['172.16.0.0/12'], 'keygate api-key create through the API')
-    const [imported] = await remote.importLegacy([{ key_hash: sha256(randomUUID()), name: 'legacy bound', allowed_cidrs: ['192.0.2.77/24', '192.0.2.0/24'] }], undefined)
+    t.same((await remote.create({ name: 'bound by the CLI', type: 'user', allowed_cidrs: ['172.16.0.0/12'] })).record.allowedCidrs, ['172.16.0.0/12'], 'keygate api-key create through the API')
+    const [imported] = await remote.importLegacy([{ key_hash: sha256(randomUUID()), name: 'legacy bound', allowed_cidrs: ['192.0.2.0/24', '::ffff:192.0.2.0/120'] }], undefined)
     t.same(imported?.allowedCidrs, ['192.0.2.0/24'], 'imported')
 
+    // Host bits: the whole network would be let in where one address may have been meant.
+    const hostBits = /^"10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 for that network, or 10\.1\.2\.3 alone for the one address/
+    const refused = await writes(t, h, 0, 'a create with host bits', () => h.call('POST', '/v1/keys', { body: { name: 'host bits', type: 'user', allowed_cidrs: ['192.0.2.7', '10.1.2.3/8'] } }))
+    t.equal(refused.status, 400)
+    t.match(refused.json.error.details.fields, [{ field: 'allowed_cidrs[1]', message: hostBits }], 'refused, naming the network and the item')
+    const patched = await writes(t, h, 0, 'an update with host bits', () => h.call('PATCH', `/v1/keys/${made.id}`, { body: { allowed_cidrs: ['10.1.2.3/8'] } }))
+    t.match(patched.json.error.details.fields, [{ field: 'allowed_cidrs[0]', message: hostBits }], 'an update too')
+    t.same((await h.call('GET', `/v1/keys/${made.id}`)).json.allowed_cidrs, ['2001:db8::/120', '198.51.100.0/24'], 'the key keeps its bindings')
+
     const octal = await h.call('POST', '/v1/keys', { body: { name: 'octal', type: 'user', allowed_cidrs: ['010.0.0.1'] } })
-    t.match(octal.json.error.details.fields, [{ field: 'allowed_cidrs[0]', message: /^"010\.0\.0\.1" is not allowed; expected an IPv4 or IPv6 address or CIDR range/ }], 'a form other readers take for another address is still refused, and named')
+    t.match(octal.json.error.details.fields, [{ field: 'allowed_cidrs[0]', message: /^"010\.0\.0\.1" is not allowed; expected an IPv4 or IPv6 address/ }], 'a form other readers take for another address is still refused, and named')
   })
 
   await t.test('revoke', async (t) => {

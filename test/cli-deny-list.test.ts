@@ -41,7 +41,7 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   t.match((await runCli(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { cwd, env })).stdout, /^Updated 2001:db8::7 \(entry \w+, already listed\): denied until \d{4}-\d\d-\d\dT/, 'a human line')
   // Refused: what is no range or no date, or a range with host bits set (exit 2, naming it).
   for (const [args, why] of [
-    [['deny-list', 'add', '10.1.2.3/8'], /^keygate: CIDR: "10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 to deny that network, or 10\.1\.2\.3 alone to deny the one address/],
+    [['deny-list', 'add', '10.1.2.3/8'], /^keygate: CIDR: "10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 for that network, or 10\.1\.2\.3 alone for the one address/],
     [['deny-list', 'add', 'bogus'], /^keygate: CIDR: "bogus" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address/],
     [['deny-list', 'add', '10.0.0.0/8', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed/],
     [['deny-list', 'add'], /missing argument\nusage: keygate deny-list add CIDR/],

@@ -481,10 +481,13 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
   }
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'no key was made')
 
-  // Kept as the range it matches, as through the admin API (test/admin-keys.test.ts).
-  const made = await runCli([...create, '--cidrs', '10.1.2.3/8', '--scopes', 'read', '--json'], { cwd, env })
+  // Host bits refused, a range kept in its one spelling, as through the admin API (test/admin-keys.test.ts).
+  const hostBits = await runCli([...create, '--cidrs', '10.1.2.3/8', '--scopes', 'read', '--json'], { cwd, env })
+  t.equal(hostBits.code, 2, '--cidrs 10.1.2.3/8 is a usage error')
+  t.match(hostBits.stderr, /"10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8/)
+  const made = await runCli([...create, '--cidrs', '::ffff:10.0.0.0/104', '--scopes', 'read', '--json'], { cwd, env })
   t.equal(made.code, 0)
-  t.same(made.json().allowed_cidrs, ['10.0.0.0/8'], '--cidrs 10.1.2.3/8 is kept as 10.0.0.0/8')
+  t.same(made.json().allowed_cidrs, ['10.0.0.0/8'], '--cidrs ::ffff:10.0.0.0/104 is kept as 10.0.0.0/8')
   const id = made.json().id as string
   for (const value of ['', ' ', '10.0.0.0/8,']) {
     const r = value === '' ? await runCli(['api-key', 'update', id, '--cidrs', value], { cwd, env }) : await runCliHere(['api-key', 'update', id, '--cidrs', value], { env })

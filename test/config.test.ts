@@ -253,18 +253,21 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ log: { level: 'verbose' } }), ['log.level: "verbose" is not allowed; expected one of debug, info, warn, error'])
   t.same(spelled({ keys: { accept_legacy: 'yes' } }), ['keys.accept_legacy: "yes" is not allowed; expected true or false'])
   t.same(spelled({ deny_list: ['192.0.2.0/24', '300.1.1.1'] }), ['deny_list[1]: "300.1.1.1" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address, such as 10.0.0.0/8 or 2001:db8::/32'])
-  // Host bits set: the entry would deny the whole network, where one address may have been meant
-  // (before, found by a review: loaded as 10.0.0.0/8 without a word). Ranges that allow are not the deny list's.
+  // Host bits set: the entry would deny (trust, allow) the whole network, where one address may
+  // have been meant (before, found by a review: loaded as 10.0.0.0/8 without a word).
   t.same(spelled({ deny_list: ['10.1.2.3/8', '2001:db8::7/32', '::ffff:10.1.2.3/104'] }), [
-    'deny_list[0]: "10.1.2.3/8" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 to deny that network, or 10.1.2.3 alone to deny the one address',
-    'deny_list[1]: "2001:db8::7/32" has host bits set: as a range it covers the whole network 2001:db8::/32; write 2001:db8::/32 to deny that network, or 2001:db8::7 alone to deny the one address',
-    'deny_list[2]: "::ffff:10.1.2.3/104" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 to deny that network, or ::ffff:10.1.2.3 alone to deny the one address',
+    'deny_list[0]: "10.1.2.3/8" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 for that network, or 10.1.2.3 alone for the one address',
+    'deny_list[1]: "2001:db8::7/32" has host bits set: as a range it covers the whole network 2001:db8::/32; write 2001:db8::/32 for that network, or 2001:db8::7 alone for the one address',
+    'deny_list[2]: "::ffff:10.1.2.3/104" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 for that network, or ::ffff:10.1.2.3 alone for the one address',
   ])
-  t.same(spelled({ gateway: { trusted_proxies: ['10.1.2.3/8'] } }), [], 'trusted_proxies keeps its reading')
+  t.same(spelled({ gateway: { trusted_proxies: ['10.0.0.0/8', '10.1.2.3/8'] }, webhooks: { allow_private: ['fd00::1/8'] } }), [
+    'gateway.trusted_proxies[1]: "10.1.2.3/8" has host bits set: as a range it covers the whole network 10.0.0.0/8; write 10.0.0.0/8 for that network, or 10.1.2.3 alone for the one address',
+    'webhooks.allow_private[0]: "fd00::1/8" has host bits set: as a range it covers the whole network fd00::/8; write fd00::/8 for that network, or fd00::1 alone for the one address',
+  ], 'and in every list of ranges')
   // ipaddr.js alone reads these as other addresses (10.1 is 10.0.0.1, 3221225985 is 192.0.2.1,
   // 010.0.0.1 is 8.0.0.1): an operator who blocks "192.168.1" means a /24, not 192.168.0.1.
   for (const short of ['192.168.1', '10.1', '3221225985', '010.0.0.1', '0x7f.0.0.1', '10.0.0.0/08', '10.0.0.0/+8', '10.0.0.0/33', '2001:db8::/129', '::ffff:0x0a.0.0.1', '::ffff:010.0.0.1', '::ffff:010.0.0.0/104']) {
-    t.same(spelled({ gateway: { trusted_proxies: [short] } }), [`gateway.trusted_proxies[0]: "${short}" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32`], `${short} is refused`)
+    t.same(spelled({ gateway: { trusted_proxies: [short] } }), [`gateway.trusted_proxies[0]: "${short}" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address, such as 10.0.0.0/8 or 2001:db8::/32`], `${short} is refused`)
   }
   t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0', '::ffff:10.0.0.1'] }), [], 'the usual forms pass')
   t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
@@ -878,7 +881,7 @@ t.test('KEYGATE_TRUSTED_PROXIES is a comma-separated list', async (t) => {
   const file = yamlFile(t, { gateway: { trusted_proxies: ['172.16.0.0/12'] } })
   t.same(loadConfig({ file, env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8' } }).gateway.trusted_proxies, ['10.0.0.0/8'], 'the variable replaces the file list')
   t.same(problemsOf({ env: { KEYGATE_TRUSTED_PROXIES: '10.0.0.0/8,not-a-cidr' } }).problems, [
-    'KEYGATE_TRUSTED_PROXIES (gateway.trusted_proxies[1]): "not-a-cidr" is not allowed; expected an IPv4 or IPv6 address or CIDR range such as 10.0.0.0/8 or 2001:db8::/32',
+    'KEYGATE_TRUSTED_PROXIES (gateway.trusted_proxies[1]): "not-a-cidr" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address, such as 10.0.0.0/8 or 2001:db8::/32',
   ])
 })
 

@@ -113,8 +113,8 @@ t.test('gateway.api_key_header refuses the names HTTP or keygate use for somethi
 })
 
 t.test('a deny range of IPv6 that holds the IPv4-mapped block denies IPv4 clients too', async (t) => {
-  // Before: ::ffff:0:0/95 was listed, and ::ffff:203.0.113.77 (read as 203.0.113.77) passed.
-  const h = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] }, deny_list: ['::ffff:0:0/95'] } })
+  // Before: ::fffe:0:0/95 was listed, and ::ffff:203.0.113.77 (read as 203.0.113.77) passed.
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1'] }, deny_list: ['::fffe:0:0/95'] } })
   const k = await h.key()
   for (const xff of ['203.0.113.77', '::ffff:203.0.113.77', '::fffe:0:1']) {
     t.equal((await h.get('/', { ...bearer(k.key), 'x-forwarded-for': xff })).status, 403, `${xff} is inside the range`)

@@ -35,14 +35,14 @@ const Metadata = Type.Record(Type.String(), Type.Unknown(), { description: `Free
 const Cidrs = Type.Array(Type.String({ format: 'cidr' }), {
   maxItems: 100,
   description:
-    'The key is only accepted from these addresses (empty: from anywhere). Kept and answered each once, as the range it matches, in the deny list\'s one spelling: `10.1.2.3/8` as `10.0.0.0/8`, `::ffff:10.0.0.0/104` as `10.0.0.0/8`, IPv6 in lower case and compressed, without a zone id, one address without `/32` or `/128`.',
+    'The key is only accepted from these addresses (empty: from anywhere). A range is written as its network (`10.1.2.3/8` is refused, naming 10.0.0.0/8). Kept and answered each once, in the deny list\'s one spelling: `::ffff:10.0.0.0/104` as `10.0.0.0/8`, IPv6 in lower case and compressed, without a zone id, one address without `/32` or `/128`.',
 })
 
 /**
  * A body with its allowed_cidrs as the key keeps them (the schema has checked each): in the deny
- * list's one spelling (normaliseCidr), each once, in the order given. Before (found by a review),
- * kept as written, so a key answered `10.1.2.3/8` for what the gateway matches as `10.0.0.0/8`,
- * and `2001:DB8::/32` and `2001:db8::/32` were two bindings.
+ * list's one spelling (normaliseCidr), each once, in the order given (the schema refuses host
+ * bits). Before (found by a review), kept as written, so `2001:DB8::/32` and `2001:db8::/32` were
+ * two bindings.
  */
 export function withNormalCidrs<T extends { allowed_cidrs?: string[] }>(body: T): T {
   if (body.allowed_cidrs === undefined) return body
