@@ -248,12 +248,66 @@ class Insured implements Limiter {
 const CLUSTER_GATE: Gate = { up: true, timeoutMs: CLUSTER_TIMEOUT_MS, down: () => {} }
 
 /**
- * Keys one memory limiter keeps counts for at least: past it the least recently counted are
- * forgotten first (their windows start afresh). quick-lru holds up to twice its maxSize (the
- * recent keys and the generation before them), about 250 bytes each, so a memory limiter holds
- * at most about 50 MB.
+ * Counts one memory limiter keeps at most: past it the count that began first is forgotten (its
+ * key's window starts afresh). About 200 bytes each, so a memory limiter holds at most about
+ * 20 MB, and far less where its counts end sooner than that many others begin.
  */
 export const MEMORY_MAX_KEYS = 100_000
+
+/** Ended entries a write drops, at most: more than it adds, so they never pile up, and never a long pause. */
+const SWEEP = 8
+
+/**
+ * A Map of entries that end, in the order they began, holding `max` at most: each `begin` drops
+ * up to SWEEP ended entries from the front, and past `max` the first. Where entries last alike
+ * (one limiter's windows, one lockout window) the first to begin is the first to end, so ended
+ * entries go within a few writes of their end, and what is held is what has not ended, or the
+ * `max` that began last. Before, quick-lru held ended entries until `max` others had come after
+ * them, and up to twice `max` (its two generations): a flood of bad keys from distinct addresses
+ * kept 200,000 counts of the per-address limit, each of which had ended 2 s after it began
+ * (found by a review of memory under such a flood: a part of 1.3 GB RSS).
+ */
+export class EndingMap<V> extends Map<string, V> {
+  readonly #max: number
+  readonly #endOf: (value: V) => number | null
+
+  /** `endOf`: when an entry ends (epoch ms), null for never. */
+  constructor(max: number, endOf: (value: V) => number | null) {
+    super()
+    this.#max = max
+    this.#endOf = endOf
+  }
+
+  /** The entry of `key`, unless it has ended (it is then dropped). */
+  live(key: string, now = Date.now()): V | undefined {
+    const value = this.get(key)
+    if (value === undefined) return undefined
+    const end = this.#endOf(value)
+    if (end === null || end > now) return value
+    this.delete(key)
+    return undefined
+  }
+
+  /** Puts `value` for `key` as an entry that begins now, behind every other. */
+  begin(key: string, value: V, now = Date.now()): void {
+    this.delete(key)
+    let swept = 0
+    for (const [first, held] of this) {
+      const end = this.#endOf(held)
+      if (swept++ === SWEEP || (end !== null && end > now)) break
+      this.delete(first)
+      // One that never ends goes behind the others, so those that do are still reached.
+      if (end === null) super.set(first, held)
+    }
+    super.set(key, value)
+    if (this.size > this.#max) for (const first of this.keys()) return void this.delete(first)
+  }
+
+  override set(key: string, value: V): this {
+    this.begin(key, value)
+    return this
+  }
+}
 
 /** A count as rate-limiter-flexible's MemoryStorage keeps it (its `dump()` reads `value` and `expiresAt`). */
 interface Count {
@@ -264,19 +318,17 @@ interface Count {
 
 /**
  * RateLimiterMemory's store (incrby, set, get, delete: the fixed window that starts with a
- * key's first point) in a quick-lru of MEMORY_MAX_KEYS keys. rate-limiter-flexible's own keeps
- * every key, with a timer each, for its whole window and has no bound: a flood of bad keys from
- * distinct addresses held about 650 bytes an address for the lockout's 15 minutes (378 MB after
- * 220,000 requests). Here an ended count is dropped when it is next looked at, or pushed out by
- * newer ones, without a timer.
+ * key's first point) in an EndingMap of MEMORY_MAX_KEYS counts. rate-limiter-flexible's own
+ * keeps every key, with a timer each, for its whole window and has no bound: a flood of bad keys
+ * from distinct addresses held about 650 bytes an address for the lockout's 15 minutes (378 MB
+ * after 220,000 requests). Here an ended count is dropped when it is next looked at, or within a
+ * few counts begun after its end, without a timer.
  */
 class BoundedStorage {
-  // MEMORY_MAX_KEYS keys at least, the most recently counted (at maxSize / 2, a count was
-  // forgotten after 50,000 other keys, where 100,000 were promised; found by a review).
-  readonly _storage = new QuickLRU<string, Count>({ maxSize: MEMORY_MAX_KEYS })
+  readonly _storage = new EndingMap<Count>(MEMORY_MAX_KEYS, (c) => c.expiresAt)
 
   incrby(key: string, value: number, durationS: number): RateLimiterRes {
-    const count = this._storage.get(key)
+    const count = this._storage.live(key)
     if (count === undefined) return this.set(key, value, durationS)
     count.value += value
     return new RateLimiterRes(0, count.expiresAt === null ? -1 : count.expiresAt - Date.now(), count.value, false)
@@ -284,13 +336,13 @@ class BoundedStorage {
 
   set(key: string, value: number, durationS: number): RateLimiterRes {
     const ms = durationS * 1000
-    if (ms > 0) this._storage.set(key, { value, expiresAt: Date.now() + ms }, { maxAge: ms })
-    else this._storage.set(key, { value, expiresAt: null })
+    const now = Date.now()
+    this._storage.begin(key, { value, expiresAt: ms > 0 ? now + ms : null }, now)
     return new RateLimiterRes(0, ms === 0 ? -1 : ms, value, true)
   }
 
   get(key: string): RateLimiterRes | null {
-    const count = this._storage.get(key)
+    const count = this._storage.live(key)
     return count === undefined ? null : new RateLimiterRes(0, count.expiresAt === null ? -1 : count.expiresAt - Date.now(), count.value, false)
   }
 

@@ -128,11 +128,10 @@ t.test('an attempt from an address whose lockout the memory mirror dropped is le
 })
 
 t.test('a flood of failures from distinct addresses past the memory limiter\'s cap leaves the lockout working for recent addresses', async (t) => {
-  // The counts live in a store of at most MEMORY_MAX_KEYS keys (test/limiters.test.ts counts them).
-  // Its quick-lru moves its keys to the older generation at the MEMORY_MAX_KEYS-th, and forgets
-  // none before twice as many: 1,000 more are past the cap as 50,000 more were (150,000 failures
-  // took 5 s of CPU alone, nearly 20 s in a loaded full run, each a chain of promises that tap's
-  // async hooks see). The counts of the lockout's own mirror are past its cap (as many) too.
+  // The counts live in a store of at most MEMORY_MAX_KEYS keys (test/limiters.test.ts counts them):
+  // 1,000 more are past its cap (150,000 failures took 5 s of CPU alone, nearly 20 s in a loaded
+  // full run, each a chain of promises that tap's async hooks see). The counts of the lockout's
+  // own mirror are past its cap (as many) too.
   const lockout = createLockout({ maxAttempts: 2, windowS: 60 })
   const flood = MEMORY_MAX_KEYS + 1000
   for (let i = 0; i < flood; i++) await lockout.recordFailure(`10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`)
