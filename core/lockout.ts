@@ -33,7 +33,7 @@ import { TimedOut, within } from './deadline.ts'
 import { KeygateError } from './errors.ts'
 import { redisHealth } from './redis.ts'
 import { parseAddress } from './keys/evaluate.ts'
-import { createLimiter, forgetKey, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
+import { createLimiter, EndingMap, forgetKey, INSURANCE, secondsFrom, type Limiter, type RateLimiterRes } from './limiters.ts'
 import type { Logger } from './log.ts'
 
 export const LOCKOUT_KEY_PREFIX = 'keygate:lockout'
@@ -115,6 +115,8 @@ export interface Lockout {
   inForce(): Array<`lock:${number}:${string}`>
   /** The lockouts in force here: [address key, end (epoch ms)] (GET /v1/lockouts). */
   held(): Array<[string, number]>
+  /** How many addresses' failures this process holds (at most MIRROR_MAX, ended counts included). */
+  counting(): number
 }
 
 export interface LockoutOptions {
@@ -170,11 +172,14 @@ export function createLockout(options: LockoutOptions): Lockout {
   // The failures counted per address (the limiter's answer to the last one, shared through Redis
   // or the cluster primary), kept for as long as the limiter keeps them; and the attempts in
   // doubt here, with those waiting for a place.
-  const counted = new QuickLRU<string, Count>({ maxSize: MIRROR_MAX })
+  // In the order they were last counted, at most MIRROR_MAX, each dropped soon after its window
+  // ends (before, found by a review of memory under a flood of bad keys from distinct addresses,
+  // a quick-lru held up to twice MIRROR_MAX, each in a wrapper of its own: 165 bytes an address).
+  const counted = new EndingMap<Count>(MIRROR_MAX, (c) => c.until)
   const doubt = new Map<string, { n: number; waiting: Array<(lockedS: number | undefined) => void> }>()
   // With none in doubt one always may: nothing else would ever let a waiting one in (the count
   // may say locked out while the lockout's mirror has dropped it; the limiter then judges).
-  const mayStart = (addressKey: string, inDoubt: number) => inDoubt === 0 || inDoubt + (counted.get(addressKey)?.count ?? 0) < maxAttempts
+  const mayStart = (addressKey: string, inDoubt: number) => inDoubt === 0 || inDoubt + (counted.live(addressKey)?.count ?? 0) < maxAttempts
 
   // The failures of an address are counted one after another: `count` raises the store's count to
   // what this process knows, and a raise judged from an answer given before another's raise had
@@ -190,7 +195,7 @@ export function createLockout(options: LockoutOptions): Lockout {
    * `restore` writes the insurance's), and a failure counted twice locks the address out early.
    */
   const count = async (addressKey: string): Promise<{ r: RateLimiterRes; reached: boolean }> => {
-    const known = counted.get(addressKey)?.count ?? 0
+    const known = counted.live(addressKey)?.count ?? 0
     let r = await limiter.penalty(addressKey, 1)
     let reached = crosses(r, 1)
     if (r.consumedPoints <= known) {
@@ -198,7 +203,7 @@ export function createLockout(options: LockoutOptions): Lockout {
       r = await limiter.penalty(addressKey, more)
       reached ||= crosses(r, more)
     }
-    if (r.msBeforeNext > 0) counted.set(addressKey, { count: r.consumedPoints, until: Date.now() + r.msBeforeNext, insured: limiter.answeredBy?.(r) === INSURANCE }, { maxAge: r.msBeforeNext })
+    if (r.msBeforeNext > 0) counted.begin(addressKey, { count: r.consumedPoints, until: Date.now() + r.msBeforeNext, insured: limiter.answeredBy?.(r) === INSURANCE })
     return { r, reached }
   }
   // Whether the `added` points of `r` took the count from below the limit to it or past it: a
@@ -475,6 +480,9 @@ export function createLockout(options: LockoutOptions): Lockout {
     },
     held() {
       return inForce(Date.now())
+    },
+    counting() {
+      return counted.size
     },
   }
   return lockout

@@ -322,6 +322,7 @@ t.test('a stage that throws is answered 500 internal_error, without its detail, 
     load: () => real.load(),
     inForce: () => real.inForce(),
     held: () => real.held(),
+    counting: () => real.counting(),
     reload: () => real.reload(),
   }
   const h = await startGateway(t, { lockout })

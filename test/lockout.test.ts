@@ -143,6 +143,16 @@ t.test('a flood of failures from distinct addresses past the memory limiter\'s c
   await lockout.recordFailure(fresh)
   await lockout.recordFailure(fresh)
   t.equal(lockout.lockedFor(fresh), 60, 'and so do two of a new one')
+  // Before, found by a review of memory under a flood of bad keys, a quick-lru of up to twice as many.
+  t.equal(lockout.counting(), MEMORY_MAX_KEYS, `the failures of ${MEMORY_MAX_KEYS} addresses are held, no more (the lockout's own cap, as large)`)
+})
+
+t.test("an address's failures are dropped soon after their window ends, not held until others push them out", async (t) => {
+  const lockout = createLockout({ maxAttempts: 5, windowS: 1 })
+  for (let i = 0; i < 1000; i++) await lockout.recordFailure(`10.1.${i >> 8}.${i & 255}`)
+  await sleep(1100)
+  for (let i = 0; i < 1000; i++) await lockout.recordFailure(`10.2.${i >> 8}.${i & 255}`)
+  t.equal(lockout.counting(), 1000, 'only the addresses whose window has not ended are held')
 })
 
 t.test('the failure that locks an address out is answered while Redis answers nothing (its publish is not waited for)', async (t) => {
