@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, nodeHttp, rawError } from '../core/http.ts'
+import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 import { clipped } from '../core/validate.ts'
 
@@ -146,6 +146,9 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     // Every answer says it is the admin API's: the CLI takes no other server's JSON for one (the
     // gateway, given the admin key, would pass /v1/stats on to its upstream).
     res.setHeader(ADMIN_MARK, '1')
+    // Closed (a shutdown): the answer closes the connection, as the gateway's do, rather than
+    // offer a keep-alive the drain would end under the client.
+    if (!server.listening) res.shouldKeepAlive = false
     // RFC 9112 §3.2: more than one Host is a 400 (as at the gateway); joined, the lines hold a comma.
     if (req.headers.host?.includes(',')) {
       sendError(res, 'bad_request', requestId, 'Host is repeated; send one Host header', undefined, { connection: 'close' })
@@ -257,6 +260,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     // too slow for requestTimeout an empty 400 where it is 408 request_timeout).
     answerClientError(socket, () => rawError(socket, clientErrorCode(err), newRequestId(), { [ADMIN_MARK]: '1', 'x-content-type-options': 'nosniff' }))
   })
+  trackConnections(server)
   return server
 }
 

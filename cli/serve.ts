@@ -12,7 +12,7 @@ import { deepFreeze, hideConfigSecrets, loadConfig, unknownEnvNames } from '../c
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
-import { destroyConnections, nodeHttp, trackConnections } from '../core/http.ts'
+import { closeWaiting, destroyConnections, HEAD_GRACE_MS, nodeHttp } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
@@ -195,7 +195,6 @@ function createServer(tls: TlsSource | undefined, options: http.ServerOptions): 
   // The handshake has the time the headers have: a client that connects and sends nothing is cut
   // then, as on plain HTTP (Node's own 120 s did not end such a connection here).
   const server = https.createServer({ ...options, handshakeTimeout: options.headersTimeout ?? 10_000, ...tls.pair })
-  trackConnections(server as unknown as http.Server)
   tls.onRenewal((pair) => server.setSecureContext(pair))
   return server as unknown as http.Server
 }
@@ -691,18 +690,22 @@ function logStopped(log: Logger): void {
 }
 
 /**
- * Stops a listener: no new connections, idle ones closed, requests in flight given until
- * `timeoutMs`, then every connection still open is ended (TLS ones still in their handshake too).
+ * Stops a listener: no new connections, idle ones closed, as are those without a whole request
+ * head (see closeWaiting), requests in flight given until `timeoutMs`, then every connection still
+ * open is ended (TLS ones still in their handshake too).
  */
 async function closeServer(server: http.Server | undefined, timeoutMs: number): Promise<void> {
   if (!server?.listening) return
   let deadline: NodeJS.Timeout | undefined
+  let stopClosing = () => {}
   await new Promise<void>((resolve) => {
     server.close(() => resolve())
     server.closeIdleConnections()
+    stopClosing = closeWaiting(server, Math.min(HEAD_GRACE_MS, timeoutMs))
     deadline = setTimeout(() => destroyConnections(server), timeoutMs)
   })
   clearTimeout(deadline)
+  stopClosing()
 }
 
 /** `gatewayTls`: a worker's certificate, from its primary (otherwise the gateway's files are read). */

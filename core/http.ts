@@ -202,27 +202,80 @@ export function hostName(host: string): string {
   return colon > host.lastIndexOf(']') ? host.slice(0, colon) : host
 }
 
-const tracked = new WeakMap<Server, Set<Socket>>()
+/** The raw connections of each tracked server, each with the socket HTTP is spoken on (the TLS one over it, once its handshake is done). */
+const tracked = new WeakMap<Server, Map<Socket, Duplex>>()
+/** Sockets handed to a server's 'upgrade' or 'connect' listener: no longer HTTP's (a WebSocket tunnel). */
+const taken = new WeakSet<Duplex>()
+
+/**
+ * How long a connection part-way through a request head (or a TLS handshake) at a shutdown has to
+ * finish it: a head arrives within a round trip or two, and one finished in time is a request
+ * like any other. Then the connection is closed (`closeWaiting`).
+ */
+export const HEAD_GRACE_MS = 1000
 
 /**
  * Keeps the raw connections of `server`, from their first byte: `closeAllConnections` reaches
  * only those the HTTP layer has taken over, so a TLS connection still in its handshake (a client
  * that connected and sent nothing) would hold a shutdown open for as long as the client liked.
+ * Called once the server's own listeners are on: the connections handed to its 'upgrade' and
+ * 'connect' listeners are noted through those events, if it listens to them (a listener added
+ * where it had none would change what Node does with such a request).
  */
 export function trackConnections(server: Server): void {
   if (tracked.has(server)) return
-  const sockets = new Set<Socket>()
-  tracked.set(server, sockets)
+  const connections = new Map<Socket, Duplex>()
+  tracked.set(server, connections)
+  // A TLS connection's HTTP socket is made over the TCP one by Node, which does not hand the two
+  // out together: they are paired by the client's address and port while the handshake lasts.
+  const tls = typeof (server as Server & { setSecureContext?: unknown }).setSecureContext === 'function'
+  const handshaking = new Map<string, Socket>()
+  const peer = (socket: Duplex) => `${(socket as Socket).remoteAddress} ${(socket as Socket).remotePort}`
   server.on('connection', (socket: Socket) => {
-    sockets.add(socket)
-    socket.once('close', () => sockets.delete(socket))
+    connections.set(socket, socket)
+    const key = tls ? peer(socket) : ''
+    if (tls) handshaking.set(key, socket)
+    socket.once('close', () => {
+      connections.delete(socket)
+      if (tls && handshaking.get(key) === socket) handshaking.delete(key)
+    })
   })
+  if (tls) {
+    server.on('secureConnection', (socket: Duplex) => {
+      const key = peer(socket)
+      const raw = handshaking.get(key)
+      if (raw === undefined) return
+      handshaking.delete(key)
+      if (connections.has(raw)) connections.set(raw, socket)
+    })
+  }
+  for (const event of ['upgrade', 'connect'] as const) if (server.listenerCount(event) > 0) server.on(event, (req: IncomingMessage) => taken.add(req.socket))
+}
+
+/**
+ * At a shutdown, once `server` no longer accepts: ends its connections that hold no request. One
+ * whose client has sent nothing is ended now, as an idle keep-alive one is; one part-way through a
+ * request head or a TLS handshake is given `graceMs` to finish it, and ended then if it has not
+ * (one answered and closing on its own is left to end). Returns what stops the wait.
+ */
+export function closeWaiting(server: Server, graceMs: number): () => void {
+  const connections = tracked.get(server)
+  if (connections === undefined) return () => {}
+  for (const socket of connections.keys()) if (socket.bytesRead === 0) socket.destroy()
+  const timer = setTimeout(() => {
+    for (const http of connections.values()) {
+      // A response not yet finished is a request in flight (as in afterResponses).
+      const answering = (http as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
+      if (!answering && !taken.has(http) && !http.writableEnded) http.destroy()
+    }
+  }, graceMs)
+  return () => clearTimeout(timer)
 }
 
 /** Ends every connection of `server` now: the HTTP ones, and (when tracked) those still in their TLS handshake. */
 export function destroyConnections(server: Server): void {
   server.closeAllConnections()
-  for (const socket of tracked.get(server) ?? []) socket.destroy()
+  for (const socket of tracked.get(server)?.keys() ?? []) socket.destroy()
 }
 
 /**

@@ -30,7 +30,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { afterResponses, answerClientError, clientErrorCode, closingError, destroyConnections, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
+import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, HEAD_GRACE_MS, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import { keyChallenges, logAccess, loggedPath, record, sendError, socketAddress } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
@@ -269,7 +269,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
   // One more than allowed, so "too many" can be seen (Node silently drops header lines past this count).
   server.maxHeadersCount = g.max_headers + 1
-  trackConnections(server)
 
   // The request of each body being read: a parser error inside it (a malformed chunk, the
   // client's end part-way) is that request's, counted and logged once under its route and id.
@@ -393,6 +392,8 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       rawError(socket, code, id)
     })
   })
+
+  trackConnections(server)
 
   /**
    * A request's body the parser gave up on, before its answer began. The client's end part-way
@@ -533,6 +534,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       await stopSubscription?.()
       const closed = new Promise<boolean>((resolve) => server.close(() => resolve(true)))
       server.closeIdleConnections()
+      const stopClosing = closeWaiting(server, Math.min(HEAD_GRACE_MS, timeoutMs))
       // Connections become idle as their last response ends; close them as they do.
       const sweep = setInterval(() => server.closeIdleConnections(), 25)
       let deadline: NodeJS.Timeout | undefined
@@ -542,6 +544,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       const clean = await Promise.race([closed, timedOut])
       clearInterval(sweep)
       clearTimeout(deadline)
+      stopClosing()
       // Tunnels are still held to their checks while the others drain.
       guard.stop()
       if (clean) {

@@ -7,6 +7,7 @@ import { Agent, request, WebSocket } from 'undici'
 import { createLogger } from '../core/log.ts'
 import { ACTOR, bearer, listen, metric, sleep, startGateway, unlessHung, until } from './helpers/gateway.ts'
 import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
+import { rawClient } from './helpers/serve.ts'
 
 t.test('WebSocket with and without a key', async (t) => {
   const seen: http.IncomingHttpHeaders[] = []
@@ -291,6 +292,21 @@ t.test('graceful shutdown: in-flight requests finish, new ones are refused', asy
     t.equal(r.text, `done /slow/${i}`)
   }
   t.equal(await unlessHung(stopped), 'returned', 'shutdown returned once the in-flight requests were done: it waited neither for the idle keep-alive connection nor for its deadline')
+})
+
+t.test('graceful shutdown: a connection part-way through a request head is closed after the grace, an open WebSocket tunnel is not', async (t) => {
+  const h = await startGateway(t)
+  h.upstream.server.on('upgrade', (req, socket, _head) => acceptWebSocket(req, socket))
+  const k = await h.key({ name: 'ws at shutdown' })
+  const tunnel = await openWebSocket(`ws://127.0.0.1:${h.port}/socket`, bearer(k.key))
+  t.equal(await tunnel.echo('before'), 'before')
+  const partial = rawClient(h.url, 'GET / HT')
+  await sleep(100)
+  const stopped = h.gateway.shutdown(600_000).then(() => 'returned')
+  t.equal(await unlessHung(partial.closed), '', 'the head never finished is closed, unanswered, once its grace is over')
+  t.equal(await tunnel.echo('after'), 'after', 'the tunnel, handed over like a request in flight, still carries its frames then')
+  tunnel.ws.close()
+  t.equal(await unlessHung(stopped), 'returned', 'and the shutdown ends once it is closed')
 })
 
 t.test('graceful shutdown: the deadline force-closes what is left', async (t) => {

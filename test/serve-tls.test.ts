@@ -7,13 +7,12 @@ import { execFileSync } from 'node:child_process'
 import { randomBytes, X509Certificate } from 'node:crypto'
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import https from 'node:https'
-import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { TLSSocket } from 'node:tls'
+import { connect as connectTls, type TLSSocket } from 'node:tls'
 import { runCli } from './helpers/cli.ts'
-import { startUpstream } from './helpers/gateway.ts'
-import { isolatedEnv, serve } from './helpers/serve.ts'
+import { heldUpstream, startUpstream, unlessHung } from './helpers/gateway.ts'
+import { isolatedEnv, rawClient, serve } from './helpers/serve.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { freshDatabase } from './helpers/stores.ts'
 
@@ -112,39 +111,47 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
   t.equal(await s.stop(), 0, 'SIGTERM: exit 0')
 })
 
-/** A TCP connection that sends nothing; resolves `closed` when the server ends it. */
-function silent(url: string): { closed: Promise<void>; socket: net.Socket } {
-  const { hostname, port } = new URL(url)
-  const socket = net.connect(Number(port), hostname)
-  socket.on('error', () => {})
-  return { socket, closed: new Promise((resolve) => socket.once('close', () => resolve())) }
-}
-
-t.test('a client that connects over TLS and sends nothing is cut at the header timeout, and does not hold a shutdown open', async (t) => {
+t.test('a client that connects over TLS and sends nothing is cut at the header timeout, and does not hold a shutdown open; nor does one part-way through its handshake or its request head', async (t) => {
   const c = certificate('silent')
   const config = join(dir, 'silent.yaml')
   const tls = `tls: { cert: ${JSON.stringify(c.cert)}, key: ${JSON.stringify(c.key)} }`
+  const { upstream, arrived: slowArrived, release } = await heldUpstream(t)
   const env = (headersMs: number) => {
-    writeFileSync(config, `gateway:\n  headers_timeout_ms: ${headersMs}\n  shutdown_timeout_ms: 500\n  ${tls}\nadmin:\n  ${tls}\n`)
-    return isolatedEnv({ KEYGATE_DATA_DIR: join(dir, `silent-store-${headersMs}`), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
+    writeFileSync(config, `gateway:\n  headers_timeout_ms: ${headersMs}\n  shutdown_timeout_ms: ${headersMs}\n  ${tls}\nadmin:\n  ${tls}\n`)
+    return isolatedEnv({ KEYGATE_DATA_DIR: join(dir, `silent-store-${headersMs}`), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
   }
   await seedDataDir(join(dir, 'silent-store-1000'))
   await seedDataDir(join(dir, 'silent-store-600000'))
 
   // Before: still open after 150 s (Node's own handshake timeout, 120 s, never ended it).
   const quick = await serve(t, { env: env(1000) })
-  const idle = silent(quick.gateway)
-  await idle.closed
+  await rawClient(quick.gateway).closed
   t.pass('the gateway closed a silent connection (its header timeout is 1 s)')
   t.equal(await quick.stop(), 0)
 
-  // Before: SIGTERM logged "stopped" at its deadline and the process lived on while the client held on.
+  // Before: SIGTERM logged "stopped" at its deadline and the process lived on while the client
+  // held on; then (found by a review) each held the stop until that deadline (600 s here).
+  const created = await runCli(['api-key', 'create', '--name', 'held', '--type', 'service', '--json'], { env: env(600_000) })
   const held = await serve(t, { env: env(600_000) })
-  const clients = [silent(held.gateway), silent(held.admin)]
+  const gateway = held.gateway.replace('http:', 'https:')
+  const inFlight = get(`${gateway}/slow`, new https.Agent({ ca: readFileSync(c.cert) }), { authorization: `Bearer ${(created.json() as { key: string }).key}` })
+  await slowArrived
+  const silent = [rawClient(held.gateway), rawClient(held.admin)]
+  // Half a ClientHello; a handshake done and half a request line.
+  const handshaking = rawClient(held.gateway, '\x16\x03\x01\x02\x00\x01')
+  const heading = connectTls(Number(new URL(gateway).port), { ca: readFileSync(c.cert) })
+  heading.on('error', () => {})
+  await new Promise((resolve) => heading.once('secureConnect', resolve))
+  heading.write('GET /healthz HT')
+  const headingClosed = new Promise((resolve) => heading.once('close', resolve))
   await new Promise((resolve) => setTimeout(resolve, 200))
-  t.equal(await held.stop(), 0, 'SIGTERM ends the process although neither client ever sent a byte')
-  await Promise.all(clients.map((c) => c.closed))
-  t.pass('both connections were closed by the server')
+  held.child.kill('SIGTERM')
+  t.same(await Promise.all(silent.map((c) => unlessHung(c.closed))), ['', ''], 'SIGTERM closes both silent connections, unanswered')
+  t.equal(await unlessHung(handshaking.closed), '', 'and one part-way through its handshake')
+  t.not(await unlessHung(headingClosed), 'still waiting', 'and one part-way through its request head')
+  release()
+  t.equal((await inFlight).status, 200, 'while the request in flight, over TLS too, is answered')
+  t.equal(await held.exited, 0)
 })
 
 t.test('--workers with TLS: the primary reloads the gateway certificate for every worker, and a replacement gets the pair in use, not a half-renewed file', async (t) => {

@@ -11,8 +11,8 @@ import net from 'node:net'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { runCli } from './helpers/cli.ts'
-import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
-import { answerOf, call, startUpstream, type Tap } from './helpers/gateway.ts'
+import { connectionPerWorker, isolatedEnv, rawClient, serve as startKeygate } from './helpers/serve.ts'
+import { answerOf, call, sleep, startUpstream, unlessHung, type Tap } from './helpers/gateway.ts'
 import { adminClient, freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
@@ -418,6 +418,22 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
   const shutting = serve.logs.findIndex((l) => l.message === 'shutting down workers')
   t.ok(shutting >= 0, 'it shut its workers down')
   t.notOk(serve.logs.slice(shutting).some((l) => l.message === 'gateway listening'), 'and started none after')
+})
+
+t.test('--workers: SIGTERM closes the connections without a whole request head, on the workers and the primary, and exits', async (t) => {
+  // Before (found by a review): each held the stop until the header timeout or the shutdown
+  // deadline (600 s here), as a request in flight would.
+  const { cwd, env, upstream } = await workersSetUp(t, 'silent', 0)
+  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  headers_timeout_ms: 600000\n  shutdown_timeout_ms: 600000\n')
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  // Eight silent ones: the kernel spreads them over the two workers.
+  const gateway = [...Array.from({ length: 8 }, () => rawClient(serve.gateway)), rawClient(serve.gateway, 'GET / HT'), rawClient(serve.gateway, 'GET / HT')]
+  const admin = [rawClient(serve.admin), rawClient(serve.admin, 'GET /healthz HT')]
+  await sleep(200)
+  serve.child.kill('SIGTERM')
+  t.equal(await unlessHung(serve.exited), 0, 'exit 0')
+  t.same(await Promise.all(gateway.map((c) => unlessHung(c.closed))), gateway.map(() => ''), "the workers closed theirs, unanswered")
+  t.same(await Promise.all(admin.map((c) => unlessHung(c.closed))), admin.map(() => ''), "the primary's admin listener too")
 })
 
 t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound, and leaves no worker behind', async (t) => {

@@ -10,8 +10,8 @@ import { join } from 'node:path'
 import { request } from 'undici'
 import { openDb } from '../core/db.ts'
 import { KEYGATE_BIN, childEnv, runCli, runCliHere, capturedStderr, spawnClean } from './helpers/cli.ts'
-import { isolatedEnv, serve } from './helpers/serve.ts'
-import { answerOf, startUpstream, echo, type Received } from './helpers/gateway.ts'
+import { isolatedEnv, rawClient, serve } from './helpers/serve.ts'
+import { answerOf, call, heldUpstream, startUpstream, echo, unlessHung, type Received } from './helpers/gateway.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 
 const KEY_PATTERN = /kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/
@@ -112,18 +112,7 @@ t.test('an address in use: exits 1 naming it, with nothing left serving', async 
 
 t.test('embedded store: first admin key printed once, requests forwarded, health, metrics, graceful stop', async (t) => {
   // /slow reaches the upstream, which answers only after the test has sent SIGTERM.
-  let arrived!: () => void
-  const slowArrived = new Promise<void>((r) => (arrived = r))
-  let release!: () => void
-  const released = new Promise<void>((r) => (release = r))
-  const upstream = await startUpstream(t, (req, res, received) => {
-    if (req.url === '/slow') {
-      arrived()
-      void released.then(() => echo(req, res, received))
-      return
-    }
-    echo(req, res, received)
-  })
+  const { upstream, arrived: slowArrived, release } = await heldUpstream(t, (req) => req.url === '/slow')
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url })
 
   const first = await serve(t, { env })
@@ -205,6 +194,40 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   t.notOk(second.logs.some((l) => l.message.startsWith('no admin credential')))
   t.equal(await second.stop('SIGINT'), 0, 'SIGINT stops it too')
   t.notMatch(capturedStderr.join('\n').replace(adminKey, ''), KEY_PATTERN, 'no other key was printed')
+})
+
+t.test('SIGTERM: a connection without a whole request head does not hold the drain: one that sent nothing is closed at once, one part-way through a head after a second; a head finished meanwhile is answered', async (t) => {
+  // Before (found by a review): both held the stop until the header timeout or the shutdown
+  // deadline, on either listener, like a request in flight (here both are 600 s).
+  const { upstream, arrived: slowArrived, release } = await heldUpstream(t)
+  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  writeFileSync(config, 'gateway:\n  headers_timeout_ms: 600000\n  shutdown_timeout_ms: 600000\n')
+  const token = 'serve-test-admin-token-0123456789'
+  const s = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config }) })
+  const key = (await call(`${s.admin}/v1/keys`, { method: 'POST', token, body: { name: 'held', type: 'service' } })).json.key as string
+  const held = get(`${s.gateway}/slow`, { authorization: `Bearer ${key}` })
+  await slowArrived
+
+  const waiting = { silent: [s.gateway, s.admin].map((url) => rawClient(url)), partial: [s.gateway, s.admin].map((url) => rawClient(url, 'GET /healthz HT')) }
+  const finishing = [s.gateway, s.admin].map((url) => rawClient(url, 'GET /healthz HTTP/1.1\r\nHo'))
+  await new Promise((r) => setTimeout(r, 200))
+  s.child.kill('SIGTERM')
+  await s.waitForLog((l) => l.message === 'shutting down')
+  for (const c of finishing) c.socket.write('st: localhost\r\n\r\n')
+
+  const [gatewaySilent, adminSilent] = await Promise.all(waiting.silent.map((c) => unlessHung(c.closed)))
+  t.equal(gatewaySilent, '', 'the gateway closed a connection that sent nothing, without an answer')
+  t.equal(adminSilent, '', 'so did the admin listener')
+  const [gatewayPartial, adminPartial] = await Promise.all(waiting.partial.map((c) => unlessHung(c.closed)))
+  t.equal(gatewayPartial, '', 'the gateway closed a connection part-way through its first request line')
+  t.equal(adminPartial, '', 'so did the admin listener')
+  const [gatewayFinished, adminFinished] = await Promise.all(finishing.map((c) => unlessHung(c.closed)))
+  t.match(gatewayFinished, /^HTTP\/1\.1 503 [^]*\r\nconnection: close\r\n/i, 'a head finished within the second is a request: the gateway answers it (its /healthz says it is stopping), and closes')
+  t.match(adminFinished, /^HTTP\/1\.1 200 [^]*\r\nconnection: close\r\n/i, 'and the admin listener')
+  t.equal(s.child.exitCode, null, 'all while the request in flight still holds the stop')
+  release()
+  t.equal((await held).status, 200, 'which finishes')
+  t.equal(await s.exited, 0, 'exit 0')
 })
 
 t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) is one stop, the drain goes on; a second one later ends it at once', async (t) => {

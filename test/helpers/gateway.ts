@@ -73,6 +73,23 @@ export async function startUpstream(t: Tap, handler: UpstreamHandler = echo): Pr
   return { url: `http://127.0.0.1:${port}`, port, server, received }
 }
 
+/**
+ * An upstream that holds each request (those `hold` picks; by default all) until `release()`,
+ * then echoes it; `arrived` settles as the first one held reaches it.
+ */
+export async function heldUpstream(t: Tap, hold: (req: http.IncomingMessage) => boolean = () => true): Promise<{ upstream: Upstream; arrived: Promise<void>; release(): void }> {
+  let arrive!: () => void
+  const arrived = new Promise<void>((r) => (arrive = r))
+  let release!: () => void
+  const released = new Promise<void>((r) => (release = r))
+  const upstream = await startUpstream(t, (req, res, received) => {
+    if (!hold(req)) return echo(req, res, received)
+    arrive()
+    void released.then(() => echo(req, res, received))
+  })
+  return { upstream, arrived, release }
+}
+
 /** A frozen Config from a partial one, with the schema's defaults (as loadConfig would). */
 export function makeConfig(partial: Record<string, unknown>): Config {
   const value = Value.Default(ConfigSchema, Value.Clone(partial)) as Config

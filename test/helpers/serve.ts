@@ -1,6 +1,7 @@
 // Runs `keygate serve` as a real child process on port 0 and reads the listening addresses from
 // its JSON log lines (stdout). Every process is killed with the test if it is still running.
 import type { ChildProcess } from 'node:child_process'
+import net from 'node:net'
 import { Client } from 'undici'
 import { KEYGATE_BIN, capturedStderr, childEnv, spawnClean } from './cli.ts'
 import type { Tap } from './gateway.ts'
@@ -179,4 +180,21 @@ export async function connectionPerWorker(t: Tap, gateway: string, workers: numb
     t.teardown(() => client.close())
   }
   return [...found.values()]
+}
+
+/** A raw client connection: what it received (latin1), and `closed`, settled with it when the connection ends. */
+export interface RawClient {
+  socket: net.Socket
+  received(): string
+  closed: Promise<string>
+}
+
+/** A TCP connection to `url` that writes `first` (nothing by default) and then waits. */
+export function rawClient(url: string, first = ''): RawClient {
+  const { hostname, port } = new URL(url)
+  const socket = net.connect(Number(port), hostname, () => void (first && socket.write(first)))
+  let text = ''
+  socket.setEncoding('latin1').on('data', (d: string) => (text += d))
+  socket.on('error', () => {})
+  return { socket, received: () => text, closed: new Promise((resolve) => socket.once('close', () => resolve(text))) }
 }
