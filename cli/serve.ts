@@ -72,6 +72,10 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   }
   // The address the api-key, gitea and n8n commands call, not one serve listens on (before: taken and ignored).
   refuseFlags(p, ['admin-url'], 'serve does not use it: it is the admin API the api-key, gitea and n8n commands go through; the admin listener\'s address is --admin-listen (admin.listen)')
+  // SPEC §1: serve's output is its log, JSON lines on stdout; there is no other format to switch
+  // to (before, found by a review: taken and ignored). The first admin key stays on stderr, out
+  // of the log's stream, where a log collector would keep it.
+  refuseFlags(p, ['json'], "serve's output is its log, one JSON object per line on stdout, with or without it (the first admin key alone is printed on stderr, once); leave it out")
   // A start that fails is said in the log too, as a JSON line on stdout where the rest of serve's
   // log goes, beside the command's `keygate: …` on stderr (before, found by a deployment review, a
   // pipeline that reads the JSON log never saw why a pod kept restarting). Usage errors stay

@@ -56,6 +56,16 @@ t.test('usage errors exit 2 and start nothing', async (t) => {
   t.match(workersEmbedded.stderr, /--workers above 1 needs DATABASE_URL/)
 })
 
+t.test('serve --json is refused as a usage error: its output is its log, JSON lines on stdout already', async (t) => {
+  // Before (found by a review): taken and ignored, and a start that failed then printed the
+  // error object, indented over several lines, into the JSON lines of the log on stdout.
+  const s = await serve(t, { args: ['--json'], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir() }), waitFor: { gateway: false, admin: false } })
+  t.equal(await unlessHung(s.exited), 2, 'exit 2')
+  t.equal(s.stderr(), "keygate: --json: serve's output is its log, one JSON object per line on stdout, with or without it (the first admin key alone is printed on stderr, once); leave it out\n", 'says why')
+  t.match(JSON.parse(s.stdout()), { error: { code: 'usage_error' } }, "and on stdout, as --json's error object")
+  t.notOk(s.logs.some((l) => /listening$/.test(l.message)), 'nothing listened')
+})
+
 t.test('a command refused by the store a server holds names it, and migrate is told what migrate can do', async (t) => {
   const dir = await storeDir()
   const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
