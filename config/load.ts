@@ -68,6 +68,13 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
       if (['false', '0', 'no', 'off'].includes(v)) return { ok: true, value: false }
       return { ok: false }
     }
+    case 'Union': {
+      // A choice of words (LOG_LEVEL) in any case, as the booleans above: LOG_LEVEL=INFO is how
+      // many tools take it. What is not one of them is refused as it was given.
+      const words = (schema.anyOf as TSchema[]).map((choice) => choice.const)
+      const word = words.find((w) => typeof w === 'string' && w === raw.trim().toLowerCase())
+      return { ok: true, value: word ?? raw }
+    }
     case 'Array': {
       // An empty item is refused, not dropped: `$A,$B` with B unset, or a stray comma, would
       // quietly shorten the list (a previous encryption key, a trusted proxy).
@@ -651,7 +658,8 @@ export function renderConfigDocs(): string {
     '',
     'In environment variables and flags, a list is comma-separated (`KEYGATE_TRUSTED_PROXIES=10.0.0.0/8,192.168.0.0/16`), without',
     'empty items (`a,,b`, `a,` and `,` are refused); a list\'s variable that is empty or only spaces is not set (the file\'s list stays),',
-    'and a yes/no setting takes `true`, `1`, `yes` or `on`, and `false`, `0`, `no` or `off` (in any letter case).',
+    'a yes/no setting takes `true`, `1`, `yes` or `on`, and `false`, `0`, `no` or `off` (in any letter case), and a choice of words',
+    'takes them in any letter case too (`LOG_LEVEL=INFO` is `info`; before, found by a review, it was refused). The file takes the words as listed.',
     '',
     '| key | default | environment / flag | meaning |',
     '| --- | --- | --- | --- |',

@@ -318,9 +318,15 @@ t.test('every environment variable: a bad value names the variable, the value an
   t.same(problemsOf({ file, env: { KEYGATE_ACCESS_LOG: 'sometimes' } }).problems, ['KEYGATE_ACCESS_LOG (log.access_log): "sometimes" is not allowed; expected true or false'])
   t.same(problemsOf({ file, env: { LOG_LEVEL: 'trace' } }).problems, ['LOG_LEVEL (log.level): "trace" is not allowed; expected one of debug, info, warn, error'])
   t.same(problemsOf({ file, env: {}, flags: { listen: '8080' } }).problems, ['--listen (gateway.listen): "8080" is not allowed; expected host:port, such as 0.0.0.0:8080 or [::1]:8080'])
-  for (const [raw, value] of [['true', true], ['1', true], ['yes', true], ['ON', true], ['false', false], ['0', false], ['no', false], ['off', false]] as const) {
+  for (const [raw, value] of [['true', true], ['1', true], ['yes', true], ['ON', true], ['TRUE', true], ['False', false], ['false', false], ['0', false], ['no', false], ['off', false]] as const) {
     t.equal(loadConfig({ env: { KEYGATE_ACCESS_LOG: raw } }).log.access_log, value, `KEYGATE_ACCESS_LOG=${raw}`)
   }
+  // In any case, as the booleans above (found by a review: LOG_LEVEL=INFO, as many tools take it,
+  // stopped every command with config_invalid).
+  for (const [raw, level] of [['INFO', 'info'], ['Debug', 'debug'], [' warn ', 'warn'], ['ERROR', 'error']] as const) {
+    t.equal(loadConfig({ env: { LOG_LEVEL: raw } }).log.level, level, `LOG_LEVEL=${JSON.stringify(raw)}`)
+  }
+  t.same(problemsOf({ file, env: { LOG_LEVEL: 'VERBOSE' } }).problems, ['LOG_LEVEL (log.level): "VERBOSE" is not allowed; expected one of debug, info, warn, error'], 'a level of no name still says which are')
 })
 
 t.test('every problem is reported at once', async (t) => {
