@@ -208,7 +208,7 @@ const tracked = new WeakMap<Server, Map<Socket, Duplex>>()
 const taken = new WeakSet<Duplex>()
 
 /**
- * How long a connection part-way through a request head (or a TLS handshake) at a shutdown has to
+ * How long a connection without a whole request head (or TLS handshake) at a shutdown has to
  * finish it: a head arrives within a round trip or two, and one finished in time is a request
  * like any other. Then the connection is closed (`closeWaiting`).
  */
@@ -254,14 +254,16 @@ export function trackConnections(server: Server): void {
 
 /**
  * At a shutdown, once `server` no longer accepts: ends its connections that hold no request. One
- * whose client has sent nothing is ended now, as an idle keep-alive one is; one part-way through a
- * request head or a TLS handshake is given `graceMs` to finish it, and ended then if it has not
- * (one answered and closing on its own is left to end). Returns what stops the wait.
+ * whose client has sent nothing yet, or is part-way through a request head or a TLS handshake, is
+ * given `graceMs` to finish a head, and ended then if it has not (one answered and closing on its
+ * own is left to end). One that has sent nothing is not ended at once, as an idle keep-alive one
+ * is: a client that connected just before the signal may have sent its request already, its
+ * bytes still on their way or not yet read, and a client retries a request on a keep-alive
+ * connection closed under it, not its first one on a new connection. Returns what stops the wait.
  */
 export function closeWaiting(server: Server, graceMs: number): () => void {
   const connections = tracked.get(server)
   if (connections === undefined) return () => {}
-  for (const socket of connections.keys()) if (socket.bytesRead === 0) socket.destroy()
   const timer = setTimeout(() => {
     for (const http of connections.values()) {
       // A response not yet finished is a request in flight (as in afterResponses).
