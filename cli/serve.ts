@@ -12,7 +12,7 @@ import { deepFreeze, hideConfigSecrets, loadConfig, unknownEnvNames } from '../c
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
-import { closeWaiting, destroyConnections, HEAD_GRACE_MS, nodeHttp } from '../core/http.ts'
+import { closeWaiting, destroyConnections, closeAfterAnswers, HEAD_GRACE_MS, nodeHttp } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
@@ -695,8 +695,9 @@ function logStopped(log: Logger): void {
 
 /**
  * Stops a listener: no new connections, idle ones closed, as are those without a whole request
- * head (see closeWaiting), requests in flight given until `timeoutMs`, then every connection still
- * open is ended (TLS ones still in their handshake too).
+ * head (see closeWaiting), requests in flight given until `timeoutMs` and answered with Connection:
+ * close (closeAfterAnswers), then every connection still open is ended (TLS ones still in their
+ * handshake too).
  */
 async function closeServer(server: http.Server | undefined, timeoutMs: number): Promise<void> {
   if (!server?.listening) return
@@ -706,6 +707,7 @@ async function closeServer(server: http.Server | undefined, timeoutMs: number): 
     server.close(() => resolve())
     server.closeIdleConnections()
     stopClosing = closeWaiting(server, Math.min(HEAD_GRACE_MS, timeoutMs))
+    closeAfterAnswers(server)
     deadline = setTimeout(() => destroyConnections(server), timeoutMs)
   })
   clearTimeout(deadline)

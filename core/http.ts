@@ -274,6 +274,20 @@ export function closeWaiting(server: Server, graceMs: number): () => void {
   return () => clearTimeout(timer)
 }
 
+/**
+ * At a shutdown, once `server` no longer accepts: the answers to requests in flight that have not
+ * begun say Connection: close, and Node closes each connection after its answer. Before (found
+ * by a review), the admin listener said close only to requests that began after the signal: one
+ * in flight at it and answered after HEAD_GRACE_MS was offered a keep-alive, and its connection,
+ * idle, held the stop for Node's keep-alive timeout (5 s and its 1 s margin).
+ */
+export function closeAfterAnswers(server: Server): void {
+  for (const http of tracked.get(server)?.values() ?? []) {
+    const res = (http as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
+    if (res && !res.headersSent) res.shouldKeepAlive = false
+  }
+}
+
 /** Ends every connection of `server` now: the HTTP ones, and (when tracked) those still in their TLS handshake. */
 export function destroyConnections(server: Server): void {
   server.closeAllConnections()

@@ -245,6 +245,43 @@ t.test('SIGTERM: a connection without a whole request head does not hold the dra
   t.equal(await s.exited, 0, 'exit 0')
 })
 
+t.test('SIGTERM: an admin request in flight at the signal, answered after the head grace, says Connection: close and its connection is closed, not kept alive for the drain to wait on (found by a review)', async (t) => {
+  // Before: the admin listener said close only to requests begun after the signal; one begun
+  // before it and answered after the head grace (1 s) was offered a keep-alive, and its idle
+  // connection then held the stop for Node's keep-alive timeout (5 s and its 1 s margin), or was
+  // cut under a client that reused it.
+  const { freshDatabase } = await import('./helpers/stores.ts')
+  const url = await freshDatabase(t)
+  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  writeFileSync(config, 'gateway:\n  shutdown_timeout_ms: 600000\n')
+  const token = 'serve-test-admin-token-0123456789'
+  const s = await serve(t, { env: isolatedEnv({ DATABASE_URL: url, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }) })
+  // A writer of the deny list waits for this lock (the gateway's reads do not).
+  const pg = (await import('pg')).default
+  const locker = new pg.Client({ connectionString: url })
+  await locker.connect()
+  t.teardown(() => locker.end().catch(() => {}))
+  await locker.query('BEGIN')
+  await locker.query('LOCK TABLE deny_list IN SHARE ROW EXCLUSIVE MODE')
+  const body = JSON.stringify({ cidr: '192.0.2.77' })
+  const client = rawClient(s.admin, `POST /v1/deny-list HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\n\r\n${body}`)
+  for (;;) {
+    const waiting = await locker.query("SELECT count(*)::int AS n FROM pg_locks WHERE NOT granted AND relation = 'deny_list'::regclass")
+    if ((waiting.rows[0] as { n: number }).n > 0) break
+    await new Promise((r) => setTimeout(r, 20))
+  }
+  s.child.kill('SIGTERM')
+  await s.waitForLog((l) => l.message === 'shutting down')
+  // Past the head grace, the request is still in flight.
+  await new Promise((r) => setTimeout(r, 1500))
+  t.equal(client.socket.destroyed, false, 'the request in flight is not cut at the head grace')
+  await locker.query('COMMIT')
+  const answer = await unlessHung(client.closed)
+  t.match(answer, /^HTTP\/1\.1 201 /, 'it is answered')
+  t.match(answer, /\r\nconnection: close\r\n/i, 'with Connection: close, and the connection is closed by the server')
+  t.equal(await s.exited, 0, 'exit 0')
+})
+
 t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) is one stop, the drain goes on; a second one later ends it at once', async (t) => {
   const arrivals: Array<() => void> = []
   const releases: Array<() => void> = []
