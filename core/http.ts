@@ -226,27 +226,19 @@ export function trackConnections(server: Server): void {
   if (tracked.has(server)) return
   const connections = new Map<Socket, Duplex>()
   tracked.set(server, connections)
-  // A TLS connection's HTTP socket is made over the TCP one by Node, which does not hand the two
-  // out together: they are paired by the client's address and port while the handshake lasts.
-  const tls = typeof (server as Server & { setSecureContext?: unknown }).setSecureContext === 'function'
-  const handshaking = new Map<string, Socket>()
-  const peer = (socket: Duplex) => `${(socket as Socket).remoteAddress} ${(socket as Socket).remotePort}`
   server.on('connection', (socket: Socket) => {
     connections.set(socket, socket)
-    const key = tls ? peer(socket) : ''
-    if (tls) handshaking.set(key, socket)
-    socket.once('close', () => {
-      connections.delete(socket)
-      if (tls && handshaking.get(key) === socket) handshaking.delete(key)
-    })
+    socket.once('close', () => connections.delete(socket))
   })
-  if (tls) {
+  // A TLS connection's HTTP socket is made by Node over the TCP one, which it keeps as `_parent`.
+  // Before (found by a review), the two were paired by the client's address and port, which two
+  // connections share when they reach two addresses of one listener (a client or a NAT may reuse
+  // a port so): one's TLS socket was paired with the other's TCP one, and a request in flight on
+  // the first was cut at a shutdown as a connection still in its handshake.
+  if (typeof (server as Server & { setSecureContext?: unknown }).setSecureContext === 'function') {
     server.on('secureConnection', (socket: Duplex) => {
-      const key = peer(socket)
-      const raw = handshaking.get(key)
-      if (raw === undefined) return
-      handshaking.delete(key)
-      if (connections.has(raw)) connections.set(raw, socket)
+      const raw = (socket as Duplex & { _parent?: unknown })._parent as Socket | undefined
+      if (raw !== undefined && connections.has(raw)) connections.set(raw, socket)
     })
   }
   for (const event of ['upgrade', 'connect'] as const) if (server.listenerCount(event) > 0) server.on(event, (req: IncomingMessage) => taken.add(req.socket))

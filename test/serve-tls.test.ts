@@ -7,6 +7,7 @@ import { execFileSync } from 'node:child_process'
 import { randomBytes, X509Certificate } from 'node:crypto'
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import https from 'node:https'
+import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { connect as connectTls, type TLSSocket } from 'node:tls'
@@ -152,6 +153,56 @@ t.test('a client that connects over TLS and sends nothing is cut at the header t
   release()
   t.equal((await inFlight).status, 200, 'while the request in flight, over TLS too, is answered')
   t.equal(await held.exited, 0)
+})
+
+t.test('two TLS connections from one client address and port (to two addresses of a listener on 0.0.0.0): a request in flight on the first is answered through a shutdown, not cut as a connection still in its handshake (found by a review)', async (t) => {
+  // TCP tells connections apart by both ends: a client (or a NAT in front of it) may use one
+  // address and port for two at once, to two addresses of the same listener. Before, the TLS
+  // connection was paired with its TCP one by the client's address and port, so the first one's
+  // was paired with the second's: at SIGTERM the first's TCP connection, taken for one still in
+  // its handshake, was closed after the head grace, under its request in flight.
+  const c = certificate('shared-peer')
+  const config = join(dir, 'shared-peer.yaml')
+  const tls = `tls: { cert: ${JSON.stringify(c.cert)}, key: ${JSON.stringify(c.key)} }`
+  writeFileSync(config, `gateway:\n  shutdown_timeout_ms: 600000\n  ${tls}\n`)
+  const { upstream, arrived, release } = await heldUpstream(t)
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: join(dir, 'shared-peer-store'), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters', KEYGATE_LISTEN: '0.0.0.0:0' })
+  await seedDataDir(join(dir, 'shared-peer-store'))
+  const created = await runCli(['api-key', 'create', '--name', 'shared-peer', '--type', 'service', '--json'], { env })
+  const s = await serve(t, { env })
+  const port = Number(new URL(s.gateway).port)
+  // A free local port, then two TCP connections from 127.0.0.1 at that port: to 127.0.0.1 and 127.0.0.2.
+  const probe = net.createServer()
+  await new Promise<void>((r) => probe.listen(0, '127.0.0.1', r))
+  const localPort = (probe.address() as net.AddressInfo).port
+  await new Promise((r) => probe.close(r))
+  const tcp = (host: string) =>
+    new Promise<net.Socket>((resolve, reject) => {
+      const socket = net.connect({ host, port, localAddress: '127.0.0.1', localPort }, () => resolve(socket))
+      socket.once('error', reject)
+    })
+  const first = await tcp('127.0.0.1')
+  const second = await tcp('127.0.0.2')
+  second.on('error', () => {})
+  t.teardown(() => second.destroy())
+  // Both accepted before the first one's handshake begins.
+  await new Promise((r) => setTimeout(r, 200))
+  const secure = connectTls({ socket: first, rejectUnauthorized: false })
+  let text = ''
+  secure.setEncoding('latin1').on('data', (d: string) => (text += d))
+  secure.on('error', () => {})
+  const closed = new Promise<string>((resolve) => secure.once('close', () => resolve(text)))
+  await new Promise((resolve) => secure.once('secureConnect', resolve))
+  secure.write(`GET /slow HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${(created.json() as { key: string }).key}\r\n\r\n`)
+  await arrived
+  s.child.kill('SIGTERM')
+  await s.waitForLog((l) => l.message === 'shutting down')
+  // Past the head grace.
+  await new Promise((r) => setTimeout(r, 1500))
+  t.equal(secure.destroyed, false, 'the connection of the request in flight is still open after the head grace')
+  release()
+  t.match(await unlessHung(closed), /^HTTP\/1\.1 200 /, 'and its request is answered')
+  t.equal(await s.exited, 0, 'exit 0')
 })
 
 t.test('--workers with TLS: the primary reloads the gateway certificate for every worker, and a replacement gets the pair in use, not a half-renewed file', async (t) => {
