@@ -1029,12 +1029,17 @@ export class WebhookService {
       const made = c.attempts - c.retry_base
       const failed = made >= this.#c.max_attempts
       const wait = Math.min(this.#c.retry_base_ms * 2 ** (made - 1), this.#c.retry_max_ms)
-      // Its webhook deleted meanwhile, or no longer taking its event: failed, as nothing will try it again.
+      // Its webhook deleted meanwhile, or no longer taking its event: failed, as nothing will try it
+      // again. Ended meanwhile (failed), it stays so, though its event be taken again before the
+      // answer: before (found by a review), the event removed and added back while the receiver
+      // answered, it was made pending and retried, where the others the PATCH ended were not.
+      // Sent again since (retry_base moved), the failure is not this attempt's to record: it
+      // undid the resend (failed on what was the last attempt, else due later).
       rows = await this.#db.query<DeliveryRow>(
         `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
-           status = CASE WHEN EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.${LIVE} AND ${TAKEN}) THEN $3 ELSE 'failed' END
-         WHERE ${mine} RETURNING ${D_COLUMNS}`,
-        [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done],
+           status = CASE WHEN d.status = 'pending' AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.${LIVE} AND ${TAKEN}) THEN $3 ELSE 'failed' END
+         WHERE ${mine} AND retry_base = $8 RETURNING ${D_COLUMNS}`,
+        [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done, c.retry_base],
       )
       this.#log.warn(failed ? 'webhook delivery failed for good' : 'webhook delivery failed; will retry', { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error })
     }

@@ -122,6 +122,47 @@ await forEachStore(t, async (t, store) => {
     t.equal((await h.call('DELETE', `/v1/webhooks/${hook.id}`)).status, 200)
   })
 
+  await t.test('an attempt in flight whose event is removed and taken again stays ended, and a resend meanwhile is not undone by its answer', async (t) => {
+    const held = new Map<string, http.ServerResponse>()
+    const slow = await startReceiver(t, (hk, res) => {
+      if (held.has(hk.id)) res.writeHead(204).end()
+      else held.set(hk.id, res)
+    })
+    const hook = await register(`${slow.url}/backandforth`)
+    const widen = async () => t.equal((await h.call('PATCH', `/v1/webhooks/${hook.id}`, { body: { events: ['key.revoked', 'key.created'] } })).status, 200)
+    // Ended by the PATCH while the receiver holds it, the event taken again before it answers 503.
+    await queue(hook.id, 'msg_backforth', 'key.revoked')
+    h.webhooks.kick()
+    await slow.waitFor((hk) => hk.id === 'msg_backforth')
+    await narrow(hook.id)
+    await widen()
+    held.get('msg_backforth')?.writeHead(503).end()
+    await h.webhooks.idle()
+    await sleep(50) // past retry_base_ms
+    await run()
+    t.match(await logged(hook.id, 'msg_backforth'), { status: 'failed', attempts: 1, last_status: 503, next_attempt_at: null }, 'ended by the PATCH: failed, not made pending again by its answer')
+    t.equal(sent(slow, 'msg_backforth'), 1, 'not sent again without a resend')
+
+    // Ended while in flight, on its last attempt (max_attempts 8 since it was last sent again), the
+    // webhook paused with it; the event taken again and the delivery resent (it is failed) before
+    // the receiver answers 503: the resend stands, and is sent once the webhook is enabled.
+    await queue(hook.id, 'msg_resentinflight', 'key.revoked', 9)
+    await store.db.query(`UPDATE webhook_deliveries SET retry_base = 2 WHERE id = 'msg_resentinflight'`)
+    h.webhooks.kick()
+    await slow.waitFor((hk) => hk.id === 'msg_resentinflight')
+    t.equal((await h.call('PATCH', `/v1/webhooks/${hook.id}`, { body: { events: ['key.created'], enabled: false } })).status, 200)
+    await widen()
+    const resent = await h.call('POST', `/v1/webhooks/${hook.id}/deliveries/msg_resentinflight/retry`)
+    t.equal(resent.status, 200, 'failed and taken: resent')
+    held.get('msg_resentinflight')?.writeHead(503).end()
+    await h.webhooks.idle()
+    t.match(await logged(hook.id, 'msg_resentinflight'), { status: 'pending', attempts: 10 }, 'the answer to the attempt before the resend does not undo it')
+    t.equal((await h.call('PATCH', `/v1/webhooks/${hook.id}`, { body: { enabled: true } })).status, 200)
+    await run()
+    t.match(await logged(hook.id, 'msg_resentinflight'), { status: 'delivered', attempts: 11, last_status: 204 }, 'sent once enabled')
+    t.equal((await h.call('DELETE', `/v1/webhooks/${hook.id}`)).status, 200)
+  })
+
   await t.test('a new URL and a rotated secret apply to the deliveries pending', async (t) => {
     const hook = await register(`${receiver.url}/before`)
     await queue(hook.id, 'msg_moved', 'key.revoked', 1)
