@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto'
 import { isIP } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
-import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
+import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, headersTimeoutOptions, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 import { clipped } from '../core/validate.ts'
 
@@ -134,7 +134,7 @@ function targetProblem(target: string): string | undefined {
 // cannot hide behind the first (auth.ts and the Host check below refuse them). A repeated
 // Content-Type or Last-Event-ID then no longer parses and is refused too; a repeated Content-Length
 // is refused by the parser either way.
-export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, headersTimeout: 10_000, joinDuplicateHeaders: true }
+export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, ...headersTimeoutOptions(10_000), joinDuplicateHeaders: true }
 
 export function createAdminServer(options: AdminServerOptions): http.Server {
   const table = options.routes.map(compile)

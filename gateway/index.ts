@@ -30,7 +30,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, HEAD_GRACE_MS, hasBody, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
+import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, HEAD_GRACE_MS, hasBody, headersTimeoutOptions, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import { keyChallenges, logAccess, loggedPath, record, sendError, socketAddress } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
@@ -251,13 +251,11 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
 
   const server = (deps.createServer ?? nodeHttp().createServer)({
     maxHeaderSize: g.max_header_bytes,
-    headersTimeout: g.headers_timeout_ms,
+    ...headersTimeoutOptions(g.headers_timeout_ms),
     // No limit on a whole request: a large upload that keeps moving is not cut (Node's default
     // cut every request at 300 s, body included). A stalled body is the forwarder's to end
     // (gateway.body_idle_timeout_ms).
     requestTimeout: 0,
-    // Node checks the header timeout on this interval; a slow-header client is cut within about a quarter of the timeout.
-    connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(g.headers_timeout_ms / 4))),
     joinDuplicateHeaders: true,
     // request-check.ts answers a missing Host with the JSON error instead of Node's bare 400.
     requireHostHeader: false,

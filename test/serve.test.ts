@@ -282,6 +282,22 @@ t.test('SIGTERM: an admin request in flight at the signal, answered after the he
   t.equal(await s.exited, 0, 'exit 0')
 })
 
+t.test("a client that sends nothing is cut by the admin listener's 10 s header timeout, before a gateway's of 20 s", async (t) => {
+  // Before (found by a review): the admin listener checked its header timeout on Node's default
+  // interval, 30 s from its start, so a silent client connected at the start was cut only then,
+  // after the gateway's 20 s one. Which closes first, not when: both run in this one process.
+  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  writeFileSync(config, 'gateway:\n  headers_timeout_ms: 20000\n')
+  const s = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789', KEYGATE_CONFIG: config }) })
+  const gateway = rawClient(s.gateway)
+  const admin = rawClient(s.admin)
+  const first = await unlessHung(Promise.race([admin.closed.then(() => 'admin'), gateway.closed.then(() => 'gateway')]), 60_000)
+  t.equal(first, 'admin', 'the admin listener closed its silent connection first')
+  t.match(admin.received(), /^HTTP\/1\.1 408 [^]*"code":"request_timeout"/, 'answering 408 request_timeout')
+  t.equal(gateway.socket.destroyed, false, "the gateway's is still open then")
+  t.equal(await s.stop(), 0)
+})
+
 t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) is one stop, the drain goes on; a second one later ends it at once', async (t) => {
   const arrivals: Array<() => void> = []
   const releases: Array<() => void> = []
