@@ -126,6 +126,11 @@ export const ConfigSchema = Type.Object(
         }),
         deny_list_refresh_s: int(5, 1, 3600, { description: 'How often the stored deny list is re-read (changes made by other processes).' }),
         headers_timeout_ms: int(10_000, 100, 600_000, { description: 'Time a client has to send its request headers.' }),
+        keep_alive_timeout_ms: int(75_000, 1000, 3_600_000, {
+          description:
+            "How long a client's connection is kept open idle after an answer, for its next request (told to clients in `Keep-Alive: timeout=`). Behind a load balancer keep it above the balancer's idle timeout (AWS ALB 60 s, the default's reason; Google Cloud's 600 s: set 620000), or the balancer sends a request on a connection keygate has just closed and answers 502. As nginx's keepalive_timeout (75 s); before, Node's fixed 5 s.",
+          env: 'KEYGATE_KEEP_ALIVE_TIMEOUT_MS',
+        }),
         body_idle_timeout_ms: int(60_000, 0, 3_600_000, {
           description: 'A request body that brings nothing for this long is cut off: 408 request_timeout, or the connection closed once the answer has begun (0: never). A body that keeps moving has no time limit.',
         }),

@@ -252,6 +252,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const server = (deps.createServer ?? nodeHttp().createServer)({
     maxHeaderSize: g.max_header_bytes,
     ...headersTimeoutOptions(g.headers_timeout_ms),
+    // An idle connection's life between requests (Node's own was 5 s, shorter than the idle
+    // timeout of the load balancers in front, which then reused connections closed under them).
+    keepAliveTimeout: g.keep_alive_timeout_ms,
     // No limit on a whole request: a large upload that keeps moving is not cut (Node's default
     // cut every request at 300 s, body included). A stalled body is the forwarder's to end
     // (gateway.body_idle_timeout_ms).

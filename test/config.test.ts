@@ -62,6 +62,7 @@ t.test('defaults', async (t) => {
   t.equal(c.lockout.window_s, 900, 'RATE_LIMIT_WINDOW_SECONDS=900')
   t.same(c.gateway.key_sources, ['authorization', 'x-api-key'])
   t.same(c.gateway.trusted_proxies, [])
+  t.equal(c.gateway.keep_alive_timeout_ms, 75_000, "above AWS ALB's idle timeout of 60 s (Node's own 5 s was below it)")
   t.same(c.keys.grace_hours, { system: 72, user: 24, service: 48, integration: 24, emergency: 0 }, 'SPEC §2 grace periods')
   t.equal(c.keys.prefix, 'kg_')
   t.same(c.rate_limits.per_address, { limit: 1000, window_s: 1 })
@@ -315,6 +316,8 @@ t.test('every environment variable: a bad value names the variable, the value an
     problemsOf({ file, env: { CACHE_TTL_SECONDS: '5m' } }).problems,
     ['CACHE_TTL_SECONDS (cache.ttl_s): "5m" is not allowed; expected an integer from 1 to 86400'],
   )
+  t.equal(loadConfig({ env: { KEYGATE_KEEP_ALIVE_TIMEOUT_MS: '620000' } }).gateway.keep_alive_timeout_ms, 620_000, 'KEYGATE_KEEP_ALIVE_TIMEOUT_MS sets gateway.keep_alive_timeout_ms')
+  t.same(problemsOf({ file, env: { KEYGATE_KEEP_ALIVE_TIMEOUT_MS: '500' } }).problems, ['KEYGATE_KEEP_ALIVE_TIMEOUT_MS (gateway.keep_alive_timeout_ms): 500 is not allowed; expected an integer from 1000 to 3600000'], 'under a second is refused (Keep-Alive: timeout=0 would tell clients not to reuse it)')
   t.same(problemsOf({ file, env: { KEYGATE_ACCESS_LOG: 'sometimes' } }).problems, ['KEYGATE_ACCESS_LOG (log.access_log): "sometimes" is not allowed; expected true or false'])
   t.same(problemsOf({ file, env: { LOG_LEVEL: 'trace' } }).problems, ['LOG_LEVEL (log.level): "trace" is not allowed; expected one of debug, info, warn, error'])
   t.same(problemsOf({ file, env: {}, flags: { listen: '8080' } }).problems, ['--listen (gateway.listen): "8080" is not allowed; expected host:port, such as 0.0.0.0:8080 or [::1]:8080'])

@@ -249,18 +249,32 @@ t.test('only GET and HEAD of /healthz are the gateway\'s own; other methods on /
   t.equal(h.upstream.received.length, 5, 'the upstream saw the five keyed requests only')
 })
 
+t.test("an idle client connection stays open for gateway.keep_alive_timeout_ms, past Node's own 5 s and the header timeout (a load balancer reuses it)", async (t) => {
+  // Before (found by a review): Node's fixed 5 s (and 1 s of slack) closed it, and a load balancer
+  // whose idle timeout is longer (AWS ALB's 60 s) sent its next request on the closed connection: 502.
+  const h = await startGateway(t, { config: { gateway: { keep_alive_timeout_ms: 60_000, headers_timeout_ms: 1000 } } })
+  const c = rawClient(h.url, 'GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n')
+  await until(t, 'the first answer is in', () => c.received().endsWith('{"status":"ok"}'), 10_000)
+  t.match(c.received(), /^HTTP\/1\.1 200 [^]*\r\nkeep-alive: timeout=60\r\n/i, 'the answer tells the client how long the connection is kept')
+  // Long enough for Node's 5 s, well short of the 60 s.
+  await sleep(8000)
+  c.socket.write('GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n')
+  const both = await unlessHung(c.closed)
+  t.equal(both.split('HTTP/1.1 200 ').length - 1, 2, 'the request sent after the pause is answered on the same connection')
+})
+
 t.test('graceful shutdown: in-flight requests finish, new ones are refused', async (t) => {
   let held = 0
+  // An idle connection then stays open until shutdown closes it (the default keep-alive timeout,
+  // 75 s, would close it anyway), so a shutdown that waited for it would not return at all.
   const h = await startGateway(t, {
+    config: { gateway: { keep_alive_timeout_ms: 600_000 } },
     upstream: (req, res) => {
       if (req.url === '/healthz') return void res.end('upstream')
       if (req.url?.startsWith('/slow/')) held++
       setTimeout(() => res.end(`done ${req.url}`), 400)
     },
   })
-  // An idle connection then stays open until shutdown closes it (Node's own keep-alive timeout,
-  // 5 s, would close it anyway), so a shutdown that waited for it would not return at all.
-  h.gateway.server.keepAliveTimeout = 600_000
   const k = await h.key()
   t.same((await h.get('/healthz')).json, { status: 'ok' }, '/healthz needs no key')
   const idle = new Agent({ keepAliveTimeout: 600_000, keepAliveMaxTimeout: 600_000 })
