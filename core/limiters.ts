@@ -270,12 +270,14 @@ const SWEEP = 8
 export class EndingMap<V> extends Map<string, V> {
   readonly #max: number
   readonly #endOf: (value: V) => number | null
+  readonly #onDrop: ((key: string, value: V) => void) | undefined
 
-  /** `endOf`: when an entry ends (epoch ms), null for never. */
-  constructor(max: number, endOf: (value: V) => number | null) {
+  /** `endOf`: when an entry ends (epoch ms), null for never. `onDrop`: told of each entry dropped past `max`. */
+  constructor(max: number, endOf: (value: V) => number | null, onDrop?: (key: string, value: V) => void) {
     super()
     this.#max = max
     this.#endOf = endOf
+    this.#onDrop = onDrop
   }
 
   /** The entry of `key`, unless it has ended (it is then dropped). */
@@ -300,7 +302,12 @@ export class EndingMap<V> extends Map<string, V> {
       if (end === null) super.set(first, held)
     }
     super.set(key, value)
-    if (this.size > this.#max) for (const first of this.keys()) return void this.delete(first)
+    if (this.size <= this.#max) return
+    for (const [first, held] of this) {
+      this.delete(first)
+      this.#onDrop?.(first, held)
+      return
+    }
   }
 
   override set(key: string, value: V): this {

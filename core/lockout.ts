@@ -24,7 +24,6 @@
 // other instances may subscribe again after that message (pub/sub drops it), but the flush that
 // follows their resubscription reads Redis, and finds it there. The publish is never awaited on
 // the request path: a Redis that stops answering must not hold the failed attempt's answer.
-import QuickLRU from 'quick-lru'
 import type { Redis } from 'ioredis'
 import ipaddr from 'ipaddr.js'
 import { publishInvalidation } from './invalidation.ts'
@@ -64,7 +63,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1`
 
 /** Locked-out addresses held in memory; each took `max_attempts` failures to get there. */
-const MIRROR_MAX = 100_000
+export const MIRROR_MAX = 100_000
 
 /** An address's failures as the limiter last counted them. */
 interface Count {
@@ -139,31 +138,30 @@ export interface LockoutOptions {
 export function createLockout(options: LockoutOptions): Lockout {
   const { maxAttempts, windowS, redis, log } = options
   const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis, cluster: options.cluster === true })
-  // An address the mirror drops while locked out is let in again (a right key gets through, a
-  // failure locks it out again): counted, for an operator to see the bound reached.
-  const locked = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, onEviction: (_address, until) => until > Date.now() && options.onForgotten?.() })
+  // The end of each lockout in force, at most MIRROR_MAX, in the order they began (one window
+  // each, so the first to begin is the first to end; before, found by a review, a quick-lru held
+  // up to twice MIRROR_MAX). An address dropped while locked out is let in again (a right key gets
+  // through, a failure locks it out again): counted, for an operator to see the bound reached.
+  const locked = new EndingMap<number>(MIRROR_MAX, (until) => until, (_address, until) => until > Date.now() && options.onForgotten?.())
   // When each address was last lifted here (told by `unlock:<at>:<address>`, or lifted by this
   // process), for a window: a lockout that began at or before it is one the lift ended, whatever
   // brings it (a `lock:` message sent again after a timeout, or relayed late over cluster IPC).
+  // At most MIRROR_MAX, as `locked`.
   const windowMs = windowS * 1000
-  const liftedAt = new QuickLRU<string, number>({ maxSize: MIRROR_MAX, maxAge: windowMs })
+  const liftedAt = new EndingMap<number>(MIRROR_MAX, (at) => at + windowMs)
   // Never shortens a lockout in force: a message from another instance may name an earlier end
   // (its lockout began first, or its clock is behind) than this instance's own.
   const lockUntil = (addressKey: string, until: number) => {
-    const ms = until - Date.now()
-    if (ms <= 0) return
-    const lifted = liftedAt.get(addressKey)
+    if (until <= Date.now()) return
+    const lifted = liftedAt.live(addressKey)
     if (lifted !== undefined && until - windowMs <= lifted) return
-    const held = locked.peek(addressKey)
+    const held = locked.get(addressKey)
     if (held !== undefined && held >= until) return
-    // Dropped first, or quick-lru would keep the old end in its older generation and report it
-    // evicted (counted as forgotten) later, while the new one is still held.
-    locked.delete(addressKey)
-    locked.set(addressKey, until, { maxAge: ms })
+    locked.begin(addressKey, until)
   }
   const lock = (addressKey: string, ms: number) => lockUntil(addressKey, Date.now() + ms)
   const lockedFor = (addressKey: string): number | undefined => {
-    const until = locked.get(addressKey)
+    const until = locked.live(addressKey)
     if (until === undefined) return undefined
     const left = until - Date.now()
     return left > 0 ? secondsFrom(left) : undefined
@@ -260,7 +258,7 @@ export function createLockout(options: LockoutOptions): Lockout {
         const at = await redis.mget(...names)
         names.forEach((name, i) => {
           const address = name.slice(LIFTED_KEY_PREFIX.length + 1)
-          const until = locked.peek(address)
+          const until = locked.get(address)
           if (until !== undefined && !inRedis.has(address) && Number(at[i]) >= until - windowMs) void dropLifted(address, Number(at[i])).catch(() => {})
         })
       } while (cursor !== '0')
@@ -287,7 +285,7 @@ export function createLockout(options: LockoutOptions): Lockout {
    * refused from now on (lockUntil). Resolves once the counts are gone.
    */
   const dropLifted = async (addressKey: string, at: number): Promise<void> => {
-    if ((liftedAt.get(addressKey) ?? -Infinity) < at) liftedAt.set(addressKey, at)
+    if ((liftedAt.live(addressKey) ?? -Infinity) < at) liftedAt.begin(addressKey, at)
     forgetHere(addressKey)
     await Promise.all([forgetKey(limiter, addressKey), options.forgetShared?.(addressKey)])
   }
@@ -307,7 +305,7 @@ export function createLockout(options: LockoutOptions): Lockout {
     // The failures the insurance counted: the other instances count on from them at once, not
     // from this instance's next failure of the address.
     const insured = [...counted.entries()].filter(([, c]) => c.insured && c.until > now)
-    for (const address of unpublished) if (!((locked.peek(address) ?? 0) > now)) unpublished.delete(address)
+    for (const address of unpublished) if (!((locked.get(address) ?? 0) > now)) unpublished.delete(address)
     if (held.length === 0 && insured.length === 0) {
       publishAll = false
       return

@@ -6,7 +6,7 @@
 import t, { type Test } from 'tap'
 import { Redis } from 'ioredis'
 import { INVALIDATION_CHANNEL, publishInvalidation, subscribeInvalidations } from '../core/invalidation.ts'
-import { createLockout, LIFTED_KEY_PREFIX, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
+import { createLockout, LIFTED_KEY_PREFIX, LOCKOUT_KEY_PREFIX, MIRROR_MAX, type Lockout } from '../core/lockout.ts'
 import { MEMORY_MAX_KEYS } from '../core/limiters.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis, redisHealth } from '../core/redis.ts'
@@ -125,6 +125,30 @@ t.test('an attempt from an address whose lockout the memory mirror dropped is le
   t.equal(lockout.attempt(address), undefined, 'the attempt takes its place at once instead of waiting for ever')
   await lockout.finish(address, true)
   t.ok(lockout.lockedFor(address), 'its failure locks the address out again (the limiter counts past the limit)')
+})
+
+t.test('the lockouts in force and the lifts held in memory are bounded at MIRROR_MAX addresses each, not twice that', async (t) => {
+  // Before (found by a review): each was a quick-lru, which holds up to twice its bound (the
+  // recent entries and the generation before them), each in a wrapper with its expiry.
+  let forgotten = 0
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60, onForgotten: () => forgotten++ })
+  const over = MIRROR_MAX + 1000
+  const address = (first: number, i: number) => `${first}.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`
+  const until = Date.now() + 60_000
+  for (let i = 0; i < over; i++) lockout.applyMessage(`lock:${until}:${address(10, i)}`)
+  t.equal(lockout.held().length, MIRROR_MAX, `${MIRROR_MAX} lockouts in force are held, no more`)
+  t.equal(forgotten, 1000, 'each one dropped while in force is counted (keygate_lockouts_forgotten_total)')
+  t.equal(lockout.lockedFor(address(10, 999)), undefined, 'the ones dropped are the first to begin')
+  t.equal(lockout.lockedFor(address(10, 1000)), 60, 'the ones after them are held')
+
+  // A lift is held for a window, so that a late lock: message of a lockout it ended is refused.
+  const lifted = Date.now()
+  for (let i = 0; i < over; i++) lockout.applyMessage(`unlock:${lifted}:${address(11, i)}`)
+  const begunBefore = lifted - 1000 + 60_000
+  lockout.applyMessage(`lock:${begunBefore}:${address(11, 1000)}`)
+  t.equal(lockout.lockedFor(address(11, 1000)), undefined, `the last ${MIRROR_MAX} lifts are held: a lockout that began before one is refused`)
+  lockout.applyMessage(`lock:${begunBefore}:${address(11, 999)}`)
+  t.ok(lockout.lockedFor(address(11, 999)), 'the lift before them is not held any more')
 })
 
 t.test('a flood of failures from distinct addresses past the memory limiter\'s cap leaves the lockout working for recent addresses', async (t) => {
