@@ -172,9 +172,10 @@ export function createLockout(options: LockoutOptions): Lockout {
   // doubt here, with those waiting for a place.
   // In the order they were last counted, at most MIRROR_MAX, each dropped when next looked up
   // after its window ends, or by the sweep of a later count: at most one window after its end, as
-  // one counted again goes behind those counted since, whose windows end later (before, found by
-  // a review of memory under a flood of bad keys from distinct addresses, a quick-lru held up to
-  // twice MIRROR_MAX, each in a wrapper of its own: 165 bytes an address).
+  // one counted again goes behind those counted since, and those still ahead of it were last
+  // counted before it, so end within a window of it (before, found by a review of memory under a
+  // flood of bad keys from distinct addresses, a quick-lru held up to twice MIRROR_MAX, each in a
+  // wrapper of its own: 165 bytes an address).
   const counted = new EndingMap<Count>(MIRROR_MAX, (c) => c.until)
   const doubt = new Map<string, { n: number; waiting: Array<(lockedS: number | undefined) => void> }>()
   // With none in doubt one always may: nothing else would ever let a waiting one in (the count
