@@ -8,7 +8,6 @@
 //   answer in time leaves the worker with its own memory for that call.
 import { RateLimiterCluster, RateLimiterClusterMaster, RateLimiterMemory, RateLimiterRedis, RateLimiterRes } from 'rate-limiter-flexible'
 import type { Redis } from 'ioredis'
-import QuickLRU from 'quick-lru'
 import { redisHealth, type DownReason } from './redis.ts'
 
 export { RateLimiterRes }
@@ -268,7 +267,7 @@ const SWEEP = 8
  * (found by a review of memory under such a flood: a part of 1.3 GB RSS).
  */
 export class EndingMap<V> extends Map<string, V> {
-  readonly #max: number
+  #max: number
   readonly #endOf: (value: V) => number | null
   readonly #onDrop: ((key: string, value: V) => void) | undefined
 
@@ -313,6 +312,15 @@ export class EndingMap<V> extends Map<string, V> {
   override set(key: string, value: V): this {
     this.begin(key, value)
     return this
+  }
+
+  /** Holds up to `max` from now on (only ever raised: what is held past it stays until it ends). */
+  raise(max: number): void {
+    this.#max = Math.max(this.#max, max)
+  }
+
+  get max(): number {
+    return this.#max
   }
 }
 
@@ -443,7 +451,10 @@ const LEASE_TARGET_MS = 100
 const LEASE_SHARE = 8
 /** Leases of at least this many points are renewed ahead, when a quarter is left. */
 const AHEAD_FROM = 8
-/** Keys with a lease held at once; the least recently used lease is dropped (its points are lost for the window: counted, never given twice). */
+/**
+ * Keys with a lease held at once, for one limit; past it the lease reserved first is dropped (its
+ * points are lost for the window: counted, never given twice).
+ */
 const MAX_LEASES = 10_000
 /** The most a limiter's shared lease map is grown to, with one limit after another over it (see LeasedLimit). */
 const MAX_SHARED_LEASES = 4 * MAX_LEASES
@@ -451,7 +462,7 @@ const MAX_SHARED_LEASES = 4 * MAX_LEASES
 /** The leases of one limiter's counts and the reservations in flight, shared by every LeasedLimit over that limiter (see LeasedLimit). */
 interface Leases {
   readonly windowMs: number
-  readonly byKey: QuickLRU<string, Lease>
+  readonly byKey: EndingMap<Lease>
   readonly reserving: Map<string, Promise<void>>
 }
 
@@ -515,7 +526,7 @@ export class LeasedLimit implements RateLimit {
   readonly #windowMs: number
   readonly #now: () => number
   readonly #ticks: () => number
-  readonly #leases: QuickLRU<string, Lease>
+  readonly #leases: EndingMap<Lease>
   readonly #reserving: Map<string, Promise<void>>
 
   /**
@@ -528,14 +539,18 @@ export class LeasedLimit implements RateLimit {
   constructor(limiter: Limiter, points: number, windowMs: number, now: () => number = Date.now, ticks: () => number = () => performance.now()) {
     let leases = leasesOf.get(limiter)
     if (leases === undefined) {
-      leases = { windowMs, byKey: new QuickLRU<string, Lease>({ maxSize: MAX_LEASES / 2 }), reserving: new Map<string, Promise<void>>() }
+      // A lease is kept a window past its own end (and its next window's, reserved ahead), for the
+      // rate its key was used at (see #reserve); then it is dropped as others are reserved. Before
+      // (found by a review of the lease bounds), a quick-lru of MAX_LEASES / 2, which held up to
+      // twice its size and every ended lease until others pushed it out.
+      leases = { windowMs, byKey: new EndingMap<Lease>(MAX_LEASES, (l) => (l.next ?? l).until + windowMs), reserving: new Map<string, Promise<void>>() }
       leasesOf.set(limiter, leases)
     } else if (leases.windowMs !== windowMs) throw new Error(`LeasedLimits over one limiter must have one window length (${leases.windowMs} ms, not ${windowMs} ms)`)
     // Room for as many leases as each limit had in a map of its own before they were shared (found
     // by a review: 3,000 keys on each of two limits of one window evicted each other's leases, whose
     // points are then lost for the window, and 2.4% of requests under the limit were refused), up
     // to MAX_SHARED_LEASES for however many limits there are.
-    else leases.byKey.resize(Math.min(leases.byKey.maxSize + MAX_LEASES / 2, MAX_SHARED_LEASES))
+    else leases.byKey.raise(Math.min(leases.byKey.max + MAX_LEASES / 2, MAX_SHARED_LEASES))
     this.#leases = leases.byKey
     this.#reserving = leases.reserving
     this.#limiter = limiter
@@ -557,6 +572,11 @@ export class LeasedLimit implements RateLimit {
     return this.#reserving.has(key)
   }
 
+  /** The leases this process holds for every limit over this one's limiter (they share them). */
+  get leasesHeld(): number {
+    return this.#leases.size
+  }
+
   /** Resolves once the leases being reserved now are in place (or failed). */
   async reserved(): Promise<void> {
     await Promise.allSettled(this.#reserving.values())
@@ -570,7 +590,7 @@ export class LeasedLimit implements RateLimit {
       // The window has ended: the next window's lease, if it was reserved ahead, takes over.
       const next = lease.next
       if (next === undefined || now >= next.until) return false
-      this.#leases.set(key, next)
+      this.#leases.begin(key, next, now)
       lease = next
     }
     if (lease.left === 0 || lease.source !== this.#limiter.source || lease.points !== this.points) return false
@@ -606,7 +626,7 @@ export class LeasedLimit implements RateLimit {
     for (let attempt = 0; attempt < 3; attempt++) {
       const answer = this.#taken(key)
       if (answer !== undefined) return answer
-      const lease = this.#leases.get(key)
+      const lease = this.#leases.live(key, this.#now())
       // A refusal holds until its window ends, whichever store answers now, for the limit that
       // was refused (raised, the key may have more; lowered, the store tells).
       if (lease !== undefined && lease.refused && lease.points === this.points) {
@@ -754,7 +774,7 @@ export class LeasedLimit implements RateLimit {
       lease.size += current.left
     }
     if (current !== undefined && current.next !== undefined && current.next.window === window + 1) lease.next = current.next
-    this.#leases.set(key, lease)
+    this.#leases.begin(key, lease, this.#now())
   }
 
   /**

@@ -671,3 +671,23 @@ t.test("the limits of one window share a lease map as large as the maps they eac
   }
   t.equal(refused, 0, '100 requests a key within limits of 100 and 101: none refused')
 })
+
+t.test('the leases a process holds are bounded as documented under a flood of distinct keys, and ended ones are dropped', async (t) => {
+  // Before (found by a review of the lease bounds): a quick-lru sized 5,000, grown by 5,000 a
+  // limit to 40,000, which holds up to twice that (its two generations), and never drops a lease
+  // whose window has ended: 60,000 held here for the documented 40,000, and all of them for as
+  // long as no other key pushed them out.
+  let at = Date.now()
+  const { limit } = limitsOver(`keygate:test:lease-flood-${randomUUID()}`, undefined, () => at)
+  const first = limit(10)
+  for (let i = 0; i < 25_000; i++) await one(first, `one-${i}`)
+  t.equal(first.leasesHeld, 10_000, 'one limit: the 10,000 leases reserved last, no more')
+  const limits = [first, ...Array.from({ length: 7 }, (_, i) => limit(11 + i))]
+  for (let i = 0; i < 100_000; i++) await one(limits[i % limits.length] as LeasedLimit, `many-${i}`)
+  t.equal(first.leasesHeld, 40_000, 'eight limits of one window: 40,000, no more')
+  // Two windows later every lease has ended (kept a window past its end, for the key's rate):
+  // each lease reserved then drops up to 8 of them.
+  at += 3 * 60_000
+  for (let i = 0; i < 5_000; i++) await one(first, `later-${i}`)
+  t.equal(first.leasesHeld, 5_000, 'once ended, they go as others are reserved')
+})
