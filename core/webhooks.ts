@@ -196,6 +196,14 @@ const toDelivery = (r: DeliveryRow): Delivery => ({
   deliveredAt: r.delivered_at === null ? null : new Date(r.delivered_at),
 })
 
+/** Why an attempt's outcome was not recorded: what the delivery, `now`, became since its claim `c`. */
+function unrecorded(c: DeliveryRow, now: DeliveryRow | undefined): string {
+  if (now === undefined) return 'the delivery was deleted with its webhook'
+  if (now.retry_base !== c.retry_base) return 'the delivery was sent again meanwhile'
+  if (now.attempts !== c.attempts) return 'another attempt took the delivery over (this one outlasted its lease)'
+  return `the delivery is ${now.status} already`
+}
+
 /** A claimed delivery with what sending it needs. */
 interface Claimed extends DeliveryRow, SecretColumns {
   url: string
@@ -1018,7 +1026,8 @@ export class WebhookService {
     // count of its claim, it was ended by a PATCH of its webhook's events while in flight: the
     // outcome is still this attempt's, and a receiver that took it got it.
     const mine = 'id = $1 AND attempts = $2 AND status <> \'delivered\''
-    let rows: DeliveryRow[]
+    const fields = { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error }
+    let rows: (DeliveryRow & { ended?: string | null })[]
     if (error === null) {
       rows = await this.#db.query<DeliveryRow>(
         `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
@@ -1035,13 +1044,20 @@ export class WebhookService {
       // answered, it was made pending and retried, where the others the PATCH ended were not.
       // Sent again since (retry_base moved), the failure is not this attempt's to record: it
       // undid the resend (failed on what was the last attempt, else due later).
-      rows = await this.#db.query<DeliveryRow>(
+      // `ended` says why a row ended failed other than by its attempts, for the log.
+      rows = await this.#db.query<DeliveryRow & { ended: string | null }>(
         `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
            status = CASE WHEN d.status = 'pending' AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.${LIVE} AND ${TAKEN}) THEN $3 ELSE 'failed' END
-         WHERE ${mine} AND retry_base = $8 RETURNING ${D_COLUMNS}`,
+         WHERE ${mine} AND retry_base = $8
+         RETURNING ${D_COLUMNS}, (SELECT CASE WHEN NOT w.${LIVE} THEN 'its webhook was deleted' WHEN NOT ${TAKEN} THEN 'its webhook no longer takes ' || d.event_type END
+           FROM webhooks w WHERE w.id = d.webhook_id) AS ended`,
         [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done, c.retry_base],
       )
-      this.#log.warn(failed ? 'webhook delivery failed for good' : 'webhook delivery failed; will retry', { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error })
+      const row = rows[0]
+      if (row?.status === 'pending') this.#log.warn('webhook delivery failed; will retry', { ...fields, next_attempt_at: new Date(row.next_attempt_at).toISOString() })
+      else if (row && !row.ended && failed) this.#log.warn('webhook delivery failed for good', { ...fields, reason: `its ${this.#c.max_attempts} attempts (max_attempts) are made` })
+      // Its webhook taking the event still, and attempts left: a PATCH ended it while in flight.
+      else if (row) this.#log.warn('webhook delivery failed; no further attempt', { ...fields, reason: row.ended ?? 'it was ended while in flight, its event removed from its webhook' })
     }
     if (rows[0]) return toDelivery(rows[0])
     // Taken over (or deleted with its webhook): what the delivery is now. Deleted, it is what this
@@ -1049,6 +1065,7 @@ export class WebhookService {
     // last_status 200 when the webhook was deleted while the receiver answered), else failed, as
     // nothing will try it again.
     const current = await this.#db.query<DeliveryRow>(`SELECT ${D_COLUMNS} FROM webhook_deliveries WHERE id = $1`, [c.id])
+    if (error !== null) this.#log.warn('webhook delivery failed; the outcome is not recorded', { ...fields, reason: unrecorded(c, current[0]) })
     if (current[0]) return toDelivery(current[0])
     const delivered = error === null
     // On the store's clock too: the claim's time there and how long the attempt took.

@@ -2,12 +2,13 @@
 // receivers. An event the webhook no longer takes (a PATCH of `events`) is not sent: its pending
 // deliveries end as failed with the reason, in the log, and are not sent again until the event is
 // taken again; a delivery its transaction queued while the PATCH committed is ended the same way
-// when it comes due. An attempt already in flight ends as it would, and is not retried. A new URL
-// or a rotated secret applies to what is pending. Before (found by a review), a PATCH that
+// when it comes due. An attempt already in flight ends as it would, and is not retried (its warn
+// line says why). A new URL or a rotated secret applies to what is pending. Before (found by a review), a PATCH that
 // removed an event left that event's pending deliveries to be sent and retried as before.
 import t from 'tap'
 import { sleep } from './helpers/gateway.ts'
 import { startAdmin } from './helpers/admin.ts'
+import { createLogger } from '../core/log.ts'
 import { forEachStore } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
 import type http from 'node:http'
@@ -15,7 +16,11 @@ import type http from 'node:http'
 const NOT_TAKEN = /^webhook wh_\S+ no longer takes key\.revoked \(its events changed at \S+\): no further attempt$/
 
 await forEachStore(t, async (t, store) => {
-  const h = await startAdmin(t, store.db, { config: { webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 600_000, retry_base_ms: 20 } } })
+  const lines: Record<string, unknown>[] = []
+  const webhookLog = createLogger({ level: 'debug', write: (line) => void lines.push(JSON.parse(line)) })
+  const h = await startAdmin(t, store.db, { webhookLog, config: { webhooks: { allow_private: ['127.0.0.1/32'], poll_interval_ms: 600_000, retry_base_ms: 20 } } })
+  // What the service logged of a delivery's attempts: message and reason.
+  const said = (id: string) => lines.filter((l) => l.delivery_id === id).map((l) => ({ message: l.message, reason: l.reason }))
   const receiver = await startReceiver(t)
   const register = async (url: string) => {
     const made = await h.call('POST', '/v1/webhooks', { body: { url, events: ['key.revoked', 'key.created'] } })
@@ -119,6 +124,7 @@ await forEachStore(t, async (t, store) => {
     await run()
     t.match(await logged(hook.id, 'msg_inflightfails'), { status: 'failed', attempts: 1, last_status: 503, last_error: 'the receiver answered 503' }, 'refused: failed, not retried')
     t.equal(sent(slow, 'msg_inflightfails'), 1, 'sent once')
+    t.same(said('msg_inflightfails'), [{ message: 'webhook delivery failed; no further attempt', reason: 'its webhook no longer takes key.revoked' }], 'the log says it is not retried, and why')
     t.equal((await h.call('DELETE', `/v1/webhooks/${hook.id}`)).status, 200)
   })
 
@@ -142,6 +148,7 @@ await forEachStore(t, async (t, store) => {
     await run()
     t.match(await logged(hook.id, 'msg_backforth'), { status: 'failed', attempts: 1, last_status: 503, next_attempt_at: null }, 'ended by the PATCH: failed, not made pending again by its answer')
     t.equal(sent(slow, 'msg_backforth'), 1, 'not sent again without a resend')
+    t.same(said('msg_backforth'), [{ message: 'webhook delivery failed; no further attempt', reason: 'it was ended while in flight, its event removed from its webhook' }], 'the log says it is not retried, and why')
 
     // Ended while in flight, on its last attempt (max_attempts 8 since it was last sent again), the
     // webhook paused with it; the event taken again and the delivery resent (it is failed) before
@@ -157,6 +164,7 @@ await forEachStore(t, async (t, store) => {
     held.get('msg_resentinflight')?.writeHead(503).end()
     await h.webhooks.idle()
     t.match(await logged(hook.id, 'msg_resentinflight'), { status: 'pending', attempts: 10 }, 'the answer to the attempt before the resend does not undo it')
+    t.same(said('msg_resentinflight'), [{ message: 'webhook delivery failed; the outcome is not recorded', reason: 'the delivery was sent again meanwhile' }], 'and the log says so: not "failed for good"')
     t.equal((await h.call('PATCH', `/v1/webhooks/${hook.id}`, { body: { enabled: true } })).status, 200)
     await run()
     t.match(await logged(hook.id, 'msg_resentinflight'), { status: 'delivered', attempts: 11, last_status: 204 }, 'sent once enabled')

@@ -130,6 +130,8 @@ export interface AdminHarnessOptions {
   redis?: Redis
   /** The admin server's and its API's log (default: none). */
   log?: Logger
+  /** The webhook service's log (default: none): what it says of each delivery attempt. */
+  webhookLog?: Logger
 }
 
 export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions = {}): Promise<AdminHarness> {
@@ -144,7 +146,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
   const lockout = createLockout({ maxAttempts: config.lockout.max_attempts, windowS: config.lockout.window_s, onLockout: () => metrics.lockouts.inc() })
   const usage = new UsageRecorder({ db, log: silentLogger })
   const events = new EventBus()
-  const webhooks = new WebhookService({ db, cipher, audit, config: config.webhooks, log: silentLogger })
+  const webhooks = new WebhookService({ db, cipher, audit, config: config.webhooks, log: options.webhookLog ?? silentLogger })
   const offQueue = webhooks.bind(events)
   const offKeys = bindKeyEvents(keys, events)
   webhooks.start()
