@@ -145,7 +145,9 @@ export class DenyListService {
    * (`updated`): its expiry becomes the one given (none given: never, as an add), its reason the
    * one given (none given: kept), its id and creation stay; audited as deny_list.updated with the
    * values before. Before, found by a review, the range was a conflict, and an expiry could be
-   * changed only by removing the entry and adding it again, the address open in between.
+   * changed only by removing the entry and adding it again, the address open in between. An add
+   * that restates the entry (the same expiry and reason) changes nothing: the entry as it is,
+   * `updated` (the range was listed already), nothing written, audited or told to listeners.
    */
   async save(input: DenyInput, actor: Actor): Promise<{ entry: DenyEntry; updated: boolean }> {
     const audit = this.#requireAudit()
@@ -165,29 +167,37 @@ export class DenyListService {
     const id = randomBase62(16)
     const columns = 'id, cidr, reason, created_by, created_at, expires_at'
     const saved = await this.#db.transaction(async (tx) => {
-      // An expired entry for the same range is history, not the entry to update.
-      await tx.query('DELETE FROM deny_list WHERE cidr = $1 AND expires_at IS NOT NULL AND expires_at <= $2', [cidr, now])
-      // Another add of the same range committing meanwhile: its row is then the one updated.
-      const inserted = await tx.query<DenyRow>(
-        `INSERT INTO deny_list (${columns}) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cidr) DO NOTHING RETURNING ${columns}`,
-        [id, cidr, input.reason ?? null, actor.actor, now, expiresAt],
-      )
-      if (inserted[0]) {
-        await audit.write(tx, actor, { action: 'deny_list.added', details: { id, cidr, reason: input.reason ?? null, expires_at: expiresAt?.toISOString() ?? null } })
-        return { entry: toEntry(inserted[0]), updated: false }
+      const inForce = `SELECT ${columns} FROM deny_list WHERE cidr = $1 AND (expires_at IS NULL OR expires_at > $2) FOR UPDATE`
+      let held = (await tx.query<DenyRow>(inForce, [cidr, now]))[0]
+      if (!held) {
+        // An expired entry for the same range is history, not the entry to update.
+        await tx.query('DELETE FROM deny_list WHERE cidr = $1 AND expires_at IS NOT NULL AND expires_at <= $2', [cidr, now])
+        // Another add of the same range committing meanwhile: its row is then the one updated.
+        const inserted = await tx.query<DenyRow>(
+          `INSERT INTO deny_list (${columns}) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (cidr) DO NOTHING RETURNING ${columns}`,
+          [id, cidr, input.reason ?? null, actor.actor, now, expiresAt],
+        )
+        if (inserted[0]) {
+          await audit.write(tx, actor, { action: 'deny_list.added', details: { id, cidr, reason: input.reason ?? null, expires_at: expiresAt?.toISOString() ?? null } })
+          return { entry: toEntry(inserted[0]), updated: false, changed: true }
+        }
+        held = (await tx.query<DenyRow>(`SELECT ${columns} FROM deny_list WHERE cidr = $1 FOR UPDATE`, [cidr]))[0]
+        if (!held) throw new KeygateError('conflict', `${cidr} was added and removed by others meanwhile; add it again`, { cidr })
       }
-      const held = (await tx.query<DenyRow>(`SELECT ${columns} FROM deny_list WHERE cidr = $1 FOR UPDATE`, [cidr]))[0]
-      if (!held) throw new KeygateError('conflict', `${cidr} was added and removed by others meanwhile; add it again`, { cidr })
       const reason = input.reason === undefined ? held.reason : input.reason
+      // Restated as it is (the same expiry and reason): nothing to change, so nothing is written,
+      // audited or told to the gateways. Before, found by a review, it was audited as
+      // deny_list.updated, the change mark moved and every gateway read the list again.
+      if (reason === held.reason && (held.expires_at?.getTime() ?? null) === (expiresAt?.getTime() ?? null)) return { entry: toEntry(held), updated: true, changed: false }
       const rows = await tx.query<DenyRow>(`UPDATE deny_list SET reason = $2, expires_at = $3 WHERE id = $1 RETURNING ${columns}`, [held.id, reason, expiresAt])
       await audit.write(tx, actor, {
         action: 'deny_list.updated',
         details: { id: held.id, cidr, reason, expires_at: expiresAt?.toISOString() ?? null, previous: { reason: held.reason, expires_at: held.expires_at?.toISOString() ?? null } },
       })
-      return { entry: toEntry(rows[0] as DenyRow), updated: true }
+      return { entry: toEntry(rows[0] as DenyRow), updated: true, changed: true }
     })
-    this.#emit({ action: 'added', entry: saved.entry })
-    return saved
+    if (saved.changed) this.#emit({ action: 'added', entry: saved.entry })
+    return { entry: saved.entry, updated: saved.updated }
   }
 
   async remove(id: string, actor: Actor): Promise<DenyEntry> {
