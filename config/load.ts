@@ -68,13 +68,8 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
       if (['false', '0', 'no', 'off'].includes(v)) return { ok: true, value: false }
       return { ok: false }
     }
-    case 'Union': {
-      // A choice of words (LOG_LEVEL) in any case, as the booleans above: LOG_LEVEL=INFO is how
-      // many tools take it. What is not one of them is refused as it was given.
-      const words = (schema.anyOf as TSchema[]).map((choice) => choice.const)
-      const word = words.find((w) => typeof w === 'string' && w === raw.trim().toLowerCase())
-      return { ok: true, value: word ?? raw }
-    }
+    case 'Union':
+      return { ok: true, value: choiceWord(schema, raw) ?? raw }
     case 'Array': {
       // An empty item is refused, not dropped: `$A,$B` with B unset, or a stray comma, would
       // quietly shorten the list (a previous encryption key, a trusted proxy).
@@ -87,6 +82,32 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
 }
 
 /**
+ * The word of a choice (log.level) that `raw` is in any letter case, around spaces, as the yes/no
+ * variables are taken: `INFO` is `info`, as many tools write it. One rule for the environment and
+ * the file (before, found by a review, the file refused `level: INFO` that LOG_LEVEL took). What is
+ * none of the words is left as it was given, to be refused naming it.
+ */
+function choiceWord(schema: TSchema, raw: string): string | undefined {
+  const word = raw.trim().toLowerCase()
+  return (schema.anyOf as TSchema[]).map((choice) => choice.const).find((w): w is string => w === word)
+}
+
+/** The file's choices of words (log.level) as the words themselves, by `choiceWord`. */
+function fileChoiceWords(file: Record<string, unknown>): void {
+  for (const leaf of LEAVES) {
+    if (leaf.schema[Kind] !== 'Union') continue
+    const parent = leaf.path.slice(0, -1).reduce<unknown>((at, k) => (isMapping(at) ? at[k] : undefined), file)
+    const key = leaf.path[leaf.path.length - 1] as string
+    if (!isMapping(parent) || typeof parent[key] !== 'string') continue
+    parent[key] = choiceWord(leaf.schema, parent[key]) ?? parent[key]
+  }
+}
+
+function isMapping(value: unknown): value is Record<string, unknown> {
+  return value !== null && typeof value === 'object' && !Array.isArray(value) && foreignValueWords(value) === undefined
+}
+
+/**
  * Sets `value` at `path`; false, setting nothing, where the file put something other than a
  * mapping on the way (`store: "/var/lib/keygate"`): replacing it would hide the file's mistake,
  * which validation reports instead.
@@ -96,7 +117,7 @@ function setPath(target: Record<string, unknown>, path: string[], value: unknown
   for (const k of path.slice(0, -1)) {
     const next = node[k]
     if (next === undefined || next === null) node[k] = {}
-    else if (typeof next !== 'object' || Array.isArray(next) || foreignValueWords(next) !== undefined) return false
+    else if (!isMapping(next)) return false
     node = node[k] as Record<string, unknown>
   }
   node[path[path.length - 1] as string] = value
@@ -546,6 +567,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
     file = defaultConfigFile(env)
   }
   const merged: Record<string, unknown> = file !== undefined ? readYaml(file, problems) : {}
+  fileChoiceWords(merged)
 
   for (const leaf of LEAVES) {
     const sources: Array<[string, string | undefined]> = []
@@ -659,7 +681,8 @@ export function renderConfigDocs(): string {
     'In environment variables and flags, a list is comma-separated (`KEYGATE_TRUSTED_PROXIES=10.0.0.0/8,192.168.0.0/16`), without',
     'empty items (`a,,b`, `a,` and `,` are refused); a list\'s variable that is empty or only spaces is not set (the file\'s list stays),',
     'a yes/no setting takes `true`, `1`, `yes` or `on`, and `false`, `0`, `no` or `off` (in any letter case), and a choice of words',
-    'takes them in any letter case too (`LOG_LEVEL=INFO` is `info`; before, found by a review, it was refused). The file takes the words as listed.',
+    'takes them in any letter case too, in the file as in the environment (`LOG_LEVEL=INFO` and `log: { level: INFO }` are `info`;',
+    'before, found by a review, the variable was refused, and then the file still was).',
     '',
     '| key | default | environment / flag | meaning |',
     '| --- | --- | --- | --- |',

@@ -330,6 +330,14 @@ t.test('every environment variable: a bad value names the variable, the value an
     t.equal(loadConfig({ env: { LOG_LEVEL: raw } }).log.level, level, `LOG_LEVEL=${JSON.stringify(raw)}`)
   }
   t.same(problemsOf({ file, env: { LOG_LEVEL: 'VERBOSE' } }).problems, ['LOG_LEVEL (log.level): "VERBOSE" is not allowed; expected one of debug, info, warn, error'], 'a level of no name still says which are')
+  // The file by the same rule (before, found by a review: `level: INFO` was refused there while
+  // LOG_LEVEL=INFO was taken).
+  for (const [raw, level] of [['INFO', 'info'], ['Debug', 'debug'], [' warn ', 'warn'], ['ERROR', 'error']] as const) {
+    t.equal(loadConfig({ file: yamlFile(t, { log: { level: raw } }), env: {} }).log.level, level, `log.level: ${JSON.stringify(raw)} in the file`)
+  }
+  t.equal(loadConfig({ file: yamlFile(t, { log: { level: 'ERROR' } }), env: { LOG_LEVEL: 'Debug' } }).log.level, 'debug', 'the variable still overrides the file')
+  t.same(problemsOf({ file: yamlFile(t, { log: { level: 'VERBOSE' } }), env: {} }).problems, ['log.level: "VERBOSE" is not allowed; expected one of debug, info, warn, error'], 'in the file too, a level of no name is refused as written')
+  t.same(problemsOf({ file: yamlFile(t, { log: 'INFO' }), env: {} }).problems, ['log: "INFO" is not allowed; expected a mapping with the keys level, access_log'], 'a section written as a word is not taken for its level')
 })
 
 t.test('every problem is reported at once', async (t) => {
