@@ -760,7 +760,7 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(proxied.list()), { code: 'gitea_error', details: { status: 504 }, message: /answered 504 to the request to list the tokens of "alice" with a page of markup \(text\/html\)$/ })
   })
 
-  await t.test("verify: a 401 or 403 that is not Gitea's JSON error is a gitea_error, not a refused token", async (t) => {
+  await t.test("verify: a 401, 403, 404 or 405 that is not Gitea's JSON error is a gitea_error, not a refused token", async (t) => {
     // Before: an SSO proxy's HTML 401 in front of Gitea was reported as the token refused.
     let replace: ((res: http.ServerResponse) => void) | undefined
     const url = await proxyTo(t, fake, {
@@ -781,15 +781,27 @@ await forEachStore(t, async (t, store) => {
       ['JSON without a message', 401, (res) => res.writeHead(401, { 'content-type': 'application/json' }).end('{"error":"unauthorized"}'), /401 with a JSON object with error, not Gitea's answer/],
       ['plain text with the token', 401, (res) => res.writeHead(401, { 'content-type': 'text/plain' }).end(`bad token ${made.sha1}`), /401 with text \(text\/plain\): "bad token \[redacted\]"/],
     ]
-    for (const [what, status, answer, message] of cases) {
+    // Nor is Gitea's router's plain `404 page not found` (GITEA_URL at a path Gitea has no route
+    // for) or its empty 405: before (found by a review), "refused to check the token: 404 404 page
+    // not found", as the token routes once were.
+    const routed: Array<[string, number, (res: http.ServerResponse) => void, RegExp]> = [
+      ["the router's 404", 404, (res) => res.writeHead(404, { 'content-type': 'text/plain; charset=utf-8' }).end('404 page not found\n'), /answered GET \/api\/v1\/user 404 with text \(text\/plain\): "404 page not found", not Gitea's answer: is GITEA_URL Gitea's address\?$/],
+      ['an empty 405', 405, (res) => res.writeHead(405, { allow: 'POST', 'content-length': 0 }).end(), /answered GET \/api\/v1\/user 405 with an empty body \(no content type\), not Gitea's answer/],
+    ]
+    for (const [what, status, answer, message] of [...cases, ...routed]) {
       replace = answer
       const err = await rejection(proxied.verify(made.sha1))
       t.match(err, { code: 'gitea_error', status: 502, details: { status }, message }, `${what}: a gitea_error`)
       t.notMatch(err.message, made.sha1, `${what}: the token is not in the message`)
+      t.notMatch(err.message, /refused/, `${what}: not called a refusal`)
     }
     replace = undefined
     t.match(await proxied.verify(made.sha1), { valid: true, user: { login: 'alice' } }, "Gitea's own answer through the proxy")
     t.match(await proxied.verify('f'.repeat(40)), { valid: false, reason: 'refused' }, "Gitea's own 401: refused")
+    // GITEA_URL with the API path on it: the fake's router answers GET /api/v1/api/v1/user itself.
+    const doubled = new GiteaTokenService(integrationDeps(store.db, env(`${fake.url}/api/v1`)))
+    t.teardown(() => doubled.close())
+    t.match(await rejection(doubled.verify(made.sha1)), { code: 'gitea_error', details: { status: 404 }, message: /"404 page not found", not Gitea's answer: is GITEA_URL Gitea's address\?$/ }, 'GITEA_URL ending in /api/v1: verify says the address is wrong')
     fake.removeToken(made.id)
   })
 

@@ -193,6 +193,14 @@ function sameToken(r: Row, t: GiteaRemoteToken): boolean {
  */
 const gone = (http: IntegrationHttp, res: HttpResponse): boolean => res.status === 404 && http.ownError(res)
 
+/**
+ * The statuses Gitea answers with its own JSON error (an object with a `message`) and something
+ * else may answer too: another server's page (an SSO proxy's 401, a WAF's 403), or Gitea's
+ * router's plain `404 page not found` and empty 405 for a path it has no route for (GITEA_URL
+ * ending in /api/v1, say). Told by `IntegrationHttp.foreignError` on every call keygate makes.
+ */
+const OWN_ERROR_STATUSES: ReadonlySet<number> = new Set([401, 403, 404, 405])
+
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
 
@@ -244,7 +252,7 @@ export class GiteaTokenService {
     // So for 404 and 405: the token routes take these methods, and Gitea's own 404 is JSON; its
     // router's plain `404 page not found` or empty 405, or a proxy's page, says the address leads
     // elsewhere (GITEA_URL ending in /api/v1, say).
-    const foreign = [401, 403, 404, 405].includes(res.status) ? http.foreignError(res, `the request to ${what}`) : undefined
+    const foreign = OWN_ERROR_STATUSES.has(res.status) ? http.foreignError(res, `the request to ${what}`) : undefined
     if (foreign !== undefined) return foreign
     if (res.status === 401) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refused the credentials of ${JSON.stringify(username)} (GITEA_USERNAME/GITEA_PASSWORD): 401 ${message}`)
@@ -696,8 +704,10 @@ export class GiteaTokenService {
     http.secret(secret, { transient: true })
     const res = await http.call('GET', '/api/v1/user', { headers: { authorization: `token ${secret}` } })
     // Gitea's own 401 and 403 are JSON with a message; another server's (an SSO proxy's sign-in
-    // page in front of Gitea) says nothing of the token: before, any 401 reported it refused.
-    if (res.status === 401 || res.status === 403) http.assertOwnError(res, 'GET /api/v1/user')
+    // page in front of Gitea) says nothing of the token: before, any 401 reported it refused. Nor
+    // does its router's 404 or 405: before (found by a review), GITEA_URL ending in /api/v1 was
+    // "refused to check the token: 404 404 page not found".
+    if (OWN_ERROR_STATUSES.has(res.status)) http.assertOwnError(res, 'GET /api/v1/user')
     if (res.status === 401) return { valid: false, reason: 'refused', record }
     if (res.status === 403) {
       // Only the scope check's 403 means an accepted token; the same status also says the owner
