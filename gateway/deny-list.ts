@@ -350,7 +350,11 @@ export class DenyMatcher {
   }
 
   denied(address: string, nowMs: number): boolean {
-    if (nowMs >= this.#nextExpiry) this.#changed(this.#settle(nowMs))
+    // Judged again when an expiry has passed, or when the clock is before the last judgement (set
+    // back: an entry judged expired may be in force again; before, found by a review, it stayed
+    // off until the next reload). Unlike #catchUp, no write per lookup: the judgement's time moves
+    // at a settle or a reload only, so a step back costs one pass, the lookups after it none.
+    if (nowMs >= this.#nextExpiry || nowMs < this.#judgedAtMs) this.#changed(this.#settle(nowMs))
     let hit = this.#memo.get(address)
     if (hit === undefined) {
       const a = parseAddress(address)

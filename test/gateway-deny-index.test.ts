@@ -327,6 +327,29 @@ t.test('a clock stepped forward past an expiry and back again brings the entry b
   t.notOk(m.expire(T - 49_000), 'a later reload with nothing expired changes nothing')
 })
 
+t.test('a clock set back brings an entry expired on the request path back at the next lookup, not the next reload', async (t) => {
+  // Before (found by a review): a lookup judged the entries again only when an expiry passed, so
+  // an entry a clock step back brought back into force stayed off until the next reload
+  // (deny_list_refresh_s). A lookup now also judges them again when the clock is before the last
+  // time they were judged: once per step back, as one comparison per lookup.
+  const T = NOW + 100_000
+  const m = new DenyMatcher(['192.0.2.0/24'])
+  m.setStored([entry('a', '198.51.100.7/32', T), entry('b', '203.0.113.0/24')], T - 100_000)
+  t.ok(m.denied('198.51.100.7', T - 100_000), 'denied before its expiry')
+  t.notOk(m.denied('198.51.100.7', T + 5_000), 'a lookup after the clock stepped past the expiry drops it')
+  t.equal(m.size, 2)
+  const writes = m.indexWrites
+  t.ok(m.denied('198.51.100.7', T - 50_000), 'a lookup after the clock stepped back finds it in force again, no reload between')
+  t.equal(m.size, 3)
+  t.equal(m.indexWrites, writes + 1, 'that entry alone put back')
+  t.same([m.denied('198.51.100.7', T - 49_000), m.denied('203.0.113.9', T - 49_000), m.denied('198.51.100.8', T - 49_000)], [true, true, false], 'later lookups: as before the step')
+  t.notOk(m.expire(T - 48_000), 'and the next reload finds nothing to change')
+  // The same after a reload dropped it: the step back is seen by the lookup.
+  t.ok(m.expire(T + 1), 'a reload past the expiry drops it')
+  t.notOk(m.denied('198.51.100.7', T + 2))
+  t.ok(m.denied('198.51.100.7', T - 1), 'a lookup after the clock stepped back, before the next reload, finds it in force')
+})
+
 t.test('one change among many entries puts into or takes out of the index that entry alone', async (t) => {
   // An operation count, not a time: before (found by a review), a change applied here rebuilt the
   // whole index (apply), and so did the reload after it and every other process's reload, with

@@ -3,7 +3,8 @@
 // a review, every reload read every row: 26 to 156 ms of a gateway's CPU and some 34 ms of
 // PostgreSQL's with 20,000 entries, every 5 s); a change made anywhere (SQL on another connection,
 // another instance's service, a transaction that commits after a reload looked) is read by the
-// next reload; an entry expiring is honoured without a read; a store without the mark is read whole.
+// next reload; an entry expiring is honoured without a read, and brought back by a clock set back
+// at the next request; a store without the mark is read whole.
 import t, { type Test } from 'tap'
 import pg from 'pg'
 import { DenyListService } from '../core/deny-list.ts'
@@ -29,6 +30,17 @@ async function markedGateway(t: Test, store: Store) {
   const h = await startGateway(t, { config: { gateway: { deny_list_refresh_s: 3600 } }, store: { db: store.db, audit, keys, denyList }, now: clock.now })
   const elsewhere = new DenyListService({ db: store.db, audit, now: clock.now })
   return { h, w, clock, elsewhere, k: await h.key() }
+}
+
+/** markedGateway with the client's address denied for 60 s and 192.0.2.1 for good, read by a reload. */
+async function expiringGateway(t: Test, store: Store) {
+  const gateway = await markedGateway(t, store)
+  const { h, clock, elsewhere, k } = gateway
+  await elsewhere.add({ cidr: '127.0.0.1', expiresAt: new Date(clock.now().getTime() + 60_000) }, ACTOR)
+  await elsewhere.add({ cidr: '192.0.2.1' }, ACTOR)
+  await h.gateway.refreshDenyList()
+  t.equal((await h.get('/', bearer(k.key))).status, 403, 'denied before its expiry')
+  return gateway
 }
 
 /** SQL on a connection of its own (PostgreSQL), or on the store directly (the embedded store has one connection). */
@@ -94,11 +106,7 @@ t.test('an unchanged reload reads the mark, not the rows; every change is read b
 
 t.test('an entry expiring is honoured by a reload that reads nothing; a clock set back reads again', async (t) => {
   await forEachStore(t, async (t, store) => {
-    const { h, w, clock, elsewhere, k } = await markedGateway(t, store)
-    await elsewhere.add({ cidr: '127.0.0.1', expiresAt: new Date(clock.now().getTime() + 60_000) }, ACTOR)
-    await elsewhere.add({ cidr: '192.0.2.1' }, ACTOR)
-    await h.gateway.refreshDenyList()
-    t.equal((await h.get('/', bearer(k.key))).status, 403)
+    const { h, w, clock, elsewhere, k } = await expiringGateway(t, store)
     const before = rowReads(w.statements)
     clock.advance(61_000)
     await h.gateway.refreshDenyList()
@@ -113,6 +121,20 @@ t.test('an entry expiring is honoured by a reload that reads nothing; a clock se
     await h.gateway.refreshDenyList()
     t.equal(rowReads(w.statements), before + 2, 'a clock set back before the last read reads again')
     t.equal(await entriesInForce(h), 3, 'and what that read had left out as expired is in force again')
+  })
+})
+
+t.test('a clock set back brings an entry that expired between reloads back at the next request, no reload between', async (t) => {
+  // Before (found by a review): the request path judged the entries again only when an expiry
+  // passed, and the entry stayed off until the next reload (here an hour away).
+  await forEachStore(t, async (t, store) => {
+    const { h, w, clock, k } = await expiringGateway(t, store)
+    const reads = w.statements.length
+    clock.advance(61_000)
+    t.equal((await h.get('/', bearer(k.key))).status, 200, 'past its expiry, the request is let through')
+    clock.advance(-30_000)
+    t.equal((await h.get('/', bearer(k.key))).status, 403, 'the clock set back before its expiry: denied again at once')
+    t.equal(w.statements.length, reads, 'with no reload and no read of the store')
   })
 })
 
