@@ -338,6 +338,15 @@ t.test("n8n: a 401 or 403 that is not n8n's JSON error, to the login or a sessio
   t.match(await rejection(n8nAt(t, url).list()), { code: 'n8n_auth_failed', message: /refused the login of "owner@example\.test" \(N8N_EMAIL\/N8N_PASSWORD\): 401 Wrong username or password/ }, "n8n's own 401 to the login")
 })
 
+/**
+ * n8n's answer for a path it has no route for (Express's last handler, as n8n 1.123.0 answers GET
+ * /api/v1/workflows with its public API disabled), headers and body as it sends them.
+ */
+function n8nNoRoute(res: http.ServerResponse, request: string): void {
+  res.writeHead(404, { 'content-security-policy': "default-src 'none'", 'x-content-type-options': 'nosniff', 'content-type': 'text/html; charset=utf-8' })
+  res.end(`<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>Error</title>\n</head>\n<body>\n<pre>Cannot ${request}</pre>\n</body>\n</html>\n`)
+}
+
 t.test('n8n: an expired session logs in again once; a disabled public API is named', async (t) => {
   let logins = 0
   let sessionValid = true
@@ -356,7 +365,7 @@ t.test('n8n: an expired session logs in again once; a disabled public API is nam
     if (req.url?.startsWith('/api/v1/workflows')) {
       const key = req.headers['x-n8n-api-key']
       if (key === 'scope-less-key') return json(res, 403, { message: 'Forbidden' })
-      if (!publicApi) return res.writeHead(404).end()
+      if (!publicApi) return n8nNoRoute(res, 'GET /api/v1/workflows')
       return json(res, key === 'good-key' ? 200 : 401, key === 'good-key' ? { data: [], nextCursor: null } : { message: 'unauthorized' })
     }
   })
@@ -415,6 +424,24 @@ t.test('n8n verify: a 200 that is not n8n\'s workflow list is an n8n_error namin
     answer = (res) => res.writeHead(status, { 'content-type': 'text/html' }).end(`<h1>${status}</h1>`)
     t.match(await rejection(keys.verify(KEY)), { code: 'n8n_error', message: new RegExp(`answered GET /api/v1/workflows ${status} with a page of markup \\(text/html\\), not n8n's answer`) }, `a ${status} page: an n8n_error`)
   }
+
+  // Only n8n's own page for a disabled public API says so. Before (found by a review), every 404
+  // did: a proxy's page, and N8N_URL ending in /api/v1 (n8n's public API answers its JSON 404 for
+  // /api/v1/api/v1/workflows; with the API disabled, n8n's page names that path).
+  answer = (res) => n8nNoRoute(res, 'GET /api/v1/workflows')
+  t.match(await rejection(keys.verify(KEY)), { code: 'n8n_error', status: 502, details: { status: 404 }, message: /^n8n at http:\/\/127\.0\.0\.1:\d+ has no public API \(N8N_PUBLIC_API_DISABLED\)$/ }, "n8n's page for a disabled public API")
+  const notN8n = /answered GET \/api\/v1\/workflows 404 with a page of markup \(text\/html\), not n8n's answer: is N8N_URL n8n's address\?$/
+  answer = (res) => res.writeHead(404, { 'content-type': 'text/html' }).end('<html><body><h1>404 Not Found</h1><hr>nginx</body></html>')
+  const proxied = await rejection(keys.verify(KEY))
+  t.match(proxied, { code: 'n8n_error', details: { status: 404 }, message: notN8n }, "a proxy's 404 page: not n8n's answer")
+  t.notMatch(proxied.message, /N8N_PUBLIC_API_DISABLED/, "a proxy's 404 page: not told as the public API disabled")
+  // N8N_URL ending in /api/v1: n8n is asked GET /api/v1/api/v1/workflows.
+  let nested: (res: http.ServerResponse) => void = (res) => json(res, 404, { message: 'not found' })
+  const misplaced = await scripted(t, (req, res) => (req.url?.startsWith('/api/v1/api/v1/workflows?') ? nested(res) : res.writeHead(500).end()))
+  const under = n8nAt(t, `${misplaced}/api/v1`)
+  t.match(await rejection(under.verify(KEY)), { code: 'n8n_error', details: { status: 404 }, message: /^n8n at http:\/\/127\.0\.0\.1:\d+\/api\/v1 has no route GET \/api\/v1\/workflows in its public API \(404 not found\): is N8N_URL n8n's address, without \/api\/v1\?$/ }, "N8N_URL ending in /api/v1, its public API's JSON 404: named")
+  nested = (res) => n8nNoRoute(res, 'GET /api/v1/api/v1/workflows')
+  t.match(await rejection(under.verify(KEY)), { code: 'n8n_error', details: { status: 404 }, message: notN8n }, "N8N_URL ending in /api/v1, the public API disabled: n8n's page names another path")
 
   // The real command: exit 1 with the reason, not exit 0 and "valid".
   answer = (res) => res.writeHead(200, { 'content-type': 'text/plain' }).end('OK')

@@ -129,6 +129,28 @@ function madeKey(http: IntegrationHttp, res: HttpResponse): { created: N8nRemote
   return { created, key }
 }
 
+/**
+ * What n8n answers the verify's GET with while its public API is disabled (N8N_PUBLIC_API_DISABLED):
+ * no route is mounted there, and Express's last handler answers 404 with its page naming the path,
+ * `<pre>Cannot GET /api/v1/workflows</pre>` (checked against n8n 1.123.0). The path is n8n's root
+ * one, as n8n sees it at its root or behind a proxy that takes a prefix off.
+ */
+const PUBLIC_API_OFF = '<pre>Cannot GET /api/v1/workflows</pre>'
+
+/**
+ * The `n8n_error` of a 404 to GET /api/v1/workflows: n8n's page for a disabled public API; its
+ * public API's own JSON 404 (`{"message": "not found"}`), for a path it has no route for, as with
+ * N8N_URL ending in /api/v1; or another server's answer (a proxy's page, a path n8n does not serve).
+ */
+function notFoundAnswer(http: IntegrationHttp, res: HttpResponse): KeygateError {
+  if (typeof res.body === 'string' && res.body.includes(PUBLIC_API_OFF)) {
+    return new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no public API (N8N_PUBLIC_API_DISABLED)`, { status: 404 })
+  }
+  const foreign = http.foreignError(res, 'GET /api/v1/workflows')
+  if (foreign !== undefined) return foreign
+  return new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no route GET /api/v1/workflows in its public API (404 ${http.messageOf(res)}): is N8N_URL n8n's address, without /api/v1?`, { status: 404 })
+}
+
 const KEY_SHAPE = /^[\x21-\x7e]{1,4096}$/
 const SESSION_COOKIE = 'n8n-auth'
 
@@ -441,7 +463,9 @@ export class N8nKeyService {
       if (res.status === 401) return { valid: false, reason: 'refused', record }
       return { valid: true, note: 'n8n accepted the key; it lacks the workflow:list scope the check reads with', record }
     }
-    if (res.status === 404) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no public API (N8N_PUBLIC_API_DISABLED)`, { status: 404 })
+    // Only n8n's own 404s say something of its public API (before, found by a review, any 404 was
+    // "has no public API", a proxy's page and N8N_URL ending in /api/v1 among them).
+    if (res.status === 404) throw notFoundAnswer(http, res)
     if (res.status !== 200) throw http.failure('check the API key', res)
     // Only n8n's own list counts (`{data: [...], nextCursor}`): before, any 200 was "valid", so a
     // key checked against a server that is not n8n (a wrong N8N_URL: a proxy's page, another
