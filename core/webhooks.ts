@@ -1027,7 +1027,7 @@ export class WebhookService {
     // outcome is still this attempt's, and a receiver that took it got it.
     const mine = 'id = $1 AND attempts = $2 AND status <> \'delivered\''
     const fields = { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error }
-    let rows: (DeliveryRow & { ended?: string | null })[]
+    let rows: (DeliveryRow & { ended?: string | null; paused?: boolean | null })[]
     if (error === null) {
       rows = await this.#db.query<DeliveryRow>(
         `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
@@ -1045,16 +1045,19 @@ export class WebhookService {
       // Sent again since (retry_base moved), the failure is not this attempt's to record: it
       // undid the resend (failed on what was the last attempt, else due later).
       // `ended` says why a row ended failed other than by its attempts, for the log.
-      rows = await this.#db.query<DeliveryRow & { ended: string | null }>(
+      rows = await this.#db.query<DeliveryRow & { ended: string | null; paused: boolean | null }>(
         `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
            status = CASE WHEN d.status = 'pending' AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.${LIVE} AND ${TAKEN}) THEN $3 ELSE 'failed' END
          WHERE ${mine} AND retry_base = $8
          RETURNING ${D_COLUMNS}, (SELECT CASE WHEN NOT w.${LIVE} THEN 'its webhook was deleted' WHEN NOT ${TAKEN} THEN 'its webhook no longer takes ' || d.event_type END
-           FROM webhooks w WHERE w.id = d.webhook_id) AS ended`,
+           FROM webhooks w WHERE w.id = d.webhook_id) AS ended, (SELECT NOT w.enabled FROM webhooks w WHERE w.id = d.webhook_id) AS paused`,
         [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done, c.retry_base],
       )
       const row = rows[0]
-      if (row?.status === 'pending') this.#log.warn('webhook delivery failed; will retry', { ...fields, next_attempt_at: new Date(row.next_attempt_at).toISOString() })
+      // Paused (by a PATCH while in flight, or a test send to it), its webhook holds the retry until
+      // it is enabled again: before (found by a review), the line gave a time that was not kept.
+      const held = row?.paused === true ? { held: 'webhook paused: retried once it is enabled again, not before' } : {}
+      if (row?.status === 'pending') this.#log.warn('webhook delivery failed; will retry', { ...fields, next_attempt_at: new Date(row.next_attempt_at).toISOString(), ...held })
       else if (row && !row.ended && failed) this.#log.warn('webhook delivery failed for good', { ...fields, reason: `its ${this.#c.max_attempts} attempts (max_attempts) are made` })
       // Its webhook taking the event still, and attempts left: a PATCH ended it while in flight.
       else if (row) this.#log.warn('webhook delivery failed; no further attempt', { ...fields, reason: row.ended ?? 'it was ended while in flight, its event removed from its webhook' })

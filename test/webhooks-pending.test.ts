@@ -171,6 +171,40 @@ await forEachStore(t, async (t, store) => {
     t.equal((await h.call('DELETE', `/v1/webhooks/${hook.id}`)).status, 200)
   })
 
+  await t.test("a failed attempt of a paused webhook: its log line says the retry is held until the webhook is enabled again", async (t) => {
+    // Before (found by a review), the line said "will retry" at next_attempt_at alone, a time the
+    // paused webhook does not keep.
+    const inFlight = new Map<string, http.ServerResponse>()
+    const refusing = await startReceiver(t, (hk, res) => (hk.id === 'msg_pausedinflight' && !inFlight.has(hk.id) ? inFlight.set(hk.id, res) : res.writeHead(503).end()))
+    const hook = await register(`${refusing.url}/paused`)
+    const retryLine = (id: string) => lines.filter((l) => l.delivery_id === id && l.message === 'webhook delivery failed; will retry').map((l) => ({ next: typeof l.next_attempt_at, held: l.held }))
+    const HELD = [{ next: 'string', held: 'webhook paused: retried once it is enabled again, not before' }]
+    await queue(hook.id, 'msg_enabledrefused', 'key.revoked')
+    await run()
+    // The first line only: under load, the round may come to its retry (20 ms on) too.
+    t.same(retryLine('msg_enabledrefused')[0], { next: 'string', held: undefined }, 'enabled: a retry at next_attempt_at, nothing held')
+    // Paused while the receiver holds the attempt, which it then refuses.
+    await queue(hook.id, 'msg_pausedinflight', 'key.revoked')
+    h.webhooks.kick()
+    await refusing.waitFor((hk) => hk.id === 'msg_pausedinflight')
+    t.equal((await h.call('PATCH', `/v1/webhooks/${hook.id}`, { body: { enabled: false } })).status, 200)
+    inFlight.get('msg_pausedinflight')?.writeHead(503).end()
+    await h.webhooks.idle()
+    t.same(retryLine('msg_pausedinflight'), HELD, 'paused while in flight: the line says the retry is held')
+    // A test send to the paused webhook, refused.
+    const tested = await h.call('POST', `/v1/webhooks/${hook.id}/test`)
+    t.match(tested.json, { status: 'pending', last_status: 503 })
+    t.same(retryLine(tested.json.id), HELD, 'a test send to it: the same')
+    await sleep(50) // past retry_base_ms
+    await run()
+    t.equal(sent(refusing, 'msg_pausedinflight'), 1, 'held indeed: not sent again while paused')
+    t.equal(sent(refusing, tested.json.id), 1, 'nor the test send')
+    t.equal((await h.call('PATCH', `/v1/webhooks/${hook.id}`, { body: { enabled: true } })).status, 200)
+    await run()
+    t.ok(sent(refusing, 'msg_pausedinflight') >= 2, 'enabled again: retried')
+    t.equal((await h.call('DELETE', `/v1/webhooks/${hook.id}`)).status, 200)
+  })
+
   await t.test('a new URL and a rotated secret apply to the deliveries pending', async (t) => {
     const hook = await register(`${receiver.url}/before`)
     await queue(hook.id, 'msg_moved', 'key.revoked', 1)
