@@ -10,7 +10,7 @@ export default defineOperation({
   tag: 'deny list',
   summary: 'Add a deny list entry, or update the one for that range',
   description:
-    'The address or range is stored normalised (IPv4-mapped IPv6 as IPv4, a range as its network). A range already listed is updated, not added again: its `expires_at` becomes the one given (omitted or null: never), its `reason` the one given (omitted: kept), its id and `created_at` stay; answered 200 instead of 201, audited as deny_list.updated. One restated as it is (the same `expires_at` and `reason`) is left so: answered 200 with the entry, nothing audited or changed.',
+    'The address or range is stored normalised (IPv4-mapped IPv6 as IPv4, IPv6 compressed in lower case, one address without /32 or /128); a range with host bits set (10.1.2.3/8) is refused, naming the network it would cover. A range already listed is updated, not added again: its `expires_at` becomes the one given (omitted or null: never), its `reason` the one given (omitted: kept), its id and `created_at` stay; answered 200 instead of 201, audited as deny_list.updated. One restated as it is (the same `expires_at` and `reason`) is left so: answered 200 with the entry, nothing audited or changed.',
   body: AddDenyBody,
   bodyExample: { cidr: '192.0.2.0/24', reason: 'scanner' },
   response: { status: 201, description: 'The entry was added.', schema: DenyEntrySchema },
