@@ -12,7 +12,7 @@ import { deepFreeze, hideConfigSecrets, loadConfig, unknownEnvNames } from '../c
 import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
-import { closeWaiting, destroyConnections, closeAfterAnswers, HEAD_GRACE_MS, nodeHttp } from '../core/http.ts'
+import { closeWaiting, destroyConnections, closeAfterAnswers, nodeHttp } from '../core/http.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
@@ -706,7 +706,7 @@ async function closeServer(server: http.Server | undefined, timeoutMs: number): 
   await new Promise<void>((resolve) => {
     server.close(() => resolve())
     server.closeIdleConnections()
-    stopClosing = closeWaiting(server, Math.min(HEAD_GRACE_MS, timeoutMs))
+    stopClosing = closeWaiting(server, timeoutMs)
     closeAfterAnswers(server)
     deadline = setTimeout(() => destroyConnections(server), timeoutMs)
   })

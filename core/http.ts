@@ -85,7 +85,7 @@ export function decodedHasDotSegments(bytes: string): boolean {
  * wait ends early at a response `stopAt` accepts (one that will never finish), handed to `then`.
  */
 export function afterResponses(socket: Duplex, then: (pending: ServerResponse | undefined) => void, stopAt?: (res: ServerResponse) => boolean): void {
-  const res = (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage ?? undefined
+  const res = answerOn(socket)
   if (res === undefined || socket.destroyed || stopAt?.(res) === true) {
     then(res)
     return
@@ -163,6 +163,14 @@ export function headersTimeoutOptions(headersTimeoutMs: number): Pick<http.Serve
   return { headersTimeout: headersTimeoutMs, connectionsCheckingInterval: Math.max(50, Math.min(1000, Math.floor(headersTimeoutMs / 4))) }
 }
 
+/**
+ * The response Node is writing on `socket` now (its `_httpMessage`, as Node's own clientError
+ * handler reads it): set from a request's parsed head until its answer ends, so a request in flight.
+ */
+function answerOn(socket: Duplex): ServerResponse | undefined {
+  return (socket as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage ?? undefined
+}
+
 /** Writes a whole HTTP/1.1 response on a socket and ends it (upgrades, parser errors). */
 export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHeaders, body: string): void {
   if (!socket.writable) {
@@ -219,10 +227,10 @@ const taken = new WeakSet<Duplex>()
 
 /**
  * How long a connection without a whole request head (or TLS handshake) at a shutdown has to
- * finish it: a head arrives within a round trip or two, and one finished in time is a request
- * like any other. Then the connection is closed (`closeWaiting`).
+ * finish it, within the shutdown's deadline: a head arrives within a round trip or two, and one
+ * finished in time is a request like any other. Then the connection is closed (`closeWaiting`).
  */
-export const HEAD_GRACE_MS = 1000
+const HEAD_GRACE_MS = 1000
 
 /**
  * Keeps the raw connections of `server`, from their first byte: `closeAllConnections` reaches
@@ -257,22 +265,20 @@ export function trackConnections(server: Server): void {
 /**
  * At a shutdown, once `server` no longer accepts: ends its connections that hold no request. One
  * whose client has sent nothing yet, or is part-way through a request head or a TLS handshake, is
- * given `graceMs` to finish a head, and ended then if it has not (one answered and closing on its
- * own is left to end). One that has sent nothing is not ended at once, as an idle keep-alive one
- * is: a client that connected just before the signal may have sent its request already, its
+ * given HEAD_GRACE_MS (at most `deadlineMs`, the shutdown's) to finish a head, and ended then if
+ * it has not (one answered and closing on its own is left to end). One that has sent nothing is
+ * not ended at once, as an idle keep-alive one is: a client that connected just before the signal may have sent its request already, its
  * bytes still on their way or not yet read, and a client retries a request on a keep-alive
  * connection closed under it, not its first one on a new connection. Returns what stops the wait.
  */
-export function closeWaiting(server: Server, graceMs: number): () => void {
+export function closeWaiting(server: Server, deadlineMs: number): () => void {
   const connections = tracked.get(server)
   if (connections === undefined) return () => {}
   const timer = setTimeout(() => {
     for (const http of connections.values()) {
-      // A response not yet finished is a request in flight (as in afterResponses).
-      const answering = (http as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
-      if (!answering && !taken.has(http) && !http.writableEnded) http.destroy()
+      if (answerOn(http) === undefined && !taken.has(http) && !http.writableEnded) http.destroy()
     }
-  }, graceMs)
+  }, Math.min(HEAD_GRACE_MS, deadlineMs))
   return () => clearTimeout(timer)
 }
 
@@ -285,7 +291,7 @@ export function closeWaiting(server: Server, graceMs: number): () => void {
  */
 export function closeAfterAnswers(server: Server): void {
   for (const http of tracked.get(server)?.values() ?? []) {
-    const res = (http as Duplex & { _httpMessage?: ServerResponse | null })._httpMessage
+    const res = answerOn(http)
     if (res && !res.headersSent) res.shouldKeepAlive = false
   }
 }

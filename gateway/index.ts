@@ -30,7 +30,7 @@ import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
 import { createRequestCheckStage } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
-import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, HEAD_GRACE_MS, hasBody, headersTimeoutOptions, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
+import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, hasBody, headersTimeoutOptions, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import { keyChallenges, logAccess, loggedPath, record, sendError, socketAddress } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
@@ -535,7 +535,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       await stopSubscription?.()
       const closed = new Promise<boolean>((resolve) => server.close(() => resolve(true)))
       server.closeIdleConnections()
-      const stopClosing = closeWaiting(server, Math.min(HEAD_GRACE_MS, timeoutMs))
+      const stopClosing = closeWaiting(server, timeoutMs)
       // Connections become idle as their last response ends; close them as they do.
       const sweep = setInterval(() => server.closeIdleConnections(), 25)
       let deadline: NodeJS.Timeout | undefined
