@@ -176,9 +176,11 @@ export class DenyMatcher {
     return this.#indexWrites
   }
 
-  #parse(cidr: string): Prefix | undefined {
+  /** An entry as held, not yet in the index; its range parsed, unless `old` (the entry of its id held before) had the same one. */
+  #entry(old: Stored | undefined, cidr: string, expiresAt: number): Stored {
+    if (old !== undefined && old.cidr === cidr) return { cidr, prefix: old.prefix, expiresAt, indexed: false }
     this.#parsed++
-    return toPrefix(cidr)
+    return { cidr, prefix: toPrefix(cidr), expiresAt, indexed: false }
   }
 
   #index1(s: Stored, nowMs: number): boolean {
@@ -247,7 +249,7 @@ export class DenyMatcher {
         next.set(e.id, old)
         fresh.delete(e.id)
       } else {
-        next.set(e.id, { cidr: e.cidr, prefix: old !== undefined && old.cidr === e.cidr ? old.prefix : this.#parse(e.cidr), expiresAt, indexed: false })
+        next.set(e.id, this.#entry(old, e.cidr, expiresAt))
         fresh.add(e.id)
       }
     }
@@ -341,7 +343,7 @@ export class DenyMatcher {
       this.#stored.delete(id)
     }
     if (change.action === 'added') {
-      const s: Stored = { cidr, prefix: old !== undefined && old.cidr === cidr ? old.prefix : this.#parse(cidr), expiresAt: expiresAt ? expiresAt.getTime() : Infinity, indexed: false }
+      const s = this.#entry(old, cidr, expiresAt ? expiresAt.getTime() : Infinity)
       this.#stored.set(id, s)
       if (this.#index1(s, nowMs)) changed = true
     }
