@@ -138,9 +138,10 @@ export interface LockoutOptions {
 export function createLockout(options: LockoutOptions): Lockout {
   const { maxAttempts, windowS, redis, log } = options
   const limiter: Limiter = createLimiter({ points: maxAttempts, durationS: windowS, keyPrefix: LOCKOUT_KEY_PREFIX, redis, cluster: options.cluster === true })
-  // The end of each lockout in force, at most MIRROR_MAX, in the order they began (one window
-  // each, so the first to begin is the first to end; before, found by a review, a quick-lru held
-  // up to twice MIRROR_MAX). An address dropped while locked out is let in again (a right key gets
+  // The end of each lockout in force, at most MIRROR_MAX, in the order they began (each ends
+  // within a window of its start, not always in that order: past the bound the first to begin is
+  // dropped, which may be in force still where one begun later has ended; before, found by a
+  // review, a quick-lru held up to twice MIRROR_MAX). An address dropped while locked out is let in again (a right key gets
   // through, a failure locks it out again): counted, for an operator to see the bound reached.
   const locked = new EndingMap<number>(MIRROR_MAX, (until) => until, (_address, until) => until > Date.now() && options.onForgotten?.())
   // When each address was last lifted here (told by `unlock:<at>:<address>`, or lifted by this
