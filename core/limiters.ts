@@ -410,8 +410,15 @@ interface Lease {
   readonly res: RateLimiterRes
   /** Points reserved in the store and not yet used by this process. */
   left: number
-  /** Points the reservation took, and when (on the ticks clock, performance.now() outside tests): the next one is sized to the rate they were used at. */
+  /** Points the reservation took (with what the lease it renewed still held), and when they began to be used (on the ticks clock, performance.now() outside tests): the next one is sized to the rate they were used at. */
   size: number
+  /**
+   * When the store's answer came back, or for a lease reserved ahead, when its window began and it
+   * took over. Before (found by the suite failing under load), when it was asked for: a renewal
+   * the store took 30 ms to answer, asked about on the next window a request later, measured the
+   * key's rate as one point over 30 ms, and the busy key's next window began with a lease of 3
+   * points, too small to be renewed ahead, so its requests waited for the store.
+   */
   at: number
   /** The key's rate (points per ms) this lease was sized by. */
   rate: number
@@ -591,6 +598,7 @@ export class LeasedLimit implements RateLimit {
       const next = lease.next
       if (next === undefined || now >= next.until) return false
       this.#leases.begin(key, next, now)
+      next.at = this.#ticks()
       lease = next
     }
     if (lease.left === 0 || lease.source !== this.#limiter.source || lease.points !== this.points) return false
@@ -749,9 +757,10 @@ export class LeasedLimit implements RateLimit {
       size = Math.max(1, keep)
       remaining = 0
     }
+    const at = this.#ticks()
     const lease: Lease = refused
-      ? { points: this.points, res: answer.res, left: 0, size: 1, at: now, rate: 0, source, carried: carry, own: 0, remaining: 0, window, until, refused: true, next: undefined }
-      : { points: this.points, res: answer.res, left: size, size, at: now, rate, source, carried: carry, own: size, remaining, window, until, refused: false, next: undefined }
+      ? { points: this.points, res: answer.res, left: 0, size: 1, at, rate: 0, source, carried: carry, own: 0, remaining: 0, window, until, refused: true, next: undefined }
+      : { points: this.points, res: answer.res, left: size, size, at, rate, source, carried: carry, own: size, remaining, window, until, refused: false, next: undefined }
     const current = this.#leases.get(key)
     if (ahead) {
       // Used once this window ends; dropped (counted, unused) if the current lease has gone meanwhile.

@@ -294,6 +294,42 @@ t.test("a renewal that comes back after its window ended does not replace the ne
   t.ok(l.take('k'), 'and still does once the renewal for the ended window has come back')
 })
 
+t.test("a renewal the store was slow to answer does not make a busy key look slow: its next window's lease is sized to the key's rate", async (t) => {
+  const clock = pinned('k', 60)
+  let ticks = 0
+  const l = leased(1_000_000, 60, 'test', undefined, clock.now, () => ticks)
+  const step = () => {
+    ticks++
+    clock.set(clock.now() + 1)
+  }
+  // A request a millisecond, each reservation answered at once, until a renewal is asked ahead.
+  for (let i = 0; i < 1000 && !l.reserving('k'); i++) {
+    if (!l.take('k')) await l.consume('k')
+    if (!l.reserving('k')) await l.reserved()
+    step()
+  }
+  t.ok(l.reserving('k'), 'a renewal was asked ahead')
+  // That renewal is slow to come back (on the rate's clock, 45 ms): the key goes on using what its
+  // lease holds, then one request waits. Meanwhile the windows' clock comes within 100 ms of the end.
+  clock.set(clock.windowEnd - 90)
+  while (l.take('k')) step()
+  ticks += 20
+  await l.consume('k')
+  step()
+  // The next request is in the window's last 100 ms: the next window's first lease is reserved.
+  t.ok(l.take('k'), 'a request from the renewed lease')
+  await l.reserved()
+  clock.set(clock.windowEnd + 1)
+  let answered = 0
+  for (; answered < 50 && l.take('k'); answered++) {
+    await l.reserved()
+    step()
+  }
+  // Before, a lease was timed from when it was asked for, so the renewal looked 46 ms old after one
+  // request, the key's rate 1/46 of what it was, and the next window's lease held 2 points.
+  t.equal(answered, 50, `the next window's requests were answered from its lease reserved ahead (${answered} of 50 before one had to wait)`)
+})
+
 t.test("every process agrees on a key's windows, and keys' windows start at different moments", async (t) => {
   const a = leased(1000, 60, 'test-a')
   const b = leased(1000, 60, 'test-b')
