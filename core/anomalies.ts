@@ -908,6 +908,7 @@ export class AnomalyFeed {
   #stop: () => void
   #ready: () => Promise<void> = () => Promise.resolve()
   #position: () => bigint | undefined = () => undefined
+  #closed = false
 
   /**
    * With Redis, `history` (the table) is required: it is the only source of what is streamed. A
@@ -1156,13 +1157,25 @@ export class AnomalyFeed {
     return this.#position()
   }
 
-  /** `onClose` is called when the feed closes (shutdown: the stream ends). Returns the unsubscriber. */
+  /**
+   * `onClose` is called when the feed closes (shutdown: the stream ends), soon after this call when
+   * it has closed already. Returns the unsubscriber.
+   */
   on(listener: AnomalyListener, onClose?: () => void): () => void {
+    // A stream whose request was in flight as the stop began (its handler reading the store) comes
+    // after the close: it ends as the others did. Before (found by a review), it listened on the
+    // closed feed, nothing ended it, and the stop waited for its connection until its deadline
+    // (gateway.shutdown_timeout_ms) cut it. After this call returns: the caller holds the unsubscriber.
+    if (this.#closed) {
+      if (onClose) queueMicrotask(onClose)
+      return () => {}
+    }
     this.#listeners.set(listener, onClose)
     return () => this.#listeners.delete(listener)
   }
 
   close(): void {
+    this.#closed = true
     const closing = [...this.#listeners.values()]
     this.#listeners.clear()
     // Once: serve closes the feed as its stop begins and again at its end, and a second

@@ -278,6 +278,24 @@ t.test('one credential holds at most admin.max_streams_per_credential streams op
   t.equal((await h.call('GET', '/v1/anomalies')).status, 200, 'the rest of the admin API is not limited by it')
 })
 
+t.test('a stream that begins once the feed has closed (its request in flight as the stop began) ends at once, rather than holding the stop until its deadline (found by a review)', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { admin: { max_streams_per_credential: 1 } } })
+  // What serve's stop does first: the open streams end, so the admin listener can close. A stream
+  // whose request was past its credential check then (its handler reading the store) begins after it.
+  h.anomalyFeed.close()
+  const s = await h.stream('/v1/anomalies/stream')
+  t.teardown(() => s.close())
+  t.equal(s.status, 200, 'it begins, with its id line to resume from')
+  // Before, it listened on the closed feed, which never ended it: the stop waited for its
+  // connection until gateway.shutdown_timeout_ms (10 s) and then cut it.
+  t.equal(h.anomalyFeed.listeners, 0, 'no listener is left on the closed feed')
+  t.equal(await s.next().then(() => 'an event', () => 'ended'), 'ended', 'and it ends, as those open at the stop did')
+  const again = await h.stream('/v1/anomalies/stream')
+  t.teardown(() => again.close())
+  t.equal(again.status, 200, 'its stream slot is free again')
+})
+
 t.test("a stream ends when its admin key no longer holds the stream's address; HEAD answers without a stream", async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db, { config: { admin: { stream_heartbeat_s: 1, max_streams_per_credential: 1 } } })
