@@ -10,8 +10,8 @@ import type { Redis } from 'ioredis'
 import QuickLRU from 'quick-lru'
 import type { Config } from '../config/schema.ts'
 import type { Actor, AuditLog } from './audit.ts'
-import type { Db } from './db.ts'
-import type { EventBus } from './events.ts'
+import type { Db, Queryable } from './db.ts'
+import type { EventBus, KeygateEvent } from './events.ts'
 import type { Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { TimedOut, within } from './deadline.ts'
@@ -106,9 +106,9 @@ export class AnomalyLog {
     this.#db = db
   }
 
-  /** Inserts a finding unless its key, type and window already have one; the new row, or undefined. */
-  async insert(a: { keyId: string; type: AnomalyType; windowStart: Date; details: Record<string, unknown>; detectedAt: Date }): Promise<Anomaly | undefined> {
-    const rows = await this.#db.query<AnomalyRow>(
+  /** Inserts a finding unless its key, type and window already have one (with `q`, a transaction); the new row, or undefined. */
+  async insert(a: { keyId: string; type: AnomalyType; windowStart: Date; details: Record<string, unknown>; detectedAt: Date }, q: Queryable = this.#db): Promise<Anomaly | undefined> {
+    const rows = await q.query<AnomalyRow>(
       `INSERT INTO api_key_anomalies (key_id, type, window_start, details, detected_at) VALUES ($1, $2, $3, $4, $5)
        ON CONFLICT (key_id, type, window_start) DO NOTHING RETURNING ${COLUMNS}`,
       [a.keyId, a.type, a.windowStart, JSON.stringify(a.details), a.detectedAt],
@@ -618,8 +618,21 @@ export class AnomalyDetector implements UsageSink {
     if (this.#reported.size > 100_000) this.#reported.clear()
     this.#reported.set(id, windowStart)
     let row: Anomaly | undefined
+    let event: KeygateEvent | undefined
+    const finding = { keyId: f.keyId, type: f.type, windowStart: new Date(windowStart), details: f.details, detectedAt: new Date(f.atMs) }
+    const events = this.#events
     try {
-      row = await this.#anomalies.insert({ keyId: f.keyId, type: f.type, windowStart: new Date(windowStart), details: f.details, detectedAt: new Date(f.atMs) })
+      // With its webhook deliveries, in one transaction (EventBus.stage), as the key events are:
+      // before (found by a review), they were queued after the row had committed, and a failure
+      // between the two (the store going away, a crash) left an anomaly recorded and streamed
+      // that no webhook ever got. Now a refused delivery row leaves the finding to the next check.
+      row = events
+        ? await this.#db.transaction(async (tx) => {
+            const made = await this.#anomalies.insert(finding, tx)
+            if (made) event = await events.stage(tx, 'anomaly.detected', anomalyJson(made))
+            return made
+          })
+        : await this.#anomalies.insert(finding)
     } catch (err) {
       // Not stored, so not reported: the next check that finds it tries again.
       this.#reported.delete(id)
@@ -641,7 +654,7 @@ export class AnomalyDetector implements UsageSink {
         this.#log.warn('could not publish an anomaly alert; it is published again at a later check', { anomaly_id: row.id })
       }
     }
-    this.#events?.emit('anomaly.detected', json)
+    if (event) events?.publish(event)
   }
 
   /**

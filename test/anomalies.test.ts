@@ -17,8 +17,10 @@ import { openDb, type Db } from '../core/db.ts'
 import { BUCKET_MS } from '../core/usage.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { ACTOR, sleep, startGateway, type Answer } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, forEachStore, endConnections, freshDatabase, memoryDb, testServices, watchedDb } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, forEachStore, endConnections, freshDatabase, memoryDb, TEST_ENCRYPTION_KEY, testServices, watchedDb } from './helpers/stores.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
+import { AuditCipher } from '../core/audit.ts'
+import { WebhookService } from '../core/webhooks.ts'
 
 /**
  * Waits for the next wall-clock minute when less than 10 s of this one is left. The detector's
@@ -689,6 +691,47 @@ await forEachStore(t, async (t, store) => {
     const missing = String(BigInt(c.id) + 1000n)
     t.same((await log.among([c.id, missing, a.id])).map((r) => r.id), [a.id, c.id])
     t.same(await log.among([]), [])
+  })
+
+  await t.test('an anomaly is recorded with its webhook deliveries, or not at all: a refused delivery row leaves the finding to the next check (found by a review)', async (t) => {
+    const webhooks = new WebhookService({ db: store.db, cipher: new AuditCipher(TEST_ENCRYPTION_KEY), config: { ...DEFAULT_CONFIG.webhooks, allow_private: ['127.0.0.1/32'] }, log: silentLogger, deliver: false })
+    const { webhook } = await webhooks.create({ url: 'http://127.0.0.1:9/anomalies', events: ['anomaly.detected'] }, { actor: 'test' })
+    t.teardown(() => webhooks.remove(webhook.id, { actor: 'test' }))
+    const events = new EventBus()
+    t.teardown(webhooks.bind(events))
+    const emitted: KeygateEvent[] = []
+    events.on((e) => emitted.push(e))
+    const keyId = `HOOK${randomBytes(4).toString('hex').toUpperCase()}`
+    const detector = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 5 }, channel: 'unused', events, log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+    t.teardown(() => detector.close())
+    // The store refuses this key's delivery rows (a failure between the anomaly's row and its deliveries).
+    await store.db.query(`CREATE FUNCTION test_refuse_delivery() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN IF NEW.payload LIKE '%${keyId}%' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$`)
+    await store.db.query('CREATE TRIGGER test_refuse_delivery BEFORE INSERT ON webhook_deliveries FOR EACH ROW EXECUTE FUNCTION test_refuse_delivery()')
+    const drop = async () => {
+      await store.db.query('DROP TRIGGER IF EXISTS test_refuse_delivery ON webhook_deliveries')
+      await store.db.query('DROP FUNCTION IF EXISTS test_refuse_delivery()')
+    }
+    t.teardown(drop)
+    const anomalies = async () => (await store.db.query<{ id: string }>('SELECT id::text AS id FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.id)
+    const deliveries = async () =>
+      (await store.db.query<{ id: string }>("SELECT id FROM webhook_deliveries WHERE webhook_id = $1 AND payload LIKE '%' || $2 || '%'", [webhook.id, keyId])).length
+    const now = Date.now()
+    for (let i = 0; i < 10; i++) detector.count(keyId, 'forwarded', now, '203.0.113.1', 200)
+    await detector.check()
+    await webhooks.idle()
+    // Before: the row was recorded (and streamed), its deliveries failed apart from it, and no
+    // webhook ever got the anomaly ("could not queue webhook deliveries; the event is lost").
+    t.same(await anomalies(), [], 'not recorded without its deliveries')
+    t.same(emitted.filter((e) => e.type === 'anomaly.detected'), [], 'nor announced')
+    await drop()
+    detector.count(keyId, 'forwarded', now + 1, '203.0.113.1', 200)
+    await detector.check()
+    await webhooks.idle()
+    const [id] = await anomalies()
+    t.ok(id, "recorded at the key's next finding")
+    t.equal(await deliveries(), 1, 'with its delivery')
+    t.same(emitted.filter((e) => e.type === 'anomaly.detected').map((e) => e.data.id), [id], 'announced once')
   })
 })
 
