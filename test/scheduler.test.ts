@@ -671,6 +671,42 @@ t.test('stop() ends the round in flight after its batch: the rest is the next ro
   t.equal(pruned, 1, 'and runs the jobs')
 })
 
+t.test('stop() ends a prune after the statement it is on: the rest is the next round\'s', async (t) => {
+  // Before (found by a review): a prune went on to its last batch whatever stop() said, so a
+  // SIGTERM in a first prune of 1,000,000 audit rows on PostgreSQL waited 10 s for it (and
+  // a larger one went past the stop's backstop, which exits with the usage counts unwritten).
+  const store = await openStore(t, 'embedded')
+  const clock = testClock(T0)
+  const s = testServices(store.db, { clock })
+  const hour = (ms: number) => new Date(ms - (ms % 3_600_000))
+  const old = 2 * PRUNE_BATCH + 1
+  await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) SELECT $1, 'stop_' || i, 1 FROM generate_series(1, $2::int) AS i`, [hour(T0.getTime() - 401 * DAY), old])
+  const rules = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30, usageDays: 400 }).filter((r) => r.table === 'api_key_rejections')
+  let scheduler: Scheduler | undefined
+  let stopped: Promise<void> | undefined
+  // stop() is called as the first prune statement of the table comes back.
+  const stopping = new Proxy(store.db, {
+    get: (db, prop) => {
+      const v = Reflect.get(db, prop) as unknown
+      if (prop !== 'query') return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(db) : v
+      return async (sql: string, params?: unknown[]) => {
+        const rows = await db.query(sql, params)
+        if (sql.includes('DELETE FROM "api_key_rejections"')) stopped ??= scheduler?.stop()
+        return rows
+      }
+    },
+  })
+  scheduler = new Scheduler({ db: stopping, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 0, pruneRules: rules })
+  const run = await scheduler.runOnce()
+  await stopped
+  t.equal(run?.pruned.api_key_rejections, PRUNE_BATCH, 'one statement of the prune, and what it deleted is counted')
+  const left = async () => (await store.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_rejections WHERE reason LIKE 'stop_%'`))[0]?.n
+  t.equal(await left(), old - PRUNE_BATCH, 'the rest is left')
+  const next = await new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 0, pruneRules: rules }).runOnce()
+  t.equal(next?.pruned.api_key_rejections, old - PRUNE_BATCH, 'the next round prunes the rest')
+  t.equal(await left(), 0)
+})
+
 t.test("without a clock of its own a round judges by the store's clock, not the instance's", async (t) => {
   const store = await openStore(t, 'embedded')
   const s = testServices(store.db, { clock: testClock(new Date()) })
