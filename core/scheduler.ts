@@ -23,7 +23,8 @@
 //    exists (tables of other features join the list; a missing table is skipped), by the
 //    instance that did 1-4, once their transaction has committed, 5,000 rows to a statement
 //    (each its own transaction), so each stays within store.query_timeout_ms and none holds a
-//    key's lock; a stop ends a prune after the statement it is on.
+//    key's lock; a stop ends a prune after the statement it is on. One that fails is logged and
+//    the others still run.
 // 6. Other jobs (`jobs`: sealing and clearing webhook secrets, removing what deleted webhooks
 //    left), by the same instance, after the prunes, each on its own: one that fails is logged and
 //    the others still run.
@@ -228,11 +229,18 @@ export class Scheduler {
     }
     // After the keys' transaction, a statement at a time: a long prune holds no key's row lock
     // (an admin call on a key being expired would wait out its own query timeout behind it), and
-    // a prune that fails takes no expiry with it.
+    // a prune that fails takes no expiry with it. Each on its own, as the jobs: one that fails is
+    // logged and the rest still run (before, found by a review, its error ended the round, so a
+    // prune failing every round, on a statement timeout or a missing DELETE permission, kept every
+    // later prune and job from running).
     for (const rule of this.#o.pruneRules) {
       if (this.#stopping) break
-      const n = await prune(this.#o.db, rule, now, () => this.#stopping)
-      if (n !== undefined) pruned[rule.table] = n
+      try {
+        const n = await prune(this.#o.db, rule, now, () => this.#stopping)
+        if (n !== undefined) pruned[rule.table] = n
+      } catch (err) {
+        this.#o.log.warn('scheduler prune failed; trying again next interval', { table: rule.table, err: err as Error })
+      }
     }
     const jobs: Record<string, number> = {}
     for (const job of this.#o.jobs ?? []) {
