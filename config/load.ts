@@ -457,9 +457,15 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
   if (!bad('scheduler.usage_retention_days', 'anomalies.unusual_hour_history_days') && config.scheduler.usage_retention_days < config.anomalies.unusual_hour_history_days) {
     problems.push(`scheduler.usage_retention_days: ${config.scheduler.usage_retention_days} is not allowed; expected at least anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
   }
-  // The span is measured within the history read: a longer one could never be reached.
-  if (!bad('anomalies.unusual_hour_min_days', 'anomalies.unusual_hour_history_days') && config.anomalies.unusual_hour_min_days > config.anomalies.unusual_hour_history_days) {
-    problems.push(`anomalies.unusual_hour_min_days: ${config.anomalies.unusual_hour_min_days} is not allowed; expected at most anomalies.unusual_hour_history_days (${config.anomalies.unusual_hour_history_days})`)
+  // The span is measured within the history read, from its first row to the hour judged: a longer
+  // one could never be reached, and one as long only where the key was used at the judged hour's
+  // own time, the first hour of the history, so an hour it does not use would never be judged.
+  // Before, found by a review, the two equal were taken, and the check was silently off.
+  if (!bad('anomalies.unusual_hour_min_days', 'anomalies.unusual_hour_history_days') && config.anomalies.unusual_hour_min_days >= config.anomalies.unusual_hour_history_days) {
+    const { unusual_hour_min_days: min, unusual_hour_history_days: days } = config.anomalies
+    problems.push(
+      `anomalies.unusual_hour_min_days: ${min} is not allowed; expected less than anomalies.unusual_hour_history_days (${days})${min === days ? `: a history of ${days} days spans ${days} only where the key was used at the judged hour's time ${days} days before, so an hour it does not use would never be judged` : ''}`,
+    )
   }
   // A finding's row is what keeps its (key, type, window) from alerting again: pruned while its
   // dedupe window still runs, the same anomaly was recorded and alerted a second time.

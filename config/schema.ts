@@ -330,9 +330,9 @@ export const ConfigSchema = Type.Object(
         error_rate_window_s: int(60, 10, 86_400, { description: 'Window of the error rate.' }),
         distinct_addresses_per_hour: int(5, 1, 999, { description: "More distinct client addresses than this using one key within an hour is an anomaly (a key's addresses are counted up to 1000 an hour)." }),
         unusual_hour_history_days: int(14, 1, 366, { description: "Days of a key's own hourly usage its usual hours are learnt from." }),
-        unusual_hour_min_days: int(3, 1, 366, {
+        unusual_hour_min_days: int(3, 0, 365, {
           description:
-            "Days a key's history must span (from its first hourly usage row within unusual_hour_history_days, a rotated key's predecessors included) before its hours are judged: a young key has not yet used every hour it will; at most unusual_hour_history_days.",
+            "Days a key's history must span (from its first hourly usage row within unusual_hour_history_days, a rotated key's predecessors included) before its hours are judged: a young key has not yet used every hour it will (0: no span needed); less than unusual_hour_history_days, as the whole history spans its days only where the key was used at the judged hour's own time that many days before, so an hour it does not use would never be judged.",
         }),
         unusual_hour_min_requests: int(200, 1, 1_000_000_000, { description: 'Fewer requests than this in the history: too little to say what is unusual, no judgement.' }),
         unusual_hour_max_percent: int(1, 0, 100, { description: 'Activity in an hour of the day (UTC) that held at most this share of the history is unusual (0: only hours never used before).' }),

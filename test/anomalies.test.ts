@@ -810,6 +810,12 @@ await forEachStore(
       detector.count(young, 'forwarded', today + 10 * H + 1000, '203.0.113.1', 200)
       await detector.check()
       t.same(await found(young), [], 'a key used for an hour is not judged')
+      // With no span needed, the same history is judged.
+      const eager = new AnomalyDetector({ db: store.db, thresholds: { ...DEFAULT_CONFIG.anomalies, unusual_hour_min_days: 0 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+      t.teardown(() => eager.close())
+      eager.count(young, 'forwarded', today + 10 * H + 2000, '203.0.113.1', 200)
+      await eager.check()
+      t.same(await found(young), ['unusual_hour'], 'but is with unusual_hour_min_days 0')
 
       // A key used every hour but 03:00 for two weeks, then rotated: its successor has one hour of its own.
       const { keys } = testServices(store.db)

@@ -273,7 +273,13 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ deny_list: ['192.0.2.0/24', '0.0.0.0/0', '::/0', '::ffff:192.0.2.0/120', 'fe80::1%eth0', '::ffff:10.0.0.1'] }), [], 'the usual forms pass')
   t.same(spelled({ scheduler: { usage_retention_days: 7 } }), ['scheduler.usage_retention_days: 7 is not allowed; expected at least anomalies.unusual_hour_history_days (14)'], 'usage rows kept as long as the unusual-hours check learns from them')
   t.same(spelled({ scheduler: { usage_retention_days: 7 }, anomalies: { unusual_hour_history_days: 7 } }), [])
-  t.same(spelled({ anomalies: { unusual_hour_history_days: 7, unusual_hour_min_days: 8 } }), ['anomalies.unusual_hour_min_days: 8 is not allowed; expected at most anomalies.unusual_hour_history_days (7)'], 'a span the history read could never hold')
+  t.same(spelled({ anomalies: { unusual_hour_history_days: 7, unusual_hour_min_days: 8 } }), ['anomalies.unusual_hour_min_days: 8 is not allowed; expected less than anomalies.unusual_hour_history_days (7)'], 'a span the history read could never hold')
+  t.same(
+    spelled({ anomalies: { unusual_hour_history_days: 7, unusual_hour_min_days: 7 } }),
+    ["anomalies.unusual_hour_min_days: 7 is not allowed; expected less than anomalies.unusual_hour_history_days (7): a history of 7 days spans 7 only where the key was used at the judged hour's time 7 days before, so an hour it does not use would never be judged"],
+    'nor one it holds only where the judged hour was used (found by a review: taken before, and the check was silently off)',
+  )
+  t.same(spelled({ anomalies: { unusual_hour_history_days: 1, unusual_hour_min_days: 0 } }), [], 'no span needed: a history of one day can be judged')
   // Before: accepted, and once the prune took the row the same key, type and window alerted again.
   t.same(
     spelled({ scheduler: { anomaly_retention_days: 1 }, anomalies: { dedupe_window_s: 604_800 } }),
