@@ -288,6 +288,8 @@ function watchIdle(idleMs: number, moved: () => boolean, idle: () => void): () =
   return () => clearTimeout(timer)
 }
 
+/** What a client may send while the upstream answers its upgrade, kept for the tunnel (more is not read until it opens). */
+const EARLY_BYTES = 65_536
 const CLIENT_GONE = Object.assign(new Error('the client closed the connection'), { code: 'KEYGATE_CLIENT_GONE' })
 const BODY_IDLE = 'KEYGATE_BODY_IDLE'
 
@@ -842,7 +844,33 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // redirect) reached the client as 502 upstream_unavailable, uncounted by class (found by
       // reviews). Such an answer is passed on, as nginx does, and the connection closed after it.
       let relaying = false
+      // The client is read from here until the upstream answers, so that its going away (a FIN, a
+      // close, a reset) is seen: Node does not read a socket it hands over for an upgrade. Before
+      // (found by a review), a client that left while the upstream answered held the upstream's
+      // connection until it did (a tunnel to nobody then opened, recorded forwarded 101) or until
+      // the route's timeout_ms (recorded 504). What the client sends meanwhile (a WebSocket client
+      // sends nothing before the 101, RFC 6455 §4.1) is kept for the tunnel, up to EARLY_BYTES;
+      // past that it is no longer read, as before.
+      let controller: Dispatcher.DispatchController | undefined
+      const early: Buffer[] = []
+      let earlyBytes = 0
+      const onEarly = (chunk: Buffer) => {
+        early.push(chunk)
+        earlyBytes += chunk.length
+        if (earlyBytes >= EARLY_BYTES) client.pause()
+      }
+      const stopReading = () => {
+        client.off('data', onEarly).off('end', gone).off('close', gone)
+        client.pause()
+      }
+      const gone = () => {
+        stopReading()
+        client.destroy()
+        controller?.abort(CLIENT_GONE)
+      }
+      client.on('data', onEarly).once('end', gone).once('close', gone)
       const failed = (err: Error) => {
+        stopReading()
         if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
         ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
         if (client.destroyed) return recordClientClosed(ctx, s)
@@ -859,11 +887,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         },
         {
           onRequestStart(c) {
+            controller = c
             if (client.destroyed) c.abort(CLIENT_GONE)
           },
           onResponseStart(c, statusCode, answer, statusMessage) {
             if (statusCode < 200) return
             relaying = true
+            stopReading()
             m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
             m.upstreamStatus[(statusCode / 100) | 0]?.inc()
             if (client.destroyed || !client.writable) {
@@ -925,7 +955,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         // found by a review: UTF-8, so a header byte 0xE9 reached the client as C3 A9).
         client.write(rawHead(101, 'Switching Protocols', answerFields(s, route, 101, answer, KEEP_ON_UPGRADE)), 'latin1')
         record(ctx, s, 'forwarded', 101)
+        stopReading()
         if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
+        for (const chunk of early) upstream.write(chunk)
         tunnels.add(client)
         const key = s.key
         let tunnel: Tunnel | undefined

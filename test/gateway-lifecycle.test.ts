@@ -6,7 +6,7 @@ import net from 'node:net'
 import { Agent, request, WebSocket } from 'undici'
 import { createLogger } from '../core/log.ts'
 import { ACTOR, bearer, listen, metric, sleep, startGateway, unlessHung, until } from './helpers/gateway.ts'
-import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
+import { acceptWebSocket, openWebSocket, switchingHead } from './helpers/websocket.ts'
 import { rawClient } from './helpers/serve.ts'
 
 t.test('WebSocket with and without a key', async (t) => {
@@ -108,6 +108,59 @@ t.test("an upstream that refuses a WebSocket upgrade: its own answer reaches the
   t.match(metrics, /^keygate_upstream_responses_total\{route="ws",class="3xx"\} 1$/m)
   t.match(metrics, /^keygate_gateway_requests_total\{route="ws",outcome="forwarded"\} 3$/m, 'forwarded: the answer was the upstream\'s')
   t.match(metrics, /^keygate_gateway_requests_total\{route="ws",outcome="upstream_unavailable"\} 0$/m, 'none is an unavailable upstream')
+})
+
+t.test('a client that goes away while the upstream answers its WebSocket upgrade: the upstream request is aborted at once, recorded client_closed (found by a review)', async (t) => {
+  // Before: a socket handed over for an upgrade is not read until the tunnel opens, so a client's
+  // FIN or close went unseen, and the upstream connection was held until it answered (then a
+  // tunnel to nobody was opened, recorded forwarded 101) or until the route's timeout_ms (504).
+  const arrived: net.Socket[] = []
+  const offers: http.IncomingMessage[] = []
+  const ended: net.Socket[] = []
+  const h = await startGateway(t, { routes: [{ name: 'ws', path: '/', upstream: '{upstream}', timeout_ms: 600_000 }] })
+  h.upstream.server.on('upgrade', (req: http.IncomingMessage, socket: net.Socket) => {
+    arrived.push(socket)
+    offers.push(req)
+    // Read, or its end would go unseen here too.
+    socket.resume()
+    socket.on('error', () => {})
+    socket.on('end', () => ended.push(socket))
+  })
+  const k = await h.key()
+  const offer = `GET /socket HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`
+  // Closed outright, and half-closed (its FIN alone, as a client that gave up and shut its side).
+  for (const leave of [(s: net.Socket) => s.destroy(), (s: net.Socket) => s.end()]) {
+    const before = arrived.length
+    const s = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => s.write(offer))
+    s.on('error', () => {})
+    await until(t, 'the upgrade reached the upstream', () => arrived.length > before)
+    leave(s)
+    t.not(await unlessHung(new Promise((resolve) => (ended.includes(arrived[before] as net.Socket) ? resolve(true) : arrived[before]?.once('end', () => resolve(true))))), 'still waiting', 'the gateway ends its connection to the upstream')
+    s.destroy()
+  }
+  await until(t, 'both recorded', async () => (await metric(h.metrics.registry, 'keygate_gateway_requests_total', { route: 'ws', outcome: 'client_closed' })) === 2)
+  t.equal(await metric(h.metrics.registry, 'keygate_gateway_requests_total', { route: 'ws', outcome: 'upstream_timeout' }), 0)
+  t.equal(await metric(h.metrics.registry, 'keygate_gateway_requests_total', { route: 'ws', outcome: 'forwarded' }), 0)
+  for (const socket of arrived) socket.destroy()
+
+  // A client that stays: what it sent while the upstream answered (read by the gateway meanwhile)
+  // reaches the upstream, in order, once the tunnel opens.
+  const before = arrived.length
+  const s = net.connect(h.port, '127.0.0.1', () => s.write(offer + 'one,'))
+  s.on('error', () => {})
+  await until(t, 'the upgrade reached the upstream', () => arrived.length > before)
+  s.write('two,')
+  await sleep(100)
+  s.write('three')
+  const upstream = arrived[before] as net.Socket
+  let got = ''
+  upstream.on('data', (d: Buffer) => (got += d.toString('latin1')))
+  upstream.write(switchingHead(offers[before] as http.IncomingMessage))
+  await until(t, 'what the client sent before the 101 reached the upstream', () => got === 'one,two,three')
+  s.write(',four')
+  await until(t, 'and what it sent after', () => got === 'one,two,three,four')
+  s.destroy()
+  upstream.destroy()
 })
 
 t.test("an open WebSocket tunnel ends once its key or address would be refused; one still allowed stays", async (t) => {
