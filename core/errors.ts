@@ -18,6 +18,7 @@ export const ERRORS = {
   upstream_unavailable: { status: 502, message: 'The upstream service could not be reached.' },
   upstream_timeout: { status: 504, message: 'The upstream service did not answer in time.' },
   store_unavailable: { status: 503, message: 'The key store is not available.' },
+  shutting_down: { status: 503, message: 'The gateway is shutting down; try again.' },
   bad_request: { status: 400, message: 'The request is malformed.' },
   headers_too_large: { status: 431, message: 'The request headers are too large.' },
   request_timeout: { status: 408, message: 'The request was not received in time.' },

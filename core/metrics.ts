@@ -29,6 +29,7 @@ export const GATEWAY_OUTCOMES = [
   'upstream_unavailable',
   'upstream_timeout',
   'store_unavailable',
+  'shutting_down',
   'bad_request',
   'headers_too_large',
   'method_not_allowed',

@@ -321,7 +321,15 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
         return
       }
       const s = new RequestState(req, undefined, socket, head, start)
-      const refusal = ctx.closing ? 'The gateway is shutting down.' : upgradeProblem(req)
+      // An upgrade whose head ends once the stop has begun: a tunnel opened now would be cut at
+      // the deadline, so it is refused as one the client may try again, on another instance
+      // (before, found by a review, 400 bad_request, which a client takes for a fault of its own).
+      if (ctx.closing) {
+        s.id = nextId()
+        sendError(ctx, s, 'shutting_down')
+        return
+      }
+      const refusal = upgradeProblem(req)
       if (refusal !== undefined) {
         s.id = nextId()
         s.message = refusal

@@ -376,6 +376,24 @@ t.test('graceful shutdown: a connection part-way through a request head is close
   t.equal(await unlessHung(stopped), 'returned', 'and the shutdown ends once it is closed')
 })
 
+t.test('graceful shutdown: a WebSocket upgrade whose head ends after the stop began is answered 503 shutting_down, the connection closed (found by a review)', async (t) => {
+  const h = await startGateway(t)
+  let upgrades = 0
+  h.upstream.server.on('upgrade', (req, socket, _head) => (upgrades++, acceptWebSocket(req, socket)))
+  const k = await h.key({ name: 'ws after the stop' })
+  const client = rawClient(h.url, 'GET /socket HTTP/1.1\r\nHost: x\r\n')
+  await sleep(100)
+  const stopped = h.gateway.shutdown(600_000).then(() => 'returned')
+  client.socket.write(`Authorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  const answer = await unlessHung(client.closed)
+  // Before, 400 bad_request, which a client takes for a fault of its own request and does not retry.
+  t.match(answer, /^HTTP\/1\.1 503 /, 'a 503: the client may try again, on another instance')
+  t.match(answer, /\r\nconnection: close\r\n/i, 'with Connection: close')
+  t.match(answer, /"code":"shutting_down"/, 'its code says why')
+  t.equal(upgrades, 0, 'nothing reached the upstream')
+  t.equal(await unlessHung(stopped), 'returned')
+})
+
 t.test('graceful shutdown: the deadline force-closes what is left', async (t) => {
   // The route's own timeout far away too: only the shutdown deadline can end the request.
   const h = await startGateway(t, { upstream: () => {}, routes: [{ name: 'api', path: '/', upstream: '{upstream}', timeout_ms: 600_000 }] })
