@@ -3,7 +3,7 @@
 // is the embedded one). The server's error codes come back as the same KeygateErrors, so exit
 // codes and messages match the local commands; anything that is not keygate's answer (a proxy's
 // 503, a redirect, a page that is not JSON) is `admin_unavailable`.
-import { ADMIN_MARK, TRAILING_SLASHES } from '../core/http.ts'
+import { ADMIN_MARK, fromGateway, neverConnected, TRAILING_SLASHES } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { escapeUnprintable } from '../core/validate.ts'
 
@@ -45,7 +45,17 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
   const shown = hide(base)
   const timeoutMs = options.timeoutMs ?? 30_000
   const unavailable = (what: string) => new KeygateError('admin_unavailable', `${what}; is the admin URL (KEYGATE_ADMIN_URL or --admin-url) the admin listener?`)
+  const mayHaveBeenMade = `the change may or may not have been made: check with ${options.checkWith} before you try again`
+  /**
+   * An answer that is not keygate's. A proxy in front of the admin API answers 502, 503 or 504
+   * when it lost the answer of a change sent through it, which may have been made all the same.
+   */
+  const notKeygates = (change: boolean, status: number, what: string) =>
+    change && fromGateway(status)
+      ? new KeygateError('admin_unavailable', `the admin API at ${shown} answered ${status} ${what}, as a proxy in front of it does when it lost the answer; ${mayHaveBeenMade}`)
+      : unavailable(`the admin API at ${shown} answered ${status} ${what}`)
   const exchange = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<{ status: number; json: T }> => {
+    const change = CHANGES.has(method) && !READS.has(path)
     let res: Response
     let text: string
     try {
@@ -60,13 +70,10 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       text = await res.text()
     } catch (err) {
       const cause = (err as { cause?: { code?: string; message?: string } }).cause
-      if ((err as Error).name === 'TimeoutError' && CHANGES.has(method) && !READS.has(path)) {
+      if ((err as Error).name === 'TimeoutError' && change) {
         // Sent, and no answer: the change may have been made (a rotation's new key then exists,
         // its secret never shown). Said as such, never as "cannot reach".
-        throw new KeygateError(
-          'admin_unavailable',
-          `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; the change may or may not have been made: check with ${options.checkWith} before you try again`,
-        )
+        throw new KeygateError('admin_unavailable', `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; ${mayHaveBeenMade}`)
       }
       const code = cause?.code
       if (code !== undefined && UNTRUSTED.test(code)) {
@@ -77,6 +84,12 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       }
       // A TLS listener closes a connection that speaks plain HTTP to it.
       const tlsHint = code === 'UND_ERR_SOCKET' && base.startsWith('http:') ? '; if the admin listener serves TLS, the URL is https://' : ''
+      // A connection closed or reset once made: the request may have been read and carried out
+      // (a server killed, or one whose stop cut the call at its deadline, an import committed).
+      // Before (found by a review), "cannot reach", as if nothing had been sent.
+      if (change && (code === undefined || !neverConnected(code))) {
+        throw new KeygateError('admin_unavailable', `the admin API at ${shown} closed the connection before answering (${hide(code ?? cause?.message ?? (err as Error).message)}); ${mayHaveBeenMade}${tlsHint}`)
+      }
       throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(code ?? cause?.message ?? (err as Error).message)}${tlsHint}`)
     }
     if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
@@ -84,7 +97,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     try {
       json = JSON.parse(text)
     } catch {
-      throw unavailable(`the admin API at ${shown} answered ${res.status} without JSON`)
+      throw notKeygates(change, res.status, 'without JSON')
     }
     const error = (json as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } } | null)?.error
     // JSON of another server (before: the gateway port, given the admin key, passed the call on to
@@ -104,7 +117,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     }
     // keygate's own errors only: another server's answer (a proxy's 503) is no refusal of keygate's.
     if (typeof error?.code !== 'string' || !Object.hasOwn(ERRORS, error.code) || typeof error.message !== 'string') {
-      throw unavailable(`the admin API at ${shown} answered ${res.status} without a keygate error`)
+      throw notKeygates(change, res.status, 'without a keygate error')
     }
     // keygate's own messages break lines only before an indented one (an import's problems): any
     // other line break is escaped, so a message cannot print a line that looks like keygate's.

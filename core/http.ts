@@ -16,6 +16,35 @@ export const TRAILING_SLASHES = /(?<!\/)\/+$/
 /** The header every answer of the admin listener carries (the CLI takes no other server's JSON for the admin API's). */
 export const ADMIN_MARK = 'x-keygate-admin'
 
+/** Transport failures that prove no request reached the server: no connection was ever made. */
+const NOT_CONNECTED_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT', 'EPROTO'])
+/**
+ * TLS handshake and certificate failures (Node's ERR_TLS_*, OpenSSL's ERR_SSL_*, the certificate
+ * verification codes): the handshake comes before the request, so none was sent. Before (found
+ * by a review), an https URL with a self-signed certificate, or pointing at a plain-HTTP port,
+ * was told as a connection lost after the request was sent, and a create looked for an orphan.
+ */
+const TLS_FAILURE = /^(ERR_TLS_|ERR_SSL_|UNABLE_TO_)|CERT/
+
+/**
+ * Whether a client's transport error `code` proves its request was never sent (the integrations'
+ * calls, the CLI's admin API calls): any other, a reset or a connection closed before the answer,
+ * leaves open that the server received the request and acted on it.
+ */
+export function neverConnected(code: string): boolean {
+  return NOT_CONNECTED_CODES.has(code) || TLS_FAILURE.test(code)
+}
+
+/**
+ * Bad gateway, unavailable, gateway timeout: what a proxy or gateway in front of a server answers
+ * when it lost the server's answer (or the server, overloaded, answers itself). Not a refusal:
+ * the server may have carried the request out all the same. Before (found by a review), a
+ * proxy's 504 page to a Gitea create was "refused to create", and the token it made went unrecorded.
+ */
+export function fromGateway(status: number): boolean {
+  return status === 502 || status === 503 || status === 504
+}
+
 /** Header-name characters (RFC 9110 tokens) other than letters, digits and `-`. */
 const NOT_A_DASH = /[!#$%&'*+.^_`|~]/
 const NOT_A_DASH_ALL = /[!#$%&'*+.^_`|~]/g

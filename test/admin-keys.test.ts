@@ -534,6 +534,10 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
     '/upstream': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"total":1}'),
     '/moved': (res) => res.writeHead(301, { location: 'https://elsewhere.example/v1' }).end(),
     '/silent': () => {},
+    // A server killed, or a listener stopping, once the request was read: the answer never comes.
+    '/cut': (res) => res.socket?.destroy(),
+    // A proxy in front of the admin API that lost its answer.
+    '/lost': (res) => res.writeHead(504, { 'content-type': 'text/html' }).end('<html><body>504 Gateway Time-out</body></html>'),
     '/inherited': (res) => res.writeHead(500, { 'content-type': 'application/json', 'x-keygate-admin': '1' }).end('{"error":{"code":"constructor","message":"proxy says no"}}'),
   }
   let seen: Array<{ method: string | undefined; url: string | undefined }> = []
@@ -564,6 +568,23 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   t.match(await failure(slow.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /did not answer within 0\.3 s; the change may or may not have been made: check with `keygate api-key get`/ })
   t.match(await failure(slow.get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API/ })
   t.match(await failure(slow.validate('kg_x')), { code: 'admin_unavailable', message: /^cannot reach the admin API/ }, 'a validate (a POST) changes nothing')
+  // The same for a change whose connection was cut, or whose answer a proxy lost, after it was
+  // sent (before: "cannot reach the admin API ...; if the admin listener serves TLS", or "is the
+  // admin URL the admin listener?", while an import cut at the server's stop had been committed).
+  t.match(await failure(remoteOperations(`${base}/cut`, 'token').rotate('AAAAAAAAAAAA', false)), {
+    code: 'admin_unavailable',
+    message: /^the admin API at http:\/\/127\.0\.0\.1:\d+\/cut closed the connection before answering \(UND_ERR_SOCKET\); the change may or may not have been made: check with `keygate api-key get` \(or list\) before you try again; if the admin listener serves TLS, the URL is https:\/\/$/,
+  })
+  t.match(await failure(remoteOperations(`${base}/cut`, 'token').get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API at .*: UND_ERR_SOCKET/ }, 'a read changed nothing')
+  t.match(await failure(remoteOperations(`${base}/lost`, 'token').revoke('AAAAAAAAAAAA', undefined)), {
+    code: 'admin_unavailable',
+    message: /^the admin API at http:\/\/127\.0\.0\.1:\d+\/lost answered 504 without JSON, as a proxy in front of it does when it lost the answer; the change may or may not have been made: check with `keygate api-key get` \(or list\) before you try again$/,
+  })
+  t.match(await failure(remoteOperations(`${base}/proxy`, 'token').create({ name: 'n', type: 'user' })), {
+    code: 'admin_unavailable',
+    message: /answered 503 without a keygate error, as a proxy in front of it does when it lost the answer; the change may or may not have been made/,
+  })
+  t.match(await failure(remoteOperations(`${base}/lost`, 'token').stats()), { code: 'admin_unavailable', message: /answered 504 without JSON; is the admin URL \(KEYGATE_ADMIN_URL or --admin-url\) the admin listener\?$/ }, 'a read is told as before')
   // A code every object inherits is no keygate error.
   t.match(await failure(remoteOperations(`${base}/inherited`, 'token').stats()), { code: 'admin_unavailable', message: /answered 500 without a keygate error/ })
   // A query or fragment would stand in front of every operation's path (before: "no admin route /").

@@ -5,7 +5,7 @@
 // cut out first, so no password, cookie or token can reach a log line or an error message.
 import { Agent, request } from 'undici'
 import { KeygateError } from '../errors.ts'
-import { TRAILING_SLASHES } from '../http.ts'
+import { fromGateway, neverConnected, TRAILING_SLASHES } from '../http.ts'
 import { cutSecrets, secretForms } from '../log.ts'
 import { clipped } from '../validate.ts'
 
@@ -30,19 +30,6 @@ export interface CallOptions {
 }
 
 const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT'])
-/** Transport failures that prove no request reached the service: no connection was ever made. */
-const NOT_CONNECTED_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_CONNECT_TIMEOUT', 'EPROTO'])
-/**
- * TLS handshake and certificate failures (Node's ERR_TLS_*, OpenSSL's ERR_SSL_*, the certificate
- * verification codes): the handshake comes before the request, so none was sent. Before (found
- * by a review), an https URL with a self-signed certificate, or pointing at a plain-HTTP port,
- * was told as a connection lost after the request was sent, and a create looked for an orphan.
- */
-const TLS_FAILURE = /^(ERR_TLS_|ERR_SSL_|UNABLE_TO_)|CERT/
-
-function neverConnected(code: string): boolean {
-  return NOT_CONNECTED_CODES.has(code) || TLS_FAILURE.test(code)
-}
 /** The errors of requests that may have reached the service (see `mayHaveReached`). */
 const MAYBE_REACHED = new WeakSet<KeygateError>()
 
@@ -54,16 +41,6 @@ const MAYBE_REACHED = new WeakSet<KeygateError>()
  */
 export function mayHaveReached(err: unknown): err is KeygateError {
   return err instanceof KeygateError && MAYBE_REACHED.has(err)
-}
-
-/**
- * Bad gateway, unavailable, gateway timeout: what a proxy or gateway in front of the service
- * answers when it lost the service's answer (or the service, overloaded, answers itself). Not a
- * refusal: the service may have carried the request out all the same. Before (found by a review),
- * a proxy's 504 page to a create was "refused to create", and the token it made went unrecorded.
- */
-export function fromGateway(status: number): boolean {
-  return status === 502 || status === 503 || status === 504
 }
 
 /** A 2xx: the service carried the request out, whatever its body says. */

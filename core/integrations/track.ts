@@ -6,9 +6,10 @@ import type { Config } from '../../config/schema.ts'
 import type { Actor, AuditLog } from '../audit.ts'
 import type { Db, Queryable } from '../db.ts'
 import { isKeygateError, KeygateError } from '../errors.ts'
+import { fromGateway } from '../http.ts'
 import { newKeyId } from '../keys/format.ts'
 import type { Logger } from '../log.ts'
-import { fromGateway, IntegrationHttp, mayHaveReached, SERVICE_LABEL, succeeded, type HttpResponse, type ServiceName } from './http.ts'
+import { IntegrationHttp, mayHaveReached, SERVICE_LABEL, succeeded, type HttpResponse, type ServiceName } from './http.ts'
 
 /** What both services are built from; the admin API and the CLI pass their runtime's. */
 export interface IntegrationDeps {
