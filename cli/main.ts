@@ -149,13 +149,24 @@ export async function runGroup<C>(
     // named on the command line contradicts that: before, the flag was ignored and the change
     // made on the server's store (found by a review).
     refuseFlags(p, STORE_FLAGS, `the command goes through the admin API at ${config.admin.url} (KEYGATE_ADMIN_URL or --admin-url), which opens no store here; unset the admin URL to work on that store, or leave the flag out`)
-    if (!config.admin.token) throw new KeygateError('config_invalid', 'KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not: set it to an admin key or the bootstrap token of that server')
+    if (!config.admin.token) throw new KeygateError('config_invalid', `${adminUrlFrom(p, io)} names an admin API, but no admin credential is set: set KEYGATE_ADMIN_TOKEN to an admin key or the bootstrap token of that server`)
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   if (typeof open === 'string') throw new KeygateError('config_invalid', open)
   const log = cliLogger(io, config)
   const { runLocal } = await import('./local.ts')
   return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
+}
+
+/**
+ * Where the admin URL came from, the flag before the environment before the file, as they
+ * override each other (before, found by a review, a missing credential was always told as
+ * "KEYGATE_ADMIN_URL is set", for --admin-url and the file's admin.url too).
+ */
+function adminUrlFrom(p: Parsed, io: Io): string {
+  if (typeof p.values['admin-url'] === 'string') return '--admin-url'
+  if (io.env.KEYGATE_ADMIN_URL?.trim()) return 'KEYGATE_ADMIN_URL'
+  return `admin.url in ${(p.values.config as string | undefined) ?? defaultConfigFile(io.env) ?? 'the configuration file'}`
 }
 
 function integrationDeps(runtime: Runtime, log: Logger) {

@@ -144,7 +144,7 @@ t.test('the README walk-through and the CLI against a running server (embedded s
 
   const noToken = await runCli(['api-key', 'list'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_TOKEN: undefined }, cwd })
   t.equal(noToken.code, 1)
-  t.match(noToken.stderr, /KEYGATE_ADMIN_URL is set but KEYGATE_ADMIN_TOKEN is not/)
+  t.match(noToken.stderr, /KEYGATE_ADMIN_URL names an admin API, but no admin credential is set: set KEYGATE_ADMIN_TOKEN/)
   const wrong = await runCli(['api-key', 'list', '--json'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_TOKEN: 'not-the-admin-token' }, cwd })
   t.equal(wrong.code, 1)
   t.equal(wrong.json().error.code, 'unauthorized')

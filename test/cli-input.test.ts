@@ -370,6 +370,26 @@ t.test('a store named on the command line while the admin URL is set is a usage 
   t.notOk(existsSync(dataDir), 'no store opened')
 })
 
+t.test('an admin URL without an admin credential is refused naming where the URL was given', async (t) => {
+  // Before (found by a review): always "KEYGATE_ADMIN_URL is set", for --admin-url and the
+  // file's admin.url too, where that variable was not set at all.
+  const dir = tempDir()
+  const file = join(dir, 'remote.yaml')
+  writeFileSync(file, 'admin:\n  url: http://127.0.0.1:9\n')
+  for (const [args, env, from] of [
+    [['--admin-url', 'http://127.0.0.1:9'], {}, '--admin-url'],
+    [[], { KEYGATE_ADMIN_URL: 'http://127.0.0.1:9' }, 'KEYGATE_ADMIN_URL'],
+    [['--config', file], {}, `admin.url in ${file}`],
+  ] as const) {
+    for (const command of [['api-key', 'list'], ['lockouts', 'list']]) {
+      const r = await runCliHere([...command, ...args, '--json'], { env: isolated({ KEYGATE_ADMIN_TOKEN: undefined, KEYGATE_ADMIN_URL: undefined, ...env }) })
+      t.equal(r.code, 1, `${from}, ${command.join(' ')}: exit 1`)
+      t.match(r.stderr, `keygate: ${from} names an admin API, but no admin credential is set: set KEYGATE_ADMIN_TOKEN to an admin key or the bootstrap token of that server\n`, `${from}, ${command.join(' ')}`)
+      t.equal(r.json().error.code, 'config_invalid')
+    }
+  }
+})
+
 t.test("a remote service's or admin API's message reaches the terminal with its control characters escaped", async (t) => {
   // Before (found by a review): tables escaped stored and remote text, error paths did not. A
   // Gitea answering with escape sequences cleared the screen, coloured a forged verdict and set
