@@ -32,13 +32,13 @@ commands:
   deny-list <command>         the stored IP deny list: ${Object.keys(DENY_LIST_COMMANDS).join(', ')}
   lockouts <command>          addresses locked out after failed keys (admin API only): ${Object.keys(LOCKOUT_COMMANDS).join(', ')}
 
-options every command takes:
+options (a command refuses, with exit 2, one it has no use for):
   --config FILE               configuration file (else KEYGATE_CONFIG, else ./keygate.yaml)
-  --data-dir DIR              embedded store folder (KEYGATE_DATA_DIR, default ./.keygate)
-  --database-url URL          PostgreSQL instead of the embedded store (DATABASE_URL)
+  --data-dir DIR              embedded store folder (KEYGATE_DATA_DIR, default ./.keygate); not config
+  --database-url URL          PostgreSQL instead of the embedded store (DATABASE_URL); not config
   --admin-url URL             api-key, gitea, n8n, deny-list and lockouts commands go through this server's
                               admin API (KEYGATE_ADMIN_URL; needs KEYGATE_ADMIN_TOKEN)
-  --json                      machine-readable output
+  --json                      machine-readable output; not serve (its output is its log) nor config docs
   -h, --help                  help for a command
 
 exit codes: 0 done, 1 refused (e.g. an invalid key), 2 usage error; the reason is on stderr.
