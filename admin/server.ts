@@ -136,8 +136,27 @@ function targetProblem(target: string): string | undefined {
 // is refused by the parser either way.
 export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, ...headersTimeoutOptions(10_000), joinDuplicateHeaders: true }
 
+/** The handlers each admin server has running: a drain's deadline ends their connections, not them. */
+const running = new WeakMap<http.Server, Set<Promise<void>>>()
+
+/**
+ * Resolves once every handler `server` started has ended, or after `ms`. A stop waits for them
+ * before it closes the store: before (found by a review), a request the drain's deadline cut went
+ * on, and its next statement met the closed store ("Cannot use a pool after calling end on the
+ * pool", logged as admin request failed), an import cut between its look-up and its transaction
+ * then made nothing.
+ */
+export async function handlersEnded(server: http.Server, ms: number): Promise<void> {
+  const handlers = running.get(server)
+  if (handlers === undefined || handlers.size === 0) return
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([Promise.allSettled([...handlers]), new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))])
+  clearTimeout(timer)
+}
+
 export function createAdminServer(options: AdminServerOptions): http.Server {
   const table = options.routes.map(compile)
+  const handlers = new Set<Promise<void>>()
   const log = options.log
   const server = options.server ?? nodeHttp().createServer(ADMIN_SERVER_OPTIONS)
   const allowedHosts = new Set(options.allowedHosts ?? [])
@@ -211,7 +230,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
         res.setHeader('connection', 'close')
         closeWhenAnswered(req)
       }
-      Promise.resolve()
+      const handled = Promise.resolve()
         .then(() => c.route.handle({ req, res, requestId, params, url }))
         .catch((err: unknown) => {
           if (isKeygateError(err)) {
@@ -221,6 +240,9 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
           log.error('admin request failed', { request_id: requestId, method: req.method, path: url.pathname, err: err as Error })
           sendError(res, 'internal_error', requestId)
         })
+      handlers.add(handled)
+      const ended = () => void handlers.delete(handled)
+      handled.then(ended, ended)
       return
     }
     if (pathMatched) {
@@ -234,6 +256,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     sendError(res, 'not_found', requestId, noApi ? (options.noApi as string) : `no admin route ${clipped(url.pathname)}`, undefined, closing)
   }
   server.on('request', onRequest)
+  running.set(server, handlers)
   // Expect: 100-continue is answered only once the request has been routed and its credential and
   // headers accepted (api.ts), right before its body is read: a refusal comes instead, and the
   // body is never sent. Before, Node sent the 100 at once, to any request.

@@ -29,7 +29,7 @@ import { connectRedis, redisHealth, redisReady, writeHealthKey } from '../core/r
 import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
-import { ADMIN_SERVER_OPTIONS, createAdminServer, healthRoutes, type AdminRoute } from '../admin/server.ts'
+import { ADMIN_SERVER_OPTIONS, createAdminServer, handlersEnded, healthRoutes, type AdminRoute } from '../admin/server.ts'
 import { createAdminApi } from '../admin/index.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
@@ -694,6 +694,15 @@ function logStopped(log: Logger): void {
 }
 
 /**
+ * Once the drain is over, the admin handlers still running (their connections cut at its deadline)
+ * are waited for, up to the store's query timeout, before anything closes the store under them;
+ * within what the stop gives the store (armStopBackstop), so a stop takes no longer than before.
+ */
+async function adminHandlersEnded(admin: http.Server | undefined, config: Config): Promise<void> {
+  if (admin) await handlersEnded(admin, config.store.query_timeout_ms > 0 ? config.store.query_timeout_ms : STOP_STORE_MS)
+}
+
+/**
  * Stops a listener: no new connections, idle ones closed, as are those without a whole request
  * head (see closeWaiting), requests in flight given until `timeoutMs` and answered with Connection:
  * close (closeAfterAnswers), then every connection still open is ended (TLS ones still in their
@@ -849,6 +858,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
     disarm()
     disarm = armStopBackstop(config, log, code, usage)
+    await adminHandlersEnded(admin, config)
     await api?.close()
     await usage?.close()
     return storeLost ? EXIT_REFUSED : EXIT_OK
@@ -1243,6 +1253,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     clearTimeout(stuck)
     disarm()
     disarm = armStopBackstop(config, log, code, undefined)
+    await adminHandlersEnded(admin, config)
     await api?.close()
     stopTelling()
     stopDeny()

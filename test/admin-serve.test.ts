@@ -207,6 +207,44 @@ t.test('a stop signal while the start waits on the store (another instance migra
   t.notOk(serve.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
 })
 
+t.test('an admin request the drain cuts is waited for before the store closes: it ends, and `stopped` is the last line (found by a review)', async (t) => {
+  const url = await freshDatabase(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-stop-handler-'))
+  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  shutdown_timeout_ms: 300\n')
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+  const serve = await startKeygate(t, { args: ['--upstream', 'http://127.0.0.1:9'], env, cwd })
+  t.equal((await call(`${serve.admin}/v1/keys`, { token: ADMIN_TOKEN })).status, 200)
+  // Another session holds the keys' table: the import's look-up of the hashes it brings waits for
+  // it, past the drain's deadline, and its transaction comes after.
+  const holder = new pg.Client({ connectionString: url })
+  await holder.connect()
+  t.teardown(() => holder.end().catch(() => {}))
+  await holder.query('BEGIN')
+  await holder.query('LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE')
+  const hash = createHash('sha256').update(randomUUID()).digest('hex')
+  const renamed = call(`${serve.admin}/v1/keys/import`, { method: 'POST', token: ADMIN_TOKEN, body: { type: 'user', rows: [{ key_hash: hash, name: 'imported' }] } }).then(
+    (r) => r.status,
+    () => 'cut',
+  )
+  let waiting = false
+  for (let i = 0; i < 400 && !waiting; i++) {
+    const { rows } = await holder.query(`SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)
+    waiting = rows.length > 0
+    if (!waiting) await new Promise((r) => setTimeout(r, 50))
+  }
+  t.ok(waiting, 'the import waits for the table')
+  serve.child.kill('SIGTERM')
+  t.equal(await renamed, 'cut', 'the drain (300 ms) cuts its connection')
+  await new Promise((r) => setTimeout(r, 500))
+  await holder.query('COMMIT')
+  t.equal(await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())]), 0, 'exit 0')
+  const after = serve.logs.slice(serve.logs.findIndex((l) => l.message === 'shutting down'))
+  t.notOk(after.some((l) => l.level === 'error'), `no error logged (${JSON.stringify(after.filter((l) => l.level === 'error').map((l) => l.message))})`)
+  t.equal(after.at(-1)?.message, 'stopped', '`stopped` is the last line')
+  const { rows } = await holder.query('SELECT name FROM api_keys WHERE key_hash = $1', [hash])
+  t.equal(rows[0]?.name, 'imported', 'the import its client was cut from was made whole (the CLI says it may have been)')
+})
+
 t.test('PostgreSQL that stops answering: requests that need it get 503 store_unavailable after store.query_timeout_ms, and all is well once it answers again', async (t) => {
   // One connection: it is open when the gate goes silent, so it is reused after, and on it a
   // statement without a timeout would wait for ever (and the pool with it).
