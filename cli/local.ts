@@ -77,7 +77,7 @@ function newEmbeddedStoreAt(dataDir: string | undefined): string | undefined {
  */
 async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime, denyList: DenyListService | undefined, log: Logger): Promise<() => Promise<void>> {
   // Loaded here: a command without Redis never loads its client.
-  const [{ Redis }, { redisReady }] = await Promise.all([import('ioredis'), import('../core/redis.ts')])
+  const [{ Redis }, { DISCONNECT_TIMEOUT_MS, redisReady }] = await Promise.all([import('ioredis'), import('../core/redis.ts')])
   // Connected on the first change only: commands that change nothing never touch Redis.
   let redis: Redis | undefined
   let ready: Promise<boolean> | undefined
@@ -85,7 +85,7 @@ async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime,
   let denyFailed = false
   const send = async (message: string): Promise<unknown> => {
     if (!redis) {
-      redis = new Redis(url, { keyPrefix, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, retryStrategy: () => null })
+      redis = new Redis(url, { keyPrefix, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, disconnectTimeout: DISCONNECT_TIMEOUT_MS, retryStrategy: () => null })
       redis.on('error', () => {})
       ready = redisReady(redis, 2000)
     }

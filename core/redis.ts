@@ -23,6 +23,17 @@ import type { Logger } from './log.ts'
 const requireHere = createRequire(import.meta.url)
 
 /**
+ * How long a client's disconnect() waits for its socket to close before destroying it (ioredis's
+ * `disconnectTimeout`, 2 s by default). ioredis arms that timer on the client's last socket even
+ * when it has closed already (Redis down: the client is reconnecting, or gave up), and nothing
+ * clears it then: a `serve` stopped while Redis was down was held past its stop (logging that a
+ * connection "to the store, most likely" had not closed, a second later), and a CLI command 2 s
+ * (found by a review). A socket that is open closes within this on any working network; one that
+ * does not (a frozen Redis) is destroyed, as it was after 2 s.
+ */
+export const DISCONNECT_TIMEOUT_MS = 200
+
+/**
  * The Redis connection of `serve`. `keyPrefix` (redis.key_prefix) is put before every key of every
  * command by ioredis itself (scripts' KEYS, transactions and rate-limiter-flexible's commands
  * included); channels and SCAN patterns it leaves alone, so those are prefixed where they are named
@@ -40,6 +51,7 @@ export function connectRedis(url: string, log: Logger, options: { commandTimeout
     // TCP keepalive: a connection that a proxy or NAT dropped without closing is found (by the
     // kernel, within minutes) even when nothing is sent on it, as on a subscriber connection.
     keepAlive: 10_000,
+    disconnectTimeout: DISCONNECT_TIMEOUT_MS,
     // Reconnects within half a second at most, about the health PING's pace: at 2 s, limits
     // stayed on the insurance for up to 2 s after a restarted Redis answered (found by a review).
     retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 500),
@@ -261,18 +273,25 @@ export function redisHealth(redis: Redis, options: RedisHealthOptions = {}): Red
   return h
 }
 
-/** Waits up to `ms` for the first connection; start-up goes on without Redis if it does not come. */
+/**
+ * Waits up to `ms` for the first connection; start-up goes on without Redis if it does not come.
+ * False at once when the client gives up (`end`: a retryStrategy that does not retry, as the CLI's,
+ * refused or unreachable), where before it waited out `ms` for a connection that could not come.
+ */
 export function redisReady(redis: Redis, ms: number): Promise<boolean> {
   if (redis.status === 'ready') return Promise.resolve(true)
+  if (redis.status === 'end') return Promise.resolve(false)
   return new Promise((resolve) => {
-    const timer = setTimeout(() => {
-      redis.off('ready', onReady)
-      resolve(false)
-    }, ms)
-    const onReady = () => {
+    const settle = (ready: boolean) => {
       clearTimeout(timer)
-      resolve(true)
+      redis.off('ready', onReady)
+      redis.off('end', onEnd)
+      resolve(ready)
     }
+    const timer = setTimeout(() => settle(false), ms)
+    const onReady = () => settle(true)
+    const onEnd = () => settle(false)
     redis.once('ready', onReady)
+    redis.once('end', onEnd)
   })
 }

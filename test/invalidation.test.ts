@@ -9,15 +9,19 @@
 // limits to the insurance limiter with a metric and a log line, and takes them back. Each test
 // runs its own redis-server.
 import t, { type Test } from 'tap'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { Redis } from 'ioredis'
 import { bindInvalidationPublisher, INVALIDATION_VERSION_KEY, INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
-import { connectRedis } from '../core/redis.ts'
+import { connectRedis, redisReady } from '../core/redis.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
 import { ACTOR, bearer, makeConfig, metric, openStore, startGateway, until, type Harness } from './helpers/gateway.ts'
 import { startRedisServer, type RedisServer } from './helpers/redis-server.ts'
-import type { LogLine } from './helpers/serve.ts'
+import { isolatedEnv, serve, type LogLine } from './helpers/serve.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
 interface Setup {
@@ -193,4 +197,35 @@ t.test('a frozen Redis hands the limits to the insurance limiter, with a metric 
   await until(t, 'Redis is used again', async () => (await metric(registry, 'keygate_redis_up')) === 1)
   t.equal(s.logs.filter((l) => l.message.startsWith('Redis answers again')).length, 1, 'the return is logged once')
   t.equal((await s.gateway.get('/')).status, 429, 'the refusal holds with Redis back, until its window ends')
+})
+
+t.test('Redis down: serve stops without being held by its Redis clients, and a client that gave up is not waited for (found by a review)', async (t) => {
+  // Before: ioredis's disconnect() arms a 2 s timer (its disconnectTimeout) on the client's last
+  // socket, closed already while Redis is down, and nothing clears it. A serve stopped then was
+  // held past `stopped` until its backstop cut it, warning that a connection "to the store, most
+  // likely" had not closed; a CLI change waited out its 2 s for a Redis that had refused it, then
+  // 2 s more to exit.
+  const server = await startRedisServer(t)
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-redis-down-stop-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), REDIS_URL: server.url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const served = await serve(t, { env, cwd, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  await server.stop()
+  await until(t, 'the process saw Redis go', () => served.logs.some((l) => l.message.startsWith('Redis is not answering')))
+  t.equal(await served.stop(), 0)
+  const stopped = served.logs.findIndex((l) => l.message === 'stopped')
+  t.ok(stopped >= 0, 'stopped is logged')
+  t.same(served.logs.slice(stopped + 1), [], 'and nothing after it: nothing held the process')
+
+  // The CLI's client does not retry: once it has given up, it is not ready, and is not waited for.
+  const port = server.port
+  const gaveUp = new Redis(`redis://127.0.0.1:${port}`, { enableOfflineQueue: false, retryStrategy: () => null })
+  gaveUp.on('error', () => {})
+  const ended = new Promise((resolve) => gaveUp.once('end', resolve))
+  let answer: boolean | undefined
+  void redisReady(gaveUp, 600_000).then((ready) => (answer = ready))
+  await ended
+  await new Promise((resolve) => setImmediate(resolve))
+  t.equal(answer, false, 'not ready, told as the client gives up')
+  t.equal(await redisReady(gaveUp, 600_000), false, 'and at once when asked after')
 })
