@@ -222,8 +222,12 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
     let row: unknown
     try {
       row = JSON.parse(line)
-    } catch {
-      problems.push(`line ${i + 1}: is not a JSON object`)
+    } catch (err) {
+      // Where the parser stopped, not its message, which may quote the line (a key_hash, say).
+      // Before (found by a review), such a line was said to be "not a JSON object", which an
+      // object with a missing quote or comma is to the eye, and the reader was left to find why.
+      const at = / at position (\d+)/.exec((err as Error).message)
+      problems.push(`line ${i + 1}: is not valid JSON${at ? ` (at column ${Number(at[1]) + 1})` : ''}`)
       return
     }
     const changed = silentChange(line, row)

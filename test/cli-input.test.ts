@@ -315,6 +315,25 @@ t.test('an import tells every problem of its file in the first answer, on the em
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 1, 'nothing more was stored')
 })
 
+t.test('a JSON lines import with lines that are not JSON names each line and the column where it stops, quoting nothing of it (found by a review)', async (t) => {
+  // Before: each such line was "is not a JSON object", said of an object missing a quote or a
+  // comma, with nothing to say where.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const hash = createHash('sha256').update('33333333-3333-4333-8333-333333333333').digest('hex')
+  const unquoted = `{"key_hash": "${hash}", name: "b"}`
+  const unclosed = `{"key_hash": "${hash}", "name": "c"`
+  const file = join(cwd, 'broken.jsonl')
+  writeFileSync(file, [JSON.stringify({ key_hash: hash, name: 'a' }), unquoted, '', unclosed].join('\n') + '\n')
+  const run = await runCli(['api-key', 'import', file, '--json'], { cwd, env })
+  t.equal(run.code, 1)
+  const error = run.json().error
+  t.equal(error.code, 'import_invalid')
+  t.same(error.details.problems, [`line 2: is not valid JSON (at column ${unquoted.indexOf('name') + 1})`, `line 4: is not valid JSON (at column ${unclosed.length + 1})`])
+  t.notOk(run.stdout.includes(hash) || run.stderr.includes(hash), 'the lines are not quoted')
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was imported')
+})
+
 t.test('an import file or stdin that is not UTF-8 is refused naming where, and nothing is imported', async (t) => {
   // Before (found by a review): read leniently, a Latin-1 `café` was imported as `caf\uFFFD`
   // (exit 0), where a Latin-1 configuration file, an argument and an admin API body are refused;
