@@ -82,8 +82,15 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
           `the admin API at ${shown} showed a certificate this machine does not trust (${code}); for a self-signed certificate or a private CA, give its PEM file in NODE_EXTRA_CA_CERTS`,
         )
       }
-      // A TLS listener closes a connection that speaks plain HTTP to it.
-      const tlsHint = code === 'UND_ERR_SOCKET' && base.startsWith('http:') ? '; if the admin listener serves TLS, the URL is https://' : ''
+      // A TLS listener closes a connection that speaks plain HTTP to it; a plain one answers a TLS
+      // hello with HTTP, which OpenSSL reads as a wrong version (before, found by a review, that
+      // code was all the message said).
+      const tlsHint =
+        code === 'UND_ERR_SOCKET' && base.startsWith('http:')
+          ? '; if the admin listener serves TLS, the URL is https://'
+          : code === 'ERR_SSL_WRONG_VERSION_NUMBER' && base.startsWith('https:')
+            ? '; the server there does not speak TLS: if the admin listener serves plain HTTP (no admin.tls), the URL is http://'
+            : ''
       // A connection closed or reset once made: the request may have been read and carried out
       // (a server killed, or one whose stop cut the call at its deadline, an import committed).
       // Before (found by a review), "cannot reach", as if nothing had been sent.

@@ -600,6 +600,12 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   const tlsPort = (tlsServer.address() as AddressInfo).port
   t.match(await failure(remoteOperations(`https://127.0.0.1:${tlsPort}`, 'token').stats()), { code: 'admin_unavailable', message: /showed a certificate this machine does not trust \(DEPTH_ZERO_SELF_SIGNED_CERT\); for a self-signed certificate or a private CA, give its PEM file in NODE_EXTRA_CA_CERTS/ })
   t.match(await failure(remoteOperations(`http://127.0.0.1:${tlsPort}`, 'token').stats()), { code: 'admin_unavailable', message: /^cannot reach the admin API at http:\/\/127\.0\.0\.1:\d+ .*; if the admin listener serves TLS, the URL is https:\/\/$/ })
+  // And TLS sent to a plain listener (before, found by a review: ERR_SSL_WRONG_VERSION_NUMBER alone).
+  const plainServer = http.createServer((_req, res) => res.writeHead(404).end())
+  await new Promise<void>((resolve) => plainServer.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => plainServer.close())
+  const plainPort = (plainServer.address() as AddressInfo).port
+  t.match(await failure(remoteOperations(`https://127.0.0.1:${plainPort}`, 'token').stats()), { code: 'admin_unavailable', message: /^cannot reach the admin API at https:\/\/127\.0\.0\.1:\d+ .*ERR_SSL_WRONG_VERSION_NUMBER; the server there does not speak TLS: if the admin listener serves plain HTTP \(no admin\.tls\), the URL is http:\/\/$/ })
   // A user:password@ in the URL is never shown (the configuration refuses one: see config.test.ts).
   for (const url of ['http://bob:hunter2pw@127.0.0.1:1', 'http://bob:hunter2@pw@127.0.0.1:1', 'http://bob:hunter2 pw@127.0.0.1:1']) {
     const hidden = await failure(remoteOperations(url, 'token').stats())
