@@ -137,11 +137,21 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
 }
 
 /**
+ * The longest path segment sent, encoded: no id or name comes near it (a Gitea token's name, the
+ * longest, is at most 255 characters, 2,295 encoded), and a much longer one passes the admin
+ * listener's 16 KiB limit on a request's head, answered 431 "The request headers are too large."
+ */
+const SEGMENT_MAX = 4096
+
+/**
  * `value` as one path segment of an admin API URL; '', '.' and '..' are no segment a URL can
- * carry (fetch resolves dot segments, even escaped), so `unreachable` says what the command
- * answers for them instead of calling another route.
+ * carry (fetch resolves dot segments, even escaped), nor one longer than SEGMENT_MAX encoded, so
+ * `unreachable` says what the command answers for them instead of calling another route (before,
+ * found by a review: `api-key get` of a 20,000-character id was "no key has the id" on the store
+ * and "The request headers are too large." through the admin API).
  */
 export function pathSegment(value: string, unreachable: () => Error): string {
-  if (value === '' || value === '.' || value === '..') throw unreachable()
-  return encodeURIComponent(value)
+  const encoded = encodeURIComponent(value)
+  if (value === '' || value === '.' || value === '..' || encoded.length > SEGMENT_MAX) throw unreachable()
+  return encoded
 }

@@ -67,7 +67,7 @@ export function remoteDenyOperations(baseUrl: string, token: string): DenyOperat
       return { entry: json, updated: status === 200 }
     },
     list: async (includeExpired) => (await call<{ items: DenyJson[] }>('GET', `/v1/deny-list${includeExpired ? '?include_expired=true' : ''}`, undefined, ['items'])).items,
-    remove: (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(id)}`))}`),
+    remove: async (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(id)}`))}`),
   }
 }
 
