@@ -98,7 +98,7 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
     options: { reason: { type: 'string' }, 'expires-in': { type: 'string' }, 'expires-at': { type: 'string' } },
     positionals: { min: 1, max: 1 },
     prepare(p) {
-      const expires = expiryFlags(p)
+      const expires = expiryFlags(p, { would: 'end the entry', example: '1h' })
       const body = { cidr: p.positionals[0] as string, ...(str(p, 'reason') !== undefined ? { reason: str(p, 'reason') as string } : {}), ...(expires !== undefined ? { expires_at: expires } : {}) }
       checkFlags(AddDenyBody, body, { cidr: 'CIDR', expires_at: '--expires-at' })
       return async (ctx) => {

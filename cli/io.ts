@@ -358,8 +358,11 @@ export function parseDuration(flag: string, value: string, bounds?: { min: numbe
   return seconds
 }
 
-/** `--expires-in 30d` or `--expires-at TIME` (`never` for none) as an RFC 3339 time, null or absent. */
-export function expiryFlags(p: Parsed): string | null | undefined {
+/**
+ * `--expires-in 30d` or `--expires-at TIME` (`never` for none) as an RFC 3339 time, null or absent.
+ * `what` is what expires, for the refusal of a zero duration (a deny list's entry is no key).
+ */
+export function expiryFlags(p: Parsed, what: { would: string; example: string } = { would: 'expire the key', example: '30d' }): string | null | undefined {
   const inFlag = str(p, 'expires-in')
   const atFlag = str(p, 'expires-at')
   if (inFlag !== undefined && atFlag !== undefined) throw new UsageError('--expires-in and --expires-at exclude each other')
@@ -367,7 +370,7 @@ export function expiryFlags(p: Parsed): string | null | undefined {
     if (inFlag === 'never') return null
     const seconds = parseDuration('expires-in', inFlag)
     // Refused here, naming the flag (before: the API's `expires_at: ... is in the past`, exit 1).
-    if (seconds === 0) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} would expire the key at once; expected a duration above 0, such as 30d`)
+    if (seconds === 0) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} would ${what.would} at once; expected a duration above 0, such as ${what.example}`)
     const at = new Date(Date.now() + seconds * 1000)
     if (!(at.getTime() < YEAR_10000_MS)) throw new UsageError(`--expires-in: ${JSON.stringify(inFlag)} ends after the year 9999`)
     return at.toISOString()

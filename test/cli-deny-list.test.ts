@@ -44,6 +44,8 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
     [['deny-list', 'add', '10.1.2.3/8'], /^keygate: CIDR: "10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 for that network, or 10\.1\.2\.3 alone for the one address/],
     [['deny-list', 'add', 'bogus'], /^keygate: CIDR: "bogus" is not allowed; expected an IPv4 or IPv6 address, or a CIDR range written as its network address/],
     [['deny-list', 'add', '10.0.0.0/8', '--expires-at', 'soon'], /^keygate: --expires-at: "soon" is not allowed/],
+    // The entry's words, not a key's (before, found by a review: "would expire the key at once").
+    [['deny-list', 'add', '10.0.0.0/8', '--expires-in', '0s'], /^keygate: --expires-in: "0s" would end the entry at once; expected a duration above 0, such as 1h\n$/],
     [['deny-list', 'add'], /missing argument\nusage: keygate deny-list add CIDR/],
     [['deny-list', 'remove', '10.0.0.999'], /is neither an entry's id nor an address or range/],
     [['deny-list', 'list', 'x'], /unexpected argument "x"/],
