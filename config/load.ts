@@ -608,6 +608,15 @@ export function loadConfig(options: LoadOptions = {}): Config {
       }
     }
   }
+  // An embedded store's folder named on the command line while PostgreSQL is named, which is then
+  // used: before (found by a review), the flag was dropped without a word, and `api-key create
+  // --data-dir DIR` with DATABASE_URL set made its key where the server on DIR never saw it.
+  // (KEYGATE_DATA_DIR or the file's data_dir beside a database URL is a deployment's default.)
+  const databaseUrl = (merged.store as Record<string, unknown> | undefined)?.database_url
+  if (origins.get('store.data_dir') === '--data-dir' && typeof databaseUrl === 'string' && databaseUrl !== '') {
+    const named = origins.get('store.database_url') ?? 'the configuration file'
+    problems.push(`--data-dir (store.data_dir): names the embedded store's folder, but ${named} names PostgreSQL (store.database_url), which would be used; leave out --data-dir, or the database URL to use the embedded store`)
+  }
   const config = check(merged, problems, origins, options.bothListeners === true)
   if (problems.length > 0) {
     // A value a command-line flag never takes is a usage error (exit 2), as on every command; a

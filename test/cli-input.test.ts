@@ -409,6 +409,33 @@ t.test('an admin URL without an admin credential is refused naming where the URL
   }
 })
 
+t.test('--data-dir while PostgreSQL is named (DATABASE_URL, --database-url) is a usage error, not ignored', async (t) => {
+  // Before (found by a review): the flag was dropped without a word, and `api-key create
+  // --data-dir DIR` with DATABASE_URL in the environment made its key in PostgreSQL, which the
+  // server on DIR's embedded store never knew.
+  const dir = tempDir()
+  const dataDir = join(dir, 'named')
+  const url = 'postgres://postgres@127.0.0.1:5432/nowhere'
+  const why = /^keygate: invalid configuration:\n {2}--data-dir \(store\.data_dir\): names the embedded store's folder, but (DATABASE_URL|--database-url) names PostgreSQL \(store\.database_url\), which would be used; leave out --data-dir, or the database URL to use the embedded store\n$/
+  for (const [args, env] of [
+    [['api-key', 'create', '--name', 'x', '--type', 'user', '--data-dir', dataDir], { DATABASE_URL: url }],
+    [['api-key', 'list', '--database-url', url, '--data-dir', dataDir], {}],
+    [['deny-list', 'list', '--data-dir', dataDir], { DATABASE_URL: url }],
+    [['migrate', '--data-dir', dataDir], { DATABASE_URL: url }],
+  ] as const) {
+    const r = await runCliHere([...args], { env: isolated(env) })
+    t.equal(r.code, 2, `${args.join(' ')}: exit 2`)
+    t.match(r.stderr, why, 'says why')
+  }
+  const served = await runCli(['serve', '--data-dir', dataDir], { cwd: dir, env: isolated({ DATABASE_URL: url }) })
+  t.equal(served.code, 2, 'serve too')
+  t.match(served.stderr, why)
+  t.notOk(existsSync(dataDir), 'no store made')
+  // KEYGATE_DATA_DIR beside DATABASE_URL, both in the environment, is a deployment's setting: taken.
+  const both = await runCliHere(['api-key', 'list', '--json'], { env: isolated({ DATABASE_URL: url, KEYGATE_DATA_DIR: dataDir }) })
+  t.not(both.code, 2, 'the variable beside DATABASE_URL is no usage error')
+})
+
 t.test("a remote service's or admin API's message reaches the terminal with its control characters escaped", async (t) => {
   // Before (found by a review): tables escaped stored and remote text, error paths did not. A
   // Gitea answering with escape sequences cleared the screen, coloured a forged verdict and set
