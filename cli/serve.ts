@@ -24,7 +24,7 @@ import { teeUsage, UsageRecorder } from '../core/usage.ts'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
-import { pendingMigrations } from '../core/migrate.ts'
+import { pendingMigrations, readMigrations } from '../core/migrate.ts'
 import { connectRedis, redisHealth, redisReady, writeHealthKey } from '../core/redis.ts'
 import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
@@ -405,12 +405,18 @@ const READY_STORE_WAIT_MS = PROBE_MS
  */
 function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefined> {
   let lastLogged = ''
+  // The migrations this process runs on, read once, as it starts (it has just checked the store
+  // against them): files unpacked since, by an upgrade before the restart that applies them, are
+  // the next process's. Before (found by a review), each probe read the folder again: a newer
+  // version's file made a running serve not ready ("migrations not applied"), and the folder
+  // replaced whole "store unreachable (ENOENT)", logged as a store outage.
+  const files = readMigrations()
   // Probes within 2 s of an unanswered one share its query, so a hung store is sent one a
   // probe period at most, not one per probe; an older one is not waited on (its connection may
   // never answer, while a new one would).
   let asking: { answer: Promise<string | undefined>; at: number } | undefined
   const check = async (): Promise<string | undefined> => {
-    const pending = await pendingMigrations(runtime.db)
+    const pending = await pendingMigrations(runtime.db, files)
     if (pending.length > 0) return `migrations not applied: ${pending.join(', ')}`
     // A store that takes no writes serves no admin change, usage count or lockout: not ready
     // (before, found by a failure review, ready while every write failed).

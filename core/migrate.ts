@@ -86,7 +86,7 @@ async function applied(tx: Queryable): Promise<Array<{ version: number; name: st
  * never renamed or dropped in the same release). A recorded file missing below the newest file,
  * or changed, is an error.
  */
-function compare(files: Migration[], done: Array<{ version: number; name: string; checksum: string }>): { pending: Migration[]; newer: string[] } {
+function compare(files: readonly Migration[], done: Array<{ version: number; name: string; checksum: string }>): { pending: Migration[]; newer: string[] } {
   const newest = Math.max(0, ...files.map((f) => f.version))
   const newer: string[] = []
   for (const row of done) {
@@ -133,16 +133,19 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
   }, { untimed: true })
 }
 
-/** Names of migrations not yet applied, and of those applied by a newer keygate; throws when an applied file was changed or is missing. */
-export async function migrationState(db: Db, dir?: string): Promise<{ pending: string[]; newer: string[] }> {
-  const files = readMigrations(dir)
+/**
+ * Names of migrations not yet applied, and of those applied by a newer keygate; throws when an
+ * applied file was changed or is missing. `from`: the folder to read, or the files already read.
+ */
+export async function migrationState(db: Db, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[] }> {
+  const files = typeof from === 'object' ? from : readMigrations(from)
   const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
   if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [] }
   const { pending, newer } = compare(files, await applied(db))
   return { pending: pending.map((m) => m.name), newer }
 }
 
-/** Names of migrations not yet applied (for /readyz); throws when an applied file was changed. */
-export async function pendingMigrations(db: Db, dir?: string): Promise<string[]> {
-  return (await migrationState(db, dir)).pending
+/** Names of migrations not yet applied (for /readyz: of the files serve read as it started); throws when an applied file was changed. */
+export async function pendingMigrations(db: Db, from?: string | readonly Migration[]): Promise<string[]> {
+  return (await migrationState(db, from)).pending
 }
