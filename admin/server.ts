@@ -70,8 +70,10 @@ export function sendError(res: http.ServerResponse, code: ErrorCode, requestId: 
   // A refusal that closes the connection with the body still coming reads and drops what the
   // client still sends for a while after the answer (closeWhenAnswered). Before (found by a
   // review), the socket closed at once, the kernel answered the bytes still coming with a reset,
-  // and a client could lose the refusal (`api-key import` with a wrong token: EPIPE).
-  if (headers.connection === 'close' && !res.req.complete && hasBody(res.req.headers)) closeWhenAnswered(res.req)
+  // and a client could lose the refusal (`api-key import` with a wrong token: EPIPE). So does one
+  // the client asked to close (`Connection: close`, HTTP/1.0), which Node closes once answered:
+  // before (found by a review), a 413 whose body was being drained was lost so (Python's urllib).
+  if ((headers.connection === 'close' || !res.shouldKeepAlive) && !res.req.complete && hasBody(res.req.headers)) closeWhenAnswered(res.req)
   const body = errorBody(code, requestId, message, details)
   res.writeHead(ERRORS[code].status, {
     'content-type': 'application/json; charset=utf-8',
