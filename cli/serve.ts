@@ -770,6 +770,8 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   // Without Redis, a worker's anomalies reach the primary's SSE stream over cluster IPC.
   const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data as AnomalyJson } satisfies FromWorker)) : undefined
   let answerMetrics: ((m: WorkerMessage) => void) | undefined
+  /** A worker's counts as it stops, told to the primary as its last message (see lastCountsTold). */
+  let lastCounts: (() => Promise<MetricsJson>) | undefined
   const onPrimaryMessage = (m: WorkerMessage) => {
     if (m?.keygate === 'invalidate') gateway?.applyInvalidation(m.message)
     else if (m?.keygate === 'deny') gateway?.applyDenyChange(denyChangeFrom(m))
@@ -800,6 +802,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         )
       }
       process.on('message', answerMetrics)
+      lastCounts = () => workerMetrics(registry, true)
     }
     if (role.gateway) {
       metrics = createGatewayMetrics(registry, config.routes.map((r) => r.name))
@@ -887,6 +890,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       process.off('message', onPrimaryMessage)
       if (answerMetrics) process.off('message', answerMetrics)
       offForward?.()
+      if (mode.worker && lastCounts) await lastCountsTold(lastCounts, log)
       // Once everything has been waited for (before, it was logged before the store's
       // connections and webhook attempts were, and the process went on for seconds after).
       if (disarm) {
@@ -900,6 +904,29 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   }
 }
 
+/**
+ * A worker's last message to its primary, once its gateway has drained and its last anomaly check
+ * ran: its counters and histograms as they end, which the primary keeps in place of those it last
+ * read (at a scrape, or every 5 s). Before (found by a review), a worker stopped on its own
+ * (SIGTERM to its pid) took what it counted since that read with it: 51 requests of 102 went
+ * missing from /metrics once it was replaced. Resolved once the message is written to the channel
+ * (the disconnect that follows would drop a write still pending) or could not be.
+ */
+async function lastCountsTold(counts: () => Promise<MetricsJson>, log: Logger): Promise<void> {
+  if (!process.connected) return
+  try {
+    const metrics = await counts()
+    // Its callback comes once the message is written, or with the channel's failure (false is
+    // only the channel's backlog: the message is sent all the same).
+    await new Promise<void>((resolve) => {
+      if (!process.connected || !process.send) return resolve()
+      process.send({ keygate: 'last-metrics', metrics } satisfies FromWorker, undefined, undefined, () => resolve())
+    })
+  } catch (err) {
+    log.error("could not tell the primary this worker's last counts", { err: err as Error })
+  }
+}
+
 /** What a worker tells its primary (rate-limiter-flexible's cluster messages are told apart by their `channel`). */
 type FromWorker =
   | { keygate: 'config' }
@@ -908,6 +935,7 @@ type FromWorker =
   | { keygate: 'lock'; message: string }
   | { keygate: 'anomaly'; anomaly: AnomalyJson }
   | { keygate: 'metrics'; request: number; metrics: MetricsJson }
+  | { keygate: 'last-metrics'; metrics: MetricsJson }
   | WindowsRequest
 
 /** What the primary sends its gateway workers: their configuration and certificate, what its admin API changed, and the anomaly windows' totals. */
@@ -1104,12 +1132,19 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         listening.add(w)
       }
       w.on('message', onWorker)
+      // Its counts join the departed total once nothing more can come from it: when it has both
+      // exited and closed its channel, whichever the primary sees last. Its last message (its
+      // counts as it stopped; see lastCountsTold) is read before the channel's end, but its exit
+      // may be seen before either.
+      let ends = 0
+      const ended = () => void (++ends === 2 && clusterMetrics.depart(w.id))
+      w.once('disconnect', ended)
       w.on('exit', (code, signal) => {
+        ended()
         live.delete(w)
         const listened = listening.delete(w)
         missed.delete(w)
         for (const asking of askingMetrics.values()) if (asking.worker === w) asking.answered(undefined)
-        clusterMetrics.depart(w.id)
         if (shuttingDown) return
         if (!anyListened) {
           log.error('a gateway worker ended before any listened; stopping', { worker: w.id, code, signal })
@@ -1143,6 +1178,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         asking.answered(m.metrics)
         return
       }
+      if (m?.keygate === 'last-metrics') return void clusterMetrics.last(from.id, m.metrics)
       if (m?.keygate !== 'lock') return
       lockout.applyMessage(m.message)
       tellWorkers([...live].filter((w) => w !== from), { keygate: 'invalidate', message: m.message })

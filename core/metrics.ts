@@ -523,12 +523,15 @@ export async function workerMetrics(registry: Registry, countsOnly: boolean): Pr
  * it, and its replacement counts from 0: summed over the live workers alone, every counter and
  * histogram would go down. So the primary keeps each worker's counters and histograms as it last
  * read them (at each scrape, and every few seconds between), and when a worker ends, adds them
- * to the departed workers' total, which every later scrape adds in. What the worker counted after
- * that last read is lost (SIGKILL leaves no time to report); gauges are not carried over.
+ * to the departed workers' total, which every later scrape adds in. A worker that stops gracefully
+ * tells its counts as it ends (`last`); what a killed one counted after that last read is lost
+ * (SIGKILL leaves no time to report). Gauges are not carried over.
  */
 export class ClusterMetrics {
   readonly #last = new Map<number, { request: number; counts: MetricsJson }>()
   #departed: MetricsJson = []
+  /** The workers whose counts are in the departed total: nothing of theirs is kept again. */
+  readonly #gone = new Set<number>()
 
   /**
    * A worker's answer to request number `request`. An answer to an earlier request that arrives
@@ -536,14 +539,24 @@ export class ClusterMetrics {
    */
   keep(worker: number, request: number, metrics: MetricsJson): void {
     const last = this.#last.get(worker)
-    if (last && last.request > request) return
+    if (this.#gone.has(worker) || (last && last.request > request)) return
     this.#last.set(worker, { request, counts: metrics.filter(isCount).map((m) => ({ ...m, aggregator: 'sum' })) })
+  }
+
+  /**
+   * A worker's counts as it stopped gracefully, its last message: no answer to a request, even
+   * one that arrives after them, replaces them. To be told before `depart`: the primary departs a
+   * worker once it has exited and its channel has closed, after its last message.
+   */
+  last(worker: number, metrics: MetricsJson): void {
+    this.keep(worker, Number.POSITIVE_INFINITY, metrics)
   }
 
   /** The worker ended: its last counts join the departed total (prom-client's own sum). */
   depart(worker: number): void {
     const last = this.#last.get(worker)
     this.#last.delete(worker)
+    this.#gone.add(worker)
     if (!last) return
     const byName = new Map<string, MetricsJson>()
     for (const m of [...this.#departed, ...last.counts]) byName.set(m.name, [...(byName.get(m.name) ?? []), m])

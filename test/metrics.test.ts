@@ -134,6 +134,18 @@ t.test("the --workers primary's sum keeps the counters and histograms of a worke
   sum.depart(2)
   sum.depart(3)
   t.same(await read(new Map()), { forwarded: 9, served: 9, bucket: 9, deny: undefined, help: true }, 'with every worker gone, the counts are still the sum')
+
+  // Worker 4 stops gracefully: its last message (8, its drain included) stands, an answer to a
+  // refresh asked before it and arriving after replaces nothing, and nothing of it is kept again
+  // once it has departed (found by a review: the primary dropped that last message).
+  sum.keep(4, 7, await workerMetrics(await worker(5, 5), true))
+  sum.last(4, await workerMetrics(await worker(8, 5), true))
+  sum.keep(4, 8, await workerMetrics(await worker(6, 5), true))
+  t.same(await read(new Map()), { forwarded: 17, served: 17, bucket: 17, deny: undefined, help: true }, 'its counts as it stopped')
+  sum.depart(4)
+  sum.last(4, await workerMetrics(await worker(8, 5), true))
+  sum.keep(4, 9, await workerMetrics(await worker(8, 5), true))
+  t.same(await read(new Map([[4, await workerMetrics(await worker(8, 5), false)]])), { forwarded: 17, served: 17, bucket: 17, deny: undefined, help: true }, 'counted once')
 })
 
 t.test('over --workers, file descriptors and the start time are the highest and the earliest of the processes, not their sum', async (t) => {

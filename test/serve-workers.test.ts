@@ -470,3 +470,53 @@ t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound
   t.ok(['gone', 'Z', 'X'].includes(state(frozen) as string), `the frozen worker is not left behind (state ${state(frozen)})`)
   t.ok(['gone', 'Z', 'X'].includes(state(other) as string), 'nor the other')
 })
+
+t.test('--workers: a worker stopped on its own with SIGTERM tells the primary its last counts; /metrics keeps every request it counted, once (found by a review)', async (t) => {
+  // Before: the primary kept what it had last read of the worker (at a scrape, or every 5 s), and
+  // what the worker counted after that, up to its drain's end, went missing from /metrics once it
+  // was replaced. Here the primary is stopped (SIGSTOP) from before the worker's last request
+  // ends until the worker has exited: it cannot have read that request's count, whatever its
+  // 5 s refresh did. Which it then sees first, the worker's exit or its last message, is left to
+  // its event loop.
+  const { cwd, env } = await workersSetUp(t, 'gracefulcounts', 0)
+  const held: Array<() => void> = []
+  let bothHeld!: () => void
+  const heldTwo = new Promise<void>((r) => (bothHeld = r))
+  const upstream = await startUpstream(t, (req, res) => {
+    if (req.url !== '/held') return void res.end('ok')
+    held.push(() => res.end('released'))
+    if (held.length === 2) bothHeld()
+  })
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const primary = serve.child.pid as number
+  const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'service' } })
+  const auth = { authorization: `Bearer ${created.json.key}` }
+  // A service key: a user key's limit, 100 a second, would refuse the held requests below.
+  const connections = await connectionPerWorker(t, serve.gateway, 2)
+  for (let i = 0; i < 100; i++) t.equal((await answerOf(await connections[i % 2]!.request({ method: 'GET', path: `/c${i}`, headers: auth }))).status, 200)
+  // One request held by the upstream on each worker.
+  const answers = connections.map((c) => c.request({ method: 'GET', path: '/held', headers: auth }).then(answerOf))
+  await heldTwo
+  process.kill(primary, 'SIGSTOP')
+  t.teardown(() => {
+    try {
+      process.kill(primary, 'SIGCONT')
+    } catch {}
+  })
+  const [pid] = execFileSync('pgrep', ['-P', String(primary)], { encoding: 'utf8' }).trim().split('\n').map(Number) as [number]
+  process.kill(pid, 'SIGTERM')
+  for (const release of held) release()
+  t.same((await Promise.all(answers)).map((a) => a.status), [200, 200], 'the requests held are answered, the stopping worker draining its own')
+  // A zombie once it has exited: its parent, stopped, has not reaped it.
+  const state = () => readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
+  while (state() !== 'Z') await sleep(10)
+  process.kill(primary, 'SIGCONT')
+  const died = await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  t.equal(died.code, 0, 'the worker stopped gracefully')
+  await serve.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
+  const scrape = await call(`${serve.admin}/metrics`)
+  t.equal(scrape.status, 200)
+  t.equal(value(scrape.text, 'keygate_gateway_requests_total{route="default",outcome="forwarded"}'), 102, 'every forwarded request, counted once')
+  t.equal(value(scrape.text, 'keygate_worker_restarts_total{reason="exited"}'), 1)
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
