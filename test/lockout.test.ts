@@ -139,7 +139,10 @@ t.test('the lockouts in force and the lifts held in memory are bounded at MIRROR
   t.equal(lockout.held().length, MIRROR_MAX, `${MIRROR_MAX} lockouts in force are held, no more`)
   t.equal(forgotten, 1000, 'each one dropped while in force is counted (keygate_lockouts_forgotten_total)')
   t.equal(lockout.lockedFor(address(10, 999)), undefined, 'the ones dropped are the first to begin')
-  t.equal(lockout.lockedFor(address(10, 1000)), 60, 'the ones after them are held')
+  // Held for what is left of the minute the messages gave (applying 101,000 of them took 2 s of a
+  // loaded suite's time, and 60 read 58).
+  const held = lockout.lockedFor(address(10, 1000)) ?? 0
+  t.ok(held > 0 && held <= 60, `the ones after them are held (${held} s left)`)
 
   // A lift is held for a window, so that a late lock: message of a lockout it ended is refused.
   const lifted = Date.now()
