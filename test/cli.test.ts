@@ -1,14 +1,14 @@
-// The `keygate` command as a real process: help, config check, the key lifecycle on the embedded
-// store, and afterwards no plaintext key in the store files or any captured log. (The lifecycle
-// on PostgreSQL is test/cli-postgres.test.ts, and usage errors and input no store can hold are
+// The `keygate` command as a real process: help, config check, the embedded store held by another
+// process, and the baseline compiler of store commands. (The key lifecycle on the embedded store is
+// test/cli-embedded.test.ts, on PostgreSQL test/cli-postgres.test.ts, and usage errors and input no store can hold are
 // test/cli-input.test.ts; stdin, rotation and unwritable output are test/cli-edges.test.ts, so they run side by side.)
 import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
-import { closeSync, existsSync, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { KEYGATE_BIN, childEnv, folderBytes, runCli, spawnClean } from './helpers/cli.ts'
+import { KEYGATE_BIN, childEnv, runCli, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
-import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
+import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
 
@@ -68,19 +68,6 @@ t.test('config check', async (t) => {
   const docs = await runCli(['config', 'docs'])
   t.equal(docs.code, 0)
   t.match(docs.stdout, /\| `cache\.ttl_s` \| `300` \| `CACHE_TTL_SECONDS`/)
-})
-
-t.test('key lifecycle on the embedded store', async (t) => {
-  const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
-  await lifecycle(t, { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
-  t.ok(statSync(join(dataDir, 'encryption.key')).mode & 0o600, 'an encryption key was generated into the data folder')
-  t.equal(statSync(join(dataDir, 'encryption.key')).mode & 0o077, 0, 'readable by its owner only')
-  t.notOk(existsSync(join(dataDir, 'keygate.lock')), 'the store lock is released on exit')
-
-  const everything = folderBytes(dataDir)
-  t.ok(everything.includes(Buffer.from('demo-renamed')), 'the data files hold the stored text (the scan below can see strings)')
-  for (const p of plaintexts) t.notOk(everything.includes(Buffer.from(p)), 'no plaintext key in the embedded store files')
 })
 
 t.test('the embedded store is refused while another process holds it', async (t) => {
@@ -150,8 +137,6 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
   const full = await runCli(['api-key', 'list', '--json'], { asInstalled: true, cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_WASM_TIERING: 'full' }) })
   t.equal(full.code, 0, 'KEYGATE_WASM_TIERING=full runs the command in its own process (with TurboFan), on the store left behind')
 })
-
-t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
 
 t.test('a Node.js older than 22.18 is told so, with no stack trace', async (t) => {
   // Before: ERR_UNKNOWN_FILE_EXTENSION ".ts" and a stack trace (the systemd unit's /usr/bin/node
