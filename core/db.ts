@@ -382,14 +382,6 @@ class EmbeddedDb implements Db {
     this.#worker = worker
     this.#release = release
     worker.unref()
-    worker.on('message', (r: Reply) => {
-      const p = this.#pending.get(r.id)
-      if (p === undefined) return
-      this.#pending.delete(r.id)
-      if (this.#pending.size === 0) worker.unref()
-      if (r.ok) p.resolve(r.value)
-      else p.reject(storeError(r.error))
-    })
     const fail = (err: Error) => {
       const first = this.#gone === undefined
       this.#gone ??= new KeygateError('store_unavailable', `the embedded store stopped: ${err.message}`, undefined, { cause: err })
@@ -397,6 +389,27 @@ class EmbeddedDb implements Db {
       this.#pending.clear()
       if (first && !this.#closing) for (const listener of this.#lost.splice(0)) listener(this.#gone)
     }
+    worker.on('message', (r: Reply) => {
+      const p = this.#pending.get(r.id)
+      if (p === undefined) return
+      this.#pending.delete(r.id)
+      if (this.#pending.size === 0) worker.unref()
+      if (r.ok) {
+        p.resolve(r.value)
+        return
+      }
+      p.reject(storeError(r.error))
+      // PostgreSQL ends itself on a PANIC (a WAL write that failed: a full disk, a file size
+      // limit), for its files to be recovered as after a crash; PGlite cannot, and is left broken.
+      // Before (found by a review), every later call failed ("cannot drop active portal") or
+      // never came back, its thread spinning a CPU, and serve ran on without a store. The thread
+      // is ended now, as if it had crashed: the store is lost, serve stops and exits 1, and the
+      // next start recovers the files.
+      if (r.error.fields.severity === 'PANIC') {
+        fail(new Error(`PostgreSQL stopped on a PANIC (${r.error.message}); the next start recovers its files, as after a crash`))
+        void worker.terminate()
+      }
+    })
     worker.on('error', fail)
     worker.on('exit', (code) => fail(new Error(`its thread exited (${code})`)))
     // A reply that could not be read here is lost, and with it which call it answered: every call

@@ -415,3 +415,43 @@ t.test('a making killed part way: the next start makes the store anew', async (t
   const listed = await runCli(['api-key', 'list', '--json'], { env: embeddedEnv(store) })
   t.same(listed.json().items.map((k: { name: string }) => k.name), ['after'])
 })
+
+t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store: told as lost, every later call refused, and the next start recovers it', async (t) => {
+  // Before (found by a review, serve on a tmpfs that filled up): PGlite, which cannot end as
+  // PostgreSQL does on a PANIC, was left broken: every later call failed with "cannot drop active
+  // portal", or never came back with its thread spinning a CPU, and serve ran on without a store.
+  // A file size limit set just past the WAL's end makes the WAL write fail as a full disk does.
+  const work = tempDir(t)
+  const dir = await seedDataDir(join(work, 'store'))
+  // A file, not --input-type=module -e: the store's thread would take that flag with no script.
+  const script = join(work, 'panic.mjs')
+  writeFileSync(script, `
+    const { openDb } = await import(${JSON.stringify(new URL('../core/db.ts', import.meta.url).href)})
+    const { execFileSync } = await import('node:child_process')
+    const db = await openDb({ dataDir: ${JSON.stringify(dir)}, shortLived: true })
+    const said = []
+    db.onLost((err) => said.push({ lost: err.code, message: err.message }))
+    await db.exec('CREATE TABLE filler (pad text)')
+    const [{ lsn }] = await db.query('SELECT pg_current_wal_insert_lsn()::text AS lsn')
+    const inSegment = parseInt(lsn.split('/')[1], 16) % (16 * 1024 * 1024)
+    execFileSync('prlimit', ['--pid', String(process.pid), '--fsize=' + (inSegment + 256 * 1024)])
+    const call = (p) => p.then(() => ({ ok: true }), (err) => ({ code: err.code, severity: err.severity, message: err.message }))
+    said.push(await call(db.transaction((tx) => tx.query("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)"))))
+    said.push(await call(db.query('SELECT 1')))
+    said.push(await call(db.transaction((tx) => tx.query('SELECT 1'))))
+    await db.close()
+    console.log(JSON.stringify(said))`)
+  const ran = await outcome(spawnClean(process.execPath, [script], { env: childEnv() }), ['(a script whose WAL write fails)'])
+  t.equal(ran.code, 0, ran.stderr)
+  const [lost, insert, select, transaction] = JSON.parse(ran.stdout) as Array<Record<string, string>>
+  t.match(insert, { severity: 'PANIC', message: /^could not write to log file .*: File too large$/ }, 'the write that met the PANIC fails with it')
+  t.match(lost, { lost: 'store_unavailable', message: /^the embedded store stopped: PostgreSQL stopped on a PANIC \(could not write to log file .*\); the next start recovers its files, as after a crash$/ }, 'the store is told lost, for serve to stop')
+  t.same(select, { code: 'store_unavailable', message: lost?.message }, 'a later call is refused at once')
+  t.same(transaction, select)
+  t.same(readdirSync(dir).sort(), ['pgdata'], 'the lock is given back')
+
+  // Without the limit, the next start recovers the store: the table made before, nothing of the insert.
+  const db = await openDb({ dataDir: dir, shortLived: true })
+  t.same(await db.query('SELECT count(*)::int AS n FROM filler'), [{ n: 0 }])
+  await db.close()
+})
