@@ -163,10 +163,15 @@ function openError(err: unknown, lines: readonly string[]): WireError {
   const e = wire(err)
   const words = postgresWords(lines)
   if (words === undefined || !/^(?:Aborted\(\)|PGlite failed to initialize)/.test(e.message)) return e
-  return {
-    ...e,
-    message: `PostgreSQL could not start on its files: ${words.replace(/\.$/, '')}. If another keygate version made the store, run that one; if its files were cut short or damaged (a full disk, a crash of the machine, a copy made while keygate ran), restore the data folder from a backup; keygate makes no new store over them`,
+  const said = `PostgreSQL could not start on its files: ${words.replace(/\.$/, '')}`
+  // A write of its start refused for want of room (recovery after a crash writes to the WAL, and
+  // may make a new 16 MB segment of it): the files are as a crash left them, which PostgreSQL
+  // recovers once it can write. Before (found by a review), this too advised restoring a backup
+  // over them, losing what was written since.
+  if (/: (?:No space left on device|File too large|Disk quota exceeded)(?:;|\.?$)/.test(words)) {
+    return { ...e, message: `${said}. The data folder's file system is full (or a disk quota, or the file size limit of ulimit -f, was reached): make room there and start again, and PostgreSQL recovers its files as after a crash; do not restore a backup over them for this` }
   }
+  return { ...e, message: `${said}. If another keygate version made the store, run that one; if its files were cut short or damaged (a full disk, a crash of the machine, a copy made while keygate ran), restore the data folder from a backup; keygate makes no new store over them` }
 }
 
 const { dataDir, sharedBuffers } = workerData as WorkerOptions

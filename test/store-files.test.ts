@@ -416,7 +416,7 @@ t.test('a making killed part way: the next start makes the store anew', async (t
   t.same(listed.json().items.map((k: { name: string }) => k.name), ['after'])
 })
 
-t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store: told as lost, every later call refused, and the next start recovers it', async (t) => {
+t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store: told as lost, every later call refused; a start still short of room is told to make room; one with room recovers it', async (t) => {
   // Before (found by a review, serve on a tmpfs that filled up): PGlite, which cannot end as
   // PostgreSQL does on a PANIC, was left broken: every later call failed with "cannot drop active
   // portal", or never came back with its thread spinning a CPU, and serve ran on without a store.
@@ -440,15 +440,30 @@ t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store:
     said.push(await call(db.query('SELECT 1')))
     said.push(await call(db.transaction((tx) => tx.query('SELECT 1'))))
     await db.close()
-    console.log(JSON.stringify(said))`)
+    console.log(JSON.stringify(said))
+    console.log(inSegment)`)
   const ran = await outcome(spawnClean(process.execPath, [script], { env: childEnv() }), ['(a script whose WAL write fails)'])
   t.equal(ran.code, 0, ran.stderr)
-  const [lost, insert, select, transaction] = JSON.parse(ran.stdout) as Array<Record<string, string>>
+  const [outcomes = '', walEnd = ''] = ran.stdout.split('\n')
+  const [lost, insert, select, transaction] = JSON.parse(outcomes) as Array<Record<string, string>>
   t.match(insert, { severity: 'PANIC', message: /^could not write to log file .*: File too large$/ }, 'the write that met the PANIC fails with it')
   t.match(lost, { lost: 'store_unavailable', message: /^the embedded store stopped: PostgreSQL stopped on a PANIC \(could not write to log file .*\); the next start recovers its files, as after a crash$/ }, 'the store is told lost, for serve to stop')
   t.same(select, { code: 'store_unavailable', message: lost?.message }, 'a later call is refused at once')
   t.same(transaction, select)
   t.same(readdirSync(dir).sort(), ['pgdata'], 'the lock is given back')
+
+  // A start still short of room (its recovery writes to the WAL) is told to make room, not to
+  // restore a backup over files PostgreSQL recovers once it can write. Before, the backup.
+  const again = join(work, 'again.mjs')
+  writeFileSync(again, `
+    const { openDb } = await import(${JSON.stringify(new URL('../core/db.ts', import.meta.url).href)})
+    const { execFileSync } = await import('node:child_process')
+    execFileSync('prlimit', ['--pid', String(process.pid), '--fsize=${walEnd}'])
+    await openDb({ dataDir: ${JSON.stringify(dir)}, shortLived: true }).then(() => console.log('opened'), (err) => console.log(err.message))`)
+  const short = await outcome(spawnClean(process.execPath, [again], { env: childEnv() }), ['(a start still without room)'])
+  t.equal(short.code, 0, short.stderr)
+  t.match(short.stdout, /^cannot open the embedded store in .*: PostgreSQL could not start on its files: .*File too large\. The data folder's file system is full \(or a disk quota, or the file size limit of ulimit -f, was reached\): make room there and start again, and PostgreSQL recovers its files as after a crash; do not restore a backup over them for this\n$/)
+  t.notMatch(short.stdout, 'restore the data folder from a backup')
 
   // Without the limit, the next start recovers the store: the table made before, nothing of the insert.
   const db = await openDb({ dataDir: dir, shortLived: true })
