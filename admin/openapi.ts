@@ -157,8 +157,8 @@ function errorResponse(codes: ErrorCode[]) {
   }
 }
 
-/** A query or header parameter; its description is the schema's, also where the schema is a reference (a key's `type`). */
-function parameter(name: string, where: 'query' | 'header', required: boolean, schema: TSchema) {
+/** A parameter; its description is the schema's, also where the schema is a reference (a key's `type`). */
+function parameter(name: string, where: 'path' | 'query' | 'header', required: boolean, schema: TSchema) {
   const { description } = plain(schema)
   return { name, in: where, required, ...(typeof description === 'string' ? { description } : {}), schema: documented(schema) }
 }
@@ -166,8 +166,10 @@ function parameter(name: string, where: 'query' | 'header', required: boolean, s
 function parameters(op: Operation) {
   const out: Array<Record<string, unknown>> = []
   for (const m of op.path.matchAll(/\{(\w+)\}/g)) {
-    const own = op.params?.[m[1] as string]
-    out.push({ name: m[1], in: 'path', required: true, schema: own ? documented(own) : { type: 'string', minLength: 1 } })
+    const name = m[1] as string
+    const schema = op.params?.[name] ?? op.ids?.[name]
+    if (!schema) throw new Error(`${op.id}: the path parameter ${name} has no schema (params or ids)`)
+    out.push(parameter(name, 'path', true, schema))
   }
   if (op.query) {
     const required = new Set((op.query.required as string[] | undefined) ?? [])

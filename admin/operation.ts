@@ -99,6 +99,14 @@ export interface Operation {
    * string in the document while its handler checked an address).
    */
   params?: Record<string, TSchema>
+  /**
+   * A path parameter naming a thing keygate keeps (a key, a webhook): what it is, and the form of
+   * the ids keygate makes, for the document only. Not refused by that form, as `params` are: an id
+   * of another form names nothing, and is answered the operation's 404 as any unknown id is. Every
+   * path parameter has a schema in one or the other (before, found by a review, the ids were
+   * undescribed strings in the document).
+   */
+  ids?: Record<string, TSchema>
   /** Request headers the handler reads itself (Last-Event-ID), for the document: by name as written, each optional. */
   headers?: TObject
   body?: TSchema

@@ -1,7 +1,7 @@
 // Answer schemas shared by the admin operations (request schemas of keys live in
 // core/keys/schemas.ts, shared with the CLI), and the JSON forms they describe.
 import { Type, type TSchema } from '@sinclair/typebox'
-import { ANOMALY_TYPES } from '../core/anomalies.ts'
+import { ANOMALY_ID_PATTERN, ANOMALY_TYPES } from '../core/anomalies.ts'
 import { auditJson, type AuditFilter } from '../core/audit.ts'
 import { CURSOR_PATTERN } from '../core/cursor.ts'
 import type { AdminServices } from './operation.ts'
@@ -11,16 +11,31 @@ import { isCidrOrAddress, isLockoutAddress } from '../core/formats.ts'
 import { normalAddress, parseRange } from '../core/keys/evaluate.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { EVENT_TYPES } from '../core/events.ts'
+import { KEY_ID_PATTERN } from '../core/keys/format.ts'
+import { DELIVERY_ID_PATTERN, WEBHOOK_ID_PATTERN } from '../core/webhooks.ts'
 import { firstCharacters, PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
 
 const Nullable = <T extends TSchema>(s: T, description?: string) => Type.Union([s, Type.Null()], description ? { description } : {})
 const DateTime = (description?: string) => Type.String({ format: 'date-time', ...(description ? { description } : {}) })
 
-export const KeyIdParam = Type.String({ minLength: 1, maxLength: 64, description: 'The public key id.' })
+// The path parameters naming what the admin API keeps (Operation.ids): what each is, and the form
+// of the ids keygate makes, which the `id` of its answers carries too.
+export const KeyIdParam = Type.String({ pattern: KEY_ID_PATTERN, description: "The key's `id`: the 12 letters and digits after the key's prefix (`3hF9aK2LmQxZ` in `kg_3hF9aK2LmQxZ_…`), not the key itself." })
+// No pattern: the deny list is also written by hand (psql), and such an entry keeps the id it was given.
+export const DenyEntryIdParam = Type.String({ minLength: 1, description: "The entry's `id`, as `GET /v1/deny-list` lists it: 16 letters and digits for an entry added through keygate." })
+export const WebhookIdParam = Type.String({ pattern: WEBHOOK_ID_PATTERN, description: "The webhook's `id` (`wh_` and 16 letters, digits, `-` or `_`), as its registration and `GET /v1/webhooks` give it." })
+export const DeliveryIdParam = Type.String({ pattern: DELIVERY_ID_PATTERN, description: "The delivery's `id` in the webhook's delivery log (`msg_` and 32 hex digits): the `webhook-id` header the receiver got." })
+export const AnomalyIdParam = Type.String({ pattern: ANOMALY_ID_PATTERN, description: "The anomaly's `id`, a decimal number, as `GET /v1/anomalies` lists it and the stream's events carry it." })
+export const GiteaTokenRefParam = Type.String({
+  minLength: 1,
+  maxLength: 255,
+  description: "Gitea's id of the token (`remote_id`) or the token's name. A number is an id first: it is taken for a name only when neither a token of the user nor keygate's record of one has that id.",
+})
+export const N8nKeyRefParam = Type.String({ minLength: 1, description: "n8n's id of the key (`remote_id`) or its label; when several keys have the label, delete by id." })
 
 export const KeySchema = Type.Object(
   {
-    id: Type.String({ description: 'Public key id (the 12 characters after the prefix).' }),
+    id: Type.String({ pattern: KEY_ID_PATTERN, description: 'Public key id (the 12 characters after the prefix).' }),
     name: Type.String(),
     type: KeyTypeSchema,
     status: KeyStatusSchema,
@@ -176,7 +191,7 @@ export const RangeSchema = {
 }
 
 export const AnomalySchema = Type.Object({
-  id: Type.String({ description: 'Increasing number; the SSE event id.' }),
+  id: Type.String({ pattern: ANOMALY_ID_PATTERN, description: 'Increasing number; the SSE event id.' }),
   key_id: Type.String(),
   type: Type.Union(ANOMALY_TYPES.map((t) => Type.Literal(t))),
   details: Type.Record(Type.String(), Type.Unknown(), { description: 'What was measured against which threshold.' }),
@@ -195,7 +210,7 @@ export const WebhookFields = {
 }
 
 export const WebhookSchema = Type.Object({
-  id: Type.String(),
+  id: Type.String({ pattern: WEBHOOK_ID_PATTERN }),
   url: Type.String(),
   events: Type.Array(Type.String()),
   description: Nullable(Type.String()),
@@ -213,8 +228,8 @@ export const WebhookSchema = Type.Object({
 export const WebhookWithSecret = Type.Composite([WebhookSchema, Type.Object({ secret: Type.String({ description: 'whsec_<base64>: verify deliveries with it. Shown in this answer only.' }) })])
 
 export const DeliverySchema = Type.Object({
-  id: Type.String({ description: 'The webhook-id header; the same on every attempt.' }),
-  webhook_id: Type.String(),
+  id: Type.String({ pattern: DELIVERY_ID_PATTERN, description: 'The webhook-id header; the same on every attempt.' }),
+  webhook_id: Type.String({ pattern: WEBHOOK_ID_PATTERN }),
   event_type: Type.String(),
   status: Type.Union([Type.Literal('pending'), Type.Literal('delivered'), Type.Literal('failed')]),
   attempts: Type.Integer(),

@@ -40,6 +40,11 @@ import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, refusedForAddres
 
 export const TEST_EVENT = 'webhook.test'
 
+/** What a webhook's id is (`wh_` and 12 random bytes in base64url, as create makes one), for the schemas that name one. */
+export const WEBHOOK_ID_PATTERN = '^wh_[A-Za-z0-9_-]{16}$'
+/** What a delivery's id is (`msg_` and a random UUID's 32 hex digits, as the inserts make one): the webhook-id header. */
+export const DELIVERY_ID_PATTERN = '^msg_[0-9a-f]{32}$'
+
 export interface Webhook {
   id: string
   url: string

@@ -17,7 +17,7 @@ import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { ImportRow } from '../core/keys/schemas.ts'
 import { FORMAT_WORDS } from '../core/formats.ts'
-import { followRefs, headerProblems, refFollower, startAdmin } from './helpers/admin.ts'
+import { documentValidator, followRefs, headerProblems, refFollower, startAdmin } from './helpers/admin.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 import { startUpstream } from './helpers/gateway.ts'
 import { openStore } from './helpers/stores.ts'
@@ -104,7 +104,17 @@ t.test('the OpenAPI document', async (t) => {
     if (op.body) t.same(o.requestBody.content['application/json'].schema, plain(op.documentedBody ?? op.body), `${op.id}: the request body is the schema it is checked with`)
     // What is refused 415 besides another media type: a charset, a content coding (admin/api.ts).
     if (op.body) t.match(o.requestBody.description, /UTF-8[^]*Content-Encoding[^]*415 unsupported_media_type/, `${op.id}: the request body says how it must be sent`)
-    for (const m of op.path.matchAll(/\{(\w+)\}/g)) t.ok(o.parameters.some((p: any) => p.in === 'path' && p.name === m[1]), `${op.id}: path parameter ${m[1]}`)
+    // Each path parameter says what it names, and its schema is the operation's (before, found by
+    // a review: the ids were an undescribed non-empty string, the key id's form nowhere).
+    for (const m of op.path.matchAll(/\{(\w+)\}/g)) {
+      const name = m[1] as string
+      const p = o.parameters.find((p: any) => p.in === 'path' && p.name === name)
+      const own = op.params?.[name] ?? op.ids?.[name]
+      t.ok(p && own, `${op.id}: path parameter ${name}, with its schema`)
+      if (!p || !own) continue
+      t.match(p.description, /^\S+ .{40,}/, `${op.id}: path parameter ${name} is described`)
+      t.same(p.schema, plain(own), `${op.id}: path parameter ${name} has the schema the operation gives it`)
+    }
     for (const name of Object.keys(op.query?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'query' && p.name === name), `${op.id}: query parameter ${name}`)
     for (const name of Object.keys(op.headers?.properties ?? {})) t.ok(o.parameters.some((p: any) => p.in === 'header' && p.name === name), `${op.id}: header parameter ${name}`)
     for (const [status, r] of Object.entries(o.responses as Record<string, any>)) t.ok(r.headers?.['X-Request-Id'], `${op.id}: ${status} lists X-Request-Id`)
@@ -164,7 +174,8 @@ t.test('real answers match the documented schemas', async (t) => {
   const store = await openStore(t, 'embedded')
   const { gitea } = await giteaOnFake(t, store.db)
   const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
-  const doc = followRefs((await h.call('GET', '/openapi.json', { auth: null })).json)
+  const served = (await h.call('GET', '/openapi.json', { auth: null })).json
+  const doc = followRefs(served)
   const documented = (op: { path: string; method: string }, status: number) => doc.paths[op.path][op.method.toLowerCase()].responses[status]
   const token = (await h.call('POST', '/v1/gitea/tokens', { body: { name: 'sample', scopes: ['read:user'] } })).json
   const key = (await h.call('POST', '/v1/keys', { body: { name: 'sample', type: 'service', expires_at: new Date(Date.now() + 86_400_000).toISOString() } })).json
@@ -241,6 +252,35 @@ t.test('real answers match the documented schemas', async (t) => {
     t.same(errors, [], `${op.id}: the answer matches its documented schema`)
     t.same(headerProblems(documented(op, op.response.status), a.headers, doc.components.headers), [], `${op.id}: the headers it documents`)
     if (op.id === 'reportUsage') t.ok(a.json.items[0]?.requests >= 1, 'the sample has data')
+  }
+
+  // The ids keygate gives are of the form their path parameters document (before, found by a
+  // review: the document said nothing of any), read by a standard validator from the served document.
+  const validator = documentValidator(served)
+  const pathProblems = (path: string, method: string, name: string, value: string) => {
+    const i = (served.paths[path][method].parameters as Array<{ in: string; name: string }>).findIndex((p) => p.in === 'path' && p.name === name)
+    return validator.problems(['paths', path, method, 'parameters', i, 'schema'], value)
+  }
+  const tested = (await h.call('GET', `/v1/webhooks/${hook.id}/deliveries`)).json.items.find((d: { event_type: string }) => d.event_type === 'webhook.test')
+  for (const [path, method, name, value] of [
+    ['/v1/keys/{id}', 'get', 'id', key.id],
+    ['/v1/deny-list/{id}', 'delete', 'id', deny.id],
+    ['/v1/anomalies/{id}/ack', 'post', 'id', anomaly.id],
+    ['/v1/webhooks/{id}', 'get', 'id', hook.id],
+    ['/v1/webhooks/{id}/deliveries/{delivery_id}/retry', 'post', 'delivery_id', tested?.id],
+    ['/v1/gitea/tokens/{ref}', 'delete', 'ref', String(token.remote_id)],
+    ['/v1/gitea/tokens/{ref}', 'delete', 'ref', token.name],
+    ['/v1/lockouts/{address}', 'delete', 'address', '2001:db8:1:2::/64'],
+  ] as const) {
+    t.same(pathProblems(path, method, name, value), [], `${path} ${name}: ${value} is of the documented form`)
+  }
+  t.not(pathProblems('/v1/keys/{id}', 'get', 'id', key.key), [], 'a key is not its id')
+  // The form is the document's only: an id of another form names nothing, 404 as any unknown id.
+  for (const op of OPERATIONS) {
+    if (!op.ids || ANSWERED_ELSEWHERE.has(op.id)) continue
+    const a = await h.call(op.method, op.path.replace(/\{\w+\}/g, 'no-such-id'), op.bodyExample ? { body: op.bodyExample } : {})
+    t.equal(a.status, 404, `${op.id}: an id of another form is not found`)
+    t.ok(documented(op, 404)?.content['application/json'].schema.properties.error.properties.code.enum.includes(a.json?.error?.code), `${op.id}: its code ${a.json?.error?.code} is documented`)
   }
 
   // Refusals carry the headers of their code: the challenge, the coding taken, the lockout's wait.

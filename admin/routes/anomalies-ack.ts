@@ -2,12 +2,13 @@
 import { anomalyJson, isAnomalyId } from '../../core/anomalies.ts'
 import { KeygateError } from '../../core/errors.ts'
 import { defineOperation } from '../operation.ts'
-import { AnomalySchema } from '../schemas.ts'
+import { AnomalyIdParam, AnomalySchema } from '../schemas.ts'
 
 export default defineOperation({
   id: 'acknowledgeAnomaly',
   method: 'POST',
   path: '/v1/anomalies/{id}/ack',
+  ids: { id: AnomalyIdParam },
   tag: 'anomalies',
   summary: 'Acknowledge an anomaly',
   description: 'Records who acknowledged it and when (and an audit row); acknowledging it again changes nothing.',

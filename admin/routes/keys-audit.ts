@@ -1,12 +1,13 @@
 // GET /v1/keys/{id}/audit: the key's audit trail, newest first, details decrypted.
 import { Type } from '@sinclair/typebox'
 import { defineOperation } from '../operation.ts'
-import { auditPage, AuditPageSchema, Cursor } from '../schemas.ts'
+import { auditPage, AuditPageSchema, Cursor, KeyIdParam } from '../schemas.ts'
 
 export default defineOperation({
   id: 'getKeyAudit',
   method: 'GET',
   path: '/v1/keys/{id}/audit',
+  ids: { id: KeyIdParam },
   tag: 'keys',
   summary: "A key's audit trail",
   description: 'Every change of the key: who (actor), from where (address), what (details), newest first. A row that does not open is listed without details (see `integrity`).',

@@ -2,12 +2,13 @@
 import { RevokeBody } from '../../core/keys/schemas.ts'
 import { keyJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
-import { KeySchema } from '../schemas.ts'
+import { KeyIdParam, KeySchema } from '../schemas.ts'
 
 export default defineOperation({
   id: 'revokeKey',
   method: 'POST',
   path: '/v1/keys/{id}/revoke',
+  ids: { id: KeyIdParam },
   tag: 'keys',
   summary: 'Revoke a key',
   description: 'Works on any key not already revoked, a rotating one included (its grace period ends). The keys this one replaced that are still in their grace period are revoked with it. The body is optional.',

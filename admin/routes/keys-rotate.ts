@@ -2,12 +2,13 @@
 import { Type } from '@sinclair/typebox'
 import { rotationJson } from '../../core/keys/types.ts'
 import { defineOperation } from '../operation.ts'
-import { RotatedKeySchema } from '../schemas.ts'
+import { KeyIdParam, RotatedKeySchema } from '../schemas.ts'
 
 export default defineOperation({
   id: 'rotateKey',
   method: 'POST',
   path: '/v1/keys/{id}/rotate',
+  ids: { id: KeyIdParam },
   tag: 'keys',
   summary: 'Rotate a key',
   description: 'Returns the new key (its plaintext once) and the old one, with `valid_until`: when the old key stops being accepted (the earlier of its `expires_at` and `grace_until`). The new key keeps the old one\'s `expires_at`. With `{"force": true}` the old key stops working now, and so do the keys before it still in their grace period. The body is optional.',

@@ -2,12 +2,13 @@
 // delivery log is removed afterwards by the scheduler, however long it is.
 import { webhookJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { WebhookSchema } from '../schemas.ts'
+import { WebhookIdParam, WebhookSchema } from '../schemas.ts'
 
 export default defineOperation({
   id: 'deleteWebhook',
   method: 'DELETE',
   path: '/v1/webhooks/{id}',
+  ids: { id: WebhookIdParam },
   tag: 'webhooks',
   summary: 'Delete a webhook',
   description:

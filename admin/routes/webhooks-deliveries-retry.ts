@@ -2,12 +2,13 @@
 // what a receiver missed in an outage longer than the retries.
 import { Type } from '@sinclair/typebox'
 import { defineOperation } from '../operation.ts'
-import { resolveRange } from '../schemas.ts'
+import { resolveRange, WebhookIdParam } from '../schemas.ts'
 
 export default defineOperation({
   id: 'retryFailedWebhookDeliveries',
   method: 'POST',
   path: '/v1/webhooks/{id}/deliveries/retry',
+  ids: { id: WebhookIdParam },
   tag: 'webhooks',
   summary: 'Send failed deliveries again',
   description:

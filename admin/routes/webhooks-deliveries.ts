@@ -2,12 +2,13 @@
 import { Type } from '@sinclair/typebox'
 import { deliveryJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { Cursor, DeliverySchema, NextCursor } from '../schemas.ts'
+import { Cursor, DeliverySchema, NextCursor, WebhookIdParam } from '../schemas.ts'
 
 export default defineOperation({
   id: 'listWebhookDeliveries',
   method: 'GET',
   path: '/v1/webhooks/{id}/deliveries',
+  ids: { id: WebhookIdParam },
   tag: 'webhooks',
   summary: "A webhook's delivery log",
   description: 'Each delivery with its attempts, the status the receiver last answered, the last error and when it is tried next; newest first. Follow `next_cursor` for the next page.',

@@ -1,12 +1,13 @@
 // POST /v1/webhooks/{id}/deliveries/{delivery_id}/retry: send a failed delivery again.
 import { deliveryJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { DeliverySchema } from '../schemas.ts'
+import { DeliveryIdParam, DeliverySchema, WebhookIdParam } from '../schemas.ts'
 
 export default defineOperation({
   id: 'retryWebhookDelivery',
   method: 'POST',
   path: '/v1/webhooks/{id}/deliveries/{delivery_id}/retry',
+  ids: { id: WebhookIdParam, delivery_id: DeliveryIdParam },
   tag: 'webhooks',
   summary: 'Send a failed delivery again',
   description:

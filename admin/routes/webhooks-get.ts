@@ -1,12 +1,13 @@
 // GET /v1/webhooks/{id}: one webhook, as the list shows it (without its secret).
 import { webhookJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { WebhookSchema } from '../schemas.ts'
+import { WebhookIdParam, WebhookSchema } from '../schemas.ts'
 
 export default defineOperation({
   id: 'getWebhook',
   method: 'GET',
   path: '/v1/webhooks/{id}',
+  ids: { id: WebhookIdParam },
   tag: 'webhooks',
   summary: 'Get a webhook',
   response: { status: 200, description: 'The webhook.', schema: WebhookSchema },

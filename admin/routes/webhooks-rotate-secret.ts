@@ -3,12 +3,13 @@
 // and so do the ones earlier rotations left in their grace, each until its own end.
 import { MAX_PREVIOUS_SECRETS, webhookJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { WebhookWithSecret } from '../schemas.ts'
+import { WebhookIdParam, WebhookWithSecret } from '../schemas.ts'
 
 export default defineOperation({
   id: 'rotateWebhookSecret',
   method: 'POST',
   path: '/v1/webhooks/{id}/rotate-secret',
+  ids: { id: WebhookIdParam },
   tag: 'webhooks',
   summary: "Rotate a webhook's secret",
   description:

@@ -2,12 +2,13 @@
 import { Type } from '@sinclair/typebox'
 import { webhookJson } from '../../core/webhooks.ts'
 import { defineOperation } from '../operation.ts'
-import { WebhookFields, WebhookSchema } from '../schemas.ts'
+import { WebhookFields, WebhookIdParam, WebhookSchema } from '../schemas.ts'
 
 export default defineOperation({
   id: 'updateWebhook',
   method: 'PATCH',
   path: '/v1/webhooks/{id}',
+  ids: { id: WebhookIdParam },
   tag: 'webhooks',
   summary: 'Update a webhook',
   description:

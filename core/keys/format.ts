@@ -14,7 +14,9 @@ const CHECK_LENGTH = 6
 /** What follows the prefix: the id, `_`, the secret and the check. */
 const TAIL_LENGTH = ID_LENGTH + 1 + SECRET_LENGTH + CHECK_LENGTH
 const UUID_V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/i
-const ID_SHAPE = /^[0-9A-Za-z]{12}$/
+/** What a key's id is (its length ID_LENGTH), for the schemas that name one (the admin API's `{id}`). */
+export const KEY_ID_PATTERN = '^[0-9A-Za-z]{12}$'
+const ID_SHAPE = new RegExp(KEY_ID_PATTERN)
 
 /** Uniform base62 characters from the CSPRNG (rejection sampling: bytes ≥ 248 are dropped). */
 export function randomBase62(length: number): string {

@@ -5,6 +5,9 @@ import http from 'node:http'
 import type { Test } from 'tap'
 import { Agent, request } from 'undici'
 import { Value } from '@sinclair/typebox/value'
+import { FormatRegistry } from '@sinclair/typebox'
+import { Ajv2020 } from 'ajv/dist/2020.js'
+import addFormatsModule from 'ajv-formats'
 import { createAdminApi } from '../../admin/index.ts'
 import { OPERATIONS } from '../../admin/routes/index.ts'
 import { createAdminServer } from '../../admin/server.ts'
@@ -27,6 +30,8 @@ import { teeUsage, UsageRecorder } from '../../core/usage.ts'
 import { createGateway, type Gateway } from '../../gateway/index.ts'
 import { answerOf, listen, makeConfig, startUpstream, type Answer, type Upstream } from './gateway.ts'
 import { TEST_ENCRYPTION_KEY } from './stores.ts'
+
+const addFormats = addFormatsModule as unknown as (ajv: Ajv2020) => Ajv2020
 
 export const BOOTSTRAP_TOKEN = 'test-bootstrap-token-0123456789'
 export const MAX_BODY_BYTES = 4096
@@ -67,6 +72,32 @@ export function refFollower(doc: unknown): (node: unknown) => unknown {
     return Object.fromEntries(Object.entries(node).map(([k, v]) => [k, follow(v)]))
   }
   return follow
+}
+
+/** The document's own keywords at its root, which are no JSON Schema keywords: ajv reads them as none. */
+const DOCUMENT_KEYWORDS = ['openapi', 'info', 'servers', 'security', 'components', 'tags', 'paths']
+
+const pointer = (parts: ReadonlyArray<string | number>) => parts.map((p) => String(p).replaceAll('~', '~0').replaceAll('/', '~1')).join('/')
+
+/**
+ * A standard JSON Schema 2020-12 validator (ajv, strict) over an OpenAPI 3.1 document as served,
+ * as a client's would read it: each schema compiled where the document holds it, its references
+ * followed there. The formats JSON Schema defines (date-time) are checked as ajv-formats checks
+ * them; keygate's own (cidr, ip, ...), which the document explains in words, as keygate does.
+ */
+export function documentValidator(doc: unknown): { problems(at: ReadonlyArray<string | number>, value: unknown): string[] } {
+  const ajv = new Ajv2020({ strict: true, allErrors: true })
+  addFormats(ajv)
+  for (const [name, check] of FormatRegistry.Entries()) if (ajv.formats[name] === undefined) ajv.addFormat(name, check)
+  ajv.addVocabulary(DOCUMENT_KEYWORDS)
+  ajv.addSchema({ ...(doc as object), $id: 'openapi.json' })
+  return {
+    problems(at, value) {
+      const validate = ajv.getSchema(`openapi.json#/${pointer(at)}`)
+      if (!validate) throw new Error(`no schema at ${pointer(at)}`)
+      return validate(value) ? [] : (validate.errors ?? []).map((e) => `${e.instancePath || '/'} ${e.message ?? ''}`)
+    },
+  }
 }
 
 export function headerProblems(response: { headers?: Record<string, { $ref: string }> } | undefined, sent: Record<string, unknown>, components: Record<string, { required?: boolean; schema?: unknown }>): string[] {
