@@ -18,7 +18,7 @@ await forEachStore(t, async (t, store) => {
   await t.test('create, verify, list, delete through the admin API', async (t) => {
     const before = await h.auditRows()
     const created = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'deploy', scopes: ['read:repository', 'read:user'] } })
-    documented(t, 'createGiteaToken', created)
+    await documented(t, h, 'createGiteaToken', created)
     t.match(created.json, { name: 'deploy', user: 'alice', scopes: ['read:repository', 'read:user'], created_by: `key:${h.adminKeyId}` })
     t.ok(fake.tokens.some((x) => x.sha1 === created.json.token), 'the token exists in Gitea')
     t.equal(await h.auditRows(), before + 1, 'one audit row for the create')
@@ -30,21 +30,21 @@ await forEachStore(t, async (t, store) => {
     }
 
     const verified = await h.call('POST', '/v1/gitea/tokens/verify', { body: { secret: created.json.token } })
-    documented(t, 'verifyGiteaToken', verified)
+    await documented(t, h, 'verifyGiteaToken', verified)
     t.match(verified.json, { valid: true, user: { login: 'alice' }, record: { id: created.json.id } })
 
     const list = await h.call('GET', '/v1/gitea/tokens')
-    documented(t, 'listGiteaTokens', list)
+    await documented(t, h, 'listGiteaTokens', list)
     t.match(list.json.items, [{ name: 'deploy', state: 'in_sync' }])
     t.notMatch(list.text, created.json.token, 'the list never shows the token')
 
     const deleted = await h.call('DELETE', '/v1/gitea/tokens/deploy')
-    documented(t, 'deleteGiteaToken', deleted)
+    await documented(t, h, 'deleteGiteaToken', deleted)
     t.match(deleted.json, { deleted: true, name: 'deploy', remote_missing: false, record: { deleted_by: `key:${h.adminKeyId}` } })
     t.equal(await h.auditRows(), before + 2, 'one audit row for the delete')
 
     const after = await h.call('POST', '/v1/gitea/tokens/verify', { body: { secret: created.json.token } })
-    documented(t, 'verifyGiteaToken', after)
+    await documented(t, h, 'verifyGiteaToken', after)
     t.match(after.json, { valid: false, reason: 'refused' })
   })
 
@@ -102,8 +102,8 @@ await forEachStore(t, async (t, store) => {
     t.equal(deleted.length, 1, 'one delete succeeds')
     t.not(deleted[0], second, 'the one whose DELETE Gitea carried out')
     t.match(deleted[0]?.json, { deleted: true, name: 'at-once', remote_missing: false, record: { id: made.json.id, deleted_at: /\d/ } }, 'deleted, not found missing')
-    if (deleted[0]) documented(t, 'deleteGiteaToken', deleted[0])
-    t.equal(second.status, 404, 'the other is 404')
+    if (deleted[0]) await documented(t, admin, 'deleteGiteaToken', deleted[0])
+    await documented(t, admin, 'deleteGiteaToken', second, 404)
     t.match(second.json?.error, { code: 'gitea_token_not_found', message: /deleted while this delete ran/ }, 'gitea_token_not_found, saying why')
     const rows = (await deps.audit.list(store.db, { keyId: made.json.id })).filter((a) => a.action === 'gitea.token.deleted')
     t.equal(rows.length, 1, 'one audit row closes the record')
@@ -114,7 +114,7 @@ await forEachStore(t, async (t, store) => {
     const made = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'by-hand', scopes: ['read:user'] } })
     fake.tokens.splice(fake.tokens.findIndex((x) => x.id === made.json.remote_id), 1)
     const list = await h.call('GET', '/v1/gitea/tokens')
-    documented(t, 'listGiteaTokens', list)
+    await documented(t, h, 'listGiteaTokens', list)
     t.match(list.json.items.find((i: { name: string }) => i.name === 'by-hand'), { state: 'deleted_remotely', remote: null, local: { id: made.json.id } })
   })
 
@@ -128,14 +128,14 @@ await forEachStore(t, async (t, store) => {
     )
     const list = await h.call('GET', '/v1/gitea/tokens')
     t.equal(list.status, 200, 'the list answers (before: 502 gitea_auth_failed)')
-    documented(t, 'listGiteaTokens', list)
+    await documented(t, h, 'listGiteaTokens', list)
     t.match(list.json.items.find((i: { name: string }) => i.name === 'bobtok'), { state: 'unreadable', user: 'bob', reason: /^403 /, remote: null, local: { id: 'gt_bobsrecord01' } })
     t.equal(list.json.summary.unreadable, 1)
     const refused = await h.call('DELETE', '/v1/gitea/tokens/bobtok?user=bob')
-    t.equal(refused.status, 502)
+    await documented(t, h, 'deleteGiteaToken', refused, 502)
     t.match(refused.json.error, { code: 'gitea_auth_failed', message: /--forget/ })
     const forgotten = await h.call('DELETE', '/v1/gitea/tokens/bobtok?user=bob&forget=true')
-    documented(t, 'deleteGiteaToken', forgotten)
+    await documented(t, h, 'deleteGiteaToken', forgotten)
     t.match(forgotten.json, { forgotten: true, remote_missing: false, user: 'bob', record: { id: 'gt_bobsrecord01', deleted_by: `key:${h.adminKeyId}` } })
     t.ok(fake.tokens.some((x) => x.id === bobs.id), 'Gitea was not asked to delete it')
   })
@@ -144,14 +144,14 @@ await forEachStore(t, async (t, store) => {
 t.test('not configured, or unreachable: specific codes, nothing written', async (t) => {
   const store = await openStore(t, 'embedded')
   const bare = await startAdmin(t, store.db)
-  for (const [method, path, body, code] of [
-    ['POST', '/v1/gitea/tokens', { name: 'a', scopes: ['read:user'] }, 'gitea_not_configured'],
-    ['GET', '/v1/gitea/tokens', undefined, 'gitea_not_configured'],
-    ['POST', '/v1/n8n/keys', { label: 'a', scopes: ['workflow:list'] }, 'n8n_not_configured'],
-    ['DELETE', '/v1/n8n/keys/a', undefined, 'n8n_not_configured'],
+  for (const [id, method, path, body, code] of [
+    ['createGiteaToken', 'POST', '/v1/gitea/tokens', { name: 'a', scopes: ['read:user'] }, 'gitea_not_configured'],
+    ['listGiteaTokens', 'GET', '/v1/gitea/tokens', undefined, 'gitea_not_configured'],
+    ['createN8nKey', 'POST', '/v1/n8n/keys', { label: 'a', scopes: ['workflow:list'] }, 'n8n_not_configured'],
+    ['deleteN8nKey', 'DELETE', '/v1/n8n/keys/a', undefined, 'n8n_not_configured'],
   ] as const) {
     const a = await bare.call(method, path, body === undefined ? {} : { body })
-    t.equal(a.status, 503, `${method} ${path}`)
+    await documented(t, bare, id, a, 503)
     t.equal(a.json.error.code, code)
     // The server's settings are the ones to set: the CLI's flags are refused through the admin API.
     t.match(a.json.error.message, /configuration file\)$/, 'names no CLI flag')
@@ -164,7 +164,7 @@ t.test('not configured, or unreachable: specific codes, nothing written', async 
   const down = await startAdmin(t, store.db, { n8n })
   const before = await down.auditRows()
   const a = await down.call('POST', '/v1/n8n/keys', { body: { label: 'a', scopes: ['workflow:list'] } })
-  t.equal(a.status, 502)
+  await documented(t, down, 'createN8nKey', a, 502)
   t.equal(a.json.error.code, 'n8n_unreachable')
   t.notMatch(a.text, /Owner-pw-1/, 'no password in the answer')
   t.equal(await down.auditRows(), before, 'no audit row')

@@ -17,7 +17,7 @@ import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { ImportRow } from '../core/keys/schemas.ts'
 import { FORMAT_WORDS } from '../core/formats.ts'
-import { documentValidator, followRefs, headerProblems, refFollower, startAdmin } from './helpers/admin.ts'
+import { documentValidator, followRefs, headerProblems, MAX_BODY_BYTES, refFollower, startAdmin } from './helpers/admin.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 import { startUpstream } from './helpers/gateway.ts'
 import { openStore } from './helpers/stores.ts'
@@ -170,12 +170,17 @@ t.test('the OpenAPI document', async (t) => {
 // the real n8n they need; every other operation answers here.
 const ANSWERED_ELSEWHERE = new Set(['createN8nKey', 'listN8nKeys', 'verifyN8nKey', 'deleteN8nKey'])
 
+// Each answer is read against the schema the served document gives it, by a standard JSON Schema
+// 2020-12 validator (ajv), as a client would: before (found by a review), answers were checked
+// against the TypeBox schemas in the code (Value.Errors), which could say otherwise than the
+// document made from them, and error answers not at all.
 t.test('real answers match the documented schemas', async (t) => {
   const store = await openStore(t, 'embedded')
   const { gitea } = await giteaOnFake(t, store.db)
   const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
   const served = (await h.call('GET', '/openapi.json', { auth: null })).json
   const doc = followRefs(served)
+  const validator = documentValidator(served)
   const documented = (op: { path: string; method: string }, status: number) => doc.paths[op.path][op.method.toLowerCase()].responses[status]
   const token = (await h.call('POST', '/v1/gitea/tokens', { body: { name: 'sample', scopes: ['read:user'] } })).json
   const key = (await h.call('POST', '/v1/keys', { body: { name: 'sample', type: 'service', expires_at: new Date(Date.now() + 86_400_000).toISOString() } })).json
@@ -239,8 +244,8 @@ t.test('real answers match the documented schemas', async (t) => {
       const e = await s.next()
       s.close()
       t.equal(e.event, 'anomaly.detected', `${op.id}: an event`)
-      const errors = [...Value.Errors(op.response.schema, JSON.parse(e.data))].map((x) => `${x.path} ${x.message}`)
-      t.same(errors, [], `${op.id}: the data of an event matches its documented schema`)
+      const at = ['paths', op.path, 'get', 'responses', String(op.response.status), 'content', 'text/event-stream', 'x-event-data']
+      t.same(validator.problems(at, JSON.parse(e.data)), [], `${op.id}: the data of an event matches its documented schema`)
       continue
     }
     const sample = samples[op.id]
@@ -248,15 +253,13 @@ t.test('real answers match the documented schemas', async (t) => {
     if (!sample) continue
     const a = await sample()
     t.equal(a.status, op.response.status, `${op.id}: ${op.response.status}`)
-    const errors = [...Value.Errors(op.response.schema, a.json)].map((e) => `${e.path} ${e.message}`)
-    t.same(errors, [], `${op.id}: the answer matches its documented schema`)
+    t.same(validator.answerProblems(op, a.status, a.json), [], `${op.id}: the answer matches its documented schema`)
     t.same(headerProblems(documented(op, op.response.status), a.headers, doc.components.headers), [], `${op.id}: the headers it documents`)
     if (op.id === 'reportUsage') t.ok(a.json.items[0]?.requests >= 1, 'the sample has data')
   }
 
   // The ids keygate gives are of the form their path parameters document (before, found by a
   // review: the document said nothing of any), read by a standard validator from the served document.
-  const validator = documentValidator(served)
   const pathProblems = (path: string, method: string, name: string, value: string) => {
     const i = (served.paths[path][method].parameters as Array<{ in: string; name: string }>).findIndex((p) => p.in === 'path' && p.name === name)
     return validator.problems(['paths', path, method, 'parameters', i, 'schema'], value)
@@ -280,28 +283,42 @@ t.test('real answers match the documented schemas', async (t) => {
     if (!op.ids || ANSWERED_ELSEWHERE.has(op.id)) continue
     const a = await h.call(op.method, op.path.replace(/\{\w+\}/g, 'no-such-id'), op.bodyExample ? { body: op.bodyExample } : {})
     t.equal(a.status, 404, `${op.id}: an id of another form is not found`)
-    t.ok(documented(op, 404)?.content['application/json'].schema.properties.error.properties.code.enum.includes(a.json?.error?.code), `${op.id}: its code ${a.json?.error?.code} is documented`)
+    t.same(validator.answerProblems(op, a.status, a.json), [], `${op.id}: its 404 ${a.json?.error?.code} is documented`)
   }
 
-  // Refusals carry the headers of their code: the challenge, the coding taken, the lockout's wait.
+  // Refusals: each body as its code's answer documents it (before, found by a review: their bodies
+  // were checked against nothing), with the headers of its code: the challenge, the coding taken,
+  // the lockout's wait.
   const locking = await startAdmin(t, store.db, { config: { lockout: { max_attempts: 1 } } })
   await locking.call('GET', '/v1/keys', { auth: 'kg_not_a_key_at_all' })
-  const getKey = { path: '/v1/keys/{id}', method: 'GET' }
-  const createKey = { path: '/v1/keys', method: 'POST' }
-  const stream = { path: '/v1/anomalies/stream', method: 'GET' }
+  const op = (id: string) => OPERATIONS.find((o) => o.id === id) as (typeof OPERATIONS)[number]
   const gzipped = { raw: gzipSync('{"name":"x","type":"user"}'), headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' } }
-  for (const [what, op, answer, status, header] of [
-    ['no credential', getKey, await h.call('GET', '/v1/keys/abc', { auth: null }), 401, 'www-authenticate'],
-    ['a credential that is not valid', getKey, await h.call('GET', '/v1/keys/abc', { auth: 'kg_not_a_key_at_all' }), 401, 'www-authenticate'],
-    ['a content-coded body', createKey, await h.call('POST', '/v1/keys', gzipped), 415, 'accept-encoding'],
-    ['an address locked out', getKey, await locking.call('GET', '/v1/keys/abc'), 429, 'retry-after'],
-    ['a key not found', getKey, await h.call('GET', '/v1/keys/abc'), 404, undefined],
-    ['a body not valid', createKey, await h.call('POST', '/v1/keys', { body: { name: '' } }), 400, undefined],
-    ['a resume id that is none', stream, await h.stream(stream.path, { headers: { 'last-event-id': 'x' } }), 400, undefined],
+  const hookBody = { url: `http://127.0.0.1:${receiver.port}/hook`, events: ['key.revoked'] }
+  for (const [what, id, answer, status, code, header] of [
+    ['no credential', 'getKey', await h.call('GET', '/v1/keys/abc', { auth: null }), 401, 'unauthorized', 'www-authenticate'],
+    ['a credential that is not valid', 'getKey', await h.call('GET', '/v1/keys/abc', { auth: 'kg_not_a_key_at_all' }), 401, 'unauthorized', 'www-authenticate'],
+    ['a content-coded body', 'createKey', await h.call('POST', '/v1/keys', gzipped), 415, 'unsupported_media_type', 'accept-encoding'],
+    ['a body too large', 'createKey', await h.declared('POST', '/v1/keys', MAX_BODY_BYTES + 1), 413, 'payload_too_large', undefined],
+    ['an address locked out', 'getKey', await locking.call('GET', '/v1/keys/abc'), 429, 'ip_locked_out', 'retry-after'],
+    ['a key not found', 'getKey', await h.call('GET', '/v1/keys/abc'), 404, 'key_not_found', undefined],
+    ['a body not valid', 'createKey', await h.call('POST', '/v1/keys', { body: { name: '' } }), 400, 'validation_failed', undefined],
+    ['a body that is not JSON', 'createKey', await h.call('POST', '/v1/keys', { raw: '{', headers: { 'content-type': 'application/json' } }), 400, 'bad_request', undefined],
+    ['an import row not valid', 'importKeys', await h.call('POST', '/v1/keys/import', { body: { rows: [{ key_hash: 'x', name: 'old' }] } }), 400, 'import_invalid', undefined],
+    ['a key revoked already', 'revokeKey', await h.call('POST', `/v1/keys/${other.id}/revoke`), 409, 'key_not_active', undefined],
+    ['a webhook URL of a private address', 'createWebhook', await h.call('POST', '/v1/webhooks', { body: { ...hookBody, url: 'http://10.0.0.1/hook' } }), 400, 'webhook_url_refused', undefined],
+    ['a webhook sending an event to a URL twice', 'createWebhook', await h.call('POST', '/v1/webhooks', { body: hookBody }), 409, 'conflict', undefined],
+    ['a delivery not failed', 'retryWebhookDelivery', await h.call('POST', `/v1/webhooks/${hook.id}/deliveries/${tested?.id}/retry`), 409, 'conflict', undefined],
+    ['a scope Gitea does not know', 'createGiteaToken', await h.call('POST', '/v1/gitea/tokens', { body: { name: 'x', scopes: ['read:nothing'] } }), 400, 'gitea_scope_unknown', undefined],
+    ['a Gitea token name taken', 'createGiteaToken', await h.call('POST', '/v1/gitea/tokens', { body: { name: 'made', scopes: ['read:user'] } }), 409, 'gitea_token_exists', undefined],
+    ['n8n not configured', 'listN8nKeys', await h.call('GET', '/v1/n8n/keys'), 503, 'n8n_not_configured', undefined],
+    ['a resume id that is none', 'streamAnomalies', await h.stream('/v1/anomalies/stream', { headers: { 'last-event-id': 'x' } }), 400, 'validation_failed', undefined],
   ] as const) {
+    const body = 'json' in answer ? answer.json : answer.error
     t.equal(answer.status, status, `${what}: ${status}`)
+    t.equal(body?.error?.code, code, `${what}: ${code}`)
+    t.same(validator.answerProblems(op(id), answer.status, body), [], `${what}: the body ${status} documents`)
     if (header !== undefined) t.ok(answer.headers[header], `${what}: ${header}`)
-    t.same(headerProblems(documented(op, status), answer.headers, doc.components.headers), [], `${what}: the headers ${status} documents`)
+    t.same(headerProblems(documented(op(id), status), answer.headers, doc.components.headers), [], `${what}: the headers ${status} documents`)
   }
 })
 

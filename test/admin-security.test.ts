@@ -9,19 +9,20 @@ import { openApiDocument, operationErrors } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
-import { BOOTSTRAP_TOKEN, followRefs, headerProblems, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
+import { BOOTSTRAP_TOKEN, followRefs, headerProblems, MAX_BODY_BYTES, servedValidator, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { converse, uploadWhileAnswered, type Answer } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 
 const DOC = followRefs(openApiDocument(OPERATIONS, { version: 'test' }))
 
-function documented(t: Test, op: (typeof OPERATIONS)[number], a: Answer, what: string): void {
+async function documented(t: Test, h: AdminHarness, op: (typeof OPERATIONS)[number], a: Answer, what: string): Promise<void> {
   const code = a.json?.error?.code as keyof typeof ERRORS
   t.ok(operationErrors(op).includes(code), `${what}: ${code} is one of ${op.id}'s errors`)
   const response = (DOC.paths[op.path] as any)[op.method.toLowerCase()].responses[String(a.status)]
   t.ok(response?.content['application/json'].schema.properties.error.properties.code.enum.includes(code), `${what}: ${a.status} ${code} is in the OpenAPI document`)
   t.same(headerProblems(response, a.headers, DOC.components.headers), [], `${what}: the headers ${a.status} documents`)
+  t.same((await servedValidator(h)).answerProblems(op, a.status, a.json), [], `${what}: the body ${a.status} documents in /openapi.json`)
 }
 
 function refused(t: Test, a: Answer, status: number, code: string, what: string): void {
@@ -83,7 +84,7 @@ await forEachStore(t, async (t, store) => {
       for (const [what, pending, status, code] of cases) {
         const a = await pending
         refused(t, a, status, code, what)
-        documented(t, op, a, what)
+        await documented(t, h, op, a, what)
         if (status === 401) t.match(a.headers['www-authenticate'], /^Bearer realm="keygate-admin"/, `${what}: WWW-Authenticate`)
       }
       const basic = await h.call(op.method, path, { headers: { authorization: `Basic ${Buffer.from('admin:admin').toString('base64')}` }, auth: null })
@@ -102,6 +103,7 @@ await forEachStore(t, async (t, store) => {
         t.equal(ok.status, expected, 'the bootstrap token is accepted')
         const asKey = await h.call(op.method, path)
         t.equal(asKey.status, expected, 'an admin key is accepted')
+        t.same((await servedValidator(h)).answerProblems(op, asKey.status, asKey.json), [], `its ${asKey.status} answer is as /openapi.json documents it`)
         if (op.tag === 'n8n') t.equal(asKey.json.error.code, 'n8n_not_configured')
       }
     })
