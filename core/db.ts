@@ -188,6 +188,12 @@ function postgresAt(url: string): string {
  */
 const WIRE_GRACE_MS = 1000
 
+/** A connection taken from the pool, and how it goes back (see PostgresDb's #acquire). */
+interface Checkout {
+  client: pg.PoolClient
+  giveBack(broken: boolean): void
+}
+
 class PostgresDb implements Db {
   readonly kind = 'postgres'
   readonly #pool: pg.Pool
@@ -220,18 +226,32 @@ class PostgresDb implements Db {
    * a startup parameter, which PgBouncer refuses ("unsupported startup parameter") unless told to
    * ignore it, and not a statement sent from the pool's 'connect' event, which would overlap the
    * caller's (node-postgres warns of that on every new connection, and pg 9 refuses it).
+   *
+   * The pool listens for errors only on idle clients. A connection lost while it is checked out
+   * (PostgreSQL restarting, the network cut, an idle-in-transaction timeout) emits 'error' on the
+   * client, and unheard that ends the process; its statements fail on their own. So it is heard
+   * from the moment it is taken, its SET included, until `giveBack`: `broken`, it is destroyed,
+   * not returned to the pool, and keeps the listener, for its socket's last words. Before (found
+   * by a review: serve ended under load as the PostgreSQL behind it went away), the SET was not
+   * heard: a connection lost during it ended serve with an unhandled 'error' event.
    */
-  async #acquire(): Promise<pg.PoolClient> {
+  async #acquire(): Promise<Checkout> {
     const client = await this.#pool.connect()
-    if (this.#readTimeout === undefined || this.#prepared.has(client)) return client
+    const onLost = (): void => {}
+    client.on('error', onLost)
+    const giveBack = (broken: boolean): void => {
+      if (!broken) client.off('error', onLost)
+      client.release(broken)
+    }
+    if (this.#readTimeout === undefined || this.#prepared.has(client)) return { client, giveBack }
     try {
       await client.query(this.#statement(`SET statement_timeout = ${this.#timeoutMs}`, undefined))
     } catch (err) {
-      client.release(true)
+      giveBack(true)
       throw err
     }
     this.#prepared.add(client)
-    return client
+    return { client, giveBack }
   }
 
   /**
@@ -240,21 +260,14 @@ class PostgresDb implements Db {
    * broken or refused connection, a protocol error) it is dropped.
    */
   async #once(statement: pg.QueryConfig): Promise<pg.QueryResult> {
-    const client = await this.#acquire()
-    // The pool listens for errors only on idle clients (see transaction()).
-    const onLost = (): void => {}
-    client.on('error', onLost)
+    const { client, giveBack } = await this.#acquire()
     try {
       const result = await client.query(statement)
-      client.off('error', onLost)
-      client.release()
+      giveBack(false)
       return result
     } catch (err) {
       const state = sqlState(err)
-      const broken = state === undefined || state.startsWith('08') || isUnreachable(err)
-      // A dropped connection keeps the listener, for its socket's last words.
-      if (!broken) client.off('error', onLost)
-      client.release(broken)
+      giveBack(state === undefined || state.startsWith('08') || isUnreachable(err))
       throw err
     }
   }
@@ -307,17 +320,13 @@ class PostgresDb implements Db {
   }
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>, options: TransactionOptions = {}): Promise<T> {
-    let client: pg.PoolClient
+    let taken: Checkout
     try {
-      client = await this.#acquire()
+      taken = await this.#acquire()
     } catch (err) {
       throw this.#unreachable(err)
     }
-    // The pool listens for errors only on idle clients. A connection lost while it is checked out
-    // (PostgreSQL restarting, the network cut, an idle-in-transaction timeout) emits 'error' on
-    // the client, and unheard that ends the process; its statements fail on their own.
-    const onLost = (): void => {}
-    client.on('error', onLost)
+    const { client, giveBack } = taken
     const untimed = options.untimed === true
     const run = (t: string, p?: readonly unknown[]) => client.query(this.#statement(t, p, untimed))
     const tx: Queryable = {
@@ -331,8 +340,7 @@ class PostgresDb implements Db {
       if (untimed && this.#readTimeout !== undefined) await run('SET LOCAL statement_timeout = 0')
       const result = await fn(tx)
       await run('COMMIT')
-      client.off('error', onLost)
-      client.release()
+      giveBack(false)
       return result
     } catch (err) {
       try {
@@ -340,11 +348,9 @@ class PostgresDb implements Db {
         // behind it. Dropping the connection rolls the transaction back on the server.
         if (isReadTimeout(err)) throw err
         await run('ROLLBACK')
-        client.off('error', onLost)
-        client.release()
+        giveBack(false)
       } catch {
-        // Destroyed, not returned to the pool; the listener stays, for the socket's last words.
-        client.release(true)
+        giveBack(true)
       }
       throw this.#unreachable(err, untimed)
     }

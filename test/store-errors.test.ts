@@ -39,6 +39,37 @@ t.test('PostgreSQL: a transaction whose connection is lost fails with store_unav
   }
 })
 
+t.test('PostgreSQL: a new connection lost at its first statement (its statement_timeout) fails that statement with store_unavailable, and the process goes on', async (t) => {
+  // Before (found by a review: serve ended under load as PostgreSQL went away, and the /readyz
+  // after it was reset, test/admin-serve.test.ts), nothing heard the client during the SET that
+  // gives a new connection its statement_timeout: the connection lost then ended the process
+  // with an unhandled 'error' event (here the test's own process).
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  const db = await openDb({ databaseUrl: through, poolMax: 2, queryTimeoutMs: 5000 })
+  t.teardown(() => db.close())
+  for (const [what, run] of [
+    ['a query', () => db.query('SELECT 1')],
+    ['a transaction', () => db.transaction((tx) => tx.query('SELECT 1'))],
+  ] as const) {
+    // The pooled connection is held, so the statement takes a new one, cut as it sends the SET.
+    let release!: () => void
+    const released = new Promise<void>((resolve) => (release = resolve))
+    const holding = db.transaction(async (tx) => {
+      await tx.query('SELECT 1')
+      await released
+    })
+    const cut = gate.cutOn('client_encoding', 'SET statement_timeout', 'before')
+    const err = await rejection(run())
+    await cut
+    t.equal(err.code, 'store_unavailable', `${what} on a new connection lost at its SET: store_unavailable`)
+    t.match(err.message, /PostgreSQL at .* cannot be reached: Connection terminated unexpectedly/)
+    release()
+    await holding
+    t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], `${what}: the process and the pool go on`)
+  }
+})
+
 t.test('PostgreSQL: a malformed statement (08P01, too many parameters) is its own error, not an unreachable store', async (t) => {
   const url = await freshDatabase(t)
   const db = await openDb({ databaseUrl: url, poolMax: 1 })
