@@ -55,11 +55,15 @@ export class StreamSlots {
     this.max = max
   }
 
+  /** Whether all of `actor`'s slots are taken: a `take` now would give none. */
+  full(actor: string): boolean {
+    return (this.#open.get(actor) ?? 0) >= this.max
+  }
+
   /** A slot for `actor`, with its release (idempotent), or undefined when all of its slots are taken. */
   take(actor: string): (() => void) | undefined {
-    const n = this.#open.get(actor) ?? 0
-    if (n >= this.max) return undefined
-    this.#open.set(actor, n + 1)
+    if (this.full(actor)) return undefined
+    this.#open.set(actor, (this.#open.get(actor) ?? 0) + 1)
     let released = false
     return () => {
       if (released) return

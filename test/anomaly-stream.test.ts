@@ -278,6 +278,35 @@ t.test('one credential holds at most admin.max_streams_per_credential streams op
   t.equal((await h.call('GET', '/v1/anomalies')).status, 200, 'the rest of the admin API is not limited by it')
 })
 
+t.test('HEAD answers what a GET would when every stream slot of the credential is taken: 429 too_many_streams, its headers, no body (found by a review)', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { admin: { max_streams_per_credential: 1 } } })
+  const free = await h.call('HEAD', '/v1/anomalies/stream')
+  t.equal(free.status, 200, 'with a slot free: 200')
+  t.match(free.headers['content-type'], /^text\/event-stream/)
+  const s = await h.stream('/v1/anomalies/stream')
+  t.teardown(() => s.close())
+  t.equal(s.status, 200, 'the one stream')
+  const get = await h.call('GET', '/v1/anomalies/stream')
+  t.equal(get.status, 429)
+  t.equal(get.json?.error?.code, 'too_many_streams')
+  // Before: 200 with the stream's head, where a GET was refused.
+  const head = await h.call('HEAD', '/v1/anomalies/stream')
+  t.equal(head.status, 429, 'HEAD: 429 as the GET')
+  // The client asks to close after a HEAD (undici does), so the connection's headers differ.
+  const same = (a: typeof get) => ({ ...a.headers, date: undefined, 'x-request-id': undefined, connection: undefined, 'keep-alive': undefined })
+  t.same(same(head), same(get), "with the GET's headers")
+  t.equal(head.text, '', 'and no body')
+  t.equal((await h.call('HEAD', '/v1/anomalies/stream', { auth: BOOTSTRAP_TOKEN })).status, 200, 'another credential has slots of its own')
+  s.close()
+  let again = await h.call('HEAD', '/v1/anomalies/stream')
+  for (let i = 0; i < 100 && again.status !== 200; i++) {
+    await sleep(20)
+    again = await h.call('HEAD', '/v1/anomalies/stream')
+  }
+  t.equal(again.status, 200, 'once the stream is closed, 200 again')
+})
+
 t.test('a stream that begins once the feed has closed (its request in flight as the stop began) ends at once, rather than holding the stop until its deadline (found by a review)', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db, { config: { admin: { max_streams_per_credential: 1 } } })

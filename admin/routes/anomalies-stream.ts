@@ -63,8 +63,10 @@ export default defineOperation({
     if (req.socket.destroyed || res.destroyed) return
     const head = { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-content-type-options': 'nosniff', 'x-request-id': requestId, 'x-accel-buffering': 'no' }
     // HEAD: what a GET would answer, without a stream (before: no answer at all, and a stream
-    // slot held for as long as the client kept the connection).
+    // slot held for as long as the client kept the connection). With every slot of the
+    // credential taken that is the refusal (before, found by a review: 200 and the stream's head).
     if (req.method === 'HEAD') {
+      if (services.streams.full(actor.actor)) throw tooManyStreams(services.streams.max)
       res.writeHead(200, head).end()
       return
     }
@@ -85,9 +87,7 @@ export default defineOperation({
     await services.anomalyFeed.ready()
     if (req.socket.destroyed || res.destroyed) return
     const release = services.streams.take(actor.actor)
-    if (!release) {
-      throw new KeygateError('too_many_streams', `this credential already holds ${services.streams.max} open anomaly streams on this instance (admin.max_streams_per_credential); close one first`)
-    }
+    if (!release) throw tooManyStreams(services.streams.max)
     res.writeHead(200, head)
     // An id alone is no event: it sets the client's Last-Event-ID (WHATWG HTML, "dispatch the event").
     res.write(`: keygate anomaly stream\nretry: 2000\n${from !== undefined ? `id: ${from}\n` : ''}\n`)
@@ -184,6 +184,10 @@ export default defineOperation({
     return undefined
   },
 })
+
+/** The refusal of one more stream to a credential that holds `max` open. */
+const tooManyStreams = (max: number) =>
+  new KeygateError('too_many_streams', `this credential already holds ${max} open anomaly streams on this instance (admin.max_streams_per_credential); close one first`)
 
 /** Neither ended nor destroyed: it may still be written to. */
 const open = (res: ServerResponse) => !res.writableEnded && !res.destroyed
