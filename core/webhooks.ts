@@ -164,6 +164,8 @@ interface DeliveryRow {
 }
 
 const D_COLUMNS = 'id, webhook_id, event_type, payload, status, attempts, retry_base, next_attempt_at, last_status, last_error, created_at, last_attempt_at, delivered_at'
+/** D_COLUMNS of the delivery as `d`, in a statement that reads another table beside it. */
+const D_COLUMNS_OF_D = D_COLUMNS.split(', ').map((c) => `d.${c}`).join(', ')
 /**
  * A delivery's created_at as the delivery log orders and pages it (see deliveries()): cut to the
  * milliseconds a cursor holds, in UTC so that the expression is immutable and migration 0013's
@@ -1030,12 +1032,12 @@ export class WebhookService {
     // process was frozen past the lease) must not undo that process's. Failed with the attempt
     // count of its claim, it was ended by a PATCH of its webhook's events while in flight: the
     // outcome is still this attempt's, and a receiver that took it got it.
-    const mine = 'id = $1 AND attempts = $2 AND status <> \'delivered\''
+    const mine = "d.id = $1 AND d.attempts = $2 AND d.status <> 'delivered'"
     const fields = { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error }
     let rows: (DeliveryRow & { ended?: string | null; paused?: boolean | null })[]
     if (error === null) {
       rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
+        `UPDATE webhook_deliveries d SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
         [c.id, c.attempts, done, status],
       )
     } else {
@@ -1050,12 +1052,16 @@ export class WebhookService {
       // Sent again since (retry_base moved), the failure is not this attempt's to record: it
       // undid the resend (failed on what was the last attempt, else due later).
       // `ended` says why a row ended failed other than by its attempts, for the log.
+      // The webhook's row read once, joined (a delivery's row always has one: its foreign key
+      // cascades a webhook's removal to its deliveries). Before (found by a review), three
+      // subqueries read it, for the status and for each of `ended` and `paused`.
       rows = await this.#db.query<DeliveryRow & { ended: string | null; paused: boolean | null }>(
         `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
-           status = CASE WHEN d.status = 'pending' AND EXISTS (SELECT 1 FROM webhooks w WHERE w.id = d.webhook_id AND w.${LIVE} AND ${TAKEN}) THEN $3 ELSE 'failed' END
-         WHERE ${mine} AND retry_base = $8
-         RETURNING ${D_COLUMNS}, (SELECT CASE WHEN NOT w.${LIVE} THEN 'its webhook was deleted' WHEN NOT ${TAKEN} THEN 'its webhook no longer takes ' || d.event_type END
-           FROM webhooks w WHERE w.id = d.webhook_id) AS ended, (SELECT NOT w.enabled FROM webhooks w WHERE w.id = d.webhook_id) AS paused`,
+           status = CASE WHEN d.status = 'pending' AND w.${LIVE} AND ${TAKEN} THEN $3 ELSE 'failed' END
+         FROM webhooks w
+         WHERE w.id = d.webhook_id AND ${mine} AND d.retry_base = $8
+         RETURNING ${D_COLUMNS_OF_D}, CASE WHEN NOT w.${LIVE} THEN 'its webhook was deleted' WHEN NOT ${TAKEN} THEN 'its webhook no longer takes ' || d.event_type END AS ended,
+           NOT w.enabled AS paused`,
         [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done, c.retry_base],
       )
       const row = rows[0]

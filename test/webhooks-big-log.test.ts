@@ -12,7 +12,7 @@ import { WebhookService } from '../core/webhooks.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { sleep } from './helpers/gateway.ts'
 import { AuditCipher } from '../core/audit.ts'
-import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, openStore, testServices } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, forEachStore, openStore, planNodes, recordingDb, testServices } from './helpers/stores.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { startReceiver } from './helpers/webhooks.ts'
 
@@ -37,17 +37,6 @@ async function bigLog(db: Db, webhookId: string, n: number): Promise<void> {
      FROM generate_series(1, $3::int) g`,
     [webhookId, PAYLOAD, n],
   )
-}
-
-/** `db` with every statement it is given recorded in `seen`, to be explained on the same store. */
-function recordingDb(db: Db, seen: Array<{ sql: string; params: unknown[] }>): Db {
-  return new Proxy(db, {
-    get(target, p) {
-      if (p === 'query') return (sql: string, params: unknown[] = []) => (seen.push({ sql, params }), target.query(sql, params))
-      const v = Reflect.get(target, p) as unknown
-      return typeof v === 'function' ? v.bind(target) : v
-    },
-  })
 }
 
 t.test('deleted at once however long its log; the log removed in batches afterwards, holding up no key change', async (t) => {
@@ -232,12 +221,7 @@ t.test('on both stores: the scheduler prunes the log through its index, webhook 
       const [plan] = await store.db.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (FORMAT JSON) ${q.sql}`, q.params)
       const text = JSON.stringify(plan?.['QUERY PLAN'])
       t.match(text, /"Index Name":"webhook_deliveries_log_idx"/, 'read through the log index')
-      const scans: string[] = []
-      const walk = (node: { 'Node Type': string; 'Relation Name'?: string; Plans?: unknown[] }) => {
-        if (node['Node Type'] === 'Seq Scan') scans.push(node['Relation Name'] ?? '')
-        for (const p of node.Plans ?? []) walk(p as typeof node)
-      }
-      walk((plan?.['QUERY PLAN'] as Array<{ Plan: Parameters<typeof walk>[0] }>)[0]!.Plan)
+      const scans = planNodes(plan?.['QUERY PLAN']).filter((n) => n['Node Type'] === 'Seq Scan').map((n) => n['Relation Name'])
       t.notOk(scans.includes('webhook_deliveries'), 'not by reading the whole log')
     }
   })

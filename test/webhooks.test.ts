@@ -16,7 +16,7 @@ import { WebhookService, webhookJson } from '../core/webhooks.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { bearer, sleep } from './helpers/gateway.ts'
-import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, endConnections, forEachStore, freshDatabase, openStore, testClock } from './helpers/stores.ts'
+import { DEFAULT_CONFIG, TEST_ENCRYPTION_KEY, endConnections, forEachStore, freshDatabase, openStore, planNodes, recordingDb, testClock } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { openDb } from '../core/db.ts'
 import { startReceiver, verifiedBy, type Hook } from './helpers/webhooks.ts'
@@ -435,6 +435,25 @@ await forEachStore(t, async (t, store) => {
     // Its receiver closes with this subtest: left registered, the webhook took the next subtest's
     // key.revoked too, and that delivery's refused attempt, ending late on a loaded machine, woke
     // the 'frozen' instance there, which took the delivery over itself (seen in two CI runs).
+    await s.remove(webhook.id, ACTOR)
+  })
+
+  await t.test("a failed attempt is recorded with one read of its webhook's row (found by a review)", async (t) => {
+    const receiver = await startReceiver(t, (_h, res) => res.writeHead(500).end())
+    const seen: Array<{ sql: string; params: unknown[] }> = []
+    const s = new WebhookService({ db: recordingDb(store.db, seen), cipher: CIPHER, config: config(), log: silentLogger, now: clock.now, storeNow: clock.now })
+    t.teardown(() => s.close())
+    const { webhook } = await s.create({ url: `${receiver.url}/once`, events: ['key.revoked'] }, ACTOR)
+    await s.enqueue(event('key.revoked', { key: { id: 'k-once' } }))
+    await s.idle()
+    t.match((await deliveriesOf(webhook.id))[0], { status: 'pending', attempts: 1, last_status: 500, last_error: 'the receiver answered 500' })
+    const recorded = seen.filter((q) => q.sql.startsWith('UPDATE webhook_deliveries') && q.sql.includes('last_error = $6'))
+    t.equal(recorded.length, 1, 'the failure recorded by one statement')
+    for (const q of recorded) {
+      const [plan] = await store.db.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (FORMAT JSON) ${q.sql}`, q.params)
+      // Before: three, the status's EXISTS and the two columns of RETURNING each a subquery of its own.
+      t.equal(planNodes(plan?.['QUERY PLAN']).filter((n) => n['Relation Name'] === 'webhooks').length, 1, "the webhook's row read once")
+    }
     await s.remove(webhook.id, ACTOR)
   })
 

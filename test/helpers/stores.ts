@@ -348,3 +348,32 @@ export function watchedDb() {
     })
   return { w, wrap }
 }
+
+/** `db` with every statement it is given recorded in `seen`, to be explained on the same store. */
+export function recordingDb(db: Db, seen: Array<{ sql: string; params: unknown[] }>): Db {
+  return new Proxy(db, {
+    get(target, p) {
+      if (p === 'query') return (sql: string, params: unknown[] = []) => (seen.push({ sql, params }), target.query(sql, params))
+      const v = Reflect.get(target, p) as unknown
+      return typeof v === 'function' ? v.bind(target) : v
+    },
+  })
+}
+
+export interface PlanNode {
+  'Node Type': string
+  'Relation Name'?: string
+  'Index Name'?: string
+  Plans?: PlanNode[]
+}
+
+/** Every node of a plan as `EXPLAIN (FORMAT JSON)` gives it (its `QUERY PLAN`), subplans too, depth first. */
+export function planNodes(queryPlan: unknown): PlanNode[] {
+  const out: PlanNode[] = []
+  const walk = (node: PlanNode) => {
+    out.push(node)
+    for (const p of node.Plans ?? []) walk(p)
+  }
+  walk((queryPlan as Array<{ Plan: PlanNode }>)[0]!.Plan)
+  return out
+}
