@@ -6,7 +6,7 @@ import { extname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
 import { Worker } from 'node:worker_threads'
-import type { Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
+import type { Fatal, Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { ownTempName, writeNewFile } from './files.ts'
 import { makeFolders } from './folders.ts'
@@ -395,7 +395,21 @@ class EmbeddedDb implements Db {
       this.#pending.clear()
       if (first && !this.#closing) for (const listener of this.#lost.splice(0)) listener(this.#gone)
     }
-    worker.on('message', (r: Reply) => {
+    // The store's thread is ended, as if it had crashed: the store is lost, serve stops and exits
+    // 1, and the next start opens the files (recovers them, after a PANIC).
+    const end = (why: string) => {
+      fail(new Error(why))
+      void worker.terminate()
+    }
+    worker.on('message', (r: Reply | Fatal) => {
+      // PostgreSQL ends its session on a FATAL (an idle session or transaction timeout set on the
+      // store, say); PGlite shuts the database down and is left answering nothing, its thread
+      // spinning a CPU. Before (found by a review), as after a PANIC: no call came back, and
+      // serve ran on without a store, /readyz 'store not answering'.
+      if ('fatal' in r) {
+        end(`PostgreSQL stopped on a FATAL error (${r.fatal}); the next start opens the store again`)
+        return
+      }
       const p = this.#pending.get(r.id)
       if (p === undefined) return
       this.#pending.delete(r.id)
@@ -408,13 +422,8 @@ class EmbeddedDb implements Db {
       // PostgreSQL ends itself on a PANIC (a WAL write that failed: a full disk, a file size
       // limit), for its files to be recovered as after a crash; PGlite cannot, and is left broken.
       // Before (found by a review), every later call failed ("cannot drop active portal") or
-      // never came back, its thread spinning a CPU, and serve ran on without a store. The thread
-      // is ended now, as if it had crashed: the store is lost, serve stops and exits 1, and the
-      // next start recovers the files.
-      if (r.error.fields.severity === 'PANIC') {
-        fail(new Error(`PostgreSQL stopped on a PANIC (${r.error.message}); the next start recovers its files, as after a crash`))
-        void worker.terminate()
-      }
+      // never came back, its thread spinning a CPU, and serve ran on without a store.
+      if (r.error.fields.severity === 'PANIC') end(`PostgreSQL stopped on a PANIC (${r.error.message}); the next start recovers its files, as after a crash`)
     })
     worker.on('error', fail)
     worker.on('exit', (code) => fail(new Error(`its thread exited (${code})`)))

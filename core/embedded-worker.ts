@@ -27,6 +27,14 @@ export type Reply = { id: number; ok: true; value?: unknown } | { id: number; ok
 export type Ready = { ready: true } | { ready: false; error: WireError }
 
 /**
+ * Sent once, unasked, when PostgreSQL logs a FATAL error once the store is open (an idle session
+ * or transaction timeout set on the store, say): its words. PostgreSQL ends its session on one;
+ * PGlite shuts the database down, then answers nothing more, its thread spinning a CPU. No reply
+ * tells of it: only the log line does.
+ */
+export type Fatal = { fatal: string }
+
+/**
  * A thrown value as an Error: PGlite's file system throws plain objects (`{errno}`, in
  * Emscripten's numbering), which print as [object Object]. Their errno is given in words, and
  * the code (ENOSPC, never set as the error's `code`: five capitals read as a SQLSTATE).
@@ -177,6 +185,7 @@ function openError(err: unknown, lines: readonly string[]): WireError {
 const { dataDir, sharedBuffers } = workerData as WorkerOptions
 const stderr: string[] = []
 let opening = true
+let fatal = false
 try {
   const startParams = sharedBuffers === undefined ? undefined : [...PGlite.defaultStartParams, '-c', `shared_buffers=${sharedBuffers}`]
   // PGlite prints the line itself either way (nothing, without its debug option).
@@ -184,6 +193,13 @@ try {
     if (opening) {
       stderr.push(line)
       if (stderr.length > KEPT_LINES) stderr.shift()
+    } else if (!fatal) {
+      // Told from inside PGlite's loop, which never returns: the other thread ends this one.
+      const m = LOG_LINE.exec(line.trim())
+      if (m?.[1] === 'FATAL') {
+        fatal = true
+        parentPort?.postMessage({ fatal: m[2] as string } satisfies Fatal)
+      }
     }
     return false
   }

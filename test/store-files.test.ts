@@ -26,6 +26,17 @@ function tempDir(t: Pick<Test, 'teardown'>): string {
   return dir
 }
 
+/**
+ * Runs `body` in a child process, as an ES module with core/db.ts's `openDb` in scope, from a file
+ * in `work` named `name` (not --input-type=module -e: the store's thread would take that flag with
+ * no script); `what` names it in a failure.
+ */
+function storeScript(work: string, name: string, what: string, body: string): Promise<CliResult> {
+  const script = join(work, name)
+  writeFileSync(script, `const { openDb } = await import(${JSON.stringify(new URL('../core/db.ts', import.meta.url).href)})\n${body}`)
+  return outcome(spawnClean(process.execPath, [script], { env: childEnv() }), [what])
+}
+
 /** The environment of a CLI command on the embedded store in `dataDir`, with nothing else configured. */
 function embeddedEnv(dataDir: string): Record<string, string | undefined> {
   return { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: undefined, REDIS_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined }
@@ -423,10 +434,7 @@ t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store:
   // A file size limit set just past the WAL's end makes the WAL write fail as a full disk does.
   const work = tempDir(t)
   const dir = await seedDataDir(join(work, 'store'))
-  // A file, not --input-type=module -e: the store's thread would take that flag with no script.
-  const script = join(work, 'panic.mjs')
-  writeFileSync(script, `
-    const { openDb } = await import(${JSON.stringify(new URL('../core/db.ts', import.meta.url).href)})
+  const ran = await storeScript(work, 'panic.mjs', '(a script whose WAL write fails)', `
     const { execFileSync } = await import('node:child_process')
     const db = await openDb({ dataDir: ${JSON.stringify(dir)}, shortLived: true })
     const said = []
@@ -442,7 +450,6 @@ t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store:
     await db.close()
     console.log(JSON.stringify(said))
     console.log(inSegment)`)
-  const ran = await outcome(spawnClean(process.execPath, [script], { env: childEnv() }), ['(a script whose WAL write fails)'])
   t.equal(ran.code, 0, ran.stderr)
   const [outcomes = '', walEnd = ''] = ran.stdout.split('\n')
   const [lost, insert, select, transaction] = JSON.parse(outcomes) as Array<Record<string, string>>
@@ -454,13 +461,10 @@ t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store:
 
   // A start still short of room (its recovery writes to the WAL) is told to make room, not to
   // restore a backup over files PostgreSQL recovers once it can write. Before, the backup.
-  const again = join(work, 'again.mjs')
-  writeFileSync(again, `
-    const { openDb } = await import(${JSON.stringify(new URL('../core/db.ts', import.meta.url).href)})
+  const short = await storeScript(work, 'again.mjs', '(a start still without room)', `
     const { execFileSync } = await import('node:child_process')
     execFileSync('prlimit', ['--pid', String(process.pid), '--fsize=${walEnd}'])
     await openDb({ dataDir: ${JSON.stringify(dir)}, shortLived: true }).then(() => console.log('opened'), (err) => console.log(err.message))`)
-  const short = await outcome(spawnClean(process.execPath, [again], { env: childEnv() }), ['(a start still without room)'])
   t.equal(short.code, 0, short.stderr)
   t.match(short.stdout, /^cannot open the embedded store in .*: PostgreSQL could not start on its files: .*File too large\. The data folder's file system is full \(or a disk quota, or the file size limit of ulimit -f, was reached\): make room there and start again, and PostgreSQL recovers its files as after a crash; do not restore a backup over them for this\n$/)
   t.notMatch(short.stdout, 'restore the data folder from a backup')
@@ -468,5 +472,50 @@ t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store:
   // Without the limit, the next start recovers the store: the table made before, nothing of the insert.
   const db = await openDb({ dataDir: dir, shortLived: true })
   t.same(await db.query('SELECT count(*)::int AS n FROM filler'), [{ n: 0 }])
+  await db.close()
+})
+
+t.test('a FATAL error of PostgreSQL (an idle session timeout set on the store) ends the embedded store as a PANIC does: told as lost, every later call refused, and the next start opens it (found by a review)', async (t) => {
+  // Before (found by a review, serve on a store whose postgresql.auto.conf set
+  // idle_session_timeout): PostgreSQL, which ends its session on a FATAL, shut down inside PGlite,
+  // which then logged "terminating connection because protocol synchronization was lost" without
+  // end, its thread spinning a CPU; no call came back and nothing was told, serve ran on, /readyz
+  // 'store not answering'. PGlite answers nothing on a FATAL: only its log line tells of it.
+  const work = tempDir(t)
+  const dir = await seedDataDir(join(work, 'store'))
+  // Every wait is bounded (a hang guard, not a timing): before, the store was never told lost, and no call came back.
+  const ran = await storeScript(work, 'fatal.mjs', '(a session that meets a FATAL)', `
+    const db = await openDb({ dataDir: ${JSON.stringify(dir)}, shortLived: true })
+    const guard = () => new Promise((resolve) => setTimeout(() => resolve({ hung: true }), 20_000))
+    const lost = new Promise((resolve) => db.onLost((err) => resolve({ lost: err.code, message: err.message })))
+    const call = (p) => Promise.race([p.then(() => ({ ok: true }), (err) => ({ code: err.code, message: err.message })), guard()])
+    await db.exec('CREATE TABLE kept (n int)')
+    await db.query('INSERT INTO kept VALUES (1)')
+    // The timeout's FATAL comes with the first call after it passed (PostgreSQL acts on it when a
+    // command arrives): a call after a pause longer than it, tried again should the pause have
+    // been too short for the store's thread to see it pass.
+    await db.exec("SET idle_session_timeout = '1ms'")
+    let met = { ok: true }
+    for (let i = 0; i < 100 && met.ok; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20))
+      met = await call(db.query('SELECT 1'))
+    }
+    const said = [await Promise.race([lost, guard()]), met]
+    said.push(await call(db.query('SELECT 1')))
+    said.push(await call(db.transaction((tx) => tx.query('SELECT 1'))))
+    said.push(await call(db.close()))
+    console.log(JSON.stringify(said))
+    process.exit(0)`)
+  t.equal(ran.code, 0, ran.stderr)
+  const [lost, met, select, transaction, closed] = JSON.parse(ran.stdout) as Array<Record<string, unknown>>
+  t.match(lost, { lost: 'store_unavailable', message: /^the embedded store stopped: PostgreSQL stopped on a FATAL error \(terminating connection due to idle-session timeout\); the next start opens the store again$/ }, 'the store is told lost, for serve to stop')
+  t.same(met, { code: 'store_unavailable', message: lost?.message }, 'the call that met the FATAL fails with it')
+  t.same(select, met, 'a later call is refused at once')
+  t.same(transaction, select)
+  t.same(closed, { ok: true }, 'and the store closes')
+  t.same(readdirSync(dir).sort(), ['pgdata'], 'the lock is given back')
+
+  const db = await openDb({ dataDir: dir, shortLived: true })
+  t.same(await db.query('SELECT n FROM kept'), [{ n: 1 }], 'the next start opens the store, with what was committed')
   await db.close()
 })
