@@ -760,6 +760,121 @@ export function memberProblemAt(text: string): { path: string[]; problem: 'repea
   return undefined
 }
 
+const isDigit = (c: number) => c >= 0x30 && c <= 0x39
+const isHex = (c: number) => isDigit(c) || (c >= 0x41 && c <= 0x46) || (c >= 0x61 && c <= 0x66)
+
+/**
+ * The end of the JSON string opened at `start` (the index after its closing `"`), or where it
+ * stops being one (`fault`: a control character, a bad escape, or the text's end).
+ */
+function scanString(text: string, start: number): { next: number } | { fault: number } {
+  for (let j = start + 1; j < text.length; j++) {
+    const c = text.charCodeAt(j)
+    if (c === 0x22 /* " */) return { next: j + 1 }
+    if (c < 0x20) return { fault: j }
+    if (c !== 0x5c /* \ */) continue
+    j++
+    if (j >= text.length) break
+    if ('"\\/bfnrt'.includes(text[j] as string)) continue
+    if (text[j] !== 'u') return { fault: j }
+    for (let k = j + 1; k <= j + 4; k++) {
+      if (k >= text.length) return { fault: text.length }
+      if (!isHex(text.charCodeAt(k))) return { fault: k }
+    }
+    j += 4
+  }
+  return { fault: text.length }
+}
+
+/** The end of the JSON number that starts at `start`, or where it stops being one. */
+function scanNumber(text: string, start: number): { next: number } | { fault: number } {
+  let j = start
+  const digits = () => {
+    const from = j
+    while (isDigit(text.charCodeAt(j))) j++
+    return j > from
+  }
+  if (text[j] === '-') j++
+  if (text[j] === '0') j++
+  else if (!digits()) return { fault: j }
+  if (text[j] === '.') {
+    j++
+    if (!digits()) return { fault: j }
+  }
+  if (text[j] === 'e' || text[j] === 'E') {
+    j++
+    if (text[j] === '+' || text[j] === '-') j++
+    if (!digits()) return { fault: j }
+  }
+  return { next: j }
+}
+
+/**
+ * Where `text` stops being JSON: the index of the first character no JSON text has there
+ * (`text.length` where it ends too soon), or undefined when it is JSON. JSON.parse names no
+ * position for an unexpected character, only some ten characters of the text either side of it:
+ * a file's problem is located with this. One pass, open arrays and objects on a stack of their
+ * own, so any depth is read.
+ */
+export function jsonFaultAt(text: string): number | undefined {
+  // What may come next: a value (or, after `[`, the array's end), a member's name (or, after
+  // `{`, the object's end), a colon, a comma or the end of the value open, or nothing more.
+  let want: 'value' | 'valueOrEnd' | 'name' | 'nameOrEnd' | 'colon' | 'commaOrEnd' | 'nothing' = 'value'
+  const open: string[] = []
+  const closed = () => (open.length === 0 ? 'nothing' : 'commaOrEnd')
+  let i = 0
+  while (i < text.length) {
+    const c = text[i] as string
+    if (c === ' ' || c === '\t' || c === '\n' || c === '\r') {
+      i++
+      continue
+    }
+    let scanned: { next: number } | { fault: number }
+    if (want === 'nothing') return i
+    if (want === 'colon' || want === 'commaOrEnd') {
+      if (want === 'colon' && c === ':') want = 'value'
+      else if (want === 'commaOrEnd' && c === ',') want = open.at(-1) === '}' ? 'name' : 'value'
+      else if (want === 'commaOrEnd' && c === open.at(-1)) {
+        open.pop()
+        want = closed()
+      } else return i
+      i++
+      continue
+    }
+    if ((want === 'nameOrEnd' && c === '}') || (want === 'valueOrEnd' && c === ']')) {
+      open.pop()
+      want = closed()
+      i++
+      continue
+    }
+    if (want === 'name' || want === 'nameOrEnd') {
+      if (c !== '"') return i
+      scanned = scanString(text, i)
+      want = 'colon'
+    } else if (c === '{' || c === '[') {
+      open.push(c === '{' ? '}' : ']')
+      want = c === '{' ? 'nameOrEnd' : 'valueOrEnd'
+      i++
+      continue
+    } else if (c === '"') {
+      scanned = scanString(text, i)
+      want = closed()
+    } else if (c === '-' || isDigit(c.charCodeAt(0))) {
+      scanned = scanNumber(text, i)
+      want = closed()
+    } else {
+      const word = ['true', 'false', 'null'].find((w) => w[0] === c)
+      if (word === undefined) return i
+      for (let k = 1; k < word.length; k++) if (text[i + k] !== word[k]) return Math.min(i + k, text.length)
+      scanned = { next: i + word.length }
+      want = closed()
+    }
+    if ('fault' in scanned) return scanned.fault
+    i = scanned.next
+  }
+  return want === 'nothing' ? undefined : text.length
+}
+
 /**
  * Refuses valid JSON `text` in which an object repeats a member's name, or has more than
  * MAX_JSON_MEMBERS (validation_failed naming it). JSON.parse keeps the last of a repeated name,

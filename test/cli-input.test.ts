@@ -12,6 +12,7 @@ import { childEnv, KEYGATE_BIN, runCli, runCliHere, spawnClean, type CliResult }
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { openDb } from '../core/db.ts'
+import { jsonFaultAt } from '../core/validate.ts'
 import { displayWidth, table } from '../cli/io.ts'
 import { generateKey } from '../core/keys/format.ts'
 
@@ -323,15 +324,92 @@ t.test('a JSON lines import with lines that are not JSON names each line and the
   const hash = createHash('sha256').update('33333333-3333-4333-8333-333333333333').digest('hex')
   const unquoted = `{"key_hash": "${hash}", name: "b"}`
   const unclosed = `{"key_hash": "${hash}", "name": "c"`
+  // An unexpected character, for which the parser names no position: before, no column.
+  const bare = `{"key_hash": "${hash}", "name": d}`
   const file = join(cwd, 'broken.jsonl')
-  writeFileSync(file, [JSON.stringify({ key_hash: hash, name: 'a' }), unquoted, '', unclosed].join('\n') + '\n')
+  writeFileSync(file, [JSON.stringify({ key_hash: hash, name: 'a' }), unquoted, '', unclosed, bare].join('\n') + '\n')
   const run = await runCli(['api-key', 'import', file, '--json'], { cwd, env })
   t.equal(run.code, 1)
   const error = run.json().error
   t.equal(error.code, 'import_invalid')
-  t.same(error.details.problems, [`line 2: is not valid JSON (at column ${unquoted.indexOf('name') + 1})`, `line 4: is not valid JSON (at column ${unclosed.length + 1})`])
+  t.same(error.details.problems, [
+    `line 2: is not valid JSON (at column ${unquoted.indexOf('name') + 1})`,
+    `line 4: is not valid JSON (at column ${unclosed.length + 1})`,
+    `line 5: is not valid JSON (at column ${bare.indexOf('d}') + 1})`,
+  ])
   t.notOk(run.stdout.includes(hash) || run.stderr.includes(hash), 'the lines are not quoted')
   t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was imported')
+})
+
+t.test('a JSON array import that is not JSON names the line and column in the file, why, and a piece of that line with any key_hash in it hidden (found by a review)', async (t) => {
+  // Before: the parser's words alone, its line counted from the file trimmed (one short after a
+  // leading blank line), and for an unexpected character only some ten characters either side of
+  // it, no line at all: in a file of thousands of rows, or one written on a single line.
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const hashOf = (n: number) => createHash('sha256').update(`5a6b7c8d-1234-4abc-8def-0123456789${String(n).padStart(2, '0')}`).digest('hex')
+  const rows = Array.from({ length: 30 }, (_, i) => ({ key_hash: hashOf(i), name: `legacy-${i}` }))
+  const pretty = '\n' + JSON.stringify(rows, null, 2) + '\n'
+  const run = async (name: string, text: string) => {
+    const file = join(cwd, name)
+    writeFileSync(file, text)
+    const ran = await runCli(['api-key', 'import', file, '--json'], { cwd, env })
+    t.equal(ran.code, 1, name)
+    t.notOk(rows.some((r) => ran.stdout.includes(r.key_hash) || ran.stderr.includes(r.key_hash)), `${name}: no key_hash shown`)
+    const { error } = ran.json()
+    t.equal(error.code, 'import_invalid')
+    t.equal(error.message, `nothing imported:\n  ${error.details?.problems?.[0]}`, `${name}: the problem is the message`)
+    return error.details?.problems as string[]
+  }
+  // Row 18's name unquoted: an unexpected character, for which the parser names no position.
+  const bare = pretty.replace('"name": "legacy-17"', '"name": legacy-17')
+  const lineOf = (text: string, index: number) => text.slice(0, index).split('\n').length
+  const bareLine = lineOf(bare, bare.indexOf(': legacy-17'))
+  t.same(await run('bare.json', bare), [`line ${bareLine}: is not valid JSON (at column 13: Unexpected token 'l'): "name": legacy-17`])
+  // A comma missing between rows 1 and 2: the line of row 2's `{` in the file (the parser's was
+  // one short, the leading blank line trimmed).
+  const comma = pretty.replace('},\n  {', '}\n  {')
+  const commaLine = lineOf(comma, comma.indexOf('}\n  {') + 2)
+  t.same(await run('comma.json', comma), [`line ${commaLine}: is not valid JSON (at column 3: Expected ',' or ']' after array element): {`])
+  // All on one line: where in it, and the key_hashes either side of the fault hidden, the next
+  // one whole though the piece ends within it.
+  const minified = JSON.stringify(rows).replace('"name":"legacy-20"', '"name":legacy-20')
+  const column = minified.indexOf(':legacy-20') + 2
+  t.same(await run('minified.json', minified), [`line 1: is not valid JSON (at column ${column}: Unexpected token 'l'): ...[redacted]","name":legacy-20},{"key_hash":"[redacted]...`])
+  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was imported')
+})
+
+t.test("jsonFaultAt, which locates an import file's fault, finds where JSON.parse stops: the parser's position where it names one, its unexpected character where it names only that", async (t) => {
+  const parserSays = (text: string): number | string | undefined => {
+    try {
+      JSON.parse(text)
+      return undefined
+    } catch (err) {
+      const message = (err as Error).message
+      const at = / at position (\d+)/.exec(message)
+      if (at) return Number(at[1])
+      if (message === 'Unexpected end of JSON input') return text.length
+      return /^Unexpected token '([^]*?)', /.exec(message)?.[1] ?? message
+    }
+  }
+  const agrees = (text: string) => {
+    const said = parserSays(text)
+    const at = jsonFaultAt(text)
+    return typeof said === 'string' ? at !== undefined && text[at] === said : at === said
+  }
+  const broken = ['["a\\q"]', '["a\\u12x4"]', '["abc', '[1.]', '[-]', '[01]', '[1e]', '[truex]', '[nul', '{"a" 1}', '{"a":1,}', '[1,]', '[1 2]', '{a:1}', '["a\tb"]', '  [1] x', '[', '', '{"a": legacy}', '[1]]', '{"a":{"b":[}]}']
+  for (const text of broken) t.ok(agrees(text), JSON.stringify(text))
+  // Every edit of a document with each kind of value: a character dropped, added or changed, as a hand edit does.
+  const doc = JSON.stringify([{ key_hash: 'ab'.repeat(32), name: 'x\u00e9\\"y', n: -12.5e3, z: 0, t: true, f: false, nu: null, a: [1, [2, {}], []], u: '\u20ac\ud83d\ude00', e: 'q\nr' }, { b: { c: [0.5, 1e2] } }], null, 1)
+  const characters = ' \t\n{}[]",:0123456789-+.eEtrufalsn\\/x\u0001'
+  let wrong = 0
+  for (let i = 0; i <= doc.length; i++) {
+    const c = characters[i % characters.length] as string
+    for (const text of [doc.slice(0, i) + doc.slice(i + 1), doc.slice(0, i) + c + doc.slice(i), doc.slice(0, i) + c + doc.slice(i + 1), doc.slice(0, i)]) if (!agrees(text)) wrong++
+  }
+  t.equal(wrong, 0, 'every edit: where the parser stops')
+  t.equal(jsonFaultAt('['.repeat(200_000) + ']'.repeat(200_000)), undefined, 'any depth is read')
+  t.equal(jsonFaultAt('['.repeat(200_000) + '}'), 200_000, 'and a fault within it found')
 })
 
 t.test('an import file or stdin that is not UTF-8 is refused naming where, and nothing is imported', async (t) => {
