@@ -146,13 +146,6 @@ export interface Operation {
   handle(input: OperationInput<any, any>): Promise<unknown>
 }
 
-/**
- * Every admin operation can answer these: credentials, lockout, request framing, faults, and a
- * query parameter it does not take (validation_failed, even on an operation that takes none);
- * and the listener's own, before any operation is chosen: a Host it does not answer to, headers
- * too large, a request not received in time (before, the document named none of these three),
- * an Expect other than 100-continue.
- */
 /** A handler's answer with the operation's `otherStatus` instead of its `response.status`. */
 export class OtherStatus {
   readonly body: unknown
@@ -161,12 +154,23 @@ export class OtherStatus {
   }
 }
 
+/**
+ * Every admin operation can answer these: credentials, lockout, request framing, faults, and a
+ * query parameter it does not take (validation_failed, even on an operation that takes none);
+ * and the listener's own, before any operation is chosen: a Host it does not answer to, headers
+ * too large, a request not received in time (before, the document named none of these three),
+ * an Expect other than 100-continue, a transfer coding other than chunked, an HTTP version
+ * other than 1 (core/framing.ts; before, found by a review, the listener answered the last two as
+ * any request, and the document named neither).
+ */
 export const COMMON_ERRORS: readonly ErrorCode[] = [
   'bad_request',
   'host_not_allowed',
   'headers_too_large',
   'request_timeout',
   'expectation_failed',
+  'transfer_coding_not_supported',
+  'version_not_supported',
   'validation_failed',
   'unauthorized',
   'forbidden',

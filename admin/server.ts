@@ -7,6 +7,7 @@ import { isIP } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { within } from '../core/deadline.ts'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
+import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
 import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, headersTimeoutOptions, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 import { clipped } from '../core/validate.ts'
@@ -136,8 +137,9 @@ function targetProblem(target: string): string | undefined {
 // rather than Node keeping the first line and dropping the rest, so a second Authorization or Host
 // cannot hide behind the first (auth.ts and the Host check below refuse them). A repeated
 // Content-Type or Last-Event-ID then no longer parses and is refused too; a repeated Content-Length
-// is refused by the parser either way.
-export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, ...headersTimeoutOptions(10_000), joinDuplicateHeaders: true }
+// is refused by the parser either way. requireHostHeader off: a request without Host is answered
+// by the Host check below, in JSON, where Node's was a bare 400.
+export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, ...headersTimeoutOptions(10_000), joinDuplicateHeaders: true, requireHostHeader: false }
 
 /** The handlers each admin server has running: a drain's deadline ends their connections, not them. */
 const running = new WeakMap<http.Server, Set<Promise<void>>>()
@@ -170,21 +172,33 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     // Closed (a shutdown): the answer closes the connection, as the gateway's do, rather than
     // offer a keep-alive the drain would end under the client.
     if (!server.listening) res.shouldKeepAlive = false
-    // RFC 9112 §3.2: more than one Host is a 400 (as at the gateway); joined, the lines hold a comma.
-    if (req.headers.host?.includes(',')) {
-      sendError(res, 'bad_request', requestId, 'Host is repeated; send one Host header', undefined, { connection: 'close' })
+    // The checks of the request head the gateway makes too (core/framing.ts), each answer closing
+    // the connection. Before (found by a review), `GET /v1/keys HTTP/2.0` was answered 200, a
+    // `gzip, chunked` body read with only its chunking undone, an HTTP/1.0 body read as chunked, an
+    // HTTP/1.1 request without Host answered Node's bare 400, and a Host that is no host 421 (or,
+    // as `[::1]x`, taken).
+    const version = versionProblem(req)
+    if (version !== undefined) {
+      sendError(res, 'version_not_supported', requestId, version, undefined, { connection: 'close' })
+      return
+    }
+    // RFC 9112 §3.2: a Host missing (HTTP/1.1), repeated (joined, the lines hold a comma) or not a host is a 400.
+    const hostRefused = hostProblem(req, req.headers.host)
+    if (hostRefused !== undefined) {
+      sendError(res, 'bad_request', requestId, hostRefused, undefined, { connection: 'close' })
       return
     }
     if (!hostAllowed(req.headers.host, allowedHosts)) {
       sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host === undefined ? undefined : clipped(req.headers.host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
       return
     }
-    // Node sends an Expect other than 100-continue here through 'checkExpectation' (below).
-    // Before (found by a review), Node's own bare 417 answered it, without a code or the headers
-    // of every answer, and before the Host check.
-    const expect = req.headers.expect
-    if (expect !== undefined && expect.toLowerCase() !== '100-continue') {
-      sendError(res, 'expectation_failed', requestId, 'The Expect header names an expectation this listener does not meet (only 100-continue).', undefined, { connection: 'close' })
+    // After the Host: a transfer coding other than chunked, or in an HTTP/1.0 request, and an
+    // Expect other than 100-continue (Node sends an HTTP/1.1 one here through 'checkExpectation',
+    // below; before, found by a review, Node's own bare 417 answered it, without a code or the
+    // headers of every answer, and before the Host check).
+    const framing = framingProblem(req, req.headers)
+    if (framing !== undefined) {
+      sendError(res, framing.code, requestId, framing.message, undefined, { connection: 'close' })
       return
     }
     // A refusal before any route reads the body (a bad target, no route, a wrong method) closes

@@ -22,8 +22,8 @@ export const ERRORS = {
   bad_request: { status: 400, message: 'The request is malformed.' },
   headers_too_large: { status: 431, message: 'The request headers are too large.' },
   request_timeout: { status: 408, message: 'The request was not received in time.' },
-  expectation_failed: { status: 417, message: 'The Expect header names an expectation this gateway does not meet (only 100-continue).' },
-  transfer_coding_not_supported: { status: 501, message: 'The request body has a transfer coding this gateway does not implement (only chunked).' },
+  expectation_failed: { status: 417, message: 'The Expect header names an expectation keygate does not meet (only 100-continue).' },
+  transfer_coding_not_supported: { status: 501, message: 'The request body has a transfer coding keygate does not implement (only chunked).' },
   version_not_supported: { status: 505, message: 'This HTTP version is not supported (only HTTP/1.0 and HTTP/1.1).' },
 
   // Admin API and CLI

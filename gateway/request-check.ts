@@ -1,32 +1,28 @@
 // Requests the HTTP parser accepts but a gateway must not forward: too many header lines, an
-// absolute-form target naming another host than Host, a Host missing (HTTP/1.1), repeated or not a host, a
-// fragment, dot segments that could walk out of a route's prefix, percent-encoded control
-// characters and bytes that are not UTF-8, and methods that are never proxied. (Paths that
-// lenient upstreams read as another route's: see route.ts.) Framing attacks (both
+// absolute-form target naming another host than Host, a fragment, dot segments that could walk
+// out of a route's prefix, percent-encoded control characters and bytes that are not UTF-8, and
+// methods that are never proxied; and, as the admin listener refuses them (core/framing.ts), an
+// HTTP version other than 1, a transfer coding other than chunked or in an HTTP/1.0 request, an
+// Expect other than 100-continue, and a Host missing (HTTP/1.1), repeated or not a host. (Paths
+// that lenient upstreams read as another route's: see route.ts.) Framing attacks (both
 // Content-Length and Transfer-Encoding, repeated or malformed Content-Length, bad chunking) are
 // refused earlier by Node's strict parser; see index.ts for `clientError`.
 import { isUtf8 } from 'node:buffer'
 import { decodeEscapes, decodedHasDotSegments, hasDotSegments } from '../core/http.ts'
 import { pathOf, type RequestState, type Stage } from './state.ts'
-import { clipped } from '../core/validate.ts'
+import { framingProblem, hostProblem, isHost, versionProblem } from '../core/framing.ts'
 import { asUtf8 } from '../config/routes.ts'
 
 // An absolute-form target's scheme and authority (all up to the path or query).
 const ABSOLUTE = /^https?:\/\/[^/?\\]*/i
 
-// Host as RFC 9110 §7.2 has it, `uri-host [ ":" port ]`: a bracketed IP literal, or a name of
-// RFC 3986's reg-name characters (a comma is a repeated Host, refused apart).
-const HOST = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]+)(?::[0-9]*)?$/
-
 export function createRequestCheckStage(options: { maxHeaders: number }): Stage {
   const maxRaw = options.maxHeaders * 2
   return (s: RequestState) => {
     const req = s.req
-    // Node's parser takes `HTTP/2.0` and `HTTP/0.9` (a request line without a version too) and
-    // hands them over as any other; forwarded, they went upstream as HTTP/1.1 (found by a review).
-    // RFC 9110 §15.6.6: 505 for a major version the server does not speak.
-    if (req.httpVersionMajor !== 1) {
-      s.message = `HTTP/${req.httpVersion} is not supported; send HTTP/1.1 (or HTTP/1.0).`
+    const version = versionProblem(req)
+    if (version !== undefined) {
+      s.message = version
       return 'version_not_supported'
     }
     if (req.rawHeaders.length > maxRaw) return 'headers_too_large'
@@ -35,40 +31,15 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
       s.message = `${method} is not supported by this gateway.`
       return 'method_not_allowed'
     }
-    // Node's parser takes any transfer coding that ends with chunked, and undoes only the
-    // chunking: `gzip, chunked` went upstream as its gzip bytes, with the only header that said
-    // so dropped as hop-by-hop (found by a review). RFC 9112 §6.1: 501 for a coding not understood.
-    const te = s.headers['transfer-encoding']
-    // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing. Node's parser
-    // read its body as chunked and kept the connection, where a proxy in front that reads it as
-    // HTTP/1.0 ends the request at its head and takes the chunks for requests of their own (found
-    // by a review). Refused as nginx refuses it; the refusal closes the connection (its body unread).
-    if (te !== undefined && req.httpVersionMinor === 0) {
-      s.message = 'An HTTP/1.0 request must not have a Transfer-Encoding (RFC 9112 §6.1): send HTTP/1.1, or a Content-Length.'
-      return 'bad_request'
+    const framing = framingProblem(req, s.headers)
+    if (framing !== undefined) {
+      s.message = framing.message
+      return framing.code
     }
-    if (te !== undefined && te !== 'chunked' && te.trim().toLowerCase() !== 'chunked') {
-      s.message = `The request body's Transfer-Encoding (${clipped(te, 63)}) is not supported: send it chunked only, with a Content-Encoding for a compressed body.`
-      return 'transfer_coding_not_supported'
-    }
-    // Node hands an Expect that names 100-continue among others (`100-continue, foo`) over as a
-    // 100-continue, and the gateway sent the 100 and forwarded it (found by a review): an
-    // expectation it does not meet is 417, as an Expect without 100-continue is (index.ts,
-    // checkExpectation). An HTTP/1.0 request's Expect is ignored (RFC 9110 §10.1.1).
-    const expect = s.headers.expect
-    if (expect !== undefined && expect !== '100-continue' && req.httpVersionMinor === 1 && expect.trim().toLowerCase() !== '100-continue') return 'expectation_failed'
     const host = s.headers.host
-    if (host === undefined && req.httpVersionMinor === 1) {
-      s.message = 'Host is required.'
-      return 'bad_request'
-    }
-    if (host !== undefined && host.includes(',')) {
-      s.message = 'Host is repeated.'
-      return 'bad_request'
-    }
-    // RFC 9112 §3.2: a Host that is not a host is answered 400 (it would reach the upstream as X-Forwarded-Host, or as Host on preserve_host routes).
-    if (host !== undefined && !HOST.test(host)) {
-      s.message = host === '' ? 'Host is empty.' : 'Host is not a valid host name or address.'
+    const hostRefused = hostProblem(req, host)
+    if (hostRefused !== undefined) {
+      s.message = hostRefused
       return 'bad_request'
     }
     let target = s.target
@@ -108,7 +79,7 @@ export function createRequestCheckStage(options: { maxHeaders: number }): Stage 
         // names the host (RFC 9112 §3.2.2), and it is routed and sent upstream (X-Forwarded-Host,
         // or Host on preserve_host routes) as that Host would be. Before (found by a review), it
         // was refused as naming another host than Host, which the request did not have.
-        if (!HOST.test(url.host)) {
+        if (!isHost(url.host)) {
           s.message = "The request target's host is not a valid host name or address."
           return 'bad_request'
         }

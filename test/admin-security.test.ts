@@ -10,7 +10,7 @@ import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
 import { ERRORS } from '../core/errors.ts'
 import { BOOTSTRAP_TOKEN, followRefs, headerProblems, MAX_BODY_BYTES, servedValidator, startAdmin, type AdminHarness } from './helpers/admin.ts'
-import { converse, uploadWhileAnswered, type Answer } from './helpers/gateway.ts'
+import { converse, rawAnswer, rawExchange, uploadWhileAnswered, type Answer } from './helpers/gateway.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 
@@ -224,12 +224,69 @@ t.test('Expect: 100-continue: the route, the credential and the headers are chec
   // headers of every answer, and before the Host check.
   const other = await converse(port, `GET /v1/keys HTTP/1.1\r\nHost: localhost\r\n${admin}Expect: something-else\r\n\r\n`)
   t.match(other, /^HTTP\/1\.1 417 /, 'another expectation: 417')
-  t.match(other, /"error":\{"code":"expectation_failed","message":"The Expect header names an expectation this listener does not meet \(only 100-continue\)\."/)
+  t.match(other, /"error":\{"code":"expectation_failed","message":"The Expect header names an expectation keygate does not meet \(only 100-continue\)\."/)
   t.match(other, /\r\nx-keygate-admin: 1\r\n/i, 'with the headers of every answer')
   t.match(other, /\r\ncache-control: no-store\r\n/i)
   t.match(other, /\r\nx-request-id: /i)
   t.match(await converse(port, `GET /v1/keys HTTP/1.1\r\nHost: evil.example\r\nExpect: something-else\r\n\r\n`), /^HTTP\/1\.1 421 /, 'the Host is checked first')
   t.ok(operationErrors(OPERATIONS[0]!).includes('expectation_failed'), 'every operation documents it')
+})
+
+t.test('the request head is checked as the gateway checks it: HTTP version, transfer coding, Expect, Host (found by a review)', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { gateway: true })
+  const gatewayPort = h.gateway!.port
+  const auth = `Authorization: Bearer ${h.adminKey}\r\n`
+  const json = 'Content-Type: application/json\r\n'
+  // (The gateway keeps the connection of a request without a body it refuses for its Host.)
+  const close = 'Connection: close\r\n'
+  const body = JSON.stringify({ name: 'framed', type: 'user' })
+  const chunked = `${body.length.toString(16)}\r\n${body}\r\n0\r\n\r\n`
+  const before = await h.auditRows()
+  // Before, the admin listener answered each as any request: the versions 200, the bodies read
+  // as chunked (a JSON body sent as `gzip, chunked` made a key), no Host Node's bare 400 (no code,
+  // no X-Keygate-Admin), a Host that is no host 421 or, as [::1]x, answered.
+  for (const [what, request, status, code, message] of [
+    ['HTTP/2.0', `GET /v1/keys HTTP/2.0\r\nHost: 127.0.0.1\r\n${auth}\r\n`, 505, 'version_not_supported', /HTTP\/2\.0 is not supported/],
+    ['HTTP/0.9', `GET /v1/keys HTTP/0.9\r\nHost: 127.0.0.1\r\n${auth}\r\n`, 505, 'version_not_supported', /HTTP\/0\.9 is not supported/],
+    ['a request line without a version', `GET /v1/keys\r\nHost: 127.0.0.1\r\n${auth}\r\n`, 505, 'version_not_supported', /is not supported/],
+    ['gzip, chunked', `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n${auth}${json}Transfer-Encoding: gzip, chunked\r\n\r\n${chunked}`, 501, 'transfer_coding_not_supported', /\(gzip, chunked\) is not supported/],
+    ['HTTP/1.0 with Transfer-Encoding', `POST /v1/keys HTTP/1.0\r\nHost: 127.0.0.1\r\n${auth}${json}Transfer-Encoding: chunked\r\n\r\n${chunked}`, 400, 'bad_request', /HTTP\/1\.0 request must not have a Transfer-Encoding/],
+    ['Expect: 100-continue among others', `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n${auth}${json}Expect: 100-continue, foo\r\nContent-Length: ${body.length}\r\n\r\n`, 417, 'expectation_failed', /only 100-continue/],
+    ['no Host (HTTP/1.1)', `GET /v1/keys HTTP/1.1\r\n${auth}${close}\r\n`, 400, 'bad_request', /Host is required/],
+    ['an empty Host', `GET /v1/keys HTTP/1.1\r\nHost:\r\n${auth}${close}\r\n`, 400, 'bad_request', /Host is empty/],
+    ['a Host that is no host', `GET /v1/keys HTTP/1.1\r\nHost: [::1]x\r\n${auth}${close}\r\n`, 400, 'bad_request', /Host is not a valid host name or address/],
+    ['a Host with a path', `GET /v1/keys HTTP/1.1\r\nHost: 127.0.0.1/x\r\n${auth}${close}\r\n`, 400, 'bad_request', /Host is not a valid host name or address/],
+  ] as const) {
+    const admin = await rawAnswer(h.port, request)
+    t.equal(admin.status, status, `${what}: ${status}`)
+    t.match(admin.json, { error: { code, message, request_id: String } }, `${what}: ${code}, saying why`)
+    t.equal(admin.headers.connection, 'close', `${what}: the connection closes`)
+    t.equal(admin.headers['x-keygate-admin'], '1', `${what}: with the headers of every answer`)
+    const gateway = await rawAnswer(gatewayPort, request)
+    t.same([gateway.status, gateway.json?.error?.code, gateway.json?.error?.message], [admin.status, code, admin.json?.error?.message], `${what}: as the gateway answers it`)
+  }
+  t.equal(await h.auditRows(), before, 'no key made')
+  // What Node's parser refuses itself is refused alike by both.
+  for (const [what, request] of [
+    ['a repeated Content-Length', `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n${auth}${json}Content-Length: ${body.length}\r\nContent-Length: ${body.length}\r\n\r\n${body}`],
+    ['Content-Length and Transfer-Encoding', `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n${auth}${json}Content-Length: ${body.length}\r\nTransfer-Encoding: chunked\r\n\r\n${chunked}`],
+    ['chunked twice', `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n${auth}${json}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n${chunked}`],
+    ['obsolete line folding', `GET /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer\r\n ${h.adminKey}\r\n\r\n`],
+  ] as const) {
+    const admin = await rawAnswer(h.port, request)
+    t.match([admin.status, admin.json?.error?.code], [400, 'bad_request'], `${what}: 400`)
+    t.match([(await rawAnswer(gatewayPort, request)).status], [400], `${what}: as at the gateway`)
+  }
+  t.equal(await h.auditRows(), before, 'no key made')
+  // What the gateway lets pass, the admin listener does too: an HTTP/1.0 request's Expect is
+  // ignored (RFC 9110 §10.1.1; before, 417 here), and it needs no Host.
+  t.match(await rawExchange(h.port, `GET /v1/keys HTTP/1.0\r\nHost: 127.0.0.1\r\n${auth}Expect: foo\r\n\r\n`), /^HTTP\/1\.1 200 /, "HTTP/1.0's Expect is ignored")
+  t.match(await rawExchange(h.port, `GET /v1/keys HTTP/1.0\r\n${auth}\r\n`), /^HTTP\/1\.1 200 /, 'HTTP/1.0 without Host')
+  t.match(await rawExchange(h.port, `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\n${auth}${json}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n${chunked}`), /^HTTP\/1\.1 201 /, 'chunked alone is read')
+  for (const code of ['version_not_supported', 'transfer_coding_not_supported', 'expectation_failed', 'bad_request'] as const) {
+    t.ok(OPERATIONS.every((op) => operationErrors(op).includes(code)), `every operation documents ${code}`)
+  }
 })
 
 t.test('DNS rebinding: the admin listener answers only to IP addresses, localhost and admin.allowed_hosts', async (t) => {

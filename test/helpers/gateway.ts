@@ -275,7 +275,7 @@ export function unlessHung<T>(pending: Promise<T>, ms = 30_000): Promise<T | 'st
 }
 
 /** One raw HTTP/1.1 exchange (the client libraries refuse some of the headers sent here). */
-export function rawExchange(port: number, text: string): Promise<string> {
+export function rawExchange(port: number, text: string | Buffer): Promise<string> {
   return new Promise((resolve, reject) => {
     // Written, not ended: Node's server drops a request whose client half-closes before the answer.
     const socket = net.connect(port, '127.0.0.1', () => socket.write(text))
@@ -286,6 +286,29 @@ export function rawExchange(port: number, text: string): Promise<string> {
     socket.on('close', () => resolve(out))
     socket.on('error', reject)
   })
+}
+
+/**
+ * `rawExchange` read as an answer: its status, its headers (names in lower case, a repeated one's
+ * lines joined with ", "), its body as UTF-8, and that body's JSON when it parses.
+ */
+export async function rawAnswer(port: number, text: string | Buffer): Promise<Answer> {
+  const out = await rawExchange(port, text)
+  const end = out.indexOf('\r\n\r\n')
+  const [statusLine = '', ...lines] = out.slice(0, end === -1 ? out.length : end).split('\r\n')
+  const headers: Record<string, string> = {}
+  for (const line of lines) {
+    const colon = line.indexOf(':')
+    const name = line.slice(0, colon).toLowerCase()
+    const value = line.slice(colon + 1).trim()
+    headers[name] = headers[name] === undefined ? value : `${headers[name]}, ${value}`
+  }
+  const body = end === -1 ? '' : Buffer.from(out.slice(end + 4), 'latin1').toString('utf8')
+  let json: unknown
+  try {
+    json = JSON.parse(body)
+  } catch {}
+  return { status: Number(statusLine.split(' ')[1]), headers, text: body, json }
 }
 
 /** One step of `converse`: once what was received satisfies `when`, `send` is written (null ends the connection). */
