@@ -6,6 +6,10 @@
 #   .ci/n8n.sh install            install when missing; prints the install folder
 #   .ci/n8n.sh run PORT FOLDER    run n8n in the foreground on 127.0.0.1:PORT with FOLDER as its
 #                                 user folder (empty, or a copy of the migrated template)
+#   .ci/n8n.sh tied PORT FOLDER   as run, until its standard input ends: then n8n is stopped
+#                                 (SIGTERM, SIGKILL 10 s later), and this ends when n8n does. The
+#                                 tests give it a pipe whose other end the kernel closes however
+#                                 the test process ends, killed included, so n8n never outlives it
 #   .ci/n8n.sh template           prints a user folder whose SQLite migrations are already done,
 #                                 making it on first use (copy it; never run n8n in it)
 #   .ci/n8n.sh start              start n8n on a free loopback port in the background from a copy of
@@ -79,6 +83,34 @@ run() { # port, user folder
     exec node "$bin" start
 }
 
+# n8n in the background, stopped once standard input ends (nothing is ever written to it: the
+# read sees the end when the process holding the other end closes it, or dies, SIGKILL included).
+# Before (found by a review), the tests stopped n8n from their teardown or an exit handler only,
+# neither of which runs when tap kills a test file at its timeout (SIGALRM, then SIGKILL): n8n was
+# left running, its parent PID 1.
+tied() { # port, user folder
+  install
+  exec 3<&0
+  bash "$0" run "$1" "$2" </dev/null 3<&- &
+  local n8n=$!
+  {
+    while read -r -u 3 _; do :; done
+    kill -TERM "$n8n" 2>/dev/null || exit 0
+    for _ in $(seq 100); do
+      kill -0 "$n8n" 2>/dev/null || exit 0
+      sleep 0.1
+    done
+    kill -KILL "$n8n" 2>/dev/null || true
+  } &
+  local watcher=$!
+  exec 3<&-
+  local status=0
+  wait "$n8n" || status=$?
+  # n8n ended on its own (a failed start): the watcher has nothing left to stop.
+  kill "$watcher" 2>/dev/null || true
+  exit "$status"
+}
+
 start_background() { # user folder; prints the port and pid lines
   local folder=$1 port pid
   port=$(free_port)
@@ -126,6 +158,7 @@ template() {
 case "${1:-}" in
   install) install; echo "$dir" ;;
   run) [ $# -eq 3 ] || { echo "usage: .ci/n8n.sh run PORT USER_FOLDER" >&2; exit 2; }; run "$2" "$3" ;;
+  tied) [ $# -eq 3 ] || { echo "usage: .ci/n8n.sh tied PORT USER_FOLDER" >&2; exit 2; }; tied "$2" "$3" ;;
   template) template ;;
   start)
     tpl=$(template)
@@ -152,5 +185,5 @@ case "${1:-}" in
       echo "n8n.sh: owner $N8N_EMAIL set up" >&2
     fi
     ;;
-  *) echo "usage: .ci/n8n.sh install | run PORT USER_FOLDER | template | start" >&2; exit 2 ;;
+  *) echo "usage: .ci/n8n.sh install | run PORT USER_FOLDER | tied PORT USER_FOLDER | template | start" >&2; exit 2 ;;
 esac

@@ -3,18 +3,20 @@
 // through the real CLI, drift, refused requests, a key created but not recorded, wrong
 // credentials, n8n stopped, and no secret in the store, the audit details or the logs.
 import t, { type Test } from 'tap'
-import { existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { createServer, type OutgoingHttpHeaders } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { request } from 'undici'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { recordId, secretHash } from '../core/integrations/track.ts'
 import { migrate } from '../core/migrate.ts'
 import { documented, startAdmin } from './helpers/admin.ts'
-import { capturedStderr, runCli, runCliHere } from './helpers/cli.ts'
+import { until } from './helpers/gateway.ts'
+import { capturedStderr, childEnv, runCli, runCliHere, spawnClean } from './helpers/cli.ts'
 import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
 import { ownerSession, startN8n } from './helpers/n8n.ts'
 import { forEachStore, freshDatabase, memoryDb, rejection } from './helpers/stores.ts'
@@ -425,6 +427,49 @@ t.test('n8n stopped: unreachable, from the service and the CLI', async (t) => {
   const r = await runCli(['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--json'], { cwd, env: { ...env(), KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), DATABASE_URL: undefined } })
   t.equal(r.code, 1)
   t.equal(r.json().error.code, 'n8n_unreachable')
+})
+
+/** The processes running with `folder` in their command line or environment: that n8n's, and what started and watches it. */
+function processesOf(folder: string): number[] {
+  const found: number[] = []
+  for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+    try {
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'latin1')
+      if (cmdline.includes(folder) || readFileSync(`/proc/${pid}/environ`, 'latin1').includes(`=${folder}\0`)) found.push(Number(pid))
+    } catch {
+      // Ended meanwhile, or another user's.
+    }
+  }
+  return found
+}
+
+// Before (found by a review), n8n was stopped by the teardown or a process exit handler only, and
+// tap's kill of a test file at its timeout (SIGALRM, then SIGKILL) runs neither: n8n was left
+// running, its parent PID 1, answering on its port.
+t.test('a test process killed before its teardown (as tap kills one at its timeout) leaves no n8n behind', async (t) => {
+  const held = spawnClean(process.execPath, [fileURLToPath(new URL('./fixtures/n8n-held.ts', import.meta.url))], { env: childEnv(), stdio: ['ignore', 'pipe', 'inherit'] })
+  let out = ''
+  const started = await new Promise<{ url: string; folder: string } | undefined>((resolve) => {
+    held.stdout!.setEncoding('utf8').on('data', (d: string) => {
+      out += d
+      const line = /^n8n: (.*)$/m.exec(out)
+      if (line) resolve(JSON.parse(line[1] as string))
+    })
+    held.once('exit', () => resolve(undefined))
+  })
+  t.teardown(() => {
+    held.kill('SIGKILL')
+    // What the kill left (before: n8n itself), ended here; and its folder, which no teardown removed.
+    if (started === undefined) return
+    for (const pid of processesOf(started.folder)) process.kill(pid, 'SIGKILL')
+    rmSync(started.folder, { recursive: true, force: true })
+  })
+  if (started === undefined) throw new Error(`the test process ended before n8n answered:\n${out.slice(-3000)}`)
+  t.ok(processesOf(started.folder).length > 0, 'n8n runs for the test process')
+  held.kill('SIGKILL')
+  await until(t, 'no process of that n8n is left', () => processesOf(started.folder).length === 0, 60_000)
+  t.notOk(existsSync(started.folder), 'nor its user folder')
+  t.match(await request(`${started.url}/rest/settings`).catch((err: Error & { code?: string }) => err), { code: 'ECONNREFUSED' }, 'nothing answers on its port')
 })
 
 t.test('no secret in any captured log or CLI output', async (t) => {

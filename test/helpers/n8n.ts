@@ -1,6 +1,7 @@
 // A real n8n 1.123.0 for the end-to-end suite, from .ci/n8n.sh: installed into the cache folder
 // when missing (minutes, once per machine), started on a free loopback port from a copy of the
-// migrated template user folder, its owner set up with a fresh password, stopped at teardown.
+// migrated template user folder, its owner set up with a fresh password, stopped at teardown,
+// or when the test process ends however it ends (`.ci/n8n.sh tied`).
 // n8n being absent is never a reason to skip: the install runs, or the suite fails saying why.
 import { execFile, type ChildProcess } from 'node:child_process'
 import { cpSync, mkdtempSync, rmSync, readFileSync } from 'node:fs'
@@ -17,6 +18,8 @@ const SCRIPT = fileURLToPath(new URL('../../.ci/n8n.sh', import.meta.url))
 
 export interface RunningN8n {
   url: string
+  /** n8n's user folder (N8N_USER_FOLDER), removed at teardown. */
+  folder: string
   email: string
   password: string
   /** Stops the process (the suite's "n8n stopped" cases); teardown does it otherwise. */
@@ -60,7 +63,14 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
   const port = await freePort()
   const url = `http://127.0.0.1:${port}`
   const logFile = join(folder, 'n8n.log')
-  const child = spawnClean('bash', ['-c', `exec bash "$0" run "$1" "$2" >"$3" 2>&1`, SCRIPT, String(port), folder, logFile], { env: childEnv(), stdio: 'ignore' })
+  // Its standard input is a pipe this process holds the other end of and never writes to: n8n is
+  // stopped once it ends, which the kernel does however this process ends. Before (found by a
+  // review), n8n was stopped by the teardown or an exit handler only, and tap's kill of a test
+  // file at its timeout (SIGALRM, then SIGKILL) ran neither: n8n was left running, its parent PID 1.
+  // The user folder (76 MB) is removed then too, when this process is gone; else by the teardown.
+  const run = `bash "$0" tied "$1" "$2" >"$3" 2>&1; status=$?; kill -0 "$PPID" 2>/dev/null || rm -rf "$2"; exit "$status"`
+  const child = spawnClean('bash', ['-c', run, SCRIPT, String(port), folder, logFile], { env: childEnv(), stdio: ['pipe', 'ignore', 'ignore'] })
+  child.stdin?.on('error', () => {})
   const log = () => {
     try {
       return readFileSync(logFile, 'utf8')
@@ -68,24 +78,17 @@ export async function startN8n(t: Test, options: { startTimeoutMs?: number } = {
       return ''
     }
   }
+  // The end of its input: SIGTERM, SIGKILL 10 s later, and it ends once n8n has.
   const stop = async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGTERM')
-      const killer = setTimeout(() => child.kill('SIGKILL'), 10_000)
-      await exited(child)
-      clearTimeout(killer)
-    }
+    child.stdin?.end()
+    await exited(child)
   }
-  // Should the suite die before its teardown runs, n8n must not outlive it.
-  const orphanGuard = () => child.kill('SIGKILL')
-  process.once('exit', orphanGuard)
   t.teardown(async () => {
     await stop()
-    process.removeListener('exit', orphanGuard)
     rmSync(folder, { recursive: true, force: true })
   })
   try {
-    return { url, ...(await ready(url, child, log, options.startTimeoutMs ?? 120_000)), stop, log }
+    return { url, folder, ...(await ready(url, child, log, options.startTimeoutMs ?? 120_000)), stop, log }
   } catch (err) {
     await stop()
     throw err
