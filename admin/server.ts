@@ -8,7 +8,8 @@ import type { Duplex } from 'node:stream'
 import { within } from '../core/deadline.ts'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
-import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, hasDotSegments, headersTimeoutOptions, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
+import { targetProblem, type RequestTarget } from '../core/target.ts'
+import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, headersTimeoutOptions, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 import { clipped } from '../core/validate.ts'
 
@@ -119,18 +120,23 @@ export function hostAllowed(host: string | undefined, allowed: ReadonlySet<strin
 }
 
 /**
- * What is wrong with a request target the URL parser would route as another path than the one
+ * What is wrong with a request target (its origin-form, checked as the gateway checks it before:
+ * core/target.ts) that the URL parser routing here would read as another path than the one
  * written, where a path filter in front of the listener would not see what is served: `//x/v1/keys`
- * (read as host `x` and path `/v1/keys`), dot segments (`/healthz/../v1/keys`, `/v1/./stats`, also
- * as `%2e`), which it resolves, and a backslash, which it reads as `/` (`/healthz\..\v1\stats`).
- * Refused as the gateway refuses them, rather than resolved.
+ * (read as host `x` and path `/v1/keys`), and a backslash, which it reads as `/` (`/v1\stats`).
+ * The gateway routes its own way and passes both on as they are; dot segments, which the parser
+ * resolves, are refused by both.
  */
-function targetProblem(target: string): string | undefined {
-  if (!target.startsWith('/') || target.startsWith('//')) return 'the request target must be a path (one leading slash)'
-  if (hasDotSegments(target)) return 'the request path has dot segments (. or .., also as %2e); send the path they stand for'
+function routingProblem(target: string): string | undefined {
+  if (target.startsWith('//')) return 'the request target must be a path (one leading slash)'
   const q = target.indexOf('?')
   if ((q === -1 ? target : target.slice(0, q)).includes('\\')) return 'the request path holds a backslash; send / between segments'
   return undefined
+}
+
+/** The 421 of a Host (or an absolute-form target's host, standing for a missing Host) this listener does not answer to. */
+function hostNotAllowed(res: http.ServerResponse, requestId: string, host: string | undefined): void {
+  sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(host === undefined ? undefined : clipped(host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
 }
 
 // joinDuplicateHeaders: a repeated header arrives joined with ", " (a repeated Cookie with "; ")
@@ -189,7 +195,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       return
     }
     if (!hostAllowed(req.headers.host, allowedHosts)) {
-      sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(req.headers.host === undefined ? undefined : clipped(req.headers.host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
+      hostNotAllowed(res, requestId, req.headers.host)
       return
     }
     // After the Host: a transfer coding other than chunked, or in an HTTP/1.0 request, and an
@@ -204,12 +210,25 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     // A refusal before any route reads the body (a bad target, no route, a wrong method) closes
     // the connection rather than read and drop a body of any size, unauthenticated, to keep it.
     const closing: http.OutgoingHttpHeaders = hasBody(req.headers) ? { connection: 'close' } : {}
-    const target = req.url ?? '/'
-    const problem = targetProblem(target)
+    // The request target, checked as the gateway checks it (core/target.ts): a fragment, dot
+    // segments, a percent-encoded control character, %u escape or bytes that are not UTF-8 in the
+    // path are refused, and an absolute-form target is taken as its origin-form, its host as Host
+    // in an HTTP/1.0 request without one (so checked against the allowed hosts). Before (found by
+    // a review), `/v1/keys#x` was served as `/v1/keys`, `/v1/keys/a%09b` read as the id "a\tb",
+    // `/v1/keys/%252e%252e` as "%2e%2e", and `GET http://127.0.0.1/v1/keys` refused, where RFC
+    // 9112 §3.2.2 has a server accept it and the gateway does.
+    const hadHost = req.headers.host !== undefined
+    const checked: RequestTarget = { target: req.url ?? '/', pathBytes: undefined, headers: req.headers }
+    const problem = targetProblem(checked) ?? routingProblem(checked.target)
     if (problem !== undefined) {
       sendError(res, 'bad_request', requestId, problem, undefined, closing)
       return
     }
+    if (!hadHost && req.headers.host !== undefined && !hostAllowed(req.headers.host, allowedHosts)) {
+      hostNotAllowed(res, requestId, req.headers.host)
+      return
+    }
+    const target = checked.target
     let url: URL
     try {
       url = new URL(target, 'http://admin.invalid')
@@ -223,6 +242,8 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       if (!m) continue
       pathMatched = true
       if (c.route.method !== req.method && !(req.method === 'HEAD' && c.route.method === 'GET')) continue
+      // (A NUL, which PostgreSQL text cannot hold, is a percent-encoded control character,
+      // refused with the target above.)
       const params: Record<string, string> = {}
       let bad = false
       c.names.forEach((n, i) => {
@@ -234,10 +255,6 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       })
       if (bad) {
         sendError(res, 'bad_request', requestId, 'the path is not validly encoded', undefined, closing)
-        return
-      }
-      if (Object.values(params).some((v) => v.includes('\u0000'))) {
-        sendError(res, 'bad_request', requestId, 'the path holds a NUL character', undefined, closing)
         return
       }
       // Before (found by a review), GET /healthz with `Content-Length: 2 GiB` was answered

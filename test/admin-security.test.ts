@@ -25,6 +25,21 @@ async function documented(t: Test, h: AdminHarness, op: (typeof OPERATIONS)[numb
   t.same((await servedValidator(h)).answerProblems(op, a.status, a.json), [], `${what}: the body ${a.status} documents in /openapi.json`)
 }
 
+/**
+ * Sends one raw request to the admin listener and to the gateway of `h` (`gateway: true`): the
+ * admin listener refuses it with `status` and `code`, saying why (`message`), with the headers of
+ * its every answer, and the gateway answers it alike, status, code and message. The admin answer.
+ */
+async function refusedAlike(t: Test, h: AdminHarness, what: string, request: string, status: number, code: string, message: RegExp): Promise<Answer> {
+  const admin = await rawAnswer(h.port, request)
+  t.equal(admin.status, status, `${what}: ${status}`)
+  t.match(admin.json, { error: { code, message, request_id: String } }, `${what}: ${code}, saying why`)
+  t.equal(admin.headers['x-keygate-admin'], '1', `${what}: with the headers of every answer`)
+  const gateway = await rawAnswer(h.gateway!.port, request)
+  t.same([gateway.status, gateway.json?.error?.code, gateway.json?.error?.message], [admin.status, code, admin.json?.error?.message], `${what}: as the gateway answers it`)
+  return admin
+}
+
 function refused(t: Test, a: Answer, status: number, code: string, what: string): void {
   t.equal(a.status, status, `${what}: status`)
   t.equal(a.json?.error?.code, code, `${what}: code`)
@@ -258,13 +273,8 @@ t.test('the request head is checked as the gateway checks it: HTTP version, tran
     ['a Host that is no host', `GET /v1/keys HTTP/1.1\r\nHost: [::1]x\r\n${auth}${close}\r\n`, 400, 'bad_request', /Host is not a valid host name or address/],
     ['a Host with a path', `GET /v1/keys HTTP/1.1\r\nHost: 127.0.0.1/x\r\n${auth}${close}\r\n`, 400, 'bad_request', /Host is not a valid host name or address/],
   ] as const) {
-    const admin = await rawAnswer(h.port, request)
-    t.equal(admin.status, status, `${what}: ${status}`)
-    t.match(admin.json, { error: { code, message, request_id: String } }, `${what}: ${code}, saying why`)
+    const admin = await refusedAlike(t, h, what, request, status, code, message)
     t.equal(admin.headers.connection, 'close', `${what}: the connection closes`)
-    t.equal(admin.headers['x-keygate-admin'], '1', `${what}: with the headers of every answer`)
-    const gateway = await rawAnswer(gatewayPort, request)
-    t.same([gateway.status, gateway.json?.error?.code, gateway.json?.error?.message], [admin.status, code, admin.json?.error?.message], `${what}: as the gateway answers it`)
   }
   t.equal(await h.auditRows(), before, 'no key made')
   // What Node's parser refuses itself is refused alike by both.
@@ -287,6 +297,116 @@ t.test('the request head is checked as the gateway checks it: HTTP version, tran
   for (const code of ['version_not_supported', 'transfer_coding_not_supported', 'expectation_failed', 'bad_request'] as const) {
     t.ok(OPERATIONS.every((op) => operationErrors(op).includes(code)), `every operation documents ${code}`)
   }
+})
+
+t.test('the request target is checked as the gateway checks it (found by a review)', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { gateway: true })
+  const upstream = h.gateway!.upstream
+  // The admin key is a key the gateway takes too: what passes its checks is forwarded upstream.
+  const get = (target: string, host = 'Host: 127.0.0.1\r\n', version = '1.1') => `GET ${target} HTTP/${version}\r\n${host}Authorization: Bearer ${h.adminKey}\r\nConnection: close\r\n\r\n`
+  const keys = (await h.call('GET', '/v1/keys')).json
+
+  t.test('a fragment is 400', async (t) => {
+    // Before, the admin listener served `/v1/keys#x` as `/v1/keys` (its URL parser dropped the fragment).
+    for (const target of ['/v1/keys#x', '/v1/keys?limit=1#x', '/v1/keys/#', '/healthz#x']) {
+      await refusedAlike(t, h, target, get(target), 400, 'bad_request', /^The request target has a fragment \(#\)\.$/)
+    }
+  })
+
+  t.test('a percent-encoded control character in the path is 400', async (t) => {
+    // Before, the admin listener decoded `/v1/keys/a%09b` into the id "a\tb" (404 key_not_found)
+    // and refused only a NUL, saying so in its own words.
+    for (const target of ['/v1/keys/a%09b', '/v1/keys/a%0d%0ab', '/v1/keys/%7F', '/v1/keys/a%2509b', '/v1/keys/%00', '/v1/stats%09']) {
+      await refusedAlike(t, h, target, get(target), 400, 'bad_request', /^The request path has a percent-encoded control character\.$/)
+    }
+  })
+
+  t.test('an absolute-form target is taken as its origin-form, its host checked against Host', async (t) => {
+    // Before, the admin listener refused every one 400, "the request target must be a path"
+    // (RFC 9112 §3.2.2: a server MUST accept the absolute form).
+    for (const [target, path] of [
+      ['http://127.0.0.1/v1/keys', '/v1/keys'],
+      ['HTTP://127.0.0.1:80/v1/keys?limit=50', '/v1/keys?limit=50'],
+      ['https://127.0.0.1:443/v1/keys', '/v1/keys'],
+    ] as const) {
+      const admin = await rawAnswer(h.port, get(target))
+      t.equal(admin.status, 200, `${target}: 200`)
+      t.same(admin.json, keys, `${target}: answered as ${path}`)
+      const before = upstream.received.length
+      t.equal((await rawAnswer(h.gateway!.port, get(target))).status, 200, `${target}: taken by the gateway too`)
+      t.equal(upstream.received[before]?.url, path, `${target}: forwarded as ${path}`)
+    }
+    t.equal((await rawAnswer(h.port, get('http://127.0.0.1'))).json?.error?.message, 'no admin route /', 'an empty path is /')
+    // An HTTP/1.0 request without Host has its target's host as Host.
+    t.same((await rawAnswer(h.port, get('http://127.0.0.1/v1/keys', '', '1.0'))).json, keys, 'HTTP/1.0 without Host: answered')
+    for (const [what, request, message] of [
+      ['another host than Host', get('http://evil.example/v1/keys'), /^An absolute request target must name the same host as Host\.$/],
+      ['another port than Host', get(`http://127.0.0.1:${h.port}/v1/keys`), /^An absolute request target must name the same host as Host\.$/],
+      ['user information', get('http://user@127.0.0.1/v1/keys'), /must not carry user information/],
+      ['a scheme other than http(s)', get('ftp://127.0.0.1/v1/keys'), /^The request target is not valid\.$/],
+      ['HTTP/1.0 without Host, a target host that is no host', get('http://a,b/v1/keys', '', '1.0'), /^The request target's host is not a valid host name or address\.$/],
+    ] as const) {
+      await refusedAlike(t, h, what, request, 400, 'bad_request', message)
+    }
+    // The admin listener's own rules hold for the host and path an absolute-form target names:
+    // a host it does not answer to (in an HTTP/1.0 request without Host, where Host is not
+    // checked first) is 421, and two leading slashes 400.
+    const misdirected = await rawAnswer(h.port, get('http://evil.example/v1/keys', '', '1.0'))
+    t.match([misdirected.status, misdirected.json?.error?.code, misdirected.json?.error?.message], [421, 'host_not_allowed', /does not answer to Host "evil\.example"/], 'HTTP/1.0 without Host, a host not allowed: 421')
+    const twoSlashes = await rawAnswer(h.port, get('http://127.0.0.1//x/v1/keys'))
+    t.match([twoSlashes.status, twoSlashes.json?.error?.code], [400, 'bad_request'], 'two leading slashes after the authority: 400')
+  })
+
+  t.test('asterisk-form, and a target that is neither a path nor absolute, are 400', async (t) => {
+    // Before, the admin listener refused them in its own words ("must be a path (one leading slash)").
+    for (const [what, request] of [
+      ['OPTIONS *', `OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n`],
+      ['GET *', get('*')],
+      ['a ws: URL', get('ws://127.0.0.1/v1/keys')],
+    ] as const) {
+      await refusedAlike(t, h, what, request, 400, 'bad_request', /^The request target is not valid\.$/)
+    }
+  })
+
+  t.test('dot segments are 400, also percent-encoded more than once or in fullwidth full stops', async (t) => {
+    // Before, the admin listener refused those encoded once in its own words, and read the others
+    // as ids (`/v1/keys/%252e%252e` as "%2e%2e", 404 key_not_found).
+    for (const [target, message] of [
+      ['/v1/x/../keys', /^The request path has dot segments\.$/],
+      ['/healthz/%2e%2e/v1/stats', /^The request path has dot segments\.$/],
+      ['/v1/./stats', /^The request path has dot segments\.$/],
+      ['/v1/keys/%252e%252e', /^The request path has dot segments \(percent-encoded more than once\)\.$/],
+      ['/v1/keys/%EF%BC%8E%EF%BC%8E', /^The request path has dot segments \(in a compatibility form/],
+    ] as const) {
+      await refusedAlike(t, h, target, get(target), 400, 'bad_request', message)
+    }
+  })
+
+  t.test('a %u escape, and percent-encoded bytes that are not UTF-8, are 400', async (t) => {
+    // Before, the admin listener said of those in a path parameter "the path is not validly
+    // encoded", and answered a path without one 404.
+    for (const [target, message] of [
+      ['/v1/keys/%u0061', /has a %u escape/],
+      ['/v1/keys/%C0%AE', /not UTF-8 \(or an overlong form\)/],
+      ['/v1/keys/%E9', /not UTF-8/],
+      ['/v1/stats%FF', /not UTF-8/],
+    ] as const) {
+      await refusedAlike(t, h, target, get(target), 400, 'bad_request', message)
+    }
+  })
+
+  t.test('what was answered alike still is: authority-form CONNECT, an encoded slash, an overlong target', async (t) => {
+    await refusedAlike(t, h, 'CONNECT', `CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n`, 405, 'method_not_allowed', /./)
+    const long = `/v1/keys/${'a'.repeat(17_000)}`
+    await refusedAlike(t, h, 'a target past the header limit', get(long), 431, 'headers_too_large', /./)
+    // An encoded slash is a path like another to both: the id "a/b" here, forwarded as sent there.
+    const slash = await rawAnswer(h.port, get('/v1/keys/a%2Fb'))
+    t.match([slash.status, slash.json?.error?.code, slash.json?.error?.message], [404, 'key_not_found', /"a\/b"/], '%2F in an id: an id like another')
+    const before = upstream.received.length
+    t.equal((await rawAnswer(h.gateway!.port, get('/v1/keys/a%2Fb'))).status, 200, '%2F: taken by the gateway')
+    t.equal(upstream.received[before]?.url, '/v1/keys/a%2Fb', '%2F: forwarded as sent')
+  })
 })
 
 t.test('DNS rebinding: the admin listener answers only to IP addresses, localhost and admin.allowed_hosts', async (t) => {
