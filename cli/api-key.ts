@@ -4,7 +4,7 @@ import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
 import { decodeUtf8, readAtMost } from '../core/read-bounded.ts'
-import { characterCount, escapeUnprintable, firstCharacters, firstProblems, jsonFaultAt, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
+import { escapeUnprintable, firstCharacters, firstProblems, jsonFault, type JsonFault, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { scrub } from '../core/log.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
@@ -211,9 +211,9 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
       // Located in the file as it is (the parser's line is of the text trimmed), with a piece of
       // its line: before (found by a review), an unexpected character was told by the parser's
       // words alone, some ten characters either side of it and no line, in a file of thousands.
-      const at = jsonFaultAt(trimmed)
-      if (at === undefined) throw new KeygateError('import_invalid', `the import file is not valid JSON: ${(err as Error).message}`)
-      const problem = notJsonAt(text, text.length - text.trimStart().length + at, (err as Error).message)
+      const fault = jsonFault(text, (err as Error).message, text.length - text.trimStart().length)
+      if (fault.at === undefined) throw new KeygateError('import_invalid', `the import file is not valid JSON: ${fault.why}`)
+      const problem = notJsonAt(text, fault.at, fault.why)
       throw new KeygateError('import_invalid', `nothing imported:\n  ${problem}`, { problems: [problem] })
     }
     // `[3].metadata.x: ...` of the array is row 4's `metadata.x`.
@@ -233,9 +233,9 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
       // Where the parser stopped, not its message, which may quote the line (a key_hash, say).
       // Before (found by a review), such a line was said to be "not a JSON object", which an
       // object with a missing quote or comma is to the eye, and the reader was left to find why.
-      // (JSON.parse names no position for an unexpected character: jsonFaultAt finds it.)
-      const at = jsonFaultAt(line)
-      problems.push(`line ${i + 1}: is not valid JSON${at === undefined ? '' : ` (at column ${characterCount(line.slice(0, at)) + 1})`}`)
+      // (JSON.parse names no position for an unexpected character: jsonFault finds it.)
+      const { at } = jsonFault(line, (err as Error).message)
+      problems.push(`line ${i + 1}: is not valid JSON${at === undefined ? '' : ` (at column ${at.column})`}`)
       return
     }
     const changed = silentChange(line, row)
@@ -254,19 +254,18 @@ export function parseImport(text: string): { rows: unknown[]; lines?: number[] }
 const EXCERPT_SIDE = 24
 
 /**
- * The problem of a JSON array file that stops being JSON at `offset` of `text`: its line and
- * column (in characters), why (the parser's words, without the text they quote), and that piece
- * of its line. The piece is widened to whole words first, so that a key_hash it touches is whole
- * and hidden as every message hides one.
+ * The problem of a JSON array file `text` that stops being JSON `at` (jsonFault): its line and
+ * column, why (the parser's words, without the text they quote), and a piece of that line. The
+ * piece is widened to whole words first, so that a key_hash it touches is whole and hidden as
+ * every message hides one.
  */
-function notJsonAt(text: string, offset: number, parserMessage: string): string {
-  const start = text.lastIndexOf('\n', offset - 1) + 1
-  const lineEnd = text.indexOf('\n', offset)
-  const line = text.slice(start, lineEnd < 0 ? text.length : lineEnd).replace(/\r$/, '')
-  const at = offset - start
+function notJsonAt(text: string, at: NonNullable<JsonFault['at']>, why: string): string {
+  const lineEnd = text.indexOf('\n', at.offset)
+  const line = text.slice(at.lineStart, lineEnd < 0 ? text.length : lineEnd).replace(/\r$/, '')
+  const within = at.offset - at.lineStart
   const word = /[0-9A-Za-z_-]/
-  let from = Math.max(0, at - EXCERPT_SIDE)
-  let to = Math.min(line.length, at + EXCERPT_SIDE)
+  let from = Math.max(0, within - EXCERPT_SIDE)
+  let to = Math.min(line.length, within + EXCERPT_SIDE)
   for (let n = 0; n < 64 && from > 0 && word.test(line[from - 1] as string); n++) from--
   for (let n = 0; n < 64 && to < line.length && word.test(line[to] as string); n++) to++
   // Nor half an emoji (a surrogate pair cut in two).
@@ -274,10 +273,7 @@ function notJsonAt(text: string, offset: number, parserMessage: string): string 
   if (to > 0 && to < line.length && /[\ud800-\udbff]/.test(line[to - 1] as string)) to++
   const piece = escapeUnprintable(scrub(line.slice(from, to)))
   const shown = `${from > 0 ? `...${piece}` : piece.trimStart()}${to < line.length ? '...' : ''}`
-  // "Unexpected token 'x', ..."the text"... is not valid JSON": the text is shown here, with the rest.
-  const why = parserMessage.replace(/(?: in JSON)? at position \d+[^]*$/, '').replace(/, (?:\.\.\.)?"[^]*$/, '')
-  const lineNumber = text.slice(0, start).split('\n').length
-  return `line ${lineNumber}: is not valid JSON (at column ${characterCount(line.slice(0, at)) + 1}: ${escapeUnprintable(why)}): ${shown}`
+  return `line ${at.line}: is not valid JSON (at column ${at.column}: ${escapeUnprintable(why)}): ${shown}`
 }
 
 /** `err` with each `row N` of its message followed by the file line it came from, where blank lines make the two differ. */

@@ -7,7 +7,7 @@
 import t from 'tap'
 import net from 'node:net'
 import { gzipSync } from 'node:zlib'
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import { startAdmin } from './helpers/admin.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 import { openDb } from '../core/db.ts'
@@ -576,6 +576,52 @@ await forEachStore(t, async (t, store) => {
   const outcome = await Promise.race([ended, new Promise((r) => setTimeout(() => r('still open after 2 s'), 2000).unref())])
   s.close()
   t.equal(outcome, 'ended', 'the stream of a revoked admin key ends')
+})
+
+t.test('a body that is not JSON is named by the line and column where it stops being JSON and why, quoting none of it (found by a review)', async (t) => {
+  // Before: the parser's message, which names no position for an unexpected character and quotes
+  // some ten characters of the body either side of it: a piece of the key sent to be validated,
+  // of a Gitea token to verify, of an import row's key_hash.
+  const { db } = await openStore(t, 'embedded')
+  const logged: string[] = []
+  const h = await startAdmin(t, db, { log: createLogger({ level: 'debug', write: (line) => void logged.push(line) }) })
+  const made = await h.call('POST', '/v1/keys', { body: { name: 'to validate', type: 'service' } })
+  const key = made.json.key as string
+  const token = randomBytes(20).toString('hex')
+  const hash = createHash('sha256').update(randomUUID()).digest('hex')
+  const legacy = `sk_live_${randomBytes(24).toString('base64url')}`
+  const at = (body: string, i: number) => {
+    const before = body.slice(0, i).split('\n')
+    return `at line ${before.length}, column ${[...(before.at(-1) as string)].length + 1}`
+  }
+  for (const [what, path, body, where, why, secret] of [
+    // Unexpected characters, where the parser quoted the text and named no position.
+    ['JavaScript undefined after the key', '/v1/keys/validate', `{"key":"${key}","x":undefined}`, (b: string) => b.indexOf('undefined'), 'Unexpected token', key],
+    ['a trailing comma after the key, in a list', '/v1/keys/validate', `["${key}",]`, (b: string) => b.length - 1, 'Unexpected token', key],
+    ['the key unquoted', '/v1/keys/validate', `{"key": ${key}}`, (b: string) => b.indexOf(key), 'Unexpected token', key],
+    ["a legacy key in single quotes", '/v1/keys/validate', `{"key": '${legacy}'}`, (b: string) => b.indexOf("'"), 'Unexpected token', legacy],
+    ['Python None, three lines down', '/v1/keys/validate', `{\n  "key": "${key}",\n  "address": None\n}`, (b: string) => b.indexOf('None'), 'Unexpected token', key],
+    ['a Gitea token unquoted', '/v1/gitea/tokens/verify', `{"secret": z${token}}`, (b: string) => b.indexOf('z'), 'Unexpected token', token],
+    ['a trailing comma after a row ending in its key_hash', '/v1/keys/import', `{"rows":[{"name":"legacy","type":"service","key_hash":"${hash}"},]}`, (b: string) => b.indexOf(']'), 'Unexpected token', hash],
+    ['undefined alone', '/v1/keys/validate', 'undefined', () => 0, 'Unexpected token', 'undefined'],
+    // The end of the text, a bad escape, a control character: each in the parser's words.
+    ['the body cut short in a literal', '/v1/keys/validate', `{"key":"${key}","address":nul`, (b: string) => b.length, 'Unexpected end of JSON input', key],
+    ['a bad escape inside the key', '/v1/keys/validate', `{"key":"${key.slice(0, 20)}\\q${key.slice(20)}"}`, (b: string) => b.indexOf('\\') + 1, 'Bad escaped character', key],
+    ['a line break inside a long key', '/v1/keys/validate', `{"key":"${legacy.slice(0, 20)}\n${legacy.slice(20)}"}`, (b: string) => b.indexOf('\n'), 'Bad control character in string literal', legacy],
+    ['a character of two UTF-16 units before the fault', '/v1/keys/validate', `{"key":"\u{1F511}${key}" x}`, (b: string) => b.indexOf(' x') + 1, "Expected ',' or '}' after property value", key],
+  ] as const) {
+    const a = await h.call('POST', path, { raw: body, headers: json })
+    t.equal(a.status, 400, `${what}: 400`)
+    t.equal(a.json?.error?.code, 'bad_request', `${what}: bad_request`)
+    const message = `the body is not valid JSON (${at(body, where(body))}: ${why})`
+    t.equal(a.json?.error?.message, message, `${what}: where and why`)
+    // Any four characters of the secret (the parser quoted as few as four), but those its words
+    // happen to hold.
+    const shown = a.text.replace(a.json?.error?.request_id, '')
+    const pieces = Array.from({ length: secret.length - 3 }, (_, i) => secret.slice(i, i + 4)).filter((p) => !message.includes(p))
+    t.notOk(pieces.some((p) => shown.includes(p)), `${what}: no piece of the secret in the answer`)
+  }
+  t.notOk(logged.some((line) => line.includes('not valid JSON')), 'nor in the log')
 })
 
 t.test('PostgreSQL out of reach: 503 store_unavailable, not 500, and the API answers again once it is back', async (t) => {
