@@ -391,6 +391,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     usage: 'keygate api-key update ID [--name N] [--scopes a,b|none] [--owner O|""] [--metadata JSON] [--cidrs CIDR,...|any] [--rate-limit N/1s|default] [--expires-in 30d | --expires-at TIME|never] [--rotate-every 90d|never] [--json]',
     options: KEY_FIELDS,
     positionals: { min: 1, max: 1 },
+    changesStored: true,
     prepare(p) {
       const body = keyBody(p)
       if (Object.keys(body).length === 0) throw new UsageError('nothing to change: give at least one of --name, --scopes, --owner, --metadata, --cidrs, --rate-limit, --expires-in, --expires-at, --rotate-every')
@@ -435,6 +436,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     usage: 'keygate api-key revoke ID [--reason TEXT] [--json]',
     options: { reason: { type: 'string' } },
     positionals: { min: 1, max: 1 },
+    changesStored: true,
     prepare(p) {
       const reason = str(p, 'reason')
       if (reason !== undefined) checkFlags(RevokeBody, { reason })
@@ -453,6 +455,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     usage: 'keygate api-key rotate ID [--force] [--json]',
     options: { force: { type: 'boolean' } },
     positionals: { min: 1, max: 1 },
+    changesStored: true,
     prepare(p) {
       return async (ctx) => {
         const { key, record, previous } = await ctx.ops.rotate(p.positionals[0] as string, p.values.force === true)

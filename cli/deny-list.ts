@@ -133,6 +133,7 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
     usage: 'keygate deny-list remove ID|CIDR [--json]',
     options: {},
     positionals: { min: 1, max: 1 },
+    changesStored: true,
     prepare(p) {
       const given = p.positionals[0] as string
       // An id is base62 (no . or :); an address or range names the entry listed for it.

@@ -106,6 +106,8 @@ export interface Command<C> {
   positionals: { min: number; max: number }
   /** Changes nothing: on the embedded store, a data folder that holds none is refused, not made a new empty store. */
   readOnly?: boolean
+  /** Changes a key or an entry a store holds already: on the embedded store, a data folder that holds none is refused, as a new store would hold nothing to change. */
+  changesStored?: boolean
   /** Checks the command line (usage errors before any store is opened) and returns the action. */
   prepare(p: Parsed): (ctx: C) => Promise<number>
 }

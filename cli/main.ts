@@ -113,6 +113,8 @@ const NOT_FOR_CONFIG = 'the config commands do not use them: they open no store 
 /** Why a command that only reads refuses a data folder without a store, and what makes one. */
 const NO_STORE_HINT =
   'this command only reads, and makes no store; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with `keygate migrate`, `keygate serve` or a command that changes something (api-key create or import)'
+const NO_STORE_TO_CHANGE_HINT =
+  'this command changes what a store holds already (a new store would hold nothing to change), and makes no store; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder)'
 
 /**
  * Runs one subcommand of a group: help, usage checks (before anything is opened), then the
@@ -155,7 +157,7 @@ export async function runGroup<C>(
   if (typeof open === 'string') throw new KeygateError('config_invalid', open)
   const log = cliLogger(io, config)
   const { runLocal } = await import('./local.ts')
-  return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
+  return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
 }
 
 /**

@@ -2,7 +2,7 @@
 // store touched), and input no store can hold (metadata nested too deep, lone surrogates, a
 // legacy key pasted as its hash, unprintable revoke reasons), refused by name; values stored
 // before those rules are printed escaped. An import's problems are told all in one answer.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -562,28 +562,55 @@ t.test("a remote service's or admin API's message reaches the terminal with its 
   escaped('gitea verify', verified.stderr)
 })
 
-t.test('a command that only reads refuses a data folder without a store, and makes none', async (t) => {
-  // Before (found by a review): openDb made the folder and a new empty store for every command, so
-  // `api-key validate KEY --data-dir /tmp/typo-dir` answered key_invalid from a store it had just
-  // made (pgdata and encryption.key left behind), and `api-key list` and `stats` showed 0 keys, exit 0.
+/**
+ * Folders without a store for a command that must not make one: a mistyped one (`typo`, not made),
+ * an empty one (`empty`, left empty), and the working folder's ./.keygate. `refused` checks an
+ * answer is `store_unavailable` naming the folder, then `hint`.
+ */
+function withoutStore(t: Test, hint: string) {
   const cwd = tempDir()
   const typo = join(cwd, 'typo-dir')
   const empty = join(cwd, 'empty')
   mkdirSync(empty)
   const refused = (r: CliResult, dir: string, what: string) => {
     t.equal(r.code, 1, `${what}: exit 1`)
-    t.match(r.json().error, { code: 'store_unavailable', message: `no embedded store in ${dir}: this command only reads, and makes no store; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with \`keygate migrate\`` }, `${what}: names the folder and what makes a store`)
+    t.match(r.json().error, { code: 'store_unavailable', message: `no embedded store in ${dir}: ${hint}` }, `${what}: names the folder and what to do`)
   }
-  const env = isolated({ KEYGATE_DATA_DIR: undefined })
+  const made = () => {
+    t.notOk(existsSync(typo), 'the mistyped folder is not made')
+    t.notOk(existsSync(join(cwd, '.keygate')), 'nor ./.keygate')
+    t.same(readdirSync(empty), [], 'and an empty folder stays empty')
+  }
+  return { cwd, typo, empty, refused, made, env: isolated({ KEYGATE_DATA_DIR: undefined }) }
+}
+
+const CHECK_THE_FOLDER = 'check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder)'
+
+t.test('a command that only reads refuses a data folder without a store, and makes none', async (t) => {
+  // Before (found by a review): openDb made the folder and a new empty store for every command, so
+  // `api-key validate KEY --data-dir /tmp/typo-dir` answered key_invalid from a store it had just
+  // made (pgdata and encryption.key left behind), and `api-key list` and `stats` showed 0 keys, exit 0.
+  const { cwd, typo, empty, refused, made, env } = withoutStore(t, `this command only reads, and makes no store; ${CHECK_THE_FOLDER}, or make the store there with \`keygate migrate\``)
   // The real process for a few; the rest through the command line's entry in this process.
   refused(await runCli(['api-key', 'validate', 'kg_x', '--data-dir', typo, '--json'], { cwd, env }), typo, 'validate')
   refused(await runCli(['api-key', 'list', '--json'], { cwd, env }), join(cwd, '.keygate'), 'list in a working folder without ./.keygate')
   for (const args of [['api-key', 'list'], ['api-key', 'get', 'abcdefghijkl'], ['api-key', 'stats'], ['gitea', 'list'], ['gitea', 'verify', 'token'], ['n8n', 'list'], ['n8n', 'verify', 'key']]) {
     refused(await runCliHere([...args, '--data-dir', empty, '--json'], { env: { ...env, GITEA_URL: 'http://127.0.0.1:1', GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1', N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' } }), empty, args.join(' '))
   }
-  t.notOk(existsSync(typo), 'the mistyped folder is not made')
-  t.notOk(existsSync(join(cwd, '.keygate')), 'nor ./.keygate')
-  t.same(readdirSync(empty), [], 'and an empty folder stays empty')
+  made()
+})
+
+t.test('a command that changes a stored key or entry refuses a data folder without a store, and makes none', async (t) => {
+  // Before (found by a docs review): `api-key revoke ID --data-dir /tmp/typo-dir` made a new,
+  // empty store there (pgdata and encryption.key) and answered that no key has the id, as did
+  // rotate, update and `deny-list remove`: an operator revoking a leaked key read that the id was
+  // wrong, and the stray store then answered the read-only commands with 0 keys.
+  const { cwd, typo, empty, refused, made, env } = withoutStore(t, `this command changes what a store holds already (a new store would hold nothing to change), and makes no store; ${CHECK_THE_FOLDER}`)
+  refused(await runCli(['api-key', 'revoke', 'abcdefghijkl', '--data-dir', typo, '--json'], { cwd, env }), typo, 'revoke')
+  for (const args of [['api-key', 'revoke', 'abcdefghijkl'], ['api-key', 'rotate', 'abcdefghijkl'], ['api-key', 'update', 'abcdefghijkl', '--name', 'x'], ['deny-list', 'remove', '10.0.0.0/8']]) {
+    refused(await runCliHere([...args, '--data-dir', empty, '--json'], { env }), empty, args.join(' '))
+  }
+  made()
 })
 
 t.test("an admin API's answer of the wrong shape is said as such", async (t) => {
