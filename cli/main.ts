@@ -94,11 +94,13 @@ function runIntegrationGroup<S>(
   )
 }
 
+/** `cli:<user>`; for a uid no user is named by (a container's runAsUser), `cli:<uid>`, as ls and ps show it. */
 export function actorName(): string {
   try {
     return `cli:${userInfo().username}`
   } catch {
-    return 'cli'
+    const uid = process.getuid?.()
+    return uid === undefined ? 'cli' : `cli:${uid}`
   }
 }
 

@@ -19,7 +19,7 @@ import type { Logger } from './log.ts'
 import { mapInSlices } from './slices.ts'
 
 export interface Actor {
-  /** Admin key id, `token` for the bootstrap token, `cli:<user>`, or `system`. */
+  /** Admin key id, `token` for the bootstrap token, `cli:<user>` (`cli:<uid>` for a uid without a name), or `system`. */
   actor: string
   address?: string | null | undefined
 }

@@ -127,6 +127,27 @@ t.test('a folder open to every user (an emptyDir) is refused with the advice to 
   t.equal(statSync(join(volume, 'keygate')).uid, NOBODY, "the folder inside is made as the user's own")
 })
 
+// A uid no user is named by, as a container's runAsUser (deploy/kubernetes/sidecar.yaml's 10001).
+const NAMELESS = [10001, 10002, 10003, 20001, 30001].find((uid) => spawnSync('getent', ['passwd', String(uid)]).status === 2) ?? 10001
+const nameless = asNobody(t, NAMELESS)
+
+t.test('a command run under a uid that names no user (a container\'s runAsUser) is audited as cli:<uid>', { skip: typeof nameless === 'string' ? nameless : false }, async (t) => {
+  // Before (found by a docs review): os.userInfo() throws for such a uid, and the actor was `cli`
+  // alone, where README promises `cli:<user>`: every change made with the CLI in the Kubernetes
+  // sidecar's pod was audited as no one in particular.
+  if (typeof nameless === 'string') return
+  const dir = tempDir(t)
+  chmodSync(dir, 0o755)
+  const volume = join(dir, 'volume')
+  mkdirSync(volume)
+  chownSync(volume, NAMELESS, NAMELESS)
+  const made = await nameless.run(['api-key', 'create', '--type', 'user', '--name', 'pod', '--json'], embeddedEnv(volume))
+  t.equal(made.code, 0, made.stderr)
+  const trail = await nameless.run(['api-key', 'audit', made.json().id, '--json'], embeddedEnv(volume))
+  t.equal(trail.code, 0, trail.stderr)
+  t.equal(trail.json().items[0]?.actor, `cli:${NAMELESS}`, 'the actor names the uid, as ls and ps do for a uid without a name')
+})
+
 t.test("a file of another user inside the store (left by an older keygate run as root): its user's command names it", { skip: AS_NOBODY }, async (t) => {
   if (typeof nobody === 'string') return
   const dir = tempDir(t)

@@ -1,5 +1,6 @@
-// Runs the real `keygate` command as user nobody (uid 65534), for what only another user than
-// root sees: a folder it may not read. Needs a test process running as root, and setpriv.
+// Runs the real `keygate` command as user nobody (uid 65534), or another uid, for what only another
+// user than root sees: a folder it may not read, a uid without a name. Needs a test process running
+// as root, and setpriv.
 import { spawnSync } from 'node:child_process'
 import { chmodSync, copyFileSync, linkSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -9,19 +10,20 @@ import { childEnv, KEYGATE_BIN, outcome, spawnClean, type CliResult } from './cl
 
 export const NOBODY = 65534
 
-const AS_NOBODY = ['--reuid=65534', '--regid=65534', '--clear-groups']
+const as = (uid: number) => [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups']
 
 export interface AsNobody {
-  /** Runs `keygate args` as nobody, in a folder of its own, with `env` added to the test's environment. */
+  /** Runs `keygate args` as nobody (or the uid given), in a folder of its own, with `env` added to the test's environment. */
   run(args: string[], env?: Record<string, string | undefined>): Promise<CliResult>
 }
 
 /**
- * A way to run keygate as nobody, or why there is none here (for `t.skip`). Node's binary is
+ * A way to run keygate as nobody (or as `uid`, which need not name a user: a container's
+ * runAsUser), or why there is none here (for `t.skip`). Node's binary is
  * linked (or copied) into a folder nobody can reach: the one running the tests may be under
  * root's home, closed to other users.
  */
-export function asNobody(t: Pick<Test, 'teardown'>): AsNobody | string {
+export function asNobody(t: Pick<Test, 'teardown'>, uid = NOBODY): AsNobody | string {
   if (process.getuid?.() !== 0) return 'the tests do not run as root'
   if (spawnSync('setpriv', ['--version']).status !== 0) return 'setpriv is not installed'
   const home = mkdtempSync(join(tmpdir(), 'keygate-nobody-'))
@@ -33,12 +35,12 @@ export function asNobody(t: Pick<Test, 'teardown'>): AsNobody | string {
   } catch {
     copyFileSync(process.execPath, node)
   }
-  const reach = spawnSync('setpriv', [...AS_NOBODY, node, '-e', 'require("fs").accessSync(process.argv[1])', KEYGATE_BIN], { cwd: home })
-  if (reach.status !== 0) return `user nobody cannot read ${KEYGATE_BIN}`
+  const reach = spawnSync('setpriv', [...as(uid), node, '-e', 'require("fs").accessSync(process.argv[1])', KEYGATE_BIN], { cwd: home })
+  if (reach.status !== 0) return `uid ${uid} cannot read ${KEYGATE_BIN}`
   return {
     run: (args, env = {}) =>
       outcome(
-        spawnClean('setpriv', [...AS_NOBODY, node, KEYGATE_BIN, ...args], {
+        spawnClean('setpriv', [...as(uid), node, KEYGATE_BIN, ...args], {
           env: childEnv({ HOME: home, NODE_DISABLE_COMPILE_CACHE: '1', ...env }),
           cwd: home,
           stdio: ['ignore', 'pipe', 'pipe'],
