@@ -88,7 +88,7 @@ export const AuditSchema = Type.Object({
   id: Type.String(),
   key_id: Nullable(Type.String(), 'The key, Gitea token or n8n key record the action concerns; null for one about none (a deny list change).'),
   action: Type.String({ description: AUDIT_ACTIONS }),
-  actor: Type.String({ description: '`key:<id>` for an admin key, `token` for the bootstrap token, `cli:<user>`, or `system`.' }),
+  actor: Type.String({ description: '`key:<id>` for an admin key, `token` for the bootstrap token, `cli:<user>` (`cli:<uid>` for a uid no user is named by), or `system`.' }),
   address: Nullable(Type.String()),
   details: Nullable(Type.Record(Type.String(), Type.Unknown()), 'What changed; null when the row did not open (see integrity).'),
   integrity: Type.Union([Type.Literal('verified'), Type.Literal('key_missing'), Type.Literal('failed')], {

@@ -90,6 +90,8 @@ export function remoteLockoutOperations(baseUrl: string, token: string): Lockout
 const ADDRESS = Type.Object({ address: Type.String({ format: 'lockout-address' }) })
 
 const until = (at: string | null) => (at === null ? 'never' : at)
+/** An entry's end in a sentence: "until <time>", or, for one without an expiry, "with no expiry" (before, "until never"). */
+const lasting = (at: string | null) => (at === null ? 'with no expiry' : `until ${at}`)
 
 export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
   add: {
@@ -105,8 +107,8 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
         const { entry: e, updated } = await ctx.ops.add(body)
         printDone(() => {
           if (ctx.json) printJson(ctx.io, { ...e, updated })
-          else if (updated) ctx.io.out(`Updated ${e.cidr} (entry ${e.id}, already listed): denied until ${until(e.expires_at)}.\n`)
-          else ctx.io.out(`Denied ${e.cidr} (entry ${e.id}) until ${until(e.expires_at)}.\n`)
+          else if (updated) ctx.io.out(`Updated ${e.cidr} (entry ${e.id}, already listed): denied ${lasting(e.expires_at)}.\n`)
+          else ctx.io.out(`Denied ${e.cidr} (entry ${e.id}) ${lasting(e.expires_at)}.\n`)
         }, `${e.cidr} was ${updated ? 'updated on' : 'added to'} the deny list (entry ${e.id})`)
         return EXIT_OK
       }

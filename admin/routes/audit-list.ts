@@ -17,7 +17,7 @@ export default defineOperation({
     {
       key_id: Type.Optional(Type.String({ minLength: 1, maxLength: 128, description: 'Only rows about this key, Gitea token or n8n key record.' })),
       action: Type.Optional(Type.String({ pattern: '^[a-z0-9_]+(\\.[a-z0-9_]+)+$', maxLength: 64, description: `Only this action: ${AUDIT_ACTIONS}.` })),
-      actor: Type.Optional(Type.String({ minLength: 1, maxLength: 200, description: 'Only this actor (`key:<id>`, `token`, `cli:<user>`, `system`).' })),
+      actor: Type.Optional(Type.String({ minLength: 1, maxLength: 200, description: 'Only this actor (`key:<id>`, `token`, `cli:<user>` (`cli:<uid>` for a uid no user is named by), `system`).' })),
       limit: Type.Optional(Type.Integer({ minimum: 1, maximum: 500, default: 100 })),
       cursor: Type.Optional(Cursor),
     },
