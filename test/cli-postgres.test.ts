@@ -1,6 +1,11 @@
-// The key lifecycle of the `keygate` command on PostgreSQL as real processes: migrate, every
-// api-key command, no plaintext key in pg_dump's output or any captured log, and the audit
-// format the commands write as audit.seal_format says.
+// The key lifecycle of the `keygate` command on PostgreSQL: migrate, every api-key command, no
+// plaintext key in pg_dump's output or any captured log, and the audit format the commands write
+// as audit.seal_format says. The api-key commands run through the command line's entry in this
+// process (runCliHere), where each in a process of its own cost 0.6 s of CPU:
+// test/cli-embedded.test.ts runs the same lifecycle as real processes, and what differs here is
+// the store. The commands whose process is the point (migrate, a refusal before the store is
+// reached, the stderr of a command that succeeds, serve, an import told of its keygate.yaml) are
+// real processes.
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
 import { createHash, randomBytes } from 'node:crypto'
@@ -8,7 +13,7 @@ import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import pg from 'pg'
 import { encryptionKeyId } from '../core/audit.ts'
-import { runCli } from './helpers/cli.ts'
+import { runCli, runCliHere } from './helpers/cli.ts'
 import { ENCRYPTION_KEY, isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { freshDatabase } from './helpers/stores.ts'
 
@@ -25,7 +30,7 @@ t.test('key lifecycle on PostgreSQL', async (t) => {
   const again = await runCli(['migrate'], { cwd, env: isolated({ DATABASE_URL: url }) })
   t.match(again.stdout, /nothing to apply/)
 
-  await lifecycle(t, { cwd, env: isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY }) })
+  await lifecycle(t, { cwd, env: isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY }), here: true })
 
   // Nothing on stderr from a command that succeeded: before, every command on PostgreSQL printed
   // node-postgres's DeprecationWarning (a statement sent on a new connection while the
@@ -52,17 +57,17 @@ t.test('audit.seal_format (KEYGATE_AUDIT_SEAL_FORMAT) decides the format of the 
   const env = (format?: string) => isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, ...(format ? { KEYGATE_AUDIT_SEAL_FORMAT: format } : {}) })
   t.equal((await runCli(['migrate'], { cwd, env: env() })).code, 0)
   const formatOf = async (format?: string): Promise<unknown> => {
-    const created = await runCli(['api-key', 'create', '--type', 'user', '--name', `f${format ?? 'default'}`, '--json'], { cwd, env: env(format) })
+    const created = await runCliHere(['api-key', 'create', '--type', 'user', '--name', `f${format ?? 'default'}`, '--json'], { env: env(format) })
     t.equal(created.code, 0, created.stderr)
     const id = created.json().id as string
     return execFileSync('psql', [url, '-At', '-c', `SELECT format FROM api_key_audit_log WHERE key_id = '${id}'`], { encoding: 'utf8' }).trim()
   }
   t.equal(await formatOf(), '2', 'format 2 by default')
   t.equal(await formatOf('1'), '1', 'format 1 when set so')
-  const bad = await runCli(['api-key', 'list'], { cwd, env: env('3') })
+  const bad = await runCliHere(['api-key', 'list'], { env: env('3') })
   t.equal(bad.code, 1, 'an invalid configuration exits 1')
   t.match(bad.stderr, /KEYGATE_AUDIT_SEAL_FORMAT/)
-  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env: env() })
+  const listed = await runCliHere(['api-key', 'list', '--json'], { env: env() })
   t.equal(listed.code, 0, 'rows of both formats are read')
 })
 
@@ -76,10 +81,10 @@ t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a 
   const env = (current: string, previous?: string) => isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: current, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
   const auditRows = () => execFileSync('psql', [url, '-At', '-c', 'SELECT enc_key_id FROM api_key_audit_log ORDER BY created_at'], { encoding: 'utf8' }).trim().split('\n').filter(Boolean)
   t.equal((await runCli(['migrate'], { cwd, env: env(keyA) })).code, 0)
-  const empty = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyB) })
+  const empty = await runCliHere(['api-key', 'list', '--json'], { env: env(keyB) })
   t.equal(empty.code, 0, `an empty audit log passes with any key: ${empty.stderr}`)
 
-  const create = (name: string, e: Record<string, string | undefined>) => runCli(['api-key', 'create', '--type', 'user', '--name', name, '--json'], { cwd, env: e })
+  const create = (name: string, e: Record<string, string | undefined>) => runCliHere(['api-key', 'create', '--type', 'user', '--name', name, '--json'], { env: e })
   const first = await create('sealed-with-a', env(keyA))
   t.equal(first.code, 0, first.stderr)
   plaintexts.push(first.json().key)
@@ -98,14 +103,14 @@ t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a 
   t.equal(rotated.code, 0, `a rotation (new key current, old one previous) passes: ${rotated.stderr}`)
   plaintexts.push(rotated.json().key)
   t.same(auditRows(), [idA, idB])
-  const listed = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyB) })
+  const listed = await runCliHere(['api-key', 'list', '--json'], { env: env(keyB) })
   t.equal(listed.code, 0, `the old key dropped once the newest row is sealed with the new one: ${listed.stderr}`)
-  const stale = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyA) })
+  const stale = await runCliHere(['api-key', 'list', '--json'], { env: env(keyA) })
   t.equal(stale.code, 1, 'the old key alone, after the rotation, is refused')
   t.match(stale.json().error.message, `sealed with encryption key ${idB}`)
   // The README's two-step rotation: an instance still on the first step (old key current, new key
   // among the previous ones) opens what the new key sealed, so it is not refused.
-  const firstStep = await runCli(['api-key', 'list', '--json'], { cwd, env: env(keyA, keyB) })
+  const firstStep = await runCliHere(['api-key', 'list', '--json'], { env: env(keyA, keyB) })
   t.equal(firstStep.code, 0, `the old key current with the new one previous passes: ${firstStep.stderr}`)
 })
 

@@ -6,7 +6,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomUUID, hash } from 'node:crypto'
-import { runCli, capturedStderr } from './cli.ts'
+import { runCli, runCliHere, capturedStderr } from './cli.ts'
 
 export const ENCRYPTION_KEY = Buffer.alloc(32, 7).toString('base64')
 /** Every plaintext key the lifecycle printed in this process. */
@@ -24,10 +24,16 @@ export function isolated(extra: Record<string, string | undefined>): Record<stri
 export interface Lifecycle {
   env: Record<string, string | undefined>
   cwd: string
+  /**
+   * Each command through the command line's entry in this process (runCliHere), not as a process
+   * of its own: for a store other than the one test/cli-embedded.test.ts runs the same commands
+   * on as real processes, where what differs is the store, not the process.
+   */
+  here?: boolean
 }
 
-export async function lifecycle(t: Test, { env, cwd }: Lifecycle): Promise<void> {
-  const run = (args: string[], input?: string) => runCli(args, { env, cwd, ...(input !== undefined ? { input } : {}) })
+export async function lifecycle(t: Test, { env, cwd, here = false }: Lifecycle): Promise<void> {
+  const run = (args: string[], input?: string) => (here ? runCliHere(args, { env, ...(input !== undefined ? { input } : {}) }) : runCli(args, { env, cwd, ...(input !== undefined ? { input } : {}) }))
 
   const created = await run(['api-key', 'create', '--type', 'service', '--name', 'demo', '--scopes', 'orders:read,admin', '--owner', 'billing', '--json'])
   t.equal(created.code, 0, created.stderr)

@@ -106,20 +106,28 @@ function cliResult(args: string[], code: number | null, stdout: string, stderr: 
 
 /**
  * Runs `keygate args` in this process, through the command line's own entry (cli/main.ts `main`)
- * with output captured and `env` as its environment: for long tables of usage errors, which end
- * before anything is opened, where a process per case cost over a second of CPU. Each such table
- * also runs a few of its cases through `runCli`, the real process.
+ * with output captured, `env` as its environment and `input` as its stdin: for long tables of
+ * usage errors, which end before anything is opened, and for commands whose store or answers are
+ * what a test checks, where a process per command cost 0.5 to 1.5 s of CPU. Each such test also
+ * runs a few of its commands through `runCli`, the real process, or another test runs the same
+ * commands so.
  */
-export async function runCliHere(args: string[], options: { env?: Record<string, string | undefined> } = {}): Promise<CliResult> {
+export async function runCliHere(args: string[], options: { env?: Record<string, string | undefined>; input?: string } = {}): Promise<CliResult> {
   const { main } = await import('../../cli/main.ts')
   const { forgetKnownSecrets } = await import('../../core/log.ts')
   let stdout = ''
   let stderr = ''
+  const input = Buffer.from(options.input ?? '')
   // The secrets of the command's configuration are this run's: the next run here has its own.
   const code = await main(args, {
     out: (text) => void (stdout += text),
     err: (text) => void (stderr += text),
-    readStdin: async () => Buffer.alloc(0),
+    // `input` read as cli/io.ts reads stdin: up to its first line break when asked, undefined past maxBytes.
+    readStdin: async ({ maxBytes, firstLine = false }) => {
+      const end = firstLine ? input.indexOf(0x0a) : -1
+      const part = end === -1 ? input : input.subarray(0, end)
+      return part.length > maxBytes ? undefined : part
+    },
     env: childEnv(options.env),
   }).finally(forgetKnownSecrets)
   return cliResult(args, code, stdout, stderr)
