@@ -319,7 +319,7 @@ await forEachStore(t, async (t, store) => {
 /** A feed on a Redis server of the test's own and an embedded store: what it delivers, and the table it reads. */
 async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?: Logger; gated?: boolean; checkIntervalMs?: number } = {}) {
   const server = await startRedisServer(t)
-  const db = await memoryDb()
+  const db = await memoryDb({ migrated: true })
   t.teardown(() => db.close())
   await migrate(db)
   const connect = (url: string) => {
@@ -419,7 +419,7 @@ t.test('an anomaly recorded while Redis is down reaches the streams when it is b
 
 t.test('Redis down for several checks is one warning for the outage, and one line when it answers again', async (t) => {
   const server = await startRedisServer(t)
-  const db = await memoryDb()
+  const db = await memoryDb({ migrated: true })
   t.teardown(() => db.close())
   await migrate(db)
   const redis = connectRedis(server.url, silentLogger) // keygate's own: commands fail at once while it is down
@@ -500,7 +500,7 @@ t.test('the store down for several checks is one warning for the outage, and one
  */
 async function pausedWithFinding(t: Test, keyId: string, log: Logger, beforePause?: (server: Awaited<ReturnType<typeof startRedisServer>>, channel: string) => Promise<void>) {
   const server = await startRedisServer(t)
-  const db = await memoryDb()
+  const db = await memoryDb({ migrated: true })
   t.teardown(() => db.close())
   await migrate(db)
   const redis = connectRedis(server.url, silentLogger)

@@ -16,7 +16,7 @@ const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 
 t.test('deny-list on the store opened here: add, list, refuse what is wrong, remove by id or by address', async (t) => {
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const added = await runCli(['deny-list', 'add', '10.0.0.0/8', '--reason', 'scanner', '--expires-in', '1h', '--json'], { cwd, env })
   t.equal(added.code, 0, added.stderr)
   const entry = added.json()
@@ -104,7 +104,7 @@ async function servedWithLockout(t: Test) {
   const cwd = tempDir()
   writeFileSync(join(cwd, 'keygate.yaml'), 'lockout:\n  max_attempts: 2\n  window_s: 600\ngateway:\n  trusted_proxies: ["127.0.0.1"]\n')
   const upstream = await startUpstream(t)
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
   const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
   const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { cwd, env })

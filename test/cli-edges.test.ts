@@ -20,7 +20,7 @@ t.test('`-` reads the first line of stdin and answers while the writer keeps it 
   // memory growing without bound. Each command here is waited for with its stdin still open, and
   // only then is stdin closed: the old command would never have ended.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const created = await runCli(['api-key', 'create', '--name', 'piped', '--type', 'user', '--json'], { cwd, env })
   t.equal(created.code, 0, 'a key to validate')
   const { id, key } = created.json() as { id: string; key: string }
@@ -64,7 +64,7 @@ t.test('`-` reads the first line of stdin and answers while the writer keeps it 
 
 t.test('rotate on the embedded store: when the old key stops, and which key can be rotated instead', async (t) => {
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const run = async (args: string[]) => {
     const r = await runCli(['api-key', ...args], { env, cwd })
     if (r.code === 0 && args.includes('--json') && typeof r.json().key === 'string') plaintexts.push(r.json().key)
@@ -105,7 +105,7 @@ t.test('output that cannot be written: a created key is named with what to do, n
   // Node's "Unhandled 'error' event" and a stack trace, after the key was created, whose secret
   // was then shown nowhere; the store's lock was left behind.
   const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const full = openSync('/dev/full', 'w')
   t.teardown(() => closeSync(full))
   const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'create', '--name', 'unseen', '--type', 'user'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: ['ignore', full, 'pipe'] })
@@ -162,7 +162,7 @@ t.test("from the second run on, the compile cache serves the command's TypeScrip
   // Before: the cache was turned on in bin/keygate.ts, after Node had stripped that file's types,
   // and the store's thread (a Worker) and the command's child never used it.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), XDG_CACHE_HOME: join(cwd, 'cache'), NODE_COMPILE_CACHE: undefined, NODE_DISABLE_COMPILE_CACHE: undefined, NODE_DEBUG_NATIVE: 'COMPILE_CACHE' })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), XDG_CACHE_HOME: join(cwd, 'cache'), NODE_COMPILE_CACHE: undefined, NODE_DISABLE_COMPILE_CACHE: undefined, NODE_DEBUG_NATIVE: 'COMPILE_CACHE' })
   // As installed: the command's second process must take the cache up too.
   t.equal((await runCli(['api-key', 'list', '--json'], { asInstalled: true, cwd, env })).code, 0, 'the first run fills the cache')
   const second = await runCli(['api-key', 'list', '--json'], { asInstalled: true, cwd, env })
@@ -215,7 +215,7 @@ t.test('a command on the embedded store queues its key events for the servers an
   // needs, 224 of the command's 604 modules), about 0.13 s of CPU in every such command.
   const cwd = tempDir()
   const recorder = loadRecorder(cwd)
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), ...recorder.env })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), ...recorder.env })
   const created = await runCli(['api-key', 'create', '--name', 'no-http', '--type', 'service', '--json'], { cwd, env })
   t.equal(created.code, 0, 'the key is created')
   plaintexts.push((created.json() as { key: string }).key)
@@ -261,7 +261,7 @@ t.test('a command ended by SIGINT, SIGTERM or SIGHUP while it holds the embedded
   // 'exit' handlers, and the lock, its owner file and socket stayed behind (a Ctrl-C of a long
   // import, say), where the README promises that only a SIGKILL or a crash leaves them.
   const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const env = childEnv(isolated({ KEYGATE_DATA_DIR: dataDir }))
   const lockFiles = () => readdirSync(dataDir).filter((f) => f.startsWith('keygate.lock')).sort()
   for (const [signal, flags] of [['SIGINT', SHORT_COMMAND_V8_FLAGS], ['SIGTERM', SHORT_COMMAND_V8_FLAGS], ['SIGHUP', SHORT_COMMAND_V8_FLAGS], ['SIGINT', []]] as const) {

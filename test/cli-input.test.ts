@@ -195,7 +195,7 @@ t.test('a key given where a usage error quotes the argument is not shown back, a
 
 t.test('input no store can hold is refused by name, on the embedded store, and nothing waits for ever', async (t) => {
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   // 3000 levels, under --metadata's 8 KiB: before, the store's thread never answered, and the command hung.
   const deep = await runCli(['api-key', 'create', '--name', 'deep', '--type', 'user', '--metadata', `{"a":${'['.repeat(3000)}${']'.repeat(3000)}}`, '--json'], { cwd, env })
   // A usage error naming the flag, as its other checks are (before, found by a review: exit 1).
@@ -299,7 +299,7 @@ t.test('an import tells every problem of its file in the first answer, on the em
   // The review's file: before, row 1 (already in the store) and row 3 (a repeat of the bad row 2)
   // were told only once the type was fixed, one after the other: three answers in three tries.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const hashOf = (uuid: string) => createHash('sha256').update(uuid).digest('hex')
   const [a, b] = [hashOf('11111111-1111-4111-8111-111111111111'), hashOf('22222222-2222-4222-8222-222222222222')]
   const first = join(cwd, 'first.jsonl')
@@ -320,7 +320,7 @@ t.test('a JSON lines import with lines that are not JSON names each line and the
   // Before: each such line was "is not a JSON object", said of an object missing a quote or a
   // comma, with nothing to say where.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const hash = createHash('sha256').update('33333333-3333-4333-8333-333333333333').digest('hex')
   const unquoted = `{"key_hash": "${hash}", name: "b"}`
   const unclosed = `{"key_hash": "${hash}", "name": "c"`
@@ -417,7 +417,7 @@ t.test('an import file or stdin that is not UTF-8 is refused naming where, and n
   // (exit 0), where a Latin-1 configuration file, an argument and an admin API body are refused;
   // and a UTF-16 file was told it was not JSON.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const hashOf = (n: number) => createHash('sha256').update(`4e5f6a7b-1234-4abc-8def-0123456789${String(n).padStart(2, '0')}`).digest('hex')
   const first = JSON.stringify({ key_hash: hashOf(1), name: 'one' }) + '\n'
   const second = (name: string) => `{"key_hash":"${hashOf(2)}","name":"${name}"}\n`
@@ -541,7 +541,7 @@ t.test("a remote service's or admin API's message reaches the terminal with its 
 
   // Gitea's message, on the store opened here (the real process).
   const cwd = tempDir()
-  const gitea = await runCli(['gitea', 'list'], { cwd, env: isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), GITEA_URL: `${base}/gitea`, GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1' }) })
+  const gitea = await runCli(['gitea', 'list'], { cwd, env: isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), GITEA_URL: `${base}/gitea`, GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1' }) })
   t.equal(gitea.code, 1)
   t.match(gitea.stderr, /refused to .*: 500 oops \\u001b\[2J\\u001b\[31mFAKE: key revoked OK\\u001b\[0m \\u001b\]0;title\\u0007 \\u009b2J \\u202eevil/, 'the message, escaped')
   escaped('gitea list', gitea.stderr)
@@ -634,7 +634,7 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
   // `10.0.0.0/8,,` were dropped without a word: a key made usable from anywhere, and an update's
   // `--cidrs ""` took an existing binding away.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const create = ['api-key', 'create', '--name', 'bound', '--type', 'service']
   const refusals: Array<[string[], RegExp]> = [
     [[...create, '--cidrs', ''], /^keygate: --cidrs: an empty value is not allowed; expected a comma-separated list without empty items, or any\n$/],

@@ -72,7 +72,7 @@ t.test('config check', async (t) => {
 
 t.test('the embedded store is refused while another process holds it', async (t) => {
   const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const held = await openDb({ dataDir })
   t.teardown(() => held.close())
   const r = await runCli(['api-key', 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
@@ -96,7 +96,7 @@ t.test('the embedded store is refused while another process holds it', async (t)
 
 t.test("a store command runs on V8's baseline compiler in a child process, which ends with the command, by any signal", async (t) => {
   const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const lock = join(dataDir, 'keygate.lock')
   const gone = (pid: number) => {
     try {

@@ -80,7 +80,7 @@ await forEachStore(t, async (t, store) => {
     sub.on('message', (_channel: string, message: string) => heard.push(message))
     await sub.subscribe(`${prefix}${INVALIDATION_CHANNEL}`)
     const redis = { REDIS_URL, KEYGATE_REDIS_KEY_PREFIX: prefix }
-    const dataDir = store.kind === 'embedded' ? await seedDataDir(join(cwd, 'store')) : undefined
+    const dataDir = store.kind === 'embedded' ? await seedDataDir(join(cwd, 'store'), { migrated: true }) : undefined
     const targets = [
       { name: 'by the admin API', env: isolated({ KEYGATE_ADMIN_URL: h.url, KEYGATE_ADMIN_TOKEN: BOOTSTRAP_TOKEN }), cidr: '198.51.100.0/24', state: () => stateOf(store.db) },
       dataDir === undefined

@@ -41,7 +41,7 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
     REDIS_URL: undefined,
     KEYGATE_ENCRYPTION_KEY: undefined,
     KEYGATE_CONFIG: config,
-    KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store')),
+    KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store'), { migrated: true }),
     KEYGATE_ADMIN_TOKEN: TOKEN,
     KEYGATE_UPSTREAM: upstream.url,
   }
@@ -207,7 +207,7 @@ t.test('serve killed (SIGKILL) in the middle of revocations: every revocation th
   // is written in the revocation's own transaction.
   const stores: Record<string, () => Promise<Record<string, string | undefined>>> = {
     postgres: async () => ({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }),
-    embedded: async () => ({ DATABASE_URL: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_DATA_DIR: await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-crash-')), 'store')) }),
+    embedded: async () => ({ DATABASE_URL: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_DATA_DIR: await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-crash-')), 'store'), { migrated: true }) }),
   }
   for (const [name, storeEnv] of Object.entries(stores)) {
     await t.test(name, async (t) => {

@@ -108,7 +108,7 @@ export interface Store {
 }
 
 export async function openStore(t: Tap, config: Config): Promise<Store> {
-  const db = await memoryDb()
+  const db = await memoryDb({ migrated: true })
   await migrate(db)
   const audit = new AuditLog(new AuditCipher(Buffer.alloc(32, 7)))
   const keys = new KeyService({ db, audit, ...keyServiceOptions(config) })

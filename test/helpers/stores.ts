@@ -83,7 +83,7 @@ export async function endConnections(url: string): Promise<void> {
 
 /**
  * A fresh embedded store, in a data folder copied from the tests' initialised one
- * (helpers/pglite-template.ts), with the CLI's 16 MB of shared buffers (`shortLived`): a test's
+ * (helpers/pglite-template.ts; with `migrated`, the migrated one when a store is opened anew), with the CLI's 16 MB of shared buffers (`shortLived`): a test's
  * few rows never fill more, and the store starts in about two thirds of the CPU. The folder is
  * opened as `serve` opens one, so PGlite reads from it only the pages it uses: a store in memory
  * started from the same folder as a tar took 1.1 to 1.4 s of CPU to open, loading all 40 MB into
@@ -95,10 +95,10 @@ export async function endConnections(url: string): Promise<void> {
  * its calls are refused as a closed store's are, so nothing a test left running reaches the next
  * test's rows. A store that cannot be emptied is closed for good and its folder removed.
  */
-export async function memoryDb(): Promise<Db> {
+export async function memoryDb(options: { migrated?: boolean } = {}): Promise<Db> {
   const idle = idleStores.pop()
   if (idle) return new LentDb(idle)
-  const dir = await seedDataDir(join(storesRoot(), `store-${++storeCount}`))
+  const dir = await seedDataDir(join(storesRoot(), `store-${++storeCount}`), options)
   let db: Db
   try {
     db = await openDb({ dataDir: dir, shortLived: true })
@@ -210,7 +210,7 @@ class LentDb implements Db {
 export async function openStore(t: Test, kind: StoreKind, options: { migrated?: boolean } = {}): Promise<Store> {
   let store: Store
   if (kind === 'embedded') {
-    store = { kind, db: await memoryDb() }
+    store = { kind, db: await memoryDb({ migrated: options.migrated !== false }) }
   } else {
     const url = await freshDatabase(t)
     store = { kind, db: await openDb({ databaseUrl: url, poolMax: 10 }), url }
