@@ -15,13 +15,16 @@ import { startDeployment } from './helpers/deployment.ts'
 const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 
 t.test('deny-list on the store opened here: add, list, refuse what is wrong, remove by id or by address', async (t) => {
+  // The first add, list and remove as the real process; the other commands through the command
+  // line's entry in this process (runCliHere), on the same store: each in a process of its own
+  // cost some 1.5 s of CPU, and what they check is what the store and the command say.
   const cwd = tempDir()
   const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const added = await runCli(['deny-list', 'add', '10.0.0.0/8', '--reason', 'scanner', '--expires-in', '1h', '--json'], { cwd, env })
   t.equal(added.code, 0, added.stderr)
   const entry = added.json()
   t.match(entry, { cidr: '10.0.0.0/8', reason: 'scanner', created_by: /^cli:/, expires_at: /^\d{4}-/, updated: false }, 'stored, with the reason and the expiry')
-  const v6 = await runCli(['deny-list', 'add', '2001:db8::7'], { cwd, env })
+  const v6 = await runCliHere(['deny-list', 'add', '2001:db8::7'], { env })
   t.equal(v6.code, 0)
   t.match(v6.stdout, /^Denied 2001:db8::7 \(entry \w+\) with no expiry\.\n$/, 'a human line (before, \"until never\")')
 
@@ -30,15 +33,15 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   t.match(list.stdout, /^ID +CIDR +UNTIL +REASON +ADDED BY +ADDED\n/, 'a table')
   t.match(list.stdout, /10\.0\.0\.0\/8 .* scanner/)
   t.match(list.stdout, /2001:db8::7 +never/)
-  t.same((await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items.map((e: { cidr: string }) => e.cidr), ['10.0.0.0/8', '2001:db8::7'], 'oldest first')
+  t.same((await runCliHere(['deny-list', 'list', '--json'], { env })).json().items.map((e: { cidr: string }) => e.cidr), ['10.0.0.0/8', '2001:db8::7'], 'oldest first')
 
   // The same range again, written another way: its entry updated, the reason kept, the expiry the
   // one given (before, found by a review: refused as a conflict, exit 1).
-  const again = await runCli(['deny-list', 'add', '::ffff:10.0.0.0/104', '--expires-in', '2h', '--json'], { cwd, env })
+  const again = await runCliHere(['deny-list', 'add', '::ffff:10.0.0.0/104', '--expires-in', '2h', '--json'], { env })
   t.equal(again.code, 0, again.stderr)
   t.match(again.json(), { id: entry.id, cidr: '10.0.0.0/8', reason: 'scanner', updated: true })
   t.ok(Date.parse(again.json().expires_at) - Date.parse(entry.expires_at) > 3_000_000, 'an hour later')
-  t.match((await runCli(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { cwd, env })).stdout, /^Updated 2001:db8::7 \(entry \w+, already listed\): denied until \d{4}-\d\d-\d\dT/, 'a human line')
+  t.match((await runCliHere(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { env })).stdout, /^Updated 2001:db8::7 \(entry \w+, already listed\): denied until \d{4}-\d\d-\d\dT/, 'a human line')
   // Refused: what is no range or no date, or a range with host bits set (exit 2, naming it).
   for (const [args, why] of [
     [['deny-list', 'add', '10.1.2.3/8'], /^keygate: CIDR: "10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 for that network, or 10\.1\.2\.3 alone for the one address/],
@@ -61,13 +64,13 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   const byAddress = await runCli(['deny-list', 'remove', '10.9.9.9/8'], { cwd, env })
   t.equal(byAddress.code, 0, byAddress.stderr)
   t.equal(byAddress.stdout, `Removed 10.0.0.0/8 (entry ${entry.id}) from the deny list.\n`)
-  const gone = await runCli(['deny-list', 'remove', '10.0.0.0/8', '--json'], { cwd, env })
+  const gone = await runCliHere(['deny-list', 'remove', '10.0.0.0/8', '--json'], { env })
   t.equal(gone.code, 1)
   t.match(gone.json().error, { code: 'deny_entry_not_found', message: /no stored deny list entry is for 10\.0\.0\.0\/8/ })
-  const v6id = (await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items[0].id
-  t.equal((await runCli(['deny-list', 'remove', v6id, '--json'], { cwd, env })).json().cidr, '2001:db8::7', 'by id')
-  t.equal((await runCli(['deny-list', 'list'], { cwd, env })).stdout, 'The stored deny list is empty.\n')
-  t.equal((await runCli(['deny-list', 'remove', 'nosuchentry1234'], { cwd, env })).code, 1, 'an unknown id is refused')
+  const v6id = (await runCliHere(['deny-list', 'list', '--json'], { env })).json().items[0].id
+  t.equal((await runCliHere(['deny-list', 'remove', v6id, '--json'], { env })).json().cidr, '2001:db8::7', 'by id')
+  t.equal((await runCliHere(['deny-list', 'list'], { env })).stdout, 'The stored deny list is empty.\n')
+  t.equal((await runCliHere(['deny-list', 'remove', 'nosuchentry1234'], { env })).code, 1, 'an unknown id is refused')
 })
 
 t.test('lockouts need a running server: without an admin URL the command says so and opens nothing', async (t) => {
@@ -107,7 +110,7 @@ async function servedWithLockout(t: Test) {
   const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
   const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
-  const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { cwd, env })
+  const created = await runCliHere(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { env })
   return { cwd, served, env, auth: { authorization: `Bearer ${created.json().key}` } }
 }
 
@@ -141,20 +144,22 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
 })
 
 t.test('an IPv6 lockout is lifted and looked up by the network the list shows (2001:db8:1:2::/64), through the CLI and the admin API alike (found by a review of the lockout)', async (t) => {
-  const { cwd, served, env, auth } = await servedWithLockout(t)
+  const { served, env, auth } = await servedWithLockout(t)
   const lockOut = async (address: string) => {
     for (let i = 0; i < 2; i++) await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': address, authorization: 'Bearer kg_nosuchkey12_nosuchsecretnosuchsecretnosuch' } })
     t.equal((await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': address, ...auth } })).status, 429, `${address} is locked out`)
   }
 
+  // The commands through the command line's entry in this process: the real processes of lockouts
+  // list and lift through the admin API are the test above.
   await lockOut('2001:db8:1:2::7')
-  const table = await runCli(['lockouts', 'list'], { cwd, env })
+  const table = await runCliHere(['lockouts', 'list'], { env })
   t.match(table.stdout, /^ADDRESS +LOCKED UNTIL +RETRY AFTER\n2001:db8:1:2::\/64 /, 'listed as its network')
-  const found = await runCli(['lockouts', 'list', '--address', '2001:db8:1:2::/64', '--json'], { cwd, env })
+  const found = await runCliHere(['lockouts', 'list', '--address', '2001:db8:1:2::/64', '--json'], { env })
   t.equal(found.code, 0, found.stderr)
   t.match(found.json(), { items: [{ address_key: '2001:db8:1:2::/64' }], total: 1 }, 'found by what the list shows')
   // What the list shows is what lift takes.
-  const lifted = await runCli(['lockouts', 'lift', '2001:db8:1:2::/64'], { cwd, env })
+  const lifted = await runCliHere(['lockouts', 'lift', '2001:db8:1:2::/64'], { env })
   t.equal(lifted.code, 0, lifted.stderr)
   t.equal(lifted.stdout, 'Lifted the lockout of 2001:db8:1:2::/64.\n')
   t.equal((await call(`${served.gateway}/x`, { headers: { 'x-forwarded-for': '2001:db8:1:2::7', ...auth } })).status, 200, 'the network is let in again')
@@ -172,7 +177,7 @@ t.test('an IPv6 lockout is lifted and looked up by the network the list shows (2
 
   // A network the lockout does not count by is still refused, naming what is taken; so is an IPv4 range.
   for (const bad of ['2001:db8:1::/48', '2001:db8:1:2::/96', '10.0.0.0/8', '::ffff:10.0.0.0/104']) {
-    const r = await runCli(['lockouts', 'lift', bad], { cwd, env })
+    const r = await runCliHere(['lockouts', 'lift', bad], { env })
     t.equal(r.code, bad.includes('.') ? 2 : 1, `${bad}: ${r.stderr}`)
     t.match(r.stderr, /is not allowed; expected an IPv4 or IPv6 address/, bad)
     const answer = await call(`${served.admin}/v1/lockouts/${encodeURIComponent(bad)}`, { ...admin, method: 'DELETE' })
