@@ -2,6 +2,9 @@
 // store touched), and input no store can hold (metadata nested too deep, lone surrogates, a
 // legacy key pasted as its hash, unprintable revoke reasons), refused by name; values stored
 // before those rules are printed escaped. An import's problems are told all in one answer.
+// Each test runs a few of its commands as the real process and the rest through the command line's
+// entry in this process (runCliHere), on the same store: what they check is what the command says
+// and stores, and a command on the embedded store in a process of its own cost some 1.5 s of CPU.
 import t, { type Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
@@ -213,40 +216,40 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   const legacy = '3f2a1b4c-1234-4abc-8def-0123456789ab'
   const file = join(cwd, 'mistake.jsonl')
   writeFileSync(file, JSON.stringify({ key_hash: legacy, name: 'pasted' }) + '\n')
-  const pasted = await runCli(['api-key', 'import', file, '--type', 'integration'], { cwd, env })
+  const pasted = await runCliHere(['api-key', 'import', file, '--type', 'integration'], { env })
   t.equal(pasted.code, 1)
   t.match(pasted.stderr, /row 1: key_hash/)
   t.notOk(pasted.stderr.includes(legacy) || pasted.stdout.includes(legacy), 'the key pasted as key_hash is not echoed')
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
+  t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'nothing was stored')
   // A number that would not be stored as written, in either form of import file: named by row (and
   // line), nothing stored (before, 12345678901234567891 was stored rounded and 1e-400 as 0).
   const hash = (i: number) => createHash('sha256').update(`n${i}`).digest('hex')
   const numbersArray = join(cwd, 'numbers.json')
   writeFileSync(numbersArray, JSON.stringify([{ key_hash: hash(1), name: 'fine', metadata: { n: 1.5 } }]).replace(']', `,{"key_hash":"${hash(2)}","name":"big","metadata":{"id":12345678901234567891}}]`))
-  const big = await runCli(['api-key', 'import', numbersArray, '--json'], { cwd, env })
+  const big = await runCliHere(['api-key', 'import', numbersArray, '--json'], { env })
   t.equal(big.code, 1)
   t.match(big.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}row 2: metadata\.id: 12345678901234567891 has more digits than a number holds/ })
   const numbersLines = join(cwd, 'numbers.jsonl')
   writeFileSync(numbersLines, `${JSON.stringify({ key_hash: hash(3), name: 'fine' })}\n\n{"key_hash":"${hash(4)}","name":"tiny","metadata":{"x":1e-400}}\n`)
-  const tiny = await runCli(['api-key', 'import', numbersLines, '--json'], { cwd, env })
+  const tiny = await runCliHere(['api-key', 'import', numbersLines, '--json'], { env })
   t.equal(tiny.code, 1)
   t.match(tiny.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}line 3: metadata\.x: 1e-400 is too close to zero/ })
   const twiceLines = join(cwd, 'twice.jsonl')
   writeFileSync(twiceLines, `${JSON.stringify({ key_hash: hash(5), name: 'fine' })}\n\n{"key_hash":"${hash(6)}","name":"twice","scopes":["read"],"scopes":["admin"]}\n`)
-  const twice = await runCli(['api-key', 'import', twiceLines, '--json'], { cwd, env })
+  const twice = await runCliHere(['api-key', 'import', twiceLines, '--json'], { env })
   t.equal(twice.code, 1)
   t.match(twice.json().error, { code: 'import_invalid', message: /^nothing imported:\n {2}line 3: scopes: is given more than once in its object/ })
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was stored')
+  t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'nothing was stored')
   // More rows than one import takes: refused on the store as through the admin API (before, the
   // store took any number, and the admin API refused more than 10,000 as validation_failed).
   const many = join(cwd, 'many.jsonl')
   writeFileSync(many, Array.from({ length: 10_001 }, (_, i) => JSON.stringify({ key_hash: createHash('sha256').update(String(i)).digest('hex'), name: `k${i}` })).join('\n'))
-  const tooMany = await runCli(['api-key', 'import', many, '--json'], { cwd, env })
+  const tooMany = await runCliHere(['api-key', 'import', many, '--json'], { env })
   t.equal(tooMany.code, 1)
   t.match(tooMany.json().error, { code: 'import_invalid', message: 'the import holds 10001 rows; one import takes at most 10000, on the store as through the admin API: split the file' })
 
   // A reason is printable text, as through the API (an empty one is refused too).
-  const made = (await runCli(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { cwd, env })).json()
+  const made = (await runCliHere(['api-key', 'create', '--name', 'to revoke', '--type', 'user', '--json'], { env })).json()
   // A usage error (exit 2) naming the flag, as for every other flag (it was exit 1, naming `reason`,
   // and an empty one was told only the pattern, which "" matches).
   for (const reason of ['', 'x\u001b[31m\nstatus               active', 'left\u202e', '\u2066x\u2069']) {
@@ -256,20 +259,20 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
     t.match(r.stderr, /^keygate: --reason: .* is not allowed; expected a non-empty string of at most 500 characters without control characters or invisible format characters \(bidi overrides, zero-width characters\)\n/)
     t.notMatch(r.stderr, /[\u202e\u2066\u2069]/, 'the value is shown escaped')
   }
-  t.equal((await runCli(['api-key', 'get', made.id, '--json'], { cwd, env })).json().status, 'active', 'and the key is not revoked')
+  t.equal((await runCliHere(['api-key', 'get', made.id, '--json'], { env })).json().status, 'active', 'and the key is not revoked')
 
   // JSON lines with blank lines between rows, and a byte order mark: problems name the file's line too.
   const hashOf = (n: number) => createHash('sha256').update(`3f2a1b4c-1234-4abc-8def-0123456789${String(n).padStart(2, '0')}`).digest('hex')
   const spaced = join(cwd, 'spaced.jsonl')
   writeFileSync(spaced, '\uFEFF' + [JSON.stringify({ key_hash: hashOf(1), name: 'one' }), '', '', JSON.stringify({ key_hash: 'zz', name: 'two' })].join('\n') + '\n')
-  const spacedRun = await runCli(['api-key', 'import', spaced], { cwd, env })
+  const spacedRun = await runCliHere(['api-key', 'import', spaced], { env })
   t.equal(spacedRun.code, 1)
   t.match(spacedRun.stderr, /^keygate: nothing imported:\n {2}row 2 \(line 4\): key_hash: <hidden> is not allowed/, 'row 2 is on line 4 (a byte order mark does not make line 1 unreadable)')
   writeFileSync(spaced, '\uFEFF' + [JSON.stringify({ key_hash: hashOf(1), name: 'one' }), '', JSON.stringify({ key_hash: hashOf(2), name: 'two' })].join('\n') + '\n')
-  t.equal((await runCli(['api-key', 'import', spaced], { cwd, env })).code, 0, 'imported once it is right')
+  t.equal((await runCliHere(['api-key', 'import', spaced], { env })).code, 0, 'imported once it is right')
   // A row written before names and reasons were held to printable text: printed escaped, so it
   // can neither rewrite the terminal nor forge a line.
-  t.equal((await runCli(['api-key', 'revoke', made.id, '--reason', 'leaked'], { cwd, env })).code, 0)
+  t.equal((await runCliHere(['api-key', 'revoke', made.id, '--reason', 'leaked'], { env })).code, 0)
   const db = await openDb({ dataDir: join(cwd, 'store') })
   await db.query("UPDATE api_keys SET name = $2, revoked_reason = $3, owner = $4, metadata = $5 WHERE id = $1", [made.id, 'old\u001b[2Jname', 'x\nstatus               active', '\u202eevil\u0085team', JSON.stringify({ team: '\u202etset', c1: '\u009b2J' })])
   await db.close()
@@ -278,7 +281,7 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.notOk(/[\u0000-\u001f]/.test(shown.stdout.replaceAll('\n', '')), 'no control character reaches the terminal')
   t.match(shown.stdout, /revoked_reason\s+"x\\nstatus {15}active"\n/, 'the reason shown escaped, on its own line')
   t.equal(shown.stdout.match(/^status /gm)?.length, 1, 'one status line')
-  const listed = await runCli(['api-key', 'list'], { cwd, env })
+  const listed = await runCliHere(['api-key', 'list'], { env })
   t.match(listed.stdout, /"old\\u001b\[2Jname"/, 'the list shows the name escaped')
   t.match(listed.stdout, /^ID +NAME +TYPE +STATUS +SCOPES +OWNER +VALID UNTIL +LAST USED\n/, 'the list names when a key stops working VALID UNTIL')
   // A bidi override (before: printed raw, reversing the rest of the row on a bidi terminal) and a C1
@@ -290,7 +293,7 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   // Metadata too (before, found by a review: get printed it with JSON.stringify, which leaves both raw).
   t.match(shown.stdout, /metadata\s+\{"c1":"\\u009b2J","team":"\\u202etset"\}\n/, 'get: the metadata shown escaped')
   // RFC 3339 §5.6 allows `t` and `z` (before: refused as "not an RFC 3339 date-time").
-  const lower = await runCli(['api-key', 'create', '--name', 'lower', '--type', 'user', '--expires-at', '2099-06-30t12:00:00z', '--json'], { cwd, env })
+  const lower = await runCliHere(['api-key', 'create', '--name', 'lower', '--type', 'user', '--expires-at', '2099-06-30t12:00:00z', '--json'], { env })
   t.equal(lower.code, 0, 'a lowercase t and z are taken')
   t.equal(lower.json().expires_at, '2099-06-30T12:00:00.000Z', 'and read as the time they write')
 })
@@ -307,13 +310,13 @@ t.test('an import tells every problem of its file in the first answer, on the em
   t.equal((await runCli(['api-key', 'import', first], { cwd, env })).code, 0)
   const second = join(cwd, 'second.jsonl')
   writeFileSync(second, [{ key_hash: a, name: 'a' }, { key_hash: b, name: 'b', type: 'bogus' }, { key_hash: b, name: 'b2' }].map((r) => JSON.stringify(r)).join('\n') + '\n')
-  const run = await runCli(['api-key', 'import', second, '--json'], { cwd, env })
+  const run = await runCliHere(['api-key', 'import', second, '--json'], { env })
   t.equal(run.code, 1)
   const error = run.json().error
   t.equal(error.code, 'import_invalid')
   t.match(error.details.problems, [/^row 1: key_hash is already in the store$/, /^row 2: type: /, /^row 3: key_hash repeats row 2$/])
   t.equal(error.details.problems.length, 3, 'the three problems, no more')
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 1, 'nothing more was stored')
+  t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 1, 'nothing more was stored')
 })
 
 t.test('a JSON lines import with lines that are not JSON names each line and the column where it stops, quoting nothing of it (found by a review)', async (t) => {
@@ -338,7 +341,7 @@ t.test('a JSON lines import with lines that are not JSON names each line and the
     `line 5: is not valid JSON (at column ${bare.indexOf('d}') + 1})`,
   ])
   t.notOk(run.stdout.includes(hash) || run.stderr.includes(hash), 'the lines are not quoted')
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was imported')
+  t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'nothing was imported')
 })
 
 t.test('a JSON array import that is not JSON names the line and column in the file, why, and a piece of that line with any key_hash in it hidden (found by a review)', async (t) => {
@@ -443,14 +446,14 @@ t.test('an import file or stdin that is not UTF-8 is refused naming where, and n
   t.same(said(stderr), [`keygate: stdin:2:${col}: the file is not UTF-8 text (an invalid byte at offset ${offset}); nothing imported: save it as UTF-8`])
   const utf16 = join(cwd, 'utf16.json')
   writeFileSync(utf16, Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(`[${first.trim()}]`, 'utf16le')]))
-  const wide = await runCli(['api-key', 'import', utf16], { cwd, env })
+  const wide = await runCliHere(['api-key', 'import', utf16], { env })
   t.equal(wide.code, 1)
   t.same(said(wide.stderr), [`keygate: ${utf16}: the file is UTF-16 (it starts with a UTF-16 byte order mark); nothing imported: save it as UTF-8`])
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was imported')
+  t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'nothing was imported')
   // The same file in UTF-8 is imported as written.
   writeFileSync(file, first + second('café'))
-  t.equal((await runCli(['api-key', 'import', file], { cwd, env })).code, 0)
-  t.same((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.map((k: { name: string }) => k.name).sort(), ['café', 'one'])
+  t.equal((await runCliHere(['api-key', 'import', file], { env })).code, 0)
+  t.same((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.map((k: { name: string }) => k.name).sort(), ['café', 'one'])
 })
 
 t.test('a store named on the command line while the admin URL is set is a usage error, not ignored', async (t) => {
@@ -650,13 +653,13 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
       t.match(r.stderr, pattern, `keygate ${args.join(' ')} names the flag`)
     }
   }
-  t.equal((await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items.length, 0, 'no key was made')
+  t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'no key was made')
 
   // Host bits refused, a range kept in its one spelling, as through the admin API (test/admin-keys.test.ts).
-  const hostBits = await runCli([...create, '--cidrs', '10.1.2.3/8', '--scopes', 'read', '--json'], { cwd, env })
+  const hostBits = await runCliHere([...create, '--cidrs', '10.1.2.3/8', '--scopes', 'read', '--json'], { env })
   t.equal(hostBits.code, 2, '--cidrs 10.1.2.3/8 is a usage error')
   t.match(hostBits.stderr, /"10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8/)
-  const made = await runCli([...create, '--cidrs', '::ffff:10.0.0.0/104', '--scopes', 'read', '--json'], { cwd, env })
+  const made = await runCliHere([...create, '--cidrs', '::ffff:10.0.0.0/104', '--scopes', 'read', '--json'], { env })
   t.equal(made.code, 0)
   t.same(made.json().allowed_cidrs, ['10.0.0.0/8'], '--cidrs ::ffff:10.0.0.0/104 is kept as 10.0.0.0/8')
   const id = made.json().id as string
@@ -665,8 +668,8 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
     t.equal(r.code, 2, `update --cidrs ${JSON.stringify(value)} exits 2`)
     t.match(r.stderr, /^keygate: --cidrs: /)
   }
-  t.same((await runCli(['api-key', 'get', id, '--json'], { cwd, env })).json().allowed_cidrs, ['10.0.0.0/8'], 'the binding stays')
-  const cleared = await runCli(['api-key', 'update', id, '--cidrs', 'any', '--scopes', 'none', '--json'], { cwd, env })
+  t.same((await runCliHere(['api-key', 'get', id, '--json'], { env })).json().allowed_cidrs, ['10.0.0.0/8'], 'the binding stays')
+  const cleared = await runCliHere(['api-key', 'update', id, '--cidrs', 'any', '--scopes', 'none', '--json'], { env })
   t.equal(cleared.code, 0, cleared.stderr)
   t.match(cleared.json(), { allowed_cidrs: [], scopes: [] }, 'the words clear them')
 })
