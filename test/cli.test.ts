@@ -6,7 +6,7 @@ import t from 'tap'
 import { execFileSync, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { KEYGATE_BIN, childEnv, runCli, spawnClean } from './helpers/cli.ts'
+import { KEYGATE_BIN, childEnv, runCli, runCliHere, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -42,7 +42,9 @@ t.test('config check', async (t) => {
   t.same(r.json().error.details.problems.length, 3, 'every problem at once')
 
   // Without a file named: the one every other command would read (before: a usage error, although --help says [FILE]).
-  const fromEnv = await runCli(['config', 'check'], { env: { KEYGATE_CONFIG: good } })
+  // (The checks whose answer alone is looked at run through the command line's entry in this
+  // process, runCliHere: the real process of each exit code and of ./keygate.yaml is here too.)
+  const fromEnv = await runCliHere(['config', 'check'], { env: { KEYGATE_CONFIG: good } })
   t.equal(fromEnv.code, 0, 'KEYGATE_CONFIG is checked')
   t.equal(fromEnv.stdout, `${good}: valid (1 route)\n`)
   writeFileSync(join(dir, 'keygate.yaml'), 'cache: { ttl_s: 0 }\n')
@@ -50,7 +52,7 @@ t.test('config check', async (t) => {
   t.equal(fromCwd.code, 1, './keygate.yaml is checked')
   t.match(fromCwd.stderr, /cache\.ttl_s: 0 is not allowed/)
 
-  const missing = await runCli(['config', 'check', join(dir, 'nope.yaml')])
+  const missing = await runCliHere(['config', 'check', join(dir, 'nope.yaml')])
   t.equal(missing.code, 1)
   t.match(missing.stderr, /nope\.yaml: cannot be read \(ENOENT\)/)
 
@@ -61,11 +63,11 @@ t.test('config check', async (t) => {
   const warned = await runCli(['config', 'check', around])
   t.equal(warned.code, 0, 'still valid')
   t.equal(warned.stdout, `${around}: valid (2 routes)\nwarning: route "api" has scopes, but route "web" reaches its upstream paths without them: /api/x by "api" and /x by "web" are both /x to the upstream; give "web" the same scopes, or another upstream or base path\n`)
-  const warnedJson = await runCli(['config', 'check', around, '--json'])
+  const warnedJson = await runCliHere(['config', 'check', around, '--json'])
   t.match(warnedJson.json(), { valid: true, warnings: [/^route "api" has scopes, but route "web" reaches/] })
-  t.same((await runCli(['config', 'check', good, '--json'])).json().warnings, [], 'none where no route goes around another')
+  t.same((await runCliHere(['config', 'check', good, '--json'])).json().warnings, [], 'none where no route goes around another')
 
-  const docs = await runCli(['config', 'docs'])
+  const docs = await runCliHere(['config', 'docs'])
   t.equal(docs.code, 0)
   t.match(docs.stdout, /\| `cache\.ttl_s` \| `300` \| `CACHE_TTL_SECONDS`/)
 })
@@ -88,7 +90,8 @@ t.test('the embedded store is refused while another process holds it', async (t)
     const locked = await runCli([group, 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
     t.equal(locked.code, 1)
     t.match(locked.json().error, { code: 'store_locked', message: /in use by process \d+ \(node, no keygate command\): .*; else stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN$/ }, `${group}: the same hint`)
-    const remote = await runCli([group, 'list', '--json'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1', KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) }) })
+    // (Through the command line's entry in this process: no store is opened on this path.)
+    const remote = await runCliHere([group, 'list', '--json'], { env: isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: 'http://127.0.0.1:1', KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) }) })
     t.equal(remote.code, 1)
     t.match(remote.json().error, { code: 'admin_unavailable', message: /cannot reach the admin API at http:\/\/127\.0\.0\.1:1/ }, `${group}: through the admin API when KEYGATE_ADMIN_URL is set`)
   }
