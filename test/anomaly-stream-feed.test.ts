@@ -128,7 +128,7 @@ t.test("an instance's own finding does not overtake another instance's lower id:
  * stream is open.
  */
 async function feedWithoutRedis(t: Test) {
-  const db = await memoryDb()
+  const db = await memoryDb({ migrated: true })
   t.teardown(() => db.close())
   await migrate(db)
   const { w: reads, wrap } = watchedDb()

@@ -72,7 +72,7 @@ t.test('the cycle on each store', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-cli-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const url = await freshDatabase(t)
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   for (const [kind, storeEnv] of [
     ['embedded', { KEYGATE_DATA_DIR: dataDir }],
     ['postgres', { DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 5).toString('base64') }],
@@ -197,7 +197,7 @@ t.test("a token name made in Gitea itself reaches the terminal escaped from dele
   // title and cleared the screen, and a bidi override reversed the rest of the line.
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-escape-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
-  const env = isolated({ ...gitea, KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')) })
+  const env = isolated({ ...gitea, KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
   const made = fake.addToken('ci-bot', 'hand\u001b]0;pwned\u0007made\u001b[2J\u202eevil', ['read:user'])
   secrets.push(made.sha1)
   const listed = await runCli(['gitea', 'list'], { cwd, env })
@@ -212,7 +212,7 @@ t.test("a token name made in Gitea itself reaches the terminal escaped from dele
 t.test("through a running server's admin API (KEYGATE_ADMIN_URL), while the server holds the embedded store", async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-remote-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const admin = 'remote-gitea-admin-token-0123456789'
   const serve = await startKeygate(t, { args: ['--upstream', 'http://127.0.0.1:9'], env: isolatedEnv({ ...gitea, KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: admin }), cwd })
   // The CLI has no Gitea settings of its own: the server calls Gitea with its own.

@@ -208,7 +208,7 @@ t.test('Redis down: serve stops without being held by its Redis clients, and a c
   const server = await startRedisServer(t)
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-redis-down-stop-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), REDIS_URL: server.url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), REDIS_URL: server.url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   const served = await serve(t, { env, cwd, args: ['--only', 'admin'], waitFor: { gateway: false } })
   await server.stop()
   await until(t, 'the process saw Redis go', () => served.logs.some((l) => l.message.startsWith('Redis is not answering')))

@@ -75,7 +75,7 @@ await forEachStore(t, async (t, store) => {
 
 t.test('the CLI on the embedded store: get, list --status and stats', async (t) => {
   const cwd = tempDir()
-  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
   const env = isolated({ KEYGATE_DATA_DIR: dataDir })
   const run = (...args: string[]) => runCli(args, { cwd, env })
   // The two keys are made here, on the store opened as a command opens it (its configuration, its

@@ -249,7 +249,7 @@ t.test("an --only admin process's keygate_redis_up is 0 while Redis answers PING
   t.teardown(() => admin.disconnect())
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-admin-redis-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store')), REDIS_URL: server.url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), REDIS_URL: server.url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   const served = await serve(t, { env, cwd, args: ['--only', 'admin'], waitFor: { gateway: false } })
   const up = async () => Number(/^keygate_redis_up (\S+)$/m.exec((await call(`${served.admin}/metrics`)).text)?.[1])
   t.equal(await up(), 1, 'Redis takes writes')

@@ -69,7 +69,7 @@ t.test('both listeners over TLS; SIGHUP reloads the certificate without dropping
   const config = join(dir, 'keygate.yaml')
   writeFileSync(config, `gateway:\n  ${yaml}\nadmin:\n  ${yaml}\n`)
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store')), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(dir, 'store'), { migrated: true }), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
   const created = await runCli(['api-key', 'create', '--name', 'tls', '--type', 'service', '--json'], { env })
   t.equal(created.code, 0, 'a key to send')
   const auth = { authorization: `Bearer ${(created.json() as { key: string }).key}` }
@@ -121,8 +121,8 @@ t.test('a client that connects over TLS and sends nothing is cut at the header t
     writeFileSync(config, `gateway:\n  headers_timeout_ms: ${headersMs}\n  shutdown_timeout_ms: ${headersMs}\n  ${tls}\nadmin:\n  ${tls}\n`)
     return isolatedEnv({ KEYGATE_DATA_DIR: join(dir, `silent-store-${headersMs}`), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters' })
   }
-  await seedDataDir(join(dir, 'silent-store-1000'))
-  await seedDataDir(join(dir, 'silent-store-600000'))
+  await seedDataDir(join(dir, 'silent-store-1000'), { migrated: true })
+  await seedDataDir(join(dir, 'silent-store-600000'), { migrated: true })
 
   // Before: still open after 150 s (Node's own handshake timeout, 120 s, never ended it).
   const quick = await serve(t, { env: env(1000) })
@@ -167,7 +167,7 @@ t.test('two TLS connections from one client address and port (to two addresses o
   writeFileSync(config, `gateway:\n  shutdown_timeout_ms: 600000\n  ${tls}\n`)
   const { upstream, arrived, release } = await heldUpstream(t)
   const env = isolatedEnv({ KEYGATE_DATA_DIR: join(dir, 'shared-peer-store'), KEYGATE_CONFIG: config, KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'a-bootstrap-token-of-32-characters', KEYGATE_LISTEN: '0.0.0.0:0' })
-  await seedDataDir(join(dir, 'shared-peer-store'))
+  await seedDataDir(join(dir, 'shared-peer-store'), { migrated: true })
   const created = await runCli(['api-key', 'create', '--name', 'shared-peer', '--type', 'service', '--json'], { env })
   const s = await serve(t, { env })
   const port = Number(new URL(s.gateway).port)

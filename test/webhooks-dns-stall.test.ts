@@ -52,7 +52,7 @@ function threadpool(size = 4) {
   return { lookup, stats, stuck, release }
 }
 
-const db = await memoryDb()
+const db = await memoryDb({ migrated: true })
 t.teardown(() => db.close())
 await migrate(db)
 

@@ -40,7 +40,7 @@ t.teardown(() => {
   syncBuiltinESMExports()
 })
 
-const db = await memoryDb()
+const db = await memoryDb({ migrated: true })
 t.teardown(() => db.close())
 await migrate(db)
 
