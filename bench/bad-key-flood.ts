@@ -3,8 +3,12 @@
 // well-formed random key (so each one is a store look-up) from a distinct address (X-Forwarded-For
 // from a trusted loopback proxy). Prints one JSON line per sample: requests sent, the server's
 // RSS (/proc), and its main thread's heap and external memory (/metrics); and with --snapshots,
-// writes a heap snapshot at each sample (node --heapsnapshot-signal, in --dir).
-// node bench/bad-key-flood.ts [--requests 900000] [--every 100000] [--connections 32] [--snapshots] [--dir D] [--keygate other/bin/keygate.ts]
+// writes a heap snapshot at each sample (node --heapsnapshot-signal, in --dir). Each sample also
+// gives the server's CPU (user + system, /proc) per request since the one before, in µs. With
+// --malformed, each key is malformed instead (refused before any look-up, counted toward the
+// lockout all the same), so that the flood is as fast as the gateway refuses.
+// node bench/bad-key-flood.ts [--requests 900000] [--every 100000] [--connections 32] [--malformed] [--snapshots] [--dir D] [--keygate other/bin/keygate.ts]
+import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -16,6 +20,7 @@ const requests = countArg('requests', 900_000)
 const every = countArg('every', 100_000)
 const connections = countArg('connections', 32)
 const snapshots = process.argv.includes('--snapshots')
+const malformed = process.argv.includes('--malformed')
 const arg = (name: string): string | undefined => {
   const i = process.argv.indexOf(`--${name}`)
   return i === -1 ? undefined : process.argv[i + 1]
@@ -67,12 +72,24 @@ const residentByKind = (): Record<string, number> => {
   return kinds
 }
 
+const TICKS = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100
+/** The server's CPU so far (user + system), in µs. */
+const cpuUs = () => {
+  const fields = readFileSync(`/proc/${server.pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
+  return ((Number(fields[11]) + Number(fields[12])) * 1e6) / TICKS
+}
+let lastCpu = { at: cpuUs(), sent: 0 }
+
 const sample = async (sent: number, statuses: Record<number, number>) => {
+  const cpu = cpuUs()
+  const cpuPerRequest = sent > lastCpu.sent ? Math.round((cpu - lastCpu.at) / (sent - lastCpu.sent)) : null
+  lastCpu = { at: cpu, sent }
   const rssKb = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${server.pid}/status`, 'utf8'))?.[1])
   const kinds = residentByKind()
   const text = await (await request(`http://${admin}/metrics`)).body.text()
   const line: Record<string, unknown> = {
     sent,
+    cpu_us_per_request: cpuPerRequest,
     rss_mib: mib(rssKb * 1024),
     heap_used_mib: mib(metric(text, 'keygate_nodejs_heap_size_used_bytes')),
     heap_total_mib: mib(metric(text, 'keygate_nodejs_heap_size_total_bytes')),
@@ -113,7 +130,7 @@ while (sent < requests) {
       }
       const i = sent++
       running++
-      pool.request({ path: '/', method: 'GET', headers: { authorization: `Bearer ${generateKey('kg_').key}`, 'x-forwarded-for': address(i) } }).then(async (r) => {
+      pool.request({ path: '/', method: 'GET', headers: { authorization: `Bearer ${malformed ? 'kg_notakey' : generateKey('kg_').key}`, 'x-forwarded-for': address(i) } }).then(async (r) => {
         statuses[r.statusCode] = (statuses[r.statusCode] ?? 0) + 1
         await r.body.dump()
         done++

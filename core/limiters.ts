@@ -265,11 +265,26 @@ const SWEEP = 8
  * them, and up to twice `max` (its two generations): a flood of bad keys from distinct addresses
  * kept 200,000 counts of the per-address limit, each of which had ended 2 s after it began
  * (found by a review of memory under such a flood: a part of 1.3 GB RSS).
+ *
+ * The front is read through one iterator kept from call to call. A Map keeps a deleted entry's
+ * place until its table is rebuilt, and a new iterator steps over each of those places: before,
+ * each `begin` started one at the front, and at the cap (every `begin` deleting the first entry)
+ * it stepped over up to some 160,000 deleted places, 70 µs a begin against about 1 µs below the
+ * cap, which a flood of more distinct addresses than the cap within the lockout's window reaches
+ * (bench/ending-map.ts, bench/bad-key-flood.ts --malformed). The kept iterator steps over each
+ * place once. It sees entries as the language defines a Map's iterator to (in the order they were
+ * put, one deleted before it reaches it skipped, one put after it started seen), so the front is
+ * the entry it gave last, until that entry is deleted (every deletion here comes through
+ * `delete`). lru-cache's list would also do, but it allocates its arrays for `max` entries up
+ * front: 3.8 MiB for each empty map of 100,000.
  */
 export class EndingMap<V> extends Map<string, V> {
   #max: number
   readonly #endOf: (value: V) => number | null
   readonly #onDrop: ((key: string, value: V) => void) | undefined
+  /** The iterator that reads the front, and the entry it gave last while that entry is held. */
+  #cursor: MapIterator<[string, V]> | undefined
+  #first: [string, V] | undefined
 
   /** `endOf`: when an entry ends (epoch ms), null for never. `onDrop`: told of each entry dropped past `max`. */
   constructor(max: number, endOf: (value: V) => number | null, onDrop?: (key: string, value: V) => void) {
@@ -277,6 +292,41 @@ export class EndingMap<V> extends Map<string, V> {
     this.#max = max
     this.#endOf = endOf
     this.#onDrop = onDrop
+  }
+
+  override delete(key: string): boolean {
+    if (this.#first !== undefined && this.#first[0] === key) this.#first = undefined
+    return super.delete(key)
+  }
+
+  override clear(): void {
+    this.#first = undefined
+    this.#cursor = undefined
+    super.clear()
+  }
+
+  /** The entry that began first. */
+  #front(): [string, V] | undefined {
+    if (this.#first !== undefined) return this.#first
+    this.#cursor ??= super.entries()
+    const step = this.#cursor.next()
+    if (step.done === true) {
+      // Every entry it gave has been deleted: none is held. One put later starts a new iterator.
+      this.#cursor = undefined
+      return undefined
+    }
+    return (this.#first = step.value)
+  }
+
+  /**
+   * An iterator holds the tables the Map has outgrown since it last moved (it needs them to find
+   * its place): one that stays at the front while the Map grows and nothing ends held them all,
+   * 7 MiB more for the lockout's two maps of 100,000 (bench/lockout-heap.ts). A new one, made as
+   * the Map grows, gives the same front entry, and holds none of them.
+   */
+  #anchor(): void {
+    this.#cursor = super.entries()
+    this.#first = this.#cursor.next().value
   }
 
   /** The entry of `key`, unless it has ended (it is then dropped). */
@@ -292,21 +342,28 @@ export class EndingMap<V> extends Map<string, V> {
   /** Puts `value` for `key` as an entry that begins now, behind every other. */
   begin(key: string, value: V, now = Date.now()): void {
     this.delete(key)
-    let swept = 0
-    for (const [first, held] of this) {
+    for (let swept = 0; swept < SWEEP; swept++) {
+      const first = this.#front()
+      if (first === undefined) break
+      const [firstKey, held] = first
       const end = this.#endOf(held)
-      if (swept++ === SWEEP || (end !== null && end > now)) break
-      this.delete(first)
+      if (end !== null && end > now) break
+      this.delete(firstKey)
       // One that never ends goes behind the others, so those that do are still reached.
-      if (end === null) super.set(first, held)
+      if (end === null) super.set(firstKey, held)
     }
     super.set(key, value)
-    if (this.size <= this.#max) return
-    for (const [first, held] of this) {
-      this.delete(first)
-      this.#onDrop?.(first, held)
+    const size = this.size
+    if (size <= this.#max) {
+      // Growing: one past each power of two, where V8 has just moved the Map to a table twice as
+      // large, the front is read again through a new iterator (see #anchor).
+      if (size > 1024 && ((size - 1) & (size - 2)) === 0 && this.#first !== undefined) this.#anchor()
       return
     }
+    const first = this.#front()
+    if (first === undefined) return
+    this.delete(first[0])
+    this.#onDrop?.(first[0], first[1])
   }
 
   override set(key: string, value: V): this {
