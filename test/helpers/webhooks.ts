@@ -26,10 +26,36 @@ export interface Receiver {
 
 export type Respond = (hook: Hook, res: http.ServerResponse) => void
 
+/** Every port a receiver of this process was given. */
+const portsGiven = new Set<number>()
+
+/**
+ * A receiver on a port no receiver of this process had before: the webhooks of a receiver that
+ * is gone are still registered in the store a test file shares between its subtests, and one
+ * given that port again got their deliveries too (seen: a receiver counting 7 attempts where its
+ * own webhook could make 5). A port given before is held, answering 410 to anything, until the
+ * test ends, so that it is not given again meanwhile.
+ */
 export async function startReceiver(t: Tap, respond: Respond = (_h, res) => res.writeHead(204).end()): Promise<Receiver> {
+  for (;;) {
+    const server = http.createServer()
+    const port = await listen(server)
+    t.teardown(() => {
+      server.closeAllConnections()
+      return new Promise((r) => server.close(r))
+    })
+    if (!portsGiven.has(port)) {
+      portsGiven.add(port)
+      return receiverOn(server, port, respond)
+    }
+    server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => req.resume().on('end', () => res.writeHead(410).end()))
+  }
+}
+
+function receiverOn(server: http.Server, port: number, respond: Respond): Receiver {
   const received: Hook[] = []
   const waiting: Array<{ match: (h: Hook) => boolean; resolve: (h: Hook) => void }> = []
-  const server = http.createServer((req, res) => {
+  server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
     const chunks: Buffer[] = []
     req.on('data', (c: Buffer) => chunks.push(c))
     req.on('end', () => {
@@ -56,11 +82,6 @@ export async function startReceiver(t: Tap, respond: Respond = (_h, res) => res.
       }
       respond(hook, res)
     })
-  })
-  const port = await listen(server)
-  t.teardown(() => {
-    server.closeAllConnections()
-    return new Promise((r) => server.close(r))
   })
   return {
     url: `http://127.0.0.1:${port}`,
