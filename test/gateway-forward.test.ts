@@ -3,6 +3,7 @@ import t from 'tap'
 import net from 'node:net'
 import { bearer, converse, echo, makeConfig, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
 import { switchingHead, WS_OFFER } from './helpers/websocket.ts'
+import { connectionNamed } from '../gateway/forward.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
@@ -221,6 +222,28 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
   const text = await h.metrics.registry.metrics()
   t.match(text, /keygate_gateway_requests_total\{route="api",outcome="forwarded"\} 2/)
   t.match(text, /keygate_upstream_duration_seconds_count\{route="hosted"\} 4/)
+})
+
+t.test("a client's Connection naming many headers: each header is looked up in a Set of the names, and exactly the named ones are dropped (found by a review of costs a client drives)", async (t) => {
+  // A list searched per header line cost (names) x (lines) a request: thousands of names beside
+  // as many lines as allowed. The names, read as an upstream reads them, are a Set, each once.
+  const named = connectionNamed('X_Hop, x-hop, keep-alive, A, a, close')
+  t.ok(named instanceof Set, 'a Set: one look-up per header, whatever the count of names')
+  t.same([...(named ?? [])], ['x-hop', 'a'], 'read as an upstream reads them, each once, without the connection options')
+  t.equal(connectionNamed('keep-alive'), undefined)
+  t.equal(connectionNamed(['Keep-Alive', 'close']), undefined)
+
+  const h = await startGateway(t, { sharedStore: true, upstream: undefined })
+  const k = await h.key()
+  const names = Array.from({ length: 1500 }, (_, i) => `h${i}`)
+  let lines = `Connection: close, ${names.join(',')}\r\n`
+  for (let i = 0; i < 60; i++) lines += `H${i * 25}: named\r\n`
+  for (let i = 0; i < 20; i++) lines += `X-Own-${i}: kept\r\n`
+  const out = await rawExchange(h.port, `GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\n${lines}\r\n`)
+  t.match(out, /^HTTP\/1.1 200/)
+  const r = receivedOf(out) as Received
+  t.equal(Object.keys(r.headers).filter((n) => /^h\d+$/.test(n)).length, 0, 'every header the Connection names is dropped')
+  t.equal(Object.keys(r.headers).filter((n) => n.startsWith('x-own-')).length, 20, 'the others are passed')
 })
 
 t.test('response hop-by-hop headers dropped, others kept', async (t) => {
