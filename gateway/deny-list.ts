@@ -1,7 +1,7 @@
 // The IP deny list as the request path sees it: config entries plus stored ones, parsed once,
 // indexed by prefix, with answers memoised per address (cleared whenever the list changes). A
-// stored entry stops matching at its expiry: the entries held are judged again when the earliest
-// expiry passes. An entry added, changed, removed or expired changes the index by itself alone; a
+// stored entry stops matching at its expiry: the entries that expire are held soonest first, and
+// taken out as their expiries pass. An entry added, changed, removed or expired changes the index by itself alone; a
 // reload that reads the entries already held parses none of them again and keeps the index and
 // the memo; a reload that finds the store's change mark unchanged reads none (gateway/index.ts).
 import QuickLRU from 'quick-lru'
@@ -137,6 +137,69 @@ const STEP = 1000
 
 const sameEntry = (s: Stored, cidr: string, expiresAt: number): boolean => s.cidr === cidr && s.expiresAt === expiresAt
 
+/**
+ * The stored entries in the index that expire, soonest first (a binary heap on expiresAt), so that
+ * an expiry takes out the entries that expired and looks at no other. An entry taken out of the
+ * index otherwise (removed, replaced, judged again) stays here until its time comes or the heap is
+ * made again from the index (Expiries.keep), and is then passed over.
+ */
+class Expiries {
+  #heap: Stored[] = []
+
+  get length(): number {
+    return this.#heap.length
+  }
+
+  /** The soonest expiry held (of an entry that may have left the index since), Infinity for none. */
+  get next(): number {
+    return this.#heap[0]?.expiresAt ?? Infinity
+  }
+
+  push(s: Stored): void {
+    const h = this.#heap
+    let i = h.push(s) - 1
+    while (i > 0) {
+      const parent = (i - 1) >> 1
+      if ((h[parent] as Stored).expiresAt <= s.expiresAt) break
+      h[i] = h[parent] as Stored
+      i = parent
+    }
+    h[i] = s
+  }
+
+  /** Takes out the soonest when it expires at or before `nowMs`. */
+  popDue(nowMs: number): Stored | undefined {
+    const h = this.#heap
+    const top = h[0]
+    if (top === undefined || top.expiresAt > nowMs) return undefined
+    const last = h.pop() as Stored
+    if (h.length > 0) this.#sinkFrom(0, last)
+    return top
+  }
+
+  /** Makes the heap again of `entries` alone (those that expire), in one pass. */
+  keep(entries: Iterable<Stored>): void {
+    const h: Stored[] = []
+    for (const s of entries) if (s.expiresAt !== Infinity) h.push(s)
+    this.#heap = h
+    for (let i = (h.length >> 1) - 1; i >= 0; i--) this.#sinkFrom(i, h[i] as Stored)
+  }
+
+  #sinkFrom(start: number, s: Stored): void {
+    const h = this.#heap
+    let i = start
+    for (;;) {
+      let child = 2 * i + 1
+      if (child >= h.length) break
+      if (child + 1 < h.length && (h[child + 1] as Stored).expiresAt < (h[child] as Stored).expiresAt) child++
+      if ((h[child] as Stored).expiresAt >= s.expiresAt) break
+      h[i] = h[child] as Stored
+      i = child
+    }
+    h[i] = s
+  }
+}
+
 export class DenyMatcher {
   /** By id. */
   #stored = new Map<string, Stored>()
@@ -146,8 +209,12 @@ export class DenyMatcher {
   #parsed = 0
   #indexWrites = 0
   readonly #index = new PrefixIndex()
-  /** No indexed entry expires before then (one may have been removed since: then it is early, which costs a pass, nothing more). */
+  /** The indexed entries that expire, soonest first. */
+  readonly #expiries = new Expiries()
+  /** No indexed entry expires before then (one may have been removed since: then it is early, which costs a look at it, nothing more). */
   #nextExpiry = Infinity
+  /** Entries an expiry looked at, so far (tests count them). */
+  #expiryLooks = 0
   /** Every entry held was judged in force or expired as of then: a clock set back before it judges them again. */
   #judgedAtMs = -Infinity
   /** Counts the changes of the entries held (apply, commit): a reading compared before one is stale. */
@@ -171,6 +238,11 @@ export class DenyMatcher {
     return this.#parsed
   }
 
+  /** Stored entries an expiry looked at so far (the expired ones, not the list: tests count them). */
+  get expiryLooks(): number {
+    return this.#expiryLooks
+  }
+
   /** Stored entries put into or taken out of the index so far (a change costs its own entries, not the list's: tests count them). */
   get indexWrites(): number {
     return this.#indexWrites
@@ -191,6 +263,7 @@ export class DenyMatcher {
     if (want) {
       this.#index.add(s.prefix as Prefix)
       this.#indexedStored++
+      if (s.expiresAt !== Infinity) this.#expiries.push(s)
       if (s.expiresAt < this.#nextExpiry) this.#nextExpiry = s.expiresAt
     } else {
       this.#index.remove(s.prefix as Prefix)
@@ -203,26 +276,59 @@ export class DenyMatcher {
     return this.#index1(s, Infinity)
   }
 
+  *#indexedEntries(): Generator<Stored> {
+    for (const s of this.#stored.values()) if (s.indexed) yield s
+  }
+
   /**
-   * Every entry held judged again as of `nowMs` (an expiry passed, or the clock was set back): a
-   * pass over the entries that changes in the index only those whose state changed. Returns
-   * whether any did.
+   * Every entry held judged again as of `nowMs` (the clock was set back): a pass over the entries
+   * that changes in the index only those whose state changed. Returns whether any did.
    */
   #settle(nowMs: number): boolean {
     let changed = false
-    let next = Infinity
-    for (const s of this.#stored.values()) {
-      if (this.#index1(s, nowMs)) changed = true
-      if (s.indexed && s.expiresAt < next) next = s.expiresAt
-    }
-    this.#nextExpiry = next
+    for (const s of this.#stored.values()) if (this.#index1(s, nowMs)) changed = true
+    this.#expiries.keep(this.#indexedEntries())
+    this.#nextExpiry = this.#expiries.next
     this.#judgedAtMs = nowMs
     return changed
   }
 
-  /** Settles when an expiry has passed or the clock went back; returns whether the entries in force changed. */
+  /**
+   * Takes out of the index the entries that have expired by `nowMs`, looking at those alone.
+   * Before (found by a review of costs that grow with the list), each expiry judged every entry
+   * held again: with one expiring each millisecond, 9 µs a lookup at 1,000 entries, 321 µs at
+   * 50,000.
+   */
+  #expireDue(nowMs: number): boolean {
+    let changed = false
+    for (let s = this.#expiries.popDue(nowMs); s !== undefined; s = this.#expiries.popDue(nowMs)) {
+      this.#expiryLooks++
+      // One that left the index since it was put here is passed over.
+      if (s.indexed && this.#index1(s, nowMs)) changed = true
+    }
+    this.#nextExpiry = this.#expiries.next
+    this.#judgedAtMs = nowMs
+    return changed
+  }
+
+  /** Judges the entries again when an expiry has passed or the clock went back; returns whether the entries in force changed. */
+  #judge(nowMs: number): boolean {
+    return nowMs < this.#judgedAtMs ? this.#settle(nowMs) : this.#expireDue(nowMs)
+  }
+
+  /**
+   * Judges when an expiry has passed or the clock went back, else notes the time; returns whether
+   * the entries in force changed. Called once the entries held are the ones just read or changed
+   * (commit, apply, expire): the expiries are made again from the index here when most of what they
+   * hold has left it (entries removed or replaced before their expiry), so they stay within twice
+   * the index.
+   */
   #catchUp(nowMs: number): boolean {
-    if (nowMs >= this.#nextExpiry || nowMs < this.#judgedAtMs) return this.#settle(nowMs)
+    if (this.#expiries.length >= 2 * this.#indexedStored + 1024) {
+      this.#expiries.keep(this.#indexedEntries())
+      this.#nextExpiry = this.#expiries.next
+    }
+    if (nowMs >= this.#nextExpiry || nowMs < this.#judgedAtMs) return this.#judge(nowMs)
     this.#judgedAtMs = nowMs
     return false
   }
@@ -356,7 +462,7 @@ export class DenyMatcher {
     // back: an entry judged expired may be in force again; before, found by a review, it stayed
     // off until the next reload). Unlike #catchUp, no write per lookup: the judgement's time moves
     // at a settle or a reload only, so a step back costs one pass, the lookups after it none.
-    if (nowMs >= this.#nextExpiry || nowMs < this.#judgedAtMs) this.#changed(this.#settle(nowMs))
+    if (nowMs >= this.#nextExpiry || nowMs < this.#judgedAtMs) this.#changed(this.#judge(nowMs))
     let hit = this.#memo.get(address)
     if (hit === undefined) {
       const a = parseAddress(address)

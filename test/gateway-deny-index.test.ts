@@ -395,3 +395,58 @@ t.test('a reading compared before a change applied here is not used', async (t) 
   t.equal(m.commit(await m.compareInSlices([entry('a', '198.51.100.7'), entry('b', '203.0.113.9')]), NOW), true)
   t.same([m.denied('198.51.100.7', NOW), m.denied('203.0.113.9', NOW)], [true, true])
 })
+
+t.test('an expiry looks at the entries that expired, not at every entry held (found by a review of costs that grow with the list)', async (t) => {
+  // Before, each expiry judged every entry held again: with one expiring each millisecond among
+  // 50,000, 321 µs a lookup. Counted here as the entries an expiry looks at.
+  const N = 20_000
+  const m = new DenyMatcher([])
+  m.setStored(
+    Array.from({ length: N }, (_, i) => entry(`e${i}`, `10.${(i >> 8) & 255}.${i & 255}.0/24`, NOW + 1 + i)),
+    NOW,
+  )
+  t.equal(m.size, N)
+  const looks = m.expiryLooks
+  for (let i = 0; i < 100; i++) m.denied('192.0.2.1', NOW + 1 + i)
+  t.equal(m.size, N - 100, 'one expired at each of 100 lookups')
+  t.equal(m.expiryLooks - looks, 100, `the 100 expired looked at, not ${N} at each`)
+  t.ok(m.denied('10.0.101.9', NOW + 101), 'the next one is in force until its expiry')
+  t.notOk(m.denied('10.0.101.9', NOW + 102), 'and ends at it')
+})
+
+t.test('entries added, replaced, removed and expiring, with the clock stepping back now and then, answer as a scan of the entries in force', async (t) => {
+  // The expiries are kept soonest first apart from the index; what leaves the index another way
+  // (removed, replaced, a clock set back) must not make them answer otherwise than a plain scan.
+  const next = random(21)
+  const m = new DenyMatcher([])
+  const held = new Map<string, { cidr: string; expiresAt: number }>()
+  let now = NOW
+  let mismatches = 0
+  let asked = 0
+  const addresses = Array.from({ length: 64 }, (_, i) => `198.51.${i}.7`)
+  for (let round = 0; round < 4000; round++) {
+    const r = next()
+    const id = `k${Math.floor(next() * 300)}`
+    if (r < 0.45) {
+      const cidr = `198.51.${Math.floor(next() * 64)}.0/24`
+      const expiresAt = next() < 0.1 ? null : now + 1 + Math.floor(next() * 200)
+      m.apply({ action: 'added', entry: entry(id, cidr, expiresAt) }, now)
+      held.set(id, { cidr, expiresAt: expiresAt ?? Infinity })
+    } else if (r < 0.6) {
+      m.apply({ action: 'removed', entry: entry(id, '198.51.0.0/24') }, now)
+      held.delete(id)
+    } else if (r < 0.62) {
+      // A reload reading every entry held, as the store holds them.
+      m.setStored([...held].map(([i, e]) => entry(i, e.cidr, e.expiresAt === Infinity ? null : e.expiresAt)), now)
+    } else if (r < 0.64) {
+      now -= Math.floor(next() * 100)
+    } else {
+      now += Math.floor(next() * 5)
+    }
+    const address = addresses[Math.floor(next() * addresses.length)] as string
+    const inForce = [...held.values()].filter((e) => e.expiresAt > now).map((e) => rangeOf(e.cidr))
+    asked++
+    if (m.denied(address, now) !== oracle(inForce)(address)) mismatches++
+  }
+  t.equal(mismatches, 0, `the same answer as a scan, ${asked} lookups`)
+})
