@@ -123,7 +123,7 @@ export const ConfigSchema = Type.Object(
         accept_request_id: Type.Boolean({
           default: true,
           description:
-            'Keep a client-sent X-Request-Id when it is 8-128 characters of A-Z a-z 0-9 . : - and holds nothing the log hides: a UUID v4, a run of 40 or 64 hex digits (in either letter case), `eyJ` (a JWT\'s start, in any letter case, anywhere in it) or a configured secret such as the admin token; otherwise one is generated.',
+            'Keep a client-sent X-Request-Id when it is 8-128 characters of A-Z a-z 0-9 . : - and holds nothing the log hides: a UUID v4, a run of 40 or 64 hex digits (in either letter case), `eyJ` (a JWT\'s start, anywhere in it; other letter cases are kept) or a configured secret such as the admin token; otherwise one is generated.',
         }),
         deny_list_refresh_s: int(5, 1, 3600, { description: 'How often the stored deny list is re-read (changes made by other processes).' }),
         headers_timeout_ms: int(10_000, 100, 600_000, { description: 'Time a client has to send its request headers.' }),

@@ -6,8 +6,11 @@ import { scrub } from '../core/log.ts'
 import type { RequestState, Stage } from './state.ts'
 
 const SANE = /^[A-Za-z0-9.:-]{8,128}$/
-/** A JWT's start, in any letter case. */
-const JWT_START = /eyj/i
+/**
+ * A JWT's start: `{"` in base64url, always `eyJ` in these letter cases. Before (found by a docs
+ * review), any letter case: `Monkeyjump-0001` was replaced as one.
+ */
+const JWT_START = /eyJ/
 
 export function createRequestIdGenerator(): () => string {
   const prefix = randomBase62(8) + '-'

@@ -60,6 +60,12 @@ t.test('identity headers set once; credential, spoofed and hop-by-hop headers go
   }
   const hex = await h.get('/', { ...bearer(k.key), 'x-request-id': 'c'.repeat(32) })
   t.equal((hex.json as Received).headers['x-request-id'], 'c'.repeat(32), '32 hex digits are kept')
+  // A JWT starts with `eyJ` exactly (`{"` in base64url): other letter cases are words, not tokens.
+  // Before (found by a docs review), `Monkeyjump-0001` and `honeyjar.2026` were replaced too.
+  for (const word of ['Monkeyjump-0001', 'honeyjar.2026', 'KEYJOB-7731']) {
+    const kept = await h.get('/', { ...bearer(k.key), 'x-request-id': word })
+    t.equal((kept.json as Received).headers['x-request-id'], word, `${word} is kept`)
+  }
 })
 
 t.test('X-Keygate-Key-Name tells every name apart, and decodeURIComponent gives each back (found by a review)', async (t) => {
