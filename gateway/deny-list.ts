@@ -1,9 +1,10 @@
 // The IP deny list as the request path sees it: config entries plus stored ones, parsed once,
 // indexed by prefix, with answers memoised per address (cleared whenever the list changes). A
 // stored entry stops matching at its expiry: the entries that expire are held soonest first, and
-// taken out as their expiries pass. An entry added, changed, removed or expired changes the index by itself alone; a
-// reload that reads the entries already held parses none of them again and keeps the index and
-// the memo; a reload that finds the store's change mark unchanged reads none (gateway/index.ts).
+// taken out as their expiries pass. An entry added, changed, removed or expired changes the index
+// by itself alone; a reload that reads the entries already held parses none of them again and
+// keeps the index and the memo; a reload that finds the store's change mark unchanged reads none
+// (gateway/index.ts).
 import QuickLRU from 'quick-lru'
 import ipaddr from 'ipaddr.js'
 import type { DenyChange, DenyRange } from '../core/deny-list.ts'
