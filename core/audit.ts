@@ -365,7 +365,7 @@ export class AuditLog {
    */
   async writeMany(tx: Queryable, actor: Actor, entries: readonly AuditEntry[]): Promise<string[]> {
     if (entries.length === 0) return []
-    const createdAt = await transactionTime(tx)
+    const createdAt = await transactionTime(tx, entries[0]?.keyId ?? null)
     const rows = await mapInSlices(entries, (entry) => {
       const row: SealedRow = { id: randomUUID(), keyId: entry.keyId ?? null, action: entry.action, actor: actor.actor, address: actor.address ?? null, createdAt }
       return { row, sealed: this.#cipher.seal(row, entry.details ?? {}, this.#format) }
@@ -463,15 +463,26 @@ const AUDIT_ROW_CHARS = 100
 const transactionTimes = new WeakMap<Queryable, Date>()
 
 /**
- * The database's time of the transaction, cut to milliseconds (a JS Date's precision: the
+ * The time of the transaction's change, cut to milliseconds (a JS Date's precision: the
  * `before` cursor of list() must compare equal to the stored value, or rows sharing a
  * millisecond are skipped). The database's clock, not this instance's, orders the rows of
  * every instance alike; it is read before the row is sealed, since the time is bound into it.
+ * It is read at the first row written, once the change holds its keys' locks (clock_timestamp(),
+ * not now(), the transaction's start), and is later than every row `keyId` has: a change that
+ * waited for another on the same key is listed after it. Before (found by a review), two admins
+ * changing one key at once got the times their transactions began, and the one that waited was
+ * listed below the one it waited for, or beside it in the same millisecond in any order: a key's
+ * trail read "revoked", then "rotated" (which a revoked key cannot be), and the newest of two
+ * `key.updated` rows was not the value the key kept.
  */
-async function transactionTime(tx: Queryable): Promise<Date> {
+async function transactionTime(tx: Queryable, keyId: string | null): Promise<Date> {
   let at = transactionTimes.get(tx)
   if (at === undefined) {
-    const rows = await tx.query<{ at: Date }>("SELECT date_trunc('milliseconds', now()) AS at")
+    const rows = await tx.query<{ at: Date }>(
+      `SELECT GREATEST(date_trunc('milliseconds', clock_timestamp()),
+         (SELECT max(created_at) FROM api_key_audit_log WHERE key_id = $1) + interval '1 millisecond') AS at`,
+      [keyId],
+    )
     at = (rows[0] as { at: Date }).at
     // A whole store (not one transaction) has no one time to keep.
     if (!('transaction' in tx)) transactionTimes.set(tx, at)

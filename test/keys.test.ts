@@ -836,6 +836,61 @@ await forEachStore(t, async (t: Test, store) => {
       t.same(await auditActions(s, db, old.record.id), ['key.created', 'key.rotated'])
     })
 
+    t.test("two changes of one key at once are listed in its trail in the order they were made, whichever began first", async (t) => {
+      // Two admins at once: the revocation's transaction begins first, the rotation takes the key
+      // and commits, then the revocation runs. Before (found by a review), each audit row had its
+      // transaction's start, and the trail read newest first "rotated", "revoked": a revoked key
+      // rotated. The rotation lost the same way to a revocation begun first in most rounds of two
+      // instances racing (test/admin-races.test.ts).
+      const s = testServices(db)
+      let open = () => {}
+      let gate = Promise.resolve()
+      let began = () => {}
+      let begun = Promise.resolve()
+      const gated: Db = new Proxy(db, {
+        get(target, prop) {
+          if (prop === 'transaction') {
+            return <T>(fn: (tx: Queryable) => Promise<T>) =>
+              target.transaction(async (tx) => {
+                // Inside the transaction (BEGIN sent): its start is fixed before the key is asked for.
+                await tx.query('SELECT 1')
+                began()
+                await gate
+                return fn(tx)
+              })
+          }
+          const v = Reflect.get(target, prop) as unknown
+          return typeof v === 'function' ? v.bind(target) : v
+        },
+      })
+      const late = testServices(gated, { clock: s.clock })
+      for (const second of ['revoke', 'update'] as const) {
+        const k = await s.keys.create({ name: `ordered ${second}`, type: 'user' }, actor)
+        gate = new Promise<void>((resolve) => (open = resolve))
+        begun = new Promise<void>((resolve) => (began = resolve))
+        const waiting = second === 'revoke' ? late.keys.revoke(k.record.id, 'leak', actor) : late.keys.update(k.record.id, { name: `ordered ${second} last` }, actor)
+        await begun
+        // The database's clock past the waiting transaction's start, so the two cannot share a millisecond.
+        const started = async () => (await db.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND xact_start IS NOT NULL
+             AND state = 'idle in transaction' AND date_trunc('milliseconds', xact_start) < date_trunc('milliseconds', clock_timestamp())`,
+        ))[0]?.n ?? 0
+        while ((await started()) === 0) await new Promise((r) => setTimeout(r, 1))
+        if (second === 'revoke') await s.keys.rotate(k.record.id, {}, actor)
+        else await s.keys.update(k.record.id, { name: `ordered ${second} first` }, actor)
+        open()
+        await waiting
+        const trail = await s.audit.list(db, { keyId: k.record.id })
+        if (second === 'revoke') t.same(trail.map((r) => r.action), ['key.revoked', 'key.rotated', 'key.created'], 'newest first: the revocation, after the rotation')
+        else {
+          t.same(trail.map((r) => r.action), ['key.updated', 'key.updated', 'key.created'])
+          t.equal(trail[0]?.details?.name, `ordered ${second} last`, 'the newest key.updated holds the name the key kept')
+          t.equal((await s.keys.get(k.record.id)).name, `ordered ${second} last`)
+        }
+        t.ok(trail[0] && trail[1] && trail[0].createdAt > trail[1].createdAt, 'a later time, not a tie broken by id')
+      }
+    })
+
     t.test('a rotation, revocation or change that waited for its key is judged and stamped as of when it ran, not when it was asked', async (t) => {
       // Before (found by a review), each read its clock before it waited for the key's lineage,
       // which another transaction may hold up to store.query_timeout_ms: its grace end, revocation
