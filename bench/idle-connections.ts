@@ -1,7 +1,8 @@
 // node bench/idle-connections.ts [--connections N]: the memory an idle client connection holds in
 // `keygate serve` (the embedded store, every stage on), for a connection that has sent nothing,
-// one kept alive after a small GET, and one kept alive after a GET with 12 KiB of headers (under
-// gateway.max_header_bytes, 16 KiB by default). Each kind in a fresh process, twice: the live
+// one kept alive after a small GET, one kept alive after a GET with 12 KiB of headers (under
+// gateway.max_header_bytes, 16 KiB by default), and one after a GET whose X-Forwarded-For (from
+// the trusted loopback proxy) is 12 KiB of a client's own hops. Each kind in a fresh process, twice: the live
 // heap and external memory after a full collection (through the inspector) and the RSS, per
 // connection, against the same process before the connections. gateway.keep_alive_timeout_ms
 // (75 s) is how long a kept-alive connection holds it.
@@ -51,6 +52,7 @@ const kinds: Array<[string, ((i: number) => string) | null]> = [
   ['sent nothing', null],
   ['after a small GET', () => request('')],
   ['after a GET with 12 KiB of headers', (i) => request(`X-Pad: ${String(i).padEnd(12 * 1024, 'p')}\r\n`)],
+  ['after a GET with a 12 KiB X-Forwarded-For', (i) => request(`X-Forwarded-For: ${Array.from({ length: 1000 }, (_, j) => `198.18.${j >> 8}.${j & 255}`).join(', ')}, 10.0.${i >> 8}.${i & 255}\r\n`)],
 ]
 let inspectPort = 19_000 + (process.pid % 1000)
 for (const round of [1, 2]) {

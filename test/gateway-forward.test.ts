@@ -4,6 +4,7 @@ import net from 'node:net'
 import { bearer, converse, echo, makeConfig, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
 import { switchingHead, WS_OFFER } from './helpers/websocket.ts'
 import { connectionNamed } from '../gateway/forward.ts'
+import { forwardedForHeld, MEMO_XFF_CHARS } from '../gateway/client-address.ts'
 
 const count = (raw: string[], name: string) => raw.filter((v, i) => i % 2 === 0 && v.toLowerCase() === name).length
 
@@ -184,6 +185,46 @@ t.test('trusted proxies: right-most untrusted X-Forwarded-For', async (t) => {
   t.equal(b.status, 200, 'X-Forwarded-For from an untrusted peer is ignored')
   t.equal((b.json as Received).headers['x-forwarded-for'], '127.0.0.1')
   t.equal((b.json as Received).headers['x-forwarded-proto'], 'http')
+})
+
+t.test("a trusted proxy's keep-alive connection remembers no X-Forwarded-For longer than MEMO_XFF_CHARS between its requests", async (t) => {
+  // Before (found by a review of memory per connection): the last value was kept whatever its
+  // length, so an idle connection held the 12 KiB a client had put there until its next request.
+  const h = await startGateway(t, { sharedStore: true, config: { gateway: { trusted_proxies: ['127.0.0.1', '10.0.0.0/8'] }, deny_list: ['203.0.113.9'] } })
+  const k = await h.key()
+  const sockets: net.Socket[] = []
+  h.gateway.server.on('connection', (s: net.Socket) => sockets.push(s))
+  // A client's own hops passed along by the proxy, then the client, then a proxy of the chain.
+  const long = (client: string) => `${Array.from({ length: 1000 }, (_, i) => `198.18.${i >> 8}.${i & 255}`).join(', ')}, ${client}, 10.0.0.1`
+  t.ok(long('203.0.113.9').length > 12 * 1024, 'a value of over 12 KiB')
+  const asked = (xff: string) => `GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nX-Forwarded-For: ${xff}\r\n\r\n`
+  // One connection, as a proxy keeps one: after each answer (the connection idle), what it holds.
+  const client = net.connect(h.port, '127.0.0.1')
+  t.teardown(() => client.destroy())
+  client.setEncoding('latin1')
+  let got = ''
+  client.on('data', (d: string) => (got += d))
+  /** Whole answers in `text` (each a head with Content-Length, and that body). */
+  const answers = (text: string): number => {
+    let n = 0
+    for (let at = 0; ; n++) {
+      const head = text.indexOf('\r\n\r\n', at)
+      if (head === -1) return n
+      const length = Number(/\r\ncontent-length: *(\d+)/i.exec(text.slice(at, head))?.[1])
+      if (text.length < head + 4 + length) return n
+      at = head + 4 + length
+    }
+  }
+  const held: number[] = []
+  for (const [i, xff] of [long('203.0.113.9'), long('198.51.100.1'), '198.51.100.2, 10.0.0.1', long('203.0.113.9')].entries()) {
+    client.write(asked(xff))
+    while (answers(got) <= i) await new Promise((r) => client.once('data', r))
+    held.push(...sockets.map(forwardedForHeld))
+  }
+  t.same(got.match(/HTTP\/1\.1 \d+/g), ['HTTP/1.1 403', 'HTTP/1.1 200', 'HTTP/1.1 200', 'HTTP/1.1 403'], 'each request judged by its own client, on one connection')
+  t.equal(sockets.length, 1, 'one connection')
+  t.ok(held.every((chars) => chars <= MEMO_XFF_CHARS), `at most ${MEMO_XFF_CHARS} characters held between requests: ${held.join(', ')}`)
+  t.equal(held[2], '198.51.100.2, 10.0.0.1'.length, 'a short value is remembered')
 })
 
 t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', async (t) => {
