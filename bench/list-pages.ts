@@ -1,0 +1,95 @@
+// DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000]
+// What a filtered page of the admin listener's lists costs as its table grows: for each size, the
+// table is filled (its tables are made and emptied) with 1% of its rows, the oldest, matching each
+// filter (one key's, one type's, the acknowledged ones) and the rest above them, then one page of
+// 50 is read through the code the admin API runs, `rounds` times (median ms), with the indexes the
+// pages read by and with them dropped (as before them), in the same run.
+import { AnomalyLog, type AnomalyType } from '../core/anomalies.ts'
+import { openDb, type Db } from '../core/db.ts'
+import { migrate } from '../core/migrate.ts'
+import { countArg, median } from './servers.ts'
+
+const url = process.env.DATABASE_URL
+if (!url) {
+  process.stderr.write('DATABASE_URL must name an empty database of the bench\'s own\n')
+  process.exit(2)
+}
+const rounds = countArg('rounds', 5)
+const at = process.argv.indexOf('--sizes')
+const sizes = (at === -1 ? '10000,1000000' : (process.argv[at + 1] ?? '')).split(',').map(Number)
+
+interface Case {
+  name: string
+  fill: (db: Db, rows: number) => Promise<void>
+  page: (db: Db) => Promise<unknown>
+  indexes: string[]
+}
+
+const anomalies = (filter: { keyId?: string; type?: AnomalyType; acknowledged?: boolean }) => (db: Db) => new AnomalyLog(db).list({ limit: 51, ...filter })
+const fillAnomalies = async (db: Db, rows: number) => {
+  await db.query('TRUNCATE api_key_anomalies')
+  await db.query(
+    `INSERT INTO api_key_anomalies (key_id, type, window_start, details, detected_at, acknowledged_at, acknowledged_by)
+     SELECT CASE WHEN i <= $1 / 100 THEN 'old_key' ELSE 'key_' || (i % 10000) END,
+            CASE WHEN i <= $1 / 100 THEN 'unusual_hour' ELSE (ARRAY['request_rate', 'error_rate', 'distinct_addresses'])[1 + i % 3] END,
+            timestamptz '2026-01-01' + i * interval '1 second', '{"requests": 1000}', timestamptz '2026-01-01' + i * interval '1 second',
+            CASE WHEN i <= $1 / 100 THEN now() END, CASE WHEN i <= $1 / 100 THEN 'admin' END
+     FROM generate_series(1, $1::int) i`,
+    [rows],
+  )
+  await db.query('ANALYZE api_key_anomalies')
+}
+const ANOMALY_INDEXES = [
+  'api_key_anomalies_key_idx ON api_key_anomalies (key_id, id)',
+  'api_key_anomalies_type_idx ON api_key_anomalies (type, id)',
+  'api_key_anomalies_acknowledged_idx ON api_key_anomalies (id) WHERE acknowledged_at IS NOT NULL',
+]
+const cases: Case[] = [
+  { name: 'anomalies ?key_id (an older key)', fill: fillAnomalies, page: anomalies({ keyId: 'old_key' }), indexes: ANOMALY_INDEXES },
+  { name: 'anomalies ?type (a rare one)', fill: fillAnomalies, page: anomalies({ type: 'unusual_hour' }), indexes: ANOMALY_INDEXES },
+  { name: 'anomalies ?acknowledged=true (most open)', fill: fillAnomalies, page: anomalies({ acknowledged: true }), indexes: ANOMALY_INDEXES },
+  { name: 'anomalies, no filter', fill: fillAnomalies, page: anomalies({}), indexes: ANOMALY_INDEXES },
+]
+
+const db = await openDb({ databaseUrl: url })
+await migrate(db)
+const timed = async (c: Case): Promise<number> => {
+  const ms: number[] = []
+  await c.page(db) // warm
+  for (let i = 0; i < rounds; i++) {
+    const start = process.hrtime.bigint()
+    await c.page(db)
+    ms.push(Number(process.hrtime.bigint() - start) / 1e6)
+  }
+  return median(ms)
+}
+const results = new Map<string, Map<number, { with: number; without: number }>>()
+let filled: Case['fill'] | undefined
+for (const size of sizes) {
+  filled = undefined
+  for (const c of cases) {
+    if (filled !== c.fill) {
+      await c.fill(db, size)
+      filled = c.fill
+    }
+    const withIndexes = await timed(c)
+    const names = c.indexes.map((i) => i.split(' ')[0])
+    await db.query(`DROP INDEX ${names.join(', ')}`)
+    const without = await timed(c)
+    for (const i of c.indexes) await db.query(`CREATE INDEX ${i}`)
+    const bySize = results.get(c.name) ?? new Map()
+    bySize.set(size, { with: withIndexes, without })
+    results.set(c.name, bySize)
+  }
+}
+const f = (n: number) => n.toFixed(2)
+const first = sizes[0] as number
+const last = sizes.at(-1) as number
+console.log(`| page | ${sizes.map((s) => `${s.toLocaleString('en')} rows: without / with`).join(' | ')} | ${last.toLocaleString('en')} / ${first.toLocaleString('en')}: without / with |`)
+console.log(`| --- | ${sizes.map(() => '---').join(' | ')} | --- |`)
+for (const [name, bySize] of results) {
+  const a = bySize.get(first)!
+  const b = bySize.get(last)!
+  console.log(`| ${name} | ${sizes.map((s) => `${f(bySize.get(s)!.without)} / ${f(bySize.get(s)!.with)}`).join(' | ')} | ${f(b.without / a.without)} / ${f(b.with / a.with)} |`)
+}
+await db.close()
