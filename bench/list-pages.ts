@@ -1,10 +1,11 @@
 // DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000]
 // What a filtered page of the admin listener's lists costs as its table grows: for each size, the
 // table is filled (its tables are made and emptied) with 1% of its rows, the oldest, matching each
-// filter (one key's, one type's, the acknowledged ones) and the rest above them, then one page of
+// filter (one key's, one type's, the acknowledged ones; one action's, one actor's) and the rest above them, then one page of
 // 50 is read through the code the admin API runs, `rounds` times (median ms), with the indexes the
 // pages read by and with them dropped (as before them), in the same run.
 import { AnomalyLog, type AnomalyType } from '../core/anomalies.ts'
+import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { countArg, median } from './servers.ts'
@@ -44,11 +45,27 @@ const ANOMALY_INDEXES = [
   'api_key_anomalies_type_idx ON api_key_anomalies (type, id)',
   'api_key_anomalies_acknowledged_idx ON api_key_anomalies (id) WHERE acknowledged_at IS NOT NULL',
 ]
+const audit = (filter: { action?: string; actor?: string }) => (db: Db) => new AuditLog(new AuditCipher(Buffer.alloc(32, 1))).page(db, filter, 50)
+const fillAudit = async (db: Db, rows: number) => {
+  await db.query('TRUNCATE api_key_audit_log')
+  await db.query(
+    `INSERT INTO api_key_audit_log (id, key_id, action, actor, enc_key_id, nonce, details, created_at)
+     SELECT 'aud_' || i, 'key_' || (i % 10000), CASE WHEN i <= $1 / 100 THEN 'deny_list.added' ELSE 'key.updated' END,
+            CASE WHEN i <= $1 / 100 THEN 'alice' ELSE 'provisioner' END, 'k', '\\x00', '\\x00', timestamptz '2026-01-01' + i * interval '1 second'
+     FROM generate_series(1, $1::int) i`,
+    [rows],
+  )
+  await db.query('ANALYZE api_key_audit_log')
+}
+const AUDIT_INDEXES = ['api_key_audit_log_action_idx ON api_key_audit_log (action, created_at, id)', 'api_key_audit_log_actor_idx ON api_key_audit_log (actor, created_at, id)']
 const cases: Case[] = [
   { name: 'anomalies ?key_id (an older key)', fill: fillAnomalies, page: anomalies({ keyId: 'old_key' }), indexes: ANOMALY_INDEXES },
   { name: 'anomalies ?type (a rare one)', fill: fillAnomalies, page: anomalies({ type: 'unusual_hour' }), indexes: ANOMALY_INDEXES },
   { name: 'anomalies ?acknowledged=true (most open)', fill: fillAnomalies, page: anomalies({ acknowledged: true }), indexes: ANOMALY_INDEXES },
   { name: 'anomalies, no filter', fill: fillAnomalies, page: anomalies({}), indexes: ANOMALY_INDEXES },
+  { name: 'audit ?action (an older one)', fill: fillAudit, page: audit({ action: 'deny_list.added' }), indexes: AUDIT_INDEXES },
+  { name: 'audit ?actor (an older one)', fill: fillAudit, page: audit({ actor: 'alice' }), indexes: AUDIT_INDEXES },
+  { name: 'audit, no filter', fill: fillAudit, page: audit({}), indexes: AUDIT_INDEXES },
 ]
 
 const db = await openDb({ databaseUrl: url })

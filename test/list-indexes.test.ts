@@ -4,6 +4,7 @@
 // Checked on PostgreSQL by the rows the statement's plan reads (EXPLAIN ANALYZE), not by time.
 import t from 'tap'
 import { AnomalyLog } from '../core/anomalies.ts'
+import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { freshDatabase } from './helpers/stores.ts'
@@ -86,6 +87,37 @@ t.test('anomaly list pages by key, type and acknowledgement read one page of row
     )
     for (const statement of take()) {
       const read = await readBy(db, statement, 'api_key_anomalies')
+      t.ok(read <= LIMIT + 1, `${JSON.stringify(filter)}: the page read ${read} rows of ${ROWS} (at most ${LIMIT + 1})`)
+    }
+  }
+})
+
+t.test('audit pages by action and by actor read one page of rows', async (t) => {
+  const db = await openDb({ databaseUrl: await freshDatabase(t) })
+  t.teardown(() => db.close())
+  await migrate(db)
+  // The first 1% of rows: one action's and one actor's; the rest after them.
+  await db.query(
+    `INSERT INTO api_key_audit_log (id, key_id, action, actor, enc_key_id, nonce, details, created_at)
+     SELECT 'aud_' || lpad(i::text, 6, '0'), 'key_' || (i % 1000), CASE WHEN i <= $1 / 100 THEN 'deny_list.added' ELSE 'key.updated' END,
+            CASE WHEN i <= $1 / 100 THEN 'alice' ELSE 'provisioner' END, 'k', '\\x00', '\\x00', timestamptz '2026-01-01' + i * interval '1 second'
+     FROM generate_series(1, $1::int) i`,
+    [ROWS],
+  )
+  await db.query('ANALYZE api_key_audit_log')
+  const { wrapped, take } = capturing(db)
+  const log = new AuditLog(new AuditCipher(Buffer.alloc(32, 1)))
+  for (const filter of [{ action: 'deny_list.added' }, { actor: 'alice' }]) {
+    const first = await log.pageAt(wrapped, filter, { limit: LIMIT })
+    const next = await log.pageAt(wrapped, filter, { limit: LIMIT, cursor: first.nextCursor ?? undefined })
+    const ids = [...first.items, ...next.items].map((r) => r.id)
+    t.same(
+      ids,
+      Array.from({ length: 2 * LIMIT }, (_, i) => `aud_${String(ROWS / 100 - i).padStart(6, '0')}`),
+      `${JSON.stringify(filter)}: the newest rows of the filter, in order`,
+    )
+    for (const statement of take()) {
+      const read = await readBy(db, statement, 'api_key_audit_log')
       t.ok(read <= LIMIT + 1, `${JSON.stringify(filter)}: the page read ${read} rows of ${ROWS} (at most ${LIMIT + 1})`)
     }
   }
