@@ -1,12 +1,13 @@
 // DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000]
 // What a filtered page of the admin listener's lists costs as its table grows: for each size, the
 // table is filled (its tables are made and emptied) with 1% of its rows, the oldest, matching each
-// filter (one key's, one type's, the acknowledged ones; one action's, one actor's) and the rest above them, then one page of
+// filter (one key's, one type's, the acknowledged ones; one action's, one actor's; one type's, one owner's, the revoked keys) and the rest above them, then one page of
 // 50 is read through the code the admin API runs, `rounds` times (median ms), with the indexes the
 // pages read by and with them dropped (as before them), in the same run.
 import { AnomalyLog, type AnomalyType } from '../core/anomalies.ts'
 import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
+import { KeyService } from '../core/keys/service.ts'
 import { migrate } from '../core/migrate.ts'
 import { countArg, median } from './servers.ts'
 
@@ -26,38 +27,53 @@ interface Case {
   indexes: string[]
 }
 
-const anomalies = (filter: { keyId?: string; type?: AnomalyType; acknowledged?: boolean }) => (db: Db) => new AnomalyLog(db).list({ limit: 51, ...filter })
-const fillAnomalies = async (db: Db, rows: number) => {
-  await db.query('TRUNCATE api_key_anomalies')
-  await db.query(
-    `INSERT INTO api_key_anomalies (key_id, type, window_start, details, detected_at, acknowledged_at, acknowledged_by)
-     SELECT CASE WHEN i <= $1 / 100 THEN 'old_key' ELSE 'key_' || (i % 10000) END,
-            CASE WHEN i <= $1 / 100 THEN 'unusual_hour' ELSE (ARRAY['request_rate', 'error_rate', 'distinct_addresses'])[1 + i % 3] END,
-            timestamptz '2026-01-01' + i * interval '1 second', '{"requests": 1000}', timestamptz '2026-01-01' + i * interval '1 second',
-            CASE WHEN i <= $1 / 100 THEN now() END, CASE WHEN i <= $1 / 100 THEN 'admin' END
-     FROM generate_series(1, $1::int) i`,
-    [rows],
-  )
-  await db.query('ANALYZE api_key_anomalies')
+/** Empties `table`, fills it with `insert` for `rows` rows ($1), and has its statistics read. */
+const filler = (table: string, insert: string, empty = `TRUNCATE ${table}`) => async (db: Db, rows: number) => {
+  await db.query(empty)
+  await db.query(insert, [rows])
+  await db.query(`ANALYZE ${table}`)
 }
+const anomalies = (filter: { keyId?: string; type?: AnomalyType; acknowledged?: boolean }) => (db: Db) => new AnomalyLog(db).list({ limit: 51, ...filter })
+const fillAnomalies = filler(
+  'api_key_anomalies',
+  `INSERT INTO api_key_anomalies (key_id, type, window_start, details, detected_at, acknowledged_at, acknowledged_by)
+   SELECT CASE WHEN i <= $1 / 100 THEN 'old_key' ELSE 'key_' || (i % 10000) END,
+          CASE WHEN i <= $1 / 100 THEN 'unusual_hour' ELSE (ARRAY['request_rate', 'error_rate', 'distinct_addresses'])[1 + i % 3] END,
+          timestamptz '2026-01-01' + i * interval '1 second', '{"requests": 1000}', timestamptz '2026-01-01' + i * interval '1 second',
+          CASE WHEN i <= $1 / 100 THEN now() END, CASE WHEN i <= $1 / 100 THEN 'admin' END
+   FROM generate_series(1, $1::int) i`,
+)
 const ANOMALY_INDEXES = [
   'api_key_anomalies_key_idx ON api_key_anomalies (key_id, id)',
   'api_key_anomalies_type_idx ON api_key_anomalies (type, id)',
   'api_key_anomalies_acknowledged_idx ON api_key_anomalies (id) WHERE acknowledged_at IS NOT NULL',
 ]
 const audit = (filter: { action?: string; actor?: string }) => (db: Db) => new AuditLog(new AuditCipher(Buffer.alloc(32, 1))).page(db, filter, 50)
-const fillAudit = async (db: Db, rows: number) => {
-  await db.query('TRUNCATE api_key_audit_log')
-  await db.query(
-    `INSERT INTO api_key_audit_log (id, key_id, action, actor, enc_key_id, nonce, details, created_at)
-     SELECT 'aud_' || i, 'key_' || (i % 10000), CASE WHEN i <= $1 / 100 THEN 'deny_list.added' ELSE 'key.updated' END,
-            CASE WHEN i <= $1 / 100 THEN 'alice' ELSE 'provisioner' END, 'k', '\\x00', '\\x00', timestamptz '2026-01-01' + i * interval '1 second'
-     FROM generate_series(1, $1::int) i`,
-    [rows],
-  )
-  await db.query('ANALYZE api_key_audit_log')
-}
+const fillAudit = filler(
+  'api_key_audit_log',
+  `INSERT INTO api_key_audit_log (id, key_id, action, actor, enc_key_id, nonce, details, created_at)
+   SELECT 'aud_' || i, 'key_' || (i % 10000), CASE WHEN i <= $1 / 100 THEN 'deny_list.added' ELSE 'key.updated' END,
+          CASE WHEN i <= $1 / 100 THEN 'alice' ELSE 'provisioner' END, 'k', '\\x00', '\\x00', timestamptz '2026-01-01' + i * interval '1 second'
+   FROM generate_series(1, $1::int) i`,
+)
 const AUDIT_INDEXES = ['api_key_audit_log_action_idx ON api_key_audit_log (action, created_at, id)', 'api_key_audit_log_actor_idx ON api_key_audit_log (actor, created_at, id)']
+const keys = (filter: Record<string, string>) => (db: Db) =>
+  new KeyService({ db, audit: new AuditLog(new AuditCipher(Buffer.alloc(32, 1))), prefix: 'kg_', graceHours: { system: 24, user: 24, service: 24, integration: 24, emergency: 24 } }).list({ limit: 50, ...filter })
+const fillKeys = filler(
+  'api_keys',
+  `INSERT INTO api_keys (id, key_hash, name, type, status, owner, created_at, revoked_at)
+   SELECT 'key_' || i, encode(sha256(i::text::bytea), 'hex'), 'key ' || i,
+          CASE WHEN i <= $1 / 100 THEN 'emergency' ELSE 'service' END, CASE WHEN i <= $1 / 100 THEN 'revoked' ELSE 'active' END,
+          CASE WHEN i <= $1 / 100 THEN 'alice' ELSE 'team_' || (i % 100) END, timestamptz '2026-01-01' + i * interval '1 second',
+          CASE WHEN i <= $1 / 100 THEN now() END
+   FROM generate_series(1, $1::int) i`,
+  'TRUNCATE api_keys CASCADE',
+)
+const KEY_INDEXES = [
+  'api_keys_type_created_idx ON api_keys (type, created_at, id)',
+  'api_keys_status_created_idx ON api_keys (status, created_at, id)',
+  'api_keys_owner_created_idx ON api_keys (owner, created_at, id) WHERE owner IS NOT NULL',
+]
 const cases: Case[] = [
   { name: 'anomalies ?key_id (an older key)', fill: fillAnomalies, page: anomalies({ keyId: 'old_key' }), indexes: ANOMALY_INDEXES },
   { name: 'anomalies ?type (a rare one)', fill: fillAnomalies, page: anomalies({ type: 'unusual_hour' }), indexes: ANOMALY_INDEXES },
@@ -66,6 +82,10 @@ const cases: Case[] = [
   { name: 'audit ?action (an older one)', fill: fillAudit, page: audit({ action: 'deny_list.added' }), indexes: AUDIT_INDEXES },
   { name: 'audit ?actor (an older one)', fill: fillAudit, page: audit({ actor: 'alice' }), indexes: AUDIT_INDEXES },
   { name: 'audit, no filter', fill: fillAudit, page: audit({}), indexes: AUDIT_INDEXES },
+  { name: 'keys ?type (an older one)', fill: fillKeys, page: keys({ type: 'emergency' }), indexes: KEY_INDEXES },
+  { name: 'keys ?owner (an older one)', fill: fillKeys, page: keys({ owner: 'alice' }), indexes: KEY_INDEXES },
+  { name: 'keys ?status=revoked (older ones)', fill: fillKeys, page: keys({ status: 'revoked' }), indexes: KEY_INDEXES },
+  { name: 'keys, no filter', fill: fillKeys, page: keys({}), indexes: KEY_INDEXES },
 ]
 
 const db = await openDb({ databaseUrl: url })

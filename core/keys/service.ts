@@ -431,6 +431,9 @@ export class KeyService {
     }
     if (q.type) add('type = $1', q.type)
     if (q.status) add(`${statusAtSql('api_keys', '$1')} = $2`, now, q.status)
+    // A key judged revoked, active or rotating is stored so (only 'expired' is judged from others):
+    // said outright, the page is read from the (status, created_at, id) index (migration 0019).
+    if (q.status && q.status !== 'expired') add('status = $1', q.status)
     if (q.owner) add('owner = $1', q.owner)
     if (q.scope) add('$1 = ANY(scopes)', q.scope)
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
