@@ -1,0 +1,52 @@
+// node bench/cache-invalidation.ts [--sizes 10000,100000] [--drops 200]
+// What dropping one changed key costs the gateway's key cache as it holds more keys: a
+// `key:<id>` message (a revocation on another instance, cache.invalidateKeys) and the store
+// check's changed keys (cache.dropChanged), each for one key, `drops` times, µs a call. For
+// each size, that many real keys are written to an embedded store and looked up through
+// KeyCache (each a store query), so the cache holds them all.
+import { AuditCipher, AuditLog } from '../core/audit.ts'
+import { openDb } from '../core/db.ts'
+import { digestKey, generateKey } from '../core/keys/format.ts'
+import { KeyService } from '../core/keys/service.ts'
+import { createGatewayMetrics, createMetricsRegistry } from '../core/metrics.ts'
+import { migrate } from '../core/migrate.ts'
+import { loadConfig } from '../config/load.ts'
+import { cachedKeys, KeyCache } from '../gateway/key-cache.ts'
+import { createKeyLimiters } from '../gateway/rate-limit.ts'
+import { countArg } from './servers.ts'
+
+const at = process.argv.indexOf('--sizes')
+const sizes = (at === -1 ? '10000,100000' : (process.argv[at + 1] ?? '')).split(',').map(Number)
+const drops = countArg('drops', 200)
+const config = loadConfig({ env: {}, onlyFile: true })
+const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), ['api'])
+const limiterFor = createKeyLimiters(config.rate_limits.per_key, undefined)
+
+const rows: string[] = []
+for (const size of sizes) {
+  const db = await openDb({ memory: true })
+  await migrate(db)
+  const keys = new KeyService({ db, audit: new AuditLog(new AuditCipher(Buffer.alloc(32, 1))), prefix: 'kg_', graceHours: config.keys.grace_hours })
+  const made = Array.from({ length: size }, () => generateKey('kg_'))
+  for (let start = 0; start < size; start += 5000) {
+    const part = made.slice(start, start + 5000)
+    await db.query(`INSERT INTO api_keys (id, key_hash, name, type) SELECT i, h, i, 'service' FROM unnest($1::text[], $2::text[]) AS u(i, h)`, [part.map((g) => g.id), part.map((g) => g.hash)])
+  }
+  const cache = new KeyCache({ keys, ttlS: 3600, capacity: size, negativeTtlS: 0, negativeMax: 0, metrics, build: cachedKeys(1, limiterFor) })
+  for (const g of made) await cache.lookup(digestKey(g.key, 'keygate'), g.key)
+  if (cache.size.positive !== size) throw new Error(`the cache holds ${cache.size.positive} keys, expected ${size}`)
+  const time = (fn: (i: number) => void): number => {
+    const start = process.hrtime.bigint()
+    for (let i = 0; i < drops; i++) fn(i)
+    return Number(process.hrtime.bigint() - start) / 1000 / drops
+  }
+  const invalidate = time((i) => cache.invalidateKeys(new Set([(made[i] as { id: string }).id])))
+  const changed = time((i) => {
+    const g = made[drops + i] as { id: string; hash: string }
+    cache.dropChanged([{ id: g.id, keyHash: g.hash, changeXid: -1 }])
+  })
+  if (cache.size.positive !== size - 2 * drops) throw new Error(`the cache holds ${cache.size.positive} keys, expected ${size - 2 * drops}`)
+  rows.push(`| ${size.toLocaleString('en')} | ${invalidate.toFixed(2)} | ${changed.toFixed(2)} |`)
+  await db.close()
+}
+console.log('| keys cached | invalidateKeys, µs a key | dropChanged, µs a key |\n| --- | --- | --- |\n' + rows.join('\n'))
