@@ -144,6 +144,14 @@ t.test('the shared client', async (t) => {
   client.secret('inner-secret')
   client.secret('outer-inner-secret-tail')
   t.equal(client.redact('x outer-inner-secret-tail y'), 'x [redacted] y')
+  // A session credential (n8n's cookie, one for each login): the latest and the one it replaced.
+  // Before (found by a review of memory), each login's was kept for the client's life.
+  const held = client.secretsHeld
+  for (let i = 0; i < 50; i++) client.session(`session-cookie-${i}`)
+  t.equal(client.secretsHeld, held + 2, 'fifty logins: two session credentials held')
+  t.equal(client.redact('session-cookie-49 session-cookie-48 session-cookie-47'), '[redacted] [redacted] session-cookie-47', 'the latest two cut')
+  client.session('session-cookie-49')
+  t.equal(client.redact('session-cookie-48'), '[redacted]', 'the same one again replaces nothing')
 })
 
 t.test('a create whose connection is lost after the request was sent is looked for; one that never connected is not', async (t) => {

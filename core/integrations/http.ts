@@ -75,6 +75,8 @@ export class IntegrationHttp {
   readonly #secrets = new Set<string>()
   /** Secrets passing through (tokens created or verified): only the latest few, so the set stays small. */
   #transient: string[] = []
+  /** The client's session credential (n8n's cookie) and the one it replaced: see `session`. */
+  #sessions: string[] = []
   /** Every form of every secret, longest first: built by `redact` when the secrets changed since. */
   #forms: string[] | undefined
 
@@ -107,6 +109,23 @@ export class IntegrationHttp {
   }
 
   /**
+   * Remembers the client's session credential (a cookie a login answered) in place of the one
+   * before it but one: each login's was kept for the client's life, one more for every login (n8n
+   * allows five a minute), each cut from every message (found by a review of memory). The one it
+   * replaced is still cut, as a call made with it may be answered after the login.
+   */
+  session(value: string | undefined): void {
+    if (!value || value.length < 4 || this.#sessions[0] === value) return
+    this.#sessions = [value, ...this.#sessions.filter((v) => v !== value)].slice(0, 2)
+    this.#forms = undefined
+  }
+
+  /** How many secrets `redact` cuts (each in its forms): tests count them. */
+  get secretsHeld(): number {
+    return this.#secrets.size + this.#sessions.length + this.#transient.length
+  }
+
+  /**
    * `text` without any secret this client knows, shortened to one readable line: each as written,
    * JSON-escaped and URL-encoded (secretForms), the forms a service echoing a request body or URL shows it in
    * (before, found by a review, a password holding `"` or `\` was shown JSON-escaped). Longest
@@ -114,7 +133,7 @@ export class IntegrationHttp {
    * characters is not remembered (see `secret`): cut from any text, it would mangle the rest.
    */
   redact(text: string): string {
-    this.#forms ??= secretForms([...this.#secrets, ...this.#transient])
+    this.#forms ??= secretForms([...this.#secrets, ...this.#sessions, ...this.#transient])
     const out = cutSecrets(text, this.#forms).replace(/\s+/g, ' ').trim()
     return clipped(out, MAX_MESSAGE)
   }

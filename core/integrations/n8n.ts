@@ -188,7 +188,7 @@ export class N8nKeyService {
     const cookies = Array.isArray(header) ? header : header ? [header] : []
     const session = cookies.map((c) => c.split(';')[0] ?? '').find((c) => c.startsWith(`${SESSION_COOKIE}=`))
     if (!session) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} accepted the login but set no ${SESSION_COOKIE} session cookie`)
-    http.secret(session.slice(SESSION_COOKIE.length + 1))
+    http.session(session.slice(SESSION_COOKIE.length + 1))
     this.#cookie = session
     return session
   }
