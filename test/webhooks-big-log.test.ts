@@ -162,7 +162,9 @@ t.test('the delivery log is paged through its indexes, a status too, every row o
   const newest = await webhooks.deliveries(webhook.id, { limit: 5 })
   const next = await webhooks.deliveries(webhook.id, { limit: 5, cursor: newest.nextCursor as string })
   t.same([...newest.items, ...next.items].map((d) => d.id), Array.from({ length: 10 }, (_, i) => `msg_big_${i + 1}`), 'the whole log, newest first')
-  for (const q of seen.filter((q) => q.sql.includes('FROM webhook_deliveries WHERE webhook_id'))) {
+  const wholeLog = seen.filter((q) => q.sql.includes('FROM webhook_deliveries WHERE webhook_id'))
+  t.equal(wholeLog.length, 2, 'two pages')
+  for (const q of wholeLog) {
     const [plan] = await store.db.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (FORMAT JSON) ${q.sql}`, q.params)
     const text = JSON.stringify(plan?.['QUERY PLAN'])
     t.match(text, /"Index Name":"webhook_deliveries_log_idx"/, 'the whole log: read through its index')
