@@ -144,7 +144,9 @@ t.test('the README walk-through and the CLI against a running server (embedded s
   t.equal(refusedUpdate.code, 1)
   t.match(refusedUpdate.stderr, /key_not_active|is revoked/)
   const audit = await call(`${serve.admin}/v1/keys/${m.id}/audit`, { token: adminKey })
-  t.ok(audit.json.items.every((r: { actor: string }) => r.actor === `key:${adminId}`), 'the remote CLI acts as the admin key it was given')
+  const trail = audit.json.items as Array<{ action: string; actor: string }>
+  t.same(trail.map((r) => r.action).sort(), ['key.created', 'key.rotated', 'key.updated'], "the remote CLI's changes of the key, each audited")
+  t.ok(trail.every((r) => r.actor === `key:${adminId}`), 'the remote CLI acts as the admin key it was given')
 
   const noToken = await runCli(['api-key', 'list'], { asInstalled: true, env: { ...remote, KEYGATE_ADMIN_TOKEN: undefined }, cwd })
   t.equal(noToken.code, 1)
