@@ -578,6 +578,7 @@ await forEachStore(t, async (t, store) => {
     t.equal(new Set(receiver.received.map((r) => r.id)).size, 30)
     t.ok(receiver.received.every((r) => verifiedBy(r, [secret], 300, nowS()).length === 1))
     const rows = await deliveriesOf(webhook.id)
+    t.equal(rows.length, 30, 'thirty deliveries in the log')
     t.ok(rows.every((r) => r.status === 'delivered' && r.attempts === 1))
     // Polling on, they claimed later subtests' deliveries too (the hanging receiver then got
     // 12 attempts, not the 5 of one service).
