@@ -229,7 +229,9 @@ export async function sealedKeyIds(db: Queryable): Promise<string[]> {
  * log. An empty log passes.
  */
 export async function checkNewestSealed(db: Queryable, cipher: AuditCipher): Promise<void> {
-  const [newest] = await db.query<StoredRow>(`SELECT ${STORED_COLUMNS} FROM api_key_audit_log ORDER BY created_at DESC LIMIT 1`)
+  // A row whose time was set past the latest keygate writes is not the newest it wrote: it would
+  // be read at every start, and lists as altered whatever the keys.
+  const [newest] = await db.query<StoredRow>(`SELECT ${STORED_COLUMNS} FROM api_key_audit_log WHERE created_at <= $1 ORDER BY created_at DESC LIMIT 1`, [LATEST])
   if (!newest || cipher.knows(newest.enc_key_id)) return
   // Its key id changed in the store, and a configured key sealed it: the keys are right, and the
   // row lists as altered (`failed`). Before, such an edit kept every instance from starting.
@@ -429,9 +431,28 @@ export class AuditLog {
   }
 }
 
+/**
+ * The times an audit row may have: those a list cursor holds (core/cursor.ts), 1970 to 9999.
+ * Rows are written at the store's clock, so a time outside them was set in the store.
+ */
+const EARLIEST = new Date('1970-01-01T00:00:00.000Z')
+const LATEST = new Date('9999-12-31T23:59:59.999Z')
+
 /** A stored row as a record: its details opened, or its integrity and the problem. */
 function openStored(cipher: AuditCipher, r: StoredRow): AuditRecord {
-  const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: r.created_at }
+  const at = r.created_at
+  // The drivers read 'infinity' as a number and a time past JavaScript's (year 275760) as an
+  // invalid date. Such a row is listed as altered at the nearer of the times a cursor holds, so
+  // its page and the pages after it are read (before, found by a review, the listing threw on
+  // it: an infinite time sorts first, and no page of the log could be read). Several of them on
+  // either side of a page's end cannot be told apart by the cursor, which the store orders by
+  // their own times: the next page may skip (after 9999) or repeat (before 1970) some of them.
+  if (!(at instanceof Date) || !(at >= EARLIEST && at <= LATEST)) {
+    const createdAt = at === -Infinity || (at instanceof Date && at < EARLIEST) ? EARLIEST : LATEST
+    const problem = `audit row ${r.id}'s time (${at instanceof Date && !Number.isNaN(at.getTime()) ? at.toISOString() : String(at)}) is not a time keygate writes: the row was altered in the store`
+    return { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt, details: null, integrity: 'failed', problem }
+  }
+  const row: SealedRow = { id: r.id, keyId: r.key_id, action: r.action, actor: r.actor, address: r.address, createdAt: at }
   try {
     return { ...row, details: cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details), integrity: 'verified' }
   } catch (err) {
@@ -452,7 +473,8 @@ interface StoredRow {
   enc_key_id: string
   nonce: Uint8Array
   details: Uint8Array
-  created_at: Date
+  /** A Date, but for a time set in the store that no JavaScript date holds (openStored). */
+  created_at: Date | number
   format: number
 }
 
@@ -473,15 +495,17 @@ const transactionTimes = new WeakMap<Queryable, Date>()
  * changing one key at once got the times their transactions began, and the one that waited was
  * listed below the one it waited for, or beside it in the same millisecond in any order: a key's
  * trail read "revoked", then "rotated" (which a revoked key cannot be), and the newest of two
- * `key.updated` rows was not the value the key kept.
+ * `key.updated` rows was not the value the key kept. A row whose time was set in the store past
+ * the latest a row may have is passed over: after it, the key's every change failed (found by a
+ * review).
  */
 async function transactionTime(tx: Queryable, keyId: string | null): Promise<Date> {
   let at = transactionTimes.get(tx)
   if (at === undefined) {
     const rows = await tx.query<{ at: Date }>(
       `SELECT GREATEST(date_trunc('milliseconds', clock_timestamp()),
-         (SELECT max(created_at) FROM api_key_audit_log WHERE key_id = $1) + interval '1 millisecond') AS at`,
-      [keyId],
+         (SELECT max(created_at) FROM api_key_audit_log WHERE key_id = $1 AND created_at < $2) + interval '1 millisecond') AS at`,
+      [keyId, LATEST],
     )
     at = (rows[0] as { at: Date }).at
     // A whole store (not one transaction) has no one time to keep.

@@ -244,6 +244,38 @@ await forEachStore(t, async (t, store) => {
     await t.rejects(checkNewestSealed(db, new AuditCipher(randomBytes(32))), { code: 'encryption_key_missing' }, 'a wrong key is still refused')
   })
 
+  t.test("a row's time set in the store to one no JavaScript date holds is listed as altered; its page, the pages after it and its key's next change work", async (t) => {
+    // Before (found by a review): the drivers read 'infinity' as a number and a time past year
+    // 275760 as an invalid date, the listing threw on it (`r.createdAt.toISOString is not a
+    // function`, a 500 for the page), and an infinite time sorts first, so no page of the log
+    // could be read; the key's next change (its revocation too) failed the same way, as its row's
+    // time was read as later than the altered one.
+    const keyId = randomUUID().slice(0, 12)
+    const rowIds = await writeRows(db, log, 4, keyId)
+    const times = ['infinity', '280000-01-01T00:00:00Z', '12000-01-01T00:00:00Z']
+    for (const [i, time] of times.entries()) await db.query('UPDATE api_key_audit_log SET created_at = $2 WHERE id = $1', [rowIds[i], time])
+    const rows = await log.list(db, { keyId })
+    t.same(rows.map((r) => r.id), rowIds, 'every row listed, the altered ones first as the store orders them')
+    t.same(rows.map((r) => r.integrity), ['failed', 'failed', 'failed', 'verified'])
+    for (const r of rows.slice(0, 3)) {
+      t.equal(r.createdAt.toISOString(), '9999-12-31T23:59:59.999Z', 'the latest time a cursor holds')
+      t.match(r.problem, 'is not a time keygate writes')
+    }
+    const walked: string[] = []
+    let cursor: string | undefined
+    for (let page = 0; page < 10; page++) {
+      const { items, nextCursor } = await log.pageAt(db, { keyId }, { limit: 3, ...(cursor ? { cursor } : {}) })
+      walked.push(...items.map((r) => r.id))
+      if (!nextCursor) break
+      cursor = nextCursor
+    }
+    t.same(walked, rows.map((r) => r.id), 'paged through: every row once')
+    const [next] = await writeRows(db, log, 1, keyId)
+    t.equal((await log.list(db, { keyId })).find((r) => r.id === next)?.integrity, 'verified', "the key's next change is written and opens")
+    await t.rejects(checkNewestSealed(db, new AuditCipher(randomBytes(32))), { code: 'encryption_key_missing' }, 'a wrong key is still refused: the check reads the newest row keygate wrote')
+    await t.resolves(checkNewestSealed(db, new AuditCipher(TEST_ENCRYPTION_KEY)))
+  })
+
   t.test('seal format 1 (a rolling upgrade from before migration 0006): rows a version of then can read', async (t) => {
     // How a version before format 2 read a row, independently of core/audit.ts: id, key id and
     // action as associated data, whatever the format column says.
