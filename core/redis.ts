@@ -69,7 +69,7 @@ const HEALTH_TTL_MS = 10_000
 /**
  * The probe: a SET with PX, from a Lua script, as the limiters (rate-limiter-flexible's script)
  * and the lockout's restore (core/lockout.ts) write; then a MULTI/EXEC, as the limiters' reads
- * and blocks (rate-limiter-flexible's get and block) and the anomaly counts run theirs. A Redis
+ * and blocks (rate-limiter-flexible's get and block) run theirs (the anomaly counts run scripts). A Redis
  * over maxmemory with noeviction (OOM), a replica (READONLY) or an ACL that refuses writes,
  * scripts or transactions refuses it, where it answers PING. (An ACL that refuses EVALSHA alone
  * refuses nothing keygate needs: ioredis runs a script it was refused with EVAL.)

@@ -168,9 +168,9 @@ t.test('a switch back that fails at once (an ACL lets the probe write, not the l
 })
 
 t.test('the health probe is refused by an ACL that refuses transactions, which the limits use, and not by one that refuses only EVALSHA', async (t) => {
-  // rate-limiter-flexible reads and blocks a limit in a MULTI/EXEC (the lockout's check), as the
-  // anomaly counts write theirs. Before, an ACL refusing MULTI or EXEC passed the probe (a script
-  // alone), and every switch back failed at the limits' first such call.
+  // rate-limiter-flexible reads and blocks a limit in a MULTI/EXEC (the lockout's check). Before,
+  // an ACL refusing MULTI or EXEC passed the probe (a script alone), and every switch back failed
+  // at the limits' first such call.
   const server = await startRedisServer(t)
   const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
   t.teardown(() => admin.disconnect())
