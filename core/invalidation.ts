@@ -159,12 +159,20 @@ function versionsOf(message: string): number {
   return message.startsWith('keys:') || message.startsWith('hashes:') ? 2 : 1
 }
 
-/** The key ids and stored hashes a batch of changes touches: each key, and the key each one replaced. */
+/**
+ * A change whose key is new (made, imported, or made by a rotation): no gateway has it cached
+ * under its id, only perhaps its hash as unknown, so its id is not sent, only its hash. (Each id
+ * costs a gateway a mark, looked at on every use of a cached key while it is held: every key
+ * made would have kept some held.)
+ */
+const NEW_KEY: ReadonlySet<KeyChange['action']> = new Set(['created', 'imported', 'rotated'])
+
+/** The key ids and stored hashes a batch of changes touches: each key but a new one, the key each one replaced, and the hash of each. */
 export function changedKeys(changes: readonly KeyChange[]): { ids: Set<string>; hashes: Set<string> } {
   const ids = new Set<string>()
   const hashes = new Set<string>()
   for (const change of changes) {
-    ids.add(change.key.id)
+    if (!NEW_KEY.has(change.action)) ids.add(change.key.id)
     hashes.add(change.key.keyHash)
     if (change.previous) ids.add(change.previous.id)
   }

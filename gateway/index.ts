@@ -420,8 +420,9 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   }
 
   // An open WebSocket tunnel's key is read again whenever the key changes. Many keys at once go
-  // in one pass over the cache and one store read per 500 tunnelled keys: a pass per key cost
-  // (keys changed) x (keys cached), seconds of a stalled event loop for an import (a review).
+  // in one store read per 500 tunnelled keys (and are marked in the cache together): a pass over
+  // the cache per key cost (keys changed) x (keys cached), seconds of a stalled event loop for an
+  // import (a review).
   const invalidateKeys = (ids: ReadonlySet<string>) => {
     cache.invalidateKeys(ids)
     guard.keysChanged(ids)

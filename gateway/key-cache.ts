@@ -61,14 +61,17 @@ export class KeyProfile {
   readonly limit: RateLimit
   /** On `tick()`'s clock, when the cache asks the store again about the keys holding it. */
   readonly staleAt: number
+  /** The cache's count of marks (KeyCache#mark) when the store was asked about the keys holding it. */
+  readonly marked: number
 
-  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit, staleAt: number) {
+  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit, staleAt: number, marked: number) {
     this.type = KEY_TYPES[KEY_TYPES.indexOf(record.type)] as KeyType
     this.scopes = scopes
     this.state = STATES[record.status]
     this.binding = record.allowedCidrs.length > 0 ? { allowedFrom: rangeMatcher(record.allowedCidrs), lastAddress: '', lastAllowed: false } : undefined
     this.limit = limit
     this.staleAt = staleAt
+    this.marked = marked
   }
 }
 
@@ -161,15 +164,16 @@ export function scopeSets(routeCount: number): (scopes: readonly string[]) => Sc
 }
 
 /**
- * The gateway's `build`: a record's cached key, stale at `staleAt`. Its profile is shared with
- * the keys of the same profile stale at the same time; to share more, `staleAt` is rounded down
- * to a 64th of the TTL (`ttl`, in ticks), so a key is asked about again at most that much early.
+ * The gateway's `build`: a record's cached key, stale at `staleAt`, asked about when the cache had
+ * made `marked` marks. Its profile is shared with the keys of the same profile stale at the same
+ * time and asked about between the same marks; to share more, `staleAt` is rounded down to a
+ * 64th of the TTL (`ttl`, in ticks), so a key is asked about again at most that much early.
  */
-export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => RateLimit): (record: KeyRecord, staleAt: number, ttl: number) => CachedKey {
+export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => RateLimit): (record: KeyRecord, staleAt: number, ttl: number, marked?: number) => CachedKey {
   const scopeSetOf = scopeSets(routeCount)
   // The newest profile of each kind: older ones live on only in the keys that hold them.
   const newest = new Map<string, KeyProfile>()
-  return (record, staleAt, ttl) => {
+  return (record, staleAt, ttl, marked = 0) => {
     const step = Math.max(1, Math.floor(ttl / 64))
     const at = staleAt - (staleAt % step)
     const limit = record.rateLimit
@@ -178,8 +182,8 @@ export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => 
     // second ran under the first one's binding (found by a review).
     const kind = JSON.stringify([record.type, record.status, limit ? [limit.limit, limit.windowS] : null, record.allowedCidrs, record.scopes])
     let profile = newest.get(kind)
-    if (profile === undefined || profile.staleAt !== at) {
-      profile = new KeyProfile(record, scopeSetOf(record.scopes), limitFor(record), at)
+    if (profile === undefined || profile.staleAt !== at || profile.marked !== marked) {
+      profile = new KeyProfile(record, scopeSetOf(record.scopes), limitFor(record), at, marked)
       if (newest.size < MAX_SHARED || newest.has(kind)) newest.set(kind, profile)
     }
     const until = validUntilOf(record)
@@ -199,9 +203,21 @@ export interface KeyCacheOptions {
   negativeTtlS: number
   negativeMax: number
   metrics: GatewayMetrics
-  /** The cached key of a record, stale at `staleAt` (`ttl` ticks after the store was asked). */
-  build: (record: KeyRecord, staleAt: number, ttl: number) => CachedKey
+  /** The cached key of a record, stale at `staleAt` (`ttl` ticks after the store was asked), asked about when the cache had made `marked` marks. */
+  build: (record: KeyRecord, staleAt: number, ttl: number, marked: number) => CachedKey
 }
+
+/** A changed key id's mark (KeyCache#mark): made at `at` (tick), the `count`th. */
+interface Mark {
+  readonly count: number
+  readonly at: number
+  readonly keep: string | undefined
+  readonly keepXid: number
+  readonly from: number
+}
+
+/** Most marks held at once: past this, or a 16th of the keys cached, a walk of the cache applies them (#settleMarks). */
+const MAX_MARKS = 10_000
 
 export class KeyCache {
   readonly #keys: KeyService
@@ -217,6 +233,16 @@ export class KeyCache {
   /** The negative TTL in ticks: how long a key refused whatever the request is held too. */
   readonly #refusedTtl: number
   #generation = 0
+  /**
+   * Changed key ids, oldest first, marked rather than looked for in the cache, which is keyed by
+   * hash: a walk of the cache for each changed key (before) cost 1.2 to 1.5 ms at 10,000 keys and
+   * 17 to 37 ms at 100,000 (bench/cache-invalidation.ts), for a revocation on another instance or
+   * the store check's changed keys. A mark costs a look-up at each use of a cached key while any
+   * is held, and is held a TTL at most.
+   */
+  readonly #marks = new Map<string, Mark>()
+  #markCount = 0
+  #pruning: NodeJS.Timeout | undefined
 
   constructor(o: KeyCacheOptions) {
     this.#keys = o.keys
@@ -256,7 +282,11 @@ export class KeyCache {
     // key that once worked from one that never did (found by a review).
     const until = hit.validUntil
     const now = tick()
-    if (now >= hit.profile.staleAt || (until !== Infinity && until <= Date.now() && hit.profile.staleAt > now + this.#refusedTtl)) {
+    if (
+      now >= hit.profile.staleAt ||
+      (until !== Infinity && until <= Date.now() && hit.profile.staleAt > now + this.#refusedTtl) ||
+      (this.#marks.size !== 0 && this.#stale(hash, hit))
+    ) {
       this.#positive.delete(hash)
       return undefined
     }
@@ -282,8 +312,10 @@ export class KeyCache {
 
   async #load(hash: string, presented: string): Promise<CachedKey | Miss> {
     const generation = this.#generation
-    // Stale a TTL after the question, not the answer: what the store said is no newer than that.
+    // Stale a TTL after the question, not the answer: what the store said is no newer than that,
+    // and than the marks made before it.
     const asked = tick()
+    const marked = this.#markCount
     try {
       const found = await this.#keys.lookup(presented)
       // A key refused whatever the request (revoked, expired, past its grace) is held only as long
@@ -294,7 +326,7 @@ export class KeyCache {
       const ttl = found.key !== undefined && !evaluateKey(found.key, new Date()).ok ? this.#refusedTtl : this.#ttl
       let answer: CachedKey | Miss
       if (found.key !== undefined) {
-        answer = this.#build(found.key, asked + ttl, ttl)
+        answer = this.#build(found.key, asked + ttl, ttl, marked)
         answer.changeXid = found.changeXid
       } else answer = found.reason === 'wrong_secret' ? 'wrong_secret' : 'unknown'
       if (generation === this.#generation) {
@@ -307,45 +339,112 @@ export class KeyCache {
     }
   }
 
-  /** Forgets everything cached about these key ids (any of their hashes), in one pass over the cache: give it all the ids of a change at once. */
+  /**
+   * Forgets everything cached about these key ids (any of their hashes). The cache is keyed by
+   * hash, so the ids are marked (#mark) rather than looked for: give it all the ids of a change at once.
+   */
   invalidateKeys(ids: ReadonlySet<string>): void {
     if (ids.size === 0) return
-    const stale: string[] = []
-    for (const [hash, entry] of this.#positive) if (ids.has(entry.id)) stale.push(hash)
-    this.#forget(stale)
+    const count = ++this.#markCount
+    for (const id of ids) this.#mark(id, count, undefined, -1)
+    this.#settleMarks()
+    this.#forgetInflight()
   }
 
-  /** Drops these cached hashes; a query in flight then puts no answer back (the generation). */
-  #forget(stale: readonly string[]): void {
+  /** A query in flight now puts no answer back (the generation), and no request joins it. */
+  #forgetInflight(): void {
     this.#generation++
     this.#inflight.clear()
-    for (const hash of stale) this.#positive.delete(hash)
   }
 
   /**
    * The store check's changed keys (`hex`, the stored SHA-256 of each, as the change left it):
-   * drops what is cached of them, in one pass, but for a key cached under that very hash from its
-   * row as the change left it (its `changeXid`), which the change cannot have made stale. Any
-   * other entry of a changed id goes, such as one under the hash a change by hand in SQL replaced
-   * (found by a review: `holdsChange` asked only about the current hash, and the old secret
-   * stayed). Returns how many changed keys were kept.
+   * drops what is cached of them, but for a key cached under that very hash from its row as the
+   * change left it (its `changeXid`), which the change cannot have made stale. Any other entry
+   * of a changed id goes, such as one under the hash a change by hand in SQL replaced (found by a
+   * review: `holdsChange` asked only about the current hash, and the old secret stayed). Returns
+   * how many changed keys were kept.
    */
   dropChanged(changed: ReadonlyArray<{ id: string; keyHash: string; changeXid: number }>): number {
-    const current = new Map<string, { digest: string; changeXid: number }>()
-    for (const k of changed) current.set(k.id, { digest: digestFromHex(k.keyHash), changeXid: k.changeXid })
-    const kept = new Set<string>()
-    const stale: string[] = []
-    for (const [hash, entry] of this.#positive) {
-      const row = current.get(entry.id)
-      if (row === undefined) continue
-      if (row.changeXid !== -1 && hash === row.digest && entry.changeXid === row.changeXid) kept.add(entry.id)
-      else stale.push(hash)
+    if (changed.length === 0) return 0
+    const count = ++this.#markCount
+    let kept = 0
+    let fresh = false
+    for (const k of changed) {
+      const digest = digestFromHex(k.keyHash)
+      const entry = this.#positive.peek(digest)
+      const holds = k.changeXid !== -1 && entry !== undefined && entry.id === k.id && entry.changeXid === k.changeXid
+      const from = this.#mark(k.id, count, holds ? digest : undefined, k.changeXid)
+      if (holds && entry.profile.marked >= from) kept++
+      else {
+        fresh = true
+        // A key cached as unknown before it was made or imported, under its hash.
+        this.#negative?.delete(digest)
+      }
     }
-    if (kept.size === changed.length && stale.length === 0) return kept.size
-    this.#forget(stale)
-    // A key cached as unknown before it was made or imported, under its hash.
-    for (const [id, row] of current) if (!kept.has(id)) this.#negative?.delete(row.digest)
-    return kept.size
+    this.#settleMarks()
+    if (fresh) this.#forgetInflight()
+    return kept
+  }
+
+  /**
+   * Marks a changed key id: its entries asked about before mark `count` are stale (#stale), but
+   * the one under `keep` cached from the row the change left (`keepXid`) and asked about at or
+   * after the returned count. A mark held for the id is folded in: an entry one of them makes stale
+   * stays stale. (keep is kept only where both keep the same entry; else from the older mark on.)
+   */
+  #mark(id: string, count: number, keep: string | undefined, keepXid: number): number {
+    const held = this.#marks.get(id)
+    const from = held === undefined ? 0 : held.keep === keep && held.keepXid === keepXid ? held.from : held.count
+    // Deleted first, so that the marks stay in the order they were made (#pruneMarks).
+    if (held !== undefined) this.#marks.delete(id)
+    this.#marks.set(id, { count, at: tick(), keep, keepXid, from })
+    return from
+  }
+
+  /** Whether a mark of its id makes this entry stale (see #mark). */
+  #stale(hash: string, entry: CachedKey): boolean {
+    const mark = this.#marks.get(entry.id)
+    if (mark === undefined) return false
+    const marked = entry.profile.marked
+    return marked < mark.count && !(hash === mark.keep && entry.changeXid === mark.keepXid && marked >= mark.from)
+  }
+
+  /**
+   * Past as many marks as is worth holding, one walk of the cache drops what they make stale and
+   * they all go (and a query in flight puts no answer back, which the marks would have judged):
+   * the walk's cost, spread over the marks, is small. Else the oldest ones are let go a TTL after
+   * they were made, when what they made stale is stale by its age anyway.
+   */
+  #settleMarks(): void {
+    if (this.#marks.size > Math.min(MAX_MARKS, this.#positive.size >> 4)) {
+      const stale: string[] = []
+      for (const [hash, entry] of this.#positive) if (this.#stale(hash, entry)) stale.push(hash)
+      for (const hash of stale) this.#positive.delete(hash)
+      this.#marks.clear()
+      this.#forgetInflight()
+    }
+    this.#pruneMarks()
+  }
+
+  #pruneMarks(): void {
+    const now = tick()
+    for (const [id, mark] of this.#marks) {
+      if (mark.at + this.#ttl > now) break
+      this.#marks.delete(id)
+    }
+    clearTimeout(this.#pruning)
+    this.#pruning = undefined
+    const first = this.#marks.values().next()
+    if (first.done !== true) {
+      this.#pruning = setTimeout(() => this.#pruneMarks(), (first.value.at + this.#ttl - now) * 100 + 1)
+      this.#pruning.unref()
+    }
+  }
+
+  /** Marks held (for tests and the bench). */
+  get marksHeld(): number {
+    return this.#marks.size
   }
 
   /** Forgets one presented key's answers (a newly created or imported key may have been cached as unknown); `hex` is the stored SHA-256. */
@@ -358,8 +457,9 @@ export class KeyCache {
   }
 
   invalidateAll(): void {
-    this.#generation++
-    this.#inflight.clear()
+    this.#forgetInflight()
+    this.#marks.clear()
+    this.#pruneMarks()
     // A new cache, not clear(): lru-cache's clear() visits every entry through a generator, about
     // 2 s of a blocked event loop for 1,000,000 keys (found by a read-back), where making the
     // slots anew takes a tenth of that.
