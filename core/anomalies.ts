@@ -417,6 +417,13 @@ interface Finding {
   refused?: () => void
 }
 
+
+/**
+ * Answers keygate gives when its upstream or its store fails, or it stops: an outage, not the
+ * key's doing. Counted as its errors, an upstream down for a minute recorded an `error_rate`
+ * anomaly, with its webhook and stream event, for every key in use (found by a review).
+ */
+const NOT_THE_KEYS: ReadonlySet<string> = new Set(['upstream_unavailable', 'upstream_timeout', 'store_unavailable', 'shutting_down', 'internal_error'])
 export class AnomalyDetector implements UsageSink {
   readonly #db: Db
   readonly #t: Thresholds
@@ -466,8 +473,12 @@ export class AnomalyDetector implements UsageSink {
     }
   }
 
-  /** The request path: counts in memory only. A known key that was refused counts as the key's (an error answer from its address). */
-  count(authenticated: string | undefined, _outcome: string, nowMs: number, address?: string, status?: number, refusedKeyId?: string): void {
+  /**
+   * The request path: counts in memory only. A known key that was refused counts as the key's (an
+   * error answer from its address). An answer keygate gave because its upstream or its store
+   * failed (NOT_THE_KEYS) is a request of the key but not one of its errors.
+   */
+  count(authenticated: string | undefined, outcome: string, nowMs: number, address?: string, status?: number, refusedKeyId?: string): void {
     const keyId = authenticated ?? refusedKeyId
     if (keyId === undefined) return
     const minute = nowMs - (nowMs % MINUTE_MS)
@@ -482,7 +493,7 @@ export class AnomalyDetector implements UsageSink {
       pending.set(keyId, t)
     }
     t.requests++
-    if (status !== undefined && status >= 400) t.errors++
+    if (status !== undefined && status >= 400 && !NOT_THE_KEYS.has(outcome)) t.errors++
     if (address && address !== t.lastAddress && t.addresses.size < MAX_ADDRESSES) {
       t.addresses.add(this.#clientOf(address))
       t.lastAddress = address

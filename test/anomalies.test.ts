@@ -863,14 +863,43 @@ await forEachStore(
       const m = Date.UTC(2026, 10, 30, 12, 0, 0)
       // 15 errors in 12:00:00-12:00:10 and 15 in 12:00:40-12:00:50: no window holds the 20 requests
       // error_rate_min_requests asks for (before: the minute's first window took all 30, an anomaly).
-      for (let i = 0; i < 15; i++) detector.count(apart, 'upstream_unavailable', m + 1000 + i, '203.0.113.1', 502)
-      for (let i = 0; i < 15; i++) detector.count(apart, 'upstream_unavailable', m + 41_000 + i, '203.0.113.1', 502)
+      for (let i = 0; i < 15; i++) detector.count(apart, 'forwarded', m + 1000 + i, '203.0.113.1', 500)
+      for (let i = 0; i < 15; i++) detector.count(apart, 'forwarded', m + 41_000 + i, '203.0.113.1', 500)
       // 25 in one window: an anomaly.
-      for (let i = 0; i < 25; i++) detector.count(together, 'upstream_unavailable', m + 21_000 + i, '203.0.113.1', 502)
+      for (let i = 0; i < 25; i++) detector.count(together, 'forwarded', m + 21_000 + i, '203.0.113.1', 500)
       await detector.check()
       const types = async (keyId: string) => (await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.type)
       t.same(await types(apart), [])
       t.same(await types(together), ['error_rate'])
+    })
+
+    await t.test("keygate's own answers to an upstream or store outage are requests of the key, not its errors", async (t) => {
+      // Before (found by a review): an upstream down for a minute recorded an error_rate anomaly,
+      // its webhook and its stream event for every key in use.
+      const detector = new AnomalyDetector({ db: store.db, thresholds: DEFAULT_CONFIG.anomalies, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+      t.teardown(() => detector.close())
+      const m = Date.UTC(2026, 10, 30, 12, 5, 0)
+      const outage = [
+        ['upstream_unavailable', 502],
+        ['upstream_timeout', 504],
+        ['store_unavailable', 503],
+        ['shutting_down', 503],
+        ['internal_error', 500],
+      ] as const
+      const keyOf = (code: string) => `OUT${code.slice(0, 6)}${randomBytes(3).toString('hex')}`
+      const ids = outage.map(([code]) => keyOf(code))
+      outage.forEach(([code, status], k) => {
+        for (let i = 0; i < 30; i++) detector.count(ids[k], code, m + 1000 + i, '203.0.113.1', status)
+      })
+      // The same statuses from the upstream itself, and the key's own refusals, are its errors.
+      const [upstream, refused] = [keyOf('UP'), keyOf('REF')]
+      for (let i = 0; i < 30; i++) detector.count(upstream, 'forwarded', m + 1000 + i, '203.0.113.1', 502)
+      for (let i = 0; i < 30; i++) detector.count(refused, 'scope_denied', m + 1000 + i, '203.0.113.1', 403)
+      await detector.check()
+      const types = async (keyId: string) => (await store.db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.type)
+      for (const [k, [code]] of outage.entries()) t.same(await types(ids[k] as string), [], `${code}: no error_rate`)
+      t.same(await types(upstream), ['error_rate'], "the upstream's own 502s are")
+      t.same(await types(refused), ['error_rate'], 'scope_denied is')
     })
 
     await t.test('close judges what was counted while a check was running', async (t) => {
