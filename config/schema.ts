@@ -162,7 +162,7 @@ export const ConfigSchema = Type.Object(
         }),
         stream_poll_ms: int(1000, 100, 60_000, {
           description:
-            "Without Redis: how often, while an anomaly stream is open, this instance reads api_key_anomalies for the anomalies other instances found (at most 500 a read), so its streams carry every instance's; not used with Redis, whose channel announces them.",
+            "Without Redis: how often, while an anomaly stream is open, this instance reads api_key_anomalies for the anomalies other instances found (at most 500 a read), so its streams carry every instance's; with Redis only while this instance's subscription to the anomaly channel is down (the channel announces them otherwise).",
         }),
         allowed_hosts: Type.Array(Type.String({ pattern: '^(?:\\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$', maxLength: 253 }), {
           default: [],

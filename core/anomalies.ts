@@ -798,8 +798,34 @@ export const POLL_MS = 1_000
 /** Anomalies one poll of the table reads at most after the newest it read; the rest wait for the next. */
 export const POLL_PAGE = 500
 
+/** Where a table poll begins: after `cursor`, with `gaps` (ids below it that had no row, within LATE_WINDOW) looked up again. */
+interface PollStart {
+  cursor: bigint
+  gaps: Iterable<bigint>
+}
+
+/** Where the table is now; the ids just below its newest that have no row may be open inserts. */
+async function whereTableIs(history: AnomalyHistory): Promise<PollStart> {
+  const ids = (await history.newestIds(LATE_WINDOW)).map(BigInt)
+  const top = ids[0] ?? 0n
+  const gaps: bigint[] = []
+  let above = top
+  // Fewer rows than the window: none below the oldest.
+  for (const id of [...ids, 0n]) {
+    gaps.push(...skipped(id, above, top))
+    above = id
+  }
+  return { cursor: top, gaps }
+}
+
+/** The ids between `from` and `to` (both excluded) within LATE_WINDOW below `top`, highest first. */
+function* skipped(from: bigint, to: bigint, top: bigint): Generator<bigint> {
+  for (let id = to - 1n; id > from && id > top - BigInt(LATE_WINDOW) && id > 0n; id--) yield id
+}
+
 /**
- * Without Redis, the table read every `everyMs` while `wanted()` (a stream is open), and at once
+ * Without Redis (or while its subscription is down), the table read every `everyMs` while
+ * `wanted()` (a stream is open), from where `from` says (default: where the table is), and at once
  * when `now()` is called (this process recorded a finding: it is in the table by then). Each read
  * takes the rows above the newest id it read (a page at most), and looks again at the ids it
  * passed that had no row, within LATE_WINDOW below that newest: ids are taken at INSERT and seen
@@ -808,7 +834,15 @@ export const POLL_PAGE = 500
  * opened later gets only what is recorded after it opened (what it missed comes from its
  * Last-Event-ID).
  */
-function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; deliver: (a: AnomalyJson) => void; wanted: () => boolean }) {
+function tablePoll(o: {
+  history: AnomalyHistory
+  everyMs: number
+  log: Logger
+  deliver: (a: AnomalyJson) => void
+  wanted: () => boolean
+  /** Where a read begins: the newest id, and the ids below it that had no row (default: where the table is). */
+  from?: () => Promise<PollStart>
+}) {
   const window = BigInt(LATE_WINDOW)
   /** The newest id read: where the next poll reads from. */
   let cursor: bigint | undefined
@@ -835,21 +869,13 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
   }
   /** Notes the ids between `from` and `to` (both excluded) as passed without a row, within the window below `top`. */
   const passed = (from: bigint, to: bigint, top: bigint) => {
-    for (let id = to - 1n; id > from && id > top - window && id > 0n; id--) gaps.add(String(id))
+    for (const id of skipped(from, to, top)) gaps.add(String(id))
   }
-  /** Where the table is now; the ids just below its newest that have no row may be open inserts. */
   const begin = async (me: number) => {
-    const ids = (await o.history.newestIds(LATE_WINDOW)).map(BigInt)
+    const from = await (o.from ?? (() => whereTableIs(o.history)))()
     if (me !== run) return
-    const top = ids[0] ?? 0n
-    let above = top
-    for (const id of ids) {
-      passed(id, above, top)
-      above = id
-    }
-    // Fewer rows than the window: none below the oldest.
-    passed(0n, above, top)
-    cursor = top
+    for (const id of from.gaps) gaps.add(String(id))
+    cursor = from.cursor
   }
   const begun = (): Promise<void> => {
     if (beginning) return beginning
@@ -882,19 +908,26 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
     late.forEach(o.deliver)
     page.forEach(o.deliver)
   }
-  const stop = () => {
+  /** Stops; returns the ids it had passed without a row (within the window: a late commit may fill one yet). */
+  const stop = (): string[] => {
+    prune()
+    const unread = [...gaps]
     clearInterval(timer)
     timer = undefined
     cursor = undefined
     beginning = undefined
     gaps.clear()
     run++
+    return unread
   }
   // One read at a time (see coalesced): two at once would both read from the same cursor and
   // deliver what they found twice. A failed read changes nothing: what it would have delivered
   // is read by the next.
   const read = coalesced(async () => {
-    if (!o.wanted() && starting === 0) return stop()
+    if (!o.wanted() && starting === 0) {
+      stop()
+      return
+    }
     reading = true
     await poll()
       .catch(failure)
@@ -929,9 +962,11 @@ function tablePoll(o: { history: AnomalyHistory; everyMs: number; log: Logger; d
 /**
  * Every anomaly found by any instance, as it is recorded, each once and in id order, read from
  * the table: with Redis, when the channel announces one (an instance's own finding comes back on
- * it too); without Redis, while a stream is open, every `admin.stream_poll_ms` (the other
- * instances' findings) and at once when this process's event bus says it recorded one. The admin
- * SSE stream listens here, and calls `ready()` before it does.
+ * it too); without Redis, and with Redis while its subscription is down (before it is first
+ * confirmed, and from a close of its connection until it is confirmed again), while a stream is
+ * open, every `admin.stream_poll_ms` (the other instances' findings) and at once when this
+ * process's event bus says it recorded one. The admin SSE stream listens here, and calls
+ * `ready()` before it does.
  */
 export class AnomalyFeed {
   readonly #listeners = new Map<AnomalyListener, (() => void) | undefined>()
@@ -944,8 +979,11 @@ export class AnomalyFeed {
    * With Redis, `history` (the table) is required: it is the only source of what is streamed. A
    * message on the channel is a sign that something was recorded, not the anomaly: the feed reads
    * the table from the newest id it delivered, so the announced anomaly comes with any recorded
-   * before it whose publication is late or lost, in id order; what was recorded while the
-   * subscription was down is read the same way when it comes back. A message naming no recorded
+   * before it whose publication is late or lost, in id order. While the subscription is down the
+   * table is polled as without Redis, from the newest id delivered; once it is confirmed again the
+   * poll stops and one read takes what follows that id, and the ids the poll passed without a row
+   * (a late commit whose announcement came while the subscription was down): none is lost across
+   * either switch, and none is sent twice (each id is delivered once). A message naming no recorded
    * anomaly (forged, or another deployment's on the same channel) is dropped: before, it was
    * streamed, and its id, as clients' Last-Event-ID and as this feed's replay cursor, hid every
    * real anomaly with a lower id from their resumes.
@@ -1017,6 +1055,12 @@ export class AnomalyFeed {
       const waiting = new Set<string>()
       /** Whether rows may have been recorded unannounced (the subscription was down). */
       let behind = false
+      /**
+       * Ids the table poll passed without a row while the subscription was down, looked up by the
+       * first read once it is back: one committed late whose announcement came before the
+       * subscription did (or never came: its instance stopped first) is in no message.
+       */
+      const unseen = new Set<string>()
       /** One read of the table: the waiting ids that may be late commits, then what follows `newest`. */
       const readOnce = async (): Promise<void> => {
         await begun
@@ -1026,12 +1070,14 @@ export class AnomalyFeed {
         const from = newest
         const ids = [...waiting]
         waiting.clear()
+        const passed = [...unseen]
+        unseen.clear()
         const wasBehind = behind
         behind = false
         // Below `from`, only a late commit is looked up: within LATE_WINDOW of it (an older id was
         // streamed already, and may be forgotten, or was never live) and above where the feed began.
         const lowest = BigInt(from) - BigInt(LATE_WINDOW)
-        const late = ids.filter((id) => !idAfter(id, from) && !delivered.has(id) && BigInt(id) > lowest && (floor === undefined || idAfter(id, floor)))
+        const late = [...new Set([...ids, ...passed])].filter((id) => !idAfter(id, from) && !delivered.has(id) && BigInt(id) > lowest && (floor === undefined || idAfter(id, floor)))
         try {
           if (late.length > 0) (await history.among(late)).forEach(deliver)
           if (wasBehind || ids.some((id) => idAfter(id, from))) {
@@ -1045,6 +1091,7 @@ export class AnomalyFeed {
           // Read again at the next message (or when the subscription is back).
           for (const id of ids) if (waiting.size < MAX_WAITING) waiting.add(id)
           else drop(id, 'unread')
+          for (const id of passed) if (BigInt(id) > lowest) unseen.add(id)
           behind ||= wasBehind
           throw err
         }
@@ -1059,16 +1106,64 @@ export class AnomalyFeed {
           failure(err)
         }
       })
+      // Until the subscription is confirmed, and from when its connection closes until it is
+      // confirmed again, no message comes: the streams are fed from the table as without Redis
+      // (every admin.stream_poll_ms while one is open, and at once for this process's own
+      // findings), by one poll for the process. Before (found by a review), they went quiet for
+      // the whole of a Redis outage, the findings recorded all the same.
+      let live = false
+      const poll = tablePoll({
+        history,
+        everyMs: options.pollMs ?? POLL_MS,
+        log,
+        deliver,
+        wanted: () => !live && this.#listeners.size > 0,
+        from: async () => {
+          await begun
+          if (this.#listeners.size === 0 || newest === undefined) {
+            // No stream waits for what came since the last delivered one (a stream opening now
+            // catches up from its own start): from where the table is, as without Redis.
+            const at = await whereTableIs(history)
+            if (newest === undefined || at.cursor > BigInt(newest)) newest = String(at.cursor)
+            return at
+          }
+          // The streams open when the subscription went down: from the newest they got, and the
+          // ids just below it that none got since the feed began (inserts still open then).
+          const top = BigInt(newest)
+          const bottom = floor === undefined ? 0n : BigInt(floor)
+          return { cursor: top, gaps: [...skipped(bottom, top, top)].filter((id) => !delivered.has(String(id))) }
+        },
+      })
+      const offEvents = options.events.on((e) => {
+        if (e.type === 'anomaly.detected' && !live) poll.now()
+      })
+      // Confirmed on the connection that is up now: what is announced from here on comes as a
+      // message, and the read that follows (after this) finds what was recorded before, above the
+      // newest delivered, and the ids the poll passed without a row. The poll stops first: a read
+      // of its that is under way delivers nothing, so none comes twice or out of turn.
+      const subscribedNow = (): void => {
+        if (live || sub.status !== 'ready') return
+        live = true
+        for (const id of poll.stop()) unseen.add(id)
+        behind = true
+        void read()
+      }
+      sub.on('close', () => {
+        if (!live) return
+        live = false
+        if (this.#listeners.size > 0) void poll.start()
+      })
       // Warned once an outage (then at debug): ioredis retries every 500 ms at most, and each try
       // was a warning, some 7,200 an hour of an outage (found by a review); Redis's own health
       // says when it is back.
       let subscriberFailing = false
       sub.on('ready', () => {
         subscriberFailing = false
-        // ioredis subscribes again by itself once it is back; what came meanwhile is in the table.
+        // ioredis subscribes again by itself once it is back, after this; this SUBSCRIBE's answer
+        // says when the subscription holds (a table read begun at 'ready' could run before it
+        // did, and an anomaly announced in between would reach neither).
         if (!subscribed) return
-        behind = true
-        void read()
+        sub.subscribe(channel).then(subscribedNow, () => {})
       })
       sub.on('error', (err: Error) => {
         if (subscriberFailing) return log.debug('anomaly alert subscriber error', { err })
@@ -1101,7 +1196,10 @@ export class AnomalyFeed {
       })
       const trySubscribe = (): void => {
         sub.subscribe(channel).then(
-          () => (subscribed = true),
+          () => {
+            subscribed = true
+            subscribedNow()
+          },
           () => sub.once('ready', trySubscribe),
         )
       }
@@ -1132,8 +1230,11 @@ export class AnomalyFeed {
       }
       const timer = every > 0 ? setInterval(check, every) : undefined
       timer?.unref()
+      this.#ready = () => (live ? Promise.resolve() : poll.start())
       this.#stop = () => {
         clearInterval(timer)
+        offEvents()
+        poll.stop()
         sub.disconnect()
       }
     } else {
@@ -1170,10 +1271,10 @@ export class AnomalyFeed {
   }
 
   /**
-   * Call before `on`: without Redis, begins reading the table (until no listener is left) and
-   * settles once it knows where the table is, so any finding recorded after this (this
-   * instance's or another's) is delivered. Never rejects (a failed read is tried again at the
-   * next poll).
+   * Call before `on`: without Redis, or while its subscription is down, begins reading the table
+   * (until no listener is left, or the subscription is back) and settles once it knows where the
+   * table is, so any finding recorded after this (this instance's or another's) is delivered.
+   * Never rejects (a failed read is tried again at the next poll).
    */
   ready(): Promise<void> {
     return this.#ready()

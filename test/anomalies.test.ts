@@ -317,7 +317,7 @@ await forEachStore(t, async (t, store) => {
 })
 
 /** A feed on a Redis server of the test's own and an embedded store: what it delivers, and the table it reads. */
-async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?: Logger; gated?: boolean; checkIntervalMs?: number } = {}) {
+async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?: Logger; gated?: boolean; checkIntervalMs?: number; pollMs?: number } = {}) {
   const server = await startRedisServer(t)
   const db = await memoryDb({ migrated: true })
   t.teardown(() => db.close())
@@ -334,7 +334,7 @@ async function feedOnTable(t: Test, options: { historyDb?: (db: Db) => Db; log?:
   const channel = `keygate:anomaly:alerts:test-${randomBytes(4).toString('hex')}`
   const log = new AnomalyLog(db)
   const history = anomalyHistory(options.historyDb ? new AnomalyLog(options.historyDb(db)) : log)
-  const feed = new AnomalyFeed({ redis: gated ? connect(gated.url) : redis, channel, events: new EventBus(), log: options.log ?? silentLogger, history, ...(options.checkIntervalMs !== undefined ? { checkIntervalMs: options.checkIntervalMs } : {}) })
+  const feed = new AnomalyFeed({ redis: gated ? connect(gated.url) : redis, channel, events: new EventBus(), log: options.log ?? silentLogger, history, ...(options.checkIntervalMs !== undefined ? { checkIntervalMs: options.checkIntervalMs } : {}), ...(options.pollMs !== undefined ? { pollMs: options.pollMs } : {}) })
   t.teardown(() => feed.close())
   const got: AnomalyJson[] = []
   feed.on((a) => got.push(a))
@@ -388,9 +388,16 @@ t.test('a subscriber connection gone silent (half-open) is reconnected by its PI
   await until('live again', () => got.some((a) => a.id === live.id))
 })
 
-t.test('an anomaly recorded while Redis is down reaches the streams when it is back, once', async (t) => {
+t.test('an anomaly recorded while Redis is down reaches the streams from the table while it is down, once; the channel carries the findings again once it is back', async (t) => {
   const lines: string[] = []
-  const { server, db, redis, channel, got, until } = await feedOnTable(t, { log: createLogger({ level: 'warn', write: (l) => lines.push(l) }) })
+  const { server, db, redis, channel, got, until } = await feedOnTable(t, { log: createLogger({ level: 'warn', write: (l) => lines.push(l) }), pollMs: 100 })
+  // A consumer of the channel itself (SPEC §5): the detector's messages go out as before.
+  const heard: string[] = []
+  const listener = new Redis(server.url, { retryStrategy: () => 100 })
+  t.teardown(() => listener.disconnect())
+  listener.on('error', () => {})
+  listener.on('message', (_: string, message: string) => heard.push((JSON.parse(message) as AnomalyJson).key_id))
+  await listener.subscribe(channel)
   const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 3 }, redis, channel, events: new EventBus(), log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
   t.teardown(() => detector.close())
   const burst = async (keyId: string) => {
@@ -399,22 +406,32 @@ t.test('an anomaly recorded while Redis is down reaches the streams when it is b
   }
   await burst('k_before_down')
   await until('the first anomaly arrives through Redis', () => got.some((a) => a.key_id === 'k_before_down'))
+  await until('and on the channel', () => heard.includes('k_before_down'))
 
   await server.stop()
   await burst('k_while_down') // stored; its publication fails
   t.equal((await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_anomalies WHERE key_id = 'k_while_down'`))[0]?.n, 1, 'recorded while Redis is down')
-  t.notOk(got.some((a) => a.key_id === 'k_while_down'), 'not streamed yet')
+  // Before (found by a review): streamed only once Redis was back. Long before: never (the
+  // table had it, the channel never did).
+  await until('streamed while Redis is down, read from the table', () => got.some((a) => a.key_id === 'k_while_down'))
   // The subscriber retries every 100 ms here: before, each failure was a warning.
   await until('the subscriber retried', () => lines.some((l) => l.includes('subscriber error')))
   await sleep(500)
   t.equal(lines.filter((l) => l.includes('subscriber error')).length, 1, 'one warning for the outage')
   await server.start()
-  // Before: never streamed (the table had it, the channel never did).
-  await until('streamed once the subscription is back', () => got.some((a) => a.key_id === 'k_while_down'))
+  await until('the channel is back for the detector', () => redis.status === 'ready')
   await detector.check() // the next check publishes it again: delivered once all the same
+  await burst('k_after')
+  await until('a finding once it is back is announced', () => heard.includes('k_after'))
+  await until('and streamed', () => got.some((a) => a.key_id === 'k_after'))
   await sleep(300)
   t.equal(got.filter((a) => a.key_id === 'k_while_down').length, 1, 'once')
   t.equal(got.filter((a) => a.key_id === 'k_before_down').length, 1, 'and the earlier one was not sent again')
+  t.same(
+    got.map((a) => a.key_id),
+    ['k_before_down', 'k_while_down', 'k_after'],
+    'in id order',
+  )
 })
 
 t.test('Redis down for several checks is one warning for the outage, and one line when it answers again', async (t) => {

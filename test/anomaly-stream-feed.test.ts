@@ -10,20 +10,9 @@ import { openDb, type Queryable } from '../core/db.ts'
 import { EventBus } from '../core/events.ts'
 import { silentLogger } from '../core/log.ts'
 import { migrate } from '../core/migrate.ts'
-import { startAdmin, type SseEvent, type SseStream } from './helpers/admin.ts'
+import { nextWithin, startAdmin } from './helpers/admin.ts'
 import { sleep } from './helpers/gateway.ts'
 import { memoryDb, openStore, watchedDb } from './helpers/stores.ts'
-
-/** The stream's next event, or undefined when none comes within `ms` (the test fails rather than hangs). */
-async function nextWithin(s: SseStream, ms: number): Promise<SseEvent | undefined> {
-  let timer: NodeJS.Timeout | undefined
-  const none = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))
-  try {
-    return await Promise.race([s.next(), none])
-  } finally {
-    clearTimeout(timer)
-  }
-}
 
 const store = await openStore(t, 'postgres')
 // Instance A serves the admin API and its stream; instance B a gateway with its detector, over a

@@ -3,9 +3,9 @@
 // reconnecting with `Last-Event-ID` (or `?last_event_id=`; the header wins) first gets what it
 // missed from the table, then the live ones, none twice. A stream opened without one begins with
 // an `id:` alone, the newest anomaly then, so a reconnection before the first event resumes too.
-// Without Redis the live ones are read from the table too, in id order: every
-// `admin.stream_poll_ms` (1 s) while a stream is open (the other instances'), and at once when
-// this process records one. A comment line every `admin.stream_heartbeat_s` (15 s) keeps proxies
+// Without Redis (and with Redis while the instance's subscription to the anomaly channel is down)
+// the live ones are read from the table too, in id order: every `admin.stream_poll_ms` (1 s) while
+// a stream is open (the other instances'), and at once when this process records one. A comment line every `admin.stream_heartbeat_s` (15 s) keeps proxies
 // from closing an idle stream. A stream opened with an admin key ends when that key stops being
 // an admin key. A client that stops reading is cut off once 1 MiB waits for it (it
 // resumes with Last-Event-ID, as browsers do on their own); the catch-up is read in pages, each
@@ -82,8 +82,9 @@ export default defineOperation({
     // anomaly the feed delivered in that gap never reached this stream, and once a later event had
     // moved the client's last id past it, no resume brought it either).
     const catchUpFrom = resume ?? from
-    // Without Redis, the feed reads the table for other instances' findings while a stream is
-    // open: from where the table is before this stream begins, so none recorded after is missed.
+    // Without Redis (or while its subscription is down), the feed reads the table for other
+    // instances' findings while a stream is open: from where the table is before this stream
+    // begins, or where the open streams are, so none recorded after is missed.
     await services.anomalyFeed.ready()
     if (req.socket.destroyed || res.destroyed) return
     const release = services.streams.take(actor.actor)

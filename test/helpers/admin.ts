@@ -368,6 +368,17 @@ export interface SseStream {
   close(): void
 }
 
+/** The stream's next event, or undefined when none comes within `ms` (the test fails rather than hangs). */
+export async function nextWithin(s: SseStream, ms: number): Promise<SseEvent | undefined> {
+  let timer: NodeJS.Timeout | undefined
+  const none = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))
+  try {
+    return await Promise.race([s.next(), none])
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
 /** A small SSE reader written for the tests (not the server's code): events split on blank lines. */
 export async function openSse(target: string, headers: Record<string, string>, dispatcher: Agent): Promise<SseStream> {
   const controller = new AbortController()
