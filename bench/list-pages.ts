@@ -1,9 +1,18 @@
-// DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000]
+// DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000] [--cases keys]
+// node bench/list-pages.ts --embedded [...]: the same on the embedded store (PGlite), in a new data
+// folder of its own, removed at the end.
 // What a filtered page of the admin listener's lists costs as its table grows: for each size, the
 // table is filled (its tables are made and emptied) with 1% of its rows, the oldest, matching each
-// filter (one key's, one type's, the acknowledged ones; one action's, one actor's; one type's, one owner's, the revoked keys) and the rest above them, then one page of
-// 50 is read through the code the admin API runs, `rounds` times (median ms), with the indexes the
-// pages read by and with them dropped (as before them), in the same run.
+// filter (one key's, one type's, the acknowledged ones; one action's, one actor's; one type's, one
+// owner's, the revoked keys; and the next 1% of keys, the expired ones, one scope's and the names
+// holding one word, 0.01% another scope's) and the rest above them, then one page of 50 is read
+// through the code the admin API runs, `rounds` times (median ms), with the indexes the pages read
+// by and with them dropped (as before them), in the same run; of those indexes, the ones the
+// migrations made (a run on an older keygate leaves out those it has not). `--cases` runs only the
+// cases whose name begins so.
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { AnomalyLog, type AnomalyType } from '../core/anomalies.ts'
 import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
@@ -11,11 +20,14 @@ import { KeyService } from '../core/keys/service.ts'
 import { migrate } from '../core/migrate.ts'
 import { countArg, median } from './servers.ts'
 
+const embedded = process.argv.includes('--embedded')
 const url = process.env.DATABASE_URL
-if (!url) {
-  process.stderr.write('DATABASE_URL must name an empty database of the bench\'s own\n')
+if (!embedded && !url) {
+  process.stderr.write('DATABASE_URL must name an empty database of the bench\'s own (or --embedded)\n')
   process.exit(2)
 }
+const only = process.argv.indexOf('--cases')
+const prefix = only === -1 ? '' : (process.argv[only + 1] ?? '')
 const rounds = countArg('rounds', 5)
 const at = process.argv.indexOf('--sizes')
 const sizes = (at === -1 ? '10000,1000000' : (process.argv[at + 1] ?? '')).split(',').map(Number)
@@ -59,14 +71,23 @@ const fillAudit = filler(
 const AUDIT_INDEXES = ['api_key_audit_log_action_idx ON api_key_audit_log (action, created_at, id)', 'api_key_audit_log_actor_idx ON api_key_audit_log (actor, created_at, id)']
 const keys = (filter: Record<string, string>) => (db: Db) =>
   new KeyService({ db, audit: new AuditLog(new AuditCipher(Buffer.alloc(32, 1))), prefix: 'kg_', graceHours: { system: 24, user: 24, service: 24, integration: 24, emergency: 24 } }).list({ limit: 50, ...filter })
+// The oldest 1% of keys: one type's, one owner's, the revoked ones. The next 1%: the expired
+// ones (most marked so, one in ten still active or rotating past its expiry or grace, as a key is
+// until the scheduler's next round, or for good on a store no scheduler sweeps), one scope's (one
+// in a hundred of them has a rarer one as well), and those whose name holds "legacy". Above them,
+// active keys of the common scope, a third of them with an expiry to come.
 const fillKeys = filler(
   'api_keys',
-  `INSERT INTO api_keys (id, key_hash, name, type, status, owner, created_at, revoked_at)
-   SELECT 'key_' || i, encode(sha256(i::text::bytea), 'hex'), 'key ' || i,
-          CASE WHEN i <= $1 / 100 THEN 'emergency' ELSE 'service' END, CASE WHEN i <= $1 / 100 THEN 'revoked' ELSE 'active' END,
-          CASE WHEN i <= $1 / 100 THEN 'alice' ELSE 'team_' || (i % 100) END, timestamptz '2026-01-01' + i * interval '1 second',
-          CASE WHEN i <= $1 / 100 THEN now() END
-   FROM generate_series(1, $1::int) i`,
+  `INSERT INTO api_keys (id, key_hash, name, type, status, scopes, owner, created_at, revoked_at, expires_at, grace_until)
+   SELECT 'key_' || i, encode(sha256(i::text::bytea), 'hex'), CASE WHEN old2 THEN 'legacy import ' ELSE 'key ' END || i,
+          CASE WHEN old1 THEN 'emergency' ELSE 'service' END,
+          CASE WHEN old1 THEN 'revoked' WHEN old2 AND i % 10 = 0 THEN 'active' WHEN old2 AND i % 10 = 5 THEN 'rotating' WHEN old2 THEN 'expired' ELSE 'active' END,
+          CASE WHEN old2 AND i % 100 = 1 THEN ARRAY['keys:read', 'billing:write', 'admin'] WHEN old2 THEN ARRAY['keys:read', 'billing:write'] ELSE ARRAY['keys:read'] END,
+          CASE WHEN old1 THEN 'alice' ELSE 'team_' || (i % 100) END, timestamptz '2026-01-01' + i * interval '1 second',
+          CASE WHEN old1 THEN now() END,
+          CASE WHEN old2 AND i % 10 <> 5 THEN timestamptz '2026-01-02' WHEN NOT old1 AND NOT old2 AND i % 3 = 0 THEN timestamptz '2100-01-01' + i * interval '1 second' END,
+          CASE WHEN old2 AND i % 10 = 5 THEN timestamptz '2026-01-02' END
+   FROM generate_series(1, $1::int) i, LATERAL (SELECT i <= $1 / 100 AS old1, i > $1 / 100 AND i <= $1 / 50 AS old2) o`,
   'TRUNCATE api_keys CASCADE',
 )
 const KEY_INDEXES = [
@@ -74,7 +95,7 @@ const KEY_INDEXES = [
   'api_keys_status_created_idx ON api_keys (status, created_at, id)',
   'api_keys_owner_created_idx ON api_keys (owner, created_at, id) WHERE owner IS NOT NULL',
 ]
-const cases: Case[] = [
+const allCases: Case[] = [
   { name: 'anomalies ?key_id (an older key)', fill: fillAnomalies, page: anomalies({ keyId: 'old_key' }), indexes: ANOMALY_INDEXES },
   { name: 'anomalies ?type (a rare one)', fill: fillAnomalies, page: anomalies({ type: 'unusual_hour' }), indexes: ANOMALY_INDEXES },
   { name: 'anomalies ?acknowledged=true (most open)', fill: fillAnomalies, page: anomalies({ acknowledged: true }), indexes: ANOMALY_INDEXES },
@@ -85,11 +106,20 @@ const cases: Case[] = [
   { name: 'keys ?type (an older one)', fill: fillKeys, page: keys({ type: 'emergency' }), indexes: KEY_INDEXES },
   { name: 'keys ?owner (an older one)', fill: fillKeys, page: keys({ owner: 'alice' }), indexes: KEY_INDEXES },
   { name: 'keys ?status=revoked (older ones)', fill: fillKeys, page: keys({ status: 'revoked' }), indexes: KEY_INDEXES },
+  { name: 'keys ?status=expired (older ones)', fill: fillKeys, page: keys({ status: 'expired' }), indexes: KEY_INDEXES },
+  { name: 'keys ?scope (1%, older)', fill: fillKeys, page: keys({ scope: 'billing:write' }), indexes: KEY_INDEXES },
+  { name: 'keys ?scope (0.01%, older)', fill: fillKeys, page: keys({ scope: 'admin' }), indexes: KEY_INDEXES },
+  { name: 'keys ?scope (a common one)', fill: fillKeys, page: keys({ scope: 'keys:read' }), indexes: KEY_INDEXES },
+  { name: 'keys ?name (a rare word, older)', fill: fillKeys, page: keys({ name: 'legacy' }), indexes: KEY_INDEXES },
   { name: 'keys, no filter', fill: fillKeys, page: keys({}), indexes: KEY_INDEXES },
 ]
 
-const db = await openDb({ databaseUrl: url })
+const cases = allCases.filter((c) => c.name.startsWith(prefix))
+const dataDir = embedded ? mkdtempSync(join(tmpdir(), 'keygate-list-pages-')) : undefined
+const db = await openDb(embedded ? { dataDir } : { databaseUrl: url })
 await migrate(db)
+const made = new Set((await db.query<{ name: string }>('SELECT indexname AS name FROM pg_indexes')).map((r) => r.name))
+for (const c of cases) c.indexes = c.indexes.filter((i) => made.has(i.split(' ')[0]!))
 const timed = async (c: Case): Promise<number> => {
   const ms: number[] = []
   await c.page(db) // warm
@@ -130,3 +160,4 @@ for (const [name, bySize] of results) {
   console.log(`| ${name} | ${sizes.map((s) => `${f(bySize.get(s)!.without)} / ${f(bySize.get(s)!.with)}`).join(' | ')} | ${f(b.without / a.without)} / ${f(b.with / a.with)} |`)
 }
 await db.close()
+if (dataDir) rmSync(dataDir, { recursive: true, force: true })
