@@ -94,6 +94,8 @@ const KEY_INDEXES = [
   'api_keys_type_created_idx ON api_keys (type, created_at, id)',
   'api_keys_status_created_idx ON api_keys (status, created_at, id)',
   'api_keys_owner_created_idx ON api_keys (owner, created_at, id) WHERE owner IS NOT NULL',
+  `api_keys_live_end_idx ON api_keys ((LEAST(expires_at, CASE WHEN status = 'rotating' THEN grace_until END)))
+     WHERE status IN ('active', 'rotating') AND LEAST(expires_at, CASE WHEN status = 'rotating' THEN grace_until END) IS NOT NULL`,
 ]
 const allCases: Case[] = [
   { name: 'anomalies ?key_id (an older key)', fill: fillAnomalies, page: anomalies({ keyId: 'old_key' }), indexes: ANOMALY_INDEXES },

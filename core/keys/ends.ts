@@ -30,11 +30,33 @@ export const KEY_ENDS_FROM = `api_keys k
            ELSE 'rotation_overdue' END AS end_reason) e`
 
 /**
+ * When key `k` (a table or alias) stops working by its expiry or, rotating, its grace: the
+ * earlier of them; NULL when neither is set. Only of an active or rotating key's row (the
+ * scheduler's announced rotation deadline aside, which it enforces itself). Spelled exactly as
+ * migration 0020's api_keys_live_end_idx, whose expression it must match for PostgreSQL to read
+ * the keys past it (`?status=expired`) from that index.
+ */
+export function liveEndSql(k: string): string {
+  return `LEAST(${k}.expires_at, CASE WHEN ${k}.status = 'rotating' THEN ${k}.grace_until END)`
+}
+
+/**
  * The status key `k` (a table or alias) has at `now` (a statement parameter such as `$1`):
  * core/keys/evaluate.ts statusAt in SQL, for filtering and counting by it. Its row's status
  * until the scheduler ends it: past its expiry (or, rotating, its grace: never NULL then, by
  * the table's check) it is expired at once.
  */
 export function statusAtSql(k: string, now: string): string {
-  return `CASE WHEN ${k}.status IN ('active', 'rotating') AND (${k}.expires_at <= ${now} OR (${k}.status = 'rotating' AND ${k}.grace_until <= ${now})) THEN 'expired' ELSE ${k}.status END`
+  return `CASE WHEN ${k}.status IN ('active', 'rotating') AND ${liveEndSql(k)} <= ${now} THEN 'expired' ELSE ${k}.status END`
+}
+
+/**
+ * The keys judged expired at `now` (statusAtSql's 'expired'), as the two parts an index reads
+ * each: those whose row says so, from the (status, created_at, id) index in the list's order,
+ * and the active or rotating ones past their end (liveEndSql), which the scheduler's next round
+ * marks and so are few, from api_keys_live_end_idx. Disjoint (by status), so a UNION ALL of
+ * them holds each key once.
+ */
+export function expiredPartsSql(k: string, now: string): [string, string] {
+  return [`${k}.status = 'expired'`, `${k}.status IN ('active', 'rotating') AND ${liveEndSql(k)} <= ${now}`]
 }

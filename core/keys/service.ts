@@ -11,7 +11,7 @@ import { assertValid, firstProblems, MAX_LISTED_PROBLEMS, refuseKeyIn } from '..
 import { generateKey, hashesEqual, keyPrefixes, newKeyId, parseKey, SHA256_HEX, type KeyPrefixes } from './format.ts'
 import { evaluateKey, statusAt, validUntilOf } from './evaluate.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_ROWS, ImportRow, ListKeysQuery, RevokeBody, UpdateKeyBody, withNormalCidrs, type CreateKeyInput, type ImportRowInput, type ListKeysInput, type RevokeInput, type UpdateKeyInput } from './schemas.ts'
-import { KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
+import { expiredPartsSql, KEY_ENDS_FROM, statusAtSql, type KeyEndReason } from './ends.ts'
 import { KEY_TYPES, type KeyRecord, type KeyStatus, type KeyType } from './types.ts'
 import { findIndexInSlices } from '../slices.ts'
 
@@ -430,10 +430,10 @@ export class KeyService {
       where.push(sql.replace(/\$(\d)/g, (_, n: string) => `$${params.length - values.length + Number(n)}`))
     }
     if (q.type) add('type = $1', q.type)
-    if (q.status) add(`${statusAtSql('api_keys', '$1')} = $2`, now, q.status)
     // A key judged revoked, active or rotating is stored so (only 'expired' is judged from others):
     // said outright, the page is read from the (status, created_at, id) index (migration 0019).
-    if (q.status && q.status !== 'expired') add('status = $1', q.status)
+    // The expired keys are read as two parts below, which say exactly what the judgement does.
+    if (q.status && q.status !== 'expired') add(`${statusAtSql('api_keys', '$1')} = $2 AND status = $2`, now, q.status)
     if (q.owner) add('owner = $1', q.owner)
     if (q.scope) add('$1 = ANY(scopes)', q.scope)
     if (q.name) add(`name ILIKE $1 ESCAPE '\\'`, `%${q.name.replace(/[\\%_]/g, '\\$&')}%`)
@@ -444,10 +444,24 @@ export class KeyService {
     }
     const limit = q.limit ?? 50
     params.push(limit + 1)
-    const rows = await this.#db.query<KeyRow>(
-      `SELECT ${COLUMNS} FROM api_keys ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY created_at DESC, id DESC LIMIT $${params.length}`,
-      params,
-    )
+    const order = `ORDER BY created_at DESC, id DESC LIMIT $${params.length}`
+    const select = (...more: string[]) => {
+      const all = [...where, ...more]
+      return `SELECT ${COLUMNS} FROM api_keys${all.length ? ` WHERE ${all.join(' AND ')}` : ''}`
+    }
+    let sql = `${select()} ${order}`
+    if (q.status === 'expired') {
+      // The expired keys as the two parts an index reads each (expiredPartsSql, migration 0020):
+      // the page of those marked so, and all the active or rotating ones past their end (kept few
+      // by the scheduler), merged. Read in the page's order, PostgreSQL took those past their end
+      // to be spread like the rest and walked every key newer than the page's to find them; as one
+      // OR, it did so too, or read all the keys marked expired and sorted them. Without the
+      // judgement's CASE, whose rows it cannot estimate: with it, it read every key marked expired.
+      params.push(now)
+      const [marked, pastEnd] = expiredPartsSql('api_keys', `$${params.length}`)
+      sql = `SELECT * FROM ((${select(marked)} ${order}) UNION ALL (${select(pastEnd)})) k ${order}`
+    }
+    const rows = await this.#db.query<KeyRow>(sql, params)
     return pageOf('keys', rows.map((r) => this.#asOf(toRecord(r), now)), limit, (k) => ({ at: k.createdAt, id: k.id }))
   }
 
