@@ -210,13 +210,24 @@ export function embeddedKeyFile(dataDir: string | undefined): string {
   return join(resolve(dataDir ?? DEFAULT_DATA_DIR), 'encryption.key')
 }
 
-/** The encryption keys (their ids) a store holds something sealed with: audit rows and webhook secrets. */
+/**
+ * The encryption keys (their ids) a store holds something sealed with: audit rows and webhook
+ * secrets. Not the store's key check (checkStoreKey): a key that sealed nothing else may be lost.
+ */
 export async function sealedKeyIds(db: Queryable): Promise<string[]> {
-  const rows = await db.query<{ id: string }>(
-    `SELECT enc_key_id AS id FROM api_key_audit_log
-     UNION SELECT split_part(s, '.', 1) FROM webhooks, unnest(ARRAY[sealed_secret, sealed_previous_secret]) AS s WHERE s IS NOT NULL`,
-  )
+  const rows = await db.query<{ id: string }>(`SELECT enc_key_id AS id FROM api_key_audit_log UNION ${WEBHOOK_SECRET_KEY_IDS}`)
   return rows.map((r) => r.id)
+}
+
+/** The keys webhook secrets are sealed with (`<key id>.<base64url>`). */
+const WEBHOOK_SECRET_KEY_IDS = `SELECT split_part(s, '.', 1) FROM webhooks, unnest(ARRAY[sealed_secret, sealed_previous_secret]) AS s WHERE s IS NOT NULL`
+
+/** `encryption_key_missing` for a process whose keys lack `id`, the key `what` was sealed with. */
+function keyMissing(what: string, id: string, cipher: AuditCipher): KeygateError {
+  return new KeygateError(
+    'encryption_key_missing',
+    `${what} sealed with encryption key ${id}, which is not configured (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
+  )
 }
 
 /**
@@ -226,7 +237,9 @@ export async function sealedKeyIds(db: Queryable): Promise<string[]> {
  * instance has, so their details were lost for good. Older rows sealed with a key that was
  * dropped since are not looked at (keeping a key only as long as its rows is the documented
  * rotation); the newest row is read through the index on created_at, one row however long the
- * log. An empty log passes.
+ * log. An empty log passes: the store's key check (checkStoreKey) is what refuses a wrong key
+ * there; this one still refuses, on a store an older keygate also writes to (which keeps no
+ * check), a process that could not read what the newest of them wrote.
  */
 export async function checkNewestSealed(db: Queryable, cipher: AuditCipher): Promise<void> {
   // A row whose time was set past the latest keygate writes is not the newest it wrote: it would
@@ -236,11 +249,87 @@ export async function checkNewestSealed(db: Queryable, cipher: AuditCipher): Pro
   // Its key id changed in the store, and a configured key sealed it: the keys are right, and the
   // row lists as altered (`failed`). Before, such an edit kept every instance from starting.
   if (openStored(cipher, newest).integrity === 'failed') return
-  const id = newest.enc_key_id
-  throw new KeygateError(
-    'encryption_key_missing',
-    `the newest audit row was sealed with encryption key ${id}, which is not configured (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
-  )
+  throw keyMissing('the newest audit row was', newest.enc_key_id, cipher)
+}
+
+/** What the store's key check seals, and binds it to (sealSecret's context). */
+const KEY_CHECK = 'keygate store encryption key check'
+
+/**
+ * Refuses a cipher whose keys lack the store's encryption key (`encryption_key_missing`): the key
+ * its key check (table encryption_key_check, migration 0020) was sealed with. The first start
+ * that finds no check makes it under its current key (INSERT … ON CONFLICT DO NOTHING: of two
+ * first starts with different keys, one makes it and the other is refused), after making sure,
+ * on a store that already holds something sealed (one upgraded from a keygate without the check),
+ * that its keys open it: the newest audit row (checkNewestSealed, run before), or, the log empty
+ * (pruned), a webhook secret. Before (found by a review), only the newest audit row was read, and
+ * on a store with none any key passed.
+ *
+ * A start whose current key is not the check's, which holds the check's key among its previous
+ * ones (a rotation), seals the check anew under its current key, so the old key can be dropped
+ * once every instance runs with the new one; from then on a process with only the old key is
+ * refused, as the newest-row check refuses it once a row is sealed with the new key (a start is
+ * when the new key is in use: it re-seals webhook secrets too). The check follows the current key
+ * of the latest process to start, as the newest row follows the latest to write: during the
+ * README's two-step rotation every process opens both keys either way. A check that names a
+ * configured key but does not open was altered in the store: it is sealed anew, with a warning,
+ * as an altered newest row keeps no process with the right keys from starting.
+ *
+ * `generated`: the embedded store's key was generated by this start (its file missing or empty),
+ * which loadAuditCipher allows only when the store holds nothing sealed with a key it lacks; a
+ * check sealed with a key this process lacks (the lost file's, or a KEYGATE_ENCRYPTION_KEY left
+ * out) then guards nothing a new key would lose, and is sealed anew (with a warning).
+ */
+export async function checkStoreKey(db: Queryable, cipher: AuditCipher, options: { generated?: boolean; log?: Logger } = {}): Promise<void> {
+  // Each round either ends or follows another process's write of the check, which ends that one.
+  for (let round = 0; round < 5; round++) {
+    const [check] = await db.query<{ sealed: string }>('SELECT sealed FROM encryption_key_check')
+    if (!check) {
+      await checkSealedBefore(db, cipher)
+      const made = await db.query('INSERT INTO encryption_key_check (sealed) VALUES ($1) ON CONFLICT DO NOTHING RETURNING one', [cipher.sealSecret(KEY_CHECK, KEY_CHECK)])
+      if (made.length > 0) return
+      continue
+    }
+    const id = check.sealed.slice(0, Math.max(check.sealed.indexOf('.'), 0))
+    let warning: string | undefined
+    if (!cipher.knows(id)) {
+      if (!options.generated) throw keyMissing("the store's encryption key check (table encryption_key_check) was", id, cipher)
+      warning = `the store's encryption key check was sealed with encryption key ${id}, which is not configured (the key file was lost, or KEYGATE_ENCRYPTION_KEY left out); nothing else in the store was sealed with it, so the check is sealed anew with the generated key`
+    } else if (!opens(cipher, check.sealed)) {
+      warning = `the store's encryption key check names encryption key ${id}, which is configured, but does not open with it: it was altered in the store, and is sealed anew`
+    } else if (id === cipher.currentKeyId) {
+      return
+    }
+    const resealed = await db.query('UPDATE encryption_key_check SET sealed = $1, sealed_at = now() WHERE sealed = $2 RETURNING one', [cipher.sealSecret(KEY_CHECK, KEY_CHECK), check.sealed])
+    if (resealed.length > 0) {
+      if (warning) options.log?.warn(warning)
+      else options.log?.info("sealed the store's encryption key check with the current encryption key (a rotation)", { previous_key: id, current_key: cipher.currentKeyId })
+      return
+    }
+  }
+  throw new KeygateError('store_unavailable', "the store's encryption key check kept changing while this process read it (other processes starting with other keys?); start again")
+}
+
+/** Whether `sealed` is the store's key check, sealed with one of the cipher's keys. */
+function opens(cipher: AuditCipher, sealed: string): boolean {
+  try {
+    return cipher.openSecret(KEY_CHECK, sealed, "the store's encryption key check") === KEY_CHECK
+  } catch {
+    return false
+  }
+}
+
+/**
+ * Before the first check is made: on a store whose log is empty (pruned) but whose webhook
+ * secrets are sealed, refuses a cipher that opens none of them; the newest audit row, when there
+ * is one, was looked at already (checkNewestSealed).
+ */
+async function checkSealedBefore(db: Queryable, cipher: AuditCipher): Promise<void> {
+  const [rows] = await db.query<{ any: boolean }>('SELECT EXISTS (SELECT 1 FROM api_key_audit_log) AS any')
+  if (rows?.any) return
+  const ids = (await db.query<{ id: string }>(`SELECT DISTINCT id FROM (${WEBHOOK_SECRET_KEY_IDS}) AS k (id) ORDER BY id`)).map((r) => r.id)
+  if (ids.length === 0 || ids.some((id) => cipher.knows(id))) return
+  throw keyMissing(`the audit log is empty, and the webhook secrets are`, ids.join(', '), cipher)
 }
 
 /**

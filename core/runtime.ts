@@ -2,7 +2,7 @@
 // and the key service.
 import type { Config } from '../config/schema.ts'
 import { existsSync } from 'node:fs'
-import { AuditLog, checkNewestSealed, embeddedKeyFile, isBlank, loadAuditCipher, sealedKeyIds, type AuditCipher } from './audit.ts'
+import { AuditLog, checkNewestSealed, checkStoreKey, embeddedKeyFile, isBlank, loadAuditCipher, sealedKeyIds, type AuditCipher } from './audit.ts'
 import { openDb, type Db } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { EventBus } from './events.ts'
@@ -82,8 +82,11 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     // What the store holds sealed is read when the embedded store's key is to be generated (its
     // file missing, or empty: left so by an older keygate).
     const keyFile = embeddedKeyFile(config.store.data_dir)
-    cipher ??= cipherOf(config.audit.encryption_key || (existsSync(keyFile) && !isBlank(keyFile)) ? undefined : await sealedKeyIds(db))
+    // The embedded store is this process's alone (its lock), so no other makes the key meanwhile.
+    const generating = !cipher && !config.audit.encryption_key && (!existsSync(keyFile) || isBlank(keyFile))
+    cipher ??= cipherOf(generating ? await sealedKeyIds(db) : undefined)
     await checkNewestSealed(db, cipher)
+    await checkStoreKey(db, cipher, { generated: generating, log })
     const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
     return { config, db, audit, cipher, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }

@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
 import type { Test } from 'tap'
 import { createCipheriv, createDecipheriv } from 'node:crypto'
-import { AuditCipher, AuditLog, checkNewestSealed, encryptionKeyId, loadAuditCipher, type AuditRecord, type SealedRow } from '../core/audit.ts'
+import { AuditCipher, AuditLog, checkNewestSealed, checkStoreKey, encryptionKeyId, loadAuditCipher, type AuditRecord, type SealedRow } from '../core/audit.ts'
 import type { Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { forEachStore, rejection, TEST_ENCRYPTION_KEY } from './helpers/stores.ts'
@@ -242,6 +242,29 @@ await forEachStore(t, async (t, store) => {
     t.equal(stranger.integrity, 'key_missing', 'no configured key opens it: sealed with a key that is not configured, as far as this process can tell')
     await t.resolves(checkNewestSealed(db, new AuditCipher(TEST_ENCRYPTION_KEY)), 'the newest row so altered does not keep an instance with the right key from starting')
     await t.rejects(checkNewestSealed(db, new AuditCipher(randomBytes(32))), { code: 'encryption_key_missing' }, 'a wrong key is still refused')
+  })
+
+  t.test("the store's key check altered in the store: naming a configured key, it is sealed anew with a warning; naming another, refused", async (t) => {
+    const right = new AuditCipher(TEST_ENCRYPTION_KEY)
+    await db.query('DELETE FROM encryption_key_check')
+    await checkStoreKey(db, right)
+    const check = async () => ((await db.query<{ sealed: string }>('SELECT sealed FROM encryption_key_check'))[0] as { sealed: string }).sealed
+    const made = await check()
+    t.equal(made.split('.')[0], right.currentKeyId, 'made under the current key')
+    await checkStoreKey(db, right)
+    t.equal(await check(), made, 'and left as it is while it opens with the current key')
+    // Its sealed text changed: it names the configured key, and no longer opens with it.
+    await db.query(`UPDATE encryption_key_check SET sealed = $1`, [`${right.currentKeyId}.${Buffer.alloc(40).toString('base64url')}`])
+    const lines: string[] = []
+    await t.resolves(checkStoreKey(db, right, { log: createLogger({ level: 'info', write: (l) => void lines.push(l) }) }), 'the right key starts')
+    t.match(lines.join(''), /"level":"warn".*does not open with it: it was altered in the store, and is sealed anew/)
+    t.equal((await check()).split('.')[0], right.currentKeyId)
+    t.not(await check(), made)
+    await t.rejects(checkStoreKey(db, new AuditCipher(randomBytes(32))), { code: 'encryption_key_missing', message: /the store's encryption key check \(table encryption_key_check\) was sealed with encryption key/ }, 'a wrong key is refused')
+    // Its key id changed to one no configured key has: the keys it would name are not these.
+    await db.query(`UPDATE encryption_key_check SET sealed = '0000000000000000' || substr(sealed, 17)`)
+    await t.rejects(checkStoreKey(db, right), { code: 'encryption_key_missing', message: /sealed with encryption key 0000000000000000/ })
+    await db.query('DELETE FROM encryption_key_check')
   })
 
   t.test("a row's time set in the store to one no JavaScript date holds is listed as altered; its page, the pages after it and its key's next change work", async (t) => {
