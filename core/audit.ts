@@ -257,7 +257,7 @@ const KEY_CHECK = 'keygate store encryption key check'
 
 /**
  * Refuses a cipher whose keys lack the store's encryption key (`encryption_key_missing`): the key
- * its key check (table encryption_key_check, migration 0020) was sealed with. The first start
+ * its key check (table encryption_key_check, migration 0021) was sealed with. The first start
  * that finds no check makes it under its current key (INSERT … ON CONFLICT DO NOTHING: of two
  * first starts with different keys, one makes it and the other is refused), after making sure,
  * on a store that already holds something sealed (one upgraded from a keygate without the check),

@@ -1,4 +1,4 @@
-// The tests of the store's encryption key check (migration 0020, core/audit.ts checkStoreKey),
+// The tests of the store's encryption key check (migration 0021, core/audit.ts checkStoreKey),
 // written once for both stores, through real `keygate` processes: every instance of a store
 // agrees on the encryption key from the first start, and a wrong key is refused at start also
 // when the audit log is empty or pruned, while a rotation (new key, old one among the previous
@@ -129,7 +129,7 @@ export function upgraded(kind: StoreKind): void {
     const env = (key: string, previous?: string) => ({ ...store.where, KEYGATE_ENCRYPTION_KEY: key, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
     const created = await runCli(['api-key', 'create', '--type', 'user', '--name', 'a', '--json'], { env: isolated(env(keyA)) })
     t.equal(created.code, 0, created.stderr)
-    // As a store migrated to 0020 by an upgrade finds it: rows, and no check yet.
+    // As a store migrated to 0021 by an upgrade finds it: rows, and no check yet.
     await store.sql('DELETE FROM encryption_key_check')
     const wrong = await list(env(keyB))
     t.equal(wrong.code, 1, 'a wrong key is refused (by the newest row)')
