@@ -124,6 +124,24 @@ t.test('a key whose secret was replaced by hand in SQL: the old secret is refuse
   t.equal((await s.gateway.get('/', bearer(replacement.key))).status, 200, 'the new one still works')
 })
 
+t.test('a successor revoked where no message tells the gateway ends its predecessor, kept by the check before, at the next store check', async (t) => {
+  // The store check marks each changed id (gateway/key-cache.ts): the predecessor's entry, kept
+  // by one check (cached from its row as the rotation left it), is dropped by the next one, which
+  // reads the row the successor's revocation changed. The checks are the test's (hourly timer).
+  const s = await setup(t, { cache: { ttl_s: 3600, store_check_s: 3600 }, redis: { invalidation_check_ms: 0 } })
+  const old = await s.silent.create({ name: 'predecessor', type: 'user' }, ACTOR)
+  const successor = await s.silent.rotate(old.record.id, {}, ACTOR)
+  t.equal((await s.gateway.get('/', bearer(old.key))).status, 200, 'the predecessor works in its grace, cached after the rotation')
+  await s.gateway.gateway.checkStore()
+  const reads = () => s.logs.filter((l) => l.message === 'the store check dropped changed keys from the cache').map((l) => [l.keys, l.kept])
+  t.same(reads(), [[1, 1]], 'the check kept the predecessor (the successor, never cached, is the one dropped)')
+  await s.silent.revoke(successor.record.id, 'leaked', ACTOR)
+  t.equal((await s.gateway.get('/', bearer(old.key))).status, 200, 'no message: still served from the cache')
+  await s.gateway.gateway.checkStore()
+  t.same(reads(), [[1, 1], [2, 0]], 'the next check read both revocations and kept neither')
+  t.equal((await s.gateway.get('/', bearer(old.key))).status, 401, 'the predecessor is refused')
+})
+
 t.test("a restored row's change_xid from another cluster's counter is never taken for this cluster's: a change stamped with the same xid is seen", async (t) => {
   // Found by a review: a row loaded by pg_restore keeps the source cluster's xid; once this
   // cluster's counter reached it, a revocation stamped with it looked like the cached state.
