@@ -161,9 +161,8 @@ function versionsOf(message: string): number {
 
 /**
  * A change whose key is new (made, imported, or made by a rotation): no gateway has it cached
- * under its id, only perhaps its hash as unknown, so its id is not sent, only its hash. (Each id
- * costs a gateway a mark, looked at on every use of a cached key while it is held: every key
- * made would have kept some held.)
+ * under its id, only perhaps its hash as unknown, so its id is not sent, only its hash (each id
+ * sent is a mark on every gateway, which each cached key in use then looks at once).
  */
 const NEW_KEY: ReadonlySet<KeyChange['action']> = new Set(['created', 'imported', 'rotated'])
 

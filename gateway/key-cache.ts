@@ -61,17 +61,14 @@ export class KeyProfile {
   readonly limit: RateLimit
   /** On `tick()`'s clock, when the cache asks the store again about the keys holding it. */
   readonly staleAt: number
-  /** The cache's count of marks (KeyCache#mark) when the store was asked about the keys holding it. */
-  readonly marked: number
 
-  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit, staleAt: number, marked: number) {
+  constructor(record: KeyRecord, scopes: ScopeSet, limit: RateLimit, staleAt: number) {
     this.type = KEY_TYPES[KEY_TYPES.indexOf(record.type)] as KeyType
     this.scopes = scopes
     this.state = STATES[record.status]
     this.binding = record.allowedCidrs.length > 0 ? { allowedFrom: rangeMatcher(record.allowedCidrs), lastAddress: '', lastAllowed: false } : undefined
     this.limit = limit
     this.staleAt = staleAt
-    this.marked = marked
   }
 }
 
@@ -88,6 +85,11 @@ export class CachedKey {
   readonly profile: KeyProfile
   /** The transaction that last changed the row it was loaded from (KeyService.lookup); -1 for not known. */
   changeXid = -1
+  /**
+   * The cache's count of marks (KeyCache#mark) when the store was asked about it, or since which
+   * no mark of its id can have made it stale (looked at then): a mark made after it judges it.
+   */
+  marked = 0
 
   constructor(record: KeyRecord, profile: KeyProfile) {
     this.id = record.id
@@ -164,16 +166,15 @@ export function scopeSets(routeCount: number): (scopes: readonly string[]) => Sc
 }
 
 /**
- * The gateway's `build`: a record's cached key, stale at `staleAt`, asked about when the cache had
- * made `marked` marks. Its profile is shared with the keys of the same profile stale at the same
- * time and asked about between the same marks; to share more, `staleAt` is rounded down to a
- * 64th of the TTL (`ttl`, in ticks), so a key is asked about again at most that much early.
+ * The gateway's `build`: a record's cached key, stale at `staleAt`. Its profile is shared with
+ * the keys of the same profile stale at the same time; to share more, `staleAt` is rounded down
+ * to a 64th of the TTL (`ttl`, in ticks), so a key is asked about again at most that much early.
  */
-export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => RateLimit): (record: KeyRecord, staleAt: number, ttl: number, marked?: number) => CachedKey {
+export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => RateLimit): (record: KeyRecord, staleAt: number, ttl: number) => CachedKey {
   const scopeSetOf = scopeSets(routeCount)
   // The newest profile of each kind: older ones live on only in the keys that hold them.
   const newest = new Map<string, KeyProfile>()
-  return (record, staleAt, ttl, marked = 0) => {
+  return (record, staleAt, ttl) => {
     const step = Math.max(1, Math.floor(ttl / 64))
     const at = staleAt - (staleAt % step)
     const limit = record.rateLimit
@@ -182,8 +183,8 @@ export function cachedKeys(routeCount: number, limitFor: (record: KeyRecord) => 
     // second ran under the first one's binding (found by a review).
     const kind = JSON.stringify([record.type, record.status, limit ? [limit.limit, limit.windowS] : null, record.allowedCidrs, record.scopes])
     let profile = newest.get(kind)
-    if (profile === undefined || profile.staleAt !== at || profile.marked !== marked) {
-      profile = new KeyProfile(record, scopeSetOf(record.scopes), limitFor(record), at, marked)
+    if (profile === undefined || profile.staleAt !== at) {
+      profile = new KeyProfile(record, scopeSetOf(record.scopes), limitFor(record), at)
       if (newest.size < MAX_SHARED || newest.has(kind)) newest.set(kind, profile)
     }
     const until = validUntilOf(record)
@@ -203,8 +204,8 @@ export interface KeyCacheOptions {
   negativeTtlS: number
   negativeMax: number
   metrics: GatewayMetrics
-  /** The cached key of a record, stale at `staleAt` (`ttl` ticks after the store was asked), asked about when the cache had made `marked` marks. */
-  build: (record: KeyRecord, staleAt: number, ttl: number, marked: number) => CachedKey
+  /** The cached key of a record, stale at `staleAt` (`ttl` ticks after the store was asked). */
+  build: (record: KeyRecord, staleAt: number, ttl: number) => CachedKey
 }
 
 /** A changed key id's mark (KeyCache#mark): made at `at` (tick), the `count`th. */
@@ -285,7 +286,7 @@ export class KeyCache {
     if (
       now >= hit.profile.staleAt ||
       (until !== Infinity && until <= Date.now() && hit.profile.staleAt > now + this.#refusedTtl) ||
-      (this.#marks.size !== 0 && this.#stale(hash, hit))
+      (this.#marks.size !== 0 && hit.marked < this.#markCount && this.#stale(hash, hit))
     ) {
       this.#positive.delete(hash)
       return undefined
@@ -326,8 +327,9 @@ export class KeyCache {
       const ttl = found.key !== undefined && !evaluateKey(found.key, new Date()).ok ? this.#refusedTtl : this.#ttl
       let answer: CachedKey | Miss
       if (found.key !== undefined) {
-        answer = this.#build(found.key, asked + ttl, ttl, marked)
+        answer = this.#build(found.key, asked + ttl, ttl)
         answer.changeXid = found.changeXid
+        answer.marked = marked
       } else answer = found.reason === 'wrong_secret' ? 'wrong_secret' : 'unknown'
       if (generation === this.#generation) {
         if (typeof answer === 'string') this.#negative?.set(hash, answer)
@@ -375,7 +377,7 @@ export class KeyCache {
       const entry = this.#positive.peek(digest)
       const holds = k.changeXid !== -1 && entry !== undefined && entry.id === k.id && entry.changeXid === k.changeXid
       const from = this.#mark(k.id, count, holds ? digest : undefined, k.changeXid)
-      if (holds && entry.profile.marked >= from) kept++
+      if (holds && entry.marked >= from) kept++
       else {
         fresh = true
         // A key cached as unknown before it was made or imported, under its hash.
@@ -402,12 +404,20 @@ export class KeyCache {
     return from
   }
 
-  /** Whether a mark of its id makes this entry stale (see #mark). */
+  /**
+   * Whether a mark of its id makes this entry stale (see #mark). One that none does is looked at
+   * again only after the next mark (its `marked` moved up to now): a key used often pays the
+   * look-up of its id once a mark, not once a use (a use cost 40 to 380 ns more while marks were
+   * held, bench/cache-invalidation.ts). So is one its mark keeps: it is the row as that change
+   * left it, as a key asked about now would be, and a later mark either keeps that same row or
+   * makes it stale.
+   */
   #stale(hash: string, entry: CachedKey): boolean {
     const mark = this.#marks.get(entry.id)
-    if (mark === undefined) return false
-    const marked = entry.profile.marked
-    return marked < mark.count && !(hash === mark.keep && entry.changeXid === mark.keepXid && marked >= mark.from)
+    const marked = entry.marked
+    if (mark !== undefined && marked < mark.count && !(hash === mark.keep && entry.changeXid === mark.keepXid && marked >= mark.from)) return true
+    entry.marked = this.#markCount
+    return false
   }
 
   /**
