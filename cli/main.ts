@@ -159,7 +159,8 @@ export async function runGroup<C>(
   if (typeof open === 'string') throw new KeygateError('config_invalid', open)
   const log = cliLogger(io, config)
   const { runLocal } = await import('./local.ts')
-  return runLocal(config, log, sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined, (runtime) => open(runtime, log, p.values.json === true), action)
+  const existingOnly = sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined
+  return runLocal(config, log, { existingOnly, readOnly: sub.readOnly === true }, (runtime) => open(runtime, log, p.values.json === true), action)
 }
 
 /**

@@ -279,13 +279,21 @@ const KEY_CHECK = 'keygate store encryption key check'
  * which loadAuditCipher allows only when the store holds nothing sealed with a key it lacks; a
  * check sealed with a key this process lacks (the lost file's, or a KEYGATE_ENCRYPTION_KEY left
  * out) then guards nothing a new key would lose, and is sealed anew (with a warning).
+ *
+ * `readOnly`: a command that changes nothing (a listing) neither makes the check nor seals it
+ * anew; only a check its keys lack refuses it. It seals nothing, so it has no key to agree on:
+ * before (found by a review), such a command with a mistyped key on a new store made the check
+ * under that key, and every instance with the right one was refused, and one from a shell still
+ * on a rotation's first step sealed the check back with the old key, which refused the instances
+ * once they dropped it. A generated key is written already: the check follows it all the same.
  */
-export async function checkStoreKey(db: Queryable, cipher: AuditCipher, options: { generated?: boolean; log?: Logger } = {}): Promise<void> {
+export async function checkStoreKey(db: Queryable, cipher: AuditCipher, options: { generated?: boolean; readOnly?: boolean; log?: Logger } = {}): Promise<void> {
   // Each round either ends or follows another process's write of the check, which ends that one.
   for (let round = 0; round < 5; round++) {
     const [check] = await db.query<{ sealed: string }>('SELECT sealed FROM encryption_key_check')
     if (!check) {
       await checkSealedBefore(db, cipher)
+      if (options.readOnly && !options.generated) return
       const made = await db.query('INSERT INTO encryption_key_check (sealed) VALUES ($1) ON CONFLICT DO NOTHING RETURNING one', [cipher.sealSecret(KEY_CHECK, KEY_CHECK)])
       if (made.length > 0) return
       continue
@@ -300,6 +308,7 @@ export async function checkStoreKey(db: Queryable, cipher: AuditCipher, options:
     } else if (id === cipher.currentKeyId) {
       return
     }
+    if (options.readOnly && !options.generated) return
     const resealed = await db.query('UPDATE encryption_key_check SET sealed = $1, sealed_at = now() WHERE sealed = $2 RETURNING one', [cipher.sealSecret(KEY_CHECK, KEY_CHECK), check.sealed])
     if (resealed.length > 0) {
       if (warning) options.log?.warn(warning)

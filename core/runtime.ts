@@ -26,8 +26,11 @@ export function keyServiceOptions(config: Config) {
   return { prefix: config.keys.prefix, previousPrefixes: config.keys.previous_prefixes, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
 }
 
-/** `lockedHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. */
-export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string; shortLived?: boolean; waitForStore?: boolean } = {}): Promise<Runtime> {
+/**
+ * `lockedHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. `readOnly`: a
+ * command that changes nothing, which neither makes nor moves the store's key check (checkStoreKey).
+ */
+export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string; shortLived?: boolean; waitForStore?: boolean; readOnly?: boolean } = {}): Promise<Runtime> {
   // `serve` waits for a PostgreSQL that is not up yet (store.start_wait_s), saying so every 10 s.
   let warnedAt = -Infinity
   const wait = options.waitForStore && config.store.start_wait_s > 0
@@ -86,7 +89,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     const generating = !cipher && !config.audit.encryption_key && (!existsSync(keyFile) || isBlank(keyFile))
     cipher ??= cipherOf(generating ? await sealedKeyIds(db) : undefined)
     await checkNewestSealed(db, cipher)
-    await checkStoreKey(db, cipher, { generated: generating, log })
+    await checkStoreKey(db, cipher, { generated: generating, readOnly: options.readOnly === true, log })
     const audit = new AuditLog(cipher, config.audit.seal_format === 1 ? 1 : 2)
     const keys = new KeyService({ db, audit, ...keyServiceOptions(config), ...(options.now ? { now: options.now } : {}) })
     return { config, db, audit, cipher, keys, events: new EventBus(options.now ? { now: options.now } : {}), close: () => db.close() }

@@ -6,7 +6,7 @@
 // without one (a new store, starts with KEYGATE_ADMIN_TOKEN set writing none, a log pruned
 // whole) any key passed. Run by test/store-key-check-*.test.ts, split so each file's real
 // processes (the embedded store's take 3 to 5 s each) stay well within tap's timeout.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { randomBytes } from 'node:crypto'
 import { existsSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
@@ -117,6 +117,8 @@ export function prunedLog(kind: StoreKind): void {
     t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'and it made no check')
     const right = await list(env(keyA))
     t.equal(right.code, 0, right.stderr)
+    t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'a listing makes no check (readOnlyCommands)')
+    await start(t, env(keyA))
     t.equal(await checkKey(store.sql), idOf(keyA), 'the right key makes the check')
   })
 }
@@ -134,13 +136,11 @@ export function upgraded(kind: StoreKind): void {
     const wrong = await list(env(keyB))
     t.equal(wrong.code, 1, 'a wrong key is refused (by the newest row)')
     t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'and makes no check')
-    const rotating = await list(env(keyC, keyA))
-    t.equal(rotating.code, 0, `a rotation passes: ${rotating.stderr}`)
-    t.equal(await checkKey(store.sql), idOf(keyC), 'and makes the check under its current key')
+    await start(t, env(keyC, keyA))
+    t.equal(await checkKey(store.sql), idOf(keyC), 'a rotation passes, and makes the check under its current key')
     await store.sql('DELETE FROM encryption_key_check')
-    const right = await list(env(keyA))
-    t.equal(right.code, 0, `the key the rows were sealed with passes: ${right.stderr}`)
-    t.equal(await checkKey(store.sql), idOf(keyA))
+    await start(t, env(keyA))
+    t.equal(await checkKey(store.sql), idOf(keyA), 'the key the rows were sealed with passes')
     t.equal((await list(env(keyA))).code, 0, 'and again')
   })
 }
@@ -151,15 +151,14 @@ export function rotation(kind: StoreKind): void {
     const store = await freshStore(t, kind)
     const [keyA, keyB] = [newKey(), newKey()]
     const env = (key: string, previous?: string) => ({ ...store.where, KEYGATE_ENCRYPTION_KEY: key, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
-    t.equal((await list(env(keyA))).code, 0)
+    await start(t, env(keyA))
     t.equal(await checkKey(store.sql), idOf(keyA))
     // The README's two-step rotation: the new key among the previous ones first, then current.
     const firstStep = await list(env(keyA, keyB))
     t.equal(firstStep.code, 0, firstStep.stderr)
     t.equal(await checkKey(store.sql), idOf(keyA), 'the first step leaves the check as it was')
-    const rotated = await list(env(keyB, keyA))
-    t.equal(rotated.code, 0, `a rotation passes: ${rotated.stderr}`)
-    t.equal(await checkKey(store.sql), idOf(keyB), 'and seals the check under the new key')
+    await start(t, env(keyB, keyA))
+    t.equal(await checkKey(store.sql), idOf(keyB), 'a rotation passes, and seals the check under the new key')
     const stillFirst = await list(env(keyA, keyB))
     t.equal(stillFirst.code, 0, `a process still on the first step passes: ${stillFirst.stderr}`)
     t.equal((await list(env(keyB, keyA))).code, 0)
@@ -189,6 +188,29 @@ export function rollingRestart(): void {
   })
 }
 
+/** Commands that change nothing, on a new store and after a rotation. */
+export function readOnlyCommands(kind: StoreKind): void {
+  t.test(`${kind}: a command that changes nothing neither makes the check nor seals it anew: a mistyped or stale key there locks out no instance`, async (t) => {
+    const store = await freshStore(t, kind)
+    const [keyA, keyB, mistyped] = [newKey(), newKey(), newKey()]
+    const env = (key: string, previous?: string) => ({ ...store.where, KEYGATE_ENCRYPTION_KEY: key, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
+    // An operator lists the keys of a new store, the key mistyped, before any instance started.
+    const listed = await list(env(mistyped))
+    t.equal(listed.code, 0, `nothing is sealed yet, so nothing is refused: ${listed.stderr}`)
+    t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'and the listing made no check: before (found by a review), it sealed it with the mistyped key, and every instance with the right one was refused')
+    await start(t, env(keyA))
+    t.equal(await checkKey(store.sql), idOf(keyA), 'the first instance makes it')
+    t.equal((await list(env(mistyped))).code, 1, 'the mistyped key is refused from then on')
+    // The README's two-step rotation, its second step done: the instances run with B, A previous.
+    await start(t, env(keyB, keyA))
+    t.equal(await checkKey(store.sql), idOf(keyB))
+    const stale = await list(env(keyA, keyB))
+    t.equal(stale.code, 0, `a shell still on the first step lists: ${stale.stderr}`)
+    t.equal(await checkKey(store.sql), idOf(keyB), 'and leaves the check with the new key: before, it sealed it back with the old one, and instances that then dropped the old key were refused')
+    await start(t, env(keyB))
+  })
+}
+
 /** The embedded store's generated key file. */
 export function lostKeyFile(): void {
   t.test('embedded: a lost key file that sealed nothing but the check is replaced, with a warning; another configured key is refused', async (t) => {
@@ -198,9 +220,8 @@ export function lostKeyFile(): void {
     t.equal((await list(store.where)).code, 0, 'the first start generates a key')
     const generated = await checkKey(store.sql)
     t.ok(existsSync(file))
-    const configured = await list({ ...store.where, KEYGATE_ENCRYPTION_KEY: newKey() })
-    t.equal(configured.code, 0, 'a configured key takes over from the generated one, which stays a previous key')
-    t.not(await checkKey(store.sql), generated, 'the check is sealed with the configured key')
+    await start(t, { ...store.where, KEYGATE_ENCRYPTION_KEY: newKey() })
+    t.not(await checkKey(store.sql), generated, 'a configured key takes over from the generated one (which stays a previous key): the check is sealed with it')
     const other = newKey()
     const refused = await list({ ...store.where, KEYGATE_ENCRYPTION_KEY: other })
     t.equal(refused.code, 1, 'another configured key is refused on an empty log')
@@ -215,6 +236,15 @@ export function lostKeyFile(): void {
 
 function list(env: Record<string, string | undefined>): Promise<CliResult> {
   return runCli(['api-key', 'list', '--json'], { env: isolated(env) })
+}
+
+/**
+ * `serve` started (with the admin token, so it writes no audit row) and stopped: a start that
+ * makes the check or seals it anew, which a command that changes nothing (list) does not.
+ */
+async function start(t: Test, env: Record<string, string | undefined>): Promise<void> {
+  const served = await serve(t, { env: isolatedEnv({ ...env, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }) })
+  t.equal(await served.stop(), 0)
 }
 
 /** The key id the store's check was sealed with. */
