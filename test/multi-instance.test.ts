@@ -347,10 +347,13 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
   t.equal(lifted.statusCode, 200, liftedBody)
   t.match(JSON.parse(liftedBody), { address: '127.0.0.1', was_locked_out: true })
   const liftedAt = s.logs.length
+  // The primary hands each connection to a worker free to take it, in turn, so a busy machine may
+  // give a few in a row to one (found failing in CI: 8 went to one worker): up to 40, until both answered.
+  const answering = () => new Set(s.logs.slice(liftedAt).filter((l) => l.status === 200).map((l) => l.worker)).size
   const again: number[] = []
-  for (let i = 0; i < 8; i++) again.push(await get(other))
-  t.same(again, [200, 200, 200, 200, 200, 200, 200, 200], 'a valid key is let in by every worker')
-  t.equal(new Set(s.logs.slice(liftedAt).filter((l) => l.status === 200).map((l) => l.worker)).size, 2, 'both workers answered')
+  for (let i = 0; i < 40 && (i < 8 || answering() < 2); i++) again.push(await get(other))
+  t.ok(again.every((status) => status === 200), `a valid key is let in by every worker (${again.join(' ')})`)
+  t.equal(answering(), 2, 'both workers answered')
   t.same([await get(bad), await get(bad)], [401, 401], 'the failures before the lift are forgotten (three lock it out)')
   t.equal(await s.stop(), 0)
 })
