@@ -416,7 +416,6 @@ interface Finding {
   refused?: () => void
 }
 
-
 /** A key's usage history as the unusual-hour check reads it: requests in all, at the hour judged, and its first hourly row. */
 interface History {
   total: number
@@ -461,6 +460,7 @@ CROSS JOIN LATERAL (
  * anomaly, with its webhook and stream event, for every key in use (found by a review).
  */
 const NOT_THE_KEYS: ReadonlySet<string> = new Set(['upstream_unavailable', 'upstream_timeout', 'store_unavailable', 'shutting_down', 'internal_error'])
+
 export class AnomalyDetector implements UsageSink {
   readonly #db: Db
   readonly #t: Thresholds

@@ -5,9 +5,10 @@
 // an `id:` alone, the newest anomaly then, so a reconnection before the first event resumes too.
 // Without Redis (and with Redis while the instance's subscription to the anomaly channel is down)
 // the live ones are read from the table too, in id order: every `admin.stream_poll_ms` (1 s) while
-// a stream is open (the other instances'), and at once when this process records one. A comment line every `admin.stream_heartbeat_s` (15 s) keeps proxies
-// from closing an idle stream. A stream opened with an admin key ends when that key stops being
-// an admin key. A client that stops reading is cut off once 1 MiB waits for it (it
+// a stream is open (the other instances'), and at once when this process records one. A comment
+// line every `admin.stream_heartbeat_s` (15 s) keeps proxies from closing an idle stream. A
+// stream opened with an admin key ends when that key stops being an admin key. A client that
+// stops reading is cut off once 1 MiB waits for it (it
 // resumes with Last-Event-ID, as browsers do on their own); the catch-up is read in pages, each
 // written as the client takes it, so a resume from far back is neither cut short nor held in
 // memory. One credential holds at most `admin.max_streams_per_credential` streams open on an
