@@ -1,19 +1,28 @@
 // The tests of the store's encryption key check (migration 0021, core/audit.ts checkStoreKey),
-// written once for both stores, through real `keygate` processes: every instance of a store
-// agrees on the encryption key from the first start, and a wrong key is refused at start also
-// when the audit log is empty or pruned, while a rotation (new key, old one among the previous
-// keys) passes. Before (found by a review), a start read only the newest audit row: on a store
-// without one (a new store, starts with KEYGATE_ADMIN_TOKEN set writing none, a log pruned
-// whole) any key passed. Run by test/store-key-check-*.test.ts, split so each file's real
-// processes (the embedded store's take 3 to 5 s each) stay well within tap's timeout.
-import t, { type Test } from 'tap'
+// written once for both stores: every instance of a store agrees on the encryption key from the
+// first start, and a wrong key is refused at start also when the audit log is empty or pruned,
+// while a rotation (new key, old one among the previous keys) passes. Before (found by a review),
+// a start read only the newest audit row: on a store without one (a new store, starts with
+// KEYGATE_ADMIN_TOKEN set writing none, a log pruned whole) any key passed. Run by
+// test/store-key-check-*.test.ts, split so that each file stays well within tap's timeout.
+//
+// Real `keygate serve` processes where the process is part of the claim: two first starts (one
+// refused, as serve tells it), a rolling restart of several instances, a start on the embedded
+// store's generated key file; and a real `keygate api-key list` refused. Elsewhere a start is what
+// `serve` does to the store as it starts (cli/serve.ts: the runtime opened without `readOnly`),
+// and a command the CLI's own entry (runCliHere), in this process: a process costs 1 to 2 s of
+// CPU on the embedded store, and these files started some 45 of them.
+import t from 'tap'
 import { randomBytes } from 'node:crypto'
 import { existsSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import pg from 'pg'
 import { AuditCipher, encryptionKeyId } from '../../core/audit.ts'
 import { openDb } from '../../core/db.ts'
-import { runCli, type CliResult } from './cli.ts'
+import { silentLogger } from '../../core/log.ts'
+import { openRuntime } from '../../core/runtime.ts'
+import { loadConfig } from '../../config/load.ts'
+import { childEnv, runCli, runCliHere, type CliResult } from './cli.ts'
 import { isolated, tempDir } from './cli-lifecycle.ts'
 import { seedDataDir } from './pglite-template.ts'
 import type { Tap } from './gateway.ts'
@@ -24,36 +33,43 @@ const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 const newKey = (): string => randomBytes(32).toString('base64')
 const idOf = (key: string): string => encryptionKeyId(Buffer.from(key, 'base64'))
 
-/** A fresh store of `kind`: how a process is pointed at it, and SQL run on it from this process (the store not in use). */
-async function freshStore(t: Tap, kind: StoreKind): Promise<{ where: Record<string, string>; sql: (text: string, params?: unknown[]) => Promise<Array<Record<string, unknown>>> }> {
+type Rows = Array<Record<string, unknown>>
+type Sql = (text: string, params?: unknown[]) => Promise<Rows>
+
+/**
+ * A fresh store of `kind`: how a process is pointed at it, and SQL run on it from this process
+ * while nothing else has it open: `sql` one statement, `session` several in one opening (an
+ * opening of the embedded store costs about 0.8 s of CPU).
+ */
+async function freshStore(t: Tap, kind: StoreKind): Promise<{ where: Record<string, string>; sql: Sql; session: <T>(work: (sql: Sql) => Promise<T>) => Promise<T> }> {
+  let session: <T>(work: (sql: Sql) => Promise<T>) => Promise<T>
+  let where: Record<string, string>
   if (kind === 'postgres') {
     const url = await freshDatabase(t)
-    return {
-      where: { DATABASE_URL: url },
-      sql: async (text, params = []) => {
-        const client = new pg.Client({ connectionString: url })
-        await client.connect()
-        try {
-          return (await client.query(text, params)).rows as Array<Record<string, unknown>>
-        } finally {
-          await client.end()
-        }
-      },
+    where = { DATABASE_URL: url }
+    session = async (work) => {
+      const client = new pg.Client({ connectionString: url })
+      await client.connect()
+      try {
+        return await work(async (text, params = []) => (await client.query(text, params)).rows as Rows)
+      } finally {
+        await client.end()
+      }
     }
-  }
-  const dir = await seedDataDir(join(tempDir(), 'store'), { migrated: true })
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  return {
-    where: { KEYGATE_DATA_DIR: dir },
-    sql: async (text, params = []) => {
+  } else {
+    const dir = await seedDataDir(join(tempDir(), 'store'), { migrated: true })
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+    where = { KEYGATE_DATA_DIR: dir }
+    session = async (work) => {
       const db = await openDb({ dataDir: dir, shortLived: true })
       try {
-        return await db.query(text, params)
+        return await work((text, params = []) => db.query(text, params))
       } finally {
         await db.close()
       }
-    },
+    }
   }
+  return { where, session, sql: (text, params) => session((sql) => sql(text, params)) }
 }
 
 /** Two first starts with different keys. */
@@ -81,13 +97,14 @@ export function twoFirstStarts(kind: StoreKind): void {
       const second = await serveOrExit(t, env(keyB))
       t.match(second, `the store's encryption key check (table encryption_key_check) was sealed with encryption key ${idOf(keyA)}`, 'a second start with another key is refused')
     }
-    t.same(await store.sql(`SELECT count(*)::int AS n FROM api_key_audit_log`), [{ n: 0 }], 'no start wrote an audit row: the log is empty')
-    t.same(await checkKey(store.sql), idOf(survivor), 'the check names the key of the start that made it')
-    const again = await serve(t, { env: env(survivor) })
-    t.equal(await again.stop(), 0, 'the first key starts again (before, a row of the other made it refused)')
+    await store.session(async (sql) => {
+      t.same(await sql(`SELECT count(*)::int AS n FROM api_key_audit_log`), [{ n: 0 }], 'no start wrote an audit row: the log is empty')
+      t.same(await checkKey(sql), idOf(survivor), 'the check names the key of the start that made it')
+    })
+    t.equal(await start(env(survivor)), idOf(survivor), 'the first key starts again (before, a row of the other made it refused)')
     const loserKey = survivor === keyA ? keyB : keyA
-    const cli = await list({ ...store.where, KEYGATE_ENCRYPTION_KEY: loserKey })
-    t.equal(cli.code, 1, 'a command with the other key is refused too')
+    const cli = await runCli(['api-key', 'list', '--json'], { env: isolated({ ...store.where, KEYGATE_ENCRYPTION_KEY: loserKey }) })
+    t.equal(cli.code, 1, 'a command (a real process) with the other key is refused too')
     t.equal(cli.json().error.code, 'encryption_key_missing')
   })
 }
@@ -98,12 +115,14 @@ export function prunedLog(kind: StoreKind): void {
     const store = await freshStore(t, kind)
     const [keyA, keyB] = [newKey(), newKey()]
     const env = (key: string) => ({ ...store.where, KEYGATE_ENCRYPTION_KEY: key })
-    const created = await runCli(['api-key', 'create', '--type', 'user', '--name', 'a', '--json'], { env: isolated(env(keyA)) })
+    const created = await runCliHere(['api-key', 'create', '--type', 'user', '--name', 'a', '--json'], { env: isolated(env(keyA)) })
     t.equal(created.code, 0, created.stderr)
     // A webhook whose secret is sealed with key A, and the log's retention pruning every row.
     const sealed = new AuditCipher(Buffer.from(keyA, 'base64')).sealSecret('webhook wh_1', 'whsec_secret')
-    await store.sql(`INSERT INTO webhooks (id, url, events, sealed_secret, created_by) VALUES ('wh_1', 'https://example.com/hook', '{key.created}', $1, 'test')`, [sealed])
-    await store.sql('DELETE FROM api_key_audit_log')
+    await store.session(async (sql) => {
+      await sql(`INSERT INTO webhooks (id, url, events, sealed_secret, created_by) VALUES ('wh_1', 'https://example.com/hook', '{key.created}', $1, 'test')`, [sealed])
+      await sql('DELETE FROM api_key_audit_log')
+    })
     const pruned = await list(env(keyB))
     t.equal(pruned.code, 1, 'a wrong key on a pruned log is refused (before, it passed)')
     t.match(pruned.json().error, { code: 'encryption_key_missing', message: `the store's encryption key check (table encryption_key_check) was sealed with encryption key ${idOf(keyA)}` })
@@ -114,12 +133,10 @@ export function prunedLog(kind: StoreKind): void {
     const upgraded = await list(env(keyB))
     t.equal(upgraded.code, 1, 'a wrong key on an upgraded store holding only webhook secrets is refused')
     t.match(upgraded.json().error, { code: 'encryption_key_missing', message: `the audit log is empty, and the webhook secrets are sealed with encryption key ${idOf(keyA)}` })
-    t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'and it made no check')
     const right = await list(env(keyA))
     t.equal(right.code, 0, right.stderr)
-    t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'a listing makes no check (readOnlyCommands)')
-    await start(t, env(keyA))
-    t.equal(await checkKey(store.sql), idOf(keyA), 'the right key makes the check')
+    t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'neither the refused listing nor the right one made a check (readOnlyCommands)')
+    t.equal(await start(env(keyA)), idOf(keyA), 'the right key makes the check')
   })
 }
 
@@ -129,18 +146,16 @@ export function upgraded(kind: StoreKind): void {
     const store = await freshStore(t, kind)
     const [keyA, keyB, keyC] = [newKey(), newKey(), newKey()]
     const env = (key: string, previous?: string) => ({ ...store.where, KEYGATE_ENCRYPTION_KEY: key, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
-    const created = await runCli(['api-key', 'create', '--type', 'user', '--name', 'a', '--json'], { env: isolated(env(keyA)) })
+    const created = await runCliHere(['api-key', 'create', '--type', 'user', '--name', 'a', '--json'], { env: isolated(env(keyA)) })
     t.equal(created.code, 0, created.stderr)
     // As a store migrated to 0021 by an upgrade finds it: rows, and no check yet.
     await store.sql('DELETE FROM encryption_key_check')
     const wrong = await list(env(keyB))
     t.equal(wrong.code, 1, 'a wrong key is refused (by the newest row)')
     t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'and makes no check')
-    await start(t, env(keyC, keyA))
-    t.equal(await checkKey(store.sql), idOf(keyC), 'a rotation passes, and makes the check under its current key')
+    t.equal(await start(env(keyC, keyA)), idOf(keyC), 'a rotation passes, and makes the check under its current key')
     await store.sql('DELETE FROM encryption_key_check')
-    await start(t, env(keyA))
-    t.equal(await checkKey(store.sql), idOf(keyA), 'the key the rows were sealed with passes')
+    t.equal(await start(env(keyA)), idOf(keyA), 'the key the rows were sealed with passes')
     t.equal((await list(env(keyA))).code, 0, 'and again')
   })
 }
@@ -151,14 +166,12 @@ export function rotation(kind: StoreKind): void {
     const store = await freshStore(t, kind)
     const [keyA, keyB] = [newKey(), newKey()]
     const env = (key: string, previous?: string) => ({ ...store.where, KEYGATE_ENCRYPTION_KEY: key, KEYGATE_PREVIOUS_ENCRYPTION_KEYS: previous })
-    await start(t, env(keyA))
-    t.equal(await checkKey(store.sql), idOf(keyA))
+    t.equal(await start(env(keyA)), idOf(keyA))
     // The README's two-step rotation: the new key among the previous ones first, then current.
     const firstStep = await list(env(keyA, keyB))
     t.equal(firstStep.code, 0, firstStep.stderr)
     t.equal(await checkKey(store.sql), idOf(keyA), 'the first step leaves the check as it was')
-    await start(t, env(keyB, keyA))
-    t.equal(await checkKey(store.sql), idOf(keyB), 'a rotation passes, and seals the check under the new key')
+    t.equal(await start(env(keyB, keyA)), idOf(keyB), 'a rotation passes, and seals the check under the new key')
     const stillFirst = await list(env(keyA, keyB))
     t.equal(stillFirst.code, 0, `a process still on the first step passes: ${stillFirst.stderr}`)
     t.equal((await list(env(keyB, keyA))).code, 0)
@@ -198,16 +211,13 @@ export function readOnlyCommands(kind: StoreKind): void {
     const listed = await list(env(mistyped))
     t.equal(listed.code, 0, `nothing is sealed yet, so nothing is refused: ${listed.stderr}`)
     t.same(await store.sql('SELECT * FROM encryption_key_check'), [], 'and the listing made no check: before (found by a review), it sealed it with the mistyped key, and every instance with the right one was refused')
-    await start(t, env(keyA))
-    t.equal(await checkKey(store.sql), idOf(keyA), 'the first instance makes it')
+    t.equal(await start(env(keyA)), idOf(keyA), 'the first instance makes it')
     t.equal((await list(env(mistyped))).code, 1, 'the mistyped key is refused from then on')
     // The README's two-step rotation, its second step done: the instances run with B, A previous.
-    await start(t, env(keyB, keyA))
-    t.equal(await checkKey(store.sql), idOf(keyB))
+    t.equal(await start(env(keyB, keyA)), idOf(keyB))
     const stale = await list(env(keyA, keyB))
     t.equal(stale.code, 0, `a shell still on the first step lists: ${stale.stderr}`)
-    t.equal(await checkKey(store.sql), idOf(keyB), 'and leaves the check with the new key: before, it sealed it back with the old one, and instances that then dropped the old key were refused')
-    await start(t, env(keyB))
+    t.equal(await start(env(keyB)), idOf(keyB), 'and leaves the check with the new key (an instance that then dropped the old key starts): before, it sealed it back with the old one, and such instances were refused')
   })
 }
 
@@ -217,11 +227,10 @@ export function lostKeyFile(): void {
     const store = await freshStore(t, 'embedded')
     const dir = store.where.KEYGATE_DATA_DIR as string
     const file = join(dir, 'encryption.key')
-    t.equal((await list(store.where)).code, 0, 'the first start generates a key')
+    t.equal((await runCli(['api-key', 'list', '--json'], { env: isolated(store.where) })).code, 0, 'the first start (a real process) generates a key')
     const generated = await checkKey(store.sql)
     t.ok(existsSync(file))
-    await start(t, { ...store.where, KEYGATE_ENCRYPTION_KEY: newKey() })
-    t.not(await checkKey(store.sql), generated, 'a configured key takes over from the generated one (which stays a previous key): the check is sealed with it')
+    t.not(await start({ ...store.where, KEYGATE_ENCRYPTION_KEY: newKey() }), generated, 'a configured key takes over from the generated one (which stays a previous key): the check is sealed with it')
     const other = newKey()
     const refused = await list({ ...store.where, KEYGATE_ENCRYPTION_KEY: other })
     t.equal(refused.code, 1, 'another configured key is refused on an empty log')
@@ -234,21 +243,29 @@ export function lostKeyFile(): void {
   })
 }
 
+/** `keygate api-key list --json`, a command that changes nothing, through the CLI's entry in this process. */
 function list(env: Record<string, string | undefined>): Promise<CliResult> {
-  return runCli(['api-key', 'list', '--json'], { env: isolated(env) })
+  return runCliHere(['api-key', 'list', '--json'], { env: isolated(env) })
 }
 
 /**
- * `serve` started (with the admin token, so it writes no audit row) and stopped: a start that
- * makes the check or seals it anew, which a command that changes nothing (list) does not.
+ * What `serve` does to the store as it starts (cli/serve.ts: the runtime opened without
+ * `readOnly`, which makes the check or seals it anew, as a command that changes nothing does not),
+ * with the admin token set so that it writes no audit row; then the key id the check is sealed
+ * with, read in the same opening. Throws as serve's start would be refused.
  */
-async function start(t: Test, env: Record<string, string | undefined>): Promise<void> {
-  const served = await serve(t, { env: isolatedEnv({ ...env, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }) })
-  t.equal(await served.stop(), 0)
+async function start(env: Record<string, string | undefined>): Promise<unknown> {
+  const config = loadConfig({ env: childEnv(isolatedEnv({ ...env, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN, KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '16' })) })
+  const runtime = await openRuntime(config, silentLogger, { waitForStore: true })
+  try {
+    return await checkKey((text) => runtime.db.query(text))
+  } finally {
+    await runtime.close()
+  }
 }
 
 /** The key id the store's check was sealed with. */
-async function checkKey(sql: (text: string) => Promise<Array<Record<string, unknown>>>): Promise<unknown> {
+async function checkKey(sql: (text: string) => Promise<Rows>): Promise<unknown> {
   return (await sql(`SELECT split_part(sealed, '.', 1) AS id FROM encryption_key_check`))[0]?.id
 }
 
