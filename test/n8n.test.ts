@@ -247,7 +247,9 @@ await forEachStore(t, async (t, store) => {
   })
 })
 
-t.test('keygate n8n create, verify, list, delete as a real process', async (t) => {
+// Real processes on the embedded store; on PostgreSQL, where what differs is the store, not the
+// process, the CLI's own entry in this process (runCliHere), as test/gitea-cli.test.ts does.
+t.test('keygate n8n create, verify, list, delete: real processes on the embedded store, the same commands on PostgreSQL', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-n8n-cli-'))
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const url = await freshDatabase(t)
@@ -256,8 +258,10 @@ t.test('keygate n8n create, verify, list, delete as a real process', async (t) =
     ['postgres', { DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 9).toString('base64') }],
   ] as const) {
     await t.test(kind, async (t) => {
-      const run = (args: string[], input?: string) =>
-        runCli(['n8n', ...args], { cwd, env: { ...env(), ...storeEnv, KEYGATE_CONFIG: undefined, LOG_LEVEL: 'debug' }, ...(input !== undefined ? { input } : {}) })
+      const run = (args: string[], input?: string, extra: Record<string, string> = {}) => {
+        const options = { env: { ...env(), ...storeEnv, KEYGATE_CONFIG: undefined, LOG_LEVEL: 'debug', ...extra }, ...(input !== undefined ? { input } : {}) }
+        return kind === 'embedded' ? runCli(['n8n', ...args], { cwd, ...options }) : runCliHere(['n8n', ...args], options)
+      }
       const created = await run(['create', '--label', 'ci', '--scopes', 'workflow:list', '--json'])
       t.equal(created.code, 0, created.stderr)
       const c = created.json()
@@ -296,7 +300,7 @@ t.test('keygate n8n create, verify, list, delete as a real process', async (t) =
       t.equal((await run(['create', '--label', 'human', '--scopes', 'workflow:list'])).code, 1, 'a duplicate label is refused')
       t.equal((await run(['delete', 'human'])).code, 0)
 
-      const wrong = await runCli(['n8n', 'list', '--json'], { cwd, env: { ...env(), ...storeEnv, N8N_PASSWORD: 'Wrong-password-1' } })
+      const wrong = await run(['list', '--json'], undefined, { N8N_PASSWORD: 'Wrong-password-1' })
       t.equal(wrong.code, 1, 'a wrong password is refused with exit 1')
       t.match(wrong.json().error, { code: 'n8n_auth_failed', message: /refused the login of "owner@keygate\.test" \(N8N_EMAIL\/N8N_PASSWORD\): 401 Wrong username or password/ })
       t.notMatch(wrong.stdout + wrong.stderr, /Wrong-password-1/)
