@@ -96,13 +96,17 @@ export class AuditCipher {
   readonly #keys: Map<string, Buffer>
   readonly #secretKeys = new Map<string, Buffer>()
 
+  /** Where `current` was read from when it is the embedded store's key file's, for the messages that name it. */
+  readonly keyFile: string | undefined
+
   /** `current` seals new rows; `previous` only opens older ones. Each is 32 bytes. */
-  constructor(current: Buffer, previous: readonly Buffer[] = []) {
+  constructor(current: Buffer, previous: readonly Buffer[] = [], keyFile?: string) {
     for (const k of [current, ...previous]) {
       if (k.length !== 32) throw new KeygateError('config_invalid', 'an audit encryption key must be 32 bytes')
     }
     this.#current = { id: encryptionKeyId(current), key: current }
     this.#keys = new Map([...previous, current].map((k) => [encryptionKeyId(k), k]))
+    this.keyFile = keyFile
   }
 
   get currentKeyId(): string {
@@ -224,9 +228,19 @@ const WEBHOOK_SECRET_KEY_IDS = `SELECT split_part(s, '.', 1) FROM webhooks, unne
 
 /** `encryption_key_missing` for a process whose keys lack `id`, the key `what` was sealed with. */
 function keyMissing(what: string, id: string, cipher: AuditCipher): KeygateError {
+  const unknown = `${what} sealed with encryption key ${id}, which is not configured`
+  if (cipher.keyFile !== undefined) {
+    // The embedded store's own key in use: no other instance to agree with, but a start with
+    // KEYGATE_ENCRYPTION_KEY before (the key file's stays a previous key then), or a key file
+    // replaced. Before, the advice was the PostgreSQL deployment's.
+    return new KeygateError(
+      'encryption_key_missing',
+      `${unknown} (the current key is ${cipher.currentKeyId}, from the embedded store's key file ${cipher.keyFile}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${id}) again, or, if ${id} was the key file's, restore the file from its backup; rows this process sealed could not be read by a start with that key`,
+    )
+  }
   return new KeygateError(
     'encryption_key_missing',
-    `${what} sealed with encryption key ${id}, which is not configured (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
+    `${unknown} (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
   )
 }
 
@@ -419,7 +433,7 @@ export function loadAuditCipher(options: {
     }
     if (created) options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
   }
-  return new AuditCipher(readKeyFile(file), previous)
+  return new AuditCipher(readKeyFile(file), previous, file)
 }
 
 /** Whether `file` holds nothing but white space (an unreadable file is left to readKeyFile to name). */

@@ -243,6 +243,27 @@ export function lostKeyFile(): void {
   })
 }
 
+/** The embedded store's key file in use where another key sealed the check. */
+export function keyFileRefused(): void {
+  t.test("embedded: the key file's key refused where a configured key sealed the check: the refusal names the file, not other instances", async (t) => {
+    const store = await freshStore(t, 'embedded')
+    const file = join(store.where.KEYGATE_DATA_DIR as string, 'encryption.key')
+    const generated = await start(store.where)
+    t.ok(existsSync(file), 'the first start generates the key file')
+    const configured = newKey()
+    t.equal(await start({ ...store.where, KEYGATE_ENCRYPTION_KEY: configured }), idOf(configured), 'a start with a configured key seals the check with it')
+    // KEYGATE_ENCRYPTION_KEY left out of the next start (the service's environment file lost it):
+    // the key file's key is current, and the check names the configured one.
+    const refused = await list(store.where)
+    t.equal(refused.code, 1)
+    const { code, message } = refused.json().error
+    t.equal(code, 'encryption_key_missing')
+    t.match(message, `sealed with encryption key ${idOf(configured)}, which is not configured (the current key is ${generated}, from the embedded store's key file ${file}`)
+    t.match(message, `set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${idOf(configured)}) again`)
+    t.notMatch(message, /other instances/, "an embedded store has no other instances (before, the advice was PostgreSQL's)")
+  })
+}
+
 /** `keygate api-key list --json`, a command that changes nothing, through the CLI's entry in this process. */
 function list(env: Record<string, string | undefined>): Promise<CliResult> {
   return runCliHere(['api-key', 'list', '--json'], { env: isolated(env) })
