@@ -148,9 +148,11 @@ export const NextCursor = Nullable(Type.String(), 'Pass as `cursor` for the next
 export const AuditPageSchema = Type.Object({ items: Type.Array(AuditSchema), next_cursor: NextCursor })
 
 /**
- * One page of the audit log for a route: the cursor read, the rows opened, and each row that did
- * not open logged as a warning (an altered row is listed, and also said out loud), by its key,
- * action and time.
+ * One page of the audit log for a route: the cursor read, the rows opened, and each altered row
+ * (`failed`) logged as a warning (it is listed, and also said out loud), by its key, action and
+ * time. Rows sealed with a key that is not configured (`key_missing`: an old key dropped after a
+ * rotation, as the README allows) are one warning for the page, with their count, keys and
+ * encryption keys: before (found by a review), a page of 500 of them logged 500 warnings at every view.
  */
 export async function auditPage(
   services: Pick<AdminServices, 'audit' | 'db' | 'log'>,
@@ -161,8 +163,19 @@ export async function auditPage(
   // The row's id is a UUID, which every log line scrubs (legacy keys have that shape): it is
   // logged without its hyphens (audit_row), which the scrubber leaves, so a row about no key
   // can be found too (found by a review).
+  const missing = page.items.filter((r) => r.integrity === 'key_missing')
   for (const r of page.items) {
-    if (r.integrity !== 'verified') services.log.warn('an audit row did not open', { audit_row: r.id.replaceAll('-', ''), key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })
+    if (r.integrity === 'failed') services.log.warn('an audit row did not open', { audit_row: r.id.replaceAll('-', ''), key_id: r.keyId, action: r.action, created_at: r.createdAt.toISOString(), integrity: r.integrity, problem: r.problem })
+  }
+  if (missing.length > 0) {
+    services.log.warn('audit rows sealed with an encryption key that is not configured did not open', {
+      rows: missing.length,
+      encryption_keys: [...new Set(missing.map((r) => r.sealedWith))],
+      key_ids: [...new Set(missing.map((r) => r.keyId))],
+      newest: missing[0]?.createdAt.toISOString(),
+      oldest: missing.at(-1)?.createdAt.toISOString(),
+      hint: 'add the key to KEYGATE_PREVIOUS_ENCRYPTION_KEYS to read them',
+    })
   }
   return { items: page.items.map(auditJson), next_cursor: page.nextCursor }
 }

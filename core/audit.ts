@@ -47,6 +47,8 @@ export interface AuditRecord {
   integrity: AuditIntegrity
   /** Why the row did not open (not verified). */
   problem?: string
+  /** The id of the encryption key a `key_missing` row was sealed with. */
+  sealedWith?: string
   createdAt: Date
 }
 
@@ -569,7 +571,8 @@ function openStored(cipher: AuditCipher, r: StoredRow): AuditRecord {
     return { ...row, details: cipher.open(row, r.format, r.enc_key_id, r.nonce, r.details), integrity: 'verified' }
   } catch (err) {
     if (!isKeygateError(err) || err.code !== 'audit_decrypt_failed') throw err
-    return { ...row, details: null, integrity: err.details?.integrity === 'key_missing' ? 'key_missing' : 'failed', problem: err.message }
+    if (err.details?.integrity === 'key_missing') return { ...row, details: null, integrity: 'key_missing', problem: err.message, sealedWith: r.enc_key_id }
+    return { ...row, details: null, integrity: 'failed', problem: err.message }
   }
 }
 

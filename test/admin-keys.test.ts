@@ -5,7 +5,7 @@ import { remoteOperations } from '../cli/remote-operations.ts'
 import { remoteDenyOperations } from '../cli/deny-list.ts'
 import t from 'tap'
 import type { Test } from 'tap'
-import { createHash, randomUUID } from 'node:crypto'
+import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import https from 'node:https'
 import { execFileSync } from 'node:child_process'
@@ -19,6 +19,7 @@ import { IMPORT_MAX_ROWS, ImportRow } from '../core/keys/schemas.ts'
 import { BOOTSTRAP_TOKEN, MAX_BODY_BYTES, startAdmin, type AdminHarness } from './helpers/admin.ts'
 import { forEachStore } from './helpers/stores.ts'
 import { createLogger } from '../core/log.ts'
+import { AuditCipher, AuditLog, encryptionKeyId } from '../core/audit.ts'
 import { keyJson, keyValidUntil, type KeyRecord } from '../core/keys/types.ts'
 
 const sha256 = (s: string) => createHash('sha256').update(s).digest('hex')
@@ -420,6 +421,26 @@ await forEachStore(t, async (t, store) => {
     // Its id is a UUID, which the log scrubs: named without the hyphens (before, only by key,
     // action and time, which names no row about no key).
     t.match(warned[0], { level: 'warn', audit_row: altered.id.replaceAll('-', ''), key_id: k.id, action: 'key.updated', created_at: (seen[2] as unknown as { created_at: string }).created_at, integrity: 'failed' })
+  })
+
+  await t.test("rows sealed with a key no longer configured: one warning a page, naming the key and the count, not one a row", async (t) => {
+    // Before (left open by the last note): a page of up to 500 such rows (an old key dropped
+    // after a rotation, as the README's rotation allows) logged 500 warnings each time it was viewed.
+    const k = (await h.call('POST', '/v1/keys', { body: { name: 'old-key rows', type: 'user' } })).json
+    const dropped = randomBytes(32)
+    const old = new AuditLog(new AuditCipher(dropped))
+    for (let i = 0; i < 7; i++) await h.db.transaction((tx) => old.write(tx, { actor: 'admin:old' }, { keyId: k.id, action: 'key.updated', details: { i } }))
+    // And the key's first row (sealed with the configured key) altered.
+    await h.db.query("UPDATE api_key_audit_log SET actor = 'key:someoneelse' WHERE key_id = $1 AND action = 'key.created'", [k.id])
+    logLines.length = 0
+    const page = (await h.call('GET', `/v1/keys/${k.id}/audit`)).json.items as Array<{ integrity: string }>
+    t.same(page.map((r) => r.integrity), [...Array(7).fill('key_missing'), 'failed'], 'the rows are listed as before')
+    const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>)
+    t.equal(warned.filter((l) => l.message === 'an audit row did not open').length, 1, 'an altered row is still said out loud, row by row')
+    const missing = warned.filter((l) => l.message === 'audit rows sealed with an encryption key that is not configured did not open')
+    t.equal(missing.length, 1, 'one warning for the page')
+    t.match(missing[0], { level: 'warn', rows: 7, encryption_keys: [encryptionKeyId(dropped)], key_ids: [k.id], hint: /KEYGATE_PREVIOUS_ENCRYPTION_KEYS/ })
+    t.equal(warned.length, 2, 'and nothing else')
   })
 
   await t.test('GET /v1/audit: every admin action, by key, action or actor', async (t) => {
