@@ -129,6 +129,11 @@ async function startServe(p: ReturnType<typeof parse>, io: Io): Promise<number> 
     if (url !== undefined && plainRemote(url)) log.warn('an integration is reached over plain http: its credentials and the tokens it makes cross the network unencrypted; use https', { setting, url })
   }
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
+  // Said once at start: PostgreSQL is how instances share a store, and without Redis each counts
+  // apart (the README says so; a start said nothing before, found by a review of the anomalies).
+  if (config.store.database_url && !config.redis.url && role.gateway) {
+    log.info('no Redis (REDIS_URL): rate limits, lockouts and anomaly thresholds count in this instance alone (under --workers, in its primary); another instance on the same database counts its own, and hears of a revocation at its store check (cache.store_check_s) and of a deny list change at its reload (gateway.deny_list_refresh_s)')
+  }
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })
 }

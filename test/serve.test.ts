@@ -127,6 +127,7 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
 
   const first = await serve(t, { env })
   await first.waitForLog((l) => l.message.startsWith('no admin credential was configured'))
+  t.notOk(first.logs.some((l) => l.message.startsWith('no Redis (REDIS_URL)')), 'the embedded store is one instance: nothing to say about Redis')
   const printed = first.stderr().match(KEYS) ?? []
   t.equal(printed.length, 1, 'the first admin key is printed once, on stderr')
   t.notMatch(first.stdout(), KEY_PATTERN, 'the log does not carry it')
@@ -256,6 +257,8 @@ t.test('SIGTERM: an admin request in flight at the signal, answered after the he
   writeFileSync(config, 'gateway:\n  shutdown_timeout_ms: 600000\n')
   const token = 'serve-test-admin-token-0123456789'
   const s = await serve(t, { env: isolatedEnv({ DATABASE_URL: url, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }) })
+  // Apart from the drain: a start on PostgreSQL without Redis says once that it counts alone.
+  t.match(s.logs.filter((l) => l.message.startsWith('no Redis (REDIS_URL)')), [{ level: 'info', message: /count in this instance alone .* another instance on the same database counts its own/ }], 'PostgreSQL without Redis: said once at start')
   // A writer of the deny list waits for this lock (the gateway's reads do not).
   const pg = (await import('pg')).default
   const locker = new pg.Client({ connectionString: url })
