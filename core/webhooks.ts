@@ -35,7 +35,7 @@ import type { EventBus, EventType, KeygateEvent } from './events.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
 import type { Logger } from './log.ts'
-import { PRUNE_BATCH } from './scheduler.ts'
+import { pruneBatch } from './scheduler.ts'
 import { allowList, checkDeliveryUrl, checkTarget, pinnedAgent, refusedForAddress, webhookNames, WebhookNames, type AllowList, type LookupFunction } from './ssrf.ts'
 
 export const TEST_EVENT = 'webhook.test'
@@ -503,7 +503,7 @@ export class WebhookService {
   }
 
   /**
-   * Removes what deleted webhooks left (a scheduler job): their deliveries, PRUNE_BATCH to a
+   * Removes what deleted webhooks left (a scheduler job): their deliveries, pruneBatch to a
    * statement, each its own transaction as the scheduler's prunes are (each well within
    * store.query_timeout_ms, none holding a lock for long), then the webhook's row, whose cascade
    * takes the few a key change queued while the webhook was being deleted. Ends after the
@@ -512,17 +512,18 @@ export class WebhookService {
    */
   async purgeDeleted(stopping: () => boolean = () => false): Promise<number> {
     const deleted = await this.#db.query<{ id: string }>('SELECT id FROM webhooks WHERE deleted_at IS NOT NULL ORDER BY deleted_at, id')
+    const batch = pruneBatch(this.#db.kind)
     let total = 0
     for (const { id } of deleted) {
       for (;;) {
         if (stopping()) return total
         const [gone] = await this.#db.query<{ n: number }>(
           `WITH gone AS (DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries WHERE webhook_id = $1 LIMIT $2) RETURNING 1) SELECT count(*)::int AS n FROM gone`,
-          [id, PRUNE_BATCH],
+          [id, batch],
         )
         const n = gone?.n ?? 0
         total += n
-        if (n < PRUNE_BATCH) break
+        if (n < batch) break
       }
       total += (await this.#db.query('DELETE FROM webhooks WHERE id = $1 AND deleted_at IS NOT NULL RETURNING 1', [id])).length
     }

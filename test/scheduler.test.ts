@@ -13,7 +13,7 @@ import { silentLogger } from '../core/log.ts'
 import { UsageRecorder } from '../core/usage.ts'
 import { WebhookService } from '../core/webhooks.ts'
 import { loadConfig } from '../config/load.ts'
-import { defaultPruneRules, PRUNE_BATCH, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
+import { defaultPruneRules, pruneBatch, Scheduler, SCHEDULER_LOCK, type PruneRule } from '../core/scheduler.ts'
 import type { KeyChange } from '../core/keys/service.ts'
 import { keyJson } from '../core/keys/types.ts'
 import type { Tap } from './helpers/gateway.ts'
@@ -389,7 +389,7 @@ forEachStore(t, async (t, store) => {
   await t.test('retention: more old rows than one batch are all pruned, a statement at a time', async (t) => {
     const now = clock.now().getTime()
     const hour = (ms: number) => new Date(ms - (ms % 3_600_000))
-    const old = 2 * PRUNE_BATCH + 1
+    const old = 2 * pruneBatch(store.db.kind) + 1
     await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) SELECT $1, 'batch_' || i, 1 FROM generate_series(1, $2::int) AS i`, [hour(now - 401 * DAY), old])
     await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) VALUES ($1, 'batch_young', 1)`, [hour(now - 399 * DAY)])
     const run = await scheduler.runOnce()
@@ -697,7 +697,11 @@ t.test('stop() ends a prune after the statement it is on: the rest is the next r
   const clock = testClock(T0)
   const s = testServices(store.db, { clock })
   const hour = (ms: number) => new Date(ms - (ms % 3_600_000))
-  const old = 2 * PRUNE_BATCH + 1
+  // The embedded store's batch: a fifth of PostgreSQL's, so that a statement holds the store's
+  // one thread (the gateway's key look-ups, the admin API) about a quarter as long.
+  const batch = pruneBatch('embedded')
+  t.equal(batch, 1000)
+  const old = 2 * batch + 1
   await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) SELECT $1, 'stop_' || i, 1 FROM generate_series(1, $2::int) AS i`, [hour(T0.getTime() - 401 * DAY), old])
   const rules = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30, usageDays: 400 }).filter((r) => r.table === 'api_key_rejections')
   let scheduler: Scheduler | undefined
@@ -717,11 +721,11 @@ t.test('stop() ends a prune after the statement it is on: the rest is the next r
   scheduler = new Scheduler({ db: stopping, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 0, pruneRules: rules })
   const run = await scheduler.runOnce()
   await stopped
-  t.equal(run?.pruned.api_key_rejections, PRUNE_BATCH, 'one statement of the prune, and what it deleted is counted')
+  t.equal(run?.pruned.api_key_rejections, batch, 'one statement of the prune, and what it deleted is counted')
   const left = async () => (await store.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_rejections WHERE reason LIKE 'stop_%'`))[0]?.n
-  t.equal(await left(), old - PRUNE_BATCH, 'the rest is left')
+  t.equal(await left(), old - batch, 'the rest is left')
   const next = await new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 0, pruneRules: rules }).runOnce()
-  t.equal(next?.pruned.api_key_rejections, old - PRUNE_BATCH, 'the next round prunes the rest')
+  t.equal(next?.pruned.api_key_rejections, old - batch, 'the next round prunes the rest')
   t.equal(await left(), 0)
 })
 
