@@ -21,6 +21,22 @@ export function isolated(extra: Record<string, string | undefined>): Record<stri
   return { DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, LOG_LEVEL: 'debug', ...extra }
 }
 
+/**
+ * A fresh PostgreSQL database (dropped when `t` ends), migrated, and the environment of a command
+ * on it: for the CLI tests whose subject is not the embedded store (what a command refuses, what
+ * it prints), where a command through runCliHere costs some 0.05 s of CPU and a real process
+ * 0.85 s, against 0.8 s and 1.8 s on the embedded store (opening PGlite). (stores.ts is loaded
+ * here, not with this file: the suites that use none of it do not load pg and the configuration.)
+ */
+export async function postgresEnv(t: Pick<Test, 'teardown'>): Promise<{ url: string; env: Record<string, string | undefined> }> {
+  const { freshDatabase } = await import('./stores.ts')
+  const url = await freshDatabase(t)
+  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY })
+  const migrated = await runCliHere(['migrate'], { env })
+  if (migrated.code !== 0) throw new Error(`keygate migrate on ${url} failed (exit ${migrated.code}):\n${migrated.stderr}`)
+  return { url, env }
+}
+
 export interface Lifecycle {
   env: Record<string, string | undefined>
   cwd: string
