@@ -1,13 +1,15 @@
 // `keygate deny-list` and `keygate lockouts`: the gateway's address checks from the command line,
 // on the store opened here (the deny list) and through a running server's admin API (both), with
-// the real CLI process, a real `serve` and a real upstream on loopback.
+// the real CLI process, a real `serve` and a real upstream on loopback. They run on PostgreSQL
+// (fresh databases): what they check is the command's and the server's, the same on either store,
+// and on the embedded store each command opened PGlite (0.8 s of CPU in this process, 1.8 s as a
+// process of its own, against 0.05 s and 0.85 s).
 import t from 'tap'
 import type { Test } from 'tap'
 import { existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli, runCliHere } from './helpers/cli.ts'
-import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
-import { seedDataDir } from './helpers/pglite-template.ts'
+import { isolated, postgresEnv, tempDir } from './helpers/cli-lifecycle.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { call, startUpstream, until } from './helpers/gateway.ts'
 import { startDeployment } from './helpers/deployment.ts'
@@ -19,7 +21,7 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   // line's entry in this process (runCliHere), on the same store: each in a process of its own
   // cost some 1.5 s of CPU, and what they check is what the store and the command say.
   const cwd = tempDir()
-  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
+  const { env } = await postgresEnv(t)
   const added = await runCli(['deny-list', 'add', '10.0.0.0/8', '--reason', 'scanner', '--expires-in', '1h', '--json'], { cwd, env })
   t.equal(added.code, 0, added.stderr)
   const entry = added.json()
@@ -98,18 +100,18 @@ t.test('lockouts need a running server: without an admin URL the command says so
 })
 
 /**
- * `serve` on a seeded store, a lockout after 2 failed attempts for 10 minutes, loopback a trusted
- * proxy, the CLI's environment going through its admin API, and a user key's Authorization header.
+ * `serve` on a fresh PostgreSQL database, a lockout after 2 failed attempts for 10 minutes,
+ * loopback a trusted proxy, the CLI's environment going through its admin API, and a user key's
+ * Authorization header.
  * The failing clients are other addresses behind the trusted proxy: a lockout holds the admin API
  * too, so the operator's own address must stay clear.
  */
 async function servedWithLockout(t: Test) {
   const cwd = tempDir()
   writeFileSync(join(cwd, 'keygate.yaml'), 'lockout:\n  max_attempts: 2\n  window_s: 600\ngateway:\n  trusted_proxies: ["127.0.0.1"]\n')
-  const upstream = await startUpstream(t)
-  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
-  const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const [upstream, store] = await Promise.all([startUpstream(t), postgresEnv(t)])
+  const served = await serve(t, { args: ['--upstream', upstream.url], env: isolatedEnv({ DATABASE_URL: store.url, KEYGATE_ENCRYPTION_KEY: store.env.KEYGATE_ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }), cwd })
+  const env = { ...store.env, KEYGATE_ADMIN_URL: served.admin, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }
   const created = await runCliHere(['api-key', 'create', '--name', 'k', '--type', 'user', '--json'], { env })
   return { cwd, served, env, auth: { authorization: `Bearer ${created.json().key}` } }
 }
@@ -208,7 +210,8 @@ t.test('on the store with REDIS_URL set, a change reaches every gateway through 
   for (let g = 0; g < 2; g++) await until(t, `gateway ${g} refuses the address`, async () => (await d.through(g, key, from)).json?.error?.code === 'ip_blocked')
   t.equal((await d.through(0, key, '203.0.113.45')).status, 200, 'another address still passes')
 
-  const removed = await runCli(['deny-list', 'remove', from], { cwd, env: d.env })
+  // (The add above is the real process; the remove through the command line's entry here.)
+  const removed = await runCliHere(['deny-list', 'remove', from], { env: d.env })
   t.equal(removed.code, 0, removed.stderr)
   for (let g = 0; g < 2; g++) await until(t, `gateway ${g} lets the address in again`, async () => (await d.through(g, key, from)).status === 200)
   for (const s of [d.admin, ...d.gateways]) t.equal(await s.stop(), 0, 'exit 0')
