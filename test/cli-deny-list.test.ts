@@ -3,13 +3,14 @@
 // the real CLI process, a real `serve` and a real upstream on loopback. They run on PostgreSQL
 // (fresh databases): what they check is the command's and the server's, the same on either store,
 // and on the embedded store each command opened PGlite (0.8 s of CPU in this process, 1.8 s as a
-// process of its own, against 0.05 s and 0.85 s).
+// process of its own, against 0.05 s and 0.85 s); one add and remove run on the embedded store.
 import t from 'tap'
 import type { Test } from 'tap'
 import { existsSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli, runCliHere } from './helpers/cli.ts'
 import { isolated, postgresEnv, tempDir } from './helpers/cli-lifecycle.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
 import { isolatedEnv, serve } from './helpers/serve.ts'
 import { call, startUpstream, until } from './helpers/gateway.ts'
 import { startDeployment } from './helpers/deployment.ts'
@@ -73,6 +74,18 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   t.equal((await runCliHere(['deny-list', 'remove', v6id, '--json'], { env })).json().cidr, '2001:db8::7', 'by id')
   t.equal((await runCliHere(['deny-list', 'list'], { env })).stdout, 'The stored deny list is empty.\n')
   t.equal((await runCliHere(['deny-list', 'remove', 'nosuchentry1234'], { env })).code, 1, 'an unknown id is refused')
+})
+
+t.test('deny-list on the embedded store, as real processes: an entry added is listed and removed', async (t) => {
+  // The one run of the command on the embedded store (the rest of this file runs on PostgreSQL).
+  const cwd = tempDir()
+  const env = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
+  const added = await runCli(['deny-list', 'add', '203.0.113.0/24', '--reason', 'embedded', '--json'], { cwd, env })
+  t.equal(added.code, 0, added.stderr)
+  t.match(added.json(), { cidr: '203.0.113.0/24', reason: 'embedded', created_by: /^cli:/, updated: false })
+  const removed = await runCli(['deny-list', 'remove', '203.0.113.9/24', '--json'], { cwd, env })
+  t.equal(removed.code, 0, removed.stderr)
+  t.match(removed.json(), { id: added.json().id, cidr: '203.0.113.0/24' }, 'the entry the add stored, found by an address written otherwise')
 })
 
 t.test('lockouts need a running server: without an admin URL the command says so and opens nothing', async (t) => {
