@@ -145,7 +145,15 @@ function hostNotAllowed(res: http.ServerResponse, requestId: string, host: strin
 // Content-Type or Last-Event-ID then no longer parses and is refused too; a repeated Content-Length
 // is refused by the parser either way. requireHostHeader off: a request without Host is answered
 // by the Host check below, in JSON, where Node's was a bare 400.
-export const ADMIN_SERVER_OPTIONS: http.ServerOptions = { maxHeaderSize: 16_384, requestTimeout: 60_000, ...headersTimeoutOptions(10_000), joinDuplicateHeaders: true, requireHostHeader: false }
+// The limits are admin.max_header_bytes, admin.request_timeout_ms and admin.headers_timeout_ms
+// (before, fixed at their defaults: an import of admin.max_body_bytes over a slow link was cut
+// at 60 s whatever was configured).
+export function adminServerOptions(limits: { max_header_bytes: number; request_timeout_ms: number; headers_timeout_ms: number }): http.ServerOptions {
+  return { maxHeaderSize: limits.max_header_bytes, requestTimeout: limits.request_timeout_ms, ...headersTimeoutOptions(limits.headers_timeout_ms), joinDuplicateHeaders: true, requireHostHeader: false }
+}
+
+/** The admin server's options with the defaults of its limits (tests, and servers made without a configuration). */
+const ADMIN_SERVER_OPTIONS: http.ServerOptions = adminServerOptions({ max_header_bytes: 16_384, request_timeout_ms: 60_000, headers_timeout_ms: 10_000 })
 
 /** The handlers each admin server has running: a drain's deadline ends their connections, not them. */
 const running = new WeakMap<http.Server, Set<Promise<void>>>()

@@ -29,7 +29,7 @@ import { connectRedis, redisHealth, redisReady, writeHealthKey } from '../core/r
 import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
 import { openRuntime, type Runtime } from '../core/runtime.ts'
-import { ADMIN_SERVER_OPTIONS, createAdminServer, handlersEnded, healthRoutes, type AdminRoute } from '../admin/server.ts'
+import { adminServerOptions, createAdminServer, handlersEnded, healthRoutes, type AdminRoute } from '../admin/server.ts'
 import { createAdminApi } from '../admin/index.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
@@ -853,7 +853,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       admin = createAdminServer({
         routes,
         log,
-        server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), ADMIN_SERVER_OPTIONS),
+        server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)),
         allowedHosts: config.admin.allowed_hosts,
         ...(role.admin ? {} : { noApi: 'this process serves the gateway only (serve --only gateway): the admin API is served by a keygate serve --only admin, or one without --only' }),
       })
@@ -1239,7 +1239,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev, undefined, () => ownLockout?.lockedOutRequests.inc()) : undefined
     if (api) routes.push(...api.routes)
-    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), ADMIN_SERVER_OPTIONS), allowedHosts: config.admin.allowed_hosts })
+    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)), allowedHosts: config.admin.allowed_hosts })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
     const bound = async () => ({ at: await listen(admin, config.admin.listen), gateway: await reserveGatewayAddress(config.gateway.listen) })

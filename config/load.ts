@@ -474,6 +474,10 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
       `scheduler.anomaly_retention_days: ${config.scheduler.anomaly_retention_days} is not allowed; expected at least anomalies.dedupe_window_s in days (${config.anomalies.dedupe_window_s} s, ${Math.ceil(config.anomalies.dedupe_window_s / 86_400)} days)`,
     )
   }
+  // Node refuses to make a server whose header timeout is longer than its request timeout.
+  if (!bad('admin.headers_timeout_ms', 'admin.request_timeout_ms') && config.admin.headers_timeout_ms > config.admin.request_timeout_ms) {
+    problems.push(`${sourced('admin.headers_timeout_ms')}: ${config.admin.headers_timeout_ms} is not allowed; expected at most admin.request_timeout_ms (${config.admin.request_timeout_ms}): the headers are part of the request`)
+  }
   // Checked here, not left to the start: that failed with "the address is in use", naming neither
   // setting nor that keygate itself held the address (found by the configuration review).
   if (bothListeners && !bad('gateway.listen', 'admin.listen') && listenOverlaps(config.gateway.listen, config.admin.listen)) {

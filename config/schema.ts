@@ -153,6 +153,12 @@ export const ConfigSchema = Type.Object(
         token: Type.Optional(Type.String({ format: 'admin-token', description: 'Bootstrap admin token.', env: 'KEYGATE_ADMIN_TOKEN', secret: true })),
         url: optStr('base-url', { description: 'Admin API address the CLI uses instead of opening the store.', env: 'KEYGATE_ADMIN_URL', flag: 'admin-url' }),
         max_body_bytes: int(1_048_576, 1024, 67_108_864, { description: 'Largest admin request body accepted (413 above).' }),
+        max_header_bytes: int(16_384, 1024, 1_048_576, { description: 'Largest admin request header block accepted (431 above).' }),
+        headers_timeout_ms: int(10_000, 100, 600_000, { description: 'Time a client has to send an admin request\'s headers (408 request_timeout after it); at most request_timeout_ms.' }),
+        request_timeout_ms: int(60_000, 1000, 3_600_000, {
+          description:
+            'Time a client has to send a whole admin request, headers and body (408 request_timeout after it): an import of max_body_bytes over a slow link needs more than the default (64 MiB in 60 s is about 1.1 MB/s).',
+        }),
         max_streams_per_credential: int(10, 1, 10_000, {
           description: 'Anomaly streams (GET /v1/anomalies/stream) one admin credential may hold open on one instance at once; one more is answered 429 too_many_streams.',
         }),

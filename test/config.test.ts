@@ -291,6 +291,10 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   )
   t.same(spelled({ scheduler: { anomaly_retention_days: 7 }, anomalies: { dedupe_window_s: 604_800 } }), [], 'a retention as long as the window')
   t.same(spelled({ scheduler: { anomaly_retention_days: 1 }, anomalies: { dedupe_window_s: 86_400 } }), [])
+  // Node refuses to make such a server: said by name at load, not as a start-up crash.
+  t.same(spelled({ admin: { headers_timeout_ms: 30_000, request_timeout_ms: 20_000 } }), ['admin.headers_timeout_ms: 30000 is not allowed; expected at most admin.request_timeout_ms (20000): the headers are part of the request'], "the admin listener's header timeout within its request timeout")
+  t.same(spelled({ admin: { headers_timeout_ms: 20_000, request_timeout_ms: 20_000 } }), [])
+  t.same(spelled({ admin: { headers_timeout_ms: 20_000 } }), [], 'within the default request timeout (60 s)')
   t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL without user:password@, a query or a fragment'])
   t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
 })

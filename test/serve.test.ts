@@ -301,6 +301,30 @@ t.test("a client that sends nothing is cut by the admin listener's 10 s header t
   t.equal(await s.stop(), 0)
 })
 
+t.test('the admin listener takes its limits from the configuration: header block, header timeout, whole-request timeout', async (t) => {
+  // Before (left open by the notes), they were fixed at their defaults: an import of
+  // admin.max_body_bytes over a slow link was cut at 60 s whatever was configured. Which closes
+  // first, not when, as above: the gateway's 5 s header timeout is what each is raced against
+  // (the admin defaults, 10 s and 60 s, would lose both races).
+  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  writeFileSync(config, 'gateway:\n  headers_timeout_ms: 5000\nadmin:\n  headers_timeout_ms: 1000\n  request_timeout_ms: 2000\n  max_header_bytes: 2048\n')
+  const token = 'serve-test-admin-token-0123456789'
+  const s = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config }) })
+  const race = async (admin: ReturnType<typeof rawClient>) => {
+    const gateway = rawClient(s.gateway)
+    const first = await unlessHung(Promise.race([admin.closed.then(() => 'admin'), gateway.closed.then(() => 'gateway')]), 60_000)
+    gateway.socket.destroy()
+    return first
+  }
+  t.equal(await race(rawClient(s.admin)), 'admin', 'admin.headers_timeout_ms (1 s): a silent admin connection is closed before the gateway\'s (5 s)')
+  const slowBody = rawClient(s.admin, `POST /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"name":`)
+  t.equal(await race(slowBody), 'admin', 'admin.request_timeout_ms (2 s): a body that stops coming is cut before the gateway\'s silent connection (5 s)')
+  t.match(slowBody.received(), /^HTTP\/1\.1 408 [^]*"code":"request_timeout"/, 'answering 408 request_timeout')
+  const big = await unlessHung(rawClient(s.admin, `GET /v1/keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${token}\r\nX-Filler: ${'a'.repeat(3000)}\r\n\r\n`).closed)
+  t.match(big, /^HTTP\/1\.1 431 /, 'admin.max_header_bytes (2048): a 3,000-byte header is refused 431 (the default, 16 KiB, takes it)')
+  t.equal(await s.stop(), 0)
+})
+
 t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) is one stop, the drain goes on; a second one later ends it at once', async (t) => {
   const arrivals: Array<() => void> = []
   const releases: Array<() => void> = []
