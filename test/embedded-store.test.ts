@@ -15,9 +15,11 @@ import { seedDataDir } from './helpers/pglite-template.ts'
 import { migrate } from '../core/migrate.ts'
 
 t.test('rows, values and errors cross the thread as PGlite gives them', async (t) => {
-  // Made from nothing (PGlite's initdb), as keygate's stores are; the other tests start from the
-  // tests' initialised folder (helpers/pglite-template.ts).
-  const db = await openDb({ memory: true })
+  // A store from the tests' initialised folder (helpers/pglite-template.ts), lent on to the next
+  // test: what crosses the thread does not depend on how the store was made, and PGlite's initdb
+  // cost about 6 s of CPU here. The store made from nothing is the closed store's test below (and
+  // openDb's in-memory store, test/key-cache-marks.test.ts).
+  const db = await memoryDb()
   t.teardown(() => db.close())
   await db.exec('CREATE TABLE t (id int PRIMARY KEY, b bytea, at timestamptz, j jsonb)')
   const at = new Date('2026-01-02T03:04:05.678Z')
@@ -178,7 +180,9 @@ t.test("a store a test closed is lent to the next test empty, and the first test
 t.test("a short command's store starts with 16 MB of shared buffers; serve's has store.embedded_shared_buffers_mb, by default PostgreSQL's 128 MB", async (t) => {
   const root = mkdtempSync(join(tmpdir(), 'keygate-buffers-'))
   t.teardown(() => rmSync(root, { recursive: true, force: true }))
-  const dir = await seedDataDir(join(root, 'store'))
+  // Migrated already: the first openRuntime would otherwise apply the migrations, which this
+  // test is not about (test/migrate.test.ts is).
+  const dir = await seedDataDir(join(root, 'store'), { migrated: true })
   const buffers = async (shortLived: boolean, env: Record<string, string> = {}) => {
     const runtime = await openRuntime(loadConfig({ env: { KEYGATE_DATA_DIR: dir, KEYGATE_ENCRYPTION_KEY: TEST_ENCRYPTION_KEY.toString('base64'), ...env } }), silentLogger, { shortLived })
     try {

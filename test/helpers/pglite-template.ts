@@ -6,9 +6,9 @@
 // test asks for a store migrated already (`migrated`): a copy of a second folder, the first with
 // keygate's migrations applied, made once per PGlite version and set of migration files. Applying
 // them took 0.4 to 0.5 s of CPU in each store, on the first command or serve to open it, in tests
-// whose store is a fixture. The tests of a store made from nothing (test/embedded-store.test.ts,
-// test/package.test.ts) use neither; the tests of what the first opening does (migrate's output,
-// the first command's) use the first.
+// whose store is a fixture. The tests of a store made from nothing (test/embedded-store.test.ts's
+// closed store, test/package.test.ts) use neither; the tests of what the first opening does
+// (migrate's output, the first command's) use the first.
 import { createHash } from 'node:crypto'
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
