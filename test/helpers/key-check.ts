@@ -230,11 +230,19 @@ export function lostKeyFile(): void {
     t.equal((await runCli(['api-key', 'list', '--json'], { env: isolated(store.where) })).code, 0, 'the first start (a real process) generates a key')
     const generated = await checkKey(store.sql)
     t.ok(existsSync(file))
-    t.not(await start({ ...store.where, KEYGATE_ENCRYPTION_KEY: newKey() }), generated, 'a configured key takes over from the generated one (which stays a previous key): the check is sealed with it')
+    const configured = newKey()
+    t.equal(await start({ ...store.where, KEYGATE_ENCRYPTION_KEY: configured }), idOf(configured), 'a configured key takes over from the generated one (which stays a previous key): the check is sealed with it')
+    t.not(idOf(configured), generated)
     const other = newKey()
     const refused = await list({ ...store.where, KEYGATE_ENCRYPTION_KEY: other })
     t.equal(refused.code, 1, 'another configured key is refused on an empty log')
-    t.equal(refused.json().error.code, 'encryption_key_missing')
+    const { code, message } = refused.json().error
+    t.equal(code, 'encryption_key_missing')
+    // An embedded store is one process's: before (found by a review), the refusal gave
+    // PostgreSQL's advice, the key "the store's other instances use".
+    t.match(message, `sealed with encryption key ${idOf(configured)}, which is not configured (the current key is ${idOf(other)}, from KEYGATE_ENCRYPTION_KEY, and neither KEYGATE_PREVIOUS_ENCRYPTION_KEYS nor the embedded store's key file holds ${idOf(configured)})`)
+    t.match(message, `set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${idOf(configured)}) again, or, when rotating, list that key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS`)
+    t.notMatch(message, /other instances/, 'an embedded store has no other instances')
     rmSync(file)
     const regenerated = await list(store.where)
     t.equal(regenerated.code, 0, `with nothing sealed but the check, a new key is generated, as before the check: ${regenerated.stderr}`)
