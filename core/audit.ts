@@ -98,17 +98,24 @@ export class AuditCipher {
   readonly #keys: Map<string, Buffer>
   readonly #secretKeys = new Map<string, Buffer>()
 
+  /** Whether the keys are an embedded store's (one process's: no other instances to agree with), for the messages. */
+  readonly embedded: boolean
+
   /** Where `current` was read from when it is the embedded store's key file's, for the messages that name it. */
   readonly keyFile: string | undefined
 
-  /** `current` seals new rows; `previous` only opens older ones. Each is 32 bytes. */
-  constructor(current: Buffer, previous: readonly Buffer[] = [], keyFile?: string) {
+  /**
+   * `current` seals new rows; `previous` only opens older ones. Each is 32 bytes. `embedded`: the
+   * keys are an embedded store's, `keyFile` set when `current` was read from its key file.
+   */
+  constructor(current: Buffer, previous: readonly Buffer[] = [], embedded?: { keyFile?: string }) {
     for (const k of [current, ...previous]) {
       if (k.length !== 32) throw new KeygateError('config_invalid', 'an audit encryption key must be 32 bytes')
     }
     this.#current = { id: encryptionKeyId(current), key: current }
     this.#keys = new Map([...previous, current].map((k) => [encryptionKeyId(k), k]))
-    this.keyFile = keyFile
+    this.embedded = embedded !== undefined
+    this.keyFile = embedded?.keyFile
   }
 
   get currentKeyId(): string {
@@ -238,6 +245,15 @@ function keyMissing(what: string, id: string, cipher: AuditCipher): KeygateError
     return new KeygateError(
       'encryption_key_missing',
       `${unknown} (the current key is ${cipher.currentKeyId}, from the embedded store's key file ${cipher.keyFile}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${id}) again, or, if ${id} was the key file's, restore the file from its backup; rows this process sealed could not be read by a start with that key`,
+    )
+  }
+  if (cipher.embedded) {
+    // A configured key on the embedded store (its key file's, if any, a previous key): one
+    // process's store, so the key to set is the one it was last started with, not the one of
+    // other instances (before, found by a review, the advice was PostgreSQL's).
+    return new KeygateError(
+      'encryption_key_missing',
+      `${unknown} (the current key is ${cipher.currentKeyId}, from KEYGATE_ENCRYPTION_KEY, and neither KEYGATE_PREVIOUS_ENCRYPTION_KEYS nor the embedded store's key file holds ${id}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${id}) again, or, when rotating, list that key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could not be read by a start with that key alone`,
     )
   }
   return new KeygateError(
@@ -385,7 +401,7 @@ export function loadAuditCipher(options: {
         options.log?.warn('the generated encryption key of the embedded store cannot be used as a previous key', { file, err: err as Error })
       }
     }
-    return new AuditCipher(key, previous)
+    return new AuditCipher(key, previous, options.storeKind === 'embedded' ? {} : undefined)
   }
   if (options.storeKind === 'postgres') {
     throw new KeygateError(
@@ -435,7 +451,7 @@ export function loadAuditCipher(options: {
     }
     if (created) options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
   }
-  return new AuditCipher(readKeyFile(file), previous, file)
+  return new AuditCipher(readKeyFile(file), previous, { keyFile: file })
 }
 
 /** Whether `file` holds nothing but white space (an unreadable file is left to readKeyFile to name). */
