@@ -246,6 +246,20 @@ t.test('SIGTERM: a connection without a whole request head does not hold the dra
   t.equal(await s.exited, 0, 'exit 0')
 })
 
+t.test('--only admin on PostgreSQL without Redis says at start that the lockouts it lists and lifts are its own, not the gateways\' (found by a review)', async (t) => {
+  // An admin process alone is one of several by design (the README's "Many instances"): without
+  // Redis, DELETE /v1/lockouts there lifts nothing on the gateways. Before, the start line of
+  // PostgreSQL without Redis was said by gateways only, and this process said nothing.
+  const { freshDatabase } = await import('./helpers/stores.ts')
+  const url = await freshDatabase(t)
+  const s = await serve(t, { env: isolatedEnv({ DATABASE_URL: url, KEYGATE_ADMIN_TOKEN: 'serve-test-admin-token-0123456789', KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }), args: ['--only', 'admin'], waitFor: { gateway: false } })
+  const alone = s.logs.filter((l) => l.message.startsWith('no Redis (REDIS_URL)'))
+  t.equal(alone.length, 1, 'said once at start')
+  t.match(alone, [{ level: 'info', message: /the lockouts this admin API lists and lifts \(\/v1\/lockouts\) are this process's alone, not the gateways'/ }])
+  t.notMatch(alone[0]?.message, /rate limits/, 'an admin process counts no rate limit')
+  t.equal(await s.stop(), 0)
+})
+
 t.test('SIGTERM: an admin request in flight at the signal, answered after the head grace, says Connection: close and its connection is closed, not kept alive for the drain to wait on (found by a review)', async (t) => {
   // Before: the admin listener said close only to requests begun after the signal; one begun
   // before it and answered after the head grace (1 s) was offered a keep-alive, and its idle
@@ -258,7 +272,9 @@ t.test('SIGTERM: an admin request in flight at the signal, answered after the he
   const token = 'serve-test-admin-token-0123456789'
   const s = await serve(t, { env: isolatedEnv({ DATABASE_URL: url, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }) })
   // Apart from the drain: a start on PostgreSQL without Redis says once that it counts alone.
-  t.match(s.logs.filter((l) => l.message.startsWith('no Redis (REDIS_URL)')), [{ level: 'info', message: /count in this instance alone .* another instance on the same database counts its own/ }], 'PostgreSQL without Redis: said once at start')
+  const alone = s.logs.filter((l) => l.message.startsWith('no Redis (REDIS_URL)'))
+  t.equal(alone.length, 1, 'PostgreSQL without Redis: said once at start')
+  t.match(alone, [{ level: 'info', message: /count in this instance alone .* another instance on the same database counts its own/ }])
   // A writer of the deny list waits for this lock (the gateway's reads do not).
   const pg = (await import('pg')).default
   const locker = new pg.Client({ connectionString: url })
