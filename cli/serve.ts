@@ -131,8 +131,14 @@ async function startServe(p: ReturnType<typeof parse>, io: Io): Promise<number> 
   const role: Role = { gateway: only !== 'admin', admin: only !== 'gateway' }
   // Said once at start: PostgreSQL is how instances share a store, and without Redis each counts
   // apart (the README says so; a start said nothing before, found by a review of the anomalies).
-  if (config.store.database_url && !config.redis.url && role.gateway) {
-    log.info('no Redis (REDIS_URL): rate limits, lockouts and anomaly thresholds count in this instance alone (under --workers, in its primary); another instance on the same database counts its own, and hears of a revocation at its store check (cache.store_check_s) and of a deny list change at its reload (gateway.deny_list_refresh_s)')
+  // An admin process alone (--only admin) is one of several by design: its lockouts are its own,
+  // so a lift there reaches no gateway (before, found by a review, it said nothing).
+  if (config.store.database_url && !config.redis.url) {
+    log.info(
+      role.gateway
+        ? 'no Redis (REDIS_URL): rate limits, lockouts and anomaly thresholds count in this instance alone (under --workers, in its primary); another instance on the same database counts its own, and hears of a revocation at its store check (cache.store_check_s) and of a deny list change at its reload (gateway.deny_list_refresh_s)'
+        : "no Redis (REDIS_URL): the lockouts this admin API lists and lifts (/v1/lockouts) are this process's alone, not the gateways' on the same database, which a lift here does not reach; they hear of a key change made here at their store check (cache.store_check_s) and of a deny list change at their reload (gateway.deny_list_refresh_s)",
+    )
   }
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })
