@@ -344,7 +344,7 @@ export class Scheduler {
  * and a stop during a first prune of 1,000,000 audit rows on PostgreSQL waited 10 s for it (a
  * larger one, past the stop's backstop, exited with the usage counts unwritten).
  */
-async function prune(tx: Queryable & { readonly kind: StoreKindOf }, rule: PruneRule, now: Date, stopping: () => boolean): Promise<number | undefined> {
+async function prune(tx: Queryable & Pick<Db, 'kind'>, rule: PruneRule, now: Date, stopping: () => boolean): Promise<number | undefined> {
   const [found] = await tx.query<{ n: number }>(
     `SELECT count(*)::int AS n FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2`,
     [rule.table, rule.column],
@@ -367,8 +367,6 @@ async function prune(tx: Queryable & { readonly kind: StoreKindOf }, rule: Prune
   }
 }
 
-type StoreKindOf = 'postgres' | 'embedded'
-
 /** Rows one prune statement deletes at most on PostgreSQL. */
 export const PRUNE_BATCH = 5000
 
@@ -379,7 +377,7 @@ export const PRUNE_BATCH = 5000
  * one holds them about a quarter as long, at about 1.3 times the time a row (bench/prune-batch.ts,
  * bench/RESULTS.md). PostgreSQL runs the others beside it.
  */
-export function pruneBatch(kind: StoreKindOf): number {
+export function pruneBatch(kind: Db['kind']): number {
   return kind === 'embedded' ? 1000 : PRUNE_BATCH
 }
 
