@@ -407,6 +407,10 @@ t.test('an anomaly recorded while Redis is down reaches the streams from the tab
   await burst('k_before_down')
   await until('the first anomaly arrives through Redis', () => got.some((a) => a.key_id === 'k_before_down'))
   await until('and on the channel', () => heard.includes('k_before_down'))
+  // Who listens on the channel (the feed's subscriber and this test's): a message published
+  // before they have subscribed again after the outage reaches none of them (Redis keeps none).
+  const subscribers = async () => Number(((await redis.pubsub('NUMSUB', channel)) as [string, number])[1])
+  const listening = await subscribers()
 
   await server.stop()
   await burst('k_while_down') // stored; its publication fails
@@ -420,6 +424,10 @@ t.test('an anomaly recorded while Redis is down reaches the streams from the tab
   t.equal(lines.filter((l) => l.includes('subscriber error')).length, 1, 'one warning for the outage')
   await server.start()
   await until('the channel is back for the detector', () => redis.status === 'ready')
+  // Before (found by the session's CI, a flaky failure): k_after was published while this test's
+  // listener was still subscribing again, and was never heard.
+  for (let i = 0; i < 500 && (await subscribers()) < listening; i++) await sleep(20)
+  t.equal(await subscribers(), listening, 'its subscribers are back too')
   await detector.check() // the next check publishes it again: delivered once all the same
   await burst('k_after')
   await until('a finding once it is back is announced', () => heard.includes('k_after'))
