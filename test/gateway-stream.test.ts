@@ -576,9 +576,10 @@ t.test('a client that takes none of its answer for gateway.send_timeout_ms is cu
   const SIZE = 64 * 1024 * 1024
   const closes: Array<(finished: boolean) => void> = []
   const h = await startGateway(t, {
-    // 1.5 s against pauses of 300 ms: a stall of the test's process (client, gateway and upstream
-    // share its event loop) must last 1.2 s to pass for a client that took nothing.
-    config: { gateway: { send_timeout_ms: 1500 } },
+    // 4 s against pauses of 300 ms: a stall of the test's process (client, gateway and upstream
+    // share its event loop) must last 3.7 s to pass for a client that took nothing. At 1.5 s a
+    // full CI run on two cores once cut the client reading in bursts (found by the session's CI).
+    config: { gateway: { send_timeout_ms: 4000 } },
     upstream: (_req, res) => {
       res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(SIZE) })
       const closed = closes.shift()
