@@ -73,7 +73,7 @@ export const ERRORS = {
   migration_modified: { status: 500, message: 'An applied migration file has been changed.' },
   migration_failed: { status: 500, message: 'A migration failed; nothing of the run was applied.' },
   store_locked: { status: 503, message: 'The embedded store is in use by another process.' },
-  encryption_key_missing: { status: 500, message: "An encryption key is missing: KEYGATE_ENCRYPTION_KEY with DATABASE_URL, the embedded store's lost key file, or the key the store's other instances use (its key check, or its newest audit row)." },
+  encryption_key_missing: { status: 500, message: "An encryption key is missing: KEYGATE_ENCRYPTION_KEY with DATABASE_URL, the embedded store's lost key file, or the key the store's key check (or its newest audit row) was sealed with: on PostgreSQL its other instances' key, on the embedded store the one it was started with." },
   audit_decrypt_failed: { status: 500, message: 'An audit record could not be decrypted.' },
   secret_decrypt_failed: { status: 500, message: 'A stored secret could not be decrypted.' },
   import_invalid: { status: 400, message: 'The import file is not valid.' },
