@@ -9,7 +9,7 @@ import { within } from '../core/deadline.ts'
 import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
 import { targetProblem, type RequestTarget } from '../core/target.ts'
-import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, headersTimeoutOptions, hostName, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
+import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, headersTimeoutOptions, hostName, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
 import { clipped } from '../core/validate.ts'
 
@@ -96,8 +96,8 @@ export function newRequestId(): string {
 export interface AdminServerOptions {
   routes: readonly AdminRoute[]
   log: Logger
-  /** A server to attach to (https for TLS); a plain http server otherwise. */
-  server?: http.Server
+  /** The server to attach to (http, or https for TLS), made with adminServerOptions. */
+  server: http.Server
   /** Host names answered besides IP addresses and localhost (admin.allowed_hosts; "*" for any). */
   allowedHosts?: readonly string[]
   /** Why `/v1` is not served here, when it is not (`serve --only gateway`): said in its 404, not "no admin route". */
@@ -152,9 +152,6 @@ export function adminServerOptions(limits: { max_header_bytes: number; request_t
   return { maxHeaderSize: limits.max_header_bytes, requestTimeout: limits.request_timeout_ms, ...headersTimeoutOptions(limits.headers_timeout_ms), joinDuplicateHeaders: true, requireHostHeader: false }
 }
 
-/** The admin server's options with the defaults of its limits (tests, and servers made without a configuration). */
-const ADMIN_SERVER_OPTIONS: http.ServerOptions = adminServerOptions({ max_header_bytes: 16_384, request_timeout_ms: 60_000, headers_timeout_ms: 10_000 })
-
 /** The handlers each admin server has running: a drain's deadline ends their connections, not them. */
 const running = new WeakMap<http.Server, Set<Promise<void>>>()
 
@@ -176,7 +173,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   const table = options.routes.map(compile)
   const handlers = new Set<Promise<void>>()
   const log = options.log
-  const server = options.server ?? nodeHttp().createServer(ADMIN_SERVER_OPTIONS)
+  const server = options.server
   const allowedHosts = new Set(options.allowedHosts ?? [])
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     const requestId = newRequestId()

@@ -9,7 +9,7 @@ import { Ajv2020 } from 'ajv/dist/2020.js'
 import addFormatsModule from 'ajv-formats'
 import { createAdminApi } from '../../admin/index.ts'
 import { OPERATIONS } from '../../admin/routes/index.ts'
-import { createAdminServer } from '../../admin/server.ts'
+import { adminServerOptions, createAdminServer } from '../../admin/server.ts'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory } from '../../core/anomalies.ts'
 import { AuditCipher, AuditLog } from '../../core/audit.ts'
 import { EventBus } from '../../core/events.ts'
@@ -222,6 +222,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
     await webhooks.close()
   })
   const server = createAdminServer({
+    server: http.createServer(adminServerOptions(config.admin)),
     log: options.log ?? silentLogger,
     allowedHosts: config.admin.allowed_hosts,
     routes: createAdminApi({
