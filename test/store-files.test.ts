@@ -30,20 +30,16 @@ function tempDir(t: Pick<Test, 'teardown'>): string {
 /**
  * Runs `body` in a child process, as an ES module with core/db.ts's `openDb` in scope, from a file
  * in `work` named `name` (not --input-type=module -e: the store's thread would take that flag with
- * no script); `what` names it in a failure.
+ * no script); `what` names it in a failure. It and the other scripts these tests run in a process
+ * of their own start with a short command's V8 flags (SHORT_COMMAND_V8_FLAGS), as each is one:
+ * without them a script that opened a store took about 3.3 s of CPU, with them 1.1 s (V8's
+ * optimising compiler and its background threads).
  */
 function storeScript(work: string, name: string, what: string, body: string): Promise<CliResult> {
   const script = join(work, name)
   writeFileSync(script, `const { openDb } = await import(${JSON.stringify(new URL('../core/db.ts', import.meta.url).href)})\n${body}`)
-  return outcome(spawnClean(process.execPath, [...SCRIPT_V8_FLAGS, script], { env: childEnv() }), [what])
+  return outcome(spawnClean(process.execPath, [...SHORT_COMMAND_V8_FLAGS, script], { env: childEnv() }), [what])
 }
-
-/**
- * The V8 flags of the scripts these tests run in a process of their own: a short command's
- * (bin/v8-flags.ts), as each such script is one. Without them a script that opened a store took
- * about 3.3 s of CPU, with them 1.1 s (V8's optimising compiler and its background threads).
- */
-const SCRIPT_V8_FLAGS = SHORT_COMMAND_V8_FLAGS
 
 /** The environment of a CLI command on the embedded store in `dataDir`, with nothing else configured. */
 function embeddedEnv(dataDir: string): Record<string, string | undefined> {
@@ -57,7 +53,7 @@ function embeddedEnv(dataDir: string): Record<string, string | undefined> {
  */
 function withNoFileSpace(script: string): Promise<CliResult> {
   const core = fileURLToPath(new URL('../core/', import.meta.url))
-  const child = spawnClean('sh', ['-c', `ulimit -f 0 && exec "$0" ${SCRIPT_V8_FLAGS.join(' ')} --input-type=module -e "$1"`, process.execPath, `const core = ${JSON.stringify(core)};\n${script}`], { env: childEnv() })
+  const child = spawnClean('sh', ['-c', `ulimit -f 0 && exec "$0" ${SHORT_COMMAND_V8_FLAGS.join(' ')} --input-type=module -e "$1"`, process.execPath, `const core = ${JSON.stringify(core)};\n${script}`], { env: childEnv() })
   return outcome(child, ['(a script with no file space)'])
 }
 
@@ -231,7 +227,7 @@ t.test('a generated encryption key whose write fails leaves no file, and the nex
   // Processes creating it at once: of the links into place one wins, and the others read its key.
   const raced = tempDir(t)
   const script = `const { loadAuditCipher } = await import(${JSON.stringify(new URL('../core/audit.ts', import.meta.url).href)}); console.log(loadAuditCipher({ storeKind: 'embedded', dataDir: ${JSON.stringify(raced)} }).currentKeyId)`
-  const runs = await Promise.all([0, 1, 2].map(() => outcome(spawnClean(process.execPath, [...SCRIPT_V8_FLAGS, '--input-type=module', '-e', script], { env: childEnv() }), ['(a script creating the key)'])))
+  const runs = await Promise.all([0, 1, 2].map(() => outcome(spawnClean(process.execPath, [...SHORT_COMMAND_V8_FLAGS, '--input-type=module', '-e', script], { env: childEnv() }), ['(a script creating the key)'])))
   const ids = runs.map((r) => r.stdout.trim())
   t.same(runs.map((r) => r.code), [0, 0, 0], runs.map((r) => r.stderr).join(''))
   t.equal(new Set(ids).size, 1, 'every process has the same key')
