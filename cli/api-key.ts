@@ -9,11 +9,12 @@ import { scrub } from '../core/log.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
 import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
+import { keyPrefixes, keyShape } from '../core/keys/format.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, rotationJson } from '../core/keys/types.ts'
 import { auditJson } from '../core/audit.ts'
 import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -415,20 +416,31 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       const address = str(p, 'address')
       if (address !== undefined && parseAddress(address) === undefined) throw new UsageError(`--address: ${JSON.stringify(address)} is not an IP address`)
-      return async (ctx) => {
-        const presented = await argOrStdin(ctx.io, p.positionals[0] as string)
-        const result = await ctx.ops.validate(presented, address)
-        if (result.valid) {
-          if (ctx.json) printJson(ctx.io, { valid: true, key: keyJson(result.key) })
-          else ctx.io.out(`valid: ${result.key.id} (${printable(result.key.name)}, ${result.key.type}, ${result.key.status})\n`)
-          return EXIT_OK
-        }
+      const json = p.values.json === true
+      let presented: string | undefined
+      const read = async (io: Io) => (presented ??= await argOrStdin(io, p.positionals[0] as string))
+      const refused = (io: Io, result: { code: string; reason: string; keyId?: string | undefined }) => {
         const why = result.keyId ? `${result.code} (${result.reason}, key ${result.keyId})` : `${result.code} (${result.reason})`
         // One line, whatever an admin API answered: no control character of its reaches the terminal.
-        ctx.io.err(`keygate: key refused: ${escapeUnprintable(why)}\n`)
-        if (ctx.json) printJson(ctx.io, { valid: false, code: result.code, reason: result.reason, key_id: result.keyId ?? null })
+        io.err(`keygate: key refused: ${escapeUnprintable(why)}\n`)
+        if (json) printJson(io, { valid: false, code: result.code, reason: result.reason, key_id: result.keyId ?? null })
         return EXIT_REFUSED
       }
+      const action: Action<ApiKeyContext> = async (ctx) => {
+        const result = await ctx.ops.validate(await read(ctx.io), address)
+        if (!result.valid) return refused(ctx.io, result)
+        if (ctx.json) printJson(ctx.io, { valid: true, key: keyJson(result.key) })
+        else ctx.io.out(`valid: ${result.key.id} (${printable(result.key.name)}, ${result.key.type}, ${result.key.status})\n`)
+        return EXIT_OK
+      }
+      // A key no configured format holds is refused as the store would refuse it, without opening
+      // the store (before: the embedded store was opened, 1.3 s, or a missing one refused, to say
+      // that `kg_x` is malformed). Only here: an admin API judges by its own configuration.
+      action.beforeStore = async (io, config) => {
+        const prefixes = keyPrefixes(config.keys.prefix, config.keys.previous_prefixes)
+        return keyShape(await read(io), prefixes, config.keys.accept_legacy) === undefined ? refused(io, { code: 'key_invalid', reason: 'malformed' }) : undefined
+      }
+      return action
     },
   },
   revoke: {

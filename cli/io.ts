@@ -2,6 +2,7 @@
 // (exit 1 for a refused operation, 2 for a usage error, the reason on stderr).
 import { writeSync } from 'node:fs'
 import { parseArgs, type ParseArgsOptionsConfig } from 'node:util'
+import type { Config } from '../config/schema.ts'
 import { KeygateError, systemErrorWords, type ErrorCode } from '../core/errors.ts'
 import { YEAR_10000_MS } from '../core/formats.ts'
 import { scrub } from '../core/log.ts'
@@ -109,8 +110,15 @@ export interface Command<C> {
   /** Changes a key or an entry a store holds already: on the embedded store, a data folder that holds none is refused, as a new store would hold nothing to change. */
   changesStored?: boolean
   /** Checks the command line (usage errors before any store is opened) and returns the action. */
-  prepare(p: Parsed): (ctx: C) => Promise<number>
+  prepare(p: Parsed): Action<C>
 }
+
+/**
+ * A command's work. `beforeStore`, when the command runs on a store opened here (not through an
+ * admin API), runs first, with the configuration: an exit code from it ends the command without
+ * opening the store, for an answer the configuration alone gives.
+ */
+export type Action<C> = ((ctx: C) => Promise<number>) & { beforeStore?: (io: Io, config: Config) => Promise<number | undefined> }
 
 export const str = (p: Parsed, name: string) => p.values[name] as string | undefined
 

@@ -157,6 +157,8 @@ export async function runGroup<C>(
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   if (typeof open === 'string') throw new KeygateError('config_invalid', open)
+  const answered = await action.beforeStore?.(io, config)
+  if (answered !== undefined) return answered
   const log = cliLogger(io, config)
   const { runLocal } = await import('./local.ts')
   const existingOnly = sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined

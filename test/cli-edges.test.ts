@@ -281,8 +281,8 @@ t.test('a command ended by SIGINT, SIGTERM or SIGHUP while it holds the embedded
     const how = flags.length === 0 ? 'as installed (two processes)' : 'one process'
     // (Without the fix, what an earlier round left; the wait below is for this command's lock.)
     for (const f of lockFiles()) rmSync(join(dataDir, f))
-    // `validate -` opens the store, then waits for the first line of stdin, kept open here.
-    const command = spawnClean(process.execPath, [...flags, KEYGATE_BIN, 'api-key', 'validate', '-'], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'] })
+    // `import -` opens the store, then waits for the end of stdin, kept open here.
+    const command = spawnClean(process.execPath, [...flags, KEYGATE_BIN, 'api-key', 'import', '-'], { env, cwd, stdio: ['pipe', 'pipe', 'pipe'] })
     let stderr = ''
     command.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
     const ended = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => command.on('exit', (code, sig) => resolve([code, sig])))

@@ -602,12 +602,43 @@ t.test('a command that only reads refuses a data folder without a store, and mak
   // made (pgdata and encryption.key left behind), and `api-key list` and `stats` showed 0 keys, exit 0.
   const { cwd, typo, empty, refused, made, env } = withoutStore(t, `this command only reads, and makes no store; ${CHECK_THE_FOLDER}, or make the store there with \`keygate migrate\``)
   // The real process for a few; the rest through the command line's entry in this process.
-  refused(await runCli(['api-key', 'validate', 'kg_x', '--data-dir', typo, '--json'], { cwd, env }), typo, 'validate')
+  refused(await runCli(['api-key', 'validate', generateKey('kg_').key, '--data-dir', typo, '--json'], { cwd, env }), typo, 'validate')
   refused(await runCli(['api-key', 'list', '--json'], { cwd, env }), join(cwd, '.keygate'), 'list in a working folder without ./.keygate')
   for (const args of [['api-key', 'list'], ['api-key', 'get', 'abcdefghijkl'], ['api-key', 'stats'], ['gitea', 'list'], ['gitea', 'verify', 'token'], ['n8n', 'list'], ['n8n', 'verify', 'key']]) {
     refused(await runCliHere([...args, '--data-dir', empty, '--json'], { env: { ...env, GITEA_URL: 'http://127.0.0.1:1', GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1', N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' } }), empty, args.join(' '))
   }
   made()
+})
+
+t.test('api-key validate refuses a key no configured format holds without opening the store', async (t) => {
+  // Before: the embedded store was opened (1.3 s) to say that `kg_x` is malformed, and a data
+  // folder without a store refused the command instead of the key. A key of a configured format
+  // (the prefix, a previous prefix, a legacy UUID while those are accepted) still asks the store.
+  const cwd = tempDir()
+  const typo = join(cwd, 'typo-dir')
+  const env = isolated({ KEYGATE_DATA_DIR: typo })
+  const malformed = (r: CliResult, what: string) => {
+    t.equal(r.code, 1, `${what}: exit 1`)
+    t.equal(r.stderr, 'keygate: key refused: key_invalid (malformed)\n', `${what}: refused as malformed`)
+  }
+  const real = await runCli(['api-key', 'validate', 'kg_not-a-key', '--json'], { cwd, env })
+  malformed(real, 'the real command')
+  t.same(real.json(), { valid: false, code: 'key_invalid', reason: 'malformed', key_id: null }, 'and its --json answer')
+  malformed(await runCliHere(['api-key', 'validate', '-'], { env, input: 'kg_not-a-key\n' }), 'read from stdin')
+  malformed(await runCliHere(['api-key', 'validate', generateKey('old_').key], { env }), 'a prefix not configured')
+  malformed(await runCliHere(['api-key', 'validate', randomUUID().toUpperCase().replace(/^./, 'x')], { env }), 'a 36-character key that is no UUID v4')
+  const file = join(cwd, 'keygate.yaml')
+  writeFileSync(file, 'keys:\n  prefix: new_\n  previous_prefixes: [old_]\n  accept_legacy: false\n')
+  malformed(await runCliHere(['api-key', 'validate', randomUUID(), '--config', file], { env }), 'a legacy key where those are not accepted')
+  const noStore = (r: CliResult, what: string) => {
+    t.equal(r.code, 1, `${what}: exit 1`)
+    t.match(r.stderr, `no embedded store in ${typo}`, `${what}: asks the store (there is none)`)
+  }
+  noStore(await runCliHere(['api-key', 'validate', generateKey('kg_').key], { env }), 'a key of the prefix')
+  noStore(await runCliHere(['api-key', 'validate', randomUUID()], { env }), 'a legacy key')
+  noStore(await runCliHere(['api-key', 'validate', generateKey('old_').key, '--config', file], { env }), 'a key of a previous prefix')
+  noStore(await runCliHere(['api-key', 'validate', '-', '--config', file], { env, input: `${generateKey('new_').key}\n` }), 'a key of the prefix, from stdin')
+  t.notOk(existsSync(typo), 'no store folder was made')
 })
 
 t.test('a command that changes a stored key or entry refuses a data folder without a store, and makes none', async (t) => {
