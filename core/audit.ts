@@ -235,16 +235,22 @@ export async function sealedKeyIds(db: Queryable): Promise<string[]> {
 /** The keys webhook secrets are sealed with (`<key id>.<base64url>`). */
 const WEBHOOK_SECRET_KEY_IDS = `SELECT split_part(s, '.', 1) FROM webhooks, unnest(ARRAY[sealed_secret, sealed_previous_secret]) AS s WHERE s IS NOT NULL`
 
-/** `encryption_key_missing` for a process whose keys lack `id`, the key `what` was sealed with. */
-function keyMissing(what: string, id: string, cipher: AuditCipher): KeygateError {
-  const unknown = `${what} sealed with encryption key ${id}, which is not configured`
+/** `encryption_key_missing` for a process whose keys lack `ids`, the keys `what` was sealed with (one, or several). */
+function keyMissing(what: string, ids: readonly string[], cipher: AuditCipher): KeygateError {
+  // Several keys (webhook secrets sealed during a rotation): named as a list, and the advice is
+  // to set one of them (before, the ids were joined with commas where one id was meant: "set
+  // KEYGATE_ENCRYPTION_KEY to the key this store was started with (a, b) again").
+  const one = ids.length === 1 ? ids[0] : undefined
+  const anyOf = one ?? new Intl.ListFormat('en', { type: 'disjunction' }).format(ids)
+  const noneOf = one ?? 'any of them'
+  const unknown = one ? `${what} sealed with encryption key ${one}, which is not configured` : `${what} sealed with encryption keys ${new Intl.ListFormat('en').format(ids)}, none of which is configured`
   if (cipher.keyFile !== undefined) {
     // The embedded store's own key in use: no other instance to agree with, but a start with
     // KEYGATE_ENCRYPTION_KEY before (the key file's stays a previous key then), or a key file
     // replaced. Before, the advice was the PostgreSQL deployment's.
     return new KeygateError(
       'encryption_key_missing',
-      `${unknown} (the current key is ${cipher.currentKeyId}, from the embedded store's key file ${cipher.keyFile}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${id}) again, or, if ${id} was the key file's, restore the file from its backup; rows this process sealed could not be read by a start with that key`,
+      `${unknown} (the current key is ${cipher.currentKeyId}, from the embedded store's key file ${cipher.keyFile}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${noneOf}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${anyOf}) again, or, if ${one ?? 'that key'} was the key file's, restore the file from its backup; rows this process sealed could not be read by a start with that key`,
     )
   }
   if (cipher.embedded) {
@@ -253,12 +259,12 @@ function keyMissing(what: string, id: string, cipher: AuditCipher): KeygateError
     // other instances (before, found by a review, the advice was PostgreSQL's).
     return new KeygateError(
       'encryption_key_missing',
-      `${unknown} (the current key is ${cipher.currentKeyId}, from KEYGATE_ENCRYPTION_KEY, and neither KEYGATE_PREVIOUS_ENCRYPTION_KEYS nor the embedded store's key file holds ${id}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${id}) again, or, when rotating, list that key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could not be read by a start with that key alone`,
+      `${unknown} (the current key is ${cipher.currentKeyId}, from KEYGATE_ENCRYPTION_KEY, and neither KEYGATE_PREVIOUS_ENCRYPTION_KEYS nor the embedded store's key file holds ${noneOf}): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${anyOf}) again, or, when rotating, list that key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could not be read by a start with that key alone`,
     )
   }
   return new KeygateError(
     'encryption_key_missing',
-    `${unknown} (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${id}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
+    `${unknown} (the current key is ${cipher.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is ${noneOf}): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use, or, when rotating, list the old key in KEYGATE_PREVIOUS_ENCRYPTION_KEYS; rows this process sealed could be read by none of them`,
   )
 }
 
@@ -281,7 +287,7 @@ export async function checkNewestSealed(db: Queryable, cipher: AuditCipher): Pro
   // Its key id changed in the store, and a configured key sealed it: the keys are right, and the
   // row lists as altered (`failed`). Before, such an edit kept every instance from starting.
   if (openStored(cipher, newest).integrity === 'failed') return
-  throw keyMissing('the newest audit row was', newest.enc_key_id, cipher)
+  throw keyMissing('the newest audit row was', [newest.enc_key_id], cipher)
 }
 
 /** What the store's key check seals, and binds it to (sealSecret's context). */
@@ -333,7 +339,7 @@ export async function checkStoreKey(db: Queryable, cipher: AuditCipher, options:
     const id = check.sealed.slice(0, Math.max(check.sealed.indexOf('.'), 0))
     let warning: string | undefined
     if (!cipher.knows(id)) {
-      if (!options.generated) throw keyMissing("the store's encryption key check (table encryption_key_check) was", id, cipher)
+      if (!options.generated) throw keyMissing("the store's encryption key check (table encryption_key_check) was", [id], cipher)
       warning = `the store's encryption key check was sealed with encryption key ${id}, which is not configured (the key file was lost, or KEYGATE_ENCRYPTION_KEY left out); nothing else in the store was sealed with it, so the check is sealed anew with the generated key`
     } else if (!opens(cipher, check.sealed)) {
       warning = `the store's encryption key check names encryption key ${id}, which is configured, but does not open with it: it was altered in the store, and is sealed anew`
@@ -370,7 +376,7 @@ async function checkSealedBefore(db: Queryable, cipher: AuditCipher): Promise<vo
   if (rows?.any) return
   const ids = (await db.query<{ id: string }>(`SELECT DISTINCT id FROM (${WEBHOOK_SECRET_KEY_IDS}) AS k (id) ORDER BY id`)).map((r) => r.id)
   if (ids.length === 0 || ids.some((id) => cipher.knows(id))) return
-  throw keyMissing(`the audit log is empty, and the webhook secrets are`, ids.join(', '), cipher)
+  throw keyMissing(`the audit log is empty, and the webhook secrets are`, ids, cipher)
 }
 
 /**

@@ -267,6 +267,32 @@ await forEachStore(t, async (t, store) => {
     await db.query('DELETE FROM encryption_key_check')
   })
 
+  t.test('an upgraded store with an empty log and webhook secrets sealed with several keys: a refusal names them as a list', async (t) => {
+    // Before: "sealed with encryption key a, b, which is not configured … set KEYGATE_ENCRYPTION_KEY
+    // to the key this store was started with (a, b) again".
+    const keyA = randomBytes(32)
+    const [a, b] = [new AuditCipher(keyA), new AuditCipher(randomBytes(32))]
+    const ids = [a.currentKeyId, b.currentKeyId].sort()
+    const rollback = new Error('rolled back')
+    await t.rejects(
+      db.transaction(async (tx) => {
+        await tx.query('DELETE FROM api_key_audit_log')
+        await tx.query('DELETE FROM encryption_key_check')
+        await tx.query(`INSERT INTO webhooks (id, url, events, sealed_secret, sealed_previous_secret, created_by) VALUES ('wh_two_keys', 'https://example.com/hook', '{key.created}', $1, $2, 'test')`, [b.sealSecret('webhook wh_two_keys', 'whsec_new'), a.sealSecret('webhook wh_two_keys', 'whsec_old')])
+        const stranger = new AuditCipher(randomBytes(32))
+        await t.rejects(checkStoreKey(tx, stranger, { readOnly: true }), {
+          code: 'encryption_key_missing',
+          message: `the audit log is empty, and the webhook secrets are sealed with encryption keys ${ids[0]} and ${ids[1]}, none of which is configured (the current key is ${stranger.currentKeyId}, and no key of KEYGATE_PREVIOUS_ENCRYPTION_KEYS is any of them): set KEYGATE_ENCRYPTION_KEY to the key the store's other instances use`,
+        })
+        const embedded = new AuditCipher(randomBytes(32), [], {})
+        await t.rejects(checkStoreKey(tx, embedded, { readOnly: true }), { message: `KEYGATE_PREVIOUS_ENCRYPTION_KEYS nor the embedded store's key file holds any of them): set KEYGATE_ENCRYPTION_KEY to the key this store was started with (${ids[0]} or ${ids[1]}) again` })
+        await t.resolves(checkStoreKey(tx, new AuditCipher(randomBytes(32), [keyA]), { readOnly: true }), 'a process holding one of them passes')
+        throw rollback
+      }),
+      rollback,
+    )
+  })
+
   t.test("a row's time set in the store to one no JavaScript date holds is listed as altered; its page, the pages after it and its key's next change work", async (t) => {
     // Before (found by a review): the drivers read 'infinity' as a number and a time past year
     // 275760 as an invalid date, the listing threw on it (`r.createdAt.toISOString is not a
