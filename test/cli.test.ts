@@ -110,14 +110,14 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
     }
   }
   // stdin is a FIFO this test holds open (not a pipe of the command's, which closes as it ends):
-  // `validate -` waits on it for the key with the store open (and locked by its pid), so only the
+  // `import -` waits on it for the file's end with the store open (and locked by its pid), so only the
   // end of the command can end the process that holds the store.
   const fifo = join(cwd, 'stdin')
   execFileSync('mkfifo', [fifo])
   const stdin = openSync(fifo, 'r+')
   t.teardown(() => closeSync(stdin))
   for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
-    const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'validate', '-'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: [stdin, 'ignore', 'ignore'] })
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'import', '-'], { env: childEnv(isolated({ KEYGATE_DATA_DIR: dataDir })), cwd, stdio: [stdin, 'ignore', 'ignore'] })
     const ended = new Promise<string | number | null>((resolve) => command.on('exit', (code, s) => resolve(s ?? code)))
     let holder = 0
     await until(t, `${signal}: the store is opened`, () => {
@@ -129,7 +129,7 @@ t.test("a store command runs on V8's baseline compiler in a child process, which
       // Before (found by a review): "stop it, or point the CLI at its admin API", a server's advice.
       const refused = await runCli(['api-key', 'list'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
       t.equal(refused.code, 1)
-      t.equal(refused.stderr, `keygate: the embedded store in ${dataDir} is in use by process ${holder} (keygate api-key validate); run this command again once it has ended (a keygate command ends by itself)\n`, 'another command holds it: wait for it')
+      t.equal(refused.stderr, `keygate: the embedded store in ${dataDir} is in use by process ${holder} (keygate api-key import); run this command again once it has ended (a keygate command ends by itself)\n`, 'another command holds it: wait for it')
     }
     command.kill(signal)
     const outcome = await Promise.race([ended, new Promise<string>((resolve) => setTimeout(() => resolve('still running after 20 s'), 20_000).unref())])
