@@ -383,22 +383,65 @@ function systemCode(err: unknown): string | undefined {
 const PROBE_MS = 2000
 
 /**
+ * What a look at the store found: the migrations not applied of those this process runs on (or,
+ * a string, why they cannot be compared: an applied file changed), and whether it refuses writes
+ * (a standby, default_transaction_read_only).
+ */
+interface StoreState {
+  pending: string[] | string
+  readOnly: boolean
+}
+
+/**
+ * The store as `/readyz` and `keygate_store_up` see it, asked one look at a time in a process:
+ * a probe or scrape that comes while one is under way waits for its answer (within its own
+ * PROBE_MS), and each statement of it is answered within PROBE_MS or its connection dropped,
+ * whatever store.query_timeout_ms says. So the probes hold one pool connection at most, for 2 s
+ * a statement (and a new connection's start-up), and the admin API and the gateway have the rest.
+ * Before (found by a review), each scrape asked the store itself and /readyz every 2 s, and each
+ * question held its connection for the store's timeouts (5 to 6 s, for good with no query
+ * timeout): on a hung store a probe and a scrape a second held 8 to 9 of the 10 connections
+ * within 4 s, and admin calls and key lookups waited for a connection rather than the store.
+ *
+ * The migrations are those this process runs on, read once, as it starts (it has just checked
+ * the store against them): files unpacked since, by an upgrade before the restart that applies
+ * them, are the next process's. Before (found by a review), each probe read the folder again: a
+ * newer version's file made a running serve not ready ("migrations not applied"), and the folder
+ * replaced whole "store unreachable (ENOENT)", logged as a store outage.
+ */
+function storeProbe(runtime: Runtime): () => Promise<StoreState> {
+  const files = readMigrations()
+  const store = runtime.db.probing(PROBE_MS)
+  const look = async (): Promise<StoreState> => {
+    let pending: string[] | string
+    try {
+      pending = await pendingMigrations(store, files)
+    } catch (err) {
+      // A changed or missing migration file is not an outage.
+      if (!isKeygateError(err) || err.code !== 'migration_modified') throw err
+      pending = err.message
+    }
+    const [mode] = await store.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
+    return { pending, readOnly: mode?.read_only !== 'off' }
+  }
+  let looking: Promise<StoreState> | undefined
+  return () =>
+    (looking ??= look().finally(() => {
+      looking = undefined
+    }))
+}
+
+/**
  * The store answers within PROBE_MS and takes writes: `keygate_store_up`, in every serve process.
  * A read-only one (a standby after a failover, default_transaction_read_only) answered `SELECT 1`
  * and read 1 while every write failed and /readyz said it was read-only (found by a failure
  * review), as keygate_redis_up reads 0 for a Redis that answers but refuses writes.
  */
-function storeAnswers(runtime: Runtime): () => Promise<boolean> {
+function storeAnswers(probe: () => Promise<StoreState>): () => Promise<boolean> {
   return () =>
     answersWithin(async () => {
-      if (await storeReadOnly(runtime)) throw new Error('the store is read-only')
+      if ((await probe()).readOnly) throw new Error('the store is read-only')
     }, PROBE_MS)
-}
-
-/** Whether the store's transactions are read-only (a standby, default_transaction_read_only): for the health gauge and /readyz alike. */
-async function storeReadOnly(runtime: Runtime): Promise<boolean> {
-  const [mode] = await runtime.db.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
-  return mode?.read_only !== 'off'
 }
 
 /**
@@ -414,41 +457,18 @@ const READY_STORE_WAIT_MS = PROBE_MS
  * only (the driver's message names the database's host and port), and the whole error is logged,
  * once per change.
  */
-function readiness(runtime: Runtime, log: Logger): () => Promise<string | undefined> {
+function readiness(probe: () => Promise<StoreState>, log: Logger): () => Promise<string | undefined> {
   let lastLogged = ''
-  // The migrations this process runs on, read once, as it starts (it has just checked the store
-  // against them): files unpacked since, by an upgrade before the restart that applies them, are
-  // the next process's. Before (found by a review), each probe read the folder again: a newer
-  // version's file made a running serve not ready ("migrations not applied"), and the folder
-  // replaced whole "store unreachable (ENOENT)", logged as a store outage.
-  const files = readMigrations()
-  // Probes within 2 s of an unanswered one share its query, so a hung store is sent one a
-  // probe period at most, not one per probe; an older one is not waited on (its connection may
-  // never answer, while a new one would).
-  let asking: { answer: Promise<string | undefined>; at: number } | undefined
-  const check = async (): Promise<string | undefined> => {
-    const pending = await pendingMigrations(runtime.db, files)
-    if (pending.length > 0) return `migrations not applied: ${pending.join(', ')}`
-    // A store that takes no writes serves no admin change, usage count or lockout: not ready
-    // (before, found by a failure review, ready while every write failed).
-    return (await storeReadOnly(runtime)) ? 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary' : undefined
-  }
-  const ask = () => {
-    if (asking && performance.now() - asking.at < READY_STORE_WAIT_MS) return asking.answer
-    const answer = check().finally(() => {
-      if (asking?.answer === answer) asking = undefined
-    })
-    asking = { answer, at: performance.now() }
-    return answer
-  }
   return async () => {
     try {
-      const reason = await within(ask(), READY_STORE_WAIT_MS, 'the store')
+      const { pending, readOnly } = await within(probe(), READY_STORE_WAIT_MS, 'the store')
       lastLogged = ''
-      return reason
+      if (typeof pending === 'string') return pending
+      if (pending.length > 0) return `migrations not applied: ${pending.join(', ')}`
+      // A store that takes no writes serves no admin change, usage count or lockout: not ready
+      // (before, found by a failure review, ready while every write failed).
+      return readOnly ? 'store is read-only (a standby, or default_transaction_read_only on): DATABASE_URL must name the primary' : undefined
     } catch (err) {
-      // A changed or missing migration file is not an outage.
-      if (isKeygateError(err) && err.code === 'migration_modified') return err.message
       const message = (err as Error).message
       if (message !== lastLogged) {
         lastLogged = message
@@ -796,8 +816,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (redis && !role.gateway) stopFollowing = await followLockouts(redis, lockout, config, log)
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
+    const probe = storeProbe(runtime)
     createHealthMetrics(registry, {
-      store: storeAnswers(runtime),
+      store: storeAnswers(probe),
       // A gateway's own keygate_redis_up says whether its limits are shared; an admin-only
       // process's, whether Redis takes its writes (the admin lockout's, the invalidations it
       // publishes): a PING answered by a Redis that refused every write (OOM, READONLY) read 1.
@@ -846,7 +867,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     }
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
-        ready: readiness(runtime, log),
+        ready: readiness(probe, log),
         metrics: async () => ({ contentType: registry.contentType, body: await registry.metrics() }),
         isShuttingDown: () => shuttingDown,
       })
@@ -1089,7 +1110,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const workerStates = createWorkerStateMetrics(stateRegistry, workers)
     // The primary's own store answers the admin API: its keygate_store_up joins the workers' (the
     // lowest is shown), and is there when no worker is live.
-    createHealthMetrics(own, { store: storeAnswers(runtime) })
+    const probe = storeProbe(runtime)
+    createHealthMetrics(own, { store: storeAnswers(probe) })
     const ownLockout = role.admin ? createLockoutMetrics(own) : undefined
     // Failed admin credentials lock the address out of the workers' gateways too.
     const lockout = processLockout(config, redis, log, {
@@ -1198,7 +1220,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const stopDeny = denyList.onChange(({ action, entry }) =>
       tellWorkers(live, { keygate: 'deny', action, entry: { ...entry, createdAt: entry.createdAt.toISOString(), expiresAt: entry.expiresAt?.toISOString() ?? null } }),
     )
-    const storeReady = readiness(runtime, log)
+    const storeReady = readiness(probe, log)
     const routes = healthRoutes({
       // Ready once every worker listens (a forked one may still be loading).
       ready: async () => {

@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url'
 import type pg from 'pg'
 import { Worker } from 'node:worker_threads'
 import type { Fatal, Ready, Reply, Request, WireError, WorkerOptions } from './embedded-worker.ts'
+import { TimedOut } from './deadline.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from './errors.ts'
 import { ownTempName, writeNewFile } from './files.ts'
 import { makeFolders } from './folders.ts'
@@ -39,6 +40,12 @@ export interface Db extends Queryable {
    * call fails from then on); a PostgreSQL store never is, its connections are made again.
    */
   onLost(listener: (err: Error) => void): void
+  /**
+   * The store as a health probe asks it: a statement not answered within `ms` fails (TimedOut),
+   * whatever store.query_timeout_ms says (longer, or no limit), and a PostgreSQL connection that
+   * did not answer is dropped, not kept taken from the pool for the store's own timeout or for good.
+   */
+  probing(ms: number): Queryable
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
   transaction<T>(fn: (tx: Queryable) => Promise<T>, options?: TransactionOptions): Promise<T>
   close(): Promise<void>
@@ -319,6 +326,20 @@ class PostgresDb implements Db {
     }
   }
 
+  probing(ms: number): Queryable {
+    const once = async (text: string, params?: readonly unknown[]) => {
+      try {
+        return await this.#once({ ...this.#statement(text, params, true), query_timeout: ms } as pg.QueryConfig)
+      } catch (err) {
+        throw isReadTimeout(err) ? new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err }) : this.#unreachable(err)
+      }
+    }
+    return {
+      query: async <R>(text: string, params?: readonly unknown[]) => (await once(text, params)).rows as R[],
+      exec: async (script: string) => void (await once(script)),
+    }
+  }
+
   async transaction<T>(fn: (tx: Queryable) => Promise<T>, options: TransactionOptions = {}): Promise<T> {
     let taken: Checkout
     try {
@@ -479,6 +500,11 @@ class EmbeddedDb implements Db {
 
   async exec(script: string, tx?: number): Promise<void> {
     await this.#call({ op: 'exec', sql: script, tx })
+  }
+
+  /** No pool to hold and no network to wait on: a probe's statement is one more call to the store's thread, bounded by the probe's own wait. */
+  probing(): Queryable {
+    return this
   }
 
   /** PGlite runs in this process: no network to wait on, so no query timeout either. */

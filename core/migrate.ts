@@ -137,7 +137,7 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
  * Names of migrations not yet applied, and of those applied by a newer keygate; throws when an
  * applied file was changed or is missing. `from`: the folder to read, or the files already read.
  */
-export async function migrationState(db: Db, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[] }> {
+export async function migrationState(db: Queryable, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[] }> {
   const files = typeof from === 'object' ? from : readMigrations(from)
   const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
   if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [] }
@@ -146,6 +146,6 @@ export async function migrationState(db: Db, from?: string | readonly Migration[
 }
 
 /** Names of migrations not yet applied (for /readyz: of the files serve read as it started); throws when an applied file was changed. */
-export async function pendingMigrations(db: Db, from?: string | readonly Migration[]): Promise<string[]> {
+export async function pendingMigrations(db: Queryable, from?: string | readonly Migration[]): Promise<string[]> {
   return (await migrationState(db, from)).pending
 }

@@ -20,22 +20,13 @@ import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
+import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 
 /** keygate serving an upstream, its PostgreSQL reached through a gate the test can silence, with `yaml` as its configuration file. */
-async function serveBehindGate(t: Tap, name: string, yaml: string) {
-  const url = await freshDatabase(t)
-  const { gate, url: through } = await gateInFront(t, url)
-  const cwd = mkdtempSync(join(tmpdir(), `keygate-${name}-`))
-  writeFileSync(join(cwd, 'keygate.yaml'), yaml)
-  const env = isolatedEnv({ DATABASE_URL: through, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
-  const upstream = await startUpstream(t)
-  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env, cwd })
-  return { gate, serve, upstream }
-}
-
+const serveBehindGate = (t: Tap, name: string, yaml: string) => serveGated(t, name, yaml, { KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
 
 t.test('the README walk-through and the CLI against a running server (embedded store)', async (t) => {
   const cwd = mkdtempSync(join(tmpdir(), 'keygate-serve-'))

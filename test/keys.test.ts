@@ -83,6 +83,7 @@ function countingDb(db: Db): { db: Db; statements: () => number } {
   const wrapped: Db = {
     kind: db.kind,
     onLost: (listener) => db.onLost(listener),
+    probing: (ms) => db.probing(ms),
     query: (text, params) => {
       n++
       return db.query(text, params)

@@ -6,6 +6,7 @@
 import t from 'tap'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
+import { TimedOut } from '../core/deadline.ts'
 import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt, pathWhere } from '../core/validate.ts'
 import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
@@ -127,6 +128,23 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
   // The silent connections were dropped, not handed out again.
   t.same(await db.query('SELECT 2 AS two'), [{ two: 2 }], 'the pool reconnects once the server answers')
   t.same(await db.transaction((tx) => tx.query('SELECT 3 AS three')), [{ three: 3 }])
+})
+
+t.test("PostgreSQL: a health probe's statement is answered within its own bound or its connection dropped, with no store.query_timeout_ms at all", async (t) => {
+  const url = await freshDatabase(t)
+  const { gate, url: through } = await gateInFront(t, url)
+  // One connection, open and idle when the gate goes silent: with no query timeout, a statement
+  // on it would hold it (and the pool) for good.
+  const db = await openDb({ databaseUrl: through, poolMax: 1, queryTimeoutMs: 0 })
+  t.teardown(() => db.close())
+  const probe = db.probing(300)
+  t.same(await probe.query('SELECT 1 AS one'), [{ one: 1 }], 'answered as any statement')
+  gate.set('silent')
+  const err = await rejection(probe.query('SELECT 2'))
+  t.ok(err instanceof TimedOut, `TimedOut: ${err.message}`)
+  t.match(err.message, /no answer within 300 ms/)
+  gate.set('open')
+  t.same(await db.query('SELECT 3 AS three'), [{ three: 3 }], 'its connection was dropped: the pool has one again')
 })
 
 t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {

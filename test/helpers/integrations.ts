@@ -44,6 +44,7 @@ export function failingTransactions(db: Db): Db {
     onLost: (listener) => db.onLost(listener),
     query: (text, params) => db.query(text, params),
     exec: (script) => db.exec(script),
+    probing: (ms) => db.probing(ms),
     transaction: async () => {
       throw new Error('the store went away')
     },
@@ -61,6 +62,7 @@ export function failingQueries(db: Db, failing: RegExp): Db {
       return db.query(text, params)
     },
     exec: (script) => db.exec(script),
+    probing: () => failingQueries(db, failing),
     transaction: (fn) => db.transaction(fn),
     close: async () => {},
   }

@@ -173,6 +173,10 @@ class LentDb implements Db {
     return this.#live().exec(script)
   }
 
+  probing(ms: number): Queryable {
+    return this.#live().probing(ms)
+  }
+
   async transaction<T>(fn: (tx: Queryable) => Promise<T>, options?: TransactionOptions): Promise<T> {
     return this.#live().transaction(fn, options)
   }

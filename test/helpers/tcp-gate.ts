@@ -17,6 +17,18 @@ export type GateState =
   | 'silent'
   /** The gate stops listening and drops every connection: a new one is refused (ECONNREFUSED), for good. */
   | 'refused'
+  /**
+   * As `silent` for as long as it lasts, but nothing is lost: the bytes wait in the gate and pass,
+   * in order, once it is `open` again (a server frozen and thawed, a network partition healed
+   * before TCP gave up). Connections stay open, and new ones are made.
+   */
+  | 'paused'
+
+/** A client's connection through the gate. */
+export interface GateConnection {
+  /** Every byte the client sent on it so far, as latin1 text. */
+  sent(): string
+}
 
 export interface TcpGate {
   port: number
@@ -25,6 +37,8 @@ export interface TcpGate {
   sent(): string
   /** Connections clients made to the gate so far, in any state. */
   connections(): number
+  /** Clients' connections open now, that the client has not ended (each of a pool's connections, taken or idle, is one). */
+  open(): GateConnection[]
   /**
    * Cuts the one connection on which the client sends `first` and later `then` (latin1 text; the
    * gate in state `open`). `before`: the bytes holding `then` are not passed on and the connection
@@ -47,6 +61,9 @@ export async function gateInFront(t: Pick<Test, 'teardown'>, url: string, state:
 
 export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: GateState = 'open'): Promise<TcpGate> {
   const sockets = new Set<net.Socket>()
+  const clients = new Map<net.Socket, GateConnection>()
+  // What waits in the gate while it is paused, each with where it goes, in the order it came.
+  let held: Array<[net.Socket, Buffer]> = []
   // Connections that have once been silent stay so: their byte streams are broken.
   const muted = new WeakSet<net.Socket>()
   const fromClients: Buffer[] = []
@@ -54,11 +71,22 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   // Half-open: a client's end is passed on by hand (below), and not at all once muted.
   const server = net.createServer({ allowHalfOpen: true }, (client) => {
     sockets.add(client)
+    const mine: Buffer[] = []
+    clients.set(client, { sent: () => Buffer.concat(mine).toString('latin1') })
     connections++
-    client.on('error', () => {}).on('close', () => sockets.delete(client))
-    client.on('end', () => void (muted.has(client) || client.end()))
+    client.on('error', () => {}).on('close', () => {
+      sockets.delete(client)
+      clients.delete(client)
+    })
+    client.on('end', () => {
+      clients.delete(client)
+      if (!muted.has(client)) client.end()
+    })
     if (state === 'shut') return void client.destroy()
-    client.on('data', (d: Buffer) => void fromClients.push(d))
+    client.on('data', (d: Buffer) => {
+      fromClients.push(d)
+      mine.push(d)
+    })
     if (state === 'silent') return void muted.add(client)
     const upstream = net.connect(target, '127.0.0.1')
     sockets.add(upstream)
@@ -83,7 +111,9 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
           }
         }
         if (armed && a === upstream) return drop()
-        if (!muted.has(client)) b.write(d)
+        if (muted.has(client)) return
+        if (state === 'paused') held.push([b, d])
+        else b.write(d)
       })
       a.on('error', () => b.destroy()).on('close', () => {
         sockets.delete(a)
@@ -95,6 +125,10 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
   const set = (next: GateState): void => {
     state = next
     if (next === 'silent') for (const s of sockets) muted.add(s)
+    if (next === 'open') {
+      for (const [to, d] of held) if (!to.destroyed) to.write(d)
+      held = []
+    }
     if (next === 'refused') {
       server.close()
       for (const s of sockets) s.destroy()
@@ -109,6 +143,7 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
     port: (server.address() as net.AddressInfo).port,
     sent: () => Buffer.concat(fromClients).toString('latin1'),
     connections: () => connections,
+    open: () => [...clients.values()],
     set,
     cutOn: (first, then, when, next) => new Promise<void>((done) => void (cut = { first, then, when, next, done })),
   }
