@@ -354,6 +354,9 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
  */
 const SERVE_LOCKED_HINT = 'wait for it to end (a keygate command ends by itself), or stop it; several servers need a shared store (DATABASE_URL)'
 
+/** What `serve` is told when another `serve` holds the store: a server never ends by itself (before, found by a docs walk, it was told to wait for it). */
+const SERVE_HELD_BY_SERVER_HINT = 'stop that server first: the embedded store serves one process, and several servers need a shared store (DATABASE_URL)'
+
 /**
  * The store opened (and migrated), unless a stop signal comes first: then the process exits 0
  * at once. Nothing is served yet, so nothing is drained; what the start had begun in the store
@@ -362,7 +365,7 @@ const SERVE_LOCKED_HINT = 'wait for it to end (a keygate command ends by itself)
  * was free; `systemctl stop` ended in SIGKILL.
  */
 async function openUnlessStopped(config: Config, log: Logger, stopping: { stopped: Promise<string> }): Promise<Runtime> {
-  const opening = openRuntime(config, log, { lockedHint: SERVE_LOCKED_HINT, waitForStore: true })
+  const opening = openRuntime(config, log, { lockedHint: SERVE_LOCKED_HINT, serverHeldHint: SERVE_HELD_BY_SERVER_HINT, waitForStore: true })
   const first = await Promise.race([opening.then((runtime) => ({ runtime })), stopping.stopped.then((signal) => ({ signal }))])
   if ('runtime' in first) return first.runtime
   log.info('stopped during start-up, before serving', { signal: first.signal })

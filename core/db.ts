@@ -845,7 +845,7 @@ const LOCK_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const
  * by a review): two processes taking over the same stale lock cannot both win. A process removes
  * the lock only while it still holds its pid.
  */
-async function lockDataDir(dir: string, hint: string, shortLived: boolean): Promise<() => void> {
+async function lockDataDir(dir: string, hints: { other: string; server: string }, shortLived: boolean): Promise<() => void> {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
   const mine = ownTempName(file)
@@ -942,7 +942,10 @@ async function lockDataDir(dir: string, hint: string, shortLived: boolean): Prom
         const command = keygateCommandOf(owner)
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
-        const why = command === undefined || command === 'serve' ? hint : 'run this command again once it has ended (a keygate command ends by itself)'
+        // A server never ends by itself: its holder is told what to do about a server, which may
+        // differ from the advice where the holder cannot be named (found by a docs walk: a second
+        // serve was told to wait for the first to end, "a keygate command ends by itself").
+        const why = command === 'serve' ? hints.server : command === undefined ? hints.other : 'run this command again once it has ended (a keygate command ends by itself)'
         // A program that is no keygate command holds the pid: most likely the lock's owner is
         // gone, and what cannot be told gone (leftByGoneProcess) is the operator's to judge.
         // Not where the owner file names another pid namespace: there the pid is another
@@ -1367,6 +1370,8 @@ export interface OpenDbOptions {
   memory?: boolean
   /** What a store_locked refusal advises after naming the owner (default: a CLI command's way, through the admin API). */
   lockedHint?: string
+  /** What it advises instead when the owner is a `keygate serve` (default: lockedHint). */
+  serverHeldHint?: string
   /**
    * The embedded store only if one is there: a data folder that holds none is refused
    * (store_unavailable, naming it, then this advice) and left as it is. For commands that only
@@ -1460,7 +1465,8 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   }
   let release: () => void
   try {
-    release = await lockDataDir(dir, options.lockedHint ?? STORE_LOCKED_HINT, options.shortLived === true)
+    const other = options.lockedHint ?? STORE_LOCKED_HINT
+    release = await lockDataDir(dir, { other, server: options.serverHeldHint ?? other }, options.shortLived === true)
   } catch (err) {
     if (isKeygateError(err)) throw err
     const at = (err as NodeJS.ErrnoException).path

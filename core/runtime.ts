@@ -27,10 +27,10 @@ export function keyServiceOptions(config: Config) {
 }
 
 /**
- * `lockedHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. `readOnly`: a
+ * `lockedHint`, `serverHeldHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. `readOnly`: a
  * command that changes nothing, which neither makes nor moves the store's key check (checkStoreKey).
  */
-export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; existingOnly?: string; shortLived?: boolean; waitForStore?: boolean; readOnly?: boolean } = {}): Promise<Runtime> {
+export async function openRuntime(config: Config, log: Logger, options: { now?: () => Date; lockedHint?: string; serverHeldHint?: string; existingOnly?: string; shortLived?: boolean; waitForStore?: boolean; readOnly?: boolean } = {}): Promise<Runtime> {
   // `serve` waits for a PostgreSQL that is not up yet (store.start_wait_s), saying so every 10 s.
   let warnedAt = -Infinity
   const wait = options.waitForStore && config.store.start_wait_s > 0
@@ -54,6 +54,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     queryTimeoutMs: config.store.query_timeout_ms,
     sharedBuffersMb: config.store.embedded_shared_buffers_mb,
     ...(options.lockedHint ? { lockedHint: options.lockedHint } : {}),
+    ...(options.serverHeldHint ? { serverHeldHint: options.serverHeldHint } : {}),
     ...(options.existingOnly !== undefined ? { existingOnly: options.existingOnly } : {}),
     ...(options.shortLived ? { shortLived: true } : {}),
   })

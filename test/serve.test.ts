@@ -94,6 +94,19 @@ t.test('serve refused by a store a command holds is told to wait for it or stop 
   t.notMatch(r.stderr, /KEYGATE_ADMIN_URL|point the CLI/)
 })
 
+t.test('serve refused by a store another serve holds is told to stop that server, not to wait for it', async (t) => {
+  const dir = await storeDir()
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const served = await serve(t, { env, waitFor: { gateway: false } })
+  const pid = served.child.pid as number
+  const r = await runCli(['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env })
+  t.equal(r.code, 1)
+  // Before (found by a docs walk): "wait for it to end (a keygate command ends by itself), or stop
+  // it", the advice for a command holding the store, about a server that never ends by itself.
+  t.equal(r.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); stop that server first: the embedded store serves one process, and several servers need a shared store (DATABASE_URL)\n`)
+  t.equal(await served.stop(), 0)
+})
+
 t.test('an address in use: exits 1 naming it, with nothing left serving', async (t) => {
   const taken = net.createServer()
   await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve))
