@@ -299,3 +299,35 @@ t.test('postgres: a role without CREATE on the schema runs on a migrated databas
   t.equal(created.code, 0, `a command opens the store with auto_migrate on: ${created.stderr}`)
   t.equal(created.json<{ name: string }>().name, 'least-privilege')
 })
+
+// Before (found by a docs walk): the embedded store was migrated whatever store.auto_migrate said,
+// so KEYGATE_AUTO_MIGRATE=false (to back the data folder up before an upgrade's migrations, say)
+// changed the schema all the same, without a word; PostgreSQL refused to start on it, as
+// docs/configuration.md says of both.
+t.test('store.auto_migrate off: a command on an outdated store is refused and told to run keygate migrate, on both stores', async (t) => {
+  for (const kind of STORE_KINDS) {
+    await t.test(kind, async (t) => {
+      const cwd = tempDir()
+      t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+      const store: Record<string, string> =
+        kind === 'postgres'
+          ? { DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: randomBytes(32).toString('base64') }
+          : { KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: false }) }
+      const env = isolated({ ...store, KEYGATE_AUTO_MIGRATE: 'false' })
+      const refused = await runCli(['api-key', 'create', '--name', 'k', '--type', 'service'], { cwd, env })
+      t.equal(refused.code, 1, 'refused')
+      t.equal(refused.stderr, `keygate: the database lacks migrations ${FILES.join(', ')}: run \`keygate migrate\`\n`)
+      const db = await openDb(kind === 'postgres' ? { databaseUrl: store.DATABASE_URL, poolMax: 1 } : { dataDir: store.KEYGATE_DATA_DIR as string })
+      try {
+        t.equal(await tableExists(db, 'api_keys'), false, 'nothing was migrated')
+      } finally {
+        await db.close()
+      }
+      const migrated = await runCli(['migrate', '--json'], { cwd, env })
+      t.equal(migrated.code, 0, migrated.stderr)
+      t.same(migrated.json<{ applied: string[] }>().applied, FILES, 'keygate migrate applies them')
+      const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'service', '--json'], { cwd, env })
+      t.equal(created.code, 0, created.stderr)
+    })
+  }
+})
