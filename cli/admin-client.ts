@@ -12,6 +12,13 @@ const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
 /** POSTs that change nothing. */
 const READS = new Set(['/v1/keys/validate', '/v1/gitea/tokens/verify', '/v1/n8n/keys/verify'])
 
+/**
+ * Refusals for a setting the server lacks, which a command's own environment cannot give through
+ * an admin API (the server calls Gitea and n8n with its own): the variables named. Before (found
+ * by a docs walk), "set GITEA_URL, ..." reached a command that had them set, and left it there.
+ */
+const SERVER_SETTINGS: Partial<Record<ErrorCode, string>> = { gitea_not_configured: 'GITEA_*', n8n_not_configured: 'N8N_*' }
+
 /** OpenSSL's and Node's codes for a certificate that does not verify (self-signed, unknown issuer, expired, another name). */
 const UNTRUSTED = /CERT|SELF_SIGNED|UNABLE_TO_(VERIFY|GET_ISSUER)/
 
@@ -130,7 +137,9 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     // other line break is escaped, so a message cannot print a line that looks like keygate's.
     // (Every other control character is escaped where the CLI prints it, io.ts terminalText.)
     const message = error.message.replace(/\r?\n(?! {2}\S)/g, (b) => JSON.stringify(b).slice(1, -1))
-    throw new KeygateError(error.code as ErrorCode, `${message} (admin API at ${shown})`, error.details)
+    const settings = SERVER_SETTINGS[error.code as ErrorCode]
+    const where = settings === undefined ? '' : `: set them on that server; this command's own ${settings} variables are not used through an admin API`
+    throw new KeygateError(error.code as ErrorCode, `${message} (admin API at ${shown}${where})`, error.details)
   }
   const call = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<T> => (await exchange<T>(method, path, body, lists)).json
   return { call, exchange }

@@ -282,6 +282,23 @@ t.test("through a running server's admin API (KEYGATE_ADMIN_URL), while the serv
   t.equal(await serve.stop(), 0)
 })
 
+t.test("through an admin API whose server has no Gitea or n8n: told to set them on that server, the command's own being unused there", async (t) => {
+  // Before (found by a docs walk): "Gitea is not configured: set GITEA_URL, GITEA_USERNAME,
+  // GITEA_PASSWORD", to a command that had all three set, which the admin API never uses.
+  const cwd = mkdtempSync(join(tmpdir(), 'keygate-gitea-unset-'))
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const admin = 'unset-gitea-admin-token-0123456789'
+  const serve = await startKeygate(t, { args: ['--upstream', 'http://127.0.0.1:9'], env: isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), KEYGATE_ADMIN_TOKEN: admin }), cwd })
+  const env = isolated({ ...gitea, N8N_URL: 'http://127.0.0.1:9', N8N_EMAIL: 'ops@example.com', N8N_PASSWORD: PASSWORD, KEYGATE_ADMIN_URL: serve.admin, KEYGATE_ADMIN_TOKEN: admin })
+  const giteaList = await runCli(['gitea', 'list'], { cwd, env })
+  t.equal(giteaList.code, 1)
+  t.equal(giteaList.stderr, `keygate: Gitea is not configured: set GITEA_URL, GITEA_USERNAME, GITEA_PASSWORD (or integrations.gitea in the configuration file) (admin API at ${serve.admin}: set them on that server; this command's own GITEA_* variables are not used through an admin API)\n`)
+  const n8nList = await runCli(['n8n', 'list'], { cwd, env })
+  t.equal(n8nList.code, 1)
+  t.equal(n8nList.stderr, `keygate: n8n is not configured: set N8N_URL, N8N_EMAIL, N8N_PASSWORD (or integrations.n8n in the configuration file) (admin API at ${serve.admin}: set them on that server; this command's own N8N_* variables are not used through an admin API)\n`)
+  t.equal(await serve.stop(), 0)
+})
+
 t.test('no secret in captured output; every answer matches the swagger excerpt', async (t) => {
   t.ok(capturedStderr.some((s) => s.includes('created a Gitea token')), 'CLI logs captured at debug level')
   noSecrets(t, capturedStderr.join('\n'), secrets, 'captured stderr')
