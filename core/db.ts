@@ -19,6 +19,12 @@ import { makeFolders } from './folders.ts'
  */
 const STORE_LOCKED_HINT = 'stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN'
 
+/**
+ * The CLI's advice where the owner is a `serve --only gateway`, which has no admin API (before,
+ * found by a docs walk: told to point the CLI at it, which answers 404 there).
+ */
+const GATEWAY_ONLY_HINT = 'stop it: it serves no admin API to point the CLI at, and the embedded store serves one process (a gateway beside an admin API needs a shared store, DATABASE_URL)'
+
 export interface Queryable {
   query<R = Record<string, unknown>>(text: string, params?: readonly unknown[]): Promise<R[]>
   /** Runs a script of several statements without parameters (migrations). */
@@ -589,6 +595,16 @@ function otherProgramOf(pid: number): string | undefined {
 const SINGLE_COMMANDS = new Set(['serve', 'migrate'])
 
 /**
+ * Whether process `pid` is a `keygate serve --only gateway` (or `--only=gateway`). Of its flags
+ * only `--only` is looked at, and only compared: the others may hold secrets.
+ */
+function servesGatewayOnly(pid: number): boolean {
+  const args = commandLineOf(pid) ?? []
+  const at = args.indexOf('--only', keygateBinAt(args) + 1)
+  return (at !== -1 && args[at + 1] === 'gateway') || args.includes('--only=gateway')
+}
+
+/**
  * The keygate command process `pid` runs (`serve`, `api-key create`), read from its command line
  * where the system shows it (Linux's /proc); undefined for any other process, or where unknown.
  * Only the command's words: the flags may hold secrets (--gitea-password) and are never read.
@@ -845,7 +861,7 @@ const LOCK_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const
  * by a review): two processes taking over the same stale lock cannot both win. A process removes
  * the lock only while it still holds its pid.
  */
-async function lockDataDir(dir: string, hints: { other: string; server: string }, shortLived: boolean): Promise<() => void> {
+async function lockDataDir(dir: string, hints: { other: string; server: string; gatewayOnly?: string }, shortLived: boolean): Promise<() => void> {
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
   const mine = ownTempName(file)
@@ -939,13 +955,15 @@ async function lockDataDir(dir: string, hints: { other: string; server: string }
       const liveness = valid ? await ownerListening(socketFile, ownerFile, owner, lock) : 'unknown'
       const unaskable = liveness === 'unknown' && valid && otherNamespaceOf(ownerFile, owner, lock)
       if (liveness === 'alive' || unaskable || (liveness === 'unknown' && valid && owner !== process.pid && processAlive(owner) && !leftByGoneProcess(lock, ownerFile, owner))) {
-        const command = keygateCommandOf(owner)
+        const named = keygateCommandOf(owner)
+        const gatewayOnly = hints.gatewayOnly !== undefined && named === 'serve' && servesGatewayOnly(owner) ? hints.gatewayOnly : undefined
+        const command = gatewayOnly !== undefined ? 'serve --only gateway' : named
         // Another command ends by itself: the advice for a server (stop it, or use its admin API)
         // misled there (found by a review: three parallel creates, two told to use an admin API).
         // A server never ends by itself: its holder is told what to do about a server, which may
         // differ from the advice where the holder cannot be named (found by a docs walk: a second
         // serve was told to wait for the first to end, "a keygate command ends by itself").
-        const why = command === 'serve' ? hints.server : command === undefined ? hints.other : 'run this command again once it has ended (a keygate command ends by itself)'
+        const why = gatewayOnly ?? (command === 'serve' ? hints.server : command === undefined ? hints.other : 'run this command again once it has ended (a keygate command ends by itself)')
         // A program that is no keygate command holds the pid: most likely the lock's owner is
         // gone, and what cannot be told gone (leftByGoneProcess) is the operator's to judge.
         // Not where the owner file names another pid namespace: there the pid is another
@@ -1466,7 +1484,9 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   let release: () => void
   try {
     const other = options.lockedHint ?? STORE_LOCKED_HINT
-    release = await lockDataDir(dir, { other, server: options.serverHeldHint ?? other }, options.shortLived === true)
+    // The CLI's own advice (no lockedHint given) has a word for a gateway-only server too.
+    const gatewayOnly = options.lockedHint === undefined ? { gatewayOnly: GATEWAY_ONLY_HINT } : {}
+    release = await lockDataDir(dir, { other, server: options.serverHeldHint ?? other, ...gatewayOnly }, options.shortLived === true)
   } catch (err) {
     if (isKeygateError(err)) throw err
     const at = (err as NodeJS.ErrnoException).path

@@ -81,6 +81,19 @@ t.test('a command refused by the store a server holds names it, and migrate is t
   t.equal(await served.stop(), 0)
 })
 
+t.test('a command refused by the store a serve --only gateway holds is not told to use its admin API, which it has none of', async (t) => {
+  const dir = await storeDir()
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir })
+  const served = await serve(t, { env, args: ['--only', 'gateway'] })
+  const pid = served.child.pid as number
+  const list = await runCli(['api-key', 'list'], { env })
+  t.equal(list.code, 1)
+  // Before (found by a docs walk): "stop it, or point the CLI at its admin API", which answers
+  // 404 "this process serves the gateway only" there.
+  t.equal(list.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve --only gateway); stop it: it serves no admin API to point the CLI at, and the embedded store serves one process (a gateway beside an admin API needs a shared store, DATABASE_URL)\n`)
+  t.equal(await served.stop(), 0)
+})
+
 t.test('serve refused by a store a command holds is told to wait for it or stop it, not the CLI\'s advice', async (t) => {
   const dir = await storeDir()
   const held = await openDb({ dataDir: dir })
