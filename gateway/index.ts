@@ -28,7 +28,7 @@ import { createKeyExtractStage, keySources } from './key-extract.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { createLockoutStage } from './lockout.ts'
 import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage, rateLimitNotifier } from './rate-limit.ts'
-import { createRequestCheckStage } from './request-check.ts'
+import { createRequestCheckStage, GATEWAY_ALLOW } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, hasBody, headersTimeoutOptions, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
 import { keyChallenges, logAccess, loggedPath, record, sendError, socketAddress } from './respond.ts'
@@ -295,7 +295,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // application's request, checked and forwarded (before, a POST or DELETE was answered 200 here).
     if (req.url === '/healthz' && (req.method === 'GET' || req.method === 'HEAD') && req.httpVersionMajor === 1) {
       const body = ctx.closing ? HEALTH_STOPPING : HEALTH_OK
-      res.writeHead(ctx.closing ? 503 : 200, { 'content-type': 'application/json', 'content-length': body.length, 'cache-control': 'no-store', ...(ctx.closing ? { connection: 'close' } : {}) })
+      res.writeHead(ctx.closing ? 503 : 200, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length, 'cache-control': 'no-store', ...(ctx.closing ? { connection: 'close' } : {}) })
       res.end(body)
       return
     }
@@ -365,7 +365,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     afterResponses(socket, () => {
       const id = nextId()
       countUnrouted('method_not_allowed', start, id, socket, req)
-      rawError(socket, 'method_not_allowed', id)
+      rawError(socket, 'method_not_allowed', id, { allow: GATEWAY_ALLOW })
     })
   })
 

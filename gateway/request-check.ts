@@ -12,6 +12,13 @@ import type { RequestState, Stage } from './state.ts'
 import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
 import { targetProblem } from '../core/target.ts'
 
+/**
+ * The `Allow` of the gateway's 405 (RFC 9110 §15.5.6 requires one): the methods of RFC 9110 and
+ * PATCH, which it forwards; it forwards any other method but CONNECT and TRACE as well (a
+ * WebDAV upstream's PROPFIND, say), which it cannot list for an upstream it does not know.
+ */
+export const GATEWAY_ALLOW = 'GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS'
+
 export function createRequestCheckStage(options: { maxHeaders: number }): Stage {
   const maxRaw = options.maxHeaders * 2
   return (s: RequestState) => {

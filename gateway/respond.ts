@@ -7,6 +7,7 @@ import type { GatewayOutcome, RouteMetrics } from '../core/metrics.ts'
 import { NO_ROUTE } from '../core/metrics.ts'
 import type { Logger } from '../core/log.ts'
 import { normalise } from './client-address.ts'
+import { GATEWAY_ALLOW } from './request-check.ts'
 import { pathOf, type GatewayContext, type RequestState, type Verdict } from './state.ts'
 
 /**
@@ -114,6 +115,7 @@ function errorHeaders(ctx: GatewayContext, s: RequestState, code: Verdict, statu
     headers['ratelimit-reset'] = String(s.rlResetS)
   }
   if (status === 429) headers['retry-after'] = String(s.retryAfterS)
+  if (status === 405) headers.allow = GATEWAY_ALLOW
   // An unread request body is not drained for a refused request: the connection closes instead.
   // Only a request that has a body: `complete` is false until the parser has seen the end of a
   // request, even one without a body, so a verdict reached at once (a missing key, a scope) closed

@@ -288,7 +288,9 @@ t.test('a WebSocket tunnel idle for gateway.tunnel_idle_timeout_s is closed; tra
 t.test('only GET and HEAD of /healthz are the gateway\'s own; other methods on /healthz are checked and forwarded (found by a review)', async (t) => {
   const h = await startGateway(t)
   const k = await h.key()
-  t.same((await h.get('/healthz')).json, { status: 'ok' }, 'GET /healthz needs no key')
+  const health = await h.get('/healthz')
+  t.same(health.json, { status: 'ok' }, 'GET /healthz needs no key')
+  t.equal(health.headers['content-type'], 'application/json; charset=utf-8', 'JSON in UTF-8, as every other answer of keygate says')
   const head = await h.get('/healthz', {}, 'HEAD')
   t.same([head.status, head.text], [200, ''], 'HEAD /healthz is answered too, without a body')
   t.equal(h.upstream.received.length, 0, 'neither reached the upstream')
