@@ -66,7 +66,9 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
       const v = raw.trim().toLowerCase()
       if (['true', '1', 'yes', 'on'].includes(v)) return { ok: true, value: true }
       if (['false', '0', 'no', 'off'].includes(v)) return { ok: true, value: false }
-      return { ok: false }
+      // The words an environment variable takes, not only a file's (before, found by a docs walk,
+      // "expected true or false", where yes, on and 1 are taken too).
+      return { ok: false, expected: 'true or false (or 1, yes, on; 0, no, off; in any case)' }
     }
     case 'Union':
       return { ok: true, value: choiceWord(schema, raw) ?? raw }

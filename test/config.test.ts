@@ -331,7 +331,7 @@ t.test('every environment variable: a bad value names the variable, the value an
   )
   t.equal(loadConfig({ env: { KEYGATE_KEEP_ALIVE_TIMEOUT_MS: '620000' } }).gateway.keep_alive_timeout_ms, 620_000, 'KEYGATE_KEEP_ALIVE_TIMEOUT_MS sets gateway.keep_alive_timeout_ms')
   t.same(problemsOf({ file, env: { KEYGATE_KEEP_ALIVE_TIMEOUT_MS: '500' } }).problems, ['KEYGATE_KEEP_ALIVE_TIMEOUT_MS (gateway.keep_alive_timeout_ms): 500 is not allowed; expected an integer from 1000 to 3600000'], 'under a second is refused (Keep-Alive: timeout=0 would tell clients not to reuse it)')
-  t.same(problemsOf({ file, env: { KEYGATE_ACCESS_LOG: 'sometimes' } }).problems, ['KEYGATE_ACCESS_LOG (log.access_log): "sometimes" is not allowed; expected true or false'])
+  t.same(problemsOf({ file, env: { KEYGATE_ACCESS_LOG: 'sometimes' } }).problems, ['KEYGATE_ACCESS_LOG (log.access_log): "sometimes" is not allowed; expected true or false (or 1, yes, on; 0, no, off; in any case)'], 'the words an environment variable takes')
   t.same(problemsOf({ file, env: { LOG_LEVEL: 'trace' } }).problems, ['LOG_LEVEL (log.level): "trace" is not allowed; expected one of debug, info, warn, error'])
   t.same(problemsOf({ file, env: {}, flags: { listen: '8080' } }).problems, ['--listen (gateway.listen): "8080" is not allowed; expected host:port, such as 0.0.0.0:8080 or [::1]:8080'])
   for (const [raw, value] of [['true', true], ['1', true], ['yes', true], ['ON', true], ['TRUE', true], ['False', false], ['false', false], ['0', false], ['no', false], ['off', false]] as const) {
