@@ -140,6 +140,15 @@ async function startServe(p: ReturnType<typeof parse>, io: Io): Promise<number> 
         : "no Redis (REDIS_URL): the lockouts this admin API lists and lifts (/v1/lockouts) are this process's alone, not the gateways' on the same database, which a lift here does not reach; they hear of a key change made here at their store check (cache.store_check_s) and of a deny list change at their reload (gateway.deny_list_refresh_s)",
     )
   }
+  // Said once at start, not refused (a gateway of keys that never change may be meant): the
+  // embedded store is this process's alone, so nothing manages keys while it runs (before, found
+  // by a docs walk, a start said nothing, and the CLI was refused until it stopped).
+  if (!config.store.database_url && !role.admin) {
+    log.warn(
+      '--only gateway on the embedded store: no admin API runs, and no keygate command can open the store while this process holds it, so keys, the deny list and webhooks can be changed only once it stops; to manage them while gateways run, use PostgreSQL (DATABASE_URL) with a keygate serve --only admin beside them',
+      { data_dir: config.store.data_dir },
+    )
+  }
   if (workers > 1) return servePrimary(config, log, io, role, workers)
   return serveInstance(config, log, io, role, { worker: false })
 }
