@@ -196,7 +196,9 @@ t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM stil
   await db.connect()
   t.teardown(() => db.end())
   const { rows } = await db.query<{ type: string; details: { addresses?: number; seen_here?: string[] } }>('SELECT type, details FROM api_key_anomalies WHERE key_id = $1', [key.id])
-  t.match(rows, [{ type: 'distinct_addresses', details: { addresses: 5 } }], "one anomaly, judged at shutdown over both workers' counts, the /64 as one client")
+  // t.match takes an array as the items it starts with: a second finding (a worker's own) went unseen (found by a review).
+  t.equal(rows.length, 1, 'one anomaly')
+  t.match(rows, [{ type: 'distinct_addresses', details: { addresses: 5 } }], "judged at shutdown over both workers' counts, the /64 as one client")
   t.same(rows[0]?.details.seen_here?.sort(), ['192.0.2.1', '192.0.2.2', '192.0.2.3', '192.0.2.4', '2001:db8:7:7::/64'], "it lists the clients of both workers, from the primary's window")
 })
 
