@@ -187,7 +187,10 @@ await forEachStore(t, async (t, store) => {
     const [earlier] = await store.db.query<{ deleted_at: Date | null; deleted_by: string | null }>('SELECT deleted_at, deleted_by FROM gitea_tokens WHERE id = $1', [again.id])
     t.ok(earlier?.deleted_at, 'the live record of the earlier token is closed')
     t.match((await deps.audit.list(store.db, { keyId: again.id }))[0], { action: 'gitea.token.deleted', details: { remote_id: again.remote_id, remote_missing: true, remote_id_reused: true } })
-    t.match((await gitea.list()).items.filter((i) => i.remote_id === third.remote_id), [{ state: 'in_sync', local: { id: third.id } }], 'listed once, in sync')
+    // Counted: t.match takes an array as the items it starts with, so a closed record of the id listed after it went unseen (found by a review).
+    const listed = (await gitea.list()).items.filter((i) => i.remote_id === third.remote_id)
+    t.equal(listed.length, 1, 'listed once')
+    t.match(listed, [{ state: 'in_sync', local: { id: third.id } }], 'in sync')
     t.match(await gitea.delete('third', actor), { remote_missing: false, record: { id: third.id } })
     fake.removeToken(anchor.id)
   })
