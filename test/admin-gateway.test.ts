@@ -126,6 +126,8 @@ await forEachStore(t, async (t, store) => {
 
     const top = await h.call('GET', '/v1/reports/top-keys?limit=50')
     const ranked = top.json.items.map((i: { key_id: string }) => i.key_id)
+    // Both listed first: indexOf's -1 for a busier key left out ranked it above any (found by a review).
+    t.ok(ranked.includes(a.id) && ranked.includes(b.id), `both keys ranked: ${ranked.join(', ')}`)
     t.ok(ranked.indexOf(a.id) < ranked.indexOf(b.id), 'the busier key ranks higher')
     t.ok(top.json.items.every((i: { share: number }) => i.share > 0 && i.share <= 1))
 
