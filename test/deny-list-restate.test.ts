@@ -60,6 +60,8 @@ await forEachStore(t, async (t, store) => {
     const after = await stateOf(store.db)
     t.equal(after.audit, (before.audit ?? 0) + 1, 'one audit row')
     t.not(after.mark, before.mark, 'the change mark moved')
+    // Counted, as the CLI's case below counts it: t.match takes an array as the items it starts with (found by a review).
+    t.equal(told.length, 1, 'the gateways told once')
     t.match(told, [{ action: 'added', entry: { id: added.json.id, cidr: '192.0.2.0/24' } }], 'the gateways told')
     for (const e of [added.json, forever.json]) t.equal((await h.call('DELETE', `/v1/deny-list/${e.id}`)).status, 200)
   })
