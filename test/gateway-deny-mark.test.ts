@@ -183,6 +183,7 @@ t.test('the mark: every statement on deny_list changes it (not a rolled-back one
         await tx.query("INSERT INTO deny_list (id, cidr, created_by) VALUES ('m3', '192.0.2.3', 'psql')")
         throw new Error('rolled back')
       }),
+      { message: 'rolled back' },
     )
     t.equal(await mark(), marks.at(-1), 'a rolled-back write leaves the mark as it was')
     t.equal((await store.db.query('SELECT * FROM deny_list_changes')).length, 1, 'one row')
