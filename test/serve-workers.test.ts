@@ -387,8 +387,9 @@ t.test('--workers: a scrape while a replacement waits for the store answers from
   await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
   await serve.waitForLog((l) => l.worker === 3)
   // The store comes back a while after the scrape is asked: a scrape that waited for the
-  // replacement would answer only once it listens.
-  const reopen = setTimeout(() => gate.set('open'), 4000)
+  // replacement would answer only once it listens, 2.5 s and the replacement's start later (the
+  // scrape itself, the workers' answers over IPC, takes milliseconds; 4 s before, waited out).
+  const reopen = setTimeout(() => gate.set('open'), 2500)
   t.teardown(() => clearTimeout(reopen))
   const scrape = await call(`${serve.admin}/metrics`)
   const replacementListened = serve.logs.some((l) => l.message === 'gateway listening' && l.worker === 3)
@@ -443,8 +444,9 @@ t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound
   // disconnect; the primary's backstop ended the primary about 28 s on with the defaults, and the
   // worker stayed, orphaned, holding its share of the gateway's port.
   const { cwd, env, upstream } = await workersSetUp(t, 'frozenstop', 0)
-  // Bounds kept short: the worker's own is the drain (1 s), the store's (1 s + 2 s) and a held second.
-  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  shutdown_timeout_ms: 1000\nstore:\n  query_timeout_ms: 1000\n')
+  // Bounds kept short: the worker's own is the drain (0.2 s), the store's (0.5 s + 2 s), a held
+  // second and one more, 4.7 s (with a drain and a query timeout of 1 s each it was 6 s, waited out).
+  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  shutdown_timeout_ms: 200\nstore:\n  query_timeout_ms: 500\n')
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   const [frozen, other] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number) as [number, number]
   t.teardown(() => {
@@ -454,7 +456,7 @@ t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound
   })
   process.kill(frozen, 'SIGSTOP')
   serve.child.kill('SIGTERM')
-  // A hang guard: the bound is 6 s here.
+  // A hang guard: the bound is 4.7 s here.
   const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 60 s'), 60_000).unref())])
   t.equal(code, 0, 'exit 0')
   const killing = serve.logs.find((l) => l.message === 'a gateway worker did not stop within its bound; killing it')
