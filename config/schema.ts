@@ -251,7 +251,7 @@ export const ConfigSchema = Type.Object(
         pool_max: int(10, 1, 1000, { description: 'PostgreSQL connections per process.' }),
         query_timeout_ms: int(5000, 0, 600_000, {
           description:
-            'A statement to PostgreSQL not answered within this fails with store_unavailable (503): PostgreSQL cancels it, and a connection that answers nothing at all is dropped a second later. 0: no limit. Migrations run without it.',
+            'A statement to PostgreSQL not answered within this fails with store_unavailable (503): PostgreSQL cancels it, and a connection that answers nothing at all is dropped a second later. 0: no limit. Migrations run without it. The wait for a connection before the statement (a new one, or a free one of store.pool_max) is bounded apart, at 5 s, whatever this says.',
         }),
         start_wait_s: int(60, 0, 3600, {
           description:
