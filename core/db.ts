@@ -48,8 +48,9 @@ export interface Db extends Queryable {
   onLost(listener: (err: Error) => void): void
   /**
    * The store as a health probe asks it: a statement not answered within `ms` fails (TimedOut),
-   * whatever store.query_timeout_ms says (longer, or no limit), and a PostgreSQL connection that
-   * did not answer is dropped, not kept taken from the pool for the store's own timeout or for good.
+   * whatever store.query_timeout_ms says (longer, or no limit). PostgreSQL cancels it at `ms`, and
+   * a connection that answered nothing at all is dropped a second later, not kept taken from the
+   * pool for the store's own timeout or for good. Its statements take no parameters.
    */
   probing(ms: number): Queryable
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
@@ -332,12 +333,27 @@ class PostgresDb implements Db {
     }
   }
 
+  /**
+   * Each statement is sent between a `SET statement_timeout` of `ms` and one that puts the
+   * connection's own back, in one simple query (one round trip; a statement that fails takes the
+   * first SET back with it, as the three run in one implicit transaction): PostgreSQL cancels it
+   * at `ms`, and the client drops a connection that answered nothing a second later, as for any
+   * statement (WIRE_GRACE_MS). Before (found by a review), only the client gave up, at `ms`: a
+   * statement waiting on a lock went on waiting in its backend after its connection was dropped
+   * (with store.query_timeout_ms 0, for as long as the lock was held), one more each probe, until
+   * the server had no connection left for anyone. So a probe's statement takes no parameters.
+   */
   probing(ms: number): Queryable {
-    const once = async (text: string, params?: readonly unknown[]) => {
+    const restore = this.#readTimeout === undefined ? 'RESET statement_timeout' : `SET statement_timeout = ${this.#timeoutMs}`
+    const once = async (text: string, params?: readonly unknown[]): Promise<pg.QueryResult> => {
+      if (params !== undefined && params.length > 0) throw new Error("a health probe's statement takes no parameters")
+      const bounded = `SET statement_timeout = ${ms}; ${text.replace(/[\s;]+$/, '')}; ${restore}`
       try {
-        return await this.#once({ ...this.#statement(text, params, true), query_timeout: ms } as pg.QueryConfig)
+        const results = (await this.#once({ text: bounded, query_timeout: ms + WIRE_GRACE_MS } as pg.QueryConfig)) as unknown as pg.QueryResult[]
+        return results[1] as pg.QueryResult
       } catch (err) {
-        throw isReadTimeout(err) ? new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err }) : this.#unreachable(err)
+        if (isReadTimeout(err) || sqlState(err) === QUERY_CANCELED) throw new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err })
+        throw this.#unreachable(err)
       }
     }
     return {

@@ -147,6 +147,35 @@ t.test("PostgreSQL: a health probe's statement is answered within its own bound 
   t.same(await db.query('SELECT 3 AS three'), [{ three: 3 }], 'its connection was dropped: the pool has one again')
 })
 
+// Before (found by a review): only the client gave up on a probe's statement, and dropped its
+// connection; a statement PostgreSQL was still running, waiting on a lock, went on waiting in a
+// backend of its own (with store.query_timeout_ms 0, for as long as the lock was held), and the
+// next probe, on a new connection, left one more: a probe every second took the server's
+// connections one by one, for every application on it.
+t.test("PostgreSQL: a health probe's statement that waits on a lock is cancelled by PostgreSQL within the probe's bound, and leaves no backend waiting", async (t) => {
+  const url = await freshDatabase(t)
+  // One connection: the probes' statements and the checks after them share it.
+  const db = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
+  t.teardown(() => db.close())
+  await db.exec('CREATE TABLE probed (n integer)')
+  const holder = new pg.Client({ connectionString: url })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('BEGIN')
+  await holder.query('LOCK TABLE probed IN ACCESS EXCLUSIVE MODE')
+  const probe = db.probing(300)
+  for (let i = 0; i < 3; i++) {
+    const err = await rejection(probe.query('SELECT count(*) FROM probed'))
+    t.ok(err instanceof TimedOut, `probe ${i + 1}: TimedOut: ${err.message}`)
+  }
+  const waiting = await db.query<{ n: number }>(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)
+  t.same(waiting, [{ n: 0 }], 'no backend is left waiting on the lock')
+  await holder.query('ROLLBACK')
+  t.same(await probe.query('SELECT count(*)::int AS n FROM probed'), [{ n: 0 }], 'answered once the lock is gone')
+  const [timeout] = await db.query<{ statement_timeout: string }>('SHOW statement_timeout')
+  t.equal(timeout?.statement_timeout, '0', "the pool's connections keep store.query_timeout_ms (0: none)")
+})
+
 t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {
   const url = await freshDatabase(t)
   const db = await openDb({ databaseUrl: url, poolMax: 2, queryTimeoutMs: 200 })
