@@ -248,8 +248,11 @@ class PostgresDb implements Db {
    * not returned to the pool, and keeps the listener, for its socket's last words. Before (found
    * by a review: serve ended under load as the PostgreSQL behind it went away), the SET was not
    * heard: a connection lost during it ended serve with an unhandled 'error' event.
+   *
+   * `readTimeout`: how long the SET waits for its answer (a health probe's own bound; by default
+   * the read timeout of any statement).
    */
-  async #acquire(): Promise<Checkout> {
+  async #acquire(readTimeout = this.#readTimeout): Promise<Checkout> {
     const client = await this.#pool.connect()
     const onLost = (): void => {}
     client.on('error', onLost)
@@ -259,7 +262,7 @@ class PostgresDb implements Db {
     }
     if (this.#readTimeout === undefined || this.#prepared.has(client)) return { client, giveBack }
     try {
-      await client.query(this.#statement(`SET statement_timeout = ${this.#timeoutMs}`, undefined))
+      await client.query({ text: `SET statement_timeout = ${this.#timeoutMs}`, query_timeout: readTimeout } as pg.QueryConfig)
     } catch (err) {
       giveBack(true)
       throw err
@@ -273,8 +276,8 @@ class PostgresDb implements Db {
    * cancellation) the connection goes back to the pool; after any other (no answer in time, a
    * broken or refused connection, a protocol error) it is dropped.
    */
-  async #once(statement: pg.QueryConfig): Promise<pg.QueryResult> {
-    const { client, giveBack } = await this.#acquire()
+  async #once(statement: pg.QueryConfig, setWait = this.#readTimeout): Promise<pg.QueryResult> {
+    const { client, giveBack } = await this.#acquire(setWait)
     try {
       const result = await client.query(statement)
       giveBack(false)
@@ -349,7 +352,10 @@ class PostgresDb implements Db {
       if (params !== undefined && params.length > 0) throw new Error("a health probe's statement takes no parameters")
       const bounded = `SET statement_timeout = ${ms}; ${text.replace(/[\s;]+$/, '')}; ${restore}`
       try {
-        const results = (await this.#once({ text: bounded, query_timeout: ms + WIRE_GRACE_MS } as pg.QueryConfig)) as unknown as pg.QueryResult[]
+        // A new connection's SET waits as long (before, found by a review: store.query_timeout_ms
+        // and a second more, up to ten minutes, that every probe and scrape waited on).
+        const wait = ms + WIRE_GRACE_MS
+        const results = (await this.#once({ text: bounded, query_timeout: wait } as pg.QueryConfig, wait)) as unknown as pg.QueryResult[]
         return results[1] as pg.QueryResult
       } catch (err) {
         if (isReadTimeout(err) || sqlState(err) === QUERY_CANCELED) throw new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err })

@@ -3,7 +3,7 @@
 // unheard 'error' on the checked-out client used to end the process); a malformed statement is
 // its own error, not "cannot be reached"; a value nested tens of thousands of levels deep is a
 // validation error naming its depth, on both stores, not a stack overflow.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
 import { TimedOut } from '../core/deadline.ts'
@@ -130,20 +130,30 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
   t.same(await db.transaction((tx) => tx.query('SELECT 3 AS three')), [{ three: 3 }])
 })
 
-t.test("PostgreSQL: a health probe's statement is answered within its own bound or its connection dropped, with no store.query_timeout_ms at all", async (t) => {
+/**
+ * A store of one connection behind a gate and its probe (300 ms), once the probe was answered on
+ * that connection, which then hung (the gate silent) and was given up: TimedOut. The gate is open
+ * again for new connections.
+ */
+async function probeAfterHang(t: Test, queryTimeoutMs: number) {
   const url = await freshDatabase(t)
   const { gate, url: through } = await gateInFront(t, url)
-  // One connection, open and idle when the gate goes silent: with no query timeout, a statement
-  // on it would hold it (and the pool) for good.
-  const db = await openDb({ databaseUrl: through, poolMax: 1, queryTimeoutMs: 0 })
+  const db = await openDb({ databaseUrl: through, poolMax: 1, queryTimeoutMs })
   t.teardown(() => db.close())
   const probe = db.probing(300)
   t.same(await probe.query('SELECT 1 AS one'), [{ one: 1 }], 'answered as any statement')
   gate.set('silent')
   const err = await rejection(probe.query('SELECT 2'))
-  t.ok(err instanceof TimedOut, `TimedOut: ${err.message}`)
+  t.ok(err instanceof TimedOut, `the hung connection: TimedOut: ${err.message}`)
   t.match(err.message, /no answer within 300 ms/)
   gate.set('open')
+  return { gate, db, probe }
+}
+
+t.test("PostgreSQL: a health probe's statement is answered within its own bound or its connection dropped, with no store.query_timeout_ms at all", async (t) => {
+  // One connection, open and idle when the gate goes silent: with no query timeout, a statement
+  // on it would hold it (and the pool) for good.
+  const { db } = await probeAfterHang(t, 0)
   t.same(await db.query('SELECT 3 AS three'), [{ three: 3 }], 'its connection was dropped: the pool has one again')
 })
 
@@ -174,6 +184,20 @@ t.test("PostgreSQL: a health probe's statement that waits on a lock is cancelled
   t.same(await probe.query('SELECT count(*)::int AS n FROM probed'), [{ n: 0 }], 'answered once the lock is gone')
   const [timeout] = await db.query<{ statement_timeout: string }>('SHOW statement_timeout')
   t.equal(timeout?.statement_timeout, '0', "the pool's connections keep store.query_timeout_ms (0: none)")
+})
+
+// Before (found by a review): a new connection's `SET statement_timeout` (store.query_timeout_ms)
+// waited for its answer as long as any statement, that timeout and a second more, up to ten
+// minutes, also under a probe: every probe and scrape waited on that one look at the store, not
+// ready and keygate_store_up 0, though a new connection would have answered.
+t.test("PostgreSQL: a health probe whose new connection's SET statement_timeout gets no answer fails within the probe's bound, not store.query_timeout_ms's", async (t) => {
+  // The pool's connection hung and was dropped; the next is a new one, whose SET hangs.
+  const { gate, db, probe } = await probeAfterHang(t, 600_000)
+  gate.pauseOn('statement_timeout = 600000')
+  const err = await rejection(probe.query('SELECT 3'))
+  t.ok(err instanceof TimedOut, `a new connection whose SET is not answered: TimedOut: ${err.message}`)
+  gate.set('open')
+  t.same(await db.query('SELECT 4 AS four'), [{ four: 4 }], 'that connection was dropped: the pool has one again')
 })
 
 t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {

@@ -47,6 +47,12 @@ export interface TcpGate {
    * between a COMMIT and its reply). Resolves once cut, after setting the gate to `next`.
    */
   cutOn(first: string, then: string, when: 'before' | 'after', next?: GateState): Promise<void>
+  /**
+   * The gate goes `paused` as a client sends `text` (latin1 text, in one write) on a connection
+   * that is not silent, those bytes held first: a server that hangs between two statements (after
+   * a connection's start-up, say). Once only.
+   */
+  pauseOn(text: string): void
 }
 
 const DEFAULT_PORTS: Record<string, number> = { 'postgres:': 5432, 'postgresql:': 5432, 'redis:': 6379 }
@@ -112,6 +118,10 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
         }
         if (armed && a === upstream) return drop()
         if (muted.has(client)) return
+        if (pauseAt !== undefined && a === client && d.toString('latin1').includes(pauseAt)) {
+          pauseAt = undefined
+          state = 'paused'
+        }
         if (state === 'paused') held.push([b, d])
         else b.write(d)
       })
@@ -121,6 +131,7 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
       })
     }
   })
+  let pauseAt: string | undefined
   let cut: { first: string; then: string; when: 'before' | 'after'; next: GateState | undefined; done: () => void } | undefined
   const set = (next: GateState): void => {
     state = next
@@ -146,5 +157,6 @@ export async function tcpGate(t: Pick<Test, 'teardown'>, target: number, state: 
     open: () => [...clients.values()],
     set,
     cutOn: (first, then, when, next) => new Promise<void>((done) => void (cut = { first, then, when, next, done })),
+    pauseOn: (text) => void (pauseAt = text),
   }
 }
