@@ -230,6 +230,13 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
  */
 const MIGRATE_LOCKED_HINT = 'migrate works on the store itself, never through an admin API: serve applies pending migrations as it starts, so restart it, or stop it and run migrate'
 
+/**
+ * The same with store.auto_migrate off (as migrate's own configuration has it): a restarted serve
+ * applies nothing and is refused, "run keygate migrate" (before, found by a review, it was told
+ * to restart serve, on the embedded store too since auto_migrate holds there).
+ */
+const MIGRATE_LOCKED_NO_AUTO_HINT = 'migrate works on the store itself, never through an admin API: with store.auto_migrate off, serve applies no migration as it starts, so stop it, run migrate, and start it again'
+
 async function runMigrate(argv: string[], io: Io): Promise<number> {
   const p = parse(argv, {}, { min: 0, max: 0 }, 'keygate migrate [--json]')
   if (p.values.help) {
@@ -246,7 +253,7 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
   refuseFlags(p, ['admin-url'], 'migrate does not use it: it works on the store itself (--data-dir, --database-url), never through an admin API; run it where it can reach the store')
   const config = configFrom(p, io)
   const [{ openDb }, { applyMigrations }] = await Promise.all([import('../core/db.ts'), import('../core/migrate.ts')])
-  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2, shortLived: true, lockedHint: MIGRATE_LOCKED_HINT })
+  const db = await openDb({ databaseUrl: config.store.database_url, dataDir: config.store.data_dir, poolMax: 2, shortLived: true, lockedHint: config.store.auto_migrate ? MIGRATE_LOCKED_HINT : MIGRATE_LOCKED_NO_AUTO_HINT })
   try {
     const { applied, newer } = await applyMigrations(db)
     // Exit 0 either way: the README's migration rule is that each migration leaves the release

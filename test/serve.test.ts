@@ -78,6 +78,11 @@ t.test('a command refused by the store a server holds names it, and migrate is t
   const migrate = await runCli(['migrate'], { env })
   t.equal(migrate.code, 1)
   t.equal(migrate.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: serve applies pending migrations as it starts, so restart it, or stop it and run migrate\n`)
+  // Before (found by a review): told the same with store.auto_migrate off, where a restarted serve
+  // applies nothing and is refused ("run keygate migrate"), on the embedded store too since 639ed08.
+  const off = await runCli(['migrate'], { env: { ...env, KEYGATE_AUTO_MIGRATE: 'false' } })
+  t.equal(off.code, 1)
+  t.equal(off.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: with store.auto_migrate off, serve applies no migration as it starts, so stop it, run migrate, and start it again\n`)
   t.equal(await served.stop(), 0)
 })
 
