@@ -347,6 +347,19 @@ t.test("a stream ends when its admin key no longer holds the stream's address; H
   t.equal(after.status, 200, 'and holds no stream slot')
 })
 
+t.test("a stream opened with an admin key ends when the key expires, not at the next heartbeat (found by a review)", { timeout: 30_000 }, async (t) => {
+  const store = await openStore(t, 'embedded')
+  // The longest heartbeat allowed: the key's expiry, not the heartbeat's read of the key, ends the stream.
+  const h = await startAdmin(t, store.db, { config: { admin: { stream_heartbeat_s: 300 } } })
+  const expiring = await h.keys.create({ name: 'expiring watcher', type: 'system', scopes: ['admin'], expires_at: new Date(Date.now() + 3000).toISOString() }, { actor: 'test' })
+  const s = await h.stream('/v1/anomalies/stream', { auth: expiring.key })
+  t.teardown(() => s.close())
+  t.equal(s.status, 200)
+  // Before: the stream went on until the next heartbeat read the key, up to admin.stream_heartbeat_s
+  // after its expiry (15 s by default, here 300 s, past the test's timeout), though docs/events.md said at once.
+  t.equal(await s.next().then(() => 'an event', () => 'ended'), 'ended', 'the stream ends once its key has expired')
+})
+
 t.test('a pipelined request that does not parse, on the connection of an open stream: nothing is written into the stream (its 400 waits for the stream to end)', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db)

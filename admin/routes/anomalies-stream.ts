@@ -19,7 +19,7 @@ import type { ServerResponse } from 'node:http'
 import { Type } from '@sinclair/typebox'
 import { ANOMALY_ID_PATTERN, anomalyJson, isAnomalyId, LATE_WINDOW, type AnomalyJson } from '../../core/anomalies.ts'
 import { fieldInvalid, isKeygateError, KeygateError } from '../../core/errors.ts'
-import { evaluateKey } from '../../core/keys/evaluate.ts'
+import { evaluateKey, validUntilOf } from '../../core/keys/evaluate.ts'
 import type { KeyRecord } from '../../core/keys/types.ts'
 import { ADMIN_SCOPE } from '../auth.ts'
 import { defineOperation } from '../operation.ts'
@@ -29,6 +29,8 @@ import { AnomalySchema } from '../schemas.ts'
 export const RESUME_PAGE = 500
 /** What may wait for a client that does not read (live events, heartbeats) before the stream is cut. */
 export const MAX_UNSENT_BYTES = 1024 * 1024
+/** The longest delay setTimeout takes (a longer one fires at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1
 
 const frame = (a: AnomalyJson) => `id: ${a.id}\nevent: anomaly.detected\ndata: ${JSON.stringify(a)}\n\n`
 
@@ -117,34 +119,52 @@ export default defineOperation({
       () => finish(),
     )
     const feedAt = services.anomalyFeed.position()
-    // A stream opened with an admin key ends once that key stops being one: at once when it is
-    // revoked, expires or loses the admin scope through this instance, else at the next heartbeat
-    // (a change made through another instance).
+    // A stream opened with an admin key ends once that key stops being one: at its expiry (or grace
+    // end), at once when it is revoked, loses the admin scope or its bindings stop holding the
+    // stream's address through this instance, else at the next heartbeat (a change made through
+    // another instance).
     const keyId = actor.actor.startsWith('key:') ? actor.actor.slice(4) : undefined
     // From the stream's own address: a key whose CIDR bindings no longer hold it is no admin key here.
     const stillAdmin = (k: KeyRecord) => evaluateKey(k, services.now(), actor.address ?? undefined).ok && k.scopes.includes(ADMIN_SCOPE)
+    // The key's own end (its expiry, or a rotating key's grace end) is known ahead: the stream ends
+    // then. Armed from the key as read when the stream opens, at each heartbeat and at each change
+    // of it here. Before (found by a review), an expiry ended the stream only at the next
+    // heartbeat, up to admin.stream_heartbeat_s (300 s at most) after it.
+    let ending: ReturnType<typeof setTimeout> | undefined
+    const endAt = (k: KeyRecord) => {
+      clearTimeout(ending)
+      const wait = validUntilOf(k) - services.now().getTime()
+      // Ended already (a read that came back late); Infinity (no end), or past what a timer holds: a later heartbeat arms it.
+      if (!open(res) || !(wait <= MAX_TIMER_MS)) return
+      ending = setTimeout(() => {
+        if (!stillAdmin(k)) finish()
+      }, Math.max(0, wait))
+      ending.unref()
+    }
+    // The key read again: the stream ends when it is no admin key any more, else is armed for its end.
+    const judge = (k: KeyRecord) => (stillAdmin(k) ? endAt(k) : finish())
     const offKeys =
       keyId === undefined
         ? () => {}
         : services.keys.onChange((c) => {
-            if ((c.key.id === keyId && !stillAdmin(c.key)) || (c.previous?.id === keyId && !stillAdmin(c.previous))) finish()
+            if (c.key.id === keyId) judge(c.key)
+            else if (c.previous?.id === keyId) judge(c.previous)
           })
+    const reread = () => {
+      if (keyId === undefined) return
+      services.keys.get(keyId).then(judge, (err: unknown) => {
+        if (isKeygateError(err) && err.code === 'key_not_found') finish()
+      })
+    }
+    reread()
     const heartbeat = setInterval(() => {
       send(res, ': ping\n\n')
-      if (keyId !== undefined) {
-        services.keys.get(keyId).then(
-          (k) => {
-            if (!stillAdmin(k)) finish()
-          },
-          (err: unknown) => {
-            if (isKeygateError(err) && err.code === 'key_not_found') finish()
-          },
-        )
-      }
+      reread()
     }, services.streamHeartbeatMs)
     heartbeat.unref()
     const done = () => {
       clearInterval(heartbeat)
+      clearTimeout(ending)
       off()
       offKeys()
       release()
