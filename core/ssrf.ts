@@ -28,6 +28,37 @@ export function allowList(cidrs: readonly string[]): AllowList {
   return cidrs.length > 0 ? rangeMatcher(cidrs) : () => false
 }
 
+/**
+ * What each of ipaddr.js's special ranges is, in words (before, found by a docs walk, its names
+ * were the message: "is a rfc6052 address", "is a linkLocal address").
+ */
+export const RANGE_WORDS: Readonly<Record<string, string>> = {
+  unspecified: 'an unspecified address (this host)',
+  broadcast: 'the broadcast address',
+  multicast: 'a multicast address',
+  linkLocal: 'a link-local address',
+  loopback: 'a loopback address',
+  carrierGradeNat: 'a carrier-grade NAT address (RFC 6598)',
+  private: 'a private address (RFC 1918)',
+  reserved: 'a reserved or documentation address',
+  as112: 'an AS112 address (RFC 7534)',
+  as112v6: 'an AS112 address (RFC 7534)',
+  amt: 'an AMT relay address (RFC 7450)',
+  uniqueLocal: 'a unique local address (RFC 4193)',
+  ipv4Mapped: 'an IPv4-mapped address',
+  deprecatedSiteLocal: 'a site-local address (deprecated, RFC 3879)',
+  discard: 'a discard-only address (RFC 6666)',
+  rfc6145: 'an IPv4-translated address (RFC 6145)',
+  rfc6052: 'a NAT64 address, which reaches the IPv4 address it embeds (RFC 6052)',
+  '6to4': 'a 6to4 address (RFC 3056)',
+  teredo: 'a Teredo address (RFC 4380)',
+  benchmarking: 'a benchmarking address (RFC 5180)',
+  deprecatedOrchid: 'an ORCHID address (deprecated, RFC 4843)',
+  orchid2: 'an ORCHIDv2 address (RFC 7343)',
+  droneRemoteIdProtocolEntityTags: 'a drone remote ID address (RFC 9374)',
+  segmentRouting: 'a segment routing address (RFC 9602)',
+}
+
 /** Why `address` may not be reached, or undefined when it may. */
 export function addressRefusal(address: string, allowed: AllowList): string | undefined {
   let a: ipaddr.IPv4 | ipaddr.IPv6
@@ -40,7 +71,7 @@ export function addressRefusal(address: string, allowed: AllowList): string | un
   const normal = a.toString()
   if (allowed(normal)) return undefined
   const range = a.range()
-  if (range !== 'unicast') return `${normal} is a ${range} address`
+  if (range !== 'unicast') return `${normal} is ${RANGE_WORDS[range] ?? `a special-purpose address (${range})`}`
   // ::/96 (IPv4-compatible, deprecated by RFC 4291; `[::127.0.0.1]` in a URL becomes ::7f00:1):
   // some stacks reach the embedded IPv4 address, and ipaddr.js files the range under unicast.
   if (a.kind() === 'ipv6' && (a as ipaddr.IPv6).parts.slice(0, 6).every((p) => p === 0)) return `${normal} is an IPv4-compatible IPv6 address`
