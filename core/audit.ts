@@ -235,15 +235,23 @@ export async function sealedKeyIds(db: Queryable): Promise<string[]> {
 /** The keys webhook secrets are sealed with (`<key id>.<base64url>`). */
 const WEBHOOK_SECRET_KEY_IDS = `SELECT split_part(s, '.', 1) FROM webhooks, unnest(ARRAY[sealed_secret, sealed_previous_secret]) AS s WHERE s IS NOT NULL`
 
+/**
+ * Encryption key ids as a message names them: "encryption key a", "encryption keys a and b".
+ * Several were joined with commas where the message meant one key (found by a review).
+ */
+function encryptionKeys(ids: readonly string[]): string {
+  return ids.length === 1 ? `encryption key ${ids[0]}` : `encryption keys ${new Intl.ListFormat('en').format(ids)}`
+}
+
 /** `encryption_key_missing` for a process whose keys lack `ids`, the keys `what` was sealed with (one, or several). */
 function keyMissing(what: string, ids: readonly string[], cipher: AuditCipher): KeygateError {
   // Several keys (webhook secrets sealed during a rotation): named as a list, and the advice is
-  // to set one of them (before, the ids were joined with commas where one id was meant: "set
-  // KEYGATE_ENCRYPTION_KEY to the key this store was started with (a, b) again").
+  // to set one of them (before: "set KEYGATE_ENCRYPTION_KEY to the key this store was started
+  // with (a, b) again").
   const one = ids.length === 1 ? ids[0] : undefined
   const anyOf = one ?? new Intl.ListFormat('en', { type: 'disjunction' }).format(ids)
   const noneOf = one ?? 'any of them'
-  const unknown = one ? `${what} sealed with encryption key ${one}, which is not configured` : `${what} sealed with encryption keys ${new Intl.ListFormat('en').format(ids)}, none of which is configured`
+  const unknown = `${what} sealed with ${encryptionKeys(ids)}, ${one ? 'which is not configured' : 'none of which is configured'}`
   if (cipher.keyFile !== undefined) {
     // The embedded store's own key in use: no other instance to agree with, but a start with
     // KEYGATE_ENCRYPTION_KEY before (the key file's stays a previous key then), or a key file
@@ -422,7 +430,7 @@ export function loadAuditCipher(options: {
     if (orphaned.length > 0) {
       throw new KeygateError(
         'encryption_key_missing',
-        `${file} is ${state}, but the store holds audit rows or webhook secrets sealed with encryption key ${orphaned.join(', ')}: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to that key); a new key could open none of them`,
+        `${file} is ${state}, but the store holds audit rows or webhook secrets sealed with ${encryptionKeys(orphaned)}: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to ${orphaned.length === 1 ? 'that key' : 'one of them, and list the others in KEYGATE_PREVIOUS_ENCRYPTION_KEYS'}); a new key could open none of them`,
       )
     }
   }

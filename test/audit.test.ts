@@ -439,6 +439,16 @@ t.test('loadAuditCipher', async (t) => {
       'a store holding rows sealed with a key file that is gone: refused',
     )
     t.same(readdirSync(lost), [], 'and no new key is generated over them')
+    // Rows of two keys (a rotation before the file was lost): named as a list (before, found by a
+    // read-back, "sealed with encryption key a, b: … set KEYGATE_ENCRYPTION_KEY to that key").
+    t.throws(
+      () => loadAuditCipher({ storeKind: 'embedded', dataDir: lost, sealed: ['k1a2b3c4', 'k5e6f7a8'] }),
+      {
+        code: 'encryption_key_missing',
+        message: `${join(lost, 'encryption.key')} is missing, but the store holds audit rows or webhook secrets sealed with encryption keys k1a2b3c4 and k5e6f7a8: restore the file from its backup (or set KEYGATE_ENCRYPTION_KEY to one of them, and list the others in KEYGATE_PREVIOUS_ENCRYPTION_KEYS); a new key could open none of them`,
+      },
+      'several keys lacking: named as a list',
+    )
     const restored = loadAuditCipher({ storeKind: 'embedded', dataDir: lost, sealed: [first.currentKeyId], previousKeys: [key.toString('base64')] })
     t.not(restored.currentKeyId, first.currentKeyId, 'with the lost key among the previous keys, a new one is generated')
     t.same(restored.open(row('r', 'k', 'a'), 2, sealed.encKeyId, sealed.nonce, sealed.details), { same: true }, 'and the old rows open')
