@@ -107,9 +107,11 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
         const { entry: e, updated } = await ctx.ops.add(body)
         printDone(() => {
           if (ctx.json) printJson(ctx.io, { ...e, updated })
-          else if (updated) ctx.io.out(`Updated ${e.cidr} (entry ${e.id}, already listed): denied ${lasting(e.expires_at)}.\n`)
+          // Listed already: updated, or restated as it is and left so (the admin API answers 200
+          // either way), so the line claims no change. Before, found by a review: "Updated ...".
+          else if (updated) ctx.io.out(`${e.cidr} was listed already (entry ${e.id}): denied ${lasting(e.expires_at)}.\n`)
           else ctx.io.out(`Denied ${e.cidr} (entry ${e.id}) ${lasting(e.expires_at)}.\n`)
-        }, `${e.cidr} was ${updated ? 'updated on' : 'added to'} the deny list (entry ${e.id})`)
+        }, `${e.cidr} ${updated ? 'was listed already on' : 'was added to'} the deny list (entry ${e.id})`)
         return EXIT_OK
       }
     },

@@ -44,7 +44,13 @@ t.test('deny-list on the store opened here: add, list, refuse what is wrong, rem
   t.equal(again.code, 0, again.stderr)
   t.match(again.json(), { id: entry.id, cidr: '10.0.0.0/8', reason: 'scanner', updated: true })
   t.ok(Date.parse(again.json().expires_at) - Date.parse(entry.expires_at) > 3_000_000, 'an hour later')
-  t.match((await runCliHere(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { env })).stdout, /^Updated 2001:db8::7 \(entry \w+, already listed\): denied until \d{4}-\d\d-\d\dT/, 'a human line')
+  const extended = await runCliHere(['deny-list', 'add', '2001:db8::7', '--expires-in', '1h'], { env })
+  t.match(extended.stdout, /^2001:db8::7 was listed already \(entry \w+\): denied until (\d{4}-\d\d-\d\dT\S+Z)\.\n$/, 'a human line')
+  // Restated as it is: the same line, which claims no change (before, found by a review: "Updated
+  // 2001:db8::7 ...", though nothing was written or audited).
+  const until = /until (\S+Z)\./.exec(extended.stdout)?.[1] as string
+  const restated = await runCliHere(['deny-list', 'add', '2001:db8::7', '--expires-at', until], { env })
+  t.equal(restated.stdout, extended.stdout, 'restated: the same line')
   // Refused: what is no range or no date, or a range with host bits set (exit 2, naming it).
   for (const [args, why] of [
     [['deny-list', 'add', '10.1.2.3/8'], /^keygate: CIDR: "10\.1\.2\.3\/8" has host bits set: as a range it covers the whole network 10\.0\.0\.0\/8; write 10\.0\.0\.0\/8 for that network, or 10\.1\.2\.3 alone for the one address/],
@@ -138,7 +144,7 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
   t.equal(denied.json().created_by, 'token', 'made as the admin credential (the bootstrap token)')
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 403, 'refused at once')
   const extended = await runCli(['deny-list', 'add', '127.0.0.1', '--expires-in', '1h'], { cwd, env })
-  t.match(extended.stdout, /^Updated 127\.0\.0\.1 \(entry \w+, already listed\): denied until \d{4}-/, 'the same address again through the admin API: updated (its 200)')
+  t.match(extended.stdout, /^127\.0\.0\.1 was listed already \(entry \w+\): denied until \d{4}-/, 'the same address again through the admin API: updated (its 200)')
   t.match((await runCli(['deny-list', 'add', '127.0.0.1/8'], { cwd, env })).stderr, /has host bits set: as a range it covers the whole network 127\.0\.0\.0\/8/, 'host bits refused before the admin API is asked')
   t.equal((await runCli(['deny-list', 'remove', '127.0.0.1'], { cwd, env })).code, 0)
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200, 'let in again')
