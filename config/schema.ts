@@ -257,7 +257,7 @@ export const ConfigSchema = Type.Object(
           description:
             "How long `serve` waits at start for a PostgreSQL that is not up yet (the connection refused, reset or timed out, its host name not resolved, or PostgreSQL starting up or out of connections), trying again every second and warning every 10 s, before it gives up (exit 1). 0: give up at once. A wrong password or database name ends the start at once; the CLI's commands never wait.",
         }),
-        auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`, on the embedded store as on PostgreSQL (serve and the other commands refuse a store that lacks migrations).', env: 'KEYGATE_AUTO_MIGRATE' }),
+        auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`, on the embedded store as on PostgreSQL (serve and the other commands refuse a store that lacks migrations, and make no new embedded store).', env: 'KEYGATE_AUTO_MIGRATE' }),
         embedded_shared_buffers_mb: int(128, 16, 1024, {
           description:
             "PostgreSQL's shared_buffers of the embedded store, in MiB (PostgreSQL's own default is 128). It is most of what the store adds to `serve`'s memory: about 470 MiB resident at 128, 290 at 16, for a store of a few keys. Reads past it come from the data folder's files, through the system's page cache. Commands other than `serve` use 16.",

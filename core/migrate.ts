@@ -134,15 +134,16 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
 }
 
 /**
- * Names of migrations not yet applied, and of those applied by a newer keygate; throws when an
- * applied file was changed or is missing. `from`: the folder to read, or the files already read.
+ * Names of migrations not yet applied, and of those applied by a newer keygate, and whether none
+ * is applied (`unmigrated`); throws when an applied file was changed or is missing. `from`: the folder to read, or the files already read.
  */
-export async function migrationState(db: Queryable, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[] }> {
+export async function migrationState(db: Queryable, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[]; unmigrated: boolean }> {
   const files = typeof from === 'object' ? from : readMigrations(from)
   const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
-  if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [] }
-  const { pending, newer } = compare(files, await applied(db))
-  return { pending: pending.map((m) => m.name), newer }
+  if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [], unmigrated: true }
+  const done = await applied(db)
+  const { pending, newer } = compare(files, done)
+  return { pending: pending.map((m) => m.name), newer, unmigrated: done.length === 0 }
 }
 
 /** Names of migrations not yet applied (for /readyz: of the files serve read as it started); throws when an applied file was changed. */

@@ -26,6 +26,10 @@ export function keyServiceOptions(config: Config) {
   return { prefix: config.keys.prefix, previousPrefixes: config.keys.previous_prefixes, acceptLegacy: config.keys.accept_legacy, graceHours: config.keys.grace_hours }
 }
 
+/** Why a data folder without an embedded store is refused when store.auto_migrate is off, and what makes one. */
+export const NO_STORE_AUTO_MIGRATE_OFF =
+  'store.auto_migrate is off, so only `keygate migrate` makes one; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with `keygate migrate`'
+
 /**
  * `lockedHint`, `serverHeldHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. `readOnly`: a
  * command that changes nothing, which neither makes nor moves the store's key check (checkStoreKey).
@@ -55,7 +59,10 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     sharedBuffersMb: config.store.embedded_shared_buffers_mb,
     ...(options.lockedHint ? { lockedHint: options.lockedHint } : {}),
     ...(options.serverHeldHint ? { serverHeldHint: options.serverHeldHint } : {}),
-    ...(options.existingOnly !== undefined ? { existingOnly: options.existingOnly } : {}),
+    // With store.auto_migrate off, only `keygate migrate` makes a store: before (found by a
+    // review), a data folder without one became a new store of about 40 MB, then refused as
+    // lacking every migration.
+    ...(!config.store.auto_migrate ? { existingOnly: NO_STORE_AUTO_MIGRATE_OFF } : options.existingOnly !== undefined ? { existingOnly: options.existingOnly } : {}),
     ...(options.shortLived ? { shortLived: true } : {}),
   })
   try {
@@ -81,7 +88,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       newer = run.newer
     } else {
       const state = await migrationState(db)
-      if (state.pending.length > 0) throw new KeygateError('store_unavailable', `the database lacks migrations ${state.pending.join(', ')}: run \`keygate migrate\``)
+      if (state.pending.length > 0) throw new KeygateError('store_unavailable', `${state.unmigrated ? `the database holds no keygate schema yet (none of its ${state.pending.length} migrations is applied)` : `the database lacks migrations ${state.pending.join(', ')}`}: run \`keygate migrate\``)
       newer = state.newer
     }
     if (newer.length > 0) log.warn('the database has migrations newer than this keygate (a rolling upgrade?); running on them', { migrations: newer })
