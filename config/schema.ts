@@ -248,7 +248,7 @@ export const ConfigSchema = Type.Object(
       {
         database_url: optStr('postgres-url', { description: 'PostgreSQL; without it the embedded store is used. A password in it given as the flag is visible in the process list, on the command line of each process keygate starts too; prefer the variable.', env: 'DATABASE_URL', flag: 'database-url', secret: true }),
         data_dir: Type.String({ minLength: 1, default: './.keygate', description: 'Folder of the embedded store.', env: 'KEYGATE_DATA_DIR', flag: 'data-dir' }),
-        pool_max: int(10, 1, 1000, { description: 'PostgreSQL connections per process.' }),
+        pool_max: int(10, 1, 1000, { description: "PostgreSQL connections per process, for its statements; the health probes (/readyz, keygate_store_up) have one more of their own." }),
         query_timeout_ms: int(5000, 0, 600_000, {
           description:
             'A statement to PostgreSQL not answered within this fails with store_unavailable (503): PostgreSQL cancels it, and a connection that answers nothing at all is dropped a second later. 0: no limit. Migrations run without it. The wait for a connection before the statement (a new one, or a free one of store.pool_max) is bounded apart, at 5 s, whatever this says.',

@@ -153,6 +153,12 @@ const QUERY_CANCELED = '57014'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
 
+/**
+ * Whether a pool gave up making a connection within its connectionTimeoutMillis (node-postgres's
+ * words: the first while it waits for the server's socket, the second once connected).
+ */
+const isConnectTimeout = (err: unknown): boolean => err instanceof Error && /^(?:timeout exceeded when trying to connect|Connection terminated due to connection timeout)$/.test(err.message)
+
 /** Whether a statement got no answer within its query_timeout (its connection is still held by it). */
 const isReadTimeout = (err: unknown): boolean => err instanceof Error && err.message === READ_TIMEOUT
 
@@ -210,7 +216,11 @@ interface Checkout {
 
 class PostgresDb implements Db {
   readonly kind = 'postgres'
+  readonly #Pool: typeof pg.Pool
+  readonly #url: string
   readonly #pool: pg.Pool
+  /** The health probes' own connection (probing), made at the first probe. */
+  #probePool: pg.Pool | undefined
   readonly #where: string
   readonly #timeoutMs: number
   /** The client-side read timeout of a timed statement; undefined without a timeout. */
@@ -218,6 +228,8 @@ class PostgresDb implements Db {
 
   /** `Pool`: the driver's, loaded by openDb when a store is PostgreSQL (the embedded store and the admin API's clients never load it). */
   constructor(Pool: typeof pg.Pool, url: string, max: number, queryTimeoutMs: number) {
+    this.#Pool = Pool
+    this.#url = url
     this.#timeoutMs = queryTimeoutMs
     this.#readTimeout = queryTimeoutMs > 0 ? queryTimeoutMs + WIRE_GRACE_MS : undefined
     this.#pool = new Pool({
@@ -249,20 +261,20 @@ class PostgresDb implements Db {
    * by a review: serve ended under load as the PostgreSQL behind it went away), the SET was not
    * heard: a connection lost during it ended serve with an unhandled 'error' event.
    *
-   * `readTimeout`: how long the SET waits for its answer (a health probe's own bound; by default
-   * the read timeout of any statement).
+   * `pool`: the pool's, or the health probes' own (probing), which gets no SET.
    */
-  async #acquire(readTimeout = this.#readTimeout): Promise<Checkout> {
-    const client = await this.#pool.connect()
+  async #acquire(pool = this.#pool): Promise<Checkout> {
+    const client = await pool.connect()
     const onLost = (): void => {}
     client.on('error', onLost)
     const giveBack = (broken: boolean): void => {
       if (!broken) client.off('error', onLost)
       client.release(broken)
     }
-    if (this.#readTimeout === undefined || this.#prepared.has(client)) return { client, giveBack }
+    // The probes' own connection sets its bound with each statement (probing).
+    if (this.#readTimeout === undefined || pool !== this.#pool || this.#prepared.has(client)) return { client, giveBack }
     try {
-      await client.query({ text: `SET statement_timeout = ${this.#timeoutMs}`, query_timeout: readTimeout } as pg.QueryConfig)
+      await client.query({ text: `SET statement_timeout = ${this.#timeoutMs}`, query_timeout: this.#readTimeout } as pg.QueryConfig)
     } catch (err) {
       giveBack(true)
       throw err
@@ -276,8 +288,8 @@ class PostgresDb implements Db {
    * cancellation) the connection goes back to the pool; after any other (no answer in time, a
    * broken or refused connection, a protocol error) it is dropped.
    */
-  async #once(statement: pg.QueryConfig, setWait = this.#readTimeout): Promise<pg.QueryResult> {
-    const { client, giveBack } = await this.#acquire(setWait)
+  async #once(statement: pg.QueryConfig, pool = this.#pool): Promise<pg.QueryResult> {
+    const { client, giveBack } = await this.#acquire(pool)
     try {
       const result = await client.query(statement)
       giveBack(false)
@@ -337,28 +349,30 @@ class PostgresDb implements Db {
   }
 
   /**
-   * Each statement is sent between a `SET statement_timeout` of `ms` and one that puts the
-   * connection's own back, in one simple query (one round trip; a statement that fails takes the
-   * first SET back with it, as the three run in one implicit transaction): PostgreSQL cancels it
-   * at `ms`, and the client drops a connection that answered nothing a second later, as for any
-   * statement (WIRE_GRACE_MS). Before (found by a review), only the client gave up, at `ms`: a
-   * statement waiting on a lock went on waiting in its backend after its connection was dropped
-   * (with store.query_timeout_ms 0, for as long as the lock was held), one more each probe, until
-   * the server had no connection left for anyone. So a probe's statement takes no parameters.
+   * The probes have a connection of their own, outside the pool (made at the first probe, kept
+   * while they come at least every 30 s): before (found by a review), a probe waited for a pool
+   * connection like any statement, so a pool busy with real work on a healthy store read as a
+   * store not answering (`/readyz` 503, keygate_store_up 0), and a load balancer took a busy
+   * instance out. One more connection a process, then. Its start-up is bounded by `ms` too.
+   *
+   * Each statement is sent after a `SET statement_timeout` of `ms`, in one simple query (one round
+   * trip): PostgreSQL cancels it at `ms`, and the client drops a connection that answered nothing
+   * a second later, as for any statement (WIRE_GRACE_MS). Before (found by a review), only the
+   * client gave up, at `ms`: a statement waiting on a lock went on waiting in its backend after
+   * its connection was dropped (with store.query_timeout_ms 0, for as long as the lock was held),
+   * one more each probe, until the server had no connection left for anyone. So a probe's
+   * statement takes no parameters.
    */
   probing(ms: number): Queryable {
-    const restore = this.#readTimeout === undefined ? 'RESET statement_timeout' : `SET statement_timeout = ${this.#timeoutMs}`
+    const pool = (this.#probePool ??= this.#newProbePool(ms))
     const once = async (text: string, params?: readonly unknown[]): Promise<pg.QueryResult> => {
       if (params !== undefined && params.length > 0) throw new Error("a health probe's statement takes no parameters")
-      const bounded = `SET statement_timeout = ${ms}; ${text.replace(/[\s;]+$/, '')}; ${restore}`
+      const bounded = `SET statement_timeout = ${ms}; ${text}`
       try {
-        // A new connection's SET waits as long (before, found by a review: store.query_timeout_ms
-        // and a second more, up to ten minutes, that every probe and scrape waited on).
-        const wait = ms + WIRE_GRACE_MS
-        const results = (await this.#once({ text: bounded, query_timeout: wait } as pg.QueryConfig, wait)) as unknown as pg.QueryResult[]
+        const results = (await this.#once({ text: bounded, query_timeout: ms + WIRE_GRACE_MS } as pg.QueryConfig, pool)) as unknown as pg.QueryResult[]
         return results[1] as pg.QueryResult
       } catch (err) {
-        if (isReadTimeout(err) || sqlState(err) === QUERY_CANCELED) throw new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err })
+        if (isReadTimeout(err) || sqlState(err) === QUERY_CANCELED || isConnectTimeout(err)) throw new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err })
         throw this.#unreachable(err)
       }
     }
@@ -366,6 +380,12 @@ class PostgresDb implements Db {
       query: async <R>(text: string, params?: readonly unknown[]) => (await once(text, params)).rows as R[],
       exec: async (script: string) => void (await once(script)),
     }
+  }
+
+  #newProbePool(ms: number): pg.Pool {
+    const pool = new this.#Pool({ connectionString: this.#url, max: 1, connectionTimeoutMillis: ms, idleTimeoutMillis: 30_000 })
+    pool.on('error', () => {})
+    return pool
   }
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>, options: TransactionOptions = {}): Promise<T> {
@@ -408,7 +428,7 @@ class PostgresDb implements Db {
   onLost(): void {}
 
   async close(): Promise<void> {
-    await this.#pool.end()
+    await Promise.all([this.#pool.end(), this.#probePool?.end()])
   }
 }
 

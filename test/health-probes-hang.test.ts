@@ -10,7 +10,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 // Little else asks the store on its own meanwhile: no webhook poll, usage flush or scheduler round but the first.
 const QUIET = 'webhooks:\n  poll_interval_ms: 600000\nusage:\n  flush_interval_s: 3600\nscheduler:\n  interval_s: 86400\n'
 
-t.test('probes of a hung store take one pool connection at a time: an admin call still gets one, and all is well once the store answers again', async (t) => {
+t.test('probes of a hung store hold one connection at a time, their own: an admin call still gets one of the pool, and all is well once the store answers again', async (t) => {
   // Before: each scrape sent the store a query of its own, and /readyz one every 2 s, each
   // holding its connection until the pool's own timeouts (5 to 6 s): at one probe and one scrape
   // a second the probes held the whole pool (10 of 10 by default) within 4 s of the hang, and an

@@ -11,6 +11,7 @@ import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt, pathWhere } from '../core/validate.ts'
 import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
+import { until } from './helpers/gateway.ts'
 
 t.test('PostgreSQL: a transaction whose connection is lost fails with store_unavailable, and the process goes on', async (t) => {
   const url = await freshDatabase(t)
@@ -131,9 +132,9 @@ t.test('PostgreSQL: a statement past store.query_timeout_ms fails with store_una
 })
 
 /**
- * A store of one connection behind a gate and its probe (300 ms), once the probe was answered on
- * that connection, which then hung (the gate silent) and was given up: TimedOut. The gate is open
- * again for new connections.
+ * A store behind a gate and its probe (300 ms), once the probe was answered on its connection,
+ * which then hung (the gate silent) and was given up: TimedOut. The gate is open again for new
+ * connections (those open while it was silent stay silent: the pool's too).
  */
 async function probeAfterHang(t: Test, queryTimeoutMs: number) {
   const url = await freshDatabase(t)
@@ -151,10 +152,10 @@ async function probeAfterHang(t: Test, queryTimeoutMs: number) {
 }
 
 t.test("PostgreSQL: a health probe's statement is answered within its own bound or its connection dropped, with no store.query_timeout_ms at all", async (t) => {
-  // One connection, open and idle when the gate goes silent: with no query timeout, a statement
-  // on it would hold it (and the pool) for good.
-  const { db } = await probeAfterHang(t, 0)
-  t.same(await db.query('SELECT 3 AS three'), [{ three: 3 }], 'its connection was dropped: the pool has one again')
+  // The probes' one connection, open and idle when the gate goes silent: with no query timeout,
+  // a statement on it would hold it for good, and every later probe would wait for it.
+  const { probe } = await probeAfterHang(t, 0)
+  t.same(await probe.query('SELECT 3 AS three'), [{ three: 3 }], 'its connection was dropped: the probe has a new one')
 })
 
 // Before (found by a review): only the client gave up on a probe's statement, and dropped its
@@ -164,7 +165,6 @@ t.test("PostgreSQL: a health probe's statement is answered within its own bound 
 // connections one by one, for every application on it.
 t.test("PostgreSQL: a health probe's statement that waits on a lock is cancelled by PostgreSQL within the probe's bound, and leaves no backend waiting", async (t) => {
   const url = await freshDatabase(t)
-  // One connection: the probes' statements and the checks after them share it.
   const db = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
   t.teardown(() => db.close())
   await db.exec('CREATE TABLE probed (n integer)')
@@ -182,22 +182,49 @@ t.test("PostgreSQL: a health probe's statement that waits on a lock is cancelled
   t.same(waiting, [{ n: 0 }], 'no backend is left waiting on the lock')
   await holder.query('ROLLBACK')
   t.same(await probe.query('SELECT count(*)::int AS n FROM probed'), [{ n: 0 }], 'answered once the lock is gone')
-  const [timeout] = await db.query<{ statement_timeout: string }>('SHOW statement_timeout')
-  t.equal(timeout?.statement_timeout, '0', "the pool's connections keep store.query_timeout_ms (0: none)")
 })
 
 // Before (found by a review): a new connection's `SET statement_timeout` (store.query_timeout_ms)
 // waited for its answer as long as any statement, that timeout and a second more, up to ten
-// minutes, also under a probe: every probe and scrape waited on that one look at the store, not
-// ready and keygate_store_up 0, though a new connection would have answered.
-t.test("PostgreSQL: a health probe whose new connection's SET statement_timeout gets no answer fails within the probe's bound, not store.query_timeout_ms's", async (t) => {
-  // The pool's connection hung and was dropped; the next is a new one, whose SET hangs.
-  const { gate, db, probe } = await probeAfterHang(t, 600_000)
-  gate.pauseOn('statement_timeout = 600000')
+// minutes, also under a probe; and the pool's wait for a new connection is a fixed 5 s. A probe's
+// own connection is set nothing as it is made, and its making is bounded by the probe's.
+t.test("PostgreSQL: a health probe whose new connection gets no answer as it is made fails within the probe's bound, not the pool's or store.query_timeout_ms's", async (t) => {
+  // The probe's connection hung and was dropped; the next is a new one, which the gate silences.
+  const { gate, probe } = await probeAfterHang(t, 600_000)
+  gate.set('silent')
   const err = await rejection(probe.query('SELECT 3'))
-  t.ok(err instanceof TimedOut, `a new connection whose SET is not answered: TimedOut: ${err.message}`)
+  t.ok(err instanceof TimedOut, `a new connection not answered: TimedOut: ${err.message}`)
+  t.match(err.message, /no answer within 300 ms/)
   gate.set('open')
-  t.same(await db.query('SELECT 4 AS four'), [{ four: 4 }], 'that connection was dropped: the pool has one again')
+  t.same(await probe.query('SELECT 4 AS four'), [{ four: 4 }], 'answered on a new connection once the gate is open')
+})
+
+// Before (found by a review): a probe took its connection from the pool the admin API and the
+// gateway use, so a pool full of real work on a healthy store (slow reports, a burst of lookups)
+// made /readyz "store not answering" and keygate_store_up 0: a load balancer then took the
+// instance out for being busy, and the others got its load.
+t.test('PostgreSQL: a health probe is answered while every pool connection is busy, on a connection of its own', async (t) => {
+  const url = await freshDatabase(t)
+  const db = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
+  t.teardown(() => db.close())
+  const holder = new pg.Client({ connectionString: url, application_name: 'holder' })
+  await holder.connect()
+  t.teardown(() => holder.end())
+  await holder.query('SELECT pg_advisory_lock(4242)')
+  // The pool's one connection waits on the lock for as long as the test holds it.
+  let busyDone = false
+  const busy = db.query('SELECT pg_advisory_lock(4242), pg_advisory_unlock(4242)').finally(() => {
+    busyDone = true
+  })
+  await until(t, 'the pool connection waits on the lock', async () => (await holder.query(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`)).rows[0].n === 1)
+  const probe = db.probing(2000)
+  t.same(await probe.query('SELECT 1 AS one'), [{ one: 1 }], 'the probe is answered')
+  t.equal(busyDone, false, 'while the pool connection was still busy')
+  const [conns] = await probe.query<{ n: number }>(`SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND application_name <> 'holder'`)
+  t.equal(conns?.n, 2, "one connection of the pool's, one of the probe's")
+  await holder.query('SELECT pg_advisory_unlock(4242)')
+  await busy
+  t.same(await db.query('SELECT 2 AS two'), [{ two: 2 }], 'the pool goes on')
 })
 
 t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {
