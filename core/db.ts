@@ -355,9 +355,10 @@ class PostgresDb implements Db {
    * store not answering (`/readyz` 503, keygate_store_up 0), and a load balancer took a busy
    * instance out. One more connection a process, then. Its start-up is bounded by `ms` too.
    *
-   * Each statement is sent after a `SET statement_timeout` of `ms`, in one simple query (one round
-   * trip): PostgreSQL cancels it at `ms`, and the client drops a connection that answered nothing
-   * a second later, as for any statement (WIRE_GRACE_MS). Before (found by a review), only the
+   * Each statement is sent after a `SET LOCAL statement_timeout` of `ms`, in one simple query (one
+   * round trip, one implicit transaction, which the setting ends with: nothing is left set on a
+   * server connection PgBouncer hands to others): PostgreSQL cancels it at `ms`, and the client
+   * drops a connection that answered nothing a second later, as for any statement (WIRE_GRACE_MS). Before (found by a review), only the
    * client gave up, at `ms`: a statement waiting on a lock went on waiting in its backend after
    * its connection was dropped (with store.query_timeout_ms 0, for as long as the lock was held),
    * one more each probe, until the server had no connection left for anyone. So a probe's
@@ -367,7 +368,7 @@ class PostgresDb implements Db {
     const pool = (this.#probePool ??= this.#newProbePool(ms))
     const once = async (text: string, params?: readonly unknown[]): Promise<pg.QueryResult> => {
       if (params !== undefined && params.length > 0) throw new Error("a health probe's statement takes no parameters")
-      const bounded = `SET statement_timeout = ${ms}; ${text}`
+      const bounded = `SET LOCAL statement_timeout = ${ms}; ${text}`
       try {
         const results = (await this.#once({ text: bounded, query_timeout: ms + WIRE_GRACE_MS } as pg.QueryConfig, pool)) as unknown as pg.QueryResult[]
         return results[1] as pg.QueryResult
