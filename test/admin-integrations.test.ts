@@ -115,7 +115,7 @@ await forEachStore(t, async (t, store) => {
     fake.tokens.splice(fake.tokens.findIndex((x) => x.id === made.json.remote_id), 1)
     const list = await h.call('GET', '/v1/gitea/tokens')
     await documented(t, h, 'listGiteaTokens', list)
-    t.match(list.json.items.find((i: { name: string }) => i.name === 'by-hand'), { state: 'deleted_remotely', remote: null, local: { id: made.json.id } })
+    t.matchStrict(list.json.items.find((i: { name: string }) => i.name === 'by-hand'), { state: 'deleted_remotely', remote: null, local: { id: made.json.id } })
   })
 
   await t.test("another user's tokens GITEA_USERNAME may not list: unreadable in the list, and forget=true closes the record", async (t) => {
@@ -129,7 +129,7 @@ await forEachStore(t, async (t, store) => {
     const list = await h.call('GET', '/v1/gitea/tokens')
     t.equal(list.status, 200, 'the list answers (before: 502 gitea_auth_failed)')
     await documented(t, h, 'listGiteaTokens', list)
-    t.match(list.json.items.find((i: { name: string }) => i.name === 'bobtok'), { state: 'unreadable', user: 'bob', reason: /^403 /, remote: null, local: { id: 'gt_bobsrecord01' } })
+    t.matchStrict(list.json.items.find((i: { name: string }) => i.name === 'bobtok'), { state: 'unreadable', user: 'bob', reason: /^403 /, remote: null, local: { id: 'gt_bobsrecord01' } })
     t.equal(list.json.summary.unreadable, 1)
     const refused = await h.call('DELETE', '/v1/gitea/tokens/bobtok?user=bob')
     await documented(t, h, 'deleteGiteaToken', refused, 502)

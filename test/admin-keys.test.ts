@@ -414,7 +414,7 @@ await forEachStore(t, async (t, store) => {
     }
     t.same(seen.map((r) => r.id), all.map((r) => r.id), 'every row is listed, in order')
     t.same(seen.map((r) => r.integrity), ['verified', 'verified', 'failed', 'verified', 'verified', 'verified'])
-    t.match(seen[2], { details: null, actor: 'key:someoneelse' }, 'the altered row: what the store says, and no details')
+    t.matchStrict(seen[2], { details: null, actor: 'key:someoneelse' }, 'the altered row: what the store says, and no details')
     t.equal(seen[5]?.details !== null && (seen[5] as { details: { name?: string } }).details.name, 'tampered', 'the oldest row (key.created) is read')
     const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.message === 'an audit row did not open')
     t.ok(warned.length >= 1, 'and logged as a warning')
@@ -449,8 +449,8 @@ await forEachStore(t, async (t, store) => {
     const k = (await h.call('POST', '/v1/keys', { body: { name: 'audited', type: 'user' } })).json
     const denyRows = (await h.call('GET', '/v1/audit?action=deny_list.added')).json.items
     t.ok(denyRows.length >= 1, 'a deny list change, which concerns no key (before, no route could read it)')
-    t.match(denyRows[0], { key_id: null, action: 'deny_list.added', integrity: 'verified', details: { cidr: '198.51.100.0/24' } })
-    t.match((await h.call('GET', '/v1/audit?action=deny_list.removed&limit=1')).json.items[0], { action: 'deny_list.removed', key_id: null })
+    t.matchStrict(denyRows[0], { key_id: null, action: 'deny_list.added', integrity: 'verified', details: { cidr: '198.51.100.0/24' } })
+    t.matchStrict((await h.call('GET', '/v1/audit?action=deny_list.removed&limit=1')).json.items[0], { action: 'deny_list.removed', key_id: null })
     const byKey = (await h.call('GET', `/v1/audit?key_id=${k.id}`)).json.items
     t.same(byKey.map((r: { action: string }) => r.action), ['key.created'], 'by key')
     const byActor = (await h.call('GET', `/v1/audit?actor=${encodeURIComponent(byKey[0].actor)}&limit=500`)).json.items as Array<{ actor: string }>

@@ -107,7 +107,7 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   t.same(verifiedBy(revoked, [secret]), [secret], 'signed with the same secret')
   t.equal(await second.stop('SIGTERM'), 0)
   const after = await openDb({ dataDir: env.KEYGATE_DATA_DIR })
-  t.match(await after.query('SELECT secret, sealed_secret FROM webhooks WHERE id = $1', [hook.json.id]), [{ secret: null, sealed_secret: /^[0-9a-f]{16}\./ }], 'no plaintext left')
+  t.matchStrict(await after.query('SELECT secret, sealed_secret FROM webhooks WHERE id = $1', [hook.json.id]), [{ secret: null, sealed_secret: /^[0-9a-f]{16}\./ }], 'no plaintext left')
   await after.close()
 })
 

@@ -335,7 +335,7 @@ t.test('delete: by id, then by name; 404 and 422 as Gitea answers', async (t) =>
   t.match(await call('DELETE', `/users/alice/tokens/${one.id}`, alice), { status: 204, body: undefined })
   t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 204 }, 'one match left: deleted by name')
   t.match(await call('DELETE', '/users/alice/tokens/twin', alice), { status: 404 })
-  t.match(await call('DELETE', '/users/alice/tokens/999999', alice), { status: 404, body: { message: "The target couldn't be found.", errors: null } }, "ctx.NotFound()'s answer")
+  t.matchStrict(await call('DELETE', '/users/alice/tokens/999999', alice), { status: 404, body: { message: "The target couldn't be found.", errors: null } }, "ctx.NotFound()'s answer")
   const bobs = fake.tokens.find((x) => x.owner === 'bob') as { id: number }
   t.match(await call('DELETE', `/users/alice/tokens/${bobs.id}`, alice), { status: 404 }, "another user's token id")
 })

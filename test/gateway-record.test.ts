@@ -256,7 +256,7 @@ t.test('answers given before any request state are timed and logged as they are 
   t.equal(await sample(h, durations('none')), counted, 'each timed once')
   // Before, none had an access-log line (SPEC §1: one per request when enabled).
   const logged = lines.filter((l) => l.message === 'request')
-  t.match(logged, [
+  t.matchStrict(logged, [
     { status: 400, outcome: 'bad_request', route: 'none', method: null, path: null, address: '127.0.0.1', key_id: null },
     { status: 405, outcome: 'method_not_allowed', route: 'none', method: 'CONNECT', address: '127.0.0.1' },
     { status: 417, outcome: 'expectation_failed', route: 'none', method: 'GET', path: '/', address: '127.0.0.1' },

@@ -50,7 +50,7 @@ await forEachStore(t, async (t, store) => {
     const created = await gitea.create({ name: 'ci', scopes: ['read:repository', 'write:issue', 'read:user'] }, actor)
     secrets.push(created.token)
     // The scopes as Gitea wrote them back, in its own fixed order (not sorted, nor as asked for).
-    t.match(created, { name: 'ci', user: 'alice', scopes: ['write:issue', 'read:repository', 'read:user'], created_by: 'cli:tester', deleted_at: null })
+    t.matchStrict(created, { name: 'ci', user: 'alice', scopes: ['write:issue', 'read:repository', 'read:user'], created_by: 'cli:tester', deleted_at: null })
     t.match(created.id, /^gt_[0-9A-Za-z]{12}$/)
     t.equal(created.token_last_eight, created.token.slice(-8))
     t.equal(created.base_url, fake.url)
@@ -104,18 +104,18 @@ await forEachStore(t, async (t, store) => {
     t.equal(unsaid.scopes, null, 'a Gitea that says nothing of the scopes: null, not the scopes asked for')
     const [row] = await store.db.query<{ scopes: string[] | null }>('SELECT scopes FROM gitea_tokens WHERE id = $1', [unsaid.id])
     t.equal(row?.scopes, null, 'recorded as unknown')
-    t.match((await gitea.list()).items.find((i) => i.remote_id === unsaid.remote_id), { state: 'in_sync', remote: { scopes: null }, local: { scopes: null } }, 'the list says so on both sides')
+    t.matchStrict((await gitea.list()).items.find((i) => i.remote_id === unsaid.remote_id), { state: 'in_sync', remote: { scopes: null }, local: { scopes: null } }, 'the list says so on both sides')
     for (const name of ['older-null', 'older-absent', 'older-unscoped']) await gitea.delete(name, actor)
   })
 
   await t.test('delete by id; a token shown only by its token scope still verifies', async (t) => {
     const narrow = await gitea.create({ name: 'narrow', scopes: ['read:repository'] }, actor)
     secrets.push(narrow.token)
-    t.match(await gitea.verify(narrow.token), { valid: true, user: null, note: /read:user/, record: { id: narrow.id } }, 'a 403 from the scope check still means Gitea knows the token')
+    t.matchStrict(await gitea.verify(narrow.token), { valid: true, user: null, note: /read:user/, record: { id: narrow.id } }, 'a 403 from the scope check still means Gitea knows the token')
     const d = await gitea.delete(String(narrow.remote_id), actor)
     t.equal(d.name, 'narrow')
     t.match(await gitea.verify(narrow.token), { valid: false, reason: 'refused' })
-    t.match(await gitea.verify('not a token\n'), { valid: false, reason: 'malformed', record: null }, 'a value that cannot be a header is refused without a call')
+    t.matchStrict(await gitea.verify('not a token\n'), { valid: false, reason: 'malformed', record: null }, 'a value that cannot be a header is refused without a call')
   })
 
   await t.test('drift: deleted in Gitea by hand, made in Gitea by hand', async (t) => {
@@ -125,16 +125,16 @@ await forEachStore(t, async (t, store) => {
     const manual = fake.addToken('alice', 'made-by-hand', ['write:repository'])
     secrets.push(manual.sha1)
     const list = await gitea.list()
-    t.match(list.items.find((i) => i.remote_id === gone.remote_id), { state: 'deleted_remotely', remote: null, local: { id: gone.id } })
-    t.match(list.items.find((i) => i.remote_id === manual.id), { state: 'not_recorded', remote: { name: 'made-by-hand', scopes: ['write:repository'] }, local: null })
+    t.matchStrict(list.items.find((i) => i.remote_id === gone.remote_id), { state: 'deleted_remotely', remote: null, local: { id: gone.id } })
+    t.matchStrict(list.items.find((i) => i.remote_id === manual.id), { state: 'not_recorded', remote: { name: 'made-by-hand', scopes: ['write:repository'] }, local: null })
     t.ok(list.summary.deleted_remotely >= 1 && list.summary.not_recorded >= 1)
 
     const closed = await gitea.delete('gone-by-hand', actor)
     t.match(closed, { remote_missing: true, record: { id: gone.id } }, 'deleting a token gone from Gitea closes its record')
     const unrecorded = await gitea.delete('made-by-hand', actor)
-    t.match(unrecorded, { remote_missing: false, record: null }, 'a token keygate did not record can still be deleted')
+    t.matchStrict(unrecorded, { remote_missing: false, record: null }, 'a token keygate did not record can still be deleted')
     const audit = await deps.audit.list(store.db, { limit: 5 })
-    t.match(audit[0], { action: 'gitea.token.deleted', keyId: null, details: { name: 'made-by-hand', recorded: false } })
+    t.matchStrict(audit[0], { action: 'gitea.token.deleted', keyId: null, details: { name: 'made-by-hand', recorded: false } })
     const missing = await rejection(gitea.delete('no-such-token', actor))
     t.match(missing, { code: 'gitea_token_not_found', status: 404, message: /alice.*no token.*"no-such-token"/ })
   })
@@ -155,8 +155,8 @@ await forEachStore(t, async (t, store) => {
     const list = await gitea.list()
     const items = list.items.filter((i) => i.remote_id === stale.remote_id)
     t.equal(items.length, 2, 'the record and the token are two items')
-    t.match(items.find((i) => i.local !== null), { state: 'deleted_remotely', name: 'before-restore', remote: null, local: { id: stale.id } })
-    t.match(items.find((i) => i.remote !== null), { state: 'not_recorded', name: 'laptop', local: null })
+    t.matchStrict(items.find((i) => i.local !== null), { state: 'deleted_remotely', name: 'before-restore', remote: null, local: { id: stale.id } })
+    t.matchStrict(items.find((i) => i.remote !== null), { state: 'not_recorded', name: 'laptop', local: null })
 
     // By the id both share: which one is meant cannot be told (before, found by a review, the
     // hand-made token was deleted and the stale record left open).
@@ -290,7 +290,7 @@ await forEachStore(t, async (t, store) => {
     const list = await asAlice.list()
     t.same(list.users, ['alice', 'bob'])
     t.match(list.items.find((i) => i.remote_id === alices.remote_id), { state: 'in_sync', user: 'alice' }, "the configured user's own tokens are listed")
-    t.match(list.items.find((i) => i.remote_id === bobs.remote_id), { state: 'unreadable', user: 'bob', reason: /^403 doer should be the site admin/, remote: null, local: { id: bobs.id } })
+    t.matchStrict(list.items.find((i) => i.remote_id === bobs.remote_id), { state: 'unreadable', user: 'bob', reason: /^403 doer should be the site admin/, remote: null, local: { id: bobs.id } })
     t.same(list.summary, { in_sync: 1, deleted_remotely: 0, not_recorded: 0, unreadable: 1 })
     t.notOk(list.items.find((i) => i.state !== 'unreadable' && 'reason' in i), 'only an unreadable item has a reason')
 
@@ -348,7 +348,7 @@ await forEachStore(t, async (t, store) => {
     const narrow = fake.addToken('dora', 'narrow', ['read:repository'])
     secrets.push(wide.sha1, narrow.sha1, 'dora-Secret-pw-5')
     for (const token of [wide.sha1, narrow.sha1]) {
-      t.match(await gitea.verify(token), { valid: false, reason: 'account_barred', message: /^This account is prohibited from signing in/, record: null })
+      t.matchStrict(await gitea.verify(token), { valid: false, reason: 'account_barred', message: /^This account is prohibited from signing in/, record: null })
     }
     dora.prohibit_login = false
     dora.active = false
@@ -358,7 +358,7 @@ await forEachStore(t, async (t, store) => {
     t.match(await gitea.verify(wide.sha1), { valid: false, reason: 'account_barred', message: /^You must change your password/ })
     dora.must_change_password = false
     t.match(await gitea.verify(wide.sha1), { valid: true, user: { login: 'dora' } }, 'allowed again: valid')
-    t.match(await gitea.verify(narrow.sha1), { valid: true, user: null, note: /read:user/ }, 'only the scope message means a missing scope')
+    t.matchStrict(await gitea.verify(narrow.sha1), { valid: true, user: null, note: /read:user/ }, 'only the scope message means a missing scope')
     fake.faults.push({ method: 'GET', status: 403, message: 'something else' })
     t.match(await gitea.verify(wide.sha1), { valid: false, reason: 'forbidden', message: 'something else' }, 'another 403 is not taken for a valid token')
 
@@ -412,7 +412,7 @@ await forEachStore(t, async (t, store) => {
     const d = await gitea.delete(String(mine.remote_id), actor)
     t.match(d, { remote_id: mine.remote_id, name: 'numbered', remote_missing: true, record: { id: mine.id, deleted_at: /\d/ } }, 'the record of that id is closed')
     t.ok(fake.tokens.some((x) => x.id === named.id), 'the token named after the id is left alone')
-    t.match(await gitea.delete(String(mine.remote_id), actor), { remote_id: named.id, name: String(mine.remote_id), remote_missing: false, record: null }, 'with no token or record of that id, the name')
+    t.matchStrict(await gitea.delete(String(mine.remote_id), actor), { remote_id: named.id, name: String(mine.remote_id), remote_missing: false, record: null }, 'with no token or record of that id, the name')
     t.notOk(fake.tokens.some((x) => x.id === named.id))
   })
 
@@ -547,7 +547,7 @@ await forEachStore(t, async (t, store) => {
     t.match(deleted, { remote_id: mine.remote_id, remote_missing: false, record: { id: mine.id, deleted_at: /\d/ } })
     t.notOk(fake.tokens.some((x) => x.id === mine.remote_id), 'gone from Gitea')
     const byId = await gitea.delete(String((tied[3] as { id: number }).id), actor)
-    t.match(byId, { name: 'tied-3', remote_missing: false, record: null }, 'and by id')
+    t.matchStrict(byId, { name: 'tied-3', remote_missing: false, record: null }, 'and by id')
   })
 
   await t.test('delete: a name several tokens share is a conflict naming their ids, and nothing is deleted', async (t) => {
@@ -563,7 +563,7 @@ await forEachStore(t, async (t, store) => {
     t.notOk(fake.requests.slice(sent).some((r) => r.method === 'DELETE'), 'no DELETE is sent')
     t.equal(fake.tokens.filter((x) => x.name === 'shared-name').length, 2, 'both tokens are left')
     t.match(await gitea.delete(String(a.remote_id), actor), { remote_id: a.remote_id, record: { id: a.id, deleted_at: /\d/ } }, 'by id, each can be deleted')
-    t.match(await gitea.delete('shared-name', actor), { remote_id: b.id, record: null }, 'and by name once it is the only one')
+    t.matchStrict(await gitea.delete('shared-name', actor), { remote_id: b.id, record: null }, 'and by name once it is the only one')
   })
 
   await t.test('two creates of one name at once: one token is made, the other create is refused', async (t) => {
@@ -651,7 +651,7 @@ await forEachStore(t, async (t, store) => {
       status: 504,
       message: new RegExp(`did not answer within 1000 ms to create token "late" of "alice"; Gitea now holds one of that name that keygate has no record of \\(id ${made?.id}\\): if this create made it \\(its secret never arrived\\), delete it with \`keygate gitea delete ${made?.id}\``),
     })
-    t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
+    t.matchStrict(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
 
     // Another user's token (an admin credential): the command names the user too.
     const rootQuick = new GiteaTokenService({ ...integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })), config: { ...deps.config, integrations: { ...deps.config.integrations, gitea: { ...deps.config.integrations.gitea, url: fake.url, username: 'root', password: ADMIN_PASSWORD, timeout_ms: 1000 } } } })
@@ -713,7 +713,7 @@ await forEachStore(t, async (t, store) => {
         `: the connection was lost after the request was sent \\([^)]+\\): the request to create token "cut-off" of "alice" may have been carried out; Gitea now holds one of that name that keygate has no record of \\(id ${made?.id}\\): .*delete it with \`keygate gitea delete ${made?.id}\``,
       ),
     })
-    t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
+    t.matchStrict(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, 'and the command it names deletes it')
   })
 
   await t.test('a create a gateway answers 502/503/504, or answered 201 with a body that cannot be used, after Gitea made the token: the token is named', async (t) => {
@@ -756,7 +756,7 @@ await forEachStore(t, async (t, store) => {
       t.notMatch(err.message, /refused/, `${name}: not called a refusal`)
       t.notMatch(err.message, made?.sha1 ?? '-', `${name}: no secret in the message`)
       t.match((await gitea.list()).items.find((i) => i.name === name), { state: 'not_recorded' }, `${name}: listed as not recorded`)
-      t.match(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, `${name}: the command it names deletes it`)
+      t.matchStrict(await gitea.delete(String(made?.id), actor), { remote_id: made?.id, record: null }, `${name}: the command it names deletes it`)
     }
     // A gateway's 504 to any other request is not a refusal either.
     replace = { method: 'GET', answer: page(504) }
@@ -905,7 +905,7 @@ await forEachStore(t, async (t, store) => {
     const stuck = await rejection(broken.create({ name: 'stuck', scopes: ['read:user'] }, actor))
     t.match(stuck, { code: 'store_unavailable', message: /and deleting it again failed .*delete it in Gitea by hand/ })
     const list = await gitea.list()
-    t.match(list.items.find((i) => i.name === 'stuck'), { state: 'not_recorded', local: null }, 'list shows the token keygate could not record')
+    t.matchStrict(list.items.find((i) => i.name === 'stuck'), { state: 'not_recorded', local: null }, 'list shows the token keygate could not record')
     await gitea.delete('stuck', actor)
   })
 

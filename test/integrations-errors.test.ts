@@ -228,7 +228,7 @@ t.test('n8n: a create a gateway answers 502/504, or answered 200 with a body tha
     t.notMatch(err.message, /refused/, `${label}: not called a refusal`)
     t.notMatch(err.message, made?.rawApiKey ?? '-', `${label}: no key in the message`)
     t.match((await keys.list()).items.find((i) => i.label === label), { state: 'not_recorded' }, `${label}: listed as not recorded`)
-    t.match(await keys.delete(made?.id ?? '', { actor: 'cli:tester' }), { remote_id: made?.id, record: null }, `${label}: the command it names deletes it`)
+    t.matchStrict(await keys.delete(made?.id ?? '', { actor: 'cli:tester' }), { remote_id: made?.id, record: null }, `${label}: the command it names deletes it`)
   }
   n8n.afterCreate = (res) => json(res, 400, { message: 'invalid scope' })
   t.match(await rejection(keys.create({ label: 'refused', scopes: ['workflow:list'] }, { actor: 'cli:tester' })), { code: 'n8n_scope_unknown' }, "n8n's own refusal is passed on as it is")

@@ -239,7 +239,7 @@ await forEachStore(t, async (t: Test, store) => {
     const { record } = await s.keys.create({ name: 'audited', type: 'user', owner: 'o' }, actor)
     const rows = await s.audit.list(db, { keyId: record.id })
     t.equal(rows.length, 1)
-    t.match(rows[0], {
+    t.matchStrict(rows[0], {
       keyId: record.id,
       action: 'key.created',
       actor: 'cli:tester',
@@ -381,7 +381,7 @@ await forEachStore(t, async (t: Test, store) => {
       },
       actor,
     )
-    t.match(updated, { id: record.id, name: 'after', scopes: ['b', 'c'], owner: null, metadata: { env: 'prod' }, allowedCidrs: ['10.0.0.0/8'] })
+    t.matchStrict(updated, { id: record.id, name: 'after', scopes: ['b', 'c'], owner: null, metadata: { env: 'prod' }, allowedCidrs: ['10.0.0.0/8'] })
     t.same(updated.rateLimit, { limit: 7, windowS: 10 })
     t.equal(updated.expiresAt?.toISOString(), expires)
     t.equal(updated.rotationIntervalS, 86_400)
@@ -655,7 +655,7 @@ await forEachStore(t, async (t: Test, store) => {
     t.match(r.key, /^kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}$/)
     t.match(r.previous, { id: old.record.id, status: 'rotating', replacedBy: r.record.id })
     t.equal(r.previous.graceUntil?.getTime(), deadline.getTime(), 'service keys have 48 h of grace')
-    t.match(r.record, { status: 'active', rotatedFrom: old.record.id, replacedBy: null, graceUntil: null, legacy: false })
+    t.matchStrict(r.record, { status: 'active', rotatedFrom: old.record.id, replacedBy: null, graceUntil: null, legacy: false })
     t.match(r.record, { name: 'rot', type: 'service', scopes: ['orders:read'], owner: 'team', metadata: { a: 1 }, allowedCidrs: ['10.0.0.0/8'] })
     t.same(r.record.rateLimit, { limit: 9, windowS: 9 })
     t.equal(r.record.createdAt.getTime(), rotatedAt.getTime())
@@ -694,7 +694,7 @@ await forEachStore(t, async (t: Test, store) => {
         t.equal(r.previous.graceUntil?.getTime(), s.clock.now().getTime() + hours[type] * HOUR, `${type}: ${hours[type]} h`)
         t.equal((await s.keys.validate(old.key)).valid, true)
       } else {
-        t.match(r.previous, { status: 'revoked', graceUntil: null, revokedReason: 'rotated', replacedBy: r.record.id }, 'emergency keys die at once')
+        t.matchStrict(r.previous, { status: 'revoked', graceUntil: null, revokedReason: 'rotated', replacedBy: r.record.id }, 'emergency keys die at once')
         t.equal(r.previous.revokedAt?.getTime(), s.clock.now().getTime())
         t.match(await s.keys.validate(old.key), { valid: false, code: 'key_revoked' })
       }
@@ -706,7 +706,7 @@ await forEachStore(t, async (t: Test, store) => {
     const s = testServices(db)
     const old = await s.keys.create({ name: 'forced', type: 'system' }, actor)
     const r = await s.keys.rotate(old.record.id, { force: true }, actor)
-    t.match(r.previous, { status: 'revoked', revokedReason: 'rotated (forced)', replacedBy: r.record.id, graceUntil: null })
+    t.matchStrict(r.previous, { status: 'revoked', revokedReason: 'rotated (forced)', replacedBy: r.record.id, graceUntil: null })
     t.equal(r.previous.revokedAt?.getTime(), s.clock.now().getTime())
     t.match(await s.keys.validate(old.key), { valid: false, code: 'key_revoked' })
     t.equal((await s.keys.validate(r.key)).valid, true)
@@ -752,7 +752,7 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await s.keys.validate(g.key)).valid, true, 'G keeps its grace through a rotation without force')
     s.clock.advance(5 * HOUR)
     const i = await s.keys.rotate(j.record.id, { force: true }, actor)
-    t.match(await s.keys.get(g.record.id), { status: 'expired', revokedAt: null }, 'G, past its grace, is left as it was: expired, not revoked')
+    t.matchStrict(await s.keys.get(g.record.id), { status: 'expired', revokedAt: null }, 'G, past its grace, is left as it was: expired, not revoked')
     t.equal((await db.query<{ status: string }>('SELECT status FROM api_keys WHERE id = $1', [g.record.id]))[0]?.status, 'rotating', "its row is the scheduler's to mark")
     t.match(await s.keys.get(h.record.id), { status: 'revoked' }, 'H, still in grace, is ended')
     t.equal((await s.keys.validate(i.key)).valid, true)

@@ -81,7 +81,7 @@ await forEachStore(t, async (t, store) => {
   await t.test('create, verify, list, delete', async (t) => {
     const created = await keys.create({ label: `svc-${store.kind}`, scopes: ['workflow:list', 'workflow:read'] }, actor)
     secrets.push(created.key)
-    t.match(created, { label: `svc-${store.kind}`, scopes: ['workflow:list', 'workflow:read'], owner_email: n8n.email, expires_at: null, created_by: 'cli:tester', base_url: n8n.url })
+    t.matchStrict(created, { label: `svc-${store.kind}`, scopes: ['workflow:list', 'workflow:read'], owner_email: n8n.email, expires_at: null, created_by: 'cli:tester', base_url: n8n.url })
     t.match(created.id, /^nk_[0-9A-Za-z]{12}$/)
     t.equal(created.key_last_eight, created.key.slice(-8))
     t.match(await keys.verify(created.key), { valid: true, record: { id: created.id } })
@@ -138,7 +138,7 @@ await forEachStore(t, async (t, store) => {
     await keys.delete(first.remote_id, actor)
     t.match(await rejection(keys.delete('no-such-key', actor)), { code: 'n8n_key_not_found', status: 404 })
     t.match(await keys.verify('not a key'), { valid: false, reason: 'malformed' })
-    t.match(await keys.verify('garbage'), { valid: false, reason: 'refused', record: null })
+    t.matchStrict(await keys.verify('garbage'), { valid: false, reason: 'refused', record: null })
   })
 
   await t.test('two creates with one label at once: one key, the other n8n_key_exists', async (t) => {
@@ -176,10 +176,10 @@ await forEachStore(t, async (t, store) => {
     const manual = await rest('POST', '/rest/api-keys', { label: `manual-${store.kind}`, scopes: ['workflow:list'], expiresAt: null })
     secrets.push(manual.body.data.rawApiKey)
     const list = await keys.list()
-    t.match(list.items.find((i) => i.remote_id === gone.remote_id), { state: 'deleted_remotely', remote: null, local: { id: gone.id } })
-    t.match(list.items.find((i) => i.remote_id === manual.body.data.id), { state: 'not_recorded', local: null })
+    t.matchStrict(list.items.find((i) => i.remote_id === gone.remote_id), { state: 'deleted_remotely', remote: null, local: { id: gone.id } })
+    t.matchStrict(list.items.find((i) => i.remote_id === manual.body.data.id), { state: 'not_recorded', local: null })
     t.match(await keys.delete(`gone-${store.kind}`, actor), { remote_missing: true, record: { id: gone.id } })
-    t.match(await keys.delete(`manual-${store.kind}`, actor), { remote_missing: false, record: null })
+    t.matchStrict(await keys.delete(`manual-${store.kind}`, actor), { remote_missing: false, record: null })
   })
 
   await t.test('a create n8n did not answer in time: the key it made is named, with how to delete it', async (t) => {
@@ -195,7 +195,7 @@ await forEachStore(t, async (t, store) => {
     const made = (await keys.list()).items.find((i) => i.label === label)
     t.match(made, { state: 'not_recorded' }, 'n8n made it; keygate has no record')
     t.match(err, { code: 'n8n_timeout', message: new RegExp(`did not answer within 2000 ms to create API key "${label}"; n8n now holds one of that name that keygate has no record of \\(id ${made?.remote_id}\\): if this create made it \\(its secret never arrived\\), delete it with \`keygate n8n delete ${made?.remote_id}\``) })
-    t.match(await keys.delete(String(made?.remote_id), actor), { remote_missing: false, record: null }, 'the command it names deletes it')
+    t.matchStrict(await keys.delete(String(made?.remote_id), actor), { remote_missing: false, record: null }, 'the command it names deletes it')
     late.hold = false
     const again = await quick.create({ label, scopes: ['workflow:list'] }, actor)
     secrets.push(again.key)

@@ -56,7 +56,7 @@ await forEachStore(t, async (t, store) => {
     t.equal(sent(receiver, 'msg_narrowcreated'), 1, 'the event it still takes is sent')
     t.equal(sent(receiver, 'msg_narrowrevoked'), 0, 'the one it no longer takes is not')
     const ended = await logged(hook.id, 'msg_narrowrevoked')
-    t.match(ended, { status: 'failed', attempts: 1, last_status: 503, next_attempt_at: null }, 'in the log: failed, its attempts as they were')
+    t.matchStrict(ended, { status: 'failed', attempts: 1, last_status: 503, next_attempt_at: null }, 'in the log: failed, its attempts as they were')
     t.match(ended.last_error, NOT_TAKEN)
 
     const retry = await h.call('POST', `/v1/webhooks/${hook.id}/deliveries/msg_narrowrevoked/retry`)
@@ -101,7 +101,7 @@ await forEachStore(t, async (t, store) => {
     await run()
     t.notOk(receiver.received.some((hk) => hk.json?.data?.marker === 'raced'), 'and not sent')
     const ended = await logged(hook.id, row!.id)
-    t.match(ended, { status: 'failed', attempts: 0, last_status: null, next_attempt_at: null })
+    t.matchStrict(ended, { status: 'failed', attempts: 0, last_status: null, next_attempt_at: null })
     t.match(ended.last_error, NOT_TAKEN)
     t.equal((await h.call('DELETE', `/v1/webhooks/${hook.id}`)).status, 200)
   })
@@ -119,7 +119,7 @@ await forEachStore(t, async (t, store) => {
       held.get(id)?.writeHead(status).end()
       await h.webhooks.idle()
     }
-    t.match(await logged(hook.id, 'msg_inflighttaken'), { status: 'delivered', attempts: 1, last_status: 200, last_error: null }, 'the receiver took it: delivered')
+    t.matchStrict(await logged(hook.id, 'msg_inflighttaken'), { status: 'delivered', attempts: 1, last_status: 200, last_error: null }, 'the receiver took it: delivered')
     await sleep(50) // past retry_base_ms
     await run()
     t.match(await logged(hook.id, 'msg_inflightfails'), { status: 'failed', attempts: 1, last_status: 503, last_error: 'the receiver answered 503' }, 'refused: failed, not retried')
@@ -146,7 +146,7 @@ await forEachStore(t, async (t, store) => {
     await h.webhooks.idle()
     await sleep(50) // past retry_base_ms
     await run()
-    t.match(await logged(hook.id, 'msg_backforth'), { status: 'failed', attempts: 1, last_status: 503, next_attempt_at: null }, 'ended by the PATCH: failed, not made pending again by its answer')
+    t.matchStrict(await logged(hook.id, 'msg_backforth'), { status: 'failed', attempts: 1, last_status: 503, next_attempt_at: null }, 'ended by the PATCH: failed, not made pending again by its answer')
     t.equal(sent(slow, 'msg_backforth'), 1, 'not sent again without a resend')
     t.same(said('msg_backforth'), [{ message: 'webhook delivery failed; no further attempt', reason: 'it was ended while in flight, its event removed from its webhook' }], 'the log says it is not retried, and why')
 

@@ -31,7 +31,7 @@ await forEachStore(t, async (t, store) => {
     const before = (await h.call('GET', `/v1/webhooks/${id}`)).json
     const changed = await h.call('PATCH', `/v1/webhooks/${id}`, { body: { url: `${receiver.url}/b#frag`, events: ['key.revoked', 'key.created'], description: null } })
     t.equal(changed.status, 200)
-    t.match(changed.json, { id, url: `${receiver.url}/b`, events: ['key.revoked', 'key.created'], description: null, enabled: true, created_at: before.created_at })
+    t.matchStrict(changed.json, { id, url: `${receiver.url}/b`, events: ['key.revoked', 'key.created'], description: null, enabled: true, created_at: before.created_at })
     t.notOk('secret' in changed.json, 'no secret in the answer')
     t.same((await h.call('GET', `/v1/webhooks/${id}`)).json, changed.json, 'stored as answered')
     t.same(await auditOf(), [{ id, changed: ['url', 'events', 'description'], url: `${receiver.url}/b`, events: ['key.revoked', 'key.created'], description: null }], 'one audit row naming what changed')
@@ -64,7 +64,7 @@ await forEachStore(t, async (t, store) => {
     await refused({ secret: 'whsec_x' }, 400, 'validation_failed', /secret/)
     await refused({}, 400, 'validation_failed', /./)
     await refused({ url: `${receiver.url}/b`, events: ['key.created'] }, 409, 'conflict', new RegExp(`webhook ${id} already sends key\\.created`))
-    t.match((await h.call('GET', `/v1/webhooks/${other}`)).json, { url: `${receiver.url}/other`, events: ['anomaly.detected'], description: null }, 'unchanged by any of them')
+    t.matchStrict((await h.call('GET', `/v1/webhooks/${other}`)).json, { url: `${receiver.url}/other`, events: ['anomaly.detected'], description: null }, 'unchanged by any of them')
     t.equal((await h.call('PATCH', '/v1/webhooks/wh_nope', { body: { enabled: false } })).json.error.code, 'webhook_not_found')
     t.equal((await h.call('DELETE', `/v1/webhooks/${other}`)).status, 200)
   })

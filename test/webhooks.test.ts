@@ -92,7 +92,7 @@ t.test('through the admin API and a gateway', async (t) => {
   await t.test('test-fire, secret rotation with two signatures, the delivery log', async (t) => {
     const fired = await h.call('POST', `/v1/webhooks/${hookId}/test`)
     t.equal(fired.status, 200)
-    t.match(fired.json, { webhook_id: hookId, event_type: 'webhook.test', status: 'delivered', attempts: 1, last_status: 204, last_error: null })
+    t.matchStrict(fired.json, { webhook_id: hookId, event_type: 'webhook.test', status: 'delivered', attempts: 1, last_status: 204, last_error: null })
     const testHook = await receiver.waitFor((hk) => hk.id === fired.json.id)
     t.same(verifiedBy(testHook, [secret]), [secret])
     t.equal(testHook.signature.split(' ').length, 1, 'one signature before a rotation')
@@ -418,7 +418,7 @@ await forEachStore(t, async (t, store) => {
     clock.advance(2000)
     await run(s)
     ;[d] = await deliveriesOf(webhook.id)
-    t.match(d, { status: 'delivered', attempts: 3, last_status: 204, last_error: null })
+    t.matchStrict(d, { status: 'delivered', attempts: 3, last_status: 204, last_error: null })
     t.equal(receiver.received.length, 3)
     t.equal(new Set(receiver.received.map((r) => r.id)).size, 1, 'the same webhook-id on every attempt')
     t.ok(receiver.received.every((r) => verifiedBy(r, [secret], 300, nowS()).length === 1))
@@ -596,8 +596,8 @@ await forEachStore(t, async (t, store) => {
     t.equal(receiver.received.length, 0, 'nothing reached the receiver')
     const [ip] = await deliveriesOf(byIp.webhook.id)
     const [name] = await deliveriesOf(byName.webhook.id)
-    t.match(ip, { status: 'pending', attempts: 1, last_status: null, last_error: /127\.0\.0\.1 is a loopback address/ })
-    t.match(name, { status: 'pending', attempts: 1, last_status: null, last_error: /localhost resolves to .* is a loopback address/ })
+    t.matchStrict(ip, { status: 'pending', attempts: 1, last_status: null, last_error: /127\.0\.0\.1 is a loopback address/ })
+    t.matchStrict(name, { status: 'pending', attempts: 1, last_status: null, last_error: /localhost resolves to .* is a loopback address/ })
     // Registered through a process that allows the address, refused by one that does not: the
     // log names the process whose webhooks.allow_private differs. Before (found by a review), it
     // did not say which of the processes sharing the store refused, nor that each checks its own.
@@ -696,7 +696,7 @@ await forEachStore(t, async (t, store) => {
     const s = service()
     const { webhook, secret } = await s.create({ url: `${receiver.url}/sealed`, events: ['key.created'] }, ACTOR)
     let row = await rowOf(webhook.id)
-    t.match(row, { secret: null, previous_secret: null, sealed_previous_secret: null, sealed_secret: SEALED }, 'sealed, no plaintext column set')
+    t.matchStrict(row, { secret: null, previous_secret: null, sealed_previous_secret: null, sealed_secret: SEALED }, 'sealed, no plaintext column set')
     t.ok(row.sealed_secret.startsWith(`${CIPHER.currentKeyId}.`), 'under the current encryption key, which it names')
     t.notOk(JSON.stringify(row).includes(bytesOf(secret)), 'the secret is nowhere in its row')
     await s.enqueue(event('key.created', { key: { id: 'sealed-1' } }))
@@ -705,7 +705,7 @@ await forEachStore(t, async (t, store) => {
 
     const { secret: next } = await s.rotateSecret(webhook.id, ACTOR)
     row = await rowOf(webhook.id)
-    t.match(row, { secret: null, previous_secret: null, sealed_secret: SEALED, sealed_previous_secret: SEALED }, 'after a rotation both are sealed')
+    t.matchStrict(row, { secret: null, previous_secret: null, sealed_secret: SEALED, sealed_previous_secret: SEALED }, 'after a rotation both are sealed')
     t.notOk(JSON.stringify(row).includes(bytesOf(next)) || JSON.stringify(row).includes(bytesOf(secret)), 'neither secret is in the row')
     await s.enqueue(event('key.created', { key: { id: 'sealed-2' } }))
     await s.idle()
@@ -714,7 +714,7 @@ await forEachStore(t, async (t, store) => {
     t.equal(await s.tidySecrets(clock.now()), 0, 'within the grace the job changes nothing')
     clock.advance(DEFAULTS.secret_grace_hours * 3_600_000)
     t.equal(await s.tidySecrets(clock.now()), 1, 'at its end the previous secret is dropped')
-    t.match(await rowOf(webhook.id), { previous_secret_until: null, sealed_previous_secret: null, previous_secret: null, sealed_secret: row.sealed_secret })
+    t.matchStrict(await rowOf(webhook.id), { previous_secret_until: null, sealed_previous_secret: null, previous_secret: null, sealed_secret: row.sealed_secret })
     t.equal((await s.get(webhook.id)).previousSecretUntil, null, 'and the API no longer shows a grace')
     await s.enqueue(event('key.created', { key: { id: 'sealed-3' } }))
     await s.idle()
@@ -783,7 +783,7 @@ await forEachStore(t, async (t, store) => {
     await store.db.query('UPDATE webhooks SET previous_secret = $2, previous_secret_until = $3 WHERE id = $1', [other.webhook.id, legacy, new Date(clock.now().getTime() + 60_000)])
     const next = await s.rotateSecret(other.webhook.id, ACTOR)
     const legacyRow = await rowOf(other.webhook.id)
-    t.match(legacyRow, { previous_secret: null, sealed_earlier_secrets: [{ sealed: SEALED }] })
+    t.matchStrict(legacyRow, { previous_secret: null, sealed_earlier_secrets: [{ sealed: SEALED }] })
     t.notOk(JSON.stringify(legacyRow).includes(bytesOf(legacy)), 'the plaintext is gone')
     await s.enqueue(event('key.revoked', { key: { id: 'regrace-legacy' } }))
     await s.idle()
@@ -802,7 +802,7 @@ await forEachStore(t, async (t, store) => {
     await s.idle()
     t.same(receiver.received.map((h) => h.path), ['/a'], "b's delivery is not sent, signed with a's secret")
     const [failed] = await deliveriesOf(b.webhook.id)
-    t.match(failed, { status: 'pending', attempts: 1, last_status: null, last_error: `the secret of webhook ${b.webhook.id} failed authentication: it was altered or does not belong here` })
+    t.matchStrict(failed, { status: 'pending', attempts: 1, last_status: null, last_error: `the secret of webhook ${b.webhook.id} failed authentication: it was altered or does not belong here` })
 
     // As a row written before migration 0007 (or by an instance not yet upgraded) holds it.
     const legacy = `whsec_${Buffer.alloc(32, 9).toString('base64')}`
@@ -813,7 +813,7 @@ await forEachStore(t, async (t, store) => {
     t.same(verifiedBy(receiver.received[1] as Hook, [legacy], 300, nowS()), [legacy], 'the plaintext secret signs while it is there')
     t.equal(await s.tidySecrets(clock.now()), 1, 'the job seals it')
     const row = await rowOf(b.webhook.id)
-    t.match(row, { secret: null, sealed_secret: SEALED })
+    t.matchStrict(row, { secret: null, sealed_secret: SEALED })
     t.notOk(JSON.stringify(row).includes(bytesOf(legacy)), 'and the plaintext is gone')
     t.equal(await s.tidySecrets(clock.now()), 0, 'once')
     await s.enqueue(event('key.created', { key: { id: 'legacy' } }))
