@@ -709,7 +709,7 @@ t.test('an empty list flag or an empty item is a usage error; an address binding
   t.same((await runCliHere(['api-key', 'get', id, '--json'], { env })).json().allowed_cidrs, ['10.0.0.0/8'], 'the binding stays')
   const cleared = await runCliHere(['api-key', 'update', id, '--cidrs', 'any', '--scopes', 'none', '--json'], { env })
   t.equal(cleared.code, 0, cleared.stderr)
-  t.match(cleared.json(), { allowed_cidrs: [], scopes: [] }, 'the words clear them')
+  t.same({ allowed_cidrs: cleared.json().allowed_cidrs, scopes: cleared.json().scopes }, { allowed_cidrs: [], scopes: [] }, 'the words clear them')
 })
 
 t.test('a folder that cannot be made under /proc is refused, not waited on for ever', async (t) => {
