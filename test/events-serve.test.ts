@@ -84,7 +84,7 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   await call(first.admin, 'POST', `/v1/keys/${key.json.id}/revoke`)
   await receiver.waitFor((hk) => hk.json?.type === 'key.revoked')
   t.equal(await first.stop('SIGTERM'), 0, 'SIGTERM with a stream open: exit 0')
-  await t.rejects(stream.next(), 'the stream ended')
+  await t.rejects(stream.next(), { message: 'the stream ended' }, 'the stream ended')
 
   // The webhook's row as one written before migration 0007 holds it: the secret in plaintext.
   const store = await openDb({ dataDir: env.KEYGATE_DATA_DIR })
