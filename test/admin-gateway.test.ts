@@ -73,6 +73,7 @@ await forEachStore(t, async (t, store) => {
     const hostBits = await h.call('POST', '/v1/deny-list', { body: { cidr: '127.0.0.1/8' } })
     t.equal(hostBits.status, 400)
     t.match(hostBits.json.error, { code: 'validation_failed', details: { fields: [{ field: 'cidr', message: /has host bits set: as a range it covers the whole network 127\.0\.0\.0\/8; write 127\.0\.0\.0\/8 for that network, or 127\.0\.0\.1 alone/ }] } })
+    t.equal(hostBits.json.error.details.fields.length, 1, 'one field named')
     const bad = await h.call('POST', '/v1/deny-list', { body: { cidr: '300.1.1.1', expires_at: 'tomorrow', colour: 1 } })
     t.equal(bad.status, 400)
     t.same(bad.json.error.details.fields.map((f: { field: string }) => f.field).sort(), ['cidr', 'colour', 'expires_at'])
@@ -299,9 +300,11 @@ t.test('GET /v1/lockouts lists the lockouts in force; DELETE /v1/lockouts/{addre
     const answer = await h.call('DELETE', `/v1/lockouts/${bad}`)
     t.equal(answer.status, 400, bad)
     t.match(answer.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address', message: /expected an IPv4 or IPv6 address/ }] } })
+    t.equal(answer.json.error.details.fields.length, 1, 'one field named')
     const listed = await h.call('GET', `/v1/lockouts?address=${bad}`)
     t.equal(listed.status, 400, `listed: ${bad}`)
     t.match(listed.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address', message: /expected an IPv4 or IPv6 address/ }] } })
+    t.equal(listed.json.error.details.fields.length, 1, 'one field named')
   }
   // The document says so (before, found by a review: a plain string in both places).
   const doc = (await h.call('GET', '/openapi.json')).json

@@ -76,6 +76,7 @@ await forEachStore(t, async (t, store) => {
   const notObject = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', rate_limit: 'lots' } })
   refused(notObject, 400, 'validation_failed', 'a rate limit that is no object')
   t.match(notObject.json.error.details.fields, [{ field: 'rate_limit', message: /an object with the keys limit, window_s/ }])
+  t.equal(notObject.json.error.details.fields.length, 1, 'one field named')
   t.notMatch(notObject.text, /mapping/)
   let patched: string | undefined
   // An object: what is wrong inside it, by its own field (before, found by a review: each of these
@@ -91,6 +92,7 @@ await forEachStore(t, async (t, store) => {
       const answer = await h.call(method, path, { body: { ...(method === 'POST' ? { name: 'x', type: 'user' } : {}), rate_limit: rateLimit } })
       refused(answer, 400, 'validation_failed', `${method} ${JSON.stringify(rateLimit)}`)
       t.match(answer.json.error.details.fields, [{ field, message }], `${method}: ${field} named`)
+      t.equal(answer.json.error.details.fields.length, 1, 'one field named')
     }
   }
 
@@ -119,6 +121,7 @@ await forEachStore(t, async (t, store) => {
   const leap = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', expires_at: '2099-06-30T23:59:60Z' } })
   refused(leap, 400, 'validation_failed', 'a leap second')
   t.match(leap.json?.error?.details?.fields, [{ field: 'expires_at', message: /^"2099-06-30T23:59:60Z" is a leap second \(:60\), which keygate cannot hold/ }], 'said to be a leap second, not a value that is no RFC 3339')
+  t.equal(leap.json?.error?.details?.fields?.length, 1, 'one field named')
   refused(await h.call('GET', '/v1/reports/usage?from=0001-01-01T00:00:00Z'), 400, 'validation_failed', 'a year before 1970')
   // 1970 as written, 1969 as an instant (before, found by a review: an import took it, and a list
   // of keys stopped at that key, its cursor refused as "not a cursor this server returned").
@@ -140,6 +143,7 @@ await forEachStore(t, async (t, store) => {
   const crossed = await h.call('GET', `/v1/audit?limit=1&cursor=${keysCursor}`)
   refused(crossed, 400, 'validation_failed', "the key list's cursor given to the audit log")
   t.match(crossed.json?.error?.details?.fields, [{ field: 'cursor', message: /^is a cursor of the key list, not of an audit log: a cursor continues the list that returned it$/ }])
+  t.equal(crossed.json?.error?.details?.fields?.length, 1, 'one field named')
   const auditCursor = (await h.call('GET', '/v1/audit?limit=1')).json?.next_cursor as string
   refused(await h.call('GET', `/v1/reports/expiring?cursor=${auditCursor}`), 400, 'validation_failed', "an audit log's cursor given to the expiring report")
   // A cursor written before cursors named their list (during a rolling upgrade) is read as before.
@@ -239,6 +243,7 @@ await forEachStore(t, async (t, store) => {
     const a = await h.call(method, path, { raw: 'null', headers: json })
     refused(a, 400, 'validation_failed', `${method} ${path} with a body of null`)
     t.match(a.json?.error?.details?.fields, [{ field: 'body', message: /^null is not allowed; expected an object/ }], `${method} ${path}: the body is named, as no object`)
+    t.equal(a.json?.error?.details?.fields?.length, 1, 'one field named')
   }
   const still = await h.call('GET', `/v1/keys/${nulled}`)
   t.equal(still.json?.status, 'active', 'the key is neither revoked nor rotated')
@@ -303,6 +308,7 @@ await forEachStore(t, async (t, store) => {
     const a = await h.call('GET', `${path}?cursor=${c}`)
     refused(a, 400, 'validation_failed', `a cursor of ${path} (${list}) with ${what}, given back to it`)
     t.match(a.json?.error?.details?.fields, [{ field: 'cursor', message: /^is not a cursor this server returned$/ }], `${what}: not said to be another list's`)
+    t.equal(a.json?.error?.details?.fields?.length, 1, 'one field named')
   }
 
   // A key sent where another shape belongs (the whole body, an import row) is not shown back.
@@ -419,18 +425,23 @@ await forEachStore(t, async (t, store) => {
   const over = await h.call('POST', '/v1/keys', { body: { name: emoji(201), type: 'user' } })
   refused(over, 400, 'validation_failed', '201 emoji as a name')
   t.match(over.json?.error?.details?.fields, [{ field: 'name', message: /expected a non-empty string of at most 200 characters/ }])
+  t.equal(over.json?.error?.details?.fields?.length, 1, 'one field named')
   const overOwner = await h.call('POST', '/v1/keys', { body: { name: 'x', owner: emoji(201), type: 'user' } })
   t.match(overOwner.json?.error?.details?.fields, [{ field: 'owner' }], '201 emoji as an owner (in a union) is still refused')
+  t.equal(overOwner.json?.error?.details?.fields?.length, 1, 'one field named')
   const bad = await h.call('POST', '/v1/keys', { body: { name: emoji(150) + '\u202e', type: 'user' } })
   t.match(bad.json?.error?.details?.fields, [{ field: 'name', message: /without control characters/ }], 'a long name with a bidi override is refused for it')
+  t.equal(bad.json?.error?.details?.fields?.length, 1, 'one field named')
   // What a refusal shows is cut between characters, its length told in characters (before, found by
   // a review: half an emoji went out as a lone \ud83d, which strict JSON decoders refuse).
   const wellFormed = (a: Answer) => [a.json?.error?.message, ...(a.json?.error?.details?.fields ?? []).flatMap((f: { field: string; message: string }) => [f.field, f.message])].every((x) => typeof x === 'string' && x.isWellFormed())
   const shortMember = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', ['ab' + emoji(100)]: 1 } })
   t.match(shortMember.json?.error?.details?.fields, [{ field: 'ab' + emoji(100) }], 'a member name of 102 characters is shown whole (the bound is 120 characters)')
+  t.equal(shortMember.json?.error?.details?.fields?.length, 1, 'one field named')
   const longMember = await h.call('POST', '/v1/keys', { body: { name: 'x', type: 'user', ['ab' + emoji(150)]: 1 } })
   refused(longMember, 400, 'validation_failed', 'an unknown member with a long emoji name')
   t.match(longMember.json?.error?.details?.fields, [{ field: `ab${emoji(115)}... (152 characters)` }], 'its name cut between characters, its length in characters')
+  t.equal(longMember.json?.error?.details?.fields?.length, 1, 'one field named')
   t.ok(wellFormed(longMember), 'no lone surrogate in the answer')
   t.ok(wellFormed(over), 'nor where a long emoji name is shown')
   t.equal((await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.77', reason: emoji(500) } })).status, 201, 'a deny reason of 500 emoji')

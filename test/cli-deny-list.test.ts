@@ -204,6 +204,7 @@ t.test('an IPv6 lockout is lifted and looked up by the network the list shows (2
     const answer = await call(`${served.admin}/v1/lockouts/${encodeURIComponent(bad)}`, { ...admin, method: 'DELETE' })
     t.equal(answer.status, 400, bad)
     t.match(answer.json.error, { code: 'validation_failed', details: { fields: [{ field: 'address' }] } }, bad)
+    t.equal(answer.json.error.details.fields.length, 1, 'one field named')
     if (!bad.includes('.')) t.match(answer.json.error.message, /an IPv6 network of \/64, as the lockouts count them/, bad)
   }
   t.equal(await served.stop(), 0)

@@ -362,6 +362,7 @@ t.test('an unknown key named as a member of Object.prototype is told as unknown'
   const schema = Type.Object({ name: Type.String() }, { additionalProperties: false })
   for (const name of ['__proto__', 'constructor', 'toString']) {
     const found = problems(schema, JSON.parse(`{"name":"x","${name}":1}`))
+    t.equal(found.length, 1, `${name}: one problem`)
     t.match(found, [{ path: [name], kind: 'unknown', allowed: 'name' }], name)
   }
 })

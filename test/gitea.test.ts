@@ -198,7 +198,8 @@ await forEachStore(t, async (t, store) => {
   await t.test('refused requests', async (t) => {
     const before = fake.requests.length
     const bad = await rejection(gitea.create({ name: 'x', scopes: ['read:repository', 'read:everything'] }, actor))
-    t.match(bad, { code: 'gitea_scope_unknown', status: 400, message: /"read:everything" is not a Gitea scope/, details: { unknown: ['read:everything'] } })
+    t.match(bad, { code: 'gitea_scope_unknown', status: 400, message: /"read:everything" is not a Gitea scope/ })
+    t.same(bad.details?.unknown, ['read:everything'], 'the unknown scope, and only it')
     t.equal(fake.requests.length, before, 'unknown scopes are refused before any call')
     t.match(await rejection(gitea.create({ scopes: ['read:user'] }, actor)), { code: 'validation_failed', message: /name: is required/ })
     t.match(await rejection(gitea.create({ name: 'x', scopes: [] }, actor)), { code: 'validation_failed', message: /scopes/ })

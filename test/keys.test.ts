@@ -382,7 +382,8 @@ await forEachStore(t, async (t: Test, store) => {
       },
       actor,
     )
-    t.matchStrict(updated, { id: record.id, name: 'after', scopes: ['b', 'c'], owner: null, metadata: { env: 'prod' }, allowedCidrs: ['10.0.0.0/8'] })
+    t.matchStrict(updated, { id: record.id, name: 'after', owner: null })
+    t.same([updated.scopes, updated.metadata, updated.allowedCidrs], [['b', 'c'], { env: 'prod' }, ['10.0.0.0/8']], 'scopes, metadata and CIDRs replaced, not merged')
     t.same(updated.rateLimit, { limit: 7, windowS: 10 })
     t.equal(updated.expiresAt?.toISOString(), expires)
     t.equal(updated.rotationIntervalS, 86_400)

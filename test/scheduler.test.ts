@@ -95,6 +95,7 @@ forEachStore(t, async (t, store) => {
       await new Promise((r) => setTimeout(r, 20))
       queued = await store.db.query('SELECT event_type, payload FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])
     }
+    t.equal(queued.length, 1, 'one webhook delivery')
     t.match(queued, [{ event_type: 'key.expiring' }], 'a webhook delivery of key.expiring is queued')
     t.match(JSON.parse(queued[0]?.payload ?? '{}'), { type: 'key.expiring', data: { kind: 'rotation', key: { id: record.id } } })
     t.same((await scheduler.runOnce())?.announced, [], 'announced once')

@@ -147,6 +147,7 @@ t.test('an address in use: exits 1 naming it, with nothing left serving', async 
     t.notMatch(r.stderr, /unexpected error/)
     // Before (found by a deployment review): on stderr alone, where a reader of the JSON log never saw it.
     const failed = r.stdout.split('\n').filter((l) => l.includes('"serve failed"')).map((l) => JSON.parse(l))
+    t.equal(failed.length, 1, `${which} in use: logged once`)
     t.match(failed, [{ level: 'error', message: 'serve failed', err: { code: 'listen_failed', message: new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the address is in use`) } }], `${which} in use: and in the JSON log on stdout, as listen_failed (before, config_invalid)`)
   }
 })
@@ -383,7 +384,9 @@ t.test('Ctrl-C on npm start (the signal twice at once: the group\'s and npm\'s) 
   }
 
   const first = await serve(t, { env })
-  t.match(first.logs.find((l) => l.message.startsWith('environment variables keygate does not read')), { level: 'warn', variables: ['KEYGATE_LISTN (KEYGATE_LISTEN?)'] })
+  const unread = first.logs.find((l) => l.message.startsWith('environment variables keygate does not read'))
+  t.match(unread, { level: 'warn' })
+  t.same(unread?.variables, ['KEYGATE_LISTN (KEYGATE_LISTEN?)'], 'the misspelt one, and only it')
   // So is an integration on another host over plain http; one on this machine is not.
   t.same(first.logs.filter((l) => l.message.startsWith('an integration is reached over plain http')).map((l) => [l.level, l.setting, l.url]), [['warn', 'integrations.gitea.url (GITEA_URL)', 'http://gitea.internal.example:3000']])
   const drained = (await inFlight(first)).answer

@@ -96,6 +96,7 @@ await forEachStore(t, async (t, store) => {
     await r.close()
     await store.db.exec('ALTER TABLE api_key_usage_away RENAME TO api_key_usage')
     // Before: only "keeping them for the next flush", which never came.
+    t.equal(errors.length, 1, 'one error')
     t.match(errors, [{ message: /could not write the last usage counts at shutdown: they are lost/, fields: { keys: 1, requests: 2, rejected: 1 } }])
   })
 })

@@ -51,7 +51,7 @@ await forEachStore(t, async (t, store) => {
     await queue(hook.id, 'msg_narrowcreated', 'key.created')
     await narrow(hook.id)
     const [audit] = (await h.call('GET', '/v1/audit?action=webhook.updated')).json.items
-    t.match(audit.details, { id: hook.id, changed: ['events'], events: ['key.created'], deliveries_ended: 1 }, 'the audit row says how many pending deliveries it ended')
+    t.same(audit.details, { id: hook.id, changed: ['events'], events: ['key.created'], deliveries_ended: 1 }, 'the audit row says how many pending deliveries it ended')
     await run()
     t.equal(sent(receiver, 'msg_narrowcreated'), 1, 'the event it still takes is sent')
     t.equal(sent(receiver, 'msg_narrowrevoked'), 0, 'the one it no longer takes is not')

@@ -76,7 +76,7 @@ await forEachStore(t, async (t, store) => {
     )
     const paused = await h.call('PATCH', `/v1/webhooks/${id}`, { body: { enabled: false } })
     t.equal(paused.json.enabled, false)
-    t.match((await auditOf())[0], { id, changed: ['enabled'], enabled: false })
+    t.same((await auditOf())[0], { id, changed: ['enabled'], enabled: false })
     t.equal((await h.call('GET', '/v1/webhooks')).json.items.find((w: any) => w.id === id).enabled, false, 'listed as paused')
     const made = await h.call('POST', '/v1/keys', { body: { name: 'while paused', type: 'user' } })
     t.equal(made.status, 201)

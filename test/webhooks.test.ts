@@ -748,6 +748,7 @@ await forEachStore(t, async (t, store) => {
     t.same(second.webhook.previousSecretsUntil, [t1, t0], 'the second: s1 until t1, and s0 still until t0')
     t.same(webhookJson(second.webhook).previous_secrets_until, [t1.toISOString(), t0.toISOString()])
     const row = await rowOf(webhook.id)
+    t.equal(row.sealed_earlier_secrets.length, 1, 'one earlier secret: s0 (s1 is the previous one)')
     t.match(row.sealed_earlier_secrets, [{ sealed: SEALED, until: t0.toISOString() }], 's0 sealed, with the end of its grace')
     t.notOk([s0, first.secret, second.secret].some((x) => JSON.stringify(row).includes(bytesOf(x))), 'no secret in the row')
     const three = await deliver()
@@ -960,6 +961,7 @@ t.test('a key changed by the CLI on the store queues its event for the servers t
   t.equal(made.code, 0, made.stderr)
   const id = made.json().id as string
   const queued = await db.query<{ event_type: string; status: string; payload: string }>('SELECT event_type, status, payload FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])
+  t.equal(queued.length, 1, 'one delivery')
   t.match(queued, [{ event_type: 'key.created', status: 'pending' }], 'queued by the CLI, not sent by it')
   t.notOk(queued[0]?.payload.includes(made.json().key), 'without the key')
   t.equal(receiver.received.length, 0)
