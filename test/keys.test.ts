@@ -186,7 +186,8 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await s.keys.get(victim.id)).status, 'active', 'the revocation did not happen')
     t.notOk(JSON.stringify(await s.audit.list(db, { keyId: victim.id })).includes(secret), 'nor audited')
     const uuid = randomUUID()
-    t.ok(await s.keys.create({ name: 'with an id', type: 'user', owner: uuid, metadata: { user: uuid } }, actor), 'a UUID is an everyday id, not refused')
+    const withId = (await s.keys.create({ name: 'with an id', type: 'user', owner: uuid, metadata: { user: uuid } }, actor)).record
+    t.same([withId.owner, withId.metadata], [uuid, { user: uuid }], 'a UUID is an everyday id, not refused')
   })
 
   t.test('getMany: the keys of the ids that exist, in one query', async (t) => {
@@ -265,7 +266,7 @@ await forEachStore(t, async (t: Test, store) => {
     t.match(big.message, /metadata/)
     const longKey = await rejection(s.keys.create({ name: 'x', type: 'user', metadata: { ['k'.repeat(101)]: 1 } }, actor))
     t.match(longKey, { code: 'validation_failed', message: /^metadata: has a key longer than 100 characters/ }, 'a metadata key past 100 characters (before: stored)')
-    t.ok(await s.keys.create({ name: 'x', type: 'user', metadata: { ['k'.repeat(100)]: 1 } }, actor), 'one of 100 is taken')
+    t.same((await s.keys.create({ name: 'x', type: 'user', metadata: { ['k'.repeat(100)]: 1 } }, actor)).record.metadata, { ['k'.repeat(100)]: 1 }, 'one of 100 is taken')
     t.equal(await count(db, 'api_keys'), before + 1)
   })
 
