@@ -184,6 +184,7 @@ export async function lifecycle(t: Test, { env, cwd, here = false }: Lifecycle):
 /** No captured stderr of this process's CLI runs holds a plaintext key the lifecycle printed. */
 export function noPlaintextInOutput(t: Test, options: { logLines: boolean }): void {
   t.ok(plaintexts.length >= 5, 'the tests above created keys')
+  t.ok(plaintexts.every((p) => typeof p === 'string' && p.length >= 32), 'each one looked for is a key (none undefined)')
   if (options.logLines) t.ok(capturedStderr.some((s) => s.includes('"level":"debug"') || s.includes('"level":"info"')), 'log lines were captured at debug level')
   const all = capturedStderr.join('\n')
   for (const p of plaintexts) t.notOk(all.includes(p), 'plaintext absent from stderr')

@@ -71,6 +71,8 @@ export function failingQueries(db: Db, failing: RegExp): Db {
 /** Asserts that none of `secrets` occurs in `text`, naming what was searched. */
 export function noSecrets(t: Test, text: string, secrets: readonly string[], where: string): void {
   t.ok(secrets.length > 0, `${where}: there are secrets to look for`)
+  // An undefined one (a field the answer lacked) would be looked for as the word "undefined".
+  t.same(secrets.filter((s) => typeof s !== 'string'), [], `${where}: every secret looked for is a string`)
   const found = secrets.filter((s) => s !== '' && text.includes(s))
   t.same(found.length, 0, `${where}: holds none of ${secrets.length} secrets`)
 }
