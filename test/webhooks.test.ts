@@ -57,6 +57,7 @@ t.test('through the admin API and a gateway', async (t) => {
   await t.test('key events, signed, without key material', async (t) => {
     const made = await h.call('POST', '/v1/keys', { body: { name: 'hooked', type: 'user' } })
     const createdHook = await receiver.waitFor(ofType('key.created', (d) => d.key.id === made.json.id))
+    t.match(made.json.key, /^kg_/, 'the key made, to look for')
     t.same(verifiedBy(createdHook, [secret]), [secret], 'signature verified')
     t.notOk(createdHook.body.includes(made.json.key), 'no plaintext key')
     t.notOk(/key_hash|keyHash/.test(createdHook.body), 'no key hash')
@@ -65,6 +66,7 @@ t.test('through the admin API and a gateway', async (t) => {
     const rotated = await h.call('POST', `/v1/keys/${made.json.id}/rotate`)
     const rotatedHook = await receiver.waitFor(ofType('key.rotated', (d) => d.previous?.id === made.json.id))
     t.equal(rotatedHook.json.data.key.id, rotated.json.id, 'the new key and the one it replaced')
+    t.match(rotated.json.key, /^kg_/, 'the new key, to look for')
     // Before (found by a review): the rotation's answer said until when the old key works, its event did not.
     t.equal(rotatedHook.json.data.previous.valid_until, rotated.json.previous.valid_until, "the replaced key's valid_until, as in the rotation's answer")
     t.equal(rotatedHook.json.data.previous.valid_until, rotatedHook.json.data.previous.grace_until, 'the end of its grace')
@@ -963,6 +965,7 @@ t.test('a key changed by the CLI on the store queues its event for the servers t
   const queued = await db.query<{ event_type: string; status: string; payload: string }>('SELECT event_type, status, payload FROM webhook_deliveries WHERE webhook_id = $1', [webhook.id])
   t.equal(queued.length, 1, 'one delivery')
   t.match(queued, [{ event_type: 'key.created', status: 'pending' }], 'queued by the CLI, not sent by it')
+  t.match(made.json().key, /^kg_/, 'the key made, to look for')
   t.notOk(queued[0]?.payload.includes(made.json().key), 'without the key')
   t.equal(receiver.received.length, 0)
   const server = new WebhookService({ db, cipher: new AuditCipher(Buffer.alloc(32, 3)), config, log: silentLogger })
