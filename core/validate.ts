@@ -178,7 +178,7 @@ export function describeAllowed(schema: TSchema, object: ObjectWord = 'mapping')
     }
     case 'Object':
       return schema.properties && Object.keys(schema.properties).length > 0
-        ? `${object === 'mapping' ? 'a mapping' : 'an object'} with the keys ${Object.keys(schema.properties as object).join(', ')}`
+        ? `${object === 'mapping' ? 'a mapping' : 'an object'} with ${(schema.minProperties as number | undefined) === 1 ? 'at least one of ' : ''}the keys ${Object.keys(schema.properties as object).join(', ')}`
         : 'a JSON object'
     case 'Record':
       return 'a JSON object'
