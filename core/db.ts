@@ -358,11 +358,11 @@ class PostgresDb implements Db {
    * Each statement is sent after a `SET LOCAL statement_timeout` of `ms`, in one simple query (one
    * round trip, one implicit transaction, which the setting ends with: nothing is left set on a
    * server connection PgBouncer hands to others): PostgreSQL cancels it at `ms`, and the client
-   * drops a connection that answered nothing a second later, as for any statement (WIRE_GRACE_MS). Before (found by a review), only the
-   * client gave up, at `ms`: a statement waiting on a lock went on waiting in its backend after
-   * its connection was dropped (with store.query_timeout_ms 0, for as long as the lock was held),
-   * one more each probe, until the server had no connection left for anyone. So a probe's
-   * statement takes no parameters.
+   * drops a connection that answered nothing a second later, as for any statement
+   * (WIRE_GRACE_MS). Before (found by a review), only the client gave up, at `ms`: a statement
+   * waiting on a lock went on waiting in its backend after its connection was dropped (with
+   * store.query_timeout_ms 0, for as long as the lock was held), one more each probe, until the
+   * server had no connection left for anyone. So a probe's statement takes no parameters.
    */
   probing(ms: number): Queryable {
     const pool = (this.#probePool ??= this.#newProbePool(ms))

@@ -135,7 +135,8 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
 
 /**
  * Names of migrations not yet applied, and of those applied by a newer keygate, and whether none
- * is applied (`unmigrated`); throws when an applied file was changed or is missing. `from`: the folder to read, or the files already read.
+ * is applied (`unmigrated`); throws when an applied file was changed or is missing. `from`: the
+ * folder to read, or the files already read.
  */
 export async function migrationState(db: Queryable, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[]; unmigrated: boolean }> {
   const files = typeof from === 'object' ? from : readMigrations(from)
