@@ -1252,9 +1252,13 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
         // any worker starting: a replacement waiting for the store, as long as
         // store.start_wait_s, made every scrape take 8 s for the whole of a store outage, past
         // Prometheus's usual scrape timeout.)
-        for (let waited = 0; waited < 8000 && listening.size === 0 && live.size > 0; waited += 50) await new Promise((r) => setTimeout(r, 50))
+        // A replacement waiting to be forked (a second or more after its worker died) is starting
+        // too: before, found by a review, it was in no state, and a scrape while every worker waited
+        // so answered at once with none starting, answering or unanswering.
+        const waiting = () => live.size + replacing.size
+        for (let waited = 0; waited < 8000 && listening.size === 0 && waiting() > 0; waited += 50) await new Promise((r) => setTimeout(r, 50))
         const answers = new Map<number, MetricsJson>()
-        const starting = live.size - listening.size
+        const starting = waiting() - listening.size
         // One the liveness check already found unanswering is not waited for again (each scrape
         // took 5 s while a worker was frozen, then the primary's own probe): its last counts stand in.
         const asked = [...listening].filter((w) => (missed.get(w) ?? 0) === 0)
@@ -1318,6 +1322,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     shuttingDown = true
     clearInterval(refreshMetrics)
     for (const timer of replacing) clearTimeout(timer)
+    replacing.clear()
     log.info('shutting down workers', { signal })
     const exited = [...live].map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())))
     for (const w of live) w.process.kill('SIGTERM')

@@ -273,6 +273,25 @@ t.test('--workers metrics: the file descriptor limit is one process\'s, the star
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers metrics: a scrape while every worker waits to be replaced waits for a replacement, and counts the waiting ones as starting (found by a review)', async (t) => {
+  // Before: a replacement is forked a second (or more) after its worker died, and until then it
+  // was in no state: a scrape in that second answered at once with 0 workers starting, answering
+  // or unanswering, and none of the workers' series, where README says it waits for them.
+  const { cwd, env, upstream } = await workersSetUp(t, 'allreplaced', 0)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const pids = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  t.equal(pids.length, 2, 'two workers')
+  for (const pid of pids) process.kill(pid, 'SIGKILL')
+  await serve.waitForLog(() => serve.logs.filter((l) => l.message === 'gateway worker died; starting another').length === 2)
+  const scrape = await call(`${serve.admin}/metrics`)
+  t.equal(scrape.status, 200)
+  const states = ['starting', 'answering', 'unanswering'].map((s) => value(scrape.text, `keygate_gateway_workers{state="${s}"}`))
+  t.equal(states.reduce((a, b) => a + b, 0), 2, `every wanted worker is in a state (starting, answering, unanswering: ${states.join(', ')})`)
+  t.ok((states[1] as number) >= 1, 'the scrape waited for a replacement to listen, as at the start')
+  t.match(scrape.text, /^keygate_key_cache_entries\{cache="keys"\} \d+$/m, "with a worker's series")
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
 t.test('--workers: the primary survives answering a worker that has just died (EPIPE), and replaces it', async (t) => {
   // Before (found by a review): rate-limiter-flexible's answer to a dead worker's limiter call
   // failed with EPIPE as an 'error' on the Worker that nothing heard; the primary threw, and
