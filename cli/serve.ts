@@ -494,6 +494,9 @@ function readiness(probe: () => Promise<StoreState>, log: Logger): () => Promise
   }
 }
 
+/** The 404 of `/v1` on the health listener of `serve --only gateway`, a `--workers` primary's too. */
+const NO_ADMIN_API = 'this process serves the gateway only (serve --only gateway): the admin API is served by a keygate serve --only admin, or one without --only'
+
 /**
  * What the first admin key's start says when the store failed once the key was shown: at the
  * commit, which may have been made though its answer never came (the connection dropped
@@ -895,7 +898,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         log,
         server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)),
         allowedHosts: config.admin.allowed_hosts,
-        ...(role.admin ? {} : { noApi: 'this process serves the gateway only (serve --only gateway): the admin API is served by a keygate serve --only admin, or one without --only' }),
+        ...(role.admin ? {} : { noApi: NO_ADMIN_API }),
       })
       const at = await listen(admin, config.admin.listen)
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
@@ -1284,7 +1287,15 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev, undefined, () => ownLockout?.lockedOutRequests.inc()) : undefined
     if (api) routes.push(...api.routes)
-    const admin = createAdminServer({ routes, log, server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)), allowedHosts: config.admin.allowed_hosts })
+    const admin = createAdminServer({
+      routes,
+      log,
+      server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)),
+      allowedHosts: config.admin.allowed_hosts,
+      // A `--workers` primary of `--only gateway` says why as a single process does (before, found
+      // by a review: "no admin route /v1/keys", as though the path were wrong).
+      ...(role.admin ? {} : { noApi: NO_ADMIN_API }),
+    })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
     const bound = async () => ({ at: await listen(admin, config.admin.listen), gateway: await reserveGatewayAddress(config.gateway.listen) })

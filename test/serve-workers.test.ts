@@ -273,6 +273,21 @@ t.test('--workers metrics: the file descriptor limit is one process\'s, the star
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers --only gateway: the primary serves health and metrics, and its /v1 404 says why, as a single process does (found by a review)', async (t) => {
+  // Before: the primary answered "no admin route /v1/keys", as though the path were wrong, where
+  // a single `serve --only gateway` says that this process serves the gateway only.
+  const { cwd, env, upstream } = await workersSetUp(t, 'onlygateway', 0)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--only', 'gateway', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  t.ok(serve.logs.some((l) => l.message === 'health and metrics listening'), 'no admin API')
+  const noApi = await call(`${serve.admin}/v1/keys`, { token: env.KEYGATE_ADMIN_TOKEN as string })
+  t.equal(noApi.status, 404)
+  t.match(noApi.json.error.message, 'this process serves the gateway only (serve --only gateway)', 'and it says so')
+  t.match((await call(`${serve.admin}/elsewhere`)).json.error.message, 'no admin route /elsewhere', 'another path: no such route')
+  t.equal((await call(`${serve.admin}/healthz`)).status, 200)
+  t.equal((await call(`${serve.gateway}/`)).status, 401, 'the workers serve the gateway')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
 t.test('--workers metrics: a scrape while every worker waits to be replaced waits for a replacement, and counts the waiting ones as starting (found by a review)', async (t) => {
   // Before: a replacement is forked a second (or more) after its worker died, and until then it
   // was in no state: a scrape in that second answered at once with 0 workers starting, answering
