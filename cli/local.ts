@@ -82,15 +82,20 @@ async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime,
   // Connected on the first change only: commands that change nothing never touch Redis.
   let redis: Redis | undefined
   let ready: Promise<boolean> | undefined
+  // Why it could not be reached, when its client said (a refused connection, a wrong password).
+  let refused: Error | undefined
   const sent: Array<Promise<unknown>> = []
   let denyFailed = false
   const send = async (message: string): Promise<unknown> => {
     if (!redis) {
       redis = new Redis(url, { keyPrefix, enableOfflineQueue: false, maxRetriesPerRequest: 1, connectTimeout: 2000, keepAlive: 10_000, disconnectTimeout: DISCONNECT_TIMEOUT_MS, retryStrategy: () => null })
-      redis.on('error', () => {})
+      redis.on('error', (err: Error) => {
+        refused ??= err
+      })
       ready = redisReady(redis, 2000)
     }
-    if (!(await ready)) throw new Error('Redis did not answer')
+    // Before (found by a review): "Redis did not answer" whatever the reason, a refused connection too.
+    if (!(await ready)) throw new Error(refused ? `Redis cannot be reached: ${refused.message}` : 'Redis did not answer within 2 s')
     return sendInvalidation(redis, message, 2000)
   }
   const off = bindInvalidations({

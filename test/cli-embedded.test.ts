@@ -5,9 +5,10 @@
 import t from 'tap'
 import { existsSync, statSync } from 'node:fs'
 import { join } from 'node:path'
-import { folderBytes } from './helpers/cli.ts'
+import { folderBytes, runCli } from './helpers/cli.ts'
 import { isolated, lifecycle, noPlaintextInOutput, plaintexts, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { freePort } from './helpers/integrations.ts'
 
 t.test('key lifecycle on the embedded store', async (t) => {
   const cwd = tempDir()
@@ -23,3 +24,15 @@ t.test('key lifecycle on the embedded store', async (t) => {
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
+
+// Before (found by a review): "Redis did not answer" whatever the reason, a refused connection too.
+t.test('a change the CLI cannot publish because Redis refuses the connection is warned of with the reason', async (t) => {
+  const cwd = tempDir()
+  const dataDir = await seedDataDir(join(cwd, 'store'))
+  const port = await freePort()
+  const made = await runCli(['api-key', 'create', '--name', 'k', '--type', 'user'], { cwd, env: isolated({ KEYGATE_DATA_DIR: dataDir, REDIS_URL: `redis://127.0.0.1:${port}` }) })
+  t.equal(made.code, 0, made.stderr)
+  const warning = made.stderr.split('\n').filter((l) => l.includes('could not tell the gateways through Redis')).map((l) => JSON.parse(l) as { err: { message: string } })
+  t.equal(warning.length, 1, 'warned once')
+  t.equal(warning[0]?.err.message, `Redis cannot be reached: connect ECONNREFUSED 127.0.0.1:${port}`)
+})
