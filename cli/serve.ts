@@ -270,13 +270,15 @@ function fromPrimary(): Promise<{ config: Config; tls: TlsSource | undefined }> 
  * connection and handing it over, left a connection open for ever when its worker was killed
  * between the hand-over and its acknowledgement.
  */
-function listen(server: net.Server, address: string, options: { shared?: boolean } = {}): Promise<AddressInfo> {
+function listen(server: net.Server, address: string, setting: 'gateway.listen' | 'admin.listen', options: { shared?: boolean } = {}): Promise<AddressInfo> {
   const where = parseListen(address)
-  if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address}`)
+  if (!where) throw new KeygateError('config_invalid', `cannot listen on ${address} (${setting})`)
   return new Promise((resolve, reject) => {
     // Not config_invalid (found by a deployment review): a valid configuration whose port another
-    // process holds sent its reader to check the configuration.
-    const failed = (err: Error) => reject(new KeygateError('listen_failed', `cannot listen on ${address}: ${systemErrorWords(err)}`))
+    // process holds sent its reader to check the configuration. The setting named: the two
+    // listeners' addresses may be one written two ways (a host name and its address), which the
+    // configuration's own check cannot see (before, found by a review, neither was named).
+    const failed = (err: Error) => reject(new KeygateError('listen_failed', `cannot listen on ${address} (${setting}): ${systemErrorWords(err)}`))
     server.once('error', failed)
     server.listen({ port: where.port, host: where.host, ...(options.shared ? { exclusive: true, reusePort: true } : {}) }, () => {
       server.off('error', failed)
@@ -292,7 +294,7 @@ function listen(server: net.Server, address: string, options: { shared?: boolean
  */
 async function reserveGatewayAddress(address: string): Promise<string> {
   const probe = net.createServer()
-  const at = await listen(probe, address)
+  const at = await listen(probe, address, 'gateway.listen')
   await new Promise((resolve) => probe.close(resolve))
   const host = parseListen(address)?.host ?? ''
   return host.includes(':') ? `[${host}]:${at.port}` : `${host}:${at.port}`
@@ -876,7 +878,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         process.on('message', onPrimaryMessage)
         await lockoutsInForce(log)
       }
-      const at = await listen(gateway.server, config.gateway.listen, { shared: mode.worker })
+      const at = await listen(gateway.server, config.gateway.listen, 'gateway.listen', { shared: mode.worker })
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
       if (config.routes.length === 0) log.warn('no routes are configured: no request reaches an upstream; one that passes the checks (a valid key) is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
       if (!mode.worker) warnOfExposures(config, log)
@@ -900,7 +902,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         allowedHosts: config.admin.allowed_hosts,
         ...(role.admin ? {} : { noApi: NO_ADMIN_API }),
       })
-      const at = await listen(admin, config.admin.listen)
+      const at = await listen(admin, config.admin.listen, 'admin.listen')
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
     }
     if (mode.worker) process.send?.({ keygate: 'ready' })
@@ -1298,7 +1300,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
-    const bound = async () => ({ at: await listen(admin, config.admin.listen), gateway: await reserveGatewayAddress(config.gateway.listen) })
+    const bound = async () => ({ at: await listen(admin, config.admin.listen, 'admin.listen'), gateway: await reserveGatewayAddress(config.gateway.listen) })
     const { at, gateway } = await bound().catch(async (err: unknown) => {
       await closeServer(admin, 0)
       await api?.close()

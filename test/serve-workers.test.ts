@@ -148,7 +148,7 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
   ])
   if (r === undefined) return t.fail('keygate serve --workers 2 did not exit within 60 s')
   t.equal(r.code, 1, 'exit 1')
-  t.match(r.stderr, `cannot listen on 127.0.0.1:${port}: the address is in use`, 'says why')
+  t.match(r.stderr, `cannot listen on 127.0.0.1:${port} (gateway.listen): the address is in use`, 'says why')
 })
 
 t.test('--workers: a worker killed under a churn of new connections leaves none of them without an answer or a close', async (t) => {

@@ -132,9 +132,9 @@ t.test('an address in use: exits 1 naming it, with nothing left serving', async 
   const port = (taken.address() as net.AddressInfo).port
   // A configured admin token: no first admin key is printed (the suite checks every key printed).
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
-  for (const [which, args] of [
-    ['the admin address', ['--listen', '127.0.0.1:0', '--admin-listen', `127.0.0.1:${port}`]],
-    ['the gateway address', ['--listen', `127.0.0.1:${port}`, '--admin-listen', '127.0.0.1:0']],
+  for (const [which, args, setting] of [
+    ['the admin address', ['--listen', '127.0.0.1:0', '--admin-listen', `127.0.0.1:${port}`], 'admin.listen'],
+    ['the gateway address', ['--listen', `127.0.0.1:${port}`, '--admin-listen', '127.0.0.1:0'], 'gateway.listen'],
   ] as const) {
     // Before, with the admin address taken, the process went on as a gateway over a closed store and ignored SIGTERM.
     const r = await Promise.race([runCli(['serve', ...args], { env }), new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 60_000).unref())])
@@ -143,12 +143,12 @@ t.test('an address in use: exits 1 naming it, with nothing left serving', async 
       continue
     }
     t.equal(r.code, 1, `${which} in use: exit 1`)
-    t.match(r.stderr, `cannot listen on 127.0.0.1:${port}: the address is in use`, `${which} in use: says which`)
+    t.match(r.stderr, `cannot listen on 127.0.0.1:${port} (${setting}): the address is in use`, `${which} in use: says which, and which setting`)
     t.notMatch(r.stderr, /unexpected error/)
     // Before (found by a deployment review): on stderr alone, where a reader of the JSON log never saw it.
     const failed = r.stdout.split('\n').filter((l) => l.includes('"serve failed"')).map((l) => JSON.parse(l))
     t.equal(failed.length, 1, `${which} in use: logged once`)
-    t.match(failed, [{ level: 'error', message: 'serve failed', err: { code: 'listen_failed', message: new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: the address is in use`) } }], `${which} in use: and in the JSON log on stdout, as listen_failed (before, config_invalid)`)
+    t.match(failed, [{ level: 'error', message: 'serve failed', err: { code: 'listen_failed', message: new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(${setting}\\): the address is in use`) } }], `${which} in use: and in the JSON log on stdout, as listen_failed (before, config_invalid)`)
   }
 })
 
