@@ -212,6 +212,9 @@ t.test('through the admin API and a gateway', async (t) => {
       t.equal(a.json?.error?.code, 'validation_failed', `${what}: validation_failed`)
       t.match(a.json?.error?.message, /^url: .*without spaces, line breaks, backslashes, control characters or invisible format characters/, `${what}: names url and what it may not hold`)
       t.notOk(a.text.includes(key), `${what}: the key is not quoted whole`)
+      // Nor its halves either side of the character (found by a docs walk): the message quoted
+      // the URL, `…?api_key=kg_…\t…`, the key whole to anyone reading it but for the tab.
+      t.notOk(a.text.includes(key.slice(16, 24)), `${what}: no part of the key's secret is quoted`)
     }
     t.notOk((await h.call('GET', '/v1/webhooks')).json.items.some((w: any) => w.url.includes('/split')), 'none was registered')
     const audit = await h.call('GET', '/v1/audit?action=webhook.created&limit=100')
