@@ -513,8 +513,12 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     positionals: { min: 1, max: 1 },
     prepare(p) {
       const type = choiceFlag(p, 'type', KEY_TYPES)
-      return async (ctx) => {
-        const { rows, lines } = parseImport(await readInput(ctx.io, p.positionals[0] as string))
+      // Read and parsed once: before a new store is made (Action's beforeMaking), else once the
+      // store is open, as before (`import -` holds the store while a pipe fills).
+      let input: ReturnType<typeof parseImport> | undefined
+      const load = async (io: Io) => (input ??= parseImport(await readInput(io, p.positionals[0] as string)))
+      const action: Action<ApiKeyContext> = async (ctx) => {
+        const { rows, lines } = await load(ctx.io)
         const imported = await ctx.ops.importLegacy(rows, type).catch((err: unknown) => {
           throw withLines(err, lines)
         })
@@ -525,6 +529,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         }, `${keys} ${imported.length === 1 ? 'was' : 'were'} imported (keygate api-key list shows them; importing the file again is refused as duplicates)`)
         return EXIT_OK
       }
+      action.beforeMaking = async (io) => {
+        await load(io)
+      }
+      return action
     },
   },
 }

@@ -116,9 +116,16 @@ export interface Command<C> {
 /**
  * A command's work. `beforeStore`, when the command runs on a store opened here (not through an
  * admin API), runs first, with the configuration: an exit code from it ends the command without
- * opening the store, for an answer the configuration alone gives.
+ * opening the store, for an answer the configuration alone gives. `beforeMaking` runs next when
+ * the command would make a new embedded store (none is in the data folder): what it throws ends
+ * the command with no store made, for a refusal the store plays no part in (before, found by a
+ * docs walk, `gitea create` without Gitea's settings, or `api-key import` of a file that could
+ * not be read, made a new store in a mistyped data folder, then said what was wrong).
  */
-export type Action<C> = ((ctx: C) => Promise<number>) & { beforeStore?: (io: Io, config: Config) => Promise<number | undefined> }
+export type Action<C> = ((ctx: C) => Promise<number>) & {
+  beforeStore?: (io: Io, config: Config) => Promise<number | undefined>
+  beforeMaking?: (io: Io, config: Config) => Promise<void>
+}
 
 export const str = (p: Parsed, name: string) => p.values[name] as string | undefined
 

@@ -62,7 +62,7 @@ export async function runLocal<C>(
 }
 
 /** The embedded store's folder when it holds no store yet (the command will make one), else undefined. */
-function newEmbeddedStoreAt(dataDir: string | undefined): string | undefined {
+export function newEmbeddedStoreAt(dataDir: string | undefined): string | undefined {
   const dir = resolve(dataDir ?? DEFAULT_DATA_DIR)
   return embeddedStoreExists(dir) ? undefined : dir
 }

@@ -7,6 +7,7 @@ import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { VERSION } from '../core/package.ts'
 import type { Runtime } from '../core/runtime.ts'
+import type { ServiceName } from '../core/integrations/http.ts'
 import type { DenyListService } from '../core/deny-list.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationContext } from './integrations.ts'
@@ -75,12 +76,32 @@ function runIntegrationGroup<S>(
   commands: Record<string, Command<IntegrationContext<S>>>,
   argv: string[],
   io: Io,
-  o: { local: (deps: ReturnType<typeof integrationDeps>) => Promise<S & { close(): Promise<void> }>; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string },
+  o: { local: (deps: ReturnType<typeof integrationDeps>) => Promise<S & { close(): Promise<void> }>; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string; name: ServiceName },
 ): Promise<number> {
   const actor = { actor: actorName() }
+  // The settings a command calls the service with (every command's but verify's include the
+  // login) are checked before a new store would be made (Action's beforeMaking). On a store that
+  // is there the store comes first, as before: one a server holds is told with the advice to go
+  // through its admin API, which calls the service with the server's own settings.
+  const checked = Object.fromEntries(
+    Object.entries(commands).map(([name, c]): [string, Command<IntegrationContext<S>>] => [
+      name,
+      {
+        ...c,
+        prepare: (p) => {
+          const action = c.prepare(p)
+          action.beforeMaking ??= async (_io, config) => {
+            const { assertConfigured } = await import('../core/integrations/track.ts')
+            assertConfigured(o.name, config, name !== 'verify', true)
+          }
+          return action
+        },
+      },
+    ]),
+  )
   return runGroup(
     group,
-    commands,
+    checked,
     argv,
     io,
     async (runtime, log, json) => {
@@ -160,8 +181,10 @@ export async function runGroup<C>(
   const answered = await action.beforeStore?.(io, config)
   if (answered !== undefined) return answered
   const log = cliLogger(io, config)
-  const { runLocal } = await import('./local.ts')
+  const { runLocal, newEmbeddedStoreAt } = await import('./local.ts')
   const existingOnly = sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined
+  const makes = existingOnly === undefined && !config.store.database_url && newEmbeddedStoreAt(config.store.data_dir) !== undefined
+  if (makes) await action.beforeMaking?.(io, config)
   return runLocal(config, log, { existingOnly, readOnly: sub.readOnly === true }, (runtime) => open(runtime, log, p.values.json === true), action)
 }
 
@@ -313,9 +336,9 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
         )
       case 'gitea':
-        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/gitea.ts')).GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea' })
+        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/gitea.ts')).GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea', name: 'gitea' })
       case 'n8n':
-        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/n8n.ts')).N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n' })
+        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/n8n.ts')).N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n', name: 'n8n' })
       case 'deny-list':
         return await runGroup(
           'deny-list',

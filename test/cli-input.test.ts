@@ -654,6 +654,34 @@ t.test('a command that changes a stored key or entry refuses a data folder witho
   made()
 })
 
+t.test('a command refused for what the store plays no part in makes no store', async (t) => {
+  // Before (found by a docs walk): `gitea create` or `delete` and `n8n create` or `delete` without
+  // the service's settings, and `api-key import` of a file that cannot be read or is not JSON,
+  // made a new store in the data folder (pgdata and encryption.key, with a warning that a store
+  // was made) and only then said what was wrong: a mistyped --data-dir was left a stray store,
+  // which the read-only commands then answered from.
+  const { typo, empty, made, env } = withoutStore(t, '')
+  const refusedFirst = (r: CliResult, code: string, what: string) => {
+    t.equal(r.code, 1, `${what}: exit 1`)
+    t.equal(r.json().error?.code, code, `${what}: ${code}`)
+    t.notMatch(r.stderr, /made a new embedded store/, `${what}: says no store was made`)
+  }
+  const cwd = tempDir()
+  const notJson = join(cwd, 'rows.json')
+  writeFileSync(notJson, '[{"key_hash": "x", "name": legacy}]\n')
+  refusedFirst(await runCli(['gitea', 'create', '--name', 'ci', '--scopes', 'read:user', '--data-dir', typo, '--json'], { cwd, env }), 'gitea_not_configured', 'gitea create')
+  for (const [args, code] of [
+    [['gitea', 'delete', '5'], 'gitea_not_configured'],
+    [['n8n', 'create', '--label', 'ci', '--scopes', 'workflow:list'], 'n8n_not_configured'],
+    [['n8n', 'delete', 'ci'], 'n8n_not_configured'],
+    [['api-key', 'import', join(cwd, 'no-such-file.json')], 'import_invalid'],
+    [['api-key', 'import', notJson], 'import_invalid'],
+  ] as const) {
+    refusedFirst(await runCliHere([...args, '--data-dir', empty, '--json'], { env }), code, args.join(' '))
+  }
+  made()
+})
+
 t.test("an admin API's answer of the wrong shape is said as such", async (t) => {
   // Before (found by a review): a broken admin server's `items: null` ended in "unexpected error: TypeError".
   const server = http.createServer((req, res) => {

@@ -235,8 +235,7 @@ export class GiteaTokenService {
   /** The client; `credentials` also requires GITEA_USERNAME and GITEA_PASSWORD. */
   #client(credentials: boolean): { http: IntegrationHttp; username: string; authorization: string } {
     const c = this.#deps.config.integrations.gitea
-    const needed = [[c.url, 'GITEA_URL'], ...(credentials ? [[c.username, 'GITEA_USERNAME'], [c.password, 'GITEA_PASSWORD']] as const : [])] as const
-    this.#http = configuredClient('gitea', this.#http, c, needed, this.#deps.flags === true)
+    this.#http = configuredClient('gitea', this.#http, this.#deps.config, credentials, this.#deps.flags === true)
     const username = c.username ?? ''
     const authorization = credentials ? `Basic ${Buffer.from(`${username}:${c.password}`).toString('base64')}` : ''
     this.#http.secret(authorization.slice(6))

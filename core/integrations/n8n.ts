@@ -167,8 +167,7 @@ export class N8nKeyService {
 
   #client(credentials: boolean): { http: IntegrationHttp; email: string; password: string } {
     const c = this.#deps.config.integrations.n8n
-    const needed = [[c.url, 'N8N_URL'], ...(credentials ? [[c.email, 'N8N_EMAIL'], [c.password, 'N8N_PASSWORD']] as const : [])] as const
-    this.#http = configuredClient('n8n', this.#http, c, needed, this.#deps.flags === true)
+    this.#http = configuredClient('n8n', this.#http, this.#deps.config, credentials, this.#deps.flags === true)
     return { http: this.#http, email: c.email ?? '', password: c.password ?? '' }
   }
 

@@ -21,26 +21,40 @@ export interface IntegrationDeps {
   flags?: boolean
 }
 
+/** The settings a call to `service` needs, each with its variable: the URL, and for `credentials` (every call but verify's) the login's. */
+function settingsNeeded(service: ServiceName, config: Config, credentials: boolean): Array<readonly [unknown, string]> {
+  if (service === 'gitea') {
+    const c = config.integrations.gitea
+    return [[c.url, 'GITEA_URL'], ...(credentials ? [[c.username, 'GITEA_USERNAME'], [c.password, 'GITEA_PASSWORD']] as const : [])]
+  }
+  const c = config.integrations.n8n
+  return [[c.url, 'N8N_URL'], ...(credentials ? [[c.email, 'N8N_EMAIL'], [c.password, 'N8N_PASSWORD']] as const : [])]
+}
+
 /**
- * The client of a service once its settings are complete, else `<service>_not_configured` naming
- * each missing variable (`needed`: value and variable name) and, with `flags` (the CLI on the
- * store), its flag. A server's answer names no flag: through the admin API the CLI's flags are
- * refused, and the server's own settings are the ones to set.
+ * The service's URL once the settings a call needs are there (`credentials`: every call's but
+ * verify's), else `<service>_not_configured` naming each missing variable and, with `flags` (the
+ * CLI on the store), its flag. A server's answer names no flag: through the admin API the CLI's
+ * flags are refused, and the server's own settings are the ones to set. The CLI asks this before
+ * it opens a store: before (found by a docs walk), `gitea create` without the settings made a new
+ * store in a data folder that had none, then said Gitea was not configured.
  */
-export function configuredClient(
-  service: ServiceName,
-  current: IntegrationHttp | undefined,
-  settings: { url?: string | undefined; password?: string | undefined; timeout_ms: number },
-  needed: ReadonlyArray<readonly [unknown, string]>,
-  flags = false,
-): IntegrationHttp {
-  const missing = needed.filter(([value]) => !value).map(([, name]) => name)
-  if (missing.length > 0 || !settings.url) {
+export function assertConfigured(service: ServiceName, config: Config, credentials: boolean, flags = false): string {
+  const url = config.integrations[service].url
+  const missing = settingsNeeded(service, config, credentials).filter(([value]) => !value).map(([, name]) => name)
+  if (missing.length > 0 || !url) {
     const named = flags ? `, or ${missing.map((n) => `--${n.toLowerCase().replace(/_/g, '-')}`).join(', ')}` : ''
     throw new KeygateError(`${service}_not_configured`, `${SERVICE_LABEL[service]} is not configured: set ${missing.join(', ')} (or integrations.${service} in the configuration file${named})`)
   }
+  return url
+}
+
+/** The client of a service once the settings a call needs are there (assertConfigured), `current` when there is one. */
+export function configuredClient(service: ServiceName, current: IntegrationHttp | undefined, config: Config, credentials: boolean, flags = false): IntegrationHttp {
+  const url = assertConfigured(service, config, credentials, flags)
   if (current) return current
-  const http = new IntegrationHttp({ service, url: settings.url, timeoutMs: settings.timeout_ms })
+  const settings = config.integrations[service]
+  const http = new IntegrationHttp({ service, url, timeoutMs: settings.timeout_ms })
   http.secret(settings.password)
   return http
 }
