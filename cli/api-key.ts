@@ -514,7 +514,9 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       const type = choiceFlag(p, 'type', KEY_TYPES)
       // Read and parsed once: before a new store is made (Action's beforeMaking), else once the
-      // store is open, as before (`import -` holds the store while a pipe fills).
+      // store is open, as before (`import -` holds the store while a pipe fills). Before a new
+      // store the rows are checked too, by themselves: a new store holds no key to add a problem
+      // (before, found by a review, rows refused by their own fields made the store, then said so).
       let input: ReturnType<typeof parseImport> | undefined
       const load = async (io: Io) => (input ??= parseImport(await readInput(io, p.positionals[0] as string)))
       const action: Action<ApiKeyContext> = async (ctx) => {
@@ -530,7 +532,13 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         return EXIT_OK
       }
       action.beforeMaking = async (io) => {
-        await load(io)
+        const { rows, lines } = await load(io)
+        const { checkImportRows, refuseImportProblems } = await import('../core/keys/service.ts')
+        try {
+          refuseImportProblems(await checkImportRows(rows, new Date()))
+        } catch (err) {
+          throw withLines(err, lines)
+        }
       }
       return action
     },

@@ -682,6 +682,29 @@ t.test('a command refused for what the store plays no part in makes no store', a
   made()
 })
 
+t.test('api-key import of rows that are refused whatever the store holds makes no store', async (t) => {
+  // Before (found by a review): a file that was JSON but whose rows were refused by their own
+  // fields (a key_hash missing or not SHA-256 hex, an unknown field) made a new store in a
+  // mistyped data folder, with the warning that it was made, and only then listed the problems.
+  const { typo, empty, made, env } = withoutStore(t, '')
+  const cwd = tempDir()
+  const array = join(cwd, 'rows.json')
+  writeFileSync(array, '[{"name": "legacy"}]\n')
+  const lines = join(cwd, 'rows.jsonl')
+  writeFileSync(lines, `\n{"key_hash": "${'a'.repeat(64)}", "name": "ok"}\n{"key_hash": "not-hex", "name": "bad"}\n`)
+  for (const [file, dir, problem] of [
+    [array, typo, 'row 1: key_hash: is required'],
+    [lines, empty, 'row 2 (line 3): key_hash: <hidden> is not allowed'],
+  ] as const) {
+    const r = await runCliHere(['api-key', 'import', file, '--data-dir', dir, '--json'], { env })
+    t.equal(r.code, 1, `${file}: exit 1`)
+    t.equal(r.json().error?.code, 'import_invalid', `${file}: import_invalid`)
+    t.match(r.json().error?.message, problem, `${file}: the row's problem, its line named`)
+    t.notMatch(r.stderr, /made a new embedded store/, `${file}: says no store was made`)
+  }
+  made()
+})
+
 t.test("an admin API's answer of the wrong shape is said as such", async (t) => {
   // Before (found by a review): a broken admin server's `items: null` ended in "unexpected error: TypeError".
   const server = http.createServer((req, res) => {

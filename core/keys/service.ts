@@ -165,6 +165,79 @@ export function emptyImport(): KeygateError {
   return new KeygateError('import_invalid', 'the import holds no rows; expected a JSON array or JSON lines of objects')
 }
 
+/** An import's rows as checked by themselves (checkImportRows): each row's problems, the rows that passed, and the row each well-formed key_hash is first in. */
+export interface ImportCheck {
+  rows: ImportRowInput[]
+  problems: string[][]
+  seen: Map<string, number>
+  /** The row the check stopped at, its problems reaching MAX_LISTED_PROBLEMS; -1 when it checked every row. */
+  checked: number
+  /** How many rows the import holds. */
+  total: number
+}
+
+/**
+ * Checks an import's rows as far as the store plays no part (their shape, fields and repeats
+ * within the file): KeyService.importLegacy then adds those the store finds (a key_hash already
+ * in it), and the CLI asks this before it makes a new store for an import (before, found by a
+ * review, a file of rows refused by their own fields made a store in a mistyped data folder,
+ * then was refused). Problems are collected up to MAX_LISTED_PROBLEMS: the check stops at the
+ * row that reaches them.
+ */
+export async function checkImportRows(input: unknown, now: Date): Promise<ImportCheck> {
+  if (!Array.isArray(input) || input.length === 0) throw emptyImport()
+  checkImportSize(input.length)
+  // Each row's problems, so that those the store adds are listed with the row's own.
+  const problems: string[][] = input.map(() => [])
+  const rows: ImportRowInput[] = []
+  const seen = new Map<string, number>()
+  const check = (raw: unknown, i: number): void => {
+    let hash: string | undefined
+    if (raw && typeof raw === 'object' && typeof (raw as { key_hash?: unknown }).key_hash === 'string') {
+      // Hex is case-blind; the replaced system may have stored upper case.
+      hash = (raw as { key_hash: string }).key_hash.toLowerCase()
+      raw = { ...raw, key_hash: hash }
+    }
+    // A well-formed hash is checked for repeats and against the store whatever else is wrong with
+    // its row, so that one answer lists every problem of the rows checked (the README's promise).
+    if (hash !== undefined && SHA256_HEX.test(hash)) {
+      const first = seen.get(hash)
+      if (first === undefined) seen.set(hash, i + 1)
+      else problems[i]?.push(`row ${i + 1}: key_hash repeats row ${first}`)
+    }
+    try {
+      const row = withNormalCidrs(assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`))
+      checkMetadata(row.metadata)
+      refuseKeyIn({ name: row.name, owner: row.owner, metadata: row.metadata })
+      // A key made in the future would head the newest-first list for ever; one made after it
+      // expired is no key the replaced system ever had.
+      const created = row.created_at ? new Date(row.created_at) : undefined
+      if (created && created > now) throw fieldInvalid('created_at', `${row.created_at} is in the future`)
+      if (created && row.expires_at && new Date(row.expires_at) <= created) throw fieldInvalid('expires_at', `${row.expires_at} is not after created_at ${row.created_at}`)
+      rows.push(row)
+    } catch (err) {
+      if (!(err instanceof KeygateError)) throw err
+      // The message names the row already when the row itself is what is wrong (`row 3: …`).
+      problems[i]?.push(err.message.startsWith(`row ${i + 1}`) ? err.message : `row ${i + 1}: ${err.message}`)
+    }
+  }
+  let found = 0
+  // The rows checked: all of them, or those up to the one whose problems reach the most listed.
+  const checked = await findIndexInSlices(input, (raw, i) => {
+    check(raw, i)
+    found += problems[i]?.length ?? 0
+    return found >= MAX_LISTED_PROBLEMS
+  })
+  return { rows, problems, seen, checked, total: input.length }
+}
+
+/** `import_invalid` listing an import's problems (up to MAX_LISTED_PROBLEMS, and which rows were not checked), when it has any. */
+export function refuseImportProblems({ problems, checked, total }: ImportCheck): void {
+  const listed = firstProblems(problems.flat())
+  if (checked >= 0 && checked < total - 1) listed.push(`the rows after row ${checked + 1} were not checked (an import lists at most ${MAX_LISTED_PROBLEMS} problems)`)
+  if (listed.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${listed.join('\n  ')}`, { problems: listed })
+}
+
 function futureDate(value: string | null | undefined, now: Date, field: string): Date | null | undefined {
   if (value === undefined || value === null) return value
   const d = new Date(value)
@@ -644,58 +717,15 @@ export class KeyService {
    * row that reaches them); then all are written in one transaction or none.
    */
   async importLegacy(input: unknown, actor: Actor, defaults: { type?: KeyType } = {}): Promise<KeyRecord[]> {
-    if (!Array.isArray(input) || input.length === 0) throw emptyImport()
-    checkImportSize(input.length)
-    // Each row's problems, so that those the store adds are listed with the row's own.
-    const problems: string[][] = input.map(() => [])
-    const rows: ImportRowInput[] = []
-    const seen = new Map<string, number>()
     const now = this.#now()
-    const check = (raw: unknown, i: number): void => {
-      let hash: string | undefined
-      if (raw && typeof raw === 'object' && typeof (raw as { key_hash?: unknown }).key_hash === 'string') {
-        // Hex is case-blind; the replaced system may have stored upper case.
-        hash = (raw as { key_hash: string }).key_hash.toLowerCase()
-        raw = { ...raw, key_hash: hash }
-      }
-      // A well-formed hash is checked for repeats and against the store whatever else is wrong with
-      // its row, so that one answer lists every problem of the rows checked (the README's promise).
-      if (hash !== undefined && SHA256_HEX.test(hash)) {
-        const first = seen.get(hash)
-        if (first === undefined) seen.set(hash, i + 1)
-        else problems[i]?.push(`row ${i + 1}: key_hash repeats row ${first}`)
-      }
-      try {
-        const row = withNormalCidrs(assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`))
-        checkMetadata(row.metadata)
-        refuseKeyIn({ name: row.name, owner: row.owner, metadata: row.metadata })
-        // A key made in the future would head the newest-first list for ever; one made after it
-        // expired is no key the replaced system ever had.
-        const created = row.created_at ? new Date(row.created_at) : undefined
-        if (created && created > now) throw fieldInvalid('created_at', `${row.created_at} is in the future`)
-        if (created && row.expires_at && new Date(row.expires_at) <= created) throw fieldInvalid('expires_at', `${row.expires_at} is not after created_at ${row.created_at}`)
-        rows.push(row)
-      } catch (err) {
-        if (!(err instanceof KeygateError)) throw err
-        // The message names the row already when the row itself is what is wrong (`row 3: …`).
-        problems[i]?.push(err.message.startsWith(`row ${i + 1}`) ? err.message : `row ${i + 1}: ${err.message}`)
-      }
-    }
-    let found = 0
-    // The rows checked: all of them, or those up to the one whose problems reach the most listed.
-    const checked = await findIndexInSlices(input, (raw, i) => {
-      check(raw, i)
-      found += problems[i]?.length ?? 0
-      return found >= MAX_LISTED_PROBLEMS
-    })
-    const existing = await this.#db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE key_hash = ANY($1)', [[...seen.keys()]])
+    const check = await checkImportRows(input, now)
+    const existing = await this.#db.query<{ key_hash: string }>('SELECT key_hash FROM api_keys WHERE key_hash = ANY($1)', [[...check.seen.keys()]])
     for (const e of existing) {
-      const row = seen.get(e.key_hash) as number
-      problems[row - 1]?.push(`row ${row}: key_hash is already in the store`)
+      const row = check.seen.get(e.key_hash) as number
+      check.problems[row - 1]?.push(`row ${row}: key_hash is already in the store`)
     }
-    const listed = firstProblems(problems.flat())
-    if (checked >= 0 && checked < input.length - 1) listed.push(`the rows after row ${checked + 1} were not checked (an import lists at most ${MAX_LISTED_PROBLEMS} problems)`)
-    if (listed.length > 0) throw new KeygateError('import_invalid', `nothing imported:\n  ${listed.join('\n  ')}`, { problems: listed })
+    refuseImportProblems(check)
+    const { rows } = check
     let records: KeyRecord[]
     // Until COMMIT is sent, a failure leaves nothing behind: the transaction is rolled back.
     let committing = false
