@@ -388,8 +388,14 @@ export function foreignValueWords(value: unknown): string | undefined {
 const SHOWN_VALUE = 80
 /** What is kept past that before the scrubbing, so that a key or secret that starts within it is still found whole. */
 const SECRET_ROOM = 1024
-/** A tab or line break as JSON escapes it: a key split by one is still a key to a URL parser, which drops them, and to a reader. */
-const SPLITTING_ESCAPES = /\\[tnr]/g
+/**
+ * A character a message shows escaped (JSON's `\t`, `\n`, `\r`, `\b`, `\f`, and `\uXXXX` of
+ * escapeUnprintable): a key split by one is still a key to a reader, who skips over the escape,
+ * and by a tab or a line break to a URL parser, which drops them. (Before, found by a review, only
+ * `\t`, `\n` and `\r` were looked through: a key split by a zero-width space or a soft hyphen,
+ * refused for that very character, was quoted whole but for its `\u200b`.)
+ */
+const SPLITTING_ESCAPES = /\\(?:[bfnrt]|u[0-9a-fA-F]{4})/g
 
 /**
  * The first `n` characters (code points) of `text`. A cut never splits a surrogate pair: half an
@@ -431,8 +437,8 @@ export function showValue(value: unknown, secret = false): string {
   // A secret where a value of another shape belongs (a key pasted as the whole body or import
   // row) is not shown either: anything shaped like a key goes, as in the log.
   s = scrub(s)
-  // Nor a value holding a key split by a tab or a line break (in the JSON, `\t`, `\n`, `\r`),
-  // which a URL parser drops and a reader skips over: refused for that very character (a webhook
+  // Nor a value holding a key split by a character shown escaped (a tab, a line break, an
+  // invisible character), which a reader skips over: refused for that very character (a webhook
   // URL, a key's name), it was quoted with the key whole but for it (found by a docs walk).
   if (holdsKeyShape(s.replace(SPLITTING_ESCAPES, ''))) return '<hidden>'
   // Nor the user:password@ of a URL.

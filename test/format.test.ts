@@ -335,6 +335,28 @@ t.test('a value holding a key split by a tab or a line break is not shown', asyn
   t.equal(showValue('a\tb'), '"a\\tb"', 'a tab is still shown where no key is')
 })
 
+t.test('a value holding a key split by any character a message shows escaped is not shown', async (t) => {
+  const { showValue } = await import('../core/validate.ts')
+  const { key } = generateKey('kg_')
+  // Before (found by a review): only a tab or a line break was looked through; a key split by
+  // another character the message escapes (a zero-width space, a soft hyphen, a form feed, a
+  // NUL), refused for that very character, was quoted whole but for its escape (`\u200b`), which
+  // a reader skips over as they do `\t`.
+  const secret = key.slice(-28)
+  for (const [what, splitter] of [
+    ['a zero-width space', '\u200b'],
+    ['a soft hyphen', '\u00ad'],
+    ['a form feed', '\f'],
+    ['a backspace', '\b'],
+    ['a NUL', '\u0000'],
+    ['a right-to-left override', '\u202e'],
+  ] as const) {
+    const shown = showValue(`http://h/x?api_key=${key.slice(0, 20)}${splitter}${key.slice(20)}`)
+    t.notOk(shown.includes(secret.slice(0, 8)) || shown.includes(secret.slice(-8)), `${what}: no part of its secret is shown`, { shown })
+  }
+  t.equal(showValue('a\u200bb'), '"a\\u200bb"', 'an escaped character is still shown where no key is')
+})
+
 t.test('an array past its maxItems is checked to one element past it, and told whole', async (t) => {
   const { problems } = await import('../core/validate.ts')
   const { Type } = await import('@sinclair/typebox')
