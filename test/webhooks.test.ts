@@ -790,6 +790,7 @@ await forEachStore(t, async (t, store) => {
     const next = await s.rotateSecret(other.webhook.id, ACTOR)
     const legacyRow = await rowOf(other.webhook.id)
     t.matchStrict(legacyRow, { previous_secret: null, sealed_earlier_secrets: [{ sealed: SEALED }] })
+    t.equal(legacyRow.sealed_earlier_secrets.length, 1, 'one earlier secret: the pattern checks only the items it starts with')
     t.notOk(JSON.stringify(legacyRow).includes(bytesOf(legacy)), 'the plaintext is gone')
     await s.enqueue(event('key.revoked', { key: { id: 'regrace-legacy' } }))
     await s.idle()
