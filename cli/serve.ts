@@ -411,8 +411,9 @@ interface StoreState {
  * a probe or scrape that comes while one is under way waits for its answer (within its own
  * PROBE_MS), and each statement of it is cancelled by PostgreSQL at PROBE_MS, its connection
  * dropped a second later if nothing answers at all, whatever store.query_timeout_ms says (Db's
- * probing). So the probes hold one pool connection at most, for 2 to 3 s a statement (and a new
- * connection's start-up), and the admin API and the gateway have the rest.
+ * probing). So the probes hold one connection at most, their own outside the pool, for 2 to 3 s a
+ * statement (and a new connection's start-up, bounded by PROBE_MS too), and the admin API and the
+ * gateway have the whole pool.
  * Before (found by a review), each scrape asked the store itself and /readyz every 2 s, and each
  * question held its connection for the store's timeouts (5 to 6 s, for good with no query
  * timeout): on a hung store a probe and a scrape a second held 8 to 9 of the 10 connections

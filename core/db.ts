@@ -49,8 +49,9 @@ export interface Db extends Queryable {
   /**
    * The store as a health probe asks it: a statement not answered within `ms` fails (TimedOut),
    * whatever store.query_timeout_ms says (longer, or no limit). PostgreSQL cancels it at `ms`, and
-   * a connection that answered nothing at all is dropped a second later, not kept taken from the
-   * pool for the store's own timeout or for good. Its statements take no parameters.
+   * a connection that answered nothing at all is dropped a second later, not kept for the store's
+   * own timeout or for good. On PostgreSQL the probes have a connection of their own, outside the
+   * pool (see PostgresDb's). Its statements take no parameters.
    */
   probing(ms: number): Queryable
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
