@@ -350,11 +350,13 @@ class PostgresDb implements Db {
   }
 
   /**
-   * The probes have a connection of their own, outside the pool (made at the first probe, kept
-   * while they come at least every 30 s): before (found by a review), a probe waited for a pool
-   * connection like any statement, so a pool busy with real work on a healthy store read as a
-   * store not answering (`/readyz` 503, keygate_store_up 0), and a load balancer took a busy
-   * instance out. One more connection a process, then. Its start-up is bounded by `ms` too.
+   * The probes have a connection of their own, outside the pool: before (found by a review), a
+   * probe waited for a pool connection like any statement, so a pool busy with real work on a
+   * healthy store read as a store not answering (`/readyz` 503, keygate_store_up 0), and a load
+   * balancer took a busy instance out. One more connection a process, then, made at the first
+   * probe (bounded by `ms` too) and kept, not closed when idle: made again at each scrape of a
+   * Prometheus scraping once a minute, it would read a server at max_connections as down while
+   * the pool worked. A broken one is dropped and made again at the next probe.
    *
    * Each statement is sent after a `SET LOCAL statement_timeout` of `ms`, in one simple query (one
    * round trip, one implicit transaction, which the setting ends with: nothing is left set on a
@@ -385,7 +387,7 @@ class PostgresDb implements Db {
   }
 
   #newProbePool(ms: number): pg.Pool {
-    const pool = new this.#Pool({ connectionString: this.#url, max: 1, connectionTimeoutMillis: ms, idleTimeoutMillis: 30_000 })
+    const pool = new this.#Pool({ connectionString: this.#url, max: 1, connectionTimeoutMillis: ms, idleTimeoutMillis: 0 })
     pool.on('error', () => {})
     return pool
   }
