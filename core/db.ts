@@ -173,10 +173,19 @@ const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTF
  * (shutting down, crashed, not yet accepting), 53300 (too many connections) or 3D000 (no such
  * database).
  */
+/**
+ * The errors a new connection failed with, whatever PostgreSQL's SQLSTATE: a database that takes
+ * no connections (ALTER DATABASE ... ALLOW_CONNECTIONS false, 55000) is as unusable as one
+ * missing. Before (found by a docs walk), such a 55000 was a 500 internal_error at the admin API,
+ * where the gateway answered 503 store_unavailable.
+ */
+const AT_CONNECT = new WeakSet<object>()
+
 function isUnreachable(err: unknown): boolean {
   const code = (err as { code?: unknown }).code
   // 08P01 (protocol violation) is also what a malformed statement gets (too many parameters): a bug to surface, not an outage.
   if (typeof code === 'string' && code !== '08P01' && (SOCKET_ERRORS.has(code) || /^(?:08|28|57P0[123]$|53300$|3D000$)/.test(code))) return true
+  if (typeof err === 'object' && err !== null && AT_CONNECT.has(err)) return true
   const message = err instanceof Error ? err.message : ''
   return /^Connection terminated|timeout exceeded when trying to connect|is not queryable/.test(message)
 }
@@ -265,7 +274,10 @@ class PostgresDb implements Db {
    * `pool`: the pool's, or the health probes' own (probing), which gets no SET.
    */
   async #acquire(pool = this.#pool): Promise<Checkout> {
-    const client = await pool.connect()
+    const client = await pool.connect().catch((err: unknown) => {
+      if (typeof err === 'object' && err !== null) AT_CONNECT.add(err)
+      throw err
+    })
     const onLost = (): void => {}
     client.on('error', onLost)
     const giveBack = (broken: boolean): void => {

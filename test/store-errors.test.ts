@@ -9,7 +9,7 @@ import { openDb } from '../core/db.ts'
 import { TimedOut } from '../core/deadline.ts'
 import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt, pathWhere } from '../core/validate.ts'
-import { forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
+import { adminClient, forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { until } from './helpers/gateway.ts'
 
@@ -70,6 +70,32 @@ t.test('PostgreSQL: a new connection lost at its first statement (its statement_
     await holding
     t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], `${what}: the process and the pool go on`)
   }
+})
+
+t.test('PostgreSQL: a database that refuses new connections (ALLOW_CONNECTIONS false, 55000 at connect) is store_unavailable, not a bare error', async (t) => {
+  // Found by a docs walk: the admin API answered 500 internal_error where docs/admin.md promises
+  // 503 store_unavailable for "PostgreSQL refusing connections", and the gateway answered 503.
+  const url = await freshDatabase(t)
+  const name = new URL(url).pathname.slice(1)
+  const db = await openDb({ databaseUrl: url, poolMax: 2 })
+  t.teardown(() => db.close())
+  const admin = await adminClient()
+  t.teardown(() => admin.end())
+  await admin.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS false`)
+  t.teardown(() => admin.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`))
+  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [name])
+  // The pool's idle connection, terminated just now, fails the first statement on its own (57P01).
+  await rejection(db.query('SELECT 1'))
+  for (const [what, run] of [
+    ['a statement', () => db.query('SELECT 1')],
+    ['a transaction', () => db.transaction(async (tx) => void (await tx.query('SELECT 1')))],
+  ] as const) {
+    const err = await rejection(run())
+    t.equal((err as { code?: string }).code, 'store_unavailable', `${what}: store_unavailable`)
+    t.match(err.message, /PostgreSQL at .* cannot be reached: .*not currently accepting connections/, `${what}: names the store and PostgreSQL's words`)
+  }
+  await admin.query(`ALTER DATABASE ${name} ALLOW_CONNECTIONS true`)
+  t.same(await db.query('SELECT 1 AS one'), [{ one: 1 }], 'the pool goes on once connections are allowed again')
 })
 
 t.test('PostgreSQL: a malformed statement (08P01, too many parameters) is its own error, not an unreachable store', async (t) => {
