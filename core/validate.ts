@@ -90,11 +90,19 @@ export const NAME_TEXT_NO_MARKUP = `^(?=[\\s\\S]*${SHOWS})[^<>&"${UNPRINTABLE_CH
  */
 export const URL_AS_WRITTEN = `^[^\\s\\\\${UNPRINTABLE_CHARS}]*$`
 
+/**
+ * Anything but `.` and `..`: a name that goes into a URL path as a segment of its own (a Gitea
+ * user's), where either would resolve to another endpoint.
+ */
+export const NOT_DOT_SEGMENT = '^(?!\\.\\.?$)'
+
 /** The words for the patterns that have them (else a message quotes the pattern). */
 const PATTERN_WORDS: Record<string, string> = {
   [PRINTABLE]: PRINTABLE_WORDS,
   [NAME_TEXT]: `with something visible (not only spaces), ${PRINTABLE_WORDS}`,
   [NAME_TEXT_NO_MARKUP]: `with something visible (not only spaces), without <, >, & or ", ${PRINTABLE_WORDS}`,
+  // Before (found by a docs walk), a refused `..` was told to match ^(?!\.\.?$).
+  [NOT_DOT_SEGMENT]: 'other than "." or ".."',
   [URL_AS_WRITTEN]: 'without spaces, line breaks, backslashes, control characters or invisible format characters (the URL parser drops or rewrites them: percent-encode what the URL needs)',
 }
 

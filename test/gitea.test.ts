@@ -617,7 +617,12 @@ await forEachStore(t, async (t, store) => {
 
   await t.test('delete: a user name that would turn the URL into another endpoint is refused before any request', async (t) => {
     const before = fake.requests.length
-    for (const user of ['.', '..']) t.match(await rejection(gitea.delete('1', actor, { user })), { code: 'validation_failed' }, JSON.stringify(user))
+    for (const user of ['.', '..']) {
+      const err = await rejection(gitea.delete('1', actor, { user }))
+      t.match(err, { code: 'validation_failed' }, JSON.stringify(user))
+      // In words: before (found by a docs walk), the message ended "matching ^(?!\.\.?$)".
+      t.match(err.message, /^user: "\.{1,2}" is not allowed; expected a non-empty string of at most 255 characters other than "\." or "\.\."$/, `${JSON.stringify(user)}: said in words`)
+    }
     t.equal(fake.requests.length, before, 'nothing sent to Gitea')
   })
 

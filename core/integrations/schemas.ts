@@ -3,7 +3,7 @@
 // what Gitea knows and what the n8n instance allows, so an unknown scope gets its own error code.
 import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
-import { NAME_TEXT, NAME_TEXT_NO_MARKUP } from '../validate.ts'
+import { NAME_TEXT, NAME_TEXT_NO_MARKUP, NOT_DOT_SEGMENT } from '../validate.ts'
 
 const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
 /** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
@@ -22,7 +22,7 @@ const ScopeName = Type.String({ minLength: 1, maxLength: 100, pattern: '^[a-z0-9
  * encodeURIComponent leaves as they are, so the path would resolve to another endpoint (called
  * with keygate's own Basic credentials). Gitea itself takes no such name.
  */
-const GITEA_USER = '^(?!\\.\\.?$)'
+const GITEA_USER = NOT_DOT_SEGMENT
 
 export const CreateGiteaTokenBody = Type.Object(
   {
