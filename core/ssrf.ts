@@ -225,7 +225,9 @@ export async function checkTarget(url: string, allowed: AllowList, names: Webhoo
   }
   for (const a of answers) {
     const why = addressRefusal(a.address, allowed)
-    if (why) throw refused(`${name} resolves to ${why}; add it to webhooks.allow_private to allow an internal receiver`)
+    // `why` is a sentence of its own ("127.0.0.1 is a loopback address"); before (found by a docs
+    // walk), it was run on into "localhost resolves to 127.0.0.1 is a loopback address".
+    if (why) throw refused(`${name} resolves to a refused address (${why}); add it to webhooks.allow_private to allow an internal receiver`)
   }
   return parsed
 }
@@ -252,7 +254,7 @@ export async function pinnedAgent(allowed: AllowList, timeoutMs: number, names: 
       for (const a of answers) {
         const why = addressRefusal(a.address, allowed)
         if (why) {
-          const e: NodeJS.ErrnoException = new Error(`webhook target ${hostname} resolves to ${why}`)
+          const e: NodeJS.ErrnoException = new Error(`webhook target ${hostname} resolves to a refused address (${why})`)
           e.code = ADDRESS_REFUSED
           return cb(e, '')
         }

@@ -175,6 +175,10 @@ t.test('through the admin API and a gateway', async (t) => {
       t.equal(field?.field, 'url', `${url}: the field named`)
       t.equal(`url: ${field?.message}`, a.json?.error?.message, `${url}: the field's message without its name, as validation_failed's`)
     }
+    // A name is told by what it resolves to, in a sentence: before (found by a docs walk), "url:
+    // localhost resolves to 127.0.0.1 is a loopback address".
+    const byName = await strict.call('POST', '/v1/webhooks', { body: { url: 'http://localhost/', events: ['key.created'] } })
+    t.match(byName.json?.error?.message, /^url: localhost resolves to a refused address \((127\.0\.0\.1|::1) is a loopback address\); add it to webhooks\.allow_private to allow an internal receiver$/)
     const allowed = await h.call('POST', '/v1/webhooks', { body: { url: 'http://127.0.0.1:9/allow-listed', events: ['key.expiring'] } })
     t.equal(allowed.status, 201, 'an address in webhooks.allow_private is accepted')
     t.equal(allowed.json.enabled, true, 'enabled by default')
