@@ -167,13 +167,6 @@ const isReadTimeout = (err: unknown): boolean => err instanceof Error && err.mes
 const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE'])
 
 /**
- * Whether `err` says PostgreSQL cannot be reached or used at all, rather than refusing one
- * statement: a socket error, node-postgres's own words for a lost or timed-out connection, or
- * SQLSTATE class 08 (connection exception, but 08P01), 28 (bad credentials), 57P01-57P03
- * (shutting down, crashed, not yet accepting), 53300 (too many connections) or 3D000 (no such
- * database).
- */
-/**
  * The errors a new connection failed with, whatever PostgreSQL's SQLSTATE: a database that takes
  * no connections (ALTER DATABASE ... ALLOW_CONNECTIONS false, 55000) is as unusable as one
  * missing. Before (found by a docs walk), such a 55000 was a 500 internal_error at the admin API,
@@ -181,6 +174,13 @@ const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'ENOTF
  */
 const AT_CONNECT = new WeakSet<object>()
 
+/**
+ * Whether `err` says PostgreSQL cannot be reached or used at all, rather than refusing one
+ * statement: a socket error, node-postgres's own words for a lost or timed-out connection, or
+ * SQLSTATE class 08 (connection exception, but 08P01), 28 (bad credentials), 57P01-57P03
+ * (shutting down, crashed, not yet accepting), 53300 (too many connections) or 3D000 (no such
+ * database), or any error a new connection failed with (AT_CONNECT).
+ */
 function isUnreachable(err: unknown): boolean {
   const code = (err as { code?: unknown }).code
   // 08P01 (protocol violation) is also what a malformed statement gets (too many parameters): a bug to surface, not an outage.
