@@ -358,7 +358,10 @@ export const ConfigSchema = Type.Object(
         retry_base_ms: int(5000, 10, 3_600_000, { description: 'Wait before the second attempt; it doubles after each failure.' }),
         retry_max_ms: int(3_600_000, 10, 86_400_000, { description: 'Longest wait between two attempts.' }),
         poll_interval_ms: int(1000, 20, 600_000, { description: 'How often each process looks for due deliveries in the store.' }),
-        rate_limit_debounce_s: int(60, 1, 86_400, { description: 'rate_limit.exceeded is sent at most once per key within this time.' }),
+        rate_limit_debounce_s: int(60, 1, 86_400, {
+          description:
+            "rate_limit.exceeded is sent at most once per key in each window of this length, windows aligned to the clock (the event's window_start, one for every instance): two can come moments apart, either side of a window's start (before, found by a docs walk, this said at most once within this time).",
+        }),
         secret_grace_hours: int(24, 0, 8760, { description: 'After a secret rotation the previous secret also signs deliveries (a second signature) for this long.' }),
       },
       { additionalProperties: false, default: {} },
