@@ -332,7 +332,10 @@ export const ConfigSchema = Type.Object(
         check_interval_ms: int(1000, 20, 600_000, { description: 'How often a gateway process adds what it counted to the shared windows (Redis, else memory) and checks the thresholds; never on the request path.' }),
         dedupe_window_s: int(3600, 1, 604_800, { description: 'One anomaly per key and type within a window of this length (one row, one alert, one webhook).' }),
         request_rate_per_min: int(1000, 1, 1_000_000_000, { description: 'More requests than this with one key within a minute is an anomaly.' }),
-        error_rate_percent: int(50, 1, 100, { description: 'More than this share of one key\'s requests answered with an error (status 400 or above) within error_rate_window_s is an anomaly.' }),
+        error_rate_percent: int(50, 1, 100, {
+          description:
+            "More than this share of one key's requests answered with an error (status 400 or above) within error_rate_window_s is an anomaly. keygate's own answers to an outage (upstream_unavailable, upstream_timeout, store_unavailable, shutting_down, internal_error) count as requests, not errors: an upstream down would flag every key in use (before, found by a docs walk, this left them out).",
+        }),
         error_rate_min_requests: int(20, 1, 1_000_000, { description: 'The error rate is judged only once a key made at least this many requests in the window.' }),
         error_rate_window_s: int(60, 10, 86_400, { description: 'Window of the error rate.' }),
         distinct_addresses_per_hour: int(5, 1, 999, { description: "More distinct client addresses than this using one key within an hour is an anomaly (a key's addresses are counted up to 1000 an hour)." }),
