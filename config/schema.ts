@@ -69,7 +69,7 @@ const Route = Type.Object(
     rewrite_redirects: Type.Boolean({
       default: true,
       description:
-        "An upstream answer's `Location` that names the upstream's own URL (its origin and base path, as `upstream` gives them) goes to the client as the path it used (under the route's prefix with `strip_prefix`), as nginx's `proxy_redirect default` does: the upstream's address is not one the client can reach. Any other `Location` passes as sent.",
+        "An upstream answer's `Location` that names the upstream's own URL (its origin and base path, as `upstream` gives them) goes to the client as the path it used (under the route's prefix with `strip_prefix`), as nginx's `proxy_redirect default` does: the upstream's address is not one the client can reach. Only where that path comes back to this route: on a route `/r` without `strip_prefix` to `http://svc/base`, `http://svc/base/r/x` is `/r/x`, and `http://svc/base/x`, which would be `/x`, another route's, passes as sent (before, found by a docs walk, this left that out). Any other `Location` passes as sent (docs/gateway.md).",
     }),
     cors_preflight: Type.Boolean({
       default: false,
