@@ -92,13 +92,21 @@ export function isLockoutAddress(value: string): boolean {
   return !value.includes('%') && isCidrOrAddress(value) && parseRange(value)?.[0].kind() === 'ipv6'
 }
 
+/**
+ * A listen address, `host:port`: the host an IPv4 address, an IPv6 one in brackets or a host name
+ * (LABEL, as HOST_PORT reads them). Before (found by a docs walk), any text without a colon or a
+ * bracket was a host: `*:8080`, `300.1.1.1:8080` or one with a space passed `config check`, and
+ * serve failed with "getaddrinfo ENOTFOUND *", naming no setting. Digits and dots alone are an
+ * IPv4 address or nothing (the resolver reads `2130706433` as 127.0.0.1).
+ */
 export function parseListen(value: string): { host: string; port: number } | undefined {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(value)
   if (!m) return undefined
   const port = Number(m[3])
   if (port > 65535) return undefined
   const host = m[1] ?? m[2] ?? ''
-  if (m[1] !== undefined && !ipaddr.IPv6.isValid(host)) return undefined
+  if (m[1] !== undefined) return ipaddr.IPv6.isValid(host) ? { host, port } : undefined
+  if (/^[0-9.]+$/.test(host) ? !ipaddr.IPv4.isValidFourPartDecimal(host) : !HOST_NAME.test(host)) return undefined
   return { host, port }
 }
 
@@ -120,7 +128,10 @@ export function listenOverlaps(a: string, b: string): boolean {
 
 // A DNS label as Host values carry them: letters, digits, `-` inside, and `_` (service names).
 const LABEL = '[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?'
-const HOST_PORT = new RegExp(`^(?:\\[([0-9A-Fa-f:.]+)\\]|((?:${LABEL}\\.)*${LABEL}\\.?))(?::([1-9][0-9]{0,4}))?$`)
+// A host name: labels, one trailing dot allowed.
+const NAME = `(?:${LABEL}\\.)*${LABEL}\\.?`
+const HOST_NAME = new RegExp(`^${NAME}$`)
+const HOST_PORT = new RegExp(`^(?:\\[([0-9A-Fa-f:.]+)\\]|(${NAME}))(?::([1-9][0-9]{0,4}))?$`)
 
 /**
  * A Host a request can carry, as a route names it: a name (one trailing dot allowed) or IPv4

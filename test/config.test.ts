@@ -896,6 +896,26 @@ t.test('gateway.listen and admin.listen on one address are refused where serve l
   )
 })
 
+// Before (found by a docs walk): any text without a colon or bracket was a host, so `*:8080` (as
+// Apache writes "every address"), `300.1.1.1:8080` or a host with a space passed `config check`,
+// and serve then failed with "cannot listen on *:8080: getaddrinfo ENOTFOUND *", naming no setting.
+t.test('a listen address whose host is neither an IP address nor a host name is refused', async (t) => {
+  const allowed = 'expected host:port, such as 0.0.0.0:8080 or [::1]:8080'
+  const listen = (gateway: string, admin = '127.0.0.1:8081') => problemsOf({ file: yamlFile(t, { gateway: { listen: gateway }, admin: { listen: admin } }), env: {} }).problems
+  for (const bad of ['*:8080', '300.1.1.1:8080', '10.0.0.0.1:8080', '2130706433:8080', 'a b:8080', ' 127.0.0.1:8080', 'exa!mple.com:8080', '-host:8080', 'host-.example:8080', 'host..example:8080']) {
+    t.same(listen(bad), [`gateway.listen: ${JSON.stringify(bad)} is not allowed; ${allowed}`], JSON.stringify(bad))
+  }
+  t.same(listen('0.0.0.0:8080', '*:8081'), [`admin.listen: "*:8081" is not allowed; ${allowed}`], 'admin.listen too')
+  t.same(
+    problemsOf({ env: { KEYGATE_LISTEN: '*:8080' }, flags: { 'admin-listen': '*:8081' } }).problems,
+    [`KEYGATE_LISTEN (gateway.listen): "*:8080" is not allowed; ${allowed}`, `--admin-listen (admin.listen): "*:8081" is not allowed; ${allowed}`],
+    'from the environment and a flag, every problem at once',
+  )
+  for (const good of ['0.0.0.0:8080', '127.0.0.1:0', '[::]:8080', '[::1]:8080', 'localhost:8080', 'Localhost.:8080', 'keygate-gw.internal.example:8080', 'gw_1:8080', '10.0.0.1:65535']) {
+    t.same(listen(good), [], good)
+  }
+})
+
 t.test('.inf, -.inf and .nan are shown as the file has them', async (t) => {
   const file = yamlFile(t, 'cache: {ttl_s: .inf, max_capacity: .nan}\nlockout: {max_attempts: -.inf}\n')
   t.same(
