@@ -111,6 +111,18 @@ export function parseListen(value: string): { host: string; port: number } | und
 }
 
 /**
+ * A Redis URL ioredis can use: its database, in the path or a `db` query item, digits. Before
+ * (found by a docs walk), `redis://cache/abc` or `?db=abc` passed, and serve ended on its first
+ * command with ioredis's stack trace (SELECT NaN); `/5abc` was database 5 without a word.
+ */
+function isRedisUrl(value: string): boolean {
+  const url = /^rediss?:\/\//.test(value) ? URL.parse(value) : null
+  if (url === null) return false
+  const path = url.pathname === '/' ? '' : url.pathname.slice(1)
+  return (path === '' || /^\d+$/.test(path)) && url.searchParams.getAll('db').every((db) => /^\d+$/.test(db))
+}
+
+/**
  * Whether two listen addresses cannot both be bound: one port (not 0, which picks a free one each
  * time) on the same host, or on `::` (every address, IPv4 too) and any host, or on `0.0.0.0` and
  * any host but an IPv6 address (Linux binds 0.0.0.0 and ::1 on one port side by side). A name
@@ -195,7 +207,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
   'base-url': [(v) => isHttpUrl(v) && !/[?#]/.test(v), 'an http:// or https:// URL without user:password@, a query or a fragment'],
   'host-port': [isHostAndPort, 'a host name or IP address with an optional :port, such as api.example.com, api.example.com:8443, 192.0.2.7 or [2001:db8::7]:8443 (no scheme, path or wildcard)'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
-  'redis-url': [(v) => /^rediss?:\/\//.test(v) && URL.canParse(v), 'a redis:// or rediss:// URL'],
+  'redis-url': [isRedisUrl, 'a redis:// or rediss:// URL, its database, if any, a number (redis://host:6379/5)'],
   // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.
   'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v) && v.isWellFormed(), 'a path starting with / without ?, # or dot segments'],
   'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints), without its line break'],
