@@ -476,6 +476,13 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
       `scheduler.anomaly_retention_days: ${config.scheduler.anomaly_retention_days} is not allowed; expected at least anomalies.dedupe_window_s in days (${config.anomalies.dedupe_window_s} s, ${Math.ceil(config.anomalies.dedupe_window_s / 86_400)} days)`,
     )
   }
+  // A previous prefix is one new keys are never given: keys.prefix among them is a move half made
+  // (kg_ listed as the old prefix, keys.prefix left kg_), and new keys went on taking it.
+  if (!bad('keys.prefix', 'keys.previous_prefixes')) {
+    const { prefix, previous_prefixes: previous } = config.keys
+    const at = previous.indexOf(prefix)
+    if (at !== -1) problems.push(`keys.previous_prefixes[${at}]: ${show(prefix, false)} is not allowed; expected a prefix other than keys.prefix (${show(prefix, false)}): new keys are given keys.prefix, and a previous prefix never is`)
+  }
   // Node refuses to make a server whose header timeout is longer than its request timeout.
   if (!bad('admin.headers_timeout_ms', 'admin.request_timeout_ms') && config.admin.headers_timeout_ms > config.admin.request_timeout_ms) {
     problems.push(`${sourced('admin.headers_timeout_ms')}: ${config.admin.headers_timeout_ms} is not allowed; expected at most admin.request_timeout_ms (${config.admin.request_timeout_ms}): the headers are part of the request`)

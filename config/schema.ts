@@ -228,7 +228,7 @@ export const ConfigSchema = Type.Object(
           default: [],
           maxItems: 16,
           uniqueItems: true,
-          description: 'Prefixes of keys made before keys.prefix was changed: still accepted, never given to new keys.',
+          description: 'Prefixes of keys made before keys.prefix was changed: still accepted, never given to new keys (keys.prefix itself is refused here).',
         }),
         accept_legacy: Type.Boolean({ default: true, description: 'Accept imported legacy UUID v4 keys.' }),
         grace_hours: Type.Object(

@@ -931,6 +931,17 @@ t.test('a Redis URL whose database is not a number is refused', async (t) => {
   }
 })
 
+// Before (found by a docs walk): keys.previous_prefixes holding keys.prefix itself loaded, so a
+// move from kg_ to another prefix that listed kg_ but left keys.prefix as it was went on giving
+// new keys kg_, which the reference says a previous prefix never is.
+t.test('keys.previous_prefixes cannot hold keys.prefix', async (t) => {
+  const keys = (doc: unknown, env: Record<string, string> = {}) => problemsOf({ file: yamlFile(t, { keys: doc }), env }).problems
+  t.same(keys({ previous_prefixes: ['old_', 'kg_'] }), ['keys.previous_prefixes[1]: "kg_" is not allowed; expected a prefix other than keys.prefix ("kg_"): new keys are given keys.prefix, and a previous prefix never is'], 'the default prefix')
+  t.same(keys({ prefix: 'acme_', previous_prefixes: ['acme_'] }), ['keys.previous_prefixes[0]: "acme_" is not allowed; expected a prefix other than keys.prefix ("acme_"): new keys are given keys.prefix, and a previous prefix never is'])
+  t.same(keys({ prefix: 'acme_', previous_prefixes: ['kg_', 'old_'] }), [], 'others load')
+  t.same(keys({ prefix: 'Acme', previous_prefixes: ['Acme'] }).length, 2, 'a prefix already wrong is reported once each, not compared')
+})
+
 t.test('.inf, -.inf and .nan are shown as the file has them', async (t) => {
   const file = yamlFile(t, 'cache: {ttl_s: .inf, max_capacity: .nan}\nlockout: {max_attempts: -.inf}\n')
   t.same(
