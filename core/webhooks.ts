@@ -999,10 +999,13 @@ export class WebhookService {
     const timestamp = Math.floor(now.getTime() / 1000)
     let status: number | null = null
     let error: string | null = null
+    // Started as the request is made, as it was (not before the first attempt loads undici).
+    let deadline: AbortSignal | undefined
     try {
       const signatures = this.#signingSecrets(c, now).map((secret) => sign(secret, c.id, timestamp, c.payload))
       checkDeliveryUrl(c.url, this.#allowed)
       const { request, agent } = await (this.#client ??= Promise.all([import('undici'), pinnedAgent(this.#allowed, this.#c.timeout_ms, this.#names)]).then(([{ request }, agent]) => ({ request, agent })))
+      deadline = AbortSignal.timeout(this.#c.timeout_ms)
       const res = await request(c.url, {
         method: 'POST',
         dispatcher: agent,
@@ -1014,7 +1017,7 @@ export class WebhookService {
           'webhook-signature': signatures.join(' '),
         },
         body: c.payload,
-        signal: AbortSignal.timeout(this.#c.timeout_ms),
+        signal: deadline,
       })
       status = res.statusCode
       await res.body.dump()
@@ -1022,7 +1025,9 @@ export class WebhookService {
       else if (status < 200 || status >= 300) error = `the receiver answered ${status}`
     } catch (err) {
       const e = err as NodeJS.ErrnoException & { cause?: NodeJS.ErrnoException }
-      error = (e.cause?.message ?? e.message).slice(0, 500)
+      // The wait in keygate's words: the abort's own were "The operation was aborted due to
+      // timeout", naming neither the wait nor the setting (found by a docs walk).
+      error = deadline?.aborted ? `the receiver did not answer within ${this.#c.timeout_ms} ms (webhooks.timeout_ms)` : (e.cause?.message ?? e.message).slice(0, 500)
       // The allow-list is each process's own: the log says which process refused, so that one
       // whose list differs from the others' is found (see README, Many instances).
       if (refusedForAddress(err)) error += ` ${REFUSED_BY}`

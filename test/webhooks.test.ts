@@ -626,6 +626,19 @@ await forEachStore(t, async (t, store) => {
     t.equal(elsewhere.received.length, 0, 'the redirect target got nothing')
   })
 
+  // Before (found by a docs walk): the delivery log and the warning said only "The operation was
+  // aborted due to timeout", the abort signal's words, naming neither the wait nor the setting.
+  await t.test('a receiver that does not answer in time: the attempt fails naming the wait and webhooks.timeout_ms', async (t) => {
+    const hanging = await startReceiver(t, () => {})
+    const s = service({ timeout_ms: 300 })
+    const { webhook } = await s.create({ url: `${hanging.url}/slow`, events: ['key.expiring'] }, ACTOR)
+    await s.enqueue(event('key.expiring', { key: { id: 'slow' } }))
+    await s.idle()
+    const [d] = await deliveriesOf(webhook.id)
+    t.match(d, { status: 'pending', attempts: 1, last_status: null, last_error: 'the receiver did not answer within 300 ms (webhooks.timeout_ms)' })
+    await s.remove(webhook.id, ACTOR)
+  })
+
   await t.test('a receiver that never answers does not hold up the deliveries to another', async (t) => {
     // It reads the request and holds the socket: each attempt to it lasts until timeout_ms.
     const held: Array<() => void> = []
