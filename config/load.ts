@@ -483,6 +483,11 @@ function check(input: Record<string, unknown>, problems: string[], origins: Map<
     const at = previous.indexOf(prefix)
     if (at !== -1) problems.push(`keys.previous_prefixes[${at}]: ${show(prefix, false)} is not allowed; expected a prefix other than keys.prefix (${show(prefix, false)}): new keys are given keys.prefix, and a previous prefix never is`)
   }
+  // The waits between attempts grow from retry_base_ms and stop at retry_max_ms: a base above the
+  // maximum made every wait the maximum, the first too.
+  if (!bad('webhooks.retry_base_ms', 'webhooks.retry_max_ms') && config.webhooks.retry_base_ms > config.webhooks.retry_max_ms) {
+    problems.push(`webhooks.retry_base_ms: ${config.webhooks.retry_base_ms} is not allowed; expected at most webhooks.retry_max_ms (${config.webhooks.retry_max_ms}): every wait is at most that, the first too`)
+  }
   // Node refuses to make a server whose header timeout is longer than its request timeout.
   if (!bad('admin.headers_timeout_ms', 'admin.request_timeout_ms') && config.admin.headers_timeout_ms > config.admin.request_timeout_ms) {
     problems.push(`${sourced('admin.headers_timeout_ms')}: ${config.admin.headers_timeout_ms} is not allowed; expected at most admin.request_timeout_ms (${config.admin.request_timeout_ms}): the headers are part of the request`)

@@ -942,6 +942,16 @@ t.test('keys.previous_prefixes cannot hold keys.prefix', async (t) => {
   t.same(keys({ prefix: 'Acme', previous_prefixes: ['Acme'] }).length, 2, 'a prefix already wrong is reported once each, not compared')
 })
 
+// Before (found by a docs walk): retry_base_ms above retry_max_ms loaded, and every wait was
+// retry_max_ms, the second attempt's too, which retry_base_ms is said to be.
+t.test('webhooks.retry_base_ms cannot exceed webhooks.retry_max_ms', async (t) => {
+  const webhooks = (doc: unknown) => problemsOf({ file: yamlFile(t, { webhooks: doc }), env: {} }).problems
+  t.same(webhooks({ retry_base_ms: 5000, retry_max_ms: 100 }), ['webhooks.retry_base_ms: 5000 is not allowed; expected at most webhooks.retry_max_ms (100): every wait is at most that, the first too'])
+  t.same(webhooks({ retry_max_ms: 1000 }), ['webhooks.retry_base_ms: 5000 is not allowed; expected at most webhooks.retry_max_ms (1000): every wait is at most that, the first too'], 'the default against a smaller maximum')
+  t.same(webhooks({ retry_base_ms: 100, retry_max_ms: 100 }), [], 'equal: every wait the same')
+  t.same(webhooks({ retry_base_ms: 0, retry_max_ms: 5 }).length, 2, 'values already wrong are reported once each, not compared')
+})
+
 t.test('.inf, -.inf and .nan are shown as the file has them', async (t) => {
   const file = yamlFile(t, 'cache: {ttl_s: .inf, max_capacity: .nan}\nlockout: {max_attempts: -.inf}\n')
   t.same(
