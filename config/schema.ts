@@ -3,6 +3,7 @@
 // documentation (`description`; docs/configuration.md is generated from it).
 import { Type, type Static } from '@sinclair/typebox'
 import '../core/formats.ts'
+import { ALLOWED_HOST } from '../core/validate.ts'
 import { RouteScope } from '../core/keys/schemas.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
 
@@ -170,7 +171,7 @@ export const ConfigSchema = Type.Object(
           description:
             "Without Redis: how often, while an anomaly stream is open, this instance reads api_key_anomalies for the anomalies other instances found (at most 500 a read), so its streams carry every instance's; with Redis only while this instance's subscription to the anomaly channel is down (the channel announces them otherwise).",
         }),
-        allowed_hosts: Type.Array(Type.String({ pattern: '^(?:\\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$', maxLength: 253 }), {
+        allowed_hosts: Type.Array(Type.String({ pattern: ALLOWED_HOST, maxLength: 253 }), {
           default: [],
           description:
             'Host names the admin listener answers to besides IP addresses and localhost (a DNS name a web page could rebind to 127.0.0.1 is refused, 421 host_not_allowed); ["*"] answers any.',
@@ -260,7 +261,7 @@ export const ConfigSchema = Type.Object(
         auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`, on the embedded store as on PostgreSQL (serve and the other commands refuse a store that lacks migrations, and make no new embedded store).', env: 'KEYGATE_AUTO_MIGRATE' }),
         embedded_shared_buffers_mb: int(128, 16, 1024, {
           description:
-            "PostgreSQL's shared_buffers of the embedded store, in MiB (PostgreSQL's own default is 128). It is most of what the store adds to `serve`'s memory: about 470 MiB resident at 128, 290 at 16, for a store of a few keys. Reads past it come from the data folder's files, through the system's page cache. Commands other than `serve` use 16.",
+            "PostgreSQL's shared_buffers of the embedded store, in MiB (PostgreSQL's own default is 128). It is most of what the store adds to `serve`'s memory: about 400 MiB resident at 128, 270 at 16, for a store of a few keys, once started; starting takes more for a moment (a peak of 0.75 to 0.9 GiB, and 1.1 GiB at the first start, which makes the store): size a memory limit by the peak. Reads past it come from the data folder's files, through the system's page cache. Commands other than `serve` use 16.",
           env: 'KEYGATE_EMBEDDED_SHARED_BUFFERS_MB',
         }),
       },

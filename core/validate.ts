@@ -96,6 +96,9 @@ export const URL_AS_WRITTEN = `^[^\\s\\\\${UNPRINTABLE_CHARS}]*$`
  */
 export const NOT_DOT_SEGMENT = '^(?!\\.\\.?$)'
 
+/** A host name the admin listener answers to (admin.allowed_hosts), in lower case, or `*` for any. */
+export const ALLOWED_HOST = '^(?:\\*|[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)$'
+
 /** The words for the patterns that have them (else a message quotes the pattern). */
 const PATTERN_WORDS: Record<string, string> = {
   [PRINTABLE]: PRINTABLE_WORDS,
@@ -103,6 +106,8 @@ const PATTERN_WORDS: Record<string, string> = {
   [NAME_TEXT_NO_MARKUP]: `with something visible (not only spaces), without <, >, & or ", ${PRINTABLE_WORDS}`,
   // Before (found by a docs walk), a refused `..` was told to match ^(?!\.\.?$).
   [NOT_DOT_SEGMENT]: 'other than "." or ".."',
+  // Before (found by a docs walk), the pattern itself.
+  [ALLOWED_HOST]: 'naming a host in lower case (letters, digits and -, in labels between dots, such as keygate.internal), or * for any',
   [URL_AS_WRITTEN]: 'without spaces, line breaks, backslashes, control characters or invisible format characters (the URL parser drops or rewrites them: percent-encode what the URL needs)',
 }
 

@@ -916,6 +916,13 @@ t.test('a listen address whose host is neither an IP address nor a host name is 
   }
 })
 
+// Before (found by a docs walk): a host admin.allowed_hosts does not take was told by the pattern itself.
+t.test('an admin.allowed_hosts entry that is no lower-case host name is refused in words', async (t) => {
+  const hosts = (value: string[]) => problemsOf({ file: yamlFile(t, { admin: { allowed_hosts: value } }), env: {} }).problems
+  t.same(hosts(['Bad_Host']), ['admin.allowed_hosts[0]: "Bad_Host" is not allowed; expected a string of at most 253 characters naming a host in lower case (letters, digits and -, in labels between dots, such as keygate.internal), or * for any'])
+  t.same(hosts(['keygate-admin.orders.svc', '*']), [], 'names and * are taken')
+})
+
 // Before (found by a docs walk): `redis://cache:6379/abc` or `?db=abc` was taken as a Redis URL,
 // and serve ended on its first Redis command with ioredis's stack trace ("ERR value is not an
 // integer or out of range", SELECT NaN); `/5abc` quietly used database 5.
