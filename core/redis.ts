@@ -57,6 +57,16 @@ export function connectRedis(url: string, log: Logger, options: { commandTimeout
     retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 500),
   })
   redisHealth(redis, { log, ...(options.commandTimeoutMs ? { timeoutMs: options.commandTimeoutMs } : {}) })
+  // A database the server does not have (redis://host/99 where it has 16): ioredis reports the
+  // refused SELECT and goes on in database 0, among whatever else is kept there. Before (found by
+  // a review), keygate ran on it without a word but a subscriber's warning: two deployments told
+  // apart by their database shared their limits, lockouts and invalidation counters. Now the
+  // connection is closed for good, said once; limits and lockouts are each instance's own.
+  redis.on('error', (err: Error) => {
+    if (!/DB index is out of range/.test(err.message) || redis.status === 'end') return
+    log.error(`Redis has no database ${redis.options.db ?? 0} (redis.url): keygate does not use it, and limits and lockouts are each instance's own, in memory; name a database the server has, or set redis.key_prefix to share one, and restart`, { err })
+    redis.disconnect()
+  })
   return redis
 }
 

@@ -262,3 +262,21 @@ t.test("an --only admin process's keygate_redis_up is 0 while Redis answers PING
   t.equal(await served.stop(), 0)
 })
 
+
+// Before (found by a review): ioredis reports a SELECT the server refuses and goes on in database
+// 0, so keygate ran there without a word but a subscriber's warning, sharing database 0's limits,
+// lockouts and invalidation counters with whatever else used it.
+t.test('a Redis URL naming a database the server has not: the connection is closed, said once, and nothing is written in database 0', async (t) => {
+  const server = await startRedisServer(t)
+  const { log, said } = logger()
+  const redis = connectRedis(`${server.url}/99`, log, { keyPrefix: 'db99:' })
+  t.teardown(() => redis.disconnect())
+  await until(t, 'closed for good', () => redis.status === 'end')
+  t.equal(said('error', 'Redis has no database 99 (redis.url)'), 1, 'said once')
+  await sleep(300)
+  t.equal(redis.status, 'end', 'not made again')
+  const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
+  t.teardown(() => admin.disconnect())
+  t.same(await admin.keys('db99:*'), [], 'nothing written in database 0')
+  t.equal(redisHealth(redis).up, false, 'keygate_redis_up reads 0')
+})
