@@ -331,7 +331,7 @@ export const ConfigSchema = Type.Object(
       {
         enabled: Type.Boolean({ default: true, description: 'Watch each key for the anomalies of SPEC §5 (gateway processes).', env: 'KEYGATE_ANOMALIES' }),
         check_interval_ms: int(1000, 20, 600_000, { description: 'How often a gateway process adds what it counted to the shared windows (Redis, else memory) and checks the thresholds; never on the request path.' }),
-        dedupe_window_s: int(3600, 1, 604_800, { description: 'One anomaly per key and type within a window of this length (one row, one alert, one webhook).' }),
+        dedupe_window_s: int(3600, 1, 604_800, { description: "One anomaly per key and type within a window of this length (one row, one alert, one webhook), windows aligned to the clock (the anomaly's window_start; at 3600, each hour from its start), so two can come moments apart, either side of a window's start." }),
         request_rate_per_min: int(1000, 1, 1_000_000_000, { description: 'More requests than this with one key within a minute is an anomaly.' }),
         error_rate_percent: int(50, 1, 100, {
           description:
