@@ -24,6 +24,9 @@ const CONNECTIONS = 16
 const dir = mkdtempSync(join(tmpdir(), 'keygate-bench-buffers-'))
 process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
 const dataDir = join(dir, 'store')
+// The embedded store whatever the shell names: with DATABASE_URL set (as beside a PostgreSQL
+// deployment), the import went to that database, or failed for want of KEYGATE_ENCRYPTION_KEY.
+const EMBEDDED = { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: '', REDIS_URL: '' }
 const keys: string[] = []
 for (let file = 0; file * 10_000 < KEYS; file++) {
   const rows: string[] = []
@@ -34,7 +37,7 @@ for (let file = 0; file * 10_000 < KEYS; file++) {
   }
   const path = join(dir, `rows${file}.jsonl`)
   writeFileSync(path, rows.join('\n') + '\n')
-  cli(['api-key', 'import', path, '--type', 'service'], { KEYGATE_DATA_DIR: dataDir })
+  cli(['api-key', 'import', path, '--type', 'service'], EMBEDDED)
 }
 process.stdout.write(`${keys.length} keys imported into ${dataDir}\n`)
 
@@ -47,7 +50,7 @@ writeFileSync(config, 'rate_limits:\n  per_address: { limit: 1000000000, window_
 async function measure(mb: number): Promise<{ reqps: number; rssMiB: number }> {
   const env = {
     KEYGATE_CONFIG: config,
-    KEYGATE_DATA_DIR: dataDir,
+    ...EMBEDDED,
     KEYGATE_LISTEN: '127.0.0.1:0',
     KEYGATE_ADMIN_LISTEN: '127.0.0.1:0',
     KEYGATE_UPSTREAM: `http://127.0.0.1:${upstream.port}`,
