@@ -23,7 +23,7 @@ import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createKey, countArg as arg, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate, type Server } from './servers.ts'
+import { createKey, countArg as arg, forkServer, freshStores, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate, type Server } from './servers.ts'
 
 const REQUESTS = arg('requests', 3000)
 const REPS = arg('reps', 5)
@@ -51,7 +51,10 @@ try {
 
 const work = mkdtempSync(join(tmpdir(), 'keygate-instructions-'))
 process.on('exit', () => rmSync(work, { recursive: true, force: true }))
-const wrapper = (name: string) => ['valgrind', '--tool=callgrind', '--instr-atstart=no', '-q', `--callgrind-out-file=${join(work, name)}.%p.out`]
+// valgrind's pipes to vgdb (callgrind_control talks through them) in the work folder: in the
+// temporary folder they outlived every run, the servers being killed.
+const VGDB_PREFIX = `--vgdb-prefix=${join(work, 'vgdb')}`
+const wrapper = (name: string) => ['valgrind', '--tool=callgrind', '--instr-atstart=no', '-q', VGDB_PREFIX, `--callgrind-out-file=${join(work, name)}.%p.out`]
 
 /** What V8's optimising compilers run: counted apart, since when they run is not per request. */
 const COMPILER = /compiler::|turboshaft|maglev|Maglev|::Zone|Zone::|Compiler|OptimizingCompile|RegisterAllocat|InstructionSelector|LiveRange|CodeGenerator|Assembler|Pipeline/
@@ -102,7 +105,7 @@ interface Figures {
 /** Warms `server` up, then measures REPS runs of REQUESTS requests: instructions per request. */
 function measure(name: string, server: Server, headers: Record<string, string>): Figures {
   drive(server.port, headers, WARM)
-  const control = (...args: string[]) => execFileSync('callgrind_control', [...args, String(server.pid)], { stdio: 'ignore' })
+  const control = (...args: string[]) => execFileSync('callgrind_control', [VGDB_PREFIX, ...args, String(server.pid)], { stdio: 'ignore' })
   control('-i', 'on')
   const figures: Figures = { net: [], total: [] }
   for (let rep = 1; rep <= REPS; rep++) {
@@ -123,8 +126,12 @@ const upstream = (await forkServer('./upstream.ts')).port
 // Under valgrind a second of the clock passes every few dozen requests, so work done per second
 // (the usage and anomaly counts written to the store) weighs far more per request than it does at
 // full speed; on the embedded store that work runs in this process (PGlite on a worker thread).
-// With DATABASE_URL it runs in PostgreSQL instead, and only the request path is counted.
-const database: Record<string, string> = process.env.DATABASE_URL ? { DATABASE_URL: process.env.DATABASE_URL, KEYGATE_ENCRYPTION_KEY: process.env.KEYGATE_ENCRYPTION_KEY ?? Buffer.alloc(32, 7).toString('base64') } : {}
+// With DATABASE_URL it runs in PostgreSQL instead (a fresh database on that server), and only the
+// request path is counted.
+// A fresh database on that server, dropped at the end: before, keygate's tables and the bench's
+// keys went into the database DATABASE_URL names (a deployment's, say).
+const postgres = process.env.DATABASE_URL ? await freshStores(work).find((s) => s.name === 'postgres')?.open() : undefined
+const database: Record<string, string> = postgres?.env ?? {}
 const env = keygateEnv(join(work, 'memory'), upstream, database)
 const key = createKey(env)
 const headers = { 'x-forwarded-for': '203.0.113.9', authorization: `Bearer ${key}` }
@@ -167,4 +174,5 @@ process.stdout.write(
     '',
   ].join('\n'),
 )
+await postgres?.drop()
 process.exit(0)
