@@ -8,6 +8,7 @@
 // within a fraction of a millisecond), which leaves out the admin's own database transaction.
 // Prints a markdown table of percentiles over all rounds and both gateways.
 import { randomInt } from 'node:crypto'
+import { constants } from 'node:os'
 import { Redis } from 'ioredis'
 import { Agent, request } from 'undici'
 import { INVALIDATION_CHANNEL } from '../core/invalidation.ts'
@@ -15,9 +16,24 @@ import { startDeployment } from '../test/helpers/deployment.ts'
 
 const arg = process.argv.indexOf('--rounds')
 const ROUNDS = arg > 0 ? Number(process.argv[arg + 1]) : 200
+if (!Number.isInteger(ROUNDS) || ROUNDS <= 0) {
+  process.stderr.write('--rounds takes a whole number above 0\n')
+  process.exit(2)
+}
 
 const teardowns: Array<() => unknown> = []
 const t = { teardown: (fn: () => unknown) => void teardowns.push(fn) }
+const tearDown = async (): Promise<void> => {
+  for (const fn of teardowns.splice(0).reverse()) await fn()
+}
+// Stopped by a signal, it tears its deployment down too (what the run was doing then fails as
+// its processes go, and waits for the teardown): before, a `kill` of the run left its
+// redis-server and keygate processes running and its database in place.
+let stopping: Promise<void> | undefined
+process.on('unhandledRejection', (err) => {
+  if (!stopping) throw err
+})
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.once(signal, () => void (stopping ??= tearDown()).finally(() => process.exit(128 + constants.signals[signal])))
 
 function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)] as number
@@ -103,6 +119,9 @@ async function main(): Promise<void> {
 
 try {
   await main()
+} catch (err) {
+  if (stopping) await new Promise(() => {})
+  throw err
 } finally {
-  for (const fn of teardowns.reverse()) await fn()
+  await tearDown()
 }
