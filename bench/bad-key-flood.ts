@@ -28,6 +28,9 @@ const arg = (name: string): string | undefined => {
 const dir = arg('dir') ?? mkdtempSync(join(tmpdir(), 'kg-flood-'))
 const keygate = arg('keygate') ?? here('../bin/keygate.ts')
 const keep = arg('dir') !== undefined
+// Removed however the run ends (bench/servers.ts exits on SIGINT, SIGTERM and SIGHUP): before, only
+// a run that finished removed it, and an interrupted one left it (the embedded store) behind.
+if (!keep) process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
 
 const config = join(dir, 'keygate.yaml')
 writeFileSync(config, ['gateway: { listen: "127.0.0.1:0", trusted_proxies: ["127.0.0.1/32"] }', 'admin: { listen: "127.0.0.1:0" }', 'routes: [ { name: api, path: /, upstream: "http://127.0.0.1:9" } ]', ''].join('\n'))
@@ -145,4 +148,3 @@ while (sent < requests) {
 await pool.close()
 server.child.kill('SIGTERM')
 await new Promise((r) => server.child.once('exit', r))
-if (!keep) rmSync(dir, { recursive: true, force: true })
