@@ -19,7 +19,7 @@ import { parseArgs } from 'node:util'
 import { Worker } from 'node:worker_threads'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
-import { adminAddress, countArg as arg, forkServer, freshStores, here, keygateEnv, median, startKeygate, type Server } from './servers.ts'
+import { adminAddress, countArg as arg, forkServer, freshStores, here, keygateEnv, median, removeBenchRedisKeys, startKeygate, type Server } from './servers.ts'
 
 const ENTRIES = arg('entries', 20_000)
 const ROUNDS = arg('rounds', 3)
@@ -156,4 +156,5 @@ for (const store of ['embedded', 'postgres'])
       lines.push(`| ${store} | ${who === 'changes' ? 'makes the change' : 'hears of it (Redis)'} | ${command} | ${median(idle).toFixed(1)} | ${cell('add')} | ${cell('remove')} |`)
     }
 process.stdout.write(`${lines.join('\n')}\n`)
+if (process.env.DATABASE_URL && process.env.REDIS_URL) await removeBenchRedisKeys(process.env.REDIS_URL)
 process.exit(0)

@@ -23,7 +23,7 @@ import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createKey, countArg as arg, forkServer, freshStores, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate, type Server } from './servers.ts'
+import { createKey, countArg as arg, forkServer, freshStores, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, type Server } from './servers.ts'
 
 const REQUESTS = arg('requests', 3000)
 const REPS = arg('reps', 5)
@@ -175,4 +175,5 @@ process.stdout.write(
   ].join('\n'),
 )
 await postgres?.drop()
+if (pong === 'PONG') await removeBenchRedisKeys(REDIS_URL)
 process.exit(0)

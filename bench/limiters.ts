@@ -15,7 +15,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { countArg as arg, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate, type Server } from './servers.ts'
+import { countArg as arg, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, type Server } from './servers.ts'
 
 const REQUESTS = arg('requests', 30_000)
 const PAIRS = arg('pairs', 8)
@@ -109,4 +109,5 @@ process.stdout.write(
   ].join('\n'),
 )
 redis.disconnect()
+await removeBenchRedisKeys(REDIS_URL)
 process.exit(0)

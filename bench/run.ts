@@ -21,7 +21,7 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { BENCH_REDIS_PREFIX, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, startKeygate } from './servers.ts'
+import { BENCH_REDIS_PREFIX, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate } from './servers.ts'
 
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')
@@ -449,4 +449,5 @@ if (write) {
   } catch {}
   writeFileSync(file, `${head}## ${new Date().toISOString().slice(0, 10)}\n\n${report}\n${previous}`)
 }
+await removeBenchRedisKeys(REDIS_URL)
 process.exit(0)

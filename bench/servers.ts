@@ -81,6 +81,32 @@ export async function adminAddress(server: Server): Promise<string> {
  */
 export const BENCH_REDIS_PREFIX = `keygate-bench-${process.pid}:`
 
+/**
+ * Stops every child, then removes this run's keys from Redis at `url`: those under
+ * BENCH_REDIS_PREFIX and under `keygate-bench-PID-` (a prefix per keygate). Most expire, but
+ * keygate's invalidation version key does not: before, every run left one in a Redis others use.
+ */
+export async function removeBenchRedisKeys(url: string): Promise<void> {
+  await Promise.all(children.filter((c) => c.exitCode === null && c.signalCode === null).map((c) => new Promise((r) => c.once('exit', r).kill('SIGKILL'))))
+  const redis = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1, retryStrategy: () => null, connectTimeout: 2000 })
+  redis.on('error', () => {})
+  try {
+    await redis.connect()
+    for (const match of [`${BENCH_REDIS_PREFIX}*`, `keygate-bench-${process.pid}-*`]) {
+      let cursor = '0'
+      do {
+        const [next, found] = await redis.scan(cursor, 'MATCH', match, 'COUNT', 1000)
+        if (found.length > 0) await redis.del(...found)
+        cursor = next
+      } while (cursor !== '0')
+    }
+  } catch (err) {
+    process.stderr.write(`bench: could not remove this run's keys from Redis at ${url}: ${(err as Error).message}\n`)
+  } finally {
+    redis.disconnect()
+  }
+}
+
 // Every stage on: keygate believes X-Forwarded-For from loopback, has deny entries, counts
 // failed attempts, limits per address and per key (high enough never to refuse here), checks
 // the route's scope.
