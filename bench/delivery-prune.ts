@@ -1,7 +1,7 @@
 // node bench/delivery-prune.ts [--rows 200000] [--webhooks 20] [--rounds 5] [--inserts 500]
 // What the scheduler's prune of the webhook delivery log costs, and what an index on created_at
-// would cost each delivery queued, on the embedded store and, with DATABASE_URL naming an empty
-// database of the bench's own (its tables are made and emptied), on PostgreSQL. The log: `rows`
+// would cost each delivery queued, on the embedded store and, with DATABASE_URL, on PostgreSQL
+// (a fresh database on that server, dropped at the end). The log: `rows`
 // deliveries spread over `webhooks` webhooks, queued in time order over the last 33 days, so
 // that a tenth is past the default 30 days' retention; a few pending, a few failed.
 // Three ways, each on the same rows (restored between them):
@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, type Db } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
-import { countArg as arg, median } from './servers.ts'
+import { countArg as arg, freshStores, median } from './servers.ts'
 
 const ROWS = arg('rows', 200_000)
 const WEBHOOKS = arg('webhooks', 20)
@@ -136,8 +136,16 @@ process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
 const embedded = await openDb({ dataDir: join(dir, 'store') })
 await measure('embedded', embedded)
 await embedded.close()
-if (process.env.DATABASE_URL) {
-  const postgres = await openDb({ databaseUrl: process.env.DATABASE_URL })
-  await measure('postgres', postgres)
-  await postgres.close()
+// A database of its own: before, it emptied the webhooks and deliveries of the database that
+// DATABASE_URL names, a deployment's in a shell set up beside one.
+const fresh = freshStores(dir).find((s) => s.name === 'postgres')
+if (fresh) {
+  const opened = await fresh.open()
+  try {
+    const postgres = await openDb({ databaseUrl: opened.env.DATABASE_URL })
+    await measure('postgres', postgres)
+    await postgres.close()
+  } finally {
+    await opened.drop()
+  }
 }
