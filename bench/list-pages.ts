@@ -1,4 +1,6 @@
-// DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000] [--cases keys]
+// DATABASE_URL=postgres://... node bench/list-pages.ts [--rounds 5] [--sizes 10000,1000000] [--cases keys]:
+// in a fresh database on that server, dropped at the end (before, in the database the URL named,
+// whose tables it emptied and whose indexes it dropped: a deployment's, in a shell set up beside one).
 // node bench/list-pages.ts --embedded [...]: the same on the embedded store (PGlite), in a new data
 // folder of its own, removed at the end.
 // What a filtered page of the admin listener's lists costs as its table grows: for each size, the
@@ -18,12 +20,12 @@ import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { migrate } from '../core/migrate.ts'
-import { countArg, median } from './servers.ts'
+import { countArg, freshStores, median } from './servers.ts'
 
 const embedded = process.argv.includes('--embedded')
 const url = process.env.DATABASE_URL
 if (!embedded && !url) {
-  process.stderr.write('DATABASE_URL must name an empty database of the bench\'s own (or --embedded)\n')
+  process.stderr.write('DATABASE_URL must name a PostgreSQL server, where the bench makes a database of its own (or --embedded)\n')
   process.exit(2)
 }
 const only = process.argv.indexOf('--cases')
@@ -117,8 +119,10 @@ const allCases: Case[] = [
 ]
 
 const cases = allCases.filter((c) => c.name.startsWith(prefix))
-const dataDir = embedded ? mkdtempSync(join(tmpdir(), 'keygate-list-pages-')) : undefined
-const db = await openDb(embedded ? { dataDir } : { databaseUrl: url })
+const work = mkdtempSync(join(tmpdir(), 'keygate-list-pages-'))
+process.on('exit', () => rmSync(work, { recursive: true, force: true }))
+const store = await freshStores(work).find((s) => s.name === (embedded ? 'embedded' : 'postgres'))!.open()
+const db = await openDb(embedded ? { dataDir: store.env.KEYGATE_DATA_DIR } : { databaseUrl: store.env.DATABASE_URL })
 await migrate(db)
 const made = new Set((await db.query<{ name: string }>('SELECT indexname AS name FROM pg_indexes')).map((r) => r.name))
 for (const c of cases) c.indexes = c.indexes.filter((i) => made.has(i.split(' ')[0]!))
@@ -162,4 +166,4 @@ for (const [name, bySize] of results) {
   console.log(`| ${name} | ${sizes.map((s) => `${f(bySize.get(s)!.without)} / ${f(bySize.get(s)!.with)}`).join(' | ')} | ${f(b.without / a.without)} / ${f(b.with / a.with)} |`)
 }
 await db.close()
-if (dataDir) rmSync(dataDir, { recursive: true, force: true })
+await store.drop()
