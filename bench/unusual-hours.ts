@@ -1,4 +1,6 @@
-// DATABASE_URL=postgres://.../an_empty_database_of_the_bench node bench/unusual-hours.ts [--keys 1000,5000] [--rounds 3] [--baseline DIR]
+// DATABASE_URL=postgres://... node bench/unusual-hours.ts [--keys 1000,5000] [--rounds 3] [--baseline DIR]: in a
+// fresh database on that server, dropped at the end (before, in the database the URL named, whose
+// keys, usage and anomalies it deleted: a deployment's, in a shell set up beside one).
 // node bench/unusual-hours.ts --embedded [...]: the same on the embedded store (PGlite), in a new
 // data folder of its own, removed at the end.
 // --baseline DIR: also times the detector of another keygate checkout (`git worktree add DIR
@@ -23,12 +25,12 @@ import { openDb, type Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { migrate } from '../core/migrate.ts'
 import { loadConfig } from '../config/load.ts'
-import { countArg, median } from './servers.ts'
+import { countArg, freshStores, median } from './servers.ts'
 
 const embedded = process.argv.includes('--embedded')
 const url = process.env.DATABASE_URL
 if (!embedded && !url) {
-  process.stderr.write("DATABASE_URL must name an empty database of the bench's own (or --embedded)\n")
+  process.stderr.write('DATABASE_URL must name a PostgreSQL server, where the bench makes a database of its own (or --embedded)\n')
   process.exit(2)
 }
 const rounds = countArg('rounds', 3)
@@ -101,8 +103,10 @@ function counted(db: Db): { db: Db; queries: () => number } {
 
 const thresholds = loadConfig({ env: {}, onlyFile: true }).anomalies
 const log = createLogger({ write: () => {} })
-const dataDir = embedded ? mkdtempSync(join(tmpdir(), 'keygate-unusual-hours-')) : undefined
-const store = await openDb(embedded ? { dataDir } : { databaseUrl: url })
+const work = mkdtempSync(join(tmpdir(), 'keygate-unusual-hours-'))
+process.on('exit', () => rmSync(work, { recursive: true, force: true }))
+const opened = await freshStores(work).find((s) => s.name === (embedded ? 'embedded' : 'postgres'))!.open()
+const store = await openDb(embedded ? { dataDir: opened.env.KEYGATE_DATA_DIR } : { databaseUrl: opened.env.DATABASE_URL })
 await migrate(store)
 
 const rows: string[] = []
@@ -142,4 +146,4 @@ console.log(`| store | code | active keys | check at the hour's turn, ms (median
 console.log(`| --- | --- | --- | --- | --- | --- | --- |${codes.length > 1 ? ' --- |' : ''}`)
 for (const r of rows) console.log(r)
 await store.close()
-if (dataDir) rmSync(dataDir, { recursive: true, force: true })
+await opened.drop()
