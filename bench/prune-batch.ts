@@ -17,8 +17,16 @@ const ROWS = arg('rows', 120_000)
 const ROUNDS = arg('rounds', 5)
 const DAY_MS = 86_400_000
 const SIZES = [PRUNE_BATCH, pruneBatch('embedded')]
+// Every statement must find a whole batch to delete: with fewer rows, the last ones deleted fewer
+// (or none), and their times, divided by the batch, were printed all the same.
+const NEEDED = 3 * ROUNDS * SIZES.reduce((a, b) => a + b, 0)
+if (ROWS < NEEDED) {
+  process.stderr.write(`--rows must be at least ${NEEDED} with --rounds ${ROUNDS} (3 passes of ${ROUNDS} statements of ${SIZES.join(' and ')} rows)\n`)
+  process.exit(2)
+}
 
 const dir = mkdtempSync(join(tmpdir(), 'keygate-bench-prune-'))
+process.on('exit', () => rmSync(dir, { recursive: true, force: true }))
 const db = await openDb({ dataDir: dir, sharedBuffersMb: 128 })
 try {
   await migrate(db)
@@ -42,5 +50,4 @@ try {
   console.log(`median statement: ${PRUNE_BATCH} rows ${big.toFixed(0)} ms, ${SIZES[1]} rows ${small.toFixed(0)} ms (ratio ${(small / big).toFixed(2)}); a row: ${((big / PRUNE_BATCH) * 1000).toFixed(1)} µs and ${((small / (SIZES[1] as number)) * 1000).toFixed(1)} µs (ratio ${((small / (SIZES[1] as number)) / (big / PRUNE_BATCH)).toFixed(2)})`)
 } finally {
   await db.close()
-  rmSync(dir, { recursive: true, force: true })
 }
