@@ -8,6 +8,11 @@ import { join } from 'node:path'
 import { createKey, forkServer, keygateEnv, startKeygate } from './servers.ts'
 
 const seconds = Number(process.argv[2] ?? 30)
+// Before, anything else ran the whole bench and printed NaN (or a negative figure).
+if (!(seconds > 0) || process.argv.length > 3) {
+  process.stderr.write('usage: node bench/idle.ts [seconds], seconds a number above 0\n')
+  process.exit(2)
+}
 const work = mkdtempSync(join(tmpdir(), 'keygate-idle-'))
 process.on('exit', () => rmSync(work, { recursive: true, force: true }))
 const ticks = 100 // CLK_TCK on Linux
