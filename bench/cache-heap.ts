@@ -13,6 +13,10 @@ import { cachedKeys, KeyCache } from '../gateway/key-cache.ts'
 import { createKeyLimiters } from '../gateway/rate-limit.ts'
 
 const count = Number(process.argv[2] ?? 100_000)
+if (!Number.isInteger(count) || count <= 0) {
+  process.stderr.write('usage: node --expose-gc bench/cache-heap.ts [N] [--expiring], N a whole number above 0\n')
+  process.exit(2)
+}
 // --expiring: every key has an expiry (a year ahead), so each is an ExpiringKey holding its own.
 const expiring = process.argv.includes('--expiring')
 const gc = (globalThis as { gc?: () => void }).gc
