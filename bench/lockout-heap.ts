@@ -6,6 +6,10 @@
 import { createLockout } from '../core/lockout.ts'
 
 const count = Number(process.argv[2] ?? 199_999)
+if (!Number.isInteger(count) || count <= 0) {
+  process.stderr.write('usage: node --expose-gc bench/lockout-heap.ts [N], N a whole number above 0\n')
+  process.exit(2)
+}
 const gc = (globalThis as { gc?: () => void }).gc
 if (!gc) throw new Error('run with node --expose-gc')
 const address = (first: number, i: number) => `${first}.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}`
