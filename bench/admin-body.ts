@@ -9,7 +9,8 @@
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { adminAddress, countArg as arg, forkServer, keygateEnv, startKeygate } from './servers.ts'
+import { adminAddress, countArg as arg, forkServer, keygateEnv, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('reps')
 
 const REPS = arg('reps', 7)
 const TOKEN = 'bench-admin-token-0123456789'

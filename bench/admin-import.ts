@@ -14,7 +14,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { Worker } from 'node:worker_threads'
-import { adminAddress, countArg as arg, forkServer, here, keygateEnv, median, startKeygate } from './servers.ts'
+import { adminAddress, countArg as arg, forkServer, here, keygateEnv, median, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('rounds', 'keygate')
 
 const ROUNDS = arg('rounds', 3)
 const ROWS = 10_000

@@ -14,7 +14,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Pool, request } from 'undici'
 import { generateKey } from '../core/keys/format.ts'
-import { adminAddress, countArg, here, startKeygate } from './servers.ts'
+import { adminAddress, countArg, here, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('requests', 'every', 'connections', 'malformed', 'snapshots', 'dir', 'keygate')
 
 const requests = countArg('requests', 900_000)
 const every = countArg('every', 100_000)

@@ -12,7 +12,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import http from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { countArg, createKey, forkServer, here, keygateEnv, startKeygate } from './servers.ts'
+import { countArg, createKey, forkServer, here, keygateEnv, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('requests', 'max', 'keygate')
 
 const max = process.argv.includes('--max')
 const requests = countArg('requests', max ? 200 : 4000)

@@ -11,7 +11,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import { countArg as arg, freshStores, here, median } from './servers.ts'
+import { countArg as arg, freshStores, here, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('blocks', 'per', 'keygate')
 
 const BLOCKS = arg('blocks', 20)
 const PER = arg('per', 25)

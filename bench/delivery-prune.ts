@@ -17,7 +17,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { openDb, type Db } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
-import { countArg as arg, freshStores, median } from './servers.ts'
+import { countArg as arg, freshStores, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('rows', 'webhooks', 'rounds', 'inserts')
 
 const ROWS = arg('rows', 200_000)
 const WEBHOOKS = arg('webhooks', 20)

@@ -19,7 +19,8 @@ import { parseArgs } from 'node:util'
 import { Worker } from 'node:worker_threads'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
-import { adminAddress, countArg as arg, forkServer, freshStores, here, keygateEnv, median, removeBenchRedisKeys, startKeygate, type Server } from './servers.ts'
+import { adminAddress, countArg as arg, forkServer, freshStores, here, keygateEnv, median, removeBenchRedisKeys, startKeygate, type Server, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('entries', 'rounds', 'keygate', 'phase-ms')
 
 const ENTRIES = arg('entries', 20_000)
 const ROUNDS = arg('rounds', 3)

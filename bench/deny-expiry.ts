@@ -6,7 +6,8 @@
 // many entries that never expire, measured in the same run, one after the other.
 import type { DenyEntry } from '../core/deny-list.ts'
 import { DenyMatcher } from '../gateway/deny-list.ts'
-import { countArg } from './servers.ts'
+import { countArg, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('entries', 'lookups')
 
 const sizesArg = process.argv.indexOf('--entries')
 const sizes = sizesArg === -1 ? [1000, 10_000, 50_000] : String(process.argv[sizesArg + 1]).split(',').map(Number)

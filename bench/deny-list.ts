@@ -20,7 +20,8 @@ import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { DenyMatcher } from '../gateway/deny-list.ts'
 import { freshDatabase } from '../test/helpers/stores.ts'
-import { countArg as arg, median } from './servers.ts'
+import { countArg as arg, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('entries', 'lookups', 'rounds')
 
 const ENTRIES = arg('entries', 20_000)
 const LOOKUPS = arg('lookups', 20_000)

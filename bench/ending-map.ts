@@ -6,7 +6,8 @@
 // for the first MEMORY_MAX_KEYS (below the cap) and for the rest (at the cap, each new count
 // dropping the oldest), and their ratio. The same is printed for the EndingMap alone.
 import { EndingMap, MEMORY_MAX_KEYS, createLimiter } from '../core/limiters.ts'
-import { countArg } from './servers.ts'
+import { countArg, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('keys')
 
 const keys = countArg('keys', 4 * MEMORY_MAX_KEYS)
 if (keys <= MEMORY_MAX_KEYS) throw new Error(`--keys must be more than ${MEMORY_MAX_KEYS}`)

@@ -10,7 +10,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { connect, type Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { countArg, createKey, forkServer, keygateEnv, startKeygate } from './servers.ts'
+import { countArg, createKey, forkServer, keygateEnv, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('connections')
 
 const connections = countArg('connections', 1000)
 const work = mkdtempSync(join(tmpdir(), 'keygate-idle-connections-'))

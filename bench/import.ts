@@ -12,7 +12,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
-import { countArg as arg, freshStores, here, median } from './servers.ts'
+import { countArg as arg, freshStores, here, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('rows', 'rounds', 'keygate')
 
 const ROWS = arg('rows', 10_000)
 const ROUNDS = arg('rounds', 3)

@@ -23,7 +23,8 @@ import { execFileSync } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { createKey, countArg as arg, forkServer, freshStores, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, type Server } from './servers.ts'
+import { createKey, countArg as arg, forkServer, freshStores, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, type Server, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('requests', 'reps', 'warm', 'only')
 
 const REQUESTS = arg('requests', 3000)
 const REPS = arg('reps', 5)

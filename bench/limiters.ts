@@ -15,7 +15,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { countArg as arg, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, type Server } from './servers.ts'
+import { countArg as arg, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, type Server, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('requests', 'pairs', 'rate', 'seconds')
 
 const REQUESTS = arg('requests', 30_000)
 const PAIRS = arg('pairs', 8)

@@ -20,7 +20,8 @@ import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { migrate } from '../core/migrate.ts'
-import { countArg, freshStores, median } from './servers.ts'
+import { countArg, freshStores, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('rounds', 'sizes', 'cases', 'embedded')
 
 const embedded = process.argv.includes('--embedded')
 const url = process.env.DATABASE_URL

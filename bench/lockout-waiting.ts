@@ -4,7 +4,8 @@
 // it); the 5 fail, and the last failure answers every one waiting with the lockout. Prints the
 // microseconds of that answer per waiting attempt for each N, and its ratio to the smallest N's.
 // node bench/lockout-waiting.ts [--lockout other/core/lockout.ts]
-import { here } from './servers.ts'
+import { here, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('lockout')
 
 const i = process.argv.indexOf('--lockout')
 const file = i === -1 ? here('../core/lockout.ts') : (process.argv[i + 1] as string)

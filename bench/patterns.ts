@@ -13,7 +13,8 @@ import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES } from '../core/http.ts'
 import { scrub } from '../core/log.ts'
 import { refuseChangedNumbers } from '../core/validate.ts'
-import { countArg as arg, median } from './servers.ts'
+import { countArg as arg, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('rounds', 'largest')
 
 const ROUNDS = arg('rounds', 5)
 /** KB of the largest text (16, 64 or 256): code whose time grows with the square takes minutes at 256. */

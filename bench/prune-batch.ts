@@ -11,7 +11,8 @@ import { join } from 'node:path'
 import { openDb } from '../core/db.ts'
 import { migrate } from '../core/migrate.ts'
 import { PRUNE_BATCH, pruneBatch } from '../core/scheduler.ts'
-import { countArg as arg, median } from './servers.ts'
+import { countArg as arg, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('rows', 'rounds')
 
 const ROWS = arg('rows', 120_000)
 const ROUNDS = arg('rounds', 5)

@@ -21,7 +21,8 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir, cpus } from 'node:os'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
-import { BENCH_REDIS_PREFIX, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate } from './servers.ts'
+import { BENCH_REDIS_PREFIX, createKey, forkServer, here, keygateEnv, median, redisAnswer, redisUsedThroughout, removeBenchRedisKeys, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('quick', 'write', 'dump')
 
 const quick = process.argv.includes('--quick')
 const write = process.argv.includes('--write')

@@ -16,7 +16,8 @@ import { silentLogger } from '../core/log.ts'
 import { openRuntime } from '../core/runtime.ts'
 import { Scheduler } from '../core/scheduler.ts'
 import { WebhookService } from '../core/webhooks.ts'
-import { countArg as arg, freshStores, median, type FreshStore } from './servers.ts'
+import { countArg as arg, freshStores, median, type FreshStore, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('keys', 'rounds')
 
 const KEYS = arg('keys', 10_000)
 const ROUNDS = arg('rounds', 3)

@@ -149,6 +149,19 @@ export function countArg(name: string, fallback: number): number {
   return v
 }
 
+/**
+ * Exits 2 naming the first `--option` on the command line that is not one of `known` (without
+ * the dashes): before, a misspelt option was ignored and the run went on with the default (or,
+ * in the benchmarks reading options with parseArgs, crashed with a stack trace).
+ */
+export function refuseUnknownFlags(...known: string[]): void {
+  const unknown = process.argv.slice(2).find((a) => a.startsWith('--') && !known.includes(a.slice(2)))
+  if (unknown === undefined) return
+  const hint = unknown.includes('=') ? ' (give its value after a space)' : ''
+  process.stderr.write(`unknown option ${unknown}${hint}: this benchmark takes ${known.length > 0 ? known.map((k) => `--${k}`).join(', ') : 'no options'}\n`)
+  process.exit(2)
+}
+
 /** What Redis at `url` answers a PING with: 'PONG', or why it does not (within 2 s). */
 export async function redisAnswer(url: string): Promise<string> {
   const probe = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 2000 })

@@ -13,7 +13,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Pool } from 'undici'
-import { countArg as arg, cli, forkServer, median, startKeygate } from './servers.ts'
+import { countArg as arg, cli, forkServer, median, startKeygate, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('keys', 'rounds', 'seconds')
 
 const KEYS = arg('keys', 100_000)
 const ROUNDS = arg('rounds', 3)

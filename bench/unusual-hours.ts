@@ -25,7 +25,8 @@ import { openDb, type Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { migrate } from '../core/migrate.ts'
 import { loadConfig } from '../config/load.ts'
-import { countArg, freshStores, median } from './servers.ts'
+import { countArg, freshStores, median, refuseUnknownFlags } from './servers.ts'
+refuseUnknownFlags('keys', 'rounds', 'baseline', 'baseline-upto', 'embedded')
 
 const embedded = process.argv.includes('--embedded')
 const url = process.env.DATABASE_URL
