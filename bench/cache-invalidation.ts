@@ -16,11 +16,10 @@ import { migrate } from '../core/migrate.ts'
 import { loadConfig } from '../config/load.ts'
 import { cachedKeys, KeyCache } from '../gateway/key-cache.ts'
 import { createKeyLimiters } from '../gateway/rate-limit.ts'
-import { countArg, refuseUnknownFlags } from './servers.ts'
+import { countArg, countsArg, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('sizes', 'drops')
 
-const at = process.argv.indexOf('--sizes')
-const sizes = (at === -1 ? '10000,100000' : (process.argv[at + 1] ?? '')).split(',').map(Number)
+const sizes = countsArg('sizes', [10_000, 100_000])
 const drops = countArg('drops', 200)
 const config = loadConfig({ env: {}, onlyFile: true })
 const metrics = createGatewayMetrics(createMetricsRegistry({ defaultMetrics: false }), ['api'])

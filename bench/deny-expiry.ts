@@ -6,13 +6,15 @@
 // many entries that never expire, measured in the same run, one after the other.
 import type { DenyEntry } from '../core/deny-list.ts'
 import { DenyMatcher } from '../gateway/deny-list.ts'
-import { countArg, refuseUnknownFlags } from './servers.ts'
+import { countArg, countsArg, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('entries', 'lookups')
 
-const sizesArg = process.argv.indexOf('--entries')
-const sizes = sizesArg === -1 ? [1000, 10_000, 50_000] : String(process.argv[sizesArg + 1]).split(',').map(Number)
+const sizes = countsArg('entries', [1000, 10_000, 50_000])
 const lookups = countArg('lookups', 5000)
-if (sizes.some((n) => !Number.isInteger(n) || n <= lookups)) throw new Error(`--entries: whole numbers above --lookups (${lookups})`)
+if (sizes.some((n) => n <= lookups)) {
+  process.stderr.write(`--entries takes whole numbers above --lookups (${lookups})\n`)
+  process.exit(2)
+}
 
 function perLookup(n: number, expiring = true): number {
   const now = Date.now()

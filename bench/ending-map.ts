@@ -10,7 +10,10 @@ import { countArg, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('keys')
 
 const keys = countArg('keys', 4 * MEMORY_MAX_KEYS)
-if (keys <= MEMORY_MAX_KEYS) throw new Error(`--keys must be more than ${MEMORY_MAX_KEYS}`)
+if (keys <= MEMORY_MAX_KEYS) {
+  process.stderr.write(`--keys must be more than ${MEMORY_MAX_KEYS} (the limiter's cap)\n`)
+  process.exit(2)
+}
 
 async function timed(from: number, to: number, step: (i: number) => unknown): Promise<number> {
   const start = performance.now()

@@ -20,7 +20,7 @@ import { AuditCipher, AuditLog } from '../core/audit.ts'
 import { openDb, type Db } from '../core/db.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { migrate } from '../core/migrate.ts'
-import { countArg, freshStores, median, refuseUnknownFlags } from './servers.ts'
+import { countArg, countsArg, freshStores, median, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('rounds', 'sizes', 'cases', 'embedded')
 
 const embedded = process.argv.includes('--embedded')
@@ -32,8 +32,7 @@ if (!embedded && !url) {
 const only = process.argv.indexOf('--cases')
 const prefix = only === -1 ? '' : (process.argv[only + 1] ?? '')
 const rounds = countArg('rounds', 5)
-const at = process.argv.indexOf('--sizes')
-const sizes = (at === -1 ? '10000,1000000' : (process.argv[at + 1] ?? '')).split(',').map(Number)
+const sizes = countsArg('sizes', [10_000, 1_000_000])
 
 interface Case {
   name: string

@@ -19,6 +19,10 @@ refuseUnknownFlags('rounds', 'largest')
 const ROUNDS = arg('rounds', 5)
 /** KB of the largest text (16, 64 or 256): code whose time grows with the square takes minutes at 256. */
 const SIZES = [16_000, 64_000, 256_000].filter((n) => n <= arg('largest', 256) * 1000)
+if (SIZES.length === 0) {
+  process.stderr.write('--largest takes 16 or more (KB): the smallest text is 16 KB\n')
+  process.exit(2)
+}
 /** The admin API's check of a body's numbers (it refuses this one, after the time measured). */
 const number = (text: string): void => {
   try {

@@ -149,6 +149,17 @@ export function countArg(name: string, fallback: number): number {
   return v
 }
 
+/** `--name N,M,...` from the command line, whole numbers above 0 (`fallback` when not given); exits 2 on anything else. */
+export function countsArg(name: string, fallback: number[]): number[] {
+  const i = process.argv.indexOf(`--${name}`)
+  const vs = i === -1 ? fallback : String(process.argv[i + 1]).split(',').map(Number)
+  if (!vs.every((v) => Number.isInteger(v) && v > 0)) {
+    process.stderr.write(`--${name} takes whole numbers above 0, separated by commas\n`)
+    process.exit(2)
+  }
+  return vs
+}
+
 /**
  * Exits 2 naming the first `--option` on the command line that is not one of `known` (without
  * the dashes): before, a misspelt option was ignored and the run went on with the default (or,

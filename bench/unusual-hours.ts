@@ -25,7 +25,7 @@ import { openDb, type Db } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { migrate } from '../core/migrate.ts'
 import { loadConfig } from '../config/load.ts'
-import { countArg, freshStores, median, refuseUnknownFlags } from './servers.ts'
+import { countArg, countsArg, freshStores, median, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('keys', 'rounds', 'baseline', 'baseline-upto', 'embedded')
 
 const embedded = process.argv.includes('--embedded')
@@ -48,8 +48,7 @@ if (baselineDir) {
   const old = (await import(pathToFileURL(resolve(baselineDir, 'core/anomalies.ts')).href)) as { AnomalyDetector: Detector }
   codes.unshift([`baseline (${baselineDir})`, old.AnomalyDetector])
 }
-const at = process.argv.indexOf('--keys')
-const sizes = (at === -1 ? '1000,5000' : (process.argv[at + 1] ?? '')).split(',').map(Number)
+const sizes = countsArg('keys', [1000, 5000])
 
 const H = 3_600_000
 /** The hour judged: 10:00 UTC, one the keys' histories use (but for one key in a hundred). */
