@@ -119,7 +119,7 @@ export const ConfigSchema = Type.Object(
         max_header_bytes: int(16_384, 1024, 1_048_576, { description: 'Largest request header block accepted (431 above).' }),
         max_headers: int(100, 8, 1000, { description: 'Most request header lines accepted (431 above).' }),
         max_response_header_bytes: int(65_536, 1024, 1_048_576, {
-          description: "Largest response header block taken from an upstream (502 upstream_unavailable above, naming the cause); Envoy's default is 60 KiB.",
+          description: "Largest response header block taken from an upstream (502 upstream_unavailable above, naming the cause), counted as undici counts it: the header names and values, not the status line, colons and line ends (a few percent of a head); Envoy's default is 60 KiB.",
         }),
         accept_request_id: Type.Boolean({
           default: true,
