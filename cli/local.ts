@@ -16,18 +16,18 @@ import type { DenyListService } from '../core/deny-list.ts'
 
 /**
  * Opens the store (`existingOnly`: refused with that hint when there is none yet; `readOnly`: for a
- * command that changes nothing, see core/audit.ts checkStoreKey), builds the
+ * command that changes nothing, see core/audit.ts checkStoreKey; `fresh`: the folder of the new
+ * embedded store it makes, newEmbeddedStoreAt's, warned of), builds the
  * command's context with `open`, runs `action` on it, and closes everything after. The changes of
  * the runtime's keys, and of the deny list service `open` names (`denyList`), are published on Redis.
  */
 export async function runLocal<C>(
   config: Config,
   log: Logger,
-  { existingOnly, readOnly }: { existingOnly: string | undefined; readOnly: boolean },
+  { existingOnly, readOnly, fresh }: { existingOnly: string | undefined; readOnly: boolean; fresh: string | undefined },
   open: (runtime: Runtime) => Promise<{ ctx: C; close?: () => Promise<void>; denyList?: DenyListService }>,
   action: (ctx: C) => Promise<number>,
 ): Promise<number> {
-  const fresh = !config.store.database_url && existingOnly === undefined ? newEmbeddedStoreAt(config.store.data_dir) : undefined
   const runtime = await openRuntime(config, log, { shortLived: true, readOnly, ...(existingOnly !== undefined ? { existingOnly } : {}) })
   // Before (found by a review): a command run without the service's KEYGATE_DATA_DIR (sudo drops
   // it) made a store of its own in the working folder without a word, and the key it printed was

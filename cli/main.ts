@@ -72,11 +72,11 @@ export function cliLogger(io: Io, config: Config) {
  * that would set them here are refused, not ignored.
  */
 function runIntegrationGroup<S>(
-  group: string,
+  group: ServiceName,
   commands: Record<string, Command<IntegrationContext<S>>>,
   argv: string[],
   io: Io,
-  o: { local: (deps: ReturnType<typeof integrationDeps>) => Promise<S & { close(): Promise<void> }>; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string; name: ServiceName },
+  o: { local: (deps: ReturnType<typeof integrationDeps>) => Promise<S & { close(): Promise<void> }>; remote: (adminUrl: string, token: string) => S; flags: Record<string, unknown>; service: string },
 ): Promise<number> {
   const actor = { actor: actorName() }
   // The settings a command calls the service with (every command's but verify's include the
@@ -92,7 +92,7 @@ function runIntegrationGroup<S>(
           const action = c.prepare(p)
           action.beforeMaking ??= async (_io, config) => {
             const { assertConfigured } = await import('../core/integrations/track.ts')
-            assertConfigured(o.name, config, name !== 'verify', true)
+            assertConfigured(group, config, name !== 'verify', true)
           }
           return action
         },
@@ -183,9 +183,10 @@ export async function runGroup<C>(
   const log = cliLogger(io, config)
   const { runLocal, newEmbeddedStoreAt } = await import('./local.ts')
   const existingOnly = sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined
-  const makes = existingOnly === undefined && !config.store.database_url && newEmbeddedStoreAt(config.store.data_dir) !== undefined
-  if (makes) await action.beforeMaking?.(io, config)
-  return runLocal(config, log, { existingOnly, readOnly: sub.readOnly === true }, (runtime) => open(runtime, log, p.values.json === true), action)
+  // The folder of the embedded store the command will make, when it makes one.
+  const fresh = existingOnly === undefined && !config.store.database_url ? newEmbeddedStoreAt(config.store.data_dir) : undefined
+  if (fresh !== undefined) await action.beforeMaking?.(io, config)
+  return runLocal(config, log, { existingOnly, readOnly: sub.readOnly === true, fresh }, (runtime) => open(runtime, log, p.values.json === true), action)
 }
 
 /**
@@ -336,9 +337,9 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
           (adminUrl, token, json) => ({ io, json, ops: remoteOperations(adminUrl, token) }),
         )
       case 'gitea':
-        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/gitea.ts')).GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea', name: 'gitea' })
+        return await runIntegrationGroup('gitea', GITEA_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/gitea.ts')).GiteaTokenService(deps), remote: remoteGitea, flags: GITEA_FLAGS, service: 'Gitea' })
       case 'n8n':
-        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/n8n.ts')).N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n', name: 'n8n' })
+        return await runIntegrationGroup('n8n', N8N_COMMANDS, rest, io, { local: async (deps) => new (await import('../core/integrations/n8n.ts')).N8nKeyService(deps), remote: remoteN8n, flags: N8N_FLAGS, service: 'n8n' })
       case 'deny-list':
         return await runGroup(
           'deny-list',
