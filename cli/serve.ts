@@ -501,6 +501,21 @@ function readiness(probe: () => Promise<StoreState>, log: Logger): () => Promise
 const NO_ADMIN_API = 'this process serves the gateway only (serve --only gateway): the admin API is served by a keygate serve --only admin, or one without --only'
 
 /**
+ * The admin listener of a process, a `--workers` primary's too, serving `routes`. Without the
+ * admin API (`--only gateway`) its `/v1` says why (before, found by a review, a `--workers`
+ * primary's said "no admin route /v1/keys", as though the path were wrong).
+ */
+function adminServer(config: Config, role: Role, routes: readonly AdminRoute[], log: Logger): http.Server {
+  return createAdminServer({
+    routes,
+    log,
+    server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)),
+    allowedHosts: config.admin.allowed_hosts,
+    ...(role.admin ? {} : { noApi: NO_ADMIN_API }),
+  })
+}
+
+/**
  * What the first admin key's start says when the store failed once the key was shown: at the
  * commit, which may have been made though its answer never came (the connection dropped
  * between). So the store is asked whether the key's row is there. Before (found by a review),
@@ -896,13 +911,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         routes.push(...api.routes)
         scheduler = startScheduler(config, runtime, log, ev.webhooks)
       }
-      admin = createAdminServer({
-        routes,
-        log,
-        server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)),
-        allowedHosts: config.admin.allowed_hosts,
-        ...(role.admin ? {} : { noApi: NO_ADMIN_API }),
-      })
+      admin = adminServer(config, role, routes, log)
       const at = await listen(admin, config.admin.listen, 'admin.listen')
       log.info(role.admin ? 'admin listening' : 'health and metrics listening', { address: shown(at), tls: Boolean(config.admin.tls) })
     }
@@ -1290,15 +1299,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     })
     const api = role.admin ? adminApi(config, runtime, denyList, lockout, log, ev, undefined, () => ownLockout?.lockedOutRequests.inc()) : undefined
     if (api) routes.push(...api.routes)
-    const admin = createAdminServer({
-      routes,
-      log,
-      server: createServer(config.admin.tls && tlsFiles(config.admin.tls, log, 'admin'), adminServerOptions(config.admin)),
-      allowedHosts: config.admin.allowed_hosts,
-      // A `--workers` primary of `--only gateway` says why as a single process does (before, found
-      // by a review: "no admin route /v1/keys", as though the path were wrong).
-      ...(role.admin ? {} : { noApi: NO_ADMIN_API }),
-    })
+    const admin = adminServer(config, role, routes, log)
     // Bound before any worker starts: a start that fails here (the address in use) leaves no
     // gateway serving without its primary.
     const bound = async () => ({ at: await listen(admin, config.admin.listen, 'admin.listen'), gateway: await reserveGatewayAddress(config.gateway.listen) })
