@@ -287,7 +287,7 @@ class PostgresDb implements Db {
     // The probes' own connection sets its bound with each statement (probing).
     if (this.#readTimeout === undefined || pool !== this.#pool || this.#prepared.has(client)) return { client, giveBack }
     try {
-      await client.query({ text: `SET statement_timeout = ${this.#timeoutMs}`, query_timeout: this.#readTimeout } as pg.QueryConfig)
+      await client.query(this.#statement(`SET statement_timeout = ${this.#timeoutMs}`, undefined))
     } catch (err) {
       giveBack(true)
       throw err
