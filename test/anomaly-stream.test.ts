@@ -360,6 +360,26 @@ t.test("a stream opened with an admin key ends when the key expires, not at the 
   t.equal(await s.next().then(() => 'an event', () => 'ended'), 'ended', 'the stream ends once its key has expired')
 })
 
+t.test("a stream whose end timer fires before the clock reaches the key's expiry is armed again, not left to the next heartbeat (found by CI)", async (t) => {
+  const store = await openStore(t, 'embedded')
+  // A timer may fire a little before Date.now() reaches its mark (libuv counts whole milliseconds
+  // of another clock), and a wall clock may be stepped back: here it steps back 200 ms after the
+  // stream armed its end. Before, the timer found the key still valid and ended nothing, so the
+  // stream went on to the next heartbeat (CI saw one run 30 s past the expiry).
+  let behind = 0
+  const h = await startAdmin(t, store.db, { config: { admin: { stream_heartbeat_s: 300 } }, now: () => new Date(Date.now() - behind) })
+  const expiresAt = Date.now() + 2000
+  const expiring = await h.keys.create({ name: 'expiring watcher', type: 'system', scopes: ['admin'], expires_at: new Date(expiresAt).toISOString() }, { actor: 'test' })
+  const s = await h.stream('/v1/anomalies/stream', { auth: expiring.key })
+  t.teardown(() => s.close())
+  t.equal(s.status, 200)
+  await sleep(Math.max(0, expiresAt - 700 - Date.now()))
+  behind = 200
+  const ended = s.next().then(() => 'an event', () => 'ended')
+  const late = sleep(Math.max(0, expiresAt + 3000 - Date.now())).then(() => 'still open 3 s after the expiry')
+  t.equal(await Promise.race([ended, late]), 'ended', 'the stream ends once the clock has reached the expiry')
+})
+
 t.test('a pipelined request that does not parse, on the connection of an open stream: nothing is written into the stream (its 400 waits for the stream to end)', async (t) => {
   const store = await openStore(t, 'embedded')
   const h = await startAdmin(t, store.db)

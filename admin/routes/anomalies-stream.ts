@@ -136,9 +136,11 @@ export default defineOperation({
       const wait = validUntilOf(k) - services.now().getTime()
       // Ended already (a read that came back late); Infinity (no end), or past what a timer holds: a later heartbeat arms it.
       if (!open(res) || !(wait <= MAX_TIMER_MS)) return
-      ending = setTimeout(() => {
-        if (!stillAdmin(k)) finish()
-      }, Math.max(0, wait))
+      // Judged again when it fires: a timer may fire a little before the clock reaches its mark
+      // (libuv counts whole milliseconds of a clock of its own, and the wall clock may be stepped
+      // back), and a key still valid then is armed again for what is left. Before (found by CI), it
+      // was left to the next heartbeat.
+      ending = setTimeout(() => judge(k), Math.max(0, wait))
       ending.unref()
     }
     // The key read again: the stream ends when it is no admin key any more, else is armed for its end.

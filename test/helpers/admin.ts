@@ -190,6 +190,8 @@ export interface AdminHarnessOptions {
   log?: Logger
   /** The webhook service's log (default: none): what it says of each delivery attempt. */
   webhookLog?: Logger
+  /** The admin API's clock (default: the wall clock). */
+  now?: () => Date
 }
 
 export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions = {}): Promise<AdminHarness> {
@@ -242,6 +244,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       n8n,
       webhooks,
       anomalyFeed,
+      ...(options.now ? { now: options.now } : {}),
     }),
   })
   const requests: string[] = []
