@@ -148,10 +148,12 @@ export function choiceFlag<T extends string>(p: Parsed, flag: string, allowed: r
 }
 
 /**
- * How a flag spells the API's null, where not `null`: the schema's message would offer `null`,
- * which the flag refuses (before: `--expires-at null` was told to use null).
+ * How a flag spells the API's null: the schema's message would offer `null`, which no flag takes
+ * (before: `--expires-at null` was told to use null). A flag not named here has no word for it
+ * (`deny-list add --reason`: leave the flag out), and its message offers none (before, found by a
+ * review: `--reason` and `--owner` were told "or null").
  */
-const NULL_WORD_OF: Readonly<Record<string, string>> = { '--expires-at': 'never' }
+const NULL_WORD_OF: Readonly<Record<string, string>> = { '--expires-at': 'never', '--owner': 'an empty value (no owner)' }
 
 /**
  * The API's own schema, checked before any store is opened: a value a flag never takes is a
@@ -167,8 +169,8 @@ export function checkFlags(schema: TSchema, values: Record<string, unknown>, fla
       .map((p) => {
         const field = dotted(p.path)
         const flag = flagOf[p.path[0] ?? ''] ?? `--${p.path[0] ?? ''}`
-        const nullWord = p.path.length === 1 ? NULL_WORD_OF[flag] : undefined
-        const problem = nullWord === undefined ? p : { ...p, allowed: p.allowed.replace(/ or null$/, ` or ${nullWord}`) }
+        const nullWord = NULL_WORD_OF[flag]
+        const problem = p.path.length > 1 ? p : { ...p, allowed: p.allowed.replace(/ or null$/, nullWord === undefined ? '' : ` or ${nullWord}`) }
         return problemLine(problem, p.path.length > 1 ? `${flag} (${field})` : flag)
       })
       .join('; '),

@@ -11,7 +11,7 @@ import t, { type Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { childEnv, KEYGATE_BIN, runCli, runCliHere, spawnClean, type CliResult } from './helpers/cli.ts'
 import { isolated, postgresEnv, tempDir } from './helpers/cli-lifecycle.ts'
@@ -814,4 +814,21 @@ t.test('a table lines its columns up by the columns a terminal shows: wide chara
     table(['id', 'name', 'type'], [['a1', '日本語のキー名', 'user'], ['b2', 'plain', 'service'], ['c3', 'cafe\u0301 👨\u200d👩\u200d👧', 'user']]),
     ['ID  NAME            TYPE', 'a1  日本語のキー名  user', 'b2  plain           service', 'c3  cafe\u0301 👨\u200d👩\u200d👧         user', ''].join('\n'),
   )
+})
+
+t.test("a flag's refusal offers no null, which no flag takes: --owner's word for none is the empty value, --reason has none (found by a review)", async (t) => {
+  const dir = tempDir()
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const env = isolated({ KEYGATE_DATA_DIR: join(dir, 'store') })
+  const cases: Array<[string[], RegExp]> = [
+    // Before: "... invisible format characters (bidi overrides, zero-width characters) or null".
+    [['deny-list', 'add', '10.0.0.0/8', '--reason', 'a\u0001'], /^keygate: --reason: "a\\u0001" is not allowed; expected a non-empty string of at most 500 characters without control characters or invisible format characters \(bidi overrides, zero-width characters\)\n$/],
+    [['api-key', 'update', 'abc', '--owner', 'a\nb'], /^keygate: --owner: "a\\nb" is not allowed; expected a non-empty string of at most 200 characters .*\(bidi overrides, zero-width characters\) or an empty value \(no owner\)\n$/],
+  ]
+  for (const [args, pattern] of cases) {
+    const r = await runCli(args, { env, cwd: dir })
+    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+    t.match(r.stderr, pattern, `keygate ${args.join(' ')} says what the flag takes`)
+  }
+  t.notOk(existsSync(join(dir, 'store')), 'no store was made')
 })
