@@ -6,6 +6,7 @@
 import { ADMIN_MARK, fromGateway, neverConnected, TRAILING_SLASHES } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { escapeUnprintable } from '../core/validate.ts'
+import type { IncomingMessage } from 'node:http'
 
 /** Methods that change something: a call of one that times out may have been carried out. */
 const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
@@ -21,6 +22,63 @@ const SERVER_SETTINGS: Partial<Record<ErrorCode, string>> = { gitea_not_configur
 
 /** OpenSSL's and Node's codes for a certificate that does not verify (self-signed, unknown issuer, expired, another name). */
 const UNTRUSTED = /CERT|SELF_SIGNED|UNABLE_TO_(VERIFY|GET_ISSUER)/
+
+/** An answer of the admin API: its status, one header's value, and its body as text. */
+interface Answer {
+  status: number
+  header(name: string): string | null
+  text: string
+}
+
+/**
+ * One request with node:http or node:https, not fetch: fetch refuses the ports the Fetch standard
+ * lists as bad (6000, 6665-6669, 10080, 5060, ...), which the admin listener takes, and a command
+ * through an admin API listening on one was "cannot reach the admin API ...: bad port" (found by a
+ * review). Redirects are not followed (node:http follows none). The whole exchange, the body
+ * included, ends within `timeoutMs`: past it, an Error named TimeoutError; a transport failure
+ * is Node's own error, with its code (ECONNREFUSED, ECONNRESET, a certificate's).
+ */
+async function send(url: URL, method: string, headers: Record<string, string>, body: string | undefined, timeoutMs: number): Promise<Answer> {
+  const { request } = url.protocol === 'https:' ? await import('node:https') : await import('node:http')
+  return new Promise<Answer>((resolve, reject) => {
+    const timeout = Object.assign(new Error(`no answer within ${timeoutMs / 1000} s`), { name: 'TimeoutError' })
+    let timedOut = false
+    const timer = setTimeout(() => {
+      timedOut = true
+      req.destroy(timeout)
+    }, timeoutMs)
+    const done = (err: Error | undefined, answer?: Answer) => {
+      clearTimeout(timer)
+      if (timedOut) reject(timeout)
+      else if (err) reject(err)
+      else resolve(answer as Answer)
+    }
+    const req = request(url, { method, headers: body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) } }, (res: IncomingMessage) => {
+      const chunks: Buffer[] = []
+      res.on('data', (chunk: Buffer) => chunks.push(chunk))
+      res.on('end', () => {
+        const header = (name: string) => {
+          const value = res.headers[name.toLowerCase()]
+          return value === undefined ? null : Array.isArray(value) ? value.join(', ') : value
+        }
+        done(undefined, { status: res.statusCode ?? 0, header, text: Buffer.concat(chunks).toString('utf8') })
+      })
+      // Cut in the middle of the body, by the server or past the deadline.
+      res.on('error', (err) => done(err))
+      res.on('close', () => {
+        if (!res.complete) done(Object.assign(new Error('the connection closed in the middle of the answer'), { code: 'ECONNRESET' }))
+      })
+    })
+    req.on('error', (err: Error & { code?: string }) => {
+      // node:http writes the request before the TLS handshake is done, and an OpenSSL failure
+      // then comes as the write's EPROTO; named by OpenSSL's reason, as a TLS socket names it
+      // (ERR_SSL_WRONG_VERSION_NUMBER: TLS sent to a plain HTTP listener).
+      const reason = err.code === 'EPROTO' ? /:SSL routines:[^:]*:([a-z ]+):/.exec(err.message)?.[1] : undefined
+      done(reason === undefined ? err : Object.assign(err, { code: `ERR_SSL_${reason.toUpperCase().replaceAll(' ', '_')}` }))
+    })
+    req.end(body)
+  })
+}
 
 export interface AdminClient {
   /**
@@ -63,26 +121,24 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       : unavailable(`the admin API at ${shown} answered ${status} ${what}`)
   const exchange = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<{ status: number; json: T }> => {
     const change = CHANGES.has(method) && !READS.has(path)
-    let res: Response
-    let text: string
+    let res: Answer
     try {
-      res = await fetch(base + path, {
+      // Not followed: a redirect would drop the credential on another origin and turn a POST into a GET.
+      res = await send(
+        new URL(base + path),
         method,
-        headers: { authorization: `Bearer ${token}`, accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
-        ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
-        signal: AbortSignal.timeout(timeoutMs),
-        // A redirect would drop the credential on another origin and turn a POST into a GET.
-        redirect: 'manual',
-      })
-      text = await res.text()
+        { authorization: `Bearer ${token}`, accept: 'application/json', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+        body === undefined ? undefined : JSON.stringify(body),
+        timeoutMs,
+      )
     } catch (err) {
-      const cause = (err as { cause?: { code?: string; message?: string } }).cause
-      if ((err as Error).name === 'TimeoutError' && change) {
+      const failure = err as Error & { code?: string }
+      if (failure.name === 'TimeoutError' && change) {
         // Sent, and no answer: the change may have been made (a rotation's new key then exists,
         // its secret never shown). Said as such, never as "cannot reach".
         throw new KeygateError('admin_unavailable', `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; ${mayHaveBeenMade}`)
       }
-      const code = cause?.code
+      const code = failure.code
       if (code !== undefined && UNTRUSTED.test(code)) {
         throw new KeygateError(
           'admin_unavailable',
@@ -93,7 +149,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       // hello with HTTP, which OpenSSL reads as a wrong version (before, found by a review, that
       // code was all the message said).
       const tlsHint =
-        code === 'UND_ERR_SOCKET' && base.startsWith('http:')
+        code === 'ECONNRESET' && base.startsWith('http:')
           ? '; if the admin listener serves TLS, the URL is https://'
           : code === 'ERR_SSL_WRONG_VERSION_NUMBER' && base.startsWith('https:')
             ? '; the server there does not speak TLS: if the admin listener serves plain HTTP (no admin.tls), the URL is http://'
@@ -102,24 +158,25 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       // (a server killed, or one whose stop cut the call at its deadline, an import committed).
       // Before (found by a review), "cannot reach", as if nothing had been sent.
       if (change && (code === undefined || !neverConnected(code))) {
-        throw new KeygateError('admin_unavailable', `the admin API at ${shown} closed the connection before answering (${hide(code ?? cause?.message ?? (err as Error).message)}); ${mayHaveBeenMade}${tlsHint}`)
+        throw new KeygateError('admin_unavailable', `the admin API at ${shown} closed the connection before answering (${hide(code ?? failure.message)}); ${mayHaveBeenMade}${tlsHint}`)
       }
-      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(code ?? cause?.message ?? (err as Error).message)}${tlsHint}`)
+      throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${hide(code ?? failure.message)}${tlsHint}`)
     }
-    if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.headers.get('location') ?? 'nowhere'} (not followed)`)
+    const ok = res.status >= 200 && res.status < 300
+    if (res.status >= 300 && res.status < 400) throw unavailable(`the admin API at ${shown} answered ${res.status}, a redirect to ${res.header('location') ?? 'nowhere'} (not followed)`)
     let json: unknown
     try {
-      json = JSON.parse(text)
+      json = JSON.parse(res.text)
     } catch {
       throw notKeygates(change, res.status, 'without JSON')
     }
     const error = (json as { error?: { code?: unknown; message?: unknown; details?: Record<string, unknown> } } | null)?.error
     // JSON of another server (before: the gateway port, given the admin key, passed the call on to
     // its upstream, and the CLI failed on that JSON with a TypeError).
-    if (res.headers.get(ADMIN_MARK) === null && (res.ok || typeof error?.code === 'string')) {
+    if (res.header(ADMIN_MARK) === null && (ok || typeof error?.code === 'string')) {
       throw unavailable(`the server at ${shown} answered ${res.status} but is not keygate's admin API (no ${ADMIN_MARK} header; the gateway's port, say)`)
     }
-    if (res.ok) {
+    if (ok) {
       if (json === null || typeof json !== 'object') throw unavailable(`the admin API at ${shown} answered ${res.status} with ${escapeUnprintable(JSON.stringify(json))}, not an object`)
       // A broken server's `items: null` (before: "unexpected error: TypeError").
       const notList = lists.find((field) => !Array.isArray((json as Record<string, unknown>)[field]))

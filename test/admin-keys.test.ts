@@ -617,9 +617,9 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
   // admin URL the admin listener?", while an import cut at the server's stop had been committed).
   t.match(await failure(remoteOperations(`${base}/cut`, 'token').rotate('AAAAAAAAAAAA', false)), {
     code: 'admin_unavailable',
-    message: /^the admin API at http:\/\/127\.0\.0\.1:\d+\/cut closed the connection before answering \(UND_ERR_SOCKET\); the change may or may not have been made: check with `keygate api-key get` \(or list\) before you try again; if the admin listener serves TLS, the URL is https:\/\/$/,
+    message: /^the admin API at http:\/\/127\.0\.0\.1:\d+\/cut closed the connection before answering \(ECONNRESET\); the change may or may not have been made: check with `keygate api-key get` \(or list\) before you try again; if the admin listener serves TLS, the URL is https:\/\/$/,
   })
-  t.match(await failure(remoteOperations(`${base}/cut`, 'token').get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API at .*: UND_ERR_SOCKET/ }, 'a read changed nothing')
+  t.match(await failure(remoteOperations(`${base}/cut`, 'token').get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API at .*: ECONNRESET/ }, 'a read changed nothing')
   t.match(await failure(remoteOperations(`${base}/lost`, 'token').revoke('AAAAAAAAAAAA', undefined)), {
     code: 'admin_unavailable',
     message: /^the admin API at http:\/\/127\.0\.0\.1:\d+\/lost answered 504 without JSON, as a proxy in front of it does when it lost the answer; the change may or may not have been made: check with `keygate api-key get` \(or list\) before you try again$/,

@@ -7,6 +7,7 @@
 // (0.85 s against 1.8 s) and a twentieth through runCliHere (0.05 s against 0.8 s, opening PGlite).
 import t from 'tap'
 import { createHash } from 'node:crypto'
+import http from 'node:http'
 import { closeSync, openSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { spawnSync } from 'node:child_process'
@@ -221,6 +222,39 @@ t.test('a command through the admin API runs in one process, loading none of the
     command.kill('SIGKILL')
     await ended
   }
+})
+
+t.test("a command through the admin API reaches an admin listener on any port serve listens on, those fetch refuses included (found by a review)", async (t) => {
+  // Before: `--admin-listen 127.0.0.1:6000` served, and every command through it was "cannot reach
+  // the admin API at http://127.0.0.1:6000 (KEYGATE_ADMIN_URL or --admin-url): bad port": fetch
+  // refuses the ports the Fetch standard lists as bad (6000, 6665-6669, 10080, 5060, ...), which
+  // curl and keygate's own listeners take.
+  const seen: string[] = []
+  const admin = http.createServer((req, res) => {
+    seen.push(`${req.method} ${req.url} ${req.headers.authorization}`)
+    res.writeHead(200, { 'content-type': 'application/json', 'x-keygate-admin': '1' })
+    res.end(JSON.stringify({ total: 3, by_type: { system: 1, user: 2 }, by_status: { active: 3 }, legacy: 0, expiring_soon: 1 }))
+  })
+  // The first of the Fetch standard's bad ports that is free here.
+  let port: number | undefined
+  for (const candidate of [10080, 6666, 6667, 6668, 6669, 6679, 6697, 6000, 6566, 5060, 5061, 4190, 3659]) {
+    const bound = await new Promise<boolean>((resolve) => {
+      admin.once('error', () => resolve(false))
+      admin.listen(candidate, '127.0.0.1', () => resolve(true))
+    })
+    admin.removeAllListeners('error')
+    if (bound) {
+      port = candidate
+      break
+    }
+  }
+  if (port === undefined) return t.fail('none of the ports fetch refuses is free here')
+  t.teardown(() => admin.close())
+  const token = 'an-admin-token-of-32-characters!'
+  const r = await runCli(['api-key', 'stats', '--json', '--admin-url', `http://127.0.0.1:${port}`], { env: isolated({ KEYGATE_ADMIN_TOKEN: token }), cwd: tempDir() })
+  t.equal(r.code, 0, `through an admin API on port ${port}: ${r.stderr}`)
+  t.same(r.json(), { total: 3, by_type: { system: 1, user: 2 }, by_status: { active: 3 }, legacy: 0, expiring_within_7d: 1 }, "the server's answer")
+  t.same(seen, [`GET /v1/stats Bearer ${token}`], 'one call, with the credential')
 })
 
 t.test('a command on the embedded store queues its key events for the servers and loads no outbound HTTP code', async (t) => {
