@@ -14,7 +14,7 @@ import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, rotationJson } from '.
 import { auditJson } from '../core/audit.ts'
 import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
+import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, fileArgument, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -78,6 +78,8 @@ function silentChange(text: string, value: unknown): string | undefined {
     throw err
   }
 }
+
+const IMPORT_USAGE = 'keygate api-key import FILE|- [--type T] [--json]'
 
 const KEY_FIELDS = {
   name: { type: 'string' },
@@ -508,17 +510,18 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   import: {
     // The row's fields as the schema that checks them names them (before, the help named none).
     summary: `import legacy keys (SHA-256 hex of UUID v4 strings) from a JSON array or JSON lines file of rows {${IMPORT_ROW_FIELDS}}; a row that names no type takes --type, or service`,
-    usage: 'keygate api-key import FILE|- [--type T] [--json]',
+    usage: IMPORT_USAGE,
     options: { type: { type: 'string' } },
     positionals: { min: 1, max: 1 },
     prepare(p) {
+      const file = fileArgument(p, IMPORT_USAGE) as string
       const type = choiceFlag(p, 'type', KEY_TYPES)
       // Read and parsed once: before a new store is made (Action's beforeMaking), else once the
       // store is open, as before (`import -` holds the store while a pipe fills). Before a new
       // store the rows are checked too, by themselves: a new store holds no key to add a problem
       // (before, found by a review, rows refused by their own fields made the store, then said so).
       let input: ReturnType<typeof parseImport> | undefined
-      const load = async (io: Io) => (input ??= parseImport(await readInput(io, p.positionals[0] as string)))
+      const load = async (io: Io) => (input ??= parseImport(await readInput(io, file)))
       const action: Action<ApiKeyContext> = async (ctx) => {
         const { rows, lines } = await load(ctx.io)
         const imported = await ctx.ops.importLegacy(rows, type).catch((err: unknown) => {

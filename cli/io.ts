@@ -138,6 +138,17 @@ export function refuseFlags(p: Parsed, names: readonly string[], why: string): v
   if (given.length > 0) throw new UsageError(`${given.map((name) => `--${name}`).join(', ')}: ${why}`)
 }
 
+/**
+ * The FILE argument, when given: an empty one (`import "$FILE"` with FILE unset) is a usage
+ * error, as an empty --config is (before, found by a review: `: cannot be read (ENOENT)`, exit 1,
+ * naming neither the argument nor that it was empty).
+ */
+export function fileArgument(p: Parsed, usage: string): string | undefined {
+  const file = p.positionals[0]
+  if (file === '') throw new UsageError(`FILE: an empty value is not allowed\nusage: ${usage}`)
+  return file
+}
+
 /** A flag whose value must be one of `allowed`: anything else is a usage error, caught before a store is opened. */
 export function choiceFlag<T extends string>(p: Parsed, flag: string, allowed: readonly T[]): T | undefined {
   const value = str(p, flag)

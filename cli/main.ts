@@ -15,7 +15,7 @@ import { DENY_LIST_COMMANDS, LOCKOUT_COMMANDS, LOCKOUTS_NEED_ADMIN, localDenyOpe
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
-import { EXIT_OK, UsageError, fail, parse, printDone, printJson, processIo, refuseFlags, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, UsageError, fail, fileArgument, parse, printDone, printJson, processIo, refuseFlags, type Command, type Io, type Parsed } from './io.ts'
 import { exposureWarning, Router } from '../gateway/route.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
@@ -237,7 +237,7 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   // Before (found by a review): `--config A B` checked B alone, without a word.
   if (p.positionals[0] !== undefined && p.values.config !== undefined) throw new UsageError(`give the file once: as FILE or as --config, not both\nusage: ${usage}`)
   // The file every other command would read when none is named (KEYGATE_CONFIG, else ./keygate.yaml).
-  const file = ((p.positionals[0] ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
+  const file = ((fileArgument(p, usage) ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
   const config = loadConfig({ file, env: io.env, onlyFile: true, bothListeners: true })
   // Valid, and still worth a word: a route's scopes another route's paths go around.

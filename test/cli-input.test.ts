@@ -832,3 +832,21 @@ t.test("a flag's refusal offers no null, which no flag takes: --owner's word for
   }
   t.notOk(existsSync(join(dir, 'store')), 'no store was made')
 })
+
+t.test('an empty FILE is a usage error, as an empty --config is, and makes no store (found by a review)', async (t) => {
+  // Before: `import "$FILE"` and `config check "$FILE"` with FILE unset said `: cannot be read
+  // (ENOENT)`, exit 1, naming neither the argument nor that it was empty.
+  const dir = tempDir()
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const env = isolated({ KEYGATE_DATA_DIR: join(dir, 'store') })
+  for (const [args, usage] of [
+    [['api-key', 'import', ''], 'keygate api-key import FILE|-'],
+    [['api-key', 'import', '', '--type', 'user'], 'keygate api-key import FILE|-'],
+    [['config', 'check', ''], 'keygate config check [FILE]'],
+  ] as const) {
+    const r = await runCli([...args], { env, cwd: dir })
+    t.equal(r.code, 2, `keygate ${args.join(' ')} exits 2`)
+    t.ok(r.stderr.startsWith(`keygate: FILE: an empty value is not allowed\nusage: ${usage}`), `names the argument, with the usage: ${r.stderr}`)
+  }
+  t.notOk(existsSync(join(dir, 'store')), 'no store was made')
+})
