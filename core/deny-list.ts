@@ -162,7 +162,8 @@ export class DenyListService {
     if (input.expiresAt != null) {
       expiresAt = input.expiresAt instanceof Date ? input.expiresAt : new Date(input.expiresAt)
       if (Number.isNaN(expiresAt.getTime())) throw fieldInvalid('expires_at', 'expected an RFC 3339 date-time')
-      if (expiresAt <= now) throw fieldInvalid('expires_at', 'is in the past')
+      // The time named, as a key's refusal names it (before, found by a review: `expires_at: is in the past`).
+      if (expiresAt <= now) throw fieldInvalid('expires_at', `${typeof input.expiresAt === 'string' ? input.expiresAt : expiresAt.toISOString()} is in the past`)
     }
     const id = randomBase62(16)
     const columns = 'id, cidr, reason, created_by, created_at, expires_at'

@@ -6,7 +6,7 @@
 // process of its own, against 0.05 s and 0.85 s); one add and remove run on the embedded store.
 import t from 'tap'
 import type { Test } from 'tap'
-import { existsSync, writeFileSync } from 'node:fs'
+import { existsSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { runCli, runCliHere } from './helpers/cli.ts'
 import { isolated, postgresEnv, tempDir } from './helpers/cli-lifecycle.ts'
@@ -235,4 +235,15 @@ t.test('on the store with REDIS_URL set, a change reaches every gateway through 
   t.equal(removed.code, 0, removed.stderr)
   for (let g = 0; g < 2; g++) await until(t, `gateway ${g} lets the address in again`, async () => (await d.through(g, key, from)).status === 200)
   for (const s of [d.admin, ...d.gateways]) t.equal(await s.stop(), 0, 'exit 0')
+})
+
+t.test('an expiry in the past is refused naming the time, as a key\'s is (found by a review)', async (t) => {
+  // Before: "keygate: expires_at: is in the past", the time left out where a key's refusal says it.
+  const { env } = await postgresEnv(t)
+  const cwd = tempDir()
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  const r = await runCli(['deny-list', 'add', '192.0.2.0/24', '--expires-at', '2020-01-01T00:00:00Z'], { cwd, env })
+  t.equal(r.code, 1, 'refused')
+  t.equal(r.stderr, 'keygate: expires_at: 2020-01-01T00:00:00Z is in the past\n')
+  t.equal((await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items.length, 0, 'nothing was added')
 })
