@@ -41,15 +41,16 @@ interface Answer {
 async function send(url: URL, method: string, headers: Record<string, string>, body: string | undefined, timeoutMs: number): Promise<Answer> {
   const { request } = url.protocol === 'https:' ? await import('node:https') : await import('node:http')
   return new Promise<Answer>((resolve, reject) => {
-    const timeout = Object.assign(new Error(`no answer within ${timeoutMs / 1000} s`), { name: 'TimeoutError' })
-    let timedOut = false
+    // Whether the connection was made (and, over TLS, its handshake done): before, nothing was sent.
+    let connected = false
+    let timeout: Error | undefined
     const timer = setTimeout(() => {
-      timedOut = true
+      timeout = Object.assign(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `no connection within ${timeoutMs / 1000} s`), { name: 'TimeoutError', connected })
       req.destroy(timeout)
     }, timeoutMs)
     const done = (err: Error | undefined, answer?: Answer) => {
       clearTimeout(timer)
-      if (timedOut) reject(timeout)
+      if (timeout) reject(timeout)
       else if (err) reject(err)
       else resolve(answer as Answer)
     }
@@ -68,6 +69,10 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
       res.on('close', () => {
         if (!res.complete) done(Object.assign(new Error('the connection closed in the middle of the answer'), { code: 'ECONNRESET' }))
       })
+    })
+    req.on('socket', (socket) => {
+      if (!socket.connecting) connected = true
+      else socket.once(url.protocol === 'https:' ? 'secureConnect' : 'connect', () => (connected = true))
     })
     req.on('error', (err: Error & { code?: string }) => {
       // node:http writes the request before the TLS handshake is done, and an OpenSSL failure
@@ -132,12 +137,14 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
         timeoutMs,
       )
     } catch (err) {
-      const failure = err as Error & { code?: string }
-      if (failure.name === 'TimeoutError' && change) {
+      const failure = err as Error & { code?: string; connected?: boolean }
+      if (failure.name === 'TimeoutError' && change && failure.connected === true) {
         // Sent, and no answer: the change may have been made (a rotation's new key then exists,
         // its secret never shown). Said as such, never as "cannot reach".
         throw new KeygateError('admin_unavailable', `the admin API at ${shown} did not answer within ${timeoutMs / 1000} s; ${mayHaveBeenMade}`)
       }
+      // No connection within the deadline: nothing was sent (a read's timeout is told so too).
+      if (failure.name === 'TimeoutError') throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${failure.message}`)
       const code = failure.code
       if (code !== undefined && UNTRUSTED.test(code)) {
         throw new KeygateError(

@@ -8,11 +8,11 @@ import type { Test } from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import https from 'node:https'
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { AddressInfo } from 'node:net'
+import net, { type AddressInfo } from 'node:net'
 import { Value } from '@sinclair/typebox/value'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { IMPORT_MAX_ROWS, ImportRow } from '../core/keys/schemas.ts'
@@ -656,6 +656,28 @@ t.test('the CLI through the admin API: answers that are not keygate\'s, redirect
     t.equal(hidden.code, 'admin_unavailable')
     t.notMatch(hidden.message, /hunter2|pw@/, url)
   }
+})
+
+t.test('the CLI through the admin API: a change whose connection was never made is told it could not reach the server, not that it may have been made', async (t) => {
+  // A listener whose accept queue is full (backlog 1, its connections waiting, its process blocked)
+  // takes no further connection: the next one stays in its handshake, and nothing is sent.
+  // undici failed such a connection in 10 s as UND_ERR_CONNECT_TIMEOUT, "cannot reach"; the
+  // deadline of a request with node:http covers the connection too, and told it as a change sent
+  // and not answered (found by a review of the change to node:http).
+  const holder = spawn(process.execPath, ['-e', "const s = require('net').createServer().listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => { process.stdout.write(s.address().port + '\\n', () => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0)) })"], { stdio: ['ignore', 'pipe', 'inherit'] })
+  t.teardown(() => holder.kill('SIGKILL'))
+  const port = await new Promise<number>((resolve) => holder.stdout.once('data', (b: Buffer) => resolve(Number(b.toString().trim()))))
+  // Connections until one is not taken within 200 ms: the queue is full (Linux keeps backlog + 1).
+  for (let i = 0; i < 10; i++) {
+    const filler = net.connect(port, '127.0.0.1')
+    filler.on('error', () => {})
+    t.teardown(() => filler.destroy())
+    if (!(await new Promise<boolean>((resolve) => (filler.once('connect', () => resolve(true)), setTimeout(() => resolve(false), 200))))) break
+  }
+  const failure = (p: Promise<unknown>) => p.then(() => ({ code: 'none', message: 'it succeeded' }), (err: { code?: string; message?: string }) => err)
+  const ops = remoteOperations(`http://127.0.0.1:${port}`, 'token', { timeoutMs: 300 })
+  t.match(await failure(ops.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /^cannot reach the admin API at http:\/\/127\.0\.0\.1:\d+ \(KEYGATE_ADMIN_URL or --admin-url\): no connection within 0\.3 s$/ })
+  t.match(await failure(ops.get('AAAAAAAAAAAA')), { code: 'admin_unavailable', message: /^cannot reach the admin API at .*: no connection within 0\.3 s$/ }, 'a read the same')
 })
 
 t.test('the import\'s body limit holds 10,000 rows of 3 KiB each', async (t) => {
