@@ -8,8 +8,7 @@
 import t from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import http from 'node:http'
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { writeFileSync } from 'node:fs'
 import net from 'node:net'
 import { join } from 'node:path'
 import { request } from 'undici'
@@ -21,6 +20,7 @@ import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/ga
 import { freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
+import { scratchDir } from './helpers/scratch.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
@@ -29,7 +29,7 @@ const ADMIN_TOKEN = 'an-admin-token-of-32-characters!'
 const serveBehindGate = (t: Tap, name: string, yaml: string) => serveGated(t, name, yaml, { KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
 
 t.test('the README walk-through and the CLI against a running server (embedded store)', async (t) => {
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-serve-'))
+  const cwd = scratchDir('keygate-serve-')
   // Room for the wrong credentials below (a lockout would refuse the address at the gateway too).
   const env = isolatedEnv({ KEYGATE_DATA_DIR: join(cwd, 'store'), RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
@@ -207,7 +207,7 @@ t.test('a stop signal while the start waits on the store (another instance migra
 
 t.test('an admin request the drain cuts is waited for before the store closes: it ends, and `stopped` is the last line (found by a review)', async (t) => {
   const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-stop-handler-'))
+  const cwd = scratchDir('keygate-stop-handler-')
   writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  shutdown_timeout_ms: 300\n')
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN, KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
   const serve = await startKeygate(t, { args: ['--upstream', 'http://127.0.0.1:9'], env, cwd })
@@ -321,7 +321,7 @@ t.test('a store that stops answering and a webhook receiver that never answers w
     receiver.closeAllConnections()
     receiver.close()
   })
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-stop-silent-'))
+  const cwd = scratchDir('keygate-stop-silent-')
   writeFileSync(
     join(cwd, 'keygate.yaml'),
     'store:\n  query_timeout_ms: 500\nusage:\n  flush_interval_s: 3600\nwebhooks:\n  timeout_ms: 60000\n  poll_interval_ms: 50\n  allow_private: ["127.0.0.1/32"]\n',
@@ -460,7 +460,7 @@ t.test('a start waits for a PostgreSQL that is not up yet (store.start_wait_s), 
 
   // Given up after the wait: exit 1, the driver's words (before, at once: a Kubernetes pod
   // started beside its database went into CrashLoopBackOff).
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-wait-'))
+  const cwd = scratchDir('keygate-wait-')
   writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  start_wait_s: 2\n')
   const closed = net.createServer()
   await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r))

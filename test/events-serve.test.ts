@@ -6,8 +6,7 @@
 // workers' counts are pooled in the primary for the thresholds, a worker's anomaly reaches
 // the primary's SSE stream over cluster IPC, and the workers' last check on SIGTERM still does both.
 import t, { type Test } from 'tap'
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import pg from 'pg'
 import { Agent, request } from 'undici'
@@ -18,11 +17,12 @@ import { connectionPerWorker, serve } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { scratchDir } from './helpers/scratch.ts'
 
 const TOKEN = 'events-serve-token-0123456789'
 
 t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const dir = scratchDir('keygate-events-')
   const config = join(dir, 'keygate.yaml')
   writeFileSync(
     config,
@@ -124,7 +124,7 @@ async function usedFrom(t: Test, gateway: string, key: string, addresses: [strin
 }
 
 t.test("serve --workers 2 without Redis: the workers' counts are judged together, and the anomaly reaches the primary's stream and webhooks once", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const dir = scratchDir('keygate-events-')
   const config = join(dir, 'keygate.yaml')
   writeFileSync(config, 'gateway: { trusted_proxies: ["127.0.0.1/32"] }\nanomalies: { check_interval_ms: 100, distinct_addresses_per_hour: 3 }\nwebhooks: { allow_private: ["127.0.0.1/32"], poll_interval_ms: 100 }\n')
   const upstream = await startUpstream(t)
@@ -166,7 +166,7 @@ t.test("serve --workers 2 without Redis: the workers' counts are judged together
 })
 
 t.test("serve --workers 2 without Redis: the workers' last check on SIGTERM still pools their counts in the primary and records what it finds", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-events-'))
+  const dir = scratchDir('keygate-events-')
   const config = join(dir, 'keygate.yaml')
   // No check before the one at shutdown: the interval is the longest the config allows.
   writeFileSync(config, 'gateway: { trusted_proxies: ["127.0.0.1/32"] }\nanomalies: { check_interval_ms: 600000, distinct_addresses_per_hour: 3 }\n')
@@ -209,7 +209,7 @@ t.test('serve killed (SIGKILL) in the middle of revocations: every revocation th
   // is written in the revocation's own transaction.
   const stores: Record<string, () => Promise<Record<string, string | undefined>>> = {
     postgres: async () => ({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }),
-    embedded: async () => ({ DATABASE_URL: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_DATA_DIR: await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-crash-')), 'store'), { migrated: true }) }),
+    embedded: async () => ({ DATABASE_URL: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_DATA_DIR: await seedDataDir(join(scratchDir('keygate-crash-'), 'store'), { migrated: true }) }),
   }
   for (const [name, storeEnv] of Object.entries(stores)) {
     await t.test(name, async (t) => {

@@ -13,9 +13,8 @@ import { unlessHung } from './helpers/gateway.ts'
 import { memoryDb, rejection } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
-import { mkdtempSync } from 'node:fs'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { scratchDir } from './helpers/scratch.ts'
 
 type Handler = (req: http.IncomingMessage, res: http.ServerResponse, body: string) => void
 
@@ -278,7 +277,7 @@ t.test('n8n: refused, rate-limited and odd logins', async (t) => {
     details: { status: 429 },
     message: /refused the login for now: too many login attempts \(429: n8n allows 5 logins a minute from one address in production\); try again in 42 s$/,
   })
-  const dataDir = await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-n8n-429-')), 'store'), { migrated: true })
+  const dataDir = await seedDataDir(join(scratchDir('keygate-n8n-429-'), 'store'), { migrated: true })
   const cli = await runCli(['n8n', 'list', '--json'], {
     env: { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_URL: undefined, N8N_URL: url, N8N_EMAIL: 'owner@example.test', N8N_PASSWORD: PASSWORD },
   })
@@ -453,7 +452,7 @@ t.test('n8n verify: a 200 that is not n8n\'s workflow list is an n8n_error namin
 
   // The real command: exit 1 with the reason, not exit 0 and "valid".
   answer = (res) => res.writeHead(200, { 'content-type': 'text/plain' }).end('OK')
-  const dataDir = await seedDataDir(join(mkdtempSync(join(tmpdir(), 'keygate-n8n-verify-')), 'store'), { migrated: true })
+  const dataDir = await seedDataDir(join(scratchDir('keygate-n8n-verify-'), 'store'), { migrated: true })
   const r = await runCli(['n8n', 'verify', '-', '--json'], { input: `${KEY}\n`, env: { KEYGATE_DATA_DIR: dataDir, DATABASE_URL: undefined, KEYGATE_CONFIG: undefined, KEYGATE_ENCRYPTION_KEY: undefined, KEYGATE_ADMIN_URL: undefined, N8N_URL: url } })
   t.equal(r.code, 1, r.stdout + r.stderr)
   t.match(r.json().error, { code: 'n8n_error', message: /answered GET \/api\/v1\/workflows with text \(text\/plain\): "OK"/ })

@@ -9,8 +9,7 @@
 // key's exact limit across a Redis outage and its end.
 import t, { type Test } from 'tap'
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
 import { Agent, Client, request } from 'undici'
@@ -22,6 +21,7 @@ import { connectionPerWorker, serve, type Served } from './helpers/serve.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
+import { scratchDir } from './helpers/scratch.ts'
 
 /** A client address of its own for each use, so lockouts from failed attempts stay apart. */
 const address = freshAddress
@@ -66,7 +66,7 @@ const count = (list: number[], status: number) => list.filter((s) => s === statu
 
 t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) => {
   // The scheduler every second, so its work shows within the test.
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
+  const dir = scratchDir('keygate-multi-')
   // The store check off: these tests watch what Redis does (a silent change stays cached); the
   // test after this one watches the check. A Redis call is late after 1 s, not 100 ms: the shared
   // limits below are counted exactly, and a stall of the suite's loaded machine switched a gateway
@@ -279,7 +279,7 @@ t.test('a key revoked by the CLI while Redis is paused past its wait is refused 
   // Before, the CLI warned and exited, nothing was published, no gateway connection dropped: the
   // key worked on every gateway for the cache TTL. The missed-message check is off, so the store
   // check alone is watched.
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-multi-'))
+  const dir = scratchDir('keygate-multi-')
   writeFileSync(join(dir, 'keygate.yaml'), 'cache:\n  store_check_s: 1\nredis:\n  invalidation_check_ms: 0\n')
   const d = await startDeployment(t, { gateways: 2, env: { KEYGATE_CONFIG: join(dir, 'keygate.yaml') } })
   const k = await createKey(d)
@@ -461,7 +461,7 @@ t.test("--workers 2 with Redis: a Redis outage and its end take none of a key's 
   const redis = await startRedisServer(t)
   // A Redis call is late after 1 s: only the stop below switches the workers (see the first test).
   const env = await workersEnv(t, upstream.url, { REDIS_URL: redis.url })
-  const dir = mkdtempSync(join(tmpdir(), 'keygate-workers-redis-'))
+  const dir = scratchDir('keygate-workers-redis-')
   writeFileSync(join(dir, 'keygate.yaml'), 'redis:\n  command_timeout_ms: 1000\n')
   env.KEYGATE_CONFIG = join(dir, 'keygate.yaml')
   const create = async (name: string) => {

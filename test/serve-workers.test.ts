@@ -5,8 +5,7 @@
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
 import http from 'node:http'
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
 import { join } from 'node:path'
 import { request } from 'undici'
@@ -15,6 +14,7 @@ import { connectionPerWorker, isolatedEnv, rawClient, serve as startKeygate } fr
 import { answerOf, call, sleep, startUpstream, unlessHung, type Tap } from './helpers/gateway.ts'
 import { adminClient, freshDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
+import { scratchDir } from './helpers/scratch.ts'
 
 const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
 /** A series' value in a scrape's text (NaN when absent). */
@@ -22,7 +22,7 @@ const value = (text: string, series: string) => Number(new RegExp(`^${series.rep
 
 t.test('--workers on PostgreSQL: one port, the primary owns the admin API and sums the metrics; changes reach every worker at once', async (t) => {
   const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-'))
+  const cwd = scratchDir('keygate-workers-')
   // The workers share one lockout (the primary's memory): the eight refused requests below would lock 127.0.0.1 out after five.
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, RATE_LIMIT_MAX_ATTEMPTS: '100' })
   const upstream = await startUpstream(t)
@@ -77,7 +77,7 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
  */
 async function workersSetUp(t: Tap, name: string, slowMs: number) {
   const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), `keygate-workers-${name}-`))
+  const cwd = scratchDir(`keygate-workers-${name}-`)
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   let arrived!: () => void
   const slowArrived = new Promise<void>((r) => (arrived = r))
@@ -153,7 +153,7 @@ t.test('--workers and signals: SIGHUP is not an end, a signal to the whole group
 
 t.test('--workers: a worker killed under a churn of new connections leaves none of them without an answer or a close', async (t) => {
   const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-kill-'))
+  const cwd = scratchDir('keygate-workers-kill-')
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
@@ -196,7 +196,7 @@ t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz and the scra
   // Before (found by a review): the kernel kept handing the frozen worker its share of new
   // connections, which hung; /readyz said ready, and the log only that it did not report metrics.
   const url = await freshDatabase(t)
-  const cwd = mkdtempSync(join(tmpdir(), 'keygate-workers-frozen-'))
+  const cwd = scratchDir('keygate-workers-frozen-')
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   const upstream = await startUpstream(t)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })

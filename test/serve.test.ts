@@ -4,8 +4,7 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import net from 'node:net'
-import { closeSync, cpSync, existsSync, mkdtempSync, openSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { closeSync, cpSync, existsSync, openSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { request } from 'undici'
 import { openDb } from '../core/db.ts'
@@ -13,13 +12,14 @@ import { KEYGATE_BIN, childEnv, runCli, runCliHere, capturedStderr, spawnClean }
 import { isolatedEnv, rawClient, serve } from './helpers/serve.ts'
 import { answerOf, call, heldUpstream, startUpstream, echo, unlessHung, type Received } from './helpers/gateway.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
+import { scratchDir } from './helpers/scratch.ts'
 
 const KEY_PATTERN = /kg_[0-9A-Za-z]{12}_[0-9A-Za-z]{28}/
 const KEYS = new RegExp(KEY_PATTERN.source, 'g')
 
 
 function dataDir(): string {
-  return join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'store')
+  return join(scratchDir('keygate-serve-'), 'store')
 }
 
 /** A data folder holding an initialised store, migrated unless `migrated: false` (helpers/pglite-template.ts), for a serve that opens it. */
@@ -243,7 +243,7 @@ t.test('SIGTERM: a connection without a whole request head does not hold the dra
   // Before (found by a review): both held the stop until the header timeout or the shutdown
   // deadline, on either listener, like a request in flight (here both are 600 s).
   const { upstream, arrived: slowArrived, release } = await heldUpstream(t)
-  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  const config = join(scratchDir('keygate-serve-'), 'keygate.yaml')
   writeFileSync(config, 'gateway:\n  headers_timeout_ms: 600000\n  shutdown_timeout_ms: 600000\n')
   const token = 'serve-test-admin-token-0123456789'
   const s = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config }) })
@@ -299,7 +299,7 @@ t.test('SIGTERM: an admin request in flight at the signal, answered after the he
   // cut under a client that reused it.
   const { freshDatabase } = await import('./helpers/stores.ts')
   const url = await freshDatabase(t)
-  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  const config = join(scratchDir('keygate-serve-'), 'keygate.yaml')
   writeFileSync(config, 'gateway:\n  shutdown_timeout_ms: 600000\n')
   const token = 'serve-test-admin-token-0123456789'
   const s = await serve(t, { env: isolatedEnv({ DATABASE_URL: url, KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config, KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64') }) })
@@ -342,7 +342,7 @@ t.test('the admin listener takes its limits from the configuration: header block
   // default interval, 30 s from its start, so a silent client connected at the start was cut only
   // then, after the gateway's; the first race below fails so. (It was a subtest of its own on the
   // defaults, 10 s against a gateway's 20 s: 13 s of waiting for the same verdict.)
-  const config = join(mkdtempSync(join(tmpdir(), 'keygate-serve-')), 'keygate.yaml')
+  const config = join(scratchDir('keygate-serve-'), 'keygate.yaml')
   writeFileSync(config, 'gateway:\n  headers_timeout_ms: 5000\nadmin:\n  headers_timeout_ms: 1000\n  request_timeout_ms: 2000\n  max_header_bytes: 2048\n')
   const token = 'serve-test-admin-token-0123456789'
   const s = await serve(t, { env: isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_ADMIN_TOKEN: token, KEYGATE_CONFIG: config }) })
@@ -514,7 +514,7 @@ t.test('a first admin key that cannot be printed (stderr full) is not kept: the 
 t.test('a configured admin token: no key is created or printed; a route whose scopes another goes around is warned of', async (t) => {
   const upstream = await startUpstream(t)
   const dataDir = await storeDir()
-  const folder = mkdtempSync(join(tmpdir(), 'keygate-routes-'))
+  const folder = scratchDir('keygate-routes-')
   const config = join(folder, 'keygate.yaml')
   writeFileSync(config, `routes:\n  - { name: api, path: /api, upstream: "${upstream.url}", strip_prefix: true, scopes: [admin] }\n  - { name: web, path: /, upstream: "${upstream.url}" }\n`)
   t.teardown(() => rmSync(folder, { recursive: true, force: true }))
@@ -546,7 +546,7 @@ t.test('a database migrated by a newer keygate (a rolling upgrade): this one sta
 t.test("/readyz judges the store against the migrations this process started with, not the files on disk since (an upgrade unpacked over a running serve)", async (t) => {
   // A copy of the sources, so that its migrations/ can change under the running process.
   const root = new URL('..', import.meta.url).pathname
-  const copy = mkdtempSync(join(tmpdir(), 'keygate-installed-'))
+  const copy = scratchDir('keygate-installed-')
   t.teardown(() => rmSync(copy, { recursive: true, force: true }))
   for (const entry of ['package.json', 'bin', 'core', 'gateway', 'admin', 'config', 'cli', 'migrations']) cpSync(join(root, entry), join(copy, entry), { recursive: true })
   symlinkSync(join(root, 'node_modules'), join(copy, 'node_modules'))

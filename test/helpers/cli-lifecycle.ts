@@ -2,18 +2,18 @@
 // processes, and what they share: an isolated environment, temporary folders, and every
 // plaintext key they created, for the no-plaintext checks.
 import type { Test } from 'tap'
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { randomUUID, hash } from 'node:crypto'
 import { runCli, runCliHere, capturedStderr } from './cli.ts'
+import { scratchDir } from './scratch.ts'
 
 export const ENCRYPTION_KEY = Buffer.alloc(32, 7).toString('base64')
 /** Every plaintext key the lifecycle printed in this process. */
 export const plaintexts: string[] = []
 
 export function tempDir(): string {
-  return mkdtempSync(join(tmpdir(), 'keygate-cli-'))
+  return scratchDir('keygate-cli-')
 }
 
 /** Environment that isolates a run from the machine's own keygate settings. */
