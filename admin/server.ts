@@ -11,7 +11,7 @@ import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
 import { targetProblem, type RequestTarget } from '../core/target.ts'
 import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, headersTimeoutOptions, hostName, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
-import { clipped } from '../core/validate.ts'
+import { clipped, escapeUnprintable } from '../core/validate.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
 export class AdminError extends KeygateError {
@@ -77,7 +77,10 @@ export function sendError(res: http.ServerResponse, code: ErrorCode, requestId: 
   // the client asked to close (`Connection: close`, HTTP/1.0), which Node closes once answered:
   // before (found by a review), a 413 whose body was being drained was lost so (Python's urllib).
   if ((headers.connection === 'close' || !res.shouldKeepAlive) && !res.req.complete && hasBody(res.req.headers)) closeWhenAnswered(res.req)
-  const body = errorBody(code, requestId, message, details)
+  // Format and C1 characters escaped (`\u202e`), as a refused value is in a validation message:
+  // the same JSON, which a client printing the message shows as it is. Before (found by a review),
+  // an unknown id echoed in a 404 (`no key has the id "\u202ex"`) carried a bidi override as is.
+  const body = escapeUnprintable(errorBody(code, requestId, message, details))
   res.writeHead(ERRORS[code].status, {
     'content-type': 'application/json; charset=utf-8',
     'content-length': Buffer.byteLength(body),

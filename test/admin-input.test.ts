@@ -678,3 +678,21 @@ t.test('PostgreSQL out of reach: 503 store_unavailable, not 500, and the API ans
   const names = (await h.call('GET', '/v1/keys?limit=10')).json.items.map((k: { name: string }) => k.name)
   t.ok(names.includes('before') && names.includes('after') && !names.includes('during'), 'nothing half-written meanwhile')
 })
+
+t.test('an unknown id or ref echoed in a refusal has its invisible format characters escaped, as every refused value is (found by a review)', async (t) => {
+  // Before: `no key has the id "\u202ex"` came back with the bidi override itself, which a client
+  // printing the message showed reversed, though a refused name is shown `\u202e`.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  for (const [method, path, code] of [
+    ['GET', '/v1/keys/%E2%80%AEx', 'key_not_found'],
+    ['GET', '/v1/webhooks/%E2%80%AEx', 'webhook_not_found'],
+    ['DELETE', '/v1/deny-list/%E2%80%AEx%C2%85', 'deny_entry_not_found'],
+    ['POST', '/v1/anomalies/%E2%80%AEx/ack', 'anomaly_not_found'],
+  ] as const) {
+    const a = await h.call(method, path)
+    t.equal(a.json?.error?.code, code, `${method} ${path}: ${code}`)
+    t.notMatch(a.text, /[\u202e\u0085]/, `${method} ${path}: no format or C1 character in the answer as sent`)
+    t.match(a.json?.error?.message, /\u202e/, `${method} ${path}: the same message once the JSON is read`)
+  }
+})
