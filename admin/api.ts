@@ -4,6 +4,7 @@
 // named, up to 20), then the handler; its result is answered with the operation's status. A
 // refusal before the body is read answers with `Connection: close` instead of draining the body.
 import type http from 'node:http'
+import { isUtf8 } from 'node:buffer'
 import { MIMEType } from 'node:util'
 import { Type, type TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
@@ -193,8 +194,25 @@ function jsonProblem(value: unknown, depth: number): string | undefined {
   return undefined
 }
 
+/**
+ * Refuses a query parameter whose percent-escapes decode to bytes that are not UTF-8 (`%ff`,
+ * an overlong `%C0%AE`), naming it: URLSearchParams reads each such byte as U+FFFD, and before
+ * (found by a review) `name=%ff` searched for "\ufffd" and answered 200, where a path holding the
+ * same bytes is refused.
+ */
+function notUtf8Parameter(search: string): void {
+  if (!/%[89a-f]/i.test(search)) return
+  for (const pair of search.slice(1).split('&')) {
+    const bytes = pair.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
+    if (isUtf8(Buffer.from(bytes, 'latin1'))) continue
+    const name = new URLSearchParams(pair).keys().next().value ?? 'query'
+    throw fieldInvalid(name, 'is not UTF-8 once percent-decoded: send each character percent-encoded as UTF-8')
+  }
+}
+
 /** Query parameters as the schema's types (strings to numbers and booleans), each given once. */
 function readQuery(url: URL, schema: TObject | undefined): unknown {
+  notUtf8Parameter(url.search)
   const raw: Record<string, string> = {}
   for (const name of new Set(url.searchParams.keys())) {
     const all = url.searchParams.getAll(name)

@@ -696,3 +696,27 @@ t.test('an unknown id or ref echoed in a refusal has its invisible format charac
     t.match(a.json?.error?.message, /\u202e/, `${method} ${path}: the same message once the JSON is read`)
   }
 })
+
+t.test('a query value percent-encoding bytes that are not UTF-8 is refused naming its parameter, not searched for as U+FFFD (found by a review)', async (t) => {
+  // Before: `name=%ff` was read as "\ufffd" and answered 200 with no keys, `actor=%C0%AE` (an
+  // overlong `.`) as "\ufffd\ufffd"; a path holding the same bytes is refused.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  for (const [path, field] of [
+    ['/v1/keys?name=%ff', 'name'],
+    ['/v1/keys?limit=5&owner=a%C3', 'owner'],
+    ['/v1/audit?actor=%C0%AE', 'actor'],
+    ['/v1/keys?na%ffme=x', 'na\ufffdme'],
+  ] as const) {
+    const a = await h.call('GET', path)
+    t.equal(a.status, 400, `${path}: 400`)
+    t.equal(a.json?.error?.code, 'validation_failed', `${path}: validation_failed`)
+    t.match(a.json?.error?.details?.fields, [{ field, message: /not UTF-8/ }], `${path}: ${field} named`)
+  }
+  // UTF-8 as it should be, and `+` for a space, are read as before.
+  const made = await h.call('POST', '/v1/keys', { body: { name: 'caf\u00e9 au lait', type: 'user' } })
+  t.equal(made.status, 201)
+  const found = await h.call('GET', '/v1/keys?name=caf%C3%A9+au')
+  t.equal(found.status, 200)
+  t.same(found.json.items.map((k: { id: string }) => k.id), [made.json.id], 'found by a name in UTF-8')
+})
