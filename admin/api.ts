@@ -8,10 +8,10 @@ import { isUtf8 } from 'node:buffer'
 import { MIMEType } from 'node:util'
 import { Type, type TObject } from '@sinclair/typebox'
 import { Value } from '@sinclair/typebox/value'
-import { fieldInvalid, isKeygateError } from '../core/errors.ts'
+import { fieldInvalid, isKeygateError, type KeygateError } from '../core/errors.ts'
 import { expectsContinue, hasBody } from '../core/http.ts'
 import { otherWork } from '../core/slices.ts'
-import { assertValid, jsonFault, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems, showValue } from '../core/validate.ts'
+import { assertValid, jsonFault, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems, showValue, validationFailed, type FieldProblem } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import { OtherStatus, type AdminServices, type Operation } from './operation.ts'
 import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
@@ -239,6 +239,32 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
   return assertValid(schema, Value.Convert(schema, raw), 'query')
 }
 
+/**
+ * Checks run one after another, each `validation_failed` kept to be answered with the others as
+ * one (every bad field named, up to MAX_LISTED_PROBLEMS); any other refusal is thrown at once.
+ */
+class FieldChecks {
+  readonly #fields: FieldProblem[] = []
+  #more = false
+
+  run<T>(check: () => T): T | undefined {
+    try {
+      return check()
+    } catch (err) {
+      const fields = isKeygateError(err, 'validation_failed') ? (err.details?.fields as FieldProblem[] | undefined) : undefined
+      if (fields === undefined) throw err
+      this.#fields.push(...fields)
+      this.#more ||= (err as KeygateError).details?.more === true
+      return undefined
+    }
+  }
+
+  /** Throws what the checks found, if anything. */
+  done(): void {
+    if (this.#fields.length > 0) throw validationFailed(this.#fields, this.#more)
+  }
+}
+
 /** The most bytes `op` reads of a body, and what sets it: its own limit where that is larger than admin.max_body_bytes. */
 function bodyLimit(op: Operation, maxBodyBytes: number): [number, string] {
   return op.maxBodyBytes !== undefined && op.maxBodyBytes > maxBodyBytes ? [op.maxBodyBytes, `the limit of ${op.method} ${op.path}`] : [maxBodyBytes, 'admin.max_body_bytes']
@@ -268,11 +294,16 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
           // The field's words as the message's, as for every other field (before, found by a review, "is required" alone).
           throw new AdminError('validation_failed', 'body: is required; expected a JSON object', {}, { fields: [{ field: 'body', message: 'is required; expected a JSON object' }] })
         }
-        if (paramsSchema) assertValid(paramsSchema, ctx.params)
+        // The body's bad fields and the bad query parameters named in one answer (before, found by
+        // a review, the query's only once the body was corrected).
+        const checks = new FieldChecks()
+        if (paramsSchema) checks.run(() => assertValid(paramsSchema, ctx.params))
         // No body is `{}` where every field is optional; a body of JSON `null` is no object, refused
         // as `[]` is (before, found by a review: read as `{}`, it revoked or rotated the key).
-        const body = op.body ? assertValid(op.body, parsed === undefined ? {} : parsed) : undefined
-        const query = readQuery(ctx.url, op.query)
+        const bodySchema = op.body
+        const body = bodySchema ? checks.run(() => assertValid(bodySchema, parsed === undefined ? {} : parsed)) : undefined
+        const query = checks.run(() => readQuery(ctx.url, op.query))
+        checks.done()
         const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
         if (op.stream) return
         if (result instanceof OtherStatus && op.otherStatus) sendJson(ctx.res, op.otherStatus.status, result.body, { 'x-request-id': ctx.requestId })

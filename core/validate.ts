@@ -980,7 +980,23 @@ export function assertValid<T>(schema: TSchema, value: unknown, what = 'body'): 
     // Cut after `field: ` by length: a field's name may hold a colon.
     return { field, message: problemLine(p, field, SECRET_FIELD.test(path)).slice(field.length + 2) }
   })
+  throw validationFailed(fields, more)
+}
+
+/** A field named in a `validation_failed` answer's `details.fields`. */
+export interface FieldProblem {
+  field: string
+  message: string
+}
+
+/**
+ * The `validation_failed` error naming `fields`, the first MAX_LISTED_PROBLEMS of them, its
+ * message their lines and, where there were more (`more`, or more given), `and more`.
+ */
+export function validationFailed(given: readonly FieldProblem[], more = false): KeygateError {
+  const cut = more || given.length > MAX_LISTED_PROBLEMS
+  const fields = given.slice(0, MAX_LISTED_PROBLEMS)
   const lines = fields.map((f) => `${f.field}: ${f.message}`)
-  if (more) lines.push(`and more (the first ${MAX_LISTED_PROBLEMS} problems are listed)`)
-  throw new KeygateError('validation_failed', lines.join('; '), more ? { fields, more } : { fields })
+  if (cut) lines.push(`and more (the first ${MAX_LISTED_PROBLEMS} problems are listed)`)
+  return new KeygateError('validation_failed', lines.join('; '), cut ? { fields, more: true } : { fields })
 }

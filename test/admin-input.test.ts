@@ -720,3 +720,25 @@ t.test('a query value percent-encoding bytes that are not UTF-8 is refused namin
   t.equal(found.status, 200)
   t.same(found.json.items.map((k: { id: string }) => k.id), [made.json.id], 'found by a name in UTF-8')
 })
+
+t.test('a refusal names the bad fields of the body and the bad query parameters together, as every bad field is named (found by a review)', async (t) => {
+  // Before: the body's problems alone, and the unknown query parameter only once they were
+  // corrected, a second round trip for what one answer could have said.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const a = await h.call('POST', '/v1/keys?dry_run=true', { body: { name: 5 } })
+  t.equal(a.status, 400)
+  t.equal(a.json?.error?.code, 'validation_failed')
+  t.same((a.json?.error?.details?.fields as Array<{ field: string }>).map((f) => f.field).sort(), ['dry_run', 'name', 'type'], 'the body fields and the query parameter')
+  t.match(a.json?.error?.message, /dry_run: unknown query parameter/)
+  const made = await h.call('POST', '/v1/keys', { body: { name: 'one', type: 'user' } })
+  const b = await h.call('POST', `/v1/keys/${made.json.id as string}/revoke?limit=abc`, { body: { reason: '' } })
+  t.same((b.json?.error?.details?.fields as Array<{ field: string }>).map((f) => f.field), ['reason', 'limit'])
+  t.equal((await h.call('GET', `/v1/keys/${made.json.id as string}`)).json.status, 'active', 'nothing revoked')
+  // Still at most 20 named, then `more`.
+  const many = Object.fromEntries(Array.from({ length: 25 }, (_, i) => [`x${i}`, 1]))
+  const c = await h.call('POST', '/v1/keys?y=1', { body: { name: 'n', type: 'user', ...many } })
+  t.equal(c.json?.error?.details?.fields.length, 20)
+  t.equal(c.json?.error?.details?.more, true)
+  t.match(c.json?.error?.message, /and more \(the first 20 problems are listed\)$/)
+})
