@@ -11,7 +11,7 @@ import { Value } from '@sinclair/typebox/value'
 import { fieldInvalid, isKeygateError, type KeygateError } from '../core/errors.ts'
 import { expectsContinue, hasBody } from '../core/http.ts'
 import { otherWork } from '../core/slices.ts'
-import { assertValid, jsonFault, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems, showValue, validationFailed, type FieldProblem } from '../core/validate.ts'
+import { assertValid, jsonFault, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems, shownField, showValue, validationFailed, type FieldProblem } from '../core/validate.ts'
 import type { Authenticate } from './auth.ts'
 import { OtherStatus, type AdminServices, type Operation } from './operation.ts'
 import { AdminError, sendJson, type AdminRequest, type AdminRoute } from './server.ts'
@@ -231,12 +231,19 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
     // An own property even for `__proto__`, so that it is refused as unknown rather than ignored.
     Object.defineProperty(raw, name, { value, enumerable: true, writable: true, configurable: true })
   }
-  if (!schema) {
-    const names = Object.keys(raw)
-    if (names.length > 0) throw new AdminError('validation_failed', `${names[0]}: unknown query parameter; this operation takes none`, {}, { fields: names.map((n) => ({ field: n, message: 'unknown query parameter' })) })
-    return {}
+  // Named as query parameters, with those allowed (before, found by a review, "unknown key", the
+  // configuration file's word, which on /v1/keys reads as an API key, `type[]` was cut to
+  // `type...` as a YAML key holding a secret would be, and an operation without a query named
+  // none it takes).
+  const known = Object.keys(schema?.properties ?? {})
+  const checks = new FieldChecks()
+  for (const name of Object.keys(raw).filter((n) => !known.includes(n))) {
+    checks.add(shownField(name), known.length > 0 ? `unknown query parameter; allowed here: ${known.join(', ')}` : 'unknown query parameter; this operation takes none')
+    delete raw[name]
   }
-  return assertValid(schema, Value.Convert(schema, raw), 'query')
+  const query = schema ? checks.run(() => assertValid(schema, Value.Convert(schema, raw), 'query')) : {}
+  checks.done()
+  return query
 }
 
 /**
@@ -246,6 +253,10 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
 class FieldChecks {
   readonly #fields: FieldProblem[] = []
   #more = false
+
+  add(field: string, message: string): void {
+    this.#fields.push({ field, message })
+  }
 
   run<T>(check: () => T): T | undefined {
     try {

@@ -742,3 +742,22 @@ t.test('a refusal names the bad fields of the body and the bad query parameters 
   t.equal(c.json?.error?.details?.more, true)
   t.match(c.json?.error?.message, /and more \(the first 20 problems are listed\)$/)
 })
+
+t.test('an unknown query parameter is named as one, whole, with those the operation takes (found by a review)', async (t) => {
+  // Before: `foo: unknown key; allowed here: ...`, the configuration file's word, which on
+  // /v1/keys reads as an API key; `type[]` was named `type...` "(the rest of the key is not
+  // shown)", as a YAML key holding a secret is.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const fieldsOf = async (path: string) => {
+    const a = await h.call('GET', path)
+    t.equal(a.status, 400, `${path}: 400`)
+    t.equal(a.json?.error?.message, (a.json?.error?.details?.fields as Array<{ field: string; message: string }>).map((f) => `${f.field}: ${f.message}`).join('; '), `${path}: the message lists the fields`)
+    return a.json?.error?.details?.fields as Array<{ field: string; message: string }>
+  }
+  const keysQuery = 'unknown query parameter; allowed here: type, status, owner, scope, name, legacy, limit, cursor'
+  for (const name of ['foo', 'type[]', '__proto__']) t.same(await fieldsOf(`/v1/keys?${name}=1`), [{ field: name, message: keysQuery }], `${name}: named whole as a query parameter`)
+  t.same(await fieldsOf('/v1/webhooks?limit=5'), [{ field: 'limit', message: 'unknown query parameter; this operation takes none' }], 'an operation that takes none says so')
+  // With a known parameter's problem, both named.
+  t.same((await fieldsOf('/v1/keys?limit=0&sort=name')).map((f) => f.field).sort(), ['limit', 'sort'])
+})
