@@ -356,14 +356,16 @@ export class WebhookService {
 
   // Registry
 
-  /** Runs `fn` and writes its audit row in one transaction. */
-  async #audited<T extends WebhookRow | undefined>(actor: Actor, action: string, fn: (tx: Queryable) => Promise<T>, details: (row: WebhookRow) => Record<string, unknown>): Promise<Webhook> {
+  /** Runs `fn` on webhook `id` and writes its audit row in one transaction; `fn` finding no webhook is webhook_not_found naming `id`. */
+  async #audited<T extends WebhookRow | undefined>(id: string, actor: Actor, action: string, fn: (tx: Queryable) => Promise<T>, details: (row: WebhookRow) => Record<string, unknown>): Promise<Webhook> {
     const row = await this.#db.transaction(async (tx) => {
       const r = await fn(tx)
       if (r && this.#audit) await this.#audit.write(tx, actor, { action, details: details(r) })
       return r
     })
-    if (!row) throw new KeygateError('webhook_not_found', 'no webhook has this id')
+    // Named, as every other webhook operation names it (before, found by a review, DELETE and
+    // rotate-secret said "no webhook has this id").
+    if (!row) throw notFound(id)
     return toWebhook(row)
   }
 
@@ -409,6 +411,7 @@ export class WebhookService {
     const now = this.#now()
     const events = [...new Set(input.events)]
     const webhook = await this.#audited(
+      id,
       actor,
       'webhook.created',
       async (tx) => {
@@ -495,6 +498,7 @@ export class WebhookService {
    */
   async remove(id: string, actor: Actor): Promise<Webhook> {
     return this.#audited(
+      id,
       actor,
       'webhook.deleted',
       async (tx) => (await tx.query<WebhookRow>(`UPDATE webhooks SET deleted_at = now(), enabled = false, updated_at = $2 WHERE id = $1 AND ${LIVE} RETURNING ${W_COLUMNS}`, [id, this.#now()]))[0],
@@ -542,6 +546,7 @@ export class WebhookService {
     const now = this.#now()
     const until = new Date(now.getTime() + this.#c.secret_grace_hours * 3_600_000)
     const webhook = await this.#audited(
+      id,
       actor,
       'webhook.secret_rotated',
       async (tx) => {

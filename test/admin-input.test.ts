@@ -761,3 +761,15 @@ t.test('an unknown query parameter is named as one, whole, with those the operat
   // With a known parameter's problem, both named.
   t.same((await fieldsOf('/v1/keys?limit=0&sort=name')).map((f) => f.field).sort(), ['limit', 'sort'])
 })
+
+t.test('every webhook operation names the unknown id it was given, deleting and rotating a secret too (found by a review)', async (t) => {
+  // Before: DELETE and rotate-secret said "no webhook has this id", the others which.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const id = 'wh_AAAAAAAAAAAAAAAA'
+  for (const [method, path] of [['GET', ''], ['DELETE', ''], ['POST', '/rotate-secret'], ['POST', '/test'], ['GET', '/deliveries']] as const) {
+    const a = await h.call(method, `/v1/webhooks/${id}${path}`)
+    t.equal(a.status, 404, `${method} ${path}: 404`)
+    t.equal(a.json?.error?.message, `no webhook has the id "${id}"`, `${method} ${path}: names the id`)
+  }
+})
