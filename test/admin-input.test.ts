@@ -773,3 +773,15 @@ t.test('every webhook operation names the unknown id it was given, deleting and 
     t.equal(a.json?.error?.message, `no webhook has the id "${id}"`, `${method} ${path}: names the id`)
   }
 })
+
+t.test('a body starting with a byte order mark is refused saying so, not as an unexpected token no one can see (found by a review)', async (t) => {
+  // RFC 8259 §8.1: JSON sent over a network has none (Windows PowerShell 5.1 writes one with
+  // -Encoding UTF8). Before: "at line 1, column 1: Unexpected token", of a character no editor shows.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const a = await h.call('POST', '/v1/keys', { raw: '\ufeff{"name":"bom","type":"user"}', headers: json })
+  t.equal(a.status, 400)
+  t.equal(a.json?.error?.code, 'bad_request')
+  t.match(a.json?.error?.message, /^the body is not valid JSON \(at line 1, column 1: a byte order mark \(U\+FEFF\)/)
+  t.same((await h.call('GET', '/v1/keys?name=bom')).json.items, [], 'nothing made')
+})
