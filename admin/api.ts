@@ -279,6 +279,12 @@ class FieldChecks {
   }
 }
 
+/** The Location of what `op` made, from the `id` of its answer `result`; none for an operation that makes nothing addressable. */
+function createdAt(op: Operation, result: unknown): http.OutgoingHttpHeaders {
+  const id = (result as { id?: unknown } | null)?.id
+  return op.created !== undefined && typeof id === 'string' ? { location: op.created.replace('{id}', encodeURIComponent(id)) } : {}
+}
+
 /** The most bytes `op` reads of a body, and what sets it: its own limit where that is larger than admin.max_body_bytes. */
 function bodyLimit(op: Operation, maxBodyBytes: number): [number, string] {
   return op.maxBodyBytes !== undefined && op.maxBodyBytes > maxBodyBytes ? [op.maxBodyBytes, `the limit of ${op.method} ${op.path}`] : [maxBodyBytes, 'admin.max_body_bytes']
@@ -321,7 +327,7 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
         const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
         if (op.stream) return
         if (result instanceof OtherStatus && op.otherStatus) sendJson(ctx.res, op.otherStatus.status, result.body, { 'x-request-id': ctx.requestId })
-        else sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId })
+        else sendJson(ctx.res, op.response.status, result, { 'x-request-id': ctx.requestId, ...createdAt(op, result) })
       },
     }
   })

@@ -109,6 +109,7 @@ const HEADERS = {
   'Retry-After': { description: 'With `ip_locked_out`: the seconds until the address may try again.', schema: { type: 'integer', minimum: 0 } },
   'WWW-Authenticate': { description: 'With `unauthorized`: the Bearer challenge (`error="invalid_token"` for a credential that is not valid).', schema: { type: 'string' } },
   'Accept-Encoding': { description: 'With a refused `Content-Encoding`: the one coding taken.', schema: { type: 'string', const: 'identity' } },
+  Location: { description: 'With a 201: the path of what was made, where GET reads it (`/v1/keys/{id}`).', required: true, schema: { type: 'string' } },
 } as const
 type HeaderName = keyof typeof HEADERS
 
@@ -220,7 +221,7 @@ export function openApiDocument(operations: readonly Operation[], info: { versio
     const responses: Record<string, unknown> = {
       [op.response.status]: {
         description: op.response.description,
-        headers: headerRefs(op.stream ? [...EVERY_ANSWER, 'X-Accel-Buffering'] : EVERY_ANSWER),
+        headers: headerRefs([...EVERY_ANSWER, ...(op.stream ? (['X-Accel-Buffering'] as const) : []), ...(op.created !== undefined ? (['Location'] as const) : [])]),
         content: op.stream
           ? { 'text/event-stream': { schema: { type: 'string', description: 'Server-Sent Events; the data of each event is JSON described by x-event-data.' }, 'x-event-data': documented(op.response.schema) } }
           : { 'application/json': { schema: documented(op.response.schema) } },

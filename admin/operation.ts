@@ -134,6 +134,11 @@ export interface Operation {
    */
   maxBodyBytes?: number
   response: { status: 200 | 201; description: string; schema: TSchema }
+  /**
+   * Where what a 201 made is read (`/v1/keys/{id}`, the answer's `id` put in), sent as its
+   * `Location`: without one, RFC 9110 §15.3.2 has the 201 name its target URI, the collection.
+   */
+  created?: string
   /** Another status the operation answers with the same schema, when the handler returns `new OtherStatus(...)` (an add that updated). */
   otherStatus?: { status: 200; description: string }
   /**

@@ -785,3 +785,25 @@ t.test('a body starting with a byte order mark is refused saying so, not as an u
   t.match(a.json?.error?.message, /^the body is not valid JSON \(at line 1, column 1: a byte order mark \(U\+FEFF\)/)
   t.same((await h.call('GET', '/v1/keys?name=bom')).json.items, [], 'nothing made')
 })
+
+t.test('a 201 that made a key or a webhook says where it is (Location), as the document does (found by a review)', async (t) => {
+  // RFC 9110 §15.3.2: without Location, a 201 names its target URI (the collection) as what it
+  // made. Before: none, and a client composed the key's URL itself.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db, { config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
+  const doc = (await h.call('GET', '/openapi.json')).json
+  for (const [path, body] of [
+    ['/v1/keys', { name: 'located', type: 'user' }],
+    ['/v1/webhooks', { url: 'http://127.0.0.1:9/hook', events: ['key.created'] }],
+  ] as const) {
+    const made = await h.call('POST', path, { body })
+    t.equal(made.status, 201, `${path}: 201`)
+    t.equal(made.headers.location, `${path}/${made.json.id as string}`, `${path}: Location names what was made`)
+    const there = await h.call('GET', made.headers.location as string)
+    t.equal(there.json?.id, made.json.id, `${path}: and GET there reads it`)
+    t.ok(doc.paths[path].post.responses['201'].headers.Location, `${path}: the document lists Location on its 201`)
+  }
+  // Not where nothing addressable was made, nor on the other answers.
+  const listed = await h.call('GET', '/v1/keys')
+  t.equal(listed.headers.location, undefined, 'no Location on a list')
+})

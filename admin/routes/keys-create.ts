@@ -14,6 +14,7 @@ export default defineOperation({
   body: CreateKeyBody,
   bodyExample: { name: 'billing', type: 'service', scopes: ['orders:read'] },
   response: { status: 201, description: 'The key was created.', schema: KeyWithSecret },
+  created: '/v1/keys/{id}',
   errors: ['validation_failed'],
   async handle({ body, actor, services }) {
     const { key, record } = await services.keys.create(body, actor)

@@ -24,6 +24,7 @@ export default defineOperation({
   ),
   bodyExample: { url: 'https://hooks.example.com/keygate', events: ['key.revoked', 'anomaly.detected'], description: 'on-call pager' },
   response: { status: 201, description: 'The webhook and its secret, shown once.', schema: WebhookWithSecret },
+  created: '/v1/webhooks/{id}',
   errors: ['validation_failed', 'webhook_url_refused', 'conflict'],
   async handle({ body, actor, services }) {
     const { webhook, secret } = await services.webhooks.create({ url: body.url, events: body.events, description: body.description ?? null, ...(body.enabled === false ? { enabled: false } : {}) }, actor)
