@@ -225,11 +225,11 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
     // Whole numbers only: conversion would read `1e2` as 1 and `2.9` as 2.
     const type = (schema?.properties[name] as { type?: unknown } | undefined)?.type
     if (type === 'integer' && !/^-?[0-9]+$/.test(value)) {
-      throw new AdminError('validation_failed', `${name}: ${JSON.stringify(value)} is not a whole number`, {}, { fields: [{ field: name, message: 'is not a whole number' }] })
+      throw fieldInvalid(name, `${showValue(value)} is not a whole number`)
     }
     // `true` or `false` as written: conversion would read `1`, `0` and `TRUE` too.
     if (type === 'boolean' && value !== 'true' && value !== 'false') {
-      throw new AdminError('validation_failed', `${name}: ${JSON.stringify(value)} is not allowed; expected true or false`, {}, { fields: [{ field: name, message: 'expected true or false' }] })
+      throw fieldInvalid(name, `${showValue(value)} is not allowed; expected true or false`)
     }
     // An own property even for `__proto__`, so that it is refused as unknown rather than ignored.
     Object.defineProperty(raw, name, { value, enumerable: true, writable: true, configurable: true })
@@ -256,8 +256,11 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
 class FieldChecks {
   readonly #fields: FieldProblem[] = []
   #more = false
+  /** The one refusal caught, while it is the only problem: answered as it is. */
+  #only: KeygateError | undefined
 
   add(field: string, message: string): void {
+    this.#only = undefined
     this.#fields.push({ field, message })
   }
 
@@ -267,6 +270,7 @@ class FieldChecks {
     } catch (err) {
       const fields = isKeygateError(err, 'validation_failed') ? (err.details?.fields as FieldProblem[] | undefined) : undefined
       if (fields === undefined) throw err
+      this.#only = this.#fields.length === 0 ? (err as KeygateError) : undefined
       this.#fields.push(...fields)
       this.#more ||= (err as KeygateError).details?.more === true
       return undefined
@@ -275,6 +279,7 @@ class FieldChecks {
 
   /** Throws what the checks found, if anything. */
   done(): void {
+    if (this.#only !== undefined) throw this.#only
     if (this.#fields.length > 0) throw validationFailed(this.#fields, this.#more)
   }
 }
