@@ -934,6 +934,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
               upstream.destroy()
               return failed(new errors.SocketError('bad upgrade'))
             }
+            // The upstream answered, whether or not its 101 opens the tunnel: counted and timed as
+            // an answer refused for its transfer coding is (before, found by a docs walk, a 101
+            // refused below was in neither, only in the requests' upstream_unavailable).
+            m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
+            ;(m.upstreamStatus[1] as Increment).inc()
             // Only a WebSocket server's 101: one that answers the offer's key (RFC 6455 §4.2.2), as
             // the client would check it. Before (found by a review), any 101 opened the tunnel: an
             // upstream endpoint that answers 101 without switching (a status passed through from a
@@ -949,8 +954,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         },
       )
       const openTunnel = (answer: IncomingHttpHeaders, upstream: Duplex) => {
-        m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
-        ;(m.upstreamStatus[1] as Increment).inc()
         if (client.destroyed || !client.writable) {
           upstream.destroy()
           recordClientClosed(ctx, s)

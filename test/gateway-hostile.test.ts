@@ -154,6 +154,14 @@ t.test("a WebSocket tunnel opens only on a WebSocket server's 101, one that acce
     t.match(refused, /"code":"upstream_unavailable"[^]*did not accept the WebSocket key/, 'naming why')
     t.notMatch(refused, /TUNNELLED/, 'nothing the upstream sent after it reaches the client')
   }
+  // The upstream answered both (a 101 each), as an upstream's 200 with a transfer coding keygate
+  // refuses is counted 2xx: what it answered, and how long it took, though the client got a 502
+  // (before, found by a docs walk, neither was counted, so a WebSocket endpoint answering such
+  // 101s was missing from the upstream's answers, and its latency, while its requests were
+  // upstream_unavailable beside refused connections).
+  const exposition = await h.metrics.registry.metrics()
+  t.match(exposition, /^keygate_upstream_responses_total\{route="api",class="1xx"\} 2$/m, 'both 101s are counted as the upstream answered them')
+  t.match(exposition, /^keygate_upstream_duration_seconds_count\{route="api"\} 2$/m, 'and timed')
   answer = (req) => switchingHead(req)
   const accepted = await send(h.port, offer('x3JJHMbDL1EzLkh9GBhXDw=='))
   t.match(accepted, /^HTTP\/1.1 101 [^]*\r\n\r\nTUNNELLED$/, "a 101 that accepts the offer's key opens the tunnel")
