@@ -7,6 +7,7 @@ import { ADMIN_MARK, fromGateway, neverConnected, TRAILING_SLASHES } from '../co
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { escapeUnprintable } from '../core/validate.ts'
 import type { IncomingMessage } from 'node:http'
+import type { Duplex } from 'node:stream'
 
 /** Methods that change something: a call of one that times out may have been carried out. */
 const CHANGES = new Set(['POST', 'PATCH', 'DELETE'])
@@ -30,6 +31,15 @@ interface Answer {
   text: string
 }
 
+/** The Answer of `res`, whose body was `text`. */
+function answerOf(res: IncomingMessage, text: string): Answer {
+  const header = (name: string) => {
+    const value = res.headers[name.toLowerCase()]
+    return value === undefined ? null : Array.isArray(value) ? value.join(', ') : value
+  }
+  return { status: res.statusCode ?? 0, header, text }
+}
+
 /**
  * One request with node:http or node:https, not fetch: fetch refuses the ports the Fetch standard
  * lists as bad (6000, 6665-6669, 10080, 5060, ...), which the admin listener takes, and a command
@@ -44,11 +54,17 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
     // Whether the connection was made (and, over TLS, its handshake done): before, nothing was sent.
     let connected = false
     let timeout: Error | undefined
+    // Settled here too, not only by the error the destroy emits: a request destroyed already (a
+    // 101's, below) emits none.
     const timer = setTimeout(() => {
       timeout = Object.assign(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `no connection within ${timeoutMs / 1000} s`), { name: 'TimeoutError', connected })
       req.destroy(timeout)
+      done(timeout)
     }, timeoutMs)
+    let settled = false
     const done = (err: Error | undefined, answer?: Answer) => {
+      if (settled) return
+      settled = true
       clearTimeout(timer)
       if (timeout) reject(timeout)
       else if (err) reject(err)
@@ -57,18 +73,20 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
     const req = request(url, { method, headers: body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) } }, (res: IncomingMessage) => {
       const chunks: Buffer[] = []
       res.on('data', (chunk: Buffer) => chunks.push(chunk))
-      res.on('end', () => {
-        const header = (name: string) => {
-          const value = res.headers[name.toLowerCase()]
-          return value === undefined ? null : Array.isArray(value) ? value.join(', ') : value
-        }
-        done(undefined, { status: res.statusCode ?? 0, header, text: Buffer.concat(chunks).toString('utf8') })
-      })
+      res.on('end', () => done(undefined, answerOf(res, Buffer.concat(chunks).toString('utf8'))))
       // Cut in the middle of the body, by the server or past the deadline.
       res.on('error', (err) => done(err))
       res.on('close', () => {
         if (!res.complete) done(Object.assign(new Error('the connection closed in the middle of the answer'), { code: 'ECONNRESET' }))
       })
+    })
+    // A 101 to a request that asked for no upgrade: node:http gives it to `upgrade` listeners and,
+    // with none, destroys the socket without a word (before, found by a review, the call never
+    // settled: exit 13 and Node's "unsettled top-level await" at the deadline). An answer, and no
+    // keygate's: said as such.
+    req.on('upgrade', (res: IncomingMessage, socket: Duplex) => {
+      socket.destroy()
+      done(undefined, answerOf(res, ''))
     })
     req.on('socket', (socket) => {
       if (!socket.connecting) connected = true

@@ -699,3 +699,22 @@ t.test('the import\'s body limit holds 10,000 rows of 3 KiB each', async (t) => 
   const body = Buffer.byteLength(JSON.stringify({ rows: [row], type: 'integration' })) + (IMPORT_MAX_ROWS - 1) * (each + 1)
   t.ok(body <= IMPORT_BODY_LIMIT, `10,000 such rows (${body} bytes) fit the import's limit (${IMPORT_BODY_LIMIT} bytes)`)
 })
+
+t.test('the CLI through the admin API: a 101 answered to a request that asked for no upgrade is an answer that is not keygate\'s, not a call left unsettled (found by a review)', async (t) => {
+  // node:http hands a 101 to the request's `upgrade` listeners and, with none, destroys the
+  // socket and emits no error: before, the call never settled, the deadline's destroy of a request
+  // already destroyed did nothing, and the command ended in 30 s with Node's "unsettled top-level
+  // await", exit 13, no word of keygate's (fetch had said "cannot reach ...: UND_ERR_SOCKET").
+  const server = http.createServer((_req, res) => res.writeHead(101, { connection: 'upgrade', upgrade: 'other' }).end())
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => (server.close(), server.closeAllConnections()))
+  const base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const failure = (p: Promise<unknown>) =>
+    Promise.race([
+      p.then(() => ({ code: 'none', message: 'it succeeded' }), (err: { code?: string; message?: string }) => err),
+      new Promise<{ code: string; message: string }>((resolve) => setTimeout(() => resolve({ code: 'none', message: 'unsettled 3 s after its 0.3 s deadline' }), 3300).unref()),
+    ])
+  const ops = remoteOperations(base, 'token', { timeoutMs: 300 })
+  t.match(await failure(ops.stats()), { code: 'admin_unavailable', message: /^the admin API at http:\/\/127\.0\.0\.1:\d+ answered 101 without JSON; is the admin URL \(KEYGATE_ADMIN_URL or --admin-url\) the admin listener\?$/ })
+  t.match(await failure(ops.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /answered 101 without JSON; is the admin URL/ }, 'a change the same')
+})
