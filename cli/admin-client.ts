@@ -54,13 +54,6 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
     // Whether the connection was made (and, over TLS, its handshake done): before, nothing was sent.
     let connected = false
     let timeout: Error | undefined
-    // Settled here too, not only by the error the destroy emits: a request destroyed already (a
-    // 101's, below) emits none.
-    const timer = setTimeout(() => {
-      timeout = Object.assign(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `no connection within ${timeoutMs / 1000} s`), { name: 'TimeoutError', connected })
-      req.destroy(timeout)
-      done(timeout)
-    }, timeoutMs)
     let settled = false
     const done = (err: Error | undefined, answer?: Answer) => {
       if (settled) return
@@ -80,6 +73,16 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
         if (!res.complete) done(Object.assign(new Error('the connection closed in the middle of the answer'), { code: 'ECONNRESET' }))
       })
     })
+    // Armed once the request is made: a request node:http refuses to make (a header value it
+    // cannot send) throws above, rejecting this promise, with no deadline left to fire on it (before,
+    // found by a review, it fired on a request never made, a ReferenceError ending the process).
+    // Settled here too, not only by the error the destroy emits: a request destroyed already (a
+    // 101's, below) emits none.
+    const timer = setTimeout(() => {
+      timeout = Object.assign(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `no connection within ${timeoutMs / 1000} s`), { name: 'TimeoutError', connected })
+      req.destroy(timeout)
+      done(timeout)
+    }, timeoutMs)
     // A 101 to a request that asked for no upgrade: node:http gives it to `upgrade` listeners and,
     // with none, destroys the socket without a word (before, found by a review, the call never
     // settled: exit 13 and Node's "unsettled top-level await" at the deadline). An answer, and no

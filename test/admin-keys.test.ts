@@ -718,3 +718,23 @@ t.test('the CLI through the admin API: a 101 answered to a request that asked fo
   t.match(await failure(ops.stats()), { code: 'admin_unavailable', message: /^the admin API at http:\/\/127\.0\.0\.1:\d+ answered 101 without JSON; is the admin URL \(KEYGATE_ADMIN_URL or --admin-url\) the admin listener\?$/ })
   t.match(await failure(ops.rotate('AAAAAAAAAAAA', false)), { code: 'admin_unavailable', message: /answered 101 without JSON; is the admin URL/ }, 'a change the same')
 })
+
+t.test('the CLI through the admin API: a request node:http refuses to make (a credential it cannot put in a header) fails at once, leaving no deadline to fire (found by a review)', async (t) => {
+  // The configuration refuses such a token; the client is used without it too. Before, the
+  // deadline was armed before the request was made, and the request's throw left it running: it
+  // fired 30 s later on a request never made, a ReferenceError that ended the process.
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length
+  const before = timers()
+  const uncaught: unknown[] = []
+  const onUncaught = (err: unknown) => uncaught.push(err)
+  process.on('uncaughtException', onUncaught)
+  t.teardown(() => process.off('uncaughtException', onUncaught))
+  const started = performance.now()
+  const err = await remoteOperations('http://127.0.0.1:1', 'token-\u20ac-0123456789', { timeoutMs: 300 }).stats().then(() => undefined, (e: unknown) => e as { code?: string; message?: string })
+  t.match(err, { code: 'admin_unavailable', message: /ERR_INVALID_CHAR/ })
+  t.notMatch(String(err?.message), /token-/, 'the credential is not shown')
+  t.ok(performance.now() - started < 300, 'at once, not at the deadline')
+  t.equal(timers(), before, 'no deadline left running')
+  await new Promise((resolve) => setTimeout(resolve, 600))
+  t.same(uncaught.map(String), [], 'nothing thrown later')
+})
