@@ -209,7 +209,7 @@ function notUtf8Parameter(search: string): void {
     const bytes = pair.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
     if (isUtf8(Buffer.from(bytes, 'latin1'))) continue
     const name = new URLSearchParams(pair).keys().next().value ?? 'query'
-    throw fieldInvalid(name, 'is not UTF-8 once percent-decoded: send each character percent-encoded as UTF-8')
+    throw fieldInvalid(shownField(name), 'is not UTF-8 once percent-decoded: send each character percent-encoded as UTF-8')
   }
 }
 
@@ -217,11 +217,13 @@ function notUtf8Parameter(search: string): void {
 function readQuery(url: URL, schema: TObject | undefined): unknown {
   notUtf8Parameter(url.search)
   const raw: Record<string, string> = {}
+  // A name the client chose is shown as an unknown one is, cut past 120 characters (before, found
+  // by a review, a repeated one, or one with a NUL or a byte that is not UTF-8, was shown whole).
   for (const name of new Set(url.searchParams.keys())) {
     const all = url.searchParams.getAll(name)
-    if (all.length > 1) throw fieldInvalid(name, 'is given more than once')
+    if (all.length > 1) throw fieldInvalid(shownField(name), 'is given more than once')
     const value = all[0] as string
-    if (name.includes('\u0000') || value.includes('\u0000')) throw fieldInvalid(name, 'holds a NUL character')
+    if (name.includes('\u0000') || value.includes('\u0000')) throw fieldInvalid(shownField(name), 'holds a NUL character')
     // Whole numbers only: conversion would read `1e2` as 1 and `2.9` as 2.
     const type = (schema?.properties[name] as { type?: unknown } | undefined)?.type
     if (type === 'integer' && !/^-?[0-9]+$/.test(value)) {

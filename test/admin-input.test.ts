@@ -807,3 +807,19 @@ t.test('a 201 that made a key or a webhook says where it is (Location), as the d
   const listed = await h.call('GET', '/v1/keys')
   t.equal(listed.headers.location, undefined, 'no Location on a list')
 })
+
+t.test('a query parameter refused for its bytes or for being repeated is named as an unknown one is, cut past 120 characters (found by a review)', async (t) => {
+  // Before: named whole, up to the 16 KiB of a request's head, where an unknown name is cut.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const long = 'a'.repeat(200)
+  for (const [what, path, message] of [
+    ['not UTF-8', `/v1/keys?${long}%ff=1`, /not UTF-8/],
+    ['repeated', `/v1/keys?${long}=1&${long}=2`, /given more than once/],
+    ['a NUL', `/v1/keys?${long}%00=1`, /NUL/],
+  ] as const) {
+    const a = await h.call('GET', path)
+    t.equal(a.status, 400, `${what}: 400`)
+    t.match(a.json?.error?.details?.fields, [{ field: /^a{117}\.\.\. \(20[01] characters\)$/, message }], `${what}: the name cut`)
+  }
+})
