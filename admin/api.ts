@@ -198,50 +198,57 @@ function jsonProblem(value: unknown, depth: number): string | undefined {
 }
 
 /**
- * Refuses a query parameter whose percent-escapes decode to bytes that are not UTF-8 (`%ff`,
- * an overlong `%C0%AE`), naming it: URLSearchParams reads each such byte as U+FFFD, and before
- * (found by a review) `name=%ff` searched for "\ufffd" and answered 200, where a path holding the
- * same bytes is refused.
+ * The query parameters whose percent-escapes decode to bytes that are not UTF-8 (`%ff`, an
+ * overlong `%C0%AE`), by name as URLSearchParams reads it: it reads each such byte as U+FFFD, and
+ * before (found by a review) `name=%ff` searched for "\ufffd" and answered 200, where a path
+ * holding the same bytes is refused.
  */
-function notUtf8Parameter(search: string): void {
-  if (!/%[89a-f]/i.test(search)) return
+function notUtf8Parameters(search: string): Set<string> {
+  const names = new Set<string>()
+  if (!/%[89a-f]/i.test(search)) return names
   for (const pair of search.slice(1).split('&')) {
     const bytes = pair.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
-    if (isUtf8(Buffer.from(bytes, 'latin1'))) continue
-    const name = new URLSearchParams(pair).keys().next().value ?? 'query'
-    throw fieldInvalid(shownField(name), 'is not UTF-8 once percent-decoded: send each character percent-encoded as UTF-8')
+    if (!isUtf8(Buffer.from(bytes, 'latin1'))) names.add(new URLSearchParams(pair).keys().next().value ?? '')
   }
+  return names
 }
 
-/** Query parameters as the schema's types (strings to numbers and booleans), each given once. */
+/** What is wrong with query parameter `name` given as `all` before its schema is checked, if anything. */
+function parameterProblem(name: string, all: readonly string[], type: unknown, notUtf8: ReadonlySet<string>): string | undefined {
+  if (notUtf8.has(name)) return 'is not UTF-8 once percent-decoded: send each character percent-encoded as UTF-8'
+  if (all.length > 1) return 'is given more than once'
+  const value = all[0] as string
+  if (name.includes('\u0000') || value.includes('\u0000')) return 'holds a NUL character'
+  // Whole numbers only: conversion would read `1e2` as 1 and `2.9` as 2.
+  if (type === 'integer' && !/^-?[0-9]+$/.test(value)) return `${showValue(value)} is not a whole number`
+  // `true` or `false` as written: conversion would read `1`, `0` and `TRUE` too.
+  if (type === 'boolean' && value !== 'true' && value !== 'false') return `${showValue(value)} is not allowed; expected true or false`
+  return undefined
+}
+
+/**
+ * Query parameters as the schema's types (strings to numbers and booleans), each given once.
+ * Every bad one is named in one refusal (before, found by a review, one that was no whole number,
+ * repeated or not UTF-8 was refused by itself, the others named only once it was corrected).
+ */
 function readQuery(url: URL, schema: TObject | undefined): unknown {
-  notUtf8Parameter(url.search)
+  const notUtf8 = notUtf8Parameters(url.search)
+  const checks = new FieldChecks()
   const raw: Record<string, string> = {}
   // A name the client chose is shown as an unknown one is, cut past 120 characters (before, found
   // by a review, a repeated one, or one with a NUL or a byte that is not UTF-8, was shown whole).
   for (const name of new Set(url.searchParams.keys())) {
     const all = url.searchParams.getAll(name)
-    if (all.length > 1) throw fieldInvalid(shownField(name), 'is given more than once')
-    const value = all[0] as string
-    if (name.includes('\u0000') || value.includes('\u0000')) throw fieldInvalid(shownField(name), 'holds a NUL character')
-    // Whole numbers only: conversion would read `1e2` as 1 and `2.9` as 2.
-    const type = (schema?.properties[name] as { type?: unknown } | undefined)?.type
-    if (type === 'integer' && !/^-?[0-9]+$/.test(value)) {
-      throw fieldInvalid(name, `${showValue(value)} is not a whole number`)
-    }
-    // `true` or `false` as written: conversion would read `1`, `0` and `TRUE` too.
-    if (type === 'boolean' && value !== 'true' && value !== 'false') {
-      throw fieldInvalid(name, `${showValue(value)} is not allowed; expected true or false`)
-    }
+    const problem = parameterProblem(name, all, (schema?.properties[name] as { type?: unknown } | undefined)?.type, notUtf8)
+    if (problem !== undefined) checks.add(shownField(name), problem)
     // An own property even for `__proto__`, so that it is refused as unknown rather than ignored.
-    Object.defineProperty(raw, name, { value, enumerable: true, writable: true, configurable: true })
+    else Object.defineProperty(raw, name, { value: all[0], enumerable: true, writable: true, configurable: true })
   }
   // Named as query parameters, with those allowed (before, found by a review, "unknown key", the
   // configuration file's word, which on /v1/keys reads as an API key, `type[]` was cut to
   // `type...` as a YAML key holding a secret would be, and an operation without a query named
   // none it takes).
   const known = Object.keys(schema?.properties ?? {})
-  const checks = new FieldChecks()
   for (const name of Object.keys(raw).filter((n) => !known.includes(n))) {
     checks.add(shownField(name), known.length > 0 ? `unknown query parameter; allowed here: ${known.join(', ')}` : 'unknown query parameter; this operation takes none')
     delete raw[name]

@@ -823,3 +823,24 @@ t.test('a query parameter refused for its bytes or for being repeated is named a
     t.match(a.json?.error?.details?.fields, [{ field: /^a{117}\.\.\. \(20[01] characters\)$/, message }], `${what}: the name cut`)
   }
 })
+
+t.test('every bad query parameter is named in one answer, whatever is wrong with each (found by a review)', async (t) => {
+  // Before: a parameter that was no whole number, no true or false, repeated, or not UTF-8 was
+  // refused by itself, and the others named only once it was corrected; `limit=0&sort=name`
+  // named both, `limit=abc&sort=name` limit alone.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  for (const [path, fields] of [
+    ['/v1/keys?limit=abc&sort=name', ['limit', 'sort']],
+    ['/v1/keys?legacy=maybe&limit=abc', ['legacy', 'limit']],
+    ['/v1/keys?name=%ff&owner=%fe', ['name', 'owner']],
+    ['/v1/keys?name=a&name=b&limit=x&status=gone', ['limit', 'name', 'status']],
+    ['/v1/deny-list?include_expired=1&x=%00', ['include_expired', 'x']],
+  ] as const) {
+    const a = await h.call('GET', path)
+    t.equal(a.status, 400, `${path}: 400`)
+    const named = (a.json?.error?.details?.fields as Array<{ field: string; message: string }> | undefined) ?? []
+    t.same(named.map((f) => f.field).sort(), fields, `${path}: each named`)
+    t.equal(a.json?.error?.message, named.map((f) => `${f.field}: ${f.message}`).join('; '), `${path}: the message lists them`)
+  }
+})
