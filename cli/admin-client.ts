@@ -130,7 +130,8 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
   }
   const base = baseUrl.replace(TRAILING_SLASHES, '')
   // Never with a user:password@ (the configuration refuses one; this is for what is shown, the
-  // words of fetch's own errors included).
+  // words of Node's own errors included; node:http sends no Basic credential from it, the
+  // Authorization header being set).
   // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
   const hide = (text: string) => text.replace(/\/\/[^/?#]*@/g, '//<hidden>@')
   const shown = hide(base)
@@ -239,7 +240,7 @@ const SEGMENT_MAX = 4096
 
 /**
  * `value` as one path segment of an admin API URL; '', '.' and '..' are no segment a URL can
- * carry (fetch resolves dot segments, even escaped), nor one longer than SEGMENT_MAX encoded, so
+ * carry (the URL parser resolves dot segments, even escaped), nor one longer than SEGMENT_MAX encoded, so
  * `unreachable` says what the command answers for them instead of calling another route (before,
  * found by a review: `api-key get` of a 20,000-character id was "no key has the id" on the store
  * and "The request headers are too large." through the admin API).

@@ -42,8 +42,8 @@ export function keyFromJson(j: KeyJson): KeyRecord {
 
 export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
   const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate api-key get` (or list)' })
-  // '', '.' and '..' are no key's id, and no URL carries them as a path segment (fetch resolves
-  // dot segments, even escaped): answered as the store answers them, not as another route.
+  // '', '.' and '..' are no key's id, and no URL carries them as a path segment (the URL parser
+  // resolves dot segments, even escaped): answered as the store answers them, not as another route.
   const id = (value: string) => pathSegment(value, () => keyNotFound(value))
   return {
     async create(body) {
