@@ -67,10 +67,11 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
       const chunks: Buffer[] = []
       res.on('data', (chunk: Buffer) => chunks.push(chunk))
       res.on('end', () => done(undefined, answerOf(res, Buffer.concat(chunks).toString('utf8'))))
-      // Cut in the middle of the body, by the server or past the deadline.
-      res.on('error', (err) => done(err))
+      // Cut in the middle of the body, by the server or past the deadline: with the status it had
+      // answered (`answered`), an HTTP answer begun.
+      res.on('error', (err) => done(Object.assign(err, { answered: res.statusCode })))
       res.on('close', () => {
-        if (!res.complete) done(Object.assign(new Error('the connection closed in the middle of the answer'), { code: 'ECONNRESET' }))
+        if (!res.complete) done(Object.assign(new Error('the connection closed in the middle of the answer'), { code: 'ECONNRESET', answered: res.statusCode }))
       })
     })
     // Armed once the request is made: a request node:http refuses to make (a header value it
@@ -159,7 +160,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
         timeoutMs,
       )
     } catch (err) {
-      const failure = err as Error & { code?: string; connected?: boolean }
+      const failure = err as Error & { code?: string; connected?: boolean; answered?: number }
       if (failure.name === 'TimeoutError' && change && failure.connected === true) {
         // Sent, and no answer: the change may have been made (a rotation's new key then exists,
         // its secret never shown). Said as such, never as "cannot reach".
@@ -167,6 +168,12 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
       }
       // No connection within the deadline: nothing was sent (a read's timeout is told so too).
       if (failure.name === 'TimeoutError') throw new KeygateError('admin_unavailable', `cannot reach the admin API at ${shown} (KEYGATE_ADMIN_URL or --admin-url): ${failure.message}`)
+      // An answer begun over HTTP, then cut (a server killed as it answered): no hint of TLS, which
+      // that answer rules out (before, found by a review, "closed the connection before answering
+      // ...; if the admin listener serves TLS, the URL is https://").
+      if (failure.answered !== undefined) {
+        throw new KeygateError('admin_unavailable', `the admin API at ${shown} closed the connection in the middle of its answer (${failure.answered})${change ? `; ${mayHaveBeenMade}` : ''}`)
+      }
       const code = failure.code
       if (code !== undefined && UNTRUSTED.test(code)) {
         throw new KeygateError(

@@ -738,3 +738,20 @@ t.test('the CLI through the admin API: a request node:http refuses to make (a cr
   await new Promise((resolve) => setTimeout(resolve, 600))
   t.same(uncaught.map(String), [], 'nothing thrown later')
 })
+
+t.test('the CLI through the admin API: an answer cut in the middle of its body is said as such, without the hint for a TLS listener that an HTTP answer rules out (found by a review)', async (t) => {
+  // Before: "closed the connection before answering (ECONNRESET) ...; if the admin listener serves
+  // TLS, the URL is https://", for a server that had answered 200 over plain HTTP.
+  const server = http.createServer((_req, res) => {
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': '100', 'x-keygate-admin': '1' }).write('{"items":[')
+    setTimeout(() => res.socket?.destroy(), 20)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => (server.close(), server.closeAllConnections()))
+  const ops = remoteOperations(`http://127.0.0.1:${(server.address() as AddressInfo).port}`, 'token')
+  const failure = (p: Promise<unknown>) => p.then(() => ({ code: 'none', message: 'it succeeded' }), (err: { code?: string; message?: string }) => err)
+  const change = await failure(ops.rotate('AAAAAAAAAAAA', false))
+  t.match(change, { code: 'admin_unavailable', message: /^the admin API at http:\/\/127\.0\.0\.1:\d+ closed the connection in the middle of its answer \(200\); the change may or may not have been made: check with `keygate api-key get` \(or list\) before you try again$/ })
+  const read = await failure(ops.get('AAAAAAAAAAAA'))
+  t.match(read, { code: 'admin_unavailable', message: /^the admin API at http:\/\/127\.0\.0\.1:\d+ closed the connection in the middle of its answer \(200\)$/ })
+})
