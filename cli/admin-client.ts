@@ -3,7 +3,7 @@
 // is the embedded one). The server's error codes come back as the same KeygateErrors, so exit
 // codes and messages match the local commands; anything that is not keygate's answer (a proxy's
 // 503, a redirect, a page that is not JSON) is `admin_unavailable`.
-import { ADMIN_MARK, fromGateway, neverConnected, TRAILING_SLASHES } from '../core/http.ts'
+import { ADMIN_MARK, fromGateway, neverConnected, nodeHttp, TRAILING_SLASHES } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
 import { escapeUnprintable } from '../core/validate.ts'
 import type { IncomingMessage } from 'node:http'
@@ -49,7 +49,9 @@ function answerOf(res: IncomingMessage, text: string): Answer {
  * is Node's own error, with its code (ECONNREFUSED, ECONNRESET, a certificate's).
  */
 async function send(url: URL, method: string, headers: Record<string, string>, body: string | undefined, timeoutMs: number): Promise<Answer> {
-  const { request } = url.protocol === 'https:' ? await import('node:https') : await import('node:http')
+  // node:http through nodeHttp, as everywhere in keygate: an import of it reads every export, its
+  // WebSocket loading Node's own undici (test/layering.test.ts).
+  const { request } = url.protocol === 'https:' ? process.getBuiltinModule('node:https') : nodeHttp()
   return new Promise<Answer>((resolve, reject) => {
     // Whether the connection was made (and, over TLS, its handshake done): before, nothing was sent.
     let connected = false
