@@ -28,6 +28,9 @@ function isEmptyObject(value: unknown): boolean {
 }
 
 const JSON_TYPE = /^application\/(?:[\w.+-]+\+)?json\s*(?:;|$)/i
+
+/** A text of JSON's whitespace alone (space, tab, line feed, carriage return), or none. */
+const JSON_WHITESPACE_ONLY = /^[ \t\n\r]*$/
 /**
  * JSON media types whose bodies mean operations, not the document itself: a PATCH sent as a
  * JSON Merge Patch (RFC 7396) was read as a plain body, `{"metadata":{"env":null}}` replacing the
@@ -109,7 +112,10 @@ async function readJson({ req, res }: AdminRequest, max: number, limit: string):
   } catch {
     throw new AdminError('bad_request', 'the body is not valid UTF-8')
   }
-  if (text.trim() === '') return undefined
+  // Empty, or JSON's own whitespace alone (RFC 8259 §2), is no body. Not String#trim's: it takes a
+  // byte order mark and every Unicode space too, and before (found by a review) a body of "\ufeff"
+  // or a no-break space was read as none, and the revoke it came with went ahead.
+  if (JSON_WHITESPACE_ONLY.test(text)) return undefined
   // Each pass over a large body (an import's 30 MB) takes tens of milliseconds: the gateway's
   // requests, where one process serves both listeners, are let through between them.
   const large = text.length > LARGE_BODY_CHARS

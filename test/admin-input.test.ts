@@ -786,6 +786,24 @@ t.test('a body starting with a byte order mark is refused saying so, not as an u
   t.same((await h.call('GET', '/v1/keys?name=bom')).json.items, [], 'nothing made')
 })
 
+t.test('a body of a byte order mark or other Unicode space alone is no empty body: refused, the key left as it was (found by a review)', async (t) => {
+  // Only JSON's own whitespace (RFC 8259 §2: space, tab, CR, LF) makes a body empty. Before, a
+  // body of "\ufeff" or a no-break space was read as none, and the revoke it came with went ahead.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const made = await h.call('POST', '/v1/keys', { body: { name: 'kept', type: 'user' } })
+  for (const [what, raw] of [['a byte order mark', '\ufeff'], ['a no-break space', '\u00a0'], ['an ideographic space', '\u3000'], ['a byte order mark amid JSON whitespace', ' \ufeff\n']] as const) {
+    const a = await h.call('POST', `/v1/keys/${made.json.id as string}/revoke`, { raw, headers: json })
+    t.equal(a.status, 400, `${what}: 400`)
+    t.equal(a.json?.error?.code, 'bad_request')
+    t.match(a.json?.error?.message, /^the body is not valid JSON/)
+  }
+  t.equal((await h.call('GET', `/v1/keys/${made.json.id as string}`)).json.status, 'active', 'the key is not revoked')
+  const other = await h.call('POST', '/v1/keys', { body: { name: 'revoked', type: 'user' } })
+  const empty = await h.call('POST', `/v1/keys/${other.json.id as string}/revoke`, { raw: ' \t\r\n', headers: json })
+  t.equal(empty.status, 200, "JSON's own whitespace alone is still no body")
+})
+
 t.test('a 201 that made a key or a webhook says where it is (Location), as the document does (found by a review)', async (t) => {
   // RFC 9110 §15.3.2: without Location, a 201 names its target URI (the collection) as what it
   // made. Before: none, and a client composed the key's URL itself.
