@@ -21,7 +21,7 @@ export interface Served {
   logs: LogLine[]
   stdout(): string
   stderr(): string
-  /** Resolves with the exit code (or signal name) once the process has ended. */
+  /** Resolves with the exit code (or signal name) once the process has ended and all its output has been read. */
   exited: Promise<number | string>
   stop(signal?: NodeJS.Signals): Promise<number | string>
   /** Waits until a log line matches. */
@@ -92,20 +92,24 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
     for (const w of waiters) w()
   })
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d))
-  // Set before the waiters look, so that one waiting for a line that will never come fails at once.
+  // On 'close', not 'exit': the process can have ended with its last lines ('stopped') still in
+  // the pipe, unread, so logs read at once after a stop missed them on a loaded machine. Set
+  // before the waiters look, so that one waiting for a line that will never come fails at once.
   let done = false
   const exited = new Promise<number | string>((resolve) => {
-    child.on('exit', (code, signal) => {
+    child.on('close', (code, signal) => {
       done = true
       capturedStderr.push(err)
       resolve(code ?? signal ?? -1)
       for (const w of waiters) w()
     })
   })
+  // The process itself: a child of its own (a frozen --workers worker) can hold the pipes open after it.
+  const ended = new Promise<void>((resolve) => child.on('exit', () => resolve()))
   t.teardown(async () => {
     if (!done) {
       child.kill('SIGKILL')
-      await exited
+      await ended
     }
   })
   // A hang guard, not a latency bound: under the suite's full load on two cores a cold start of
