@@ -6,9 +6,11 @@
 import t from 'tap'
 import { execFileSync } from 'node:child_process'
 import http from 'node:http'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs'
+import { once } from 'node:events'
+import type net from 'node:net'
 import { join } from 'node:path'
-import { connectionPerWorker, rawClient, serve as startKeygate } from './helpers/serve.ts'
+import { connectionPerWorker, rawClient, serve as startKeygate, type RawClient } from './helpers/serve.ts'
 import { answerOf, call, sleep, startUpstream, unlessHung } from './helpers/gateway.ts'
 import { adminClient } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
@@ -164,14 +166,54 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
   t.notOk(serve.logs.slice(shutting).some((l) => l.message === 'gateway listening'), 'and started none after')
 })
 
+/**
+ * Which of `pids` took `socket`, a connection to 127.0.0.1 that may have sent nothing (nothing
+ * answers to tell): the process holding the server's end, as /proc shows it once accepted.
+ */
+async function holderOf(socket: net.Socket, pids: number[]): Promise<number> {
+  if (socket.connecting) await once(socket, 'connect')
+  // /proc/net/tcp's address:port, 127.0.0.1 as a little-endian machine (x86, arm64) prints it.
+  const hex = (port: number) => `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`
+  const [server, client] = [hex(socket.remotePort as number), hex(socket.localPort as number)]
+  const holds = (pid: number, inode: string) =>
+    readdirSync(`/proc/${pid}/fd`).some((fd) => {
+      try {
+        return readlinkSync(`/proc/${pid}/fd/${fd}`) === `socket:[${inode}]`
+      } catch {
+        return false
+      }
+    })
+  // A hang guard: accepted at once.
+  for (let tries = 0; tries < 500; tries++) {
+    const row = readFileSync('/proc/net/tcp', 'utf8').split('\n').map((line) => line.trim().split(/\s+/)).find((f) => f[1] === server && f[2] === client)
+    const inode = row?.[9]
+    const holder = inode === undefined || inode === '0' ? undefined : pids.find((pid) => holds(pid, inode))
+    if (holder !== undefined) return holder
+    await sleep(20)
+  }
+  throw new Error(`no one of ${pids.join(', ')} took the connection from port ${socket.localPort}`)
+}
+
 t.test('--workers: SIGTERM closes the connections without a whole request head, on the workers and the primary, and exits', async (t) => {
   // Before (found by a review): each held the stop until the header timeout or the shutdown
   // deadline (600 s here), as a request in flight would.
   const { cwd, env, upstream } = await workersSetUp(t, 'silent', 0)
   writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  headers_timeout_ms: 600000\n  shutdown_timeout_ms: 600000\n')
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  // Eight silent ones: the kernel spreads them over the two workers.
-  const gateway = [...Array.from({ length: 8 }, () => rawClient(serve.gateway)), rawClient(serve.gateway, 'GET / HT'), rawClient(serve.gateway, 'GET / HT')]
+  // Silent ones, and ones part-way through a head, until each worker holds one of each: the kernel
+  // spreads new connections over the workers by a hash (SO_REUSEPORT), and 8 silent ones all
+  // reached one worker in one run in 128.
+  const workers = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const gateway: RawClient[] = []
+  for (const first of ['', 'GET / HT']) {
+    const holders = new Set<number>()
+    while (holders.size < 2) {
+      if (gateway.length === 100) throw new Error(`100 connections reached ${holders.size} of the 2 workers`)
+      const c = rawClient(serve.gateway, first)
+      gateway.push(c)
+      holders.add(await holderOf(c.socket, workers))
+    }
+  }
   const admin = [rawClient(serve.admin), rawClient(serve.admin, 'GET /healthz HT')]
   await sleep(200)
   serve.child.kill('SIGTERM')
