@@ -1010,11 +1010,15 @@ t.test('a webhook being deleted while an event is queued: the event reaches the 
   const deleting = new pg.Client({ connectionString: store.url })
   await deleting.connect()
   t.teardown(() => deleting.end())
+  const [{ pid }] = (await deleting.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows as [{ pid: number }]
   await deleting.query('BEGIN')
   await deleting.query('DELETE FROM webhooks WHERE id = $1', [doomed])
   const revoking = h.call('POST', `/v1/keys/${key}/revoke`, { body: { reason: 'test' } })
   const testing = h.call('POST', `/v1/webhooks/${doomed}/test`)
-  await sleep(300)
+  // Both wait on the delete's lock of the webhook's row before it commits, however late a loaded
+  // machine brings them there (a fixed 300 ms let them come after the commit, and race nothing).
+  const waiting = async () => (await store.db.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))', [pid]))[0]?.n
+  await until(async () => ((await waiting()) ?? 0) >= 2)
   await deleting.query('COMMIT')
   const [revoked, tested] = await Promise.all([revoking, testing])
   t.equal(revoked.status, 200, "the revocation goes through")
