@@ -12,7 +12,8 @@ import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
 import { decodeUtf8 as decodeUtf8Bytes, readAtMost } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
-import { NO_ROUTE, prefixReadings, routeHost, routePrefix, upstreamBase } from './routes.ts'
+import { NO_ROUTE } from '../core/http.ts'
+import { prefixReadings, routeHost, routePrefix, upstreamBase } from './routes.ts'
 import { ConfigSchema, type Config } from './schema.ts'
 
 // The yaml library and node:tls are loaded when a file is read or a certificate checked: most

@@ -1,10 +1,7 @@
 // How a route's path and host are compared: by the gateway when it matches a request, and by
 // the configuration check, which refuses two routes the gateway would take for one (the first
 // would win, and the second, with its scopes, would never be used).
-import { decodeEscapes, hostName } from '../core/http.ts'
-
-/** The metrics' route label of a request that matched no route: no route may take the name (their series would be one). */
-export const NO_ROUTE = 'none'
+import { asUtf8, decodeEscapes, hostName } from '../core/http.ts'
 
 /**
  * The prefix a route's path matches as: without one trailing slash (`/api/` is `/api`); `/` as it
@@ -143,24 +140,6 @@ function foldCase(p: string): string {
 
 const NON_ASCII = /[^\x00-\x7f]/
 const NON_ASCII_CHARACTERS = /[^\x00-\x7f]/gu
-
-/**
- * `text`, whose characters are bytes (decodeEscapes), read as UTF-8 and in NFKC, as upstreams read
- * a path's characters: read byte by byte, `/donn%C3%A9es` was never `/données`, nor `/DONN%C3%89ES`
- * it in lower case, and a route of that path never under any reading (found by a review); in NFC
- * only, `/app/%EF%BD%81dmin` (fullwidth a) was not `/app/admin` to a server that folds it (found by
- * another). Bytes that are not UTF-8 stay as they are.
- */
-export function asUtf8(text: string): string {
-  if (!/[\x80-\xff]/.test(text) || /[^\x00-\xff]/.test(text)) return text
-  try {
-    return UTF8.decode(Buffer.from(text, 'latin1')).normalize('NFKC')
-  } catch {
-    return text
-  }
-}
-
-const UTF8 = new TextDecoder('utf-8', { fatal: true })
 
 /** `path` with its `.` and `..` segments resolved (RFC 3986 §5.2.4); `..` never climbs above the root. */
 function resolveDots(path: string): string {

@@ -227,6 +227,12 @@ export function rawError(socket: Duplex, code: ErrorCode, requestId: string, ext
   writeRaw(socket, e.status, e.headers, e.body)
 }
 
+/**
+ * The metrics' route label of a request that matched no route: no route may take the name (their
+ * series would be one). Here, not in config/, for core/metrics.ts: core/ takes only types from config/.
+ */
+export const NO_ROUTE = 'none'
+
 /** The answer to a request the HTTP parser gave up on: headers past the limit, a request not received within requestTimeout, or anything else malformed. */
 export function clientErrorCode(err: NodeJS.ErrnoException): 'headers_too_large' | 'request_timeout' | 'bad_request' {
   return err.code === 'HPE_HEADER_OVERFLOW' ? 'headers_too_large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 'request_timeout' : 'bad_request'
@@ -242,6 +248,24 @@ export function decodeEscapes(text: string): string {
   for (let round = 0; round < 3 && p.includes('%'); round++) p = p.replace(/%[0-9a-f]{2}/gi, (e) => String.fromCharCode(parseInt(e.slice(1), 16)))
   return p
 }
+
+/**
+ * `text`, whose characters are bytes (decodeEscapes), read as UTF-8 and in NFKC, as upstreams read
+ * a path's characters: read byte by byte, `/donn%C3%A9es` was never `/données`, nor `/DONN%C3%89ES`
+ * it in lower case, and a route of that path never under any reading (found by a review); in NFC
+ * only, `/app/%EF%BD%81dmin` (fullwidth a) was not `/app/admin` to a server that folds it (found by
+ * another). Bytes that are not UTF-8 stay as they are.
+ */
+export function asUtf8(text: string): string {
+  if (!/[\x80-\xff]/.test(text) || /[^\x00-\xff]/.test(text)) return text
+  try {
+    return UTF8.decode(Buffer.from(text, 'latin1')).normalize('NFKC')
+  } catch {
+    return text
+  }
+}
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true })
 
 /** A Host value without its port (`[::1]:8080` is `[::1]`, `a:80` is `a`). */
 export function hostName(host: string): string {

@@ -4,7 +4,7 @@
 // material, no addresses, nothing a client can make grow.
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { type Aggregator, AggregatorRegistry, Counter, Gauge, Registry, aggregators, collectDefaultMetrics, type Metric } from 'prom-client'
-import { NO_ROUTE } from '../config/routes.ts'
+import { NO_ROUTE } from './http.ts'
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 import type { FlushReason } from './invalidation.ts'
 

@@ -9,9 +9,8 @@
 // `GET http://127.0.0.1/v1/keys`, which RFC 9112 §3.2.2 has a server accept.
 import { isUtf8 } from 'node:buffer'
 import type { IncomingHttpHeaders } from 'node:http'
-import { asUtf8 } from '../config/routes.ts'
 import { isHost } from './framing.ts'
-import { decodeEscapes, decodedHasDotSegments, hasDotSegments } from './http.ts'
+import { asUtf8, decodeEscapes, decodedHasDotSegments, hasDotSegments } from './http.ts'
 
 /** A request's target as the check reads and rewrites it (the gateway's request state is one). */
 export interface RequestTarget {

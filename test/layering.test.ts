@@ -1,5 +1,7 @@
 // The import direction: core/ is the shared domain and imports none of the programs built on it
-// (gateway/, admin/, cli/, bin/); config/ is read by all of them and imports none of them either.
+// (gateway/, admin/, cli/, bin/), and from config/ only types (import type: the configuration's
+// type, erased when types are stripped), as the README's Layout says; config/ is read by all of
+// them and imports none of the programs either.
 // Every static import, export-from, side-effect import, import() and require() is checked; the
 // scanner itself is checked against planted violations, so a broken scanner cannot pass quietly.
 // The same tokens show where a key hash or the admin token is compared other than in constant time.
@@ -11,8 +13,8 @@ import { fileURLToPath } from 'node:url'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 
-const RULES: ReadonlyArray<{ from: string; forbidden: readonly string[] }> = [
-  { from: 'core', forbidden: ['gateway', 'admin', 'cli', 'bin'] },
+const RULES: ReadonlyArray<{ from: string; forbidden: readonly string[]; typesOnly?: readonly string[] }> = [
+  { from: 'core', forbidden: ['gateway', 'admin', 'cli', 'bin'], typesOnly: ['config'] },
   { from: 'config', forbidden: ['gateway', 'admin', 'cli', 'bin'] },
 ]
 
@@ -239,12 +241,13 @@ function violations(root: string): string[] {
       }
       const top = targetTop(root, file, ref.specifier)
       if (top && rule.forbidden.includes(top)) out.push(`${rel}:${ref.line}: ${rule.from}/ must not ${ref.how} ${top}/ (${ref.specifier})`)
+      else if (top && rule.typesOnly?.includes(top) && !ref.typeOnly) out.push(`${rel}:${ref.line}: ${rule.from}/ takes only types from ${top}/ (import type), not ${ref.how} ${ref.specifier}`)
     }
   }
   return out
 }
 
-t.test('core/ and config/ import nothing from the programs built on them', async (t) => {
+t.test('core/ and config/ import nothing from the programs built on them, and core/ only types from config/', async (t) => {
   const files = sourceFiles(ROOT).map((f) => relative(ROOT, f))
   t.ok(files.some((f) => f.startsWith(`core${sep}keys${sep}`)), 'nested folders are scanned')
   t.ok(files.some((f) => f.startsWith(`config${sep}`)))
@@ -286,6 +289,9 @@ t.test('planted violations are all found, and look-alikes are not', async (t) =>
       'const name = "x"; const o = await import(`../gateway/${name}.ts`)', // 12
       "const p = require('../cli/old.js')", // 13
       "import * as all from 'keygate/gateway/index.ts'", // 14
+      "import { NO_ROUTE } from '../config/routes.ts'", // 15
+      "const q = await import('../config/load.ts')", // 16
+      "export { ConfigSchema } from '../config/schema.ts'", // 17
       '',
     ].join('\n'),
   )
@@ -301,7 +307,8 @@ t.test('planted violations are all found, and look-alikes are not', async (t) =>
       'const tpl = `import("../gateway/t.ts") ${text}`',
       'const u = import.meta.url',
       "import { here } from './here.ts'",
-      "import { shared } from '../config/schema.ts'",
+      "import type { Config } from '../config/schema.ts'",
+      "export type { RouteConfig } from '../config/schema.ts'",
       "export const from = 'x'",
       'export { here }',
       '',
@@ -332,6 +339,9 @@ t.test('planted violations are all found, and look-alikes are not', async (t) =>
     `core${sep}bad.ts:12: a computed import() cannot be checked; name the module literally`,
     `core${sep}bad.ts:13: core/ must not require() cli/ (../cli/old.js)`,
     `core${sep}bad.ts:14: core/ must not import gateway/ (keygate/gateway/index.ts)`,
+    `core${sep}bad.ts:15: core/ takes only types from config/ (import type), not import ../config/routes.ts`,
+    `core${sep}bad.ts:16: core/ takes only types from config/ (import type), not import() ../config/load.ts`,
+    `core${sep}bad.ts:17: core/ takes only types from config/ (import type), not export ../config/schema.ts`,
     `core${sep}bad.ts:1: core/ must not import gateway/ (../gateway/server.ts)`,
     `core${sep}bad.ts:2: core/ must not import admin/ (../admin/routes.ts)`,
     `core${sep}bad.ts:3: core/ must not import cli/ (../cli/main.ts)`,
