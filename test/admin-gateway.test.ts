@@ -323,3 +323,25 @@ t.test('GET /v1/lockouts lists the lockouts in force; DELETE /v1/lockouts/{addre
   const unauthenticated = await h.call('DELETE', '/v1/lockouts/198.51.100.9', { auth: null })
   t.equal(unauthenticated.status, 401, 'an admin credential is required')
 })
+
+t.test('an admin key is a key at the gateway (README, Decisions): a route without scopes lets it through with X-Keygate-Scopes: admin, a route with scopes it lacks refuses it; the bootstrap token never passes', async (t) => {
+  const store = await openStore(t, 'embedded')
+  // The scoped route's upstream is never reached: the admin key holds none of its scopes.
+  const h = await startAdmin(t, store.db, { gateway: true, config: { routes: [{ name: 'orders', path: '/orders', upstream: 'http://127.0.0.1:1', scopes: ['orders:read'] }] } })
+  const upstream = h.gateway!.upstream
+  const open = await h.through('/anything', bearer(h.adminKey))
+  t.equal(open.status, 200, 'through the route without scopes')
+  t.equal(upstream.received.length, 1)
+  const got = upstream.received[0]!.headers
+  t.equal(got['x-keygate-scopes'], 'admin', 'told to the upstream as the admin key it is')
+  t.equal(got['x-keygate-key-id'], h.adminKeyId)
+  t.equal(got.authorization, undefined, 'its credential removed as any key\'s')
+  const scoped = await h.through('/orders/1', bearer(h.adminKey))
+  t.equal(scoped.status, 403, 'a route with scopes: only a key holding one of them')
+  t.equal(scoped.json?.error?.code, 'scope_denied')
+  const token = await h.through('/anything', bearer(BOOTSTRAP_TOKEN))
+  t.equal(token.status, 401, 'the bootstrap token is no key')
+  t.equal(token.json?.error?.code, 'key_invalid')
+  t.equal((await h.call('GET', '/v1/stats', { auth: BOOTSTRAP_TOKEN })).status, 200, 'though the admin API takes it')
+  t.equal(upstream.received.length, 1, 'neither refused request reached an upstream')
+})

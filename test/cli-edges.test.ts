@@ -336,3 +336,19 @@ t.test('a command ended by SIGINT, SIGTERM or SIGHUP while it holds the embedded
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
+
+t.test('commands other than serve log at warn unless LOG_LEVEL is set, whatever the file\'s log.level (README, Decisions: --json output stays clean)', async (t) => {
+  const cwd = tempDir()
+  const file = join(cwd, 'keygate.yaml')
+  writeFileSync(file, 'log: { level: debug }\n')
+  // Each command applies the migrations of a fresh database, which is said at info.
+  const run = async (logLevel: string | undefined) => {
+    const env = isolated({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, LOG_LEVEL: logLevel })
+    const r = await runCliHere(['api-key', 'list', '--json', '--config', file], { env })
+    t.equal(r.code, 0, r.stderr)
+    t.same(r.json(), { items: [], next_cursor: null }, 'stdout holds the answer alone')
+    return r.stderr.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { level: string; message: string })
+  }
+  t.same(await run(undefined), [], 'without LOG_LEVEL: no info line (the file\'s debug is not used), and nothing else to say here')
+  t.match(await run('info'), [{ level: 'info', message: 'applied migrations' }], 'LOG_LEVEL=info: the info line, on stderr')
+})
