@@ -544,6 +544,8 @@ t.test('routes[].cors_preflight: a browser\'s CORS preflight without a key reach
   await refused('an OPTIONS without Origin', '/app/orders', { 'access-control-request-method': 'POST' }, 'key_missing')
   await refused('an OPTIONS without Access-Control-Request-Method', '/app/orders', { origin: 'https://ui.example' }, 'key_missing')
   await refused('a preflight on a route without cors_preflight', '/other/x', preflight, 'key_missing')
+  const plain = await h.get('/other/x', preflight, 'OPTIONS')
+  t.same(Object.keys(plain.headers).filter((n) => n.startsWith('access-control-')), [], 'refused without Access-Control-* headers (README, Decisions)')
   await refused('a preflight with a key that is not valid: checked as any request', '/app/orders', { ...preflight, authorization: 'Bearer kg_live_nope' }, 'key_invalid')
   const k = await h.key({ scopes: ['other'] })
   await refused('a preflight with a valid key of another scope', '/app/orders', { ...preflight, authorization: `Bearer ${k.key}` }, 'scope_denied', 403)
@@ -579,6 +581,16 @@ t.test('routes[].cors_preflight: a browser\'s CORS preflight without a key reach
   const d = await denied.get('/x', preflight, 'OPTIONS')
   t.equal(d.status, 403, 'a denied address is refused its preflight too')
   t.equal(denied.upstream.received.length, 0)
+  const limited = await startGateway(t, { sharedStore: true, config: { rate_limits: { per_address: { limit: 2, window_s: 60 } } }, routes: [{ name: 'app', path: '/', upstream: '{upstream}', cors_preflight: true }] })
+  const statuses = []
+  for (let i = 0; i < 3; i++) statuses.push((await limited.get('/x', preflight, 'OPTIONS')).status)
+  t.same(statuses, [200, 200, 429], 'preflights count toward the per-address limit')
+  t.equal(limited.upstream.received.length, 2)
+  const locked = await startGateway(t, { sharedStore: true, config: { lockout: { max_attempts: 1, window_s: 60 } }, routes: [{ name: 'app', path: '/', upstream: '{upstream}', cors_preflight: true }] })
+  t.equal((await locked.get('/x', { authorization: 'Bearer kg_nope' })).status, 401, 'a failed key')
+  const afterLockout = await locked.get('/x', preflight, 'OPTIONS')
+  t.equal(afterLockout.json?.error?.code, 'ip_locked_out', 'a locked-out address is refused its preflight too')
+  t.equal(locked.upstream.received.length, 0)
 })
 
 t.test("an upstream's redirect to its own address goes to the client as the path it used; a route that strips its prefix sends X-Forwarded-Prefix", async (t) => {
