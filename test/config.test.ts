@@ -77,6 +77,32 @@ t.test('defaults', async (t) => {
   t.same(loadConfig({ file: yamlFile(t, ''), env: {} }), c, 'an empty file means defaults')
 })
 
+t.test("SPEC §1's configuration at a glance loads as written (its names are part of the contract)", async (t) => {
+  const file = yamlFile(
+    t,
+    [
+      'gateway: { listen: "0.0.0.0:8080", trusted_proxies: ["10.0.0.0/8"], key_sources: [authorization, x-api-key] }',
+      'admin:   { listen: "127.0.0.1:8081" }',
+      'routes:',
+      '  - { name: api, path: /api, upstream: "http://127.0.0.1:3000", timeout_ms: 30000 }',
+      'deny_list: ["192.0.2.0/24", "2001:db8::/32"]',
+      'rate_limits:',
+      '  per_address: { limit: 1000, window_s: 1 }',
+      '  per_key: { default: { limit: 100, window_s: 1 }, service: { limit: 1000, window_s: 1 } }',
+      '',
+    ].join('\n'),
+  )
+  const c = loadConfig({ file, env: {}, bothListeners: true })
+  t.match(c, {
+    gateway: { listen: '0.0.0.0:8080', trusted_proxies: ['10.0.0.0/8'], key_sources: ['authorization', 'x-api-key'] },
+    admin: { listen: '127.0.0.1:8081' },
+    routes: [{ name: 'api', path: '/api', upstream: 'http://127.0.0.1:3000', timeout_ms: 30_000 }],
+    deny_list: ['192.0.2.0/24', '2001:db8::/32'],
+    rate_limits: { per_address: { limit: 1000, window_s: 1 }, per_key: { default: { limit: 100, window_s: 1 }, service: { limit: 1000, window_s: 1 } } },
+  })
+  t.equal(c.routes.length, 1)
+})
+
 t.test('the carried-over environment names', async (t) => {
   const c = loadConfig({ env: { CACHE_TTL_SECONDS: '60', CACHE_MAX_CAPACITY: '500', RATE_LIMIT_MAX_ATTEMPTS: '3', RATE_LIMIT_WINDOW_SECONDS: '120' } })
   t.match(c, { cache: { ttl_s: 60, max_capacity: 500 }, lockout: { max_attempts: 3, window_s: 120 } })
