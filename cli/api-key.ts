@@ -3,7 +3,7 @@ import type { ParseArgsOptionsConfig } from 'node:util'
 import type { TSchema } from '@sinclair/typebox'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { nestsDeeper } from '../core/depth.ts'
-import { decodeUtf8, readAtMost } from '../core/read-bounded.ts'
+import { decodeUtf8, readAtMost, utf16Words } from '../core/read-bounded.ts'
 import { escapeUnprintable, firstCharacters, firstProblems, jsonFault, type JsonFault, MAX_JSON_DEPTH, refuseChangedNumbers, refuseMemberProblems } from '../core/validate.ts'
 import { scrub } from '../core/log.ts'
 import { checkMetadata, CreateKeyBody, IMPORT_MAX_BODY_BYTES, IMPORT_ROW_FIELDS, KEY_BOUNDS, ListKeysQuery, RevokeBody, UpdateKeyBody } from '../core/keys/schemas.ts'
@@ -193,7 +193,7 @@ async function readInput(io: Io, source: string): Promise<string> {
   if ('text' in decoded) return decoded.text
   const where = source === '-' ? 'stdin' : source
   const { utf16, offset, line, col } = decoded.problem
-  if (utf16) throw new KeygateError('import_invalid', `${where}: the file is UTF-16 (it starts with a UTF-16 byte order mark); nothing imported: save it as UTF-8`)
+  if (utf16) throw new KeygateError('import_invalid', `${where}: the file is UTF-16 ${utf16Words(decoded.problem)}; nothing imported: save it as UTF-8`)
   throw new KeygateError('import_invalid', `${where}:${line}:${col}: the file is not UTF-8 text (an invalid byte at offset ${offset}); nothing imported: save it as UTF-8`)
 }
 

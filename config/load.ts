@@ -10,7 +10,7 @@ import type { Document, LineCounter } from 'yaml'
 import { KeygateError, systemErrorWords } from '../core/errors.ts'
 import { addKnownSecret } from '../core/log.ts'
 import { listenOverlaps } from '../core/formats.ts'
-import { decodeUtf8 as decodeUtf8Bytes, readAtMost } from '../core/read-bounded.ts'
+import { decodeUtf8 as decodeUtf8Bytes, readAtMost, utf16Words } from '../core/read-bounded.ts'
 import { describeAllowed, dotted, firstProblems, foreignValueWords, problemLine, problems as validationProblems, showValue as show, unknownKeyShown, type Problem } from '../core/validate.ts'
 import { NO_ROUTE } from '../core/http.ts'
 import { prefixReadings, routeHost, routePrefix, upstreamBase } from './routes.ts'
@@ -173,7 +173,7 @@ function decodeUtf8(file: string, bytes: Buffer): { text: string } | { problem: 
   const decoded = decodeUtf8Bytes(bytes)
   if ('text' in decoded) return decoded
   const { utf16, offset, line, col } = decoded.problem
-  if (utf16) return { problem: `${file}: the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8` }
+  if (utf16) return { problem: `${file}: the file is UTF-16 ${utf16Words(decoded.problem)}; save it as UTF-8` }
   return { problem: located(file, { line, col }, `the file is not UTF-8 text (an invalid byte at offset ${offset}); save it as UTF-8`) }
 }
 

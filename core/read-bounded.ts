@@ -35,16 +35,28 @@ export function readAtMost(file: string, maxBytes: number): BoundedRead {
 
 /** Where a text stops being UTF-8: the byte offset, and the line and column (in characters) of the first bad byte. */
 export interface Utf8Problem {
-  /** The bytes start with a UTF-16 byte order mark. */
+  /** The bytes are UTF-16: they start with its byte order mark, or (`bom` false) a character of it without one. */
   utf16: boolean
+  bom?: boolean
   offset: number
   line: number
   col: number
 }
 
-/** `bytes` as UTF-8 text (a leading byte order mark dropped), or where they are not UTF-8. */
+/** Why the bytes of a problem with `utf16` are taken for UTF-16, in words (in parentheses). */
+export function utf16Words(problem: Utf8Problem): string {
+  return problem.bom === false ? '(a NUL byte beside each of its first characters, as UTF-16 without a byte order mark)' : '(it starts with a UTF-16 byte order mark)'
+}
+
+/**
+ * `bytes` as UTF-8 text (a leading byte order mark dropped), or where they are not UTF-8. UTF-16
+ * is told as such, with its byte order mark or without: NUL bytes are valid UTF-8, but neither
+ * YAML nor JSON text holds one, and UTF-16 without a byte order mark (iconv -t UTF-16LE) has one
+ * beside each ASCII character (before, found by a review, such a file was read as one odd string).
+ */
 export function decodeUtf8(bytes: Uint8Array): { text: string } | { problem: Utf8Problem } {
-  if ((bytes[0] === 0xff && bytes[1] === 0xfe) || (bytes[0] === 0xfe && bytes[1] === 0xff)) return { problem: { utf16: true, offset: 0, line: 1, col: 1 } }
+  if ((bytes[0] === 0xff && bytes[1] === 0xfe) || (bytes[0] === 0xfe && bytes[1] === 0xff)) return { problem: { utf16: true, bom: true, offset: 0, line: 1, col: 1 } }
+  if (bytes.length >= 2 && (bytes[0] === 0) !== (bytes[1] === 0)) return { problem: { utf16: true, bom: false, offset: 0, line: 1, col: 1 } }
   try {
     return { text: new TextDecoder('utf-8', { fatal: true }).decode(bytes) }
   } catch {

@@ -455,6 +455,11 @@ t.test('an import file or stdin that is not UTF-8 is refused naming where, and n
   const wide = await runCliHere(['api-key', 'import', utf16], { env })
   t.equal(wide.code, 1)
   t.same(said(wide.stderr), [`keygate: ${utf16}: the file is UTF-16 (it starts with a UTF-16 byte order mark); nothing imported: save it as UTF-8`])
+  // Without a byte order mark: before (found by a review), "is not JSON".
+  writeFileSync(utf16, Buffer.from(`[${first.trim()}]`, 'utf16le'))
+  const bare = await runCliHere(['api-key', 'import', utf16], { env })
+  t.equal(bare.code, 1)
+  t.same(said(bare.stderr), [`keygate: ${utf16}: the file is UTF-16 (a NUL byte beside each of its first characters, as UTF-16 without a byte order mark); nothing imported: save it as UTF-8`])
   t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'nothing was imported')
   // The same file in UTF-8 is imported as written.
   writeFileSync(file, first + second('café'))

@@ -708,6 +708,15 @@ t.test('a file that is not UTF-8, or too large, is refused in keygate\'s words',
   for (const file of [little, big]) {
     t.same(problemsOf({ file, env: {} }).problems, [`${file}: the file is UTF-16 (it starts with a UTF-16 byte order mark); save it as UTF-8`])
   }
+  // Without a byte order mark (iconv -t UTF-16LE, .NET's UnicodeEncoding without a preamble): NUL
+  // bytes are valid UTF-8, and before (found by a review) this was again "the top level must be a
+  // mapping of keys, not string", where the README promises a UTF-16 file is refused as UTF-16.
+  const bare = text.slice(1)
+  const littleBare = write(Buffer.from(bare, 'utf16le'), 'utf16le-bare.yaml')
+  const bigBare = write(Buffer.from(bare, 'utf16le').swap16(), 'utf16be-bare.yaml')
+  for (const file of [littleBare, bigBare]) {
+    t.same(problemsOf({ file, env: {} }).problems, [`${file}: the file is UTF-16 (a NUL byte beside each of its first characters, as UTF-16 without a byte order mark); save it as UTF-8`])
+  }
   // Before: an 18 MB file took 13.6 s and 1.5 GB of memory to check.
   const padding = (size: number) => Buffer.concat([Buffer.from('log: { level: warn }\n'), Buffer.alloc(size - 22, '#'), Buffer.from('\n')])
   t.equal(loadConfig({ file: write(padding(MAX_CONFIG_BYTES), 'full.yaml'), env: {} }).log.level, 'warn', 'a file of 1 MiB loads')
