@@ -7,7 +7,7 @@ import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { GITEA_SCOPES } from '../core/integrations/schemas.ts'
-import { FakeGitea, type RecordedResponse } from './helpers/fake-gitea.ts'
+import { FakeGitea, type FakeGiteaOptions, type FakeUser, type RecordedResponse } from './helpers/fake-gitea.ts'
 import { answerKinds, checkAgainstSwagger } from './helpers/gitea-swagger.ts'
 import { capturedLogs, dumpStore, failingTransactions, freePort, integrationDeps, noSecrets, proxyTo } from './helpers/integrations.ts'
 import { forEachStore, rejection } from './helpers/stores.ts'
@@ -18,11 +18,11 @@ const actor = { actor: 'cli:tester' }
 const responses: RecordedResponse[] = []
 const secrets = [PASSWORD, ADMIN_PASSWORD, Buffer.from(`alice:${PASSWORD}`).toString('base64'), Buffer.from(`root:${ADMIN_PASSWORD}`).toString('base64')]
 
-async function fakeGitea(t: Test): Promise<FakeGitea> {
-  const fake = new FakeGitea()
+async function fakeGitea(t: Test, options: FakeGiteaOptions = {}, bob: Partial<Pick<FakeUser, 'visibility'>> = {}): Promise<FakeGitea> {
+  const fake = new FakeGitea(options)
   await fake.start()
   fake.addUser('alice', PASSWORD)
-  fake.addUser('bob', 'bob-Secret-pw-3')
+  fake.addUser('bob', 'bob-Secret-pw-3', bob)
   fake.addUser('root', ADMIN_PASSWORD, { is_admin: true })
   t.teardown(async () => {
     responses.push(...fake.responses)
@@ -314,6 +314,31 @@ await forEachStore(t, async (t, store) => {
     // GITEA_USERNAME's own 403 still fails the list: the credentials are at fault.
     own.faults.push({ method: 'GET', status: 403, message: 'doer should be the site admin or be same as the contextUser' })
     t.match(await rejection(asAlice.list()), { code: 'gitea_auth_failed', message: /manage the tokens of "alice"/ })
+  })
+
+  await t.test("a private user Gitea (1.23 on) hides from GITEA_USERNAME: a 404 other than \"user does not exist\" lists its records as unreadable, and a delete closes none", async (t) => {
+    // Gitea 1.23 on answers the token routes of a private user to anyone but the user and site
+    // admins with 404 "Visit Project" (individualPermsChecker), before reqSelfOrAdmin's 403. Before
+    // (found by a review), any JSON 404 of another user was taken for the user deleted in Gitea:
+    // its tokens listed as deleted remotely, and a delete closed the record of a working token.
+    const own = await fakeGitea(t, { hidePrivateUsers: true }, { visibility: 'private' })
+    const asAdmin = new GiteaTokenService(integrationDeps(store.db, env(own.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })))
+    const asAlice = new GiteaTokenService(integrationDeps(store.db, env(own.url)))
+    t.teardown(() => Promise.all([asAdmin.close(), asAlice.close()]))
+    const bobs = await asAdmin.create({ name: 'private-bob', scopes: ['read:user'], user: 'bob' }, actor)
+    secrets.push(bobs.token)
+
+    const list = await asAlice.list()
+    t.matchStrict(list.items.find((i) => i.remote_id === bobs.remote_id), { state: 'unreadable', user: 'bob', reason: /^404 Visit Project/, remote: null, local: { id: bobs.id } })
+    t.same(list.summary, { in_sync: 0, deleted_remotely: 0, not_recorded: 0, unreadable: 1 })
+    t.match(await rejection(asAlice.delete('private-bob', actor, { user: 'bob' })), { code: 'gitea_auth_failed', message: /does not show the user "bob" to "alice".*404 Visit Project.*--user bob --forget/ })
+    const [row] = await store.db.query<{ deleted_at: Date | null }>('SELECT deleted_at FROM gitea_tokens WHERE id = $1', [bobs.id])
+    t.equal(row?.deleted_at, null, 'the record is still open')
+    t.ok(own.tokens.some((x) => x.id === bobs.remote_id), 'and the token is still in Gitea')
+
+    // A site admin sees the user, and deletes the token.
+    t.match((await asAdmin.list()).items.find((i) => i.remote_id === bobs.remote_id), { state: 'in_sync', user: 'bob' })
+    t.match(await asAdmin.delete('private-bob', actor, { user: 'bob' }), { remote_missing: false })
   })
 
   await t.test('a renamed user (307 to the new name): its records are listed as unreadable, the rest listed; --forget closes them', async (t) => {

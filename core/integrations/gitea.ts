@@ -201,6 +201,9 @@ const gone = (http: IntegrationHttp, res: HttpResponse): boolean => res.status =
  */
 const OWN_ERROR_STATUSES: ReadonlySet<number> = new Set([401, 403, 404, 405])
 
+/** Gitea's ErrUserNotExist (models/user/error.go), the message of its 404 for a user that does not exist. */
+const USER_NOT_EXIST = /^user does not exist \[/
+
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
 
@@ -451,7 +454,15 @@ export class GiteaTokenService {
   async #tokenPage(user: string, page: number, limit: number): Promise<{ items: unknown[]; total: number | undefined } | undefined> {
     const { http, username, authorization } = this.#client(true)
     const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit } })
-    if (gone(http, res) && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) return undefined
+    if (gone(http, res) && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) {
+      // Only Gitea's ErrUserNotExist says the user is gone. From 1.23 on, Gitea answers the token
+      // routes of a private user to anyone but the user and site admins with another 404
+      // (individualPermsChecker: "Visit Project", later "not found"): before (found by a review),
+      // that was taken for the user deleted, its records listed as deleted remotely, and a delete
+      // closed the record of a token that still worked.
+      if (USER_NOT_EXIST.test(http.messageOf(res))) return undefined
+      throw this.#hiddenUser(http, res, username, user)
+    }
     if (page === 1 && !sameUser(user, username)) {
       const unreadable = this.#unreadable(http, res, username, user)
       if (unreadable) throw unreadable
@@ -511,7 +522,7 @@ export class GiteaTokenService {
    * configured user's own tokens too, and its records could not be closed.
    */
   #unreadable(http: IntegrationHttp, res: HttpResponse, username: string, user: string): UnreadableUser | undefined {
-    const forget = `; to close keygate's record of a token of ${JSON.stringify(user)} without asking Gitea: \`keygate gitea delete ID|NAME --user ${user} --forget\``
+    const forget = this.#forgetHint(user)
     if (res.status === 403 && !ACCOUNT_MESSAGE.test(http.messageOf(res))) {
       const refused = this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       const code = refused.code === 'gitea_error' ? 'gitea_error' : 'gitea_auth_failed'
@@ -531,6 +542,22 @@ export class GiteaTokenService {
       return new UnreadableUser('gitea_error', `Gitea at ${http.baseUrl} did not list the tokens of ${JSON.stringify(user)}: ${reason}${forget}`, reason, { status: res.status })
     }
     return undefined
+  }
+
+  /** Another user's token list answered 404 other than "user does not exist": Gitea hides a private user from GITEA_USERNAME (see #tokenPage). */
+  #hiddenUser(http: IntegrationHttp, res: HttpResponse, username: string, user: string): UnreadableUser {
+    const reason = `404 ${http.messageOf(res)}`
+    return new UnreadableUser(
+      'gitea_auth_failed',
+      `Gitea at ${http.baseUrl} does not show the user ${JSON.stringify(user)} to ${JSON.stringify(username)} (${reason}: Gitea hides a private user from all but the user and site admins, who alone may manage its tokens)${this.#forgetHint(user)}`,
+      reason,
+      { status: 404 },
+    )
+  }
+
+  /** How to close a record of `user`'s token without asking Gitea, for the message of an unreadable user. */
+  #forgetHint(user: string): string {
+    return `; to close keygate's record of a token of ${JSON.stringify(user)} without asking Gitea: \`keygate gitea delete ID|NAME --user ${user} --forget\``
   }
 
   /** Whether the server answers `GET /user` with the configured credential as the configured user (Gitea logins ignore case). */

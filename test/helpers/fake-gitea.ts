@@ -25,6 +25,8 @@ export interface FakeUser {
   prohibit_login: boolean
   /** Made to change the password at the next sign-in (Gitea's MustChangePassword). */
   must_change_password: boolean
+  /** Gitea's user visibility (public, limited, private); see `hidePrivateUsers`. */
+  visibility: 'public' | 'limited' | 'private'
 }
 
 interface StoredToken {
@@ -117,6 +119,14 @@ export interface FakeGiteaOptions {
   version?: string
   /** [service] REGISTER_EMAIL_CONFIRM: an inactive user is "not activated" rather than "prohibited". */
   registerEmailConfirm?: boolean
+  /**
+   * Gitea 1.23 on: the API's `/users/{username}` group, the token routes in it, runs
+   * individualPermsChecker after UserAssignmentAPI, so a private user is a 404 ("Visit Project",
+   * `errors` null) to anyone but the user and site admins, before reqSelfOrAdmin's 403. A limited
+   * user is hidden only from nobody signed in, which never reaches the token routes. Gitea 1.22
+   * (GITEA.md, the default here) has no such check on these routes.
+   */
+  hidePrivateUsers?: boolean
 }
 
 /**
@@ -341,7 +351,7 @@ export class FakeGitea {
     await new Promise<void>((resolve) => this.#server.close(() => resolve()))
   }
 
-  addUser(login: string, password: string, options: { is_admin?: boolean; active?: boolean; prohibit_login?: boolean; must_change_password?: boolean } = {}): FakeUser {
+  addUser(login: string, password: string, options: { is_admin?: boolean; active?: boolean; prohibit_login?: boolean; must_change_password?: boolean; visibility?: FakeUser['visibility'] } = {}): FakeUser {
     const user = {
       id: this.users.size + 1,
       login,
@@ -351,6 +361,7 @@ export class FakeGitea {
       active: options.active !== false,
       prohibit_login: options.prohibit_login === true,
       must_change_password: options.must_change_password === true,
+      visibility: options.visibility ?? 'public',
     }
     this.users.set(login.toLowerCase(), user)
     return user
@@ -569,7 +580,8 @@ export class FakeGitea {
 
     // Gitea 1.22's chain for the token routes (routers/api/v1/api.go), in its order, after the
     // sign-in above: the user scope of a token used to sign in (tokenRequiresScopes, 403), the user
-    // of the path (UserAssignmentAPI, 404), the caller being that user or a site admin
+    // of the path (UserAssignmentAPI, 404; from 1.23 on, also a private user hidden from the caller,
+    // see `hidePrivateUsers`), the caller being that user or a site admin
     // (reqSelfOrAdmin, 403), and only then Basic (or reverse-proxy) auth (reqBasicOrRevProxyAuth,
     // 401): a token header alone is not enough.
     const refused = scopeRefusal(signed, method === 'GET' ? 'read:user' : 'write:user')
@@ -578,6 +590,9 @@ export class FakeGitea {
     const target = this.user(name)
     // UserAssignmentAPI answers with ctx.Error: GetUserByName's error as the message, no `errors`.
     if (!target) return this.#send(req, res, operation, 404, { message: userNotExist(0, name), url: `${this.url}/api/swagger` })
+    // individualPermsChecker (Gitea 1.23 on): ctx.NotFound("Visit Project", nil).
+    const hidden = this.#options.hidePrivateUsers === true && target.visibility === 'private'
+    if (hidden && (!signed || (signed.user.login !== target.login && !signed.user.is_admin))) return this.#error(req, res, operation, 404, 'Visit Project')
     if (!signed || (signed.user.login !== target.login && !signed.user.is_admin)) {
       return this.#error(req, res, operation, 403, 'doer should be the site admin or be same as the contextUser')
     }
@@ -612,7 +627,7 @@ export class FakeGitea {
       location: '',
       website: '',
       description: '',
-      visibility: 'public',
+      visibility: user.visibility,
       followers_count: 0,
       following_count: 0,
       starred_repos_count: 0,
