@@ -274,7 +274,9 @@ export class N8nKeyService {
   }
 
   async #create(input: CreateN8nKeyInput, actor: Actor): Promise<N8nKeyCreated> {
-    const expires = input.expires_at ? new Date(input.expires_at) : null
+    // To the whole second, as n8n keeps it (its expiresAt is in seconds): before (found by a review),
+    // the record and its audit row kept the milliseconds asked, up to a second past n8n's own end.
+    const expires = input.expires_at ? new Date(Math.floor(new Date(input.expires_at).getTime() / 1000) * 1000) : null
     if (expires && expires.getTime() <= Date.now()) {
       throw fieldInvalid('expires_at', `${input.expires_at} is in the past`)
     }
@@ -335,7 +337,7 @@ export class N8nKeyService {
    */
   async #createDistinct(input: CreateN8nKeyInput, expires: Date | null, allowed: string[]): Promise<{ created: N8nRemoteKey; key: string }> {
     const { http } = this.#client(true)
-    const expiresAt = expires ? Math.floor(expires.getTime() / 1000) : null
+    const expiresAt = expires ? expires.getTime() / 1000 : null
     for (let attempt = 1; ; attempt++) {
       const again = async (why: string) => {
         if (attempt === 3) throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} issued a key identical to an earlier one three times (${why})`)
