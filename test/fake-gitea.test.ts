@@ -44,9 +44,10 @@ t.test('token routes: Basic auth only, the user itself', async (t) => {
   t.match(await call('GET', '/user', `token ${narrow.body.sha1}`), { status: 403 }, 'as with the token header')
   t.match(await call('GET', '/users/alice/tokens', basic('alice', 'wrong')), { status: 401 })
   t.match(await call('GET', '/users/bob/tokens', alice), { status: 403, body: { message: 'doer should be the site admin or be same as the contextUser' } }, "another user's tokens")
-  // UserAssignmentAPI's ctx.Error: GetUserByName's error, and no `errors` (ctx.NotFound's own).
-  const nobody = await call('GET', '/users/nobody/tokens', alice)
-  t.same({ status: nobody.status, body: nobody.body }, { status: 404, body: { message: 'user does not exist [uid: 0, name: nobody]', url: `${fake.url}/api/swagger` } })
+  // UserAssignmentAPI's ctx.Error: LookupUserRedirect's error (the name lower-cased), and no
+  // `errors` (ctx.NotFound's own).
+  const nobody = await call('GET', '/users/NoBody/tokens', alice)
+  t.same({ status: nobody.status, body: nobody.body }, { status: 404, body: { message: 'user redirect does not exist [name: nobody]', url: `${fake.url}/api/swagger` } })
 })
 
 t.test("Basic: a token as the password, or as the user name, signs in as the token's owner, whatever name the header gives", async (t) => {

@@ -242,8 +242,8 @@ await forEachStore(t, async (t, store) => {
     t.match(listed.items.find((i) => i.remote_id === forBob.remote_id), { state: 'in_sync', user: 'bob' })
     t.match(await admin.delete('for-bob', actor, { user: 'bob' }), { user: 'bob', remote_missing: false })
 
-    // A user deleted in Gitea (its tokens go with it; Gitea then answers 404 "user does not
-    // exist"): the list still answers, and the record can be closed.
+    // A user deleted in Gitea (its tokens go with it; Gitea then answers 404 "user redirect does
+    // not exist"): the list still answers, and the record can be closed.
     fake.addUser('carol', 'carol-Secret-pw-4')
     const forCarol = await admin.create({ name: 'for-carol', scopes: ['read:user'], user: 'carol' }, actor)
     secrets.push(forCarol.token)
@@ -316,7 +316,7 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(asAlice.list()), { code: 'gitea_auth_failed', message: /manage the tokens of "alice"/ })
   })
 
-  await t.test("a private user Gitea (1.23 on) hides from GITEA_USERNAME: a 404 other than \"user does not exist\" lists its records as unreadable, and a delete closes none", async (t) => {
+  await t.test("a private user Gitea (1.23 on) hides from GITEA_USERNAME: a 404 other than \"user redirect does not exist\" lists its records as unreadable, and a delete closes none", async (t) => {
     // Gitea 1.23 on answers the token routes of a private user to anyone but the user and site
     // admins with 404 "Visit Project" (individualPermsChecker), before reqSelfOrAdmin's 403. Before
     // (found by a review), any JSON 404 of another user was taken for the user deleted in Gitea:

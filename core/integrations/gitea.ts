@@ -201,8 +201,15 @@ const gone = (http: IntegrationHttp, res: HttpResponse): boolean => res.status =
  */
 const OWN_ERROR_STATUSES: ReadonlySet<number> = new Set([401, 403, 404, 405])
 
-/** Gitea's ErrUserNotExist (models/user/error.go), the message of its 404 for a user that does not exist. */
-const USER_NOT_EXIST = /^user does not exist \[/
+/**
+ * The message of Gitea's 404 for a user that does not exist on the `/users/{username}` routes:
+ * ErrUserRedirectNotExist's "user redirect does not exist [name: ...]" (models/user/redirect.go),
+ * as UserAssignmentAPI answers with the error of the redirect it looked for after the user (1.22
+ * to 1.24 alike, and before). ErrUserNotExist's "user does not exist [" (models/user/error.go)
+ * says the same, and is taken too. Before (found by a review), only the latter was looked for,
+ * and every user deleted in Gitea was taken for one Gitea hides (`#hiddenUser`).
+ */
+const USER_NOT_EXIST = /^user (redirect )?does not exist \[/
 
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
@@ -455,9 +462,9 @@ export class GiteaTokenService {
     const { http, username, authorization } = this.#client(true)
     const res = await http.call('GET', `/api/v1/users/${encodeURIComponent(user)}/tokens`, { headers: { authorization }, query: { page, limit } })
     if (gone(http, res) && page === 1 && !sameUser(user, username) && (await this.#answersAsConfiguredUser())) {
-      // Only Gitea's ErrUserNotExist says the user is gone. From 1.23 on, Gitea answers the token
-      // routes of a private user to anyone but the user and site admins with another 404
-      // (individualPermsChecker: "Visit Project", later "not found"): before (found by a review),
+      // Only Gitea's "user redirect does not exist" says the user is gone. From 1.23 on, Gitea
+      // answers the token routes of a private user to anyone but the user and site admins with
+      // another 404 (individualPermsChecker: "Visit Project", later "not found"): before (found by a review),
       // that was taken for the user deleted, its records listed as deleted remotely, and a delete
       // closed the record of a token that still worked.
       if (USER_NOT_EXIST.test(http.messageOf(res))) return undefined
@@ -544,7 +551,7 @@ export class GiteaTokenService {
     return undefined
   }
 
-  /** Another user's token list answered 404 other than "user does not exist": Gitea hides a private user from GITEA_USERNAME (see #tokenPage). */
+  /** Another user's token list answered 404 other than "user (redirect) does not exist": Gitea hides a private user from GITEA_USERNAME (see #tokenPage). */
   #hiddenUser(http: IntegrationHttp, res: HttpResponse, username: string, user: string): UnreadableUser {
     const reason = `404 ${http.messageOf(res)}`
     return new UnreadableUser(

@@ -588,8 +588,11 @@ export class FakeGitea {
     if (refused !== null) return this.#error(req, res, operation, 403, refused)
     const name = pathParam(m[1] as string)
     const target = this.user(name)
-    // UserAssignmentAPI answers with ctx.Error: GetUserByName's error as the message, no `errors`.
-    if (!target) return this.#send(req, res, operation, 404, { message: userNotExist(0, name), url: `${this.url}/api/swagger` })
+    // UserAssignmentAPI answers with ctx.Error (1.24: ctx.APIError), no `errors`, and as the message
+    // the error of the redirect it then looked for (services/context/user.go: the `err` of its
+    // `if redirectUserID, err := LookupUserRedirect(...)`), which lower-cases the name: not
+    // GetUserByName's "user does not exist [uid: 0, ...]", as the fake said before (found by a review).
+    if (!target) return this.#send(req, res, operation, 404, { message: `user redirect does not exist [name: ${name.toLowerCase()}]`, url: `${this.url}/api/swagger` })
     // individualPermsChecker (Gitea 1.23 on): ctx.NotFound("Visit Project", nil).
     const hidden = this.#options.hidePrivateUsers === true && target.visibility === 'private'
     if (hidden && (!signed || (signed.user.login !== target.login && !signed.user.is_admin))) return this.#error(req, res, operation, 404, 'Visit Project')
