@@ -45,7 +45,7 @@ export interface Utf8Problem {
 
 /** Why the bytes of a problem with `utf16` are taken for UTF-16, in words (in parentheses). */
 export function utf16Words(problem: Utf8Problem): string {
-  return problem.bom === false ? '(a NUL byte beside each of its first characters, as UTF-16 without a byte order mark)' : '(it starts with a UTF-16 byte order mark)'
+  return problem.bom === false ? '(a NUL byte beside its first character, as UTF-16 without a byte order mark has beside each ASCII one)' : '(it starts with a UTF-16 byte order mark)'
 }
 
 /**

@@ -459,7 +459,7 @@ t.test('an import file or stdin that is not UTF-8 is refused naming where, and n
   writeFileSync(utf16, Buffer.from(`[${first.trim()}]`, 'utf16le'))
   const bare = await runCliHere(['api-key', 'import', utf16], { env })
   t.equal(bare.code, 1)
-  t.same(said(bare.stderr), [`keygate: ${utf16}: the file is UTF-16 (a NUL byte beside each of its first characters, as UTF-16 without a byte order mark); nothing imported: save it as UTF-8`])
+  t.same(said(bare.stderr), [`keygate: ${utf16}: the file is UTF-16 (a NUL byte beside its first character, as UTF-16 without a byte order mark has beside each ASCII one); nothing imported: save it as UTF-8`])
   t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, 'nothing was imported')
   // The same file in UTF-8 is imported as written.
   writeFileSync(file, first + second('café'))
