@@ -3,6 +3,7 @@
 // entries from the store apply without restart and stop at their expiry; random keys cannot
 // grow the caches.
 import t from 'tap'
+import { mock } from 'node:test'
 import { Redis } from 'ioredis'
 import { generateKey } from '../core/keys/format.ts'
 import { ACTOR, bearer, freshAddress, makeConfig, openStore, sleep, startGateway, until } from './helpers/gateway.ts'
@@ -72,7 +73,8 @@ t.test('revocation with Redis: on every instance long before the cache TTL (benc
 t.test('deny list from the store: added, removed, expiring, reloaded by other instances', async (t) => {
   const config = { gateway: { deny_list_refresh_s: 1 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
-  const h = await startGateway(t, { config, store })
+  let clock: number | undefined
+  const h = await startGateway(t, { config, store, now: () => new Date(clock ?? Date.now()) })
   const other = await startGateway(t, { config, store, shareDenyList: false })
   const k = await h.key()
   t.equal((await h.get('/', bearer(k.key))).status, 200)
@@ -85,12 +87,19 @@ t.test('deny list from the store: added, removed, expiring, reloaded by other in
   await h.denyList.remove(entry.id, ACTOR)
   t.equal((await h.get('/', bearer(k.key))).status, 200, 'removal applies at once')
 
-  // 3 s: the add (a write and its audit row) and a request must come within it.
-  const expiresAt = Date.now() + 3000
+  // The gateway's clock is moved to an expiry an hour out: before, the entry expired 3 s after it
+  // was added, and the add (a write and its audit row) and a request had to come within them (a
+  // window a stall of the loaded suite could close).
+  const expiresAt = Date.now() + 3_600_000
   await h.denyList.add({ cidr: '127.0.0.0/8', expiresAt: new Date(expiresAt) }, ACTOR)
-  t.equal((await h.get('/', bearer(k.key))).status, 403, 'an entry matches until its expiry')
-  await until(t, 'an expired entry stops matching at its expiry', async () => (await h.get('/', bearer(k.key))).status === 200, 10_000)
-  t.ok(Date.now() >= expiresAt, 'and not before')
+  t.equal((await h.get('/', bearer(k.key))).status, 403, 'an entry matches')
+  clock = expiresAt - 1
+  t.equal((await h.get('/', bearer(k.key))).status, 403, 'until its expiry')
+  clock = expiresAt
+  t.equal((await h.get('/', bearer(k.key))).status, 200, 'an expired entry stops matching at its expiry')
+  // A reload reads the entry again (the store's clock has not reached its expiry): the gateway's clock still judges it.
+  await h.gateway.refreshDenyList()
+  t.equal((await h.get('/', bearer(k.key))).status, 200, 'and a reload does not bring it back')
   await t.rejects(h.denyList.add({ cidr: 'nonsense' }, ACTOR), { code: 'validation_failed' })
   await t.rejects(h.denyList.add({ cidr: '192.0.2.77/24' }, ACTOR), { code: 'validation_failed' }, 'a range with host bits set is refused')
   const first = await h.denyList.save({ cidr: '192.0.2.0/24' }, ACTOR)
@@ -221,16 +230,21 @@ t.test('a revoked or expired key is held in the cache no longer than an unknown 
   t.same(await asked(generateKey('kg_').key), [1, 0, 1], 'unknown: asked, held for the negative TTL, asked again')
   t.same(await asked(revoked.key), [1, 0, 1], 'revoked: the same')
   t.same(await asked(valid.key), [1, 0, 0], 'a valid key is held for the TTL')
-  // Cached while it works, then refused: asked about again once its expiry has passed.
-  const expired = await h.key({ expires_at: new Date(Date.now() + 1500).toISOString() })
+  // Cached while it works, then refused: asked about again once its expiry has passed. The expiry
+  // is an hour out and the cache's clock (Date alone; its TTLs and the sleeps run as usual) is
+  // moved past it: before, an expiry 1.5 s out had to outlast the key's creation and first look-up,
+  // a window a stall of the loaded suite could close.
+  const expired = await h.key({ expires_at: new Date(Date.now() + 3_600_000).toISOString() })
   const expiring = digestKey(expired.key, 'keygate')
   await cache.lookup(expiring, expired.key)
   t.equal(cache.hit(expiring)?.id, expired.id, 'cached while it works')
   const fresh = lookups
-  await sleep(1600)
+  mock.timers.enable({ apis: ['Date'], now: Date.now() + 2 * 3_600_000 })
+  t.teardown(() => mock.timers.reset())
   await cache.lookup(expiring, expired.key)
   t.equal(lookups - fresh, 1, 'expired while cached: asked about again')
   t.same(await asked(expired.key), [0, 0, 1], 'then held for the negative TTL')
+  mock.timers.reset()
   // With no negative cache, none of them is held at all.
   const off = cacheWith(0)
   for (const k of [revoked.key, generateKey('kg_').key]) {
