@@ -242,6 +242,20 @@ t.test('n8n: a create a gateway answers 502/504, or answered 200 with a body tha
   t.equal(n8n.keys.length, asked, 'n8n was not asked')
 })
 
+t.test('n8n: an expiry later in the current second is refused saying n8n keeps whole seconds, not as in the past (found by a review)', async (t) => {
+  // Refused before n8n is asked: nothing listens here.
+  const keys = n8nAt(t, `http://127.0.0.1:${await freePort()}`)
+  // Early in a second, so that 100 ms ahead is still within it.
+  while (Date.now() % 1000 > 500) await new Promise((r) => setTimeout(r, 20))
+  const asked = new Date(Date.now() + 100)
+  const whole = new Date(Math.floor(asked.getTime() / 1000) * 1000)
+  t.match(await rejection(keys.create({ label: 'soon', scopes: ['workflow:list'], expires_at: asked.toISOString() }, { actor: 'test' })), {
+    code: 'validation_failed',
+    message: `expires_at: ${asked.toISOString()} is in the past once cut to the whole second n8n keeps (${whole.toISOString()})`,
+  })
+  t.match(await rejection(keys.create({ label: 'past', scopes: ['workflow:list'], expires_at: '2020-01-01T00:00:00Z' }, { actor: 'test' })), { code: 'validation_failed', message: 'expires_at: 2020-01-01T00:00:00Z is in the past' }, 'one in the past as before')
+})
+
 t.test('n8n: two deletes of one key at once: one closes the record and writes the audit row, the other is not found', async (t) => {
   // Before: both answered success and each wrote an n8n.key.deleted row for the record, though
   // only one closed it. The server holds both DELETEs until both have arrived.

@@ -278,7 +278,9 @@ export class N8nKeyService {
     // the record and its audit row kept the milliseconds asked, up to a second past n8n's own end.
     const expires = input.expires_at ? new Date(Math.floor(new Date(input.expires_at).getTime() / 1000) * 1000) : null
     if (expires && expires.getTime() <= Date.now()) {
-      throw fieldInvalid('expires_at', `${input.expires_at} is in the past`)
+      // One later in the current second is past once cut so: said as such, not as past itself.
+      const cut = new Date(input.expires_at as string).getTime() > Date.now() ? ` once cut to the whole second n8n keeps (${expires.toISOString()})` : ''
+      throw fieldInvalid('expires_at', `${input.expires_at} is in the past${cut}`)
     }
     const { http, email } = this.#client(true)
     const allowed = await this.allowedScopes()
