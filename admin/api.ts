@@ -234,12 +234,12 @@ function parameterProblem(name: string, all: readonly string[], type: unknown, n
 
 /**
  * Query parameters as the schema's types (strings to numbers and booleans), each given once.
- * Every bad one is named in one refusal (before, found by a review, one that was no whole number,
- * repeated or not UTF-8 was refused by itself, the others named only once it was corrected).
+ * Every bad one is named in `checks`, to be answered with the body's in one refusal (before, found
+ * by a review, one that was no whole number, repeated or not UTF-8 was refused by itself, the
+ * others named only once it was corrected).
  */
-function readQuery(url: URL, schema: TObject | undefined): unknown {
+function readQuery(url: URL, schema: TObject | undefined, checks: FieldChecks): unknown {
   const notUtf8 = notUtf8Parameters(url.search)
-  const checks = new FieldChecks()
   const raw: Record<string, string> = {}
   // A name the client chose is shown as an unknown one is, cut past 120 characters (before, found
   // by a review, a repeated one, or one with a NUL or a byte that is not UTF-8, was shown whole).
@@ -259,9 +259,7 @@ function readQuery(url: URL, schema: TObject | undefined): unknown {
     checks.add(shownField(name), known.length > 0 ? `unknown query parameter; allowed here: ${known.join(', ')}` : 'unknown query parameter; this operation takes none')
     delete raw[name]
   }
-  const query = schema ? checks.run(() => assertValid(schema, Value.Convert(schema, raw), 'query')) : {}
-  checks.done()
-  return query
+  return schema ? checks.run(() => assertValid(schema, Value.Convert(schema, raw), 'query')) : {}
 }
 
 /**
@@ -342,7 +340,7 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
         // as `[]` is (before, found by a review: read as `{}`, it revoked or rotated the key).
         const bodySchema = op.body
         const body = bodySchema ? checks.run(() => assertValid(bodySchema, parsed === undefined ? {} : parsed)) : undefined
-        const query = checks.run(() => readQuery(ctx.url, op.query))
+        const query = readQuery(ctx.url, op.query, checks)
         checks.done()
         const result = await op.handle({ params: ctx.params, query, body, actor, requestId: ctx.requestId, req: ctx.req, res: ctx.res, services })
         if (op.stream) return
