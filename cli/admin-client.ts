@@ -55,14 +55,13 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
   return new Promise<Answer>((resolve, reject) => {
     // Whether the connection was made (and, over TLS, its handshake done): before, nothing was sent.
     let connected = false
-    let timeout: Error | undefined
+    // The first outcome settles the call: the deadline's, or what the request came to.
     let settled = false
     const done = (err: Error | undefined, answer?: Answer) => {
       if (settled) return
       settled = true
       clearTimeout(timer)
-      if (timeout) reject(timeout)
-      else if (err) reject(err)
+      if (err) reject(err)
       else resolve(answer as Answer)
     }
     const req = request(url, { method, headers: body === undefined ? headers : { ...headers, 'content-length': String(Buffer.byteLength(body)) } }, (res: IncomingMessage) => {
@@ -79,12 +78,12 @@ async function send(url: URL, method: string, headers: Record<string, string>, b
     // Armed once the request is made: a request node:http refuses to make (a header value it
     // cannot send) throws above, rejecting this promise, with no deadline left to fire on it (before,
     // found by a review, it fired on a request never made, a ReferenceError ending the process).
-    // Settled here too, not only by the error the destroy emits: a request destroyed already (a
-    // 101's, below) emits none.
+    // Settled here, before the destroy, whose own errors then come too late to count; and a
+    // request destroyed already (a 101's, below) emits none.
     const timer = setTimeout(() => {
-      timeout = Object.assign(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `no connection within ${timeoutMs / 1000} s`), { name: 'TimeoutError', connected })
-      req.destroy(timeout)
+      const timeout = Object.assign(new Error(connected ? `no answer within ${timeoutMs / 1000} s` : `no connection within ${timeoutMs / 1000} s`), { name: 'TimeoutError', connected })
       done(timeout)
+      req.destroy(timeout)
     }, timeoutMs)
     // A 101 to a request that asked for no upgrade: node:http gives it to `upgrade` listeners and,
     // with none, destroys the socket without a word (before, found by a review, the call never
