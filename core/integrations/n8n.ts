@@ -276,10 +276,12 @@ export class N8nKeyService {
   async #create(input: CreateN8nKeyInput, actor: Actor): Promise<N8nKeyCreated> {
     // To the whole second, as n8n keeps it (its expiresAt is in seconds): before (found by a review),
     // the record and its audit row kept the milliseconds asked, up to a second past n8n's own end.
-    const expires = input.expires_at ? new Date(Math.floor(new Date(input.expires_at).getTime() / 1000) * 1000) : null
-    if (expires && expires.getTime() <= Date.now()) {
+    const asked = input.expires_at ? new Date(input.expires_at).getTime() : undefined
+    const expires = asked === undefined ? null : new Date(Math.floor(asked / 1000) * 1000)
+    const now = Date.now()
+    if (asked !== undefined && expires && expires.getTime() <= now) {
       // One later in the current second is past once cut so: said as such, not as past itself.
-      const cut = new Date(input.expires_at as string).getTime() > Date.now() ? ` once cut to the whole second n8n keeps (${expires.toISOString()})` : ''
+      const cut = asked > now ? ` once cut to the whole second n8n keeps (${expires.toISOString()})` : ''
       throw fieldInvalid('expires_at', `${input.expires_at} is in the past${cut}`)
     }
     const { http, email } = this.#client(true)
