@@ -14,7 +14,7 @@ import { connectionPerWorker, rawClient, serve as startKeygate, type RawClient }
 import { answerOf, call, sleep, startUpstream, unlessHung } from './helpers/gateway.ts'
 import { adminClient } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
-import { value, workersSetUp } from './helpers/workers.ts'
+import { processState, value, workersSetUp } from './helpers/workers.ts'
 
 t.test('--workers: the primary survives answering a worker that has just died (EPIPE), and replaces it', async (t) => {
   // Before (found by a review): rate-limiter-flexible's answer to a dead worker's limiter call
@@ -49,8 +49,7 @@ t.test('--workers: the primary survives answering a worker that has just died (E
   // primary reads its calls. (Whether a send then fails depends on what the primary's event loop
   // sees first, the calls or the worker's end: here it mostly does.)
   for (const pid of pids) process.kill(pid, 'SIGKILL')
-  const state = (pid: number) => readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
-  while (pids.some((pid) => state(pid) !== 'Z')) await new Promise((r) => setTimeout(r, 10))
+  while (pids.some((pid) => processState(pid) !== 'Z')) await new Promise((r) => setTimeout(r, 10))
   process.kill(primary, 'SIGCONT')
   await serve.waitForLog(() => serve.logs.filter((l) => l.message === 'gateway worker died; starting another').length === 2)
   await serve.waitForLog(() => serve.logs.filter((l) => l.message === 'gateway listening' && (l.worker === 3 || l.worker === 4)).length === 2)
@@ -249,7 +248,7 @@ t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound
   // Gone, or a zombie no one reaps yet (this test's process is not its parent): not running, not stopped.
   const state = (pid: number) => {
     try {
-      return readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
+      return processState(pid)
     } catch {
       return 'gone'
     }
@@ -295,8 +294,7 @@ t.test('--workers: a worker stopped on its own with SIGTERM tells the primary it
   for (const release of held) release()
   t.same((await Promise.all(answers)).map((a) => a.status), [200, 200], 'the requests held are answered, the stopping worker draining its own')
   // A zombie once it has exited: its parent, stopped, has not reaped it.
-  const state = () => readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]
-  while (state() !== 'Z') await sleep(10)
+  while (processState(pid) !== 'Z') await sleep(10)
   process.kill(primary, 'SIGCONT')
   const died = await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
   t.equal(died.code, 0, 'the worker stopped gracefully')

@@ -1,11 +1,15 @@
 // What the `keygate serve --workers` tests share (test/serve-workers.test.ts and
 // test/serve-workers-replace.test.ts, one file split in two so the halves run side by side).
+import { readFileSync } from 'node:fs'
 import { startUpstream, type Tap } from './gateway.ts'
 import { isolatedEnv } from './serve.ts'
 import { freshDatabase } from './stores.ts'
 import { scratchDir } from './scratch.ts'
 
 export const ENCRYPTION_KEY = Buffer.alloc(32, 9).toString('base64')
+
+/** A process's state letter as /proc shows it (R, S, T stopped, Z a zombie not reaped yet); throws when there is no such process. */
+export const processState = (pid: number): string => readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '')[0] as string
 
 /** A series' value in a scrape's text (NaN when absent). */
 export const value = (text: string, series: string) => Number(new RegExp(`^${series.replace(/[{}]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1])
