@@ -654,6 +654,8 @@ function followLockouts(redis: Redis, lockout: Lockout, config: Config, log: Log
     // The lockout's own messages; it ignores the others (key and deny list changes).
     handler: (message) => lockout.applyMessage(message),
     onFlush: () => void lockout.reload(),
+    // It holds no key cache: before (found by a review), its lines said it flushed one.
+    flushes: { done: 'read the lockouts in force again', doing: 'reading the lockouts in force again' },
     checkIntervalMs: config.redis.invalidation_check_ms,
     log,
   })

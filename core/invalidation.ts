@@ -264,8 +264,15 @@ export interface SubscribeOptions {
   onFlush: (reason: FlushReason) => void
   /** How often the version counter is compared with the last version seen (0: never). */
   checkIntervalMs?: number
+  /**
+   * What `onFlush` does, as the log lines say it, done and doing: a gateway's default drops its key
+   * cache; a process without one (`--only admin`, a `--workers` primary) reads the lockouts again.
+   */
+  flushes?: { done: string; doing: string }
   log?: Logger
 }
+
+const KEY_CACHE_FLUSH = { done: 'flushed the key cache', doing: 'flushing the key cache' }
 
 /** The pub/sub channel `name` on `redis`: under its key prefix (redis.key_prefix), which ioredis puts before keys only. */
 function channelOf(redis: Redis, name: string): string {
@@ -274,7 +281,7 @@ function channelOf(redis: Redis, name: string): string {
 
 /** Listens on a dedicated connection (a subscribed Redis connection can do nothing else); resolves with the closer. */
 export async function subscribeInvalidations(redis: Redis, options: SubscribeOptions): Promise<() => Promise<void>> {
-  const { handler, onFlush, log } = options
+  const { handler, onFlush, log, flushes = KEY_CACHE_FLUSH } = options
   const sub = redis.duplicate()
   const channelName = channelOf(redis, INVALIDATION_CHANNEL)
   const readVersion = async () => Number((await redis.get(INVALIDATION_VERSION_KEY)) ?? 0)
@@ -289,7 +296,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   let closed = false
   const first = Promise.withResolvers<void>()
   const flush = (reason: FlushReason) => {
-    log?.info('flushed the key cache: invalidations may have been missed', { reason })
+    log?.info(`${flushes.done}: invalidations may have been missed`, { reason })
     onFlush(reason)
   }
   sub.on('error', (err: Error) => log?.debug('invalidation subscriber error', { err }))
@@ -365,7 +372,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
       // Redis is failing: the reconnection flushes. Unless the connection died without closing
       // (no error, no answer, for good): then nothing would, so this check does, and reconnects it.
       if (err instanceof TimedOut && !closed) {
-        log?.warn('Redis did not answer the invalidation check in time: flushing the key cache and reconnecting', {
+        log?.warn(`Redis did not answer the invalidation check in time: ${flushes.doing} and reconnecting`, {
           connection: step === 'ping' ? 'subscriber' : 'commands',
           timeout_ms: checkTimeoutMs,
         })

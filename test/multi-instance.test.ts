@@ -188,6 +188,10 @@ t.test('two gateways and one admin on one PostgreSQL and one Redis', async (t) =
     t.ok(Number(await redis.call('CLIENT', 'KILL', 'TYPE', 'pubsub')) >= 2, 'both subscribers dropped')
     for (let g = 0; g < 2; g++) await until(t, `gateway ${g} flushed and refuses it`, async () => (await d.through(g, k.key, address())).status === 401)
     for (const g of d.gateways) t.ok(g.logs.some((l) => l.message.startsWith('flushed the key cache') && l.reason === 'reconnect'), 'the flush is logged')
+    // The admin process's subscriber went too: it holds no key cache, and reads the lockouts in
+    // force again. Before (found by a review), it logged that it flushed a key cache it does not have.
+    await until(t, 'the admin process says it read the lockouts again', () => d.admin.logs.some((l) => l.message.startsWith('read the lockouts in force again') && l.reason === 'reconnect'))
+    t.notOk(d.admin.logs.some((l) => l.message.includes('key cache')), 'and never speaks of a key cache')
   })
 
   await t.test('Redis stopped mid-traffic, then restarted', async (t) => {
