@@ -686,6 +686,17 @@ await forEachStore(t, async (t: Test, store) => {
     t.match(createdRow?.details, { rotated_from: old.record.id })
   })
 
+  t.test("a rotate refusal gives the status the key has as every answer gives it: a rotated key past its grace is expired, not rotating (found by a review)", async (t) => {
+    const s = testServices(db)
+    const old = await s.keys.create({ name: 'graced out', type: 'user' }, actor)
+    const next = await s.keys.rotate(old.record.id, {}, actor)
+    s.clock.advance(24 * HOUR)
+    t.equal((await s.keys.get(old.record.id)).status, 'expired', 'get: expired once its grace has ended')
+    const err = await rejection(s.keys.rotate(old.record.id, {}, actor))
+    t.equal(err.code, 'key_not_active')
+    t.equal(err.message, `key ${old.record.id} is expired and cannot be rotated; it was replaced by ${next.record.id}, rotate that key instead`)
+  })
+
   t.test('rotate: grace period by type', async (t) => {
     const s = testServices(db)
     const hours = { system: 72, user: 24, service: 48, integration: 24, emergency: 0 }

@@ -672,7 +672,10 @@ export class KeyService {
       // it up to store.query_timeout_ms, and the rotation is judged and stamped as of when it
       // runs (before, found by a review, as of when it was asked).
       const now = this.#now()
-      if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and cannot be rotated${await this.#rotateInstead(tx, old, now)}`)
+      // The status as every answer gives it (statusAt): a rotated key past its grace is expired,
+      // though its row says rotating until the scheduler's next round (before, found by a review,
+      // the refusal said "is rotating" where get and list said expired).
+      if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${statusAt(old, now)} and cannot be rotated${await this.#rotateInstead(tx, old, now)}`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and cannot be rotated`)
       const fresh = await this.#insert(tx, {
         ...old,
