@@ -431,7 +431,7 @@ await forEachStore(t, async (t: Test, store) => {
     const next = await s.keys.rotate(old.record.id, {}, actor)
     const err = await rejection(s.keys.update(old.record.id, { name: 'renamed' }, actor))
     t.equal(err.code, 'key_not_active')
-    t.match(err.message, `change its successor ${next.record.id} instead`)
+    t.match(err.message, `it was replaced by ${next.record.id}, change that key instead`)
     t.equal((await s.keys.update(next.record.id, { name: 'renamed' }, actor)).name, 'renamed', 'the successor can be changed')
 
     const expiring = await s.keys.create({ name: 'exp-upd', type: 'user', expires_at: new Date(s.clock.now().getTime() + HOUR).toISOString() }, actor)
@@ -441,6 +441,18 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(revive.code, 'key_not_active', 'an expired key cannot be brought back by moving its expiry')
     t.equal(await rowJson(db, expiring.record.id), snapshot)
     t.match(await s.keys.validate(expiring.key), { valid: false, code: 'key_expired' })
+  })
+
+  t.test('an update refusal of a replaced key names the key of its lineage to change, not a successor that was replaced in turn (found by a review)', async (t) => {
+    const s = testServices(db)
+    const a = await s.keys.create({ name: 'rotated twice', type: 'system' }, actor)
+    const b = await s.keys.rotate(a.record.id, {}, actor)
+    const c = await s.keys.rotate(b.record.id, {}, actor)
+    const fromA = await rejection(s.keys.update(a.record.id, { name: 'renamed' }, actor))
+    t.equal(fromA.code, 'key_not_active')
+    t.equal(fromA.message, `key ${a.record.id} was rotated; it was replaced by ${b.record.id}; the active key of its lineage is ${c.record.id}, change that key instead`)
+    t.equal((await rejection(s.keys.update(b.record.id, { name: 'renamed' }, actor))).message, `key ${b.record.id} was rotated; it was replaced by ${c.record.id}, change that key instead`)
+    t.equal((await s.keys.update(c.record.id, { name: 'renamed' }, actor)).name, 'renamed', 'the key named can be changed')
   })
 
   t.test("a change to a key reaches the keys it replaced that are still in grace (they are the same credential until then)", async (t) => {

@@ -140,7 +140,7 @@ export const LINEAGE = `WITH RECURSIVE lineage(id) AS (
   UNION SELECT k.id FROM api_keys k JOIN lineage l ON k.replaced_by = l.id
 )`
 
-/** The most successors a rotate refusal follows to name the key of the lineage that can be rotated. */
+/** The most successors a rotate or update refusal follows to name the key of the lineage to use instead. */
 const SUCCESSOR_WALK_MAX = 1000
 
 /**
@@ -557,7 +557,7 @@ export class KeyService {
       // As of when the key is held (see rotate).
       const now = this.#now()
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
-      if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated; change its successor ${old.replacedBy} instead`)
+      if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated${await this.#useInstead(tx, old, now, 'change')}`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and can no longer be changed`)
       const own = differing(asked, old)
       const fields = new Set(own.map((c) => c.field))
@@ -638,11 +638,13 @@ export class KeyService {
   }
 
   /**
-   * The end of a rotate refusal: which key of the lineage can be rotated instead, the live end of
-   * its chain of successors, or that none can. Naming the direct successor sent people from one
-   * revoked key to the next (found by a review: a forced rotation revokes the keys before it).
+   * The end of a rotate or update refusal of a replaced key: which key of the lineage can be
+   * rotated (`verb`) or changed instead, the live end of its chain of successors, or that none
+   * can. Naming the direct successor sent people from one revoked key to the next (found by a
+   * review: a forced rotation revokes the keys before it), and an update refusal, which named it
+   * still, from one rotated key to the next (found by a later review).
    */
-  async #rotateInstead(tx: Queryable, old: KeyRecord, now: Date): Promise<string> {
+  async #useInstead(tx: Queryable, old: KeyRecord, now: Date, verb: 'rotate' | 'change'): Promise<string> {
     if (old.replacedBy === null) return ''
     const rows = await tx.query<KeyRow>(
       `${SUCCESSORS} SELECT ${columnsOf('k')} FROM successors s JOIN api_keys k ON k.id = s.id ORDER BY s.depth DESC LIMIT 1`,
@@ -653,8 +655,8 @@ export class KeyService {
     if (last === undefined) return first
     if (last.replacedBy !== null) return `${first}, whose lineage runs on past ${SUCCESSOR_WALK_MAX} keys: follow replaced_by from ${last.id}`
     const live = last.status === 'active' && !(last.expiresAt && last.expiresAt <= now)
-    if (!live) return `${first}, and no key of its lineage can be rotated (the last, ${last.id}, is ${last.status === 'active' ? 'expired' : last.status}): create a new key`
-    return last.id === old.replacedBy ? `${first}, rotate that key instead` : `${first}; the active key of its lineage is ${last.id}, rotate that key instead`
+    if (!live) return `${first}, and no key of its lineage can be ${verb === 'rotate' ? 'rotated' : 'changed'} (the last, ${last.id}, is ${last.status === 'active' ? 'expired' : last.status}): create a new key`
+    return last.id === old.replacedBy ? `${first}, ${verb} that key instead` : `${first}; the active key of its lineage is ${last.id}, ${verb} that key instead`
   }
 
   /**
@@ -675,7 +677,7 @@ export class KeyService {
       // The status as every answer gives it (statusAt): a rotated key past its grace is expired,
       // though its row says rotating until the scheduler's next round (before, found by a review,
       // the refusal said "is rotating" where get and list said expired).
-      if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${statusAt(old, now)} and cannot be rotated${await this.#rotateInstead(tx, old, now)}`)
+      if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${statusAt(old, now)} and cannot be rotated${await this.#useInstead(tx, old, now, 'rotate')}`)
       if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and cannot be rotated`)
       const fresh = await this.#insert(tx, {
         ...old,
