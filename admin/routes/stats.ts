@@ -22,7 +22,7 @@ export default defineOperation({
       total: Type.Integer(),
       by_type: counts(KEY_TYPES),
       by_status: counts(KEY_STATUSES, { description: "By the status each key has now, as a key's `status` reads." }),
-      legacy: Type.Integer({ description: 'Imported legacy keys.' }),
+      legacy: Type.Integer({ description: 'Keys imported from the replaced system, whatever their status now (GET /v1/keys?legacy=true&status=active lists those still accepted).' }),
       expiring_soon: Type.Integer({ description: 'Active keys whose expiry or announced rotation deadline falls within `expiring_within_days`.' }),
       expiring_within_days: Type.Integer(),
     }),
