@@ -190,6 +190,9 @@ function isApiKeyHeader(value: string): boolean {
  * /openapi.json); where those words are not all a reader needs, `detail` (the document only) and
  * `why` (why a value that matches the words is refused all the same).
  */
+/** A UUID of any version, as the replaced system's keys were written (a legacy key pasted where its hash belongs). */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
 const FORMATS: Record<string, [check: (v: string) => boolean, words: string, more?: { detail?: string; why?: (v: string) => string | undefined }]> = {
   // A range as its network, so what is denied, let in or trusted is what is written.
   cidr: [
@@ -210,6 +213,14 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
   'redis-url': [isRedisUrl, 'a redis:// or rediss:// URL, its database, if any, a number (redis://host:6379/5)'],
   // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.
   'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v) && v.isWellFormed(), 'a path starting with / without ?, # or dot segments'],
+  // A legacy key's hash in an import row. The usual mistake is the legacy key itself (a UUID),
+  // told as such: before, it was "expected a string matching ^[0-9a-f]{64}$", which said neither
+  // that nor that upper case is taken (found by a migration walk).
+  'sha256-hex': [
+    (v) => /^[0-9a-fA-F]{64}$/.test(v),
+    'a SHA-256 in hex: 64 hexadecimal digits, in either case, as `printf %s KEY | sha256sum` prints it',
+    { why: (v) => (UUID.test(v.trim()) ? 'is shaped like a legacy key (a UUID), not its hash: give the SHA-256 in hex of the key in lower case (printf %s KEY | sha256sum)' : undefined) },
+  ],
   'base64-32': [(v) => /^[A-Za-z0-9+/]{43}=$/.test(v) && Buffer.from(v, 'base64').length === 32, '32 bytes in base64 (as `openssl rand -base64 32` prints), without its line break'],
   // A bearer credential as a client sends it: a space or a line break (a secret made from a file
   // that `echo` wrote) could never be presented, and set, it stops the first admin key from being

@@ -1233,6 +1233,7 @@ await forEachStore(t, async (t: Test, store) => {
           { key_hash: fresh, name: 'b2' },
           { key_hash: other.toUpperCase(), name: '' },
           { key_hash: pasted, name: 'the key itself' },
+          { key_hash: stored.slice(1), name: 'a digit short' },
         ],
         actor,
       ),
@@ -1245,9 +1246,12 @@ await forEachStore(t, async (t: Test, store) => {
       /^row 3: key_hash repeats row 2$/,
       /^row 4: name: /,
       /^row 4: key_hash is already in the store$/,
-      /^row 5: key_hash: <hidden> is not allowed/,
+      // The usual mistake (docs/admin.md) told as such: before, only "expected a string matching
+      // ^[0-9a-f]{64}$", which neither said the key itself was pasted nor that upper case is taken.
+      /^row 5: key_hash: <hidden> is shaped like a legacy key \(a UUID\), not its hash: give the SHA-256 in hex of the key in lower case \(printf %s KEY \| sha256sum\)$/,
+      /^row 6: key_hash: <hidden> is not allowed; expected a SHA-256 in hex: 64 hexadecimal digits/,
     ])
-    t.equal(problems.length, 6, 'every problem, in row order, and only those')
+    t.equal(problems.length, 7, 'every problem, in row order, and only those')
     t.notOk(err.message.includes(pasted), 'a key pasted as its hash is still not shown')
     t.equal(await count(db, 'api_keys'), before, 'nothing imported')
   })

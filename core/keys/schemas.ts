@@ -7,7 +7,6 @@ import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
 import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NAME_TEXT, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
-import { SHA256_HEX } from './format.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
 export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
@@ -105,7 +104,8 @@ export type UpdateKeyInput = Static<typeof UpdateKeyBody>
 
 export const ImportRow = Type.Object(
   {
-    key_hash: Type.String({ pattern: SHA256_HEX.source, description: 'SHA-256 hex of the legacy UUID v4 key.' }),
+    // Either case: the import reads hex case-blind (checkImportRows).
+    key_hash: Type.String({ pattern: '^[0-9a-fA-F]{64}$', format: 'sha256-hex', description: 'SHA-256 hex of the legacy UUID v4 key, in either case.' }),
     name: Name,
     type: Type.Optional(KeyTypeSchema),
     scopes: Type.Optional(Scopes),
