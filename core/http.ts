@@ -143,12 +143,23 @@ const LINGER_MS = 2000
 export function closeWhenAnswered(req: IncomingMessage): void {
   const socket = req.socket as Socket & { destroySoon?: () => void }
   socket.destroySoon = () => {
-    socket.end()
     ;(req as IncomingMessage & { _dump?: () => void })._dump?.()
-    socket.resume()
-    const timer = setTimeout(() => socket.destroy(), LINGER_MS)
-    socket.once('close', () => clearTimeout(timer))
+    endLingering(socket)
   }
+}
+
+/**
+ * Ends `socket` (after `last`), then reads and drops what its client still sends until it closes
+ * its side, for `LINGER_MS` at most, and closes it (closeWhenAnswered). Also for an answer written
+ * on the socket itself: before (found by a review), such an answer only ended the gateway's side,
+ * and a client that kept its own open held the connection for as long as it liked.
+ */
+export function endLingering(socket: Duplex, last?: string): void {
+  if (last === undefined) socket.end()
+  else socket.end(last)
+  socket.resume()
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS)
+  socket.once('close', () => clearTimeout(timer))
 }
 
 const answering = new WeakSet<Duplex>()
@@ -208,7 +219,7 @@ export function writeRaw(socket: Duplex, status: number, headers: OutgoingHttpHe
   }
   let head = `HTTP/1.1 ${status} ${nodeHttp().STATUS_CODES[status] ?? ''}\r\n`
   for (const name in headers) head += `${name}: ${String(headers[name])}\r\n`
-  socket.end(head + '\r\n' + body)
+  endLingering(socket, head + '\r\n' + body)
 }
 
 /**

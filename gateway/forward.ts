@@ -14,7 +14,7 @@ import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { Increment, RouteMetrics } from '../core/metrics.ts'
 import { type KeySources, SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { closeWhenAnswered, expectsContinue, hasBody, headerReading, nodeHttp } from '../core/http.ts'
+import { closeWhenAnswered, endLingering, expectsContinue, hasBody, headerReading, nodeHttp } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import { publicLocation, type CompiledRoute, type Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
@@ -921,7 +921,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             }
           },
           onResponseEnd() {
-            if (relaying) client.end()
+            if (relaying) endLingering(client)
           },
           onResponseError(_c, err) {
             if (relaying) client.destroy()

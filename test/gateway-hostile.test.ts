@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto'
 import type http from 'node:http'
 import net from 'node:net'
 import { gzipSync } from 'node:zlib'
-import { bearer, converse, startGateway, type Harness, type UpstreamHandler } from './helpers/gateway.ts'
+import { bearer, converse, startGateway, until, type Harness, type UpstreamHandler } from './helpers/gateway.ts'
 import { switchingHead } from './helpers/websocket.ts'
 
 /**
@@ -520,4 +520,36 @@ t.test('an HTTP/1.0 absolute-form request without Host is routed and forwarded b
   t.match(bad, /^HTTP\/1.1 400 [^]*"code":"bad_request","message":"The request target's host is not a valid host name or address\."/, "a host that could not be a Host is refused as one, and said so")
   t.match(await ask('http://hosted.example/x', '1.1'), /^HTTP\/1.1 400 [^]*"message":"Host is required\."/, 'HTTP/1.1 without Host is refused, and says why')
   t.equal(h.upstream.received.length, before + 2, 'nothing else reached the upstream')
+})
+
+t.test('an answer written on the socket itself closes the connection also when the client never closes its side (found by a review)', async (t) => {
+  // Before, each such answer (a request that does not parse, a CONNECT, a refused WebSocket
+  // upgrade, an upstream's answer other than 101 to one) ended the gateway's side only: a client
+  // that kept its own side open held the connection for as long as it liked, past every timeout
+  // of the gateway (answers through Node's queue close theirs at once).
+  const h = await startGateway(t, { config: { gateway: { headers_timeout_ms: 1000 } } })
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    socket.on('error', () => {})
+    socket.end('HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno')
+  })
+  const k = await h.key()
+  const open = () => new Promise<number>((resolve) => h.gateway.server.getConnections((_err, n) => resolve(n)))
+  const cases: Array<[string, string, RegExp]> = [
+    ['a request that does not parse', 'GET / HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n', /^HTTP\/1\.1 400 /],
+    ['a CONNECT', 'CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n', /^HTTP\/1\.1 405 /],
+    ['an upgrade with a bad key', upgradeRequest('kg_nonsense'), /^HTTP\/1\.1 401 /],
+    ["an upgrade the upstream answers 403", upgradeRequest(k.key), /^HTTP\/1\.1 403 /],
+  ]
+  for (const [what, text, answer] of cases) {
+    // allowHalfOpen: the client's side stays open after the gateway's FIN, until it closes it itself.
+    const client = net.connect({ port: h.port, host: '127.0.0.1', allowHalfOpen: true }, () => client.write(text))
+    t.teardown(() => client.destroy())
+    client.on('error', () => {})
+    let out = ''
+    client.setEncoding('latin1').on('data', (d: string) => (out += d))
+    await new Promise((resolve) => client.once('end', resolve))
+    t.match(out, answer, `${what}: answered`)
+    await until(t, `${what}: the gateway closed the connection`, async () => (await open()) === 0, 10_000)
+    client.destroy()
+  }
 })
