@@ -597,6 +597,22 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     return out
   }
 
+  /**
+   * Whether an upstream's answer has a transfer coding other than chunked (`gzip, chunked`), which
+   * is then logged and said in the request's message: undici takes the chunks off and hands over
+   * what they held, still coded, and Transfer-Encoding is hop-by-hop, so the client got gzip bytes
+   * with nothing saying so (found by a review). Refused, as nginx refuses an upstream's unknown
+   * Transfer-Encoding; a request with one is refused likewise (501). Also an upgrade's answer
+   * other than 101, passed on as any answer (before, found by a later review, it was not checked).
+   */
+  const codedBeyondChunked = (s: RequestState, route: CompiledRoute, headers: IncomingHttpHeaders): boolean => {
+    const te = headers['transfer-encoding']
+    if (te === undefined || (typeof te === 'string' && CHUNKED_ONLY.test(te))) return false
+    ctx.log.warn('upstream answered with a transfer coding other than chunked; not passed on', { request_id: s.id, route: route.name, transfer_encoding: String(te).slice(0, 100) })
+    s.message = "The upstream's answer has a transfer coding other than chunked, which cannot be passed on."
+    return true
+  }
+
   /** The response head: upstream latency, headers filtered and completed, written; false when the client is gone. */
   const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean => {
     const res = s.res as NonNullable<RequestState['res']>
@@ -608,14 +624,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       recordClientClosed(ctx, s)
       return false
     }
-    // A transfer coding other than chunked (`gzip, chunked`): undici takes the chunks off and
-    // hands over what they held, still coded, and Transfer-Encoding is hop-by-hop, so the client
-    // got gzip bytes with nothing saying so (found by a review). Refused, as nginx refuses an
-    // upstream's unknown Transfer-Encoding; a request with one is refused likewise (501).
-    const te = headers['transfer-encoding']
-    if (te !== undefined && (typeof te !== 'string' || !CHUNKED_ONLY.test(te))) {
-      ctx.log.warn('upstream answered with a transfer coding other than chunked; not passed on', { request_id: s.id, route: route.name, transfer_encoding: String(te).slice(0, 100) })
-      s.message = "The upstream's answer has a transfer coding other than chunked, which cannot be passed on."
+    if (codedBeyondChunked(s, route, headers)) {
       sendError(ctx, s, 'upstream_unavailable')
       return false
     }
@@ -904,6 +913,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             m.upstreamStatus[(statusCode / 100) | 0]?.inc()
             if (client.destroyed || !client.writable) {
               recordClientClosed(ctx, s)
+              c.abort(CLIENT_GONE)
+              return
+            }
+            if (codedBeyondChunked(s, route, answer)) {
+              relaying = false
+              sendError(ctx, s, 'upstream_unavailable')
+              // Answered and recorded: failed() then has nothing more to do with the abort.
               c.abort(CLIENT_GONE)
               return
             }

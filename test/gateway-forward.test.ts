@@ -1032,6 +1032,7 @@ t.test('an upstream answer with a transfer coding other than chunked is 502, not
   const answers: Record<string, string> = {
     '/gzip': 'HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
     '/chunked': 'HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked \r\n\r\n2\r\nok\r\n0\r\n\r\n',
+    '/ws-gzip': 'HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n',
   }
   const server = net.createServer((sock) => {
     sock.on('error', () => {})
@@ -1057,6 +1058,12 @@ t.test('an upstream answer with a transfer coding other than chunked is 502, not
   t.equal(chunked.status, 200, 'chunked alone, in any case and with spaces: passed on')
   t.equal(chunked.text, 'ok')
   t.match(await h.metrics.registry.metrics(), /^keygate_gateway_requests_total\{route="api",outcome="upstream_unavailable"\} 1$/m, 'counted as upstream_unavailable')
+  // The same for an upstream's answer other than 101 to a WebSocket upgrade, which is passed on
+  // too (before, found by a review, its still-coded body went to the client, nothing saying so).
+  const refused = await rawExchange(h.port, `GET /ws-gzip HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
+  t.match(refused, /^HTTP\/1\.1 502 /, "an upgrade's answer with gzip, chunked: 502")
+  t.match(refused, /"code":"upstream_unavailable","message":"The upstream's answer has a transfer coding other than chunked/)
+  t.match(await h.metrics.registry.metrics(), /^keygate_gateway_requests_total\{route="api",outcome="upstream_unavailable"\} 2$/m, 'counted as upstream_unavailable')
 })
 
 t.test('103 Early Hints from the upstream reach an HTTP/1.1 client, hop-by-hop fields dropped; not an HTTP/1.0 one (found by a review)', async (t) => {
