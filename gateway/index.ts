@@ -31,7 +31,7 @@ import { createAddressRateLimitStage, createKeyLimiters, createKeyRateLimitStage
 import { createRequestCheckStage, GATEWAY_ALLOW } from './request-check.ts'
 import { createRequestIdGenerator, createRequestIdStage } from './request-id.ts'
 import { afterResponses, answerClientError, clientErrorCode, closeWaiting, closingError, destroyConnections, hasBody, headersTimeoutOptions, isTlsFailure, nodeHttp, rawError, trackConnections } from '../core/http.ts'
-import { keyChallenges, logAccess, loggedPath, record, sendError, socketAddress } from './respond.ts'
+import { keyChallenges, logAccess, loggedPath, record, recordClientClosed, sendError, socketAddress } from './respond.ts'
 import { createPreflightStage, createRouteStage, Router } from './route.ts'
 import { FORWARD_NOW, RequestState, type GatewayContext, type Stage, type Verdict } from './state.ts'
 import { startStoreCheck } from './store-check.ts'
@@ -315,12 +315,15 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     socket.on('error', () => socket.destroy())
     const start = performance.now()
     afterResponses(socket, () => {
-      // An earlier response closed the connection, or the client did.
+      const s = new RequestState(req, undefined, socket, head, start)
+      // An earlier response closed the connection, or the client did: recorded client_closed, as a
+      // request pipelined so is (forward.ts; before, found by a review, in no count or log).
       if (!socket.writable) {
         socket.destroy()
+        s.id = nextId()
+        recordClientClosed(ctx, s)
         return
       }
-      const s = new RequestState(req, undefined, socket, head, start)
       // An upgrade whose head ends once the stop has begun: a tunnel opened now would be cut at
       // the deadline, so it is refused as one the client may try again, on another instance
       // (before, found by a review, 400 bad_request, which a client takes for a fault of its own).

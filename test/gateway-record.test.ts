@@ -302,3 +302,30 @@ t.test('a request the request check refuses is logged with the address it came f
   t.equal(logged.length, 4, 'one line each')
   t.same(logged.map((l) => l.address), ['127.0.0.1', '127.0.0.1', '127.0.0.1', '127.0.0.1'], "the socket's address")
 })
+
+t.test('a WebSocket upgrade pipelined behind an answer that closes the connection: recorded once as client_closed, nothing forwarded (found by a review)', async (t) => {
+  // As a request pipelined so is (forward.ts): before, the upgrade was dropped with no count or line.
+  const { h, k, accessLines } = await setup(t)
+  const upgrades: string[] = []
+  h.upstream.server.on('upgrade', (req: http.IncomingMessage, socket: net.Socket) => {
+    upgrades.push(req.url ?? '')
+    socket.destroy()
+  })
+  // A bad key with a body: refused after the lockout's count, with Connection: close.
+  const out = await rawExchange(
+    h.port,
+    'POST /refused HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer kg_bad\r\nContent-Length: 5\r\n\r\nhello' +
+      `GET /ws HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`,
+  )
+  t.match(out, /^HTTP\/1\.1 401 [^]*\r\nconnection: close\r\n/i, 'the POST refused, the connection closed after it')
+  t.equal(out.split('HTTP/1.1 ').length - 1, 1, 'nothing else answered')
+  await until(t, 'the upgrade is counted as client_closed', async () => (await sample(h, requests('api', 'client_closed'))) === 1, HANG)
+  t.equal(await sample(h, requests('api', 'key_invalid')), 1, 'the POST counted once')
+  t.equal(await sample(h, durations('api')), 2, 'both timed, each once')
+  t.match(accessLines(), [
+    { path: '/refused', status: 401, outcome: 'key_invalid' },
+    { path: '/ws', status: 499, outcome: 'client_closed', route: 'api' },
+  ])
+  t.equal(accessLines().length, 2, 'one access-log line each')
+  t.same(upgrades, [], 'the upgrade never reached the upstream')
+})
