@@ -2,12 +2,13 @@
 // never tells which kind of bad key it was.
 import t, { type Test } from 'tap'
 import http from 'node:http'
+import net from 'node:net'
 import { ERRORS } from '../core/errors.ts'
 import { generateKey } from '../core/keys/format.ts'
 import { createLockout, type Lockout } from '../core/lockout.ts'
 import { createLogger } from '../core/log.ts'
 import { request } from 'undici'
-import { answerOf, bearer, listen, makeConfig, openStore, rawExchange, sleep, startGateway, ACTOR, type Answer } from './helpers/gateway.ts'
+import { answerOf, bearer, followRaw, listen, makeConfig, openStore, rawExchange, sleep, startGateway, ACTOR, type Answer, type RawOutcome } from './helpers/gateway.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
 import { watchedDb } from './helpers/stores.ts'
@@ -307,6 +308,38 @@ t.test('an upstream response that breaks off after its head: the client connecti
   const warned = lines.map((l) => JSON.parse(l)).filter((l) => l.message === 'upstream response broke off after its head was passed on; the client connection is closed')
   t.equal(warned.length, 2, 'one warning each')
   t.match(warned[0], { route: 'live', request_id: String })
+})
+
+t.test("an upstream's answer other than 101 to a WebSocket upgrade that breaks off after its head: the same, within the route's timeout (found by a review)", async (t) => {
+  // Before, such a break was neither logged nor counted, and a pause waited for undici's own
+  // body timeout of 300 s, not the route's timeout_ms.
+  const lines: string[] = []
+  const h = await startGateway(t, {
+    sharedStore: true,
+    log: createLogger({ level: 'warn', write: (line) => lines.push(line) }),
+    routes: [{ name: 'live', path: '/', upstream: '{upstream}', timeout_ms: 300 }],
+  })
+  h.upstream.server.on('upgrade', (req: http.IncomingMessage, socket: net.Socket) => {
+    socket.on('error', () => {})
+    socket.write('HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\npart of the answer\n')
+    if (req.url === '/reset') setTimeout(() => socket.destroy(), 50)
+    else t.teardown(() => socket.destroy())
+  })
+  const k = await h.key()
+  for (const path of ['/reset', '/stall']) {
+    const out: RawOutcome = { text: '', ended: false, error: undefined }
+    const client = net.connect(h.port, '127.0.0.1', () =>
+      client.write(`GET ${path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`),
+    )
+    await followRaw(client, out, () => {})
+    t.match(out.text, /^HTTP\/1\.1 403 [^]*\r\n\r\npart of the answer\n$/, `${path}: the head and what came of the body were passed on`)
+    t.ok(out.ended || out.error !== undefined, `${path}: the gateway closed the connection (not the test's hang guard)`)
+  }
+  const metrics = await h.metrics.registry.metrics()
+  t.match(metrics, /keygate_upstream_cut_off_total\{route="live"\} 2/)
+  t.match(metrics, /keygate_gateway_requests_total\{route="live",outcome="forwarded"\} 2/, 'counted forwarded at the head')
+  const warned = lines.map((l) => JSON.parse(l)).filter((l) => l.message === 'upstream response broke off after its head was passed on; the client connection is closed')
+  t.equal(warned.length, 2, 'one warning each')
 })
 
 t.test('a stage that throws is answered 500 internal_error, without its detail, and the gateway goes on', async (t) => {
