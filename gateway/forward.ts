@@ -745,13 +745,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
    * that keeps up is never watched) until the answer is handed over whole: what waits to be
    * written on the socket must shrink, or be gone, within each `sendIdleMs`. It shrinks as the
    * kernel takes more, which it does as the client reads, in steps of up to its send buffer.
+   * Returns the stop (undefined when nothing is watched), for the caller to call when the answer
+   * is handed over or its connection closed.
    */
-  const watchSend = (s: RequestState): void => {
-    const res = s.res as NonNullable<RequestState['res']>
-    const socket = res.socket
-    if (sendIdleMs === 0 || socket === null) return
+  const watchSend = (s: RequestState, socket: Socket | null): (() => void) | undefined => {
+    if (sendIdleMs === 0 || socket === null) return undefined
     let waiting = -1
-    const stop = watchIdle(
+    return watchIdle(
       sendIdleMs,
       () => {
         const now = socket.writableLength
@@ -764,7 +764,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         socket.destroy()
       },
     )
-    res.once('finish', stop).once('close', stop)
   }
 
   const dispatch = (route: CompiledRoute, request: Dispatcher.DispatchOptions, exchange: Exchange): void => {
@@ -782,7 +781,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const left = Math.max(1, Math.round(route.timeoutMs - (performance.now() - s.upstreamStart)))
     dispatch(route, { ...request, headersTimeout: left }, exchange)
   }
-  const hooks: ExchangeHooks = { startResponse, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s), held: watchSend }
+  const held = (s: RequestState): void => {
+    const res = s.res as NonNullable<RequestState['res']>
+    const stop = watchSend(s, res.socket)
+    if (stop !== undefined) res.once('finish', stop).once('close', stop)
+  }
+  const hooks: ExchangeHooks = { startResponse, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s), held }
   const forwarder: Forwarder = {
     tunnels,
     forward(s) {
@@ -865,6 +869,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // redirect) reached the client as 502 upstream_unavailable, uncounted by class (found by
       // reviews). Such an answer is passed on, as nginx does, and the connection closed after it.
       let relaying = false
+      /** Whether the client's socket was full once in the answer relayed (watchSend). */
+      let sendWatched = false
       // The client is read from here until the upstream answers, so that its going away (a FIN, a
       // close, a reset) is seen: Node does not read a socket it hands over for an upgrade. Before
       // (found by a review), a client that left while the upstream answered held the upstream's
@@ -943,6 +949,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             if (!client.write(chunk)) {
               c.pause()
               client.once('drain', () => c.resume())
+              // Watched as any answer is (before, found by a review, a client that took none of it held the upstream for ever).
+              if (!sendWatched) {
+                sendWatched = true
+                const stop = watchSend(s, client as Socket)
+                if (stop !== undefined) client.once('close', stop)
+              }
             }
           },
           onResponseEnd() {

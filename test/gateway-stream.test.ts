@@ -631,3 +631,33 @@ t.test('a client that takes none of its answer for gateway.send_timeout_ms is cu
   clearInterval(bursts)
   t.equal(total - headLength, SIZE, 'and the client got all of it')
 })
+
+t.test("an upstream's answer other than 101 to a WebSocket upgrade that the client takes none of is cut off after gateway.send_timeout_ms, as any answer (found by a review)", async (t) => {
+  // Before, nothing bounded it: the answer is passed on as any answer is, but was not watched, and
+  // a client that read its first bytes and then nothing held the upstream's connection for ever.
+  const SIZE = 64 * 1024 * 1024
+  const h = await startGateway(t, { config: { gateway: { send_timeout_ms: 1000 } } })
+  let upstreamClosed!: (finished: boolean) => void
+  const closed = new Promise<boolean>((resolve) => (upstreamClosed = resolve))
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => {
+    socket.on('error', () => {})
+    socket.on('close', () => upstreamClosed(socket.writableFinished))
+    t.teardown(() => socket.destroy())
+    socket.write(`HTTP/1.1 403 Forbidden\r\nContent-Type: application/octet-stream\r\nContent-Length: ${SIZE}\r\n\r\n`)
+    generate(SIZE).pipe(socket)
+  })
+  const k = await h.key()
+  const c = net.connect(h.port, '127.0.0.1')
+  t.teardown(() => c.destroy())
+  c.on('error', () => {})
+  let n = 0
+  c.on('data', (d: Buffer) => (n += d.length))
+  const gone = new Promise<void>((resolve) => c.on('close', () => resolve()))
+  // Reads the head and the first bytes, then nothing, and never closes.
+  c.once('data', () => c.pause())
+  c.write(`GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`)
+  t.equal(await unlessHung(closed), false, "the upstream's response was aborted, not held paused for ever")
+  c.resume()
+  t.not(await unlessHung(gone), 'still waiting', "the client's connection was closed")
+  t.ok(n < SIZE, `the client got ${n} bytes, part of the ${SIZE}`)
+})
