@@ -281,10 +281,16 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
     // stops at the end of such a request and drops the rest of what it had read, so a request
     // pipelined behind it was lost, or the later bytes of one (its body) read as a request of their
     // own (found by a review). The answer closes the connection, and any request the parser still
-    // finds on it after the offer ends it at once, unanswered and unforwarded.
+    // finds on it after the offer is neither forwarded nor answered: its response waits behind the
+    // offer's, which closes the connection, and it is recorded client_closed then, as a request
+    // pipelined behind any answer that closes it (forward.ts). Before (found by a review), such a
+    // request destroyed the connection at once, and with it the answer to the offer, which the
+    // upstream had been sent.
     const socket = req.socket as Socket & { [DECLINED_UPGRADE]?: true }
     if (socket[DECLINED_UPGRADE]) {
-      socket.destroy()
+      const dropped = new RequestState(req, res, undefined, undefined, performance.now())
+      dropped.id = nextId()
+      res.once('close', () => recordClientClosed(ctx, dropped))
       return
     }
     if (req.headers.upgrade !== undefined) {

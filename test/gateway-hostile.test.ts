@@ -553,3 +553,19 @@ t.test('an answer written on the socket itself closes the connection also when t
     client.destroy()
   }
 })
+
+t.test("a request sent behind a declined upgrade offer whose answer is still under way: the offer's answer is written whole, the later request neither forwarded nor answered, counted client_closed (found by a review)", async (t) => {
+  // Before, the later request destroyed the connection at once, and with it the answer to the
+  // offer, which the upstream had already been sent (and acted on).
+  const h = await startGateway(t, { upstream: slowAnswer })
+  const k = await h.key()
+  const auth = `Authorization: Bearer ${k.key}\r\n`
+  const out = await converse(h.port, `GET /offer HTTP/1.1\r\nHost: a\r\n${auth}Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n`, [
+    // Sent once the answer has begun: Node's parser drops what came in with the offer itself.
+    { when: (text) => text.includes(SLOW_BODY.slice(0, 11)), send: `GET /later HTTP/1.1\r\nHost: a\r\n${auth}\r\n` },
+  ])
+  t.match(out, /^HTTP\/1.1 200 [^]*\r\nconnection: close\r\n/i, "the offer's answer closes the connection")
+  t.ok(out.endsWith(`\r\n\r\n${SLOW_BODY}`), "the offer's answer is whole, and nothing follows it")
+  t.same(h.upstream.received.map((r) => r.url), ['/offer'], 'only the offer reached the upstream')
+  await until(t, 'the later request is counted client_closed', async () => (await h.metrics.registry.metrics()).includes('keygate_gateway_requests_total{route="api",outcome="client_closed"} 1'), 10_000)
+})
