@@ -157,6 +157,11 @@ export function closeWhenAnswered(req: IncomingMessage): void {
 export function endLingering(socket: Duplex, last?: string): void {
   if (last === undefined) socket.end()
   else socket.end(last)
+  lingerClose(socket)
+}
+
+/** endLingering's close, for a socket already ended: what its client still sends is read and dropped, and it is closed within `LINGER_MS`. */
+export function lingerClose(socket: Duplex): void {
   socket.resume()
   const timer = setTimeout(() => socket.destroy(), LINGER_MS)
   socket.once('close', () => clearTimeout(timer))

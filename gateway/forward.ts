@@ -14,7 +14,7 @@ import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { Increment, RouteMetrics } from '../core/metrics.ts'
 import { type KeySources, SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
-import { closeWhenAnswered, endLingering, expectsContinue, hasBody, headerReading, nodeHttp } from '../core/http.ts'
+import { closeWhenAnswered, expectsContinue, hasBody, headerReading, lingerClose, nodeHttp } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
 import { publicLocation, type CompiledRoute, type Router } from './route.ts'
 import type { GatewayContext, RequestState, Verdict } from './state.ts'
@@ -869,8 +869,6 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // redirect) reached the client as 502 upstream_unavailable, uncounted by class (found by
       // reviews). Such an answer is passed on, as nginx does, and the connection closed after it.
       let relaying = false
-      /** Whether the client's socket was full once in the answer relayed (watchSend). */
-      let sendWatched = false
       // The client is read from here until the upstream answers, so that its going away (a FIN, a
       // close, a reset) is seen: Node does not read a socket it hands over for an upgrade. Before
       // (found by a review), a client that left while the upstream answered held the upstream's
@@ -943,22 +941,27 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             client.write(rawHead(statusCode, reasonFor(statusCode, statusMessage) ?? STATUS_CODES[statusCode] ?? 'unknown', fields), 'latin1')
             record(ctx, s, 'forwarded', statusCode)
             client.once('close', () => c.abort(CLIENT_GONE))
+            // Watched as any answer is, here from its head to the connection's close (it also
+            // bounds the wait for the client to take the answer's end); an answer of this kind is
+            // rare, its timer no cost worth saving. Before (found by a review), a client that took
+            // none of it held the upstream's response paused for ever.
+            const stop = watchSend(s, client as Socket)
+            if (stop !== undefined) client.once('close', stop)
           },
           onResponseData(c, chunk) {
             if (!relaying || client.destroyed) return
             if (!client.write(chunk)) {
               c.pause()
               client.once('drain', () => c.resume())
-              // Watched as any answer is (before, found by a review, a client that took none of it held the upstream for ever).
-              if (!sendWatched) {
-                sendWatched = true
-                const stop = watchSend(s, client as Socket)
-                if (stop !== undefined) client.once('close', stop)
-              }
             }
           },
           onResponseEnd() {
-            if (relaying) endLingering(client)
+            if (!relaying) return
+            // Closed within a while once the client has taken the whole answer (the socket's
+            // 'finish'), as an answer written on the socket itself is (endLingering): a client slow
+            // to read its end keeps it, one that takes none of it is the send watch's to cut.
+            client.end()
+            client.once('finish', () => lingerClose(client))
           },
           onResponseError(_c, err) {
             if (!relaying) return failed(err)
