@@ -3,10 +3,10 @@
 // directly (no build step, so never a stale one, even with a dist/ left by `npm run build`). The
 // package carries no TypeScript: it runs what `npm pack` compiled into dist/, since Node strips
 // no types under node_modules, wherever it was unpacked (node_modules, /opt, a container).
-import { existsSync, mkdirSync } from 'node:fs'
+import { existsSync, lstatSync, mkdirSync, readdirSync, realpathSync, statSync } from 'node:fs'
 import module from 'node:module'
 import { homedir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 
 // 22.18 is the first 22.x that strips types by default (package.json engines). An older Node
 // failed with ERR_UNKNOWN_FILE_EXTENSION and a stack trace, or a syntax error, in place of a reason.
@@ -29,6 +29,7 @@ if (major < 22 || (major === 22 && minor < 18)) {
 // The folders are made here, one level at a time below the cache home: Node's own making of
 // them loops for ever where a mkdir fails with ENOENT although the parent exists, as under /proc
 // (before, `XDG_CACHE_HOME=/proc/nope keygate --version` spun a CPU without a word).
+// A folder another user could write to is left off too (ownedAlone).
 if (process.env.NODE_COMPILE_CACHE === undefined) {
   const home = process.env.XDG_CACHE_HOME || join(homedir(), '.cache')
   const folder = join(home, 'keygate', 'compile-cache')
@@ -40,11 +41,41 @@ if (process.env.NODE_COMPILE_CACHE === undefined) {
         if (err.code !== 'EEXIST') throw err
       }
     }
+    if (!ownedAlone(folder)) throw new Error('another user could write to the compile cache')
     const { status } = module.enableCompileCache(folder)
     if (status === module.constants.compileCacheStatus.ENABLED || status === module.constants.compileCacheStatus.ALREADY_ENABLED) process.env.NODE_COMPILE_CACHE = folder
   } catch {
     // No cache: slower to start, nothing else.
   }
+}
+
+/**
+ * Whether no user but this process's (or root) can put a file in `folder`: it is theirs and
+ * writable by no one else (nor, where others may enter it, is anything in it), and each folder
+ * above it, as written and as its links lead, is theirs and writable by others only where sticky
+ * (as /tmp), so that none on the way can be renamed and replaced. Node takes the cache's files as
+ * they are (a CRC, which whoever plants a file recomputes), and the stripped TypeScript in them is
+ * plain JavaScript that runs as keygate. Before (found by a review), folders already there were
+ * taken as found: a compile-cache folder of mode 0777, or a cache home of another user's (sudo
+ * keeping HOME), had keygate run what that user put there.
+ */
+function ownedAlone(folder) {
+  const uid = process.geteuid?.()
+  // No owners to compare (Windows).
+  if (uid === undefined) return true
+  const safe = (s, sticky) => (s.uid === uid || s.uid === 0) && ((s.mode & 0o022) === 0 || (sticky && (s.mode & 0o1000) !== 0))
+  const own = statSync(folder)
+  if (!own.isDirectory() || !safe(own, false)) return false
+  if ((own.mode & 0o011) !== 0) for (const entry of readdirSync(folder)) if (!safe(lstatSync(join(folder, entry)), false)) return false
+  for (const path of [resolve(folder), realpathSync(folder)]) {
+    for (let at = dirname(path); ; at = dirname(at)) {
+      const s = lstatSync(at)
+      // A link is replaced only through the folder that holds it, which is looked at next.
+      if (!s.isSymbolicLink() && !safe(s, true)) return false
+      if (dirname(at) === at) break
+    }
+  }
+  return true
 }
 
 await import(existsSync(new URL('./keygate.ts', import.meta.url)) ? './keygate.ts' : '../dist/bin/keygate.js')

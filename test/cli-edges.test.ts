@@ -8,7 +8,7 @@
 import t from 'tap'
 import { createHash } from 'node:crypto'
 import http from 'node:http'
-import { closeSync, openSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
+import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
 import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
@@ -186,6 +186,49 @@ t.test("from the second run on, the compile cache serves the command's TypeScrip
     t.match(second.stderr, new RegExp(`transpile cache for StrippedTypeScript file://\\S*/${file.replace('.', '\\.')}\\.\\.\\.success`), `${file}: read from the cache`)
   }
   t.ok(readdirSync(join(cwd, 'cache', 'keygate', 'compile-cache')).length > 0, 'in the user cache folder')
+})
+
+t.test('the compile cache is left off in a folder another user could write, or could rename on the way to it', async (t) => {
+  // The cache holds keygate's TypeScript stripped of its types as plain text, checked by a CRC
+  // alone: a file planted there (a CRC recomputed) runs as keygate, with its secrets. Before
+  // (found by a review), folders already there were taken as they were: a compile-cache folder
+  // of mode 0777, or a cache home of another user's (sudo keeping HOME), was written and read.
+  const cwd = tempDir()
+  const cases: Array<[string, (home: string) => void, boolean]> = [
+    ['a compile-cache folder anyone may write', (home) => {
+      mkdirSync(join(home, 'keygate', 'compile-cache'), { recursive: true })
+      chmodSync(join(home, 'keygate', 'compile-cache'), 0o777)
+    }, false],
+    ['a keygate folder its group may write', (home) => {
+      mkdirSync(join(home, 'keygate'), { recursive: true })
+      chmodSync(join(home, 'keygate'), 0o770)
+    }, false],
+    ['a cache home anyone may write, not sticky', (home) => {
+      mkdirSync(home)
+      chmodSync(home, 0o777)
+    }, false],
+    // As /tmp: another user can rename nothing of this user's in it.
+    ['a sticky cache home anyone may write', (home) => {
+      mkdirSync(home)
+      chmodSync(home, 0o1777)
+    }, true],
+    ...(process.getuid?.() === 0
+      ? ([['a keygate folder of another user', (home: string) => {
+          mkdirSync(join(home, 'keygate'), { recursive: true, mode: 0o700 })
+          chownSync(join(home, 'keygate'), 65534, 65534)
+        }, false]] as Array<[string, (home: string) => void, boolean]>)
+      : []),
+  ]
+  for (const [what, prepare, used] of cases) {
+    const home = join(cwd, what.replaceAll(' ', '-'))
+    prepare(home)
+    const run = await runCli(['--version'], { asInstalled: true, cwd, env: { XDG_CACHE_HOME: home, NODE_COMPILE_CACHE: undefined, NODE_DISABLE_COMPILE_CACHE: undefined } })
+    t.equal(run.code, 0, `${what}: the command runs`)
+    const folder = join(home, 'keygate', 'compile-cache')
+    const entries = existsSync(folder) ? readdirSync(folder).length : 0
+    if (used) t.ok(entries > 0, `${what}: the cache is used`)
+    else t.equal(entries, 0, `${what}: the cache is left off`)
+  }
 })
 
 t.test('a command through the admin API runs in one process, loading none of the store, Redis or outbound HTTP code', async (t) => {
