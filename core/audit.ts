@@ -9,7 +9,7 @@
 // The same keys also seal the secrets keygate must read back (webhook signing secrets), with a
 // key derived from each (HKDF), bound to what each belongs to: `sealSecret` / `openSecret`.
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, randomUUID, hash } from 'node:crypto'
-import { existsSync, lstatSync, readFileSync } from 'node:fs'
+import { chmodSync, existsSync, lstatSync, readFileSync, statSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { DEFAULT_DATA_DIR, rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
 import { decodeCursor, encodeCursor, type CursorPosition, type Page } from './cursor.ts'
@@ -409,7 +409,7 @@ export function loadAuditCipher(options: {
     const key = Buffer.from(options.encryptionKey, 'base64')
     if (options.storeKind === 'embedded' && existsSync(file)) {
       try {
-        const generated = readKeyFile(file)
+        const generated = readKeyFile(file, options.log)
         if (!generated.equals(key)) previous.push(generated)
       } catch (err) {
         options.log?.warn('the generated encryption key of the embedded store cannot be used as a previous key', { file, err: err as Error })
@@ -465,7 +465,7 @@ export function loadAuditCipher(options: {
     }
     if (created) options.log?.warn('generated an audit encryption key for the embedded store; back it up, or set KEYGATE_ENCRYPTION_KEY', { file })
   }
-  return new AuditCipher(readKeyFile(file), previous, { keyFile: file })
+  return new AuditCipher(readKeyFile(file, options.log), previous, { keyFile: file })
 }
 
 /** Whether `file` holds nothing but white space (an unreadable file is left to readKeyFile to name). */
@@ -477,7 +477,36 @@ export function isBlank(file: string): boolean {
   }
 }
 
-function readKeyFile(file: string): Buffer<ArrayBuffer> {
+/**
+ * Closes `file`, a key file, to every user but its owner, saying so: a key file restored with cp
+ * (0644 under umask 022) into a data folder made by an operator or systemd (0755) was read as it
+ * was, open to every local user, and nothing said so (found by a review). The store's files are
+ * closed so too (core/db.ts privateFolder). One of another user's is left as it is, with the warning.
+ */
+function closeKeyFile(file: string, log: Logger | undefined): void {
+  let mode: number
+  try {
+    mode = statSync(file).mode & 0o7777
+  } catch {
+    // Unreadable or gone: readKeyFile names it.
+    return
+  }
+  if ((mode & 0o077) === 0) return
+  let closed = ''
+  try {
+    chmodSync(file, 0o600)
+    closed = '; now closed to them (mode 0600)'
+  } catch (err) {
+    closed = `; it could not be closed to them (${systemErrorWords(err)})`
+  }
+  log?.warn(
+    `the encryption key file was readable by other users than its owner${closed}: a key that may have been read is replaced by setting KEYGATE_ENCRYPTION_KEY to a new one (openssl rand -base64 32), the file kept as a previous key`,
+    { file, mode: mode.toString(8).padStart(4, '0') },
+  )
+}
+
+function readKeyFile(file: string, log?: Logger): Buffer<ArrayBuffer> {
+  closeKeyFile(file, log)
   let text: string
   try {
     text = readFileSync(file, 'utf8').trim()

@@ -1,7 +1,7 @@
 // The audit log: AES-256-GCM sealing of details, tamper detection, encryption key rotation, and
 // where the key comes from.
 import t from 'tap'
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes, randomUUID } from 'node:crypto'
@@ -404,6 +404,27 @@ t.test('loadAuditCipher', async (t) => {
     t.throws(() => loadAuditCipher({ storeKind: 'postgres', dataDir: dir }), { code: 'encryption_key_missing', message: /KEYGATE_ENCRYPTION_KEY.*openssl rand -base64 32/ })
     t.throws(() => loadAuditCipher({ storeKind: 'postgres', encryptionKey: '', dataDir: dir }), { code: 'encryption_key_missing' })
     t.same(readdirSync(dir), [], 'no key file is generated for PostgreSQL')
+  })
+
+  t.test('a key file others may read is closed to them, with a warning', async (t) => {
+    // Before (found by a review), a key file restored with cp (0644 under umask 022) into a data
+    // folder made by an operator or systemd (0755) was read as it was: every local user could
+    // read the key of the audit details and webhook secrets, and nothing said so.
+    for (const [what, use] of [
+      ['the generated key', (dir: string, log: ReturnType<typeof createLogger>) => loadAuditCipher({ storeKind: 'embedded', dataDir: dir, log })],
+      ['a previous key beside a configured one', (dir: string, log: ReturnType<typeof createLogger>) => loadAuditCipher({ storeKind: 'embedded', dataDir: dir, log, encryptionKey: configured.toString('base64') })],
+    ] as const) {
+      const dir = tempDir(t)
+      const file = join(dir, 'encryption.key')
+      const key = randomBytes(32).toString('base64')
+      writeFileSync(file, key + '\n')
+      chmodSync(file, 0o644)
+      const lines: string[] = []
+      use(dir, createLogger({ level: 'debug', write: (l) => lines.push(l) }))
+      t.equal(statSync(file).mode & 0o777, 0o600, `${what}: the file is its owner's only`)
+      t.match(lines.map((l) => JSON.parse(l) as unknown), [{ level: 'warn', message: /readable by other users/, file, mode: '0644' }], `${what}: a warning says so`)
+      t.notOk(lines.some((l) => l.includes(key)), `${what}: the key is not logged`)
+    }
   })
 
   t.test('the embedded store generates a key file once, with a warning, and reuses it', async (t) => {
