@@ -1,6 +1,8 @@
 // Interactive docs at /docs: Swagger UI from the swagger-ui-dist package (no CDN), reading
-// /openapi.json. The page has no inline script, so a strict Content-Security-Policy holds; the
-// bearer credential typed into "Authorize" is kept in the browser (persistAuthorization).
+// /openapi.json. The page has no inline script, so a strict Content-Security-Policy holds. The
+// bearer credential typed into "Authorize" lives in the page alone (persistAuthorization off):
+// kept in local storage, it stayed on disk with no end, readable by whatever later serves the
+// origin (another local server on the port once keygate is stopped; found by a review).
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
@@ -28,7 +30,7 @@ const INIT = `window.ui = SwaggerUIBundle({
   url: '/openapi.json',
   dom_id: '#swagger-ui',
   deepLinking: true,
-  persistAuthorization: true,
+  persistAuthorization: false,
   presets: [SwaggerUIBundle.presets.apis],
 });
 `
