@@ -457,7 +457,21 @@ export function showValue(value: unknown, secret = false): string {
   // Nor the user:password@ of a URL.
   // (Up to the last @ before the host's end: a password may hold @, spaces and quotes.)
   s = s.replace(/(\/\/)[^/?#]*@/g, '$1<hidden>@')
+  // Nor the values of a URL's query, where a token is as often as before @ (`?token=`, `?code=`):
+  // the names stay, to say what was there (before, found by a review, a refused upstream
+  // `...?token=abc` was printed whole, on stderr and through a unit's ExecStartPre in the journal).
+  s = s.replace(URL_QUERY, (_, head: string, query: string) => head + query.split('&').map(hiddenValue).join('&'))
   return clipped(s, SHOWN_VALUE)
+}
+
+/** A URL's query, as JSON writes the URL: what follows its `?` up to a fragment, a quote or a space. */
+const URL_QUERY = /(\/\/[^\s"?#]*\?)([^\s"#]+)/g
+
+/** One `name=value` piece of a query with its value hidden (a piece without `=` hidden whole). */
+function hiddenValue(piece: string): string {
+  if (piece === '') return piece
+  const eq = piece.indexOf('=')
+  return eq === -1 ? '<hidden>' : `${piece.slice(0, eq + 1)}<hidden>`
 }
 
 /** The characters of a plain key name (`database_url`, `max-age`): the schemas' own keys are spelt with them. */

@@ -422,9 +422,14 @@ t.test('a flag given an empty value is a usage error, not the file\'s or the def
 
 t.test('the admin URL takes no query or fragment, from any source (the CLI adds the operations\' paths to it)', async (t) => {
   // Before: refused only when the CLI called it (exit 1), where every other bad flag is a usage error (exit 2).
-  for (const value of ['http://127.0.0.1:8081/?x=1', 'http://127.0.0.1:8081#top', 'http://127.0.0.1:8081/?']) {
+  // A query's values are not shown (a token there is as secret as a password before @): the names say what was there.
+  for (const [value, shown] of [
+    ['http://127.0.0.1:8081/?x=1', 'http://127.0.0.1:8081/?x=<hidden>'],
+    ['http://127.0.0.1:8081#top', 'http://127.0.0.1:8081#top'],
+    ['http://127.0.0.1:8081/?', 'http://127.0.0.1:8081/?'],
+  ] as const) {
     const { problems } = problemsOf({ env: { KEYGATE_ADMIN_URL: value } })
-    t.same(problems, [`KEYGATE_ADMIN_URL (admin.url): ${JSON.stringify(value)} is not allowed; expected an http:// or https:// URL without user:password@, a query or a fragment`], value)
+    t.same(problems, [`KEYGATE_ADMIN_URL (admin.url): ${JSON.stringify(shown)} is not allowed; expected an http:// or https:// URL without user:password@, a query or a fragment`], value)
   }
   const flag = await runCli(['api-key', 'list', '--admin-url', 'http://127.0.0.1:1/?x=1'])
   t.equal(flag.code, 2, 'as a flag: a usage error')
@@ -434,10 +439,20 @@ t.test('the admin URL takes no query or fragment, from any source (the CLI adds 
 t.test('an upstream URL takes no query or fragment (the gateway adds the request\'s path and query to it)', async (t) => {
   // Before: accepted, and dropped: /q/x?a=1 reached the upstream as /base/q/x?a=1, without tenant=acme.
   const words = 'expected an http:// or https:// URL without user:password@, a query or a fragment'
-  for (const value of ['http://127.0.0.1:7440/base?tenant=acme&token=abc#frag', 'http://127.0.0.1:7440/base#frag', 'http://127.0.0.1:7440/?']) {
+  // Before (found by a review), the query was shown whole: `token=abc` on stderr, and through a
+  // unit's ExecStartPre in the journal, at every start the value stopped.
+  for (const [value, shown] of [
+    ['http://127.0.0.1:7440/base?tenant=acme&token=abc#frag', 'http://127.0.0.1:7440/base?tenant=<hidden>&token=<hidden>#frag'],
+    ['http://127.0.0.1:7440/base?s3cr3tT0ken', 'http://127.0.0.1:7440/base?<hidden>'],
+    ['http://127.0.0.1:7440/base#frag', 'http://127.0.0.1:7440/base#frag'],
+    ['http://127.0.0.1:7440/?', 'http://127.0.0.1:7440/?'],
+  ] as const) {
     const file = yamlFile(t, { routes: [{ name: 'q', path: '/q', upstream: value }] })
-    t.same(problemsOf({ file, env: {} }).problems, [`routes[0].upstream: ${JSON.stringify(value)} is not allowed; ${words}`], value)
-    t.same(problemsOf({ env: { KEYGATE_UPSTREAM: value } }).problems, [`KEYGATE_UPSTREAM (upstream): ${JSON.stringify(value)} is not allowed; ${words}`], `${value} as KEYGATE_UPSTREAM`)
+    const inFile = problemsOf({ file, env: {} })
+    t.same(inFile.problems, [`routes[0].upstream: ${JSON.stringify(shown)} is not allowed; ${words}`], value)
+    const inEnv = problemsOf({ env: { KEYGATE_UPSTREAM: value } })
+    t.same(inEnv.problems, [`KEYGATE_UPSTREAM (upstream): ${JSON.stringify(shown)} is not allowed; ${words}`], `${value} as KEYGATE_UPSTREAM`)
+    t.notMatch(inFile.message + inEnv.message, /abc|s3cr3t|acme/, `${value}: no value of its query is shown`)
   }
   t.same(problemsOf({ env: { KEYGATE_UPSTREAM: 'https://up.example:8443/base/' } }).problems, [], 'a base path is fine')
 })
