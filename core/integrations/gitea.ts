@@ -303,6 +303,7 @@ export class GiteaTokenService {
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
     // The flag a delete command needs for a token of a user other than the configured one.
     const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
+    const deleteCommand = (id: number | string): string => `keygate gitea delete ${id}${otherUser}`
     const { created, token } = await createOrReport({
       http,
       deps: this.#deps,
@@ -311,7 +312,7 @@ export class GiteaTokenService {
       lookAgain: otherUser === ''
         ? 'if `keygate gitea list` shows one as not recorded, delete it'
         : `look among the tokens of ${JSON.stringify(user)} in Gitea, and delete one of that name with \`keygate gitea delete ID${otherUser}\``,
-      deleteCommand: (id) => `keygate gitea delete ${id}${otherUser}`,
+      deleteCommand,
       send: () => http.call('POST', path, { headers: { authorization }, json: { name: input.name, scopes: input.scopes } }),
       use: (res) => {
         if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)
@@ -343,6 +344,8 @@ export class GiteaTokenService {
       service: 'gitea',
       deps: this.#deps,
       what: `token ${created.id} (${JSON.stringify(row.name)} of ${JSON.stringify(user)})`,
+      record: { table: 'gitea_tokens', id: row.id },
+      deleteCommand: deleteCommand(created.id),
       write: async (tx) => {
         // Gitea just gave this id to the new token, so no other token there has it: a live record
         // holding it is of an earlier token (Gitea handed the id out again) and is closed, where

@@ -314,6 +314,8 @@ export class N8nKeyService {
       service: 'n8n',
       deps: this.#deps,
       what: `API key ${created.id} (${JSON.stringify(row.label)})`,
+      record: { table: 'n8n_api_keys', id: row.id },
+      deleteCommand: `keygate n8n delete ${created.id}`,
       write: async (tx) => {
         const [stored] = await tx.query<{ created_at: Date }>(
           `INSERT INTO n8n_api_keys (id, base_url, remote_id, label, owner_email, scopes, key_last_eight, key_hash, expires_at, created_by)

@@ -90,7 +90,11 @@ export function driftSummary(items: ReadonlyArray<{ state: TrackState }>): Recor
 /**
  * Writes the local record (and its audit row) of a credential just created remotely. When that
  * fails, the remote credential is deleted again; when that fails too, the error names it so an
- * operator can remove it, and `list` shows it as not recorded meanwhile.
+ * operator can remove it, and `list` shows it as not recorded meanwhile. A failure at the COMMIT
+ * may come after the commit was made, only its answer lost (the connection dropped between): the
+ * store is asked whether the record is there, and when it is, the create succeeded. Before (found
+ * by a review), any failure was taken for "not recorded": the credential was deleted again, the
+ * error said so, and the record and its `created` audit row stayed, of a credential gone.
  */
 export async function recordRemoteCreate(options: {
   service: ServiceName
@@ -98,22 +102,60 @@ export async function recordRemoteCreate(options: {
   what: string
   write: (tx: Queryable) => Promise<void>
   undo: () => Promise<void>
+  /** The record `write` makes, asked for after a failure at its commit. */
+  record: { table: 'gitea_tokens' | 'n8n_api_keys'; id: string }
+  /** The command that deletes the credential, and closes its record once the credential is gone. */
+  deleteCommand: string
 }): Promise<void> {
+  const { deps, record } = options
+  let committing = false
   try {
-    await options.deps.db.transaction(options.write)
+    await deps.db.transaction(async (tx) => {
+      await options.write(tx)
+      committing = true
+    })
   } catch (err) {
-    return undoUnrecorded({ ...options, err })
+    if (!committing) return undoUnrecorded({ ...options, err })
+    let kept: boolean
+    try {
+      kept = (await deps.db.query(`SELECT id FROM ${record.table} WHERE id = $1`, [record.id])).length > 0
+    } catch (askErr) {
+      const label = SERVICE_LABEL[options.service]
+      return undoUnrecorded({
+        ...options,
+        err,
+        unknown: {
+          why: `whether the record was kept could not be asked (${(askErr as Error).message})`,
+          deleted: `if \`keygate ${options.service} list\` shows it as deleted remotely, the record was kept, and \`${options.deleteCommand}\` closes it`,
+          kept: `delete it with \`${options.deleteCommand}\` (which closes its record too, if it was kept) or in ${label} by hand`,
+        },
+      })
+    }
+    // Not there: most likely not committed. A commit waiting on a synchronous standby when its
+    // connection dropped shows only once acknowledged: its record is then listed as deleted remotely.
+    if (!kept) return undoUnrecorded({ ...options, err })
+    deps.log.warn(`the store failed at the commit of the record of the ${SERVICE_LABEL[options.service]} credential just created, after making it: the credential is kept`, { credential: options.what, record: record.id, err: err as Error })
   }
 }
 
 /**
  * A credential was created remotely but cannot be recorded (`err`, from the store): it is
  * deleted again, and the error says whether that worked, naming it so an operator can remove it
- * by hand when it did not.
+ * by hand when it did not. `unknown`: the record may have been kept after all (the store failed at
+ * its commit and could not be asked): why, and what to do once the credential was deleted, or
+ * when it could not be.
  */
-export async function undoUnrecorded(options: { service: ServiceName; deps: IntegrationDeps; what: string; err: unknown; undo: () => Promise<void> }): Promise<never> {
-  const { deps, what, err } = options
+export async function undoUnrecorded(options: {
+  service: ServiceName
+  deps: IntegrationDeps
+  what: string
+  err: unknown
+  undo: () => Promise<void>
+  unknown?: { why: string; deleted: string; kept: string }
+}): Promise<never> {
+  const { deps, what, err, unknown } = options
   const label = SERVICE_LABEL[options.service]
+  const failed = unknown === undefined ? `could not be recorded (${(err as Error).message})` : `the store failed at the commit of its record (${(err as Error).message}), and ${unknown.why}`
   deps.log.error(`could not record the ${label} credential just created; deleting it again`, { credential: what, err: err as Error })
   try {
     await options.undo()
@@ -121,12 +163,12 @@ export async function undoUnrecorded(options: { service: ServiceName; deps: Inte
     deps.log.error(`could not delete the unrecorded ${label} credential; delete it by hand`, { credential: what, err: undoErr as Error })
     throw new KeygateError(
       'store_unavailable',
-      `${what} was created in ${label} but could not be recorded (${(err as Error).message}), and deleting it again failed (${(undoErr as Error).message}): delete it in ${label} by hand`,
+      `${what} was created in ${label} but ${failed}, and deleting it again failed (${(undoErr as Error).message}): ${unknown?.kept ?? `delete it in ${label} by hand`}`,
       undefined,
       { cause: err },
     )
   }
-  throw new KeygateError('store_unavailable', `${what} was created in ${label} but could not be recorded (${(err as Error).message}); it was deleted from ${label} again`, undefined, {
+  throw new KeygateError('store_unavailable', `${what} was created in ${label} but ${failed}; it was deleted from ${label} again${unknown ? `: ${unknown.deleted}` : ''}`, undefined, {
     cause: err,
   })
 }
