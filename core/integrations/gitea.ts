@@ -3,12 +3,12 @@
 // HTTP Basic credentials (GITEA_USERNAME/GITEA_PASSWORD); verification uses the token itself.
 // Facts about the API: shared/integrations/GITEA.md and the swagger excerpt beside it.
 import type { Actor } from '../audit.ts'
-import { KeygateError } from '../errors.ts'
+import { isKeygateError, KeygateError } from '../errors.ts'
 import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
 import { KeyedQueue } from '../keyed-queue.ts'
 import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, GITEA_SCOPES, unknownGiteaScopes, type CreateGiteaTokenInput } from './schemas.ts'
-import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
+import { configuredClient, createOrReport, driftSummary, iso, lastEight, nameTaken, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, type IntegrationDeps, type TrackState } from './track.ts'
 
 /** Gitea caps `limit` at MAX_RESPONSE_ITEMS (50 by default). */
 const PAGE_SIZE = 50
@@ -304,6 +304,13 @@ export class GiteaTokenService {
     // The flag a delete command needs for a token of a user other than the configured one.
     const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
     const deleteCommand = (id: number | string): string => `keygate gitea delete ${id}${otherUser}`
+    // The id of the token of this name keygate holds no record of, if there is one.
+    const unrecorded = async (): Promise<string | undefined> => {
+      const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)
+      if (!made) return undefined
+      const records = await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])
+      return records.some((r) => sameToken(r, made)) ? undefined : String(made.id)
+    }
     const { created, token } = await createOrReport({
       http,
       deps: this.#deps,
@@ -318,12 +325,9 @@ export class GiteaTokenService {
         if (res.status !== 201) throw this.#tokenRouteError(http, res, username, user, `create a token for ${JSON.stringify(user)}`)
         return madeToken(http, res)
       },
-      find: async () => {
-        const made = (await this.#remoteTokens(user)).find((t) => t.name === input.name)
-        if (!made) return undefined
-        const records = await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [http.baseUrl, made.id])
-        return records.some((r) => sameToken(r, made)) ? undefined : String(made.id)
-      },
+      find: unrecorded,
+    }).catch(async (err: unknown) => {
+      throw isKeygateError(err, 'gitea_token_exists') ? await nameTaken(err, { deps: this.#deps, find: unrecorded, deleteCommand }) : err
     })
     const scopes = created.scopes ?? (await this.#storedScopes(user, created, token))
     const row: Row = {

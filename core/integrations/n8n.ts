@@ -8,7 +8,7 @@ import { assertValid, refuseKeyIn } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { KeyedQueue } from '../keyed-queue.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
-import { configuredClient, createOrReport, driftSummary, iso, lastEight, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
+import { configuredClient, createOrReport, driftSummary, iso, lastEight, nameTaken, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
 
 /** The longest label n8n takes, in UTF-16 units. */
 const N8N_LABEL_UNITS = 50
@@ -254,11 +254,17 @@ export class N8nKeyService {
     return this.#deps.db.query<Row>(`SELECT ${COLUMNS} FROM n8n_api_keys WHERE ${where} ORDER BY created_at, id`, params)
   }
 
-  /** Refuses a label one of n8n's keys already has: labels name keys for delete. */
+  /** Refuses a label one of n8n's keys already has (labels name keys for delete), saying when keygate holds no record of that key (see nameTaken). */
   async #assertLabelFree(label: string): Promise<void> {
-    if ((await this.#remoteKeys()).some((k) => k.label === label)) {
-      throw new KeygateError('n8n_key_exists', `n8n at ${(this.#http as IntegrationHttp).baseUrl} already has an API key labelled ${JSON.stringify(label)}; labels name keys for delete, so they are kept unique`)
-    }
+    const taken = (await this.#remoteKeys()).find((k) => k.label === label)
+    if (!taken) return
+    const { baseUrl } = this.#http as IntegrationHttp
+    const err = new KeygateError('n8n_key_exists', `n8n at ${baseUrl} already has an API key labelled ${JSON.stringify(label)}; labels name keys for delete, so they are kept unique`)
+    throw await nameTaken(err, {
+      deps: this.#deps,
+      find: async () => ((await this.#rows('base_url = $1 AND remote_id = $2 AND deleted_at IS NULL', [baseUrl, taken.id])).length > 0 ? undefined : taken.id),
+      deleteCommand: (id) => `keygate n8n delete ${id}`,
+    })
   }
 
   async create(body: unknown, actor: Actor): Promise<N8nKeyCreated> {

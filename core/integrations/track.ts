@@ -200,6 +200,31 @@ export async function recordDelete(
 }
 
 /**
+ * The refusal of a create whose name is taken (`err`), saying so when the credential of that name
+ * is one keygate holds no record of (`find` gives its id): made by hand, or by a create cut off
+ * between the service making it and keygate recording it (the process killed, its machine down),
+ * whose secret nobody got. Before (found by a review), the retry of such a create was told only
+ * that the name was taken, and a Gitea token of a user other than GITEA_USERNAME, whom `list` does
+ * not walk without a record, showed nowhere in keygate. A look that fails leaves `err` as it is.
+ */
+export async function nameTaken(err: KeygateError, options: { deps: IntegrationDeps; find: () => Promise<string | undefined>; deleteCommand: (remoteId: string) => string }): Promise<KeygateError> {
+  let found: string | undefined
+  try {
+    found = await options.find()
+  } catch (checkErr) {
+    options.deps.log.warn('could not check whether the credential holding the name of a create is recorded', { err: checkErr as Error })
+    return err
+  }
+  if (found === undefined) return err
+  return new KeygateError(
+    err.code,
+    `${err.message}; keygate holds no record of it (id ${found}): it was made by hand, or by a create cut off before keygate recorded it (its secret never shown); to use the name again, delete it with \`${options.deleteCommand(found)}\``,
+    err.details,
+    { cause: err },
+  )
+}
+
+/**
  * Sends a create request (`send`) and reads what it made from the answer (`use`, which throws the
  * error of a refusal). When the service does not answer it in time, the connection is lost after
  * the request was sent (a reset, a proxy restarting or cutting an idle connection), a gateway in

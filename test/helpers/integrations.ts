@@ -99,13 +99,13 @@ export async function giteaOnFake(t: Test, db: Db): Promise<{ fake: FakeGitea; g
 }
 
 /**
- * A proxy in front of the fake that passes every request on and the fake's answer back; `answer`
+ * A proxy in front of the fake (or another server: n8n) that passes every request on and the fake's answer back; `answer`
  * may take the fake's answer over (returning true), after the fake has acted on the request, and
  * `hold` may hold a request back until it calls `go`, and `instead` may answer it without passing it on.
  */
 export async function proxyTo(
   t: Test,
-  fake: FakeGitea,
+  fake: Pick<FakeGitea, 'url'>,
   hooks: {
     answer?: (req: http.IncomingMessage, answer: http.IncomingMessage, res: http.ServerResponse) => boolean
     hold?: (req: http.IncomingMessage, go: () => void) => void
