@@ -944,6 +944,19 @@ await forEachStore(t, async (t, store) => {
     await gitea.delete('stuck', actor)
   })
 
+  await t.test('a token deleted in Gitea whose record then cannot be closed: the error says so, and how the record is closed', async (t) => {
+    // Before (found by a review): the store's error alone, as if the token still worked.
+    const made = await gitea.create({ name: 'unclosed', scopes: ['read:user'] }, actor)
+    secrets.push(made.token)
+    const broken = new GiteaTokenService(integrationDeps(failingTransactions(store.db), env(fake.url)))
+    t.teardown(() => broken.close())
+    const err = await rejection(broken.delete('unclosed', actor))
+    t.match(err, { code: 'store_unavailable', message: `token ${made.remote_id} ("unclosed" of "alice") was deleted from Gitea, but its record could not be closed (the store went away): \`keygate gitea list\` shows it as deleted remotely until \`keygate gitea delete ${made.remote_id}\` closes it` })
+    t.notOk(fake.tokens.some((x) => x.id === made.remote_id), 'the token is deleted')
+    t.match((await gitea.list()).items.find((i) => i.name === 'unclosed'), { state: 'deleted_remotely' })
+    t.match(await gitea.delete(String(made.remote_id), actor), { remote_missing: true, record: { id: made.id, deleted_at: /\d/ } }, 'the command named closes it')
+  })
+
   await t.test('no secret in the store, the audit details or the logs', async (t) => {
     const all = await deps.audit.list(store.db, { limit: 1000 })
     t.ok(all.length >= 8, 'audit rows were written')

@@ -226,6 +226,18 @@ await forEachStore(t, async (t, store) => {
     t.notOk((await keys.list()).items.some((i) => i.label === `unchecked-${store.kind}`), 'n8n no longer has it')
   })
 
+  await t.test('a key deleted in n8n whose record then cannot be closed: the error says so, and how the record is closed', async (t) => {
+    // Before (found by a review): the store's error alone, as if the key still worked.
+    const made = await keys.create({ label: `unclosed-${store.kind}`, scopes: ['workflow:list'] }, actor)
+    secrets.push(made.key)
+    const broken = new N8nKeyService(integrationDeps(failingTransactions(store.db), env()))
+    t.teardown(() => broken.close())
+    const err = await rejection(broken.delete(made.label, actor))
+    t.match(err, { code: 'store_unavailable', message: `API key ${made.remote_id} ("${made.label}") was deleted from n8n, but its record could not be closed (the store went away): \`keygate n8n list\` shows it as deleted remotely until \`keygate n8n delete ${made.remote_id}\` closes it` })
+    t.match((await keys.list()).items.find((i) => i.label === made.label), { state: 'deleted_remotely' }, 'the key is deleted')
+    t.match(await keys.delete(made.remote_id, actor), { remote_missing: true, record: { id: made.id, deleted_at: /\d/ } }, 'the command named closes it')
+  })
+
   await t.test("records of keys made as another n8n user (N8N_EMAIL changed) are neither listed as deleted nor closed", async (t) => {
     // n8n lists the logged-in user's keys only: another user's key may well still work.
     const label = `other-user-${store.kind}`

@@ -214,6 +214,9 @@ const USER_NOT_EXIST = /^user (redirect )?does not exist \[/
 /** Gitea matches user names ignoring case (it looks them up by `lower_name`). */
 const sameUser = (a: string, b: string): boolean => a.toLowerCase() === b.toLowerCase()
 
+/** The flag a delete command needs for a token of `user`, another than the configured one (`username`). */
+const userFlag = (user: string, username: string): string => (sameUser(user, username) ? '' : ` --user ${user}`)
+
 /**
  * Gitea would not list the tokens of a user other than GITEA_USERNAME: 403 (GITEA_USERNAME is not
  * a site admin) or a redirect (Gitea answers a renamed user's old name with 307 to the new one;
@@ -301,8 +304,7 @@ export class GiteaTokenService {
   async #create(input: CreateGiteaTokenInput, user: string, actor: Actor): Promise<GiteaTokenCreated> {
     const { http, username, authorization } = this.#client(true)
     const path = `/api/v1/users/${encodeURIComponent(user)}/tokens`
-    // The flag a delete command needs for a token of a user other than the configured one.
-    const otherUser = sameUser(user, username) ? '' : ` --user ${user}`
+    const otherUser = userFlag(user, username)
     const deleteCommand = (id: number | string): string => `keygate gitea delete ${id}${otherUser}`
     // The id of the token of this name keygate holds no record of, if there is one.
     const unrecorded = async (): Promise<string | undefined> => {
@@ -694,7 +696,7 @@ export class GiteaTokenService {
       recorded: local !== undefined,
       ...(reused ? { remote_id_reused: true } : {}),
       base_url: http.baseUrl,
-    })
+    }, remoteMissing ? undefined : { service: 'gitea', what: `token ${remoteId} (${JSON.stringify(name)} of ${JSON.stringify(user)})`, deleteCommand: `keygate gitea delete ${remoteId}${userFlag(user, username)}` })
     // As for a delete after it: the token is no longer there to delete.
     if (!closed) throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token ${JSON.stringify(name)} (id ${remoteId}) any more: another delete closed its record at the same time`)
     this.#deps.log.info('deleted a Gitea token', { record: local?.id ?? null, remote_id: remoteId, name, user, remote_missing: remoteMissing, actor: actor.actor })

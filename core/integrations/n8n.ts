@@ -453,7 +453,7 @@ export class N8nKeyService {
       remote_missing: !target,
       recorded: local !== undefined,
       base_url: http.baseUrl,
-    })
+    }, target ? { service: 'n8n', what: `API key ${remoteId} (${JSON.stringify(label)})`, deleteCommand: `keygate n8n delete ${remoteId}` } : undefined)
     // As for a delete after it: the key is no longer there to delete.
     if (!closed) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key ${JSON.stringify(label)} (id ${remoteId}) any more: another delete closed its record at the same time`)
     this.#deps.log.info('deleted an n8n API key', { record: local?.id ?? null, remote_id: remoteId, label, remote_missing: !target, actor: actor.actor })

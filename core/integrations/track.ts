@@ -178,7 +178,9 @@ export async function undoUnrecorded(options: {
  * row, when the record was no longer live: another delete closed it meanwhile. Before (found by a
  * review), two admins deleting one token at once both succeeded, and each wrote a closing audit
  * row for the record, though only one closed it. A credential without a record (`localId` null)
- * has its audit row all the same.
+ * has its audit row all the same. `removed`: the credential was just deleted in the service, and a
+ * store that fails says so, with how the record is closed: before (found by a review), the store's
+ * error alone read as if the delete had not been carried out, the credential still working.
  */
 export async function recordDelete(
   db: Db,
@@ -188,15 +190,25 @@ export async function recordDelete(
   localId: string | null,
   action: string,
   details: Record<string, unknown>,
+  removed?: { service: ServiceName; what: string; deleteCommand: string },
 ): Promise<boolean> {
-  return db.transaction(async (tx) => {
-    if (localId !== null) {
-      const closed = await tx.query(`UPDATE ${table} SET deleted_at = now(), deleted_by = $2 WHERE id = $1 AND deleted_at IS NULL RETURNING id`, [localId, actor.actor])
-      if (closed.length === 0) return false
-    }
-    await audit.write(tx, actor, { keyId: localId, action, details })
-    return true
-  })
+  try {
+    return await db.transaction(async (tx) => {
+      if (localId !== null) {
+        const closed = await tx.query(`UPDATE ${table} SET deleted_at = now(), deleted_by = $2 WHERE id = $1 AND deleted_at IS NULL RETURNING id`, [localId, actor.actor])
+        if (closed.length === 0) return false
+      }
+      await audit.write(tx, actor, { keyId: localId, action, details })
+      return true
+    })
+  } catch (err) {
+    if (removed === undefined) throw err
+    const label = SERVICE_LABEL[removed.service]
+    const left = localId === null
+      ? `the audit row of its delete could not be written (${(err as Error).message})`
+      : `its record could not be closed (${(err as Error).message}): \`keygate ${removed.service} list\` shows it as deleted remotely until \`${removed.deleteCommand}\` closes it`
+    throw new KeygateError('store_unavailable', `${removed.what} was deleted from ${label}, but ${left}`, undefined, { cause: err })
+  }
 }
 
 /**
