@@ -13,7 +13,8 @@
 // another's, or a `/` route), a path that such a reading puts under another route than the one
 // it matched is refused (400 bad_request): otherwise a key with only the outer route's scope
 // could reach the inner route's resources. Other paths with those characters are forwarded
-// unchanged.
+// unchanged. Where routes name hosts, a Host that a URL parser reads as another route's host
+// (percent-escapes, IPv4 in another form) is refused too (Router.hostAmbiguous).
 import { canonicalHost, lenientReadingOf, prefixReadings, routeHost, routePrefix, upstreamBase, withoutFormatSuffix } from '../config/routes.ts'
 import type { RouteConfig } from '../config/schema.ts'
 import { decodeEscapes, hasBody, hostName } from '../core/http.ts'
@@ -196,6 +197,22 @@ export class Router {
     return afterAuthority !== undefined && this.#elsewhere(host, lenientReadingOf(afterAuthority, false), r)
   }
 
+  /**
+   * Whether the request's `host`, `target` matched to `r`, is another route's host as a URL parser
+   * following the WHATWG URL standard reads it (urlHost): Node's, Deno's and Bun's `new URL`, which
+   * tRPC's Node adapter and Node's own documentation read a request's host with, decode
+   * percent-escapes and map what they decode to (`%61dmin.example` and `%EF%BD%81dmin.example` are
+   * `admin.example`), read IPv4 in any of its forms (`10.5`, `0x0a.0.0.5`) and a port by its
+   * number (`:08443`). Before (found by a review), such a Host went by a route for any host,
+   * without the host's route's scopes, and reached the upstream as Host (preserve_host) and
+   * X-Forwarded-Host. Only where some route names a host; a plain Host is read alike by both.
+   */
+  hostAmbiguous(host: string | undefined, target: string, r: CompiledRoute): boolean {
+    if (!this.#byHost || host === undefined || plainHost(host)) return false
+    const read = urlHost(host)
+    return read !== undefined && this.match(read, target) !== r
+  }
+
   /** Whether `reading`, a lenient reading of a path matched to `r`, is another route's (ambiguous). */
   #elsewhere(host: string | undefined, reading: string, r: CompiledRoute): boolean {
     const other = (route: CompiledRoute | undefined) => route !== undefined && (route.prefixLower !== r.prefixLower || route.host !== r.host)
@@ -327,6 +344,32 @@ function exactly(path: string, prefix: string): boolean {
   return rest === '' || rest === '/' || rest.startsWith('?') || rest.startsWith('/?')
 }
 
+/** A Host of letters, digits, `-`, `_` and dots, with a port without a leading zero: read alike by the gateway and a URL parser, unless its last label is a number. */
+const PLAIN_HOST = /^[A-Za-z0-9_.-]+(?::[1-9][0-9]*)?$/
+/** A name whose last label (a trailing dot aside) a URL parser reads as a number, and the whole name as an IPv4 address. */
+const NUMBER_LABEL = /(?:^|\.)(?:[0-9]+|0x[0-9a-f]*)\.?$/i
+
+/** Whether a URL parser reads `host` as the gateway does (canonicalHost), so that it need not be read again. */
+function plainHost(host: string): boolean {
+  return PLAIN_HOST.test(host) && !NUMBER_LABEL.test(hostName(host))
+}
+
+/**
+ * `host` as `new URL('http://' + host)` reads it (its host, and a port where `host` writes one,
+ * http's default included, which the parser drops: `a:080` is `a:80`); undefined where the parser
+ * takes no such host, which such an upstream cannot serve either.
+ */
+function urlHost(host: string): string | undefined {
+  let url: URL
+  try {
+    url = new URL(`http://${host}`)
+  } catch {
+    return undefined
+  }
+  const port = url.port !== '' ? url.port : host.length > hostName(host).length + 1 ? '80' : ''
+  return port === '' ? url.hostname : `${url.hostname}:${port}`
+}
+
 /** Characters of a path that some upstream reads otherwise than as sent. */
 const LENIENT_CHANGES = /[%;\\A-Z. ]|\/\//
 
@@ -387,7 +430,7 @@ export function createPreflightStage(router: Router, sources: KeySources): Stage
     const q = param === undefined ? -1 : s.target.indexOf('?')
     if (q !== -1 && new URLSearchParams(s.target.slice(q + 1)).has(param as string)) return undefined
     const r = router.match(h.host, s.target)
-    if (r === undefined || !r.corsPreflight || router.ambiguous(h.host, s.target, r, s.pathBytes)) return undefined
+    if (r === undefined || !r.corsPreflight || router.ambiguous(h.host, s.target, r, s.pathBytes) || router.hostAmbiguous(h.host, s.target, r)) return undefined
     s.route = r
     return FORWARD_NOW
   }
@@ -400,6 +443,10 @@ export function createRouteStage(router: Router): Stage {
     s.route = r
     if (router.ambiguous(s.headers.host, s.target, r, s.pathBytes)) {
       s.message = 'The request path would fall under another route as some servers read it (percent-encoding, ";" parameters, "//", "\\", letter case, fullwidth and other compatibility forms, leading spaces or trailing dots in a segment, or a format suffix such as ".json"); send it in its plain form.'
+      return 'bad_request'
+    }
+    if (router.hostAmbiguous(s.headers.host, s.target, r)) {
+      s.message = "The Host would name another route's host as URL parsers read it (percent-escapes, an IPv4 address in another form, a port with a leading zero); send it in its plain form."
       return 'bad_request'
     }
     if (r.scopes.length === 0) return undefined

@@ -271,6 +271,46 @@ t.test('routes: longest prefix, host, strip_prefix, base path, preserve_host', a
   t.match(text, /keygate_upstream_duration_seconds_count\{route="hosted"\} 4/)
 })
 
+t.test("a Host that a URL parser reads as another route's host is refused; plain spellings and other hosts pass (found by a review)", async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    routes: [
+      { name: 'any', path: '/', upstream: '{upstream}', preserve_host: true, cors_preflight: true },
+      { name: 'admin', path: '/', host: 'admin.example', upstream: '{upstream}', preserve_host: true, scopes: ['admin'] },
+      { name: 'internal', path: '/', host: '10.0.0.5', upstream: '{upstream}', preserve_host: true, scopes: ['admin'] },
+      { name: 'port', path: '/', host: 'api.example:8443', upstream: '{upstream}', preserve_host: true, scopes: ['admin'] },
+    ],
+  })
+  const reader = await h.key({ scopes: ['read'] })
+  const admin = await h.key({ scopes: ['admin'] })
+  const get = (host: string, key: string) => rawExchange(h.port, `GET /x HTTP/1.1\r\nHost: ${host}\r\nAuthorization: Bearer ${key}\r\nConnection: close\r\n\r\n`)
+  // Each is the route's host to `new URL('http://' + Host)` (Node's, Deno's and Bun's URL, which
+  // tRPC's Node adapter and Node's own documentation read a request's host with): it decodes
+  // percent-escapes and maps what they decode to (fullwidth ａ is a), reads IPv4 in any of its
+  // forms, and a port by its number. Before, each went by `any`, without the route's scope, and
+  // reached the upstream as Host and X-Forwarded-Host.
+  const refused = ['%61dmin.example', 'ADMIN%2Eexample', '%EF%BD%81dmin.example', 'admin.example%2e', '0x0a.0.0.5', '10.5', '167772165', 'api.example:08443']
+  for (const host of refused) {
+    t.equal(new URL(`http://${host}`).host.replace(/\.$/, ''), host.startsWith('api') ? 'api.example:8443' : /^[0-9x]/.test(host) ? '10.0.0.5' : 'admin.example', `${host} is a route's host to a URL parser`)
+    for (const key of [reader.key, admin.key]) {
+      const out = await get(host, key)
+      t.match(out, /^HTTP\/1.1 400[^]*"code":"bad_request"/, `${host} is refused`)
+    }
+    const preflight = await rawExchange(h.port, `OPTIONS /x HTTP/1.1\r\nHost: ${host}\r\nOrigin: https://ui.example\r\nAccept: */*\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n`)
+    t.match(preflight, /^HTTP\/1.1 401 /, `nor is a keyless preflight for ${host} forwarded`)
+  }
+  t.equal(h.upstream.received.length, 0, 'no refused Host reached the upstream')
+  // As written, the routes and their scopes; a Host read as no route's host goes by `any`, and a
+  // plain name, an IPv4 address in four parts and a port as written are not read twice.
+  t.match(await get('admin.example', reader.key), /^HTTP\/1.1 403/, 'admin.example needs its scope')
+  t.match(await get('10.0.0.5', reader.key), /^HTTP\/1.1 403/)
+  t.match(await get('API.example:8443', reader.key), /^HTTP\/1.1 403/)
+  for (const host of ['%62log.example', 'other.example', 'api.example:08080', '10.0.0.6', 'ADMIN.example:8080', 'api.example']) {
+    const out = await get(host, host.startsWith('ADMIN') ? admin.key : reader.key)
+    const r = receivedOf(out)
+    t.equal(typeof r === 'string' ? r : r.headers.host, host, `${host} is forwarded`)
+  }
+})
+
 t.test("a client's Connection naming many headers: each header is looked up in a Set of the names, and exactly the named ones are dropped (found by a review of costs a client drives)", async (t) => {
   // A list searched per header line cost (names) x (lines) a request: thousands of names beside
   // as many lines as allowed. The names, read as an upstream reads them, are a Set, each once.
