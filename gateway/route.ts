@@ -213,6 +213,25 @@ export class Router {
     return read !== undefined && this.match(read, target) !== r
   }
 
+  /**
+   * Whether a trusted proxy's X-Forwarded-Host (`value`), which the upstream gets as it came,
+   * names in any of its members another route for `target` than `r`, the route of the request's
+   * Host: plainly or as a URL parser reads it (hostAmbiguous). An upstream behind a proxy reads the
+   * host from it (Express's req.hostname under `trust proxy` takes its first member, Werkzeug's
+   * ProxyFix its last). Before (found by a review), an nginx in front that sends its own upstream
+   * name as Host (proxy_pass's default) and the client's in X-Forwarded-Host, or one that passes
+   * a client's X-Forwarded-Host on, had a scoped host's requests go by a route for any host, to an
+   * upstream that served them as that host's. Only where some route names a host.
+   */
+  forwardedHostAmbiguous(value: string | string[] | undefined, target: string, r: CompiledRoute): boolean {
+    if (!this.#byHost || typeof value !== 'string') return false
+    for (const member of value.split(',')) {
+      const host = member.trim()
+      if (host !== '' && (this.match(host, target) !== r || this.hostAmbiguous(host, target, r))) return true
+    }
+    return false
+  }
+
   /** Whether `reading`, a lenient reading of a path matched to `r`, is another route's (ambiguous). */
   #elsewhere(host: string | undefined, reading: string, r: CompiledRoute): boolean {
     const other = (route: CompiledRoute | undefined) => route !== undefined && (route.prefixLower !== r.prefixLower || route.host !== r.host)
@@ -431,6 +450,7 @@ export function createPreflightStage(router: Router, sources: KeySources): Stage
     if (q !== -1 && new URLSearchParams(s.target.slice(q + 1)).has(param as string)) return undefined
     const r = router.match(h.host, s.target)
     if (r === undefined || !r.corsPreflight || router.ambiguous(h.host, s.target, r, s.pathBytes) || router.hostAmbiguous(h.host, s.target, r)) return undefined
+    if (s.peerTrusted && router.forwardedHostAmbiguous(h['x-forwarded-host'], s.target, r)) return undefined
     s.route = r
     return FORWARD_NOW
   }
@@ -447,6 +467,10 @@ export function createRouteStage(router: Router): Stage {
     }
     if (router.hostAmbiguous(s.headers.host, s.target, r)) {
       s.message = "The Host would name another route's host as URL parsers read it (percent-escapes, an IPv4 address in another form, a port with a leading zero); send it in its plain form."
+      return 'bad_request'
+    }
+    if (s.peerTrusted && router.forwardedHostAmbiguous(s.headers['x-forwarded-host'], s.target, r)) {
+      s.message = 'X-Forwarded-Host names another route than Host does; the proxy in front must send the host it was asked for in both.'
       return 'bad_request'
     }
     if (r.scopes.length === 0) return undefined

@@ -311,6 +311,44 @@ t.test("a Host that a URL parser reads as another route's host is refused; plain
   }
 })
 
+t.test("a trusted proxy's X-Forwarded-Host that names another route's host than Host is refused where routes name hosts (found by a review)", async (t) => {
+  const h = await startGateway(t, { sharedStore: true,
+    config: { gateway: { trusted_proxies: ['127.0.0.1'] } },
+    routes: [
+      { name: 'any', path: '/', upstream: '{upstream}', cors_preflight: true },
+      { name: 'admin', path: '/', host: 'admin.example', upstream: '{upstream}', scopes: ['admin'] },
+    ],
+  })
+  const reader = await h.key({ scopes: ['read'] })
+  const admin = await h.key({ scopes: ['admin'] })
+  const get = (host: string, forwarded: string, key: string) => rawExchange(h.port, `GET /x HTTP/1.1\r\nHost: ${host}\r\nX-Forwarded-Host: ${forwarded}\r\nAuthorization: Bearer ${key}\r\nConnection: close\r\n\r\n`)
+  // The upstream reads the host from X-Forwarded-Host (Express's req.hostname under `trust proxy`
+  // takes its first member, Werkzeug's ProxyFix its last): an nginx in front that sends its own
+  // upstream name as Host (proxy_pass's default) and the client's in X-Forwarded-Host, or one that
+  // passes on a client's X-Forwarded-Host, had admin.example's requests go by `any`, without the
+  // admin scope, to an upstream that served them as admin.example's. Refused, with either key:
+  // no route of the gateway is the one the upstream reads.
+  for (const [host, forwarded] of [['keygate:8080', 'admin.example'], ['www.example', 'admin.example'], ['www.example', 'www.example, admin.example'], ['www.example', '%61dmin.example'], ['admin.example', 'www.example']] as const) {
+    for (const key of [reader.key, admin.key]) {
+      t.match(await get(host, forwarded, key), /^HTTP\/1.1 400[^]*"code":"bad_request"/, `Host ${host} with X-Forwarded-Host ${forwarded} is refused`)
+    }
+    const preflight = await rawExchange(h.port, `OPTIONS /x HTTP/1.1\r\nHost: ${host}\r\nX-Forwarded-Host: ${forwarded}\r\nOrigin: https://ui.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n`)
+    t.match(preflight, /^HTTP\/1.1 401 /, `nor is a keyless preflight forwarded`)
+  }
+  t.equal(h.upstream.received.length, 0, 'none reached the upstream')
+  // Where both name the same route, it is forwarded; the scope is the route's.
+  t.match(await get('admin.example', 'Admin.Example', reader.key), /^HTTP\/1.1 403/, 'admin.example needs its scope')
+  for (const [host, forwarded, key] of [['admin.example', 'admin.example', admin.key], ['www.example', 'www.example, other.example', reader.key], ['keygate:8080', 'www.example', reader.key]] as const) {
+    const r = receivedOf(await get(host, forwarded, key))
+    t.equal(typeof r === 'string' ? r : r.headers['x-forwarded-host'], forwarded, `Host ${host} with X-Forwarded-Host ${forwarded} is forwarded`)
+  }
+  // From a peer that is not trusted, X-Forwarded-Host is replaced by Host: nothing to compare.
+  const untrusted = await startGateway(t, { sharedStore: true, routes: [{ name: 'any', path: '/', upstream: '{upstream}' }, { name: 'admin', path: '/', host: 'admin.example', upstream: '{upstream}', scopes: ['admin'] }] })
+  const plain = await untrusted.key({ scopes: ['read'] })
+  const r = receivedOf(await rawExchange(untrusted.port, `GET /x HTTP/1.1\r\nHost: www.example\r\nX-Forwarded-Host: admin.example\r\nAuthorization: Bearer ${plain.key}\r\nConnection: close\r\n\r\n`))
+  t.equal(typeof r === 'string' ? r : r.headers['x-forwarded-host'], 'www.example', 'the client\'s own X-Forwarded-Host is replaced')
+})
+
 t.test("a client's Connection naming many headers: each header is looked up in a Set of the names, and exactly the named ones are dropped (found by a review of costs a client drives)", async (t) => {
   // A list searched per header line cost (names) x (lines) a request: thousands of names beside
   // as many lines as allowed. The names, read as an upstream reads them, are a Set, each once.
