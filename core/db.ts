@@ -923,12 +923,8 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
   const file = join(dir, 'keygate.lock')
   const pid = String(process.pid)
   const mine = ownTempName(file)
-  // Outside the try below, which removes it: a write that fails removes it itself (before, found
-  // by a review, one that failed on a full disk left it behind, empty).
-  writeNewFile(mine, pid, 0o600, false)
   const ownerFile = `${file}.owner`
   const socketFile = `${file}.sock`
-  const identity = processIdentity(process.pid)
   /** What this process wrote to the owner file: its identity, and whether it listens (`sock`, or `-`). */
   let owned: string | undefined
   let listening: net.Server | undefined
@@ -956,16 +952,45 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
       if (typeof lock === 'object' && lock.text === pid) unlinkSync(file)
     } catch {}
   }
+  let linked = false
+  // A short command (the CLI's) ended by SIGINT, SIGTERM or SIGHUP: Node's default action ends it
+  // without 'exit' handlers, and a Ctrl-C of a long import left the lock, its owner file and
+  // socket behind (found by a review). Given back here, then the command ends by the same signal,
+  // as before, unless something else of the process handles it. (`serve` handles its signals
+  // itself, and closes the store as it stops.) From the moment this process's own file is
+  // written, not once the lock is held: a Ctrl-C while waiting for another process's
+  // keygate.lock.taking, up to 20 s, left that file behind for good (found by a review), and one
+  // while this process held the marker left it for the next command to wait on.
+  const onSignal = (signal: NodeJS.Signals) => {
+    for (const s of LOCK_SIGNALS) process.off(s, onSignal)
+    if (linked) release()
+    unlockTaking?.()
+    try {
+      unlinkSync(mine)
+    } catch {}
+    if (process.listenerCount(signal) === 0) process.kill(process.pid, signal)
+  }
+  if (shortLived) for (const s of LOCK_SIGNALS) process.on(s, onSignal)
+  const offSignals = () => {
+    for (const s of LOCK_SIGNALS) process.off(s, onSignal)
+  }
+  // Outside the try below, which removes it: a write that fails removes it itself (before, found
+  // by a review, one that failed on a full disk left it behind, empty).
+  try {
+    writeNewFile(mine, pid, 0o600, false)
+  } catch (err) {
+    offSignals()
+    throw err
+  }
+  const identity = processIdentity(process.pid)
   try {
     unlockTaking = await takingLock(dir)
     for (let attempt = 0; attempt < 3; attempt++) {
-      let linked: boolean
       try {
         linkSync(mine, file)
         linked = true
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err
-        linked = false
       }
       if (linked) {
         // Given back also when the process exits without closing the store: `serve` stopped during
@@ -975,17 +1000,6 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
         // (an exit while the socket below starts listening too).
         const onExit = () => release()
         process.once('exit', onExit)
-        // A short command (the CLI's) ended by SIGINT, SIGTERM or SIGHUP: Node's default action
-        // ends it without 'exit' handlers, and a Ctrl-C of a long import left all three files
-        // behind (found by a review). Given back here, then the command ends by the same signal,
-        // as before, unless something else of the process handles it. (`serve` handles its
-        // signals itself, and closes the store as it stops.)
-        const onSignal = (signal: NodeJS.Signals) => {
-          for (const s of LOCK_SIGNALS) process.off(s, onSignal)
-          release()
-          if (process.listenerCount(signal) === 0) process.kill(process.pid, signal)
-        }
-        if (shortLived) for (const s of LOCK_SIGNALS) process.on(s, onSignal)
         // Listening before the owner file is written: a process that reads this owner file
         // finds this socket answering (ownerListening).
         if (identity !== undefined) {
@@ -996,7 +1010,7 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
         }
         return () => {
           process.off('exit', onExit)
-          for (const s of LOCK_SIGNALS) process.off(s, onSignal)
+          offSignals()
           release()
         }
       }
@@ -1066,6 +1080,10 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
       }
     }
     throw new KeygateError('store_locked', `could not lock the embedded store in ${dir}`)
+  } catch (err) {
+    // Not held: nothing is left to give back (held, the lock is given back at exit or signal).
+    if (!linked) offSignals()
+    throw err
   } finally {
     unlockTaking?.()
     unlinkSync(mine)

@@ -8,7 +8,7 @@
 import t from 'tap'
 import { createHash } from 'node:crypto'
 import http from 'node:http'
-import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs'
+import { chmodSync, chownSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, truncateSync, utimesSync, writeFileSync } from 'node:fs'
 import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
@@ -376,6 +376,38 @@ t.test('a command ended by SIGINT, SIGTERM or SIGHUP while it holds the embedded
   // Through the command line's entry here: it takes the store's lock as a process does.
   const after = await runCliHere(['api-key', 'list', '--json'], { env: isolated({ KEYGATE_DATA_DIR: dataDir }) })
   t.equal(after.code, 0, 'the store opens afterwards')
+})
+
+t.test('a command ended by a signal while it waits to take the embedded store\'s lock leaves none of its files behind (found by a review)', async (t) => {
+  // Before: the file of its own it links into place as the lock (keygate.lock.<pid>.<hex>) is
+  // written before the wait for another process's keygate.lock.taking (up to 20 s), and the
+  // signal handler that cleans up came only once the lock was held: a Ctrl-C during the wait
+  // left that file in the data folder for good.
+  const cwd = tempDir()
+  const dataDir = await seedDataDir(join(cwd, 'store'), { migrated: true })
+  const env = childEnv(isolated({ KEYGATE_DATA_DIR: dataDir }))
+  const taking = join(dataDir, 'keygate.lock.taking')
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    // Another process taking the lock, its marker fresh: the command waits for it.
+    writeFileSync(taking, String(process.pid))
+    const before = readdirSync(dataDir)
+    const command = spawnClean(process.execPath, [...SHORT_COMMAND_V8_FLAGS, KEYGATE_BIN, 'api-key', 'list'], { env, cwd, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    command.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    const ended = new Promise<[number | null, NodeJS.Signals | null]>((resolve) => command.on('exit', (code, sig) => resolve([code, sig])))
+    const own = () => readdirSync(dataDir).filter((f) => f.startsWith(`keygate.lock.${command.pid}.`))
+    await until(t, `${signal}: the command waits to take the lock`, () => {
+      // Kept fresh: a marker 10 s old is taken for a dead process's, on a slow start too.
+      utimesSync(taking, new Date(), new Date())
+      return own().length > 0
+    })
+    command.kill(signal)
+    t.same(await ended, [null, signal], `${signal}: it ends by the signal`)
+    t.same(own(), [], `${signal}: none of its files is left`)
+    t.same(readdirSync(dataDir).sort(), before.sort(), `${signal}: the data folder is as it was`)
+    t.notMatch(stderr, /keygate:|Error/, `${signal}: and says nothing`)
+    rmSync(taking)
+  }
 })
 
 t.test('no captured log or error output holds a plaintext key', async (t) => noPlaintextInOutput(t, { logLines: true }))
