@@ -302,11 +302,22 @@ async function runMigrate(argv: string[], io: Io): Promise<number> {
   }
 }
 
-export async function main(argv: string[], io: Io = processIo): Promise<number> {
+export async function main(argv: string[], given: Io = processIo): Promise<number> {
   // A `--json` after `--` is an argument, not the flag (before, found by a review: it switched the
   // error to JSON on stdout).
   const end = argv.indexOf('--')
   const json = (end === -1 ? argv : argv.slice(0, end)).includes('--json')
+  // Whether stdout has had the command's answer, or a part of it: an error after it (a warning
+  // that cannot be written, the store failing to close) is not added there as a second document,
+  // which no JSON reader takes (before, found by a review: a created key and then the error).
+  let answered = false
+  const io: Io = {
+    ...given,
+    out: (text) => {
+      answered = true
+      given.out(text)
+    },
+  }
   try {
     const [command, ...rest] = argv
     switch (command) {
@@ -373,8 +384,8 @@ export async function main(argv: string[], io: Io = processIo): Promise<number> 
         throw new UsageError(`unknown command ${JSON.stringify(command)}; run keygate --help`)
     }
   } catch (err) {
-    if (isKeygateError(err)) return fail(io, json, err.code, err.message, err.details)
-    return fail(io, json, 'internal_error', `unexpected error: ${(err as Error).message}`)
+    if (isKeygateError(err)) return fail(io, json && !answered, err.code, err.message, err.details)
+    return fail(io, json && !answered, 'internal_error', `unexpected error: ${(err as Error).message}`)
   }
 }
 

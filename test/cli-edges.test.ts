@@ -172,6 +172,29 @@ t.test('output that cannot be written after a change: the error says what was do
 })
 
 
+t.test('with --json, a failure after the answer is printed leaves stdout one JSON document (found by a review)', async (t) => {
+  // Before: the error object followed the created key on stdout, two documents that no JSON
+  // reader takes, and a script lost the key it had been shown once. Here the failure is the
+  // warning that Redis could not be told, which cannot be written to a full stderr.
+  const cwd = tempDir()
+  const { env } = await postgresEnv(t)
+  const full = openSync('/dev/full', 'w')
+  t.teardown(() => closeSync(full))
+  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'create', '--name', 'told-once', '--type', 'user', '--json'], {
+    env: childEnv({ ...env, LOG_LEVEL: undefined, REDIS_URL: 'redis://127.0.0.1:1' }),
+    cwd,
+    stdio: ['ignore', 'pipe', full],
+  })
+  let stdout = ''
+  command.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  const code = await new Promise<number | null>((resolve) => command.on('close', (c) => resolve(c)))
+  t.equal(code, 1, 'exit 1: the warning could not be written')
+  let answer: { id?: string; key?: string } = {}
+  t.doesNotThrow(() => (answer = JSON.parse(stdout)), 'stdout is one JSON document')
+  t.match(answer, { name: 'told-once', key: /^kg_/ }, 'the created key, as shown once')
+  if (answer.key) plaintexts.push(answer.key)
+})
+
 t.test("from the second run on, the compile cache serves the command's TypeScript and the embedded store's thread", async (t) => {
   // Before: the cache was turned on in bin/keygate.ts, after Node had stripped that file's types,
   // and the store's thread (a Worker) and the command's child never used it.
