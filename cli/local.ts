@@ -41,6 +41,7 @@ export async function runLocal<C>(
   let offQueue: (() => void) | undefined
   let offKeys: (() => void) | undefined
   const queued: Array<Promise<unknown>> = []
+  let failed = false
   try {
     opened = await open(runtime)
     published = config.redis.url ? await invalidationsOf(config.redis.url, config.redis.key_prefix, runtime, opened.denyList, log) : undefined
@@ -50,14 +51,25 @@ export async function runLocal<C>(
     offQueue = webhooks.bind(events, (insert) => queued.push(insert))
     offKeys = bindKeyEvents(runtime.keys, events)
     return await action(opened.ctx)
+  } catch (err) {
+    failed = true
+    throw err
   } finally {
     offKeys?.()
     offQueue?.()
-    await Promise.all(queued)
-    await webhooks?.close()
-    await published?.()
-    await opened?.close?.()
-    await runtime.close()
+    // Every step, whatever one before it threw: before (found by a review), a warning that could
+    // not be written (a full stderr) skipped the closing of the store, and a command on
+    // PostgreSQL sat on its idle connection for the pool's 30 s before it ended. The first
+    // failure is told after, unless the command's own is (it says what was done).
+    let problem: { err: unknown } | undefined
+    for (const step of [() => Promise.all(queued), () => webhooks?.close(), () => published?.(), () => opened?.close?.(), () => runtime.close()]) {
+      try {
+        await step()
+      } catch (err) {
+        problem ??= { err }
+      }
+    }
+    if (problem !== undefined && !failed) throw problem.err
   }
 }
 
@@ -112,11 +124,12 @@ async function invalidationsOf(url: string, keyPrefix: string, runtime: Runtime,
   return async () => {
     off()
     const failed = (await Promise.allSettled(sent)).find((r) => r.status === 'rejected')
+    // Disconnected first: the warning may fail to be written (a full stderr).
+    redis?.disconnect()
     if (failed) {
       const err = (failed as PromiseRejectedResult).reason as Error
       if (denyFailed) log.warn('could not tell the gateways through Redis; they read the deny list again at their next reload (gateway.deny_list_refresh_s)', { err })
       else log.warn('could not tell the gateways through Redis; they drop the key at their next store check (cache.store_check_s), or within cache.ttl_s with it off', { err })
     }
-    redis?.disconnect()
   }
 }
