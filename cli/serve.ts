@@ -5,7 +5,7 @@
 import cluster from 'node:cluster'
 import type http from 'node:http'
 import https from 'node:https'
-import { readFileSync } from 'node:fs'
+import { readFileSync, writeSync } from 'node:fs'
 import net, { type AddressInfo } from 'node:net'
 import { createSecureContext } from 'node:tls'
 import { deepFreeze, hideConfigSecrets, loadConfig, unknownEnvNames } from '../config/load.ts'
@@ -64,7 +64,31 @@ type Role = { gateway: boolean; admin: boolean }
 /** How long a `--workers` worker waits for its primary to hand it the configuration. */
 const CONFIG_FROM_PRIMARY_MS = 10_000
 
+/** Why the log could not be written, once it could not (watchLog). */
+let logLost: Error | undefined
+/** What a stop waiting for it does when the log cannot be written (stopSignal). */
+let onLogLost: (() => void) | undefined
+
+/**
+ * The log's stream failing (stdout a pipe whose reader is gone, `keygate serve | head -1` or a
+ * log shipper that died, or a full disk) is said once on stderr, and serve stops as on SIGTERM
+ * and exits 1, for the service manager to start it again with a log it can write. Before (found
+ * by a review), the failed write was an 'error' event nothing handled: serve ended at once with
+ * a stack trace, its requests in flight cut and its usage counts unwritten.
+ */
+function watchLog(): void {
+  process.stdout.on('error', (err) => {
+    if (logLost !== undefined) return
+    logLost = err
+    try {
+      writeSync(2, `keygate: the log cannot be written (stdout: ${systemErrorWords(err)}); stopping\n`)
+    } catch {}
+    onLogLost?.()
+  })
+}
+
 export async function runServe(argv: string[], io: Io): Promise<number> {
+  watchLog()
   const p = parse(argv, OPTIONS, { min: 0, max: 0 }, USAGE)
   if (p.values.help) {
     io.out(`start the gateway and admin listeners\nusage: ${USAGE}\n`)
@@ -321,7 +345,7 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   let first: number | undefined
   let resolve!: (signal: string) => void
   const stopped = new Promise<string>((r) => (resolve = r))
-  const on = (signal: NodeJS.Signals) => {
+  const on = (signal: string) => {
     if (first !== undefined) {
       if (options.worker) return
       // Within a second of the first, the same stop told twice: Ctrl-C on `npm start` signals the
@@ -350,11 +374,15 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   // One that came while the modules loaded: the stop begins now.
   const early = takeEarlyStop()
   if (early) on(early)
+  // The log that cannot be written stops serve as SIGTERM does (watchLog), failed already or later.
+  onLogLost = () => on('log_lost')
+  if (logLost !== undefined) on('log_lost')
   return {
     stopped,
     dispose() {
       process.off('SIGTERM', on)
       process.off('SIGINT', on)
+      onLogLost = undefined
     },
   }
 }
@@ -380,7 +408,7 @@ async function openUnlessStopped(config: Config, log: Logger, stopping: { stoppe
   const first = await Promise.race([opening.then((runtime) => ({ runtime })), stopping.stopped.then((signal) => ({ signal }))])
   if ('runtime' in first) return first.runtime
   log.info('stopped during start-up, before serving', { signal: first.signal })
-  process.exit(EXIT_OK)
+  process.exit(logLost === undefined ? EXIT_OK : EXIT_REFUSED)
 }
 
 /** The innermost system or SQLSTATE code (ECONNREFUSED, 28P01) in an error's chain of causes. */
@@ -924,7 +952,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     // Open anomaly streams end first: the admin server closes only once its connections do.
     ev.feed?.close()
     ev.webhooks.stopPolling()
-    const code = () => (storeLost ? EXIT_REFUSED : EXIT_OK)
+    const code = () => (storeLost || logLost ? EXIT_REFUSED : EXIT_OK)
     disarm = armStopBackstop(config, log, code, usage, config.gateway.shutdown_timeout_ms)
     await Promise.all([gateway?.shutdown(config.gateway.shutdown_timeout_ms), closeServer(admin, config.gateway.shutdown_timeout_ms), scheduler?.stop()])
     disarm()
@@ -932,7 +960,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     await adminHandlersEnded(admin, config)
     await api?.close()
     await usage?.close()
-    return storeLost ? EXIT_REFUSED : EXIT_OK
+    return code()
   } catch (err) {
     // A start that failed part-way (the admin address in use, say) stops what it had started,
     // so the process exits instead of serving without a store.
@@ -1345,7 +1373,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     for (const w of live) w.process.kill('SIGTERM')
     ev.feed?.close()
     ev.webhooks.stopPolling()
-    const code = () => (failed ? EXIT_REFUSED : EXIT_OK)
+    const code = () => (failed || logLost ? EXIT_REFUSED : EXIT_OK)
     // The workers drain as one would, and then have their own bound (the drain, the store's, the
     // second a held process is given, and one more): a worker still there after it does not run
     // (frozen: SIGSTOP, a hung event loop) and is killed, so that the primary's stop goes on.
@@ -1368,7 +1396,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     stopTelling()
     stopDeny()
     cluster.off('message', onWorkerMessage)
-    return failed ? EXIT_REFUSED : EXIT_OK
+    return code()
   } finally {
     stopping.dispose()
     cluster.off('message', onWorkerMessage)

@@ -1,0 +1,56 @@
+// `keygate serve` whose log cannot be written: stdout a pipe whose reader is gone
+// (`keygate serve | head -1`, a log shipper that died) or a full disk. (found by a review)
+import t from 'tap'
+import { closeSync, openSync } from 'node:fs'
+import { KEYGATE_BIN, capturedStderr, childEnv, spawnClean } from './helpers/cli.ts'
+import { until } from './helpers/gateway.ts'
+import { isolatedEnv } from './helpers/serve.ts'
+import { freshDatabase } from './helpers/stores.ts'
+import { tempDir } from './helpers/cli-lifecycle.ts'
+
+t.test('serve whose log cannot be written stops, exit 1, saying why on stderr, with no stack trace', async (t) => {
+  // Before: the first log line that could not be written was an 'error' event nothing handled,
+  // and serve ended at once with Node's "Unhandled 'error' event" and a stack trace, its requests
+  // in flight cut and nothing drained or flushed.
+  const full = openSync('/dev/full', 'w')
+  t.teardown(() => closeSync(full))
+  for (const [how, stdout, why] of [
+    ['the reader closed it', 'closed', 'the reader closed it'],
+    ['a full disk', full, 'no space left on the device'],
+  ] as const) {
+    const env = isolatedEnv({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64'), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0' })
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, 'serve'], { env: childEnv(env), cwd: tempDir(), stdio: ['ignore', stdout === 'closed' ? 'pipe' : stdout, 'pipe'] })
+    if (stdout === 'closed') command.stdout!.destroy()
+    let stderr = ''
+    command.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+    let ended: [number | null, NodeJS.Signals | null] | undefined
+    command.on('close', (code, signal) => (ended = [code, signal]))
+    t.teardown(() => command.kill('SIGKILL'))
+    await until(t, `${how}: serve ends`, () => ended !== undefined, 60_000)
+    capturedStderr.push(stderr)
+    t.same(ended, [1, null], `${how}: exit 1`)
+    t.match(stderr, `keygate: the log cannot be written (stdout: ${why}); stopping\n`, `${how}: says why`)
+    t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, `${how}: no stack trace`)
+  }
+})
+
+t.test('serve whose log reader goes away while it serves stops as on SIGTERM, exit 1, saying why', async (t) => {
+  const env = isolatedEnv({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64'), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0' })
+  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'serve'], { env: childEnv(env), cwd: tempDir(), stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  command.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  command.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  let ended: [number | null, NodeJS.Signals | null] | undefined
+  command.on('close', (code, signal) => (ended = [code, signal]))
+  t.teardown(() => command.kill('SIGKILL'))
+  await until(t, 'serve listens', () => stdout.includes('"admin listening"'), 60_000)
+  // The reader goes; the next log line (SIGHUP's, about the certificates) cannot be written.
+  command.stdout!.destroy()
+  command.kill('SIGHUP')
+  await until(t, 'serve ends', () => ended !== undefined, 60_000)
+  capturedStderr.push(stderr)
+  t.same(ended, [1, null], 'exit 1')
+  t.match(stderr, 'keygate: the log cannot be written (stdout: the reader closed it); stopping\n', 'says why')
+  t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, 'no stack trace')
+})
