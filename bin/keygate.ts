@@ -5,6 +5,11 @@ import cluster from 'node:cluster'
 import { armEarlyStop } from '../core/early-stop.ts'
 import { SHORT_COMMAND_V8_FLAGS } from './v8-flags.ts'
 
+// A diagnostic report an operator turns on (NODE_OPTIONS=--report-on-signal, --report-on-fatalerror)
+// leaves out the environment, where keygate's secrets are (KEYGATE_ENCRYPTION_KEY, the admin
+// token, DATABASE_URL's password): Node lists every variable in it by default (found by a review).
+process.report.excludeEnv = true
+
 const command = process.argv[2]
 const [LIFTOFF] = SHORT_COMMAND_V8_FLAGS
 const STORE_COMMANDS = new Set(['api-key', 'gitea', 'n8n', 'migrate'])

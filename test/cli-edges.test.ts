@@ -456,3 +456,43 @@ t.test('commands other than serve log at warn unless LOG_LEVEL is set, whatever 
   t.same(await run(undefined), [], 'without LOG_LEVEL: no info line (the file\'s debug is not used), and nothing else to say here')
   t.match(await run('info'), [{ level: 'info', message: 'applied migrations' }], 'LOG_LEVEL=info: the info line, on stderr')
 })
+
+t.test('a diagnostic report an operator turns on (NODE_OPTIONS=--report-on-signal) holds no environment, where the secrets are', async (t) => {
+  // Node's report lists every environment variable by default: KEYGATE_ENCRYPTION_KEY, the admin
+  // token, DATABASE_URL's password. Before (found by a review), such a report written on a signal
+  // or a fatal error put them in a file of the report directory.
+  const dir = tempDir()
+  const reports = join(dir, 'reports')
+  mkdirSync(reports)
+  const secret = 'report-secret-Zq81xW'
+  const env = isolated({ KEYGATE_DATA_DIR: join(dir, 'store'), KEYGATE_ADMIN_TOKEN: `${secret}-token-long-enough`, NODE_OPTIONS: `--report-on-signal --report-signal=SIGUSR2 --report-directory=${reports}` })
+  // `validate -` waits on stdin in a second process (the short commands' V8 flags) that this one started.
+  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'api-key', 'validate', '-'], { env: childEnv(env), stdio: ['pipe', 'ignore', 'ignore'] })
+  const exited = new Promise<void>((resolve) => command.once('exit', () => resolve()))
+  t.teardown(() => void command.kill('SIGKILL'))
+  const children = () => {
+    try {
+      return readFileSync(`/proc/${command.pid}/task/${command.pid}/children`, 'utf8').trim()
+    } catch {
+      return ''
+    }
+  }
+  await until(t, 'the command has started its second process', () => children() !== '')
+  command.kill('SIGUSR2')
+  await until(t, 'the report is written', () => readdirSync(reports).some((f) => f.endsWith('.json')))
+  let report: { header?: unknown; environmentVariables?: unknown } = {}
+  await until(t, 'the report is whole', () => {
+    try {
+      report = JSON.parse(readFileSync(join(reports, readdirSync(reports).find((f) => f.endsWith('.json')) as string), 'utf8'))
+      return true
+    } catch {
+      return false
+    }
+  })
+  t.ok(report.header, 'a report was written')
+  t.equal(report.environmentVariables, undefined, 'without the environment')
+  for (const f of readdirSync(reports)) t.notOk(readFileSync(join(reports, f), 'utf8').includes(secret), `${f} holds no secret`)
+  command.stdin?.end()
+  command.kill('SIGTERM')
+  await exited
+})
