@@ -30,10 +30,13 @@ if (major < 22 || (major === 22 && minor < 18)) {
 // them loops for ever where a mkdir fails with ENOENT although the parent exists, as under /proc
 // (before, `XDG_CACHE_HOME=/proc/nope keygate --version` spun a CPU without a word).
 // A folder another user could write to is left off too (ownedAlone).
+// The home folder is asked for inside the guard: os.homedir() throws where HOME is unset and the
+// uid names no user (a container's runAsUser started with a bare environment; before, found by a
+// deployment review, every command ended here with a stack trace).
 if (process.env.NODE_COMPILE_CACHE === undefined) {
-  const home = process.env.XDG_CACHE_HOME || join(homedir(), '.cache')
-  const folder = join(home, 'keygate', 'compile-cache')
   try {
+    const home = process.env.XDG_CACHE_HOME || join(homedir(), '.cache')
+    const folder = join(home, 'keygate', 'compile-cache')
     for (const level of [home, join(home, 'keygate'), folder]) {
       try {
         mkdirSync(level, { mode: 0o700 })

@@ -154,6 +154,22 @@ t.test('a command run under a uid that names no user (a container\'s runAsUser) 
   t.equal(trail.json().items[0]?.actor, `cli:${NAMELESS}`, 'the actor names the uid, as ls and ps do for a uid without a name')
 })
 
+t.test('a uid that names no user, without HOME (env -i, a bare exec), runs its command with no compile cache', { skip: typeof nameless === 'string' ? nameless : false }, async (t) => {
+  // Before (found by a deployment review): bin/keygate.js asked os.homedir() for the compile
+  // cache's folder outside the guard that leaves the cache off, and for such a uid it throws
+  // (uv_os_homedir ENOENT): every command, `serve` and `config check` too, ended at its first
+  // line with a stack trace, where a cache that cannot be had is to cost only the start's speed.
+  if (typeof nameless === 'string') return
+  const bare = { HOME: undefined, XDG_CACHE_HOME: undefined, NODE_COMPILE_CACHE: undefined, NODE_DISABLE_COMPILE_CACHE: undefined }
+  const version = await nameless.run(['--version'], bare)
+  t.equal(version.code, 0, version.stderr)
+  t.match(version.stdout, /^\d+\.\d+\.\d+/)
+  const checked = await nameless.run(['config', 'check', new URL('../deploy/keygate.example.yaml', import.meta.url).pathname], bare)
+  t.equal(checked.code, 0, checked.stderr)
+  t.match(checked.stdout, /valid \(2 routes\)/)
+  t.notMatch(`${version.stderr}${checked.stderr}`, /uv_os_homedir|SystemError/, 'no stack trace')
+})
+
 t.test("a file of another user inside the store (left by an older keygate run as root): its user's command names it", { skip: AS_NOBODY }, async (t) => {
   if (typeof nobody === 'string') return
   const dir = tempDir(t)
