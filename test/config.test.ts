@@ -1136,6 +1136,13 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   const env = Object.fromEntries((keygate.env ?? []).map((e) => [e.name, e.value ?? secrets[e.name] ?? '']))
   for (const name of Object.keys(secrets)) t.ok(env[name], `the Kubernetes example sets ${name}`)
   const k8sConfig = loadConfig({ env })
+  // The manifest's way to ask for scopes, a file of routes (KEYGATE_CONFIG), with its
+  // KEYGATE_UPSTREAM kept: the shortcut's route for / without scopes joins the file's, and takes
+  // every valid key on each path they leave out. Before (found by a review), the manifest named
+  // the file and not that the variable must go with it.
+  const withFile = loadConfig({ file: example, env })
+  t.same(withFile.routes.filter((r) => r.scopes.length === 0).map((r) => [r.name, r.path]), [['default', '/']], 'KEYGATE_UPSTREAM adds a route without scopes to the file\'s')
+  t.match(manifest, /name routes in a\s+# configuration file \(KEYGATE_CONFIG[^)]*\)\s+# and leave KEYGATE_UPSTREAM out/, 'the manifest says to leave KEYGATE_UPSTREAM out with such a file')
   t.equal(k8sConfig.admin.listen, '0.0.0.0:8081')
   // Each form of the admin Service's name (before, found by a review: only one, and the others got 421).
   t.same(k8sConfig.admin.allowed_hosts, ['keygate-admin', 'keygate-admin.orders', 'keygate-admin.orders.svc', 'keygate-admin.orders.svc.cluster.local'])
