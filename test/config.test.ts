@@ -1144,6 +1144,12 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   t.same(withFile.routes.filter((r) => r.scopes.length === 0).map((r) => [r.name, r.path]), [['default', '/']], 'KEYGATE_UPSTREAM adds a route without scopes to the file\'s')
   t.match(manifest, /name routes in a\s+# configuration file \(KEYGATE_CONFIG[^)]*\)\s+# and leave KEYGATE_UPSTREAM out/, 'the manifest says to leave KEYGATE_UPSTREAM out with such a file')
   t.equal(k8sConfig.admin.listen, '0.0.0.0:8081')
+  // 0.0.0.0 is IPv4 alone: where pods have IPv6 addresses (single-stack IPv6, or dual-stack with
+  // IPv6 first) the kubelet probes the pod's IPv6 address, refused, and no replica gets ready.
+  // The manifest names the listen addresses for that, and they load (before, found by a review,
+  // it said nothing of it).
+  t.match(manifest, /KEYGATE_LISTEN=\[::\]:8080 and KEYGATE_ADMIN_LISTEN=\[::\]:8081/, 'the manifest names the addresses of an IPv6 cluster')
+  t.match(loadConfig({ env: { ...env, KEYGATE_LISTEN: '[::]:8080', KEYGATE_ADMIN_LISTEN: '[::]:8081' } }), { gateway: { listen: '[::]:8080' }, admin: { listen: '[::]:8081' } })
   // Each form of the admin Service's name (before, found by a review: only one, and the others got 421).
   t.same(k8sConfig.admin.allowed_hosts, ['keygate-admin', 'keygate-admin.orders', 'keygate-admin.orders.svc', 'keygate-admin.orders.svc.cluster.local'])
   // Readiness is the gateway's /healthz, not the admin /readyz that follows the shared store
