@@ -1190,4 +1190,24 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   t.same(ports.toSorted(), ['admin', 'gateway'])
   t.ok(rules('admin').length > 0 && rules('admin').every((r) => (r.from ?? []).length > 0), 'the admin port only from the sources named')
   t.ok(rules('gateway').some((r) => r.from === undefined), 'the gateway port from anywhere')
+  for (const d of parseAllDocuments(manifest)) t.same(d.errors, [], 'the manifest parses without errors')
+  // The stop, within its budgets: keygate's drain, then the store's time and 2 s (README, Running),
+  // after its preStop pause, inside the grace period; the guarded application stops only once
+  // keygate has stopped forwarding to it.
+  type Stopping = { name: string; lifecycle?: { preStop?: { sleep?: { seconds: number } } } }
+  const podSpec = k8s.spec.template.spec as unknown as { terminationGracePeriodSeconds: number; containers: Stopping[] }
+  const pause = (name: string) => podSpec.containers.find((c) => c.name === name)?.lifecycle?.preStop?.sleep?.seconds ?? Number.NaN
+  const drain = k8sConfig.gateway.shutdown_timeout_ms / 1000
+  const stop = drain + k8sConfig.store.query_timeout_ms / 1000 + 2
+  t.ok(pause('keygate') + stop < podSpec.terminationGracePeriodSeconds, `keygate's pause and stop (${pause('keygate')} + ${stop} s) within the grace period`)
+  const app = podSpec.containers.find((c) => c.name !== 'keygate')?.name ?? ''
+  t.ok(pause(app) > pause('keygate') + drain, `the application's pause (${pause(app)} s) outlasts keygate's pause and drain`)
+  // The systemd unit: its stop timeout holds the example's stop, and it checks the file serve reads.
+  const unit = readFileSync(new URL('../deploy/systemd/keygate.service', import.meta.url), 'utf8')
+  const setting = (name: string) => [...unit.matchAll(new RegExp(`^${name}=(.*)$`, 'gm'))].map((m) => m[1] as string)
+  t.ok(Number(setting('TimeoutStopSec')[0]) > config.gateway.shutdown_timeout_ms / 1000 + config.store.query_timeout_ms / 1000 + 2, 'TimeoutStopSec holds the stop')
+  const unitEnv = Object.fromEntries(setting('Environment').map((e) => e.split('=', 2) as [string, string]))
+  t.match(setting('ExecStartPre')[0], new RegExp(` config check ${unitEnv.KEYGATE_CONFIG}$`), 'ExecStartPre checks the file KEYGATE_CONFIG names')
+  t.equal(unitEnv.KEYGATE_DATA_DIR, `/var/lib/${setting('StateDirectory')[0]}`, 'the data folder is the StateDirectory, writable under ProtectSystem=strict')
+  t.equal(unitEnv.NODE_COMPILE_CACHE, `/var/cache/${setting('CacheDirectory')[0]}`, 'the compile cache is the CacheDirectory, writable under ProtectSystem=strict')
 })
