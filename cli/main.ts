@@ -16,7 +16,7 @@ import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
 import { EXIT_OK, UsageError, fail, fileArgument, parse, printDone, printJson, processIo, refuseFlags, type Command, type Io, type Parsed } from './io.ts'
-import { exposureWarning, Router } from '../gateway/route.ts'
+import { exposureWarning, Router, shortcutWarning } from '../gateway/route.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
 
@@ -241,7 +241,8 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
   const config = loadConfig({ file, env: io.env, onlyFile: true, bothListeners: true })
   // Valid, and still worth a word: a route's scopes another route's paths go around.
-  const warnings = new Router(config.routes).exposures().map(exposureWarning)
+  const shortcut = shortcutWarning(config)
+  const warnings = [...new Router(config.routes).exposures().map(exposureWarning), ...(shortcut === undefined ? [] : [shortcut])]
   if (p.values.json) printJson(io, { valid: true, file, routes: config.routes.map((r) => r.name), warnings })
   else io.out(`${file}: valid (${config.routes.length} route${config.routes.length === 1 ? '' : 's'})\n${warnings.map((w) => `warning: ${w}\n`).join('')}`)
   return EXIT_OK

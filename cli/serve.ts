@@ -36,7 +36,7 @@ import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { plainRemote } from '../core/integrations/http.ts'
 import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
-import { exposureWarning, Router } from '../gateway/route.ts'
+import { exposureWarning, Router, shortcutWarning } from '../gateway/route.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, refuseFlags, type Io } from './io.ts'
 
 /** How often the `--workers` primary reads its workers' counters between scrapes: what a killed worker counted since is lost. */
@@ -1080,6 +1080,8 @@ function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: 
 /** Logs each route whose scopes another route goes around (Router.exposures), once per start: by the gateway's process, or the primary of `--workers`. */
 function warnOfExposures(config: Config, log: Logger): void {
   for (const e of new Router(config.routes).exposures()) log.warn(exposureWarning(e), { route: e.route, by: e.by, upstream_path: e.upstreamPath })
+  const shortcut = shortcutWarning(config)
+  if (shortcut !== undefined) log.warn(shortcut)
 }
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {

@@ -76,6 +76,20 @@ export function exposureWarning(e: RouteExposure): string {
   return `route "${e.route}" has scopes, but route "${e.by}" reaches its upstream paths without them: ${e.routePath} by "${e.route}" and ${e.byPath} by "${e.by}" are both ${e.upstreamPath} to the upstream; give "${e.by}" the same scopes, or another upstream or base path`
 }
 
+/**
+ * What a start logs, and `config check` prints, when the upstream shortcut (`upstream`,
+ * KEYGATE_UPSTREAM) adds its route for `/`, without scopes, beside routes that ask for scopes:
+ * every path they do not cover is then open to any valid key. Said, not refused: a public `/`
+ * beside scoped routes may be meant. Before (found by a deployment review), nothing said so, and a
+ * manifest's advice (name scoped routes in a file) left the variable set beside them.
+ */
+export function shortcutWarning(config: { upstream?: string | undefined; routes: readonly RouteConfig[] }): string | undefined {
+  if (config.upstream === undefined) return undefined
+  const scoped = config.routes.filter((r) => r.scopes.length > 0).map((r) => JSON.stringify(r.name))
+  if (scoped.length === 0) return undefined
+  return `the upstream shortcut (upstream, KEYGATE_UPSTREAM) adds route "default" for / without scopes beside routes that ask for scopes (${scoped.join(', ')}): any valid key, admin keys included, reaches every path those routes do not cover; leave the shortcut out and name a route for / where that is not meant`
+}
+
 export class Router {
   readonly routes: readonly CompiledRoute[]
   readonly #ordered: readonly CompiledRoute[]

@@ -66,6 +66,18 @@ t.test('config check', async (t) => {
   const warnedJson = await runCliHere(['config', 'check', around, '--json'])
   t.match(warnedJson.json(), { valid: true, warnings: [/^route "api" has scopes, but route "web" reaches/] })
   t.same((await runCliHere(['config', 'check', good, '--json'])).json().warnings, [], 'none where no route goes around another')
+  // The upstream shortcut beside routes that ask for scopes (found by a deployment review): its
+  // route for /, without scopes, takes every path they do not cover, for any valid key.
+  const shortcut = join(dir, 'shortcut.yaml')
+  writeFileSync(shortcut, 'upstream: "http://127.0.0.1:3000"\nroutes:\n  - { name: orders, path: /orders, upstream: "http://127.0.0.1:3000", scopes: [orders:read] }\n')
+  const beside = await runCliHere(['config', 'check', shortcut])
+  t.equal(beside.code, 0, 'still valid')
+  t.equal(
+    beside.stdout,
+    `${shortcut}: valid (2 routes)\nwarning: the upstream shortcut (upstream, KEYGATE_UPSTREAM) adds route "default" for / without scopes beside routes that ask for scopes ("orders"): any valid key, admin keys included, reaches every path those routes do not cover; leave the shortcut out and name a route for / where that is not meant\n`,
+  )
+  writeFileSync(shortcut, 'upstream: "http://127.0.0.1:3000"\nroutes:\n  - { name: orders, path: /orders, upstream: "http://127.0.0.1:3000" }\n')
+  t.same((await runCliHere(['config', 'check', shortcut, '--json'])).json().warnings, [], 'none beside routes without scopes')
 
   const docs = await runCliHere(['config', 'docs'])
   t.equal(docs.code, 0)
