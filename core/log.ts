@@ -97,9 +97,39 @@ function errorFields(err: Error): Record<string, unknown> {
   return { name: err.name, message: err.message, ...(code !== undefined ? { code } : {}) }
 }
 
+/**
+ * The most characters of log lines that may wait in memory for a reader of stdout that does not
+ * take them (a log shipper that stalled, alive but not reading): a line past it is dropped and
+ * counted. stdout as a pipe is written asynchronously, and before (found by a review) every line
+ * waited, the heap growing with each request under the access log until the OOM killer came.
+ * A file or terminal is written synchronously, and never waits here.
+ */
+export const LOG_BACKLOG_MAX_CHARS = 8 * 1024 * 1024
+
+/** Lines dropped since the reader last took up the backlog (writeStdout). */
+let droppedLines = 0
+
+/** A log line to stdout, or dropped and counted while the backlog is full; the count is logged once the reader has taken the backlog. */
+function writeStdout(line: string): void {
+  const out = process.stdout
+  if (out.writableLength + line.length <= LOG_BACKLOG_MAX_CHARS) {
+    out.write(line)
+    return
+  }
+  // Past the stream's high-water mark, so its last write asked for a 'drain', emitted once the backlog is taken.
+  if (droppedLines++ === 0) out.once('drain', reportDropped)
+}
+
+function reportDropped(): void {
+  const dropped = droppedLines
+  droppedLines = 0
+  const record = { level: 'warn', time: new Date().toISOString(), message: `log lines dropped: stdout's reader did not take them, and ${LOG_BACKLOG_MAX_CHARS} characters of lines waited for it`, dropped }
+  process.stdout.write(JSON.stringify(record) + '\n')
+}
+
 export function createLogger(options: { level?: Level; write?: (line: string) => void; fields?: Record<string, unknown> } = {}): Logger {
   const min = RANK[options.level ?? 'info']
-  const write = options.write ?? ((line: string) => process.stdout.write(line))
+  const write = options.write ?? writeStdout
   const base = options.fields ?? {}
   const emit = (level: Level, msg: string, fields?: Record<string, unknown>) => {
     if (RANK[level] < min) return

@@ -1,7 +1,10 @@
 // `keygate serve` whose log cannot be written: stdout a pipe whose reader is gone
 // (`keygate serve | head -1`, a log shipper that died) or a full disk. (found by a review)
 import t from 'tap'
+import { once } from 'node:events'
 import { closeSync, openSync } from 'node:fs'
+import { Client } from 'undici'
+import { LOG_BACKLOG_MAX_CHARS } from '../core/log.ts'
 import { KEYGATE_BIN, capturedStderr, childEnv, spawnClean } from './helpers/cli.ts'
 import { until } from './helpers/gateway.ts'
 import { isolatedEnv } from './helpers/serve.ts'
@@ -53,4 +56,45 @@ t.test('serve whose log reader goes away while it serves stops as on SIGTERM, ex
   t.same(ended, [1, null], 'exit 1')
   t.match(stderr, 'keygate: the log cannot be written (stdout: the reader closed it); stopping\n', 'says why')
   t.notMatch(stderr, /\n\s+at |Unhandled 'error'/, 'no stack trace')
+})
+
+t.test('serve whose log reader stops reading holds a bounded backlog of log lines, and says how many it dropped once the reader reads again (found by a review)', async (t) => {
+  // Before: stdout, a pipe, is written asynchronously, and every line the reader had not taken
+  // waited in memory: with the access log on, a log shipper that stalled (alive, not reading)
+  // grew the heap with every request, 36 to 203 MiB over 400,000 requests, until the OOM killer.
+  const env = isolatedEnv({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64'), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_UPSTREAM: 'http://127.0.0.1:9', KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', KEYGATE_ACCESS_LOG: 'true' })
+  const command = spawnClean(process.execPath, [KEYGATE_BIN, 'serve'], { env: childEnv(env), cwd: tempDir(), stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  command.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d))
+  command.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d))
+  t.teardown(() => command.kill('SIGKILL'))
+  await until(t, 'serve listens', () => stdout.includes('"admin listening"'), 60_000)
+  const gateway = /"message":"gateway listening","address":"([^"]+)"/.exec(stdout)?.[1]
+  t.ok(gateway, 'the gateway address is logged')
+  // The reader stops: what it has not taken stays in the pipe (64 KiB) and then in serve.
+  command.stdout!.pause()
+  const before = stdout.length
+  // Each request's access line holds its path: 8 KiB each, 24 MiB of log in all, past the backlog's bound.
+  const requests = 3000
+  const path = `/${'p'.repeat(8 * 1024)}`
+  const client = new Client(`http://${gateway}`)
+  t.teardown(() => client.close())
+  for (let i = 0; i < requests; i++) {
+    const answer = await client.request({ method: 'GET', path })
+    await answer.body.dump()
+  }
+  command.stdout!.resume()
+  const accessLines = () => stdout.slice(before).split('\n').filter((l) => l.includes('"message":"request"')).length
+  const dropped = () => Number(/"message":"log lines dropped[^\n]*"dropped":(\d+)/.exec(stdout)?.[1] ?? 0)
+  await until(t, 'every line is either written or counted as dropped', () => accessLines() + dropped() >= requests, 60_000)
+  t.ok(dropped() > 0, `lines were dropped (${dropped()}), not held without bound`)
+  t.ok(stdout.length - before <= LOG_BACKLOG_MAX_CHARS + 2 * 1024 * 1024, `at most the bound and the pipe's share were kept: ${stdout.length - before} characters of ${requests * path.length}`)
+  // Serve writes on: a request after the reader is back is logged.
+  const after = await client.request({ method: 'GET', path: '/after-the-drop' })
+  await after.body.dump()
+  await until(t, 'a later line is written', () => stdout.includes('"path":"/after-the-drop"'), 20_000)
+  command.kill('SIGTERM')
+  await once(command, 'close')
+  capturedStderr.push(stderr)
 })
