@@ -194,38 +194,45 @@ export class Scheduler {
     // A batch of keys per transaction (each takes the lock again): a backlog of tens of thousands
     // is neither one statement past store.query_timeout_ms, rolled back every round, nor row
     // locks held on all of them while admin calls on those keys wait. A batch that changes
-    // nothing (its keys changed meanwhile) ends the round; the next round goes on.
-    for (;;) {
-      const batch = await this.#o.db.transaction(async (tx) => {
-        const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
-        if (!lock?.ok) return undefined
-        const locked = await this.#lockDue(tx, now, notice, this.#batch)
-        const done = { full: locked.length === this.#batch, ended: [] as Ended[], announced: [] as typeof announced, events: [] as KeygateEvent[] }
-        if (locked.length === 0) return done
-        done.ended = await this.#endKeys(tx, now, locked)
-        done.announced = await this.#announce(tx, now, notice, locked)
-        await this.#o.audit.writeMany(tx, SYSTEM, [
-          ...done.ended.map((e) => ({ keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })),
-          ...done.announced.map((a) => ({ keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })),
-        ])
-        // In this transaction: the notices are recorded as sent, so their events must not be lost.
-        const staged = await this.#o.events?.stageMany(
-          tx,
-          done.announced.map((a) => ({ type: 'key.expiring' as const, data: { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() } })),
-        )
-        if (staged) done.events.push(...staged)
-        return done
-      })
-      // Another instance holds the lock: this round is its (or, after a first batch, it goes on with it).
-      if (batch === undefined) {
-        if (ended.length === 0 && announced.length === 0) return null
-        break
+    // nothing (its keys changed meanwhile) ends the round; the next round goes on. A batch that
+    // fails is logged and the round goes on to the prunes and jobs, as a prune that fails does:
+    // before (found by a review), its error ended the round, so what the batches before it had
+    // done was in no log line, and a batch failing every round kept every prune and job from running.
+    try {
+      for (;;) {
+        const batch = await this.#o.db.transaction(async (tx) => {
+          const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
+          if (!lock?.ok) return undefined
+          const locked = await this.#lockDue(tx, now, notice, this.#batch)
+          const done = { full: locked.length === this.#batch, ended: [] as Ended[], announced: [] as typeof announced, events: [] as KeygateEvent[] }
+          if (locked.length === 0) return done
+          done.ended = await this.#endKeys(tx, now, locked)
+          done.announced = await this.#announce(tx, now, notice, locked)
+          await this.#o.audit.writeMany(tx, SYSTEM, [
+            ...done.ended.map((e) => ({ keyId: e.key.id, action: 'key.expired', details: { reason: e.reason, deadline: e.deadline.toISOString() } })),
+            ...done.announced.map((a) => ({ keyId: a.key.id, action: 'key.expiring', details: { kind: a.kind, deadline: a.deadline.toISOString() } })),
+          ])
+          // In this transaction: the notices are recorded as sent, so their events must not be lost.
+          const staged = await this.#o.events?.stageMany(
+            tx,
+            done.announced.map((a) => ({ type: 'key.expiring' as const, data: { key: keyJson(a.key), kind: a.kind, deadline: a.deadline.toISOString() } })),
+          )
+          if (staged) done.events.push(...staged)
+          return done
+        })
+        // Another instance holds the lock: this round is its (or, after a first batch, it goes on with it).
+        if (batch === undefined) {
+          if (ended.length === 0 && announced.length === 0) return null
+          break
+        }
+        ended.push(...batch.ended)
+        announced.push(...batch.announced)
+        this.#o.keys.notify(batch.ended.map((e): KeyChange => ({ action: 'expired', key: e.key })))
+        for (const event of batch.events) this.#o.events?.publish(event)
+        if (!batch.full || batch.ended.length + batch.announced.length === 0 || this.#stopping) break
       }
-      ended.push(...batch.ended)
-      announced.push(...batch.announced)
-      this.#o.keys.notify(batch.ended.map((e): KeyChange => ({ action: 'expired', key: e.key })))
-      for (const event of batch.events) this.#o.events?.publish(event)
-      if (!batch.full || batch.ended.length + batch.announced.length === 0 || this.#stopping) break
+    } catch (err) {
+      this.#o.log.warn('scheduler key changes failed; trying again next interval', { err: err as Error })
     }
     // After the keys' transaction, a statement at a time: a long prune holds no key's row lock
     // (an admin call on a key being expired would wait out its own query timeout behind it), and

@@ -618,6 +618,40 @@ t.test('a backlog is ended in batches of batchSize keys, a transaction each', as
   t.equal((await s.audit.list(store.db, { action: 'key.expired', limit: 100 })).length, 25, 'with an audit row each')
 })
 
+t.test('a key batch that fails takes nothing with it: the batches before it are logged, and the prunes and jobs still run', async (t) => {
+  // Before (found by a review), its error ended the round: what the batches before it had ended
+  // and announced (committed, told to the caches) was in no log line, and a batch failing every
+  // round (a statement timeout on a large key table) kept every prune and job from running.
+  const store = await openStore(t, 'embedded')
+  const clock = testClock(T0)
+  const s = testServices(store.db, { clock })
+  for (let i = 0; i < 25; i++) await s.keys.create({ name: `due ${i}`, type: 'user', expires_at: new Date(T0.getTime() + HOUR).toISOString() }, ACTOR)
+  const hour = (ms: number) => new Date(ms - (ms % 3_600_000))
+  await store.db.query(`INSERT INTO api_key_rejections (bucket, reason, count) VALUES ($1, 'batch_failed', 1)`, [hour(T0.getTime() - 401 * DAY)])
+  // The second key transaction fails, as a statement timeout or a lost connection would end it.
+  let transactions = 0
+  const failing = new Proxy(store.db, {
+    get: (db, prop) => {
+      const v = Reflect.get(db, prop) as unknown
+      if (prop !== 'transaction') return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(db) : v
+      return (fn: (tx: Queryable) => Promise<unknown>, options?: object) => (++transactions === 2 ? Promise.reject(new Error('the store failed')) : db.transaction(fn, options as never))
+    },
+  })
+  const logged: Array<[string, string, unknown]> = []
+  const log = { ...silentLogger, info: (msg: string, fields?: unknown) => void logged.push(['info', msg, fields]), warn: (msg: string, fields?: unknown) => void logged.push(['warn', msg, fields]) }
+  const ran: string[] = []
+  const rules = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30, usageDays: 400 }).filter((r) => r.table === 'api_key_rejections')
+  const scheduler = new Scheduler({ db: failing, keys: s.keys, audit: s.audit, log, now: clock.now, batchSize: 10, intervalS: 60, noticeMs: 0, pruneRules: rules, jobs: [{ name: 'after', run: async () => (ran.push('after'), 1) }] })
+  clock.set(new Date(T0.getTime() + 2 * HOUR))
+  const run = await scheduler.runOnce()
+  t.equal(run?.expired.length, 10, 'the first batch of ten ended')
+  t.equal(run?.pruned.api_key_rejections, 1, 'the prune still ran')
+  t.same(ran, ['after'], 'and the jobs')
+  t.match(logged, [['warn', 'scheduler key changes failed; trying again next interval', { err: { message: 'the store failed' } }], ['info', 'scheduler run', { expired: 10 }]], 'the failure is logged, and what the round did')
+  const next = await scheduler.runOnce()
+  t.equal(next?.expired.length, 15, 'the next round ends the rest')
+})
+
 // Before, each announcement's event was staged in a statement of its own: a round announcing
 // 10,000 keys for one webhook took 9.3 s on the embedded store, 7.1 times the round without
 // events; now 2.4 s, 1.5 times (bench/scheduler.ts).
