@@ -1,6 +1,8 @@
-// The scheduler (SPEC §2 scheduled rotation, §5 cleanup): every `scheduler.interval_s`, in one
-// transaction that first takes a PostgreSQL advisory lock (so one instance does the work however
-// many run it; the others skip that round), with the clock given to it (tests pass their own):
+// The scheduler (SPEC §2 scheduled rotation, §5 cleanup): every `scheduler.interval_s`, in
+// transactions that each first take a PostgreSQL advisory lock (so no two instances change keys
+// at once; one that finds it held skips that round; held by a transaction only, it does not keep
+// another instance's round from running after this one's key changes, nor its prunes and jobs
+// beside this one's), with the clock given to it (tests pass their own):
 //
 // 1. Grace ends: a `rotating` key whose grace_until has passed becomes `expired`.
 // 2. Expiry: an `active` or `rotating` key whose expires_at has passed becomes `expired`.
@@ -60,7 +62,11 @@ export interface PruneRule {
   rows?: string
 }
 
-/** Upkeep another feature asks the scheduler to run each round (by one instance at a time). */
+/**
+ * Upkeep another feature asks the scheduler to run each round, after the prunes. Not by one
+ * instance at a time: another instance's round may run it at the same moment, so each of its
+ * statements must hold beside another's (a compare-and-set, a delete of what is still there).
+ */
 export interface SchedulerJob {
   name: string
   /**

@@ -474,6 +474,24 @@ forEachStore(t, async (t, store) => {
       t.ok(both.some((r) => r !== null), 'of two at once, at least one ran and none failed')
     })
 
+    await t.test("the lock is a key batch's only: another instance's round runs its jobs while this one's still do", async (t) => {
+      // As README "The scheduler" says (before, found by a review, it and SchedulerJob said one
+      // instance did each round, jobs one instance at a time): a job must hold beside another's.
+      const other = await openDb({ databaseUrl: store.url, poolMax: 2 })
+      t.teardown(() => other.close())
+      let bothIn: () => void = () => {}
+      const meet = new Promise<void>((resolve) => (bothIn = resolve))
+      let inside = 0
+      const job = { name: 'meet', run: async () => (++inside === 2 ? bothIn() : await meet, inside) }
+      const make = (db: Db) => new Scheduler({ db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: DAY, pruneRules: [], jobs: [job] })
+      const first = make(store.db).runOnce()
+      for (let i = 0; i < 500 && inside === 0; i++) await new Promise((resolve) => setTimeout(resolve, 10))
+      t.equal(inside, 1, "the first round's job is running")
+      const second = await make(other).runOnce()
+      t.same(second?.jobs, { meet: 2 }, "the second round ran, its job beside the first's")
+      t.same((await first)?.jobs, { meet: 2 })
+    })
+
     await t.test('a long prune holds no lock on the keys the run expired', async (t) => {
       const slow = await pruneTable('prune_slow', 'PERFORM pg_sleep(1.5);')
       const record = await expiringKey('expires-before-a-slow-prune')
