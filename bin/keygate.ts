@@ -12,7 +12,7 @@ process.report.excludeEnv = true
 
 const command = process.argv[2]
 const [LIFTOFF] = SHORT_COMMAND_V8_FLAGS
-const STORE_COMMANDS = new Set(['api-key', 'gitea', 'n8n', 'migrate'])
+const STORE_COMMANDS = new Set(['api-key', 'deny-list', 'gitea', 'n8n', 'migrate'])
 
 // A debugger attached to this process would find no command in it: such a run stays in one process.
 const debugging = process.execArgv.some((a) => a.startsWith('--inspect'))

@@ -496,3 +496,28 @@ t.test('a diagnostic report an operator turns on (NODE_OPTIONS=--report-on-signa
   command.kill('SIGTERM')
   await exited
 })
+
+t.test('every command that may open the embedded store runs it in a second process with the short commands\' V8 flags, deny-list among them (found by a review)', async (t) => {
+  // deny-list opens the store as api-key does, and ran in one process with both of V8's compilers:
+  // the README's list of such commands left it out, and its start cost what theirs no longer does.
+  const dir = tempDir()
+  const env = childEnv(isolated({ KEYGATE_DATA_DIR: join(dir, 'store') }))
+  // Commands that change something: they make the store (one that only reads is refused at once without one).
+  for (const args of [['api-key', 'create', '--name', 'flags', '--type', 'user'], ['deny-list', 'add', '192.0.2.1']]) {
+    const command = spawnClean(process.execPath, [KEYGATE_BIN, ...args], { env, cwd: dir, stdio: ['ignore', 'ignore', 'ignore'] })
+    let exited = false
+    command.once('exit', () => (exited = true))
+    t.teardown(() => void command.kill('SIGKILL'))
+    let flags: string[] | undefined
+    await until(t, `${args.join(' ')}: started its second process, or ended`, () => {
+      if (exited) return true
+      try {
+        const child = readFileSync(`/proc/${command.pid}/task/${command.pid}/children`, 'utf8').trim().split(' ')[0]
+        if (child) flags = readFileSync(`/proc/${child}/cmdline`, 'utf8').split('\0')
+      } catch {}
+      return flags !== undefined
+    })
+    t.ok(flags?.includes(SHORT_COMMAND_V8_FLAGS[0] as string), `${args.join(' ')}: a second process with ${SHORT_COMMAND_V8_FLAGS[0]}`)
+    await new Promise<void>((resolve) => (exited ? resolve() : command.once('exit', () => resolve())))
+  }
+})
