@@ -925,7 +925,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         await lockoutsInForce(log)
       }
       const at = await listen(gateway.server, config.gateway.listen, 'gateway.listen', { shared: mode.worker })
-      log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls) })
+      log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls), max_connections: gateway.server.maxConnections ?? null })
       if (config.routes.length === 0) log.warn('no routes are configured: no request reaches an upstream; one that passes the checks (a valid key) is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
       if (!mode.worker) warnOfExposures(config, log)
     }

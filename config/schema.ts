@@ -116,6 +116,11 @@ export const ConfigSchema = Type.Object(
           default: false,
           description: 'Answer key_expired/key_revoked instead of key_invalid for known bad keys (off: a response never tells which).',
         }),
+        max_connections: int(0, 0, 10_000_000, {
+          description:
+            "Client connections the gateway holds open at once (in each process under `--workers`); one more is closed as it is accepted, unanswered, counted in keygate_gateway_connections_refused_total and warned of at most once a minute. Each may hold a connection to an upstream too, so without a cap a client holding open file-descriptor-limit / 2 connections (requests to an upstream that is slow to answer) took every file descriptor, and the admin listener's health and metrics, the gateway's /healthz, and new connections to the store and Redis failed until they ended (found by a review). 0: derived from the process's open-file limit (Linux's soft `Max open files`), (limit - 256) / 2, at least 1, leaving 256 for the admin listener, the store's pool, Redis and the process's own files; no cap where the limit cannot be read or is unlimited. A number above what the limit allows is taken as given, with a warning at start.",
+          env: 'KEYGATE_MAX_CONNECTIONS',
+        }),
         max_header_bytes: int(16_384, 1024, 1_048_576, { description: 'Largest request header block accepted (431 above).' }),
         max_headers: int(100, 8, 1000, { description: 'Most request header lines accepted (431 above).' }),
         max_response_header_bytes: int(65_536, 1024, 1_048_576, {

@@ -224,6 +224,12 @@ export interface GatewayMetrics {
   readonly storeErrors: { lookup: CounterChild; denyList: CounterChild }
   /** Anomalies this process recorded (the instance whose insert made the row), by type. */
   readonly anomalies: Readonly<Record<AnomalyType, CounterChild>>
+  /** Client connections closed as they were accepted, the gateway holding gateway.max_connections. */
+  readonly connectionsRefused: Counter
+  /** The gateway's cap on client connections (absent while there is none). */
+  readonly connectionsMax: Gauge
+  /** Where `keygate_gateway_connections` reads the gateway's open client connections at each scrape (the gateway sets it once its server is made). */
+  openConnections: (() => Promise<number>) | undefined
 }
 
 // A series exists (at 0) from start-up, so rates and alerts work before the first event.
@@ -460,6 +466,22 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
   cacheEntries.set({ cache: 'unknown' }, 0)
   const storeErrors = new Counter({ name: 'keygate_store_errors_total', help: 'Store failures seen by the gateway, by operation.', labelNames: ['operation'], registers })
   const anomalyCounter = new Counter({ name: 'keygate_anomalies_total', help: 'Anomalies recorded by this process, by type.', labelNames: ['type'], registers })
+  // Each process under --workers has its own cap and connections: added up, they are the instance's.
+  const connectionsRefused = new Counter({
+    name: 'keygate_gateway_connections_refused_total',
+    help: 'Client connections the gateway closed as it accepted them, holding gateway.max_connections already.',
+    registers,
+  })
+  connectionsRefused.inc(0)
+  const connectionsMax = new Gauge({ name: 'keygate_gateway_connections_max', help: 'Client connections the gateway holds open at most (gateway.max_connections, or what the open-file limit allows); 0 without a cap.', registers })
+  new Gauge({
+    name: 'keygate_gateway_connections',
+    help: 'Client connections the gateway holds open.',
+    registers,
+    async collect() {
+      this.set((await metrics.openConnections?.()) ?? 0)
+    },
+  })
 
   const byRoute = new Map<string, RouteMetrics>()
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
@@ -488,6 +510,9 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     cacheEntries: undefined,
     storeErrors: { lookup: zeroed(storeErrors.labels('key_lookup')), denyList: zeroed(storeErrors.labels('deny_list')) },
     anomalies: Object.freeze(anomalies),
+    connectionsRefused,
+    connectionsMax,
+    openConnections: undefined,
   }
   return metrics
 }

@@ -21,6 +21,7 @@ import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metri
 import { redisHealth } from '../core/redis.ts'
 import { NO_USAGE, type UsageSink } from '../core/usage.ts'
 import { createClientAddressStage } from './client-address.ts'
+import { capConnections } from './connection-cap.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
 import { cachedKeys, KeyCache } from './key-cache.ts'
@@ -270,6 +271,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   })
   // One more than allowed, so "too many" can be seen (Node silently drops header lines past this count).
   server.maxHeadersCount = g.max_headers + 1
+  capConnections(server, { configured: g.max_connections, log, metrics })
 
   // The request of each body being read: a parser error inside it (a malformed chunk, the
   // client's end part-way) is that request's, counted and logged once under its route and id.

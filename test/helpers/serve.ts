@@ -63,6 +63,8 @@ export interface ServeOptions {
    * to 4.0 s of CPU, 2.2 to 2.5 s with the flag).
    */
   tiering?: 'liftoff' | 'full'
+  /** The process's open-file limit, soft and hard (`ulimit -n`, which Node cannot raise then). */
+  openFiles?: number
 }
 
 export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served> {
@@ -71,7 +73,10 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
   const buffers = options.tiering === 'full' ? {} : { KEYGATE_EMBEDDED_SHARED_BUFFERS_MB: '16' }
   const env = childEnv({ KEYGATE_LISTEN: '127.0.0.1:0', KEYGATE_ADMIN_LISTEN: '127.0.0.1:0', LOG_LEVEL: 'info', ...buffers, ...options.env })
   const v8 = options.tiering === 'full' ? [] : ['--liftoff-only']
-  const child = spawnClean(process.execPath, [...v8, options.bin ?? KEYGATE_BIN, 'serve', ...(options.args ?? [])], { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
+  const command = [process.execPath, ...v8, options.bin ?? KEYGATE_BIN, 'serve', ...(options.args ?? [])]
+  // The shell replaces itself with the process (exec): its pid is serve's.
+  const limited = options.openFiles === undefined ? command : ['sh', '-c', `ulimit -n ${options.openFiles} && exec "$@"`, 'sh', ...command]
+  const child = spawnClean(limited[0] as string, limited.slice(1), { env, cwd: options.cwd ?? process.cwd(), stdio: ['ignore', 'pipe', 'pipe'], detached: options.detached ?? false })
   let out = ''
   let err = ''
   let partial = ''
