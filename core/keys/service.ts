@@ -352,17 +352,39 @@ export class KeyService {
 
   /**
    * Runs `work` in one transaction. The changes it pushes go to the committing listeners inside
-   * it, and to the change listeners once it has committed, in the order pushed.
+   * it, and to the change listeners once it has committed, in the order pushed. `kept`: for a
+   * change that hands out a key's plaintext (create, rotate), whether its row is in the store,
+   * asked when the transaction failed at its COMMIT: the commit may have been made and only its
+   * answer lost (the connection dropped between). Kept, the change succeeded and its key is
+   * handed out; before (found by a review), the caller got a 503 while an active key stood in
+   * the store whose plaintext nobody had, and a retry made a second one.
    */
-  async #commit<T>(work: (tx: Queryable, changes: KeyChange[]) => Promise<T>, last?: (result: T) => void | Promise<void>): Promise<T> {
+  async #commit<T>(work: (tx: Queryable, changes: KeyChange[]) => Promise<T>, last?: (result: T) => void | Promise<void>, kept?: (db: Queryable) => Promise<boolean>): Promise<T> {
     const changes: KeyChange[] = []
-    const result = await this.#db.transaction(async (tx) => {
-      changes.length = 0
-      const r = await work(tx, changes)
-      for (const change of changes) for (const l of this.#committing) await l(tx, change)
-      await last?.(r)
-      return r
-    })
+    let done: { result: T } | undefined
+    let result: T
+    try {
+      result = await this.#db.transaction(async (tx) => {
+        changes.length = 0
+        done = undefined
+        const r = await work(tx, changes)
+        for (const change of changes) for (const l of this.#committing) await l(tx, change)
+        await last?.(r)
+        done = { result: r }
+        return r
+      })
+    } catch (err) {
+      // Failed before its COMMIT was sent (nothing kept), or nothing to ask by.
+      if (done === undefined || kept === undefined) throw err
+      let there: boolean
+      try {
+        there = await kept(this.#db)
+      } catch {
+        throw err
+      }
+      if (!there) throw err
+      result = done.result
+    }
     this.#emit(changes)
     return result
   }
@@ -461,8 +483,13 @@ export class KeyService {
       })
       changes.push({ action: 'created', key: k })
       return k
-    })
+    }, undefined, (db) => this.#stored(db, generated))
     return { key: generated.key, record }
+  }
+
+  /** Whether the key `generated` made is in the store (#commit's `kept`). */
+  async #stored(db: Queryable, generated: { id: string; hash: string }): Promise<boolean> {
+    return (await db.query('SELECT 1 FROM api_keys WHERE id = $1 AND key_hash = $2', [generated.id, generated.hash])).length > 0
   }
 
   /** A key as it is now (its status as the gateway judges it: see #asOf). */
@@ -712,7 +739,7 @@ export class KeyService {
       const ended = ends ? await this.#endPredecessors(tx, id, now, `successor ${id} ${why}`, actor) : []
       changes.push({ action: 'rotated', key: fresh, previous }, ...ended.map((k) => ({ action: 'revoked' as const, key: k })))
       return { record: fresh, previous }
-    })
+    }, undefined, (db) => this.#stored(db, generated))
     return { key: generated.key, record: result.record, previous: result.previous }
   }
 
