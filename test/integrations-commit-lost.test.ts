@@ -8,11 +8,10 @@ import t, { type Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
 import { GiteaTokenService } from '../core/integrations/gitea.ts'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
-import { migrate } from '../core/migrate.ts'
 import { FakeGitea } from './helpers/fake-gitea.ts'
 import { integrationDeps } from './helpers/integrations.ts'
 import { startN8n } from './helpers/n8n.ts'
-import { freshDatabase, rejection } from './helpers/stores.ts'
+import { migratedDatabase, rejection } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
 const actor = { actor: 'cli:tester' }
@@ -33,14 +32,6 @@ interface Subject {
 function closing<S extends { close(): Promise<void> }>(t: Test, service: S): S {
   t.teardown(() => service.close())
   return service
-}
-
-async function directStore(t: Test): Promise<{ url: string; direct: Db }> {
-  const url = await freshDatabase(t)
-  const direct = await openDb({ databaseUrl: url })
-  t.teardown(() => direct.close())
-  await migrate(direct)
-  return { url, direct }
 }
 
 async function cases(t: Test, url: string, direct: Db, s: Subject): Promise<void> {
@@ -96,7 +87,7 @@ async function cases(t: Test, url: string, direct: Db, s: Subject): Promise<void
 }
 
 t.test('Gitea', async (t) => {
-  const { url, direct } = await directStore(t)
+  const { url, direct } = await migratedDatabase(t)
   const fake = new FakeGitea()
   await fake.start()
   fake.addUser('alice', 'alice-Secret-pw-1')
@@ -116,7 +107,7 @@ t.test('Gitea', async (t) => {
 })
 
 t.test('n8n', async (t) => {
-  const { url, direct } = await directStore(t)
+  const { url, direct } = await migratedDatabase(t)
   const n8n = await startN8n(t)
   const env = { N8N_URL: n8n.url, N8N_EMAIL: n8n.email, N8N_PASSWORD: n8n.password }
   const service = (db: Db) => closing(t, new N8nKeyService(integrationDeps(db, env)))

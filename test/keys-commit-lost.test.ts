@@ -5,20 +5,11 @@
 // change succeeds and the key is handed out. Through a TCP gate in front of PostgreSQL that cuts the
 // connection just before or just after the COMMIT goes through.
 import t, { type Test } from 'tap'
-import { openDb, type Db } from '../core/db.ts'
-import { migrate } from '../core/migrate.ts'
-import { freshDatabase, rejection, testServices } from './helpers/stores.ts'
+import { openDb } from '../core/db.ts'
+import { migratedDatabase, rejection, testServices } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 
 const actor = { actor: 'admin:tester' }
-
-async function stores(t: Test): Promise<{ url: string; direct: Db }> {
-  const url = await freshDatabase(t)
-  const direct = await openDb({ databaseUrl: url })
-  t.teardown(() => direct.close())
-  await migrate(direct)
-  return { url, direct }
-}
 
 /** The key service on a store reached through a gate that cuts the connection of the statement `first` at its COMMIT. */
 async function gated(t: Test, url: string, first: string, when: 'before' | 'after') {
@@ -29,7 +20,7 @@ async function gated(t: Test, url: string, first: string, when: 'before' | 'afte
 }
 
 t.test('a key created, its commit made and its answer lost: the create succeeds, with the key that is in the store', async (t) => {
-  const { url, direct } = await stores(t)
+  const { url, direct } = await migratedDatabase(t)
   const { keys, cut } = await gated(t, url, 'INSERT INTO api_keys', 'after')
   const made = await keys.create({ name: 'kept', type: 'service' }, actor)
   await cut
@@ -39,7 +30,7 @@ t.test('a key created, its commit made and its answer lost: the create succeeds,
 })
 
 t.test('a key created, its commit not made: 503, and nothing kept', async (t) => {
-  const { url, direct } = await stores(t)
+  const { url, direct } = await migratedDatabase(t)
   const { keys, cut } = await gated(t, url, 'INSERT INTO api_keys', 'before')
   const err = await rejection(keys.create({ name: 'lost', type: 'service' }, actor))
   await cut
@@ -48,7 +39,7 @@ t.test('a key created, its commit not made: 503, and nothing kept', async (t) =>
 })
 
 t.test('a key rotated, its commit made and its answer lost: the rotation succeeds, with the new key that is in the store', async (t) => {
-  const { url, direct } = await stores(t)
+  const { url, direct } = await migratedDatabase(t)
   const old = await testServices(direct).keys.create({ name: 'to-rotate', type: 'service' }, actor)
   const { keys, cut } = await gated(t, url, 'INSERT INTO api_keys', 'after')
   const rotated = await keys.rotate(old.record.id, {}, actor)
@@ -59,7 +50,7 @@ t.test('a key rotated, its commit made and its answer lost: the rotation succeed
 })
 
 t.test('a key rotated, its commit not made: 503, and the old key as it was', async (t) => {
-  const { url, direct } = await stores(t)
+  const { url, direct } = await migratedDatabase(t)
   const old = await testServices(direct).keys.create({ name: 'not-rotated', type: 'service' }, actor)
   const { keys, cut } = await gated(t, url, 'INSERT INTO api_keys', 'before')
   const err = await rejection(keys.rotate(old.record.id, {}, actor))

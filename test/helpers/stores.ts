@@ -70,6 +70,15 @@ export async function freshDatabase(t: Pick<Test, 'teardown'>): Promise<string> 
   return url.toString()
 }
 
+/** A fresh database (freshDatabase), migrated: its URL, and a store on it reached directly, closed when `t` ends. */
+export async function migratedDatabase(t: Pick<Test, 'teardown'>): Promise<{ url: string; direct: Db }> {
+  const url = await freshDatabase(t)
+  const direct = await openDb({ databaseUrl: url })
+  t.teardown(() => direct.close())
+  await migrate(direct)
+  return { url, direct }
+}
+
 /** Ends every other connection to the PostgreSQL database at `url`, as a server restart or a network failure would. */
 export async function endConnections(url: string): Promise<void> {
   const admin = new pg.Client({ connectionString: url })
