@@ -374,9 +374,14 @@ function stopSignal(log: Logger, options: { worker: boolean; onHangup?: () => vo
   // One that came while the modules loaded: the stop begins now.
   const early = takeEarlyStop()
   if (early) on(early)
-  // The log that cannot be written stops serve as SIGTERM does (watchLog), failed already or later.
-  onLogLost = () => on('log_lost')
-  if (logLost !== undefined) on('log_lost')
+  // The log that cannot be written stops serve as SIGTERM does (watchLog), failed already or later;
+  // during a stop under way it changes only the exit code, not being a second signal (before,
+  // found by a review, a log lost a second or more into a drain ended the process at once).
+  const lost = () => {
+    if (first === undefined) on('log_lost')
+  }
+  onLogLost = lost
+  if (logLost !== undefined) lost()
   return {
     stopped,
     dispose() {

@@ -3,11 +3,11 @@
 import t from 'tap'
 import { once } from 'node:events'
 import { closeSync, openSync } from 'node:fs'
-import { Client } from 'undici'
+import { Client, request } from 'undici'
 import { LOG_BACKLOG_MAX_CHARS } from '../core/log.ts'
 import { KEYGATE_BIN, capturedStderr, childEnv, spawnClean } from './helpers/cli.ts'
-import { until } from './helpers/gateway.ts'
-import { isolatedEnv } from './helpers/serve.ts'
+import { call, echo, startUpstream, until } from './helpers/gateway.ts'
+import { isolatedEnv, serve } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { tempDir } from './helpers/cli-lifecycle.ts'
 
@@ -97,4 +97,38 @@ t.test('serve whose log reader stops reading holds a bounded backlog of log line
   command.kill('SIGTERM')
   await once(command, 'close')
   capturedStderr.push(stderr)
+})
+
+t.test('serve whose log reader goes away during a stop begun a second or more before goes on draining: the log lost is not a second signal (found by a review)', async (t) => {
+  // Before: the log lost called the stop's signal handler, which took it, a second after the
+  // SIGTERM, for an operator's second signal and exited at once, cutting the requests in flight.
+  let arrived!: () => void
+  const arrival = new Promise<void>((r) => (arrived = r))
+  let release!: () => void
+  const released = new Promise<void>((r) => (release = r))
+  t.teardown(() => release())
+  const upstream = await startUpstream(t, (req, res, received) => {
+    arrived()
+    void released.then(() => echo(req, res, received))
+  })
+  const token = 'an-admin-token-of-32-characters!'
+  const s = await serve(t, { env: isolatedEnv({ DATABASE_URL: await freshDatabase(t), KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64'), KEYGATE_ADMIN_TOKEN: token, KEYGATE_UPSTREAM: upstream.url }) })
+  const key = (await call(`${s.admin}/v1/keys`, { method: 'POST', token, body: { type: 'service', name: 'in flight' } })).json.key as string
+  const answer = request(`${s.gateway}/slow`, { headers: { authorization: `Bearer ${key}` } }).then(
+    async (r) => (await r.body.dump(), r.statusCode),
+    (err: NodeJS.ErrnoException) => err.code,
+  )
+  await arrival
+  s.child.kill('SIGTERM')
+  await s.waitForLog((l) => l.message === 'shutting down')
+  // Past the second within which a signal told again is taken for the same stop: at least that
+  // long, whatever the machine's load.
+  await new Promise((r) => setTimeout(r, 1200))
+  // The reader goes; the next log line (SIGHUP's) cannot be written.
+  s.child.stdout!.destroy()
+  s.child.kill('SIGHUP')
+  await until(t, 'the log lost is said', () => s.stderr().includes('keygate: the log cannot be written'), 60_000)
+  release()
+  t.equal(await answer, 200, 'the request in flight is answered')
+  t.equal(await s.exited, 1, 'exit 1, the log lost')
 })
