@@ -929,6 +929,14 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
   let owned: string | undefined
   let listening: net.Server | undefined
   let unlockTaking: (() => void) | undefined
+  // Once: the marker is known by its inode, which the file system may give another process's
+  // marker once this one is gone (a signal after the lock was taken would have removed that one;
+  // found by a review).
+  const giveTakingBack = () => {
+    const give = unlockTaking
+    unlockTaking = undefined
+    give?.()
+  }
   const release = () => {
     // The socket first, then the owner file: removed with the lock still held, neither is ever
     // another process's.
@@ -964,7 +972,7 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
   const onSignal = (signal: NodeJS.Signals) => {
     for (const s of LOCK_SIGNALS) process.off(s, onSignal)
     if (linked) release()
-    unlockTaking?.()
+    giveTakingBack()
     try {
       unlinkSync(mine)
     } catch {}
@@ -1085,7 +1093,7 @@ async function lockDataDir(dir: string, hints: { other: string; server: string; 
     if (!linked) offSignals()
     throw err
   } finally {
-    unlockTaking?.()
+    giveTakingBack()
     unlinkSync(mine)
   }
 }
