@@ -422,6 +422,7 @@ t.test('loadAuditCipher', async (t) => {
       const lines: string[] = []
       use(dir, createLogger({ level: 'debug', write: (l) => lines.push(l) }))
       t.equal(statSync(file).mode & 0o777, 0o600, `${what}: the file is its owner's only`)
+      t.equal(lines.length, 1, `${what}: one line`)
       t.match(lines.map((l) => JSON.parse(l) as unknown), [{ level: 'warn', message: /readable by other users/, file, mode: '0644' }], `${what}: a warning says so`)
       t.notOk(lines.some((l) => l.includes(key)), `${what}: the key is not logged`)
     }

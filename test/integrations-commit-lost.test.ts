@@ -54,7 +54,9 @@ async function cases(t: Test, url: string, direct: Db, s: Subject): Promise<void
     await cut
     t.ok(made.secret, 'the secret is handed out')
     t.same(await s.remote(name), [made.remote_id], `${s.table}: the credential is still in the service`)
-    t.match(await rows(name), [{ id: made.id, deleted_at: null }], 'and recorded')
+    const recorded = await rows(name)
+    t.equal(recorded.length, 1, 'one record')
+    t.match(recorded, [{ id: made.id, deleted_at: null }], 'and recorded')
     t.same((await audit(made.id)).map((a) => a.action), [s.table === 'gitea_tokens' ? 'gitea.token.created' : 'n8n.key.created'], 'with its audit row')
     t.equal(await state(name), 'in_sync')
   })
@@ -82,7 +84,9 @@ async function cases(t: Test, url: string, direct: Db, s: Subject): Promise<void
     t.ok(err.message.includes(`\`${`keygate ${s.label} delete ${remoteId}`}\``), `names the command that closes it: ${err.message}`)
     t.equal(await state(name), 'deleted_remotely', 'listed as deleted remotely, as the message says')
     t.match(await s.direct.delete(remoteId, actor), { remote_missing: true }, 'the command named closes it')
-    t.match(await rows(name), [{ deleted_at: /./ }])
+    const closed = await rows(name)
+    t.equal(closed.length, 1, 'one record')
+    t.match(closed, [{ deleted_at: /./ }])
   })
 }
 

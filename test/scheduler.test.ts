@@ -665,6 +665,7 @@ t.test('a key batch that fails takes nothing with it: the batches before it are 
   t.equal(run?.expired.length, 10, 'the first batch of ten ended')
   t.equal(run?.pruned.api_key_rejections, 1, 'the prune still ran')
   t.same(ran, ['after'], 'and the jobs')
+  t.equal(logged.length, 2, 'two lines: the failure once, and the round')
   t.match(logged, [['warn', 'scheduler key changes failed; trying again next interval', { err: { message: 'the store failed' } }], ['info', 'scheduler run', { expired: 10 }]], 'the failure is logged, and what the round did')
   const next = await scheduler.runOnce()
   t.equal(next?.expired.length, 15, 'the next round ends the rest')
