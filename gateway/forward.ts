@@ -932,7 +932,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             if (codedBeyondChunked(s, route, answer)) {
               relaying = false
               sendError(ctx, s, 'upstream_unavailable')
-              // Answered and recorded: failed() then has nothing more to do with the abort.
+              // Answered and recorded: the abort's failed() records nothing more (record takes a request once).
               c.abort(CLIENT_GONE)
               return
             }

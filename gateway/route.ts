@@ -382,9 +382,18 @@ const PLAIN_HOST = /^[A-Za-z0-9_.-]+(?::[1-9][0-9]*)?$/
 /** A name whose last label (a trailing dot aside) a URL parser reads as a number, and the whole name as an IPv4 address. */
 const NUMBER_LABEL = /(?:^|\.)(?:[0-9]+|0x[0-9a-f]*)\.?$/i
 
-/** Whether a URL parser reads `host` as the gateway does (canonicalHost), so that it need not be read again. */
+/** An IPv4 address in its one plain form (four decimal numbers to 255, no leading zero), which a URL parser reads as written. */
+const DOTTED_QUAD = /^(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)$/
+
+/**
+ * Whether a URL parser reads `host` as the gateway does (canonicalHost), so that it need not be
+ * read again. A plain IPv4 address too: probes and clients that reach a pod by its address sent
+ * every request through `new URL` (found by a review).
+ */
 function plainHost(host: string): boolean {
-  return PLAIN_HOST.test(host) && !NUMBER_LABEL.test(hostName(host))
+  if (!PLAIN_HOST.test(host)) return false
+  const name = hostName(host)
+  return !NUMBER_LABEL.test(name) || DOTTED_QUAD.test(name)
 }
 
 /**
