@@ -509,13 +509,15 @@ t.test('every command that may open the embedded store runs it in a second proce
     command.once('exit', () => (exited = true))
     t.teardown(() => void command.kill('SIGKILL'))
     let flags: string[] | undefined
-    await until(t, `${args.join(' ')}: started its second process, or ended`, () => {
+    // Asked until the child has its own command line: between its fork and its exec, a child's
+    // /proc cmdline is still the parent's (a first run read it there, without the flag).
+    await until(t, `${args.join(' ')}: started its second process with the flag, or ended`, () => {
       if (exited) return true
       try {
         const child = readFileSync(`/proc/${command.pid}/task/${command.pid}/children`, 'utf8').trim().split(' ')[0]
         if (child) flags = readFileSync(`/proc/${child}/cmdline`, 'utf8').split('\0')
       } catch {}
-      return flags !== undefined
+      return flags?.includes(SHORT_COMMAND_V8_FLAGS[0] as string) === true
     })
     t.ok(flags?.includes(SHORT_COMMAND_V8_FLAGS[0] as string), `${args.join(' ')}: a second process with ${SHORT_COMMAND_V8_FLAGS[0]}`)
     await new Promise<void>((resolve) => (exited ? resolve() : command.once('exit', () => resolve())))
