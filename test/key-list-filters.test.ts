@@ -6,18 +6,8 @@
 import t from 'tap'
 import { statusAt } from '../core/keys/evaluate.ts'
 import { KEY_STATUSES, KEY_TYPES, type KeyRecord } from '../core/keys/types.ts'
+import { seededRandom as random } from './helpers/random.ts'
 import { forEachStore, testClock, testServices } from './helpers/stores.ts'
-
-/** A small seeded generator (mulberry32): the same keys and filters on every run. */
-function random(seed: number): () => number {
-  let a = seed
-  return () => {
-    a = (a + 0x6d2b79f5) | 0
-    let x = Math.imul(a ^ (a >>> 15), 1 | a)
-    x = (x + Math.imul(x ^ (x >>> 7), 61 | x)) ^ x
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296
-  }
-}
 
 const KEYS = 400
 const T0 = new Date('2026-06-01T12:00:00Z')

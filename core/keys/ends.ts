@@ -58,5 +58,13 @@ export function statusAtSql(k: string, now: string): string {
  * them holds each key once.
  */
 export function expiredPartsSql(k: string, now: string): [string, string] {
-  return [`${k}.status = 'expired'`, `${k}.status IN ('active', 'rotating') AND ${liveEndSql(k)} <= ${now}`]
+  return [`${k}.status = 'expired'`, liveEndPassedSql(k, now)]
+}
+
+/**
+ * The active or rotating keys `k` past their expiry or, rotating, their grace at `now`: a
+ * condition PostgreSQL reads from api_keys_live_end_idx (migration 0020).
+ */
+export function liveEndPassedSql(k: string, now: string): string {
+  return `${k}.status IN ('active', 'rotating') AND ${liveEndSql(k)} <= ${now}`
 }
