@@ -110,7 +110,15 @@ export interface SchedulerRun {
 export function defaultPruneRules(r: { auditDays: number; anomalyDays: number; webhookDeliveryDays: number; usageDays: number }): PruneRule[] {
   return [
     { table: 'api_key_audit_log', column: 'created_at', retentionDays: r.auditDays },
-    { table: 'api_key_notices', column: 'deadline', retentionDays: r.auditDays },
+    // Every kind, named, so that the (kind, deadline) index finds the old ones: by deadline alone,
+    // with no statistics (the embedded store has no autovacuum), PostgreSQL read every notice
+    // each round to find none (found by a review).
+    {
+      table: 'api_key_notices',
+      column: 'deadline',
+      retentionDays: r.auditDays,
+      rows: `SELECT ctid FROM api_key_notices WHERE kind IN ('rotation', 'expiry') AND deadline < $1 LIMIT $2`,
+    },
     { table: 'api_key_anomalies', column: 'detected_at', retentionDays: r.anomalyDays },
     // A delivery still being retried is kept: its retries may span longer than the retention
     // (max_attempts up to 100, retry_max_ms up to a day), and pruning it lost the event unseen.

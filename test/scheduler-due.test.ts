@@ -4,13 +4,15 @@
 // among their deadlines (ties included), it selects what the statement it replaced selects, in
 // the same order and batch. And with many keys and none due, it reads next to none of them
 // (found by a review: it read every key every round, 230 to 275 ms for 100,000 on the embedded
-// store, which answers nothing else meanwhile).
+// store, which answers nothing else meanwhile). The notices prune finds the old notices from
+// their index too, with statistics or none (the embedded store keeps none).
 import t from 'tap'
 import { KEY_ENDS_FROM } from '../core/keys/ends.ts'
 import { KEY_STATUSES } from '../core/keys/types.ts'
-import { LOCK_DUE } from '../core/scheduler.ts'
+import { silentLogger } from '../core/log.ts'
+import { defaultPruneRules, LOCK_DUE, Scheduler } from '../core/scheduler.ts'
 import { seededRandom as random } from './helpers/random.ts'
-import { forEachStore } from './helpers/stores.ts'
+import { forEachStore, planNodes, recordingDb, testServices } from './helpers/stores.ts'
 
 /** The statement LOCK_DUE replaced, as it was: every key judged. */
 const BEFORE = `SELECT k.id FROM ${KEY_ENDS_FROM}
@@ -125,5 +127,38 @@ t.test('with many keys and none due, the selection reads next to none of them', 
     const root = (plan?.['QUERY PLAN'] as unknown as Array<{ Plan: Node }> | string)
     walk((typeof root === 'string' ? (JSON.parse(root) as Array<{ Plan: Node }>) : root)[0]!.Plan)
     t.ok(read <= 150, `${read} key rows read of ${KEYS}, of which 50 have passed rotation notices and 100 (active) an interval (before: every key)`)
+  })
+})
+
+t.test('the notices prune finds the old notices from their (kind, deadline) index, not by reading them all', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    const DAY = 24 * HOUR
+    const keys = Array.from({ length: 2000 }, (_, i) => ({ id: `p${String(i).padStart(5, '0')}`, status: 'active', created_at: T0, rotation_interval_s: null, expires_at: null, grace_until: null }))
+    await insertKeys(store.db, keys)
+    await insertNotices(
+      store.db,
+      keys.flatMap((k) => [
+        { key_id: k.id, kind: 'rotation', deadline: new Date(T0.getTime() - 10 * DAY) },
+        { key_id: k.id, kind: 'expiry', deadline: new Date(T0.getTime() + 10 * DAY) },
+      ]),
+    )
+    const rule = defaultPruneRules({ auditDays: 365, anomalyDays: 90, webhookDeliveryDays: 30, usageDays: 400 }).find((r) => r.table === 'api_key_notices')!
+    const seen: Array<{ sql: string; params: unknown[] }> = []
+    const scheduler = new Scheduler({ db: recordingDb(store.db, seen), keys: testServices(store.db).keys, audit: testServices(store.db).audit, log: silentLogger, now: () => T0, intervalS: 60, noticeMs: 0, pruneRules: [rule] })
+    // Judged with the statistics PostgreSQL's autovacuum keeps, and with none (the embedded store has no autovacuum).
+    for (const analyzed of [false, true]) {
+      if (analyzed) await store.db.query('ANALYZE api_key_notices')
+      seen.length = 0
+      const run = await scheduler.runOnce()
+      t.same(run?.pruned, { api_key_notices: 0 }, 'nothing is old enough to go')
+      const del = seen.find((s) => s.sql.includes('DELETE FROM "api_key_notices"'))!
+      const [plan] = await store.db.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (FORMAT JSON) ${del.sql}`, del.params)
+      const raw = plan?.['QUERY PLAN']
+      const nodes = planNodes(typeof raw === 'string' ? JSON.parse(raw) : raw)
+      t.ok(
+        nodes.some((n) => n['Index Name'] === 'api_key_notices_deadline') && !nodes.some((n) => n['Node Type'] === 'Seq Scan'),
+        `${analyzed ? 'with' : 'without'} statistics: read from the (kind, deadline) index (${nodes.map((n) => n['Node Type']).join(', ')})`,
+      )
+    }
   })
 })
