@@ -1154,10 +1154,12 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   t.same(k8sConfig.admin.allowed_hosts, ['keygate-admin', 'keygate-admin.orders', 'keygate-admin.orders.svc', 'keygate-admin.orders.svc.cluster.local'])
   // Readiness is the gateway's /healthz, not the admin /readyz that follows the shared store
   // (before, found by a review: a PostgreSQL outage took every replica out at once), and a
-  // start waiting on a migration has a startup probe's time before liveness counts.
+  // start waiting on a migration has a startup probe's time before liveness counts. Liveness is
+  // the admin /healthz, which the gateway's connection cap does not reach (before, found by a
+  // review: the gateway's, so a flood of held connections restarted the container).
   const ports = (keygate.ports ?? []).map((p) => p.name)
-  for (const [which, probe] of [['readiness', keygate.readinessProbe], ['startup', keygate.startupProbe], ['liveness', keygate.livenessProbe]] as const) {
-    t.same([probe?.httpGet.path, probe?.httpGet.port], ['/healthz', 'gateway'], `the ${which} probe is the gateway's /healthz`)
+  for (const [which, probe, port] of [['readiness', keygate.readinessProbe, 'gateway'], ['startup', keygate.startupProbe, 'gateway'], ['liveness', keygate.livenessProbe, 'admin']] as const) {
+    t.same([probe?.httpGet.path, probe?.httpGet.port], ['/healthz', port], `the ${which} probe is the ${port} listener's /healthz`)
     t.ok(ports.includes(probe?.httpGet.port ?? ''), `the ${which} probe's port is declared`)
   }
   // Restricted Pod Security, as admission policies check it (before, found by a review: no
