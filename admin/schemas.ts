@@ -29,9 +29,9 @@ export const AnomalyIdParam = Type.String({ pattern: ANOMALY_ID_PATTERN, descrip
 export const GiteaTokenRefParam = Type.String({
   minLength: 1,
   maxLength: 255,
-  description: "Gitea's id of the token (`remote_id`) or the token's name. A number is an id first: it is taken for a name only when neither a token of the user nor keygate's record of one has that id.",
+  description: "Gitea's id of the token (`remote_id`) or the token's name. A number is an id first: it is taken for a name only when neither a token of the user nor keygate's record of one has that id. A token named `verify` is deleted by its id: `/v1/gitea/tokens/verify` is the verify operation's path (any other method there is 405).",
 })
-export const N8nKeyRefParam = Type.String({ minLength: 1, description: "n8n's id of the key (`remote_id`) or its label; when several keys have the label, delete by id." })
+export const N8nKeyRefParam = Type.String({ minLength: 1, description: "n8n's id of the key (`remote_id`) or its label; when several keys have the label, delete by id. A key labelled `verify` is deleted by its id: `/v1/n8n/keys/verify` is the verify operation's path (any other method there is 405)." })
 
 export const KeySchema = Type.Object(
   {

@@ -48,6 +48,8 @@ interface Compiled {
   route: AdminRoute
   pattern: RegExp
   names: string[]
+  /** Per path segment, 1 where the route's path has a literal segment, 0 where a `{name}`: the larger wins. */
+  rank: string
 }
 
 function compile(route: AdminRoute): Compiled {
@@ -56,7 +58,30 @@ function compile(route: AdminRoute): Compiled {
     names.push(a ?? b)
     return '([^/]+)'
   })
-  return { route, pattern: new RegExp(`^${source}$`), names }
+  const rank = route.path.split('/').map((segment) => (/\{\w+\}/.test(segment) ? '0' : '1')).join('')
+  return { route, pattern: new RegExp(`^${source}$`), names, rank }
+}
+
+/**
+ * The routes of `table` that serve `path`: of those whose pattern matches it, the ones with a
+ * literal segment where the others have a `{name}`, first from the left (a path matched by routes
+ * of the same segments once, every route of that path, whatever its method). OpenAPI 3.1's Paths
+ * Object has concrete paths matched before their templated counterparts: `/v1/keys/validate` is
+ * that path's, and a GET of it is 405 (Allow: POST), not a look-up of the key "validate" by
+ * `GET /v1/keys/{id}`. Before (found by a review), the first route of the method took it, and a
+ * GET of `/v1/keys/validate` or `/v1/keys/import` was "no key has the id ..." (404), a DELETE of
+ * `/v1/gitea/tokens/verify` the deletion of a token named "verify".
+ */
+function servingRoutes(table: readonly Compiled[], path: string): Array<{ c: Compiled; m: RegExpExecArray }> {
+  let best: Array<{ c: Compiled; m: RegExpExecArray }> = []
+  for (const c of table) {
+    const m = c.pattern.exec(path)
+    if (m === null) continue
+    // Ranks of one path's matches have as many segments each: compared as text, a literal (1) first wins.
+    if (best.length === 0 || c.rank > best[0]!.c.rank) best = [{ c, m }]
+    else if (c.rank === best[0]!.c.rank) best.push({ c, m })
+  }
+  return best
 }
 
 export function sendJson(res: http.ServerResponse, status: number, body: unknown, headers: http.OutgoingHttpHeaders = {}): void {
@@ -244,11 +269,8 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       sendError(res, 'bad_request', requestId, 'the request target is not a valid path', undefined, closing)
       return
     }
-    let pathMatched = false
-    for (const c of table) {
-      const m = c.pattern.exec(url.pathname)
-      if (!m) continue
-      pathMatched = true
+    const serving = servingRoutes(table, url.pathname)
+    for (const { c, m } of serving) {
       if (c.route.method !== req.method && !(req.method === 'HEAD' && c.route.method === 'GET')) continue
       // (A NUL, which PostgreSQL text cannot hold, is a percent-encoded control character,
       // refused with the target above.)
@@ -286,9 +308,9 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       handled.then(ended, ended)
       return
     }
-    if (pathMatched) {
+    if (serving.length > 0) {
       // HEAD is served wherever GET is (above), so it is allowed there too (before, Allow left it out).
-      const allowed = table.filter((c) => c.pattern.test(url.pathname)).flatMap((c) => (c.route.method === 'GET' ? ['GET', 'HEAD'] : [c.route.method]))
+      const allowed = serving.flatMap(({ c }) => (c.route.method === 'GET' ? ['GET', 'HEAD'] : [c.route.method]))
       sendError(res, 'method_not_allowed', requestId, `${req.method} is not allowed here; allowed: ${allowed.join(', ')}`, undefined, { allow: allowed.join(', '), ...closing })
       return
     }

@@ -246,15 +246,19 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
  */
 const SEGMENT_MAX = 4096
 
+const NO_SEGMENTS: ReadonlySet<string> = new Set()
+
 /**
  * `value` as one path segment of an admin API URL; '', '.' and '..' are no segment a URL can
- * carry (the URL parser resolves dot segments, even escaped), nor one longer than SEGMENT_MAX encoded, so
+ * carry (the URL parser resolves dot segments, even escaped), nor one longer than SEGMENT_MAX
+ * encoded, nor one of `operations`, the words whose path there is another operation's (the admin
+ * API serves `/v1/keys/validate` as the validation, and answers a GET of it 405), so
  * `unreachable` says what the command answers for them instead of calling another route (before,
  * found by a review: `api-key get` of a 20,000-character id was "no key has the id" on the store
  * and "The request headers are too large." through the admin API).
  */
-export function pathSegment(value: string, unreachable: () => Error): string {
+export function pathSegment(value: string, unreachable: () => Error, operations: ReadonlySet<string> = NO_SEGMENTS): string {
   const encoded = encodeURIComponent(value)
-  if (value === '' || value === '.' || value === '..' || encoded.length > SEGMENT_MAX) throw unreachable()
+  if (value === '' || value === '.' || value === '..' || encoded.length > SEGMENT_MAX || operations.has(value)) throw unreachable()
   return encoded
 }

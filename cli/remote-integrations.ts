@@ -12,9 +12,13 @@ import { UsageError } from './io.ts'
 export type GiteaOperations = Pick<GiteaTokenService, 'create' | 'list' | 'delete' | 'verify'>
 export type N8nOperations = Pick<N8nKeyService, 'create' | 'list' | 'delete' | 'verify'>
 
+/** The one name after /v1/gitea/tokens/ and /v1/n8n/keys/ that is an operation's path (served before `{ref}`). */
+const VERIFY: ReadonlySet<string> = new Set(['verify'])
+
 /** A token or key named in the URL's path. */
-function pathRef(value: string, what: string): string {
-  return pathSegment(value, () => new UsageError(`${JSON.stringify(value)} cannot be named through the admin API (no URL path carries it): give the ${what}'s id`))
+function pathRef(value: string, what: string, path: string): string {
+  const why = VERIFY.has(value) ? `${path}/verify is the verify operation's path` : 'no URL path carries it'
+  return pathSegment(value, () => new UsageError(`${JSON.stringify(value)} cannot be named through the admin API (${why}): give the ${what}'s id`), VERIFY)
 }
 
 export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): GiteaOperations {
@@ -24,7 +28,7 @@ export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs
     list: () => call('GET', '/v1/gitea/tokens', undefined, ['items']),
     delete: (ref, _actor, o = {}) => {
       const query = new URLSearchParams({ ...(o.user !== undefined ? { user: o.user } : {}), ...(o.forget === true ? { forget: 'true' } : {}) })
-      return call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token')}${query.size > 0 ? `?${query}` : ''}`)
+      return call('DELETE', `/v1/gitea/tokens/${pathRef(ref, 'token', '/v1/gitea/tokens')}${query.size > 0 ? `?${query}` : ''}`)
     },
     verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/gitea/tokens/verify', { secret })),
   }
@@ -35,7 +39,7 @@ export function remoteN8n(baseUrl: string, token: string, options: { timeoutMs?:
   return {
     create: (body) => call('POST', '/v1/n8n/keys', body),
     list: () => call('GET', '/v1/n8n/keys', undefined, ['items']),
-    delete: (ref) => call('DELETE', `/v1/n8n/keys/${pathRef(ref, 'key')}`),
+    delete: (ref) => call('DELETE', `/v1/n8n/keys/${pathRef(ref, 'key', '/v1/n8n/keys')}`),
     verify: async (secret) => (secret.includes('\u0000') ? { valid: false, reason: 'malformed', record: null } : call('POST', '/v1/n8n/keys/verify', { secret })),
   }
 }

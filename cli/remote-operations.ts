@@ -8,6 +8,9 @@ import type { KeyJson, KeyRecord } from '../core/keys/types.ts'
 import { adminClient, pathSegment } from './admin-client.ts'
 import type { KeyOperations } from './key-operations.ts'
 
+/** The segments after /v1/keys/ that name an operation (a literal path, served before /v1/keys/{id}), and no key's id. */
+const KEY_OPERATION_SEGMENTS: ReadonlySet<string> = new Set(['validate', 'import'])
+
 const date = (s: string | null) => (s === null ? null : new Date(s))
 
 /** A key as the API answers it; the hash is never sent, so it is empty here. */
@@ -44,7 +47,9 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
   const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate api-key get` (or list)' })
   // '', '.' and '..' are no key's id, and no URL carries them as a path segment (the URL parser
   // resolves dot segments, even escaped): answered as the store answers them, not as another route.
-  const id = (value: string) => pathSegment(value, () => keyNotFound(value))
+  // Nor are `validate` and `import`, whose /v1/keys/... paths are those operations' (the admin
+  // API answers a GET of them 405, not a key's look-up).
+  const id = (value: string) => pathSegment(value, () => keyNotFound(value), KEY_OPERATION_SEGMENTS)
   return {
     async create(body) {
       const r = await call<KeyJson & { key: string }>('POST', '/v1/keys', body)
