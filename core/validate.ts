@@ -431,7 +431,8 @@ export function clipped(text: string, max = 200): string {
 }
 
 export function showValue(value: unknown, secret = false): string {
-  if (secret && value !== undefined) return '<hidden>'
+  // A null holds no secret, and `key_hash: null` says what is wrong where `<hidden>` did not (an SQL export's empty column).
+  if (secret && value !== undefined && value !== null) return '<hidden>'
   if (value === undefined) return 'nothing'
   const words = foreignValueWords(value)
   if (words !== undefined) return words

@@ -514,6 +514,31 @@ await forEachStore(t, async (t, store) => {
     t.equal(none.details.fields.length, 1, 'one field named')
   })
 
+  await t.test("import: null in an optional field is not given (an SQL export's empty column), in a required one refused, and nothing written then (found by a review)", async (t) => {
+    const empty = { type: null, scopes: null, owner: null, metadata: null, allowed_cidrs: null, rate_limit: null, created_at: null, expires_at: null }
+    const rows = [
+      { key_hash: sha256(randomUUID()), name: 'all empty', ...empty },
+      { key_hash: sha256(randomUUID()), name: 'some given', ...empty, scopes: ['orders:read'], allowed_cidrs: ['192.0.2.0/24'] },
+    ]
+    const bad = await writes(t, h, 0, 'refused import', () => h.call('POST', '/v1/keys/import', { body: { rows: [...rows, { ...rows[0], key_hash: sha256(randomUUID()), name: null }], type: 'user' } }))
+    t.equal(bad.status, 400)
+    t.same(bad.json.error.details.problems, [
+      'row 3: name: null is not allowed; expected a non-empty string of at most 200 characters with something visible (not only spaces), without control characters or invisible format characters (bidi overrides, zero-width characters)',
+    ], 'the one problem: null in a required field')
+    const listed = async () => (await h.call('GET', '/v1/keys?legacy=true&limit=500')).json.items.map((k: { name: string }) => k.name) as string[]
+    t.notOk((await listed()).includes('all empty'), 'the rows before it were not written')
+    const imp = await writes(t, h, 2, 'import', () => h.call('POST', '/v1/keys/import', { body: { rows, type: 'user' } }))
+    t.equal(imp.status, 201)
+    t.match(imp.json.items, [
+      { name: 'all empty', type: 'user', scopes: [], owner: null, metadata: {}, allowed_cidrs: [], rate_limit: null, expires_at: null, status: 'active' },
+      { name: 'some given', type: 'user', scopes: ['orders:read'], allowed_cidrs: ['192.0.2.0/24'] },
+    ], 'null as if not given: the body\'s type, no scopes, metadata, binding or own limit, never expiring')
+    // The CLI through the API sends the rows as its file holds them.
+    const remote = remoteOperations(h.url, h.adminKey)
+    const [viaCli] = await remote.importLegacy([{ key_hash: sha256(randomUUID()), name: 'through the CLI', ...empty }], 'integration')
+    t.match(viaCli, { name: 'through the CLI', type: 'integration', scopes: [], metadata: {}, allowedCidrs: [], rateLimit: null, expiresAt: null })
+  })
+
   await t.test('import of 10,000 rows through the API: above admin.max_body_bytes, within the import\'s own limit', async (t) => {
     // Before: refused with 413 above admin.max_body_bytes (1 MiB by default), so `api-key import`
     // with KEYGATE_ADMIN_URL of 10,000 ordinary rows (1.9 MB) failed where the store took them.

@@ -303,6 +303,49 @@ t.test('input no store can hold is refused by name, on the embedded store, and n
   t.equal(lower.json().expires_at, '2099-06-30T12:00:00.000Z', 'and read as the time they write')
 })
 
+t.test("an import takes null in an optional field as not given (a SQL export's empty column), refuses it in a required one, and writes nothing then, on either store (found by a review)", async (t) => {
+  // Before: `SELECT json_agg(t) FROM keys t` writes null for every empty column, and an import
+  // refused `"scopes": null`, `"metadata": null`, `"created_at": null`... row by row.
+  const hashOf = (s: string) => createHash('sha256').update(s).digest('hex')
+  const empty = { type: null, scopes: null, owner: null, metadata: null, allowed_cidrs: null, rate_limit: null, created_at: null, expires_at: null }
+  const stores: Array<[string, () => Promise<{ cwd: string; env: Record<string, string | undefined> }>]> = [
+    ['embedded', async () => {
+      const cwd = tempDir()
+      return { cwd, env: isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) }) }
+    }],
+    ['postgres', async () => ({ cwd: tempDir(), env: (await postgresEnv(t)).env })],
+  ]
+  for (const [kind, open] of stores) {
+    const { cwd, env } = await open()
+    const [a, b, c] = ['a', 'b', 'c'].map((x) => hashOf(`${kind}-${x}-${randomUUID()}`)) as [string, string, string]
+    const rows = [
+      { key_hash: a, name: 'all empty', ...empty },
+      { key_hash: b, name: 'some given', ...empty, type: 'user', scopes: ['orders:read'], metadata: { plan: 'gold' }, created_at: '2020-01-02T03:04:05Z' },
+    ]
+    const file = join(cwd, 'export.json')
+    // A later row with null where a value is required: refused by name, and the rows before it not written.
+    writeFileSync(file, JSON.stringify([...rows, { key_hash: null, name: null, ...empty }]))
+    const refused = await runCli(['api-key', 'import', file, '--type', 'integration', '--json'], { cwd, env })
+    t.equal(refused.code, 1, `${kind}: refused`)
+    t.same(refused.json().error.details?.problems, [
+      'row 3: key_hash: null is not allowed; expected a SHA-256 in hex: 64 hexadecimal digits, in either case, as `printf %s KEY | sha256sum` prints it; ' +
+        'name: null is not allowed; expected a non-empty string of at most 200 characters with something visible (not only spaces), without control characters or invisible format characters (bidi overrides, zero-width characters)',
+    ], `${kind}: the required fields given null are the only problems, the null shown (it hides no key)`)
+    t.equal((await runCliHere(['api-key', 'list', '--json'], { env })).json().items.length, 0, `${kind}: nothing was written`)
+
+    writeFileSync(file, JSON.stringify([...rows, { key_hash: c, name: 'empty but expired', ...empty, expires_at: '2021-01-01T00:00:00Z' }]))
+    const before = Date.now()
+    const imported = await runCli(['api-key', 'import', file, '--type', 'integration', '--json'], { cwd, env })
+    t.equal(imported.code, 0, `${kind}: ${imported.stderr}`)
+    const [first, second, third] = imported.json().items
+    // Null is the field not given: --type, no scopes, owner, metadata, binding or own limit, made at the import, never expiring.
+    t.match(first, { name: 'all empty', type: 'integration', status: 'active', scopes: [], owner: null, metadata: {}, allowed_cidrs: [], rate_limit: null, expires_at: null, legacy: true }, `${kind}: null is not given`)
+    t.ok(Date.parse(first.created_at) >= before - 1000, `${kind}: a null created_at is the import's time`)
+    t.match(second, { name: 'some given', type: 'user', scopes: ['orders:read'], metadata: { plan: 'gold' }, created_at: '2020-01-02T03:04:05.000Z' }, `${kind}: the values given beside them are kept`)
+    t.match(third, { status: 'expired', created_at: '2021-01-01T00:00:00.000Z' }, `${kind}: a null created_at of an expired key is its expiry, as when left out`)
+  }
+})
+
 t.test('an import tells every problem of its file in the first answer, on the embedded store', async (t) => {
   // The review's file: before, row 1 (already in the store) and row 3 (a repeat of the bad row 2)
   // were told only once the type was fixed, one after the other: three answers in three tries.

@@ -1,6 +1,6 @@
 // Input schemas of key operations, shared by the CLI and the admin API (whose OpenAPI document
 // is generated from them).
-import { Type, type Static } from '@sinclair/typebox'
+import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import { CURSOR_PATTERN } from '../cursor.ts'
 import { normaliseCidr } from '../deny-list.ts'
 import '../formats.ts'
@@ -102,23 +102,36 @@ export const UpdateKeyBody = Type.Object(
 )
 export type UpdateKeyInput = Static<typeof UpdateKeyBody>
 
+/**
+ * An import row's optional field, null taken as not given: an export of the replaced system's
+ * table (`SELECT json_agg(t) FROM keys t`, `row_to_json`) writes null for every empty column
+ * (before, found by a review, refused field by field). checkImportRows drops it before anything
+ * reads the row. owner, rate_limit and expires_at take null already, with the meaning of the
+ * field left out.
+ */
+function orNull<T extends TSchema>(schema: T) {
+  return Type.Optional(Type.Union([schema, Type.Null()], { description: `${schema.description ?? ''} null: as if not given.`.trimStart() }))
+}
+
 export const ImportRow = Type.Object(
   {
     // Either case: the import reads hex case-blind (checkImportRows).
     key_hash: Type.String({ pattern: '^[0-9a-fA-F]{64}$', format: 'sha256-hex', description: 'SHA-256 hex of the legacy UUID v4 key, in either case.' }),
     name: Name,
-    type: Type.Optional(KeyTypeSchema),
-    scopes: Type.Optional(Scopes),
+    type: orNull(KeyTypeSchema),
+    scopes: orNull(Scopes),
     owner: Type.Optional(Owner),
-    metadata: Type.Optional(Metadata),
-    allowed_cidrs: Type.Optional(Cidrs),
+    metadata: orNull(Metadata),
+    allowed_cidrs: orNull(Cidrs),
     rate_limit: Type.Optional(RateLimitSchema),
-    created_at: Type.Optional(Type.String({ format: 'date-time' })),
+    created_at: orNull(Type.String({ format: 'date-time', description: 'When the key was made in the replaced system; without it, at the import (or at its expires_at, when that has passed).' })),
     expires_at: Type.Optional(Expires),
   },
-  { additionalProperties: false },
+  { additionalProperties: false, description: 'One key. An optional field given as null is taken as not given (an SQL export writes null for an empty column).' },
 )
-export type ImportRowInput = Static<typeof ImportRow>
+type ImportRowJson = Static<typeof ImportRow>
+/** An import row as checked: an optional field given as null dropped (checkImportRows), so null is as if not given. */
+export type ImportRowInput = { [K in keyof ImportRowJson]: Exclude<ImportRowJson[K], null> }
 /** An import row's fields as the help and the API's description name them: `key_hash, name, type?, ...`, from the schema that checks them. */
 export const IMPORT_ROW_FIELDS = Object.keys(ImportRow.properties)
   .map((f) => ((ImportRow.required as readonly string[] | undefined)?.includes(f) ? f : `${f}?`))

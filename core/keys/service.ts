@@ -206,7 +206,7 @@ export async function checkImportRows(input: unknown, now: Date): Promise<Import
       else problems[i]?.push(`row ${i + 1}: key_hash repeats row ${first}`)
     }
     try {
-      const row = withNormalCidrs(assertValid<ImportRowInput>(ImportRow, raw, `row ${i + 1}`))
+      const row = withNormalCidrs(givenFields(assertValid<Record<string, unknown>>(ImportRow, raw, `row ${i + 1}`)))
       checkMetadata(row.metadata)
       refuseKeyIn({ name: row.name, owner: row.owner, metadata: row.metadata })
       // A key made in the future would head the newest-first list for ever; one made after it
@@ -229,6 +229,11 @@ export async function checkImportRows(input: unknown, now: Date): Promise<Import
     return found >= MAX_LISTED_PROBLEMS
   })
   return { rows, problems, seen, checked, total: input.length }
+}
+
+/** An import row (checked) without its fields given as null: the schema takes null only in optional fields, where it is as if not given (an SQL export's empty column). */
+function givenFields(row: Record<string, unknown>): ImportRowInput {
+  return Object.fromEntries(Object.entries(row).filter(([, v]) => v !== null)) as ImportRowInput
 }
 
 /** `import_invalid` listing an import's problems (up to MAX_LISTED_PROBLEMS, and which rows were not checked), when it has any. */
