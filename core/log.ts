@@ -108,6 +108,13 @@ export const LOG_BACKLOG_MAX_CHARS = 8 * 1024 * 1024
 
 /** Lines dropped since the reader last took up the backlog (writeStdout). */
 let droppedLines = 0
+/** Lines dropped since the process started: keygate_log_lines_dropped_total (core/metrics.ts) reads it at each scrape. */
+let droppedSinceStart = 0
+
+/** How many log lines this process has dropped since it started, stdout's reader not taking them (writeStdout). */
+export function logLinesDropped(): number {
+  return droppedSinceStart
+}
 
 /** A log line to stdout, or dropped and counted while the backlog is full; the count is logged once the reader has taken the backlog. */
 function writeStdout(line: string): void {
@@ -116,6 +123,7 @@ function writeStdout(line: string): void {
     out.write(line)
     return
   }
+  droppedSinceStart++
   // Past the stream's high-water mark, so its last write asked for a 'drain', emitted once the backlog is taken.
   if (droppedLines++ === 0) out.once('drain', reportDropped)
 }

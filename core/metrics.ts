@@ -5,6 +5,7 @@
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { type Aggregator, AggregatorRegistry, Counter, Gauge, Registry, aggregators, collectDefaultMetrics, type Metric } from 'prom-client'
 import { NO_ROUTE } from './http.ts'
+import { LOG_BACKLOG_MAX_CHARS, logLinesDropped } from './log.ts'
 import { ANOMALY_TYPES, type AnomalyType } from './anomalies.ts'
 import type { FlushReason } from './invalidation.ts'
 
@@ -344,10 +345,31 @@ function eventLoopDelayMetrics(registry: Registry): void {
   }
 }
 
-/** A registry for keygate, with Node's process metrics (prefixed keygate_) unless turned off. */
+/**
+ * `keygate_log_lines_dropped_total`: the log lines this process dropped, stdout's reader not
+ * taking them (core/log.ts), read at each scrape and each worker's report to the `--workers`
+ * primary, which adds its workers' up with its own. Before (found by a review), only a log line
+ * said so, written once the reader read again: while lines were being dropped, nothing did.
+ */
+function logMetrics(registry: Registry): void {
+  let counted = 0
+  new Counter({
+    name: 'keygate_log_lines_dropped_total',
+    help: `Log lines dropped because stdout's reader did not take them (${LOG_BACKLOG_MAX_CHARS} characters of lines waited for it already).`,
+    registers: [registry],
+    collect() {
+      const n = logLinesDropped()
+      this.inc(n - counted)
+      counted = n
+    },
+  }).inc(0)
+}
+
+/** A registry for keygate, with Node's process metrics (prefixed keygate_) and the log's dropped lines, unless turned off. */
 export function createMetricsRegistry(options: { defaultMetrics?: boolean } = {}): Registry {
   const registry = new Registry()
   if (options.defaultMetrics === false) return registry
+  logMetrics(registry)
   // prom-client's event-loop delay statistics are replaced (eventLoopDelayMetrics); its sampler,
   // which only they read, is set to sample once in 24 days rather than every 10 ms beside ours.
   collectDefaultMetrics({ register: registry, prefix: 'keygate_', eventLoopMonitoringPrecision: 2 ** 31 - 1 })

@@ -84,6 +84,15 @@ t.test('serve whose log reader stops reading holds a bounded backlog of log line
     const answer = await client.request({ method: 'GET', path })
     await answer.body.dump()
   }
+  // While lines are being dropped, /metrics says so (before, found by a review: nothing did until
+  // the reader came back and read the count in the log itself).
+  const admin = /"message":"admin listening","address":"([^"]+)"/.exec(stdout)?.[1]
+  const droppedMetric = async () => {
+    const body = await (await request(`http://${admin}/metrics`)).body.text()
+    return Number(/^keygate_log_lines_dropped_total (\d+)$/m.exec(body)?.[1] ?? Number.NaN)
+  }
+  const stalled = await droppedMetric()
+  t.ok(stalled > 0, `keygate_log_lines_dropped_total counts them while the reader stalls (${stalled})`)
   command.stdout!.resume()
   const accessLines = () => stdout.slice(before).split('\n').filter((l) => l.includes('"message":"request"')).length
   const dropped = () => Number(/"message":"log lines dropped[^\n]*"dropped":(\d+)/.exec(stdout)?.[1] ?? 0)
@@ -94,6 +103,7 @@ t.test('serve whose log reader stops reading holds a bounded backlog of log line
   const after = await client.request({ method: 'GET', path: '/after-the-drop' })
   await after.body.dump()
   await until(t, 'a later line is written', () => stdout.includes('"path":"/after-the-drop"'), 20_000)
+  t.equal(await droppedMetric(), dropped(), 'and holds the count the log gave once the reader was back')
   command.kill('SIGTERM')
   await once(command, 'close')
   capturedStderr.push(stderr)

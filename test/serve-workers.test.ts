@@ -59,6 +59,8 @@ t.test('--workers on PostgreSQL: one port, the primary owns the admin API and su
   t.match(metrics.text, /keygate_gateway_requests_total\{[^}]*outcome="forwarded"[^}]*\} 8/, 'the primary sums the workers')
   // Before: 2, one per worker: a gauge of state is not added up.
   t.match(metrics.text, /\nkeygate_deny_list_entries 1\n/, 'the deny list is counted once')
+  // Each process counts the log lines it drops (test/serve-log-output.test.ts stalls a reader): one series, the workers' and the primary's added up.
+  t.same(metrics.text.match(/^keygate_log_lines_dropped_total .*$/gm), ['keygate_log_lines_dropped_total 0'], 'the log lines dropped, summed into one series')
   t.equal((await call(`${serve.admin}/v1/keys/${created.json.id}/revoke`, { method: 'POST', token })).status, 200)
   for (let i = 0; i < 8; i++) t.equal((await answerOf(await connections[i % 2]!.request({ method: 'GET', path: `/after${i}`, headers: auth }))).status, 401, 'refused by every worker on the next request')
   const deny = await call(`${serve.admin}/v1/deny-list`, { method: 'POST', token, body: { cidr: '127.0.0.0/8' } })
