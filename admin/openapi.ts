@@ -9,7 +9,7 @@ import { formatDescription } from '../core/formats.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { GiteaTokenSchema, N8nKeySchema } from '../core/integrations/schemas.ts'
 import { COMMON_ERRORS, type Operation } from './operation.ts'
-import { AnomalySchema, AuditPageSchema, AuditSchema, DeliverySchema, DenyEntrySchema, KeySchema, KeyWithSecret, LockoutSchema, ReplacedKeySchema, RotatedKeySchema, WebhookSchema, WebhookWithSecret } from './schemas.ts'
+import { AddedDenyEntrySchema, AnomalySchema, AuditPageSchema, AuditSchema, DeliverySchema, DenyEntrySchema, KeySchema, KeyWithSecret, LockoutSchema, ReplacedKeySchema, RotatedKeySchema, WebhookSchema, WebhookWithSecret } from './schemas.ts'
 
 /**
  * The schemas the document names under `components.schemas` and refers to (`$ref`) wherever an
@@ -31,6 +31,7 @@ const NAMED: ReadonlyMap<object, string> = new Map<TSchema, string>([
   [AuditSchema, 'AuditRecord'],
   [AuditPageSchema, 'AuditPage'],
   [DenyEntrySchema, 'DenyEntry'],
+  [AddedDenyEntrySchema, 'AddedDenyEntry'],
   [LockoutSchema, 'Lockout'],
   [AnomalySchema, 'Anomaly'],
   [WebhookSchema, 'Webhook'],

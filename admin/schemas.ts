@@ -107,6 +107,20 @@ export const DenyEntrySchema = Type.Object({
   expires_at: Nullable(DateTime(), 'It stops applying then; null for never.'),
 })
 
+/** What adding an entry answers: the entry, and what it denies that may be a slip (core/deny-list.ts denyEntryWarnings). */
+export const AddedDenyEntrySchema = Type.Composite(
+  [
+    DenyEntrySchema,
+    Type.Object({
+      warnings: Type.Array(Type.String(), {
+        description:
+          'Empty unless the range denies every client (`::/0`) or every IPv4 client (`0.0.0.0/0`, or an IPv6 range holding the IPv4-mapped block `::ffff:0:0/96`, such as `::/64`): the entry is taken, and this says so, in words. The admin listener does not check the deny list.',
+      }),
+    }),
+  ],
+  { description: 'A deny list entry as added or updated, with warnings of what it denies.' },
+)
+
 export { denyJson } from '../core/deny-list.ts'
 
 export const LockoutSchema = Type.Object({

@@ -6,21 +6,21 @@
 // gateway.deny_list_refresh_s. Lockouts live in the running servers (Redis, or each
 // process's memory): only through an admin API.
 import { Type } from '@sinclair/typebox'
-import { AddDenyBody, DenyListService, denyJson, normaliseCidr } from '../core/deny-list.ts'
+import { AddDenyBody, DenyListService, denyEntryWarnings, denyJson, normaliseCidr } from '../core/deny-list.ts'
 import type { Actor } from '../core/audit.ts'
 import { KeygateError } from '../core/errors.ts'
 import { clipped } from '../core/validate.ts'
 import type { Runtime } from '../core/runtime.ts'
 import { adminClient, pathSegment } from './admin-client.ts'
-import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, table, type Command, type Io } from './io.ts'
+import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, table, terminalText, type Command, type Io } from './io.ts'
 
 type DenyJson = ReturnType<typeof denyJson>
 type LockoutJson = { address_key: string; locked_until: string; retry_after_s: number }
 type LiftJson = { address: string; address_key: string; was_locked_out: boolean }
 
 export interface DenyOperations {
-  /** Adds an entry, or updates the one listed for that range (`updated`). */
-  add(body: { cidr: string; reason?: string; expires_at?: string | null }): Promise<{ entry: DenyJson; updated: boolean }>
+  /** Adds an entry, or updates the one listed for that range (`updated`); `warnings`, of a range that denies every client (the admin API's). */
+  add(body: { cidr: string; reason?: string; expires_at?: string | null }): Promise<{ entry: DenyJson; updated: boolean; warnings: string[] }>
   list(includeExpired: boolean): Promise<DenyJson[]>
   remove(id: string): Promise<DenyJson>
 }
@@ -52,7 +52,7 @@ export function localDenyOperations(runtime: Runtime, actor: Actor): { ops: Deny
   const ops: DenyOperations = {
     add: async (body) => {
       const { entry, updated } = await service.save({ cidr: body.cidr, ...(body.reason !== undefined ? { reason: body.reason } : {}), expiresAt: body.expires_at ?? null }, actor)
-      return { entry: denyJson(entry), updated }
+      return { entry: denyJson(entry), updated, warnings: denyEntryWarnings(entry.cidr) }
     },
     list: async (includeExpired) => (await service.list({ includeExpired })).map(denyJson),
     remove: async (id) => denyJson(await service.remove(id, actor)),
@@ -64,8 +64,10 @@ export function remoteDenyOperations(baseUrl: string, token: string): DenyOperat
   const { call, exchange } = adminClient(baseUrl, token, { checkWith: '`keygate deny-list list`' })
   return {
     add: async (body) => {
-      const { status, json } = await exchange<DenyJson>('POST', '/v1/deny-list', body)
-      return { entry: json, updated: status === 200 }
+      // An older server answers no warnings.
+      const { status, json } = await exchange<DenyJson & { warnings?: unknown }>('POST', '/v1/deny-list', body)
+      const { warnings, ...entry } = json
+      return { entry, updated: status === 200, warnings: Array.isArray(warnings) ? warnings.filter((w): w is string => typeof w === 'string') : [] }
     },
     list: async (includeExpired) => (await call<{ items: DenyJson[] }>('GET', `/v1/deny-list${includeExpired ? '?include_expired=true' : ''}`, undefined, ['items'])).items,
     remove: async (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(clipped(id))}`))}`),
@@ -105,9 +107,11 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
       const body = { cidr: p.positionals[0] as string, ...(str(p, 'reason') !== undefined ? { reason: str(p, 'reason') as string } : {}), ...(expires !== undefined ? { expires_at: expires } : {}) }
       checkFlags(AddDenyBody, body, { cidr: 'CIDR', expires_at: '--expires-at' })
       return async (ctx) => {
-        const { entry: e, updated } = await ctx.ops.add(body)
+        const { entry: e, updated, warnings } = await ctx.ops.add(body)
         printDone(() => {
-          if (ctx.json) printJson(ctx.io, { ...e, updated })
+          // On stderr as the CLI's other warnings, so --json's stdout stays one document (which has them too).
+          for (const w of warnings) ctx.io.err(`keygate: warning: ${terminalText(w)}\n`)
+          if (ctx.json) printJson(ctx.io, { ...e, updated, warnings })
           // Listed already: updated, or restated as it is and left so (the admin API answers 200
           // either way), so the line claims no change. Before, found by a review: "Updated ...".
           else if (updated) ctx.io.out(`${e.cidr} was listed already (entry ${e.id}): denied ${lasting(e.expires_at)}.\n`)

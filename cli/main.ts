@@ -9,7 +9,7 @@ import { VERSION } from '../core/package.ts'
 import { clipped } from '../core/validate.ts'
 import type { Runtime } from '../core/runtime.ts'
 import type { ServiceName } from '../core/integrations/http.ts'
-import type { DenyListService } from '../core/deny-list.ts'
+import { denyListWarnings, type DenyListService } from '../core/deny-list.ts'
 import { API_KEY_COMMANDS } from './api-key.ts'
 import { GITEA_COMMANDS, GITEA_FLAGS, N8N_COMMANDS, N8N_FLAGS, type IntegrationContext } from './integrations.ts'
 import { DENY_LIST_COMMANDS, LOCKOUT_COMMANDS, LOCKOUTS_NEED_ADMIN, localDenyOperations, remoteDenyOperations, remoteLockoutOperations } from './deny-list.ts'
@@ -241,9 +241,10 @@ async function runConfig(argv: string[], io: Io): Promise<number> {
   const file = ((fileArgument(p, usage) ?? p.values.config) as string | undefined) ?? defaultConfigFile(io.env)
   if (file === undefined) throw new UsageError('give the file to check (keygate config check FILE), or set KEYGATE_CONFIG')
   const config = loadConfig({ file, env: io.env, onlyFile: true, bothListeners: true })
-  // Valid, and still worth a word: a route's scopes another route's paths go around.
+  // Valid, and still worth a word: a route's scopes another route's paths go around, a deny list
+  // entry that denies every client.
   const shortcut = shortcutWarning(config)
-  const warnings = [...new Router(config.routes).exposures().map(exposureWarning), ...(shortcut === undefined ? [] : [shortcut])]
+  const warnings = [...new Router(config.routes).exposures().map(exposureWarning), ...(shortcut === undefined ? [] : [shortcut]), ...denyListWarnings(config.deny_list)]
   if (p.values.json) printJson(io, { valid: true, file, routes: config.routes.map((r) => r.name), warnings })
   else io.out(`${file}: valid (${config.routes.length} route${config.routes.length === 1 ? '' : 's'})\n${warnings.map((w) => `warning: ${w}\n`).join('')}`)
   return EXIT_OK

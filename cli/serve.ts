@@ -18,7 +18,7 @@ import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
-import { DenyListService, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
+import { DenyListService, denyListWarnings, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
 import { teeUsage, UsageRecorder } from '../core/usage.ts'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
@@ -932,7 +932,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       const at = await listen(gateway.server, config.gateway.listen, 'gateway.listen', { shared: mode.worker })
       log.info('gateway listening', { address: shown(at), routes: config.routes.map((r) => r.name), tls: Boolean(config.gateway.tls), max_connections: gateway.server.maxConnections ?? null })
       if (config.routes.length === 0) log.warn('no routes are configured: no request reaches an upstream; one that passes the checks (a valid key) is answered route_not_found (set KEYGATE_UPSTREAM or routes)')
-      if (!mode.worker) warnOfExposures(config, log)
+      if (!mode.worker) warnOfConfig(config, log)
     }
     if (!mode.worker) {
       const routes: AdminRoute[] = healthRoutes({
@@ -1082,16 +1082,21 @@ function tellWorkers(workers: Iterable<import('node:cluster').Worker>, message: 
   for (const w of workers) sendTo(w, message)
 }
 
-/** Logs each route whose scopes another route goes around (Router.exposures), once per start: by the gateway's process, or the primary of `--workers`. */
-function warnOfExposures(config: Config, log: Logger): void {
+/**
+ * Logs what `config check` warns of, once per start: each route whose scopes another route goes
+ * around (Router.exposures), the upstream shortcut beside scoped routes, and each deny_list entry
+ * that denies every client; by the gateway's process, or the primary of `--workers`.
+ */
+function warnOfConfig(config: Config, log: Logger): void {
   for (const e of new Router(config.routes).exposures()) log.warn(exposureWarning(e), { route: e.route, by: e.by, upstream_path: e.upstreamPath })
   const shortcut = shortcutWarning(config)
   if (shortcut !== undefined) log.warn(shortcut)
+  for (const w of denyListWarnings(config.deny_list)) log.warn(w)
 }
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
   // The workers, which serve the gateway, do not tell it: each would.
-  warnOfExposures(config, log)
+  warnOfConfig(config, log)
   const live = new Set<import('node:cluster').Worker>()
   const listening = new Set<import('node:cluster').Worker>()
   const stopping = stopSignal(log, { worker: false })

@@ -188,7 +188,7 @@ export const ConfigSchema = Type.Object(
     ),
     routes: Type.Array(Route, { default: [], description: 'Path-prefix routes to upstreams; the longest matching prefix wins. Two routes for one host whose paths are one as the gateway or a lenient upstream reads them (`/api/` and `/api`, `/admin` and `/ADMIN` or `/%61dmin`) are refused.' }),
     upstream: optStr('base-url', { description: 'Shortcut: a route named default for / to this upstream, added to the routes (refused when they have a route for / or one named default).', env: 'KEYGATE_UPSTREAM', flag: 'upstream' }),
-    deny_list: Type.Array(Type.String({ format: 'cidr' }), { default: [], description: 'Addresses and CIDR ranges always refused. A range with host bits set (10.1.2.3/8) is a config error naming the network it would cover.' }),
+    deny_list: Type.Array(Type.String({ format: 'cidr' }), { default: [], description: 'Addresses and CIDR ranges always refused. A range with host bits set (10.1.2.3/8) is a config error naming the network it would cover. One that denies every client (::/0) or every IPv4 client (0.0.0.0/0, or an IPv6 range holding ::ffff:0:0/96 such as ::/64) is taken, with a warning from config check and at start.' }),
     rate_limits: Type.Object(
       {
         per_address: Limit(1000, 1, 'Limit per client address.'),

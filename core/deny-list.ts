@@ -11,7 +11,7 @@ import { fieldInvalid, KeygateError } from './errors.ts'
 import { hostBitsProblem } from './formats.ts'
 import { characterCount, clipped, PRINTABLE, refuseKeyIn } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
-import { parseRange } from './keys/evaluate.ts'
+import { parseRange, type Range } from './keys/evaluate.ts'
 
 /** What the gateway's matcher needs of an entry. */
 export interface DenyRange {
@@ -70,6 +70,42 @@ export function normaliseCidr(input: string): string | undefined {
   if (bits === full) return addr.toString()
   const network = addr.kind() === 'ipv4' ? ipaddr.IPv4.networkAddressFromCIDR(`${addr.toString()}/${bits}`) : ipaddr.IPv6.networkAddressFromCIDR(`${addr.toString()}/${bits}`)
   return `${network.toString()}/${bits}`
+}
+
+/** The IPv4-mapped block's first address: keygate reads `::ffff:a.b.c.d` as the IPv4 address a.b.c.d. */
+const MAPPED = ipaddr.IPv6.parse('::ffff:0:0')
+
+/**
+ * The clients a deny list range denies all of: 'every' (`::/0`), 'ipv4' (`0.0.0.0/0`, or an IPv6
+ * range holding the IPv4-mapped block `::ffff:0:0/96`, such as `::/64` or `::/80`: the deny list
+ * reads it as holding every IPv4 address, the stricter reading), else undefined. The gateway's
+ * matcher and the warnings below both ask this.
+ */
+export function deniesEvery([net, bits]: Range): 'every' | 'ipv4' | undefined {
+  if (net.kind() === 'ipv4') return bits === 0 ? 'ipv4' : undefined
+  if (bits === 0) return 'every'
+  return bits <= 96 && MAPPED.match(net, bits) ? 'ipv4' : undefined
+}
+
+const STAYS_OPEN = 'the admin listener does not check the deny list and stays open'
+
+/**
+ * What an entry denying every client (or every IPv4 client) is told with: taken, as nginx's `deny
+ * all` is (closing the gate is a use), but said, since it may be a slip (`::/0` for `::1`). Before,
+ * found by a review, it was taken without a word. None for any narrower range.
+ */
+export function denyEntryWarnings(cidr: string): string[] {
+  const range = parseRange(cidr.trim())
+  const every = range && deniesEvery(range)
+  if (every === 'every') return [`${cidr} denies every client of the gateway, IPv4 and IPv6 (an IPv6 range holding ::ffff:0:0/96 holds every IPv4 address); ${STAYS_OPEN}`]
+  if (every === undefined) return []
+  const why = (range as Range)[0].kind() === 'ipv6' ? ': it holds ::ffff:0:0/96, the IPv4-mapped block, which the deny list reads as every IPv4 address' : ''
+  return [`${cidr} denies every IPv4 client of the gateway${why}; ${STAYS_OPEN}`]
+}
+
+/** denyEntryWarnings of each item of the config file's `deny_list`, the item named. */
+export function denyListWarnings(cidrs: readonly string[]): string[] {
+  return cidrs.flatMap((cidr, i) => denyEntryWarnings(cidr).map((w) => `deny_list[${i}]: ${w}`))
 }
 
 export class DenyListService {

@@ -7,14 +7,12 @@
 // (gateway/index.ts).
 import QuickLRU from 'quick-lru'
 import ipaddr from 'ipaddr.js'
-import type { DenyChange, DenyRange } from '../core/deny-list.ts'
+import { deniesEvery, type DenyChange, type DenyRange } from '../core/deny-list.ts'
 import { parseAddress, parseRange } from '../core/keys/evaluate.ts'
 import { otherWork, SLICE_MS } from '../core/slices.ts'
 import type { RequestState, Stage } from './state.ts'
 
 const MEMO_SIZE = 4096
-/** The IPv4-mapped block's first address. */
-const MAPPED = ipaddr.IPv6.parse('::ffff:0:0')
 
 /** A range reduced to what a lookup needs: its family, its length, and its network's leading `bits` bits. */
 interface Prefix {
@@ -22,7 +20,7 @@ interface Prefix {
   bits: number
   /** The network's first `bits` bits as an integer (the rest of the written address is ignored, as ipaddr.js's match does). */
   head: number | bigint
-  /** An IPv6 range wider than /96 holding the IPv4-mapped block (see #everyIpv4). */
+  /** An IPv6 range holding the IPv4-mapped block (core/deny-list.ts deniesEvery; see DenyMatcher.denied). */
   holdsIpv4: boolean
 }
 
@@ -47,7 +45,7 @@ function toPrefix(cidr: string): Prefix | undefined {
   if (!range) return undefined
   const [net, bits] = range
   if (net.kind() === 'ipv4') return { v6: false, bits, head: v4Head(v4Value(net as ipaddr.IPv4), bits), holdsIpv4: false }
-  return { v6: true, bits, head: v6Head(v6Value(net as ipaddr.IPv6), bits), holdsIpv4: bits < 96 && MAPPED.match(net, bits) }
+  return { v6: true, bits, head: v6Head(v6Value(net as ipaddr.IPv6), bits), holdsIpv4: deniesEvery(range) !== undefined }
 }
 
 /**
@@ -63,7 +61,7 @@ class PrefixIndex {
   readonly #v6 = new Map<number, Map<bigint, number>>()
   #v4Lengths: number[] = []
   #v6Lengths: number[] = []
-  /** Entries holding the IPv4-mapped block (see DenyMatcher's #everyIpv4). */
+  /** IPv6 entries holding the IPv4-mapped block (see DenyMatcher.denied). */
   everyIpv4 = 0
 
   add(p: Prefix): void {

@@ -6,7 +6,7 @@ import t from 'tap'
 import { Agent, request } from 'undici'
 import { generateKey } from '../core/keys/format.ts'
 import { bearer, until } from './helpers/gateway.ts'
-import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
+import { BOOTSTRAP_TOKEN, documented, startAdmin } from './helpers/admin.ts'
 import { forEachStore, openStore } from './helpers/stores.ts'
 
 const HOUR = 3_600_000
@@ -103,6 +103,29 @@ await forEachStore(t, async (t, store) => {
     t.notOk((await h.call('GET', '/v1/deny-list')).json.items.some((e: { id: string }) => e.id === brief.json.id), 'expired entries are not listed')
     t.ok((await h.call('GET', '/v1/deny-list?include_expired=true')).json.items.some((e: { id: string }) => e.id === brief.json.id), 'unless asked for')
     t.equal((await h.call('GET', '/v1/deny-list?include_expired=maybe')).status, 400)
+  })
+
+  await t.test('deny list: an entry that denies every client is taken, and the answer says so (found by a review)', async (t) => {
+    // Before: taken without a word, as any range.
+    const k = await create({ name: 'shut out' })
+    const narrow = await h.call('POST', '/v1/deny-list', { body: { cidr: '198.51.100.0/24' } })
+    await documented(t, h, 'addDenyEntry', narrow)
+    t.same(narrow.json.warnings, [], 'none for a narrower range')
+    const all = await h.call('POST', '/v1/deny-list', { body: { cidr: '::/0', reason: 'close the gate' } })
+    await documented(t, h, 'addDenyEntry', all)
+    t.match(all.json, { cidr: '::/0', reason: 'close the gate', warnings: [/^::\/0 denies every client of the gateway, IPv4 and IPv6 .*; the admin listener does not check the deny list and stays open$/] })
+    t.equal(all.json.warnings.length, 1)
+    const refused = await h.through('/x', bearer(k.key))
+    t.equal(refused.status, 403, 'this IPv4 client is denied, as said')
+    t.equal(refused.json.error.code, 'ip_blocked')
+    const mapped = await h.call('POST', '/v1/deny-list', { body: { cidr: '::/64' } })
+    t.match(mapped.json.warnings, [/^::\/64 denies every IPv4 client of the gateway: it holds ::ffff:0:0\/96/], 'an IPv6 range holding the IPv4-mapped block')
+    const again = await h.call('POST', '/v1/deny-list', { body: { cidr: '0:0::/0', expires_at: new Date(Date.now() + HOUR).toISOString() } })
+    await documented(t, h, 'addDenyEntry', again, 200)
+    t.match(again.json.warnings, [/^::\/0 denies every client/], 'an update says it too, of the range as stored')
+    // The admin listener stays open, as the warning says: the entries are removed through it.
+    for (const e of [narrow, all, mapped]) t.equal((await h.call('DELETE', `/v1/deny-list/${e.json.id}`)).status, 200)
+    t.equal((await h.through('/x', bearer(k.key))).status, 200, 'let in again')
   })
 
   await t.test('stats and reports', async (t) => {

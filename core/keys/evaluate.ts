@@ -9,7 +9,7 @@ export type Verdict = { ok: true } | { ok: false; code: ErrorCode; reason: strin
 
 const OK: Verdict = Object.freeze({ ok: true })
 
-type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
+export type Range = [ipaddr.IPv4 | ipaddr.IPv6, number]
 
 // The gateway parses the client address (and X-Forwarded-For hops) of every request, mostly the
 // same few addresses again: parsed addresses, and their canonical text once asked for, are kept,
