@@ -171,6 +171,18 @@ t.test('scrub redacts keys in log text', async (t) => {
   // Its `_`s percent-encoded, as a path may carry it (the access log writes the path as sent).
   t.equal(scrub(`/p/${k.replaceAll('_', '%5F')}/x`), '/p/[redacted]/x')
   t.equal(scrub(`/p/${custom.replaceAll('_', '%5f')}`), '/p/[redacted]', 'in either letter case')
+  // Any of its letters or digits percent-encoded, which a path may carry as the same path (RFC
+  // 3986 6.2.2.2) and the access log writes as sent (before, found by a review, `/p/%6Bg_...` was
+  // logged whole); and a legacy key's, and the other secrets' (a JWT's `.` too).
+  const encode = (text: string, every: number) => [...text].map((c, i) => (i % every === 0 ? `%${c.charCodeAt(0).toString(16).padStart(2, '0')}` : c)).join('')
+  for (const [secret, every] of [[k, 1], [k, 5], [custom, 3], [uuid, 2], [uuid.toUpperCase(), 7]] as const) {
+    const out = scrub(`/p/${encode(secret, every)}/x?a=%20b`)
+    t.notOk(out.includes(secret) || out.includes(encode(secret, every)), `percent-encoded, every ${every}: hidden`, { out })
+    t.equal(out, '/p/[redacted]/x?a=%20b', 'read as the same path, the rest kept as written')
+  }
+  t.equal(scrub(`jwt ${encode('eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.r5GDSJ8eGnQLK4g6fPlUGN5boIEfxVOeFX4LnTwOIqs', 4)}`), 'jwt [redacted]')
+  // Text with escapes and nothing hidden is kept as written, escapes and all.
+  for (const kept of ['/a%2Fb/%41%42C?q=%7E', '100% sure', '%zz%4', '/p/%6Bg_short']) t.equal(scrub(kept), kept)
   const plain = 'key kg_3hF9aK2LmQxZ rotated by cli:alice, request 5b1f, 2001:db8::1'
   t.equal(scrub(plain), plain, 'ids and ordinary text are kept')
 
