@@ -71,6 +71,8 @@ function createCommand<R>(o: {
   flagOf?: Readonly<Record<string, string>>
   describe: (created: R) => string
   secret: (created: R) => string
+  /** What the service warns of with the credential (scopes that do not bind it), printed on stderr. */
+  warning?: (created: R) => string | undefined
   noun: string
 }): Command<IntegrationContext<{ create(body: unknown, actor: Actor): Promise<R> }>> {
   return command(o, { min: 0, max: 0 }, (p) => {
@@ -78,7 +80,10 @@ function createCommand<R>(o: {
     checkFlags(o.schema, body, o.flagOf)
     return async (ctx) => {
       const created = await ctx.service.create(body, ctx.actor)
+      const warning = o.warning?.(created)
       printMade(() => {
+        // On stderr, with --json too: stdout stays one JSON document, which holds the warning.
+        if (warning !== undefined) ctx.io.err(`keygate: warning: ${escapeUnprintable(warning)}\n`)
         if (ctx.json) printJson(ctx.io, created)
         else ctx.io.out(`Created ${o.describe(created)}.\nThe ${o.noun} is shown once; store it now:\n${o.secret(created)}\n`)
       }, `${o.describe(created)} was created (delete it, and create another)`)
@@ -159,6 +164,13 @@ function verifyCommand<V extends Verification>(o: {
   }, true)
 }
 
+/** An n8n record's `scopes_enforced` (true, false, null: not known), in the list's column and after verify's verdict. */
+const ENFORCED_WORDS: Readonly<Record<string, string>> = { true: 'yes', false: 'no', null: '?' }
+const ENFORCED_NOTES: Readonly<Record<string, string>> = {
+  false: '; its scopes were not enforced by n8n when it was made',
+  null: '; whether n8n enforced its scopes when it was made is not known',
+}
+
 type GiteaCommand = Command<IntegrationContext<GiteaOperations>>
 type N8nCommand = Command<IntegrationContext<N8nOperations>>
 
@@ -236,6 +248,7 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     flagOf: { expires_at: '--expires-at' },
     describe: (c) => `n8n API key ${printable(c.remote_id)} (${printable(c.label)}) with ${printable(c.scopes.join(', '))}${c.expires_at ? `, expires ${c.expires_at}` : ''}; keygate record ${c.id}`,
     secret: (c) => c.key,
+    warning: (c) => c.warning,
     noun: 'key',
   }),
   list: listCommand<N8nListItem>({
@@ -243,8 +256,9 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     usage: 'keygate n8n list [--n8n-url URL --n8n-email E --n8n-password P] [--json]',
     options: N8N_FLAGS,
     noun: 'key',
-    headers: ['id', 'label', 'scopes', 'expires'],
-    row: (i) => [i.remote_id, i.label, (i.remote ?? i.local)?.scopes.join(','), (i.remote ?? i.local)?.expires_at],
+    headers: ['id', 'label', 'scopes', 'enforced', 'expires'],
+    // Whether n8n enforced the scopes when keygate made the key: known from its record only.
+    row: (i) => [i.remote_id, i.label, (i.remote ?? i.local)?.scopes.join(','), i.local ? ENFORCED_WORDS[String(i.local.scopes_enforced ?? null)] : undefined, (i.remote ?? i.local)?.expires_at],
   }),
   delete: deleteCommand<N8nKeyDeleted>({
     summary: 'delete an n8n API key by id or label and close its record',
@@ -258,6 +272,6 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     usage: 'keygate n8n verify KEY|- [--n8n-url URL] [--json]',
     options: { 'n8n-url': N8N_FLAGS['n8n-url'] },
     noun: 'key',
-    accepted: (v) => `valid${v.record ? `: keygate record ${v.record.id} (${printable(v.record.label)}, created by ${printable(v.record.created_by)})` : ''}`,
+    accepted: (v) => `valid${v.record ? `: keygate record ${v.record.id} (${printable(v.record.label)}, created by ${printable(v.record.created_by)})${ENFORCED_NOTES[String(v.record.scopes_enforced ?? null)] ?? ''}` : ''}`,
   }),
 }

@@ -14,10 +14,10 @@ import { fileURLToPath } from 'node:url'
 import { N8nKeyService } from '../core/integrations/n8n.ts'
 import { recordId, secretHash } from '../core/integrations/track.ts'
 import { migrate } from '../core/migrate.ts'
-import { documented, startAdmin } from './helpers/admin.ts'
+import { documented, servedValidator, startAdmin } from './helpers/admin.ts'
 import { until } from './helpers/gateway.ts'
 import { capturedStderr, childEnv, runCli, runCliHere, spawnClean } from './helpers/cli.ts'
-import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrationDeps, noSecrets } from './helpers/integrations.ts'
+import { capturedLogs, dumpStore, failingQueries, failingTransactions, integrationDeps, noSecrets, proxyTo } from './helpers/integrations.ts'
 import { ownerSession, startN8n } from './helpers/n8n.ts'
 import { forEachStore, freshDatabase, memoryDb, rejection } from './helpers/stores.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -73,6 +73,38 @@ t.test('the scopes the instance allows', async (t) => {
   t.same(scopes, (await rest('GET', '/rest/api-keys/scopes')).body.data, "the instance's own list")
 })
 
+t.test("whether n8n enforces a key's scopes: what its settings say, or that they could not be read", async (t) => {
+  // The real n8n cannot be licensed here: a proxy in front of it answers GET /rest/settings in its
+  // stead (as a licensed n8n, an older one without the flag, a failure) and passes the rest on.
+  let settings: { status: number; body: unknown } = { status: 200, body: {} }
+  const url = await proxyTo(t, n8n, {
+    instead: (req, res) => {
+      if (!req.url?.startsWith('/rest/settings')) return false
+      res.writeHead(settings.status, { 'content-type': 'application/json' }).end(JSON.stringify(settings.body))
+      return true
+    },
+  })
+  const keys = new N8nKeyService(integrationDeps(await memoryStore(t), env({ N8N_URL: url })))
+  t.teardown(() => keys.close())
+  const couldNotTell = (why: string) =>
+    `could not tell whether n8n at ${url} enforces API key scopes (${why}): it does only when its licence has API key scopes; without them the key, made with workflow:list, can do whatever the role of ${n8n.email} may`
+  for (const [name, answer, enforced, warning] of [
+    ['licensed', { status: 200, body: { data: { enterprise: { apiKeyScopes: true } } } }, true, undefined],
+    ['unlicensed', { status: 200, body: { data: { enterprise: { apiKeyScopes: false } } } }, false, `n8n at ${url} does not enforce API key scopes (its licence lacks API key scopes): the key was made with workflow:list, but it can do whatever the role of ${n8n.email} may`],
+    ['no flag (an older n8n)', { status: 200, body: { data: { enterprise: { sharing: false } } } }, null, couldNotTell('GET /rest/settings answered without enterprise.apiKeyScopes')],
+    ['a failure', { status: 500, body: { message: 'Internal error' } }, null, couldNotTell('n8n at URL refused to read its settings: 500 Internal error'.replace('URL', url))],
+  ] as const) {
+    settings = answer
+    const label = `enforced-${name.split(' ')[0]}`
+    const created = await keys.create({ label, scopes: ['workflow:list'] }, actor)
+    secrets.push(created.key)
+    t.equal(created.scopes_enforced, enforced, `${name}: recorded`)
+    t.equal(created.warning, warning, `${name}: the warning`)
+    t.equal((await keys.list()).items.find((i) => i.label === label)?.local?.scopes_enforced, enforced, `${name}: listed`)
+    await keys.delete(label, actor)
+  }
+})
+
 await forEachStore(t, async (t, store) => {
   const deps = integrationDeps(store.db, env())
   const keys = new N8nKeyService(deps)
@@ -86,11 +118,17 @@ await forEachStore(t, async (t, store) => {
     t.same(created.scopes, ['workflow:list', 'workflow:read'], 'the scopes asked for, and no other')
     t.match(created.id, /^nk_[0-9A-Za-z]{12}$/)
     t.equal(created.key_last_eight, created.key.slice(-8))
-    t.match(await keys.verify(created.key), { valid: true, record: { id: created.id } })
+    // This n8n has no licence: its signed-in settings say so, and its public API lets any key do
+    // what its user may. Before (found by a review), keygate recorded and printed the scopes
+    // without a word, as if they bound the key.
+    t.equal((await rest('GET', '/rest/settings')).body.data.enterprise.apiKeyScopes, false, "the real n8n's licence lacks API key scopes")
+    t.equal(created.scopes_enforced, false, 'recorded as made with scopes n8n does not enforce')
+    t.equal(created.warning, `n8n at ${n8n.url} does not enforce API key scopes (its licence lacks API key scopes): the key was made with workflow:list, workflow:read, but it can do whatever the role of ${n8n.email} may`)
+    t.match(await keys.verify(created.key), { valid: true, record: { id: created.id, scopes_enforced: false } })
 
     const list = await keys.list()
     const item = list.items.find((i) => i.remote_id === created.remote_id)
-    t.match(item, { state: 'in_sync', label: created.label, remote: { masked: new RegExp(`${created.key.slice(-4)}$`) }, local: { id: created.id } })
+    t.match(item, { state: 'in_sync', label: created.label, remote: { masked: new RegExp(`${created.key.slice(-4)}$`) }, local: { id: created.id, scopes_enforced: false } })
     t.notOk(JSON.stringify(list).includes(created.key), 'the list never holds the key')
 
     const deleted = await keys.delete(created.label, actor)
@@ -98,7 +136,7 @@ await forEachStore(t, async (t, store) => {
     t.match(await keys.verify(created.key), { valid: false, reason: 'refused', record: { id: created.id } })
     const audit = await deps.audit.list(store.db, { keyId: created.id })
     t.same(audit.map((a) => a.action), ['n8n.key.deleted', 'n8n.key.created'], 'create and delete each left an audit row')
-    t.match(audit[1]?.details, { remote_id: created.remote_id, label: created.label, key_last_eight: created.key_last_eight })
+    t.match(audit[1]?.details, { remote_id: created.remote_id, label: created.label, key_last_eight: created.key_last_eight, scopes_enforced: false })
   })
 
   await t.test('an expiry, delete by id', async (t) => {
@@ -284,7 +322,8 @@ t.test('keygate n8n create, verify, list, delete: real processes on the embedded
       t.equal(created.code, 0, created.stderr)
       const c = created.json()
       secrets.push(c.key)
-      t.match(c, { label: 'ci', scopes: ['workflow:list'], key: JWT })
+      t.match(c, { label: 'ci', scopes: ['workflow:list'], key: JWT, scopes_enforced: false, warning: /does not enforce API key scopes/ })
+      t.equal(created.stderr.split('\n').filter((l) => l.startsWith('keygate: warning:')).join('\n'), `keygate: warning: ${c.warning}`, 'the warning on stderr too, stdout one JSON document')
 
       const verified = await run(['verify', c.key, '--json'])
       t.equal(verified.code, 0, 'verify succeeds for the new key')
@@ -295,8 +334,8 @@ t.test('keygate n8n create, verify, list, delete: real processes on the embedded
       t.equal(listed.code, 0, listed.stderr)
       t.match(listed.json().items.find((i: { remote_id: string }) => i.remote_id === c.remote_id), { state: 'in_sync', label: 'ci' })
       const table = await run(['list'])
-      t.match(table.stdout, /^ID\s+LABEL\s+SCOPES\s+EXPIRES\s+STATE/)
-      t.match(table.stdout, new RegExp(`${c.remote_id}\\s+ci\\s+workflow:list\\s+-\\s+in sync\\s+${c.id}`))
+      t.match(table.stdout, /^ID\s+LABEL\s+SCOPES\s+ENFORCED\s+EXPIRES\s+STATE/)
+      t.match(table.stdout, new RegExp(`${c.remote_id}\\s+ci\\s+workflow:list\\s+no\\s+-\\s+in sync\\s+${c.id}`), 'the scopes marked as not enforced')
 
       const deleted = await run(['delete', 'ci', '--json'])
       t.equal(deleted.code, 0, deleted.stderr)
@@ -313,6 +352,7 @@ t.test('keygate n8n create, verify, list, delete: real processes on the embedded
 
       const human = await run(['create', '--label', 'human', '--scopes', 'workflow:list', '--expires-in', '7d'])
       t.equal(human.code, 0, human.stderr)
+      t.match(human.stderr, `keygate: warning: n8n at ${n8n.url} does not enforce API key scopes (its licence lacks API key scopes): the key was made with workflow:list, but it can do whatever the role of ${n8n.email} may\n`)
       t.match(human.stdout, /Created n8n API key \S+ \(human\) with workflow:list, expires .*\nThe key is shown once; store it now:\n(eyJ\S+)\n$/)
       secrets.push(/\n(eyJ\S+)\n$/.exec(human.stdout)?.[1] as string)
       t.equal((await run(['create', '--label', 'human', '--scopes', 'workflow:list'])).code, 1, 'a duplicate label is refused')
@@ -335,7 +375,12 @@ t.test('the admin API: /v1/n8n/keys against the real n8n', async (t) => {
   const created = await h.call('POST', '/v1/n8n/keys', { body: { label: 'via-api', scopes: ['workflow:list'] } })
   await documented(t, h, 'createN8nKey', created)
   secrets.push(created.json.key)
-  t.match(created.json, { label: 'via-api', scopes: ['workflow:list'], key: JWT, created_by: `key:${h.adminKeyId}` })
+  t.match(created.json, { label: 'via-api', scopes: ['workflow:list'], key: JWT, created_by: `key:${h.adminKeyId}`, scopes_enforced: false, warning: /does not enforce API key scopes/ })
+  // Documented as what they are: the answer with either of another type no longer matches.
+  const validator = await servedValidator(h)
+  for (const [field, value] of [['warning', 5], ['scopes_enforced', 'no']] as const) {
+    t.not(validator.answerProblems({ method: 'POST', path: '/v1/n8n/keys' }, 201, { ...created.json, [field]: value }).length, 0, `${field} is documented`)
+  }
   t.equal(await h.auditRows(), before + 1, 'one audit row for the create')
 
   const verified = await h.call('POST', '/v1/n8n/keys/verify', { body: { secret: created.json.key } })
@@ -380,13 +425,14 @@ t.test("keygate n8n through a running server's admin API (KEYGATE_ADMIN_URL), wh
   t.equal(created.code, 0, created.stderr)
   const c = created.json()
   secrets.push(c.key)
-  t.match(c, { label: 'remote', scopes: ['workflow:list'], key: JWT, created_by: 'token' })
+  t.match(c, { label: 'remote', scopes: ['workflow:list'], key: JWT, created_by: 'token', scopes_enforced: false })
+  t.match(created.stderr, `keygate: warning: n8n at ${n8n.url} does not enforce API key scopes`, "the server's warning, printed by the CLI")
   const verified = await run(['verify', '-'], `${c.key}\n`)
   t.equal(verified.code, 0, verified.stderr)
-  t.match(verified.stdout, `valid: keygate record ${c.id} (remote, created by token)`)
+  t.equal(verified.stdout, `valid: keygate record ${c.id} (remote, created by token); its scopes were not enforced by n8n when it was made\n`)
   const table = await run(['list'])
   t.equal(table.code, 0, table.stderr)
-  t.match(table.stdout, new RegExp(`${c.remote_id}\\s+remote\\s+workflow:list\\s+\\S+\\s+in sync\\s+${c.id}`))
+  t.match(table.stdout, new RegExp(`${c.remote_id}\\s+remote\\s+workflow:list\\s+no\\s+\\S+\\s+in sync\\s+${c.id}`))
   const twice = await run(['create', '--label', 'remote', '--scopes', 'workflow:list', '--json'])
   t.equal(twice.code, 1)
   t.equal(twice.json().error.code, 'n8n_key_exists', "the server's refusal, as on the store")

@@ -19,6 +19,8 @@ export interface N8nKey {
   label: string
   owner_email: string
   scopes: string[]
+  /** Whether n8n's licence had API key scopes when the key was made (see scopesEnforced); null when not known. */
+  scopes_enforced: boolean | null
   key_last_eight: string
   expires_at: string | null
   base_url: string
@@ -28,7 +30,8 @@ export interface N8nKey {
   deleted_by: string | null
 }
 
-export type N8nKeyCreated = N8nKey & { key: string }
+/** `warning` when the scopes asked for do not bind the key, or may not. */
+export type N8nKeyCreated = N8nKey & { key: string; warning?: string }
 
 export interface N8nRemoteKey {
   id: string
@@ -74,6 +77,7 @@ interface Row {
   label: string
   owner_email: string
   scopes: string[]
+  scopes_enforced: boolean | null
   key_last_eight: string
   expires_at: Date | null
   created_at: Date
@@ -82,7 +86,7 @@ interface Row {
   deleted_by: string | null
 }
 
-const COLUMNS = 'id, base_url, remote_id, label, owner_email, scopes, key_last_eight, expires_at, created_at, created_by, deleted_at, deleted_by'
+const COLUMNS = 'id, base_url, remote_id, label, owner_email, scopes, scopes_enforced, key_last_eight, expires_at, created_at, created_by, deleted_at, deleted_by'
 
 function toJson(r: Row): N8nKey {
   return {
@@ -91,6 +95,7 @@ function toJson(r: Row): N8nKey {
     label: r.label,
     owner_email: r.owner_email,
     scopes: r.scopes,
+    scopes_enforced: r.scopes_enforced,
     key_last_eight: r.key_last_eight,
     expires_at: iso(r.expires_at),
     base_url: r.base_url,
@@ -149,6 +154,14 @@ function notFoundAnswer(http: IntegrationHttp, res: HttpResponse): KeygateError 
   const foreign = http.foreignError(res, 'GET /api/v1/workflows')
   if (foreign !== undefined) return foreign
   return new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no route GET /api/v1/workflows in its public API (404 ${http.messageOf(res)}): is N8N_URL n8n's address, without /api/v1?`, { status: 404 })
+}
+
+/** What the create's answer says when the scopes asked for do not bind the key, or may not. */
+function scopesWarning(baseUrl: string, email: string, scopes: string[], enforcement: { enforced: boolean | null; why?: string }): string | undefined {
+  if (enforcement.enforced === true) return undefined
+  const made = scopes.join(', ')
+  if (enforcement.enforced === false) return `n8n at ${baseUrl} does not enforce API key scopes (its licence lacks API key scopes): the key was made with ${made}, but it can do whatever the role of ${email} may`
+  return `could not tell whether n8n at ${baseUrl} enforces API key scopes (${enforcement.why}): it does only when its licence has API key scopes; without them the key, made with ${made}, can do whatever the role of ${email} may`
 }
 
 const KEY_SHAPE = /^[\x21-\x7e]{1,4096}$/
@@ -244,6 +257,25 @@ export class N8nKeyService {
     return data.filter((s): s is string => typeof s === 'string')
   }
 
+  /**
+   * Whether n8n checks a key's scopes on its public API: n8n 1.123.0 does only when its licence
+   * has API key scopes, which its settings say to a signed-in user (`enterprise.apiKeyScopes`;
+   * those it gives without a session hold no such flag). Read at each create, never kept: a
+   * licence may be activated, renewed or lapse while this service runs. Not knowing (the settings
+   * unread, or without the flag) is said as such, with what came back, never taken for an answer.
+   */
+  async #scopesEnforced(): Promise<{ enforced: boolean } | { enforced: null; why: string }> {
+    let data: unknown
+    try {
+      data = await this.#data('GET', '/rest/settings', 'read its settings')
+    } catch (err) {
+      if (!(err instanceof KeygateError)) throw err
+      return { enforced: null, why: err.message }
+    }
+    const flag = (data as { enterprise?: { apiKeyScopes?: unknown } | null } | null)?.enterprise?.apiKeyScopes
+    return typeof flag === 'boolean' ? { enforced: flag } : { enforced: null, why: 'GET /rest/settings answered without enterprise.apiKeyScopes' }
+  }
+
   async #remoteKeys(): Promise<N8nRemoteKey[]> {
     const data = await this.#data('GET', '/rest/api-keys', 'list the API keys')
     if (!Array.isArray(data)) throw new KeygateError('n8n_error', 'n8n answered the API key list with something other than a list')
@@ -299,6 +331,9 @@ export class N8nKeyService {
         allowed,
       })
     }
+    // Before (found by a review), an unlicensed n8n's key was recorded and printed with its scopes
+    // as if they bound it: the answer now says they do not, or that keygate could not tell.
+    const enforcement = await this.#scopesEnforced()
     await this.#assertLabelFree(input.label)
     const { created, key } = await this.#createDistinct(input, expires, allowed)
     const row: Row = {
@@ -308,6 +343,7 @@ export class N8nKeyService {
       label: created.label,
       owner_email: email,
       scopes: created.scopes.length > 0 ? created.scopes : input.scopes,
+      scopes_enforced: enforcement.enforced,
       key_last_eight: lastEight(key),
       expires_at: expires,
       created_at: new Date(),
@@ -315,7 +351,7 @@ export class N8nKeyService {
       deleted_at: null,
       deleted_by: null,
     }
-    const details = { remote_id: created.id, label: row.label, owner_email: email, scopes: row.scopes, key_last_eight: row.key_last_eight, expires_at: iso(expires), base_url: row.base_url }
+    const details = { remote_id: created.id, label: row.label, owner_email: email, scopes: row.scopes, scopes_enforced: row.scopes_enforced, key_last_eight: row.key_last_eight, expires_at: iso(expires), base_url: row.base_url }
     await recordRemoteCreate({
       service: 'n8n',
       deps: this.#deps,
@@ -324,17 +360,18 @@ export class N8nKeyService {
       deleteCommand: `keygate n8n delete ${created.id}`,
       write: async (tx) => {
         const [stored] = await tx.query<{ created_at: Date }>(
-          `INSERT INTO n8n_api_keys (id, base_url, remote_id, label, owner_email, scopes, key_last_eight, key_hash, expires_at, created_by)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING created_at`,
-          [row.id, row.base_url, row.remote_id, row.label, email, row.scopes, row.key_last_eight, secretHash(key), expires, actor.actor],
+          `INSERT INTO n8n_api_keys (id, base_url, remote_id, label, owner_email, scopes, scopes_enforced, key_last_eight, key_hash, expires_at, created_by)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING created_at`,
+          [row.id, row.base_url, row.remote_id, row.label, email, row.scopes, row.scopes_enforced, row.key_last_eight, secretHash(key), expires, actor.actor],
         )
         if (stored) row.created_at = stored.created_at
         await this.#deps.audit.write(tx, actor, { keyId: row.id, action: 'n8n.key.created', details })
       },
       undo: () => this.#deleteKey(created.id),
     })
-    this.#deps.log.info('created an n8n API key', { record: row.id, remote_id: created.id, label: row.label, actor: actor.actor })
-    return { ...toJson(row), key }
+    this.#deps.log.info('created an n8n API key', { record: row.id, remote_id: created.id, label: row.label, scopes_enforced: row.scopes_enforced, actor: actor.actor })
+    const warning = scopesWarning(http.baseUrl, email, row.scopes, enforcement)
+    return { ...toJson(row), key, ...(warning !== undefined ? { warning } : {}) }
   }
 
   /**

@@ -144,6 +144,12 @@ export const N8nKeySchema = Type.Object({
   label: Type.String(),
   owner_email: Type.String(),
   scopes: Type.Array(Type.String()),
+  scopes_enforced: Nullable(
+    Type.Boolean({
+      description:
+        "Whether n8n enforced the scopes when the key was made: n8n checks them on its public API only when its licence has API key scopes (its settings' `enterprise.apiKeyScopes`); without, the key may do whatever its user's role may. null: keygate could not tell (the settings could not be read, or held no such flag), or the key was recorded before keygate asked.",
+    }),
+  ),
   key_last_eight: Type.String(),
   expires_at: Nullable(DateTime),
   base_url: Type.String(),
@@ -152,7 +158,18 @@ export const N8nKeySchema = Type.Object({
   deleted_at: Nullable(DateTime),
   deleted_by: Nullable(Type.String()),
 })
-export const N8nKeyCreatedSchema = Type.Composite([N8nKeySchema, Type.Object({ key: Type.String({ description: 'The API key, in this answer only.' }) })])
+export const N8nKeyCreatedSchema = Type.Composite([
+  N8nKeySchema,
+  Type.Object({
+    key: Type.String({ description: 'The API key, in this answer only.' }),
+    warning: Type.Optional(
+      Type.String({
+        description:
+          "Present when the scopes do not bind the key (`scopes_enforced` false: this n8n's licence lacks API key scopes, so the key can do whatever its user's role may), or may not (`scopes_enforced` null: keygate could not tell, and says why). The key was made all the same.",
+      }),
+    ),
+  }),
+])
 export const N8nKeyListSchema = Type.Object({
   base_url: Type.String(),
   items: Type.Array(
