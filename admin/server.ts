@@ -11,7 +11,7 @@ import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
 import { targetProblem, type RequestTarget } from '../core/target.ts'
 import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, headersTimeoutOptions, hostName, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
 import type { Logger } from '../core/log.ts'
-import { clipped, escapeUnprintable } from '../core/validate.ts'
+import { escapeUnprintable, shownInput } from '../core/validate.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
 export class AdminError extends KeygateError {
@@ -164,7 +164,7 @@ function routingProblem(target: string): string | undefined {
 
 /** The 421 of a Host (or an absolute-form target's host, standing for a missing Host) this listener does not answer to. */
 function hostNotAllowed(res: http.ServerResponse, requestId: string, host: string | undefined): void {
-  sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(host === undefined ? undefined : clipped(host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
+  sendError(res, 'host_not_allowed', requestId, `this admin listener does not answer to Host ${JSON.stringify(host === undefined ? undefined : shownInput(host))}; add the name to admin.allowed_hosts`, undefined, { connection: 'close' })
 }
 
 // joinDuplicateHeaders: a repeated header arrives joined with ", " (a repeated Cookie with "; ")
@@ -316,7 +316,7 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
     }
     // Cut: a path of up to gateway.max_header_bytes came back whole in the answer (found by a review).
     const noApi = options.noApi !== undefined && (url.pathname === '/v1' || url.pathname.startsWith('/v1/'))
-    sendError(res, 'not_found', requestId, noApi ? (options.noApi as string) : `no admin route ${clipped(url.pathname)}`, undefined, closing)
+    sendError(res, 'not_found', requestId, noApi ? (options.noApi as string) : `no admin route ${shownInput(url.pathname)}`, undefined, closing)
   }
   server.on('request', onRequest)
   running.set(server, handlers)

@@ -9,7 +9,7 @@ import { Type } from '@sinclair/typebox'
 import { AddDenyBody, DenyListService, denyEntryWarnings, denyJson, normaliseCidr } from '../core/deny-list.ts'
 import type { Actor } from '../core/audit.ts'
 import { KeygateError } from '../core/errors.ts'
-import { clipped } from '../core/validate.ts'
+import { shownInput } from '../core/validate.ts'
 import type { Runtime } from '../core/runtime.ts'
 import { adminClient, pathSegment } from './admin-client.ts'
 import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, table, terminalText, type Command, type Io } from './io.ts'
@@ -70,7 +70,7 @@ export function remoteDenyOperations(baseUrl: string, token: string): DenyOperat
       return { entry, updated: status === 200, warnings: Array.isArray(warnings) ? warnings.filter((w): w is string => typeof w === 'string') : [] }
     },
     list: async (includeExpired) => (await call<{ items: DenyJson[] }>('GET', `/v1/deny-list${includeExpired ? '?include_expired=true' : ''}`, undefined, ['items'])).items,
-    remove: async (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(clipped(id))}`))}`),
+    remove: async (id) => call('DELETE', `/v1/deny-list/${pathSegment(id, () => new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(shownInput(id))}`))}`),
   }
 }
 
@@ -147,7 +147,7 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
       const given = p.positionals[0] as string
       // An id is base62 (no . or :); an address or range names the entry listed for it.
       const cidr = /[.:]/.test(given) ? normaliseCidr(given) : undefined
-      if (/[.:]/.test(given) && cidr === undefined) throw new UsageError(`${JSON.stringify(clipped(given))} is neither an entry's id nor an address or range; expected such as 192.0.2.0/24 or 2001:db8::/32`)
+      if (/[.:]/.test(given) && cidr === undefined) throw new UsageError(`${JSON.stringify(shownInput(given))} is neither an entry's id nor an address or range; expected such as 192.0.2.0/24 or 2001:db8::/32`)
       return async (ctx) => {
         let id = given
         if (cidr !== undefined) {

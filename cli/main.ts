@@ -6,7 +6,7 @@ import type { Config } from '../config/schema.ts'
 import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLogger, type Level, type Logger } from '../core/log.ts'
 import { VERSION } from '../core/package.ts'
-import { clipped } from '../core/validate.ts'
+import { shownInput } from '../core/validate.ts'
 import type { Runtime } from '../core/runtime.ts'
 import type { ServiceName } from '../core/integrations/http.ts'
 import { denyListWarnings, type DenyListService } from '../core/deny-list.ts'
@@ -162,7 +162,7 @@ export async function runGroup<C>(
     return EXIT_OK
   }
   const sub = Object.hasOwn(commands, name) ? commands[name] : undefined
-  if (!sub) throw new UsageError(`unknown ${group} command ${JSON.stringify(clipped(name))}\n${groupHelp(group, commands)}`)
+  if (!sub) throw new UsageError(`unknown ${group} command ${JSON.stringify(shownInput(name))}\n${groupHelp(group, commands)}`)
   const p = parse(rest, sub.options, sub.positionals, sub.usage)
   if (p.values.help) {
     io.out(`${sub.summary}\nusage: ${sub.usage}\n`)

@@ -7,7 +7,7 @@
 import type { GiteaTokenService } from '../core/integrations/gitea.ts'
 import type { N8nKeyService } from '../core/integrations/n8n.ts'
 import { adminClient, pathSegment } from './admin-client.ts'
-import { clipped } from '../core/validate.ts'
+import { shownInput } from '../core/validate.ts'
 import { UsageError } from './io.ts'
 
 export type GiteaOperations = Pick<GiteaTokenService, 'create' | 'list' | 'delete' | 'verify'>
@@ -19,7 +19,7 @@ const VERIFY: ReadonlySet<string> = new Set(['verify'])
 /** A token or key named in the URL's path. */
 function pathRef(value: string, what: string, path: string): string {
   const why = VERIFY.has(value) ? `${path}/verify is the verify operation's path` : 'no URL path carries it'
-  return pathSegment(value, () => new UsageError(`${JSON.stringify(clipped(value))} cannot be named through the admin API (${why}): give the ${what}'s id`), VERIFY)
+  return pathSegment(value, () => new UsageError(`${JSON.stringify(shownInput(value))} cannot be named through the admin API (${why}): give the ${what}'s id`), VERIFY)
 }
 
 export function remoteGitea(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): GiteaOperations {

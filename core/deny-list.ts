@@ -9,7 +9,7 @@ import { sqlState, UNDEFINED_TABLE } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { hostBitsProblem } from './formats.ts'
-import { characterCount, clipped, PRINTABLE, refuseKeyIn } from './validate.ts'
+import { characterCount, PRINTABLE, refuseKeyIn, shownInput } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange, type Range } from './keys/evaluate.ts'
 
@@ -241,7 +241,7 @@ export class DenyListService {
     const audit = this.#requireAudit()
     const entry = await this.#db.transaction(async (tx) => {
       const rows = await tx.query<DenyRow>('DELETE FROM deny_list WHERE id = $1 RETURNING id, cidr, reason, created_by, created_at, expires_at', [id])
-      if (!rows[0]) throw new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(clipped(id))}`)
+      if (!rows[0]) throw new KeygateError('deny_entry_not_found', `no deny list entry has the id ${JSON.stringify(shownInput(id))}`)
       await audit.write(tx, actor, { action: 'deny_list.removed', details: { id, cidr: rows[0].cidr } })
       return toEntry(rows[0])
     })

@@ -3,7 +3,7 @@
 // test/errors.test.ts keeps the two in step.
 import { holdsKey } from './keys/format.ts'
 import { scrub } from './log.ts'
-import { clipped } from './validate.ts'
+import { shownInput } from './validate.ts'
 
 export const ERRORS = {
   // Gateway request contract (SPEC §3)
@@ -128,8 +128,8 @@ export function keyNotFound(id: string): KeygateError {
   // Only for a key's shape (keygate's or a legacy UUID): scrub also hides other secrets.
   const hint = holdsKey(id) ? ": that is shaped like an API key itself, not a key's id (`keygate api-key list` shows the ids)" : ''
   // Cut as a path is: the id of a URL of 16 KiB, or a CLI argument of 100 KB, came back whole
-  // (found by a review). Scrubbed whole first, so that the cut leaves no piece of a key shown.
-  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(clipped(scrub(id)))}${hint}`)
+  // (found by a review). Scrubbed first (shownInput), so that the cut leaves no piece of a key shown.
+  return new KeygateError('key_not_found', `no key has the id ${JSON.stringify(shownInput(id))}${hint}`)
 }
 
 /** A `validation_failed` error naming one field, as every validation failure names its fields. */

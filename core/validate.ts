@@ -430,6 +430,22 @@ export function clipped(text: string, max = 200): string {
   return text.length > max && characterCount(text) > max ? firstCharacters(text, max - 3) + '...' : text
 }
 
+/**
+ * Text a client sent (an id, a name, a path), as a message quotes it: scrubbed (core/log.ts), then
+ * cut as `clipped` cuts it. Scrubbed first: the scrubbing of the whole message, after the cut, no
+ * longer knew a key the cut had split for one, and showed its prefix, id and most of its secret
+ * (found by a read-back: an id of 160 characters and then a key). Only the start is scrubbed, with
+ * room for a secret that begins within what is shown (as showValue), so a long text costs no more.
+ */
+export function shownInput(text: string, max = 200): string {
+  if (text.length <= max + SECRET_ROOM) return clipped(scrub(text), max)
+  let start = text.slice(0, max + SECRET_ROOM)
+  if (/[\uD800-\uDBFF]$/.test(start)) start = start.slice(0, -1)
+  const shown = clipped(scrub(start), max)
+  // Secrets hidden may have left what is kept shorter than max: it was cut all the same.
+  return shown.endsWith('...') ? shown : `${shown}...`
+}
+
 export function showValue(value: unknown, secret = false): string {
   // A null holds no secret, and `key_hash: null` says what is wrong where `<hidden>` did not (an SQL export's empty column).
   if (secret && value !== undefined && value !== null) return '<hidden>'

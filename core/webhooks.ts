@@ -30,7 +30,7 @@ import type { Actor, AuditCipher, AuditLog } from './audit.ts'
 import { decodeCursor, pageOf, type Page } from './cursor.ts'
 import { rowsOf, statementBatches, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
-import { clipped, refuseKeyIn } from './validate.ts'
+import { refuseKeyIn, shownInput } from './validate.ts'
 import type { EventBus, EventType, KeygateEvent } from './events.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import { keyJson } from './keys/types.ts'
@@ -695,7 +695,7 @@ export class WebhookService {
     if (outcome.current?.status === 'failed') outcome = await attempt()
     if (outcome.retried) return toDelivery(outcome.retried)
     const current = outcome.current
-    if (!current) throw new KeygateError('delivery_not_found', `webhook ${id} has no delivery with the id ${JSON.stringify(clipped(deliveryId))}`)
+    if (!current) throw new KeygateError('delivery_not_found', `webhook ${id} has no delivery with the id ${JSON.stringify(shownInput(deliveryId))}`)
     const d = toDelivery(current)
     throw new KeygateError(
       'conflict',
@@ -1160,7 +1160,7 @@ function receiverUrl(url: URL): string {
 }
 
 function notFound(id: string): KeygateError {
-  return new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(clipped(id))}`)
+  return new KeygateError('webhook_not_found', `no webhook has the id ${JSON.stringify(shownInput(id))}`)
 }
 
 /** Serialises webhook registrations and changes of URL or events (pg_advisory_xact_lock): "kgwh". */

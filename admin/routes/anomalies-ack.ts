@@ -1,7 +1,7 @@
 // POST /v1/anomalies/{id}/ack: someone has looked at it. The first acknowledgement stands.
 import { anomalyJson, isAnomalyId } from '../../core/anomalies.ts'
 import { KeygateError } from '../../core/errors.ts'
-import { clipped } from '../../core/validate.ts'
+import { shownInput } from '../../core/validate.ts'
 import { defineOperation } from '../operation.ts'
 import { AnomalyIdParam, AnomalySchema } from '../schemas.ts'
 
@@ -17,7 +17,7 @@ export default defineOperation({
   errors: ['anomaly_not_found'],
   async handle({ params, actor, services }) {
     const id = params.id as string
-    const notFound = new KeygateError('anomaly_not_found', `no anomaly has the id ${JSON.stringify(clipped(id))}`)
+    const notFound = new KeygateError('anomaly_not_found', `no anomaly has the id ${JSON.stringify(shownInput(id))}`)
     if (!isAnomalyId(id)) throw notFound
     const a = await services.anomalies.acknowledge(id, actor, services.now(), services.audit)
     if (!a) throw notFound

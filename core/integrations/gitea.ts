@@ -4,7 +4,7 @@
 // Facts about the API: shared/integrations/GITEA.md and the swagger excerpt beside it.
 import type { Actor } from '../audit.ts'
 import { isKeygateError, KeygateError } from '../errors.ts'
-import { assertValid, clipped, refuseKeyIn } from '../validate.ts'
+import { assertValid, refuseKeyIn, shownInput } from '../validate.ts'
 import { IntegrationHttp, type HttpResponse } from './http.ts'
 import { KeyedQueue } from '../keyed-queue.ts'
 import { CreateGiteaTokenBody, DeleteGiteaTokenQuery, GITEA_SCOPES, unknownGiteaScopes, type CreateGiteaTokenInput } from './schemas.ts'
@@ -656,13 +656,13 @@ export class GiteaTokenService {
       // review). Gitea's own delete by name answers 422 then.
       const named = remote.filter((t) => t.name === ref)
       if (named.length > 1) {
-        throw new KeygateError('conflict', `Gitea user ${JSON.stringify(user)} has ${named.length} tokens named ${JSON.stringify(clipped(ref))}; delete by id: ${named.map((t) => t.id).join(', ')}`)
+        throw new KeygateError('conflict', `Gitea user ${JSON.stringify(user)} has ${named.length} tokens named ${JSON.stringify(shownInput(ref))}; delete by id: ${named.map((t) => t.id).join(', ')}`)
       }
       target = named[0]
       local = target ? recordOf(target) : live.find((r) => r.name === ref)
     }
     if (!target && !local) {
-      throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token with the id or name ${JSON.stringify(clipped(ref))}`)
+      throw new KeygateError('gitea_token_not_found', `Gitea user ${JSON.stringify(user)} has no token with the id or name ${JSON.stringify(shownInput(ref))}`)
     }
     const remoteId = target ? target.id : Number((local as Row).remote_id)
     const name = target ? target.name : (local as Row).name
@@ -717,10 +717,10 @@ export class GiteaTokenService {
     let matches = live.filter((r) => Number(r.remote_id) === byId)
     if (matches.length === 0) matches = live.filter((r) => r.name === ref)
     if (matches.length > 1) {
-      throw new KeygateError('conflict', `keygate holds ${matches.length} live records of tokens of ${JSON.stringify(user)} named ${JSON.stringify(clipped(ref))}; forget by id: ${matches.map((r) => r.remote_id).join(', ')}`)
+      throw new KeygateError('conflict', `keygate holds ${matches.length} live records of tokens of ${JSON.stringify(user)} named ${JSON.stringify(shownInput(ref))}; forget by id: ${matches.map((r) => r.remote_id).join(', ')}`)
     }
     const [local] = matches
-    if (!local) throw new KeygateError('gitea_token_not_found', `keygate holds no live record of a token of ${JSON.stringify(user)} with the id or name ${JSON.stringify(clipped(ref))}`)
+    if (!local) throw new KeygateError('gitea_token_not_found', `keygate holds no live record of a token of ${JSON.stringify(user)} with the id or name ${JSON.stringify(shownInput(ref))}`)
     const remoteId = Number(local.remote_id)
     const closed = await recordDelete(this.#deps.db, this.#deps.audit, actor, 'gitea_tokens', local.id, 'gitea.token.deleted', {
       remote_id: remoteId,

@@ -4,7 +4,7 @@
 // public API with the key itself. Facts about the API: shared/integrations/N8N.md.
 import type { Actor } from '../audit.ts'
 import { fieldInvalid, KeygateError } from '../errors.ts'
-import { assertValid, clipped, refuseKeyIn } from '../validate.ts'
+import { assertValid, refuseKeyIn, shownInput } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { KeyedQueue } from '../keyed-queue.ts'
 import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
@@ -476,11 +476,11 @@ export class N8nKeyService {
     const byLabel = remote.filter((k) => k.label === ref)
     const target = remote.find((k) => k.id === ref) ?? (byLabel.length === 1 ? byLabel[0] : undefined)
     if (!target && byLabel.length > 1) {
-      throw new KeygateError('conflict', `n8n at ${http.baseUrl} has ${byLabel.length} API keys labelled ${JSON.stringify(clipped(ref))}; delete by id: ${byLabel.map((k) => k.id).join(', ')}`)
+      throw new KeygateError('conflict', `n8n at ${http.baseUrl} has ${byLabel.length} API keys labelled ${JSON.stringify(shownInput(ref))}; delete by id: ${byLabel.map((k) => k.id).join(', ')}`)
     }
     const live = await this.#liveRows(http.baseUrl, email)
     const local = target ? live.find((r) => r.remote_id === target.id) : live.find((r) => r.remote_id === ref) ?? live.find((r) => r.label === ref)
-    if (!target && !local) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key with the id or label ${JSON.stringify(clipped(ref))}`)
+    if (!target && !local) throw new KeygateError('n8n_key_not_found', `n8n at ${http.baseUrl} has no API key with the id or label ${JSON.stringify(shownInput(ref))}`)
     const remoteId = target ? target.id : (local as Row).remote_id
     const label = target ? target.label : (local as Row).label
     if (target) await this.#deleteKey(target.id)
