@@ -4,15 +4,23 @@
 // among their deadlines (ties included), it selects what the statement it replaced selects, in
 // the same order and batch. And with many keys and none due, it reads next to none of them
 // (found by a review: it read every key every round, 230 to 275 ms for 100,000 on the embedded
-// store, which answers nothing else meanwhile). The notices prune finds the old notices from
-// their index too, with statistics or none (the embedded store keeps none).
+// store, which answers nothing else meanwhile), nor, where every key rotates, the rotation
+// notices of the keys that ended (found by a review: kept for the audit retention, they were read
+// every round): those notices go when their key stops being active (migration 0023), and the
+// selection with them gone is the selection with them kept. The notices prune finds the old
+// notices from their index too, with statistics or none (the embedded store keeps none).
 import t from 'tap'
+import { cpSync, mkdtempSync, readdirSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import type { Db } from '../core/db.ts'
 import { KEY_ENDS_FROM } from '../core/keys/ends.ts'
 import { KEY_STATUSES } from '../core/keys/types.ts'
 import { silentLogger } from '../core/log.ts'
+import { migrate, MIGRATIONS_DIR } from '../core/migrate.ts'
 import { defaultPruneRules, LOCK_DUE, Scheduler } from '../core/scheduler.ts'
 import { seededRandom as random } from './helpers/random.ts'
-import { forEachStore, planNodes, recordingDb, testServices } from './helpers/stores.ts'
+import { forEachStore, planNodes, recordingDb, testClock, testServices } from './helpers/stores.ts'
 
 /** The statement LOCK_DUE replaced, as it was: every key judged. */
 const BEFORE = `SELECT k.id FROM ${KEY_ENDS_FROM}
@@ -63,41 +71,72 @@ t.test('the keys selected are those the statement before selected, over random k
         grace_until: status === 'rotating' || rnd() < 0.3 ? around() : null,
       }
     })
-    await insertKeys(store.db, keys)
     const notices = keys.flatMap((k) => [
       ...(rnd() < 0.5 ? [{ key_id: k.id, kind: 'rotation', deadline: around() }] : []),
       ...(rnd() < 0.5 ? [{ key_id: k.id, kind: 'expiry', deadline: k.expires_at !== null && rnd() < 0.6 ? k.expires_at : around() }] : []),
     ])
-    await insertNotices(store.db, notices)
-    await store.db.query('ANALYZE api_keys')
-    await store.db.query('ANALYZE api_key_notices')
-
-    let selected = 0
-    let rounds = 0
-    for (let i = 0; i < 80; i++) {
+    const clocks = Array.from({ length: 80 }, () => {
       const now = around()
-      const notice = new Date(now.getTime() + pick([0, 1, 24, 72, 200]) * HOUR)
-      for (const limit of [1000, 7]) {
-        const params = [now, notice, limit]
-        const [before, after] = await store.db.transaction(async (tx) => [await tx.query<{ id: string }>(BEFORE, params), await tx.query<{ id: string }>(LOCK_DUE, params)])
-        const ids = (rows: Array<{ id: string }>) => rows.map((r) => r.id)
-        if (JSON.stringify(ids(after)) !== JSON.stringify(ids(before))) t.same(ids(after), ids(before), `now ${now.toISOString()}, notice ${notice.toISOString()}, limit ${limit}`)
-        selected += before.length
-        rounds++
+      return { now, notice: new Date(now.getTime() + pick([0, 1, 24, 72, 200]) * HOUR) }
+    })
+    const select = async (sql: string) => {
+      await store.db.query('ANALYZE api_keys, api_key_notices')
+      const out: string[] = []
+      for (const { now, notice } of clocks) {
+        for (const limit of [1000, 7]) {
+          const rows = await store.db.transaction((tx) => tx.query<{ id: string }>(sql, [now, notice, limit]))
+          out.push(`now ${now.toISOString()}, notice ${notice.toISOString()}, limit ${limit}: ${rows.map((r) => r.id).join(' ')}`)
+        }
       }
+      return out
     }
-    t.ok(selected > rounds, `${rounds} selections agree (${selected} keys selected in all)`)
+    /** The selections of `got` that differ from `want`'s (each line names its clock and limit). */
+    const differ = (got: string[], want: string[]) => got.filter((g, i) => g !== want[i])
+
+    // Every key announced while active, then given its status as the key service and the
+    // scheduler give it (migration 0023 drops the rotation notices of those no longer active).
+    await insertKeys(store.db, keys.map((k) => ({ ...k, status: 'active' })))
+    await insertNotices(store.db, notices)
+    await store.db.query(
+      `UPDATE api_keys k SET status = s.status, revoked_at = CASE WHEN s.status = 'revoked' THEN k.created_at END
+       FROM json_to_recordset($1::json) AS s(id text, status text) WHERE k.id = s.id AND s.status <> 'active'`,
+      [JSON.stringify(keys)],
+    )
+    const [kept] = await store.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_notices n JOIN api_keys k ON k.id = n.key_id WHERE n.kind = 'rotation' AND k.status <> 'active'`)
+    t.equal(kept?.n, 0, 'the rotation notices of the keys no longer active are gone')
+    const now = await select(LOCK_DUE)
+    // Then as before migration 0023, every notice kept (a store written so before it ran).
+    await store.db.query(
+      `INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
+       SELECT n.key_id, n.kind, n.deadline, n.deadline FROM json_to_recordset($1::json) AS n(key_id text, kind text, deadline timestamptz)
+       ON CONFLICT (key_id, kind) DO NOTHING`,
+      [JSON.stringify(notices)],
+    )
+    const before = await select(BEFORE)
+    t.same(differ(now, before), [], 'with the notices of keys no longer active dropped, it selects what the statement before selected with them kept')
+    t.same(differ(await select(LOCK_DUE), before), [], 'and with them kept, the same')
+    const selected = before.reduce((n, line) => n + (line.split(': ')[1] ? line.split(': ')[1]!.split(' ').length : 0), 0)
+    t.ok(selected > before.length, `${before.length} selections agree (${selected} keys selected in all)`)
   })
 })
+
+/** Rows each scan of `tables` found or read and dropped, over all its loops, when LOCK_DUE runs with `params`. */
+async function rowsRead(db: Db, params: unknown[], tables: readonly string[]): Promise<number> {
+  const [plan] = await db.transaction((tx) => tx.query<{ 'QUERY PLAN': unknown }>(`EXPLAIN (ANALYZE, FORMAT JSON) ${LOCK_DUE}`, params))
+  const raw = plan?.['QUERY PLAN']
+  return planNodes(typeof raw === 'string' ? JSON.parse(raw) : raw)
+    .filter((n) => tables.includes(n['Relation Name'] ?? ''))
+    .reduce((sum, n) => sum + (n['Actual Rows']! + (n['Rows Removed by Filter'] ?? 0)) * n['Actual Loops']!, 0)
+}
 
 t.test('with many keys and none due, the selection reads next to none of them', async (t) => {
   await forEachStore(t, async (t, store) => {
     const KEYS = 5000
     const DAY = 24 * HOUR
     // Keys that end, or are to be announced, months from now, one in 50 with a rotation
-    // interval; and rotation notices of keys ended long ago, their deadlines passed. Those two
-    // are read still, whichever the fewer (an announced deadline passed is one of an active
-    // key with an interval, and the notices of ended keys are kept for the audit retention).
+    // interval; and rotation notices of keys ended long ago, their deadlines passed, as a store
+    // written around migration 0023's trigger may hold. Those two are read, whichever the fewer
+    // (an announced deadline passed is one of an active key with an interval).
     const keys = Array.from({ length: KEYS }, (_, i) => ({
       id: `k${String(i).padStart(5, '0')}`,
       status: i % 10 === 0 ? 'expired' : i % 10 === 1 ? 'rotating' : 'active',
@@ -116,18 +155,109 @@ t.test('with many keys and none due, the selection reads next to none of them', 
     const params = [T0, new Date(T0.getTime() + 3 * DAY), 1000]
     t.same(await store.db.query(LOCK_DUE, params), [], 'nothing is due')
 
-    type Node = { 'Node Type': string; 'Relation Name'?: string; 'Actual Rows': number; 'Actual Loops': number; 'Rows Removed by Filter'?: number; Plans?: Node[] }
-    const [plan] = await store.db.transaction((tx) => tx.query<{ 'QUERY PLAN': Array<{ Plan: Node }> }>(`EXPLAIN (ANALYZE, FORMAT JSON) ${LOCK_DUE}`, params))
-    // Rows each scan of the keys found or read and dropped, over all its loops.
-    let read = 0
-    const walk = (node: Node) => {
-      if (node['Relation Name'] === 'api_keys') read += (node['Actual Rows'] + (node['Rows Removed by Filter'] ?? 0)) * node['Actual Loops']
-      for (const p of node.Plans ?? []) walk(p)
-    }
-    const root = (plan?.['QUERY PLAN'] as unknown as Array<{ Plan: Node }> | string)
-    walk((typeof root === 'string' ? (JSON.parse(root) as Array<{ Plan: Node }>) : root)[0]!.Plan)
+    const read = await rowsRead(store.db, params, ['api_keys'])
     t.ok(read <= 150, `${read} key rows read of ${KEYS}, of which 50 have passed rotation notices and 100 (active) an interval (before: every key)`)
   })
+})
+
+t.test('on a rotation-heavy store, the rotation notices of keys no longer active are not read', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    const KEYS = 5000
+    const DAY = 24 * HOUR
+    // Every key with a rotation interval, none due; half were announced and then stopped being
+    // active (rotated, revoked, ended) with their deadline passed. Before (found by a review), a
+    // round read the fewer of the active keys with an interval and those notices, 2,500 each
+    // here, and the notices grew with every rotation announced, kept for the audit retention.
+    const keys = Array.from({ length: KEYS }, (_, i) => ({
+      id: `r${String(i).padStart(5, '0')}`,
+      status: 'active',
+      created_at: new Date(T0.getTime() - (i % 50) * DAY),
+      rotation_interval_s: 365 * 86_400,
+      expires_at: null,
+      grace_until: new Date(T0.getTime() + 100 * DAY),
+    }))
+    await insertKeys(store.db, keys)
+    await insertNotices(
+      store.db,
+      keys.filter((_, i) => i % 2 === 1).map((k) => ({ key_id: k.id, kind: 'rotation', deadline: new Date(T0.getTime() - 5 * DAY) })),
+    )
+    // As the key service and the scheduler end them: rotated (grace to come), revoked, expired.
+    await store.db.query(
+      `UPDATE api_keys SET status = (ARRAY['rotating', 'revoked', 'expired'])[substr(id, 2)::int % 3 + 1],
+         revoked_at = CASE WHEN substr(id, 2)::int % 3 = 1 THEN $1::timestamptz END
+       WHERE substr(id, 2)::int % 2 = 1`,
+      [new Date(T0.getTime() - 10 * DAY)],
+    )
+    const params = [T0, new Date(T0.getTime() + 3 * DAY), 1000]
+    // With no statistics (the embedded store has no autovacuum, and keygate runs no ANALYZE), then with them.
+    for (const analyzed of [false, true]) {
+      if (analyzed) await store.db.query('ANALYZE api_keys, api_key_notices')
+      t.same(await store.db.query(LOCK_DUE, params), [], 'nothing is due')
+      const read = await rowsRead(store.db, params, ['api_keys', 'api_key_notices'])
+      t.ok(read <= 50, `${analyzed ? 'with' : 'without'} statistics: ${read} key and notice rows read, of ${KEYS} keys and ${KEYS / 2} rotation notices passed`)
+    }
+  })
+})
+
+t.test('a rotation notice goes when its key stops being active, whichever way; what users see stays', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    const DAY = 24 * HOUR
+    const clock = testClock(T0)
+    const s = testServices(store.db, { clock })
+    const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: 3 * DAY, pruneRules: [] })
+    const actor = { actor: 'test' }
+    const made = await Promise.all(['rotated', 'forced', 'revoked', 'overdue', 'kept'].map((name) => s.keys.create({ name, type: 'service', rotation_interval_s: 10 * 86_400 }, actor)))
+    const [rotated, forced, revoked, overdue, kept] = made.map((m) => m.record.id) as [string, string, string, string, string]
+    clock.set(new Date(T0.getTime() + 8 * DAY))
+    t.same((await scheduler.runOnce())?.announced.map((a) => a.keyId).sort(), [rotated, forced, revoked, overdue, kept].sort(), 'each is announced')
+    const notices = async () => (await store.db.query<{ key_id: string }>(`SELECT key_id FROM api_key_notices WHERE kind = 'rotation' ORDER BY key_id`)).map((r) => r.key_id)
+    t.same(await notices(), [rotated, forced, revoked, overdue, kept].sort(), 'and its notice recorded')
+    // kept's deadline moved past overdue's, so only overdue's passes below.
+    await store.db.query(`UPDATE api_key_notices SET deadline = deadline + interval '5 days' WHERE key_id = $1`, [kept])
+
+    await s.keys.rotate(rotated, {}, actor)
+    await s.keys.rotate(forced, { force: true }, actor)
+    await s.keys.revoke(revoked, 'test', actor)
+    clock.set(new Date(T0.getTime() + 11 * DAY + 1000))
+    t.same((await scheduler.runOnce())?.rotationOverdue, [overdue], 'the deadline announced is enforced')
+    t.same(await notices(), [kept], 'only the notice of the key still active is left')
+    t.same(
+      (await s.keys.expiring(30 * DAY)).items.map((e) => [e.key.id, e.reason, e.endsAt.toISOString()]),
+      [[kept, 'rotation_overdue', new Date(T0.getTime() + 16 * DAY).toISOString()]],
+      'the expiring report still gives the deadline announced for the key still active (the successor is not announced yet)',
+    )
+    for (const id of [rotated, forced, revoked, overdue]) {
+      t.ok((await s.audit.list(store.db, { keyId: id })).some((r) => r.action === 'key.expiring'), `${id}: its key.expiring audit row stays`)
+    }
+  })
+})
+
+t.test('migration 0023 drops the rotation notices of the keys that stopped being active before it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-migrations-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  for (const f of readdirSync(MIGRATIONS_DIR).filter((f) => f.endsWith('.sql') && f < '0023')) cpSync(join(MIGRATIONS_DIR, f), join(dir, f))
+  await forEachStore(
+    t,
+    async (t, store) => {
+      await migrate(store.db, dir)
+      const keys = KEY_STATUSES.map((status) => ({ id: `m-${status}`, status, created_at: T0, rotation_interval_s: 86_400, expires_at: null, grace_until: T0 }))
+      await insertKeys(store.db, keys)
+      await insertNotices(store.db, keys.flatMap((k) => ['rotation', 'expiry'].map((kind) => ({ key_id: k.id, kind, deadline: T0 }))))
+      t.same(await migrate(store.db), ['0023_rotation_notices_of_active_keys.sql'], 'applies 0023')
+      t.same(
+        await store.db.query(`SELECT key_id, kind FROM api_key_notices ORDER BY key_id, kind`),
+        [
+          { key_id: 'm-active', kind: 'expiry' },
+          { key_id: 'm-active', kind: 'rotation' },
+          { key_id: 'm-expired', kind: 'expiry' },
+          { key_id: 'm-revoked', kind: 'expiry' },
+          { key_id: 'm-rotating', kind: 'expiry' },
+        ],
+        'the active key keeps both; the others their expiry notices only',
+      )
+    },
+    { migrated: false },
+  )
 })
 
 t.test('the notices prune finds the old notices from their (kind, deadline) index, not by reading them all', async (t) => {
