@@ -4,7 +4,7 @@
 // once (a third of them with a rotation interval of a year, half expiring in 200 days), then
 // `rounds` rounds without prunes or jobs; then again with every key given a rotation interval
 // and half of them announced and then ended (as a rotation's grace ends), then with the ended
-// keys' rotation notices kept, as before migration 0023. Prints the median round's wall time of
+// keys' rotation notices kept, as before migration 0024. Prints the median round's wall time of
 // each. The store is analyzed after each set-up, as PostgreSQL's autovacuum would; with
 // --no-analyze it is not, as on the embedded store (no autovacuum; keygate runs no ANALYZE).
 // Run it at two commits to compare (bench/RESULTS.md).
@@ -55,14 +55,14 @@ for (const store of freshStores(dir)) {
       }
       const mixed = await idle()
       // Every key with a rotation interval, and half of them announced and ended 10 days after
-      // (before migration 0023 their notices were kept for the audit retention, and the selection
+      // (before migration 0024 their notices were kept for the audit retention, and the selection
       // read the fewer of the active keys with an interval and the rotation notices passed).
       await rt.db.query(`UPDATE api_keys SET rotation_interval_s = 365 * 86400`)
       await rt.db.query(`INSERT INTO api_key_notices (key_id, kind, deadline, notified_at) SELECT id, 'rotation', now() - interval '10 days', now() - interval '13 days' FROM api_keys WHERE name ~ '[02468]$'`)
       await rt.db.query(`UPDATE api_keys SET status = 'expired' WHERE name ~ '[02468]$'`)
       if (ANALYZE) await rt.db.query('ANALYZE')
       const rotating = await idle()
-      // The same with the ended keys' notices kept, as before migration 0023 (which drops them as
+      // The same with the ended keys' notices kept, as before migration 0024 (which drops them as
       // their keys end): the round before it, on the same store in the same run.
       await rt.db.query(`INSERT INTO api_key_notices (key_id, kind, deadline, notified_at) SELECT id, 'rotation', now() - interval '10 days', now() - interval '13 days' FROM api_keys WHERE status = 'expired'`)
       if (ANALYZE) await rt.db.query('ANALYZE')

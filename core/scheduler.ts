@@ -166,7 +166,7 @@ const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expi
  * Before (found by a review), the selection read every key each round, due or not: 230 to 275
  * ms with 100,000 keys and none due on the embedded store, which answers nothing else meanwhile.
  * The rotation notices passed are those of keys due to end: a key's rotation notice goes when it
- * stops being active (migration 0023). Before (found by a review), they were kept for the audit
+ * stops being active (migration 0024). Before (found by a review), they were kept for the audit
  * retention, and every round read the fewer of them and the active keys with an interval: with
  * 100,000 keys all rotating, 45 to 78 ms, 213 to 375 ms on the embedded store, which keeps no
  * statistics (bench/RESULTS.md).

@@ -6,7 +6,7 @@
 // (found by a review: it read every key every round, 230 to 275 ms for 100,000 on the embedded
 // store, which answers nothing else meanwhile), nor, where every key rotates, the rotation
 // notices of the keys that ended (found by a review: kept for the audit retention, they were read
-// every round): those notices go when their key stops being active (migration 0023), and the
+// every round): those notices go when their key stops being active (migration 0024), and the
 // selection with them gone is the selection with them kept. The notices prune finds the old
 // notices from their index too, with statistics or none (the embedded store keeps none).
 import t from 'tap'
@@ -94,7 +94,7 @@ t.test('the keys selected are those the statement before selected, over random k
     const differ = (got: string[], want: string[]) => got.filter((g, i) => g !== want[i])
 
     // Every key announced while active, then given its status as the key service and the
-    // scheduler give it (migration 0023 drops the rotation notices of those no longer active).
+    // scheduler give it (migration 0024 drops the rotation notices of those no longer active).
     await insertKeys(store.db, keys.map((k) => ({ ...k, status: 'active' })))
     await insertNotices(store.db, notices)
     await store.db.query(
@@ -105,7 +105,7 @@ t.test('the keys selected are those the statement before selected, over random k
     const [kept] = await store.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_notices n JOIN api_keys k ON k.id = n.key_id WHERE n.kind = 'rotation' AND k.status <> 'active'`)
     t.equal(kept?.n, 0, 'the rotation notices of the keys no longer active are gone')
     const now = await select(LOCK_DUE)
-    // Then as before migration 0023, every notice kept (a store written so before it ran).
+    // Then as before migration 0024, every notice kept (a store written so before it ran).
     await store.db.query(
       `INSERT INTO api_key_notices (key_id, kind, deadline, notified_at)
        SELECT n.key_id, n.kind, n.deadline, n.deadline FROM json_to_recordset($1::json) AS n(key_id text, kind text, deadline timestamptz)
@@ -135,7 +135,7 @@ t.test('with many keys and none due, the selection reads next to none of them', 
     const DAY = 24 * HOUR
     // Keys that end, or are to be announced, months from now, one in 50 with a rotation
     // interval; and rotation notices of keys ended long ago, their deadlines passed, as a store
-    // written around migration 0023's trigger may hold. Those two are read, whichever the fewer
+    // written around migration 0024's trigger may hold. Those two are read, whichever the fewer
     // (an announced deadline passed is one of an active key with an interval).
     const keys = Array.from({ length: KEYS }, (_, i) => ({
       id: `k${String(i).padStart(5, '0')}`,
@@ -232,10 +232,10 @@ t.test('a rotation notice goes when its key stops being active, whichever way; w
   })
 })
 
-t.test('migration 0023 drops the rotation notices of the keys that stopped being active before it', async (t) => {
+t.test('migration 0024 drops the rotation notices of the keys that stopped being active before it', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-migrations-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  for (const f of readdirSync(MIGRATIONS_DIR).filter((f) => f.endsWith('.sql') && f < '0023')) cpSync(join(MIGRATIONS_DIR, f), join(dir, f))
+  for (const f of readdirSync(MIGRATIONS_DIR).filter((f) => f.endsWith('.sql') && f < '0024')) cpSync(join(MIGRATIONS_DIR, f), join(dir, f))
   await forEachStore(
     t,
     async (t, store) => {
@@ -243,7 +243,7 @@ t.test('migration 0023 drops the rotation notices of the keys that stopped being
       const keys = KEY_STATUSES.map((status) => ({ id: `m-${status}`, status, created_at: T0, rotation_interval_s: 86_400, expires_at: null, grace_until: T0 }))
       await insertKeys(store.db, keys)
       await insertNotices(store.db, keys.flatMap((k) => ['rotation', 'expiry'].map((kind) => ({ key_id: k.id, kind, deadline: T0 }))))
-      t.same(await migrate(store.db), ['0023_rotation_notices_of_active_keys.sql'], 'applies 0023')
+      t.same(await migrate(store.db), ['0024_rotation_notices_of_active_keys.sql'], 'applies 0024')
       t.same(
         await store.db.query(`SELECT key_id, kind FROM api_key_notices ORDER BY key_id, kind`),
         [
