@@ -167,6 +167,23 @@ t.test('ip_blocked, scope_denied, route_not_found, bad_request', async (t) => {
   isError(t, await h.get('/open', bearer(k.key)), 'ip_blocked')
 })
 
+t.test('a cached key bound to CIDR ranges is judged again for each client address (found by a review)', async (t) => {
+  // The binding's answer is remembered for the last address (gateway/validate.ts); nothing failed
+  // when it was remembered for every address after the first, so a bound key, once used from an
+  // allowed address, went on working from anywhere while cached.
+  const h = await startGateway(t, { config: { gateway: { trusted_proxies: ['127.0.0.1'] } } })
+  const bound = await h.key({ allowed_cidrs: ['192.0.2.0/24'] })
+  const sibling = await h.key({ allowed_cidrs: ['192.0.2.0/24'] })
+  const from = (key: string, address: string) => h.get('/x', { ...bearer(key), 'x-forwarded-for': address })
+  t.equal((await from(bound.key, '192.0.2.7')).status, 200, 'from inside the range')
+  isError(t, await from(bound.key, '198.51.100.7'), 'ip_blocked')
+  isError(t, await from(sibling.key, '198.51.100.8'), 'ip_blocked')
+  t.equal((await from(bound.key, '192.0.2.8')).status, 200, 'from inside again')
+  isError(t, await from(bound.key, '::ffff:198.51.100.7'), 'ip_blocked')
+  t.equal((await from(sibling.key, '::ffff:192.0.2.9')).status, 200, 'an IPv4-mapped address inside the range')
+  isError(t, await from(sibling.key, '198.51.100.9'), 'ip_blocked')
+})
+
 t.test('a second key in a repeated or comma-joined credential line is bad_request', async (t) => {
   // Over a raw socket: the client libraries join or refuse repeated lines themselves.
   const h = await startGateway(t)
