@@ -143,6 +143,7 @@ t.test('ip_blocked, scope_denied, route_not_found, bad_request', async (t) => {
     routes: [
       { name: 'orders', path: '/orders', upstream: '{upstream}', scopes: ['orders:read'] },
       { name: 'open', path: '/open', upstream: '{upstream}' },
+      { name: 'orders-admin', path: '/orders-admin', upstream: '{upstream}', scopes: ['orders-admin'] },
     ],
   })
   const k = await h.key({ scopes: ['billing'] })
@@ -151,6 +152,8 @@ t.test('ip_blocked, scope_denied, route_not_found, bad_request', async (t) => {
   t.equal((await h.get('/open/x', bearer(k.key))).status, 200)
   const wild = await h.key({ scopes: ['orders:*'] })
   t.equal((await h.get('/orders/1', bearer(wild.key))).status, 200)
+  // orders:* grants the scopes under `orders:`, not every scope that begins with `orders`.
+  isError(t, await h.get('/orders-admin/1', bearer(wild.key)), 'scope_denied')
 
   const other = await h.key()
   const two = await h.get('/open', { ...bearer(k.key), 'x-api-key': other.key })
