@@ -13,6 +13,7 @@ import { KeyService } from '../core/keys/service.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
 import { watchedDb } from './helpers/stores.ts'
 import { STORE_QUIET_MS } from '../gateway/validate.ts'
+import { switchingHead, WS_OFFER } from './helpers/websocket.ts'
 
 function isError(t: Test, a: Answer, code: keyof typeof ERRORS) {
   t.equal(a.status, ERRORS[code].status, `${code}: status`)
@@ -185,6 +186,25 @@ t.test('a cached key bound to CIDR ranges is judged again for each client addres
   isError(t, await from(bound.key, '::ffff:198.51.100.7'), 'ip_blocked')
   t.equal((await from(sibling.key, '::ffff:192.0.2.9')).status, 200, 'an IPv4-mapped address inside the range')
   isError(t, await from(sibling.key, '198.51.100.9'), 'ip_blocked')
+})
+
+t.test('a WebSocket upgrade from a deny-listed address is refused ip_blocked before the upstream sees it (found by a review)', async (t) => {
+  // SPEC §3: upgrades are proxied after the same checks. The upgrade path runs the request stages
+  // itself (gateway/index.ts); nothing failed when it ran them without the deny list stage.
+  const h = await startGateway(t, { config: { gateway: { trusted_proxies: ['127.0.0.1'] }, deny_list: ['198.51.100.0/24'] } })
+  const offered: string[] = []
+  h.upstream.server.on('upgrade', (req, socket: net.Socket) => {
+    offered.push(String(req.headers['x-forwarded-for']))
+    socket.end(switchingHead(req))
+  })
+  const k = await h.key()
+  const offer = (from: string) =>
+    rawExchange(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nX-Forwarded-For: ${from}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
+  t.match(await offer('192.0.2.7'), /^HTTP\/1\.1 101 /, 'an address outside the deny list is switched')
+  const denied = await offer('198.51.100.7')
+  t.match(denied, /^HTTP\/1\.1 403 /)
+  t.match(denied, /"code":"ip_blocked"/)
+  t.same(offered, ['192.0.2.7, 127.0.0.1'], 'only the allowed upgrade reached the upstream')
 })
 
 t.test('a second key in a repeated or comma-joined credential line is bad_request', async (t) => {
