@@ -498,3 +498,15 @@ t.test('repeated Authorization and Host lines are refused 400 in either order, n
   }
   t.equal(await h.auditRows(), before, 'nothing written')
 })
+
+t.test("an admin key bound to CIDR ranges is refused from an address outside them, as at the gateway (found by a review)", async (t) => {
+  // SPEC §2: a key bound to ranges is rejected when used from anywhere else. The admin listener
+  // validates its credential with the request's address (admin/auth.ts); nothing failed when it
+  // left the address out, so a bound admin key worked from any address.
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const elsewhere = await h.keys.create({ name: 'admin from elsewhere', type: 'system', scopes: ['admin'], allowed_cidrs: ['192.0.2.0/24'] }, { actor: 'test' })
+  const here = await h.keys.create({ name: 'admin from here', type: 'system', scopes: ['admin'], allowed_cidrs: ['127.0.0.0/8'] }, { actor: 'test' })
+  refused(t, await h.call('GET', '/v1/keys', { auth: elsewhere.key }), 401, 'unauthorized', 'bound elsewhere')
+  t.equal((await h.call('GET', '/v1/keys', { auth: here.key })).status, 200, 'bound to the loopback range: accepted')
+})
