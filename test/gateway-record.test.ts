@@ -4,6 +4,7 @@
 import t from 'tap'
 import type http from 'node:http'
 import net from 'node:net'
+import { request } from 'undici'
 import { createLogger } from '../core/log.ts'
 import { UsageRecorder } from '../core/usage.ts'
 import { bearer, makeConfig, openStore, rawExchange, startGateway, until, type Harness } from './helpers/gateway.ts'
@@ -230,6 +231,24 @@ t.test('a WebSocket client that leaves while its key is looked up: the upstream 
   // A request after it, on the same upstream: had the upgrade been sent, the upstream had it first.
   t.equal((await h.get('/after', bearer(k.key))).status, 200)
   t.equal(upgrades, 0, 'the upstream was not asked for the upgrade (before, it was)')
+})
+
+// The socket's address of a request forwarded, on both stacks: ::ffff:127.0.0.1 as the kernel gives
+// it, in one spelling for the upstream's X-Forwarded-For and the access log (before, found by a
+// review mutating the normalisation, no test listened where the kernel gives IPv4-mapped addresses
+// for a request that passes).
+t.test('a request forwarded from an IPv4 client to a listener on both stacks: the address as IPv4 upstream and in the log', async (t) => {
+  const lines: Array<Record<string, unknown>> = []
+  const log = createLogger({ write: (line) => lines.push(JSON.parse(line) as Record<string, unknown>) })
+  const h = await startGateway(t, { store: await store, log, host: '::', config: { log: { access_log: true } } })
+  const k = await h.key({ allowed_cidrs: ['127.0.0.0/8'] })
+  const res = await request(`http://127.0.0.1:${h.port}/mapped`, { headers: bearer(k.key), dispatcher: h.agent })
+  t.equal(res.statusCode, 200)
+  const received = (await res.body.json()) as { headers: http.IncomingHttpHeaders }
+  t.equal(received.headers['x-forwarded-for'], '127.0.0.1', 'the upstream is told the IPv4 address')
+  const logged = lines.filter((l) => l.message === 'request')
+  t.equal(logged.length, 1)
+  t.match(logged[0], { status: 200, path: '/mapped', address: '127.0.0.1', key_id: k.id })
 })
 
 t.test('answers given before any request state are timed and logged as they are counted', async (t) => {
