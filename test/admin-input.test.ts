@@ -712,6 +712,7 @@ t.test('a query value percent-encoding bytes that are not UTF-8 is refused namin
     t.equal(a.status, 400, `${path}: 400`)
     t.equal(a.json?.error?.code, 'validation_failed', `${path}: validation_failed`)
     t.match(a.json?.error?.details?.fields, [{ field, message: /not UTF-8/ }], `${path}: ${field} named`)
+    t.equal(a.json?.error?.details?.fields?.length, 1, `${path}: one field named`)
   }
   // UTF-8 as it should be, and `+` for a space, are read as before.
   const made = await h.call('POST', '/v1/keys', { body: { name: 'caf\u00e9 au lait', type: 'user' } })
@@ -839,6 +840,7 @@ t.test('a query parameter refused for its bytes or for being repeated is named a
     const a = await h.call('GET', path)
     t.equal(a.status, 400, `${what}: 400`)
     t.match(a.json?.error?.details?.fields, [{ field: /^a{117}\.\.\. \(20[01] characters\)$/, message }], `${what}: the name cut`)
+    t.equal(a.json?.error?.details?.fields?.length, 1, `${what}: one field named`)
   }
 })
 
