@@ -19,7 +19,8 @@ await forEachStore(t, async (t, store) => {
     const before = await h.auditRows()
     const created = await h.call('POST', '/v1/gitea/tokens', { body: { name: 'deploy', scopes: ['read:repository', 'read:user'] } })
     await documented(t, h, 'createGiteaToken', created)
-    t.match(created.json, { name: 'deploy', user: 'alice', scopes: ['read:repository', 'read:user'], created_by: `key:${h.adminKeyId}` })
+    t.match(created.json, { name: 'deploy', user: 'alice', created_by: `key:${h.adminKeyId}` })
+    t.same(created.json.scopes, ['read:repository', 'read:user'], 'the scopes asked for, no more')
     t.ok(fake.tokens.some((x) => x.sha1 === created.json.token), 'the token exists in Gitea')
     t.equal(await h.auditRows(), before + 1, 'one audit row for the create')
     // `..` would leave /api/v1/users/ in the path Gitea is called on, with keygate's credentials.
@@ -36,6 +37,7 @@ await forEachStore(t, async (t, store) => {
     const list = await h.call('GET', '/v1/gitea/tokens')
     await documented(t, h, 'listGiteaTokens', list)
     t.match(list.json.items, [{ name: 'deploy', state: 'in_sync' }])
+    t.equal(list.json.items.length, 1, 'the one token, listed once')
     t.notMatch(list.text, created.json.token, 'the list never shows the token')
 
     const deleted = await h.call('DELETE', '/v1/gitea/tokens/deploy')
