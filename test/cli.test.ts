@@ -65,6 +65,7 @@ t.test('config check', async (t) => {
   t.equal(warned.stdout, `${around}: valid (2 routes)\nwarning: route "api" has scopes, but route "web" reaches its upstream paths without them: /api/x by "api" and /x by "web" are both /x to the upstream; give "web" the same scopes, or another upstream or base path\n`)
   const warnedJson = await runCliHere(['config', 'check', around, '--json'])
   t.match(warnedJson.json(), { valid: true, warnings: [/^route "api" has scopes, but route "web" reaches/] })
+  t.equal(warnedJson.json().warnings.length, 1, 'the one warning, as printed')
   t.same((await runCliHere(['config', 'check', good, '--json'])).json().warnings, [], 'none where no route goes around another')
   // The upstream shortcut beside routes that ask for scopes (found by a deployment review): its
   // route for /, without scopes, takes every path they do not cover, for any valid key.
