@@ -45,6 +45,7 @@ t.test('config check warns of a deny_list entry that denies every client', async
   t.match(r.stdout, new RegExp(`^${file.replaceAll('.', '\\.')}: valid \\(0 routes\\)\nwarning: deny_list\\[1\\]: 0\\.0\\.0\\.0/0 denies every IPv4 client of the gateway.*\nwarning: deny_list\\[2\\]: ::/0 denies every client of the gateway.*\n$`))
   const json = await runCliHere(['config', 'check', file, '--json'])
   t.match(json.json().warnings, [/^deny_list\[1\]: 0\.0\.0\.0\/0 denies every IPv4 client/, /^deny_list\[2\]: ::\/0 denies every client/])
+  t.equal(json.json().warnings.length, 2, 'the two warnings, as printed')
   writeFileSync(file, 'deny_list: ["10.0.0.0/8", "::/96"]\n')
   t.same((await runCliHere(['config', 'check', file, '--json'])).json().warnings, [], 'none for narrower ranges')
 })
@@ -69,6 +70,7 @@ t.test('serve warns of such a deny_list entry at start; keygate deny-list add sa
   t.equal(all.code, 0, all.stderr)
   t.match(all.stderr, /^keygate: warning: ::\/0 denies every client of the gateway, IPv4 and IPv6.*\n$/)
   t.match(all.json(), { cidr: '::/0', reason: 'close the gate', updated: false, warnings: [/^::\/0 denies every client/] })
+  t.equal(all.json().warnings.length, 1, 'the one warning, as on stderr')
   // On the store opened here, in a human line, and again as an update (the API's 200): said each time.
   const local = { ...store.env, KEYGATE_ADMIN_URL: undefined }
   const mapped = await runCliHere(['deny-list', 'add', '::/64'], { env: local })
