@@ -12,7 +12,7 @@ import { KeygateError } from '../core/errors.ts'
 import { shownInput } from '../core/validate.ts'
 import type { Runtime } from '../core/runtime.ts'
 import { adminClient, pathSegment } from './admin-client.ts'
-import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, table, terminalText, type Command, type Io } from './io.ts'
+import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, printWarning, table, type Command, type Io } from './io.ts'
 
 type DenyJson = ReturnType<typeof denyJson>
 type LockoutJson = { address_key: string; locked_until: string; retry_after_s: number }
@@ -110,7 +110,7 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
         const { entry: e, updated, warnings } = await ctx.ops.add(body)
         printDone(() => {
           // On stderr as the CLI's other warnings, so --json's stdout stays one document (which has them too).
-          for (const w of warnings) ctx.io.err(`keygate: warning: ${terminalText(w)}\n`)
+          for (const w of warnings) printWarning(ctx.io, w)
           if (ctx.json) printJson(ctx.io, { ...e, updated, warnings })
           // Listed already: updated, or restated as it is and left so (the admin API answers 200
           // either way), so the line claims no change. Before, found by a review: "Updated ...".

@@ -9,7 +9,7 @@ import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, unknownGiteaScopes } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { escapeUnprintable } from '../core/validate.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printWarning, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -83,7 +83,7 @@ function createCommand<R>(o: {
       const warning = o.warning?.(created)
       printMade(() => {
         // On stderr, with --json too: stdout stays one JSON document, which holds the warning.
-        if (warning !== undefined) ctx.io.err(`keygate: warning: ${escapeUnprintable(warning)}\n`)
+        if (warning !== undefined) printWarning(ctx.io, warning)
         if (ctx.json) printJson(ctx.io, created)
         else ctx.io.out(`Created ${o.describe(created)}.\nThe ${o.noun} is shown once; store it now:\n${o.secret(created)}\n`)
       }, `${o.describe(created)} was created (delete it, and create another)`)

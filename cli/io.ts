@@ -319,6 +319,14 @@ export function terminalText(text: string): string {
   return text.split('\n').map(escapeUnprintable).join('\n')
 }
 
+/**
+ * A warning on stderr, `keygate: warning: ...`, one line with what a terminal would act on
+ * escaped: also with --json, whose stdout stays one JSON document (which holds it where it has one).
+ */
+export function printWarning(io: Io, text: string): void {
+  io.err(`keygate: warning: ${escapeUnprintable(text)}\n`)
+}
+
 /** Reports a failure: the reason on stderr, and with --json the error object on stdout too. */
 export function fail(io: Io, json: boolean, code: ErrorCode, message: string, details?: Readonly<Record<string, unknown>>): number {
   // Anything shaped like a key, and the configuration's secrets, hidden as the admin API's error
