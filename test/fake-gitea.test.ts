@@ -208,9 +208,12 @@ t.test("create: the body bound as Gitea's binding reads it (Content-Type, then G
   // What Go's decoder takes: a field name in any case, a null scope as "", unknown fields ignored;
   // and a form body, which binding.Bind reads by the fields' names.
   const folded = await post('{"NAME":"folded","Scopes":["read:user",null],"extra":1}', { 'content-type': 'application/json; charset=utf-8' })
-  t.match(folded, { status: 201, body: { name: 'folded', scopes: ['read:user'] } }, 'JSON as Go decodes it')
+  t.match(folded, { status: 201, body: { name: 'folded' } }, 'JSON as Go decodes it')
+  // t.same: t.match of a list passes one holding more (the null read as a scope "" of its own).
+  t.same(folded.body.scopes, ['read:user'], "JSON as Go decodes it: the null, read as \"\", is no scope Gitea's normalisation keeps")
   const form = await post('name=form+made&scopes=read:user&scopes=write:issue', { 'content-type': 'application/x-www-form-urlencoded' })
-  t.match(form, { status: 201, body: { name: 'form made', scopes: ['write:issue', 'read:user'] } }, 'a form body')
+  t.match(form, { status: 201, body: { name: 'form made' } }, 'a form body')
+  t.same(form.body.scopes, ['write:issue', 'read:user'], "a form body: both scopes, in Gitea's order")
   for (const made of [folded, form]) fake.removeToken(made.body.id as number)
 })
 
