@@ -3,8 +3,9 @@
 // normalised (IPv4-mapped IPv6 becomes IPv4); IPv6 clients are counted per network
 // (`rate_limits.ipv6_prefix_bits`) for limits and lockouts, since one host holds a whole /64.
 import type { Socket } from 'node:net'
-import { normalAddress, rangeMatcher } from '../core/keys/evaluate.ts'
+import { normalAddress, parseAddress, rangeMatcher } from '../core/keys/evaluate.ts'
 import { addressKeyer } from '../core/lockout.ts'
+import type { Logger } from '../core/log.ts'
 import type { RequestState, Stage } from './state.ts'
 
 interface Peer {
@@ -18,6 +19,8 @@ interface Peer {
   lastXff: string | undefined
   lastClient: string
   lastClientKey: string
+  /** Whether this connection's first request was looked at for a proxy not in trusted_proxies (see UNTRUSTED_PROXY_RANGES). */
+  proxyChecked: boolean
 }
 
 const kPeer = Symbol('keygate.peer')
@@ -40,6 +43,53 @@ export function forwardedForHeld(socket: Socket): number {
 export interface AddressOptions {
   trustedProxies: readonly string[]
   ipv6PrefixBits: number
+  /**
+   * Told of a connection from a loopback or private address, not in trusted_proxies, whose first
+   * request names a client in a proxy's header (see proxyHeaderOf): most likely a proxy that
+   * should be listed, whose clients all count as it meanwhile.
+   */
+  onUntrustedProxy?: (peer: string, header: string) => void
+}
+
+/**
+ * The address ranges a proxy in front of keygate sits in (same host, same network, a cluster's
+ * pod network): a peer there sending a proxy's header is most likely a proxy. One on a public
+ * address doing so is more likely a client passing its own hops along, so it is not told of.
+ */
+const UNTRUSTED_PROXY_RANGES = new Set(['loopback', 'private', 'uniqueLocal', 'linkLocal', 'carrierGradeNat'])
+
+/** The header naming a client that a request carries, as proxies write them; undefined when none. */
+function proxyHeaderOf(headers: Record<string, unknown>): string | undefined {
+  if (headers['x-forwarded-for'] !== undefined) return 'X-Forwarded-For'
+  if (headers['forwarded'] !== undefined) return 'Forwarded'
+  if (headers['x-real-ip'] !== undefined) return 'X-Real-IP'
+  return undefined
+}
+
+/** How often, at most, a proxy not in trusted_proxies is warned of. */
+const PROXY_WARN_EVERY_MS = 60_000
+
+/**
+ * onUntrustedProxy for `serve`: a warning at most once a minute, naming the peer. Before, nothing
+ * said so: with a local nginx or a balancer left out of trusted_proxies, every client was the
+ * proxy's address, and a few bad keys from any of them locked out all (RATE_LIMIT_MAX_ATTEMPTS).
+ */
+export function untrustedProxyWarner(log: Logger, now: () => number): (peer: string, header: string) => void {
+  let warnedAt = -Infinity
+  return (peer, header) => {
+    const at = now()
+    if (at - warnedAt < PROXY_WARN_EVERY_MS) return
+    warnedAt = at
+    log.warn(
+      `a request from ${peer} names a client in ${header}, but ${peer} is not in gateway.trusted_proxies: keygate takes it for the client, so the deny list, lockouts, rate limits and keys' allowed_cidrs see every client behind it as ${peer}; if it is a proxy in front of keygate, list it in gateway.trusted_proxies (KEYGATE_TRUSTED_PROXIES)`,
+      { peer, header },
+    )
+  }
+}
+
+function inProxyRange(address: string): boolean {
+  const parsed = parseAddress(address)
+  return parsed !== undefined && UNTRUSTED_PROXY_RANGES.has(parsed.range())
 }
 
 /** A socket's address in the one spelling every stage and log line uses (IPv4-mapped IPv6 as IPv4). */
@@ -80,16 +130,27 @@ export function createClientAddressStage(options: AddressOptions): Stage {
     if (peer === undefined) {
       const address = normalise(socket.remoteAddress)
       if (address === undefined) return undefined
-      peer = { address, key: keyOf(address), trusted: trusted !== undefined && trusted(address), lastXff: undefined, lastClient: '', lastClientKey: '' }
+      peer = { address, key: keyOf(address), trusted: trusted !== undefined && trusted(address), lastXff: undefined, lastClient: '', lastClientKey: '', proxyChecked: false }
       socket[kPeer] = peer
     }
     return peer
   }
 
+  // Once per connection, on its first request: a proxy sends every request with the header.
+  const told = options.onUntrustedProxy
+  const checkProxy = told === undefined
+    ? undefined
+    : (peer: Peer, s: RequestState): void => {
+        peer.proxyChecked = true
+        const header = proxyHeaderOf(s.req.headers)
+        if (header !== undefined && inProxyRange(peer.address)) told(peer.address, header)
+      }
+
   if (trusted === undefined) {
     return (s: RequestState) => {
       const peer = peerOf(s.req.socket as PeerSocket)
       if (peer === undefined) return 'bad_request'
+      if (!peer.proxyChecked && checkProxy !== undefined) checkProxy(peer, s)
       s.peer = peer.address
       s.address = peer.address
       s.addressKey = peer.key
@@ -100,6 +161,7 @@ export function createClientAddressStage(options: AddressOptions): Stage {
   return (s: RequestState) => {
     const peer = peerOf(s.req.socket as PeerSocket)
     if (peer === undefined) return 'bad_request'
+    if (!peer.proxyChecked && !peer.trusted && checkProxy !== undefined) checkProxy(peer, s)
     s.peer = peer.address
     s.peerTrusted = peer.trusted
     const xff = peer.trusted ? s.req.headers['x-forwarded-for'] : undefined

@@ -20,7 +20,7 @@ import type { Logger } from '../core/log.ts'
 import { createRedisMetrics, NO_ROUTE, type GatewayMetrics } from '../core/metrics.ts'
 import { redisHealth } from '../core/redis.ts'
 import { NO_USAGE, type UsageSink } from '../core/usage.ts'
-import { createClientAddressStage } from './client-address.ts'
+import { createClientAddressStage, untrustedProxyWarner } from './client-address.ts'
 import { capConnections } from './connection-cap.ts'
 import { createDenyListStage, DenyMatcher } from './deny-list.ts'
 import { createForwarder } from './forward.ts'
@@ -125,7 +125,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const fixedHead: Stage[] = [
     createRequestIdStage({ accept: g.accept_request_id, next: nextId }),
     createRequestCheckStage({ maxHeaders: g.max_headers }),
-    createClientAddressStage({ trustedProxies: g.trusted_proxies, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits }),
+    createClientAddressStage({ trustedProxies: g.trusted_proxies, ipv6PrefixBits: config.rate_limits.ipv6_prefix_bits, onUntrustedProxy: untrustedProxyWarner(log, now) }),
   ]
   const denyStage = createDenyListStage(deny, now)
   const fixedTail: Stage[] = [
