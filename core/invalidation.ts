@@ -325,10 +325,20 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // starting: the first subscription happens whenever Redis is there, and when that is after
   // the gateway began serving it flushes too (what was cached meanwhile may have been revoked
   // by a message this gateway never got).
+  // A subscription Redis answers and refuses (an ACL without the channel: Redis 7 gives a new
+  // user none) brings no 'ready' to try again on: it is warned of and asked again every
+  // RETRY_MS. Before (found by a review), it was logged at debug and never asked again while the
+  // connection stayed up, and every change from another instance waited for the store check.
+  let refused = false
+  let resubscribe: NodeJS.Timeout | undefined
   const subscribe = (): void => {
+    clearTimeout(resubscribe)
+    resubscribe = undefined
     if (closed) return
     sub.subscribe(channelName).then(
       async () => {
+        if (refused) log?.info('invalidations flow again: Redis took the subscription it refused', { channel: channelName })
+        refused = false
         last = undefined
         lastDelivered = undefined
         if (subscribedOnce || serving) flush('reconnect')
@@ -339,7 +349,21 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
         if (version !== undefined && (last === undefined || version > last)) last = version
         first.resolve()
       },
-      (err: unknown) => log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error }),
+      (err: unknown) => {
+        if ((err as Error | undefined)?.name !== 'ReplyError' || closed) {
+          log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error })
+          return
+        }
+        if (!refused) {
+          log?.warn(
+            `Redis refused the subscription to ${channelName}: changes and lockouts made by other instances reach this process only through the store (cache.store_check_s) until it is granted (ACL SETUSER <user> &${channelName}); asked again every ${RETRY_MS / 1000} s`,
+            { err: err as Error },
+          )
+        }
+        refused = true
+        resubscribe ??= setTimeout(subscribe, RETRY_MS)
+        resubscribe.unref()
+      },
     )
   }
   sub.on('ready', subscribe)
@@ -397,6 +421,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   return async () => {
     closed = true
     clearInterval(timer)
+    clearTimeout(resubscribe)
     sub.disconnect()
   }
 }
