@@ -833,6 +833,8 @@ function idAfter(a: string, b: string): boolean {
 
 /** How often, at most, the feed logs the messages it dropped, and the reads that failed. */
 const DROPPED_LOG_MS = 60_000
+/** How often a subscription Redis refused (an ACL without the channel) is asked again. */
+const REFUSED_RETRY_MS = 1000
 
 /** True when called first, then again only once `ms` have passed since it last was. */
 function oncePer(ms: number): () => boolean {
@@ -1084,6 +1086,7 @@ export class AnomalyFeed {
       if (!history) throw new Error('an anomaly feed on Redis needs the table (history): the channel only announces what the table holds')
       const sub = options.redis.duplicate()
       let subscribed = false
+      let stopped = false
       /** The newest id when the feed began: an older one is no live anomaly (its streams resume from the table). */
       let floor: string | undefined
       const begun = history.latestId().then(
@@ -1262,13 +1265,37 @@ export class AnomalyFeed {
         }
         void read()
       })
+      // A SUBSCRIBE Redis answers and refuses (an ACL user without the channel: Redis 7 gives a
+      // new user none) brings no 'ready' to try again on: it is warned of once and asked again
+      // every REFUSED_RETRY_MS. Before, it was never asked again while the connection stayed up,
+      // and the streams were fed from the table for good, with nothing said.
+      let refused = false
+      let retry: NodeJS.Timeout | undefined
       const trySubscribe = (): void => {
+        retry = undefined
+        if (stopped) return
         sub.subscribe(channel).then(
           () => {
+            if (refused) log.info('anomaly alerts flow again: Redis took the subscription it refused', { channel })
+            refused = false
             subscribed = true
             subscribedNow()
           },
-          () => sub.once('ready', trySubscribe),
+          (err: unknown) => {
+            if ((err as Error | undefined)?.name !== 'ReplyError' || stopped) {
+              sub.once('ready', trySubscribe)
+              return
+            }
+            if (!refused) {
+              log.warn(
+                `Redis refused the subscription to ${channel}: anomaly streams read other instances' findings from api_key_anomalies every admin.stream_poll_ms until it is granted (ACL SETUSER <user> &${channel}); asked again every ${REFUSED_RETRY_MS / 1000} s`,
+                { err: err as Error },
+              )
+            }
+            refused = true
+            retry = setTimeout(trySubscribe, REFUSED_RETRY_MS)
+            retry.unref()
+          },
         )
       }
       trySubscribe()
@@ -1300,6 +1327,8 @@ export class AnomalyFeed {
       timer?.unref()
       this.#ready = () => (live ? Promise.resolve() : poll.start())
       this.#stop = () => {
+        stopped = true
+        clearTimeout(retry)
         clearInterval(timer)
         offEvents()
         poll.stop()

@@ -86,7 +86,7 @@ class Publisher {
     try {
       await this.#send(message)
     } catch (err) {
-      if (!this.#warned) this.log?.warn('could not publish an invalidation; it is sent again when Redis is back', { err: err as Error })
+      if (!this.#warned) this.log?.warn('could not publish an invalidation; it is sent again every second until Redis takes it (the error says why: Redis down, or refusing it, as an ACL without the channel does)', { err: err as Error })
       this.#warned = true
       this.#keep(message)
     }

@@ -1,4 +1,4 @@
-// A Redis user without the invalidation channel: Redis 7 gives a new ACL user no channels
+// A Redis user without keygate's channels (the invalidations', the anomaly alerts'): Redis 7 gives a new ACL user no channels
 // (acl-pubsub-default resetchannels), so `ACL SETUSER keygate on >pw ~keygate:* +@all` takes
 // keygate's keys and commands and refuses its SUBSCRIBE. Before (found by a review), a gateway
 // said so at debug only and never asked again while its connection stayed up: keygate_redis_up
@@ -7,16 +7,22 @@
 // Redis takes it.
 import t from 'tap'
 import { Redis } from 'ioredis'
+import { AnomalyFeed, AnomalyLog, anomalyHistory } from '../core/anomalies.ts'
+import { EventBus } from '../core/events.ts'
 import { INVALIDATION_CHANNEL, publishInvalidation } from '../core/invalidation.ts'
 import { KeyService } from '../core/keys/service.ts'
 import { createLogger } from '../core/log.ts'
 import { connectRedis } from '../core/redis.ts'
 import { keyServiceOptions } from '../core/runtime.ts'
-import { ACTOR, bearer, openStore, makeConfig, startGateway, until } from './helpers/gateway.ts'
+import { ACTOR, bearer, openStore, makeConfig, startGateway, until, type Tap } from './helpers/gateway.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import type { LogLine } from './helpers/serve.ts'
 
-t.test('a subscription the Redis ACL refuses is warned of, and asked again until Redis takes it', async (t) => {
+/**
+ * A Redis server of the test's own with a user `keygate` as an operator would make one: keygate's
+ * keys and every command, and no channel (`root` grants them); keygate's connection as that user.
+ */
+async function keygateUser(t: Tap) {
   const server = await startRedisServer(t)
   const root = new Redis(server.url, { maxRetriesPerRequest: 1 })
   t.teardown(() => root.disconnect())
@@ -25,6 +31,11 @@ t.test('a subscription the Redis ACL refuses is warned of, and asked again until
   const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
   const redis = connectRedis(`redis://keygate:secret@127.0.0.1:${server.port}`, log)
   t.teardown(() => redis.disconnect())
+  return { root, logs, log, redis }
+}
+
+t.test('a subscription the Redis ACL refuses is warned of, and asked again until Redis takes it', async (t) => {
+  const { root, logs, log, redis } = await keygateUser(t)
   const config = { cache: { ttl_s: 3600, store_check_s: 0 } }
   const store = await openStore(t, makeConfig({ ...config, routes: [] }))
   const gateway = await startGateway(t, { config, store, redis, log })
@@ -49,4 +60,25 @@ t.test('a subscription the Redis ACL refuses is warned of, and asked again until
   t.equal((await gateway.get('/', bearer(key))).status, 200, 'revoked silently: still served from the cache')
   await publishInvalidation(root, `key:${record.id}`)
   await until(t, 'the revocation published elsewhere is applied', async () => (await gateway.get('/', bearer(key))).status === 401)
+})
+
+t.test("an anomaly feed whose subscription the Redis ACL refuses: warned of once, asked again until Redis takes it; the streams read the table meanwhile", async (t) => {
+  // Before, as the invalidations' (above): never asked again while the connection stayed up, and
+  // nothing said; the streams were fed from the table for good.
+  const { root, logs, log, redis } = await keygateUser(t)
+  const store = await openStore(t, makeConfig({ routes: [] }))
+  const channel = `keygate:anomaly:alerts:acl-${process.pid}`
+  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log, history: anomalyHistory(new AnomalyLog(store.db)) })
+  t.teardown(() => feed.close())
+  const subscribers = async () => Number(((await root.pubsub('NUMSUB', channel)) as [string, number])[1])
+  const refusals = () => logs.filter((l) => l.level === 'warn' && l.message.includes('refused the subscription') && l.message.includes(channel))
+
+  await until(t, 'the refusal is warned of, naming the channel', () => refusals().length > 0)
+  t.equal(await subscribers(), 0, 'not subscribed')
+  await root.call('ACL', 'SETUSER', 'keygate', `&${channel}`)
+  await until(t, 'the feed subscribes without a reconnection', async () => (await subscribers()) >= 1)
+  await until(t, 'and says so', () => logs.some((l) => l.level === 'info' && l.message.includes('anomaly alerts flow again')))
+  t.equal(refusals().length, 1, 'one warning for the whole refusal')
+  feed.close()
+  await until(t, 'closed, it is off the channel and asks no more', async () => (await subscribers()) === 0)
 })
