@@ -1119,7 +1119,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const ev = processEvents(config, runtime, redis, log, { gateway: false, admin: role.admin })
   // Without Redis: the workers' anomalies reach this admin API's stream, and their counts are
   // pooled here for the anomaly thresholds.
-  const anomalyWindows = new MemoryWindows(config.anomalies.error_rate_window_s)
+  const anomalyWindows = new MemoryWindows(config.anomalies.error_rate_window_s, config.anomalies.check_interval_ms)
   const onWorkerMessage = (w: import('node:cluster').Worker, m: FromWorker) => {
     if (m?.keygate === 'anomaly') ev.events.emit('anomaly.detected', m.anomaly)
     else if (m?.keygate === 'windows') {

@@ -232,10 +232,19 @@ export class MemoryWindows implements SharedWindows {
   readonly #counts = new Map<string, { n: number; until: number }>()
   readonly #sets = new Map<string, { s: Set<string>; until: number }>()
   readonly #errWindowMs: number
+  /** `anomalies.check_interval_ms`: how much later than a window's end the last of its counts may come. */
+  readonly #keepMs: number
   #lastSweep = 0
 
-  constructor(errWindowS: number) {
+  /**
+   * `checkIntervalMs`: a window's counts are kept that much longer, as the check after the one
+   * that added the first of them adds the rest up to that much later. Before (found by a review),
+   * with `check_interval_ms` over a minute, a minute's first counts were swept before its last
+   * ones came, and a burst shared by two checks was judged in halves, each under its threshold.
+   */
+  constructor(errWindowS: number, checkIntervalMs = 0) {
     this.#errWindowMs = errWindowS * 1000
+    this.#keepMs = checkIntervalMs
   }
 
   async add(tallies: readonly Tally[], over: number): Promise<Totals[]> {
@@ -252,12 +261,12 @@ export class MemoryWindows implements SharedWindows {
       return c.n
     }
     return tallies.map((t) => {
-      const set = this.#sets.get(`a:${t.keyId}:${t.hour}`) ?? { s: new Set<string>(), until: t.hour + 2 * BUCKET_MS }
+      const set = this.#sets.get(`a:${t.keyId}:${t.hour}`) ?? { s: new Set<string>(), until: t.hour + 2 * BUCKET_MS + this.#keepMs }
       this.#sets.set(`a:${t.keyId}:${t.hour}`, set)
       for (const a of t.addresses) if (set.s.size < MAX_ADDRESSES) set.s.add(a)
-      const errUntil = t.errWindow + 2 * this.#errWindowMs
+      const errUntil = t.errWindow + 2 * this.#errWindowMs + this.#keepMs
       return {
-        perMinute: incr(`r:${t.keyId}:${t.minute}`, t.requests, t.minute + 2 * MINUTE_MS),
+        perMinute: incr(`r:${t.keyId}:${t.minute}`, t.requests, t.minute + 2 * MINUTE_MS + this.#keepMs),
         errWindowRequests: incr(`q:${t.keyId}:${t.errWindow}`, t.requests, errUntil),
         errWindowErrors: incr(`e:${t.keyId}:${t.errWindow}`, t.errors, errUntil),
         distinctAddresses: set.s.size,
@@ -323,9 +332,9 @@ export async function answerWindows(windows: MemoryWindows, m: WindowsRequest): 
 }
 
 /**
- * One key's part of a check, at once: adds ARGV[1] requests to its minute (KEYS[1], kept 120 s),
- * ARGV[1] requests and ARGV[2] errors to its error-rate window (KEYS[2] and KEYS[3], kept ARGV[3]
- * s), and the addresses ARGV[8..] to its set for the hour (KEYS[4]) while it holds fewer than
+ * One key's part of a check, at once: adds ARGV[1] requests to its minute (KEYS[1], kept ARGV[8]
+ * s), ARGV[1] requests and ARGV[2] errors to its error-rate window (KEYS[2] and KEYS[3], kept ARGV[3]
+ * s), and the addresses ARGV[9..] to its set for the hour (KEYS[4]) while it holds fewer than
  * ARGV[4] (the bound the in-memory windows keep too: a key used from more networks than any sane
  * threshold, or per address with `ipv6_prefix_bits` 128, would otherwise add a member for each),
  * setting the set's expiry (ARGV[5] s) when it added any. Answers the three counts and the set's
@@ -334,21 +343,24 @@ export async function answerWindows(windows: MemoryWindows, m: WindowsRequest): 
  * threshold).
  */
 const ADD_TALLY = `local out = {redis.call('INCRBY', KEYS[1], ARGV[1]), redis.call('INCRBY', KEYS[2], ARGV[1]), redis.call('INCRBY', KEYS[3], ARGV[2])}
-redis.call('EXPIRE', KEYS[1], 120)
+redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 local n = redis.call('SCARD', KEYS[4])
 local max = tonumber(ARGV[4])
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   if n >= max then break end
   n = n + redis.call('SADD', KEYS[4], ARGV[i])
 end
-if #ARGV >= 8 then redis.call('EXPIRE', KEYS[4], ARGV[5]) end
+if #ARGV >= 9 then redis.call('EXPIRE', KEYS[4], ARGV[5]) end
 out[4] = n
 if n > tonumber(ARGV[6]) then
   for _, a in ipairs(redis.call('SRANDMEMBER', KEYS[4], ARGV[7])) do out[#out + 1] = a end
 end
 return out`
+
+/** Where the Redis windows' keys are (after `redis.key_prefix`). */
+const WINDOWS_PREFIX = 'keygate:anomaly'
 
 /** How long a check waits for the shared windows before it judges this process's counts alone. */
 export const SHARED_WINDOWS_TIMEOUT_MS = 1000
@@ -357,11 +369,14 @@ export class RedisWindows implements SharedWindows {
   readonly #redis: Redis
   readonly #prefix: string
   readonly #errWindowS: number
+  /** As MemoryWindows: an instance's next check adds to a window up to `check_interval_ms` after its last one did. */
+  readonly #keepS: number
 
-  constructor(redis: Redis, errWindowS: number, prefix = 'keygate:anomaly') {
+  constructor(redis: Redis, errWindowS: number, prefix = WINDOWS_PREFIX, checkIntervalMs = 0) {
     this.#redis = redis
     this.#prefix = prefix
     this.#errWindowS = errWindowS
+    this.#keepS = Math.ceil(checkIntervalMs / 1000)
   }
 
   async add(tallies: readonly Tally[], over: number): Promise<Totals[]> {
@@ -375,7 +390,8 @@ export class RedisWindows implements SharedWindows {
     const p = this.#prefix
     for (const t of tallies) {
       const k = `${p}:{${t.keyId}}`
-      m.eval(ADD_TALLY, 4, `${k}:r:${t.minute}`, `${k}:q:${t.errWindow}`, `${k}:e:${t.errWindow}`, `${k}:a:${t.hour}`, t.requests, t.errors, 2 * this.#errWindowS, MAX_ADDRESSES, 7200, over, SEEN, ...t.addresses)
+      const keep = this.#keepS
+      m.eval(ADD_TALLY, 4, `${k}:r:${t.minute}`, `${k}:q:${t.errWindow}`, `${k}:e:${t.errWindow}`, `${k}:a:${t.hour}`, t.requests, t.errors, 2 * this.#errWindowS + keep, MAX_ADDRESSES, 7200 + keep, over, SEEN, 120 + keep, ...t.addresses)
     }
     const results = (await m.exec()) ?? []
     return results.map(([err, v]) => {
@@ -502,8 +518,9 @@ export class AnomalyDetector implements UsageSink {
     this.#log = options.log
     this.#anomalies = new AnomalyLog(options.db)
     this.#clientOf = addressKeyer(options.ipv6PrefixBits)
-    this.#memory = new MemoryWindows(options.thresholds.error_rate_window_s)
-    this.#shared = options.redis ? new RedisWindows(options.redis, options.thresholds.error_rate_window_s) : (options.windows ?? this.#memory)
+    const { error_rate_window_s: errWindowS, check_interval_ms: intervalMs } = options.thresholds
+    this.#memory = new MemoryWindows(errWindowS, intervalMs)
+    this.#shared = options.redis ? new RedisWindows(options.redis, errWindowS, WINDOWS_PREFIX, intervalMs) : (options.windows ?? this.#memory)
     if (options.checkIntervalMs > 0) {
       this.#timer = setInterval(() => void this.check(), options.checkIntervalMs)
       this.#timer.unref()
