@@ -340,7 +340,7 @@ export const ConfigSchema = Type.Object(
         request_rate_per_min: int(1000, 1, 1_000_000_000, { description: 'More requests than this with one key within a minute is an anomaly.' }),
         error_rate_percent: int(50, 1, 100, {
           description:
-            "More than this share of one key's requests answered with an error (status 400 or above) within error_rate_window_s is an anomaly. keygate's own answers to an outage (upstream_unavailable, upstream_timeout, store_unavailable, shutting_down, internal_error) count as requests, not errors: an upstream down would flag every key in use (before, found by a docs walk, this left them out).",
+            "More than this share of one key's requests answered with an error (status 400 or above) within error_rate_window_s is an anomaly (so 100, as no share is more than all, turns this check off). keygate's own answers to an outage (upstream_unavailable, upstream_timeout, store_unavailable, shutting_down, internal_error) count as requests, not errors: an upstream down would flag every key in use (before, found by a docs walk, this left them out).",
         }),
         error_rate_min_requests: int(20, 1, 1_000_000, { description: 'The error rate is judged only once a key made at least this many requests in the window.' }),
         error_rate_window_s: int(60, 10, 86_400, { description: 'Window of the error rate.' }),

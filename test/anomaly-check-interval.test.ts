@@ -62,3 +62,18 @@ t.test("in Redis: a minute's counts outlive the next check", async (t) => {
   // must still hold this one's counts then (before: kept 120 s, and the rest counted alone).
   for (const key of keys) t.ok((await redis.ttl(key)) > CHECK_INTERVAL_MS / 1000, `${key.slice(k.length + 1)} is kept past the next check`)
 })
+
+t.test('error_rate_percent 100 turns the error-rate check off (no share is more than all); 99 flags a key whose every answer is an error', async (t) => {
+  const db = await memoryDb({ migrated: true })
+  t.teardown(() => db.close())
+  const flagged: Record<number, string[]> = {}
+  for (const percent of [100, 99]) {
+    const detector = new AnomalyDetector({ db, thresholds: { ...DEFAULT_CONFIG.anomalies, error_rate_percent: percent, error_rate_min_requests: 20 }, channel: 'unused', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: 64 })
+    const keyId = `all-errors-${percent}-${randomBytes(4).toString('hex')}`
+    for (let i = 0; i < 25; i++) detector.count(keyId, 'scope_denied', Date.now(), '192.0.2.1', 403)
+    await detector.check()
+    await detector.close()
+    flagged[percent] = (await db.query<{ type: string }>('SELECT type FROM api_key_anomalies WHERE key_id = $1', [keyId])).map((r) => r.type)
+  }
+  t.same(flagged, { 100: [], 99: ['error_rate'] })
+})
