@@ -66,11 +66,15 @@ function proxyHeaderOf(headers: Record<string, unknown>): string | undefined {
   return undefined
 }
 
-/** How often, at most, a proxy not in trusted_proxies is warned of. */
-const PROXY_WARN_EVERY_MS = 60_000
+/**
+ * How often, at most, a proxy not in trusted_proxies is warned of: an hour, as the setting is
+ * mended once, and an operator who leaves a proxy out on purpose (one that passes its clients'
+ * own X-Forwarded-For along) is reminded, not flooded.
+ */
+const PROXY_WARN_EVERY_MS = 3_600_000
 
 /**
- * onUntrustedProxy for `serve`: a warning at most once a minute, naming the peer. Before, nothing
+ * onUntrustedProxy for `serve`: a warning at most once an hour, naming the peer. Before, nothing
  * said so: with a local nginx or a balancer left out of trusted_proxies, every client was the
  * proxy's address, and a few bad keys from any of them locked out all (RATE_LIMIT_MAX_ATTEMPTS).
  */
