@@ -630,10 +630,17 @@ export class KeyService {
     // The API's schema: the CLI on the store refuses what the API refuses (an empty reason, control characters).
     assertValid<RevokeInput>(RevokeBody, reason === undefined ? {} : { reason })
     refuseKeyIn({ reason })
+    // Its commit made and the answer lost (the connection dropped between), a revocation is kept
+    // as create's and rotate's are: it succeeds, and the gateways are told. Before (found by a
+    // review), the caller got a 503 and no cache was told, and the retry it made was refused
+    // as already revoked, telling none either: the key went on working from every cache until
+    // the store check (cache.store_check_s; the cache's TTL with the check off).
+    let revokedAt: Date | undefined
     return await this.#commit(async (tx, changes) => {
       const { key: old } = await this.#lockLineage(tx, id)
       // As of when the key is held (see rotate).
       const now = this.#now()
+      revokedAt = now
       if (old.status === 'revoked') throw new KeygateError('key_not_active', `key ${id} is already revoked`)
       const rows = await tx.query<KeyRow>(
         `UPDATE api_keys SET status = 'revoked', revoked_at = $2, revoked_reason = $3, updated_at = $2 WHERE id = $1 RETURNING ${COLUMNS}`,
@@ -648,6 +655,9 @@ export class KeyService {
       const ended = await this.#endPredecessors(tx, id, now, `successor ${id} revoked`, actor)
       changes.push({ action: 'revoked', key: record }, ...ended.map((k) => ({ action: 'revoked' as const, key: k })))
       return record
+    }, undefined, async (db) => {
+      const rows = await db.query<{ revoked_at: Date | null }>(`SELECT revoked_at FROM api_keys WHERE id = $1 AND status = 'revoked'`, [id])
+      return revokedAt !== undefined && rows[0]?.revoked_at?.getTime() === revokedAt.getTime()
     })
   }
 
