@@ -1,7 +1,9 @@
 // The key lifecycle of the `keygate` command on the embedded store as real processes, and
 // afterwards no plaintext key in the store files or any captured log. Apart from the rest of
 // test/cli.test.ts so that it runs beside it: each command opens the embedded store, and the
-// lifecycle alone took 235 s of a loaded suite, near tap's 300 s for a file.
+// lifecycle alone took 235 s of a loaded suite, near tap's 300 s for a file. The first run of each
+// command, an exit 1, an exit 2 and the last run are processes of their own; a command run again
+// goes through the command line's entry in this process, on the same store (helpers/cli-lifecycle.ts).
 import t from 'tap'
 import { existsSync, statSync } from 'node:fs'
 import { join } from 'node:path'
