@@ -66,36 +66,35 @@ t.test('serve --json is refused as a usage error: its output is its log, JSON li
   t.notOk(s.logs.some((l) => /listening$/.test(l.message)), 'nothing listened')
 })
 
-t.test('a command refused by the store a server holds names it, and migrate is told what migrate can do', async (t) => {
+// One serve holding its store for both subtests: what they check is what another process is told.
+t.test('the embedded store a serve holds', async (t) => {
   const dir = await storeDir()
   const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   const served = await serve(t, { env, waitFor: { gateway: false } })
   const pid = served.child.pid as number
-  const list = await runCli(['api-key', 'list'], { env })
-  t.equal(list.code, 1)
-  t.equal(list.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN\n`)
-  // Before (found by a review): the same advice, though migrate never goes through an admin API.
-  const migrate = await runCli(['migrate'], { env })
-  t.equal(migrate.code, 1)
-  t.equal(migrate.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: serve applies pending migrations as it starts, so restart it, or stop it and run migrate\n`)
-  // Before (found by a review): told the same with store.auto_migrate off, where a restarted serve
-  // applies nothing and is refused ("run keygate migrate"), on the embedded store too since 639ed08.
-  const off = await runCli(['migrate'], { env: { ...env, KEYGATE_AUTO_MIGRATE: 'false' } })
-  t.equal(off.code, 1)
-  t.equal(off.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: with store.auto_migrate off, serve applies no migration as it starts, so stop it, run migrate, and start it again\n`)
-  t.equal(await served.stop(), 0)
-})
 
-t.test('a command refused by the store a serve --only gateway holds is not told to use its admin API, which it has none of', async (t) => {
-  const dir = await storeDir()
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir })
-  const served = await serve(t, { env, args: ['--only', 'gateway'] })
-  const pid = served.child.pid as number
-  const list = await runCli(['api-key', 'list'], { env })
-  t.equal(list.code, 1)
-  // Before (found by a docs walk): "stop it, or point the CLI at its admin API", which answers
-  // 404 "this process serves the gateway only" there.
-  t.equal(list.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve --only gateway); stop it: it serves no admin API to point the CLI at, and the embedded store serves one process (a gateway beside an admin API needs a shared store, DATABASE_URL)\n`)
+  await t.test('a command refused by the store a server holds names it, and migrate is told what migrate can do', async (t) => {
+    const list = await runCli(['api-key', 'list'], { env })
+    t.equal(list.code, 1)
+    t.equal(list.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); stop it, or point the CLI at its admin API with KEYGATE_ADMIN_URL and KEYGATE_ADMIN_TOKEN\n`)
+    // Before (found by a review): the same advice, though migrate never goes through an admin API.
+    const migrate = await runCli(['migrate'], { env })
+    t.equal(migrate.code, 1)
+    t.equal(migrate.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: serve applies pending migrations as it starts, so restart it, or stop it and run migrate\n`)
+    // Before (found by a review): told the same with store.auto_migrate off, where a restarted serve
+    // applies nothing and is refused ("run keygate migrate"), on the embedded store too since 639ed08.
+    const off = await runCli(['migrate'], { env: { ...env, KEYGATE_AUTO_MIGRATE: 'false' } })
+    t.equal(off.code, 1)
+    t.equal(off.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); migrate works on the store itself, never through an admin API: with store.auto_migrate off, serve applies no migration as it starts, so stop it, run migrate, and start it again\n`)
+  })
+
+  await t.test('serve refused by a store another serve holds is told to stop that server, not to wait for it', async (t) => {
+    const r = await runCli(['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env })
+    t.equal(r.code, 1)
+    // Before (found by a docs walk): "wait for it to end (a keygate command ends by itself), or stop
+    // it", the advice for a command holding the store, about a server that never ends by itself.
+    t.equal(r.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); stop that server first: the embedded store serves one process, and several servers need a shared store (DATABASE_URL)\n`)
+  })
   t.equal(await served.stop(), 0)
 })
 
@@ -112,18 +111,6 @@ t.test('serve refused by a store a command holds is told to wait for it or stop 
   t.notMatch(r.stderr, /KEYGATE_ADMIN_URL|point the CLI/)
 })
 
-t.test('serve refused by a store another serve holds is told to stop that server, not to wait for it', async (t) => {
-  const dir = await storeDir()
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
-  const served = await serve(t, { env, waitFor: { gateway: false } })
-  const pid = served.child.pid as number
-  const r = await runCli(['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'], { env })
-  t.equal(r.code, 1)
-  // Before (found by a docs walk): "wait for it to end (a keygate command ends by itself), or stop
-  // it", the advice for a command holding the store, about a server that never ends by itself.
-  t.equal(r.stderr, `keygate: the embedded store in ${dir} is in use by process ${pid} (keygate serve); stop that server first: the embedded store serves one process, and several servers need a shared store (DATABASE_URL)\n`)
-  t.equal(await served.stop(), 0)
-})
 
 t.test('an address in use: exits 1 naming it, with nothing left serving', async (t) => {
   const taken = net.createServer()
@@ -228,8 +215,9 @@ t.test('embedded store: first admin key printed once, requests forwarded, health
   t.equal(await first.exited, 0, 'exit 0 after SIGTERM')
   t.ok(first.logs.some((l) => l.message === 'stopped'))
 
-  // The printed key is an admin key in the store; the second start prints none.
-  const valid = await runCli(['api-key', 'validate', adminKey, '--json'], { env })
+  // The printed key is an admin key in the store (read through the command line's entry here: the
+  // store is the subject, not the command's process); the second start prints none.
+  const valid = await runCliHere(['api-key', 'validate', adminKey, '--json'], { env })
   t.equal(valid.code, 0, valid.stderr)
   t.ok(valid.json().key.scopes.includes('admin'))
   const second = await serve(t, { env })
@@ -531,7 +519,7 @@ t.test('a configured admin token: no key is created or printed; a route whose sc
 t.test('a database migrated by a newer keygate (a rolling upgrade): this one starts, warns and is ready', async (t) => {
   const upstream = await startUpstream(t)
   const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url, KEYGATE_ADMIN_TOKEN: 'bootstrap-token-0123456789' })
-  t.equal((await runCli(['migrate'], { env })).code, 0)
+  t.equal((await runCliHere(['migrate'], { env })).code, 0)
   const db = await openDb({ dataDir: env.KEYGATE_DATA_DIR as string })
   await db.exec(`CREATE TABLE kg_newer (id integer); INSERT INTO keygate_migrations (version, name, checksum) VALUES (9999, '9999_newer.sql', 'x')`)
   await db.close()
@@ -569,8 +557,17 @@ t.test("/readyz judges the store against the migrations this process started wit
 
 t.test('--only gateway serves health and metrics but no admin API; --only admin runs no gateway', async (t) => {
   const upstream = await startUpstream(t)
-  const env = isolatedEnv({ KEYGATE_DATA_DIR: await storeDir(), KEYGATE_UPSTREAM: upstream.url })
+  const dir = await storeDir()
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: dir, KEYGATE_UPSTREAM: upstream.url })
   const g = await serve(t, { env, args: ['--only', 'gateway'] })
+  // The same serve holds the store for this subtest: what it checks is what a command is told.
+  await t.test('a command refused by the store a serve --only gateway holds is not told to use its admin API, which it has none of', async (t) => {
+    const list = await runCli(['api-key', 'list'], { env })
+    t.equal(list.code, 1)
+    // Before (found by a docs walk): "stop it, or point the CLI at its admin API", which answers
+    // 404 "this process serves the gateway only" there.
+    t.equal(list.stderr, `keygate: the embedded store in ${dir} is in use by process ${g.child.pid} (keygate serve --only gateway); stop it: it serves no admin API to point the CLI at, and the embedded store serves one process (a gateway beside an admin API needs a shared store, DATABASE_URL)\n`)
+  })
   t.ok(g.logs.some((l) => l.message === 'health and metrics listening'))
   const alone = g.logs.filter((l) => l.message.startsWith('--only gateway on the embedded store'))
   t.equal(alone.length, 1, 'said once: on the embedded store, nothing manages keys while it runs')
