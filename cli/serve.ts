@@ -13,7 +13,7 @@ import type { Config } from '../config/schema.ts'
 import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { closeWaiting, destroyConnections, closeAfterAnswers, nodeHttp } from '../core/http.ts'
-import { createLogger, type Level, type Logger } from '../core/log.ts'
+import { createLogger, shareStdout, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
@@ -123,6 +123,8 @@ async function startServe(p: ReturnType<typeof parse>, io: Io): Promise<number> 
   // started later (to replace one that died) reading the files itself ran whatever they held by
   // then, a config edited since or a half-renewed certificate pair, beside siblings that ran the old.
   if (cluster.isWorker) {
+    // Its log goes to the stdout of the primary and of its siblings: whole lines only (shareStdout).
+    shareStdout()
     const given = await fromPrimary()
     hideConfigSecrets(given.config)
     const log = createLogger({ level: given.config.log.level as Level, fields: { worker: cluster.worker?.id } })
@@ -1095,6 +1097,8 @@ function warnOfConfig(config: Config, log: Logger): void {
 }
 
 async function servePrimary(config: Config, log: Logger, io: Io, role: Role, workers: number): Promise<number> {
+  // Its workers write to the same stdout: whole lines only (shareStdout).
+  shareStdout()
   // The workers, which serve the gateway, do not tell it: each would.
   warnOfConfig(config, log)
   const live = new Set<import('node:cluster').Worker>()

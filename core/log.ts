@@ -1,5 +1,6 @@
 // One JSON object per line: level, time, message and fields (SPEC §1 names them). Anything shaped like a key is replaced
 // before it is written, as a second line of defence behind code that never logs keys.
+import { fstatSync } from 'node:fs'
 import { KEY_IN_TEXT } from './keys/format.ts'
 
 export type Level = 'debug' | 'info' | 'warn' | 'error'
@@ -130,6 +131,7 @@ export function logLinesDropped(): number {
 
 /** A log line to stdout, or dropped and counted while the backlog is full; the count is logged once the reader has taken the backlog. */
 function writeStdout(line: string): void {
+  if (shared) return void writeShared(shared, line)
   const out = process.stdout
   if (out.writableLength + line.length <= LOG_BACKLOG_MAX_CHARS) {
     out.write(line)
@@ -140,11 +142,144 @@ function writeStdout(line: string): void {
   if (droppedLines++ === 0) out.once('drain', reportDropped)
 }
 
-function reportDropped(): void {
+function droppedReport(): string {
   const dropped = droppedLines
   droppedLines = 0
   const record = { level: 'warn', time: new Date().toISOString(), message: `log lines dropped: stdout's reader did not take them, and ${LOG_BACKLOG_MAX_CHARS} characters of lines waited for it`, dropped }
-  process.stdout.write(JSON.stringify(record) + '\n')
+  return JSON.stringify(record) + '\n'
+}
+
+function reportDropped(): void {
+  process.stdout.write(droppedReport())
+}
+
+/**
+ * Linux's PIPE_BUF: a write of at most this many bytes to a pipe is written whole or not at all,
+ * never split around another process's write to the same pipe.
+ */
+export const LOG_LINE_MAX_BYTES = 4096
+
+/** The lines waiting to be written to a stdout shared with other processes (shareStdout). */
+interface SharedStdout {
+  lines: string[]
+  chars: number
+  writing: boolean
+  failed: boolean
+}
+
+let shared: SharedStdout | undefined
+
+/**
+ * Makes this process write its log to a stdout other processes write to as well (`serve
+ * --workers`: the primary and each worker) in whole lines only: each write to the stream holds
+ * whole lines of at most LOG_LINE_MAX_BYTES in all, the next written only once the last is, and a
+ * longer line is shortened to fit (its longest strings cut, `truncated: true`). Before (found by a
+ * review), a reader that fell behind (a log shipper under load) got one process's line cut
+ * part-way and another's inside it: each process's stream wrote what had waited as one write,
+ * and a pipe takes such a write part-way when it is full. A file or a terminal is written as it was.
+ */
+export function shareStdout(): void {
+  if (shared || process.stdout.isTTY) return
+  try {
+    const stat = fstatSync(1)
+    if (!stat.isFIFO() && !stat.isSocket()) return
+  } catch {
+    return
+  }
+  shared = { lines: [], chars: 0, writing: false, failed: false }
+}
+
+function writeShared(s: SharedStdout, line: string): void {
+  if (s.failed) return
+  const fitting = fitLine(line)
+  if (s.chars + process.stdout.writableLength + fitting.length > LOG_BACKLOG_MAX_CHARS) {
+    droppedSinceStart++
+    droppedLines++
+    return
+  }
+  s.lines.push(fitting)
+  s.chars += fitting.length
+  pumpShared(s)
+}
+
+function pumpShared(s: SharedStdout): void {
+  while (!s.writing && !s.failed) {
+    if (s.lines.length === 0) {
+      // The backlog taken: the lines dropped meanwhile are told.
+      if (droppedLines === 0) return
+      const report = fitLine(droppedReport())
+      s.lines.push(report)
+      s.chars += report.length
+    }
+    let chunk = ''
+    let bytes = 0
+    let taken = 0
+    for (const line of s.lines) {
+      const size = Buffer.byteLength(line)
+      if (taken > 0 && bytes + size > LOG_LINE_MAX_BYTES) break
+      chunk += line
+      bytes += size
+      taken++
+    }
+    s.lines.splice(0, taken)
+    s.chars -= chunk.length
+    let waited = false
+    process.stdout.write(chunk, (err) => {
+      // The stream's 'error' says why (watchLog); nothing more can be written.
+      if (err) {
+        s.failed = true
+        s.lines = []
+        s.chars = 0
+        return
+      }
+      if (!waited) return
+      s.writing = false
+      pumpShared(s)
+    })
+    // Written whole at once, as while the reader keeps up: the next goes now, as the stream's own
+    // would (a line logged just before a process.exit is not left waiting). Else once this one is.
+    if (process.stdout.writableLength > 0) {
+      waited = true
+      s.writing = true
+    }
+  }
+}
+
+/**
+ * `line` (one JSON object and its newline) in at most LOG_LINE_MAX_BYTES: as it is, or with its
+ * longest strings cut (after scrub, so no cut leaves part of a secret shown) and `truncated: true`.
+ */
+export function fitLine(line: string): string {
+  if (line.length <= LOG_LINE_MAX_BYTES / 3 || Buffer.byteLength(line) <= LOG_LINE_MAX_BYTES) return line
+  const record = JSON.parse(line) as Record<string, unknown>
+  record.truncated = true
+  const strings: { holder: Record<string, unknown>; key: string }[] = []
+  const collect = (holder: Record<string, unknown>) => {
+    for (const [key, v] of Object.entries(holder)) {
+      if (typeof v === 'string') strings.push({ holder, key })
+      else if (v !== null && typeof v === 'object') collect(v as Record<string, unknown>)
+    }
+  }
+  collect(record)
+  for (;;) {
+    const text = JSON.stringify(record) + '\n'
+    const over = Buffer.byteLength(text) - LOG_LINE_MAX_BYTES
+    if (over <= 0) return text
+    let longest: { holder: Record<string, unknown>; key: string } | undefined
+    let length = 0
+    for (const at of strings) {
+      const n = (at.holder[at.key] as string).length
+      if (n > length) [longest, length] = [at, n]
+    }
+    if (longest === undefined || length <= 64) {
+      return JSON.stringify({ level: record.level, time: record.time, message: String(record.message).slice(0, 1024), truncated: true }) + '\n'
+    }
+    // Cut by the excess in this string's own bytes a character (escapes take up to six), and the '…''s three.
+    const value = longest.holder[longest.key] as string
+    const perChar = (Buffer.byteLength(JSON.stringify(value)) - 2) / length
+    const keep = Math.max(32, Math.floor(length - (over + 3) / perChar) - 1)
+    longest.holder[longest.key] = `${value.slice(0, keep)}…`
+  }
 }
 
 export function createLogger(options: { level?: Level; write?: (line: string) => void; fields?: Record<string, unknown> } = {}): Logger {
