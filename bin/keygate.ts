@@ -76,5 +76,13 @@ if (STORE_COMMANDS.has(command as string) && !remote && !process.execArgv.includ
   // A `serve --workers` worker that could not start (its store out of reach, say): its
   // IPC channel to the primary kept it alive, not listening, for ever, and the primary never
   // replaced it. Disconnected, it ends, and the primary starts another.
-  if (process.exitCode !== 0 && cluster.isWorker && process.connected) process.disconnect()
+  if (process.exitCode !== 0 && cluster.isWorker && process.connected) {
+    // Node's cluster ends a worker whose channel goes with process.exit(0): the code is set again
+    // as it exits, so the primary's 'worker died' says it failed (before, found by a review, code 0).
+    const code = process.exitCode
+    process.once('exit', () => {
+      process.exitCode = code
+    })
+    process.disconnect()
+  }
 }

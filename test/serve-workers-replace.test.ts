@@ -106,6 +106,9 @@ t.test('--workers: a worker that cannot start (its store refusing connections) e
   const died = (worker: number) => serve.waitForLog((l) => l.message === 'gateway worker died; starting another' && l.worker === worker)
   const third = await died(3)
   t.match(serve.stderr(), /not currently accepting connections/, 'the replacement said why it could not start')
+  // Before (found by a review): code 0, as Node's cluster ends a worker whose channel goes with
+  // process.exit(0), whatever exit code the worker had set.
+  t.equal(third.code, 1, 'its exit code says it failed')
   // And so does worker 4: each start in a row that fails waits twice as long as the one before.
   const fourth = await died(4)
   t.same([third.in_ms, fourth.in_ms], [2000, 4000], 'retried with a backoff')
