@@ -546,13 +546,6 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   const shutdown = (timeoutMs: number): Promise<void> => {
     stopping ??= (async () => {
       ctx.closing = true
-      clearInterval(timer)
-      storeCheck.stop()
-      offKeys()
-      offDeny()
-      stopPublishing?.()
-      stopWatching?.()
-      await stopSubscription?.()
       const closed = new Promise<boolean>((resolve) => server.close(() => resolve(true)))
       server.closeIdleConnections()
       const stopClosing = closeWaiting(server, timeoutMs)
@@ -566,7 +559,17 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       clearInterval(sweep)
       clearTimeout(deadline)
       stopClosing()
-      // Tunnels are still held to their checks while the others drain.
+      // Only now: while the others drain, open tunnels are still held to their checks, and those
+      // follow key and deny list changes (this process's, Redis's, the store check's). Before
+      // (found by a review), these stopped as the drain began, and a key revoked or an address
+      // deny-listed during it kept its tunnels until the deadline (up to 600 s).
+      clearInterval(timer)
+      storeCheck.stop()
+      offKeys()
+      offDeny()
+      stopPublishing?.()
+      stopWatching?.()
+      await stopSubscription?.()
       guard.stop()
       if (clean) {
         await forwarder.close()

@@ -378,6 +378,26 @@ t.test('graceful shutdown: a connection part-way through a request head is close
   t.equal(await unlessHung(stopped), 'returned', 'and the shutdown ends once it is closed')
 })
 
+t.test('graceful shutdown: a tunnel whose key is revoked, or whose address is deny-listed, during the drain ends then, not at the deadline (found by a review)', async (t) => {
+  // Before: the gateway stopped following key and deny list changes as the drain began, and such
+  // a tunnel stayed open until the shutdown deadline (gateway.shutdown_timeout_ms, up to 600 s).
+  const h = await startGateway(t)
+  h.upstream.server.on('upgrade', (req, socket, _head) => acceptWebSocket(req, socket))
+  const [revoked, denied] = await Promise.all([h.key(), h.key()])
+  const url = `ws://127.0.0.1:${h.port}/socket`
+  const tunnels = { revoked: await openWebSocket(url, bearer(revoked.key)), denied: await openWebSocket(url, bearer(denied.key)) }
+  const stopped = h.gateway.shutdown(600_000).then(() => 'returned')
+  t.equal(await tunnels.revoked.echo('draining'), 'draining', 'open while the gateway drains')
+  await h.keys.revoke(revoked.id, 'leaked', ACTOR)
+  await until(t, "the revoked key's tunnel ends during the drain", () => tunnels.revoked.closed(), 10_000)
+  t.equal(await tunnels.denied.echo('still'), 'still', 'the other tunnel stays')
+  await h.denyList.add({ cidr: '127.0.0.1/32' }, ACTOR)
+  await until(t, "the deny-listed address's tunnel ends during the drain", () => tunnels.denied.closed(), 10_000)
+  // Whatever the outcome, nothing is left to hold the shutdown to its deadline.
+  for (const tunnel of Object.values(tunnels)) tunnel.ws.close()
+  t.equal(await unlessHung(stopped), 'returned', 'and the shutdown ends with them')
+})
+
 t.test('graceful shutdown: a WebSocket upgrade whose head ends after the stop began is answered 503 shutting_down, the connection closed (found by a review)', async (t) => {
   const h = await startGateway(t)
   let upgrades = 0
