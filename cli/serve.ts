@@ -855,8 +855,11 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   const redis = redisOf(config, log)
   // The admin API writes through this one; the gateway reads it, so a change applies to the next request.
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
-  // Without a gateway in this process, key changes made here still reach the other instances.
-  const stopPublishing = redis && !role.gateway ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
+  // Key and deny list changes made here reach the other instances: published by this process
+  // where it runs the admin API, until its very end, not by its gateway, whose drain may end
+  // before the admin API's (before, found by a review, a revocation answered during the admin
+  // API's drain was told to no other instance).
+  const stopPublishing = redis && role.admin ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
   const usage = role.gateway ? new UsageRecorder({ db: runtime.db, log, flushIntervalS: config.usage.flush_interval_s }) : undefined
   let metrics: ReturnType<typeof createGatewayMetrics> | undefined
   // The gateway's metrics hold the lockout's counters; an admin API alone makes them itself.
@@ -922,6 +925,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         usage: teeUsage(usage, ev.detector),
         events: ev.events,
         ...(redis ? { redis } : {}),
+        publishChanges: !role.admin,
         createServer: (options) => createServer(mode.gatewayTls ?? (config.gateway.tls && tlsFiles(config.gateway.tls, log, 'gateway')), options),
       })
       if (mode.worker) {

@@ -61,6 +61,12 @@ export interface GatewayDeps {
   lockout?: Lockout
   /** Per-key request counts and rejections for the admin API's reports. */
   usage?: UsageSink
+  /**
+   * Publish this process's key and deny list changes on Redis for the other instances (default
+   * true). `serve` publishes them itself where the process runs the admin API too: a change the
+   * admin API makes while it drains, after the gateway's drain has ended, must still go out.
+   */
+  publishChanges?: boolean
   /** Domain events: `rate_limit.exceeded` (debounced per key) is emitted here. */
   events?: EventBus
   /** Makes the server (an https one for TLS); `http.createServer` otherwise. */
@@ -529,7 +535,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
       redisMetrics.up.set(up ? 1 : 0)
       if (!up) redisMetrics.fallbacks.inc()
     })
-    stopPublishing = bindInvalidationPublisher({ redis, keys, denyList: denyService, log })
+    if (deps.publishChanges !== false) stopPublishing = bindInvalidationPublisher({ redis, keys, denyList: denyService, log })
     stopSubscription = await subscribeInvalidations(redis, {
       handler: applyInvalidation,
       onFlush: (reason) => {
