@@ -329,6 +329,8 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // user none) brings no 'ready' to try again on: it is warned of and asked again every
   // RETRY_MS. Before (found by a review), it was logged at debug and never asked again while the
   // connection stayed up, and every change from another instance waited for the store check.
+  // Lockouts are in no store: other instances' lockouts and lifts come by the channel alone (and
+  // by the read of those in force on the flush its subscription brings), as the warning says.
   let refused = false
   let resubscribe: NodeJS.Timeout | undefined
   const subscribe = (): void => {
@@ -356,7 +358,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
         }
         if (!refused) {
           log?.warn(
-            `Redis refused the subscription to ${channelName}: changes and lockouts made by other instances reach this process only through the store (cache.store_check_s) until it is granted (ACL SETUSER <user> &${channelName}); asked again every ${RETRY_MS / 1000} s`,
+            `Redis refused the subscription to ${channelName}: until it is granted (ACL SETUSER <user> &${channelName}), key and deny-list changes made by other instances reach this process only through the store (cache.store_check_s, gateway.deny_list_refresh_s), and the lockouts other instances decide, and their lifts, not until then (this process locks an address out on a failure counted here); asked again every ${RETRY_MS / 1000} s`,
             { err: err as Error },
           )
         }

@@ -45,6 +45,10 @@ t.test('a subscription the Redis ACL refuses is warned of, and asked again until
     logs.some((l) => l.level === 'warn' && l.message.includes('refused the subscription') && l.message.includes(INVALIDATION_CHANNEL)),
   )
   t.equal(await subscribers(), 0, 'not subscribed')
+  // Lockouts are no row in the store: another instance's lockout (or lift of one) comes by the
+  // channel alone, or by the read of the lockouts in force when the subscription is taken.
+  const warning = logs.find((l) => l.level === 'warn' && l.message.includes('refused the subscription'))
+  t.match(warning?.message, /through the store \(cache\.store_check_s, gateway\.deny_list_refresh_s\).*lockouts other instances decide, and their lifts, not until then/, 'says what reaches this process meanwhile, and what does not')
 
   // The operator grants the channel; the gateway's connection stays as it is.
   await root.call('ACL', 'SETUSER', 'keygate', `&${INVALIDATION_CHANNEL}`)
