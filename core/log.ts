@@ -251,7 +251,7 @@ function pumpShared(s: SharedStdout): void {
  */
 export function fitLine(line: string): string {
   if (line.length <= LOG_LINE_MAX_BYTES / 3 || Buffer.byteLength(line) <= LOG_LINE_MAX_BYTES) return line
-  const record = JSON.parse(line) as Record<string, unknown>
+  const record = recordOf(line)
   record.truncated = true
   const strings: { holder: Record<string, unknown>; key: string }[] = []
   const collect = (holder: Record<string, unknown>) => {
@@ -280,6 +280,22 @@ export function fitLine(line: string): string {
     const keep = Math.max(32, Math.floor(length - (over + 3) / perChar) - 1)
     longest.holder[longest.key] = `${value.slice(0, keep)}…`
   }
+}
+
+/**
+ * The JSON object `line` holds; a line that holds none, as its text in a record of its own. The
+ * scrubber works on the line's JSON text, and may leave one that is not JSON: a key just after a
+ * newline is matched from the `n` of its `\n`, and `\[redacted]` is no escape. Before (found by a
+ * review), such a line, long, made fitLine's JSON.parse throw out of the log call, into whatever
+ * logged (a request's handler, a stop).
+ */
+function recordOf(line: string): Record<string, unknown> {
+  try {
+    const parsed: unknown = JSON.parse(line)
+    if (parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed)) return parsed as Record<string, unknown>
+  } catch {}
+  const level = /^\{"level":"(debug|info|warn|error)"/.exec(line)?.[1] ?? 'info'
+  return { level, time: new Date().toISOString(), message: 'a log line that is not one JSON object, as written', line: line.trimEnd() }
 }
 
 export function createLogger(options: { level?: Level; write?: (line: string) => void; fields?: Record<string, unknown> } = {}): Logger {
