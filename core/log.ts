@@ -155,7 +155,9 @@ function reportDropped(): void {
 
 /**
  * Linux's PIPE_BUF: a write of at most this many bytes to a pipe is written whole or not at all,
- * never split around another process's write to the same pipe.
+ * never split around another process's write to the same pipe. A UNIX stream socket takes such a
+ * write whole too while its send buffer is at least 8320 bytes (a write of up to half of it less
+ * 64 bytes; the default is 208 KiB); a TCP socket gives no such promise (README, `serve --workers`).
  */
 export const LOG_LINE_MAX_BYTES = 4096
 
