@@ -27,3 +27,22 @@ t.test('a long line that is not JSON (a key just after a newline, scrubbed with 
   t.match(record, { level: 'warn', truncated: true })
   t.notOk(fitted.includes(key), 'the key is still not shown')
 })
+
+t.test('a long line of many long strings is fitted in a few passes, not one per string (found by a review)', async (t) => {
+  // Before: each pass cut the one longest string and wrote the whole record again, passes as many
+  // as the strings: 2000 strings of 100 characters held the event loop 6 s here.
+  const line = logged('many', { items: Array.from({ length: 2000 }, (_, i) => `${i}-${'y'.repeat(100)}`) })
+  const items = Array.from({ length: 40 }, (_, i) => `${i}-${'z'.repeat(500)}`)
+  const fewer = logged('fewer', { items })
+  const stringify = JSON.stringify
+  let passes = 0
+  t.teardown(() => void (JSON.stringify = stringify))
+  JSON.stringify = ((...args: Parameters<typeof stringify>) => (passes++, stringify(...args))) as typeof stringify
+  const fitted = [fitLine(line), fitLine(fewer)]
+  JSON.stringify = stringify
+  t.ok(passes <= 2 * 2 * 16, `a few passes each (${passes} in all)`)
+  t.ok(fitted.every((l) => Buffer.byteLength(l) <= LOG_LINE_MAX_BYTES), 'each fits')
+  const kept = JSON.parse(fitted[1] as string) as { items: string[]; truncated: boolean }
+  t.equal(kept.items.length, 40, 'what fits is kept: every item, each cut')
+  t.ok(kept.items.every((item, i) => item.endsWith('…') && (items[i] as string).startsWith(item.slice(0, -1))), 'each a start of the item')
+})
