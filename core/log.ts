@@ -260,7 +260,9 @@ export function fitLine(line: string): string {
   // try. Before (found by a review), each pass cut the one longest string and wrote the whole
   // record again: as many passes as strings to cut (2000 strings of 100 characters, 6 s of a
   // stalled event loop).
-  const cut = (at: number) => JSON.stringify(record, (_key, v: unknown) => (typeof v === 'string' && v.length > at ? `${v.slice(0, at)}…` : v)) + '\n'
+  // Never between the halves of a surrogate pair (an emoji): a lone `\ud83d` is an error or a
+  // replacement character to a JSON reader (before, found by a review, a cut could end so).
+  const cut = (at: number) => JSON.stringify(record, (_key, v: unknown) => (typeof v === 'string' && v.length > at ? `${v.slice(0, isHighSurrogate(v.charCodeAt(at - 1)) ? at - 1 : at)}…` : v)) + '\n'
   const fits = (text: string) => Buffer.byteLength(text) <= LOG_LINE_MAX_BYTES
   let longest = 0
   const measure = (v: unknown): void => {
@@ -285,6 +287,8 @@ export function fitLine(line: string): string {
   }
   return text
 }
+
+const isHighSurrogate = (code: number) => code >= 0xd800 && code <= 0xdbff
 
 /** The fewest characters fitLine keeps of a string it cuts. */
 const MIN_CUT_CHARS = 32

@@ -46,3 +46,12 @@ t.test('a long line of many long strings is fitted in a few passes, not one per 
   t.equal(kept.items.length, 40, 'what fits is kept: every item, each cut')
   t.ok(kept.items.every((item, i) => item.endsWith('…') && (items[i] as string).startsWith(item.slice(0, -1))), 'each a start of the item')
 })
+
+t.test('a cut never splits a character outside the Basic Multilingual Plane (found by a review)', async (t) => {
+  // Before: cut between the two halves of a surrogate pair, the line ended the string in a lone
+  // `\ud83d`, which JSON readers take as an error or a replacement character.
+  // Cut as long as a string of three-byte characters beside it allows, a byte more or less (`pad`): half a pair, at times.
+  const fitted = Array.from({ length: 30 }, (_, pad) => fitLine(logged('emoji', { pad: 'p'.repeat(pad), path: '中'.repeat(3000), text: '😀'.repeat(3000) })))
+  t.ok(fitted.every((l) => Buffer.byteLength(l) <= LOG_LINE_MAX_BYTES), 'each fits')
+  t.same(fitted.filter((l) => /\\ud[89a-f]/i.test(l)), [], 'no lone surrogate')
+})
