@@ -32,7 +32,7 @@ const JWT_CHAR = '[0-9A-Za-z_-]'
 // access log writes as sent (before, found by a review, such a key was logged whole).
 const KEY_OR_ENCODED = KEY_IN_TEXT.source.replaceAll('_', '(?:_|%5F)')
 const KEYISH = new RegExp(
-  `${KEY_OR_ENCODED}|whsec_(?:[0-9A-Za-z+/]|%2[BF]|%3D){20,}(?:=|%3D){0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ(?<!eyJ${JWT_CHAR}*?eyJ)${JWT_CHAR}+\\.${JWT_CHAR}+\\.${JWT_CHAR}+|(?<![0-9a-f])[0-9a-f]{40}(?:[0-9a-f]{24})?(?![0-9a-f])`,
+  `${KEY_OR_ENCODED}|whsec_(?:[0-9A-Za-z+/]|%2[BF]|%3D){20,}(?:=|%3D){0,2}|[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}|eyJ(?<!eyJ${JWT_CHAR}*?eyJ)${JWT_CHAR}+\\.${JWT_CHAR}+\\.${JWT_CHAR}+|(?:(?<![0-9a-f])|(?<=\\\\u[0-9a-f]{4}))[0-9a-f]{40}(?:[0-9a-f]{24})?(?![0-9a-f])`,
   'gi',
 )
 
@@ -92,8 +92,23 @@ export function forgetKnownSecrets(): void {
 /** A percent-encoded unreserved character (RFC 3986: a letter, a digit, `-`, `.`, `_`, `~`), the same character to a URL's reader. */
 const UNRESERVED_ESCAPE = /%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DEde]|5[Ff]|7[Ee])/g
 
+/**
+ * A match of KEYISH replaced, in JSON text: `[redacted]`, after the escaped character it starts
+ * with, if any. A key just after a newline is `\nkg_…` there, and the key's pattern takes the `n`
+ * for its prefix's first letter (`\u001bkg_…`: the whole `u001b`): replaced whole, the line held
+ * `\[redacted]`, an escape JSON has none of, and every reader of the log refused it (found by a
+ * review). Only when a backslash escapes the match's first character (an odd number of them).
+ */
+function redacted(match: string, offset: number, text: string): string {
+  let slashes = 0
+  while (offset - slashes > 0 && text.charCodeAt(offset - slashes - 1) === 92 /* \ */) slashes++
+  if (slashes % 2 === 0) return '[redacted]'
+  const kept = (match[0] === 'u' || match[0] === 'U') && /^u[0-9a-f]{4}/i.test(match) ? 5 : 1
+  return `${match.slice(0, kept)}[redacted]`
+}
+
 export function scrub(text: string): string {
-  const out = cutSecrets(text, knownSecrets).replace(KEYISH, '[redacted]')
+  const out = cutSecrets(text, knownSecrets).replace(KEYISH, redacted)
   if (!out.includes('%')) return out
   // A secret with some of its letters or digits percent-encoded, as a path may carry it and the
   // access log writes it as sent (`/p/%6Bg_...`: the same path to an upstream; before, found by a
@@ -101,7 +116,7 @@ export function scrub(text: string): string {
   // The text comes back so read only where that hid something; else as written.
   const decoded = out.replace(UNRESERVED_ESCAPE, (escape) => String.fromCharCode(Number.parseInt(escape.slice(1), 16)))
   if (decoded === out) return out
-  const hidden = cutSecrets(decoded, knownSecrets).replace(KEYISH, '[redacted]')
+  const hidden = cutSecrets(decoded, knownSecrets).replace(KEYISH, redacted)
   return hidden === decoded ? out : hidden
 }
 
@@ -295,8 +310,8 @@ const MIN_CUT_CHARS = 32
 
 /**
  * The JSON object `line` holds; a line that holds none, as its text in a record of its own. The
- * scrubber works on the line's JSON text, and may leave one that is not JSON: a key just after a
- * newline is matched from the `n` of its `\n`, and `\[redacted]` is no escape. Before (found by a
+ * scrubber once left such lines (`\[redacted]` for a key just after a newline; it keeps the escape
+ * now, see `redacted`), and fitLine is given what the logger's writer is: before (found by a
  * review), such a line, long, made fitLine's JSON.parse throw out of the log call, into whatever
  * logged (a request's handler, a stop).
  */

@@ -195,6 +195,34 @@ t.test('scrub redacts keys in log text', async (t) => {
   t.match(JSON.parse(lines[0] as string), { level: 'info', message: 'validated [redacted]', key: '[redacted]', nested: { legacy: '[redacted]' }, err: { message: 'bad key [redacted]' } })
 })
 
+t.test('a key just after an escaped character (a newline, a tab, a control character) is hidden and the line stays JSON', async (t) => {
+  // The scrubber works on the line's JSON text, where the newline is `\n`: the key's pattern took
+  // the `n` for the first letter of a prefix, and the line was left `\[redacted]`, an escape JSON
+  // has none of: every reader of the log refused the line (found by a review).
+  const k = generateKey('kg_').key
+  const lines: string[] = []
+  const log = createLogger({ write: (l) => lines.push(l) })
+  const texts = [`first line\n${k}`, `tab\t${k}`, `cr\r${k}`, `bell\u0007${k}`, `escape\u001b${k}`, `back\\${k}`, `quote "${k}"`]
+  for (const text of texts) log.warn(text, { field: text })
+  t.equal(lines.length, texts.length)
+  const read = lines.map((l) => {
+    try {
+      return JSON.parse(l) as { message: string }
+    } catch {
+      return undefined
+    }
+  })
+  t.same(read.map((r) => r === undefined), texts.map(() => false), 'every line is JSON')
+  t.notOk(lines.some((l) => l.includes(k.slice(3))), 'no line shows the key')
+  t.same(read.map((r) => r?.message), ['first line\n[redacted]', 'tab\t[redacted]', 'cr\r[redacted]', 'bell\u0007[redacted]', 'escape\u001b[redacted]', 'back\\[redacted]', 'quote "[redacted]"'], 'the escaped character kept, the key hidden')
+  // A Gitea token (40 hex) just after a control character, which JSON writes `\u001b`: the
+  // escape's hex digits ran on into the token's, and a run of 44 is no token (before: shown whole).
+  const gitea = randomBytes(20).toString('hex')
+  lines.length = 0
+  log.warn(`token\u001b${gitea}`)
+  t.same(JSON.parse(lines[0] as string).message, 'token\u001b[redacted]', 'a token after an escaped control character is hidden')
+})
+
 t.test('scrub redacts the integrations\' secrets: Gitea tokens and JWTs (n8n keys, session cookies)', async (t) => {
   const gitea = randomBytes(20).toString('hex')
   const jwt = 'eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1MSIsImF1ZCI6InB1YmxpYy1hcGkifQ.r5GDSJ8eGnQLK4g6fPlUGN5boIEfxVOeFX4LnTwOIqs'
