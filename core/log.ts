@@ -99,7 +99,11 @@ const UNRESERVED_ESCAPE = /%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DEde]|5[Ff]|
  * `\[redacted]`, an escape JSON has none of, and every reader of the log refused it (found by a
  * review). Only when a backslash escapes the match's first character (an odd number of them).
  */
-function redacted(match: string, offset: number, text: string): string {
+function redacted(match: string, ...rest: unknown[]): string {
+  // (match, the groups captured if any, offset, text): the first number is the offset.
+  const at = rest.findIndex((x) => typeof x === 'number')
+  const offset = rest[at] as number
+  const text = rest[at + 1] as string
   let slashes = 0
   while (offset - slashes > 0 && text.charCodeAt(offset - slashes - 1) === 92 /* \ */) slashes++
   if (slashes % 2 === 0) return '[redacted]'
