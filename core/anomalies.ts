@@ -12,7 +12,7 @@ import type { Config } from '../config/schema.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import type { EventBus, KeygateEvent } from './events.ts'
-import type { Logger } from './log.ts'
+import { oncePer, type Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { TimedOut, within } from './deadline.ts'
 import { addressKeyer } from './lockout.ts'
@@ -853,16 +853,6 @@ const DROPPED_LOG_MS = 60_000
 /** How often a subscription Redis refused (an ACL without the channel) is asked again. */
 const REFUSED_RETRY_MS = 1000
 
-/** True when called first, then again only once `ms` have passed since it last was. */
-function oncePer(ms: number): () => boolean {
-  let last = -Infinity
-  return () => {
-    const now = Date.now()
-    if (now - last < ms) return false
-    last = now
-    return true
-  }
-}
 /**
  * How far below the newest id it delivered a feed still looks up an id a message names: one
  * committed after higher ones (another instance's insert, still open while they were read). An

@@ -328,6 +328,20 @@ function recordOf(line: string): Record<string, unknown> {
   return { level, time: new Date().toISOString(), message: 'a log line that is not one JSON object, as written', line: line.trimEnd() }
 }
 
+/**
+ * True when called first, then again only once `ms` have passed (by `now`) since it last was: how
+ * a line said at most once so often (a warning of something that goes on) is let through.
+ */
+export function oncePer(ms: number, now: () => number = Date.now): () => boolean {
+  let last = -Infinity
+  return () => {
+    const at = now()
+    if (at - last < ms) return false
+    last = at
+    return true
+  }
+}
+
 export function createLogger(options: { level?: Level; write?: (line: string) => void; fields?: Record<string, unknown> } = {}): Logger {
   const min = RANK[options.level ?? 'info']
   const write = options.write ?? writeStdout

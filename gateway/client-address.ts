@@ -5,7 +5,7 @@
 import type { Socket } from 'node:net'
 import { normalAddress, parseAddress, rangeMatcher } from '../core/keys/evaluate.ts'
 import { addressKeyer } from '../core/lockout.ts'
-import type { Logger } from '../core/log.ts'
+import { oncePer, type Logger } from '../core/log.ts'
 import type { RequestState, Stage } from './state.ts'
 
 interface Peer {
@@ -79,11 +79,9 @@ const PROXY_WARN_EVERY_MS = 3_600_000
  * proxy's address, and a few bad keys from any of them locked out all (RATE_LIMIT_MAX_ATTEMPTS).
  */
 export function untrustedProxyWarner(log: Logger, now: () => number): (peer: string, header: string) => void {
-  let warnedAt = -Infinity
+  const warnNow = oncePer(PROXY_WARN_EVERY_MS, now)
   return (peer, header) => {
-    const at = now()
-    if (at - warnedAt < PROXY_WARN_EVERY_MS) return
-    warnedAt = at
+    if (!warnNow()) return
     log.warn(
       `a request from ${peer} names a client in ${header}, but ${peer} is not in gateway.trusted_proxies: keygate takes it for the client, so the deny list, lockouts, rate limits and keys' allowed_cidrs see every client behind it as ${peer}; if it is a proxy in front of keygate, list it in gateway.trusted_proxies (KEYGATE_TRUSTED_PROXIES)`,
       { peer, header },

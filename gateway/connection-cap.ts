@@ -7,7 +7,7 @@
 // runs per request.
 import { readFileSync } from 'node:fs'
 import type { Server } from 'node:net'
-import type { Logger } from '../core/log.ts'
+import { oncePer, type Logger } from '../core/log.ts'
 import type { GatewayMetrics } from '../core/metrics.ts'
 
 /** File descriptors left to the rest of the process: the admin listener, the store's pool, Redis, logs and its own files. */
@@ -69,14 +69,12 @@ export function capConnections(server: Server, options: { configured: number; lo
   if (max === undefined) return undefined
   server.maxConnections = max
   metrics.connectionsMax.set(max)
-  let warnedAt = -Infinity
+  const warnNow = oncePer(WARN_EVERY_MS)
   let refused = 0
   server.on('drop', () => {
     metrics.connectionsRefused.inc()
     refused++
-    const at = Date.now()
-    if (at - warnedAt < WARN_EVERY_MS) return
-    warnedAt = at
+    if (!warnNow()) return
     log.warn('gateway connections at the cap; new ones are closed unanswered (gateway.max_connections)', { max_connections: max, refused })
     refused = 0
   })
