@@ -16,6 +16,7 @@ import { oncePer, type Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { TimedOut, within } from './deadline.ts'
 import { addressKeyer } from './lockout.ts'
+import { refusedSubscriptions } from './redis.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -850,8 +851,6 @@ function idAfter(a: string, b: string): boolean {
 
 /** How often, at most, the feed logs the messages it dropped, and the reads that failed. */
 const DROPPED_LOG_MS = 60_000
-/** How often a subscription Redis refused (an ACL without the channel) is asked again. */
-const REFUSED_RETRY_MS = 1000
 
 /**
  * How far below the newest id it delivered a feed still looks up an id a message names: one
@@ -1272,36 +1271,25 @@ export class AnomalyFeed {
         }
         void read()
       })
-      // A SUBSCRIBE Redis answers and refuses (an ACL user without the channel: Redis 7 gives a
-      // new user none) brings no 'ready' to try again on: it is warned of once and asked again
-      // every REFUSED_RETRY_MS. Before, it was never asked again while the connection stayed up,
-      // and the streams were fed from the table for good, with nothing said.
-      let refused = false
-      let retry: NodeJS.Timeout | undefined
+      // A SUBSCRIBE Redis refuses (an ACL user without the channel) is warned of and asked again
+      // until it is taken (refusedSubscriptions). Before, it was never asked again while the
+      // connection stayed up, and the streams were fed from the table for good, with nothing said.
+      const refusals = refusedSubscriptions({
+        log,
+        channel,
+        meanwhile: "anomaly streams read other instances' findings from api_key_anomalies every admin.stream_poll_ms",
+        flowing: 'anomaly alerts',
+      })
       const trySubscribe = (): void => {
-        retry = undefined
         if (stopped) return
         sub.subscribe(channel).then(
           () => {
-            if (refused) log.info('anomaly alerts flow again: Redis took the subscription it refused', { channel })
-            refused = false
+            refusals.taken()
             subscribed = true
             subscribedNow()
           },
           (err: unknown) => {
-            if ((err as Error | undefined)?.name !== 'ReplyError' || stopped) {
-              sub.once('ready', trySubscribe)
-              return
-            }
-            if (!refused) {
-              log.warn(
-                `Redis refused the subscription to ${channel}: anomaly streams read other instances' findings from api_key_anomalies every admin.stream_poll_ms until it is granted (ACL SETUSER <user> &${channel}); asked again every ${REFUSED_RETRY_MS / 1000} s`,
-                { err: err as Error },
-              )
-            }
-            refused = true
-            retry = setTimeout(trySubscribe, REFUSED_RETRY_MS)
-            retry.unref()
+            if (stopped || !refusals.refused(err, trySubscribe)) sub.once('ready', trySubscribe)
           },
         )
       }
@@ -1335,7 +1323,7 @@ export class AnomalyFeed {
       this.#ready = () => (live ? Promise.resolve() : poll.start())
       this.#stop = () => {
         stopped = true
-        clearTimeout(retry)
+        refusals.cancel()
         clearInterval(timer)
         offEvents()
         poll.stop()

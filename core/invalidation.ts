@@ -34,6 +34,7 @@ import { TimedOut, within } from './deadline.ts'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
+import { refusedSubscriptions } from './redis.ts'
 
 export const INVALIDATION_CHANNEL = 'keygate:invalidate'
 export const INVALIDATION_VERSION_KEY = 'keygate:invalidate:version'
@@ -325,22 +326,25 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // starting: the first subscription happens whenever Redis is there, and when that is after
   // the gateway began serving it flushes too (what was cached meanwhile may have been revoked
   // by a message this gateway never got).
-  // A subscription Redis answers and refuses (an ACL without the channel: Redis 7 gives a new
-  // user none) brings no 'ready' to try again on: it is warned of and asked again every
-  // RETRY_MS. Before (found by a review), it was logged at debug and never asked again while the
-  // connection stayed up, and every change from another instance waited for the store check.
-  // Lockouts are in no store: other instances' lockouts and lifts come by the channel alone (and
-  // by the read of those in force on the flush its subscription brings), as the warning says.
-  let refused = false
-  let resubscribe: NodeJS.Timeout | undefined
+  // A subscription Redis refuses (an ACL without the channel) is warned of and asked again until
+  // it is taken (refusedSubscriptions). Before (found by a review), it was logged at debug and
+  // never asked again while the connection stayed up, and every change from another instance
+  // waited for the store check. Lockouts are in no store: other instances' lockouts and lifts
+  // come by the channel alone (and by the read of those in force on the flush its subscription
+  // brings), as the warning says.
+  const refusals = refusedSubscriptions({
+    log,
+    channel: channelName,
+    meanwhile:
+      'key and deny-list changes made by other instances reach this process only through the store (cache.store_check_s, gateway.deny_list_refresh_s), and the lockouts other instances decide, and their lifts, not until then (this process locks an address out on a failure counted here)',
+    flowing: 'invalidations',
+  })
   const subscribe = (): void => {
-    clearTimeout(resubscribe)
-    resubscribe = undefined
+    refusals.cancel()
     if (closed) return
     sub.subscribe(channelName).then(
       async () => {
-        if (refused) log?.info('invalidations flow again: Redis took the subscription it refused', { channel: channelName })
-        refused = false
+        refusals.taken()
         last = undefined
         lastDelivered = undefined
         if (subscribedOnce || serving) flush('reconnect')
@@ -352,19 +356,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
         first.resolve()
       },
       (err: unknown) => {
-        if ((err as Error | undefined)?.name !== 'ReplyError' || closed) {
-          log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error })
-          return
-        }
-        if (!refused) {
-          log?.warn(
-            `Redis refused the subscription to ${channelName}: until it is granted (ACL SETUSER <user> &${channelName}), key and deny-list changes made by other instances reach this process only through the store (cache.store_check_s, gateway.deny_list_refresh_s), and the lockouts other instances decide, and their lifts, not until then (this process locks an address out on a failure counted here); asked again every ${RETRY_MS / 1000} s`,
-            { err: err as Error },
-          )
-        }
-        refused = true
-        resubscribe ??= setTimeout(subscribe, RETRY_MS)
-        resubscribe.unref()
+        if (closed || !refusals.refused(err, subscribe)) log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error })
       },
     )
   }
@@ -423,7 +415,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   return async () => {
     closed = true
     clearInterval(timer)
-    clearTimeout(resubscribe)
+    refusals.cancel()
     sub.disconnect()
   }
 }

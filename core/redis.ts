@@ -305,3 +305,59 @@ export function redisReady(redis: Redis, ms: number): Promise<boolean> {
     redis.once('end', onEnd)
   })
 }
+
+/** How often a subscription Redis refused (refusedSubscriptions) is asked again. */
+export const REFUSED_SUBSCRIBE_RETRY_MS = 1000
+
+export interface SubscriptionRefusals {
+  /**
+   * A SUBSCRIBE's failure: true when Redis answered it with a refusal (then warned of, once until
+   * it is taken, and `again` called after REFUSED_SUBSCRIBE_RETRY_MS); false for any other error,
+   * the connection's, which its next 'ready' asks again after.
+   */
+  refused(err: unknown, again: () => void): boolean
+  /** A SUBSCRIBE taken: said when one was refused before. */
+  taken(): void
+  /** No retry waiting any more (the subscriber closed, or a SUBSCRIBE asked meanwhile). */
+  cancel(): void
+}
+
+/**
+ * A subscription Redis answers and refuses (a ReplyError: an ACL user without the channel, Redis
+ * 7's default for a new user) brings no 'ready' to ask again on, its connection staying up: it is
+ * warned of, with what the process does meanwhile (`meanwhile`), asked again every
+ * REFUSED_SUBSCRIBE_RETRY_MS until Redis takes it, and said when it does (`flowing`: what flows on
+ * the channel). The invalidations' and the anomaly feed's subscribers share it. Before (found by a
+ * review), each was never asked again while the connection stayed up, and nothing said so.
+ */
+export function refusedSubscriptions(options: { log: Logger | undefined; channel: string; meanwhile: string; flowing: string }): SubscriptionRefusals {
+  const { log, channel } = options
+  let refused = false
+  let retry: NodeJS.Timeout | undefined
+  return {
+    refused(err, again) {
+      if ((err as Error | undefined)?.name !== 'ReplyError') return false
+      if (!refused) {
+        log?.warn(
+          `Redis refused the subscription to ${channel}: until it is granted (ACL SETUSER <user> &${channel}), ${options.meanwhile}; asked again every ${REFUSED_SUBSCRIBE_RETRY_MS / 1000} s`,
+          { err: err as Error },
+        )
+      }
+      refused = true
+      retry ??= setTimeout(() => {
+        retry = undefined
+        again()
+      }, REFUSED_SUBSCRIBE_RETRY_MS)
+      retry.unref()
+      return true
+    },
+    taken() {
+      if (refused) log?.info(`${options.flowing} flow again: Redis took the subscription it refused`, { channel })
+      refused = false
+    },
+    cancel() {
+      clearTimeout(retry)
+      retry = undefined
+    },
+  }
+}
