@@ -107,7 +107,7 @@ function redacted(match: string, ...rest: unknown[]): string {
   let slashes = 0
   while (offset - slashes > 0 && text.charCodeAt(offset - slashes - 1) === 92 /* \ */) slashes++
   if (slashes % 2 === 0) return '[redacted]'
-  const kept = (match[0] === 'u' || match[0] === 'U') && /^u[0-9a-f]{4}/i.test(match) ? 5 : 1
+  const kept = /^u[0-9a-f]{4}/i.test(match) ? 5 : 1
   return `${match.slice(0, kept)}[redacted]`
 }
 
