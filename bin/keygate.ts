@@ -73,12 +73,14 @@ if (STORE_COMMANDS.has(command as string) && !remote && !process.execArgv.includ
   }
   const { main } = await import('../cli/main.ts')
   process.exitCode = await main(process.argv.slice(2))
-  // A `serve --workers` worker that could not start (its store out of reach, say): its
-  // IPC channel to the primary kept it alive, not listening, for ever, and the primary never
-  // replaced it. Disconnected, it ends, and the primary starts another.
-  if (process.exitCode !== 0 && cluster.isWorker && process.connected) {
+  // A `serve --workers` worker, stopped or unable to start (its store out of reach, say): its
+  // IPC channel to the primary would keep it alive, not listening, for ever, and never replaced.
+  // Disconnected, it ends, and the primary starts another unless it is stopping.
+  if (cluster.isWorker && process.connected) {
     // Node's cluster ends a worker whose channel goes with process.exit(0): the code is set again
-    // as it exits, so the primary's 'worker died' says it failed (before, found by a review, code 0).
+    // as it exits, so the primary's 'worker died' says it failed (before, found by a review, code 0;
+    // and 0 again, found by a later one, for a worker that failed after its store opened, which
+    // serve disconnected itself before its code was known).
     const code = process.exitCode
     process.once('exit', () => {
       process.exitCode = code

@@ -998,9 +998,8 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
         disarm()
         logStopped(log)
       }
-      // The IPC channel to the primary would keep a worker alive after its listeners closed. A
-      // worker exits as soon as it is disconnected, so this comes last.
-      if (mode.worker && process.connected) process.disconnect()
+      // A worker's IPC channel, which would keep it alive now, is closed by bin/keygate.ts once
+      // its exit code is known (Node's cluster ends a disconnected worker with process.exit(0)).
     }
   }
 }

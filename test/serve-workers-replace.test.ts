@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process'
 import http from 'node:http'
 import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs'
 import { once } from 'node:events'
-import type net from 'node:net'
+import { createServer as netServer, type Socket } from 'node:net'
 import { join } from 'node:path'
 import { connectionPerWorker, rawClient, serve as startKeygate, type RawClient } from './helpers/serve.ts'
 import { answerOf, call, sleep, startUpstream, unlessHung } from './helpers/gateway.ts'
@@ -119,6 +119,32 @@ t.test('--workers: a worker that cannot start (its store refusing connections) e
   t.equal(await serve.stop(), 0, 'exit 0')
 })
 
+t.test('--workers: a replacement that fails after its store opened (its port taken) exits 1, and the next one listens once the port is free (found by a review)', async (t) => {
+  // Before: such a worker disconnected its IPC channel in serve's last step, before its exit code
+  // was known, and Node's cluster ended it with process.exit(0): the primary logged code 0.
+  const { cwd, env, upstream } = await workersSetUp(t, 'lateexit', 0)
+  const { gate, url } = await gateInFront(t, env.DATABASE_URL as string)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env: { ...env, DATABASE_URL: url }, cwd, gateways: 2 })
+  // Both workers gone, their replacements wait for the store while another program takes the port.
+  gate.set('shut')
+  const pids = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  for (const pid of pids) process.kill(pid, 'SIGKILL')
+  await serve.waitForLog((l) => l.worker === 3)
+  await serve.waitForLog((l) => l.worker === 4)
+  const taker = netServer()
+  taker.listen({ host: '127.0.0.1', port: Number(new URL(serve.gateway).port) })
+  await once(taker, 'listening')
+  gate.set('open')
+  const third = await serve.waitForLog((l) => l.message === 'gateway worker died; starting another' && (l.worker === 3 || l.worker === 4))
+  t.match(serve.stderr(), /EADDRINUSE|in use/, 'the replacement said why it could not start')
+  t.equal(third.code, 1, 'its exit code says it failed')
+  taker.close()
+  await once(taker, 'close')
+  await serve.waitForLog((l) => l.message === 'gateway listening' && typeof l.worker === 'number' && l.worker > 4)
+  t.equal((await call(`${serve.gateway}/after`)).status, 401, 'once the port is free, a replacement serves')
+  t.equal(await serve.stop(), 0, 'exit 0')
+})
+
 t.test('--workers: a scrape while a replacement waits for the store answers from the workers that listen, without waiting for it (found by a review)', async (t) => {
   // Before: a scrape waited up to 8 s for every worker starting, and a replacement waits for the
   // store as long as store.start_wait_s: during a store outage every scrape took 8 s.
@@ -172,7 +198,7 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
  * Which of `pids` took `socket`, a connection to 127.0.0.1 that may have sent nothing (nothing
  * answers to tell): the process holding the server's end, as /proc shows it once accepted.
  */
-async function holderOf(socket: net.Socket, pids: number[]): Promise<number> {
+async function holderOf(socket: Socket, pids: number[]): Promise<number> {
   if (socket.connecting) await once(socket, 'connect')
   // /proc/net/tcp's address:port, 127.0.0.1 as a little-endian machine (x86, arm64) prints it.
   const hex = (port: number) => `0100007F:${port.toString(16).toUpperCase().padStart(4, '0')}`
