@@ -16,7 +16,7 @@ import { oncePer, type Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { TimedOut, within } from './deadline.ts'
 import { addressKeyer } from './lockout.ts'
-import { refusedSubscriptions } from './redis.ts'
+import { refusedSubscriptions, subscriberConnection } from './redis.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -1090,7 +1090,7 @@ export class AnomalyFeed {
     if (options.redis && delivered) {
       const { log, channel, history } = options
       if (!history) throw new Error('an anomaly feed on Redis needs the table (history): the channel only announces what the table holds')
-      const sub = options.redis.duplicate()
+      const sub = subscriberConnection(options.redis)
       let subscribed = false
       let stopped = false
       /** The newest id when the feed began: an older one is no live anomaly (its streams resume from the table). */
@@ -1236,11 +1236,12 @@ export class AnomalyFeed {
       let subscriberFailing = false
       sub.on('ready', () => {
         subscriberFailing = false
-        // ioredis subscribes again by itself once it is back, after this; this SUBSCRIBE's answer
-        // says when the subscription holds (a table read begun at 'ready' could run before it
-        // did, and an anomaly announced in between would reach neither).
-        if (!subscribed) return
-        sub.subscribe(channel).then(subscribedNow, () => {})
+        // Subscribed on each connection, the first as the later ones (subscriberConnection); its
+        // answer says when the subscription holds (a table read begun at 'ready' could run
+        // before it did, and an anomaly announced in between would reach neither). A refusal is
+        // asked again as at the start: before (found by a review), one after a reconnection (an
+        // ACL that took the channel away) was dropped, and the streams read the table for good.
+        trySubscribe()
       })
       sub.on('error', (err: Error) => {
         if (subscriberFailing) return log.debug('anomaly alert subscriber error', { err })
@@ -1288,9 +1289,8 @@ export class AnomalyFeed {
             subscribed = true
             subscribedNow()
           },
-          (err: unknown) => {
-            if (stopped || !refusals.refused(err, trySubscribe)) sub.once('ready', trySubscribe)
-          },
+          // Anything else (not connected yet, the connection lost) is asked again at 'ready'.
+          (err: unknown) => void (stopped || refusals.refused(err, trySubscribe)),
         )
       }
       trySubscribe()

@@ -34,7 +34,7 @@ import { TimedOut, within } from './deadline.ts'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
-import { refusedSubscriptions } from './redis.ts'
+import { refusedSubscriptions, subscriberConnection } from './redis.ts'
 
 export const INVALIDATION_CHANNEL = 'keygate:invalidate'
 export const INVALIDATION_VERSION_KEY = 'keygate:invalidate:version'
@@ -283,7 +283,7 @@ function channelOf(redis: Redis, name: string): string {
 /** Listens on a dedicated connection (a subscribed Redis connection can do nothing else); resolves with the closer. */
 export async function subscribeInvalidations(redis: Redis, options: SubscribeOptions): Promise<() => Promise<void>> {
   const { handler, onFlush, log, flushes = KEY_CACHE_FLUSH } = options
-  const sub = redis.duplicate()
+  const sub = subscriberConnection(redis)
   const channelName = channelOf(redis, INVALIDATION_CHANNEL)
   const readVersion = async () => Number((await redis.get(INVALIDATION_VERSION_KEY)) ?? 0)
   let last: number | undefined

@@ -306,6 +306,17 @@ export function redisReady(redis: Redis, ms: number): Promise<boolean> {
   })
 }
 
+/**
+ * A connection of its own for a subscriber (a subscribed Redis connection can do nothing else),
+ * which subscribes again itself on each 'ready', with its refusals handled (refusedSubscriptions).
+ * Not ioredis's own resubscription on a reconnection: it leaves Redis's answer unhandled, and Redis
+ * 7 closes a subscriber's connection as an ACL takes its channel away, so the NOPERM the
+ * resubscription then got was an unhandled rejection that ended the process (found by a review).
+ */
+export function subscriberConnection(redis: Redis): Redis {
+  return redis.duplicate({ autoResubscribe: false })
+}
+
 /** How often a subscription Redis refused (refusedSubscriptions) is asked again. */
 export const REFUSED_SUBSCRIBE_RETRY_MS = 1000
 

@@ -86,3 +86,34 @@ t.test("an anomaly feed whose subscription the Redis ACL refuses: warned of once
   feed.close()
   await until(t, 'closed, it is off the channel and asks no more', async () => (await subscribers()) === 0)
 })
+
+t.test('a channel the Redis ACL takes away while subscribed: nothing goes unhandled, the refusal is warned of, and the subscription comes back once granted again (found by a review)', async (t) => {
+  // Redis 7 closes a subscriber's connection as its channel is taken away; ioredis, back, subscribed
+  // again by itself with no handler on the answer, and the NOPERM it got was an unhandled
+  // rejection: with Node's default, every keygate process the ACL change reached ended. The
+  // anomaly feed's own SUBSCRIBE on that 'ready' swallowed the refusal, never asking again.
+  const unhandled: unknown[] = []
+  const collect = (err: unknown) => void unhandled.push(err)
+  process.on('unhandledRejection', collect)
+  t.teardown(() => void process.off('unhandledRejection', collect))
+  const { root, logs, log, redis } = await keygateUser(t)
+  const channel = `keygate:anomaly:alerts:acl-away-${process.pid}`
+  await root.call('ACL', 'SETUSER', 'keygate', `&${INVALIDATION_CHANNEL}`, `&${channel}`)
+  const config = { cache: { ttl_s: 3600, store_check_s: 0 } }
+  const store = await openStore(t, makeConfig({ ...config, routes: [] }))
+  await startGateway(t, { config, store, redis, log })
+  const feed = new AnomalyFeed({ redis, channel, events: new EventBus(), log, history: anomalyHistory(new AnomalyLog(store.db)) })
+  t.teardown(() => feed.close())
+  const subscribers = async (name: string) => Number(((await root.pubsub('NUMSUB', name)) as [string, number])[1])
+  await until(t, 'both subscribed', async () => (await subscribers(INVALIDATION_CHANNEL)) >= 1 && (await subscribers(channel)) >= 1)
+  const refusals = (name: string) => logs.filter((l) => l.level === 'warn' && l.message.includes('refused the subscription') && l.message.includes(name))
+  t.same([refusals(INVALIDATION_CHANNEL).length, refusals(channel).length], [0, 0], 'no refusal yet')
+
+  await root.call('ACL', 'SETUSER', 'keygate', 'resetchannels')
+  await until(t, 'each refusal is warned of, naming its channel', () => refusals(INVALIDATION_CHANNEL).length > 0 && refusals(channel).length > 0)
+  t.same([await subscribers(INVALIDATION_CHANNEL), await subscribers(channel)], [0, 0], 'neither subscribed')
+  await root.call('ACL', 'SETUSER', 'keygate', `&${INVALIDATION_CHANNEL}`, `&${channel}`)
+  await until(t, 'both subscribed again', async () => (await subscribers(INVALIDATION_CHANNEL)) >= 1 && (await subscribers(channel)) >= 1)
+  await until(t, 'and each says so', () => logs.some((l) => l.message.includes('invalidations flow again')) && logs.some((l) => l.message.includes('anomaly alerts flow again')))
+  t.same(unhandled, [], 'no rejection went unhandled')
+})
