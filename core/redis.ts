@@ -349,10 +349,11 @@ export function refusedSubscriptions(options: { log: Logger | undefined; channel
     refused(err, again) {
       if ((err as Error | undefined)?.name !== 'ReplyError') return false
       if (!refused) {
-        log?.warn(
-          `Redis refused the subscription to ${channel}: until it is granted (ACL SETUSER <user> &${channel}), ${options.meanwhile}; asked again every ${REFUSED_SUBSCRIBE_RETRY_MS / 1000} s`,
-          { err: err as Error },
-        )
+        // An ACL's refusal is NOPERM; anything else (a proxy or a server without SUBSCRIBE, its
+        // command renamed away) is no ACL's doing, and its own words say what it is.
+        const { message } = err as Error
+        const until = /^NOPERM\b/.test(message) ? `: until it is granted (ACL SETUSER <user> &${channel})` : ` (${message.slice(0, 200).trim()}): until it takes it`
+        log?.warn(`Redis refused the subscription to ${channel}${until}, ${options.meanwhile}; asked again every ${REFUSED_SUBSCRIBE_RETRY_MS / 1000} s`, { err: err as Error })
       }
       refused = true
       retry ??= setTimeout(() => {

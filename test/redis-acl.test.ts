@@ -117,3 +117,18 @@ t.test('a channel the Redis ACL takes away while subscribed: nothing goes unhand
   await until(t, 'and each says so', () => logs.some((l) => l.message.includes('invalidations flow again')) && logs.some((l) => l.message.includes('anomaly alerts flow again')))
   t.same(unhandled, [], 'no rejection went unhandled')
 })
+
+t.test("a SUBSCRIBE refused by no ACL (a server or proxy without it) is warned of in Redis's own words, without the ACL hint (found by a review)", async (t) => {
+  // Before, every refusal was said to be an ACL's, with ACL SETUSER to grant it.
+  const server = await startRedisServer(t, ['--rename-command', 'SUBSCRIBE', ''])
+  const logs: LogLine[] = []
+  const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
+  const redis = connectRedis(server.url, log)
+  t.teardown(() => redis.disconnect())
+  const store = await openStore(t, makeConfig({ routes: [] }))
+  await startGateway(t, { config: { cache: { store_check_s: 0 } }, store, redis, log })
+  const refusal = () => logs.find((l) => l.level === 'warn' && l.message.includes('refused the subscription'))
+  await until(t, 'the refusal is warned of', () => refusal() !== undefined)
+  t.match(refusal()?.message, /^Redis refused the subscription to keygate:invalidate \(ERR unknown command 'subscribe'.*\): until it takes it, key and deny-list changes/, "in Redis's words")
+  t.notMatch(refusal()?.message, /ACL/, 'no ACL hint')
+})

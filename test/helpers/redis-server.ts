@@ -25,11 +25,12 @@ async function freePort(): Promise<number> {
   return port
 }
 
-export async function startRedisServer(t: Tap): Promise<RedisServer> {
+/** `args`: more of redis-server's options (`--rename-command SUBSCRIBE ''`, say). */
+export async function startRedisServer(t: Tap, args: string[] = []): Promise<RedisServer> {
   const port = await freePort()
   let child: ChildProcess | undefined
   const start = async (): Promise<void> => {
-    const c = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const c = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
     child = c
     let out = ''
     await new Promise<void>((resolve, reject) => {
