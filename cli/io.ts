@@ -418,6 +418,19 @@ export function expiryFlags(p: Parsed, what: { would: string; example: string } 
 }
 
 /**
+ * Refuses an `--expires-at` already past (exit 1, as the store refuses it: it depends on the
+ * time, not on the command line), naming the flag, before any store is opened here. Before (found
+ * by a review), `api-key create`, `deny-list add` and `n8n create` on a folder without a store
+ * made a new one there and only then said `expires_at: ... is in the past`.
+ */
+export function refusePastExpiry(p: Parsed): void {
+  const at = str(p, 'expires-at')
+  if (at === undefined || at === 'never' || !(Date.parse(at) <= Date.now())) return
+  const message = `${at} is in the past`
+  throw new KeygateError('validation_failed', `--expires-at: ${message}`, { fields: [{ field: 'expires_at', message }] })
+}
+
+/**
  * A comma-separated flag value as its items, spaces around them ignored. An empty value or an
  * empty item (`a,,b`, `a,`, `,`) is a usage error naming the flag, as the same list in an
  * environment variable is refused (config/load.ts): before (found by a review), they were dropped,

@@ -16,7 +16,7 @@ import { DENY_LIST_COMMANDS, LOCKOUT_COMMANDS, LOCKOUTS_NEED_ADMIN, localDenyOpe
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
-import { EXIT_OK, UsageError, fail, fileArgument, parse, printDone, printJson, processIo, refuseFlags, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, UsageError, fail, fileArgument, parse, printDone, printJson, processIo, refuseFlags, refusePastExpiry, type Command, type Io, type Parsed } from './io.ts'
 import { exposureWarning, Router, shortcutWarning } from '../gateway/route.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
@@ -179,6 +179,7 @@ export async function runGroup<C>(
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   if (typeof open === 'string') throw new KeygateError('config_invalid', open)
+  refusePastExpiry(p)
   const answered = await action.beforeStore?.(io, config)
   if (answered !== undefined) return answered
   const log = cliLogger(io, config)

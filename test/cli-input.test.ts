@@ -733,6 +733,28 @@ t.test('a command refused for what the store plays no part in makes no store', a
   made()
 })
 
+t.test('an --expires-at already past is refused, naming the flag, before a new store is made', async (t) => {
+  // Before (found by a review): `api-key create --expires-at 2020-01-01T00:00:00Z --data-dir DIR`
+  // on a folder without a store made one there (pgdata and encryption.key, with the warning that
+  // it was made) and only then said `expires_at: ... is in the past`; so did `deny-list add` and
+  // `n8n create`. A time past is past whatever the store holds.
+  const { typo, empty, made, env } = withoutStore(t, '')
+  const n8n = { N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' }
+  const past = '2020-01-01T00:00:00Z'
+  for (const [args, dir] of [
+    [['api-key', 'create', '--name', 'ci', '--type', 'service', '--expires-at', past], typo],
+    [['deny-list', 'add', '192.0.2.0/24', '--expires-at', past], empty],
+    [['n8n', 'create', '--label', 'ci', '--scopes', 'workflow:list', '--expires-at', past], empty],
+  ] as const) {
+    const r = await runCliHere([...args, '--data-dir', dir, '--json'], { env: { ...env, ...n8n } })
+    const what = args.slice(0, 2).join(' ')
+    t.equal(r.code, 1, `${what}: exit 1, as the store refuses it`)
+    t.match(r.json().error, { code: 'validation_failed', message: `--expires-at: ${past} is in the past` }, `${what}: names the flag and the time`)
+    t.notMatch(r.stderr, /made a new embedded store/, `${what}: says no store was made`)
+  }
+  made()
+})
+
 t.test('api-key import of rows that are refused whatever the store holds makes no store', async (t) => {
   // Before (found by a review): a file that was JSON but whose rows were refused by their own
   // fields (a key_hash missing or not SHA-256 hex, an unknown field) made a new store in a
