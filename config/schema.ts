@@ -3,7 +3,7 @@
 // documentation (`description`; docs/configuration.md is generated from it).
 import { Type, type Static } from '@sinclair/typebox'
 import '../core/formats.ts'
-import { ALLOWED_HOST } from '../core/validate.ts'
+import { ALLOWED_HOST, NAME_TEXT } from '../core/validate.ts'
 import { RouteScope } from '../core/keys/schemas.ts'
 import { KEY_TYPES } from '../core/keys/types.ts'
 
@@ -253,7 +253,8 @@ export const ConfigSchema = Type.Object(
     store: Type.Object(
       {
         database_url: optStr('postgres-url', { description: 'PostgreSQL; without it the embedded store is used. A password in it given as the flag is visible in the process list, on the command line of each process keygate starts too; prefer the variable.', env: 'DATABASE_URL', flag: 'database-url', secret: true }),
-        data_dir: Type.String({ minLength: 1, default: './.keygate', description: 'Folder of the embedded store.', env: 'KEYGATE_DATA_DIR', flag: 'data-dir' }),
+        // Not only spaces, as not empty: `--data-dir "$DIR "` with DIR unset made a store in a folder named " " (found by a review).
+        data_dir: Type.String({ minLength: 1, pattern: NAME_TEXT, default: './.keygate', description: 'Folder of the embedded store.', env: 'KEYGATE_DATA_DIR', flag: 'data-dir' }),
         pool_max: int(10, 1, 1000, { description: "PostgreSQL connections per process, for its statements; the health probes (/readyz, keygate_store_up) have one more of their own." }),
         query_timeout_ms: int(5000, 0, 600_000, {
           description:

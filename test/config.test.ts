@@ -14,7 +14,7 @@ import { parse, parseAllDocuments, stringify } from 'yaml'
 import type { Test } from 'tap'
 import { ENV_NAMES, FLAG_NAMES, loadConfig, MAX_CONFIG_BYTES, renderConfigDocs, schemaLeaves, unknownEnvNames, type LoadOptions } from '../config/load.ts'
 import { ConfigSchema, type Config } from '../config/schema.ts'
-import { describeAllowed, dotted, showValue } from '../core/validate.ts'
+import { describeAllowed, dotted, NAME_TEXT, showValue } from '../core/validate.ts'
 
 const LEAVES = schemaLeaves()
 const VALID_KEY = Buffer.alloc(32, 1).toString('base64')
@@ -249,7 +249,8 @@ function wrongValues(schema: TSchema): unknown[] {
     case 'Boolean':
       return ['maybe', 1]
     case 'String':
-      return [12345, ...(schema.format || schema.pattern ? ['not valid!'] : []), ...(schema.minLength ? [''] : [])]
+      // A free text (store.data_dir) refuses only what shows nothing.
+      return [12345, ...(schema.format || schema.pattern ? [schema.pattern === NAME_TEXT ? ' ' : 'not valid!'] : []), ...(schema.minLength ? [''] : [])]
     case 'Array':
       return ['not-a-list', { a: 1 }]
     case 'Union':
@@ -425,6 +426,19 @@ t.test('a flag given an empty value is a usage error, not the file\'s or the def
     onlyProblems(t, r.problems, [new RegExp(`^--${flag} \\([a-z.]+\\): an empty value is not allowed; expected `)], flag)
   }
   t.same(problemsOf({ ...noFile, env: { KEYGATE_LISTEN: '' } }).problems, [], 'an empty environment variable is an unset one')
+})
+
+t.test('a data folder of only spaces is refused, as an empty one is (found by a review)', async (t) => {
+  // Before: `--data-dir " "` (a `"$DIR "` with DIR unset) made a new embedded store in a folder
+  // named " " in the working folder, without a word, where an empty --data-dir is refused.
+  const byFlag = problemsOf({ ...noFile, flags: { 'data-dir': ' ' } })
+  t.equal(byFlag.code, 'usage_error', 'a usage error, from the flag')
+  onlyProblems(t, byFlag.problems, [/^--data-dir \(store\.data_dir\): " " is not allowed; expected a non-empty string with something visible \(not only spaces\)/])
+  const byEnv = problemsOf({ env: { KEYGATE_DATA_DIR: '\t ' } })
+  t.equal(byEnv.code, 'config_invalid', 'an invalid configuration, from the environment')
+  onlyProblems(t, byEnv.problems, [/^KEYGATE_DATA_DIR \(store\.data_dir\): "\\t " is not allowed; expected a non-empty string with something visible/])
+  onlyProblems(t, problemsOf({ file: yamlFile(t, { store: { data_dir: '  ' } }), env: {} }).problems, [/^store\.data_dir: "  " is not allowed/], 'and from the file')
+  t.same(problemsOf({ ...noFile, flags: { 'data-dir': ' my store ' } }).problems, [], 'a folder whose name has spaces is taken')
 })
 
 t.test('the admin URL takes no query or fragment, from any source (the CLI adds the operations\' paths to it)', async (t) => {
