@@ -727,7 +727,8 @@ export function refuseChangedNumbers(text: string, value: unknown): void {
     return CHANGED
   })
   if (found === undefined) return
-  const field = dotted(pathWhere(revived, (v) => v === CHANGED) ?? []) || 'body'
+  // Cut as every field is: a member's name may be as long as the body (before, found by a review, shown whole).
+  const field = shownField(dotted(pathWhere(revived, (v) => v === CHANGED) ?? []) || 'body')
   // Scrubbed before it is cut: a cut secret no longer matches what the scrubbing looks for.
   const source = scrub(found.source)
   const length = characterCount(source)

@@ -864,3 +864,21 @@ t.test('every bad query parameter is named in one answer, whatever is wrong with
     t.equal(a.json?.error?.message, named.map((f) => `${f.field}: ${f.message}`).join('; '), `${path}: the message lists them`)
   }
 })
+
+t.test('a number that would not be stored as written is named by a field cut past 120 characters, as every field is (found by a review)', async (t) => {
+  // Before: the member's name was shown whole, in the message and in details.fields: a nested
+  // metadata member of 100,000 characters holding 1e309 was answered with 200 KB.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db, { config: { admin: { max_body_bytes: 1_000_000 } } })
+  const long = 'x'.repeat(100_000)
+  const json = { 'content-type': 'application/json' }
+  for (const [what, path, body, field] of [
+    ['in a key\'s metadata', '/v1/keys', `{"name":"n","type":"user","metadata":{"a":{"${long}":1e309}}}`, /^metadata\.a\.x{106}\.\.\. \(100011 characters\)$/],
+    ['in an import row', '/v1/keys/import', `{"rows":[{"key_hash":"${'a'.repeat(64)}","name":"n","metadata":{"${long}":12345678901234567891}}]}`, /^rows\[0\]\.metadata\.x{100}\.\.\. \(100017 characters\)$/],
+  ] as const) {
+    const a = await h.call('POST', path, { raw: body, headers: json })
+    t.equal(a.json?.error?.code, 'validation_failed', `${what}: validation_failed`)
+    t.match(a.json?.error?.details?.fields, [{ field }], `${what}: the field cut, its length told`)
+    t.ok(a.text.length < 2000, `${what}: a short answer (${a.text.length} characters)`)
+  }
+})
