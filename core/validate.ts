@@ -739,10 +739,14 @@ export function refuseChangedNumbers(text: string, value: unknown): void {
 /** The longest field path an answer shows: a member's name may be as long as the body. */
 const MAX_SHOWN_FIELD = 120
 
-/** `field` as an answer shows it: cut, with its length, past MAX_SHOWN_FIELD characters. */
+/**
+ * `field` as an answer shows it: cut, with its length, past MAX_SHOWN_FIELD characters, and a lone
+ * surrogate in a member's name as U+FFFD, as loneSurrogateAt names one (before, found by a review,
+ * an unknown or repeated member's went out as `\ud800`, which strict JSON decoders refuse).
+ */
 export function shownField(field: string): string {
   // Scrubbed before it is cut: a secret pasted as a member's name, cut, no longer matched.
-  const text = scrub(field)
+  const text = scrub(field).toWellFormed()
   const length = text.length > MAX_SHOWN_FIELD ? characterCount(text) : text.length
   return length > MAX_SHOWN_FIELD ? `${firstCharacters(text, MAX_SHOWN_FIELD - 3)}... (${length} characters)` : text
 }

@@ -882,3 +882,22 @@ t.test('a number that would not be stored as written is named by a field cut pas
     t.ok(a.text.length < 2000, `${what}: a short answer (${a.text.length} characters)`)
   }
 })
+
+t.test('a member named with a lone surrogate is named well-formed in the refusal, as one holding one is (found by a review)', async (t) => {
+  // Before: an unknown or repeated member was named as sent, and the answer's JSON held \ud800,
+  // which strict decoders refuse and Python decodes into text it cannot print.
+  const { db } = await openStore(t, 'embedded')
+  const h = await startAdmin(t, db)
+  const json = { 'content-type': 'application/json' }
+  for (const [what, path, body, field] of [
+    ['an unknown member', '/v1/keys', '{"name":"n","type":"user","\\ud800":1}', '\ufffd'],
+    ['a repeated member', '/v1/keys', '{"name":"n","type":"user","metadata":{"a\\udc00":1,"a\\udc00":2}}', 'metadata.a\ufffd'],
+    ['an unknown query parameter beside it', '/v1/keys?x=1', '{"name":"n","type":"user","b\\ud83d":1}', 'b\ufffd'],
+  ] as const) {
+    const a = await h.call('POST', path, { raw: body, headers: json })
+    t.equal(a.json?.error?.code, 'validation_failed', `${what}: validation_failed`)
+    const fields = (a.json?.error?.details?.fields ?? []) as Array<{ field: string; message: string }>
+    t.ok(fields.some((f) => f.field === field), `${what}: named ${JSON.stringify(field)}`)
+    t.ok([a.json?.error?.message, ...fields.flatMap((f) => [f.field, f.message])].every((s) => typeof s === 'string' && s.isWellFormed()), `${what}: no lone surrogate in the answer`)
+  }
+})
