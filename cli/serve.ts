@@ -107,7 +107,8 @@ export async function runServe(argv: string[], io: Io): Promise<number> {
   try {
     return await startServe(p, io)
   } catch (err) {
-    if (!(err instanceof UsageError) && !cluster.isWorker) {
+    // A usage error by its code: the configuration's loader names a flag's refused value as one too.
+    if (!isKeygateError(err, 'usage_error') && !cluster.isWorker) {
       createLogger({ level: 'error' }).error('serve failed', { err: err instanceof Error ? err : new Error(String(err)) })
     }
     throw err
