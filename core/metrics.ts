@@ -231,6 +231,8 @@ export interface GatewayMetrics {
   readonly connectionsMax: Gauge
   /** Where `keygate_gateway_connections` reads the gateway's open client connections at each scrape (the gateway sets it once its server is made). */
   openConnections: (() => Promise<number>) | undefined
+  /** Where `keygate_gateway_tunnels` reads the route of each WebSocket tunnel open at a scrape (the gateway sets it). */
+  openTunnels: (() => Iterable<string>) | undefined
 }
 
 // A series exists (at 0) from start-up, so rates and alerts work before the first event.
@@ -505,6 +507,22 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     },
   })
 
+  // A WebSocket tunnel is a client connection for as long as it lasts, hours or days: these say how
+  // many of keygate_gateway_connections are such, and for which route (before, nothing did).
+  const tunnelRoutes = [...new Set(routeNames)]
+  const tunnels = new Gauge({
+    name: 'keygate_gateway_tunnels',
+    help: 'WebSocket tunnels the gateway holds open (each one of its client connections), by route.',
+    labelNames: ['route'],
+    registers,
+    collect() {
+      const open = new Map<string, number>(tunnelRoutes.map((name) => [name, 0]))
+      for (const route of metrics.openTunnels?.() ?? []) open.set(route, (open.get(route) ?? 0) + 1)
+      for (const [route, count] of open) this.set({ route }, count)
+    },
+  })
+  for (const route of tunnelRoutes) tunnels.set({ route }, 0)
+
   const byRoute = new Map<string, RouteMetrics>()
   for (const name of [...new Set([...routeNames, NO_ROUTE])]) {
     const children = {} as Record<GatewayOutcome, Increment>
@@ -535,6 +553,7 @@ export function createGatewayMetrics(registry: Registry, routeNames: readonly st
     connectionsRefused,
     connectionsMax,
     openConnections: undefined,
+    openTunnels: undefined,
   }
   return metrics
 }

@@ -231,8 +231,8 @@ export interface Forwarder {
   forward(s: RequestState): void
   /** `changesBefore`: the tunnel guard's count of key changes when the upgrade arrived. */
   upgrade(s: RequestState, changesBefore: number): void
-  /** Sockets of upgraded (WebSocket) connections still open. */
-  readonly tunnels: Set<Duplex>
+  /** Client sockets of upgraded (WebSocket) connections still open, with their route's name. */
+  readonly tunnels: Map<Duplex, string>
   close(): Promise<void>
   destroy(): Promise<void>
 }
@@ -504,7 +504,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     }
     routePool[r.index] = pool
   }
-  const tunnels = new Set<Duplex>()
+  const tunnels = new Map<Duplex, string>()
 
   // For upgrades undici writes Connection and Upgrade itself (from `protocol`).
   // A flat [name, value, ...] list: undici takes it as it is, and unlike an object built name by
@@ -1009,7 +1009,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         stopReading()
         if (s.head !== undefined && s.head.length > 0) upstream.write(s.head)
         for (const chunk of early) upstream.write(chunk)
-        tunnels.add(client)
+        tunnels.set(client, route.name)
         const key = s.key
         let tunnel: Tunnel | undefined
         const end = () => {
@@ -1057,7 +1057,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     },
 
     async destroy() {
-      for (const t of tunnels) t.destroy()
+      for (const t of tunnels.keys()) t.destroy()
       await Promise.all([...pools.values()].map((p) => p.destroy()))
     },
   }

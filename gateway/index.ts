@@ -225,6 +225,7 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
   await refreshDenyList()
 
   const forwarder = createForwarder({ ctx, router, stripCredential: g.strip_credential, keySources: sources, tunnelIdleMs: g.tunnel_idle_timeout_s * 1000, bodyIdleMs: g.body_idle_timeout_ms, sendIdleMs: g.send_timeout_ms, maxResponseHeaderBytes: g.max_response_header_bytes, guard, setRealIp: g.set_x_real_ip })
+  metrics.openTunnels = () => forwarder.tunnels.values()
 
   const failed = (s: RequestState, err: unknown): void => {
     log.error('gateway stage failed', { request_id: s.id, err: err as Error })

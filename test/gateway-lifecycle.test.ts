@@ -24,7 +24,14 @@ t.test('WebSocket with and without a key', async (t) => {
   const echoed = new Promise<string>((resolve) => (ws.onmessage = (e) => resolve(String(e.data))))
   ws.send('hello through keygate')
   t.equal(await echoed, 'hello through keygate')
+  // Each open tunnel in keygate_gateway_tunnels by its route, until it ends (before, in no metric).
+  const tunnels = async () => (await h.metrics.registry.metrics()).split('\n').filter((l) => l.startsWith('keygate_gateway_tunnels{'))
+  const route = h.config.routes[0]?.name
+  t.same(await tunnels(), [`keygate_gateway_tunnels{route="${route}"} 1`], 'the open tunnel counted on its route')
+  const closed = new Promise((resolve) => (ws.onclose = resolve))
   ws.close()
+  await closed
+  await until(t, 'the ended tunnel no longer counted', async () => (await tunnels())[0] === `keygate_gateway_tunnels{route="${route}"} 0`)
   t.equal(seen.length, 1)
   t.equal(seen[0]?.['x-keygate-key-id'], k.id, 'identity headers on the upgrade')
   t.notOk(seen[0]?.authorization, 'credential removed')
