@@ -60,12 +60,13 @@ interface ScriptedKey {
  * An n8n-like server holding API keys, as N8N.md describes: login, the allowed scopes, list,
  * create and delete. `afterCreate` answers the next create instead, after the key was made (a
  * proxy's page, a body that cannot be used); `holdDeletes` holds that many DELETEs until the last
- * of them has arrived, so that concurrent deletes all pass their look-up first.
+ * of them has arrived, so that concurrent deletes all pass their look-up first; `failDeletes`
+ * answers that many DELETEs 500, the key left.
  */
-async function scriptedN8n(t: Test): Promise<{ url: string; keys: ScriptedKey[]; afterCreate?: (res: http.ServerResponse, made: ScriptedKey) => void; holdDeletes: number }> {
+async function scriptedN8n(t: Test): Promise<{ url: string; keys: ScriptedKey[]; afterCreate?: (res: http.ServerResponse, made: ScriptedKey) => void; holdDeletes: number; failDeletes: number }> {
   let next = 1
   const held: Array<() => void> = []
-  const n8n: Awaited<ReturnType<typeof scriptedN8n>> = { url: '', keys: [], holdDeletes: 0 }
+  const n8n: Awaited<ReturnType<typeof scriptedN8n>> = { url: '', keys: [], holdDeletes: 0, failDeletes: 0 }
   const listed = (k: ScriptedKey) => ({ id: k.id, label: k.label, scopes: k.scopes, apiKey: `******${k.rawApiKey.slice(-4)}`, expiresAt: null, createdAt: '2026-01-01T00:00:00.000Z' })
   n8n.url = await scripted(t, (req, res, body) => {
     if (req.url === '/rest/login') return json(res, 200, { data: {} }, { 'set-cookie': `n8n-auth=${COOKIE}; Path=/; HttpOnly` })
@@ -81,6 +82,10 @@ async function scriptedN8n(t: Test): Promise<{ url: string; keys: ScriptedKey[];
     }
     const del = /^\/rest\/api-keys\/([^/]+)$/.exec(req.url ?? '')
     if (del && req.method === 'DELETE') {
+      if (n8n.failDeletes > 0) {
+        n8n.failDeletes--
+        return json(res, 500, { code: 0, message: 'database is locked' })
+      }
       const answer = () => {
         // n8n answers success for an unknown id too.
         const i = n8n.keys.findIndex((k) => k.id === del[1])
@@ -240,6 +245,34 @@ t.test('n8n: a create a gateway answers 502/504, or answered 200 with a body tha
   const emoji = await rejection(keys.create({ label: '\u{1f511}'.repeat(26), scopes: ['workflow:list'] }, { actor: 'cli:tester' }))
   t.match(emoji, { code: 'validation_failed', message: /label: is 52 UTF-16 units long; n8n takes at most 50 \(a character outside the Basic Multilingual Plane, such as an emoji, counts as two\)/ }, '26 emoji: refused as n8n would')
   t.equal(n8n.keys.length, asked, 'n8n was not asked')
+})
+
+t.test('n8n: a new key identical to a deleted one (made in the second it was deleted) that cannot be deleted again: the error says the deleted key works again, and names the command that deletes it (found by a review)', async (t) => {
+  // n8n signs a key as a JWT of its user and the second it was made: a key made in the second an
+  // earlier one was made is that key again. keygate deletes the new one; before, when that delete
+  // failed, the create failed with "refused to delete the API key ..." alone: nothing said a key
+  // had just been made, nor that a key deleted earlier worked again.
+  const n8n = await scriptedN8n(t)
+  const keys = n8nAt(t, n8n.url)
+  const actor = { actor: 'cli:tester' }
+  const first = await keys.create({ label: 'revived-first', scopes: ['workflow:list'] }, actor)
+  await keys.delete(first.remote_id, actor)
+  n8n.afterCreate = (res, made) => {
+    made.rawApiKey = first.key
+    json(res, 200, { data: { id: made.id, label: made.label, scopes: made.scopes, apiKey: `******${first.key.slice(-4)}`, rawApiKey: first.key, expiresAt: null, createdAt: '2026-01-01T00:00:00.000Z' } })
+  }
+  n8n.failDeletes = 1
+  const err = await rejection(keys.create({ label: 'revived-second', scopes: ['workflow:list'] }, actor))
+  const made = n8n.keys.find((k) => k.label === 'revived-second')
+  t.ok(made, 'the key n8n made is still there')
+  t.match(err, { code: 'n8n_error', status: 502 })
+  t.match(err.message, new RegExp(`API key ${made?.id} \\("revived-second"\\) .*the same key as keygate's record ${first.id} \\("revived-first", deleted\\), which works again`), 'the revived key is said to work again')
+  t.match(err.message, /deleting it again failed \(n8n at .* refused to delete the API key .*: 500 database is locked\)/, 'why it is still there')
+  t.match(err.message, new RegExp(`delete it with \`keygate n8n delete ${made?.id}\``), 'the command that deletes it')
+  t.notMatch(err.message, first.key, 'no key in the message')
+  t.match((await keys.list()).items.find((i) => i.label === 'revived-second'), { state: 'not_recorded' }, 'listed as not recorded')
+  t.matchStrict(await keys.delete(made?.id ?? '', actor), { remote_id: made?.id, record: null }, 'the command it names deletes it')
+  t.notOk(n8n.keys.some((k) => k.label === 'revived-second'), 'gone from n8n')
 })
 
 t.test('n8n: an expiry later in the current second is refused saying n8n keeps whole seconds, not as in the past (found by a review)', async (t) => {

@@ -435,8 +435,30 @@ export class N8nKeyService {
         })
       }
       if (twins.length === 0) return { created, key }
-      await this.#deleteKey(created.id)
+      await this.#deleteTwin(created, input.label, twins[0] as Row)
       await again('the same as a key keygate recorded before')
+    }
+  }
+
+  /**
+   * Deletes a key n8n just made that is the same string as the key of `twin` (see #createDistinct):
+   * a deleted key working again. When that fails, the error says so and names the command that
+   * deletes it; before (found by a review), the create failed with "refused to delete the API key"
+   * alone, nothing saying a key had been made, nor that a key deleted earlier worked again.
+   */
+  async #deleteTwin(created: N8nRemoteKey, label: string, twin: Row): Promise<void> {
+    try {
+      await this.#deleteKey(created.id)
+    } catch (err) {
+      if (!(err instanceof KeygateError)) throw err
+      const { baseUrl } = this.#http as IntegrationHttp
+      this.#deps.log.error('n8n issued a key identical to a recorded one, and it could not be deleted again; delete it', { remote_id: created.id, record: twin.id, err })
+      throw new KeygateError(
+        err.code,
+        `n8n at ${baseUrl} made API key ${created.id} (${JSON.stringify(label)}) in the second an earlier key was made, so it is the same key as keygate's record ${twin.id} (${JSON.stringify(twin.label)}${twin.deleted_at ? ', deleted' : ''}), which works again; deleting it again failed (${err.message}): delete it with \`keygate n8n delete ${created.id}\``,
+        err.details,
+        { cause: err },
+      )
     }
   }
 
