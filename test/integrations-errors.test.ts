@@ -354,6 +354,23 @@ t.test('n8n: refused, rate-limited and odd logins', async (t) => {
   t.match(await rejection(n8nAt(t, url, { N8N_PASSWORD: '' }).list()), { code: 'n8n_not_configured', message: /set N8N_PASSWORD/ })
 })
 
+t.test('n8n: a 404 to the login (N8N_URL ending in /api/v1 or /rest, or leading elsewhere) says N8N_URL leads to no n8n login, not that n8n refused to log in (found by a review)', async (t) => {
+  // n8n serves POST /rest/login at its root whatever its settings. Behind N8N_URL ending in
+  // /api/v1 its public API answers the login's path with its JSON 404 ("not found"), behind one
+  // ending in /rest (or another path) Express's HTML page; checked against n8n 1.123.0. Before,
+  // both were "refused to log in "owner@example.test": 404 not found" (or "404 no message").
+  let answer: (res: http.ServerResponse) => void = (res) => json(res, 404, { message: 'not found' })
+  const url = await scripted(t, (_req, res) => answer(res))
+  const keys = n8nAt(t, `${url}/api/v1`)
+  const own = await rejection(keys.list())
+  t.match(own, { code: 'n8n_error', status: 502, details: { status: 404 }, message: /^n8n at http:\/\/127\.0\.0\.1:\d+\/api\/v1 has no POST \/rest\/login \(404 not found\): is N8N_URL n8n's address, without \/api\/v1 or \/rest\?$/ }, "the public API's JSON 404")
+  t.notMatch(own.message, /refused/, 'not called a refusal')
+  answer = (res) => res.writeHead(404, { 'content-type': 'text/html; charset=utf-8' }).end('<!DOCTYPE html>\n<html lang="en">\n<head><title>Error</title></head><body><pre>Cannot POST /rest/rest/login</pre></body>\n</html>\n')
+  const page = await rejection(n8nAt(t, `${url}/rest`).list())
+  t.match(page, { code: 'n8n_error', details: { status: 404 }, message: /has no POST \/rest\/login \(404 with a page of markup \(text\/html\)\): is N8N_URL n8n's address/ }, "Express's 404 page")
+  t.notMatch(page.message, /refused/, 'not called a refusal')
+})
+
 t.test("n8n: a 401 or 403 that is not n8n's JSON error, to the login or a session call, is an n8n_error naming what came back, not N8N_EMAIL's login refused", async (t) => {
   // Before (found by a review of the integrations): an SSO proxy's sign-in page or a WAF's 403 in
   // front of n8n was "refused the login of "owner@example.test" (N8N_EMAIL/N8N_PASSWORD): 401 no

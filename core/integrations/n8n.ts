@@ -195,6 +195,13 @@ export class N8nKeyService {
       throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the login of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD): ${res.status} ${http.messageOf(res)}`)
     }
     if (res.status === 429) throw this.#loginRateLimited(http, res)
+    // n8n serves the login at its root whatever its settings: a 404 says N8N_URL leads elsewhere
+    // (its public API's JSON 404 behind /api/v1, Express's page behind /rest), not that n8n
+    // refused to log in, as it was told before (found by a review).
+    if (res.status === 404) {
+      const said = http.ownError(res) ? http.messageOf(res) : `with ${http.describe(res)}`
+      throw new KeygateError('n8n_error', `n8n at ${http.baseUrl} has no POST /rest/login (404 ${said}): is N8N_URL n8n's address, without /api/v1 or /rest?`, { status: 404 })
+    }
     if (res.status !== 200) throw http.failure(`log in ${JSON.stringify(email)}`, res)
     const header = res.headers['set-cookie']
     const cookies = Array.isArray(header) ? header : header ? [header] : []
