@@ -366,7 +366,7 @@ export const ConfigSchema = Type.Object(
         timeout_ms: int(10_000, 100, 120_000, { description: 'How long a receiver has to answer a delivery (its name looked up included); also how long a registration waits for the name to resolve.' }),
         max_attempts: int(8, 1, 100, { description: 'Attempts of one delivery before it is marked failed.' }),
         retry_base_ms: int(5000, 10, 3_600_000, { description: 'Wait before the second attempt; it doubles after each failure, up to retry_max_ms; at most retry_max_ms.' }),
-        retry_max_ms: int(3_600_000, 10, 86_400_000, { description: 'Longest wait between two attempts.' }),
+        retry_max_ms: int(3_600_000, 10, 86_400_000, { description: "Longest wait between two attempts, a receiver's Retry-After (429, 503) included." }),
         poll_interval_ms: int(1000, 20, 600_000, { description: 'How often each process looks for due deliveries in the store.' }),
         rate_limit_debounce_s: int(60, 1, 86_400, {
           description:
