@@ -16,7 +16,7 @@ import { closeWaiting, destroyConnections, closeAfterAnswers, nodeHttp } from '.
 import { createLogger, shareStdout, type Level, type Logger } from '../core/log.ts'
 import { TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
-import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, workerMetrics } from '../core/metrics.ts'
+import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWebhookMetrics, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, type WebhookAttemptOutcome, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
 import { DenyListService, denyListWarnings, type DenyChange, type DenyEntry } from '../core/deny-list.ts'
 import { createLockout, LOCKOUT_KEY_PREFIX, type Lockout } from '../core/lockout.ts'
@@ -622,10 +622,11 @@ function processEvents(
   role: Role,
   onAnomaly?: (type: AnomalyType) => void,
   windows?: SharedWindows,
+  onWebhookAttempt?: (outcome: WebhookAttemptOutcome, ended: boolean) => void,
 ): ProcessEvents {
   // The runtime's bus: the scheduler's key.expiring reaches webhooks the same way.
   const events = runtime.events
-  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, audit: runtime.audit, config: config.webhooks, log })
+  const webhooks = new WebhookService({ db: runtime.db, cipher: runtime.cipher, audit: runtime.audit, config: config.webhooks, log, ...(onWebhookAttempt ? { onAttempt: onWebhookAttempt } : {}) })
   const offs = [webhooks.bind(events)]
   if (role.admin) offs.push(bindKeyEvents(runtime.keys, events))
   webhooks.start()
@@ -872,7 +873,9 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
   })
   // Without Redis, a worker's counts are judged in the primary's windows, with its siblings'.
   const windows = mode.worker && !redis ? new ClusterWindows((m) => process.send?.(m satisfies FromWorker)) : undefined
-  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc(), windows)
+  // Made with the registry below; every process delivers webhooks, a worker too.
+  let webhookAttempt: ((outcome: WebhookAttemptOutcome, ended: boolean) => void) | undefined
+  const ev = processEvents(config, runtime, redis, log, { gateway: role.gateway, admin: role.admin && !mode.worker }, (type) => metrics?.anomalies[type].inc(), windows, (outcome, ended) => webhookAttempt?.(outcome, ended))
   // Without Redis, a worker's anomalies reach the primary's SSE stream over cluster IPC.
   const offForward = mode.worker && !redis ? ev.events.on((e) => e.type === 'anomaly.detected' && process.send?.({ keygate: 'anomaly', anomaly: e.data as AnomalyJson } satisfies FromWorker)) : undefined
   let answerMetrics: ((m: WorkerMessage) => void) | undefined
@@ -891,6 +894,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (redis && !role.gateway) stopFollowing = await followLockouts(redis, lockout, config, log)
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
+    webhookAttempt = createWebhookMetrics(registry)
     const probe = storeProbe(runtime)
     createHealthMetrics(registry, {
       store: storeAnswers(probe),
@@ -1124,7 +1128,9 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
   const redis = redisOf(config, log)
   const denyList = new DenyListService({ db: runtime.db, audit: runtime.audit })
   const stopPublishing = redis ? bindInvalidationPublisher({ redis, keys: runtime.keys, denyList, log }) : undefined
-  const ev = processEvents(config, runtime, redis, log, { gateway: false, admin: role.admin })
+  // The primary delivers webhooks too: counted in its own registry (made below).
+  let webhookAttempt: ((outcome: WebhookAttemptOutcome, ended: boolean) => void) | undefined
+  const ev = processEvents(config, runtime, redis, log, { gateway: false, admin: role.admin }, undefined, undefined, (outcome, ended) => webhookAttempt?.(outcome, ended))
   // Without Redis: the workers' anomalies reach this admin API's stream, and their counts are
   // pooled here for the anomaly thresholds.
   const anomalyWindows = new MemoryWindows(config.anomalies.error_rate_window_s, config.anomalies.check_interval_ms)
@@ -1181,6 +1187,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // out), its admin API's lockouts and ip_locked_out answers (before, a lockout begun by failed
     // admin credentials was not counted), and the workers it replaced.
     const own = createMetricsRegistry()
+    webhookAttempt = createWebhookMetrics(own)
     const restarts = createWorkerRestartMetrics(own)
     // A registry of their own, read once the workers have answered (own's is read meanwhile: its
     // store probe takes up to 2 s, run beside the workers' answers, not after them).

@@ -422,6 +422,26 @@ export function createWorkerStateMetrics(registry: Registry, wanted: number): (c
   }
 }
 
+/** What one webhook delivery attempt came to: the receiver took it (2xx), or not. */
+export type WebhookAttemptOutcome = 'delivered' | 'failed'
+
+/**
+ * Webhook delivery attempts of this process (every `serve` process delivers): by outcome, and the
+ * deliveries that ended failed after an attempt of this process (their attempts made, or ended as
+ * their webhook no longer takes the event), which no retry will send. Summed over the processes.
+ */
+export function createWebhookMetrics(registry: Registry): (outcome: WebhookAttemptOutcome, ended: boolean) => void {
+  const registers = [registry]
+  const attempts = new Counter({ name: 'keygate_webhook_attempts_total', help: 'Webhook delivery attempts by outcome: delivered (the receiver answered 2xx) or failed (another status, a timeout, a refused connection or address).', labelNames: ['outcome'], registers })
+  const failed = new Counter({ name: 'keygate_webhook_deliveries_failed_total', help: 'Webhook deliveries that ended failed after an attempt of this process, no further attempt to come (its max_attempts made, or its event no longer taken): sent again only through the retry operations of the admin API.', registers })
+  failed.inc(0)
+  const children = { delivered: zeroed(attempts.labels('delivered')), failed: zeroed(attempts.labels('failed')) }
+  return (outcome, ended) => {
+    children[outcome].inc()
+    if (ended) failed.inc()
+  }
+}
+
 /** The lockout's counters: a gateway's metrics hold them, and a process with the admin API alone (`--only admin`) makes them on their own. */
 export function createLockoutMetrics(registry: Registry): { lockedOutRequests: Counter; lockouts: Counter; lockoutsForgotten: Counter } {
   const registers = [registry]

@@ -316,6 +316,11 @@ export interface WebhookServiceOptions {
    * process's shared, bounded look-ups of dns.lookup (webhookNames).
    */
   lookup?: LookupFunction
+  /**
+   * Told of each attempt once its outcome is known: delivered (2xx) or failed, and whether the
+   * delivery ended failed with it (no further attempt). The process's metrics.
+   */
+  onAttempt?: (outcome: 'delivered' | 'failed', ended: boolean) => void
 }
 
 export class WebhookService {
@@ -329,6 +334,7 @@ export class WebhookService {
   readonly #storeNow: () => Date | null
   readonly #allowed: AllowList
   readonly #names: WebhookNames
+  readonly #onAttempt: (outcome: 'delivered' | 'failed', ended: boolean) => void
   /** The HTTP client of the deliveries, made at the first: a process that only queues (the CLI's) never loads undici. */
   #client: Promise<{ request: typeof import('undici').request; agent: Agent }> | undefined
   #timer: NodeJS.Timeout | undefined
@@ -352,6 +358,7 @@ export class WebhookService {
     this.#closed = options.deliver === false
     this.#allowed = allowList(options.config.allow_private)
     this.#names = options.lookup ? new WebhookNames(options.lookup) : webhookNames
+    this.#onAttempt = options.onAttempt ?? (() => {})
   }
 
   // Registry
@@ -1092,6 +1099,7 @@ export class WebhookService {
       // Its webhook taking the event still, and attempts left: a PATCH ended it while in flight.
       else if (row) this.#log.warn('webhook delivery failed; no further attempt', { ...fields, reason: row.ended ?? 'it was ended while in flight, its event removed from its webhook' })
     }
+    this.#onAttempt(error === null ? 'delivered' : 'failed', error !== null && rows[0]?.status === 'failed')
     if (rows[0]) return toDelivery(rows[0])
     // Taken over (or deleted with its webhook): what the delivery is now. Deleted, it is what this
     // attempt made of it: delivered when the receiver took it (a test send answered `failed` with

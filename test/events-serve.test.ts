@@ -1,6 +1,6 @@
 // `keygate serve` as a real process wires anomalies and webhooks: a key created through its
 // admin API and an address burst through its gateway reach a webhook receiver and the SSE
-// stream; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
+// stream; the webhook attempts are counted by outcome in /metrics; SIGTERM ends an open stream and exits 0; a delivery queued while the receiver fails
 // is sent by the next process started on the same store, whose scheduler seals a webhook secret
 // left in plaintext (a row from before migration 0007). With --workers and no Redis, the
 // workers' counts are pooled in the primary for the thresholds, a worker's anomaly reaches
@@ -12,7 +12,7 @@ import pg from 'pg'
 import { Agent, request } from 'undici'
 import { openDb } from '../core/db.ts'
 import { openSse } from './helpers/admin.ts'
-import { sleep, startUpstream } from './helpers/gateway.ts'
+import { sleep, startUpstream, until } from './helpers/gateway.ts'
 import { connectionPerWorker, serve } from './helpers/serve.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { startReceiver, verifiedBy } from './helpers/webhooks.ts'
@@ -83,6 +83,12 @@ t.test('serve: webhooks and the anomaly stream, across a restart', async (t) => 
   // The receiver refuses key.revoked: the delivery stays queued in the store.
   await call(first.admin, 'POST', `/v1/keys/${key.json.id}/revoke`)
   await receiver.waitFor((hk) => hk.json?.type === 'key.revoked')
+  // Attempts by outcome (before, found by a review, webhooks had no metric: a receiver failing
+  // every delivery showed in the log alone). The refused attempt is counted once it is recorded.
+  const attempts = async () => (await (await request(`${first.admin}/metrics`, { dispatcher: agent })).body.text()).match(/^keygate_webhook_attempts_total\{outcome="(delivered|failed)"\} \d+$/gm)?.join('\n') ?? ''
+  await until(t, 'the refused attempt counted', async () => /outcome="failed"\} [1-9]/.test(await attempts()), 60_000)
+  t.match(await attempts(), /outcome="delivered"\} [2-9]/, 'the attempts delivered (key.created, anomaly.detected) counted')
+  t.match(await (await request(`${first.admin}/metrics`, { dispatcher: agent })).body.text(), /^keygate_webhook_deliveries_failed_total 0$/m, 'no delivery given up')
   t.equal(await first.stop('SIGTERM'), 0, 'SIGTERM with a stream open: exit 0')
   await t.rejects(stream.next(), { message: 'the stream ended' }, 'the stream ended')
 
