@@ -580,6 +580,66 @@ await forEachStore(t, async (t, store) => {
     t.matchStrict(byId, { name: 'tied-3', remote_missing: false, record: null }, 'and by id')
   })
 
+  await t.test('paging: a server that ignores `page` (every page the same tokens) is told after a few requests, and nothing is deleted', async (t) => {
+    // A proxy that drops the query string, or a server of its own, answering the same 50 tokens
+    // and X-Total-Count: 120 to every page. Before (found by a review), each walk read 1000 pages
+    // and the walks of other page sizes followed: 12,012 requests for one list, which then failed
+    // blaming Gitea's order of tokens made in the same second.
+    const tokens = Array.from({ length: 120 }, (_, i) => ({ id: 5000 - i, name: `ignored-${i}`, sha1: '', token_last_eight: `0000${String(i).padStart(4, '0')}`, scopes: ['read:user'] }))
+    const servers: Array<[string, (url: URL) => { items: unknown[]; headers: Record<string, string> }]> = [
+      ['the query ignored: 50 tokens, X-Total-Count 120', () => ({ items: tokens.slice(0, 50), headers: { 'x-total-count': '120' } })],
+      ['`limit` read, `page` ignored', (url) => ({ items: tokens.slice(0, Math.min(50, Number(url.searchParams.get('limit')))), headers: { 'x-total-count': '120' } })],
+      ['`page` ignored, no X-Total-Count', () => ({ items: tokens.slice(0, 50), headers: {} })],
+    ]
+    for (const [what, answer] of servers) {
+      let lists = 0
+      const url = await proxyTo(t, fake, {
+        instead: (req, res) => {
+          const u = new URL(req.url ?? '/', 'http://x')
+          if (req.method !== 'GET' || u.pathname !== '/api/v1/users/alice/tokens') return false
+          lists++
+          const { items, headers } = answer(u)
+          res.writeHead(200, { 'content-type': 'application/json', ...headers }).end(JSON.stringify(items))
+          return true
+        },
+      })
+      const proxied = new GiteaTokenService(integrationDeps(store.db, env(url)))
+      t.teardown(() => proxied.close())
+      const err = await rejection(proxied.list())
+      t.match(err, { code: 'gitea_error', status: 502, message: /^Gitea at http:\/\/127\.0\.0\.1:\d+ answered page 2 of the tokens of "alice".*as page 1: the server at GITEA_URL ignores the `page` query parameter/ }, `${what}: list says the server ignored paging`)
+      t.notMatch(err.message, /same second|changed while/, `${what}: not blamed on ties or changes`)
+      t.ok(lists <= 4, `${what}: the list stopped after ${lists} requests`)
+      lists = 0
+      const sent = fake.requests.length
+      t.match(await rejection(proxied.delete('ignored-7', actor)), { code: 'gitea_error', message: /ignores the `page` query parameter/ }, `${what}: so does delete`)
+      t.ok(lists <= 4, `${what}: the delete stopped after ${lists} requests`)
+      t.notOk(fake.requests.slice(sent).some((r) => r.method === 'DELETE'), `${what}: no DELETE is sent`)
+    }
+
+    // A server that pages, whose page 2 of 50 adds no token (ties of one second listed on page 1
+    // as well, taken to the full page): the page past the last is empty, so the walk goes on, and
+    // pages of another size find the rest.
+    const asked: string[] = []
+    const url = await proxyTo(t, fake, {
+      instead: (req, res) => {
+        const u = new URL(req.url ?? '/', 'http://x')
+        if (req.method !== 'GET' || u.pathname !== '/api/v1/users/alice/tokens') return false
+        const page = Number(u.searchParams.get('page'))
+        const limit = Number(u.searchParams.get('limit'))
+        asked.push(`${page}/${limit}`)
+        const from = limit === 50 && page === 2 ? 0 : (page - 1) * limit
+        res.writeHead(200, { 'content-type': 'application/json', 'x-total-count': '120' }).end(JSON.stringify(tokens.slice(from, from + limit)))
+        return true
+      },
+    })
+    const paged = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => paged.close())
+    const list = await paged.list()
+    t.same(list.items.map((i) => i.remote_id).sort(), tokens.map((x) => x.id).sort(), 'a page adding no token where paging works: every token is listed, once')
+    t.ok(asked.includes('4/50'), `the page past the last was asked for (${asked.join(' ')})`)
+    t.ok(asked.includes('1/37'), 'and pages of another size read')
+  })
+
   await t.test('delete: a name several tokens share is a conflict naming their ids, and nothing is deleted', async (t) => {
     // Gitea keeps no name unique (its name check and insert are apart). Before, `delete NAME`
     // deleted the first one listed, silently.

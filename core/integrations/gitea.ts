@@ -498,8 +498,10 @@ export class GiteaTokenService {
     const byId = new Map<number, GiteaRemoteToken>()
     const totals = new Set<number>()
     let firstPage = ''
+    let firstItems: unknown[] = []
     let pageSize = limit
     let pages = 0
+    let pagingChecked = false
     for (let page = 1; page <= MAX_PAGES; page++) {
       const read = await this.#tokenPage(user, page, limit)
       if (read === undefined) return { tokens: [], total: undefined, steady: true, complete: true, firstPage: '', pageSize: limit }
@@ -507,10 +509,12 @@ export class GiteaTokenService {
       if (total !== undefined) totals.add(total)
       pages = page
       if (page === 1) {
+        firstItems = items
         firstPage = idsOf(items)
         // A server may cap `limit` lower (MAX_RESPONSE_ITEMS): a full first page says by how much.
         if (items.length > 0 && items.length < limit && total !== undefined && items.length < total) pageSize = items.length
       }
+      const before = byId.size
       for (const item of items) {
         const t = remoteToken(item)
         if (t && !byId.has(t.id)) byId.set(t.id, t)
@@ -518,6 +522,14 @@ export class GiteaTokenService {
       // A short page is the last; X-Total-Count, when sent, ends the walk as soon as it is reached
       // (a server may cap pages below the limit, so a short page alone does not end it then).
       if (items.length === 0 || (total !== undefined ? byId.size >= total : items.length < limit)) break
+      // A later page that adds no token: ties in one second can do that (see #tiedWalks), and so
+      // does a server that ignores `page` and answers page 1 every time, which before (found by a
+      // review) made every walk read 1000 pages (12,012 requests for one list) and then blamed
+      // the ties, or without X-Total-Count took page 1 for the whole list.
+      if (page > 1 && byId.size === before && !pagingChecked) {
+        pagingChecked = true
+        await this.#assertPaged(user, { page, limit, pageSize, total, firstItems })
+      }
     }
     // A token made and one deleted between two pages leave the count as it was, and the later
     // pages where they were: the walk read the deleted one and missed the new one (a carried-over
@@ -529,6 +541,27 @@ export class GiteaTokenService {
     const [total] = totals
     const steady = totals.size <= 1 && (pages === 1 || (firstAgain !== undefined && idsOf(firstAgain.items) === firstPage))
     return { tokens, total, steady, complete: steady && (total === undefined || tokens.length === total), firstPage, pageSize }
+  }
+
+  /**
+   * Throws when the server ignores `page`: asked for a page past the last one (by X-Total-Count,
+   * else past the pages a walk reads), Gitea answers an empty list, and the tokens of page 1 again
+   * say every page is page 1. Anything else leaves the walk to go on: a page that added no token
+   * was the ties of one second, listed on an earlier page too.
+   */
+  async #assertPaged(user: string, walk: { page: number; limit: number; pageSize: number; total: number | undefined; firstItems: unknown[] }): Promise<void> {
+    const { page, limit, pageSize, total, firstItems } = walk
+    const past = total === undefined ? MAX_PAGES + 1 : Math.ceil(total / pageSize) + 1
+    const probe = await this.#tokenPage(user, past, limit)
+    const first = new Set(firstItems.map((item) => remoteToken(item)?.id))
+    const again = probe?.items.map((item) => remoteToken(item)?.id) ?? []
+    if (again.length === 0 || again.length !== first.size || !again.every((id) => first.has(id))) return
+    const { http } = this.#client(true)
+    const where = total === undefined ? `past the ${MAX_PAGES} pages a list reads` : `past the last of X-Total-Count ${total}`
+    throw new KeygateError(
+      'gitea_error',
+      `Gitea at ${http.baseUrl} answered page ${page} of the tokens of ${JSON.stringify(user)}, and page ${past} (${where}), with the same tokens as page 1: the server at GITEA_URL ignores the \`page\` query parameter (a proxy in front of Gitea that drops the query string?), so no token past page 1 can be read; is GITEA_URL Gitea's own address?`,
+    )
   }
 
   /**
