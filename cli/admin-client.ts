@@ -116,6 +116,8 @@ export interface AdminClient {
   call<T>(method: string, path: string, body?: unknown, lists?: readonly string[]): Promise<T>
   /** call, with the answer's status (an add that updated a deny entry is 200, not 201). */
   exchange<T>(method: string, path: string, body?: unknown, lists?: readonly string[]): Promise<{ status: number; json: T }>
+  /** An admin_unavailable error: the admin API at its URL `did`, asking whether the admin URL is the admin listener. */
+  notAdmin(did: string): KeygateError
 }
 
 export interface AdminClientOptions {
@@ -236,7 +238,7 @@ export function adminClient(baseUrl: string, token: string, options: AdminClient
     throw new KeygateError(error.code as ErrorCode, `${message} (admin API at ${shown}${where})`, error.details)
   }
   const call = async <T>(method: string, path: string, body?: unknown, lists: readonly string[] = []): Promise<T> => (await exchange<T>(method, path, body, lists)).json
-  return { call, exchange }
+  return { call, exchange, notAdmin: (did) => unavailable(`the admin API at ${shown} ${did}`) }
 }
 
 /**

@@ -44,7 +44,15 @@ export function keyFromJson(j: KeyJson): KeyRecord {
 }
 
 export function remoteOperations(baseUrl: string, token: string, options: { timeoutMs?: number } = {}): KeyOperations {
-  const { call } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate api-key get` (or list)' })
+  const { call, notAdmin } = adminClient(baseUrl, token, { ...options, checkWith: '`keygate api-key get` (or list)' })
+  // A page after a cursor never ends at that cursor: one that does is page 1 again, from a server
+  // (a proxy that drops the query string) that ignores it. Before (found by a review), `--all`
+  // followed it for ever, holding every page until memory ran out; without it, the first page was
+  // printed as the page after --cursor.
+  const following = (sent: string | undefined, next: string | null): string | null => {
+    if (sent === undefined || next !== sent) return next
+    throw notAdmin(`answered the page after cursor ${sent} with that cursor again as its next_cursor: it ignores the query string (a proxy in front of the admin listener that drops it?)`)
+  }
   // '', '.' and '..' are no key's id, and no URL carries them as a path segment (the URL parser
   // resolves dot segments, even escaped): answered as the store answers them, not as another route.
   // Nor are `validate` and `import`, whose /v1/keys/... paths are those operations' (the admin
@@ -58,7 +66,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
     async list(query) {
       const q = new URLSearchParams(Object.entries(query).map(([k, v]): [string, string] => [k, String(v)]))
       const r = await call<{ items: KeyJson[]; next_cursor: string | null }>('GET', `/v1/keys${q.size ? `?${q}` : ''}`, undefined, ['items'])
-      return { items: r.items.map(keyFromJson), nextCursor: r.next_cursor }
+      return { items: r.items.map(keyFromJson), nextCursor: following(typeof query.cursor === 'string' ? query.cursor : undefined, r.next_cursor) }
     },
     get: async (keyId) => keyFromJson(await call<KeyJson>('GET', `/v1/keys/${id(keyId)}`)),
     update: async (keyId, body) => keyFromJson(await call<KeyJson>('PATCH', `/v1/keys/${id(keyId)}`, body)),
@@ -90,7 +98,7 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       const r = await call<{ items: Row[]; next_cursor: string | null }>('GET', `/v1/keys/${id(keyId)}/audit${q.size ? `?${q}` : ''}`, undefined, ['items'])
       return {
         items: r.items.map((a) => ({ id: a.id, keyId: a.key_id, action: a.action, actor: a.actor, address: a.address, details: a.details, integrity: a.integrity, createdAt: new Date(a.created_at) })),
-        nextCursor: r.next_cursor,
+        nextCursor: following(page.cursor, r.next_cursor),
       }
     },
     async importLegacy(rows, type) {

@@ -524,3 +524,32 @@ t.test('every command that may open the embedded store runs it in a second proce
     await new Promise<void>((resolve) => (exited ? resolve() : command.once('exit', () => resolve())))
   }
 })
+
+t.test('api-key list --all and audit --all against an admin API that ignores the cursor stop at the page that repeats, and say so (found by a review)', async (t) => {
+  // A proxy in front of the admin listener that drops the query string answers the first page,
+  // with the same next_cursor, to every request. Before, `--all` followed it for ever, holding
+  // every page's items until memory ran out. This server gives up after 50 pages so that the
+  // walk before the fix ends (and fails the bound below).
+  const at = '2030-01-02T03:04:05.000Z'
+  const key = { id: 'k_repeat', name: 'repeated', type: 'user', status: 'active', scopes: [], owner: null, metadata: {}, allowed_cidrs: [], rate_limit: null, rotation_interval_s: null, rotated_from: null, replaced_by: null, grace_until: null, legacy: false, created_at: at, updated_at: at, expires_at: null, last_used_at: null, revoked_at: null, revoked_reason: null, valid_until: null }
+  const row = { id: 'a_repeat', key_id: 'k_repeat', action: 'key.created', actor: 'cli:tester', address: null, details: null, integrity: 'ok', created_at: at }
+  const cursorOf = (list: string) => Buffer.from(JSON.stringify([at, 'k_repeat', list])).toString('base64url')
+  const asked: string[] = []
+  const admin = http.createServer((req, res) => {
+    asked.push(req.url ?? '')
+    const audit = req.url?.startsWith('/v1/keys/k_repeat/audit') === true
+    const next = asked.length >= 50 ? null : cursorOf(audit ? 'audit' : 'keys')
+    res.writeHead(200, { 'content-type': 'application/json', 'x-keygate-admin': '1' }).end(JSON.stringify({ items: [audit ? row : key], next_cursor: next }))
+  })
+  await new Promise<void>((resolve) => admin.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => admin.close())
+  const env = isolated({ KEYGATE_ADMIN_URL: `http://127.0.0.1:${(admin.address() as AddressInfo).port}`, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  for (const args of [['list', '--all', '--json'], ['audit', 'k_repeat', '--all', '--json']]) {
+    asked.length = 0
+    const r = await runCliHere(['api-key', ...args], { env })
+    t.equal(r.code, 1, `${args[0]} --all fails: ${r.stderr}`)
+    t.match(r.stderr, /^keygate: the admin API at http:\/\/127\.0\.0\.1:\d+ answered the page after cursor \S+ with that cursor again as its next_cursor: it ignores the query string \(a proxy in front of the admin listener that drops it\?\); is the admin URL \(KEYGATE_ADMIN_URL or --admin-url\) the admin listener\?/m, `${args[0]} --all: says the cursor was ignored`)
+    t.matchStrict(r.json(), { error: { code: 'admin_unavailable', message: /ignores the query string/ } }, `${args[0]} --all: the error as JSON, no partial list`)
+    t.equal(asked.length, 2, `${args[0]} --all: stopped at the second page (${asked.length} requests)`)
+  }
+})
