@@ -526,3 +526,38 @@ export function addressKeyer(ipv6PrefixBits: number): (address: string) => strin
 export function lockedOutMessage(retryAfterS: number): string {
   return `Too many failed attempts from this address; try again in ${retryAfterS} s.`
 }
+
+/**
+ * Look-ups of keys on the store, as the attempts waiting for their places (`Lockout.attempt`) see
+ * them: an attempt let in after a look-up failed while it waited, with none answered since, is
+ * answered store_unavailable without asking the store. Before (found by a review), each waited out
+ * the store's timeouts in turn, max_attempts at a time: on a hung store, 300 keys from one address
+ * were answered 5 every 5 s, the last after 300 s. One for each that asks the store (the gateway's
+ * validation, the admin API's credential check).
+ */
+export interface LookupFailures {
+  /** Where the look-ups stand, taken as an attempt begins to wait for its place. */
+  mark(): number
+  /** Whether a look-up failed since `mark`, and none has been answered since it did. */
+  failedSince(mark: number): boolean
+  /** A look-up failed on the store (count it before the attempt's place goes to the next one). */
+  failed(): void
+  /** A look-up was answered. */
+  answered(): void
+}
+
+export function createLookupFailures(): LookupFailures {
+  let failures = 0
+  let lastFailed = false
+  return {
+    mark: () => failures,
+    failedSince: (mark) => lastFailed && failures !== mark,
+    failed: () => {
+      failures++
+      lastFailed = true
+    },
+    answered: () => {
+      lastFailed = false
+    },
+  }
+}

@@ -7,7 +7,7 @@ import { digestKey, keyKind, keyShape, type KeyPrefixes } from '../core/keys/for
 import type { Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
-import type { Lockout } from '../core/lockout.ts'
+import { createLookupFailures, type Lockout } from '../core/lockout.ts'
 import { lockedOut } from './lockout.ts'
 import type { RequestState, Stage, StageResult, Verdict } from './state.ts'
 
@@ -88,18 +88,13 @@ export function createValidateStage(o: ValidateOptions): Stage {
   // info line each time (found by a read-back).
   let failing = 0
   let lastFailure = 0
-  // Look-ups failed on the store so far, and whether the last to end failed: an attempt that
-  // waited for its place while a look-up failed, with none succeeding since, is answered 503 as
-  // it is let in, without asking the store. Before (found by a review), each waited out the store's
-  // timeouts in turn, max_attempts at a time: on a hung store, 300 keys from one address were
-  // answered 5 every 5 s, the last after 300 s.
-  let failedLookups = 0
-  let lastLookupFailed = false
+  // An attempt that waited for its place while a look-up failed, with none succeeding since, is
+  // answered 503 as it is let in, without asking the store (core/lockout.ts).
+  const lookups = createLookupFailures()
   const storeDown = (s: RequestState, err: unknown): StageResult => {
+    lookups.failed()
     void lockout.finish(s.addressKey, false)
     storeErrors.inc()
-    failedLookups++
-    lastLookupFailed = true
     lastFailure = now()
     if (failing++ === 0) log.warn('key store look-ups fail: keys not in the cache are answered 503 store_unavailable (logged once until look-ups succeed again; each at debug)', { request_id: s.id, err: err as Error })
     else log.debug('key store look-up failed', { request_id: s.id, err: err as Error })
@@ -125,10 +120,10 @@ export function createValidateStage(o: ValidateOptions): Stage {
     if (hit !== undefined && judge(s, hit) === undefined) return undefined
     const place = lockout.attempt(s.addressKey)
     if (place === undefined) return held(s, presented, digest, hit)
-    const failedBefore = failedLookups
+    const waited = lookups.mark()
     return place.then((lockedS) => {
       if (lockedS !== undefined) return lockedOut(s, lockedS, o.metrics)
-      if (lastLookupFailed && failedLookups !== failedBefore && hit === undefined) return storeFailedMeanwhile(s)
+      if (hit === undefined && lookups.failedSince(waited)) return storeFailedMeanwhile(s)
       return held(s, presented, digest, hit)
     })
   }
@@ -164,7 +159,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
     if (found instanceof Promise) {
       return found.then(
         (f) => {
-          lastLookupFailed = false
+          lookups.answered()
           if (failing > 0) storeUp()
           return settle(s, f)
         },

@@ -1,0 +1,31 @@
+// A burst of admin requests from one address while the PostgreSQL behind `keygate serve` hangs:
+// the attempts beyond lockout.max_attempts wait for a place (core/lockout.ts), and are answered
+// once the store failed those ahead of them, as the gateway's are (test/store-hung-burst.test.ts).
+import t from 'tap'
+import { randomUUID } from 'node:crypto'
+import { call } from './helpers/gateway.ts'
+import { serveBehindGate } from './helpers/serve-gated.ts'
+
+const TOKEN = 'an-admin-token-of-32-characters!'
+const SECRETS = { KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64'), KEYGATE_ADMIN_TOKEN: TOKEN }
+
+t.test('admin credentials from one address on a hung store: those that waited for a place are answered 503 once the store failed those ahead, without asking it each in turn (found by a review)', async (t) => {
+  // Before: let in max_attempts at a time, each group waiting out the store's 5 s to connect
+  // again: 30 requests were answered 5 every 5 s, the last after 30 s.
+  const { gate, serve } = await serveBehindGate(t, 'admin-hung-burst', 'lockout:\n  max_attempts: 5\nwebhooks:\n  poll_interval_ms: 600000\nusage:\n  flush_interval_s: 3600\nscheduler:\n  interval_s: 86400\n', SECRETS)
+  gate.set('silent')
+  const burst = 30
+  // Legacy keys (UUID v4): each is a look-up in the store. The bootstrap token among them needs no
+  // store, and GET /v1/lockouts asks none.
+  const credentials = Array.from({ length: burst }, (_, i) => (i === 20 ? TOKEN : randomUUID()))
+  const answers = await Promise.all(credentials.map((token) => call(`${serve.admin}/v1/lockouts`, { token })))
+  t.equal(answers[20]?.status, 200, `the token is still compared: ${answers[20]?.text}`)
+  const others = answers.filter((_, i) => i !== 20)
+  t.same(others.map((a) => `${a.status} ${a.json?.error?.code}`), Array(burst - 1).fill('503 store_unavailable'), 'every key is answered 503 store_unavailable')
+  const asked = others.filter((a) => !/while this one waited its turn/.test(a.json?.error?.message))
+  t.equal(asked.length, 5, `the store was asked for the first max_attempts only: ${[...new Set(asked.map((a) => a.json?.error?.message))].join('; ')}`)
+  gate.set('open')
+  const after = await call(`${serve.admin}/v1/lockouts`, { token: randomUUID() })
+  t.equal(after.status, 401, `the store is asked again once it answers: ${after.text}`)
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+})
