@@ -28,3 +28,33 @@ export function answersWithin(probe: () => Promise<unknown>, ms: number): Promis
     () => false,
   )
 }
+
+/**
+ * Calls to a server that may keep its connection and stop answering (a frozen Redis: SIGSTOP, a
+ * hung host whose kernel still acknowledges), one out at a time: ioredis holds each command until
+ * its answer or its connection's end, and where nothing reconnects (redis.invalidation_check_ms
+ * 0), a call sent beside one still unanswered, past its deadline too, adds to those held for as
+ * long as the server stays frozen.
+ */
+export class OneOut {
+  #out: Promise<void> | undefined
+
+  /** Whether the last call sent has not settled yet (send none beside it). */
+  get out(): boolean {
+    return this.#out !== undefined
+  }
+
+  /** `call`, followed until it settles. */
+  send<T>(call: Promise<T>): Promise<T> {
+    const out: Promise<void> = call
+      .then(
+        () => undefined,
+        () => undefined,
+      )
+      .finally(() => {
+        if (this.#out === out) this.#out = undefined
+      })
+    this.#out = out
+    return call
+  }
+}

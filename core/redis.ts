@@ -15,7 +15,7 @@
 // the same outage: one warning for it, and one line when Redis is back for good.
 import { createRequire } from 'node:module'
 import type { Redis } from 'ioredis'
-import { TimedOut, within } from './deadline.ts'
+import { OneOut, TimedOut, within } from './deadline.ts'
 import type { Logger } from './log.ts'
 
 // ioredis is loaded as a connection is made: a keygate without Redis (the embedded default, and
@@ -133,13 +133,11 @@ export class RedisHealth {
   #refusalLogged = false
   /**
    * The probe's write while Redis has not answered it, past its timeout too: no other is sent
-   * beside it. ioredis holds a command until its answer or its connection's end, and a frozen
-   * Redis (SIGSTOP, a hung host whose kernel still acknowledges) keeps the connection up; before
-   * (found by a review), each probe added its script and transaction to those held, some 16
-   * commands a second for as long as Redis stayed frozen where nothing reconnected (the
-   * invalidation check off).
+   * beside it (OneOut). Before (found by a review), each probe added its script and transaction to
+   * those held, some 16 commands a second for as long as Redis stayed frozen where nothing
+   * reconnected (the invalidation check off).
    */
-  #unanswered: Promise<void> | undefined
+  readonly #probeOut = new OneOut()
   readonly #listeners = new Set<(up: boolean, reason?: DownReason) => void>()
 
   constructor(redis: Redis, options: RedisHealthOptions = {}) {
@@ -219,7 +217,7 @@ export class RedisHealth {
   }
 
   async #check(): Promise<void> {
-    if (this.#up || this.#probing || this.#unanswered !== undefined || this.#redis.status !== 'ready') return
+    if (this.#up || this.#probing || this.#probeOut.out || this.#redis.status !== 'ready') return
     this.#probing = true
     try {
       if (!(await this.#takesWrites()) || this.#up) return
@@ -246,15 +244,7 @@ export class RedisHealth {
   /** Whether Redis took the probe's write in time; a refusal is logged (once an outage). */
   async #takesWrites(): Promise<boolean> {
     try {
-      const write = writeHealthKey(this.#redis)
-      const unanswered = write.then(
-        () => undefined,
-        () => undefined,
-      ).finally(() => {
-        if (this.#unanswered === unanswered) this.#unanswered = undefined
-      })
-      this.#unanswered = unanswered
-      await within(write, this.timeoutMs, 'Redis health probe')
+      await within(this.#probeOut.send(writeHealthKey(this.#redis)), this.timeoutMs, 'Redis health probe')
       return true
     } catch (err) {
       // Not in time, or the connection went meanwhile: as a PING not answered, nothing to say.

@@ -1,0 +1,52 @@
+// The periodic users of a Redis that is frozen (SIGSTOP) while its connection stays up: with the
+// invalidation check off (redis.invalidation_check_ms: 0) nothing reconnects, ioredis holds each
+// command sent until its answer, and each must not send more beside what is still unanswered
+// (test/redis-frozen-probe.test.ts is the health probe's). What the client sends is counted
+// through a gate whose bytes pass both ways.
+import t, { type Test } from 'tap'
+import { AnomalyDetector } from '../core/anomalies.ts'
+import { connectRedis, redisReady } from '../core/redis.ts'
+import { silentLogger } from '../core/log.ts'
+import { until } from './helpers/gateway.ts'
+import { startRedisServer } from './helpers/redis-server.ts'
+import { DEFAULT_CONFIG, memoryDb } from './helpers/stores.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
+
+/** keygate's Redis connection, through a gate, to a redis-server of the test's own. */
+async function frozenRedis(t: Test) {
+  const server = await startRedisServer(t)
+  const { gate, url } = await gateInFront(t, server.url)
+  const redis = connectRedis(url, silentLogger, { commandTimeoutMs: 100 })
+  t.teardown(() => redis.disconnect())
+  t.ok(await redisReady(redis, 10_000), 'connected')
+  return { server, gate, redis }
+}
+
+t.test("a frozen Redis holds one anomaly check's counts unanswered, not one more pipeline every check; the counts go to Redis again once it thaws (found by a review)", async (t) => {
+  // Before: each check sent a script per active key again while the last ones went unanswered
+  // (each check waited its 1 s and judged its own counts): 5 checks of 3 keys held 15 scripts,
+  // some keys × 1 a second for as long as Redis stayed frozen.
+  const { server, gate, redis } = await frozenRedis(t)
+  const db = await memoryDb({ migrated: true })
+  t.teardown(() => db.close())
+  const detector = new AnomalyDetector({ db, thresholds: DEFAULT_CONFIG.anomalies, redis, channel: 'test-frozen-alerts', log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: 64 })
+  t.teardown(() => detector.close())
+  const check = async () => {
+    for (const k of ['k_a', 'k_b', 'k_c']) detector.count(k, 'forwarded', Date.now(), '192.0.2.1', 200)
+    await detector.check()
+  }
+  await check()
+  server.pause()
+  t.teardown(() => server.resume())
+  const mark = gate.sent().length
+  // One script per key and check, each naming the key's per-minute window (`...:{k_a}:r:<minute>`).
+  const sent = () => gate.sent().slice(mark).split('}:r:').length - 1
+  for (let i = 0; i < 5; i++) await check()
+  t.equal(redis.status, 'ready', 'the connection stays up')
+  t.equal(sent(), 3, "one check's scripts are out, unanswered; no other check sent beside them")
+  server.resume()
+  await until(t, "the counts go to Redis again once it answers", async () => {
+    await check()
+    return sent() > 3
+  })
+})
