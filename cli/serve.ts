@@ -14,7 +14,7 @@ import { parseListen } from '../core/formats.ts'
 import { isKeygateError, KeygateError, systemErrorWords } from '../core/errors.ts'
 import { closeWaiting, destroyConnections, closeAfterAnswers, nodeHttp } from '../core/http.ts'
 import { createLogger, shareStdout, type Level, type Logger } from '../core/log.ts'
-import { TimedOut, answersWithin, within } from '../core/deadline.ts'
+import { OneOut, TimedOut, answersWithin, within } from '../core/deadline.ts'
 import { takeEarlyStop } from '../core/early-stop.ts'
 import { ClusterMetrics, createGatewayMetrics, createHealthMetrics, createLockoutMetrics, createMetricsRegistry, createWebhookMetrics, createWorkerRestartMetrics, createWorkerStateMetrics, type MetricsJson, type WebhookAttemptOutcome, workerMetrics } from '../core/metrics.ts'
 import { bindInvalidationPublisher, bindInvalidations, subscribeInvalidations } from '../core/invalidation.ts'
@@ -431,6 +431,20 @@ function systemCode(err: unknown): string | undefined {
 
 /** How long a health gauge's probe waits for the store or Redis at a scrape, and `/readyz` for the store. */
 const PROBE_MS = 2000
+
+/**
+ * Whether Redis takes the health write within PROBE_MS, at a scrape; false without sending another
+ * while the last is unanswered (OneOut). Before (found by a review), a frozen Redis that kept its
+ * connection held one more write for every scrape, for as long as it stayed frozen.
+ */
+function redisTakesWrites(redis: Redis): () => Promise<boolean> {
+  const writing = new OneOut()
+  return () =>
+    answersWithin(() => {
+      if (writing.out) throw new Error('Redis has not answered the last scrape\'s write')
+      return writing.send(writeHealthKey(redis))
+    }, PROBE_MS)
+}
 
 /**
  * What a look at the store found: the migrations not applied of those this process runs on (or,
@@ -901,7 +915,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
       // A gateway's own keygate_redis_up says whether its limits are shared; an admin-only
       // process's, whether Redis takes its writes (the admin lockout's, the invalidations it
       // publishes): a PING answered by a Redis that refused every write (OOM, READONLY) read 1.
-      redis: redis && !role.gateway ? () => answersWithin(() => writeHealthKey(redis), PROBE_MS) : undefined,
+      redis: redis && !role.gateway ? redisTakesWrites(redis) : undefined,
     })
     // The primary asks for this worker's metrics from the moment it listens (this comes first).
     if (mode.worker) {

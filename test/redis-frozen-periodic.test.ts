@@ -4,10 +4,15 @@
 // (test/redis-frozen-probe.test.ts is the health probe's). What the client sends is counted
 // through a gate whose bytes pass both ways.
 import t, { type Test } from 'tap'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { AnomalyDetector } from '../core/anomalies.ts'
 import { connectRedis, redisReady } from '../core/redis.ts'
 import { silentLogger } from '../core/log.ts'
-import { until } from './helpers/gateway.ts'
+import { call, until } from './helpers/gateway.ts'
+import { seedDataDir } from './helpers/pglite-template.ts'
+import { scratchDir } from './helpers/scratch.ts'
+import { isolatedEnv, serve } from './helpers/serve.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
 import { DEFAULT_CONFIG, memoryDb } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
@@ -49,4 +54,28 @@ t.test("a frozen Redis holds one anomaly check's counts unanswered, not one more
     await check()
     return sent() > 3
   })
+})
+
+t.test("a frozen Redis holds one of an --only admin process's keygate_redis_up writes unanswered, not one more every scrape (found by a review)", async (t) => {
+  // Before: each scrape sent the health write again (its script; the transaction waits for the
+  // script's answer) beside those unanswered: one more held command a scrape for as long as Redis
+  // stayed frozen.
+  const server = await startRedisServer(t)
+  const { gate, url } = await gateInFront(t, server.url)
+  const cwd = scratchDir('keygate-frozen-scrape-')
+  writeFileSync(join(cwd, 'keygate.yaml'), 'redis:\n  invalidation_check_ms: 0\n')
+  const env = isolatedEnv({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }), KEYGATE_CONFIG: join(cwd, 'keygate.yaml'), REDIS_URL: url, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
+  const served = await serve(t, { env, cwd, args: ['--only', 'admin'], waitFor: { gateway: false } })
+  const redisUp = async () => /^keygate_redis_up (\S+)$/m.exec((await call(`${served.admin}/metrics`)).text)?.[1]
+  t.equal(await redisUp(), '1', 'Redis takes the write')
+  server.pause()
+  t.teardown(() => server.resume())
+  const mark = gate.sent().length
+  // The health write's script names its key; nothing else of an idle admin process does.
+  const writes = () => gate.sent().slice(mark).split('keygate:health').length - 1
+  for (let i = 0; i < 5; i++) t.equal(await redisUp(), '0', `scrape ${i + 1}: Redis does not answer`)
+  t.equal(writes(), 1, 'one write is out, unanswered; no scrape sent another beside it')
+  server.resume()
+  await until(t, 'keygate_redis_up reads 1 again once Redis answers', async () => (await redisUp()) === '1')
+  t.equal(await served.stop(), 0, 'SIGTERM: exit 0')
 })
