@@ -529,8 +529,8 @@ export function lockedOutMessage(retryAfterS: number): string {
 
 /**
  * Look-ups of keys on the store, as the attempts waiting for their places (`Lockout.attempt`) see
- * them: an attempt let in after a look-up failed while it waited, with none answered since, is
- * answered store_unavailable without asking the store. Before (found by a review), each waited out
+ * them: an attempt let in after a look-up failed while it waited, two or more having failed in a
+ * row (none answered between), is answered store_unavailable without asking the store. Before (found by a review), each waited out
  * the store's timeouts in turn, max_attempts at a time: on a hung store, 300 keys from one address
  * were answered 5 every 5 s, the last after 300 s. One for each that asks the store (the gateway's
  * validation, the admin API's credential check).
@@ -538,7 +538,7 @@ export function lockedOutMessage(retryAfterS: number): string {
 export interface LookupFailures {
   /** Where the look-ups stand, taken as an attempt begins to wait for its place. */
   mark(): number
-  /** Whether a look-up failed since `mark`, and none has been answered since it did. */
+  /** Whether a look-up failed since `mark`, two or more in a row having failed (none answered between). */
   failedSince(mark: number): boolean
   /** A look-up failed on the store (count it before the attempt's place goes to the next one). */
   failed(): void
@@ -548,16 +548,19 @@ export interface LookupFailures {
 
 export function createLookupFailures(): LookupFailures {
   let failures = 0
-  let lastFailed = false
+  // Two in a row, not one: a single failure (a connection of the pool reset, one statement timed
+  // out) answered the address's whole queue 503 without asking the store, which would have
+  // answered them (found by a review).
+  let inARow = 0
   return {
     mark: () => failures,
-    failedSince: (mark) => lastFailed && failures !== mark,
+    failedSince: (mark) => inARow >= 2 && failures !== mark,
     failed: () => {
       failures++
-      lastFailed = true
+      inARow++
     },
     answered: () => {
-      lastFailed = false
+      inARow = 0
     },
   }
 }

@@ -20,7 +20,9 @@ t.test('a burst from one address on a hung store: the attempts that waited for a
   // Legacy keys (UUID v4), of the right shape and in no cache: each is a look-up in the store.
   const answers = await Promise.all(Array.from({ length: burst }, () => call(`${serve.gateway}/x`, { headers: { 'x-api-key': randomUUID() } })))
   t.same(answers.map((a) => `${a.status} ${a.json?.error?.code}`), Array(burst).fill('503 store_unavailable'), 'every one is answered 503 store_unavailable')
-  t.equal(await lookupErrors(), 5, 'the store was asked for the first max_attempts only; the others were answered once those had failed')
+  // The first max_attempts, and one let in after the first of them failed (a single failure answers no waiting attempt 503).
+  const asked = await lookupErrors()
+  t.ok(asked >= 5 && asked <= 6, `the store was asked for the first max_attempts and at most one more (${asked}); the others were answered once two in a row had failed`)
   gate.set('open')
   const after = await call(`${serve.gateway}/x`, { headers: { 'x-api-key': randomUUID() } })
   t.equal(after.status, 401, `the store is asked again once it answers: ${after.text}`)
