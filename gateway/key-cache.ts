@@ -295,13 +295,17 @@ export class KeyCache {
     return hit
   }
 
+  /** What the store said of a key not found, while it is remembered (cache.negative_ttl_s): no look-up is needed. */
+  known(hash: string): Miss | undefined {
+    const miss = this.#negative?.get(hash)
+    if (miss !== undefined) this.#metrics.negativeHit.inc()
+    return miss
+  }
+
   /** After `hit` found nothing: the negative cache's answer, or a promise of the store's; rejects when the store fails. */
   miss(hash: string, presented: string): Miss | Promise<CachedKey | Miss> {
-    const miss = this.#negative?.get(hash)
-    if (miss !== undefined) {
-      this.#metrics.negativeHit.inc()
-      return miss
-    }
+    const miss = this.known(hash)
+    if (miss !== undefined) return miss
     this.#metrics.miss.inc()
     let pending = this.#inflight.get(hash)
     if (pending === undefined) {

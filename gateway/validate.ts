@@ -121,11 +121,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
     const place = lockout.attempt(s.addressKey)
     if (place === undefined) return held(s, presented, digest, hit)
     const waited = lookups.mark()
-    return place.then((lockedS) => {
-      if (lockedS !== undefined) return lockedOut(s, lockedS, o.metrics)
-      if (hit === undefined && lookups.failedSince(waited)) return storeFailedMeanwhile(s)
-      return held(s, presented, digest, hit)
-    })
+    return place.then((lockedS) => (lockedS === undefined ? held(s, presented, digest, hit, waited) : lockedOut(s, lockedS, o.metrics)))
   }
 
   /** A waiting attempt let in after look-ups failed meanwhile: its place goes at once to the next one, and it is answered as they were. */
@@ -136,20 +132,28 @@ export function createValidateStage(o: ValidateOptions): Stage {
   }
 
   /** `lookUp`, giving its place back should it throw (a stage that throws is answered 500). */
-  function held(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined): StageResult | Promise<StageResult> {
+  function held(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined, waited?: number): StageResult | Promise<StageResult> {
     try {
-      return lookUp(s, presented, digest, hit)
+      return lookUp(s, presented, digest, hit, waited)
     } catch (err) {
       void lockout.finish(s.addressKey, false)
       throw err
     }
   }
 
-  /** The look-up of a key that may fail, holding its place among the attempts in doubt (`hit`: the cached key, refused). */
-  function lookUp(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined): StageResult | Promise<StageResult> {
+  /**
+   * The look-up of a key that may fail, holding its place among the attempts in doubt (`hit`: the
+   * cached key, refused; `waited`: where the look-ups stood as it began to wait for its place).
+   * Only one that would ask the store is answered 503 after look-ups failed while it waited: a
+   * malformed key, or one the cache knows, is answered as ever (before, found by a review, 503).
+   */
+  function lookUp(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined, waited?: number): StageResult | Promise<StageResult> {
     if (digest === undefined) return refuse(s, 'malformed', undefined)
     if (hit !== undefined) return settle(s, hit)
     if (keyShape(presented, prefixes, acceptLegacy) === undefined) return refuse(s, 'malformed', undefined)
+    const known = cache.known(digest)
+    if (known !== undefined) return settle(s, known)
+    if (waited !== undefined && lookups.failedSince(waited)) return storeFailedMeanwhile(s)
     let found: ReturnType<KeyCache['miss']>
     try {
       found = cache.miss(digest, presented)
