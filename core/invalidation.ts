@@ -320,8 +320,8 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
     if (last === undefined || version > last) last = version
     handler(message)
   })
-  // ioredis resubscribes by itself after a reconnection, but says so only by 'ready'; subscribing
-  // again is harmless and tells when messages flow again. Whatever was published before that is
+  // Subscribed on each 'ready', the first connection's and each after a reconnection (ioredis's own
+  // resubscription is off: subscriberConnection); its answer tells when messages flow again. Whatever was published before that is
   // covered by the flush, which comes after it. Redis being down must not stop a gateway from
   // starting: the first subscription happens whenever Redis is there, and when that is after
   // the gateway began serving it flushes too (what was cached meanwhile may have been revoked
