@@ -655,6 +655,12 @@ interface StoredRow {
 /** An audit row's characters in a statement besides its details and action (its id, key id, nonce, encryption key id). */
 const AUDIT_ROW_CHARS = 100
 
+/**
+ * How far after the store's clock a row of the key may be and still be followed (transactionTime):
+ * the rows of one store's clock are never after it, but for a step of the clock back.
+ */
+const FUTURE_SLACK = '1 minute'
+
 /** The times of transactions audit rows were written in, read once per transaction. */
 const transactionTimes = new WeakMap<Queryable, Date>()
 
@@ -671,15 +677,17 @@ const transactionTimes = new WeakMap<Queryable, Date>()
  * trail read "revoked", then "rotated" (which a revoked key cannot be), and the newest of two
  * `key.updated` rows was not the value the key kept. A row whose time was set in the store past
  * the latest a row may have is passed over: after it, the key's every change failed (found by a
- * review).
+ * review). So is any row more than FUTURE_SLACK after the store's clock, which keygate did not
+ * write: before (found by a review), one row set to 2999 in the store made every later row of its
+ * key, verified, claim 2999 too, listed above the whole log for good and never pruned.
  */
 async function transactionTime(tx: Queryable, keyId: string | null): Promise<Date> {
   let at = transactionTimes.get(tx)
   if (at === undefined) {
     const rows = await tx.query<{ at: Date }>(
-      `SELECT GREATEST(date_trunc('milliseconds', clock_timestamp()),
-         (SELECT max(created_at) FROM api_key_audit_log WHERE key_id = $1 AND created_at < $2) + interval '1 millisecond') AS at`,
-      [keyId, LATEST],
+      `SELECT GREATEST(c.at, (SELECT max(created_at) FROM api_key_audit_log WHERE key_id = $1 AND created_at <= c.at + interval '${FUTURE_SLACK}') + interval '1 millisecond') AS at
+       FROM (SELECT date_trunc('milliseconds', clock_timestamp()) AS at) AS c`,
+      [keyId],
     )
     at = (rows[0] as { at: Date }).at
     // A whole store (not one transaction) has no one time to keep.

@@ -325,6 +325,21 @@ await forEachStore(t, async (t, store) => {
     await t.resolves(checkNewestSealed(db, new AuditCipher(TEST_ENCRYPTION_KEY)))
   })
 
+  t.test("a row's time set in the store into the future (a time a JavaScript date holds) is listed as altered, and its key's next change keeps the store's clock", async (t) => {
+    // Before (found by a review): the next change of the key was stamped just after the altered
+    // time (a row is later than every row of its key), so one row set to 2999 made every later
+    // row of the key, which opened as verified, claim year 2999: listed above every other change
+    // of the log for good, and never pruned.
+    const keyId = randomUUID().slice(0, 12)
+    const [altered] = await writeRows(db, log, 1, keyId)
+    await db.query("UPDATE api_key_audit_log SET created_at = '2999-01-01T00:00:00Z' WHERE id = $1", [altered])
+    const [next] = await writeRows(db, log, 1, keyId)
+    const rows = await log.list(db, { keyId })
+    t.same(rows.map((r) => [r.id, r.integrity]), [[altered, 'failed'], [next, 'verified']], 'the altered row first, as the store orders it, and failed')
+    const written = rows.find((r) => r.id === next) as AuditRecord
+    t.ok(written.createdAt.getUTCFullYear() < 2100, `the next change is stamped at the store's clock, not after the altered time (${written.createdAt.toISOString()})`)
+  })
+
   t.test('seal format 1 (a rolling upgrade from before migration 0006): rows a version of then can read', async (t) => {
     // How a version before format 2 read a row, independently of core/audit.ts: id, key id and
     // action as associated data, whatever the format column says.
