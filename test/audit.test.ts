@@ -39,6 +39,19 @@ async function unopened(listing: Promise<AuditRecord[]>): Promise<AuditRecord & 
   return row as AuditRecord & { problem: string }
 }
 
+/** The ids of a key's trail read page by page (`limit` rows each) with the cursor, at most ten pages. */
+async function walk(db: Db, log: AuditLog, keyId: string, limit: number): Promise<string[]> {
+  const walked: string[] = []
+  let cursor: string | undefined
+  for (let page = 0; page < 10; page++) {
+    const { items, nextCursor } = await log.pageAt(db, { keyId }, { limit, ...(cursor ? { cursor } : {}) })
+    walked.push(...items.map((r) => r.id))
+    if (!nextCursor) break
+    cursor = nextCursor
+  }
+  return walked
+}
+
 function tempDir(t: Test): string {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-audit-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
@@ -310,14 +323,7 @@ await forEachStore(t, async (t, store) => {
       t.equal(r.createdAt.toISOString(), '9999-12-31T23:59:59.999Z', 'the latest time a cursor holds')
       t.match(r.problem, 'is not a time keygate writes')
     }
-    const walked: string[] = []
-    let cursor: string | undefined
-    for (let page = 0; page < 10; page++) {
-      const { items, nextCursor } = await log.pageAt(db, { keyId }, { limit: 3, ...(cursor ? { cursor } : {}) })
-      walked.push(...items.map((r) => r.id))
-      if (!nextCursor) break
-      cursor = nextCursor
-    }
+    const walked = await walk(db, log, keyId, 3)
     t.same(walked, rows.map((r) => r.id), 'paged through: every row once')
     const [next] = await writeRows(db, log, 1, keyId)
     t.equal((await log.list(db, { keyId })).find((r) => r.id === next)?.integrity, 'verified', "the key's next change is written and opens")
@@ -338,6 +344,26 @@ await forEachStore(t, async (t, store) => {
     t.same(rows.map((r) => [r.id, r.integrity]), [[altered, 'failed'], [next, 'verified']], 'the altered row first, as the store orders it, and failed')
     const written = rows.find((r) => r.id === next) as AuditRecord
     t.ok(written.createdAt.getUTCFullYear() < 2100, `the next change is stamped at the store's clock, not after the altered time (${written.createdAt.toISOString()})`)
+  })
+
+  t.test("a row's time moved in the store by less than a millisecond is listed as altered, and paging does not skip the rows beside it", async (t) => {
+    // Before (found by a review): the drivers read a time to the millisecond, so a row moved by
+    // 0.5 ms opened as verified (its bound time read back unchanged), and the cursor after it, at
+    // its time cut to the millisecond, passed over the rows of its millisecond it now sorted above.
+    const keyId = randomUUID().slice(0, 12)
+    await db.transaction((tx) => log.writeMany(tx, who, [0, 1, 2].map((i) => ({ keyId, action: 'key.updated', details: { i } }))))
+    const ids = (await log.list(db, { keyId })).map((r) => r.id)
+    const lowest = ids.at(-1) as string
+    await db.query("UPDATE api_key_audit_log SET created_at = created_at + interval '500 microseconds' WHERE id = $1", [lowest])
+    const rows = await log.list(db, { keyId })
+    t.same(rows.map((r) => [r.id, r.integrity]), [[lowest, 'failed'], ...ids.slice(0, 2).map((id) => [id, 'verified'])], 'the moved row first, as the store orders it, and failed')
+    t.match(rows[0]?.problem, 'is not a time keygate writes')
+    const walked = await walk(db, log, keyId, 1)
+    t.same(walked, rows.map((r) => r.id), 'paged one row at a time: every row once')
+    // Format 1 binds no time: such a row is read as before, whatever its time.
+    const [unbound] = await writeRows(db, new AuditLog(new AuditCipher(TEST_ENCRYPTION_KEY), 1), 1, keyId)
+    await db.query("UPDATE api_key_audit_log SET created_at = created_at + interval '500 microseconds' WHERE id = $1", [unbound])
+    t.equal((await log.list(db, { keyId })).find((r) => r.id === unbound)?.integrity, 'verified', 'a format 1 row with a time to the microsecond opens')
   })
 
   t.test('seal format 1 (a rolling upgrade from before migration 0006): rows a version of then can read', async (t) => {
