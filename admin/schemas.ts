@@ -95,6 +95,7 @@ export const AuditSchema = Type.Object({
     description:
       '`verified`: the details were decrypted and nothing in the row was changed. `key_missing`: it was sealed with an encryption key that is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS). `failed`: the row was altered or damaged in the store. The row is listed either way.',
   }),
+  sealed_with: Nullable(Type.String(), 'For a `key_missing` row, the id of the encryption key it was sealed with (a fingerprint of it: the key to add to KEYGATE_PREVIOUS_ENCRYPTION_KEYS to read the row); null otherwise.'),
   created_at: DateTime(),
 })
 

@@ -11,7 +11,7 @@ import type { KeyRecord } from '../core/keys/types.ts'
 import { parseAddress } from '../core/keys/evaluate.ts'
 import { keyPrefixes, keyShape } from '../core/keys/format.ts'
 import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, rotationJson } from '../core/keys/types.ts'
-import { auditJson } from '../core/audit.ts'
+import { auditJson, type AuditRecord } from '../core/audit.ts'
 import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
 import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, fileArgument, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
@@ -136,6 +136,9 @@ const date = (d: Date | null) => (d ? d.toISOString().replace(/\.\d{3}Z$/, 'Z') 
 
 
 const CURSOR = new RegExp(CURSOR_PATTERN)
+
+/** An audit row that did not open, in the table: a `key_missing` one names the key it was sealed with (before, found by a review, no output of the store did). */
+const notOpened = (a: AuditRecord): string => (a.integrity === 'key_missing' && a.sealedWith ? `(key_missing: sealed with encryption key ${a.sealedWith}, not configured)` : `(${a.integrity}: not opened)`)
 
 /**
  * A page of a list from `cursor` (the first without one), or with `all` every page from there: the
@@ -366,7 +369,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         const { items, next } = await pages((at) => ctx.ops.audit(id, { ...(limit !== undefined ? { limit } : {}), ...(at !== undefined ? { cursor: at } : {}) }), p.values.all === true, cursor)
         if (ctx.json) printJson(ctx.io, { items: items.map(auditJson), next_cursor: next })
         else {
-          const rows = items.map((a) => [date(a.createdAt), a.action, a.actor, a.address, a.integrity === 'verified' ? JSON.stringify(a.details) : `(${a.integrity}: not opened)`])
+          const rows = items.map((a) => [date(a.createdAt), a.action, a.actor, a.address, a.integrity === 'verified' ? JSON.stringify(a.details) : notOpened(a)])
           ctx.io.out(table(['time', 'action', 'actor', 'address', 'details'], rows))
           if (next) ctx.io.out(`more: --cursor ${next}\n`)
         }

@@ -94,10 +94,10 @@ export function remoteOperations(baseUrl: string, token: string, options: { time
       const q = new URLSearchParams()
       if (page.limit !== undefined) q.set('limit', String(page.limit))
       if (page.cursor !== undefined) q.set('cursor', page.cursor)
-      type Row = { id: string; key_id: string | null; action: string; actor: string; address: string | null; details: Record<string, unknown> | null; integrity: AuditRecord['integrity']; created_at: string }
+      type Row = { id: string; key_id: string | null; action: string; actor: string; address: string | null; details: Record<string, unknown> | null; integrity: AuditRecord['integrity']; sealed_with?: string | null; created_at: string }
       const r = await call<{ items: Row[]; next_cursor: string | null }>('GET', `/v1/keys/${id(keyId)}/audit${q.size ? `?${q}` : ''}`, undefined, ['items'])
       return {
-        items: r.items.map((a) => ({ id: a.id, keyId: a.key_id, action: a.action, actor: a.actor, address: a.address, details: a.details, integrity: a.integrity, createdAt: new Date(a.created_at) })),
+        items: r.items.map((a) => ({ id: a.id, keyId: a.key_id, action: a.action, actor: a.actor, address: a.address, details: a.details, integrity: a.integrity, ...(a.sealed_with ? { sealedWith: a.sealed_with } : {}), createdAt: new Date(a.created_at) })),
         nextCursor: following(page.cursor, r.next_cursor),
       }
     },

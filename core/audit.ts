@@ -54,7 +54,7 @@ export interface AuditRecord {
 
 /** An audit row as the admin API answers it, and `keygate api-key audit --json` prints it. */
 export function auditJson(r: AuditRecord) {
-  return { id: r.id, key_id: r.keyId, action: r.action, actor: r.actor, address: r.address, details: r.details, integrity: r.integrity, created_at: r.createdAt.toISOString() }
+  return { id: r.id, key_id: r.keyId, action: r.action, actor: r.actor, address: r.address, details: r.details, integrity: r.integrity, sealed_with: r.sealedWith ?? null, created_at: r.createdAt.toISOString() }
 }
 
 /** What the audit log can be listed by (all given must hold); `before` is the cursor of the last row of the previous page. */

@@ -448,6 +448,7 @@ await forEachStore(t, async (t, store) => {
     logLines.length = 0
     const page = (await h.call('GET', `/v1/keys/${k.id}/audit`)).json.items as Array<{ integrity: string }>
     t.same(page.map((r) => r.integrity), [...Array(7).fill('key_missing'), 'failed'], 'the rows are listed as before')
+    t.same(page.map((r) => (r as { sealed_with?: unknown }).sealed_with), [...Array(7).fill(encryptionKeyId(dropped)), null], 'each key_missing row names the key it was sealed with')
     const warned = logLines.map((l) => JSON.parse(l) as Record<string, unknown>)
     t.equal(warned.filter((l) => l.message === 'an audit row did not open').length, 1, 'an altered row is still said out loud, row by row')
     const missing = warned.filter((l) => l.message === 'audit rows sealed with an encryption key that is not configured did not open')

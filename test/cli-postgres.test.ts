@@ -107,6 +107,14 @@ t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a 
   t.same(auditRows(), [idA, idB])
   const listed = await runCliHere(['api-key', 'list', '--json'], { env: env(keyB) })
   t.equal(listed.code, 0, `the old key dropped once the newest row is sealed with the new one: ${listed.stderr}`)
+  // The old key's rows are key_missing, naming the key to list among the previous ones: before
+  // (found by a review), `api-key audit` said only "(key_missing: not opened)", and on the store
+  // (no admin log) nothing named the key.
+  const trail = await runCliHere(['api-key', 'audit', first.json().id], { env: env(keyB) })
+  t.equal(trail.code, 0, trail.stderr)
+  t.match(trail.stdout, `(key_missing: sealed with encryption key ${idA}, not configured)`)
+  const trailJson = await runCliHere(['api-key', 'audit', first.json().id, '--json'], { env: env(keyB) })
+  t.match(trailJson.json().items, [{ integrity: 'key_missing', sealed_with: idA }])
   const stale = await runCliHere(['api-key', 'list', '--json'], { env: env(keyA) })
   t.equal(stale.code, 1, 'the old key alone, after the rotation, is refused')
   t.match(stale.json().error.message, `sealed with encryption key ${idB}`)
