@@ -57,7 +57,7 @@ export const KeySchema = Type.Object(
     revoked_reason: Nullable(Type.String()),
     valid_until: Nullable(
       DateTime(),
-      "When the key stops (or stopped) being accepted: the earliest of its expires_at, its grace_until (a key a rotation replaced) and, revoked, when it was revoked; an expired key with neither date, ended for its rotation deadline, when it was ended. null for never. What the gateway judges by, so a script need not work it out.",
+      "When the key stops (or stopped) being accepted: the earliest of its expires_at, its grace_until (a key a rotation replaced) and, revoked, when it was revoked; an expired key with neither date, ended for its rotation deadline, when it was ended. null for none of these. What the gateway judges by, so a script need not work it out; an active key's announced rotation deadline, at which the scheduler expires it, is left out (GET /v1/reports/expiring lists it).",
     ),
   },
   { description: 'A key, without its secret.' },
