@@ -1236,3 +1236,34 @@ t.test('the shipped deployment examples are valid configurations', async (t) => 
   t.equal(unitEnv.KEYGATE_DATA_DIR, `/var/lib/${setting('StateDirectory')[0]}`, 'the data folder is the StateDirectory, writable under ProtectSystem=strict')
   t.equal(unitEnv.NODE_COMPILE_CACHE, `/var/cache/${setting('CacheDirectory')[0]}`, 'the compile cache is the CacheDirectory, writable under ProtectSystem=strict')
 })
+
+t.test('the systemd unit\'s recipe for a command gives it the environment the service has', (t) => {
+  // systemd reads EnvironmentFile= over Environment= (systemd.exec(5): "Settings from these files
+  // override settings made with Environment="): a KEYGATE_CONFIG or KEYGATE_DATA_DIR in
+  // keygate.env is what the service runs with. The recipe is run here as sh runs it, with a
+  // keygate.env of its own, runuser left out and the command replaced by env. Before (found by a
+  // review), it set the unit's values after reading keygate.env, so such a command read another
+  // configuration, or another store, than the service's.
+  const unit = readFileSync(new URL('../deploy/systemd/keygate.service', import.meta.url), 'utf8')
+  const unitEnv = Object.fromEntries([...unit.matchAll(/^Environment=([^=\n]+)=(.*)$/gm)].map((m) => [m[1] as string, m[2] as string]))
+  const recipe = /^#\s+sudo sh -c '([^']*runuser[^']*)'$/m.exec(unit)?.[1]
+  t.ok(recipe, 'the unit gives a recipe run through sudo sh -c')
+  if (recipe === undefined) return t.end()
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-unit-recipe-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const envFile = join(dir, 'keygate.env')
+  // Single-quoted, as the unit asks: a $ and an & that sh would otherwise take as its own.
+  writeFileSync(envFile, "DATABASE_URL='postgres://keygate:p$ss@db/keygate?sslmode=require&application_name=keygate'\nKEYGATE_CONFIG='/srv/keygate/other.yaml'\n")
+  const script = recipe
+    .replaceAll('/etc/keygate/keygate.env', envFile)
+    .replace(/runuser -u keygate -- /, '')
+    .replace(/\/usr\/bin\/node \/opt\/keygate\/bin\/keygate\.js .*$/, 'env')
+  t.not(script, recipe, 'the recipe reads keygate.env')
+  const out = execFileSync('sh', ['-c', script], { env: { PATH: process.env.PATH }, encoding: 'utf8' })
+  const got = Object.fromEntries(out.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]))
+  t.equal(got.DATABASE_URL, 'postgres://keygate:p$ss@db/keygate?sslmode=require&application_name=keygate', 'keygate.env\'s values as systemd reads them')
+  t.equal(got.KEYGATE_CONFIG, '/srv/keygate/other.yaml', 'keygate.env\'s KEYGATE_CONFIG wins over the unit\'s, as in the service')
+  t.ok(Object.keys(unitEnv).length >= 3, 'the unit sets its variables')
+  for (const [name, value] of Object.entries(unitEnv)) if (name !== 'KEYGATE_CONFIG') t.equal(got[name], value, `the unit's ${name}`)
+  t.end()
+})
