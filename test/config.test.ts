@@ -1265,5 +1265,11 @@ t.test('the systemd unit\'s recipe for a command gives it the environment the se
   t.equal(got.KEYGATE_CONFIG, '/srv/keygate/other.yaml', 'keygate.env\'s KEYGATE_CONFIG wins over the unit\'s, as in the service')
   t.ok(Object.keys(unitEnv).length >= 3, 'the unit sets its variables')
   for (const [name, value] of Object.entries(unitEnv)) if (name !== 'KEYGATE_CONFIG') t.equal(got[name], value, `the unit's ${name}`)
+  // The files and folders the keygate user must reach, which nothing in the unit makes for it
+  // (found by the same review): keygate.yaml, read by ExecStartPre and serve as that user, where
+  // keygate.env is root's, read by systemd; and /var/lib/keygate before the service's first start,
+  // for an import into a new embedded store (the user cannot make it: `permission denied`).
+  t.match(unit, /keygate\.yaml holds no secret[^]*?readable to the keygate user/, 'the unit says keygate.yaml must be readable to the keygate user')
+  t.match(unit, 'install -d -o keygate -g keygate -m 0700 /var/lib/keygate', 'and how to make the data folder before the first start')
   t.end()
 })
