@@ -68,15 +68,18 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     }
     // As at the gateway: a key that waited for its place while the store failed the look-ups
     // ahead of it is not looked up in turn (before, found by a review, 30 admin requests from one
-    // address on a hung store were answered 5 every 5 s).
-    if (waited !== undefined && lookups.failedSince(waited)) {
+    // address on a hung store were answered 5 every 5 s). A malformed one, which asks no store,
+    // is refused as ever (before, found by a review, 503).
+    const asksStore = keys.wellFormed(presented)
+    if (waited !== undefined && asksStore && lookups.failedSince(waited)) {
       void lockout.finish(counted, false)
       throw new KeygateError('store_unavailable', 'the key store is not available: it failed the credential checks made while this one waited its turn; try again')
     }
     let result: Awaited<ReturnType<KeyService['validate']>>
     try {
       result = await keys.validate(presented, { address })
-      lookups.answered()
+      // Only an answer of the store says it answers again.
+      if (asksStore) lookups.answered()
     } catch (err) {
       if (isKeygateError(err, 'store_unavailable')) lookups.failed()
       void lockout.finish(counted, false)

@@ -318,6 +318,11 @@ export class KeyService {
     return this.#prefixes
   }
 
+  /** Whether `presented` has a key's shape, which `lookup` asks the store about (a malformed one it answers without). */
+  wellFormed(presented: string): boolean {
+    return parseKey(presented, this.#prefixes, this.#acceptLegacy) !== undefined
+  }
+
   /** Called after each committed change (cache invalidation, webhooks, pub/sub). */
   onChange(listener: (change: KeyChange) => void): () => void {
     this.#listeners.add(listener)
