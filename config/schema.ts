@@ -317,7 +317,7 @@ export const ConfigSchema = Type.Object(
         interval_s: int(60, 1, 86_400, { description: 'How often the jobs run.' }),
         rotation_notice_hours: int(168, 0, 8760, {
           description:
-            'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row). A rotation deadline is announced at least this long ahead: one the scheduler first sees with less time left is moved to this long from then.',
+            'How long before a key must be rotated (created_at + rotation_interval_s) or expires it is announced as key.expiring (event and audit row). A rotation deadline is announced at least this long ahead: one the scheduler first sees with less time left is moved to this long from then. 0 announces no expiry, and a rotation deadline only as it passes, enforced at the round after.',
         }),
         anomaly_retention_days: int(90, 1, 36_500, { description: 'Anomaly rows older than this are pruned (when the table exists); at least anomalies.dedupe_window_s, as a pruned row no longer keeps its window from alerting again.' }),
         webhook_delivery_retention_days: int(30, 1, 36_500, { description: 'Webhook delivery log rows older than this are pruned (when the table exists), except deliveries still being retried.' }),
