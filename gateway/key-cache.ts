@@ -271,7 +271,7 @@ export class KeyCache {
 
   /** The cached answer, or a promise of the store's; rejects when the store fails. */
   lookup(hash: string, presented: string): CachedKey | Miss | Promise<CachedKey | Miss> {
-    return this.hit(hash) ?? this.miss(hash, presented)
+    return this.hit(hash) ?? this.known(hash) ?? this.miss(hash, presented)
   }
 
   /** The cached key of a hash, if any (the request path's first look). */
@@ -302,10 +302,8 @@ export class KeyCache {
     return miss
   }
 
-  /** After `hit` found nothing: the negative cache's answer, or a promise of the store's; rejects when the store fails. */
-  miss(hash: string, presented: string): Miss | Promise<CachedKey | Miss> {
-    const miss = this.known(hash)
-    if (miss !== undefined) return miss
+  /** After `hit` and `known` found nothing: a promise of the store's answer (one for every caller asking meanwhile); rejects when the store fails. */
+  miss(hash: string, presented: string): Promise<CachedKey | Miss> {
     this.#metrics.miss.inc()
     let pending = this.#inflight.get(hash)
     if (pending === undefined) {

@@ -88,8 +88,8 @@ export function createValidateStage(o: ValidateOptions): Stage {
   // info line each time (found by a read-back).
   let failing = 0
   let lastFailure = 0
-  // An attempt that waited for its place while a look-up failed, with none succeeding since, is
-  // answered 503 as it is let in, without asking the store (core/lockout.ts).
+  // An attempt that waited for its place while look-ups failed, two or more in a row, is answered
+  // 503 as it is let in, without asking the store (core/lockout.ts createLookupFailures).
   const lookups = createLookupFailures()
   const storeDown = (s: RequestState, err: unknown): StageResult => {
     lookups.failed()
@@ -160,16 +160,13 @@ export function createValidateStage(o: ValidateOptions): Stage {
     } catch (err) {
       return storeDown(s, err)
     }
-    if (found instanceof Promise) {
-      return found.then(
-        (f) => {
-          lookups.answered()
-          if (failing > 0) storeUp()
-          return settle(s, f)
-        },
-        (err: unknown) => storeDown(s, err),
-      )
-    }
-    return settle(s, found)
+    return found.then(
+      (f) => {
+        lookups.answered()
+        if (failing > 0) storeUp()
+        return settle(s, f)
+      },
+      (err: unknown) => storeDown(s, err),
+    )
   }
 }
