@@ -16,7 +16,7 @@ import { oncePer, type Logger } from './log.ts'
 import { coalesced } from './coalesce.ts'
 import { OneOut, TimedOut, within } from './deadline.ts'
 import { addressKeyer } from './lockout.ts'
-import { refusedSubscriptions, subscriberConnection } from './redis.ts'
+import { keepSubscribed, subscriberConnection } from './redis.ts'
 import { BUCKET_MS, ByWindow, type UsageSink } from './usage.ts'
 
 /**
@@ -1101,7 +1101,6 @@ export class AnomalyFeed {
       if (!history) throw new Error('an anomaly feed on Redis needs the table (history): the channel only announces what the table holds')
       const sub = subscriberConnection(options.redis)
       let subscribed = false
-      let stopped = false
       /** The newest id when the feed began: an older one is no live anomaly (its streams resume from the table). */
       let floor: string | undefined
       const begun = history.latestId().then(
@@ -1243,15 +1242,10 @@ export class AnomalyFeed {
       // was a warning, some 7,200 an hour of an outage (found by a review); Redis's own health
       // says when it is back.
       let subscriberFailing = false
-      sub.on('ready', () => {
-        subscriberFailing = false
-        // Subscribed on each connection, the first as the later ones (subscriberConnection); its
-        // answer says when the subscription holds (a table read begun at 'ready' could run
-        // before it did, and an anomaly announced in between would reach neither). A refusal is
-        // asked again as at the start: before (found by a review), one after a reconnection (an
-        // ACL that took the channel away) was dropped, and the streams read the table for good.
-        trySubscribe()
-      })
+      // Subscribed again on each 'ready' (keepSubscribed, below): before (found by a review), a
+      // refusal after a reconnection (an ACL that took the channel away) was dropped, and the
+      // streams read the table for good.
+      sub.on('ready', () => (subscriberFailing = false))
       sub.on('error', (err: Error) => {
         if (subscriberFailing) return log.debug('anomaly alert subscriber error', { err })
         subscriberFailing = true
@@ -1282,27 +1276,20 @@ export class AnomalyFeed {
         void read()
       })
       // A SUBSCRIBE Redis refuses (an ACL user without the channel) is warned of and asked again
-      // until it is taken (refusedSubscriptions). Before, it was never asked again while the
-      // connection stayed up, and the streams were fed from the table for good, with nothing said.
-      const refusals = refusedSubscriptions({
+      // until it is taken (keepSubscribed). Before, it was never asked again while the connection
+      // stayed up, and the streams were fed from the table for good, with nothing said. Subscribed
+      // on each connection, the first as the later ones: its answer says when the subscription
+      // holds (a table read begun at 'ready' could run before it did, and an anomaly announced in
+      // between would reach neither).
+      const unsubscribe = keepSubscribed(sub, channel, {
         log,
-        channel,
         meanwhile: "anomaly streams read other instances' findings from api_key_anomalies every admin.stream_poll_ms",
         flowing: 'anomaly alerts',
+        onSubscribed: () => {
+          subscribed = true
+          subscribedNow()
+        },
       })
-      const trySubscribe = (): void => {
-        if (stopped) return
-        sub.subscribe(channel).then(
-          () => {
-            refusals.taken()
-            subscribed = true
-            subscribedNow()
-          },
-          // Anything else (not connected yet, the connection lost) is asked again at 'ready'.
-          (err: unknown) => void (stopped || refusals.refused(err, trySubscribe)),
-        )
-      }
-      trySubscribe()
       // A subscriber connection that died without closing (half-open: a Redis host gone, a NAT or
       // proxy that dropped it) gets no message and no error, for as long as TCP keepalive takes
       // to notice (two hours with the kernel's defaults): the streams got no live anomaly all
@@ -1331,8 +1318,7 @@ export class AnomalyFeed {
       timer?.unref()
       this.#ready = () => (live ? Promise.resolve() : poll.start())
       this.#stop = () => {
-        stopped = true
-        refusals.cancel()
+        unsubscribe()
         clearInterval(timer)
         offEvents()
         poll.stop()

@@ -34,7 +34,7 @@ import { TimedOut, within } from './deadline.ts'
 import type { DenyListService } from './deny-list.ts'
 import type { KeyChange, KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
-import { refusedSubscriptions, subscriberConnection } from './redis.ts'
+import { keepSubscribed, subscriberConnection } from './redis.ts'
 
 export const INVALIDATION_CHANNEL = 'keygate:invalidate'
 export const INVALIDATION_VERSION_KEY = 'keygate:invalidate:version'
@@ -327,40 +327,29 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   // the gateway began serving it flushes too (what was cached meanwhile may have been revoked
   // by a message this gateway never got).
   // A subscription Redis refuses (an ACL without the channel) is warned of and asked again until
-  // it is taken (refusedSubscriptions). Before (found by a review), it was logged at debug and
-  // never asked again while the connection stayed up, and every change from another instance
-  // waited for the store check. Lockouts are in no store: other instances' lockouts and lifts
-  // come by the channel alone (and by the read of those in force on the flush its subscription
-  // brings), as the warning says.
-  const refusals = refusedSubscriptions({
+  // it is taken (keepSubscribed). Before (found by a review), it was logged at debug and never
+  // asked again while the connection stayed up, and every change from another instance waited
+  // for the store check. Lockouts are in no store: other instances' lockouts and lifts come by the
+  // channel alone (and by the read of those in force on the flush its subscription brings), as
+  // the warning says.
+  const unsubscribe = keepSubscribed(sub, channelName, {
     log,
-    channel: channelName,
     meanwhile:
       'key and deny-list changes made by other instances reach this process only through the store (cache.store_check_s, gateway.deny_list_refresh_s), and the lockouts other instances decide, and their lifts, not until then (this process locks an address out on a failure counted here)',
     flowing: 'invalidations',
+    onSubscribed: async () => {
+      last = undefined
+      lastDelivered = undefined
+      if (subscribedOnce || serving) flush('reconnect')
+      subscribedOnce = true
+      // From here on a counter above the last version seen means a lost message.
+      const version = await readVersion().catch(() => undefined)
+      if (version !== undefined) lastRead = version
+      if (version !== undefined && (last === undefined || version > last)) last = version
+      first.resolve()
+    },
+    onFailed: (err) => log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error }),
   })
-  const subscribe = (): void => {
-    refusals.cancel()
-    if (closed) return
-    sub.subscribe(channelName).then(
-      async () => {
-        refusals.taken()
-        last = undefined
-        lastDelivered = undefined
-        if (subscribedOnce || serving) flush('reconnect')
-        subscribedOnce = true
-        // From here on a counter above the last version seen means a lost message.
-        const version = await readVersion().catch(() => undefined)
-        if (version !== undefined) lastRead = version
-        if (version !== undefined && (last === undefined || version > last)) last = version
-        first.resolve()
-      },
-      (err: unknown) => {
-        if (closed || !refusals.refused(err, subscribe)) log?.debug('could not subscribe to invalidations; trying again when Redis is ready', { err: err as Error })
-      },
-    )
-  }
-  sub.on('ready', subscribe)
 
   const interval = options.checkIntervalMs ?? 1000
   const checkTimeoutMs = Math.max(interval, CHECK_TIMEOUT_MIN_MS)
@@ -415,7 +404,7 @@ export async function subscribeInvalidations(redis: Redis, options: SubscribeOpt
   return async () => {
     closed = true
     clearInterval(timer)
-    refusals.cancel()
+    unsubscribe()
     sub.disconnect()
   }
 }

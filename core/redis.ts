@@ -315,68 +315,77 @@ export function redisReady(redis: Redis, ms: number): Promise<boolean> {
 
 /**
  * A connection of its own for a subscriber (a subscribed Redis connection can do nothing else),
- * which subscribes again itself on each 'ready', with its refusals handled (refusedSubscriptions).
- * Not ioredis's own resubscription on a reconnection: it leaves Redis's answer unhandled, and Redis
- * 7 closes a subscriber's connection as an ACL takes its channel away, so the NOPERM the
- * resubscription then got was an unhandled rejection that ended the process (found by a review).
+ * which subscribes again itself on each 'ready' (keepSubscribed). Not ioredis's own resubscription
+ * on a reconnection: it leaves Redis's answer unhandled, and Redis 7 closes a subscriber's
+ * connection as an ACL takes its channel away, so the NOPERM the resubscription then got was an
+ * unhandled rejection that ended the process (found by a review).
  */
 export function subscriberConnection(redis: Redis): Redis {
   return redis.duplicate({ autoResubscribe: false })
 }
 
-/** How often a subscription Redis refused (refusedSubscriptions) is asked again. */
+/** How often a subscription Redis refused (keepSubscribed) is asked again. */
 export const REFUSED_SUBSCRIBE_RETRY_MS = 1000
 
-export interface SubscriptionRefusals {
-  /**
-   * A SUBSCRIBE's failure: true when Redis answered it with a refusal (then warned of, once until
-   * it is taken, and `again` called after REFUSED_SUBSCRIBE_RETRY_MS); false for any other error,
-   * the connection's, which its next 'ready' asks again after.
-   */
-  refused(err: unknown, again: () => void): boolean
-  /** A SUBSCRIBE taken: said when one was refused before. */
-  taken(): void
-  /** No retry waiting any more (the subscriber closed, or a SUBSCRIBE asked meanwhile). */
-  cancel(): void
+export interface KeepSubscribedOptions {
+  log: Logger | undefined
+  /** What the process does while Redis refuses the subscription (the warning says it). */
+  meanwhile: string
+  /** What flows on the channel (the line that says it flows again names it). */
+  flowing: string
+  /** Each SUBSCRIBE Redis took: the first connection's and each one's after a reconnection. */
+  onSubscribed: () => unknown
+  /** A SUBSCRIBE that failed with the connection (asked again at the next 'ready'). */
+  onFailed?: (err: unknown) => void
 }
 
 /**
+ * Subscribes `sub` (a subscriberConnection) to `channel` on each 'ready'; returns what stops it.
  * A subscription Redis answers and refuses (a ReplyError: an ACL user without the channel, Redis
  * 7's default for a new user) brings no 'ready' to ask again on, its connection staying up: it is
- * warned of, with what the process does meanwhile (`meanwhile`), asked again every
- * REFUSED_SUBSCRIBE_RETRY_MS until Redis takes it, and said when it does (`flowing`: what flows on
- * the channel). The invalidations' and the anomaly feed's subscribers share it. Before (found by a
- * review), each was never asked again while the connection stayed up, and nothing said so.
+ * warned of once, with what the process does meanwhile, asked again every
+ * REFUSED_SUBSCRIBE_RETRY_MS until Redis takes it, and said when it does. The invalidations' and
+ * the anomaly feed's subscribers share it. Before (found by a review), each was never asked again
+ * while the connection stayed up, and nothing said so; then each wrote this loop itself.
  */
-export function refusedSubscriptions(options: { log: Logger | undefined; channel: string; meanwhile: string; flowing: string }): SubscriptionRefusals {
-  const { log, channel } = options
+export function keepSubscribed(sub: Redis, channel: string, o: KeepSubscribedOptions): () => void {
   let refused = false
   let retry: NodeJS.Timeout | undefined
-  return {
-    refused(err, again) {
-      if ((err as Error | undefined)?.name !== 'ReplyError') return false
-      if (!refused) {
-        // An ACL's refusal is NOPERM; anything else (a proxy or a server without SUBSCRIBE, its
-        // command renamed away) is no ACL's doing, and its own words say what it is.
-        const { message } = err as Error
-        const until = /^NOPERM\b/.test(message) ? `: until it is granted (ACL SETUSER <user> &${channel})` : ` (${message.slice(0, 200).trim()}): until it takes it`
-        log?.warn(`Redis refused the subscription to ${channel}${until}, ${options.meanwhile}; asked again every ${REFUSED_SUBSCRIBE_RETRY_MS / 1000} s`, { err: err as Error })
-      }
-      refused = true
-      retry ??= setTimeout(() => {
-        retry = undefined
-        again()
-      }, REFUSED_SUBSCRIBE_RETRY_MS)
-      retry.unref()
-      return true
-    },
-    taken() {
-      if (refused) log?.info(`${options.flowing} flow again: Redis took the subscription it refused`, { channel })
-      refused = false
-    },
-    cancel() {
-      clearTimeout(retry)
-      retry = undefined
-    },
+  let stopped = false
+  const cancel = (): void => {
+    clearTimeout(retry)
+    retry = undefined
+  }
+  const subscribe = (): void => {
+    cancel()
+    if (stopped) return
+    sub.subscribe(channel).then(
+      () => {
+        if (refused) o.log?.info(`${o.flowing} flow again: Redis took the subscription it refused`, { channel })
+        refused = false
+        return o.onSubscribed()
+      },
+      (err: unknown) => {
+        if (stopped) return
+        if ((err as Error | undefined)?.name !== 'ReplyError') return o.onFailed?.(err)
+        if (!refused) {
+          // An ACL's refusal is NOPERM; anything else (a proxy or a server without SUBSCRIBE, its
+          // command renamed away) is no ACL's doing, and its own words say what it is.
+          const { message } = err as Error
+          const until = /^NOPERM\b/.test(message) ? `: until it is granted (ACL SETUSER <user> &${channel})` : ` (${message.slice(0, 200).trim()}): until it takes it`
+          o.log?.warn(`Redis refused the subscription to ${channel}${until}, ${o.meanwhile}; asked again every ${REFUSED_SUBSCRIBE_RETRY_MS / 1000} s`, { err: err as Error })
+        }
+        refused = true
+        if (retry !== undefined) return
+        retry = setTimeout(subscribe, REFUSED_SUBSCRIBE_RETRY_MS)
+        retry.unref()
+      },
+    )
+  }
+  sub.on('ready', subscribe)
+  return () => {
+    stopped = true
+    cancel()
+    sub.off('ready', subscribe)
   }
 }
