@@ -36,7 +36,7 @@
 import type { AuditLog } from './audit.ts'
 import type { Db, Queryable } from './db.ts'
 import type { EventBus, KeygateEvent } from './events.ts'
-import { KEY_ENDS_FROM, liveEndPassedSql, type KeyEndReason } from './keys/ends.ts'
+import { keyEndsFrom, LINEAGE_DEPTH, liveEndPassedSql, type KeyEndReason } from './keys/ends.ts'
 import { columnsOf, toRecord, type KeyChange, type KeyRow, type KeyService } from './keys/service.ts'
 import { keyJson, type KeyRecord } from './keys/types.ts'
 import type { Logger } from './log.ts'
@@ -156,11 +156,37 @@ const ROTATION_NOTICE_DUE = `(k.status = 'active' AND k.rotation_interval_s IS N
 const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expires_at <= $2)`
 
 /**
+ * A recursive CTE, `name (id, status, depth)`: the keys of `heads` (a SELECT of `id`; status
+ * 'head', depth 0) and, back through replaced_by, the keys each replaced, a key at a time while
+ * the key stepped from is still rotating (a reader keeps the rotating ones). Each step is migration
+ * 0011's replaced_by index alone: with the status beside it in the join, the embedded store (no
+ * statistics) also read the status index at every step, all the rotating keys each time.
+ */
+function replacedBackCte(name: string, heads: string): string {
+  return `${name} (id, status, depth) AS (
+      SELECT h.id, 'head', 0 FROM (${heads}) h
+      UNION ALL
+      SELECT p.id, p.status, ${name}.depth + 1 FROM ${name} JOIN api_keys p ON p.replaced_by = ${name}.id
+      WHERE ${name}.status IN ('head', 'rotating') AND ${name}.depth < ${LINEAGE_DEPTH})`
+}
+
+/**
+ * The active keys whose announced rotation deadline passed by $1, and the rotating keys each
+ * replaced, back through its lineage (KEY_ENDS_FROM ends them with it): api_key_notices' (kind,
+ * deadline) index, then migration 0011's replaced_by index a step at a time.
+ */
+const OVERDUE_LINEAGES = `WITH RECURSIVE ${replacedBackCte(
+  'lineage',
+  `SELECT k.id FROM api_key_notices n JOIN api_keys k ON k.id = n.key_id
+   WHERE n.kind = 'rotation' AND n.deadline <= $1 AND k.status = 'active' AND k.rotation_interval_s IS NOT NULL`,
+)}
+  SELECT id FROM lineage WHERE status IN ('head', 'rotating')`
+
+/**
  * The keys a round may change ($1 now, $2 the end of the notice period), a superset of those
  * #lockDue selects, as sets an index reads each: keys past their expiry or grace (migration
  * 0020's api_keys_live_end_idx), announced rotation deadlines passed (api_key_notices' (kind,
- * deadline) index, or 0022's index of the active keys with an interval, whichever the planner
- * finds smaller), rotations due for notice (0022's index of ROTATION_NOTICE_DUE's deadline, in
+ * deadline) index) with the rotating keys they replaced (OVERDUE_LINEAGES), rotations due for notice (0022's index of ROTATION_NOTICE_DUE's deadline, in
  * UTC: that of a timestamptz plus an interval is no index expression, its time zone may move
  * days; of seconds only, the same instant), expiries due for notice (0001's expires_at index).
  * Before (found by a review), the selection read every key each round, due or not: 230 to 275
@@ -172,8 +198,7 @@ const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expi
  * statistics (bench/RESULTS.md).
  */
 const DUE_CANDIDATES = `SELECT k.id FROM api_keys k WHERE ${liveEndPassedSql('k', '$1')}
-  UNION SELECT k.id FROM api_key_notices n JOIN api_keys k ON k.id = n.key_id
-    WHERE n.kind = 'rotation' AND n.deadline <= $1 AND k.status = 'active' AND k.rotation_interval_s IS NOT NULL
+  UNION SELECT id FROM (${OVERDUE_LINEAGES}) o
   UNION SELECT k.id FROM api_keys k
     WHERE k.status = 'active' AND k.rotation_interval_s IS NOT NULL
       AND (k.created_at AT TIME ZONE 'UTC') + k.rotation_interval_s * interval '1 second' <= ($2::timestamptz AT TIME ZONE 'UTC')
@@ -181,18 +206,29 @@ const DUE_CANDIDATES = `SELECT k.id FROM api_keys k WHERE ${liveEndPassedSql('k'
 
 /**
  * The statement of #lockDue ($1 now, $2 the end of the notice period, $3 the batch): the keys
- * that look due to end, or to be announced, first by id, locked. Only DUE_CANDIDATES are judged,
- * by the same conditions as before they were read apart (test/scheduler-due.test.ts compares).
- * Taken as an array, whose keys are then read by the primary key: as `k.id IN (...)` the planner,
- * which keeps no statistics of a partial index's expression, took a third of the keys to be
- * past their end, and read them all again to join them.
+ * that look due to end, or to be announced, first by id (`picked`), and the rotating keys each
+ * of them past its announced rotation deadline replaced (OVERDUE_LINEAGES), all locked in id
+ * order. Only DUE_CANDIDATES are judged, by the same conditions as before they were read apart
+ * (test/scheduler-due.test.ts compares). Taken as an array, whose keys are then read by the
+ * primary key: as `k.id IN (...)` the planner, which keeps no statistics of a partial index's
+ * expression, took a third of the keys to be past their end, and read them all again to join them.
+ * The replaced keys are locked beside their successor, past the batch's limit, because they end
+ * by its announced deadline, whose notice goes when it ends (migration 0024): a batch ending the
+ * successor alone left them to a later batch that no longer found them due (found by a review).
  */
-export const LOCK_DUE = `SELECT k.id FROM ${KEY_ENDS_FROM}
-  WHERE k.id = ANY (ARRAY(${DUE_CANDIDATES}))
-    AND (e.ends_at <= $1
-      OR (${ROTATION_NOTICE_DUE} AND n.key_id IS NULL)
-      OR (${EXPIRY_NOTICE_DUE} AND NOT EXISTS (SELECT 1 FROM api_key_notices xn WHERE xn.key_id = k.id AND xn.kind = 'expiry' AND xn.deadline = k.expires_at)))
-  ORDER BY k.id LIMIT $3 FOR UPDATE OF k`
+export const LOCK_DUE = `WITH RECURSIVE candidates AS (${DUE_CANDIDATES}),
+  picked AS (
+    SELECT k.id, k.status = 'active' AND e.end_reason = 'rotation_overdue' AND e.ends_at <= $1 AS overdue
+    FROM ${keyEndsFrom('ARRAY(SELECT id FROM candidates)')}
+    WHERE k.id = ANY (ARRAY(SELECT id FROM candidates))
+      AND (e.ends_at <= $1
+        OR (${ROTATION_NOTICE_DUE} AND n.key_id IS NULL)
+        OR (${EXPIRY_NOTICE_DUE} AND NOT EXISTS (SELECT 1 FROM api_key_notices xn WHERE xn.key_id = k.id AND xn.kind = 'expiry' AND xn.deadline = k.expires_at)))
+    ORDER BY k.id LIMIT $3),
+  ${replacedBackCte('overdue_lineage', 'SELECT id FROM picked WHERE overdue')}
+  SELECT k.id, k.id IN (SELECT id FROM picked) AS picked FROM api_keys k
+  WHERE k.id = ANY (ARRAY(SELECT id FROM picked UNION SELECT id FROM overdue_lineage WHERE status = 'rotating'))
+  ORDER BY k.id FOR UPDATE OF k`
 
 export class Scheduler {
   readonly #o: SchedulerOptions
@@ -256,8 +292,8 @@ export class Scheduler {
         const batch = await this.#o.db.transaction(async (tx) => {
           const [lock] = await tx.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [SCHEDULER_LOCK])
           if (!lock?.ok) return undefined
-          const locked = await this.#lockDue(tx, now, notice, this.#batch)
-          const done = { full: locked.length === this.#batch, ended: [] as Ended[], announced: [] as typeof announced, events: [] as KeygateEvent[] }
+          const { ids: locked, picked } = await this.#lockDue(tx, now, notice, this.#batch)
+          const done = { full: picked === this.#batch, ended: [] as Ended[], announced: [] as typeof announced, events: [] as KeygateEvent[] }
           if (locked.length === 0) return done
           done.ended = await this.#endKeys(tx, now, locked)
           done.announced = await this.#announce(tx, now, notice, locked)
@@ -336,7 +372,9 @@ export class Scheduler {
    * Locks a batch (`limit`, the first by id) of the keys this round may change, in one statement
    * and in id order: the keys that look
    * due to end (past their grace, their expiry or their announced rotation deadline) and those
-   * with a notice to record (not yet announced, or whose expiry moved). #endKeys and #announce
+   * with a notice to record (not yet announced, or whose expiry moved), and beside them, past the
+   * limit, the rotating keys that end with a successor past its deadline; `picked` counts the
+   * first, which a full batch has `limit` of. #endKeys and #announce
    * then judge only these, again, each with a snapshot taken once the locks are held: a change
    * committed meanwhile (a raised rotation interval, which drops the announced deadline) is seen,
    * where a single statement re-checks a locked row against the rest of its first snapshot, and
@@ -346,16 +384,16 @@ export class Scheduler {
    * locks them in id order too: keys locked in two statements, each in order (A to end, then Z to
    * announce, with Z < A), deadlocked with a flush that held Z and waited for A.
    */
-  async #lockDue(tx: Queryable, now: Date, notice: Date, limit: number): Promise<string[]> {
-    const rows = await tx.query<{ id: string }>(LOCK_DUE, [now, notice, limit])
-    return rows.map((r) => r.id)
+  async #lockDue(tx: Queryable, now: Date, notice: Date, limit: number): Promise<{ ids: string[]; picked: number }> {
+    const rows = await tx.query<{ id: string; picked: boolean }>(LOCK_DUE, [now, notice, limit])
+    return { ids: rows.map((r) => r.id), picked: rows.filter((r) => r.picked).length }
   }
 
   /** Marks expired every locked key that is past its grace, its expiry, or its announced rotation deadline. */
   async #endKeys(tx: Queryable, now: Date, locked: string[]): Promise<Ended[]> {
     const rows = await tx.query<KeyRow & { reason: Ended['reason']; deadline: Date }>(
       `WITH due AS (
-         SELECT k.id, e.end_reason AS reason, e.ends_at AS deadline FROM ${KEY_ENDS_FROM}
+         SELECT k.id, e.end_reason AS reason, e.ends_at AS deadline FROM ${keyEndsFrom('$2::text[]')}
          WHERE k.id = ANY($2) AND e.ends_at <= $1)
        UPDATE api_keys SET status = 'expired', updated_at = $1 FROM due WHERE api_keys.id = due.id
        RETURNING ${columnsOf('api_keys')}, due.reason, due.deadline`,

@@ -84,8 +84,12 @@ t.test('the keys selected are those the statement before selected, over random k
       const out: string[] = []
       for (const { now, notice } of clocks) {
         for (const limit of [1000, 7]) {
-          const rows = await store.db.transaction((tx) => tx.query<{ id: string }>(sql, [now, notice, limit]))
-          out.push(`now ${now.toISOString()}, notice ${notice.toISOString()}, limit ${limit}: ${rows.map((r) => r.id).join(' ')}`)
+          const rows = await store.db.transaction((tx) => tx.query<{ id: string; picked?: boolean }>(sql, [now, notice, limit]))
+          // Past a batch's limit LOCK_DUE also locks the keys its overdue ones replaced (picked
+          // false), which the statement before did not: compared are the keys picked. With no
+          // limit reached, every row.
+          const compared = limit === 1000 ? rows : rows.filter((r) => r.picked !== false)
+          out.push(`now ${now.toISOString()}, notice ${notice.toISOString()}, limit ${limit}: ${compared.map((r) => r.id).join(' ')}`)
         }
       }
       return out
@@ -95,13 +99,23 @@ t.test('the keys selected are those the statement before selected, over random k
 
     // Every key announced while active, then given its status as the key service and the
     // scheduler give it (migration 0024 drops the rotation notices of those no longer active).
+    // Most rotating keys (and a few others) were replaced by a later key, some by a rotating
+    // one: lineages, whose rotating keys end with their newest key's announced deadline.
     await insertKeys(store.db, keys.map((k) => ({ ...k, status: 'active' })))
+    const later = (i: number, status: string) => keys.slice(i + 1).filter((k) => k.status === status && (status !== 'active' || k.rotation_interval_s !== null))
+    const replacedBy = keys.flatMap((k, i) => {
+      const by = k.status !== 'rotating' ? (rnd() < 0.1 ? later(i, 'active') : []) : rnd() < 0.25 ? later(i, 'rotating') : later(i, 'active')
+      return by.length > 0 ? [{ id: k.id, by: pick(by).id }] : []
+    })
+    await store.db.query(`UPDATE api_keys k SET replaced_by = r.by FROM json_to_recordset($1::json) AS r(id text, by text) WHERE k.id = r.id`, [JSON.stringify(replacedBy)])
     await insertNotices(store.db, notices)
     await store.db.query(
       `UPDATE api_keys k SET status = s.status, revoked_at = CASE WHEN s.status = 'revoked' THEN k.created_at END
        FROM json_to_recordset($1::json) AS s(id text, status text) WHERE k.id = s.id AND s.status <> 'active'`,
       [JSON.stringify(keys)],
     )
+    const [lineage] = await store.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM ${KEY_ENDS_FROM} WHERE k.status = 'rotating' AND e.end_reason = 'rotation_overdue'`)
+    t.ok((lineage?.n ?? 0) > 20, `${lineage?.n} rotating keys end by their lineage's announced rotation deadline`)
     const [kept] = await store.db.query<{ n: number }>(`SELECT count(*)::int AS n FROM api_key_notices n JOIN api_keys k ON k.id = n.key_id WHERE n.kind = 'rotation' AND k.status <> 'active'`)
     t.equal(kept?.n, 0, 'the rotation notices of the keys no longer active are gone')
     const now = await select(LOCK_DUE)
@@ -157,6 +171,17 @@ t.test('with many keys and none due, the selection reads next to none of them', 
 
     const read = await rowsRead(store.db, params, ['api_keys'])
     t.ok(read <= 150, `${read} key rows read of ${KEYS}, of which 50 have passed rotation notices and 100 (active) an interval (before: every key)`)
+
+    // Each rotating key replaced by the key after it, and one key due: the lineages walked are
+    // those of the candidates alone, not of the 500 rotating keys (the expiring report's walk),
+    // nor of every key ever replaced (the replaced_by index, which PostgreSQL read in full to find
+    // the candidates' when they were joined to it).
+    await store.db.query(`UPDATE api_keys SET replaced_by = 'k' || lpad((substr(id, 2)::int + 1)::text, 5, '0') WHERE status = 'rotating'`)
+    await insertKeys(store.db, [{ id: 'k-due', status: 'active', created_at: T0, rotation_interval_s: null, expires_at: new Date(T0.getTime() - HOUR), grace_until: null }])
+    await store.db.query('ANALYZE api_keys')
+    t.same(await store.db.query<{ id: string }>(LOCK_DUE, params), [{ id: 'k-due', picked: true }], 'one key is due')
+    const readDue = await rowsRead(store.db, params, ['api_keys'])
+    t.ok(readDue <= 160, `with one key due, ${readDue} key rows read (its lineage walked alone, not every replaced key's)`)
   })
 })
 
@@ -229,6 +254,28 @@ t.test('a rotation notice goes when its key stops being active, whichever way; w
     for (const id of [rotated, forced, revoked, overdue]) {
       t.ok((await s.audit.list(store.db, { keyId: id })).some((r) => r.action === 'key.expiring'), `${id}: its key.expiring audit row stays`)
     }
+  })
+})
+
+t.test('a batch that ends a key for its missed rotation locks and ends the keys it replaced with it, wherever their ids fall', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    // A batch of one key: the newest of each lineage has the smallest id of it, so the keys it
+    // replaced fall outside the batch's limit. Ended alone, its announced deadline (the notice
+    // goes with it, migration 0024) no longer ended them in the next batch: they must be locked
+    // and ended beside it.
+    const keys = [
+      { id: 'a-newest', status: 'active', created_at: new Date(T0.getTime() - 20 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
+      { id: 'b-middle', status: 'rotating', created_at: new Date(T0.getTime() - 30 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: new Date(T0.getTime() + 28 * HOUR) },
+      { id: 'c-oldest', status: 'rotating', created_at: new Date(T0.getTime() - 40 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: new Date(T0.getTime() + 18 * HOUR) },
+      { id: 'd-alone', status: 'active', created_at: new Date(T0.getTime() - 20 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
+    ]
+    await insertKeys(store.db, keys)
+    await store.db.query(`UPDATE api_keys SET replaced_by = CASE id WHEN 'b-middle' THEN 'a-newest' WHEN 'c-oldest' THEN 'b-middle' END WHERE id IN ('b-middle', 'c-oldest')`)
+    await insertNotices(store.db, ['a-newest', 'd-alone'].map((id) => ({ key_id: id, kind: 'rotation', deadline: new Date(T0.getTime() - HOUR) })))
+    const s = testServices(store.db)
+    const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: () => T0, intervalS: 60, noticeMs: 0, batchSize: 1, pruneRules: [] })
+    t.same((await scheduler.runOnce())?.rotationOverdue.sort(), ['a-newest', 'b-middle', 'c-oldest', 'd-alone'], 'every key of the lineage ends in the round')
+    t.same(await store.db.query(`SELECT id, status FROM api_keys ORDER BY id`), keys.map((k) => ({ id: k.id, status: 'expired' })), 'and is marked expired')
   })
 })
 

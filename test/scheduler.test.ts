@@ -231,6 +231,51 @@ forEachStore(t, async (t, store) => {
     t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'the audit row agrees')
   })
 
+  await t.test('a successor expired for its missed rotation takes the keys it replaced, still in their grace, with it', async (t) => {
+    // An interval and a notice period both shorter than the type's grace (a service key keeps
+    // 48 h): before (found by a review), the successor was ended at its deadline and the key it
+    // replaced went on working to the end of its own grace, 36 h more here, the lineage's older
+    // secret outliving the newer one its owner failed to rotate.
+    const short = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: clock.now, intervalS: 60, noticeMs: HOUR, pruneRules: [] })
+    const at = (hours: number) => new Date(T0.getTime() + hours * HOUR)
+    clock.set(T0)
+    const first = (await s.keys.create({ name: 'lineage of two', type: 'service', rotation_interval_s: 10 * 3600 }, ACTOR)).record.id
+    const oldest = (await s.keys.create({ name: 'lineage of three', type: 'service', rotation_interval_s: 10 * 3600 }, ACTOR)).record.id
+    clock.set(at(2))
+    const second = (await s.keys.rotate(first, {}, ACTOR)).record.id
+    const middle = (await s.keys.rotate(oldest, {}, ACTOR)).record.id
+    clock.set(at(3))
+    const newest = (await s.keys.rotate(middle, {}, ACTOR)).record.id
+    const mine = new Set([first, second, oldest, middle, newest])
+    const ours = (ids: readonly string[] | undefined) => (ids ?? []).filter((id) => mine.has(id)).sort()
+    const report = async () =>
+      Object.fromEntries((await s.keys.expiring(7 * DAY, { limit: 10_000 })).items.filter((e) => mine.has(e.key.id)).map((e) => [e.key.id, [e.endsAt.toISOString(), e.reason]]))
+
+    clock.set(at(11))
+    t.same(ours((await short.runOnce())?.announced.map((a) => a.keyId)), [second], "the first lineage's successor is announced, due at 12 h")
+    t.same(
+      await report(),
+      {
+        [first]: [at(12).toISOString(), 'rotation_overdue'],
+        [second]: [at(12).toISOString(), 'rotation_overdue'],
+        [oldest]: [at(50).toISOString(), 'grace_ended'],
+        [middle]: [at(51).toISOString(), 'grace_ended'],
+      },
+      'the report gives the key it replaced the same end (the other lineage is not announced yet)',
+    )
+    clock.set(at(12))
+    const run = await short.runOnce()
+    t.same(ours(run?.rotationOverdue), [first, second].sort(), 'the round at the deadline ends the successor and the key it replaced')
+    t.same(ours(run?.announced.map((a) => a.keyId)), [newest], "and announces the other lineage's newest key, due at 13 h")
+    t.same((await auditOf(first))[0], ['key.expired', { reason: 'rotation_overdue', deadline: at(12).toISOString() }], "the replaced key's audit row names its successor's deadline")
+    t.match(changes.filter((c) => c.action === 'expired' && c.key.id === first), [{ key: { status: 'expired' } }], 'caches are told')
+    t.equal(keyJson(await s.keys.get(first)).valid_until, at(12).toISOString(), 'its valid_until is the round that ended it')
+
+    clock.set(at(13))
+    t.same(ours((await short.runOnce())?.rotationOverdue), [oldest, middle, newest].sort(), 'a lineage of three: every key still in its grace ends with the newest')
+    t.same(await report(), {}, 'nothing of either lineage is left to end')
+  })
+
   await t.test('every way a key ends: the expiring report says when and why, and the round that ends it agrees', async (t) => {
     // The report and the scheduler read one SQL fragment (core/keys/ends.ts); written twice
     // before, they disagreed once. Ties: a grace over an expiry, an expiry over a rotation.
