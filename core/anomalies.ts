@@ -513,6 +513,13 @@ export class AnomalyDetector implements UsageSink {
    * nothing reconnected (redis.invalidation_check_ms 0): 5 checks of 3 keys held 15.
    */
   readonly #sharedOut = new OneOut()
+  /**
+   * An alert's PUBLISH while it is unanswered, past its bound too: an alert meanwhile is not sent
+   * but kept for a later check (#unpublished), as one that failed. Before (found by a review),
+   * each finding sent its PUBLISH beside those a frozen Redis held, and waited out its bound for
+   * it: one more held command per finding for as long as Redis stayed frozen.
+   */
+  readonly #publishOut = new OneOut()
   /** The store failed the last history read or insert (logged once an outage). */
   #storeDown = false
 
@@ -792,10 +799,12 @@ export class AnomalyDetector implements UsageSink {
   /**
    * Publishes an alert, waiting SHARED_WINDOWS_TIMEOUT_MS at most (a paused Redis held the check
    * here too); true once published. One still on its way then is `late` until it settles: out
-   * (it is dropped from #unpublished), or failed (sent again at a later check).
+   * (it is dropped from #unpublished), or failed (sent again at a later check). None is sent
+   * while an earlier one is on its way (#publishOut): false at once.
    */
   async #publish(entry: { message: string; late: boolean }): Promise<boolean> {
-    const sent = (this.#redis as Redis).publish(this.#channel, entry.message)
+    if (this.#publishOut.out) return false
+    const sent = this.#publishOut.send((this.#redis as Redis).publish(this.#channel, entry.message))
     try {
       await within(sent, SHARED_WINDOWS_TIMEOUT_MS, 'Redis: anomaly alert')
       return true

@@ -79,3 +79,43 @@ t.test("a frozen Redis holds one of an --only admin process's keygate_redis_up w
   await until(t, 'keygate_redis_up reads 1 again once Redis answers', async () => (await redisUp()) === '1')
   t.equal(await served.stop(), 0, 'SIGTERM: exit 0')
 })
+
+t.test("a frozen Redis holds one anomaly alert's PUBLISH unanswered, not one more for every finding; each alert reaches the channel once it thaws (found by a review)", async (t) => {
+  // Before: each finding sent its PUBLISH beside those unanswered, and waited its 1 s for it: 5
+  // findings held 5 publishes (one more per finding, for as long as Redis stayed frozen).
+  const { server, gate, redis } = await frozenRedis(t)
+  const db = await memoryDb({ migrated: true })
+  t.teardown(() => db.close())
+  const channel = 'test-frozen-publish-alerts'
+  const heard: string[] = []
+  const listener = connectRedis(server.url, silentLogger)
+  t.teardown(() => listener.disconnect())
+  listener.on('message', (_c: string, m: string) => heard.push((JSON.parse(m) as { key_id: string }).key_id))
+  t.ok(await redisReady(listener, 10_000), 'a listener on the channel')
+  await listener.subscribe(channel)
+  const thresholds = { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 1 }
+  const detector = new AnomalyDetector({ db, thresholds, redis, channel, log: silentLogger, checkIntervalMs: 0, ipv6PrefixBits: 64 })
+  t.teardown(() => detector.close())
+  const keys = ['k_a', 'k_b', 'k_c', 'k_d', 'k_e']
+  server.pause()
+  t.teardown(() => server.resume())
+  const mark = gate.sent().length
+  const publishes = () => gate.sent().slice(mark).split(channel).length - 1
+  // Two requests a key, over the rate of 1 a minute: five findings, judged from this process's counts.
+  for (const k of keys) for (let i = 0; i < 2; i++) detector.count(k, 'forwarded', Date.now(), '192.0.2.1', 200)
+  await detector.check()
+  const rows = await db.query<{ key_id: string }>(`SELECT key_id FROM api_key_anomalies ORDER BY key_id`)
+  t.same(rows.map((r) => r.key_id), keys, 'the five findings are recorded')
+  for (let i = 0; i < 3; i++) await detector.check()
+  t.equal(redis.status, 'ready', 'the connection stays up')
+  t.equal(publishes(), 1, "one alert's PUBLISH is out, unanswered; none is sent beside it")
+  server.resume()
+  await until(t, 'every alert reaches the channel once Redis answers', async () => {
+    await detector.check()
+    return new Set(heard).size === keys.length
+  })
+  await detector.check()
+  // Its answer follows every message Redis sent the listener before it: those of the check above.
+  await listener.ping()
+  t.same(heard.sort(), keys, 'each alert once')
+})
