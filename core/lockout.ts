@@ -468,7 +468,15 @@ export function createLockout(options: LockoutOptions): Lockout {
           try {
             await within(redis.eval(LIFT_SCRIPT, 2, `${LOCKOUT_KEY_PREFIX}:${addressKey}`, `${LIFTED_KEY_PREFIX}:${addressKey}`, at, windowMs), health.timeoutMs, 'Redis: lockout lift')
           } catch (err) {
-            if (err instanceof TimedOut) throw new KeygateError('store_unavailable', `Redis did not answer within ${health.timeoutMs} ms: the lift may still take effect there when it does, but this instance still holds the lockout; try again`, { unconfirmed: true }, { cause: err })
+            if (err instanceof TimedOut) {
+              // As a limiter call slower than the timeout does: limits and lockouts go to the
+              // insurance, a gateway's keygate_redis_up says so, a lift meanwhile is refused at
+              // once (before, found by a review, each sent its script beside those a frozen Redis
+              // held), and the switch back's restore learns whether this lift ran there (the
+              // script's -lifted answer drops the lockout here; before, it was held to its end).
+              health.down('timeout', err)
+              throw new KeygateError('store_unavailable', `Redis did not answer within ${health.timeoutMs} ms: the lift may still take effect there when it does, but this instance still holds the lockout; try again`, { unconfirmed: true }, { cause: err })
+            }
             throw new KeygateError('store_unavailable', `Redis refused the lift (${(err as Error).message}); nothing was changed, try again`, undefined, { cause: err })
           }
         }

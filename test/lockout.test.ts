@@ -12,6 +12,7 @@ import { createLogger } from '../core/log.ts'
 import { connectRedis, redisHealth } from '../core/redis.ts'
 import { freshAddress, sleep, until } from './helpers/gateway.ts'
 import { startRedisServer } from './helpers/redis-server.ts'
+import { gateInFront } from './helpers/tcp-gate.ts'
 
 const quiet = createLogger({ write: () => {} })
 
@@ -459,6 +460,39 @@ t.test('a lift against a frozen Redis is refused within the command timeout, say
   await admin.connect()
   await until(t, 'Redis ran it when it woke', async () => (await admin.exists(`${LOCKOUT_KEY_PREFIX}:${address}`)) === 0)
   t.equal(await admin.exists(`${LIFTED_KEY_PREFIX}:${address}`), 1)
+})
+
+t.test("a lift Redis does not answer in time marks Redis down, as a limiter call's timeout does: the next lift is refused at once, sending nothing beside the one held, and the lift's effect is taken up here once Redis answers (found by a review)", async (t) => {
+  // Before: keygate_redis_up, readiness and the limits took Redis for up, and each lift sent its
+  // script beside those a frozen Redis held (one more per request, for as long as it stayed
+  // frozen); and with Redis still up here nothing read it again when it woke, so this instance
+  // held the lockout Redis had lifted until it ended.
+  const server = await startRedisServer(t)
+  // Only to count what the client sends: bytes pass both ways.
+  const { gate, url } = await gateInFront(t, server.url)
+  const redis = connectRedis(url, quiet, { commandTimeoutMs: 100 })
+  t.teardown(() => redis.disconnect())
+  const health = redisHealth(redis)
+  await until(t, 'connected, and on Redis (its first probe done)', () => health.up)
+  const lockout = createLockout({ maxAttempts: 2, windowS: 60, log: quiet, redis })
+  const address = freshAddress()
+  await lockout.recordFailure(address)
+  await lockout.recordFailure(address)
+  t.ok(lockout.lockedFor(address) !== undefined, 'locked out')
+  server.pause()
+  t.teardown(() => server.resume())
+  const mark = gate.sent().length
+  // The lift's script names the lifted key; a restore's would too, and none runs while Redis is down.
+  const lifts = () => gate.sent().slice(mark).split(`${LIFTED_KEY_PREFIX}:${address}`).length - 1
+  await t.rejects(lockout.lift(address), { code: 'store_unavailable', details: { unconfirmed: true } }, 'not answered in time: unconfirmed')
+  t.equal(redis.status, 'ready', 'the connection stays up')
+  t.notOk(health.up, 'Redis is marked down')
+  await t.rejects(lockout.lift(address), { code: 'store_unavailable', message: /nothing was changed/ }, 'the next lift is refused at once')
+  t.equal(lifts(), 1, "one lift's script is out, unanswered; none is sent beside it")
+  t.ok(lockout.lockedFor(address) !== undefined, 'the lockout stands here meanwhile')
+  server.resume()
+  await until(t, 'on Redis again once it answers', () => health.up)
+  await until(t, 'and the lift Redis ran as it woke ends the lockout here too', () => lockout.lockedFor(address) === undefined)
 })
 
 t.test('a lockout that began before a lift is not taken up again by a late lock: message (found by a review)', async (t) => {
