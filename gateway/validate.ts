@@ -91,8 +91,14 @@ export function createValidateStage(o: ValidateOptions): Stage {
   // An attempt that waited for its place while look-ups failed, two or more in a row, is answered
   // 503 as it is let in, without asking the store (core/lockout.ts createLookupFailures).
   const lookups = createLookupFailures()
-  const storeDown = (s: RequestState, err: unknown): StageResult => {
-    lookups.failed()
+  // A look-up is counted once, whatever the number of requests that shared it (the key cache's
+  // one promise for every caller of a key asking meanwhile): before (found by a review), one
+  // failure shared by two attempts of a burst of one key was two in a row, and the address's
+  // whole queue was answered 503 without asking the store.
+  const failedLookups = new WeakSet<Promise<unknown>>()
+  const storeDown = (s: RequestState, err: unknown, lookup?: Promise<unknown>): StageResult => {
+    if (lookup === undefined || !failedLookups.has(lookup)) lookups.failed()
+    if (lookup !== undefined) failedLookups.add(lookup)
     void lockout.finish(s.addressKey, false)
     storeErrors.inc()
     lastFailure = now()
@@ -166,7 +172,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
         if (failing > 0) storeUp()
         return settle(s, f)
       },
-      (err: unknown) => storeDown(s, err),
+      (err: unknown) => storeDown(s, err, found),
     )
   }
 }

@@ -129,3 +129,25 @@ t.test('on a failing store, a malformed key or one known unknown that waited for
   t.equal(k.status, 401, `a key known unknown is answered from the cache as ever (${k.text})`)
   t.equal(held.length, 2 + places, 'neither asked the store')
 })
+
+t.test('one look-up that fails, shared by the attempts of a burst of one key, answers those 503, not every attempt waiting behind them (found by a review)', async (t) => {
+  // The requests of one key not in the cache share its look-up (the key cache's one promise for
+  // every caller asking meanwhile): its one failure was counted once for each of them, so two
+  // attempts sharing it made the "two failures in a row" that answer the address's whole queue
+  // 503 without asking the store, which would have answered them.
+  const { h, real, state, held, lookups, waitingFor } = await gatewayWithHeldLookups(t, { maxAttempts: 2 })
+  const { key } = await real.create({ name: 'burst', type: 'user' }, { actor: 'test' })
+  const answers = Array.from({ length: 6 }, () => h.get('/x', bearer(key)))
+  // Two attempts hold the places and share one look-up; the other four wait for a place.
+  await lookups(1)
+  await waitingFor(4)
+  held[0]?.fail()
+  // The store is asked again (by the attempts let in next) and answers.
+  const asked = await Promise.race([lookups(2).then(() => true), Promise.all(answers).then(() => false)])
+  state.holding = false
+  for (const l of held.slice(1)) l.go()
+  const codes = (await Promise.all(answers)).map((a) => a.status)
+  t.ok(asked, 'the attempts let in after the one failure ask the store again')
+  t.same(codes.filter((c) => c === 503).length, 2, `only the attempts that shared the failed look-up are answered 503 (${codes.join(' ')})`)
+  t.same(codes.filter((c) => c === 200).length, 4, 'the others are looked up and authenticated')
+})
