@@ -155,6 +155,10 @@ export function createValidateStage(o: ValidateOptions): Stage {
    */
   function lookUp(s: RequestState, presented: string, digest: string | undefined, hit: CachedKey | undefined, waited?: number): StageResult | Promise<StageResult> {
     if (digest === undefined) return refuse(s, 'malformed', undefined)
+    // One that waited may find its key cached meanwhile (by an attempt of the same key ahead of
+    // it): before (found by a review), it was looked up again, a query per group of max_attempts
+    // in a burst of one key, and answered 503 without one once look-ups had failed in a row.
+    if (waited !== undefined) hit ??= cache.hit(digest)
     if (hit !== undefined) return settle(s, hit)
     if (keyShape(presented, prefixes, acceptLegacy) === undefined) return refuse(s, 'malformed', undefined)
     const known = cache.known(digest)

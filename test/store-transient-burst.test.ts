@@ -16,7 +16,7 @@ async function gatewayWithHeldLookups(t: Tap, options: { maxAttempts: number; ca
   const base = await openStore(t, makeConfig({ ...settings, routes: [] }))
   const real = new KeyService({ db: base.db, audit: base.audit, ...keyServiceOptions(makeConfig({ ...settings, routes: [] })) })
   const state = { holding: true, waiting: 0 }
-  const held: Array<{ go: () => void; fail: () => void }> = []
+  const held: Array<{ presented: string; go: () => void; fail: () => void }> = []
   let arrived: () => void = () => {}
   const keys = new Proxy(real, {
     get(target, name) {
@@ -24,7 +24,7 @@ async function gatewayWithHeldLookups(t: Tap, options: { maxAttempts: number; ca
         return (presented: string) => {
           if (!state.holding) return target.lookup(presented)
           return new Promise((resolve, reject) => {
-            held.push({ go: () => resolve(target.lookup(presented)), fail: () => reject(new Error('terminating connection due to administrator command')) })
+            held.push({ presented, go: () => resolve(target.lookup(presented)), fail: () => reject(new Error('terminating connection due to administrator command')) })
             arrived()
           })
         }
@@ -150,4 +150,47 @@ t.test('one look-up that fails, shared by the attempts of a burst of one key, an
   t.ok(asked, 'the attempts let in after the one failure ask the store again')
   t.same(codes.filter((c) => c === 503).length, 2, `only the attempts that shared the failed look-up are answered 503 (${codes.join(' ')})`)
   t.same(codes.filter((c) => c === 200).length, 4, 'the others are looked up and authenticated')
+})
+
+t.test('on a failing store, an attempt that waited for its place while another attempt of its key put it in the cache is answered from the cache, not 503 and not by another look-up (found by a review)', async (t) => {
+  // Before: the cache was looked at as the request came, not again as its place came: the key,
+  // cached meanwhile, was looked up again (a query per group of max_attempts in a burst of one
+  // key), and once look-ups had failed in a row it was answered 503 without one.
+  const { h, real, held, lookups, waitingFor } = await gatewayWithHeldLookups(t, { maxAttempts: 3 })
+  const [x1, x2, x3, k] = await Promise.all(Array.from({ length: 4 }, () => real.create({ name: 'burst', type: 'user' }, { actor: 'test' })))
+  const lookupsOf = (g: { key: string }) => held.filter((l) => l.presented === g.key)
+  // x1, x2 and k hold the places; then come k again (w1), x3 and k once more (w2), in that order.
+  const a1 = h.get('/x', bearer(x1!.key))
+  const a2 = h.get('/x', bearer(x2!.key))
+  const a3 = h.get('/x', bearer(k!.key))
+  await lookups(3)
+  const w1 = h.get('/x', bearer(k!.key))
+  await waitingFor(1)
+  const y = h.get('/x', bearer(x3!.key))
+  await waitingFor(2)
+  const w2 = h.get('/x', bearer(k!.key))
+  await waitingFor(3)
+  // k is found and cached; its place goes to w1.
+  lookupsOf(k!)[0]?.go()
+  t.equal((await a3).status, 200, 'k is authenticated')
+  // x1's look-up fails; its place goes to x3's attempt, which asks the store (one failure).
+  lookupsOf(x1!)[0]?.fail()
+  t.equal((await a1).status, 503, 'the look-up that failed: 503')
+  await lookups(lookupsOf(k!).length + 3)
+  // x2's fails too (two in a row); its place goes to w2.
+  lookupsOf(x2!)[0]?.fail()
+  t.equal((await a2).status, 503, 'the look-up that failed: 503')
+  // Whatever asks the store from here is answered.
+  const settled = Promise.all([w1, w2, y])
+  const released = new Set<unknown>()
+  while (!(await Promise.race([settled.then(() => true), new Promise<false>((resolve) => setTimeout(() => resolve(false), 50))]))) {
+    for (const l of held.filter((l) => !released.has(l))) {
+      released.add(l)
+      l.go()
+    }
+  }
+  const [r1, r2] = await Promise.all([w1, w2])
+  t.equal(r2.status, 200, `the attempt let in after two failures in a row is answered from the cache (${r2.status === 200 ? 'authenticated' : r2.text})`)
+  t.equal(r1.status, 200, 'the one let in before them too')
+  t.equal(lookupsOf(k!).length, 1, 'k was looked up once')
 })
