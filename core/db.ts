@@ -1558,27 +1558,40 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
   if (options.memory) return EmbeddedDb.open({ dataDir: undefined, sharedBuffers }, () => {})
   const dir = resolve(options.dataDir ?? DEFAULT_DATA_DIR)
   const pgdata = join(dir, 'pgdata')
-  if (options.existingOnly !== undefined) requireStore(dir, options.existingOnly)
+  // While a store is being made, `keygate.making` beside pgdata/ says so: a making cut short (the
+  // process killed during PGlite's initdb) is known by it, and holds nothing yet.
+  const makingMark = join(dir, MAKING_MARK)
+  const takeLock = async (): Promise<() => void> => {
+    try {
+      const other = options.lockedHint ?? STORE_LOCKED_HINT
+      // The CLI's own advice (no lockedHint given) has a word for a gateway-only server too.
+      const gatewayOnly = options.lockedHint === undefined ? { gatewayOnly: GATEWAY_ONLY_HINT } : {}
+      return await lockDataDir(dir, { other, server: options.serverHeldHint ?? other, ...gatewayOnly }, options.shortLived === true)
+    } catch (err) {
+      if (isKeygateError(err)) throw err
+      const at = (err as NodeJS.ErrnoException).path
+      throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${systemErrorWords(err)}${at ? ` (${at})` : ''}`, undefined, { cause: err })
+    }
+  }
+  if (options.existingOnly !== undefined) {
+    // A store being made is its maker's (store_locked, from its lock), and one whose making was
+    // cut short holds none. Before (found by a docs walk), a command run during `serve`'s first
+    // start was told there was no store, to make one with `keygate serve`, or that the store had
+    // lost PG_VERSION and pgdata/ could be removed.
+    if (lstatOrNone(storeMark(dir)) === undefined && lstatOrNone(makingMark) !== undefined) {
+      refuseForeignFolders(dir, pgdata)
+      ;(await takeLock())()
+      if (lstatOrNone(makingMark) !== undefined) throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${options.existingOnly}`)
+    }
+    requireStore(dir, options.existingOnly)
+  }
   refuseForeignFolders(dir, pgdata)
   try {
     makeFolders(dir, 0o700)
   } catch (err) {
     throw new KeygateError('store_unavailable', `cannot create the embedded store folder ${dir}: ${systemErrorWords(err)}`, undefined, { cause: err })
   }
-  let release: () => void
-  try {
-    const other = options.lockedHint ?? STORE_LOCKED_HINT
-    // The CLI's own advice (no lockedHint given) has a word for a gateway-only server too.
-    const gatewayOnly = options.lockedHint === undefined ? { gatewayOnly: GATEWAY_ONLY_HINT } : {}
-    release = await lockDataDir(dir, { other, server: options.serverHeldHint ?? other, ...gatewayOnly }, options.shortLived === true)
-  } catch (err) {
-    if (isKeygateError(err)) throw err
-    const at = (err as NodeJS.ErrnoException).path
-    throw new KeygateError('store_unavailable', `cannot lock the embedded store in ${dir}: ${systemErrorWords(err)}${at ? ` (${at})` : ''}`, undefined, { cause: err })
-  }
-  // While a store is being made, `keygate.making` beside pgdata/ says so: a making cut short (the
-  // process killed during PGlite's initdb) is known by it, and holds nothing yet.
-  const makingMark = join(dir, MAKING_MARK)
+  const release = await takeLock()
   let making: boolean
   try {
     privateFolder(pgdata)

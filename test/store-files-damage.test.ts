@@ -238,6 +238,38 @@ t.test('a making killed part way: the next start makes the store anew', async (t
   t.same(listed.json().items.map((k: { name: string }) => k.name), ['after'])
 })
 
+// Found by a docs walk: a command run while another process was making the store (`serve`'s
+// first start, which takes seconds) looked for PG_VERSION before it asked for the lock, and said
+// "no embedded store ... make the store there with `keygate serve`" or, once PGlite had begun
+// writing the files, that the store had lost PG_VERSION and that pgdata/ could be removed, where
+// the store is that process's (store_locked). A making cut short is no store that lost its mark.
+t.test('a store being made is held by its maker; one whose making was cut short is none (found by a docs walk)', async (t) => {
+  const store = join(tempDir(t), 'data')
+  // In one process (KEYGATE_WASM_TIERING=full), so that the process stopped and killed is the one making the store.
+  const child = spawnClean(process.execPath, [KEYGATE_BIN, 'migrate'], { env: childEnv({ ...embeddedEnv(store), KEYGATE_WASM_TIERING: 'full' }), stdio: 'ignore' })
+  const ended = new Promise((resolve) => child.once('exit', resolve))
+  t.teardown(() => child.kill('SIGKILL'))
+  const pgdata = join(store, 'pgdata')
+  // Stopped once PGlite has begun writing the database's files, before its PG_VERSION: the
+  // making is under way, its lock held.
+  while (!existsSync(join(pgdata, 'base'))) await new Promise((resolve) => setTimeout(resolve, 5))
+  child.kill('SIGSTOP')
+  t.ok(existsSync(join(store, 'keygate.making')), 'the store is being made')
+  const reader = await runCliHere(['api-key', 'list', '--json'], { env: embeddedEnv(store) })
+  t.equal(reader.code, 1)
+  t.equal(reader.json().error.code, 'store_locked', reader.stderr)
+  t.match(reader.stderr, `in use by process ${child.pid} (keygate migrate)`)
+  t.notMatch(reader.stderr, /has lost|no embedded store|remove /, 'no advice to make the store anew, or to remove it')
+
+  child.kill('SIGKILL')
+  await ended
+  const cut = await runCliHere(['api-key', 'list', '--json'], { env: embeddedEnv(store) })
+  t.equal(cut.code, 1)
+  t.match(cut.stderr, `no embedded store in ${store}`, 'a making cut short holds no store')
+  t.notMatch(cut.stderr, /has lost/)
+  t.ok(existsSync(join(store, 'keygate.making')), 'left as it is, for the next making')
+})
+
 t.test('a PANIC of PostgreSQL (a WAL write that failed) ends the embedded store: told as lost, every later call refused; a start still short of room is told to make room; one with room recovers it', async (t) => {
   // Before (found by a review, serve on a tmpfs that filled up): PGlite, which cannot end as
   // PostgreSQL does on a PANIC, was left broken: every later call failed with "cannot drop active
