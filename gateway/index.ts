@@ -245,8 +245,18 @@ export async function createGateway(deps: GatewayDeps): Promise<Gateway> {
           return
         }
         if (verdict === FORWARD_NOW) break
+        // The walk's rest under the same catch as here: a throw in it would otherwise reject the
+        // promise then() returns, which nothing handles, and end the process.
         verdict.then(
-          (v) => (v === undefined ? run(s, last, list, i + 1) : v === FORWARD_NOW ? last(s) : sendError(ctx, s, v)),
+          (v) => {
+            try {
+              if (v === undefined) run(s, last, list, i + 1)
+              else if (v === FORWARD_NOW) last(s)
+              else sendError(ctx, s, v)
+            } catch (err) {
+              failed(s, err)
+            }
+          },
           (err: unknown) => failed(s, err),
         )
         return
