@@ -1058,46 +1058,54 @@ export class WebhookService {
     const mine = "d.id = $1 AND d.attempts = $2 AND d.status <> 'delivered'"
     const fields = { delivery_id: c.id, webhook_id: c.webhook_id, attempt: c.attempts, error }
     let rows: (DeliveryRow & { ended?: string | null; paused?: boolean | null })[]
-    if (error === null) {
-      rows = await this.#db.query<DeliveryRow>(
-        `UPDATE webhook_deliveries d SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
-        [c.id, c.attempts, done, status],
-      )
-    } else {
-      // Counted since the delivery was last sent again (0 for one never sent again).
-      const made = c.attempts - c.retry_base
-      const failed = made >= this.#c.max_attempts
-      // The backoff, or longer when the receiver asked for longer (Retry-After), never past
-      // retry_max_ms. Before (found by a review), Retry-After was not read: a receiver that
-      // answered `429` with `Retry-After: 120` got the next attempts 5, 10, 20 and 40 s later.
-      const wait = Math.min(Math.max(this.#c.retry_base_ms * 2 ** (made - 1), asked), this.#c.retry_max_ms)
-      // Its webhook deleted meanwhile, or no longer taking its event: failed, as nothing will try it
-      // again. Ended meanwhile (failed), it stays so, though its event be taken again before the
-      // answer: before (found by a review), the event removed and added back while the receiver
-      // answered, it was made pending and retried, where the others the PATCH ended were not.
-      // Sent again since (retry_base moved), the failure is not this attempt's to record: it
-      // undid the resend (failed on what was the last attempt, else due later).
-      // `ended` says why a row ended failed other than by its attempts, for the log.
-      // The webhook's row read once, joined (a delivery's row always has one: its foreign key
-      // cascades a webhook's removal to its deliveries). Before (found by a review), three
-      // subqueries read it, for the status and for each of `ended` and `paused`.
-      rows = await this.#db.query<DeliveryRow & { ended: string | null; paused: boolean | null }>(
-        `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
-           status = CASE WHEN d.status = 'pending' AND w.${LIVE} AND ${TAKEN} THEN $3 ELSE 'failed' END
-         FROM webhooks w
-         WHERE w.id = d.webhook_id AND ${mine} AND d.retry_base = $8
-         RETURNING ${D_COLUMNS_OF_D}, CASE WHEN NOT w.${LIVE} THEN 'its webhook was deleted' WHEN NOT ${TAKEN} THEN 'its webhook no longer takes ' || d.event_type END AS ended,
-           NOT w.enabled AS paused`,
-        [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done, c.retry_base],
-      )
-      const row = rows[0]
-      // Paused (by a PATCH while in flight, or a test send to it), its webhook holds the retry until
-      // it is enabled again: before (found by a review), the line gave a time that was not kept.
-      const held = row?.paused === true ? { held: 'webhook paused: retried once it is enabled again, not before' } : {}
-      if (row?.status === 'pending') this.#log.warn('webhook delivery failed; will retry', { ...fields, next_attempt_at: new Date(row.next_attempt_at).toISOString(), ...held })
-      else if (row && !row.ended && failed) this.#log.warn('webhook delivery failed for good', { ...fields, reason: `its ${this.#c.max_attempts} attempts (max_attempts) are made` })
-      // Its webhook taking the event still, and attempts left: a PATCH ended it while in flight.
-      else if (row) this.#log.warn('webhook delivery failed; no further attempt', { ...fields, reason: row.ended ?? 'it was ended while in flight, its event removed from its webhook' })
+    try {
+      if (error === null) {
+        rows = await this.#db.query<DeliveryRow>(
+          `UPDATE webhook_deliveries d SET status = 'delivered', delivered_at = ${storeClock(3)}, last_status = $4, last_error = NULL WHERE ${mine} RETURNING ${D_COLUMNS}`,
+          [c.id, c.attempts, done, status],
+        )
+      } else {
+        // Counted since the delivery was last sent again (0 for one never sent again).
+        const made = c.attempts - c.retry_base
+        const failed = made >= this.#c.max_attempts
+        // The backoff, or longer when the receiver asked for longer (Retry-After), never past
+        // retry_max_ms. Before (found by a review), Retry-After was not read: a receiver that
+        // answered `429` with `Retry-After: 120` got the next attempts 5, 10, 20 and 40 s later.
+        const wait = Math.min(Math.max(this.#c.retry_base_ms * 2 ** (made - 1), asked), this.#c.retry_max_ms)
+        // Its webhook deleted meanwhile, or no longer taking its event: failed, as nothing will try it
+        // again. Ended meanwhile (failed), it stays so, though its event be taken again before the
+        // answer: before (found by a review), the event removed and added back while the receiver
+        // answered, it was made pending and retried, where the others the PATCH ended were not.
+        // Sent again since (retry_base moved), the failure is not this attempt's to record: it
+        // undid the resend (failed on what was the last attempt, else due later).
+        // `ended` says why a row ended failed other than by its attempts, for the log.
+        // The webhook's row read once, joined (a delivery's row always has one: its foreign key
+        // cascades a webhook's removal to its deliveries). Before (found by a review), three
+        // subqueries read it, for the status and for each of `ended` and `paused`.
+        rows = await this.#db.query<DeliveryRow & { ended: string | null; paused: boolean | null }>(
+          `UPDATE webhook_deliveries d SET next_attempt_at = ${storeClock(7)} + $4::float8 * interval '1 millisecond', last_status = $5, last_error = $6,
+             status = CASE WHEN d.status = 'pending' AND w.${LIVE} AND ${TAKEN} THEN $3 ELSE 'failed' END
+           FROM webhooks w
+           WHERE w.id = d.webhook_id AND ${mine} AND d.retry_base = $8
+           RETURNING ${D_COLUMNS_OF_D}, CASE WHEN NOT w.${LIVE} THEN 'its webhook was deleted' WHEN NOT ${TAKEN} THEN 'its webhook no longer takes ' || d.event_type END AS ended,
+             NOT w.enabled AS paused`,
+          [c.id, c.attempts, failed ? 'failed' : 'pending', wait, status, error, done, c.retry_base],
+        )
+        const row = rows[0]
+        // Paused (by a PATCH while in flight, or a test send to it), its webhook holds the retry until
+        // it is enabled again: before (found by a review), the line gave a time that was not kept.
+        const held = row?.paused === true ? { held: 'webhook paused: retried once it is enabled again, not before' } : {}
+        if (row?.status === 'pending') this.#log.warn('webhook delivery failed; will retry', { ...fields, next_attempt_at: new Date(row.next_attempt_at).toISOString(), ...held })
+        else if (row && !row.ended && failed) this.#log.warn('webhook delivery failed for good', { ...fields, reason: `its ${this.#c.max_attempts} attempts (max_attempts) are made` })
+        // Its webhook taking the event still, and attempts left: a PATCH ended it while in flight.
+        else if (row) this.#log.warn('webhook delivery failed; no further attempt', { ...fields, reason: row.ended ?? 'it was ended while in flight, its event removed from its webhook' })
+      }
+    } catch (err) {
+      // The attempt was made, though its outcome could not be recorded (retried when its lease
+      // ends): counted all the same. Before (found by a review), it was not, and
+      // keygate_webhook_attempts_total said fewer attempts than receivers had been sent.
+      this.#onAttempt(error === null ? 'delivered' : 'failed', false)
+      throw err
     }
     this.#onAttempt(error === null ? 'delivered' : 'failed', error !== null && rows[0]?.status === 'failed')
     if (rows[0]) return toDelivery(rows[0])
