@@ -207,18 +207,23 @@ const DUE_CANDIDATES = `SELECT k.id FROM api_keys k WHERE ${liveEndPassedSql('k'
 /**
  * The statement of #lockDue ($1 now, $2 the end of the notice period, $3 the batch): the keys
  * that look due to end, or to be announced, first by id (`picked`), and the rotating keys each
- * of them past its announced rotation deadline replaced (OVERDUE_LINEAGES), all locked in id
- * order. Only DUE_CANDIDATES are judged, by the same conditions as before they were read apart
- * (test/scheduler-due.test.ts compares). Taken as an array, whose keys are then read by the
+ * of them past its lineage's announced rotation deadline (an active key's own, or a rotating
+ * key's successor's) replaced (OVERDUE_LINEAGES), all locked in id order. Only DUE_CANDIDATES
+ * are judged, by the same conditions as before they were read apart (test/scheduler-due.test.ts
+ * compares). Taken as an array, whose keys are then read by the
  * primary key: as `k.id IN (...)` the planner, which keeps no statistics of a partial index's
  * expression, took a third of the keys to be past their end, and read them all again to join them.
  * The replaced keys are locked beside their successor, past the batch's limit, because they end
  * by its announced deadline, whose notice goes when it ends (migration 0024): a batch ending the
  * successor alone left them to a later batch that no longer found them due (found by a review).
+ * So are those a rotating key so due replaced: locked beside the newest key alone, they were
+ * judged in a later batch, where a key between them, ended before it, led them to no deadline
+ * (found by a later review: the oldest key worked on to the end of its grace, or ended for it
+ * where the expiring report had said rotation_overdue).
  */
 export const LOCK_DUE = `WITH RECURSIVE candidates AS (${DUE_CANDIDATES}),
   picked AS (
-    SELECT k.id, k.status = 'active' AND e.end_reason = 'rotation_overdue' AND e.ends_at <= $1 AS overdue
+    SELECT k.id, d.rotation_end <= $1 AS overdue
     FROM ${keyEndsFrom('ARRAY(SELECT id FROM candidates)')}
     WHERE k.id = ANY (ARRAY(SELECT id FROM candidates))
       AND (e.ends_at <= $1

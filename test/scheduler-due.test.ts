@@ -279,6 +279,40 @@ t.test('a batch that ends a key for its missed rotation locks and ends the keys 
   })
 })
 
+t.test('a batch that ends a replaced key for its successor\'s missed rotation locks and ends the keys before it too', async (t) => {
+  await forEachStore(t, async (t, store) => {
+    // Batches of one key, a lineage's middle key first by id: it ends by its successor's
+    // deadline in a batch of its own. Before (found by a review), the keys it had replaced were
+    // locked beside the newest key alone, so they were judged in a later batch, with the middle
+    // key expired: their lineage no longer led to the deadline, and the oldest key of the first
+    // lineage, whose grace has not ended, went on working; that of the second, whose grace ended
+    // after the deadline, was ended for its grace, where the expiring report had said
+    // rotation_overdue.
+    const at = (hours: number) => new Date(T0.getTime() + hours * HOUR)
+    const keys = [
+      { id: 'a-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(28) },
+      { id: 'b-newest', status: 'active', created_at: at(-20), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
+      { id: 'c-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(18) },
+      { id: 'd-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(28) },
+      { id: 'e-newest', status: 'active', created_at: at(-20), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
+      { id: 'f-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(-0.5) },
+    ]
+    await insertKeys(store.db, keys)
+    await store.db.query(
+      `UPDATE api_keys SET replaced_by = CASE id WHEN 'a-middle' THEN 'b-newest' WHEN 'c-oldest' THEN 'a-middle' WHEN 'd-middle' THEN 'e-newest' WHEN 'f-oldest' THEN 'd-middle' END
+       WHERE id IN ('a-middle', 'c-oldest', 'd-middle', 'f-oldest')`,
+    )
+    await insertNotices(store.db, ['b-newest', 'e-newest'].map((id) => ({ key_id: id, kind: 'rotation', deadline: at(-1) })))
+    const s = testServices(store.db)
+    const due = await store.db.query<{ id: string; reason: string }>(`SELECT k.id, e.end_reason AS reason FROM ${KEY_ENDS_FROM} WHERE e.ends_at <= $1 ORDER BY k.id`, [T0])
+    t.same(due, keys.map((k) => ({ id: k.id, reason: 'rotation_overdue' })), 'every key is due by the expiring report\'s reckoning, for its lineage\'s missed rotation')
+    const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: () => T0, intervalS: 60, noticeMs: 0, batchSize: 1, pruneRules: [] })
+    const run = await scheduler.runOnce()
+    t.same(run?.rotationOverdue.sort(), keys.map((k) => k.id), 'the round ends them all for it')
+    t.same(await store.db.query(`SELECT id, status FROM api_keys ORDER BY id`), keys.map((k) => ({ id: k.id, status: 'expired' })), 'and marks them expired')
+  })
+})
+
 t.test('migration 0024 drops the rotation notices of the keys that stopped being active before it', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-migrations-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
