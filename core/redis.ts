@@ -361,6 +361,9 @@ export function keepSubscribed(sub: Redis, channel: string, o: KeepSubscribedOpt
     if (stopped) return
     sub.subscribe(channel).then(
       () => {
+        // Answered after the subscription was stopped (its connection closing): nothing follows
+        // it. Before (found by a review), a closed gateway flushed its cache once more.
+        if (stopped) return
         if (refused) o.log?.info(`${o.flowing} flow again: Redis took the subscription it refused`, { channel })
         refused = false
         return o.onSubscribed()
@@ -380,7 +383,11 @@ export function keepSubscribed(sub: Redis, channel: string, o: KeepSubscribedOpt
         retry = setTimeout(subscribe, REFUSED_SUBSCRIBE_RETRY_MS)
         retry.unref()
       },
-    )
+    ).catch((err: unknown) => {
+      // A callback that threw or rejected (onSubscribed is async in core/invalidation.ts). Before
+      // (found by a review), nothing handled it: an unhandled rejection, which ends the process.
+      o.log?.warn(`a handler of the subscription to ${channel} failed; the subscription stands`, { err: err as Error })
+    })
   }
   sub.on('ready', subscribe)
   return () => {
