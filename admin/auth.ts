@@ -13,7 +13,7 @@ import { createHash, timingSafeEqual } from 'node:crypto'
 import type { Actor } from '../core/audit.ts'
 import { normalAddress } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
-import { KeygateError, isKeygateError } from '../core/errors.ts'
+import { KeygateError } from '../core/errors.ts'
 import { createLookupFailures, lockedOutMessage, type Lockout } from '../core/lockout.ts'
 import type { Logger } from '../core/log.ts'
 import { AdminError } from './server.ts'
@@ -81,7 +81,12 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
       // Only an answer of the store says it answers again.
       if (asksStore) lookups.answered()
     } catch (err) {
-      if (isKeygateError(err, 'store_unavailable')) lookups.failed()
+      // Any error of the look-up, as at the gateway (gateway/validate.ts storeDown): one that is
+      // not store_unavailable (a lock_timeout while a migration holds the key table, a role's
+      // statement_timeout) is the store failing the look-ups too, and those waiting would wait it
+      // out in turn. Before (found by a review), only store_unavailable was counted, and a burst
+      // on such a store was let in max_attempts at a time, each group failing again.
+      if (asksStore) lookups.failed()
       void lockout.finish(counted, false)
       throw err
     }
