@@ -419,9 +419,10 @@ export function expiryFlags(p: Parsed, what: { would: string; example: string } 
 
 /**
  * Refuses an `--expires-at` already past (exit 1, as the store refuses it: it depends on the
- * time, not on the command line), naming the flag, before any store is opened here. Before (found
- * by a review), `api-key create`, `deny-list add` and `n8n create` on a folder without a store
- * made a new one there and only then said `expires_at: ... is in the past`.
+ * time, not on the command line), naming the flag, before any store is opened here or an admin
+ * API is asked (cli/main.ts runGroup). Before (found by a review), `api-key create`, `deny-list
+ * add` and `n8n create` on a folder without a store made a new one there and only then said
+ * `expires_at: ... is in the past`; through an admin API, they said its words, without the flag.
  */
 export function refusePastExpiry(p: Parsed): void {
   const at = str(p, 'expires-at')

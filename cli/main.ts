@@ -176,6 +176,9 @@ export async function runGroup<C>(
     // made on the server's store (found by a review).
     refuseFlags(p, STORE_FLAGS, `the command goes through the admin API at ${config.admin.url} (KEYGATE_ADMIN_URL or --admin-url), which opens no store here; unset the admin URL to work on that store, or leave the flag out`)
     if (!config.admin.token) throw new KeygateError('config_invalid', `${adminUrlFrom(p, io)} names an admin API, but no admin credential is set: set KEYGATE_ADMIN_TOKEN to an admin key or the bootstrap token of that server`)
+    // As on the store: before (found by a review), the admin API's words, `expires_at: ... is in
+    // the past (admin API at ...)`, where the store's path names the flag.
+    refusePastExpiry(p)
     return action(remote(config.admin.url, config.admin.token, p.values.json === true, p))
   }
   if (typeof open === 'string') throw new KeygateError('config_invalid', open)

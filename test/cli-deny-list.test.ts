@@ -149,6 +149,26 @@ t.test('through the admin API: a deny entry refuses the gateway at once, and a l
   t.equal((await runCli(['deny-list', 'remove', '127.0.0.1'], { cwd, env })).code, 0)
   t.equal((await call(`${served.gateway}/x`, { headers: auth })).status, 200, 'let in again')
 
+  // An --expires-at already past is refused naming the flag, as on the store (exit 1,
+  // validation_failed), before the admin API is asked. Before (found by a review), the admin API's
+  // words: `keygate: expires_at: 2020-01-01T00:00:00Z is in the past (admin API at ...)`.
+  const past = '2020-01-01T00:00:00Z'
+  const keyId = (await runCli(['api-key', 'list', '--json'], { cwd, env })).json().items[0].id as string
+  for (const args of [
+    ['deny-list', 'add', '192.0.2.0/24', '--expires-at', past],
+    ['api-key', 'create', '--name', 'late', '--type', 'user', '--expires-at', past],
+    ['api-key', 'update', keyId, '--expires-at', past],
+    ['n8n', 'create', '--label', 'late', '--scopes', 'workflow:list', '--expires-at', past],
+  ]) {
+    const what = args.slice(0, 2).join(' ')
+    const r = await runCli(args, { cwd, env })
+    t.equal(r.code, 1, `${what}: exit 1, as on the store`)
+    t.equal(r.stderr, `keygate: --expires-at: ${past} is in the past\n`, `${what}: names the flag`)
+    const json = await runCli([...args, '--json'], { cwd, env })
+    t.match(json.json().error, { code: 'validation_failed', message: `--expires-at: ${past} is in the past` }, `${what} --json: validation_failed`)
+  }
+  t.same((await runCli(['deny-list', 'list', '--json'], { cwd, env })).json().items, [], 'nothing was added')
+
   const client = { 'x-forwarded-for': '198.51.100.9' }
   for (let i = 0; i < 2; i++) await call(`${served.gateway}/x`, { headers: { ...client, authorization: 'Bearer kg_nosuchkey12_nosuchsecretnosuchsecretnosuch' } })
   t.equal((await call(`${served.gateway}/x`, { headers: { ...client, ...auth } })).status, 429, 'locked out')
