@@ -158,7 +158,8 @@ const EXPIRY_NOTICE_DUE = `(k.status = 'active' AND k.expires_at > $1 AND k.expi
 /**
  * A recursive CTE, `name (id, status, depth)`: the keys of `heads` (a SELECT of `id`; status
  * 'head', depth 0) and, back through replaced_by, the keys each replaced, a key at a time while
- * the key stepped from is still rotating (a reader keeps the rotating ones). Each step is migration
+ * the key stepped from is rotating or ended (expired), as keyEndsFrom walks forward (a reader
+ * keeps the rotating ones). Each step is migration
  * 0011's replaced_by index alone: with the status beside it in the join, the embedded store (no
  * statistics) also read the status index at every step, all the rotating keys each time.
  */
@@ -167,7 +168,7 @@ function replacedBackCte(name: string, heads: string): string {
       SELECT h.id, 'head', 0 FROM (${heads}) h
       UNION ALL
       SELECT p.id, p.status, ${name}.depth + 1 FROM ${name} JOIN api_keys p ON p.replaced_by = ${name}.id
-      WHERE ${name}.status IN ('head', 'rotating') AND ${name}.depth < ${LINEAGE_DEPTH})`
+      WHERE ${name}.status IN ('head', 'rotating', 'expired') AND ${name}.depth < ${LINEAGE_DEPTH})`
 }
 
 /**

@@ -313,6 +313,43 @@ t.test('a batch that ends a replaced key for its successor\'s missed rotation lo
   })
 })
 
+t.test("a lineage's key ended by its own grace before the newest key's deadline: the keys before it still end with that deadline", async (t) => {
+  await forEachStore(t, async (t, store) => {
+    // Graces of different lengths in one lineage (a type's grace shortened in the configuration
+    // between two rotations): the middle key's grace ends first, at 5 h, the newest key's
+    // announced deadline is at 10 h, the oldest key's grace at 30 h. Before (found by a review),
+    // the lineage walks stopped at the middle key once it had ended: the expiring report said the
+    // oldest ended at 10 h, and the round at 10 h ended the newest key alone, the oldest working
+    // on to 30 h.
+    const at = (hours: number) => new Date(T0.getTime() + hours * HOUR)
+    const keys = [
+      { id: 'g-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(30) },
+      { id: 'h-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(5) },
+      { id: 'i-newest', status: 'active', created_at: at(-20), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
+    ]
+    await insertKeys(store.db, keys)
+    await store.db.query(`UPDATE api_keys SET replaced_by = CASE id WHEN 'g-oldest' THEN 'h-middle' WHEN 'h-middle' THEN 'i-newest' END WHERE id IN ('g-oldest', 'h-middle')`)
+    await insertNotices(store.db, [{ key_id: 'i-newest', kind: 'rotation', deadline: at(10) }])
+    const s = testServices(store.db)
+    let now = at(0)
+    const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: () => now, intervalS: 60, noticeMs: 0, pruneRules: [] })
+    const ends = async () => store.db.query<{ id: string; reason: string }>(`SELECT k.id, e.end_reason AS reason, e.ends_at FROM ${KEY_ENDS_FROM} WHERE e.ends_at IS NOT NULL ORDER BY k.id`)
+    t.same(await ends(), [
+      { id: 'g-oldest', reason: 'rotation_overdue', ends_at: at(10) },
+      { id: 'h-middle', reason: 'grace_ended', ends_at: at(5) },
+      { id: 'i-newest', reason: 'rotation_overdue', ends_at: at(10) },
+    ], 'the report: the middle key ends with its grace, the others at the deadline')
+    now = at(5)
+    t.same((await scheduler.runOnce())?.graceEnded, ['h-middle'], 'the round at 5 h ends the middle key for its grace')
+    t.same(await ends(), [
+      { id: 'g-oldest', reason: 'rotation_overdue', ends_at: at(10) },
+      { id: 'i-newest', reason: 'rotation_overdue', ends_at: at(10) },
+    ], 'and the report still gives the oldest the deadline, through the ended key')
+    now = at(10)
+    t.same((await scheduler.runOnce())?.rotationOverdue.sort(), ['g-oldest', 'i-newest'], 'the round at the deadline ends the oldest key with the newest')
+  })
+})
+
 t.test('migration 0024 drops the rotation notices of the keys that stopped being active before it', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'keygate-migrations-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))

@@ -5,15 +5,21 @@
 // where the report had said "rotation overdue").
 
 /**
- * Lineages longer than this are not followed (a chain of keys each rotated within the grace of the
- * one before: ten rotations of a key in its type's grace are far past any real use). A bound, so
- * that replaced_by edited by hand into a cycle cannot hold a statement to its timeout.
+ * Lineages are followed this many keys at most (forward from a rotating key, the keys in grace or
+ * ended between it and the active key: a few; back from an active key, its history, of which the
+ * keys still in grace are the last few). A bound, so that replaced_by edited by hand into a cycle
+ * cannot hold a statement to its timeout.
  */
 export const LINEAGE_DEPTH = 32
 
 /**
- * A derived table: each rotating key (`id`; of the array `only` alone, when given) that leads, through replaced_by and keys still
- * rotating, to an active key with an announced rotation deadline, with that `deadline`. A
+ * A derived table: each rotating key (`id`; of the array `only` alone, when given) that leads,
+ * through replaced_by and keys rotating or ended (expired), to an active key with an announced
+ * rotation deadline, with that `deadline`. Through ended keys too: a key between them whose own
+ * grace ended first (a type's grace shortened between two rotations) does not cut the older keys
+ * off the deadline (before, found by a review, they worked on to the end of their grace; a key
+ * ended for the lineage's missed rotation leads to no active key, nor does a revoked one, whose
+ * revocation took the keys it replaced, still in their grace, with it). A
  * successor expired for a missed rotation takes the keys it replaced, still in their grace, with
  * it: before (found by a review), with a rotation interval and a notice period both shorter than
  * the type's grace, the replaced key went on working to the end of its grace, the lineage's older
@@ -37,7 +43,7 @@ function replacedByAnnounced(only: string | undefined): string {
       }
       UNION ALL
       SELECT f.id, s.replaced_by, f.depth + 1 FROM forward f JOIN api_keys s ON s.id = f.successor
-      WHERE s.status = 'rotating' AND s.replaced_by IS NOT NULL AND f.depth < ${LINEAGE_DEPTH})
+      WHERE s.status IN ('rotating', 'expired') AND s.replaced_by IS NOT NULL AND f.depth < ${LINEAGE_DEPTH})
     SELECT id, min(deadline) AS deadline FROM (
       SELECT f.id, (SELECT hn.deadline FROM api_keys h JOIN api_key_notices hn ON hn.key_id = h.id AND hn.kind = 'rotation'
                     WHERE h.id = f.successor AND h.status = 'active' AND h.rotation_interval_s IS NOT NULL) AS deadline
