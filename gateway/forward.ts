@@ -91,16 +91,25 @@ function phpParamName(name: string): string {
   return n.replace(/[. []/g, '_')
 }
 
+/** The query parameter a key source reads, in the forms upstreams read a name as it (withoutKeyParams). */
+interface KeyParam {
+  readonly name: string
+  /** As PHP reads it (phpParamName). */
+  readonly php: string
+  /** In upper case, as ASP.NET compares names (OrdinalIgnoreCase: `API_KEY`, `Api_Key`). */
+  readonly upper: string
+}
+
 /**
  * `query` without the pieces that name the key's parameter (`param`) to some upstream: by name as
- * URLSearchParams decodes it, as PHP reads it (phpParamName), and also among `;`-separated pieces,
- * which older CGI and servlet parsers split on (`a=1;api_key=...`). The rest is kept byte for
- * byte, `;` and `&` as they were.
+ * URLSearchParams decodes it, as PHP reads it (phpParamName), in any letter case as ASP.NET reads
+ * it, and also among `;`-separated pieces, which older CGI and servlet parsers split on
+ * (`a=1;api_key=...`). The rest is kept byte for byte, `;` and `&` as they were.
  */
-function withoutKeyParams(query: string, param: string, phpParam: string): string {
+function withoutKeyParams(query: string, param: KeyParam): string {
   const named = (piece: string): boolean => {
     const name = paramName(piece)
-    return name === param || phpParamName(name) === phpParam
+    return name === param.name || phpParamName(name) === param.php || name.toUpperCase() === param.upper
   }
   const kept: string[] = []
   for (const piece of query.split('&')) {
@@ -482,11 +491,19 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   const apiKeyName = stripCredential ? sources.header : undefined
   const queryParam = sources.queryParam
   const dropQueryLookAlikes = stripCredential && sources.query
-  const phpQueryParam = phpParamName(queryParam)
+  const keyParam: KeyParam = { name: queryParam, php: phpParamName(queryParam), upper: queryParam.toUpperCase() }
   // What a query that could name the parameter holds: the name's part before any character PHP
   // reads otherwise (`api` of `api_key`, `k` of `k.v`; before, its first three characters, which
-  // missed `k_v` for `k.v`: found by a review), or an escape. Empty (a name that starts so): every query.
+  // missed `k_v` for `k.v`: found by a review), in any letter case (ASP.NET's `API_KEY`; a
+  // non-ASCII letter it reads as one, `ı` as `I`, comes percent-encoded), or an escape. Empty (a
+  // name that starts so): every query. The hint is letters, digits and `-` (what query_param's
+  // pattern leaves before those characters), no regular expression syntax.
   const queryHint = queryParam.split(/[._ []/)[0] as string
+  const queryHintAnyCase = new RegExp(queryHint, 'gi')
+  const mayNameKeyParam = (target: string, q: number): boolean => {
+    queryHintAnyCase.lastIndex = q
+    return queryHintAnyCase.test(target) || target.includes('%', q)
+  }
   const pools = new Map<string, Pool>()
   const routePool: Pool[] = []
   const routeMetrics = ctx.routeMetrics
@@ -564,12 +581,12 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     // the request's key came from elsewhere (as X-API-Key's spellings; before, `api.key=`,
     // `api_key[]=` and `a=1;api_key=` went upstream with a copy of the key; found by a review).
     const q = dropQueryLookAlikes ? target.indexOf('?') : -1
-    if (q !== -1 && ((s.keySources & SOURCE_QUERY) !== 0 || target.includes(queryHint, q) || target.includes('%', q))) {
+    if (q !== -1 && ((s.keySources & SOURCE_QUERY) !== 0 || mayNameKeyParam(target, q))) {
       // Only the key's parameters go; the others stay byte for byte (re-encoding the query would
       // break signed URLs, and turn `%20` into `+`, which only form decoding reads as a space).
       // The query as key extraction parsed it: URLSearchParams drops one leading `?`.
       const lead = target.charCodeAt(q + 1) === 63 /* ? */ ? 1 : 0
-      const rest = withoutKeyParams(target.slice(q + 1 + lead), queryParam, phpQueryParam)
+      const rest = withoutKeyParams(target.slice(q + 1 + lead), keyParam)
       target = target.slice(0, q) + (rest === '' ? '' : (lead ? '??' : '?') + rest)
     }
     return router.upstreamPath(route, target)
