@@ -481,7 +481,14 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
         // Never null for the key a rotation replaced (keyValidUntil).
         const until = keyValidUntil(previous) as Date
         const cut = previous.status === 'rotating' && previous.graceUntil !== null && until < previous.graceUntil ? ' (its expiry, before its grace period ends)' : ''
-        const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(until)}${cut}` : `${previous.id} no longer works`
+        // A new key whose rotation interval ends before that takes the old one with it if it
+        // misses its deadline (the scheduler ends both; its deadline is announced later, no
+        // sooner than the interval): said so, as "stays valid until" would promise more.
+        const sooner =
+          previous.status === 'rotating' && record.rotationIntervalS !== null && record.createdAt.getTime() + record.rotationIntervalS * 1000 < until.getTime()
+            ? `, or with ${record.id} if it is not rotated by its rotation deadline`
+            : ''
+        const old = previous.status === 'rotating' ? `${previous.id} stays valid until ${date(until)}${cut}${sooner}` : `${previous.id} no longer works`
         const expiry = record.expiresAt ? `, expiring ${date(record.expiresAt)} as the old one did` : ''
         printMade(() => {
           if (ctx.json) printJson(ctx.io, rotationJson(key, record, previous))

@@ -97,6 +97,15 @@ t.test('rotate on the embedded store: when the old key stops, and which key can 
   const first = human.stdout.split('\n')[0] as string
   t.match(first, `${soon2.id} stays valid until ${iso(soon2.expires_at)} (its expiry, before its grace period ends).`, 'the message gives the expiry')
   t.match(first, `, expiring ${iso(soon2.expires_at)} as the old one did;`, 'and says the new key keeps it')
+  t.notMatch(first, 'rotation deadline', 'a key without a rotation interval ends by nothing else')
+
+  // A rotation interval shorter than the grace: the old key ends with the new one if the new one
+  // misses its rotation deadline (the scheduler ends both), which the message says.
+  const often = (await run(['create', '--name', 'often', '--type', 'system', '--rotate-every', '1h', '--json'], true)).json()
+  const rotatedOften = await run(['rotate', often.id])
+  t.equal(rotatedOften.code, 0, rotatedOften.stderr)
+  plaintexts.push(rotatedOften.stdout.trim().split('\n').at(-1) as string)
+  t.match(rotatedOften.stdout.split('\n')[0], new RegExp(`${often.id} stays valid until \\S+, or with \\w+ if it is not rotated by its rotation deadline\\.`), 'the message says the old key may end sooner')
 
   // a → b → c, c rotated with force to d: a, b and c are revoked; the refusal names d. On
   // PostgreSQL: the refusal is the key service's, the same on either store, and its lineage took
