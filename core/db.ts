@@ -1426,9 +1426,13 @@ function emptyFolder(folder: string): void {
 /** PostgreSQL's own mark of a data folder initdb has made, in PGlite's folder (see privateFolder). */
 const storeMark = (dir: string) => join(dir, 'pgdata', 'PG_VERSION')
 
-/** Whether an embedded store has been made in `dir` (a data folder). */
+/**
+ * Whether an embedded store has been made in `dir` (a data folder): PG_VERSION, without the mark
+ * of a making under way or cut short (PGlite writes PG_VERSION early in its making).
+ */
 export function embeddedStoreExists(dir: string): boolean {
-  return existsSync(storeMark(resolve(dir)))
+  const at = resolve(dir)
+  return existsSync(storeMark(at)) && !existsSync(join(at, MAKING_MARK))
 }
 
 /**
@@ -1577,8 +1581,10 @@ export async function openDb(options: OpenDbOptions): Promise<Db> {
     // A store being made is its maker's (store_locked, from its lock), and one whose making was
     // cut short holds none. Before (found by a docs walk), a command run during `serve`'s first
     // start was told there was no store, to make one with `keygate serve`, or that the store had
-    // lost PG_VERSION and pgdata/ could be removed.
-    if (lstatOrNone(storeMark(dir)) === undefined && lstatOrNone(makingMark) !== undefined) {
+    // lost PG_VERSION and pgdata/ could be removed. With PG_VERSION too, which PGlite writes
+    // early in its making: before (found by a review), a making killed after it passed for a
+    // store, and a command that only reads emptied pgdata/ and made a new store there.
+    if (lstatOrNone(makingMark) !== undefined) {
       refuseForeignFolders(dir, pgdata)
       ;(await takeLock())()
       if (lstatOrNone(makingMark) !== undefined) throw new KeygateError('store_unavailable', `no embedded store in ${dir}: ${options.existingOnly}`)
