@@ -12,7 +12,7 @@ export default defineOperation({
   tag: 'reports',
   summary: 'Keys expiring soon',
   description:
-    'Keys that stop working within the window, soonest first: active keys whose expiry or announced rotation deadline (the scheduler expires a key not rotated by then), and rotating keys whose grace period (or expiry, if sooner), falls in it. `end_reason` says which: `expires_at`, `grace_ended` or `rotation_overdue`, as the `key.expired` audit row will. Follow `next_cursor` for the next page.',
+    'Keys that stop working within the window, soonest first: active keys whose expiry or announced rotation deadline (the scheduler expires a key not rotated by then), and rotating keys whose grace period (or expiry, or the announced rotation deadline of the active key that replaced them, whichever comes first), falls in it. `end_reason` says which: `expires_at`, `grace_ended` or `rotation_overdue`, as the `key.expired` audit row will. Follow `next_cursor` for the next page.',
   query: Type.Object(
     {
       within_days: Type.Optional(Type.Integer({ minimum: 1, maximum: 365, default: 7 })),
@@ -30,7 +30,7 @@ export default defineOperation({
         Type.Composite([
           KeySchema,
           Type.Object({
-            ends_at: Type.String({ format: 'date-time', description: 'When the key stops working: the earliest of its expiry, its grace end and its announced rotation deadline.' }),
+            ends_at: Type.String({ format: 'date-time', description: 'When the key stops working: the earliest of its expiry, its grace end and its announced rotation deadline (for a rotating key, that of the active key that replaced it).' }),
             end_reason: Type.Union([Type.Literal('expires_at'), Type.Literal('grace_ended'), Type.Literal('rotation_overdue')], {
               description: 'What ends it at ends_at: its expiry, the end of its grace period, or a rotation deadline announced and not met.',
             }),

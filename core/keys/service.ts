@@ -911,8 +911,9 @@ export class KeyService {
   /**
    * Keys that stop working within `withinMs`, soonest first (then by id), each with what ends it:
    * active keys whose expiry or announced rotation deadline (the scheduler expires a key not
-   * rotated by then) falls in the window, and rotating keys whose grace (or expiry, if sooner)
-   * ends in it. One page at a time: `cursor` is the previous page's next cursor, the end time and
+   * rotated by then) falls in the window, and rotating keys whose grace (or expiry, or the
+   * announced rotation deadline of the active key that replaced them, whichever is first) ends in
+   * it (core/keys/ends.ts). One page at a time: `cursor` is the previous page's next cursor, the end time and
    * id of its last key (every time that ends a key is written in milliseconds, as a cursor holds).
    */
   async expiring(withinMs: number, options: { limit?: number; cursor?: string } = {}): Promise<Page<{ key: KeyRecord; endsAt: Date; reason: KeyEndReason }>> {
