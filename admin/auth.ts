@@ -13,7 +13,8 @@ import { createHash, timingSafeEqual } from 'node:crypto'
 import type { Actor } from '../core/audit.ts'
 import { normalAddress } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
-import { KeygateError } from '../core/errors.ts'
+import { sqlState } from '../core/db.ts'
+import { isKeygateError, KeygateError } from '../core/errors.ts'
 import { createLookupFailures, lockedOutMessage, type Lockout } from '../core/lockout.ts'
 import type { Logger } from '../core/log.ts'
 import { AdminError } from './server.ts'
@@ -31,7 +32,8 @@ export interface AdminAuthOptions {
   onLockedOut?: () => void
 }
 
-export type Authenticate = (authorization: string | undefined, remoteAddress: string | undefined) => Promise<Actor>
+/** `requestId`: the request's, for the log line of a look-up that failed. */
+export type Authenticate = (authorization: string | undefined, remoteAddress: string | undefined, requestId?: string) => Promise<Actor>
 
 const digest = (s: string) => createHash('sha256').update(s).digest()
 
@@ -45,7 +47,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     options.onLockedOut?.()
     return new AdminError('ip_locked_out', lockedOutMessage(retryAfterS), { 'retry-after': String(retryAfterS) })
   }
-  return async (authorization, remoteAddress) => {
+  return async (authorization, remoteAddress, requestId) => {
     const address = normalAddress(remoteAddress ?? '') ?? remoteAddress ?? 'unknown'
     const counted = addressKey(address)
     const retryAfterS = await lockout.lockedFor(counted)
@@ -88,7 +90,14 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
       // on such a store was let in max_attempts at a time, each group failing again.
       if (asksStore) lookups.failed()
       void lockout.finish(counted, false)
-      throw err
+      if (isKeygateError(err)) throw err
+      // Answered as the gateway answers it, 503 store_unavailable (retry), not 500 internal_error,
+      // and logged here once with the error (the answer says neither its words nor its SQL).
+      // Before (found by a review), rethrown: a 500, while the attempts that waited behind it,
+      // and the gateway, answered 503.
+      const code = sqlState(err)
+      log.error('admin credential look-up failed: answered 503 store_unavailable', { ...(requestId ? { request_id: requestId } : {}), address, err: err as Error })
+      throw new KeygateError('store_unavailable', `the key store failed the credential look-up${code ? ` (SQLSTATE ${code})` : ''}; try again (the error is in keygate's log)`, undefined, { cause: err })
     }
     const fail = async (err: AdminError): Promise<never> => {
       try {

@@ -5,6 +5,7 @@ import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import pg from 'pg'
 import { openDb } from '../core/db.ts'
+import { createLogger } from '../core/log.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { call } from './helpers/gateway.ts'
 import { serveBehindGate } from './helpers/serve-gated.ts'
@@ -64,6 +65,8 @@ t.test('admin credentials from one address while look-ups fail with an error of 
   await holder.query('ROLLBACK')
   const asked = answers.filter((a) => !/while this one waited its turn/.test(a.json?.error?.message))
   t.ok(asked.length >= 5 && asked.length <= 6, `the store was asked for the first max_attempts and at most one more (${asked.length}): ${[...new Set(asked.map((a) => `${a.status} ${a.json?.error?.code}`))].join('; ')}`)
+  // Those that asked too, as at the gateway: before (found by a review), 500 internal_error.
+  t.same(asked.map((a) => `${a.status} ${a.json?.error?.code}`), Array(asked.length).fill('503 store_unavailable'), 'those that asked it are answered 503 store_unavailable')
   t.same(
     answers.filter((a) => !asked.includes(a)).map((a) => `${a.status} ${a.json?.error?.code}`),
     Array(30 - asked.length).fill('503 store_unavailable'),
@@ -71,4 +74,35 @@ t.test('admin credentials from one address while look-ups fail with an error of 
   )
   const after = await h.call('GET', '/v1/lockouts', { auth: randomUUID() })
   t.equal(after.status, 401, `the store is asked again once it answers: ${JSON.stringify(after.json)}`)
+})
+
+t.test('an admin credential whose look-up fails with an error of PostgreSQL keygate does not name (the key table gone: 42P01) is answered 503 store_unavailable, as at the gateway, and the error logged once (found by a review)', async (t) => {
+  // Before: rethrown, and answered 500 internal_error, where the gateway answers any failed
+  // look-up 503 store_unavailable (gateway/validate.ts storeDown).
+  const { url, direct } = await migratedDatabase(t)
+  const db = await openDb({ databaseUrl: url })
+  t.teardown(() => db.close())
+  const lines: string[] = []
+  const h = await startAdmin(t, db, { log: createLogger({ level: 'debug', write: (line) => void lines.push(line) }) })
+  await direct.exec('ALTER TABLE api_keys RENAME TO api_keys_away')
+  for (const [what, credential] of [
+    ['an unknown key', randomUUID()],
+    ['the admin key', h.adminKey],
+  ] as const) {
+    lines.length = 0
+    const a = await h.call('GET', '/v1/lockouts', { auth: credential })
+    t.equal(`${a.status} ${a.json?.error?.code}`, '503 store_unavailable', `${what}: ${JSON.stringify(a.json)}`)
+    const message = String(a.json?.error?.message)
+    t.match(message, /^the key store failed the credential look-up \(SQLSTATE 42P01\)/, `${what}: says what failed`)
+    t.notMatch(message, /api_keys|SELECT|\n\s+at /, `${what}: neither SQL, nor the driver's words, nor a stack trace`)
+    const logged = lines.map((l) => JSON.parse(l) as { level: string; message: string; request_id?: string; err?: { code?: string; message?: string } })
+    t.same(
+      logged.map((l) => [l.level, l.err?.code, l.request_id]),
+      [['error', '42P01', a.json?.error?.request_id]],
+      `${what}: logged once, with the error and the request's id: ${lines.join('')}`,
+    )
+    t.match(logged[0]?.err?.message, /relation "api_keys" does not exist/)
+  }
+  await direct.exec('ALTER TABLE api_keys_away RENAME TO api_keys')
+  t.equal((await h.call('GET', '/v1/lockouts')).status, 200, 'the store is asked again once it answers')
 })
