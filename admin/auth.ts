@@ -84,9 +84,9 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
       if (asksStore) lookups.answered()
     } catch (err) {
       // Any error of the look-up, as at the gateway (gateway/validate.ts storeDown): one that is
-      // not store_unavailable (a lock_timeout while a migration holds the key table, a role's
-      // statement_timeout) is the store failing the look-ups too, and those waiting would wait it
-      // out in turn. Before (found by a review), only store_unavailable was counted, and a burst
+      // not store_unavailable (an error of PostgreSQL's that core/db.ts does not map, a table
+      // missing, a right revoked) is the store failing the look-ups too, and those waiting would
+      // meet it in turn. Before (found by a review), only store_unavailable was counted, and a burst
       // on such a store was let in max_attempts at a time, each group failing again.
       if (asksStore) lookups.failed()
       void lockout.finish(counted, false)

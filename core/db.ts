@@ -151,6 +151,8 @@ export const UNDEFINED_TABLE = '42P01'
 
 /** SQLSTATE of a statement PostgreSQL cancelled: a statement_timeout, or pg_cancel_backend. */
 const QUERY_CANCELED = '57014'
+/** SQLSTATE of a lock not taken: past the lock_timeout set on keygate's role or database (or NOWAIT, which keygate does not use). */
+const LOCK_NOT_AVAILABLE = '55P03'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
 
@@ -317,17 +319,27 @@ class PostgresDb implements Db {
   /**
    * `err` as store_unavailable when PostgreSQL could not be reached or used, or did not answer
    * within the query timeout of a timed statement (the admin API and the gateway answer 503, not
-   * 500). Another cancellation (an operator's pg_cancel_backend, a timeout set on the role) keeps
-   * PostgreSQL's own words and code.
+   * 500), or within a timeout set on keygate's role or database: its lock_timeout (55P03, a table
+   * held by a migration or a VACUUM FULL), or, with store.query_timeout_ms 0, its
+   * statement_timeout (57014; README advises the role's behind PgBouncer), which cannot be told
+   * from an operator's pg_cancel_backend. Before (found by a review), those two kept PostgreSQL's
+   * error, answered 500 internal_error by the admin API where the gateway answered the same failed
+   * look-up 503. In an untimed transaction (migrations, which may rightly wait) a cancellation or
+   * a lock not taken keeps PostgreSQL's own words and code.
    */
   #unreachable(err: unknown, untimed = false): unknown {
-    if (this.#readTimeout !== undefined && !untimed) {
-      if (isReadTimeout(err)) {
+    if (!untimed) {
+      if (this.#readTimeout !== undefined && isReadTimeout(err)) {
         return new KeygateError('store_unavailable', `the store (${this.#where}) did not answer within store.query_timeout_ms (${this.#timeoutMs} ms) and a second more: ${READ_TIMEOUT}`, undefined, { cause: err })
       }
       // PostgreSQL's words say which cancellation it was (in the server's language).
-      if (sqlState(err) === QUERY_CANCELED) {
-        return new KeygateError('store_unavailable', `the store (${this.#where}) cancelled the statement (store.query_timeout_ms is ${this.#timeoutMs} ms): ${(err as Error).message}`, undefined, { cause: err })
+      const code = sqlState(err)
+      if (code === QUERY_CANCELED) {
+        const whose = this.#readTimeout !== undefined ? `store.query_timeout_ms is ${this.#timeoutMs} ms` : 'SQLSTATE 57014; store.query_timeout_ms is 0, so a statement_timeout set on the role or the database, or an operator'
+        return new KeygateError('store_unavailable', `the store (${this.#where}) cancelled the statement (${whose}): ${(err as Error).message}`, { sqlstate: code }, { cause: err })
+      }
+      if (code === LOCK_NOT_AVAILABLE) {
+        return new KeygateError('store_unavailable', `the store (${this.#where}) could not take a lock the statement needs (SQLSTATE 55P03, lock_timeout): ${(err as Error).message}`, { sqlstate: code }, { cause: err })
       }
     }
     const exhausted = outOfResources(err, `the store (${this.#where})`)

@@ -3,13 +3,12 @@
 // once the store failed those ahead of them, as the gateway's are (test/store-hung-burst.test.ts).
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
-import pg from 'pg'
 import { openDb } from '../core/db.ts'
 import { createLogger } from '../core/log.ts'
 import { startAdmin } from './helpers/admin.ts'
 import { call } from './helpers/gateway.ts'
 import { serveBehindGate } from './helpers/serve-gated.ts'
-import { adminClient, migratedDatabase } from './helpers/stores.ts'
+import { holdTable, migratedDatabase, setOnDatabase } from './helpers/stores.ts'
 
 const TOKEN = 'an-admin-token-of-32-characters!'
 const SECRETS = { KEYGATE_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64'), KEYGATE_ADMIN_TOKEN: TOKEN }
@@ -46,23 +45,13 @@ t.test('admin credentials from one address while look-ups fail with an error of 
   // counted store_unavailable alone, and let these in max_attempts at a time, each group waiting
   // out the lock_timeout again.
   const { url } = await migratedDatabase(t)
-  const root = await adminClient()
-  try {
-    await root.query(`ALTER DATABASE "${new URL(url).pathname.slice(1)}" SET lock_timeout = '300ms'`)
-  } finally {
-    await root.end()
-  }
+  await setOnDatabase(url, 'lock_timeout', '300ms')
   const db = await openDb({ databaseUrl: url })
   t.teardown(() => db.close())
   const h = await startAdmin(t, db, { config: { lockout: { max_attempts: 5 } } })
-  const holder = new pg.Client({ connectionString: url })
-  await holder.connect()
-  t.teardown(() => holder.end().catch(() => {}))
-  await holder.query('SET lock_timeout = 0')
-  await holder.query('BEGIN')
-  await holder.query('LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE')
+  const held = await holdTable(t, url, 'api_keys')
   const answers = await Promise.all(Array.from({ length: 30 }, () => h.call('GET', '/v1/lockouts', { auth: randomUUID() })))
-  await holder.query('ROLLBACK')
+  await held.release()
   const asked = answers.filter((a) => !/while this one waited its turn/.test(a.json?.error?.message))
   t.ok(asked.length >= 5 && asked.length <= 6, `the store was asked for the first max_attempts and at most one more (${asked.length}): ${[...new Set(asked.map((a) => `${a.status} ${a.json?.error?.code}`))].join('; ')}`)
   // Those that asked too, as at the gateway: before (found by a review), 500 internal_error.

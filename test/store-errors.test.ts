@@ -9,7 +9,8 @@ import { openDb } from '../core/db.ts'
 import { TimedOut } from '../core/deadline.ts'
 import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt, pathWhere } from '../core/validate.ts'
-import { adminClient, forEachStore, freshDatabase, rejection, testServices } from './helpers/stores.ts'
+import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
+import { adminClient, forEachStore, freshDatabase, holdTable, migratedDatabase, rejection, setOnDatabase, testServices } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { until } from './helpers/gateway.ts'
 
@@ -253,6 +254,53 @@ t.test('PostgreSQL: a health probe is answered while every pool connection is bu
   t.same(await db.query('SELECT 2 AS two'), [{ two: 2 }], 'the pool goes on')
 })
 
+// Before (found by a review): a lock_timeout set on keygate's role or database (55P03, while a
+// migration or a VACUUM FULL holds a table), or a statement_timeout set there with
+// store.query_timeout_ms 0 (57014: README advises the role's setting behind PgBouncer), kept
+// PostgreSQL's own error, and the admin API answered it 500 internal_error, as for a bug; the
+// gateway answered the same failed look-up 503 store_unavailable.
+t.test("PostgreSQL: a statement that waits past the role's or database's lock_timeout (55P03), or is cancelled by its statement_timeout with store.query_timeout_ms 0 (57014), is store_unavailable; the admin API answers 503", async (t) => {
+  const { url } = await migratedDatabase(t)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const db = await openDb({ databaseUrl: url, poolMax: 2 })
+  t.teardown(() => db.close())
+  const h = await startAdmin(t, db)
+  const held = await holdTable(t, url, 'api_keys')
+  for (const [what, locked] of [
+    ['a query', () => db.query('SELECT count(*) FROM api_keys')],
+    ['a transaction', () => db.transaction((tx) => tx.query('SELECT count(*) FROM api_keys'))],
+  ] as const) {
+    const err = await rejection(locked())
+    t.equal(err.code, 'store_unavailable', `${what} past lock_timeout: store_unavailable (${err.message})`)
+    t.match(err.message, /could not take a lock the statement needs \(SQLSTATE 55P03, lock_timeout\): canceling statement due to lock timeout$/)
+    t.same(err.details, { sqlstate: '55P03' })
+  }
+  // The bootstrap token: no key look-up, only the operation's own statements wait on the lock.
+  for (const [method, path, body] of [
+    ['GET', '/v1/keys', undefined],
+    ['POST', '/v1/keys', { name: 'waits', type: 'service' }],
+  ] as const) {
+    const a = await h.call(method, path, { auth: BOOTSTRAP_TOKEN, ...(body ? { body } : {}) })
+    t.equal(`${a.status} ${a.json?.error?.code}`, '503 store_unavailable', `${method} ${path} while api_keys is held: ${JSON.stringify(a.json)}`)
+  }
+  await held.release()
+  t.equal((await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })).status, 200, 'answered once the lock is gone')
+
+  // A statement_timeout of the database's, keygate setting none (store.query_timeout_ms 0).
+  await setOnDatabase(url, 'statement_timeout', '200ms')
+  const untimed = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
+  t.teardown(() => untimed.close())
+  for (const [what, slow] of [
+    ['a query', () => untimed.query('SELECT pg_sleep(3)')],
+    ['a transaction', () => untimed.transaction((tx) => tx.query('SELECT pg_sleep(3)'))],
+  ] as const) {
+    const err = await rejection(slow())
+    t.equal(err.code, 'store_unavailable', `${what} cancelled by the database's statement_timeout: store_unavailable (${err.message})`)
+    t.match(err.message, /cancelled the statement \(SQLSTATE 57014; store\.query_timeout_ms is 0, so a statement_timeout set on the role or the database, or an operator\): canceling statement due to statement timeout$/)
+    t.same(err.details, { sqlstate: '57014' })
+  }
+})
+
 t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {
   const url = await freshDatabase(t)
   const db = await openDb({ databaseUrl: url, poolMax: 2, queryTimeoutMs: 200 })
@@ -272,8 +320,10 @@ t.test('PostgreSQL: migrations and other untimed transactions are not held to st
   const { applied } = await migrating
   t.ok(applied.length > 0, `migrations applied after waiting for the other instance (${applied.length})`)
 
-  // A cancellation that is not the limit's keeps PostgreSQL's code and words where no limit was
-  // in force (an untimed transaction, query_timeout_ms 0); under the limit it is a 503 naming it.
+  // A cancellation that is not the limit's keeps PostgreSQL's code and words in an untimed
+  // transaction; under the limit it is a 503 naming it, and with query_timeout_ms 0 a 503 naming
+  // SQLSTATE 57014 (it cannot be told from a statement_timeout set on the role: before, found by a
+  // review, PostgreSQL's own error, a 500 internal_error at the admin API).
   const untimedDb = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 0 })
   t.teardown(() => untimedDb.close())
   // Cancelled once it is running (not after a fixed pause, which a loaded machine outran), and
@@ -289,14 +339,12 @@ t.test('PostgreSQL: migrations and other untimed transactions are not held to st
     }
     return settled
   }
-  for (const [what, run] of [
-    ['query_timeout_ms 0', () => untimedDb.query('SELECT pg_sleep(2.5)')],
-    ['an untimed transaction', () => db.transaction((tx) => tx.query('SELECT pg_sleep(2.5)'), { untimed: true })],
-  ] as const) {
-    const err = await cancelled(run())
-    t.equal(err.code, '57014', `${what}, cancelled by an operator: PostgreSQL's own code`)
-    t.equal(err.message, 'canceling statement due to user request')
-  }
+  const noLimit = await cancelled(untimedDb.query('SELECT pg_sleep(2.5)'))
+  t.equal(noLimit.code, 'store_unavailable', 'query_timeout_ms 0, cancelled by an operator: 503')
+  t.match(noLimit.message, /cancelled the statement \(SQLSTATE 57014; store\.query_timeout_ms is 0, so a statement_timeout set on the role or the database, or an operator\): canceling statement due to user request$/)
+  const inMigration = await cancelled(db.transaction((tx) => tx.query('SELECT pg_sleep(2.5)'), { untimed: true }))
+  t.equal(inMigration.code, '57014', "an untimed transaction, cancelled by an operator: PostgreSQL's own code")
+  t.equal(inMigration.message, 'canceling statement due to user request')
   const longer = await openDb({ databaseUrl: url, poolMax: 1, queryTimeoutMs: 60_000 })
   t.teardown(() => longer.close())
   const err = await cancelled(longer.query('SELECT pg_sleep(2.5)'))

@@ -90,6 +90,27 @@ export async function endConnections(url: string): Promise<void> {
   }
 }
 
+/** Sets `setting` on the database at `url` (`ALTER DATABASE ... SET`), as on keygate's role: for connections made from then on. */
+export async function setOnDatabase(url: string, setting: string, value: string): Promise<void> {
+  const root = await adminClient()
+  try {
+    await root.query(`ALTER DATABASE "${new URL(url).pathname.slice(1)}" SET ${setting} = '${value}'`)
+  } finally {
+    await root.end()
+  }
+}
+
+/** `table` held in ACCESS EXCLUSIVE mode by a session of its own (a migration, a VACUUM FULL), until `release` (or the end of `t`). */
+export async function holdTable(t: Pick<Test, 'teardown'>, url: string, table: string): Promise<{ release(): Promise<void> }> {
+  const holder = new pg.Client({ connectionString: url })
+  await holder.connect()
+  t.teardown(() => holder.end().catch(() => {}))
+  await holder.query('SET lock_timeout = 0')
+  await holder.query('BEGIN')
+  await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
+  return { release: async () => void (await holder.query('ROLLBACK')) }
+}
+
 /**
  * A fresh embedded store, in a data folder copied from the tests' initialised one
  * (helpers/pglite-template.ts; with `migrated`, the migrated one when a store is opened anew), with the CLI's 16 MB of shared buffers (`shortLived`): a test's
