@@ -319,9 +319,10 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
       path: op.path,
       readsBody: true,
       async handle(ctx: AdminRequest) {
-        const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress, ctx.requestId).catch((err: unknown) => {
+        const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress).catch((err: unknown) => {
           // Refused before the body is read: close instead of draining what may be a large body.
-          if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined)
+          // Its cause kept, for the log line of a 503 (admin/server.ts).
+          if (hasBody(ctx.req.headers) && isKeygateError(err)) throw new AdminError(err.code, err.message, { ...(err instanceof AdminError ? err.headers : {}), connection: 'close' }, err.details as Record<string, unknown> | undefined, err.cause === undefined ? undefined : { cause: err.cause })
           throw err
         })
         const parsed = await readJson(ctx, ...bodyLimit(op, maxBodyBytes))

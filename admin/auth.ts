@@ -32,8 +32,7 @@ export interface AdminAuthOptions {
   onLockedOut?: () => void
 }
 
-/** `requestId`: the request's, for the log line of a look-up that failed. */
-export type Authenticate = (authorization: string | undefined, remoteAddress: string | undefined, requestId?: string) => Promise<Actor>
+export type Authenticate = (authorization: string | undefined, remoteAddress: string | undefined) => Promise<Actor>
 
 const digest = (s: string) => createHash('sha256').update(s).digest()
 
@@ -47,7 +46,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
     options.onLockedOut?.()
     return new AdminError('ip_locked_out', lockedOutMessage(retryAfterS), { 'retry-after': String(retryAfterS) })
   }
-  return async (authorization, remoteAddress, requestId) => {
+  return async (authorization, remoteAddress) => {
     const address = normalAddress(remoteAddress ?? '') ?? remoteAddress ?? 'unknown'
     const counted = addressKey(address)
     const retryAfterS = await lockout.lockedFor(counted)
@@ -92,11 +91,12 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
       void lockout.finish(counted, false)
       if (isKeygateError(err)) throw err
       // Answered as the gateway answers it, 503 store_unavailable (retry), not 500 internal_error,
-      // and logged here once with the error (the answer says neither its words nor its SQL).
-      // Before (found by a review), rethrown: a 500, while the attempts that waited behind it,
-      // and the gateway, answered 503.
+      // with the error as its cause (the answer says neither its words nor its SQL), which
+      // admin/server.ts logs as it logs every 503 store_unavailable: once an outage at warn, each
+      // after at debug (before, found by a review, here at error for each request, a line a request
+      // for as long as a table was missing). Before (found by a review), rethrown: a 500, while the
+      // attempts that waited behind it, and the gateway, answered 503.
       const code = sqlState(err)
-      log.error('admin credential look-up failed: answered 503 store_unavailable', { ...(requestId ? { request_id: requestId } : {}), address, err: err as Error })
       throw new KeygateError('store_unavailable', `the key store failed the credential look-up${code ? ` (SQLSTATE ${code})` : ''}; try again (the error is in keygate's log)`, undefined, { cause: err })
     }
     const fail = async (err: AdminError): Promise<never> => {

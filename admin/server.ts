@@ -10,15 +10,15 @@ import { ERRORS, errorBody, isKeygateError, KeygateError, type ErrorCode } from 
 import { framingProblem, hostProblem, versionProblem } from '../core/framing.ts'
 import { targetProblem, type RequestTarget } from '../core/target.ts'
 import { ADMIN_MARK, afterResponses, answerClientError, clientErrorCode, closeWhenAnswered, hasBody, headersTimeoutOptions, hostName, isTlsFailure, rawError, trackConnections } from '../core/http.ts'
-import type { Logger } from '../core/log.ts'
+import { outageLog, type Logger } from '../core/log.ts'
 import { escapeUnprintable, shownInput } from '../core/validate.ts'
 
 /** A refusal that carries response headers (WWW-Authenticate, Retry-After, Connection). */
 export class AdminError extends KeygateError {
   readonly headers: http.OutgoingHttpHeaders
 
-  constructor(code: ErrorCode, message?: string, headers: http.OutgoingHttpHeaders = {}, details?: Record<string, unknown>) {
-    super(code, message, details)
+  constructor(code: ErrorCode, message?: string, headers: http.OutgoingHttpHeaders = {}, details?: Record<string, unknown>, options?: ErrorOptions) {
+    super(code, message, details, options)
     this.headers = headers
   }
 }
@@ -130,6 +130,8 @@ export interface AdminServerOptions {
   allowedHosts?: readonly string[]
   /** Why `/v1` is not served here, when it is not (`serve --only gateway`): said in its 404, not "no admin route". */
   noApi?: string
+  /** The clock of the store outage's log lines (default: the wall clock). */
+  now?: () => number
 }
 
 /**
@@ -203,6 +205,16 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
   const log = options.log
   const server = options.server
   const allowedHosts = new Set(options.allowedHosts ?? [])
+  // A 503 store_unavailable is logged as the gateway logs its failed look-ups: at warn once an
+  // outage, with the request's id, its route and the error (its cause, the driver's, when there is
+  // one), each after it at debug, and the outage's end at info. Before (found by a review), none
+  // was: GET /v1/keys while a migration held api_keys past the role's lock_timeout was a 503 with
+  // nothing in keygate's log.
+  const outage = outageLog(log, options.now ?? Date.now, {
+    start: 'admin requests fail: answered 503 store_unavailable (logged once until they are answered without it again; each at debug)',
+    each: 'admin request answered 503 store_unavailable',
+    end: 'admin requests are answered without store_unavailable again',
+  })
   const onRequest = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     const requestId = newRequestId()
     // Every answer says it is the admin API's: the CLI takes no other server's JSON for one (the
@@ -295,8 +307,11 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       }
       const handled = Promise.resolve()
         .then(() => c.route.handle({ req, res, requestId, params, url }))
+        .then(() => outage.succeeded())
         .catch((err: unknown) => {
           if (isKeygateError(err)) {
+            if (err.code !== 'store_unavailable') outage.succeeded()
+            else outage.failed({ request_id: requestId, method: req.method, route: c.route.path, err, ...(err.cause instanceof Error ? { cause: err.cause } : {}) })
             sendError(res, err.code, requestId, err.message, err.details as Record<string, unknown> | undefined, err instanceof AdminError ? err.headers : {})
             return
           }

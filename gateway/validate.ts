@@ -4,7 +4,7 @@
 // `key_invalid`, so the answer never tells unknown, wrong secret, revoked, expired or malformed
 // apart; the metrics and the debug log do.
 import { digestKey, keyKind, keyShape, type KeyPrefixes } from '../core/keys/format.ts'
-import type { Logger } from '../core/log.ts'
+import { outageLog, type Logger } from '../core/log.ts'
 import type { BadKeyReason, GatewayMetrics } from '../core/metrics.ts'
 import type { CachedKey, KeyCache, Miss } from './key-cache.ts'
 import { createLookupFailures, type Lockout } from '../core/lockout.ts'
@@ -21,9 +21,6 @@ export interface ValidateOptions {
   log: Logger
   now: () => number
 }
-
-/** How long key look-ups must go without a failure before a store outage is logged as over. */
-export const STORE_QUIET_MS = 10_000
 
 export function createValidateStage(o: ValidateOptions): Stage {
   const { cache, prefixes, acceptLegacy, lockout, log, now } = o
@@ -80,14 +77,13 @@ export function createValidateStage(o: ValidateOptions): Stage {
     return undefined
   }
 
-  // Once an outage at warn, and once its end at info, as the store check, Redis and the webhooks
-  // log theirs; each failed look-up in between at debug (before, found by a chaos review, a warn
-  // line with the driver's error for every request of an unknown key: 298 lines in 1.6 s).
-  // The outage ends with a look-up that succeeds STORE_QUIET_MS after the last that failed: one
-  // that fails now and then (a bad connection of the pool) is one outage, not a warning and an
-  // info line each time (found by a read-back).
-  let failing = 0
-  let lastFailure = 0
+  // Once an outage at warn, and once its end at info, each failed look-up in between at debug
+  // (core/log.ts outageLog).
+  const outage = outageLog(log, now, {
+    start: 'key store look-ups fail: keys not in the cache are answered 503 store_unavailable (logged once until look-ups succeed again; each at debug)',
+    each: 'key store look-up failed',
+    end: 'key store look-ups succeed again',
+  })
   // An attempt that waited for its place while look-ups failed, two or more in a row, is answered
   // 503 as it is let in, without asking the store (core/lockout.ts createLookupFailures).
   const lookups = createLookupFailures()
@@ -101,15 +97,8 @@ export function createValidateStage(o: ValidateOptions): Stage {
     if (lookup !== undefined) failedLookups.add(lookup)
     void lockout.finish(s.addressKey, false)
     storeErrors.inc()
-    lastFailure = now()
-    if (failing++ === 0) log.warn('key store look-ups fail: keys not in the cache are answered 503 store_unavailable (logged once until look-ups succeed again; each at debug)', { request_id: s.id, err: err as Error })
-    else log.debug('key store look-up failed', { request_id: s.id, err: err as Error })
+    outage.failed({ request_id: s.id, err: err as Error })
     return 'store_unavailable'
-  }
-  const storeUp = (): void => {
-    if (now() - lastFailure < STORE_QUIET_MS) return
-    log.info('key store look-ups succeed again', { failed: failing })
-    failing = 0
   }
 
   // A hash found in the cache is a stored key's, so a hit needs only the cheap length and
@@ -173,7 +162,7 @@ export function createValidateStage(o: ValidateOptions): Stage {
     return found.then(
       (f) => {
         lookups.answered()
-        if (failing > 0) storeUp()
+        outage.succeeded()
         return settle(s, f)
       },
       (err: unknown) => storeDown(s, err, found),

@@ -4,8 +4,8 @@
 import t from 'tap'
 import { randomUUID } from 'node:crypto'
 import { openDb } from '../core/db.ts'
-import { createLogger } from '../core/log.ts'
-import { startAdmin } from './helpers/admin.ts'
+import { createLogger, STORE_QUIET_MS } from '../core/log.ts'
+import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
 import { call } from './helpers/gateway.ts'
 import { serveBehindGate } from './helpers/serve-gated.ts'
 import { holdTable, migratedDatabase, setOnDatabase } from './helpers/stores.ts'
@@ -65,7 +65,7 @@ t.test('admin credentials from one address while look-ups fail with an error of 
   t.equal(after.status, 401, `the store is asked again once it answers: ${JSON.stringify(after.json)}`)
 })
 
-t.test('an admin credential whose look-up fails with an error of PostgreSQL keygate does not name (the key table gone: 42P01) is answered 503 store_unavailable, as at the gateway, and the error logged once (found by a review)', async (t) => {
+t.test('an admin credential whose look-up fails with an error of PostgreSQL keygate does not name (the key table gone: 42P01) is answered 503 store_unavailable, as at the gateway, and the error logged with it (found by a review)', async (t) => {
   // Before: rethrown, and answered 500 internal_error, where the gateway answers any failed
   // look-up 503 store_unavailable (gateway/validate.ts storeDown).
   const { url, direct } = await migratedDatabase(t)
@@ -74,24 +74,80 @@ t.test('an admin credential whose look-up fails with an error of PostgreSQL keyg
   const lines: string[] = []
   const h = await startAdmin(t, db, { log: createLogger({ level: 'debug', write: (line) => void lines.push(line) }) })
   await direct.exec('ALTER TABLE api_keys RENAME TO api_keys_away')
-  for (const [what, credential] of [
-    ['an unknown key', randomUUID()],
-    ['the admin key', h.adminKey],
+  const ids: unknown[] = []
+  for (const [what, credential, method, body] of [
+    ['an unknown key', randomUUID(), 'GET', undefined],
+    ['the admin key', h.adminKey, 'GET', undefined],
+    ['the admin key, with a body', h.adminKey, 'POST', { name: 'never', type: 'service' }],
   ] as const) {
-    lines.length = 0
-    const a = await h.call('GET', '/v1/lockouts', { auth: credential })
+    const a = await h.call(method, method === 'GET' ? '/v1/lockouts' : '/v1/keys', { auth: credential, ...(body ? { body } : {}) })
     t.equal(`${a.status} ${a.json?.error?.code}`, '503 store_unavailable', `${what}: ${JSON.stringify(a.json)}`)
+    ids.push(a.json?.error?.request_id)
     const message = String(a.json?.error?.message)
     t.match(message, /^the key store failed the credential look-up \(SQLSTATE 42P01\)/, `${what}: says what failed`)
     t.notMatch(message, /api_keys|SELECT|\n\s+at /, `${what}: neither SQL, nor the driver's words, nor a stack trace`)
-    const logged = lines.map((l) => JSON.parse(l) as { level: string; message: string; request_id?: string; err?: { code?: string; message?: string } })
-    t.same(
-      logged.map((l) => [l.level, l.err?.code, l.request_id]),
-      [['error', '42P01', a.json?.error?.request_id]],
-      `${what}: logged once, with the error and the request's id: ${lines.join('')}`,
-    )
-    t.match(logged[0]?.err?.message, /relation "api_keys" does not exist/)
   }
+  // The error with each answer (admin/server.ts): once at warn, then at debug, as every 503
+  // store_unavailable. Before (found by a review), at error for each request, a line a request
+  // for as long as the table was missing.
+  const logged = lines.map((l) => JSON.parse(l) as { level: string; request_id?: string; route?: string; cause?: { code?: string; message?: string } })
+  t.same(
+    logged.map((l) => [l.level, l.cause?.code, l.request_id, l.route]),
+    [
+      ['warn', '42P01', ids[0], '/v1/lockouts'],
+      ['debug', '42P01', ids[1], '/v1/lockouts'],
+      ['debug', '42P01', ids[2], '/v1/keys'],
+    ],
+    `logged with the error and the request's id: ${lines.join('')}`,
+  )
+  t.match(logged[0]?.cause?.message, /relation "api_keys" does not exist/)
   await direct.exec('ALTER TABLE api_keys_away RENAME TO api_keys')
   t.equal((await h.call('GET', '/v1/lockouts')).status, 200, 'the store is asked again once it answers')
+})
+
+t.test('a 503 store_unavailable of an admin route is logged: at warn once an outage, with the request id, the route and the cause, each after it at debug, and its end at info (found by a review)', async (t) => {
+  // Before: admin/server.ts answered every KeygateError without a log line, and GET /v1/keys
+  // while api_keys was held past a database lock_timeout was a 503 with nothing in keygate's log.
+  const { url } = await migratedDatabase(t)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const db = await openDb({ databaseUrl: url })
+  t.teardown(() => db.close())
+  const lines: string[] = []
+  let clock = Date.now()
+  const h = await startAdmin(t, db, { log: createLogger({ level: 'debug', write: (line) => void lines.push(line) }), now: () => new Date(clock) })
+  type Line = { level: string; message: string; request_id?: string; method?: string; route?: string; failed?: number; err?: { code?: string; message?: string }; cause?: { code?: string; message?: string } }
+  const logged = () => lines.map((l) => JSON.parse(l) as Line)
+  const held = await holdTable(t, url, 'api_keys')
+  const ids: string[] = []
+  for (let i = 0; i < 3; i++) {
+    const a = await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })
+    t.equal(`${a.status} ${a.json?.error?.code}`, '503 store_unavailable', `GET /v1/keys while api_keys is held: ${JSON.stringify(a.json)}`)
+    ids.push(String(a.json?.error?.request_id))
+  }
+  t.same(
+    logged().map((l) => [l.level, l.request_id, l.method, l.route, l.err?.code, l.cause?.code]),
+    [
+      ['warn', ids[0], 'GET', '/v1/keys', 'store_unavailable', '55P03'],
+      ['debug', ids[1], 'GET', '/v1/keys', 'store_unavailable', '55P03'],
+      ['debug', ids[2], 'GET', '/v1/keys', 'store_unavailable', '55P03'],
+    ],
+    `one warning for the outage, each answer after it at debug: ${lines.join('')}`,
+  )
+  const [first] = logged()
+  t.match(first?.message, /503 store_unavailable.*logged once until/)
+  t.match(first?.err?.message, /could not take a lock the statement needs \(SQLSTATE 55P03, lock_timeout\)/, 'the error says what failed')
+  t.match(first?.cause?.message, /lock timeout/, "and its cause is PostgreSQL's own")
+  await held.release()
+  lines.length = 0
+  t.equal((await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })).status, 200)
+  t.same(logged(), [], 'an answer right after the outage says nothing yet')
+  clock += STORE_QUIET_MS
+  t.equal((await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })).status, 200)
+  t.same(logged().map((l) => [l.level, l.failed]), [['info', 3]], `its end is said once, ${STORE_QUIET_MS / 1000} s after the last 503: ${lines.join('')}`)
+  lines.length = 0
+  t.equal((await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })).status, 200)
+  const again = await holdTable(t, url, 'api_keys')
+  t.equal((await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })).status, 503)
+  await again.release()
+  t.same(logged().map((l) => l.level), ['warn'], 'a new outage is warned of again')
 })

@@ -190,7 +190,7 @@ export interface AdminHarnessOptions {
   log?: Logger
   /** The webhook service's log (default: none): what it says of each delivery attempt. */
   webhookLog?: Logger
-  /** The admin API's clock (default: the wall clock). */
+  /** The admin API's clock, and its server's (default: the wall clock). */
   now?: () => Date
 }
 
@@ -227,6 +227,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
     server: http.createServer(adminServerOptions(config.admin)),
     log: options.log ?? silentLogger,
     allowedHosts: config.admin.allowed_hosts,
+    ...(options.now ? { now: () => (options.now as () => Date)().getTime() } : {}),
     routes: createAdminApi({
       db,
       keys,
