@@ -114,9 +114,11 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
 /** Applies pending migrations; returns the names applied by this call, and those a newer keygate recorded. */
 export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: string[]; newer: string[] }> {
   const files = readMigrations(dir)
+  let locked = false
   // Untimed: it waits for another instance's migrations to end, and a migration may take long.
   return db.transaction(async (tx) => {
     await tx.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_ID])
+    locked = true
     await ensureTable(tx)
     const { pending, newer } = compare(files, await applied(tx))
     for (const m of pending) {
@@ -130,7 +132,50 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
       await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
     }
     return { applied: pending.map((m) => m.name), newer }
-  }, { untimed: true })
+  }, { untimed: true }).catch(async (err: unknown) => {
+    if (!locked && sqlState(err) === LOCK_NOT_AVAILABLE) throw await migrationLockHeld(db, err as Error)
+    throw err
+  })
+}
+
+/** SQLSTATE of a lock not taken within the lock_timeout (core/db.ts maps it outside migrations). */
+const LOCK_NOT_AVAILABLE = '55P03'
+
+/**
+ * What a wait for the migration lock cut short by a lock_timeout set on keygate's role or database
+ * is told (`err`, PostgreSQL's 55P03): who holds the lock, as PostgreSQL shows that session, what
+ * cut the wait, and what to do. Before (found by a review), `keygate migrate` and a `keygate serve`
+ * start said "unexpected error: canceling statement due to lock timeout", as for a bug.
+ */
+async function migrationLockHeld(db: Db, err: Error): Promise<KeygateError> {
+  let holder = "another session holds keygate's migration lock"
+  let timeout = ''
+  try {
+    timeout = ` (${(await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t})`
+    // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1.
+    // Another role's session shows its pid, role and application alone, without pg_read_all_stats.
+    const [row] = await db.query<{ pid: number; usename: string | null; application_name: string | null; client_addr: string | null; xact_start: string | null }>(
+      `SELECT l.pid, a.usename, a.application_name, host(a.client_addr) AS client_addr,
+              to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS xact_start
+         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1
+        LIMIT 1`,
+      [Math.floor(MIGRATION_LOCK_ID / 2 ** 32), MIGRATION_LOCK_ID % 2 ** 32],
+    )
+    if (row === undefined) holder = "another session held keygate's migration lock (and has let it go since)"
+    else {
+      const about = [`PostgreSQL pid ${row.pid}`, row.application_name ? `application ${JSON.stringify(row.application_name)}` : '', row.usename ? `role ${JSON.stringify(row.usename)}` : '', row.client_addr ? `from ${row.client_addr}` : '', row.xact_start ? `its transaction open since ${row.xact_start}` : '']
+      holder += ` (${about.filter(Boolean).join(', ')})`
+    }
+  } catch {
+    // Said without who: the store failed this look-up too.
+  }
+  return new KeygateError(
+    'store_unavailable',
+    `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and the lock_timeout${timeout} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied; try again once it ends, or let keygate wait for it: a longer lock_timeout (or 0) for the role that migrates (ALTER ROLE … SET lock_timeout), or for one run PGOPTIONS='-c lock_timeout=0'`,
+    { sqlstate: LOCK_NOT_AVAILABLE },
+    { cause: err },
+  )
 }
 
 /**
