@@ -196,10 +196,11 @@ const ERROR_DETAILS = {
     status: { type: 'integer' },
     unconfirmed: { type: 'boolean' },
     integrity: { type: 'string', enum: ['key_missing', 'failed'] },
+    sqlstate: { type: 'string', pattern: '^[0-9A-Z]{5}$' },
   },
   additionalProperties: true,
   description:
-    'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable of a lockout lift Redis did not confirm, `unconfirmed`; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
+    'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable, `sqlstate`, the SQLSTATE PostgreSQL answered with, where it did (55P03 a lock_timeout set on the role or database, 57014 a statement cancelled, 53xxx the store out of resources, 25006 a read-only store), and `unconfirmed` for a lockout lift Redis did not confirm; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
 }
 
 /** What every request body must be, or be refused 415 unsupported_media_type (admin/api.ts). */

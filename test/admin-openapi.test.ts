@@ -14,13 +14,14 @@ import { Value } from '@sinclair/typebox/value'
 import { operationErrors, plain } from '../admin/openapi.ts'
 import { OPERATIONS } from '../admin/routes/index.ts'
 import { AnomalyLog } from '../core/anomalies.ts'
+import { openDb } from '../core/db.ts'
 import { ERRORS } from '../core/errors.ts'
 import { ImportRow } from '../core/keys/schemas.ts'
 import { FORMAT_WORDS } from '../core/formats.ts'
-import { documentValidator, followRefs, headerProblems, MAX_BODY_BYTES, refFollower, startAdmin } from './helpers/admin.ts'
+import { BOOTSTRAP_TOKEN, documentValidator, followRefs, headerProblems, MAX_BODY_BYTES, refFollower, startAdmin } from './helpers/admin.ts'
 import { giteaOnFake } from './helpers/integrations.ts'
 import { rawAnswer, startUpstream } from './helpers/gateway.ts'
-import { openStore } from './helpers/stores.ts'
+import { holdTable, migratedDatabase, openStore, setOnDatabase } from './helpers/stores.ts'
 
 const DIST = dirname(createRequire(import.meta.url).resolve('swagger-ui-dist/package.json'))
 
@@ -346,6 +347,25 @@ t.test('real answers match the documented schemas', async (t) => {
 // from the schema: before (found by a docs review), text drawn from the name patterns
 // ("vvzx~v||w}..."), `allowed_cidrs: ["string"]` and a webhook URL of random punctuation, which
 // the API refused (400 validation_failed, webhook_url_refused "is not a valid URL").
+// Before (found by a review): store_unavailable carried details.sqlstate (core/db.ts: a lock_timeout,
+// a cancellation, a store out of resources or read-only), which ErrorDetails did not name.
+t.test("a store_unavailable answer's details are members ErrorDetails names: sqlstate", async (t) => {
+  const { url } = await migratedDatabase(t)
+  await setOnDatabase(url, 'lock_timeout', '100ms')
+  const db = await openDb({ databaseUrl: url })
+  t.teardown(() => db.close())
+  const h = await startAdmin(t, db)
+  const details = (await h.call('GET', '/openapi.json', { auth: null })).json.components.schemas.ErrorDetails
+  const held = await holdTable(t, url, 'api_keys')
+  const r = await h.call('GET', '/v1/keys', { auth: BOOTSTRAP_TOKEN })
+  await held.release()
+  t.equal(`${r.status} ${r.json?.error?.code}`, '503 store_unavailable', JSON.stringify(r.json))
+  t.same(r.json.error.details, { sqlstate: '55P03' })
+  for (const member of Object.keys(r.json.error.details)) t.ok(details.properties[member], `details.${member} is named in ErrorDetails`)
+  t.match(details.properties.sqlstate, { type: 'string', pattern: '^[0-9A-Z]{5}$' })
+  t.match(details.description, /for store_unavailable, `sqlstate`/, 'and said of store_unavailable in its description')
+})
+
 t.test('every request body documents an example, and the API takes it', async (t) => {
   const store = await openStore(t, 'embedded')
   const { gitea } = await giteaOnFake(t, store.db)
