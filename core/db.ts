@@ -152,7 +152,7 @@ export const UNDEFINED_TABLE = '42P01'
 /** SQLSTATE of a statement PostgreSQL cancelled: a statement_timeout, or pg_cancel_backend. */
 const QUERY_CANCELED = '57014'
 /** SQLSTATE of a lock not taken: past the lock_timeout set on keygate's role or database (or NOWAIT, which keygate does not use). */
-const LOCK_NOT_AVAILABLE = '55P03'
+export const LOCK_NOT_AVAILABLE = '55P03'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
 

@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { hash } from 'node:crypto'
-import { sqlState, type Db, type Queryable } from './db.ts'
+import { LOCK_NOT_AVAILABLE, sqlState, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { PACKAGE_ROOT } from './package.ts'
 
@@ -137,9 +137,6 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
     throw err
   })
 }
-
-/** SQLSTATE of a lock not taken within the lock_timeout (core/db.ts maps it outside migrations). */
-const LOCK_NOT_AVAILABLE = '55P03'
 
 /**
  * What a wait for the migration lock cut short by a lock_timeout set on keygate's role or database
