@@ -481,6 +481,11 @@ t.test("a lift Redis does not answer in time marks Redis down, as a limiter call
   await lockout.recordFailure(address)
   await lockout.recordFailure(address)
   t.ok(lockout.lockedFor(address) !== undefined, 'locked out')
+  // The lockout's `lock:` message goes out on this connection: answered before the pause (a PING
+  // after it), so that the publish's own bound, which reconnects, does not run out while the
+  // lift waits (found by a CI run: the connection was reconnecting when looked at).
+  await until(t, 'the lockout published', () => /publish/i.test(gate.sent()))
+  await redis.ping()
   server.pause()
   t.teardown(() => server.resume())
   const mark = gate.sent().length
