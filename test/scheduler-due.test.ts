@@ -32,13 +32,13 @@ const BEFORE = `SELECT k.id FROM ${KEY_ENDS_FROM}
 const T0 = new Date('2026-06-01T12:00:00Z')
 const HOUR = 3_600_000
 
-/** Inserts keys given as rows of api_keys' columns (id, status, created_at, ...), with a valid hash and name. */
+/** Inserts keys given as rows of api_keys' columns (id, status, created_at, ..., replaced_by when given: a key of the same rows too), with a valid hash and name. */
 async function insertKeys(db: { query: (sql: string, params?: unknown[]) => Promise<unknown> }, keys: object[]): Promise<void> {
   await db.query(
-    `INSERT INTO api_keys (id, key_hash, name, type, status, rotation_interval_s, created_at, expires_at, grace_until, revoked_at)
+    `INSERT INTO api_keys (id, key_hash, name, type, status, rotation_interval_s, created_at, expires_at, grace_until, revoked_at, replaced_by)
      SELECT k.id, encode(sha256(k.id::bytea), 'hex'), k.id, 'service', k.status, k.rotation_interval_s, k.created_at, k.expires_at, k.grace_until,
-            CASE WHEN k.status = 'revoked' THEN k.created_at END
-     FROM json_to_recordset($1::json) AS k(id text, status text, rotation_interval_s integer, created_at timestamptz, expires_at timestamptz, grace_until timestamptz)`,
+            CASE WHEN k.status = 'revoked' THEN k.created_at END, k.replaced_by
+     FROM json_to_recordset($1::json) AS k(id text, status text, rotation_interval_s integer, created_at timestamptz, expires_at timestamptz, grace_until timestamptz, replaced_by text)`,
     [JSON.stringify(keys)],
   )
 }
@@ -265,12 +265,11 @@ t.test('a batch that ends a key for its missed rotation locks and ends the keys 
     // and ended beside it.
     const keys = [
       { id: 'a-newest', status: 'active', created_at: new Date(T0.getTime() - 20 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
-      { id: 'b-middle', status: 'rotating', created_at: new Date(T0.getTime() - 30 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: new Date(T0.getTime() + 28 * HOUR) },
-      { id: 'c-oldest', status: 'rotating', created_at: new Date(T0.getTime() - 40 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: new Date(T0.getTime() + 18 * HOUR) },
+      { id: 'b-middle', status: 'rotating', created_at: new Date(T0.getTime() - 30 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: new Date(T0.getTime() + 28 * HOUR), replaced_by: 'a-newest' },
+      { id: 'c-oldest', status: 'rotating', created_at: new Date(T0.getTime() - 40 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: new Date(T0.getTime() + 18 * HOUR), replaced_by: 'b-middle' },
       { id: 'd-alone', status: 'active', created_at: new Date(T0.getTime() - 20 * HOUR), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
     ]
     await insertKeys(store.db, keys)
-    await store.db.query(`UPDATE api_keys SET replaced_by = CASE id WHEN 'b-middle' THEN 'a-newest' WHEN 'c-oldest' THEN 'b-middle' END WHERE id IN ('b-middle', 'c-oldest')`)
     await insertNotices(store.db, ['a-newest', 'd-alone'].map((id) => ({ key_id: id, kind: 'rotation', deadline: new Date(T0.getTime() - HOUR) })))
     const s = testServices(store.db)
     const scheduler = new Scheduler({ db: store.db, keys: s.keys, audit: s.audit, log: silentLogger, now: () => T0, intervalS: 60, noticeMs: 0, batchSize: 1, pruneRules: [] })
@@ -290,18 +289,14 @@ t.test('a batch that ends a replaced key for its successor\'s missed rotation lo
     // rotation_overdue.
     const at = (hours: number) => new Date(T0.getTime() + hours * HOUR)
     const keys = [
-      { id: 'a-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(28) },
+      { id: 'a-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(28), replaced_by: 'b-newest' },
       { id: 'b-newest', status: 'active', created_at: at(-20), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
-      { id: 'c-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(18) },
-      { id: 'd-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(28) },
+      { id: 'c-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(18), replaced_by: 'a-middle' },
+      { id: 'd-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(28), replaced_by: 'e-newest' },
       { id: 'e-newest', status: 'active', created_at: at(-20), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
-      { id: 'f-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(-0.5) },
+      { id: 'f-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(-0.5), replaced_by: 'd-middle' },
     ]
     await insertKeys(store.db, keys)
-    await store.db.query(
-      `UPDATE api_keys SET replaced_by = CASE id WHEN 'a-middle' THEN 'b-newest' WHEN 'c-oldest' THEN 'a-middle' WHEN 'd-middle' THEN 'e-newest' WHEN 'f-oldest' THEN 'd-middle' END
-       WHERE id IN ('a-middle', 'c-oldest', 'd-middle', 'f-oldest')`,
-    )
     await insertNotices(store.db, ['b-newest', 'e-newest'].map((id) => ({ key_id: id, kind: 'rotation', deadline: at(-1) })))
     const s = testServices(store.db)
     const due = await store.db.query<{ id: string; reason: string }>(`SELECT k.id, e.end_reason AS reason FROM ${KEY_ENDS_FROM} WHERE e.ends_at <= $1 ORDER BY k.id`, [T0])
@@ -323,12 +318,11 @@ t.test("a lineage's key ended by its own grace before the newest key's deadline:
     // on to 30 h.
     const at = (hours: number) => new Date(T0.getTime() + hours * HOUR)
     const keys = [
-      { id: 'g-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(30) },
-      { id: 'h-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(5) },
+      { id: 'g-oldest', status: 'rotating', created_at: at(-40), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(30), replaced_by: 'h-middle' },
+      { id: 'h-middle', status: 'rotating', created_at: at(-30), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: at(5), replaced_by: 'i-newest' },
       { id: 'i-newest', status: 'active', created_at: at(-20), rotation_interval_s: 10 * 3600, expires_at: null, grace_until: null },
     ]
     await insertKeys(store.db, keys)
-    await store.db.query(`UPDATE api_keys SET replaced_by = CASE id WHEN 'g-oldest' THEN 'h-middle' WHEN 'h-middle' THEN 'i-newest' END WHERE id IN ('g-oldest', 'h-middle')`)
     await insertNotices(store.db, [{ key_id: 'i-newest', kind: 'rotation', deadline: at(10) }])
     const s = testServices(store.db)
     let now = at(0)
