@@ -111,9 +111,57 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
   return (await applyMigrations(db, dir)).applied
 }
 
+/** A wait for the migration lock that a lock_timeout set on keygate's role or database cut (SQLSTATE 55P03). */
+export interface LockWaitCut {
+  /** Who holds the lock, as PostgreSQL shows that session (see lockHolder). */
+  holder: string
+  /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read. */
+  lockTimeout: string
+  /** PostgreSQL's error. */
+  err: Error
+}
+
+export interface ApplyOptions {
+  /**
+   * Wait for the migration lock through a lock_timeout set on keygate's role or database: each
+   * wait it cuts while another session holds the lock is tried again (at most once a second, as
+   * long as it takes, as the wait is without a lock_timeout) and told here, with how long the
+   * whole has waited (`serve`: a start waits for another instance migrating). Absent: a cut ends
+   * the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
+   */
+  onLockWait?: (cut: LockWaitCut, waitedMs: number) => void
+}
+
+/** How often a wait for the migration lock that a lock_timeout cuts (ApplyOptions.onLockWait) tries again, at most. */
+const LOCK_RETRY_MS = 1000
+
 /** Applies pending migrations; returns the names applied by this call, and those a newer keygate recorded. */
-export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: string[]; newer: string[] }> {
+export async function applyMigrations(db: Db, dir?: string, options: ApplyOptions = {}): Promise<{ applied: string[]; newer: string[] }> {
   const files = readMigrations(dir)
+  const started = performance.now()
+  for (;;) {
+    const tried = performance.now()
+    try {
+      return await applyUnderLock(db, files)
+    } catch (err) {
+      if (!(err instanceof MigrationLockCut)) throw err
+      const { holder, lockTimeout } = await lockHolder(db)
+      if (!options.onLockWait) throw migrationLockHeld(holder, lockTimeout, err.cause)
+      options.onLockWait({ holder, lockTimeout, err: err.cause }, performance.now() - started)
+      // Tried again at once when the lock_timeout is a second or more, so that the lock is waited
+      // for most of the time; a shorter one does not make a loop of statements.
+      await new Promise((r) => setTimeout(r, Math.max(0, LOCK_RETRY_MS - (performance.now() - tried))))
+    }
+  }
+}
+
+/** The wait for the migration lock was cut by a lock_timeout (55P03), before the lock was taken. */
+class MigrationLockCut extends Error {
+  declare cause: Error
+}
+
+/** One run: the migration lock, then the files not applied yet, in one transaction. */
+async function applyUnderLock(db: Db, files: readonly Migration[]): Promise<{ applied: string[]; newer: string[] }> {
   let locked = false
   // Untimed: it waits for another instance's migrations to end, and a migration may take long.
   return db.transaction(async (tx) => {
@@ -132,25 +180,24 @@ export async function applyMigrations(db: Db, dir?: string): Promise<{ applied: 
       await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
     }
     return { applied: pending.map((m) => m.name), newer }
-  }, { untimed: true }).catch(async (err: unknown) => {
-    if (!locked && sqlState(err) === LOCK_NOT_AVAILABLE) throw await migrationLockHeld(db, err as Error)
+  }, { untimed: true }).catch((err: unknown) => {
+    if (!locked && sqlState(err) === LOCK_NOT_AVAILABLE) throw new MigrationLockCut('the wait for the migration lock was cut', { cause: err })
     throw err
   })
 }
 
 /**
- * What a wait for the migration lock cut short by a lock_timeout set on keygate's role or database
- * is told (`err`, PostgreSQL's 55P03): who holds the lock, as PostgreSQL shows that session, what
- * cut the wait, and what to do. Before (found by a review), `keygate migrate` and a `keygate serve`
- * start said "unexpected error: canceling statement due to lock timeout", as for a bug.
+ * Who holds the migration lock, as PostgreSQL shows that session, and the lock_timeout in force
+ * (for a wait for the lock that it cut). Another role's session shows its pid, role and
+ * application alone, without pg_read_all_stats. When the store fails these look-ups too: without
+ * who, or the lock_timeout's value ('').
  */
-async function migrationLockHeld(db: Db, err: Error): Promise<KeygateError> {
+async function lockHolder(db: Db): Promise<{ holder: string; lockTimeout: string }> {
   let holder = "another session holds keygate's migration lock"
-  let timeout = ''
+  let lockTimeout = ''
   try {
-    timeout = ` (${(await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t})`
+    lockTimeout = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t ?? ''
     // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1.
-    // Another role's session shows its pid, role and application alone, without pg_read_all_stats.
     const [row] = await db.query<{ pid: number; usename: string | null; application_name: string | null; client_addr: string | null; xact_start: string | null }>(
       `SELECT l.pid, a.usename, a.application_name, host(a.client_addr) AS client_addr,
               to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS xact_start
@@ -167,9 +214,19 @@ async function migrationLockHeld(db: Db, err: Error): Promise<KeygateError> {
   } catch {
     // Said without who: the store failed this look-up too.
   }
+  return { holder, lockTimeout }
+}
+
+/**
+ * What a wait for the migration lock cut short by a lock_timeout set on keygate's role or database
+ * is told (`err`, PostgreSQL's 55P03) when it is not waited through (`keygate migrate`): who holds
+ * the lock, what cut the wait, and what to do. Before (found by a review), `keygate migrate` and a
+ * `keygate serve` start said "unexpected error: canceling statement due to lock timeout", as for a bug.
+ */
+function migrationLockHeld(holder: string, lockTimeout: string, err: Error): KeygateError {
   return new KeygateError(
     'store_unavailable',
-    `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and the lock_timeout${timeout} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied; try again once it ends, or let keygate wait for it: a longer lock_timeout (or 0) for the role that migrates (ALTER ROLE … SET lock_timeout), or for one run PGOPTIONS='-c lock_timeout=0'`,
+    `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied; try again once it ends, or let keygate wait for it: a longer lock_timeout (or 0) for the role that migrates (ALTER ROLE … SET lock_timeout), or for one run PGOPTIONS='-c lock_timeout=0'`,
     { sqlstate: LOCK_NOT_AVAILABLE },
     { cause: err },
   )

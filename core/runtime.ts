@@ -8,7 +8,7 @@ import { KeygateError } from './errors.ts'
 import { EventBus } from './events.ts'
 import { KeyService } from './keys/service.ts'
 import type { Logger } from './log.ts'
-import { applyMigrations, migrationState } from './migrate.ts'
+import { applyMigrations, migrationState, type LockWaitCut } from './migrate.ts'
 
 export interface Runtime {
   config: Config
@@ -83,7 +83,24 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     // On both stores alike: off, the schema is changed by `keygate migrate` alone (before, found
     // by a docs walk, the embedded store was migrated whatever the setting said).
     if (config.store.auto_migrate) {
-      const run = await applyMigrations(db)
+      // `serve` waits for another instance migrating, through a lock_timeout set on keygate's role
+      // or database as without one (not bounded by store.start_wait_s: see README, Migrations),
+      // saying so once. Before (found by a review), the lock_timeout's cut ended the start, exit 1:
+      // in a rolling start of many instances, all but the one migrating.
+      let lockWarned = false
+      const lockWait = options.waitForStore
+        ? {
+            onLockWait: (cut: LockWaitCut) => {
+              if (lockWarned) return
+              lockWarned = true
+              log.warn(
+                "waiting for keygate's migration lock, held by another session (most likely another keygate migrating this database); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so it is tried again until it is free",
+                { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}) },
+              )
+            },
+          }
+        : {}
+      const run = await applyMigrations(db, undefined, lockWait)
       if (run.applied.length > 0) log.info('applied migrations', { migrations: run.applied })
       newer = run.newer
     } else {

@@ -13,11 +13,11 @@ import net from 'node:net'
 import { join } from 'node:path'
 import { request } from 'undici'
 import pg from 'pg'
-import { MIGRATION_LOCK_ID } from '../core/migrate.ts'
+import { MIGRATION_LOCK_ID, readMigrations } from '../core/migrate.ts'
 import { runCli, runCliHere } from './helpers/cli.ts'
-import { isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
+import { isolatedEnv, serve as startKeygate, type LogLine } from './helpers/serve.ts'
 import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
-import { freshDatabase } from './helpers/stores.ts'
+import { freshDatabase, holdMigrationLock, setOnDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
 import { scratchDir } from './helpers/scratch.ts'
@@ -199,6 +199,62 @@ t.test('a stop signal while the start waits on the store (another instance migra
     waiting = rows.length > 0
     if (!waiting) await new Promise((r) => setTimeout(r, 50))
   }
+  serve.child.kill('SIGTERM')
+  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
+  t.equal(code, 0, 'exit 0')
+  t.ok(serve.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'says so')
+  t.notOk(serve.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
+})
+
+/**
+ * A `serve` started while another session (another keygate migrating) holds the migration lock,
+ * the database's lock_timeout 200 ms: returned once the start has logged that it waits, a wait cut
+ * by that lock_timeout already behind it.
+ */
+async function serveWaitingOnLockTimeout(t: Tap) {
+  const url = await freshDatabase(t)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const migrating = await holdMigrationLock(t, url, 'another-keygate')
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', 'http://127.0.0.1:9'], env, waitFor: { gateway: false, admin: false } })
+  const waits = (l: LogLine) => l.level === 'warn' && /migration lock/.test(l.message)
+  const warned = await serve.waitForLog(waits)
+  return { migrating, serve, waits, warned }
+}
+
+// Before (found by a review): with a lock_timeout set on keygate's role or database (common on
+// managed PostgreSQL), a `serve` starting while another instance migrated exited 1 once the
+// lock_timeout cut its wait for the migration lock: in a rolling start of many instances, all but
+// the migrating one, until a service manager restarted them.
+t.test("a start whose wait for the migration lock the role's or database's lock_timeout cuts keeps waiting, says so once, and serves once the lock is free", async (t) => {
+  const { migrating, serve, waits, warned } = await serveWaitingOnLockTimeout(t)
+  t.match(warned.message, /waiting for keygate's migration lock, held by another session/, 'says what it waits for')
+  t.match(warned.message, /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/, 'and what cut a wait')
+  t.match(warned, { lock_timeout: '200ms', holder: /PostgreSQL pid \d+, application "another-keygate"/ }, 'naming the lock_timeout and the session that holds the lock')
+  // Tries the lock again, more than once: three transactions of its own seen waiting for it in
+  // PostgreSQL, each after the first cut (which was before the warning).
+  const seen = new Set<string>()
+  while (seen.size < 3 && serve.child.exitCode === null) {
+    const { rows } = await migrating.query<{ xact_start: string }>(
+      `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = $1`,
+      [MIGRATION_LOCK_ID],
+    )
+    for (const r of rows) seen.add(r.xact_start)
+    if (seen.size < 3) await new Promise((r) => setTimeout(r, 50))
+  }
+  t.equal(serve.child.exitCode, null, 'still running')
+  await migrating.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK_ID])
+  const admin = `http://${(await serve.waitForLog((l) => l.message === 'admin listening')).address as string}`
+  await serve.waitForLog((l) => l.message === 'gateway listening')
+  t.equal((await call(`${admin}/readyz`)).status, 200, 'ready once the lock is free')
+  const { rows } = await migrating.query<{ n: number }>('SELECT count(*)::int AS n FROM keygate_migrations')
+  t.equal(rows[0]?.n, readMigrations().length, 'and migrated')
+  t.equal(serve.logs.filter(waits).length, 1, 'the wait is said once')
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+})
+
+t.test('a stop signal while the start waits on a migration lock that the lock_timeout keeps cutting ends it at once, exit 0', async (t) => {
+  const { serve } = await serveWaitingOnLockTimeout(t)
   serve.child.kill('SIGTERM')
   const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
   t.equal(code, 0, 'exit 0')

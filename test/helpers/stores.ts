@@ -11,7 +11,7 @@ import { AUDIT_FORMAT, AuditCipher, AuditLog } from '../../core/audit.ts'
 import { openDb, processAlive, type Db, type Queryable, type TransactionOptions } from '../../core/db.ts'
 import { KeygateError } from '../../core/errors.ts'
 import { KeyService } from '../../core/keys/service.ts'
-import { migrate } from '../../core/migrate.ts'
+import { MIGRATION_LOCK_ID, migrate } from '../../core/migrate.ts'
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { loadConfig } from '../../config/load.ts'
 import { seedDataDir } from './pglite-template.ts'
@@ -109,6 +109,16 @@ export async function holdTable(t: Pick<Test, 'teardown'>, url: string, table: s
   await holder.query('BEGIN')
   await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
   return { release: async () => void (await holder.query('ROLLBACK')) }
+}
+
+/** keygate's migration lock held by a session of its own, named `application` (another instance migrating), until it lets it go (or the end of `t`). */
+export async function holdMigrationLock(t: Pick<Test, 'teardown'>, url: string, application: string): Promise<pg.Client> {
+  const holder = new pg.Client({ connectionString: url, application_name: application })
+  await holder.connect()
+  t.teardown(() => holder.end().catch(() => {}))
+  await holder.query('SET lock_timeout = 0')
+  await holder.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_ID])
+  return holder
 }
 
 /**
