@@ -507,7 +507,9 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     prepare(p) {
       return async (ctx) => {
         const s = await ctx.ops.stats()
-        if (ctx.json) printJson(ctx.io, { total: s.total, by_type: s.byType, by_status: s.byStatus, legacy: s.legacy, expiring_within_7d: s.expiringSoon })
+        // expiring_soon and expiring_within_days as GET /v1/stats names them; expiring_within_7d,
+        // this command's first name for the count, kept for the scripts that read it.
+        if (ctx.json) printJson(ctx.io, { total: s.total, by_type: s.byType, by_status: s.byStatus, legacy: s.legacy, expiring_soon: s.expiringSoon, expiring_within_days: 7, expiring_within_7d: s.expiringSoon })
         else {
           ctx.io.out(table(['type', 'keys'], Object.entries(s.byType)))
           ctx.io.out('\n' + table(['status', 'keys'], Object.entries(s.byStatus)))

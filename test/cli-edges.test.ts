@@ -335,7 +335,7 @@ t.test("a command through the admin API reaches an admin listener on any port se
   t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
   const r = await runCli(['api-key', 'stats', '--json', '--admin-url', `http://127.0.0.1:${port}`], { env: isolated({ KEYGATE_ADMIN_TOKEN: token }), cwd })
   t.equal(r.code, 0, `through an admin API on port ${port}: ${r.stderr}`)
-  t.same(r.json(), { total: 3, by_type: { system: 1, user: 2 }, by_status: { active: 3 }, legacy: 0, expiring_within_7d: 1 }, "the server's answer")
+  t.same(r.json(), { total: 3, by_type: { system: 1, user: 2 }, by_status: { active: 3 }, legacy: 0, expiring_soon: 1, expiring_within_days: 7, expiring_within_7d: 1 }, "the server's answer")
   t.same(seen, [`GET /v1/stats Bearer ${token}`], 'one call, with the credential')
 })
 
