@@ -119,7 +119,7 @@ export async function serve(t: Tap, options: ServeOptions = {}): Promise<Served>
   })
   // A hang guard, not a latency bound: under the suite's full load on two cores a cold start of
   // the embedded store once took over 30 s (two serve tests failed so; alone, the file passes in
-  // 42 s), so it waits 90 s, within tap's 300 s a file.
+  // 42 s), so it waits 90 s, within tap's 600 s a file.
   const waitForLog = (match: (line: LogLine) => boolean, timeoutMs = options.timeoutMs ?? 90_000) =>
     new Promise<LogLine>((resolve, reject) => {
       const check = () => {
