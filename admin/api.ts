@@ -318,6 +318,7 @@ export function adminApiRoutes(options: AdminApiOptions): AdminRoute[] {
       method: op.method,
       path: op.path,
       readsBody: true,
+      storeBacked: true,
       async handle(ctx: AdminRequest) {
         const actor = await authenticate(ctx.req.headers.authorization, ctx.req.socket.remoteAddress).catch((err: unknown) => {
           // Refused before the body is read: close instead of draining what may be a large body.

@@ -42,6 +42,12 @@ export interface AdminRoute {
    * credential was asked for.
    */
   readsBody?: true
+  /**
+   * The route's answers come from the store (the admin API's operations): one answered without
+   * an error ends a logged outage of 503 store_unavailable. The others (/healthz, /metrics, /docs,
+   * /readyz, whose 503 is an answer, not an error) answer without the store and say nothing of it.
+   */
+  storeBacked?: true
 }
 
 interface Compiled {
@@ -307,11 +313,16 @@ export function createAdminServer(options: AdminServerOptions): http.Server {
       }
       const handled = Promise.resolve()
         .then(() => c.route.handle({ req, res, requestId, params, url }))
-        .then(() => outage.succeeded())
+        .then(() => {
+          // Only a route that asked the store and was answered ends an outage: before (found by a
+          // read-back), a kubelet's /healthz 10 s after the last 503 logged the outage's end while
+          // the store was still down, and so did a 401 of a request without a credential.
+          if (c.route.storeBacked) outage.succeeded()
+        })
         .catch((err: unknown) => {
           if (isKeygateError(err)) {
-            if (err.code !== 'store_unavailable') outage.succeeded()
-            else outage.failed({ request_id: requestId, method: req.method, route: c.route.path, err, ...(err.cause instanceof Error ? { cause: err.cause } : {}) })
+            if (err.code === 'store_unavailable')
+              outage.failed({ request_id: requestId, method: req.method, route: c.route.path, err, ...(err.cause instanceof Error ? { cause: err.cause } : {}) })
             sendError(res, err.code, requestId, err.message, err.details as Record<string, unknown> | undefined, err instanceof AdminError ? err.headers : {})
             return
           }
