@@ -153,6 +153,8 @@ export const UNDEFINED_TABLE = '42P01'
 const QUERY_CANCELED = '57014'
 /** SQLSTATE of a lock not taken: past the lock_timeout set on keygate's role or database (or NOWAIT, which keygate does not use). */
 export const LOCK_NOT_AVAILABLE = '55P03'
+/** SQLSTATE of the statement PostgreSQL ends to break a deadlock: its transaction is rolled back, and the same work may succeed again. */
+const DEADLOCK_DETECTED = '40P01'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
 
@@ -322,7 +324,8 @@ class PostgresDb implements Db {
    * 500), or within a timeout set on keygate's role or database: its lock_timeout (55P03, a table
    * held by a migration or a VACUUM FULL), or, with store.query_timeout_ms 0, its
    * statement_timeout (57014; README advises the role's behind PgBouncer), which cannot be told
-   * from an operator's pg_cancel_backend. Before (found by a review), those two kept PostgreSQL's
+   * from an operator's pg_cancel_backend; and a deadlock PostgreSQL broke by ending the statement
+   * (40P01). Before (found by a review), those kept PostgreSQL's
    * error, answered 500 internal_error by the admin API where the gateway answered the same failed
    * look-up 503. In an untimed transaction (migrations, which may rightly wait) a cancellation or
    * a lock not taken keeps PostgreSQL's own words and code.
@@ -340,6 +343,13 @@ class PostgresDb implements Db {
       }
       if (code === LOCK_NOT_AVAILABLE) {
         return new KeygateError('store_unavailable', `the store (${this.#where}) could not take a lock the statement needs (SQLSTATE 55P03, lock_timeout): ${(err as Error).message}`, { sqlstate: code }, { cause: err })
+      }
+      // A deadlock with another session (an operator's script, rows taken in another order): the
+      // store's, not keygate's defect, and the request succeeds tried again. Before (left open by a
+      // review), PostgreSQL's error as it was: 500 internal_error, logged as unexpected. keygate's
+      // transactions run at READ COMMITTED, so a serialization failure (40001) never reaches here.
+      if (code === DEADLOCK_DETECTED) {
+        return new KeygateError('store_unavailable', `the store (${this.#where}) ended the statement to break a deadlock with another session (SQLSTATE 40P01); nothing of it was written: try again: ${(err as Error).message}`, { sqlstate: code }, { cause: err })
       }
     }
     const exhausted = outOfResources(err, `the store (${this.#where})`)

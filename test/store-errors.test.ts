@@ -301,6 +301,50 @@ t.test("PostgreSQL: a statement that waits past the role's or database's lock_ti
   }
 })
 
+t.test('PostgreSQL: a statement PostgreSQL ends to break a deadlock (40P01) is store_unavailable, to be tried again, not an unexpected error (left open by a review)', async (t) => {
+  // Before: PostgreSQL's error as it was, which the admin API answers 500 internal_error and logs
+  // as a defect: a deadlock with another session (an operator's script, a second instance's
+  // transaction taking rows in another order) is the store's, and the same request succeeds again.
+  const { url, direct } = await migratedDatabase(t)
+  await direct.query('CREATE TABLE deadlocked (id int PRIMARY KEY)')
+  await direct.query('INSERT INTO deadlocked VALUES (1), (2)')
+  // keygate's sessions look for the deadlock first, so that theirs is the statement PostgreSQL ends.
+  await setOnDatabase(url, 'deadlock_timeout', '100ms')
+  const db = await openDb({ databaseUrl: url, poolMax: 1 })
+  t.teardown(() => db.close())
+  const other = new pg.Client({ connectionString: url })
+  await other.connect()
+  t.teardown(() => other.end().catch(() => {}))
+  await other.query("SET deadlock_timeout = '60s'")
+  let tookRow2!: () => void
+  const row2 = new Promise<void>((resolve) => (tookRow2 = resolve))
+  let goOn!: () => void
+  const wait = new Promise<void>((resolve) => (goOn = resolve))
+  const txn = db.transaction(async (tx) => {
+    await tx.query('UPDATE deadlocked SET id = id WHERE id = 2')
+    tookRow2()
+    await wait
+    await tx.query('UPDATE deadlocked SET id = id WHERE id = 1')
+  })
+  await row2
+  await other.query('BEGIN')
+  await other.query('UPDATE deadlocked SET id = id WHERE id = 1')
+  const otherWaits = other.query('UPDATE deadlocked SET id = id WHERE id = 2')
+  const otherPid = (other as unknown as { processID: number }).processID
+  try {
+    await until(t, 'the other session waits for the row keygate holds', async () => (await direct.query<{ w: string | null }>('SELECT wait_event_type AS w FROM pg_stat_activity WHERE pid = $1', [otherPid]))[0]?.w === 'Lock')
+  } finally {
+    goOn()
+  }
+  const err = await rejection(txn)
+  t.equal(err.code, 'store_unavailable', `the deadlock's victim: store_unavailable (${err.message})`)
+  t.match(err.message, /ended the statement to break a deadlock with another session \(SQLSTATE 40P01\); nothing of it was written: try again: deadlock detected$/)
+  t.same(err.details, { sqlstate: '40P01' })
+  await otherWaits
+  await other.query('ROLLBACK')
+  t.same(await db.query('SELECT id FROM deadlocked ORDER BY id'), [{ id: 1 }, { id: 2 }], 'the pool goes on')
+})
+
 t.test('PostgreSQL: migrations and other untimed transactions are not held to store.query_timeout_ms', async (t) => {
   const url = await freshDatabase(t)
   const db = await openDb({ databaseUrl: url, poolMax: 2, queryTimeoutMs: 200 })
