@@ -269,6 +269,26 @@ const CLOSED_UNDER = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
  */
 const CLOSED_AT_ONCE_MS = 50
 /** The methods RFC 9110 §9.2.2 calls idempotent: a request of one may be sent again. */
+/** An Authorization field's parts that could be a credential: around spaces, commas, `=` and quotes. */
+const AUTHORIZATION_PARTS = /[\s,="]+/
+const BASIC = /^\s*basic\s+([A-Za-z0-9+/=_-]+)\s*$/i
+
+/**
+ * Whether an Authorization field the key was not read from carries the same key all the same: as
+ * one of its parts after any scheme (`Token <key>`, `ApiKey key=<key>`) or as a Basic credential's
+ * user or password. Compared whole, not as a substring, so that a legacy key short enough to occur
+ * inside another credential does not take that one away.
+ */
+function carriesKey(value: string | undefined, key: string): boolean {
+  if (value === undefined) return false
+  if (value.split(AUTHORIZATION_PARTS).includes(key)) return true
+  const basic = BASIC.exec(value)?.[1]
+  if (basic === undefined) return false
+  const pair = Buffer.from(basic, 'base64').toString('latin1')
+  const colon = pair.indexOf(':')
+  return colon === -1 ? pair === key : pair.slice(0, colon) === key || pair.slice(colon + 1) === key
+}
+
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
 
 interface ExchangeHooks {
@@ -549,7 +569,9 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // The API key header, in any spelling (gateway.api_key_header need not begin with x): `name`
       // is the header's reading (headerReading), so this is isApiKeyHeader, without a call per header.
       if (name === apiKeyName) continue
-      if (dropAuthorization && name === 'authorization') continue
+      // The key in an Authorization it was not read from (another scheme, a Basic user or
+      // password; before, left open by a review, it went upstream), looked at only then.
+      if (name === 'authorization' && (dropAuthorization || (stripCredential && s.presented !== undefined && carriesKey(h.authorization, s.presented)))) continue
       if (named !== undefined && named.has(name)) continue
       const v = h[key]
       if (v !== undefined) out.push(key, typeof v === 'string' ? v : v.join(', '))

@@ -91,6 +91,21 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
   t.equal(viaHeader.status, 200)
   t.notOk((viaHeader.json as Received).headers['x-api-key'])
   t.equal((viaHeader.json as Received).headers.authorization, 'Basic dXNlcjpwdw==', 'a non-key Authorization is left alone')
+  // The same key in an Authorization keygate does not read (another scheme, a Basic user or
+  // password) is the credential too. Before (left open by a review), it went upstream.
+  for (const [what, authorization] of [
+    ['Token <key>', `Token ${k.key}`],
+    ['ApiKey key="<key>"', `ApiKey key="${k.key}"`],
+    ['Basic of <key>:', `Basic ${Buffer.from(`${k.key}:`).toString('base64')}`],
+    ['Basic of user:<key>', `Basic ${Buffer.from(`user:${k.key}`).toString('base64')}`],
+  ] as const) {
+    const both = await h.get('/p', { 'x-api-key': k.key, authorization })
+    t.equal(both.status, 200)
+    t.notOk((both.json as Received).headers.authorization, `${what} beside the key's X-API-Key is not forwarded`)
+  }
+  const other = await h.key()
+  const another = await h.get('/p', { 'x-api-key': k.key, authorization: `Token ${other.key}` })
+  t.equal((another.json as Received).headers.authorization, `Token ${other.key}`, "another key's Authorization is the client's to send on")
   const viaQuery = await h.get(`/p?a=1&api_key=${k.key}&b=2`)
   t.equal(viaQuery.status, 200)
   t.equal((viaQuery.json as Received).url, '/p?a=1&b=2')
