@@ -197,12 +197,14 @@ async function lockHolder(db: Db): Promise<{ holder: string; lockTimeout: string
   let lockTimeout = ''
   try {
     lockTimeout = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t ?? ''
-    // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1.
+    // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1;
+    // an advisory lock is this database's (pg_locks shows every database's).
     const [row] = await db.query<{ pid: number; usename: string | null; application_name: string | null; client_addr: string | null; xact_start: string | null }>(
       `SELECT l.pid, a.usename, a.application_name, host(a.client_addr) AS client_addr,
               to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS xact_start
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1
+        WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1
         LIMIT 1`,
       [Math.floor(MIGRATION_LOCK_ID / 2 ** 32), MIGRATION_LOCK_ID % 2 ** 32],
     )

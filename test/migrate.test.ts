@@ -229,6 +229,23 @@ t.test("postgres: a `keygate migrate` whose wait for the migration lock a databa
   t.same(after.json().applied, FILES)
 })
 
+// Before (found by a review): the session named as holding the migration lock was the first in
+// pg_locks holding that advisory key in any database of the server (advisory locks are per
+// database), so on a server shared by several keygate databases (or test runs) the message could
+// name another database's session. With five others holding it, this database's came first 1 time
+// in 5 or so (pg_locks' order is its hash table's).
+t.test("postgres: the session said to hold the migration lock is this database's, though other databases' sessions hold the same lock", async (t) => {
+  const url = await freshDatabase(t)
+  await setOnDatabase(url, 'lock_timeout', '100ms')
+  for (let i = 0; i < 5; i++) await holdMigrationLock(t, await freshDatabase(t), 'another-database')
+  const holder = await holdMigrationLock(t, url, 'this-database')
+  const pid = (await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid
+  const db = await openDb({ databaseUrl: url, poolMax: 2 })
+  t.teardown(() => db.close())
+  const err = await rejection(migrate(db))
+  t.match(err, { code: 'store_unavailable', message: new RegExp(`^another session holds keygate's migration lock \\(PostgreSQL pid ${pid}, application "this-database"`) })
+})
+
 t.test("postgres: a key's lineage (update, rotate, revoke) is read by index, not by reading every key for each link", async (t) => {
   // Before (found by a review): no index on replaced_by, so each step of the recursive read was a
   // sequential scan of api_keys: with 500,000 keys a revocation at the head of a chain of six
