@@ -262,7 +262,7 @@ export const ConfigSchema = Type.Object(
         }),
         start_wait_s: int(60, 0, 3600, {
           description:
-            "How long `serve` waits at start for a PostgreSQL that is not up yet (the connection refused, reset or timed out, its host name not resolved, or PostgreSQL starting up or out of connections), trying again every second and warning every 10 s, before it gives up (exit 1). 0: give up at once. A wrong password or database name ends the start at once; the CLI's commands never wait. It does not bound the wait for another instance's migrations (their lock), which lasts as long as they do, through a lock_timeout set on keygate's role or database too.",
+            "How long `serve` waits at start for a PostgreSQL that is not up yet (the connection refused, reset or timed out, its host name not resolved, or PostgreSQL starting up or out of connections), trying again every second and warning every 10 s, before it gives up (exit 1). 0: give up at once. A wrong password or database name ends the start at once; the CLI's commands never wait. It does not bound the wait for another instance's migrations (their lock), nor for a table a migration changes that another session's transaction holds: each lasts as long as what it waits for, through a lock_timeout set on keygate's role or database too.",
         }),
         auto_migrate: Type.Boolean({ default: true, description: 'Apply pending migrations on start (safe with several instances); off: run `keygate migrate`, on the embedded store as on PostgreSQL (serve and the other commands refuse a store that lacks migrations, and make no new embedded store).', env: 'KEYGATE_AUTO_MIGRATE' }),
         embedded_shared_buffers_mb: int(128, 16, 1024, {

@@ -111,10 +111,15 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
   return (await applyMigrations(db, dir)).applied
 }
 
-/** A wait for the migration lock that a lock_timeout set on keygate's role or database cut (SQLSTATE 55P03). */
+/**
+ * A wait that a lock_timeout set on keygate's role or database cut (SQLSTATE 55P03): for the
+ * migration lock, or, once it was taken, for a lock a migration's statement needs (`migration`).
+ */
 export interface LockWaitCut {
   /** Who holds the lock, as PostgreSQL shows that session (see lockHolder). */
   holder: string
+  /** The file whose statement waited for a lock another session holds (a table); absent: the wait was for the migration lock. */
+  migration?: string
   /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read. */
   lockTimeout: string
   /** PostgreSQL's error. */
@@ -123,16 +128,18 @@ export interface LockWaitCut {
 
 export interface ApplyOptions {
   /**
-   * Wait for the migration lock through a lock_timeout set on keygate's role or database: each
-   * wait it cuts while another session holds the lock is tried again (at most once a second, as
-   * long as it takes, as the wait is without a lock_timeout) and told here, with how long the
-   * whole has waited (`serve`: a start waits for another instance migrating). Absent: a cut ends
-   * the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
+   * Wait for the migration lock, and for the locks the migrations' statements need (a table
+   * another session's transaction holds), through a lock_timeout set on keygate's role or
+   * database: each wait it cuts is tried again, the whole run (at most once a second, as long as
+   * it takes, as the wait is without a lock_timeout; the run is one transaction, so a cut leaves
+   * nothing applied), and told here, with how long the whole has waited (`serve`: a start waits
+   * for another instance migrating, or for a transaction on a table a migration changes). Absent: a
+   * cut ends the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
    */
   onLockWait?: (cut: LockWaitCut, waitedMs: number) => void
 }
 
-/** How often a wait for the migration lock that a lock_timeout cuts (ApplyOptions.onLockWait) tries again, at most. */
+/** How often a wait that a lock_timeout cuts (ApplyOptions.onLockWait) tries again, at most. */
 const LOCK_RETRY_MS = 1000
 
 /** Applies pending migrations; returns the names applied by this call, and those a newer keygate recorded. */
@@ -144,10 +151,10 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
     try {
       return await applyUnderLock(db, files)
     } catch (err) {
-      if (!(err instanceof MigrationLockCut)) throw err
-      const { holder, lockTimeout } = await lockHolder(db)
-      if (!options.onLockWait) throw migrationLockHeld(holder, lockTimeout, err.cause)
-      options.onLockWait({ holder, lockTimeout, err: err.cause }, performance.now() - started)
+      if (!(err instanceof LockWaitCutError)) throw err
+      const { holder, lockTimeout } = await lockHolder(db, err.migration)
+      if (!options.onLockWait) throw lockHeld(holder, lockTimeout, err)
+      options.onLockWait({ holder, lockTimeout, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}) }, performance.now() - started)
       // Tried again at once when the lock_timeout is a second or more, so that the lock is waited
       // for most of the time; a shorter one does not make a loop of statements.
       await new Promise((r) => setTimeout(r, Math.max(0, LOCK_RETRY_MS - (performance.now() - tried))))
@@ -155,9 +162,14 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
   }
 }
 
-/** The wait for the migration lock was cut by a lock_timeout (55P03), before the lock was taken. */
-class MigrationLockCut extends Error {
+/** A wait cut by a lock_timeout (55P03): for the migration lock, before it was taken, or for a lock the statement of `migration` needs. */
+class LockWaitCutError extends Error {
   declare cause: Error
+  readonly migration: Migration | undefined
+  constructor(migration: Migration | undefined, cause: Error) {
+    super(migration ? `migration ${migration.name} waited for a lock, and the wait was cut` : 'the wait for the migration lock was cut', { cause })
+    this.migration = migration
+  }
 }
 
 /** One run: the migration lock, then the files not applied yet, in one transaction. */
@@ -173,45 +185,84 @@ async function applyUnderLock(db: Db, files: readonly Migration[]): Promise<{ ap
       try {
         await tx.exec(m.sql)
       } catch (err) {
-        // Named, with PostgreSQL's reason; the transaction leaves nothing of the run behind.
+        // A wait for a table that another session's transaction holds (during a rolling upgrade,
+        // an instance not upgraded yet; an operator's LOCK TABLE), which a lock_timeout cut: not
+        // the file's fault. Before (found by a review), migration_failed with PostgreSQL's words,
+        // "canceling statement due to lock timeout", and `serve` exited 1.
         const code = sqlState(err)
+        if (code === LOCK_NOT_AVAILABLE) throw new LockWaitCutError(m, err as Error)
+        // Named, with PostgreSQL's reason; the transaction leaves nothing of the run behind.
         throw new KeygateError('migration_failed', `migration ${m.name} failed: ${(err as Error).message}${code ? ` (SQLSTATE ${code})` : ''}; nothing was applied`, { migration: m.name, ...(code ? { sqlstate: code } : {}) })
       }
       await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
     }
     return { applied: pending.map((m) => m.name), newer }
   }, { untimed: true }).catch((err: unknown) => {
-    if (!locked && sqlState(err) === LOCK_NOT_AVAILABLE) throw new MigrationLockCut('the wait for the migration lock was cut', { cause: err })
+    if (!locked && sqlState(err) === LOCK_NOT_AVAILABLE) throw new LockWaitCutError(undefined, err as Error)
     throw err
   })
 }
 
+/** A session as PostgreSQL shows it (another role's: its pid, role and application alone, without pg_read_all_stats). */
+const SESSION_COLUMNS = `l.pid, a.usename, a.application_name, host(a.client_addr) AS client_addr,
+       to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS xact_start`
+
+/** A lock in pg_locks (`l`) is this database's: pg_locks shows every database's, and an advisory lock is per database. */
+const THIS_DATABASE = 'l.database = (SELECT oid FROM pg_database WHERE datname = current_database())'
+
+interface SessionRow {
+  pid: number
+  usename: string | null
+  application_name: string | null
+  client_addr: string | null
+  xact_start: string | null
+}
+
+function session(row: SessionRow): string {
+  const about = [`PostgreSQL pid ${row.pid}`, row.application_name ? `application ${JSON.stringify(row.application_name)}` : '', row.usename ? `role ${JSON.stringify(row.usename)}` : '', row.client_addr ? `from ${row.client_addr}` : '', row.xact_start ? `its transaction open since ${row.xact_start}` : '']
+  return about.filter(Boolean).join(', ')
+}
+
 /**
- * Who holds the migration lock, as PostgreSQL shows that session, and the lock_timeout in force
- * (for a wait for the lock that it cut). Another role's session shows its pid, role and
- * application alone, without pg_read_all_stats. When the store fails these look-ups too: without
- * who, or the lock_timeout's value ('').
+ * Who holds the lock whose wait a lock_timeout cut, as PostgreSQL shows that session, and the
+ * lock_timeout in force. Without `migration`: the migration lock. With it: a lock on a table its
+ * file names, held by another session of this database (PostgreSQL's error does not say which
+ * lock the statement waited for, and the wait is over); the oldest transaction first. When the
+ * store fails these look-ups too: without who, or the lock_timeout's value ('').
  */
-async function lockHolder(db: Db): Promise<{ holder: string; lockTimeout: string }> {
-  let holder = "another session holds keygate's migration lock"
+async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: string; lockTimeout: string }> {
+  let holder = migration ? 'another session holds a lock on a table it names' : "another session holds keygate's migration lock"
   let lockTimeout = ''
   try {
     lockTimeout = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t ?? ''
-    // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1;
-    // an advisory lock is this database's (pg_locks shows every database's).
-    const [row] = await db.query<{ pid: number; usename: string | null; application_name: string | null; client_addr: string | null; xact_start: string | null }>(
-      `SELECT l.pid, a.usename, a.application_name, host(a.client_addr) AS client_addr,
-              to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS xact_start
-         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1
-        LIMIT 1`,
-      [Math.floor(MIGRATION_LOCK_ID / 2 ** 32), MIGRATION_LOCK_ID % 2 ** 32],
-    )
-    if (row === undefined) holder = "another session held keygate's migration lock (and has let it go since)"
-    else {
-      const about = [`PostgreSQL pid ${row.pid}`, row.application_name ? `application ${JSON.stringify(row.application_name)}` : '', row.usename ? `role ${JSON.stringify(row.usename)}` : '', row.client_addr ? `from ${row.client_addr}` : '', row.xact_start ? `its transaction open since ${row.xact_start}` : '']
-      holder += ` (${about.filter(Boolean).join(', ')})`
+    if (migration) {
+      const named = [...new Set(migration.sql.toLowerCase().match(/[a-z_][a-z0-9_$]*/g) ?? [])]
+      const rows = await db.query<SessionRow & { locks: string }>(
+        `SELECT ${SESSION_COLUMNS},
+                string_agg(DISTINCT upper(regexp_replace(regexp_replace(l.mode, 'Lock$', ''), '([a-z])([A-Z])', '\\1 \\2', 'g')) || ' on ' || c.relname, ', ') AS locks
+           FROM pg_locks l JOIN pg_class c ON c.oid = l.relation LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+            AND ${THIS_DATABASE}
+            AND c.relkind IN ('r', 'p') AND c.relname = ANY($1::text[])
+          GROUP BY l.pid, a.usename, a.application_name, a.client_addr, a.xact_start
+          ORDER BY a.xact_start NULLS LAST, l.pid`,
+        [named],
+      )
+      const [first] = rows
+      if (first === undefined) holder = 'another session held a lock on a table it names (and has let it go since)'
+      else holder = `another session holds ${first.locks} (${session(first)})${rows.length > 1 ? `, and ${rows.length - 1} other session${rows.length > 2 ? 's' : ''} lock tables it names` : ''}`
+    } else {
+      // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1.
+      const [row] = await db.query<SessionRow>(
+        `SELECT ${SESSION_COLUMNS}
+           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND l.granted AND ${THIS_DATABASE}
+            AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1
+          LIMIT 1`,
+        [Math.floor(MIGRATION_LOCK_ID / 2 ** 32), MIGRATION_LOCK_ID % 2 ** 32],
+      )
+      if (row === undefined) holder = "another session held keygate's migration lock (and has let it go since)"
+      else holder += ` (${session(row)})`
     }
   } catch {
     // Said without who: the store failed this look-up too.
@@ -220,17 +271,27 @@ async function lockHolder(db: Db): Promise<{ holder: string; lockTimeout: string
 }
 
 /**
- * What a wait for the migration lock cut short by a lock_timeout set on keygate's role or database
- * is told (`err`, PostgreSQL's 55P03) when it is not waited through (`keygate migrate`): who holds
- * the lock, what cut the wait, and what to do. Before (found by a review), `keygate migrate` and a
- * `keygate serve` start said "unexpected error: canceling statement due to lock timeout", as for a bug.
+ * What a wait cut short by a lock_timeout set on keygate's role or database is told (`cut`,
+ * PostgreSQL's 55P03 as its cause) when it is not waited through (`keygate migrate`): which wait
+ * (the migration lock, or a table lock a migration's statement needed), who holds the lock, what
+ * cut the wait, and what to do. Before (found by a review), `keygate migrate` and a `keygate
+ * serve` start said "unexpected error: canceling statement due to lock timeout" for the first, as
+ * for a bug, and "migration NNNN_….sql failed: canceling statement due to lock timeout" for the
+ * second, as for a broken file.
  */
-function migrationLockHeld(holder: string, lockTimeout: string, err: Error): KeygateError {
+function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): KeygateError {
+  const timeout = `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied`
+  const wait = "or let keygate wait for it: a longer lock_timeout (or 0) for the role that migrates (ALTER ROLE … SET lock_timeout), or for one run PGOPTIONS='-c lock_timeout=0'"
+  const { migration } = cut
+  // PostgreSQL's context, when its error gives one (a row lock: "while updating tuple … in relation …").
+  const where = (cut.cause as { where?: unknown }).where
   return new KeygateError(
     'store_unavailable',
-    `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied; try again once it ends, or let keygate wait for it: a longer lock_timeout (or 0) for the role that migrates (ALTER ROLE … SET lock_timeout), or for one run PGOPTIONS='-c lock_timeout=0'`,
-    { sqlstate: LOCK_NOT_AVAILABLE },
-    { cause: err },
+    migration
+      ? `migration ${migration.name} waited for a lock on a table${typeof where === 'string' && where ? ` (${where})` : ''}: ${holder}, most likely an open transaction of a keygate not upgraded yet, or an operator's (LOCK TABLE, VACUUM FULL), and ${timeout}; try again once that transaction ends, ${wait} (statements on that table wait behind the migration meanwhile)`
+      : `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and ${timeout}; try again once it ends, ${wait}`,
+    { sqlstate: LOCK_NOT_AVAILABLE, ...(migration ? { migration: migration.name } : {}) },
+    { cause: cut.cause },
   )
 }
 

@@ -83,20 +83,31 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
     // On both stores alike: off, the schema is changed by `keygate migrate` alone (before, found
     // by a docs walk, the embedded store was migrated whatever the setting said).
     if (config.store.auto_migrate) {
-      // `serve` waits for another instance migrating, through a lock_timeout set on keygate's role
-      // or database as without one (not bounded by store.start_wait_s: see README, Migrations),
-      // saying so once. Before (found by a review), the lock_timeout's cut ended the start, exit 1:
-      // in a rolling start of many instances, all but the one migrating.
-      let lockWarned = false
+      // `serve` waits for another instance migrating, and for a transaction on a table a
+      // migration changes (during a rolling upgrade, an instance not upgraded yet), through a
+      // lock_timeout set on keygate's role or database as without one (not bounded by
+      // store.start_wait_s: see README, Migrations), saying so once for each. Before (found by
+      // reviews), the lock_timeout's cut ended the start, exit 1: in a rolling start of many
+      // instances, all but the one migrating; and any start whose migration met such a transaction.
+      const warned = new Set<'lock' | 'table'>()
       const lockWait = options.waitForStore
         ? {
             onLockWait: (cut: LockWaitCut) => {
-              if (lockWarned) return
-              lockWarned = true
-              log.warn(
-                "waiting for keygate's migration lock, held by another session (most likely another keygate migrating this database); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so it is tried again until it is free",
-                { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}) },
-              )
+              const kind = cut.migration ? 'table' : 'lock'
+              if (warned.has(kind)) return
+              warned.add(kind)
+              const fields = { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}) }
+              if (cut.migration) {
+                log.warn(
+                  `waiting for a table lock that migration ${cut.migration} needs, held by another session (most likely an open transaction of a keygate not upgraded yet); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free`,
+                  fields,
+                )
+              } else {
+                log.warn(
+                  "waiting for keygate's migration lock, held by another session (most likely another keygate migrating this database); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so it is tried again until it is free",
+                  fields,
+                )
+              }
             },
           }
         : {}

@@ -6,6 +6,7 @@
 // server: 503s bounded by store.query_timeout_ms, then recovery. (--workers is
 // test/serve-workers.test.ts, so the two run side by side.)
 import t from 'tap'
+import type { Test } from 'tap'
 import { createHash, randomBytes, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import { writeFileSync } from 'node:fs'
@@ -15,9 +16,9 @@ import { request } from 'undici'
 import pg from 'pg'
 import { MIGRATION_LOCK_ID, readMigrations } from '../core/migrate.ts'
 import { runCli, runCliHere } from './helpers/cli.ts'
-import { isolatedEnv, serve as startKeygate, type LogLine } from './helpers/serve.ts'
+import { isolatedEnv, serve as startKeygate, type LogLine, type Served } from './helpers/serve.ts'
 import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
-import { freshDatabase, holdMigrationLock, setOnDatabase } from './helpers/stores.ts'
+import { freshDatabase, holdMigrationLock, lockTable, migratedBelow, setOnDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
 import { scratchDir } from './helpers/scratch.ts'
@@ -199,12 +200,15 @@ t.test('a stop signal while the start waits on the store (another instance migra
     waiting = rows.length > 0
     if (!waiting) await new Promise((r) => setTimeout(r, 50))
   }
-  serve.child.kill('SIGTERM')
-  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
-  t.equal(code, 0, 'exit 0')
-  t.ok(serve.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'says so')
-  t.notOk(serve.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
+  await stopsWhileWaiting(t, serve)
 })
+
+/** A `serve` started on the database at `url` (auto_migrate on), returned once it has logged `waits` (a wait for a lock a lock_timeout cut). */
+async function serveWaiting(t: Tap, url: string, waits: (l: LogLine) => boolean) {
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', 'http://127.0.0.1:9'], env, waitFor: { gateway: false, admin: false } })
+  return { serve, warned: await serve.waitForLog(waits) }
+}
 
 /**
  * A `serve` started while another session (another keygate migrating) holds the migration lock,
@@ -215,11 +219,60 @@ async function serveWaitingOnLockTimeout(t: Tap) {
   const url = await freshDatabase(t)
   await setOnDatabase(url, 'lock_timeout', '200ms')
   const migrating = await holdMigrationLock(t, url, 'another-keygate')
-  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
-  const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', 'http://127.0.0.1:9'], env, waitFor: { gateway: false, admin: false } })
   const waits = (l: LogLine) => l.level === 'warn' && /migration lock/.test(l.message)
-  const warned = await serve.waitForLog(waits)
-  return { migrating, serve, waits, warned }
+  return { migrating, waits, ...(await serveWaiting(t, url, waits)) }
+}
+
+/**
+ * A `serve` started on a database an earlier keygate migrated (up to 0022), the database's
+ * lock_timeout 200 ms, while another session's open transaction (a keygate not upgraded yet
+ * reading keys) holds n8n_api_keys, which migration 0023 alters: returned once the start has
+ * logged that it waits, a migration cut by that lock_timeout already behind it. `observer`: a
+ * session of the test's, outside that transaction (in which pg_stat_activity stays as first read).
+ */
+async function serveWaitingOnTableLock(t: Tap) {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const reader = await lockTable(t, url, 'n8n_api_keys', 'ACCESS SHARE', 'keygate-before')
+  const observer = new pg.Client({ connectionString: url })
+  await observer.connect()
+  t.teardown(() => observer.end().catch(() => {}))
+  const waits = (l: LogLine) => l.level === 'warn' && /table lock/.test(l.message)
+  return { reader, observer, waits, ...(await serveWaiting(t, url, waits)) }
+}
+
+/**
+ * The waiting start (serveWaiting) tries again, more than once: three transactions of its own
+ * seen waiting in PostgreSQL (`waiting`: their xact_start, as `observer` sees them), each after
+ * the first cut (which was before the warning); once `release` frees the lock, it migrates and
+ * serves, having said the wait once.
+ */
+async function waitsThenServes(t: Test, serve: Served, waits: (l: LogLine) => boolean, observer: pg.Client, waiting: pg.QueryConfig, release: () => Promise<unknown>) {
+  const seen = new Set<string>()
+  while (seen.size < 3 && serve.child.exitCode === null) {
+    const { rows } = await observer.query<{ xact_start: string }>(waiting)
+    for (const r of rows) seen.add(r.xact_start)
+    if (seen.size < 3) await new Promise((r) => setTimeout(r, 50))
+  }
+  t.equal(serve.child.exitCode, null, 'still running')
+  await release()
+  const admin = `http://${(await serve.waitForLog((l) => l.message === 'admin listening')).address as string}`
+  await serve.waitForLog((l) => l.message === 'gateway listening')
+  t.equal((await call(`${admin}/readyz`)).status, 200, 'ready once the lock is free')
+  const { rows } = await observer.query<{ n: number }>('SELECT count(*)::int AS n FROM keygate_migrations')
+  t.equal(rows[0]?.n, readMigrations().length, 'and migrated')
+  t.equal(serve.logs.filter(waits).length, 1, 'the wait is said once')
+  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+}
+
+/** A stop signal to a start that waits (for the store, a lock) ends it at once, exit 0. */
+async function stopsWhileWaiting(t: Test, serve: Served) {
+  serve.child.kill('SIGTERM')
+  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
+  t.equal(code, 0, 'exit 0')
+  t.ok(serve.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'says so')
+  t.notOk(serve.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
 }
 
 // Before (found by a review): with a lock_timeout set on keygate's role or database (common on
@@ -231,35 +284,29 @@ t.test("a start whose wait for the migration lock the role's or database's lock_
   t.match(warned.message, /waiting for keygate's migration lock, held by another session/, 'says what it waits for')
   t.match(warned.message, /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/, 'and what cut a wait')
   t.match(warned, { lock_timeout: '200ms', holder: /PostgreSQL pid \d+, application "another-keygate"/ }, 'naming the lock_timeout and the session that holds the lock')
-  // Tries the lock again, more than once: three transactions of its own seen waiting for it in
-  // PostgreSQL, each after the first cut (which was before the warning).
-  const seen = new Set<string>()
-  while (seen.size < 3 && serve.child.exitCode === null) {
-    const { rows } = await migrating.query<{ xact_start: string }>(
-      `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = $1`,
-      [MIGRATION_LOCK_ID],
-    )
-    for (const r of rows) seen.add(r.xact_start)
-    if (seen.size < 3) await new Promise((r) => setTimeout(r, 50))
-  }
-  t.equal(serve.child.exitCode, null, 'still running')
-  await migrating.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK_ID])
-  const admin = `http://${(await serve.waitForLog((l) => l.message === 'admin listening')).address as string}`
-  await serve.waitForLog((l) => l.message === 'gateway listening')
-  t.equal((await call(`${admin}/readyz`)).status, 200, 'ready once the lock is free')
-  const { rows } = await migrating.query<{ n: number }>('SELECT count(*)::int AS n FROM keygate_migrations')
-  t.equal(rows[0]?.n, readMigrations().length, 'and migrated')
-  t.equal(serve.logs.filter(waits).length, 1, 'the wait is said once')
-  t.equal(await serve.stop(), 0, 'SIGTERM: exit 0')
+  const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid = $1`, values: [MIGRATION_LOCK_ID] }
+  await waitsThenServes(t, serve, waits, migrating, waiting, () => migrating.query('SELECT pg_advisory_unlock($1)', [MIGRATION_LOCK_ID]))
 })
 
 t.test('a stop signal while the start waits on a migration lock that the lock_timeout keeps cutting ends it at once, exit 0', async (t) => {
-  const { serve } = await serveWaitingOnLockTimeout(t)
-  serve.child.kill('SIGTERM')
-  const code = await Promise.race([serve.exited, new Promise<string>((r) => setTimeout(() => r('still running after 30 s'), 30_000).unref())])
-  t.equal(code, 0, 'exit 0')
-  t.ok(serve.logs.some((l) => l.message === 'stopped during start-up, before serving' && l.signal === 'SIGTERM'), 'says so')
-  t.notOk(serve.logs.some((l) => /listening$/.test(l.message)), 'and never listened')
+  await stopsWhileWaiting(t, (await serveWaitingOnLockTimeout(t)).serve)
+})
+
+// Before (found by a review): once the migration lock was taken, a migration's own statement
+// whose wait for a table lock the role's or database's lock_timeout cut (during a rolling
+// upgrade, an instance not upgraded yet in a transaction on that table) ended the start, exit 1,
+// with "migration ... failed: canceling statement due to lock timeout", as for a broken file.
+t.test("a start whose migration's wait for a table lock the role's or database's lock_timeout cuts tries the migrations again, says so once, and serves once the table is free", async (t) => {
+  const { reader, observer, serve, waits, warned } = await serveWaitingOnTableLock(t)
+  t.match(warned.message, /waiting for a table lock that migration 0023_n8n_key_scopes_enforced\.sql needs, held by another session/, 'says what it waits for')
+  t.match(warned.message, /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/, 'and what cut a wait')
+  t.match(warned, { lock_timeout: '200ms', migration: '0023_n8n_key_scopes_enforced.sql', holder: new RegExp(`ACCESS SHARE on n8n_api_keys \\(PostgreSQL pid ${reader.pid}, application "keygate-before"`) }, 'naming the lock_timeout, the file and the session that holds the table')
+  const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'n8n_api_keys'::regclass` }
+  await waitsThenServes(t, serve, waits, observer, waiting, () => reader.client.query('ROLLBACK'))
+})
+
+t.test("a stop signal while the start's migrations wait on a table lock that the lock_timeout keeps cutting ends it at once, exit 0", async (t) => {
+  await stopsWhileWaiting(t, (await serveWaitingOnTableLock(t)).serve)
 })
 
 t.test('an admin request the drain cuts is waited for before the store closes: it ends, and `stopped` is the last line (found by a review)', async (t) => {

@@ -8,7 +8,7 @@ import { hash, randomBytes } from 'node:crypto'
 import type { Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
 import { MIGRATION_LOCK_ID, MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
-import { adminClient, forEachStore, freshDatabase, holdMigrationLock, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
+import { adminClient, forEachStore, freshDatabase, holdMigrationLock, lockTable, migratedBelow, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -203,6 +203,14 @@ t.test('postgres: six instances migrating one fresh database at once', async (t)
   for (const db of dbs) t.same(await pendingMigrations(db), [])
 })
 
+/** A working folder and environment for the CLI on the database at `url`. */
+function cliOn(t: Test, url: string): { cwd: string; env: Record<string, string | undefined> } {
+  const cwd = tempDir()
+  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
+  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n')
+  return { cwd, env: isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: randomBytes(32).toString('base64'), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml'), LOG_LEVEL: 'warn' }) }
+}
+
 // Before (found by a review): with a lock_timeout set on keygate's role or database, while another
 // session held the migration lock, `keygate migrate` and a `keygate serve` start said "keygate:
 // unexpected error: canceling statement due to lock timeout", as for a bug. (`serve` now waits
@@ -212,10 +220,7 @@ t.test("postgres: a `keygate migrate` whose wait for the migration lock a databa
   await setOnDatabase(url, 'lock_timeout', '100ms')
   const holder = await holdMigrationLock(t, url, 'another-migration')
   const pid = (await holder.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid
-  const cwd = tempDir()
-  t.teardown(() => rmSync(cwd, { recursive: true, force: true }))
-  writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n')
-  const env = isolated({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: randomBytes(32).toString('base64'), KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!', KEYGATE_CONFIG: join(cwd, 'keygate.yaml'), LOG_LEVEL: 'warn' })
+  const { cwd, env } = cliOn(t, url)
   const run = await runCli(['migrate'], { cwd, env })
   t.equal(run.code, 1, 'exit 1')
   const said = run.stderr.trimEnd().split('\n').at(-1) as string
@@ -244,6 +249,36 @@ t.test("postgres: the session said to hold the migration lock is this database's
   t.teardown(() => db.close())
   const err = await rejection(migrate(db))
   t.match(err, { code: 'store_unavailable', message: new RegExp(`^another session holds keygate's migration lock \\(PostgreSQL pid ${pid}, application "this-database"`) })
+})
+
+// Before (found by a review): once keygate held its migration lock, a migration's own statement
+// (0023 adds a column to n8n_api_keys: ACCESS EXCLUSIVE) waited for a table that another
+// session's open transaction had locked (a keygate not upgraded yet reading it, during a rolling
+// upgrade), the database's lock_timeout cut the wait, and `keygate migrate` said "migration ...
+// failed: canceling statement due to lock timeout (SQLSTATE 55P03)", as for a broken file.
+t.test("postgres: a `keygate migrate` whose migration's wait for a table lock a database's lock_timeout cut names the file, the table and who holds it, that nothing was applied and what to do", async (t) => {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  const pending = FILES.filter((f) => Number(f.slice(0, 4)) >= 23)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const reader = await lockTable(t, url, 'n8n_api_keys', 'ACCESS SHARE', 'keygate-before')
+  const { cwd, env } = cliOn(t, url)
+  const run = await runCli(['migrate', '--json'], { cwd, env })
+  t.equal(run.code, 1, 'exit 1')
+  const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
+  t.equal(error.code, 'store_unavailable', `store_unavailable: ${error.message}`)
+  t.same(error.details, { sqlstate: '55P03', migration: '0023_n8n_key_scopes_enforced.sql' }, 'details: the SQLSTATE and the file')
+  t.match(error.message, /^migration 0023_n8n_key_scopes_enforced\.sql waited for a lock on a table/, 'names the file whose statement waited')
+  t.match(error.message, new RegExp(`another session holds ACCESS SHARE on n8n_api_keys \\(PostgreSQL pid ${reader.pid}, application "keygate-before"`), 'names the table, the lock and the session holding it')
+  t.match(error.message, /lock_timeout \(200ms\) set on keygate's role or database cut the wait for it \(SQLSTATE 55P03\)/, 'says what cut the wait')
+  t.match(error.message, /nothing was applied; try again once that transaction ends, or let keygate wait for it/, 'says what to do')
+  const db = await openDb({ databaseUrl: url, poolMax: 1 })
+  t.teardown(() => db.close())
+  t.same(await pendingMigrations(db), pending, 'nothing was applied')
+  await reader.client.query('ROLLBACK')
+  const after = await runCli(['migrate', '--json'], { cwd, env })
+  t.equal(after.code, 0, `migrates once the table is free: ${after.stderr}`)
+  t.same(after.json().applied, pending)
 })
 
 t.test("postgres: a key's lineage (update, rotate, revoke) is read by index, not by reading every key for each link", async (t) => {

@@ -2,7 +2,7 @@
 // PostgreSQL server, so a suite written once runs on both. PostgreSQL being unreachable fails
 // the test with a message saying what to do; it is never skipped.
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import pg from 'pg'
@@ -11,7 +11,7 @@ import { AUDIT_FORMAT, AuditCipher, AuditLog } from '../../core/audit.ts'
 import { openDb, processAlive, type Db, type Queryable, type TransactionOptions } from '../../core/db.ts'
 import { KeygateError } from '../../core/errors.ts'
 import { KeyService } from '../../core/keys/service.ts'
-import { MIGRATION_LOCK_ID, migrate } from '../../core/migrate.ts'
+import { MIGRATION_LOCK_ID, migrate, readMigrations } from '../../core/migrate.ts'
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { loadConfig } from '../../config/load.ts'
 import { seedDataDir } from './pglite-template.ts'
@@ -109,6 +109,34 @@ export async function holdTable(t: Pick<Test, 'teardown'>, url: string, table: s
   await holder.query('BEGIN')
   await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
   return { release: async () => void (await holder.query('ROLLBACK')) }
+}
+
+/**
+ * `table` locked in `mode` in an open transaction of a session of its own named `application` (a
+ * keygate not upgraded yet reading it, an operator's LOCK TABLE), until it lets it go (or the end
+ * of `t`). Returned: that session, and its PostgreSQL pid.
+ */
+export async function lockTable(t: Pick<Test, 'teardown'>, url: string, table: string, mode: string, application: string): Promise<{ client: pg.Client; pid: number }> {
+  const client = new pg.Client({ connectionString: url, application_name: application })
+  await client.connect()
+  t.teardown(() => client.end().catch(() => {}))
+  await client.query('SET lock_timeout = 0')
+  await client.query('BEGIN')
+  await client.query(`LOCK TABLE ${table} IN ${mode} MODE`)
+  return { client, pid: (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid }
+}
+
+/** The database at `url` migrated with keygate's migration files numbered below `version` alone (a database an earlier keygate migrated). */
+export async function migratedBelow(t: Pick<Test, 'teardown'>, url: string, version: number): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'keygate-migrations-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  for (const m of readMigrations()) if (m.version < version) writeFileSync(join(dir, m.name), m.sql)
+  const db = await openDb({ databaseUrl: url, poolMax: 1 })
+  try {
+    await migrate(db, dir)
+  } finally {
+    await db.close()
+  }
 }
 
 /** keygate's migration lock held by a session of its own, named `application` (another instance migrating), until it lets it go (or the end of `t`). */
