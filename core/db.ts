@@ -257,12 +257,13 @@ class PostgresDb implements Db {
     this.#where = postgresAt(url)
   }
 
-  /** Connections that have been given the statement_timeout. */
+  /** Connections that have been given the statement_timeout and `jit = off`. */
   readonly #prepared = new WeakSet<pg.PoolClient>()
 
   /**
    * A connection from the pool, for one statement or a transaction. A new one first gets the
-   * server's half of the limit (`SET statement_timeout`), awaited before any other statement: not
+   * server's half of the limit (`SET statement_timeout`) and `SET jit = off`, in one simple query
+   * awaited before any other statement: not
    * a startup parameter, which PgBouncer refuses ("unsupported startup parameter") unless told to
    * ignore it, and not a statement sent from the pool's 'connect' event, which would overlap the
    * caller's (node-postgres warns of that on every new connection, and pg 9 refuses it).
@@ -289,9 +290,12 @@ class PostgresDb implements Db {
       client.release(broken)
     }
     // The probes' own connection sets its bound with each statement (probing).
-    if (this.#readTimeout === undefined || pool !== this.#pool || this.#prepared.has(client)) return { client, giveBack }
+    if (pool !== this.#pool || this.#prepared.has(client)) return { client, giveBack }
     try {
-      await client.query(this.#statement(`SET statement_timeout = ${this.#timeoutMs}`, undefined))
+      // And PostgreSQL's JIT off: keygate's statements are short, and where one's estimated cost
+      // passes jit_above_cost (the expiring report and stats with a thousand keys in grace),
+      // compiling it may take longer than running it (bench/ends-report.ts, bench/RESULTS.md).
+      await client.query(this.#statement(this.#readTimeout === undefined ? 'SET jit = off' : `SET statement_timeout = ${this.#timeoutMs}; SET jit = off`, undefined))
     } catch (err) {
       giveBack(true)
       throw err
