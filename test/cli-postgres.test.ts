@@ -115,6 +115,8 @@ t.test('a wrong KEYGATE_ENCRYPTION_KEY is refused: the newest audit row names a 
   t.match(trail.stdout, `(key_missing: sealed with encryption key ${idA}, not configured)`)
   const trailJson = await runCliHere(['api-key', 'audit', first.json().id, '--json'], { env: env(keyB) })
   t.match(trailJson.json().items, [{ integrity: 'key_missing', sealed_with: idA }])
+  // Its one row (the refused create wrote none): t.match takes an array as the items it starts with (found by a review).
+  t.same(trailJson.json().items.map((i: { action: string }) => i.action), ['key.created'], 'the create, once')
   const stale = await runCliHere(['api-key', 'list', '--json'], { env: env(keyA) })
   t.equal(stale.code, 1, 'the old key alone, after the rotation, is refused')
   t.match(stale.json().error.message, `sealed with encryption key ${idB}`)
