@@ -146,6 +146,13 @@ export interface Operation {
    * and request checks as every operation; `response.schema` is then the data of each event.
    */
   stream?: true
+  /**
+   * false: the operation may answer without the store (the lockouts this instance holds in
+   * memory; the anomaly stream, which opens on a store that cannot be read), so its answer, with
+   * the bootstrap token (checked without the store too), says nothing of the store and ends no
+   * logged outage (admin/server.ts's storeBacked). Absent: it asks the store.
+   */
+  storeBacked?: false
   /** The errors of this operation beyond those every operation can answer (COMMON_ERRORS). */
   errors: readonly ErrorCode[]
   handle(input: OperationInput<any, any>): Promise<unknown>

@@ -52,6 +52,8 @@ export default defineOperation({
   }),
   response: { status: 200, description: 'The event stream; the data of each event is an anomaly.', schema: AnomalySchema },
   errors: ['validation_failed', 'too_many_streams'],
+  // Its HEAD asks nothing of the store, and its GET opens on a store that cannot be read.
+  storeBacked: false,
   async handle({ query, req, res, requestId, services, actor }) {
     // The header first: an EventSource opened with ?last_event_id= keeps that URL, and sends the
     // newest id it received in the header when it reconnects (before, found by a review, the

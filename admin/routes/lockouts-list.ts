@@ -23,6 +23,7 @@ export default defineOperation({
   ),
   response: { status: 200, description: 'The lockouts in force.', schema: Type.Object({ items: Type.Array(LockoutSchema), total: Type.Integer({ minimum: 0, description: 'How many are in force; items holds the first `limit` of them.' }) }) },
   errors: ['validation_failed'],
+  storeBacked: false,
   async handle({ query, services }) {
     const only = query.address === undefined ? undefined : lockoutAddress(query.address, 'address', services.addressKey).addressKey
     const now = Date.now()
