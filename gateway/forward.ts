@@ -281,7 +281,8 @@ const BASIC = /^\s*basic\s+([A-Za-z0-9+/=_-]+)\s*$/i
  */
 function carriesKey(value: string | undefined, key: string): boolean {
   if (value === undefined) return false
-  if (value.split(AUTHORIZATION_PARTS).includes(key)) return true
+  // Split only when the key is in it somewhere (most Authorization fields beside a key are not it).
+  if (value.includes(key) && value.split(AUTHORIZATION_PARTS).includes(key)) return true
   const basic = BASIC.exec(value)?.[1]
   if (basic === undefined) return false
   const pair = Buffer.from(basic, 'base64').toString('latin1')

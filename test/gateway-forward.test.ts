@@ -106,6 +106,11 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
   const other = await h.key()
   const another = await h.get('/p', { 'x-api-key': k.key, authorization: `Token ${other.key}` })
   t.equal((another.json as Received).headers.authorization, `Token ${other.key}`, "another key's Authorization is the client's to send on")
+  // Compared whole: a credential that merely holds the key's text is another credential.
+  for (const authorization of [`Token ${k.key}x`, `Basic ${Buffer.from(`user:x${k.key}`).toString('base64')}`]) {
+    const longer = await h.get('/p', { 'x-api-key': k.key, authorization })
+    t.equal((longer.json as Received).headers.authorization, authorization, 'a credential holding the key within a longer one goes on')
+  }
   const viaQuery = await h.get(`/p?a=1&api_key=${k.key}&b=2`)
   t.equal(viaQuery.status, 200)
   t.equal((viaQuery.json as Received).url, '/p?a=1&b=2')
