@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { hash, randomBytes } from 'node:crypto'
 import type { Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
-import { MIGRATION_LOCK_ID, MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
+import { lockRetryPause, MIGRATION_LOCK_ID, MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
 import { adminClient, forEachStore, freshDatabase, holdMigrationLock, lockTable, migratedBelow, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
@@ -279,6 +279,16 @@ t.test("postgres: a `keygate migrate` whose migration's wait for a table lock a 
   const after = await runCli(['migrate', '--json'], { cwd, env })
   t.equal(after.code, 0, `migrates once the table is free: ${after.stderr}`)
   t.same(after.json().applied, pending)
+})
+
+t.test("serve's pauses between tries of a wait a lock_timeout cut: the migration lock's within a second, a table's at least the wait, doubling, up to 30 s (found by a review)", async (t) => {
+  // The migration lock: its wait blocks no one, so tried again a second from the last try's start.
+  t.same([lockRetryPause(200), lockRetryPause(1000), lockRetryPause(2000)], [800, 0, 0], 'the migration lock')
+  // A table: each try's wait holds every other statement on it. Before, tried again at once with
+  // a lock_timeout of a second or more: the table was held nearly the whole time.
+  t.same([0, 1, 2, 3].map((cuts) => lockRetryPause(2000, cuts)), [2000, 4000, 8000, 16000], 'a table, lock_timeout 2 s: the wait and more, doubling')
+  t.same([0, 1, 2, 3, 4].map((cuts) => lockRetryPause(200, cuts)), [800, 800, 800, 1600, 3200], 'a table, lock_timeout 200 ms: a second a try at first')
+  t.equal(lockRetryPause(2000, 10), 30_000, 'up to 30 s')
 })
 
 t.test("postgres: a key's lineage (update, rotate, revoke) is read by index, not by reading every key for each link", async (t) => {
