@@ -44,8 +44,9 @@ export interface AdminRoute {
   readsBody?: true
   /**
    * The route's answers come from the store (the admin API's operations, but those marked
-   * storeBacked: false): one answered without an error ends a logged outage of 503 store_unavailable. The others (/healthz, /metrics, /docs,
-   * /readyz, whose 503 is an answer, not an error) answer without the store and say nothing of it.
+   * storeBacked: false): one answered without an error ends a logged outage of 503
+   * store_unavailable. The others (/healthz, /metrics, /docs, /readyz, whose 503 is an answer, not
+   * an error) answer without the store and say nothing of it.
    */
   storeBacked?: true
 }

@@ -130,9 +130,9 @@ export interface ApplyOptions {
   /**
    * Wait for the migration lock, and for the locks the migrations' statements need (a table
    * another session's transaction holds), through a lock_timeout set on keygate's role or
-   * database: each wait it cuts is tried again, the whole run (at most once a second, as long as
-   * it takes, as the wait is without a lock_timeout; the run is one transaction, so a cut leaves
-   * nothing applied), and told here, with how long the whole has waited (`serve`: a start waits
+   * database: each wait it cuts is tried again, the whole run (after lockRetryPause's pause, as
+   * long as it takes, as the wait is without a lock_timeout; the run is one transaction, so a cut
+   * leaves nothing applied), and told here, with how long the whole has waited (`serve`: a start waits
    * for another instance migrating, or for a transaction on a table a migration changes). Absent: a
    * cut ends the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
    */

@@ -268,7 +268,6 @@ const CLOSED_UNDER = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
  * trip; a failure later is an upstream that worked on the request.
  */
 const CLOSED_AT_ONCE_MS = 50
-/** The methods RFC 9110 §9.2.2 calls idempotent: a request of one may be sent again. */
 /** An Authorization field's parts that could be a credential: around spaces, commas, `=` and quotes. */
 const AUTHORIZATION_PARTS = /[\s,="]+/
 const BASIC = /^\s*basic\s+([A-Za-z0-9+/=_-]+)\s*$/i
@@ -290,6 +289,7 @@ function carriesKey(value: string | undefined, key: string): boolean {
   return colon === -1 ? pair === key : pair.slice(0, colon) === key || pair.slice(colon + 1) === key
 }
 
+/** The methods RFC 9110 §9.2.2 calls idempotent: a request of one may be sent again. */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
 
 interface ExchangeHooks {
