@@ -97,7 +97,7 @@ export function createAuthenticator(options: AdminAuthOptions): Authenticate {
       // for as long as a table was missing). Before (found by a review), rethrown: a 500, while the
       // attempts that waited behind it, and the gateway, answered 503.
       const code = sqlState(err)
-      throw new KeygateError('store_unavailable', `the key store failed the credential look-up${code ? ` (SQLSTATE ${code})` : ''}; try again (the error is in keygate's log)`, undefined, { cause: err })
+      throw new KeygateError('store_unavailable', `the key store failed the credential look-up${code ? ` (SQLSTATE ${code})` : ''}; try again (keygate's log has the error: at warn with an outage's first 503, at debug with each after it)`, undefined, { cause: err })
     }
     const fail = async (err: AdminError): Promise<never> => {
       try {

@@ -85,6 +85,9 @@ t.test('an admin credential whose look-up fails with an error of PostgreSQL keyg
     ids.push(a.json?.error?.request_id)
     const message = String(a.json?.error?.message)
     t.match(message, /^the key store failed the credential look-up \(SQLSTATE 42P01\)/, `${what}: says what failed`)
+    // Where the error is: an outage's first at warn, the others at debug (before, "the error is in
+    // keygate's log", which a log at info showed for the first alone).
+    t.match(message, /keygate's log has the error: at warn with an outage's first 503, at debug with each after it\)$/, `${what}: says where it is logged`)
     t.notMatch(message, /api_keys|SELECT|\n\s+at /, `${what}: neither SQL, nor the driver's words, nor a stack trace`)
   }
   // The error with each answer (admin/server.ts): once at warn, then at debug, as every 503
