@@ -250,11 +250,14 @@ async function serveWaitingOnTableLock(t: Tap) {
  */
 async function waitsThenServes(t: Test, serve: Served, waits: (l: LogLine) => boolean, observer: pg.Client, waiting: pg.QueryConfig, release: () => Promise<unknown>) {
   const seen = new Set<string>()
-  while (seen.size < 3 && serve.child.exitCode === null) {
+  // A hang guard, not a latency bound: a serve that stopped trying fails here, not at tap's timeout.
+  const giveUp = Date.now() + 60_000
+  while (seen.size < 3 && serve.child.exitCode === null && Date.now() < giveUp) {
     const { rows } = await observer.query<{ xact_start: string }>(waiting)
     for (const r of rows) seen.add(r.xact_start)
     if (seen.size < 3) await new Promise((r) => setTimeout(r, 50))
   }
+  t.equal(seen.size, 3, 'three tries seen waiting, each in a transaction of its own')
   t.equal(serve.child.exitCode, null, 'still running')
   await release()
   const admin = `http://${(await serve.waitForLog((l) => l.message === 'admin listening')).address as string}`
