@@ -276,15 +276,18 @@ const BASIC = /^\s*basic\s+([A-Za-z0-9+/=_-]+)\s*$/i
  * Whether an Authorization field the key was not read from carries the same key all the same: as
  * one of its parts after any scheme (`Token <key>`, `ApiKey key=<key>`) or as a Basic credential's
  * user or password. Compared whole, not as a substring, so that a legacy key short enough to occur
- * inside another credential does not take that one away.
+ * inside another credential does not take that one away; and in any letter case, as a legacy key
+ * is read (core/keys/format.ts), and a kg_ key's secret with its case changed is still most of it.
  */
-function carriesKey(value: string | undefined, key: string): boolean {
+function carriesKey(value: string | undefined, presented: string): boolean {
   if (value === undefined) return false
+  const key = presented.toLowerCase()
+  const field = value.toLowerCase()
   // Split only when the key is in it somewhere (most Authorization fields beside a key are not it).
-  if (value.includes(key) && value.split(AUTHORIZATION_PARTS).includes(key)) return true
+  if (field.includes(key) && field.split(AUTHORIZATION_PARTS).includes(key)) return true
   const basic = BASIC.exec(value)?.[1]
   if (basic === undefined) return false
-  const pair = Buffer.from(basic, 'base64').toString('latin1')
+  const pair = Buffer.from(basic, 'base64').toString('latin1').toLowerCase()
   const colon = pair.indexOf(':')
   return colon === -1 ? pair === key : pair.slice(0, colon) === key || pair.slice(colon + 1) === key
 }

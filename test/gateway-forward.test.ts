@@ -98,6 +98,8 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
     ['ApiKey key="<key>"', `ApiKey key="${k.key}"`],
     ['Basic of <key>:', `Basic ${Buffer.from(`${k.key}:`).toString('base64')}`],
     ['Basic of user:<key>', `Basic ${Buffer.from(`user:${k.key}`).toString('base64')}`],
+    ['Token <KEY>, in other letter case', `Token ${k.key.toUpperCase()}`],
+    ['Basic of <KEY>:, in other letter case', `Basic ${Buffer.from(`${k.key.toUpperCase()}:`).toString('base64')}`],
   ] as const) {
     const both = await h.get('/p', { 'x-api-key': k.key, authorization })
     t.equal(both.status, 200)
