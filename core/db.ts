@@ -154,7 +154,7 @@ const QUERY_CANCELED = '57014'
 /** SQLSTATE of a lock not taken: past the lock_timeout set on keygate's role or database (or NOWAIT, which keygate does not use). */
 export const LOCK_NOT_AVAILABLE = '55P03'
 /** SQLSTATE of the statement PostgreSQL ends to break a deadlock: its transaction is rolled back, and the same work may succeed again. */
-const DEADLOCK_DETECTED = '40P01'
+export const DEADLOCK_DETECTED = '40P01'
 /** node-postgres's words when a statement's answer did not come within its query_timeout. */
 const READ_TIMEOUT = 'Query read timeout'
 

@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { hash } from 'node:crypto'
-import { LOCK_NOT_AVAILABLE, sqlState, type Db, type Queryable } from './db.ts'
+import { DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, sqlState, type Db, type Queryable } from './db.ts'
 import { KeygateError } from './errors.ts'
 import { PACKAGE_ROOT } from './package.ts'
 
@@ -113,15 +113,19 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
 
 /**
  * A wait that a lock_timeout set on keygate's role or database cut (SQLSTATE 55P03): for the
- * migration lock, or, once it was taken, for a lock a migration's statement needs (`migration`).
+ * migration lock, or, once it was taken, for a lock a migration's statement needs (`migration`);
+ * or a migration's statement that PostgreSQL ended to break a deadlock with another session
+ * (`deadlock`, SQLSTATE 40P01).
  */
 export interface LockWaitCut {
   /** Who holds the lock, as PostgreSQL shows that session (see lockHolder). */
   holder: string
   /** The file whose statement waited for a lock another session holds (a table); absent: the wait was for the migration lock. */
   migration?: string
-  /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read. */
+  /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read, or `deadlock`. */
   lockTimeout: string
+  /** PostgreSQL ended the statement of `migration` to break a deadlock (40P01), not a lock_timeout. */
+  deadlock?: true
   /** PostgreSQL's error. */
   err: Error
 }
@@ -135,6 +139,8 @@ export interface ApplyOptions {
    * leaves nothing applied), and told here, with how long the whole has waited (`serve`: a start waits
    * for another instance migrating, or for a transaction on a table a migration changes). Absent: a
    * cut ends the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
+   * A migration's statement that PostgreSQL ended to break a deadlock with another session is
+   * told and tried again alike (`deadlock`), with a table wait's pause.
    */
   onLockWait?: (cut: LockWaitCut, waitedMs: number) => void
 }
@@ -172,20 +178,27 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
       if (!(err instanceof LockWaitCutError)) throw err
       const { holder, lockTimeout } = await lockHolder(db, err.migration)
       if (!options.onLockWait) throw lockHeld(holder, lockTimeout, err)
-      options.onLockWait({ holder, lockTimeout, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}) }, performance.now() - started)
+      const cut = err.deadlock ? { lockTimeout: '', deadlock: true as const } : { lockTimeout }
+      options.onLockWait({ holder, ...cut, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}) }, performance.now() - started)
       const pause = lockRetryPause(performance.now() - tried, err.migration ? tableCuts++ : undefined)
       await new Promise((r) => setTimeout(r, pause))
     }
   }
 }
 
-/** A wait cut by a lock_timeout (55P03): for the migration lock, before it was taken, or for a lock the statement of `migration` needs. */
+/**
+ * A wait cut by a lock_timeout (55P03): for the migration lock, before it was taken, or for a lock
+ * the statement of `migration` needs; or that statement ended by PostgreSQL to break a deadlock
+ * with another session (40P01, `deadlock`).
+ */
 class LockWaitCutError extends Error {
   declare cause: Error
   readonly migration: Migration | undefined
+  readonly deadlock: boolean
   constructor(migration: Migration | undefined, cause: Error) {
     super(migration ? `migration ${migration.name} waited for a lock, and the wait was cut` : 'the wait for the migration lock was cut', { cause })
     this.migration = migration
+    this.deadlock = sqlState(cause) === DEADLOCK_DETECTED
   }
 }
 
@@ -205,9 +218,11 @@ async function applyUnderLock(db: Db, files: readonly Migration[]): Promise<{ ap
         // A wait for a table that another session's transaction holds (during a rolling upgrade,
         // an instance not upgraded yet; an operator's LOCK TABLE), which a lock_timeout cut: not
         // the file's fault. Before (found by a review), migration_failed with PostgreSQL's words,
-        // "canceling statement due to lock timeout", and `serve` exited 1.
+        // "canceling statement due to lock timeout", and `serve` exited 1. Likewise a wait that
+        // PostgreSQL ended to break a deadlock with such a transaction (before, also found by a
+        // review: "failed: deadlock detected"): the other session goes on, and so may a new try.
         const code = sqlState(err)
-        if (code === LOCK_NOT_AVAILABLE) throw new LockWaitCutError(m, err as Error)
+        if (code === LOCK_NOT_AVAILABLE || code === DEADLOCK_DETECTED) throw new LockWaitCutError(m, err as Error)
         // Named, with PostgreSQL's reason; the transaction leaves nothing of the run behind.
         throw new KeygateError('migration_failed', `migration ${m.name} failed: ${(err as Error).message}${code ? ` (SQLSTATE ${code})` : ''}; nothing was applied`, { migration: m.name, ...(code ? { sqlstate: code } : {}) })
       }
@@ -241,11 +256,11 @@ function session(row: SessionRow): string {
 }
 
 /**
- * Who holds the lock whose wait a lock_timeout cut, as PostgreSQL shows that session, and the
- * lock_timeout in force. Without `migration`: the migration lock. With it: a lock on a table its
- * file names, held by another session of this database (PostgreSQL's error does not say which
- * lock the statement waited for, and the wait is over); the oldest transaction first. When the
- * store fails these look-ups too: without who, or the lock_timeout's value ('').
+ * Who holds the lock whose wait a lock_timeout cut (or a deadlock ended), as PostgreSQL shows that
+ * session, and the lock_timeout in force. Without `migration`: the migration lock. With it: a
+ * lock on a table its file names, held by another session of this database (PostgreSQL's error
+ * does not say which lock the statement waited for, and the wait is over); the oldest transaction
+ * first. When the store fails these look-ups too: without who, or the lock_timeout's value ('').
  */
 async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: string; lockTimeout: string }> {
   let holder = migration ? 'another session holds a lock on a table it names' : "another session holds keygate's migration lock"
@@ -294,7 +309,8 @@ async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: stri
  * cut the wait, and what to do. Before (found by a review), `keygate migrate` and a `keygate
  * serve` start said "unexpected error: canceling statement due to lock timeout" for the first, as
  * for a bug, and "migration NNNN_….sql failed: canceling statement due to lock timeout" for the
- * second, as for a broken file.
+ * second, as for a broken file. A migration's statement that PostgreSQL ended to break a deadlock
+ * (`cut.deadlock`, 40P01) is told as such: no lock_timeout cut it, and trying again is what to do.
  */
 function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): KeygateError {
   const timeout = `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied`
@@ -302,6 +318,14 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
   const { migration } = cut
   // PostgreSQL's context, when its error gives one (a row lock: "while updating tuple … in relation …").
   const where = (cut.cause as { where?: unknown }).where
+  if (migration && cut.deadlock) {
+    return new KeygateError(
+      'store_unavailable',
+      `migration ${migration.name}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on a table${typeof where === 'string' && where ? ` (${where})` : ''} that the other session held, while that session waited for one the migration held; ${holder}, most likely a transaction of a keygate not upgraded yet, or an operator's; nothing was applied; try again (the other session went on once the migration's statement was ended)`,
+      { sqlstate: DEADLOCK_DETECTED, migration: migration.name },
+      { cause: cut.cause },
+    )
+  }
   return new KeygateError(
     'store_unavailable',
     migration

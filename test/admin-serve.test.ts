@@ -18,7 +18,7 @@ import { MIGRATION_LOCK_ID, readMigrations } from '../core/migrate.ts'
 import { runCli, runCliHere } from './helpers/cli.ts'
 import { isolatedEnv, serve as startKeygate, type LogLine, type Served } from './helpers/serve.ts'
 import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
-import { freshDatabase, holdMigrationLock, lockTable, migratedBelow, setOnDatabase } from './helpers/stores.ts'
+import { deadlockingMigrations, freshDatabase, holdMigrationLock, lockTable, migratedBelow, setOnDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
 import { scratchDir } from './helpers/scratch.ts'
@@ -243,21 +243,21 @@ async function serveWaitingOnTableLock(t: Tap) {
 }
 
 /**
- * The waiting start (serveWaiting) tries again, more than once: three transactions of its own
+ * The waiting start (serveWaiting) tries again, more than once: `tries` transactions of its own
  * seen waiting in PostgreSQL (`waiting`: their xact_start, as `observer` sees them), each after
  * the first cut (which was before the warning); once `release` frees the lock, it migrates and
  * serves, having said the wait once.
  */
-async function waitsThenServes(t: Test, serve: Served, waits: (l: LogLine) => boolean, observer: pg.Client, waiting: pg.QueryConfig, release: () => Promise<unknown>) {
+async function waitsThenServes(t: Test, serve: Served, waits: (l: LogLine) => boolean, observer: pg.Client, waiting: pg.QueryConfig, release: () => Promise<unknown>, tries = 3) {
   const seen = new Set<string>()
   // A hang guard, not a latency bound: a serve that stopped trying fails here, not at tap's timeout.
   const giveUp = Date.now() + 60_000
-  while (seen.size < 3 && serve.child.exitCode === null && Date.now() < giveUp) {
+  while (seen.size < tries && serve.child.exitCode === null && Date.now() < giveUp) {
     const { rows } = await observer.query<{ xact_start: string }>(waiting)
     for (const r of rows) seen.add(r.xact_start)
-    if (seen.size < 3) await new Promise((r) => setTimeout(r, 50))
+    if (seen.size < tries) await new Promise((r) => setTimeout(r, 50))
   }
-  t.equal(seen.size, 3, 'three tries seen waiting, each in a transaction of its own')
+  t.equal(seen.size, tries, `${tries} tries seen waiting, each in a transaction of its own`)
   t.equal(serve.child.exitCode, null, 'still running')
   await release()
   const admin = `http://${(await serve.waitForLog((l) => l.message === 'admin listening')).address as string}`
@@ -310,6 +310,28 @@ t.test("a start whose migration's wait for a table lock the role's or database's
 
 t.test("a stop signal while the start's migrations wait on a table lock that the lock_timeout keeps cutting ends it at once, exit 0", async (t) => {
   await stopsWhileWaiting(t, (await serveWaitingOnTableLock(t)).serve)
+})
+
+// Before (found by a review): a migration's statement that PostgreSQL ended to break a deadlock
+// with another session (a keygate not upgraded yet, its transaction writing keys and reading
+// n8n_api_keys) ended the start, exit 1, with "migration ... failed: deadlock detected".
+t.test("a start whose migration's statement PostgreSQL ends to break a deadlock tries the migrations again, says so once, and serves once the other session ends", async (t) => {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  const other = await deadlockingMigrations(t, url, 'keygate-before')
+  const observer = new pg.Client({ connectionString: url })
+  await observer.connect()
+  t.teardown(() => observer.end().catch(() => {}))
+  const waits = (l: LogLine) => l.level === 'warn' && /deadlock/.test(l.message)
+  const { serve, warned } = await serveWaiting(t, url, waits)
+  await other.read
+  t.match(warned.message, /^migration 0024_rotation_notices_of_active_keys\.sql's statement was ended by PostgreSQL to break a deadlock with another session \(SQLSTATE 40P01/, 'says what ended the statement')
+  t.notMatch(warned.message, /lock_timeout|55P03/, 'and not a lock_timeout')
+  t.match(warned, { migration: '0024_rotation_notices_of_active_keys.sql', holder: new RegExp(`on api_keys[^(]*\\(PostgreSQL pid ${other.pid}, application "keygate-before"`) }, 'naming the file and the other session')
+  t.notOk('lock_timeout' in warned, 'without a lock_timeout')
+  // Tried again: its next try waits for n8n_api_keys, which the other session read meanwhile.
+  const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'n8n_api_keys'::regclass` }
+  await waitsThenServes(t, serve, waits, observer, waiting, () => other.client.query('ROLLBACK'), 1)
 })
 
 t.test('an admin request the drain cuts is waited for before the store closes: it ends, and `stopped` is the last line (found by a review)', async (t) => {

@@ -9,7 +9,7 @@ import type { Test } from 'tap'
 import pg from 'pg'
 import { openDb, type Db } from '../core/db.ts'
 import { lockRetryPause, MIGRATION_LOCK_ID, MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
-import { adminClient, forEachStore, freshDatabase, holdMigrationLock, lockTable, migratedBelow, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
+import { adminClient, deadlockingMigrations, forEachStore, freshDatabase, holdMigrationLock, lockTable, migratedBelow, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -289,6 +289,35 @@ t.test("postgres: a `keygate migrate` whose migration's wait for a table lock a 
   await reader.client.query('ROLLBACK')
   const after = await runCli(['migrate', '--json'], { cwd, env })
   t.equal(after.code, 0, `migrates once the table is free: ${after.stderr}`)
+  t.same(after.json().applied, pending)
+})
+
+// Before (found by a review): a migration's statement that PostgreSQL ended to break a deadlock
+// with another session (SQLSTATE 40P01: during a rolling upgrade, a transaction of a keygate not
+// upgraded yet writing keys, then reading a table a migration had taken) stopped `keygate
+// migrate` with "migration ... failed: deadlock detected" (migration_failed), as for a broken file.
+t.test("postgres: a `keygate migrate` whose migration's statement PostgreSQL ended to break a deadlock names the file and the other session, says that nothing was applied and to try again", async (t) => {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  const pending = FILES.filter((f) => Number(f.slice(0, 4)) >= 23)
+  const other = await deadlockingMigrations(t, url, 'keygate-before')
+  const { cwd, env } = cliOn(t, url)
+  const run = await runCli(['migrate', '--json'], { cwd, env })
+  await other.read
+  t.equal(run.code, 1, 'exit 1')
+  const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
+  t.equal(error.code, 'store_unavailable', `store_unavailable: ${error.message}`)
+  t.same(error.details, { sqlstate: '40P01', migration: '0024_rotation_notices_of_active_keys.sql' }, 'details: the SQLSTATE and the file')
+  t.match(error.message, /^migration 0024_rotation_notices_of_active_keys\.sql's statement was ended by PostgreSQL to break a deadlock with another session \(SQLSTATE 40P01\)/, 'names the file and what ended its statement')
+  t.match(error.message, new RegExp(`another session holds [A-Z ]+ on api_keys[^(]*\\(PostgreSQL pid ${other.pid}, application "keygate-before"`), 'names the session holding a table the file names')
+  t.match(error.message, /nothing was applied; try again/, 'says that nothing was applied and what to do')
+  t.notMatch(error.message, /lock_timeout|55P03/, 'says nothing of a lock_timeout')
+  const db = await openDb({ databaseUrl: url, poolMax: 1 })
+  t.teardown(() => db.close())
+  t.same(await pendingMigrations(db), pending, 'nothing was applied')
+  await other.client.query('ROLLBACK')
+  const after = await runCli(['migrate', '--json'], { cwd, env })
+  t.equal(after.code, 0, `migrates tried again: ${after.stderr}`)
   t.same(after.json().applied, pending)
 })
 

@@ -139,6 +139,36 @@ export async function migratedBelow(t: Pick<Test, 'teardown'>, url: string, vers
   }
 }
 
+/**
+ * A session of its own named `application` (a keygate not upgraded yet, writing keys) that will
+ * deadlock with the migrations of a database at `url` migrated below 0023 (migratedBelow), keygate
+ * the deadlock's victim: it holds api_keys (ROW EXCLUSIVE, as an UPDATE), for which 0024's CREATE
+ * TRIGGER waits once 0023 has taken n8n_api_keys (ACCESS EXCLUSIVE); seen that wait in pg_locks,
+ * it reads n8n_api_keys, waiting in turn for the migration. PostgreSQL ends the statement of the
+ * session whose deadlock_timeout check finds the cycle: the database's is set to 1 s (for the
+ * connections keygate makes from then on: call this before it starts), this session's to 60 s, and
+ * the cycle is closed as soon as keygate's statement is seen waiting. `read`: that read, done once
+ * the migration's statement was ended; the session's transaction stays open until it lets it go.
+ */
+export async function deadlockingMigrations(t: Pick<Test, 'teardown'>, url: string, application: string): Promise<{ client: pg.Client; pid: number; read: Promise<unknown> }> {
+  await setOnDatabase(url, 'deadlock_timeout', '1s')
+  const other = await lockTable(t, url, 'api_keys', 'ROW EXCLUSIVE', application)
+  await other.client.query("SET deadlock_timeout = '60s'")
+  const observer = new pg.Client({ connectionString: url })
+  await observer.connect()
+  t.teardown(() => observer.end().catch(() => {}))
+  const read = (async () => {
+    for (;;) {
+      const { rows } = await observer.query(`SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND NOT granted AND relation = 'api_keys'::regclass AND pid <> $1`, [other.pid])
+      if (rows.length > 0) break
+      await new Promise((r) => setTimeout(r, 20))
+    }
+    return other.client.query('SELECT count(*) FROM n8n_api_keys')
+  })()
+  read.catch(() => {}) // awaited by the test, once the migration is over
+  return { ...other, read }
+}
+
 /** keygate's migration lock held by a session of its own, named `application` (another instance migrating), until it lets it go (or the end of `t`). */
 export async function holdMigrationLock(t: Pick<Test, 'teardown'>, url: string, application: string): Promise<pg.Client> {
   const holder = new pg.Client({ connectionString: url, application_name: application })
