@@ -118,14 +118,17 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
  * (`deadlock`, SQLSTATE 40P01).
  */
 export interface LockWaitCut {
+  /**
+   * What was waited for: the migration lock; a table a migration's statement needs (`migration`);
+   * or that statement, which PostgreSQL ended to break a deadlock (40P01), not a lock_timeout.
+   */
+  kind: 'lock' | 'table' | 'deadlock'
   /** Who holds the lock, as PostgreSQL shows that session (see lockHolder). */
   holder: string
   /** The file whose statement waited for a lock another session holds (a table); absent: the wait was for the migration lock. */
   migration?: string
-  /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read, or `deadlock`. */
+  /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read, or for a deadlock. */
   lockTimeout: string
-  /** PostgreSQL ended the statement of `migration` to break a deadlock (40P01), not a lock_timeout. */
-  deadlock?: true
   /** PostgreSQL's error. */
   err: Error
 }
@@ -136,13 +139,13 @@ export interface ApplyOptions {
    * another session's transaction holds), through a lock_timeout set on keygate's role or
    * database: each wait it cuts is tried again, the whole run (after lockRetryPause's pause, as
    * long as it takes, as the wait is without a lock_timeout; the run is one transaction, so a cut
-   * leaves nothing applied), and told here, with how long the whole has waited (`serve`: a start waits
+   * leaves nothing applied), and the first cut of each kind is told here (`serve`: a start waits
    * for another instance migrating, or for a transaction on a table a migration changes). Absent: a
    * cut ends the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
    * A migration's statement that PostgreSQL ended to break a deadlock with another session is
    * told and tried again alike (`deadlock`), with a table wait's pause.
    */
-  onLockWait?: (cut: LockWaitCut, waitedMs: number) => void
+  onLockWait?: (cut: LockWaitCut) => void
 }
 
 /** How often a wait that a lock_timeout cuts (ApplyOptions.onLockWait) tries again, at most. */
@@ -168,7 +171,9 @@ export function lockRetryPause(waitedMs: number, tableCuts?: number): number {
 /** Applies pending migrations; returns the names applied by this call, and those a newer keygate recorded. */
 export async function applyMigrations(db: Db, dir?: string, options: ApplyOptions = {}): Promise<{ applied: string[]; newer: string[] }> {
   const files = readMigrations(dir)
-  const started = performance.now()
+  // The kinds of wait told already: the holder is looked up for the first cut of each alone
+  // (before, found by a read-back, at every cut, about once a second, for a warning said once).
+  const told = new Set<LockWaitCut['kind']>()
   let tableCuts = 0
   for (;;) {
     const tried = performance.now()
@@ -176,10 +181,15 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
       return await applyUnderLock(db, files)
     } catch (err) {
       if (!(err instanceof LockWaitCutError)) throw err
-      const { holder, lockTimeout } = await lockHolder(db, err.migration)
-      if (!options.onLockWait) throw lockHeld(holder, lockTimeout, err)
-      const cut = err.deadlock ? { lockTimeout: '', deadlock: true as const } : { lockTimeout }
-      options.onLockWait({ holder, ...cut, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}) }, performance.now() - started)
+      if (!options.onLockWait) {
+        const { holder, lockTimeout } = await lockHolder(db, err.migration)
+        throw lockHeld(holder, lockTimeout, err)
+      }
+      if (!told.has(err.kind)) {
+        told.add(err.kind)
+        const { holder, lockTimeout } = await lockHolder(db, err.migration)
+        options.onLockWait({ kind: err.kind, holder, lockTimeout: err.kind === 'deadlock' ? '' : lockTimeout, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}) })
+      }
       const pause = lockRetryPause(performance.now() - tried, err.migration ? tableCuts++ : undefined)
       await new Promise((r) => setTimeout(r, pause))
     }
@@ -194,11 +204,11 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
 class LockWaitCutError extends Error {
   declare cause: Error
   readonly migration: Migration | undefined
-  readonly deadlock: boolean
+  readonly kind: LockWaitCut['kind']
   constructor(migration: Migration | undefined, cause: Error) {
     super(migration ? `migration ${migration.name} waited for a lock, and the wait was cut` : 'the wait for the migration lock was cut', { cause })
     this.migration = migration
-    this.deadlock = sqlState(cause) === DEADLOCK_DETECTED
+    this.kind = migration === undefined ? 'lock' : sqlState(cause) === DEADLOCK_DETECTED ? 'deadlock' : 'table'
   }
 }
 
@@ -310,7 +320,7 @@ async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: stri
  * serve` start said "unexpected error: canceling statement due to lock timeout" for the first, as
  * for a bug, and "migration NNNN_….sql failed: canceling statement due to lock timeout" for the
  * second, as for a broken file. A migration's statement that PostgreSQL ended to break a deadlock
- * (`cut.deadlock`, 40P01) is told as such: no lock_timeout cut it, and trying again is what to do.
+ * (`cut.kind` deadlock, 40P01) is told as such: no lock_timeout cut it, and trying again is what to do.
  */
 function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): KeygateError {
   const timeout = `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied`
@@ -318,7 +328,7 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
   const { migration } = cut
   // PostgreSQL's context, when its error gives one (a row lock: "while updating tuple … in relation …").
   const where = (cut.cause as { where?: unknown }).where
-  if (migration && cut.deadlock) {
+  if (migration && cut.kind === 'deadlock') {
     return new KeygateError(
       'store_unavailable',
       `migration ${migration.name}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on a table${typeof where === 'string' && where ? ` (${where})` : ''} that the other session held, while that session waited for one the migration held; ${holder}, most likely a transaction of a keygate not upgraded yet, or an operator's; nothing was applied; try again (the other session went on once the migration's statement was ended)`,

@@ -91,20 +91,17 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       // instances, all but the one migrating; and any start whose migration met such a transaction.
       // Likewise a migration's statement PostgreSQL ended to break a deadlock with such a
       // transaction (before, found by a review: "failed: deadlock detected", exit 1).
-      const warned = new Set<'lock' | 'table' | 'deadlock'>()
+      // applyMigrations tells the first cut of each kind alone.
       const lockWait = options.waitForStore
         ? {
             onLockWait: (cut: LockWaitCut) => {
-              const kind = cut.deadlock ? 'deadlock' : cut.migration ? 'table' : 'lock'
-              if (warned.has(kind)) return
-              warned.add(kind)
               const fields = { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}) }
-              if (cut.deadlock) {
+              if (cut.kind === 'deadlock') {
                 log.warn(
                   `migration ${cut.migration}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an open transaction of a keygate not upgraded yet), so the migrations, of which nothing was applied, are tried again`,
                   fields,
                 )
-              } else if (cut.migration) {
+              } else if (cut.kind === 'table') {
                 log.warn(
                   `waiting for a table lock that migration ${cut.migration} needs, held by another session (most likely an open transaction of a keygate not upgraded yet); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free`,
                   fields,
