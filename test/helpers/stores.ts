@@ -102,13 +102,20 @@ export async function setOnDatabase(url: string, setting: string, value: string)
 
 /** `table` held in ACCESS EXCLUSIVE mode by a session of its own (a migration, a VACUUM FULL), until `release` (or the end of `t`). */
 export async function holdTable(t: Pick<Test, 'teardown'>, url: string, table: string): Promise<{ release(): Promise<void> }> {
-  const holder = new pg.Client({ connectionString: url })
-  await holder.connect()
-  t.teardown(() => holder.end().catch(() => {}))
-  await holder.query('SET lock_timeout = 0')
-  await holder.query('BEGIN')
-  await holder.query(`LOCK TABLE ${table} IN ACCESS EXCLUSIVE MODE`)
-  return { release: async () => void (await holder.query('ROLLBACK')) }
+  const { client } = await lockTable(t, url, table, 'ACCESS EXCLUSIVE')
+  return { release: async () => void (await client.query('ROLLBACK')) }
+}
+
+/**
+ * A PostgreSQL session of a test's own at `url`, named `application`, that waits for any lock as
+ * long as it takes (`lock_timeout` 0, whatever the database says), ended with `t`.
+ */
+export async function ownSession(t: Pick<Test, 'teardown'>, url: string, application?: string): Promise<pg.Client> {
+  const client = new pg.Client({ connectionString: url, ...(application === undefined ? {} : { application_name: application }) })
+  await client.connect()
+  t.teardown(() => client.end().catch(() => {}))
+  await client.query('SET lock_timeout = 0')
+  return client
 }
 
 /**
@@ -116,11 +123,8 @@ export async function holdTable(t: Pick<Test, 'teardown'>, url: string, table: s
  * keygate not upgraded yet reading it, an operator's LOCK TABLE), until it lets it go (or the end
  * of `t`). Returned: that session, and its PostgreSQL pid.
  */
-export async function lockTable(t: Pick<Test, 'teardown'>, url: string, table: string, mode: string, application: string): Promise<{ client: pg.Client; pid: number }> {
-  const client = new pg.Client({ connectionString: url, application_name: application })
-  await client.connect()
-  t.teardown(() => client.end().catch(() => {}))
-  await client.query('SET lock_timeout = 0')
+export async function lockTable(t: Pick<Test, 'teardown'>, url: string, table: string, mode: string, application?: string): Promise<{ client: pg.Client; pid: number }> {
+  const client = await ownSession(t, url, application)
   await client.query('BEGIN')
   await client.query(`LOCK TABLE ${table} IN ${mode} MODE`)
   return { client, pid: (await client.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid }
@@ -154,9 +158,7 @@ export async function deadlockingMigrations(t: Pick<Test, 'teardown'>, url: stri
   await setOnDatabase(url, 'deadlock_timeout', '1s')
   const other = await lockTable(t, url, 'api_keys', 'ROW EXCLUSIVE', application)
   await other.client.query("SET deadlock_timeout = '60s'")
-  const observer = new pg.Client({ connectionString: url })
-  await observer.connect()
-  t.teardown(() => observer.end().catch(() => {}))
+  const observer = await ownSession(t, url)
   const read = (async () => {
     for (;;) {
       const { rows } = await observer.query(`SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND NOT granted AND relation = 'api_keys'::regclass AND pid <> $1`, [other.pid])
@@ -171,10 +173,7 @@ export async function deadlockingMigrations(t: Pick<Test, 'teardown'>, url: stri
 
 /** keygate's migration lock held by a session of its own, named `application` (another instance migrating), until it lets it go (or the end of `t`). */
 export async function holdMigrationLock(t: Pick<Test, 'teardown'>, url: string, application: string): Promise<pg.Client> {
-  const holder = new pg.Client({ connectionString: url, application_name: application })
-  await holder.connect()
-  t.teardown(() => holder.end().catch(() => {}))
-  await holder.query('SET lock_timeout = 0')
+  const holder = await ownSession(t, url, application)
   await holder.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_ID])
   return holder
 }
