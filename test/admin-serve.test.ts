@@ -18,7 +18,7 @@ import { MIGRATION_LOCK_ID, readMigrations } from '../core/migrate.ts'
 import { runCli, runCliHere } from './helpers/cli.ts'
 import { isolatedEnv, serve as startKeygate, type LogLine, type Served } from './helpers/serve.ts'
 import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
-import { deadlockingMigrations, freshDatabase, holdMigrationLock, lockTable, migratedBelow, setOnDatabase } from './helpers/stores.ts'
+import { deadlockingMigrations, freshDatabase, holdMigrationLock, lockTable, migratedBelow, ownSession, setOnDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
 import { scratchDir } from './helpers/scratch.ts'
@@ -188,10 +188,7 @@ t.test('a stop signal while the start waits on the store (another instance migra
   // Before (found by a review): the signal was swallowed; once the other migration was done the
   // process bound its listeners and served, and systemctl stop ended in SIGKILL.
   const url = await freshDatabase(t)
-  const migrating = new pg.Client({ connectionString: url })
-  await migrating.connect()
-  t.teardown(() => migrating.end())
-  await migrating.query('SELECT pg_advisory_lock($1)', [MIGRATION_LOCK_ID])
+  const migrating = await holdMigrationLock(t, url, 'another-keygate')
   const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: 'an-admin-token-of-32-characters!' })
   const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', 'http://127.0.0.1:9'], env, waitFor: { gateway: false, admin: false } })
   // Waiting on the migration lock: seen in PostgreSQL, not guessed from time.
@@ -235,9 +232,7 @@ async function serveWaitingOnTableLock(t: Tap) {
   await migratedBelow(t, url, 23)
   await setOnDatabase(url, 'lock_timeout', '200ms')
   const reader = await lockTable(t, url, 'n8n_api_keys', 'ACCESS SHARE', 'keygate-before')
-  const observer = new pg.Client({ connectionString: url })
-  await observer.connect()
-  t.teardown(() => observer.end().catch(() => {}))
+  const observer = await ownSession(t, url)
   const waits = (l: LogLine) => l.level === 'warn' && /table lock/.test(l.message)
   return { reader, observer, waits, ...(await serveWaiting(t, url, waits)) }
 }
@@ -319,9 +314,7 @@ t.test("a start whose migration's statement PostgreSQL ends to break a deadlock 
   const url = await freshDatabase(t)
   await migratedBelow(t, url, 23)
   const other = await deadlockingMigrations(t, url, 'keygate-before')
-  const observer = new pg.Client({ connectionString: url })
-  await observer.connect()
-  t.teardown(() => observer.end().catch(() => {}))
+  const observer = await ownSession(t, url)
   const waits = (l: LogLine) => l.level === 'warn' && /deadlock/.test(l.message)
   const { serve, warned } = await serveWaiting(t, url, waits)
   await other.read

@@ -10,7 +10,7 @@ import { TimedOut } from '../core/deadline.ts'
 import { applyMigrations, MIGRATION_LOCK_ID } from '../core/migrate.ts'
 import { loneSurrogateAt, pathWhere } from '../core/validate.ts'
 import { BOOTSTRAP_TOKEN, startAdmin } from './helpers/admin.ts'
-import { adminClient, forEachStore, freshDatabase, holdTable, migratedDatabase, rejection, setOnDatabase, testServices } from './helpers/stores.ts'
+import { adminClient, forEachStore, freshDatabase, holdTable, migratedDatabase, ownSession, rejection, setOnDatabase, testServices } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { until } from './helpers/gateway.ts'
 
@@ -326,9 +326,7 @@ t.test('PostgreSQL: a statement PostgreSQL ends to break a deadlock (40P01) is s
   await setOnDatabase(url, 'deadlock_timeout', '100ms')
   const db = await openDb({ databaseUrl: url, poolMax: 1 })
   t.teardown(() => db.close())
-  const other = new pg.Client({ connectionString: url })
-  await other.connect()
-  t.teardown(() => other.end().catch(() => {}))
+  const other = await ownSession(t, url)
   await other.query("SET deadlock_timeout = '60s'")
   let tookRow2!: () => void
   const row2 = new Promise<void>((resolve) => (tookRow2 = resolve))
