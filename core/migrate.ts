@@ -328,10 +328,11 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
   const { migration } = cut
   // PostgreSQL's context, when its error gives one (a row lock: "while updating tuple … in relation …").
   const where = (cut.cause as { where?: unknown }).where
+  const context = typeof where === 'string' && where ? ` (${where})` : ''
   if (migration && cut.kind === 'deadlock') {
     return new KeygateError(
       'store_unavailable',
-      `migration ${migration.name}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on a table${typeof where === 'string' && where ? ` (${where})` : ''} that the other session held, while that session waited for one the migration held; ${holder}, most likely a transaction of a keygate not upgraded yet, or an operator's; nothing was applied; try again (the other session went on once the migration's statement was ended)`,
+      `migration ${migration.name}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on a table${context} that the other session held, while that session waited for one the migration held; ${holder}, most likely a transaction of a keygate not upgraded yet, or an operator's; nothing was applied; try again (the other session went on once the migration's statement was ended)`,
       { sqlstate: DEADLOCK_DETECTED, migration: migration.name },
       { cause: cut.cause },
     )
@@ -339,7 +340,7 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
   return new KeygateError(
     'store_unavailable',
     migration
-      ? `migration ${migration.name} waited for a lock on a table${typeof where === 'string' && where ? ` (${where})` : ''}: ${holder}, most likely an open transaction of a keygate not upgraded yet, or an operator's (LOCK TABLE, VACUUM FULL), and ${timeout}; try again once that transaction ends, ${wait} (statements on that table wait behind the migration meanwhile)`
+      ? `migration ${migration.name} waited for a lock on a table${context}: ${holder}, most likely an open transaction of a keygate not upgraded yet, or an operator's (LOCK TABLE, VACUUM FULL), and ${timeout}; try again once that transaction ends, ${wait} (statements on that table wait behind the migration meanwhile)`
       : `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and ${timeout}; try again once it ends, ${wait}`,
     { sqlstate: LOCK_NOT_AVAILABLE, ...(migration ? { migration: migration.name } : {}) },
     { cause: cut.cause },
