@@ -33,6 +33,7 @@ commands:
   n8n <command>               n8n API keys: ${Object.keys(N8N_COMMANDS).join(', ')}
   deny-list <command>         the stored IP deny list: ${Object.keys(DENY_LIST_COMMANDS).join(', ')}
   lockouts <command>          addresses locked out after failed keys (admin API only): ${Object.keys(LOCKOUT_COMMANDS).join(', ')}
+  --version [--json]          print keygate's version
 
 options (a command refuses, with exit 2, one it has no use for):
   --config FILE               configuration file (else KEYGATE_CONFIG, else ./keygate.yaml)

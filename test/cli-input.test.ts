@@ -11,7 +11,7 @@ import t, { type Test } from 'tap'
 import { createHash, randomUUID } from 'node:crypto'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { childEnv, KEYGATE_BIN, runCli, runCliHere, spawnClean, type CliResult } from './helpers/cli.ts'
 import { isolated, postgresEnv, tempDir } from './helpers/cli-lifecycle.ts'
@@ -166,6 +166,47 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
   const json = await runCli(['api-key', 'create', '--type', 'user', '--json'], { env, cwd: dir })
   t.equal(json.code, 2)
   t.same(json.json().error.code, 'usage_error', '--json puts the error object on stdout')
+})
+
+t.test("keygate --help names every command and option of the README's Command line section", async (t) => {
+  // Found by a docs walk: the README gave `keygate --version [--json]`, which --help left out.
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
+  const block = /\n## Command line\n\n```\n([\s\S]*?)```/.exec(readme)?.[1] ?? ''
+  const help = await runCliHere(['--help'])
+  t.equal(help.code, 0)
+  const lines = help.stdout.split('\n')
+  const lead = (segment: string) => segment.split(/\s+(?=[[(A-Z])|\s{2,}/)[0] ?? ''
+  // The alternatives at a line's top level: `[--cursor C | --all]` is one flag's choice.
+  const alternatives = (text: string) => {
+    const parts = ['']
+    let depth = 0
+    for (const [i, c] of [...text].entries()) {
+      depth += c === '[' || c === '(' ? 1 : c === ']' || c === ')' ? -1 : 0
+      if (c === '|' && depth === 0 && text[i - 1] === ' ' && text[i + 1] === ' ') parts.push('')
+      else parts[parts.length - 1] += c
+    }
+    return parts.map((p) => p.trim())
+  }
+  let checked = 0
+  for (const line of block.split('\n').filter((l) => l.startsWith('keygate '))) {
+    const [first = '', ...rest] = alternatives(line.slice('keygate '.length))
+    const [group = '', firstSub = ''] = first.split(' ')
+    const groupLine = lines.find((l) => l.startsWith(`  ${group} <command>`))
+    if (groupLine) {
+      const listed = groupLine.slice(groupLine.lastIndexOf(': ') + 2).split(', ')
+      for (const sub of [firstSub, ...rest.map((s) => s.split(' ')[0] ?? '')]) {
+        t.ok(listed.includes(sub), `keygate --help lists ${group} ${sub}`)
+        checked++
+      }
+    } else {
+      for (const segment of [first, ...rest]) {
+        const words = lead(segment)
+        t.ok(lines.some((l) => l.startsWith(`  ${words} `) || l === `  ${words}`), `keygate --help names ${words}`)
+        checked++
+      }
+    }
+  }
+  t.ok(checked > 20, 'the README block was found and read')
 })
 
 t.test('a key given where a usage error quotes the argument is not shown back, as the admin API shows none', async (t) => {
