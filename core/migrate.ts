@@ -13,6 +13,8 @@ export const MIGRATIONS_DIR = join(PACKAGE_ROOT, 'migrations')
 const FILE = /^(\d{4})_[a-z0-9_]+\.sql$/
 /** pg_advisory_xact_lock id the migrations run under ("kgmg"): one instance migrates at a time. */
 export const MIGRATION_LOCK_ID = 0x6b67_6d67
+/** The table of applied migrations, which keygate's own statements read and write under the migration lock. */
+const RECORDS = 'keygate_migrations'
 
 export interface Migration {
   version: number
@@ -113,20 +115,23 @@ export async function migrate(db: Db, dir?: string): Promise<string[]> {
 
 /**
  * A wait that a lock_timeout set on keygate's role or database cut (SQLSTATE 55P03): for the
- * migration lock, or, once it was taken, for a lock a migration's statement needs (`migration`);
- * or a migration's statement that PostgreSQL ended to break a deadlock with another session
- * (`deadlock`, SQLSTATE 40P01).
+ * migration lock, or, once it was taken, for a lock a migration's statement needs (`migration`),
+ * or one on keygate_migrations that keygate's own statement on it needs (`table`); or such a
+ * statement that PostgreSQL ended to break a deadlock with another session (`deadlock`, SQLSTATE 40P01).
  */
 export interface LockWaitCut {
   /**
-   * What was waited for: the migration lock; a table a migration's statement needs (`migration`);
-   * or that statement, which PostgreSQL ended to break a deadlock (40P01), not a lock_timeout.
+   * What was waited for: the migration lock; a table a migration's statement needs (`migration`),
+   * or keygate_migrations (`table`); or that statement, which PostgreSQL ended to break a deadlock
+   * (40P01), not a lock_timeout.
    */
   kind: 'lock' | 'table' | 'deadlock'
   /** Who holds the lock, as PostgreSQL shows that session (see lockHolder). */
   holder: string
-  /** The file whose statement waited for a lock another session holds (a table); absent: the wait was for the migration lock. */
+  /** The file whose statement waited for a lock another session holds (a table); absent with neither this nor `table`: the wait was for the migration lock. */
   migration?: string
+  /** keygate_migrations, when the statement that waited was keygate's own on it (the read of what is applied, a file's record), not a file's. */
+  table?: typeof RECORDS
   /** The lock_timeout that cut the wait ("200ms"); '' when it could not be read, or for a deadlock. */
   lockTimeout: string
   /** PostgreSQL's error. */
@@ -136,11 +141,12 @@ export interface LockWaitCut {
 export interface ApplyOptions {
   /**
    * Wait for the migration lock, and for the locks the migrations' statements need (a table
-   * another session's transaction holds), through a lock_timeout set on keygate's role or
-   * database: each wait it cuts is tried again, the whole run (after lockRetryPause's pause, as
-   * long as it takes, as the wait is without a lock_timeout; the run is one transaction, so a cut
-   * leaves nothing applied), and the first cut of each kind is told here (`serve`: a start waits
-   * for another instance migrating, or for a transaction on a table a migration changes). Absent: a
+   * another session's transaction holds; keygate_migrations, for keygate's own statements),
+   * through a lock_timeout set on keygate's role or database: each wait it cuts is tried again,
+   * the whole run (after lockRetryPause's pause, as long as it takes, as the wait is without a
+   * lock_timeout; the run is one transaction, so a cut leaves nothing applied), and the first cut
+   * of each kind is told here, keygate_migrations' apart (`serve`: a start waits for another
+   * instance migrating, or for a transaction on a table a migration changes). Absent: a
    * cut ends the run as store_unavailable, saying who holds the lock and what to do (`keygate migrate`).
    * A migration's statement that PostgreSQL ended to break a deadlock with another session is
    * told and tried again alike (`deadlock`), with a table wait's pause.
@@ -173,7 +179,8 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
   const files = readMigrations(dir)
   // The kinds of wait told already: the holder is looked up for the first cut of each alone
   // (before, found by a read-back, at every cut, about once a second, for a warning said once).
-  const told = new Set<LockWaitCut['kind']>()
+  // A wait on keygate_migrations is told apart from a file's: they are different tables' holders.
+  const told = new Set<string>()
   let tableCuts = 0
   for (;;) {
     const tried = performance.now()
@@ -182,34 +189,46 @@ export async function applyMigrations(db: Db, dir?: string, options: ApplyOption
     } catch (err) {
       if (!(err instanceof LockWaitCutError)) throw err
       if (!options.onLockWait) {
-        const { holder, lockTimeout } = await lockHolder(db, err.migration)
+        const { holder, lockTimeout } = await lockHolder(db, err.on)
         throw lockHeld(holder, lockTimeout, err)
       }
-      if (!told.has(err.kind)) {
-        told.add(err.kind)
-        const { holder, lockTimeout } = await lockHolder(db, err.migration)
-        options.onLockWait({ kind: err.kind, holder, lockTimeout: err.kind === 'deadlock' ? '' : lockTimeout, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}) })
+      const wait = err.on === RECORDS ? `${err.kind} ${RECORDS}` : err.kind
+      if (!told.has(wait)) {
+        told.add(wait)
+        const { holder, lockTimeout } = await lockHolder(db, err.on)
+        options.onLockWait({ kind: err.kind, holder, lockTimeout: err.kind === 'deadlock' ? '' : lockTimeout, err: err.cause, ...(err.migration ? { migration: err.migration.name } : {}), ...(err.on === RECORDS ? { table: RECORDS } : {}) })
       }
-      const pause = lockRetryPause(performance.now() - tried, err.migration ? tableCuts++ : undefined)
+      const pause = lockRetryPause(performance.now() - tried, err.kind === 'lock' ? undefined : tableCuts++)
       await new Promise((r) => setTimeout(r, pause))
     }
   }
 }
 
 /**
- * A wait cut by a lock_timeout (55P03): for the migration lock, before it was taken, or for a lock
- * the statement of `migration` needs; or that statement ended by PostgreSQL to break a deadlock
- * with another session (40P01, `deadlock`).
+ * A wait cut by a lock_timeout (55P03): for the migration lock, before it was taken (`on`
+ * undefined), or for a lock the statement of a migration (`on`) or keygate's own statement on
+ * keygate_migrations (`on` RECORDS) needs; or that statement ended by PostgreSQL to break a
+ * deadlock with another session (40P01, `deadlock`).
  */
 class LockWaitCutError extends Error {
   declare cause: Error
-  readonly migration: Migration | undefined
+  readonly on: Migration | typeof RECORDS | undefined
   readonly kind: LockWaitCut['kind']
-  constructor(migration: Migration | undefined, cause: Error) {
-    super(migration ? `migration ${migration.name} waited for a lock, and the wait was cut` : 'the wait for the migration lock was cut', { cause })
-    this.migration = migration
-    this.kind = migration === undefined ? 'lock' : sqlState(cause) === DEADLOCK_DETECTED ? 'deadlock' : 'table'
+  constructor(on: Migration | typeof RECORDS | undefined, cause: Error) {
+    super(on === undefined ? 'the wait for the migration lock was cut' : `${typeof on === 'string' ? `a statement on ${on}` : `migration ${on.name}`} waited for a lock, and the wait was cut`, { cause })
+    this.on = on
+    this.kind = on === undefined ? 'lock' : sqlState(cause) === DEADLOCK_DETECTED ? 'deadlock' : 'table'
   }
+
+  get migration(): Migration | undefined {
+    return typeof this.on === 'object' ? this.on : undefined
+  }
+}
+
+/** `err` as a LockWaitCutError of `on` when it is a wait a lock_timeout cut, or a deadlock PostgreSQL broke. */
+function lockWaitCut(err: unknown, on: Migration | typeof RECORDS): unknown {
+  const code = sqlState(err)
+  return code === LOCK_NOT_AVAILABLE || code === DEADLOCK_DETECTED ? new LockWaitCutError(on, err as Error) : err
 }
 
 /** One run: the migration lock, then the files not applied yet, in one transaction. */
@@ -219,8 +238,13 @@ async function applyUnderLock(db: Db, files: readonly Migration[]): Promise<{ ap
   return db.transaction(async (tx) => {
     await tx.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_ID])
     locked = true
+    // keygate's own statements on keygate_migrations wait for an operator's lock on it (LOCK
+    // TABLE, VACUUM FULL) as a file's for its tables: before (found by a review), a lock_timeout's
+    // cut of such a wait kept PostgreSQL's words, "unexpected error: canceling statement due to
+    // lock timeout" from `keygate migrate`, and `serve` exited 1. (to_regclass takes no lock.)
+    const onRecords = <T>(statement: Promise<T>) => statement.catch((err: unknown) => Promise.reject(lockWaitCut(err, RECORDS)))
     await ensureTable(tx)
-    const { pending, newer } = compare(files, await applied(tx))
+    const { pending, newer } = compare(files, await onRecords(applied(tx)))
     for (const m of pending) {
       try {
         await tx.exec(m.sql)
@@ -231,12 +255,13 @@ async function applyUnderLock(db: Db, files: readonly Migration[]): Promise<{ ap
         // "canceling statement due to lock timeout", and `serve` exited 1. Likewise a wait that
         // PostgreSQL ended to break a deadlock with such a transaction (before, also found by a
         // review: "failed: deadlock detected"): the other session goes on, and so may a new try.
-        const code = sqlState(err)
-        if (code === LOCK_NOT_AVAILABLE || code === DEADLOCK_DETECTED) throw new LockWaitCutError(m, err as Error)
+        const cut = lockWaitCut(err, m)
+        if (cut instanceof LockWaitCutError) throw cut
         // Named, with PostgreSQL's reason; the transaction leaves nothing of the run behind.
+        const code = sqlState(err)
         throw new KeygateError('migration_failed', `migration ${m.name} failed: ${(err as Error).message}${code ? ` (SQLSTATE ${code})` : ''}; nothing was applied`, { migration: m.name, ...(code ? { sqlstate: code } : {}) })
       }
-      await tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum])
+      await onRecords(tx.query('INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)', [m.version, m.name, m.checksum]))
     }
     return { applied: pending.map((m) => m.name), newer }
   }, { untimed: true }).catch((err: unknown) => {
@@ -267,18 +292,20 @@ function session(row: SessionRow): string {
 
 /**
  * Who holds the lock whose wait a lock_timeout cut (or a deadlock ended), as PostgreSQL shows that
- * session, and the lock_timeout in force. Without `migration`: the migration lock. With it: a
+ * session, and the lock_timeout in force. Without `on`: the migration lock. With a migration: a
  * lock on a table its file names, held by another session of this database (PostgreSQL's error
- * does not say which lock the statement waited for, and the wait is over); the oldest transaction
- * first. When the store fails these look-ups too: without who, or the lock_timeout's value ('').
+ * does not say which lock the statement waited for, and the wait is over); with RECORDS, one on
+ * keygate_migrations; the oldest transaction first. When the store fails these look-ups too:
+ * without who, or the lock_timeout's value ('').
  */
-async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: string; lockTimeout: string }> {
-  let holder = migration ? 'another session holds a lock on a table it names' : "another session holds keygate's migration lock"
+async function lockHolder(db: Db, on?: Migration | typeof RECORDS): Promise<{ holder: string; lockTimeout: string }> {
+  const table = on === RECORDS ? RECORDS : 'a table it names'
+  let holder = on ? `another session holds a lock on ${table}` : "another session holds keygate's migration lock"
   let lockTimeout = ''
   try {
     lockTimeout = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t ?? ''
-    if (migration) {
-      const named = [...new Set(migration.sql.toLowerCase().match(/[a-z_][a-z0-9_$]*/g) ?? [])]
+    if (on) {
+      const named = on === RECORDS ? [RECORDS] : [...new Set(on.sql.toLowerCase().match(/[a-z_][a-z0-9_$]*/g) ?? [])]
       const rows = await db.query<SessionRow & { locks: string }>(
         `SELECT ${SESSION_COLUMNS},
                 string_agg(DISTINCT upper(regexp_replace(regexp_replace(l.mode, 'Lock$', ''), '([a-z])([A-Z])', '\\1 \\2', 'g')) || ' on ' || c.relname, ', ') AS locks
@@ -291,8 +318,8 @@ async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: stri
         [named],
       )
       const [first] = rows
-      if (first === undefined) holder = 'another session held a lock on a table it names (and has let it go since)'
-      else holder = `another session holds ${first.locks} (${session(first)})${rows.length > 1 ? `, and ${rows.length - 1} other session${rows.length > 2 ? 's' : ''} lock tables it names` : ''}`
+      if (first === undefined) holder = `another session held a lock on ${table} (and has let it go since)`
+      else holder = `another session holds ${first.locks} (${session(first)})${rows.length > 1 ? `, and ${rows.length - 1} other session${rows.length > 2 ? 's' : ''} lock ${on === RECORDS ? 'it' : 'tables it names'}` : ''}`
     } else {
       // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1.
       const [row] = await db.query<SessionRow>(
@@ -321,6 +348,8 @@ async function lockHolder(db: Db, migration?: Migration): Promise<{ holder: stri
  * for a bug, and "migration NNNN_….sql failed: canceling statement due to lock timeout" for the
  * second, as for a broken file. A migration's statement that PostgreSQL ended to break a deadlock
  * (`cut.kind` deadlock, 40P01) is told as such: no lock_timeout cut it, and trying again is what to do.
+ * keygate's own statements on keygate_migrations (`cut.on` RECORDS) are told alike, naming that
+ * table (before, found by a review, "unexpected error: canceling statement due to lock timeout").
  */
 function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): KeygateError {
   const timeout = `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied`
@@ -329,11 +358,14 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
   // PostgreSQL's context, when its error gives one (a row lock: "while updating tuple … in relation …").
   const where = (cut.cause as { where?: unknown }).where
   const context = typeof where === 'string' && where ? ` (${where})` : ''
-  if (migration && cut.kind === 'deadlock') {
+  const records = "keygate's statement on keygate_migrations, the table of applied migrations,"
+  if (cut.kind === 'deadlock') {
     return new KeygateError(
       'store_unavailable',
-      `migration ${migration.name}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on a table${context} that the other session held, while that session waited for one the migration held; ${holder}, most likely a transaction of a keygate not upgraded yet, or an operator's; nothing was applied; try again (the other session went on once the migration's statement was ended)`,
-      { sqlstate: DEADLOCK_DETECTED, migration: migration.name },
+      migration
+        ? `migration ${migration.name}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on a table${context} that the other session held, while that session waited for one the migration held; ${holder}, most likely a transaction of a keygate not upgraded yet, or an operator's; nothing was applied; try again (the other session went on once the migration's statement was ended)`
+        : `${records} was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01): it waited for a lock on that table${context} that the other session held, while that session waited for one the migrations held; ${holder}, most likely an operator's transaction; nothing was applied; try again (the other session went on once keygate's statement was ended)`,
+      { sqlstate: DEADLOCK_DETECTED, ...(migration ? { migration: migration.name } : {}) },
       { cause: cut.cause },
     )
   }
@@ -341,7 +373,9 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
     'store_unavailable',
     migration
       ? `migration ${migration.name} waited for a lock on a table${context}: ${holder}, most likely an open transaction of a keygate not upgraded yet, or an operator's (LOCK TABLE, VACUUM FULL), and ${timeout}; try again once that transaction ends, ${wait} (statements on that table wait behind the migration meanwhile)`
-      : `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and ${timeout}; try again once it ends, ${wait}`,
+      : cut.kind === 'table'
+        ? `${records} waited for a lock on it${context}: ${holder}, most likely an operator's open transaction (LOCK TABLE, VACUUM FULL), and ${timeout}; try again once that transaction ends, ${wait}`
+        : `${holder}, most likely another keygate migrating this database (a \`keygate migrate\`, or a \`keygate serve\` starting), and ${timeout}; try again once it ends, ${wait}`,
     { sqlstate: LOCK_NOT_AVAILABLE, ...(migration ? { migration: migration.name } : {}) },
     { cause: cut.cause },
   )

@@ -95,8 +95,17 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       const lockWait = options.waitForStore
         ? {
             onLockWait: (cut: LockWaitCut) => {
-              const fields = { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}) }
-              if (cut.kind === 'deadlock') {
+              const fields = { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}), ...(cut.table ? { table: cut.table } : {}) }
+              // keygate's own statement on keygate_migrations (its read of what is applied, a record).
+              const records = "keygate's statement on keygate_migrations, the table of applied migrations,"
+              if (cut.kind === 'deadlock' && cut.table) {
+                log.warn(`${records} was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an operator's transaction), so the migrations, of which nothing was applied, are tried again`, fields)
+              } else if (cut.kind === 'table' && cut.table) {
+                log.warn(
+                  "waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free",
+                  fields,
+                )
+              } else if (cut.kind === 'deadlock') {
                 log.warn(
                   `migration ${cut.migration}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an open transaction of a keygate not upgraded yet), so the migrations, of which nothing was applied, are tried again`,
                   fields,

@@ -307,6 +307,44 @@ t.test("a stop signal while the start's migrations wait on a table lock that the
   await stopsWhileWaiting(t, (await serveWaitingOnTableLock(t)).serve)
 })
 
+// Before (found by a review): once the migration lock was taken, keygate's read of
+// keygate_migrations waited for an operator's lock on it (LOCK TABLE, VACUUM FULL), the
+// role's or database's lock_timeout cut the wait, and the start ended, exit 1, with "unexpected
+// error: canceling statement due to lock timeout", as for a bug.
+t.test("a start whose wait for keygate_migrations, held by an operator, the role's or database's lock_timeout cuts tries the migrations again, says so once, and serves once the table is free", async (t) => {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
+  const observer = await ownSession(t, url)
+  const waits = (l: LogLine) => l.level === 'warn' && /keygate_migrations/.test(l.message)
+  const { serve, warned } = await serveWaiting(t, url, waits)
+  t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, held by another session/, 'says what it waits for')
+  t.match(warned.message, /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/, 'and what cut a wait')
+  t.match(warned, { lock_timeout: '200ms', table: 'keygate_migrations', holder: new RegExp(`ACCESS EXCLUSIVE on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`) }, 'naming the lock_timeout, the table and the session that holds it')
+  t.notOk('migration' in warned, 'and no file')
+  const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'keygate_migrations'::regclass` }
+  await waitsThenServes(t, serve, waits, observer, waiting, () => operator.client.query('ROLLBACK'))
+})
+
+t.test('a start that waited for keygate_migrations, then for a table a migration needs, says each wait once', async (t) => {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  await setOnDatabase(url, 'lock_timeout', '200ms')
+  const reader = await lockTable(t, url, 'n8n_api_keys', 'ACCESS SHARE', 'keygate-before')
+  const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
+  const observer = await ownSession(t, url)
+  const onRecords = (l: LogLine) => l.level === 'warn' && /keygate_migrations/.test(l.message)
+  const { serve } = await serveWaiting(t, url, onRecords)
+  await operator.client.query('ROLLBACK')
+  const waits = (l: LogLine) => l.level === 'warn' && /table lock/.test(l.message)
+  const warned = await serve.waitForLog(waits)
+  t.match(warned, { migration: '0023_n8n_key_scopes_enforced.sql', holder: new RegExp(`ACCESS SHARE on n8n_api_keys \\(PostgreSQL pid ${reader.pid}`) }, "the file's wait is said too")
+  const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'n8n_api_keys'::regclass` }
+  await waitsThenServes(t, serve, waits, observer, waiting, () => reader.client.query('ROLLBACK'), 1)
+  t.equal(serve.logs.filter(onRecords).length, 1, 'the wait for keygate_migrations is said once')
+})
+
 // Before (found by a review): a migration's statement that PostgreSQL ended to break a deadlock
 // with another session (a keygate not upgraded yet, its transaction writing keys and reading
 // n8n_api_keys) ended the start, exit 1, with "migration ... failed: deadlock detected".
@@ -322,6 +360,22 @@ t.test("a start whose migration's statement PostgreSQL ends to break a deadlock 
   t.notMatch(warned.message, /lock_timeout|55P03/, 'and not a lock_timeout')
   t.match(warned, { migration: '0024_rotation_notices_of_active_keys.sql', holder: new RegExp(`on api_keys[^(]*\\(PostgreSQL pid ${other.pid}, application "keygate-before"`) }, 'naming the file and the other session')
   t.notOk('lock_timeout' in warned, 'without a lock_timeout')
+  // Tried again: its next try waits for n8n_api_keys, which the other session read meanwhile.
+  const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'n8n_api_keys'::regclass` }
+  await waitsThenServes(t, serve, waits, observer, waiting, () => other.client.query('ROLLBACK'), 1)
+})
+
+t.test("a start whose statement on keygate_migrations PostgreSQL ends to break a deadlock (an operator's transaction) tries the migrations again, says so once, and serves once the other session ends", async (t) => {
+  const url = await freshDatabase(t)
+  await migratedBelow(t, url, 23)
+  const other = await deadlockingMigrations(t, url, 'operator', { table: 'keygate_migrations', mode: 'SHARE' })
+  const observer = await ownSession(t, url)
+  const waits = (l: LogLine) => l.level === 'warn' && /deadlock/.test(l.message)
+  const { serve, warned } = await serveWaiting(t, url, waits)
+  await other.read
+  t.match(warned.message, /^keygate's statement on keygate_migrations, the table of applied migrations, was ended by PostgreSQL to break a deadlock with another session \(SQLSTATE 40P01/, 'says what ended the statement')
+  t.match(warned, { table: 'keygate_migrations', holder: new RegExp(`SHARE on keygate_migrations \\(PostgreSQL pid ${other.pid}, application "operator"`) }, 'naming the table and the other session')
+  t.notOk('migration' in warned || 'lock_timeout' in warned, 'without a file or a lock_timeout')
   // Tried again: its next try waits for n8n_api_keys, which the other session read meanwhile.
   const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'n8n_api_keys'::regclass` }
   await waitsThenServes(t, serve, waits, observer, waiting, () => other.client.query('ROLLBACK'), 1)

@@ -286,34 +286,90 @@ t.test("postgres: a `keygate migrate` whose migration's wait for a table lock a 
   t.same(after.json().applied, pending)
 })
 
+// Before (found by a review): once keygate held its migration lock, its own statements on
+// keygate_migrations (the read of what is applied, a record's INSERT) waited for an operator's
+// lock on that table (LOCK TABLE, VACUUM FULL), the database's lock_timeout cut the wait, and
+// `keygate migrate` said "unexpected error: canceling statement due to lock timeout", as for a bug.
+for (const [mode, waits] of [['ACCESS EXCLUSIVE', 'the read of what is applied'], ['SHARE', "the first file's record"]] as const) {
+  t.test(`postgres: a \`keygate migrate\` whose wait for keygate_migrations (held ${mode} by an operator: ${waits}) a database's lock_timeout cut names the table, who holds it, that nothing was applied and what to do`, async (t) => {
+    const url = await freshDatabase(t)
+    await migratedBelow(t, url, 23)
+    const pending = FILES.filter((f) => Number(f.slice(0, 4)) >= 23)
+    await setOnDatabase(url, 'lock_timeout', '200ms')
+    const operator = await lockTable(t, url, 'keygate_migrations', mode, 'operator')
+    const { cwd, env } = cliOn(t, url)
+    const run = await runCli(['migrate', '--json'], { cwd, env })
+    t.equal(run.code, 1, 'exit 1')
+    const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
+    t.equal(error.code, 'store_unavailable', `store_unavailable: ${error.message}`)
+    t.same(error.details, { sqlstate: '55P03' }, 'details: the SQLSTATE')
+    t.match(error.message, /^keygate's statement on keygate_migrations, the table of applied migrations, waited for a lock on it/, 'names the table')
+    t.match(error.message, new RegExp(`another session holds ${mode} on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`), 'names the lock and the session holding it')
+    t.match(error.message, /lock_timeout \(200ms\) set on keygate's role or database cut the wait for it \(SQLSTATE 55P03\)/, 'says what cut the wait')
+    t.match(error.message, /nothing was applied; try again once that transaction ends, or let keygate wait for it/, 'says what to do')
+    await operator.client.query('ROLLBACK')
+    const db = await openDb({ databaseUrl: url, poolMax: 1 })
+    t.teardown(() => db.close())
+    t.same(await pendingMigrations(db), pending, 'nothing was applied')
+    const after = await runCli(['migrate', '--json'], { cwd, env })
+    t.equal(after.code, 0, `migrates once the table is free: ${after.stderr}`)
+    t.same(after.json().applied, pending)
+  })
+}
+
 // Before (found by a review): a migration's statement that PostgreSQL ended to break a deadlock
 // with another session (SQLSTATE 40P01: during a rolling upgrade, a transaction of a keygate not
 // upgraded yet writing keys, then reading a table a migration had taken) stopped `keygate
 // migrate` with "migration ... failed: deadlock detected" (migration_failed), as for a broken file.
-t.test("postgres: a `keygate migrate` whose migration's statement PostgreSQL ended to break a deadlock names the file and the other session, says that nothing was applied and to try again", async (t) => {
-  const url = await freshDatabase(t)
-  await migratedBelow(t, url, 23)
-  const pending = FILES.filter((f) => Number(f.slice(0, 4)) >= 23)
-  const other = await deadlockingMigrations(t, url, 'keygate-before')
-  const { cwd, env } = cliOn(t, url)
-  const run = await runCli(['migrate', '--json'], { cwd, env })
-  await other.read
-  t.equal(run.code, 1, 'exit 1')
-  const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
-  t.equal(error.code, 'store_unavailable', `store_unavailable: ${error.message}`)
-  t.same(error.details, { sqlstate: '40P01', migration: '0024_rotation_notices_of_active_keys.sql' }, 'details: the SQLSTATE and the file')
-  t.match(error.message, /^migration 0024_rotation_notices_of_active_keys\.sql's statement was ended by PostgreSQL to break a deadlock with another session \(SQLSTATE 40P01\)/, 'names the file and what ended its statement')
-  t.match(error.message, new RegExp(`another session holds [A-Z ]+ on api_keys[^(]*\\(PostgreSQL pid ${other.pid}, application "keygate-before"`), 'names the session holding a table the file names')
-  t.match(error.message, /nothing was applied; try again/, 'says that nothing was applied and what to do')
-  t.notMatch(error.message, /lock_timeout|55P03/, 'says nothing of a lock_timeout')
-  const db = await openDb({ databaseUrl: url, poolMax: 1 })
-  t.teardown(() => db.close())
-  t.same(await pendingMigrations(db), pending, 'nothing was applied')
-  await other.client.query('ROLLBACK')
-  const after = await runCli(['migrate', '--json'], { cwd, env })
-  t.equal(after.code, 0, `migrates tried again: ${after.stderr}`)
-  t.same(after.json().applied, pending)
-})
+// And (found by a review) keygate's record of a file it had applied, ended so by an operator's
+// transaction (keygate_migrations held in SHARE mode, then a read of a table the migration had
+// taken), said "unexpected error: deadlock detected".
+const DEADLOCKS = [
+  {
+    statement: "migration's statement",
+    says: 'the file',
+    application: 'keygate-before',
+    holds: undefined,
+    details: { sqlstate: '40P01', migration: '0024_rotation_notices_of_active_keys.sql' },
+    head: /^migration 0024_rotation_notices_of_active_keys\.sql's statement was ended by PostgreSQL to break a deadlock with another session \(SQLSTATE 40P01\)/,
+    held: 'holds [A-Z ]+ on api_keys[^(]*',
+  },
+  {
+    statement: 'statement on keygate_migrations',
+    says: 'the table',
+    application: 'operator',
+    holds: { table: 'keygate_migrations', mode: 'SHARE' },
+    details: { sqlstate: '40P01' },
+    head: /^keygate's statement on keygate_migrations, the table of applied migrations, was ended by PostgreSQL to break a deadlock with another session \(SQLSTATE 40P01\)/,
+    held: 'holds SHARE on keygate_migrations ',
+  },
+]
+for (const c of DEADLOCKS) {
+  t.test(`postgres: a \`keygate migrate\` whose ${c.statement} PostgreSQL ended to break a deadlock names ${c.says} and the other session, says that nothing was applied and to try again`, async (t) => {
+    const url = await freshDatabase(t)
+    await migratedBelow(t, url, 23)
+    const pending = FILES.filter((f) => Number(f.slice(0, 4)) >= 23)
+    const other = await deadlockingMigrations(t, url, c.application, c.holds)
+    const { cwd, env } = cliOn(t, url)
+    const run = await runCli(['migrate', '--json'], { cwd, env })
+    await other.read
+    t.equal(run.code, 1, 'exit 1')
+    const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
+    t.equal(error.code, 'store_unavailable', `store_unavailable: ${error.message}`)
+    t.same(error.details, c.details, `details: the SQLSTATE (and the file)`)
+    t.match(error.message, c.head, `names ${c.says} and what ended its statement`)
+    t.match(error.message, new RegExp(`another session ${c.held}\\(PostgreSQL pid ${other.pid}, application "${c.application}"`), 'names the session holding a table the statement needs')
+    t.match(error.message, /nothing was applied; try again/, 'says that nothing was applied and what to do')
+    t.notMatch(error.message, /lock_timeout|55P03/, 'says nothing of a lock_timeout')
+    const db = await openDb({ databaseUrl: url, poolMax: 1 })
+    t.teardown(() => db.close())
+    t.same(await pendingMigrations(db), pending, 'nothing was applied')
+    await other.client.query('ROLLBACK')
+    const after = await runCli(['migrate', '--json'], { cwd, env })
+    t.equal(after.code, 0, `migrates tried again: ${after.stderr}`)
+    t.same(after.json().applied, pending)
+  })
+}
 
 t.test("serve's pauses between tries of a wait a lock_timeout cut: the migration lock's within a second, a table's at least the wait, doubling, up to 30 s (found by a review)", async (t) => {
   // The migration lock: its wait blocks no one, so tried again a second from the last try's start.

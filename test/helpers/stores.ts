@@ -153,15 +153,17 @@ export async function migratedBelow(t: Pick<Test, 'teardown'>, url: string, vers
  * connections keygate makes from then on: call this before it starts), this session's to 60 s, and
  * the cycle is closed as soon as keygate's statement is seen waiting. `read`: that read, done once
  * the migration's statement was ended; the session's transaction stays open until it lets it go.
+ * `holds`: another table the session holds, and how, for which keygate waits once it has taken
+ * n8n_api_keys (keygate_migrations in SHARE mode: the record of 0023 waits).
  */
-export async function deadlockingMigrations(t: Pick<Test, 'teardown'>, url: string, application: string): Promise<{ client: pg.Client; pid: number; read: Promise<unknown> }> {
+export async function deadlockingMigrations(t: Pick<Test, 'teardown'>, url: string, application: string, holds = { table: 'api_keys', mode: 'ROW EXCLUSIVE' }): Promise<{ client: pg.Client; pid: number; read: Promise<unknown> }> {
   await setOnDatabase(url, 'deadlock_timeout', '1s')
-  const other = await lockTable(t, url, 'api_keys', 'ROW EXCLUSIVE', application)
+  const other = await lockTable(t, url, holds.table, holds.mode, application)
   await other.client.query("SET deadlock_timeout = '60s'")
   const observer = await ownSession(t, url)
   const read = (async () => {
     for (;;) {
-      const { rows } = await observer.query(`SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND NOT granted AND relation = 'api_keys'::regclass AND pid <> $1`, [other.pid])
+      const { rows } = await observer.query(`SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND NOT granted AND relation = $1::regclass AND pid <> $2`, [holds.table, other.pid])
       if (rows.length > 0) break
       await new Promise((r) => setTimeout(r, 20))
     }
