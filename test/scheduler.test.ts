@@ -89,7 +89,10 @@ forEachStore(t, async (t, store) => {
     t.equal(expiring.length, 1)
     t.match(expiring[0]?.data, { kind: 'rotation', deadline: deadline.toISOString(), key: { id: record.id, status: 'active' } })
     t.notOk(JSON.stringify(expiring[0]?.data).includes(record.keyHash), 'no hash in the event')
-    t.same((await auditOf(record.id))[0], ['key.expiring', { kind: 'rotation', deadline: deadline.toISOString() }], 'and an audit row')
+    // Whole, here and below: [0] is the newest row alone, and a row written twice went unseen (found by a review).
+    const announced = await auditOf(record.id)
+    t.same(announced[0], ['key.expiring', { kind: 'rotation', deadline: deadline.toISOString() }], 'and an audit row')
+    t.same(announced.map(([action]) => action), ['key.expiring', 'key.created'], 'one')
     let queued: Array<{ event_type: string; payload: string }> = []
     for (let i = 0; i < 50 && queued.length === 0; i++) {
       await new Promise((r) => setTimeout(r, 20))
@@ -107,7 +110,6 @@ forEachStore(t, async (t, store) => {
     t.equal((await s.keys.get(record.id)).status, 'expired')
     const trail = await auditOf(record.id)
     t.same(trail[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }])
-    // Whole: [0] is the newest row alone, and a second key.expiring or key.expired went unseen (found by a review).
     t.same(trail.map(([action]) => action), ['key.expired', 'key.expiring', 'key.created'], 'announced once, ended once')
     t.match(changes.at(-1), { action: 'expired', key: { id: record.id, status: 'expired' } }, 'caches are told')
     t.equal(changes.filter((c) => c.action === 'expired' && c.key.id === record.id).length, 1, 'once')
@@ -125,7 +127,9 @@ forEachStore(t, async (t, store) => {
     const run = await scheduler.runOnce()
     t.same([run?.rotationOverdue, run?.graceEnded], [[], [record.id]], 'the old key ends with its grace, not as overdue')
     t.equal((await s.keys.get(record.id)).status, 'expired')
-    t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'grace_ended', deadline: graceEnd.toISOString() }])
+    const trail = await auditOf(record.id)
+    t.same(trail[0], ['key.expired', { reason: 'grace_ended', deadline: graceEnd.toISOString() }])
+    t.same(trail.map(([action]) => action), ['key.expired', 'key.rotated', 'key.expiring', 'key.created'], 'announced once, rotated, ended once')
     t.equal((await s.keys.get(rotated.record.id)).status, 'active', 'the successor runs to its own deadline')
     clock.set(new Date(T0.getTime() + 15 * DAY + 1000))
     t.same((await scheduler.runOnce())?.announced.map((a) => a.keyId), [rotated.record.id], 'which is announced in its turn')
@@ -168,7 +172,11 @@ forEachStore(t, async (t, store) => {
     t.same((await scheduler.runOnce())?.rotationOverdue.filter((id) => id === ahead.id || id === past.id), [], 'still valid just before the announced deadline')
     clock.set(deadline)
     t.same((await scheduler.runOnce())?.rotationOverdue.filter((id) => id === ahead.id || id === past.id).sort(), [past.id, ahead.id].sort(), 'both expired at the announced deadline')
-    t.same((await auditOf(ahead.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'which the audit row gives')
+    for (const key of [past, ahead]) {
+      const trail = await auditOf(key.id)
+      t.same(trail[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'which the audit row gives')
+      t.same(trail.map(([action]) => action), ['key.expired', 'key.expiring', 'key.updated', 'key.created'], `${key.name}: announced once, ended once`)
+    }
   })
 
   await t.test('a rotation interval changed after its notice: the old deadline no longer applies, the new one is announced', async (t) => {
@@ -232,7 +240,9 @@ forEachStore(t, async (t, store) => {
     t.same((await s.keys.expiring(DAY, { limit: 1000 })).items.filter((e) => e.key.id === record.id).map((e) => [e.endsAt, e.reason]), [[deadline, 'rotation_overdue']], 'the report')
     clock.set(new Date(deadline.getTime() + 50_000))
     await scheduler.runOnce()
-    t.same((await auditOf(record.id))[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'the audit row agrees')
+    const trail = await auditOf(record.id)
+    t.same(trail[0], ['key.expired', { reason: 'rotation_overdue', deadline: deadline.toISOString() }], 'the audit row agrees')
+    t.same(trail.map(([action]) => action), ['key.expired', 'key.updated', 'key.expiring', 'key.created'], 'ended once')
   })
 
   await t.test('a successor expired for its missed rotation takes the keys it replaced, still in their grace, with it', async (t) => {
@@ -334,11 +344,32 @@ forEachStore(t, async (t, store) => {
     clock.set(at(12))
     await scheduler.runOnce()
     const ended: Record<string, [Date, string]> = {}
+    const trails: Record<string, string[]> = {}
     for (const [label, key] of Object.entries(made)) {
-      const row = (await s.audit.list(store.db, { keyId: key })).find((r) => r.action === 'key.expired')
+      const trail = await s.audit.list(store.db, { keyId: key })
+      const row = trail.find((r) => r.action === 'key.expired')
       if (row) ended[label] = [new Date((row.details as { deadline: string }).deadline), (row.details as { reason: string }).reason]
+      trails[label] = trail.map((r) => r.action)
     }
     t.same(ended, expected, 'the round ended each key as the report said')
+    // Whole: find() read the first key.expired row, and a second went unseen (found by a review).
+    const announced = ['key.expiring', 'key.created']
+    t.same(
+      trails,
+      {
+        'rotation, expiry before': ['key.expired', 'key.updated', ...announced],
+        'rotation, expiry at it': ['key.expired', 'key.updated', ...announced],
+        'rotation, expiry after': ['key.expired', 'key.updated', ...announced],
+        'rotation alone': ['key.expired', ...announced],
+        'rotation removed': ['key.updated', ...announced],
+        'expiry alone': ['key.expired', ...announced],
+        'grace, expiry before': ['key.expired', 'key.rotated', 'key.created'],
+        'grace, expiry at it': ['key.expired', 'key.rotated', 'key.created'],
+        'grace, expiry after': ['key.expired', 'key.rotated', 'key.created'],
+        'grace alone': ['key.expired', 'key.rotated', 'key.created'],
+      },
+      'each ended once, the one nothing ends not at all',
+    )
     t.equal((await s.keys.get(id('rotation removed'))).status, 'active', 'and left the one nothing ends')
     // Each key's valid_until is when it stopped being accepted, its row's status expired now
     // (before, found by a review: null, "never", for a key whose grace had ended): its expiry or
