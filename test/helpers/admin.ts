@@ -27,6 +27,7 @@ import { createGatewayMetrics, createMetricsRegistry } from '../../core/metrics.
 import { keyServiceOptions } from '../../core/runtime.ts'
 import { teeUsage, UsageRecorder } from '../../core/usage.ts'
 import { createGateway, type Gateway } from '../../gateway/index.ts'
+import { auditRows } from './audit.ts'
 import { answerOf, listen, makeConfig, startUpstream, type Answer, type Upstream } from './gateway.ts'
 import { TEST_ENCRYPTION_KEY } from './stores.ts'
 
@@ -312,10 +313,7 @@ export async function startAdmin(t: Test, db: Db, options: AdminHarnessOptions =
       if (!gw) throw new Error('startAdmin without gateway: true')
       return answerOf(await request(gw.url + path, { headers, dispatcher: agent }))
     },
-    async auditRows() {
-      const rows = await db.query<{ n: number }>('SELECT count(*)::int AS n FROM api_key_audit_log')
-      return rows[0]?.n ?? -1
-    },
+    auditRows: () => auditRows(db),
     declared(method, path, contentLength) {
       return new Promise<Answer>((resolve, reject) => {
         const req = http.request(url + path, { method, headers: { authorization: `Bearer ${admin.key}`, 'content-type': 'application/json', 'content-length': String(contentLength) } }, (res) => {
