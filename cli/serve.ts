@@ -24,7 +24,7 @@ import { teeUsage, UsageRecorder } from '../core/usage.ts'
 import { AnomalyDetector, AnomalyFeed, AnomalyLog, anomalyHistory, ClusterWindows, MemoryWindows, answerWindows, type AnomalyJson, type AnomalyType, type SharedWindows, type WindowsAnswer, type WindowsRequest } from '../core/anomalies.ts'
 import { EventBus } from '../core/events.ts'
 import { bindKeyEvents, WebhookService } from '../core/webhooks.ts'
-import { pendingMigrations, readMigrations } from '../core/migrate.ts'
+import { pendingMigrations, readMigrations, RecordsLocked } from '../core/migrate.ts'
 import { connectRedis, redisHealth, redisReady, writeHealthKey } from '../core/redis.ts'
 import { clusterLimitsPrimary } from '../core/limiters.ts'
 import { defaultPruneRules, Scheduler } from '../core/scheduler.ts'
@@ -475,18 +475,36 @@ interface StoreState {
  * newer version's file made a running serve not ready ("migrations not applied"), and the folder
  * replaced whole "store unreachable (ENOENT)", logged as a store outage.
  */
-function storeProbe(runtime: Runtime): () => Promise<StoreState> {
+function storeProbe(runtime: Runtime, log: Logger): () => Promise<StoreState> {
   const files = readMigrations()
   const store = runtime.db.probing(PROBE_MS)
+  // What the last read of keygate_migrations found: at first, what the start found (nothing
+  // pending, or it would not serve).
+  let last: string[] | string = []
+  let locked = false
   const look = async (): Promise<StoreState> => {
     let pending: string[] | string
     try {
       pending = await pendingMigrations(store, files)
+      locked = false
     } catch (err) {
-      // A changed or missing migration file is not an outage.
-      if (!isKeygateError(err) || err.code !== 'migration_modified') throw err
-      pending = err.message
+      if (err instanceof RecordsLocked) {
+        // An operator's LOCK TABLE or VACUUM FULL of keygate_migrations: the store answered, so
+        // it is up, judged by the migrations last read (the probe waits for the lock a quarter of
+        // its 2 s: Db.probing). Before (found by a review), /readyz answered 503 "store not
+        // answering" (or "store unreachable (55P03)"), logged the store as unreachable, and
+        // keygate_store_up read 0, for as long as the lock lasted, on every instance at once.
+        if (!locked) log.info("keygate_migrations, the table of applied migrations, is locked by another session (most likely an operator's LOCK TABLE or VACUUM FULL): the store answered, so /readyz and keygate_store_up count it as up, judged by the migrations read before, until the table can be read again", { table: 'keygate_migrations', holder: err.holder })
+        locked = true
+        pending = last
+      } else if (isKeygateError(err, 'migration_modified')) {
+        // A changed or missing migration file is not an outage.
+        pending = err.message
+      } else {
+        throw err
+      }
     }
+    last = pending
     const [mode] = await store.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
     return { pending, readOnly: mode?.read_only !== 'off' }
   }
@@ -909,7 +927,7 @@ async function serveInstance(config: Config, log: Logger, io: Io, role: Role, mo
     if (role.admin) await bootstrapAdmin(runtime, config, io, log)
     const registry = createMetricsRegistry()
     webhookAttempt = createWebhookMetrics(registry)
-    const probe = storeProbe(runtime)
+    const probe = storeProbe(runtime, log)
     createHealthMetrics(registry, {
       store: storeAnswers(probe),
       // A gateway's own keygate_redis_up says whether its limits are shared; an admin-only
@@ -1209,7 +1227,7 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     const workerStates = createWorkerStateMetrics(stateRegistry, workers)
     // The primary's own store answers the admin API: its keygate_store_up joins the workers' (the
     // lowest is shown), and is there when no worker is live.
-    const probe = storeProbe(runtime)
+    const probe = storeProbe(runtime, log)
     createHealthMetrics(own, { store: storeAnswers(probe) })
     const ownLockout = role.admin ? createLockoutMetrics(own) : undefined
     // Failed admin credentials lock the address out of the workers' gateways too.

@@ -51,7 +51,8 @@ export interface Db extends Queryable {
    * whatever store.query_timeout_ms says (longer, or no limit). PostgreSQL cancels it at `ms`, and
    * a connection that answered nothing at all is dropped a second later, not kept for the store's
    * own timeout or for good. On PostgreSQL the probes have a connection of their own, outside the
-   * pool (see PostgresDb's). Its statements take no parameters.
+   * pool (see PostgresDb's), and a wait for a table lock another session holds fails at a quarter
+   * of `ms` (55P03: store_unavailable, details.sqlstate). Its statements take no parameters.
    */
   probing(ms: number): Queryable
   /** Runs `fn` in one transaction: committed when it resolves, rolled back when it throws. */
@@ -221,6 +222,9 @@ function postgresAt(url: string): string {
  * dropped, not reused.
  */
 const WIRE_GRACE_MS = 1000
+
+/** The share of a health probe's bound (Db.probing's `ms`) its statement may wait for a lock. */
+const PROBE_LOCK_SHARE = 0.25
 
 /** A connection taken from the pool, and how it goes back (see PostgresDb's #acquire). */
 interface Checkout {
@@ -404,15 +408,24 @@ class PostgresDb implements Db {
    * waiting on a lock went on waiting in its backend after its connection was dropped (with
    * store.query_timeout_ms 0, for as long as the lock was held), one more each probe, until the
    * server had no connection left for anyone. So a probe's statement takes no parameters.
+   *
+   * And a `SET LOCAL lock_timeout` of a quarter of `ms` (PROBE_LOCK_SHARE), whatever keygate's
+   * role or database sets: a wait for a table lock another session holds (an operator's LOCK
+   * TABLE or VACUUM FULL of keygate_migrations, which /readyz reads) fails with SQLSTATE 55P03
+   * (store_unavailable, details.sqlstate) well within the probe's `ms`, telling a store that
+   * answered but could not lock from one that did not answer. Before (found by a review), such a
+   * wait ran to the statement_timeout (TimedOut, "store not answering") or to the role's own
+   * lock_timeout, and /readyz made every instance unready for as long as the lock lasted.
    */
   probing(ms: number): Queryable {
     const pool = (this.#probePool ??= this.#newProbePool(ms))
+    const lockWait = Math.max(1, Math.floor(ms * PROBE_LOCK_SHARE))
     const once = async (text: string, params?: readonly unknown[]): Promise<pg.QueryResult> => {
       if (params !== undefined && params.length > 0) throw new Error("a health probe's statement takes no parameters")
-      const bounded = `SET LOCAL statement_timeout = ${ms}; ${text}`
+      const bounded = `SET LOCAL statement_timeout = ${ms}; SET LOCAL lock_timeout = ${lockWait}; ${text}`
       try {
         const results = (await this.#once({ text: bounded, query_timeout: ms + WIRE_GRACE_MS } as pg.QueryConfig, pool)) as unknown as pg.QueryResult[]
-        return results[1] as pg.QueryResult
+        return results[2] as pg.QueryResult
       } catch (err) {
         if (isReadTimeout(err) || sqlState(err) === QUERY_CANCELED || isConnectTimeout(err)) throw new TimedOut(`the store (${this.#where}): no answer within ${ms} ms`, { cause: err })
         throw this.#unreachable(err)

@@ -6,7 +6,7 @@ import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { hash } from 'node:crypto'
 import { DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, sqlState, type Db, type Queryable } from './db.ts'
-import { KeygateError } from './errors.ts'
+import { isKeygateError, KeygateError } from './errors.ts'
 import { PACKAGE_ROOT } from './package.ts'
 
 export const MIGRATIONS_DIR = join(PACKAGE_ROOT, 'migrations')
@@ -291,17 +291,29 @@ function session(row: SessionRow): string {
 }
 
 /**
+ * `words` as a text[] literal, for a statement without parameters (a health probe's: Db.probing).
+ * Only names (`[a-z_][a-z0-9_$]*`, as lockHolder finds them) are taken: nothing in one needs quoting.
+ */
+function namesLiteral(words: readonly string[]): string {
+  if (words.some((w) => !/^[a-z_][a-z0-9_$]*$/.test(w))) throw new Error('a table name to look up is not a plain name')
+  return `ARRAY[${words.map((w) => `'${w}'`).join(', ')}]::text[]`
+}
+
+/**
  * Who holds the lock whose wait a lock_timeout cut (or a deadlock ended), as PostgreSQL shows that
  * session, and the lock_timeout in force. Without `on`: the migration lock. With a migration: a
  * lock on a table its file names, held by another session of this database (PostgreSQL's error
  * does not say which lock the statement waited for, and the wait is over); with RECORDS, one on
- * keygate_migrations; the oldest transaction first. When the store fails these look-ups too:
- * without who, or the lock_timeout's value ('').
+ * keygate_migrations (`modes`: of those modes alone, PostgreSQL's names: a read waits for
+ * AccessExclusiveLock only); the oldest transaction first. `held`: such a lock was seen. When the
+ * store fails these look-ups too: without who, or the lock_timeout's value (''). Without
+ * parameters: a health probe asks it too (Db.probing; /readyz's read of keygate_migrations).
  */
-async function lockHolder(db: Db, on?: Migration | typeof RECORDS): Promise<{ holder: string; lockTimeout: string }> {
+async function lockHolder(db: Queryable, on?: Migration | typeof RECORDS, modes?: readonly string[]): Promise<{ holder: string; lockTimeout: string; held: boolean }> {
   const table = on === RECORDS ? RECORDS : 'a table it names'
   let holder = on ? `another session holds a lock on ${table}` : "another session holds keygate's migration lock"
   let lockTimeout = ''
+  let held = false
   try {
     lockTimeout = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t ?? ''
     if (on) {
@@ -312,12 +324,12 @@ async function lockHolder(db: Db, on?: Migration | typeof RECORDS): Promise<{ ho
            FROM pg_locks l JOIN pg_class c ON c.oid = l.relation LEFT JOIN pg_stat_activity a ON a.pid = l.pid
           WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
             AND ${THIS_DATABASE}
-            AND c.relkind IN ('r', 'p') AND c.relname = ANY($1::text[])
+            AND c.relkind IN ('r', 'p') AND c.relname = ANY(${namesLiteral(named)})${modes ? ` AND lower(l.mode) = ANY(${namesLiteral(modes.map((m) => m.toLowerCase()))})` : ''}
           GROUP BY l.pid, a.usename, a.application_name, a.client_addr, a.xact_start
           ORDER BY a.xact_start NULLS LAST, l.pid`,
-        [named],
       )
       const [first] = rows
+      held = first !== undefined
       if (first === undefined) holder = `another session held a lock on ${table} (and has let it go since)`
       else holder = `another session holds ${first.locks} (${session(first)})${rows.length > 1 ? `, and ${rows.length - 1} other session${rows.length > 2 ? 's' : ''} lock ${on === RECORDS ? 'it' : 'tables it names'}` : ''}`
     } else {
@@ -326,17 +338,17 @@ async function lockHolder(db: Db, on?: Migration | typeof RECORDS): Promise<{ ho
         `SELECT ${SESSION_COLUMNS}
            FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
           WHERE l.locktype = 'advisory' AND l.granted AND ${THIS_DATABASE}
-            AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1
+            AND l.classid = ${Math.floor(MIGRATION_LOCK_ID / 2 ** 32)}::bigint::oid AND l.objid = ${MIGRATION_LOCK_ID % 2 ** 32}::bigint::oid AND l.objsubid = 1
           LIMIT 1`,
-        [Math.floor(MIGRATION_LOCK_ID / 2 ** 32), MIGRATION_LOCK_ID % 2 ** 32],
       )
+      held = row !== undefined
       if (row === undefined) holder = "another session held keygate's migration lock (and has let it go since)"
       else holder += ` (${session(row)})`
     }
   } catch {
     // Said without who: the store failed this look-up too.
   }
-  return { holder, lockTimeout }
+  return { holder, lockTimeout, held }
 }
 
 /**
@@ -382,20 +394,61 @@ function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): K
 }
 
 /**
+ * The read of what is applied (migrationState) could not lock keygate_migrations: another session
+ * holds it (`holder`, as lockHolder says it), most likely an operator's LOCK TABLE or VACUUM FULL.
+ * store_unavailable, naming the table and that session, and what cut the wait.
+ */
+export class RecordsLocked extends KeygateError {
+  readonly holder: string
+  constructor(holder: string, lockTimeout: string, cut: Error, sqlstate: string) {
+    const by =
+      sqlstate === LOCK_NOT_AVAILABLE
+        ? `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03)`
+        : `the statement was cancelled while it waited (${cut.message})`
+    super('store_unavailable', `keygate's read of keygate_migrations, the table of applied migrations, waited for a lock on it: ${holder}, most likely an operator's open transaction (LOCK TABLE, VACUUM FULL), and ${by}; try again once that transaction ends`, { sqlstate, table: RECORDS }, { cause: cut })
+    this.holder = holder
+  }
+}
+
+/** A read of keygate_migrations waits for AccessExclusiveLock alone (LOCK TABLE's default mode, VACUUM FULL's, ALTER TABLE's). */
+const BLOCKS_A_READ = ['AccessExclusiveLock']
+
+/**
+ * The applied migrations (`applied`); RecordsLocked when a lock_timeout (55P03) cut the read's wait
+ * for another session's lock on keygate_migrations. Before (found by a review), such a cut was the
+ * store's error as for any statement ("could not take a lock the statement needs (SQLSTATE 55P03,
+ * lock_timeout)"), naming neither the table nor who held it, and /readyz, whose probe bounds its
+ * lock waits so (Db.probing), made every instance unready for as long as the lock lasted.
+ */
+async function readApplied(db: Queryable): Promise<Array<{ version: number; name: string; checksum: string }>> {
+  try {
+    return await applied(db)
+  } catch (err) {
+    // The store's own errors say a lock_timeout's cut as store_unavailable with its SQLSTATE
+    // (Db's), a health probe's lock wait too (Db.probing).
+    const code = isKeygateError(err, 'store_unavailable') ? err.details?.sqlstate : sqlState(err)
+    if (code !== LOCK_NOT_AVAILABLE) throw err
+    const { holder, lockTimeout } = await lockHolder(db, RECORDS, BLOCKS_A_READ)
+    throw new RecordsLocked(holder, lockTimeout, err as Error, code)
+  }
+}
+
+/**
  * Names of migrations not yet applied, and of those applied by a newer keygate, and whether none
- * is applied (`unmigrated`); throws when an applied file was changed or is missing. `from`: the
- * folder to read, or the files already read.
+ * is applied (`unmigrated`); throws when an applied file was changed or is missing, and
+ * RecordsLocked when another session's lock on keygate_migrations cut the read's wait (see
+ * readApplied). `from`: the folder to read, or the files already read.
  */
 export async function migrationState(db: Queryable, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[]; unmigrated: boolean }> {
   const files = typeof from === 'object' ? from : readMigrations(from)
   const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
   if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [], unmigrated: true }
-  const done = await applied(db)
+  const done = await readApplied(db)
   const { pending, newer } = compare(files, done)
   return { pending: pending.map((m) => m.name), newer, unmigrated: done.length === 0 }
 }
 
-/** Names of migrations not yet applied (for /readyz: of the files serve read as it started); throws when an applied file was changed. */
+/** Names of migrations not yet applied (for /readyz: of the files serve read as it started); throws when an applied file was changed, and RecordsLocked (see migrationState). */
 export async function pendingMigrations(db: Queryable, from?: string | readonly Migration[]): Promise<string[]> {
   return (await migrationState(db, from)).pending
 }

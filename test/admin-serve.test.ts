@@ -692,6 +692,53 @@ t.test('/readyz with PostgreSQL gone: 503 naming the error code only; the host a
   t.equal(await serve.stop(), 0)
 })
 
+// Before (found by a review): while an operator held keygate_migrations (LOCK TABLE ... ACCESS
+// EXCLUSIVE, VACUUM FULL), the probe's read of it waited: /readyz answered 503 "store not
+// answering (no answer within 2 s)" (with a lock_timeout on the role or database, "store
+// unreachable (55P03)"), logged the store as unreachable, and keygate_store_up read 0, so a load
+// balancer took every instance out for as long as the lock lasted, while each served on.
+t.test('/readyz and keygate_store_up while an operator holds keygate_migrations: the store answered, so it is up, judged by the migrations last read; said once, naming the session', async (t) => {
+  for (const lockTimeout of [undefined, '200ms']) {
+    await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'without a lock_timeout', async (t) => {
+      const url = await freshDatabase(t)
+      if (lockTimeout) await setOnDatabase(url, 'lock_timeout', lockTimeout)
+      const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+      const upstream = await startUpstream(t)
+      const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env })
+      t.equal((await call(`${serve.admin}/readyz`)).status, 200)
+      const locked = (l: LogLine) => /keygate_migrations/.test(l.message)
+      const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
+      for (let i = 0; i < 3; i++) {
+        const ready = await call(`${serve.admin}/readyz`)
+        t.equal(ready.status, 200, `ready while the table is held: ${ready.text}`)
+        t.same(ready.json, { status: 'ready' })
+      }
+      t.match((await call(`${serve.admin}/metrics`)).text, /^keygate_store_up 1$/m, 'keygate_store_up is 1')
+      const said = await serve.waitForLog(locked)
+      t.match(said, { level: 'info', holder: new RegExp(`ACCESS EXCLUSIVE on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`) }, `said at info, naming the session: ${JSON.stringify(said)}`)
+      await operator.client.query('ROLLBACK')
+
+      // A file made pending (its record gone) is not ready; while the table is held again, the
+      // migrations last read decide: still not ready, for that file.
+      const observer = await ownSession(t, url, 'operator')
+      const [last] = readMigrations().slice(-1)
+      await observer.query('DELETE FROM keygate_migrations WHERE version = $1', [last!.version])
+      const reason = `migrations not applied: ${last!.name}`
+      t.same((await call(`${serve.admin}/readyz`)).json, { status: 'unavailable', reason })
+      await observer.query('BEGIN')
+      await observer.query('LOCK TABLE keygate_migrations IN ACCESS EXCLUSIVE MODE')
+      t.same((await call(`${serve.admin}/readyz`)).json, { status: 'unavailable', reason }, 'the migrations last read, while the table is held')
+      t.match(await serve.waitForLog((l) => locked(l) && l !== said), { level: 'info', holder: /application "operator"/ }, 'a new lock is said again')
+      await observer.query(`INSERT INTO keygate_migrations (version, name, checksum) VALUES ($1, $2, $3)`, [last!.version, last!.name, last!.checksum])
+      await observer.query('COMMIT')
+      t.equal((await call(`${serve.admin}/readyz`)).status, 200, 'ready once the record is back and the table free')
+      t.equal(await serve.stop(), 0)
+      t.equal(serve.logs.filter(locked).length, 2, 'each lock said once, whatever the probes and scrapes')
+      t.notOk(serve.logs.some((l) => l.message === 'not ready: the store cannot be reached'), 'the store is never logged as unreachable')
+    })
+  }
+})
+
 t.test('a connection lost at the first admin key\'s commit: serve says whether the key printed was kept, asking the store', async (t) => {
   // Before (found by a review): any failure once the key was shown said "was NOT kept", also when
   // the commit was made and only its answer lost: the operator threw away a working key, and the
