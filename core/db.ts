@@ -151,7 +151,7 @@ export const UNIQUE_VIOLATION = '23505'
 export const UNDEFINED_TABLE = '42P01'
 
 /** SQLSTATE of a statement PostgreSQL cancelled: a statement_timeout, or pg_cancel_backend. */
-const QUERY_CANCELED = '57014'
+export const QUERY_CANCELED = '57014'
 /** SQLSTATE of a lock not taken: past the lock_timeout set on keygate's role or database (or NOWAIT, which keygate does not use). */
 export const LOCK_NOT_AVAILABLE = '55P03'
 /** SQLSTATE of the statement PostgreSQL ends to break a deadlock: its transaction is rolled back, and the same work may succeed again. */

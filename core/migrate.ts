@@ -5,7 +5,7 @@
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { hash } from 'node:crypto'
-import { DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, sqlState, type Db, type Queryable } from './db.ts'
+import { DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, QUERY_CANCELED, sqlState, type Db, type Queryable } from './db.ts'
 import { isKeygateError, KeygateError } from './errors.ts'
 import { PACKAGE_ROOT } from './package.ts'
 
@@ -413,23 +413,49 @@ export class RecordsLocked extends KeygateError {
 /** A read of keygate_migrations waits for AccessExclusiveLock alone (LOCK TABLE's default mode, VACUUM FULL's, ALTER TABLE's). */
 const BLOCKS_A_READ = ['AccessExclusiveLock']
 
+export interface StateOptions {
+  /**
+   * Wait for a lock another session holds on keygate_migrations (an operator's LOCK TABLE, VACUUM
+   * FULL): the read of what is applied, whose wait a lock_timeout set on keygate's role or
+   * database cut (55P03), or that was cancelled (57014: store.query_timeout_ms, a statement_timeout)
+   * while another session held the table, is tried again until it is read (at once after a wait
+   * of a second or more: the read's wait blocks no one), the first cut told here (a `serve` start
+   * with store.auto_migrate off). Absent: a cut is RecordsLocked.
+   */
+  onLockWait?: (cut: LockWaitCut) => void
+}
+
 /**
- * The applied migrations (`applied`); RecordsLocked when a lock_timeout (55P03) cut the read's wait
- * for another session's lock on keygate_migrations. Before (found by a review), such a cut was the
- * store's error as for any statement ("could not take a lock the statement needs (SQLSTATE 55P03,
- * lock_timeout)"), naming neither the table nor who held it, and /readyz, whose probe bounds its
- * lock waits so (Db.probing), made every instance unready for as long as the lock lasted.
+ * The applied migrations (`applied`), read waiting for an operator's lock on keygate_migrations as
+ * `options` says. Before (found by a review), a cut of that wait was the store's error as for any
+ * statement ("cancelled the statement (store.query_timeout_ms …)", "could not take a lock the
+ * statement needs (SQLSTATE 55P03, lock_timeout)"), naming neither the table nor who held it; a
+ * `serve` start with store.auto_migrate off exited 1, and /readyz, whose probe bounds its lock
+ * waits so (Db.probing), made every instance unready for as long as the lock lasted.
  */
-async function readApplied(db: Queryable): Promise<Array<{ version: number; name: string; checksum: string }>> {
-  try {
-    return await applied(db)
-  } catch (err) {
-    // The store's own errors say a lock_timeout's cut as store_unavailable with its SQLSTATE
-    // (Db's), a health probe's lock wait too (Db.probing).
-    const code = isKeygateError(err, 'store_unavailable') ? err.details?.sqlstate : sqlState(err)
-    if (code !== LOCK_NOT_AVAILABLE) throw err
-    const { holder, lockTimeout } = await lockHolder(db, RECORDS, BLOCKS_A_READ)
-    throw new RecordsLocked(holder, lockTimeout, err as Error, code)
+async function readApplied(db: Queryable, options: StateOptions): Promise<Array<{ version: number; name: string; checksum: string }>> {
+  let told = false
+  for (;;) {
+    const tried = performance.now()
+    try {
+      return await applied(db)
+    } catch (err) {
+      // The store's own errors say a lock_timeout's cut or a cancellation as store_unavailable
+      // with its SQLSTATE (Db's), a health probe's lock wait too (Db.probing); its TimedOut, a
+      // store that did not answer at all, is no lock wait.
+      const code = isKeygateError(err, 'store_unavailable') ? err.details?.sqlstate : sqlState(err)
+      if (code !== LOCK_NOT_AVAILABLE && code !== QUERY_CANCELED) throw err
+      const { holder, lockTimeout, held } = await lockHolder(db, RECORDS, BLOCKS_A_READ)
+      // Cancelled while no session holds the table: a slow store, not a lock.
+      if (code === QUERY_CANCELED && !held) throw err
+      const cause = isKeygateError(err) && err.cause instanceof Error ? err.cause : (err as Error)
+      if (!options.onLockWait) throw new RecordsLocked(holder, lockTimeout, err as Error, code)
+      if (!told) {
+        told = true
+        options.onLockWait({ kind: 'table', table: RECORDS, holder, lockTimeout: code === LOCK_NOT_AVAILABLE ? lockTimeout : '', err: cause })
+      }
+      await new Promise((r) => setTimeout(r, lockRetryPause(performance.now() - tried)))
+    }
   }
 }
 
@@ -437,13 +463,13 @@ async function readApplied(db: Queryable): Promise<Array<{ version: number; name
  * Names of migrations not yet applied, and of those applied by a newer keygate, and whether none
  * is applied (`unmigrated`); throws when an applied file was changed or is missing, and
  * RecordsLocked when another session's lock on keygate_migrations cut the read's wait (see
- * readApplied). `from`: the folder to read, or the files already read.
+ * StateOptions). `from`: the folder to read, or the files already read.
  */
-export async function migrationState(db: Queryable, from?: string | readonly Migration[]): Promise<{ pending: string[]; newer: string[]; unmigrated: boolean }> {
+export async function migrationState(db: Queryable, from?: string | readonly Migration[], options: StateOptions = {}): Promise<{ pending: string[]; newer: string[]; unmigrated: boolean }> {
   const files = typeof from === 'object' ? from : readMigrations(from)
   const exists = await db.query<{ t: string | null }>(`SELECT to_regclass('keygate_migrations')::text AS t`)
   if (!exists[0]?.t) return { pending: files.map((f) => f.name), newer: [], unmigrated: true }
-  const done = await readApplied(db)
+  const done = await readApplied(db, options)
   const { pending, newer } = compare(files, done)
   return { pending: pending.map((m) => m.name), newer, unmigrated: done.length === 0 }
 }

@@ -18,7 +18,7 @@ import { MIGRATION_LOCK_ID, readMigrations } from '../core/migrate.ts'
 import { runCli, runCliHere } from './helpers/cli.ts'
 import { isolatedEnv, serve as startKeygate, type LogLine, type Served } from './helpers/serve.ts'
 import { call, startUpstream, uploadWhileAnswered, type Tap } from './helpers/gateway.ts'
-import { deadlockingMigrations, freshDatabase, holdMigrationLock, lockTable, migratedBelow, ownSession, setOnDatabase } from './helpers/stores.ts'
+import { deadlockingMigrations, freshDatabase, holdMigrationLock, lockTable, migratedBelow, migratedDatabase, ownSession, setOnDatabase } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
 import { serveBehindGate as serveGated } from './helpers/serve-gated.ts'
 import { scratchDir } from './helpers/scratch.ts'
@@ -200,9 +200,9 @@ t.test('a stop signal while the start waits on the store (another instance migra
   await stopsWhileWaiting(t, serve)
 })
 
-/** A `serve` started on the database at `url` (auto_migrate on), returned once it has logged `waits` (a wait for a lock a lock_timeout cut). */
-async function serveWaiting(t: Tap, url: string, waits: (l: LogLine) => boolean) {
-  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+/** A `serve` started on the database at `url` (auto_migrate on, unless `extra`, more of its environment, says otherwise), returned once it has logged `waits` (a wait for a lock a lock_timeout cut). */
+async function serveWaiting(t: Tap, url: string, waits: (l: LogLine) => boolean, extra: Record<string, string> = {}) {
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN, ...extra })
   const serve = await startKeygate(t, { args: ['--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', 'http://127.0.0.1:9'], env, waitFor: { gateway: false, admin: false } })
   return { serve, warned: await serve.waitForLog(waits) }
 }
@@ -325,6 +325,34 @@ t.test("a start whose wait for keygate_migrations, held by an operator, the role
   t.notOk('migration' in warned, 'and no file')
   const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'keygate_migrations'::regclass` }
   await waitsThenServes(t, serve, waits, observer, waiting, () => operator.client.query('ROLLBACK'))
+})
+
+// Before (found by a review): with store.auto_migrate off, the start's read of keygate_migrations
+// (is every migration applied?) waited for an operator's lock on it like any statement, and the
+// start ended, exit 1, once store.query_timeout_ms or a lock_timeout cut the wait ("the store ...
+// cancelled the statement", "could not take a lock the statement needs"), naming neither the
+// table nor the session holding it.
+t.test('store.auto_migrate off: a start whose read of keygate_migrations, held by an operator, store.query_timeout_ms or a lock_timeout cuts reads it again, says so once, and serves once the table is free', async (t) => {
+  for (const lockTimeout of [undefined, '200ms']) {
+    await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'store.query_timeout_ms, without a lock_timeout', async (t) => {
+      const { url } = await migratedDatabase(t)
+      if (lockTimeout) await setOnDatabase(url, 'lock_timeout', lockTimeout)
+      const cwd = scratchDir('keygate-records-held-')
+      writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  auto_migrate: false\n  query_timeout_ms: 500\n')
+      const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
+      const observer = await ownSession(t, url)
+      const waits = (l: LogLine) => l.level === 'warn' && /keygate_migrations/.test(l.message)
+      const { serve, warned } = await serveWaiting(t, url, waits, { KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+      t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, held by another session/, `says what it waits for: ${warned.message}`)
+      t.match(warned.message, lockTimeout ? /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/ : /cancelled while it waited for it \(SQLSTATE 57014/, 'and what cut a wait')
+      t.match(warned.message, /store\.auto_migrate is off/, 'and why it reads the table')
+      t.match(warned, { table: 'keygate_migrations', holder: new RegExp(`ACCESS EXCLUSIVE on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`) }, 'naming the table and the session that holds it')
+      if (lockTimeout) t.match(warned, { lock_timeout: lockTimeout }, 'and the lock_timeout')
+      else t.notOk('lock_timeout' in warned, 'without a lock_timeout')
+      const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'keygate_migrations'::regclass` }
+      await waitsThenServes(t, serve, waits, observer, waiting, () => operator.client.query('ROLLBACK'))
+    })
+  }
 })
 
 t.test('a start that waited for keygate_migrations, then for a table a migration needs, says each wait once', async (t) => {

@@ -8,7 +8,7 @@ import { hash, randomBytes } from 'node:crypto'
 import type { Test } from 'tap'
 import { openDb, type Db } from '../core/db.ts'
 import { lockRetryPause, MIGRATION_LOCK_ID, MIGRATIONS_DIR, migrate, migrationState, pendingMigrations, readMigrations } from '../core/migrate.ts'
-import { adminClient, deadlockingMigrations, forEachStore, freshDatabase, holdMigrationLock, lockTable, migratedBelow, ownSession, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
+import { adminClient, deadlockingMigrations, forEachStore, freshDatabase, holdMigrationLock, lockTable, migratedBelow, migratedDatabase, ownSession, rejection, setOnDatabase, STORE_KINDS } from './helpers/stores.ts'
 import { runCli } from './helpers/cli.ts'
 import { isolated, tempDir } from './helpers/cli-lifecycle.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
@@ -531,4 +531,33 @@ t.test('store.auto_migrate off: a data folder without an embedded store is refus
   t.same(migrated.json<{ applied: string[] }>().applied, FILES, 'keygate migrate makes it')
   const created = await runCli(['api-key', 'create', '--name', 'k', '--type', 'service', '--json'], { cwd, env })
   t.equal(created.code, 0, created.stderr)
+})
+
+// Before (found by a review): with store.auto_migrate off, a command's read of keygate_migrations
+// (is every migration applied?) waited for an operator's lock on it (LOCK TABLE, VACUUM FULL) like
+// any statement, and said what cut the wait as for any: "the store ... cancelled the statement
+// (store.query_timeout_ms ...)", or "could not take a lock the statement needs (SQLSTATE 55P03,
+// lock_timeout)", naming neither the table nor the session holding it.
+t.test('postgres: store.auto_migrate off, keygate_migrations held by an operator: a command is store_unavailable naming the table and the session, whether a lock_timeout or store.query_timeout_ms cut the wait', async (t) => {
+  for (const lockTimeout of [undefined, '200ms']) {
+    await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'store.query_timeout_ms, without a lock_timeout', async (t) => {
+      const { url } = await migratedDatabase(t)
+      if (lockTimeout) await setOnDatabase(url, 'lock_timeout', lockTimeout)
+      const { cwd, env } = cliOn(t, url)
+      writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  auto_migrate: false\n  query_timeout_ms: 500\n')
+      const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
+      const run = await runCli(['api-key', 'list', '--json'], { cwd, env })
+      t.equal(run.code, 1, 'exit 1')
+      const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
+      t.equal(error.code, 'store_unavailable')
+      t.match(error.message, /^keygate's read of keygate_migrations, the table of applied migrations, waited for a lock on it: /, `names the table: ${error.message}`)
+      t.match(error.message, new RegExp(`another session holds ACCESS EXCLUSIVE on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`), 'and the session holding it')
+      t.match(error.message, lockTimeout ? /the lock_timeout \(200ms\) set on keygate's role or database cut the wait for it \(SQLSTATE 55P03\)/ : /the statement was cancelled while it waited \(.*store\.query_timeout_ms is 500 ms/, 'and what cut the wait')
+      t.match(error.message, /try again once that transaction ends$/, 'and what to do')
+      t.same(error.details, { sqlstate: lockTimeout ? '55P03' : '57014', table: 'keygate_migrations' })
+      await operator.client.query('ROLLBACK')
+      const after = await runCli(['api-key', 'list', '--json'], { cwd, env })
+      t.equal(after.code, 0, `answers once the table is free: ${after.stderr}`)
+    })
+  }
 })
