@@ -12,6 +12,7 @@ import { rangeMatcher } from '../core/keys/evaluate.ts'
 import type { KeyService } from '../core/keys/service.ts'
 import { forEachStore, rejection, testServices, TEST_ENCRYPTION_KEY, T0, type Services } from './helpers/stores.ts'
 import { AuditCipher } from '../core/audit.ts'
+import { trailIs } from './helpers/audit.ts'
 
 const actor: Actor = { actor: 'cli:tester', address: '192.0.2.10' }
 const HOUR = 3_600_000
@@ -570,11 +571,18 @@ await forEachStore(t, async (t: Test, store) => {
     await s.keys.revoke(expiring.record.id, 'cleanup', actor)
     await s.keys.revoke(successor.record.id, 'cleanup', actor)
     await s.keys.revoke(graced.record.id, 'cleanup', actor)
-    const revokedRow = async (id: string) => (await s.audit.list(db, { keyId: id })).find((r) => r.action === 'key.revoked')?.details
-    t.same(await revokedRow(expiring.record.id), { reason: 'cleanup', previous_status: 'expired' }, 'an active key past its expiry')
-    t.same(await revokedRow(successor.record.id), { reason: 'cleanup', previous_status: 'expired' }, 'a successor past the expiry it kept')
-    t.same(await revokedRow(graced.record.id), { reason: 'cleanup', previous_status: 'expired' }, 'a rotated key past its grace')
-    t.same(await revokedRow(old.record.id), { reason: `successor ${successor.record.id} revoked`, previous_status: 'expired' }, 'a predecessor still in grace but past its expiry, revoked with its successor')
+    // Each key's whole trail, newest first: one key.revoked row on what it had (a row written
+    // twice, found by a review, passed a check that read the first key.revoked row alone).
+    const revokedRow = async (id: string, before: string[], what: string) =>
+      trailIs(t, await s.audit.list(db, { keyId: id }), [{ action: 'key.revoked' }, ...before.map((action) => ({ action }))], what)[0]?.details
+    t.same(await revokedRow(expiring.record.id, ['key.created'], 'an active key past its expiry'), { reason: 'cleanup', previous_status: 'expired' }, 'an active key past its expiry')
+    t.same(await revokedRow(successor.record.id, ['key.created'], 'a successor past the expiry it kept'), { reason: 'cleanup', previous_status: 'expired' }, 'a successor past the expiry it kept')
+    t.same(await revokedRow(graced.record.id, ['key.rotated', 'key.created'], 'a rotated key past its grace'), { reason: 'cleanup', previous_status: 'expired' }, 'a rotated key past its grace')
+    t.same(
+      await revokedRow(old.record.id, ['key.rotated', 'key.created'], 'a predecessor revoked with its successor'),
+      { reason: `successor ${successor.record.id} revoked`, previous_status: 'expired' },
+      'a predecessor still in grace but past its expiry, revoked with its successor',
+    )
   })
 
   t.test('validate', async (t) => {
@@ -740,7 +748,8 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal(r.previous.revokedAt?.getTime(), s.clock.now().getTime())
     t.match(await s.keys.validate(old.key), { valid: false, code: 'key_revoked' })
     t.equal((await s.keys.validate(r.key)).valid, true)
-    const rotatedRow = (await s.audit.list(db, { keyId: old.record.id })).find((x) => x.action === 'key.rotated')
+    // Its whole trail: the rotation's one row, which revokes it (no key.revoked row besides).
+    const [rotatedRow] = trailIs(t, await s.audit.list(db, { keyId: old.record.id }), [{ action: 'key.rotated' }, { action: 'key.created' }], 'the force-rotated key')
     t.same(rotatedRow?.details, { replaced_by: r.record.id, force: true, grace_until: null })
     t.equal((await rejection(s.keys.rotate(old.record.id, {}, actor))).code, 'key_not_active', 'a revoked key cannot be rotated')
     t.equal((await rejection(s.keys.rotate('AAAAAAAAAAAA', {}, actor))).code, 'key_not_found')
@@ -762,9 +771,11 @@ await forEachStore(t, async (t: Test, store) => {
     t.match(await s.keys.get(a.record.id), { status: 'revoked', revokedReason: `successor ${c.record.id} revoked`, revokedAt: s.clock.now() })
     t.match(await s.keys.get(b.record.id), { status: 'revoked', revokedReason: `successor ${c.record.id} revoked` })
     t.same(heard.sort(), [['revoked', a.record.id], ['revoked', b.record.id], ['revoked', c.record.id]].sort(), 'each is a change the caches and webhooks hear')
-    t.same(await auditActions(s, db, a.record.id), ['key.created', 'key.revoked', 'key.rotated'])
-    const row = (await s.audit.list(db, { keyId: b.record.id })).find((x) => x.action === 'key.revoked')
+    // Each key's whole trail, newest first: one key.revoked row each.
+    trailIs(t, await s.audit.list(db, { keyId: a.record.id }), [{ action: 'key.revoked' }, { action: 'key.rotated' }, { action: 'key.created' }], 'A')
+    const [row] = trailIs(t, await s.audit.list(db, { keyId: b.record.id }), [{ action: 'key.revoked' }, { action: 'key.rotated' }, { action: 'key.created' }], 'B')
     t.same(row?.details, { reason: `successor ${c.record.id} revoked`, previous_status: 'rotating' })
+    trailIs(t, await s.audit.list(db, { keyId: c.record.id }), [{ action: 'key.revoked', details: { reason: 'leaked', previous_status: 'active' } }, { action: 'key.created' }], 'C')
 
     // D -> E, then E -> F with force: "the old key dies now", and D with it.
     const d = await s.keys.create({ name: 'forced lineage', type: 'user' }, actor)
