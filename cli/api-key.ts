@@ -423,7 +423,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       if (address !== undefined && parseAddress(address) === undefined) throw new UsageError(`--address: ${JSON.stringify(address)} is not an IP address`)
       const json = p.values.json === true
       let presented: string | undefined
-      const read = async (io: Io) => (presented ??= await argOrStdin(io, p.positionals[0] as string))
+      const read = async (io: Io) => (presented ??= await argOrStdin(io, p.positionals[0] as string, 'key'))
       const refused = (io: Io, result: { code: string; reason: string; keyId?: string | undefined }) => {
         const why = result.keyId ? `${result.code} (${result.reason}, key ${result.keyId})` : `${result.code} (${result.reason})`
         // One line, whatever an admin API answered: no control character of its reaches the terminal.

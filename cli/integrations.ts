@@ -9,7 +9,7 @@ import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, unknownGiteaScopes } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { escapeUnprintable } from '../core/validate.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printWarning, printable, str, table, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printWarning, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -148,8 +148,14 @@ function verifyCommand<V extends Verification>(o: {
   accepted: (v: V & { valid: true }) => string
 }): Command<IntegrationContext<{ verify(secret: string): Promise<V> }>> {
   return command(o, { min: 1, max: 1 }, (p) => {
-    return async (ctx) => {
-      const result = await ctx.service.verify(await argOrStdin(ctx.io, p.positionals[0] as string))
+    // Read once: before a store is opened here (beforeStore), as `api-key validate -` reads it,
+    // or through an admin API before it is asked, so that nothing on stdin is a usage error
+    // before anything is opened (before, found by a review, a missing store was refused first,
+    // and then the empty secret as malformed).
+    let presented: string | undefined
+    const read = async (io: Io) => (presented ??= await argOrStdin(io, p.positionals[0] as string, o.noun))
+    const action: Action<IntegrationContext<{ verify(secret: string): Promise<V> }>> = async (ctx) => {
+      const result = await ctx.service.verify(await read(ctx.io))
       if (ctx.json) printJson(ctx.io, result)
       if (result.valid) {
         if (!ctx.json) ctx.io.out(`${o.accepted(result as V & { valid: true })}${result.note ? ` (${result.note})` : ''}\n`)
@@ -161,6 +167,11 @@ function verifyCommand<V extends Verification>(o: {
       ctx.io.err(`keygate: ${o.noun} refused: ${escapeUnprintable(`${result.reason}${message}${record}`)}\n`)
       return EXIT_REFUSED
     }
+    action.beforeStore = async (io) => {
+      await read(io)
+      return undefined
+    }
+    return action
   }, true)
 }
 

@@ -191,15 +191,23 @@ export function checkFlags(schema: TSchema, values: Record<string, unknown>, fla
 /** The longest first line `-` takes: no key or token comes near it. */
 export const SECRET_LINE_MAX_BYTES = 64 * 1024
 
-/** A secret given as an argument, or `-` to read it from the first line of stdin (out of the process list). */
-export async function argOrStdin(io: Io, value: string): Promise<string> {
+/**
+ * A secret given as an argument, or `-` to read it from the first line of stdin (out of the
+ * process list); `noun` names it (key, token). A first line with nothing on it (stdin empty, or
+ * a blank line) is a usage error: before (found by a review), `validate - < /dev/null`, or the
+ * second of two commands reading one file in turn, said `key_invalid (malformed)`, exit 1, as if
+ * a bad key had been given.
+ */
+export async function argOrStdin(io: Io, value: string, noun: string): Promise<string> {
   if (value !== '-') return value
   const line = await io.readStdin({ maxBytes: SECRET_LINE_MAX_BYTES, firstLine: true })
   if (line === undefined) {
     throw new KeygateError('validation_failed', `the first line of stdin is longer than ${SECRET_LINE_MAX_BYTES / 1024} KiB; give the key or token alone on the first line`)
   }
   // Leniently: a byte that is not UTF-8 makes a key no key format holds, refused as malformed.
-  return line.toString('utf8').trim()
+  const secret = line.toString('utf8').trim()
+  if (secret === '') throw new UsageError(`no ${noun} was read from stdin: \`-\` takes the ${noun} from the first line of stdin, which was empty; give the ${noun} on that line, or as the argument`)
+  return secret
 }
 
 /**

@@ -733,6 +733,41 @@ t.test('api-key validate refuses a key no configured format holds without openin
   t.notOk(existsSync(typo), 'no store folder was made')
 })
 
+t.test('`-` with nothing on the first line of stdin is a usage error, before a store or an admin API is reached, not a secret refused', async (t) => {
+  // Before (found by a review): `api-key validate - < /dev/null`, or the second of two commands
+  // reading one file in turn (README), said `key_invalid (malformed)`, exit 1, as if a bad key had
+  // been given; `gitea verify -` and `n8n verify -` opened the store first (refusing a missing one)
+  // and then said the same of the empty token or key.
+  const cwd = tempDir()
+  const dataDir = join(cwd, 'store')
+  const services = { GITEA_URL: 'http://127.0.0.1:1', GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1', N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' }
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir, ...services })
+  const noSecret = (r: CliResult, noun: string, what: string) => {
+    t.equal(r.code, 2, `${what}: exit 2`)
+    const message = `no ${noun} was read from stdin: \`-\` takes the ${noun} from the first line of stdin, which was empty; give the ${noun} on that line, or as the argument`
+    if (r.stdout === '') t.equal(r.stderr, `keygate: ${message}\n`, `${what}: says so`)
+    else t.same(r.json(), { error: { code: 'usage_error', message } }, `${what}: says so, --json on stdout`)
+  }
+  // An admin API that counts what it is asked: the refusal comes before any request.
+  let asked = 0
+  const admin = http.createServer((_req, res) => {
+    asked++
+    res.writeHead(500).end()
+  })
+  await new Promise<void>((resolve) => admin.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => admin.close())
+  const adminEnv = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: `http://127.0.0.1:${(admin.address() as AddressInfo).port}`, KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) })
+  noSecret(await runCli(['api-key', 'validate', '-'], { cwd, env }), 'key', 'validate - < /dev/null')
+  noSecret(await runCli(['api-key', 'validate', '-', '--json'], { cwd, env, input: ' \t\nkg_on_the_second_line\n' }), 'key', 'validate - with a blank first line')
+  noSecret(await runCli(['gitea', 'verify', '-'], { cwd, env }), 'token', 'gitea verify -')
+  noSecret(await runCli(['n8n', 'verify', '-', '--json'], { cwd, env, input: '\n' }), 'key', 'n8n verify -')
+  noSecret(await runCli(['api-key', 'validate', '-'], { cwd, env: adminEnv }), 'key', 'validate - through an admin API')
+  noSecret(await runCliHere(['gitea', 'verify', '-', '--json'], { env: adminEnv }), 'token', 'gitea verify - through an admin API')
+  noSecret(await runCliHere(['n8n', 'verify', '-'], { env: adminEnv, input: '\r\n' }), 'key', 'n8n verify - through an admin API')
+  t.equal(asked, 0, 'the admin API was asked nothing')
+  t.notOk(existsSync(dataDir), 'no store was opened or made')
+})
+
 t.test('a command that changes a stored key or entry refuses a data folder without a store, and makes none', async (t) => {
   // Before (found by a docs review): `api-key revoke ID --data-dir /tmp/typo-dir` made a new,
   // empty store there (pgdata and encryption.key) and answered that no key has the id, as did

@@ -264,11 +264,18 @@ t.test("through a running server's admin API (KEYGATE_ADMIN_URL), while the serv
   t.match(again.json().error, { code: 'gitea_token_not_found', message: /has no token with the id or name "remote-cli" \(admin API at http:\/\/127\.0\.0\.1:\d+\)$/ }, "the server's refusal, as on the store")
   t.equal((await run(['delete', 'remote-human'])).code, 0)
 
-  for (const secret of ['', 'x'.repeat(5000), 'a\u0000b']) {
+  for (const secret of ['x'.repeat(5000), 'a\u0000b']) {
     const malformed = await run(['verify', '-', '--json'], { input: `${secret}\n` })
     t.equal(malformed.code, 1)
     t.same(malformed.json(), { valid: false, reason: 'malformed', record: null }, `a secret of ${secret.length} characters: the verdict, as on the store`)
   }
+  // No token at all is the command's usage error, the admin API not asked; the API's own verdict on one is malformed.
+  const none = await run(['verify', '-', '--json'], { input: '\n' })
+  t.equal(none.code, 2)
+  t.match(none.json().error, { code: 'usage_error', message: /^no token was read from stdin/ }, 'an empty first line: no token given')
+  const empty = await request(`${serve.admin}/v1/gitea/tokens/verify`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: '{"secret":""}' })
+  t.equal(empty.statusCode, 200)
+  t.same(await empty.body.json(), { valid: false, reason: 'malformed', record: null }, 'a token of 0 characters, asked of the admin API: the verdict, as on the store')
   const requests = fake.requests.length
   const dots = await run(['delete', '..', '--json'])
   t.equal(dots.code, 2, 'a name no URL path carries is a usage error')

@@ -446,11 +446,16 @@ t.test("keygate n8n through a running server's admin API (KEYGATE_ADMIN_URL), wh
   const refused = await run(['verify', c.key])
   t.equal(refused.code, 1)
   t.match(refused.stderr, /key refused: refused \(keygate record nk_\w+, deleted /)
-  for (const secret of ['', 'x'.repeat(5000)]) {
-    const malformed = await run(['verify', '-', '--json'], `${secret}\n`)
-    t.equal(malformed.code, 1)
-    t.same(malformed.json(), { valid: false, reason: 'malformed', record: null }, `a key of ${secret.length} characters: the verdict, as on the store (before: validation_failed)`)
-  }
+  const malformed = await run(['verify', '-', '--json'], `${'x'.repeat(5000)}\n`)
+  t.equal(malformed.code, 1)
+  t.same(malformed.json(), { valid: false, reason: 'malformed', record: null }, 'a key of 5000 characters: the verdict, as on the store (before: validation_failed)')
+  // No key at all is the command's usage error, the admin API not asked; the API's own verdict on one is malformed.
+  const none = await run(['verify', '-', '--json'], '\n')
+  t.equal(none.code, 2)
+  t.match(none.json().error, { code: 'usage_error', message: /^no key was read from stdin/ }, 'an empty first line: no key given')
+  const empty = await request(`${serve.admin}/v1/n8n/keys/verify`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: '{"secret":""}' })
+  t.equal(empty.statusCode, 200)
+  t.same(await empty.body.json(), { valid: false, reason: 'malformed', record: null }, 'a key of 0 characters, asked of the admin API: the verdict (before: validation_failed)')
   const dots = await run(['delete', '.'])
   t.equal(dots.code, 2, 'a label no URL path carries is a usage error')
   t.match(dots.stderr, /"\." cannot be named through the admin API .*give the key's id/)
