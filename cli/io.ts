@@ -193,12 +193,13 @@ export const SECRET_LINE_MAX_BYTES = 64 * 1024
 
 /**
  * A secret given as an argument, or `-` to read it from the first line of stdin (out of the
- * process list); `noun` names it (key, token). A first line with nothing on it (stdin empty, or
- * a blank line) is a usage error: before (found by a review), `validate - < /dev/null`, or the
- * second of two commands reading one file in turn, said `key_invalid (malformed)`, exit 1, as if
- * a bad key had been given.
+ * process list); `noun` names it (key, token). An empty argument, or a first line with nothing on
+ * it (stdin empty, or a blank line), is a usage error: before (found by a review), `validate -
+ * < /dev/null`, the second of two commands reading one file in turn, or `validate "$KEY"` with
+ * KEY unset said `key_invalid (malformed)`, exit 1, as if a bad key had been given.
  */
 export async function argOrStdin(io: Io, value: string, noun: string): Promise<string> {
+  if (value.trim() === '') throw new UsageError(`the ${noun} given is empty (an unset shell variable?): give the ${noun}, or \`-\` to read it from the first line of stdin`)
   if (value !== '-') return value
   const line = await io.readStdin({ maxBytes: SECRET_LINE_MAX_BYTES, firstLine: true })
   if (line === undefined) {

@@ -733,7 +733,7 @@ t.test('api-key validate refuses a key no configured format holds without openin
   t.notOk(existsSync(typo), 'no store folder was made')
 })
 
-t.test('`-` with nothing on the first line of stdin is a usage error, before a store or an admin API is reached, not a secret refused', async (t) => {
+t.test('`-` with nothing on the first line of stdin, or an empty argument, is a usage error, before a store or an admin API is reached, not a secret refused', async (t) => {
   // Before (found by a review): `api-key validate - < /dev/null`, or the second of two commands
   // reading one file in turn (README), said `key_invalid (malformed)`, exit 1, as if a bad key had
   // been given; `gitea verify -` and `n8n verify -` opened the store first (refusing a missing one)
@@ -764,6 +764,14 @@ t.test('`-` with nothing on the first line of stdin is a usage error, before a s
   noSecret(await runCli(['api-key', 'validate', '-'], { cwd, env: adminEnv }), 'key', 'validate - through an admin API')
   noSecret(await runCliHere(['gitea', 'verify', '-', '--json'], { env: adminEnv }), 'token', 'gitea verify - through an admin API')
   noSecret(await runCliHere(['n8n', 'verify', '-'], { env: adminEnv, input: '\r\n' }), 'key', 'n8n verify - through an admin API')
+  // An empty argument (`validate "$KEY"` with KEY unset), alike: before (found by a review), `key_invalid (malformed)`, exit 1.
+  const emptyArgument = (r: CliResult, noun: string, what: string) => {
+    t.equal(r.code, 2, `${what}: exit 2`)
+    t.equal(r.stderr, `keygate: the ${noun} given is empty (an unset shell variable?): give the ${noun}, or \`-\` to read it from the first line of stdin\n`, `${what}: says so`)
+  }
+  emptyArgument(await runCli(['api-key', 'validate', ''], { cwd, env }), 'key', "validate ''")
+  emptyArgument(await runCli(['gitea', 'verify', ' '], { cwd, env }), 'token', "gitea verify ' '")
+  emptyArgument(await runCliHere(['n8n', 'verify', ''], { env: adminEnv }), 'key', "n8n verify '' through an admin API")
   t.equal(asked, 0, 'the admin API was asked nothing')
   t.notOk(existsSync(dataDir), 'no store was opened or made')
 })
