@@ -498,8 +498,10 @@ function storeProbe(runtime: Runtime, log: Logger): () => Promise<StoreState> {
         locked = true
         pending = last
       } else if (isKeygateError(err, 'migration_modified')) {
-        // A changed or missing migration file is not an outage.
+        // A changed or missing migration file is not an outage. The table was read, so a lock on
+        // it is over (before, found by a review, the next one went unsaid).
         pending = err.message
+        locked = false
       } else {
         throw err
       }

@@ -767,6 +767,37 @@ t.test('/readyz and keygate_store_up while an operator holds keygate_migrations:
   }
 })
 
+// Before (found by a review): a read of keygate_migrations that found a changed record
+// (migration_modified) did not end the lock episode, so the next operator's lock on the table was
+// never said.
+t.test('/readyz: a lock on keygate_migrations after a read that found a changed record is said again', async (t) => {
+  const url = await freshDatabase(t)
+  const env = isolatedEnv({ DATABASE_URL: url, KEYGATE_ENCRYPTION_KEY: ENCRYPTION_KEY, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN })
+  const upstream = await startUpstream(t)
+  const serve = await startKeygate(t, { args: ['--upstream', upstream.url], env })
+  const locked = (l: LogLine) => /keygate_migrations/.test(l.message)
+  const operator = await ownSession(t, url, 'operator')
+  await operator.query('BEGIN')
+  await operator.query('LOCK TABLE keygate_migrations IN ACCESS EXCLUSIVE MODE')
+  t.equal((await call(`${serve.admin}/readyz`)).status, 200, 'ready while the table is held')
+  const said = await serve.waitForLog(locked)
+  await operator.query('ROLLBACK')
+  // Read again, the table free: a record changed, which the probe tells as such.
+  const [last] = readMigrations().slice(-1)
+  await operator.query(`UPDATE keygate_migrations SET checksum = 'changed' WHERE version = $1`, [last!.version])
+  const reason = `migration ${last!.name} was changed after it was applied; restore it and put the change in a new numbered file`
+  t.same((await call(`${serve.admin}/readyz`)).json, { status: 'unavailable', reason }, 'the table read: the changed record')
+  await operator.query('BEGIN')
+  await operator.query('LOCK TABLE keygate_migrations IN ACCESS EXCLUSIVE MODE')
+  t.same((await call(`${serve.admin}/readyz`)).json, { status: 'unavailable', reason }, 'held again: the last read decides')
+  await operator.query('ROLLBACK')
+  // Logged before /readyz answered: all of it is in the output once serve has stopped.
+  t.equal(await serve.stop(), 0)
+  const again = serve.logs.filter((l) => locked(l) && l !== said)
+  t.equal(again.length, 1, 'the new lock is said, once')
+  t.match(again[0], { level: 'info', holder: /application "operator"/ }, 'naming the session')
+})
+
 t.test('a connection lost at the first admin key\'s commit: serve says whether the key printed was kept, asking the store', async (t) => {
   // Before (found by a review): any failure once the key was shown said "was NOT kept", also when
   // the commit was made and only its answer lost: the operator threw away a working key, and the
