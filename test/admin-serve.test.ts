@@ -327,6 +327,23 @@ t.test("a start whose wait for keygate_migrations, held by an operator, the role
   await waitsThenServes(t, serve, waits, observer, waiting, () => operator.client.query('ROLLBACK'))
 })
 
+/**
+ * A `serve` started with store.auto_migrate off (store.query_timeout_ms 500) on a migrated
+ * database whose keygate_migrations an operator's open transaction holds (ACCESS EXCLUSIVE), with
+ * `lockTimeout` on the database if given: returned once the start has logged that its read of the
+ * table waits, a cut of that read behind it. `observer`: a session of the test's.
+ */
+async function serveWaitingOnRecords(t: Tap, lockTimeout?: string) {
+  const { url } = await migratedDatabase(t)
+  if (lockTimeout) await setOnDatabase(url, 'lock_timeout', lockTimeout)
+  const cwd = scratchDir('keygate-records-held-')
+  writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  auto_migrate: false\n  query_timeout_ms: 500\n')
+  const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
+  const observer = await ownSession(t, url)
+  const waits = (l: LogLine) => l.level === 'warn' && /keygate_migrations/.test(l.message)
+  return { operator, observer, waits, ...(await serveWaiting(t, url, waits, { KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })) }
+}
+
 // Before (found by a review): with store.auto_migrate off, the start's read of keygate_migrations
 // (is every migration applied?) waited for an operator's lock on it like any statement, and the
 // start ended, exit 1, once store.query_timeout_ms or a lock_timeout cut the wait ("the store ...
@@ -335,14 +352,7 @@ t.test("a start whose wait for keygate_migrations, held by an operator, the role
 t.test('store.auto_migrate off: a start whose read of keygate_migrations, held by an operator, store.query_timeout_ms or a lock_timeout cuts reads it again, says so once, and serves once the table is free', async (t) => {
   for (const lockTimeout of [undefined, '200ms']) {
     await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'store.query_timeout_ms, without a lock_timeout', async (t) => {
-      const { url } = await migratedDatabase(t)
-      if (lockTimeout) await setOnDatabase(url, 'lock_timeout', lockTimeout)
-      const cwd = scratchDir('keygate-records-held-')
-      writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  auto_migrate: false\n  query_timeout_ms: 500\n')
-      const operator = await lockTable(t, url, 'keygate_migrations', 'ACCESS EXCLUSIVE', 'operator')
-      const observer = await ownSession(t, url)
-      const waits = (l: LogLine) => l.level === 'warn' && /keygate_migrations/.test(l.message)
-      const { serve, warned } = await serveWaiting(t, url, waits, { KEYGATE_CONFIG: join(cwd, 'keygate.yaml') })
+      const { operator, observer, waits, serve, warned } = await serveWaitingOnRecords(t, lockTimeout)
       t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, held by another session/, `says what it waits for: ${warned.message}`)
       t.match(warned.message, lockTimeout ? /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/ : /cancelled while it waited for it \(SQLSTATE 57014/, 'and what cut a wait')
       t.match(warned.message, /store\.auto_migrate is off/, 'and why it reads the table')
@@ -351,6 +361,15 @@ t.test('store.auto_migrate off: a start whose read of keygate_migrations, held b
       else t.notOk('lock_timeout' in warned, 'without a lock_timeout')
       const waiting = { text: `SELECT a.xact_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'relation' AND NOT l.granted AND l.relation = 'keygate_migrations'::regclass` }
       await waitsThenServes(t, serve, waits, observer, waiting, () => operator.client.query('ROLLBACK'))
+    })
+  }
+})
+
+// As the waits with store.auto_migrate on: the signal is not held until the table is free.
+t.test("store.auto_migrate off: a stop signal while the start's read of keygate_migrations waits for an operator's lock on it ends it at once, exit 0", async (t) => {
+  for (const lockTimeout of [undefined, '200ms']) {
+    await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'store.query_timeout_ms, without a lock_timeout', async (t) => {
+      await stopsWhileWaiting(t, (await serveWaitingOnRecords(t, lockTimeout)).serve)
     })
   }
 })
