@@ -305,9 +305,13 @@ function namesLiteral(words: readonly string[]): string {
  * lock on a table its file names, held by another session of this database (PostgreSQL's error
  * does not say which lock the statement waited for, and the wait is over); with RECORDS, one on
  * keygate_migrations (`modes`: of those modes alone, PostgreSQL's names: a read waits for
- * AccessExclusiveLock only); the oldest transaction first. `held`: such a lock was seen. When the
- * store fails these look-ups too: without who, or the lock_timeout's value (''). Without
- * parameters: a health probe asks it too (Db.probing; /readyz's read of keygate_migrations).
+ * AccessExclusiveLock only, held or still waited for, since reads queue behind a waiting request
+ * too); the oldest transaction first, a lock held before one waited for. `held`: such a lock was
+ * seen. When the store fails these look-ups too: without who, or the lock_timeout's value ('').
+ * Without parameters: a health probe asks it too (Db.probing; /readyz's read of keygate_migrations).
+ * Before (found by a review), a request still waiting (an operator's VACUUM FULL behind a long
+ * transaction reading the table, a pg_dump) was not seen: the read it queued behind was told as
+ * "held a lock (and has let it go since)", or, cancelled, as a slow store.
  */
 async function lockHolder(db: Queryable, on?: Migration | typeof RECORDS, modes?: readonly string[]): Promise<{ holder: string; lockTimeout: string; held: boolean }> {
   const table = on === RECORDS ? RECORDS : 'a table it names'
@@ -318,20 +322,24 @@ async function lockHolder(db: Queryable, on?: Migration | typeof RECORDS, modes?
     lockTimeout = (await db.query<{ t: string }>("SELECT current_setting('lock_timeout') AS t"))[0]?.t ?? ''
     if (on) {
       const named = on === RECORDS ? [RECORDS] : [...new Set(on.sql.toLowerCase().match(/[a-z_][a-z0-9_$]*/g) ?? [])]
-      const rows = await db.query<SessionRow & { locks: string }>(
+      // With `modes`, a request still waiting counts too: the reads queue behind it.
+      const rows = await db.query<SessionRow & { locks: string; granted: boolean }>(
         `SELECT ${SESSION_COLUMNS},
-                string_agg(DISTINCT upper(regexp_replace(regexp_replace(l.mode, 'Lock$', ''), '([a-z])([A-Z])', '\\1 \\2', 'g')) || ' on ' || c.relname, ', ') AS locks
+                string_agg(DISTINCT upper(regexp_replace(regexp_replace(l.mode, 'Lock$', ''), '([a-z])([A-Z])', '\\1 \\2', 'g')) || ' on ' || c.relname, ', ') AS locks,
+                bool_and(l.granted) AS granted
            FROM pg_locks l JOIN pg_class c ON c.oid = l.relation LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+          WHERE l.locktype = 'relation' AND ${modes ? '' : 'l.granted AND '}l.pid <> pg_backend_pid()
             AND ${THIS_DATABASE}
             AND c.relkind IN ('r', 'p') AND c.relname = ANY(${namesLiteral(named)})${modes ? ` AND lower(l.mode) = ANY(${namesLiteral(modes.map((m) => m.toLowerCase()))})` : ''}
           GROUP BY l.pid, a.usename, a.application_name, a.client_addr, a.xact_start
-          ORDER BY a.xact_start NULLS LAST, l.pid`,
+          ORDER BY bool_and(l.granted) DESC, a.xact_start NULLS LAST, l.pid`,
       )
       const [first] = rows
       held = first !== undefined
+      const others = rows.length > 1 ? `, and ${rows.length - 1} other session${rows.length > 2 ? 's' : ''} lock ${on === RECORDS ? 'it' : 'tables it names'}` : ''
       if (first === undefined) holder = `another session held a lock on ${table} (and has let it go since)`
-      else holder = `another session holds ${first.locks} (${session(first)})${rows.length > 1 ? `, and ${rows.length - 1} other session${rows.length > 2 ? 's' : ''} lock ${on === RECORDS ? 'it' : 'tables it names'}` : ''}`
+      else if (!first.granted) holder = `another session waits for ${first.locks}, which reads of the table queue behind (${session(first)})${others}`
+      else holder = `another session holds ${first.locks} (${session(first)})${others}`
     } else {
       // A bigint advisory key is shown as its high and low 32 bits (classid, objid), objsubid 1.
       const [row] = await db.query<SessionRow>(

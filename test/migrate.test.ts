@@ -561,3 +561,36 @@ t.test('postgres: store.auto_migrate off, keygate_migrations held by an operator
     })
   }
 })
+
+// Before (found by a review): an operator's LOCK TABLE or VACUUM FULL of keygate_migrations that
+// itself waited (behind a long transaction reading the table, a pg_dump say) held no lock yet, but
+// every read of the table queued behind it: the read cut by store.query_timeout_ms was told as a
+// slow store ("cancelled the statement"), naming neither the table nor the session, and one cut
+// by a lock_timeout said the lock had been let go, while the operator's session still waited.
+t.test("postgres: store.auto_migrate off, an operator's lock on keygate_migrations still queued: a command is store_unavailable naming the table and the session waiting for it", async (t) => {
+  for (const lockTimeout of [undefined, '200ms']) {
+    await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'store.query_timeout_ms, without a lock_timeout', async (t) => {
+      const { url } = await migratedDatabase(t)
+      const { cwd, env } = cliOn(t, url)
+      writeFileSync(join(cwd, 'keygate.yaml'), 'store:\n  auto_migrate: false\n  query_timeout_ms: 500\n')
+      await lockTable(t, url, 'keygate_migrations', 'ACCESS SHARE', 'pg_dump')
+      const operator = await ownSession(t, url, 'operator')
+      const pid = (await operator.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid
+      await operator.query('BEGIN')
+      const queued = operator.query('LOCK TABLE keygate_migrations IN ACCESS EXCLUSIVE MODE').catch(() => {})
+      const observer = await ownSession(t, url)
+      while ((await observer.query(`SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND NOT granted AND pid = $1`, [pid])).rows.length === 0) await new Promise((r) => setTimeout(r, 20))
+      // Set once the operator's session waits: its own wait is not cut.
+      if (lockTimeout) await setOnDatabase(url, 'lock_timeout', lockTimeout)
+      const run = await runCli(['api-key', 'list', '--json'], { cwd, env })
+      t.equal(run.code, 1, 'exit 1')
+      const { error } = run.json() as { error: { code: string; message: string; details: unknown } }
+      t.equal(error.code, 'store_unavailable')
+      t.match(error.message, /^keygate's read of keygate_migrations, the table of applied migrations, waited for a lock on it: /, `names the table: ${error.message}`)
+      t.match(error.message, new RegExp(`another session waits for ACCESS EXCLUSIVE on keygate_migrations, which reads of the table queue behind \\(PostgreSQL pid ${pid}, application "operator"`), 'and the session whose lock it queued behind')
+      t.same(error.details, { sqlstate: lockTimeout ? '55P03' : '57014', table: 'keygate_migrations' })
+      await observer.query('SELECT pg_cancel_backend($1)', [pid])
+      await queued
+    })
+  }
+})
