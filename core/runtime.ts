@@ -133,7 +133,19 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       // the start with auto_migrate on does, saying so once; a command is told the table and who
       // holds it (RecordsLocked). Before (found by a review), both ended with the store's words
       // for any statement ("cancelled the statement", "could not take a lock"), exit 1.
-      const state = await migrationState(db, undefined, options.waitForStore ? { onLockWait: (cut) => log.warn(`waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL); ${sqlState(cut.err) === LOCK_NOT_AVAILABLE ? "the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03)" : 'its read was cancelled while it waited for it (SQLSTATE 57014: store.query_timeout_ms, or a statement_timeout set on the role or database)'}, so the read, which tells whether every migration is applied (store.auto_migrate is off), is tried again until it is free`, { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), table: cut.table }) } : {})
+      const recordsWait = {
+        onLockWait: (cut: LockWaitCut) => {
+          const by =
+            sqlState(cut.err) === LOCK_NOT_AVAILABLE
+              ? "the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03)"
+              : 'its read was cancelled while it waited for it (SQLSTATE 57014: store.query_timeout_ms, or a statement_timeout set on the role or database)'
+          log.warn(
+            `waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL); ${by}, so the read, which tells whether every migration is applied (store.auto_migrate is off), is tried again until it is free`,
+            { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), table: cut.table },
+          )
+        },
+      }
+      const state = await migrationState(db, undefined, options.waitForStore ? recordsWait : {})
       if (state.pending.length > 0) throw new KeygateError('store_unavailable', `${state.unmigrated ? `the database holds no keygate schema yet (none of its ${state.pending.length} migrations is applied)` : `the database lacks migrations ${state.pending.join(', ')}`}: run \`keygate migrate\``)
       newer = state.newer
     }
