@@ -268,8 +268,13 @@ const CLOSED_UNDER = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
  * trip; a failure later is an upstream that worked on the request.
  */
 const CLOSED_AT_ONCE_MS = 50
-/** An Authorization field's parts that could be a credential: around spaces, commas, `=` and quotes. */
-const AUTHORIZATION_PARTS = /[\s,="]+/
+/**
+ * An Authorization field's parts that could be a credential: runs of token68 characters (RFC 9110
+ * §11.2), around anything else. Before (found by a fuzzing review), only spaces, commas, `=` and
+ * quotes parted them, and `Bearer:<key>`, `Bearer\xe6<key>` or `Token <key>;` went upstream whole,
+ * where a lenient upstream (`value.slice(7)`, a split on `:`) reads the key.
+ */
+const AUTHORIZATION_PARTS = /[^A-Za-z0-9\-._~+/]+/
 const BASIC = /^\s*basic\s+([A-Za-z0-9+/=_-]+)\s*$/i
 
 /**

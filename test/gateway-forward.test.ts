@@ -1,7 +1,7 @@
 // What the upstream actually receives, and what the client gets back.
 import t from 'tap'
 import net from 'node:net'
-import { bearer, converse, echo, makeConfig, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
+import { bearer, converse, echo, makeConfig, rawAnswer, rawExchange, startGateway, type Received, type Tap, type UpstreamHandler } from './helpers/gateway.ts'
 import { switchingHead, WS_OFFER } from './helpers/websocket.ts'
 import { connectionNamed } from '../gateway/forward.ts'
 import { forwardedForHeld, MEMO_XFF_CHARS } from '../gateway/client-address.ts'
@@ -112,6 +112,14 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
   for (const authorization of [`Token ${k.key}x`, `Basic ${Buffer.from(`user:x${k.key}`).toString('base64')}`]) {
     const longer = await h.get('/p', { 'x-api-key': k.key, authorization })
     t.equal((longer.json as Received).headers.authorization, authorization, 'a credential holding the key within a longer one goes on')
+  }
+  // Whole, yet glued to its scheme or to what follows by a byte no credential (token68) holds: a
+  // lenient upstream (`value.slice(7)`, a split on `:`) reads the key there. Before (found by a
+  // fuzzing review), each of these went upstream with the key in it.
+  for (const authorization of [`Bearer:${k.key}`, `Bearer\xe6${k.key}`, `Token ${k.key};`, `(${k.key})`]) {
+    const glued = await rawAnswer(h.port, Buffer.from(`GET /p HTTP/1.1\r\nHost: a\r\nX-API-Key: ${k.key}\r\nAuthorization: ${authorization}\r\nConnection: close\r\n\r\n`, 'latin1'))
+    t.equal(glued.status, 200)
+    t.notOk((glued.json as Received).headers.authorization, `${JSON.stringify(authorization.replace(k.key, '<key>'))} beside the key's X-API-Key is not forwarded`)
   }
   const viaQuery = await h.get(`/p?a=1&api_key=${k.key}&b=2`)
   t.equal(viaQuery.status, 200)
