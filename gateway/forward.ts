@@ -290,11 +290,17 @@ function carriesKey(value: string | undefined, presented: string): boolean {
   const field = value.toLowerCase()
   // Split only when the key is in it somewhere (most Authorization fields beside a key are not it).
   if (field.includes(key) && field.split(AUTHORIZATION_PARTS).includes(key)) return true
-  const basic = BASIC.exec(value)?.[1]
-  if (basic === undefined) return false
-  const pair = Buffer.from(basic, 'base64').toString('latin1').toLowerCase()
-  const colon = pair.indexOf(':')
-  return colon === -1 ? pair === key : pair.slice(0, colon) === key || pair.slice(colon + 1) === key
+  // Each credential of the field: two Authorization lines arrive joined with ", " (the server runs
+  // with joinDuplicateHeaders), and base64 has no comma. Before (found by a fuzzing review), a
+  // Basic credential sent twice was no Basic credential here, and went upstream with the key.
+  for (const part of value.includes(',') ? value.split(',') : [value]) {
+    const basic = BASIC.exec(part)?.[1]
+    if (basic === undefined) continue
+    const pair = Buffer.from(basic, 'base64').toString('latin1').toLowerCase()
+    const colon = pair.indexOf(':')
+    if (colon === -1 ? pair === key : pair.slice(0, colon) === key || pair.slice(colon + 1) === key) return true
+  }
+  return false
 }
 
 /** The methods RFC 9110 §9.2.2 calls idempotent: a request of one may be sent again. */

@@ -121,6 +121,19 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
     t.equal(glued.status, 200)
     t.notOk((glued.json as Received).headers.authorization, `${JSON.stringify(authorization.replace(k.key, '<key>'))} beside the key's X-API-Key is not forwarded`)
   }
+  // A Basic credential sent twice (two Authorization lines, which the gateway joins with ", ", or
+  // one line so written) is one field of two parts: each part is looked at. Before (found by a
+  // fuzzing review), the joined field was no Basic credential to it, and went upstream.
+  const basic = `Basic ${Buffer.from(`user:${k.key}`).toString('base64')}`
+  for (const [what, lines] of [
+    ['two Authorization lines of Basic user:<key>', `Authorization: ${basic}\r\nAuthorization: ${basic}\r\n`],
+    ['Basic user:<key> twice in one line', `Authorization: ${basic}, ${basic}\r\n`],
+    ['a Basic of user:<key> after another credential', `Authorization: Basic dXNlcjpwdw==, ${basic}\r\n`],
+  ] as const) {
+    const twice = await rawAnswer(h.port, `GET /p HTTP/1.1\r\nHost: a\r\nX-API-Key: ${k.key}\r\n${lines}Connection: close\r\n\r\n`)
+    t.equal(twice.status, 200)
+    t.notOk((twice.json as Received).headers.authorization, `${what} beside the key's X-API-Key is not forwarded`)
+  }
   const viaQuery = await h.get(`/p?a=1&api_key=${k.key}&b=2`)
   t.equal(viaQuery.status, 200)
   t.equal((viaQuery.json as Received).url, '/p?a=1&b=2')
