@@ -269,12 +269,14 @@ const CLOSED_UNDER = new Set(['UND_ERR_SOCKET', 'ECONNRESET', 'EPIPE'])
  */
 const CLOSED_AT_ONCE_MS = 50
 /**
- * An Authorization field's parts that could be a credential: runs of token68 characters (RFC 9110
- * §11.2), around anything else. Before (found by a fuzzing review), only spaces, commas, `=` and
- * quotes parted them, and `Bearer:<key>`, `Bearer\xe6<key>` or `Token <key>;` went upstream whole,
- * where a lenient upstream (`value.slice(7)`, a split on `:`) reads the key.
+ * An Authorization field's parts that could be the key: runs of the characters a key holds
+ * (letters, digits, `_` and `-`: every key format's, a legacy UUID's too), around anything else.
+ * Before (found by a fuzzing review), only spaces, commas, `=` and quotes parted them, and
+ * `Bearer:<key>`, `Bearer.<key>`, `Bearer\xe6<key>` or `Token <key>;` went upstream whole, where a
+ * lenient upstream (`value.slice(7)`, a split on `:` or `.`) reads the key; `Token <key>x` is a
+ * longer credential, and goes on.
  */
-const AUTHORIZATION_PARTS = /[^A-Za-z0-9\-._~+/]+/
+const AUTHORIZATION_PARTS = /[^A-Za-z0-9_-]+/
 const BASIC = /^\s*basic\s+([A-Za-z0-9+/=_-]+)\s*$/i
 
 /**

@@ -113,10 +113,10 @@ t.test('X-API-Key and query sources; strip and keep the credential', async (t) =
     const longer = await h.get('/p', { 'x-api-key': k.key, authorization })
     t.equal((longer.json as Received).headers.authorization, authorization, 'a credential holding the key within a longer one goes on')
   }
-  // Whole, yet glued to its scheme or to what follows by a byte no credential (token68) holds: a
-  // lenient upstream (`value.slice(7)`, a split on `:`) reads the key there. Before (found by a
-  // fuzzing review), each of these went upstream with the key in it.
-  for (const authorization of [`Bearer:${k.key}`, `Bearer\xe6${k.key}`, `Token ${k.key};`, `(${k.key})`]) {
+  // Whole, yet glued to its scheme or to what follows by a byte no key holds (a key is letters,
+  // digits, `_` and `-`): a lenient upstream (`value.slice(7)`, a split on `:` or `.`) reads the
+  // key there. Before (found by a fuzzing review), each of these went upstream with the key in it.
+  for (const authorization of [`Bearer:${k.key}`, `Bearer\xe6${k.key}`, `Token ${k.key};`, `(${k.key})`, `Bearer.${k.key}`, `Token ${k.key}.`, `Token ~${k.key}+`, `Bearer/${k.key}`]) {
     const glued = await rawAnswer(h.port, Buffer.from(`GET /p HTTP/1.1\r\nHost: a\r\nX-API-Key: ${k.key}\r\nAuthorization: ${authorization}\r\nConnection: close\r\n\r\n`, 'latin1'))
     t.equal(glued.status, 200)
     t.notOk((glued.json as Received).headers.authorization, `${JSON.stringify(authorization.replace(k.key, '<key>'))} beside the key's X-API-Key is not forwarded`)
