@@ -25,7 +25,9 @@ async function setup(t: Test, config: Record<string, unknown>, subscriberThrough
   const server = await startRedisServer(t)
   const logs: LogLine[] = []
   const log = createLogger({ level: 'debug', write: (line) => logs.push(JSON.parse(line) as LogLine) })
-  const redis = connectRedis(server.url, log)
+  // Bounded at 1 s, not the default 200 ms: this Redis is never paused, and a command slowed past
+  // 200 ms by the suite's load would mark it down where a test says it stayed up (found by a flake hunt).
+  const redis = connectRedis(server.url, log, { commandTimeoutMs: 1000 })
   const other = new Redis(server.url, { maxRetriesPerRequest: 1 })
   const { gate, url: gated } = await gateInFront(t, server.url)
   if (subscriberThroughGate) redis.duplicate = () => new Redis(gated, { maxRetriesPerRequest: 1, connectTimeout: 500 })

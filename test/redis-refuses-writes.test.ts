@@ -67,7 +67,9 @@ for (const { name, refuse, accept } of refusals) {
   t.test(`a gateway on a Redis that answers PING but refuses writes stays on its insurance, with one switch and one warning, until writes are taken again: ${name}`, async (t) => {
     const server = await startRedisServer(t)
     const { log, said } = logger()
-    const redis = connectRedis(server.url, log)
+    // Bounded at 1 s, not the default 200 ms: refusals are answered at once, and a command slowed
+    // past 200 ms by the suite's load would add a switch the test counts (found by a flake hunt).
+    const redis = connectRedis(server.url, log, { commandTimeoutMs: 1000 })
     const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
     t.teardown(() => {
       redis.disconnect()
@@ -107,8 +109,9 @@ for (const { name, refuse, accept } of refusals) {
 t.test('a lockout decided while Redis refuses writes reaches the other instance once Redis takes them again', async (t) => {
   const server = await startRedisServer(t)
   const { log } = logger()
-  const a = connectRedis(server.url, log)
-  const b = connectRedis(server.url, log)
+  // Bounded at 1 s, as above: refusals are answered at once.
+  const a = connectRedis(server.url, log, { commandTimeoutMs: 1000 })
+  const b = connectRedis(server.url, log, { commandTimeoutMs: 1000 })
   const admin = new Redis(server.url, { maxRetriesPerRequest: 1 })
   t.teardown(() => {
     a.disconnect()
