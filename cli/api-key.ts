@@ -356,6 +356,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   audit: {
     summary: "a key's audit trail, newest first",
     usage: 'keygate api-key audit ID [--limit N] [--cursor C | --all] [--json]',
+    target: 'ID',
     options: { limit: { type: 'string' }, cursor: { type: 'string' }, all: { type: 'boolean' } },
     positionals: { min: 1, max: 1 },
     readOnly: true,
@@ -380,6 +381,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   get: {
     summary: 'show one key',
     usage: 'keygate api-key get ID [--json]',
+    target: 'ID',
     options: {},
     positionals: { min: 1, max: 1 },
     readOnly: true,
@@ -395,6 +397,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   update: {
     summary: 'change fields of a key',
     usage: 'keygate api-key update ID [--name N] [--scopes a,b|none] [--owner O|""] [--metadata JSON] [--cidrs CIDR,...|any] [--rate-limit N/1s|default] [--expires-in 30d | --expires-at TIME|never] [--rotate-every 90d|never] [--json]',
+    target: 'ID',
     options: KEY_FIELDS,
     positionals: { min: 1, max: 1 },
     changesStored: true,
@@ -451,6 +454,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   revoke: {
     summary: 'revoke a key now',
     usage: 'keygate api-key revoke ID [--reason TEXT] [--json]',
+    target: 'ID',
     options: { reason: { type: 'string' } },
     positionals: { min: 1, max: 1 },
     changesStored: true,
@@ -470,6 +474,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
   rotate: {
     summary: "replace a key; the old one stays valid for its type's grace period unless --force",
     usage: 'keygate api-key rotate ID [--force] [--json]',
+    target: 'ID',
     options: { force: { type: 'boolean' } },
     positionals: { min: 1, max: 1 },
     changesStored: true,

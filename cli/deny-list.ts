@@ -140,6 +140,7 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
   remove: {
     summary: 'take an entry off the deny list, by its id or its address or range',
     usage: 'keygate deny-list remove ID|CIDR [--json]',
+    target: 'ID|CIDR',
     options: {},
     positionals: { min: 1, max: 1 },
     changesStored: true,

@@ -55,8 +55,8 @@ type Cells = Array<string | number | null | undefined>
 type Verification = GiteaVerification | N8nVerification
 
 /** The parts every command has, from a factory's options; `readOnly` for those that change nothing (list, verify). */
-function command<C>(o: { summary: string; usage: string; options: ParseArgsOptionsConfig }, positionals: Command<C>['positionals'], prepare: Command<C>['prepare'], readOnly = false): Command<C> {
-  return { summary: o.summary, usage: o.usage, options: o.options, positionals, prepare, readOnly }
+function command<C>(o: { summary: string; usage: string; options: ParseArgsOptionsConfig; target?: string }, positionals: Command<C>['positionals'], prepare: Command<C>['prepare'], readOnly = false): Command<C> {
+  return { summary: o.summary, usage: o.usage, options: o.options, positionals, prepare, readOnly, ...(o.target !== undefined ? { target: o.target } : {}) }
 }
 
 /** `create`: the credential is printed once, after what was made. */
@@ -120,6 +120,8 @@ function deleteCommand<D extends { remote_missing: boolean; forgotten?: boolean 
   summary: string
   usage: string
   options: ParseArgsOptionsConfig
+  /** The argument's name in `usage` (ID|NAME). */
+  target: string
   what: (d: D) => string
   service: string
   extra?: (p: Parsed) => DeleteOptions
@@ -232,6 +234,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     summary: 'delete a token in Gitea by id or name and close its record',
     usage: 'keygate gitea delete ID|NAME [--user USER] [--forget] [--gitea-url URL --gitea-username U --gitea-password P] [--json]',
     options: { ...GITEA_FLAGS, user: { type: 'string' }, forget: { type: 'boolean' } },
+    target: 'ID|NAME',
     what: (d) => `Gitea token ${d.remote_id} (${printable(d.name)}) of ${printable(d.user)}`,
     service: 'Gitea',
     extra: giteaDeleteOptions,
@@ -275,6 +278,7 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     summary: 'delete an n8n API key by id or label and close its record',
     usage: 'keygate n8n delete ID|LABEL [--n8n-url URL --n8n-email E --n8n-password P] [--json]',
     options: N8N_FLAGS,
+    target: 'ID|LABEL',
     what: (d) => `n8n API key ${printable(d.remote_id)} (${printable(d.label)})`,
     service: 'n8n',
   }),

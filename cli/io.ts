@@ -107,6 +107,8 @@ export interface Command<C> {
   positionals: { min: number; max: number }
   /** Changes nothing: on the embedded store, a data folder that holds none is refused, not made a new empty store. */
   readOnly?: boolean
+  /** The name in `usage` of the argument naming what the command works on (ID, ID|CIDR): an empty one is a usage error (refuseEmptyTarget). */
+  target?: string
   /** Changes a key or an entry a store holds already: on the embedded store, a data folder that holds none is refused, as a new store would hold nothing to change. */
   changesStored?: boolean
   /** Checks the command line (usage errors before any store is opened) and returns the action. */
@@ -145,8 +147,25 @@ export function refuseFlags(p: Parsed, names: readonly string[], why: string): v
  */
 export function fileArgument(p: Parsed, usage: string): string | undefined {
   const file = p.positionals[0]
-  if (file === '') throw new UsageError(`FILE: an empty value is not allowed\nusage: ${usage}`)
+  if (file === '') throw emptyArgument('FILE', usage)
   return file
+}
+
+/**
+ * Refuses an empty or blank argument naming what a command works on (`command.target`: a key's
+ * ID, a deny list entry's ID|CIDR, a Gitea token's ID|NAME), as an empty FILE or KEY is refused:
+ * `revoke "$ID"` with ID unset is a usage error, before a store is opened or an admin API or a
+ * service asked. Before (found by a review), get, audit, update, revoke, rotate and `deny-list
+ * remove` opened the store to say `no key has the id ""`, exit 1 (or, on a folder without one,
+ * that it held none), `gitea delete` and `n8n delete` called the service first, and through an
+ * admin API a blank id was sent and the answer told.
+ */
+export function refuseEmptyTarget(p: Parsed, command: Pick<Command<unknown>, 'target' | 'usage'>): void {
+  if (command.target !== undefined && p.positionals[0]?.trim() === '') throw emptyArgument(command.target, command.usage)
+}
+
+function emptyArgument(name: string, usage: string): UsageError {
+  return new UsageError(`${name}: an empty value is not allowed\nusage: ${usage}`)
 }
 
 /** A flag whose value must be one of `allowed`: anything else is a usage error, caught before a store is opened. */

@@ -16,7 +16,7 @@ import { DENY_LIST_COMMANDS, LOCKOUT_COMMANDS, LOCKOUTS_NEED_ADMIN, localDenyOpe
 import { localOperations } from './key-operations.ts'
 import { remoteOperations } from './remote-operations.ts'
 import { remoteGitea, remoteN8n } from './remote-integrations.ts'
-import { EXIT_OK, UsageError, fail, fileArgument, parse, printDone, printJson, processIo, refuseFlags, refusePastExpiry, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, UsageError, fail, fileArgument, parse, printDone, printJson, processIo, refuseEmptyTarget, refuseFlags, refusePastExpiry, type Command, type Io, type Parsed } from './io.ts'
 import { exposureWarning, Router, shortcutWarning } from '../gateway/route.ts'
 
 const HELP = `keygate ${VERSION}: API-key authentication sidecar
@@ -169,6 +169,7 @@ export async function runGroup<C>(
     io.out(`${sub.summary}\nusage: ${sub.usage}\n`)
     return EXIT_OK
   }
+  refuseEmptyTarget(p, sub)
   const action = sub.prepare(p)
   const config = configFrom(p, io)
   if (config.admin.url) {

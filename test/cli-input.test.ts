@@ -733,22 +733,11 @@ t.test('api-key validate refuses a key no configured format holds without openin
   t.notOk(existsSync(typo), 'no store folder was made')
 })
 
-t.test('`-` with nothing on the first line of stdin, or an empty argument, is a usage error, before a store or an admin API is reached, not a secret refused', async (t) => {
-  // Before (found by a review): `api-key validate - < /dev/null`, or the second of two commands
-  // reading one file in turn (README), said `key_invalid (malformed)`, exit 1, as if a bad key had
-  // been given; `gitea verify -` and `n8n verify -` opened the store first (refusing a missing one)
-  // and then said the same of the empty token or key.
-  const cwd = tempDir()
-  const dataDir = join(cwd, 'store')
-  const services = { GITEA_URL: 'http://127.0.0.1:1', GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1', N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' }
-  const env = isolated({ KEYGATE_DATA_DIR: dataDir, ...services })
-  const noSecret = (r: CliResult, noun: string, what: string) => {
-    t.equal(r.code, 2, `${what}: exit 2`)
-    const message = `no ${noun} was read from stdin: \`-\` takes the ${noun} from the first line of stdin, which was empty; give the ${noun} on that line, or as the argument`
-    if (r.stdout === '') t.equal(r.stderr, `keygate: ${message}\n`, `${what}: says so`)
-    else t.same(r.json(), { error: { code: 'usage_error', message } }, `${what}: says so, --json on stdout`)
-  }
-  // An admin API that counts what it is asked: the refusal comes before any request.
+/** Gitea's and n8n's settings, each at an address nothing answers on. */
+const UNREACHABLE_SERVICES = { GITEA_URL: 'http://127.0.0.1:1', GITEA_USERNAME: 'bot', GITEA_PASSWORD: 'bot-password-1', N8N_URL: 'http://127.0.0.1:1', N8N_EMAIL: 'bot@example.com', N8N_PASSWORD: 'bot-password-1' }
+
+/** An admin API that counts what it is asked (and answers 500), and the environment of a command through it. */
+async function countingAdmin(t: Test, dataDir: string): Promise<{ adminEnv: Record<string, string | undefined>; asked: () => number }> {
   let asked = 0
   const admin = http.createServer((_req, res) => {
     asked++
@@ -757,6 +746,25 @@ t.test('`-` with nothing on the first line of stdin, or an empty argument, is a 
   await new Promise<void>((resolve) => admin.listen(0, '127.0.0.1', resolve))
   t.teardown(() => admin.close())
   const adminEnv = isolated({ KEYGATE_DATA_DIR: dataDir, KEYGATE_ADMIN_URL: `http://127.0.0.1:${(admin.address() as AddressInfo).port}`, KEYGATE_ADMIN_TOKEN: 'x'.repeat(20) })
+  return { adminEnv, asked: () => asked }
+}
+
+t.test('`-` with nothing on the first line of stdin, or an empty argument, is a usage error, before a store or an admin API is reached, not a secret refused', async (t) => {
+  // Before (found by a review): `api-key validate - < /dev/null`, or the second of two commands
+  // reading one file in turn (README), said `key_invalid (malformed)`, exit 1, as if a bad key had
+  // been given; `gitea verify -` and `n8n verify -` opened the store first (refusing a missing one)
+  // and then said the same of the empty token or key.
+  const cwd = tempDir()
+  const dataDir = join(cwd, 'store')
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir, ...UNREACHABLE_SERVICES })
+  const noSecret = (r: CliResult, noun: string, what: string) => {
+    t.equal(r.code, 2, `${what}: exit 2`)
+    const message = `no ${noun} was read from stdin: \`-\` takes the ${noun} from the first line of stdin, which was empty; give the ${noun} on that line, or as the argument`
+    if (r.stdout === '') t.equal(r.stderr, `keygate: ${message}\n`, `${what}: says so`)
+    else t.same(r.json(), { error: { code: 'usage_error', message } }, `${what}: says so, --json on stdout`)
+  }
+  // The refusal comes before any request.
+  const { adminEnv, asked } = await countingAdmin(t, dataDir)
   noSecret(await runCli(['api-key', 'validate', '-'], { cwd, env }), 'key', 'validate - < /dev/null')
   noSecret(await runCli(['api-key', 'validate', '-', '--json'], { cwd, env, input: ' \t\nkg_on_the_second_line\n' }), 'key', 'validate - with a blank first line')
   noSecret(await runCli(['gitea', 'verify', '-'], { cwd, env }), 'token', 'gitea verify -')
@@ -772,7 +780,7 @@ t.test('`-` with nothing on the first line of stdin, or an empty argument, is a 
   emptyArgument(await runCli(['api-key', 'validate', ''], { cwd, env }), 'key', "validate ''")
   emptyArgument(await runCli(['gitea', 'verify', ' '], { cwd, env }), 'token', "gitea verify ' '")
   emptyArgument(await runCliHere(['n8n', 'verify', ''], { env: adminEnv }), 'key', "n8n verify '' through an admin API")
-  t.equal(asked, 0, 'the admin API was asked nothing')
+  t.equal(asked(), 0, 'the admin API was asked nothing')
   t.notOk(existsSync(dataDir), 'no store was opened or made')
 })
 
@@ -1006,4 +1014,42 @@ t.test('an empty FILE is a usage error, as an empty --config is, and makes no st
     t.ok(r.stderr.startsWith(`keygate: FILE: an empty value is not allowed\nusage: ${usage}`), `names the argument, with the usage: ${r.stderr}`)
   }
   t.notOk(existsSync(join(dir, 'store')), 'no store was made')
+})
+
+t.test('an empty ID is a usage error, as an empty KEY or FILE is, before a store or an admin API is reached (found by a review)', async (t) => {
+  // Before: `api-key revoke "$ID"` with ID unset opened the store and said `no key has the id ""`,
+  // exit 1, as if a wrong id had been given (on a data folder without a store: that it holds none);
+  // so did get, audit, update, rotate and `deny-list remove`, and `gitea delete` and `n8n delete`
+  // called the service first.
+  const dir = tempDir()
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const dataDir = join(dir, 'store')
+  const env = isolated({ KEYGATE_DATA_DIR: dataDir, ...UNREACHABLE_SERVICES })
+  const { adminEnv, asked } = await countingAdmin(t, dataDir)
+  const cases = [
+    [['api-key', 'get'], 'ID', 'keygate api-key get ID'],
+    [['api-key', 'audit'], 'ID', 'keygate api-key audit ID'],
+    [['api-key', 'update', '--name', 'x'], 'ID', 'keygate api-key update ID'],
+    [['api-key', 'revoke', '--reason', 'leaked'], 'ID', 'keygate api-key revoke ID'],
+    [['api-key', 'rotate', '--force'], 'ID', 'keygate api-key rotate ID'],
+    [['deny-list', 'remove'], 'ID|CIDR', 'keygate deny-list remove ID|CIDR'],
+    [['gitea', 'delete'], 'ID|NAME', 'keygate gitea delete ID|NAME'],
+    [['n8n', 'delete'], 'ID|LABEL', 'keygate n8n delete ID|LABEL'],
+  ] as const
+  const refused = (r: CliResult, name: string, usage: string, what: string) => {
+    t.equal(r.code, 2, `${what}: exit 2`)
+    t.ok(r.stderr.startsWith(`keygate: ${name}: an empty value is not allowed\nusage: ${usage}`), `${what}: names the argument, with the usage: ${r.stderr}`)
+  }
+  // One as the real process, the rest through the command line's entry.
+  refused(await runCli(['api-key', 'revoke', ''], { env, cwd: dir }), 'ID', 'keygate api-key revoke ID', "revoke ''")
+  for (const [args, name, usage] of cases) {
+    for (const empty of ['', ' ']) {
+      refused(await runCliHere([...args, empty], { env }), name, usage, `${args.join(' ')} ${JSON.stringify(empty)}`)
+      const r = await runCliHere([...args, empty, '--json'], { env: adminEnv })
+      refused(r, name, usage, `${args.join(' ')} ${JSON.stringify(empty)} through an admin API`)
+      t.equal(r.json().error.code, 'usage_error', `${args.join(' ')} through an admin API: usage_error on stdout`)
+    }
+  }
+  t.equal(asked(), 0, 'the admin API was asked nothing')
+  t.notOk(existsSync(dataDir), 'no store was opened or made')
 })
