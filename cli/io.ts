@@ -361,6 +361,10 @@ export function fail(io: Io, json: boolean, code: ErrorCode, message: string, de
   // answers hide them (before, found by a review: `--type kg_...`, an unexpected argument or an
   // unknown command holding a key printed it whole, on stderr and in --json's object).
   message = scrub(message)
+  // The details too, as the admin API's errorBody hides keys in its whole answer (before, found by
+  // a review: `config check <key> --json` read `[redacted]: cannot be read`, and the details beside
+  // it, `problems` and `file`, held the key whole).
+  if (details !== undefined) details = JSON.parse(scrub(JSON.stringify(details))) as Readonly<Record<string, unknown>>
   // Each told where it can be: stdout may be the stream that failed, stderr too.
   try {
     // Every error path ends here: a message may carry a remote service's words (before, found

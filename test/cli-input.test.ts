@@ -239,6 +239,31 @@ t.test('a key given where a usage error quotes the argument is not shown back, a
   t.match(real.json().error.message, /\[redacted\]/)
 })
 
+t.test("a key given as a file's name is not shown back in an error's details either, with --json (found by a review)", async (t) => {
+  // Before: the message read `[redacted]: cannot be read`, and the details beside it in --json's
+  // error object, `problems` and `file`, held the key whole: fail() hid keys in the message alone.
+  const dir = tempDir()
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const env = isolated({ KEYGATE_DATA_DIR: join(dir, 'store') })
+  const key = generateKey('kg_').key
+  const legacy = randomUUID()
+  for (const args of [
+    ['config', 'check', key],
+    ['config', 'check', legacy],
+    ['api-key', 'stats', '--config', key],
+  ]) {
+    const r = await runCliHere([...args, '--json'], { env })
+    t.equal(r.code, 1, `keygate ${args.map((a) => a.slice(0, 12)).join(' ')} exits 1`)
+    t.equal(r.json().error.code, 'config_invalid', 'refused as the file cannot be read')
+    t.match(r.json().error.details, { file: '[redacted]', problems: [/^\[redacted\]: cannot be read/] }, 'the details name the file hidden')
+    t.notOk(r.stderr.includes(key.slice(16)) || r.stdout.includes(key.slice(16)), 'not the key')
+    t.notOk(r.stderr.includes(legacy) || r.stdout.includes(legacy), 'nor a legacy key')
+  }
+  const real = await runCli(['config', 'check', key, '--json'], { env, cwd: dir })
+  t.equal(real.code, 1)
+  t.notOk(real.stdout.includes(key.slice(16)), 'the real process shows it nowhere either')
+})
+
 t.test('input no store can hold is refused by name, on the embedded store, and nothing waits for ever', async (t) => {
   const cwd = tempDir()
   const embedded = isolated({ KEYGATE_DATA_DIR: await seedDataDir(join(cwd, 'store'), { migrated: true }) })
