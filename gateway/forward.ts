@@ -295,7 +295,7 @@ function carriesKey(value: string | undefined, presented: string): boolean {
   // Each credential of the field: two Authorization lines arrive joined with ", " (the server runs
   // with joinDuplicateHeaders), and base64 has no comma. Before (found by a fuzzing review), a
   // Basic credential sent twice was no Basic credential here, and went upstream with the key.
-  for (const part of value.includes(',') ? value.split(',') : [value]) {
+  for (const part of value.split(',')) {
     const basic = BASIC.exec(part)?.[1]
     if (basic === undefined) continue
     const pair = Buffer.from(basic, 'base64').toString('latin1').toLowerCase()
