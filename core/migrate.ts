@@ -359,6 +359,11 @@ async function lockHolder(db: Queryable, on?: Migration | typeof RECORDS, modes?
   return { holder, lockTimeout, held }
 }
 
+/** What cut a lock wait, as lockHeld and RecordsLocked tell it: the lock_timeout (`lockTimeout`, '' when it could not be read). */
+function lockTimeoutCut(lockTimeout: string): string {
+  return `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03)`
+}
+
 /**
  * What a wait cut short by a lock_timeout set on keygate's role or database is told (`cut`,
  * PostgreSQL's 55P03 as its cause) when it is not waited through (`keygate migrate`): which wait
@@ -372,7 +377,7 @@ async function lockHolder(db: Queryable, on?: Migration | typeof RECORDS, modes?
  * table (before, found by a review, "unexpected error: canceling statement due to lock timeout").
  */
 function lockHeld(holder: string, lockTimeout: string, cut: LockWaitCutError): KeygateError {
-  const timeout = `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03): nothing was applied`
+  const timeout = `${lockTimeoutCut(lockTimeout)}: nothing was applied`
   const wait = "or let keygate wait for it: a longer lock_timeout (or 0) for the role that migrates (ALTER ROLE … SET lock_timeout), or for one run PGOPTIONS='-c lock_timeout=0'"
   const { migration } = cut
   // PostgreSQL's context, when its error gives one (a row lock: "while updating tuple … in relation …").
@@ -411,7 +416,7 @@ export class RecordsLocked extends KeygateError {
   constructor(holder: string, lockTimeout: string, cut: Error, sqlstate: string) {
     const by =
       sqlstate === LOCK_NOT_AVAILABLE
-        ? `the lock_timeout${lockTimeout ? ` (${lockTimeout})` : ''} set on keygate's role or database cut the wait for it (SQLSTATE 55P03)`
+        ? lockTimeoutCut(lockTimeout)
         : `the statement was cancelled while it waited (${cut.message})`
     super('store_unavailable', `keygate's read of keygate_migrations, the table of applied migrations, waited for a lock on it: ${holder}, most likely an operator's open transaction (LOCK TABLE, VACUUM FULL), and ${by}; try again once that transaction ends`, { sqlstate, table: RECORDS }, { cause: cut })
     this.holder = holder

@@ -30,6 +30,14 @@ export function keyServiceOptions(config: Config) {
 export const NO_STORE_AUTO_MIGRATE_OFF =
   'store.auto_migrate is off, so only `keygate migrate` makes one; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with `keygate migrate`'
 
+/** How a `serve` start that waits for an operator's lock on keygate_migrations begins its warning, whether it migrates or only reads what is applied. */
+const RECORDS_WAIT = "waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL)"
+
+/** The log fields of a lock wait a start waits through: who holds the lock, the lock_timeout that cut the wait, and the file or table waited for. */
+function lockWaitFields(cut: LockWaitCut): Record<string, string> {
+  return { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}), ...(cut.table ? { table: cut.table } : {}) }
+}
+
 /**
  * `lockedHint`, `serverHeldHint`, `existingOnly`, `shortLived`: as core/db.ts OpenDbOptions has them. `readOnly`: a
  * command that changes nothing, which neither makes nor moves the store's key check (checkStoreKey).
@@ -95,14 +103,14 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
       const lockWait = options.waitForStore
         ? {
             onLockWait: (cut: LockWaitCut) => {
-              const fields = { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}), ...(cut.table ? { table: cut.table } : {}) }
+              const fields = lockWaitFields(cut)
               // keygate's own statement on keygate_migrations (its read of what is applied, a record).
               const records = "keygate's statement on keygate_migrations, the table of applied migrations,"
               if (cut.kind === 'deadlock' && cut.table) {
                 log.warn(`${records} was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an operator's transaction), so the migrations, of which nothing was applied, are tried again`, fields)
               } else if (cut.kind === 'table' && cut.table) {
                 log.warn(
-                  "waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free",
+                  `${RECORDS_WAIT}; the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free`,
                   fields,
                 )
               } else if (cut.kind === 'deadlock') {
@@ -139,10 +147,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
             sqlState(cut.err) === LOCK_NOT_AVAILABLE
               ? "the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03)"
               : 'its read was cancelled while it waited for it (SQLSTATE 57014: store.query_timeout_ms, or a statement_timeout set on the role or database)'
-          log.warn(
-            `waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL); ${by}, so the read, which tells whether every migration is applied (store.auto_migrate is off), is tried again until it is free`,
-            { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), table: cut.table },
-          )
+          log.warn(`${RECORDS_WAIT}; ${by}, so the read, which tells whether every migration is applied (store.auto_migrate is off), is tried again until it is free`, lockWaitFields(cut))
         },
       }
       const state = await migrationState(db, undefined, options.waitForStore ? recordsWait : {})
