@@ -484,9 +484,11 @@ function storeProbe(runtime: Runtime, log: Logger): () => Promise<StoreState> {
   let locked = false
   const look = async (): Promise<StoreState> => {
     let pending: string[] | string
+    // Whether this read found the table locked; any other answer read it, so a lock is over (before,
+    // found by a review, a read that found a changed migration file left the next lock unsaid).
+    let lockedNow = false
     try {
       pending = await pendingMigrations(store, files)
-      locked = false
     } catch (err) {
       if (err instanceof RecordsLocked) {
         // An operator's LOCK TABLE or VACUUM FULL of keygate_migrations: the store answered, so
@@ -495,17 +497,16 @@ function storeProbe(runtime: Runtime, log: Logger): () => Promise<StoreState> {
         // answering" (or "store unreachable (55P03)"), logged the store as unreachable, and
         // keygate_store_up read 0, for as long as the lock lasted, on every instance at once.
         if (!locked) log.info("keygate_migrations, the table of applied migrations, is locked by another session (most likely an operator's LOCK TABLE or VACUUM FULL): the store answered, so /readyz and keygate_store_up count it as up, judged by the migrations read before, until the table can be read again", { table: 'keygate_migrations', holder: err.holder })
-        locked = true
+        lockedNow = true
         pending = last
       } else if (isKeygateError(err, 'migration_modified')) {
-        // A changed or missing migration file is not an outage. The table was read, so a lock on
-        // it is over (before, found by a review, the next one went unsaid).
+        // A changed or missing migration file is not an outage.
         pending = err.message
-        locked = false
       } else {
         throw err
       }
     }
+    locked = lockedNow
     last = pending
     const [mode] = await store.query<{ read_only: string }>(`SELECT current_setting('transaction_read_only') AS read_only`)
     return { pending, readOnly: mode?.read_only !== 'off' }
