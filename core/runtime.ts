@@ -31,7 +31,7 @@ export const NO_STORE_AUTO_MIGRATE_OFF =
   'store.auto_migrate is off, so only `keygate migrate` makes one; check the data folder (--data-dir, KEYGATE_DATA_DIR or store.data_dir; by default ./.keygate in the working folder), or make the store there with `keygate migrate`'
 
 /** How a `serve` start that waits for an operator's lock on keygate_migrations begins its warning, whether it migrates or only reads what is applied. */
-const RECORDS_WAIT = "waiting for a lock on keygate_migrations, the table of applied migrations, held by another session (most likely an operator's LOCK TABLE or VACUUM FULL)"
+const RECORDS_WAIT = "waiting for a lock on keygate_migrations, the table of applied migrations, that another session holds or is queued for (most likely an operator's LOCK TABLE or VACUUM FULL)"
 
 /** The log fields of a lock wait a start waits through: who holds the lock, the lock_timeout that cut the wait, and the file or table waited for. */
 function lockWaitFields(cut: LockWaitCut): Record<string, string> {

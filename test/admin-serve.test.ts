@@ -319,7 +319,7 @@ t.test("a start whose wait for keygate_migrations, held by an operator, the role
   const observer = await ownSession(t, url)
   const waits = (l: LogLine) => l.level === 'warn' && /keygate_migrations/.test(l.message)
   const { serve, warned } = await serveWaiting(t, url, waits)
-  t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, held by another session/, 'says what it waits for')
+  t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, that another session holds or is queued for/, 'says what it waits for')
   t.match(warned.message, /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/, 'and what cut a wait')
   t.match(warned, { lock_timeout: '200ms', table: 'keygate_migrations', holder: new RegExp(`ACCESS EXCLUSIVE on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`) }, 'naming the lock_timeout, the table and the session that holds it')
   t.notOk('migration' in warned, 'and no file')
@@ -353,7 +353,7 @@ t.test('store.auto_migrate off: a start whose read of keygate_migrations, held b
   for (const lockTimeout of [undefined, '200ms']) {
     await t.test(lockTimeout ? `with a lock_timeout of ${lockTimeout} on the database` : 'store.query_timeout_ms, without a lock_timeout', async (t) => {
       const { operator, observer, waits, serve, warned } = await serveWaitingOnRecords(t, lockTimeout)
-      t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, held by another session/, `says what it waits for: ${warned.message}`)
+      t.match(warned.message, /^waiting for a lock on keygate_migrations, the table of applied migrations, that another session holds or is queued for/, `says what it waits for: ${warned.message}`)
       t.match(warned.message, lockTimeout ? /lock_timeout set on keygate's role or database cut a wait for it \(SQLSTATE 55P03\)/ : /cancelled while it waited for it \(SQLSTATE 57014/, 'and what cut a wait')
       t.match(warned.message, /store\.auto_migrate is off/, 'and why it reads the table')
       t.match(warned, { table: 'keygate_migrations', holder: new RegExp(`ACCESS EXCLUSIVE on keygate_migrations \\(PostgreSQL pid ${operator.pid}, application "operator"`) }, 'naming the table and the session that holds it')
