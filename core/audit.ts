@@ -185,20 +185,23 @@ export class AuditCipher {
    * that is: the key id is not among the sealed data (formats 1 and 2 leave it out), so a row
    * whose key id was changed in the store opened with none and read as sealed with a key since
    * dropped, the harmless state after a rotation, where it was altered (found by a review).
+   * A row whose nonce is not 96 bits or whose details are shorter than a tag was sealed by no key:
+   * it is `failed` whatever key it names (before, found by a review, one naming a key that is not
+   * configured was `key_missing`, sealed with that key, and as the newest row kept every instance
+   * with the right keys from starting).
    */
   open(row: SealedRow, format: number, encKeyId: string, nonce: Uint8Array, sealed: Uint8Array): Record<string, unknown> {
     const rowId = row.id
     const body = Buffer.from(sealed)
-    const damaged = body.length < 16 || nonce.length !== 12
+    if (body.length < 16 || nonce.length !== 12) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} is damaged`, { integrity: 'failed' })
     const key = this.#keys.get(encKeyId)
     if (!key) {
-      const opener = damaged ? undefined : [...this.#keys].find(([, k]) => this.#decrypt(k, row, format, nonce, body) !== undefined)?.[0]
+      const opener = [...this.#keys].find(([, k]) => this.#decrypt(k, row, format, nonce, body) !== undefined)?.[0]
       if (opener !== undefined) {
         throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} names encryption key ${encKeyId}, but was sealed with configured key ${opener}: the row was altered in the store`, { integrity: 'failed' })
       }
       throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} was sealed with encryption key ${encKeyId}, which is not configured (add it to KEYGATE_PREVIOUS_ENCRYPTION_KEYS)`, { integrity: 'key_missing' })
     }
-    if (damaged) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} is damaged`, { integrity: 'failed' })
     const details = this.#decrypt(key, row, format, nonce, body)
     if (details === undefined) throw new KeygateError('audit_decrypt_failed', `audit row ${rowId} failed authentication: it was altered or does not belong here`, { integrity: 'failed' })
     return details

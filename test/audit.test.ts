@@ -257,6 +257,25 @@ await forEachStore(t, async (t, store) => {
     await t.rejects(checkNewestSealed(db, new AuditCipher(randomBytes(32))), { code: 'encryption_key_missing' }, 'a wrong key is still refused')
   })
 
+  t.test("a row cut short or with a nonce of another length, its encryption key id changed too, lists as damaged, not as sealed with that key, and does not stop a start", async (t) => {
+    const damage: Array<[string, string]> = [
+      ['details cut short', 'details = substring(details from 1 for 5)'],
+      ['details emptied', "details = ''::bytea"],
+      ['nonce cut short', 'nonce = substring(nonce from 1 for 4)'],
+      ['nonce emptied', "nonce = ''::bytea"],
+    ]
+    for (const [what, set] of damage) {
+      const keyId = randomUUID().slice(0, 12)
+      const [rowId] = await writeRows(db, log, 1, keyId)
+      await db.query(`UPDATE api_key_audit_log SET ${set}, enc_key_id = $2 WHERE id = $1`, [rowId, '0000000000000000'])
+      const damaged = await unopened(log.list(db, { keyId }))
+      t.equal(damaged.integrity, 'failed', `${what}: no key seals such a row (before: key_missing, sealed with 0000000000000000)`)
+      t.equal(damaged.sealedWith, undefined, `${what}: names no key to add`)
+      t.match(damaged.problem, /is damaged/, what)
+      await t.resolves(checkNewestSealed(db, new AuditCipher(TEST_ENCRYPTION_KEY)), `${what}: the newest row so damaged does not keep an instance with the right key from starting`)
+    }
+  })
+
   t.test("the store's key check altered in the store: naming a configured key, it is sealed anew with a warning; naming another, refused", async (t) => {
     const right = new AuditCipher(TEST_ENCRYPTION_KEY)
     await db.query('DELETE FROM encryption_key_check')
