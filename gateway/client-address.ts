@@ -122,6 +122,21 @@ function hopAddress(hop: string): string | undefined {
   return colon !== -1 && colon === hop.lastIndexOf(':') && PORT.test(hop.slice(colon)) ? normalAddress(hop.slice(0, colon)) : undefined
 }
 
+/**
+ * An X-Forwarded-For entry without the white space around it: HTTP's, a space or a tab. Before
+ * (found by a fuzzing review), trim() took a no-break space (byte A0) off too, and the entry was
+ * judged as an address the upstream, given the byte, does not read. A loop, not /^[ \t]+|[ \t]+$/g,
+ * which backtracks over every run of white space in the entry: 390 ms for a letter, 16,000 spaces
+ * and a letter (bench/patterns.ts).
+ */
+export function withoutOws(entry: string): string {
+  let start = 0
+  let end = entry.length
+  while (start < end && (entry.charCodeAt(start) === 32 || entry.charCodeAt(start) === 9)) start++
+  while (end > start && (entry.charCodeAt(end - 1) === 32 || entry.charCodeAt(end - 1) === 9)) end--
+  return start === 0 && end === entry.length ? entry : entry.slice(start, end)
+}
+
 export function createClientAddressStage(options: AddressOptions): Stage {
   const keyOf = addressKeyer(options.ipv6PrefixBits)
   const trusted = options.trustedProxies.length > 0 ? rangeMatcher(options.trustedProxies) : undefined
@@ -185,7 +200,7 @@ export function createClientAddressStage(options: AddressOptions): Stage {
     let client = peer.address
     const hops = value.split(',')
     for (let i = hops.length - 1; i >= 0; i--) {
-      const hop = hopAddress((hops[i] as string).trim())
+      const hop = hopAddress(withoutOws(hops[i] as string))
       if (hop === undefined) {
         // Logged as the proxy's request: no client address was found.
         s.address = peer.address
