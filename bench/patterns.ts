@@ -7,12 +7,16 @@
 // webhook secret prefixes. A route's lenient reading of a request path (config/routes.ts): a run
 // of dots that no `/` ends. The admin API's check of a number's digits (core/validate.ts
 // `refuseChangedNumbers`): a run of zeros inside a number. A base URL's trailing slashes
-// (core/http.ts `TRAILING_SLASHES`): a run of slashes that something else ends.
+// (core/http.ts `TRAILING_SLASHES`): a run of slashes that something else ends. A trusted proxy's
+// X-Forwarded-Prefix (gateway/forward.ts `outerPrefix`), alike; an X-Forwarded-For entry's white
+// space (gateway/client-address.ts `withoutOws`): a run of spaces that something else ends.
 // (Named bench/scrub.ts, and the scrubber only, until the commit that added the others.)
 import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES } from '../core/http.ts'
 import { scrub } from '../core/log.ts'
 import { refuseChangedNumbers } from '../core/validate.ts'
+import { withoutOws } from '../gateway/client-address.ts'
+import { outerPrefix } from '../gateway/forward.ts'
 import { countArg as arg, median, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('rounds', 'largest')
 
@@ -42,6 +46,8 @@ const shapes: Array<[string, (text: string) => unknown, (n: number) => string, (
   ['path: /x/....a', lenientReading, (n) => `/x/${'.'.repeat(n - 4)}a`, (n) => 'x/'.repeat(n / 2)],
   ['number: 0.1000...0001', number, (n) => `{"n":0.1${'0'.repeat(n - 10)}1}`, (n) => `{"n":"${'x'.repeat(n - 8)}"}`],
   ['base URL: //...//x', (s) => s.replace(TRAILING_SLASHES, ''), (n) => `${'/'.repeat(n - 1)}x`, (n) => 'x/'.repeat(n / 2)],
+  ['X-Forwarded-Prefix: //...//x', outerPrefix, (n) => `${'/'.repeat(n - 1)}x`, (n) => '/x'.repeat(n / 2)],
+  ['X-Forwarded-For entry: x  ...  x', withoutOws, (n) => `x${' '.repeat(n - 2)}x`, (n) => 'x/'.repeat(n / 2)],
 ]
 
 /** Milliseconds of one `fn(text)`, the median of ROUNDS. */

@@ -6,6 +6,8 @@ import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES } from '../core/http.ts'
 import { displayUrl } from '../core/integrations/http.ts'
 import { refuseChangedNumbers } from '../core/validate.ts'
+import { withoutOws } from '../gateway/client-address.ts'
+import { outerPrefix } from '../gateway/forward.ts'
 
 t.test("a lenient reading of a path drops each segment's trailing dots and spaces, from a run's start", async (t) => {
   const cases: Array<[string, string]> = [
@@ -58,4 +60,34 @@ t.test("trailing slashes: the last run only, from its start", async (t) => {
   t.equal(displayUrl(new URL('http://h/')), 'http://h')
   t.equal('/a//b//'.replace(TRAILING_SLASHES, ''), '/a//b')
   t.equal(`${'/'.repeat(50)}x`.replace(TRAILING_SLASHES, ''), `${'/'.repeat(50)}x`)
+})
+
+t.test("a trusted proxy's X-Forwarded-Prefix: without its trailing slashes, the last run only, from its start", async (t) => {
+  const cases: Array<[string | string[] | undefined, string]> = [
+    ['/outer//', '/outer'],
+    ['/outer', '/outer'],
+    ['/', ''],
+    ['///', ''],
+    ['/a//b/', '/a//b'],
+    [`${'/'.repeat(50)}x`, `${'/'.repeat(50)}x`],
+    ['/a,/b', ''],
+    [['/a', '/b'], ''],
+    ['outer/', ''],
+    [undefined, ''],
+  ]
+  for (const [value, prefix] of cases) t.equal(outerPrefix(value), prefix, JSON.stringify(value))
+})
+
+t.test("an X-Forwarded-For entry: without the spaces and tabs around it, and nothing else", async (t) => {
+  const cases: Array<[string, string]> = [
+    [' \t198.51.100.7 \t', '198.51.100.7'],
+    ['198.51.100.7', '198.51.100.7'],
+    ['', ''],
+    [' \t ', ''],
+    ['198.51.100.7 x', '198.51.100.7 x'],
+    [`x${' '.repeat(50)}x`, `x${' '.repeat(50)}x`],
+    ['\u00a0198.51.100.7\u00a0', '\u00a0198.51.100.7\u00a0'],
+    ['198.51.100.7\r', '198.51.100.7\r'],
+  ]
+  for (const [entry, plain] of cases) t.equal(withoutOws(entry), plain, JSON.stringify(entry))
 })
