@@ -212,7 +212,9 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
   'redis-url': [isRedisUrl, 'a redis:// or rediss:// URL, its database, if any, a number (redis://host:6379/5)'],
   // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.
-  'path-prefix': [(v) => /^\/[^\s?#]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v) && v.isWellFormed(), 'a path starting with / without ?, # or dot segments'],
+  // No control character (C0, DEL): Node answers 400 to a request target holding one, so such a
+  // route never matched (found by a review); a client sends `%01`, which a route may name.
+  'path-prefix': [(v) => /^\/[^\s?#\x00-\x1f\x7f]*$/.test(v) && !/(^|\/)\.\.?(\/|$)/.test(v) && v.isWellFormed(), 'a path starting with / without ?, #, control characters or dot segments'],
   // A legacy key's hash in an import row. The usual mistake is the legacy key itself (a UUID),
   // told as such: before, it was "expected a string matching ^[0-9a-f]{64}$", which said neither
   // that nor that upper case is taken (found by a migration walk).

@@ -330,7 +330,7 @@ t.test('every leaf: a wrong value in the file names the path, the value and what
   t.same(spelled({ admin: { headers_timeout_ms: 20_000, request_timeout_ms: 20_000 } }), [])
   t.same(spelled({ admin: { headers_timeout_ms: 20_000 } }), [], 'within the default request timeout (60 s)')
   t.same(spelled({ routes: [{ name: 'api', path: '/api', upstream: 'ftp://x' }] }), ['routes[0].upstream: "ftp://x" is not allowed; expected an http:// or https:// URL without user:password@, a query or a fragment'])
-  t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, # or dot segments'])
+  t.same(spelled({ routes: [{ name: 'api', upstream: 'http://x' }] }), ['routes[0].path: is required; expected a path starting with / without ?, #, control characters or dot segments'])
 })
 
 /** Leaves set from the environment that accept any non-empty string, so no env value is wrong. */
@@ -921,7 +921,18 @@ t.test('a route path with non-ASCII characters is the path clients send for it: 
     onlyProblems(t, problemsOf({ file: routes([path as string, twin as string]), env: {} }).problems, [/^routes\[1\]\.path: .* is not allowed; expected a path that is not another route's for the same host as lenient upstreams read paths/], `${twin} is ${path}`)
   }
   t.same(problemsOf({ file: routes(['/données', '/donnèes', '/naïve/path']), env: {} }).problems, [], 'other words load')
-  t.same(problemsOf({ file: routes(['/x\ud800']), env: {} }).problems, ['routes[0].path: "/x\\ud800" is not allowed; expected a path starting with / without ?, # or dot segments'], 'a lone surrogate, which has no UTF-8 form')
+  t.same(problemsOf({ file: routes(['/x\ud800']), env: {} }).problems, ['routes[0].path: "/x\\ud800" is not allowed; expected a path starting with / without ?, #, control characters or dot segments'], 'a lone surrogate, which has no UTF-8 form')
+})
+
+t.test('a route path with a control character is refused: no request target holds one, and the route would never match', async (t) => {
+  // Before (found by a review): `/a\u0001b` and `/a\u007fb` loaded, and the route was dead, as
+  // Node's HTTP parser answers 400 to a target with a control character (a client sends `%01`).
+  const withPath = (path: string) => yamlFile(t, { routes: [{ name: 'r', path, upstream: 'http://127.0.0.1:1' }] })
+  for (const path of ['/a\u0001b', '/api\u0000', '/a\u007fb', '/a\u001b[31m']) {
+    onlyProblems(t, problemsOf({ file: withPath(path), env: {} }).problems, [/^routes\[0\]\.path: ".*" is not allowed; expected a path starting with \/ without \?, #, control characters or dot segments$/], JSON.stringify(path))
+  }
+  t.same(problemsOf({ file: withPath('/a%01b'), env: {} }).problems, [], 'the escape a client sends for one loads')
+  t.same(problemsOf({ file: withPath('/a\u0085b'), env: {} }).problems, [], 'a C1 character is not ASCII: percent-encoded as UTF-8, as clients send it')
 })
 
 t.test('a route\'s host is a host name or address with an optional port, as a request\'s Host is compared with it', async (t) => {
