@@ -61,8 +61,12 @@ const LIST_WORDS = 'a comma-separated list without empty items'
 
 function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown } | { ok: false; expected?: string } {
   switch (schema[Kind]) {
-    case 'Integer':
-      return /^-?\d+$/.test(raw.trim()) ? { ok: true, value: Number(raw.trim()) } : { ok: false }
+    case 'Integer': {
+      // Digits past what a number holds exactly stay text, refused as given: read as a number,
+      // 9007199254740993 was shown as ...992, and 400 digits as .inf (found by a review).
+      const n = Number(raw.trim())
+      return /^-?\d+$/.test(raw.trim()) && Number.isSafeInteger(n) ? { ok: true, value: n } : { ok: false }
+    }
     case 'Boolean': {
       const v = raw.trim().toLowerCase()
       if (['true', '1', 'yes', 'on'].includes(v)) return { ok: true, value: true }

@@ -363,6 +363,15 @@ t.test('every environment variable: a bad value names the variable, the value an
     problemsOf({ file, env: { CACHE_TTL_SECONDS: '5m' } }).problems,
     ['CACHE_TTL_SECONDS (cache.ttl_s): "5m" is not allowed; expected an integer from 1 to 86400'],
   )
+  // Digits past what a number holds exactly are shown as given (before, found by a review, as the
+  // number they were read as: 24 digits were `1e+24`, 400 were `.inf`, neither what was set).
+  for (const digits of ['9'.repeat(24), '1'.repeat(400), '9007199254740993']) {
+    t.same(
+      problemsOf({ file, env: { KEYGATE_MAX_CONNECTIONS: digits } }).problems,
+      [`KEYGATE_MAX_CONNECTIONS (gateway.max_connections): ${showValue(digits)} is not allowed; expected an integer from 0 to 10000000`],
+      `${digits.length} digits`,
+    )
+  }
   t.equal(loadConfig({ env: { KEYGATE_KEEP_ALIVE_TIMEOUT_MS: '620000' } }).gateway.keep_alive_timeout_ms, 620_000, 'KEYGATE_KEEP_ALIVE_TIMEOUT_MS sets gateway.keep_alive_timeout_ms')
   t.same(problemsOf({ file, env: { KEYGATE_KEEP_ALIVE_TIMEOUT_MS: '500' } }).problems, ['KEYGATE_KEEP_ALIVE_TIMEOUT_MS (gateway.keep_alive_timeout_ms): 500 is not allowed; expected an integer from 1000 to 3600000'], 'under a second is refused (Keep-Alive: timeout=0 would tell clients not to reuse it)')
   t.same(problemsOf({ file, env: { KEYGATE_ACCESS_LOG: 'sometimes' } }).problems, ['KEYGATE_ACCESS_LOG (log.access_log): "sometimes" is not allowed; expected true or false (or 1, yes, on; 0, no, off; in any case)'], 'the words an environment variable takes')
