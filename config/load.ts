@@ -547,9 +547,19 @@ function tlsProblems(at: string, tls: { cert: string; key: string }): string[] {
   return []
 }
 
-/** The file read when none is named: KEYGATE_CONFIG, else ./keygate.yaml when present. */
+/**
+ * The file read when none is named: KEYGATE_CONFIG, else ./keygate.yaml when present. An empty
+ * KEYGATE_CONFIG is an unset one, as every variable; one of white space alone is refused
+ * (config_invalid), as a blank value of any other: before (found by a review), it was read as a
+ * file named so, `  : cannot be read (ENOENT)`, naming neither the variable nor what was wrong.
+ */
 export function defaultConfigFile(env: Record<string, string | undefined>): string | undefined {
-  return env.KEYGATE_CONFIG || (existsSync('keygate.yaml') ? 'keygate.yaml' : undefined)
+  const named = env.KEYGATE_CONFIG
+  if (named !== undefined && named !== '' && named.trim() === '') {
+    const problem = `KEYGATE_CONFIG: ${JSON.stringify(named)} is not allowed; expected the path of a configuration file (or leave it unset, for ./keygate.yaml when present)`
+    throw new KeygateError('config_invalid', `invalid configuration:\n  ${problem}`, { problems: [problem] })
+  }
+  return named || (existsSync('keygate.yaml') ? 'keygate.yaml' : undefined)
 }
 
 /** The most problems an invalid configuration lists (`details.problems` too); a last line counts the rest. */

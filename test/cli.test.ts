@@ -52,6 +52,17 @@ t.test('config check', async (t) => {
   t.equal(fromCwd.code, 1, './keygate.yaml is checked')
   t.match(fromCwd.stderr, /cache\.ttl_s: 0 is not allowed/)
 
+  // A KEYGATE_CONFIG of white space alone is refused naming it, by config check and by every
+  // command that reads the configuration (before, found by a review: `  : cannot be read (ENOENT)`);
+  // an empty one is an unset one, as every variable's.
+  for (const args of [['config', 'check'], ['api-key', 'list', '--admin-url', 'http://127.0.0.1:9']]) {
+    const blank = await runCliHere(args, { env: { KEYGATE_CONFIG: ' \t' } })
+    t.equal(blank.code, 1, `${args.join(' ')}: a blank KEYGATE_CONFIG is refused`)
+    t.equal(blank.stderr, 'keygate: invalid configuration:\n  KEYGATE_CONFIG: " \\t" is not allowed; expected the path of a configuration file (or leave it unset, for ./keygate.yaml when present)\n', `${args.join(' ')}: naming it`)
+  }
+  const unsetToo = await runCli(['config', 'check'], { env: { KEYGATE_CONFIG: '' }, cwd: dir })
+  t.match(unsetToo.stderr, /cache\.ttl_s: 0 is not allowed/, 'an empty KEYGATE_CONFIG is unset: ./keygate.yaml is checked')
+
   const missing = await runCliHere(['config', 'check', join(dir, 'nope.yaml')])
   t.equal(missing.code, 1)
   t.match(missing.stderr, /nope\.yaml: cannot be read \(ENOENT\)/)
