@@ -111,16 +111,20 @@ export function parseListen(value: string): { host: string; port: number } | und
 }
 
 /**
- * A Redis URL ioredis can use: its database, in the path or a `db` query item, digits. Before
- * (found by a docs walk), `redis://cache/abc` or `?db=abc` passed, and serve ended on its first
- * command with ioredis's stack trace (SELECT NaN); `/5abc` was database 5 without a word.
+ * A Redis URL ioredis can use: its database, in the path or a `db` query item, digits, at most
+ * 2147483647 (Redis's SELECT takes no more). Before (found by a docs walk), `redis://cache/abc` or
+ * `?db=abc` passed, and serve ended on its first command with ioredis's stack trace (SELECT NaN);
+ * `/5abc` was database 5 without a word; and (found by a config fuzzing review) a larger number
+ * was refused by Redis alone, serve starting without it, a warning saying so.
  */
 function isRedisUrl(value: string): boolean {
   const url = /^rediss?:\/\//.test(value) ? URL.parse(value) : null
   if (url === null) return false
   const path = url.pathname === '/' ? '' : url.pathname.slice(1)
-  return (path === '' || /^\d+$/.test(path)) && url.searchParams.getAll('db').every((db) => /^\d+$/.test(db))
+  return (path === '' || isRedisDb(path)) && url.searchParams.getAll('db').every(isRedisDb)
 }
+
+const isRedisDb = (db: string): boolean => /^\d{1,10}$/.test(db) && Number(db) <= 2_147_483_647
 
 /**
  * Whether two listen addresses cannot both be bound: one port (not 0, which picks a free one each
@@ -210,7 +214,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
   'base-url': [(v) => isHttpUrl(v) && !/[?#]/.test(v), 'an http:// or https:// URL without user:password@, a query or a fragment'],
   'host-port': [isHostAndPort, 'a host name or IP address with an optional :port, such as api.example.com, api.example.com:8443, 192.0.2.7 or [2001:db8::7]:8443 (no scheme, path or wildcard)'],
   'postgres-url': [(v) => /^postgres(ql)?:\/\//.test(v) && URL.canParse(v), 'a postgres:// or postgresql:// URL'],
-  'redis-url': [isRedisUrl, 'a redis:// or rediss:// URL, its database, if any, a number (redis://host:6379/5)'],
+  'redis-url': [isRedisUrl, 'a redis:// or rediss:// URL, its database, if any, a number up to 2147483647 (redis://host:6379/5)'],
   // Non-ASCII characters are matched as clients send them, UTF-8 percent-encoded (config/routes.ts), which a lone surrogate has no form of.
   // No control character (C0, DEL): Node answers 400 to a request target holding one, so such a
   // route never matched (found by a review); a client sends `%01`, which a route may name.

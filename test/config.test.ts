@@ -1018,15 +1018,17 @@ t.test('an admin.allowed_hosts entry that is no lower-case host name is refused 
 
 // Before (found by a docs walk): `redis://cache:6379/abc` or `?db=abc` was taken as a Redis URL,
 // and serve ended on its first Redis command with ioredis's stack trace ("ERR value is not an
-// integer or out of range", SELECT NaN); `/5abc` quietly used database 5.
-t.test('a Redis URL whose database is not a number is refused', async (t) => {
-  const allowed = 'expected a redis:// or rediss:// URL, its database, if any, a number (redis://host:6379/5)'
+// integer or out of range", SELECT NaN); `/5abc` quietly used database 5. Past 2147483647 (found
+// by a config fuzzing review), Redis refuses SELECT ("ERR value is out of range"): serve started
+// without Redis, only a warning saying so.
+t.test('a Redis URL whose database is not a number Redis takes is refused', async (t) => {
+  const allowed = 'expected a redis:// or rediss:// URL, its database, if any, a number up to 2147483647 (redis://host:6379/5)'
   const url = (value: string) => problemsOf({ env: { REDIS_URL: value } }).problems
-  for (const bad of ['redis://cache:6379/abc', 'redis://cache:6379/5abc', 'redis://cache:6379/-1', 'redis://cache:6379/1/2', 'redis://cache:6379?db=abc', 'redis://cache:6379/?db=', 'rediss://:S3cret@cache/x']) {
+  for (const bad of ['redis://cache:6379/abc', 'redis://cache:6379/5abc', 'redis://cache:6379/-1', 'redis://cache:6379/1/2', 'redis://cache:6379?db=abc', 'redis://cache:6379/?db=', 'rediss://:S3cret@cache/x', 'redis://cache:6379/2147483648', 'redis://cache:6379/99999999999', 'redis://cache?db=99999999999']) {
     t.same(url(bad), [`REDIS_URL (redis.url): <hidden> is not allowed; ${allowed}`], bad)
   }
   t.same(problemsOf({ file: yamlFile(t, { redis: { url: 'redis://cache/abc' } }), env: {} }).problems, [`redis.url: <hidden> is not allowed; ${allowed}`], 'in the file too')
-  for (const good of ['redis://cache:6379', 'redis://cache:6379/', 'redis://cache:6379/5', 'rediss://:S3cret@cache/15', 'redis://cache?db=3', 'redis://[::1]:6379/0']) {
+  for (const good of ['redis://cache:6379', 'redis://cache:6379/', 'redis://cache:6379/5', 'rediss://:S3cret@cache/15', 'redis://cache?db=3', 'redis://[::1]:6379/0', 'redis://cache:6379/2147483647']) {
     t.same(url(good), [], good)
   }
 })
