@@ -9,12 +9,13 @@
 // `refuseChangedNumbers`): a run of zeros inside a number. A base URL's trailing slashes
 // (core/http.ts `TRAILING_SLASHES`): a run of slashes that something else ends. A trusted proxy's
 // X-Forwarded-Prefix (gateway/forward.ts `outerPrefix`), alike; an X-Forwarded-For entry's white
-// space (gateway/client-address.ts `withoutOws`): a run of spaces that something else ends.
+// space (gateway/client-address.ts `withoutOws`): a run of spaces that something else ends. A URL's
+// query in a value a message shows (core/validate.ts `URL_QUERY`): a run of slashes that no `?` ends.
 // (Named bench/scrub.ts, and the scrubber only, until the commit that added the others.)
 import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES } from '../core/http.ts'
 import { scrub } from '../core/log.ts'
-import { refuseChangedNumbers } from '../core/validate.ts'
+import { refuseChangedNumbers, URL_QUERY } from '../core/validate.ts'
 import { withoutOws } from '../gateway/client-address.ts'
 import { outerPrefix } from '../gateway/forward.ts'
 import { countArg as arg, median, refuseUnknownFlags } from './servers.ts'
@@ -48,6 +49,7 @@ const shapes: Array<[string, (text: string) => unknown, (n: number) => string, (
   ['base URL: //...//x', (s) => s.replace(TRAILING_SLASHES, ''), (n) => `${'/'.repeat(n - 1)}x`, (n) => 'x/'.repeat(n / 2)],
   ['X-Forwarded-Prefix: //...//x', outerPrefix, (n) => `${'/'.repeat(n - 1)}x`, (n) => '/x'.repeat(n / 2)],
   ['X-Forwarded-For entry: x  ...  x', withoutOws, (n) => `x${' '.repeat(n - 2)}x`, (n) => 'x/'.repeat(n / 2)],
+  ['URL query shown: //...//x', (s) => s.replace(URL_QUERY, ''), (n) => `${'/'.repeat(n - 1)}x`, (n) => 'x/'.repeat(n / 2)],
 ]
 
 /** Milliseconds of one `fn(text)`, the median of ROUNDS. */

@@ -5,7 +5,7 @@ import t from 'tap'
 import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES } from '../core/http.ts'
 import { displayUrl } from '../core/integrations/http.ts'
-import { refuseChangedNumbers } from '../core/validate.ts'
+import { refuseChangedNumbers, showValue, URL_QUERY } from '../core/validate.ts'
 import { withoutOws } from '../gateway/client-address.ts'
 import { outerPrefix } from '../gateway/forward.ts'
 
@@ -90,4 +90,24 @@ t.test("an X-Forwarded-For entry: without the spaces and tabs around it, and not
     ['198.51.100.7\r', '198.51.100.7\r'],
   ]
   for (const [entry, plain] of cases) t.equal(withoutOws(entry), plain, JSON.stringify(entry))
+})
+
+t.test("a URL's query in a value shown: the same pieces found, from the first `//` of a run only", async (t) => {
+  // The pattern before (found by a review): tried from every `//` of a run that no `?` ends.
+  const before = /(\/\/[^\s"?#]*\?)([^\s"#]+)/g
+  const marked = (_: string, head: string, query: string) => `<${head}|${query}>`
+  // Each character of another role (`"`, `#` and white space end both parts, `?` the first).
+  const alphabet = ['/', '?', 'a', '"', '#', ' ']
+  let texts = ['']
+  for (let length = 1; length <= 7; length++) {
+    texts = texts.flatMap((text) => (text.length === length - 1 ? alphabet.map((c) => text + c) : [])).concat(texts)
+  }
+  let differing = 0
+  for (const text of texts) if (text.replace(URL_QUERY, marked) !== text.replace(before, marked)) differing++
+  t.equal(differing, 0, `every text of up to 7 of ${JSON.stringify(alphabet.join(''))}: ${texts.length}`)
+  for (const text of ['http://h/x?a=1&b=2', 'https://u:p@h//x?t=s#f', '///a?q', 'a//b//c?x=1 //d?y', `${'/'.repeat(50)}x?a=1`, `${'/'.repeat(50)}x`]) {
+    t.equal(text.replace(URL_QUERY, marked), text.replace(before, marked), text)
+  }
+  t.equal(showValue('https://h/hook?token=abc&x'), '"https://h/hook?token=<hidden>&<hidden>"')
+  t.equal(showValue(`${'/'.repeat(50)}x`), JSON.stringify(`${'/'.repeat(50)}x`))
 })
