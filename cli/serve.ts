@@ -38,6 +38,8 @@ import type { Redis } from 'ioredis'
 import { createGateway, type Gateway } from '../gateway/index.ts'
 import { exposureWarning, Router, shortcutWarning } from '../gateway/route.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, parse, parseIntFlag, refuseFlags, type Io } from './io.ts'
+import { PACKAGE_ROOT } from '../core/package.ts'
+import { join } from 'node:path'
 
 /** How often the `--workers` primary reads its workers' counters between scrapes: what a killed worker counted since is lost. */
 const METRICS_REFRESH_MS = 5000
@@ -63,6 +65,8 @@ type Role = { gateway: boolean; admin: boolean }
 
 /** How long a `--workers` worker waits for its primary to hand it the configuration. */
 const CONFIG_FROM_PRIMARY_MS = 10_000
+/** What each `--workers` worker loads before anything else: bin/worker-preload.cjs says why. */
+const WORKER_PRELOAD = join(PACKAGE_ROOT, 'bin', 'worker-preload.cjs')
 
 /** Why the log could not be written, once it could not (watchLog). */
 let logLost: Error | undefined
@@ -1407,7 +1411,8 @@ async function servePrimary(config: Config, log: Logger, io: Io, role: Role, wor
     // What every worker runs: this configuration, on the gateway address reserved above.
     const workerConfig: Config = { ...config, gateway: { ...config.gateway, listen: gateway } }
     const scheduler = role.admin ? startScheduler(config, runtime, log, ev.webhooks) : undefined
-    cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), silent: false })
+    // WORKER_PRELOAD: a send to this primary once it is gone does not end a worker with a stack trace.
+    cluster.setupPrimary({ exec: process.argv[1] as string, args: process.argv.slice(2), execArgv: [...process.execArgv, '--require', WORKER_PRELOAD], silent: false })
     for (let i = 0; i < workers; i++) fork()
     // The last counts of a worker that is killed are those of the last scrape or of this refresh,
     // which is also the workers' liveness check (see LIVENESS_MISSES).

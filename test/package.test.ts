@@ -50,7 +50,7 @@ t.test('npm pack, npm install, then the installed keygate creates a key and serv
   // The build's own output goes to stdout before npm's JSON.
   const [info] = JSON.parse(packed.stdout.slice(packed.stdout.indexOf('\n[') + 1)) as Array<{ filename: string; files: Array<{ path: string }> }>
   const files = (info?.files ?? []).map((f) => f.path)
-  for (const needed of ['bin/keygate.js', 'dist/bin/keygate.js', 'dist/cli/main.js', 'dist/core/embedded-worker.js', 'migrations/0001_keys_and_audit.sql', 'package.json', 'README.md', 'LICENSE']) {
+  for (const needed of ['bin/keygate.js', 'bin/worker-preload.cjs', 'dist/bin/keygate.js', 'dist/cli/main.js', 'dist/core/embedded-worker.js', 'migrations/0001_keys_and_audit.sql', 'package.json', 'README.md', 'LICENSE']) {
     t.ok(files.includes(needed), `the package holds ${needed}`)
   }
   t.notOk(files.some((f) => f.startsWith('test/') || f.startsWith('bench/') || f.endsWith('.ts')), 'and no tests, benchmarks or TypeScript sources')

@@ -334,3 +334,40 @@ t.test('--workers: a worker stopped on its own with SIGTERM tells the primary it
   t.equal(value(scrape.text, 'keygate_worker_restarts_total{reason="exited"}'), 1)
   t.equal(await serve.stop(), 0, 'exit 0')
 })
+
+t.test('--workers: a replacement whose primary is killed while it starts ends quietly, without an unhandled EPIPE (found by a review)', async (t) => {
+  // Before (found by a crash stress): the replacement asked its dead primary for the configuration;
+  // the send failed with EPIPE as an 'error' on cluster.worker that nothing heard, and the worker
+  // ended with Node's "Unhandled 'error' event" and a stack trace on the service's stderr.
+  const { cwd, env, upstream } = await workersSetUp(t, 'orphan', 0)
+  const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
+  const primary = serve.child.pid as number
+  const children = () => {
+    try {
+      return execFileSync('pgrep', ['-P', String(primary)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+    } catch {
+      return []
+    }
+  }
+  const workers = children()
+  process.kill(workers[0] as number, 'SIGKILL')
+  await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
+  // The replacement, forked a second later: killed with its primary while it still loads.
+  let replacement: number | undefined
+  while (replacement === undefined) {
+    replacement = children().find((pid) => !workers.includes(pid))
+    if (replacement === undefined) await sleep(5)
+  }
+  process.kill(primary, 'SIGKILL')
+  // The pipes close once the replacement, which shares them, has ended too.
+  await serve.exited
+  const ended = (pid: number) => {
+    try {
+      return processState(pid) === 'Z'
+    } catch {
+      return true
+    }
+  }
+  t.ok(ended(replacement), 'the replacement ended')
+  t.notMatch(serve.stderr(), /Unhandled 'error' event|EPIPE|ERR_IPC/, 'no unhandled error on stderr')
+})
