@@ -953,3 +953,21 @@ await forEachStore(
   },
   { kinds: ['embedded'] },
 )
+
+t.test('a check of more keys than a call takes arguments (150,000 in one interval) judges them all (found by a review)', async (t) => {
+  // Before: the tallies were gathered with push(...values), one argument each, and past some
+  // 120,000 V8 threw "Maximum call stack size exceeded": every check failed, its counts lost.
+  const db = await memoryDb({ migrated: true })
+  t.teardown(() => db.close())
+  const lines: Array<{ level: string; message: string; key_id?: string }> = []
+  const log = createLogger({ level: 'info', write: (l) => void lines.push(JSON.parse(l)) })
+  const thresholds = { ...DEFAULT_CONFIG.anomalies, request_rate_per_min: 1 }
+  const detector = new AnomalyDetector({ db, thresholds, channel: 'unused', log, checkIntervalMs: 0, ipv6PrefixBits: DEFAULT_CONFIG.rate_limits.ipv6_prefix_bits })
+  t.teardown(() => detector.close())
+  const now = Date.now()
+  for (let i = 0; i < 150_000; i++) detector.count(`k_many_${i}`, 'forwarded', now, '192.0.2.1', 200)
+  detector.count('k_many_149999', 'forwarded', now, '192.0.2.1', 200)
+  await detector.check()
+  t.same(lines.filter((l) => l.level === 'warn' && l.message !== 'anomaly detected').map((l) => l.message), [], 'the check did not fail')
+  t.same(lines.filter((l) => l.message === 'anomaly detected').map((l) => l.key_id), ['k_many_149999'], "the one key over the rate is found, the last counted")
+})
