@@ -256,7 +256,8 @@ function webSocketAccept(key: string): string {
 
 function timeoutCode(err: unknown): Verdict {
   const code = (err as { code?: unknown }).code
-  return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT' ? 'upstream_timeout' : 'upstream_unavailable'
+  // A body timeout here is an answer whose head came but none of its body in time (Exchange.onResponseStart).
+  return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_unavailable'
 }
 
 /**
@@ -311,13 +312,24 @@ function carriesKey(value: string | undefined, presented: string): boolean {
 /** The methods RFC 9110 §9.2.2 calls idempotent: a request of one may be sent again. */
 const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE', 'PUT', 'DELETE'])
 
+/** An upstream answer's head as the client gets it, not yet written (Exchange.onResponseStart). */
+interface Head {
+  statusCode: number
+  reason: string | undefined
+  fields: string[]
+}
+
 interface ExchangeHooks {
-  startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean
+  /** The upstream's answer head, checked and filtered for the client; undefined when the client is gone or the answer was refused (then answered). */
+  startResponse(s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): Head | undefined
+  /** Writes the head startResponse gave, and counts the request forwarded. */
+  writeHead(s: RequestState, head: Head): void
   /** Sends the request of `exchange` again, on its route's pool (Exchange.onResponseError). */
   retry(s: RequestState, exchange: Exchange, request: Dispatcher.DispatchOptions): void
   /** The upstream sent 103 Early Hints. */
   earlyHints(s: RequestState, headers: IncomingHttpHeaders): void
-  failed(s: RequestState, err: Error): void
+  /** `headCame`: the upstream's answer head came, and was not passed on (none of its body came). */
+  failed(s: RequestState, err: Error, headCame: boolean): void
   /** The client went away before the answer's head was written. */
   clientClosed(s: RequestState): void
   /** The client's socket was full for the first time in this answer: from now on, it is watched for taking none of it. */
@@ -367,6 +379,8 @@ class Exchange implements Dispatcher.DispatchHandler {
   #done = false
   #answered = false
   #bodyError: Error | undefined
+  /** The answer's head, until the first byte of its body (or its end) is passed on. */
+  #head: Head | undefined
   #answerTimer: NodeJS.Timeout | undefined
   /** Whether the upstream sent a response head (a 1xx included). */
   #heard = false
@@ -418,16 +432,32 @@ class Exchange implements Dispatcher.DispatchHandler {
     }
     this.#answered = true
     clearTimeout(this.#answerTimer)
-    if (!this.#hooks.startResponse(this.#s, statusCode, headers, statusMessage)) {
+    const head = this.#hooks.startResponse(this.#s, statusCode, headers, statusMessage)
+    if (head === undefined) {
       this.#done = true
       controller.abort(CLIENT_GONE)
       return
     }
+    // Written with the first byte of the body, or at its end: Node holds a head back until then
+    // anyway, so an answer that breaks off before any of its body came has given the client
+    // nothing, and is answered as a failure before the head (502, 504). Before (found by an
+    // upstream fuzzing review), it was written here, and such an answer reached the client as a
+    // closed connection alone, counted forwarded with the upstream's status.
+    this.#head = head
     this.#streaming = true
+  }
+
+  /** Writes the answer's head, once. */
+  #passHead(): void {
+    const head = this.#head
+    if (head === undefined) return
+    this.#head = undefined
+    this.#hooks.writeHead(this.#s, head)
   }
 
   onResponseData(controller: Dispatcher.DispatchController, chunk: Buffer): void {
     if (!this.#streaming) return
+    this.#passHead()
     const res = this.#s.res as NonNullable<RequestState['res']>
     if (!res.write(chunk)) {
       controller.pause()
@@ -458,6 +488,7 @@ class Exchange implements Dispatcher.DispatchHandler {
       res._last = true
       closeWhenAnswered(s.req)
     }
+    this.#passHead()
     res.end()
   }
 
@@ -490,7 +521,10 @@ class Exchange implements Dispatcher.DispatchHandler {
     }
     this.#done = true
     this.#streaming = false
-    this.#hooks.failed(this.#s, err)
+    // A head not written yet was never passed on: failed() answers as before any head.
+    const headCame = this.#head !== undefined
+    this.#head = undefined
+    this.#hooks.failed(this.#s, err, headCame)
   }
 
   /** The response closed: finished, or the client went away (then the upstream request is aborted). */
@@ -672,8 +706,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     return true
   }
 
-  /** The response head: upstream latency, headers filtered and completed, written; false when the client is gone. */
-  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): boolean => {
+  /** The response head: upstream latency, headers filtered and completed (Exchange writes it with writeHead); undefined when the client is gone or the answer is refused. */
+  const startResponse = (s: RequestState, statusCode: number, headers: IncomingHttpHeaders, statusMessage: string | undefined): Head | undefined => {
     const res = s.res as NonNullable<RequestState['res']>
     const route = s.route as CompiledRoute
     const m = routeMetrics[route.index] as RouteMetrics
@@ -681,17 +715,19 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     m.upstreamStatus[(statusCode / 100) | 0]?.inc()
     if (res.destroyed) {
       recordClientClosed(ctx, s)
-      return false
+      return undefined
     }
     if (codedBeyondChunked(s, route, headers)) {
       sendError(ctx, s, 'upstream_unavailable')
-      return false
+      return undefined
     }
-    const out = answerFields(s, route, statusCode, headers)
-    if (ctx.closing) out.push('connection', 'close')
-    res.writeHead(statusCode, reasonFor(statusCode, statusMessage), out)
-    record(ctx, s, 'forwarded', statusCode)
-    return true
+    return { statusCode, reason: reasonFor(statusCode, statusMessage), fields: answerFields(s, route, statusCode, headers) }
+  }
+
+  const writeHead = (s: RequestState, head: Head): void => {
+    if (ctx.closing) head.fields.push('connection', 'close')
+    ;(s.res as NonNullable<RequestState['res']>).writeHead(head.statusCode, head.reason, head.fields)
+    record(ctx, s, 'forwarded', head.statusCode)
   }
 
   /** An upstream's 103, passed on to an HTTP/1.1 client (an HTTP/1.0 one cannot take a 1xx: RFC 9110 §15.2), its hop-by-hop fields dropped. */
@@ -721,7 +757,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     ctx.log.warn('upstream response broke off after its head was passed on; the client connection is closed', { request_id: s.id, route: route.name, err })
   }
 
-  const failed = (s: RequestState, err: Error): void => {
+  const failed = (s: RequestState, err: Error, headCame: boolean): void => {
     const res = s.res as NonNullable<RequestState['res']>
     if (clientGone(s)) {
       recordClientClosed(ctx, s)
@@ -751,6 +787,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     // The upstream answered, with a head too large to take: said so, not "could not be reached"
     // (before, found by a review: a 17 KB Set-Cookie was that, at undici's 16 KiB default).
     if (code === 'UND_ERR_HEADERS_OVERFLOW') s.message = `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
+    else if (headCame) s.message = code === 'UND_ERR_BODY_TIMEOUT' ? "The upstream's answer brought none of its body in time." : "The upstream's answer broke off before any of its body came."
     sendError(ctx, s, timeoutCode(err))
   }
 
@@ -845,7 +882,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     const stop = watchSend(s, res.socket)
     if (stop !== undefined) res.once('finish', stop).once('close', stop)
   }
-  const hooks: ExchangeHooks = { startResponse, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s), held }
+  const hooks: ExchangeHooks = { startResponse, writeHead, earlyHints, failed, retry, clientClosed: (s) => recordClientClosed(ctx, s), held }
   const forwarder: Forwarder = {
     tunnels,
     forward(s) {

@@ -358,6 +358,45 @@ t.test('an upstream response that breaks off after its head: the client connecti
   t.match(warned[0], { route: 'live', request_id: String })
 })
 
+t.test('an upstream answer that breaks off after its head but before any of its body is answered 502 or 504, not a bare close (found by an upstream fuzzing review)', async (t) => {
+  // Node holds a response head back until the first byte of its body: before, such an answer
+  // reached the client as a closed connection and nothing else, and was counted forwarded with the
+  // upstream's status and logged as broken off "after its head was passed on", which it never was.
+  const lines: string[] = []
+  const h = await startGateway(t, {
+    sharedStore: true,
+    log: createLogger({ level: 'warn', write: (line) => lines.push(line) }),
+    upstream: (req, res) => {
+      res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '10' })
+      res.flushHeaders()
+      // A reset right after the head, or no body at all within the route's timeout.
+      if (req.url === '/reset') setTimeout(() => req.socket.destroy(), 50)
+    },
+    routes: [
+      { name: 'stall', path: '/stall', upstream: '{upstream}', timeout_ms: 300 },
+      { name: 'live', path: '/', upstream: '{upstream}' },
+    ],
+  })
+  const k = await h.key()
+  for (const [path, status, code] of [['/reset', 502, 'upstream_unavailable'], ['/stall', 504, 'upstream_timeout']] as const) {
+    const text = await rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: close\r\n\r\n`)
+    t.match(text, new RegExp(`^HTTP/1\\.1 ${status} `), `${path}: answered ${status}`)
+    let body: { error?: { code?: string; request_id?: string } } | undefined
+    try {
+      body = JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4))
+    } catch {}
+    t.equal(body?.error?.code, code, `${path}: ${code}`)
+    t.match(text, new RegExp(`\r\nx-request-id: ${body?.error?.request_id ?? 'none'}\r\n`, 'i'), 'with its request id')
+  }
+  const metrics = await h.metrics.registry.metrics()
+  t.match(metrics, /keygate_gateway_requests_total\{route="live",outcome="upstream_unavailable"\} 1\n/)
+  t.match(metrics, /keygate_gateway_requests_total\{route="stall",outcome="upstream_timeout"\} 1\n/)
+  t.match(metrics, /keygate_gateway_requests_total\{route="live",outcome="forwarded"\} 0\n[^]*keygate_gateway_requests_total\{route="stall",outcome="forwarded"\} 0\n|keygate_gateway_requests_total\{route="stall",outcome="forwarded"\} 0\n[^]*keygate_gateway_requests_total\{route="live",outcome="forwarded"\} 0\n/, 'not counted forwarded')
+  t.notMatch(metrics, /keygate_upstream_cut_off_total\{route="(live|stall)"\} [1-9]/, 'nor cut off')
+  t.match(metrics, /keygate_upstream_responses_total\{route="live",class="2xx"\} 1\n/, 'the upstream did answer')
+  t.equal(lines.map((l) => JSON.parse(l)).filter((l) => l.message.startsWith('upstream response broke off')).length, 0, 'no break after a head passed on is logged')
+})
+
 t.test("an upstream's answer other than 101 to a WebSocket upgrade that breaks off after its head: the same, within the route's timeout (found by a review)", async (t) => {
   // Before, such a break was neither logged nor counted, and a pause waited for undici's own
   // body timeout of 300 s, not the route's timeout_ms.
