@@ -54,10 +54,10 @@ function groupHelp<C>(group: string, commands: Record<string, Command<C>>): stri
 }
 
 /** The configuration from the file, the environment and every config flag the command declared. */
-export function configFrom(p: Parsed, io: Io, onlyFile = false): Config {
+export function configFrom(p: Parsed, io: Io, options: { onlyFile?: boolean; viaAdminUrl?: boolean } = {}): Config {
   const flags: Record<string, string | undefined> = {}
   for (const name of FLAG_NAMES) if (typeof p.values[name] === 'string') flags[name] = p.values[name] as string
-  const config = loadConfig({ file: p.values.config as string | undefined, env: io.env, onlyFile, flags })
+  const config = loadConfig({ file: p.values.config as string | undefined, env: io.env, onlyFile: options.onlyFile === true, viaAdminUrl: options.viaAdminUrl === true, flags })
   hideConfigSecrets(config)
   return config
 }
@@ -171,7 +171,8 @@ export async function runGroup<C>(
   }
   refuseEmptyTarget(p, sub)
   const action = sub.prepare(p)
-  const config = configFrom(p, io)
+  // With an admin URL, a store flag is refused below as one the admin API makes no use of.
+  const config = configFrom(p, io, { viaAdminUrl: true })
   if (config.admin.url) {
     // A running server owns the store: go through its admin API instead of opening it. A store
     // named on the command line contradicts that: before, the flag was ignored and the change

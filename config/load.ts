@@ -34,6 +34,12 @@ export interface LoadOptions {
    * and a `--workers` worker; `config check`, for it): they must not take one address.
    */
   bothListeners?: boolean
+  /**
+   * The command goes through the admin API when admin.url is set, and then refuses a store named
+   * on its command line itself (cli/main.ts runGroup): `--data-dir` beside a database URL is not
+   * refused here as the one PostgreSQL overrides, since then neither is used.
+   */
+  viaAdminUrl?: boolean
 }
 
 export interface Leaf {
@@ -646,7 +652,9 @@ export function loadConfig(options: LoadOptions = {}): Config {
   // --data-dir DIR` with DATABASE_URL set made its key where the server on DIR never saw it.
   // (KEYGATE_DATA_DIR or the file's data_dir beside a database URL is a deployment's default.)
   const databaseUrl = (merged.store as Record<string, unknown> | undefined)?.database_url
-  if (origins.get('store.data_dir') === '--data-dir' && typeof databaseUrl === 'string' && databaseUrl !== '') {
+  const adminUrl = (merged.admin as Record<string, unknown> | undefined)?.url
+  const throughAdmin = options.viaAdminUrl === true && typeof adminUrl === 'string' && adminUrl !== ''
+  if (!throughAdmin && origins.get('store.data_dir') === '--data-dir' && typeof databaseUrl === 'string' && databaseUrl !== '') {
     const named = origins.get('store.database_url') ?? 'the configuration file'
     problems.push(`--data-dir (store.data_dir): names the embedded store's folder, but ${named} names PostgreSQL (store.database_url), which would be used; leave out --data-dir, or the database URL to use the embedded store`)
   }

@@ -593,6 +593,33 @@ t.test('a store named on the command line while the admin URL is set is a usage 
   t.notOk(existsSync(dataDir), 'no store opened')
 })
 
+t.test('--data-dir through an admin API, DATABASE_URL in the environment, is refused as a store flag the admin API makes no use of', async (t) => {
+  // Before (found by a review): told that DATABASE_URL "names PostgreSQL, which would be used;
+  // leave out --data-dir, or the database URL to use the embedded store", where the command used
+  // neither (through an admin API DATABASE_URL is not used), and leaving out the database URL
+  // only led to the refusal below. The same command with the store opened here is told as before.
+  const dir = tempDir()
+  const dataDir = join(dir, 'named')
+  const url = 'postgres://postgres@127.0.0.1:5432/nowhere'
+  const file = join(dir, 'remote.yaml')
+  writeFileSync(file, `admin:\n  url: http://127.0.0.1:9\nstore:\n  database_url: ${url}\n`)
+  for (const [args, env] of [
+    [['api-key', 'list', '--data-dir', dataDir], { KEYGATE_ADMIN_URL: 'http://127.0.0.1:9', DATABASE_URL: url }],
+    [['deny-list', 'list', '--admin-url', 'http://127.0.0.1:9', '--data-dir', dataDir], { DATABASE_URL: url }],
+    [['gitea', 'list', '--admin-url', 'http://127.0.0.1:9', '--data-dir', dataDir], { DATABASE_URL: url }],
+    [['api-key', 'get', 'AAAAAAAAAAAA', '--config', file, '--data-dir', dataDir], {}],
+  ] as const) {
+    const r = await runCliHere([...args, '--json'], { env: isolated({ KEYGATE_ADMIN_TOKEN: 'x'.repeat(20), ...env }) })
+    t.equal(r.code, 2, `${args.join(' ')}: exit 2`)
+    t.match(r.stderr, /^keygate: --data-dir: the command goes through the admin API at http:\/\/127\.0\.0\.1:9 \(KEYGATE_ADMIN_URL or --admin-url\), which opens no store here/, `${args.join(' ')}: says why`)
+  }
+  // Without the admin API, the flag beside DATABASE_URL is refused as the one PostgreSQL overrides, as before.
+  const migrate = await runCliHere(['migrate', '--data-dir', dataDir], { env: isolated({ KEYGATE_ADMIN_URL: 'http://127.0.0.1:9', DATABASE_URL: url }) })
+  t.equal(migrate.code, 2, 'migrate, which never goes through an admin API')
+  t.match(migrate.stderr, /DATABASE_URL names PostgreSQL \(store\.database_url\), which would be used/)
+  t.notOk(existsSync(dataDir), 'no store opened')
+})
+
 t.test('an admin URL without an admin credential is refused naming where the URL was given', async (t) => {
   // Before (found by a review): always "KEYGATE_ADMIN_URL is set", for --admin-url and the
   // file's admin.url too, where that variable was not set at all.
