@@ -442,6 +442,9 @@ await forEachStore(t, async (t: Test, store) => {
     const snapshot = await rowJson(db, expiring.record.id)
     const revive = await rejection(s.keys.update(expiring.record.id, { expires_at: new Date(s.clock.now().getTime() + 24 * HOUR).toISOString() }, actor))
     t.equal(revive.code, 'key_not_active', 'an expired key cannot be brought back by moving its expiry')
+    // Said as when the scheduler has marked it expired (before, found by a review: "has expired",
+    // where a key the scheduler had reached was "is expired").
+    t.equal(revive.message, `key ${expiring.record.id} is expired and can no longer be changed`)
     t.equal(await rowJson(db, expiring.record.id), snapshot)
     t.match(await s.keys.validate(expiring.key), { valid: false, code: 'key_expired' })
   })
@@ -622,7 +625,9 @@ await forEachStore(t, async (t: Test, store) => {
     t.equal((await s.keys.validate(expiring.key)).valid, true, 'valid until the last millisecond')
     s.clock.set(new Date(T0.getTime() + HOUR))
     t.same(await s.keys.validate(expiring.key), { valid: false, code: 'key_expired', reason: 'expired', keyId: expiring.record.id })
-    t.equal((await rejection(s.keys.rotate(expiring.record.id, {}, actor))).code, 'key_not_active', 'an expired key cannot be rotated')
+    const refused = await rejection(s.keys.rotate(expiring.record.id, {}, actor))
+    t.equal(refused.code, 'key_not_active', 'an expired key cannot be rotated')
+    t.equal(refused.message, `key ${expiring.record.id} is expired and cannot be rotated`, 'said as when the scheduler has marked it expired')
   })
 
   t.test('validate: CIDR binding', async (t) => {

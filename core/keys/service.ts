@@ -595,7 +595,7 @@ export class KeyService {
       const now = this.#now()
       if (old.status === 'revoked' || old.status === 'expired') throw new KeygateError('key_not_active', `key ${id} is ${old.status} and can no longer be changed`)
       if (old.status === 'rotating') throw new KeygateError('key_not_active', `key ${id} was rotated${await this.#useInstead(tx, old, now, 'change')}`)
-      if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and can no longer be changed`)
+      if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} is expired and can no longer be changed`)
       const own = differing(asked, old)
       const fields = new Set(own.map((c) => c.field))
       // A rotation deadline announced under the old interval no longer applies: the scheduler
@@ -725,7 +725,7 @@ export class KeyService {
       // though its row says rotating until the scheduler's next round (before, found by a review,
       // the refusal said "is rotating" where get and list said expired).
       if (old.status !== 'active') throw new KeygateError('key_not_active', `key ${id} is ${statusAt(old, now)} and cannot be rotated${await this.#useInstead(tx, old, now, 'rotate')}`)
-      if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} has expired and cannot be rotated`)
+      if (old.expiresAt && old.expiresAt <= now) throw new KeygateError('key_not_active', `key ${id} is expired and cannot be rotated`)
       const fresh = await this.#insert(tx, {
         ...old,
         id: generated.id,
