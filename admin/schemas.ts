@@ -195,9 +195,12 @@ export async function auditPage(
   return { items: page.items.map(auditJson), next_cursor: page.nextCursor }
 }
 
+/** What resolveRange refuses in `from`, for the document of each `from` it reads. */
+export const RANGE_RULE = 'It must be before `to`, at most 366 days before it (else 400 `validation_failed`).'
+
 /** Time-range query parameters of the reports. */
 export const RangeQuery = {
-  from: Type.Optional(DateTime('Start of the range (default: 24 hours before `to`). Counts are hourly: the hour holding `from` is included.')),
+  from: Type.Optional(DateTime(`Start of the range (default: 24 hours before \`to\`). Counts are hourly: the hour holding \`from\` is included. ${RANGE_RULE}`)),
   to: Type.Optional(DateTime('End of the range, exclusive (default: now).')),
 }
 

@@ -422,3 +422,33 @@ t.test('/docs: Swagger UI from the package, no CDN', async (t) => {
   t.equal(slashed.status, 200, '/docs/ too')
   t.equal(slashed.text, page.text, 'the same page')
 })
+
+// Where a range's `from` is refused for what it is beside `to` (after it, or more than 366 days
+// before it), the document says so: before (found by a review of the document against the
+// served API), the reports said neither, and the retry of deliveries not the first, so a range
+// the document took was refused 400.
+t.test("every range the API refuses for its from and to, the document's from refuses in words", async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db, { config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
+  const doc = followRefs((await h.call('GET', '/openapi.json', { auth: null })).json)
+  const receiver = await startUpstream(t)
+  const hook = (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/hook`, events: ['key.revoked'] } })).json
+  const to = new Date('2027-01-31T12:00:00Z')
+  const ranged = OPERATIONS.filter((op) => ['from', 'to'].every((f) => f in (op.query?.properties ?? {}) || f in ((op.body as { properties?: object } | undefined)?.properties ?? {})))
+  t.ok(ranged.length >= 4, `the operations with a range: ${ranged.map((op) => op.id).join(', ')}`)
+  for (const op of ranged) {
+    const o = doc.paths[op.path][op.method.toLowerCase()]
+    const inQuery = 'from' in (op.query?.properties ?? {})
+    const said: string = inQuery ? o.parameters.find((p: any) => p.in === 'query' && p.name === 'from').description : o.requestBody.content['application/json'].schema.properties.from.description
+    for (const [what, from, words] of [
+      ['from equal to to', to, /must be before `to`/],
+      ['a range of 367 days', new Date(to.getTime() - 367 * 86_400_000), /at most 366 days/],
+    ] as const) {
+      const range = { from: from.toISOString(), to: to.toISOString() }
+      const path = op.path.replace('{id}', hook.id)
+      const a = inQuery ? await h.call(op.method, `${path}?${new URLSearchParams(range)}`) : await h.call(op.method, path, { body: range })
+      t.equal(`${a.status} ${a.json?.error?.code} ${a.json?.error?.details?.fields?.[0]?.field}`, '400 validation_failed from', `${op.id}: ${what} is refused`)
+      t.match(said, words, `${op.id}: and its documented from says so`)
+    }
+  }
+})

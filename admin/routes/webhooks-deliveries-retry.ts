@@ -2,7 +2,7 @@
 // what a receiver missed in an outage longer than the retries.
 import { Type } from '@sinclair/typebox'
 import { defineOperation } from '../operation.ts'
-import { resolveRange, WebhookIdParam } from '../schemas.ts'
+import { RANGE_RULE, resolveRange, WebhookIdParam } from '../schemas.ts'
 
 export default defineOperation({
   id: 'retryFailedWebhookDeliveries',
@@ -17,7 +17,7 @@ export default defineOperation({
   bodyRequired: false,
   body: Type.Object(
     {
-      from: Type.Optional(Type.String({ format: 'date-time', description: 'Deliveries queued from this time on (default: 24 hours before `to`).' })),
+      from: Type.Optional(Type.String({ format: 'date-time', description: `Deliveries queued from this time on (default: 24 hours before \`to\`). ${RANGE_RULE}` })),
       to: Type.Optional(Type.String({ format: 'date-time', description: 'Deliveries queued before this time (default: now).' })),
     },
     { additionalProperties: false },
