@@ -13,7 +13,7 @@ import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { EVENT_TYPES } from '../core/events.ts'
 import { KEY_ID_PATTERN } from '../core/keys/format.ts'
 import { DELIVERY_ID_PATTERN, WEBHOOK_ID_PATTERN } from '../core/webhooks.ts'
-import { firstCharacters, PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
+import { firstCharacters, NO_KEY_IN, PRINTABLE, URL_AS_WRITTEN } from '../core/validate.ts'
 
 const Nullable = <T extends TSchema>(s: T, description?: string) => Type.Union([s, Type.Null()], description ? { description } : {})
 const DateTime = (description?: string) => Type.String({ format: 'date-time', ...(description ? { description } : {}) })
@@ -234,10 +234,10 @@ export const AnomalySchema = Type.Object({
 
 /** The fields a webhook is registered and changed with (POST and PATCH /v1/webhooks). */
 export const WebhookFields = {
-  url: Type.String({ minLength: 1, maxLength: 2048, pattern: URL_AS_WRITTEN, description: 'http or https URL of the receiver, as it is requested: no spaces, line breaks, backslashes or control characters (percent-encode them).' }),
+  url: Type.String({ minLength: 1, maxLength: 2048, pattern: URL_AS_WRITTEN, description: `http or https URL of the receiver, as it is requested: no spaces, line breaks, backslashes or control characters (percent-encode them). ${NO_KEY_IN}` }),
   // At most one of each (a longer list has a repeat): bounded, so a body of thousands is refused at the count.
   events: Type.Array(Type.Union(EVENT_TYPES.map((e) => Type.Literal(e))), { minItems: 1, maxItems: EVENT_TYPES.length, uniqueItems: true, description: 'The events it receives.' }),
-  description: Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()]),
+  description: Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()], { description: `A note on the webhook (no control or invisible format characters); null for none. ${NO_KEY_IN}` }),
 }
 
 export const WebhookSchema = Type.Object({

@@ -2,7 +2,7 @@
 // every error it can answer, the request headers it reads and what keygate's string formats
 // allow; real answers match the documented schemas, and carry no header their response leaves
 // out; /docs serves Swagger UI and its assets from the installed package.
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
@@ -31,6 +31,18 @@ function formatted(node: unknown, out: Array<Record<string, unknown>> = []): Arr
   if (typeof (node as { format?: unknown }).format === 'string') out.push(node as Record<string, unknown>)
   for (const v of Object.values(node)) formatted(v, out)
   return out
+}
+
+/**
+ * An admin API over the embedded store, with Gitea on a fake and webhooks taking 127.0.0.1, and
+ * the document it serves: as served, with its references followed, and a validator over it.
+ */
+async function servedWithGitea(t: Test) {
+  const store = await openStore(t, 'embedded')
+  const { gitea } = await giteaOnFake(t, store.db)
+  const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
+  const served = (await h.call('GET', '/openapi.json', { auth: null })).json
+  return { store, h, served, doc: followRefs(served), validator: documentValidator(served) }
 }
 
 t.test('the OpenAPI document', async (t) => {
@@ -187,12 +199,7 @@ const ANSWERED_ELSEWHERE = new Set(['createN8nKey', 'listN8nKeys', 'verifyN8nKey
 // against the TypeBox schemas in the code (Value.Errors), which could say otherwise than the
 // document made from them, and error answers not at all.
 t.test('real answers match the documented schemas', async (t) => {
-  const store = await openStore(t, 'embedded')
-  const { gitea } = await giteaOnFake(t, store.db)
-  const h = await startAdmin(t, store.db, { gitea, config: { webhooks: { allow_private: ['127.0.0.1/32'] } } })
-  const served = (await h.call('GET', '/openapi.json', { auth: null })).json
-  const doc = followRefs(served)
-  const validator = documentValidator(served)
+  const { store, h, served, doc, validator } = await servedWithGitea(t)
   const documented = (op: { path: string; method: string }, status: number) => doc.paths[op.path][op.method.toLowerCase()].responses[status]
   const token = (await h.call('POST', '/v1/gitea/tokens', { body: { name: 'sample', scopes: ['read:user'] } })).json
   const key = (await h.call('POST', '/v1/keys', { body: { name: 'sample', type: 'service', expires_at: new Date(Date.now() + 86_400_000).toISOString() } })).json
@@ -450,5 +457,43 @@ t.test("every range the API refuses for its from and to, the document's from ref
       t.equal(`${a.status} ${a.json?.error?.code} ${a.json?.error?.details?.fields?.[0]?.field}`, '400 validation_failed from', `${op.id}: ${what} is refused`)
       t.match(said, words, `${op.id}: and its documented from says so`)
     }
+  }
+})
+
+// A text field refused for holding what looks like a keygate key (core/validate.ts's refuseKeyIn)
+// says so in the document: before (found by a review of the document against the served API),
+// the README said it and the document did not, so a name, reason or URL the document took was
+// refused 400. Every field of every body is tried with a key in it, in a value its schema takes.
+t.test('every body field the API refuses for holding a key, the document says so of', async (t) => {
+  const { h, doc, validator } = await servedWithGitea(t)
+  const receiver = await startUpstream(t)
+  const key = (await h.call('POST', '/v1/keys', { body: { name: 'held', type: 'user' } })).json.key as string
+  const hook = (await h.call('POST', '/v1/webhooks', { body: { url: `http://127.0.0.1:${receiver.port}/hook`, events: ['key.revoked'] } })).json
+  const withKey = [key, `about ${key}`, { note: key }, `http://127.0.0.1:${receiver.port}/hook?api_key=${key}`]
+  const refused: string[] = []
+  for (const op of OPERATIONS) {
+    if (!op.body) continue
+    const method = op.method.toLowerCase()
+    const body = doc.paths[op.path][method].requestBody.content['application/json']
+    const at = ['paths', op.path, method, 'requestBody', 'content', 'application/json', 'schema']
+    // The fields of the body, and of an import's row.
+    const rows = body.schema.properties.rows?.items
+    const fields: Array<[string, any, (v: unknown) => Record<string, unknown>]> = [
+      ...Object.entries(body.schema.properties as Record<string, any>).filter(([name]) => name !== 'rows').map(([name, s]) => [name, s, (v: unknown) => ({ ...body.example, [name]: v })] as [string, any, (v: unknown) => Record<string, unknown>]),
+      ...Object.entries((rows?.properties ?? {}) as Record<string, any>).map(([name, s]) => [name, s, (v: unknown) => ({ ...body.example, rows: [{ ...body.example.rows[0], key_hash: createHash('sha256').update(randomUUID()).digest('hex'), [name]: v }] })] as [string, any, (v: unknown) => Record<string, unknown>]),
+    ]
+    for (const [name, schema, made] of fields) {
+      const sent = withKey.map(made).find((b) => validator.problems(at, b).length === 0)
+      if (sent === undefined) continue
+      const path = op.path.replace('{id}', op.path.startsWith('/v1/webhooks') ? hook.id : (await h.call('POST', '/v1/keys', { body: { name: 'fresh', type: 'user' } })).json.id)
+      const a = await h.call(op.method, path, { body: sent })
+      if (a.status !== 400 || !JSON.stringify(a.json.error).includes('looks like a keygate')) continue
+      refused.push(`${op.id}.${name}`)
+      t.match(schema.description, /looks like a keygate API key/, `${op.id}: ${name}, refused with a key in it, says so in the document`)
+    }
+  }
+  // What the README names: a key's name, owner, metadata, a reason, a webhook's URL and description, a Gitea token's name.
+  for (const field of ['createKey.name', 'createKey.owner', 'createKey.metadata', 'updateKey.name', 'importKeys.name', 'revokeKey.reason', 'addDenyEntry.reason', 'createWebhook.url', 'createWebhook.description', 'updateWebhook.url', 'createGiteaToken.name']) {
+    t.ok(refused.includes(field), `${field} was tried and refused`)
   }
 })

@@ -6,7 +6,7 @@ import { normaliseCidr } from '../deny-list.ts'
 import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
-import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NAME_TEXT, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
+import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NAME_TEXT, NO_KEY_IN, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
 export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
@@ -19,18 +19,18 @@ export const KeyStatusSchema = Type.Union(KEY_STATUSES.map((t) => Type.Literal(t
 })
 
 /** No control characters (C0, DEL, C1) nor invisible format characters (core/validate.ts): PostgreSQL text cannot hold NUL, and the others would rewrite or reorder a terminal showing `api-key list`. */
-const Name = Type.String({ minLength: 1, maxLength: 200, pattern: NAME_TEXT, description: 'Human name of the key (something visible, not only spaces; no control or invisible format characters).' })
+const Name = Type.String({ minLength: 1, maxLength: 200, pattern: NAME_TEXT, description: `Human name of the key (something visible, not only spaces; no control or invisible format characters). ${NO_KEY_IN}` })
 const Scopes = Type.Array(Scope, { uniqueItems: true, maxItems: 100, description: 'Scopes granted to the key.' })
-const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: NAME_TEXT }), Type.Null()], { description: 'Who the key belongs to.' })
+const Owner = Type.Union([Type.String({ minLength: 1, maxLength: 200, pattern: NAME_TEXT }), Type.Null()], { description: `Who the key belongs to. ${NO_KEY_IN}` })
 /** Why a key was revoked: shown by `api-key get`, so printable like a name. */
 export const RevokeBody = Type.Object(
-  { reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE, description: 'Why (no control or invisible format characters); kept with the key and in the audit log.' })) },
+  { reason: Type.Optional(Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE, description: `Why (no control or invisible format characters); kept with the key and in the audit log. ${NO_KEY_IN}` })) },
   { additionalProperties: false },
 )
 export type RevokeInput = Static<typeof RevokeBody>
 /** The longest key of a key's metadata (checked by the key service: a Record's key schema bounds nothing). */
 export const METADATA_KEY_MAX = 100
-const Metadata = Type.Record(Type.String(), Type.Unknown(), { description: `Free-form JSON attached to the key (at most 8 KiB; keys of at most ${METADATA_KEY_MAX} characters).` })
+const Metadata = Type.Record(Type.String(), Type.Unknown(), { description: `Free-form JSON attached to the key (at most 8 KiB; keys of at most ${METADATA_KEY_MAX} characters). ${NO_KEY_IN}` })
 const Cidrs = Type.Array(Type.String({ format: 'cidr' }), {
   maxItems: 100,
   description:
