@@ -9,7 +9,7 @@ import { sqlState, UNDEFINED_TABLE } from './db.ts'
 import type { Actor, AuditLog } from './audit.ts'
 import { fieldInvalid, KeygateError } from './errors.ts'
 import { hostBitsProblem } from './formats.ts'
-import { characterCount, NO_KEY_IN, PRINTABLE, refuseKeyIn, shownInput } from './validate.ts'
+import { characterCount, NO_KEY_IN, NOT_PAST, PRINTABLE, refuseKeyIn, shownInput } from './validate.ts'
 import { randomBase62 } from './keys/format.ts'
 import { parseRange, type Range } from './keys/evaluate.ts'
 
@@ -49,7 +49,7 @@ export const AddDenyBody = Type.Object(
   {
     cidr: Type.String({ format: 'cidr', description: 'IPv4 or IPv6 address or CIDR range, a range written as its network (host bits set are refused, naming the network they would cover).' }),
     reason: Type.Optional(Type.Union([Type.String({ minLength: 1, maxLength: 500, pattern: PRINTABLE }), Type.Null()], { description: `Why (no control or invisible format characters); kept with the entry and in the audit log. ${NO_KEY_IN}` })),
-    expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'It stops applying then; omit or null for never.' })),
+    expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: `It stops applying then; omit or null for never. ${NOT_PAST}` })),
   },
   { additionalProperties: false },
 )

@@ -17,6 +17,9 @@ import { holdsKeyShape } from './keys/format.ts'
  * decodes it. (A UUID, the replaced system's key shape, is also an everyday id, so it
  * is not refused.)
  */
+/** What the document says of a time that must be ahead (an end: a key's, a deny entry's). */
+export const NOT_PAST = 'Not in the past (else 400 `validation_failed`).'
+
 /** What the document says of each field refuseKeyIn reads. */
 export const NO_KEY_IN = 'Refused (`validation_failed`) when it holds what looks like a keygate API key (of any prefix), as written or percent-decoded: name a key by its id.'
 

@@ -3,7 +3,7 @@
 // what Gitea knows and what the n8n instance allows, so an unknown scope gets its own error code.
 import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
-import { NAME_TEXT, NAME_TEXT_NO_MARKUP, NO_KEY_IN, NOT_DOT_SEGMENT } from '../validate.ts'
+import { NAME_TEXT, NAME_TEXT_NO_MARKUP, NO_KEY_IN, NOT_DOT_SEGMENT, NOT_PAST } from '../validate.ts'
 
 const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
 /** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
@@ -58,7 +58,7 @@ export const CreateN8nKeyBody = Type.Object(
   {
     label: Type.String({ minLength: 1, maxLength: 50, pattern: NAME_TEXT_NO_MARKUP, description: `Label of the key (n8n allows 50 UTF-16 units: an emoji counts as two; no control or invisible format characters), unique among the instance's keys. ${NO_KEY_IN}` }),
     scopes: Type.Array(ScopeName, { minItems: 1, maxItems: 100, uniqueItems: true, description: "Scopes from the instance's allowed list, such as `workflow:list`." }),
-    expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'When the key stops working (RFC 3339); null or absent for never.' })),
+    expires_at: Type.Optional(Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: `When the key stops working (RFC 3339); null or absent for never. ${NOT_PAST}` })),
   },
   { additionalProperties: false },
 )

@@ -6,7 +6,7 @@ import { normaliseCidr } from '../deny-list.ts'
 import '../formats.ts'
 import { nestsDeeper } from '../depth.ts'
 import { fieldInvalid } from '../errors.ts'
-import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NAME_TEXT, NO_KEY_IN, NOT_FINITE, pathWhere, PRINTABLE } from '../validate.ts'
+import { characterCount, dotted, firstCharacters, LONE_SURROGATE, loneSurrogateAt, MAX_JSON_DEPTH, NAME_TEXT, NO_KEY_IN, NOT_FINITE, NOT_PAST, pathWhere, PRINTABLE } from '../validate.ts'
 import { KEY_STATUSES, KEY_TYPES } from './types.ts'
 
 export const Scope = Type.String({ pattern: '^[a-z0-9][a-z0-9:._*-]{0,63}$', description: 'A scope such as `admin` or `orders:read`.' })
@@ -66,7 +66,9 @@ const RateLimitSchema = Type.Union(
   ],
   { description: "Overrides the key type's rate limit; null restores the default." },
 )
-const Expires = Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: 'When the key stops working (RFC 3339); null for never.' })
+/** When a key stops working, with what else the field's operation refuses in it (`more`). */
+const expires = (more: string) => Type.Union([Type.String({ format: 'date-time' }), Type.Null()], { description: `When the key stops working (RFC 3339); null for never. ${more}` })
+const Expires = expires(NOT_PAST)
 const RotationInterval = Type.Union([Type.Integer({ minimum: KEY_BOUNDS.rotationS.min, maximum: KEY_BOUNDS.rotationS.max }), Type.Null()], {
   description: 'Scheduled rotation: the key is due this many seconds after it was created.',
 })
@@ -124,8 +126,9 @@ export const ImportRow = Type.Object(
     metadata: orNull(Metadata),
     allowed_cidrs: orNull(Cidrs),
     rate_limit: Type.Optional(RateLimitSchema),
-    created_at: orNull(Type.String({ format: 'date-time', description: 'When the key was made in the replaced system; without it, at the import (or at its expires_at, when that has passed).' })),
-    expires_at: Type.Optional(Expires),
+    created_at: orNull(Type.String({ format: 'date-time', description: 'When the key was made in the replaced system; without it, at the import (or at its expires_at, when that has passed). Not in the future.' })),
+    // An imported key may have ended already (it is imported expired).
+    expires_at: Type.Optional(expires('It must be after `created_at`, when that is given.')),
   },
   { additionalProperties: false, description: 'One key. An optional field given as null is taken as not given (an SQL export writes null for an empty column).' },
 )
