@@ -6,6 +6,7 @@
 import type { TSchema } from '@sinclair/typebox'
 import { ERRORS, type ErrorCode } from '../core/errors.ts'
 import { formatDescription } from '../core/formats.ts'
+import { MAX_JSON_DEPTH, MAX_JSON_MEMBERS } from '../core/validate.ts'
 import { KeyStatusSchema, KeyTypeSchema } from '../core/keys/schemas.ts'
 import { GiteaTokenSchema, N8nKeySchema } from '../core/integrations/schemas.ts'
 import { COMMON_ERRORS, type Operation } from './operation.ts'
@@ -203,8 +204,9 @@ const ERROR_DETAILS = {
     'What a code has more to say, as members a client may read: for validation_failed (and webhook_url_refused), `fields`, each bad field with what is allowed (the first 20; `more` is true when the check stopped there); for import_invalid, `problems`, the lines of the message; for conflict on the deny list, `cidr`; for gitea_scope_unknown, `allowed` (and `unknown`, the scopes refused); for gitea_error and n8n_error, `status`, the HTTP status the service answered, where it did; for store_unavailable, `sqlstate`, the SQLSTATE PostgreSQL answered with, where it did (55P03 a lock_timeout set on the role or database, 57014 a statement cancelled, 53xxx the store out of resources, 25006 a read-only store, 40P01 a deadlock PostgreSQL broke: try again), and `unconfirmed` for a lockout lift Redis did not confirm; for audit_decrypt_failed, `integrity`. Members may be added: ignore those not known.',
 }
 
-/** What every request body must be, or be refused 415 unsupported_media_type (admin/api.ts). */
-const REQUEST_BODY = 'JSON in UTF-8 (a `charset` other than UTF-8 is refused; so are the patch documents `application/merge-patch+json` and `application/json-patch+json`: a PATCH body names the fields to set, each replaced whole), sent as is: a `Content-Encoding` other than `identity` is refused `415 unsupported_media_type`, with `Accept-Encoding: identity`.'
+/** What every request body must be, or be refused: 415 unsupported_media_type, or 400 for what no body may hold (admin/api.ts, core/validate.ts). */
+const REQUEST_BODY = 'JSON in UTF-8 (a `charset` other than UTF-8 is refused; so are the patch documents `application/merge-patch+json` and `application/json-patch+json`: a PATCH body names the fields to set, each replaced whole), sent as is: a `Content-Encoding` other than `identity` is refused `415 unsupported_media_type`, with `Accept-Encoding: identity`.' +
+  ` Whatever the schema, a body that nests deeper than ${MAX_JSON_DEPTH} levels or holds a NUL character (\`\\u0000\`) is refused \`400 bad_request\`; one that holds a lone UTF-16 surrogate, a member named twice in one object, an object of more than ${MAX_JSON_MEMBERS} members or a number beyond the range of a number (about ±1.8e308), \`400 validation_failed\`, naming where.`
 
 /**
  * The name of the error answer carrying `codes` under components.responses: the codes in

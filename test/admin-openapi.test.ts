@@ -545,3 +545,26 @@ t.test('every time a body field refuses for when it is, the document says so of'
     'updateKey.expires_at in the past',
   ], 'the times refused')
 })
+
+// What no body may hold, whatever its schema (admin/api.ts, core/validate.ts), every request body
+// of the document says: before (found by a review of the document against the served API), it
+// said none of it, and metadata, free-form JSON in the document, was refused 400 for each.
+t.test('what no body may hold, each request body of the document says', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const doc = followRefs((await h.call('GET', '/openapi.json', { auth: null })).json)
+  let deep: unknown = 1
+  for (let i = 0; i < 33; i++) deep = [deep]
+  const key = (metadata: string) => `{"name":"m","type":"user","metadata":${metadata}}`
+  for (const [what, raw, words] of [
+    ['nesting past 32 levels', key(JSON.stringify({ a: deep })), /nests deeper than 32 levels/],
+    ['a NUL character', key('{"a":"x\\u0000y"}'), /NUL character/],
+    ['a lone surrogate', key('{"a":"\\ud800"}'), /lone UTF-16 surrogate/],
+    ['a member named twice', key('{"a":1,"a":2}'), /member named twice/],
+    ['a number beyond a double', key('{"a":1e309}'), /beyond the range of a number/],
+  ] as const) {
+    const a = await h.call('POST', '/v1/keys', { raw, headers: { 'content-type': 'application/json' } })
+    t.equal(a.status, 400, `metadata with ${what} is refused: ${a.json?.error?.message}`)
+    for (const op of OPERATIONS) if (op.body) t.match(doc.paths[op.path][op.method.toLowerCase()].requestBody.description, words, `${op.id}: its request body says no body holds ${what}`)
+  }
+})
