@@ -205,7 +205,7 @@ const FORMATS: Record<string, [check: (v: string) => boolean, words: string, mor
     { detail: `${ADDRESS_DETAIL} A range is NETWORK/BITS, 0 to 32 bits for IPv4 and 0 to 128 for IPv6, without leading zeros, and without host bits (\`10.1.2.3/8\` is refused, naming 10.0.0.0/8); an address alone is one address (/32, /128).`, why: hostBitsProblem },
   ],
   ip: [(v) => !v.includes('/') && isCidrOrAddress(v), 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7', { detail: `${ADDRESS_DETAIL} No range (/BITS).` }],
-  'lockout-address': [isLockoutAddress, 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7, or an IPv6 network as the lockouts list it, such as 2001:db8:1:2::/64', { detail: `${ADDRESS_DETAIL} IPv6 clients are locked out per network (\`rate_limits.ipv6_prefix_bits\`): any address in it, or the network itself, names its lockout.` }],
+  'lockout-address': [isLockoutAddress, 'an IPv4 or IPv6 address such as 192.0.2.7 or 2001:db8::7, or an IPv6 network as the lockouts list it, such as 2001:db8:1:2::/64', { detail: `${ADDRESS_DETAIL} IPv6 clients are locked out per network (\`rate_limits.ipv6_prefix_bits\`): any address in it, or the network itself, names its lockout; a network of another size is refused, as it names none.` }],
   listen: [(v) => parseListen(v) !== undefined, 'host:port, such as 0.0.0.0:8080 or [::1]:8080'],
   'api-key-header': [isApiKeyHeader, "a header name of letters, digits and -, such as X-API-Key or apikey, and none HTTP or keygate uses for something else (Authorization, Host, Cookie, Content-*, hop-by-hop ones, X-Forwarded-*, X-Keygate-*, X-Request-Id)"],
   'http-url': [isHttpUrl, 'an http:// or https:// URL without user:password@'],

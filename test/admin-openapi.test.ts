@@ -568,3 +568,20 @@ t.test('what no body may hold, each request body of the document says', async (t
     for (const op of OPERATIONS) if (op.body) t.match(doc.paths[op.path][op.method.toLowerCase()].requestBody.description, words, `${op.id}: its request body says no body holds ${what}`)
   }
 })
+
+// An IPv6 network of another size than the lockouts count by passes the format's shape and names
+// no lockout: refused, and the document says so (before, found by a review of the document
+// against the served API, it took `2001:db8::/32` in words and form alike).
+t.test('a lockout address of a network of another size is refused, as documented', async (t) => {
+  const store = await openStore(t, 'embedded')
+  const h = await startAdmin(t, store.db)
+  const doc = followRefs((await h.call('GET', '/openapi.json', { auth: null })).json)
+  for (const [path, method, param, call] of [
+    ['/v1/lockouts', 'get', (p: any) => p.in === 'query' && p.name === 'address', () => h.call('GET', '/v1/lockouts?address=2001:db8::%2F32')],
+    ['/v1/lockouts/{address}', 'delete', (p: any) => p.in === 'path', () => h.call('DELETE', '/v1/lockouts/2001:db8::%2F32')],
+  ] as const) {
+    const a = await call()
+    t.equal(`${a.status} ${a.json?.error?.code}`, '400 validation_failed', `${method} ${path}: a /32 is refused`)
+    t.match(doc.paths[path][method].parameters.find(param).description, /network of another size is refused/, `${method} ${path}: as its address says`)
+  }
+})
