@@ -188,8 +188,8 @@ export function createClientAddressStage(options: AddressOptions): Stage {
       s.addressKey = peer.lastClientKey
       return undefined
     }
-    // No X-Forwarded-For, or an empty one: the client is the peer.
-    if (value.trim() === '') {
+    // No X-Forwarded-For, or an empty one (spaces and tabs alone): the client is the peer.
+    if (withoutOws(value) === '') {
       s.address = peer.address
       s.addressKey = peer.key
       return undefined

@@ -13,6 +13,7 @@ import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import { Pool, errors, type Dispatcher } from 'undici'
 import type { Increment, RouteMetrics } from '../core/metrics.ts'
+import { withoutOws } from './client-address.ts'
 import { type KeySources, SOURCE_AUTHORIZATION, SOURCE_QUERY } from './key-extract.ts'
 import { TRAILING_SLASHES, closeWhenAnswered, expectsContinue, hasBody, headerReading, lingerClose, nodeHttp } from '../core/http.ts'
 import { record, recordClientClosed, sendError } from './respond.ts'
@@ -158,16 +159,19 @@ export function outerPrefix(value: string | string[] | undefined): string {
 /**
  * A trusted proxy's list header (X-Forwarded-For, -Proto, -Host) without empty members: a repeated
  * header is joined with commas before it is read, so an empty line left an empty member (found by
- * a review: `, 1.2.3.4` went upstream). Undefined when nothing is left.
+ * a review: `, 1.2.3.4` went upstream). Undefined when nothing is left. White space is HTTP's, a
+ * space or a tab, as the client address's walk reads it (withoutOws): before (found by a
+ * read-back), a member of a no-break space alone was dropped here as empty, where the walk took it
+ * for an entry naming no address.
  */
 function listed(value: string | string[] | undefined): string | undefined {
   if (typeof value !== 'string') return undefined
   if (!EMPTY_MEMBER.test(value)) return value
-  const members = value.split(',').map((v) => v.trim()).filter((v) => v !== '')
+  const members = value.split(',').map(withoutOws).filter((v) => v !== '')
   return members.length === 0 ? undefined : members.join(', ')
 }
 /** A list with an empty member: blank, or a comma at either end or after another. */
-const EMPTY_MEMBER = /^\s*$|^\s*,|,\s*,|,\s*$/
+const EMPTY_MEMBER = /^[ \t]*$|^[ \t]*,|,[ \t]*,|,[ \t]*$/
 
 /** A response head written on a socket itself (an upgrade's answer): the status line and `fields`, a flat [name, value, ...] list. */
 function rawHead(statusCode: number, reason: string, fields: readonly string[]): string {
