@@ -321,6 +321,8 @@ interface Head {
   statusCode: number
   reason: string | undefined
   fields: string[]
+  /** The connection is closed after this answer (its end came before the request body was read): the head says so. */
+  closes?: boolean
 }
 
 interface ExchangeHooks {
@@ -491,6 +493,9 @@ class Exchange implements Dispatcher.DispatchHandler {
     if (!s.req.complete && hasBody(s.headers)) {
       res._last = true
       closeWhenAnswered(s.req)
+      // A head still held (an answer without a body) says so: before, it said keep-alive, as a
+      // head written before the end did (found by a read-back).
+      if (this.#head !== undefined) this.#head.closes = true
     }
     this.#passHead()
     res.end()
@@ -729,7 +734,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
   }
 
   const writeHead = (s: RequestState, head: Head): void => {
-    if (ctx.closing) head.fields.push('connection', 'close')
+    if (ctx.closing || head.closes === true) head.fields.push('connection', 'close')
     ;(s.res as NonNullable<RequestState['res']>).writeHead(head.statusCode, head.reason, head.fields)
     record(ctx, s, 'forwarded', head.statusCode)
   }

@@ -443,7 +443,8 @@ async function earlyUpstream(t: Tap): Promise<{ port: number; seen: string[] }> 
       bodyLeft = Number(/\r\ncontent-length: *(\d+)/i.exec(head)?.[1] ?? 0)
       if (line.startsWith('POST /early')) {
         const close = line.includes('close')
-        sock.write(`HTTP/1.1 413 Payload Too Large\r\n${close ? 'Connection: close\r\n' : ''}Content-Length: 3\r\n\r\nbig`)
+        if (line.includes('bodiless')) sock.write('HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n')
+        else sock.write(`HTTP/1.1 413 Payload Too Large\r\n${close ? 'Connection: close\r\n' : ''}Content-Length: 3\r\n\r\nbig`)
         if (close) return void sock.end()
       } else if (bodyLeft === 0) sock.write(`HTTP/1.1 200 OK\r\nContent-Length: ${line.length}\r\n\r\n${line}`)
       step()
@@ -516,6 +517,12 @@ t.test('an upstream that answers before it read the body: the connection ends cl
     t.equal(got.error, undefined, `${path}: without a reset while the client still sent`)
   }
   t.notOk(up.seen.includes('GET /y HTTP/1.1'), 'GET /y never reached the upstream')
+  // Without a body, the answer's head is written at its end, when the gateway knows the connection
+  // is closed after it: the head says so (before, found by a read-back, it said keep-alive).
+  const bodiless = await converse(h.port, post('/early/bodiless') + 'a'.repeat(1000), [])
+  t.match(bodiless, /^HTTP\/1\.1 413 Payload Too Large\r\n/, 'a bodiless early answer')
+  t.match(bodiless, /\r\nconnection: close\r\n/i, 'says Connection: close')
+  t.notMatch(bodiless, /keep-alive/i, 'and not keep-alive')
 
   // A body the upstream reads whole before it answers keeps the connection: the next request is answered on it.
   const kept = await converse(h.port, post('/whole') + 'a'.repeat(BODY) + get, [{ when: (text) => text.endsWith('GET /y HTTP/1.1'), send: null }])
