@@ -8,6 +8,12 @@ import { decodeEscapes } from './http.ts'
 import { scrub } from './log.ts'
 import { holdsKeyShape } from './keys/format.ts'
 
+/** What the document says of a time that must be ahead (an end: a key's, a deny entry's). */
+export const NOT_PAST = 'Not in the past (else 400 `validation_failed`).'
+
+/** What the document says of each field refuseKeyIn reads. */
+export const NO_KEY_IN = 'Refused (`validation_failed`) when it holds what looks like a keygate API key (of any prefix), as written or percent-decoded: name a key by its id.'
+
 /**
  * Refuses a keygate key in free text that is stored, audited and shown or sent on (a key's name,
  * owner, metadata and revocation reason; a deny entry's reason; a webhook's URL and description;
@@ -17,12 +23,6 @@ import { holdsKeyShape } from './keys/format.ts'
  * decodes it. (A UUID, the replaced system's key shape, is also an everyday id, so it
  * is not refused.)
  */
-/** What the document says of a time that must be ahead (an end: a key's, a deny entry's). */
-export const NOT_PAST = 'Not in the past (else 400 `validation_failed`).'
-
-/** What the document says of each field refuseKeyIn reads. */
-export const NO_KEY_IN = 'Refused (`validation_failed`) when it holds what looks like a keygate API key (of any prefix), as written or percent-decoded: name a key by its id.'
-
 export function refuseKeyIn(fields: Record<string, unknown>): void {
   for (const [field, value] of Object.entries(fields)) {
     if (value === undefined || value === null) continue
