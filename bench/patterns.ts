@@ -9,14 +9,13 @@
 // `refuseChangedNumbers`): a run of zeros inside a number. A base URL's trailing slashes
 // (core/http.ts `TRAILING_SLASHES`): a run of slashes that something else ends. A trusted proxy's
 // X-Forwarded-Prefix (gateway/forward.ts `outerPrefix`), alike; an X-Forwarded-For entry's white
-// space (gateway/client-address.ts `withoutOws`): a run of spaces that something else ends. A URL's
+// space (core/http.ts `withoutOws`): a run of spaces that something else ends. A URL's
 // query in a value a message shows (core/validate.ts `URL_QUERY`): a run of slashes that no `?` ends.
 // (Named bench/scrub.ts, and the scrubber only, until the commit that added the others.)
 import { lenientReading } from '../config/routes.ts'
-import { TRAILING_SLASHES } from '../core/http.ts'
+import { TRAILING_SLASHES, withoutOws } from '../core/http.ts'
 import { scrub } from '../core/log.ts'
 import { refuseChangedNumbers, URL_QUERY } from '../core/validate.ts'
-import { withoutOws } from '../gateway/client-address.ts'
 import { outerPrefix } from '../gateway/forward.ts'
 import { countArg as arg, median, refuseUnknownFlags } from './servers.ts'
 refuseUnknownFlags('rounds', 'largest')

@@ -13,6 +13,21 @@ import { ERRORS, errorBody, type ErrorCode } from './errors.ts'
  */
 export const TRAILING_SLASHES = /(?<!\/)\/+$/
 
+/**
+ * A list member (an X-Forwarded-For entry) without the white space around it: HTTP's, a space or a
+ * tab. Before (found by a fuzzing review), trim() took a no-break space (byte A0) off too, and the
+ * gateway judged an entry as an address the upstream, given the byte, does not read. A loop, not
+ * /^[ \t]+|[ \t]+$/g, which backtracks over every run of white space in the entry: 390 ms for a
+ * letter, 16,000 spaces and a letter (bench/patterns.ts).
+ */
+export function withoutOws(entry: string): string {
+  let start = 0
+  let end = entry.length
+  while (start < end && (entry.charCodeAt(start) === 32 || entry.charCodeAt(start) === 9)) start++
+  while (end > start && (entry.charCodeAt(end - 1) === 32 || entry.charCodeAt(end - 1) === 9)) end--
+  return start === 0 && end === entry.length ? entry : entry.slice(start, end)
+}
+
 /** The header every answer of the admin listener carries (the CLI takes no other server's JSON for the admin API's). */
 export const ADMIN_MARK = 'x-keygate-admin'
 

@@ -3,6 +3,7 @@
 // normalised (IPv4-mapped IPv6 becomes IPv4); IPv6 clients are counted per network
 // (`rate_limits.ipv6_prefix_bits`) for limits and lockouts, since one host holds a whole /64.
 import type { Socket } from 'node:net'
+import { withoutOws } from '../core/http.ts'
 import { normalAddress, parseAddress, rangeMatcher } from '../core/keys/evaluate.ts'
 import { addressKeyer } from '../core/lockout.ts'
 import { oncePer, type Logger } from '../core/log.ts'
@@ -120,21 +121,6 @@ function hopAddress(hop: string): string | undefined {
   }
   const colon = hop.indexOf(':')
   return colon !== -1 && colon === hop.lastIndexOf(':') && PORT.test(hop.slice(colon)) ? normalAddress(hop.slice(0, colon)) : undefined
-}
-
-/**
- * An X-Forwarded-For entry without the white space around it: HTTP's, a space or a tab. Before
- * (found by a fuzzing review), trim() took a no-break space (byte A0) off too, and the entry was
- * judged as an address the upstream, given the byte, does not read. A loop, not /^[ \t]+|[ \t]+$/g,
- * which backtracks over every run of white space in the entry: 390 ms for a letter, 16,000 spaces
- * and a letter (bench/patterns.ts).
- */
-export function withoutOws(entry: string): string {
-  let start = 0
-  let end = entry.length
-  while (start < end && (entry.charCodeAt(start) === 32 || entry.charCodeAt(start) === 9)) start++
-  while (end > start && (entry.charCodeAt(end - 1) === 32 || entry.charCodeAt(end - 1) === 9)) end--
-  return start === 0 && end === entry.length ? entry : entry.slice(start, end)
 }
 
 export function createClientAddressStage(options: AddressOptions): Stage {

@@ -3,10 +3,9 @@
 // find and drop is what the patterns before them did. Each is checked on the cases that tell.
 import t from 'tap'
 import { lenientReading } from '../config/routes.ts'
-import { TRAILING_SLASHES } from '../core/http.ts'
+import { TRAILING_SLASHES, withoutOws } from '../core/http.ts'
 import { displayUrl } from '../core/integrations/http.ts'
 import { refuseChangedNumbers, showValue, URL_QUERY } from '../core/validate.ts'
-import { withoutOws } from '../gateway/client-address.ts'
 import { outerPrefix } from '../gateway/forward.ts'
 
 t.test("a lenient reading of a path drops each segment's trailing dots and spaces, from a run's start", async (t) => {
