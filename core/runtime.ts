@@ -33,6 +33,12 @@ export const NO_STORE_AUTO_MIGRATE_OFF =
 /** How a `serve` start that waits for an operator's lock on keygate_migrations begins its warning, whether it migrates or only reads what is applied. */
 const RECORDS_WAIT = "waiting for a lock on keygate_migrations, the table of applied migrations, that another session holds or is queued for (most likely an operator's LOCK TABLE or VACUUM FULL)"
 
+/** What cut a wait a start waits through: a lock_timeout, as its warnings say it. */
+const LOCK_TIMEOUT_CUT = "the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03)"
+
+/** What a migrating start does after a cut wait, as its warnings say it. */
+const MIGRATIONS_AGAIN = 'so the migrations, of which nothing was applied, are tried again'
+
 /** The log fields of a lock wait a start waits through: who holds the lock, the lock_timeout that cut the wait, and the file or table waited for. */
 function lockWaitFields(cut: LockWaitCut): Record<string, string> {
   return { holder: cut.holder, ...(cut.lockTimeout ? { lock_timeout: cut.lockTimeout } : {}), ...(cut.migration ? { migration: cut.migration } : {}), ...(cut.table ? { table: cut.table } : {}) }
@@ -107,25 +113,25 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
               // keygate's own statement on keygate_migrations (its read of what is applied, a record).
               const records = "keygate's statement on keygate_migrations, the table of applied migrations,"
               if (cut.kind === 'deadlock' && cut.table) {
-                log.warn(`${records} was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an operator's transaction), so the migrations, of which nothing was applied, are tried again`, fields)
+                log.warn(`${records} was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an operator's transaction), ${MIGRATIONS_AGAIN}`, fields)
               } else if (cut.kind === 'table' && cut.table) {
                 log.warn(
-                  `${RECORDS_WAIT}; the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free`,
+                  `${RECORDS_WAIT}; ${LOCK_TIMEOUT_CUT}, ${MIGRATIONS_AGAIN} until it is free`,
                   fields,
                 )
               } else if (cut.kind === 'deadlock') {
                 log.warn(
-                  `migration ${cut.migration}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an open transaction of a keygate not upgraded yet), so the migrations, of which nothing was applied, are tried again`,
+                  `migration ${cut.migration}'s statement was ended by PostgreSQL to break a deadlock with another session (SQLSTATE 40P01; most likely an open transaction of a keygate not upgraded yet), ${MIGRATIONS_AGAIN}`,
                   fields,
                 )
               } else if (cut.kind === 'table') {
                 log.warn(
-                  `waiting for a table lock that migration ${cut.migration} needs, held by another session (most likely an open transaction of a keygate not upgraded yet); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so the migrations, of which nothing was applied, are tried again until it is free`,
+                  `waiting for a table lock that migration ${cut.migration} needs, held by another session (most likely an open transaction of a keygate not upgraded yet); ${LOCK_TIMEOUT_CUT}, ${MIGRATIONS_AGAIN} until it is free`,
                   fields,
                 )
               } else {
                 log.warn(
-                  "waiting for keygate's migration lock, held by another session (most likely another keygate migrating this database); the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03), so it is tried again until it is free",
+                  `waiting for keygate's migration lock, held by another session (most likely another keygate migrating this database); ${LOCK_TIMEOUT_CUT}, so it is tried again until it is free`,
                   fields,
                 )
               }
@@ -145,7 +151,7 @@ export async function openRuntime(config: Config, log: Logger, options: { now?: 
         onLockWait: (cut: LockWaitCut) => {
           const by =
             sqlState(cut.err) === LOCK_NOT_AVAILABLE
-              ? "the lock_timeout set on keygate's role or database cut a wait for it (SQLSTATE 55P03)"
+              ? LOCK_TIMEOUT_CUT
               : 'its read was cancelled while it waited for it (SQLSTATE 57014: store.query_timeout_ms, or a statement_timeout set on the role or database)'
           log.warn(`${RECORDS_WAIT}; ${by}, so the read, which tells whether every migration is applied (store.auto_migrate is off), is tried again until it is free`, lockWaitFields(cut))
         },
