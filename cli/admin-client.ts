@@ -5,6 +5,7 @@
 // 503, a redirect, a page that is not JSON) is `admin_unavailable`.
 import { ADMIN_MARK, fromGateway, neverConnected, nodeHttp, TRAILING_SLASHES } from '../core/http.ts'
 import { ERRORS, KeygateError, type ErrorCode } from '../core/errors.ts'
+import { CONTROL } from '../core/target.ts'
 import { escapeUnprintable } from '../core/validate.ts'
 import type { IncomingMessage } from 'node:http'
 import type { Duplex } from 'node:stream'
@@ -251,16 +252,12 @@ const SEGMENT_MAX = 4096
 const NO_SEGMENTS: ReadonlySet<string> = new Set()
 
 /**
- * A control character, which the admin listener refuses in a path even percent-encoded (core/target.ts):
- * before (found by a review), `api-key rotate "$ID"` with a line break read into ID was "The
- * request path has a percent-encoded control character." through the admin API, where the store
- * answers that no key has that id.
- */
-const CONTROL = /[\x00-\x1f\x7f]/
-
-/**
- * `value` as one path segment of an admin API URL; '', '.', '..' and a value with a control character (CONTROL) are no segment a URL can
- * carry (the URL parser resolves dot segments, even escaped), nor one longer than SEGMENT_MAX
+ * `value` as one path segment of an admin API URL; '', '.', '..' and a value with a control
+ * character (CONTROL, which the admin listener refuses in a path even percent-encoded: before,
+ * found by a review, `api-key rotate "$ID"` with a line break read into ID was "The request path
+ * has a percent-encoded control character." through the admin API, where the store answers that no
+ * key has that id) are no segment a URL can carry (the URL parser resolves dot segments, even
+ * escaped), nor one longer than SEGMENT_MAX
  * encoded, nor one of `operations`, the words whose path there is another operation's (the admin
  * API serves `/v1/keys/validate` as the validation, and answers a GET of it 405), so
  * `unreachable` says what the command answers for them instead of calling another route (before,

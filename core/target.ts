@@ -109,7 +109,8 @@ function escapeProblem(bytes: string): string | undefined {
   return undefined
 }
 
-const CONTROL = /[\x00-\x1f\x7f]/
+/** A control character (C0, DEL): refused in a request path, percent-encoded too (the CLI does not send one: cli/admin-client.ts). */
+export const CONTROL = /[\x00-\x1f\x7f]/
 /** `%uXXXX`, JavaScript's escape() notation, which IIS's HTTP.sys decodes by default (PercentUAllowed). */
 const PERCENT_U = /%u[0-9a-f]{4}/i
 const HIGH = /[\x80-\xff]/
