@@ -70,8 +70,10 @@ function parseScalar(raw: string, schema: TSchema): { ok: true; value: unknown }
     case 'Integer': {
       // Digits past what a number holds exactly stay text, refused as given: read as a number,
       // 9007199254740993 was shown as ...992, and 400 digits as .inf (found by a review).
-      const n = Number(raw.trim())
-      return /^-?\d+$/.test(raw.trim()) && Number.isSafeInteger(n) ? { ok: true, value: n } : { ok: false }
+      const digits = raw.trim()
+      if (!/^-?\d+$/.test(digits)) return { ok: false }
+      const n = Number(digits)
+      return Number.isSafeInteger(n) ? { ok: true, value: n } : { ok: false }
     }
     case 'Boolean': {
       const v = raw.trim().toLowerCase()
