@@ -146,8 +146,8 @@ function reasonFor(statusCode: number, message: string | undefined): string | un
 /**
  * A trusted proxy's X-Forwarded-Prefix as a path to put in front of the route's: '' for none,
  * for several (joined with commas), or for one that is not a plain path; without a trailing slash.
- * (TRAILING_SLASHES: before, found by a review, `/\/+$/` took 680 ms of the event loop for a
- * prefix of 16,000 slashes and a letter, which a trusted proxy passing a client's header on lets
+ * (TRAILING_SLASHES: before, found by a review, `/\/+$/` took 485 ms of the event loop for a
+ * prefix of 16,000 slashes and a letter (bench/RESULTS.md), which a trusted proxy passing a client's header on lets
  * any client send; bench/patterns.ts.)
  */
 export function outerPrefix(value: string | string[] | undefined): string {
