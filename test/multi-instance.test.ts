@@ -8,7 +8,6 @@
 // takes none of its counts out of the primary's /metrics; and `--workers 2` with Redis keeps a
 // key's exact limit across a Redis outage and its end.
 import t, { type Test } from 'tap'
-import { execFileSync } from 'node:child_process'
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Redis } from 'ioredis'
@@ -22,6 +21,7 @@ import { startRedisServer } from './helpers/redis-server.ts'
 import { freshDatabase } from './helpers/stores.ts'
 import { acceptWebSocket, openWebSocket } from './helpers/websocket.ts'
 import { scratchDir } from './helpers/scratch.ts'
+import { childrenOf } from './helpers/workers.ts'
 
 /** A client address of its own for each use, so lockouts from failed attempts stay apart. */
 const address = freshAddress
@@ -339,7 +339,7 @@ t.test('--workers 2 without Redis: one limit and one lockout for the machine', a
 
   // A worker dies and another takes its place: it is told the lockouts in force as it starts
   // listening. Before, it held none, and let the address try again (401) until it failed there.
-  const workerPids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const workerPids = childrenOf(s.child.pid)
   process.kill(workerPids[0] as number, 'SIGKILL')
   await s.waitForLog((l) => l.message === 'gateway worker died; starting another')
   await until(t, 'the new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 3)
@@ -433,7 +433,7 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   const before = await scrape()
   t.equal(before.get(forwarded), 20)
   t.equal(before.get(served), 20)
-  const workerPids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const workerPids = childrenOf(s.child.pid)
   t.equal(workerPids.length, 2)
   process.kill(workerPids[0] as number, 'SIGKILL')
   await s.waitForLog((l) => l.message === 'gateway worker died; starting another')
@@ -460,7 +460,7 @@ t.test('--workers 2: a worker killed and replaced takes none of its counts out o
   // Asked after the requests were answered (the line's own time is the answer's, which may be later than a read taken before the last request was counted).
   const keptAfter = () => new Set(s.logs.filter((l) => l.message === "kept a gateway worker's counts" && Date.parse(String(l.asked_at)) > sent).map((l) => l.worker))
   await s.waitForLog(() => keptAfter().size >= 2, 30_000)
-  const pids = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const pids = childrenOf(s.child.pid)
   process.kill(pids[0] as number, 'SIGKILL')
   await until(t, 'another new worker listens', () => s.logs.filter((l) => l.message === 'gateway listening').length === 4)
   const later = await scrape()

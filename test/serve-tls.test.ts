@@ -16,6 +16,7 @@ import { heldUpstream, startUpstream, unlessHung } from './helpers/gateway.ts'
 import { isolatedEnv, rawClient, serve } from './helpers/serve.ts'
 import { seedDataDir } from './helpers/pglite-template.ts'
 import { freshDatabase } from './helpers/stores.ts'
+import { childrenOf } from './helpers/workers.ts'
 
 const dir = mkdtempSync(join(tmpdir(), 'keygate-tls-'))
 t.teardown(() => rmSync(dir, { recursive: true, force: true }))
@@ -248,7 +249,7 @@ t.test('--workers with TLS: the primary reloads the gateway certificate for ever
   await s.waitForLog((l) => l.message === 'could not reload TLS certificate; keeping the old one')
   t.same(await shown(), [b.fingerprint], 'a pair that does not match keeps the one in use')
   // Before: a worker started now read the files itself, and could not start on them.
-  const [pid] = execFileSync('pgrep', ['-P', String(s.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(s.child.pid)
   process.kill(pid as number, 'SIGKILL')
   await s.waitForLog((l) => l.message === 'gateway listening' && l.worker === 3)
   t.same(await shown(), [b.fingerprint], 'the replacement serves the pair in use')

@@ -4,7 +4,6 @@
 // head, a frozen worker, a worker stopped on its own). Split from test/serve-workers.test.ts, so
 // the two halves run side by side (one file took 157 s of tap's 300 s on a loaded machine).
 import t from 'tap'
-import { execFileSync } from 'node:child_process'
 import http from 'node:http'
 import { readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs'
 import { once } from 'node:events'
@@ -14,7 +13,7 @@ import { connectionPerWorker, rawClient, serve as startKeygate, type RawClient }
 import { answerOf, call, sleep, startUpstream, unlessHung } from './helpers/gateway.ts'
 import { adminClient } from './helpers/stores.ts'
 import { gateInFront } from './helpers/tcp-gate.ts'
-import { processState, value, workersSetUp } from './helpers/workers.ts'
+import { childrenOf, processState, value, workersSetUp } from './helpers/workers.ts'
 
 t.test('--workers: the primary survives answering a worker that has just died (EPIPE), and replaces it', async (t) => {
   // Before (found by a review): rate-limiter-flexible's answer to a dead worker's limiter call
@@ -23,7 +22,7 @@ t.test('--workers: the primary survives answering a worker that has just died (E
   const { cwd, env, upstream } = await workersSetUp(t, 'epipe', 0)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   const primary = serve.child.pid as number
-  const pids = execFileSync('pgrep', ['-P', String(primary)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const pids = childrenOf(primary)
   const { port } = new URL(serve.gateway)
   // The primary stopped: each request's limiter calls wait in its IPC channel (the worker answers
   // once they time out). New connections from many source addresses reach both workers.
@@ -67,7 +66,7 @@ t.test('--workers: a replacement worker runs the configuration the primary check
   // The two workers of the start, killed one after the other. Not the lowest pid among the
   // children at each step: pids wrap around (pid_max is 32,768 here), and a CI run once found the
   // first replacement below the second original and killed it instead.
-  const originals = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const originals = childrenOf(serve.child.pid)
   t.equal(originals.length, 2, 'two workers')
   const replace = async (edit: string, replacement: number) => {
     writeFileSync(join(cwd, 'keygate.yaml'), edit)
@@ -100,7 +99,7 @@ t.test('--workers: a worker that cannot start (its store refusing connections) e
   }
   await allow(false)
   t.teardown(() => allow(true))
-  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(serve.child.pid)
   process.kill(pid as number, 'SIGKILL')
   // Worker 3 cannot open the store and ends; worker 4 is started in its place.
   const died = (worker: number) => serve.waitForLog((l) => l.message === 'gateway worker died; starting another' && l.worker === worker)
@@ -127,7 +126,7 @@ t.test('--workers: a replacement that fails after its store opened (its port tak
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env: { ...env, DATABASE_URL: url }, cwd, gateways: 2 })
   // Both workers gone, their replacements wait for the store while another program takes the port.
   gate.set('shut')
-  const pids = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const pids = childrenOf(serve.child.pid)
   for (const pid of pids) process.kill(pid, 'SIGKILL')
   await serve.waitForLog((l) => l.worker === 3)
   await serve.waitForLog((l) => l.worker === 4)
@@ -153,7 +152,7 @@ t.test('--workers: a scrape while a replacement waits for the store answers from
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env: { ...env, DATABASE_URL: url }, cwd, gateways: 2 })
   // New connections to the store fail (those open stay): the replacement waits for it.
   gate.set('shut')
-  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(serve.child.pid)
   process.kill(pid as number, 'SIGKILL')
   await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
   await serve.waitForLog((l) => l.worker === 3)
@@ -178,7 +177,7 @@ t.test('--workers: a worker that dies just before SIGTERM is not replaced during
   const { cwd, env, upstream, slowArrived } = await workersSetUp(t, 'dying', 3000)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   const created = await call(`${serve.admin}/v1/keys`, { method: 'POST', token: 'an-admin-token-of-32-characters!', body: { name: 'k', type: 'user' } })
-  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(serve.child.pid)
   process.kill(pid as number, 'SIGKILL')
   await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')
   // A request in flight on the other worker keeps the shutdown going past the second after
@@ -231,7 +230,7 @@ t.test('--workers: SIGTERM closes the connections without a whole request head, 
   // Silent ones, and ones part-way through a head, until each worker holds one of each: the kernel
   // spreads new connections over the workers by a hash (SO_REUSEPORT), and 8 silent ones all
   // reached one worker in one run in 128.
-  const workers = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const workers = childrenOf(serve.child.pid)
   const gateway: RawClient[] = []
   for (const first of ['', 'GET / HT']) {
     const holders = new Set<number>()
@@ -259,7 +258,7 @@ t.test('--workers: SIGTERM with a worker frozen kills it once past its own bound
   // second and one more, 4.7 s (with a drain and a query timeout of 1 s each it was 6 s, waited out).
   writeFileSync(join(cwd, 'keygate.yaml'), 'gateway:\n  shutdown_timeout_ms: 200\nstore:\n  query_timeout_ms: 500\n')
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  const [frozen, other] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number) as [number, number]
+  const [frozen, other] = childrenOf(serve.child.pid) as [number, number]
   t.teardown(() => {
     try {
       process.kill(frozen, 'SIGKILL')
@@ -318,7 +317,7 @@ t.test('--workers: a worker stopped on its own with SIGTERM tells the primary it
       process.kill(primary, 'SIGCONT')
     } catch {}
   })
-  const [pid] = execFileSync('pgrep', ['-P', String(primary)], { encoding: 'utf8' }).trim().split('\n').map(Number) as [number]
+  const [pid] = childrenOf(primary) as [number]
   process.kill(pid, 'SIGTERM')
   for (const release of held) release()
   t.same((await Promise.all(answers)).map((a) => a.status), [200, 200], 'the requests held are answered, the stopping worker draining its own')
@@ -342,13 +341,7 @@ t.test('--workers: a replacement whose primary is killed while it starts ends qu
   const { cwd, env, upstream } = await workersSetUp(t, 'orphan', 0)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
   const primary = serve.child.pid as number
-  const children = () => {
-    try {
-      return execFileSync('pgrep', ['-P', String(primary)], { encoding: 'utf8' }).trim().split('\n').map(Number)
-    } catch {
-      return []
-    }
-  }
+  const children = () => childrenOf(primary)
   const workers = children()
   process.kill(workers[0] as number, 'SIGKILL')
   await serve.waitForLog((l) => l.message === 'gateway worker died; starting another')

@@ -5,7 +5,6 @@
 // loaded by two busy loops, over half of tap's 300 s for a file, which the suite's own load could
 // pass. (Split from test/admin-serve.test.ts before, so the two run side by side.)
 import t from 'tap'
-import { execFileSync } from 'node:child_process'
 import http from 'node:http'
 import { readFileSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
@@ -14,7 +13,7 @@ import { runCli } from './helpers/cli.ts'
 import { connectionPerWorker, isolatedEnv, serve as startKeygate } from './helpers/serve.ts'
 import { answerOf, call, startUpstream } from './helpers/gateway.ts'
 import { freshDatabase } from './helpers/stores.ts'
-import { ENCRYPTION_KEY, value, workersSetUp } from './helpers/workers.ts'
+import { childrenOf, ENCRYPTION_KEY, value, workersSetUp } from './helpers/workers.ts'
 import { scratchDir } from './helpers/scratch.ts'
 
 t.test('--workers on PostgreSQL: one port, the primary owns the admin API and sums the metrics; changes reach every worker at once', async (t) => {
@@ -157,7 +156,7 @@ t.test('--workers: a worker killed under a churn of new connections leaves none 
     while (churning) await once()
   })
   await new Promise((r) => setTimeout(r, 1500))
-  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(serve.child.pid)
   process.kill(pid as number, 'SIGKILL')
   await new Promise((r) => setTimeout(r, 500))
   churning = false
@@ -193,7 +192,7 @@ t.test('--workers: a frozen worker (SIGSTOP) is reported by /readyz and the scra
   t.equal(value(before.text, 'keygate_gateway_workers{state="unanswering"}'), 0)
   t.equal(value(before.text, 'keygate_gateway_workers_wanted'), 2)
   t.equal(value(before.text, 'keygate_store_up'), 1, "the primary's and the workers' store")
-  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(serve.child.pid)
   // A frozen process outlives its parent's SIGKILL: the teardown ends it should the test fail.
   t.teardown(() => {
     try {
@@ -237,7 +236,7 @@ t.test('--workers metrics: the file descriptor limit is one process\'s, the star
   // start time was left out, and nothing showed that a worker had been restarted.
   const { cwd, env, upstream } = await workersSetUp(t, 'restarts', 0)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  const [pid] = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const [pid] = childrenOf(serve.child.pid)
   const limit = Number(/^Max open files +(\d+)/m.exec(readFileSync(`/proc/${pid}/limits`, 'utf8'))?.[1])
   const before = await call(`${serve.admin}/metrics`)
   t.equal(before.status, 200)
@@ -275,7 +274,7 @@ t.test('--workers metrics: a scrape while every worker waits to be replaced wait
   // or unanswering, and none of the workers' series, where README says it waits for them.
   const { cwd, env, upstream } = await workersSetUp(t, 'allreplaced', 0)
   const serve = await startKeygate(t, { args: ['--workers', '2', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--upstream', upstream.url], env, cwd, gateways: 2 })
-  const pids = execFileSync('pgrep', ['-P', String(serve.child.pid)], { encoding: 'utf8' }).trim().split('\n').map(Number)
+  const pids = childrenOf(serve.child.pid)
   t.equal(pids.length, 2, 'two workers')
   for (const pid of pids) process.kill(pid, 'SIGKILL')
   await serve.waitForLog(() => serve.logs.filter((l) => l.message === 'gateway worker died; starting another').length === 2)
