@@ -214,7 +214,7 @@ function cliOn(t: Test, url: string): { cwd: string; env: Record<string, string 
 // Before (found by a review): with a lock_timeout set on keygate's role or database, while another
 // session held the migration lock, `keygate migrate` and a `keygate serve` start said "keygate:
 // unexpected error: canceling statement due to lock timeout", as for a bug. (`serve` now waits
-// through the lock_timeout: test/admin-serve.test.ts.)
+// through the lock_timeout: test/admin-serve-start-waits.test.ts.)
 t.test("postgres: a `keygate migrate` whose wait for the migration lock a database's lock_timeout cut says who holds it, what cut the wait and what to do", async (t) => {
   const url = await freshDatabase(t)
   await setOnDatabase(url, 'lock_timeout', '100ms')

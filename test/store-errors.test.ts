@@ -44,7 +44,7 @@ t.test('PostgreSQL: a transaction whose connection is lost fails with store_unav
 
 t.test('PostgreSQL: a new connection lost at its first statement (its statement_timeout) fails that statement with store_unavailable, and the process goes on', async (t) => {
   // Before (found by a review: serve ended under load as PostgreSQL went away, and the /readyz
-  // after it was reset, test/admin-serve.test.ts), nothing heard the client during the SET that
+  // after it was reset, test/admin-serve-store-outage.test.ts), nothing heard the client during the SET that
   // gives a new connection its statement_timeout: the connection lost then ended the process
   // with an unhandled 'error' event (here the test's own process).
   const url = await freshDatabase(t)
