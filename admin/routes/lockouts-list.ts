@@ -2,9 +2,13 @@
 // counterpart: before, an operator could lift a lockout but not see which were in force, short
 // of reading Redis's keys or the gateway's log).
 import { Type } from '@sinclair/typebox'
+import { firstInOrder } from '../../core/first.ts'
 import { secondsFrom } from '../../core/limiters.ts'
 import { defineOperation } from '../operation.ts'
 import { lockoutAddress, LockoutSchema } from '../schemas.ts'
+
+/** Latest lockout first; of those ending together, by address (each address is held once). */
+const latestFirst = (a: readonly [string, number], b: readonly [string, number]) => b[1] - a[1] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0)
 
 export default defineOperation({
   id: 'listLockouts',
@@ -28,8 +32,8 @@ export default defineOperation({
     const only = query.address === undefined ? undefined : lockoutAddress(query.address, 'address', services.addressKey).addressKey
     const now = Date.now()
     const held = services.lockout.held().filter(([key]) => only === undefined || key === only)
-    held.sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1))
-    const items = held.slice(0, query.limit ?? 100).map(([key, until]) => ({ address_key: key, locked_until: new Date(until).toISOString(), retry_after_s: secondsFrom(until - now) }))
+    // The page, not every lockout, put in order (core/first.ts).
+    const items = firstInOrder(held, query.limit ?? 100, latestFirst).map(([key, until]) => ({ address_key: key, locked_until: new Date(until).toISOString(), retry_after_s: secondsFrom(until - now) }))
     return { items, total: held.length }
   },
 })
