@@ -263,6 +263,11 @@ function timeoutCode(err: unknown): Verdict {
   return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_unavailable'
 }
 
+/** Said of an answer whose head came and was not passed on, none of its body having come (or in time). */
+function bodilessMessage(err: Error): string {
+  return (err as { code?: unknown }).code === 'UND_ERR_BODY_TIMEOUT' ? "The upstream's answer brought none of its body in time." : "The upstream's answer broke off before any of its body came."
+}
+
 /**
  * The failures of a connection that closed under a request: the upstream's end of an idle
  * keep-alive connection closing as the request was sent on it (undici's "other side closed", a
@@ -795,7 +800,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
     // The upstream answered, with a head too large to take: said so, not "could not be reached"
     // (before, found by a review: a 17 KB Set-Cookie was that, at undici's 16 KiB default).
     if (code === 'UND_ERR_HEADERS_OVERFLOW') s.message = `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
-    else if (headCame) s.message = code === 'UND_ERR_BODY_TIMEOUT' ? "The upstream's answer brought none of its body in time." : "The upstream's answer broke off before any of its body came."
+    else if (headCame) s.message = bodilessMessage(err)
     sendError(ctx, s, timeoutCode(err))
   }
 
@@ -973,6 +978,11 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       // redirect) reached the client as 502 upstream_unavailable, uncounted by class (found by
       // reviews). Such an answer is passed on, as nginx does, and the connection closed after it.
       let relaying = false
+      // Such an answer's head, until the first byte of its body (or its end) is passed on, as any
+      // answer's (Exchange.#passHead): one that breaks off before any of its body came, or brings
+      // none within timeout_ms, is answered 502 or 504. Before (found by a review), it was written
+      // as it came, and the client got the upstream's head and then a closed connection.
+      let held: Head | undefined
       // The client is read from here until the upstream answers, so that its going away (a FIN, a
       // close, a reset) is seen: Node does not read a socket it hands over for an upgrade. Before
       // (found by a review), a client that left while the upstream answered held the upstream's
@@ -998,12 +1008,31 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         controller?.abort(CLIENT_GONE)
       }
       client.on('data', onEarly).once('end', gone).once('close', gone)
-      const failed = (err: Error) => {
+      /** `headCame`: an answer other than 101 came, and its head was not passed on (none of its body came). */
+      const failed = (err: Error, headCame = false) => {
         stopReading()
         if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
         ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
         if (client.destroyed) return recordClientClosed(ctx, s)
+        if (headCame) s.message = bodilessMessage(err)
         sendError(ctx, s, timeoutCode(err))
+      }
+      /** Writes the held head of an answer other than 101, once; from then on the client is no longer read, and is watched for taking the answer. */
+      const passHead = () => {
+        const head = held
+        if (head === undefined) return
+        held = undefined
+        stopReading()
+        // The socket was handed over for the upgrade: it serves no further request (the head says Connection: close).
+        client.write(rawHead(head.statusCode, head.reason ?? STATUS_CODES[head.statusCode] ?? 'unknown', head.fields), 'latin1')
+        record(ctx, s, 'forwarded', head.statusCode)
+        client.once('close', () => controller?.abort(CLIENT_GONE))
+        // Watched as any answer is, here from its head to the connection's close (it also
+        // bounds the wait for the client to take the answer's end); an answer of this kind is
+        // rare, its timer no cost worth saving. Before (found by a review), a client that took
+        // none of it held the upstream's response paused for ever.
+        const stop = watchSend(s, client as Socket)
+        if (stop !== undefined) client.once('close', stop)
       }
       ;(routePool[route.index] as Pool).dispatch(
         {
@@ -1025,35 +1054,28 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           onResponseStart(c, statusCode, answer, statusMessage) {
             if (statusCode < 200) return
             relaying = true
-            stopReading()
             m.upstream.observe((performance.now() - s.upstreamStart) / 1000)
             m.upstreamStatus[(statusCode / 100) | 0]?.inc()
             if (client.destroyed || !client.writable) {
+              stopReading()
               recordClientClosed(ctx, s)
               c.abort(CLIENT_GONE)
               return
             }
             if (codedBeyondChunked(s, route, answer)) {
               relaying = false
+              stopReading()
               sendError(ctx, s, 'upstream_unavailable')
               // Answered and recorded: the abort's failed() records nothing more (record takes a request once).
               c.abort(CLIENT_GONE)
               return
             }
-            // The socket was handed over for the upgrade: it serves no further request.
-            const fields = [...answerFields(s, route, statusCode, answer), 'connection', 'close']
-            client.write(rawHead(statusCode, reasonFor(statusCode, statusMessage) ?? STATUS_CODES[statusCode] ?? 'unknown', fields), 'latin1')
-            record(ctx, s, 'forwarded', statusCode)
-            client.once('close', () => c.abort(CLIENT_GONE))
-            // Watched as any answer is, here from its head to the connection's close (it also
-            // bounds the wait for the client to take the answer's end); an answer of this kind is
-            // rare, its timer no cost worth saving. Before (found by a review), a client that took
-            // none of it held the upstream's response paused for ever.
-            const stop = watchSend(s, client as Socket)
-            if (stop !== undefined) client.once('close', stop)
+            // Still read meanwhile, so that a client going away is seen (gone aborts the answer).
+            held = { statusCode, reason: reasonFor(statusCode, statusMessage), fields: [...answerFields(s, route, statusCode, answer), 'connection', 'close'] }
           },
           onResponseData(c, chunk) {
             if (!relaying || client.destroyed) return
+            passHead()
             if (!client.write(chunk)) {
               c.pause()
               client.once('drain', () => c.resume())
@@ -1061,6 +1083,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
           },
           onResponseEnd() {
             if (!relaying) return
+            passHead()
             // Closed within a while once the client has taken the whole answer (the socket's
             // 'finish'), as an answer written on the socket itself is (endLingering): a client slow
             // to read its end keeps it, one that takes none of it is the send watch's to cut.
@@ -1068,7 +1091,13 @@ export function createForwarder(o: ForwardOptions): Forwarder {
             client.once('finish', () => lingerClose(client))
           },
           onResponseError(_c, err) {
-            if (!relaying) return failed(err)
+            // A head still held was never passed on: answered as a failure before any head.
+            if (!relaying || held !== undefined) {
+              relaying = false
+              const headCame = held !== undefined
+              held = undefined
+              return failed(err, headCame)
+            }
             // As any answer's (before, found by a review, a break was neither logged nor counted).
             if (err !== CLIENT_GONE && !client.destroyed) brokeOff(s, err)
             client.destroy()

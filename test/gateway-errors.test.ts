@@ -434,6 +434,83 @@ t.test("an upstream's answer other than 101 to a WebSocket upgrade that breaks o
   t.equal(warned.length, 2, 'one warning each')
 })
 
+t.test("an upstream's answer other than 101 to a WebSocket upgrade that breaks off after its head but before any of its body: 502 or 504, as any answer's (found by a review)", async (t) => {
+  // Before, such an answer's head was written on the client's socket as it came, so the client
+  // got a 401 head and then a closed connection, counted forwarded and logged as cut off.
+  const lines: string[] = []
+  const sockets: net.Socket[] = []
+  let seen: (sock: net.Socket) => void = () => {}
+  const upstream = net.createServer((sock) => {
+    sockets.push(sock)
+    sock.on('error', () => {})
+    let buf = ''
+    sock.setEncoding('latin1').on('data', (d: string) => {
+      buf += d
+      if (!buf.includes('\r\n\r\n')) return
+      const path = buf.slice(0, buf.indexOf('\r\n')).split(' ')[1]
+      sock.write('HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n', 'latin1')
+      if (path === '/gone') seen(sock)
+      // A close right after the head, or no body at all within the route's timeout.
+      if (path === '/reset') setTimeout(() => sock.destroy(), 50)
+    })
+  })
+  await new Promise<void>((resolve) => upstream.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => {
+    for (const sock of sockets) sock.destroy()
+    upstream.close()
+  })
+  const origin = `http://127.0.0.1:${(upstream.address() as net.AddressInfo).port}`
+  const h = await startGateway(t, {
+    sharedStore: true,
+    log: createLogger({ level: 'warn', write: (line) => lines.push(line) }),
+    routes: [
+      { name: 'stall', path: '/stall', upstream: origin, timeout_ms: 300 },
+      { name: 'live', path: '/', upstream: origin },
+    ],
+  })
+  const k = await h.key()
+  for (const [path, status, code, message] of [
+    ['/reset', 502, 'upstream_unavailable', "The upstream's answer broke off before any of its body came."],
+    ['/stall', 504, 'upstream_timeout', "The upstream's answer brought none of its body in time."],
+  ] as const) {
+    const text = await rawExchange(h.port, `GET ${path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
+    t.match(text, new RegExp(`^HTTP/1\\.1 ${status} `), `${path}: answered ${status}, not the upstream's 401 head`)
+    t.notMatch(text, /HTTP\/1\.1 401 /, `${path}: nothing of the upstream's head`)
+    t.match(text, /\r\nconnection: close\r\n/i, `${path}: the connection closed after it`)
+    let body: { error?: { code?: string; message?: string; request_id?: string } } | undefined
+    try {
+      body = JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4))
+    } catch {}
+    t.equal(body?.error?.code, code, `${path}: ${code}`)
+    t.equal(body?.error?.message, message, `${path}: the message of an ordinary answer's`)
+  }
+  // A client that goes away while the head is held is seen (it is still read until the head is
+  // passed on), and the upstream's answer aborted: recorded client_closed, as an ordinary
+  // request's client gone before its head.
+  const answered = new Promise<net.Socket>((resolve) => (seen = resolve))
+  const out: RawOutcome = { text: '', ended: false, error: undefined }
+  const client = net.connect(h.port, '127.0.0.1', () =>
+    client.write(`GET /gone HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`),
+  )
+  const followed = followRaw(client, out, () => {})
+  const upstreamSide = await answered
+  // The head has reached the gateway (a moment for it to arrive) when the client leaves.
+  await sleep(100)
+  client.end()
+  await new Promise((resolve) => upstreamSide.once('close', resolve))
+  await followed
+  t.equal(out.text, '', 'the client got nothing of the held head')
+  const metrics = await h.metrics.registry.metrics()
+  t.match(metrics, /keygate_gateway_requests_total\{route="live",outcome="client_closed"\} 1\n/, 'a client gone while the head was held: client_closed, the upstream aborted')
+  t.match(metrics, /keygate_gateway_requests_total\{route="live",outcome="upstream_unavailable"\} 1\n/)
+  t.match(metrics, /keygate_gateway_requests_total\{route="stall",outcome="upstream_timeout"\} 1\n/)
+  t.notMatch(metrics, /keygate_gateway_requests_total\{route="(live|stall)",outcome="forwarded"\} [1-9]/, 'not counted forwarded')
+  t.notMatch(metrics, /keygate_upstream_cut_off_total\{route="(live|stall)"\} [1-9]/, 'nor cut off')
+  t.match(metrics, /keygate_upstream_responses_total\{route="live",class="4xx"\} 2\n/, 'the upstream did answer')
+  t.match(metrics, /keygate_upstream_responses_total\{route="stall",class="4xx"\} 1\n/)
+  t.equal(lines.map((l) => JSON.parse(l)).filter((l) => l.message.startsWith('upstream response broke off')).length, 0, 'no break after a head passed on is logged')
+})
+
 t.test('a stage that throws is answered 500 internal_error, without its detail, and the gateway goes on', async (t) => {
   // A real lockout whose look-up breaks once.
   const real = createLockout({ maxAttempts: 5, windowS: 60 })
