@@ -571,6 +571,10 @@ function clientGone(s: RequestState): boolean {
 
 export function createForwarder(o: ForwardOptions): Forwarder {
   const { ctx, router, stripCredential, keySources: sources, guard, tunnelIdleMs, bodyIdleMs, sendIdleMs, maxResponseHeaderBytes } = o
+  // The upstream answered, with a head too large to take: said so, not "could not be reached"
+  // (before, found by a review: a 17 KB Set-Cookie was that, at undici's 16 KiB default; and
+  // an upgrade's answer, by a later one).
+  const headTooLarge = `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
   const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
@@ -797,9 +801,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       return
     }
     ctx.log.warn('upstream request failed', { request_id: s.id, route: s.route?.name, err })
-    // The upstream answered, with a head too large to take: said so, not "could not be reached"
-    // (before, found by a review: a 17 KB Set-Cookie was that, at undici's 16 KiB default).
-    if (code === 'UND_ERR_HEADERS_OVERFLOW') s.message = `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
+    if (code === 'UND_ERR_HEADERS_OVERFLOW') s.message = headTooLarge
     else if (headCame) s.message = bodilessMessage(err)
     sendError(ctx, s, timeoutCode(err))
   }
@@ -1014,7 +1016,8 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
         ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
         if (client.destroyed) return recordClientClosed(ctx, s)
-        if (headCame) s.message = bodilessMessage(err)
+        if ((err as { code?: string }).code === 'UND_ERR_HEADERS_OVERFLOW') s.message = headTooLarge
+        else if (headCame) s.message = bodilessMessage(err)
         sendError(ctx, s, timeoutCode(err))
       }
       /** Writes the held head of an answer other than 101, once; from then on the client is no longer read, and is watched for taking the answer. */

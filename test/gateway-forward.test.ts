@@ -508,6 +508,14 @@ t.test("an upstream's response head: up to gateway.max_response_header_bytes tak
   const switched = await converse(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
   t.match(switched, /^HTTP\/1\.1 101 Switching Protocols\r\n/)
   t.match(switched, /\r\nx-l: caf\xe9\r\n/, 'the byte 0xE9 as it came')
+
+  // An upgrade's answer with a head too large, named as an ordinary request's is (before, found
+  // by a review, the upgrade's path said the upstream "could not be reached").
+  h.upstream.server.removeAllListeners('upgrade')
+  h.upstream.server.on('upgrade', (_req, socket: net.Socket) => socket.end(`HTTP/1.1 401 Unauthorized\r\nX-Big: ${'c'.repeat(70_000)}\r\nContent-Length: 0\r\n\r\n`))
+  const hugeUpgrade = await rawExchange(h.port, `GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${k.key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n${WS_OFFER}\r\n`)
+  t.match(hugeUpgrade, /^HTTP\/1\.1 502 /, 'an upgrade: 502')
+  t.match(hugeUpgrade, /"message":"The upstream's response head is larger than 65536 bytes \(gateway\.max_response_header_bytes\)\."/, 'an upgrade: naming the cause')
 })
 
 t.test("the upstream's own RateLimit headers give way to the gateway's: one of each reaches the client", async (t) => {
