@@ -286,6 +286,32 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(new GiteaTokenService(integrationDeps(store.db, {})).verify('abc')), { code: 'gitea_not_configured', message: /set GITEA_URL/ })
   })
 
+  await t.test("GITEA_PASSWORD a token without the user scope a call needs: said so, not that GITEA_USERNAME may not manage its own tokens", async (t) => {
+    // Gitea's Basic method takes a token as the password and then checks its scopes (GITEA.md):
+    // read:user lists the tokens, write:user creates and deletes them. Found by a review: the
+    // scope check's 403 was told as reqSelfOrAdmin's, "does not let alice manage the tokens of
+    // alice (only the user or a site admin may)", which is never so for one's own tokens.
+    const readOnly = fake.addToken('alice', 'password-read-user', ['read:user'])
+    const narrow = fake.addToken('alice', 'password-read-repository', ['read:repository'])
+    secrets.push(readOnly.sha1, narrow.sha1)
+    t.teardown(() => {
+      fake.removeToken(readOnly.id)
+      fake.removeToken(narrow.id)
+    })
+    const reading = new GiteaTokenService(integrationDeps(store.db, env(fake.url, { GITEA_PASSWORD: readOnly.sha1 })))
+    t.teardown(() => reading.close())
+    t.ok((await reading.list()).items.length > 0, 'read:user lists the tokens')
+    const made = await rejection(reading.create({ name: 'by-a-token', scopes: ['read:user'] }, actor))
+    t.match(made, { code: 'gitea_auth_failed', status: 502, message: /GITEA_PASSWORD.*token.*write:user.*403 token does not have at least one of required scope/ })
+    t.notMatch(made.message, /only the user or a site admin may/)
+    t.notOk(fake.tokens.some((x) => x.name === 'by-a-token'), 'nothing was made')
+    const listing = new GiteaTokenService(integrationDeps(store.db, env(fake.url, { GITEA_PASSWORD: narrow.sha1 })))
+    t.teardown(() => listing.close())
+    const listed = await rejection(listing.list())
+    t.match(listed, { code: 'gitea_auth_failed', message: /GITEA_PASSWORD.*token.*read:user.*403 token does not have at least one of required scope/ })
+    t.notMatch(listed.message, /only the user or a site admin may/)
+  })
+
   await t.test("another user's tokens GITEA_USERNAME may not list (not a site admin): listed as unreadable, the rest listed; --forget closes the record", async (t) => {
     // Found by a review: one such user made every list fail (403 "doer should be the site
     // admin"), the configured user's own tokens unlisted too, and its records could not be closed.

@@ -272,6 +272,14 @@ export class GiteaTokenService {
     if (res.status === 403 && ACCOUNT_MESSAGE.test(message)) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refuses every call of ${JSON.stringify(username)} (GITEA_USERNAME): the account may not sign in: 403 ${message}`)
     }
+    if (res.status === 403 && SCOPE_MESSAGE.test(message)) {
+      // Gitea's Basic method takes a token as the password and checks its scopes before anything
+      // else on these routes; told before (found by a review) as reqSelfOrAdmin's 403 below.
+      return new KeygateError(
+        'gitea_auth_failed',
+        `Gitea at ${http.baseUrl} took GITEA_PASSWORD for a token (Gitea accepts one as the Basic password), and it lacks the scope this call needs (read:user to list tokens, write:user to create or delete them): 403 ${message}; set GITEA_PASSWORD to the password of ${JSON.stringify(username)}, or to a token with write:user`,
+      )
+    }
     if (res.status === 403) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} does not let ${JSON.stringify(username)} manage the tokens of ${JSON.stringify(user)} (only the user or a site admin may): 403 ${message}`)
     }
