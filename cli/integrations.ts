@@ -129,7 +129,7 @@ function deleteCommand<D extends { remote_missing: boolean; forgotten?: boolean 
   return command(o, { min: 1, max: 1 }, (p) => {
     // Checked here, before anything is opened: a bad --user is a usage error, not a store made and opened first.
     const options = o.extra?.(p)
-    return async (ctx) => {
+    const action: Action<IntegrationContext<{ delete(ref: string, actor: Actor, options?: DeleteOptions): Promise<D> }>> = async (ctx) => {
       const d = await ctx.service.delete(p.positionals[0] as string, ctx.actor, options)
       printDone(() => {
         if (ctx.json) printJson(ctx.io, d)
@@ -138,6 +138,9 @@ function deleteCommand<D extends { remote_missing: boolean; forgotten?: boolean 
       }, d.forgotten === true ? `keygate's record of ${o.what(d)} was closed without asking ${o.service}` : d.remote_missing ? `${o.what(d)} was already gone from ${o.service}, and its record was closed` : `${o.what(d)} was deleted`)
       return EXIT_OK
     }
+    // `--forget` closes a record the store holds and calls no service: a new store would hold none.
+    if (options?.forget === true) action.changesStored = true
+    return action
   })
 }
 

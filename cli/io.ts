@@ -127,6 +127,8 @@ export interface Command<C> {
 export type Action<C> = ((ctx: C) => Promise<number>) & {
   beforeStore?: (io: Io, config: Config) => Promise<number | undefined>
   beforeMaking?: (io: Io, config: Config) => Promise<void>
+  /** As Command's `changesStored`, for this command line only (`gitea delete --forget`). */
+  changesStored?: boolean
 }
 
 export const str = (p: Parsed, name: string) => p.values[name] as string | undefined

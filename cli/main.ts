@@ -190,7 +190,7 @@ export async function runGroup<C>(
   if (answered !== undefined) return answered
   const log = cliLogger(io, config)
   const { runLocal, newEmbeddedStoreAt } = await import('./local.ts')
-  const existingOnly = sub.readOnly ? NO_STORE_HINT : sub.changesStored ? NO_STORE_TO_CHANGE_HINT : undefined
+  const existingOnly = sub.readOnly ? NO_STORE_HINT : sub.changesStored === true || action.changesStored === true ? NO_STORE_TO_CHANGE_HINT : undefined
   // The folder of the embedded store the command will make, when it makes one.
   const fresh = existingOnly === undefined && !config.store.database_url ? newEmbeddedStoreAt(config.store.data_dir) : undefined
   if (fresh !== undefined) await action.beforeMaking?.(io, config)

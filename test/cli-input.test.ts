@@ -846,6 +846,9 @@ t.test('a command that changes a stored key or entry refuses a data folder witho
   for (const args of [['api-key', 'revoke', 'abcdefghijkl'], ['api-key', 'rotate', 'abcdefghijkl'], ['api-key', 'update', 'abcdefghijkl', '--name', 'x'], ['deny-list', 'remove', '10.0.0.0/8']]) {
     refused(await runCliHere([...args, '--data-dir', empty, '--json'], { env }), empty, args.join(' '))
   }
+  // `gitea delete --forget` closes a record the store holds, and calls no Gitea: before (found by a
+  // review), it made a new store and answered that it held no record of the token.
+  refused(await runCliHere(['gitea', 'delete', 'ci', '--forget', '--user', 'bob', '--data-dir', empty, '--json'], { env: { ...env, ...UNREACHABLE_SERVICES } }), empty, 'gitea delete --forget')
   made()
 })
 
