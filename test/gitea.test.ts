@@ -1020,6 +1020,30 @@ await forEachStore(t, async (t, store) => {
     t.match(await proxied.delete('behind-a-router', actor), { remote_missing: false, record: { id: recorded.id, deleted_at: /\d/ } }, "through the proxy otherwise, deleted as ever")
   })
 
+  await t.test('GITEA_URL that redirects (http:// to https://, a moved host): the error names where to, not "refused ...: 301 no message"', async (t) => {
+    // keygate does not follow a redirect with its credentials or a token. Found by a review: every
+    // call then failed as "Gitea at http://... refused to list the tokens of \"alice\": 301 no
+    // message" (a proxy's redirect page has no message), which says nothing of the redirect.
+    const redirecting = http.createServer((req, res) => {
+      res.writeHead(301, { location: `https://gitea.example.test${req.url}`, 'content-type': 'text/html' }).end('<html><body>301 Moved Permanently</body></html>')
+    })
+    await new Promise<void>((resolve) => redirecting.listen(0, '127.0.0.1', resolve))
+    t.teardown(() => new Promise((resolve) => redirecting.close(resolve)))
+    const url = `http://127.0.0.1:${(redirecting.address() as AddressInfo).port}`
+    const moved = new GiteaTokenService(integrationDeps(store.db, env(url)))
+    t.teardown(() => moved.close())
+    const where = /answered 301 redirecting to "https:\/\/gitea\.example\.test\/api\/v1\/[^"]*".*GITEA_URL/
+    for (const [what, call] of [
+      ['list', () => moved.list()],
+      ['create', () => moved.create({ name: 'moved', scopes: ['read:user'] }, actor)],
+      ['verify', () => moved.verify('0123456789abcdef0123456789abcdef01234567')],
+    ] as const) {
+      const err = await rejection(call())
+      t.match(err, { code: 'gitea_error', status: 502, details: { status: 301 }, message: where }, `${what}: names the redirect`)
+      t.notMatch(err.message, /no message/, `${what}: not "no message"`)
+    }
+  })
+
   await t.test('a token created but not recorded is deleted again', async (t) => {
     const broken = new GiteaTokenService(integrationDeps(failingTransactions(store.db), env(fake.url)))
     t.teardown(() => broken.close())

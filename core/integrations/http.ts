@@ -225,6 +225,18 @@ export class IntegrationHttp {
   /** A `<service>_error` saying what was attempted, the status and the service's message. */
   failure(what: string, res: HttpResponse): KeygateError {
     if (fromGateway(res.status)) return this.gatewayAnswer(res, what)
+    // A redirect is not followed (it would carry the credentials or the token elsewhere); a
+    // proxy's redirect page has no message, so "refused ...: 301 no message" said nothing of it
+    // (found by a review).
+    const location = res.headers.location
+    if (res.status >= 300 && res.status < 400 && typeof location === 'string' && location !== '') {
+      const label = SERVICE_LABEL[this.service]
+      return new KeygateError(
+        `${this.service}_error`,
+        `${label} at ${this.baseUrl} answered ${res.status} redirecting to ${JSON.stringify(this.redact(location.slice(0, 200)))} to the request to ${what}, and keygate does not follow a redirect with its credentials: set ${this.service.toUpperCase()}_URL to the address ${label} answers at (https:// where it redirects there)`,
+        { status: res.status },
+      )
+    }
     return new KeygateError(`${this.service}_error`, `${SERVICE_LABEL[this.service]} at ${this.baseUrl} refused to ${what}: ${res.status} ${this.messageOf(res)}`, {
       status: res.status,
     })
