@@ -310,6 +310,12 @@ await forEachStore(t, async (t, store) => {
     const listed = await rejection(listing.list())
     t.match(listed, { code: 'gitea_auth_failed', message: /GITEA_PASSWORD.*token.*read:user.*403 token does not have at least one of required scope/ })
     t.notMatch(listed.message, /only the user or a site admin may/)
+    // Another user's tokens: the scope check is the credential's, not that user's, so no advice to
+    // close the record without asking Gitea (before, found by a review, it was told as that
+    // user's tokens being unreadable, with the --forget hint).
+    const other = await rejection(listing.delete('bobtok', actor, { user: 'bob' }))
+    t.match(other, { code: 'gitea_auth_failed', message: /GITEA_PASSWORD.*token.*403 token does not have at least one of required scope/ })
+    t.notMatch(other.message, /--forget|only the user or a site admin may/)
   })
 
   await t.test("another user's tokens GITEA_USERNAME may not list (not a site admin): listed as unreadable, the rest listed; --forget closes the record", async (t) => {

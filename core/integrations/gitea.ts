@@ -580,7 +580,10 @@ export class GiteaTokenService {
    */
   #unreadable(http: IntegrationHttp, res: HttpResponse, username: string, user: string): UnreadableUser | undefined {
     const forget = this.#forgetHint(user)
-    if (res.status === 403 && !ACCOUNT_MESSAGE.test(http.messageOf(res))) {
+    // A barred account or a token's missing scope is the credential's, not this user's: told by
+    // #tokenRouteError without the hint to close the record unasked (the scope's, before, found by
+    // a review, with it).
+    if (res.status === 403 && !ACCOUNT_MESSAGE.test(http.messageOf(res)) && !SCOPE_MESSAGE.test(http.messageOf(res))) {
       const refused = this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       const code = refused.code === 'gitea_error' ? 'gitea_error' : 'gitea_auth_failed'
       return new UnreadableUser(code, refused.message + forget, `403 ${http.messageOf(res)}`, refused.details === undefined ? undefined : { ...refused.details })
