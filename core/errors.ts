@@ -57,6 +57,7 @@ export const ERRORS = {
   gitea_token_exists: { status: 409, message: 'The Gitea user already has a token with this name.' },
   gitea_scope_unknown: { status: 400, message: 'A scope is not one Gitea knows.' },
   gitea_token_not_found: { status: 404, message: 'No Gitea token has this id or name.' },
+  gitea_user_not_found: { status: 404, message: 'Gitea has no user of this name.' },
   n8n_not_configured: { status: 503, message: 'n8n is not configured (N8N_URL, N8N_EMAIL, N8N_PASSWORD).' },
   n8n_unreachable: { status: 502, message: 'n8n could not be reached.' },
   n8n_timeout: { status: 504, message: 'n8n did not answer in time.' },

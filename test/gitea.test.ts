@@ -286,6 +286,20 @@ await forEachStore(t, async (t, store) => {
     t.match(await rejection(new GiteaTokenService(integrationDeps(store.db, {})).verify('abc')), { code: 'gitea_not_configured', message: /set GITEA_URL/ })
   })
 
+  await t.test('a create for a user Gitea does not have: gitea_user_not_found (404), not a fault of Gitea (found by a review)', async (t) => {
+    // Gitea answers its own 404 "user redirect does not exist [name: ...]": before, that was
+    // gitea_error (502, "refused to create a token for ..."), as if Gitea had failed, for a typo in --user.
+    const asAdmin = new GiteaTokenService(integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'root', GITEA_PASSWORD: ADMIN_PASSWORD })))
+    t.teardown(() => asAdmin.close())
+    const refused = await rejection(asAdmin.create({ name: 'for-nobody', scopes: ['read:user'], user: 'no-such-user' }, actor))
+    t.match(refused, { code: 'gitea_user_not_found', status: 404, message: /^Gitea at \S+ has no user "no-such-user": 404 user redirect does not exist/ })
+    t.same(await store.db.query("SELECT id FROM gitea_tokens WHERE name = 'for-nobody'"), [], 'no record')
+    // GITEA_USERNAME an e-mail address: Gitea signs it in, and its token paths know no such user.
+    const byEmail = new GiteaTokenService(integrationDeps(store.db, env(fake.url, { GITEA_USERNAME: 'alice@example.test' })))
+    t.teardown(() => byEmail.close())
+    t.match(await rejection(byEmail.list()), { code: 'gitea_user_not_found', message: /has no user "alice@example\.test": 404 .*; GITEA_USERNAME must be the login name, not an e-mail address$/ })
+  })
+
   await t.test("GITEA_PASSWORD a token without the user scope a call needs: said so, not that GITEA_USERNAME may not manage its own tokens", async (t) => {
     // Gitea's Basic method takes a token as the password and then checks its scopes (GITEA.md):
     // read:user lists the tokens, write:user creates and deletes them. Found by a review: the

@@ -13,7 +13,7 @@ export default defineOperation({
   body: CreateGiteaTokenBody,
   bodyExample: { name: 'ci-deploy', scopes: ['read:repository'] },
   response: { status: 201, description: 'The token was created.', schema: GiteaTokenCreatedSchema },
-  errors: ['validation_failed', 'gitea_scope_unknown', 'gitea_token_exists', ...GITEA_CALL_ERRORS],
+  errors: ['validation_failed', 'gitea_scope_unknown', 'gitea_token_exists', 'gitea_user_not_found', ...GITEA_CALL_ERRORS],
   async handle({ body, actor, services }) {
     return services.gitea.create(body, actor)
   },

@@ -14,7 +14,7 @@ export default defineOperation({
   description: '`ref` is Gitea\'s token id or the token\'s name. A token already gone from Gitea only has its record closed (`remote_missing`). An id that is both a token keygate has no record of and a record of an earlier token Gitea gave that id is a conflict: delete by name. With `forget=true`, only keygate\'s live record is closed (`forgotten`), and Gitea is not called: for a user whose tokens Gitea will not list (`unreadable` in the list).',
   query: DeleteGiteaTokenQuery,
   response: { status: 200, description: 'The token was deleted.', schema: GiteaTokenDeletedSchema },
-  errors: ['validation_failed', 'gitea_token_not_found', 'conflict', ...GITEA_CALL_ERRORS],
+  errors: ['validation_failed', 'gitea_token_not_found', 'gitea_user_not_found', 'conflict', ...GITEA_CALL_ERRORS],
   async handle({ params, query, actor, services }) {
     return services.gitea.delete(params.ref as string, actor, { ...(query.user === undefined ? {} : { user: query.user }), ...(query.forget === true ? { forget: true } : {}) })
   },

@@ -11,7 +11,7 @@ export default defineOperation({
   summary: 'List Gitea tokens',
   description: 'Every page of Gitea\'s list for each user keygate has records of (and GITEA_USERNAME), beside the local records; `state` marks a token deleted in Gitea by hand or one keygate has no record of.',
   response: { status: 200, description: 'Remote and local, side by side.', schema: GiteaTokenListSchema },
-  errors: [...GITEA_CALL_ERRORS],
+  errors: ['gitea_user_not_found', ...GITEA_CALL_ERRORS],
   async handle({ services }) {
     return services.gitea.list()
   },

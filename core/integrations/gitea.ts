@@ -269,6 +269,13 @@ export class GiteaTokenService {
     if (res.status === 401) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refused the credentials of ${JSON.stringify(username)} (GITEA_USERNAME/GITEA_PASSWORD): 401 ${message}`)
     }
+    // Gitea's own "user (redirect) does not exist": a --user Gitea has no account of (a typo), not a
+    // fault of Gitea's (before, found by a review, gitea_error, 502).
+    if (res.status === 404 && USER_NOT_EXIST.test(message)) {
+      // GITEA_USERNAME itself: Gitea signs an e-mail address in, but its token paths take the login name only.
+      const login = sameUser(user, username) ? '; GITEA_USERNAME must be the login name, not an e-mail address' : ''
+      return new KeygateError('gitea_user_not_found', `Gitea at ${http.baseUrl} has no user ${JSON.stringify(user)}: 404 ${message}${login}`)
+    }
     if (res.status === 403 && ACCOUNT_MESSAGE.test(message)) {
       return new KeygateError('gitea_auth_failed', `Gitea at ${http.baseUrl} refuses every call of ${JSON.stringify(username)} (GITEA_USERNAME): the account may not sign in: 403 ${message}`)
     }
