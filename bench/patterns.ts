@@ -11,9 +11,12 @@
 // X-Forwarded-Prefix (gateway/forward.ts `outerPrefix`), alike; an X-Forwarded-For entry's white
 // space (core/http.ts `withoutOws`): a run of spaces that something else ends. A URL's
 // query in a value a message shows (core/validate.ts `URL_QUERY`): a run of slashes that no `?` ends.
+// A line of PostgreSQL's log from the embedded store (core/errors.ts `postgresLogLine`): a run of
+// white space after the level, then a carriage return.
 // (Named bench/scrub.ts, and the scrubber only, until the commit that added the others.)
 import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES, withoutOws } from '../core/http.ts'
+import { postgresLogLine } from '../core/errors.ts'
 import { scrub } from '../core/log.ts'
 import { refuseChangedNumbers, URL_QUERY } from '../core/validate.ts'
 import { outerPrefix } from '../gateway/forward.ts'
@@ -49,6 +52,7 @@ const shapes: Array<[string, (text: string) => unknown, (n: number) => string, (
   ['X-Forwarded-Prefix: //...//x', outerPrefix, (n) => `${'/'.repeat(n - 1)}x`, (n) => '/x'.repeat(n / 2)],
   ['X-Forwarded-For entry: x  ...  x', withoutOws, (n) => `x${' '.repeat(n - 2)}x`, (n) => 'x/'.repeat(n / 2)],
   ['URL query shown: //...//x', (s) => s.replace(URL_QUERY, ''), (n) => `${'/'.repeat(n - 1)}x`, (n) => 'x/'.repeat(n / 2)],
+  ['PostgreSQL log line: LOG:   ...   x\\ry', postgresLogLine, (n) => `LOG:${' '.repeat(n - 7)}x\ry`, (n) => `LOG: ${'x '.repeat((n - 5) / 2)}`],
 ]
 
 /** Milliseconds of one `fn(text)`, the median of ROUNDS. */

@@ -6,7 +6,7 @@
 import { parentPort, workerData } from 'node:worker_threads'
 import { PGlite, type Transaction } from '@electric-sql/pglite'
 import { nestsDeeper } from './depth.ts'
-import { fileSystemErrorWords } from './errors.ts'
+import { fileSystemErrorWords, postgresLogLine } from './errors.ts'
 
 export type Request =
   | { id: number; op: 'query'; sql: string; params: readonly unknown[] | undefined; tx: number | undefined }
@@ -146,8 +146,6 @@ export interface WorkerOptions {
 const KEPT_LINES = 20
 /** The most of them an error names. */
 const NAMED_LINES = 4
-/** A line of PostgreSQL's log, as PGlite passes it on: `2026-12-06 00:28:42.962 UTC [42] PANIC:  could not read file "global/pg_control"`. */
-const LOG_LINE = /^(?:\S+ \S+ \S+ \[\d+\] )?(LOG|WARNING|ERROR|FATAL|PANIC|DETAIL):\s+(.*)$/
 
 /**
  * What PostgreSQL said as it failed to start on the store's files (the last of its log lines; no
@@ -156,8 +154,8 @@ const LOG_LINE = /^(?:\S+ \S+ \S+ \[\d+\] )?(LOG|WARNING|ERROR|FATAL|PANIC|DETAI
  */
 function postgresWords(lines: readonly string[]): string | undefined {
   const said = lines.flatMap((line) => {
-    const m = LOG_LINE.exec(line.trim())
-    return m ? [`${m[1]}: ${m[2]}`] : []
+    const m = postgresLogLine(line)
+    return m ? [`${m.level}: ${m.message}`] : []
   })
   return said.length === 0 ? undefined : said.slice(-NAMED_LINES).join('; ')
 }
@@ -195,10 +193,10 @@ try {
       if (stderr.length > KEPT_LINES) stderr.shift()
     } else if (!fatal) {
       // Told from inside PGlite's loop, which never returns: the other thread ends this one.
-      const m = LOG_LINE.exec(line.trim())
-      if (m?.[1] === 'FATAL') {
+      const m = postgresLogLine(line)
+      if (m?.level === 'FATAL') {
         fatal = true
-        parentPort?.postMessage({ fatal: m[2] as string } satisfies Fatal)
+        parentPort?.postMessage({ fatal: m.message } satisfies Fatal)
       }
     }
     return false

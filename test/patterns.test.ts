@@ -4,6 +4,7 @@
 import t from 'tap'
 import { lenientReading } from '../config/routes.ts'
 import { TRAILING_SLASHES, withoutOws } from '../core/http.ts'
+import { postgresLogLine } from '../core/errors.ts'
 import { displayUrl } from '../core/integrations/http.ts'
 import { refuseChangedNumbers, showValue, URL_QUERY } from '../core/validate.ts'
 import { outerPrefix } from '../gateway/forward.ts'
@@ -109,4 +110,17 @@ t.test("a URL's query in a value shown: the same pieces found, from the first `/
   }
   t.equal(showValue('https://h/hook?token=abc&x'), '"https://h/hook?token=<hidden>&<hidden>"')
   t.equal(showValue(`${'/'.repeat(50)}x`), JSON.stringify(`${'/'.repeat(50)}x`))
+})
+
+t.test("a line of PostgreSQL's log: its level and message, read to the end of the line or a carriage return in it", async (t) => {
+  t.same(postgresLogLine('2026-12-06 00:28:42.962 UTC [42] PANIC:  could not read file "global/pg_control": read 0 of 8192'), { level: 'PANIC', message: 'could not read file "global/pg_control": read 0 of 8192' })
+  t.same(postgresLogLine('FATAL:  terminating connection due to idle-session timeout\n'), { level: 'FATAL', message: 'terminating connection due to idle-session timeout' }, 'trimmed')
+  t.same(postgresLogLine('DETAIL:  The data directory was initialized by PostgreSQL version 99'), { level: 'DETAIL', message: 'The data directory was initialized by PostgreSQL version 99' })
+  t.equal(postgresLogLine('HINT:  It looks like you need to initdb.'), undefined, 'a HINT is no line it reads')
+  t.equal(postgresLogLine('PGlite failed to initialize properly'), undefined)
+  t.equal(postgresLogLine('LOG:no space'), undefined, 'white space after the level, as PostgreSQL writes it')
+  // Before (found by a review of the patterns): a carriage return in the message made the line no
+  // log line (a FATAL unseen), found so by backtracking (445 ms for 32,000 spaces before it).
+  t.same(postgresLogLine('FATAL:  invalid value "a\rb"'), { level: 'FATAL', message: 'invalid value "a' }, 'a FATAL with a carriage return in it is one')
+  t.same(postgresLogLine(`LOG:${' '.repeat(32_000)}x\ry`), { level: 'LOG', message: 'x' })
 })
