@@ -166,6 +166,8 @@ function scopesWarning(baseUrl: string, email: string, scopes: string[], enforce
 
 const KEY_SHAPE = /^[\x21-\x7e]{1,4096}$/
 const SESSION_COOKIE = 'n8n-auth'
+/** The `code` of n8n's 401 to a login whose user has two-factor authentication on, sent without an MFA code (checked against n8n 1.123.0). */
+const MFA_REQUIRED = 998
 
 export class N8nKeyService {
   readonly #deps: IntegrationDeps
@@ -192,6 +194,13 @@ export class N8nKeyService {
       // WAF's 403) says nothing of N8N_EMAIL's password: before (found by a review), it was "refused
       // the login ... 401 no message", as verify once was.
       http.assertOwnError(res, 'POST /rest/login')
+      // Two-factor authentication on the user: n8n answers a right password sent without an MFA
+      // code 401 with code 998 ("MFA Error"; a wrong password is "Wrong username or password"
+      // whatever the MFA). keygate logs in with the password alone: before (found by a review),
+      // this was "refused the login ... (N8N_EMAIL/N8N_PASSWORD): 401 MFA Error".
+      if (res.status === 401 && (res.body as { code?: unknown }).code === MFA_REQUIRED) {
+        throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} took the password of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD) but asks for a two-factor authentication (MFA) code, which keygate cannot give: N8N_EMAIL must name an n8n user without two-factor authentication`)
+      }
       throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the login of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD): ${res.status} ${http.messageOf(res)}`)
     }
     if (res.status === 429) throw this.#loginRateLimited(http, res)
