@@ -6,7 +6,7 @@ import type { TSchema } from '@sinclair/typebox'
 import type { GiteaListItem, GiteaTokenCreated, GiteaTokenDeleted, GiteaTrackState, GiteaVerification } from '../core/integrations/gitea.ts'
 import type { N8nKeyCreated, N8nKeyDeleted, N8nListItem, N8nVerification } from '../core/integrations/n8n.ts'
 import type { TrackState } from '../core/integrations/track.ts'
-import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, unknownGiteaScopes } from '../core/integrations/schemas.ts'
+import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, n8nLabelProblem, unknownGiteaScopes } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { escapeUnprintable } from '../core/validate.ts'
 import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printWarning, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
@@ -259,7 +259,10 @@ export const N8N_COMMANDS: Record<string, N8nCommand> = {
     options: { ...N8N_FLAGS, label: { type: 'string' }, scopes: { type: 'string' }, 'expires-in': { type: 'string' }, 'expires-at': { type: 'string' } },
     body: (p) => {
       const expires = expiryFlags(p)
-      return { label: required(p, 'label', 'the key label'), scopes: scopesFlag(p, 'workflow:list,workflow:read'), ...(expires !== undefined ? { expires_at: expires } : {}) }
+      const label = required(p, 'label', 'the key label')
+      const problem = n8nLabelProblem(label)
+      if (problem !== undefined) throw new UsageError(`--label: ${problem}`)
+      return { label, scopes: scopesFlag(p, 'workflow:list,workflow:read'), ...(expires !== undefined ? { expires_at: expires } : {}) }
     },
     schema: CreateN8nKeyBody,
     flagOf: { expires_at: '--expires-at' },

@@ -26,11 +26,17 @@ export const NO_KEY_IN = 'Refused (`validation_failed`) when it holds what looks
 export function refuseKeyIn(fields: Record<string, unknown>): void {
   for (const [field, value] of Object.entries(fields)) {
     if (value === undefined || value === null) continue
-    const text = typeof value === 'string' ? value : JSON.stringify(value)
-    // Percent-decoded too: a webhook URL's `?api_key=kg%5F...` is the key to its receiver, which
-    // decodes it (before, it was stored, listed, audited and sent with every delivery).
-    if (holdsKeyShape(text) || (text.includes('%') && holdsKeyShape(decodeEscapes(text)))) throw fieldInvalid(field, 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead')
+    const problem = keyInProblem(typeof value === 'string' ? value : JSON.stringify(value))
+    if (problem !== undefined) throw fieldInvalid(field, problem)
   }
+}
+
+/** refuseKeyIn's words for `text` holding a keygate key, else undefined: for a CLI flag checked before anything is opened too. */
+export function keyInProblem(text: string): string | undefined {
+  // Percent-decoded too: a webhook URL's `?api_key=kg%5F...` is the key to its receiver, which
+  // decodes it (before, it was stored, listed, audited and sent with every delivery).
+  if (holdsKeyShape(text) || (text.includes('%') && holdsKeyShape(decodeEscapes(text)))) return 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead'
+  return undefined
 }
 
 /**

@@ -84,6 +84,10 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', '2099-06-30T23:59:60Z'], /^keygate: --expires-at: "2099-06-30T23:59:60Z" is a leap second \(:60\), which keygate cannot hold/],
     [['api-key', 'create', '--name', 'x', '--type', 'user', '--expires-at', 'nul'], /--expires-at: "nul" is not allowed; expected an RFC 3339 date-time .* or never\n/],
     [['n8n', 'create', '--label', 'x', '--scopes', 'workflow:list', '--expires-at', 'null'], /--expires-at: "null" is not allowed; expected an RFC 3339 date-time .* or never\n/],
+    // A label n8n never takes (over its 50 UTF-16 units: 26 emoji are 52), or one holding a keygate
+    // key: before (found by a review), a new store was made first (pgdata, encryption.key), then exit 1.
+    [['n8n', 'create', '--label', '\u{1F600}'.repeat(26), '--scopes', 'workflow:list'], /^keygate: --label: is 52 UTF-16 units long; n8n takes at most 50 \(a character outside the Basic Multilingual Plane, such as an emoji, counts as two\)\n$/],
+    [['n8n', 'create', '--label', `ci kg_${'A'.repeat(12)}_${'B'.repeat(28)}`, '--scopes', 'workflow:list'], /^keygate: --label: holds what looks like a keygate API key, which is never stored in plaintext/],
     [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],
     [['api-key', 'list', '--limit', '0'], /--limit: "0" is not allowed; expected an integer from 1 to 500/],
     [['api-key', 'list', '--limit', 'ten'], /--limit: "ten" is not allowed/],

@@ -4,14 +4,11 @@
 // public API with the key itself. Facts about the API: shared/integrations/N8N.md.
 import type { Actor } from '../audit.ts'
 import { fieldInvalid, KeygateError } from '../errors.ts'
-import { assertValid, refuseKeyIn, shownInput } from '../validate.ts'
+import { assertValid, shownInput } from '../validate.ts'
 import { IntegrationHttp, type CallOptions, type HttpResponse } from './http.ts'
 import { KeyedQueue } from '../keyed-queue.ts'
-import { CreateN8nKeyBody, type CreateN8nKeyInput } from './schemas.ts'
+import { CreateN8nKeyBody, n8nLabelProblem, type CreateN8nKeyInput } from './schemas.ts'
 import { configuredClient, createOrReport, driftSummary, iso, lastEight, nameTaken, recordDelete, recordId, recordRemoteCreate, secretHash, trackState, undoUnrecorded, type IntegrationDeps, type TrackState } from './track.ts'
-
-/** The longest label n8n takes, in UTF-16 units. */
-const N8N_LABEL_UNITS = 50
 
 export interface N8nKey {
   id: string
@@ -317,11 +314,8 @@ export class N8nKeyService {
 
   async create(body: unknown, actor: Actor): Promise<N8nKeyCreated> {
     const input = assertValid<CreateN8nKeyInput>(CreateN8nKeyBody, body)
-    refuseKeyIn({ label: input.label })
-    // n8n bounds a label in UTF-16 units, as JavaScript counts (its request check is zod's
-    // `max(50)`), where keygate's schemas count characters: a label of 26 emoji is refused here,
-    // not by n8n as an n8n_error.
-    if (input.label.length > N8N_LABEL_UNITS) throw fieldInvalid('label', `is ${input.label.length} UTF-16 units long; n8n takes at most ${N8N_LABEL_UNITS} (a character outside the Basic Multilingual Plane, such as an emoji, counts as two)`)
+    const problem = n8nLabelProblem(input.label)
+    if (problem !== undefined) throw fieldInvalid('label', problem)
     // Creates with one label run one after the other here, so the second finds the first's key in
     // its label check; creates from another process are caught when n8n refuses the label.
     return this.#creating.run(input.label, () => this.#create(input, actor))

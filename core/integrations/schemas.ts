@@ -3,7 +3,7 @@
 // what Gitea knows and what the n8n instance allows, so an unknown scope gets its own error code.
 import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
-import { NAME_TEXT, NAME_TEXT_NO_MARKUP, NO_KEY_IN, NOT_DOT_SEGMENT, NOT_PAST } from '../validate.ts'
+import { keyInProblem, NAME_TEXT, NAME_TEXT_NO_MARKUP, NO_KEY_IN, NOT_DOT_SEGMENT, NOT_PAST } from '../validate.ts'
 
 const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
 /** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
@@ -14,6 +14,23 @@ export function unknownGiteaScopes(scopes: readonly string[]): { unknown: string
   const unknown = scopes.filter((s) => !GITEA_SCOPES.includes(s))
   if (unknown.length === 0) return undefined
   return { unknown, message: `${unknown.map((s) => JSON.stringify(s)).join(', ')} ${unknown.length === 1 ? 'is not a Gitea scope' : 'are not Gitea scopes'}; expected ${GITEA_SCOPES.join(', ')}` }
+}
+
+/** The longest label n8n takes, in UTF-16 units. */
+const N8N_LABEL_UNITS = 50
+
+/**
+ * What makes n8n's key label one keygate refuses though the schema takes it, in words for the
+ * service's refusal and the CLI's usage error alike (before, found by a review, `keygate n8n
+ * create` made a new store first, then exited 1); undefined when none. n8n bounds a label in
+ * UTF-16 units, as JavaScript counts (its request check is zod's `max(50)`), where keygate's
+ * schemas count characters: a label of 26 emoji is refused here, not by n8n as an n8n_error.
+ */
+export function n8nLabelProblem(label: string): string | undefined {
+  const key = keyInProblem(label)
+  if (key !== undefined) return key
+  if (label.length > N8N_LABEL_UNITS) return `is ${label.length} UTF-16 units long; n8n takes at most ${N8N_LABEL_UNITS} (a character outside the Basic Multilingual Plane, such as an emoji, counts as two)`
+  return undefined
 }
 
 const ScopeName = Type.String({ minLength: 1, maxLength: 100, pattern: '^[a-z0-9][a-z0-9:._-]*$' })
