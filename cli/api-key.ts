@@ -14,7 +14,7 @@ import { KEY_STATUSES, KEY_TYPES, keyJson, keyValidUntil, rotationJson } from '.
 import { auditJson, type AuditRecord } from '../core/audit.ts'
 import { CURSOR_PATTERN, type Page } from '../core/cursor.ts'
 import type { KeyOperations } from './key-operations.ts'
-import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, fileArgument, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
+import { DURATION, EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags as checkFlagsOf, choiceFlag, expiryFlags, fileArgument, parseDuration, parseIntFlag, parseList, printDone, printJson, printMade, printable, refuseKeyInFlags, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
 
 export interface ApiKeyContext {
   io: Io
@@ -111,6 +111,8 @@ const FLAG_OF: Readonly<Record<string, string>> = {
 
 /** The API's own schema, checked before any store is opened (io.ts checkFlags), with the flags' names. */
 const checkFlags = (schema: TSchema, values: Record<string, unknown>): void => checkFlagsOf(schema, values, FLAG_OF)
+/** The fields of a key the store refuses a keygate key in (core/keys/service.ts), checked before it is opened too. */
+const KEY_FREE_FIELDS = ['name', 'owner', 'metadata'] as const
 
 /** The key fields given on the command line, as an API body (only those present). */
 function keyBody(p: Parsed): Record<string, unknown> {
@@ -305,6 +307,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       if (choiceFlag(p, 'type', KEY_TYPES) === undefined) throw new UsageError('--type is required (system, user, service, integration or emergency)')
       const body = keyBody(p)
       checkFlags(CreateKeyBody, body)
+      refuseKeyInFlags(body, KEY_FREE_FIELDS, FLAG_OF)
       return async (ctx) => {
         const { key, record } = await ctx.ops.create(body)
         printMade(() => {
@@ -405,6 +408,7 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
       const body = keyBody(p)
       if (Object.keys(body).length === 0) throw new UsageError('nothing to change: give at least one of --name, --scopes, --owner, --metadata, --cidrs, --rate-limit, --expires-in, --expires-at, --rotate-every')
       checkFlags(UpdateKeyBody, body)
+      refuseKeyInFlags(body, KEY_FREE_FIELDS, FLAG_OF)
       return async (ctx) => {
         const k = await ctx.ops.update(p.positionals[0] as string, body)
         printDone(() => {
@@ -460,7 +464,10 @@ export const API_KEY_COMMANDS: Record<string, Command<ApiKeyContext>> = {
     changesStored: true,
     prepare(p) {
       const reason = str(p, 'reason')
-      if (reason !== undefined) checkFlags(RevokeBody, { reason })
+      if (reason !== undefined) {
+        checkFlags(RevokeBody, { reason })
+        refuseKeyInFlags({ reason }, ['reason'])
+      }
       return async (ctx) => {
         const k = await ctx.ops.revoke(p.positionals[0] as string, reason)
         printDone(() => {

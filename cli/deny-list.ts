@@ -12,7 +12,7 @@ import { KeygateError } from '../core/errors.ts'
 import { shownInput } from '../core/validate.ts'
 import type { Runtime } from '../core/runtime.ts'
 import { adminClient, pathSegment } from './admin-client.ts'
-import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, str, printWarning, table, type Command, type Io } from './io.ts'
+import { EXIT_OK, UsageError, checkFlags, expiryFlags, parseIntFlag, printDone, printJson, refuseKeyInFlags, str, printWarning, table, type Command, type Io } from './io.ts'
 
 type DenyJson = ReturnType<typeof denyJson>
 type LockoutJson = { address_key: string; locked_until: string; retry_after_s: number }
@@ -106,6 +106,7 @@ export const DENY_LIST_COMMANDS: Record<string, Command<DenyContext>> = {
       const expires = expiryFlags(p, { would: 'end the entry', example: '1h' })
       const body = { cidr: p.positionals[0] as string, ...(str(p, 'reason') !== undefined ? { reason: str(p, 'reason') as string } : {}), ...(expires !== undefined ? { expires_at: expires } : {}) }
       checkFlags(AddDenyBody, body, { cidr: 'CIDR', expires_at: '--expires-at' })
+      refuseKeyInFlags(body, ['reason'])
       return async (ctx) => {
         const { entry: e, updated, warnings } = await ctx.ops.add(body)
         printDone(() => {

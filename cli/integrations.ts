@@ -9,7 +9,7 @@ import type { TrackState } from '../core/integrations/track.ts'
 import { CreateGiteaTokenBody, CreateN8nKeyBody, DeleteGiteaTokenQuery, n8nLabelProblem, unknownGiteaScopes } from '../core/integrations/schemas.ts'
 import type { GiteaOperations, N8nOperations } from './remote-integrations.ts'
 import { escapeUnprintable } from '../core/validate.ts'
-import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printWarning, printable, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
+import { EXIT_OK, EXIT_REFUSED, UsageError, argOrStdin, checkFlags, expiryFlags, parseList, printDone, printJson, printMade, printWarning, printable, refuseKeyInFlags, str, table, type Action, type Command, type Io, type Parsed } from './io.ts'
 
 export interface IntegrationContext<S> {
   io: Io
@@ -215,6 +215,7 @@ export const GITEA_COMMANDS: Record<string, GiteaCommand> = {
     options: { ...GITEA_FLAGS, name: { type: 'string' }, scopes: { type: 'string' }, user: { type: 'string' } },
     body: (p) => {
       const name = required(p, 'name', 'the token name')
+      refuseKeyInFlags({ name }, ['name'])
       const scopes = scopesFlag(p, 'read:repository,write:issue')
       const unknown = unknownGiteaScopes(scopes)
       if (unknown) throw new UsageError(`--scopes: ${unknown.message}`)

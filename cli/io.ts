@@ -7,7 +7,7 @@ import { KeygateError, systemErrorWords, type ErrorCode } from '../core/errors.t
 import { YEAR_10000_MS } from '../core/formats.ts'
 import { scrub } from '../core/log.ts'
 import type { TSchema } from '@sinclair/typebox'
-import { dotted, escapeUnprintable, hasUnprintable, problemLine, problems } from '../core/validate.ts'
+import { dotted, escapeUnprintable, hasUnprintable, keyInProblem, problemLine, problems } from '../core/validate.ts'
 
 export const EXIT_OK = 0
 export const EXIT_REFUSED = 1
@@ -207,6 +207,21 @@ export function checkFlags(schema: TSchema, values: Record<string, unknown>, fla
       })
       .join('; '),
   )
+}
+
+/**
+ * The store's refusal of a keygate key in `fields` of `values` (core/validate.ts refuseKeyIn),
+ * checked before any store is opened: a usage error naming the flag (`flagOf`, as checkFlags').
+ * Before (found by a review), only the store checked it: `api-key create --name` holding a key,
+ * on a folder without a store, made one (pgdata, encryption.key), then exited 1.
+ */
+export function refuseKeyInFlags(values: Record<string, unknown>, fields: readonly string[], flagOf: Readonly<Record<string, string>> = {}): void {
+  for (const field of fields) {
+    const value = values[field]
+    if (value === undefined || value === null) continue
+    const problem = keyInProblem(typeof value === 'string' ? value : JSON.stringify(value))
+    if (problem !== undefined) throw new UsageError(`${flagOf[field] ?? `--${field}`}: ${problem}`)
+  }
 }
 
 /** The longest first line `-` takes: no key or token comes near it. */

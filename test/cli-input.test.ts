@@ -88,6 +88,15 @@ t.test('usage errors exit 2 with the reason on stderr and touch no store', async
     // key: before (found by a review), a new store was made first (pgdata, encryption.key), then exit 1.
     [['n8n', 'create', '--label', '\u{1F600}'.repeat(26), '--scopes', 'workflow:list'], /^keygate: --label: is 52 UTF-16 units long; n8n takes at most 50 \(a character outside the Basic Multilingual Plane, such as an emoji, counts as two\)\n$/],
     [['n8n', 'create', '--label', `ci kg_${'A'.repeat(12)}_${'B'.repeat(28)}`, '--scopes', 'workflow:list'], /^keygate: --label: holds what looks like a keygate API key, which is never stored in plaintext/],
+    // A keygate key in a field that never holds one: before (found by a review), checked only in the
+    // store, so a create on a folder without a store made one first (pgdata, encryption.key), then exit 1.
+    [['api-key', 'create', '--type', 'user', '--name', `ci kg_${'A'.repeat(12)}_${'B'.repeat(28)}`], /^keygate: --name: holds what looks like a keygate API key, which is never stored in plaintext/],
+    [['api-key', 'create', '--type', 'user', '--name', 'x', '--owner', `kg_${'A'.repeat(12)}_${'B'.repeat(28)}`], /^keygate: --owner: holds what looks like a keygate API key/],
+    [['api-key', 'create', '--type', 'user', '--name', 'x', '--metadata', `{"note":"kg_${'A'.repeat(12)}_${'B'.repeat(28)}"}`], /^keygate: --metadata: holds what looks like a keygate API key/],
+    [['api-key', 'update', 'abc123', '--name', `kg_${'A'.repeat(12)}_${'B'.repeat(28)}`], /^keygate: --name: holds what looks like a keygate API key/],
+    [['api-key', 'revoke', 'abc123', '--reason', `leaked kg_${'A'.repeat(12)}_${'B'.repeat(28)}`], /^keygate: --reason: holds what looks like a keygate API key/],
+    [['deny-list', 'add', '192.0.2.7', '--reason', `kg_${'A'.repeat(12)}_${'B'.repeat(28)}`], /^keygate: --reason: holds what looks like a keygate API key/],
+    [['gitea', 'create', '--name', `kg_${'A'.repeat(12)}_${'B'.repeat(28)}`, '--scopes', 'read:user'], /^keygate: --name: holds what looks like a keygate API key/],
     [['api-key', 'list', '--owner='], /--owner: "" is not allowed/],
     [['api-key', 'list', '--limit', '0'], /--limit: "0" is not allowed; expected an integer from 1 to 500/],
     [['api-key', 'list', '--limit', 'ten'], /--limit: "ten" is not allowed/],
