@@ -366,6 +366,28 @@ t.test('n8n: refused, rate-limited and odd logins', async (t) => {
   t.match(await rejection(n8nAt(t, url, { N8N_PASSWORD: '' }).list()), { code: 'n8n_not_configured', message: /set N8N_PASSWORD/ })
 })
 
+t.test("n8n enforcing two-factor authentication for every user (a licensed setting), the N8N_EMAIL user having none: said so, not a session refused (found by a review)", async (t) => {
+  // n8n 1.123.0's auth middleware (dist/auth/auth.service.js): with MFA enforced, a session of a
+  // user without MFA set up is answered 401 {"status":"error","message":"Unauthorized","mfaRequired":true}
+  // on every call but the few that let one set it up. Before, keygate logged in again and said
+  // "refused the session of a fresh login: Unauthorized".
+  let logins = 0
+  const url = await scripted(t, (req, res) => {
+    if (req.url === '/rest/login') {
+      logins++
+      return json(res, 200, { data: {} }, { 'set-cookie': `n8n-auth=${COOKIE}; Path=/; HttpOnly` })
+    }
+    json(res, 401, { status: 'error', message: 'Unauthorized', mfaRequired: true })
+  })
+  const refused = await rejection(n8nAt(t, url).list())
+  t.match(refused, {
+    code: 'n8n_auth_failed',
+    status: 502,
+    message: /^n8n at http:\/\/127\.0\.0\.1:\d+ enforces two-factor authentication \(MFA\) for every user, and the N8N_EMAIL user "owner@example\.test" has none set up: n8n refuses its session \(401 Unauthorized, mfaRequired\); keygate cannot sign in with an MFA code, so turn the enforcement off in n8n's settings to manage API keys through keygate$/,
+  })
+  t.equal(logins, 1, 'no second login for it: a fresh session would be refused alike')
+})
+
 t.test('n8n: a 404 to the login (N8N_URL ending in /api/v1 or /rest, or leading elsewhere) says N8N_URL leads to no n8n login, not that n8n refused to log in (found by a review)', async (t) => {
   // n8n serves POST /rest/login at its root whatever its settings. Behind N8N_URL ending in
   // /api/v1 its public API answers the login's path with its JSON 404 ("not found"), behind one

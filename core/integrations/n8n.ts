@@ -166,6 +166,9 @@ const SESSION_COOKIE = 'n8n-auth'
 /** The `code` of n8n's 401 to a login whose user has two-factor authentication on, sent without an MFA code (checked against n8n 1.123.0). */
 const MFA_REQUIRED = 998
 
+/** n8n's 401 to a session of a user without MFA where the instance enforces it: `{"message":"Unauthorized","mfaRequired":true}` (n8n 1.123.0's auth middleware). */
+const mfaRequired = (res: HttpResponse): boolean => (res.body as { mfaRequired?: unknown } | null)?.mfaRequired === true
+
 export class N8nKeyService {
   readonly #deps: IntegrationDeps
   #http: IntegrationHttp | undefined
@@ -243,7 +246,16 @@ export class N8nKeyService {
       return r
     }
     let res = own(await call(this.#cookie ?? (await this.#login())))
-    if (res.status === 401) res = own(await call(await this.#login()))
+    if (res.status === 401 && !mfaRequired(res)) res = own(await call(await this.#login()))
+    // MFA enforced on the instance (a licensed setting) and none set up for the user: n8n refuses
+    // every session of it so (its auth middleware), a fresh one too. Before (found by a review),
+    // told as "refused the session of a fresh login: Unauthorized", after a login for nothing.
+    if (res.status === 401 && mfaRequired(res)) {
+      throw new KeygateError(
+        'n8n_auth_failed',
+        `n8n at ${http.baseUrl} enforces two-factor authentication (MFA) for every user, and the N8N_EMAIL user ${JSON.stringify(this.#deps.config.integrations.n8n.email ?? '')} has none set up: n8n refuses its session (401 ${http.messageOf(res)}, mfaRequired); keygate cannot sign in with an MFA code, so turn the enforcement off in n8n's settings to manage API keys through keygate`,
+      )
+    }
     if (res.status === 401) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the session of a fresh login: ${http.messageOf(res)}`)
     if (res.status === 403) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} does not let the N8N_EMAIL user manage API keys: 403 ${http.messageOf(res)}`)
     if (res.status === 404 && path.startsWith('/rest/api-keys')) {
