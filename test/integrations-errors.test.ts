@@ -349,6 +349,14 @@ t.test('n8n: refused, rate-limited and odd logins', async (t) => {
     code: 'n8n_auth_failed',
     message: /^n8n at http:\/\/127\.0\.0\.1:\d+ took the password of "owner@example\.test" \(N8N_EMAIL\/N8N_PASSWORD\) but asks for a two-factor authentication \(MFA\) code, which keygate cannot give: N8N_EMAIL must name an n8n user without two-factor authentication$/,
   }, 'MFA on the N8N_EMAIL user is said as such')
+  // An instance past its licence's user limit signs in its owner only: another user's right
+  // password is answered 403 "Maximum number of users reached" (n8n 1.123.0's issueCookie). Before
+  // (found by a review), "refused the login ... (N8N_EMAIL/N8N_PASSWORD): 403 ...", a password to blame.
+  answer = (res) => json(res, 403, { code: 403, message: 'Maximum number of users reached' })
+  t.match(await rejection(keys.list()), {
+    code: 'n8n_auth_failed',
+    message: /^n8n at http:\/\/127\.0\.0\.1:\d+ took the password of "owner@example\.test" \(N8N_EMAIL\/N8N_PASSWORD\) but signs in only its owner: it has more users than its licence allows \(403 Maximum number of users reached\); set N8N_EMAIL and N8N_PASSWORD to the owner's, or remove users in n8n$/,
+  }, 'a licence past its user limit is said as such')
   answer = (res) => json(res, 200, { data: { id: 'u1' } })
   t.match(await rejection(keys.list()), { code: 'n8n_error', message: /set no n8n-auth session cookie/ })
   answer = (res) => json(res, 500, { message: `database said ${PASSWORD} is odd` })

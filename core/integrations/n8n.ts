@@ -165,6 +165,8 @@ const KEY_SHAPE = /^[\x21-\x7e]{1,4096}$/
 const SESSION_COOKIE = 'n8n-auth'
 /** The `code` of n8n's 401 to a login whose user has two-factor authentication on, sent without an MFA code (checked against n8n 1.123.0). */
 const MFA_REQUIRED = 998
+/** n8n's 403 to a login of a user other than the owner past the licence's user limit (RESPONSE_ERROR_MESSAGES.USERS_QUOTA_REACHED, n8n 1.123.0). */
+const USERS_QUOTA = /^Maximum number of users reached/
 
 /** n8n's 401 to a session of a user without MFA where the instance enforces it: `{"message":"Unauthorized","mfaRequired":true}` (n8n 1.123.0's auth middleware). */
 const mfaRequired = (res: HttpResponse): boolean => (res.body as { mfaRequired?: unknown } | null)?.mfaRequired === true
@@ -200,6 +202,12 @@ export class N8nKeyService {
       // this was "refused the login ... (N8N_EMAIL/N8N_PASSWORD): 401 MFA Error".
       if (res.status === 401 && (res.body as { code?: unknown }).code === MFA_REQUIRED) {
         throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} took the password of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD) but asks for a two-factor authentication (MFA) code, which keygate cannot give: N8N_EMAIL must name an n8n user without two-factor authentication`)
+      }
+      // Past its licence's user limit n8n signs in its owner only: another user's right password
+      // is answered 403 "Maximum number of users reached" (its issueCookie). Before (found by a
+      // review), told as the password refused.
+      if (res.status === 403 && USERS_QUOTA.test(http.messageOf(res))) {
+        throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} took the password of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD) but signs in only its owner: it has more users than its licence allows (403 ${http.messageOf(res)}); set N8N_EMAIL and N8N_PASSWORD to the owner's, or remove users in n8n`)
       }
       throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the login of ${JSON.stringify(email)} (N8N_EMAIL/N8N_PASSWORD): ${res.status} ${http.messageOf(res)}`)
     }
