@@ -246,7 +246,7 @@ export class N8nKeyService {
 
   /** A call on the internal REST API with the session, logging in first or again when refused. */
   async #rest(method: 'GET' | 'POST' | 'DELETE', path: string, options: CallOptions = {}): Promise<HttpResponse> {
-    const { http } = this.#client(true)
+    const { http, email } = this.#client(true)
     const call = async (cookie: string) => http.call(method, path, { ...options, headers: { ...options.headers, cookie } })
     // A 401 or 403 page of another server's says nothing of the session: no login again for it.
     const own = (r: HttpResponse) => {
@@ -261,7 +261,7 @@ export class N8nKeyService {
     if (res.status === 401 && mfaRequired(res)) {
       throw new KeygateError(
         'n8n_auth_failed',
-        `n8n at ${http.baseUrl} enforces two-factor authentication (MFA) for every user, and the N8N_EMAIL user ${JSON.stringify(this.#deps.config.integrations.n8n.email ?? '')} has none set up: n8n refuses its session (401 ${http.messageOf(res)}, mfaRequired); keygate cannot sign in with an MFA code, so turn the enforcement off in n8n's settings to manage API keys through keygate`,
+        `n8n at ${http.baseUrl} enforces two-factor authentication (MFA) for every user, and the N8N_EMAIL user ${JSON.stringify(email)} has none set up: n8n refuses its session (401 ${http.messageOf(res)}, mfaRequired); keygate cannot sign in with an MFA code, so turn the enforcement off in n8n's settings to manage API keys through keygate`,
       )
     }
     if (res.status === 401) throw new KeygateError('n8n_auth_failed', `n8n at ${http.baseUrl} refused the session of a fresh login: ${http.messageOf(res)}`)
