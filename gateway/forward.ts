@@ -263,11 +263,6 @@ function timeoutCode(err: unknown): Verdict {
   return code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' ? 'upstream_timeout' : 'upstream_unavailable'
 }
 
-/** Said of an answer whose head came and was not passed on, none of its body having come (or in time). */
-function bodilessMessage(err: Error): string {
-  return (err as { code?: unknown }).code === 'UND_ERR_BODY_TIMEOUT' ? "The upstream's answer brought none of its body in time." : "The upstream's answer broke off before any of its body came."
-}
-
 /**
  * The failures of a connection that closed under a request: the upstream's end of an idle
  * keep-alive connection closing as the request was sent on it (undici's "other side closed", a
@@ -571,10 +566,18 @@ function clientGone(s: RequestState): boolean {
 
 export function createForwarder(o: ForwardOptions): Forwarder {
   const { ctx, router, stripCredential, keySources: sources, guard, tunnelIdleMs, bodyIdleMs, sendIdleMs, maxResponseHeaderBytes } = o
-  // The upstream answered, with a head too large to take: said so, not "could not be reached"
-  // (before, found by a review: a 17 KB Set-Cookie was that, at undici's 16 KiB default; and
-  // an upgrade's answer, by a later one).
-  const headTooLarge = `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
+  /**
+   * What a failure of the upstream's answer says, where the status alone does not: a head too large
+   * to take, not "could not be reached" (before, found by a review: a 17 KB Set-Cookie was that, at
+   * undici's 16 KiB default; and an upgrade's answer, by a later one); an answer whose head came
+   * and was not passed on (`headCame`), none of its body having come, or not in time.
+   */
+  const answerFailure = (err: Error, headCame: boolean): string | undefined => {
+    const code = (err as { code?: unknown }).code
+    if (code === 'UND_ERR_HEADERS_OVERFLOW') return `The upstream's response head is larger than ${maxResponseHeaderBytes} bytes (gateway.max_response_header_bytes).`
+    if (!headCame) return undefined
+    return code === 'UND_ERR_BODY_TIMEOUT' ? "The upstream's answer brought none of its body in time." : "The upstream's answer broke off before any of its body came."
+  }
   const setRealIp = o.setRealIp === true
   // Every spelling (`X_API_KEY` reaches PHP as the same variable), and also when the request's key
   // came from elsewhere: an X-API-Key there was read as a key, so it is a credential either way.
@@ -801,8 +804,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
       return
     }
     ctx.log.warn('upstream request failed', { request_id: s.id, route: s.route?.name, err })
-    if (code === 'UND_ERR_HEADERS_OVERFLOW') s.message = headTooLarge
-    else if (headCame) s.message = bodilessMessage(err)
+    s.message = answerFailure(err, headCame) ?? s.message
     sendError(ctx, s, timeoutCode(err))
   }
 
@@ -1016,8 +1018,7 @@ export function createForwarder(o: ForwardOptions): Forwarder {
         if (err === CLIENT_GONE) return recordClientClosed(ctx, s)
         ctx.log.warn('upstream upgrade failed', { request_id: s.id, route: route.name, err })
         if (client.destroyed) return recordClientClosed(ctx, s)
-        if ((err as { code?: string }).code === 'UND_ERR_HEADERS_OVERFLOW') s.message = headTooLarge
-        else if (headCame) s.message = bodilessMessage(err)
+        s.message = answerFailure(err, headCame) ?? s.message
         sendError(ctx, s, timeoutCode(err))
       }
       /** Writes the held head of an answer other than 101, once; from then on the client is no longer read, and is watched for taking the answer. */
