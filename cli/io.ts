@@ -7,7 +7,7 @@ import { KeygateError, systemErrorWords, type ErrorCode } from '../core/errors.t
 import { YEAR_10000_MS } from '../core/formats.ts'
 import { scrub } from '../core/log.ts'
 import type { TSchema } from '@sinclair/typebox'
-import { dotted, escapeUnprintable, hasUnprintable, keyInProblem, problemLine, problems } from '../core/validate.ts'
+import { dotted, escapeUnprintable, fieldWithKey, hasUnprintable, problemLine, problems } from '../core/validate.ts'
 
 export const EXIT_OK = 0
 export const EXIT_REFUSED = 1
@@ -216,12 +216,8 @@ export function checkFlags(schema: TSchema, values: Record<string, unknown>, fla
  * on a folder without a store, made one (pgdata, encryption.key), then exited 1.
  */
 export function refuseKeyInFlags(values: Record<string, unknown>, fields: readonly string[], flagOf: Readonly<Record<string, string>> = {}): void {
-  for (const field of fields) {
-    const value = values[field]
-    if (value === undefined || value === null) continue
-    const problem = keyInProblem(typeof value === 'string' ? value : JSON.stringify(value))
-    if (problem !== undefined) throw new UsageError(`${flagOf[field] ?? `--${field}`}: ${problem}`)
-  }
+  const found = fieldWithKey(Object.fromEntries(fields.map((field) => [field, values[field]])))
+  if (found !== undefined) throw new UsageError(`${flagOf[found.field] ?? `--${found.field}`}: ${found.problem}`)
 }
 
 /** The longest first line `-` takes: no key or token comes near it. */

@@ -24,18 +24,25 @@ export const NO_KEY_IN = 'Refused (`validation_failed`) when it holds what looks
  * is not refused.)
  */
 export function refuseKeyIn(fields: Record<string, unknown>): void {
-  for (const [field, value] of Object.entries(fields)) {
-    if (value === undefined || value === null) continue
-    const problem = keyInProblem(typeof value === 'string' ? value : JSON.stringify(value))
-    if (problem !== undefined) throw fieldInvalid(field, problem)
-  }
+  const found = fieldWithKey(fields)
+  if (found !== undefined) throw fieldInvalid(found.field, found.problem)
 }
 
-/** refuseKeyIn's words for `text` holding a keygate key, else undefined: for a CLI flag checked before anything is opened too. */
-export function keyInProblem(text: string): string | undefined {
-  // Percent-decoded too: a webhook URL's `?api_key=kg%5F...` is the key to its receiver, which
-  // decodes it (before, it was stored, listed, audited and sent with every delivery).
-  if (holdsKeyShape(text) || (text.includes('%') && holdsKeyShape(decodeEscapes(text)))) return 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead'
+/**
+ * The first of `fields` holding a keygate key (a value other than text read as its JSON), with
+ * refuseKeyIn's words for it; undefined when none. Also for the CLI's flags, checked before
+ * anything is opened (cli/io.ts refuseKeyInFlags).
+ */
+export function fieldWithKey(fields: Record<string, unknown>): { field: string; problem: string } | undefined {
+  for (const [field, value] of Object.entries(fields)) {
+    if (value === undefined || value === null) continue
+    const text = typeof value === 'string' ? value : JSON.stringify(value)
+    // Percent-decoded too: a webhook URL's `?api_key=kg%5F...` is the key to its receiver, which
+    // decodes it (before, it was stored, listed, audited and sent with every delivery).
+    if (holdsKeyShape(text) || (text.includes('%') && holdsKeyShape(decodeEscapes(text)))) {
+      return { field, problem: 'holds what looks like a keygate API key, which is never stored in plaintext; name the key by its id instead' }
+    }
+  }
   return undefined
 }
 

@@ -3,7 +3,7 @@
 // what Gitea knows and what the n8n instance allows, so an unknown scope gets its own error code.
 import { Type, type Static, type TSchema } from '@sinclair/typebox'
 import '../formats.ts'
-import { keyInProblem, NAME_TEXT, NAME_TEXT_NO_MARKUP, NO_KEY_IN, NOT_DOT_SEGMENT, NOT_PAST } from '../validate.ts'
+import { fieldWithKey, NAME_TEXT, NAME_TEXT_NO_MARKUP, NO_KEY_IN, NOT_DOT_SEGMENT, NOT_PAST } from '../validate.ts'
 
 const CATEGORIES = ['activitypub', 'admin', 'misc', 'notification', 'organization', 'package', 'issue', 'repository', 'user'] as const
 /** Every scope name Gitea accepts (models/auth/access_token_scope.go). */
@@ -27,7 +27,7 @@ const N8N_LABEL_UNITS = 50
  * schemas count characters: a label of 26 emoji is refused here, not by n8n as an n8n_error.
  */
 export function n8nLabelProblem(label: string): string | undefined {
-  const key = keyInProblem(label)
+  const key = fieldWithKey({ label })?.problem
   if (key !== undefined) return key
   if (label.length > N8N_LABEL_UNITS) return `is ${label.length} UTF-16 units long; n8n takes at most ${N8N_LABEL_UNITS} (a character outside the Basic Multilingual Plane, such as an emoji, counts as two)`
   return undefined
