@@ -590,10 +590,11 @@ export class GiteaTokenService {
     // A barred account or a token's missing scope is the credential's, not this user's: told by
     // #tokenRouteError without the hint to close the record unasked (the scope's, before, found by
     // a review, with it).
-    if (res.status === 403 && !ACCOUNT_MESSAGE.test(http.messageOf(res)) && !SCOPE_MESSAGE.test(http.messageOf(res))) {
+    const message = http.messageOf(res)
+    if (res.status === 403 && !ACCOUNT_MESSAGE.test(message) && !SCOPE_MESSAGE.test(message)) {
       const refused = this.#tokenRouteError(http, res, username, user, `list the tokens of ${JSON.stringify(user)}`)
       const code = refused.code === 'gitea_error' ? 'gitea_error' : 'gitea_auth_failed'
-      return new UnreadableUser(code, refused.message + forget, `403 ${http.messageOf(res)}`, refused.details === undefined ? undefined : { ...refused.details })
+      return new UnreadableUser(code, refused.message + forget, `403 ${message}`, refused.details === undefined ? undefined : { ...refused.details })
     }
     if (res.status >= 300 && res.status < 400) {
       const location = res.headers.location
